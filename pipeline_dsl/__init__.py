@@ -1,0 +1,71 @@
+"""agp's language front end: parse, check, format and draw `.agp` pipelines (no torch).
+
+The API other layers use:
+
+    import pipeline_dsl
+    program, diags = pipeline_dsl.load("examples/chat.agp")    # never raises on bad input
+    # program.pipelines: [ast.Pipeline]; program.sources: {file: text}
+    # diags: [diagnostics.Diagnostic] sorted by position (errors and warnings)
+
+    g = pipeline_dsl.load_pipeline_graph("examples/chat.agp", pipeline_name=None)
+    # networkx.DiGraph; raises pipeline_dsl.diagnostics.CheckFailed (with .diagnostics
+    # and .render()) when the file has errors. Without a name: the file's first pipeline.
+    g.graph["name"], g.graph["settings"]      # settings: model, mode, device, threads, dtype
+    g.nodes["batch"]["kind"], g.nodes["batch"]["params"]["timeout"]   # 'dynamic_batch', 0.001
+    g.nodes["gen"]["resource"], g.nodes["gen"]["placement"]           # 'compute', None
+    g.edges["batch", "encode"]["conditions"]                          # ['full', 'timeout']
+
+    pipeline_dsl.graph.build_graph(pipeline)  # ast.Pipeline -> DiGraph (no checks)
+    pipeline_dsl.check_file(path)             # -> (Program, diagnostics)
+    pipeline_dsl.loads(text, file="<string>") # like load(), from a string
+
+Modules: grammar.lark, parser (text -> ast), loader (files, includes), checker
+(settings, stages, edges against stages.registry), graph (DiGraph, graph checks),
+modes (presets), units, fmt (canonical printer), render (graphviz), cli (`agp`).
+"""
+
+from __future__ import annotations
+
+from .diagnostics import CheckFailed, Diagnostic, SourcePos, has_errors, sort_diagnostics
+
+__all__ = ["CheckFailed", "Diagnostic", "SourcePos", "load", "loads", "check_file", "load_pipeline_graph"]
+
+
+def load(path: str):
+    """(Program, diagnostics): the file and its includes, parsed and checked."""
+    return _load(path, None)
+
+
+def loads(text: str, file: str = "<string>"):
+    """(Program, diagnostics) for source text; `use` paths resolve against the current directory."""
+    return _load(file, text)
+
+
+check_file = load
+
+
+def _load(path: str, text: str | None):
+    from .graph import check_program
+    from .loader import load_program
+
+    program, diags = load_program(path, text)
+    diags = list(diags) + check_program(program)
+    return program, sort_diagnostics(diags)
+
+
+def load_pipeline_graph(path: str, pipeline_name: str | None = None):
+    """The checked DiGraph of one pipeline of `path`; raises CheckFailed on errors."""
+    from .graph import build_graph
+
+    program, diags = load(path)
+    if has_errors(diags):
+        raise CheckFailed(diags, program.sources)
+    p = program.pipeline(pipeline_name)
+    if p is None:
+        from .diagnostics import ERROR, did_you_mean
+        names = program.pipeline_names()
+        msg = (f"no pipeline named '{pipeline_name}' in {path}" if pipeline_name
+               else f"{path} defines no pipeline")
+        raise CheckFailed([Diagnostic(ERROR, msg, None, expected="one of: " + (", ".join(names) or "(none)"),
+                                      hint=did_you_mean(pipeline_name or "", names))], program.sources)
+    return build_graph(p)

@@ -1,0 +1,172 @@
+"""The .agp syntax tree: frozen dataclasses, each with a `pos: SourcePos`.
+
+Positions are excluded from equality (`compare=False`), so the tree of a file and
+the tree of its formatted text compare equal when they mean the same thing.
+Comments are kept on the `Module` (for `agp fmt`), also outside equality.
+
+    Module(file, items=(Use | Pipeline, ...))
+    Pipeline(name: Name, body=(Setting | Stage | Chain, ...))
+    Stage(name: Name, kind: Name, placement: Name | None, params=(Param, ...))
+    Chain(stages=(Name, ...), condition: Name | None)      # a -> b -> c when full
+    values: Int, Float, Bool, Str, Word, Quantity(number, unit), List(items)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+from .diagnostics import SourcePos
+
+
+def _pos():
+    return field(compare=False, repr=False)
+
+
+# ---------------------------------------------------------------- values
+
+@dataclass(frozen=True)
+class Int:
+    value: int
+    pos: SourcePos = _pos()
+
+
+@dataclass(frozen=True)
+class Float:
+    value: float
+    pos: SourcePos = _pos()
+
+
+@dataclass(frozen=True)
+class Bool:
+    value: bool
+    pos: SourcePos = _pos()
+
+
+@dataclass(frozen=True)
+class Str:
+    value: str
+    pos: SourcePos = _pos()
+
+
+@dataclass(frozen=True)
+class Word:
+    """A bare word: an enum value (`prefix`, `balanced`, `cuda:1`)."""
+
+    value: str
+    pos: SourcePos = _pos()
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """A number with a unit as written: `1ms`, `512MiB`, `5xs` (unknown units are checked later)."""
+
+    number: int | float
+    unit: str
+    pos: SourcePos = _pos()
+
+
+@dataclass(frozen=True)
+class List:
+    items: tuple["Value", ...]
+    pos: SourcePos = _pos()
+
+
+Value = Union[Int, Float, Bool, Str, Word, Quantity, List]
+
+
+# ---------------------------------------------------------------- statements
+
+@dataclass(frozen=True)
+class Name:
+    """An identifier with its own position (stage names, kinds, settings, conditions)."""
+
+    text: str
+    pos: SourcePos = _pos()
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: Name
+    value: Value
+    pos: SourcePos = _pos()
+
+
+@dataclass(frozen=True)
+class Param:
+    name: Name
+    value: Value
+    pos: SourcePos = _pos()
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: Name
+    kind: Name
+    placement: Name | None
+    params: tuple[Param, ...]
+    pos: SourcePos = _pos()
+    has_braces: bool = field(default=True, compare=False)
+
+
+@dataclass(frozen=True)
+class Chain:
+    """`a -> b -> c when full`: one edge per arrow; the condition applies to each."""
+
+    stages: tuple[Name, ...]
+    condition: Name | None
+    pos: SourcePos = _pos()
+
+    def edges(self) -> list[tuple[Name, Name]]:
+        return list(zip(self.stages, self.stages[1:]))
+
+
+BodyItem = Union[Setting, Stage, Chain]
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: Name
+    body: tuple[BodyItem, ...]
+    pos: SourcePos = _pos()
+
+    @property
+    def settings(self) -> list[Setting]:
+        return [b for b in self.body if isinstance(b, Setting)]
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [b for b in self.body if isinstance(b, Stage)]
+
+    @property
+    def chains(self) -> list[Chain]:
+        return [b for b in self.body if isinstance(b, Chain)]
+
+
+@dataclass(frozen=True)
+class Use:
+    path: Str
+    pos: SourcePos = _pos()
+
+
+@dataclass(frozen=True)
+class Comment:
+    text: str                 # with the leading '#'
+    pos: SourcePos = _pos()
+
+
+@dataclass(frozen=True)
+class Module:
+    """One parsed file."""
+
+    file: str = field(compare=False)
+    items: tuple[Union[Use, Pipeline], ...]
+    comments: tuple[Comment, ...] = field(default=(), compare=False)
+
+    @property
+    def pipelines(self) -> list[Pipeline]:
+        return [i for i in self.items if isinstance(i, Pipeline)]
+
+    @property
+    def uses(self) -> list[Use]:
+        return [i for i in self.items if isinstance(i, Use)]

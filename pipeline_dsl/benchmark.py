@@ -1,0 +1,538 @@
+"""`agp bench`'s load generator: replay a workload, measure latency and throughput.
+
+A workload is a JSONL file in `agp run`'s request format (`prompt` or `messages`, optional
+sampling fields). `run_load` sends its requests with Poisson arrivals at a rate (or all
+at once, or as a closed loop of `concurrency` clients) to a target, either the
+in-process engine driven through `AsyncEngine` (`EngineTarget`) or any OpenAI-compatible
+server over streaming HTTP (`HTTPTarget`), and records per request the send time, each
+token's arrival, usage and errors. `summarize` turns the records into a `Report`:
+request and token throughput, TTFT, TPOT, inter-token and end-to-end latency (mean,
+p50, p90, p99), errors, truncated streams, KV hit rate. `format_table` prints reports
+side by side and `plot` draws throughput against rate and latency CDFs.
+
+    report = asyncio.run(bench_one(EngineTarget.from_pipeline("examples/chat.agp"),
+                                   load_workload("bench/workloads/short_chat.jsonl"),
+                                   rate=4.0, num=64))
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline_dsl.requests_io import ParsedRequest, RequestError, parse_line
+
+
+class BenchError(ValueError):
+    """Bad benchmark input (workload file, target, option): a clean error, exit 2."""
+
+
+# ---------------------------------------------------------------- workload
+
+def load_workload(path: str | Path) -> list[ParsedRequest]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BenchError(f"workload file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise BenchError(f"{path} is not UTF-8 ({e.reason} at byte {e.start})") from None
+    items = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            items.append(parse_line(line, lineno))
+        except RequestError as e:
+            raise BenchError(f"{path}:{lineno}: {e}") from None
+    if not items:
+        raise BenchError(f"{path} holds no requests")
+    return items
+
+
+def arrival_times(n: int | None, rate: float, *, duration: float | None = None,
+                  seed: int = 0) -> list[float]:
+    """Send offsets in seconds: a Poisson process at `rate` (all 0.0 when rate is inf).
+
+    Stops after `n` arrivals or at `duration` seconds, whichever comes first."""
+    if rate <= 0:
+        raise BenchError(f"the rate must be positive, not {rate}")
+    if n is None and duration is None:
+        raise BenchError("give a number of requests or a duration")
+    if math.isinf(rate):
+        if n is None:
+            raise BenchError("--rate inf sends everything at once: give --num, "
+                             "or --concurrency for a closed loop over --duration")
+        return [0.0] * n
+    rng = np.random.default_rng(seed)
+    times, t = [], 0.0
+    while n is None or len(times) < n:
+        t += float(rng.exponential(1.0 / rate))
+        if duration is not None and t > duration:
+            break
+        times.append(t)
+    return times
+
+
+# ---------------------------------------------------------------- records and reports
+
+@dataclass
+class RequestRecord:
+    sent: float = 0.0                 # seconds since the run started
+    first_token: float | None = None  # absolute (same clock as `sent`)
+    token_times: list[float] = field(default_factory=list)  # one per generated token
+    done: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+    truncated: bool = False           # a stream that ended without its final chunk / [DONE]
+
+    def token(self, now: float, n: int = 1) -> None:
+        if self.first_token is None:
+            self.first_token = now
+        self.token_times.extend([now] * n)
+
+
+def _dist(values) -> dict[str, float | None]:
+    xs = np.asarray(list(values), dtype=np.float64)
+    if xs.size == 0:
+        return {"mean": None, "p50": None, "p90": None, "p99": None}
+    return {"mean": float(xs.mean()), "p50": float(np.percentile(xs, 50)),
+            "p90": float(np.percentile(xs, 90)), "p99": float(np.percentile(xs, 99))}
+
+
+@dataclass
+class Report:
+    label: str
+    rate: float
+    requests: int
+    completed: int
+    errors: int
+    truncated: int
+    duration_s: float
+    request_throughput: float          # completed requests / s
+    output_throughput: float           # generated tokens / s
+    total_throughput: float            # (prompt + generated) tokens / s
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    kv_hit_rate: float | None          # cached prompt tokens / prompt tokens
+    ttft: dict                         # seconds: mean, p50, p90, p99
+    tpot: dict                         # (e2e - ttft) / (tokens - 1), per request
+    itl: dict                          # every gap between two tokens
+    e2e: dict
+    error_samples: list[str] = field(default_factory=list)
+    engine: dict = field(default_factory=dict)   # in-process: mean batch size, preemptions, …
+    ttft_samples: list[float] = field(default_factory=list, repr=False)
+    e2e_samples: list[float] = field(default_factory=list, repr=False)
+
+    def to_dict(self, samples: bool = False) -> dict:
+        d = asdict(self)
+        if not samples:
+            d.pop("ttft_samples")
+            d.pop("e2e_samples")
+        d["rate"] = "inf" if math.isinf(self.rate) else self.rate
+        return d
+
+
+def summarize(label: str, rate: float, records: list[RequestRecord], duration: float,
+              engine_stats: dict | None = None) -> Report:
+    ok = [r for r in records if r.error is None and not r.truncated and r.done is not None]
+    ttft = [r.first_token - r.sent for r in ok if r.first_token is not None]
+    e2e = [r.done - r.sent for r in ok]
+    tpot = [(r.done - r.first_token) / (r.completion_tokens - 1) for r in ok
+            if r.first_token is not None and r.completion_tokens > 1]
+    itl = [b - a for r in ok for a, b in zip(r.token_times, r.token_times[1:])]
+    prompt = sum(r.prompt_tokens for r in ok)
+    out = sum(r.completion_tokens for r in ok)
+    cached = sum(r.cached_tokens for r in ok)
+    errors = [r.error for r in records if r.error is not None]
+    duration = max(duration, 1e-9)
+    stats = engine_stats or {}
+    engine = {k: stats[k] for k in ("mean_batch_size", "preemptions", "kv_evictions",
+                                    "peak_memory_bytes") if stats.get(k) is not None}
+    return Report(
+        label=label, rate=rate, requests=len(records), completed=len(ok),
+        errors=len(errors), truncated=sum(r.truncated and r.error is None for r in records),
+        duration_s=duration, request_throughput=len(ok) / duration,
+        output_throughput=out / duration, total_throughput=(prompt + out) / duration,
+        prompt_tokens=prompt, completion_tokens=out, cached_tokens=cached,
+        kv_hit_rate=cached / prompt if prompt else None,
+        ttft=_dist(ttft), tpot=_dist(tpot), itl=_dist(itl), e2e=_dist(e2e),
+        error_samples=sorted(set(errors))[:5], engine=engine,
+        ttft_samples=ttft, e2e_samples=e2e)
+
+
+# ---------------------------------------------------------------- targets
+
+class EngineTarget:
+    """The pipeline's engine in this process, driven through `AsyncEngine`."""
+
+    def __init__(self, label: str, engine, defaults, add_options: dict | None = None):
+        from pipeline_dsl.serve.async_engine import AsyncEngine
+
+        self.label, self.engine, self.defaults = label, engine, defaults
+        self.aengine = AsyncEngine(engine, add_options=add_options)
+        self._n = 0
+
+    @classmethod
+    def from_pipeline(cls, spec: str, **overrides) -> "EngineTarget":
+        from pipeline_dsl.runtime import build_engine, default_sampling
+        from pipeline_dsl.serve.async_engine import encode_options
+
+        path, settings = parse_target(spec)
+        engine, rspec = build_engine(path, **{**settings, **{k: v for k, v in overrides.items()
+                                                            if v is not None}})
+        return cls(target_label(spec), engine, default_sampling(rspec),
+                   add_options=encode_options(engine, rspec))
+
+    async def start(self) -> None:
+        self.aengine.start()
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.aengine.stop, drain=False, timeout=30)
+
+    async def stats(self) -> dict:
+        return await self.aengine.stats()
+
+    async def send(self, item: ParsedRequest, rec: RequestRecord, clock) -> None:
+        from pipeline_dsl.runtime import sampling_with
+
+        self._n += 1
+        rid = f"bench-{self._n}"
+        inputs = {"messages": item.messages} if item.messages is not None else {"prompt": item.prompt}
+        stream = await self.aengine.add(rid, params=sampling_with(self.defaults, **item.sampling),
+                                        **inputs)
+        out = None
+        try:
+            async for out in stream:
+                if out.new_token_ids:
+                    rec.token(clock(), len(out.new_token_ids))
+        finally:
+            if not stream.finished:
+                stream.abort()
+        if out is None or not out.finished:
+            rec.truncated = True
+            return
+        rec.prompt_tokens, rec.completion_tokens = out.prompt_tokens, out.completion_tokens
+        rec.cached_tokens, rec.finish_reason = out.cached_tokens, out.finish_reason
+
+
+class HTTPTarget:
+    """Any OpenAI-compatible server: streaming POSTs with httpx, usage from the last chunk."""
+
+    def __init__(self, url: str, model: str | None = None, timeout: float = 600.0):
+        self.label = url
+        self.base = url.rstrip("/")
+        if not self.base.endswith("/v1"):
+            self.base += "/v1"
+        self.model, self.timeout = model, timeout
+        self.client = None
+
+    async def start(self) -> None:
+        import httpx
+
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout, connect=10.0),
+                                        limits=httpx.Limits(max_connections=None,
+                                                            max_keepalive_connections=256))
+        if self.model is None:
+            try:
+                r = await self.client.get(f"{self.base}/models")
+                r.raise_for_status()
+                self.model = r.json()["data"][0]["id"]
+            except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
+                await self.client.aclose()
+                raise BenchError(f"cannot list the models of {self.base}: {e}") from None
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+
+    async def stats(self) -> dict:
+        return {}
+
+    def body(self, item: ParsedRequest) -> tuple[str, dict]:
+        body: dict[str, Any] = {"model": self.model, "stream": True,
+                                "stream_options": {"include_usage": True}}
+        body.update(item.sampling)
+        if item.messages is not None:
+            body["messages"] = item.messages
+            return "/chat/completions", body
+        body["prompt"] = item.prompt
+        return "/completions", body
+
+    async def send(self, item: ParsedRequest, rec: RequestRecord, clock) -> None:
+        route, body = self.body(item)
+        chat = route.startswith("/chat")
+        finished = done = False
+        async with self.client.stream("POST", self.base + route, json=body) as r:
+            if r.status_code != 200:
+                text = (await r.aread()).decode("utf-8", "replace")
+                try:
+                    text = json.loads(text)["error"]["message"]
+                except (ValueError, KeyError, TypeError):
+                    pass
+                rec.error = f"HTTP {r.status_code}: {text[:200]}"
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    rec.error = str(chunk["error"].get("message", chunk["error"]))[:200]
+                    return
+                for choice in chunk.get("choices") or ():
+                    text = choice.get("delta", {}).get("content") if chat else choice.get("text")
+                    if text:
+                        rec.token(clock())
+                    if choice.get("finish_reason"):
+                        finished, rec.finish_reason = True, choice["finish_reason"]
+                use = chunk.get("usage")
+                if use:
+                    rec.prompt_tokens = int(use.get("prompt_tokens") or 0)
+                    rec.completion_tokens = int(use.get("completion_tokens") or 0)
+                    details = use.get("prompt_tokens_details") or {}
+                    rec.cached_tokens = int(details.get("cached_tokens") or 0)
+        if not (done and finished):
+            rec.truncated = True
+        elif rec.completion_tokens == 0:
+            rec.completion_tokens = len(rec.token_times)   # a server without usage
+
+
+def parse_target(spec: str) -> tuple[str, dict]:
+    """`path.agp[,key=value...]` -> (path, EngineConfig overrides), values typed."""
+    from dataclasses import fields
+
+    from pipeline_dsl.engine.config import EngineConfig
+
+    path, *pairs = spec.split(",")
+    known = {f.name for f in fields(EngineConfig)}
+    settings = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise BenchError(f"'{pair}' in '{spec}' is not key=value")
+        if key not in known:
+            import difflib
+
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise BenchError(f"unknown engine setting '{key}' in '{spec}'{hint}; "
+                             f"known: {', '.join(sorted(known))}")
+        settings[key] = _typed(value)
+    if not Path(path).is_file():
+        raise BenchError(f"pipeline file not found: {path}")
+    return path, settings
+
+
+def target_label(spec: str) -> str:
+    path, *pairs = spec.split(",")
+    stem = Path(path).stem
+    return f"{stem} ({', '.join(pairs)})" if pairs else stem
+
+
+def _typed(value: str):
+    low = value.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+# ---------------------------------------------------------------- the load loop
+
+async def run_load(target, items: list[ParsedRequest], *, rate: float = math.inf,
+                   num: int | None = None, duration: float | None = None,
+                   concurrency: int | None = None, seed: int = 0, progress: bool = True,
+                   request_timeout: float = 600.0) -> tuple[list[RequestRecord], float]:
+    """Send the workload (cycled) and wait for every answer; returns (records, wall seconds).
+
+    Open loop: arrivals at `rate` (Poisson) or all at once (inf). With `concurrency`, at
+    most that many requests are in flight; `rate` inf with `concurrency` and `duration`
+    is a closed loop of that many clients."""
+    if concurrency is not None and math.isinf(rate) and num is None:
+        offsets = None                      # closed loop until `duration`
+    else:
+        offsets = arrival_times(num, rate, duration=duration, seed=seed)
+    bar = _progress(len(offsets) if offsets is not None else None, progress)
+    limit = asyncio.Semaphore(concurrency) if concurrency else None
+    records: list[RequestRecord] = []
+    clock = time.perf_counter
+    t0 = clock()
+
+    async def one(i: int) -> None:
+        rec = RequestRecord(sent=clock())
+        records.append(rec)
+        try:
+            await asyncio.wait_for(target.send(items[i % len(items)], rec, clock),
+                                   request_timeout)
+        except asyncio.TimeoutError:
+            rec.error = f"timed out after {request_timeout:g} s"
+        except Exception as e:               # noqa: BLE001 - one failed request, counted
+            rec.error = f"{type(e).__name__}: {e}"[:200]
+        finally:
+            rec.done = clock()
+            if limit:
+                limit.release()
+            if bar:
+                bar.update(1)
+                bar.set_postfix_str(f"{sum(r.completion_tokens for r in records) / (clock() - t0):.0f} tok/s "
+                                    f"{sum(r.error is not None for r in records)} err", refresh=False)
+
+    tasks = []
+    i = 0
+    while True:
+        if offsets is not None:
+            if i >= len(offsets):
+                break
+            delay = t0 + offsets[i] - clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        elif clock() - t0 >= duration:
+            break
+        if limit:
+            await limit.acquire()
+            if offsets is None and clock() - t0 >= duration:
+                limit.release()
+                break
+        tasks.append(asyncio.create_task(one(i)))
+        i += 1
+    if tasks:
+        await asyncio.gather(*tasks)
+    wall = clock() - t0
+    if bar:
+        bar.close()
+    return records, wall
+
+
+def _progress(total, enabled: bool):
+    if not enabled:
+        return None
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="req", file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
+                leave=False)
+
+
+async def bench_one(target, items, *, rate: float, num=None, duration=None, concurrency=None,
+                    seed: int = 0, progress: bool = True, warmup: int = 1,
+                    request_timeout: float = 600.0) -> Report:
+    """Start the target, warm it up, run the load, summarise."""
+    await target.start()
+    try:
+        if warmup:
+            await run_load(target, items[:1] * warmup, rate=math.inf, num=warmup, progress=False,
+                           request_timeout=request_timeout)
+        records, wall = await run_load(target, items, rate=rate, num=num, duration=duration,
+                                       concurrency=concurrency, seed=seed, progress=progress,
+                                       request_timeout=request_timeout)
+        stats = await target.stats()
+    finally:
+        await target.close()
+    return summarize(target.label, rate, records, wall, stats)
+
+
+# ---------------------------------------------------------------- output
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v * 1000:.1f}"
+
+
+def _rows(reports: list[Report]) -> list[tuple[str, list[str]]]:
+    rows: list[tuple[str, list[str]]] = [
+        ("rate (req/s)", ["inf" if math.isinf(r.rate) else f"{r.rate:g}" for r in reports]),
+        ("requests ok/sent", [f"{r.completed}/{r.requests}" for r in reports]),
+        ("errors", [str(r.errors) for r in reports]),
+        ("truncated streams", [str(r.truncated) for r in reports]),
+        ("duration (s)", [f"{r.duration_s:.1f}" for r in reports]),
+        ("requests/s", [f"{r.request_throughput:.2f}" for r in reports]),
+        ("output tok/s", [f"{r.output_throughput:.1f}" for r in reports]),
+        ("total tok/s", [f"{r.total_throughput:.1f}" for r in reports]),
+        ("KV hit rate", ["-" if r.kv_hit_rate is None else f"{r.kv_hit_rate:.1%}" for r in reports]),
+    ]
+    for name in ("ttft", "tpot", "itl", "e2e"):
+        for q in ("mean", "p50", "p90", "p99"):
+            rows.append((f"{name.upper()} {q} (ms)", [_ms(getattr(r, name)[q]) for r in reports]))
+    if any(r.engine.get("mean_batch_size") is not None for r in reports):
+        rows.append(("mean batch size", [f"{r.engine['mean_batch_size']:.1f}"
+                                         if r.engine.get("mean_batch_size") is not None else "-"
+                                         for r in reports]))
+    return rows
+
+
+def format_table(reports: list[Report]) -> str:
+    """Reports side by side, one column each, and a few error messages if any."""
+    header = [""] + [r.label for r in reports]
+    body = [[name] + cells for name, cells in _rows(reports)]
+    widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(row, widths))) for row in [header] + body]
+    errs = [f"  {r.label}: {e}" for r in reports for e in r.error_samples]
+    if errs:
+        lines += ["errors (samples):"] + errs
+    return "\n".join(lines)
+
+
+def format_markdown(reports: list[Report]) -> str:
+    """The same table as GitHub markdown (docs/benchmarks.md)."""
+    out = ["| metric | " + " | ".join(r.label for r in reports) + " |",
+           "|---|" + "---:|" * len(reports)]
+    out += ["| " + " | ".join([name] + cells) + " |" for name, cells in _rows(reports)]
+    return "\n".join(out)
+
+
+def plot(reports: list[Report], path: str | Path) -> None:
+    """Throughput against request rate (one line per target) and TTFT / E2E CDFs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(r.label for r in reports))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
+    finite = [r.rate for r in reports if not math.isinf(r.rate)]
+    inf_x = max(finite) * 2 if finite else 1.0
+    for label in labels:
+        mine = sorted((r for r in reports if r.label == label),
+                      key=lambda r: inf_x if math.isinf(r.rate) else r.rate)
+        xs = [inf_x if math.isinf(r.rate) else r.rate for r in mine]
+        ax1.plot(xs, [r.output_throughput for r in mine], marker="o", label=label)
+        last = mine[-1]                       # the highest rate: the most loaded run
+        for ax, samples in ((ax2, last.ttft_samples), (ax3, last.e2e_samples)):
+            if samples:
+                xs_ = np.sort(np.asarray(samples)) * 1000
+                ax.plot(xs_, np.arange(1, len(xs_) + 1) / len(xs_), label=label)
+    ax1.set(xlabel="request rate (req/s; rightmost = all at once)" if any(
+        math.isinf(r.rate) for r in reports) else "request rate (req/s)",
+        ylabel="output tokens/s", title="throughput against rate")
+    ax2.set(xlabel="TTFT (ms)", ylabel="fraction of requests", title="TTFT CDF (highest rate)")
+    ax3.set(xlabel="end-to-end latency (ms)", ylabel="fraction of requests",
+            title="E2E latency CDF (highest rate)")
+    for ax in (ax1, ax2, ax3):
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

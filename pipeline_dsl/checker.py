@@ -1,0 +1,400 @@
+"""Semantic checks of one pipeline against the stage registry (no networkx, no torch).
+
+`check_pipeline(pipeline, registry) -> (Resolved, diagnostics)` checks settings,
+stages (kind, placement, parameters: unknown, missing, ill-typed, out of range,
+wrong unit, duplicates) and edges (undefined stages, conditions), collecting every
+problem. `Resolved` holds the effective values (kind default -> mode preset ->
+file, durations in seconds, sizes in bytes) that graph.py turns into a DiGraph and
+checks as a graph (cycles, reachability, ports).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from stages.registry import (BOOL, DURATION, ENUM, FLOAT, FROM_MODE, INT, LIST_STR, RESOURCES, SIZE, STR,
+                             Param, Registry, StageKind, default_registry)
+
+from . import ast, modes, units
+from .diagnostics import ERROR, WARNING, Diagnostic, SourcePos, did_you_mean, one_of
+
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+
+# pipeline settings, declared like stage parameters
+SETTINGS: tuple[Param, ...] = (
+    Param("model", STR, None, "the embedded model's name (smollm2-135m-instruct), a .gguf file or an HF folder"),
+    Param("mode", ENUM, modes.DEFAULT_MODE, "preset of stage settings", choices=modes.MODES),
+    Param("device", STR, "auto", "auto | cpu | cuda | cuda:N"),
+    Param("threads", INT, None, "CPU threads for torch (default: torch's choice)", min=1, max=1024, optional=True),
+    Param("dtype", ENUM, "auto", "activation dtype (auto = bf16 where fast, else fp32)",
+          choices=("auto", "fp32", "bf16", "fp16")),
+)
+SETTING_BY_NAME = {p.name: p for p in SETTINGS}
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class ResolvedStage:
+    name: str
+    kind: StageKind | None               # None when the kind is unknown (already reported)
+    params: dict = field(hash=False)
+    pos: SourcePos
+    placement: str | None
+
+
+@dataclass(frozen=True)
+class ResolvedEdge:
+    src: str
+    dst: str
+    condition: str | None
+    pos: SourcePos
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A pipeline with names resolved and values normalised; input to graph.py."""
+
+    name: str
+    pos: SourcePos
+    settings: dict = field(hash=False)
+    stages: dict = field(hash=False)     # name -> ResolvedStage, in file order
+    edges: tuple[ResolvedEdge, ...] = ()
+    complete: bool = True                # False when an edge was dropped (undefined stage, bad condition)
+
+
+def _err(msg, pos, expected=None, hint=None, notes=()):
+    return Diagnostic(ERROR, msg, pos, expected=expected, hint=hint, notes=tuple(notes))
+
+
+def _warn(msg, pos, expected=None, hint=None, notes=()):
+    return Diagnostic(WARNING, msg, pos, expected=expected, hint=hint, notes=tuple(notes))
+
+
+def show(v: ast.Value) -> str:
+    """A value as written (for messages)."""
+    from .fmt import format_value
+    return format_value(v)
+
+
+def _type_expected(p: Param) -> str:
+    if p.type == INT:
+        return "an integer" + _range_text(p)
+    if p.type == FLOAT:
+        return "a number" + _range_text(p)
+    if p.type == BOOL:
+        return "true or false"
+    if p.type == STR:
+        return 'a string in double quotes ("…")'
+    if p.type == ENUM:
+        return "one of " + " | ".join(p.choices)
+    if p.type == DURATION:
+        return f"a duration with a unit ({units.UNIT_NAMES[units.DURATION]}){_range_text(p)}, e.g. 1ms"
+    if p.type == SIZE:
+        return f"a size with a unit ({units.UNIT_NAMES[units.SIZE]}){_range_text(p)}, e.g. 256MiB"
+    if p.type == LIST_STR:
+        return 'a list of strings, e.g. ["\\n\\n", "END"]'
+    return p.type
+
+
+def _fmt_bound(p: Param, v) -> str:
+    if p.type == DURATION:
+        return units.format_duration(v)
+    if p.type == SIZE:
+        return units.format_size(int(v))
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _range_text(p: Param) -> str:
+    if p.min is not None and p.max is not None:
+        return f" from {_fmt_bound(p, p.min)} to {_fmt_bound(p, p.max)}"
+    if p.min is not None:
+        return f" of at least {_fmt_bound(p, p.min)}"
+    if p.max is not None:
+        return f" of at most {_fmt_bound(p, p.max)}"
+    return ""
+
+
+def convert(value: ast.Value, p: Param, what: str) -> tuple[Any, Diagnostic | None]:
+    """(normalised value, None) or (None, the diagnostic) for `value` given to parameter `p`."""
+    expected = _type_expected(p)
+    bad = lambda msg, hint=None: (None, _err(msg, value.pos, expected, hint))  # noqa: E731
+    t = p.type
+    if isinstance(value, ast.Quantity) and units.unit_kind(value.unit) is None:
+        hint = did_you_mean(value.unit, units.all_units())
+        return bad(f"unknown unit '{value.unit}' in '{show(value)}'", hint)
+    if t in (DURATION, SIZE):
+        if isinstance(value, ast.Quantity):
+            kind = units.unit_kind(value.unit)
+            if kind != t:
+                return bad(f"wrong unit: {what} is a {t}, but '{show(value)}' is a {kind}")
+            out = units.normalise(value.number, value.unit)
+        elif isinstance(value, (ast.Int, ast.Float)) and value.value == 0:
+            out = 0.0 if t == DURATION else 0
+        elif isinstance(value, (ast.Int, ast.Float)):
+            eg = f"{show(value)}ms" if t == DURATION else f"{show(value)}MiB"
+            return bad(f"missing unit: {what} is a {t}; '{show(value)}' has no unit", f"write it with a unit, e.g. {eg}")
+        else:
+            return bad(f"{what} is a {t}, not {_value_word(value)}")
+    elif t == INT:
+        if isinstance(value, ast.Int):
+            out = value.value
+        elif isinstance(value, ast.Float) and float(value.value).is_integer():
+            return bad(f"{what} is an integer, not the decimal '{show(value)}'", f"write {int(value.value)}")
+        else:
+            return bad(f"{what} is an integer, not {_value_word(value)}")
+    elif t == FLOAT:
+        if isinstance(value, (ast.Int, ast.Float)):
+            out = float(value.value)
+        else:
+            return bad(f"{what} is a number, not {_value_word(value)}")
+    elif t == BOOL:
+        if isinstance(value, ast.Bool):
+            out = value.value
+        else:
+            hint = None
+            if isinstance(value, (ast.Word, ast.Str)) and str(value.value).lower() in ("yes", "on", "true"):
+                hint = "write true"
+            elif isinstance(value, (ast.Word, ast.Str)) and str(value.value).lower() in ("no", "off", "false"):
+                hint = "write false"
+            elif isinstance(value, ast.Int) and value.value in (0, 1):
+                hint = f"write {'true' if value.value else 'false'}"
+            return bad(f"{what} is true or false, not {_value_word(value)}", hint)
+    elif t == STR:
+        if isinstance(value, ast.Str):
+            out = value.value
+        elif isinstance(value, ast.Word):
+            return bad(f"{what} is a string, not the word '{value.value}'", f'quote it: "{value.value}"')
+        else:
+            return bad(f"{what} is a string, not {_value_word(value)}")
+    elif t == ENUM:
+        if isinstance(value, (ast.Word, ast.Str)):
+            if value.value not in p.choices:
+                return bad(f"'{value.value}' is not a valid value for {what}", did_you_mean(value.value, p.choices))
+            out = value.value
+        else:
+            return bad(f"{what} is one of {' | '.join(p.choices)}, not {_value_word(value)}")
+    elif t == LIST_STR:
+        if isinstance(value, ast.Str):
+            return bad(f"{what} is a list of strings, not a single string", f"write [{show(value)}]")
+        if not isinstance(value, ast.List):
+            return bad(f"{what} is a list of strings, not {_value_word(value)}")
+        for item in value.items:
+            if not isinstance(item, ast.Str):
+                return None, _err(f"{what} is a list of strings, but it holds {_value_word(item)}", item.pos,
+                                  expected)
+        out = [item.value for item in value.items]
+    else:                                   # a third-party type we do not know: pass the raw value
+        out = _raw(value)
+    return _check_range(out, p, what, value)
+
+
+def _check_range(out, p: Param, what: str, value: ast.Value):
+    if isinstance(out, (int, float)) and not isinstance(out, bool):
+        too_low = p.min is not None and out < p.min
+        too_high = p.max is not None and out > p.max
+        if too_low or too_high:
+            return None, _err(f"value out of range: {what} = {show(value)}", value.pos,
+                              _type_expected(p),
+                              f"the {'smallest' if too_low else 'largest'} allowed value is "
+                              f"{_fmt_bound(p, p.min if too_low else p.max)}")
+    return out, None
+
+
+def _value_word(v: ast.Value) -> str:
+    if isinstance(v, ast.Quantity):
+        kind = units.unit_kind(v.unit) or "quantity"
+        return f"the {kind} '{show(v)}'"
+    names = {ast.Int: "the integer", ast.Float: "the number", ast.Bool: "the boolean", ast.Str: "the string",
+             ast.Word: "the word", ast.List: "the list"}
+    return f"{names[type(v)]} {show(v)}" if isinstance(v, ast.Str) else f"{names[type(v)]} '{show(v)}'"
+
+
+def _raw(v: ast.Value):
+    if isinstance(v, ast.List):
+        return [_raw(i) for i in v.items]
+    if isinstance(v, ast.Quantity):
+        return units.normalise(v.number, v.unit) if units.unit_kind(v.unit) else f"{v.number}{v.unit}"
+    return v.value
+
+
+# ---------------------------------------------------------------- settings
+
+def check_settings(p: ast.Pipeline) -> tuple[dict, list[Diagnostic]]:
+    diags: list[Diagnostic] = []
+    seen: dict[str, ast.Setting] = {}
+    values: dict[str, Any] = {}
+    for s in p.settings:
+        name = s.name.text
+        if name in seen:
+            diags.append(_err(f"duplicate setting '{name}'", s.name.pos,
+                              notes=[("first set here", seen[name].name.pos)]))
+            continue
+        seen[name] = s
+        param = SETTING_BY_NAME.get(name)
+        if param is None:
+            hint = did_you_mean(name, SETTING_BY_NAME)
+            if hint is None and name in _all_param_names():
+                hint = f"'{name}' is a stage parameter: set it inside the stage's {{ … }}"
+            diags.append(_err(f"unknown setting '{name}'", s.name.pos,
+                              expected="a pipeline setting: " + one_of(SETTING_BY_NAME), hint=hint))
+            continue
+        if name == "device":
+            v = s.value
+            if isinstance(v, (ast.Word, ast.Str)) and DEVICE_RE.match(v.value):
+                values[name] = v.value
+            else:
+                shown = v.value if isinstance(v, (ast.Word, ast.Str)) else show(v)
+                hint = did_you_mean(str(shown), ("auto", "cpu", "cuda", "mps"))
+                diags.append(_err(f"'{shown}' is not a device", v.pos, expected="auto | cpu | cuda | cuda:N",
+                                  hint=hint))
+            continue
+        out, d = convert(s.value, param, f"setting '{name}'")
+        if d:
+            diags.append(d)
+        else:
+            values[name] = out
+    if "model" not in seen:
+        diags.append(_err(f"pipeline '{p.name.text}' does not name its model", p.name.pos,
+                          expected=f'a setting model = "{EMBEDDED_MODEL}" (the embedded model) '
+                                   "or the path of a .gguf file or a model folder",
+                          hint=f'add: model = "{EMBEDDED_MODEL}"'))
+    settings = {q.name: q.default for q in SETTINGS}
+    settings.update(values)
+    device = settings.get("device", "auto")
+    if "threads" in seen and str(device).startswith("cuda"):
+        diags.append(_warn(f"setting 'threads' is unused: the device is {device}", seen["threads"].name.pos,
+                           hint="threads only apply when the pipeline runs on the CPU"))
+    return settings, diags
+
+
+def _all_param_names() -> set[str]:
+    return {p.name for k in default_registry().kinds() for p in k.params}
+
+
+# ---------------------------------------------------------------- stages
+
+def resolve_params(kind: StageKind, stage: ast.Stage, mode: str) -> tuple[dict, list[Diagnostic]]:
+    """Effective parameter values: kind default -> mode preset -> the file's values."""
+    diags: list[Diagnostic] = []
+    given: dict[str, ast.Param] = {}
+    params: dict[str, Any] = {}
+    for prm in stage.params:
+        name = prm.name.text
+        if name in given:
+            diags.append(_err(f"duplicate parameter '{name}' in stage '{stage.name.text}'", prm.name.pos,
+                              notes=[("first set here", given[name].name.pos)]))
+            continue
+        given[name] = prm
+        schema = kind.param(name)
+        if schema is None:
+            names = [q.name for q in kind.params]
+            hint = did_you_mean(name, names)
+            if hint is None and name in SETTING_BY_NAME:
+                hint = f"'{name}' is a pipeline setting: set it outside the stages"
+            diags.append(_err(f"unknown parameter '{name}' for stage kind '{kind.name}'", prm.name.pos,
+                              expected=f"a parameter of {kind.name}: " + one_of(names), hint=hint))
+            continue
+        out, d = convert(prm.value, schema, f"'{name}'")
+        if d:
+            diags.append(d)
+        else:
+            params[name] = out
+    for schema in kind.params:
+        if schema.name in given:
+            continue
+        has, value = modes.preset(mode, kind.name, schema.name)
+        if has:
+            params[schema.name] = value
+        elif schema.required:
+            diags.append(_err(f"missing parameter '{schema.name}' in stage '{stage.name.text}' ({kind.name})",
+                              stage.name.pos, expected=f"{schema.name} = {_type_expected(schema)}",
+                              hint=schema.doc or None))
+        elif schema.default is FROM_MODE:
+            params[schema.name] = modes.preset(modes.DEFAULT_MODE, kind.name, schema.name)[1]
+        else:
+            d = schema.default
+            params[schema.name] = list(d) if isinstance(d, tuple) else d
+    return params, diags
+
+
+def check_pipeline(p: ast.Pipeline, registry: Registry | None = None) -> tuple[Resolved, list[Diagnostic]]:
+    """Check one pipeline's settings, stages and edges; collect every diagnostic."""
+    registry = registry or default_registry()
+    settings, diags = check_settings(p)
+    mode = settings.get("mode", modes.DEFAULT_MODE)
+    stages: dict[str, ResolvedStage] = {}
+    for st in p.stages:
+        name = st.name.text
+        if name in stages:
+            diags.append(_err(f"duplicate stage '{name}'", st.name.pos,
+                              notes=[("first defined here", stages[name].pos)],
+                              hint="give each stage its own name"))
+            continue
+        kind = registry.get(st.kind.text)
+        params: dict = {}
+        if kind is None:
+            diags.append(_err(f"unknown stage kind '{st.kind.text}'", st.kind.pos,
+                              expected="a stage kind: " + one_of(registry.names()),
+                              hint=did_you_mean(st.kind.text, registry.names())))
+        else:
+            params, ds = resolve_params(kind, st, mode)
+            diags += ds
+        placement = None
+        if st.placement is not None:
+            if st.placement.text in RESOURCES:
+                placement = st.placement.text
+            else:
+                diags.append(_err(f"unknown placement '{st.placement.text}'", st.placement.pos,
+                                  expected="on " + " | ".join(RESOURCES),
+                                  hint=did_you_mean(st.placement.text, RESOURCES)))
+        stages[name] = ResolvedStage(name, kind, params, st.name.pos, placement)
+    edges, ds = _check_edges(p, stages)
+    diags += ds
+    dropped = any(d.is_error for d in ds)
+    return Resolved(p.name.text, p.name.pos, settings, stages, tuple(edges), complete=not dropped), diags
+
+
+def _check_edges(p: ast.Pipeline, stages: dict[str, ResolvedStage]):
+    diags: list[Diagnostic] = []
+    edges: list[ResolvedEdge] = []
+    seen: dict[tuple, SourcePos] = {}
+    for ch in p.chains:
+        for n in ch.stages:
+            if n.text not in stages:
+                hint = did_you_mean(n.text, stages)
+                if hint is None:              # named after a kind? point at the stage of that kind
+                    by_kind = {s.kind.name: s.name for s in stages.values() if s.kind is not None}
+                    close = did_you_mean(n.text, by_kind)
+                    if close:
+                        kind = close.split("'")[1]
+                        hint = f"did you mean '{by_kind[kind]}' (the {kind} stage)?"
+                diags.append(_err(f"edge to undefined stage '{n.text}'", n.pos,
+                                  expected="a stage of pipeline '" + p.name.text + "': " + one_of(stages),
+                                  hint=hint))
+        cond = ch.condition.text if ch.condition else None
+        for a, b in ch.edges():
+            if a.text not in stages or b.text not in stages:
+                continue
+            src = stages[a.text]
+            if cond is not None and src.kind is not None and cond not in src.kind.conditions:
+                if src.kind.conditions:
+                    diags.append(_err(f"unknown condition '{cond}' on an edge from '{a.text}'", ch.condition.pos,
+                                      expected="when " + " | ".join(src.kind.conditions),
+                                      hint=did_you_mean(cond, src.kind.conditions)))
+                else:
+                    diags.append(_err(f"stage '{a.text}' ({src.kind.name}) has no condition '{cond}'",
+                                      ch.condition.pos,
+                                      expected="an edge without 'when': only a batching stage emits conditions",
+                                      hint=f"remove 'when {cond}'"))
+                continue
+            key = (a.text, b.text, cond)
+            pos = SourcePos(a.pos.file, a.pos.line, a.pos.col, b.pos.end_line, b.pos.end_col)
+            if key in seen:
+                diags.append(_warn(f"duplicate edge {a.text} -> {b.text}" + (f" when {cond}" if cond else ""),
+                                   pos, notes=[("first declared here", seen[key])]))
+                continue
+            seen[key] = pos
+            edges.append(ResolvedEdge(a.text, b.text, cond, pos))
+    return edges, diags

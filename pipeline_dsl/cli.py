@@ -1,0 +1,325 @@
+"""`agp`: the command line.
+
+    agp check FILE... [--json]                 diagnostics on stderr; exit 0 clean, 2 on errors
+    agp fmt FILE... [--write | --check]        canonical layout; --check exits 1 if a file would change
+    agp render FILE [-o out.svg|png|pdf|dot] [--pipeline NAME] [--plan]
+    agp stages [KIND]                          the stage kinds; one documented
+    agp run | plan | bench | serve ...         from pipeline_dsl.commands.<name>, imported on use
+
+Exit status: 0 ok, 1 runtime failure (or fmt --check would change a file), 2 user
+errors. No input produces a traceback unless `--debug` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+
+# commands living in pipeline_dsl/commands/<name>.py (HELP, add_arguments(parser), main(args) -> int);
+# the help text here lets `agp --help` list them without importing them (they may import torch)
+LAZY_COMMANDS = {
+    "run": "run a pipeline over a JSONL file of requests on a real model",
+    "plan": "show how a pipeline's stages are laid onto streams",
+    "bench": "measure a pipeline under load (throughput, TTFT, TPOT, latency)",
+    "serve": "serve a pipeline behind an OpenAI-compatible HTTP API",
+}
+
+OK, FAILED, USER_ERROR = 0, 1, 2
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as `agp: error: …`, exit 2."""
+
+
+def _lazy_available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(f"pipeline_dsl.commands.{name}") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _err(msg: str) -> None:
+    print(f"agp: error: {msg}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- check
+
+def cmd_check(args) -> int:
+    from . import load
+    from .diagnostics import has_errors, render_all
+
+    all_diags, failed = [], False
+    for path in args.files:
+        program, diags = load(path)
+        all_diags += diags
+        failed |= has_errors(diags)
+        if not args.json:
+            if diags:
+                sys.stderr.write(render_all(diags, program.sources))
+            if not has_errors(diags):
+                n = len(program.pipelines)
+                print(f"{path}: ok ({n} pipeline{'' if n == 1 else 's'})")
+    if args.json:
+        out = {"ok": not failed, "diagnostics": [d.to_json() for d in all_diags]}
+        print(json.dumps(out, indent=2))
+    return USER_ERROR if failed else OK
+
+
+# ---------------------------------------------------------------- fmt
+
+def cmd_fmt(args) -> int:
+    from .diagnostics import render_all
+    from .fmt import format_text
+    from .loader import read_source
+
+    status = OK
+    for path in args.files:
+        text, diags = read_source(path)
+        if text is None:
+            sys.stderr.write(render_all(diags, {}))
+            status = USER_ERROR
+            continue
+        text = text.replace("\r\n", "\n")
+        out, diags = format_text(text, path)
+        if out is None:
+            sys.stderr.write(render_all(diags, {path: text}))
+            status = USER_ERROR
+            continue
+        if args.check:
+            if out != text:
+                print(f"{path}: would reformat")
+                status = max(status, FAILED)
+        elif args.write:
+            if out != text:
+                with open(path, "w", encoding="utf-8") as fh:
+                    fh.write(out)
+                print(f"{path}: reformatted")
+        else:
+            sys.stdout.write(out)
+    return status
+
+
+# ---------------------------------------------------------------- render
+
+def cmd_render(args) -> int:
+    from .diagnostics import CheckFailed
+    from .render import DotMissing, output_format, render_file
+    from . import load_pipeline_graph
+
+    out = args.output or os.path.splitext(os.path.basename(args.file))[0] + ".svg"
+    if output_format(out) is None:
+        raise UserError(f"cannot write '{out}': the output must end in .svg, .png, .pdf or .dot")
+    try:
+        graph = load_pipeline_graph(args.file, args.pipeline)
+    except CheckFailed as exc:
+        sys.stderr.write(exc.render())
+        return USER_ERROR
+    plan = None
+    if args.plan:
+        if importlib.util.find_spec("pipeline_dsl.plan") is None:
+            _err("--plan needs the planner (pipeline_dsl/plan.py), which is not installed in this version")
+            return FAILED
+        mod = importlib.import_module("pipeline_dsl.plan")
+        if not hasattr(mod, "make_plan"):
+            _err("--plan: pipeline_dsl.plan has no make_plan(graph)")
+            return FAILED
+        try:
+            plan = mod.make_plan(graph)
+        except ValueError as exc:
+            raise UserError(f"{args.file}: cannot plan: {exc}") from exc
+    try:
+        render_file(graph, out, plan)
+    except DotMissing as exc:
+        _err(str(exc))
+        return FAILED
+    except OSError as exc:
+        _err(f"cannot write '{out}': {exc.strerror or exc}")
+        return FAILED
+    print(f"wrote {out}")
+    return OK
+
+
+# ---------------------------------------------------------------- stages
+
+def cmd_stages(args) -> int:
+    from stages.registry import default_registry
+
+    reg = default_registry()
+    if args.kind is None:
+        print(list_kinds(reg))
+    else:
+        kind = reg.get(args.kind)
+        if kind is None:
+            from .diagnostics import did_you_mean
+            hint = did_you_mean(args.kind, reg.names())
+            raise UserError(f"unknown stage kind '{args.kind}'" + (f"; {hint}" if hint else "")
+                            + f" (kinds: {', '.join(reg.names())})")
+        print(describe_kind(kind))
+    for problem in reg.problems:
+        print(f"agp: warning: {problem}", file=sys.stderr)
+    return OK
+
+
+def list_kinds(reg) -> str:
+    rows = [(k.name, k.resource, _ports(k.inputs) + " -> " + _ports(k.outputs), k.doc.split(". ")[0].split(": ")[0])
+            for k in reg.kinds()]
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:<{w[2]}}  {d}" for a, b, c, d in rows]
+    return "\n".join(lines + ["", "agp stages KIND documents one kind."])
+
+
+def _ports(ports) -> str:
+    return ", ".join(p.type for p in ports) or "-"
+
+
+def describe_kind(kind) -> str:
+    from . import modes, units
+    from stages.registry import FROM_MODE
+
+    def show(p, v):
+        if v is FROM_MODE:
+            return "(mode)"
+        if v is None:
+            return "none"
+        if p.required:
+            return "(required)"
+        if p.type == "duration":
+            return units.format_duration(v)
+        if p.type == "size":
+            return units.format_size(int(v))
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, tuple):
+            return "[" + ", ".join(map(repr, v)) + "]"
+        return str(v)
+
+    lines = [f"{kind.name}  ({kind.source})", "", kind.doc, "",
+             f"resource:   {kind.resource}",
+             f"input:      {', '.join(f'{p.name}: {p.type}' for p in kind.inputs) or '- (a request source)'}",
+             f"output:     {', '.join(f'{p.name}: {p.type}' for p in kind.outputs) or '- (ends the pipeline)'}"]
+    if kind.conditions:
+        lines.append(f"conditions: {' | '.join(kind.conditions)}  (edges: a -> b when {kind.conditions[0]})")
+    if kind.impl:
+        lines.append(f"impl:       {kind.impl}")
+    lines += ["", "parameters:"]
+    rows = []
+    for p in kind.params:
+        rng = ""
+        if p.min is not None or p.max is not None:
+            lo = show(p, p.min) if p.min is not None else ""
+            hi = show(p, p.max) if p.max is not None else ""
+            rng = f"[{lo}..{hi}]"
+        rows.append((p.name, p.type_text(), show(p, p.default), rng, p.doc))
+    w = [max([len(r[i]) for r in rows] + [1]) for i in range(4)]
+    lines += [f"  {a:<{w[0]}}  {b:<{w[1]}}  {c:<{w[2]}}  {d:<{w[3]}}  {e}".rstrip() for a, b, c, d, e in rows]
+    preset = [(m, p, modes.PRESETS[m][(kind.name, p)]) for m in modes.MODES
+              for (k, p) in modes.PRESETS[m] if k == kind.name]
+    if preset:
+        lines += ["", "mode presets (a stage's own setting wins):"]
+        for p in sorted({p for _, p, _ in preset}):
+            schema = kind.param(p)
+            vals = "  ".join(f"{m}={show(schema, v)}" for m, q, v in preset if q == p)
+            lines.append(f"  {p}: {vals}")
+    params = "  ".join(f"{p.name} = {show(p, p.default)}" for p in kind.params[:2]
+                       if p.default is not FROM_MODE and p.default is not None)
+    lines += ["", "example:", f"  stage {kind.name.split('_')[0]} : {kind.name} {{ {params} }}" if params
+              else f"  stage {kind.name.split('_')[0]} : {kind.name} {{}}"]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- parser
+
+def _command_name(argv: list[str]) -> str | None:
+    for a in argv:
+        if not a.startswith("-"):
+            return a
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="agp", description="agp: a pipeline language and runtime for LLM inference.",
+        epilog="exit status: 0 ok, 1 runtime failure, 2 user error")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("check", help="check .agp files and report every error")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--json", action="store_true", help="diagnostics as JSON on stdout")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("fmt", help="print .agp files in canonical layout (comments kept)")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--write", "-w", action="store_true", help="rewrite the files in place")
+    g.add_argument("--check", action="store_true", help="exit 1 when a file would change")
+    p.set_defaults(func=cmd_fmt)
+
+    p = sub.add_parser("render", help="draw a pipeline with graphviz")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("-o", "--output", help="out.svg | out.png | out.pdf | out.dot (default: FILE's name .svg)")
+    p.add_argument("--pipeline", help="which pipeline of the file (default: its first)")
+    p.add_argument("--plan", action="store_true", help="colour stages by plan stream, draw events dashed")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("stages", help="list the stage kinds, or document one")
+    p.add_argument("kind", nargs="?", metavar="KIND")
+    p.set_defaults(func=cmd_stages)
+
+    wanted = _command_name(argv)
+    for name, help_text in LAZY_COMMANDS.items():
+        available = _lazy_available(name)
+        text = help_text if available else f"{help_text} (not available in this installation)"
+        if name == wanted and available:
+            mod = importlib.import_module(f"pipeline_dsl.commands.{name}")
+            p = sub.add_parser(name, help=getattr(mod, "HELP", text), description=getattr(mod, "HELP", text))
+            mod.add_arguments(p)
+            p.set_defaults(func=mod.main)
+        else:
+            p = sub.add_parser(name, help=text)
+            p.set_defaults(func=_missing_command(name))
+    return parser
+
+
+def _missing_command(name: str):
+    def run(args) -> int:
+        _err(f"'agp {name}' is not available in this installation (pipeline_dsl/commands/{name}.py is missing)")
+        return FAILED
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser(argv)
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return USER_ERROR
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        if debug:
+            raise
+        _err(str(exc))
+        return USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return OK
+    except SystemExit:
+        raise
+    except Exception as exc:                       # noqa: BLE001 - no traceback without --debug
+        if debug:
+            raise
+        _err(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+        return FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

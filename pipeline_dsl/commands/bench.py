@@ -1,0 +1,149 @@
+"""`agp bench PIPELINE... --workload FILE`: replay a workload and measure latency and throughput.
+
+    agp bench examples/chat.agp --workload bench/workloads/short_chat.jsonl --rate 4 --num 100
+    agp bench examples/chat.agp examples/chat.agp,prefix_reuse=false \\
+        --workload bench/workloads/shared_prefix.jsonl --rate 1,2,inf --num 64 --compare --plot out/b.png
+    agp bench --url http://127.0.0.1:8000 --workload bench/workloads/short_chat.jsonl --duration 30
+
+A PIPELINE runs in this process (its engine driven as `agp serve` drives it); append
+`,key=value` EngineConfig settings to measure a variant. `--url` (repeatable) measures any
+OpenAI-compatible server over streaming HTTP. Arrivals are Poisson at each `--rate`
+(`inf`: all at once). Reports request and token throughput, TTFT, TPOT, inter-token and
+end-to-end latency (mean, p50, p90, p99), errors and the KV hit rate.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+from pathlib import Path
+
+HELP = "measure pipelines or OpenAI-compatible servers under a replayed workload"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("pipelines", nargs="*", metavar="PIPELINE",
+                   help="a .agp file, optionally followed by ,key=value engine settings")
+    p.add_argument("--workload", "-w", required=True, help="JSONL requests (agp run's format)")
+    p.add_argument("--rate", default="inf",
+                   help="requests/s of the Poisson arrivals, 'inf' = all at once; "
+                        "a comma list (1,2,inf) measures each (default: inf)")
+    amount = p.add_mutually_exclusive_group()
+    amount.add_argument("--num", "-n", type=int, default=None,
+                        help="requests to send (default: one pass over the workload)")
+    amount.add_argument("--duration", "-d", type=float, default=None,
+                        help="send for this many seconds (workload cycled)")
+    p.add_argument("--concurrency", "-c", type=int, default=None,
+                   help="at most this many requests in flight; with --rate inf and --duration, "
+                        "a closed loop of this many clients")
+    p.add_argument("--url", action="append", default=[],
+                   help="an OpenAI-compatible server to measure (repeatable)")
+    p.add_argument("--model", default=None, help="model id for --url (default: its first model)")
+    p.add_argument("--compare", action="store_true",
+                   help="print all targets side by side and plot them (--plot, default agp-bench.png)")
+    p.add_argument("--plot", default=None, help="write throughput-vs-rate and latency CDFs here (PNG)")
+    p.add_argument("--json", dest="json_out", default=None, help="write the reports as JSON here")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=None,
+                   help="override the pipelines' precision")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0, help="seed of the arrival times (default: 0)")
+    p.add_argument("--warmup", type=int, default=1, help="requests sent before measuring (default: 1)")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds before one request counts as an error (default: 600)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _err(message: str) -> int:
+    print(f"agp bench: error: {message}", file=sys.stderr)
+    return 2
+
+
+def parse_rates(text: str) -> list[float]:
+    rates = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        try:
+            rate = math.inf if part in ("inf", "infinity") else float(part)
+        except ValueError:
+            raise ValueError(f"--rate: '{part}' is not a number or 'inf'") from None
+        if not rate > 0:
+            raise ValueError(f"--rate: {part} must be positive")
+        rates.append(rate)
+    return rates
+
+
+def main(args) -> int:
+    from pipeline_dsl.benchmark import (BenchError, EngineTarget, HTTPTarget, bench_one,
+                                        format_table, load_workload, parse_target, plot)
+    from pipeline_dsl.diagnostics import CheckFailed
+    from pipeline_dsl.engine.errors import InputError
+
+    if not args.pipelines and not args.url:
+        return _err("give at least one PIPELINE or --url")
+    for name in ("num", "concurrency", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return _err(f"--{name} must be at least 1, not {value}")
+    if args.duration is not None and args.duration <= 0:
+        return _err(f"--duration must be positive, not {args.duration}")
+    try:
+        rates = parse_rates(args.rate)
+        items = load_workload(args.workload)
+        for spec in args.pipelines:
+            parse_target(spec)               # bad paths / settings before any model loads
+    except (ValueError, BenchError) as e:
+        return _err(str(e))
+    num = args.num if args.num is not None or args.duration is not None else len(items)
+    if any(math.isinf(r) for r in rates) and args.duration is not None and not args.concurrency:
+        return _err("--rate inf with --duration needs --concurrency (a closed loop of clients)")
+
+    def targets():
+        for spec in args.pipelines:
+            yield lambda spec=spec: EngineTarget.from_pipeline(spec, dtype=args.dtype,
+                                                               threads=args.threads)
+        for url in args.url:
+            yield lambda url=url: HTTPTarget(url, args.model, timeout=args.request_timeout)
+
+    reports = []
+    for make in targets():
+        for rate in rates:
+            try:
+                target = make()              # a fresh engine (cold KV cache) per measurement
+            except CheckFailed as e:
+                sys.stderr.write(e.render())
+                return 2
+            except InputError as e:
+                return _err(str(e))
+            try:
+                report = asyncio.run(bench_one(
+                    target, items, rate=rate, num=num, duration=args.duration,
+                    concurrency=args.concurrency, seed=args.seed, progress=not args.no_progress,
+                    warmup=args.warmup, request_timeout=args.request_timeout))
+            except BenchError as e:
+                print(f"agp bench: error: {e}", file=sys.stderr)
+                return 1
+            del target
+            reports.append(report)
+            if not args.compare:
+                print(format_table([report]), flush=True)
+                print()
+    _dedupe_labels(reports)
+    if args.compare:
+        print(format_table(reports))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps([r.to_dict() for r in reports], indent=2))
+    plot_path = args.plot or ("agp-bench.png" if args.compare else None)
+    if plot_path:
+        plot(reports, plot_path)
+        print(f"plot: {plot_path}", file=sys.stderr)
+    return 0
+
+
+def _dedupe_labels(reports) -> None:
+    seen: dict[tuple, int] = {}
+    for r in reports:
+        key = (r.label, r.rate)
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > 1:
+            r.label = f"{r.label} #{seen[key]}"

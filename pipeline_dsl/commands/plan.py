@@ -1,0 +1,44 @@
+"""`agp plan FILE`: show how a pipeline's stages are laid onto streams (no torch).
+
+    agp plan examples/chat.agp            # streams, their stages, events, predicted overlap
+    agp plan examples/chat.agp --json     # the Plan as JSON (top-level `streams` list)
+
+Exit status 0 on success, 2 when the file has errors (diagnostics on stderr).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+HELP = "show the streams, events and predicted overlap the planner gives a pipeline"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("file", help="the .agp file")
+    p.add_argument("--pipeline", "--name", dest="pipeline", default=None,
+                   help="which pipeline of the file (default: the only or first one)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def main(args) -> int:
+    from pathlib import Path
+
+    from pipeline_dsl import load_pipeline_graph
+    from pipeline_dsl.diagnostics import CheckFailed
+    from pipeline_dsl.plan import PlanError, format_plan, make_plan
+
+    try:
+        graph = load_pipeline_graph(Path(args.file), args.pipeline)
+    except CheckFailed as e:
+        print(e.render(), file=sys.stderr)
+        return 2
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"agp plan: error: cannot read {args.file}: {e}", file=sys.stderr)
+        return 2
+    try:
+        plan = make_plan(graph)
+    except PlanError as e:
+        print(f"agp plan: error: {args.file}: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+    return 0

@@ -1,0 +1,116 @@
+"""`agp run PIPELINE`: execute a pipeline over a JSONL file of requests.
+
+    agp run examples/chat.agp --input examples/prompts.jsonl --output answers.jsonl --stats s.json
+
+Input: one request a line (`id`, `prompt` or `messages`, optional sampling fields).
+Output: one JSON line per input line, in input order: `id`, `text`, `finish_reason`,
+`usage`; a bad line gives `{"id", "error": {"line", "message"}}` and every other line
+still runs. A progress bar and, at the end, a summary go to stderr.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+HELP = "run a pipeline over a JSONL file of requests on a real model"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("pipeline", help="the .agp file")
+    p.add_argument("--pipeline-name", "--name", dest="name", default=None,
+                   help="which pipeline of the file (default: the only or first one)")
+    p.add_argument("--input", "-i", default="-", help="JSONL requests (default: stdin)")
+    p.add_argument("--output", "-o", default="-", help="JSONL answers (default: stdout)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=None,
+                   help="override the pipeline's precision")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--stats", default=None, help="write the run summary as JSON to this file")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="run the plan's streams serially (A/B against overlap)")
+    p.add_argument("--trace", default=None, help="write a Chrome-trace JSON (Perfetto) here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _read_lines(path: str) -> list[str]:
+    if path == "-":
+        return sys.stdin.read().splitlines()
+    with open(path, encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+def main(args) -> int:
+    from pipeline_dsl.requests_io import RequestError, parse_line
+    from pipeline_dsl.runner import RunRequest, run_requests, format_summary
+
+    try:
+        lines = _read_lines(args.input)
+    except FileNotFoundError:
+        print(f"agp run: error: input file not found: {args.input}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as e:
+        print(f"agp run: error: {args.input} is not UTF-8 ({e.reason} at byte {e.start})", file=sys.stderr)
+        return 2
+
+    from pipeline_dsl.runtime import build_engine, default_sampling, sampling_with
+
+    t_load = time.perf_counter()
+    engine, spec = build_engine(args.pipeline, args.name, dtype=args.dtype, threads=args.threads)
+    load_s = time.perf_counter() - t_load
+    defaults = default_sampling(spec)
+
+    results: list[dict | None] = []
+    requests: list[RunRequest] = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        slot = len(results)
+        results.append(None)
+        try:
+            req = parse_line(line, lineno)
+        except RequestError as e:
+            results[slot] = {"id": _guess_id(line, lineno), "error": {"line": lineno, "message": str(e)}}
+            continue
+        requests.append(RunRequest(slot=slot, line=lineno, parsed=req,
+                                   params=sampling_with(defaults, **req.sampling)))
+
+    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
+    next_to_write = 0
+
+    def flush() -> None:
+        nonlocal next_to_write
+        while next_to_write < len(results) and results[next_to_write] is not None:
+            out.write(json.dumps(results[next_to_write], ensure_ascii=False) + "\n")
+            next_to_write += 1
+        out.flush()
+
+    def on_done(slot: int, record: dict) -> None:
+        results[slot] = record
+        flush()
+
+    flush()  # leading bad lines
+    try:
+        summary = run_requests(engine, spec, requests, on_done=on_done,
+                               overlap=not args.no_overlap, trace_path=args.trace,
+                               progress=not args.no_progress)
+    finally:
+        flush()
+        if out is not sys.stdout:
+            out.close()
+    summary["model_load_s"] = round(load_s, 3)
+    summary["bad_lines"] = sum(1 for r in results if r and "error" in r and r["error"].get("line"))
+    print(format_summary(summary), file=sys.stderr)
+    if args.stats:
+        with open(args.stats, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+    return 0
+
+
+def _guess_id(line: str, lineno: int):
+    try:
+        obj = json.loads(line)
+        if isinstance(obj, dict) and isinstance(obj.get("id"), (str, int)):
+            return obj["id"]
+    except ValueError:
+        pass
+    return lineno

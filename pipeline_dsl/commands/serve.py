@@ -1,0 +1,135 @@
+"""`agp serve PIPELINE`: the pipeline behind an OpenAI-compatible HTTP API.
+
+    agp serve examples/chat.agp --port 8000
+    curl -N localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
+         -d '{"messages": [{"role": "user", "content": "Hi"}], "stream": true}'
+
+Routes: /v1/completions, /v1/chat/completions (streaming or not), /v1/models, /health,
+/metrics (Prometheus), /stats. SIGTERM (or Ctrl-C) stops accepting connections, lets
+in-flight requests finish (up to --drain-timeout) and exits 0.
+"""
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+from pathlib import Path
+
+HELP = "serve a pipeline behind an OpenAI-compatible HTTP API"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("pipeline", help="the .agp file")
+    p.add_argument("--pipeline-name", "--name", dest="name", default=None,
+                   help="which pipeline of the file (default: the only or first one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=None,
+                   help="override the pipeline's precision")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="override the requests stage's max_queue (full queue -> HTTP 429)")
+    p.add_argument("--no-prefix-reuse", action="store_true",
+                   help="turn the KV prefix cache off (A/B against reuse)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients use (default: the pipeline's name)")
+    p.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="seconds in-flight requests may take after SIGTERM (default: 60)")
+    p.add_argument("--log-level", default="warning",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+
+
+def _err(message: str) -> None:
+    print(f"agp serve: error: {message}", file=sys.stderr)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def model_names(graph, engine, served: str | None) -> tuple[str, ...]:
+    """The ids /v1/models lists and requests may name: the pipeline first."""
+    names = [served] if served else []
+    names.append(str(graph.graph.get("name") or "agp"))
+    model = str(engine.config.model)
+    names += [model, Path(model).stem]
+    return tuple(dict.fromkeys(n for n in names if n))
+
+
+def main(args) -> int:
+    if not 0 <= args.port <= 65535:
+        _err(f"--port must be between 0 and 65535, not {args.port}")
+        return 2
+    if args.max_queue is not None and args.max_queue < 1:
+        _err(f"--max-queue must be at least 1, not {args.max_queue}")
+        return 2
+    if args.drain_timeout <= 0:
+        _err(f"--drain-timeout must be positive, not {args.drain_timeout}")
+        return 2
+    try:
+        sock = _bind(args.host, args.port)
+    except OSError as e:
+        _err(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+        return 2
+
+    import uvicorn
+
+    from pipeline_dsl.runtime import build_engine, default_sampling, load_graph
+    from pipeline_dsl.serve.app import ServeConfig, create_app
+    from pipeline_dsl.serve.async_engine import AsyncEngine, encode_options
+    from pipeline_dsl.serve.metrics import ServerMetrics
+
+    from pipeline_dsl.diagnostics import CheckFailed
+    from pipeline_dsl.engine.errors import InputError
+
+    try:
+        graph = load_graph(args.pipeline, args.name)
+        engine, spec = build_engine(graph, dtype=args.dtype, threads=args.threads,
+                                    max_queue=args.max_queue,
+                                    prefix_reuse=False if args.no_prefix_reuse else None)
+    except CheckFailed as e:
+        sys.stderr.write(e.render())
+        sock.close()
+        return 2
+    except InputError as e:
+        _err(str(e))
+        sock.close()
+        return 2
+    names = model_names(graph, engine, args.served_model_name)
+    config = ServeConfig(model_names=names, max_model_len=int(engine.max_model_len),
+                         defaults=default_sampling(spec), drain_timeout_s=args.drain_timeout)
+    metrics = ServerMetrics()
+    aengine = AsyncEngine(engine, metrics=metrics, add_options=encode_options(engine, spec))
+    app = create_app(aengine, config, metrics)
+
+    host, port = sock.getsockname()[:2]
+    server = uvicorn.Server(uvicorn.Config(
+        app, log_level=args.log_level, access_log=args.access_log, lifespan="on",
+        timeout_graceful_shutdown=args.drain_timeout))
+    print(f"agp serve: pipeline '{names[0]}' on http://{host}:{port}/v1 "
+          f"(model {engine.config.model}, {engine.config.device})", file=sys.stderr, flush=True)
+
+    # uvicorn re-raises the signal that stopped it once it has drained; a handler that
+    # merely notes it keeps that from killing the process, so a drained server exits 0.
+    stopped_by: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, frame: stopped_by.append(s))
+    server.run(sockets=[sock])
+    if not server.started:
+        _err("the server did not start (see the log above)")
+        return 1
+    if engine_failed := app.state.aengine.error:
+        _err(f"the engine failed: {engine_failed}")
+        return 1
+    print("agp serve: stopped" + (" (drained)" if stopped_by else ""), file=sys.stderr)
+    return 0

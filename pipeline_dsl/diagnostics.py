@@ -1,0 +1,169 @@
+"""Diagnostics: source positions, errors and warnings, caret rendering, did-you-mean.
+
+Every user-facing problem in a `.agp` file is a `Diagnostic` carrying a
+`SourcePos` (file, line, column, end line, end column; 1-based, end exclusive).
+`render()` prints it the way compilers do:
+
+    examples/errors/unknown_kind.agp:7:17: error: unknown stage kind 'genrate'
+        7 |     stage gen   : genrate     {}
+          |                   ^^^^^^^
+      = expected: a stage kind: dynamic_batch, encode, generate, kv_lookup, requests, respond
+      = help: did you mean 'generate'?
+
+Checks collect every diagnostic of a file and report them sorted by position.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+ERROR = "error"
+WARNING = "warning"
+
+
+@dataclass(frozen=True, order=True)
+class SourcePos:
+    """A span in a source file: 1-based line and column, end exclusive."""
+
+    file: str
+    line: int
+    col: int
+    end_line: int
+    end_col: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+    @staticmethod
+    def point(file: str, line: int, col: int, width: int = 1) -> "SourcePos":
+        return SourcePos(file, line, col, line, col + width)
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """One error or warning at a position, with what was expected and a likely fix."""
+
+    severity: str                      # "error" | "warning"
+    message: str
+    pos: SourcePos | None
+    expected: str | None = None        # "a duration (us, ms, s)"
+    hint: str | None = None            # "did you mean 'generate'?"
+    notes: tuple[tuple[str, SourcePos | None], ...] = field(default=())  # related places
+
+    @property
+    def is_error(self) -> bool:
+        return self.severity == ERROR
+
+    def sort_key(self):
+        p = self.pos
+        return (p.file, p.line, p.col, self.message) if p else ("", 0, 0, self.message)
+
+    def to_json(self) -> dict:
+        p = self.pos
+        return {
+            "severity": self.severity,
+            "message": self.message,
+            "file": p.file if p else None,
+            "line": p.line if p else None,
+            "col": p.col if p else None,
+            "end_line": p.end_line if p else None,
+            "end_col": p.end_col if p else None,
+            "expected": self.expected,
+            "hint": self.hint,
+            "notes": [{"message": m, "file": q.file if q else None, "line": q.line if q else None,
+                       "col": q.col if q else None} for m, q in self.notes],
+        }
+
+    def render(self, sources: Mapping[str, str] | None = None) -> str:
+        """`file:line:col: severity: message`, the source line, a caret, expected, help."""
+        head = f"{self.pos}: " if self.pos else ""
+        lines = [f"{head}{self.severity}: {self.message}"]
+        if self.pos and sources is not None and self.pos.file in sources:
+            lines += _excerpt(sources[self.pos.file], self.pos)
+        if self.expected:
+            lines.append(f"  = expected: {self.expected}")
+        for msg, q in self.notes:
+            lines.append(f"  = note: {msg}" + (f" ({q})" if q else ""))
+        if self.hint:
+            lines.append(f"  = help: {self.hint}")
+        return "\n".join(lines)
+
+
+def _excerpt(text: str, pos: SourcePos) -> list[str]:
+    src_lines = text.splitlines()
+    if not 1 <= pos.line <= len(src_lines):
+        if pos.line == len(src_lines) + 1 or not src_lines:
+            src_lines = src_lines + [""]      # end of file: point past the last line
+        else:
+            return []
+    line = src_lines[pos.line - 1].replace("\t", " ")
+    width = max(1, (pos.end_col - pos.col) if pos.end_line == pos.line else len(line) - pos.col + 1)
+    gutter = f"{pos.line:>5}"
+    caret = " " * (pos.col - 1) + "^" * width
+    return [f"{gutter} | {line}".rstrip(), f"{' ' * len(gutter)} | {caret}"]
+
+
+def sort_diagnostics(diags: Iterable[Diagnostic]) -> list[Diagnostic]:
+    """Sorted by position, duplicates removed."""
+    seen, out = set(), []
+    for d in sorted(diags, key=Diagnostic.sort_key):
+        key = (d.severity, d.message, d.pos)
+        if key not in seen:
+            seen.add(key)
+            out.append(d)
+    return out
+
+
+def has_errors(diags: Iterable[Diagnostic]) -> bool:
+    return any(d.is_error for d in diags)
+
+
+def render_all(diags: Sequence[Diagnostic], sources: Mapping[str, str]) -> str:
+    """All diagnostics, then a summary line (`2 errors, 1 warning`)."""
+    diags = sort_diagnostics(diags)
+    if not diags:
+        return ""
+    parts = [d.render(sources) for d in diags]
+    n_err = sum(d.is_error for d in diags)
+    n_warn = len(diags) - n_err
+    summary = ", ".join(s for s in (_plural(n_err, "error"), _plural(n_warn, "warning")) if s)
+    return "\n\n".join(parts) + "\n\n" + summary + "\n"
+
+
+def to_json(diags: Sequence[Diagnostic]) -> str:
+    return json.dumps([d.to_json() for d in sort_diagnostics(diags)], indent=2)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}" if n else ""
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
+    """'did you mean 'generate'?' when a candidate is close to `name`, else None."""
+    cands = sorted(set(candidates))
+    lower = {c.lower(): c for c in cands}
+    if name.lower() in lower and lower[name.lower()] != name:
+        return f"did you mean '{lower[name.lower()]}'?"
+    close = difflib.get_close_matches(name, cands, n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else None
+
+
+def one_of(names: Iterable[str]) -> str:
+    names = sorted(set(names))
+    return ", ".join(names) if names else "(none)"
+
+
+class CheckFailed(Exception):
+    """Raised by the loading helpers when a file has errors; carries the diagnostics."""
+
+    def __init__(self, diagnostics: Sequence[Diagnostic], sources: Mapping[str, str] | None = None):
+        self.diagnostics = sort_diagnostics(diagnostics)
+        self.sources = dict(sources or {})
+        errors = [d for d in self.diagnostics if d.is_error]
+        super().__init__(errors[0].render() if errors else "check failed")
+
+    def render(self) -> str:
+        return render_all(self.diagnostics, self.sources)

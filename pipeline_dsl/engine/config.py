@@ -1,0 +1,119 @@
+"""Configuration and result dataclasses of the engine (the Engine API of docs/architecture.md).
+
+`EngineConfig` is one run's settings (model, precision, KV budget, batching policy),
+`SamplingParams` one request's decoding settings, `RequestOutput` what a step reports
+for one request. `SamplingParams.check()` turns bad values into `InputError`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .errors import InputError
+
+POLICIES = ("continuous", "static")
+DTYPES = ("auto", "fp32", "bf16", "fp16", "int8")
+
+
+@dataclass
+class EngineConfig:
+    model: str = "smollm2-135m-instruct"   # name of the embedded model, a .gguf path or an HF folder
+    device: str = "cpu"                    # cpu | cuda | cuda:N | auto
+    dtype: str = "auto"                    # auto|fp32|bf16|fp16 ; int8 = weight-only int8 with bf16/fp32 compute
+    threads: int | None = None             # torch intra-op threads; None leaves torch's default
+    block_size: int = 16                   # tokens per KV block
+    kv_budget_bytes: int = 256 << 20       # the KV pool is preallocated to this many bytes
+    prefix_reuse: bool = True              # share full blocks between requests with the same prefix
+    max_batch_size: int = 32               # max running sequences
+    batch_timeout_s: float = 0.001         # dynamic batcher window
+    padding: bool = True                   # pad the decode batch to a bucket size (static shapes)
+    policy: str = "continuous"             # continuous | static
+    max_tokens_per_step: int = 512         # token budget of one step (decodes + prefill chunks)
+    prefill_chunk: int = 256               # longest prefill piece of one sequence in one step
+    max_queue: int = 1024                  # waiting requests beyond this are refused (QueueFullError)
+    compile: bool = False                  # torch.compile the model's forward
+    max_model_len: int | None = None       # default: the model's context length
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise InputError(f"policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
+        if self.dtype not in DTYPES:
+            raise InputError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        for name in ("block_size", "kv_budget_bytes", "max_batch_size", "max_tokens_per_step",
+                     "prefill_chunk", "max_queue"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+        if self.batch_timeout_s < 0:
+            raise InputError(f"batch_timeout_s must be >= 0, not {self.batch_timeout_s!r}")
+        if self.max_tokens_per_step < self.max_batch_size:
+            # every running sequence must be able to decode in one step
+            self.max_tokens_per_step = self.max_batch_size
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 128
+    temperature: float = 0.0               # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                         # 0 = no top-k cut
+    seed: int | None = None                # per-request generator: same seed, same text
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False               # keep generating past end-of-sequence (benchmarks)
+
+    def __post_init__(self) -> None:
+        # accept lists (JSON) and a bare string for `stop`; store tuples (hashable, frozen)
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if isinstance(value, str) and name == "stop":
+                value = (value,)
+            elif isinstance(value, (list, tuple)) or value is None:
+                value = tuple(value or ())
+            object.__setattr__(self, name, value)   # anything else: check() names it
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0 or self.top_k == 1
+
+    def check(self) -> None:
+        """Raise InputError naming the first bad value."""
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
+            raise InputError(f"max_tokens must be a positive integer, not {self.max_tokens!r}")
+        if not is_num(self.temperature) or self.temperature < 0:
+            raise InputError(f"temperature must be a number >= 0, not {self.temperature!r}")
+        if not is_num(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise InputError(f"top_p must be in (0, 1], not {self.top_p!r}")
+        if not is_int(self.top_k) or self.top_k < 0:
+            raise InputError(f"top_k must be an integer >= 0, not {self.top_k!r}")
+        if self.seed is not None and not is_int(self.seed):
+            raise InputError(f"seed must be an integer, not {self.seed!r}")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
+            raise InputError(f"stop must be a list of strings, not {self.stop!r}")
+        if any(s == "" for s in self.stop):
+            raise InputError("stop strings must not be empty")
+        if not isinstance(self.stop_token_ids, tuple) or not all(
+                is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise InputError(f"stop_token_ids must be a list of token ids, not {self.stop_token_ids!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise InputError(f"ignore_eos must be true or false, not {self.ignore_eos!r}")
+
+
+@dataclass(frozen=True)
+class RequestOutput:                       # one per request touched by a step
+    request_id: str
+    new_token_ids: list[int]
+    delta_text: str                        # text added by this step (stop strings held back)
+    text: str                              # all text so far
+    finished: bool
+    finish_reason: str | None              # "stop" | "length" | "abort" | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int                     # prompt tokens served from the prefix cache
+    metrics: dict = field(default_factory=dict, compare=False)  # ttft_s, ... once finished

@@ -1,0 +1,337 @@
+"""The engine: requests in, tokens and text out, one step at a time.
+
+    engine = Engine(EngineConfig())
+    engine.add_request("a", messages=[{"role": "user", "content": "Hi"}])
+    while engine.has_unfinished():
+        for out in engine.step():
+            print(out.request_id, out.delta_text, end="")
+
+A step has three phases that an executor may overlap: `schedule()` (host: which
+sequences, which tokens), `execute(plan)` (compute: the model runner's forward over the
+paged KV pool, then sampling) and `update(plan, tokens)` (host: detokenise, stop
+checks, finish and free). `step()` runs them in order. When nothing runs and the batch
+window is still open, `step()` returns [] at once; `next_deadline()` says when to call
+again.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import resource
+import sys
+import time
+from collections import deque
+
+import torch
+
+from .config import EngineConfig, RequestOutput, SamplingParams
+from .errors import InputError, QueueFullError
+from .kv_cache import BlockManager, bytes_per_block, num_blocks_for_budget
+from .model import SeqBatchItem
+from .sampler import Detokenizer, Sampler, StopStrings, make_generator
+from .scheduler import RUNNING, Scheduler, SchedulerOutput, Sequence
+
+LATENCY_SAMPLES = 200_000  # most recent TTFT / per-token latencies kept for percentiles
+
+
+def percentile(values, q: float) -> float | None:
+    """q-th percentile (0..100) by linear interpolation; None for no values."""
+    xs = sorted(values)
+    if not xs:
+        return None
+    k = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, *, runner=None, tokenizer=None,
+                 clock=time.monotonic):
+        """Load the model named by `config` (or use an injected runner + tokenizer)."""
+        self.config = config = config or EngineConfig()
+        self.clock = clock
+        if config.threads:
+            torch.set_num_threads(int(config.threads))
+        if runner is None:
+            runner, tokenizer, info = load_runner(config)
+        else:
+            info = {}
+        self.runner, self.tokenizer = runner, tokenizer
+        self.model_info = info
+        self.vocab_size = int(getattr(runner, "vocab_size", 0) or info.get("vocab_size", 0))
+        context = int(getattr(runner, "max_model_len", 0) or info.get("context_length", 0) or 2048)
+        if config.max_model_len is not None and not 0 < config.max_model_len <= context:
+            raise InputError(f"max_model_len must be between 1 and the model's context ({context}), "
+                             f"not {config.max_model_len}")
+        self.max_model_len = int(config.max_model_len or context)
+        self.blocks = BlockManager(runner.num_blocks, runner.block_size, config.prefix_reuse)
+        self.scheduler = Scheduler(config, self.blocks, clock)
+        self.sampler = Sampler()
+        self._pad_kw = "pad_to" in inspect.signature(runner.execute).parameters
+        self.eos_token_ids = frozenset(getattr(tokenizer, "eos_token_ids", ()) or ())
+        self.seqs: dict[str, Sequence] = {}
+        self._counters = dict(requests_done=0, requests_aborted=0, prompt_tokens=0,
+                              completion_tokens=0, cached_tokens=0, steps=0, decode_steps=0,
+                              decode_seqs=0, prefill_tokens=0)
+        self._ttft = deque(maxlen=LATENCY_SAMPLES)
+        self._itl = deque(maxlen=LATENCY_SAMPLES)
+        self._batch_hist: dict[int, int] = {}
+        self._busy_s = 0.0
+
+    # ---- requests ----------------------------------------------------------------------
+    def add_request(self, request_id, *, prompt=None, messages=None, prompt_token_ids=None,
+                    params: SamplingParams | None = None) -> None:
+        """Queue a request; raises InputError (never a hang) for input it cannot serve."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InputError(f"params must be SamplingParams, not {type(params).__name__}")
+        params.check()
+        request_id = str(request_id)
+        if request_id in self.seqs:
+            raise InputError(f"request id {request_id!r} is already in use")
+        given = [n for n, v in (("prompt", prompt), ("messages", messages),
+                                ("prompt_token_ids", prompt_token_ids)) if v is not None]
+        if len(given) != 1:
+            raise InputError("give exactly one of prompt, messages or prompt_token_ids"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        ids = self._prompt_ids(prompt, messages, prompt_token_ids)
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise InputError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} = {total} "
+                             f"exceeds the model's context of {self.max_model_len} tokens; "
+                             "shorten the prompt or lower max_tokens")
+        if self.blocks.blocks_for(total) > self.blocks.num_blocks:
+            cap = self.blocks.num_blocks * self.blocks.block_size
+            raise InputError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} = {total} "
+                             f"does not fit the KV cache ({cap} tokens); raise the KV budget "
+                             "or lower max_tokens")
+        if len(self.scheduler.waiting) >= self.config.max_queue:
+            raise QueueFullError(f"the queue is full ({self.config.max_queue} waiting requests)")
+        now = self.clock()
+        seq = Sequence(request_id, ids, len(ids), params, now)
+        seq.extra.update(
+            detok=self._detokenizer(ids), stops=StopStrings(params.stop), text="",
+            emitted=0, generator=make_generator(params.seed), first=None, last=None)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _prompt_ids(self, prompt, messages, prompt_token_ids) -> list[int]:
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise InputError(f"prompt must be a string, not {type(prompt).__name__}")
+            if not prompt:
+                raise InputError("the prompt is empty")
+            ids = list(self.tokenizer.encode(prompt))
+        elif messages is not None:
+            ids = self._render_chat(messages)
+        else:
+            if not isinstance(prompt_token_ids, (list, tuple)) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in prompt_token_ids):
+                raise InputError("prompt_token_ids must be a list of integers")
+            ids = list(prompt_token_ids)
+            bad = [t for t in ids if t < 0 or (self.vocab_size and t >= self.vocab_size)]
+            if bad:
+                raise InputError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        if not ids:
+            raise InputError("the prompt is empty (no tokens)")
+        return ids
+
+    def _render_chat(self, messages) -> list[int]:
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise InputError("messages must be a non-empty list of {role, content} objects")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
+                    or not isinstance(m.get("content"), str):
+                raise InputError(f"messages[{i}] must be an object with string 'role' and 'content'")
+        try:
+            rendered = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+        except InputError:
+            raise
+        except Exception as e:  # a template that refuses the conversation (roles out of order, …)
+            raise InputError(f"the chat template cannot render these messages: {e}") from None
+        if isinstance(rendered, str):
+            return list(self.tokenizer.encode(rendered, add_special_tokens=False))
+        return list(rendered)
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _detokenizer(self, prompt_ids):
+        helper = getattr(self.tokenizer, "incremental_decoder", None)
+        if helper is not None:
+            return _HelperDetokenizer(helper(skip_special_tokens=True))
+        return Detokenizer(self._decode, prompt_ids)
+
+    def abort(self, request_id) -> None:
+        """Stop a request and free its KV blocks (unknown or finished ids are ignored)."""
+        seq = self.seqs.pop(str(request_id), None)
+        if seq is not None:
+            self.scheduler.remove(seq, "abort")
+            self._counters["requests_aborted"] += 1
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def next_deadline(self) -> float | None:
+        """Clock time when waiting requests will be admitted; None: step now (or idle)."""
+        return self.scheduler.next_deadline()
+
+    # ---- one step ----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.schedule()
+        if plan.empty:
+            return []
+        return self.update(plan, self.execute(plan))
+
+    def schedule(self) -> SchedulerOutput:
+        return self.scheduler.schedule()
+
+    def execute(self, plan: SchedulerOutput) -> list[int]:
+        """Run the model over the plan and sample; returns one token per sampling item."""
+        t0 = time.perf_counter()
+        items = [SeqBatchItem(token_ids=it.seq.token_ids[it.start:it.start + it.num_tokens],
+                              start_pos=it.start, block_table=list(self.blocks.table(it.seq.request_id)),
+                              sample=it.sample) for it in plan.items]
+        if self._pad_kw:
+            logits = self.runner.execute(items, pad_to=plan.pad_to)  # [n_sample, V]
+        else:
+            logits = self.runner.execute(items)  # [n_sample, V]
+        sampling = [it.seq for it in plan.items if it.sample]
+        tokens = self.sampler.sample(logits, [s.params for s in sampling],
+                                     [s.extra["generator"] for s in sampling]) if sampling else []
+        self._busy_s += time.perf_counter() - t0
+        return tokens
+
+    def update(self, plan: SchedulerOutput, tokens: list[int]) -> list[RequestOutput]:
+        c = self._counters
+        c["steps"] += 1
+        c["prefill_tokens"] += plan.num_prefill_tokens
+        if plan.num_decodes:
+            c["decode_steps"] += 1
+            c["decode_seqs"] += len(plan.items)
+        self._batch_hist[len(plan.items)] = self._batch_hist.get(len(plan.items), 0) + 1
+        now = self.clock()
+        outputs = []
+        for seq, token in self.scheduler.update(plan, tokens):
+            if token is not None:
+                outputs.append(self._on_token(seq, token, now))
+        return outputs
+
+    def _on_token(self, seq: Sequence, token: int, now: float) -> RequestOutput:
+        st, p = seq.extra, seq.params
+        if st["first"] is None:
+            st["first"] = now
+            self._ttft.append(now - seq.arrival)
+        else:
+            self._itl.append(now - st["last"])
+        st["last"] = now
+        text_from = len(st["text"])
+        reason = None
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            reason = "stop"
+            st["text"] += st["detok"].flush()
+        else:
+            last = seq.num_output >= p.max_tokens or len(seq.token_ids) >= self.max_model_len
+            st["text"] += st["detok"].add(token, final=last)
+            cut = st["stops"].find(st["text"], text_from)
+            if cut >= 0:
+                st["text"], reason = st["text"][:cut], "stop"
+            elif last:
+                reason = "length"
+        text = st["text"]
+        visible = len(text) if reason else len(text) - st["stops"].hold_back(text)
+        visible = max(visible, st["emitted"])
+        delta, st["emitted"] = text[st["emitted"]:visible], visible
+        metrics = {}
+        if reason:
+            self._finish(seq, reason)
+            metrics = {"ttft_s": st["first"] - seq.arrival, "latency_s": now - seq.arrival,
+                       "preemptions": seq.num_preemptions}
+        return RequestOutput(seq.request_id, [token], delta, text, reason is not None, reason,
+                             seq.num_prompt, seq.num_output, seq.cached_tokens, metrics)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.remove(seq, reason)
+        self.seqs.pop(seq.request_id, None)
+        c = self._counters
+        c["requests_done"] += 1
+        c["prompt_tokens"] += seq.num_prompt
+        c["completion_tokens"] += seq.num_output
+        c["cached_tokens"] += seq.cached_tokens
+
+    # ---- measuring ---------------------------------------------------------------------
+    def stats(self) -> dict:
+        c = dict(self._counters)
+        decode_seqs = c.pop("decode_seqs")
+        c["mean_batch_size"] = decode_seqs / c["decode_steps"] if c["decode_steps"] else 0.0
+        c["hit_rate"] = self.blocks.hit_rate
+        c["running"] = len(self.scheduler.running)
+        c["waiting"] = len(self.scheduler.waiting)
+        c["preemptions"] = self.scheduler.num_preemptions
+        c["busy_s"] = self._busy_s
+        c["batch_size_hist"] = dict(sorted(self._batch_hist.items()))
+        c.update(self.blocks.stats())
+        c["ttft_s"] = list(self._ttft)
+        c["itl_s"] = list(self._itl)
+        for name, xs in (("ttft", self._ttft), ("itl", self._itl)):
+            c[f"{name}_p50_s"] = percentile(xs, 50)
+            c[f"{name}_p99_s"] = percentile(xs, 99)
+        c["peak_memory_bytes"] = peak_memory_bytes(self.config.device)
+        c.update({k: v for k, v in self.model_info.items() if isinstance(v, (int, float, str))})
+        return c
+
+
+class _HelperDetokenizer:
+    """The tokenizer's own IncrementalDecoder behind the Detokenizer interface."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+
+    def add(self, token_id: int, final: bool = False) -> str:
+        text = self.decoder.add([token_id])
+        return text + self.decoder.flush() if final else text
+
+    def flush(self) -> str:
+        return self.decoder.flush()
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} asked for, but no CUDA device is available; use device = cpu")
+    return device
+
+
+def load_runner(config: EngineConfig):
+    """(ModelRunner, Tokenizer, info dict) for config.model, its KV pool sized to the budget."""
+    from .model import ModelRunner
+    from .models import load_model, resolve_model
+
+    t0 = time.perf_counter()
+    device = resolve_device(config.device)
+    source = resolve_model(config.model)
+    model, tokenizer = load_model(source, dtype=config.dtype, device=device)
+    c = model.config
+    elem = torch.empty((), dtype=model.dtype).element_size()
+    per_block = bytes_per_block(c.num_layers, c.num_kv_heads, c.head_dim, config.block_size, elem)
+    num_blocks = num_blocks_for_budget(config.kv_budget_bytes, per_block)
+    if num_blocks < 1:
+        raise InputError(f"KV budget of {config.kv_budget_bytes} bytes is less than one block "
+                         f"({per_block} bytes); raise the budget")
+    runner = ModelRunner(model, num_blocks, config.block_size, None, device,
+                         pad_decode=config.padding, compile=config.compile)
+    info = {"model": str(source.path), "dtype": str(model.dtype).replace("torch.", ""),
+            "weights": model.weight_kind, "device": device, "vocab_size": c.vocab_size,
+            "context_length": c.max_position, "kv_bytes_per_block": per_block,
+            "load_s": time.perf_counter() - t0}
+    return runner, tokenizer, info
+
+
+def peak_memory_bytes(device: str = "cpu") -> int:
+    """Peak resident memory of this process (CPU) or peak allocated memory (CUDA)."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB

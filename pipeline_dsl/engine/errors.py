@@ -1,0 +1,17 @@
+"""Errors the engine raises for bad input.
+
+`InputError` is a `ValueError`: the caller did something the engine cannot serve
+(an empty prompt, a prompt longer than the context, a bad sampling value). Its message
+says what is wrong and what would fix it; front ends turn it into a clean error line,
+an HTTP 400, or exit status 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """A request the engine refuses: the message says what is wrong."""
+
+
+class QueueFullError(InputError):
+    """The engine's waiting queue is at `max_queue`; retry later (HTTP 429/503)."""

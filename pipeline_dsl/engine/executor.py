@@ -1,0 +1,555 @@
+"""The executor: runs the engine's steps over the plan's streams, overlapped.
+
+    ex = Executor(engine, make_plan(graph), overlap=True, trace=Trace())
+    stats = ex.run(on_output=print)          # until every request is done
+
+One contract, two backends. The plan (pipeline_dsl.plan) gives every piece of a stage's
+work a stream, a skew (iteration i of a stream runs micro-batch i - skew) and events on
+cross-stream edges. The work pieces drive the engine's phases:
+
+    admit / tokenise  requests in (add_request, abort)              host
+    schedule          Engine.schedule(), then advance optimistically host
+    lookup            block tables and token slices of the step      host
+    h2d               index tensors of the step onto the device      copy
+    forward           model forward + sampling                       compute
+    d2h               sampled tokens back to the host                copy
+    emit              detokenise, stop checks, finish, on_output     host
+
+- CPU: one worker thread per stream; a threading.Event per recorded work per micro-batch
+  is set after it and waited on across streams. torch releases the GIL in its kernels,
+  so step k's forward runs while the host schedules step k+1 and emits step k-1.
+- CUDA: one torch.cuda.Stream per copy/compute stream, issued from one host thread in the
+  plan's global order; torch.cuda.Event on cross-stream edges, sampled tokens copied
+  non-blocking into pinned memory; the host blocks only where the plan says (emit).
+- overlap=False runs the same plan serially on the calling thread (CUDA: one stream,
+  synchronised after every piece), for A/B.
+
+Optimistic scheduling: step k+1 is scheduled before step k's tokens are known. Each
+sampled position gets a placeholder; the forward of step k+1 reads the token from step
+k's sampled tensor (on the device, no round trip); emit fills the placeholder. A sequence
+that step k finishes was already scheduled in k+1: its extra token is discarded.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import networkx as nx
+import torch
+
+from pipeline_dsl.plan import Plan, make_plan
+
+from .trace import Trace
+
+PLACEHOLDER = -1          # a token sampled by a step still in flight
+GPU_PARTS = ("kv_copy", "h2d", "forward", "d2h")
+_GRAPHS: dict[str, Plan] = {}
+
+
+def default_plan() -> Plan:
+    """The plan of the seed's pipeline (request -> batch -> encode -> kv -> gen -> out)."""
+    if "chat" not in _GRAPHS:
+        kinds = [("request", "requests", "host"), ("batch", "dynamic_batch", "host"),
+                 ("encode", "encode", "host"), ("kv", "kv_lookup", "copy"),
+                 ("gen", "generate", "compute"), ("out", "respond", "host")]
+        g = nx.DiGraph(name="chat", settings={})
+        for name, kind, res in kinds:
+            g.add_node(name, kind=kind, params={}, resource=res, placement=None, pos=None)
+        nx.add_path(g, [k[0] for k in kinds])
+        _GRAPHS["chat"] = make_plan(g)
+    return _GRAPHS["chat"]
+
+
+@dataclass
+class _Launch:
+    """One micro-batch: what the host scheduled and what the device made of it."""
+    m: int
+    so: Any                                   # SchedulerOutput
+    sample_pos: list                          # per item: index of its placeholder, or None
+    preemptions: list                         # per item: seq.num_preemptions at scheduling
+    sample_seqs: list
+    items: list | None = None                 # SeqBatchItem (placeholders in token_ids)
+    fills: list = field(default_factory=list)  # (row, src micro-batch, src sample index)
+    step: Any = None                          # the runner's prepared step
+    fill_index: list = field(default_factory=list)  # (src m, rows tensor, src index tensor)
+    sampled: Any = None                       # [n_sample] long, on the device
+    host_tokens: Any = None                   # pinned CPU tensor (CUDA) or list
+    tokens: list | None = None
+    cuda: dict = field(default_factory=dict)  # work -> (start event, end event)
+
+
+class _Signals:
+    """threading.Event per (recorded work, micro-batch); released for all on stop/failure."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: dict[tuple[str, int], threading.Event] = {}
+        self.stop_at: int | None = None
+        self.failed = False
+
+    def _get(self, key) -> threading.Event:
+        with self._lock:
+            ev = self._events.get(key)
+            if ev is None:
+                ev = self._events[key] = threading.Event()
+                if self.failed or (self.stop_at is not None and key[1] > self.stop_at):
+                    ev.set()
+            return ev
+
+    def record(self, work: str, m: int) -> None:
+        self._get((work, m)).set()
+        with self._lock:
+            for key in [k for k in self._events if k[1] < m - 8]:
+                del self._events[key]
+
+    def wait(self, work: str, m: int) -> None:
+        self._get((work, m)).wait()
+
+    def release(self, stop_at: int | None = None, failed: bool = False) -> None:
+        with self._lock:
+            if stop_at is not None:
+                self.stop_at = stop_at
+            self.failed = self.failed or failed
+            for (_, k), ev in self._events.items():
+                if failed or k > self.stop_at:
+                    ev.set()
+
+
+class Executor:
+    def __init__(self, engine, plan: Plan | None = None, *, overlap: bool = True,
+                 trace: Trace | None = None):
+        self.engine = engine
+        self.plan = plan or default_plan()
+        self.overlap = overlap
+        self.trace = trace if trace is not None else Trace()
+        runner = engine.runner
+        self.device = torch.device(getattr(runner, "device", "cpu"))
+        self.cuda = self.device.type == "cuda"
+        parts = {w.part for w in self.plan.work}
+        missing = {"schedule", "forward", "emit"} - parts
+        if missing:
+            raise ValueError("the executor needs a plan with dynamic_batch, generate and respond "
+                             f"stages (missing work: {', '.join(sorted(missing))})")
+        self.lock = threading.RLock()        # the engine's host state
+        self._pending: list[tuple] = []      # submitted, not yet tokenised
+        self._aborts: list[str] = []
+        self._launches: dict[int, _Launch | None] = {}
+        self._sampled: dict[int, Any] = {}
+        self._to_tokenise: dict[int, list] = {}
+        self._closing = True
+        self._on_output: Callable | None = None
+        self._on_error: Callable | None = None
+        self.discarded_tokens = 0
+        self.steps = 0
+        self._streams: dict[str, Any] = {}
+        if self.cuda:
+            for s in self.plan.streams:
+                self._streams[s.name] = (torch.cuda.Stream(self.device) if overlap and s.resource != "host"
+                                         else torch.cuda.current_stream(self.device))
+        self._t_base = None
+        self._handlers = {"admit": self._admit, "tokenise": self._tokenise, "schedule": self._schedule,
+                          "lookup": self._lookup, "h2d": self._h2d, "forward": self._forward,
+                          "d2h": self._d2h, "emit": self._emit}
+
+    # ---- requests from other threads ---------------------------------------------------
+    def submit(self, request_id, **kwargs) -> None:
+        """Queue a request; it is tokenised and admitted on the host stream."""
+        with self.lock:
+            self._pending.append((str(request_id), kwargs))
+
+    def abort(self, request_id) -> None:
+        """Cancel a request: its KV blocks are freed at the next admit (in flight or not)."""
+        with self.lock:
+            self._aborts.append(str(request_id))
+
+    def close(self) -> None:
+        """Let a run with until_idle=False end once every request is done."""
+        self._closing = True
+
+    # ---- the work pieces ---------------------------------------------------------------
+    def _admit(self, m: int) -> bool:
+        with self.lock:
+            busy = bool(self._aborts or self._pending)
+            for rid in self._aborts:
+                self.engine.abort(rid)
+            self._aborts.clear()
+            self._to_tokenise[m], self._pending = self._pending, []
+        return busy
+
+    def _tokenise(self, m: int) -> bool:
+        todo = self._to_tokenise.pop(m, [])
+        for rid, kwargs in todo:
+            try:
+                with self.lock:
+                    self.engine.add_request(rid, **kwargs)
+            except ValueError as e:     # InputError: the caller hears of it, the run goes on
+                if self._on_error is None:
+                    raise
+                self._on_error(rid, e)
+        return bool(todo)
+
+    def _idle(self) -> bool:
+        return not (self.engine.has_unfinished() or self._pending or self._aborts
+                    or any(self._to_tokenise.values()))
+
+    def _schedule(self, m: int) -> bool:
+        eng = self.engine
+        with self.lock:
+            if self._idle() and self._closing:
+                self._launches[m] = None
+                self._stop(m - 1)
+                return False
+            so = self._schedule_live()
+            if so.empty:
+                self._launches[m] = None
+                in_flight = any(v is not None for k, v in self._launches.items() if k < m)
+                if not in_flight:
+                    deadline = getattr(eng, "next_deadline", lambda: None)()
+                    wait = 0.002 if deadline is None else deadline - time.monotonic()
+                    time.sleep(min(max(wait, 0.0), 0.01))
+                return False
+            pos, pre, seqs = [], [], []
+            for it in so.items:       # advance as if the step were done (its token unknown)
+                seq = it.seq
+                seq.num_computed = it.start + it.num_tokens
+                pre.append(seq.num_preemptions)
+                if it.sample:
+                    seq.extra.setdefault("pending", {})[len(seq.token_ids)] = (m, len(seqs))
+                    pos.append(len(seq.token_ids))
+                    seq.token_ids.append(PLACEHOLDER)
+                    seqs.append(seq)
+                else:
+                    pos.append(None)
+            self._launches[m] = _Launch(m, so, pos, pre, seqs)
+            self.steps += 1
+        return True
+
+    def _schedule_live(self):
+        """Engine.schedule() without the sequences whose last token is already in flight.
+
+        A sequence that has sampled its max_tokens-th token finishes for certain; leaving
+        it out spares the step a row whose token would be discarded."""
+        sched = self.engine.scheduler
+        done = {id(s) for s in sched.running if s.num_output >= s.params.max_tokens}
+        if not done:
+            return self.engine.schedule()
+        before = list(sched.running)
+        sched.running = [s for s in before if id(s) not in done]
+        try:
+            return self.engine.schedule()
+        finally:
+            now = sched.running
+            kept = {id(s) for s in now}
+            sched.running = ([s for s in before if id(s) in done or id(s) in kept]
+                             + [s for s in now if all(s is not b for b in before)])
+
+    def _lookup(self, m: int) -> bool:
+        L = self._launches.get(m)
+        if L is None or L.items is not None:
+            return False
+        from .model import SeqBatchItem
+
+        items, row = [], 0
+        with self.lock:
+            for it in L.so.items:
+                seq = it.seq
+                toks = seq.token_ids[it.start:it.start + it.num_tokens]
+                pending = seq.extra.get("pending", {})
+                for i, t in enumerate(toks):
+                    if t == PLACEHOLDER:
+                        src_m, j = pending[it.start + i]
+                        L.fills.append((row + i, src_m, j))
+                items.append(SeqBatchItem(token_ids=toks, start_pos=it.start,
+                                          block_table=list(self.engine.blocks.table(seq.request_id)),
+                                          sample=it.sample))
+                row += len(toks)
+        L.items = items
+        return True
+
+    def _h2d(self, m: int) -> bool:
+        L = self._launches.get(m)
+        if L is None:
+            return False
+        if L.items is None:
+            self._lookup(m)
+        runner = self.engine.runner
+        if not hasattr(runner, "_prepare"):
+            return False               # the runner prepares inside execute(): forward does it
+        with torch.inference_mode():
+            L.step = runner._prepare(L.items)
+            by_src: dict[int, tuple[list, list]] = {}
+            for row, src_m, j in L.fills:
+                rows, idx = by_src.setdefault(src_m, ([], []))
+                rows.append(row)
+                idx.append(j)
+            L.fill_index = [(src_m, torch.tensor(r).to(self.device, non_blocking=True),
+                             torch.tensor(i).to(self.device, non_blocking=True))
+                            for src_m, (r, i) in by_src.items()]
+        return True
+
+    def _forward(self, m: int) -> bool:
+        L = self._launches.get(m)
+        if L is None:
+            return False
+        runner = self.engine.runner
+        if L.items is None:
+            self._lookup(m)
+        with torch.inference_mode():
+            if hasattr(runner, "_prepare"):
+                if L.step is None:
+                    self._h2d(m)
+                for src_m, rows, idx in L.fill_index:   # tokens sampled by earlier steps
+                    L.step.tokens.index_copy_(0, rows, self._sampled[src_m].index_select(0, idx))
+                if L.step.sample_rows is None:
+                    runner._forward(L.step, want_logits=False)
+                    logits = None
+                elif L.step.all_decode and getattr(runner, "compile", False) \
+                        and not getattr(runner, "_compile_failed", True):
+                    logits = runner._forward_compiled(L.step)
+                    if logits is None:
+                        logits = runner._forward(L.step)
+                else:
+                    logits = runner._forward(L.step)                 # [n_sample, V]
+            else:
+                for row, src_m, j in L.fills:
+                    self._resolve(L, row, int(self._sampled[src_m][j]))
+                logits = runner.execute(L.items)
+                logits = logits if len(L.sample_seqs) else None
+            L.sampled = (self._sample(logits, L.sample_seqs) if logits is not None
+                         else torch.empty(0, dtype=torch.long, device=self.device))
+        self._sampled[m] = L.sampled
+        for k in [k for k in self._sampled if k < m - 4]:
+            del self._sampled[k]
+        return True
+
+    @staticmethod
+    def _resolve(L: _Launch, row: int, token: int) -> None:
+        for it in L.items:
+            if row < len(it.token_ids):
+                it.token_ids[row] = token
+                return
+            row -= len(it.token_ids)
+
+    def _sample(self, logits, seqs) -> torch.Tensor:
+        if all(s.params.greedy for s in seqs):
+            return logits.argmax(dim=-1)                               # [n_sample], no sync
+        src = logits.float().cpu() if self.cuda else logits
+        toks = self.engine.sampler.sample(src, [s.params for s in seqs],
+                                          [s.extra.get("generator") for s in seqs])
+        return torch.tensor(toks, dtype=torch.long).to(self.device)
+
+    def _d2h(self, m: int) -> bool:
+        L = self._launches.get(m)
+        if L is None or L.host_tokens is not None:
+            return False
+        if self.cuda:
+            buf = torch.empty(L.sampled.shape, dtype=torch.long, pin_memory=True)
+            buf.copy_(L.sampled, non_blocking=True)
+            L.host_tokens = buf
+        else:
+            L.host_tokens = L.sampled.tolist()
+        return True
+
+    def _emit(self, m: int) -> bool:
+        L = self._launches.pop(m, None)
+        self._to_tokenise.pop(m, None)
+        if L is None:
+            return False
+        if L.host_tokens is None:
+            if self.cuda:
+                torch.cuda.current_stream(self.device).wait_stream(self._streams[self._stream_of("forward")])
+            self._d2h(m)
+        if self.cuda:
+            ev = L.cuda.get("d2h", L.cuda.get("forward"))
+            if ev is not None:
+                ev[1].synchronize()                  # the plan's host sync
+            else:
+                torch.cuda.synchronize(self.device)
+            tokens = L.host_tokens.tolist()
+        else:
+            tokens = L.host_tokens
+        outputs = self._update(L, tokens)
+        if outputs and self._on_output is not None:
+            self._on_output(outputs)
+        return True
+
+    def _update(self, L: _Launch, tokens: list[int]) -> list:
+        eng = self.engine
+        outputs = []
+        with self.lock:
+            self._count(L.so)
+            now = eng.clock()
+            ti = iter(tokens)
+            for it, pos, pre in zip(L.so.items, L.sample_pos, L.preemptions):
+                seq = it.seq
+                tok = next(ti) if it.sample else None
+                if eng.seqs.get(seq.request_id) is not seq:     # finished or aborted meanwhile
+                    self.discarded_tokens += tok is not None
+                    continue
+                if tok is not None:
+                    seq.token_ids[pos] = tok
+                    seq.extra.get("pending", {}).pop(pos, None)
+                if seq.num_preemptions == pre and seq.request_id in eng.blocks.seqs:
+                    eng.blocks.commit(seq.request_id, seq.token_ids, it.start + it.num_tokens)
+                if tok is None:
+                    continue
+                tail = seq.token_ids[pos + 1:]                  # placeholders of later steps
+                del seq.token_ids[pos + 1:]
+                out = eng._on_token(seq, tok, now)
+                if not out.finished:
+                    seq.token_ids.extend(tail)
+                outputs.append(out)
+        return outputs
+
+    def _count(self, so) -> None:
+        c = getattr(self.engine, "_counters", None)
+        if c is None:
+            return
+        c["steps"] += 1
+        c["prefill_tokens"] += so.num_prefill_tokens
+        if so.num_decodes:
+            c["decode_steps"] += 1
+            c["decode_seqs"] += len(so.items)
+        hist = self.engine._batch_hist
+        hist[len(so.items)] = hist.get(len(so.items), 0) + 1
+
+    # ---- driving -------------------------------------------------------------------------
+    def _stop(self, last: int) -> None:
+        self._signals.release(stop_at=last)
+
+    def _stream_of(self, part: str) -> str:
+        return next(w.stream for w in self.plan.work if w.part == part)
+
+    def _run_one(self, work, m: int, stream_name: str) -> None:
+        fn = self._handlers.get(work.part)
+        stop = self._signals.stop_at
+        if fn is None or (stop is not None and m > stop):
+            return
+        if self.cuda and work.part in GPU_PARTS:
+            self._run_cuda(fn, work, m)
+            return
+        t0 = time.perf_counter()
+        if fn(m):                                  # traced only when it did something
+            self.trace.add(stream_name, work.name, t0, time.perf_counter(), m)
+
+    def _run_cuda(self, fn, work, m: int) -> None:
+        L = self._launches.get(m)
+        if L is None:
+            return
+        stream = self._streams[work.stream]
+        for e in self._waits[work.name]:          # cross-stream edges between GPU work
+            src = self._launches.get(m - e.lag)
+            part = e.src_work.rsplit(".", 1)[1]
+            if src is not None and part in src.cuda and self.overlap:
+                stream.wait_event(src.cuda[part][1])
+        with torch.cuda.stream(stream):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            fn(m)
+            end.record(stream)
+        L.cuda[work.part] = (start, end)
+        self._gpu_spans.append((work.stream, work.name, m, start, end))
+        if not self.overlap:
+            torch.cuda.synchronize(self.device)
+
+    def run(self, on_output: Callable | None = None, *, on_error: Callable | None = None,
+            until_idle: bool = True) -> dict:
+        """Run until every request is done (or, with until_idle=False, until close())."""
+        self._on_output, self._on_error = on_output, on_error
+        self._closing = until_idle
+        self._signals = _Signals()
+        self._waits = {w.name: [e for e in self.plan.events if e.dst_work == w.name]
+                       for w in self.plan.work}
+        self._gpu_spans: list = []
+        if self.cuda:
+            self._cuda_base = torch.cuda.Event(enable_timing=True)
+            self._cuda_base.record()
+            torch.cuda.synchronize(self.device)
+            self._t_base = time.perf_counter()
+        t0 = time.perf_counter()
+        if self.overlap and not self.cuda:
+            self._run_threads()
+        else:
+            self._run_serial()
+        wall = time.perf_counter() - t0
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            for stream, name, m, s, e in self._gpu_spans:
+                a = self._t_base + self._cuda_base.elapsed_time(s) / 1e3
+                b = self._t_base + self._cuda_base.elapsed_time(e) / 1e3
+                self.trace.add(stream, name, a, b, m)
+        return {"overlap": self.overlap, "measured_overlap": round(self.trace.measured_overlap(), 4),
+                "executor_wall_s": round(wall, 4), "steps": self.steps,
+                "discarded_tokens": self.discarded_tokens,
+                "streams": [s.name for s in self.plan.streams]}
+
+    def _order(self, works):
+        index = {w.name: i for i, w in enumerate(self.plan.work)}
+        return sorted(works, key=lambda w: index[w.name])
+
+    def _run_serial(self) -> None:
+        works = self._order(self.plan.work)
+        top = max(w.skew for w in works)
+        j = 0
+        while self._signals.stop_at is None or j - top <= self._signals.stop_at:
+            for w in works:
+                if j - w.skew >= 0:
+                    self._run_one(w, j - w.skew, w.stream)
+            j += 1
+
+    def _run_threads(self) -> None:
+        errors: list[BaseException] = []
+
+        def loop(stream) -> None:
+            works = self._order([self.plan.work_named(n) for n in stream.work])
+            top = max(w.skew for w in works)
+            j = 0
+            try:
+                while self._signals.stop_at is None or j - top <= self._signals.stop_at:
+                    for w in works:
+                        m = j - w.skew
+                        if m < 0:
+                            continue
+                        for e in self._waits[w.name]:
+                            if m - e.lag >= 0:
+                                self._signals.wait(e.src_work, m - e.lag)
+                        if self._signals.failed:
+                            return
+                        self._run_one(w, m, stream.name)
+                        self._signals.record(w.name, m)
+                    j += 1
+            except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
+                errors.append(e)
+                self._signals.release(failed=True)
+
+        threads = [threading.Thread(target=loop, args=(s,), name=f"agp-{s.name}", daemon=True)
+                   for s in self.plan.streams]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+
+def drive(engine, handle: Callable, *, overlap: bool = True, trace_path: str | None = None,
+          plan: Plan | None = None) -> dict:
+    """Step `engine` to completion through the plan's executor; `handle(outputs)` per step."""
+    trace = Trace()
+    stats = Executor(engine, plan, overlap=overlap, trace=trace).run(on_output=handle)
+    if trace_path:
+        trace.write(trace_path)
+        stats["trace"] = trace_path
+    return stats
+
+
+def run_requests(engine, requests, *, plan: Plan | None = None, overlap: bool = True,
+                 trace_path: str | None = None, on_output: Callable | None = None) -> dict:
+    """Add `requests` ((id, kwargs for Engine.add_request) pairs) and run them to the end."""
+    for rid, kwargs in requests:
+        engine.add_request(rid, **kwargs)
+    return drive(engine, on_output or (lambda outputs: None), overlap=overlap,
+                 trace_path=trace_path, plan=plan)

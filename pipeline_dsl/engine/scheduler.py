@@ -1,0 +1,217 @@
+"""Which sequences run in the next step, and with how many tokens.
+
+The dynamic batcher of the seed and iteration-level continuous batching, over the
+`BlockManager`:
+
+- Window: while nothing runs, waiting requests are held until `max_batch_size` of them
+  wait ("full") or `batch_timeout_s` has passed since the first one arrived
+  ("timeout"); `next_deadline()` says when the window closes so a driver can sleep.
+- `continuous`: every step, running sequences decode one token (or take their next
+  prefill chunk), then waiting ones join while there is room — `max_batch_size`
+  sequences, `max_tokens_per_step` tokens, free KV blocks. A prompt is prefilled in
+  chunks of at most `prefill_chunk` tokens, so one long prompt does not stall decoders.
+- `static`: a batch is admitted only when nothing runs and runs to completion.
+- Out of blocks mid-generation: the most recently admitted sequence is preempted (its
+  blocks freed, itself put back at the head of the queue to be recomputed), never a
+  deadlock.
+
+One step is `schedule() -> SchedulerOutput`, then the engine executes it, then
+`update(output, sampled)` advances the sequences.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .config import EngineConfig, SamplingParams
+from .kv_cache import BlockManager
+
+WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's tokens and progress (mutable; owned by the scheduler)."""
+    request_id: str
+    token_ids: list[int]                  # prompt, then generated tokens
+    num_prompt: int
+    params: SamplingParams
+    arrival: float
+    status: str = WAITING
+    num_computed: int = 0                 # leading tokens whose K/V are in the cache
+    cached_tokens: int = 0                # prompt tokens the prefix cache served (first admission)
+    admitted: bool = False
+    num_preemptions: int = 0
+    finish_reason: str | None = None
+    extra: dict = field(default_factory=dict)  # the engine's per-request state
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt:]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt
+
+
+@dataclass(frozen=True)
+class ScheduledItem:
+    seq: Sequence
+    start: int          # = seq.num_computed when scheduled
+    num_tokens: int     # prefill chunk length, or 1 for a decode
+    sample: bool        # this chunk reaches the last known token: sample the next
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    items: tuple[ScheduledItem, ...]
+    num_decodes: int                      # items feeding one already-sampled token
+    num_prefill_tokens: int
+    pad_to: int | None                    # bucket for the decode batch (padding=True)
+    preempted: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not self.items
+
+    @property
+    def num_sample(self) -> int:
+        return sum(1 for it in self.items if it.sample)
+
+
+def bucket(n: int, cap: int) -> int:
+    """Smallest power of two >= n, at most cap (and at least n)."""
+    b = 1
+    while b < n:
+        b *= 2
+    return max(n, min(b, cap))
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, blocks: BlockManager, clock=time.monotonic):
+        self.config = config
+        self.blocks = blocks
+        self.clock = clock
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        # admission keeps a few blocks spare so running sequences can grow without preemption
+        self.watermark = max(1, blocks.num_blocks // 100)
+
+    # ---- queue -------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence, reason: str) -> None:
+        """Finish or abort a sequence: leave the queues, release its blocks."""
+        if seq.status == RUNNING:
+            self.running.remove(seq)
+        elif seq.status == WAITING:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        seq.status, seq.finish_reason = FINISHED, reason
+        self.blocks.free_seq(seq.request_id)
+
+    def window_open(self, now: float | None = None) -> bool:
+        """May waiting requests be admitted now?"""
+        if not self.waiting:
+            return False
+        if self.running:
+            return self.config.policy == "continuous"
+        if len(self.waiting) >= self.config.max_batch_size:
+            return True  # "full"
+        now = self.clock() if now is None else now
+        return now - self.waiting[0].arrival >= self.config.batch_timeout_s  # "timeout"
+
+    def next_deadline(self) -> float | None:
+        """Clock time at which the batch window closes; None if a step can run now (or never)."""
+        if self.running or not self.waiting or len(self.waiting) >= self.config.max_batch_size:
+            return None
+        return self.waiting[0].arrival + self.config.batch_timeout_s
+
+    # ---- one step ----------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        cfg = self.config
+        budget = cfg.max_tokens_per_step
+        items: list[ScheduledItem] = []
+        preempted: list[str] = []
+        decodes = 0
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            remaining = len(seq.token_ids) - seq.num_computed
+            n = min(remaining, budget, cfg.prefill_chunk)
+            while not self.blocks.allocate(seq.request_id, seq.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is seq:
+                    break
+            if seq.status != RUNNING:
+                break  # it preempted itself: everything after it is gone too
+            items.append(ScheduledItem(seq, seq.num_computed, n, seq.num_computed + n == len(seq.token_ids)))
+            decodes += remaining == 1
+            budget -= n
+            i += 1
+
+        if not preempted and self.window_open():
+            while self.waiting and budget > 0 and len(self.running) < cfg.max_batch_size:
+                seq = self.waiting[0]
+                # waiting sequences hold no blocks: look the prefix up, admit only if it fits
+                cached, _ = self.blocks.admission_cost(seq.token_ids, 1)
+                n = min(len(seq.token_ids) - cached, budget, cfg.prefill_chunk)
+                _, cost = self.blocks.admission_cost(seq.token_ids, cached + n)
+                spare = self.watermark if self.running else 0
+                if cost + spare > self.blocks.num_free:
+                    break  # wait for running sequences to finish and free blocks
+                seq.num_computed = self.blocks.match_prefix(seq.request_id, seq.token_ids,
+                                                            count=not seq.admitted)
+                if not seq.admitted:
+                    seq.cached_tokens, seq.admitted = seq.num_computed, True
+                if not self.blocks.allocate(seq.request_id, seq.num_computed + n):
+                    raise AssertionError("admission check and allocation disagree")
+                self.waiting.popleft()
+                seq.status = RUNNING
+                self.running.append(seq)
+                items.append(ScheduledItem(seq, seq.num_computed, n, seq.num_computed + n == len(seq.token_ids)))
+                budget -= n
+
+        prefill_tokens = sum(it.num_tokens for it in items) - decodes
+        pad_to = None
+        if cfg.padding and items and decodes == len(items):
+            pad_to = bucket(decodes, cfg.max_batch_size)
+        return SchedulerOutput(tuple(items), decodes, prefill_tokens, pad_to, tuple(preempted))
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free_seq(seq.request_id)
+        seq.num_computed = 0
+        seq.status = WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def update(self, output: SchedulerOutput, sampled: list[int]) -> list[tuple[Sequence, int | None]]:
+        """Advance the scheduled sequences; returns (seq, new token or None) per item still running."""
+        it = iter(sampled)
+        touched = []
+        for item in output.items:
+            seq = item.seq
+            token = next(it) if item.sample else None
+            if seq.status != RUNNING:
+                continue  # aborted while the step ran
+            seq.num_computed = item.start + item.num_tokens
+            if token is not None:
+                seq.token_ids.append(token)
+            self.blocks.commit(seq.request_id, seq.token_ids, seq.num_computed)
+            touched.append((seq, token))
+        return touched

@@ -1,0 +1,212 @@
+"""Tokenizer: a `tokenizers.Tokenizer` built from GGUF metadata or an HF tokenizer.json,
+plus the model's own chat template rendered in jinja2's sandbox.
+
+    tok = Tokenizer.from_gguf_metadata(meta)          # or Tokenizer.from_hf_folder(path)
+    ids = tok.encode("hello")                         # list[int]
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    tok.eos_token_ids                                 # frozenset of ids that end generation
+    dec = tok.incremental_decoder(); dec.add([ids…])  # text deltas, never half a character
+
+GGUF byte-level BPE ("gpt2" model): the vocabulary is already spelled in gpt2's byte
+alphabet; the pre-tokenizer follows `tokenizer.ggml.pre` the way llama.cpp does (e.g.
+"smollm" splits digits one by one before the gpt2 regex). Tokens typed CONTROL become
+special tokens, USER_DEFINED ones added tokens, so both are matched whole in text.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+_CONTROL, _USER_DEFINED = 3, 4
+
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+class TokenizerError(ValueError):
+    """The model's tokenizer or chat template cannot be built or rendered."""
+
+
+def _pre_tokenizer(pre: str | None):
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in ("smollm", "starcoder", "refact", "codeshell"):  # digits one by one, then gpt2's regex
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    split = {"llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
+             "qwen2": _QWEN2_SPLIT}.get(pre or "")
+    if split:
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    return byte_level  # gpt2 and anything unknown
+
+
+class Tokenizer:
+    def __init__(self, tk: HFTokenizer, *, bos_token: str | None, eos_token: str | None,
+                 eos_token_ids, chat_template: str | None, add_bos: bool = False):
+        self.tk = tk
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_token_id = tk.token_to_id(bos_token) if bos_token else None
+        self.eos_token_id = tk.token_to_id(eos_token) if eos_token else None
+        self.eos_token_ids = frozenset(i for i in eos_token_ids if i is not None)
+        self.chat_template = chat_template
+        self.add_bos = add_bos and self.bos_token_id is not None
+        self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
+        self._template = None
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict) -> "Tokenizer":
+        kind = meta.get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' is)")
+        tokens = list(meta["tokenizer.ggml.tokens"])
+        types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+        vocab = {t: i for i, t in enumerate(tokens)}
+        tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        tk.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"))
+        tk.decoder = decoders.ByteLevel()
+        tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                               for t, k in zip(tokens, types) if k == _CONTROL])
+        tk.add_tokens([AddedToken(t, special=False, normalized=False)
+                       for t, k in zip(tokens, types) if k == _USER_DEFINED])
+
+        def tok(key):
+            i = meta.get(f"tokenizer.ggml.{key}")
+            return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+        eos_ids = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+        return cls(tk, bos_token=tok("bos_token_id"), eos_token=tok("eos_token_id"),
+                   eos_token_ids=eos_ids, chat_template=meta.get("tokenizer.chat_template"),
+                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+
+    @classmethod
+    def from_hf_folder(cls, folder: str | Path) -> "Tokenizer":
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise TokenizerError(f"{folder}: no tokenizer.json")
+        tk = HFTokenizer.from_file(str(path))
+        cfg = _read_json(folder / "tokenizer_config.json")
+        gen = _read_json(folder / "generation_config.json")
+        model_cfg = _read_json(folder / "config.json")
+
+        def name(v):
+            return v.get("content") if isinstance(v, dict) else v
+
+        bos, eos = name(cfg.get("bos_token")), name(cfg.get("eos_token"))
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": …}, …]
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default") or next(iter(named.values()), None)
+        if template is None and (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        eos_ids = [tk.token_to_id(eos)] if eos else []
+        for src in (gen, model_cfg):
+            e = src.get("eos_token_id")
+            eos_ids.extend(e if isinstance(e, list) else [e])
+        return cls(tk, bos_token=bos, eos_token=eos, eos_token_ids=eos_ids, chat_template=template,
+                   add_bos=bool(cfg.get("add_bos_token", False)))
+
+    # -- use ------------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        if add_special_tokens and self.add_bos and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tk.token_to_id(token)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tokenize: bool = False, **extra):
+        """Render the model's chat template (str), or its token ids when tokenize=True."""
+        if not self.chat_template:
+            raise TokenizerError("this model has no chat template: send a raw `prompt` instead")
+        if self._template is None:
+            self._template = _compile_template(self.chat_template)
+        try:
+            text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                                         **extra)
+        except TokenizerError:
+            raise
+        except Exception as e:  # a template error is the input's fault (bad roles, …)
+            raise TokenizerError(f"chat template failed: {e}") from e
+        # the template writes the bos token itself where the model wants one
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def incremental_decoder(self, skip_special_tokens: bool = True) -> "IncrementalDecoder":
+        return IncrementalDecoder(self, skip_special_tokens)
+
+
+class IncrementalDecoder:
+    """Text of a growing list of ids, handed out as deltas that never split a character."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tok, self.skip = tokenizer, skip_special_tokens
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix = 0      # ids before this are settled; decoding restarts here for context
+        self._read = 0        # ids before this are already in self.text
+
+    def add(self, new_ids) -> str:
+        """Append ids; return the text they complete (may be '' while a char is unfinished)."""
+        self.ids.extend(new_ids)
+        before = self.tok.decode(self.ids[self._prefix:self._read], self.skip)
+        after = self.tok.decode(self.ids[self._prefix:], self.skip)
+        if after.endswith("\ufffd") or len(after) <= len(before):
+            return ""  # an unfinished multi-byte character: wait for more ids
+        delta = after[len(before):]
+        self.text += delta
+        self._prefix, self._read = self._read, len(self.ids)
+        return delta
+
+    def flush(self) -> str:
+        """At the end: whatever remains, replacement characters included."""
+        rest = self.tok.decode(self.ids, self.skip)[len(self.text):]
+        self.text += rest
+        self._prefix = self._read = len(self.ids)
+        return rest
+
+
+def _raise(message):
+    raise TokenizerError(f"chat template: {message}")
+
+
+def _compile_template(source: str):
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent)
+    try:
+        return env.from_string(source)
+    except TemplateError as e:
+        raise TokenizerError(f"the model's chat template does not parse: {e}") from e
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}

@@ -1,0 +1,255 @@
+"""`agp fmt`: print a module back in canonical layout, comments kept.
+
+Layout: four-space indents; one statement per line; a stage's parameters on its
+line (`{ a = 1  b = 2 }`) unless the line would pass 100 columns or a comment sits
+inside, then one per line; `=` of consecutive settings and `:`/`{` of consecutive
+stages aligned, as are trailing comments of consecutive lines; at most one blank
+line kept between statements, always one between pipelines.
+
+Comments: one ending a statement's line stays after it (`# …` trailing); any other
+comment goes on its own line before the next statement of its block (or at the end
+of the block). Formatting is idempotent and keeps the AST (see tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import ast
+from .parser import quote
+
+INDENT = "    "
+WIDTH = 100
+
+
+def format_value(v: ast.Value) -> str:
+    if isinstance(v, ast.Bool):
+        return "true" if v.value else "false"
+    if isinstance(v, ast.Int):
+        return str(v.value)
+    if isinstance(v, ast.Float):
+        return repr(float(v.value))
+    if isinstance(v, ast.Str):
+        return quote(v.value)
+    if isinstance(v, ast.Word):
+        return v.value
+    if isinstance(v, ast.Quantity):
+        n = v.number
+        return (repr(float(n)) if isinstance(n, float) else str(n)) + v.unit
+    if isinstance(v, ast.List):
+        return "[" + ", ".join(format_value(i) for i in v.items) + "]"
+    raise TypeError(f"not a value: {v!r}")
+
+
+# ---------------------------------------------------------------- comment attachment
+
+@dataclass
+class _Notes:
+    leading: dict[int, list[ast.Comment]] = field(default_factory=dict)   # id(node) -> comments
+    trailing: dict[int, ast.Comment] = field(default_factory=dict)
+    dangling: dict[int, list[ast.Comment]] = field(default_factory=dict)  # id(container) -> comments
+
+
+def _children(node) -> list:
+    if isinstance(node, ast.Module):
+        return list(node.items)
+    if isinstance(node, ast.Pipeline):
+        return list(node.body)
+    if isinstance(node, ast.Stage):
+        return list(node.params)
+    return []
+
+
+def _start(n):
+    return (n.pos.line, n.pos.col)
+
+
+def _end(n):
+    return (n.pos.end_line, n.pos.end_col)
+
+
+def _attach(module: ast.Module) -> _Notes:
+    notes = _Notes()
+    anchors = []                     # every statement at every level
+
+    def walk(node):
+        for c in _children(node):
+            anchors.append(c)
+            walk(c)
+    walk(module)
+    for c in module.comments:
+        cpos = (c.pos.line, c.pos.col)
+        ends_here = [a for a in anchors if a.pos.end_line == c.pos.line and _end(a) <= cpos]
+        if ends_here:
+            best = max(ends_here, key=lambda a: (_end(a), tuple(-x for x in _start(a))))
+            if id(best) not in notes.trailing:
+                notes.trailing[id(best)] = c
+                continue
+        # innermost container holding the comment, then the next statement in it
+        container = module
+        while True:
+            inner = next((ch for ch in _children(container)
+                          if _children(ch) is not None and isinstance(ch, (ast.Pipeline, ast.Stage))
+                          and _start(ch) < cpos < _end(ch)), None)
+            if inner is None:
+                break
+            container = inner
+        nxt = next((ch for ch in _children(container) if _start(ch) > cpos), None)
+        if nxt is not None:
+            notes.leading.setdefault(id(nxt), []).append(c)
+        else:
+            notes.dangling.setdefault(id(container), []).append(c)
+    return notes
+
+
+# ---------------------------------------------------------------- printing
+
+def format_module(module: ast.Module) -> str:
+    """The canonical text of a parsed module."""
+    notes = _attach(module)
+    lines = _block(module.items, module, notes, "", top=True)
+    text = "\n".join(lines).rstrip("\n")
+    return text + "\n" if text else ""
+
+
+def _first_line(node, notes: _Notes) -> int:
+    lead = notes.leading.get(id(node))
+    return lead[0].pos.line if lead else node.pos.line
+
+
+def _last_line(node, notes: _Notes) -> int:
+    t = notes.trailing.get(id(node))
+    return max(node.pos.end_line, t.pos.line if t else 0)
+
+
+def _block(items, container, notes: _Notes, indent: str, top: bool = False) -> list[str]:
+    """Lines of a block's statements, grouped for alignment, with blank lines kept."""
+    out: list[str] = []
+    groups: list[list] = []
+    prev = None
+    for it in items:
+        gap = prev is not None and _first_line(it, notes) > _last_line(prev, notes) + 1
+        new_group = (prev is None or gap or type(it) is not type(prev) or isinstance(it, ast.Pipeline)
+                     or isinstance(prev, ast.Pipeline))
+        if new_group:
+            groups.append([])
+        groups[-1].append((it, gap or (top and prev is not None and
+                                        (isinstance(it, ast.Pipeline) or isinstance(prev, ast.Pipeline)))))
+        prev = it
+    for group in groups:
+        rendered = _group(group, notes, indent)
+        out += rendered
+    dangling = notes.dangling.get(id(container), [])
+    if dangling:
+        last = items[-1] if items else None
+        if last is not None and dangling[0].pos.line > _last_line(last, notes) + 1:
+            out.append("")
+        out += [indent + c.text for c in dangling]
+    return out
+
+
+def _group(group, notes: _Notes, indent: str) -> list[str]:
+    items = [it for it, _ in group]
+    heads = _aligned_heads(items, notes, indent)
+    bodies = heads
+    width = max((len(b[0]) for it, b in zip(items, bodies) if len(b) == 1 and id(it) in notes.trailing),
+                default=0)
+    out: list[str] = []
+    for (it, blank), body in zip(group, bodies):
+        if blank:
+            out.append("")
+        out += [indent + c.text for c in notes.leading.get(id(it), [])]
+        t = notes.trailing.get(id(it))
+        if t is not None:
+            last = body[-1]
+            pad = width if len(body) == 1 else len(last)
+            body = body[:-1] + [f"{last:<{pad}}  {t.text}"]
+        out += body
+    return out
+
+
+def _aligned_heads(items, notes: _Notes, indent: str) -> list[list[str]]:
+    if items and isinstance(items[0], ast.Setting):
+        w = max(len(s.name.text) for s in items)
+        return [[f"{indent}{s.name.text:<{w}} = {format_value(s.value)}"] for s in items]
+    if items and isinstance(items[0], ast.Stage):
+        # align runs of one-line stages; a stage on several lines stands alone
+        out, run = [], []
+
+        def flush():
+            wn = max((len(s.name.text) for s in run), default=0)
+            wk = max((len(_kind_text(s)) for s in run), default=0)
+            out.extend(_stage(s, notes, indent, wn, wk) for s in run)
+            run.clear()
+        for s in items:
+            if _stage_multiline(s, notes, indent):
+                flush()
+                out.append(_stage(s, notes, indent, 0, 0))
+            else:
+                run.append(s)
+        flush()
+        return out
+    return [_statement(it, notes, indent) for it in items]
+
+
+def _kind_text(s: ast.Stage) -> str:
+    return s.kind.text + (f" on {s.placement.text}" if s.placement else "")
+
+
+def _stage_multiline(s: ast.Stage, notes: _Notes, indent: str) -> bool:
+    params = [f"{p.name.text} = {format_value(p.value)}" for p in s.params]
+    plain = f"stage {s.name.text} : {_kind_text(s)} " + ("{ " + "  ".join(params) + " }" if params else "{}")
+    has_comments = bool(notes.dangling.get(id(s))) or any(
+        id(p) in notes.leading or id(p) in notes.trailing for p in s.params)
+    return has_comments or len(indent) + len(plain) > WIDTH
+
+
+def _stage(s: ast.Stage, notes: _Notes, indent: str, wn: int, wk: int) -> list[str]:
+    params = [f"{p.name.text} = {format_value(p.value)}" for p in s.params]
+    head = f"{indent}stage {s.name.text:<{wn}} : {_kind_text(s):<{wk}} "
+    if not _stage_multiline(s, notes, indent):
+        return [head + ("{ " + "  ".join(params) + " }" if params else "{}")]
+    inner = indent + INDENT
+    w = max((len(p.name.text) for p in s.params), default=0)
+    lines = [head + "{"]
+    prev = None
+    tw = max((len(f"{inner}{p.name.text:<{w}} = {format_value(p.value)}") for p in s.params
+              if id(p) in notes.trailing), default=0)
+    for p in s.params:
+        if prev is not None and _first_line(p, notes) > _last_line(prev, notes) + 1:
+            lines.append("")
+        lines += [inner + c.text for c in notes.leading.get(id(p), [])]
+        line = f"{inner}{p.name.text:<{w}} = {format_value(p.value)}"
+        t = notes.trailing.get(id(p))
+        lines.append(f"{line:<{tw}}  {t.text}" if t else line)
+        prev = p
+    lines += [inner + c.text for c in notes.dangling.get(id(s), [])]
+    lines.append(indent + "}")
+    return lines
+
+
+def _statement(it, notes: _Notes, indent: str) -> list[str]:
+    if isinstance(it, ast.Use):
+        return [f"{indent}use {quote(it.path.value)}"]
+    if isinstance(it, ast.Chain):
+        text = " -> ".join(n.text for n in it.stages)
+        if it.condition is not None:
+            text += f" when {it.condition.text}"
+        return [indent + text]
+    if isinstance(it, ast.Pipeline):
+        body = _block(it.body, it, notes, indent + INDENT)
+        if not body:
+            return [f"{indent}pipeline {it.name.text} {{}}"]
+        return [f"{indent}pipeline {it.name.text} {{"] + body + [indent + "}"]
+    if isinstance(it, ast.Setting):
+        return [f"{indent}{it.name.text} = {format_value(it.value)}"]
+    raise TypeError(f"not a statement: {it!r}")
+
+
+def format_text(text: str, file: str = "<string>") -> tuple[str | None, list]:
+    """(canonical text, []) or (None, [syntax error])."""
+    from .parser import parse
+    module, diags = parse(text, file)
+    if module is None:
+        return None, diags
+    return format_module(module), []

@@ -1,0 +1,411 @@
+"""Text -> AST, with friendly syntax errors.
+
+`parse(text, file) -> (Module | None, list[Diagnostic])`. The grammar lives in
+grammar.lark (lark, LALR, positions kept); a `Transformer` builds the frozen
+dataclasses of ast.py. Raw lark failures become diagnostics that name what was
+found and what was expected in words ("a stage name", "'=' and a value"), never
+lark's token names.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+
+from . import ast
+from .diagnostics import ERROR, Diagnostic, SourcePos, did_you_mean
+
+KEYWORDS = ("use", "pipeline", "stage", "on", "when", "true", "false")
+
+# lark terminal names -> words a user understands
+_TOKEN_WORDS = {
+    "NAME": "a name",
+    "NUMBER": "a number",
+    "STRING": "a string",
+    "DEVICE_ID": "a device such as cuda:1",
+    "LBRACE": "'{'",
+    "RBRACE": "'}'",
+    "LSQB": "'['",
+    "RSQB": "']'",
+    "COMMA": "','",
+    "COLON": "':'",
+    "EQUAL": "'='",
+    "__ANON_0": "'->'",
+    "USE": "'use'",
+    "PIPELINE": "'pipeline'",
+    "STAGE": "'stage'",
+    "ON": "'on'",
+    "WHEN": "'when'",
+    "TRUE": "'true'",
+    "FALSE": "'false'",
+    "$END": "the end of the file",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _lark() -> Lark:
+    # the basic lexer keeps keywords reserved everywhere (`mode = stage` is an error, not a word)
+    return Lark.open("grammar.lark", rel_to=__file__, parser="lalr", lexer="basic", propagate_positions=True,
+                     maybe_placeholders=True)
+
+
+def _describe_expected(expected) -> list[str]:
+    words = []
+    for name in sorted(expected):
+        term = _term_word(name)
+        if term not in words:
+            words.append(term)
+    return words
+
+
+def _term_word(name: str) -> str:
+    if name in _TOKEN_WORDS:
+        return _TOKEN_WORDS[name]
+    try:
+        pattern = _lark().get_terminal(name).pattern
+        if pattern.type == "str":
+            return f"'{pattern.value}'"
+    except KeyError:
+        pass
+    return name.lower()
+
+
+def _found(tok: Token) -> str:
+    if tok.type == "$END":
+        return "end of file"
+    if tok.type == "STRING":
+        return f"string {tok.value}"
+    if tok.type == "NUMBER":
+        return f"number '{tok.value}'"
+    if tok.type in ("NAME", "DEVICE_ID"):
+        return f"name '{tok.value}'"
+    return f"'{tok.value}'"
+
+
+_AFTER_WORD = {
+    "pipeline": "a pipeline name",
+    "stage": "a stage name",
+    "on": "a placement: host, copy or compute",
+    "when": "a condition, e.g. full or timeout",
+    "->": "the name of the next stage",
+}
+
+
+def _previous(text: str, at: int) -> str:
+    """The token before offset `at` (comments skipped), roughly: enough to name the context."""
+    lines = text[:at].split("\n")
+    lines = [ln.split("#", 1)[0] if '"' not in ln else ln for ln in lines]
+    before = "\n".join(lines).rstrip()
+    m = re.search(r'(->|[A-Za-z_][A-Za-z0-9_]*|"[^"\n]*"|\S)$', before)
+    return m.group(1) if m else ""
+
+
+def _context_hint(expected: set[str], tok: Token, prev: str = "") -> tuple[str | None, str | None]:
+    """(what the parser wanted in words, a fix) for the common mistakes."""
+    exp = set(expected)
+    if exp == {"NAME"} and prev in _AFTER_WORD:
+        hint = f"'{tok.value}' is a keyword and cannot be used as a name" if tok.type in _KEYWORD_TOKENS else None
+        if tok.type == "STRING" and prev in ("pipeline", "stage"):
+            hint = "names are written without quotes"
+        return _AFTER_WORD[prev], hint
+    if exp == {"NAME"} and prev == ":":
+        return "a stage kind (agp stages lists them)", None
+    if exp == {"EQUAL"}:
+        return "'=' and a value after a setting or parameter name", None
+    if exp == {"COLON"}:
+        return "':' and a stage kind after the stage name (stage NAME : KIND { … })", None
+    if "NUMBER" in exp and "STRING" in exp and "LSQB" in exp:
+        hint = "the value after '=' is missing" if tok.type in ("STAGE", "RBRACE", "$END", "PIPELINE") else None
+        return "a value: a number, a quantity such as 1ms or 512MiB, a string, true/false, a word or a list", hint
+    if exp >= {"PIPELINE", "USE"}:
+        hint = did_you_mean(tok.value, ("pipeline", "use")) if tok.type == "NAME" else None
+        return "'pipeline NAME { … }' or 'use \"file.agp\"' at the top level of a file", hint
+    if "__ANON_0" in exp and "EQUAL" in exp:
+        if tok.type == "COLON":
+            return ("'=' (a setting) or '->' (an edge)",
+                    f"a setting is written '{prev} = value'; a stage 'stage {prev} : KIND {{ … }}'")
+        return "'=' (a setting) or '->' (an edge)", None
+    if tok.type == "COMMA" and "RBRACE" in exp:
+        return _join(_describe_expected(exp)), "separate parameters with spaces, not commas"
+    if tok.type in ("NUMBER", "STRING", "LSQB", "TRUE", "FALSE", "DEVICE_ID") and "RBRACE" in exp:
+        return _join(_describe_expected(exp)), "one value per setting; write a list as [a, b]"
+    if tok.type == "NAME" and "STAGE" in exp and tok.value != "stage":
+        hint = did_you_mean(tok.value, ("stage",))
+        if hint:
+            return "a setting (name = value), a stage (stage NAME : KIND { … }) or an edge (a -> b)", hint
+    if tok.type in _KEYWORD_TOKENS and "NAME" in exp:
+        return _join(_describe_expected(exp)), f"'{tok.value}' is a keyword and cannot be used as a name"
+    return None, None
+
+
+_KEYWORD_TOKENS = ("STAGE", "PIPELINE", "USE", "WHEN", "ON", "TRUE", "FALSE")
+
+
+def _join(words: list[str]) -> str:
+    if len(words) <= 1:
+        return "".join(words)
+    return ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _tok_pos(file: str, tok: Token, text: str) -> SourcePos:
+    if tok.type == "$END" or getattr(tok, "line", None) is None:
+        lines = text.split("\n")
+        return SourcePos.point(file, len(lines), len(lines[-1]) + 1)
+    end_line = tok.end_line or tok.line
+    end_col = tok.end_column or tok.column + max(1, len(tok.value))
+    return SourcePos(file, tok.line, tok.column, end_line, end_col)
+
+
+def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic:
+    if isinstance(err, UnexpectedCharacters):
+        ch = text[err.pos_in_stream] if err.pos_in_stream < len(text) else ""
+        pos = SourcePos.point(file, err.line, err.column)
+        if ch == '"':
+            rest = text[err.pos_in_stream:].split("\n", 1)[0]
+            return Diagnostic(ERROR, "unterminated string", SourcePos(file, err.line, err.column, err.line,
+                                                                     err.column + len(rest)),
+                              expected="a closing '\"' on the same line")
+        shown = ch if ch.isprintable() and not ch.isspace() else repr(ch)[1:-1] or "?"
+        expected = None
+        nxt = text[err.pos_in_stream + 1:err.pos_in_stream + 2]
+        hint = {"/": "comments start with '#'", ";": "statements need no ';'"}.get(ch)
+        if ch == ">" and _previous(text, err.pos_in_stream) == "=":
+            hint = "an edge is written '->'"
+        elif ch == "-" and nxt.isspace():
+            hint = "an edge is written '->' (no space between '-' and '>')"
+        elif ch == "'":
+            hint = 'strings use double quotes: "…"'
+
+        return Diagnostic(ERROR, f"unexpected character '{shown}'", pos, expected=expected, hint=hint)
+    if isinstance(err, UnexpectedEOF):
+        tok = Token("$END", "")
+        expected_words, hint = _context_hint(set(err.expected), tok, _previous(text, len(text)))
+        return Diagnostic(ERROR, "unexpected end of file", _tok_pos(file, tok, text),
+                          expected=expected_words or _join(_describe_expected(err.expected)), hint=hint)
+    assert isinstance(err, UnexpectedToken)
+    tok = err.token
+    wanted = set(err.expected)
+    try:                                   # what the parser really accepts here, after reductions
+        wanted = set(err.interactive_parser.accepts()) or wanted
+    except Exception:                      # noqa: BLE001 - fall back to lark's own set
+        pass
+    at = len(text) if tok.type == "$END" or tok.start_pos is None else tok.start_pos
+    expected_words, hint = _context_hint(wanted, tok, _previous(text, at))
+    msg = "unexpected end of file" if tok.type == "$END" else f"unexpected {_found(tok)}"
+    expected = expected_words or _join(_describe_expected(wanted))
+    if tok.type == "$END" and "RBRACE" in wanted:
+        hint = hint or _unclosed(text)
+    return Diagnostic(ERROR, msg, _tok_pos(file, tok, text), expected=expected, hint=hint)
+
+
+def _unclosed(text: str) -> str:
+    """Which '{' is still open at the end of the file, in words."""
+    opened: list[tuple[str, int]] = []
+    words: list[str] = []
+    try:
+        for tok in _lark().lex(text):
+            if tok.type == "LBRACE":
+                what = (f"pipeline '{words[-1]}'" if len(words) >= 2 and words[-2] == "pipeline"
+                        else f"stage '{words[-1]}'" if words else "block")
+                if len(words) >= 4 and words[-4] == "stage":
+                    what = f"stage '{words[-3]}'"
+                elif len(words) >= 6 and words[-6] == "stage" and words[-2] == "on":
+                    what = f"stage '{words[-5]}'"
+                opened.append((what, tok.line))
+            elif tok.type == "RBRACE" and opened:
+                opened.pop()
+            words.append(str(tok))
+    except Exception:                      # noqa: BLE001 - only a hint
+        return "a '{' is not closed"
+    if not opened:
+        return "a '{' is not closed"
+    what, line = opened[-1]
+    return f"the '{{' of {what} (line {line}) is not closed"
+
+
+class _ValueError(Exception):
+    def __init__(self, diag: Diagnostic):
+        self.diag = diag
+
+
+class _Builder(Transformer):
+    """lark tree -> ast dataclasses (frozen, each with its SourcePos)."""
+
+    def __init__(self, file: str):
+        super().__init__()
+        self.file = file
+
+    def _pos(self, meta) -> SourcePos:
+        return SourcePos(self.file, meta.line, meta.column, meta.end_line, meta.end_column)
+
+    def _tpos(self, tok: Token) -> SourcePos:
+        return SourcePos(self.file, tok.line, tok.column, tok.end_line, tok.end_column)
+
+    def _name(self, tok: Token) -> ast.Name:
+        return ast.Name(str(tok), self._tpos(tok))
+
+    @v_args(meta=True)
+    def start(self, meta, items):
+        return tuple(items)
+
+    @v_args(meta=True)
+    def use(self, meta, children):
+        (tok,) = children
+        return ast.Use(ast.Str(_unquote(tok), self._tpos(tok)), self._pos(meta))
+
+    @v_args(meta=True)
+    def pipeline(self, meta, children):
+        name, *body = children
+        return ast.Pipeline(self._name(name), tuple(body), self._pos(meta))
+
+    @v_args(meta=True)
+    def setting(self, meta, children):
+        name, value = children
+        return ast.Setting(self._name(name), value, self._pos(meta))
+
+    @v_args(meta=True)
+    def param(self, meta, children):
+        name, value = children
+        return ast.Param(self._name(name), value, self._pos(meta))
+
+    @v_args(meta=True)
+    def stage(self, meta, children):
+        name, kind, placement, params = children
+        return ast.Stage(self._name(name), self._name(kind), placement,
+                         tuple(params) if params is not None else (), self._pos(meta),
+                         has_braces=params is not None)
+
+    def placement(self, children):
+        return self._name(children[0])
+
+    def params(self, children):
+        return list(children)
+
+    @v_args(meta=True)
+    def chain(self, meta, children):
+        *names, cond = children
+        return ast.Chain(tuple(self._name(n) for n in names), cond, self._pos(meta))
+
+    def condition(self, children):
+        return self._name(children[0])
+
+    # values
+    def number(self, children):
+        (tok,) = children
+        return _number(tok, self._tpos(tok))
+
+    def string(self, children):
+        (tok,) = children
+        return ast.Str(_unquote(tok), self._tpos(tok))
+
+    @v_args(meta=True)
+    def true(self, meta, children):
+        return ast.Bool(True, self._pos(meta))
+
+    @v_args(meta=True)
+    def false(self, meta, children):
+        return ast.Bool(False, self._pos(meta))
+
+    def word(self, children):
+        (tok,) = children
+        return ast.Word(str(tok), self._tpos(tok))
+
+    @v_args(meta=True)
+    def list(self, meta, children):
+        return ast.List(tuple(c for c in children if c is not None), self._pos(meta))
+
+
+def _number(tok: Token, pos: SourcePos):
+    text = str(tok)
+    i = len(text)
+    while i > 0 and text[i - 1].isalpha():
+        i -= 1
+    digits, unit = text[:i], text[i:]        # '1e3ms' -> '1e3', 'ms' (the regex took the exponent)
+    is_float = any(c in digits for c in ".eE")
+    try:
+        value = float(digits) if is_float else int(digits)
+    except ValueError:
+        raise _ValueError(Diagnostic(ERROR, f"malformed number '{text}'", pos,
+                                     expected="a number such as 32, 0.7 or 1e-3"))
+    if is_float and not math.isfinite(value):
+        raise _ValueError(Diagnostic(ERROR, f"number '{text}' is too large", pos,
+                                     expected="a finite number"))
+    if unit:
+        return ast.Quantity(value, unit, pos)
+    return ast.Float(value, pos) if is_float else ast.Int(value, pos)
+
+
+_ESCAPES = {"n": "\n", "t": "\t", '"': '"', "\\": "\\", "r": "\r", "0": "\0"}
+
+
+def _unquote(tok: Token) -> str:
+    body = str(tok)[1:-1]
+    out, i = [], 0
+    while i < len(body):
+        c = body[i]
+        if c == "\\" and i + 1 < len(body):
+            out.append(_ESCAPES.get(body[i + 1], body[i + 1]))
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def quote(s: str) -> str:
+    """The inverse of _unquote: a string literal for `s`."""
+    rev = {v: k for k, v in _ESCAPES.items()}
+    return '"' + "".join("\\" + rev[c] if c in rev else c for c in s) + '"'
+
+
+def parse(text: str, file: str = "<string>") -> tuple[ast.Module | None, list[Diagnostic]]:
+    """Parse one file's text. Returns (module, []) or (None, [the syntax error])."""
+    comments: list[ast.Comment] = []
+
+    def on_comment(tok: Token):
+        comments.append(ast.Comment(str(tok).rstrip("\r"), SourcePos(file, tok.line, tok.column,
+                                                                     tok.end_line, tok.end_column)))
+        return tok
+
+    text = text.replace("\r\n", "\n")
+    try:
+        tree = _lark().parse(text)
+    except UnexpectedInput as err:
+        return None, [_syntax_diagnostic(err, text, file)]
+    try:
+        items = _Builder(file).transform(tree)
+    except VisitError as err:
+        if isinstance(err.orig_exc, _ValueError):
+            return None, [err.orig_exc.diag]
+        raise
+    _collect_comments(text, on_comment)
+    return ast.Module(file, items, tuple(comments)), []
+
+
+def _collect_comments(text: str, on_comment) -> None:
+    """Find `#` comments outside strings, with their positions."""
+    line, i, n = 1, 0, len(text)
+    line_start = 0
+    while i < n:
+        c = text[i]
+        if c == "\n":
+            line += 1
+            line_start = i + 1
+            i += 1
+        elif c == '"':
+            j = i + 1
+            while j < n and text[j] not in '"\n':
+                j += 2 if text[j] == "\\" else 1
+            i = j + 1 if j < n and text[j] == '"' else j
+        elif c == "#":
+            j = text.find("\n", i)
+            j = n if j < 0 else j
+            tok = Token("COMMENT", text[i:j], i, line, i - line_start + 1, line, j - line_start + 1, j)
+            on_comment(tok)
+            i = j
+        else:
+            i += 1

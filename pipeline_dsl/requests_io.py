@@ -1,0 +1,120 @@
+"""Requests as JSON objects: validation into what the engine takes.
+
+One request is `{"id": …, "prompt": "…"}` or `{"id": …, "messages": [{"role", "content"}…]}`
+with optional sampling fields. `parse_request` checks every field's type and range and
+raises `RequestError` saying which field is wrong and why; nothing malformed reaches
+the engine.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+class RequestError(ValueError):
+    """A request that cannot be run; the message says which field and why."""
+
+
+@dataclass
+class ParsedRequest:
+    id: Any
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams overrides
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check(name: str, value, ok: bool, expected: str):
+    if not ok:
+        raise RequestError(f"field '{name}' must be {expected}, got {json.dumps(value)[:60]}")
+    return value
+
+
+SAMPLING_FIELDS = {
+    "max_tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: _is_number(v) and 0 <= v <= 100, "a number >= 0"),
+    "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "seed": (lambda v: _is_int(v), "an integer"),
+    "ignore_eos": (lambda v: isinstance(v, bool), "true or false"),
+}
+KNOWN = {"id", "prompt", "messages", "stop", *SAMPLING_FIELDS}
+
+
+def parse_messages(messages) -> list[dict]:
+    _check("messages", messages, isinstance(messages, list), "a list of {role, content} objects")
+    if not messages:
+        raise RequestError("field 'messages' is empty: give at least one message")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        _check(where, m, isinstance(m, dict), "an object with 'role' and 'content'")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise RequestError(f"field '{where}.role' must be one of {', '.join(ROLES)}, got {json.dumps(role)}")
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            parts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            if len(parts) != len(content):
+                raise RequestError(f"field '{where}.content' may only hold text parts")
+            content = "".join(parts)
+        _check(f"{where}.content", content, isinstance(content, str), "a string")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def parse_stop(stop) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    _check("stop", stop, isinstance(stop, list) and all(isinstance(s, str) and s for s in stop),
+           "a non-empty string or a list of them")
+    if len(stop) > 16:
+        raise RequestError("field 'stop' holds more than 16 strings")
+    return stop
+
+
+def parse_request(obj, default_id=None) -> ParsedRequest:
+    """Validate one request object (already decoded from JSON)."""
+    if not isinstance(obj, dict):
+        raise RequestError(f"a request must be a JSON object, got {type(obj).__name__}")
+    for key in obj:
+        if key not in KNOWN:
+            close = difflib.get_close_matches(key, sorted(KNOWN), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise RequestError(f"unknown field '{key}'{hint}")
+    req = ParsedRequest(id=obj.get("id", default_id))
+    if ("prompt" in obj) == ("messages" in obj):
+        raise RequestError("give exactly one of 'prompt' (text) or 'messages' (chat)")
+    if "prompt" in obj:
+        req.prompt = _check("prompt", obj["prompt"], isinstance(obj["prompt"], str), "a string")
+        if not req.prompt:
+            raise RequestError("field 'prompt' is empty")
+    else:
+        req.messages = parse_messages(obj["messages"])
+    for name, (ok, expected) in SAMPLING_FIELDS.items():
+        if obj.get(name) is not None:
+            req.sampling[name] = _check(name, obj[name], ok(obj[name]), expected)
+    if obj.get("stop") is not None:
+        req.sampling["stop"] = parse_stop(obj["stop"])
+    return req
+
+
+def parse_line(line: str, lineno: int) -> ParsedRequest:
+    """One JSONL line; the id defaults to the line number."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise RequestError(f"not valid JSON: {e.msg} at column {e.colno}") from None
+    return parse_request(obj, default_id=lineno)

@@ -1,0 +1,93 @@
+"""From a checked pipeline graph to a running engine.
+
+The runtime never reads the AST: it walks the graph that `pipeline_dsl.graph` built
+(nodes carry `kind` and the effective `params`, the mode preset already applied), asks
+each stage kind's implementation (`stages.impl`) to contribute its settings, and builds
+one `EngineConfig` plus the pipeline's default `SamplingParams`.
+
+    engine, defaults = build_engine("examples/chat.agp", dtype="bf16", threads=2)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+
+
+@dataclass
+class RuntimeSpec:
+    """What the stages of one pipeline ask of the runtime."""
+
+    engine: dict[str, Any] = field(default_factory=dict)    # EngineConfig fields
+    sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams defaults
+    chat_template: bool = True       # encode: render `messages` with the model's template
+    add_special_tokens: bool = True  # encode: add BOS etc. to raw prompts
+    stream: bool = False             # respond: emit tokens as they come
+    max_prompt_tokens: int = 0       # requests: 0 = the model's context
+
+
+def load_graph(pipeline: str | os.PathLike | nx.DiGraph, name: str | None = None) -> nx.DiGraph:
+    """A checked graph from a path (raises CheckFailed with diagnostics) or a graph as is."""
+    if isinstance(pipeline, nx.DiGraph):
+        return pipeline
+    from pipeline_dsl import load_pipeline_graph
+
+    return load_pipeline_graph(Path(pipeline), name)
+
+
+def runtime_spec(graph: nx.DiGraph) -> RuntimeSpec:
+    """Every stage's implementation contributes its part, in topological order."""
+    from stages.impl import implementation
+
+    spec = RuntimeSpec()
+    settings = dict(graph.graph.get("settings", {}))
+    for key in ("model", "device", "threads", "dtype"):
+        if settings.get(key) is not None:
+            spec.engine[key] = settings[key]
+    for node in nx.topological_sort(graph):
+        data = graph.nodes[node]
+        implementation(data["kind"]).configure(dict(data.get("params", {})), spec)
+    return spec
+
+
+def _resolve_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def engine_config(spec: RuntimeSpec, **overrides):
+    """EngineConfig from a spec; `overrides` (CLI flags) win when not None."""
+    from pipeline_dsl.engine import EngineConfig
+
+    known = {f.name for f in fields(EngineConfig)}
+    values = {k: v for k, v in spec.engine.items() if k in known}
+    values.update({k: v for k, v in overrides.items() if v is not None and k in known})
+    values["device"] = _resolve_device(values.get("device"))
+    return EngineConfig(**values)
+
+
+def default_sampling(spec: RuntimeSpec):
+    from pipeline_dsl.engine import SamplingParams
+
+    known = {f.name for f in fields(SamplingParams)}
+    return SamplingParams(**{k: v for k, v in spec.sampling.items() if k in known})
+
+
+def build_engine(pipeline, name: str | None = None, **overrides):
+    """(Engine, RuntimeSpec) for a pipeline file or graph; overrides are EngineConfig fields."""
+    from pipeline_dsl.engine import Engine
+
+    spec = runtime_spec(load_graph(pipeline, name))
+    config = engine_config(spec, **overrides)
+    return Engine(config), spec
+
+
+def sampling_with(defaults, **request_values):
+    """The pipeline's defaults, overridden by one request's own fields."""
+    return replace(defaults, **{k: v for k, v in request_values.items() if v is not None})

@@ -1,0 +1,109 @@
+"""The six built-in stage kinds of the seed pipeline, as typed schemas.
+
+    requests -> dynamic_batch -> encode -> kv_lookup -> generate -> respond
+      host        host            host      copy        compute      host
+
+Defaults marked FROM_MODE come from the pipeline's mode (pipeline_dsl/modes.py);
+a plain default may also be changed by the mode (max_batch_size). A stage's own
+setting in the file always wins. Runtime implementations come with the engine.
+"""
+
+from __future__ import annotations
+
+from .registry import (BOOL, DURATION, ENUM, FLOAT, FROM_MODE, INT, LIST_STR, SIZE, Param, Port,
+                       StageKind)
+
+REQUESTS = StageKind(
+    name="requests",
+    doc="The request source: accepts prompts (a file for `agp run`, HTTP for `agp serve`) into a bounded queue.",
+    params=(
+        Param("max_queue", INT, 1024, "requests waiting at most; more are refused (HTTP 429)", min=1, max=1 << 20),
+        Param("max_prompt_tokens", INT, 0, "longest prompt accepted, in tokens (0 = the model's context)",
+              min=0, max=1 << 24),
+    ),
+    outputs=(Port("requests", "Request"),),
+    resource="host",
+)
+
+DYNAMIC_BATCH = StageKind(
+    name="dynamic_batch",
+    doc="The batch decision: merges requests into batches of at most max_batch_size within a timeout "
+        "window; emits `full` when a batch fills and `timeout` when the window expires.",
+    params=(
+        Param("max_batch_size", INT, 32, "sequences in one batch at most (the mode presets 8 | 32 | 64)",
+              min=1, max=4096),
+        Param("timeout", DURATION, 0.001, "how long a batch waits for more requests", min=0.0, max=60.0),
+        Param("padding", BOOL, True, "pad the batch to a bucket size so shapes stay static"),
+        Param("policy", ENUM, "continuous", "continuous: sequences join and leave between steps; "
+              "static: a batch runs to completion", choices=("continuous", "static")),
+        Param("max_tokens_per_step", INT, 512, "token budget of one step (decodes + prefill chunks)",
+              min=1, max=1 << 20),
+    ),
+    inputs=(Port("requests", "Request"),),
+    outputs=(Port("batch", "Batch"),),
+    resource="host",
+    conditions=("full", "timeout"),
+)
+
+ENCODE = StageKind(
+    name="encode",
+    doc="Unified encode: applies the model's chat template and tokenises the batch.",
+    params=(
+        Param("chat_template", BOOL, True, "render chat messages with the model's own template"),
+        Param("add_special_tokens", BOOL, True, "add the tokenizer's BOS/EOS tokens"),
+    ),
+    inputs=(Port("batch", "Batch"),),
+    outputs=(Port("tokens", "Tokens"),),
+    resource="host",
+)
+
+KV_LOOKUP = StageKind(
+    name="kv_lookup",
+    doc="KV-cache lookup: finds the longest cached prefix of each prompt in the paged KV pool "
+        "(blocks hashed by parent + tokens) so it is not recomputed.",
+    params=(
+        Param("reuse", ENUM, "prefix", "prefix: share cached blocks of common prefixes; none: never reuse",
+              choices=("prefix", "none")),
+        Param("block_size", INT, 16, "tokens per KV block", min=1, max=1024),
+        Param("budget", SIZE, FROM_MODE, "memory of the KV pool (the mode presets 64MiB | 256MiB | 1GiB)",
+              min=1 << 16, max=1 << 40),
+    ),
+    inputs=(Port("tokens", "Tokens"),),
+    outputs=(Port("cached", "CachedTokens"),),
+    resource="copy",
+)
+
+GENERATE = StageKind(
+    name="generate",
+    doc="Generate output: prefill and decode on the model, sampling each next token.",
+    params=(
+        Param("max_new_tokens", INT, 128, "tokens generated per request at most", min=1, max=1 << 20),
+        Param("temperature", FLOAT, 0.0, "0 = greedy; higher = more random", min=0.0, max=100.0),
+        Param("top_p", FLOAT, 1.0, "nucleus sampling: keep the smallest set with this probability mass",
+              min=0.0, max=1.0),
+        Param("top_k", INT, 0, "keep the k most likely tokens (0 = all)", min=0, max=1 << 20),
+        Param("seed", INT, None, "random seed for sampling (none = nondeterministic)", min=0,
+              max=(1 << 63) - 1, optional=True),
+        Param("stop", LIST_STR, (), "strings that end generation"),
+        Param("ignore_eos", BOOL, False, "keep generating past the end-of-sequence token"),
+        Param("precision", ENUM, FROM_MODE, "weights and compute precision (int8 = weight-only int8; "
+              "the mode presets int8 | auto | auto)", choices=("auto", "fp32", "bf16", "fp16", "int8")),
+        Param("compile", BOOL, FROM_MODE, "torch.compile the decode step (the mode presets false | false | true)"),
+        Param("prefill_chunk", INT, 256, "prompt tokens prefilled per step (chunked prefill)", min=1, max=1 << 20),
+    ),
+    inputs=(Port("cached", "CachedTokens"),),
+    outputs=(Port("generated", "Generated"),),
+    resource="compute",
+)
+
+RESPOND = StageKind(
+    name="respond",
+    doc="Respond: detokenises and returns the text, streaming tokens as they come when asked.",
+    params=(
+        Param("stream", BOOL, False, "send tokens as they are generated"),
+    ),
+    inputs=(Port("generated", "Generated"),),
+    resource="host",
+)
+
+BUILTIN_KINDS = (REQUESTS, DYNAMIC_BATCH, ENCODE, KV_LOOKUP, GENERATE, RESPOND)

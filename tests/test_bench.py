@@ -1,0 +1,171 @@
+"""`agp bench`: arrivals, statistics, workloads, and runs against the in-process engine and
+a live server on loopback, both with the tiny GGUF model."""
+
+import asyncio
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline_dsl import benchmark as B
+from pipeline_dsl.cli import main as agp
+
+from test_serve import LiveServer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_poisson_arrivals_are_seeded_and_have_the_asked_rate():
+    a = B.arrival_times(4000, 20.0, seed=1)
+    assert a == B.arrival_times(4000, 20.0, seed=1) and a != B.arrival_times(4000, 20.0, seed=2)
+    gaps = np.diff([0.0] + a)
+    assert all(g > 0 for g in gaps)
+    assert abs(gaps.mean() - 1 / 20) < 0.05 / 20 * 2          # mean gap 50 ms, within 5 %
+    assert abs(gaps.std() / gaps.mean() - 1) < 0.1             # exponential: std = mean
+
+
+def test_arrivals_all_at_once_and_cut_at_the_duration():
+    assert B.arrival_times(5, math.inf) == [0.0] * 5
+    cut = B.arrival_times(None, 10.0, duration=3.0, seed=0)
+    assert cut and max(cut) <= 3.0 and 15 <= len(cut) <= 45
+    with pytest.raises(B.BenchError, match="give --num"):
+        B.arrival_times(None, math.inf, duration=3.0)
+
+
+def _record(sent, tokens, prompt=10, cached=0, **kw):
+    r = B.RequestRecord(sent=sent, prompt_tokens=prompt, completion_tokens=len(tokens), cached_tokens=cached,
+                        finish_reason="length", **kw)
+    for t in tokens:
+        r.token(t)
+    r.done = tokens[-1] if tokens else sent
+    return r
+
+
+def test_summary_statistics_are_computed_from_the_records():
+    records = [_record(0.0, [0.1, 0.2, 0.3]), _record(1.0, [1.3, 1.4, 1.7], cached=5),
+               B.RequestRecord(sent=0.5, done=0.6, error="HTTP 429: queue full"),
+               B.RequestRecord(sent=0.5, done=0.9, truncated=True)]
+    r = B.summarize("x", 2.0, records, duration=2.0)
+    assert (r.requests, r.completed, r.errors, r.truncated) == (4, 2, 1, 1)
+    assert r.ttft["mean"] == pytest.approx(0.2) and r.ttft["p50"] == pytest.approx(0.2)
+    assert r.e2e["mean"] == pytest.approx((0.3 + 0.7) / 2)
+    assert r.tpot["mean"] == pytest.approx((0.1 + 0.2) / 2)       # (e2e - ttft) / (n - 1)
+    assert r.itl["p50"] == pytest.approx(0.1) and r.itl["mean"] == pytest.approx(0.15)
+    assert r.output_throughput == pytest.approx(6 / 2.0)
+    assert r.total_throughput == pytest.approx((6 + 20) / 2.0)
+    assert r.kv_hit_rate == pytest.approx(5 / 20)
+    assert r.error_samples == ["HTTP 429: queue full"]
+    table = B.format_table([r])
+    assert "errors (samples):" in table and re.search(r"TTFT p50 \(ms\)\s+200\.0", table)
+    md = B.format_markdown([r])
+    assert md.splitlines()[0] == "| metric | x |" and "| truncated streams | 1 |" in md
+
+
+def test_workload_errors_name_the_file_and_line(tmp_path):
+    with pytest.raises(B.BenchError, match="workload file not found"):
+        B.load_workload(tmp_path / "none.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n\n{"prompt": "x", "max_tokens": "many"}\n')
+    with pytest.raises(B.BenchError, match=r"bad\.jsonl:3: field 'max_tokens' must be"):
+        B.load_workload(bad)
+
+
+def test_shipped_workloads_load():
+    for name, n in (("short_chat", 200), ("shared_prefix", 150), ("long_prompts", 40)):
+        items = B.load_workload(ROOT / "bench" / "workloads" / f"{name}.jsonl")
+        assert len(items) == n
+    shared = B.load_workload(ROOT / "bench" / "workloads" / "shared_prefix.jsonl")
+    assert len({item.messages[0]["content"] for item in shared}) == 1         # one system prompt
+    assert len({item.messages[1]["content"] for item in shared}) > 50         # many questions
+
+
+def test_target_settings_are_typed_and_checked(tmp_path):
+    agp_file = tmp_path / "p.agp"
+    agp_file.write_text("pipeline p {}")
+    path, settings = B.parse_target(f"{agp_file},prefix_reuse=false,max_batch_size=8,batch_timeout_s=0.002")
+    assert path == str(agp_file)
+    assert settings == {"prefix_reuse": False, "max_batch_size": 8, "batch_timeout_s": 0.002}
+    assert B.target_label(f"{agp_file},prefix_reuse=false") == "p (prefix_reuse=false)"
+    with pytest.raises(B.BenchError, match="did you mean 'prefix_reuse'"):
+        B.parse_target(f"{agp_file},prefix_reuse_=false")
+    with pytest.raises(B.BenchError, match="pipeline file not found"):
+        B.parse_target(str(tmp_path / "missing.agp"))
+
+
+# ---------------------------------------------------------------- against the tiny model
+
+def _workload(tmp_path, n=6) -> Path:
+    path = tmp_path / "w.jsonl"
+    rows = [{"prompt": f"hello world {i}", "max_tokens": 5 + i, "ignore_eos": True} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _pipeline(tmp_path, model) -> Path:
+    text = (ROOT / "examples" / "chat.agp").read_text()
+    path = tmp_path / "tiny.agp"
+    path.write_text(re.sub(r'model\s*=\s*"[^"]*"', f'model = "{model}"', text, count=1))
+    return path
+
+
+def test_in_process_and_http_targets_measure_the_same_work(tmp_path, tiny_gguf):
+    items = B.load_workload(_workload(tmp_path))
+    local = asyncio.run(B.bench_one(B.EngineTarget.from_pipeline(str(_pipeline(tmp_path, tiny_gguf))),
+                                    items, rate=math.inf, num=6, progress=False))
+    server = LiveServer(tiny_gguf)
+    try:
+        remote = asyncio.run(B.bench_one(B.HTTPTarget(server.url), items, rate=50.0, num=6,
+                                         progress=False))
+    finally:
+        server.close()
+    for r in (local, remote):
+        assert (r.completed, r.errors, r.truncated) == (6, 0, 0)
+        assert r.completion_tokens == sum(5 + i for i in range(6))
+        assert r.ttft["p99"] > 0 and r.e2e["p50"] >= r.ttft["p50"]
+    assert remote.label == server.url and remote.prompt_tokens == local.prompt_tokens
+    assert local.engine["mean_batch_size"] > 1                 # all at once: batched
+
+
+def test_http_target_counts_refused_requests_as_errors(tiny_gguf):
+    server = LiveServer(tiny_gguf)
+    try:
+        target = B.HTTPTarget(server.url, model="tiny")
+        items = [B.parse_line(json.dumps({"prompt": "the cat " * 300, "max_tokens": 4}), 1)]
+        r = asyncio.run(B.bench_one(target, items, rate=math.inf, num=2, progress=False, warmup=0))
+    finally:
+        server.close()
+    assert r.errors == 2 and r.completed == 0
+    assert r.error_samples[0].startswith("HTTP 400:") and "context" in r.error_samples[0]
+
+
+def test_bench_command_compares_targets_and_writes_a_plot(tmp_path, tiny_gguf, capsys):
+    pipeline = _pipeline(tmp_path, tiny_gguf)
+    png, js = tmp_path / "cmp.png", tmp_path / "cmp.json"
+    code = agp(["bench", str(pipeline), f"{pipeline},prefix_reuse=false", "--workload",
+                str(_workload(tmp_path)), "--rate", "40,inf", "--num", "6", "--compare",
+                "--plot", str(png), "--json", str(js), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    header = out.splitlines()[0]
+    assert header.count("tiny (prefix_reuse=false)") == 2 and header.count("tiny ") >= 2
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    reports = json.loads(js.read_text())
+    assert [r["rate"] for r in reports] == [40.0, "inf", 40.0, "inf"]
+    assert all(r["completed"] == 6 and r["errors"] == 0 for r in reports)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--workload", "w.jsonl"], "give at least one PIPELINE or --url"),
+    (["x.agp", "--workload", "missing.jsonl"], "workload file not found"),
+    (["x.agp", "--workload", "{w}", "--rate", "fast"], "'fast' is not a number"),
+    (["{p},max_batch=4", "--workload", "{w}"], "did you mean 'max_batch_size'"),
+    (["{p}", "--workload", "{w}", "--duration", "5"], "needs --concurrency"),
+])
+def test_bench_command_rejects_bad_input_with_exit_2(tmp_path, tiny_gguf, capsys, argv, message):
+    w, p = _workload(tmp_path), _pipeline(tmp_path, tiny_gguf)
+    code = agp(["bench"] + [a.format(w=w, p=p) for a in argv])
+    assert code == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,278 @@
+"""Checks of the language: names, types, units, modes, includes, encodings, the graph, the registry."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import textwrap
+
+import pytest
+
+import pipeline_dsl
+from pipeline_dsl import ast, units
+from pipeline_dsl.diagnostics import CheckFailed, did_you_mean, has_errors
+from pipeline_dsl.graph import build_graph
+from pipeline_dsl.parser import parse
+from stages import registry as reg_mod
+from stages.registry import INT, Param, Port, StageKind
+
+SEED = """
+pipeline p {{
+    model = "smollm2-135m-instruct"
+    {settings}
+    stage request : requests      {{}}
+    stage batch   : dynamic_batch {{ {batch} }}
+    stage encode  : encode        {{}}
+    stage kv      : kv_lookup     {{ {kv} }}
+    stage gen     : generate      {{ {gen} }}
+    stage out     : respond       {{}}
+    request -> batch
+    batch -> encode when full
+    batch -> encode when timeout
+    encode -> kv -> gen -> out
+}}
+"""
+
+
+def pipeline(settings="", batch="", kv="", gen=""):
+    return SEED.format(settings=settings, batch=batch, kv=kv, gen=gen)
+
+
+def errors(text: str) -> list:
+    _, diags = pipeline_dsl.loads(text, "t.agp")
+    return [d for d in diags if d.is_error]
+
+
+def test_seed_pipeline_is_clean():
+    assert pipeline_dsl.loads(pipeline(), "t.agp")[1] == []
+
+
+def test_unknown_stage_suggests_closest_kind():
+    (d,) = errors(pipeline().replace(": generate", ": genrate"))
+    assert d.message == "unknown stage kind 'genrate'"
+    assert d.hint == "did you mean 'generate'?"
+    assert (d.pos.line, d.pos.col, d.pos.end_col - d.pos.col) == (9, 21, 7)
+
+
+def test_unknown_parameter_suggests_closest_parameter():
+    (d,) = errors(pipeline(batch="max_batchsize = 8"))
+    assert "unknown parameter 'max_batchsize'" in d.message
+    assert d.hint == "did you mean 'max_batch_size'?"
+
+
+def test_did_you_mean_ignores_far_names_and_fixes_case():
+    assert did_you_mean("xyz", ["generate", "respond"]) is None
+    assert did_you_mean("Generate", ["generate"]) == "did you mean 'generate'?"
+
+
+@pytest.mark.parametrize("value, seconds", [("1ms", 0.001), ("250us", 0.00025), ("2s", 2.0), ("0", 0.0),
+                                            ("1.5ms", 0.0015)])
+def test_durations_normalise_to_seconds(value, seconds):
+    prog, diags = pipeline_dsl.loads(pipeline(batch=f"timeout = {value}"), "t.agp")
+    assert diags == []
+    assert build_graph(prog.pipelines[0]).nodes["batch"]["params"]["timeout"] == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("value, nbytes", [("512MiB", 512 << 20), ("4GiB", 4 << 30), ("64KiB", 64 << 10),
+                                           ("1048576B", 1 << 20)])
+def test_sizes_normalise_to_bytes(value, nbytes):
+    prog, diags = pipeline_dsl.loads(pipeline(kv=f"budget = {value}"), "t.agp")
+    assert diags == []
+    got = build_graph(prog.pipelines[0]).nodes["kv"]["params"]["budget"]
+    assert got == nbytes and isinstance(got, int)
+
+
+@pytest.mark.parametrize("value, words", [
+    ("5MiB", "wrong unit"), ("5", "missing unit"), ("5xs", "unknown unit 'xs'"), ("true", "is a duration"),
+    ("61s", "out of range")])
+def test_bad_durations_are_reported(value, words):
+    (d,) = errors(pipeline(batch=f"timeout = {value}"))
+    assert words in d.message
+
+
+@pytest.mark.parametrize("gen, words", [
+    ('max_new_tokens = "8"', "is an integer"), ("temperature = hot", "is a number"),
+    ("stop = \"x\"", "list of strings"), ("precision = int4", "not a valid value"),
+    ("seed = -1", "out of range"), ("ignore_eos = 1", "true or false")])
+def test_ill_typed_parameters_are_reported(gen, words):
+    (d,) = errors(pipeline(gen=gen))
+    assert words in d.message
+
+
+def test_every_error_is_collected_sorted_by_position():
+    text = pipeline(batch="timeout = 5MiB", gen="top_p = 2").replace(": requests", ": reqests")
+    diags = errors(text)
+    assert [d.pos.line for d in diags] == sorted(d.pos.line for d in diags)
+    assert len(diags) == 3
+
+
+@pytest.mark.parametrize("mode, batch, budget, precision, compile_", [
+    ("efficient", 8, 64 << 20, "int8", False), ("balanced", 32, 256 << 20, "auto", False),
+    ("performance", 64, 1 << 30, "auto", True)])
+def test_mode_presets_fill_stage_settings(mode, batch, budget, precision, compile_):
+    prog, diags = pipeline_dsl.loads(pipeline(settings=f"mode = {mode}"), "t.agp")
+    assert diags == []
+    g = build_graph(prog.pipelines[0])
+    assert g.graph["settings"]["mode"] == mode
+    assert g.nodes["batch"]["params"]["max_batch_size"] == batch
+    assert g.nodes["kv"]["params"]["budget"] == budget
+    assert g.nodes["gen"]["params"]["precision"] == precision
+    assert g.nodes["gen"]["params"]["compile"] is compile_
+
+
+def test_stage_setting_overrides_the_mode():
+    prog, _ = pipeline_dsl.loads(pipeline(settings="mode = efficient", batch="max_batch_size = 16",
+                                          gen="precision = bf16"), "t.agp")
+    g = build_graph(prog.pipelines[0])
+    assert g.nodes["batch"]["params"]["max_batch_size"] == 16
+    assert g.nodes["gen"]["params"]["precision"] == "bf16"
+    assert g.nodes["kv"]["params"]["budget"] == 64 << 20
+
+
+def test_graph_carries_kind_resource_placement_and_conditions(tmp_path):
+    f = tmp_path / "p.agp"
+    f.write_text(pipeline(settings='device = "cuda:1"').replace("kv_lookup ", "kv_lookup on compute"))
+    g = pipeline_dsl.load_pipeline_graph(str(f))
+    assert g.graph["name"] == "p"
+    assert g.graph["settings"]["device"] == "cuda:1"
+    assert g.nodes["kv"]["kind"] == "kv_lookup"
+    assert g.nodes["kv"]["resource"] == "copy" and g.nodes["kv"]["placement"] == "compute"
+    assert g.nodes["gen"]["placement"] is None
+    assert g.edges["batch", "encode"]["conditions"] == ["full", "timeout"]
+    assert g.edges["request", "batch"]["condition"] is None
+    assert g.nodes["gen"]["pos"].line == 9
+    assert list(g.edges) == [("request", "batch"), ("batch", "encode"), ("encode", "kv"), ("kv", "gen"),
+                             ("gen", "out")]
+
+
+def test_load_pipeline_graph_raises_check_failed_with_diagnostics(tmp_path):
+    f = tmp_path / "bad.agp"
+    f.write_text(pipeline(gen="top_k = -3"))
+    with pytest.raises(CheckFailed) as info:
+        pipeline_dsl.load_pipeline_graph(str(f))
+    assert "out of range" in info.value.render()
+    assert info.value.diagnostics[0].pos.line == 9
+    with pytest.raises(CheckFailed, match="no pipeline named 'q'"):
+        f.write_text(pipeline())
+        pipeline_dsl.load_pipeline_graph(str(f), "q")
+
+
+def test_condition_on_a_stage_without_conditions_is_an_error():
+    (d,) = errors(pipeline().replace("encode -> kv -> gen", "encode -> kv when full\n kv -> gen"))
+    assert "has no condition 'full'" in d.message
+
+
+def test_cycle_is_printed():
+    text = pipeline().replace("encode -> kv -> gen -> out", "encode -> kv -> gen -> out\n gen -> encode")
+    msgs = [d.message for d in errors(text)]
+    assert "cycle: encode -> kv -> gen -> encode" in msgs
+
+
+def test_include_brings_pipelines_and_reports_missing_files(tmp_path):
+    (tmp_path / "lib.agp").write_text(pipeline().replace("pipeline p", "pipeline lib"))
+    (tmp_path / "main.agp").write_text('use "lib.agp"\nuse "nope.agp"\n' + pipeline())
+    prog, diags = pipeline_dsl.load(str(tmp_path / "main.agp"))
+    assert prog.pipeline_names() == ["lib", "p"]
+    assert prog.pipeline().name.text == "p"
+    (d,) = diags
+    assert d.message.startswith("include not found") and d.pos.line == 2
+
+
+def test_include_cycle_is_reported_once_with_the_chain(tmp_path):
+    (tmp_path / "a.agp").write_text('use "b.agp"\n')
+    (tmp_path / "b.agp").write_text('use "c.agp"\n')
+    (tmp_path / "c.agp").write_text('use "a.agp"\n')
+    _, diags = pipeline_dsl.load(str(tmp_path / "a.agp"))
+    (d,) = diags
+    assert d.message.startswith("include cycle:") and d.message.count("->") == 3
+    assert d.pos.file.endswith("c.agp")
+
+
+def test_file_that_is_not_utf8_is_an_error_at_the_bad_byte(tmp_path):
+    f = tmp_path / "x.agp"
+    f.write_bytes(b'pipeline p {\n  model = "caf\xe9"\n}\n')
+    _, diags = pipeline_dsl.load(str(f))
+    (d,) = diags
+    assert "not valid UTF-8" in d.message and (d.pos.line, d.pos.col) == (2, 15)
+
+
+def test_missing_root_file_is_an_error_not_an_exception(tmp_path):
+    _, diags = pipeline_dsl.load(str(tmp_path / "none.agp"))
+    assert has_errors(diags) and "not found" in diags[0].message
+
+
+def test_syntax_errors_speak_words_not_lark_tokens():
+    _, diags = pipeline_dsl.loads("pipeline p {\n stage a b\n}\n", "t.agp")
+    (d,) = diags
+    assert d.message == "unexpected name 'b'"
+    assert "':'" in d.expected and "COLON" not in d.expected
+
+
+def test_units_helpers_round_trip():
+    assert units.normalise(1, "ms") == 0.001 and units.normalise(2, "GiB") == 2 << 30
+    assert units.format_duration(0.00025) == "250us" and units.format_size(64 << 20) == "64MiB"
+    assert units.unit_kind("MiB") == "size" and units.unit_kind("min") is None
+
+
+def test_ast_equality_ignores_positions():
+    a, _ = parse("pipeline p { x = 1 }", "a")
+    b, _ = parse("pipeline   p {\n\n  x = 1\n}", "b")
+    assert a == b and a.items[0].pos != b.items[0].pos
+    assert isinstance(a.items[0].body[0].value, ast.Int)
+
+
+# ---------------------------------------------------------------- registry and entry points
+
+SPEC = StageKind("speculate", "Draft tokens with a small model.", params=(
+    Param("draft_tokens", INT, reg_mod.REQUIRED, "tokens drafted per step", min=1, max=16),),
+    inputs=(Port("cached", "CachedTokens"),), outputs=(Port("cached", "CachedTokens"),), resource="compute")
+
+
+class _FakeEP:
+    def __init__(self, name, obj):
+        self.name, self.value, self._obj = name, f"fake:{name}", obj
+
+    def load(self):
+        if isinstance(self._obj, Exception):
+            raise self._obj
+        return self._obj
+
+
+@pytest.fixture
+def fake_entry_points(monkeypatch):
+    class EPs(list):
+        def select(self, group):
+            return [e for e in self if group == reg_mod.ENTRY_POINT_GROUP]
+    eps = EPs([_FakeEP("speculate", SPEC), _FakeEP("broken", ImportError("no module named 'x'"))])
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda: eps)
+    reg_mod.reset_default_registry()
+    yield
+    reg_mod.reset_default_registry()
+
+
+def test_third_party_kind_registers_through_an_entry_point(fake_entry_points):
+    reg = reg_mod.default_registry()
+    assert "speculate" in reg.names() and reg.get("speculate").source == "entry point speculate"
+    assert any("broken" in p for p in reg.problems)
+    text = pipeline().replace("kv -> gen", "kv -> spec -> gen").replace(
+        "stage out", "stage spec : speculate { draft_tokens = 4 }\n    stage out")
+    assert pipeline_dsl.loads(text, "t.agp")[1] == []
+
+
+def test_required_parameter_of_a_kind_must_be_given(fake_entry_points):
+    text = pipeline().replace("kv -> gen", "kv -> spec -> gen").replace(
+        "stage out", "stage spec : speculate {}\n    stage out")
+    (d,) = errors(text)
+    assert d.message == "missing parameter 'draft_tokens' in stage 'spec' (speculate)"
+
+
+def test_builtin_kinds_match_the_contract():
+    reg = reg_mod.Registry(__import__("stages.builtin", fromlist=["x"]).BUILTIN_KINDS, load_entry_points=False)
+    assert reg.names() == ["dynamic_batch", "encode", "generate", "kv_lookup", "requests", "respond"]
+    b = reg.get("dynamic_batch")
+    assert [(p.name, p.type, p.default) for p in b.params] == [
+        ("max_batch_size", "int", 32), ("timeout", "duration", 0.001), ("padding", "bool", True),
+        ("policy", "enum", "continuous"), ("max_tokens_per_step", "int", 512)]
+    assert {k.name: k.resource for k in reg.kinds()} == {
+        "requests": "host", "dynamic_batch": "host", "encode": "host", "kv_lookup": "copy",
+        "generate": "compute", "respond": "host"}
+    assert all(k.impl is None or ":" in k.impl for k in reg.kinds())

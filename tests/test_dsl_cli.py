@@ -1,0 +1,140 @@
+"""The `agp` command line: exit codes, render with the real `dot`, stages, lazy commands."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline_dsl import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAT = str(ROOT / "examples" / "chat.agp")
+
+
+def agp(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_check_exit_codes():
+    ok = agp("check", "examples/chat.agp")
+    assert ok.returncode == 0 and ok.stderr == "" and "ok (1 pipeline)" in ok.stdout
+    bad = agp("check", "examples/chat.agp", "examples/errors/cycle.agp")
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("examples/errors/cycle.agp:14:11: error: cycle: kv -> gen2 -> kv")
+    assert "Traceback" not in bad.stderr
+
+
+def test_check_json_is_machine_readable():
+    out = agp("check", "--json", "examples/errors/wrong_unit.agp")
+    assert out.returncode == 2
+    data = json.loads(out.stdout)
+    assert data["ok"] is False
+    assert [(d["line"], d["col"], d["severity"]) for d in data["diagnostics"]] == [(6, 47, "error"),
+                                                                                    (8, 46, "error")]
+
+
+def test_fmt_check_exits_1_when_a_file_would_change(tmp_path):
+    f = tmp_path / "p.agp"
+    f.write_text("pipeline p {model=\"m\"}\n")
+    assert agp("fmt", "--check", str(f)).returncode == 1
+    assert agp("fmt", "--write", str(f)).returncode == 0
+    assert f.read_text() == 'pipeline p {\n    model = "m"\n}\n'
+    assert agp("fmt", "--check", str(f)).returncode == 0
+
+
+def test_no_traceback_on_bad_input(tmp_path):
+    bad = tmp_path / "bad.agp"
+    bad.write_bytes(b"\xff\xfe pipeline {{{")
+    for args in (["check", str(bad)], ["fmt", str(bad)], ["render", str(bad)], ["check", "missing.agp"],
+                 ["render", CHAT, "-o", str(tmp_path / "x.gif")], ["stages", "genrate"], ["nonsense"]):
+        r = agp(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert "Traceback" not in r.stderr and r.stderr.strip()
+
+
+def test_internal_errors_are_hidden_unless_debug(monkeypatch, capsys):
+    def boom(args):
+        raise RuntimeError("kaput")
+    monkeypatch.setattr(cli, "cmd_stages", boom)
+    assert cli.main(["stages"]) == 1
+    assert "internal error: RuntimeError: kaput" in capsys.readouterr().err
+    with pytest.raises(RuntimeError):
+        cli.main(["--debug", "stages"])
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz's dot is not installed")
+def test_render_svg_contains_every_stage_name(tmp_path):
+    out = tmp_path / "sub" / "chat.svg"
+    r = agp("render", CHAT, "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    svg = out.read_text(encoding="utf-8")
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    for name in ("request", "batch", "encode", "kv", "gen", "out", "when full", "when timeout"):
+        assert f">{name}<" in svg
+
+
+def test_render_dot_needs_no_graphviz(tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    out = tmp_path / "chat.dot"
+    assert cli.main(["render", CHAT, "-o", str(out)]) == 0
+    text = out.read_text()
+    assert "rankdir=LR" in text and '"batch" -> "encode" [label="when full"]' in text
+    assert cli.main(["render", CHAT, "-o", str(tmp_path / "chat.svg")]) == 1
+
+
+def test_render_picks_a_pipeline_by_name(tmp_path):
+    out = tmp_path / "c.dot"
+    assert cli.main(["render", str(ROOT / "examples" / "compare.agp"), "--pipeline", "chat_greedy_window",
+                     "-o", str(out)]) == 0
+    assert "pipeline chat_greedy_window" in out.read_text()
+    assert cli.main(["render", str(ROOT / "examples" / "compare.agp"), "--pipeline", "nope",
+                     "-o", str(out)]) == 2
+
+
+def test_stages_lists_and_documents_kinds(capsys):
+    assert cli.main(["stages"]) == 0
+    listing = capsys.readouterr().out
+    for kind in ("requests", "dynamic_batch", "encode", "kv_lookup", "generate", "respond"):
+        assert kind in listing
+    assert cli.main(["stages", "dynamic_batch"]) == 0
+    doc = capsys.readouterr().out
+    assert "max_batch_size" in doc and "1ms" in doc and "full | timeout" in doc and "efficient=8" in doc
+    assert cli.main(["stages", "genrate"]) == 2
+    assert "did you mean 'generate'?" in capsys.readouterr().err
+
+
+def test_help_lists_every_command_without_importing_torch():
+    code = ("import sys; from pipeline_dsl import cli; cli.build_parser(['check']).format_help();"
+            "print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "False", r.stderr
+    help_text = agp("--help").stdout
+    for name in ("check", "fmt", "render", "stages", "run", "plan", "bench", "serve"):
+        assert name in help_text
+
+
+def test_lazy_command_is_imported_only_when_invoked(monkeypatch, tmp_path, capsys):
+    pkg = tmp_path / "fakecmds"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "bench.py").write_text(
+        "HELP = 'fake bench'\n"
+        "def add_arguments(p):\n    p.add_argument('--n', type=int, default=1)\n"
+        "def main(args):\n    print('bench', args.n)\n    return 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+    real_import = importlib.import_module
+    real_spec = importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib, "import_module",
+                        lambda n: real_import(n.replace("pipeline_dsl.commands.", "fakecmds.")))
+    monkeypatch.setattr(cli.importlib.util, "find_spec",
+                        lambda n: real_spec(n.replace("pipeline_dsl.commands.", "fakecmds."))
+                        if n.startswith("pipeline_dsl.commands.bench") else real_spec(n))
+    assert cli.main(["bench", "--n", "3"]) == 0
+    assert capsys.readouterr().out == "bench 3\n"

@@ -1,0 +1,412 @@
+"""Engine end to end: on a toy runner over a real paged pool (fast, exact), on the tiny
+random GGUF model (the real ModelRunner), and once on the embedded model (slow)."""
+
+import random
+
+import pytest
+import torch
+
+from pipeline_dsl.engine import Engine, EngineConfig, InputError, QueueFullError, SamplingParams
+
+VOCAB = 96  # toy tokens: id i <-> chr(32 + i); id 0 (" ") doubles as nothing special
+
+
+class ToyTokenizer:
+    eos_token_ids = frozenset({95})          # "\x7f"
+
+    def encode(self, text, add_special_tokens=True):
+        return [ord(ch) - 32 for ch in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(32 + i) for i in ids if not (skip_special_tokens and i in self.eos_token_ids))
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        if messages[0]["role"] not in ("system", "user"):
+            raise ValueError("conversation must start with system or user")
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+
+class ToyRunner:
+    """A deterministic 'model' that reads its context back from a paged slot pool.
+
+    Each token is written to the slot its block table names; the logits for the next
+    token are a pseudo-random function of every (token, position) read back through the
+    block table. Wrong block tables, shared blocks overwritten, or a prefix cache hit on
+    the wrong blocks change the output, so exact agreement checks the whole bookkeeping.
+    """
+
+    vocab_size = VOCAB
+
+    def __init__(self, num_blocks=64, block_size=4, max_model_len=256):
+        self.num_blocks, self.block_size, self.max_model_len = num_blocks, block_size, max_model_len
+        self.slots = [None] * (num_blocks * block_size)
+        self.calls = []
+
+    def _slot(self, table, p):
+        return table[p // self.block_size] * self.block_size + p % self.block_size
+
+    def execute(self, items):
+        self.calls.append([(len(it.token_ids), it.start_pos) for it in items])
+        rows = []
+        for it in items:
+            for j, tok in enumerate(it.token_ids):
+                p = it.start_pos + j
+                self.slots[self._slot(it.block_table, p)] = (tok, p)
+            if it.sample:
+                ctx = [self.slots[self._slot(it.block_table, p)]
+                       for p in range(it.start_pos + len(it.token_ids))]
+                assert all(c is not None and c[1] == p for p, c in enumerate(ctx)), "stale KV slot"
+                seed = 0
+                for tok, p in ctx:
+                    seed = (seed * 1_000_003 + tok * 7 + p) % (2 ** 61 - 1)
+                g = torch.Generator().manual_seed(seed)
+                logits = torch.randn(VOCAB, generator=g) * 2  # [V]
+                if seed % 11 == 0:
+                    logits[95] += 20.0                        # eos now and then, not always
+                rows.append(logits)
+        return torch.stack(rows) if rows else torch.empty(0, VOCAB)  # [n_sample, V]
+
+
+def toy_engine(num_blocks=64, block_size=4, clock=None, **cfg):
+    cfg = {"batch_timeout_s": 0.0, **cfg}
+    kw = {"clock": clock} if clock else {}
+    return Engine(EngineConfig(**cfg), runner=ToyRunner(num_blocks, block_size),
+                  tokenizer=ToyTokenizer(), **kw)
+
+
+def run_all(engine):
+    """Step until done; {id: final RequestOutput}, and every delta concatenated."""
+    finals, deltas = {}, {}
+    for _ in range(10_000):
+        if not engine.has_unfinished():
+            break
+        for out in engine.step():
+            deltas[out.request_id] = deltas.get(out.request_id, "") + out.delta_text
+            if out.finished:
+                finals[out.request_id] = out
+    else:
+        raise AssertionError("engine did not finish")
+    return finals, deltas
+
+
+PROMPTS = ["the cat sat", "hello world, hello", "a", "the cat sat on the mat and looked around",
+           "0123456789" * 4, "the cat sat on", "x y z"]
+
+
+def one_at_a_time(engine_factory, prompts, params):
+    outs = {}
+    for i, p in enumerate(prompts):
+        e = engine_factory()
+        e.add_request(str(i), prompt=p, params=params)
+        outs.update(run_all(e)[0])
+    return outs
+
+
+# ---- the toy runner: exact checks of the scheduling machinery ------------------------------
+
+@pytest.mark.parametrize("cfg", [dict(), dict(policy="static"), dict(prefill_chunk=3, max_tokens_per_step=8),
+                                 dict(max_batch_size=2), dict(prefix_reuse=False)])
+def test_batched_generation_equals_one_at_a_time(cfg):
+    params = SamplingParams(max_tokens=12)
+    alone = one_at_a_time(lambda: toy_engine(**cfg), PROMPTS, params)
+    engine = toy_engine(**cfg)
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(str(i), prompt=p, params=params)
+    together, _ = run_all(engine)
+    assert {k: v.new_token_ids for k, v in together.items()} != {}
+    for k in alone:
+        assert together[k].text == alone[k].text
+        assert together[k].finish_reason == alone[k].finish_reason
+    assert engine.stats()["mean_batch_size"] > 1
+
+
+def test_preemption_under_a_small_pool_gives_the_same_answers():
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    prompts = PROMPTS[:4] * 2
+    big = toy_engine(num_blocks=200)
+    small = toy_engine(num_blocks=24)
+    for e in (big, small):
+        for i, p in enumerate(prompts):
+            e.add_request(str(i), prompt=p, params=params)
+    a, _ = run_all(big)
+    b, _ = run_all(small)
+    assert {k: v.text for k, v in a.items()} == {k: v.text for k, v in b.items()}
+    assert small.stats()["preemptions"] > 0
+    small.blocks.check_invariants()
+    assert small.blocks.num_used == 0
+
+
+def test_shared_prefix_is_served_from_cache_with_identical_output():
+    e = toy_engine()
+    prompt = "the same long system prompt, then a question"
+    e.add_request("a", prompt=prompt, params=SamplingParams(max_tokens=5))
+    first, _ = run_all(e)
+    e.add_request("b", prompt=prompt, params=SamplingParams(max_tokens=5))
+    second, _ = run_all(e)
+    assert first["a"].cached_tokens == 0
+    assert second["b"].cached_tokens == (len(prompt) - 1) // 4 * 4
+    assert second["b"].text == first["a"].text
+    s = e.stats()
+    assert s["cached_tokens"] == second["b"].cached_tokens and 0 < s["hit_rate"] < 1
+
+
+def test_window_holds_a_lone_request_until_timeout():
+    now = [10.0]
+    e = toy_engine(clock=lambda: now[0], batch_timeout_s=0.005, max_batch_size=3)
+    e.add_request("a", prompt="hi")
+    assert e.step() == [] and e.runner.calls == []
+    assert e.next_deadline() == pytest.approx(10.005)
+    now[0] = 10.005
+    assert [o.request_id for o in e.step()] == ["a"]
+
+
+def test_full_batch_runs_without_waiting_for_the_window():
+    now = [10.0]
+    e = toy_engine(clock=lambda: now[0], batch_timeout_s=60.0, max_batch_size=3)
+    for rid in "abc":
+        e.add_request(rid, prompt="hi " + rid)
+    assert e.next_deadline() is None
+    assert sorted(o.request_id for o in e.step()) == ["a", "b", "c"]
+
+
+def test_stop_string_truncates_and_is_never_streamed():
+    base = toy_engine()
+    base.add_request("a", prompt="the cat", params=SamplingParams(max_tokens=30, ignore_eos=True))
+    full = run_all(base)[0]["a"].text
+    stop = full[10:13]
+    e = toy_engine()
+    e.add_request("a", prompt="the cat", params=SamplingParams(max_tokens=30, ignore_eos=True, stop=[stop]))
+    finals, deltas = run_all(e)
+    assert finals["a"].finish_reason == "stop"
+    assert finals["a"].text == full[:full.index(stop)]
+    assert deltas["a"] == finals["a"].text
+
+
+def test_max_tokens_finishes_with_length():
+    e = toy_engine()
+    e.add_request("n", prompt="abc", params=SamplingParams(max_tokens=3, ignore_eos=True))
+    steps = [o for _ in range(10) for o in e.step()]
+    assert [o.finished for o in steps] == [False, False, True]
+    assert steps[-1].finish_reason == "length" and steps[-1].completion_tokens == 3
+    assert "".join(o.delta_text for o in steps) == steps[-1].text
+
+
+def test_stop_token_ids_end_the_request_without_their_text():
+    probe = toy_engine()
+    probe.add_request("p", prompt="abc", params=SamplingParams(max_tokens=6, ignore_eos=True))
+    probe_out = [o for o in iter(lambda: probe.step() if probe.has_unfinished() else None, None)]
+    ids = [o.new_token_ids[0] for step in probe_out for o in step]
+    stop_id = ids[3]
+    e = toy_engine()
+    e.add_request("s", prompt="abc", params=SamplingParams(max_tokens=6, ignore_eos=True,
+                                                           stop_token_ids=[stop_id]))
+    out = run_all(e)[0]["s"]
+    k = ids.index(stop_id)
+    assert out.finish_reason == "stop" and out.completion_tokens == k + 1
+    assert out.text == ToyTokenizer().decode(ids[:k])
+
+
+def test_eos_stops_unless_ignored():
+    e = toy_engine()
+    for i in range(30):  # some of these hit eos (id 95) before 40 tokens
+        e.add_request(f"r{i}", prompt=f"prompt {i}", params=SamplingParams(max_tokens=40))
+    finals, _ = run_all(e)
+    stopped = [o for o in finals.values() if o.finish_reason == "stop"]
+    assert stopped and all(o.completion_tokens < 40 for o in stopped)
+    e = toy_engine()
+    for o in stopped:
+        e.add_request(o.request_id, prompt=f"prompt {o.request_id[1:]}",
+                      params=SamplingParams(max_tokens=40, ignore_eos=True))
+    assert all(o.finish_reason == "length" and o.completion_tokens == 40 for o in run_all(e)[0].values())
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch():
+    params = SamplingParams(max_tokens=15, temperature=1.0, top_p=0.9, seed=42)
+    e1 = toy_engine()
+    e1.add_request("x", prompt="seeded", params=params)
+    alone = run_all(e1)[0]["x"].text
+    e2 = toy_engine()
+    for i in range(5):
+        e2.add_request(f"o{i}", prompt=f"other {i}", params=SamplingParams(max_tokens=15, temperature=1.0))
+    e2.add_request("x", prompt="seeded", params=params)
+    assert run_all(e2)[0]["x"].text == alone
+    e3 = toy_engine()
+    e3.add_request("x", prompt="seeded", params=SamplingParams(max_tokens=15, temperature=1.0, seed=43))
+    assert run_all(e3)[0]["x"].text != alone
+
+
+def test_messages_use_the_chat_template():
+    e = toy_engine()
+    e.add_request("m", messages=[{"role": "user", "content": "hi"}], params=SamplingParams(max_tokens=2))
+    e.add_request("p", prompt="<user>hi<assistant>", params=SamplingParams(max_tokens=2))
+    finals, _ = run_all(e)
+    assert finals["m"].text == finals["p"].text and finals["m"].prompt_tokens == 19
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompt=""), "empty"),
+    (dict(prompt="x" * 300), "context"),
+    (dict(prompt="abc", params=SamplingParams(max_tokens=254)), "context"),
+    (dict(), "exactly one"),
+    (dict(prompt="a", messages=[{"role": "user", "content": "a"}]), "exactly one"),
+    (dict(messages=[]), "non-empty"),
+    (dict(messages=[{"role": "user"}]), "messages\\[0\\]"),
+    (dict(messages=[{"role": "assistant", "content": "x"}]), "chat template"),
+    (dict(prompt_token_ids=[1, 2, 500]), "vocabulary"),
+    (dict(prompt_token_ids=[]), "empty"),
+    (dict(prompt=5), "string"),
+    (dict(prompt="a", params=SamplingParams(top_p=2.0)), "top_p"),
+])
+def test_bad_input_raises_input_error(kwargs, match):
+    e = toy_engine()
+    with pytest.raises(InputError, match=match):
+        e.add_request("bad", **kwargs)
+    assert not e.has_unfinished()
+
+
+def test_request_that_cannot_fit_the_pool_is_refused_not_hung():
+    e = toy_engine(num_blocks=8, block_size=4)  # 32 token slots
+    with pytest.raises(InputError, match="KV cache"):
+        e.add_request("big", prompt="x" * 20, params=SamplingParams(max_tokens=20))
+    e.add_request("ok", prompt="x" * 20, params=SamplingParams(max_tokens=12))
+    assert run_all(e)[0]["ok"].completion_tokens <= 12
+
+
+def test_duplicate_id_and_full_queue_are_refused():
+    e = toy_engine(max_queue=2, batch_timeout_s=10.0)
+    e.add_request("a", prompt="x")
+    with pytest.raises(InputError, match="already"):
+        e.add_request("a", prompt="y")
+    e.add_request("b", prompt="x")
+    with pytest.raises(QueueFullError):
+        e.add_request("c", prompt="x")
+
+
+def test_abort_frees_blocks_and_stops_output():
+    e = toy_engine()
+    e.add_request("a", prompt="abort me please", params=SamplingParams(max_tokens=50, ignore_eos=True))
+    e.add_request("b", prompt="keep me", params=SamplingParams(max_tokens=5, ignore_eos=True))
+    e.step()
+    e.step()
+    assert e.blocks.num_used > 0
+    e.abort("a")
+    e.abort("unknown")  # ignored
+    finals, _ = run_all(e)
+    assert set(finals) == {"b"}
+    assert e.blocks.num_used == 0 and e.stats()["requests_aborted"] == 1
+    e.blocks.check_invariants()
+
+
+def test_thousand_random_requests_with_aborts_leak_no_blocks():
+    rng = random.Random(7)
+    e = toy_engine(num_blocks=48, block_size=4, max_batch_size=8, prefill_chunk=8, max_tokens_per_step=24)
+    prefixes = ["system: be brief. ", "system: be kind. ", ""]
+    live, done = set(), 0
+    for n in range(1000):
+        prompt = rng.choice(prefixes) + "q" * rng.randrange(1, 12)
+        e.add_request(str(n), prompt=prompt,
+                      params=SamplingParams(max_tokens=rng.randrange(1, 8), ignore_eos=rng.random() < .5))
+        live.add(str(n))
+        if rng.random() < 0.1:
+            victim = rng.choice(sorted(live))
+            e.abort(victim)
+            live.discard(victim)
+        for out in e.step():
+            if out.finished:
+                live.discard(out.request_id)
+                done += 1
+    finals, _ = run_all(e)
+    done += len(finals)
+    e.blocks.check_invariants()
+    assert sum(e.blocks.ref) == 0 and e.blocks.num_free == e.blocks.num_blocks
+    s = e.stats()
+    assert s["requests_done"] == done and s["requests_done"] + s["requests_aborted"] == 1000
+    assert s["kv_blocks_used"] == 0 and s["hit_rate"] > 0
+
+
+def test_stats_report_counters_and_latency_percentiles():
+    now = [0.0]
+
+    def clock():
+        now[0] += 0.001
+        return now[0]
+
+    e = toy_engine(clock=clock)
+    for i in range(4):
+        e.add_request(str(i), prompt="stats " + str(i), params=SamplingParams(max_tokens=6, ignore_eos=True))
+    run_all(e)
+    s = e.stats()
+    assert s["requests_done"] == 4 and s["completion_tokens"] == 24
+    assert s["prompt_tokens"] == 4 * 7 and s["steps"] >= 6
+    assert len(s["ttft_s"]) == 4 and len(s["itl_s"]) == 20
+    assert 0 < s["ttft_p50_s"] <= s["ttft_p99_s"] and s["itl_p50_s"] > 0
+    assert s["kv_blocks_total"] == 64 and s["peak_memory_bytes"] > 0
+    assert s["mean_batch_size"] == pytest.approx(4.0)
+
+
+# ---- the real ModelRunner on the tiny random GGUF model -----------------------------------
+
+TINY_PROMPTS = ["hello world", "the cat and the hat", "is it", "hello hello hello world of the cat",
+                "a b c d e f g", "the", "world and cat is us"]
+
+
+def tiny_engine(path, **cfg):
+    cfg = {"model": str(path), "dtype": "fp32", "kv_budget_bytes": 1 << 20, "batch_timeout_s": 0.0,
+           "block_size": 8, **cfg}
+    return Engine(EngineConfig(**cfg))
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(prefill_chunk=4, max_tokens_per_step=12), dict(policy="static")])
+def test_tiny_model_continuous_batching_equals_one_at_a_time(tiny_gguf, cfg):
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    single = tiny_engine(tiny_gguf, **cfg)
+    alone = {}
+    for i, p in enumerate(TINY_PROMPTS):   # one engine, one request at a time
+        single.add_request(str(i), prompt=p, params=params)
+        alone.update(run_all(single)[0])
+    batched = tiny_engine(tiny_gguf, prefix_reuse=False, **cfg)
+    for i, p in enumerate(TINY_PROMPTS):
+        batched.add_request(str(i), prompt=p, params=params)
+    together, _ = run_all(batched)
+    assert len({o.text for o in alone.values()}) == len(TINY_PROMPTS)  # the model is not degenerate
+    for k in alone:
+        assert together[k].text == alone[k].text, k
+        assert together[k].completion_tokens == 16
+
+
+def test_tiny_model_prefix_cache_hit_keeps_greedy_output(tiny_gguf):
+    e = tiny_engine(tiny_gguf)
+    msgs = [{"role": "user", "content": "hello world and the cat"}]
+    e.add_request("a", messages=msgs, params=SamplingParams(max_tokens=10, ignore_eos=True))
+    a = run_all(e)[0]["a"]
+    e.add_request("b", messages=msgs, params=SamplingParams(max_tokens=10, ignore_eos=True))
+    b = run_all(e)[0]["b"]
+    assert b.cached_tokens > 0 and b.text == a.text
+
+
+def test_tiny_model_seeded_sampling_reproducible(tiny_gguf):
+    p = SamplingParams(max_tokens=12, temperature=0.9, top_k=40, seed=5, ignore_eos=True)
+    e = tiny_engine(tiny_gguf)
+    e.add_request("a", prompt="the cat", params=p)
+    a = run_all(e)[0]["a"].text
+    e.add_request("b", prompt="hello", params=SamplingParams(max_tokens=12, temperature=1.0))
+    e.add_request("c", prompt="the cat", params=p)
+    assert run_all(e)[0]["c"].text == a
+
+
+def test_tiny_model_too_long_prompt_is_input_error(tiny_gguf):
+    e = tiny_engine(tiny_gguf)
+    with pytest.raises(InputError, match="context"):
+        e.add_request("x", prompt="hello " * 600)
+
+
+# ---- the embedded model ---------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_embedded_model_answers_a_chat_message():
+    e = Engine(EngineConfig(kv_budget_bytes=16 << 20))
+    e.add_request("q", messages=[{"role": "user", "content": "What is the capital of France?"}],
+                  params=SamplingParams(max_tokens=24))
+    out = run_all(e)[0]["q"]
+    assert "Paris" in out.text
+    assert out.finish_reason in ("stop", "length") and out.completion_tokens <= 24

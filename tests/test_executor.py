@@ -1,0 +1,206 @@
+"""The executor: same answers with and without overlap, under races, cancellation, traces."""
+from __future__ import annotations
+
+import json
+import random
+
+import networkx as nx
+import pytest
+import torch
+
+from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
+from pipeline_dsl.engine.executor import Executor, default_plan, run_requests
+from pipeline_dsl.engine.trace import Trace
+from pipeline_dsl.plan import make_plan
+
+WORDS = "the cat and the world is hello of us at it in an".split()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)          # tiny model: threads only add contention
+    yield
+    torch.set_num_threads(before)
+
+
+def engine(path, **kw) -> Engine:
+    cfg = dict(model=str(path), dtype="fp32", kv_budget_bytes=4 << 20, max_batch_size=8)
+    cfg.update(kw)
+    return Engine(EngineConfig(**cfg))
+
+
+def finished(into: dict):
+    def on_output(outputs):
+        for o in outputs:
+            if o.finished:
+                assert o.request_id not in into, "a request finished twice"
+                into[o.request_id] = (o.text, o.finish_reason, o.completion_tokens)
+    return on_output
+
+
+def stepped(eng: Engine, requests) -> dict:
+    """The reference: Engine.step() until done, no executor."""
+    for rid, kw in requests:
+        eng.add_request(rid, **kw)
+    out: dict = {}
+    collect = finished(out)
+    while eng.has_unfinished():
+        collect(eng.step())
+    return out
+
+
+def greedy_requests(n=12):
+    return [(f"g{i}", dict(prompt=" ".join(WORDS[:2 + i % 9]) * (1 + i % 3),
+                           params=SamplingParams(max_tokens=4 + i % 9)))
+            for i in range(n)]
+
+
+def test_greedy_outputs_are_identical_with_and_without_overlap(tiny_gguf):
+    reqs = greedy_requests()
+    reference = stepped(engine(tiny_gguf), reqs)
+    for overlap in (False, True):
+        got: dict = {}
+        run_requests(engine(tiny_gguf), reqs, overlap=overlap, on_output=finished(got))
+        assert got == reference
+
+
+def mixed_requests(n: int, seed: int = 0):
+    rng = random.Random(seed)
+    reqs = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(1, 40))]
+        params = SamplingParams(
+            max_tokens=rng.randint(1, 24),
+            temperature=rng.choice([0.0, 0.0, 0.7, 1.3]),
+            top_k=rng.choice([0, 0, 5]),
+            top_p=rng.choice([1.0, 0.9]),
+            seed=rng.randint(0, 10**6),
+            stop=rng.choice([(), (), ("th",), ("a", "ll")]),
+            ignore_eos=rng.random() < 0.3)
+        reqs.append((f"m{i}", dict(prompt=" ".join(words), params=params)))
+    return reqs
+
+
+def test_two_hundred_mixed_requests_through_threads_match_a_serial_run(tiny_gguf):
+    reqs = mixed_requests(200)
+    serial: dict = {}
+    eng = engine(tiny_gguf, max_batch_size=16)
+    run_requests(eng, reqs, overlap=False, on_output=finished(serial))
+    threaded: dict = {}
+    eng2 = engine(tiny_gguf, max_batch_size=16)
+    stats = run_requests(eng2, reqs, overlap=True, on_output=finished(threaded))
+    assert len(serial) == 200 and threaded == serial
+    assert {r for _, r, _ in serial.values()} >= {"length", "stop"}
+    assert eng2.blocks.num_used == 0 and stats["steps"] > 20
+    eng2.blocks.check_invariants()
+
+
+def test_seeded_sampling_through_the_executor_matches_engine_step(tiny_gguf):
+    reqs = [(rid, kw) for rid, kw in mixed_requests(30, seed=3)]
+    reference = stepped(engine(tiny_gguf), reqs)
+    got: dict = {}
+    run_requests(engine(tiny_gguf), reqs, overlap=True, on_output=finished(got))
+    assert got == reference
+
+
+def test_cancelling_mid_generation_frees_its_blocks(tiny_gguf):
+    eng = engine(tiny_gguf)
+    ex = Executor(eng, overlap=True)
+    ex.submit("victim", prompt="hello world " * 20, params=SamplingParams(max_tokens=200, ignore_eos=True))
+    ex.submit("other", prompt="the cat", params=SamplingParams(max_tokens=30, ignore_eos=True))
+    seen: dict = {"victim": 0, "after_abort": 0}
+    done: dict = {}
+
+    def on_output(outputs):
+        for o in outputs:
+            if o.request_id == "victim":
+                seen["victim"] += 1
+                if seen["victim"] == 3:
+                    ex.abort("victim")
+                elif seen["victim"] > 3:
+                    seen["after_abort"] += 1
+            if o.finished:
+                done[o.request_id] = o.finish_reason
+        if seen["victim"] >= 3 and "victim" not in ex._aborts:
+            assert "victim" not in eng.blocks.seqs    # blocks freed once the abort is admitted
+
+    ex.run(on_output=on_output)
+    assert done == {"other": "length"}
+    assert seen["after_abort"] <= 2                    # at most the steps already in flight
+    assert eng.blocks.num_used == 0
+    eng.blocks.check_invariants()
+
+
+def test_a_request_the_engine_refuses_is_reported_and_the_rest_run(tiny_gguf):
+    eng = engine(tiny_gguf)
+    ex = Executor(eng, overlap=True)
+    ex.submit("bad", prompt="", params=SamplingParams(max_tokens=3))
+    ex.submit("good", prompt="hello", params=SamplingParams(max_tokens=3))
+    errors, done = {}, {}
+    ex.run(on_output=finished(done), on_error=lambda rid, e: errors.setdefault(rid, str(e)))
+    assert list(done) == ["good"] and "empty" in errors["bad"]
+
+
+def test_the_trace_has_one_track_per_stream_and_reports_overlap(tiny_gguf, tmp_path):
+    path = tmp_path / "run.json"
+    stats = run_requests(engine(tiny_gguf), greedy_requests(16), overlap=True, trace_path=str(path))
+    data = json.loads(path.read_text())
+    names = {e["args"]["name"] for e in data["traceEvents"] if e["name"] == "thread_name"}
+    assert names == {"host", "copy", "compute"}
+    spans = [e for e in data["traceEvents"] if e["ph"] == "X"]
+    assert {"gen.forward", "batch.schedule", "out.emit", "gen.h2d", "gen.d2h"} <= {e["name"] for e in spans}
+    assert 0.0 <= stats["measured_overlap"] <= 1.0
+    assert data["otherData"]["measured_overlap"] == stats["measured_overlap"]
+
+
+def test_host_schedules_the_next_step_while_the_current_one_computes(tiny_gguf):
+    trace = Trace()
+    eng = engine(tiny_gguf)
+    for rid, kw in greedy_requests(8):
+        eng.add_request(rid, **kw)
+    Executor(eng, overlap=True, trace=trace).run()
+    fwd = {s.micro_batch: s for s in trace.spans if s.name == "gen.forward"}
+    sched = {s.micro_batch: s for s in trace.spans if s.name == "batch.schedule"}
+    ahead = [k for k in fwd if k + 1 in sched and sched[k + 1].start < fwd[k].end]
+    assert ahead, "no step was scheduled while the previous one computed"
+    assert trace.measured_overlap() > 0
+
+
+def test_a_serial_run_never_overlaps(tiny_gguf):
+    trace = Trace()
+    eng = engine(tiny_gguf)
+    for rid, kw in greedy_requests(6):
+        eng.add_request(rid, **kw)
+    stats = Executor(eng, overlap=False, trace=trace).run()
+    assert stats["measured_overlap"] == 0.0 and trace.spans
+
+
+def test_a_plan_with_everything_on_one_stream_gives_the_same_answers(tiny_gguf):
+    g = nx.DiGraph(name="onehost", settings={})
+    stages = [("request", "requests"), ("batch", "dynamic_batch"), ("encode", "encode"),
+              ("kv", "kv_lookup"), ("gen", "generate"), ("out", "respond")]
+    for name, kind in stages:
+        g.add_node(name, kind=kind, params={}, resource="host", placement="host", pos=None)
+    nx.add_path(g, [s for s, _ in stages])
+    plan = make_plan(g)
+    assert len(plan.streams) == 1
+    reqs = greedy_requests(6)
+    got: dict = {}
+    run_requests(engine(tiny_gguf), reqs, plan=plan, overlap=True, on_output=finished(got))
+    assert got == stepped(engine(tiny_gguf), reqs)
+
+
+def test_a_plan_without_generate_is_refused(tiny_gguf):
+    g = nx.DiGraph(name="nogen", settings={})
+    g.add_node("request", kind="requests", params={}, resource="host", placement=None, pos=None)
+    g.add_node("out", kind="respond", params={}, resource="host", placement=None, pos=None)
+    g.add_edge("request", "out")
+    with pytest.raises(ValueError, match="generate"):
+        Executor(engine(tiny_gguf), make_plan(g))
+
+
+def test_default_plan_is_the_seed_pipeline():
+    plan = default_plan()
+    assert [s.name for s in plan.streams] == ["host", "copy", "compute"]
+    assert plan.stream_of("gen") == "compute"

@@ -1,0 +1,120 @@
+"""Parity of the engine's model and tokenizer with transformers on the embedded GGUF.
+
+transformers loads the same file with its own GGUF reader and dequantiser (local files
+only, never a hub), so both sides run the same weights: fp32 logits agree to 1e-2 (they
+are ~30 in magnitude), greedy continuations agree token for token, and the tokenizers
+agree on a corpus with unicode, whitespace runs, code and special tokens.
+"""
+
+import pytest
+import torch
+
+from pipeline_dsl.engine.model import ModelRunner, SeqBatchItem
+from pipeline_dsl.engine.models import load_model, resolve_model
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "Once upon a time, in a small village,",
+    "1, 1, 2, 3, 5, 8, 13,",
+    "Les mathématiques sont",
+    "Q: What is photosynthesis?\nA:",
+    "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n",
+    "   Whitespace\t\tand\n\nnewlines   everywhere",
+]
+
+CHAT = [
+    "What is the capital of France?", "Write a haiku about the sea.", "Explain gravity to a child.",
+    "List three fruits.", "What is 12 times 12?", "Translate 'good morning' into Spanish.",
+    "Give me a tip for learning to code.", "Why is the sky blue?", "Describe a cat in one sentence.",
+    "What does a CPU do?", "Name a famous painter.", "How do plants grow?",
+    "Write a Python function that adds two numbers.", "What is the boiling point of water?",
+    "Tell me a fun fact about octopuses.", "What is machine learning?",
+]
+
+CORPUS = [
+    "Hello, world! How are you doing today?",
+    "naïve café résumé — “quotes” ‘single’ … ©®™ ½ ¼",
+    "日本語のテキスト、中文文本, 한국어 텍스트, Ελληνικά, русский текст, العربية",
+    "emoji 🙂👍🏽👨‍👩‍👧‍👦 and flags 🇫🇷🇯🇵",
+    "runs   of    spaces\n\n\n\tand\ttabs\r\n   \n",
+    "    leading and trailing    ",
+    "def f(a, b):\n    return {'x': a ** 2, \"y\": [b, b // 3]}  # comment\n",
+    "for (int i = 0; i < n; ++i) { sum += a[i]; }",
+    "In 2024, 12345 + 678 = 13023 and 3.14159 ≈ π; version v1.2.3-rc4",
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nhi<|im_end|>",
+    "<|endoftext|>after<|endoftext|> and <|im_end|>text",
+    "it's don't we'll they've I'M YOU'RE",
+    "URL https://example.com/path?q=1&r=two#frag, e-mail a.b@c.org",
+]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    transformers = pytest.importorskip("transformers")
+    src = resolve_model(None)
+    kw = dict(gguf_file=src.path.name, local_files_only=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(src.path.parent), dtype=torch.float32, **kw)
+    tok = transformers.AutoTokenizer.from_pretrained(str(src.path.parent), **kw)
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return load_model(None, dtype="fp32")
+
+
+def test_fp32_logits_match_transformers(reference, ours):
+    ref_model, _ = reference
+    model, tok = ours
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt)
+        with torch.no_grad():
+            ref = ref_model(torch.tensor([ids])).logits[0]   # [T, V]
+        got = model.forward_full(ids)
+        assert (got - ref).abs().max().item() < 1e-2, prompt
+        assert ref.abs().max() > 10  # the logits are real, not near zero
+
+
+def greedy_with_runner(model, ids, new_tokens, eos):
+    runner = ModelRunner(model, num_blocks=(len(ids) + new_tokens) // 16 + 2, block_size=16)
+    table = list(range(runner.num_blocks))
+    out, feed, pos = [], ids, 0
+    for _ in range(new_tokens):
+        logits = runner.execute([SeqBatchItem(feed, pos, table, True)])
+        pos += len(feed)
+        nxt = int(logits[0].argmax())
+        out.append(nxt)
+        if nxt in eos:
+            break
+        feed = [nxt]
+    return out
+
+
+def test_greedy_tokens_match_transformers_on_chat_prompts(reference, ours):
+    ref_model, _ = reference
+    model, tok = ours
+    same = 0
+    for question in CHAT:
+        ids = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=True)
+        got = greedy_with_runner(model, ids, 32, tok.eos_token_ids)
+        with torch.no_grad():
+            gen = ref_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                                     eos_token_id=sorted(tok.eos_token_ids), pad_token_id=2)
+        want = gen[0, len(ids):].tolist()
+        same += got == want
+    assert same >= 15
+
+
+def test_token_ids_match_transformers_tokenizer(reference, ours):
+    _, ref_tok = reference
+    _, tok = ours
+    for text in CORPUS:
+        assert tok.encode(text) == ref_tok(text)["input_ids"], text
+        assert tok.decode(tok.encode(text), skip_special_tokens=False) == text
+    msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "2+2?"}]
+    assert tok.apply_chat_template(msgs) == ref_tok.apply_chat_template(msgs, tokenize=False,
+                                                                          add_generation_prompt=True)

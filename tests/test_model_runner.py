@@ -1,0 +1,174 @@
+"""The Llama model and its ModelRunner on the tiny random GGUF: paged KV, prefix sharing,
+batched decode, padding, precisions."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline_dsl.engine.gguf_loader import load_gguf, permute_qk, unpermute_qk
+from pipeline_dsl.engine.model import LlamaModel, ModelRunner, SeqBatchItem
+from tiny_model import write_tiny_gguf
+
+BS = 4  # small blocks so that every test crosses block boundaries
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_gguf):
+    return load_gguf(tiny_gguf)
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    return LlamaModel(tiny.config, tiny.weights, "fp32")
+
+
+def seq(n, seed):
+    return np.random.default_rng(seed).integers(3, 290, size=n).tolist()
+
+
+def run_alone(model, ids, chunks=(None,)):
+    """Feed ids in the given chunk sizes through a fresh runner; logits of the last token."""
+    runner = ModelRunner(model, num_blocks=64, block_size=BS)
+    table = list(range(7, 7 + (len(ids) + BS - 1) // BS))  # not starting at block 0
+    pos, out = 0, None
+    for size in chunks:
+        size = size or len(ids) - pos
+        out = runner.execute([SeqBatchItem(ids[pos:pos + size], pos, table, True)])
+        pos += size
+    assert pos == len(ids)
+    return out[0]
+
+
+def test_tiny_gguf_loads_config_and_all_weights(tiny):
+    c = tiny.config
+    assert (c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim) == (64, 2, 4, 2, 16)
+    assert c.vocab_size == tiny.weights["embed"].shape[0] == len(tiny.metadata["tokenizer.ggml.tokens"])
+    assert tiny.weights["layers.1.gate"].shape == (128, 64)
+    assert c.tie_embeddings and "lm_head" not in tiny.weights
+
+
+def test_unpermute_undoes_llama_cpp_qk_permutation():
+    w = np.arange(8 * 16 * 3, dtype=np.float32).reshape(8 * 16, 3)
+    assert np.array_equal(unpermute_qk(permute_qk(w, 8), 8), w)
+    assert not np.array_equal(permute_qk(w, 8), w)
+
+
+def test_prefill_logits_match_full_forward(model):
+    ids = seq(11, 0)
+    ref = model.forward_full(ids)
+    assert torch.allclose(run_alone(model, ids), ref[-1], atol=1e-4)
+
+
+def test_chunked_prefill_and_decode_match_full_forward(model):
+    ids = seq(14, 1)
+    ref = model.forward_full(ids)
+    got = run_alone(model, ids, chunks=(5, 3, 4, 1, 1))
+    assert torch.allclose(got, ref[-1], atol=1e-4)
+
+
+def test_shared_prefix_blocks_give_same_logits_as_fresh_forward(model):
+    prefix, a_tail, b_tail = seq(8, 2), seq(3, 3), seq(5, 4)   # prefix = 2 full blocks
+    runner = ModelRunner(model, num_blocks=32, block_size=BS)
+    runner.execute([SeqBatchItem(prefix + a_tail, 0, [10, 11, 12], True)])
+    # B reuses A's two prefix blocks and only computes its own tail
+    got = runner.execute([SeqBatchItem(b_tail, 8, [10, 11, 20, 21], True)])[0]
+    ref = model.forward_full(prefix + b_tail)[-1]
+    assert torch.allclose(got, ref, atol=1e-4)
+
+
+def test_copy_block_copies_a_partly_filled_shared_block(model):
+    ids = seq(6, 5)
+    runner = ModelRunner(model, num_blocks=16, block_size=BS)
+    runner.execute([SeqBatchItem(ids, 0, [0, 1], True)])
+    runner.copy_block(1, 5)                      # copy-on-write of the half-full block
+    assert torch.equal(runner.k_cache[:, 4:8], runner.k_cache[:, 20:24])
+    nxt = seq(1, 6)
+    got = runner.execute([SeqBatchItem(nxt, 6, [0, 5], True)])[0]
+    assert torch.allclose(got, model.forward_full(ids + nxt)[-1], atol=1e-4)
+
+
+def _decode_batch(model, prompts, steps, *, pad=False, batched=True):
+    """Prefill each prompt, then greedy-decode `steps` tokens; returns per-step logits."""
+    runner = ModelRunner(model, num_blocks=128, block_size=BS, pad_decode=pad)
+    tables = [list(range(i * 16, i * 16 + 16)) for i in range(len(prompts))]
+    last = runner.execute([SeqBatchItem(p, 0, t, True) for p, t in zip(prompts, tables)])
+    lens = [len(p) for p in prompts]
+    history = [last]
+    for _ in range(steps):
+        nxt = last.argmax(-1).tolist()
+        items = [SeqBatchItem([tok], n, t, True) for tok, n, t in zip(nxt, lens, tables)]
+        if batched:
+            last = runner.execute(items)
+        else:
+            last = torch.cat([runner.execute([it]) for it in items])
+        lens = [n + 1 for n in lens]
+        history.append(last)
+    return torch.stack(history)  # [steps+1, B, V]
+
+
+def test_batched_decode_equals_one_at_a_time(model):
+    prompts = [seq(n, 10 + n) for n in (3, 9, 6, 13)]
+    batched = _decode_batch(model, prompts, 6)
+    alone = _decode_batch(model, prompts, 6, batched=False)
+    assert torch.allclose(batched, alone, atol=1e-4)
+
+
+def test_padded_decode_batch_gives_same_logits(model):
+    prompts = [seq(n, 20 + n) for n in (5, 7, 2)]          # 3 -> padded to a bucket of 4
+    assert torch.allclose(_decode_batch(model, prompts, 4, pad=True),
+                          _decode_batch(model, prompts, 4), atol=1e-4)
+
+
+def test_mixed_prefill_and_decode_in_one_step(model):
+    a, b = seq(7, 30), seq(9, 31)
+    runner = ModelRunner(model, num_blocks=32, block_size=BS)
+    runner.execute([SeqBatchItem(a, 0, [0, 1], False)])     # not sampled: no logits
+    out = runner.execute([
+        SeqBatchItem(b[:4], 0, [4, 5, 6], False),            # non-final chunk: no row
+        SeqBatchItem([5], 7, [0, 1], True),                  # decode
+    ])
+    assert out.shape == (1, model.config.vocab_size)
+    assert torch.allclose(out[0], model.forward_full(a + [5])[-1], atol=1e-4)
+    out = runner.execute([SeqBatchItem(b[4:], 4, [4, 5, 6], True), SeqBatchItem([6], 8, [0, 1, 2], True)])
+    assert torch.allclose(out[0], model.forward_full(b)[-1], atol=1e-4)
+    assert torch.allclose(out[1], model.forward_full(a + [5, 6])[-1], atol=1e-4)
+
+
+def test_execute_without_sampled_items_returns_no_rows(model):
+    runner = ModelRunner(model, num_blocks=8, block_size=BS)
+    out = runner.execute([SeqBatchItem(seq(5, 40), 0, [0, 1], False)])
+    assert out.shape == (0, model.config.vocab_size)
+
+
+def test_block_table_too_short_is_a_clear_error(model):
+    runner = ModelRunner(model, num_blocks=8, block_size=BS)
+    with pytest.raises(ValueError, match="block table"):
+        runner.execute([SeqBatchItem(seq(9, 41), 0, [0, 1], True)])
+
+
+@pytest.mark.parametrize("dtype,tol", [("bf16", 0.15), ("int8", 0.15)])
+def test_low_precision_logits_stay_close_to_fp32(tiny, model, dtype, tol):
+    ids = seq(12, 50)
+    ref = model.forward_full(ids)
+    low = LlamaModel(tiny.config, tiny.weights, dtype)
+    got = run_alone(low, ids, chunks=(8, 3, 1))
+    rel = (got - ref[-1]).abs().max() / ref[-1].abs().max()
+    assert rel < tol
+    assert got.argmax() == ref[-1].argmax()
+
+
+def test_int8_weights_are_int8_with_per_channel_scales(tiny):
+    m = LlamaModel(tiny.config, tiny.weights, "int8")
+    qkv = m.layers[0].qkv
+    assert qkv.qweight.dtype == torch.int8 and qkv.scale.shape == (qkv.qweight.shape[0],)
+    w = torch.cat([tiny.weights["layers.0.q"], tiny.weights["layers.0.k"], tiny.weights["layers.0.v"]])
+    assert (qkv.dequantized().float() - w).abs().max() <= w.abs().max() / 127
+
+
+def test_quantized_gguf_dequantises_close_to_its_float_source(tmp_path, tiny):
+    q8 = load_gguf(write_tiny_gguf(tmp_path / "q8.gguf", qtype="Q8_0"))
+    q4 = load_gguf(write_tiny_gguf(tmp_path / "q4.gguf", qtype="Q4_1"))
+    for name in ("embed", "layers.0.q", "layers.1.down"):
+        ref = tiny.weights[name]
+        assert (q8.weights[name] - ref).abs().max() < 0.02 * ref.abs().max()
+        assert (q4.weights[name] - ref).abs().max() < 0.2 * ref.abs().max()

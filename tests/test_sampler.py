@@ -1,0 +1,117 @@
+"""Sampler, incremental detokenisation and stop strings."""
+
+import pytest
+import torch
+
+from pipeline_dsl.engine import InputError, SamplingParams
+from pipeline_dsl.engine.sampler import Detokenizer, Sampler, StopStrings, make_generator
+
+
+def _logits(n=4, vocab=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, vocab, generator=g) * 3  # [n, V]
+
+
+def test_greedy_is_argmax_of_every_row():
+    logits = _logits()
+    out = Sampler().sample(logits, [SamplingParams()] * 4, [None] * 4)
+    assert out == logits.argmax(-1).tolist()
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch():
+    logits = _logits(n=6)
+    p = SamplingParams(temperature=4.0, top_p=0.95, top_k=20, seed=7)
+
+    def draws(rows, others):
+        gen = make_generator(7)
+        out = []
+        for _ in range(5):  # five steps of one request, batched with different neighbours
+            batch = torch.cat([logits[rows], logits[others]])
+            params = [p] + [SamplingParams(temperature=0.8, seed=None)] * len(others)
+            out.append(Sampler().sample(batch, params, [gen] + [None] * len(others))[0])
+        return out
+
+    alone = draws([0], [])
+    crowded = draws([0], [1, 2, 3, 4])
+    assert alone == crowded
+    assert len(set(alone)) > 1  # it does sample, not argmax
+
+
+def test_different_seeds_differ():
+    logits = _logits(n=1, vocab=1000) * 0  # uniform
+    a = [Sampler().sample(logits, [SamplingParams(temperature=1, seed=1)], [make_generator(1)])[0]]
+    b = [Sampler().sample(logits, [SamplingParams(temperature=1, seed=2)], [make_generator(2)])[0]]
+    assert a != b
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    logits = _logits(n=3)
+    params = [SamplingParams(temperature=1.5, top_k=1, seed=3),
+              SamplingParams(temperature=1.5, top_p=1e-6, seed=3),
+              SamplingParams(temperature=1.5, top_k=1, top_p=0.5)]
+    gens = [make_generator(3), make_generator(3), None]
+    assert Sampler().sample(logits, params, gens) == logits.argmax(-1).tolist()
+
+
+def test_top_k_restricts_to_k_best_tokens():
+    logits = _logits(n=1, vocab=100)
+    best3 = set(logits[0].topk(3).indices.tolist())
+    gen = make_generator(0)
+    seen = {Sampler().sample(logits, [SamplingParams(temperature=5.0, top_k=3)], [gen])[0]
+            for _ in range(200)}
+    assert seen <= best3 and len(seen) == 3
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))  # [1, 4]
+    gen = make_generator(0)
+    seen = {Sampler().sample(logits, [SamplingParams(temperature=1.0, top_p=0.7)], [gen])[0]
+            for _ in range(300)}
+    assert seen == {0, 1}
+
+
+@pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0),
+                                 dict(top_p=1.5), dict(top_k=-2), dict(seed="x"), dict(stop=[""]),
+                                 dict(stop=5), dict(stop_token_ids=[-1]), dict(max_tokens=2.5)])
+def test_bad_sampling_values_raise_input_error(bad):
+    with pytest.raises(InputError):
+        SamplingParams(**bad).check()
+
+
+def test_stop_accepts_a_single_string():
+    assert SamplingParams(stop="END").stop == ("END",)
+
+
+def test_detokenizer_waits_for_complete_utf8():
+    # a toy byte tokenizer: id = byte value
+    def decode(ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    d = Detokenizer(decode, list(b"hi "))
+    pieces = [d.add(b) for b in "é😀 ok".encode()]
+    assert "".join(pieces) == "é😀 ok"
+    assert "\ufffd" not in "".join(pieces)
+    assert pieces[0] == ""  # the first byte of "é" alone is not a character
+
+
+def test_detokenizer_window_stays_short_over_long_output():
+    calls = []
+
+    def decode(ids):
+        calls.append(len(ids))
+        return "".join(chr(97 + i % 26) for i in ids)
+
+    d = Detokenizer(decode, [1, 2, 3])
+    text = "".join(d.add(i) for i in range(500))
+    assert text == "".join(chr(97 + i % 26) for i in range(500))
+    assert max(calls) <= 4 * Detokenizer.CONTEXT + 1
+
+
+def test_stop_strings_find_earliest_and_hold_back_prefixes():
+    s = StopStrings(("</s>", "STOP"))
+    assert s.find("abc </s> STOP", 0) == 4
+    assert s.find("abcSTOP", 5) == 3        # a stop that straddles old and new text
+    assert s.hold_back("hello </") == 2
+    assert s.hold_back("hello ST") == 2
+    assert s.hold_back("hello") == 0
+    assert StopStrings(()).find("anything", 0) == -1

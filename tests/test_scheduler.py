@@ -1,0 +1,158 @@
+"""Scheduler: the batch window (size and timeout), continuous and static batching,
+the per-step token budget, chunked prefill and preemption."""
+
+from pipeline_dsl.engine import EngineConfig, SamplingParams
+from pipeline_dsl.engine.kv_cache import BlockManager
+from pipeline_dsl.engine.scheduler import Scheduler, Sequence, bucket
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def make(num_blocks=64, block_size=4, **cfg):
+    clock = Clock()
+    config = EngineConfig(**{"batch_timeout_s": 0.010, "max_batch_size": 4, **cfg})
+    return Scheduler(config, BlockManager(num_blocks, block_size), clock), clock
+
+
+def add(sched, clock, rid, n_prompt=5, max_tokens=4):
+    base = 1000 * (len(sched.waiting) + len(sched.running) + len(rid) + ord(rid[0]))  # distinct prompts
+    seq = Sequence(rid, list(range(base, base + n_prompt)), n_prompt, SamplingParams(max_tokens=max_tokens), clock())
+    sched.add(seq)
+    return seq
+
+
+def run_step(sched):
+    """schedule + a fake model (next token 7) + update; finishes sequences at max_tokens."""
+    out = sched.schedule()
+    sched.update(out, [7] * out.num_sample)
+    for seq in list(sched.running):
+        if seq.num_output >= seq.params.max_tokens:
+            sched.remove(seq, "length")
+    return out
+
+
+def test_window_holds_requests_until_timeout():
+    sched, clock = make()
+    add(sched, clock, "a")
+    clock.t += 0.004
+    add(sched, clock, "b")
+    assert sched.schedule().empty
+    assert sched.next_deadline() == 100.010   # from the first waiting request
+    clock.t = 100.010
+    out = sched.schedule()
+    assert [it.seq.request_id for it in out.items] == ["a", "b"]
+    assert sched.next_deadline() is None
+
+
+def test_full_batch_dispatches_before_timeout():
+    sched, clock = make(max_batch_size=3)
+    for rid in "abc":
+        add(sched, clock, rid)
+    assert sched.next_deadline() is None
+    assert len(sched.schedule().items) == 3
+
+
+def test_zero_timeout_dispatches_at_once():
+    sched, clock = make(batch_timeout_s=0.0)
+    add(sched, clock, "a")
+    assert len(sched.schedule().items) == 1
+
+
+def test_continuous_batching_lets_waiting_join_between_decode_steps():
+    sched, clock = make(batch_timeout_s=0.0)
+    add(sched, clock, "a", max_tokens=10)
+    run_step(sched)                        # prefill of a
+    add(sched, clock, "b", max_tokens=10)
+    out = run_step(sched)                  # a decodes, b joins in the same step
+    assert [(it.seq.request_id, it.num_tokens) for it in out.items] == [("a", 1), ("b", 5)]
+
+
+def test_static_batching_runs_batches_to_completion():
+    sched, clock = make(batch_timeout_s=0.0, policy="static")
+    add(sched, clock, "a", max_tokens=3)
+    run_step(sched)
+    add(sched, clock, "b", max_tokens=3)
+    seen = []
+    while sched.has_unfinished():
+        seen.append(sorted(it.seq.request_id for it in run_step(sched).items))
+    assert seen == [["a"], ["a"], ["b"], ["b"], ["b"]]
+
+
+def test_finished_sequences_leave_and_free_their_blocks():
+    sched, clock = make(batch_timeout_s=0.0)
+    add(sched, clock, "a", max_tokens=2)
+    add(sched, clock, "b", max_tokens=5)
+    while sched.has_unfinished():
+        run_step(sched)
+    assert sched.blocks.num_used == 0 and not sched.running
+
+
+def test_token_budget_and_chunked_prefill_keep_decoders_going():
+    sched, clock = make(batch_timeout_s=0.0, max_tokens_per_step=8, prefill_chunk=6, num_blocks=64)
+    add(sched, clock, "short", n_prompt=3, max_tokens=20)
+    run_step(sched)
+    add(sched, clock, "long", n_prompt=40, max_tokens=2)
+    chunks = []
+    while any(s.request_id == "long" for s in sched.waiting) or any(
+            s.request_id == "long" and s.num_computed < 40 for s in sched.running):
+        out = run_step(sched)
+        assert sum(it.num_tokens for it in out.items) <= 8
+        ids = {it.seq.request_id: it for it in out.items}
+        assert ids["short"].num_tokens == 1         # the decoder advances every step
+        chunks.append(ids["long"].num_tokens)
+    assert sum(chunks) == 40 and max(chunks) <= 6
+    assert len(chunks) == 7                        # 6 x 6 tokens + 4
+
+
+def test_max_batch_size_caps_running_sequences():
+    sched, clock = make(batch_timeout_s=0.0, max_batch_size=2)
+    for rid in "abcd":
+        add(sched, clock, rid, max_tokens=50)
+    run_step(sched)
+    assert len(sched.running) == 2 and len(sched.waiting) == 2
+
+
+def test_out_of_blocks_preempts_the_most_recent_and_recomputes_it():
+    # 7 blocks of 4 tokens: three sequences of 5 prompt tokens fit (2 blocks each), but each
+    # grows to 11 tokens (3 blocks), 9 in all
+    sched, clock = make(num_blocks=7, block_size=4, batch_timeout_s=0.0)
+    seqs = [add(sched, clock, rid, n_prompt=5, max_tokens=6) for rid in "abc"]
+    preempted = []
+    steps = 0
+    while sched.has_unfinished():
+        preempted += run_step(sched).preempted
+        sched.blocks.check_invariants()
+        steps += 1
+        assert steps < 100, "no progress"
+    assert preempted and preempted[0] == "c"
+    assert all(s.num_output == 6 and s.output_ids == [7] * 6 for s in seqs)
+    assert seqs[2].num_preemptions >= 1
+    assert sched.num_preemptions == len(preempted)
+    assert sched.blocks.num_used == 0
+
+
+def test_shared_prompt_prefix_is_not_prefilled_again():
+    sched, clock = make(batch_timeout_s=0.0)
+    a = Sequence("a", list(range(10)), 10, SamplingParams(max_tokens=2), clock())
+    sched.add(a)
+    while sched.has_unfinished():
+        run_step(sched)
+    b = Sequence("b", list(range(10)) + [99], 11, SamplingParams(max_tokens=2), clock())
+    sched.add(b)
+    out = run_step(sched)
+    assert b.cached_tokens == 8 and out.items[0].start == 8 and out.items[0].num_tokens == 3
+
+
+def test_padding_buckets_pure_decode_steps():
+    sched, clock = make(batch_timeout_s=0.0, max_batch_size=8)
+    for rid in "abc":
+        add(sched, clock, rid, max_tokens=5)
+    assert run_step(sched).pad_to is None          # prefill step: not padded
+    assert run_step(sched).pad_to == 4             # 3 decodes -> bucket 4
+    assert bucket(5, 8) == 8 and bucket(9, 8) == 9 and bucket(1, 32) == 1

@@ -1,0 +1,397 @@
+"""`agp serve`: request validation, and a real server on loopback with the tiny GGUF model
+driven by the official `openai` client, httpx and a subprocess for SIGTERM."""
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
+from pipeline_dsl.serve import protocol as P
+from pipeline_dsl.serve.app import ServeConfig, create_app
+from pipeline_dsl.serve.async_engine import AsyncEngine
+from pipeline_dsl.serve.metrics import ServerMetrics
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULTS = SamplingParams(max_tokens=16)
+SERVED = ("tiny", "tiny-model")
+
+
+# ---------------------------------------------------------------- validation, no server
+
+def parse_chat(obj, max_model_len=512):
+    return P.parse_chat(obj, defaults=DEFAULTS, max_model_len=max_model_len, served=SERVED)
+
+
+def parse_completion(obj, max_model_len=512):
+    return P.parse_completion(obj, defaults=DEFAULTS, max_model_len=max_model_len, served=SERVED)
+
+
+def test_malformed_json_is_a_400_naming_the_position():
+    with pytest.raises(P.APIError) as e:
+        P.parse_json(b'{"prompt": "hi",}')
+    assert e.value.status == 400 and "not valid JSON" in e.value.message
+    assert "column 17" in e.value.message
+    assert e.value.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_json_that_is_not_an_object_is_rejected():
+    with pytest.raises(P.APIError, match="must be a JSON object, not an array"):
+        P.parse_json(b"[1, 2]")
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("max_tokens", "ten", "'max_tokens' must be an integer, not a string"),
+    ("max_tokens", True, "'max_tokens' must be an integer, not a boolean"),
+    ("temperature", "hot", "'temperature' must be a number"),
+    ("temperature", 3.5, "between 0 and 2"),
+    ("top_p", 0, r"'top_p' must be in \(0, 1\]"),
+    ("stream", "yes", "'stream' must be true or false"),
+    ("stop", 5, "'stop' must be a string or an array of strings"),
+    ("seed", 1.5, "'seed' must be an integer"),
+    ("n", 2, "'n' = 2 is not supported"),
+])
+def test_wrongly_typed_fields_are_400_naming_the_field(field, value, expected):
+    with pytest.raises(P.APIError, match=expected) as e:
+        parse_completion({"prompt": "hi", field: value})
+    assert e.value.status == 400 and e.value.param == field
+
+
+def test_empty_messages_and_empty_prompt_are_rejected():
+    with pytest.raises(P.APIError, match="'messages' is empty") as e:
+        parse_chat({"messages": []})
+    assert e.value.param == "messages"
+    with pytest.raises(P.APIError, match="'messages' is required"):
+        parse_chat({})
+    with pytest.raises(P.APIError, match="every message in 'messages' is empty"):
+        parse_chat({"messages": [{"role": "user", "content": "  "}]})
+    with pytest.raises(P.APIError, match="'prompt' is empty"):
+        parse_completion({"prompt": ""})
+
+
+def test_bad_message_role_and_content_are_named():
+    with pytest.raises(P.APIError, match=r"'messages\[1\].role' must be one of"):
+        parse_chat({"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]})
+    with pytest.raises(P.APIError, match=r"'messages\[0\].content' must be a string"):
+        parse_chat({"messages": [{"role": "user", "content": 7}]})
+    with pytest.raises(P.APIError, match="text part"):
+        parse_chat({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
+
+
+def test_max_tokens_beyond_the_context_is_rejected():
+    with pytest.raises(P.APIError, match="beyond the model's context of 512 tokens") as e:
+        parse_chat({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 513})
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(P.APIError, match="'max_completion_tokens' = 600"):
+        parse_chat({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 600})
+
+
+def test_unknown_field_suggests_the_closest_name():
+    with pytest.raises(P.APIError, match="unrecognized request argument 'max_token'; did you mean 'max_tokens'"):
+        parse_completion({"prompt": "hi", "max_token": 4})
+
+
+def test_unknown_model_is_404_model_not_found():
+    with pytest.raises(P.APIError) as e:
+        parse_completion({"prompt": "hi", "model": "tinny"})
+    assert e.value.status == 404 and e.value.code == "model_not_found"
+    assert "did you mean 'tiny'" in e.value.message
+
+
+def test_valid_requests_become_sampling_params_over_the_pipeline_defaults():
+    req = parse_chat({"model": "tiny", "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}],
+        "max_completion_tokens": 7, "temperature": 0.5, "top_k": -1, "stop": "\n", "seed": 3,
+        "stream": True, "stream_options": {"include_usage": True}})
+    assert req.params == SamplingParams(max_tokens=7, temperature=0.5, top_k=0, stop=("\n",), seed=3)
+    assert req.engine_inputs() == {"messages": [{"role": "system", "content": "Be brief."},
+                                                {"role": "user", "content": "Hi there"}]}
+    assert req.stream and req.include_usage
+    comp = parse_completion({"prompt": [[5, 6, 7]]})
+    assert comp.engine_inputs() == {"prompt_token_ids": [5, 6, 7]}
+    assert comp.params == DEFAULTS and comp.model == "tiny"
+
+
+def test_pipeline_default_max_tokens_is_capped_to_the_context():
+    req = P.parse_completion({"prompt": "hi"}, defaults=SamplingParams(max_tokens=4096),
+                             max_model_len=512, served=SERVED)
+    assert req.params.max_tokens == 512
+
+
+# ---------------------------------------------------------------- a live server
+
+class LiveServer:
+    """An `agp serve` app on 127.0.0.1:<free port>, in a uvicorn thread of this process."""
+
+    def __init__(self, model_path, **engine_cfg):
+        cfg = {"model": str(model_path), "dtype": "fp32", "kv_budget_bytes": 1 << 20, "block_size": 8,
+               "batch_timeout_s": 0.02, **engine_cfg}
+        self.engine = Engine(EngineConfig(**cfg))
+        self.metrics = ServerMetrics()
+        self.app = create_app(AsyncEngine(self.engine, metrics=self.metrics),
+                              ServeConfig(model_names=SERVED, max_model_len=self.engine.max_model_len,
+                                          defaults=DEFAULTS), self.metrics)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0,
+                                    timeout=60)
+
+    def stats(self) -> dict:
+        return httpx.get(self.url + "/stats", timeout=10).json()
+
+    def metric(self, name: str, labels: str = "") -> float:
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        m = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
+        assert m, f"{name}{labels} not in /metrics"
+        return float(m.group(1))
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gguf):
+    s = LiveServer(tiny_gguf)
+    yield s
+    s.close()
+
+
+def direct(engine_path, **inputs) -> str:
+    """The same request run on a bare engine: what the server must answer."""
+    e = Engine(EngineConfig(model=str(engine_path), dtype="fp32", kv_budget_bytes=1 << 20,
+                            block_size=8, batch_timeout_s=0.0))
+    e.add_request("x", params=inputs.pop("params"), **inputs)
+    text = None
+    while e.has_unfinished():
+        for out in e.step():
+            text = out.text if out.finished else text
+    return text
+
+
+def test_completion_with_the_openai_client_matches_the_engine(server, tiny_gguf):
+    r = server.client.completions.create(model="tiny", prompt="hello world", max_tokens=12,
+                                         extra_body={"ignore_eos": True})
+    expected = direct(tiny_gguf, prompt="hello world", params=SamplingParams(max_tokens=12, ignore_eos=True))
+    assert r.choices[0].text == expected
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens > 0
+    assert r.object == "text_completion" and r.id.startswith("cmpl-")
+
+
+def test_chat_stream_concatenates_to_the_non_streaming_answer(server):
+    msgs = [{"role": "user", "content": "the cat and the world"}]
+    whole = server.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10)
+    chunks = list(server.client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=10, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0   # same prompt again: prefix hit
+
+
+def test_raw_sse_stream_ends_with_done(server):
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 5, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    payloads = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    assert payloads[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all(p["object"] == "text_completion" for p in payloads)
+
+
+@pytest.mark.parametrize("route, body, status, fragment", [
+    ("/v1/completions", b'{"prompt": ', 400, "not valid JSON"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": "8"}', 400, "'max_tokens' must be an integer"),
+    ("/v1/chat/completions", b'{"messages": []}', 400, "'messages' is empty"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}',
+     400, "beyond the model's context"),
+    ("/v1/completions", json.dumps({"prompt": "the cat " * 300, "max_tokens": 8}).encode(), 400,
+     "exceeds the model's context"),
+    ("/v1/completions", b'{"prompt": "hi", "model": "gpt-4"}', 404, "does not exist"),
+])
+def test_bad_requests_get_openai_style_errors(server, route, body, status, fragment):
+    r = httpx.post(server.url + route, content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert fragment in err["message"] and set(err) == {"message", "type", "param", "code"}
+
+
+def test_the_openai_client_raises_bad_request_for_invalid_input(server):
+    with pytest.raises(openai.BadRequestError, match="'messages' is empty"):
+        server.client.chat.completions.create(model="tiny", messages=[])
+
+
+def test_models_health_and_metrics(server):
+    assert [m.id for m in server.client.models.list()] == list(SERVED)
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("agp_requests_total", "agp_queue_length", "agp_running_sequences", "agp_batch_size",
+                 "agp_prompt_tokens_total", "agp_generation_tokens_total",
+                 "agp_time_to_first_token_seconds", "agp_inter_token_latency_seconds",
+                 "agp_kv_blocks_used", "agp_kv_blocks_cached", "agp_prefix_cache_hit_rate"):
+        assert f"\n{name}" in text, name
+    assert httpx.get(server.url + "/nowhere").json()["error"]["type"] == "not_found_error"
+
+
+def test_concurrent_http_requests_are_batched_together(server):
+    before = server.stats()["batch_size_hist"]
+
+    def one(i):
+        return server.client.completions.create(model="tiny", prompt=f"hello {i}", max_tokens=8,
+                                                extra_body={"ignore_eos": True})
+
+    threads, results = [], {}
+    for i in range(8):
+        t = threading.Thread(target=lambda i=i: results.__setitem__(i, one(i)))
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join(60)
+    assert all(results[i].usage.completion_tokens == 8 for i in range(8))
+    after = server.stats()["batch_size_hist"]
+    grown = {int(k): v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0) > 0}
+    assert max(grown) >= 4, grown        # several requests shared one step
+
+
+def test_full_queue_is_429_with_retry_after(tiny_gguf):
+    # a long batch window holds admitted requests in the queue: two fill max_queue = 2
+    s = LiveServer(tiny_gguf, max_batch_size=8, max_queue=2, batch_timeout_s=30.0)
+    try:
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 4, "stream": True}
+        with httpx.Client(base_url=s.url, timeout=30) as a, httpx.Client(base_url=s.url, timeout=30) as b:
+            with a.stream("POST", "/v1/completions", json=body) as first, \
+                    b.stream("POST", "/v1/completions", json=body) as second:
+                assert first.status_code == second.status_code == 200
+                assert s.stats()["waiting"] == 2
+                r = httpx.post(s.url + "/v1/completions", json=body, timeout=30)
+                assert r.status_code == 429
+                assert r.headers["retry-after"] == "1"
+                assert r.json()["error"]["code"] == "queue_full"
+                assert r.json()["error"]["type"] == "rate_limit_error"
+        assert s.metric("agp_requests_total", '{status="429"}') == 1
+    finally:
+        s.close()
+
+
+def test_hundred_clients_disconnecting_mid_stream_leak_no_kv_blocks(tiny_gguf):
+    s = LiveServer(tiny_gguf, max_batch_size=32)
+    try:
+        async def client(i, http):
+            body = {"model": "tiny", "prompt": f"hello world {i}", "max_tokens": 400, "ignore_eos": True,
+                    "stream": True}
+            async with http.stream("POST", "/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: ") and '"text":""' not in line:
+                        return True                            # one token seen: hang up
+            return False
+
+        async def main():
+            async with httpx.AsyncClient(base_url=s.url, timeout=60,
+                                         limits=httpx.Limits(max_connections=200)) as http:
+                return await asyncio.wait_for(
+                    asyncio.gather(*(client(i, http) for i in range(100))), 120)
+
+        assert all(asyncio.run(main()))
+        deadline = time.monotonic() + 30
+        while True:
+            st = s.stats()
+            if st["requests_aborted"] == 100 and st["kv_blocks_used"] == 0 and st["in_flight"] == 0:
+                break
+            assert time.monotonic() < deadline, st
+            time.sleep(0.1)
+        assert st["requests_done"] == 0 and st["running"] == 0 and st["waiting"] == 0
+        assert s.metric("agp_kv_blocks_used") == 0
+        assert s.metric("agp_requests_total", '{status="499"}') == 100
+        s.engine.blocks.check_invariants()
+    finally:
+        s.close()
+
+
+# ---------------------------------------------------------------- the command
+
+def _pipeline_file(tmp_path, model_path) -> Path:
+    text = (ROOT / "examples" / "chat.agp").read_text()
+    text = re.sub(r'model\s*=\s*"[^"]*"', f'model = "{model_path}"', text, count=1)
+    path = tmp_path / "tiny.agp"
+    path.write_text(text)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_finishes_in_flight_streams_and_exits_zero(tmp_path, tiny_gguf):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "serve",
+                             str(_pipeline_file(tmp_path, tiny_gguf)), "--port", str(port)],
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "agp serve did not come up"
+            time.sleep(0.2)
+        body = {"prompt": "hello", "max_tokens": 300, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            proc.send_signal(signal.SIGTERM)                 # mid-stream
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        usage = json.loads(rest[-2][len("data: "):])["usage"]
+        assert usage["completion_tokens"] == 300 and first
+        assert proc.wait(60) == 0
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url + "/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_command_reports_bad_input_without_traceback(tmp_path):
+    missing = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "serve", str(tmp_path / "nope.agp"),
+                              "--port", "0"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "nope.agp" in missing.stderr
+    bad_port = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "serve", "examples/chat.agp",
+                               "--port", "70000"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad_port.returncode == 2 and "--port must be between 0 and 65535" in bad_port.stderr

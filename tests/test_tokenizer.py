@@ -1,0 +1,65 @@
+"""Tokenizer from GGUF metadata (tiny model): byte-level BPE, special tokens, chat
+template in the sandbox, incremental decoding."""
+
+import pytest
+
+from pipeline_dsl.engine.gguf_loader import load_gguf
+from pipeline_dsl.engine.tokenizer import Tokenizer, TokenizerError
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_gguf):
+    return Tokenizer.from_gguf_metadata(load_gguf(tiny_gguf).metadata)
+
+
+def test_merges_apply_and_text_round_trips(tok):
+    ids = tok.encode(" the world")
+    assert [tok.tk.id_to_token(i) for i in ids] == ["Ġthe", "Ġworld"]
+    for text in ["héllo wörld ✓ 日本語 🙂", "  two  spaces\n\n\ttab", "def f(x):\n    return x**2\n", ""]:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_digits_are_split_one_by_one_like_llama_cpp_smollm(tok):
+    assert [tok.tk.id_to_token(i) for i in tok.encode("x 2024")] == ["x", "Ġ", "2", "0", "2", "4"]
+
+
+def test_special_tokens_are_matched_whole_and_skipped_in_text(tok):
+    ids = tok.encode("<|im_start|>user\nhi<|im_end|>")
+    assert ids[0] == 1 and ids[-1] == 2
+    assert tok.decode(ids) == "user\nhi"
+    assert tok.decode(ids, skip_special_tokens=False) == "<|im_start|>user\nhi<|im_end|>"
+    assert tok.eos_token_ids == frozenset({2}) and tok.bos_token == "<|im_start|>"
+    assert tok.encode("hi") == tok.encode("hi", add_special_tokens=False)  # add_bos_token is false
+
+
+def test_chat_template_renders_with_generation_prompt(tok):
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert text == ("<|im_start|>system\nYou are a tiny test model.<|im_end|>\n"
+                    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    ids = tok.apply_chat_template([{"role": "system", "content": "S"}], add_generation_prompt=False,
+                                  tokenize=True)
+    assert tok.decode(ids, skip_special_tokens=False) == "<|im_start|>system\nS<|im_end|>\n"
+
+
+def test_template_errors_and_sandbox_become_tokenizer_errors(tok):
+    bad = Tokenizer(tok.tk, bos_token=None, eos_token=None, eos_token_ids=[],
+                    chat_template="{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(TokenizerError, match="roles must alternate"):
+        bad.apply_chat_template([{"role": "user", "content": "x"}])
+    unsafe = Tokenizer(tok.tk, bos_token=None, eos_token=None, eos_token_ids=[],
+                       chat_template="{{ messages.append(1) }}")
+    with pytest.raises(TokenizerError):
+        unsafe.apply_chat_template([])
+    none = Tokenizer(tok.tk, bos_token=None, eos_token=None, eos_token_ids=[], chat_template=None)
+    with pytest.raises(TokenizerError, match="no chat template"):
+        none.apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_incremental_decoder_never_splits_a_character(tok):
+    text = "a 日本 🙂 ok"
+    ids = tok.encode(text)
+    assert len(ids) > len(text)  # multi-byte characters take several byte tokens
+    dec = tok.incremental_decoder()
+    deltas = [dec.add([i]) for i in ids]
+    assert "".join(deltas) == text and all("\ufffd" not in d for d in deltas)
+    assert dec.flush() == ""
