@@ -97,12 +97,12 @@ def make_engine(args, shared):
     return Engine(cfg, runner=shared["runner"], tokenizer=IdTokenizer())
 
 
-def run_once(args, shared, overlap: bool, trace_dir: Path | None, tag: str) -> dict:
+def run_once(args, shared, overlap: bool, graphs: bool, issue: str, trace_dir: Path | None, tag: str) -> dict:
     eng = make_engine(args, shared)
     for rid, kw in workload(args, tokenizer_ready=bool(args.model)):
         eng.add_request(rid, **kw)
     trace = Trace()
-    ex = Executor(eng, default_plan(), overlap=overlap, trace=trace)
+    ex = Executor(eng, default_plan(), overlap=overlap, trace=trace, cuda_graphs=graphs, issue=issue)
     tokens = 0
 
     def on_output(outputs):
@@ -121,6 +121,7 @@ def run_once(args, shared, overlap: bool, trace_dir: Path | None, tag: str) -> d
             "overlap": stats["measured_overlap"], "steps": stats["steps"],
             "copy_hidden": trace.hidden_fraction("copy", "compute"),
             "host_hidden": trace.hidden_fraction("host", "compute"),
+            "copy_hidden_decode": trace.hidden_fraction("copy", "compute", stats["last_prefill_step"] + 1),
             "busy": {k: round(v, 4) for k, v in busy.items()}}
 
 
@@ -136,6 +137,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--kv-mib", type=int, default=256)
+    p.add_argument("--no-graphs", action="store_true", help="CUDA: skip the CUDA-graph modes")
     p.add_argument("--trace", default=None, help="directory for the Chrome traces")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -156,14 +158,22 @@ def main(argv=None) -> int:
     print(f"device {dev}; model {args.model or f'random SmolLM2-135M shape, {args.layers} layers'}; "
           f"{args.dtype}; {args.prompts} prompts x {args.new_tokens} new tokens, greedy, ignore_eos")
     shared: dict = {}
+    # CUDA issues from one host thread by default; "threads" = one per stream, as on CPU
+    modes = {"no-overlap": (False, False, None), "overlap": (True, False, None)}
+    if args.device.startswith("cuda"):
+        modes["overlap-threads"] = (True, False, "threads")
+        if not args.no_graphs:
+            modes.update({"no-overlap+graphs": (False, True, None),
+                          "overlap+graphs": (True, True, None),
+                          "overlap+graphs-threads": (True, True, "threads")})
     t = time.perf_counter()
-    run_once(args, shared, True, None, "warmup")
-    run_once(args, shared, False, None, "warmup")
+    for mode in modes.values():
+        run_once(args, shared, *mode, None, "warmup")
     print(f"warm-up done in {time.perf_counter() - t:.1f} s")
-    results = {"overlap": [], "no-overlap": []}
+    results = {mode: [] for mode in modes}
     for r in range(args.repeat):
-        for mode in ("no-overlap", "overlap") if r % 2 == 0 else ("overlap", "no-overlap"):
-            res = run_once(args, shared, mode == "overlap", trace_dir, f"{mode}-{r}")
+        for mode in (list(modes) if r % 2 == 0 else list(reversed(modes))):
+            res = run_once(args, shared, *modes[mode], trace_dir, f"{mode.replace('+', '_')}-{r}")
             results[mode].append(res)
             print(f"  {mode:<10} run {r}: {res['tok_s']:8.1f} tok/s  wall {res['wall_s']:.3f} s  "
                   f"overlap {res['overlap']:.3f}  busy {res['busy']}")
@@ -172,13 +182,19 @@ def main(argv=None) -> int:
         vals = [x[key] for x in results[mode] if x[key] is not None]
         return statistics.median(vals) if vals else None
 
-    print(f"\n{'mode':<12}{'tok/s':>10}{'overlap':>10}{'copy hidden':>13}{'host hidden':>13}")
-    for mode in ("no-overlap", "overlap"):
-        ch, hh = med(mode, "copy_hidden"), med(mode, "host_hidden")
-        print(f"{mode:<12}{med(mode, 'tok_s'):>10.1f}{med(mode, 'overlap'):>10.3f}"
-              f"{'-' if ch is None else f'{ch:.1%}':>13}{'-' if hh is None else f'{hh:.1%}':>13}")
+    def pct(v):
+        return "-" if v is None else f"{v:.1%}"
+
+    print(f"\n{'mode':<24}{'tok/s':>10}{'overlap':>10}{'copy hidden':>13}{'(decode)':>10}{'host hidden':>13}")
+    for mode in modes:
+        print(f"{mode:<24}{med(mode, 'tok_s'):>10.1f}{med(mode, 'overlap'):>10.3f}"
+              f"{pct(med(mode, 'copy_hidden')):>13}{pct(med(mode, 'copy_hidden_decode')):>10}"
+              f"{pct(med(mode, 'host_hidden')):>13}")
     ratio = med("overlap", "tok_s") / med("no-overlap", "tok_s")
     print(f"overlap / no-overlap throughput: {ratio:.2f}x")
+    if "overlap+graphs" in modes:
+        print(f"with CUDA graphs: overlap / no-overlap throughput: "
+              f"{med('overlap+graphs', 'tok_s') / med('no-overlap+graphs', 'tok_s'):.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "device": dev, "ratio": ratio,
                                                "results": results}, indent=2))

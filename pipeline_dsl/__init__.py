@@ -15,6 +15,7 @@ The API other layers use:
     g.nodes["gen"]["resource"], g.nodes["gen"]["placement"]           # 'compute', None
     g.edges["batch", "encode"]["conditions"]                          # ['full', 'timeout']
 
+    pipeline_dsl.load_pipeline_graphs(path)   # {name: DiGraph} for every pipeline (includes too)
     pipeline_dsl.graph.build_graph(pipeline)  # ast.Pipeline -> DiGraph (no checks)
     pipeline_dsl.check_file(path)             # -> (Program, diagnostics)
     pipeline_dsl.loads(text, file="<string>") # like load(), from a string
@@ -28,7 +29,8 @@ from __future__ import annotations
 
 from .diagnostics import CheckFailed, Diagnostic, SourcePos, has_errors, sort_diagnostics
 
-__all__ = ["CheckFailed", "Diagnostic", "SourcePos", "load", "loads", "check_file", "load_pipeline_graph"]
+__all__ = ["CheckFailed", "Diagnostic", "SourcePos", "load", "loads", "check_file", "load_pipeline_graph",
+           "load_pipeline_graphs"]
 
 
 def load(path: str):
@@ -69,3 +71,13 @@ def load_pipeline_graph(path: str, pipeline_name: str | None = None):
         raise CheckFailed([Diagnostic(ERROR, msg, None, expected="one of: " + (", ".join(names) or "(none)"),
                                       hint=did_you_mean(pipeline_name or "", names))], program.sources)
     return build_graph(p)
+
+
+def load_pipeline_graphs(path: str) -> dict:
+    """{pipeline name: checked DiGraph} for every pipeline of `path` and its includes."""
+    from .graph import build_graph
+
+    program, diags = load(path)
+    if has_errors(diags):
+        raise CheckFailed(diags, program.sources)
+    return {p.name.text: build_graph(p) for p in program.pipelines}

@@ -255,11 +255,6 @@ def check_settings(p: ast.Pipeline) -> tuple[dict, list[Diagnostic]]:
             diags.append(d)
         else:
             values[name] = out
-    if "model" not in seen:
-        diags.append(_err(f"pipeline '{p.name.text}' does not name its model", p.name.pos,
-                          expected=f'a setting model = "{EMBEDDED_MODEL}" (the embedded model) '
-                                   "or the path of a .gguf file or a model folder",
-                          hint=f'add: model = "{EMBEDDED_MODEL}"'))
     settings = {q.name: q.default for q in SETTINGS}
     settings.update(values)
     device = settings.get("device", "auto")
@@ -337,7 +332,8 @@ def check_pipeline(p: ast.Pipeline, registry: Registry | None = None) -> tuple[R
         if kind is None:
             diags.append(_err(f"unknown stage kind '{st.kind.text}'", st.kind.pos,
                               expected="a stage kind: " + one_of(registry.names()),
-                              hint=did_you_mean(st.kind.text, registry.names())))
+                              hint=did_you_mean(st.kind.text, registry.names()),
+                              notes=[(problem, None) for problem in registry.problems]))
         else:
             params, ds = resolve_params(kind, st, mode)
             diags += ds

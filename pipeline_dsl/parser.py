@@ -104,6 +104,21 @@ def _previous(text: str, at: int) -> str:
     return m.group(1) if m else ""
 
 
+def _end_of_previous(text: str, at: int) -> int:
+    """The offset just past the last token before `at`, skipping blanks and comments."""
+    start = text.rfind("\n", 0, at) + 1
+    end = at
+    while True:
+        line = text[start:end]
+        if "#" in line and '"' not in line:
+            line = line[:line.index("#")]
+        stripped = line.rstrip()
+        if stripped or start == 0:
+            return start + len(stripped)
+        end = start - 1
+        start = text.rfind("\n", 0, end) + 1
+
+
 def _context_hint(expected: set[str], tok: Token, prev: str = "") -> tuple[str | None, str | None]:
     """(what the parser wanted in words, a fix) for the common mistakes."""
     exp = set(expected)
@@ -197,6 +212,12 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
     expected_words, hint = _context_hint(wanted, tok, _previous(text, at))
     msg = "unexpected end of file" if tok.type == "$END" else f"unexpected {_found(tok)}"
     expected = expected_words or _join(_describe_expected(wanted))
+    if hint == "the value after '=' is missing":
+        eq = _end_of_previous(text, at) - 1           # point at the '=' that lacks its value
+        line = text.count("\n", 0, eq) + 1
+        col = eq - (text.rfind("\n", 0, eq) + 1) + 1
+        return Diagnostic(ERROR, "missing value after '='", SourcePos.point(file, line, col),
+                          expected=expected, hint=f"found {_found(tok)} instead")
     if tok.type == "$END" and "RBRACE" in wanted:
         hint = hint or _unclosed(text)
     return Diagnostic(ERROR, msg, _tok_pos(file, tok, text), expected=expected, hint=hint)
@@ -378,6 +399,9 @@ def parse(text: str, file: str = "<string>") -> tuple[ast.Module | None, list[Di
         return None, [_syntax_diagnostic(err, text, file)]
     try:
         items = _Builder(file).transform(tree)
+    except RecursionError:
+        return None, [Diagnostic(ERROR, "values are nested too deeply", SourcePos.point(file, 1, 1),
+                                 expected="lists nested at most a few hundred levels")]
     except VisitError as err:
         if isinstance(err.orig_exc, _ValueError):
             return None, [err.orig_exc.diag]

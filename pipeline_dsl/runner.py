@@ -73,7 +73,7 @@ def run_requests(engine, spec, requests: list[RunRequest], *, on_done: Callable[
     for req in requests:
         rid = f"r{req.slot}"
         try:
-            engine.add_request(rid, prompt=req.parsed.prompt, messages=req.parsed.messages,
+            engine.add_request(rid, prompt=req.parsed.prompt, messages=spec.prepare_messages(req.parsed.messages),
                                params=req.params, **_encode_options(engine, spec))
         except (InputError, ValueError) as e:
             errors += 1

@@ -27,6 +27,18 @@ class RuntimeSpec:
     add_special_tokens: bool = True  # encode: add BOS etc. to raw prompts
     stream: bool = False             # respond: emit tokens as they come
     max_prompt_tokens: int = 0       # requests: 0 = the model's context
+    system_prompt: str | None = None # system_prompt: put first in chat requests
+    system_override: bool = False    # system_prompt: replace a request's own system message
+
+    def prepare_messages(self, messages: list[dict] | None) -> list[dict] | None:
+        """Chat messages as the pipeline's stages shape them before encoding."""
+        if messages is None or self.system_prompt is None:
+            return messages
+        if messages and messages[0].get("role") == "system":
+            if not self.system_override:
+                return messages
+            messages = messages[1:]
+        return [{"role": "system", "content": self.system_prompt}, *messages]
 
 
 def load_graph(pipeline: str | os.PathLike | nx.DiGraph, name: str | None = None) -> nx.DiGraph:

@@ -10,8 +10,8 @@ setting in the file always wins. Runtime implementations come with the engine.
 
 from __future__ import annotations
 
-from .registry import (BOOL, DURATION, ENUM, FLOAT, FROM_MODE, INT, LIST_STR, SIZE, Param, Port,
-                       StageKind)
+from .registry import (BOOL, DURATION, ENUM, FLOAT, FROM_MODE, INT, LIST_STR, REQUIRED, SIZE, STR, Param,
+                       Port, StageKind)
 
 REQUESTS = StageKind(
     name="requests",
@@ -21,6 +21,19 @@ REQUESTS = StageKind(
         Param("max_prompt_tokens", INT, 0, "longest prompt accepted, in tokens (0 = the model's context)",
               min=0, max=1 << 24),
     ),
+    outputs=(Port("requests", "Request"),),
+    resource="host",
+)
+
+SYSTEM_PROMPT = StageKind(
+    name="system_prompt",
+    doc="Gives every chat request that has no system message of its own this one; one long shared "
+        "system prompt is what prefix reuse in kv_lookup serves from cache.",
+    params=(
+        Param("text", STR, REQUIRED, "the system message put first in each chat request"),
+        Param("override", BOOL, False, "replace a request's own system message too"),
+    ),
+    inputs=(Port("requests", "Request"),),
     outputs=(Port("requests", "Request"),),
     resource="host",
 )
@@ -106,4 +119,4 @@ RESPOND = StageKind(
     resource="host",
 )
 
-BUILTIN_KINDS = (REQUESTS, DYNAMIC_BATCH, ENCODE, KV_LOOKUP, GENERATE, RESPOND)
+BUILTIN_KINDS = (REQUESTS, SYSTEM_PROMPT, DYNAMIC_BATCH, ENCODE, KV_LOOKUP, GENERATE, RESPOND)

@@ -36,6 +36,14 @@ class Requests:
             spec.max_prompt_tokens = int(params["max_prompt_tokens"])
 
 
+class SystemPrompt:
+    """Puts one shared system message first in every chat request (prefix reuse serves it)."""
+
+    def configure(self, params, spec):
+        spec.system_prompt = params["text"]
+        spec.system_override = bool(params.get("override", False))
+
+
 class DynamicBatch:
     """The seed's batcher: dispatch at `max_batch_size` or after `timeout`."""
 
@@ -98,6 +106,7 @@ class Respond:
 
 BUILTIN: dict[str, StageImpl] = {
     "requests": Requests(),
+    "system_prompt": SystemPrompt(),
     "dynamic_batch": DynamicBatch(),
     "encode": Encode(),
     "kv_lookup": KVLookup(),

@@ -156,6 +156,20 @@ def test_load_pipeline_graph_raises_check_failed_with_diagnostics(tmp_path):
         pipeline_dsl.load_pipeline_graph(str(f), "q")
 
 
+def test_every_pipeline_of_a_file_and_its_includes_becomes_a_graph():
+    import os
+    root = os.path.join(os.path.dirname(__file__), "..", "examples", "compare.agp")
+    graphs = pipeline_dsl.load_pipeline_graphs(root)
+    assert list(graphs) == ["chat", "chat_no_reuse", "chat_greedy_window"]
+    assert graphs["chat_no_reuse"].nodes["kv"]["params"]["reuse"] == "none"
+
+
+def test_edges_into_a_source_or_out_of_respond_are_port_errors():
+    text = pipeline().replace("encode -> kv -> gen -> out", "encode -> kv -> gen -> out -> request")
+    msgs = [d.message for d in errors(text)]
+    assert "stage 'out' (respond) has no output: no edge can leave it" in msgs
+
+
 def test_condition_on_a_stage_without_conditions_is_an_error():
     (d,) = errors(pipeline().replace("encode -> kv -> gen", "encode -> kv when full\n kv -> gen"))
     assert "has no condition 'full'" in d.message
@@ -253,6 +267,8 @@ def test_third_party_kind_registers_through_an_entry_point(fake_entry_points):
     reg = reg_mod.default_registry()
     assert "speculate" in reg.names() and reg.get("speculate").source == "entry point speculate"
     assert any("broken" in p for p in reg.problems)
+    (d,) = errors(pipeline().replace(": generate", ": broken"))
+    assert d.message == "unknown stage kind 'broken'" and "failed to load" in d.notes[0][0]
     text = pipeline().replace("kv -> gen", "kv -> spec -> gen").replace(
         "stage out", "stage spec : speculate { draft_tokens = 4 }\n    stage out")
     assert pipeline_dsl.loads(text, "t.agp")[1] == []
@@ -267,12 +283,12 @@ def test_required_parameter_of_a_kind_must_be_given(fake_entry_points):
 
 def test_builtin_kinds_match_the_contract():
     reg = reg_mod.Registry(__import__("stages.builtin", fromlist=["x"]).BUILTIN_KINDS, load_entry_points=False)
-    assert reg.names() == ["dynamic_batch", "encode", "generate", "kv_lookup", "requests", "respond"]
+    assert reg.names() == ["dynamic_batch", "encode", "generate", "kv_lookup", "requests", "respond", "system_prompt"]
     b = reg.get("dynamic_batch")
     assert [(p.name, p.type, p.default) for p in b.params] == [
         ("max_batch_size", "int", 32), ("timeout", "duration", 0.001), ("padding", "bool", True),
         ("policy", "enum", "continuous"), ("max_tokens_per_step", "int", 512)]
     assert {k.name: k.resource for k in reg.kinds()} == {
         "requests": "host", "dynamic_batch": "host", "encode": "host", "kv_lookup": "copy",
-        "generate": "compute", "respond": "host"}
+        "generate": "compute", "respond": "host", "system_prompt": "host"}
     assert all(k.impl is None or ":" in k.impl for k in reg.kinds())

@@ -79,4 +79,4 @@ def test_values_print_back_exactly():
 
 def test_fmt_reports_syntax_errors_instead_of_printing():
     out, diags = format_text("pipeline p { x = }")
-    assert out is None and diags[0].message == "unexpected '}'"
+    assert out is None and diags[0].message == "missing value after '='"

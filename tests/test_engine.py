@@ -356,7 +356,8 @@ def tiny_engine(path, **cfg):
     return Engine(EngineConfig(**cfg))
 
 
-@pytest.mark.parametrize("cfg", [dict(), dict(prefill_chunk=4, max_tokens_per_step=12), dict(policy="static")])
+@pytest.mark.parametrize("cfg", [dict(), dict(prefill_chunk=4, max_tokens_per_step=12), dict(policy="static"),
+                                 dict(padding=False)])
 def test_tiny_model_continuous_batching_equals_one_at_a_time(tiny_gguf, cfg):
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     single = tiny_engine(tiny_gguf, **cfg)
@@ -394,10 +395,38 @@ def test_tiny_model_seeded_sampling_reproducible(tiny_gguf):
     assert run_all(e)[0]["c"].text == a
 
 
+def test_tiny_model_stop_string_across_tokens(tiny_gguf):
+    e = tiny_engine(tiny_gguf)
+    e.add_request("a", prompt="the cat", params=SamplingParams(max_tokens=24, ignore_eos=True))
+    full = run_all(e)[0]["a"].text
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    e.add_request("b", prompt="the cat", params=SamplingParams(max_tokens=24, ignore_eos=True, stop=[stop]))
+    finals, deltas = run_all(e)
+    assert finals["b"].finish_reason == "stop"
+    assert finals["b"].text == full[:full.index(stop)] == deltas["b"]
+
+
 def test_tiny_model_too_long_prompt_is_input_error(tiny_gguf):
     e = tiny_engine(tiny_gguf)
     with pytest.raises(InputError, match="context"):
         e.add_request("x", prompt="hello " * 600)
+
+
+@pytest.mark.parametrize("cfg, match", [(dict(kv_budget_bytes=64), "less than one block"),
+                                        (dict(max_model_len=10_000), "max_model_len"),
+                                        (dict(model="no-such-model"), "unknown model"),
+                                        (dict(policy="eager"), "policy")])
+def test_bad_engine_settings_raise_input_error(tiny_gguf, cfg, match):
+    with pytest.raises(InputError, match=match):
+        tiny_engine(tiny_gguf, **cfg)
+
+
+def test_tiny_model_kv_pool_is_sized_from_the_budget(tiny_gguf):
+    e = tiny_engine(tiny_gguf, kv_budget_bytes=1 << 20)
+    per_block = e.model_info["kv_bytes_per_block"]
+    assert per_block == 2 * 2 * 8 * 2 * 16 * 4      # K+V, 2 layers, 8 tokens, 2 KV heads, hd 16, fp32
+    assert e.blocks.num_blocks == (1 << 20) // per_block
+    assert e.stats()["kv_blocks_total"] == e.blocks.num_blocks
 
 
 # ---- the embedded model ---------------------------------------------------------------------

@@ -156,3 +156,14 @@ def test_padding_buckets_pure_decode_steps():
     assert run_step(sched).pad_to is None          # prefill step: not padded
     assert run_step(sched).pad_to == 4             # 3 decodes -> bucket 4
     assert bucket(5, 8) == 8 and bucket(9, 8) == 9 and bucket(1, 32) == 1
+
+
+def test_decodes_go_before_an_earlier_admitted_long_prefill():
+    sched, clock = make(batch_timeout_s=0.0, max_tokens_per_step=6, prefill_chunk=6, num_blocks=64)
+    add(sched, clock, "short", n_prompt=2, max_tokens=30)
+    add(sched, clock, "long", n_prompt=30, max_tokens=2)
+    run_step(sched)                       # short's prompt (2) + long's first chunk (4)
+    for _ in range(5):
+        out = run_step(sched)
+        got = {it.seq.request_id: it.num_tokens for it in out.items}
+        assert got["short"] == 1 and got.get("long", 0) <= 5 and sum(got.values()) <= 6

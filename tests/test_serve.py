@@ -21,7 +21,7 @@ import uvicorn
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
 from pipeline_dsl.serve import protocol as P
 from pipeline_dsl.serve.app import ServeConfig, create_app
-from pipeline_dsl.serve.async_engine import AsyncEngine
+from pipeline_dsl.serve.async_engine import AsyncEngine, make_executor
 from pipeline_dsl.serve.metrics import ServerMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,12 +136,13 @@ def test_pipeline_default_max_tokens_is_capped_to_the_context():
 class LiveServer:
     """An `agp serve` app on 127.0.0.1:<free port>, in a uvicorn thread of this process."""
 
-    def __init__(self, model_path, **engine_cfg):
+    def __init__(self, model_path, executor=False, **engine_cfg):
         cfg = {"model": str(model_path), "dtype": "fp32", "kv_budget_bytes": 1 << 20, "block_size": 8,
                "batch_timeout_s": 0.02, **engine_cfg}
         self.engine = Engine(EngineConfig(**cfg))
         self.metrics = ServerMetrics()
-        self.app = create_app(AsyncEngine(self.engine, metrics=self.metrics),
+        ex = make_executor(self.engine) if executor else None
+        self.app = create_app(AsyncEngine(self.engine, metrics=self.metrics, executor=ex),
                               ServeConfig(model_names=SERVED, max_model_len=self.engine.max_model_len,
                                           defaults=DEFAULTS), self.metrics)
         sock = socket.socket()
@@ -172,9 +173,9 @@ class LiveServer:
         self.thread.join(30)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_gguf):
-    s = LiveServer(tiny_gguf)
+@pytest.fixture(scope="module", params=["step-loop", "executor"])
+def server(request, tiny_gguf):
+    s = LiveServer(tiny_gguf, executor=request.param == "executor")
     yield s
     s.close()
 
@@ -301,8 +302,9 @@ def test_full_queue_is_429_with_retry_after(tiny_gguf):
         s.close()
 
 
-def test_hundred_clients_disconnecting_mid_stream_leak_no_kv_blocks(tiny_gguf):
-    s = LiveServer(tiny_gguf, max_batch_size=32)
+@pytest.mark.parametrize("executor", [False, True], ids=["step-loop", "executor"])
+def test_hundred_clients_disconnecting_mid_stream_leak_no_kv_blocks(tiny_gguf, executor):
+    s = LiveServer(tiny_gguf, executor=executor, max_batch_size=32)
     try:
         async def client(i, http):
             body = {"model": "tiny", "prompt": f"hello world {i}", "max_tokens": 400, "ignore_eos": True,

@@ -47,6 +47,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=None,
                    help="override the pipelines' precision")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="in-process: run the plan's streams serially (A/B against overlap)")
     p.add_argument("--seed", type=int, default=0, help="seed of the arrival times (default: 0)")
     p.add_argument("--warmup", type=int, default=1, help="requests sent before measuring (default: 1)")
     p.add_argument("--request-timeout", type=float, default=600.0,
@@ -100,8 +102,8 @@ def main(args) -> int:
 
     def targets():
         for spec in args.pipelines:
-            yield lambda spec=spec: EngineTarget.from_pipeline(spec, dtype=args.dtype,
-                                                               threads=args.threads)
+            yield lambda spec=spec: EngineTarget.from_pipeline(
+                spec, overlap=not args.no_overlap, dtype=args.dtype, threads=args.threads)
         for url in args.url:
             yield lambda url=url: HTTPTarget(url, args.model, timeout=args.request_timeout)
 

@@ -31,6 +31,8 @@ def add_arguments(p) -> None:
                    help="override the requests stage's max_queue (full queue -> HTTP 429)")
     p.add_argument("--no-prefix-reuse", action="store_true",
                    help="turn the KV prefix cache off (A/B against reuse)")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="run the plan's streams serially (A/B against overlap)")
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients use (default: the pipeline's name)")
     p.add_argument("--drain-timeout", type=float, default=60.0,
@@ -86,7 +88,7 @@ def main(args) -> int:
 
     from pipeline_dsl.runtime import build_engine, default_sampling, load_graph
     from pipeline_dsl.serve.app import ServeConfig, create_app
-    from pipeline_dsl.serve.async_engine import AsyncEngine, encode_options
+    from pipeline_dsl.serve.async_engine import AsyncEngine, encode_options, make_executor
     from pipeline_dsl.serve.metrics import ServerMetrics
 
     from pipeline_dsl.diagnostics import CheckFailed
@@ -109,7 +111,8 @@ def main(args) -> int:
     config = ServeConfig(model_names=names, max_model_len=int(engine.max_model_len),
                          defaults=default_sampling(spec), drain_timeout_s=args.drain_timeout)
     metrics = ServerMetrics()
-    aengine = AsyncEngine(engine, metrics=metrics, add_options=encode_options(engine, spec))
+    aengine = AsyncEngine(engine, metrics=metrics, add_options=encode_options(engine, spec),
+                          executor=make_executor(engine, overlap=not args.no_overlap))
     app = create_app(aengine, config, metrics)
 
     host, port = sock.getsockname()[:2]

@@ -30,7 +30,7 @@ from .errors import InputError, QueueFullError
 from .kv_cache import BlockManager, bytes_per_block, num_blocks_for_budget
 from .model import SeqBatchItem
 from .sampler import Detokenizer, Sampler, StopStrings, make_generator
-from .scheduler import RUNNING, Scheduler, SchedulerOutput, Sequence
+from .scheduler import Scheduler, SchedulerOutput, Sequence
 
 LATENCY_SAMPLES = 200_000  # most recent TTFT / per-token latencies kept for percentiles
 

@@ -31,8 +31,10 @@ that step k finishes was already scheduled in k+1: its extra token is discarded.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -46,6 +48,7 @@ from .trace import Trace
 PLACEHOLDER = -1          # a token sampled by a step still in flight
 GPU_PARTS = ("kv_copy", "h2d", "forward", "d2h")
 _GRAPHS: dict[str, Plan] = {}
+_CAPTURED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # runner -> DecodeGraphs
 
 
 def default_plan() -> Plan:
@@ -117,9 +120,57 @@ class _Signals:
                     ev.set()
 
 
+class DecodeGraphs:
+    """CUDA-graph capture of the all-decode forward, one graph per (batch, context) bucket.
+
+    The runner pads decode batches to buckets and contexts to multiples of 32, so a few
+    graphs serve a whole run; a replay copies the step's index tensors into the graph's
+    static ones. Warm-up and capture write only the runner's scratch KV slot."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.graphs: dict[tuple, tuple] = {}
+        self.pool = None
+
+    def run(self, step):
+        if not step.all_decode or step.dec_gather is None or step.sample_rows is None:
+            return None
+        n = step.sample_rows.shape[0]
+        key = tuple(step.dec_gather.shape)                          # (B padded, Lmax padded)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(step)
+        graph, static, out = self.graphs[key]
+        for name in ("tokens", "slots", "cos", "sin", "dec_gather", "dec_mask"):
+            getattr(static, name).copy_(getattr(step, name))
+        static.sample_rows[:n].copy_(step.sample_rows)             # rows >= n: row 0, unused
+        graph.replay()
+        return out[:n]                                              # [n_sample, V]
+
+    def _capture(self, step):
+        r = self.runner
+        scratch = r.num_slots
+        static = dataclasses.replace(
+            step, tokens=torch.zeros_like(step.tokens), slots=torch.full_like(step.slots, scratch),
+            cos=step.cos.clone(), sin=step.sin.clone(), dec_gather=torch.full_like(step.dec_gather, scratch),
+            dec_mask=step.dec_mask.clone(),
+            sample_rows=torch.zeros(step.dec_gather.shape[0], dtype=torch.long, device=step.tokens.device))
+        side = torch.cuda.Stream(step.tokens.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                r._forward(static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = r._forward(static)                                # [B, V]
+        self.pool = graph.pool()
+        return graph, static, out
+
+
 class Executor:
     def __init__(self, engine, plan: Plan | None = None, *, overlap: bool = True,
-                 trace: Trace | None = None):
+                 trace: Trace | None = None, cuda_graphs: bool | None = None,
+                 issue: str | None = None):
         self.engine = engine
         self.plan = plan or default_plan()
         self.overlap = overlap
@@ -142,6 +193,7 @@ class Executor:
         self._on_output: Callable | None = None
         self._on_error: Callable | None = None
         self.discarded_tokens = 0
+        self.last_prefill = -1          # micro-batch of the last step with prefill tokens
         self.steps = 0
         self._streams: dict[str, Any] = {}
         if self.cuda:
@@ -149,6 +201,17 @@ class Executor:
                 self._streams[s.name] = (torch.cuda.Stream(self.device) if overlap and s.resource != "host"
                                          else torch.cuda.current_stream(self.device))
         self._t_base = None
+        # CUDA work is issued from one host thread in the plan's global order ("single") or,
+        # like the CPU backend, from one thread per stream ("threads"): then the next step's
+        # input copies are issued while the compute thread is still launching kernels.
+        self.issue = issue or ("single" if self.cuda else "threads")
+        if self.issue not in ("threads", "single"):
+            raise ValueError(f"issue must be 'threads' or 'single', not {issue!r}")
+        if cuda_graphs is None:       # performance mode compiles: capture the decode step
+            cuda_graphs = bool(getattr(engine.config, "compile", False))
+        self.graphs = None
+        if self.cuda and cuda_graphs and hasattr(runner, "_forward"):
+            self.graphs = _CAPTURED.setdefault(runner, DecodeGraphs(runner))  # kept across runs
         self._handlers = {"admit": self._admit, "tokenise": self._tokenise, "schedule": self._schedule,
                           "lookup": self._lookup, "h2d": self._h2d, "forward": self._forward,
                           "d2h": self._d2h, "emit": self._emit}
@@ -224,6 +287,8 @@ class Executor:
                     pos.append(None)
             self._launches[m] = _Launch(m, so, pos, pre, seqs)
             self.steps += 1
+            if so.num_prefill_tokens:
+                self.last_prefill = m
         return True
 
     def _schedule_live(self):
@@ -302,16 +367,9 @@ class Executor:
                     self._h2d(m)
                 for src_m, rows, idx in L.fill_index:   # tokens sampled by earlier steps
                     L.step.tokens.index_copy_(0, rows, self._sampled[src_m].index_select(0, idx))
-                if L.step.sample_rows is None:
-                    runner._forward(L.step, want_logits=False)
-                    logits = None
-                elif L.step.all_decode and getattr(runner, "compile", False) \
-                        and not getattr(runner, "_compile_failed", True):
-                    logits = runner._forward_compiled(L.step)
-                    if logits is None:
-                        logits = runner._forward(L.step)
-                else:
-                    logits = runner._forward(L.step)                 # [n_sample, V]
+                logits = self.graphs.run(L.step) if self.graphs is not None else None
+                if logits is None:
+                    logits = self._eager(L.step)                     # [n_sample, V] or None
             else:
                 for row, src_m, j in L.fills:
                     self._resolve(L, row, int(self._sampled[src_m][j]))
@@ -323,6 +381,17 @@ class Executor:
         for k in [k for k in self._sampled if k < m - 4]:
             del self._sampled[k]
         return True
+
+    def _eager(self, step):
+        runner = self.engine.runner
+        if step.sample_rows is None:
+            runner._forward(step, want_logits=False)
+            return None
+        if step.all_decode and getattr(runner, "compile", False) and not getattr(runner, "_compile_failed", True):
+            logits = runner._forward_compiled(step)
+            if logits is not None:
+                return logits
+        return runner._forward(step)
 
     @staticmethod
     def _resolve(L: _Launch, row: int, token: int) -> None:
@@ -470,7 +539,7 @@ class Executor:
             torch.cuda.synchronize(self.device)
             self._t_base = time.perf_counter()
         t0 = time.perf_counter()
-        if self.overlap and not self.cuda:
+        if self.overlap and (not self.cuda or self.issue == "threads"):
             self._run_threads()
         else:
             self._run_serial()
@@ -483,7 +552,7 @@ class Executor:
                 self.trace.add(stream, name, a, b, m)
         return {"overlap": self.overlap, "measured_overlap": round(self.trace.measured_overlap(), 4),
                 "executor_wall_s": round(wall, 4), "steps": self.steps,
-                "discarded_tokens": self.discarded_tokens,
+                "discarded_tokens": self.discarded_tokens, "last_prefill_step": self.last_prefill,
                 "streams": [s.name for s in self.plan.streams]}
 
     def _order(self, works):

@@ -77,6 +77,11 @@ class BlockManager:
         return len(self.cached)
 
     @property
+    def num_cached_unused(self) -> int:
+        """Unreferenced blocks kept for prefix reuse (evicted first-come when space is needed)."""
+        return sum(1 for b in self.free if self.key[b] is not None)
+
+    @property
     def hit_rate(self) -> float:
         return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
 
@@ -209,11 +214,13 @@ class BlockManager:
         assert sum(k is not None for k in self.key) == len(self.cached), "stray block keys"
 
     def stats(self) -> dict:
+        cached_unused = self.num_cached_unused
         return {
             "kv_blocks_total": self.num_blocks,
-            "kv_blocks_used": self.num_used,
-            "kv_blocks_free": self.num_free,
-            "kv_blocks_cached": self.num_cached,
+            "kv_blocks_used": self.num_used,                 # referenced by live sequences
+            "kv_blocks_cached": cached_unused,               # unreferenced, kept for reuse
+            "kv_blocks_free": self.num_free - cached_unused,  # used + cached + free == total
+            "kv_blocks_prefix": self.num_cached,             # all blocks with a reusable key
             "kv_block_size": self.block_size,
             "kv_evictions": self.evictions,
             "kv_queried_tokens": self.queried_tokens,

@@ -6,10 +6,12 @@ The dynamic batcher of the seed and iteration-level continuous batching, over th
 - Window: while nothing runs, waiting requests are held until `max_batch_size` of them
   wait ("full") or `batch_timeout_s` has passed since the first one arrived
   ("timeout"); `next_deadline()` says when the window closes so a driver can sleep.
-- `continuous`: every step, running sequences decode one token (or take their next
-  prefill chunk), then waiting ones join while there is room — `max_batch_size`
-  sequences, `max_tokens_per_step` tokens, free KV blocks. A prompt is prefilled in
-  chunks of at most `prefill_chunk` tokens, so one long prompt does not stall decoders.
+- `continuous`: every step, running sequences decode one token each, then those still
+  prefilling take their next chunk, then waiting ones join while there is room —
+  `max_batch_size` sequences, `max_tokens_per_step` tokens, free KV blocks (a few kept
+  spare so running sequences can grow). A prompt is prefilled in chunks of at most
+  `prefill_chunk` tokens, so one long prompt does not stall the decoders. Waiting
+  sequences hold no blocks; a prefix-cache hit is taken at admission.
 - `static`: a batch is admitted only when nothing runs and runs to completion.
 - Out of blocks mid-generation: the most recently admitted sequence is preempted (its
   blocks freed, itself put back at the head of the queue to be recomputed), never a
@@ -141,27 +143,32 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         cfg = self.config
         budget = cfg.max_tokens_per_step
-        items: list[ScheduledItem] = []
         preempted: list[str] = []
-        decodes = 0
 
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            remaining = len(seq.token_ids) - seq.num_computed
-            n = min(remaining, budget, cfg.prefill_chunk)
+        # decodes first (one token each), then prefill chunks: a long prompt never delays them
+        scheduled: dict[Sequence, ScheduledItem] = {}
+        order = sorted(self.running, key=lambda s: len(s.token_ids) - s.num_computed > 1)
+        for seq in order:
+            if budget <= 0:
+                break
+            if seq.status != RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(len(seq.token_ids) - seq.num_computed, budget, cfg.prefill_chunk)
             while not self.blocks.allocate(seq.request_id, seq.num_computed + n):
-                victim = self.running[-1]
+                victim = self.running[-1]  # the most recently admitted sequence
                 self._preempt(victim)
                 preempted.append(victim.request_id)
+                dropped = scheduled.pop(victim, None)
+                if dropped is not None:
+                    budget += dropped.num_tokens
                 if victim is seq:
                     break
             if seq.status != RUNNING:
-                break  # it preempted itself: everything after it is gone too
-            items.append(ScheduledItem(seq, seq.num_computed, n, seq.num_computed + n == len(seq.token_ids)))
-            decodes += remaining == 1
+                continue
+            scheduled[seq] = ScheduledItem(seq, seq.num_computed, n, seq.num_computed + n == len(seq.token_ids))
             budget -= n
-            i += 1
+        items = list(scheduled.values())
+        decodes = sum(1 for it in items if it.num_tokens == 1 and it.sample)
 
         if not preempted and self.window_open():
             while self.waiting and budget > 0 and len(self.running) < cfg.max_batch_size:

@@ -48,9 +48,11 @@ class Trace:
     def streams(self) -> list[str]:
         return list(dict.fromkeys(s.stream for s in self.spans))
 
-    def by_stream(self) -> dict[str, list[tuple[float, float]]]:
+    def by_stream(self, micro_batch_from: int = -1) -> dict[str, list[tuple[float, float]]]:
         out: dict[str, list[tuple[float, float]]] = {}
         for s in self.spans:
+            if s.micro_batch < micro_batch_from:
+                continue
             out.setdefault(s.stream, []).append((s.start, s.end))
         return out
 
@@ -70,13 +72,14 @@ class Trace:
         return {name: busy_overlap({name: spans, "_all": [(t0, t1)]}, t0, t1) * (t1 - t0)
                 for name, spans in self.by_stream().items()}
 
-    def hidden_fraction(self, stream: str, under: str) -> float | None:
-        """Share of `stream`'s busy time during which `under` was busy too (copy under compute)."""
-        spans = self.by_stream()
+    def hidden_fraction(self, stream: str, under: str, micro_batch_from: int = -1) -> float | None:
+        """Share of `stream`'s busy time during which `under` was busy too (copy under compute),
+        over the spans of micro-batches >= micro_batch_from."""
+        spans = self.by_stream(micro_batch_from)
         if stream not in spans or under not in spans:
             return None
         t0, t1 = self.bounds()
-        mine = self.busy_s()[stream]
+        mine = busy_overlap({stream: spans[stream], "_all": [(t0, t1)]}, t0, t1) * (t1 - t0)
         if mine <= 0:
             return None
         both = busy_overlap({stream: spans[stream], under: spans[under]}, t0, t1) * (t1 - t0)

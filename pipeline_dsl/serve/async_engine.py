@@ -1,12 +1,18 @@
-"""The engine behind an asyncio server: one thread steps it, coroutines await their tokens.
+"""The engine behind an asyncio server: a background driver steps it, coroutines await tokens.
 
-`Engine` is not thread-safe, so one background thread owns it: it applies the adds and
-aborts that coroutines submit (a command list under a condition variable), runs
-`step()` while anything is unfinished, sleeps until the dynamic batcher's window closes
-(`next_deadline()`) or a new command arrives, and sleeps when idle. Each step's outputs
-are handed to the asyncio loop in one `call_soon_threadsafe` callback that feeds the
-per-request queues. Concurrent HTTP requests therefore meet in the engine's own
-batcher and continuous batching, exactly as `agp run` requests do.
+`Engine` is not thread-safe, so one driver owns its stepping, in one of two ways:
+
+- step loop (default): one thread applies the adds and aborts that coroutines submit
+  (a command list under a condition variable), runs `step()` while anything is
+  unfinished, sleeps until the dynamic batcher's window closes (`next_deadline()`) or a
+  command arrives, and sleeps when idle.
+- executor: the plan's `Executor` (pipeline_dsl.engine.executor) runs in server mode
+  (`run(until_idle=False)`), overlapping host work with compute on its stream threads;
+  adds go straight to the engine under the executor's lock, aborts through it.
+
+Either way each step's outputs reach the asyncio loop in one `call_soon_threadsafe`
+callback that feeds the per-request queues, and concurrent HTTP requests meet in the
+engine's own batcher and continuous batching, exactly as `agp run` requests do.
 
     stream = await aengine.add("r1", prompt="Hello", params=SamplingParams())
     async for out in stream:          # RequestOutput, the last one has finished=True
@@ -32,6 +38,15 @@ def encode_options(engine, spec) -> dict:
     names = inspect.signature(engine.add_request).parameters
     return {k: getattr(spec, k) for k in ("chat_template", "add_special_tokens")
             if k in names and hasattr(spec, k)}
+
+
+def make_executor(engine, *, overlap: bool = True):
+    """The plan's executor over `engine` (as `agp run` uses it), or None where there is none."""
+    try:
+        from pipeline_dsl.engine.executor import Executor
+    except ImportError:
+        return None
+    return Executor(engine, overlap=overlap)
 
 
 class EngineUnavailable(RuntimeError):
@@ -84,28 +99,35 @@ class RequestStream:
 
 class AsyncEngine:
     def __init__(self, engine, *, metrics=None, idle_s: float = 0.05,
-                 add_options: dict | None = None):
+                 add_options: dict | None = None, executor=None):
         self.engine = engine
+        self.executor = executor                     # None: the step loop drives the engine
         self.add_options = dict(add_options or {})   # the encode stage's switches, every add
         self.metrics = metrics
         self.idle_s = idle_s
         self._cond = threading.Condition()
-        self._commands: list[tuple] = []
-        self._states: dict[str, _State] = {}          # engine thread only
+        self._commands: list[tuple] = []             # step loop: adds, aborts, stats
+        self._states: dict[str, _State] = {}         # admitted, unfinished (under _lock)
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._abort_all = False
-        self.error: BaseException | None = None     # set if step() failed
+        self.error: BaseException | None = None     # set if the driver failed
 
     # ---- asyncio side ----------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="agp-engine", daemon=True)
+            target = self._run_executor if self.executor is not None else self._run
+            self._thread = threading.Thread(target=target, name="agp-engine", daemon=True)
             self._thread.start()
 
     @property
     def accepting(self) -> bool:
         return not self._stopping and self.error is None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._states)
 
     async def add(self, request_id: str, *, params: SamplingParams, **inputs) -> RequestStream:
         """Admit a request; raises InputError / QueueFullError / EngineUnavailable at once."""
@@ -114,44 +136,91 @@ class AsyncEngine:
                                     else f"the engine failed: {self.error}")
         loop = asyncio.get_running_loop()
         state = _State(request_id, loop)
-        admitted = loop.create_future()
-        self._submit(("add", state, inputs, params, admitted))
         try:
-            await admitted
+            if self.executor is not None:
+                await asyncio.to_thread(self._add_now, state, inputs, params)
+            else:
+                admitted = loop.create_future()
+                self._submit(("add", state, inputs, params, admitted))
+                await admitted
         except asyncio.CancelledError:
             self.abort(request_id)
             raise
         return RequestStream(self, state)
 
     def abort(self, request_id: str) -> None:
-        self._submit(("abort", request_id))
+        if self.executor is None:
+            self._submit(("abort", request_id))
+            return
+        with self._lock:
+            state = self._states.pop(request_id, None)
+        if state is not None:
+            self.executor.abort(request_id)
+            self._aborted(state)
 
     async def stats(self) -> dict:
         """engine.stats() taken between two steps, plus `in_flight` (admitted, unfinished)."""
         if self._thread is None or not self._thread.is_alive():
             return self._stats()
+        if self.executor is not None:
+            return await asyncio.to_thread(self._stats_locked)
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         self._submit(("stats", loop, done))
         return await done
 
     def stop(self, *, drain: bool = True, timeout: float | None = None) -> bool:
-        """Stop accepting; finish (or abort) what runs; join the thread. True if it ended."""
+        """Stop accepting; finish (or abort) what runs; join the driver. True if it ended."""
         with self._cond:
             self._stopping = True
             self._abort_all = self._abort_all or not drain
             self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            return not self._thread.is_alive()
-        return True
+        if self._thread is None:
+            return True
+        if self.executor is not None:
+            if not drain:
+                for rid in list(self._states):
+                    self.abort(rid)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._states and self.error is None and (
+                    deadline is None or time.monotonic() < deadline):
+                time.sleep(0.02)
+            self.executor.close()                    # the run ends once the engine is idle
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _submit(self, command: tuple) -> None:
         with self._cond:
             self._commands.append(command)
             self._cond.notify()
 
-    # ---- engine thread ---------------------------------------------------------------
+    # ---- the executor driver ---------------------------------------------------------
+    def _add_now(self, state: _State, inputs: dict, params: SamplingParams) -> None:
+        with self.executor.lock:                     # the engine's host state
+            self.engine.add_request(state.request_id, params=params, **inputs, **self.add_options)
+            with self._lock:
+                self._states[state.request_id] = state
+
+    def _stats_locked(self) -> dict:
+        with self.executor.lock:
+            return self._stats()
+
+    def _run_executor(self) -> None:
+        try:
+            self.executor.run(on_output=self._dispatch, on_error=self._on_error,
+                              until_idle=False)
+        except BaseException as e:               # noqa: BLE001 - reported to every waiter
+            log.exception("the executor failed")
+            self.error = e
+            self._fail_all(e)
+
+    def _on_error(self, request_id: str, exc: BaseException) -> None:
+        with self._lock:
+            state = self._states.pop(str(request_id), None)
+        if state is not None:
+            state.loop.call_soon_threadsafe(state.queue.put_nowait, exc)
+
+    # ---- the step-loop driver --------------------------------------------------------
     def _run(self) -> None:
         engine = self.engine
         deadline_of = getattr(engine, "next_deadline", None)
@@ -165,8 +234,7 @@ class AsyncEngine:
                 if commands:
                     self._apply(commands)
                     continue                     # more may have come in meanwhile
-                busy = engine.has_unfinished()
-                if not busy:
+                if not engine.has_unfinished():
                     with self._cond:
                         if self._stopping and not self._commands:
                             return
@@ -202,7 +270,8 @@ class AsyncEngine:
                 except Exception as e:          # InputError, QueueFullError: the caller's answer
                     state.loop.call_soon_threadsafe(_reject, admitted, e)
                     continue
-                self._states[state.request_id] = state
+                with self._lock:
+                    self._states[state.request_id] = state
                 state.loop.call_soon_threadsafe(_accept, admitted)
             elif command[0] == "stats":
                 _, loop, done = command
@@ -211,20 +280,29 @@ class AsyncEngine:
                 except Exception as e:          # noqa: BLE001 - the caller reports it
                     loop.call_soon_threadsafe(_reject, done, e)
             else:
-                state = self._states.pop(command[1], None)
+                with self._lock:
+                    state = self._states.pop(command[1], None)
                 if state is not None:
                     self.engine.abort(state.request_id)
-                    if self.metrics is not None:
-                        self.metrics.finished.labels("abort").inc()
-                    state.loop.call_soon_threadsafe(_close, state)
+                    self._aborted(state)
+
+    # ---- shared ----------------------------------------------------------------------
+    def _aborted(self, state: _State) -> None:
+        if self.metrics is not None:
+            self.metrics.finished.labels("abort").inc()
+        state.loop.call_soon_threadsafe(_close, state)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        """One step's outputs: metrics, then one callback per event loop (any thread)."""
         now = time.monotonic()
         m = self.metrics
         batches: dict[asyncio.AbstractEventLoop, list] = {}
         stepped = 0
         for out in outputs:
-            state = self._states.get(out.request_id)
+            with self._lock:
+                state = self._states.get(out.request_id)
+                if state is not None and out.finished:
+                    del self._states[out.request_id]
             if state is None:
                 continue                          # aborted meanwhile
             n_new = len(out.new_token_ids)
@@ -240,11 +318,9 @@ class AsyncEngine:
                 state.last_token_at = now
                 if m is not None:
                     m.generation_tokens.inc(n_new)
-            if out.finished:
-                del self._states[out.request_id]
-                if m is not None:
-                    m.e2e.observe(now - state.arrival)
-                    m.finished.labels(out.finish_reason or "stop").inc()
+            if out.finished and m is not None:
+                m.e2e.observe(now - state.arrival)
+                m.finished.labels(out.finish_reason or "stop").inc()
             batches.setdefault(state.loop, []).append((state, out))
         if m is not None and stepped:
             m.batch_size.observe(stepped)
@@ -252,10 +328,11 @@ class AsyncEngine:
             loop.call_soon_threadsafe(_deliver, items)
 
     def _fail_all(self, exc: BaseException) -> None:
-        for state in list(self._states.values()):
+        with self._lock:
+            states, self._states = list(self._states.values()), {}
+        for state in states:
             state.loop.call_soon_threadsafe(state.queue.put_nowait, EngineUnavailable(
                 f"the engine failed: {exc}"))
-        self._states.clear()
         with self._cond:
             commands, self._commands = self._commands, []
         for command in commands:
