@@ -395,7 +395,7 @@ async def run_load(target, items: list[ParsedRequest], *, rate: float = math.inf
             rec.done = clock()
             if limit:
                 limit.release()
-            if bar:
+            if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(f"{sum(r.completion_tokens for r in records) / (clock() - t0):.0f} tok/s "
                                     f"{sum(r.error is not None for r in records)} err", refresh=False)
@@ -421,7 +421,7 @@ async def run_load(target, items: list[ParsedRequest], *, rate: float = math.inf
     if tasks:
         await asyncio.gather(*tasks)
     wall = clock() - t0
-    if bar:
+    if bar is not None:
         bar.close()
     return records, wall
 

@@ -5,7 +5,7 @@
 
 Defaults marked FROM_MODE come from the pipeline's mode (pipeline_dsl/modes.py);
 a plain default may also be changed by the mode (max_batch_size). A stage's own
-setting in the file always wins. Runtime implementations come with the engine.
+setting in the file always wins. Runtime implementations are in stages/impl.py (the `impl` of each kind).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ REQUESTS = StageKind(
     ),
     outputs=(Port("requests", "Request"),),
     resource="host",
+    impl="stages.impl:Requests",
 )
 
 SYSTEM_PROMPT = StageKind(
@@ -36,6 +37,7 @@ SYSTEM_PROMPT = StageKind(
     inputs=(Port("requests", "Request"),),
     outputs=(Port("requests", "Request"),),
     resource="host",
+    impl="stages.impl:SystemPrompt",
 )
 
 DYNAMIC_BATCH = StageKind(
@@ -56,6 +58,7 @@ DYNAMIC_BATCH = StageKind(
     outputs=(Port("batch", "Batch"),),
     resource="host",
     conditions=("full", "timeout"),
+    impl="stages.impl:DynamicBatch",
 )
 
 ENCODE = StageKind(
@@ -68,6 +71,7 @@ ENCODE = StageKind(
     inputs=(Port("batch", "Batch"),),
     outputs=(Port("tokens", "Tokens"),),
     resource="host",
+    impl="stages.impl:Encode",
 )
 
 KV_LOOKUP = StageKind(
@@ -84,6 +88,7 @@ KV_LOOKUP = StageKind(
     inputs=(Port("tokens", "Tokens"),),
     outputs=(Port("cached", "CachedTokens"),),
     resource="copy",
+    impl="stages.impl:KVLookup",
 )
 
 GENERATE = StageKind(
@@ -107,6 +112,7 @@ GENERATE = StageKind(
     inputs=(Port("cached", "CachedTokens"),),
     outputs=(Port("generated", "Generated"),),
     resource="compute",
+    impl="stages.impl:Generate",
 )
 
 RESPOND = StageKind(
@@ -117,6 +123,7 @@ RESPOND = StageKind(
     ),
     inputs=(Port("generated", "Generated"),),
     resource="host",
+    impl="stages.impl:Respond",
 )
 
 BUILTIN_KINDS = (REQUESTS, SYSTEM_PROMPT, DYNAMIC_BATCH, ENCODE, KV_LOOKUP, GENERATE, RESPOND)

@@ -104,15 +104,6 @@ class Respond:
             spec.stream = bool(params["stream"])
 
 
-BUILTIN: dict[str, StageImpl] = {
-    "requests": Requests(),
-    "system_prompt": SystemPrompt(),
-    "dynamic_batch": DynamicBatch(),
-    "encode": Encode(),
-    "kv_lookup": KVLookup(),
-    "generate": Generate(),
-    "respond": Respond(),
-}
 
 
 class NoImplementation(LookupError):
@@ -120,9 +111,7 @@ class NoImplementation(LookupError):
 
 
 def implementation(kind: str) -> StageImpl:
-    """The runtime implementation of a stage kind: built-in, or the registry's `impl`."""
-    if kind in BUILTIN:
-        return BUILTIN[kind]
+    """The runtime implementation of a stage kind: the registry entry's `impl`."""
     from stages.registry import get_kind  # registry: schemas, entry points
 
     entry = get_kind(kind)

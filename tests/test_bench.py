@@ -129,6 +129,34 @@ def test_in_process_and_http_targets_measure_the_same_work(tmp_path, tiny_gguf):
     assert local.engine["mean_batch_size"] > 1                 # all at once: batched
 
 
+def test_closed_loop_keeps_the_asked_number_of_clients_busy_for_the_duration(tmp_path, tiny_gguf):
+    server = LiveServer(tiny_gguf)
+    items = B.load_workload(_workload(tmp_path))
+
+    async def go():
+        target = B.HTTPTarget(server.url)
+        await target.start()
+        try:
+            return await B.run_load(target, items, rate=math.inf, duration=1.5, concurrency=4,
+                                    progress=True)
+        finally:
+            await target.close()
+
+    try:
+        records, wall = asyncio.run(go())
+    finally:
+        server.close()
+    assert all(r.error is None and not r.truncated for r in records) and len(records) > 8
+    assert max(r.sent for r in records) - min(r.sent for r in records) <= 1.5 <= wall < 20
+    events = sorted([(r.sent, 1) for r in records] + [(r.done, -1) for r in records],
+                    key=lambda e: (e[0], e[1]))
+    level, peak = 0, 0
+    for _, step in events:
+        level += step
+        peak = max(peak, level)
+    assert peak == 4                                            # four clients, never more
+
+
 def test_http_target_counts_refused_requests_as_errors(tiny_gguf):
     server = LiveServer(tiny_gguf)
     try:

@@ -136,6 +136,35 @@ def test_preemption_under_a_small_pool_gives_the_same_answers():
     assert small.blocks.num_used == 0
 
 
+@pytest.mark.parametrize("seed", range(24))
+def test_random_settings_and_arrivals_never_change_greedy_output(seed):
+    rng = random.Random(seed)
+    cfg = dict(max_batch_size=rng.choice([1, 2, 3, 8]), prefill_chunk=rng.choice([1, 3, 16]),
+               max_tokens_per_step=rng.choice([4, 9, 64]), policy=rng.choice(["continuous", "static"]),
+               prefix_reuse=rng.random() < 0.7)
+    blocks = rng.choice([20, 30, 200])
+    reqs = [(str(i), rng.choice(PROMPTS) + rng.choice(["", "!", " more"]),
+             SamplingParams(max_tokens=rng.randrange(1, 16), ignore_eos=rng.random() < 0.5)) for i in range(12)]
+    expected = {}
+    for rid, prompt, params in reqs:
+        e = toy_engine(num_blocks=200)
+        e.add_request(rid, prompt=prompt, params=params)
+        expected.update(run_all(e)[0])
+    e = toy_engine(num_blocks=blocks, **cfg)
+    pending, finals = list(reqs), {}
+    for _ in range(10_000):
+        while pending and rng.random() < 0.3:       # requests arrive between steps
+            rid, prompt, params = pending.pop(0)
+            e.add_request(rid, prompt=prompt, params=params)
+        finals.update({o.request_id: o for o in e.step() if o.finished})
+        if not pending and not e.has_unfinished():
+            break
+    assert {k: (v.text, v.finish_reason) for k, v in finals.items()} == \
+        {k: (v.text, v.finish_reason) for k, v in expected.items()}
+    e.blocks.check_invariants()
+    assert e.blocks.num_used == 0
+
+
 def test_shared_prefix_is_served_from_cache_with_identical_output():
     e = toy_engine()
     prompt = "the same long system prompt, then a question"
@@ -241,6 +270,15 @@ def test_messages_use_the_chat_template():
     e.add_request("p", prompt="<user>hi<assistant>", params=SamplingParams(max_tokens=2))
     finals, _ = run_all(e)
     assert finals["m"].text == finals["p"].text and finals["m"].prompt_tokens == 19
+
+
+def test_messages_without_chat_template_are_plain_text():
+    e = toy_engine()
+    e.add_request("m", messages=[{"role": "system", "content": "be"}, {"role": "user", "content": "hi"}],
+                  chat_template=False, params=SamplingParams(max_tokens=2))
+    e.add_request("p", prompt="be\nhi", params=SamplingParams(max_tokens=2))
+    finals, _ = run_all(e)
+    assert finals["m"].prompt_tokens == 5 and finals["m"].text == finals["p"].text
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -356,23 +394,32 @@ def tiny_engine(path, **cfg):
     return Engine(EngineConfig(**cfg))
 
 
-@pytest.mark.parametrize("cfg", [dict(), dict(prefill_chunk=4, max_tokens_per_step=12), dict(policy="static"),
-                                 dict(padding=False)])
-def test_tiny_model_continuous_batching_equals_one_at_a_time(tiny_gguf, cfg):
-    params = SamplingParams(max_tokens=16, ignore_eos=True)
-    single = tiny_engine(tiny_gguf, **cfg)
+TINY_PARAMS = SamplingParams(max_tokens=16, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_alone(tiny_gguf):
+    """Greedy answers of TINY_PROMPTS run one at a time (one engine, one request in flight)."""
+    single = tiny_engine(tiny_gguf)
     alone = {}
-    for i, p in enumerate(TINY_PROMPTS):   # one engine, one request at a time
-        single.add_request(str(i), prompt=p, params=params)
-        alone.update(run_all(single)[0])
-    batched = tiny_engine(tiny_gguf, prefix_reuse=False, **cfg)
     for i, p in enumerate(TINY_PROMPTS):
-        batched.add_request(str(i), prompt=p, params=params)
-    together, _ = run_all(batched)
+        single.add_request(str(i), prompt=p, params=TINY_PARAMS)
+        alone.update(run_all(single)[0])
     assert len({o.text for o in alone.values()}) == len(TINY_PROMPTS)  # the model is not degenerate
-    for k in alone:
-        assert together[k].text == alone[k].text, k
-        assert together[k].completion_tokens == 16
+    return alone
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(prefill_chunk=4, max_tokens_per_step=12), dict(policy="static"),
+                                 dict(padding=False), dict(prefix_reuse=False, max_batch_size=3)])
+def test_tiny_model_continuous_batching_equals_one_at_a_time(tiny_gguf, tiny_alone, cfg):
+    batched = tiny_engine(tiny_gguf, **cfg)
+    for i, p in enumerate(TINY_PROMPTS):
+        batched.add_request(str(i), prompt=p, params=TINY_PARAMS)
+    together, _ = run_all(batched)
+    for k, want in tiny_alone.items():
+        assert together[k].text == want.text, k
+        assert together[k].new_token_ids and together[k].completion_tokens == 16
+    assert batched.stats()["mean_batch_size"] > 2
 
 
 def test_tiny_model_prefix_cache_hit_keeps_greedy_output(tiny_gguf):

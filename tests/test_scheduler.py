@@ -84,6 +84,21 @@ def test_static_batching_runs_batches_to_completion():
     assert seen == [["a"], ["a"], ["b"], ["b"], ["b"]]
 
 
+def test_static_batch_is_admitted_whole_even_beyond_one_steps_budget():
+    sched, clock = make(batch_timeout_s=0.0, policy="static", max_batch_size=4, max_tokens_per_step=8)
+    for rid in "abcd":
+        add(sched, clock, rid, n_prompt=5, max_tokens=2)
+    out = run_step(sched)
+    assert len(sched.running) == 4 and not sched.waiting
+    assert sum(it.num_tokens for it in out.items) <= 8
+    add(sched, clock, "late", max_tokens=2)
+    batches = []
+    while sched.has_unfinished():
+        batches.append({it.seq.request_id for it in run_step(sched).items})
+    late = [i for i, b in enumerate(batches) if "late" in b]
+    assert all(b <= set("abcd") for b in batches[:late[0]]) and all(b == {"late"} for b in batches[late[0]:])
+
+
 def test_finished_sequences_leave_and_free_their_blocks():
     sched, clock = make(batch_timeout_s=0.0)
     add(sched, clock, "a", max_tokens=2)

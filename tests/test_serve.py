@@ -302,6 +302,21 @@ def test_full_queue_is_429_with_retry_after(tiny_gguf):
         s.close()
 
 
+def test_a_non_streaming_client_that_hangs_up_aborts_its_request(tiny_gguf):
+    s = LiveServer(tiny_gguf, max_batch_size=8, batch_timeout_s=30.0)   # it waits in the window
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(s.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 4}, timeout=0.5)
+        deadline = time.monotonic() + 10
+        while (st := s.stats())["requests_aborted"] != 1:
+            assert time.monotonic() < deadline, st
+            time.sleep(0.05)
+        assert st["waiting"] == 0 and st["in_flight"] == 0 and st["kv_blocks_used"] == 0
+        assert s.metric("agp_requests_total", '{status="499"}') == 1
+    finally:
+        s.close()
+
+
 @pytest.mark.parametrize("executor", [False, True], ids=["step-loop", "executor"])
 def test_hundred_clients_disconnecting_mid_stream_leak_no_kv_blocks(tiny_gguf, executor):
     s = LiveServer(tiny_gguf, executor=executor, max_batch_size=32)

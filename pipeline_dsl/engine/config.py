@@ -44,6 +44,10 @@ class EngineConfig:
                      "prefill_chunk", "max_queue"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+        if self.threads is not None and int(self.threads) < 1:
+            raise InputError(f"threads must be at least 1, not {self.threads!r}")
+        if self.max_model_len is not None and int(self.max_model_len) < 1:
+            raise InputError(f"max_model_len must be at least 1, not {self.max_model_len!r}")
         if self.batch_timeout_s < 0:
             raise InputError(f"batch_timeout_s must be >= 0, not {self.batch_timeout_s!r}")
         if self.max_tokens_per_step < self.max_batch_size:

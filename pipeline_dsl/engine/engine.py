@@ -81,8 +81,13 @@ class Engine:
 
     # ---- requests ----------------------------------------------------------------------
     def add_request(self, request_id, *, prompt=None, messages=None, prompt_token_ids=None,
-                    params: SamplingParams | None = None) -> None:
-        """Queue a request; raises InputError (never a hang) for input it cannot serve."""
+                    params: SamplingParams | None = None, chat_template: bool = True,
+                    add_special_tokens: bool = True) -> None:
+        """Queue a request; raises InputError (never a hang) for input it cannot serve.
+
+        `chat_template=False` sends messages as their contents joined by newlines;
+        `add_special_tokens` lets the tokenizer add its BOS to a raw prompt (the encode stage's
+        switches)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InputError(f"params must be SamplingParams, not {type(params).__name__}")
@@ -95,7 +100,7 @@ class Engine:
         if len(given) != 1:
             raise InputError("give exactly one of prompt, messages or prompt_token_ids"
                              + (f" (got {', '.join(given)})" if given else ""))
-        ids = self._prompt_ids(prompt, messages, prompt_token_ids)
+        ids = self._prompt_ids(prompt, messages, prompt_token_ids, chat_template, add_special_tokens)
         total = len(ids) + params.max_tokens
         if total > self.max_model_len:
             raise InputError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} = {total} "
@@ -116,15 +121,16 @@ class Engine:
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 
-    def _prompt_ids(self, prompt, messages, prompt_token_ids) -> list[int]:
+    def _prompt_ids(self, prompt, messages, prompt_token_ids, chat_template=True,
+                    add_special_tokens=True) -> list[int]:
         if prompt is not None:
             if not isinstance(prompt, str):
                 raise InputError(f"prompt must be a string, not {type(prompt).__name__}")
             if not prompt:
                 raise InputError("the prompt is empty")
-            ids = list(self.tokenizer.encode(prompt))
+            ids = list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
         elif messages is not None:
-            ids = self._render_chat(messages)
+            ids = self._render_chat(messages, chat_template, add_special_tokens)
         else:
             if not isinstance(prompt_token_ids, (list, tuple)) or not all(
                     isinstance(t, int) and not isinstance(t, bool) for t in prompt_token_ids):
@@ -137,13 +143,16 @@ class Engine:
             raise InputError("the prompt is empty (no tokens)")
         return ids
 
-    def _render_chat(self, messages) -> list[int]:
+    def _render_chat(self, messages, chat_template=True, add_special_tokens=True) -> list[int]:
         if not isinstance(messages, (list, tuple)) or not messages:
             raise InputError("messages must be a non-empty list of {role, content} objects")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
                     or not isinstance(m.get("content"), str):
                 raise InputError(f"messages[{i}] must be an object with string 'role' and 'content'")
+        if not chat_template:
+            text = "\n".join(m["content"] for m in messages)
+            return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens)) if text else []
         try:
             rendered = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
         except InputError:

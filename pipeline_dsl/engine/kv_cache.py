@@ -115,11 +115,10 @@ class BlockManager:
             blocks.append(block)
         return blocks
 
-    def admission_cost(self, token_ids: list[int], num_tokens: int) -> tuple[int, int]:
-        """(cached tokens, free blocks consumed) if a new sequence covering num_tokens started now."""
-        hit = self.lookup(token_ids)
-        from_free = sum(1 for b in hit if self.ref[b] == 0)  # cached but unused: leave the free queue
-        return len(hit) * self.block_size, self.blocks_for(num_tokens) - len(hit) + from_free
+    def admission_cost(self, hit: list[int], num_tokens: int) -> int:
+        """Free blocks a new sequence would consume to cover num_tokens, sharing `hit` (from lookup)."""
+        from_free = sum(1 for b in hit if self.ref[b] == 0)  # cached but unused: they leave the free queue
+        return self.blocks_for(num_tokens) - len(hit) + from_free
 
     def match_prefix(self, seq_id: str, token_ids: list[int], count: bool = True) -> int:
         """Start a sequence: share its longest cached prefix of full blocks.

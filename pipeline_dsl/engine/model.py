@@ -151,10 +151,9 @@ class LlamaModel:
         c = self.config
         qkv = layer.qkv(self.rms(x, layer.attn_norm))           # [T, (nh+2kv)*hd]
         T = qkv.shape[0]
-        q, k, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim,
-                             c.num_kv_heads * c.head_dim], dim=-1)
-        q = self.rope(q.view(T, c.num_heads, c.head_dim), cos, sin)
-        k = self.rope(k.view(T, c.num_kv_heads, c.head_dim), cos, sin)
+        qk, v = qkv.split([(c.num_heads + c.num_kv_heads) * c.head_dim, c.num_kv_heads * c.head_dim], dim=-1)
+        qk = self.rope(qk.view(T, c.num_heads + c.num_kv_heads, c.head_dim), cos, sin)  # one rotation for both
+        q, k = qk.split([c.num_heads, c.num_kv_heads], dim=1)  # [T, nh, hd], [T, kv, hd]
         return q, k, v.view(T, c.num_kv_heads, c.head_dim)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -197,8 +196,8 @@ class _Step:
     sample_rows: torch.Tensor | None   # [n_sample] rows of T whose logits are wanted
     all_decode: bool
     dec_rows: torch.Tensor | None      # [B] rows of the decode tokens (None: all rows, in order)
-    dec_gather: torch.Tensor | None    # [B, Lmax] slots of each decode sequence's context
-    dec_mask: torch.Tensor | None      # [B, 1, 1, Lmax] True where a context slot is real
+    dec_gather: torch.Tensor | None    # [B*nblk] block ids of each decode sequence's context
+    dec_mask: torch.Tensor | None      # [B, 1, 1, Lmax] additive: 0 where real, -inf beyond
     prefills: list                     # (row0, n, gather [L] | None, mask [g*n, L] | None)
 
 
@@ -275,22 +274,19 @@ class ModelRunner:
                      sample_rows=as_long(sample_rows) if sample_rows else None,
                      all_decode=all_decode, dec_rows=None, dec_gather=None, dec_mask=None, prefills=[])
         if dec_rows:
-            lmax = max(dec_lens)
+            nblk = (max(dec_lens) + bs - 1) // bs
             if self.pad_decode:
-                lmax = ((lmax + 31) // 32) * 32
-            nblk = (lmax + bs - 1) // bs
-            tab = torch.zeros(len(dec_rows), nblk, dtype=torch.long)           # [B, nblk]
+                nblk = _bucket(nblk, (1, 2, 4, 8, 12, 16, 24, 32, 48, 64))
+            lmax = nblk * bs
+            tab = torch.zeros(len(dec_rows), nblk, dtype=torch.long)           # [B, nblk]; padding: block 0
             for i, t in enumerate(dec_tables):
                 k = min(len(t), nblk)
                 tab[i, :k] = torch.tensor(t[:k], dtype=torch.long)
-            p = torch.arange(lmax)                                             # [Lmax]
-            gather = tab[:, p // bs] * bs + p % bs                             # [B, Lmax]
             lens = torch.tensor(dec_lens + [1] * pad, dtype=torch.long)        # [B]
-            mask = p[None, :] < lens[:, None]                                  # [B, Lmax]
-            if pad:
-                gather[len(dec_tables):] = self.num_slots                      # padding rows: scratch
-            step.dec_gather = gather.to(dev, non_blocking=True)
-            step.dec_mask = mask[:, None, None, :].to(dev, non_blocking=True)  # [B, 1, 1, Lmax]
+            keep = torch.arange(lmax)[None, :] < lens[:, None]                 # [B, Lmax]
+            mask = torch.zeros(keep.shape, dtype=self.model.dtype).masked_fill_(~keep, float("-inf"))
+            step.dec_gather = tab.view(-1).to(dev, non_blocking=True)          # [B*nblk] block ids
+            step.dec_mask = mask[:, None, None, :].to(dev, non_blocking=True)  # [B, 1, 1, Lmax] additive
             if not all_decode:
                 step.dec_rows = as_long(dec_rows)
         g = c.group
@@ -364,14 +360,17 @@ class ModelRunner:
             out[row0:row0 + n] = a.view(nkv, g, n, hd).permute(2, 0, 1, 3).reshape(n, -1)
         return out
 
-    def _decode_attention(self, q, kc, vc, gather, mask) -> torch.Tensor:
-        """q [B, nh, hd] against contexts gather [B, Lmax] -> [B, nh*hd]."""
+    def _decode_attention(self, q, kc, vc, blocks, mask) -> torch.Tensor:
+        """q [B, nh, hd] against the contexts in blocks [B*nblk] -> [B, nh*hd]."""
         c = self.model.config
-        B = q.shape[0]
+        B, bs = q.shape[0], self.block_size
         qg = q.view(B, c.num_kv_heads, c.group, c.head_dim)    # [B, kv, g, hd]: group as query rows
-        ks = kc[gather].permute(0, 2, 1, 3).to(q.dtype)         # [B, kv, Lmax, hd]
-        vs = vc[gather].permute(0, 2, 1, 3).to(q.dtype)
-        a = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=mask)  # [B, kv, g, hd]
+        kb = kc[: self.num_slots].view(self.num_blocks, bs * c.num_kv_heads * c.head_dim)  # [blocks, bs*kv*hd]
+        vb = vc[: self.num_slots].view(self.num_blocks, bs * c.num_kv_heads * c.head_dim)
+        ks = kb.index_select(0, blocks).view(B, -1, c.num_kv_heads, c.head_dim)  # [B, Lmax, kv, hd]
+        vs = vb.index_select(0, blocks).view(B, -1, c.num_kv_heads, c.head_dim)
+        a = F.scaled_dot_product_attention(qg, ks.transpose(1, 2).to(q.dtype), vs.transpose(1, 2).to(q.dtype),
+                                           attn_mask=mask)     # [B, kv, g, hd]
         return a.reshape(B, -1)
 
     # -- optional torch.compile of the decode step ---------------------------------------

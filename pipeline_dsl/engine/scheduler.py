@@ -171,12 +171,16 @@ class Scheduler:
         decodes = sum(1 for it in items if it.num_tokens == 1 and it.sample)
 
         if not preempted and self.window_open():
-            while self.waiting and budget > 0 and len(self.running) < cfg.max_batch_size:
+            # static: the whole batch is admitted at once (its prefill spreads over the next
+            # steps' budgets); continuous: admit while this step's budget lasts
+            static = cfg.policy == "static"
+            while self.waiting and (budget > 0 or static) and len(self.running) < cfg.max_batch_size:
                 seq = self.waiting[0]
                 # waiting sequences hold no blocks: look the prefix up, admit only if it fits
-                cached, _ = self.blocks.admission_cost(seq.token_ids, 1)
+                hit = self.blocks.lookup(seq.token_ids)
+                cached = len(hit) * self.blocks.block_size
                 n = min(len(seq.token_ids) - cached, budget, cfg.prefill_chunk)
-                _, cost = self.blocks.admission_cost(seq.token_ids, cached + n)
+                cost = self.blocks.admission_cost(hit, cached + n)
                 spare = self.watermark if self.running else 0
                 if cost + spare > self.blocks.num_free:
                     break  # wait for running sequences to finish and free blocks
@@ -189,8 +193,9 @@ class Scheduler:
                 self.waiting.popleft()
                 seq.status = RUNNING
                 self.running.append(seq)
-                items.append(ScheduledItem(seq, seq.num_computed, n, seq.num_computed + n == len(seq.token_ids)))
-                budget -= n
+                if n > 0:
+                    items.append(ScheduledItem(seq, seq.num_computed, n, seq.num_computed + n == len(seq.token_ids)))
+                    budget -= n
 
         prefill_tokens = sum(it.num_tokens for it in items) - decodes
         pad_to = None
