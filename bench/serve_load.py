@@ -129,8 +129,8 @@ def phase_reuse(args) -> dict:
     for setting in ("prefix_reuse=true", "prefix_reuse=false"):
         target = B.EngineTarget.from_pipeline(f"{args.pipeline},{setting}")
         reports.append(asyncio.run(B.bench_one(target, items, rate=args.reuse_rate,
-                                               num=args.reuse_num, warmup=1,
-                                               request_timeout=args.request_timeout)))
+                                               num=args.reuse_num, concurrency=args.reuse_clients,
+                                               warmup=1, request_timeout=args.request_timeout)))
         del target
     on, off = reports
     return {"reports": reports,
@@ -279,12 +279,16 @@ def page(args, load, reuse, sat, images, started, load_before, load_after, wall)
         "## 2. Shared system prompt: prefix reuse on and off",
         "",
         f"`bench/workloads/shared_prefix.jsonl`: every request carries the same ~1,700-token "
-        f"system prompt and a short question; Poisson arrivals at {args.reuse_rate:g} req/s, "
-        f"{args.reuse_num} requests, in process (the engine driven as `agp serve` drives it).",
+        f"system prompt and a short question; {args.reuse_num} requests, "
+        + (f"Poisson arrivals at {args.reuse_rate:g} req/s" if math.isfinite(args.reuse_rate)
+           else "sent as fast as") + f" at most {args.reuse_clients} in flight allow"
+        + (" (one at a time: TTFT is the prefill itself, no queueing)" if args.reuse_clients == 1
+           else "") + ", in process (the engine driven as `agp serve` drives it), after one "
+        "warm-up request.",
         "",
         f"    agp bench PIPELINE PIPELINE,prefix_reuse=false --workload "
-        f"bench/workloads/shared_prefix.jsonl --rate {args.reuse_rate:g} --num {args.reuse_num} "
-        "--compare",
+        f"bench/workloads/shared_prefix.jsonl --rate {args.reuse_rate:g} --concurrency "
+        f"{args.reuse_clients} --num {args.reuse_num} --compare",
         "",
         B.format_markdown(reuse["reports"]),
         "",
@@ -318,8 +322,11 @@ def main(argv=None) -> int:
     p.add_argument("--pipeline", default="examples/chat.agp")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--duration", type=float, default=60.0)
-    p.add_argument("--reuse-rate", type=float, default=0.25, help="req/s of the prefix-reuse runs")
-    p.add_argument("--reuse-num", type=int, default=16)
+    p.add_argument("--reuse-rate", type=float, default=math.inf,
+                   help="req/s of the prefix-reuse runs (default: inf, as --reuse-clients allow)")
+    p.add_argument("--reuse-clients", type=int, default=1,
+                   help="requests in flight in the prefix-reuse runs (default 1: TTFT without queueing)")
+    p.add_argument("--reuse-num", type=int, default=10)
     p.add_argument("--sat-num", type=int, default=64)
     p.add_argument("--request-timeout", type=float, default=900.0)
     p.add_argument("--out", default="docs/benchmarks.md")

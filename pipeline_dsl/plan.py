@@ -351,7 +351,7 @@ def format_plan(plan: Plan) -> str:
         for name in s.work:
             w = plan.work_named(name)
             lag = f"   (micro-batch k-{w.skew})" if w.skew else ""
-            lines.append(f"  {name:<22} cost {w.cost:<5g}{lag}")
+            lines.append(f"  {name:<22} cost {w.cost:<5g}{lag}".rstrip())
     lines.append("\nevents (recorded after -> waited on before):")
     for e in plan.events:
         k = "k-1" if e.lag else "k"

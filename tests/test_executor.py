@@ -132,6 +132,29 @@ def test_cancelling_mid_generation_frees_its_blocks(tiny_gguf):
     eng.blocks.check_invariants()
 
 
+def test_requests_submitted_while_running_are_all_answered(tiny_gguf):
+    import threading
+    import time
+
+    eng = engine(tiny_gguf)
+    ex = Executor(eng, overlap=True)
+    done: dict = {}
+    runner = threading.Thread(target=ex.run, kwargs=dict(on_output=finished(done), until_idle=False))
+    runner.start()
+    reqs = greedy_requests(10)
+    for rid, kw in reqs:
+        ex.submit(rid, **kw)
+        time.sleep(0.01)
+    deadline = time.monotonic() + 60
+    while len(done) < len(reqs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ex.close()
+    runner.join(timeout=60)
+    assert not runner.is_alive()
+    assert done == stepped(engine(tiny_gguf), reqs)
+    assert eng.blocks.num_used == 0
+
+
 def test_a_request_the_engine_refuses_is_reported_and_the_rest_run(tiny_gguf):
     eng = engine(tiny_gguf)
     ex = Executor(eng, overlap=True)
@@ -204,3 +227,23 @@ def test_default_plan_is_the_seed_pipeline():
     plan = default_plan()
     assert [s.name for s in plan.streams] == ["host", "copy", "compute"]
     assert plan.stream_of("gen") == "compute"
+
+
+@pytest.mark.slow
+def test_the_embedded_model_answers_the_same_with_and_without_overlap():
+    base = Engine(EngineConfig(dtype="fp32", threads=2))
+    chats = ["What is the capital of France?", "Write a haiku about the sea.",
+             "Explain recursion in one sentence.", "List three colours."]
+    reqs = [(f"c{i}", dict(messages=[{"role": "user", "content": c}],
+                           params=SamplingParams(max_tokens=24)))
+            for i, c in enumerate(chats)]
+
+    def fresh():
+        return Engine(base.config, runner=base.runner, tokenizer=base.tokenizer)
+
+    reference = stepped(fresh(), reqs)
+    for overlap in (True, False):
+        got: dict = {}
+        run_requests(fresh(), reqs, overlap=overlap, on_output=finished(got))
+        assert got == reference
+    assert "Paris" in reference["c0"][0]

@@ -119,6 +119,16 @@ def test_padded_decode_batch_gives_same_logits(model):
                           _decode_batch(model, prompts, 4), atol=1e-4)
 
 
+def test_pad_to_pads_the_decode_batch_without_extra_logits(model):
+    a, b = seq(6, 70), seq(3, 71)
+    runner = ModelRunner(model, num_blocks=16, block_size=BS)
+    runner.execute([SeqBatchItem(a, 0, [0, 1], False), SeqBatchItem(b, 0, [2], False)])
+    out = runner.execute([SeqBatchItem([7], 6, [0, 1], True), SeqBatchItem([8], 3, [2], True)], pad_to=8)
+    assert out.shape == (2, model.config.vocab_size)
+    assert torch.allclose(out[0], model.forward_full(a + [7])[-1], atol=1e-4)
+    assert torch.allclose(out[1], model.forward_full(b + [8])[-1], atol=1e-4)
+
+
 def test_mixed_prefill_and_decode_in_one_step(model):
     a, b = seq(7, 30), seq(9, 31)
     runner = ModelRunner(model, num_blocks=32, block_size=BS)
@@ -172,3 +182,15 @@ def test_quantized_gguf_dequantises_close_to_its_float_source(tmp_path, tiny):
         ref = tiny.weights[name]
         assert (q8.weights[name] - ref).abs().max() < 0.02 * ref.abs().max()
         assert (q4.weights[name] - ref).abs().max() < 0.2 * ref.abs().max()
+
+
+@pytest.mark.slow  # compiling takes ~30 s
+def test_compiled_runner_matches_eager(tiny):
+    eager = LlamaModel(tiny.config, tiny.weights, "fp32")
+    compiled = LlamaModel(tiny.config, tiny.weights, "fp32")
+    ids = seq(10, 60)
+    runner = ModelRunner(compiled, num_blocks=16, block_size=BS, compile=True, pad_decode=True)
+    runner.execute([SeqBatchItem(ids[:9], 0, [0, 1, 2], False)])
+    got = runner.execute([SeqBatchItem(ids[9:], 9, [0, 1, 2], True)])[0]
+    assert compiled.rope.fn is not compiled.rope.eager  # really compiled, no fallback
+    assert torch.allclose(got, eager.forward_full(ids)[-1], atol=1e-4)

@@ -174,7 +174,7 @@ class Executor:
         self.engine = engine
         self.plan = plan or default_plan()
         self.overlap = overlap
-        self.trace = trace if trace is not None else Trace()
+        self.trace = trace if trace is not None else Trace(limit=100_000)  # bounded when serving
         runner = engine.runner
         self.device = torch.device(getattr(runner, "device", "cpu"))
         self.cuda = self.device.type == "cuda"
@@ -184,6 +184,7 @@ class Executor:
             raise ValueError("the executor needs a plan with dynamic_batch, generate and respond "
                              f"stages (missing work: {', '.join(sorted(missing))})")
         self.lock = threading.RLock()        # the engine's host state
+        self._wake = threading.Condition(self.lock)   # submit / abort / close
         self._pending: list[tuple] = []      # submitted, not yet tokenised
         self._aborts: list[str] = []
         self._launches: dict[int, _Launch | None] = {}
@@ -221,15 +222,19 @@ class Executor:
         """Queue a request; it is tokenised and admitted on the host stream."""
         with self.lock:
             self._pending.append((str(request_id), kwargs))
+            self._wake.notify_all()
 
     def abort(self, request_id) -> None:
         """Cancel a request: its KV blocks are freed at the next admit (in flight or not)."""
         with self.lock:
             self._aborts.append(str(request_id))
+            self._wake.notify_all()
 
     def close(self) -> None:
         """Let a run with until_idle=False end once every request is done."""
-        self._closing = True
+        with self.lock:
+            self._closing = True
+            self._wake.notify_all()
 
     # ---- the work pieces ---------------------------------------------------------------
     def _admit(self, m: int) -> bool:
@@ -268,10 +273,13 @@ class Executor:
             if so.empty:
                 self._launches[m] = None
                 in_flight = any(v is not None for k, v in self._launches.items() if k < m)
-                if not in_flight:
+                if not in_flight:     # wait for the batch window or new work, lock released
                     deadline = getattr(eng, "next_deadline", lambda: None)()
-                    wait = 0.002 if deadline is None else deadline - time.monotonic()
-                    time.sleep(min(max(wait, 0.0), 0.01))
+                    if deadline is not None:
+                        wait = min(max(deadline - time.monotonic(), 0.0), 0.01)
+                    else:
+                        wait = 0.05 if self._idle() else 0.002
+                    self._wake.wait(wait)
                 return False
             pos, pre, seqs = [], [], []
             for it in so.items:       # advance as if the step were done (its token unknown)
@@ -541,8 +549,8 @@ class Executor:
         t0 = time.perf_counter()
         if self.overlap and (not self.cuda or self.issue == "threads"):
             self._run_threads()
-        else:
-            self._run_serial()
+        else:   # on a worker thread too, so that A/B differ in overlap only (torch runs
+            self._run_threads(serial=True)   # slower on the main thread under CPU contention)
         wall = time.perf_counter() - t0
         if self.cuda:
             torch.cuda.synchronize(self.device)
@@ -569,8 +577,22 @@ class Executor:
                     self._run_one(w, j - w.skew, w.stream)
             j += 1
 
-    def _run_threads(self) -> None:
+    def _run_threads(self, serial: bool = False) -> None:
         errors: list[BaseException] = []
+
+        def one() -> None:
+            try:
+                self._run_serial()
+            except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
+                errors.append(e)
+
+        if serial:
+            t = threading.Thread(target=one, name="agp-serial", daemon=True)
+            t.start()
+            t.join()
+            if errors:
+                raise errors[0]
+            return
 
         def loop(stream) -> None:
             works = self._order([self.plan.work_named(n) for n in stream.work])

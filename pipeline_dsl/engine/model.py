@@ -83,6 +83,36 @@ def resolve_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -
     raise ValueError(f"unknown dtype {name!r}: expected auto, fp32, bf16, fp16 or int8")
 
 
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, hd] rotated by position: x*cos + rotate_half(x)*sin."""
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rot * sin
+
+
+def _silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gate: gu [T, 2I] -> silu(gate) * up [T, I]."""
+    g, u = gu.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+class _Fallback:
+    """A torch.compile'd function that turns back into the eager one if compiling fails."""
+
+    def __init__(self, fn):
+        self.eager, self.fn = fn, torch.compile(fn, dynamic=True)
+
+    def __call__(self, *args):
+        try:
+            return self.fn(*args)
+        except Exception as e:  # compilation is an optimisation, never a failure
+            import warnings
+            warnings.warn(f"torch.compile of {self.eager.__name__} failed, running eagerly: "
+                          f"{type(e).__name__}: {str(e)[:200]}")
+            self.fn = self.eager
+            return self.eager(*args)
+
+
 class _Layer:
     __slots__ = ("attn_norm", "qkv", "o", "ffn_norm", "gate_up", "down")
 
@@ -124,6 +154,7 @@ class LlamaModel:
         emb = torch.cat([freqs, freqs], dim=-1)                 # [P, hd]
         self.cos = emb.cos().float().to(dev)
         self.sin = emb.sin().float().to(dev)
+        self.rope, self.silu_mul = _rope, _silu_mul
 
     # -- pieces -----------------------------------------------------------------------
     def rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -134,17 +165,15 @@ class LlamaModel:
         return (self.cos[positions].to(self.dtype).unsqueeze(1),
                 self.sin[positions].to(self.dtype).unsqueeze(1))
 
-    @staticmethod
-    def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, hd] rotated by position: x*cos + rotate_half(x)*sin."""
-        half = x.shape[-1] // 2
-        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rot * sin
+    def enable_compile(self) -> None:
+        """Fuse the elementwise pieces (RoPE, SwiGLU gate) with torch.compile; the
+        matmuls stay on oneDNN/BLAS and attention on SDPA. Falls back to eager on failure."""
+        self.rope = _Fallback(_rope)
+        self.silu_mul = _Fallback(_silu_mul)
 
     def mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
         gu = layer.gate_up(self.rms(x, layer.ffn_norm))        # [T, 2I]
-        g, u = gu.chunk(2, dim=-1)
-        return layer.down(F.silu(g) * u)                        # [T, H]
+        return layer.down(self.silu_mul(gu))                    # [T, H]
 
     def qkv(self, layer: _Layer, x: torch.Tensor, cos, sin):
         """x [T, H] -> q [T, nh, hd], k/v [T, kv, hd] (q, k rotated)."""
@@ -221,8 +250,8 @@ class ModelRunner:
         self.v_cache = self._v_pool[:, : self.num_slots]
         self.pad_decode = pad_decode
         self.compile = compile
-        self._compiled = None
-        self._compile_failed = False
+        if compile:
+            model.enable_compile()
 
     def kv_bytes(self) -> int:
         return 2 * self._k_pool.numel() * self._k_pool.element_size()
@@ -233,7 +262,7 @@ class ModelRunner:
         self.v_cache[:, dst * bs:(dst + 1) * bs] = self.v_cache[:, src * bs:(src + 1) * bs]
 
     # -- step preparation (host side, once per execute) ---------------------------------
-    def _prepare(self, items) -> _Step:
+    def _prepare(self, items, pad_to: int | None = None) -> _Step:
         c, bs, dev = self.model.config, self.block_size, self.device
         tokens, positions, slots, sample_rows = [], [], [], []
         dec_rows, dec_tables, dec_lens, prefills = [], [], [], []
@@ -260,8 +289,9 @@ class ModelRunner:
             row += n
         all_decode = not prefills
         pad = 0
-        if all_decode and self.pad_decode:
-            pad = _bucket(len(dec_rows)) - len(dec_rows)
+        padded = all_decode and (self.pad_decode or pad_to is not None)
+        if padded:
+            pad = max(0, (pad_to or _bucket(len(dec_rows))) - len(dec_rows))
             scratch = self.num_slots
             tokens.extend([0] * pad)
             positions.extend([0] * pad)
@@ -275,13 +305,11 @@ class ModelRunner:
                      all_decode=all_decode, dec_rows=None, dec_gather=None, dec_mask=None, prefills=[])
         if dec_rows:
             nblk = (max(dec_lens) + bs - 1) // bs
-            if self.pad_decode:
+            if padded:  # static shapes: few distinct context lengths too
                 nblk = _bucket(nblk, (1, 2, 4, 8, 12, 16, 24, 32, 48, 64))
             lmax = nblk * bs
-            tab = torch.zeros(len(dec_rows), nblk, dtype=torch.long)           # [B, nblk]; padding: block 0
-            for i, t in enumerate(dec_tables):
-                k = min(len(t), nblk)
-                tab[i, :k] = torch.tensor(t[:k], dtype=torch.long)
+            rows = [list(t[:nblk]) + [0] * (nblk - len(t)) for t in dec_tables] + [[0] * nblk] * pad
+            tab = torch.tensor(rows, dtype=torch.long)                         # [B, nblk]; padding: block 0
             lens = torch.tensor(dec_lens + [1] * pad, dtype=torch.long)        # [B]
             keep = torch.arange(lmax)[None, :] < lens[:, None]                 # [B, Lmax]
             mask = torch.zeros(keep.shape, dtype=self.model.dtype).masked_fill_(~keep, float("-inf"))
@@ -305,18 +333,16 @@ class ModelRunner:
 
     # -- the forward pass ----------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, items) -> torch.Tensor:
-        """Run one step; logits [n_sample, vocab] float32 for the items with sample=True."""
+    def execute(self, items, pad_to: int | None = None) -> torch.Tensor:
+        """Run one step; logits [n_sample, vocab] float32 for the items with sample=True.
+        pad_to: pad an all-decode batch to this many rows (static shapes); padding rows
+        write to a scratch slot and produce no logits."""
         if not items:
             return torch.empty(0, self.model.config.vocab_size)
-        step = self._prepare(items)
+        step = self._prepare(items, pad_to)
         if step.sample_rows is None:
             self._forward(step, want_logits=False)
             return torch.empty(0, self.model.config.vocab_size, device=self.device)
-        if step.all_decode and self.compile and not self._compile_failed:
-            out = self._forward_compiled(step)
-            if out is not None:
-                return out
         return self._forward(step)
 
     def _forward(self, step: _Step, want_logits: bool = True) -> torch.Tensor | None:
@@ -372,15 +398,3 @@ class ModelRunner:
         a = F.scaled_dot_product_attention(qg, ks.transpose(1, 2).to(q.dtype), vs.transpose(1, 2).to(q.dtype),
                                            attn_mask=mask)     # [B, kv, g, hd]
         return a.reshape(B, -1)
-
-    # -- optional torch.compile of the decode step ---------------------------------------
-    def _forward_compiled(self, step: _Step) -> torch.Tensor | None:
-        try:
-            if self._compiled is None:
-                self._compiled = torch.compile(self._forward, dynamic=True)
-            return self._compiled(step)
-        except Exception as e:  # compilation is an optimisation: fall back, say it once
-            import warnings
-            warnings.warn(f"torch.compile of the decode step failed, running eagerly: {type(e).__name__}: {e}")
-            self._compile_failed = True
-            return None

@@ -171,37 +171,66 @@ class Scheduler:
         decodes = sum(1 for it in items if it.num_tokens == 1 and it.sample)
 
         if not preempted and self.window_open():
-            # static: the whole batch is admitted at once (its prefill spreads over the next
-            # steps' budgets); continuous: admit while this step's budget lasts
-            static = cfg.policy == "static"
-            while self.waiting and (budget > 0 or static) and len(self.running) < cfg.max_batch_size:
-                seq = self.waiting[0]
-                # waiting sequences hold no blocks: look the prefix up, admit only if it fits
-                hit = self.blocks.lookup(seq.token_ids)
-                cached = len(hit) * self.blocks.block_size
-                n = min(len(seq.token_ids) - cached, budget, cfg.prefill_chunk)
-                cost = self.blocks.admission_cost(hit, cached + n)
-                spare = self.watermark if self.running else 0
-                if cost + spare > self.blocks.num_free:
-                    break  # wait for running sequences to finish and free blocks
-                seq.num_computed = self.blocks.match_prefix(seq.request_id, seq.token_ids,
-                                                            count=not seq.admitted)
-                if not seq.admitted:
-                    seq.cached_tokens, seq.admitted = seq.num_computed, True
-                if not self.blocks.allocate(seq.request_id, seq.num_computed + n):
-                    raise AssertionError("admission check and allocation disagree")
-                self.waiting.popleft()
-                seq.status = RUNNING
-                self.running.append(seq)
-                if n > 0:
-                    items.append(ScheduledItem(seq, seq.num_computed, n, seq.num_computed + n == len(seq.token_ids)))
-                    budget -= n
+            budget = self._admit(items, budget)
 
         prefill_tokens = sum(it.num_tokens for it in items) - decodes
         pad_to = None
         if cfg.padding and items and decodes == len(items):
             pad_to = bucket(decodes, cfg.max_batch_size)
         return SchedulerOutput(tuple(items), decodes, prefill_tokens, pad_to, tuple(preempted))
+
+    def _admit(self, items: list[ScheduledItem], budget: int) -> int:
+        """Move waiting sequences to running (FIFO) while there is room; returns the budget left.
+
+        static: the whole batch is admitted at once (its prefill spreads over the next steps'
+        budgets); continuous: admission stops when this step's budget is spent. Waiting
+        sequences hold no blocks: the prefix cache is looked up here. In continuous mode a
+        request whose next prompt block is being computed right now by a prefilling sequence
+        (the same system prompt, say) waits a step and then shares it instead of computing it
+        again.
+        """
+        cfg, bm = self.config, self.blocks
+        static = cfg.policy == "static"
+        in_flight = set()
+        if cfg.prefix_reuse and not static:
+            for seq in self.running:
+                if seq.num_computed < seq.num_prompt - 1:
+                    in_flight.update(self._prompt_keys(seq))
+        for seq in list(self.waiting):
+            if not (budget > 0 or static) or len(self.running) >= cfg.max_batch_size:
+                break
+            hit = bm.lookup(seq.token_ids)
+            if in_flight:
+                keys = self._prompt_keys(seq)
+                if len(hit) < len(keys) and keys[len(hit)] in in_flight:
+                    continue  # share it next step
+            cached = len(hit) * bm.block_size
+            n = min(len(seq.token_ids) - cached, budget, cfg.prefill_chunk)
+            spare = self.watermark if self.running else 0
+            if bm.admission_cost(hit, cached + n) + spare > bm.num_free:
+                break  # wait for running sequences to finish and free blocks
+            seq.num_computed = bm.match_prefix(seq.request_id, seq.token_ids, count=not seq.admitted)
+            if not seq.admitted:
+                seq.cached_tokens, seq.admitted = seq.num_computed, True
+            if not bm.allocate(seq.request_id, seq.num_computed + n):
+                raise AssertionError("admission check and allocation disagree")
+            self.waiting.remove(seq)
+            seq.status = RUNNING
+            self.running.append(seq)
+            if n > 0:
+                items.append(ScheduledItem(seq, seq.num_computed, n, seq.num_computed + n == len(seq.token_ids)))
+                budget -= n
+            if cfg.prefix_reuse and not static and seq.num_computed < seq.num_prompt - 1:
+                in_flight.update(self._prompt_keys(seq))
+        return budget
+
+    def _prompt_keys(self, seq: Sequence) -> list:
+        """Keys of the prompt's full blocks before its last token (computed once per sequence)."""
+        keys = seq.extra.get("_prompt_keys")
+        if keys is None:
+            usable = (seq.num_prompt - 1) // self.blocks.block_size * self.blocks.block_size
+            keys = seq.extra["_prompt_keys"] = self.blocks.block_keys(seq.token_ids[:usable])
+        return keys
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

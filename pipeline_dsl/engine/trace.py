@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -29,8 +30,8 @@ class Span:
 
 
 class Trace:
-    def __init__(self) -> None:
-        self.spans: list[Span] = []
+    def __init__(self, limit: int | None = None) -> None:
+        self.spans: deque[Span] = deque(maxlen=limit)   # limit: keep only the latest spans
         self._lock = threading.Lock()
 
     def add(self, stream: str, name: str, start: float, end: float, micro_batch: int = -1) -> None:
