@@ -179,6 +179,7 @@ def plots(load: dict, reuse: dict, sat: dict, img: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import numpy as np
 
     img.mkdir(parents=True, exist_ok=True)
@@ -203,6 +204,7 @@ def plots(load: dict, reuse: dict, sat: dict, img: Path) -> list[str]:
                 "prompts at once")
     axes[2].tick_params(axis="x", labelsize=8)
     for ax in axes[:2]:
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())   # no crowded labels
         ax.grid(alpha=0.3)
         if ax.get_lines():
             ax.legend(fontsize=8)

@@ -107,8 +107,11 @@ class PlanError(ValueError):
     """The graph cannot be planned (a cycle, an unknown resource)."""
 
 
-def stage_work(graph: nx.DiGraph) -> list[tuple[str, str, str, str, float]]:
-    """(name, stage, part, resource, cost) for every piece of work, in stage order."""
+def stage_work(graph: nx.DiGraph, costs: dict[str, float] | None = None) -> list[tuple]:
+    """(name, stage, part, resource, cost) for every piece of work, in stage order.
+
+    `costs` (by work name, e.g. from a measured trace) replace the nominal ones; with
+    `costs`, work it does not name costs nothing (it did not run)."""
     out = []
     for stage in nx.topological_sort(graph):
         data = graph.nodes[stage]
@@ -118,7 +121,9 @@ def stage_work(graph: nx.DiGraph) -> list[tuple[str, str, str, str, float]]:
             resource = placed or resource
             if resource not in RESOURCES:
                 raise PlanError(f"stage {stage!r}: unknown resource {resource!r}")
-            out.append((f"{stage}.{part}", stage, part, resource, cost))
+            name = f"{stage}.{part}"
+            out.append((name, stage, part, resource,
+                        cost if costs is None else float(costs.get(name, 0.0))))
     return out
 
 
@@ -281,13 +286,15 @@ def simulate(inst: nx.DiGraph, stream_of, key, window: int):
     return busy_overlap(spans, t0, t1), (t1 - t0) / (b - a)
 
 
-def make_plan(graph: nx.DiGraph, window: int = 12) -> Plan:
-    """Plan a checked stage graph onto streams (see the module docstring)."""
+def make_plan(graph: nx.DiGraph, window: int = 12, costs: dict[str, float] | None = None) -> Plan:
+    """Plan a checked stage graph onto streams (see the module docstring).
+
+    `costs`: measured seconds (or any unit) per work name, for the prediction."""
     if not nx.is_directed_acyclic_graph(graph):
         raise PlanError("the stage graph has a cycle")
     if window < 4:
         raise PlanError("the window needs at least 4 micro-batches")
-    work = stage_work(graph)
+    work = stage_work(graph, costs)
     step = step_graph(graph, work)
     inst = instance_graph(step, window)
 

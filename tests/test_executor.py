@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
-from pipeline_dsl.engine.executor import Executor, default_plan, run_requests
+from pipeline_dsl.engine.executor import AHEAD, Executor, _Signals, default_plan, run_requests
 from pipeline_dsl.engine.trace import Trace
 from pipeline_dsl.plan import make_plan
 
@@ -190,13 +190,25 @@ def test_host_schedules_the_next_step_while_the_current_one_computes(tiny_gguf):
     assert trace.measured_overlap() > 0
 
 
-def test_a_serial_run_never_overlaps(tiny_gguf):
+def test_a_serial_run_never_overlaps_and_its_costs_feed_the_planner(tiny_gguf):
     trace = Trace()
     eng = engine(tiny_gguf)
     for rid, kw in greedy_requests(6):
         eng.add_request(rid, **kw)
     stats = Executor(eng, overlap=False, trace=trace).run()
     assert stats["measured_overlap"] == 0.0 and trace.spans
+    costs = trace.costs()
+    assert costs["gen.forward"] > 0 and set(costs) <= {w.name for w in default_plan().work}
+    g = nx.DiGraph(name="chat", settings={})
+    for w in default_plan().work:
+        g.add_node(w.stage, kind={"request": "requests", "batch": "dynamic_batch", "encode": "encode",
+                                  "kv": "kv_lookup", "gen": "generate", "out": "respond"}[w.stage],
+                   params={}, resource="host", placement=None, pos=None)
+    nx.add_path(g, ["request", "batch", "encode", "kv", "gen", "out"])
+    predicted = make_plan(g, costs=costs)
+    assert predicted.work_named("gen.forward").cost == costs["gen.forward"]
+    assert predicted.work_named("request.admit").cost == 0.0       # nothing to admit: no span
+    assert predicted.speedup >= 1.0
 
 
 def test_a_plan_with_everything_on_one_stream_gives_the_same_answers(tiny_gguf):
@@ -221,6 +233,18 @@ def test_a_plan_without_generate_is_refused(tiny_gguf):
     g.add_edge("request", "out")
     with pytest.raises(ValueError, match="generate"):
         Executor(engine(tiny_gguf), make_plan(g))
+
+
+def test_signals_drop_old_events_and_stop_releases_later_waiters():
+    s = _Signals()
+    for m in range(3 * AHEAD):
+        s.record("gen.forward", m)
+    assert len(s._events) <= 2 * AHEAD + 1                 # old events are dropped ...
+    assert s._get(("gen.forward", 1)).is_set()              # ... and read as set
+    assert not s._get(("gen.d2h", 5)).is_set()
+    s.release(stop_at=3)
+    assert s._get(("gen.d2h", 5)).is_set() and s._get(("gen.d2h", 9)).is_set()
+    assert not s._get(("gen.d2h", 2)).is_set()
 
 
 def test_default_plan_is_the_seed_pipeline():

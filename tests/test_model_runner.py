@@ -189,6 +189,7 @@ def test_compiled_runner_matches_eager(tiny):
     eager = LlamaModel(tiny.config, tiny.weights, "fp32")
     compiled = LlamaModel(tiny.config, tiny.weights, "fp32")
     ids = seq(10, 60)
+    compiled.enable_compile(force=True)  # a runner's compile=True skips it on CPU
     runner = ModelRunner(compiled, num_blocks=16, block_size=BS, compile=True, pad_decode=True)
     runner.execute([SeqBatchItem(ids[:9], 0, [0, 1, 2], False)])
     got = runner.execute([SeqBatchItem(ids[9:], 9, [0, 1, 2], True)])[0]

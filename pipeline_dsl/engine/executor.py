@@ -19,9 +19,11 @@ cross-stream edges. The work pieces drive the engine's phases:
   is set after it and waited on across streams. torch releases the GIL in its kernels,
   so step k's forward runs while the host schedules step k+1 and emits step k-1.
 - CUDA: one torch.cuda.Stream per copy/compute stream, issued from one host thread in the
-  plan's global order; torch.cuda.Event on cross-stream edges, sampled tokens copied
-  non-blocking into pinned memory; the host blocks only where the plan says (emit).
-- overlap=False runs the same plan serially on the calling thread (CUDA: one stream,
+  plan's global order (or, issue="threads", one thread per stream as on CPU);
+  torch.cuda.Event on cross-stream edges, sampled tokens copied non-blocking into pinned
+  memory; the host blocks only where the plan says (emit). cuda_graphs=True (the default
+  in performance mode) captures the all-decode forward and replays it.
+- overlap=False runs the same plan serially on one worker thread (CUDA: one stream,
   synchronised after every piece), for A/B.
 
 Optimistic scheduling: step k+1 is scheduled before step k's tokens are known. Each
@@ -46,6 +48,7 @@ from pipeline_dsl.plan import Plan, make_plan
 from .trace import Trace
 
 PLACEHOLDER = -1          # a token sampled by a step still in flight
+AHEAD = 32                # no stream runs more than this many micro-batches ahead of emit
 GPU_PARTS = ("kv_copy", "h2d", "forward", "d2h")
 _GRAPHS: dict[str, Plan] = {}
 _CAPTURED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # runner -> DecodeGraphs
@@ -84,11 +87,15 @@ class _Launch:
 
 
 class _Signals:
-    """threading.Event per (recorded work, micro-batch); released for all on stop/failure."""
+    """threading.Event per (recorded work, micro-batch); released for all on stop/failure.
+
+    A work records its micro-batches in order, on one thread, so an event far older than
+    that work's latest record has been set: it is dropped and reads as set."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._events: dict[tuple[str, int], threading.Event] = {}
+        self._dropped_below: dict[str, int] = {}
         self.stop_at: int | None = None
         self.failed = False
 
@@ -96,7 +103,11 @@ class _Signals:
         with self._lock:
             ev = self._events.get(key)
             if ev is None:
-                ev = self._events[key] = threading.Event()
+                ev = threading.Event()
+                if key[1] < self._dropped_below.get(key[0], -1):
+                    ev.set()
+                    return ev
+                self._events[key] = ev
                 if self.failed or (self.stop_at is not None and key[1] > self.stop_at):
                     ev.set()
             return ev
@@ -104,8 +115,10 @@ class _Signals:
     def record(self, work: str, m: int) -> None:
         self._get((work, m)).set()
         with self._lock:
-            for key in [k for k in self._events if k[1] < m - 8]:
-                del self._events[key]
+            old = m - 2 * AHEAD
+            if old > self._dropped_below.get(work, -1):
+                self._dropped_below[work] = old
+                self._events.pop((work, old - 1), None)
 
     def wait(self, work: str, m: int) -> None:
         self._get((work, m)).wait()
@@ -272,13 +285,13 @@ class Executor:
             so = self._schedule_live()
             if so.empty:
                 self._launches[m] = None
-                in_flight = any(v is not None for k, v in self._launches.items() if k < m)
+                in_flight = any(v is not None for k, v in list(self._launches.items()) if k < m)
                 if not in_flight:     # wait for the batch window or new work, lock released
                     deadline = getattr(eng, "next_deadline", lambda: None)()
                     if deadline is not None:
                         wait = min(max(deadline - time.monotonic(), 0.0), 0.01)
                     else:
-                        wait = 0.05 if self._idle() else 0.002
+                        wait = 0.005 if self._idle() else 0.002   # direct adds do not notify
                     self._wake.wait(wait)
                 return False
             pos, pre, seqs = [], [], []
@@ -540,6 +553,7 @@ class Executor:
         self._signals = _Signals()
         self._waits = {w.name: [e for e in self.plan.events if e.dst_work == w.name]
                        for w in self.plan.work}
+        self._last_work = next(w.name for w in self.plan.work if w.part == "emit")
         self._gpu_spans: list = []
         if self.cuda:
             self._cuda_base = torch.cuda.Event(enable_timing=True)
@@ -607,6 +621,8 @@ class Executor:
                         for e in self._waits[w.name]:
                             if m - e.lag >= 0:
                                 self._signals.wait(e.src_work, m - e.lag)
+                        if m >= AHEAD:               # back-pressure: bounded look-ahead
+                            self._signals.wait(self._last_work, m - AHEAD)
                         if self._signals.failed:
                             return
                         self._run_one(w, m, stream.name)

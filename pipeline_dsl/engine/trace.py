@@ -86,6 +86,14 @@ class Trace:
         both = busy_overlap({stream: spans[stream], under: spans[under]}, t0, t1) * (t1 - t0)
         return both / mine
 
+    def costs(self) -> dict[str, float]:
+        """Mean seconds per work name: `make_plan(graph, costs=trace.costs())` predicts
+        the overlap from what was measured instead of the nominal costs."""
+        total: dict[str, list[float]] = {}
+        for s in self.spans:
+            total.setdefault(s.name, []).append(s.end - s.start)
+        return {name: sum(v) / len(v) for name, v in total.items()}
+
     def to_chrome(self) -> dict:
         t0, _ = self.bounds()
         tids = {name: i + 1 for i, name in enumerate(self.streams())}
