@@ -317,6 +317,40 @@ def test_a_non_streaming_client_that_hangs_up_aborts_its_request(tiny_gguf):
         s.close()
 
 
+def test_a_stream_whose_client_is_gone_before_the_first_byte_is_aborted(tiny_gguf):
+    s = LiveServer(tiny_gguf, max_batch_size=8, batch_timeout_s=30.0)   # it waits in the window
+    body = json.dumps({"prompt": "hello", "max_tokens": 4, "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 9), "server": ("127.0.0.1", s.port)}
+
+    async def call_app():
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(60)
+
+        async def send(message):
+            raise OSError("connection reset by peer")          # gone before the headers
+
+        with pytest.raises(Exception):
+            await s.app(scope, receive, send)
+
+    try:
+        asyncio.run(call_app())
+        deadline = time.monotonic() + 10
+        while (st := s.stats())["requests_aborted"] != 1:
+            assert time.monotonic() < deadline, st
+            time.sleep(0.05)
+        assert st["waiting"] == 0 and st["in_flight"] == 0
+        assert s.metric("agp_requests_in_flight") == 0
+    finally:
+        s.close()
+
+
 @pytest.mark.parametrize("executor", [False, True], ids=["step-loop", "executor"])
 def test_hundred_clients_disconnecting_mid_stream_leak_no_kv_blocks(tiny_gguf, executor):
     s = LiveServer(tiny_gguf, executor=executor, max_batch_size=32)

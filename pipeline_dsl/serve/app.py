@@ -36,6 +36,24 @@ class ServeConfig:
     drain_timeout_s: float = 60.0          # at shutdown: how long in-flight requests may take
 
 
+class EventStream(StreamingResponse):
+    """Server-sent events; a client gone before the first byte still aborts the sequence."""
+
+    def __init__(self, content, stream, metrics: ServerMetrics):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._stream, self._metrics = stream, metrics
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not getattr(self._stream, "started", False):   # the generator never ran
+                self._stream.abort()
+                self._metrics.requests.labels("499").inc()
+                self._metrics.in_flight.dec()
+
+
 def _error(err: P.APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
@@ -123,9 +141,7 @@ def create_app(aengine: AsyncEngine, config: ServeConfig, metrics: ServerMetrics
         else:
             metrics.in_flight.inc()
             if req.stream:
-                return StreamingResponse(
-                    _sse(stream, req, rid), media_type="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                return EventStream(_sse(stream, req, rid), stream, metrics)
             return await _collect(request, stream, req, rid)
         metrics.requests.labels(str(err.status)).inc()
         return _error(err)
@@ -172,6 +188,7 @@ def create_app(aengine: AsyncEngine, config: ServeConfig, metrics: ServerMetrics
         now = int(time.time())
         chat = req.kind == "chat"
         status = "499"
+        stream.started = True
         try:
             if chat:
                 yield P.sse(P.chat_chunk(rid, req.model, now, {"role": "assistant", "content": ""},

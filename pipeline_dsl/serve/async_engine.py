@@ -69,6 +69,7 @@ class RequestStream:
 
     def __init__(self, owner: "AsyncEngine", state: _State):
         self._owner, self._state = owner, state
+        self.started = False                     # a consumer began reading (the app sets it)
 
     @property
     def request_id(self) -> str:
