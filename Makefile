@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0   # the CPU build; on a CUDA machine: make TORCH=torch 
 STAMP   := $(VENV)/.installed
 TSTAMP  := $(VENV)/.installed-test
 
-.PHONY: demo test bench dot clean
+.PHONY: demo test bench bench-serve dot clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,8 +39,11 @@ demo: $(STAMP)
 test: $(TSTAMP)
 	$(BIN)/python -m pytest -q tests
 
-bench: $(STAMP)
+bench: $(TSTAMP)            # W32: agp against transformers, in one run (a few minutes)
 	$(BIN)/python bench/w32.py
+
+bench-serve: $(STAMP)       # agp serve under load; rewrites docs/benchmarks.md (6-10 minutes)
+	$(BIN)/python bench/serve_load.py
 
 clean:
 	rm -rf $(VENV) out

@@ -116,7 +116,7 @@ def run_requests(engine, spec, requests: list[RunRequest], *, on_done: Callable[
 
     ttft = [r.t_first - t0 for r in by_id.values() if r.t_first is not None]
     gaps = [g for r in by_id.values() for g in r.token_gaps]
-    stats = engine.stats() if hasattr(engine, "stats") else {}
+    stats = engine.stats(latencies=False)
     summary = {
         "requests": len(requests),
         "errors": errors,
@@ -130,7 +130,7 @@ def run_requests(engine, spec, requests: list[RunRequest], *, on_done: Callable[
         "tpot_p50_ms": _ms(percentile(gaps, 50)),
         "tpot_p99_ms": _ms(percentile(gaps, 99)),
         "mean_batch_size": _round(stats.get("mean_batch_size")),
-        "kv_hit_rate": _round(stats.get("kv_hit_rate", stats.get("hit_rate"))),
+        "kv_hit_rate": _round(stats.get("hit_rate")),
         "peak_memory_bytes": peak_memory_bytes(getattr(engine.config, "device", "cpu")),
         "dtype": str(getattr(engine, "dtype", getattr(engine.config, "dtype", ""))),
     }

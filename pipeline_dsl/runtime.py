@@ -26,7 +26,6 @@ class RuntimeSpec:
     chat_template: bool = True       # encode: render `messages` with the model's template
     add_special_tokens: bool = True  # encode: add BOS etc. to raw prompts
     stream: bool = False             # respond: emit tokens as they come
-    max_prompt_tokens: int = 0       # requests: 0 = the model's context
     system_prompt: str | None = None # system_prompt: put first in chat requests
     system_override: bool = False    # system_prompt: replace a request's own system message
 

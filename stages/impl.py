@@ -31,9 +31,7 @@ class Requests:
     """Request source: bounds the waiting queue and the prompt length."""
 
     def configure(self, params, spec):
-        _copy(params, spec.engine, {"max_queue": "max_queue"})
-        if params.get("max_prompt_tokens"):
-            spec.max_prompt_tokens = int(params["max_prompt_tokens"])
+        _copy(params, spec.engine, {"max_queue": "max_queue", "max_prompt_tokens": "max_prompt_tokens"})
 
 
 class SystemPrompt:

@@ -3,7 +3,6 @@ driven by the official `openai` client, httpx and a subprocess for SIGTERM."""
 
 import asyncio
 import json
-import os
 import re
 import signal
 import socket

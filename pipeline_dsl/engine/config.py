@@ -34,6 +34,7 @@ class EngineConfig:
     max_queue: int = 1024                  # waiting requests beyond this are refused (QueueFullError)
     compile: bool = False                  # torch.compile the model's forward
     max_model_len: int | None = None       # default: the model's context length
+    max_prompt_tokens: int = 0             # longest prompt accepted (0 = the model's context)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

@@ -101,6 +101,10 @@ class Engine:
             raise InputError("give exactly one of prompt, messages or prompt_token_ids"
                              + (f" (got {', '.join(given)})" if given else ""))
         ids = self._prompt_ids(prompt, messages, prompt_token_ids, chat_template, add_special_tokens)
+        limit = self.config.max_prompt_tokens
+        if limit and len(ids) > limit:
+            raise InputError(f"prompt of {len(ids)} tokens is longer than this pipeline accepts "
+                             f"(requests.max_prompt_tokens = {limit})")
         total = len(ids) + params.max_tokens
         if total > self.max_model_len:
             raise InputError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} = {total} "
@@ -270,7 +274,9 @@ class Engine:
         c["cached_tokens"] += seq.cached_tokens
 
     # ---- measuring ---------------------------------------------------------------------
-    def stats(self) -> dict:
+    def stats(self, latencies: bool = True) -> dict:
+        """Counters for summaries and /metrics; `latencies=False` skips the per-token samples
+        (cheap enough to call on every scrape)."""
         c = dict(self._counters)
         decode_seqs = c.pop("decode_seqs")
         c["mean_batch_size"] = decode_seqs / c["decode_steps"] if c["decode_steps"] else 0.0
@@ -281,11 +287,12 @@ class Engine:
         c["busy_s"] = self._busy_s
         c["batch_size_hist"] = dict(sorted(self._batch_hist.items()))
         c.update(self.blocks.stats())
-        c["ttft_s"] = list(self._ttft)
-        c["itl_s"] = list(self._itl)
-        for name, xs in (("ttft", self._ttft), ("itl", self._itl)):
-            c[f"{name}_p50_s"] = percentile(xs, 50)
-            c[f"{name}_p99_s"] = percentile(xs, 99)
+        if latencies:
+            c["ttft_s"] = list(self._ttft)
+            c["itl_s"] = list(self._itl)
+            for name, xs in (("ttft", self._ttft), ("itl", self._itl)):
+                c[f"{name}_p50_s"] = percentile(xs, 50)
+                c[f"{name}_p99_s"] = percentile(xs, 99)
         c["peak_memory_bytes"] = peak_memory_bytes(self.config.device)
         c.update({k: v for k, v in self.model_info.items() if isinstance(v, (int, float, str))})
         return c

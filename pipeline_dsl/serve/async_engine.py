@@ -346,7 +346,7 @@ class AsyncEngine:
                     f"the engine failed: {exc}"))
 
     def _stats(self) -> dict:
-        stats = dict(self.engine.stats())
+        stats = dict(self.engine.stats(latencies=False))
         stats["in_flight"] = len(self._states)
         return stats
 
