@@ -176,26 +176,25 @@ def summarize(label: str, rate: float, records: list[RequestRecord], duration: f
 class EngineTarget:
     """The pipeline's engine in this process, driven through `AsyncEngine`."""
 
-    def __init__(self, label: str, engine, defaults, add_options: dict | None = None,
-                 executor=None):
+    def __init__(self, label: str, engine, defaults, prepare=None, executor=None):
         from pipeline_dsl.serve.async_engine import AsyncEngine
 
         self.label, self.engine, self.defaults = label, engine, defaults
-        self.aengine = AsyncEngine(engine, add_options=add_options, executor=executor)
+        self.aengine = AsyncEngine(engine, prepare=prepare, executor=executor)
         self._n = 0
 
     @classmethod
     def from_pipeline(cls, spec: str, *, overlap: bool = True, **overrides) -> "EngineTarget":
         """Build the pipeline's engine, driven by the plan's executor as `agp serve` does."""
         from pipeline_dsl.runtime import build_engine, default_sampling
-        from pipeline_dsl.serve.async_engine import encode_options, make_executor
+        from pipeline_dsl.serve.async_engine import make_executor
 
         path, settings = parse_target(spec)
         engine, rspec = build_engine(path, **{**settings, **{k: v for k, v in overrides.items()
                                                             if v is not None}})
         return cls(target_label(spec), engine, default_sampling(rspec),
-                   add_options=encode_options(engine, rspec),
-                   executor=make_executor(engine, overlap=overlap))
+                   prepare=rspec.engine_inputs,
+                   executor=make_executor(engine, overlap=overlap, plan=rspec.plan))
 
     async def start(self) -> None:
         self.aengine.start()

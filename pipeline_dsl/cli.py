@@ -19,6 +19,8 @@ import json
 import os
 import sys
 
+from .diagnostics import CheckFailed
+
 # commands living in pipeline_dsl/commands/<name>.py (HELP, add_arguments(parser), main(args) -> int);
 # the help text here lets `agp --help` list them without importing them (they may import torch)
 LAZY_COMMANDS = {
@@ -293,6 +295,10 @@ def _missing_command(name: str):
     return run
 
 
+# the engine's user-input errors (named, so that this module needs no torch import)
+_INPUT_ERRORS = {"InputError", "ModelNotFoundError", "QueueFullError"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -308,6 +314,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _err(str(exc))
         return USER_ERROR
+    except CheckFailed as exc:                     # a command that loads a pipeline (run, serve, …)
+        if debug:
+            raise
+        sys.stderr.write(exc.render())
+        return USER_ERROR
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -317,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:                       # noqa: BLE001 - no traceback without --debug
         if debug:
             raise
+        if type(exc).__name__ in _INPUT_ERRORS:    # the engine's: bad model path, KV budget, …
+            _err(str(exc))
+            return USER_ERROR
         _err(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)")
         return FAILED
 

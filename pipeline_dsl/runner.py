@@ -1,21 +1,20 @@
 """Drive an engine over a list of requests and measure it.
 
-`run_requests` submits every request, steps the engine (through the plan's executor
-when one is available, serially otherwise) until all are done, hands each finished
+`run_requests` submits every request, steps the engine through the plan's executor
+(overlapped, or serially with `overlap=False`) until all are done, hands each finished
 answer to `on_done`, and returns the run summary: requests, tokens in and out,
 output tokens/s over generation (model loading excluded), TTFT and per-token latency
 p50/p99, mean batch size, KV hit rate and peak memory.
 """
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
-
+from pipeline_dsl.engine.engine import percentile
+from pipeline_dsl.engine.executor import drive  # the plan's threaded / CUDA-stream executor
 from pipeline_dsl.requests_io import ParsedRequest
 
 
@@ -29,19 +28,6 @@ class RunRequest:
     t_first: float | None = None
     t_last: float | None = None
     token_gaps: list[float] = field(default_factory=list)
-
-
-def percentile(values, q: float) -> float | None:
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else None
-
-
-def peak_memory_bytes(device: str = "cpu") -> int:
-    if str(device).startswith("cuda"):
-        import torch
-
-        return int(torch.cuda.max_memory_allocated())
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 def _record(req: RunRequest, out) -> dict:
@@ -73,8 +59,9 @@ def run_requests(engine, spec, requests: list[RunRequest], *, on_done: Callable[
     for req in requests:
         rid = f"r{req.slot}"
         try:
-            engine.add_request(rid, prompt=req.parsed.prompt, messages=spec.prepare_messages(req.parsed.messages),
-                               params=req.params, **_encode_options(engine, spec))
+            inputs = {"prompt": req.parsed.prompt} if req.parsed.messages is None \
+                else {"messages": req.parsed.messages}
+            engine.add_request(rid, params=req.params, **spec.engine_inputs(inputs))
         except (InputError, ValueError) as e:
             errors += 1
             on_done(req.slot, {"id": req.parsed.id, "error": {"line": req.line, "message": str(e)}})
@@ -109,7 +96,7 @@ def run_requests(engine, spec, requests: list[RunRequest], *, on_done: Callable[
                     elapsed = now - t0
                     bar.set_postfix_str(f"{completion_tokens / max(elapsed, 1e-9):.0f} tok/s")
 
-    executor_stats = _drive(engine, handle, overlap=overlap, trace_path=trace_path)
+    executor_stats = drive(engine, handle, overlap=overlap, trace_path=trace_path, plan=spec.plan) or {}
     wall = time.perf_counter() - t0
     if bar:
         bar.close()
@@ -131,43 +118,12 @@ def run_requests(engine, spec, requests: list[RunRequest], *, on_done: Callable[
         "tpot_p99_ms": _ms(percentile(gaps, 99)),
         "mean_batch_size": _round(stats.get("mean_batch_size")),
         "kv_hit_rate": _round(stats.get("hit_rate")),
-        "peak_memory_bytes": peak_memory_bytes(getattr(engine.config, "device", "cpu")),
-        "dtype": str(getattr(engine, "dtype", getattr(engine.config, "dtype", ""))),
+        "peak_memory_bytes": stats.get("peak_memory_bytes"),
+        "dtype": stats.get("dtype"),
+        "weights": stats.get("weights"),
     }
     summary.update(executor_stats)
     return summary
-
-
-def _encode_options(engine, spec) -> dict:
-    """The encode stage's switches, passed only where the engine takes them."""
-    import inspect
-
-    names = inspect.signature(engine.add_request).parameters
-    opts = {}
-    if "chat_template" in names:
-        opts["chat_template"] = spec.chat_template
-    if "add_special_tokens" in names:
-        opts["add_special_tokens"] = spec.add_special_tokens
-    return opts
-
-
-def _drive(engine, handle, *, overlap: bool, trace_path: str | None) -> dict:
-    """Step the engine to completion: the plan's executor when present, else serially."""
-    try:
-        from pipeline_dsl.engine.executor import drive  # the threaded / CUDA-stream executor
-    except ImportError:
-        drive = None
-    if drive is not None:
-        return drive(engine, handle, overlap=overlap, trace_path=trace_path) or {}
-    while engine.has_unfinished():
-        outputs = engine.step()
-        if outputs:
-            handle(outputs)
-        else:
-            deadline = getattr(engine, "next_deadline", lambda: None)()
-            if deadline is not None:
-                time.sleep(max(0.0, min(0.01, deadline - time.monotonic())))
-    return {}
 
 
 def _ms(v):

@@ -28,16 +28,19 @@ class RuntimeSpec:
     stream: bool = False             # respond: emit tokens as they come
     system_prompt: str | None = None # system_prompt: put first in chat requests
     system_override: bool = False    # system_prompt: replace a request's own system message
+    plan: Any = None                 # the pipeline's stream plan (pipeline_dsl.plan.Plan)
 
-    def prepare_messages(self, messages: list[dict] | None) -> list[dict] | None:
-        """Chat messages as the pipeline's stages shape them before encoding."""
-        if messages is None or self.system_prompt is None:
-            return messages
-        if messages and messages[0].get("role") == "system":
-            if not self.system_override:
-                return messages
-            messages = messages[1:]
-        return [{"role": "system", "content": self.system_prompt}, *messages]
+    def engine_inputs(self, inputs: dict) -> dict:
+        """One request's `Engine.add_request` inputs (`prompt` or `messages`) as the
+        pipeline's stages shape them: the system prompt put first, the encode switches."""
+        out = dict(inputs, chat_template=self.chat_template, add_special_tokens=self.add_special_tokens)
+        messages = inputs.get("messages")
+        if messages is not None and self.system_prompt is not None:
+            if messages and messages[0].get("role") == "system":
+                messages = messages[1:] if self.system_override else None
+            if messages is not None:
+                out["messages"] = [{"role": "system", "content": self.system_prompt}, *messages]
+        return out
 
 
 def load_graph(pipeline: str | os.PathLike | nx.DiGraph, name: str | None = None) -> nx.DiGraph:
@@ -51,9 +54,10 @@ def load_graph(pipeline: str | os.PathLike | nx.DiGraph, name: str | None = None
 
 def runtime_spec(graph: nx.DiGraph) -> RuntimeSpec:
     """Every stage's implementation contributes its part, in topological order."""
+    from pipeline_dsl.plan import make_plan
     from stages.impl import implementation
 
-    spec = RuntimeSpec()
+    spec = RuntimeSpec(plan=make_plan(graph))
     settings = dict(graph.graph.get("settings", {}))
     for key in ("model", "device", "threads", "dtype"):
         if settings.get(key) is not None:

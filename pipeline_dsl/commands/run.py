@@ -61,6 +61,7 @@ def main(args) -> int:
 
     results: list[dict | None] = []
     requests: list[RunRequest] = []
+    bad_lines = 0
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -69,6 +70,7 @@ def main(args) -> int:
         try:
             req = parse_line(line, lineno)
         except RequestError as e:
+            bad_lines += 1
             results[slot] = {"id": _guess_id(line, lineno), "error": {"line": lineno, "message": str(e)}}
             continue
         requests.append(RunRequest(slot=slot, line=lineno, parsed=req,
@@ -98,7 +100,7 @@ def main(args) -> int:
         if out is not sys.stdout:
             out.close()
     summary["model_load_s"] = round(load_s, 3)
-    summary["bad_lines"] = sum(1 for r in results if r and "error" in r and r["error"].get("line"))
+    summary["bad_lines"] = bad_lines
     print(format_summary(summary), file=sys.stderr)
     if args.stats:
         with open(args.stats, "w", encoding="utf-8") as f:

@@ -88,7 +88,7 @@ def main(args) -> int:
 
     from pipeline_dsl.runtime import build_engine, default_sampling, load_graph
     from pipeline_dsl.serve.app import ServeConfig, create_app
-    from pipeline_dsl.serve.async_engine import AsyncEngine, encode_options, make_executor
+    from pipeline_dsl.serve.async_engine import AsyncEngine, make_executor
     from pipeline_dsl.serve.metrics import ServerMetrics
 
     from pipeline_dsl.diagnostics import CheckFailed
@@ -111,8 +111,8 @@ def main(args) -> int:
     config = ServeConfig(model_names=names, max_model_len=int(engine.max_model_len),
                          defaults=default_sampling(spec), drain_timeout_s=args.drain_timeout)
     metrics = ServerMetrics()
-    aengine = AsyncEngine(engine, metrics=metrics, add_options=encode_options(engine, spec),
-                          executor=make_executor(engine, overlap=not args.no_overlap))
+    aengine = AsyncEngine(engine, metrics=metrics, prepare=spec.engine_inputs,
+                          executor=make_executor(engine, overlap=not args.no_overlap, plan=spec.plan))
     app = create_app(aengine, config, metrics)
 
     host, port = sock.getsockname()[:2]

@@ -15,6 +15,10 @@ every tensor (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants, thr
 llama.cpp's converter permutes the rows of Q and K of each head (it interleaves the two
 rotary halves); `unpermute_qk` undoes it so that the model can use the usual
 "rotate half" RoPE of the Hugging Face checkpoints.
+
+The weights that the file stores as Q4_0/Q4_1 are also kept as their raw 4-bit blocks
+(`weights.int4[name]`, an `Int4Blocks`, rows unpermuted like the float copy): the model
+can run them with the CPU int4 kernel, losslessly relative to the file.
 """
 
 from __future__ import annotations
@@ -26,12 +30,21 @@ import numpy as np
 import torch
 
 from .model import LlamaConfig
+from .quant import Int4Blocks
 
 _LAYER_NAMES = {
     "attn_norm": "attn_norm", "attn_q": "q", "attn_k": "k", "attn_v": "v",
     "attn_output": "o", "ffn_norm": "ffn_norm", "ffn_gate": "gate", "ffn_up": "up",
     "ffn_down": "down",
 }
+
+
+class Weights(dict):
+    """engine name -> float32 tensor; `.int4`: engine name -> Int4Blocks for 4-bit tensors."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.int4: dict[str, Int4Blocks] = {}
 
 
 class GGUFError(ValueError):
@@ -41,7 +54,7 @@ class GGUFError(ValueError):
 @dataclass(frozen=True)
 class GGUFModel:
     config: LlamaConfig
-    weights: dict            # engine name -> float32 torch.Tensor
+    weights: dict            # engine name -> float32 torch.Tensor (a Weights: .int4 as well)
     metadata: dict           # key -> python value (big token arrays included)
 
 
@@ -119,6 +132,31 @@ def dequantize(tensor) -> np.ndarray:
     return np.array(data.reshape(shape), dtype=np.float32)  # a writable copy (not the memmap)
 
 
+def int4_blocks(tensor) -> Int4Blocks | None:
+    """The raw blocks of a Q4_0/Q4_1 tensor as Int4Blocks (None for other types).
+
+    A block of 32 weights: Q4_1 = d f16, m f16, 16 bytes of nibbles (w = q*d + m);
+    Q4_0 = d f16, 16 bytes (w = (q-8)*d). Byte j holds element j (low nibble) and
+    element j+16 (high nibble). With Int4Blocks' (q-8)*scale + zero: scale = d,
+    zero = m + 8d (Q4_1) or 0 (Q4_0)."""
+    from gguf import GGMLQuantizationType as Q
+
+    kind = tensor.tensor_type
+    if kind not in (Q.Q4_0, Q.Q4_1):
+        return None
+    rows, cols = (int(d) for d in reversed(tensor.shape.tolist()))
+    head = 4 if kind == Q.Q4_1 else 2
+    raw = np.asarray(tensor.data, dtype=np.uint8).reshape(rows, cols // 32, head + 16)  # [N, K/32, bytes]
+    d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)            # [N, K/32]
+    if kind == Q.Q4_1:
+        zero = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) + 8 * d
+    else:
+        zero = np.zeros_like(d)
+    qs = raw[..., head:]                                                             # [N, K/32, 16]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, cols)            # [N, K] in 0..15
+    return Int4Blocks(torch.from_numpy(np.ascontiguousarray(q)), torch.from_numpy(d), torch.from_numpy(zero))
+
+
 def load_gguf(path: str | Path) -> GGUFModel:
     """Read a llama GGUF file: config, float32 weights (Q/K unpermuted), metadata."""
     from gguf import GGUFReader
@@ -137,17 +175,21 @@ def load_gguf(path: str | Path) -> GGUFModel:
             vocab = int(t.shape[-1])
     config = config_from_metadata(meta, vocab_size=vocab, tied=tied)
 
-    weights = {}
+    weights = Weights()
     for t in reader.tensors:
         name = _engine_name(t.name)
         if name is None:
             continue  # e.g. rope_freqs: not used by the plain llama RoPE
         w = dequantize(t)
-        if name.endswith(".q"):
-            w = unpermute_qk(w, config.num_heads)
-        elif name.endswith(".k"):
-            w = unpermute_qk(w, config.num_kv_heads)
+        blocks = int4_blocks(t)
+        heads = {".q": config.num_heads, ".k": config.num_kv_heads}.get(name[-2:])
+        if heads:
+            w = unpermute_qk(w, heads)
+            if blocks is not None:
+                blocks = blocks.permute_rows(torch.from_numpy(unpermute_qk(np.arange(w.shape[0]), heads)))
         weights[name] = torch.from_numpy(w)
+        if blocks is not None and name != "embed":
+            weights.int4[name] = blocks
     _check_complete(weights, config, path)
     return GGUFModel(config=config, weights=weights, metadata=meta)
 

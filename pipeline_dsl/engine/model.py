@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .quant import make_linear
+from .quant import Int4Blocks, make_linear
 
 
 @dataclass(frozen=True)
@@ -138,18 +138,23 @@ class LlamaModel:
         self.norm = vec("norm")
         head = weights.get("lm_head", weights["embed"]) if not c.tie_embeddings else weights["embed"]
         self.lm_head = make_linear(head, "dense", dt, dev)  # kept in the compute dtype: accuracy
+        int4 = getattr(weights, "int4", {})   # the file's own 4-bit blocks (GGUF Q4_0/Q4_1)
+
+        def linear(*names):
+            w = torch.cat([weights[n] for n in names], dim=0) if len(names) > 1 else weights[names[0]]
+            q4 = Int4Blocks.cat([int4[n] for n in names]) if all(n in int4 for n in names) else None
+            return make_linear(w, kind, dt, dev, int4=q4)
+
         self.layers = []
         for i in range(c.num_layers):
             p = f"layers.{i}."
             layer = _Layer()
             layer.attn_norm = vec(p + "attn_norm")
-            qkv = torch.cat([weights[p + "q"], weights[p + "k"], weights[p + "v"]], dim=0)  # [(nh+2kv)*hd, H]
-            layer.qkv = make_linear(qkv, kind, dt, dev)
-            layer.o = make_linear(weights[p + "o"], kind, dt, dev)
+            layer.qkv = linear(p + "q", p + "k", p + "v")        # [(nh+2kv)*hd, H]
+            layer.o = linear(p + "o")
             layer.ffn_norm = vec(p + "ffn_norm")
-            gate_up = torch.cat([weights[p + "gate"], weights[p + "up"]], dim=0)  # [2I, H]
-            layer.gate_up = make_linear(gate_up, kind, dt, dev)
-            layer.down = make_linear(weights[p + "down"], kind, dt, dev)
+            layer.gate_up = linear(p + "gate", p + "up")         # [2I, H]
+            layer.down = linear(p + "down")
             self.layers.append(layer)
         # RoPE tables, float32: [max_position, head_dim] ("rotate half": halves share a frequency)
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))

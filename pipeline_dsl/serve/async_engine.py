@@ -31,22 +31,11 @@ from pipeline_dsl.engine.config import RequestOutput, SamplingParams
 log = logging.getLogger("agp.serve")
 
 
-def encode_options(engine, spec) -> dict:
-    """The encode stage's switches (RuntimeSpec), where the engine's add_request takes them."""
-    import inspect
+def make_executor(engine, *, overlap: bool = True, plan=None):
+    """The pipeline plan's executor over `engine`, as `agp run` uses it."""
+    from pipeline_dsl.engine.executor import Executor
 
-    names = inspect.signature(engine.add_request).parameters
-    return {k: getattr(spec, k) for k in ("chat_template", "add_special_tokens")
-            if k in names and hasattr(spec, k)}
-
-
-def make_executor(engine, *, overlap: bool = True):
-    """The plan's executor over `engine` (as `agp run` uses it), or None where there is none."""
-    try:
-        from pipeline_dsl.engine.executor import Executor
-    except ImportError:
-        return None
-    return Executor(engine, overlap=overlap)
+    return Executor(engine, plan, overlap=overlap)
 
 
 class EngineUnavailable(RuntimeError):
@@ -100,10 +89,10 @@ class RequestStream:
 
 class AsyncEngine:
     def __init__(self, engine, *, metrics=None, idle_s: float = 0.05,
-                 add_options: dict | None = None, executor=None):
+                 prepare=None, executor=None):
         self.engine = engine
         self.executor = executor                     # None: the step loop drives the engine
-        self.add_options = dict(add_options or {})   # the encode stage's switches, every add
+        self.prepare = prepare or (lambda inputs: inputs)  # the pipeline's stages shape each request
         self.metrics = metrics
         self.idle_s = idle_s
         self._cond = threading.Condition()
@@ -198,7 +187,7 @@ class AsyncEngine:
     # ---- the executor driver ---------------------------------------------------------
     def _add_now(self, state: _State, inputs: dict, params: SamplingParams) -> None:
         with self.executor.lock:                     # the engine's host state
-            self.engine.add_request(state.request_id, params=params, **inputs, **self.add_options)
+            self.engine.add_request(state.request_id, params=params, **self.prepare(inputs))
             with self._lock:
                 self._states[state.request_id] = state
 
@@ -266,8 +255,7 @@ class AsyncEngine:
                     state.loop.call_soon_threadsafe(_reject, admitted, exc)
                     continue
                 try:
-                    self.engine.add_request(state.request_id, params=params, **inputs,
-                                            **self.add_options)
+                    self.engine.add_request(state.request_id, params=params, **self.prepare(inputs))
                 except Exception as e:          # InputError, QueueFullError: the caller's answer
                     state.loop.call_soon_threadsafe(_reject, admitted, e)
                     continue

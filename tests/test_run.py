@@ -1,0 +1,138 @@
+"""`agp run` and the runtime: pipeline settings reach the engine, JSONL in and out,
+bad lines reported with their line number while every other line still runs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline_dsl.requests_io import RequestError, parse_line, parse_request
+from pipeline_dsl.runtime import build_engine, default_sampling, engine_config, load_graph, runtime_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PIPELINE = """
+pipeline tiny {{
+    model = "{model}"
+    mode  = {mode}
+    device = cpu
+    stage request : requests      {{ max_queue = 64  max_prompt_tokens = 100 }}
+    {system}
+    stage batch   : dynamic_batch {{ max_batch_size = 4  timeout = 2ms }}
+    stage encode  : encode        {{}}
+    stage kv      : kv_lookup     {{ block_size = 8  budget = 1MiB }}
+    stage gen     : generate      {{ max_new_tokens = 6  temperature = 0 }}
+    stage out     : respond       {{}}
+    request -> {first} batch
+    batch -> encode when full
+    batch -> encode when timeout
+    encode -> kv -> gen -> out
+}}
+"""
+
+
+def write_pipeline(tmp_path, model, mode="balanced", system=None) -> Path:
+    sys_stage = f'stage system : system_prompt {{ text = "{system}" }}' if system else ""
+    text = PIPELINE.format(model=model, mode=mode, system=sys_stage, first="system ->" if system else "")
+    path = tmp_path / f"{mode}.agp"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_pipeline_settings_reach_the_engine_config(tmp_path, tiny_gguf):
+    spec = runtime_spec(load_graph(write_pipeline(tmp_path, tiny_gguf)))
+    cfg = engine_config(spec, threads=1)
+    assert (cfg.max_batch_size, cfg.batch_timeout_s, cfg.block_size, cfg.kv_budget_bytes) == (4, 0.002, 8, 1 << 20)
+    assert (cfg.max_queue, cfg.max_prompt_tokens, cfg.prefix_reuse, cfg.threads) == (64, 100, True, 1)
+    assert default_sampling(spec).max_tokens == 6
+    assert spec.plan is not None and [s.name for s in spec.plan.streams]
+
+
+def test_efficient_mode_chooses_int8_weights(tmp_path, tiny_gguf):
+    spec = runtime_spec(load_graph(write_pipeline(tmp_path, tiny_gguf, mode="efficient")))
+    assert engine_config(spec).dtype == "int8"
+    spec = runtime_spec(load_graph(write_pipeline(tmp_path, tiny_gguf, mode="performance")))
+    assert engine_config(spec).compile is True
+
+
+def test_system_prompt_stage_puts_its_message_first(tmp_path, tiny_gguf):
+    spec = runtime_spec(load_graph(write_pipeline(tmp_path, tiny_gguf, system="Be brief.")))
+    got = spec.engine_inputs({"messages": [{"role": "user", "content": "hi"}]})
+    assert got["messages"][0] == {"role": "system", "content": "Be brief."}
+    own = [{"role": "system", "content": "Mine."}, {"role": "user", "content": "hi"}]
+    assert spec.engine_inputs({"messages": own})["messages"] == own   # a request's own system message wins
+    assert "messages" not in spec.engine_inputs({"prompt": "raw text"})
+
+
+def test_request_lines_are_validated_field_by_field():
+    assert parse_line('{"id": "a", "prompt": "hi", "max_tokens": 3}', 1).sampling == {"max_tokens": 3}
+    for line, words in [('{"prompt": ', "not valid JSON"),
+                        ('{"id": 1}', "exactly one of 'prompt'"),
+                        ('{"prompt": "x", "max_tokens": 0}', "max_tokens"),
+                        ('{"prompt": "x", "temprature": 1}', "did you mean 'temperature'"),
+                        ('{"messages": []}', "empty"),
+                        ('{"messages": [{"role": "robot", "content": "x"}]}', "role"),
+                        ('{"prompt": "x", "stop": [1]}', "stop")]:
+        with pytest.raises(RequestError, match=words):
+            parse_line(line, 1)
+    assert parse_request({"prompt": "x", "stop": "END"}).sampling["stop"] == ["END"]
+
+
+def test_agp_run_answers_in_input_order_and_reports_bad_lines(tmp_path, tiny_gguf):
+    agp = write_pipeline(tmp_path, tiny_gguf)
+    lines = [
+        json.dumps({"id": "a", "prompt": "hello there", "max_tokens": 5, "ignore_eos": True}),
+        "{not json",
+        json.dumps({"id": "b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                    "ignore_eos": True}),
+        json.dumps({"id": "long", "prompt": "word " * 200}),            # over max_prompt_tokens
+        "",
+        json.dumps({"id": "c", "prompt": "abc", "temperature": 0.9, "seed": 3, "max_tokens": 4}),
+    ]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
+    proc = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", str(agp), "-i", str(inp),
+                           "-o", str(out), "--stats", str(stats), "--threads", "1", "--no-progress"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "run summary" in proc.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", 2, "b", "long", "c"]
+    assert rows[0]["usage"]["completion_tokens"] == 5 and rows[0]["finish_reason"] == "length"
+    assert rows[1]["error"]["line"] == 2 and "JSON" in rows[1]["error"]["message"]
+    assert rows[2]["usage"]["completion_tokens"] == 3
+    assert rows[3]["error"]["line"] == 4 and "max_prompt_tokens" in rows[3]["error"]["message"]
+    assert "text" in rows[4]
+    s = json.loads(stats.read_text())
+    assert s["requests"] == 4 and s["completion_tokens"] >= 8 and s["output_tokens_per_s"] > 0
+    assert s["peak_memory_bytes"] > 0 and s["errors"] == 1
+
+
+def test_agp_run_is_deterministic_with_and_without_overlap(tmp_path, tiny_gguf):
+    agp = write_pipeline(tmp_path, tiny_gguf)
+    engine, spec = build_engine(agp, threads=1)
+    from pipeline_dsl.runner import RunRequest, run_requests
+
+    def answers(overlap):
+        got = {}
+        reqs = [RunRequest(i, i + 1, parse_request({"prompt": p, "max_tokens": 6}),
+                           default_sampling(spec)) for i, p in enumerate(["one two", "three", "four five six"])]
+        run_requests(engine, spec, reqs, on_done=lambda slot, rec: got.__setitem__(slot, rec["text"]),
+                     overlap=overlap, progress=False)
+        return got
+
+    assert answers(True) == answers(False)
+
+
+def test_agp_run_bad_pipeline_and_missing_input_exit_2(tmp_path):
+    bad = tmp_path / "bad.agp"
+    bad.write_text("pipeline p { stage a : genrate {} }\n", encoding="utf-8")
+    for args in (["run", str(bad), "-i", "/dev/null"],
+                 ["run", str(ROOT / "examples" / "chat.agp"), "-i", str(tmp_path / "missing.jsonl")]):
+        proc = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", *args], capture_output=True,
+                              text=True, cwd=ROOT, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr and "error" in proc.stderr
