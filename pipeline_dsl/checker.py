@@ -10,6 +10,8 @@ checks as a graph (cycles, reachability, ports).
 
 from __future__ import annotations
 
+import os
+
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -221,6 +223,23 @@ def _raw(v: ast.Value):
 
 # ---------------------------------------------------------------- settings
 
+def _model_location(model: str, pos: SourcePos) -> tuple[str, Diagnostic | None]:
+    """The embedded model's name as is; a path found beside the .agp file or from the
+    working directory, made absolute; anything else an error at the setting."""
+    if model.strip().lower() == EMBEDDED_MODEL:
+        return model, None
+    here = os.path.dirname(os.path.abspath(pos.file)) if pos.file and not pos.file.startswith("<") else None
+    for base in ([here] if here else []) + [os.getcwd()]:
+        candidate = os.path.join(base, os.path.expanduser(model))
+        if os.path.exists(candidate):
+            return os.path.abspath(candidate), None
+    return model, _err(f"model not found: '{model}'", pos,
+                       expected=f'"{EMBEDDED_MODEL}" (the embedded model), a .gguf file or a Hugging Face '
+                                "folder (a relative path is looked up beside this file, then in the "
+                                "working directory)",
+                       hint=did_you_mean(model, (EMBEDDED_MODEL,)))
+
+
 def check_settings(p: ast.Pipeline) -> tuple[dict, list[Diagnostic]]:
     diags: list[Diagnostic] = []
     seen: dict[str, ast.Setting] = {}
@@ -251,6 +270,8 @@ def check_settings(p: ast.Pipeline) -> tuple[dict, list[Diagnostic]]:
                                   hint=hint))
             continue
         out, d = convert(s.value, param, f"setting '{name}'")
+        if d is None and name == "model":
+            out, d = _model_location(out, s.value.pos)
         if d:
             diags.append(d)
         else:
