@@ -226,7 +226,13 @@ def describe_kind(kind) -> str:
             schema = kind.param(p)
             vals = "  ".join(f"{m}={show(schema, v)}" for m, q, v in preset if q == p)
             lines.append(f"  {p}: {vals}")
-    params = "  ".join(f"{p.name} = {show(p, p.default)}" for p in kind.params[:2]
+    def example(p) -> str:  # a value the file can hold: a placeholder of the right type when required
+        if p.required:
+            return {"str": '"…"', "int": "1", "float": "1.0", "bool": "true", "duration": "1ms",
+                    "size": "1MiB", "list_str": "[]"}.get(p.type, p.choices[0] if p.choices else '"…"')
+        return show(p, p.default)
+
+    params = "  ".join(f"{p.name} = {example(p)}" for p in kind.params[:2]
                        if p.default is not FROM_MODE and p.default is not None)
     lines += ["", "example:", f"  stage {kind.name.split('_')[0]} : {kind.name} {{ {params} }}" if params
               else f"  stage {kind.name.split('_')[0]} : {kind.name} {{}}"]

@@ -28,8 +28,8 @@ REQUESTS = StageKind(
 
 SYSTEM_PROMPT = StageKind(
     name="system_prompt",
-    doc="Gives every chat request that has no system message of its own this one; one long shared "
-        "system prompt is what prefix reuse in kv_lookup serves from cache.",
+    doc="The shared system prompt: puts one system message first in every chat request that has none; "
+        "kv_lookup's prefix reuse serves its KV blocks from cache.",
     params=(
         Param("text", STR, REQUIRED, "the system message put first in each chat request"),
         Param("override", BOOL, False, "replace a request's own system message too"),
