@@ -6,7 +6,7 @@
 Measures `ModelRunner.execute` alone (no scheduler, no sampling) on the embedded model.
 With `--baseline DIR` (a folder holding an older model.py) the old and the current runner
 are built side by side from the same weights (the old one without the file's 4-bit
-blocks) and timed in alternation, `--reps` rounds of `--steps` steps each, so that a busy
+blocks, unless --baseline-int4) and timed in alternation, `--reps` rounds of `--steps` steps each, so that a busy
 machine slows both alike; the medians are printed. Without it only the current runner runs.
 """
 
@@ -83,6 +83,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--baseline", help="folder with an older model.py to compare against")
+    ap.add_argument("--baseline-int4", action="store_true",
+                    help="give the baseline the file's 4-bit blocks too (when its code can use them)")
     ap.add_argument("--profile", action="store_true", help="print a torch profile of the current runner")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -91,8 +93,9 @@ def main(argv=None) -> None:
     variants = []
     if args.baseline:
         old = load_module(args.baseline)
+        base_weights = weights if args.baseline_int4 else dict(weights)  # a plain dict: no 4-bit blocks
         variants.append(Variant("baseline", old.LlamaModel, old.ModelRunner, old.SeqBatchItem,
-                                config, dict(weights), args))  # a plain dict: no 4-bit blocks
+                                config, base_weights, args))
     variants.append(Variant("current", LlamaModel, ModelRunner, SeqBatchItem, config, weights, args))
     if len(variants) == 2:  # same inputs, same KV state: the first step's logits must agree
         a, b = (v.step() for v in variants)

@@ -195,3 +195,74 @@ def test_compiled_runner_matches_eager(tiny):
     got = runner.execute([SeqBatchItem(ids[9:], 9, [0, 1, 2], True)])[0]
     assert compiled.rope.fn is not compiled.rope.eager  # really compiled, no fallback
     assert torch.allclose(got, eager.forward_full(ids)[-1], atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def q4(tmp_path_factory):
+    return load_gguf(write_tiny_gguf(tmp_path_factory.mktemp("q4") / "q4.gguf", qtype="Q4_1"))
+
+
+def test_q4_gguf_keeps_its_raw_4bit_blocks_equal_to_the_dequantised_weights(q4):
+    assert set(q4.weights.int4) == {f"layers.{i}.{n}" for i in range(q4.config.num_layers)
+                                    for n in ("q", "k", "v", "o", "gate", "up", "down")}
+    for name, blocks in q4.weights.int4.items():
+        assert blocks.q.dtype == torch.uint8 and int(blocks.q.max()) <= 15
+        assert torch.allclose(blocks.dequantized(), q4.weights[name], atol=1e-6), name  # q/k unpermuted too
+
+
+def test_int4_kernel_logits_match_the_dense_bf16_weights(q4):
+    from pipeline_dsl.engine.quant import Int4Linear, int4_kernel_works
+    if not int4_kernel_works():
+        pytest.skip("no CPU int4 kernel in this torch build")
+    int4 = LlamaModel(q4.config, q4.weights, "bf16")
+    dense = LlamaModel(q4.config, dict(q4.weights), "bf16")   # a plain dict: no 4-bit blocks
+    assert isinstance(int4.layers[0].gate_up, Int4Linear) and not isinstance(dense.layers[0].gate_up, Int4Linear)
+    prompts = [seq(11, s) for s in range(3)]
+    outs = []
+    for m in (int4, dense):
+        runner = ModelRunner(m, num_blocks=32, block_size=BS)
+        tables = [list(range(i * 8, i * 8 + 8)) for i in range(3)]
+        # a 30-row prefill (dense copy) then 3-row decode steps (int4 kernel)
+        got = [runner.execute([SeqBatchItem(p[:10], 0, t, True) for p, t in zip(prompts, tables)])]
+        got.append(runner.execute([SeqBatchItem(p[10:], 10, t, True) for p, t in zip(prompts, tables)]))
+        outs.append(torch.cat(got))
+    scale = outs[1].abs().max()
+    assert (outs[0] - outs[1]).abs().max() < 0.02 * scale
+    assert torch.equal(outs[0].argmax(-1), outs[1].argmax(-1))
+
+
+def test_efficient_mode_runs_a_4bit_file_on_int4_alone(q4):
+    from pipeline_dsl.engine.quant import Int4Linear, int4_kernel_works
+    if not int4_kernel_works():
+        pytest.skip("no CPU int4 kernel in this torch build")
+    m = LlamaModel(q4.config, q4.weights, "int8")
+    layer = m.layers[0]
+    for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
+        assert isinstance(lin, Int4Linear) and lin.dense is None   # no bf16 copy kept
+    ids = seq(12, 50)
+    ref = LlamaModel(q4.config, q4.weights, "fp32").forward_full(ids)[-1]
+    got = run_alone(m, ids, chunks=(8, 3, 1))
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max() and got.argmax() == ref.argmax()
+
+
+@pytest.mark.parametrize("table", [[7, 8, 9, 10, 11], [12, 3, 9, 0, 5]], ids=["consecutive", "scattered"])
+def test_one_sequence_decoding_alone_matches_the_full_forward(model, table):
+    ids = seq(17, 70)
+    runner = ModelRunner(model, num_blocks=16, block_size=BS)
+    runner.execute([SeqBatchItem(ids[:9], 0, table, False)])
+    got = [runner.execute([SeqBatchItem([ids[p]], p, table, True)])[0] for p in range(9, 17)]
+    ref = model.forward_full(ids)[9:]
+    assert torch.allclose(torch.stack(got), ref, atol=1e-4)
+
+
+def test_int4_layer_agrees_with_its_dequantised_weight_for_small_and_large_batches(q4):
+    from pipeline_dsl.engine.quant import Int4Linear, int4_kernel_works
+    if not int4_kernel_works():
+        pytest.skip("no CPU int4 kernel in this torch build")
+    blocks = q4.weights.int4["layers.0.gate"]
+    lin = Int4Linear(blocks, torch.bfloat16)
+    assert torch.allclose(lin.dequantized().float(), blocks.dequantized(), atol=2e-2, rtol=1e-2)
+    for rows in (1, Int4Linear.large_batch + 5):   # the int4 kernel, then dequantise + matmul
+        x = torch.randn(rows, blocks.q.shape[1], generator=torch.Generator().manual_seed(rows)).bfloat16()
+        ref = x.float() @ blocks.dequantized().t()
+        assert (lin(x).float() - ref).abs().max() < 0.02 * ref.abs().max()

@@ -1,7 +1,8 @@
 """Llama-family decoder in plain PyTorch, and the ModelRunner over the paged KV pool.
 
 `LlamaModel` holds the weights (QKV and gate/up fused, bf16 prepacked for oneDNN on CPU,
-or int8 weight-only) and knows the per-layer math: RMSNorm, RoPE ("rotate half"),
+or int8 weight-only; a GGUF's own Q4_0/Q4_1 blocks run as int4 for small batches, see
+quant.Int4Linear) and knows the per-layer math: RMSNorm, RoPE ("rotate half"),
 grouped-query attention, SwiGLU, tied embeddings. `ModelRunner` owns the KV pool and runs
 one engine step (see docs/architecture.md, "Model runner contract"):
 
@@ -11,7 +12,9 @@ one engine step (see docs/architecture.md, "Model runner contract"):
 All linear layers run on the flat [T, hidden] tokens of every item (no padding). Single-
 token (decode) items attend in one batched SDPA over their gathered contexts [B, Lmax]
 with a padding mask; prefill chunks attend per sequence, causally, over their cached
-prefix. The gather/slot indices are built once per step and reused by every layer.
+prefix. The gather/slot indices are built once per step and reused by every layer. A
+decode sequence alone (the memory-bound case) skips the mask, and the gather too when its
+blocks are consecutive in the pool.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .quant import Int4Blocks, make_linear
+from .quant import Int4Blocks, Int4Linear, make_linear
 
 
 @dataclass(frozen=True)
@@ -84,14 +87,22 @@ def resolve_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, hd] rotated by position: x*cos + rotate_half(x)*sin."""
-    half = x.shape[-1] // 2
-    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rot * sin
+    """x [T, heads, hd] rotated by position: x*cos + rotate_half(x)*sin, where
+    rotate_half(x) = [-x2, x1]; `sin` comes with its first half negated ([-s, s]), so the
+    halves only swap places (one flip: fewer ops than slicing, negating and concatenating).
+    Same roundings as the textbook form (no addcmul): greedy bf16 output does not move."""
+    *lead, hd = x.shape
+    swapped = x.view(*lead, 2, hd // 2).flip(-2).view(*lead, hd)   # [x2, x1]
+    return x * cos + swapped * sin
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), w, eps)
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in dtype, without a call into torch when it already is (the hot loop's common case)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _silu_mul(gu: torch.Tensor) -> torch.Tensor:
@@ -156,13 +167,16 @@ class LlamaModel:
             layer.gate_up = linear(p + "gate", p + "up")         # [2I, H]
             layer.down = linear(p + "down")
             self.layers.append(layer)
-        # RoPE tables, float32: [max_position, head_dim] ("rotate half": halves share a frequency)
+        self.int4_linears = sum(isinstance(lin, Int4Linear) for ly in self.layers
+                                for lin in (ly.qkv, ly.o, ly.gate_up, ly.down))  # on the int4 kernel
+        # RoPE tables [max_position, head_dim] ("rotate half": halves share a frequency)
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
         pos = torch.arange(c.max_position, dtype=torch.float64)
         freqs = torch.outer(pos, inv_freq)                      # [P, hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)                 # [P, hd]
-        self.cos = emb.cos().float().to(dev)
-        self.sin = emb.sin().float().to(dev)
+        sign = torch.cat([-torch.ones(c.head_dim // 2), torch.ones(c.head_dim // 2)]).double()
+        self.cos = emb.cos().to(device=dev, dtype=dt)           # in the compute dtype: no cast per step
+        self.sin = (emb.sin() * sign).to(device=dev, dtype=dt)  # [-sin, sin]: see _rope
         self.rope, self.silu_mul, self.rms_fn = _rope, _silu_mul, _rms
 
     # -- pieces -----------------------------------------------------------------------
@@ -170,9 +184,8 @@ class LlamaModel:
         return self.rms_fn(x, w, self.config.rms_eps)
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, hd] in the compute dtype for positions [T]."""
-        return (self.cos[positions].to(self.dtype).unsqueeze(1),
-                self.sin[positions].to(self.dtype).unsqueeze(1))
+        """cos, sin [T, 1, hd] in the compute dtype for positions [T] (sin's first half negated)."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
     def enable_compile(self, force: bool = False) -> None:
         """Fuse the elementwise pieces (RMSNorm, RoPE, SwiGLU gate) with torch.compile; the
@@ -242,6 +255,8 @@ class _Step:
     dec_gather: torch.Tensor | None    # [B*nblk] block ids of each decode sequence's context
     dec_mask: torch.Tensor | None      # [B, 1, 1, Lmax] additive: 0 where real, -inf beyond
     prefills: list                     # (row0, n, gather [L] | None, mask [g*n, L] | None)
+    dec_len: int | None = None         # one decode sequence alone (CPU): its context, no mask
+    dec_first: int | None = None       # ... and its first slot, when its blocks are consecutive (no gather)
 
 
 class ModelRunner:
@@ -325,10 +340,16 @@ class ModelRunner:
             rows = [list(t[:nblk]) + [0] * (nblk - len(t)) for t in dec_tables] + [[0] * nblk] * pad
             tab = torch.tensor(rows, dtype=torch.long)                         # [B, nblk]; padding: block 0
             lens = torch.tensor(dec_lens + [1] * pad, dtype=torch.long)        # [B]
-            keep = torch.arange(lmax)[None, :] < lens[:, None]                 # [B, Lmax]
-            mask = torch.zeros(keep.shape, dtype=self.model.dtype).masked_fill_(~keep, float("-inf"))
             step.dec_gather = tab.view(-1).to(dev, non_blocking=True)          # [B*nblk] block ids
-            step.dec_mask = mask[:, None, None, :].to(dev, non_blocking=True)  # [B, 1, 1, Lmax] additive
+            if len(dec_lens) == 1 and not padded and dev.type == "cpu":
+                step.dec_len = dec_lens[0]     # attends to exactly its context: no mask to build or apply
+                t = dec_tables[0][:nblk]
+                if t == list(range(t[0], t[0] + nblk)):
+                    step.dec_first = t[0] * bs  # one slice of the pool: no gather either
+            else:
+                keep = torch.arange(lmax)[None, :] < lens[:, None]             # [B, Lmax]
+                mask = torch.zeros(keep.shape, dtype=self.model.dtype).masked_fill_(~keep, float("-inf"))
+                step.dec_mask = mask[:, None, None, :].to(dev, non_blocking=True)  # [B, 1, 1, Lmax] additive
             if not all_decode:
                 step.dec_rows = as_long(dec_rows)
         g = c.group
@@ -365,8 +386,8 @@ class ModelRunner:
         for li, layer in enumerate(m.layers):
             q, k, v = m.qkv(layer, x, step.cos, step.sin)       # [T, nh, hd], [T, kv, hd] x2
             kc, vc = self._k_pool[li], self._v_pool[li]         # [slots, kv, hd]
-            kc.index_copy_(0, step.slots, k.to(kc.dtype))
-            vc.index_copy_(0, step.slots, v.to(vc.dtype))
+            kc.index_copy_(0, step.slots, _as(k, kc.dtype))
+            vc.index_copy_(0, step.slots, _as(v, vc.dtype))
             a = self._attention(step, q, k, v, kc, vc)          # [T, nh*hd]
             x = x + layer.o(a)
             x = x + m.mlp(layer, x)
@@ -379,12 +400,14 @@ class ModelRunner:
         nkv, g, hd = c.num_kv_heads, c.group, c.head_dim
         T = q.shape[0]
         if step.all_decode:
-            return self._decode_attention(q, kc, vc, step.dec_gather, step.dec_mask).reshape(T, -1)
+            return self._decode_attention(q, kc, vc, step.dec_gather, step.dec_mask, step.dec_len,
+                                          step.dec_first).reshape(T, -1)
         out = torch.empty(T, c.num_heads * hd, dtype=q.dtype, device=q.device)
         if step.dec_rows is not None:
             qd = q.index_select(0, step.dec_rows)               # [B, nh, hd]
             out.index_copy_(0, step.dec_rows,
-                            self._decode_attention(qd, kc, vc, step.dec_gather, step.dec_mask))
+                            self._decode_attention(qd, kc, vc, step.dec_gather, step.dec_mask, step.dec_len,
+                                                   step.dec_first))
         for row0, n, gather, mask in step.prefills:
             if gather is None:      # no cached prefix: the chunk's own keys, causal
                 qs4 = q[row0:row0 + n].transpose(0, 1)                     # [nh, n, hd]
@@ -400,15 +423,24 @@ class ModelRunner:
             out[row0:row0 + n] = a.view(nkv, g, n, hd).permute(2, 0, 1, 3).reshape(n, -1)
         return out
 
-    def _decode_attention(self, q, kc, vc, blocks, mask) -> torch.Tensor:
-        """q [B, nh, hd] against the contexts in blocks [B*nblk] -> [B, nh*hd]."""
+    def _decode_attention(self, q, kc, vc, blocks, mask, length=None, first=None) -> torch.Tensor:
+        """q [B, nh, hd] against the contexts in blocks [B*nblk] -> [B, nh*hd]. length: B = 1
+        and its context is the first `length` gathered slots (then mask is None); first: and
+        they are the pool's slots [first, first + length)."""
         c = self.model.config
         B, bs = q.shape[0], self.block_size
         qg = q.view(B, c.num_kv_heads, c.group, c.head_dim)    # [B, kv, g, hd]: group as query rows
+        if first is not None:
+            ks, vs = kc[None, first:first + length], vc[None, first:first + length]  # [1, L, kv, hd]
+            a = F.scaled_dot_product_attention(qg, _as(ks.transpose(1, 2), q.dtype),
+                                               _as(vs.transpose(1, 2), q.dtype))  # [1, kv, g, hd]
+            return a.reshape(B, -1)
         kb = kc[: self.num_slots].view(self.num_blocks, bs * c.num_kv_heads * c.head_dim)  # [blocks, bs*kv*hd]
         vb = vc[: self.num_slots].view(self.num_blocks, bs * c.num_kv_heads * c.head_dim)
         ks = kb.index_select(0, blocks).view(B, -1, c.num_kv_heads, c.head_dim)  # [B, Lmax, kv, hd]
         vs = vb.index_select(0, blocks).view(B, -1, c.num_kv_heads, c.head_dim)
-        a = F.scaled_dot_product_attention(qg, ks.transpose(1, 2).to(q.dtype), vs.transpose(1, 2).to(q.dtype),
+        if length is not None:
+            ks, vs = ks[:, :length], vs[:, :length]             # [1, L, kv, hd]
+        a = F.scaled_dot_product_attention(qg, _as(ks.transpose(1, 2), q.dtype), _as(vs.transpose(1, 2), q.dtype),
                                            attn_mask=mask)     # [B, kv, g, hd]
         return a.reshape(B, -1)

@@ -14,7 +14,7 @@ calls `layer(x)` with x [T, in] -> [T, out].
   Q4_0/Q4_1 tensor: no float round trip) run by `aten._weight_int4pack_mm_for_cpu`,
   which reads half a byte per weight: 3-4x faster than bf16 for a few rows (decode
   is memory bound). Above `small_batch` rows it hands over to a dense bf16 copy when
-  it has one (compute bound: AMX wins).
+  it has one (compute bound: AMX wins); without one, large batches dequantise on the fly.
 """
 
 from __future__ import annotations
@@ -71,24 +71,42 @@ class Int4Blocks:
 
 
 class Int4Linear:
-    """Weight-only int4 (groups of 32) on the CPU int4 kernel; bf16 activations."""
+    """Weight-only int4 (groups of 32) on the CPU int4 kernel; bf16 activations.
 
-    small_batch = 8  # up to this many rows the int4 kernel beats the dense copy (measured)
+    The kernel's cost grows with the rows (it dequantises per row tile): above `small_batch`
+    rows the dense copy takes over when there is one, and without one (efficient mode)
+    above `large_batch` rows the weight is dequantised on the fly for one dense matmul."""
+
+    small_batch = 8    # up to this many rows the int4 kernel beats the bf16 copy (measured)
+    large_batch = 64   # beyond this, dequantise + matmul beats the int4 kernel (measured)
 
     def __init__(self, blocks: Int4Blocks, compute_dtype: torch.dtype, dense=None):
-        self.blocks = blocks
-        self.out_features = blocks.q.shape[0]
+        N, K = blocks.q.shape
+        self.out_features = N
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(blocks.q.to(torch.int32), 1)  # [N, K/2]
         sz = torch.stack([blocks.scale.t(), blocks.zero.t()], dim=-1)           # [K/32, N, 2]
         self.scales_zeros = sz.to(compute_dtype).contiguous()
         self.dense = dense          # a dense/prepacked copy for large batches, or None
+        self.nibbles = None         # without one: GGUF's own bytes [N, K/32, 16], to dequantise from
+        if dense is None:
+            q = blocks.q.view(N, K // INT4_GROUP, 2, INT4_GROUP // 2)           # [N, K/32, 2, 16]
+            self.nibbles = (q[:, :, 0] | (q[:, :, 1] << 4)).contiguous()
 
     def dequantized(self) -> torch.Tensor:
-        return self.blocks.dequantized()
+        """The weight [out, in] in the compute dtype."""
+        if self.nibbles is None:
+            return self.dense.weight
+        N, G = self.nibbles.shape[:2]
+        q = torch.cat([self.nibbles & 0x0F, self.nibbles >> 4], dim=-1)        # [N, K/32, 32]
+        sz = self.scales_zeros.transpose(0, 1)                                  # [N, K/32, 2]
+        return ((q.to(sz.dtype) - 8) * sz[..., :1] + sz[..., 1:]).view(N, G * INT4_GROUP)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None and x.shape[0] > self.small_batch:
+        T = x.shape[0]
+        if T > self.small_batch and self.dense is not None:
             return self.dense(x)
+        if T > self.large_batch:
+            return F.linear(x, self.dequantized())
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, INT4_GROUP,
                                                           self.scales_zeros)  # [T, out]
 
