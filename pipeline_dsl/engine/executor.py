@@ -149,7 +149,7 @@ class DecodeGraphs:
         if not step.all_decode or step.dec_gather is None or step.sample_rows is None:
             return None
         n = step.sample_rows.shape[0]
-        key = tuple(step.dec_gather.shape)                          # (B padded, Lmax padded)
+        key = (step.tokens.shape[0], step.dec_gather.shape[0])      # (B padded, B * context blocks)
         if key not in self.graphs:
             self.graphs[key] = self._capture(step)
         graph, static, out = self.graphs[key]
@@ -164,9 +164,9 @@ class DecodeGraphs:
         scratch = r.num_slots
         static = dataclasses.replace(
             step, tokens=torch.zeros_like(step.tokens), slots=torch.full_like(step.slots, scratch),
-            cos=step.cos.clone(), sin=step.sin.clone(), dec_gather=torch.full_like(step.dec_gather, scratch),
+            cos=step.cos.clone(), sin=step.sin.clone(), dec_gather=torch.zeros_like(step.dec_gather),  # block 0: read only
             dec_mask=step.dec_mask.clone(),
-            sample_rows=torch.zeros(step.dec_gather.shape[0], dtype=torch.long, device=step.tokens.device))
+            sample_rows=torch.zeros(step.tokens.shape[0], dtype=torch.long, device=step.tokens.device))
         side = torch.cuda.Stream(step.tokens.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
