@@ -12,11 +12,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-ROLES = ("system", "user", "assistant", "tool", "developer")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class RequestError(ValueError):
-    """A request that cannot be run; the message says which field and why."""
+    """A request that cannot be run; the message says which field (`param`) and why."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -52,25 +56,47 @@ SAMPLING_FIELDS = {
 KNOWN = {"id", "prompt", "messages", "stop", *SAMPLING_FIELDS}
 
 
-def parse_messages(messages) -> list[dict]:
-    _check("messages", messages, isinstance(messages, list), "a list of {role, content} objects")
-    if not messages:
-        raise RequestError("field 'messages' is empty: give at least one message")
+def parse_messages(value) -> list[dict]:
+    """OpenAI chat messages: roles checked, text content parts joined; RequestError names the field."""
+    if not isinstance(value, list):
+        raise RequestError(f"'messages' must be an array of {{role, content}} objects, not {_shown(value)}",
+                           param="messages")
+    if not value:
+        raise RequestError("'messages' is empty: give at least one message", param="messages")
     out = []
-    for i, m in enumerate(messages):
+    for i, m in enumerate(value):
         where = f"messages[{i}]"
-        _check(where, m, isinstance(m, dict), "an object with 'role' and 'content'")
+        if not isinstance(m, dict):
+            raise RequestError(f"'{where}' must be an object with 'role' and 'content', not {_shown(m)}",
+                               param=where)
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
-            raise RequestError(f"field '{where}.role' must be one of {', '.join(ROLES)}, got {json.dumps(role)}")
-        if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            parts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-            if len(parts) != len(content):
-                raise RequestError(f"field '{where}.content' may only hold text parts")
-            content = "".join(parts)
-        _check(f"{where}.content", content, isinstance(content, str), "a string")
+            raise RequestError(f"'{where}.role' must be one of {', '.join(ROLES)}, "
+                               f"not {json.dumps(role)[:40]}", param=f"{where}.role")
+        if isinstance(content, list):          # content parts: only text is served
+            texts = []
+            for j, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") == "text"
+                        and isinstance(part.get("text"), str)):
+                    raise RequestError(f"'{where}.content[{j}]' must be a text part "
+                                       "({\"type\": \"text\", \"text\": ...}); agp serves text only",
+                                       param=f"{where}.content")
+                texts.append(part["text"])
+            content = "".join(texts)
+        if content is None and role == "assistant":
+            content = ""
+        if not isinstance(content, str):
+            raise RequestError(f"'{where}.content' must be a string or an array of text parts, "
+                               f"not {_shown(content)}", param=f"{where}.content")
         out.append({"role": role, "content": content})
+    if not any(m["content"].strip() for m in out):
+        raise RequestError("every message in 'messages' is empty", param="messages")
     return out
+
+
+def _shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def parse_stop(stop) -> list[str]:

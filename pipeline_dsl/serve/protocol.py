@@ -17,6 +17,7 @@ from typing import Any
 
 from pipeline_dsl.engine.config import SamplingParams
 from pipeline_dsl.engine.errors import InputError
+from pipeline_dsl.requests_io import RequestError, parse_messages
 
 MAX_STOP = 16
 
@@ -279,43 +280,13 @@ def parse_completion(obj: dict, *, defaults: SamplingParams, max_model_len: int,
                              stream=stream, include_usage=include_usage)
 
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
-
-
 def _messages(value) -> tuple[dict, ...]:
     if value is None:
         raise APIError("'messages' is required", param="messages")
-    if not isinstance(value, list):
-        raise _bad("messages", "an array of {role, content} objects", value)
-    if not value:
-        raise APIError("'messages' is empty: give at least one message", param="messages")
-    out = []
-    for i, m in enumerate(value):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise _bad(where, "an object with 'role' and 'content'", m)
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise APIError(f"'{where}.role' must be one of {', '.join(ROLES)}, "
-                           f"not {json.dumps(role)[:40]}", param=f"{where}.role")
-        if isinstance(content, list):          # content parts: only text is served
-            texts = []
-            for j, part in enumerate(content):
-                if not (isinstance(part, dict) and part.get("type") == "text"
-                        and isinstance(part.get("text"), str)):
-                    raise APIError(f"'{where}.content[{j}]' must be a text part "
-                                   "({\"type\": \"text\", \"text\": ...}); agp serves text only",
-                                   param=f"{where}.content")
-                texts.append(part["text"])
-            content = "".join(texts)
-        if content is None and role == "assistant":
-            content = ""
-        if not isinstance(content, str):
-            raise _bad(f"{where}.content", "a string or an array of text parts", content)
-        out.append({"role": role, "content": content})
-    if not any(m["content"].strip() for m in out):
-        raise APIError("every message in 'messages' is empty", param="messages")
-    return tuple(out)
+    try:
+        return tuple(parse_messages(value))   # the one validation of chat messages (agp run's too)
+    except RequestError as e:
+        raise APIError(str(e), param=e.param) from None
 
 
 def parse_chat(obj: dict, *, defaults: SamplingParams, max_model_len: int,
