@@ -380,8 +380,8 @@ async def run_load(target, items: list[ParsedRequest], *, rate: float = math.inf
     clock = time.perf_counter
     t0 = clock()
 
-    async def one(i: int) -> None:
-        rec = RequestRecord(sent=clock())
+    async def one(i: int, sent: float) -> None:
+        rec = RequestRecord(sent=sent)             # when the load sent it, not when the task ran
         records.append(rec)
         try:
             await asyncio.wait_for(target.send(items[i % len(items)], rec, clock),
@@ -415,7 +415,7 @@ async def run_load(target, items: list[ParsedRequest], *, rate: float = math.inf
             if offsets is None and clock() - t0 >= duration:
                 limit.release()
                 break
-        tasks.append(asyncio.create_task(one(i)))
+        tasks.append(asyncio.create_task(one(i, clock())))
         i += 1
     if tasks:
         await asyncio.gather(*tasks)
