@@ -231,7 +231,8 @@ def _model_location(model: str, pos: SourcePos) -> tuple[str, Diagnostic | None]
     here = os.path.dirname(os.path.abspath(pos.file)) if pos.file and not pos.file.startswith("<") else None
     for base in ([here] if here else []) + [os.getcwd()]:
         candidate = os.path.join(base, os.path.expanduser(model))
-        if os.path.exists(candidate):
+        if (os.path.isfile(candidate) and candidate.lower().endswith(".gguf")) or \
+                os.path.isfile(os.path.join(candidate, "config.json")):
             return os.path.abspath(candidate), None
     return model, _err(f"model not found: '{model}'", pos,
                        expected=f'"{EMBEDDED_MODEL}" (the embedded model), a .gguf file or a Hugging Face '

@@ -45,8 +45,6 @@ def _record(req: RunRequest, out) -> dict:
 
 def run_requests(engine, spec, requests: list[RunRequest], *, on_done: Callable[[int, dict], None],
                  overlap: bool = True, trace_path: str | None = None, progress: bool = True) -> dict:
-    from pipeline_dsl.engine import InputError
-
     bar = None
     if progress:
         from tqdm import tqdm
@@ -62,7 +60,7 @@ def run_requests(engine, spec, requests: list[RunRequest], *, on_done: Callable[
             inputs = {"prompt": req.parsed.prompt} if req.parsed.messages is None \
                 else {"messages": req.parsed.messages}
             engine.add_request(rid, params=req.params, **spec.engine_inputs(inputs))
-        except (InputError, ValueError) as e:
+        except ValueError as e:                  # InputError, QueueFullError: this request only
             errors += 1
             on_done(req.slot, {"id": req.parsed.id, "error": {"line": req.line, "message": str(e)}})
             if bar:

@@ -68,22 +68,15 @@ def runtime_spec(graph: nx.DiGraph) -> RuntimeSpec:
     return spec
 
 
-def _resolve_device(device: str | None) -> str:
-    if device in (None, "auto"):
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
-
-
 def engine_config(spec: RuntimeSpec, **overrides):
     """EngineConfig from a spec; `overrides` (CLI flags) win when not None."""
     from pipeline_dsl.engine import EngineConfig
+    from pipeline_dsl.engine.engine import resolve_device
 
     known = {f.name for f in fields(EngineConfig)}
     values = {k: v for k, v in spec.engine.items() if k in known}
     values.update({k: v for k, v in overrides.items() if v is not None and k in known})
-    values["device"] = _resolve_device(values.get("device"))
+    values["device"] = resolve_device(str(values.get("device") or "auto"))
     return EngineConfig(**values)
 
 

@@ -79,7 +79,9 @@ class Generate:
 
     def configure(self, params, spec):
         precision = params.get("precision")
-        if precision not in (None, "auto"):  # "auto" leaves the pipeline's dtype in force
+        # the pipeline's own `dtype` (when not auto) wins over the stage's precision, which
+        # is usually the mode's preset (int8 in efficient); "auto" leaves the dtype as it is
+        if precision not in (None, "auto") and spec.engine.get("dtype", "auto") == "auto":
             spec.engine["dtype"] = precision
         _copy(params, spec.engine, {"compile": "compile", "prefill_chunk": "prefill_chunk"})
         _copy(params, spec.sampling, {

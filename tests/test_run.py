@@ -107,7 +107,7 @@ def test_agp_run_answers_in_input_order_and_reports_bad_lines(tmp_path, tiny_ggu
     assert rows[3]["error"]["line"] == 4 and "max_prompt_tokens" in rows[3]["error"]["message"]
     assert "text" in rows[4]
     s = json.loads(stats.read_text())
-    assert s["requests"] == 4 and s["completion_tokens"] >= 8 and s["output_tokens_per_s"] > 0
+    assert s["requests"] == 5 and s["completion_tokens"] >= 8 and s["output_tokens_per_s"] > 0
     assert s["peak_memory_bytes"] > 0 and s["errors"] == 1
 
 
@@ -136,3 +136,19 @@ def test_agp_run_bad_pipeline_and_missing_input_exit_2(tmp_path):
                               text=True, cwd=ROOT, timeout=120)
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr and "error" in proc.stderr
+
+
+def test_pipeline_dtype_wins_over_the_mode_precision(tmp_path, tiny_gguf):
+    path = write_pipeline(tmp_path, tiny_gguf, mode="efficient")
+    path.write_text(path.read_text().replace("device = cpu", "device = cpu\n    dtype = fp32"))
+    assert engine_config(runtime_spec(load_graph(path))).dtype == "fp32"
+
+
+def test_model_that_is_not_a_gguf_or_model_folder_is_a_check_error(tmp_path, tiny_gguf):
+    import pipeline_dsl
+
+    (tmp_path / "notes.txt").write_text("x")
+    for model in ("", ".", "notes.txt"):
+        path = write_pipeline(tmp_path, model)
+        _, diags = pipeline_dsl.load(str(path))
+        assert any("model not found" in d.message for d in diags), model

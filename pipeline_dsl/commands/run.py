@@ -51,11 +51,21 @@ def main(args) -> int:
     except UnicodeDecodeError as e:
         print(f"agp run: error: {args.input} is not UTF-8 ({e.reason} at byte {e.start})", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"agp run: error: cannot read {args.input}: {e.strerror}", file=sys.stderr)
+        return 2
+    try:  # before the model loads: a bad output path fails at once
+        out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
+    except OSError as e:
+        print(f"agp run: error: cannot write {args.output}: {e.strerror}", file=sys.stderr)
+        return 2
 
     from pipeline_dsl.runtime import build_engine, default_sampling, sampling_with
 
     t_load = time.perf_counter()
-    engine, spec = build_engine(args.pipeline, args.name, dtype=args.dtype, threads=args.threads)
+    # a file's requests are all known at once: the queue holds them all (max_queue bounds serving)
+    engine, spec = build_engine(args.pipeline, args.name, dtype=args.dtype, threads=args.threads,
+                                max_queue=max(1, len(lines)))
     load_s = time.perf_counter() - t_load
     defaults = default_sampling(spec)
 
@@ -76,7 +86,6 @@ def main(args) -> int:
         requests.append(RunRequest(slot=slot, line=lineno, parsed=req,
                                    params=sampling_with(defaults, **req.sampling)))
 
-    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     next_to_write = 0
 
     def flush() -> None:
@@ -101,6 +110,7 @@ def main(args) -> int:
             out.close()
     summary["model_load_s"] = round(load_s, 3)
     summary["bad_lines"] = bad_lines
+    summary["requests"] += bad_lines
     print(format_summary(summary), file=sys.stderr)
     if args.stats:
         with open(args.stats, "w", encoding="utf-8") as f:

@@ -169,7 +169,9 @@ class AsyncEngine:
             return True
         if self.executor is not None:
             if not drain:
-                for rid in list(self._states):
+                with self._lock:
+                    rids = list(self._states)
+                for rid in rids:
                     self.abort(rid)
             deadline = None if timeout is None else time.monotonic() + timeout
             while self._states and self.error is None and (
