@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_STOP = 16
 
 
 class RequestError(ValueError):
@@ -47,9 +48,9 @@ def _check(name: str, value, ok: bool, expected: str):
 
 SAMPLING_FIELDS = {
     "max_tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "temperature": (lambda v: _is_number(v) and 0 <= v <= 100, "a number >= 0"),
+    "temperature": (lambda v: _is_number(v) and 0 <= v <= 2, "a number from 0 to 2"),
     "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "top_k": (lambda v: _is_int(v) and v >= -1, "-1 or 0 (no cut) or a positive integer"),
     "seed": (lambda v: _is_int(v), "an integer"),
     "ignore_eos": (lambda v: isinstance(v, bool), "true or false"),
 }
@@ -100,15 +101,17 @@ def _shown(value) -> str:
 
 
 def parse_stop(stop) -> list[str]:
+    """`stop`: a string or a list of at most MAX_STOP non-empty strings."""
     if stop is None:
         return []
-    if isinstance(stop, str):
-        stop = [stop]
-    _check("stop", stop, isinstance(stop, list) and all(isinstance(s, str) and s for s in stop),
-           "a non-empty string or a list of them")
-    if len(stop) > 16:
-        raise RequestError("field 'stop' holds more than 16 strings")
-    return stop
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise RequestError(f"'stop' must be a string or an array of strings, not {_shown(stop)}", param="stop")
+    if any(s == "" for s in stops):
+        raise RequestError("'stop' strings must not be empty", param="stop")
+    if len(stops) > MAX_STOP:
+        raise RequestError(f"'stop' holds {len(stops)} strings; at most {MAX_STOP} are allowed", param="stop")
+    return stops
 
 
 def parse_request(obj, default_id=None) -> ParsedRequest:
@@ -132,6 +135,8 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     for name, (ok, expected) in SAMPLING_FIELDS.items():
         if obj.get(name) is not None:
             req.sampling[name] = _check(name, obj[name], ok(obj[name]), expected)
+    if req.sampling.get("top_k") == -1:
+        req.sampling["top_k"] = 0                  # OpenAI-style "no cut"
     if obj.get("stop") is not None:
         req.sampling["stop"] = parse_stop(obj["stop"])
     return req

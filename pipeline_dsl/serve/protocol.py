@@ -17,10 +17,7 @@ from typing import Any
 
 from pipeline_dsl.engine.config import SamplingParams
 from pipeline_dsl.engine.errors import InputError
-from pipeline_dsl.requests_io import RequestError, parse_messages
-
-MAX_STOP = 16
-
+from pipeline_dsl.requests_io import RequestError, parse_messages, parse_stop
 
 class APIError(Exception):
     """An error answered to the client as an OpenAI-style JSON body."""
@@ -188,17 +185,11 @@ def _sampling(obj: dict, defaults: SamplingParams, max_model_len: int,
     seed = _field(obj, "seed", _is_int, "an integer")
     if seed is not None:
         values["seed"] = seed
-    stop = obj.get("stop")
-    if stop is not None:
-        stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise _bad("stop", "a string or an array of strings", stop)
-        if any(s == "" for s in stops):
-            raise APIError("'stop' strings must not be empty", param="stop")
-        if len(stops) > MAX_STOP:
-            raise APIError(f"'stop' holds {len(stops)} strings; at most {MAX_STOP} are allowed",
-                           param="stop")
-        values["stop"] = tuple(stops)
+    if obj.get("stop") is not None:
+        try:
+            values["stop"] = tuple(parse_stop(obj["stop"]))
+        except RequestError as e:
+            raise APIError(str(e), param=e.param) from None
     stop_ids = obj.get("stop_token_ids")
     if stop_ids is not None:
         if not isinstance(stop_ids, list) or not all(_is_int(t) and t >= 0 for t in stop_ids):
