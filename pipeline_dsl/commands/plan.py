@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import sys
 
+from pipeline_dsl.commands import add_pipeline_arguments
+
 HELP = "show the streams, events and predicted overlap the planner gives a pipeline"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("file", help="the .agp file")
-    p.add_argument("--pipeline", "--name", dest="pipeline", default=None,
-                   help="which pipeline of the file (default: the only or first one)")
+    add_pipeline_arguments(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -28,17 +28,17 @@ def main(args) -> int:
     from pipeline_dsl.plan import PlanError, format_plan, make_plan
 
     try:
-        graph = load_pipeline_graph(Path(args.file), args.pipeline)
+        graph = load_pipeline_graph(Path(args.pipeline), args.name)
     except CheckFailed as e:
         print(e.render(), file=sys.stderr)
         return 2
     except (OSError, UnicodeDecodeError) as e:
-        print(f"agp plan: error: cannot read {args.file}: {e}", file=sys.stderr)
+        print(f"agp plan: error: cannot read {args.pipeline}: {e}", file=sys.stderr)
         return 2
     try:
         plan = make_plan(graph)
     except PlanError as e:
-        print(f"agp plan: error: {args.file}: {e}", file=sys.stderr)
+        print(f"agp plan: error: {args.pipeline}: {e}", file=sys.stderr)
         return 2
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
     return 0

@@ -13,13 +13,13 @@ import json
 import sys
 import time
 
+from pipeline_dsl.commands import add_pipeline_arguments
+
 HELP = "run a pipeline over a JSONL file of requests on a real model"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("pipeline", help="the .agp file")
-    p.add_argument("--pipeline-name", "--name", dest="name", default=None,
-                   help="which pipeline of the file (default: the only or first one)")
+    add_pipeline_arguments(p)
     p.add_argument("--input", "-i", default="-", help="JSONL requests (default: stdin)")
     p.add_argument("--output", "-o", default="-", help="JSONL answers (default: stdout)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=None,

@@ -15,13 +15,13 @@ import socket
 import sys
 from pathlib import Path
 
+from pipeline_dsl.commands import add_pipeline_arguments
+
 HELP = "serve a pipeline behind an OpenAI-compatible HTTP API"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("pipeline", help="the .agp file")
-    p.add_argument("--pipeline-name", "--name", dest="name", default=None,
-                   help="which pipeline of the file (default: the only or first one)")
+    add_pipeline_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=None,
