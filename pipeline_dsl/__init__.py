@@ -29,8 +29,19 @@ from __future__ import annotations
 
 from .diagnostics import CheckFailed, Diagnostic, SourcePos, has_errors, sort_diagnostics
 
-__all__ = ["CheckFailed", "Diagnostic", "SourcePos", "load", "loads", "check_file", "load_pipeline_graph",
-           "load_pipeline_graphs"]
+__all__ = ["CheckFailed", "Diagnostic", "SourcePos", "Reject", "load", "loads", "check_file",
+           "load_pipeline_graph", "load_pipeline_graphs"]
+
+
+class Reject(Exception):
+    """Raised by a python stage's function to refuse the request it is looking at: that request
+    gets this message as its error (HTTP 400 in agp serve); every other request goes on.
+
+        def guard(item):
+            if "password" in item["text"]:
+                raise pipeline_dsl.Reject("the answer would disclose a password")
+            return item
+    """
 
 
 def load(path: str):

@@ -7,7 +7,8 @@ Comments are kept on the `Module` (for `agp fmt`), also outside equality.
     Module(file, items=(Use | Pipeline, ...))
     Pipeline(name: Name, body=(Setting | Stage | Chain, ...))
     Stage(name: Name, kind: Name, placement: Name | None, params=(Param, ...))
-    Chain(stages=(Name, ...), condition: Name | None)      # a -> b -> c when full
+    Chain(stages=(Name, ...), condition: Cond | None)      # a -> b -> c when full
+    conditions: Label(name), Compare(field, op, value), BoolOp(op, items), Not(item), Otherwise
     values: Int, Float, Bool, Str, Word, Quantity(number, unit), List(items)
 """
 
@@ -109,12 +110,62 @@ class Stage:
     has_braces: bool = field(default=True, compare=False)
 
 
+# ---------------------------------------------------------------- edge conditions
+
+@dataclass(frozen=True)
+class Label:
+    """`when full`: a label the source stage's items carry (the batcher's full/timeout, a
+    python stage's returned label)."""
+
+    name: Name
+    pos: SourcePos = _pos()
+
+
+@dataclass(frozen=True)
+class Compare:
+    """`when prompt_tokens > 512`, `when metadata.tier == "gold"`."""
+
+    field: tuple[Name, ...]          # dotted path: metadata.tier -> (metadata, tier)
+    op: str                          # == != < <= > >=
+    value: "Value"
+    pos: SourcePos = _pos()
+
+    @property
+    def path(self) -> str:
+        return ".".join(n.text for n in self.field)
+
+
+@dataclass(frozen=True)
+class BoolOp:
+    """`a and b`, `a or b` (operands flattened left to right)."""
+
+    op: str                          # "and" | "or"
+    items: tuple["Cond", ...]
+    pos: SourcePos = _pos()
+
+
+@dataclass(frozen=True)
+class Not:
+    item: "Cond"
+    pos: SourcePos = _pos()
+
+
+@dataclass(frozen=True)
+class Otherwise:
+    """`a -> b otherwise`: taken when no conditional edge of `a` holds."""
+
+    pos: SourcePos = _pos()
+
+
+Cond = Union[Label, Compare, BoolOp, Not, Otherwise]
+
+
 @dataclass(frozen=True)
 class Chain:
     """`a -> b -> c when full`: one edge per arrow; the condition applies to each."""
 
     stages: tuple[Name, ...]
-    condition: Name | None
+    condition: Cond | None
     pos: SourcePos = _pos()
 
     def edges(self) -> list[tuple[Name, Name]]:

@@ -3,7 +3,7 @@
 A workload is a JSONL file in `agp run`'s request format (`prompt` or `messages`, optional
 sampling fields). `run_load` sends its requests with Poisson arrivals at a rate (or all
 at once, or as a closed loop of `concurrency` clients) to a target, either the
-in-process engine driven through `AsyncEngine` (`EngineTarget`) or any OpenAI-compatible
+in-process pipeline driven through `AsyncPipeline` (`EngineTarget`) or any OpenAI-compatible
 server over streaming HTTP (`HTTPTarget`), and records per request the send time, each
 token's arrival, usage and errors. `summarize` turns the records into a `Report`:
 request and token throughput, TTFT, TPOT, inter-token and end-to-end latency (mean,
@@ -174,58 +174,69 @@ def summarize(label: str, rate: float, records: list[RequestRecord], duration: f
 # ---------------------------------------------------------------- targets
 
 class EngineTarget:
-    """The pipeline's engine in this process, driven through `AsyncEngine`."""
+    """The pipeline in this process (its runtime driven as `agp serve` drives it)."""
 
-    def __init__(self, label: str, engine, defaults, prepare=None, executor=None):
-        from pipeline_dsl.serve.async_engine import AsyncEngine
+    def __init__(self, label: str, runtime):
+        from pipeline_dsl.serve.async_pipeline import AsyncPipeline
 
-        self.label, self.engine, self.defaults = label, engine, defaults
-        self.aengine = AsyncEngine(engine, prepare=prepare, executor=executor)
+        self.label, self.runtime = label, runtime
+        self.apipe = AsyncPipeline(runtime)
         self._n = 0
 
     @classmethod
     def from_pipeline(cls, spec: str, *, overlap: bool = True, **overrides) -> "EngineTarget":
-        """Build the pipeline's engine, driven by the plan's executor as `agp serve` does."""
-        from pipeline_dsl.runtime import build_engine, default_sampling
-        from pipeline_dsl.serve.async_engine import make_executor
+        """Build the pipeline (its engines, driven by the plan's executors) as `agp serve` does."""
+        from pipeline_dsl.runtime import build_runtime
 
         path, settings = parse_target(spec)
-        engine, rspec = build_engine(path, **{**settings, **{k: v for k, v in overrides.items()
-                                                            if v is not None}})
-        return cls(target_label(spec), engine, default_sampling(rspec),
-                   prepare=rspec.engine_inputs,
-                   executor=make_executor(engine, overlap=overlap, plan=rspec.plan))
+        runtime = build_runtime(path, overlap=overlap,
+                                overrides={**settings, **{k: v for k, v in overrides.items() if v is not None}})
+        return cls(target_label(spec), runtime)
 
     async def start(self) -> None:
-        self.aengine.start()
+        self.apipe.start()
 
     async def close(self) -> None:
-        await asyncio.to_thread(self.aengine.stop, drain=False, timeout=30)
+        await asyncio.to_thread(self.apipe.stop, drain=False, timeout=30)
 
     async def stats(self) -> dict:
-        return await self.aengine.stats()
+        from pipeline_dsl.serve.metrics import engine_totals
+
+        return engine_totals(await self.apipe.stats())
 
     async def send(self, item: ParsedRequest, rec: RequestRecord, clock) -> None:
-        from pipeline_dsl.runtime import sampling_with
+        from pipeline_dsl.flow import PipelineError
 
         self._n += 1
-        rid = f"bench-{self._n}"
-        inputs = {"messages": item.messages} if item.messages is not None else {"prompt": item.prompt}
-        stream = await self.aengine.add(rid, params=sampling_with(self.defaults, **item.sampling),
-                                        **inputs)
-        out = None
+        data = item.item()
+        data["id"] = f"bench-{self._n}"
         try:
-            async for out in stream:
-                if out.new_token_ids:
-                    rec.token(clock(), len(out.new_token_ids))
+            stream = await self.apipe.add(data, stream=True)
+        except PipelineError as e:
+            rec.error = e.message
+            return
+        result = None
+        try:
+            async for event in stream:
+                if event[0] == "delta":
+                    n = len(event[2].new_token_ids)
+                    if n:
+                        rec.token(clock(), n)
+                else:
+                    result = event[1]
         finally:
             if not stream.finished:
                 stream.abort()
-        if out is None or not out.finished:
+        if result is None:
             rec.truncated = True
             return
-        rec.prompt_tokens, rec.completion_tokens = out.prompt_tokens, out.completion_tokens
-        rec.cached_tokens, rec.finish_reason = out.cached_tokens, out.finish_reason
+        if result.error is not None:
+            rec.error = result.error.message
+            return
+        rec.prompt_tokens = result.usage["prompt_tokens"]
+        rec.completion_tokens = result.usage["completion_tokens"]
+        rec.cached_tokens = result.usage["cached_tokens"]
+        rec.finish_reason = result.choices[0].finish_reason if result.choices else None
 
 
 class HTTPTarget:

@@ -30,8 +30,12 @@ SETTINGS: tuple[Param, ...] = (
     Param("mode", ENUM, modes.DEFAULT_MODE, "preset of stage settings", choices=modes.MODES),
     Param("device", STR, "auto", "auto | cpu | cuda | cuda:N"),
     Param("threads", INT, None, "CPU threads for torch (default: torch's choice)", min=1, max=1024, optional=True),
-    Param("dtype", ENUM, "auto", "activation dtype (auto = bf16 where fast, else fp32)",
-          choices=("auto", "fp32", "bf16", "fp16")),
+    Param("dtype", ENUM, "auto", "weights and compute precision of the generate stages (auto = bf16 where "
+          "fast, else fp32; int8 = weight-only int8); a stage's own dtype wins",
+          choices=("auto", "fp32", "bf16", "fp16", "int8")),
+    Param("kv_budget", SIZE, None, "memory of all KV pools together (default: the mode's budget per "
+          "engine); kv_lookup stages without their own budget share what is left", min=1 << 16,
+          max=1 << 40, optional=True),
 )
 SETTING_BY_NAME = {p.name: p for p in SETTINGS}
 EMBEDDED_MODEL = "smollm2-135m-instruct"
@@ -44,14 +48,17 @@ class ResolvedStage:
     params: dict = field(hash=False)
     pos: SourcePos
     placement: str | None
+    given: frozenset = frozenset()       # parameters the file sets (the rest: mode, pipeline, default)
+    param_pos: dict = field(default_factory=dict, hash=False, compare=False)  # name -> value's SourcePos
 
 
 @dataclass(frozen=True)
 class ResolvedEdge:
     src: str
     dst: str
-    condition: str | None
+    condition: tuple | None              # compiled (pipeline_dsl.conditions); None: unconditional
     pos: SourcePos
+    cond: Any = field(default=None, compare=False, hash=False)   # the AST condition, for positions
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,8 @@ class Resolved:
     stages: dict = field(hash=False)     # name -> ResolvedStage, in file order
     edges: tuple[ResolvedEdge, ...] = ()
     complete: bool = True                # False when an edge was dropped (undefined stage, bad condition)
+    given_settings: frozenset = frozenset()
+    setting_pos: dict = field(default_factory=dict, hash=False, compare=False)
 
 
 def _err(msg, pos, expected=None, hint=None, notes=()):
@@ -109,6 +118,9 @@ def _fmt_bound(p: Param, v) -> str:
 
 
 def _range_text(p: Param) -> str:
+    if p.min is not None and p.min_exclusive:
+        above = f" above {_fmt_bound(p, p.min)}"
+        return above + (f" up to {_fmt_bound(p, p.max)}" if p.max is not None else "")
     if p.min is not None and p.max is not None:
         return f" from {_fmt_bound(p, p.min)} to {_fmt_bound(p, p.max)}"
     if p.min is not None:
@@ -194,13 +206,15 @@ def convert(value: ast.Value, p: Param, what: str) -> tuple[Any, Diagnostic | No
 
 def _check_range(out, p: Param, what: str, value: ast.Value):
     if isinstance(out, (int, float)) and not isinstance(out, bool):
-        too_low = p.min is not None and out < p.min
-        too_high = p.max is not None and out > p.max
-        if too_low or too_high:
+        if not p.in_range(out):
+            too_low = p.min is not None and out <= p.min
+            if too_low and p.min_exclusive:
+                hint = f"the value must be above {_fmt_bound(p, p.min)}"
+            else:
+                hint = (f"the {'smallest' if too_low else 'largest'} allowed value is "
+                        f"{_fmt_bound(p, p.min if too_low else p.max)}")
             return None, _err(f"value out of range: {what} = {show(value)}", value.pos,
-                              _type_expected(p),
-                              f"the {'smallest' if too_low else 'largest'} allowed value is "
-                              f"{_fmt_bound(p, p.min if too_low else p.max)}")
+                              _type_expected(p), hint)
     return out, None
 
 
@@ -242,6 +256,7 @@ def _model_location(model: str, pos: SourcePos) -> tuple[str, Diagnostic | None]
 
 
 def check_settings(p: ast.Pipeline) -> tuple[dict, list[Diagnostic]]:
+    """(settings with defaults, diagnostics); settings["_given"] lists those the file sets."""
     diags: list[Diagnostic] = []
     seen: dict[str, ast.Setting] = {}
     values: dict[str, Any] = {}
@@ -279,6 +294,7 @@ def check_settings(p: ast.Pipeline) -> tuple[dict, list[Diagnostic]]:
             values[name] = out
     settings = {q.name: q.default for q in SETTINGS}
     settings.update(values)
+    settings["_given"] = {name: seen[name].value.pos for name in values}
     device = settings.get("device", "auto")
     if "threads" in seen and str(device).startswith("cuda"):
         diags.append(_warn(f"setting 'threads' is unused: the device is {device}", seen["threads"].name.pos,
@@ -292,8 +308,17 @@ def _all_param_names() -> set[str]:
 
 # ---------------------------------------------------------------- stages
 
-def resolve_params(kind: StageKind, stage: ast.Stage, mode: str) -> tuple[dict, list[Diagnostic]]:
-    """Effective parameter values: kind default -> mode preset -> the file's values."""
+# parameters earlier versions had: what to write instead
+RETIRED = {
+    ("respond", "stream"): "remove it: each request chooses streaming itself (\"stream\": true in agp serve)",
+    ("generate", "precision"): "it is called dtype now: dtype = …",
+}
+
+
+def resolve_params(kind: StageKind, stage: ast.Stage, mode: str,
+                   settings: dict | None = None) -> tuple[dict, list[Diagnostic]]:
+    """Effective parameter values: kind default -> mode preset -> the pipeline's setting of the
+    same name (for parameters that inherit one, when the file sets it) -> the stage's own value."""
     diags: list[Diagnostic] = []
     given: dict[str, ast.Param] = {}
     params: dict[str, Any] = {}
@@ -310,6 +335,7 @@ def resolve_params(kind: StageKind, stage: ast.Stage, mode: str) -> tuple[dict, 
             hint = did_you_mean(name, names)
             if hint is None and name in SETTING_BY_NAME:
                 hint = f"'{name}' is a pipeline setting: set it outside the stages"
+            hint = RETIRED.get((kind.name, name), hint)
             diags.append(_err(f"unknown parameter '{name}' for stage kind '{kind.name}'", prm.name.pos,
                               expected=f"a parameter of {kind.name}: " + one_of(names), hint=hint))
             continue
@@ -318,8 +344,12 @@ def resolve_params(kind: StageKind, stage: ast.Stage, mode: str) -> tuple[dict, 
             diags.append(d)
         else:
             params[name] = out
+    inherited = (settings or {}).get("_given", {})
     for schema in kind.params:
         if schema.name in given:
+            continue
+        if schema.inherits and schema.inherits in inherited:
+            params[schema.name] = settings[schema.inherits]
             continue
         has, value = modes.preset(mode, kind.name, schema.name)
         if has:
@@ -340,6 +370,7 @@ def check_pipeline(p: ast.Pipeline, registry: Registry | None = None) -> tuple[R
     """Check one pipeline's settings, stages and edges; collect every diagnostic."""
     registry = registry or default_registry()
     settings, diags = check_settings(p)
+    given_settings = settings.pop("_given")
     mode = settings.get("mode", modes.DEFAULT_MODE)
     stages: dict[str, ResolvedStage] = {}
     for st in p.stages:
@@ -351,14 +382,19 @@ def check_pipeline(p: ast.Pipeline, registry: Registry | None = None) -> tuple[R
             continue
         kind = registry.get(st.kind.text)
         params: dict = {}
+        given: set[str] = set()
+        param_pos: dict = {}
         if kind is None:
             diags.append(_err(f"unknown stage kind '{st.kind.text}'", st.kind.pos,
                               expected="a stage kind: " + one_of(registry.names()),
                               hint=did_you_mean(st.kind.text, registry.names()),
                               notes=[(problem, None) for problem in registry.problems]))
         else:
-            params, ds = resolve_params(kind, st, mode)
+            params, ds = resolve_params(kind, st, mode, {**settings, "_given": given_settings})
             diags += ds
+            param_pos = {prm.name.text: prm.value.pos for prm in st.params}
+            given = {n for n in param_pos if kind.param(n) is not None}
+            diags += _check_kind_params(kind, st, params, given, param_pos)
         placement = None
         if st.placement is not None:
             if st.placement.text in RESOURCES:
@@ -367,14 +403,77 @@ def check_pipeline(p: ast.Pipeline, registry: Registry | None = None) -> tuple[R
                 diags.append(_err(f"unknown placement '{st.placement.text}'", st.placement.pos,
                                   expected="on " + " | ".join(RESOURCES),
                                   hint=did_you_mean(st.placement.text, RESOURCES)))
-        stages[name] = ResolvedStage(name, kind, params, st.name.pos, placement)
+        stages[name] = ResolvedStage(name, kind, params, st.name.pos, placement, frozenset(given), param_pos)
     edges, ds = _check_edges(p, stages)
     diags += ds
     dropped = any(d.is_error for d in ds)
-    return Resolved(p.name.text, p.name.pos, settings, stages, tuple(edges), complete=not dropped), diags
+    return Resolved(p.name.text, p.name.pos, settings, stages, tuple(edges), complete=not dropped,
+                    given_settings=frozenset(given_settings), setting_pos=dict(given_settings)), diags
+
+
+# ---------------------------------------------------------------- kind-specific checks
+
+def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set, pos: dict) -> list[Diagnostic]:
+    """What one parameter's type and range cannot say: functions that must exist, a model that
+    must be found, parameters that go together."""
+    from .userfn import FunctionNotFound, find_function
+
+    diags: list[Diagnostic] = []
+    where = pos.get
+    base = _base_dir(st.name.pos)
+
+    def check_fn(param: str) -> None:
+        ref = params.get(param)
+        if not ref or param not in given:
+            return
+        try:
+            find_function(ref, base)
+        except FunctionNotFound as e:
+            hint = None
+            if e.names:
+                attr = ref.partition(":")[2]
+                hint = did_you_mean(attr, e.names)
+            diags.append(_err(f"{e} (stage '{st.name.text}')", where(param),
+                              expected='"module:function": a module beside this file or on sys.path '
+                                       "and a function in it", hint=hint))
+
+    if kind.name == "python":
+        check_fn("fn")
+    elif kind.name == "join":
+        policy, fn = params.get("policy"), params.get("fn")
+        if fn is not None and "policy" not in given:
+            params["policy"] = "fn"
+        elif fn is not None and policy != "fn":
+            diags.append(_err(f"join '{st.name.text}' sets fn but policy = {policy}", where("fn"),
+                              hint="write policy = fn, or remove fn"))
+        elif policy == "fn" and fn is None:
+            diags.append(_err(f"join '{st.name.text}' has policy = fn but no fn", where("policy"),
+                              expected='fn = "module:function"'))
+        check_fn("fn")
+    elif kind.name == "generate":
+        model = params.get("model")
+        if model is not None and "model" in given:
+            params["model"], d = _model_location(model, where("model"))
+            if d:
+                diags.append(d)
+        device = params.get("device")
+        if device is not None and "device" in given and not DEVICE_RE.match(str(device)):
+            diags.append(_err(f"'{device}' is not a device", where("device"), expected="auto | cpu | cuda | cuda:N",
+                              hint=did_you_mean(str(device), ("auto", "cpu", "cuda", "mps"))))
+    return diags
+
+
+def _base_dir(pos: SourcePos | None) -> str | None:
+    if pos is None or not pos.file or pos.file.startswith("<"):
+        return None
+    return os.path.dirname(os.path.abspath(pos.file))
 
 
 def _check_edges(p: ast.Pipeline, stages: dict[str, ResolvedStage]):
+    """Edges: stages that exist, conditions a source stage can carry (labels; comparisons on
+    edges that carry request items are typed in graph.py, which knows the item types)."""
+    from . import conditions as C
+
     diags: list[Diagnostic] = []
     edges: list[ResolvedEdge] = []
     seen: dict[tuple, SourcePos] = {}
@@ -391,28 +490,73 @@ def _check_edges(p: ast.Pipeline, stages: dict[str, ResolvedStage]):
                 diags.append(_err(f"edge to undefined stage '{n.text}'", n.pos,
                                   expected="a stage of pipeline '" + p.name.text + "': " + one_of(stages),
                                   hint=hint))
-        cond = ch.condition.text if ch.condition else None
+        cond = ch.condition
+        ir = C.compile_condition(cond) if cond is not None else None
         for a, b in ch.edges():
             if a.text not in stages or b.text not in stages:
                 continue
             src = stages[a.text]
-            if cond is not None and src.kind is not None and cond not in src.kind.conditions:
-                if src.kind.conditions:
-                    diags.append(_err(f"unknown condition '{cond}' on an edge from '{a.text}'", ch.condition.pos,
-                                      expected="when " + " | ".join(src.kind.conditions),
-                                      hint=did_you_mean(cond, src.kind.conditions)))
-                else:
-                    diags.append(_err(f"stage '{a.text}' ({src.kind.name}) has no condition '{cond}'",
-                                      ch.condition.pos,
-                                      expected="an edge without 'when': only a batching stage emits conditions",
-                                      hint=f"remove 'when {cond}'"))
+            bad = _check_condition_source(cond, src, a.text) if src.kind is not None else []
+            if bad:
+                diags += bad
                 continue
-            key = (a.text, b.text, cond)
+            key = (a.text, b.text, ir)
             pos = SourcePos(a.pos.file, a.pos.line, a.pos.col, b.pos.end_line, b.pos.end_col)
             if key in seen:
-                diags.append(_warn(f"duplicate edge {a.text} -> {b.text}" + (f" when {cond}" if cond else ""),
+                diags.append(_warn(f"duplicate edge {a.text} -> {b.text}" + _cond_words(ir),
                                    pos, notes=[("first declared here", seen[key])]))
                 continue
             seen[key] = pos
-            edges.append(ResolvedEdge(a.text, b.text, cond, pos))
+            edges.append(ResolvedEdge(a.text, b.text, ir, pos, cond))
     return edges, diags
+
+
+def _cond_words(ir) -> str:
+    from . import conditions as C
+
+    if ir is None:
+        return ""
+    return " otherwise" if ir == ("otherwise",) else " when " + C.text(ir)
+
+
+# kinds whose out-edges carry batches or tokens inside an engine segment: no field conditions
+_SEGMENT_INNER = {"dynamic_batch": "the batcher", "encode": "the encode stage"}
+
+
+def _check_condition_source(cond, src: ResolvedStage, name: str) -> list[Diagnostic]:
+    """Labels the source stage's items can carry; where field comparisons may stand."""
+    from . import conditions as C
+    from stages.registry import ANY_LABEL
+
+    if cond is None or isinstance(cond, ast.Otherwise):
+        return []
+    diags = []
+    kind = src.kind
+    for lab in C.labels(cond):
+        word = lab.name.text
+        if ANY_LABEL in kind.conditions or word in kind.conditions:
+            continue
+        fields = C.known_fields(["Request", "Generated"])
+        if word in fields or word == "metadata":
+            diags.append(_err(f"field '{word}' needs a comparison", lab.pos,
+                              expected=f"{word} == VALUE, {word} > N, ...",
+                              hint=f"e.g. when {word} > 512" if C.field_type(word, ["Generated"]) == C.NUMBER
+                              else f'e.g. when {word} == "…"'))
+        elif kind.conditions:
+            diags.append(_err(f"unknown condition '{word}' on an edge from '{name}'", lab.pos,
+                              expected="when " + " | ".join(kind.conditions) + " (the labels of "
+                                       f"{kind.name}), or a comparison of a request field",
+                              hint=did_you_mean(word, kind.conditions)))
+        else:
+            diags.append(_err(f"stage '{name}' ({kind.name}) gives its items no label '{word}'", lab.pos,
+                              expected="a comparison of a field (prompt_tokens > 512, metadata.KEY == \"…\") "
+                                       "or `otherwise`; labels come from a batcher (full, timeout) or a "
+                                       "python stage",
+                              hint=did_you_mean(word, fields)))
+    if kind.name in _SEGMENT_INNER:
+        for cmp in C.compares(cond):
+            diags.append(_err(f"{_SEGMENT_INNER[kind.name]} '{name}' cannot route by request fields",
+                              cmp.pos, expected="when full | timeout" if kind.conditions else "an edge without "
+                              "a condition", hint="route requests before the batcher: add a route stage "
+                                                  "in front of it"))
+    return diags

@@ -41,6 +41,36 @@ def format_value(v: ast.Value) -> str:
     raise TypeError(f"not a value: {v!r}")
 
 
+def format_condition(c) -> str:
+    """A condition as written (`when` not included; `otherwise` as is); parentheses only
+    where precedence needs them (`not` > `and` > `or`)."""
+    if isinstance(c, ast.Label):
+        return c.name.text
+    if isinstance(c, ast.Compare):
+        return f"{c.path} {c.op} {format_value(c.value)}"
+    if isinstance(c, ast.Not):
+        text = format_condition(c.item)
+        return "not " + (f"({text})" if isinstance(c.item, ast.BoolOp) else text)
+    if isinstance(c, ast.BoolOp):
+        parts = []
+        for item in c.items:
+            text = format_condition(item)
+            parts.append(f"({text})" if isinstance(item, ast.BoolOp) and item.op != c.op else text)
+        return f" {c.op} ".join(parts)
+    if isinstance(c, ast.Otherwise):
+        return "otherwise"
+    raise TypeError(f"not a condition: {c!r}")
+
+
+def format_edge_condition(c) -> str:
+    """' when …' / ' otherwise' / '' for a chain's condition."""
+    if c is None:
+        return ""
+    if isinstance(c, ast.Otherwise):
+        return " otherwise"
+    return " when " + format_condition(c)
+
+
 # ---------------------------------------------------------------- comment attachment
 
 @dataclass
@@ -232,10 +262,7 @@ def _statement(it, notes: _Notes, indent: str) -> list[str]:
     if isinstance(it, ast.Use):
         return [f"{indent}use {quote(it.path.value)}"]
     if isinstance(it, ast.Chain):
-        text = " -> ".join(n.text for n in it.stages)
-        if it.condition is not None:
-            text += f" when {it.condition.text}"
-        return [indent + text]
+        return [indent + " -> ".join(n.text for n in it.stages) + format_edge_condition(it.condition)]
     if isinstance(it, ast.Pipeline):
         body = _block(it.body, it, notes, indent + INDENT)
         if not body:

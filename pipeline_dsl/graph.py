@@ -1,21 +1,29 @@
 """Checked AST -> networkx.DiGraph, and the checks that need the graph.
 
 `build_graph(pipeline)` takes an `ast.Pipeline` (or a `checker.Resolved`) and returns
-a DiGraph with graph attributes `name` and `settings` (model, mode, device, threads,
-dtype), one node per stage with `kind` (str), `params` (effective values: kind
-default -> mode preset -> file; durations in float seconds, sizes in int bytes),
-`pos`, `resource` (host|copy|compute, from the kind) and `placement` (from `on …`
-or None), and one edge per connected pair with `condition` (None, "full",
-"timeout"), `conditions` (all conditions of the parallel edges merged into this
-one, e.g. ["full", "timeout"]; `condition` is None when there are several) and `pos`.
+a DiGraph with graph attributes `name`, `settings` (model, mode, device, threads,
+dtype, kv_budget) and `given_settings` (those the file sets), one node per stage with
+`kind` (str), `params` (effective values: kind default -> mode preset -> inherited
+pipeline setting -> file; durations in float seconds, sizes in int bytes), `given`
+(parameters the file sets), `pos`, `resource` (host|copy|compute, from the kind),
+`placement` (from `on …` or None) and `routes` (its out-edges in file order, as
+(destination, condition) pairs: what the runtime routes by), and one edge per
+connected pair with `condition` (compiled, see pipeline_dsl.conditions: None,
+("label", "full"), ("cmp", "prompt_tokens", ">", 512), ...), `conditions` (all
+conditions of the parallel edges merged into this one; `condition` is None when
+there are several) and `pos`.
 
-`validate(resolved)` reports cycles (the cycle printed), stages unreachable from a
-request source, stages with no path to a respond stage, port type mismatches on
-edges and pipelines without a request source. `check_program(program)` runs every
-check of every pipeline in a loaded program.
+`validate(resolved)` reports loops that no stage bounds (the cycle printed), item
+types that do not fit an edge, a second request source, conditions that do not
+type-check or can leave an item nowhere to go, broken engine segments, stages
+unreachable from the source and stages with no path to a respond stage.
+`check_program(program)` runs every check of every pipeline in a loaded program.
+`segments_of(graph)` lists the engine segments (batch -> encode -> kv -> generate...).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import networkx as nx
 
@@ -23,7 +31,7 @@ from stages.registry import Registry, default_registry
 
 from . import ast
 from .checker import Resolved, check_pipeline
-from .diagnostics import ERROR, Diagnostic, SourcePos, sort_diagnostics
+from .diagnostics import ERROR, WARNING, Diagnostic, sort_diagnostics
 
 
 def _resolve(pipeline, registry: Registry | None = None) -> Resolved:
@@ -37,11 +45,14 @@ def _resolve(pipeline, registry: Registry | None = None) -> Resolved:
 def build_graph(pipeline, registry: Registry | None = None) -> nx.DiGraph:
     """The pipeline as a DiGraph (see the module docstring for its attributes)."""
     r = _resolve(pipeline, registry)
-    g = nx.DiGraph(name=r.name, settings=dict(r.settings), pos=r.pos)
+    g = nx.DiGraph(name=r.name, settings=dict(r.settings), pos=r.pos,
+                   given_settings=sorted(r.given_settings))
     for s in r.stages.values():
         g.add_node(s.name, kind=s.kind.name if s.kind else None, params=dict(s.params), pos=s.pos,
-                   resource=s.kind.resource if s.kind else None, placement=s.placement)
+                   resource=s.kind.resource if s.kind else None, placement=s.placement,
+                   given=sorted(s.given), routes=[])
     for e in r.edges:
+        g.nodes[e.src]["routes"].append((e.dst, e.condition))
         if g.has_edge(e.src, e.dst):
             data = g.edges[e.src, e.dst]
             if e.condition not in data["conditions"]:
@@ -56,11 +67,41 @@ def _err(msg, pos, expected=None, hint=None, notes=()):
     return Diagnostic(ERROR, msg, pos, expected=expected, hint=hint, notes=tuple(notes))
 
 
+def _warn(msg, pos, expected=None, hint=None, notes=()):
+    return Diagnostic(WARNING, msg, pos, expected=expected, hint=hint, notes=tuple(notes))
+
+
+def item_types(r: Resolved, g: nx.DiGraph) -> dict[str, frozenset]:
+    """The item types each stage may send: its kind's outputs; a passthrough kind (route)
+    sends what reaches it of what it accepts (a fixed point, loops included)."""
+    emits: dict[str, frozenset] = {}
+    for n, s in r.stages.items():
+        emits[n] = frozenset() if s.kind is None or s.kind.passthrough else s.kind.emits
+    changed = True
+    while changed:
+        changed = False
+        for n, s in r.stages.items():
+            if s.kind is None or not s.kind.passthrough:
+                continue
+            got = frozenset(t for p in g.predecessors(n) for t in emits[p]) & s.kind.accepts
+            if got != emits[n]:
+                emits[n], changed = got, True
+    return emits
+
+
+def bounded_stages(r: Resolved) -> set[str]:
+    """Stages that bound a loop through them (a python stage with max_turns)."""
+    return {n for n, s in r.stages.items() if s.kind is not None and s.params.get("max_turns") is not None}
+
+
 def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
-    """Graph checks: ports, request source, cycles, reachability, paths to a respond stage."""
+    """Graph checks: ports and item types, one request source, loops (only through a stage
+    with max_turns), conditions and where items go, engine segments, reachability, paths to a
+    respond stage."""
     registry = registry or default_registry()
     g = build_graph(r)
-    diags = _check_ports(r, registry)
+    emits = item_types(r, g)
+    diags = _check_ports(r, registry, g, emits)
     unknown = {n for n, s in r.stages.items() if s.kind is None}
     sources = [n for n, s in r.stages.items() if s.kind is not None and s.kind.is_source]
     maybe_sources = sources + [n for n in unknown if g.in_degree(n) == 0]
@@ -70,7 +111,14 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
         diags.append(_err(f"pipeline '{r.name}' has no request source", r.pos,
                           expected="a stage of kind " + " or ".join(src_kinds) + ", e.g. stage request : requests {}",
                           hint="add a request source and an edge from it to the first stage"))
-    diags += _check_cycles(g)
+    for extra in sources[1:]:
+        diags.append(_err(f"pipeline '{r.name}' has a second request source '{extra}'", r.stages[extra].pos,
+                          expected="one request source per pipeline",
+                          hint=f"remove '{extra}' or route from '{sources[0]}' instead",
+                          notes=[(f"the first is '{sources[0]}'", r.stages[sources[0]].pos)]))
+    diags += _check_cycles(g, r)
+    diags += _check_routes(r, g, emits)
+    diags += check_segments(r, g)[1]
     if not r.complete:                 # an edge was dropped: reachability errors would only echo it
         return diags
     if maybe_sources:
@@ -99,24 +147,45 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
     return diags
 
 
-def _check_cycles(g: nx.DiGraph) -> list[Diagnostic]:
+def _check_cycles(g: nx.DiGraph, r: Resolved) -> list[Diagnostic]:
+    """A loop must pass through a stage that bounds it (max_turns), which needs a way out of
+    the loop; no join inside a loop."""
     diags = []
-    for comp in nx.strongly_connected_components(g):
-        if len(comp) == 1 and not any(g.has_edge(n, n) for n in comp):
+    bounded = bounded_stages(r)
+    free = g.subgraph([n for n in g if n not in bounded])
+    for comp in nx.strongly_connected_components(free):
+        if len(comp) == 1 and not any(free.has_edge(n, n) for n in comp):
             continue
-        sub = g.subgraph(comp)
+        sub = free.subgraph(comp)
         start = min(comp, key=lambda n: (g.nodes[n]["pos"].line, g.nodes[n]["pos"].col))
         cyc = nx.find_cycle(sub, source=start)
         path = [cyc[0][0]] + [v for _, v in cyc]
         closing = cyc[-1]
         diags.append(_err("cycle: " + " -> ".join(path), g.edges[closing]["pos"],
-                          expected="a pipeline without cycles: requests flow one way, from the source to respond",
-                          hint=f"remove the edge {closing[0]} -> {closing[1]}",
+                          expected="requests flow one way, from the source to respond; a loop must pass "
+                                   "through a python stage that bounds it with max_turns",
+                          hint=f"remove the edge {closing[0]} -> {closing[1]}, or bound the loop "
+                               "(a python stage with max_turns = N on it)",
                           notes=[(f"edge {u} -> {v}", g.edges[u, v]["pos"]) for u, v in cyc[:-1]]))
+    for comp in nx.strongly_connected_components(g):
+        if len(comp) == 1 and not any(g.has_edge(n, n) for n in comp):
+            continue
+        for n in sorted(comp & bounded):
+            if all(v in comp for v in g.successors(n)):
+                diags.append(_err(f"stage '{n}' bounds a loop (max_turns = {r.stages[n].params['max_turns']}) "
+                                  "but has no edge out of it", r.stages[n].pos,
+                                  expected="an edge from the bounding stage to a stage outside the loop",
+                                  hint=f"add an edge from '{n}' towards a respond stage: items take it "
+                                       "once the loop has run max_turns times"))
+        for n in sorted(comp):
+            s = r.stages[n]
+            if s.kind is not None and s.kind.name == "join":
+                diags.append(_err(f"join '{n}' is inside a loop", s.pos,
+                                  hint="join the branches before or after the loop"))
     return diags
 
 
-def _check_ports(r: Resolved, registry: Registry) -> list[Diagnostic]:
+def _check_ports(r: Resolved, registry: Registry, g: nx.DiGraph, emits: dict) -> list[Diagnostic]:
     diags = []
     for e in r.edges:
         a, b = r.stages[e.src], r.stages[e.dst]
@@ -130,16 +199,194 @@ def _check_ports(r: Resolved, registry: Registry) -> list[Diagnostic]:
             diags.append(_err(f"stage '{b.name}' ({b.kind.name}) takes no input: no edge can enter it", e.pos,
                               hint=f"{b.kind.name} starts a pipeline; remove the edge {a.name} -> {b.name}"))
             continue
-        gives = a.kind.outputs[0].type
-        takes = [p.type for p in b.kind.inputs]
-        if gives not in takes:
+        gives = emits[a.name] if a.kind.passthrough else a.kind.emits
+        if not gives:
+            continue                   # nothing reaches a passthrough stage: reported elsewhere
+        takes = b.kind.accepts
+        if not gives & takes:
+            shown = " | ".join(sorted(gives))
             between = [k.name for k in registry.kinds()
-                       if k.inputs and k.outputs and k.inputs[0].type == gives and k.outputs[0].type in takes]
+                       if k.inputs and k.outputs and not k.passthrough and gives & k.accepts
+                       and k.emits <= takes and len(k.emits) == 1]
             hint = f"insert a {between[0]} stage between them" if between else None
             diags.append(_err(f"port type mismatch on edge {a.name} -> {b.name}: '{a.name}' ({a.kind.name}) "
-                              f"gives {gives}, '{b.name}' ({b.kind.name}) takes {' | '.join(takes)}", e.pos,
-                              expected=f"an edge into a stage that takes {gives}", hint=hint))
+                              f"gives {shown}, '{b.name}' ({b.kind.name}) takes {' | '.join(sorted(takes))}",
+                              e.pos, expected=f"an edge into a stage that takes {shown}", hint=hint))
+    for n, s in r.stages.items():      # a passthrough stage must have a way on for each type it gets
+        if s.kind is None or not s.kind.passthrough:
+            continue
+        outs = [r.stages[v] for v in g.successors(n) if r.stages[v].kind is not None]
+        for t in sorted(emits[n]):
+            if outs and not any(t in o.kind.accepts for o in outs):
+                diags.append(_err(f"stage '{n}' ({s.kind.name}) receives {t} items but none of its "
+                                  f"out-edges takes them", s.pos,
+                                  hint=f"add an edge from '{n}' to a stage that takes {t}"))
     return diags
+
+
+def _route_types(kind, emits_n: frozenset) -> list[str]:
+    """The item types whose fields a condition on an edge from this kind reads."""
+    from .conditions import GENERATED, REQUEST
+
+    if kind.name == "kv_lookup":
+        return [REQUEST]
+    got = [t for t in (REQUEST, GENERATED) if t in emits_n]
+    return got or [REQUEST]
+
+
+def _check_routes(r: Resolved, g: nx.DiGraph, emits: dict) -> list[Diagnostic]:
+    """Comparisons type-check; a stage whose conditional edges may all fail needs `otherwise`
+    (or an unconditional edge); at most one `otherwise` per stage."""
+    from stages.registry import ANY_LABEL
+
+    from .conditions import ConditionError, check_compare, compares
+
+    diags = []
+    by_src: dict[str, list] = {}
+    for e in r.edges:
+        by_src.setdefault(e.src, []).append(e)
+    for n, out in by_src.items():
+        s = r.stages[n]
+        if s.kind is None:
+            continue
+        types = _route_types(s.kind, emits[n] if s.kind.passthrough else s.kind.emits)
+        for e in out:
+            for cmp in compares(e.cond) if e.cond is not None else ():
+                try:
+                    check_compare(cmp, types)
+                except ConditionError as err:
+                    diags.append(_err(str(err), err.node.pos if hasattr(err.node, "pos") else e.pos,
+                                      expected=err.expected, hint=err.hint))
+        otherwise = [e for e in out if e.condition == ("otherwise",)]
+        conditional = [e for e in out if e.condition is not None and e.condition != ("otherwise",)]
+        plain = [e for e in out if e.condition is None]
+        for extra in otherwise[1:]:
+            diags.append(_err(f"stage '{n}' has a second `otherwise` edge", extra.pos,
+                              hint="an item takes one otherwise edge; keep one",
+                              notes=[("the first is here", otherwise[0].pos)]))
+        if otherwise and not conditional:
+            diags.append(_warn(f"`otherwise` on {n} -> {otherwise[0].dst}: '{n}' has no conditional edge, so it "
+                               "always holds", otherwise[0].pos, hint="write the edge without a condition"))
+        if conditional and not otherwise and not plain:
+            used = {c[1] for c in (e.condition for e in conditional) if c[0] == "label"}
+            fixed = [c for c in s.kind.conditions if c != ANY_LABEL]
+            if fixed and set(fixed) <= used:
+                continue               # the batcher's full + timeout cover every batch
+            if fixed:
+                missing = [c for c in fixed if c not in used]
+                msg = (f"{' and '.join(missing)} items of '{n}' have nowhere to go: no edge `when "
+                       f"{missing[0]}`, no unconditional edge and no `otherwise`")
+            else:
+                msg = (f"an item of '{n}' that matches none of its conditions has nowhere to go "
+                       "(no unconditional edge and no `otherwise`)")
+            diags.append(_err(msg, conditional[0].pos,
+                              hint=f"add `{n} -> {conditional[0].dst} otherwise` (or to another stage)"))
+    return diags
+
+
+# ---------------------------------------------------------------- engine segments
+
+ENGINE_KINDS = ("dynamic_batch", "encode", "kv_lookup", "generate")
+# generate parameters that configure the engine (the same for every generate stage of one engine)
+ENGINE_PARAMS = ("model", "device", "dtype", "compile", "prefill_chunk")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One engine: a batcher, an encode stage, a kv_lookup stage and the generate stages it feeds."""
+
+    batch: str
+    encode: str
+    kv: str
+    generates: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return "+".join(self.generates)
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return (self.batch, self.encode, self.kv, *self.generates)
+
+
+def check_segments(r: Resolved, g: nx.DiGraph) -> tuple[list[Segment], list[Diagnostic]]:
+    """The engine segments (batch -> encode -> kv_lookup -> generate...) and what breaks them:
+    one engine per chain, so no two batchers into one encode stage, no encode stage into two
+    kv_lookup stages, and every generate stage of one kv_lookup on the same model."""
+    diags: list[Diagnostic] = []
+    kind = {n: (s.kind.name if s.kind else None) for n, s in r.stages.items()}
+
+    def of(names, k):
+        return [x for x in names if kind.get(x) == k]
+
+    def listing(names):
+        return ", ".join(f"'{x}'" for x in names)
+
+    segments = []
+    for n, s in r.stages.items():
+        if kind[n] == "dynamic_batch":
+            encs = of(g.successors(n), "encode")
+            if len(encs) > 1:
+                diags.append(_err(f"batcher '{n}' feeds {len(encs)} encode stages ({listing(encs)})", s.pos,
+                                  expected="one encode stage after each batcher: one engine per chain",
+                                  hint="give each chain its own batcher"))
+        elif kind[n] == "encode":
+            bats = of(g.predecessors(n), "dynamic_batch")
+            kvs = of(g.successors(n), "kv_lookup")
+            if len(bats) > 1:
+                diags.append(_err(f"{len(bats)} batchers feed one encode stage '{n}' ({listing(bats)})", s.pos,
+                                  expected="one batcher before each encode stage: one engine per chain",
+                                  hint="route requests to one batcher, or give each batcher its own "
+                                       "encode -> kv_lookup -> generate chain"))
+            if len(kvs) > 1:
+                diags.append(_err(f"encode '{n}' feeds {len(kvs)} kv_lookup stages ({listing(kvs)})", s.pos,
+                                  expected="one kv_lookup after each encode stage",
+                                  hint="several generate stages may share one kv_lookup"))
+        elif kind[n] == "kv_lookup":
+            encs = of(g.predecessors(n), "encode")
+            if len(encs) > 1:
+                diags.append(_err(f"{len(encs)} encode stages feed one kv_lookup '{n}' ({listing(encs)})", s.pos,
+                                  expected="one encode stage before each kv_lookup"))
+            gens = of(g.successors(n), "generate")
+            first = None
+            for gen in gens:
+                gp = r.stages[gen].params
+                if first is None:
+                    first = gen
+                    continue
+                fp = r.stages[first].params
+                differ = [p for p in ENGINE_PARAMS if gp.get(p) != fp.get(p)]
+                if differ:
+                    p = differ[0]
+                    diags.append(_err(f"generate stages '{first}' and '{gen}' share kv_lookup '{n}' (one engine) "
+                                      f"but differ in {', '.join(differ)}",
+                                      r.stages[gen].param_pos.get(p) or r.stages[gen].pos,
+                                      expected=f"{p} = {fp.get(p)!r} as in '{first}'",
+                                      hint=f"give '{gen}' its own batch -> encode -> kv_lookup chain"))
+            if len(encs) == 1 and gens:
+                bats = of(g.predecessors(encs[0]), "dynamic_batch")
+                if len(bats) == 1:
+                    segments.append(Segment(bats[0], encs[0], n, tuple(gens)))
+        elif kind[n] == "generate":
+            kvs = of(g.predecessors(n), "kv_lookup")
+            if len(kvs) > 1:
+                diags.append(_err(f"{len(kvs)} kv_lookup stages feed generate '{n}' ({listing(kvs)})", s.pos,
+                                  expected="one kv_lookup (one engine) before each generate stage"))
+    return segments, diags
+
+
+def segments_of(graph: nx.DiGraph) -> list[Segment]:
+    """The engine segments of a checked graph, in file order of their kv_lookup stages."""
+    out = []
+    for n, data in graph.nodes(data=True):
+        if data.get("kind") != "kv_lookup":
+            continue
+        gens = tuple(v for v, _ in data["routes"] if graph.nodes[v].get("kind") == "generate")
+        gens = tuple(dict.fromkeys(gens))
+        enc = next(u for u in graph.predecessors(n) if graph.nodes[u].get("kind") == "encode")
+        bat = next(u for u in graph.predecessors(enc) if graph.nodes[u].get("kind") == "dynamic_batch")
+        out.append(Segment(bat, enc, n, gens))
+    return out
 
 
 def check_program(program, registry: Registry | None = None) -> list[Diagnostic]:
@@ -152,5 +399,4 @@ def check_program(program, registry: Registry | None = None) -> list[Diagnostic]
     return sort_diagnostics(diags)
 
 
-def edge_pos(g: nx.DiGraph, u: str, v: str) -> SourcePos:
-    return g.edges[u, v]["pos"]
+

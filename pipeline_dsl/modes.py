@@ -19,19 +19,19 @@ DEFAULT_MODE = "balanced"
 # mode -> (stage kind, parameter) -> value (sizes in bytes, durations in seconds)
 PRESETS: dict[str, dict[tuple[str, str], Any]] = {
     "efficient": {
-        ("generate", "precision"): "int8",
+        ("generate", "dtype"): "int8",
         ("generate", "compile"): False,
         ("dynamic_batch", "max_batch_size"): 8,
         ("kv_lookup", "budget"): 64 << 20,
     },
     "balanced": {
-        ("generate", "precision"): "auto",
+        ("generate", "dtype"): "auto",
         ("generate", "compile"): False,
         ("dynamic_batch", "max_batch_size"): 32,
         ("kv_lookup", "budget"): 256 << 20,
     },
     "performance": {
-        ("generate", "precision"): "auto",
+        ("generate", "dtype"): "auto",
         ("generate", "compile"): True,
         ("dynamic_batch", "max_batch_size"): 64,
         ("kv_lookup", "budget"): 1 << 30,

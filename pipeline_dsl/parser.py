@@ -19,7 +19,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from . import ast
 from .diagnostics import ERROR, Diagnostic, SourcePos, did_you_mean
 
-KEYWORDS = ("use", "pipeline", "stage", "on", "when", "true", "false")
+KEYWORDS = ("use", "pipeline", "stage", "on", "when", "otherwise", "and", "or", "not", "true", "false")
 
 # lark terminal names -> words a user understands
 _TOKEN_WORDS = {
@@ -40,6 +40,14 @@ _TOKEN_WORDS = {
     "STAGE": "'stage'",
     "ON": "'on'",
     "WHEN": "'when'",
+    "OTHERWISE": "'otherwise'",
+    "AND": "'and'",
+    "OR": "'or'",
+    "NOT": "'not'",
+    "COMPARE": "a comparison (== != < <= > >=)",
+    "LPAR": "'('",
+    "RPAR": "')'",
+    "DOT": "'.'",
     "TRUE": "'true'",
     "FALSE": "'false'",
     "$END": "the end of the file",
@@ -90,7 +98,7 @@ _AFTER_WORD = {
     "pipeline": "a pipeline name",
     "stage": "a stage name",
     "on": "a placement: host, copy or compute",
-    "when": "a condition, e.g. full or timeout",
+    "when": "a condition, e.g. full, timeout or prompt_tokens > 512",
     "->": "the name of the next stage",
 }
 
@@ -157,7 +165,7 @@ def _context_hint(expected: set[str], tok: Token, prev: str = "") -> tuple[str |
     return None, None
 
 
-_KEYWORD_TOKENS = ("STAGE", "PIPELINE", "USE", "WHEN", "ON", "TRUE", "FALSE")
+_KEYWORD_TOKENS = ("STAGE", "PIPELINE", "USE", "WHEN", "ON", "TRUE", "FALSE", "OTHERWISE", "AND", "OR", "NOT")
 
 
 def _join(words: list[str]) -> str:
@@ -311,8 +319,43 @@ class _Builder(Transformer):
         *names, cond = children
         return ast.Chain(tuple(self._name(n) for n in names), cond, self._pos(meta))
 
-    def condition(self, children):
-        return self._name(children[0])
+    # edge conditions
+    def when(self, children):
+        return children[0]
+
+    @v_args(meta=True)
+    def otherwise(self, meta, children):
+        return ast.Otherwise(self._pos(meta))
+
+    @v_args(meta=True)
+    def cond_or(self, meta, children):
+        return self._boolop("or", children, meta)
+
+    @v_args(meta=True)
+    def cond_and(self, meta, children):
+        return self._boolop("and", children, meta)
+
+    def _boolop(self, op, children, meta):
+        items = []
+        for c in children:                  # flatten a or b or c into one node
+            items += list(c.items) if isinstance(c, ast.BoolOp) and c.op == op else [c]
+        return ast.BoolOp(op, tuple(items), self._pos(meta))
+
+    @v_args(meta=True)
+    def cond_not(self, meta, children):
+        return ast.Not(children[0], self._pos(meta))
+
+    @v_args(meta=True)
+    def compare(self, meta, children):
+        field, op, value = children
+        return ast.Compare(field, str(op), value, self._pos(meta))
+
+    @v_args(meta=True)
+    def label(self, meta, children):
+        return ast.Label(self._name(children[0]), self._pos(meta))
+
+    def field(self, children):
+        return tuple(self._name(t) for t in children)
 
     # values
     def number(self, children):

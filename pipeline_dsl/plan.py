@@ -1,14 +1,22 @@
-"""The stream planner: a checked stage graph -> a Plan of streams and events (no torch).
+"""The stream planner: a checked stage graph -> a plan of streams and events (no torch).
 
     plan = make_plan(build_graph(pipeline))
-    plan.streams   # Stream(name, resource, stages, work): one FIFO queue each
-    plan.events    # Event(src, dst, ...): recorded after src's work, waited on before dst's
-    plan.overlap   # predicted steady-state overlap (time with >= 2 streams busy / wall time)
+    plan.items       # ItemWork: per-request work (admit, python calls, tokenise, join, respond)
+    plan.segments    # one Plan per engine segment (batch -> encode -> kv_lookup -> generate...)
+    seg = plan.segments[0]
+    seg.streams      # Stream(name, resource, stages, work): one FIFO queue each
+    seg.events       # Event(src, dst, ...): recorded after src's work, waited on before dst's
+    seg.overlap      # predicted steady-state overlap (time with >= 2 streams busy / wall time)
 
-How (docs/plan.md explains why):
+Two kinds of work (docs/plan.md explains why):
+- Per request: request-level stages (requests, system_prompt, python, route, join,
+  respond) and encode's tokenisation run per item on a pool of host worker threads,
+  off the engine's loop; they are listed, not scheduled onto streams.
+- Per step of an engine segment: the batcher's admit and schedule, kv_lookup's block
+  tables, generate's input copy, forward, token copy and emit. These are planned:
 1. Each stage is split into the work its kind implies, each piece on one resource
-   class (host | copy | compute): `generate` = H2D input copy + forward + D2H token copy.
-   An explicit `on host|copy|compute` in the file puts all of a stage's work there.
+   class (host | copy | compute): `generate` = H2D input copy + forward + D2H token copy
+   + emit. An explicit `on host|copy|compute` in the file puts all of a stage's work there.
 2. With networkx, the graph of work instances over a window of micro-batches: (w, k)
    waits for its predecessors in micro-batch k and for (w, k-1).
 3. Nimble's method on that graph: transitive reduction, minimum path cover by bipartite
@@ -30,16 +38,28 @@ import networkx as nx
 
 RESOURCES = ("host", "copy", "compute")
 
-# The work each kind implies: (part, resource, nominal cost in units of one decode forward).
-# The costs only feed the prediction; measured traces give the real numbers.
+# The per-step work of the engine kinds: (part, resource, nominal cost in units of one decode
+# forward). The costs only feed the prediction; measured traces give the real numbers.
 WORK: dict[str, tuple[tuple[str, str, float], ...]] = {
-    "requests": (("admit", "host", 0.02),),
-    "dynamic_batch": (("schedule", "host", 0.10),),
-    "encode": (("tokenise", "host", 0.05),),
-    "kv_lookup": (("lookup", "host", 0.04), ("kv_copy", "copy", 0.03)),
-    "generate": (("h2d", "copy", 0.02), ("forward", "compute", 1.0), ("d2h", "copy", 0.02)),
-    "respond": (("emit", "host", 0.10),),
+    "dynamic_batch": (("admit", "host", 0.02), ("schedule", "host", 0.10)),
+    "kv_lookup": (("lookup", "host", 0.04),),
+    "generate": (("h2d", "copy", 0.02), ("forward", "compute", 1.0), ("d2h", "copy", 0.02),
+                 ("emit", "host", 0.10)),
 }
+# The per-item work of the other kinds (a third-party kind: "run")
+ITEM_WORK: dict[str, str] = {
+    "requests": "admit", "system_prompt": "apply", "encode": "tokenise", "python": "call",
+    "route": "route", "join": "merge", "respond": "respond",
+}
+ENGINE_KINDS = ("dynamic_batch", "encode", "kv_lookup", "generate")
+ITEM_WORKERS = 4          # host threads of the per-item pool
+
+
+@dataclass(frozen=True)
+class ItemWork:
+    name: str        # "<stage>.<part>"
+    stage: str
+    part: str
 
 
 @dataclass(frozen=True)
@@ -81,6 +101,7 @@ class Baseline:
 
 @dataclass(frozen=True)
 class Plan:
+    """The step plan of one engine segment."""
     pipeline: str
     streams: tuple[Stream, ...]
     events: tuple[Event, ...]
@@ -89,6 +110,8 @@ class Plan:
     speedup: float      # predicted serial time per step / overlapped period
     window: int
     baseline: Baseline
+    segment: str = ""                     # the segment's name: its generate stages joined by '+'
+    stages: tuple[str, ...] = ()          # batch, encode, kv_lookup, generate stage(s)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,41 +126,130 @@ class Plan:
         return next(s.name for s in self.streams if stage in s.stages)
 
 
+@dataclass(frozen=True)
+class PipelinePlan:
+    """A pipeline's plan: the per-item work and one step plan per engine segment. With one
+    segment, `streams`, `events`, `work`, `overlap` ... are that segment's."""
+    pipeline: str
+    items: tuple[ItemWork, ...]
+    segments: tuple[Plan, ...]
+    workers: int = ITEM_WORKERS
+
+    def _one(self) -> Plan | None:
+        return self.segments[0] if self.segments else None
+
+    @property
+    def streams(self) -> tuple[Stream, ...]:
+        return tuple(s for p in self.segments for s in p.streams)
+
+    @property
+    def events(self) -> tuple[Event, ...]:
+        return tuple(e for p in self.segments for e in p.events)
+
+    @property
+    def work(self) -> tuple[Work, ...]:
+        return tuple(w for p in self.segments for w in p.work)
+
+    @property
+    def overlap(self) -> float:
+        return self._one().overlap if self.segments else 0.0
+
+    @property
+    def speedup(self) -> float:
+        return self._one().speedup if self.segments else 1.0
+
+    @property
+    def baseline(self) -> Baseline | None:
+        return self._one().baseline if self.segments else None
+
+    @property
+    def window(self) -> int:
+        return self._one().window if self.segments else 0
+
+    def work_named(self, name: str) -> Work:
+        return next(w for w in self.work if w.name == name)
+
+    def stream_of(self, stage: str) -> str:
+        return next(s.name for s in self.streams if stage in s.stages)
+
+    def segment_of(self, stage: str) -> Plan | None:
+        return next((p for p in self.segments if stage in p.stages), None)
+
+    def executed(self) -> list[str]:
+        """Every piece of work the runtime runs (per item and per step), by name."""
+        return [w.name for w in self.items] + [w.name for w in self.work]
+
+    def to_dict(self) -> dict:
+        one = self._one()
+        out = {"pipeline": self.pipeline, "items": [asdict(w) for w in self.items],
+               "workers": self.workers, "segments": [p.to_dict() for p in self.segments]}
+        if one is not None:       # the first segment's plan at the top level, as `agp plan --json` always had
+            out.update({k: v for k, v in one.to_dict().items() if k not in ("pipeline",)})
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
 class PlanError(ValueError):
     """The graph cannot be planned (a cycle, an unknown resource)."""
 
 
-def stage_work(graph: nx.DiGraph, costs: dict[str, float] | None = None) -> list[tuple]:
-    """(name, stage, part, resource, cost) for every piece of work, in stage order.
-
-    `costs` (by work name, e.g. from a measured trace) replace the nominal ones; with
-    `costs`, work it does not name costs nothing (it did not run)."""
+def _segments(graph: nx.DiGraph) -> list[tuple[str, str, str, tuple[str, ...]]]:
+    """(batch, encode, kv, generates) of every engine segment, from the graph's structure."""
+    kind = {n: graph.nodes[n].get("kind") for n in graph}
     out = []
-    for stage in nx.topological_sort(graph):
-        data = graph.nodes[stage]
-        parts = WORK.get(data.get("kind"), (("run", data.get("resource") or "host", 0.1),))
-        placed = data.get("placement")
-        for part, resource, cost in parts:
+    for kv in graph:
+        if kind[kv] != "kv_lookup":
+            continue
+        gens = tuple(v for v in graph.successors(kv) if kind[v] == "generate")
+        encs = [u for u in graph.predecessors(kv) if kind[u] == "encode"]
+        bats = [u for u in graph.predecessors(encs[0]) if kind[u] == "dynamic_batch"] if len(encs) == 1 else []
+        if not gens or len(encs) != 1 or len(bats) != 1:
+            raise PlanError(f"kv_lookup {kv!r} is not in one batch -> encode -> kv_lookup -> generate chain")
+        out.append((bats[0], encs[0], kv, gens))
+    return out
+
+
+def stage_work(graph: nx.DiGraph, segment: tuple, costs: dict[str, float] | None = None) -> list[tuple]:
+    """(name, stage, part, resource, cost) of every piece of a segment's per-step work, in order.
+
+    The generate pieces are named after the segment's generate stages joined by '+' (one
+    forward serves them all). `costs` (by work name, e.g. from a measured trace) replace the
+    nominal ones; with `costs`, work it does not name costs nothing (it did not run)."""
+    batch, _, kv, gens = segment
+    out = []
+    for stage, kind, node in ((batch, "dynamic_batch", batch), (kv, "kv_lookup", kv),
+                              ("+".join(gens), "generate", gens[0])):
+        placed = graph.nodes[node].get("placement")
+        for part, resource, cost in WORK[kind]:
             resource = placed or resource
             if resource not in RESOURCES:
-                raise PlanError(f"stage {stage!r}: unknown resource {resource!r}")
+                raise PlanError(f"stage {node!r}: unknown resource {resource!r}")
             name = f"{stage}.{part}"
             out.append((name, stage, part, resource,
                         cost if costs is None else float(costs.get(name, 0.0))))
     return out
 
 
+def item_work(graph: nx.DiGraph) -> tuple[ItemWork, ...]:
+    """The per-item work of every stage that runs per request, in topological-ish file order."""
+    out = []
+    for stage, data in graph.nodes(data=True):
+        kind = data.get("kind")
+        if kind in ENGINE_KINDS and kind != "encode":
+            continue
+        part = ITEM_WORK.get(kind, "run")
+        out.append(ItemWork(f"{stage}.{part}", stage, part))
+    return tuple(out)
+
+
 def step_graph(graph: nx.DiGraph, work) -> nx.DiGraph:
-    """The work of one micro-batch: each stage's parts in a chain, stage edges between."""
+    """The work of one micro-batch of a segment: its pieces in a chain."""
     g = nx.DiGraph()
-    by_stage: dict[str, list[str]] = {}
     for name, stage, _, resource, cost in work:
         g.add_node(name, resource=resource, cost=cost)
-        by_stage.setdefault(stage, []).append(name)
-    for chain in by_stage.values():
-        nx.add_path(g, chain)
-    for a, b in graph.edges:
-        g.add_edge(by_stage[a][-1], by_stage[b][0])
+    nx.add_path(g, [w[0] for w in work])
     return g
 
 
@@ -286,15 +398,22 @@ def simulate(inst: nx.DiGraph, stream_of, key, window: int):
     return busy_overlap(spans, t0, t1), (t1 - t0) / (b - a)
 
 
-def make_plan(graph: nx.DiGraph, window: int = 12, costs: dict[str, float] | None = None) -> Plan:
-    """Plan a checked stage graph onto streams (see the module docstring).
+def make_plan(graph: nx.DiGraph, window: int = 12, costs: dict[str, float] | None = None) -> PipelinePlan:
+    """Plan a checked stage graph (see the module docstring).
 
     `costs`: measured seconds (or any unit) per work name, for the prediction."""
-    if not nx.is_directed_acyclic_graph(graph):
-        raise PlanError("the stage graph has a cycle")
     if window < 4:
         raise PlanError("the window needs at least 4 micro-batches")
-    work = stage_work(graph, costs)
+    segments = _segments(graph)
+    plans = []
+    for seg in segments:
+        prefix = f"{'+'.join(seg[3])}/" if len(segments) > 1 else ""
+        plans.append(_plan_segment(graph, seg, window, costs, prefix))
+    return PipelinePlan(str(graph.graph.get("name", "")), item_work(graph), tuple(plans))
+
+
+def _plan_segment(graph: nx.DiGraph, seg: tuple, window: int, costs, prefix: str) -> Plan:
+    work = stage_work(graph, seg, costs)
     step = step_graph(graph, work)
     inst = instance_graph(step, window)
 
@@ -310,6 +429,7 @@ def make_plan(graph: nx.DiGraph, window: int = 12, costs: dict[str, float] | Non
     overlap, period = simulate(inst, of, key, window)
     kept = place_events(inst, of, key)
     last = window - 1
+    names = {res: prefix + res for res in RESOURCES}
     events = tuple(Event(src=u[0].rsplit(".", 1)[0], dst=v[0].rsplit(".", 1)[0],
                          src_work=u[0], dst_work=v[0], lag=v[1] - u[1],
                          host_sync=stream[v[0]] == "host")
@@ -325,53 +445,62 @@ def make_plan(graph: nx.DiGraph, window: int = 12, costs: dict[str, float] | Non
     nimble = Baseline("nimble", len(nchains), sum(1 for _, v in nevents if v[1] == last),
                       round(noverlap, 4))
 
-    works = tuple(Work(name, stage, part, res, cost, skew[name], stream[name])
+    works = tuple(Work(name, stage, part, res, cost, skew[name], names[stream[name]])
                   for name, stage, part, res, cost in work)
     streams = []
     order = sorted(step, key=lambda w: key((w, 0)))
+    batch, encode, kv, gens = seg
     for res in RESOURCES:
         mine = [w for w in order if stream[w] == res]
         if not mine:
             continue
-        main = [s for s in dict.fromkeys(w.stage for w in works)
-                if _main_work(graph, s, works).stream == res]
-        streams.append(Stream(res, res, tuple(main), tuple(mine)))
+        main = [st for st in dict.fromkeys(w.stage for w in works)
+                if _main_work(graph, st, works).stream == names[res]]
+        if batch in main:          # the encode stage's per-step part rides with its batcher
+            main.insert(main.index(batch) + 1, encode)
+        main = [g for st in main for g in (st.split("+") if "+" in st else [st])]
+        streams.append(Stream(names[res], res, tuple(main), tuple(mine)))
     serial = sum(w.cost for w in works)
     return Plan(pipeline=str(graph.graph.get("name", "")), streams=tuple(streams), events=events,
                 work=works, overlap=round(overlap, 4), speedup=round(serial / period, 4),
-                window=window, baseline=nimble)
+                window=window, baseline=nimble, segment="+".join(gens), stages=(batch, encode, kv, *gens))
 
 
 def _main_work(graph: nx.DiGraph, stage: str, works) -> Work:
     """The stage's work on its kind's own resource (the first piece otherwise)."""
     mine = [w for w in works if w.stage == stage]
-    want = graph.nodes[stage].get("placement") or graph.nodes[stage].get("resource")
+    node = graph.nodes[stage.split("+")[0]]
+    want = node.get("placement") or node.get("resource")
     return next((w for w in mine if w.resource == want), mine[0])
 
 
-def format_plan(plan: Plan) -> str:
+def format_plan(plan: PipelinePlan) -> str:
     """The human-readable `agp plan` report."""
-    lines = [f"pipeline {plan.pipeline}: {len(plan.streams)} streams, "
-             f"{len(plan.events)} events per micro-batch"]
-    for s in plan.streams:
-        lines.append(f"\nstream {s.name} ({s.resource}): stages {', '.join(s.stages) or '-'}")
-        for name in s.work:
-            w = plan.work_named(name)
-            lag = f"   (micro-batch k-{w.skew})" if w.skew else ""
-            lines.append(f"  {name:<22} cost {w.cost:<5g}{lag}".rstrip())
-    lines.append("\nevents (recorded after -> waited on before):")
-    for e in plan.events:
-        k = "k-1" if e.lag else "k"
-        how = "host waits" if e.host_sync else "stream waits"
-        lines.append(f"  {e.src_work}[{k}] -> {e.dst_work}[k]   ({how})")
-    if not plan.events:
-        lines.append("  (none)")
-    b = plan.baseline
-    lines += [
-        "",
-        f"predicted steady-state overlap {plan.overlap:.2f} of wall time with >= 2 streams busy;"
-        f" speedup {plan.speedup:.2f}x over serial",
-        f"Nimble's plan of the same window: {b.streams} streams, {b.events_per_step} events per"
-        f" micro-batch, overlap {b.overlap:.2f}",
-    ]
+    segs = plan.segments
+    lines = [f"pipeline {plan.pipeline}: {len(segs)} engine segment{'' if len(segs) == 1 else 's'}, "
+             f"{len(plan.streams)} streams, {len(plan.events)} events per micro-batch"]
+    lines.append(f"\nper request, on {plan.workers} host worker threads (off the engine loop):")
+    lines.append("  " + "  ".join(w.name for w in plan.items) if plan.items else "  (none)")
+    for seg in segs:
+        lines.append(f"\nengine segment {seg.segment} ({' -> '.join(seg.stages)}), per step:")
+        for s in seg.streams:
+            lines.append(f"stream {s.name} ({s.resource}): stages {', '.join(s.stages) or '-'}")
+            for name in s.work:
+                w = seg.work_named(name)
+                lag = f"   (micro-batch k-{w.skew})" if w.skew else ""
+                lines.append(f"  {name:<22} cost {w.cost:<5g}{lag}".rstrip())
+        lines.append("events (recorded after -> waited on before):")
+        for e in seg.events:
+            k = "k-1" if e.lag else "k"
+            how = "host waits" if e.host_sync else "stream waits"
+            lines.append(f"  {e.src_work}[{k}] -> {e.dst_work}[k]   ({how})")
+        if not seg.events:
+            lines.append("  (none)")
+        b = seg.baseline
+        lines += [
+            f"predicted steady-state overlap {seg.overlap:.2f} of wall time with >= 2 streams busy;"
+            f" speedup {seg.speedup:.2f}x over serial",
+            f"Nimble's plan of the same window: {b.streams} streams, {b.events_per_step} events per"
+            f" micro-batch, overlap {b.overlap:.2f}",
+        ]
     return "\n".join(lines)

@@ -2,7 +2,9 @@
 
 One box per stage: its name, kind, placement and key settings; fill colour by the
 resource it mostly uses (host, copy, compute) or, with a plan, by its stream;
-conditional edges labelled (`when full`), plan events drawn dashed.
+conditional edges labelled (`when full`, numbered where a stage tries several in order),
+`otherwise` edges dashed, routes, joins and python stages in shapes of their own, plan
+events drawn dashed.
 
     dot_source(graph, plan=None) -> str           # DOT text, no `dot` needed
     render_file(graph, "out.svg", plan=None)      # svg | png | pdf | dot, via `dot`
@@ -18,6 +20,7 @@ import subprocess
 from stages.registry import default_registry
 
 from . import units
+from .conditions import text as cond_text
 
 FORMATS = ("svg", "png", "pdf", "dot")
 RESOURCE_COLOURS = {"host": "#dbeafe", "copy": "#fef3c7", "compute": "#fde2e2", None: "#eeeeee"}
@@ -29,9 +32,13 @@ KEY_PARAMS = {
     "dynamic_batch": ("max_batch_size", "timeout", "padding", "policy"),
     "encode": ("chat_template",),
     "kv_lookup": ("reuse", "block_size", "budget"),
-    "generate": ("max_new_tokens", "temperature", "precision", "compile"),
-    "respond": ("stream",),
+    "generate": ("max_new_tokens", "temperature", "dtype", "compile", "n"),
+    "respond": (),
+    "python": ("fn", "max_turns"),
+    "join": ("policy", "fn"),
 }
+# a shape per kind that decides where items go (the rest: rounded boxes)
+SHAPES = {"route": "hexagon", "join": "invtrapezium", "python": "component"}
 
 
 class DotMissing(RuntimeError):
@@ -117,12 +124,25 @@ def dot_source(graph, plan=None) -> str:
         else:
             streams = []
             fill = RESOURCE_COLOURS.get(data.get("placement") or data.get("resource"), "#eeeeee")
-        lines.append(f"  {_q(n)} [label={_label(n, data, streams)}, fillcolor={_q(fill)}];")
-    for u, v, data in graph.edges(data=True):
-        conds = data.get("conditions") or [data.get("condition")]
-        for c in conds:
-            attrs = f" [label={_q('when ' + c)}]" if c else ""
-            lines.append(f"  {_q(u)} -> {_q(v)}{attrs};")
+        shape = SHAPES.get(data.get("kind"))
+        extra = f", shape={shape}, style=filled" if shape else ""
+        lines.append(f"  {_q(n)} [label={_label(n, data, streams)}, fillcolor={_q(fill)}{extra}];")
+    for u, data in graph.nodes(data=True):
+        routes = data.get("routes")
+        if routes is None:               # a graph built without routes: one edge per pair
+            routes = [(v, c) for _, v, e in graph.out_edges(u, data=True)
+                      for c in (e.get("conditions") or [e.get("condition")])]
+        first = sum(1 for _, c in routes if c is not None and c != ("otherwise",)) > 1
+        k = 0
+        for v, c in routes:
+            if c is None:
+                lines.append(f"  {_q(u)} -> {_q(v)};")
+            elif c == ("otherwise",):
+                lines.append(f'  {_q(u)} -> {_q(v)} [label="otherwise", style=dashed];')
+            else:
+                k += 1
+                order = f"{k}. " if first and graph.nodes[u].get("kind") != "dynamic_batch" else ""
+                lines.append(f"  {_q(u)} -> {_q(v)} [label={_q(order + 'when ' + cond_text(c))}];")
     if plan is not None:
         seen = set()
         for ev in plan.events:

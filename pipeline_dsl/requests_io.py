@@ -30,6 +30,23 @@ class ParsedRequest:
     prompt: str | None = None
     messages: list[dict] | None = None
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams overrides
+    model: str | None = None                                # pins a generate stage / read by conditions
+    metadata: dict | None = None                            # free-form; conditions read metadata.KEY
+    n: int | None = None                                    # answers wanted (default: the stage's n)
+
+    def item(self) -> dict:
+        """The request as the pipeline's items carry it (what a python stage sees)."""
+        out: dict[str, Any] = {"id": self.id}
+        if self.messages is not None:
+            out["messages"] = [dict(m) for m in self.messages]
+        else:
+            out["prompt"] = self.prompt
+        out.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in self.sampling.items()})
+        for name in ("model", "n"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        out["metadata"] = dict(self.metadata or {})
+        return out
 
 
 def _is_int(v) -> bool:
@@ -54,7 +71,8 @@ SAMPLING_FIELDS = {
     "seed": (lambda v: _is_int(v), "an integer"),
     "ignore_eos": (lambda v: isinstance(v, bool), "true or false"),
 }
-KNOWN = {"id", "prompt", "messages", "stop", *SAMPLING_FIELDS}
+KNOWN = {"id", "prompt", "messages", "stop", "model", "metadata", "n", *SAMPLING_FIELDS}
+MAX_N = 64
 
 
 def parse_messages(value) -> list[dict]:
@@ -139,6 +157,12 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
         req.sampling["top_k"] = 0                  # OpenAI-style "no cut"
     if obj.get("stop") is not None:
         req.sampling["stop"] = parse_stop(obj["stop"])
+    if obj.get("model") is not None:
+        req.model = _check("model", obj["model"], isinstance(obj["model"], str), "a string")
+    if obj.get("metadata") is not None:
+        req.metadata = _check("metadata", obj["metadata"], isinstance(obj["metadata"], dict), "an object")
+    if obj.get("n") is not None:
+        req.n = _check("n", obj["n"], _is_int(obj["n"]) and 1 <= obj["n"] <= MAX_N, f"an integer from 1 to {MAX_N}")
     return req
 
 

@@ -1,20 +1,21 @@
-"""Drive an engine over a list of requests and measure it.
+"""Run a pipeline over a list of requests and measure it (`agp run`).
 
-`run_requests` submits every request, steps the engine through the plan's executor
-(overlapped, or serially with `overlap=False`) until all are done, hands each finished
-answer to `on_done`, and returns the run summary: requests, tokens in and out,
-output tokens/s over generation (model loading excluded), TTFT and per-token latency
-p50/p99, mean batch size, KV hit rate and peak memory.
+`run_pipeline` feeds the requests into a `PipelineRuntime` (at most as many in flight as
+the pipeline admits), drives the first engine segment on the calling thread until every
+request is answered, hands each answer to `on_done` and returns the run summary:
+requests and errors, tokens in and out, output tokens/s over generation (model loading
+excluded), TTFT and TPOT p50/p99, mean batch size, KV hit rate, peak memory, and per
+stage items in/out, rejects, queue depth and time spent.
 """
 from __future__ import annotations
 
 import sys
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from pipeline_dsl.engine.engine import percentile
-from pipeline_dsl.engine.executor import drive  # the plan's threaded / CUDA-stream executor
 from pipeline_dsl.requests_io import ParsedRequest
 
 
@@ -23,104 +24,145 @@ class RunRequest:
     slot: int                     # position in the output
     line: int                     # input line, for error records
     parsed: ParsedRequest
-    params: Any                   # SamplingParams
-    # measured
-    t_first: float | None = None
-    t_last: float | None = None
-    token_gaps: list[float] = field(default_factory=list)
 
 
-def _record(req: RunRequest, out) -> dict:
-    return {
-        "id": req.parsed.id,
-        "text": out.text,
-        "finish_reason": out.finish_reason,
-        "usage": {
-            "prompt_tokens": out.prompt_tokens,
-            "completion_tokens": out.completion_tokens,
-            "cached_tokens": out.cached_tokens,
-        },
-    }
+def record(req: RunRequest, result) -> dict:
+    """One output line: the answer (its choices when more than one), or the error."""
+    if result.error is not None:
+        err = {"line": req.line, "message": result.error.message, "type": result.error.kind}
+        if result.error.stage:
+            err["stage"] = result.error.stage
+        return {"id": req.parsed.id, "error": err}
+    first = result.choices[0]
+    out = {"id": req.parsed.id, "text": first.text, "finish_reason": first.finish_reason,
+           "usage": dict(result.usage)}
+    if len(result.choices) > 1:
+        out["choices"] = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason}
+                          for c in result.choices]
+    return out
 
 
-def run_requests(engine, spec, requests: list[RunRequest], *, on_done: Callable[[int, dict], None],
-                 overlap: bool = True, trace_path: str | None = None, progress: bool = True) -> dict:
+class _Listener:
+    def __init__(self, req: RunRequest, done: Callable):
+        self.req, self.done = req, done
+
+    def on_delta(self, key, index, out) -> None:
+        pass
+
+    def on_done(self, result) -> None:
+        self.done(self.req, result)
+
+
+def run_pipeline(runtime, requests: list[RunRequest], *, on_done: Callable[[int, dict], None],
+                 progress: bool = True) -> dict:
+    """Answer every request through `runtime`; returns the run summary."""
+    from pipeline_dsl.flow import PipelineError
+
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(requests), unit="req", file=sys.stderr, dynamic_ncols=True,
-                   mininterval=0.5)
-    by_id: dict[str, RunRequest] = {}
+        bar = tqdm(total=len(requests), unit="req", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    lock = threading.Condition()
+    results: list[Any] = []
     t0 = time.perf_counter()
-    errors = 0
-    for req in requests:
-        rid = f"r{req.slot}"
+    completion = 0
+
+    def done(req: RunRequest, result) -> None:
+        nonlocal completion
+        with lock:
+            results.append(result)
+            completion += result.usage.get("completion_tokens", 0)
+            lock.notify_all()
+        on_done(req.slot, record(req, result))
+        if bar:
+            bar.update(1)
+            bar.set_postfix_str(f"{completion / max(time.perf_counter() - t0, 1e-9):.0f} tok/s")
+
+    window = max(1, runtime.max_in_flight)
+    feeder_error: list[BaseException] = []
+
+    def feed() -> None:
         try:
-            inputs = {"prompt": req.parsed.prompt} if req.parsed.messages is None \
-                else {"messages": req.parsed.messages}
-            engine.add_request(rid, params=req.params, **spec.engine_inputs(inputs))
-        except ValueError as e:                  # InputError, QueueFullError: this request only
-            errors += 1
-            on_done(req.slot, {"id": req.parsed.id, "error": {"line": req.line, "message": str(e)}})
-            if bar:
-                bar.update(1)
-            continue
-        by_id[rid] = req
+            for req in requests:
+                while runtime.in_flight >= window:
+                    with lock:
+                        lock.wait(0.05)
+                try:
+                    runtime.submit(req.parsed.item(), _Listener(req, done), pin=_pin(runtime, req.parsed))
+                except PipelineError as e:
+                    done(req, _refused(req, e))
+            runtime.wait_idle()
+        except BaseException as e:        # noqa: BLE001 - reported on the calling thread
+            feeder_error.append(e)
+        finally:
+            runtime.close(drain=True)
 
-    prompt_tokens = completion_tokens = cached_tokens = 0
-
-    def handle(outputs) -> None:
-        nonlocal prompt_tokens, completion_tokens, cached_tokens
-        now = time.perf_counter()
-        for out in outputs:
-            req = by_id.get(out.request_id)
-            if req is None:
-                continue
-            if out.new_token_ids:
-                if req.t_first is None:
-                    req.t_first = now
-                elif req.t_last is not None:
-                    gap = (now - req.t_last) / len(out.new_token_ids)
-                    req.token_gaps.extend([gap] * len(out.new_token_ids))
-                req.t_last = now
-            if out.finished:
-                prompt_tokens += out.prompt_tokens
-                completion_tokens += out.completion_tokens
-                cached_tokens += out.cached_tokens
-                on_done(req.slot, _record(req, out))
-                if bar:
-                    bar.update(1)
-                    elapsed = now - t0
-                    bar.set_postfix_str(f"{completion_tokens / max(elapsed, 1e-9):.0f} tok/s")
-
-    executor_stats = drive(engine, handle, overlap=overlap, trace_path=trace_path, plan=spec.plan) or {}
+    feeder = threading.Thread(target=feed, name="agp-feed", daemon=True)
+    feeder.start()
+    runtime.drive()
+    feeder.join()
     wall = time.perf_counter() - t0
     if bar:
         bar.close()
+    if feeder_error:
+        raise feeder_error[0]
+    return summarize(runtime, results, wall)
 
-    ttft = [r.t_first - t0 for r in by_id.values() if r.t_first is not None]
-    gaps = [g for r in by_id.values() for g in r.token_gaps]
-    stats = engine.stats(latencies=False)
+
+def _pin(runtime, parsed: ParsedRequest) -> str | None:
+    """A request line's `model` naming a generate stage pins it there."""
+    return parsed.model if parsed.model in runtime.seg_of_gen else None
+
+
+def _refused(req: RunRequest, err):
+    from pipeline_dsl.flow import Result
+
+    return Result("", req.parsed.id, [], err, {"prompt_tokens": 0, "completion_tokens": 0,
+                                               "cached_tokens": 0}, {})
+
+
+def summarize(runtime, results: list, wall: float) -> dict:
+    ok = [r for r in results if r.error is None]
+    ttft = [r.metrics["ttft_s"] for r in ok if r.metrics.get("ttft_s") is not None]
+    tpot = [(r.metrics["latency_s"] - r.metrics["ttft_s"]) / (r.usage["completion_tokens"] - 1)
+            for r in ok if r.metrics.get("ttft_s") is not None and r.usage["completion_tokens"] > 1]
+    prompt = sum(r.usage.get("prompt_tokens", 0) for r in results)
+    completion = sum(r.usage.get("completion_tokens", 0) for r in results)
+    cached = sum(r.usage.get("cached_tokens", 0) for r in results)
+    stats = runtime.stats()
+    engines = list(stats["engines"].values())
+    first = engines[0] if engines else {}
+    steps = sum(e.get("decode_steps", 0) for e in engines)
+    queried = sum(e.get("kv_queried_tokens", 0) for e in engines)
     summary = {
-        "requests": len(requests),
-        "errors": errors,
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "cached_tokens": cached_tokens,
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "cached_tokens": cached,
         "generation_s": round(wall, 4),
-        "output_tokens_per_s": round(completion_tokens / wall, 2) if wall > 0 else None,
+        "output_tokens_per_s": round(completion / wall, 2) if wall > 0 else None,
         "ttft_p50_ms": _ms(percentile(ttft, 50)),
         "ttft_p99_ms": _ms(percentile(ttft, 99)),
-        "tpot_p50_ms": _ms(percentile(gaps, 50)),
-        "tpot_p99_ms": _ms(percentile(gaps, 99)),
-        "mean_batch_size": _round(stats.get("mean_batch_size")),
-        "kv_hit_rate": _round(stats.get("hit_rate")),
-        "peak_memory_bytes": stats.get("peak_memory_bytes"),
-        "dtype": stats.get("dtype"),
-        "weights": stats.get("weights"),
+        "tpot_p50_ms": _ms(percentile(tpot, 50)),
+        "tpot_p99_ms": _ms(percentile(tpot, 99)),
+        "mean_batch_size": _round(sum(e.get("mean_batch_size", 0) * e.get("decode_steps", 0)
+                                      for e in engines) / steps) if steps else None,
+        "kv_hit_rate": _round(sum(e.get("kv_hit_tokens", 0) for e in engines) / queried) if queried else None,
+        "peak_memory_bytes": first.get("peak_memory_bytes"),
+        "dtype": first.get("dtype"),
+        "weights": first.get("weights"),
+        "measured_overlap": round(runtime.trace.measured_overlap(), 4),
+        "streams": [s.name for s in runtime.plan.streams],
+        "stages": stats["stages"],
+        "engines": {name: {k: v for k, v in e.items() if not isinstance(v, (list, dict))}
+                    for name, e in stats["engines"].items()},
     }
-    summary.update(executor_stats)
+    for es in runtime.segments:
+        if getattr(es, "run_stats", None):
+            summary["discarded_tokens"] = summary.get("discarded_tokens", 0) + es.run_stats.get("discarded_tokens", 0)
+            summary["steps"] = summary.get("steps", 0) + es.run_stats.get("steps", 0)
     return summary
 
 
@@ -139,7 +181,7 @@ def format_summary(s: dict) -> str:
     mem = s.get("peak_memory_bytes")
     lines = [
         "── run summary ──",
-        f"requests        {s['requests']} ({s.get('errors', 0) + s.get('bad_lines', 0)} errors)",
+        f"requests        {s['requests']} ({s.get('errors', 0)} failed)",
         f"tokens          {s['prompt_tokens']} in ({s['cached_tokens']} cached), {s['completion_tokens']} out",
         f"throughput      {f(s['output_tokens_per_s'])} output tok/s over {s['generation_s']} s "
         f"(model load {f(s.get('model_load_s'), ' s')})",
@@ -151,4 +193,11 @@ def format_summary(s: dict) -> str:
     ]
     if s.get("measured_overlap") is not None:
         lines.append(f"overlap         {s['measured_overlap']:.3f} of wall time with ≥2 streams busy")
+    stages = s.get("stages") or {}
+    if stages:
+        lines.append("stages          in → out   rejected failed  queued  busy")
+        w = max(len(n) for n in stages)
+        for name, row in stages.items():
+            lines.append(f"  {name:<{w}}  {row['items_in']:>5} → {row['items_out']:<5} {row['rejected']:>6} "
+                         f"{row['failed']:>6} {row['queued']:>7}  {row['busy_s']:.3f} s")
     return "\n".join(lines)

@@ -1,7 +1,12 @@
-"""The six built-in stage kinds of the seed pipeline, as typed schemas.
+"""The built-in stage kinds, as typed schemas.
+
+The seed's chain, whose middle is one engine segment (batcher, tokeniser, KV cache, model):
 
     requests -> dynamic_batch -> encode -> kv_lookup -> generate -> respond
       host        host            host      copy        compute      host
+
+and the request-level kinds around it: system_prompt, python (a user function), route
+(conditions on edges), join (merge the branches of a request).
 
 Defaults marked FROM_MODE come from the pipeline's mode (pipeline_dsl/modes.py);
 a plain default may also be changed by the mode (max_batch_size). A stage's own
@@ -10,7 +15,7 @@ setting in the file always wins. Runtime implementations are in stages/impl.py (
 
 from __future__ import annotations
 
-from .registry import (BOOL, DURATION, ENUM, FLOAT, FROM_MODE, INT, LIST_STR, REQUIRED, SIZE, STR, Param,
+from .registry import (ANY_LABEL, BOOL, DURATION, ENUM, FLOAT, FROM_MODE, INT, LIST_STR, REQUIRED, SIZE, STR, Param,
                        Port, StageKind)
 
 REQUESTS = StageKind(
@@ -93,19 +98,28 @@ KV_LOOKUP = StageKind(
 
 GENERATE = StageKind(
     name="generate",
-    doc="Generate output: prefill and decode on the model, sampling each next token.",
+    doc="Generate output: prefill and decode on the model, sampling each next token. Each generate "
+        "stage may name its own model (two models in one pipeline run as two engines); several "
+        "generate stages fed by one kv_lookup share its engine and differ in their sampling settings.",
     params=(
         Param("max_new_tokens", INT, 128, "tokens generated per request at most", min=1, max=1 << 20),
-        Param("temperature", FLOAT, 0.0, "0 = greedy; higher = more random", min=0.0, max=100.0),
+        Param("temperature", FLOAT, 0.0, "0 = greedy; higher = more random", min=0.0, max=2.0),
         Param("top_p", FLOAT, 1.0, "nucleus sampling: keep the smallest set with this probability mass",
-              min=0.0, max=1.0),
+              min=0.0, max=1.0, min_exclusive=True),
         Param("top_k", INT, 0, "keep the k most likely tokens (0 = all)", min=0, max=1 << 20),
         Param("seed", INT, None, "random seed for sampling (none = nondeterministic)", min=0,
               max=(1 << 63) - 1, optional=True),
         Param("stop", LIST_STR, (), "strings that end generation"),
         Param("ignore_eos", BOOL, False, "keep generating past the end-of-sequence token"),
-        Param("precision", ENUM, FROM_MODE, "weights and compute precision (int8 = weight-only int8; "
-              "the mode presets int8 | auto | auto)", choices=("auto", "fp32", "bf16", "fp16", "int8")),
+        Param("n", INT, 1, "answers sampled per request (they share the prompt's KV blocks); each "
+              "goes on as its own item, e.g. into a join", min=1, max=64),
+        Param("model", STR, None, "this stage's model (default: the pipeline's `model`)", optional=True,
+              inherits="model"),
+        Param("device", STR, None, "this stage's device (default: the pipeline's `device`)", optional=True,
+              inherits="device"),
+        Param("dtype", ENUM, FROM_MODE, "weights and compute precision (int8 = weight-only int8; default: "
+              "the pipeline's `dtype`, else the mode's int8 | auto | auto)",
+              choices=("auto", "fp32", "bf16", "fp16", "int8"), inherits="dtype"),
         Param("compile", BOOL, FROM_MODE, "torch.compile the decode step (the mode presets false | false | true)"),
         Param("prefill_chunk", INT, 256, "prompt tokens prefilled per step (chunked prefill)", min=1, max=1 << 20),
     ),
@@ -117,13 +131,62 @@ GENERATE = StageKind(
 
 RESPOND = StageKind(
     name="respond",
-    doc="Respond: detokenises and returns the text, streaming tokens as they come when asked.",
-    params=(
-        Param("stream", BOOL, False, "send tokens as they are generated"),
-    ),
+    doc="Respond: each Generated item that reaches it becomes one answer (one choice) of its request; "
+        "the request is answered once none of its items is left in the pipeline.",
+    params=(),
     inputs=(Port("generated", "Generated"),),
     resource="host",
     impl="stages.impl:Respond",
 )
 
-BUILTIN_KINDS = (REQUESTS, SYSTEM_PROMPT, DYNAMIC_BATCH, ENCODE, KV_LOOKUP, GENERATE, RESPOND)
+PYTHON = StageKind(
+    name="python",
+    doc="Calls a Python function on each item: fn = \"module:function\" (the module is looked up beside "
+        "the .agp file, then on sys.path). The function gets the item as a plain dict (a Request: id, "
+        "messages or prompt, sampling fields, metadata; a Generated result: id, text, finish_reason, "
+        "usage, request) and returns the dict (changed in place or a new one), a label string that "
+        "`when LABEL` edges match, or raises pipeline_dsl.Reject(\"why\") to refuse the request. A "
+        "returned Request goes to the out-edges that take Requests, a Generated result to those that "
+        "take Generated results.",
+    params=(
+        Param("fn", STR, REQUIRED, "the function to call, as \"module:function\""),
+        Param("max_turns", INT, None, "bounds a loop through this stage: after max_turns calls for one "
+              "request its items leave the loop (the edges out of it) without a call", min=1, max=1000,
+              optional=True),
+    ),
+    inputs=(Port("items", "Request|Generated"),),
+    outputs=(Port("items", "Request|Generated"),),
+    resource="host",
+    conditions=(ANY_LABEL,),
+    impl="stages.impl:Python",
+)
+
+ROUTE = StageKind(
+    name="route",
+    doc="Routes each item: it goes along the first conditional out-edge whose condition holds "
+        "(`when prompt_tokens > 512`), else the `otherwise` edge, and along every unconditional edge.",
+    params=(),
+    inputs=(Port("items", "Request|Generated"),),
+    outputs=(Port("items", "Request|Generated"),),
+    resource="host",
+    passthrough=True,
+    impl="stages.impl:Route",
+)
+
+JOIN = StageKind(
+    name="join",
+    doc="Waits for every branch of a request (the copies made by fan-out or by generate's n) and "
+        "merges them into one result: first (the first to arrive), majority (the most common answer, "
+        "compared after normalising case, spaces and trailing punctuation), longest, or fn = "
+        "\"module:function\" (gets the list of results as dicts, returns one of them or a new one).",
+    params=(
+        Param("policy", ENUM, "first", "how branches merge", choices=("first", "majority", "longest", "fn")),
+        Param("fn", STR, None, "the merge function for policy = fn, as \"module:function\"", optional=True),
+    ),
+    inputs=(Port("generated", "Generated"),),
+    outputs=(Port("generated", "Generated"),),
+    resource="host",
+    impl="stages.impl:Join",
+)
+
+BUILTIN_KINDS = (REQUESTS, SYSTEM_PROMPT, DYNAMIC_BATCH, ENCODE, KV_LOOKUP, GENERATE, RESPOND, PYTHON, ROUTE, JOIN)

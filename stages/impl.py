@@ -1,24 +1,42 @@
 """Runtime implementations of the built-in stage kinds.
 
-Each kind is a thin adapter between the pipeline graph and the engine: it reads its
-checked parameters and contributes them to the `RuntimeSpec` that the runtime turns
-into one `EngineConfig` (batching, KV cache, precision, compilation) and the default
-`SamplingParams`. The engine then runs the stages' work: `requests` admission and
-queue bound, `dynamic_batch` windowing and continuous batching, `encode`
-tokenisation, `kv_lookup` prefix reuse in the block pool, `generate` the model and
-sampler, `respond` detokenisation and output.
+Two families (docs/architecture.md, "Stage implementations"):
 
-A third-party kind names its implementation in its registry entry (`impl =
-"package.module:attr"`); the object needs a `configure(params, spec)` method.
+- Request-level kinds process one item at a time on the pipeline's host worker pool:
+  `Kind(name, params, context)` once per pipeline, then `process(item) -> result` per item,
+  where `item` is the item's plain dict (a Request: id, messages or prompt, sampling
+  fields, metadata; a Generated result: id, text, finish_reason, usage, request) and the
+  result is the dict (the same, changed in place, or a new one), None (the dict as it is
+  now), or a label string that `when LABEL` edges match. Raising `pipeline_dsl.Reject`
+  refuses the request with its message; any other exception fails the request (and only it)
+  with the stage's name. `join` merges instead: `merge(items) -> dict`.
+- The engine kinds (dynamic_batch, encode, kv_lookup, generate) configure one engine
+  segment: `configure(params, segment_spec)` contributes EngineConfig fields, the encode
+  switches and each generate stage's sampling defaults (pipeline_dsl.flow.segment).
+
+A third-party kind names its class in its registry entry (`impl = "package.module:Class"`)
+and implements `process` like the request-level kinds here.
 """
 from __future__ import annotations
 
 import importlib
+import re
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 
-class StageImpl(Protocol):
-    def configure(self, params: dict[str, Any], spec) -> None: ...
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage implementation may know about its place in the pipeline."""
+    pipeline: str
+    stage: str
+    kind: str
+    base_dir: str | None          # the .agp file's folder: user modules are looked up here first
+
+
+class ItemStage(Protocol):
+    def process(self, item: dict) -> dict | str | None: ...
 
 
 def _copy(params: dict, target: dict, mapping: dict[str, str]) -> None:
@@ -27,20 +45,110 @@ def _copy(params: dict, target: dict, mapping: dict[str, str]) -> None:
             target[dst] = params[src]
 
 
-class Requests:
-    """Request source: bounds the waiting queue and the prompt length."""
+# ---------------------------------------------------------------- request-level kinds
 
-    def configure(self, params, spec):
-        _copy(params, spec.engine, {"max_queue": "max_queue", "max_prompt_tokens": "max_prompt_tokens"})
+class Requests:
+    """The request source: admission (the queue bound is the runtime's) and nothing else."""
+
+    def __init__(self, name: str, params: dict, context: StageContext):
+        self.params = params
+
+    def process(self, item: dict) -> dict:
+        return item
 
 
 class SystemPrompt:
     """Puts one shared system message first in every chat request (prefix reuse serves it)."""
 
-    def configure(self, params, spec):
-        spec.system_prompt = params["text"]
-        spec.system_override = bool(params.get("override", False))
+    def __init__(self, name: str, params: dict, context: StageContext):
+        self.text = params["text"]
+        self.override = bool(params.get("override", False))
 
+    def process(self, item: dict) -> dict:
+        messages = item.get("messages")
+        if messages is None:
+            return item
+        if messages and messages[0].get("role") == "system":
+            if not self.override:
+                return item
+            messages = messages[1:]
+        item["messages"] = [{"role": "system", "content": self.text}, *messages]
+        return item
+
+
+class Route:
+    """Routing happens on its out-edges' conditions; the item passes unchanged."""
+
+    def __init__(self, name: str, params: dict, context: StageContext):
+        pass
+
+    def process(self, item: dict) -> dict:
+        return item
+
+
+class Python:
+    """Calls the user's function `fn` on each item (its dict, a copy of the item's own)."""
+
+    def __init__(self, name: str, params: dict, context: StageContext):
+        from pipeline_dsl.userfn import load_function
+
+        self.fn = load_function(params["fn"], context.base_dir)
+        self.max_turns = params.get("max_turns")
+
+    def process(self, item: dict):
+        return self.fn(item)
+
+
+class Respond:
+    """The end of a path: the runtime collects what arrives as the request's answers."""
+
+    def __init__(self, name: str, params: dict, context: StageContext):
+        pass
+
+    def process(self, item: dict) -> dict:
+        return item
+
+
+_SPACES = re.compile(r"\s+")
+_TRAILING = ".!?,;:。！？"
+
+
+def normalise_answer(text: str) -> str:
+    """The text a majority vote compares: lower case, spaces collapsed, trailing punctuation gone."""
+    return _SPACES.sub(" ", text).strip().lower().rstrip(_TRAILING).strip()
+
+
+class Join:
+    """Merges the branches of one request: first | majority | longest | fn."""
+
+    def __init__(self, name: str, params: dict, context: StageContext):
+        self.policy = params.get("policy") or "first"
+        self.fn = None
+        if params.get("fn"):
+            from pipeline_dsl.userfn import load_function
+            self.fn = load_function(params["fn"], context.base_dir)
+            self.policy = "fn"
+
+    def merge(self, items: list[dict]) -> dict:
+        """`items` in arrival order; returns the merged result (a Generated dict)."""
+        if self.policy == "fn":
+            out = self.fn([dict(i) for i in items])
+            if isinstance(out, int) and not isinstance(out, bool) and 0 <= out < len(items):
+                out = items[out]
+            if not isinstance(out, dict):
+                raise TypeError(f"the join function returned {type(out).__name__}; expected one of the "
+                                "result dicts (or its index)")
+            return out
+        if self.policy == "longest":
+            return max(items, key=lambda i: len(i.get("text") or ""))      # ties: the first to arrive
+        if self.policy == "majority":
+            votes = Counter(normalise_answer(i.get("text") or "") for i in items)
+            best = max(votes.values())
+            return next(i for i in items if votes[normalise_answer(i.get("text") or "")] == best)
+        return items[0]
+
+
+# ---------------------------------------------------------------- engine kinds
 
 class DynamicBatch:
     """The seed's batcher: dispatch at `max_batch_size` or after `timeout`."""
@@ -56,7 +164,7 @@ class DynamicBatch:
 
 
 class Encode:
-    """Tokenisation: chat template for `messages`, special tokens for raw prompts."""
+    """Tokenisation (per item, off the engine loop): chat template, special tokens."""
 
     def configure(self, params, spec):
         if params.get("chat_template") is not None:
@@ -75,16 +183,14 @@ class KVLookup:
 
 
 class Generate:
-    """The model and the sampler: precision, compilation, chunked prefill, sampling defaults."""
+    """The model and the sampler: model, device, dtype, compilation, chunked prefill (the
+    engine's, the same for every generate stage of one segment); sampling defaults and n (its own)."""
 
-    def configure(self, params, spec):
-        precision = params.get("precision")
-        # the pipeline's own `dtype` (when not auto) wins over the stage's precision, which
-        # is usually the mode's preset (int8 in efficient); "auto" leaves the dtype as it is
-        if precision not in (None, "auto") and spec.engine.get("dtype", "auto") == "auto":
-            spec.engine["dtype"] = precision
-        _copy(params, spec.engine, {"compile": "compile", "prefill_chunk": "prefill_chunk"})
-        _copy(params, spec.sampling, {
+    def configure(self, params, spec, stage: str | None = None):
+        _copy(params, spec.engine, {"model": "model", "device": "device", "dtype": "dtype",
+                                    "compile": "compile", "prefill_chunk": "prefill_chunk"})
+        sampling: dict[str, Any] = {}
+        _copy(params, sampling, {
             "max_new_tokens": "max_tokens",
             "temperature": "temperature",
             "top_p": "top_p",
@@ -93,25 +199,17 @@ class Generate:
             "ignore_eos": "ignore_eos",
         })
         if params.get("stop"):
-            spec.sampling["stop"] = list(params["stop"])
-
-
-class Respond:
-    """Output: detokenised text, finish reason and usage; streamed or whole."""
-
-    def configure(self, params, spec):
-        if params.get("stream") is not None:
-            spec.stream = bool(params["stream"])
-
-
+            sampling["stop"] = tuple(params["stop"])
+        spec.sampling[stage or "generate"] = sampling
+        spec.n[stage or "generate"] = int(params.get("n") or 1)
 
 
 class NoImplementation(LookupError):
     pass
 
 
-def implementation(kind: str) -> StageImpl:
-    """The runtime implementation of a stage kind: the registry entry's `impl`."""
+def implementation(kind: str):
+    """The runtime implementation of a stage kind (the registry entry's `impl`): a class or object."""
     from stages.registry import get_kind  # registry: schemas, entry points
 
     entry = get_kind(kind)
@@ -119,5 +217,7 @@ def implementation(kind: str) -> StageImpl:
     if not target:
         raise NoImplementation(f"stage kind '{kind}' has no runtime implementation")
     module, _, attr = str(target).partition(":")
-    obj = getattr(importlib.import_module(module), attr)
-    return obj() if isinstance(obj, type) else obj
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise NoImplementation(f"stage kind '{kind}': cannot load its implementation {target!r}: {e}") from None

@@ -48,9 +48,17 @@ class Param:
     default: Any = None                        # None: optional with no value; REQUIRED; FROM_MODE
     doc: str = ""
     choices: tuple[str, ...] = ()              # for enum
-    min: float | None = None
+    min: float | None = None                   # inclusive bounds, unless min_exclusive
     max: float | None = None
     optional: bool = False                     # None is an allowed effective value (e.g. seed)
+    min_exclusive: bool = False                # min itself is not allowed (top_p > 0)
+    inherits: str | None = None                # unset in the stage: the pipeline setting of this name
+
+    def in_range(self, value) -> bool:
+        """Whether a number lies within [min, max] (or (min, max] with min_exclusive)."""
+        if self.min is not None and (value < self.min or (self.min_exclusive and value == self.min)):
+            return False
+        return self.max is None or value <= self.max
 
     @property
     def required(self) -> bool:
@@ -62,10 +70,18 @@ class Param:
         return self.type
 
 
+ANY_LABEL = "*"                                # `conditions` of a kind whose items carry any label
+
+
 @dataclass(frozen=True)
 class Port:
     name: str
-    type: str                                  # Request, Batch, Tokens, CachedTokens, Generated
+    type: str                                  # Request, Batch, Tokens, CachedTokens, Generated,
+                                               # or a union such as "Request|Generated"
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        return tuple(self.type.split("|"))
 
 
 @dataclass(frozen=True)
@@ -76,8 +92,9 @@ class StageKind:
     inputs: tuple[Port, ...] = ()
     outputs: tuple[Port, ...] = ()
     resource: str = "host"                     # host | copy | compute
-    conditions: tuple[str, ...] = ()           # edge conditions this kind emits (`when full`)
+    conditions: tuple[str, ...] = ()           # labels its items carry (`when full`); ANY_LABEL: any word
     impl: str | None = None                    # "module:attr" of the runtime implementation
+    passthrough: bool = False                  # outputs the item types it receives (route)
     source: str = field(default="builtin", compare=False)   # builtin or the entry point's name
 
     def param(self, name: str) -> Param | None:
@@ -94,6 +111,16 @@ class StageKind:
     @property
     def is_sink(self) -> bool:
         return not self.outputs
+
+    @property
+    def accepts(self) -> frozenset[str]:
+        """Item types its inputs take."""
+        return frozenset(t for p in self.inputs for t in p.types)
+
+    @property
+    def emits(self) -> frozenset[str]:
+        """Item types its outputs give (a passthrough kind: whatever it receives of these)."""
+        return frozenset(t for p in self.outputs for t in p.types)
 
 
 class Registry:

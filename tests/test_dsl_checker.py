@@ -91,7 +91,7 @@ def test_bad_durations_are_reported(value, words):
 
 @pytest.mark.parametrize("gen, words", [
     ('max_new_tokens = "8"', "is an integer"), ("temperature = hot", "is a number"),
-    ("stop = \"x\"", "list of strings"), ("precision = int4", "not a valid value"),
+    ("stop = \"x\"", "list of strings"), ("dtype = int4", "not a valid value"),
     ("seed = -1", "out of range"), ("ignore_eos = 1", "true or false")])
 def test_ill_typed_parameters_are_reported(gen, words):
     (d,) = errors(pipeline(gen=gen))
@@ -115,16 +115,16 @@ def test_mode_presets_fill_stage_settings(mode, batch, budget, precision, compil
     assert g.graph["settings"]["mode"] == mode
     assert g.nodes["batch"]["params"]["max_batch_size"] == batch
     assert g.nodes["kv"]["params"]["budget"] == budget
-    assert g.nodes["gen"]["params"]["precision"] == precision
+    assert g.nodes["gen"]["params"]["dtype"] == precision
     assert g.nodes["gen"]["params"]["compile"] is compile_
 
 
 def test_stage_setting_overrides_the_mode():
     prog, _ = pipeline_dsl.loads(pipeline(settings="mode = efficient", batch="max_batch_size = 16",
-                                          gen="precision = bf16"), "t.agp")
+                                          gen="dtype = bf16"), "t.agp")
     g = build_graph(prog.pipelines[0])
     assert g.nodes["batch"]["params"]["max_batch_size"] == 16
-    assert g.nodes["gen"]["params"]["precision"] == "bf16"
+    assert g.nodes["gen"]["params"]["dtype"] == "bf16"
     assert g.nodes["kv"]["params"]["budget"] == 64 << 20
 
 
@@ -137,7 +137,8 @@ def test_graph_carries_kind_resource_placement_and_conditions(tmp_path):
     assert g.nodes["kv"]["kind"] == "kv_lookup"
     assert g.nodes["kv"]["resource"] == "copy" and g.nodes["kv"]["placement"] == "compute"
     assert g.nodes["gen"]["placement"] is None
-    assert g.edges["batch", "encode"]["conditions"] == ["full", "timeout"]
+    assert g.edges["batch", "encode"]["conditions"] == [("label", "full"), ("label", "timeout")]
+    assert g.nodes["batch"]["routes"] == [("encode", ("label", "full")), ("encode", ("label", "timeout"))]
     assert g.edges["request", "batch"]["condition"] is None
     assert g.nodes["gen"]["pos"].line == 9
     assert list(g.edges) == [("request", "batch"), ("batch", "encode"), ("encode", "kv"), ("kv", "gen"),
@@ -172,7 +173,7 @@ def test_edges_into_a_source_or_out_of_respond_are_port_errors():
 
 def test_condition_on_a_stage_without_conditions_is_an_error():
     (d,) = errors(pipeline().replace("encode -> kv -> gen", "encode -> kv when full\n kv -> gen"))
-    assert "has no condition 'full'" in d.message
+    assert "gives its items no label 'full'" in d.message
 
 
 def test_cycle_is_printed():
@@ -283,12 +284,14 @@ def test_required_parameter_of_a_kind_must_be_given(fake_entry_points):
 
 def test_builtin_kinds_match_the_contract():
     reg = reg_mod.Registry(__import__("stages.builtin", fromlist=["x"]).BUILTIN_KINDS, load_entry_points=False)
-    assert reg.names() == ["dynamic_batch", "encode", "generate", "kv_lookup", "requests", "respond", "system_prompt"]
+    assert reg.names() == ["dynamic_batch", "encode", "generate", "join", "kv_lookup", "python", "requests",
+                           "respond", "route", "system_prompt"]
     b = reg.get("dynamic_batch")
     assert [(p.name, p.type, p.default) for p in b.params] == [
         ("max_batch_size", "int", 32), ("timeout", "duration", 0.001), ("padding", "bool", True),
         ("policy", "enum", "continuous"), ("max_tokens_per_step", "int", 512)]
     assert {k.name: k.resource for k in reg.kinds()} == {
         "requests": "host", "dynamic_batch": "host", "encode": "host", "kv_lookup": "copy",
-        "generate": "compute", "respond": "host", "system_prompt": "host"}
+        "generate": "compute", "respond": "host", "system_prompt": "host", "python": "host", "route": "host",
+        "join": "host"}
     assert all(k.impl is None or ":" in k.impl for k in reg.kinds())

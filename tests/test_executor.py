@@ -172,7 +172,7 @@ def test_the_trace_has_one_track_per_stream_and_reports_overlap(tiny_gguf, tmp_p
     names = {e["args"]["name"] for e in data["traceEvents"] if e["name"] == "thread_name"}
     assert names == {"host", "copy", "compute"}
     spans = [e for e in data["traceEvents"] if e["ph"] == "X"]
-    assert {"gen.forward", "batch.schedule", "out.emit", "gen.h2d", "gen.d2h"} <= {e["name"] for e in spans}
+    assert {"gen.forward", "batch.schedule", "batch.admit", "gen.emit", "gen.h2d", "gen.d2h"} <= {e["name"] for e in spans}
     assert 0.0 <= stats["measured_overlap"] <= 1.0
     assert data["otherData"]["measured_overlap"] == stats["measured_overlap"]
 
@@ -200,14 +200,13 @@ def test_a_serial_run_never_overlaps_and_its_costs_feed_the_planner(tiny_gguf):
     costs = trace.costs()
     assert costs["gen.forward"] > 0 and set(costs) <= {w.name for w in default_plan().work}
     g = nx.DiGraph(name="chat", settings={})
-    for w in default_plan().work:
-        g.add_node(w.stage, kind={"request": "requests", "batch": "dynamic_batch", "encode": "encode",
-                                  "kv": "kv_lookup", "gen": "generate", "out": "respond"}[w.stage],
-                   params={}, resource="host", placement=None, pos=None)
+    for stage, kind in (("request", "requests"), ("batch", "dynamic_batch"), ("encode", "encode"),
+                        ("kv", "kv_lookup"), ("gen", "generate"), ("out", "respond")):
+        g.add_node(stage, kind=kind, params={}, resource="host", placement=None, pos=None)
     nx.add_path(g, ["request", "batch", "encode", "kv", "gen", "out"])
     predicted = make_plan(g, costs=costs)
     assert predicted.work_named("gen.forward").cost == costs["gen.forward"]
-    assert predicted.work_named("request.admit").cost == 0.0       # nothing to admit: no span
+    assert predicted.work_named("batch.admit").cost == 0.0       # added directly: nothing to admit, no span
     assert predicted.speedup >= 1.0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 
 from pipeline_dsl.commands import add_pipeline_arguments
@@ -41,7 +42,7 @@ def _read_lines(path: str) -> list[str]:
 
 def main(args) -> int:
     from pipeline_dsl.requests_io import RequestError, parse_line
-    from pipeline_dsl.runner import RunRequest, run_requests, format_summary
+    from pipeline_dsl.runner import RunRequest, format_summary, run_pipeline
 
     try:
         lines = _read_lines(args.input)
@@ -60,14 +61,14 @@ def main(args) -> int:
         print(f"agp run: error: cannot write {args.output}: {e.strerror}", file=sys.stderr)
         return 2
 
-    from pipeline_dsl.runtime import build_engine, default_sampling, sampling_with
+    from pipeline_dsl.engine.trace import Trace
+    from pipeline_dsl.runtime import build_runtime
 
     t_load = time.perf_counter()
-    # a file's requests are all known at once: the queue holds them all (max_queue bounds serving)
-    engine, spec = build_engine(args.pipeline, args.name, dtype=args.dtype, threads=args.threads,
-                                max_queue=max(1, len(lines)))
+    trace = Trace() if args.trace else None
+    runtime = build_runtime(args.pipeline, args.name, overrides={"dtype": args.dtype, "threads": args.threads},
+                            overlap=not args.no_overlap, trace=trace)
     load_s = time.perf_counter() - t_load
-    defaults = default_sampling(spec)
 
     results: list[dict | None] = []
     requests: list[RunRequest] = []
@@ -81,19 +82,21 @@ def main(args) -> int:
             req = parse_line(line, lineno)
         except RequestError as e:
             bad_lines += 1
-            results[slot] = {"id": _guess_id(line, lineno), "error": {"line": lineno, "message": str(e)}}
+            results[slot] = {"id": _guess_id(line, lineno), "error": {"line": lineno, "message": str(e),
+                                                                      "type": "invalid"}}
             continue
-        requests.append(RunRequest(slot=slot, line=lineno, parsed=req,
-                                   params=sampling_with(defaults, **req.sampling)))
+        requests.append(RunRequest(slot=slot, line=lineno, parsed=req))
 
     next_to_write = 0
+    write_lock = threading.Lock()
 
     def flush() -> None:
         nonlocal next_to_write
-        while next_to_write < len(results) and results[next_to_write] is not None:
-            out.write(json.dumps(results[next_to_write], ensure_ascii=False) + "\n")
-            next_to_write += 1
-        out.flush()
+        with write_lock:
+            while next_to_write < len(results) and results[next_to_write] is not None:
+                out.write(json.dumps(results[next_to_write], ensure_ascii=False) + "\n")
+                next_to_write += 1
+            out.flush()
 
     def on_done(slot: int, record: dict) -> None:
         results[slot] = record
@@ -101,20 +104,25 @@ def main(args) -> int:
 
     flush()  # leading bad lines
     try:
-        summary = run_requests(engine, spec, requests, on_done=on_done,
-                               overlap=not args.no_overlap, trace_path=args.trace,
-                               progress=not args.no_progress)
+        summary = run_pipeline(runtime, requests, on_done=on_done, progress=not args.no_progress)
     finally:
         flush()
         if out is not sys.stdout:
             out.close()
+        runtime.shutdown()
+    if args.trace:
+        runtime.trace.write(args.trace)
+        summary["trace"] = args.trace
     summary["model_load_s"] = round(load_s, 3)
     summary["bad_lines"] = bad_lines
     summary["requests"] += bad_lines
+    summary["errors"] += bad_lines
     print(format_summary(summary), file=sys.stderr)
     if args.stats:
         with open(args.stats, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
+    if summary["requests"] and summary["errors"] == summary["requests"]:
+        return 1                          # every request failed: the run did not do its job
     return 0
 
 

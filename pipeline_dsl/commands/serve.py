@@ -59,12 +59,13 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def model_names(graph, engine, served: str | None) -> tuple[str, ...]:
-    """The ids /v1/models lists and requests may name: the pipeline first."""
+def model_names(runtime, served: str | None) -> tuple[str, ...]:
+    """The ids /v1/models lists and requests may name: the pipeline first, then its model(s)."""
     names = [served] if served else []
-    names.append(str(graph.graph.get("name") or "agp"))
-    model = str(engine.config.model)
-    names += [model, Path(model).stem]
+    names.append(runtime.name)
+    for es in runtime.segments[:1]:
+        model = str(es.config.model)
+        names += [model, Path(model).stem]
     return tuple(dict.fromkeys(n for n in names if n))
 
 
@@ -86,19 +87,18 @@ def main(args) -> int:
 
     import uvicorn
 
-    from pipeline_dsl.runtime import build_engine, default_sampling, load_graph
-    from pipeline_dsl.serve.app import ServeConfig, create_app
-    from pipeline_dsl.serve.async_engine import AsyncEngine, make_executor
-    from pipeline_dsl.serve.metrics import ServerMetrics
-
     from pipeline_dsl.diagnostics import CheckFailed
     from pipeline_dsl.engine.errors import InputError
+    from pipeline_dsl.runtime import build_runtime
+    from pipeline_dsl.serve.app import ServeConfig, create_app
+    from pipeline_dsl.serve.async_pipeline import AsyncPipeline
+    from pipeline_dsl.serve.metrics import ServerMetrics
 
     try:
-        graph = load_graph(args.pipeline, args.name)
-        engine, spec = build_engine(graph, dtype=args.dtype, threads=args.threads,
-                                    max_queue=args.max_queue,
-                                    prefix_reuse=False if args.no_prefix_reuse else None)
+        runtime = build_runtime(args.pipeline, args.name, overlap=not args.no_overlap, max_queue=args.max_queue,
+                                served_name=args.served_model_name,
+                                overrides={"dtype": args.dtype, "threads": args.threads,
+                                           "prefix_reuse": False if args.no_prefix_reuse else None})
     except CheckFailed as e:
         sys.stderr.write(e.render())
         sock.close()
@@ -107,20 +107,22 @@ def main(args) -> int:
         _err(str(e))
         sock.close()
         return 2
-    names = model_names(graph, engine, args.served_model_name)
-    config = ServeConfig(model_names=names, max_model_len=int(engine.max_model_len),
-                         defaults=default_sampling(spec), drain_timeout_s=args.drain_timeout)
+    names = model_names(runtime, args.served_model_name)
+    contexts = [es.engine.max_model_len for es in runtime.segments]
+    config = ServeConfig(model_names=names, max_model_len=int(min(contexts) if contexts else 1 << 20),
+                         stages=tuple((g, str(es.config.model)) for g, es in runtime.seg_of_gen.items()),
+                         drain_timeout_s=args.drain_timeout)
     metrics = ServerMetrics()
-    aengine = AsyncEngine(engine, metrics=metrics, prepare=spec.engine_inputs,
-                          executor=make_executor(engine, overlap=not args.no_overlap, plan=spec.plan))
-    app = create_app(aengine, config, metrics)
+    apipe = AsyncPipeline(runtime, metrics=metrics)
+    app = create_app(apipe, config, metrics)
 
     host, port = sock.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(
         app, log_level=args.log_level, access_log=args.access_log, lifespan="on",
         timeout_graceful_shutdown=args.drain_timeout))
-    print(f"agp serve: pipeline '{names[0]}' on http://{host}:{port}/v1 "
-          f"(model {engine.config.model}, {engine.config.device})", file=sys.stderr, flush=True)
+    engines = ", ".join(f"{es.name}: {es.config.model} on {es.config.device}" for es in runtime.segments)
+    print(f"agp serve: pipeline '{names[0]}' on http://{host}:{port}/v1 ({engines or 'no model'})",
+          file=sys.stderr, flush=True)
 
     # uvicorn re-raises the signal that stopped it once it has drained; a handler that
     # merely notes it keeps that from killing the process, so a drained server exits 0.
@@ -131,8 +133,8 @@ def main(args) -> int:
     if not server.started:
         _err("the server did not start (see the log above)")
         return 1
-    if engine_failed := app.state.aengine.error:
-        _err(f"the engine failed: {engine_failed}")
+    if engine_failed := apipe.error:
+        _err(f"the pipeline failed: {engine_failed}")
         return 1
     print("agp serve: stopped" + (" (drained)" if stopped_by else ""), file=sys.stderr)
     return 0

@@ -66,7 +66,7 @@ class Engine:
                              f"not {config.max_model_len}")
         self.max_model_len = int(config.max_model_len or context)
         self.blocks = BlockManager(runner.num_blocks, runner.block_size, config.prefix_reuse)
-        self.scheduler = Scheduler(config, self.blocks, clock)
+        self.scheduler = Scheduler(config, self.blocks, clock, max_len=self.max_model_len)
         self.sampler = Sampler()
         self._pad_kw = "pad_to" in inspect.signature(runner.execute).parameters
         self.eos_token_ids = frozenset(getattr(tokenizer, "eos_token_ids", ()) or ())
@@ -100,7 +100,7 @@ class Engine:
         if len(given) != 1:
             raise InputError("give exactly one of prompt, messages or prompt_token_ids"
                              + (f" (got {', '.join(given)})" if given else ""))
-        ids = self._prompt_ids(prompt, messages, prompt_token_ids, chat_template, add_special_tokens)
+        ids = self.prompt_ids(prompt, messages, prompt_token_ids, chat_template, add_special_tokens)
         limit = self.config.max_prompt_tokens
         if limit and len(ids) > limit:
             raise InputError(f"prompt of {len(ids)} tokens is longer than this pipeline accepts "
@@ -125,8 +125,10 @@ class Engine:
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 
-    def _prompt_ids(self, prompt, messages, prompt_token_ids, chat_template=True,
-                    add_special_tokens=True) -> list[int]:
+    def prompt_ids(self, prompt=None, messages=None, prompt_token_ids=None, chat_template=True,
+                   add_special_tokens=True) -> list[int]:
+        """A request's prompt as token ids (chat template applied to messages): the encode stage's
+        work. Thread-safe (reads only the tokenizer), so it may run off the engine's loop."""
         if prompt is not None:
             if not isinstance(prompt, str):
                 raise InputError(f"prompt must be a string, not {type(prompt).__name__}")
@@ -217,6 +219,17 @@ class Engine:
         return tokens
 
     def update(self, plan: SchedulerOutput, tokens: list[int]) -> list[RequestOutput]:
+        self.record_step(plan)
+        now = self.clock()
+        outputs = []
+        for seq, token in self.scheduler.update(plan, tokens):
+            if token is not None:
+                outputs.append(self.accept_token(seq, token, now))
+        return outputs
+
+    # ---- the contract of an executor that runs the phases itself (pipeline_dsl.engine.executor)
+    def record_step(self, plan: SchedulerOutput) -> None:
+        """Count one executed step (steps, prefill tokens, batch sizes)."""
         c = self._counters
         c["steps"] += 1
         c["prefill_tokens"] += plan.num_prefill_tokens
@@ -224,14 +237,19 @@ class Engine:
             c["decode_steps"] += 1
             c["decode_seqs"] += len(plan.items)
         self._batch_hist[len(plan.items)] = self._batch_hist.get(len(plan.items), 0) + 1
-        now = self.clock()
-        outputs = []
-        for seq, token in self.scheduler.update(plan, tokens):
-            if token is not None:
-                outputs.append(self._on_token(seq, token, now))
-        return outputs
 
-    def _on_token(self, seq: Sequence, token: int, now: float) -> RequestOutput:
+    def is_live(self, seq: Sequence) -> bool:
+        """Whether `seq` is still this engine's (not finished, aborted or replaced)."""
+        return self.seqs.get(seq.request_id) is seq
+
+    def commit(self, seq: Sequence, num_computed: int) -> None:
+        """Publish the sequence's full blocks among its first `num_computed` tokens for prefix reuse."""
+        if seq.request_id in self.blocks.seqs:
+            self.blocks.commit(seq.request_id, seq.token_ids, num_computed)
+
+    def accept_token(self, seq: Sequence, token: int, now: float) -> RequestOutput:
+        """A token sampled for `seq` (already appended to its ids): detokenise, check stops,
+        finish it when done, and say what changed."""
         st, p = seq.extra, seq.params
         if st["first"] is None:
             st["first"] = now

@@ -3,21 +3,27 @@
     ex = Executor(engine, make_plan(graph), overlap=True, trace=Trace())
     stats = ex.run(on_output=print)          # until every request is done
 
-One contract, two backends. The plan (pipeline_dsl.plan) gives every piece of a stage's
-work a stream, a skew (iteration i of a stream runs micro-batch i - skew) and events on
-cross-stream edges. The work pieces drive the engine's phases:
+One contract, two backends. The plan of one engine segment (pipeline_dsl.plan) gives
+every piece of its per-step work a stream, a skew (iteration i of a stream runs
+micro-batch i - skew) and events on cross-stream edges. The work pieces drive the
+engine's phases:
 
-    admit / tokenise  requests in (add_request, abort)              host
-    schedule          Engine.schedule(), then advance optimistically host
-    lookup            block tables and token slices of the step      host
-    h2d               index tensors of the step onto the device      copy
-    forward           model forward + sampling                       compute
-    d2h               sampled tokens back to the host                copy
-    emit              detokenise, stop checks, finish, on_output     host
+    batch.admit       requests in (add_request with token ids, abort) host
+    batch.schedule    Engine.schedule(), then advance optimistically host
+    kv.lookup         block tables and token slices of the step      host
+    gen.h2d           index tensors of the step onto the device      copy
+    gen.forward       model forward + sampling                       compute
+    gen.d2h           sampled tokens back to the host                copy
+    gen.emit          detokenise, stop checks, finish, on_output     host
 
-- CPU: one worker thread per stream; a threading.Event per recorded work per micro-batch
-  is set after it and waited on across streams. torch releases the GIL in its kernels,
-  so step k's forward runs while the host schedules step k+1 and emits step k-1.
+Requests arrive already tokenised (the encode stage's work runs per item, off this loop:
+pipeline_dsl.flow).
+
+- CPU: one worker thread per stream, except the compute stream, which runs on the thread
+  that calls `run()` (the thread that owns torch's OpenMP pool: a second pool on another
+  thread would oversubscribe the cores); a threading.Event per recorded work per
+  micro-batch is set after it and waited on across streams. torch releases the GIL in its
+  kernels, so step k's forward runs while the host schedules step k+1 and emits step k-1.
 - CUDA: one torch.cuda.Stream per copy/compute stream, issued from one host thread in the
   plan's global order (or, issue="threads", one thread per stream as on CPU);
   torch.cuda.Event on cross-stream edges, sampled tokens copied non-blocking into pinned
@@ -49,13 +55,13 @@ from .trace import Trace
 
 PLACEHOLDER = -1          # a token sampled by a step still in flight
 AHEAD = 32                # no stream runs more than this many micro-batches ahead of emit
-GPU_PARTS = ("kv_copy", "h2d", "forward", "d2h")
+GPU_PARTS = ("h2d", "forward", "d2h")
 _GRAPHS: dict[str, Plan] = {}
 _CAPTURED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # runner -> DecodeGraphs
 
 
 def default_plan() -> Plan:
-    """The plan of the seed's pipeline (request -> batch -> encode -> kv -> gen -> out)."""
+    """The engine segment's plan of the seed's pipeline (request -> batch -> encode -> kv -> gen -> out)."""
     if "chat" not in _GRAPHS:
         kinds = [("request", "requests", "host"), ("batch", "dynamic_batch", "host"),
                  ("encode", "encode", "host"), ("kv", "kv_lookup", "copy"),
@@ -64,7 +70,7 @@ def default_plan() -> Plan:
         for name, kind, res in kinds:
             g.add_node(name, kind=kind, params={}, resource=res, placement=None, pos=None)
         nx.add_path(g, [k[0] for k in kinds])
-        _GRAPHS["chat"] = make_plan(g)
+        _GRAPHS["chat"] = make_plan(g).segments[0]
     return _GRAPHS["chat"]
 
 
@@ -192,17 +198,16 @@ class Executor:
         self.device = torch.device(getattr(runner, "device", "cpu"))
         self.cuda = self.device.type == "cuda"
         parts = {w.part for w in self.plan.work}
-        missing = {"schedule", "forward", "emit"} - parts
+        missing = {"admit", "schedule", "forward", "emit"} - parts
         if missing:
-            raise ValueError("the executor needs a plan with dynamic_batch, generate and respond "
-                             f"stages (missing work: {', '.join(sorted(missing))})")
+            raise ValueError("the executor needs the plan of an engine segment (dynamic_batch -> encode -> "
+                             f"kv_lookup -> generate); missing work: {', '.join(sorted(missing))}")
         self.lock = threading.RLock()        # the engine's host state
         self._wake = threading.Condition(self.lock)   # submit / abort / close
-        self._pending: list[tuple] = []      # submitted, not yet tokenised
+        self._pending: list[tuple] = []      # submitted, not yet admitted
         self._aborts: list[str] = []
         self._launches: dict[int, _Launch | None] = {}
         self._sampled: dict[int, Any] = {}
-        self._to_tokenise: dict[int, list] = {}
         self._closing = True
         self._on_output: Callable | None = None
         self._on_error: Callable | None = None
@@ -226,13 +231,19 @@ class Executor:
         self.graphs = None
         if self.cuda and cuda_graphs and hasattr(runner, "_forward"):
             self.graphs = _CAPTURED.setdefault(runner, DecodeGraphs(runner))  # kept across runs
-        self._handlers = {"admit": self._admit, "tokenise": self._tokenise, "schedule": self._schedule,
+        self._handlers = {"admit": self._admit, "schedule": self._schedule,
                           "lookup": self._lookup, "h2d": self._h2d, "forward": self._forward,
                           "d2h": self._d2h, "emit": self._emit}
+        unknown = sorted({w.part for w in self.plan.work} - set(self._handlers))
+        if unknown:
+            raise ValueError(f"the executor has no work called {', '.join(unknown)}")
+        self.work_s: dict[str, float] = {w.name: 0.0 for w in self.plan.work}   # time spent per work
+        self.work_n: dict[str, int] = {w.name: 0 for w in self.plan.work}       # runs that did something
 
     # ---- requests from other threads ---------------------------------------------------
     def submit(self, request_id, **kwargs) -> None:
-        """Queue a request; it is tokenised and admitted on the host stream."""
+        """Queue a request (Engine.add_request's keyword arguments; give prompt_token_ids to keep
+        tokenisation off this loop); it is admitted on the host stream."""
         with self.lock:
             self._pending.append((str(request_id), kwargs))
             self._wake.notify_all()
@@ -251,29 +262,25 @@ class Executor:
 
     # ---- the work pieces ---------------------------------------------------------------
     def _admit(self, m: int) -> bool:
-        with self.lock:
-            busy = bool(self._aborts or self._pending)
-            for rid in self._aborts:
-                self.engine.abort(rid)
-            self._aborts.clear()
-            self._to_tokenise[m], self._pending = self._pending, []
-        return busy
+        """batch.admit: aborts, then the submitted requests into the engine's waiting queue."""
+        from .errors import InputError
 
-    def _tokenise(self, m: int) -> bool:
-        todo = self._to_tokenise.pop(m, [])
-        for rid, kwargs in todo:
-            try:
-                with self.lock:
+        with self.lock:
+            aborts, self._aborts = self._aborts, []
+            todo, self._pending = self._pending, []
+            for rid in aborts:
+                self.engine.abort(rid)
+            for rid, kwargs in todo:
+                try:
                     self.engine.add_request(rid, **kwargs)
-            except ValueError as e:     # InputError: the caller hears of it, the run goes on
-                if self._on_error is None:
-                    raise
-                self._on_error(rid, e)
-        return bool(todo)
+                except InputError as e:   # this request's fault: the caller hears of it, the run goes on
+                    if self._on_error is None:
+                        raise
+                    self._on_error(rid, e)
+        return bool(aborts or todo)
 
     def _idle(self) -> bool:
-        return not (self.engine.has_unfinished() or self._pending or self._aborts
-                    or any(self._to_tokenise.values()))
+        return not (self.engine.has_unfinished() or self._pending or self._aborts)
 
     def _schedule(self, m: int) -> bool:
         eng = self.engine
@@ -282,7 +289,7 @@ class Executor:
                 self._launches[m] = None
                 self._stop(m - 1)
                 return False
-            so = self._schedule_live()
+            so = self.engine.schedule()
             if so.empty:
                 self._launches[m] = None
                 in_flight = any(v is not None for k, v in list(self._launches.items()) if k < m)
@@ -311,25 +318,6 @@ class Executor:
             if so.num_prefill_tokens:
                 self.last_prefill = m
         return True
-
-    def _schedule_live(self):
-        """Engine.schedule() without the sequences whose last token is already in flight.
-
-        A sequence that has sampled its max_tokens-th token finishes for certain; leaving
-        it out spares the step a row whose token would be discarded."""
-        sched = self.engine.scheduler
-        done = {id(s) for s in sched.running if s.num_output >= s.params.max_tokens}
-        if not done:
-            return self.engine.schedule()
-        before = list(sched.running)
-        sched.running = [s for s in before if id(s) not in done]
-        try:
-            return self.engine.schedule()
-        finally:
-            now = sched.running
-            kept = {id(s) for s in now}
-            sched.running = ([s for s in before if id(s) in done or id(s) in kept]
-                             + [s for s in now if all(s is not b for b in before)])
 
     def _lookup(self, m: int) -> bool:
         L = self._launches.get(m)
@@ -408,10 +396,6 @@ class Executor:
         if step.sample_rows is None:
             runner._forward(step, want_logits=False)
             return None
-        if step.all_decode and getattr(runner, "compile", False) and not getattr(runner, "_compile_failed", True):
-            logits = runner._forward_compiled(step)
-            if logits is not None:
-                return logits
         return runner._forward(step)
 
     @staticmethod
@@ -444,7 +428,6 @@ class Executor:
 
     def _emit(self, m: int) -> bool:
         L = self._launches.pop(m, None)
-        self._to_tokenise.pop(m, None)
         if L is None:
             return False
         if L.host_tokens is None:
@@ -469,41 +452,29 @@ class Executor:
         eng = self.engine
         outputs = []
         with self.lock:
-            self._count(L.so)
+            eng.record_step(L.so)
             now = eng.clock()
             ti = iter(tokens)
             for it, pos, pre in zip(L.so.items, L.sample_pos, L.preemptions):
                 seq = it.seq
                 tok = next(ti) if it.sample else None
-                if eng.seqs.get(seq.request_id) is not seq:     # finished or aborted meanwhile
+                if not eng.is_live(seq):                        # finished or aborted meanwhile
                     self.discarded_tokens += tok is not None
                     continue
                 if tok is not None:
                     seq.token_ids[pos] = tok
                     seq.extra.get("pending", {}).pop(pos, None)
-                if seq.num_preemptions == pre and seq.request_id in eng.blocks.seqs:
-                    eng.blocks.commit(seq.request_id, seq.token_ids, it.start + it.num_tokens)
+                if seq.num_preemptions == pre:
+                    eng.commit(seq, it.start + it.num_tokens)
                 if tok is None:
                     continue
                 tail = seq.token_ids[pos + 1:]                  # placeholders of later steps
                 del seq.token_ids[pos + 1:]
-                out = eng._on_token(seq, tok, now)
+                out = eng.accept_token(seq, tok, now)
                 if not out.finished:
                     seq.token_ids.extend(tail)
                 outputs.append(out)
         return outputs
-
-    def _count(self, so) -> None:
-        c = getattr(self.engine, "_counters", None)
-        if c is None:
-            return
-        c["steps"] += 1
-        c["prefill_tokens"] += so.num_prefill_tokens
-        if so.num_decodes:
-            c["decode_steps"] += 1
-            c["decode_seqs"] += len(so.items)
-        hist = self.engine._batch_hist
-        hist[len(so.items)] = hist.get(len(so.items), 0) + 1
 
     # ---- driving -------------------------------------------------------------------------
     def _stop(self, last: int) -> None:
@@ -513,16 +484,19 @@ class Executor:
         return next(w.stream for w in self.plan.work if w.part == part)
 
     def _run_one(self, work, m: int, stream_name: str) -> None:
-        fn = self._handlers.get(work.part)
+        fn = self._handlers[work.part]
         stop = self._signals.stop_at
-        if fn is None or (stop is not None and m > stop):
+        if stop is not None and m > stop:
             return
         if self.cuda and work.part in GPU_PARTS:
             self._run_cuda(fn, work, m)
             return
         t0 = time.perf_counter()
-        if fn(m):                                  # traced only when it did something
-            self.trace.add(stream_name, work.name, t0, time.perf_counter(), m)
+        if fn(m):                                  # traced and timed only when it did something
+            t1 = time.perf_counter()
+            self.trace.add(stream_name, work.name, t0, t1, m)
+            self.work_s[work.name] += t1 - t0
+            self.work_n[work.name] += 1
 
     def _run_cuda(self, fn, work, m: int) -> None:
         L = self._launches.get(m)
@@ -563,8 +537,8 @@ class Executor:
         t0 = time.perf_counter()
         if self.overlap and (not self.cuda or self.issue == "threads"):
             self._run_threads()
-        else:   # on a worker thread too, so that A/B differ in overlap only (torch runs
-            self._run_threads(serial=True)   # slower on the main thread under CPU contention)
+        else:   # on this thread too, so that A/B differ in overlap only
+            self._run_threads(serial=True)
         wall = time.perf_counter() - t0
         if self.cuda:
             torch.cuda.synchronize(self.device)
@@ -600,10 +574,8 @@ class Executor:
             except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
                 errors.append(e)
 
-        if serial:
-            t = threading.Thread(target=one, name="agp-serial", daemon=True)
-            t.start()
-            t.join()
+        if serial:           # --no-overlap: every stream's work in turn, on this thread
+            one()
             if errors:
                 raise errors[0]
             return
@@ -632,10 +604,13 @@ class Executor:
                 errors.append(e)
                 self._signals.release(failed=True)
 
+        # the compute stream runs here, on the caller's thread (it owns torch's OpenMP pool)
+        mine = next((s for s in self.plan.streams if s.resource == "compute"), self.plan.streams[0])
         threads = [threading.Thread(target=loop, args=(s,), name=f"agp-{s.name}", daemon=True)
-                   for s in self.plan.streams]
+                   for s in self.plan.streams if s is not mine]
         for t in threads:
             t.start()
+        loop(mine)
         for t in threads:
             t.join()
         if errors:
@@ -643,10 +618,14 @@ class Executor:
 
 
 def drive(engine, handle: Callable, *, overlap: bool = True, trace_path: str | None = None,
-          plan: Plan | None = None) -> dict:
-    """Step `engine` to completion through the plan's executor; `handle(outputs)` per step."""
+          plan: Plan | None = None, submit=()) -> dict:
+    """Step `engine` to completion through the plan's executor; `handle(outputs)` per step.
+    `submit`: (id, Engine.add_request keyword arguments) pairs admitted through batch.admit."""
     trace = Trace()
-    stats = Executor(engine, plan, overlap=overlap, trace=trace).run(on_output=handle)
+    ex = Executor(engine, plan, overlap=overlap, trace=trace)
+    for rid, kwargs in submit:
+        ex.submit(rid, **kwargs)
+    stats = ex.run(on_output=handle)
     if trace_path:
         trace.write(trace_path)
         stats["trace"] = trace_path
@@ -655,8 +634,7 @@ def drive(engine, handle: Callable, *, overlap: bool = True, trace_path: str | N
 
 def run_requests(engine, requests, *, plan: Plan | None = None, overlap: bool = True,
                  trace_path: str | None = None, on_output: Callable | None = None) -> dict:
-    """Add `requests` ((id, kwargs for Engine.add_request) pairs) and run them to the end."""
-    for rid, kwargs in requests:
-        engine.add_request(rid, **kwargs)
+    """Submit `requests` ((id, kwargs for Engine.add_request) pairs) and run them to the end;
+    an input error of one request raises (the pipeline runtime reports it per request instead)."""
     return drive(engine, on_output or (lambda outputs: None), overlap=overlap,
-                 trace_path=trace_path, plan=plan)
+                 trace_path=trace_path, plan=plan, submit=requests)

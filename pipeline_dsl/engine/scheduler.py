@@ -92,12 +92,14 @@ def bucket(n: int, cap: int) -> int:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, blocks: BlockManager, clock=time.monotonic):
+    def __init__(self, config: EngineConfig, blocks: BlockManager, clock=time.monotonic,
+                 max_len: int | None = None):
         self.config = config
         self.blocks = blocks
         self.clock = clock
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.max_len = max_len or (1 << 62)  # the model's context: a sequence this long is done
         self.num_preemptions = 0
         # admission keeps a few blocks spare so running sequences can grow without preemption
         self.watermark = max(1, blocks.num_blocks // 100)
@@ -121,6 +123,11 @@ class Scheduler:
                 pass
         seq.status, seq.finish_reason = FINISHED, reason
         self.blocks.free_seq(seq.request_id)
+
+    def done_pending(self, seq: Sequence) -> bool:
+        """Whether a running sequence already holds its last token: it finishes for certain once
+        that token is known (an executor that schedules ahead keeps it in flight meanwhile)."""
+        return seq.num_output >= seq.params.max_tokens or len(seq.token_ids) >= self.max_len
 
     def window_open(self, now: float | None = None) -> bool:
         """May waiting requests be admitted now?"""
@@ -151,8 +158,8 @@ class Scheduler:
         for seq in order:
             if budget <= 0:
                 break
-            if seq.status != RUNNING:
-                continue  # preempted earlier in this loop
+            if seq.status != RUNNING or self.done_pending(seq):
+                continue  # preempted earlier in this loop, or its last token is in flight
             n = min(len(seq.token_ids) - seq.num_computed, budget, cfg.prefill_chunk)
             while not self.blocks.allocate(seq.request_id, seq.num_computed + n):
                 victim = self.running[-1]  # the most recently admitted sequence

@@ -27,6 +27,7 @@ class Span:
     start: float
     end: float
     micro_batch: int
+    args: dict | None = None          # e.g. {"request": "r7"} for per-item work
 
 
 class Trace:
@@ -34,9 +35,10 @@ class Trace:
         self.spans: deque[Span] = deque(maxlen=limit)   # limit: keep only the latest spans
         self._lock = threading.Lock()
 
-    def add(self, stream: str, name: str, start: float, end: float, micro_batch: int = -1) -> None:
+    def add(self, stream: str, name: str, start: float, end: float, micro_batch: int = -1,
+            args: dict | None = None) -> None:
         with self._lock:
-            self.spans.append(Span(stream, name, start, end, micro_batch))
+            self.spans.append(Span(stream, name, start, end, micro_batch, args))
 
     @contextmanager
     def span(self, stream: str, name: str, micro_batch: int = -1):
@@ -106,7 +108,8 @@ class Trace:
             events.append({"name": s.name, "cat": s.stream, "ph": "X", "pid": 1, "tid": tids[s.stream],
                            "ts": round((s.start - t0) * 1e6, 3),
                            "dur": round(max(s.end - s.start, 0.0) * 1e6, 3),
-                           "args": {"micro_batch": s.micro_batch}})
+                           "args": ({"micro_batch": s.micro_batch} if s.micro_batch >= 0 else {})
+                           | (s.args or {})})
         return {"traceEvents": events, "displayTimeUnit": "ms",
                 "otherData": {"measured_overlap": round(self.measured_overlap(), 4)}}
 

@@ -1,11 +1,16 @@
-"""The FastAPI application of `agp serve`: OpenAI-compatible routes over an `AsyncEngine`.
+"""The FastAPI application of `agp serve`: OpenAI-compatible routes over an `AsyncPipeline`.
 
 Routes: POST /v1/completions and /v1/chat/completions (server-sent events ending in
 `data: [DONE]` when `"stream": true`), GET /v1/models, /health, /metrics (Prometheus)
-and /stats (the engine's counters as JSON). Bad requests get a 400 with an OpenAI-style
-error body before anything reaches the engine; a full queue a 429 with Retry-After; a
-draining or failed engine a 503. A client that goes away mid-request aborts its
-sequence, which frees its KV blocks.
+and /stats (counters as JSON, per stage and per engine). Bad requests get a 400 with an
+OpenAI-style error body before anything reaches the pipeline; a request the pipeline
+refuses (a python stage's Reject, input its engine cannot serve) a 400; a full queue a
+429 with Retry-After; a draining or failed pipeline a 503. A stream starts only when the
+request's first token (or its answer) is there, so these stay HTTP errors for streams too.
+A client that goes away mid-request aborts it, which frees its KV blocks.
+
+The request's `model` field may name the pipeline (its generate stages are reached as the
+graph routes) or one of its generate stages (the request goes the way that leads there).
 """
 from __future__ import annotations
 
@@ -19,11 +24,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline_dsl.engine.config import SamplingParams
-from pipeline_dsl.engine.errors import InputError, QueueFullError
+from pipeline_dsl.flow import PipelineError
 
 from . import protocol as P
-from .async_engine import AsyncEngine, EngineUnavailable
+from .async_pipeline import AsyncPipeline, RequestStream
 from .metrics import ServerMetrics
 
 
@@ -31,15 +35,15 @@ from .metrics import ServerMetrics
 class ServeConfig:
     model_names: tuple[str, ...]           # the first is reported by /v1/models and in answers
     max_model_len: int                     # context length: max_tokens beyond it is a 400
-    defaults: SamplingParams = SamplingParams()  # the pipeline's generate settings
+    stages: tuple[tuple[str, str], ...] = ()   # (generate stage, its model) a request may name
     retry_after_s: int = 1                 # Retry-After of a 429
     drain_timeout_s: float = 60.0          # at shutdown: how long in-flight requests may take
 
 
 class EventStream(StreamingResponse):
-    """Server-sent events; a client gone before the first byte still aborts the sequence."""
+    """Server-sent events; a client gone before the first byte still aborts the request."""
 
-    def __init__(self, content, stream, metrics: ServerMetrics):
+    def __init__(self, content, stream: RequestStream, metrics: ServerMetrics):
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._stream, self._metrics = stream, metrics
@@ -48,7 +52,7 @@ class EventStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            if not getattr(self._stream, "started", False):   # the generator never ran
+            if not self._stream.started:      # the generator never ran
                 self._stream.abort()
                 self._metrics.requests.labels("499").inc()
                 self._metrics.in_flight.dec()
@@ -58,21 +62,40 @@ def _error(err: P.APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
-def create_app(aengine: AsyncEngine, config: ServeConfig, metrics: ServerMetrics | None = None
+def api_error(e: PipelineError, kind: str, retry_after_s: int = 1) -> P.APIError:
+    """The HTTP answer to a request the pipeline refused or failed."""
+    if e.kind == "queue_full":
+        return P.APIError(e.message, status=429, type="rate_limit_error", code="queue_full",
+                          headers={"Retry-After": str(retry_after_s)})
+    if e.kind == "unavailable":
+        return P.APIError(e.message, status=503, type="server_error", code="unavailable",
+                          headers={"Retry-After": str(retry_after_s)})
+    if e.kind == "rejected":
+        return P.APIError(e.message, status=400, code="rejected", param=e.stage)
+    if e.kind == "invalid":
+        return P.APIError(e.message, status=400, param="messages" if kind == "chat" else "prompt")
+    if e.kind == "aborted":
+        return P.APIError(e.message, status=499, code="aborted")
+    return P.APIError(e.message, status=500, type="server_error", code="stage_failed", param=e.stage)
+
+
+def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics | None = None
                ) -> FastAPI:
-    metrics = metrics or aengine.metrics or ServerMetrics()
-    aengine.metrics = metrics
+    metrics = metrics or apipe.metrics or ServerMetrics()
+    apipe.metrics = metrics
     created = int(time.time())
+    stage_names = tuple(name for name, _ in config.stages)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        aengine.start()
+        apipe.start()
         yield
         # uvicorn has stopped accepting and waited for open responses; finish the rest
-        await asyncio.to_thread(aengine.stop, drain=True, timeout=config.drain_timeout_s)
+        app.state.drained = await asyncio.to_thread(apipe.stop, drain=True, timeout=config.drain_timeout_s)
 
     app = FastAPI(title="agp", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.aengine, app.state.metrics, app.state.config = aengine, metrics, config
+    app.state.apipe, app.state.metrics, app.state.config = apipe, metrics, config
+    app.state.drained = None
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -82,32 +105,35 @@ def create_app(aengine: AsyncEngine, config: ServeConfig, metrics: ServerMetrics
 
     @app.get("/health")
     async def health():
-        if aengine.error is not None:
-            return JSONResponse({"status": "failed", "error": str(aengine.error)}, 503)
-        if not aengine.accepting:
+        if apipe.error is not None:
+            return JSONResponse({"status": "failed", "error": str(apipe.error)}, 503)
+        if not apipe.accepting:
             return JSONResponse({"status": "draining"}, 503)
         return {"status": "ok"}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": created, "owned_by": "agp",
-             "max_model_len": config.max_model_len} for name in config.model_names]}
+        data = [{"id": name, "object": "model", "created": created, "owned_by": "agp",
+                 "max_model_len": config.max_model_len} for name in config.model_names]
+        data += [{"id": stage, "object": "model", "created": created, "owned_by": "agp",
+                  "root": model, "parent": config.model_names[0], "max_model_len": config.max_model_len}
+                 for stage, model in config.stages if stage not in config.model_names]
+        return {"object": "list", "data": data}
 
     @app.get("/metrics")
     async def prometheus():
-        body, content_type = metrics.render(await _engine_stats())
+        body, content_type = metrics.render(await _stats())
         return Response(body, media_type=content_type)
 
     @app.get("/stats")
     async def stats():
-        """The engine's counters (latency sample lists left out)."""
-        return {k: v for k, v in (await _engine_stats()).items() if not isinstance(v, list)}
+        """Counters of the pipeline: per stage, per engine, requests."""
+        return await _stats()
 
-    async def _engine_stats() -> dict:
+    async def _stats() -> dict:
         try:
-            return await aengine.stats()
-        except EngineUnavailable:
+            return await apipe.stats()
+        except Exception:                       # noqa: BLE001 - a failed pipeline still answers
             return {}
 
     @app.post("/v1/completions")
@@ -121,44 +147,67 @@ def create_app(aengine: AsyncEngine, config: ServeConfig, metrics: ServerMetrics
     async def _generate(request: Request, parse) -> Response:
         try:
             body = P.parse_json(await request.body())
-            req = parse(body, defaults=config.defaults, max_model_len=config.max_model_len,
-                        served=config.model_names)
+            req = parse(body, max_model_len=config.max_model_len, served=config.model_names,
+                        stages=stage_names)
         except P.APIError as err:
             metrics.requests.labels(str(err.status)).inc()
             return _error(err)
         prefix = "chatcmpl" if req.kind == "chat" else "cmpl"
         rid = f"{prefix}-{uuid.uuid4().hex}"
         try:
-            stream = await aengine.add(rid, params=req.params, **req.engine_inputs())
-        except QueueFullError as e:
-            err = P.APIError(str(e), status=429, type="rate_limit_error", code="queue_full",
-                             headers={"Retry-After": str(config.retry_after_s)})
-        except InputError as e:
-            err = P.APIError(str(e), param="messages" if req.kind == "chat" else "prompt")
-        except EngineUnavailable as e:
-            err = P.APIError(str(e), status=503, type="server_error", code="unavailable",
-                             headers={"Retry-After": str(config.retry_after_s)})
-        else:
-            metrics.in_flight.inc()
-            if req.stream:
-                return EventStream(_sse(stream, req, rid), stream, metrics)
-            return await _collect(request, stream, req, rid)
-        metrics.requests.labels(str(err.status)).inc()
-        return _error(err)
+            stream = await apipe.add(req.item(rid), pin=req.pin, stream=req.stream)
+        except PipelineError as e:
+            err = api_error(e, req.kind, config.retry_after_s)
+            metrics.requests.labels(str(err.status)).inc()
+            return _error(err)
+        metrics.in_flight.inc()
+        first = await _first_event(request, stream)
+        if first is None:                        # the client went away while it waited
+            metrics.requests.labels("499").inc()
+            metrics.in_flight.dec()
+            return Response(status_code=499)
+        if first[0] == "done" and first[1].error is not None:
+            err = api_error(first[1].error, req.kind, config.retry_after_s)
+            metrics.requests.labels(str(err.status)).inc()
+            metrics.in_flight.dec()
+            return _error(err)
+        if req.stream:
+            return EventStream(_sse(stream, first, req, rid), stream, metrics)
+        return await _collect(request, stream, first, req, rid)
 
-    async def _collect(request: Request, stream, req: P.GenerationRequest, rid: str) -> Response:
-        """Non-streaming: wait for the last output, or abort when the client disconnects."""
-        async def last_output():
-            last = None
-            async for out in stream:
-                last = out
-            return last
+    async def _first_event(request: Request, stream: RequestStream):
+        """The request's first event, or None when the client disconnects first (then aborted)."""
+        async def disconnected():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        nxt = asyncio.ensure_future(stream.__anext__())
+        watch = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({nxt, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if nxt.done():
+                return nxt.result()
+            stream.abort()
+            return None
+        finally:
+            for task in (nxt, watch):
+                if not task.done():
+                    task.cancel()
+
+    async def _collect(request: Request, stream: RequestStream, first, req: P.GenerationRequest,
+                       rid: str) -> Response:
+        """Non-streaming: wait for the answer, or abort when the client disconnects."""
+        async def answer():
+            event = first
+            while event[0] != "done":
+                event = await stream.__anext__()
+            return event[1]
 
         async def disconnected():
             while (await request.receive())["type"] != "http.disconnect":
                 pass
 
-        result = asyncio.ensure_future(last_output())
+        result = asyncio.ensure_future(answer())
         watch = asyncio.ensure_future(disconnected())
         status = "200"
         try:
@@ -167,14 +216,15 @@ def create_app(aengine: AsyncEngine, config: ServeConfig, metrics: ServerMetrics
                 status = "499"                   # client closed the request
                 stream.abort()
                 return Response(status_code=499)
-            try:
-                out = result.result()
-            except EngineUnavailable as e:
-                status = "503"
-                return _error(P.APIError(str(e), status=503, type="server_error"))
-            use = P.usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens)
+            res = result.result()
+            if res.error is not None:
+                err = api_error(res.error, req.kind, config.retry_after_s)
+                status = str(err.status)
+                return _error(err)
+            use = P.usage(res.usage["prompt_tokens"], res.usage["completion_tokens"], res.usage["cached_tokens"])
             build = P.chat_response if req.kind == "chat" else P.completion_response
-            return JSONResponse(build(rid, req.model, out.text, out.finish_reason, use))
+            return JSONResponse(build(rid, req.model, [(c.index, c.text, c.finish_reason) for c in res.choices],
+                                      use))
         finally:
             for task in (result, watch):
                 task.cancel()
@@ -183,36 +233,62 @@ def create_app(aengine: AsyncEngine, config: ServeConfig, metrics: ServerMetrics
             metrics.requests.labels(status).inc()
             metrics.in_flight.dec()
 
-    async def _sse(stream, req: P.GenerationRequest, rid: str):
-        """Streaming: one chunk per step's text, a finishing chunk, usage if asked, [DONE]."""
+    async def _sse(stream: RequestStream, first, req: P.GenerationRequest, rid: str):
+        """Streaming: chunks as tokens come (per choice index), a finishing chunk per choice,
+        usage if asked, [DONE]. Choices whose results went through later stages arrive whole."""
         now = int(time.time())
         chat = req.kind == "chat"
         status = "499"
         stream.started = True
+        opened: set[int] = set()
+        closed: set[int] = set()
+
+        def content(index: int, text: str) -> list[bytes]:
+            out = []
+            if chat and index not in opened:
+                out.append(P.sse(P.chat_chunk(rid, req.model, now, {"role": "assistant", "content": ""},
+                                              None, index)))
+            opened.add(index)
+            if text:
+                out.append(P.sse(P.chat_chunk(rid, req.model, now, {"content": text}, None, index) if chat
+                                 else P.completion_chunk(rid, req.model, now, text, None, index)))
+            return out
+
+        def finish(index: int, reason: str | None) -> bytes:
+            closed.add(index)
+            return P.sse(P.chat_chunk(rid, req.model, now, {}, reason, index) if chat
+                         else P.completion_chunk(rid, req.model, now, "", reason, index))
+
         try:
-            if chat:
-                yield P.sse(P.chat_chunk(rid, req.model, now, {"role": "assistant", "content": ""},
-                                         None))
-            out = None
-            try:
-                async for out in stream:
-                    if out.delta_text:
-                        yield P.sse(P.chat_chunk(rid, req.model, now, {"content": out.delta_text},
-                                                 None) if chat else
-                                    P.completion_chunk(rid, req.model, now, out.delta_text, None))
-            except EngineUnavailable as e:
-                status = "503"
-                yield P.sse(P.APIError(str(e), status=503, type="server_error").body())
-                yield P.sse("[DONE]")
-                return
-            reason = out.finish_reason if out is not None and out.finished else "abort"
-            yield P.sse(P.chat_chunk(rid, req.model, now, {}, reason) if chat else
-                        P.completion_chunk(rid, req.model, now, "", reason))
-            if req.include_usage and out is not None:
-                use = P.usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens)
-                yield P.sse(P.usage_chunk(rid, req.model, now, req.kind, use))
-            yield P.sse("[DONE]")
-            status = "200"
+            event = first
+            while True:
+                if event[0] == "delta":
+                    _, index, out = event
+                    for chunk in content(index, out.delta_text):
+                        yield chunk
+                    if out.finished and index not in closed:
+                        yield finish(index, out.finish_reason)
+                else:
+                    result = event[1]
+                    if result.error is not None:
+                        err = api_error(result.error, req.kind, config.retry_after_s)
+                        status = str(err.status)
+                        yield P.sse(err.body())
+                        yield P.sse("[DONE]")
+                        return
+                    for c in result.choices:
+                        if c.index not in closed:
+                            for chunk in content(c.index, c.text if c.index not in opened else ""):
+                                yield chunk
+                            yield finish(c.index, c.finish_reason)
+                    if req.include_usage:
+                        use = P.usage(result.usage["prompt_tokens"], result.usage["completion_tokens"],
+                                      result.usage["cached_tokens"])
+                        yield P.sse(P.usage_chunk(rid, req.model, now, req.kind, use))
+                    yield P.sse("[DONE]")
+                    status = "200"
+                    return
+                event = await stream.__anext__()
         finally:                                 # also on disconnect (cancel / aclose)
             if not stream.finished:
                 stream.abort()

@@ -2,13 +2,16 @@
 
 Request counts by HTTP status, token counters, TTFT / inter-token / end-to-end latency
 histograms and the batch-size histogram are observed as requests flow; the gauges
-(queue length, running sequences, KV blocks used and cached, prefix hit rate) are read
-from the engine's latest `stats()` snapshot each time /metrics is scraped.
+(queue length, running sequences, KV blocks used and cached, prefix hit rate, summed over
+the pipeline's engines) and the per-stage series (items in and out, rejected, failed,
+queue depth, seconds busy; label `stage`) are read from the runtime's `stats()` snapshot
+each time /metrics is scraped.
 """
 from __future__ import annotations
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
                                Histogram, generate_latest)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
                    1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -27,6 +30,48 @@ GAUGES = {
                          ("kv_blocks_cached", "blocks_cached", "cached_blocks")),
     "kv_blocks_total": ("KV blocks in the pool", ("kv_blocks_total", "num_blocks", "blocks_total")),
 }
+
+
+STAGE_SERIES = (  # (stats key, metric name, type, help)
+    ("items_in", "stage_items_in", "counter", "Items that reached the stage"),
+    ("items_out", "stage_items_out", "counter", "Items the stage sent on"),
+    ("rejected", "stage_rejected", "counter", "Requests the stage refused (bad input, Reject)"),
+    ("failed", "stage_failed", "counter", "Requests that failed in the stage"),
+    ("queued", "stage_queue_depth", "gauge", "Items waiting for the stage"),
+    ("busy_s", "stage_busy_seconds", "counter", "Seconds the stage spent working"),
+)
+
+
+class _Snapshot:
+    """A collector over the latest stats snapshot: per-stage series."""
+
+    def __init__(self, namespace: str):
+        self.ns = namespace
+        self.stats: dict = {}
+
+    def collect(self):
+        stages = self.stats.get("stages") or {}
+        for key, name, kind, doc in STAGE_SERIES:
+            family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+                f"{self.ns}_{name}", doc, labels=["stage", "kind"])
+            for stage, row in stages.items():
+                family.add_metric([stage, str(row.get("kind"))], float(row.get(key, 0) or 0))
+            yield family
+
+
+def engine_totals(stats: dict) -> dict:
+    """One flat dict of the engines' counters (summed; the hit rate over all their prompts)."""
+    engines = list((stats.get("engines") or {}).values())
+    if not engines:
+        return {k: v for k, v in stats.items() if not isinstance(v, dict)}
+    out: dict = {}
+    for e in engines:
+        for k, v in e.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[k] = out.get(k, 0) + v
+    queried = out.get("kv_queried_tokens", 0)
+    out["kv_hit_rate"] = out.get("kv_hit_tokens", 0) / queried if queried else 0.0
+    return out
 
 
 def stat(stats: dict, keys: tuple[str, ...], default=None):
@@ -68,6 +113,8 @@ class ServerMetrics:
                                namespace=ns, registry=r)
         self.prompt_total = 0                  # plain mirrors of the counters for the hit rate
         self.cached_total = 0
+        self.snapshot = _Snapshot(ns)
+        r.register(self.snapshot)
 
     def observe_prompt(self, prompt_tokens: int, cached_tokens: int) -> None:
         """A request's prompt was scheduled; `cached_tokens` of it came from the prefix cache."""
@@ -77,6 +124,8 @@ class ServerMetrics:
         self.cached_total += cached_tokens
 
     def update_engine(self, stats: dict) -> None:
+        self.snapshot.stats = stats
+        stats = engine_totals(stats)
         for name, (_, keys) in GAUGES.items():
             value = stat(stats, keys)
             if value is not None:

@@ -1,7 +1,8 @@
 """The OpenAI wire format: request validation and response bodies.
 
 `parse_completion` and `parse_chat` turn a decoded JSON body into a `GenerationRequest`
-(prompt or messages plus `SamplingParams`) or raise `APIError`, whose `body()` is the
+(prompt or messages plus the sampling fields it sets, which override the defaults of the
+generate stage it reaches) or raise `APIError`, whose `body()` is the
 OpenAI-style error object (`{"error": {"message", "type", "param", "code"}}`). Nothing
 that fails here reaches the engine. The `*_response` and `*_chunk` functions build the
 bodies of non-streaming answers and of server-sent-event chunks.
@@ -15,8 +16,6 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeline_dsl.engine.config import SamplingParams
-from pipeline_dsl.engine.errors import InputError
 from pipeline_dsl.requests_io import RequestError, parse_messages, parse_stop
 
 class APIError(Exception):
@@ -41,21 +40,29 @@ class APIError(Exception):
 @dataclass(frozen=True)
 class GenerationRequest:
     kind: str                                  # "completion" | "chat"
-    model: str
-    params: SamplingParams
+    model: str                                 # the id the client asked for (answers carry it)
+    fields: dict                               # sampling overrides and n, validated
     prompt: str | None = None
     prompt_token_ids: tuple[int, ...] | None = None
     messages: tuple[dict, ...] | None = None
     stream: bool = False
     include_usage: bool = False                # stream_options.include_usage
+    pin: str | None = None                     # the generate stage `model` names, if it names one
+    metadata: dict | None = None
 
-    def engine_inputs(self) -> dict[str, Any]:
-        """Keyword arguments for Engine.add_request (besides the id and params)."""
+    def item(self, request_id: str) -> dict[str, Any]:
+        """The request as the pipeline's items carry it (what a python stage sees)."""
+        out: dict[str, Any] = {"id": request_id}
         if self.messages is not None:
-            return {"messages": [dict(m) for m in self.messages]}
-        if self.prompt_token_ids is not None:
-            return {"prompt_token_ids": list(self.prompt_token_ids)}
-        return {"prompt": self.prompt}
+            out["messages"] = [dict(m) for m in self.messages]
+        elif self.prompt_token_ids is not None:
+            out["prompt_token_ids"] = list(self.prompt_token_ids)
+        else:
+            out["prompt"] = self.prompt
+        out.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in self.fields.items()})
+        out["model"] = self.model
+        out["metadata"] = dict(self.metadata or {})
+        return out
 
 
 def parse_json(raw: bytes) -> dict:
@@ -128,7 +135,7 @@ def _check_unknown(obj: dict, known: set[str]) -> None:
 
 def _check_unsupported(obj: dict) -> None:
     """Fields agp knows but only serves at their neutral value."""
-    neutral = {"n": (1,), "best_of": (1,), "echo": (False,), "presence_penalty": (0,),
+    neutral = {"best_of": (1,), "echo": (False,), "presence_penalty": (0,),
                "frequency_penalty": (0,), "repetition_penalty": (1,), "logprobs": (False, 0),
                "top_logprobs": (0,), "suffix": ("",), "logit_bias": ({},), "min_tokens": (0,),
                "tools": ([],)}
@@ -149,8 +156,8 @@ def _check_unsupported(obj: dict) -> None:
                        param="response_format")
 
 
-def _sampling(obj: dict, defaults: SamplingParams, max_model_len: int,
-              max_tokens_field: str = "max_tokens") -> SamplingParams:
+def _sampling(obj: dict, max_model_len: int, max_tokens_field: str = "max_tokens") -> dict:
+    """The request's sampling fields (validated); what it leaves out, its generate stage decides."""
     values: dict[str, Any] = {}
     max_tokens = _field(obj, max_tokens_field, _is_int, "an integer")
     if max_tokens_field != "max_tokens" and max_tokens is None:
@@ -187,25 +194,23 @@ def _sampling(obj: dict, defaults: SamplingParams, max_model_len: int,
         values["seed"] = seed
     if obj.get("stop") is not None:
         try:
-            values["stop"] = tuple(parse_stop(obj["stop"]))
+            values["stop"] = list(parse_stop(obj["stop"]))
         except RequestError as e:
             raise APIError(str(e), param=e.param) from None
     stop_ids = obj.get("stop_token_ids")
     if stop_ids is not None:
         if not isinstance(stop_ids, list) or not all(_is_int(t) and t >= 0 for t in stop_ids):
             raise _bad("stop_token_ids", "an array of token ids", stop_ids)
-        values["stop_token_ids"] = tuple(stop_ids)
+        values["stop_token_ids"] = list(stop_ids)
     ignore_eos = _field(obj, "ignore_eos", lambda v: isinstance(v, bool), "true or false")
     if ignore_eos is not None:
         values["ignore_eos"] = ignore_eos
-    params = replace(defaults, **values)
-    if params.max_tokens > max_model_len:      # the pipeline's own default, capped to the context
-        params = replace(params, max_tokens=max_model_len)
-    try:
-        params.check()
-    except InputError as e:
-        raise APIError(str(e)) from None
-    return params
+    n = _field(obj, "n", _is_int, "an integer")
+    if n is not None:
+        if not 1 <= n <= 64:
+            raise APIError(f"'n' must be between 1 and 64, not {n}", param="n")
+        values["n"] = n
+    return values
 
 
 def _stream_flags(obj: dict) -> tuple[bool, bool]:
@@ -221,27 +226,31 @@ def _stream_flags(obj: dict) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def _model(obj: dict, served: tuple[str, ...]) -> str:
+def _model(obj: dict, served: tuple[str, ...], stages: tuple[str, ...] = ()) -> tuple[str, str | None]:
+    """(the model id of the answer, the generate stage it pins or None)."""
     model = obj.get("model")
     if model is None:
-        return served[0]
+        return served[0], None
+    if isinstance(model, str) and model in stages:
+        return model, model
     if not isinstance(model, str):
         raise _bad("model", "a string", model)
     if model not in served:
-        close = difflib.get_close_matches(model, served, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; this server has {', '.join(served)}"
+        known = tuple(served) + tuple(stages)
+        close = difflib.get_close_matches(model, known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; this server has {', '.join(known)}"
         raise APIError(f"the model '{model}' does not exist{hint}", status=404, param="model",
                        code="model_not_found")
-    return model
+    return model, None
 
 
 # ---------------------------------------------------------------- requests
 
-def parse_completion(obj: dict, *, defaults: SamplingParams, max_model_len: int,
-                     served: tuple[str, ...]) -> GenerationRequest:
+def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
+                     stages: tuple[str, ...] = ()) -> GenerationRequest:
     """POST /v1/completions: `prompt` is a string, one-string array or an array of token ids."""
     _check_unknown(obj, COMPLETION_FIELDS)
-    model = _model(obj, served)
+    model, pin = _model(obj, served, stages)
     _check_unsupported(obj)
     if "prompt" not in obj or obj["prompt"] is None:
         raise APIError("'prompt' is required", param="prompt")
@@ -266,9 +275,9 @@ def parse_completion(obj: dict, *, defaults: SamplingParams, max_model_len: int,
     else:
         raise _bad("prompt", "a string or an array of token ids", prompt)
     stream, include_usage = _stream_flags(obj)
-    params = _sampling(obj, defaults, max_model_len)
-    return GenerationRequest("completion", model, params, prompt=text, prompt_token_ids=token_ids,
-                             stream=stream, include_usage=include_usage)
+    fields = _sampling(obj, max_model_len)
+    return GenerationRequest("completion", model, fields, prompt=text, prompt_token_ids=token_ids,
+                             stream=stream, include_usage=include_usage, pin=pin)
 
 
 def _messages(value) -> tuple[dict, ...]:
@@ -280,17 +289,18 @@ def _messages(value) -> tuple[dict, ...]:
         raise APIError(str(e), param=e.param) from None
 
 
-def parse_chat(obj: dict, *, defaults: SamplingParams, max_model_len: int,
-               served: tuple[str, ...]) -> GenerationRequest:
+def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
+               stages: tuple[str, ...] = ()) -> GenerationRequest:
     """POST /v1/chat/completions."""
     _check_unknown(obj, CHAT_FIELDS)
-    model = _model(obj, served)
+    model, pin = _model(obj, served, stages)
     _check_unsupported(obj)
     messages = _messages(obj.get("messages"))
     stream, include_usage = _stream_flags(obj)
-    params = _sampling(obj, defaults, max_model_len, max_tokens_field="max_completion_tokens")
-    return GenerationRequest("chat", model, params, messages=messages, stream=stream,
-                             include_usage=include_usage)
+    fields = _sampling(obj, max_model_len, max_tokens_field="max_completion_tokens")
+    metadata = _field(obj, "metadata", lambda v: isinstance(v, dict), "an object")
+    return GenerationRequest("chat", model, fields, messages=messages, stream=stream,
+                             include_usage=include_usage, pin=pin, metadata=metadata)
 
 
 # ---------------------------------------------------------------- responses
@@ -301,35 +311,36 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def completion_response(rid: str, model: str, text: str, finish_reason: str | None,
+def completion_response(rid: str, model: str, choices: list[tuple[int, str, str | None]],
                         use: dict, created: int | None = None) -> dict:
+    """choices: (index, text, finish_reason) each."""
     return {"id": rid, "object": "text_completion", "created": created or int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None,
-                         "finish_reason": finish_reason}],
+            "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+                        for i, text, reason in choices],
             "usage": use}
 
 
-def chat_response(rid: str, model: str, text: str, finish_reason: str | None,
+def chat_response(rid: str, model: str, choices: list[tuple[int, str, str | None]],
                   use: dict, created: int | None = None) -> dict:
     return {"id": rid, "object": "chat.completion", "created": created or int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                         "logprobs": None, "finish_reason": reason} for i, text, reason in choices],
             "usage": use}
 
 
 def completion_chunk(rid: str, model: str, created: int, text: str,
-                     finish_reason: str | None) -> dict:
+                     finish_reason: str | None, index: int = 0) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None,
+            "choices": [{"index": index, "text": text, "logprobs": None,
                          "finish_reason": finish_reason}]}
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict,
-               finish_reason: str | None) -> dict:
+               finish_reason: str | None, index: int = 0) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None,
+            "choices": [{"index": index, "delta": delta, "logprobs": None,
                          "finish_reason": finish_reason}]}
 
 

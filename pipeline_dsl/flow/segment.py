@@ -1,0 +1,177 @@
+"""One engine segment of a pipeline: batch -> encode -> kv_lookup -> generate stage(s).
+
+Its stages configure one `Engine` (model, KV pool, batching) driven by the plan's
+`Executor` in its own batching loop; requests arrive tokenised (`tokenise` runs per item
+on the pipeline's worker pool) and leave as finished sequences.
+
+    spec = segment_spec(graph, segment, kv_share)     # what its stages ask of the engine
+    seg = EngineSegment(spec, plan, overrides={"threads": 2}, trace=trace)
+    ids = seg.tokenise(item_data)                     # encode.tokenise (any thread)
+    seg.submit("r1/0", ids, seg.sampling("gen", item_data, len(ids)))
+    seg.drive(on_output, on_error)                    # this thread; or seg.start(...) for a thread of its own
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import networkx as nx
+
+from pipeline_dsl.graph import Segment
+
+# request fields that override a generate stage's sampling defaults
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
+
+
+@dataclass
+class SegmentSpec:
+    """What the stages of one engine segment ask of its engine."""
+    segment: Segment
+    engine: dict[str, Any] = field(default_factory=dict)          # EngineConfig fields
+    sampling: dict[str, dict] = field(default_factory=dict)       # generate stage -> SamplingParams defaults
+    n: dict[str, int] = field(default_factory=dict)               # generate stage -> answers per request
+    chat_template: bool = True                                    # encode: render messages with the template
+    add_special_tokens: bool = True                               # encode: BOS on raw prompts
+
+
+def segment_spec(graph: nx.DiGraph, segment: Segment, kv_budget: int | None = None) -> SegmentSpec:
+    """Each stage of the segment contributes its settings (stages.impl); `kv_budget` is this
+    engine's share of the pipeline's KV budget when its kv_lookup sets none."""
+    from stages.impl import implementation
+
+    spec = SegmentSpec(segment)
+    settings = graph.graph.get("settings", {})
+    if settings.get("threads") is not None:
+        spec.engine["threads"] = settings["threads"]
+    for stage in (segment.batch, segment.encode, segment.kv):
+        data = graph.nodes[stage]
+        implementation(data["kind"])().configure(dict(data["params"]), spec)
+    for gen in segment.generates:
+        implementation("generate")().configure(dict(graph.nodes[gen]["params"]), spec, stage=gen)
+    if kv_budget is not None and "budget" not in graph.nodes[segment.kv].get("given", ()):
+        spec.engine["kv_budget_bytes"] = int(kv_budget)
+    for node in graph:                         # the request source's prompt limit applies to every engine
+        if graph.nodes[node].get("kind") == "requests":
+            limit = graph.nodes[node]["params"].get("max_prompt_tokens")
+            if limit:
+                spec.engine["max_prompt_tokens"] = limit
+    if spec.engine.get("model") is None:
+        spec.engine.pop("model", None)         # the embedded default
+    if spec.engine.get("device") is None:
+        spec.engine.pop("device", None)
+    return spec
+
+
+def kv_shares(graph: nx.DiGraph, segments: list[Segment]) -> dict[str, int | None]:
+    """The KV budget of each segment whose kv_lookup sets none: the pipeline's `kv_budget` (else
+    the mode's budget of one engine) less the budgets set explicitly, split evenly."""
+    settings = graph.graph.get("settings", {})
+    given = set(graph.graph.get("given_settings", ()))
+    implicit = [s for s in segments if "budget" not in graph.nodes[s.kv].get("given", ())]
+    if not implicit or (len(segments) == 1 and "kv_budget" not in given):
+        return {s.kv: None for s in segments}
+    if "kv_budget" in given and settings.get("kv_budget"):
+        total = int(settings["kv_budget"])
+    else:
+        total = int(graph.nodes[implicit[0].kv]["params"]["budget"])   # the mode's budget of one engine
+    explicit = sum(int(graph.nodes[s.kv]["params"]["budget"]) for s in segments if s not in implicit)
+    share = max(1 << 16, (total - explicit) // len(implicit))
+    return {s.kv: (share if s in implicit else None) for s in segments}
+
+
+class EngineSegment:
+    """An Engine and its Executor for one segment; thread-safe submit / abort / tokenise."""
+
+    def __init__(self, spec: SegmentSpec, plan, *, overrides: dict | None = None, overlap: bool = True,
+                 trace=None, engine=None):
+        from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
+        from pipeline_dsl.engine.engine import resolve_device
+        from pipeline_dsl.engine.executor import Executor
+
+        self.spec, self.segment = spec, spec.segment
+        self.name = spec.segment.name
+        known = {f.name for f in fields(EngineConfig)}
+        values = {k: v for k, v in spec.engine.items() if k in known}
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None and k in known})
+        values["device"] = resolve_device(str(values.get("device") or "auto"))
+        values["max_queue"] = 1 << 30            # the pipeline bounds admission (requests.max_queue)
+        self.config = EngineConfig(**values)
+        self.engine = engine if engine is not None else Engine(self.config)
+        self.executor = Executor(self.engine, plan, overlap=overlap, trace=trace)
+        self.defaults = {g: SamplingParams(**spec.sampling.get(g, {})) for g in spec.segment.generates}
+        self.n = dict(spec.n)
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.run_stats: dict = {}
+
+    # ---- per item (any thread) -------------------------------------------------------
+    def tokenise(self, data: dict) -> list[int]:
+        """encode.tokenise: the request's prompt as ids (raises InputError for bad input)."""
+        if data.get("messages") is not None:
+            return self.engine.prompt_ids(messages=data["messages"], chat_template=self.spec.chat_template,
+                                          add_special_tokens=self.spec.add_special_tokens)
+        return self.engine.prompt_ids(prompt=data.get("prompt"), add_special_tokens=self.spec.add_special_tokens)
+
+    def sampling(self, gen: str, data: dict, prompt_len: int, copy: int = 0):
+        """A request's SamplingParams at generate stage `gen`: the stage's defaults, the request's
+        own fields over them; without its own max_tokens, at most what the context leaves; copy i
+        of n gets seed + i."""
+        given = {k: data[k] for k in SAMPLING_FIELDS if data.get(k) is not None}
+        if "stop" in given:
+            given["stop"] = tuple(given["stop"])
+        params = replace(self.defaults[gen], **given)
+        if "max_tokens" not in given:
+            room = self.engine.max_model_len - prompt_len
+            if 0 < room < params.max_tokens:
+                params = replace(params, max_tokens=room)
+        if copy and params.seed is not None:
+            params = replace(params, seed=(params.seed + copy) & ((1 << 63) - 1))
+        params.check()
+        return params
+
+    def copies(self, gen: str, data: dict) -> int:
+        n = data.get("n")
+        return int(n) if n is not None else self.n.get(gen, 1)
+
+    def submit(self, seq_id: str, ids: list[int], params) -> None:
+        self.executor.submit(seq_id, prompt_token_ids=ids, params=params)
+
+    def abort(self, seq_id: str) -> None:
+        self.executor.abort(seq_id)
+
+    # ---- driving -----------------------------------------------------------------------
+    def drive(self, on_output, on_error) -> dict:
+        """Run the executor on this thread until close() and idle."""
+        try:
+            self.run_stats = self.executor.run(on_output=on_output, on_error=on_error, until_idle=False)
+            return self.run_stats
+        except BaseException as e:              # noqa: BLE001 - the runtime reports it to every waiter
+            self.error = e
+            raise
+
+    def start(self, on_output, on_error, on_failure) -> None:
+        def run():
+            try:
+                self.drive(on_output, on_error)
+            except BaseException as e:          # noqa: BLE001
+                on_failure(self, e)
+        self._thread = threading.Thread(target=run, name=f"agp-engine-{self.name}", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Let the batching loop end once this engine is idle."""
+        self.executor.close()
+
+    def join(self, timeout: float | None = None) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    def stats(self) -> dict:
+        with self.executor.lock:
+            s = self.engine.stats(latencies=False)
+        s["work_s"] = dict(self.executor.work_s)
+        s["work_n"] = dict(self.executor.work_n)
+        return s

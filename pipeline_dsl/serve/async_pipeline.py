@@ -1,0 +1,123 @@
+"""The pipeline runtime behind an asyncio server: coroutines submit requests and await events.
+
+The runtime (pipeline_dsl.flow) runs each engine segment's batching loop on a thread of
+its own and request-level stages on its worker pool; its callbacks reach the asyncio
+loop through `call_soon_threadsafe`. Concurrent HTTP requests meet in the engines'
+batchers exactly as `agp run` requests do.
+
+    stream = await apipe.add(item_dict, pin=None, stream=True)
+    async for event in stream:       # ("delta", index, RequestOutput) ..., then ("done", Result)
+        ...
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from pipeline_dsl.flow import PipelineError, Result
+
+log = logging.getLogger("agp.serve")
+
+
+class RequestStream:
+    """Async iterator over one request's events: ("delta", index, out) then ("done", result)."""
+
+    def __init__(self, owner: "AsyncPipeline", loop: asyncio.AbstractEventLoop):
+        self._owner, self._loop = owner, loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.key: str | None = None
+        self.finished = False
+        self.started = False                     # a consumer began reading (the app sets it)
+        self.arrival = time.monotonic()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.finished and self.queue.empty():
+            raise StopAsyncIteration
+        event = await self.queue.get()
+        if event[0] == "done":
+            self.finished = True
+        return event
+
+    def abort(self) -> None:
+        """Cancel the request (client gone): its engine sequences are freed."""
+        if not self.finished and self.key is not None:
+            self.finished = True
+            self._owner.runtime.abort(self.key)
+
+    # ---- called from the runtime's threads --------------------------------------------
+    def on_delta(self, key, index, out) -> None:
+        m = self._owner.metrics
+        now = time.monotonic()
+        n_new = len(out.new_token_ids)
+        if n_new and m is not None:
+            if self.first_token_at is None:
+                m.ttft.observe(now - self.arrival)
+            elif self.last_token_at is not None:
+                m.itl.observe((now - self.last_token_at) / n_new)
+        if n_new:
+            if self.first_token_at is None:
+                self.first_token_at = now
+            self.last_token_at = now
+        self._loop.call_soon_threadsafe(self.queue.put_nowait, ("delta", index, out))
+
+    def on_done(self, result: Result) -> None:
+        m = self._owner.metrics
+        if m is not None:
+            if result.error is None:
+                m.e2e.observe(time.monotonic() - self.arrival)
+                m.observe_prompt(result.usage.get("prompt_tokens", 0), result.usage.get("cached_tokens", 0))
+                m.generation_tokens.inc(result.usage.get("completion_tokens", 0))
+                for c in result.choices:
+                    m.finished.labels(c.finish_reason or "stop").inc()
+            elif result.error.kind == "aborted":
+                m.finished.labels("abort").inc()
+        self._loop.call_soon_threadsafe(self.queue.put_nowait, ("done", result))
+
+
+class AsyncPipeline:
+    def __init__(self, runtime, *, metrics=None):
+        self.runtime = runtime
+        self.metrics = metrics
+        self._started = False
+
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self.runtime.start()
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.runtime.error
+
+    @property
+    def accepting(self) -> bool:
+        return not self.runtime._closing and self.runtime.error is None
+
+    @property
+    def in_flight(self) -> int:
+        return self.runtime.in_flight
+
+    async def add(self, data: dict, *, pin: str | None = None, stream: bool = False) -> RequestStream:
+        """Submit a request; raises PipelineError (queue_full, unavailable, invalid) at once."""
+        rs = RequestStream(self, asyncio.get_running_loop())
+        rs.key = self.runtime.submit(data, rs, pin=pin, stream=stream)
+        return rs
+
+    async def stats(self) -> dict:
+        return await asyncio.to_thread(self.runtime.stats)
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> bool:
+        """Stop accepting; finish (or cut at the timeout) what runs; end the loops. Returns
+        whether every request finished."""
+        finished = self.runtime.close(drain=drain, timeout=timeout)
+        self.runtime.shutdown()
+        return finished
+
+
+__all__ = ["AsyncPipeline", "PipelineError", "RequestStream"]
