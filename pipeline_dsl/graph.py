@@ -316,8 +316,10 @@ def check_segments(r: Resolved, g: nx.DiGraph) -> tuple[list[Segment], list[Diag
     diags: list[Diagnostic] = []
     kind = {n: (s.kind.name if s.kind else None) for n, s in r.stages.items()}
 
-    def of(names, k):
-        return [x for x in names if kind.get(x) == k]
+    order = {n: i for i, n in enumerate(r.stages)}
+
+    def of(names, k):                  # in the order the file defines the stages
+        return sorted((x for x in names if kind.get(x) == k), key=order.get)
 
     def listing(names):
         return ", ".join(f"'{x}'" for x in names)

@@ -26,8 +26,9 @@ class RunRequest:
     parsed: ParsedRequest
 
 
-def record(req: RunRequest, result) -> dict:
-    """One output line: the answer (its choices when more than one), or the error."""
+def record(req: RunRequest, result, several: bool = False) -> dict:
+    """One output line: the answer (its choices when more than one), or the error. `several`:
+    the pipeline has several generate stages (each answer names the one that made it)."""
     if result.error is not None:
         err = {"line": req.line, "message": result.error.message, "type": result.error.kind}
         if result.error.stage:
@@ -36,90 +37,48 @@ def record(req: RunRequest, result) -> dict:
     first = result.choices[0]
     out = {"id": req.parsed.id, "text": first.text, "finish_reason": first.finish_reason,
            "usage": dict(result.usage)}
+    if several and first.data.get("generated_by"):
+        out["generated_by"] = first.data["generated_by"]
+    if first.data.get("branches"):
+        out["branches"] = first.data["branches"]
     if len(result.choices) > 1:
         out["choices"] = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason}
                           for c in result.choices]
     return out
 
 
-class _Listener:
-    def __init__(self, req: RunRequest, done: Callable):
-        self.req, self.done = req, done
-
-    def on_delta(self, key, index, out) -> None:
-        pass
-
-    def on_done(self, result) -> None:
-        self.done(self.req, result)
-
-
 def run_pipeline(runtime, requests: list[RunRequest], *, on_done: Callable[[int, dict], None],
                  progress: bool = True) -> dict:
-    """Answer every request through `runtime`; returns the run summary."""
-    from pipeline_dsl.flow import PipelineError
-
+    """Answer every request through `runtime` (PipelineRuntime.run_all); returns the run summary."""
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(requests), unit="req", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
-    lock = threading.Condition()
-    results: list[Any] = []
     t0 = time.perf_counter()
+    lock = threading.Lock()
     completion = 0
 
-    def done(req: RunRequest, result) -> None:
+    def done(i: int, result) -> None:
         nonlocal completion
-        with lock:
-            results.append(result)
-            completion += result.usage.get("completion_tokens", 0)
-            lock.notify_all()
-        on_done(req.slot, record(req, result))
+        req = requests[i]
+        on_done(req.slot, record(req, result, several=len(runtime.seg_of_gen) > 1))
         if bar:
-            bar.update(1)
-            bar.set_postfix_str(f"{completion / max(time.perf_counter() - t0, 1e-9):.0f} tok/s")
+            with lock:
+                completion += result.usage.get("completion_tokens", 0)
+                bar.update(1)
+                bar.set_postfix_str(f"{completion / max(time.perf_counter() - t0, 1e-9):.0f} tok/s")
 
-    window = max(1, runtime.max_in_flight)
-    feeder_error: list[BaseException] = []
-
-    def feed() -> None:
-        try:
-            for req in requests:
-                while runtime.in_flight >= window:
-                    with lock:
-                        lock.wait(0.05)
-                try:
-                    runtime.submit(req.parsed.item(), _Listener(req, done), pin=_pin(runtime, req.parsed))
-                except PipelineError as e:
-                    done(req, _refused(req, e))
-            runtime.wait_idle()
-        except BaseException as e:        # noqa: BLE001 - reported on the calling thread
-            feeder_error.append(e)
-        finally:
-            runtime.close(drain=True)
-
-    feeder = threading.Thread(target=feed, name="agp-feed", daemon=True)
-    feeder.start()
-    runtime.drive()
-    feeder.join()
+    results = runtime.run_all([(r.parsed.item(), _pin(runtime, r.parsed)) for r in requests], on_result=done)
     wall = time.perf_counter() - t0
     if bar:
         bar.close()
-    if feeder_error:
-        raise feeder_error[0]
     return summarize(runtime, results, wall)
 
 
 def _pin(runtime, parsed: ParsedRequest) -> str | None:
     """A request line's `model` naming a generate stage pins it there."""
     return parsed.model if parsed.model in runtime.seg_of_gen else None
-
-
-def _refused(req: RunRequest, err):
-    from pipeline_dsl.flow import Result
-
-    return Result("", req.parsed.id, [], err, {"prompt_tokens": 0, "completion_tokens": 0,
-                                               "cached_tokens": 0}, {})
 
 
 def summarize(runtime, results: list, wall: float) -> dict:

@@ -8,3 +8,10 @@ from tiny_model import write_tiny_gguf
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory):
     return write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def soft_gguf(tmp_path_factory):
+    """The tiny model with a small embedding scale: its next-token distributions are spread
+    (top token ~0.1), so sampling with different seeds or temperatures gives different text."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("models") / "soft.gguf", embed_scale=0.2)

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline_dsl.flow.segment import EngineSegment, segment_spec
+from pipeline_dsl.graph import segments_of
 from pipeline_dsl.requests_io import RequestError, parse_line, parse_request
-from pipeline_dsl.runtime import build_engine, default_sampling, engine_config, load_graph, runtime_spec
+from pipeline_dsl.runtime import build_runtime, load_graph
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,29 +43,39 @@ def write_pipeline(tmp_path, model, mode="balanced", system=None) -> Path:
     return path
 
 
+def spec_of(path):
+    graph = load_graph(path)
+    return segment_spec(graph, segments_of(graph)[0])
+
+
 def test_pipeline_settings_reach_the_engine_config(tmp_path, tiny_gguf):
-    spec = runtime_spec(load_graph(write_pipeline(tmp_path, tiny_gguf)))
-    cfg = engine_config(spec, threads=1)
+    graph = load_graph(write_pipeline(tmp_path, tiny_gguf))
+    rt = build_runtime(graph, overrides={"threads": 1})
+    cfg = rt.segments[0].config
     assert (cfg.max_batch_size, cfg.batch_timeout_s, cfg.block_size, cfg.kv_budget_bytes) == (4, 0.002, 8, 1 << 20)
-    assert (cfg.max_queue, cfg.max_prompt_tokens, cfg.prefix_reuse, cfg.threads) == (64, 100, True, 1)
-    assert default_sampling(spec).max_tokens == 6
-    assert spec.plan is not None and [s.name for s in spec.plan.streams]
+    assert (cfg.max_prompt_tokens, cfg.prefix_reuse, cfg.threads) == (100, True, 1)
+    assert rt.max_queue == 64 and rt.max_in_flight == 64 + 4
+    assert rt.segments[0].defaults["gen"].max_tokens == 6
+    assert [s.name for s in rt.plan.streams] == ["host", "copy", "compute"]
+    rt.shutdown()
 
 
 def test_efficient_mode_chooses_int8_weights(tmp_path, tiny_gguf):
-    spec = runtime_spec(load_graph(write_pipeline(tmp_path, tiny_gguf, mode="efficient")))
-    assert engine_config(spec).dtype == "int8"
-    spec = runtime_spec(load_graph(write_pipeline(tmp_path, tiny_gguf, mode="performance")))
-    assert engine_config(spec).compile is True
+    assert spec_of(write_pipeline(tmp_path, tiny_gguf, mode="efficient")).engine["dtype"] == "int8"
+    assert spec_of(write_pipeline(tmp_path, tiny_gguf, mode="performance")).engine["compile"] is True
 
 
-def test_system_prompt_stage_puts_its_message_first(tmp_path, tiny_gguf):
-    spec = runtime_spec(load_graph(write_pipeline(tmp_path, tiny_gguf, system="Be brief.")))
-    got = spec.engine_inputs({"messages": [{"role": "user", "content": "hi"}]})
+def test_system_prompt_stage_puts_its_message_first():
+    from stages.impl import StageContext, SystemPrompt
+
+    stage = SystemPrompt("system", {"text": "Be brief.", "override": False}, StageContext("p", "system", "s", None))
+    got = stage.process({"messages": [{"role": "user", "content": "hi"}]})
     assert got["messages"][0] == {"role": "system", "content": "Be brief."}
     own = [{"role": "system", "content": "Mine."}, {"role": "user", "content": "hi"}]
-    assert spec.engine_inputs({"messages": own})["messages"] == own   # a request's own system message wins
-    assert "messages" not in spec.engine_inputs({"prompt": "raw text"})
+    assert stage.process({"messages": list(own)})["messages"] == own   # a request's own system message wins
+    assert "messages" not in stage.process({"prompt": "raw text"})
+    override = SystemPrompt("s", {"text": "Be brief.", "override": True}, StageContext("p", "s", "s", None))
+    assert override.process({"messages": list(own)})["messages"][0]["content"] == "Be brief."
 
 
 def test_request_lines_are_validated_field_by_field():
@@ -108,20 +120,20 @@ def test_agp_run_answers_in_input_order_and_reports_bad_lines(tmp_path, tiny_ggu
     assert "text" in rows[4]
     s = json.loads(stats.read_text())
     assert s["requests"] == 5 and s["completion_tokens"] >= 8 and s["output_tokens_per_s"] > 0
-    assert s["peak_memory_bytes"] > 0 and s["errors"] == 1
+    assert s["peak_memory_bytes"] > 0 and s["errors"] == 2 and s["bad_lines"] == 1
 
 
 def test_agp_run_is_deterministic_with_and_without_overlap(tmp_path, tiny_gguf):
     agp = write_pipeline(tmp_path, tiny_gguf)
-    engine, spec = build_engine(agp, threads=1)
-    from pipeline_dsl.runner import RunRequest, run_requests
+    from pipeline_dsl.runner import RunRequest, run_pipeline
 
     def answers(overlap):
         got = {}
-        reqs = [RunRequest(i, i + 1, parse_request({"prompt": p, "max_tokens": 6}),
-                           default_sampling(spec)) for i, p in enumerate(["one two", "three", "four five six"])]
-        run_requests(engine, spec, reqs, on_done=lambda slot, rec: got.__setitem__(slot, rec["text"]),
-                     overlap=overlap, progress=False)
+        rt = build_runtime(agp, overlap=overlap, overrides={"threads": 1})
+        reqs = [RunRequest(i, i + 1, parse_request({"prompt": p, "max_tokens": 6}))
+                for i, p in enumerate(["one two", "three", "four five six"])]
+        run_pipeline(rt, reqs, on_done=lambda slot, rec: got.__setitem__(slot, rec["text"]), progress=False)
+        rt.shutdown()
         return got
 
     assert answers(True) == answers(False)
@@ -138,10 +150,12 @@ def test_agp_run_bad_pipeline_and_missing_input_exit_2(tmp_path):
         assert "Traceback" not in proc.stderr and "error" in proc.stderr
 
 
-def test_pipeline_dtype_wins_over_the_mode_precision(tmp_path, tiny_gguf):
+def test_pipeline_dtype_wins_over_the_mode_and_a_stage_dtype_over_both(tmp_path, tiny_gguf):
     path = write_pipeline(tmp_path, tiny_gguf, mode="efficient")
     path.write_text(path.read_text().replace("device = cpu", "device = cpu\n    dtype = fp32"))
-    assert engine_config(runtime_spec(load_graph(path))).dtype == "fp32"
+    assert spec_of(path).engine["dtype"] == "fp32"
+    path.write_text(path.read_text().replace("temperature = 0 }", "temperature = 0  dtype = bf16 }"))
+    assert spec_of(path).engine["dtype"] == "bf16"
 
 
 def test_model_that_is_not_a_gguf_or_model_folder_is_a_check_error(tmp_path, tiny_gguf):

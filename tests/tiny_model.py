@@ -69,8 +69,11 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", **overrides) -> Path:
-    """Write the tiny model to `path`; qtype F32|F16|Q8_0|Q4_1 for the 2-D weights."""
+def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: float = 1.0,
+                    **overrides) -> Path:
+    """Write the tiny model to `path`; qtype F32|F16|Q8_0|Q4_1 for the 2-D weights. The tied
+    embedding's scale sets how peaked the next-token distribution is: 1.0 makes it almost
+    deterministic; about 0.1 gives sampling tests a spread of likely tokens."""
     from gguf import GGMLQuantizationType, GGUFWriter, quants
 
     cfg = {**TINY, **overrides}
@@ -120,7 +123,7 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", **overrides) -> 
     def norm(name, n):
         w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
 
-    mat("token_embd.weight", V, H, scale=1.0)
+    mat("token_embd.weight", V, H, scale=embed_scale)
     for i in range(L):
         norm(f"blk.{i}.attn_norm.weight", H)
         mat(f"blk.{i}.attn_q.weight", nh * hd, H, permute_heads=nh)

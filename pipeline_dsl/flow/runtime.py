@@ -537,7 +537,7 @@ class PipelineRuntime:
                              "usage": {"prompt_tokens": out.prompt_tokens,
                                        "completion_tokens": out.completion_tokens,
                                        "cached_tokens": out.cached_tokens},
-                             "request": item.data}
+                             "generated_by": gen, "request": item.data}
         for item, out in finished:
             if not item.req.done:
                 self.pool.submit(self._leave_generate, item)
@@ -736,6 +736,57 @@ class PipelineRuntime:
             raise
         for es in rest:
             es.join()
+
+    def run_all(self, requests, on_result: Callable | None = None) -> list[Result]:
+        """Answer every request (item dicts, or (item, pin) pairs) and close: the first engine runs
+        on this thread, a feeder keeps at most `max_in_flight` requests in the pipeline. Returns
+        the results in input order; `on_result(i, result)` hears of each as it comes."""
+        requests = list(requests)
+        results: list[Result | None] = [None] * len(requests)
+        cond = threading.Condition()
+        failure: list[BaseException] = []
+
+        class _One:
+            def __init__(self, i):
+                self.i = i
+
+            def on_delta(self, key, index, out):
+                pass
+
+            def on_done(self, result):
+                results[self.i] = result
+                if on_result is not None:
+                    on_result(self.i, result)
+                with cond:
+                    cond.notify_all()
+
+        def feed():
+            try:
+                for i, req in enumerate(requests):
+                    data, pin = req if isinstance(req, tuple) else (req, None)
+                    with cond:
+                        while self.in_flight >= self.max_in_flight:
+                            cond.wait(0.05)
+                    try:
+                        self.submit(data, _One(i), pin=pin)
+                    except PipelineError as e:
+                        _One(i).on_done(Result("", data.get("id"), [], e,
+                                               {"prompt_tokens": 0, "completion_tokens": 0,
+                                                "cached_tokens": 0}, {}))
+                self.wait_idle()
+            except BaseException as e:           # noqa: BLE001 - raised on the calling thread
+                failure.append(e)
+            finally:
+                self.close(drain=True)
+
+        feeder = threading.Thread(target=feed, name="agp-feed", daemon=True)
+        feeder.start()
+        self.drive()
+        feeder.join()
+        self.pool.shutdown(wait=True)            # results are delivered on the pool
+        if failure:
+            raise failure[0]
+        return results
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until no request is in flight (True) or the timeout passes (False)."""

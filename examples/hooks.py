@@ -1,0 +1,109 @@
+"""Python stages used by the example pipelines (`stage x : python { fn = "hooks:NAME" }`).
+
+Each function gets one item as a plain dict and returns it (changed in place or new), a
+label for `when LABEL` edges, or raises pipeline_dsl.Reject. A Request looks like
+{"id", "messages" | "prompt", sampling fields, "metadata"}; a Generated result like
+{"id", "text", "finish_reason", "usage", "request"}.
+"""
+from __future__ import annotations
+
+import ast
+import operator
+import re
+
+from pipeline_dsl import Reject
+
+EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+PHONE = re.compile(r"(?<!\w)\+?\d[\d ()-]{7,}\d(?!\w)")
+
+
+def _texts(item: dict):
+    """(getter, setter) pairs over the request's text: each message's content, or the prompt."""
+    if item.get("messages") is not None:
+        for m in item["messages"]:
+            yield (lambda m=m: m["content"]), (lambda v, m=m: m.__setitem__("content", v))
+    elif isinstance(item.get("prompt"), str):
+        yield (lambda: item["prompt"]), (lambda v: item.__setitem__("prompt", v))
+
+
+def redact_pii(item: dict) -> dict:
+    """Before the model: e-mail addresses and phone numbers become [EMAIL] / [PHONE]."""
+    found = 0
+    for get, put in _texts(item):
+        text, n1 = EMAIL.subn("[EMAIL]", get())
+        text, n2 = PHONE.subn("[PHONE]", text)
+        found += n1 + n2
+        put(text)
+    item.setdefault("metadata", {})["redacted"] = found
+    return item
+
+
+BLOCKED = ("password", "social security number")
+
+
+def guard_output(item: dict) -> dict:
+    """After the model: refuse answers that leak contact details or talk about blocked topics."""
+    text = item["text"]
+    if EMAIL.search(text) or PHONE.search(text):
+        raise Reject("the answer contained contact details")
+    lowered = text.lower()
+    for word in BLOCKED:
+        if word in lowered:
+            raise Reject(f"the answer mentions a blocked topic ({word})")
+    return item
+
+
+# ---------------------------------------------------------------- a calculator tool
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+        ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Mod: operator.mod}
+CALL = re.compile(r"CALC\(([^()]*(?:\([^()]*\)[^()]*)*)\)")
+ARITHMETIC = re.compile(r"\d[\d\s.]*(?:[-+*/%^]\s*\(?\s*[\d.]+\s*\)?\s*)+")
+
+
+def evaluate(expression: str) -> float | int:
+    """Arithmetic only (+ - * / % ** and parentheses), never arbitrary code."""
+    def ev(node):
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            if isinstance(node.op, ast.Pow) and abs(ev(node.right)) > 100:
+                raise ValueError("exponent too large")
+            return _OPS[type(node.op)](ev(node.left), ev(node.right))
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](ev(node.operand))
+        raise ValueError(f"not arithmetic: {ast.dump(node)[:40]}")
+    value = ev(ast.parse(expression.replace("^", "**"), mode="eval"))
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def calculator(item: dict):
+    """A tool step after generate. First turn: the model either wrote CALC(expression) or the
+    user's question holds arithmetic; the tool computes it, appends the exchange to the
+    conversation and returns the request, which loops back to the model. Otherwise (or once
+    the tool has answered) the result goes on to respond."""
+    request = item["request"]
+    messages = request.get("messages") or [{"role": "user", "content": request.get("prompt", "")}]
+    if any(m["role"] == "tool" for m in messages):
+        return item                                    # the tool has answered: this is the final answer
+    call = CALL.search(item["text"])
+    if call is None:
+        question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        call = ARITHMETIC.search(question)
+    if call is None:
+        return item
+    expression = (call.group(1) if call.re is CALL else call.group(0)).strip()
+    try:
+        value = evaluate(expression)
+    except (ValueError, SyntaxError, ZeroDivisionError, OverflowError) as e:
+        value = f"error: {e}"
+    request = dict(request)
+    request["messages"] = messages + [
+        {"role": "assistant", "content": f"CALC({expression})"},
+        {"role": "tool", "content": f"{expression} = {value}"},
+        {"role": "user", "content": f"The calculator says {expression} = {value}. Tell me the result."},
+    ]
+    request.setdefault("metadata", {})["tool_result"] = str(value)
+    return request

@@ -1,0 +1,322 @@
+"""Constrained decoding: JSON mode, JSON Schema, regex and forced tool calls by token masks.
+
+Every step, each constrained request's row of logits is masked so that only tokens that keep
+the output inside its grammar can be sampled (no retries): the text always parses, and it
+validates against the schema unless max_tokens cuts it short (finish_reason "length").
+The grammar engine is llguidance (PyPI `llguidance`, Rust, no Python dependencies): about a
+millisecond to compile a schema, tens of microseconds per mask on CPU, and it refuses JSON
+Schema keywords it cannot enforce instead of silently ignoring them.
+
+    compiler = ConstraintCompiler(tokenizer, vocab_size)      # once per model (~0.3 s)
+    grammar = compiler.compile({"type": "json_schema", "schema": {...}})   # cached, thread-safe
+    matcher = grammar.matcher()                               # one per request
+    # each step, before sampling (rows without a matcher are not touched):
+    apply_masks(logits, [matcher_or_None for each row])
+    # after sampling:
+    matcher.accept(token)                                     # False: token broke the grammar
+
+Specs accepted by `compile` (GrammarError, a ValueError, for anything it cannot compile):
+
+    {"type": "json_object"}                                   # any JSON object
+    {"type": "json_schema", "schema": {...}}                  # or OpenAI's nesting:
+    {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}
+    {"type": "regex", "pattern": "..."}
+    {"type": "tool_call", "tools": [OpenAI tools], "choice": "required" | "<function name>",
+     "parallel": True}
+
+A tool call is written in SmolLM2's format, `<tool_call>[{"name": ..., "arguments": {...}}]
+</tool_call>` (its model card's function-calling prompt; the GGUF's own chat template ignores
+`tools`); "begin", "end" and "array": False in the spec give other formats, e.g. Hermes/Qwen's
+`<tool_call>{...}</tool_call>`. "choice": a name forces exactly one call of that function;
+"required" forces one call (several when "parallel") of any listed function.
+
+Two narrowings keep a small model's output short and on-topic; the text still validates
+against the schema as given: whitespace between JSON tokens is bounded (at most one newline
+per gap and 20 spaces, so an indented answer is fine but a model cannot emit whitespace
+forever; `whitespace=` a regex, "" for none, None for JSON's unbounded), and an
+object schema with "properties" but no "additionalProperties" (nor patternProperties) gets
+"additionalProperties": false, as OpenAI's strict mode requires and xgrammar does by default
+(`ConstraintCompiler(..., close_objects=False)` keeps JSON Schema's open objects).
+
+EOS is allowed exactly when the grammar can end; once the grammar is complete only EOS is
+(`is_finished()`). A matcher that went wrong (a token it refused) allows only EOS from then on.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+from collections import OrderedDict
+
+import torch
+
+try:
+    import llguidance as _llg
+except ImportError:  # an optional dependency: the engine runs without it, unconstrained
+    _llg = None
+
+# between JSON tokens: at most one newline, then up to 20 spaces or tabs (an indent)
+JSON_WHITESPACE = r"(\r?\n)?[ \t]{0,20}"
+MAX_ERROR_CHARS = 400
+
+
+class GrammarError(ValueError):
+    """A response_format / tool spec this engine cannot compile (an HTTP 400)."""
+
+
+def available() -> bool:
+    return _llg is not None
+
+
+def _need_llguidance():
+    if _llg is None:
+        raise GrammarError("constrained decoding needs the llguidance package: pip install 'agp[constrain]'")
+
+
+class ConstraintCompiler:
+    """Compiles specs into Grammars for one tokenizer; keeps the last `cache_size` (LRU)."""
+
+    def __init__(self, tokenizer, vocab_size: int | None = None, *, eos_token_ids=None,
+                 cache_size: int = 256, close_objects: bool = True,
+                 whitespace: str | None = JSON_WHITESPACE):
+        _need_llguidance()
+        tk = getattr(tokenizer, "tk", tokenizer)          # ours wraps a tokenizers.Tokenizer
+        eos = sorted(eos_token_ids if eos_token_ids is not None else getattr(tokenizer, "eos_token_ids", ()))
+        if not eos:
+            raise ValueError("constrained decoding needs the tokenizer's end-of-sequence token id(s)")
+        n_tok = tk.get_vocab_size(with_added_tokens=True)
+        self.vocab_size = int(vocab_size or n_tok)         # the model's logits width
+        self.eos_token_ids = tuple(eos)
+        # llguidance reads the tokenizer from its JSON; a vocab wider than the tokenizer's gets
+        # empty tokens that are never allowed
+        self.tokenizer = _llg.LLTokenizer(tk.to_str(), n_vocab=max(self.vocab_size, n_tok),
+                                          eos_token=list(eos))
+        self.words = (self.tokenizer.vocab_size + 31) // 32  # int32 words of one row's bitmask
+        self.close_objects = close_objects
+        # whitespace between JSON tokens: a regex, "" for none (compact), None for JSON's any
+        self.json_options = ({"whitespace_flexible": True} if whitespace is None else
+                             {"whitespace_pattern": whitespace} if whitespace else {"whitespace_flexible": False})
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, Grammar] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def compile(self, spec: dict) -> "Grammar":
+        try:
+            key = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+        except (TypeError, ValueError) as e:
+            raise GrammarError(f"the constraint is not JSON: {e}") from None
+        with self._lock:
+            g = self._cache.get(key)
+            if g is not None:
+                self._cache.move_to_end(key)
+                return g
+        g = Grammar(self, self._build(spec))               # llguidance drops the GIL here
+        with self._lock:
+            self._cache[key] = g
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return g
+
+    # ---- spec -> llguidance grammar text ---------------------------------------------------
+    def _build(self, spec) -> str:
+        if not isinstance(spec, dict):
+            raise GrammarError("the constraint must be an object with a 'type'")
+        kind = spec.get("type")
+        try:
+            if kind == "json_object":
+                return _llg.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=self.json_options)
+            if kind == "json_schema":
+                body = spec.get("json_schema", spec)
+                schema = body.get("schema") if isinstance(body, dict) else None
+                if not isinstance(schema, (dict, bool)):
+                    raise GrammarError("json_schema needs a 'schema' object")
+                return _llg.LLMatcher.grammar_from_json_schema(self._prepare(schema), overrides=self.json_options)
+            if kind == "regex":
+                pattern = spec.get("pattern")
+                if not isinstance(pattern, str):
+                    raise GrammarError("regex needs a 'pattern' string")
+                return _llg.LLMatcher.grammar_from_regex(pattern)
+            if kind == "tool_call":
+                return self._tool_grammar(spec)
+        except GrammarError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise GrammarError(_short(f"cannot compile the {kind}: {e}")) from None
+        raise GrammarError(f"unknown constraint type {kind!r} (json_object, json_schema, regex, tool_call)")
+
+    def _prepare(self, schema):
+        if isinstance(schema, dict):
+            schema = {k: v for k, v in schema.items() if k != "x-guidance"}  # options are ours
+            if self.close_objects:
+                schema = _close_objects(copy.deepcopy(schema))
+        return schema
+
+    def _tool_grammar(self, spec) -> str:
+        tools = spec.get("tools")
+        if not isinstance(tools, list) or not tools:
+            raise GrammarError("tool_call needs a non-empty 'tools' list")
+        fns = {}
+        for t in tools:
+            fn = t.get("function", t) if isinstance(t, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+                raise GrammarError("every tool needs a function with a 'name'")
+            params = fn.get("parameters") or {"type": "object"}
+            if not isinstance(params, dict):
+                raise GrammarError(f"tool {fn['name']!r}: parameters must be a JSON Schema object")
+            fns[fn["name"]] = params
+        choice = spec.get("choice", "required")
+        if isinstance(choice, dict):            # OpenAI's {"type": "function", "function": {"name": ...}}
+            choice = (choice.get("function") or {}).get("name")
+        if choice != "required":
+            if choice not in fns:
+                raise GrammarError(f"tool_choice names {choice!r}, which is not among the tools")
+            fns = {choice: fns[choice]}
+        call = [{"type": "object", "properties": {"name": {"const": n}, "arguments": self._prepare(p)},
+                 "required": ["name", "arguments"], "additionalProperties": False}
+                for n, p in fns.items()]
+        one = call[0] if len(call) == 1 else {"anyOf": call}
+        parallel = bool(spec.get("parallel", True)) and choice == "required"
+        body = ({"type": "array", "items": one, "minItems": 1, **({} if parallel else {"maxItems": 1})}
+                if spec.get("array", True) else dict(one))
+        body["x-guidance"] = self.json_options
+        begin, end = spec.get("begin", "<tool_call>"), spec.get("end", "</tool_call>")
+        lark = f'start: {json.dumps(begin)} "\\n"? %json {json.dumps(body)} "\\n"? {json.dumps(end)}'
+        return _llg.LLMatcher.grammar_from_lark(lark)
+
+
+def _close_objects(s, in_all_of: bool = False):
+    """additionalProperties: false on object schemas with properties that leave it open."""
+    if isinstance(s, list):
+        return [_close_objects(x) for x in s]
+    if not isinstance(s, dict):
+        return s
+    if ("properties" in s and not in_all_of and "additionalProperties" not in s
+            and "patternProperties" not in s and "unevaluatedProperties" not in s):
+        s["additionalProperties"] = False
+    for k, v in s.items():
+        if k in ("properties", "$defs", "definitions", "patternProperties") and isinstance(v, dict):
+            s[k] = {name: _close_objects(sub) for name, sub in v.items()}
+        elif k == "allOf":      # branches are merged: closing each would forbid the others' keys
+            s[k] = [_close_objects(x, in_all_of=True) for x in v] if isinstance(v, list) else v
+        elif k in ("items", "anyOf", "oneOf", "prefixItems", "additionalProperties", "contains"):
+            s[k] = _close_objects(v)
+    return s
+
+
+def _short(msg: str) -> str:
+    msg = " ".join(msg.split())
+    return msg if len(msg) <= MAX_ERROR_CHARS else msg[:MAX_ERROR_CHARS] + "…"
+
+
+class Grammar:
+    """A compiled constraint; `matcher()` starts one request's state (cheap: a copy)."""
+
+    def __init__(self, compiler: ConstraintCompiler, text: str):
+        self.compiler = compiler
+        is_error, messages = _llg.LLMatcher.validate_grammar_with_warnings(text, compiler.tokenizer)
+        if is_error:
+            raise GrammarError(_short(messages[0] if messages else "invalid grammar"))
+        self.warnings = list(messages)
+        self._template = _llg.LLMatcher(compiler.tokenizer, text, log_level=0)
+        if self._template.is_error():
+            raise GrammarError(_short(self._template.get_error()))
+        self._lock = threading.Lock()
+
+    def matcher(self) -> "Matcher":
+        with self._lock:
+            return Matcher(self._template.deep_copy(), self.compiler)
+
+
+class Matcher:
+    """One request's position in its grammar."""
+
+    __slots__ = ("m", "words", "vocab_size", "eos")
+
+    def __init__(self, m, compiler: ConstraintCompiler):
+        self.m, self.words, self.vocab_size = m, compiler.words, compiler.vocab_size
+        self.eos = compiler.eos_token_ids[0]
+
+    def fill_mask(self, row: torch.Tensor) -> None:
+        """Write the allowed-token bitmask into `row`: a contiguous CPU int32 tensor of
+        ceil(vocab_size / 32) words, bit t % 32 of word t // 32 set = token t allowed."""
+        assert row.dtype == torch.int32 and row.is_contiguous() and row.device.type == "cpu"
+        self.m.unsafe_compute_mask_ptr(row.data_ptr(), self.words * 4)
+
+    def allowed(self) -> list[int]:
+        """Allowed token ids now (for tests and debugging; slower than fill_mask)."""
+        row = torch.zeros(self.words, dtype=torch.int32)
+        self.fill_mask(row)
+        return _unpack(row.view(1, -1), self.vocab_size)[0].nonzero().view(-1).tolist()
+
+    def accept(self, token_id: int) -> bool:
+        """Advance by the sampled token; False if the grammar refuses it (then only EOS)."""
+        return bool(self.m.consume_token(int(token_id)))
+
+    def is_finished(self) -> bool:
+        """Only EOS can follow (the grammar is complete, EOS was accepted, or it failed)."""
+        return self.m.is_stopped() or self.m.is_error()
+
+    def can_end(self) -> bool:
+        """EOS is allowed now (it may also continue)."""
+        return self.m.is_accepting()
+
+    def rollback(self, n: int) -> bool:
+        """Undo the last n accepted tokens (a discarded optimistic token)."""
+        return bool(self.m.rollback(int(n)))
+
+    @property
+    def error(self) -> str:
+        return self.m.get_error() if self.m.is_error() else ""
+
+
+_SHIFTS: dict = {}
+_EXECUTOR = None
+
+
+def _unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[r, W] int32 -> [r, vocab] bool (True = allowed)."""
+    shifts = _SHIFTS.get(bitmask.device)
+    if shifts is None:
+        shifts = _SHIFTS[bitmask.device] = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1                       # [r, W, 32]
+    return bits.view(bitmask.shape[0], -1)[:, :vocab].bool()
+
+
+def fill_masks(matchers: list[Matcher]) -> torch.Tensor:
+    """[len(matchers), W] int32 bitmasks, computed by llguidance's thread pool off the GIL."""
+    global _EXECUTOR
+    words = matchers[0].words
+    bitmask = torch.empty((len(matchers), words), dtype=torch.int32)
+    if len(matchers) == 1:
+        matchers[0].fill_mask(bitmask[0])
+        return bitmask
+    if _EXECUTOR is None:
+        _EXECUTOR = _llg.LLExecutor()
+    _EXECUTOR.unsafe_compute_mask_ptr([(m.m, i) for i, m in enumerate(matchers)],
+                                      bitmask.data_ptr(), words * 4, len(matchers))
+    return bitmask
+
+
+def apply_masks(logits: torch.Tensor, matchers: list) -> None:
+    """Mask `logits` [n, V] in place: row i keeps only matchers[i]'s allowed tokens (-inf
+    elsewhere, also past the grammar's vocabulary); rows whose matcher is None are untouched,
+    and nothing at all is done when every entry is None."""
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    if not rows:
+        return
+    bitmask = fill_masks([matchers[i] for i in rows])
+    dev = logits.device
+    if dev.type != "cpu":
+        bitmask = bitmask.pin_memory().to(dev, non_blocking=True)
+    V = logits.shape[1]
+    allowed = _unpack(bitmask, min(V, bitmask.shape[1] * 32))          # [r, <=V]
+    if allowed.shape[1] < V:                                           # logits wider than the mask
+        allowed = torch.nn.functional.pad(allowed, (0, V - allowed.shape[1]), value=False)
+    with torch.inference_mode(logits.is_inference()):   # the runner's logits are inference tensors
+        if len(rows) == logits.shape[0]:
+            logits.masked_fill_(~allowed, float("-inf"))
+        else:
+            idx = torch.tensor(rows, device=dev)
+            sub = logits.index_select(0, idx).masked_fill_(~allowed, float("-inf"))
+            logits.index_copy_(0, idx, sub)

@@ -1,0 +1,379 @@
+"""Constrained decoding (pipeline_dsl.engine.constrain): compile, masks, and generation.
+
+Generation runs the real ModelRunner of the tiny random GGUF model through a small Engine
+subclass whose execute() masks the constrained rows before sampling and advances their
+matchers after it; one slow test does the same with the embedded SmolLM2."""
+
+import json
+import re
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("llguidance")
+
+from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+from pipeline_dsl.engine import constrain  # noqa: E402
+from pipeline_dsl.engine.constrain import ConstraintCompiler, GrammarError, apply_masks  # noqa: E402
+from pipeline_dsl.engine.model import SeqBatchItem  # noqa: E402
+
+try:
+    import jsonschema
+except ImportError:  # the light checks below still run
+    jsonschema = None
+
+BOUNDED = {  # every value has a bounded length: a random model must finish it
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "n": {"type": "integer", "minimum": 0, "maximum": 999},
+        "ok": {"type": "boolean"},
+        "color": {"enum": ["red", "green"]},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+    },
+    "required": ["name", "n", "ok", "color", "tags"],
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                         "unit": {"enum": ["c", "f"]}},
+        "required": ["city", "unit"]}}},
+    {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                         "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["a", "b"]}}},
+]
+
+
+class ConstrainedEngine(Engine):
+    """Engine whose execute() applies seq.extra["matcher"] masks (the sampler is untouched)."""
+
+    def execute(self, plan):
+        items = [SeqBatchItem(token_ids=it.seq.token_ids[it.start:it.start + it.num_tokens],
+                              start_pos=it.start, block_table=list(self.blocks.table(it.seq.request_id)),
+                              sample=it.sample) for it in plan.items]
+        logits = self.runner.execute(items, pad_to=plan.pad_to) if self._pad_kw else self.runner.execute(items)
+        seqs = [it.seq for it in plan.items if it.sample]
+        if not seqs:
+            return []
+        matchers = [s.extra.get("matcher") for s in seqs]
+        apply_masks(logits, matchers)
+        tokens = self.sampler.sample(logits, [s.params for s in seqs], [s.extra["generator"] for s in seqs])
+        for m, t in zip(matchers, tokens):
+            if m is not None:
+                assert m.accept(t), m.error
+        return tokens
+
+
+def run(engine, requests):
+    """requests: {id: (grammar or None, SamplingParams)} -> {id: RequestOutput (finished)}."""
+    for rid, (grammar, params) in requests.items():
+        engine.add_request(rid, messages=[{"role": "user", "content": "hello world"}], params=params)
+        if grammar is not None:
+            engine.seqs[rid].extra["matcher"] = grammar.matcher()
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
+def check_bounded(v):
+    if jsonschema is not None:
+        jsonschema.validate(v, BOUNDED)
+        return
+    assert set(v) == set(BOUNDED["properties"])
+    assert isinstance(v["name"], str) and len(v["name"]) <= 6
+    assert isinstance(v["n"], int) and 0 <= v["n"] <= 999
+    assert isinstance(v["ok"], bool) and v["color"] in ("red", "green")
+    assert len(v["tags"]) <= 3 and all(t in ("a", "b") for t in v["tags"])
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_gguf):
+    return ConstrainedEngine(EngineConfig(model=str(tiny_gguf), dtype="fp32"))
+
+
+@pytest.fixture(scope="module")
+def compiler(engine):
+    # at most one space between JSON tokens: a random model otherwise fills max_tokens with
+    # whitespace (the default allows a newline and an indent per gap)
+    return ConstraintCompiler(engine.tokenizer, engine.vocab_size, whitespace="[ ]?")
+
+
+def ids_of(engine, text):
+    return engine.tokenizer.encode(text, add_special_tokens=False)
+
+
+# ---- generation on the tiny model -------------------------------------------------------------
+def test_schema_output_always_validates(engine, compiler):
+    g = compiler.compile({"type": "json_schema", "schema": BOUNDED})
+    reqs = {"greedy": (g, SamplingParams(max_tokens=300))}
+    for seed in range(6):
+        reqs[f"s{seed}"] = (g, SamplingParams(max_tokens=300, temperature=1.0, seed=seed))
+    for rid, out in run(engine, reqs).items():
+        assert out.finish_reason == "stop", (rid, out.text)
+        check_bounded(json.loads(out.text))
+
+
+def test_json_object_and_regex(engine, compiler):
+    obj = ConstraintCompiler(engine.tokenizer, engine.vocab_size, whitespace="").compile(
+        {"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": {
+            "type": "object", "properties": {"k": {"type": "string", "maxLength": 4}},
+            "required": ["k"], "additionalProperties": False}}})
+    rx = compiler.compile({"type": "regex", "pattern": r"(hello|world) [0-9]{2}"})
+    reqs = {f"o{s}": (obj, SamplingParams(max_tokens=60, temperature=1.0, seed=s)) for s in range(3)}
+    reqs.update({f"r{s}": (rx, SamplingParams(max_tokens=60, temperature=1.0, seed=s)) for s in range(3)})
+    for rid, out in run(engine, reqs).items():
+        assert out.finish_reason == "stop", (rid, out.text)
+        if rid.startswith("o"):
+            v = json.loads(out.text)
+            assert list(v) == ["k"] and len(v["k"]) <= 4 and " " not in out.text.replace(v["k"], "")
+        else:
+            assert re.fullmatch(r"(hello|world) [0-9]{2}", out.text), out.text
+
+
+def test_tool_calls(engine, compiler):
+    required = compiler.compile({"type": "tool_call", "tools": TOOLS, "choice": "required"})
+    named = compiler.compile({"type": "tool_call", "tools": TOOLS,
+                              "choice": {"type": "function", "function": {"name": "add"}}})
+    reqs = {f"req{s}": (required, SamplingParams(max_tokens=300, temperature=1.0, seed=s)) for s in range(3)}
+    reqs.update({f"add{s}": (named, SamplingParams(max_tokens=300, temperature=1.0, seed=s)) for s in range(3)})
+    for rid, out in run(engine, reqs).items():
+        assert out.finish_reason == "stop", (rid, out.text)
+        body = re.fullmatch(r"<tool_call>\n?(.*?)\n?</tool_call>", out.text, re.S)
+        assert body, out.text
+        calls = json.loads(body.group(1))
+        assert calls and all(set(c) == {"name", "arguments"} for c in calls)
+        for c in calls:
+            assert c["name"] in ("get_weather", "add")
+            if c["name"] == "add":
+                assert set(c["arguments"]) == {"a", "b"} and 0 <= c["arguments"]["a"] <= 99
+            else:
+                assert c["arguments"]["unit"] in ("c", "f")
+        if rid.startswith("add"):
+            assert [c["name"] for c in calls] == ["add"]
+
+
+def test_unconstrained_requests_are_unaffected(tiny_gguf, compiler):
+    plain = {f"p{s}": (None, SamplingParams(max_tokens=20, temperature=0.9, seed=s)) for s in range(3)}
+    plain["g"] = (None, SamplingParams(max_tokens=20))
+    alone = run(ConstrainedEngine(EngineConfig(model=str(tiny_gguf), dtype="fp32")), dict(plain))
+    g = compiler.compile({"type": "json_schema", "schema": BOUNDED})
+    mixed = dict(plain)
+    mixed.update({f"c{s}": (g, SamplingParams(max_tokens=300, temperature=1.0, seed=s)) for s in range(3)})
+    together = run(ConstrainedEngine(EngineConfig(model=str(tiny_gguf), dtype="fp32")), mixed)
+    for rid in plain:
+        assert together[rid].text == alone[rid].text, rid
+
+
+def test_max_tokens_cuts_an_unfinished_json(engine, compiler):
+    g = compiler.compile({"type": "json_object"})
+    out = run(engine, {"cut": (g, SamplingParams(max_tokens=5, temperature=1.0, seed=3))})["cut"]
+    assert out.finish_reason == "length" and out.completion_tokens == 5
+    assert out.text.startswith("{")          # a prefix of valid JSON, not a parseable document
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(out.text)
+
+
+# ---- masks --------------------------------------------------------------------------------------
+def test_mask_follows_the_grammar_and_eos(engine, compiler):
+    tok = engine.tokenizer
+    eos = min(tok.eos_token_ids)
+    m = compiler.compile({"type": "json_schema", "schema": {
+        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}).matcher()
+    assert [tok.decode([t]) for t in m.allowed()] == ["{"]
+    for t in ids_of(engine, '{"a":'):
+        assert m.accept(t)
+    allowed = m.allowed()
+    texts = {tok.decode([t]) for t in allowed}
+    assert eos not in allowed and "}" not in texts and "x" not in texts
+    assert {"1", "-"} <= texts
+    for t in ids_of(engine, "12"):
+        assert m.accept(t)
+    assert not m.can_end() and eos not in m.allowed()
+    assert m.accept(ids_of(engine, "}")[0])
+    assert m.is_finished() and m.can_end() and m.allowed() == [eos]
+    assert m.accept(eos)
+    # a refused token: False, and from then on only EOS
+    m = compiler.compile({"type": "json_object"}).matcher()
+    assert not m.accept(ids_of(engine, "x")[0])
+    assert m.error and m.is_finished() and m.allowed() == [eos]
+
+
+def test_eos_exactly_when_the_grammar_can_end(engine, compiler):
+    eos = min(engine.tokenizer.eos_token_ids)
+    m = compiler.compile({"type": "regex", "pattern": "(ab)+"}).matcher()
+    for text, can_end in (("a", False), ("b", True), ("a", False), ("b", True)):
+        assert m.accept(ids_of(engine, text)[0])
+        assert m.can_end() is can_end and (eos in m.allowed()) is can_end
+        assert not m.is_finished()          # another "ab" may follow
+
+
+def test_rollback(engine, compiler):
+    m = compiler.compile({"type": "json_object"}).matcher()
+    for t in ids_of(engine, '{"k": '):
+        m.accept(t)
+    before = m.allowed()
+    assert m.accept(ids_of(engine, "1")[0]) and m.allowed() != before
+    assert m.rollback(1) and m.allowed() == before
+
+
+def test_apply_masks_touches_only_constrained_rows(engine, compiler):
+    V = engine.vocab_size
+    g = compiler.compile({"type": "json_object"})
+    logits = torch.randn(4, V)
+    orig = logits.clone()
+    ms = [None, g.matcher(), None, g.matcher()]
+    apply_masks(logits, ms)
+    assert torch.equal(logits[0], orig[0]) and torch.equal(logits[2], orig[2])
+    for i in (1, 3):
+        finite = torch.isfinite(logits[i]).nonzero().view(-1).tolist()
+        assert finite == ms[i].allowed()
+        assert torch.equal(logits[i, finite], orig[i, finite])
+
+
+def test_apply_masks_no_work_without_matchers(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("no mask should be computed")
+    monkeypatch.setattr(constrain, "fill_masks", boom)
+    logits = torch.randn(3, 50)
+    orig = logits.clone()
+    apply_masks(logits, [None, None, None])
+    assert torch.equal(logits, orig)
+
+
+def test_apply_masks_on_inference_logits(engine, compiler):
+    with torch.inference_mode():
+        logits = torch.randn(2, engine.vocab_size)
+    apply_masks(logits, [compiler.compile({"type": "json_object"}).matcher(), None])
+    assert torch.isfinite(logits[0]).sum() < engine.vocab_size and torch.isfinite(logits[1]).all()
+
+
+def test_logits_wider_than_the_tokenizer(engine):
+    V = engine.vocab_size + 13                      # a model whose lm_head is padded
+    c = ConstraintCompiler(engine.tokenizer, V)
+    m = c.compile({"type": "json_object"}).matcher()
+    logits = torch.zeros(1, V)
+    apply_masks(logits, [m])
+    assert torch.isinf(logits[0, engine.vocab_size:]).all()
+    assert torch.isfinite(logits[0]).sum() == len(m.allowed()) > 0
+
+
+# ---- compiling -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec, words", [
+    ({"type": "json_schema", "schema": {"type": "object", "properties": {"a": {"not": {"type": "string"}}}}}, "not"),
+    ({"type": "json_schema", "schema": {"type": "array", "uniqueItems": True}}, "uniqueItems"),
+    ({"type": "json_schema", "schema": {"type": "object", "properties": {"a": {"$ref": "#/$defs/nope"}}}}, "nope"),
+    ({"type": "json_schema", "schema": {"type": "objekt"}}, "objekt"),
+    ({"type": "json_schema", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}, "nsatisfiable"),
+    ({"type": "json_schema", "schema": {"type": "string", "pattern": "([a-z"}}, "regex"),
+    ({"type": "json_schema"}, "schema"),
+    ({"type": "regex", "pattern": "(unclosed"}, "unclosed group"),
+    ({"type": "tool_call", "tools": TOOLS, "choice": "nope"}, "nope"),
+    ({"type": "tool_call", "tools": []}, "tools"),
+    ({"type": "xml"}, "xml"),
+    ({"type": "json_object", "x": object()}, "JSON"),
+    ("json", "object"),
+])
+def test_grammar_errors(compiler, spec, words):
+    with pytest.raises(GrammarError, match=words):
+        compiler.compile(spec)
+
+
+def test_supported_schema_features(engine, compiler):
+    def accepts(spec, value):
+        m = compiler.compile(spec).matcher()
+        return all(m.accept(t) for t in ids_of(engine, json.dumps(value))) and m.can_end()
+
+    ref = {"$defs": {"p": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}},
+           "type": "object", "properties": {"a": {"$ref": "#/$defs/p"}}, "required": ["a"]}
+    cases = [
+        (ref, {"a": {"x": 1}}, {"a": {"y": 1}}),
+        ({"anyOf": [{"type": "integer"}, {"type": "string", "maxLength": 2}]}, "ab", "abc"),
+        ({"type": "string", "pattern": "^[A-Z]{2}-[0-9]$"}, "AB-1", "ab-1"),
+        ({"type": "array", "items": {"type": "integer"}, "minItems": 2}, [1, 2], [1]),
+        ({"type": "object", "properties": {"a": {"type": "integer"}}}, {"a": 1}, {"a": 1, "b": 2}),
+        ({"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                    {"type": "object", "properties": {"b": {"type": "string"}}, "required": ["b"]}]},
+         {"a": 1, "b": "x"}, {"a": 1}),
+    ]
+    for schema, good, bad in cases:
+        spec = {"type": "json_schema", "schema": schema}
+        assert accepts(spec, good), schema
+        assert not accepts(spec, bad), schema
+    # open objects on request
+    open_c = ConstraintCompiler(engine.tokenizer, engine.vocab_size, close_objects=False)
+    m = open_c.compile({"type": "json_schema", "schema": cases[4][0]}).matcher()
+    assert all(m.accept(t) for t in ids_of(engine, '{"a": 1, "b": 2}'))
+
+
+def test_whitespace_is_bounded(engine):
+    c = ConstraintCompiler(engine.tokenizer, engine.vocab_size)       # the default pattern
+    m = c.compile({"type": "json_object"}).matcher()
+    ok = c.compile({"type": "json_object"}).matcher()
+    assert all(ok.accept(t) for t in ids_of(engine, '{\n  "a": 1,\n  "b": [\n    2\n  ]\n}'))
+    assert not all(m.accept(t) for t in ids_of(engine, '{\n\n\n"a": 1}'))
+
+
+def test_cache_and_threads(engine):
+    c = ConstraintCompiler(engine.tokenizer, engine.vocab_size, cache_size=2)
+    a = c.compile({"type": "json_object"})
+    assert c.compile({"type": "json_object"}) is a
+    specs = [{"type": "json_schema", "schema": {"type": "object", "properties": {f"k{i}": {"type": "integer"}}}}
+             for i in range(8)]
+    results, errors = [None] * 32, []
+
+    def work(i):
+        try:
+            g = c.compile(specs[i % 8])
+            m = g.matcher()
+            assert all(m.accept(t) for t in ids_of(engine, json.dumps({f"k{i % 8}": i})))
+            results[i] = g
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and all(results)
+    assert len(c._cache) == 2                        # LRU bound
+    assert c.compile({"type": "json_object"}) is not a   # evicted, compiled again
+
+
+# ---- the real model -------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_real_model_schema_and_tool_call():
+    eng = ConstrainedEngine(EngineConfig(dtype="fp32"))
+    c = ConstraintCompiler(eng.tokenizer, eng.vocab_size)
+    person = {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 30}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "color": {"enum": ["red", "green", "blue"]}}, "required": ["name", "age", "color"]}
+    g = c.compile({"type": "json_schema", "schema": person})
+    tool = c.compile({"type": "tool_call", "tools": TOOLS, "choice": "required"})
+    msgs = [{"role": "user", "content": "Describe a person as JSON with name, age and favourite color."}]
+    tool_msgs = [{"role": "system", "content": "You can call tools: <tools>" + json.dumps(TOOLS) + "</tools>"},
+                 {"role": "user", "content": "What is the weather in Paris?"}]
+    reqs = {"greedy": (g, SamplingParams(max_tokens=80), msgs),
+            "s1": (g, SamplingParams(max_tokens=80, temperature=0.8, seed=1), msgs),
+            "tool": (tool, SamplingParams(max_tokens=80), tool_msgs)}
+    for rid, (gr, p, m) in reqs.items():
+        eng.add_request(rid, messages=m, params=p)
+        eng.seqs[rid].extra["matcher"] = gr.matcher()
+    done = {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+    for rid in ("greedy", "s1"):
+        assert done[rid].finish_reason == "stop", done[rid].text
+        v = json.loads(done[rid].text)
+        assert set(v) == {"name", "age", "color"} and v["color"] in ("red", "green", "blue")
+    text = done["tool"].text
+    assert done["tool"].finish_reason == "stop", text
+    calls = json.loads(re.fullmatch(r"<tool_call>\n?(.*?)\n?</tool_call>", text, re.S).group(1))
+    assert calls[0]["name"] in ("get_weather", "add")

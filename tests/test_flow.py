@@ -1,0 +1,427 @@
+"""The graph runs: stages execute on the items of their edges (python stages, routing,
+several engines, fan-out and join, bounded loops), and `check` rejects what cannot run."""
+from __future__ import annotations
+
+import collections
+import json
+import textwrap
+
+import pytest
+
+import pipeline_dsl
+from pipeline_dsl.flow import PipelineRuntime
+from pipeline_dsl.runtime import load_graph
+
+SEGMENT = """
+    stage {b} : dynamic_batch {{ max_batch_size = 8  timeout = 1ms }}
+    stage {e} : encode {{}}
+    stage {k} : kv_lookup {{ block_size = 8  budget = 2MiB }}
+"""
+
+HOOKS = '''
+import pipeline_dsl
+
+def redact(item):
+    for m in item.get("messages") or []:
+        m["content"] = m["content"].replace("secret@example.com", "[EMAIL]")
+    return item
+
+def reject_flagged(item):
+    if item.get("metadata", {}).get("bad"):
+        raise pipeline_dsl.Reject("flagged by the test")
+
+def reject_answer_of(item):
+    if item["request"]["id"] == "victim":
+        raise pipeline_dsl.Reject("the answer was refused")
+    return item
+
+def boom(item):
+    if item.get("id") == "boom":
+        raise ValueError("kaboom")
+    return item
+
+def classify(item):
+    return "vip" if item.get("metadata", {}).get("vip") else "plain"
+
+def upper(item):
+    item["text"] = item["text"].upper()
+    return item
+
+def loop(item):
+    req = dict(item["request"])
+    req["messages"] = req["messages"] + [{"role": "assistant", "content": item["text"]},
+                                         {"role": "user", "content": "again"}]
+    return req
+
+def pick_last(items):
+    return items[-1]
+
+def bad_type(item):
+    return 42
+'''
+
+
+def write(tmp_path, body: str, settings: str = "", hooks: bool = True):
+    if hooks:
+        (tmp_path / "hooks.py").write_text(HOOKS, encoding="utf-8")
+    path = tmp_path / "p.agp"
+    path.write_text(f"pipeline p {{\n    model = \"{MODEL}\"\n    device = cpu\n    dtype = fp32\n{settings}\n"
+                    + textwrap.dedent(body) + "\n}\n", encoding="utf-8")
+    return path
+
+
+MODEL = ""
+
+
+@pytest.fixture(autouse=True)
+def _model(soft_gguf):
+    global MODEL
+    MODEL = str(soft_gguf)
+
+
+def check(path) -> list:
+    _, diags = pipeline_dsl.load(str(path))
+    return [d for d in diags if d.is_error]
+
+
+def run(path, requests, pins=None) -> list:
+    rt = PipelineRuntime(load_graph(path), overrides={"threads": 1})
+    items = [dict(r) for r in requests]
+    if pins:
+        items = [(i, p) for i, p in zip(items, pins)]
+    out = rt.run_all(items)
+    rt.shutdown()
+    return out, rt
+
+
+def chat(rid, text, **kw):
+    return {"id": rid, "messages": [{"role": "user", "content": text}], "max_tokens": 4, "ignore_eos": True,
+            **kw}
+
+
+def chain(gen="gen", b="batch", e="encode", k="kv"):
+    return (SEGMENT.format(b=b, e=e, k=k) +
+            f"    {b} -> {e} when full\n    {b} -> {e} when timeout\n    {e} -> {k} -> {gen}\n")
+
+
+# ---------------------------------------------------------------- python stages
+
+def test_redaction_runs_before_the_model_and_the_prompt_tokens_show_it(tmp_path):
+    body = ("stage request : requests {}\nstage redact : python { fn = \"hooks:redact\" }\n"
+            "stage gen : generate { max_new_tokens = 4 }\nstage out : respond {}\n"
+            "request -> redact -> batch\n" + chain() + "gen -> out\n")
+    path = write(tmp_path, body)
+    assert check(path) == []
+    (with_mail, placeholder), _ = run(path, [chat("a", "mail secret@example.com now"),
+                                             chat("b", "mail [EMAIL] now")])
+    assert with_mail.ok and placeholder.ok
+    assert with_mail.usage["prompt_tokens"] == placeholder.usage["prompt_tokens"]
+    assert with_mail.choices[0].data["request"]["messages"][0]["content"] == "mail [EMAIL] now"
+
+
+def test_reject_before_and_after_the_model_fails_only_that_request(tmp_path):
+    body = ("stage request : requests {}\nstage pre : python { fn = \"hooks:reject_flagged\" }\n"
+            "stage gen : generate { max_new_tokens = 4 }\nstage post : python { fn = \"hooks:reject_answer_of\" }\n"
+            "stage out : respond {}\nrequest -> pre -> batch\n" + chain() + "gen -> post -> out\n")
+    path = write(tmp_path, body)
+    results, rt = run(path, [chat("ok1", "hello"), chat("flagged", "hi", metadata={"bad": True}),
+                             chat("victim", "hello there"), chat("ok2", "the cat")])
+    by_id = {r.id: r for r in results}
+    assert by_id["ok1"].ok and by_id["ok2"].ok
+    assert by_id["flagged"].error.kind == "rejected" and by_id["flagged"].error.stage == "pre"
+    assert by_id["flagged"].error.message == "flagged by the test"
+    assert by_id["victim"].error.kind == "rejected" and by_id["victim"].error.stage == "post"
+    stats = rt.stats()["stages"]
+    assert stats["pre"]["rejected"] == 1 and stats["post"]["rejected"] == 1
+    assert stats["gen"]["items_in"] == 3            # the flagged one never reached the model
+
+
+def test_a_function_that_raises_fails_its_request_with_the_stage_and_message(tmp_path):
+    body = ("stage request : requests {}\nstage f : python { fn = \"hooks:boom\" }\n"
+            "stage gen : generate { max_new_tokens = 4 }\nstage out : respond {}\n"
+            "request -> f -> batch\n" + chain() + "gen -> out\n")
+    path = write(tmp_path, body)
+    (a, b), _ = run(path, [chat("boom", "x"), chat("fine", "y")])
+    assert a.error.kind == "failed" and a.error.stage == "f"
+    assert "kaboom" in a.error.message and "ValueError" in a.error.message
+    assert b.ok
+
+
+def test_a_function_returning_the_wrong_type_is_a_clear_error(tmp_path):
+    body = ("stage request : requests {}\nstage g : python { fn = \"hooks:bad_type\" }\n"
+            "stage gen : generate { max_new_tokens = 4 }\nstage out : respond {}\n"
+            "request -> g -> batch\n" + chain() + "gen -> out\n")
+    (r,), _ = run(write(tmp_path, body), [chat("x", "y")])
+    assert r.error.stage == "g" and "returned int" in r.error.message
+
+
+def test_a_missing_module_or_function_is_a_check_error_at_fn(tmp_path):
+    body = ("stage request : requests {}\nstage f : python { fn = \"nowhere:redact\" }\n"
+            "stage g : python { fn = \"hooks:redcat\" }\n"
+            "stage gen : generate {}\nstage out : respond {}\nrequest -> f -> g -> batch\n" + chain() + "gen -> out\n")
+    path = write(tmp_path, body)
+    errs = check(path)
+    assert len(errs) == 2
+    assert "module 'nowhere' not found" in errs[0].message and errs[0].pos.col > 1
+    assert "has no function 'redcat'" in errs[1].message and errs[1].hint == "did you mean 'redact'?"
+    text = path.read_text().splitlines()[errs[1].pos.line - 1]
+    assert text[errs[1].pos.col - 1:].startswith('"hooks:redcat"')
+
+
+# ---------------------------------------------------------------- routing
+
+ROUTER = """
+stage request : requests {}
+stage route : route {}
+stage short_gen : generate { max_new_tokens = 3 }
+stage long_gen : generate { max_new_tokens = 5 }
+stage out : respond {}
+request -> route
+route -> batch_l when prompt_tokens > 20
+route -> batch_s otherwise
+"""
+
+
+def test_long_prompts_reach_the_long_branch(tmp_path):
+    path = write(tmp_path, ROUTER + chain("short_gen", "batch_s", "enc_s", "kv_s")
+                 + chain("long_gen", "batch_l", "enc_l", "kv_l") + "short_gen -> out\nlong_gen -> out\n")
+    assert check(path) == []
+    reqs = [{"id": "short", "prompt": "hi", "ignore_eos": True},
+            {"id": "long", "prompt": "the cat and the world " * 8, "ignore_eos": True}]
+    results, rt = run(path, reqs)
+    by_id = {r.id: r for r in results}
+    assert by_id["short"].choices[0].data["generated_by"] == "short_gen"
+    assert by_id["long"].choices[0].data["generated_by"] == "long_gen"
+    assert by_id["short"].usage["completion_tokens"] == 3 and by_id["long"].usage["completion_tokens"] == 5
+    assert len(rt.segments) == 2                     # two engines, each its own batching loop
+    stages = rt.stats()["stages"]
+    assert stages["long_gen"]["items_in"] == 1 and stages["short_gen"]["items_in"] == 1
+
+
+def test_conditions_on_metadata_and_labels_route_each_item(tmp_path):
+    body = ("stage request : requests {}\nstage tier : python { fn = \"hooks:classify\" }\n"
+            "stage up : python { fn = \"hooks:upper\" }\n"
+            "stage gen : generate { max_new_tokens = 4 }\nstage out : respond {}\n"
+            "request -> tier -> batch\n" + chain() +
+            "stage pick : route {}\ngen -> pick\npick -> up when metadata.vip == true and not prompt_tokens > 400\n"
+            "pick -> out otherwise\nup -> out\n")
+    path = write(tmp_path, body)
+    assert check(path) == []
+    (vip, plain), rt = run(path, [chat("v", "hello", metadata={"vip": True}), chat("p", "hello")])
+    assert vip.choices[0].text == vip.choices[0].text.upper()
+    assert rt.stats()["stages"]["up"]["items_in"] == 1
+
+
+def test_a_model_field_naming_a_generate_stage_pins_the_request_there(tmp_path):
+    path = write(tmp_path, ROUTER + chain("short_gen", "batch_s", "enc_s", "kv_s")
+                 + chain("long_gen", "batch_l", "enc_l", "kv_l") + "short_gen -> out\nlong_gen -> out\n")
+    reqs = [{"id": "a", "prompt": "hi", "ignore_eos": True}, {"id": "b", "prompt": "hi", "ignore_eos": True}]
+    results, _ = run(path, reqs, pins=[None, "long_gen"])
+    assert [r.choices[0].data["generated_by"] for r in results] == ["short_gen", "long_gen"]
+
+
+@pytest.mark.parametrize("edge, words", [
+    ("route -> batch_s when prompt_tokns > 3", "unknown field 'prompt_tokns'"),
+    ("route -> batch_s when prompt_tokens > \"many\"", "type mismatch: 'prompt_tokens' is a number"),
+    ("route -> batch_s when model < \"x\"", "compares numbers"),
+    ("route -> batch_s when completion_tokens > 3", "only known after generate"),
+    ("route -> batch_s when prompt_tokens", "needs a comparison"),
+    ("route -> batch_s when prompt_tokens > long", "bare word"),
+])
+def test_bad_conditions_are_positioned_check_errors(tmp_path, edge, words):
+    body = ("stage request : requests {}\nstage route : route {}\nstage gen : generate {}\nstage out : respond {}\n"
+            f"request -> route\n{edge}\nroute -> batch_s otherwise\n" + chain("gen", "batch_s") + "gen -> out\n")
+    errs = check(write(tmp_path, body))
+    assert len(errs) == 1 and words in errs[0].message
+    assert errs[0].pos is not None and errs[0].pos.line > 1
+
+
+def test_conditional_edges_without_otherwise_are_an_error(tmp_path):
+    body = ("stage request : requests {}\nstage route : route {}\nstage gen : generate {}\nstage out : respond {}\n"
+            "request -> route\nroute -> batch when prompt_tokens > 3\n" + chain() + "gen -> out\n")
+    (err,) = check(write(tmp_path, body))
+    assert "nowhere to go" in err.message and "otherwise" in err.hint
+
+
+def test_a_batcher_without_a_timeout_edge_is_an_error(tmp_path):
+    body = ("stage request : requests {}\nstage gen : generate {}\nstage out : respond {}\n"
+            "request -> batch\n" + SEGMENT.format(b="batch", e="encode", k="kv") +
+            "batch -> encode when full\nencode -> kv -> gen -> out\n")
+    (err,) = check(write(tmp_path, body))
+    assert err.message.startswith("timeout items of 'batch' have nowhere to go")
+
+
+# ---------------------------------------------------------------- several models, fan-out, join
+
+def test_two_models_in_one_pipeline_run_as_two_engines(tmp_path):
+    body = ROUTER.replace("stage long_gen : generate { max_new_tokens = 5 }",
+                          "stage long_gen : generate { max_new_tokens = 5  dtype = bf16 }")
+    path = write(tmp_path, body + chain("short_gen", "batch_s", "enc_s", "kv_s")
+                 + chain("long_gen", "batch_l", "enc_l", "kv_l") + "short_gen -> out\nlong_gen -> out\n")
+    rt = PipelineRuntime(load_graph(path), overrides={"threads": 1})
+    dtypes = {es.name: es.engine.model_info["dtype"] for es in rt.segments}
+    assert dtypes == {"short_gen": "float32", "long_gen": "bfloat16"}
+    assert rt.segments[0].engine is not rt.segments[1].engine
+    rt.shutdown()
+
+
+def test_generate_stages_sharing_a_kv_stage_must_share_a_model(tmp_path):
+    body = ("stage request : requests {}\nstage a : generate {}\nstage b : generate { dtype = bf16 }\n"
+            "stage out : respond {}\nrequest -> batch\n" + chain("a") + "kv -> b\na -> out\nb -> out\n")
+    (err,) = check(write(tmp_path, body))
+    assert "share kv_lookup 'kv' (one engine) but differ in dtype" in err.message
+
+
+FAN = ("stage request : requests {}\nstage cold : generate { max_new_tokens = 6  temperature = 0 }\n"
+       "stage warm : generate { max_new_tokens = 6  temperature = 0.9  seed = 5 }\n"
+       "stage hot : generate { max_new_tokens = 6  temperature = 1.5  seed = 9 }\n"
+       "stage vote : join { policy = POLICY }\nstage out : respond {}\n"
+       "request -> batch\n" + chain("cold") + "kv -> warm\nkv -> hot\ncold -> vote\nwarm -> vote\nhot -> vote\n"
+       "vote -> out\n")
+
+
+def test_fan_out_to_three_generators_samples_each_branch_coherently(tmp_path):
+    path = write(tmp_path, FAN.replace("POLICY", "longest"))
+    assert check(path) == []
+    req = {"id": "q", "prompt": "the cat and the", "ignore_eos": True}
+    (res,), rt = run(path, [req])
+    branches = res.choices[0].data["branches"]
+    assert len(branches) == 3
+    # each branch is exactly what its generate stage gives alone: no crossed tokens
+    for gen, branch in zip(("cold", "warm", "hot"), branches):
+        (solo,), _ = run(path, [req], pins=[gen])
+        assert solo.choices[0].text == branch["text"], gen
+    assert res.choices[0].text == max((b["text"] for b in branches), key=len)
+    assert res.usage["completion_tokens"] == 18
+
+
+def test_majority_vote_returns_the_most_common_normalised_answer():
+    from stages.impl import Join, StageContext
+
+    join = Join("vote", {"policy": "majority"}, StageContext("p", "vote", "join", None))
+    items = [{"text": "Paris"}, {"text": "Lyon."}, {"text": " paris!"}, {"text": "Lyon"}, {"text": "PARIS"}]
+    assert join.merge(items) is items[0]
+    assert Join("v", {"policy": "longest"}, StageContext("p", "v", "join", None)).merge(items) is items[2]
+    assert Join("v", {"policy": "first"}, StageContext("p", "v", "join", None)).merge(items) is items[0]
+
+
+def test_n_samples_go_on_as_branches_into_a_join(tmp_path):
+    body = ("stage request : requests {}\nstage gen : generate { n = 3  temperature = 1.0  seed = 4  max_new_tokens = 5 }\n"
+            "stage vote : join { fn = \"hooks:pick_last\" }\nstage out : respond {}\n"
+            "request -> batch\n" + chain() + "gen -> vote -> out\n")
+    path = write(tmp_path, body)
+    assert check(path) == []
+    (res,), rt = run(path, [{"id": "a", "prompt": "hello world", "ignore_eos": True}])
+    assert res.ok and len(res.choices) == 1 and len(res.choices[0].data["branches"]) == 3
+    assert res.usage["completion_tokens"] == 15
+    assert rt.stats()["stages"]["gen"]["items_in"] == 3 and rt.stats()["stages"]["vote"]["items_out"] == 1
+
+
+def test_n_without_a_join_gives_n_choices_with_their_own_seeds(tmp_path):
+    body = ("stage request : requests {}\nstage gen : generate { temperature = 1.0  seed = 4  max_new_tokens = 6 }\n"
+            "stage out : respond {}\nrequest -> batch\n" + chain() + "gen -> out\n")
+    (res,), _ = run(write(tmp_path, body), [{"id": "a", "prompt": "hello world", "ignore_eos": True, "n": 3}])
+    assert [c.index for c in res.choices] == [0, 1, 2]
+    assert len({c.text for c in res.choices}) > 1            # seed, seed+1, seed+2: different samples
+
+
+# ---------------------------------------------------------------- loops
+
+LOOP = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 3 }\n"
+        "stage tool : python { fn = \"hooks:loop\" TURNS }\nstage out : respond {}\n"
+        "request -> batch\n" + chain() + "gen -> tool\ntool -> batch\ntool -> out\n")
+
+
+def test_a_bounded_loop_runs_max_turns_then_leaves(tmp_path):
+    path = write(tmp_path, LOOP.replace("TURNS", " max_turns = 2"))
+    assert check(path) == []
+    (res,), rt = run(path, [chat("a", "hello", max_tokens=None)])
+    assert res.ok
+    stages = rt.stats()["stages"]
+    assert stages["gen"]["items_in"] == 3                     # the first pass and two loops
+    assert stages["tool"]["items_in"] == 3 and stages["out"]["items_in"] == 1
+    messages = res.choices[0].data["request"]["messages"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["hello", "again", "again"]
+
+
+def test_a_loop_without_a_bound_is_a_cycle_error(tmp_path):
+    errs = check(write(tmp_path, LOOP.replace("TURNS", "")))
+    assert len(errs) == 1 and errs[0].message.startswith("cycle: ")
+    assert "max_turns" in errs[0].hint
+
+
+def test_a_self_loop_is_a_cycle(tmp_path):
+    body = ("stage request : requests {}\nstage system : system_prompt { text = \"x\" }\nstage gen : generate {}\n"
+            "stage out : respond {}\nrequest -> system -> batch\nsystem -> system\n" + chain() + "gen -> out\n")
+    errs = check(write(tmp_path, body))
+    assert [e.message for e in errs] == ["cycle: system -> system"]
+
+
+def test_a_join_inside_a_loop_and_a_bound_without_exit_are_errors(tmp_path):
+    body = LOOP.replace("TURNS", " max_turns = 2").replace("tool -> out\n", "")
+    body = body.replace("gen -> tool\n", "stage j : join {}\ngen -> j -> tool\nj -> out\n")
+    msgs = [e.message for e in check(write(tmp_path, body))]
+    assert "join 'j' is inside a loop" in msgs
+    assert any("bounds a loop (max_turns = 2) but has no edge out of it" in m for m in msgs)
+
+
+# ---------------------------------------------------------------- what check rejects, the runtime could not run
+
+def test_two_batchers_feeding_one_encode_stage_is_a_check_error(tmp_path):
+    body = ("stage request : requests {}\nstage gen : generate {}\nstage out : respond {}\n"
+            "stage batch2 : dynamic_batch {}\nrequest -> batch\nrequest -> batch2\n"
+            "batch2 -> encode\n" + chain() + "gen -> out\n")
+    msgs = [e.message for e in check(write(tmp_path, body))]
+    assert "2 batchers feed one encode stage 'encode' ('batch2', 'batch')" in msgs
+
+
+def test_an_encode_stage_feeding_two_kv_stages_is_a_check_error(tmp_path):
+    body = ("stage request : requests {}\nstage gen : generate {}\nstage out : respond {}\n"
+            "stage kv2 : kv_lookup {}\nstage gen2 : generate {}\nrequest -> batch\n" + chain()
+            + "encode -> kv2 -> gen2 -> out\ngen -> out\n")
+    msgs = [e.message for e in check(write(tmp_path, body))]
+    assert "encode 'encode' feeds 2 kv_lookup stages ('kv2', 'kv')" in msgs
+
+
+# ---------------------------------------------------------------- visible
+
+def test_every_planned_piece_of_work_runs_and_is_traced(tmp_path):
+    body = ("stage request : requests {}\nstage system : system_prompt { text = \"Be brief.\" }\n"
+            "stage up : python { fn = \"hooks:upper\" }\nstage gen : generate { max_new_tokens = 4 }\n"
+            "stage out : respond {}\nrequest -> system -> batch\n" + chain() + "gen -> up -> out\n")
+    path = write(tmp_path, body)
+    from pipeline_dsl.engine.trace import Trace
+
+    trace = Trace()
+    rt = PipelineRuntime(load_graph(path), overrides={"threads": 1}, trace=trace)
+    results = rt.run_all([chat(f"r{i}", "hello there") for i in range(4)])
+    rt.shutdown()
+    assert all(r.ok for r in results)
+    traced = {s.name for s in trace.spans}
+    assert set(rt.plan.executed()) <= traced, set(rt.plan.executed()) - traced
+    assert {"request.admit", "encode.tokenise", "up.call", "out.respond", "gen.forward"} <= traced
+    data = trace.to_chrome()
+    item_spans = [e for e in data["traceEvents"] if e.get("name") == "up.call"]
+    assert item_spans and all("request" in e["args"] for e in item_spans)
+
+
+def test_agp_run_summary_and_stats_report_every_stage(tmp_path):
+    import subprocess
+    import sys
+
+    body = ("stage request : requests {}\nstage up : python { fn = \"hooks:upper\" }\n"
+            "stage gen : generate { max_new_tokens = 3 }\nstage out : respond {}\n"
+            "request -> batch\n" + chain() + "gen -> up -> out\n")
+    path = write(tmp_path, body)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(json.dumps(chat(f"r{i}", "hi")) for i in range(3)) + "\n")
+    stats = tmp_path / "stats.json"
+    proc = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", str(path), "-i", str(inp), "-o",
+                           str(tmp_path / "out.jsonl"), "--stats", str(stats), "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "up " in proc.stderr and "rejected" in proc.stderr
+    s = json.loads(stats.read_text())
+    assert s["stages"]["up"]["items_in"] == 3 and s["stages"]["up"]["items_out"] == 3
+    assert set(s["stages"]) == {"request", "batch", "encode", "kv", "gen", "up", "out"}
+    assert all(r["text"] == r["text"].upper() for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines()))
