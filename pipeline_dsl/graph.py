@@ -71,22 +71,72 @@ def _warn(msg, pos, expected=None, hint=None, notes=()):
     return Diagnostic(WARNING, msg, pos, expected=expected, hint=hint, notes=tuple(notes))
 
 
-def item_types(r: Resolved, g: nx.DiGraph) -> dict[str, frozenset]:
-    """The item types each stage may send: its kind's outputs; a passthrough kind (route)
-    sends what reaches it of what it accepts (a fixed point, loops included)."""
-    emits: dict[str, frozenset] = {}
-    for n, s in r.stages.items():
-        emits[n] = frozenset() if s.kind is None or s.kind.passthrough else s.kind.emits
+ITEM_TYPES = frozenset({"Request", "Generated"})
+
+
+def outputs(kind, params: dict, received: frozenset) -> frozenset:
+    """The item types a stage of `kind` sends on, given the types it receives."""
+    if kind is None:
+        return frozenset()
+    if kind.passthrough:
+        return received & kind.accepts
+    if kind.name == "python":
+        returns = params.get("returns") or "same"
+        out = {"same": received, "request": frozenset({"Request"}), "generated": frozenset({"Generated"}),
+               "any": ITEM_TYPES}[returns] & ITEM_TYPES
+        if params.get("max_turns") is not None:   # past its bound an item leaves the loop as it came
+            out |= received & ITEM_TYPES
+        return out
+    return kind.emits
+
+
+def flow_types(graph: nx.DiGraph, registry: Registry | None = None) -> tuple[dict, dict]:
+    """(carry, receives): which item types each stage can carry on to an end (its kind takes
+    them, and what it then sends has an out-edge that carries it: a greatest fixed point over
+    loops), and which types actually reach it from the request source (the least fixed point,
+    each edge carrying only what its destination can carry). The runtime routes by `carry`."""
+    registry = registry or default_registry()
+    kinds = {n: registry.get(graph.nodes[n].get("kind")) if graph.nodes[n].get("kind") else None
+             for n in graph}
+    params = {n: graph.nodes[n].get("params") or {} for n in graph}
+    carry = {n: set(k.accepts) if k is not None else set() for n, k in kinds.items()}
     changed = True
     while changed:
         changed = False
-        for n, s in r.stages.items():
-            if s.kind is None or not s.kind.passthrough:
+        for n, k in kinds.items():
+            if k is None or k.is_sink or not carry[n]:
                 continue
-            got = frozenset(t for p in g.predecessors(n) for t in emits[p]) & s.kind.accepts
-            if got != emits[n]:
-                emits[n], changed = got, True
-    return emits
+            onward = set().union(*(carry[v] for v in graph.successors(n))) if graph.out_degree(n) else set()
+            if k.name in ("dynamic_batch", "encode", "kv_lookup", "generate"):
+                ok = {t for t in carry[n] if outputs(k, params[n], frozenset({t})) <= onward}
+            else:
+                ok = {t for t in carry[n] if outputs(k, params[n], frozenset({t})) & ITEM_TYPES <= onward}
+            if ok != carry[n]:
+                carry[n], changed = ok, True
+    receives = {n: set() for n in graph}
+    for n, k in kinds.items():
+        if k is not None and k.is_source:
+            receives[n] = set()
+    changed = True
+    while changed:
+        changed = False
+        for n, k in kinds.items():
+            if k is None:
+                continue
+            sent = outputs(k, params[n], frozenset(receives[n])) if not k.is_source else k.emits
+            for v in graph.successors(n):
+                got = set(sent) & carry[v]
+                if not got <= receives[v]:
+                    receives[v] |= got
+                    changed = True
+    return ({n: frozenset(c) for n, c in carry.items()}, {n: frozenset(r) for n, r in receives.items()})
+
+
+def item_types(r: Resolved, g: nx.DiGraph) -> dict[str, frozenset]:
+    """The item types each stage may send on (given what reaches it)."""
+    carry, receives = flow_types(g)
+    return {n: outputs(s.kind, s.params, receives[n]) if s.kind is not None and not s.kind.is_source
+            else (s.kind.emits if s.kind is not None else frozenset()) for n, s in r.stages.items()}
 
 
 def bounded_stages(r: Resolved) -> set[str]:
@@ -186,7 +236,9 @@ def _check_cycles(g: nx.DiGraph, r: Resolved) -> list[Diagnostic]:
 
 
 def _check_ports(r: Resolved, registry: Registry, g: nx.DiGraph, emits: dict) -> list[Diagnostic]:
+    """Each edge can carry something; whatever a stage sends has an out-edge that carries it."""
     diags = []
+    carry, receives = flow_types(g, registry)
     for e in r.edges:
         a, b = r.stages[e.src], r.stages[e.dst]
         if a.kind is None or b.kind is None:
@@ -199,28 +251,36 @@ def _check_ports(r: Resolved, registry: Registry, g: nx.DiGraph, emits: dict) ->
             diags.append(_err(f"stage '{b.name}' ({b.kind.name}) takes no input: no edge can enter it", e.pos,
                               hint=f"{b.kind.name} starts a pipeline; remove the edge {a.name} -> {b.name}"))
             continue
-        gives = emits[a.name] if a.kind.passthrough else a.kind.emits
-        if not gives:
-            continue                   # nothing reaches a passthrough stage: reported elsewhere
+        gives = a.kind.emits
+        if a.kind.passthrough or a.kind.name == "python":   # what really reaches it, else what it could take
+            gives = outputs(a.kind, a.params, receives[a.name] or a.kind.accepts)
         takes = b.kind.accepts
         if not gives & takes:
             shown = " | ".join(sorted(gives))
             between = [k.name for k in registry.kinds()
-                       if k.inputs and k.outputs and not k.passthrough and gives & k.accepts
-                       and k.emits <= takes and len(k.emits) == 1]
+                       if k.inputs and k.outputs and not k.passthrough and k.name != "python"
+                       and gives & k.accepts and k.emits <= takes and len(k.emits) == 1]
             hint = f"insert a {between[0]} stage between them" if between else None
+            if a.kind.name == "python" and "returns" not in a.given:
+                hint = f"if '{a.name}' turns its items into {' or '.join(sorted(takes & ITEM_TYPES))}, say so: " \
+                       f"returns = {'request' if 'Request' in takes else 'generated'} (or any)"
             diags.append(_err(f"port type mismatch on edge {a.name} -> {b.name}: '{a.name}' ({a.kind.name}) "
                               f"gives {shown}, '{b.name}' ({b.kind.name}) takes {' | '.join(sorted(takes))}",
                               e.pos, expected=f"an edge into a stage that takes {shown}", hint=hint))
-    for n, s in r.stages.items():      # a passthrough stage must have a way on for each type it gets
-        if s.kind is None or not s.kind.passthrough:
+    reported = {e.src for e in r.edges if r.stages[e.src].kind is not None}  # only stages with edges out
+    for n, s in r.stages.items():
+        if s.kind is None or s.kind.is_sink or s.kind.is_source or n not in reported:
             continue
-        outs = [r.stages[v] for v in g.successors(n) if r.stages[v].kind is not None]
-        for t in sorted(emits[n]):
-            if outs and not any(t in o.kind.accepts for o in outs):
-                diags.append(_err(f"stage '{n}' ({s.kind.name}) receives {t} items but none of its "
-                                  f"out-edges takes them", s.pos,
-                                  hint=f"add an edge from '{n}' to a stage that takes {t}"))
+        sent = outputs(s.kind, s.params, receives[n]) & ITEM_TYPES
+        onward = set().union(*(carry[v] for v in g.successors(n)))
+        for t in sorted(sent - onward):
+            hint = None
+            if s.kind.name == "python" and s.params.get("returns") == "any":
+                other = "generated" if t == "Request" else "request"
+                hint = f"if '{n}' never returns a {t}, say returns = {other}"
+            diags.append(_err(f"stage '{n}' ({s.kind.name}) may send {t} items, but none of its out-edges "
+                              f"leads to a stage that takes them", s.pos,
+                              hint=hint or f"add an edge from '{n}' towards a stage that takes {t} items"))
     return diags
 
 
@@ -249,7 +309,7 @@ def _check_routes(r: Resolved, g: nx.DiGraph, emits: dict) -> list[Diagnostic]:
         s = r.stages[n]
         if s.kind is None:
             continue
-        types = _route_types(s.kind, emits[n] if s.kind.passthrough else s.kind.emits)
+        types = _route_types(s.kind, emits[n])
         for e in out:
             for cmp in compares(e.cond) if e.cond is not None else ():
                 try:

@@ -146,13 +146,16 @@ PYTHON = StageKind(
         "messages or prompt, sampling fields, metadata; a Generated result: id, text, finish_reason, "
         "usage, request) and returns the dict (changed in place or a new one), a label string that "
         "`when LABEL` edges match, or raises pipeline_dsl.Reject(\"why\") to refuse the request. A "
-        "returned Request goes to the out-edges that take Requests, a Generated result to those that "
-        "take Generated results.",
+        "returned Request goes on along the out-edges that lead where Requests are taken, a Generated "
+        "result along those that lead to a respond stage; `returns` says which it may give.",
     params=(
         Param("fn", STR, REQUIRED, "the function to call, as \"module:function\""),
         Param("max_turns", INT, None, "bounds a loop through this stage: after max_turns calls for one "
               "request its items leave the loop (the edges out of it) without a call", min=1, max=1000,
               optional=True),
+        Param("returns", ENUM, "same", "what the function returns: same (the type it got), request, "
+              "generated, or any (either; e.g. a tool step that loops back or answers)",
+              choices=("same", "request", "generated", "any")),
     ),
     inputs=(Port("items", "Request|Generated"),),
     outputs=(Port("items", "Request|Generated"),),

@@ -328,7 +328,7 @@ def test_n_without_a_join_gives_n_choices_with_their_own_seeds(tmp_path):
 # ---------------------------------------------------------------- loops
 
 LOOP = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 3 }\n"
-        "stage tool : python { fn = \"hooks:loop\" TURNS }\nstage out : respond {}\n"
+        "stage tool : python { fn = \"hooks:loop\"  returns = request TURNS }\nstage out : respond {}\n"
         "request -> batch\n" + chain() + "gen -> tool\ntool -> batch\ntool -> out\n")
 
 
@@ -345,7 +345,7 @@ def test_a_bounded_loop_runs_max_turns_then_leaves(tmp_path):
 
 
 def test_a_loop_without_a_bound_is_a_cycle_error(tmp_path):
-    errs = check(write(tmp_path, LOOP.replace("TURNS", "")))
+    errs = check(write(tmp_path, LOOP.replace("returns = request TURNS", "returns = any")))
     assert len(errs) == 1 and errs[0].message.startswith("cycle: ")
     assert "max_turns" in errs[0].hint
 

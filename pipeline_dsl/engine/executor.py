@@ -209,6 +209,7 @@ class Executor:
         self._launches: dict[int, _Launch | None] = {}
         self._sampled: dict[int, Any] = {}
         self._closing = True
+        self._close_called = False
         self._on_output: Callable | None = None
         self._on_error: Callable | None = None
         self.discarded_tokens = 0
@@ -255,9 +256,10 @@ class Executor:
             self._wake.notify_all()
 
     def close(self) -> None:
-        """Let a run with until_idle=False end once every request is done."""
+        """Let a run with until_idle=False end once every request is done (also when called
+        before that run starts)."""
         with self.lock:
-            self._closing = True
+            self._closing = self._close_called = True
             self._wake.notify_all()
 
     # ---- the work pieces ---------------------------------------------------------------
@@ -523,7 +525,8 @@ class Executor:
             until_idle: bool = True) -> dict:
         """Run until every request is done (or, with until_idle=False, until close())."""
         self._on_output, self._on_error = on_output, on_error
-        self._closing = until_idle
+        with self.lock:
+            self._closing = until_idle or self._close_called
         self._signals = _Signals()
         self._waits = {w.name: [e for e in self.plan.events if e.dst_work == w.name]
                        for w in self.plan.work}

@@ -155,8 +155,10 @@ class PipelineRuntime:
                                [(v, e.get("condition")) for _, v, e in graph.out_edges(n, data=True)])
                        for n in graph}
         self.reach = {n: nx.descendants(graph, n) for n in graph}
-        from stages.registry import get_kind
-        self.accepts = {n: (get_kind(k).accepts if get_kind(k) else frozenset()) for n, k in self.kind.items()}
+        from pipeline_dsl.graph import flow_types
+        self.carry, _ = flow_types(graph)          # where each item type can go on to an end
+        self.returns = {n: (graph.nodes[n]["params"] or {}).get("returns", "same") for n in graph
+                        if self.kind[n] == "python"}
         self.bounded = {n: graph.nodes[n]["params"]["max_turns"] for n in bounded_stages_of(graph)}
         self.exits = {n: [v for v, _ in self.routes[n] if v not in _scc(graph, n)] for n in self.bounded}
         sources = [n for n, k in self.kind.items() if k == "requests"]
@@ -335,6 +337,12 @@ class PipelineRuntime:
             if kind is None:
                 raise PipelineError(f"stage '{stage}' returned a dict that is neither a request (messages or "
                                     "prompt) nor a result (text)", "failed", stage)
+            declared = self.returns.get(stage, "same")
+            if declared != "any" and kind != {"same": item.kind, "request": REQUEST,
+                                              "generated": GENERATED}[declared]:
+                raise PipelineError(f"stage '{stage}' returned a {kind} but declares returns = {declared} "
+                                    f"(it got a {item.kind}); set returns = any if it may do both",
+                                    "failed", stage)
             if kind == REQUEST and not trusted:
                 out = _valid_request(out, stage)
             elif not isinstance(out.get("text"), str):
@@ -370,17 +378,17 @@ class PipelineRuntime:
     def _choose(self, item: Item, stage: str, only=None) -> list[str]:
         routes = self.routes[stage]
         if only is not None:
-            return [v for v in dict.fromkeys(only) if item.kind in self.accepts[v]]
+            return [v for v in dict.fromkeys(only) if item.kind in self.carry[v]]
         pin = item.req.pin
         if pin is not None and (pin in self.reach[stage]):
             for v, _ in routes:                  # the path to the pinned generate stage, conditions aside
-                if (v == pin or pin in self.reach[v]) and (item.kind in self.accepts[v]
+                if (v == pin or pin in self.reach[v]) and (item.kind in self.carry[v]
                                                            or self.kind[stage] == "kv_lookup"):
                     return [v]
         chosen, held, other = [], False, None
         get = self._getter(item)
         for v, cond in routes:
-            if item.kind not in self.accepts[v] and self.kind[stage] != "kv_lookup":
+            if item.kind not in self.carry[v] and self.kind[stage] != "kv_lookup":
                 continue
             if cond is None:
                 chosen.append(v)

@@ -1,0 +1,226 @@
+"""Whatever `agp check` accepts runs: random pipelines built from the stage kinds (Hypothesis)
+run over a few requests on the tiny model; no crash, no hang, every request answered or
+failed with a clear error of its own."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+import pipeline_dsl
+from pipeline_dsl.flow import PipelineRuntime
+from pipeline_dsl.runtime import load_graph
+
+HOOKS = '''
+import pipeline_dsl
+
+def same(item):
+    return item
+
+def tag(item):
+    return "even" if len(item.get("id", "")) % 2 == 0 else "odd"
+
+def shout(item):
+    if "text" in item:
+        item["text"] = item["text"].upper()
+    return item
+
+def refuse_x(item):
+    if str(item.get("id", "")).endswith("x"):
+        raise pipeline_dsl.Reject("ids ending in x are refused")
+    return item
+
+def again(item):
+    req = dict(item["request"])
+    req["messages"] = list(req["messages"]) + [{"role": "assistant", "content": item["text"]},
+                                               {"role": "user", "content": "more"}]
+    return req
+'''
+
+EXAMPLES = 300
+
+
+class Builder:
+    def __init__(self, draw):
+        self.draw = draw
+        self.stages: list[str] = []
+        self.edges: list[str] = []
+        self.n = 0
+
+    def name(self, prefix: str) -> str:
+        self.n += 1
+        return f"{prefix}{self.n}"
+
+    def stage(self, prefix: str, text: str) -> str:
+        name = self.name(prefix)
+        self.stages.append(f"stage {name} : {text}")
+        return name
+
+    def edge(self, a: str, b: str, cond: str = "") -> None:
+        self.edges.append(f"{a} -> {b}{cond}")
+
+    def pre(self, src: str, draw) -> str:
+        """0-3 request-level stages after `src`; returns the last."""
+        at = src
+        for _ in range(draw(st.integers(0, 3))):
+            kind = draw(st.sampled_from(["system", "same", "refuse", "tag", "route"]))
+            if kind == "system":
+                s = self.stage("sys", 'system_prompt { text = "Be brief." }')
+            elif kind == "route":
+                s = self.stage("rt", "route {}")
+            else:
+                fn = {"same": "same", "refuse": "refuse_x", "tag": "tag"}[kind]
+                s = self.stage("py", f'python {{ fn = "hooks:{fn}" }}')
+            self.edge(at, s)
+            at = s
+        return at
+
+    def segment(self, draw, gens: int) -> tuple[str, list[str]]:
+        b = self.stage("batch", f"dynamic_batch {{ max_batch_size = {draw(st.sampled_from([1, 4, 8]))}  "
+                                f"timeout = {draw(st.sampled_from(['0', '1ms']))} "
+                                f"policy = {draw(st.sampled_from(['continuous', 'static']))} }}")
+        e = self.stage("enc", f"encode {{ chat_template = {draw(st.sampled_from(['true', 'false']))} }}")
+        k = self.stage("kv", f"kv_lookup {{ block_size = 8  budget = 1MiB  "
+                             f"reuse = {draw(st.sampled_from(['prefix', 'none']))} }}")
+        self.edge(b, e, " when full")
+        self.edge(b, e, " when timeout")
+        self.edge(e, k)
+        names = []
+        for i in range(gens):
+            temp = draw(st.sampled_from(["0", "0.8"]))
+            n = draw(st.integers(1, 2))
+            g = self.stage("gen", f"generate {{ max_new_tokens = {draw(st.integers(1, 5))}  temperature = {temp}  "
+                                  f"seed = {i + 1}  n = {n} }}")
+            if i == 0 or gens == 1:
+                self.edge(k, g)
+            else:
+                self.edge(k, g, draw(st.sampled_from(["", " when prompt_tokens > 30"])))
+            names.append(g)
+        if any(" when " in e_ for e_ in self.edges if e_.startswith(f"{k} ->")):
+            self.edge(k, names[0], " otherwise") if not any(
+                e_ == f"{k} -> {names[0]}" for e_ in self.edges) else None
+        return b, names
+
+    def post(self, gen: str, out: str, draw) -> None:
+        at = gen
+        for _ in range(draw(st.integers(0, 2))):
+            fn = draw(st.sampled_from(["same", "shout", "refuse_x"]))
+            s = self.stage("post", f'python {{ fn = "hooks:{fn}" }}')
+            self.edge(at, s)
+            at = s
+        self.edge(at, out)
+
+    def text(self) -> str:
+        body = "\n    ".join(self.stages + self.edges)
+        return f"pipeline p {{\n    model = \"{MODEL}\"\n    device = cpu\n    dtype = fp32\n    {body}\n}}\n"
+
+
+MODEL = ""
+
+
+@st.composite
+def pipelines(draw):
+    b = Builder(draw)
+    src = b.stage("request", "requests { max_queue = 16 }")
+    at = b.pre(src, draw)
+    out = b.stage("out", "respond {}")
+    nseg = draw(st.integers(1, 2))
+    heads, gens = [], []
+    for _ in range(nseg):
+        head, gs = b.segment(draw, draw(st.integers(1, 3)))
+        heads.append(head)
+        gens += gs
+    if nseg == 1:
+        b.edge(at, heads[0])
+    else:
+        how = draw(st.sampled_from(["fan", "route", "label"]))
+        if how == "fan":
+            b.edge(at, heads[0])
+            b.edge(at, heads[1])
+        elif how == "route":
+            b.edge(at, heads[0], draw(st.sampled_from([" when prompt_tokens > 20", " when metadata.big == true",
+                                                       " when id != \"a\" and not n > 1"])))
+            b.edge(at, heads[1], " otherwise")
+        else:
+            t = b.stage("py", 'python { fn = "hooks:tag" }')
+            b.edge(at, t)
+            b.edge(t, heads[0], " when even")
+            b.edge(t, heads[1], " otherwise")
+    joined = draw(st.booleans()) and (len(gens) > 1 or "n = 2" in " ".join(b.stages))
+    target = out
+    if joined:
+        policy = draw(st.sampled_from(["first", "majority", "longest"]))
+        target = b.stage("join", f"join {{ policy = {policy} }}")
+        b.edge(target, out)
+    loop = draw(st.booleans())
+    for i, g in enumerate(gens):
+        if loop and i == 0:
+            tool = b.stage("tool", f'python {{ fn = "hooks:again"  returns = request  '
+                                   f'max_turns = {draw(st.integers(1, 2))} }}')
+            b.edge(g, tool)
+            b.edge(tool, heads[0])
+            b.post(tool, target, draw)
+        else:
+            b.post(g, target, draw)
+    if draw(st.integers(0, 9)) == 0:           # now and then a random extra edge: check decides
+        names = [s.split()[1] for s in b.stages]
+        b.edge(draw(st.sampled_from(names)), draw(st.sampled_from(names)))
+    return b.text()
+
+
+REQUESTS = [
+    {"id": "a", "messages": [{"role": "user", "content": "hello there"}], "ignore_eos": True},
+    {"id": "bx", "messages": [{"role": "user", "content": "the cat and the world is " * 4}], "max_tokens": 3},
+    {"id": "cc", "messages": [{"role": "user", "content": "of us"}], "metadata": {"big": True}, "n": 1},
+]
+KINDS = {"rejected", "invalid"}
+
+
+@pytest.fixture(autouse=True)
+def _env(soft_gguf, tmp_path_factory):
+    global MODEL
+    MODEL = str(soft_gguf)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                 HealthCheck.data_too_large])
+@given(text=pipelines())
+def test_every_pipeline_check_accepts_runs(text, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("p")
+    (folder / "hooks.py").write_text(HOOKS, encoding="utf-8")
+    path = folder / "p.agp"
+    path.write_text(text, encoding="utf-8")
+    _, diags = pipeline_dsl.load(str(path))
+    errors = [d for d in diags if d.is_error]
+    for d in diags:                             # every diagnostic points somewhere
+        assert d.pos is not None, d.message
+    event("ran" if not errors else "rejected: " + errors[0].message.split("'")[0].split(":")[0][:40])
+    if errors:
+        return
+    rt = PipelineRuntime(load_graph(path), overrides={"threads": 1})
+    out: list = []
+    failure: list = []
+
+    def go():
+        try:
+            out.extend(rt.run_all([dict(r) for r in REQUESTS]))
+        except BaseException as e:              # noqa: BLE001
+            failure.append(e)
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), f"the pipeline hung:\n{text}"
+    rt.shutdown()
+    assert not failure, f"{failure[0]!r}\n{text}"
+    assert len(out) == len(REQUESTS) and all(r is not None for r in out), text
+    for r, req in zip(out, REQUESTS):
+        if r.ok:
+            assert r.choices and all(isinstance(c.text, str) for c in r.choices)
+        else:
+            assert r.error.kind in KINDS and r.error.message, f"{r.error.kind}: {r.error.message}\n{text}"
+            if r.error.kind == "rejected":
+                assert req["id"].endswith("x")
