@@ -239,6 +239,7 @@ def _check_ports(r: Resolved, registry: Registry, g: nx.DiGraph, emits: dict) ->
     """Each edge can carry something; whatever a stage sends has an out-edge that carries it."""
     diags = []
     carry, receives = flow_types(g, registry)
+    mismatched = set()                 # stages with a reported bad edge: their dead ends are that
     for e in r.edges:
         a, b = r.stages[e.src], r.stages[e.dst]
         if a.kind is None or b.kind is None:
@@ -267,9 +268,10 @@ def _check_ports(r: Resolved, registry: Registry, g: nx.DiGraph, emits: dict) ->
             diags.append(_err(f"port type mismatch on edge {a.name} -> {b.name}: '{a.name}' ({a.kind.name}) "
                               f"gives {shown}, '{b.name}' ({b.kind.name}) takes {' | '.join(sorted(takes))}",
                               e.pos, expected=f"an edge into a stage that takes {shown}", hint=hint))
+            mismatched.add(a.name)
     reported = {e.src for e in r.edges if r.stages[e.src].kind is not None}  # only stages with edges out
     for n, s in r.stages.items():
-        if s.kind is None or s.kind.is_sink or s.kind.is_source or n not in reported:
+        if s.kind is None or s.kind.is_sink or s.kind.is_source or n not in reported or n in mismatched:
             continue
         sent = outputs(s.kind, s.params, receives[n]) & ITEM_TYPES
         onward = set().union(*(carry[v] for v in g.successors(n)))

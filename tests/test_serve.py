@@ -18,24 +18,24 @@ import pytest
 import uvicorn
 
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
+from pipeline_dsl.runtime import build_runtime
 from pipeline_dsl.serve import protocol as P
 from pipeline_dsl.serve.app import ServeConfig, create_app
-from pipeline_dsl.serve.async_engine import AsyncEngine, make_executor
+from pipeline_dsl.serve.async_pipeline import AsyncPipeline
 from pipeline_dsl.serve.metrics import ServerMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULTS = SamplingParams(max_tokens=16)
 SERVED = ("tiny", "tiny-model")
 
 
 # ---------------------------------------------------------------- validation, no server
 
 def parse_chat(obj, max_model_len=512):
-    return P.parse_chat(obj, defaults=DEFAULTS, max_model_len=max_model_len, served=SERVED)
+    return P.parse_chat(obj, max_model_len=max_model_len, served=SERVED, stages=("gen",))
 
 
 def parse_completion(obj, max_model_len=512):
-    return P.parse_completion(obj, defaults=DEFAULTS, max_model_len=max_model_len, served=SERVED)
+    return P.parse_completion(obj, max_model_len=max_model_len, served=SERVED, stages=("gen",))
 
 
 def test_malformed_json_is_a_400_naming_the_position():
@@ -60,7 +60,7 @@ def test_json_that_is_not_an_object_is_rejected():
     ("stream", "yes", "'stream' must be true or false"),
     ("stop", 5, "'stop' must be a string or an array of strings"),
     ("seed", 1.5, "'seed' must be an integer"),
-    ("n", 2, "'n' = 2 is not supported"),
+    ("n", 0, "'n' must be between 1 and 64"),
 ])
 def test_wrongly_typed_fields_are_400_naming_the_field(field, value, expected):
     with pytest.raises(P.APIError, match=expected) as e:
@@ -109,41 +109,58 @@ def test_unknown_model_is_404_model_not_found():
     assert "did you mean 'tiny'" in e.value.message
 
 
-def test_valid_requests_become_sampling_params_over_the_pipeline_defaults():
+def test_valid_requests_become_items_with_the_fields_they_set():
     req = parse_chat({"model": "tiny", "messages": [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}],
         "max_completion_tokens": 7, "temperature": 0.5, "top_k": -1, "stop": "\n", "seed": 3,
-        "stream": True, "stream_options": {"include_usage": True}})
-    assert req.params == SamplingParams(max_tokens=7, temperature=0.5, top_k=0, stop=("\n",), seed=3)
-    assert req.engine_inputs() == {"messages": [{"role": "system", "content": "Be brief."},
-                                                {"role": "user", "content": "Hi there"}]}
-    assert req.stream and req.include_usage
-    comp = parse_completion({"prompt": [[5, 6, 7]]})
-    assert comp.engine_inputs() == {"prompt_token_ids": [5, 6, 7]}
-    assert comp.params == DEFAULTS and comp.model == "tiny"
-
-
-def test_pipeline_default_max_tokens_is_capped_to_the_context():
-    req = P.parse_completion({"prompt": "hi"}, defaults=SamplingParams(max_tokens=4096),
-                             max_model_len=512, served=SERVED)
-    assert req.params.max_tokens == 512
+        "stream": True, "stream_options": {"include_usage": True}, "metadata": {"tier": "gold"}})
+    assert req.fields == {"max_tokens": 7, "temperature": 0.5, "top_k": 0, "stop": ["\n"], "seed": 3}
+    item = req.item("r1")
+    assert item["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    assert item["metadata"] == {"tier": "gold"} and item["model"] == "tiny" and item["id"] == "r1"
+    assert req.stream and req.include_usage and req.pin is None
+    comp = parse_completion({"prompt": [[5, 6, 7]], "model": "gen"})
+    assert comp.item("r2")["prompt_token_ids"] == [5, 6, 7]
+    assert comp.fields == {} and comp.model == "gen" and comp.pin == "gen"   # names a generate stage
 
 
 # ---------------------------------------------------------------- a live server
 
+TINY = """pipeline tiny {{
+    model  = "{model}"
+    device = cpu
+    dtype  = fp32
+    stage request : requests      {{ max_queue = {max_queue} }}
+    stage batch   : dynamic_batch {{ max_batch_size = {max_batch_size}  timeout = {timeout}ms }}
+    stage encode  : encode        {{}}
+    stage kv      : kv_lookup     {{ block_size = 8  budget = 1MiB }}
+    stage gen     : generate      {{ max_new_tokens = 16 }}
+    stage out     : respond       {{}}
+    request -> batch
+    batch -> encode when full
+    batch -> encode when timeout
+    encode -> kv -> gen -> out
+}}
+"""
+
+
 class LiveServer:
     """An `agp serve` app on 127.0.0.1:<free port>, in a uvicorn thread of this process."""
 
-    def __init__(self, model_path, executor=False, **engine_cfg):
-        cfg = {"model": str(model_path), "dtype": "fp32", "kv_budget_bytes": 1 << 20, "block_size": 8,
-               "batch_timeout_s": 0.02, **engine_cfg}
-        self.engine = Engine(EngineConfig(**cfg))
+    def __init__(self, model_path, *, max_batch_size=8, max_queue=1024, batch_timeout_s=0.02, text=None):
+        import tempfile
+
+        self.dir = tempfile.mkdtemp()
+        path = Path(self.dir) / "tiny.agp"
+        path.write_text(text or TINY.format(model=model_path, max_queue=max_queue, max_batch_size=max_batch_size,
+                                            timeout=batch_timeout_s * 1000))
+        self.runtime = build_runtime(path, overrides={"threads": 1})
+        self.engine = self.runtime.segments[0].engine
         self.metrics = ServerMetrics()
-        ex = make_executor(self.engine) if executor else None
-        self.app = create_app(AsyncEngine(self.engine, metrics=self.metrics, executor=ex),
+        self.app = create_app(AsyncPipeline(self.runtime, metrics=self.metrics),
                               ServeConfig(model_names=SERVED, max_model_len=self.engine.max_model_len,
-                                          defaults=DEFAULTS), self.metrics)
+                                          stages=(("gen", str(model_path)),)), self.metrics)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
@@ -159,7 +176,9 @@ class LiveServer:
                                     timeout=60)
 
     def stats(self) -> dict:
-        return httpx.get(self.url + "/stats", timeout=10).json()
+        """The engine's counters, and the pipeline's requests in flight."""
+        st = httpx.get(self.url + "/stats", timeout=10).json()
+        return {**st["engines"]["gen"], "in_flight": st["requests"]["in_flight"], "stages": st["stages"]}
 
     def metric(self, name: str, labels: str = "") -> float:
         text = httpx.get(self.url + "/metrics", timeout=10).text
@@ -172,9 +191,9 @@ class LiveServer:
         self.thread.join(30)
 
 
-@pytest.fixture(scope="module", params=["step-loop", "executor"])
-def server(request, tiny_gguf):
-    s = LiveServer(tiny_gguf, executor=request.param == "executor")
+@pytest.fixture(scope="module")
+def server(tiny_gguf):
+    s = LiveServer(tiny_gguf)
     yield s
     s.close()
 
@@ -250,13 +269,14 @@ def test_the_openai_client_raises_bad_request_for_invalid_input(server):
 
 
 def test_models_health_and_metrics(server):
-    assert [m.id for m in server.client.models.list()] == list(SERVED)
+    assert [m.id for m in server.client.models.list()] == list(SERVED) + ["gen"]
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     text = httpx.get(server.url + "/metrics").text
     for name in ("agp_requests_total", "agp_queue_length", "agp_running_sequences", "agp_batch_size",
                  "agp_prompt_tokens_total", "agp_generation_tokens_total",
                  "agp_time_to_first_token_seconds", "agp_inter_token_latency_seconds",
-                 "agp_kv_blocks_used", "agp_kv_blocks_cached", "agp_prefix_cache_hit_rate"):
+                 "agp_kv_blocks_used", "agp_kv_blocks_cached", "agp_prefix_cache_hit_rate",
+                 "agp_stage_items_in_total", "agp_stage_queue_depth", "agp_stage_busy_seconds_total"):
         assert f"\n{name}" in text, name
     assert httpx.get(server.url + "/nowhere").json()["error"]["type"] == "not_found_error"
 
@@ -282,20 +302,32 @@ def test_concurrent_http_requests_are_batched_together(server):
 
 
 def test_full_queue_is_429_with_retry_after(tiny_gguf):
-    # a long batch window holds admitted requests in the queue: two fill max_queue = 2
-    s = LiveServer(tiny_gguf, max_batch_size=8, max_queue=2, batch_timeout_s=30.0)
+    # a batch window of 5 s holds admitted requests in the queue: two fill max_queue = 2
+    s = LiveServer(tiny_gguf, max_batch_size=8, max_queue=2, batch_timeout_s=5.0)
     try:
         body = {"model": "tiny", "prompt": "hello", "max_tokens": 4, "stream": True}
-        with httpx.Client(base_url=s.url, timeout=30) as a, httpx.Client(base_url=s.url, timeout=30) as b:
-            with a.stream("POST", "/v1/completions", json=body) as first, \
-                    b.stream("POST", "/v1/completions", json=body) as second:
-                assert first.status_code == second.status_code == 200
-                assert s.stats()["waiting"] == 2
-                r = httpx.post(s.url + "/v1/completions", json=body, timeout=30)
-                assert r.status_code == 429
-                assert r.headers["retry-after"] == "1"
-                assert r.json()["error"]["code"] == "queue_full"
-                assert r.json()["error"]["type"] == "rate_limit_error"
+        codes = []
+
+        def send():
+            with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as r:
+                codes.append(r.status_code)
+                r.read()
+
+        waiting = [threading.Thread(target=send) for _ in range(2)]
+        for t in waiting:
+            t.start()
+        deadline = time.monotonic() + 10
+        while s.stats()["waiting"] != 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        r = httpx.post(s.url + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 429
+        assert r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "queue_full"
+        assert r.json()["error"]["type"] == "rate_limit_error"
+        for t in waiting:
+            t.join(30)
+        assert codes == [200, 200]                         # the waiting ones are served
         assert s.metric("agp_requests_total", '{status="429"}') == 1
     finally:
         s.close()
@@ -350,9 +382,8 @@ def test_a_stream_whose_client_is_gone_before_the_first_byte_is_aborted(tiny_ggu
         s.close()
 
 
-@pytest.mark.parametrize("executor", [False, True], ids=["step-loop", "executor"])
-def test_hundred_clients_disconnecting_mid_stream_leak_no_kv_blocks(tiny_gguf, executor):
-    s = LiveServer(tiny_gguf, executor=executor, max_batch_size=32)
+def test_hundred_clients_disconnecting_mid_stream_leak_no_kv_blocks(tiny_gguf):
+    s = LiveServer(tiny_gguf, max_batch_size=32)
     try:
         async def client(i, http):
             body = {"model": "tiny", "prompt": f"hello world {i}", "max_tokens": 400, "ignore_eos": True,

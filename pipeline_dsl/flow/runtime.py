@@ -232,9 +232,9 @@ class PipelineRuntime:
                 raise PipelineError(f"the pipeline failed: {self.error}", "unavailable")
             if self._closing:
                 raise PipelineError("the pipeline is shutting down", "unavailable")
-            if len(self._requests) >= self.max_in_flight:
-                raise PipelineError(f"the queue is full ({len(self._requests)} requests in flight)",
-                                    "queue_full")
+            if self.full:
+                raise PipelineError(f"the queue is full ({self.max_queue} requests waiting; "
+                                    "requests.max_queue)", "queue_full")
             key = f"r{next(self._keys)}"
             req = _Request(key, data.get("id"), listener, self.clock(), pin=pin, stream=stream)
             self._requests[key] = req
@@ -248,6 +248,12 @@ class PipelineRuntime:
     @property
     def max_in_flight(self) -> int:
         return self.max_queue + sum(es.config.max_batch_size for es in self.segments)
+
+    @property
+    def full(self) -> bool:
+        """Whether `max_queue` requests already wait (in flight and not running on an engine)."""
+        running = sum(len(es.engine.scheduler.running) for es in self.segments)
+        return len(self._requests) - running >= self.max_queue
 
     @property
     def in_flight(self) -> int:
@@ -773,7 +779,7 @@ class PipelineRuntime:
                 for i, req in enumerate(requests):
                     data, pin = req if isinstance(req, tuple) else (req, None)
                     with cond:
-                        while self.in_flight >= self.max_in_flight:
+                        while self.full:
                             cond.wait(0.05)
                     try:
                         self.submit(data, _One(i), pin=pin)
