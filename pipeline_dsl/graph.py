@@ -60,7 +60,24 @@ def build_graph(pipeline, registry: Registry | None = None) -> nx.DiGraph:
             data["condition"] = data["conditions"][0] if len(data["conditions"]) == 1 else None
         else:
             g.add_edge(e.src, e.dst, condition=e.condition, conditions=[e.condition], pos=e.pos)
+    _share_kv_budget(g)
     return g
+
+
+def _share_kv_budget(g: nx.DiGraph) -> None:
+    """kv_lookup stages without their own budget share the pipeline's: its `kv_budget` (else
+    the mode's budget of one engine) less the budgets set explicitly, split evenly."""
+    kvs = [n for n, d in g.nodes(data=True) if d.get("kind") == "kv_lookup" and "budget" in d["params"]]
+    implicit = [n for n in kvs if "budget" not in g.nodes[n]["given"]]
+    given = set(g.graph.get("given_settings", ()))
+    if not implicit or (len(kvs) == 1 and "kv_budget" not in given):
+        return
+    total = g.graph["settings"].get("kv_budget") if "kv_budget" in given else None
+    total = int(total if total else g.nodes[implicit[0]]["params"]["budget"])
+    explicit = sum(int(g.nodes[n]["params"]["budget"]) for n in kvs if n not in implicit)
+    share = max(1 << 16, (total - explicit) // len(implicit))
+    for n in implicit:
+        g.nodes[n]["params"]["budget"] = share
 
 
 def _err(msg, pos, expected=None, hint=None, notes=()):
@@ -168,6 +185,7 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
                           notes=[(f"the first is '{sources[0]}'", r.stages[sources[0]].pos)]))
     diags += _check_cycles(g, r)
     diags += _check_routes(r, g, emits)
+    diags += _check_kv_budget(r)
     diags += check_segments(r, g)[1]
     if not r.complete:                 # an edge was dropped: reachability errors would only echo it
         return diags
@@ -195,6 +213,28 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
                 diags.append(_err(f"stage '{n}' has no path to a respond stage", s.pos,
                                   hint=f"add an edge from '{n}' towards a respond stage, or remove it"))
     return diags
+
+
+def _check_kv_budget(r: Resolved) -> list[Diagnostic]:
+    """The kv_lookup budgets set explicitly fit the pipeline's kv_budget (when it sets one)."""
+    if "kv_budget" not in r.given_settings or not r.settings.get("kv_budget"):
+        return []
+    from . import units
+
+    total = int(r.settings["kv_budget"])
+    kvs = [s for s in r.stages.values() if s.kind is not None and s.kind.name == "kv_lookup"]
+    explicit = [s for s in kvs if "budget" in s.given]
+    used = sum(int(s.params["budget"]) for s in explicit)
+    left = len(kvs) - len(explicit)
+    if used > total or (left and total - used < (1 << 16) * left):
+        last = explicit[-1] if explicit else kvs[0]
+        return [_err(f"the kv_lookup budgets ({units.format_size(used)}) leave "
+                     f"{'nothing' if used >= total else units.format_size(total - used)} of kv_budget = "
+                     f"{units.format_size(total)}" + (f" for {left} other KV pool{'s' if left > 1 else ''}"
+                                                     if left else ""),
+                     last.param_pos.get("budget") or last.pos,
+                     hint="raise kv_budget or lower the budgets of the kv_lookup stages")]
+    return []
 
 
 def _check_cycles(g: nx.DiGraph, r: Resolved) -> list[Diagnostic]:

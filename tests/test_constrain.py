@@ -98,9 +98,7 @@ def engine(tiny_gguf):
 
 @pytest.fixture(scope="module")
 def compiler(engine):
-    # at most one space between JSON tokens: a random model otherwise fills max_tokens with
-    # whitespace (the default allows a newline and an indent per gap)
-    return ConstraintCompiler(engine.tokenizer, engine.vocab_size, whitespace="[ ]?")
+    return ConstraintCompiler(engine.tokenizer, engine.vocab_size)
 
 
 def ids_of(engine, text):
@@ -310,12 +308,20 @@ def test_supported_schema_features(engine, compiler):
     assert all(m.accept(t) for t in ids_of(engine, '{"a": 1, "b": 2}'))
 
 
-def test_whitespace_is_bounded(engine):
-    c = ConstraintCompiler(engine.tokenizer, engine.vocab_size)       # the default pattern
-    m = c.compile({"type": "json_object"}).matcher()
-    ok = c.compile({"type": "json_object"}).matcher()
-    assert all(ok.accept(t) for t in ids_of(engine, '{\n  "a": 1,\n  "b": [\n    2\n  ]\n}'))
-    assert not all(m.accept(t) for t in ids_of(engine, '{\n\n\n"a": 1}'))
+def test_whitespace_is_bounded(engine, compiler):
+    def accepts(c, text):
+        m = c.compile({"type": "json_object"}).matcher()
+        return all(m.accept(t) for t in ids_of(engine, text)) and m.can_end()
+
+    pretty = ConstraintCompiler(engine.tokenizer, engine.vocab_size, whitespace=constrain.PRETTY_WHITESPACE)
+    anyws = ConstraintCompiler(engine.tokenizer, engine.vocab_size, whitespace=None)
+    compact = ConstraintCompiler(engine.tokenizer, engine.vocab_size, whitespace="")
+    indented, runaway = '{\n  "a": 1,\n  "b": [\n    2\n  ]\n}', '{\n\n\n"a": 1}'
+    assert accepts(compiler, '{"a": 1, "b": [2]}') and accepts(compiler, '{ "a":1 }')
+    assert not accepts(compiler, indented) and not accepts(compiler, '{"a":  1}')
+    assert accepts(pretty, indented) and not accepts(pretty, runaway)
+    assert accepts(anyws, runaway)
+    assert accepts(compact, '{"a":1}') and not accepts(compact, '{"a": 1}')
 
 
 def test_cache_and_threads(engine):

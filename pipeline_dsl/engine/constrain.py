@@ -31,9 +31,9 @@ A tool call is written in SmolLM2's format, `<tool_call>[{"name": ..., "argument
 "required" forces one call (several when "parallel") of any listed function.
 
 Two narrowings keep a small model's output short and on-topic; the text still validates
-against the schema as given: whitespace between JSON tokens is bounded (at most one newline
-per gap and 20 spaces, so an indented answer is fine but a model cannot emit whitespace
-forever; `whitespace=` a regex, "" for none, None for JSON's unbounded), and an
+against the schema as given: whitespace between JSON tokens is at most one space (a model
+cannot fill max_tokens with newlines; `whitespace=` a regex such as PRETTY_WHITESPACE, ""
+for none, None for JSON's unbounded whitespace), and an
 object schema with "properties" but no "additionalProperties" (nor patternProperties) gets
 "additionalProperties": false, as OpenAI's strict mode requires and xgrammar does by default
 (`ConstraintCompiler(..., close_objects=False)` keeps JSON Schema's open objects).
@@ -56,8 +56,10 @@ try:
 except ImportError:  # an optional dependency: the engine runs without it, unconstrained
     _llg = None
 
-# between JSON tokens: at most one newline, then up to 20 spaces or tabs (an indent)
-JSON_WHITESPACE = r"(\r?\n)?[ \t]{0,20}"
+# between JSON tokens: at most one space (SmolLM2 finished more answers within max_tokens so
+# than when allowed to indent); PRETTY_WHITESPACE allows one newline and an indent per gap
+JSON_WHITESPACE = r"[ ]?"
+PRETTY_WHITESPACE = r"(\r?\n)?[ \t]{0,20}"
 MAX_ERROR_CHARS = 400
 
 

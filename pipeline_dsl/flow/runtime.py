@@ -143,7 +143,7 @@ class PipelineRuntime:
 
         from pipeline_dsl.engine.trace import Trace
 
-        from .segment import EngineSegment, kv_shares, segment_spec
+        from .segment import EngineSegment, segment_spec
 
         self.graph, self.clock = graph, clock
         self.name = str(graph.graph.get("name") or "pipeline")
@@ -178,11 +178,10 @@ class PipelineRuntime:
             self.impls[n] = cls(n, dict(graph.nodes[n]["params"]), StageContext(self.name, n, k, base))
 
         segs = segments_of(graph)
-        shares = kv_shares(graph, segs)
         self.segments: list[EngineSegment] = []
         self.seg_by_batch: dict[str, EngineSegment] = {}
         for seg, plan in zip(segs, self.plan.segments):
-            es = EngineSegment(segment_spec(graph, seg, shares[seg.kv]), plan, overrides=overrides,
+            es = EngineSegment(segment_spec(graph, seg), plan, overrides=overrides,
                                overlap=overlap, trace=self.trace)
             self.segments.append(es)
             self.seg_by_batch[seg.batch] = es

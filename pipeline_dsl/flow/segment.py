@@ -35,9 +35,9 @@ class SegmentSpec:
     add_special_tokens: bool = True                               # encode: BOS on raw prompts
 
 
-def segment_spec(graph: nx.DiGraph, segment: Segment, kv_budget: int | None = None) -> SegmentSpec:
-    """Each stage of the segment contributes its settings (stages.impl); `kv_budget` is this
-    engine's share of the pipeline's KV budget when its kv_lookup sets none."""
+def segment_spec(graph: nx.DiGraph, segment: Segment) -> SegmentSpec:
+    """Each stage of the segment contributes its settings (stages.impl); a kv_lookup without
+    its own budget already holds its share of the pipeline's (graph.build_graph)."""
     from stages.impl import implementation
 
     spec = SegmentSpec(segment)
@@ -49,8 +49,6 @@ def segment_spec(graph: nx.DiGraph, segment: Segment, kv_budget: int | None = No
         implementation(data["kind"])().configure(dict(data["params"]), spec)
     for gen in segment.generates:
         implementation("generate")().configure(dict(graph.nodes[gen]["params"]), spec, stage=gen)
-    if kv_budget is not None and "budget" not in graph.nodes[segment.kv].get("given", ()):
-        spec.engine["kv_budget_bytes"] = int(kv_budget)
     for node in graph:                         # the request source's prompt limit applies to every engine
         if graph.nodes[node].get("kind") == "requests":
             limit = graph.nodes[node]["params"].get("max_prompt_tokens")
@@ -61,23 +59,6 @@ def segment_spec(graph: nx.DiGraph, segment: Segment, kv_budget: int | None = No
     if spec.engine.get("device") is None:
         spec.engine.pop("device", None)
     return spec
-
-
-def kv_shares(graph: nx.DiGraph, segments: list[Segment]) -> dict[str, int | None]:
-    """The KV budget of each segment whose kv_lookup sets none: the pipeline's `kv_budget` (else
-    the mode's budget of one engine) less the budgets set explicitly, split evenly."""
-    settings = graph.graph.get("settings", {})
-    given = set(graph.graph.get("given_settings", ()))
-    implicit = [s for s in segments if "budget" not in graph.nodes[s.kv].get("given", ())]
-    if not implicit or (len(segments) == 1 and "kv_budget" not in given):
-        return {s.kv: None for s in segments}
-    if "kv_budget" in given and settings.get("kv_budget"):
-        total = int(settings["kv_budget"])
-    else:
-        total = int(graph.nodes[implicit[0].kv]["params"]["budget"])   # the mode's budget of one engine
-    explicit = sum(int(graph.nodes[s.kv]["params"]["budget"]) for s in segments if s not in implicit)
-    share = max(1 << 16, (total - explicit) // len(implicit))
-    return {s.kv: (share if s in implicit else None) for s in segments}
 
 
 class EngineSegment:

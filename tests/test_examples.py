@@ -1,0 +1,79 @@
+"""The example pipelines run end to end on the embedded model and do what they say."""
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import pytest
+
+from pipeline_dsl.flow import PipelineRuntime
+from pipeline_dsl.runtime import load_graph
+from stages.impl import normalise_answer
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+pytestmark = pytest.mark.slow
+
+
+def run(name: str, requests, **overrides):
+    rt = PipelineRuntime(load_graph(EXAMPLES / name), overrides={"threads": 2, **overrides})
+    results = rt.run_all(requests)
+    stats = rt.stats()
+    rt.shutdown()
+    return results, stats
+
+
+def user(rid: str, text: str, **kw) -> dict:
+    return {"id": rid, "messages": [{"role": "user", "content": text}], **kw}
+
+
+def test_guardrail_never_shows_the_model_an_email_address():
+    with_mail = user("mail", "Please write to jane.doe@example.org about my order.", max_tokens=8)
+    placeholder = user("placeholder", "Please write to [EMAIL] about my order.", max_tokens=8)
+    (a, b), stats = run("guardrail.agp", [with_mail, placeholder])
+    assert a.ok and b.ok
+    # the model saw exactly the placeholder's tokens: the address never reached it
+    assert a.usage["prompt_tokens"] == b.usage["prompt_tokens"]
+    assert "jane.doe" not in a.choices[0].data["request"]["messages"][0]["content"]
+    assert stats["stages"]["redact"]["items_in"] == 2 and stats["stages"]["guard"]["items_in"] == 2
+
+
+def test_guardrail_refuses_an_answer_with_contact_details_and_only_that_one():
+    import pipeline_dsl
+    from pipeline_dsl.userfn import load_function
+
+    guard_output = load_function("hooks:guard_output", str(EXAMPLES))
+    with pytest.raises(pipeline_dsl.Reject, match="contact details"):
+        guard_output({"text": "Call +1 555 123 4567", "request": {}})
+    assert guard_output({"text": "fine", "request": {}})["text"] == "fine"
+
+
+def test_router_sends_long_prompts_to_the_long_engine():
+    long_text = "Summarise this: " + "the quick brown fox jumps over the lazy dog. " * 12
+    reqs = [user("short", "Hi!", max_tokens=4), user("long", long_text, max_tokens=4)]
+    (short, long_), stats = run("router.agp", reqs)
+    assert short.choices[0].data["generated_by"] == "short_gen"
+    assert long_.choices[0].data["generated_by"] == "long_gen"
+    assert stats["stages"]["long_gen"]["items_in"] == 1 and stats["stages"]["short_gen"]["items_in"] == 1
+    assert {e["weights"] for e in stats["engines"].values()} >= {"int8"}     # two engines, two precisions
+
+
+def test_vote_returns_the_majority_answer_of_three_samples():
+    (res,), stats = run("vote.agp", [user("q", "What is the capital of France? Answer in one word.")])
+    branches = [b["text"] for b in res.choices[0].data["branches"]]
+    assert len(branches) == 3 and stats["stages"]["gen"]["items_in"] == 3
+    votes = collections.Counter(normalise_answer(t) for t in branches)
+    top = max(votes.values())
+    assert votes[normalise_answer(res.choices[0].text)] == top
+    # ties go to the earliest branch
+    assert res.choices[0].text == next(t for t in branches if votes[normalise_answer(t)] == top)
+
+
+def test_tool_loop_puts_the_calculators_result_in_the_answer():
+    (res,), stats = run("tool_loop.agp", [user("mul", "What is 37 * 12?")], dtype="fp32")
+    assert res.ok
+    assert "444" in res.choices[0].text
+    messages = res.choices[0].data["request"]["messages"]
+    assert any(m["role"] == "tool" and m["content"] == "37 * 12 = 444" for m in messages)
+    assert stats["stages"]["gen"]["items_in"] == 2 and stats["stages"]["tool"]["items_in"] == 2
