@@ -392,6 +392,11 @@ def check_pipeline(p: ast.Pipeline, registry: Registry | None = None) -> tuple[R
         else:
             params, ds = resolve_params(kind, st, mode, {**settings, "_given": given_settings})
             diags += ds
+            if not kind.impl:
+                diags.append(_err(f"stage kind '{kind.name}' ({kind.source}) has no runtime implementation",
+                                  st.kind.pos, expected="a kind whose registry entry names its impl "
+                                                        "(\"module:Class\" with a process(item) method)",
+                                  hint="see docs/architecture.md, 'Stage implementations'"))
             param_pos = {prm.name.text: prm.value.pos for prm in st.params}
             given = {n for n in param_pos if kind.param(n) is not None}
             diags += _check_kind_params(kind, st, params, given, param_pos)

@@ -427,7 +427,16 @@ def check_segments(r: Resolved, g: nx.DiGraph) -> tuple[list[Segment], list[Diag
         return ", ".join(f"'{x}'" for x in names)
 
     segments = []
+    inner = {"Batch", "Tokens", "CachedTokens"}
     for n, s in r.stages.items():
+        if s.kind is not None and kind[n] not in ENGINE_KINDS and (s.kind.accepts | s.kind.emits) & inner:
+            ports = " | ".join(sorted((s.kind.accepts | s.kind.emits) & inner))
+            diags.append(_err(f"stage '{n}' ({kind[n]}) works on {ports}, inside an engine segment, which "
+                              "runs as one engine (batch -> encode -> kv_lookup -> generate)", s.pos,
+                              expected="a kind that takes and gives Request or Generated items",
+                              hint="put it before the batcher (on Requests) or after generate (on Generated "
+                                   "results)"))
+            continue
         if kind[n] == "dynamic_batch":
             encs = of(g.successors(n), "encode")
             if len(encs) > 1:

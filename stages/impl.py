@@ -130,7 +130,7 @@ class Join:
             self.policy = "fn"
 
     def merge(self, items: list[dict]) -> dict:
-        """`items` in arrival order; returns the merged result (a Generated dict)."""
+        """`items`: in arrival order for `first`, else in branch order; returns the merged result."""
         if self.policy == "fn":
             out = self.fn([dict(i) for i in items])
             if isinstance(out, int) and not isinstance(out, bool) and 0 <= out < len(items):
@@ -140,7 +140,7 @@ class Join:
                                 "result dicts (or its index)")
             return out
         if self.policy == "longest":
-            return max(items, key=lambda i: len(i.get("text") or ""))      # ties: the first to arrive
+            return max(items, key=lambda i: len(i.get("text") or ""))      # ties: the earliest branch
         if self.policy == "majority":
             votes = Counter(normalise_answer(i.get("text") or "") for i in items)
             best = max(votes.values())

@@ -155,6 +155,16 @@ def test_tool_calls(engine, compiler):
             assert [c["name"] for c in calls] == ["add"]
 
 
+def test_tool_call_in_another_format(engine, compiler):
+    g = compiler.compile({"type": "tool_call", "tools": TOOLS, "choice": "add", "array": False,
+                          "begin": "<call>", "end": "</call>"})
+    m = g.matcher()
+    text = '<call>{"name": "add", "arguments": {"a": 1, "b": 2}}</call>'
+    assert all(m.accept(t) for t in ids_of(engine, text)) and m.is_finished()
+    m = g.matcher()
+    assert not all(m.accept(t) for t in ids_of(engine, '<call>[{"name": "add"'))
+
+
 def test_unconstrained_requests_are_unaffected(tiny_gguf, compiler):
     plain = {f"p{s}": (None, SamplingParams(max_tokens=20, temperature=0.9, seed=s)) for s in range(3)}
     plain["g"] = (None, SamplingParams(max_tokens=20))

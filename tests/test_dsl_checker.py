@@ -239,7 +239,14 @@ def test_ast_equality_ignores_positions():
 
 SPEC = StageKind("speculate", "Draft tokens with a small model.", params=(
     Param("draft_tokens", INT, reg_mod.REQUIRED, "tokens drafted per step", min=1, max=16),),
-    inputs=(Port("cached", "CachedTokens"),), outputs=(Port("cached", "CachedTokens"),), resource="compute")
+    inputs=(Port("cached", "CachedTokens"),), outputs=(Port("cached", "CachedTokens"),), resource="compute",
+    impl="my_pkg:Speculate")
+SHORTEN = StageKind("shorten", "Keep the first words of each answer.", params=(
+    Param("words", INT, 3, "words kept", min=1),),
+    inputs=(Port("generated", "Generated"),), outputs=(Port("generated", "Generated"),),
+    impl="stage_plugin:Shorten")
+NO_IMPL = StageKind("dreamer", "A kind with a schema and nothing behind it.",
+                    inputs=(Port("requests", "Request"),), outputs=(Port("requests", "Request"),))
 
 
 class _FakeEP:
@@ -256,9 +263,11 @@ class _FakeEP:
 def fake_entry_points(monkeypatch):
     class EPs(list):
         def select(self, group):
-            return [e for e in self if group == reg_mod.ENTRY_POINT_GROUP]
-    eps = EPs([_FakeEP("speculate", SPEC), _FakeEP("broken", ImportError("no module named 'x'"))])
-    monkeypatch.setattr(importlib.metadata, "entry_points", lambda: eps)
+            return EPs(e for e in self if group == reg_mod.ENTRY_POINT_GROUP)
+    eps = EPs([_FakeEP("speculate", SPEC), _FakeEP("broken", ImportError("no module named 'x'")),
+               _FakeEP("shorten", SHORTEN), _FakeEP("dreamer", NO_IMPL)])
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group=None, **kw: eps if group is None else eps.select(group=group))
     reg_mod.reset_default_registry()
     yield
     reg_mod.reset_default_registry()
@@ -270,16 +279,50 @@ def test_third_party_kind_registers_through_an_entry_point(fake_entry_points):
     assert any("broken" in p for p in reg.problems)
     (d,) = errors(pipeline().replace(": generate", ": broken"))
     assert d.message == "unknown stage kind 'broken'" and "failed to load" in d.notes[0][0]
-    text = pipeline().replace("kv -> gen", "kv -> spec -> gen").replace(
-        "stage out", "stage spec : speculate { draft_tokens = 4 }\n    stage out")
+    text = pipeline().replace("gen -> out", "gen -> short -> out").replace(
+        "stage out", "stage short : shorten { words = 2 }\n    stage out")
     assert pipeline_dsl.loads(text, "t.agp")[1] == []
 
 
-def test_required_parameter_of_a_kind_must_be_given(fake_entry_points):
+def test_a_third_party_kind_inside_an_engine_segment_or_without_impl_is_an_error(fake_entry_points):
     text = pipeline().replace("kv -> gen", "kv -> spec -> gen").replace(
-        "stage out", "stage spec : speculate {}\n    stage out")
+        "stage out", "stage spec : speculate { draft_tokens = 4 }\n    stage out")
+    msgs = [d.message for d in errors(text)]
+    assert any("works on CachedTokens, inside an engine segment" in m for m in msgs)
+    text = pipeline().replace("request -> batch", "request -> d -> batch").replace(
+        "stage out", "stage d : dreamer {}\n    stage out")
     (d,) = errors(text)
-    assert d.message == "missing parameter 'draft_tokens' in stage 'spec' (speculate)"
+    assert d.message == "stage kind 'dreamer' (entry point dreamer) has no runtime implementation"
+
+
+def test_a_third_party_kind_runs_its_process_on_each_item(fake_entry_points, tmp_path, monkeypatch, tiny_gguf):
+    (tmp_path / "stage_plugin.py").write_text(
+        "class Shorten:\n"
+        "    def __init__(self, name, params, context):\n"
+        "        self.words = params['words']\n"
+        "    def process(self, item):\n"
+        "        item['text'] = ' '.join(item['text'].split()[:self.words])\n"
+        "        return item\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text = pipeline().replace("gen -> out", "gen -> short -> out").replace(
+        "stage out", "stage short : shorten { words = 2 }\n    stage out")
+    text = text.replace('model = "smollm2-135m-instruct"', f'model = "{tiny_gguf}"\n    dtype = fp32')
+    path = tmp_path / "p.agp"
+    path.write_text(text)
+    from pipeline_dsl.flow import PipelineRuntime
+    from pipeline_dsl.runtime import load_graph
+
+    rt = PipelineRuntime(load_graph(path), overrides={"threads": 1})
+    (res,) = rt.run_all([{"id": "a", "prompt": "hello world", "max_tokens": 6, "ignore_eos": True}])
+    rt.shutdown()
+    assert res.ok and len(res.choices[0].text.split()) <= 2
+    assert rt.stats()["stages"]["short"]["items_in"] == 1
+
+
+def test_required_parameter_of_a_kind_must_be_given(fake_entry_points):
+    text = pipeline().replace("request -> batch", "request -> spec -> batch").replace(
+        "stage out", "stage spec : speculate {}\n    stage out")
+    assert "missing parameter 'draft_tokens' in stage 'spec' (speculate)" in [d.message for d in errors(text)]
 
 
 def test_builtin_kinds_match_the_contract():

@@ -204,7 +204,8 @@ class Executor:
                              f"kv_lookup -> generate); missing work: {', '.join(sorted(missing))}")
         self.lock = threading.RLock()        # the engine's host state
         self._wake = threading.Condition(self.lock)   # submit / abort / close
-        self._pending: list[tuple] = []      # submitted, not yet admitted
+        self._pending: list[tuple] = []      # submitted, not yet admitted: (id, kwargs, order)
+        self._submitted = 0
         self._aborts: list[str] = []
         self._launches: dict[int, _Launch | None] = {}
         self._sampled: dict[int, Any] = {}
@@ -242,12 +243,17 @@ class Executor:
         self.work_n: dict[str, int] = {w.name: 0 for w in self.plan.work}       # runs that did something
 
     # ---- requests from other threads ---------------------------------------------------
-    def submit(self, request_id, **kwargs) -> None:
+    def submit(self, request_id, order=None, **kwargs) -> None:
         """Queue a request (Engine.add_request's keyword arguments; give prompt_token_ids to keep
-        tokenisation off this loop); it is admitted on the host stream."""
+        tokenisation off this loop); it is admitted on the host stream. Requests submitted
+        together are admitted in `order` (default: as submitted), whichever thread came first."""
         with self.lock:
-            self._pending.append((str(request_id), kwargs))
+            self._pending.append((str(request_id), kwargs, self._admit_key(order)))
             self._wake.notify_all()
+
+    def _admit_key(self, order):
+        self._submitted += 1
+        return (order, self._submitted) if order is not None else ((self._submitted,), self._submitted)
 
     def abort(self, request_id) -> None:
         """Cancel a request: its KV blocks are freed at the next admit (in flight or not)."""
@@ -270,9 +276,10 @@ class Executor:
         with self.lock:
             aborts, self._aborts = self._aborts, []
             todo, self._pending = self._pending, []
+            todo.sort(key=lambda t: t[2])
             for rid in aborts:
                 self.engine.abort(rid)
-            for rid, kwargs in todo:
+            for rid, kwargs, _ in todo:
                 try:
                     self.engine.add_request(rid, **kwargs)
                 except InputError as e:   # this request's fault: the caller hears of it, the run goes on

@@ -104,6 +104,7 @@ class _Request:
     id: Any
     listener: Any
     arrival: float
+    number: int = 0                   # admission order: engines admit what arrives together in it
     pin: str | None = None            # a generate stage the request asked for (agp serve's `model`)
     stream: bool = False
     items: set = field(default_factory=set)
@@ -201,6 +202,7 @@ class PipelineRuntime:
         self._keys = itertools.count(1)
         self._seq_ids = itertools.count(1)
         self._closing = False
+        self._tasks = 0                               # item-pool tasks queued or running
         self.error: BaseException | None = None
         self.totals = {"requests": 0, "answered": 0, "failed": 0}
         self._tracks: dict[int, str] = {}
@@ -234,8 +236,9 @@ class PipelineRuntime:
             if self.full:
                 raise PipelineError(f"the queue is full ({self.max_queue} requests waiting; "
                                     "requests.max_queue)", "queue_full")
-            key = f"r{next(self._keys)}"
-            req = _Request(key, data.get("id"), listener, self.clock(), pin=pin, stream=stream)
+            number = next(self._keys)
+            key = f"r{number}"
+            req = _Request(key, data.get("id"), listener, self.clock(), number=number, pin=pin, stream=stream)
             self._requests[key] = req
             self.totals["requests"] += 1
             item = Item(REQUEST, data, req, at=self.source)
@@ -265,7 +268,34 @@ class PipelineRuntime:
 
     # ---- items through stages (pool threads) ---------------------------------------------
     def _spawn(self, item: Item, stage: str) -> None:
-        self.pool.submit(self._run, item, stage)
+        self._task(self._run, item, stage)
+
+    def _task(self, fn, *args) -> None:
+        """Run fn(*args) on the item pool, counted (see settle())."""
+        with self._lock:
+            self._tasks += 1
+
+        def run():
+            try:
+                fn(*args)
+            finally:
+                with self._lock:
+                    self._tasks -= 1
+                    if not self._tasks:
+                        self._idle.notify_all()
+        self.pool.submit(run)
+
+    def settle(self, timeout: float = 60.0) -> bool:
+        """Wait until the item pool has nothing to do (every submitted request has reached an
+        engine's queue, an answer or an error)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._tasks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(min(left, 0.05))
+        return True
 
     def _track(self) -> str:
         ident = threading.get_ident()
@@ -501,14 +531,14 @@ class PipelineRuntime:
                     self._owner[seq_id] = child
                     req.seqs[seq_id] = es
                     req.items.add(child)
-                    submits.append((seq_id, params))
+                    submits.append((seq_id, params, (req.number, len(submits))))
                     self.counters[gen].items_in += 1
             self.counters[seg.batch].items_out += 1
             self.counters[seg.kv].items_in += 1
             self.counters[seg.kv].items_out += len(submits)
             req.items.discard(item)
-        for seq_id, params in submits:
-            es.submit(seq_id, ids, params)
+        for seq_id, params, order in submits:
+            es.submit(seq_id, ids, params, order)
 
     def _on_outputs(self, es, outputs) -> None:
         """An engine step's outputs (the executor's emit thread): deltas, then finished sequences."""
@@ -553,7 +583,7 @@ class PipelineRuntime:
                              "generated_by": gen, "request": item.data}
         for item, out in finished:
             if not item.req.done:
-                self.pool.submit(self._leave_generate, item)
+                self._task(self._leave_generate, item)
 
     def _leave_generate(self, item: Item) -> None:
         stage = item.at
@@ -569,7 +599,7 @@ class PipelineRuntime:
         if nxt:
             it0, st0 = nxt[0]
             for it, st in nxt[1:]:
-                self.pool.submit(self._run, it, st)
+                self._task(self._run, it, st)
             self._run(it0, st0)
 
     def _on_seq_error(self, es, seq_id: str, exc: BaseException) -> None:
@@ -610,10 +640,12 @@ class PipelineRuntime:
 
     def _fire(self, req: _Request, stage: str, waiting: list[Item]) -> list[tuple[Item, str]]:
         t0 = time.perf_counter()
-        merged_data = self.impls[stage].merge([it.data for it in waiting])
+        ordered = sorted(waiting, key=lambda it: it.branch)
+        impl = self.impls[stage]
+        # `first` is the first to arrive; the other policies see the branches in order (ties: the earliest)
+        merged_data = impl.merge([it.data for it in (waiting if impl.policy == "first" else ordered)])
         if not isinstance(merged_data, dict) or not isinstance(merged_data.get("text"), str):
             raise PipelineError(f"join '{stage}' produced no result", "failed", stage)
-        ordered = sorted(waiting, key=lambda it: it.branch)
         if merged_data in [it.data for it in waiting]:
             merged_data = dict(merged_data)
         merged_data["branches"] = [{"text": it.data.get("text"), "finish_reason": it.data.get("finish_reason")}
@@ -644,7 +676,7 @@ class PipelineRuntime:
             return
         fired = self._ready_joins(req)
         for f in fired:
-            self.pool.submit(self._fire_later, f)
+            self._task(self._fire_later, f)
         if not req.items and not fired:
             self._finish(req)
 
@@ -773,9 +805,14 @@ class PipelineRuntime:
                 with cond:
                     cond.notify_all()
 
+        started = threading.Event()
+
         def feed():
             try:
                 for i, req in enumerate(requests):
+                    if self.full and not started.is_set():
+                        self.settle()               # the head of the file reaches the batchers together
+                        started.set()
                     data, pin = req if isinstance(req, tuple) else (req, None)
                     with cond:
                         while self.full:
@@ -786,14 +823,19 @@ class PipelineRuntime:
                         _One(i).on_done(Result("", data.get("id"), [], e,
                                                {"prompt_tokens": 0, "completion_tokens": 0,
                                                 "cached_tokens": 0}, {}))
+                if not started.is_set():
+                    self.settle()
+                    started.set()
                 self.wait_idle()
             except BaseException as e:           # noqa: BLE001 - raised on the calling thread
                 failure.append(e)
             finally:
+                started.set()
                 self.close(drain=True)
 
         feeder = threading.Thread(target=feed, name="agp-feed", daemon=True)
         feeder.start()
+        started.wait()                           # like a file read whole: the engines start on a full queue
         self.drive()
         feeder.join()
         self.pool.shutdown(wait=True)            # results are delivered on the pool

@@ -115,8 +115,8 @@ class EngineSegment:
         n = data.get("n")
         return int(n) if n is not None else self.n.get(gen, 1)
 
-    def submit(self, seq_id: str, ids: list[int], params) -> None:
-        self.executor.submit(seq_id, prompt_token_ids=ids, params=params)
+    def submit(self, seq_id: str, ids: list[int], params, order=None) -> None:
+        self.executor.submit(seq_id, order=order, prompt_token_ids=ids, params=params)
 
     def abort(self, seq_id: str) -> None:
         self.executor.abort(seq_id)
