@@ -66,21 +66,19 @@ def hf_generate(tok, model, prompts: list[str], new_tokens: int) -> tuple[int, f
 # ── agp ───────────────────────────────────────────────────────────────────────
 
 def agp_run(pipeline: Path, work: list[dict], dtype: str, threads: int) -> dict:
+    """W32 through the pipeline as `agp run` runs it; a warm-up request first, same runtime."""
     from pipeline_dsl.requests_io import parse_request
-    from pipeline_dsl.runner import RunRequest, run_requests
-    from pipeline_dsl.runtime import build_engine, default_sampling, sampling_with
+    from pipeline_dsl.runner import summarize
+    from pipeline_dsl.runtime import build_runtime
 
-    engine, spec = build_engine(pipeline, dtype=dtype, threads=threads)
-    defaults = default_sampling(spec)
-    # warm-up: one short request through the same engine (first-call allocations)
-    warm = [RunRequest(0, 0, parse_request({"prompt": "Hello", "max_tokens": 4}), None)]
-    warm[0].params = sampling_with(defaults, max_tokens=4)
-    run_requests(engine, spec, warm, on_done=lambda *_: None, progress=False)
-    reqs = []
-    for i, obj in enumerate(work):
-        parsed = parse_request(obj, default_id=i)
-        reqs.append(RunRequest(i, i + 1, parsed, sampling_with(defaults, **parsed.sampling)))
-    return run_requests(engine, spec, reqs, on_done=lambda *_: None, progress=False)
+    runtime = build_runtime(pipeline, overrides={"dtype": dtype, "threads": threads})
+    runtime.run_all([{"id": "warm", "prompt": "Hello", "max_tokens": 4}], keep_open=True)
+    items = [parse_request(obj, default_id=i).item() for i, obj in enumerate(work)]
+    t0 = time.perf_counter()
+    results = runtime.run_all(items)
+    summary = summarize(runtime, results, time.perf_counter() - t0)
+    runtime.shutdown()
+    return summary
 
 
 def main() -> int:

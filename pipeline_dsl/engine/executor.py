@@ -19,11 +19,9 @@ engine's phases:
 Requests arrive already tokenised (the encode stage's work runs per item, off this loop:
 pipeline_dsl.flow).
 
-- CPU: one worker thread per stream, except the compute stream, which runs on the thread
-  that calls `run()` (the thread that owns torch's OpenMP pool: a second pool on another
-  thread would oversubscribe the cores); a threading.Event per recorded work per
-  micro-batch is set after it and waited on across streams. torch releases the GIL in its
-  kernels, so step k's forward runs while the host schedules step k+1 and emits step k-1.
+- CPU: one worker thread per stream; a threading.Event per recorded work per micro-batch
+  is set after it and waited on across streams. torch releases the GIL in its kernels,
+  so step k's forward runs while the host schedules step k+1 and emits step k-1.
 - CUDA: one torch.cuda.Stream per copy/compute stream, issued from one host thread in the
   plan's global order (or, issue="threads", one thread per stream as on CPU);
   torch.cuda.Event on cross-stream edges, sampled tokens copied non-blocking into pinned
@@ -267,6 +265,11 @@ class Executor:
         with self.lock:
             self._closing = self._close_called = True
             self._wake.notify_all()
+
+    def reopen(self) -> None:
+        """After a run that close() ended: let the next run(until_idle=False) serve again."""
+        with self.lock:
+            self._close_called = False
 
     # ---- the work pieces ---------------------------------------------------------------
     def _admit(self, m: int) -> bool:
@@ -584,8 +587,10 @@ class Executor:
             except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
                 errors.append(e)
 
-        if serial:           # --no-overlap: every stream's work in turn, on this thread
-            one()
+        if serial:           # --no-overlap: every stream's work in turn, on one worker thread (as above)
+            t = threading.Thread(target=one, name="agp-serial", daemon=True)
+            t.start()
+            t.join()
             if errors:
                 raise errors[0]
             return
@@ -614,13 +619,13 @@ class Executor:
                 errors.append(e)
                 self._signals.release(failed=True)
 
-        # the compute stream runs here, on the caller's thread (it owns torch's OpenMP pool)
-        mine = next((s for s in self.plan.streams if s.resource == "compute"), self.plan.streams[0])
+        # every stream on a thread of its own, the compute stream too: on this 2-core CPU the forward
+        # ran ~25 % slower on the process's main thread than on a worker (bench: W32 through
+        # run_requests on the main thread vs a worker, 190-230 vs 260-275 tok/s, same process)
         threads = [threading.Thread(target=loop, args=(s,), name=f"agp-{s.name}", daemon=True)
-                   for s in self.plan.streams if s is not mine]
+                   for s in self.plan.streams]
         for t in threads:
             t.start()
-        loop(mine)
         for t in threads:
             t.join()
         if errors:

@@ -711,7 +711,7 @@ class PipelineRuntime:
         self.totals["answered" if error is None else "failed"] += 1
         result = Result(req.key, req.id, choices, error, dict(req.usage), self._metrics(req))
         self._idle.notify_all()
-        self.pool.submit(_deliver, req.listener, result)
+        self._task(_deliver, req.listener, result)
 
     def _fail(self, req: _Request, err: PipelineError) -> None:
         with self._lock:
@@ -761,8 +761,8 @@ class PipelineRuntime:
                      self._on_segment_failure)
 
     def drive(self) -> None:
-        """The first segment's loop on this thread (its compute stays on the thread that loaded
-        the model), the others on threads; returns after close() once the engines are idle."""
+        """The first segment's loop driven from this thread, the others from threads of their
+        own; returns after close() once the engines are idle."""
         if not self.segments:
             with self._lock:
                 while not (self._closing and not self._requests):
@@ -782,10 +782,11 @@ class PipelineRuntime:
         for es in rest:
             es.join()
 
-    def run_all(self, requests, on_result: Callable | None = None) -> list[Result]:
-        """Answer every request (item dicts, or (item, pin) pairs) and close: the first engine runs
-        on this thread, a feeder keeps at most `max_in_flight` requests in the pipeline. Returns
-        the results in input order; `on_result(i, result)` hears of each as it comes."""
+    def run_all(self, requests, on_result: Callable | None = None, keep_open: bool = False) -> list[Result]:
+        """Answer every request (item dicts, or (item, pin) pairs) and close: the first engine is
+        driven from this thread, a feeder keeps the queue at most `max_queue` deep. Returns the
+        results in input order; `on_result(i, result)` hears of each as it comes. keep_open: the
+        runtime can run again afterwards (a warm-up, then the measured run)."""
         requests = list(requests)
         results: list[Result | None] = [None] * len(requests)
         cond = threading.Condition()
@@ -838,7 +839,14 @@ class PipelineRuntime:
         started.wait()                           # like a file read whole: the engines start on a full queue
         self.drive()
         feeder.join()
-        self.pool.shutdown(wait=True)            # results are delivered on the pool
+        self.settle()                            # results are delivered on the pool
+        if keep_open:
+            with self._lock:
+                self._closing = False
+            for es in self.segments:
+                es.executor.reopen()
+        else:
+            self.pool.shutdown(wait=True)
         if failure:
             raise failure[0]
         return results
