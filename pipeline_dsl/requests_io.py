@@ -166,10 +166,92 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     return req
 
 
+MAX_DEPTH = 64            # JSON nesting a request may have (messages sit at depth 3)
+
+
+def load_json(text: str | bytes, what: str = "the request") -> Any:
+    """JSON text -> a Python value, or RequestError saying why not: not UTF-8, not JSON, nested
+    too deeply, a number too long to convert, a string holding a lone UTF-16 surrogate
+    (\\ud800): nothing that would fail later inside the engine gets through."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RequestError(f"{what} is not UTF-8 text (byte {e.start})") from None
+    if _too_deep(text):
+        raise RequestError(f"{what} is nested more than {MAX_DEPTH} levels deep")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RequestError(f"{what} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise RequestError(f"{what} is nested more than {MAX_DEPTH} levels deep") from None
+    except ValueError as e:               # e.g. an integer of more than 4300 digits
+        raise RequestError(f"{what} holds a number that cannot be read: {str(e).split(';')[0]}") from None
+    bad = _surrogate_path(obj)
+    if bad is not None:
+        param = bad.strip("'") if bad.startswith("'") else None
+        raise RequestError(f"{what} holds a lone UTF-16 surrogate (invalid Unicode) in {bad}", param=param)
+    return obj
+
+
+def _too_deep(text: str) -> bool:
+    """A cheap bound before parsing: more than MAX_DEPTH unbalanced brackets in a row."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return False
+    depth = 0
+    in_string = escaped = False
+    for ch in text:                        # only reached for texts with many brackets
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
+
+
+def _surrogate_path(obj, path: str = "the body") -> str | None:
+    """Where the first string with a lone surrogate sits (a key or a value), or None."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        return None                        # the common case: one pass in C
+    except UnicodeEncodeError:
+        pass
+    stack = [(obj, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            if not _utf8_ok(value):
+                return f"'{where or 'the body'}'"
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                key = str(k) if _utf8_ok(str(k)) else json.dumps(str(k))
+                if not _utf8_ok(str(k)):
+                    return f"the key {key}" + (f" of '{where}'" if where else "")
+                stack.append((v, f"{where}.{key}" if where else key))
+        elif isinstance(value, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(value))
+    return None
+
+
+def _utf8_ok(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def parse_line(line: str, lineno: int) -> ParsedRequest:
     """One JSONL line; the id defaults to the line number."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise RequestError(f"not valid JSON: {e.msg} at column {e.colno}") from None
-    return parse_request(obj, default_id=lineno)
+    return parse_request(load_json(line, "the line"), default_id=lineno)

@@ -48,8 +48,11 @@ def record(req: RunRequest, result, several: bool = False) -> dict:
 
 
 def run_pipeline(runtime, requests: list[RunRequest], *, on_done: Callable[[int, dict], None],
-                 progress: bool = True) -> dict:
-    """Answer every request through `runtime` (PipelineRuntime.run_all); returns the run summary."""
+                 progress: bool = True, stop: threading.Event | None = None,
+                 on_interrupted: Callable[[int], None] | None = None) -> dict:
+    """Answer every request through `runtime` (PipelineRuntime.run_all); returns the run summary.
+    Once `stop` is set, the requests in flight are aborted and those never started are left:
+    `on_interrupted(slot)` hears of each instead of `on_done`."""
     bar = None
     if progress:
         from tqdm import tqdm
@@ -59,9 +62,16 @@ def run_pipeline(runtime, requests: list[RunRequest], *, on_done: Callable[[int,
     lock = threading.Lock()
     completion = 0
 
+    interrupted = 0
+
     def done(i: int, result) -> None:
-        nonlocal completion
+        nonlocal completion, interrupted
         req = requests[i]
+        if stop is not None and stop.is_set() and result.error is not None and result.error.kind == "unavailable":
+            interrupted += 1
+            if on_interrupted is not None:
+                on_interrupted(req.slot)
+            return
         on_done(req.slot, record(req, result, several=len(runtime.seg_of_gen) > 1))
         if bar:
             with lock:
@@ -69,11 +79,20 @@ def run_pipeline(runtime, requests: list[RunRequest], *, on_done: Callable[[int,
                 bar.update(1)
                 bar.set_postfix_str(f"{completion / max(time.perf_counter() - t0, 1e-9):.0f} tok/s")
 
-    results = runtime.run_all([(r.parsed.item(), _pin(runtime, r.parsed)) for r in requests], on_result=done)
+    results = runtime.run_all([(r.parsed.item(), _pin(runtime, r.parsed)) for r in requests], on_result=done,
+                              stop=stop)
     wall = time.perf_counter() - t0
     if bar:
         bar.close()
-    return summarize(runtime, results, wall)
+    never = [r for r, res in zip(requests, results) if res is None]
+    for r in never:
+        if on_interrupted is not None:
+            on_interrupted(r.slot)
+    finished = [res for res in results if res is not None and not (
+        stop is not None and stop.is_set() and res.error is not None and res.error.kind == "unavailable")]
+    summary = summarize(runtime, finished, wall)
+    summary["interrupted"] = interrupted + len(never)
+    return summary
 
 
 def _pin(runtime, parsed: ParsedRequest) -> str | None:
@@ -140,7 +159,8 @@ def format_summary(s: dict) -> str:
     mem = s.get("peak_memory_bytes")
     lines = [
         "── run summary ──",
-        f"requests        {s['requests']} ({s.get('errors', 0)} failed)",
+        f"requests        {s['requests']} ({s.get('errors', 0)} failed"
+        + (f", {s['interrupted']} interrupted, not written" if s.get("interrupted") else "") + ")",
         f"tokens          {s['prompt_tokens']} in ({s['cached_tokens']} cached), {s['completion_tokens']} out",
         f"throughput      {f(s['output_tokens_per_s'])} output tok/s over {s['generation_s']} s "
         f"(model load {f(s.get('model_load_s'), ' s')})",

@@ -203,6 +203,7 @@ class PipelineRuntime:
         self._seq_ids = itertools.count(1)
         self._closing = False
         self._tasks = 0                               # item-pool tasks queued or running
+        self.cut = 0                                  # requests close() had to fail
         self.error: BaseException | None = None
         self.totals = {"requests": 0, "answered": 0, "failed": 0}
         self._tracks: dict[int, str] = {}
@@ -782,11 +783,14 @@ class PipelineRuntime:
         for es in rest:
             es.join()
 
-    def run_all(self, requests, on_result: Callable | None = None, keep_open: bool = False) -> list[Result]:
+    def run_all(self, requests, on_result: Callable | None = None, keep_open: bool = False,
+                stop: threading.Event | None = None) -> list[Result]:
         """Answer every request (item dicts, or (item, pin) pairs) and close: the first engine is
         driven from this thread, a feeder keeps the queue at most `max_queue` deep. Returns the
         results in input order; `on_result(i, result)` hears of each as it comes. keep_open: the
-        runtime can run again afterwards (a warm-up, then the measured run)."""
+        runtime can run again afterwards (a warm-up, then the measured run). stop: once set, no
+        more requests are admitted and those in flight are aborted (their results are errors of
+        kind "unavailable"; requests never admitted stay None)."""
         requests = list(requests)
         results: list[Result | None] = [None] * len(requests)
         cond = threading.Condition()
@@ -808,6 +812,8 @@ class PipelineRuntime:
 
         started = threading.Event()
 
+        stopping = stop if stop is not None else threading.Event()
+
         def feed():
             try:
                 for i, req in enumerate(requests):
@@ -816,8 +822,10 @@ class PipelineRuntime:
                         started.set()
                     data, pin = req if isinstance(req, tuple) else (req, None)
                     with cond:
-                        while self.full:
+                        while self.full and not stopping.is_set():
                             cond.wait(0.05)
+                    if stopping.is_set():
+                        break
                     try:
                         self.submit(data, _One(i), pin=pin)
                     except PipelineError as e:
@@ -827,12 +835,13 @@ class PipelineRuntime:
                 if not started.is_set():
                     self.settle()
                     started.set()
-                self.wait_idle()
+                while not self.wait_idle(0.1) and not stopping.is_set():
+                    pass
             except BaseException as e:           # noqa: BLE001 - raised on the calling thread
                 failure.append(e)
             finally:
                 started.set()
-                self.close(drain=True)
+                self.close(drain=not stopping.is_set(), reason="the run was interrupted")
 
         feeder = threading.Thread(target=feed, name="agp-feed", daemon=True)
         feeder.start()
@@ -862,18 +871,19 @@ class PipelineRuntime:
                 self._idle.wait(0.05 if left is None else min(left, 0.05))
         return True
 
-    def close(self, drain: bool = True, timeout: float | None = None) -> bool:
+    def close(self, drain: bool = True, timeout: float | None = None,
+              reason: str = "the server shut down before this request finished") -> bool:
         """Stop admitting; let what runs finish (drain) or abort it; end the loops. Returns
-        whether every request finished (False: some were cut at the timeout)."""
+        whether every request finished (False: some were cut, each failed with `reason`)."""
         with self._lock:
             self._closing = True
-        finished = self.wait_idle(timeout) if drain else False
+        finished = self.wait_idle(timeout) if drain else not self._requests
         if not finished:
             with self._lock:
                 reqs = list(self._requests.values())
+            self.cut = len(reqs)
             for req in reqs:
-                self._fail(req, PipelineError("the server shut down before this request finished",
-                                              "unavailable"))
+                self._fail(req, PipelineError(reason, "unavailable"))
         for es in self.segments:
             es.close()
         return finished

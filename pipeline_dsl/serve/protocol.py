@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeline_dsl.requests_io import RequestError, parse_messages, parse_stop
+from pipeline_dsl.requests_io import RequestError, load_json, parse_messages, parse_stop
 
 class APIError(Exception):
     """An error answered to the client as an OpenAI-style JSON body."""
@@ -66,14 +66,12 @@ class GenerationRequest:
 
 
 def parse_json(raw: bytes) -> dict:
-    """The request body as a JSON object, or a 400 saying why not."""
+    """The request body as a JSON object, or a 400 saying why not (requests_io.load_json: not
+    UTF-8, not JSON, too deep, unreadable numbers, lone surrogates)."""
     try:
-        obj = json.loads(raw)
-    except UnicodeDecodeError:
-        raise APIError("the request body is not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise APIError(f"the request body is not valid JSON: {e.msg} "
-                       f"(line {e.lineno}, column {e.colno})") from None
+        obj = load_json(raw, "the request body")
+    except RequestError as e:
+        raise APIError(str(e), param=e.param) from None
     if not isinstance(obj, dict):
         raise APIError(f"the request body must be a JSON object, not {_json_type(obj)}")
     return obj
