@@ -198,6 +198,14 @@ def convert(value: ast.Value, p: Param, what: str) -> tuple[Any, Diagnostic | No
             if not isinstance(item, ast.Str):
                 return None, _err(f"{what} is a list of strings, but it holds {_value_word(item)}", item.pos,
                                   expected)
+            if p.max_length is not None and len(item.value) > p.max_length:
+                return None, _err(f"a string of {len(item.value)} characters in {what}; each may have at most "
+                                  f"{p.max_length}", item.pos, expected)
+            if item.value == "":
+                return None, _err(f"an empty string in {what}", item.pos, expected, "remove it")
+        if p.max_items is not None and len(value.items) > p.max_items:
+            return None, _err(f"{what} holds {len(value.items)} strings; at most {p.max_items} are allowed",
+                              value.pos, expected)
         out = [item.value for item in value.items]
     else:                                   # a third-party type we do not know: pass the raw value
         out = _raw(value)

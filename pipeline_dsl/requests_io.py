@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-MAX_STOP = 16
+MAX_STOP = 16              # stop strings a request may give
+MAX_STOP_LEN = 256         # characters in one stop string
 
 
 class RequestError(ValueError):
@@ -129,6 +130,10 @@ def parse_stop(stop) -> list[str]:
         raise RequestError("'stop' strings must not be empty", param="stop")
     if len(stops) > MAX_STOP:
         raise RequestError(f"'stop' holds {len(stops)} strings; at most {MAX_STOP} are allowed", param="stop")
+    longest = max((len(s) for s in stops), default=0)
+    if longest > MAX_STOP_LEN:
+        raise RequestError(f"a 'stop' string has {longest} characters; at most {MAX_STOP_LEN} are allowed",
+                           param="stop")
     return stops
 
 

@@ -53,6 +53,8 @@ class Param:
     optional: bool = False                     # None is an allowed effective value (e.g. seed)
     min_exclusive: bool = False                # min itself is not allowed (top_p > 0)
     inherits: str | None = None                # unset in the stage: the pipeline setting of this name
+    max_items: int | None = None               # list[str]: at most this many strings
+    max_length: int | None = None              # str / list[str]: each at most this many characters
 
     def in_range(self, value) -> bool:
         """Whether a number lies within [min, max] (or (min, max] with min_exclusive)."""

@@ -108,10 +108,38 @@ def test_detokenizer_window_stays_short_over_long_output():
 
 
 def test_stop_strings_find_earliest_and_hold_back_prefixes():
+    assert StopStrings(("</s>", "STOP")).find("abc </s> STOP", 0) == 4
     s = StopStrings(("</s>", "STOP"))
-    assert s.find("abc </s> STOP", 0) == 4
-    assert s.find("abcSTOP", 5) == 3        # a stop that straddles old and new text
-    assert s.hold_back("hello </") == 2
-    assert s.hold_back("hello ST") == 2
-    assert s.hold_back("hello") == 0
+    assert s.find("abcST", 0) == -1 and s.hold_back() == 2          # "ST" may become STOP: held
+    assert s.find("abcSTOP", 5) == 3                                # a stop that straddles old and new text
+    s = StopStrings(("</s>", "STOP"))
+    assert s.find("hello </", 0) == -1 and s.hold_back() == 2
+    assert s.find("hello </x", 8) == -1 and s.hold_back() == 0
     assert StopStrings(()).find("anything", 0) == -1
+
+
+def test_stop_strings_agree_with_a_brute_force_search_fed_in_random_pieces():
+    import random
+
+    def first_stop(stops, text):            # the first stop to complete; the longest of those
+        for i in range(len(text)):
+            ends = [s for s in stops if text[:i + 1].endswith(s)]
+            if ends:
+                return i - max(map(len, ends)) + 1
+        return -1
+
+    def held(stops, text):                  # longest tail that is a proper prefix of a stop
+        return max([k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])], default=0)
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        stops = tuple("".join(rng.choice("ab") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 4)))
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 16)))
+        s, pos, cut = StopStrings(stops), 0, -1
+        while pos < len(text) and cut < 0:
+            nxt = min(len(text), pos + rng.randint(1, 3))
+            cut = s.find(text[:nxt], pos)
+            if cut < 0:
+                assert s.hold_back() == held(stops, text[:nxt]), (stops, text[:nxt])
+            pos = nxt
+        assert cut == first_stop(stops, text), (stops, text)

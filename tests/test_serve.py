@@ -148,24 +148,30 @@ TINY = """pipeline tiny {{
 class LiveServer:
     """An `agp serve` app on 127.0.0.1:<free port>, in a uvicorn thread of this process."""
 
-    def __init__(self, model_path, *, max_batch_size=8, max_queue=1024, batch_timeout_s=0.02, text=None):
+    def __init__(self, model_path, *, max_batch_size=8, max_queue=1024, batch_timeout_s=0.02, text=None,
+                 header_timeout=None, overrides=None, **config_kw):
         import tempfile
+
+        from pipeline_dsl.serve.server import header_timeout_protocol
 
         self.dir = tempfile.mkdtemp()
         path = Path(self.dir) / "tiny.agp"
         path.write_text(text or TINY.format(model=model_path, max_queue=max_queue, max_batch_size=max_batch_size,
                                             timeout=batch_timeout_s * 1000))
-        self.runtime = build_runtime(path, overrides={"threads": 1})
+        self.runtime = build_runtime(path, overrides={"threads": 1, **(overrides or {})})
         self.engine = self.runtime.segments[0].engine
         self.metrics = ServerMetrics()
-        self.app = create_app(AsyncPipeline(self.runtime, metrics=self.metrics),
+        self.apipe = AsyncPipeline(self.runtime, metrics=self.metrics)
+        self.app = create_app(self.apipe,
                               ServeConfig(model_names=SERVED, max_model_len=self.engine.max_model_len,
-                                          stages=(("gen", str(model_path)),)), self.metrics)
+                                          stages=(("gen", Path(str(model_path)).name),), **config_kw),
+                              self.metrics)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
+        extra = {"http": header_timeout_protocol(header_timeout)} if header_timeout else {}
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on", **extra))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

@@ -70,7 +70,7 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: float = 1.0,
-                    **overrides) -> Path:
+                    chat_template: str = CHAT_TEMPLATE, **overrides) -> Path:
     """Write the tiny model to `path`; qtype F32|F16|Q8_0|Q4_1 for the 2-D weights. The tied
     embedding's scale sets how peaked the next-token distribution is: 1.0 makes it almost
     deterministic; about 0.1 gives sampling tests a spread of likely tokens."""
@@ -105,7 +105,7 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
     w.add_eos_token_id(2)
     w.add_pad_token_id(2)
     w.add_add_bos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    w.add_chat_template(chat_template)
 
     qt = GGMLQuantizationType[qtype]
 

@@ -228,11 +228,11 @@ def main(args) -> int:
     return 0
 
 
-def _guess_id(raw: bytes, lineno: int, load_json):
+def _guess_id(raw: bytes, lineno: int, load_json=None):
     """The id of a line that cannot run, when it has a readable one; else its line number."""
     try:
-        obj = load_json(raw.decode("utf-8", "replace"))
-    except ValueError:
+        obj = json.loads(raw.decode("utf-8", "replace"))
+    except (ValueError, RecursionError):
         return lineno
     if isinstance(obj, dict) and isinstance(obj.get("id"), (str, int)) and not isinstance(obj.get("id"), bool):
         return obj["id"]

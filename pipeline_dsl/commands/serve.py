@@ -10,7 +10,6 @@ in-flight requests finish (up to --drain-timeout) and exits 0.
 """
 from __future__ import annotations
 
-import signal
 import socket
 import sys
 from pathlib import Path
@@ -36,7 +35,22 @@ def add_arguments(p) -> None:
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients use (default: the pipeline's name)")
     p.add_argument("--drain-timeout", type=float, default=60.0,
-                   help="seconds in-flight requests may take after SIGTERM (default: 60)")
+                   help="seconds in-flight requests may take after SIGTERM; then they are cut with an "
+                        "error and the exit status is 1 (default: 60)")
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20,
+                   help="longest request body accepted; longer: 413 (default: 4 MiB)")
+    p.add_argument("--max-input-tokens", type=int, default=None,
+                   help="longest prompt accepted, in tokens; longer: 400 (default: requests.max_prompt_tokens, "
+                        "else the model's context)")
+    p.add_argument("--max-connections", type=int, default=1024,
+                   help="requests served at once; more: 503 with Retry-After (default: 1024)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send its request line and headers (default: 10)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a client has to send its request body; later: 408 (default: 30)")
+    p.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated Host header values accepted, '*' for any (default: the address "
+                        "listened on and localhost; any when listening on all addresses)")
     p.add_argument("--log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
@@ -69,16 +83,29 @@ def model_names(runtime, served: str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(n for n in names if n))
 
 
+def allowed_hosts(host: str, given: str | None) -> tuple[str, ...]:
+    """The Host header values the server answers for (DNS rebinding protection)."""
+    if given:
+        return tuple(h.strip().lower() for h in given.split(",") if h.strip())
+    if host in ("0.0.0.0", "::", ""):
+        return ("*",)                     # listening everywhere: the public name is not known here
+    return tuple(dict.fromkeys([host.lower(), "localhost", "127.0.0.1", "::1"]))
+
+
 def main(args) -> int:
-    if not 0 <= args.port <= 65535:
-        _err(f"--port must be between 0 and 65535, not {args.port}")
-        return 2
-    if args.max_queue is not None and args.max_queue < 1:
-        _err(f"--max-queue must be at least 1, not {args.max_queue}")
-        return 2
-    if args.drain_timeout <= 0:
-        _err(f"--drain-timeout must be positive, not {args.drain_timeout}")
-        return 2
+    checks = [(not 0 <= args.port <= 65535, f"--port must be between 0 and 65535, not {args.port}"),
+              (args.max_queue is not None and args.max_queue < 1, f"--max-queue must be at least 1, not {args.max_queue}"),
+              (args.drain_timeout <= 0, f"--drain-timeout must be positive, not {args.drain_timeout}"),
+              (args.max_body_bytes < 1024, f"--max-body-bytes must be at least 1024, not {args.max_body_bytes}"),
+              (args.max_input_tokens is not None and args.max_input_tokens < 1,
+               f"--max-input-tokens must be at least 1, not {args.max_input_tokens}"),
+              (args.max_connections < 1, f"--max-connections must be at least 1, not {args.max_connections}"),
+              (args.header_timeout <= 0 or args.body_timeout <= 0, "--header-timeout and --body-timeout must be "
+                                                                   "positive")]
+    for bad, message in checks:
+        if bad:
+            _err(message)
+            return 2
     try:
         sock = _bind(args.host, args.port)
     except OSError as e:
@@ -93,11 +120,13 @@ def main(args) -> int:
     from pipeline_dsl.serve.app import ServeConfig, create_app
     from pipeline_dsl.serve.async_pipeline import AsyncPipeline
     from pipeline_dsl.serve.metrics import ServerMetrics
+    from pipeline_dsl.serve.server import AgpServer, header_timeout_protocol
 
     try:
         runtime = build_runtime(args.pipeline, args.name, overlap=not args.no_overlap, max_queue=args.max_queue,
                                 served_name=args.served_model_name,
                                 overrides={"dtype": args.dtype, "threads": args.threads,
+                                           "max_prompt_tokens": args.max_input_tokens,
                                            "prefix_reuse": False if args.no_prefix_reuse else None})
     except CheckFailed as e:
         sys.stderr.write(e.render())
@@ -110,25 +139,25 @@ def main(args) -> int:
     names = model_names(runtime, args.served_model_name)
     contexts = [es.engine.max_model_len for es in runtime.segments]
     config = ServeConfig(model_names=names, max_model_len=int(min(contexts) if contexts else 1 << 20),
-                         stages=tuple((g, str(es.config.model)) for g, es in runtime.seg_of_gen.items()),
-                         drain_timeout_s=args.drain_timeout)
+                         stages=tuple((g, Path(str(es.config.model)).name) for g, es in runtime.seg_of_gen.items()),
+                         drain_timeout_s=args.drain_timeout, max_body_bytes=args.max_body_bytes,
+                         body_timeout_s=args.body_timeout, max_connections=args.max_connections,
+                         allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
+                         max_prompt_chars=max((es.engine.max_prompt_chars or 0 for es in runtime.segments),
+                                              default=0) or None)
     metrics = ServerMetrics()
     apipe = AsyncPipeline(runtime, metrics=metrics)
     app = create_app(apipe, config, metrics)
 
     host, port = sock.getsockname()[:2]
-    server = uvicorn.Server(uvicorn.Config(
+    server = AgpServer(uvicorn.Config(
         app, log_level=args.log_level, access_log=args.access_log, lifespan="on",
-        timeout_graceful_shutdown=args.drain_timeout))
-    engines = ", ".join(f"{es.name}: {es.config.model} on {es.config.device}" for es in runtime.segments)
+        http=header_timeout_protocol(args.header_timeout), timeout_graceful_shutdown=5.0),
+        apipe, args.drain_timeout)
+    engines = ", ".join(f"{es.name}: {Path(str(es.config.model)).name} on {es.config.device}"
+                        for es in runtime.segments)
     print(f"agp serve: pipeline '{names[0]}' on http://{host}:{port}/v1 ({engines or 'no model'})",
           file=sys.stderr, flush=True)
-
-    # uvicorn re-raises the signal that stopped it once it has drained; a handler that
-    # merely notes it keeps that from killing the process, so a drained server exits 0.
-    stopped_by: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda s, frame: stopped_by.append(s))
     server.run(sockets=[sock])
     if not server.started:
         _err("the server did not start (see the log above)")
@@ -136,5 +165,8 @@ def main(args) -> int:
     if engine_failed := apipe.error:
         _err(f"the pipeline failed: {engine_failed}")
         return 1
-    print("agp serve: stopped" + (" (drained)" if stopped_by else ""), file=sys.stderr)
+    if server.cut:
+        print(f"agp serve: stopped; the drain timeout cut {server.cut} request(s)", file=sys.stderr)
+        return 1
+    print("agp serve: stopped" + (" (drained)" if server.stopped_by else ""), file=sys.stderr)
     return 0

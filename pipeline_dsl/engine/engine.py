@@ -128,7 +128,9 @@ class Engine:
     def prompt_ids(self, prompt=None, messages=None, prompt_token_ids=None, chat_template=True,
                    add_special_tokens=True) -> list[int]:
         """A request's prompt as token ids (chat template applied to messages): the encode stage's
-        work. Thread-safe (reads only the tokenizer), so it may run off the engine's loop."""
+        work. Thread-safe (reads only the tokenizer), so it may run off the engine's loop. A text
+        too long to fit the prompt limit whatever its tokens is refused before it is tokenised."""
+        self.check_prompt_length(prompt, messages, prompt_token_ids)
         if prompt is not None:
             if not isinstance(prompt, str):
                 raise InputError(f"prompt must be a string, not {type(prompt).__name__}")
@@ -148,6 +150,40 @@ class Engine:
         if not ids:
             raise InputError("the prompt is empty (no tokens)")
         return ids
+
+    @property
+    def prompt_limit(self) -> int:
+        """The most prompt tokens a request may have (requests.max_prompt_tokens, else the context)."""
+        return int(self.config.max_prompt_tokens or self.max_model_len)
+
+    def _limit_words(self) -> str:
+        if self.config.max_prompt_tokens:
+            return f"is longer than this pipeline accepts (requests.max_prompt_tokens = {self.prompt_limit})"
+        return f"exceeds the model's context of {self.max_model_len} tokens"
+
+    @property
+    def max_prompt_chars(self) -> int | None:
+        """More characters than this cannot fit the prompt limit, whatever their tokens."""
+        per_token = getattr(self.tokenizer, "max_token_chars", None)
+        return self.prompt_limit * per_token if per_token else None
+
+    def check_prompt_length(self, prompt=None, messages=None, prompt_token_ids=None) -> None:
+        """InputError for a prompt that cannot fit the limit, decided without tokenising it."""
+        limit = self.prompt_limit
+        per_token = getattr(self.tokenizer, "max_token_chars", None)
+        if isinstance(prompt_token_ids, (list, tuple)) and len(prompt_token_ids) > limit:
+            raise InputError(f"prompt of {len(prompt_token_ids)} tokens {self._limit_words()}")
+        if not per_token:
+            return
+        if isinstance(prompt, str):
+            chars = len(prompt)
+        elif isinstance(messages, (list, tuple)):
+            chars = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
+        else:
+            return
+        if chars > limit * per_token:
+            raise InputError(f"prompt of {chars} characters {self._limit_words()} (a token stands for at most "
+                             f"{per_token} characters)")
 
     def _render_chat(self, messages, chat_template=True, add_special_tokens=True) -> list[int]:
         if not isinstance(messages, (list, tuple)) or not messages:
@@ -271,7 +307,7 @@ class Engine:
             elif last:
                 reason = "length"
         text = st["text"]
-        visible = len(text) if reason else len(text) - st["stops"].hold_back(text)
+        visible = len(text) if reason else len(text) - st["stops"].hold_back()
         visible = max(visible, st["emitted"])
         delta, st["emitted"] = text[st["emitted"]:visible], visible
         metrics = {}

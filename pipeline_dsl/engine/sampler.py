@@ -115,26 +115,64 @@ class Detokenizer:
 
 
 class StopStrings:
-    """Finds the first stop string in growing text; says what may be shown yet."""
+    """Finds stop strings in a request's growing text, in time linear in the new text.
+
+    An Aho–Corasick automaton over the stop strings is fed each piece of new text once
+    (`find(text, new_from)` consumes `text[new_from:]`); its state is the longest suffix of
+    the text so far that begins some stop string, which is exactly the tail to hold back
+    (`hold_back()`): the cost per token does not grow with the stop strings' or the text's
+    length, however long they are."""
 
     def __init__(self, stops: tuple[str, ...]):
         self.stops = tuple(s for s in stops if s)
         self.longest = max((len(s) for s in self.stops), default=0)
+        self._goto: list[dict[str, int]] = [{}]
+        self._fail = [0]
+        self._depth = [0]
+        self._match = [0]                   # the longest stop string ending at this state (0: none)
+        for stop in self.stops:
+            node = 0
+            for ch in stop:
+                nxt = self._goto[node].get(ch)
+                if nxt is None:
+                    nxt = len(self._goto)
+                    self._goto[node][ch] = nxt
+                    self._goto.append({})
+                    self._fail.append(0)
+                    self._depth.append(self._depth[node] + 1)
+                    self._match.append(0)
+                node = nxt
+            self._match[node] = max(self._match[node], len(stop))
+        queue = list(self._goto[0].values())
+        while queue:                        # breadth first: fail links point to shallower states
+            node = queue.pop(0)
+            for ch, nxt in self._goto[node].items():
+                f = self._fail[node]
+                while f and ch not in self._goto[f]:
+                    f = self._fail[f]
+                self._fail[nxt] = self._goto[f].get(ch, 0) if self._goto[f].get(ch, 0) != nxt else 0
+                self._match[nxt] = max(self._match[nxt], self._match[self._fail[nxt]])
+                queue.append(nxt)
+        self._state = 0
 
     def find(self, text: str, new_from: int) -> int:
-        """Index where the earliest stop string starts, searching text added from new_from."""
+        """Consume text[new_from:]; the index in `text` where the first stop string to complete
+        begins (the longest of those completing at the same character), or -1."""
         if not self.stops:
             return -1
-        start = max(0, new_from - self.longest + 1)
-        hits = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
-        return min(hits) if hits else -1
+        goto, fail, match = self._goto, self._fail, self._match
+        state = self._state
+        for i in range(new_from, len(text)):
+            ch = text[i]
+            while state and ch not in goto[state]:
+                state = fail[state]
+            state = goto[state].get(ch, 0)
+            if match[state]:
+                self._state = state
+                return i - match[state] + 1
+        self._state = state
+        return -1
 
-    def hold_back(self, text: str) -> int:
-        """Length of text's tail that is a proper prefix of some stop string."""
-        held = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(text)), held, -1):
-                if text.endswith(s[:k]):
-                    held = k
-                    break
-        return held
+    def hold_back(self, text: str | None = None) -> int:
+        """Length of the text's tail that may still become a stop string (held back from output)."""
+        return self._depth[self._state]

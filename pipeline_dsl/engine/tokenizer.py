@@ -15,7 +15,10 @@ special tokens, USER_DEFINED ones added tokens, so both are matched whole in tex
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -64,6 +67,9 @@ class Tokenizer:
         self.add_bos = add_bos and self.bos_token_id is not None
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
         self._template = None
+        # the most characters one token can stand for: a text longer than limit * this has more
+        # than `limit` tokens, whatever they are (a cheap check before tokenising huge input)
+        self.max_token_chars = max((len(t) for t in tk.get_vocab(with_added_tokens=True)), default=1) or 1
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -122,7 +128,10 @@ class Tokenizer:
 
     # -- use ------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.tk.encode(text, add_special_tokens=False).ids
+        if len(text) > 2048:   # encode_batch lets go of the GIL while it works: engine threads go on
+            ids = self.tk.encode_batch([text], add_special_tokens=False)[0].ids
+        else:
+            ids = self.tk.encode(text, add_special_tokens=False).ids
         if add_special_tokens and self.add_bos and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id] + ids
         return ids
@@ -141,9 +150,10 @@ class Tokenizer:
         if self._template is None:
             self._template = _compile_template(self.chat_template)
         try:
-            text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-                                         **extra)
+            with _deadline(TEMPLATE_SECONDS):
+                text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                             bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                                             **extra)
         except TokenizerError:
             raise
         except Exception as e:  # a template error is the input's fault (bad roles, …)
@@ -189,11 +199,55 @@ def _raise(message):
     raise TokenizerError(f"chat template: {message}")
 
 
+TEMPLATE_SECONDS = 2.0           # a chat template renders within this, or its request fails (400)
+MAX_TEMPLATE_VALUE = 1 << 22     # longest string or list a template may build with * (4M items)
+
+
+class TemplateTimeout(TokenizerError):
+    """A chat template ran past TEMPLATE_SECONDS (a loop that never ends, say)."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float):
+    """Abort the template code running on this thread once `seconds` have passed: a trace
+    function on this thread only, that looks at the clock on each line of the template's
+    compiled code (jinja2 names it "<template>") and at nothing else."""
+    end = time.monotonic() + seconds
+
+    def local(frame, event, arg):
+        if time.monotonic() > end:
+            raise TemplateTimeout(f"the chat template did not finish within {seconds:g} s")
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
+
+
 def _compile_template(source: str):
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    class Env(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and \
+                            len(seq) * max(n, 0) > MAX_TEMPLATE_VALUE:
+                        raise TokenizerError("the chat template builds a value too large to render")
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 1000:
+                raise TokenizerError("the chat template raises a number to a power too large")
+            return super().call_binop(context, operator, left, right)
+
+    env = Env(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent)

@@ -480,8 +480,14 @@ class PipelineRuntime:
         """The item's prompt ids under segment `es` (cached while the prompt is unchanged)."""
         from pipeline_dsl.engine.errors import InputError
 
-        fingerprint = (id(es), repr(item.data.get("messages") if item.data.get("messages") is not None
-                                    else item.data.get("prompt")))
+        d = item.data
+        try:                                   # a prompt too long for any tokenisation: refused at once
+            es.engine.check_prompt_length(d.get("prompt"), d.get("messages"), d.get("prompt_token_ids"))
+        except InputError as e:
+            raise PipelineError(str(e), "invalid", es.segment.encode) from None
+        fingerprint = (id(es), repr(d.get("messages") if d.get("messages") is not None
+                                    else d.get("prompt_token_ids") if d.get("prompt_token_ids") is not None
+                                    else d.get("prompt")))
         if item.ids is not None and item.ids[0] == fingerprint:
             return item.ids[1]
         t0 = time.perf_counter()

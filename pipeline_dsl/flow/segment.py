@@ -92,6 +92,8 @@ class EngineSegment:
         if data.get("messages") is not None:
             return self.engine.prompt_ids(messages=data["messages"], chat_template=self.spec.chat_template,
                                           add_special_tokens=self.spec.add_special_tokens)
+        if data.get("prompt_token_ids") is not None:
+            return self.engine.prompt_ids(prompt_token_ids=data["prompt_token_ids"])
         return self.engine.prompt_ids(prompt=data.get("prompt"), add_special_tokens=self.spec.add_special_tokens)
 
     def sampling(self, gen: str, data: dict, prompt_len: int, copy: int = 0):

@@ -36,8 +36,101 @@ class ServeConfig:
     model_names: tuple[str, ...]           # the first is reported by /v1/models and in answers
     max_model_len: int                     # context length: max_tokens beyond it is a 400
     stages: tuple[tuple[str, str], ...] = ()   # (generate stage, its model) a request may name
-    retry_after_s: int = 1                 # Retry-After of a 429
+    retry_after_s: int = 1                 # Retry-After of a 429 / 503
     drain_timeout_s: float = 60.0          # at shutdown: how long in-flight requests may take
+    max_body_bytes: int = 4 << 20          # a longer request body is a 413
+    max_prompt_chars: int | None = None    # the longest prompt any engine can take, in characters
+    body_timeout_s: float = 30.0           # a body not fully received by then is a 408
+    max_connections: int = 1024            # requests served at once; more get a 503
+    allowed_hosts: tuple[str, ...] = ("*",)  # Host header values accepted (a 400 otherwise); "*": any
+
+
+JSON_TYPES = ("application/json",)
+
+
+class Guard:
+    """ASGI middleware in front of every route: the Host header (DNS rebinding), and a bound on
+    the requests served at once (503 + Retry-After beyond it)."""
+
+    def __init__(self, app, config: ServeConfig):
+        self.app, self.config = app, config
+        self.active = 0
+        hosts = [h.lower() for h in config.allowed_hosts]
+        self.any_host = "*" in hosts
+        self.hosts = set(hosts)
+
+    def host_ok(self, scope) -> bool:
+        if self.any_host:
+            return True
+        host = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"host"), "")
+        name = host.lower()
+        if name.startswith("["):                       # [::1]:8000
+            name = name[:name.find("]") + 1]
+        elif name.count(":") == 1:
+            name = name.rsplit(":", 1)[0]
+        return name in self.hosts or name.strip("[]") in self.hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if not self.host_ok(scope):
+            return await _send_error(send, P.APIError("the Host header names a host this server does not "
+                                                      "answer for (see --allowed-hosts)", status=400,
+                                                      code="invalid_host"))
+        if self.active >= self.config.max_connections:
+            return await _send_error(send, P.APIError(
+                f"the server is serving {self.active} requests, its limit (--max-connections); retry later",
+                status=503, type="server_error", code="overloaded",
+                headers={"Retry-After": str(self.config.retry_after_s)}))
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
+async def _send_error(send, err: P.APIError) -> None:
+    import json as _json
+
+    body = _json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def read_body(request: Request, config: ServeConfig) -> bytes:
+    """The request body, at most max_body_bytes (413), received within body_timeout_s (408), of
+    type application/json (415: browsers send cross-site "simple" POSTs as text/plain)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in JSON_TYPES:
+        raise P.APIError(f"the request body must be application/json, not {ctype or 'unspecified'}",
+                         status=415, code="unsupported_media_type")
+    limit, why = config.max_body_bytes, "(--max-body-bytes)"
+    if config.max_prompt_chars is not None:     # a body this large holds a prompt no engine can take
+        need = 8 * config.max_prompt_chars + (256 << 10)
+        if need < limit:
+            limit, why = need, "(more than the longest prompt this pipeline takes can need)"
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise P.APIError(f"the request body has {int(declared)} bytes; at most {limit} are accepted {why}",
+                         status=413, code="body_too_large")
+
+    async def collect() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise P.APIError(f"the request body has more than {limit} bytes {why}", status=413,
+                                 code="body_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(collect(), config.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise P.APIError(f"the request body did not arrive within {config.body_timeout_s:g} s", status=408,
+                         code="body_timeout") from None
 
 
 class EventStream(StreamingResponse):
@@ -101,7 +194,7 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
     async def http_error(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = f"{request.method} {request.url.path}: {exc.detail}"
-        return _error(P.APIError(message, status=exc.status_code, type=kind))
+        return _error(P.APIError(message, status=exc.status_code, type=kind, headers=dict(exc.headers or {})))
 
     @app.get("/health")
     async def health():
@@ -146,7 +239,8 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
 
     async def _generate(request: Request, parse) -> Response:
         try:
-            body = P.parse_json(await request.body())
+            raw = await read_body(request, config)
+            body = P.parse_json(raw) if len(raw) < (64 << 10) else await asyncio.to_thread(P.parse_json, raw)
             req = parse(body, max_model_len=config.max_model_len, served=config.model_names,
                         stages=stage_names)
         except P.APIError as err:
@@ -295,4 +389,5 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
             metrics.requests.labels(status).inc()
             metrics.in_flight.dec()
 
+    app.add_middleware(Guard, config=config)
     return app

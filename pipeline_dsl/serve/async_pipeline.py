@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 from pipeline_dsl.flow import PipelineError, Result
@@ -110,7 +111,9 @@ class AsyncPipeline:
         return rs
 
     async def stats(self) -> dict:
-        return await asyncio.to_thread(self.runtime.stats)
+        """The runtime's counters, with file paths cut to their names (no answer shows where the
+        server keeps its files)."""
+        return _no_paths(await asyncio.to_thread(self.runtime.stats))
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> bool:
         """Stop accepting; finish (or cut at the timeout) what runs; end the loops. Returns
@@ -118,6 +121,16 @@ class AsyncPipeline:
         finished = self.runtime.close(drain=drain, timeout=timeout)
         self.runtime.shutdown()
         return finished
+
+
+def _no_paths(value):
+    if isinstance(value, dict):
+        return {k: _no_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_paths(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        return os.path.basename(value)
+    return value
 
 
 __all__ = ["AsyncPipeline", "PipelineError", "RequestStream"]

@@ -1,0 +1,339 @@
+"""No request can hurt another: hostile bodies, huge prompts, hostile chat templates, long
+stop strings, bad request lines, Ctrl-C in `agp run`, a drain that times out, half-sent
+requests, foreign Host headers. Every probe gets a clear 4xx (or its own error record) and
+nothing else notices."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from test_serve import LiveServer, TINY, _free_port
+from tiny_model import write_tiny_gguf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gguf):
+    s = LiveServer(tiny_gguf, max_batch_size=8, max_body_bytes=16 << 20, max_connections=64)
+    yield s
+    s.close()
+
+
+def post(server, body: bytes | str, route="/v1/completions", ctype="application/json", **kw):
+    data = body.encode() if isinstance(body, str) else body
+    return httpx.post(server.url + route, content=data, headers={"content-type": ctype}, timeout=60, **kw)
+
+
+def assert_openai_error(r, status: int, fragment: str):
+    assert r.status_code == status, r.text[:300]
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and fragment in err["message"], err
+
+
+# ---------------------------------------------------------------- malformed bodies: 4xx, never 5xx
+
+@pytest.mark.parametrize("body, fragment", [
+    ('{"prompt": "hi \\ud800", "max_tokens": 1}', "lone UTF-16 surrogate"),
+    ('{"prompt": "hi", "\\udfff": 1}', "lone UTF-16 surrogate"),
+    ('{"prompt": "hi", "model": "\\ud800"}', "lone UTF-16 surrogate"),
+    ('{"messages": [{"role": "user", "content": "a\\ud83d"}]}', "lone UTF-16 surrogate"),
+    ("[" * 50000 + "]" * 50000, "nested more than"),
+    ('{"prompt": "hi", "max_tokens": ' + "9" * 5000 + "}", "number that cannot be read"),
+    (b'{"prompt": "\xff\xfe"}', "not UTF-8"),
+    ('{"prompt": "hi", "max_tokens": 1e999}', "'max_tokens' must be an integer"),
+])
+def test_malformed_bodies_are_400_with_an_openai_error(server, body, fragment):
+    route = "/v1/chat/completions" if "messages" in str(body) else "/v1/completions"
+    assert_openai_error(post(server, body, route), 400, fragment)
+
+
+def test_wrong_content_type_and_oversized_bodies_are_415_and_413(server):
+    assert_openai_error(post(server, '{"prompt": "hi"}', ctype="text/plain"), 415, "must be application/json")
+    r = httpx.post(server.url + "/v1/completions", data={"prompt": "hi"}, timeout=30)   # a form post
+    assert r.status_code == 415
+    small = LiveServer(server.runtime.segments[0].config.model, max_body_bytes=2048)
+    try:
+        big = json.dumps({"prompt": "x" * 5000})
+        assert_openai_error(post(small, big), 413, "--max-body-bytes")
+    finally:
+        small.close()
+
+
+def test_stop_strings_are_bounded(server):
+    assert_openai_error(post(server, json.dumps({"prompt": "hi", "stop": ["a"] * 17})), 400, "at most 16")
+    assert_openai_error(post(server, json.dumps({"prompt": "hi", "stop": ["x" * 257]})), 400, "at most 256")
+    r = post(server, json.dumps({"prompt": "hello", "max_tokens": 8, "stop": ["y" * 256] * 16}))
+    assert r.status_code == 200
+
+
+def test_no_response_shows_an_absolute_path_and_405_says_allow(server):
+    assert "/" not in json.dumps(httpx.get(server.url + "/stats").json()).replace("/s", "")
+    for m in httpx.get(server.url + "/v1/models").json()["data"]:
+        assert not str(m.get("root", "")).startswith("/")
+    r = httpx.get(server.url + "/v1/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
+# ---------------------------------------------------------------- nothing heavy on the engine loop
+
+def stream_gaps(url: str, tokens=200):
+    """Inter-chunk gaps of one streaming completion (seconds)."""
+    body = {"prompt": "hello world", "max_tokens": tokens, "ignore_eos": True, "stream": True}
+    stamps = []
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"text":""' not in line:
+                stamps.append(time.perf_counter())
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+@pytest.fixture(scope="module")
+def mid_gguf(tmp_path_factory):
+    """A model big enough that a decode step takes milliseconds (a meaningful median gap)."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("models") / "mid.gguf", hidden=768, ffn=2048, layers=6,
+                           heads=12, kv_heads=4)
+
+
+def send_from_another_process(url: str, body_file: Path, route="/v1/completions") -> tuple[int, str]:
+    code = ("import httpx, sys; r = httpx.post(sys.argv[1], content=open(sys.argv[2], 'rb').read(), "
+            "headers={'content-type': 'application/json'}, timeout=60); print(r.status_code); print(r.text)")
+    out = subprocess.run([sys.executable, "-c", code, url + route, str(body_file)], capture_output=True,
+                         text=True, timeout=120).stdout.split("\n", 1)
+    return int(out[0]), out[1]
+
+
+def test_a_10mb_prompt_does_not_stall_a_running_stream(tmp_path, mid_gguf):
+    proc, url = start_serve(tmp_path, mid_gguf, budget="32MiB")
+    try:
+        big = tmp_path / "big.json"
+        big.write_text(json.dumps({"prompt": "word " * 2_000_000, "max_tokens": 4}))        # 10 MB
+        gaps: list = []
+        t = threading.Thread(target=lambda: gaps.extend(stream_gaps(url, 200)))
+        t.start()
+        time.sleep(0.5)                                         # the stream is under way
+        status, text = send_from_another_process(url, big)
+        t.join(120)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    assert status == 413 and "body_too_large" in text
+    assert len(gaps) > 100
+    assert max(gaps) < 10 * statistics.median(gaps), (max(gaps), statistics.median(gaps))
+
+
+def test_a_chat_template_that_never_ends_fails_its_request_only(tmp_path):
+    loop = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
+    model = write_tiny_gguf(tmp_path / "loop.gguf", chat_template=loop, hidden=768, ffn=2048, layers=6,
+                            heads=12, kv_heads=4)
+    proc, url = start_serve(tmp_path, model, budget="32MiB")
+    try:
+        chat = tmp_path / "chat.json"
+        chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}))
+        done = {}
+        t = threading.Thread(target=lambda: done.setdefault("r", send_from_another_process(
+            url, chat, "/v1/chat/completions")))
+        t.start()
+        gaps = stream_gaps(url, 200)                          # raw prompts need no template: they go on
+        t.join(60)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    status, text = done["r"]
+    assert status == 400 and "did not finish within" in text
+    assert max(gaps) < 10 * statistics.median(gaps), (max(gaps), statistics.median(gaps))
+
+
+# ---------------------------------------------------------------- agp run: one bad line loses nothing
+
+def write_pipeline(tmp_path, model, budget="1MiB") -> Path:
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=model, max_queue=64, max_batch_size=4, timeout=1)
+                    .replace("budget = 1MiB", f"budget = {budget}"))
+    return path
+
+
+def agp(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, **kw)
+
+
+def test_agp_run_turns_every_bad_line_into_an_error_record(tmp_path, tiny_gguf):
+    lines = [b'{"id": "a", "prompt": "hello", "max_tokens": 3}',
+             b'{"id": "s", "prompt": "\\ud800"}',
+             b"[" * 20000 + b"]" * 20000,
+             b'{"id": "n", "prompt": "x", "max_tokens": ' + b"1" * 5000 + b"}",
+             b'{"id": "bytes", "prompt": "\xff"}',
+             b'{"id": "b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}']
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out.jsonl"
+    r = agp("run", str(write_pipeline(tmp_path, tiny_gguf)), "-i", str(inp), "-o", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [row["id"] for row in rows] == ["a", "s", 3, 4, "bytes", "b"]
+    assert "text" in rows[0] and "text" in rows[5]
+    assert [row["error"]["line"] for row in rows[1:5]] == [2, 3, 4, 5]
+    assert "surrogate" in rows[1]["error"]["message"] and "nested" in rows[2]["error"]["message"]
+    assert "4 failed" in r.stderr
+
+
+def test_agp_run_never_overwrites_answers_silently(tmp_path, tiny_gguf):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": "a", "prompt": "hello", "max_tokens": 2}\n')
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "old", "text": "keep me"}\n')
+    r = agp("run", str(write_pipeline(tmp_path, tiny_gguf)), "-i", str(inp), "-o", str(out), "--no-progress")
+    assert r.returncode == 2 and "--resume" in r.stderr and "--overwrite" in r.stderr
+    assert out.read_text() == '{"id": "old", "text": "keep me"}\n'
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_stops_agp_run_cleanly_and_resume_finishes_the_job(tmp_path, tiny_gguf, sig, code):
+    n = 40
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(json.dumps({"id": f"q{i}", "prompt": f"hello {i}", "max_tokens": 60,
+                                         "ignore_eos": True}) for i in range(n)) + "\n")
+    out, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
+    pipeline = str(write_pipeline(tmp_path, tiny_gguf))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "run", pipeline, "-i", str(inp), "-o",
+                             str(out), "--stats", str(stats), "--no-progress", "--threads", "1"],
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while not (out.exists() and out.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and "terminate called" not in err and "run summary" in err
+    assert json.loads(stats.read_text())["interrupted"] > 0
+    first = [json.loads(x) for x in out.read_text().splitlines()]         # whole lines only
+    assert 0 < len(first) < n
+    r = agp("run", pipeline, "-i", str(inp), "-o", str(out), "--resume", "--no-progress", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
+    assert sorted(ids) == sorted(f"q{i}" for i in range(n))                 # each answered exactly once
+
+
+# ---------------------------------------------------------------- agp serve: drain, timeouts, hosts, load
+
+def start_serve(tmp_path, model, *extra, budget="1MiB") -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    pipeline = write_pipeline(tmp_path, model, budget)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "serve", str(pipeline), "--port", str(port),
+                             "--threads", "1", *extra], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "agp serve did not come up"
+        time.sleep(0.2)
+
+
+def test_a_drain_that_times_out_says_so_to_every_client_and_in_the_exit_status(tmp_path, mid_gguf):
+    proc, url = start_serve(tmp_path, mid_gguf, "--drain-timeout", "1", budget="32MiB")
+    try:
+        body = {"prompt": "hello", "max_tokens": 480, "ignore_eos": True}          # ~8 s each
+        streams, whole = [], {}
+
+        def stream(i):
+            with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+                streams.append([line for line in r.iter_lines() if line.startswith("data: ")])
+
+        def nonstream():
+            whole["r"] = httpx.post(url + "/v1/completions", json=body, timeout=60)
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)] + [threading.Thread(target=nonstream)]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)                                       # all four are generating
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and "cut 4 request(s)" in err, err
+    assert len(streams) == 3
+    for lines in streams:
+        assert lines[-1] == "data: [DONE]"
+        assert "shut down before this request finished" in json.loads(lines[-2][6:])["error"]["message"]
+    assert whole["r"].status_code == 503 and whole["r"].json()["error"]["type"] == "server_error"
+
+
+def test_half_sent_requests_are_closed_and_slow_bodies_get_408(tiny_gguf):
+    s = LiveServer(tiny_gguf, header_timeout=0.5, body_timeout_s=0.5)
+    try:
+        socks = []
+        for _ in range(20):                                   # headers that never end
+            c = socket.create_connection(("127.0.0.1", s.port))
+            c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            socks.append(c)
+        time.sleep(1.5)
+        for c in socks:
+            c.settimeout(2)
+            assert c.recv(1024) == b""                        # closed by the server
+            c.close()
+        c = socket.create_connection(("127.0.0.1", s.port))   # a body that stops half way
+        c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+        c.settimeout(5)
+        reply = b""
+        while b"body_timeout" not in reply:
+            chunk = c.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 408") and b"body_timeout" in reply
+        c.close()
+        assert httpx.get(s.url + "/health").status_code == 200
+    finally:
+        s.close()
+
+
+def test_a_foreign_host_header_is_refused(tiny_gguf):
+    s = LiveServer(tiny_gguf, allowed_hosts=("127.0.0.1", "localhost"))
+    try:
+        ok = httpx.get(s.url + "/health")
+        assert ok.status_code == 200
+        r = httpx.get(s.url + "/health", headers={"host": "attacker.example"})
+        assert_openai_error(r, 400, "Host header")
+    finally:
+        s.close()
+
+
+def test_too_many_requests_at_once_get_503_with_retry_after(tiny_gguf):
+    s = LiveServer(tiny_gguf, max_connections=2, batch_timeout_s=3.0)   # two wait in the batch window
+    try:
+        body = {"prompt": "hello", "max_tokens": 2}
+        threads = [threading.Thread(target=httpx.post, args=(s.url + "/v1/completions",),
+                                    kwargs={"json": body, "timeout": 30}) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        r = httpx.post(s.url + "/v1/completions", json=body, timeout=30)
+        assert_openai_error(r, 503, "--max-connections")
+        assert r.headers["retry-after"] == "1"
+        for t in threads:
+            t.join(30)
+    finally:
+        s.close()
