@@ -10,8 +10,8 @@ checks as a graph (cycles, reachability, ports).
 
 from __future__ import annotations
 
+import functools
 import os
-
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -245,22 +245,68 @@ def _raw(v: ast.Value):
 
 # ---------------------------------------------------------------- settings
 
+_MODEL_EXPECTED = (f'"{EMBEDDED_MODEL}" (the embedded model), a .gguf file or a Hugging Face folder (a relative '
+                   "path is looked up beside this file, then in the working directory)")
+
+
 def _model_location(model: str, pos: SourcePos) -> tuple[str, Diagnostic | None]:
     """The embedded model's name as is; a path found beside the .agp file or from the
-    working directory, made absolute; anything else an error at the setting."""
+    working directory, made absolute, once its header checks out (model_files: no weights
+    read); anything else an error at the setting."""
     if model.strip().lower() == EMBEDDED_MODEL:
         return model, None
     here = os.path.dirname(os.path.abspath(pos.file)) if pos.file and not pos.file.startswith("<") else None
+    why = None
     for base in ([here] if here else []) + [os.getcwd()]:
         candidate = os.path.join(base, os.path.expanduser(model))
-        if (os.path.isfile(candidate) and candidate.lower().endswith(".gguf")) or \
+        if os.path.isfile(candidate) and candidate.lower().endswith(".gguf") or \
                 os.path.isfile(os.path.join(candidate, "config.json")):
-            return os.path.abspath(candidate), None
-    return model, _err(f"model not found: '{model}'", pos,
-                       expected=f'"{EMBEDDED_MODEL}" (the embedded model), a .gguf file or a Hugging Face '
-                                "folder (a relative path is looked up beside this file, then in the "
-                                "working directory)",
+            return _checked_model(model, os.path.abspath(candidate), pos)
+        if why is None and model.strip() and os.path.isfile(candidate):
+            why = f"'{model}' is not a .gguf file"
+        elif why is None and model.strip() and os.path.isdir(candidate):
+            why = f"the folder '{model}' has no config.json"
+    what = why or f"'{model}'"
+    return model, _err(f"model not found: {what}", pos, expected=_MODEL_EXPECTED,
                        hint=did_you_mean(model, (EMBEDDED_MODEL,)))
+
+
+def _checked_model(model: str, path: str, pos: SourcePos) -> tuple[str, Diagnostic | None]:
+    e = _model_problem(path, _stamp(path))
+    if e is not None:
+        shown = model if os.path.abspath(e.path) == path else \
+            os.path.join(model, os.path.relpath(e.path, path))     # the file inside the folder
+        kind = "folder" if os.path.isdir(path) and shown == model else "file"
+        return model, _err(f"bad model {kind} '{shown}': {e.problem}", pos,
+                           expected="a llama-family .gguf file (GGUF version 2 or 3), or a Hugging Face "
+                                    "folder with config.json, *.safetensors and tokenizer.json")
+    return path, None
+
+
+def _stamp(path: str) -> tuple:
+    """(name, mtime, size) of the file, or of each file in the folder: the cache key."""
+    files = [os.path.join(path, n) for n in os.listdir(path)] if os.path.isdir(path) else [path]
+    out = []
+    for f in files:
+        try:
+            st = os.stat(f)
+        except OSError:
+            continue
+        out.append((f, st.st_mtime_ns, st.st_size))
+    return tuple(sorted(out))
+
+
+@functools.lru_cache(maxsize=16)
+def _model_problem(path: str, stamp: tuple):
+    """The ModelFileProblem of a model file or folder, or None (checked once per stamp: a
+    pipeline names its model in several places and is checked more than once)."""
+    from .model_files import ModelFileProblem, check_model_path
+
+    try:
+        check_model_path(path)
+    except ModelFileProblem as e:
+        return e
+    return None
 
 
 def check_settings(p: ast.Pipeline) -> tuple[dict, list[Diagnostic]]:

@@ -302,7 +302,7 @@ def _missing_command(name: str):
 
 
 # the engine's user-input errors (named, so that this module needs no torch import)
-_INPUT_ERRORS = {"InputError", "ModelNotFoundError", "QueueFullError"}
+_INPUT_ERRORS = {"InputError", "ModelNotFoundError", "ModelFileError", "QueueFullError"}
 
 
 def main(argv: list[str] | None = None) -> int:

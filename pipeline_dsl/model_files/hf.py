@@ -1,0 +1,138 @@
+"""A Hugging Face folder checked without reading weights: config.json (a llama-family
+config with plausible values), the JSON header of every *.safetensors file (dtypes,
+shapes and data offsets within the file), and the shapes against the config."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from pathlib import Path
+
+from .llama import _HF_NAMES, _check_config, check_weights, hf_engine_name, hf_file_name
+from .problem import ModelFileProblem
+
+LLAMA_MODEL_TYPES = ("llama", "mistral", "smollm", "smollm2")
+_ST_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+              "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
+_ST_MAX_HEADER = 100 << 20     # safetensors' own limit on the JSON header
+
+
+def read_json_object(path, what: str) -> dict:
+    """A JSON file that must hold an object; `what` names it in the message if it is missing."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise ModelFileProblem(path, f"missing: a Hugging Face model folder needs its {what}") from None
+    except OSError as e:
+        raise ModelFileProblem(path, f"cannot be read ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise ModelFileProblem(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except json.JSONDecodeError as e:
+        raise ModelFileProblem(path, f"not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ModelFileProblem(path, f"a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def hf_config(folder) -> dict:
+    """LlamaConfig fields from config.json (checked; tie_embeddings as the config says)."""
+    path = Path(folder) / "config.json"
+    cfg = read_json_object(path, "config.json")
+
+    def fail(problem):
+        raise ModelFileProblem(path, problem)
+
+    mtype = cfg.get("model_type")
+    if mtype not in LLAMA_MODEL_TYPES:
+        fail(f"model_type {mtype!r} is not a llama-family decoder ({', '.join(LLAMA_MODEL_TYPES)})")
+    scaling = cfg.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        fail(f"rope_scaling must be an object or null, not {json.dumps(scaling)}")
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+        fail(f"rope_scaling {json.dumps(scaling)} is not supported")
+    for key in ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers", "vocab_size"):
+        if key not in cfg:
+            fail(f"'{key}' is missing")
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim")
+    if head_dim is None and isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        if hidden % heads:
+            fail(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+        head_dim = hidden // heads
+    tie = cfg.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        fail(f"'tie_word_embeddings' must be true or false, not {json.dumps(tie)}")
+    c = dict(vocab_size=cfg["vocab_size"], hidden_size=hidden, intermediate_size=cfg["intermediate_size"],
+             num_layers=cfg["num_hidden_layers"], num_heads=heads,
+             num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim,
+             rope_theta=cfg.get("rope_theta", 10000.0), rms_eps=cfg.get("rms_norm_eps", 1e-5),
+             max_position=cfg.get("max_position_embeddings", 2048), tie_embeddings=tie)
+    return _check_config(fail, c, _HF_NAMES)
+
+
+def read_safetensors_header(path) -> dict:
+    """name -> (dtype, shape) of a .safetensors file, its header checked against the file's size."""
+    path = Path(path)
+
+    def fail(problem):
+        raise ModelFileProblem(path, problem)
+
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                fail("the file is empty" if size == 0 else "truncated: shorter than the 8-byte header length")
+            n = struct.unpack("<Q", f.read(8))[0]
+            if n > size - 8 or n > _ST_MAX_HEADER:
+                fail(f"the header claims {n} bytes, more than the file's {size}: truncated, or not a "
+                     f"safetensors file")
+            raw = f.read(n)
+    except OSError as e:
+        fail(f"cannot read the file ({e.strerror or e})")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        fail("the header is not JSON: not a safetensors file")
+    if not isinstance(header, dict):
+        fail("the header is not a JSON object: not a safetensors file")
+    data_size, out = size - 8 - n, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        ok = isinstance(info, dict) and info.get("dtype") in _ST_DTYPES and isinstance(info.get("shape"), list) \
+            and all(isinstance(d, int) and d >= 0 for d in info["shape"]) \
+            and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2 \
+            and all(isinstance(d, int) for d in info["data_offsets"])
+        if not ok:
+            fail(f"tensor {name!r} has a malformed entry in the header: {json.dumps(info)[:120]}")
+        begin, end = info["data_offsets"]
+        if not 0 <= begin <= end <= data_size:
+            fail(f"the data of tensor {name!r} (bytes {begin}-{end}) runs past the end of the file's "
+                 f"{data_size} data bytes: the file is truncated")
+        if end - begin != math.prod(info["shape"]) * _ST_DTYPES[info["dtype"]]:
+            fail(f"tensor {name!r} holds {end - begin} bytes, not the {info['dtype']} {info['shape']} it declares")
+        out[name] = (info["dtype"], tuple(info["shape"]))
+    return out
+
+
+def hf_llama_config(folder) -> dict:
+    """LlamaConfig fields of an HF folder, after checking config.json and the header (names,
+    shapes) of every *.safetensors file; tie_embeddings is True when there is no lm_head."""
+    folder = Path(folder)
+    c = hf_config(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelFileProblem(folder, "no *.safetensors weights in the folder")
+    found, where = {}, {}
+    for f in files:
+        for name, (_, shape) in read_safetensors_header(f).items():
+            mapped = hf_engine_name(name)
+            if mapped is not None:
+                found[mapped], where[name] = (name, shape), f
+    check_weights(folder, c, found, spell=hf_file_name, file_of=lambda name: where.get(name, ""),
+                  config="config.json")
+    c["tie_embeddings"] = c["tie_embeddings"] or "lm_head" not in found
+    return c
