@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline_dsl.flow import PipelineError
 
+from . import openapi as OA
 from . import protocol as P
 from .async_pipeline import AsyncPipeline, RequestStream
 from .metrics import ServerMetrics
@@ -196,7 +197,7 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return _error(P.APIError(message, status=exc.status_code, type=kind, headers=dict(exc.headers or {})))
 
-    @app.get("/health")
+    @app.get("/health", openapi_extra=OA.HEALTH)
     async def health():
         if apipe.error is not None:
             return JSONResponse({"status": "failed", "error": str(apipe.error)}, 503)
@@ -204,7 +205,7 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
             return JSONResponse({"status": "draining"}, 503)
         return {"status": "ok"}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", openapi_extra=OA.MODELS)
     async def models():
         data = [{"id": name, "object": "model", "created": created, "owned_by": "agp",
                  "max_model_len": config.max_model_len} for name in config.model_names]
@@ -213,12 +214,12 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
                  for stage, model in config.stages if stage not in config.model_names]
         return {"object": "list", "data": data}
 
-    @app.get("/metrics")
+    @app.get("/metrics", openapi_extra=OA.METRICS)
     async def prometheus():
         body, content_type = metrics.render(await _stats())
         return Response(body, media_type=content_type)
 
-    @app.get("/stats")
+    @app.get("/stats", openapi_extra=OA.STATS)
     async def stats():
         """Counters of the pipeline: per stage, per engine, requests."""
         return await _stats()
@@ -229,11 +230,13 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
         except Exception:                       # noqa: BLE001 - a failed pipeline still answers
             return {}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=OA.generation(OA.COMPLETION_REQUEST, OA.COMPLETION_RESPONSE,
+                                                             "OpenAI completions"))
     async def completions(request: Request):
         return await _generate(request, P.parse_completion)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=OA.generation(OA.CHAT_REQUEST, OA.CHAT_RESPONSE,
+                                                                  "OpenAI chat completions"))
     async def chat_completions(request: Request):
         return await _generate(request, P.parse_chat)
 

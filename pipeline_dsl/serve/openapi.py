@@ -1,0 +1,146 @@
+"""The OpenAPI description of `agp serve`'s routes: request bodies and every answer they give.
+
+The routes read their bodies themselves (protocol.py validates them and answers a 400 that
+names the field), so FastAPI cannot infer the schemas: they are written here, as JSON
+Schema, and attached to the routes with `openapi_extra`. `/openapi.json` then documents
+what a client may send and each status it may get back, which is what a schema-driven
+tester (schemathesis, in tests/test_openapi.py) checks the server against.
+"""
+from __future__ import annotations
+
+from pipeline_dsl.requests_io import MAX_STOP, MAX_STOP_LEN, ROLES
+
+STOP = {"oneOf": [
+    {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LEN},
+    {"type": "array", "maxItems": MAX_STOP, "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LEN}},
+    {"type": "null"},
+]}
+
+SAMPLING = {
+    "model": {"type": "string", "description": "the pipeline (its name), or one of its generate stages"},
+    "max_tokens": {"type": "integer", "minimum": 1},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+    "top_k": {"type": "integer", "minimum": -1},
+    "seed": {"type": "integer"},
+    "stop": STOP,
+    "stop_token_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+    "ignore_eos": {"type": "boolean"},
+    "n": {"type": "integer", "minimum": 1, "maximum": 64},
+    "stream": {"type": "boolean"},
+    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}},
+                       "additionalProperties": False},
+    "user": {"type": "string"},
+}
+
+TEXT_PART = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
+             "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+
+MESSAGE = {"type": "object", "required": ["role", "content"], "properties": {
+    "role": {"enum": list(ROLES)},
+    "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}]},
+    "name": {"type": "string"},
+}}
+
+CHAT_REQUEST = {"type": "object", "required": ["messages"], "additionalProperties": False, "properties": {
+    "messages": {"type": "array", "minItems": 1, "items": MESSAGE},
+    "max_completion_tokens": {"type": "integer", "minimum": 1},
+    "metadata": {"type": "object"},
+    **SAMPLING,
+}}
+
+COMPLETION_REQUEST = {"type": "object", "required": ["prompt"], "additionalProperties": False, "properties": {
+    "prompt": {"oneOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
+        {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string", "minLength": 1}},
+    ]},
+    **SAMPLING,
+}}
+
+ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+
+USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"], "properties": {
+    "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
+    "total_tokens": {"type": "integer"}}}
+
+FINISH = {"type": ["string", "null"]}
+
+CHAT_RESPONSE = {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
+                 "properties": {
+                     "id": {"type": "string"}, "object": {"const": "chat.completion"},
+                     "created": {"type": "integer"}, "model": {"type": "string"}, "usage": USAGE,
+                     "choices": {"type": "array", "items": {
+                         "type": "object", "required": ["index", "message", "finish_reason"],
+                         "properties": {"index": {"type": "integer"}, "finish_reason": FINISH,
+                                        "message": {"type": "object", "required": ["role", "content"],
+                                                    "properties": {"role": {"const": "assistant"},
+                                                                   "content": {"type": ["string", "null"]}}}}}}}}
+
+COMPLETION_RESPONSE = {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
+                       "properties": {
+                           "id": {"type": "string"}, "object": {"const": "text_completion"},
+                           "created": {"type": "integer"}, "model": {"type": "string"}, "usage": USAGE,
+                           "choices": {"type": "array", "items": {
+                               "type": "object", "required": ["index", "text", "finish_reason"],
+                               "properties": {"index": {"type": "integer"}, "text": {"type": "string"},
+                                              "finish_reason": FINISH}}}}}
+
+
+SSE_EVENT = {"type": "object", "description": "one server-sent event: a chunk, an error object, or [DONE]",
+             "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
+
+
+def _error(description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": ERROR}}}
+
+
+ERRORS = {
+    "400": _error("a field is missing, of the wrong type or out of range; the prompt is too long; a stage "
+                  "of the pipeline refused the request (code rejected); invalid JSON or Unicode"),
+    "404": _error("the model names neither this pipeline nor one of its generate stages"),
+    "408": _error("the request body did not arrive within --body-timeout"),
+    "413": _error("the request body is larger than --max-body-bytes, or than any prompt the pipeline takes"),
+    "415": _error("the request body is not application/json"),
+    "429": _error("requests.max_queue requests are waiting: retry after Retry-After seconds"),
+    "500": _error("a stage of the pipeline (a user function) failed on this request"),
+    "503": _error("the server is shutting down, is overloaded (--max-connections) or its engine failed"),
+}
+
+
+def generation(request_schema: dict, response_schema: dict, summary: str) -> dict:
+    """openapi_extra of a generation route."""
+    return {
+        "summary": summary,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema}}},
+        "responses": {
+            "200": {"description": "the answer (JSON), or with \"stream\": true server-sent events ending in "
+                                   "data: [DONE]",
+                    "content": {"application/json": {"schema": response_schema},
+                                "text/event-stream": {"schema": SSE_EVENT}}},
+            **ERRORS,
+        },
+    }
+
+
+MODELS = {"responses": {"200": {"description": "the pipeline and its generate stages", "content": {
+    "application/json": {"schema": {"type": "object", "required": ["object", "data"], "properties": {
+        "object": {"const": "list"},
+        "data": {"type": "array", "items": {"type": "object", "required": ["id", "object"],
+                                             "properties": {"id": {"type": "string"},
+                                                            "object": {"const": "model"}}}}}}}}}}}
+
+HEALTH = {"responses": {
+    "200": {"description": "serving", "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"status": {"const": "ok"}}}}}},
+    "503": {"description": "draining or failed", "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"status": {"type": "string"}}}}}}}}
+
+METRICS = {"responses": {"200": {"description": "Prometheus text format",
+                                 "content": {"text/plain": {"schema": {"type": "string"}}}}}}
+
+STATS = {"responses": {"200": {"description": "per stage, per engine and request counters",
+                               "content": {"application/json": {"schema": {"type": "object"}}}}}}

@@ -1,0 +1,47 @@
+"""schemathesis over the served /openapi.json: generated requests of every documented shape
+get no 5xx and only answers the description allows (status codes, content types, bodies)."""
+from __future__ import annotations
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
+                                               status_code_conformance)
+
+from test_serve import LiveServer
+
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+EXAMPLES = 40               # per operation
+
+
+@pytest.fixture(scope="module")
+def live(tiny_gguf):
+    s = LiveServer(tiny_gguf, max_batch_size=8)
+    yield s
+    s.close()
+
+
+def operations(live):
+    schema = schemathesis.openapi.from_url(live.url + "/openapi.json")
+    return [result.ok() for result in schema.get_all_operations()]
+
+
+def test_every_route_is_described(live):
+    labels = {op.label for op in operations(live)}
+    assert {"POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /health",
+            "GET /metrics", "GET /stats"} <= labels
+
+
+@pytest.mark.parametrize("label", ["POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models",
+                                   "GET /health", "GET /stats", "GET /metrics"])
+def test_the_served_api_matches_its_description(live, label):
+    op = next(o for o in operations(live) if o.label == label)
+
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(case=op.as_strategy())
+    def run(case):
+        case.call_and_validate(base_url=live.url, checks=CHECKS, timeout=60)
+
+    run()
