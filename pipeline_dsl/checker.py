@@ -190,8 +190,8 @@ def convert(value: ast.Value, p: Param, what: str) -> tuple[Any, Diagnostic | No
         else:
             return bad(f"{what} is one of {' | '.join(p.choices)}, not {_value_word(value)}")
     elif t == LIST_STR:
-        if isinstance(value, ast.Str):
-            return bad(f"{what} is a list of strings, not a single string", f"write [{show(value)}]")
+        if isinstance(value, ast.Str):              # one string is a list of one (as in a request)
+            value = ast.List((value,), value.pos)
         if not isinstance(value, ast.List):
             return bad(f"{what} is a list of strings, not {_value_word(value)}")
         for item in value.items:

@@ -122,16 +122,11 @@ def cmd_render(args) -> int:
         return USER_ERROR
     plan = None
     if args.plan:
-        if importlib.util.find_spec("pipeline_dsl.plan") is None:
-            _err("--plan needs the planner (pipeline_dsl/plan.py), which is not installed in this version")
-            return FAILED
-        mod = importlib.import_module("pipeline_dsl.plan")
-        if not hasattr(mod, "make_plan"):
-            _err("--plan: pipeline_dsl.plan has no make_plan(graph)")
-            return FAILED
+        from .plan import PlanError, make_plan
+
         try:
-            plan = mod.make_plan(graph)
-        except ValueError as exc:
+            plan = make_plan(graph)
+        except PlanError as exc:
             raise UserError(f"{args.file}: cannot plan: {exc}") from exc
     try:
         render_file(graph, out, plan)

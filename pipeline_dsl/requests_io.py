@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-MAX_STOP = 16              # stop strings a request may give
-MAX_STOP_LEN = 256         # characters in one stop string
+MAX_STOP = 16              # stop strings a request may give (generate.stop's max_items)
+MAX_STOP_LEN = 256         # characters in one stop string (its max_length)
 
 
 class RequestError(ValueError):
@@ -31,6 +31,7 @@ class ParsedRequest:
     prompt: str | None = None
     messages: list[dict] | None = None
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams overrides
+    prompt_token_ids: list[int] | None = None               # a prompt given as token ids
     model: str | None = None                                # pins a generate stage / read by conditions
     metadata: dict | None = None                            # free-form; conditions read metadata.KEY
     n: int | None = None                                    # answers wanted (default: the stage's n)
@@ -40,6 +41,8 @@ class ParsedRequest:
         out: dict[str, Any] = {"id": self.id}
         if self.messages is not None:
             out["messages"] = [dict(m) for m in self.messages]
+        elif self.prompt_token_ids is not None:
+            out["prompt_token_ids"] = list(self.prompt_token_ids)
         else:
             out["prompt"] = self.prompt
         out.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in self.sampling.items()})
@@ -64,16 +67,10 @@ def _check(name: str, value, ok: bool, expected: str):
     return value
 
 
-SAMPLING_FIELDS = {
-    "max_tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "temperature": (lambda v: _is_number(v) and 0 <= v <= 2, "a number from 0 to 2"),
-    "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "top_k": (lambda v: _is_int(v) and v >= -1, "-1 or 0 (no cut) or a positive integer"),
-    "seed": (lambda v: _is_int(v), "an integer"),
-    "ignore_eos": (lambda v: isinstance(v, bool), "true or false"),
-}
-KNOWN = {"id", "prompt", "messages", "stop", "model", "metadata", "n", *SAMPLING_FIELDS}
-MAX_N = 64
+from stages.fields import REQUEST_FIELDS, ParamError, check_field  # noqa: E402 - one schema per field
+
+SAMPLING_FIELDS = tuple(f for f in REQUEST_FIELDS if f != "n")     # SamplingParams overrides
+KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", *REQUEST_FIELDS}
 
 
 def parse_messages(value) -> list[dict]:
@@ -120,21 +117,18 @@ def _shown(value) -> str:
 
 
 def parse_stop(stop) -> list[str]:
-    """`stop`: a string or a list of at most MAX_STOP non-empty strings."""
+    """`stop`: a string or a list of at most MAX_STOP non-empty strings (generate.stop's schema)."""
     if stop is None:
         return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise RequestError(f"'stop' must be a string or an array of strings, not {_shown(stop)}", param="stop")
-    if any(s == "" for s in stops):
-        raise RequestError("'stop' strings must not be empty", param="stop")
-    if len(stops) > MAX_STOP:
-        raise RequestError(f"'stop' holds {len(stops)} strings; at most {MAX_STOP} are allowed", param="stop")
-    longest = max((len(s) for s in stops), default=0)
-    if longest > MAX_STOP_LEN:
-        raise RequestError(f"a 'stop' string has {longest} characters; at most {MAX_STOP_LEN} are allowed",
-                           param="stop")
-    return stops
+    return checked("stop", stop)
+
+
+def checked(name: str, value):
+    """A sampling field through the schema of the stage parameter it sets (stages/fields.py)."""
+    try:
+        return check_field(name, value)
+    except ParamError as e:
+        raise RequestError(str(e), param=e.field) from None
 
 
 def parse_request(obj, default_id=None) -> ParsedRequest:
@@ -147,27 +141,28 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise RequestError(f"unknown field '{key}'{hint}")
     req = ParsedRequest(id=obj.get("id", default_id))
-    if ("prompt" in obj) == ("messages" in obj):
+    given = [k for k in ("prompt", "messages", "prompt_token_ids") if k in obj]
+    if len(given) != 1:
         raise RequestError("give exactly one of 'prompt' (text) or 'messages' (chat)")
     if "prompt" in obj:
         req.prompt = _check("prompt", obj["prompt"], isinstance(obj["prompt"], str), "a string")
         if not req.prompt:
             raise RequestError("field 'prompt' is empty")
-    else:
+    elif "messages" in obj:
         req.messages = parse_messages(obj["messages"])
-    for name, (ok, expected) in SAMPLING_FIELDS.items():
+    else:
+        ids = obj["prompt_token_ids"]
+        req.prompt_token_ids = _check("prompt_token_ids", ids, isinstance(ids, list) and bool(ids) and all(
+            _is_int(t) and t >= 0 for t in ids), "a non-empty array of token ids")
+    for name in SAMPLING_FIELDS:
         if obj.get(name) is not None:
-            req.sampling[name] = _check(name, obj[name], ok(obj[name]), expected)
-    if req.sampling.get("top_k") == -1:
-        req.sampling["top_k"] = 0                  # OpenAI-style "no cut"
-    if obj.get("stop") is not None:
-        req.sampling["stop"] = parse_stop(obj["stop"])
+            req.sampling[name] = checked(name, obj[name])
     if obj.get("model") is not None:
         req.model = _check("model", obj["model"], isinstance(obj["model"], str), "a string")
     if obj.get("metadata") is not None:
         req.metadata = _check("metadata", obj["metadata"], isinstance(obj["metadata"], dict), "an object")
     if obj.get("n") is not None:
-        req.n = _check("n", obj["n"], _is_int(obj["n"]) and 1 <= obj["n"] <= MAX_N, f"an integer from 1 to {MAX_N}")
+        req.n = checked("n", obj["n"])
     return req
 
 

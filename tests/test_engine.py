@@ -472,7 +472,7 @@ def test_tiny_model_too_long_prompt_is_input_error(tiny_gguf):
         e.add_request("x", prompt="hello " * 600)
 
 
-@pytest.mark.parametrize("cfg, match", [(dict(kv_budget_bytes=64), "less than one block"),
+@pytest.mark.parametrize("cfg, match", [(dict(kv_budget_bytes=64), "'kv_budget_bytes' must be a number of bytes from 65536"),
                                         (dict(max_model_len=10_000), "max_model_len"),
                                         (dict(model="no-such-model"), "unknown model"),
                                         (dict(policy="eager"), "policy")])

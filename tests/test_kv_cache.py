@@ -135,3 +135,27 @@ def test_thousand_random_requests_leak_nothing(prefix_reuse):
     assert st["kv_blocks_cached"] == bm.num_cached
     if prefix_reuse:
         assert bm.hit_tokens > 0
+
+
+def test_a_colliding_parent_hash_cannot_serve_another_prompts_blocks(monkeypatch):
+    """Keys chain a 128-bit digest of the whole parent key: even when Python's 64-bit hash of
+    every parent collides (forced here), a prompt never gets blocks computed for another.
+
+    C = [p, q2] and A = [p, q1, x] are cached; B = [p, q2, x] shares p and q2 with C, and x
+    with A, but its third block's KV was computed after q1, not q2: it must not be shared."""
+    import builtins
+
+    from pipeline_dsl.engine import kv_cache
+
+    monkeypatch.setattr(builtins, "hash", lambda obj: 0)     # the old scheme keyed on hash(parent)
+    bm = kv_cache.BlockManager(num_blocks=16, block_size=2)
+    p, q1, q2, x = [1, 2], [3, 4], [5, 6], [7, 8]
+    for sid, toks in (("C", p + q2), ("A", p + q1 + x)):
+        bm.match_prefix(sid, toks + [9])
+        bm.allocate(sid, len(toks) + 1)
+        bm.commit(sid, toks + [9], len(toks))
+    b = p + q2 + x + [9]
+    assert len(bm.lookup(b)) == 2                            # p and q2 only, not A's x
+    keys = bm.block_keys(b)
+    assert len(set(keys)) == 3 and all(len(k) == 16 for k in keys)
+    assert keys[2] != bm.block_keys(p + q1 + x)[2]

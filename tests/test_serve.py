@@ -52,15 +52,15 @@ def test_json_that_is_not_an_object_is_rejected():
 
 
 @pytest.mark.parametrize("field, value, expected", [
-    ("max_tokens", "ten", "'max_tokens' must be an integer, not a string"),
-    ("max_tokens", True, "'max_tokens' must be an integer, not a boolean"),
+    ("max_tokens", "ten", "'max_tokens' must be an integer from 1 to 1048576, not \"ten\""),
+    ("max_tokens", True, "'max_tokens' must be an integer from 1 to 1048576, not true"),
     ("temperature", "hot", "'temperature' must be a number"),
-    ("temperature", 3.5, "between 0 and 2"),
-    ("top_p", 0, r"'top_p' must be in \(0, 1\]"),
+    ("temperature", 3.5, "'temperature' must be a number from 0 to 2, not 3.5"),
+    ("top_p", 0, "'top_p' must be a number above 0 up to 1, not 0"),
     ("stream", "yes", "'stream' must be true or false"),
     ("stop", 5, "'stop' must be a string or an array of strings"),
     ("seed", 1.5, "'seed' must be an integer"),
-    ("n", 0, "'n' must be between 1 and 64"),
+    ("n", 0, "'n' must be an integer from 1 to 64, not 0"),
 ])
 def test_wrongly_typed_fields_are_400_naming_the_field(field, value, expected):
     with pytest.raises(P.APIError, match=expected) as e:
@@ -115,7 +115,7 @@ def test_valid_requests_become_items_with_the_fields_they_set():
         {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}],
         "max_completion_tokens": 7, "temperature": 0.5, "top_k": -1, "stop": "\n", "seed": 3,
         "stream": True, "stream_options": {"include_usage": True}, "metadata": {"tier": "gold"}})
-    assert req.fields == {"max_tokens": 7, "temperature": 0.5, "top_k": 0, "stop": ["\n"], "seed": 3}
+    assert req.fields == {"max_tokens": 7, "temperature": 0.5, "top_k": -1, "stop": ["\n"], "seed": 3}
     item = req.item("r1")
     assert item["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     assert item["metadata"] == {"tier": "gold"} and item["model"] == "tiny" and item["id"] == "r1"

@@ -37,14 +37,13 @@ class EngineConfig:
     max_prompt_tokens: int = 0             # longest prompt accepted (0 = the model's context)
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise InputError(f"policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
-        if self.dtype not in DTYPES:
-            raise InputError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
-        for name in ("block_size", "kv_budget_bytes", "max_batch_size", "max_tokens_per_step",
-                     "prefill_chunk", "max_queue"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+        from stages.fields import ENGINE_FIELDS, ParamError, check_engine_field
+
+        for name in ENGINE_FIELDS:           # each through its stage parameter's schema
+            try:
+                setattr(self, name, check_engine_field(name, getattr(self, name)))
+            except ParamError as e:
+                raise InputError(str(e)) from None
         if self.threads is not None and int(self.threads) < 1:
             raise InputError(f"threads must be at least 1, not {self.threads!r}")
         if self.max_model_len is not None and int(self.max_model_len) < 1:
@@ -89,20 +88,20 @@ class SamplingParams:
         def is_num(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        if not is_int(self.max_tokens) or self.max_tokens < 1:
-            raise InputError(f"max_tokens must be a positive integer, not {self.max_tokens!r}")
-        if not is_num(self.temperature) or self.temperature < 0:
-            raise InputError(f"temperature must be a number >= 0, not {self.temperature!r}")
-        if not is_num(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise InputError(f"top_p must be in (0, 1], not {self.top_p!r}")
-        if not is_int(self.top_k) or self.top_k < 0:
-            raise InputError(f"top_k must be an integer >= 0, not {self.top_k!r}")
-        if self.seed is not None and not is_int(self.seed):
-            raise InputError(f"seed must be an integer, not {self.seed!r}")
+        from stages.fields import ParamError, check_field
+
+        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos"):
+            try:                              # each through generate's parameter schema
+                check_field(name, getattr(self, name))
+            except ParamError as e:
+                raise InputError(str(e)) from None
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
             raise InputError(f"stop must be a list of strings, not {self.stop!r}")
-        if any(s == "" for s in self.stop):
-            raise InputError("stop strings must not be empty")
+        if self.stop:
+            try:
+                check_field("stop", list(self.stop))
+            except ParamError as e:
+                raise InputError(str(e)) from None
         if not isinstance(self.stop_token_ids, tuple) or not all(
                 is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise InputError(f"stop_token_ids must be a list of token ids, not {self.stop_token_ids!r}")

@@ -224,6 +224,16 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    @property
+    def num_running(self) -> int:
+        """Sequences being prefilled or decoded now."""
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences waiting to be scheduled."""
+        return len(self.scheduler.waiting)
+
     def next_deadline(self) -> float | None:
         """Clock time when waiting requests will be admitted; None: step now (or idle)."""
         return self.scheduler.next_deadline()
@@ -242,7 +252,7 @@ class Engine:
         """Run the model over the plan and sample; returns one token per sampling item."""
         t0 = time.perf_counter()
         items = [SeqBatchItem(token_ids=it.seq.token_ids[it.start:it.start + it.num_tokens],
-                              start_pos=it.start, block_table=list(self.blocks.table(it.seq.request_id)),
+                              start_pos=it.start, block_table=list(self.block_table(it.seq)),
                               sample=it.sample) for it in plan.items]
         if self._pad_kw:
             logits = self.runner.execute(items, pad_to=plan.pad_to)  # [n_sample, V]
@@ -273,6 +283,10 @@ class Engine:
             c["decode_steps"] += 1
             c["decode_seqs"] += len(plan.items)
         self._batch_hist[len(plan.items)] = self._batch_hist.get(len(plan.items), 0) + 1
+
+    def block_table(self, seq: Sequence) -> list[int]:
+        """The physical KV blocks of a running sequence, in position order."""
+        return self.blocks.table(seq.request_id)
 
     def is_live(self, seq: Sequence) -> bool:
         """Whether `seq` is still this engine's (not finished, aborted or replaced)."""

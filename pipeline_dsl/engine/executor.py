@@ -348,7 +348,7 @@ class Executor:
                         src_m, j = pending[it.start + i]
                         L.fills.append((row + i, src_m, j))
                 items.append(SeqBatchItem(token_ids=toks, start_pos=it.start,
-                                          block_table=list(self.engine.blocks.table(seq.request_id)),
+                                          block_table=list(self.engine.block_table(seq)),
                                           sample=it.sample))
                 row += len(toks)
         L.items = items

@@ -6,10 +6,13 @@ block ids a sequence uses. Shape of the design (vLLM v1's block pool):
 - `num_blocks` blocks of `block_size` token slots, all allocated up front from a byte
   budget (`num_blocks_for_budget`);
 - one block table per sequence: position p lives in block `table[p // block_size]`;
-- prefix reuse: every *full* block gets a key (parent key's hash, its tokens); a new
-  sequence whose leading full blocks match cached keys shares those blocks instead of
-  recomputing them. Partly filled blocks are never shared, so no sequence ever writes
-  into a block another one reads (no copy-on-write needed);
+- prefix reuse: every *full* block gets a key, a 128-bit BLAKE2b digest of its parent's
+  key and its tokens (a chain: the key of block k stands for every token up to the end
+  of block k, as vLLM's sha256 block hashes do); a new sequence whose leading full
+  blocks match cached keys shares those blocks instead of recomputing them. A 64-bit
+  `hash()` of the parent would make serving another prompt's KV a matter of chance
+  (tests/test_kv_cache.py forces such a collision). Partly filled blocks are never
+  shared, so no sequence ever writes into a block another one reads;
 - reference counts; a block whose count drops to 0 goes to the free queue but keeps its
   key, so a later request can still hit it. The free queue is in eviction order (front
   = least recently used; blocks without a key go to the front, they are worth nothing);
@@ -18,10 +21,13 @@ block ids a sequence uses. Shape of the design (vLLM v1's block pool):
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-BlockKey = tuple  # (parent key's hash or None, tokens of the block as a tuple)
+BlockKey = bytes  # 16 bytes: blake2b(parent key + the block's token ids)
+ROOT_KEY = b""     # the parent of a sequence's first block
 
 
 def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
@@ -94,8 +100,10 @@ class BlockManager:
         """Keys of the full blocks of token_ids[start:], chained from `parent`."""
         bs = self.block_size
         keys = []
+        parent = ROOT_KEY if parent is None else parent
         for i in range(start, len(token_ids) - bs + 1, bs):
-            parent = (hash(parent) if parent is not None else None, tuple(token_ids[i:i + bs]))
+            tokens = array("q", token_ids[i:i + bs]).tobytes()
+            parent = hashlib.blake2b(parent + tokens, digest_size=16).digest()
             keys.append(parent)
         return keys
 
@@ -157,10 +165,6 @@ class BlockManager:
                 self.key[block] = key
 
     # ---- allocation --------------------------------------------------------------------
-    def can_allocate(self, seq_id: str, num_tokens: int) -> bool:
-        have = len(self.seqs[seq_id].table) if seq_id in self.seqs else 0
-        return self.blocks_for(num_tokens) - have <= len(self.free)
-
     def allocate(self, seq_id: str, num_tokens: int) -> bool:
         """Grow the sequence's table to cover positions [0, num_tokens). All or nothing."""
         seq = self.seqs.setdefault(seq_id, _SeqBlocks())

@@ -255,7 +255,7 @@ class PipelineRuntime:
     @property
     def full(self) -> bool:
         """Whether `max_queue` requests already wait (in flight and not running on an engine)."""
-        running = sum(len(es.engine.scheduler.running) for es in self.segments)
+        running = sum(es.engine.num_running for es in self.segments)
         return len(self._requests) - running >= self.max_queue
 
     @property

@@ -76,7 +76,7 @@ class EngineSegment:
         values = {k: v for k, v in spec.engine.items() if k in known}
         values.update({k: v for k, v in (overrides or {}).items() if v is not None and k in known})
         values["device"] = resolve_device(str(values.get("device") or "auto"))
-        values["max_queue"] = 1 << 30            # the pipeline bounds admission (requests.max_queue)
+        values["max_queue"] = 1 << 20            # the pipeline bounds admission (requests.max_queue)
         self.config = EngineConfig(**values)
         self.engine = engine if engine is not None else Engine(self.config)
         self.executor = Executor(self.engine, plan, overlap=overlap, trace=trace)

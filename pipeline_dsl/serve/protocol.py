@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeline_dsl.requests_io import RequestError, load_json, parse_messages, parse_stop
+from pipeline_dsl.requests_io import RequestError, load_json, parse_messages
+from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
 
 class APIError(Exception):
     """An error answered to the client as an OpenAI-style JSON body."""
@@ -155,59 +156,28 @@ def _check_unsupported(obj: dict) -> None:
 
 
 def _sampling(obj: dict, max_model_len: int, max_tokens_field: str = "max_tokens") -> dict:
-    """The request's sampling fields (validated); what it leaves out, its generate stage decides."""
+    """The request's sampling fields, each checked against the generate parameter it sets (one
+    schema: stages/fields.py); what it leaves out, its generate stage decides."""
     values: dict[str, Any] = {}
-    max_tokens = _field(obj, max_tokens_field, _is_int, "an integer")
-    if max_tokens_field != "max_tokens" and max_tokens is None:
-        max_tokens = _field(obj, "max_tokens", _is_int, "an integer")
+    if max_tokens_field != "max_tokens" and obj.get(max_tokens_field) is None:
         max_tokens_field = "max_tokens"
-    if max_tokens is not None:
-        if max_tokens < 1:
-            raise APIError(f"'{max_tokens_field}' must be at least 1, not {max_tokens}",
-                           param=max_tokens_field)
-        if max_tokens > max_model_len:
-            raise APIError(f"'{max_tokens_field}' = {max_tokens} is beyond the model's context of "
-                           f"{max_model_len} tokens; ask for at most {max_model_len}",
-                           param=max_tokens_field, code="context_length_exceeded")
-        values["max_tokens"] = max_tokens
-    temperature = _field(obj, "temperature", _is_num, "a number")
-    if temperature is not None:
-        if not 0 <= temperature <= 2:
-            raise APIError(f"'temperature' must be between 0 and 2, not {temperature}",
-                           param="temperature")
-        values["temperature"] = float(temperature)
-    top_p = _field(obj, "top_p", _is_num, "a number")
-    if top_p is not None:
-        if not 0 < top_p <= 1:
-            raise APIError(f"'top_p' must be in (0, 1], not {top_p}", param="top_p")
-        values["top_p"] = float(top_p)
-    top_k = _field(obj, "top_k", _is_int, "an integer")
-    if top_k is not None:
-        if top_k < -1:
-            raise APIError(f"'top_k' must be -1 or 0 (no cut) or positive, not {top_k}",
-                           param="top_k")
-        values["top_k"] = max(top_k, 0)
-    seed = _field(obj, "seed", _is_int, "an integer")
-    if seed is not None:
-        values["seed"] = seed
-    if obj.get("stop") is not None:
+    for name in REQUEST_FIELDS:
+        key = max_tokens_field if name == "max_tokens" else name
+        if obj.get(key) is None:
+            continue
         try:
-            values["stop"] = list(parse_stop(obj["stop"]))
-        except RequestError as e:
-            raise APIError(str(e), param=e.param) from None
+            values[name] = check_value(param_of(*REQUEST_FIELDS[name]), obj[key], key)
+        except ParamError as e:
+            raise APIError(str(e), param=e.field) from None
+    if values.get("max_tokens", 0) > max_model_len:
+        raise APIError(f"'{max_tokens_field}' = {values['max_tokens']} is beyond the model's context of "
+                       f"{max_model_len} tokens; ask for at most {max_model_len}",
+                       param=max_tokens_field, code="context_length_exceeded")
     stop_ids = obj.get("stop_token_ids")
     if stop_ids is not None:
         if not isinstance(stop_ids, list) or not all(_is_int(t) and t >= 0 for t in stop_ids):
             raise _bad("stop_token_ids", "an array of token ids", stop_ids)
         values["stop_token_ids"] = list(stop_ids)
-    ignore_eos = _field(obj, "ignore_eos", lambda v: isinstance(v, bool), "true or false")
-    if ignore_eos is not None:
-        values["ignore_eos"] = ignore_eos
-    n = _field(obj, "n", _is_int, "an integer")
-    if n is not None:
-        if not 1 <= n <= 64:
-            raise APIError(f"'n' must be between 1 and 64, not {n}", param="n")
-        values["n"] = n
     return values
 
 

@@ -1,0 +1,168 @@
+"""One schema per field: the stage parameters are the types and ranges of every setting.
+
+A request's sampling fields (`agp run` lines, `agp serve` bodies), `SamplingParams` and
+`EngineConfig` all validate through the `Param` of the stage parameter they set, so a
+value that `agp check` accepts in a `.agp` file is accepted in a request and by the
+engine, and one it rejects is rejected everywhere, with the same range in the message
+(tests/test_one_schema.py walks every field).
+
+    check_field("top_p", 0)          # ParamError: 'top_p' must be a number above 0 up to 1, not 0
+    check_field("stop", "END")       # ["END"]
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from .registry import (BOOL, DURATION, ENUM, FLOAT, INT, LIST_STR, SIZE, STR, Param, get_kind)
+
+# request field -> (stage kind, parameter)
+REQUEST_FIELDS: dict[str, tuple[str, str]] = {
+    "max_tokens": ("generate", "max_new_tokens"),
+    "temperature": ("generate", "temperature"),
+    "top_p": ("generate", "top_p"),
+    "top_k": ("generate", "top_k"),
+    "seed": ("generate", "seed"),
+    "stop": ("generate", "stop"),
+    "ignore_eos": ("generate", "ignore_eos"),
+    "n": ("generate", "n"),
+}
+
+# EngineConfig field -> (stage kind, parameter)
+ENGINE_FIELDS: dict[str, tuple[str, str]] = {
+    "max_batch_size": ("dynamic_batch", "max_batch_size"),
+    "batch_timeout_s": ("dynamic_batch", "timeout"),
+    "padding": ("dynamic_batch", "padding"),
+    "policy": ("dynamic_batch", "policy"),
+    "max_tokens_per_step": ("dynamic_batch", "max_tokens_per_step"),
+    "block_size": ("kv_lookup", "block_size"),
+    "kv_budget_bytes": ("kv_lookup", "budget"),
+    "dtype": ("generate", "dtype"),
+    "compile": ("generate", "compile"),
+    "prefill_chunk": ("generate", "prefill_chunk"),
+    "max_queue": ("requests", "max_queue"),
+    "max_prompt_tokens": ("requests", "max_prompt_tokens"),
+}
+
+
+class ParamError(ValueError):
+    """A value outside its parameter's type or range; `field` names it."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
+def param_of(kind: str, name: str) -> Param:
+    p = get_kind(kind).param(name)
+    if p is None:
+        raise KeyError(f"{kind}.{name}")
+    return p
+
+
+def _num(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def expected(p: Param) -> str:
+    """What a value of `p` must be, in words (the same words as the checker's)."""
+    rng = ""
+    if p.min is not None and p.min_exclusive:
+        rng = f" above {_num(p.min)}" + (f" up to {_num(p.max)}" if p.max is not None else "")
+    elif p.min is not None and p.max is not None:
+        rng = f" from {_num(p.min)} to {_num(p.max)}"
+    elif p.min is not None:
+        rng = f" of at least {_num(p.min)}"
+    elif p.max is not None:
+        rng = f" of at most {_num(p.max)}"
+    if p.type == INT:
+        return "an integer" + rng
+    if p.type == DURATION:
+        return "a number of seconds" + rng
+    if p.type == SIZE:
+        return "a number of bytes" + rng
+    if p.type == FLOAT:
+        return "a number" + rng
+    if p.type == BOOL:
+        return "true or false"
+    if p.type == STR:
+        return "a string"
+    if p.type == ENUM:
+        return "one of " + ", ".join(p.choices)
+    if p.type == LIST_STR:
+        limits = []
+        if p.max_items is not None:
+            limits.append(f"at most {p.max_items}")
+        if p.max_length is not None:
+            limits.append(f"each of 1 to {p.max_length} characters")
+        return "a string or an array of strings" + (f" ({', '.join(limits)})" if limits else "")
+    return p.type
+
+
+def _shown(value) -> str:
+    try:
+        text = json.dumps(value, ensure_ascii=True)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_value(p: Param, value: Any, field: str | None = None) -> Any:
+    """`value` (a JSON value) for parameter `p`, normalised, or ParamError."""
+    field = field or p.name
+
+    def bad():
+        return ParamError(f"'{field}' must be {expected(p)}, not {_shown(value)}", field)
+
+    if value is None:
+        if p.optional:
+            return None
+        raise bad()
+    t = p.type
+    if t == INT:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad()
+    elif t in (FLOAT, DURATION, SIZE):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise bad()
+        value = float(value) if t != SIZE else value
+        if t == SIZE and not float(value).is_integer():
+            raise bad()
+    elif t == BOOL:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    elif t == STR:
+        if not isinstance(value, str) or (p.max_length is not None and len(value) > p.max_length):
+            raise bad()
+        return value
+    elif t == ENUM:
+        if not isinstance(value, str) or value not in p.choices:
+            raise bad()
+        return value
+    elif t == LIST_STR:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) and s for s in items):
+            raise bad()
+        if p.max_items is not None and len(items) > p.max_items:
+            raise ParamError(f"'{field}' holds {len(items)} strings; at most {p.max_items} are allowed", field)
+        if p.max_length is not None and any(len(s) > p.max_length for s in items):
+            longest = max(len(s) for s in items)
+            raise ParamError(f"a '{field}' string has {longest} characters; at most {p.max_length} are allowed",
+                             field)
+        return list(items)
+    if not p.in_range(value):
+        raise bad()
+    return value
+
+
+def check_field(field: str, value: Any) -> Any:
+    """A request's sampling field, checked against the generate parameter it sets."""
+    kind, name = REQUEST_FIELDS[field]
+    return check_value(param_of(kind, name), value, field)
+
+
+def check_engine_field(field: str, value: Any) -> Any:
+    kind, name = ENGINE_FIELDS[field]
+    return check_value(param_of(kind, name), value, field)

@@ -1,0 +1,141 @@
+"""One schema per field: `agp check`, `agp run`'s request lines, `agp serve`'s bodies,
+SamplingParams and EngineConfig accept and reject the same values, at both ends of every
+range (stages/fields.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import pipeline_dsl
+from pipeline_dsl.engine.config import EngineConfig, SamplingParams
+from pipeline_dsl.engine.errors import InputError
+from pipeline_dsl.parser import quote
+from pipeline_dsl.requests_io import RequestError, parse_request
+from pipeline_dsl.serve import protocol as P
+from stages.fields import ENGINE_FIELDS, REQUEST_FIELDS, param_of
+from stages.registry import BOOL, DURATION, ENUM, FLOAT, INT, LIST_STR, SIZE, STR
+
+PIPELINE = """
+pipeline p {{
+    stage request : requests      {{ {requests} }}
+    stage batch   : dynamic_batch {{ {dynamic_batch} }}
+    stage encode  : encode        {{}}
+    stage kv      : kv_lookup     {{ {kv_lookup} }}
+    stage gen     : generate      {{ {generate} }}
+    stage out     : respond       {{}}
+    request -> batch
+    batch -> encode when full
+    batch -> encode when timeout
+    encode -> kv -> gen -> out
+}}
+"""
+
+
+def literal(value, ptype) -> str:
+    """A JSON value written as an .agp literal (durations in seconds, sizes in bytes)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if ptype == DURATION and isinstance(value, (int, float)):
+        return f"{value!r}s"
+    if ptype == SIZE and isinstance(value, (int, float)):
+        return f"{value!r}B"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return quote(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(literal(v, None) for v in value) + "]"
+    raise TypeError(value)
+
+
+def candidates(p) -> list:
+    """Values at and just beyond each bound, and values of the wrong types."""
+    if p.type == BOOL:
+        return [True, False, 1, "yes"]
+    if p.type == ENUM:
+        return list(p.choices) + ["nope", 3]
+    if p.type == LIST_STR:
+        return ["x", ["a", "b"], [], [""], [1], ["a"] * p.max_items, ["a"] * (p.max_items + 1),
+                ["x" * p.max_length], ["x" * (p.max_length + 1)], 5]
+    if p.type == STR:
+        return ["x", 5]
+    out = ["text", True, [1]]
+    step = 1 if p.type in (INT, SIZE) else 1e-9
+    for bound in (p.min, p.max):
+        if bound is not None:
+            out += [bound, bound - step, bound + step]
+    if p.type == INT:
+        out.append(2.0)
+    mid = ((p.min or 0) + (p.max if p.max is not None else 100)) / 2
+    out.append(int(mid) if p.type in (INT, SIZE) else float(mid))
+    return out
+
+
+def accepts_check(kind: str, name: str, value) -> bool:
+    p = param_of(kind, name)
+    params = {"requests": "", "dynamic_batch": "", "kv_lookup": "", "generate": ""}
+    params[kind] = f"{name} = {literal(value, p.type)}"
+    _, diags = pipeline_dsl.loads(PIPELINE.format(**params), "t.agp")
+    return not any(d.is_error for d in diags)
+
+
+def accepts_run(field: str, value) -> bool:
+    try:
+        parse_request(json.loads(json.dumps({"prompt": "x", field: value})))
+        return True
+    except RequestError:
+        return False
+
+
+def accepts_serve(field: str, value) -> bool:
+    try:
+        P.parse_completion({"prompt": "x", field: value}, max_model_len=1 << 21, served=("p",))
+        return True
+    except P.APIError:
+        return False
+
+
+def accepts_engine(field: str, value) -> bool:
+    if field == "n":
+        return accepts_run(field, value)
+    try:
+        SamplingParams(**{field: value}).check()
+        return True
+    except (InputError, TypeError, ValueError):
+        return False
+
+
+CASES = [(f, v) for f, (k, n) in REQUEST_FIELDS.items() for v in candidates(param_of(k, n))]
+
+
+@pytest.mark.parametrize("field, value", CASES, ids=[f"{f}={json.dumps(v)[:24]}" for f, v in CASES])
+def test_check_run_serve_and_the_engine_agree_on_every_request_field(field, value):
+    kind, name = REQUEST_FIELDS[field]
+    verdicts = {"check": accepts_check(kind, name, value), "run": accepts_run(field, value),
+                "serve": accepts_serve(field, value), "engine": accepts_engine(field, value)}
+    assert len(set(verdicts.values())) == 1, verdicts
+
+
+ENGINE_CASES = [(f, v) for f, (k, n) in ENGINE_FIELDS.items() for v in candidates(param_of(k, n))
+                if not isinstance(v, (str, list)) or param_of(k, n).type in (ENUM, STR)]
+
+
+@pytest.mark.parametrize("field, value", ENGINE_CASES,
+                         ids=[f"{f}={json.dumps(v)[:24]}" for f, v in ENGINE_CASES])
+def test_check_and_engine_config_agree_on_every_engine_field(field, value):
+    kind, name = ENGINE_FIELDS[field]
+    try:
+        EngineConfig(**{field: value})
+        engine_ok = True
+    except InputError:
+        engine_ok = False
+    assert accepts_check(kind, name, value) == engine_ok, (field, value)
+
+
+def test_the_bounds_are_inclusive_except_where_the_schema_says_not():
+    assert accepts_run("temperature", 2) and not accepts_run("temperature", 2.0000001)
+    assert accepts_run("top_p", 1) and not accepts_run("top_p", 0) and accepts_run("top_p", 1e-9)
+    assert accepts_run("n", 64) and not accepts_run("n", 65) and accepts_run("n", 1) and not accepts_run("n", 0)
+    assert accepts_check("generate", "max_new_tokens", 1 << 20)
+    assert not accepts_check("generate", "max_new_tokens", (1 << 20) + 1)
