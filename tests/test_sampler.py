@@ -143,3 +143,58 @@ def test_stop_strings_agree_with_a_brute_force_search_fed_in_random_pieces():
                 assert s.hold_back() == held(stops, text[:nxt]), (stops, text[:nxt])
             pos = nxt
         assert cut == first_stop(stops, text), (stops, text)
+
+
+def _frequencies(logits_row, params, draws=20000, seed=0):
+    """How often each token is drawn, over many draws of one row (one request's generator)."""
+    gen = make_generator(seed)
+    sampler = Sampler(seed=seed)
+    rows = logits_row.repeat(1000, 1)                    # [1000, V]: 1000 draws a call
+    counts = torch.zeros(logits_row.shape[-1])
+    for _ in range(draws // 1000):
+        toks = sampler.sample(rows, [params] * 1000, [gen] * 1000)
+        counts += torch.bincount(torch.tensor(toks), minlength=logits_row.shape[-1]).float()
+    return counts
+
+
+def _chi_square_ok(counts, expected_p, significance_q=25.0):
+    """Pearson's chi-square against the expected distribution; the bound is far above the 99.99 %
+    quantile for these few degrees of freedom, and far below what a wrong distribution gives."""
+    n = counts.sum()
+    mask = expected_p > 0
+    assert counts[~mask].sum() == 0, "a token outside the kept set was drawn"
+    exp = expected_p[mask] * n
+    stat = float(((counts[mask] - exp) ** 2 / exp).sum())
+    return stat < significance_q, stat
+
+
+PROBS = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625])
+LOGITS = PROBS.log()
+
+
+@pytest.mark.parametrize("params, expected", [
+    (SamplingParams(temperature=1.0), PROBS),
+    # top-p 0.8 keeps the smallest set whose mass reaches 0.8: {0.5, 0.25, 0.125}, renormalised
+    (SamplingParams(temperature=1.0, top_p=0.8), torch.tensor([4, 2, 1, 0, 0]) / 7),
+    (SamplingParams(temperature=1.0, top_k=2), torch.tensor([2, 1, 0, 0, 0]) / 3),
+    # temperature 2 flattens: p ** (1/2), renormalised
+    (SamplingParams(temperature=2.0), PROBS.sqrt() / PROBS.sqrt().sum()),
+    (SamplingParams(temperature=0.5, top_p=0.9, top_k=4), None),
+], ids=["plain", "top_p", "top_k", "temperature", "all"])
+def test_sampled_token_frequencies_follow_the_intended_distribution(params, expected):
+    if expected is None:                                 # temperature 0.5: p ** 2, then top-k 4, then top-p 0.9
+        p = PROBS ** 2 / (PROBS ** 2).sum()
+        p[4:] = 0
+        p = p / p.sum()
+        keep = (torch.cumsum(p, 0) - p) < 0.9
+        expected = torch.where(keep, p, torch.zeros_like(p))
+        expected = expected / expected.sum()
+    counts = _frequencies(LOGITS, params)
+    ok, stat = _chi_square_ok(counts, expected)
+    assert ok, (counts / counts.sum(), expected, stat)
+    # and the test can tell: the un-renormalised top-p draw (P(top) = 0.5 / 0.875 + leftover) fails it
+    if params.top_p < 1:
+        wrong = expected.clone()
+        wrong[0] += 0.07
+        wrong = wrong / wrong.sum()
+        assert not _chi_square_ok(counts, wrong)[0]

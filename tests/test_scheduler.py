@@ -174,11 +174,43 @@ def test_padding_buckets_pure_decode_steps():
 
 
 def test_decodes_go_before_an_earlier_admitted_long_prefill():
-    sched, clock = make(batch_timeout_s=0.0, max_tokens_per_step=6, prefill_chunk=6, num_blocks=64)
-    add(sched, clock, "short", n_prompt=2, max_tokens=30)
-    add(sched, clock, "long", n_prompt=30, max_tokens=2)
-    run_step(sched)                       # short's prompt (2) + long's first chunk (4)
+    # the long prompt is admitted first (it is first in the running list), the short one after
+    # it in the same step; from then on the short one decodes while the long one still prefills
+    sched, clock = make(batch_timeout_s=0.0, max_tokens_per_step=6, prefill_chunk=4, num_blocks=64)
+    long_ = add(sched, clock, "long", n_prompt=30, max_tokens=2)
+    short = add(sched, clock, "short", n_prompt=2, max_tokens=30)
+    first = run_step(sched)
+    assert [(it.seq.request_id, it.num_tokens) for it in first.items] == [("long", 4), ("short", 2)]
+    assert sched.running == [long_, short]               # admission order: the prefill comes first
     for _ in range(5):
         out = run_step(sched)
-        got = {it.seq.request_id: it.num_tokens for it in out.items}
-        assert got["short"] == 1 and got.get("long", 0) <= 5 and sum(got.values()) <= 6
+        got = [(it.seq.request_id, it.num_tokens) for it in out.items]
+        assert got == [("short", 1), ("long", 4)], got   # the decode is listed, and served, first
+        assert out.num_decodes == 1 and out.num_prefill_tokens == 4
+
+
+def test_no_running_decode_ever_waits_behind_a_prefill():
+    """Random workloads (both policies, tight budgets, few blocks): in every step that schedules
+    prefill tokens, every sequence that is decoding is scheduled too."""
+    import random
+
+    for seed in range(400):
+        rng = random.Random(seed)
+        mb = rng.choice([2, 3, 4, 8])
+        sched, clock = make(batch_timeout_s=0.0, policy=rng.choice(["static", "continuous"]), max_batch_size=mb,
+                            max_tokens_per_step=rng.choice([mb, mb + 1, 2 * mb, 16]),
+                            prefill_chunk=rng.choice([1, 2, 4, 8]), num_blocks=rng.choice([6, 12, 64]),
+                            block_size=rng.choice([1, 2, 4]))
+        for step in range(60):
+            for _ in range(rng.choice([0, 0, 1, 2])):
+                add(sched, clock, f"r{seed}-{step}-{rng.random()}", n_prompt=rng.randint(1, 25),
+                    max_tokens=rng.randint(1, 10))
+            out = sched.schedule()
+            decoding = [s for s in sched.running if s.num_output >= 1 and len(s.token_ids) - s.num_computed == 1
+                        and s.num_output < s.params.max_tokens]
+            if out.num_prefill_tokens:
+                assert set(decoding) <= {it.seq for it in out.items}, (seed, step)
+            sched.update(out, [7] * out.num_sample)
+            for seq in list(sched.running):
+                if seq.num_output >= seq.params.max_tokens:
+                    sched.remove(seq, "length")
