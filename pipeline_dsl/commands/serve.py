@@ -48,6 +48,8 @@ def add_arguments(p) -> None:
                    help="seconds a client has to send its request line and headers (default: 10)")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a client has to send its request body; later: 408 (default: 30)")
+    p.add_argument("--lenient", action="store_true",
+                   help="log and ignore request fields agp does not know, as vLLM does (default: a 400)")
     p.add_argument("--allowed-hosts", default=None,
                    help="comma-separated Host header values accepted, '*' for any (default: the address "
                         "listened on and localhost; any when listening on all addresses)")
@@ -144,7 +146,9 @@ def main(args) -> int:
                          body_timeout_s=args.body_timeout, max_connections=args.max_connections,
                          allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
                          max_prompt_chars=max((es.engine.max_prompt_chars or 0 for es in runtime.segments),
-                                              default=0) or None)
+                                              default=0) or None,
+                         max_stage_n=max((n for es in runtime.segments for n in es.n.values()), default=1),
+                         lenient=args.lenient)
     metrics = ServerMetrics()
     apipe = AsyncPipeline(runtime, metrics=metrics)
     app = create_app(apipe, config, metrics)

@@ -126,7 +126,7 @@ class Engine:
         self.scheduler.add(seq)
 
     def prompt_ids(self, prompt=None, messages=None, prompt_token_ids=None, chat_template=True,
-                   add_special_tokens=True) -> list[int]:
+                   add_special_tokens=True, tools=None, tool_choice="auto") -> list[int]:
         """A request's prompt as token ids (chat template applied to messages): the encode stage's
         work. Thread-safe (reads only the tokenizer), so it may run off the engine's loop. A text
         too long to fit the prompt limit whatever its tokens is refused before it is tokenised."""
@@ -138,7 +138,7 @@ class Engine:
                 raise InputError("the prompt is empty")
             ids = list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
         elif messages is not None:
-            ids = self._render_chat(messages, chat_template, add_special_tokens)
+            ids = self._render_chat(messages, chat_template, add_special_tokens, tools, tool_choice)
         else:
             if not isinstance(prompt_token_ids, (list, tuple)) or not all(
                     isinstance(t, int) and not isinstance(t, bool) for t in prompt_token_ids):
@@ -185,7 +185,8 @@ class Engine:
             raise InputError(f"prompt of {chars} characters {self._limit_words()} (a token stands for at most "
                              f"{per_token} characters)")
 
-    def _render_chat(self, messages, chat_template=True, add_special_tokens=True) -> list[int]:
+    def _render_chat(self, messages, chat_template=True, add_special_tokens=True, tools=None,
+                     tool_choice="auto") -> list[int]:
         if not isinstance(messages, (list, tuple)) or not messages:
             raise InputError("messages must be a non-empty list of {role, content} objects")
         for i, m in enumerate(messages):
@@ -195,8 +196,16 @@ class Engine:
         if not chat_template:
             text = "\n".join(m["content"] for m in messages)
             return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens)) if text else []
+        extra = {}
+        if tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
+            from pipeline_dsl.tools import prepare_messages, template_takes_tools
+
+            native = template_takes_tools(getattr(self.tokenizer, "chat_template", None))
+            messages = prepare_messages(list(messages), tools, template_takes_tools=native, choice=tool_choice)
+            if native and tools and tool_choice != "none":
+                extra["tools"] = tools
         try:
-            rendered = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+            rendered = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, **extra)
         except InputError:
             raise
         except Exception as e:  # a template that refuses the conversation (roles out of order, …)

@@ -219,6 +219,34 @@ class PipelineRuntime:
                 return es
         return self.segments[0]
 
+    def _segment_for(self, pin: str | None):
+        es = self.seg_of_gen.get(pin) if pin else self.prompt_segment
+        if es is None:
+            raise PipelineError("this pipeline has no model to tokenise with", "invalid")
+        return es
+
+    def tokenise(self, request: dict, pin: str | None = None) -> list[int]:
+        """A prompt or a conversation as the engine would see it (agp serve's /tokenize)."""
+        from pipeline_dsl.engine.errors import InputError
+
+        es = self._segment_for(pin or request.get("pin"))
+        try:
+            if request.get("messages") is not None:
+                return es.engine.prompt_ids(messages=request["messages"], tools=request.get("tools"),
+                                            tool_choice=request.get("tool_choice", "auto"))
+            return es.engine.prompt_ids(prompt=request["prompt"],
+                                        add_special_tokens=request.get("add_special_tokens", True))
+        except InputError as e:
+            raise PipelineError(str(e), "invalid") from None
+
+    def detokenise(self, ids: list[int], pin: str | None = None) -> str:
+        es = self._segment_for(pin)
+        vocab = es.engine.vocab_size
+        bad = [t for t in ids if vocab and t >= vocab]
+        if bad:
+            raise PipelineError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "invalid")
+        return es.engine.tokenizer.decode(ids, skip_special_tokens=False)
+
     def model_names(self) -> list[str]:
         """The generate stages a request may pin (agp serve's `model` field)."""
         return list(self.seg_of_gen)
@@ -487,7 +515,7 @@ class PipelineRuntime:
             raise PipelineError(str(e), "invalid", es.segment.encode) from None
         fingerprint = (id(es), repr(d.get("messages") if d.get("messages") is not None
                                     else d.get("prompt_token_ids") if d.get("prompt_token_ids") is not None
-                                    else d.get("prompt")))
+                                    else d.get("prompt")), repr(d.get("tools")), repr(d.get("tool_choice")))
         if item.ids is not None and item.ids[0] == fingerprint:
             return item.ids[1]
         t0 = time.perf_counter()

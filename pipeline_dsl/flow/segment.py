@@ -91,7 +91,8 @@ class EngineSegment:
         """encode.tokenise: the request's prompt as ids (raises InputError for bad input)."""
         if data.get("messages") is not None:
             return self.engine.prompt_ids(messages=data["messages"], chat_template=self.spec.chat_template,
-                                          add_special_tokens=self.spec.add_special_tokens)
+                                          add_special_tokens=self.spec.add_special_tokens,
+                                          tools=data.get("tools"), tool_choice=data.get("tool_choice", "auto"))
         if data.get("prompt_token_ids") is not None:
             return self.engine.prompt_ids(prompt_token_ids=data["prompt_token_ids"])
         return self.engine.prompt_ids(prompt=data.get("prompt"), add_special_tokens=self.spec.add_special_tokens)

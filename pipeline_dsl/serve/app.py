@@ -28,7 +28,7 @@ from pipeline_dsl.flow import PipelineError
 
 from . import openapi as OA
 from . import protocol as P
-from .async_pipeline import AsyncPipeline, RequestStream
+from .async_pipeline import AsyncPipeline, RequestStream, StreamGroup
 from .metrics import ServerMetrics
 
 
@@ -44,6 +44,8 @@ class ServeConfig:
     body_timeout_s: float = 30.0           # a body not fully received by then is a 408
     max_connections: int = 1024            # requests served at once; more get a 503
     allowed_hosts: tuple[str, ...] = ("*",)  # Host header values accepted (a 400 otherwise); "*": any
+    max_stage_n: int = 1                   # the largest n of the pipeline's generate stages
+    lenient: bool = False                  # unknown request fields: logged and ignored, not a 400
 
 
 JSON_TYPES = ("application/json",)
@@ -214,6 +216,54 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
                  for stage, model in config.stages if stage not in config.model_names]
         return {"object": "list", "data": data}
 
+    def _model_entry(name: str) -> dict | None:
+        if name in config.model_names:
+            return {"id": name, "object": "model", "created": created, "owned_by": "agp",
+                    "max_model_len": config.max_model_len}
+        for stage, model in config.stages:
+            if stage == name:
+                return {"id": stage, "object": "model", "created": created, "owned_by": "agp", "root": model,
+                        "parent": config.model_names[0], "max_model_len": config.max_model_len}
+        return None
+
+    @app.get("/v1/models/{model_id:path}", openapi_extra=OA.MODEL)
+    async def model(model_id: str):
+        entry = _model_entry(model_id)
+        if entry is None:
+            return _error(P.APIError(f"the model '{model_id}' does not exist", status=404, type="not_found_error",
+                                     param="model", code="model_not_found"))
+        return entry
+
+    @app.get("/version", openapi_extra=OA.VERSION)
+    async def version():
+        from pipeline_dsl import __version__
+
+        return {"version": __version__}
+
+    @app.post("/tokenize", openapi_extra=OA.TOKENIZE)
+    async def tokenize(request: Request):
+        try:
+            body = P.parse_json(await read_body(request, config))
+            tok = P.parse_tokenize(body, served=config.model_names, stages=stage_names)
+            ids = await asyncio.to_thread(apipe.runtime.tokenise, tok, None)
+        except P.APIError as err:
+            return _error(err)
+        except PipelineError as e:
+            return _error(api_error(e, "chat" if "messages" in body else "completion"))
+        return {"count": len(ids), "max_model_len": config.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize", openapi_extra=OA.DETOKENIZE)
+    async def detokenize(request: Request):
+        try:
+            body = P.parse_json(await read_body(request, config))
+            ids, model = P.parse_detokenize(body, served=config.model_names, stages=stage_names)
+            text = await asyncio.to_thread(apipe.runtime.detokenise, ids, model)
+        except P.APIError as err:
+            return _error(err)
+        except PipelineError as e:
+            return _error(api_error(e, "completion"))
+        return {"prompt": text}
+
     @app.get("/metrics", openapi_extra=OA.METRICS)
     async def prometheus():
         body, content_type = metrics.render(await _stats())
@@ -245,18 +295,26 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
             raw = await read_body(request, config)
             body = P.parse_json(raw) if len(raw) < (64 << 10) else await asyncio.to_thread(P.parse_json, raw)
             req = parse(body, max_model_len=config.max_model_len, served=config.model_names,
-                        stages=stage_names)
+                        stages=stage_names, lenient=config.lenient)
         except P.APIError as err:
             metrics.requests.labels(str(err.status)).inc()
             return _error(err)
         prefix = "chatcmpl" if req.kind == "chat" else "cmpl"
         rid = f"{prefix}-{uuid.uuid4().hex}"
+        parts = req.split()                   # a completions batch: one pipeline request per prompt
+        streams: list[RequestStream] = []
         try:
-            stream = await apipe.add(req.item(rid), pin=req.pin, stream=req.stream)
+            for k, part in enumerate(parts):
+                streams.append(await apipe.add(part.item(rid if k == 0 else f"{rid}-{k}"), pin=req.pin,
+                                               stream=req.stream))
         except PipelineError as e:
+            for st in streams:
+                st.abort()
             err = api_error(e, req.kind, config.retry_after_s)
             metrics.requests.labels(str(err.status)).inc()
             return _error(err)
+        stream = streams[0] if len(streams) == 1 else StreamGroup(streams, max(req.choices_per_prompt,
+                                                                              config.max_stage_n))
         metrics.in_flight.inc()
         first = await _first_event(request, stream)
         if first is None:                        # the client went away while it waited
@@ -319,9 +377,10 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
                 status = str(err.status)
                 return _error(err)
             use = P.usage(res.usage["prompt_tokens"], res.usage["completion_tokens"], res.usage["cached_tokens"])
-            build = P.chat_response if req.kind == "chat" else P.completion_response
-            return JSONResponse(build(rid, req.model, [(c.index, c.text, c.finish_reason) for c in res.choices],
-                                      use))
+            choices = [(c.index, c.text, c.finish_reason) for c in res.choices]
+            if req.kind == "chat":
+                return JSONResponse(P.chat_response(rid, req.model, choices, use, tools_active=req.tools_active))
+            return JSONResponse(P.completion_response(rid, req.model, choices, use))
         finally:
             for task in (result, watch):
                 task.cancel()
@@ -339,6 +398,8 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
         stream.started = True
         opened: set[int] = set()
         closed: set[int] = set()
+        tool_streams: dict[int, object] = {}            # index -> ToolStream, when the request gave tools
+        called: set[int] = set()
 
         def content(index: int, text: str) -> list[bytes]:
             out = []
@@ -346,15 +407,31 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
                 out.append(P.sse(P.chat_chunk(rid, req.model, now, {"role": "assistant", "content": ""},
                                               None, index)))
             opened.add(index)
+            calls = []
+            if chat and req.tools_active:
+                from pipeline_dsl.tools import ToolStream
+
+                text, calls = tool_streams.setdefault(index, ToolStream()).feed(text)
             if text:
                 out.append(P.sse(P.chat_chunk(rid, req.model, now, {"content": text}, None, index) if chat
                                  else P.completion_chunk(rid, req.model, now, text, None, index)))
+            if calls:
+                called.add(index)
+                out.append(P.sse(P.chat_chunk(rid, req.model, now, {"tool_calls": calls}, None, index)))
             return out
 
-        def finish(index: int, reason: str | None) -> bytes:
+        def finish(index: int, reason: str | None) -> list[bytes]:
             closed.add(index)
-            return P.sse(P.chat_chunk(rid, req.model, now, {}, reason, index) if chat
-                         else P.completion_chunk(rid, req.model, now, "", reason, index))
+            out = []
+            if index in tool_streams:
+                rest, _ = tool_streams[index].finish()
+                if rest:
+                    out.append(P.sse(P.chat_chunk(rid, req.model, now, {"content": rest}, None, index)))
+            if index in called:
+                reason = "tool_calls"
+            out.append(P.sse(P.chat_chunk(rid, req.model, now, {}, reason, index) if chat
+                             else P.completion_chunk(rid, req.model, now, "", reason, index)))
+            return out
 
         try:
             event = first
@@ -364,7 +441,8 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
                     for chunk in content(index, out.delta_text):
                         yield chunk
                     if out.finished and index not in closed:
-                        yield finish(index, out.finish_reason)
+                        for chunk in finish(index, out.finish_reason):
+                            yield chunk
                 else:
                     result = event[1]
                     if result.error is not None:
@@ -377,7 +455,8 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
                         if c.index not in closed:
                             for chunk in content(c.index, c.text if c.index not in opened else ""):
                                 yield chunk
-                            yield finish(c.index, c.finish_reason)
+                            for chunk in finish(c.index, c.finish_reason):
+                                yield chunk
                     if req.include_usage:
                         use = P.usage(result.usage["prompt_tokens"], result.usage["completion_tokens"],
                                       result.usage["cached_tokens"])
