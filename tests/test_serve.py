@@ -98,7 +98,7 @@ def test_max_tokens_beyond_the_context_is_rejected():
 
 
 def test_unknown_field_suggests_the_closest_name():
-    with pytest.raises(P.APIError, match="unrecognized request argument 'max_token'; did you mean 'max_tokens'"):
+    with pytest.raises(P.APIError, match='unrecognized request argument "max_token"; did you mean .max_tokens.'):
         parse_completion({"prompt": "hi", "max_token": 4})
 
 

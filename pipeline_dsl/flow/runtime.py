@@ -130,6 +130,7 @@ class Item:
     index: int | None = None           # its choice index when it streams
     ids: tuple | None = None           # (fingerprint, token ids) cached by prompt_tokens / tokenise
     entry: dict | None = None          # the segment entry it came from (usage of shared prompts)
+    logprobs: list | None = None       # per generated token, when the request asked for them
 
     def fork(self, branch: tuple) -> "Item":
         return Item(self.kind, copy.deepcopy(self.data), self.req, self.at, branch, dict(self.turns),
@@ -238,6 +239,13 @@ class PipelineRuntime:
                                         add_special_tokens=request.get("add_special_tokens", True))
         except InputError as e:
             raise PipelineError(str(e), "invalid") from None
+
+    def token_text(self, pin: str | None = None) -> Callable[[int], str]:
+        """id -> the text of that one token (for logprobs), cached."""
+        import functools
+
+        tok = self._segment_for(pin).engine.tokenizer
+        return functools.lru_cache(maxsize=1 << 16)(lambda t: tok.decode([t], skip_special_tokens=False))
 
     def detokenise(self, ids: list[int], pin: str | None = None) -> str:
         es = self._segment_for(pin)
@@ -544,6 +552,12 @@ class PipelineRuntime:
         if not targets:
             raise PipelineError(f"stage '{seg.kv}': no generate stage takes this request", "failed", seg.kv)
         entry = {"prompt_tokens": len(ids), "cached_tokens": None}
+        if item.data.get("prompt_logprobs") is not None:    # echo with logprobs: the prompt's own
+            entry["prompt_logprobs"] = es.prompt_logprobs(ids, int(item.data["prompt_logprobs"]))
+            entry["prompt_token_ids"] = list(ids)
+        if item.data.get("max_tokens") == 0:                # echo only: nothing to generate
+            self._answer_without_engine(item, es, targets, ids, entry)
+            return
         submits = []
         with self._lock:
             if req.done:
@@ -575,6 +589,41 @@ class PipelineRuntime:
         for seq_id, params, order in submits:
             es.submit(seq_id, ids, params, order)
 
+    def _answer_without_engine(self, item: Item, es, targets: list, ids: list, entry: dict) -> None:
+        """max_tokens = 0 (an echo of the prompt, e.g. to score it): each target answers at once."""
+        req = item.req
+        made = []
+        with self._lock:
+            if req.done:
+                return
+            req.usage["prompt_tokens"] += len(ids)
+            entry["cached_tokens"] = 0
+            for g_i, gen in enumerate(targets):
+                child = Item(GENERATED, {}, req, gen, item.branch + ((g_i,) if len(targets) > 1 else ()),
+                             dict(item.turns), None, None, item.ids, entry)
+                child.data = self._generated(child, item.data, gen, "", "length", len(ids), 0, 0)
+                req.items.add(child)
+                made.append(child)
+                self.counters[gen].items_in += 1
+                self.counters[gen].items_out += 1
+            req.items.discard(item)
+        for child in made:
+            self._task(self._leave_generate, child)
+
+    def _generated(self, item: Item, request: dict, gen: str, text: str, reason, prompt_tokens: int,
+                   completion_tokens: int, cached_tokens: int) -> dict:
+        """A Generated item's dict (what later stages and the answer see)."""
+        data = {"id": item.req.id, "text": text, "finish_reason": reason,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "cached_tokens": cached_tokens},
+                "generated_by": gen, "request": request}
+        if item.logprobs is not None:
+            data["logprobs"] = item.logprobs
+        if item.entry is not None and "prompt_logprobs" in item.entry:
+            data["prompt_logprobs"] = item.entry["prompt_logprobs"]
+            data["prompt_token_ids"] = item.entry["prompt_token_ids"]
+        return data
+
     def _on_outputs(self, es, outputs) -> None:
         """An engine step's outputs (the executor's emit thread): deltas, then finished sequences."""
         now = self.clock()
@@ -588,6 +637,11 @@ class PipelineRuntime:
                 continue
             if out.new_token_ids and req.first_token is None:
                 req.first_token = now
+            step_logprobs = getattr(out, "logprobs", None)
+            if step_logprobs:
+                if item.logprobs is None:
+                    item.logprobs = []
+                item.logprobs.extend(step_logprobs)
             if item.index is not None and (out.delta_text or out.finished):
                 try:
                     req.listener.on_delta(req.key, item.index, out)
@@ -611,11 +665,8 @@ class PipelineRuntime:
                     item.entry["cached_tokens"] = out.cached_tokens
                     req.usage["cached_tokens"] += out.cached_tokens
                 item.kind = GENERATED
-                item.data = {"id": req.id, "text": out.text, "finish_reason": out.finish_reason,
-                             "usage": {"prompt_tokens": out.prompt_tokens,
-                                       "completion_tokens": out.completion_tokens,
-                                       "cached_tokens": out.cached_tokens},
-                             "generated_by": gen, "request": item.data}
+                item.data = self._generated(item, item.data, gen, out.text, out.finish_reason, out.prompt_tokens,
+                                            out.completion_tokens, out.cached_tokens)
         for item, out in finished:
             if not item.req.done:
                 self._task(self._leave_generate, item)

@@ -330,6 +330,14 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
             return EventStream(_sse(stream, first, req, rid), stream, metrics)
         return await _collect(request, stream, first, req, rid)
 
+    def _prompt_text(data: dict, req: P.GenerationRequest) -> str:
+        """The prompt of an answer, for echo: as sent, or decoded from the ids it was sent as."""
+        request = data.get("request") or {}
+        if isinstance(request.get("prompt"), str):
+            return request["prompt"]
+        ids = request.get("prompt_token_ids") or data.get("prompt_token_ids") or []
+        return apipe.runtime.detokenise(list(ids), req.pin) if ids else ""
+
     async def _first_event(request: Request, stream: RequestStream):
         """The request's first event, or None when the client disconnects first (then aborted)."""
         async def disconnected():
@@ -377,9 +385,19 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
                 status = str(err.status)
                 return _error(err)
             use = P.usage(res.usage["prompt_tokens"], res.usage["completion_tokens"], res.usage["cached_tokens"])
-            choices = [(c.index, c.text, c.finish_reason) for c in res.choices]
+            want = req.fields.get("logprobs") is not None
+            text_of = apipe.runtime.token_text(req.pin) if want else None
             if req.kind == "chat":
+                choices = [(c.index, c.text, c.finish_reason,
+                            P.chat_logprobs(c.data.get("logprobs") or [], text_of) if want else None)
+                           for c in res.choices]
                 return JSONResponse(P.chat_response(rid, req.model, choices, use, tools_active=req.tools_active))
+            echo = bool(req.fields.get("echo"))
+            choices = []
+            for c in res.choices:
+                prompt = _prompt_text(c.data, req) if echo else ""
+                choices.append((c.index, prompt + c.text, c.finish_reason,
+                                P.completion_logprobs(c.data, text_of, echo) if want else None))
             return JSONResponse(P.completion_response(rid, req.model, choices, use))
         finally:
             for task in (result, watch):
@@ -400,6 +418,8 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
         closed: set[int] = set()
         tool_streams: dict[int, object] = {}            # index -> ToolStream, when the request gave tools
         called: set[int] = set()
+        want_lp = req.fields.get("logprobs") is not None
+        text_of = apipe.runtime.token_text(req.pin) if want_lp else None
 
         def content(index: int, text: str) -> list[bytes]:
             out = []
@@ -438,6 +458,12 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
             while True:
                 if event[0] == "delta":
                     _, index, out = event
+                    step_lp = getattr(out, "logprobs", None)
+                    if want_lp and step_lp:               # this step's tokens' logprobs, in their own chunk
+                        lp = (P.chat_logprobs(step_lp, text_of) if chat else
+                              P.completion_logprobs({"logprobs": step_lp}, text_of, False))
+                        yield P.sse(P.chat_chunk(rid, req.model, now, {}, None, index, lp) if chat else
+                                    P.completion_chunk(rid, req.model, now, "", None, index, lp))
                     for chunk in content(index, out.delta_text):
                         yield chunk
                     if out.finished and index not in closed:

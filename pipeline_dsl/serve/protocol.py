@@ -173,9 +173,9 @@ def _check_unknown(obj: dict, known: set[str], lenient: bool = False) -> dict:
 
 def _check_unsupported(obj: dict) -> None:
     """Fields agp knows but only serves at their neutral value."""
-    neutral = {"best_of": (1,), "echo": (False,), "presence_penalty": (0,),
-               "frequency_penalty": (0,), "repetition_penalty": (1,), "logprobs": (False, 0),
-               "top_logprobs": (0,), "suffix": ("",), "logit_bias": ({},), "min_tokens": (0,)}
+    neutral = {"best_of": (1,), "presence_penalty": (0,),
+               "frequency_penalty": (0,), "repetition_penalty": (1,),
+               "suffix": ("",), "logit_bias": ({},), "min_tokens": (0,)}
     for name, allowed in neutral.items():
         value = obj.get(name)
         if value is not None and not any(value == a and type(value) is type(a)
@@ -255,7 +255,19 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
         raise APIError("'prompt' is required", param="prompt")
     prompts = _prompts(obj["prompt"], max_model_len)
     stream, include_usage = _stream_flags(obj)
-    fields = _sampling(obj, max_model_len)
+    echo = _field(obj, "echo", lambda v: isinstance(v, bool), "true or false") or False
+    scoring = echo and obj.get("max_tokens") == 0         # echo the prompt's logprobs, generate nothing
+    fields = _sampling({k: v for k, v in obj.items() if not (scoring and k == "max_tokens")}, max_model_len)
+    top = _field(obj, "logprobs", lambda v: _is_int(v) and 0 <= v <= MAX_LOGPROBS,
+                 f"an integer from 0 to {MAX_LOGPROBS}")
+    if top is not None:
+        fields["logprobs"] = top
+        if echo:
+            fields["prompt_logprobs"] = top
+    if scoring:
+        fields["max_tokens"] = 0
+    if echo:
+        fields["echo"] = True
     first, rest = prompts[0], prompts[1:]
     return GenerationRequest("completion", model, fields, prompt=first if isinstance(first, str) else None,
                              prompt_token_ids=tuple(first) if not isinstance(first, str) else None,
@@ -263,6 +275,7 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
 
 
 MAX_PROMPTS = 256          # prompts one completions request may batch
+MAX_LOGPROBS = 20          # most likely alternatives a token's logprobs may list
 
 
 def _prompts(prompt, max_model_len: int) -> list:
@@ -311,6 +324,13 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     messages = _messages(obj.get("messages"))
     stream, include_usage = _stream_flags(obj)
     fields = _sampling(obj, max_model_len, max_tokens_field="max_completion_tokens")
+    want = _field(obj, "logprobs", lambda v: isinstance(v, bool), "true or false")
+    top = _field(obj, "top_logprobs", lambda v: _is_int(v) and 0 <= v <= MAX_LOGPROBS,
+                 f"an integer from 0 to {MAX_LOGPROBS}")
+    if top is not None and not want:
+        raise APIError("'top_logprobs' needs \"logprobs\": true", param="top_logprobs")
+    if want:
+        fields["logprobs"] = top or 0
     metadata = _field(obj, "metadata", lambda v: isinstance(v, dict), "an object")
     try:
         tools, choice, parallel = parse_tools(obj)
@@ -321,6 +341,37 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
                              include_usage=include_usage, pin=pin, metadata=metadata,
                              tools=tuple(tools) if tools else None, tool_choice=choice,
                              parallel_tool_calls=parallel, response_format=fmt)
+
+
+# ---------------------------------------------------------------- logprobs (OpenAI's two shapes)
+
+def completion_logprobs(data: dict, text_of, echo: bool, start: int = 0) -> dict:
+    """The legacy completions `logprobs` of one answer: tokens, token_logprobs, top_logprobs,
+    text_offset; the prompt's tokens first when echoed (its first token has no logprob)."""
+    entries = list(data.get("prompt_logprobs") or []) if echo else []
+    if echo and entries:
+        entries[0] = {"token_id": data["prompt_token_ids"][0], "logprob": None, "top": None}
+    entries += data.get("logprobs") or []
+    tokens, lps, tops, offsets = [], [], [], []
+    pos = start
+    for e in entries:
+        piece = text_of(e["token_id"])
+        tokens.append(piece)
+        lps.append(e["logprob"])
+        tops.append(None if e.get("top") is None else {text_of(t): lp for t, lp in e["top"]})
+        offsets.append(pos)
+        pos += len(piece)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(entries: list, text_of) -> dict:
+    """The chat `logprobs` of an answer (or of one chunk's tokens)."""
+    def one(token_id, logprob):
+        piece = text_of(token_id)
+        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8", "replace"))}
+
+    return {"content": [{**one(e["token_id"], e["logprob"]), "top_logprobs": [one(t, lp) for t, lp in e["top"]]}
+                        for e in entries]}
 
 
 # ---------------------------------------------------------------- /tokenize, /detokenize (vLLM's shapes)
@@ -364,13 +415,13 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def completion_response(rid: str, model: str, choices: list[tuple[int, str, str | None]],
-                        use: dict, created: int | None = None) -> dict:
-    """choices: (index, text, finish_reason) each."""
+def completion_response(rid: str, model: str, choices: list[tuple], use: dict,
+                        created: int | None = None) -> dict:
+    """choices: (index, text, finish_reason[, logprobs]) each."""
     return {"id": rid, "object": "text_completion", "created": created or int(time.time()),
             "model": model,
-            "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-                        for i, text, reason in choices],
+            "choices": [{"index": c[0], "text": c[1], "logprobs": c[3] if len(c) > 3 else None,
+                         "finish_reason": c[2]} for c in choices],
             "usage": use}
 
 
@@ -389,24 +440,25 @@ def chat_message(text: str, finish_reason: str | None, tools_active: bool) -> tu
 def chat_response(rid: str, model: str, choices: list[tuple[int, str, str | None]],
                   use: dict, created: int | None = None, tools_active: bool = False) -> dict:
     out = []
-    for i, text, reason in choices:
-        message, reason = chat_message(text, reason, tools_active)
-        out.append({"index": i, "message": message, "logprobs": None, "finish_reason": reason})
+    for c in choices:
+        message, reason = chat_message(c[1], c[2], tools_active)
+        out.append({"index": c[0], "message": message, "logprobs": c[3] if len(c) > 3 else None,
+                    "finish_reason": reason})
     return {"id": rid, "object": "chat.completion", "created": created or int(time.time()),
             "model": model, "choices": out, "usage": use}
 
 
 def completion_chunk(rid: str, model: str, created: int, text: str,
-                     finish_reason: str | None, index: int = 0) -> dict:
+                     finish_reason: str | None, index: int = 0, logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None,
+            "choices": [{"index": index, "text": text, "logprobs": logprobs,
                          "finish_reason": finish_reason}]}
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict,
-               finish_reason: str | None, index: int = 0) -> dict:
+               finish_reason: str | None, index: int = 0, logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None,
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                          "finish_reason": finish_reason}]}
 
 
