@@ -67,12 +67,19 @@ class Engine:
         self.max_model_len = int(config.max_model_len or context)
         self.blocks = BlockManager(runner.num_blocks, runner.block_size, config.prefix_reuse)
         self.scheduler = Scheduler(config, self.blocks, clock, max_len=self.max_model_len)
-        self.sampler = Sampler()
+        self.sampler = Sampler(config.seed)
+        if config.chat_template is not None:
+            if tokenizer is None:
+                raise InputError("chat_template: this engine has no tokenizer to render it")
+            try:
+                tokenizer.set_chat_template(config.chat_template)
+            except ValueError as e:
+                raise InputError(f"chat_template: {e}") from None
         self._pad_kw = "pad_to" in inspect.signature(runner.execute).parameters
         self.eos_token_ids = frozenset(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.seqs: dict[str, Sequence] = {}
         self._counters = dict(requests_done=0, requests_aborted=0, prompt_tokens=0,
-                              completion_tokens=0, cached_tokens=0, steps=0, decode_steps=0,
+                              completion_tokens=0, cached_tokens=0, generated_tokens=0, steps=0, decode_steps=0,
                               decode_seqs=0, prefill_tokens=0)
         self._ttft = deque(maxlen=LATENCY_SAMPLES)
         self._itl = deque(maxlen=LATENCY_SAMPLES)
@@ -310,6 +317,7 @@ class Engine:
         """A token sampled for `seq` (already appended to its ids): detokenise, check stops,
         finish it when done, and say what changed."""
         st, p = seq.extra, seq.params
+        self._counters["generated_tokens"] += 1
         if st["first"] is None:
             st["first"] = now
             self._ttft.append(now - seq.arrival)
@@ -336,8 +344,10 @@ class Engine:
         metrics = {}
         if reason:
             self._finish(seq, reason)
+            scheduled = seq.scheduled if seq.scheduled is not None else seq.arrival
             metrics = {"ttft_s": st["first"] - seq.arrival, "latency_s": now - seq.arrival,
-                       "preemptions": seq.num_preemptions}
+                       "queue_s": scheduled - seq.arrival, "prefill_s": st["first"] - scheduled,
+                       "decode_s": now - st["first"], "preemptions": seq.num_preemptions}
         return RequestOutput(seq.request_id, [token], delta, text, reason is not None, reason,
                              seq.num_prompt, seq.num_output, seq.cached_tokens, metrics)
 

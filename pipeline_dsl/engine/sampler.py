@@ -30,7 +30,7 @@ def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torc
 class Sampler:
     def __init__(self, seed: int | None = None):
         self.shared = torch.Generator()
-        self.shared.manual_seed(seed if seed is not None else torch.seed())
+        self.shared.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF if seed is not None else torch.seed())
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
                generators: list[torch.Generator | None]) -> list[int]:

@@ -116,6 +116,7 @@ class _Request:
     usage: dict = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0,
                                                  "cached_tokens": 0})
     first_token: float | None = None
+    timings: dict = field(default_factory=dict)        # its first generation's queue / prefill / decode s
 
 
 @dataclass(eq=False)
@@ -130,6 +131,7 @@ class Item:
     index: int | None = None           # its choice index when it streams
     ids: tuple | None = None           # (fingerprint, token ids) cached by prompt_tokens / tokenise
     entry: dict | None = None          # the segment entry it came from (usage of shared prompts)
+    submitted: float | None = None     # perf_counter() when its sequence went to an engine (trace)
     logprobs: list | None = None       # per generated token, when the request asked for them
 
     def fork(self, branch: tuple) -> "Item":
@@ -297,6 +299,11 @@ class PipelineRuntime:
     @property
     def in_flight(self) -> int:
         return len(self._requests)
+
+    @property
+    def accepting(self) -> bool:
+        """Whether submit() takes new requests (not closing, not failed)."""
+        return not self._closing and self.error is None
 
     def abort(self, key: str, message: str = "aborted by the client") -> None:
         req = self._requests.get(key)
@@ -577,6 +584,7 @@ class PipelineRuntime:
                         child.index = req.next_index
                         req.next_index += 1
                     seq_id = f"{req.key}/{next(self._seq_ids)}"
+                    child.submitted = time.perf_counter()
                     self._owner[seq_id] = child
                     req.seqs[seq_id] = es
                     req.items.add(child)
@@ -660,6 +668,13 @@ class PipelineRuntime:
                     continue
                 gen = item.at
                 self.counters[gen].items_out += 1
+                if item.submitted is not None:          # the sequence's life in the engine, on a lane
+                    self.trace.add("requests", f"{gen}.generate", item.submitted, time.perf_counter(), -1,
+                                   {"request": req.key, "id": str(req.id), "tokens": out.completion_tokens,
+                                    "finish": out.finish_reason}, lane=True)
+                for key in ("queue_s", "prefill_s", "decode_s"):
+                    if key in (out.metrics or {}) and key not in req.timings:
+                        req.timings[key] = out.metrics[key]
                 req.usage["completion_tokens"] += out.completion_tokens
                 if item.entry is not None and item.entry["cached_tokens"] is None:
                     item.entry["cached_tokens"] = out.cached_tokens
@@ -825,7 +840,7 @@ class PipelineRuntime:
     def _metrics(self, req: _Request) -> dict:
         now = self.clock()
         return {"arrival": req.arrival, "latency_s": now - req.arrival,
-                "ttft_s": None if req.first_token is None else req.first_token - req.arrival}
+                "ttft_s": None if req.first_token is None else req.first_token - req.arrival, **req.timings}
 
     # ---- tracing -------------------------------------------------------------------------
     def _span(self, stage: str, part: str, t0: float, item: Item) -> None:

@@ -15,6 +15,10 @@ graph routes) or one of its generate stages (the request goes the way that leads
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import hmac
+import logging
+import os
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -29,7 +33,12 @@ from pipeline_dsl.flow import PipelineError
 from . import openapi as OA
 from . import protocol as P
 from .async_pipeline import AsyncPipeline, RequestStream, StreamGroup
-from .metrics import ServerMetrics
+from .metrics import ServerMetrics, StatsLine
+
+log = logging.getLogger("agp.serve")
+# "METHOD /path" of the request being served, for the log line of an error answer
+_current = contextvars.ContextVar("agp_request", default="")
+OPEN_PATHS = ("/health", "/metrics", "/version", "/openapi.json")   # answered without an API key
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,10 @@ class ServeConfig:
     allowed_hosts: tuple[str, ...] = ("*",)  # Host header values accepted (a 400 otherwise); "*": any
     max_stage_n: int = 1                   # the largest n of the pipeline's generate stages
     lenient: bool = False                  # unknown request fields: logged and ignored, not a 400
+    api_keys: tuple[str, ...] = ()         # when given, every route but OPEN_PATHS wants one (401)
+    allowed_origins: tuple[str, ...] = ()  # CORS: origins browsers may call from ("*": any)
+    stats_interval_s: float = 10.0         # a stats log line this often while busy (0: none)
+    trace_path: str | None = None          # the Chrome trace is written here (flush, shutdown)
 
 
 JSON_TYPES = ("application/json",)
@@ -73,9 +86,26 @@ class Guard:
             name = name.rsplit(":", 1)[0]
         return name in self.hosts or name.strip("[]") in self.hosts
 
+    def key_ok(self, scope) -> bool:
+        if not self.config.api_keys:
+            return True
+        path = _route_path(scope)
+        if path in OPEN_PATHS or scope.get("method") == "OPTIONS":
+            return True
+        auth = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"authorization"), "")
+        scheme, _, token = auth.partition(" ")
+        token = token.strip().encode()
+        return scheme.lower() == "bearer" and any(hmac.compare_digest(token, key.encode())
+                                                   for key in self.config.api_keys)
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        _current.set(f"{scope.get('method', '')} {_route_path(scope)}")
+        if not self.key_ok(scope):
+            return await _send_error(send, P.APIError(
+                "a valid API key is required: send it as 'Authorization: Bearer KEY'", status=401,
+                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
         if not self.host_ok(scope):
             return await _send_error(send, P.APIError("the Host header names a host this server does not "
                                                       "answer for (see --allowed-hosts)", status=400,
@@ -92,9 +122,23 @@ class Guard:
             self.active -= 1
 
 
+def _route_path(scope) -> str:
+    """The request's path below --root-path."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
+def log_error(err: P.APIError) -> None:
+    """An error answer, with its reason: 4xx at INFO (the client's doing), 5xx at WARNING."""
+    level = logging.INFO if err.status < 500 else logging.WARNING
+    log.log(level, "%s -> %d %s", _current.get() or "-", err.status, err.message,
+            extra={"status": err.status, "reason": err.message})
+
+
 async def _send_error(send, err: P.APIError) -> None:
     import json as _json
 
+    log_error(err)
     body = _json.dumps(err.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
@@ -155,6 +199,7 @@ class EventStream(StreamingResponse):
 
 
 def _error(err: P.APIError) -> JSONResponse:
+    log_error(err)
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
@@ -182,12 +227,29 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
     created = int(time.time())
     stage_names = tuple(name for name, _ in config.stages)
 
+    async def stats_lines():
+        line = StatsLine()
+        while True:
+            await asyncio.sleep(config.stats_interval_s)
+            stats = await _stats()
+            metrics.update_engine(stats)          # the hit-rate window fills even when nobody scrapes
+            numbers = line(stats)
+            if numbers is not None:
+                log.info("stats: " + " ".join(f"{k}={v}" for k, v in numbers.items()), extra={"stats": numbers})
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         apipe.start()
-        yield
-        # uvicorn has stopped accepting and waited for open responses; finish the rest
-        app.state.drained = await asyncio.to_thread(apipe.stop, drain=True, timeout=config.drain_timeout_s)
+        ticker = asyncio.ensure_future(stats_lines()) if config.stats_interval_s > 0 else None
+        try:
+            yield
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+            # uvicorn has stopped accepting and waited for open responses; finish the rest
+            app.state.drained = await asyncio.to_thread(apipe.stop, drain=True, timeout=config.drain_timeout_s)
+            if config.trace_path:
+                write_trace(apipe, config.trace_path)
 
     app = FastAPI(title="agp", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.apipe, app.state.metrics, app.state.config = apipe, metrics, config
@@ -268,6 +330,14 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
     async def prometheus():
         body, content_type = metrics.render(await _stats())
         return Response(body, media_type=content_type)
+
+    @app.post("/trace/flush", openapi_extra=OA.TRACE_FLUSH)
+    async def trace_flush():
+        if not config.trace_path:
+            return _error(P.APIError("tracing is off: start the server with --trace FILE", status=404,
+                                     type="not_found_error", code="tracing_off"))
+        spans = await asyncio.to_thread(write_trace, apipe, config.trace_path)
+        return {"trace": os.path.basename(config.trace_path), "spans": spans}
 
     @app.get("/stats", openapi_extra=OA.STATS)
     async def stats():
@@ -474,6 +544,7 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
                     if result.error is not None:
                         err = api_error(result.error, req.kind, config.retry_after_s)
                         status = str(err.status)
+                        log_error(err)
                         yield P.sse(err.body())
                         yield P.sse("[DONE]")
                         return
@@ -498,4 +569,19 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
             metrics.in_flight.dec()
 
     app.add_middleware(Guard, config=config)
+    if config.allowed_origins:                  # outside the guard: preflights need no API key
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials="*" not in config.allowed_origins)
     return app
+
+
+def write_trace(apipe: AsyncPipeline, path: str) -> int:
+    """The runtime's trace so far as a Chrome trace file (written whole, then renamed into place);
+    returns the number of spans."""
+    trace = apipe.runtime.trace
+    tmp = f"{path}.tmp{os.getpid()}"
+    trace.write(tmp)
+    os.replace(tmp, path)
+    return len(trace.spans)

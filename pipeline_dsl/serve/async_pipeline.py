@@ -68,16 +68,8 @@ class RequestStream:
         self._loop.call_soon_threadsafe(self.queue.put_nowait, ("delta", index, out))
 
     def on_done(self, result: Result) -> None:
-        m = self._owner.metrics
-        if m is not None:
-            if result.error is None:
-                m.e2e.observe(time.monotonic() - self.arrival)
-                m.observe_prompt(result.usage.get("prompt_tokens", 0), result.usage.get("cached_tokens", 0))
-                m.generation_tokens.inc(result.usage.get("completion_tokens", 0))
-                for c in result.choices:
-                    m.finished.labels(c.finish_reason or "stop").inc()
-            elif result.error.kind == "aborted":
-                m.finished.labels("abort").inc()
+        if self._owner.metrics is not None:
+            self._owner.metrics.observe_result(result, time.monotonic() - self.arrival)
         self._loop.call_soon_threadsafe(self.queue.put_nowait, ("done", result))
 
 
@@ -159,7 +151,7 @@ class AsyncPipeline:
 
     @property
     def accepting(self) -> bool:
-        return not self.runtime._closing and self.runtime.error is None
+        return self.runtime.accepting
 
     @property
     def in_flight(self) -> int:

@@ -150,6 +150,12 @@ MODEL = {"responses": {"200": {"description": "the model", "content": {"applicat
                                                                    "object": {"const": "model"}}}}}},
     "404": _error("no such model")}}
 
+TRACE_FLUSH = {"responses": {
+    "200": {"description": "the trace so far was written to the --trace file", "content": {"application/json": {
+        "schema": {"type": "object", "required": ["trace", "spans"], "properties": {
+            "trace": {"type": "string"}, "spans": {"type": "integer"}}}}}},
+    "404": _error("tracing is off (no --trace)")}}
+
 VERSION = {"responses": {"200": {"description": "agp's version", "content": {"application/json": {"schema": {
     "type": "object", "required": ["version"], "properties": {"version": {"type": "string"}}}}}}}}
 
