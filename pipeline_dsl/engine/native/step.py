@@ -1,0 +1,89 @@
+"""The model and a runner's KV pools as the native kernels' C structs.
+
+    dec = NativeDecoder.create(model, k_pool, v_pool, block_size)   # None: not supported here
+    logits = dec.decode(tokens, positions, slots, tables, out_rows)  # [n_out, V] float32
+    out = dec.attention(layer, q, tables, lens)                      # [B, nh*hd] in q's dtype
+
+Built once per runner: every pointer stays valid because the tensors it points into are
+kept here (`self._keep`) and the pools are preallocated for the runner's lifetime.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from . import Layer, Model, Step, load
+
+
+class NativeDecoder:
+    def __init__(self, lib, model, k_pool: torch.Tensor, v_pool: torch.Tensor, block_size: int):
+        c = model.config
+        bf16 = model.dtype == torch.bfloat16
+        self.lib, self.config, self.dtype = lib, c, model.dtype
+        self._keep = [k_pool, v_pool]
+
+        def f32(t: torch.Tensor) -> int:
+            t = t.float().contiguous()
+            self._keep.append(t)
+            return t.data_ptr()
+
+        def lin(layer):
+            st = layer.native_struct(round_out=bf16)
+            if st is None:
+                raise ValueError(f"no native form for {type(layer).__name__}")
+            return st
+
+        self._layers = (Layer * c.num_layers)()
+        for i, ly in enumerate(model.layers):
+            self._layers[i] = Layer(f32(ly.attn_norm), f32(ly.ffn_norm), lin(ly.qkv), lin(ly.o),
+                                    lin(ly.gate_up), lin(ly.down))
+        head = model.lm_head_small if model.lm_head_small is not None else model.lm_head
+        head_st = head.native_struct(round_out=bf16 and head is model.lm_head)  # eager: bf16 logits
+        if head_st is None:
+            raise ValueError("no native form of the lm_head")
+        embed = model.embed.contiguous()
+        self._keep.append(embed)
+        self.model = Model(c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads,
+                           c.head_dim, c.vocab_size, block_size, c.rms_eps, int(bf16),
+                           int(embed.dtype == torch.bfloat16), int(k_pool.dtype == torch.bfloat16),
+                           embed.data_ptr(), f32(model.norm), f32(model.cos), f32(model.sin),
+                           ctypes.addressof(self._layers), head_st, k_pool.data_ptr(), v_pool.data_ptr(),
+                           k_pool[0].numel())
+
+    @classmethod
+    def create(cls, model, k_pool, v_pool, block_size):
+        """A decoder for this model, or None when the kernels or its weights don't allow one."""
+        lib = load()
+        c = model.config
+        if (lib is None or model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16)
+                or k_pool.dtype not in (torch.float32, torch.bfloat16) or c.head_dim % 16 or c.head_dim > 256
+                or c.hidden_size % 32 or c.intermediate_size % 32 or not k_pool.is_contiguous()):
+            return None
+        try:
+            return cls(lib, model, k_pool, v_pool, block_size)
+        except ValueError:
+            return None
+
+    def decode(self, tokens, positions, slots, tables, out_rows) -> torch.Tensor:
+        """One all-decode step: tokens/positions/slots [B], tables [B, nblk], out_rows [n] (long)."""
+        B, nblk = tables.shape
+        n = 0 if out_rows is None else out_rows.shape[0]
+        logits = torch.empty(n, self.config.vocab_size, dtype=torch.float32)
+        step = Step(B, nblk, n, 0, tokens.data_ptr(), positions.data_ptr(), slots.data_ptr(),
+                    tables.data_ptr(), out_rows.data_ptr() if n else None)
+        self.lib.agp_decode_step(ctypes.byref(self.model), ctypes.byref(step), logits.data_ptr(),
+                                 torch.get_num_threads())
+        return logits
+
+    def attention(self, layer: int, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """q [B, nh, hd] (rows may be strided) over the paged contexts -> [B, nh*hd] in q's dtype."""
+        B, nh, hd = q.shape
+        if q.stride(2) != 1 or q.stride(1) != hd or q.dtype not in (torch.float32, torch.bfloat16):
+            q = q.contiguous().to(self.dtype)
+        out = torch.empty(B, nh * hd, dtype=q.dtype)
+        self.lib.agp_paged_attention(ctypes.byref(self.model), layer, B, q.data_ptr(), q.stride(0),
+                                     int(q.dtype == torch.bfloat16), tables.data_ptr(), tables.shape[1],
+                                     lens.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        return out
