@@ -55,7 +55,7 @@ roofline: $(STAMP) native           # where a decode step's time goes, against m
 
 # agp's native CPU kernels (pipeline_dsl/engine/native/kernels.cpp -> native/build/, ignored);
 # without a C++ compiler the runner warns once and runs eagerly.
-native:
+native: $(STAMP)
 	$(BIN)/python -m pipeline_dsl.engine.native --optional
 
 # llama-cpp-python builds llama.cpp from source (~5 min on 2 cores): the wheel is built once

@@ -1,17 +1,20 @@
-"""Workload W32: agp against Hugging Face transformers, in one run.
+"""Workload W32: agp against Hugging Face transformers and llama.cpp, in one run.
 
 32 chat prompts (bench/w32.jsonl), 64 new tokens each, greedy, ignore_eos, on the
-embedded SmolLM2-135M-Instruct, with N torch threads (default 2). Measures, in this
-one process and one after the other:
+embedded SmolLM2-135M-Instruct (its Q4_1 GGUF), with N threads (default 2). Measures, in
+this one process and one after the other:
 
-  transformers  one at a time (fp32)   on the first --single-n prompts
-  transformers  batched (fp32, bf16)   all 32 prompts in one generate() call
-  agp           batched (fp32, bf16)   examples/chat.agp through the engine
-  agp           one request alone      decode speed of a single sequence
+  transformers  batched bf16 (model.to(bfloat16): dtypes printed), batched fp32, fp32 one at a time
+  llama.cpp     one request alone (llama-cpp-python on the same GGUF): TTFT and decode tok/s
+  agp           batched (bf16, fp32) through examples/chat.agp and the plan's executor,
+                and bf16 with a bench-only driver that steps Engine.step() on the main thread
+  agp           one request alone: TTFT and decode tok/s (executor and main thread)
 
-and prints a table of output tokens/s with ratios against transformers bf16 batched.
+and prints two tables: batched throughput against transformers bf16 batched, and one
+stream against llama.cpp. Single-stream runs turn prefix reuse off on both sides (each
+prompt is prefilled whole) and are the mean over --single-n prompts.
 
-    .venv/bin/python bench/w32.py [--threads 2] [--single-n 4] [--skip-hf] [--json out.json]
+    .venv/bin/python bench/w32.py [--threads 2] [--single-n 4] [--skip-hf] [--skip-llama] [--json out.json]
 """
 from __future__ import annotations
 
@@ -40,14 +43,20 @@ def embedded_gguf() -> Path:
 # ── transformers ──────────────────────────────────────────────────────────────
 
 def hf_load(gguf: Path, dtype):
+    """transformers loads a GGUF in fp32 whatever dtype is asked: cast it, and show it."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
-    model.eval()
+    model = model.to(dtype).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
+    with torch.inference_mode():
+        logits = model(torch.tensor([[1, 2, 3]])).logits
+    print(f"  transformers: parameter dtype {next(model.parameters()).dtype}, logits dtype {logits.dtype}",
+          file=sys.stderr, flush=True)
     return tok, model
 
 
@@ -63,36 +72,120 @@ def hf_generate(tok, model, prompts: list[str], new_tokens: int) -> tuple[int, f
     return (out.shape[1] - enc["input_ids"].shape[1]) * len(prompts), dt
 
 
+# ── llama.cpp ─────────────────────────────────────────────────────────────────
+
+def llama_single(gguf: Path, prompt_ids: list[list[int]], new_tokens: int, threads: int) -> dict | None:
+    """One request at a time on llama.cpp: mean TTFT (prefill + first token) and decode tok/s."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("  llama.cpp: llama-cpp-python is not installed (make llama-cpp)", file=sys.stderr)
+        return None
+    llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=1024,
+                n_batch=512, verbose=False)
+
+    def one(ids, n):
+        llm.reset()                                  # no prefix reuse: the whole prompt is prefilled
+        t0 = time.perf_counter()
+        gen = llm.generate(ids, temp=0.0, top_k=1, reset=True)
+        next(gen)
+        t1 = time.perf_counter()
+        for _ in range(n - 1):
+            next(gen)
+        t2 = time.perf_counter()
+        gen.close()
+        return t1 - t0, (n - 1) / (t2 - t1)
+
+    one(prompt_ids[0], 4)                            # warm-up
+    runs = [one(ids, new_tokens) for ids in prompt_ids]
+    return {"ttft_s": sum(r[0] for r in runs) / len(runs), "decode_tok_s": sum(r[1] for r in runs) / len(runs)}
+
+
 # ── agp ───────────────────────────────────────────────────────────────────────
 
-def agp_run(pipeline: Path, work: list[dict], dtype: str, threads: int) -> dict:
-    from pipeline_dsl.requests_io import parse_request
-    from pipeline_dsl.runner import RunRequest, run_requests
-    from pipeline_dsl.runtime import build_engine, default_sampling, sampling_with
+def agp_engine(pipeline: Path, dtype: str, threads: int, **overrides):
+    from pipeline_dsl.runtime import build_engine, default_sampling
 
-    engine, spec = build_engine(pipeline, dtype=dtype, threads=threads)
-    defaults = default_sampling(spec)
-    # warm-up: one short request through the same engine (first-call allocations)
-    warm = [RunRequest(0, 0, parse_request({"prompt": "Hello", "max_tokens": 4}), None)]
-    warm[0].params = sampling_with(defaults, max_tokens=4)
-    run_requests(engine, spec, warm, on_done=lambda *_: None, progress=False)
+    engine, spec = build_engine(pipeline, dtype=dtype, threads=threads, **overrides)
+    return engine, spec, default_sampling(spec)
+
+
+def agp_requests(work: list[dict], defaults, first_slot: int = 0):
+    from pipeline_dsl.requests_io import parse_request
+    from pipeline_dsl.runner import RunRequest
+    from pipeline_dsl.runtime import sampling_with
+
     reqs = []
     for i, obj in enumerate(work):
         parsed = parse_request(obj, default_id=i)
-        reqs.append(RunRequest(i, i + 1, parsed, sampling_with(defaults, **parsed.sampling)))
-    return run_requests(engine, spec, reqs, on_done=lambda *_: None, progress=False)
+        reqs.append(RunRequest(first_slot + i, first_slot + i + 1, parsed, sampling_with(defaults, **parsed.sampling)))
+    return reqs
+
+
+def agp_executor(engine, spec, defaults, work: list[dict]) -> dict:
+    """Through the plan's executor (what `agp run` does)."""
+    from pipeline_dsl.runner import run_requests
+
+    warm = agp_requests([{"prompt": "Hello", "max_tokens": 4}], defaults, first_slot=10_000)
+    run_requests(engine, spec, warm, on_done=lambda *_: None, progress=False)
+    return run_requests(engine, spec, agp_requests(work, defaults), on_done=lambda *_: None, progress=False)
+
+
+def agp_main_thread(engine, spec, defaults, work: list[dict]) -> dict:
+    """Bench-only driver: Engine.step() on the main thread, the one that owns torch's OpenMP
+    pool (the executor runs the forward on a worker thread: PERF-NOTES item 1)."""
+    def run(reqs):
+        firsts, lasts, counts = {}, {}, {}
+        t0 = time.perf_counter()
+        for r in reqs:
+            inputs = {"prompt": r.parsed.prompt} if r.parsed.messages is None else {"messages": r.parsed.messages}
+            engine.add_request(f"m{r.slot}", params=r.params, **spec.engine_inputs(inputs))
+        while engine.has_unfinished():
+            outs = engine.step()
+            now = time.perf_counter()
+            if not outs:
+                deadline = engine.next_deadline()
+                if deadline is not None:
+                    time.sleep(max(0.0, min(deadline - time.monotonic(), 0.01)))
+            for o in outs:
+                firsts.setdefault(o.request_id, now)
+                lasts[o.request_id] = now
+                counts[o.request_id] = o.completion_tokens
+        wall = time.perf_counter() - t0
+        return wall, firsts, lasts, counts, t0
+
+    run(agp_requests([{"prompt": "Hello", "max_tokens": 4}], defaults, first_slot=10_000))
+    wall, firsts, lasts, counts, t0 = run(agp_requests(work, defaults))
+    n = sum(counts.values())
+    ttft = sorted(f - t0 for f in firsts.values())
+    return {"completion_tokens": n, "generation_s": wall, "output_tokens_per_s": n / wall,
+            "ttft_p50_ms": 1000 * ttft[len(ttft) // 2],
+            "decode_tok_s": sum((counts[k] - 1) / (lasts[k] - firsts[k]) for k in counts) / len(counts)}
+
+
+def agp_single(pipeline: Path, work: list[dict], dtype: str, threads: int, driver) -> dict:
+    """One request alone, each prompt in turn through one engine without prefix reuse."""
+    engine, spec, defaults = agp_engine(pipeline, dtype, threads, prefix_reuse=False)
+    ttfts, rates = [], []
+    for w in work:
+        s = driver(engine, spec, defaults, [w])
+        ttft = s["ttft_p50_ms"] / 1000
+        ttfts.append(ttft)
+        rates.append(s.get("decode_tok_s") or (s["completion_tokens"] - 1) / (s["generation_s"] - ttft))
+    return {"ttft_s": sum(ttfts) / len(ttfts), "decode_tok_s": sum(rates) / len(rates)}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--single-n", type=int, default=4, help="prompts for transformers one at a time")
+    ap.add_argument("--single-n", type=int, default=4, help="prompts for the one-request rows")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--pipeline", default=str(ROOT / "examples" / "chat.agp"))
     ap.add_argument("--workload", default=str(ROOT / "bench" / "w32.jsonl"))
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--dtypes", default="bf16,fp32")
-    ap.add_argument("--json", default=None, help="write the table as JSON here")
+    ap.add_argument("--json", default=None, help="write the tables as JSON here")
     args = ap.parse_args()
 
     import torch
@@ -101,22 +194,30 @@ def main() -> int:
     work = load_workload(Path(args.workload))
     for w in work:
         w["max_tokens"] = args.new_tokens
+    pipeline = Path(args.pipeline)
+    dtypes = args.dtypes.split(",")
     rows: list[tuple[str, float, str]] = []
+    single: list[tuple[str, dict]] = []
 
     def add(name, tokens, seconds, note=""):
         rows.append((name, tokens / seconds, note))
-        print(f"  {name:<34} {tokens / seconds:8.1f} tok/s  {note}", file=sys.stderr, flush=True)
+        print(f"  {name:<40} {tokens / seconds:8.1f} tok/s  {note}", file=sys.stderr, flush=True)
 
+    def add_single(name, s):
+        single.append((name, s))
+        print(f"  {name:<40} TTFT {s['ttft_s'] * 1000:7.1f} ms  decode {s['decode_tok_s']:7.1f} tok/s",
+              file=sys.stderr, flush=True)
+
+    gguf = embedded_gguf()
     if not args.skip_hf:
-        gguf = embedded_gguf()
-        for dtype_name in args.dtypes.split(","):
+        for dtype_name in dtypes:
             dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
             tok, model = hf_load(gguf, dtype)
             prompts = [tok.apply_chat_template(w["messages"], tokenize=False, add_generation_prompt=True)
                        for w in work]
             hf_generate(tok, model, prompts[:2], 4)  # warm-up
             n, dt = hf_generate(tok, model, prompts, args.new_tokens)
-            add(f"transformers {dtype_name} batched", n, dt)
+            add(f"transformers {dtype_name} batched", n, dt, f"compute dtype {next(model.parameters()).dtype}")
             if dtype_name == "fp32" and args.single_n:
                 total_n = total_t = 0
                 for p in prompts[: args.single_n]:
@@ -125,23 +226,52 @@ def main() -> int:
                 add(f"transformers {dtype_name} one at a time", total_n, total_t, f"{args.single_n} prompts")
             del model
 
-    for dtype_name in args.dtypes.split(","):
-        s = agp_run(Path(args.pipeline), work, dtype_name, args.threads)
+    if not args.skip_llama and args.single_n:
+        engine, _, _ = agp_engine(pipeline, dtypes[0], args.threads)
+        ids = [engine.tokenizer.apply_chat_template(w["messages"], add_generation_prompt=True)
+               for w in work[: args.single_n]]
+        ids = [engine.tokenizer.encode(x, add_special_tokens=False) if isinstance(x, str) else list(x) for x in ids]
+        del engine
+        s = llama_single(gguf, ids, args.new_tokens, args.threads)
+        if s:
+            add_single("llama.cpp Q4_1 one request alone", s)
+
+    for dtype_name in dtypes:
+        engine, spec, defaults = agp_engine(pipeline, dtype_name, args.threads)
+        s = agp_executor(engine, spec, defaults, work)
         add(f"agp {dtype_name} continuous batching", s["completion_tokens"], s["generation_s"],
             f"mean batch {s['mean_batch_size']}")
-    s = agp_run(Path(args.pipeline), work[:1], args.dtypes.split(",")[0], args.threads)
-    add(f"agp {args.dtypes.split(',')[0]} one request alone", s["completion_tokens"], s["generation_s"])
+        if dtype_name == dtypes[0]:
+            engine, spec, defaults = agp_engine(pipeline, dtype_name, args.threads)
+            s = agp_main_thread(engine, spec, defaults, work)
+            add(f"agp {dtype_name} batching, main-thread driver", s["completion_tokens"], s["generation_s"])
+        del engine
+    if args.single_n:
+        add_single(f"agp {dtypes[0]} one request alone",
+                   agp_single(pipeline, work[: args.single_n], dtypes[0], args.threads, agp_executor))
+        add_single(f"agp {dtypes[0]} one request alone, main thread",
+                   agp_single(pipeline, work[: args.single_n], dtypes[0], args.threads, agp_main_thread))
 
     base = next((r[1] for r in rows if r[0] == "transformers bf16 batched"), None)
     print(f"\nW32: {len(work)} prompts x {args.new_tokens} new tokens, greedy, ignore_eos, "
           f"{args.threads} threads, torch {torch.__version__}")
-    print(f"| {'engine':<36} | {'tok/s':>8} | {'vs transformers bf16 batched':>28} |")
-    print(f"|{'-' * 38}|{'-' * 10}|{'-' * 30}|")
+    print(f"| {'engine':<44} | {'tok/s':>8} | {'vs transformers bf16 batched':>28} |")
+    print(f"|{'-' * 46}|{'-' * 10}|{'-' * 30}|")
     for name, tps, note in rows:
         ratio = f"{tps / base:.2f}x" if base else "-"
-        print(f"| {name:<36} | {tps:8.1f} | {ratio:>28} |")
+        print(f"| {name:<44} | {tps:8.1f} | {ratio:>28} |")
+    if single:
+        ref = next((s for n, s in single if n.startswith("llama.cpp")), None)
+        print(f"\nOne request alone ({args.single_n} prompts, mean; no prefix reuse)")
+        print(f"| {'engine':<44} | {'TTFT ms':>8} | {'decode tok/s':>12} | {'decode vs llama.cpp':>19} |")
+        print(f"|{'-' * 46}|{'-' * 10}|{'-' * 14}|{'-' * 21}|")
+        for name, s in single:
+            ratio = f"{s['decode_tok_s'] / ref['decode_tok_s']:.2f}x" if ref else "-"
+            print(f"| {name:<44} | {s['ttft_s'] * 1000:8.1f} | {s['decode_tok_s']:12.1f} | {ratio:>19} |")
     if args.json:
-        Path(args.json).write_text(json.dumps([{"engine": n, "tok_s": t, "note": x} for n, t, x in rows], indent=2))
+        Path(args.json).write_text(json.dumps({
+            "batched": [{"engine": n, "tok_s": t, "note": x} for n, t, x in rows],
+            "single": [{"engine": n, **s} for n, s in single]}, indent=2))
     return 0
 
 

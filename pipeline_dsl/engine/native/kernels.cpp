@@ -394,6 +394,10 @@ void agp_paged_attention(const Model* mp, int layer, int B, const void* q, int64
 }
 
 // One all-decode step of B sequences (one token each): logits [n_out, V] float.
+//
+// One parallel region, five barriers a layer (after qkv, attention, o, gate_up, down): every
+// thread keeps its own copy of the residual stream and of the small per-row vectors (norms,
+// block sums, silu*mul), computing them redundantly instead of waiting for one thread to.
 void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthreads) {
     const Model& m = *mp;
     const Step& s = *sp;
@@ -402,94 +406,84 @@ void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthread
     const bool bf = m.bf16;
     int Lmax = 0;
     for (int b = 0; b < B; ++b) Lmax = s.pos[b] + 1 > Lmax ? (int)s.pos[b] + 1 : Lmax;
-    std::vector<float> x((size_t)B * H), h((size_t)B * H), tmp((size_t)B * H), qkv((size_t)B * QKV),
-        att((size_t)B * nh * hd), gu((size_t)B * 2 * I), act((size_t)B * I), xs((size_t)B * (I / 32 + H / 32 + 1));
+    // shared: the outputs of the parallel phases
+    std::vector<float> tmp((size_t)B * H), qkv((size_t)B * QKV), att((size_t)B * nh * hd), gu((size_t)B * 2 * I);
     const size_t esz = m.kv_bf16 ? 2 : 4;
-    const size_t per_thread = (size_t)(2 * hd + g) * Lmax;
-    std::vector<float> scores((size_t)nthreads * per_thread);
-    for (int b = 0; b < B; ++b)   // the embedding rows
-        for (int i = 0; i < H; ++i) {
-            const int64_t k = s.tokens[b] * H + i;
-            x[(size_t)b * H + i] = m.embed_bf16 ? bf16_to_f32(((const uint16_t*)m.embed)[k]) : ((const float*)m.embed)[k];
-        }
 #pragma omp parallel num_threads(nthreads)
     {
-        const int tid = omp_get_thread_num();
+        // private: the residual stream and what each phase's input needs
+        std::vector<float> x((size_t)B * H), h((size_t)B * H), act((size_t)B * I), xs((size_t)B * (I / 32 + 1)),
+            scratch((size_t)(2 * hd + g) * Lmax);
+        for (int b = 0; b < B; ++b)   // the embedding rows
+            for (int i = 0; i < H; ++i) {
+                const int64_t k = s.tokens[b] * H + i;
+                x[(size_t)b * H + i] = m.embed_bf16 ? bf16_to_f32(((const uint16_t*)m.embed)[k]) : ((const float*)m.embed)[k];
+            }
+        auto residual = [&]() {        // x += tmp (the o or down output)
+            for (size_t i = 0; i < x.size(); ++i) x[i] = bf ? rb(x[i] + tmp[i]) : x[i] + tmp[i];
+        };
+        auto norm_rows = [&](const float* w, int rows, const int64_t* which) {
+            for (int r = 0; r < rows; ++r)
+                rmsnorm(&x[(size_t)(which ? which[r] : r) * H], w, H, m.eps, bf, &h[(size_t)r * H]);
+        };
         for (int li = 0; li < m.n_layers; ++li) {
             const Layer& ly = m.layers[li];
             char* kl = (char*)m.k_pool + li * m.layer_stride * esz;
             char* vl = (char*)m.v_pool + li * m.layer_stride * esz;
-#pragma omp single
-            {
-                for (int b = 0; b < B; ++b) rmsnorm(&x[(size_t)b * H], ly.attn_norm, H, m.eps, bf, &h[(size_t)b * H]);
-                if (ly.qkv.kind == 2) block_sums(h.data(), B, H, xs.data());
-            }
+            if (li > 0) residual();
+            norm_rows(ly.attn_norm, B, nullptr);
+            if (ly.qkv.kind == 2) block_sums(h.data(), B, H, xs.data());
             linear_par(ly.qkv, h.data(), xs.data(), B, qkv.data());
 #pragma omp barrier
-#pragma omp for schedule(static)
-            for (int w = 0; w < B * (nh + nkv); ++w) {   // RoPE on q and k heads; k, v into the pool
-                const int b = w / (nh + nkv), head = w % (nh + nkv);
-                float* v = &qkv[(size_t)b * QKV + (size_t)head * hd];
+#pragma omp for schedule(dynamic, 1)
+            for (int w = 0; w < B * nkv; ++w) {   // one sequence's KV head: RoPE, K/V into the pool, attend
+                const int b = w / nkv, kh = w % nkv;
+                float* row = &qkv[(size_t)b * QKV];
                 const float* c = m.cos + s.pos[b] * hd;
                 const float* sn = m.sin + s.pos[b] * hd;
-                float r[256];
-                for (int d = 0; d < hd; ++d) {
-                    const float sw = v[d < hd / 2 ? d + hd / 2 : d - hd / 2];
-                    r[d] = bf ? rb(rb(v[d] * c[d]) + rb(sw * sn[d])) : v[d] * c[d] + sw * sn[d];
-                }
-                std::memcpy(v, r, hd * sizeof(float));
-                if (head >= nh) {
-                    const int kh = head - nh;
-                    const float* vv = &qkv[(size_t)b * QKV + (size_t)(nh + nkv + kh) * hd];
-                    const int64_t dst = (s.slots[b] * nkv + kh) * hd;
+                for (int head = kh * g; head <= kh * g + g; ++head) {   // its g query heads, then its key head
+                    float* v = row + (size_t)(head < kh * g + g ? head : nh + kh) * hd;
+                    float r[256];
                     for (int d = 0; d < hd; ++d) {
-                        if (m.kv_bf16) {
-                            ((uint16_t*)kl)[dst + d] = f32_to_bf16(v[d]);
-                            ((uint16_t*)vl)[dst + d] = f32_to_bf16(vv[d]);
-                        } else {
-                            ((float*)kl)[dst + d] = v[d];
-                            ((float*)vl)[dst + d] = vv[d];
-                        }
+                        const float sw = v[d < hd / 2 ? d + hd / 2 : d - hd / 2];
+                        r[d] = bf ? rb(rb(v[d] * c[d]) + rb(sw * sn[d])) : v[d] * c[d] + sw * sn[d];
+                    }
+                    std::memcpy(v, r, hd * sizeof(float));
+                }
+                const float* kr = row + (size_t)(nh + kh) * hd;
+                const float* vr = row + (size_t)(nh + nkv + kh) * hd;
+                const int64_t dst = (s.slots[b] * nkv + kh) * hd;
+                for (int d = 0; d < hd; ++d) {
+                    if (m.kv_bf16) {
+                        ((uint16_t*)kl)[dst + d] = f32_to_bf16(kr[d]);
+                        ((uint16_t*)vl)[dst + d] = f32_to_bf16(vr[d]);
+                    } else {
+                        ((float*)kl)[dst + d] = kr[d];
+                        ((float*)vl)[dst + d] = vr[d];
                     }
                 }
-            }
-#pragma omp for schedule(dynamic, 1)
-            for (int w = 0; w < B * nkv; ++w) {
-                const int b = w / nkv, kh = w % nkv;
                 float* o = &att[(size_t)b * nh * hd + (size_t)kh * g * hd];
-                attend(m, &qkv[(size_t)b * QKV + (size_t)kh * g * hd], s.tables + (int64_t)b * s.nblk,
-                       (int)s.pos[b] + 1, kh, kl, vl, &scores[(size_t)tid * per_thread], o);
+                attend(m, row + (size_t)kh * g * hd, s.tables + (int64_t)b * s.nblk, (int)s.pos[b] + 1, kh, kl, vl,
+                       scratch.data(), o);
                 if (bf) round_vec(o, g * hd);
             }
-#pragma omp single
             if (ly.o.kind == 2) block_sums(att.data(), B, nh * hd, xs.data());
             linear_par(ly.o, att.data(), xs.data(), B, tmp.data());
 #pragma omp barrier
-#pragma omp single
-            {
-                for (size_t i = 0; i < x.size(); ++i) x[i] = bf ? rb(x[i] + tmp[i]) : x[i] + tmp[i];
-                for (int b = 0; b < B; ++b) rmsnorm(&x[(size_t)b * H], ly.ffn_norm, H, m.eps, bf, &h[(size_t)b * H]);
-                if (ly.gate_up.kind == 2) block_sums(h.data(), B, H, xs.data());
-            }
+            residual();
+            norm_rows(ly.ffn_norm, B, nullptr);
+            if (ly.gate_up.kind == 2) block_sums(h.data(), B, H, xs.data());
             linear_par(ly.gate_up, h.data(), xs.data(), B, gu.data());
 #pragma omp barrier
-#pragma omp single
-            {
-                for (int b = 0; b < B; ++b)
-                    silu_mul(&gu[(size_t)b * 2 * I], &gu[(size_t)b * 2 * I + I], &act[(size_t)b * I], I, bf);
-                if (ly.down.kind == 2) block_sums(act.data(), B, I, xs.data());
-            }
+            for (int b = 0; b < B; ++b)
+                silu_mul(&gu[(size_t)b * 2 * I], &gu[(size_t)b * 2 * I + I], &act[(size_t)b * I], I, bf);
+            if (ly.down.kind == 2) block_sums(act.data(), B, I, xs.data());
             linear_par(ly.down, act.data(), xs.data(), B, tmp.data());
 #pragma omp barrier
-#pragma omp single
-            for (size_t i = 0; i < x.size(); ++i) x[i] = bf ? rb(x[i] + tmp[i]) : x[i] + tmp[i];
         }
-#pragma omp single
-        {
-            for (int r = 0; r < s.n_out; ++r)
-                rmsnorm(&x[(size_t)s.out_rows[r] * H], m.norm, H, m.eps, bf, &h[(size_t)r * H]);
-            if (m.lm_head.kind == 2) block_sums(h.data(), s.n_out, H, xs.data());
-        }
+        residual();
+        norm_rows(m.norm, s.n_out, s.out_rows);
+        if (m.lm_head.kind == 2) block_sums(h.data(), s.n_out, H, xs.data());
         linear_par(m.lm_head, h.data(), xs.data(), s.n_out, logits);
     }
 }
