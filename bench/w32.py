@@ -43,19 +43,25 @@ def embedded_gguf() -> Path:
 # ── transformers ──────────────────────────────────────────────────────────────
 
 def hf_load(gguf: Path, dtype):
-    """transformers loads a GGUF in fp32 whatever dtype is asked: cast it, and show it."""
+    """transformers 5 keeps a GGUF's blocks packed and computes them in fp32 whatever dtype is
+    asked (its bf16 then casts around every matmul). fp32: that default path. bf16: the file
+    dequantised into dense bf16 weights (GgufConfig(dequantize=True), model.to(bfloat16)), so
+    weights and compute are bf16; the dtypes are printed."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    kw = {} if dtype == torch.float32 else {"quantization_config": GgufConfig(dequantize=True)}
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype, **kw)
     model = model.to(dtype).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     with torch.inference_mode():
         logits = model(torch.tensor([[1, 2, 3]])).logits
-    print(f"  transformers: parameter dtype {next(model.parameters()).dtype}, logits dtype {logits.dtype}",
+    lin = model.model.layers[0].mlp.gate_proj
+    print(f"  transformers: parameter dtype {next(model.parameters()).dtype}, logits dtype {logits.dtype}, "
+          f"a linear: {type(lin).__name__} weight {getattr(lin, 'weight', None).dtype if hasattr(lin, 'weight') else '-'}",
           file=sys.stderr, flush=True)
     return tok, model
 
