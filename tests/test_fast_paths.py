@@ -147,6 +147,19 @@ def test_native_decode_steps_match_eager_fp32_over_random_schedules(f32, seed):
 
 
 @pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_large_decode_batches_glued_between_gemms_match_eager(f32, q4, dtype, seed):
+    """Above native_max_batch the GEMMs stay eager and the rest is native: force it at 2 rows."""
+    src = f32 if dtype == "fp32" else q4
+    model = LlamaModel(src.config, src.weights, dtype)
+    fast = ModelRunner(model, num_blocks=512, block_size=BS)
+    fast.native_max_batch = 1
+    sim = Lockstep(fast, eager_runner(model, 512), 400 + seed)
+    sim.run(steps=50, tol=0.0 if dtype == "fp32" else 0.02)
+    assert sim.stats["near_ties"] <= 0.05 * sim.stats["rows"]
+
+
+@pytest.mark.parametrize("seed", range(4))
 def test_native_logits_match_eager_fp32_closely(f32, seed):
     model = LlamaModel(f32.config, f32.weights, "fp32")
     fast, ref = ModelRunner(model, num_blocks=512, block_size=BS), eager_runner(model, 512)

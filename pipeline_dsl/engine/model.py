@@ -421,6 +421,8 @@ class ModelRunner:
             logits = self.native.decode(step.tokens, step.positions, step.slots, step.dec_tables,
                                         step.sample_rows if want_logits else None)  # [n_sample, V]
             return logits if want_logits else None
+        if step.all_decode and step.dec_tables is not None:
+            return self._forward_glued(step, want_logits)
         x = F.embedding(step.tokens, m.embed)                   # [T, H]
         for li, layer in enumerate(m.layers):
             q, k, v = m.qkv(layer, x, step.cos, step.sin)       # [T, nh, hd], [T, kv, hd] x2
@@ -433,6 +435,26 @@ class ModelRunner:
         if not want_logits:
             return None
         return m.logits(x.index_select(0, step.sample_rows))   # [n_sample, V]
+
+    def _forward_glued(self, step: _Step, want_logits: bool) -> torch.Tensor | None:
+        """A large all-decode batch: the GEMMs on oneDNN/int4 as eager, everything between
+        them one native call each (add+RMSNorm, RoPE+KV write+paged attention, SwiGLU)."""
+        m, nat = self.model, self.native
+        x = F.embedding(step.tokens, m.embed).contiguous()     # [B, H], updated in place
+        h = nat.add_rmsnorm(x, None, 0, "attn")
+        for li, layer in enumerate(m.layers):
+            a = nat.attention_block(li, layer.qkv(h).contiguous(), step.positions, step.slots,
+                                    step.dec_tables)             # [B, nh*hd]
+            h = nat.add_rmsnorm(x, layer.o(a).contiguous(), li, "ffn")
+            d = layer.down(nat.silu_mul(layer.gate_up(h).contiguous())).contiguous()
+            last = li == len(m.layers) - 1
+            h = nat.add_rmsnorm(x, d, li + 1, "final" if last else "attn")
+        if not want_logits:
+            return None
+        h = h.index_select(0, step.sample_rows)                 # [n_sample, H], normed
+        head = m.lm_head_small if m.lm_head_small is not None and h.shape[0] <= m.lm_head_small.small_batch \
+            else m.lm_head
+        return head(h).float()                                  # [n_sample, V]
 
     def _attention(self, step: _Step, q, k, v, kc, vc, li: int = 0) -> torch.Tensor:
         c = self.model.config

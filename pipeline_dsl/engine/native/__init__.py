@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "kernels.cpp"
 BUILD = HERE / "build"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-VERSION = 3                       # agp_native_version() of a library this module can drive
+VERSION = 4                       # agp_native_version() of a library this module can drive
 
 _LIB: list = []                   # [lib or None] once tried
 _WARNED: set = set()
@@ -150,4 +150,10 @@ def _declare(lib) -> None:
     lib.agp_paged_attention.restype = None
     lib.agp_decode_step.argtypes = [P, P, P, I]
     lib.agp_decode_step.restype = None
+    lib.agp_add_rmsnorm.argtypes = [P, P, P, P, I, I, ctypes.c_float, I, I]
+    lib.agp_add_rmsnorm.restype = None
+    lib.agp_silu_mul.argtypes = [P, P, I, I, I, I]
+    lib.agp_silu_mul.restype = None
+    lib.agp_decode_attention_block.argtypes = [P, I, I, P, I, P, P, P, I, P, I]
+    lib.agp_decode_attention_block.restype = None
 

@@ -63,7 +63,7 @@ struct Step {
     const int64_t* out_rows;     // [n_out] rows whose logits are wanted
 };
 
-int agp_native_version() { return 3; }
+int agp_native_version() { return 4; }
 
 }  // extern "C"
 
@@ -389,6 +389,92 @@ void agp_paged_attention(const Model* mp, int layer, int B, const void* q, int64
                 if (q_bf16) ((uint16_t*)out)[i] = f32_to_bf16(of[j]);
                 else ((float*)out)[i] = of[j];
             }
+        }
+    }
+}
+
+// ---- glue between the eager path's GEMMs (large batches: oneDNN does the GEMMs) -----------
+
+inline float ld(const void* p, bool bf, int64_t i) {
+    return bf ? bf16_to_f32(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+}
+inline void st(void* p, bool bf, int64_t i, float v) {
+    if (bf) ((uint16_t*)p)[i] = f32_to_bf16(v);
+    else ((float*)p)[i] = v;
+}
+
+// x [T, H] += r (when r is given, rounded like the eager add); h = rms(x) * w. bf: tensors are bf16.
+void agp_add_rmsnorm(const void* r, void* x, const float* w, void* h, int T, int H, float eps, int bf,
+                     int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (T >= 4)
+    for (int t = 0; t < T; ++t) {
+        float xs[4096];
+        for (int i = 0; i < H; ++i) {
+            float v = ld(x, bf, (int64_t)t * H + i);
+            if (r) {
+                v += ld(r, bf, (int64_t)t * H + i);
+                if (bf) v = rb(v);
+                st(x, bf, (int64_t)t * H + i, v);
+            }
+            xs[i] = v;
+        }
+        float o[4096];
+        rmsnorm(xs, w, H, eps, bf, o);
+        for (int i = 0; i < H; ++i) st(h, bf, (int64_t)t * H + i, o[i]);
+    }
+}
+
+// gu [T, 2I] -> out [T, I] = silu(gate) * up
+void agp_silu_mul(const void* gu, void* out, int T, int I, int bf, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (T >= 4)
+    for (int t = 0; t < T; ++t) {
+        std::vector<float> g(I), u(I), o(I);
+        for (int i = 0; i < I; ++i) g[i] = ld(gu, bf, (int64_t)t * 2 * I + i), u[i] = ld(gu, bf, (int64_t)t * 2 * I + I + i);
+        silu_mul(g.data(), u.data(), o.data(), I, bf);
+        for (int i = 0; i < I; ++i) st(out, bf, (int64_t)t * I + i, o[i]);
+    }
+}
+
+// The attention block of an all-decode step: qkv [B, (nh+2kv)*hd] (a linear's output) -> RoPE on
+// q and k, k and v into the pool at slots, attention over the paged contexts -> att [B, nh*hd].
+void agp_decode_attention_block(const Model* mp, int layer, int B, const void* qkv, int bf, const int64_t* pos,
+                                const int64_t* slots, const int64_t* tables, int nblk, void* att, int nthreads) {
+    const Model& m = *mp;
+    const int hd = m.head_dim, nh = m.n_heads, nkv = m.n_kv, g = nh / nkv, QKV = (nh + 2 * nkv) * hd;
+    int Lmax = 0;
+    for (int b = 0; b < B; ++b) Lmax = pos[b] + 1 > Lmax ? (int)pos[b] + 1 : Lmax;
+    const size_t esz = m.kv_bf16 ? 2 : 4;
+    char* kl = (char*)m.k_pool + layer * m.layer_stride * esz;
+    char* vl = (char*)m.v_pool + layer * m.layer_stride * esz;
+#pragma omp parallel num_threads(nthreads)
+    {
+        std::vector<float> scratch((size_t)(2 * hd + g) * Lmax), row((size_t)(g + 2) * hd), o((size_t)g * hd);
+#pragma omp for schedule(dynamic, 1)
+        for (int w = 0; w < B * nkv; ++w) {
+            const int b = w / nkv, kh = w % nkv;
+            const float* c = m.cos + pos[b] * hd;
+            const float* sn = m.sin + pos[b] * hd;
+            for (int j = 0; j < g + 2; ++j) {   // its g query heads, its key head (rotated), its value head
+                const int head = j < g ? kh * g + j : (j == g ? nh + kh : nh + nkv + kh);
+                const int64_t base = (int64_t)b * QKV + (int64_t)head * hd;
+                float* v = &row[(size_t)j * hd];
+                for (int d = 0; d < hd; ++d) v[d] = ld(qkv, bf, base + d);
+                if (j <= g) {
+                    float r[256];
+                    for (int d = 0; d < hd; ++d) {
+                        const float sw = v[d < hd / 2 ? d + hd / 2 : d - hd / 2];
+                        r[d] = bf ? rb(rb(v[d] * c[d]) + rb(sw * sn[d])) : v[d] * c[d] + sw * sn[d];
+                    }
+                    std::memcpy(v, r, hd * sizeof(float));
+                }
+            }
+            const int64_t dst = (slots[b] * nkv + kh) * hd;
+            for (int d = 0; d < hd; ++d) {
+                st(kl, m.kv_bf16, dst + d, row[(size_t)g * hd + d]);
+                st(vl, m.kv_bf16, dst + d, row[(size_t)(g + 1) * hd + d]);
+            }
+            attend(m, row.data(), tables + (int64_t)b * nblk, (int)pos[b] + 1, kh, kl, vl, scratch.data(), o.data());
+            for (int j = 0; j < g * hd; ++j) st(att, bf, (int64_t)b * nh * hd + (int64_t)kh * g * hd + j, o[j]);
         }
     }
 }

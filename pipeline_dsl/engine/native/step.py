@@ -47,6 +47,9 @@ class NativeDecoder:
                 raise ValueError(f"no native form for {type(layer).__name__}")
             return st
 
+        self._norms = [(f32(ly.attn_norm), f32(ly.ffn_norm)) for ly in model.layers]   # glue: rmsnorm weights
+        self._final_norm = f32(model.norm)
+        self._bf = int(bf16)
         self._layers = (Layer * c.num_layers)()
         for i, ly in enumerate(model.layers):
             self._layers[i] = Layer(f32(ly.attn_norm), f32(ly.ffn_norm), lin(ly.qkv), lin(ly.o),
@@ -74,7 +77,8 @@ class NativeDecoder:
         c = model.config
         if (lib is None or model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16)
                 or k_pool.dtype not in (torch.float32, torch.bfloat16) or c.head_dim % 16 or c.head_dim > 256
-                or c.hidden_size % 32 or c.intermediate_size % 32 or not k_pool.is_contiguous()):
+                or c.hidden_size % 32 or c.intermediate_size % 32 or c.hidden_size > 4096
+                or not k_pool.is_contiguous()):
             return None
         try:
             return cls(lib, model, k_pool, v_pool, block_size)
@@ -112,3 +116,30 @@ class NativeDecoder:
                                      int(q.dtype == torch.bfloat16), tables.data_ptr(), tables.shape[1],
                                      lens.data_ptr(), out.data_ptr(), torch.get_num_threads())
         return out
+
+    # ---- glue between the eager GEMMs of a large all-decode batch (one call each) ---------
+    def add_rmsnorm(self, x: torch.Tensor, r: torch.Tensor | None, layer: int, which: str) -> torch.Tensor:
+        """x [T, H] += r (in place, when given); returns rmsnorm(x) with layer's attn|ffn|final norm."""
+        w = self._final_norm if which == "final" else self._norms[layer][which == "ffn"]
+        h = torch.empty_like(x)
+        T, H = x.shape
+        self.lib.agp_add_rmsnorm(r.data_ptr() if r is not None else None, x.data_ptr(), w, h.data_ptr(), T, H,
+                                 self.config.rms_eps, self._bf, torch.get_num_threads())
+        return h
+
+    def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        """gu [T, 2I] -> silu(gate) * up [T, I]."""
+        T, I2 = gu.shape
+        out = torch.empty(T, I2 // 2, dtype=gu.dtype)
+        self.lib.agp_silu_mul(gu.data_ptr(), out.data_ptr(), T, I2 // 2, self._bf, torch.get_num_threads())
+        return out
+
+    def attention_block(self, layer: int, qkv: torch.Tensor, positions, slots, tables) -> torch.Tensor:
+        """qkv [B, (nh+2kv)*hd] -> RoPE, K/V written at slots, paged attention -> [B, nh*hd]."""
+        c = self.config
+        B = qkv.shape[0]
+        att = torch.empty(B, c.num_heads * c.head_dim, dtype=qkv.dtype)
+        self.lib.agp_decode_attention_block(ctypes.byref(self.model), layer, B, qkv.data_ptr(), self._bf,
+                                            positions.data_ptr(), slots.data_ptr(), tables.data_ptr(),
+                                            tables.shape[1], att.data_ptr(), torch.get_num_threads())
+        return att
