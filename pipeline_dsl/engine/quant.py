@@ -128,10 +128,9 @@ class Int4Linear:
         self.nibbles = (q[:, :, 0] | (q[:, :, 1] << 4)).contiguous()            # [N, K/32, 16] GGUF's bytes
         # the native kernel reads (nibbles, sz [N, K/32, 2]); torch's kernel its own packing
         self.native = native.load() is not None and compute_dtype == torch.bfloat16
-        if self.native:
-            self.sz = self.scales_zeros.transpose(0, 1).contiguous()            # [N, K/32, 2] bf16
-            self.packed = None
-        else:
+        self.sz = self.scales_zeros.transpose(0, 1).contiguous() if self.native else None  # [N, K/32, 2]
+        self.packed = None   # torch's kernel: without native, or for 9..64 rows without a dense copy
+        if not self.native or dense is None:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(blocks.q.to(torch.int32), 1)  # [N, K/2]
 
     def dequantized(self) -> torch.Tensor:
@@ -155,7 +154,7 @@ class Int4Linear:
             return self.dense(x)
         if T > self.large_batch:
             return F.linear(x, self.dequantized())
-        if self.native:
+        if self.native and (T <= self.small_batch or self.packed is None):
             return native_linear(self, x).to(x.dtype)                          # [T, out]
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, INT4_GROUP,
                                                           self.scales_zeros)  # [T, out]

@@ -154,7 +154,8 @@ inline __m512 load_bf16x16(const uint16_t* p) {
 // ---- linear layers: rows [n0, n1) of y[t, n] = sum_k x[t, k] w[n, k], T <= 8 -----------------
 
 template <int T>
-void q4_rows(const Lin& L, const float* x, const float* xs, float* y, int n0, int n1) {
+void q4_rows(const Lin& L, const float* x, const float*, float* y, int n0, int n1) {
+    // each block dequantised once, w = (q - 8) * s + z, then one FMA per 16 weights per row
     const int K = L.K, nb = K / 32, N = L.N;
     const uint8_t* W = (const uint8_t*)L.w;
     const uint16_t* SZ = (const uint16_t*)L.s;
@@ -164,23 +165,20 @@ void q4_rows(const Lin& L, const float* x, const float* xs, float* y, int n0, in
         const uint8_t* w = W + (int64_t)n * (K / 2);
         const uint16_t* sz = SZ + (int64_t)n * nb * 2;
         __m512 acc[T];
-        float bias[T];
-        for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps(), bias[t] = 0.f;
+        for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
         for (int b = 0; b < nb; ++b) {
-            __m128i bytes = _mm_loadu_si128((const __m128i*)(w + 16 * b));
-            __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, m4)), eight));
-            __m512 hi = _mm512_cvtepi32_ps(
-                _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), m4)), eight));
-            const float s = bf16_to_f32(sz[2 * b]), z = bf16_to_f32(sz[2 * b + 1]);
-            const __m512 sv = _mm512_set1_ps(s);
+            const __m128i bytes = _mm_loadu_si128((const __m128i*)(w + 16 * b));
+            const __m512 sv = _mm512_set1_ps(bf16_to_f32(sz[2 * b])), zv = _mm512_set1_ps(bf16_to_f32(sz[2 * b + 1]));
+            const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(
+                _mm512_cvtepu8_epi32(_mm_and_si128(bytes, m4)), eight)), sv, zv);
+            const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(
+                _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), m4)), eight)), sv, zv);
             for (int t = 0; t < T; ++t) {
                 const float* xt = x + (int64_t)t * K + 32 * b;
-                __m512 d = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xt + 16), _mm512_mul_ps(lo, _mm512_loadu_ps(xt)));
-                acc[t] = _mm512_fmadd_ps(d, sv, acc[t]);
-                bias[t] += z * xs[t * nb + b];
+                acc[t] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xt + 16), _mm512_fmadd_ps(lo, _mm512_loadu_ps(xt), acc[t]));
             }
         }
-        for (int t = 0; t < T; ++t) y[(int64_t)t * N + n] = _mm512_reduce_add_ps(acc[t]) + bias[t];
+        for (int t = 0; t < T; ++t) y[(int64_t)t * N + n] = _mm512_reduce_add_ps(acc[t]);
     }
 }
 
