@@ -15,6 +15,13 @@ with a padding mask; prefill chunks attend per sequence, causally, over their ca
 prefix. The gather/slot indices are built once per step and reused by every layer. A
 decode sequence alone (the memory-bound case) skips the mask, and the gather too when its
 blocks are consecutive in the pool.
+
+With the native kernels (pipeline_dsl.engine.native, CPU) an all-decode step of up to
+`native_max_batch` sequences runs as ONE native call (the whole forward in one parallel
+region: int4/int8 GEMVs, attention reading the paged blocks in place, no gather, no mask,
+no padding), and a larger one keeps its GEMMs on oneDNN with one native call for each
+piece between them (add+RMSNorm, RoPE+KV write+attention, SwiGLU). Both round to bf16
+where the eager path does, so greedy tokens agree with it (tests/test_fast_paths.py).
 """
 
 from __future__ import annotations
