@@ -10,7 +10,8 @@ file has it), the runner's median step time and:
 
   weights GB/s   bytes of weights read per step / step time (each weight read once a step)
   GFLOP/s        2 * params * B (+ attention) / step time
-  GEMM ms        the step's linear layers alone (same kernels, same shapes)
+  GEMM ms        the step's linear layers alone (same kernels, same shapes; one call each, so
+                 at batch 1 it carries 121 calls' dispatch that the fused native step does not)
   attention ms   the step's decode attention alone
   outside        the share of the step that is neither: norms, RoPE, SwiGLU, residuals,
                  KV writes, embedding, host-side preparation, dispatch
@@ -31,7 +32,13 @@ import torch
 
 from pipeline_dsl.engine.model import LlamaModel, ModelRunner, SeqBatchItem
 from pipeline_dsl.engine.models import load_weights, resolve_model
-from pipeline_dsl.engine.quant import Int4Linear, PackedLinear, Q8Linear
+from pipeline_dsl.engine.quant import Int4Linear, PackedLinear
+
+try:
+    from pipeline_dsl.engine.quant import Q8Linear
+except ImportError:          # an older tree (A/B against a baseline checkout)
+    class Q8Linear:  # noqa: D101
+        pass
 
 
 def timed(fn, reps: int) -> float:
@@ -64,7 +71,7 @@ def weight_bytes(lin, rows: int) -> int:
     if isinstance(lin, Int4Linear):
         if rows > lin.small_batch and lin.dense is not None:
             return lin.dense.weight.numel() * 2
-        return lin.nibbles.numel() + lin.scales_zeros.numel() * 2        # 4 bits + bf16 scale/zero per 32
+        return lin.scales_zeros.numel() * 10       # per 32 weights: 16 bytes of nibbles + 2 bf16 (scale, zero)
     if isinstance(lin, Q8Linear):
         if rows > lin.small_batch and lin.dense is not None:
             return lin.dense.weight.numel() * 2
@@ -91,9 +98,16 @@ class Case:
     def step(self):
         return self.runner.execute(self.items)       # the same position again: a steady state
 
+    @staticmethod
+    def in_features(lin) -> int:
+        if isinstance(lin, Int4Linear):
+            return lin.scales_zeros.shape[0] * 32
+        return (lin.qweight if isinstance(lin, Q8Linear) else lin.weight).shape[1]
+
     def linears(self):
         m = self.model
-        head = m.lm_head_small if m.lm_head_small is not None and self.batch <= m.lm_head_small.small_batch \
+        small = getattr(m, "lm_head_small", None)
+        head = small if small is not None and self.batch <= small.small_batch \
             else m.lm_head
         return [lin for ly in m.layers for lin in (ly.qkv, ly.o, ly.gate_up, ly.down)] + [head]
 
@@ -102,26 +116,22 @@ class Case:
         B, c = self.batch, self.config
         xs = {}
         for lin in self.linears():
-            k = lin.nibbles.shape[1] * 32 if isinstance(lin, Int4Linear) else (
-                lin.qweight.shape[1] if isinstance(lin, Q8Linear) else lin.weight.shape[1])
-            xs.setdefault(k, torch.randn(B, k).bfloat16())
-        lins = [(lin, xs[lin.nibbles.shape[1] * 32 if isinstance(lin, Int4Linear) else (
-            lin.qweight.shape[1] if isinstance(lin, Q8Linear) else lin.weight.shape[1])]) for lin in self.linears()]
+            xs.setdefault(self.in_features(lin), torch.randn(B, self.in_features(lin)).bfloat16())
+        lins = [(lin, xs[self.in_features(lin)]) for lin in self.linears()]
         return lambda: [lin(x) for lin, x in lins]
 
     def attention_only(self):
         r, c = self.runner, self.config
         step = r._prepare(self.items)
         q = torch.randn(self.batch, c.num_heads, c.head_dim).bfloat16()
-        if step.dec_tables is not None:
+        if getattr(step, "dec_tables", None) is not None:
             return lambda: [r.native.attention(li, q, step.dec_tables, step.dec_lens) for li in range(c.num_layers)]
         return lambda: [r._decode_attention(q, r._k_pool[li], r._v_pool[li], step.dec_gather, step.dec_mask,
                                             step.dec_len, step.dec_first) for li in range(c.num_layers)]
 
     def flops(self) -> float:
         c, B = self.config, self.batch
-        params = sum(lin.out_features * (lin.nibbles.shape[1] * 32 if isinstance(lin, Int4Linear) else (
-            lin.qweight.shape[1] if isinstance(lin, Q8Linear) else lin.weight.shape[1])) for lin in self.linears())
+        params = sum(lin.out_features * self.in_features(lin) for lin in self.linears())
         attn = sum(4 * c.num_heads * c.head_dim * (n + 1) for n in self.lens) * c.num_layers
         return 2 * params * B + attn
 
@@ -151,8 +161,9 @@ def main(argv=None) -> None:
                 gemm = timed(case.gemm_only(), args.reps)
                 attn = timed(case.attention_only(), args.reps)
             r = case.runner
-            path = "native step" if (r.native is not None and B <= r.native_max_batch) else (
-                "eager + native attention" if r.native is not None else "eager")
+            nat = getattr(r, "native", None)
+            path = "native step" if (nat is not None and B <= r.native_max_batch) else (
+                "oneDNN GEMMs + native glue" if nat is not None else "eager")
             mb = sum(weight_bytes(lin, B) for lin in case.linears()) / 1e6
             outside = max(0.0, 1 - (gemm + attn) / step)
             print(f"| {kind} | {B} | {path} | {step * 1e3:.1f} | {B / step:.0f} | {mb:.0f} | {mb / 1e3 / step:.1f} | "
