@@ -252,20 +252,17 @@ void rows_t(const Lin& L, const float* x, const float* xs, float* y, int n0, int
 // y[T, N] for output rows [n0, n1); x [T, K] float, xs [T, K/32] the block sums of x (q4 only).
 void linear_rows(const Lin& L, const float* x, const float* xs, int T, float* y, int n0, int n1) {
     const int K = L.K, N = L.N;
-    for (int t0 = 0; t0 < T; t0 += 8) {
-        const int tn = T - t0 < 8 ? T - t0 : 8;
+    for (int t0 = 0; t0 < T; t0 += 16) {     // up to 16 rows a pass over the weights
+        const int tn = T - t0 < 16 ? T - t0 : 16;
         const float* xt = x + (int64_t)t0 * K;
         const float* xst = xs ? xs + (int64_t)t0 * (K / 32) : nullptr;
         float* yt = y + (int64_t)t0 * N;
         switch (tn) {
-            case 1: rows_t<1>(L, xt, xst, yt, n0, n1); break;
-            case 2: rows_t<2>(L, xt, xst, yt, n0, n1); break;
-            case 3: rows_t<3>(L, xt, xst, yt, n0, n1); break;
-            case 4: rows_t<4>(L, xt, xst, yt, n0, n1); break;
-            case 5: rows_t<5>(L, xt, xst, yt, n0, n1); break;
-            case 6: rows_t<6>(L, xt, xst, yt, n0, n1); break;
-            case 7: rows_t<7>(L, xt, xst, yt, n0, n1); break;
-            default: rows_t<8>(L, xt, xst, yt, n0, n1); break;
+#define ROWS(n) case n: rows_t<n>(L, xt, xst, yt, n0, n1); break;
+            ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
+            ROWS(9) ROWS(10) ROWS(11) ROWS(12) ROWS(13) ROWS(14) ROWS(15)
+#undef ROWS
+            default: rows_t<16>(L, xt, xst, yt, n0, n1); break;
         }
     }
     if (L.round)
