@@ -184,6 +184,7 @@ void q4_rows(const Lin& L, const float* x, const float*, float* y, int n0, int n
 
 template <int T>
 void q8_rows(const Lin& L, const float* x, float* y, int n0, int n1) {
+    // each block dequantised once (w = q * s), then one FMA per 16 weights per row
     const int K = L.K, nb = K / 32, N = L.N;
     const int8_t* W = (const int8_t*)L.w;
     const float* S = (const float*)L.s;
@@ -193,14 +194,13 @@ void q8_rows(const Lin& L, const float* x, float* y, int n0, int n1) {
         __m512 acc[T];
         for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
         for (int b = 0; b < nb; ++b) {
-            __m256i v = _mm256_loadu_si256((const __m256i*)(w + 32 * b));
-            __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
-            __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
+            const __m256i v = _mm256_loadu_si256((const __m256i*)(w + 32 * b));
             const __m512 sv = _mm512_set1_ps(s[b]);
+            const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v))), sv);
+            const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1))), sv);
             for (int t = 0; t < T; ++t) {
                 const float* xt = x + (int64_t)t * K + 32 * b;
-                __m512 d = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xt + 16), _mm512_mul_ps(lo, _mm512_loadu_ps(xt)));
-                acc[t] = _mm512_fmadd_ps(d, sv, acc[t]);
+                acc[t] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xt + 16), _mm512_fmadd_ps(lo, _mm512_loadu_ps(xt), acc[t]));
             }
         }
         for (int t = 0; t < T; ++t) y[(int64_t)t * N + n] = _mm512_reduce_add_ps(acc[t]);
