@@ -71,4 +71,4 @@ bench-serve: $(STAMP)       # agp serve under load; rewrites docs/benchmarks.md 
 	$(BIN)/python bench/serve_load.py
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) out pipeline_dsl/engine/native/build
