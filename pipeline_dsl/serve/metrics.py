@@ -37,6 +37,17 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 TOKEN_BUCKETS = tuple(m * 10 ** e for e in range(6) for m in (1, 2, 5))   # 1 .. 500000
 
+HISTOGRAMS = (  # (attribute, name, help, buckets)
+    ("ttft", "time_to_first_token_seconds", "Time to first token", LATENCY_BUCKETS),
+    ("itl", "inter_token_latency_seconds", "Time between generated tokens", ITL_BUCKETS),
+    ("e2e", "e2e_request_latency_seconds", "Request arrival to its answer", LATENCY_BUCKETS),
+    ("queue_time", "request_queue_time_seconds", "Arrival at the engine to first scheduled", LATENCY_BUCKETS),
+    ("prefill_time", "request_prefill_time_seconds", "First scheduled to first token", LATENCY_BUCKETS),
+    ("decode_time", "request_decode_time_seconds", "First token to last token", LATENCY_BUCKETS),
+    ("request_prompt", "request_prompt_tokens", "Prompt tokens per request", TOKEN_BUCKETS),
+    ("request_generation", "request_generation_tokens", "Generated tokens per request", TOKEN_BUCKETS),
+)
+
 # engine.stats() key -> gauge name; the first key present wins
 GAUGES = {
     "queue_length": ("Requests waiting to be scheduled", ("waiting", "num_waiting", "queue_length")),
@@ -230,22 +241,8 @@ class ServerMetrics:
         self.cached_tokens = metric(Counter, "prompt_tokens_cached", None,
                                     "Prompt tokens served from the prefix cache")
         self.generation_tokens = metric(Counter, "generation_tokens", "generation_tokens", "Generated tokens")
-        self.ttft = metric(Histogram, "time_to_first_token_seconds", "time_to_first_token_seconds",
-                           "Time to first token", buckets=LATENCY_BUCKETS)
-        self.itl = metric(Histogram, "inter_token_latency_seconds", "inter_token_latency_seconds",
-                          "Time between generated tokens", buckets=ITL_BUCKETS)
-        self.e2e = metric(Histogram, "e2e_request_latency_seconds", "e2e_request_latency_seconds",
-                          "Request arrival to its answer", buckets=LATENCY_BUCKETS)
-        self.queue_time = metric(Histogram, "request_queue_time_seconds", "request_queue_time_seconds",
-                                 "Arrival at the engine to first scheduled", buckets=LATENCY_BUCKETS)
-        self.prefill_time = metric(Histogram, "request_prefill_time_seconds", "request_prefill_time_seconds",
-                                   "First scheduled to first token", buckets=LATENCY_BUCKETS)
-        self.decode_time = metric(Histogram, "request_decode_time_seconds", "request_decode_time_seconds",
-                                  "First token to last token", buckets=LATENCY_BUCKETS)
-        self.request_prompt = metric(Histogram, "request_prompt_tokens", "request_prompt_tokens",
-                                     "Prompt tokens per request", buckets=TOKEN_BUCKETS)
-        self.request_generation = metric(Histogram, "request_generation_tokens", "request_generation_tokens",
-                                         "Generated tokens per request", buckets=TOKEN_BUCKETS)
+        for attr, name, doc, buckets in HISTOGRAMS:       # each under agp's and vLLM's (same) name
+            setattr(self, attr, metric(Histogram, name, name, doc, buckets=buckets))
         self.in_flight = metric(Gauge, "requests_in_flight", None, "HTTP generation requests being served")
         self.window = Window(window_s)
         self.snapshot = _Snapshot(self)
