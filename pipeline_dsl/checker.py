@@ -20,7 +20,7 @@ from stages.registry import (BOOL, DURATION, ENUM, FLOAT, FROM_MODE, INT, LIST_S
                              Param, Registry, StageKind, default_registry)
 
 from . import ast, modes, units
-from .diagnostics import ERROR, WARNING, Diagnostic, SourcePos, did_you_mean, one_of
+from .diagnostics import ERROR, WARNING, Diagnostic, SourcePos, Suggestions, did_you_mean, one_of
 
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
@@ -536,19 +536,22 @@ def _check_edges(p: ast.Pipeline, stages: dict[str, ResolvedStage]):
     diags: list[Diagnostic] = []
     edges: list[ResolvedEdge] = []
     seen: dict[tuple, SourcePos] = {}
+    undefined = None                   # built on the first undefined name: once, not per name
     for ch in p.chains:
         for n in ch.stages:
             if n.text not in stages:
-                hint = did_you_mean(n.text, stages)
-                if hint is None:              # named after a kind? point at the stage of that kind
+                if undefined is None:
                     by_kind = {s.kind.name: s.name for s in stages.values() if s.kind is not None}
-                    close = did_you_mean(n.text, by_kind)
+                    undefined = (Suggestions(stages), Suggestions(by_kind), by_kind,
+                                 "a stage of pipeline '" + p.name.text + "': " + one_of(stages))
+                names, kinds, by_kind, expected = undefined
+                hint = names.hint(n.text)
+                if hint is None:              # named after a kind? point at the stage of that kind
+                    close = kinds.hint(n.text)
                     if close:
                         kind = close.split("'")[1]
                         hint = f"did you mean '{by_kind[kind]}' (the {kind} stage)?"
-                diags.append(_err(f"edge to undefined stage '{n.text}'", n.pos,
-                                  expected="a stage of pipeline '" + p.name.text + "': " + one_of(stages),
-                                  hint=hint))
+                diags.append(_err(f"edge to undefined stage '{n.text}'", n.pos, expected=expected, hint=hint))
         cond = ch.condition
         ir = C.compile_condition(cond) if cond is not None else None
         for a, b in ch.edges():

@@ -16,6 +16,7 @@ Checks collect every diagnostic of a file and report them sorted by position.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
@@ -80,29 +81,55 @@ class Diagnostic:
     def render(self, sources: Mapping[str, str] | None = None) -> str:
         """`file:line:col: severity: message`, the source line, a caret, expected, help."""
         head = f"{self.pos}: " if self.pos else ""
-        lines = [f"{head}{self.severity}: {self.message}"]
+        lines = [f"{head}{self.severity}: {_clip(self.message)}"]
         if self.pos and sources is not None and self.pos.file in sources:
             lines += _excerpt(sources[self.pos.file], self.pos)
         if self.expected:
-            lines.append(f"  = expected: {self.expected}")
+            lines.append(f"  = expected: {_clip(self.expected)}")
         for msg, q in self.notes:
-            lines.append(f"  = note: {msg}" + (f" ({q})" if q else ""))
+            lines.append(f"  = note: {_clip(msg)}" + (f" ({q})" if q else ""))
         if self.hint:
-            lines.append(f"  = help: {self.hint}")
+            lines.append(f"  = help: {_clip(self.hint)}")
         return "\n".join(lines)
 
 
+TEXT_MAX = 1000                        # a rendered message quoting a 1 MB string is cut here
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= TEXT_MAX else text[:TEXT_MAX] + f"… ({len(text) - TEXT_MAX} more characters)"
+
+
+# a source line longer than this is shown as a window of EXCERPT_WINDOW columns around the caret
+EXCERPT_MAX = 200
+EXCERPT_WINDOW = 160
+
+
+@functools.lru_cache(maxsize=8)
+def _lines(text: str) -> tuple[str, ...]:
+    """The lines of a source, split once however many diagnostics point into it."""
+    return tuple(text.splitlines())
+
+
 def _excerpt(text: str, pos: SourcePos) -> list[str]:
-    src_lines = text.splitlines()
+    src_lines = _lines(text)
     if not 1 <= pos.line <= len(src_lines):
         if pos.line == len(src_lines) + 1 or not src_lines:
-            src_lines = src_lines + [""]      # end of file: point past the last line
+            src_lines = src_lines + ("",)     # end of file: point past the last line
         else:
             return []
-    line = src_lines[pos.line - 1].replace("\t", " ")
-    width = max(1, (pos.end_col - pos.col) if pos.end_line == pos.line else len(line) - pos.col + 1)
+    full = src_lines[pos.line - 1]
+    width = max(1, (pos.end_col - pos.col) if pos.end_line == pos.line else len(full) - pos.col + 1)
+    col, line = pos.col, full
+    if len(full) > EXCERPT_MAX:               # a long line: a window around the caret, '…' at the cuts
+        start = max(0, min(pos.col - 1 - EXCERPT_WINDOW // 4, len(full) - EXCERPT_WINDOW))
+        end = start + EXCERPT_WINDOW
+        line = ("…" if start else "") + full[start:end] + ("…" if end < len(full) else "")
+        col = pos.col - start + (1 if start else 0)
+        width = max(1, min(width, EXCERPT_WINDOW - (col - 1 - (1 if start else 0))))
+    line = line.replace("\t", " ")
     gutter = f"{pos.line:>5}"
-    caret = " " * (pos.col - 1) + "^" * width
+    caret = " " * (col - 1) + "^" * width
     return [f"{gutter} | {line}".rstrip(), f"{' ' * len(gutter)} | {caret}"]
 
 
@@ -143,16 +170,40 @@ def _plural(n: int, word: str) -> str:
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
     """'did you mean 'generate'?' when a candidate is close to `name`, else None."""
-    cands = sorted(set(candidates))
-    lower = {c.lower(): c for c in cands}
-    if name.lower() in lower and lower[name.lower()] != name:
-        return f"did you mean '{lower[name.lower()]}'?"
-    close = difflib.get_close_matches(name, cands, n=1, cutoff=0.6)
-    return f"did you mean '{close[0]}'?" if close else None
+    return Suggestions(candidates).hint(name)
+
+
+class Suggestions:
+    """did_you_mean over one list of names, asked many times (the stages of a pipeline, for
+    each undefined name): sorted once, and difflib's work bounded. Each fuzzy look-up compares
+    `name` with every candidate; once `budget` comparisons are spent only a case-insensitive
+    match is suggested, so thousands of undefined names among thousands of stages stay linear."""
+
+    BUDGET = 500_000                   # candidate comparisons per list (a few seconds at most)
+
+    def __init__(self, candidates: Iterable[str], budget: int = BUDGET):
+        self.cands = sorted(set(candidates))
+        self.lower = {c.lower(): c for c in self.cands}
+        self.budget = budget
+
+    def hint(self, name: str) -> str | None:
+        same = self.lower.get(name.lower())
+        if same is not None and same != name:
+            return f"did you mean '{same}'?"
+        if len(self.cands) > self.budget:
+            return None
+        self.budget -= len(self.cands)
+        close = difflib.get_close_matches(name, self.cands, n=1, cutoff=0.6)
+        return f"did you mean '{close[0]}'?" if close else None
+
+
+ONE_OF_MAX = 40                        # names listed in an `expected:` line; the rest counted
 
 
 def one_of(names: Iterable[str]) -> str:
     names = sorted(set(names))
+    if len(names) > ONE_OF_MAX:
+        return ", ".join(names[:ONE_OF_MAX]) + f", … ({len(names) - ONE_OF_MAX} more)"
     return ", ".join(names) if names else "(none)"
 
 

@@ -13,6 +13,7 @@ of the block). Formatting is idempotent and keeps the AST (see tests).
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 from . import ast
@@ -99,34 +100,42 @@ def _end(n):
 
 
 def _attach(module: ast.Module) -> _Notes:
+    """Give each comment its statement: trailing (it ends the statement's line), else leading
+    (the next statement of the innermost block holding it), else dangling (the block's end).
+    Indexed by line and by position, so many comments among many statements stay linear."""
     notes = _Notes()
-    anchors = []                     # every statement at every level
+    by_end_line: dict[int, list] = {}    # statements (every level, in walk order) by their last line
+    kids: dict[int, tuple[list, list]] = {}   # id(container) -> (children, their starts)
 
     def walk(node):
-        for c in _children(node):
-            anchors.append(c)
+        children = _children(node)
+        kids[id(node)] = (children, [_start(c) for c in children])
+        for c in children:
+            by_end_line.setdefault(c.pos.end_line, []).append(c)
             walk(c)
     walk(module)
     for c in module.comments:
         cpos = (c.pos.line, c.pos.col)
-        ends_here = [a for a in anchors if a.pos.end_line == c.pos.line and _end(a) <= cpos]
+        ends_here = [a for a in by_end_line.get(c.pos.line, ()) if _end(a) <= cpos]
         if ends_here:
             best = max(ends_here, key=lambda a: (_end(a), tuple(-x for x in _start(a))))
             if id(best) not in notes.trailing:
                 notes.trailing[id(best)] = c
                 continue
-        # innermost container holding the comment, then the next statement in it
+        # innermost container holding the comment (siblings do not overlap: only the last one
+        # starting before the comment can hold it), then the next statement in it
         container = module
         while True:
-            inner = next((ch for ch in _children(container)
-                          if _children(ch) is not None and isinstance(ch, (ast.Pipeline, ast.Stage))
-                          and _start(ch) < cpos < _end(ch)), None)
-            if inner is None:
+            children, starts = kids[id(container)]
+            i = bisect.bisect_left(starts, cpos) - 1
+            ch = children[i] if i >= 0 else None
+            if not (isinstance(ch, (ast.Pipeline, ast.Stage)) and cpos < _end(ch)):
                 break
-            container = inner
-        nxt = next((ch for ch in _children(container) if _start(ch) > cpos), None)
-        if nxt is not None:
-            notes.leading.setdefault(id(nxt), []).append(c)
+            container = ch
+        children, starts = kids[id(container)]
+        i = bisect.bisect_right(starts, cpos)
+        if i < len(children):
+            notes.leading.setdefault(id(children[i]), []).append(c)
         else:
             notes.dangling.setdefault(id(container), []).append(c)
     return notes

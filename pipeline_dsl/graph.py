@@ -23,6 +23,7 @@ unreachable from the source and stages with no path to a respond stage.
 
 from __future__ import annotations
 
+from collections import Counter, deque
 from dataclasses import dataclass
 
 import networkx as nx
@@ -117,35 +118,47 @@ def flow_types(graph: nx.DiGraph, registry: Registry | None = None) -> tuple[dic
              for n in graph}
     params = {n: graph.nodes[n].get("params") or {} for n in graph}
     carry = {n: set(k.accepts) if k is not None else set() for n, k in kinds.items()}
-    changed = True
-    while changed:
-        changed = False
-        for n, k in kinds.items():
-            if k is None or k.is_sink or not carry[n]:
-                continue
-            onward = set().union(*(carry[v] for v in graph.successors(n))) if graph.out_degree(n) else set()
-            if k.name in ("dynamic_batch", "encode", "kv_lookup", "generate"):
-                ok = {t for t in carry[n] if outputs(k, params[n], frozenset({t})) <= onward}
-            else:
-                ok = {t for t in carry[n] if outputs(k, params[n], frozenset({t})) & ITEM_TYPES <= onward}
-            if ok != carry[n]:
-                carry[n], changed = ok, True
+    # worklists, not sweeps over every stage until nothing changes: a stage is looked at again
+    # only when what it depends on changed, and a type set changes at most a few times (linear)
+    onward = {n: Counter() for n in graph}   # type -> how many successors carry it
+    for n in graph:
+        for v in graph.successors(n):
+            onward[n].update(carry[v])
+    todo, queued = deque(graph), set(graph)
+    while todo:
+        n = todo.popleft()
+        queued.discard(n)
+        k = kinds[n]
+        if k is None or k.is_sink or not carry[n]:
+            continue
+        there = {t for t, c in onward[n].items() if c}
+        if k.name in ("dynamic_batch", "encode", "kv_lookup", "generate"):
+            ok = {t for t in carry[n] if outputs(k, params[n], frozenset({t})) <= there}
+        else:
+            ok = {t for t in carry[n] if outputs(k, params[n], frozenset({t})) & ITEM_TYPES <= there}
+        if ok != carry[n]:
+            lost, carry[n] = carry[n] - ok, ok
+            for u in graph.predecessors(n):
+                onward[u].subtract(lost)
+                if u not in queued:
+                    todo.append(u)
+                    queued.add(u)
     receives = {n: set() for n in graph}
-    for n, k in kinds.items():
-        if k is not None and k.is_source:
-            receives[n] = set()
-    changed = True
-    while changed:
-        changed = False
-        for n, k in kinds.items():
-            if k is None:
-                continue
-            sent = outputs(k, params[n], frozenset(receives[n])) if not k.is_source else k.emits
-            for v in graph.successors(n):
-                got = set(sent) & carry[v]
-                if not got <= receives[v]:
-                    receives[v] |= got
-                    changed = True
+    todo, queued = deque(graph), set(graph)
+    while todo:
+        n = todo.popleft()
+        queued.discard(n)
+        k = kinds[n]
+        if k is None:
+            continue
+        sent = outputs(k, params[n], frozenset(receives[n])) if not k.is_source else k.emits
+        for v in graph.successors(n):
+            got = set(sent) & carry[v]
+            if not got <= receives[v]:
+                receives[v] |= got
+                if v not in queued:
+                    todo.append(v)
+                    queued.add(v)
     return ({n: frozenset(c) for n, c in carry.items()}, {n: frozenset(r) for n, r in receives.items()})
 
 
@@ -190,9 +203,7 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
     if not r.complete:                 # an edge was dropped: reachability errors would only echo it
         return diags
     if maybe_sources:
-        reach = set()
-        for s in maybe_sources:
-            reach |= {s} | nx.descendants(g, s)
+        reach = _reachable(g.successors, maybe_sources)
         for n, s in r.stages.items():
             if n not in reach and not (s.kind is not None and s.kind.is_source):
                 src = " or ".join(f"'{x}'" for x in sources) or "a request source"
@@ -204,15 +215,25 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
                           expected="a stage of kind respond, e.g. stage out : respond {}",
                           hint="add a respond stage and an edge into it"))
     elif targets:
-        rev = g.reverse(copy=False)
-        can_finish = set()
-        for t in targets:
-            can_finish |= {t} | nx.descendants(rev, t)
+        can_finish = _reachable(g.predecessors, targets)
         for n, s in r.stages.items():
             if n not in can_finish and s.kind is not None:
                 diags.append(_err(f"stage '{n}' has no path to a respond stage", s.pos,
                                   hint=f"add an edge from '{n}' towards a respond stage, or remove it"))
     return diags
+
+
+def _reachable(step, starts) -> set:
+    """`starts` and every node reached from them by `step` (successors or predecessors): one
+    walk for all of them, not one per start."""
+    seen = set(starts)
+    todo = list(seen)
+    while todo:
+        for v in step(todo.pop()):
+            if v not in seen:
+                seen.add(v)
+                todo.append(v)
+    return seen
 
 
 def _check_kv_budget(r: Resolved) -> list[Diagnostic]:
@@ -242,7 +263,7 @@ def _check_cycles(g: nx.DiGraph, r: Resolved) -> list[Diagnostic]:
     the loop; no join inside a loop."""
     diags = []
     bounded = bounded_stages(r)
-    free = g.subgraph([n for n in g if n not in bounded])
+    free = g.subgraph([n for n in g if n not in bounded]) if bounded else g
     for comp in nx.strongly_connected_components(free):
         if len(comp) == 1 and not any(free.has_edge(n, n) for n in comp):
             continue

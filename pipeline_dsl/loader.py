@@ -5,11 +5,18 @@ file it `use`s (paths relative to the including file). A missing include and an
 include cycle are errors at the `use` line; a file that is not UTF-8 is an error
 at its first bad byte. The program's pipelines are those of every loaded file;
 two pipelines with one name are an error.
+
+Limits (each an error at the `use`, or at 1:1 of the root file): only regular files are
+read (a directory, a device such as /dev/zero or a FIFO is refused after a stat, never
+opened); a file has at most MAX_FILE_BYTES, a program MAX_FILES files and
+MAX_PROGRAM_BYTES in all; a chain of uses is at most MAX_INCLUDE_DEPTH files long.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+import unicodedata
 from dataclasses import dataclass, field
 
 from . import ast
@@ -35,21 +42,85 @@ class Program:
         return [p.name.text for p in self.pipelines]
 
 
-def read_source(path: str, file: str | None = None, at: SourcePos | None = None,
-                what: str = "file") -> tuple[str | None, list[Diagnostic]]:
-    """The text of `path`, or None and a diagnostic (missing, unreadable, not UTF-8)."""
+# limits, so that no input can hang `agp check` or exhaust its memory
+MAX_FILE_BYTES = 1 << 20          # one .agp file: 1 MiB (about 25,000 stages)
+MAX_PROGRAM_BYTES = 8 << 20       # all the files of one program together
+MAX_INCLUDE_DEPTH = 64            # a use inside a use inside a use …
+MAX_FILES = 1000                  # the files of one program
+
+_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                (stat.S_ISSOCK, "a socket"))
+
+
+_SPLIT = 'split it into several files joined with use "…"'
+
+
+def _shown(path: str, width: int = 200) -> str:
+    """A path as a message shows it: control characters escaped (a NUL as \\x00), cut to `width`."""
+    out = "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" else c for c in path[:width + 1])
+    return out[:width] + "…" if len(out) > width else out
+
+
+def _size(n: int) -> str:
+    if n >= 1 << 20:
+        return f"{round(n / (1 << 20), 2):g} MiB"
+    return f"{round(n / 1024, 2):g} KiB" if n >= 1024 else f"{n} bytes"
+
+
+def read_bytes(path: str, file: str | None = None, at: SourcePos | None = None, what: str = "file",
+               limit: int | None = None) -> tuple[bytes | None, list[Diagnostic]]:
+    """The bytes of `path`, or None and a diagnostic: missing, unreadable, not a regular file
+    (a directory, a device such as /dev/zero, a FIFO: looked at with stat, never opened),
+    or over `limit` bytes (at most limit + 1 are read). The diagnostic stands at `at` (the
+    `use` that names the file), else at line 1, column 1 of the file itself."""
+    path = os.fspath(path)
     file = file or path
+    where = at or SourcePos.point(file, 1, 1)
+    limit = MAX_FILE_BYTES if limit is None else limit
+    real, path = path, _shown(path)          # messages name the path printable and short
+    too_large = f"an .agp file of at most {_size(limit)}"
+    bad = lambda msg, expected=None, hint=None: (None, [Diagnostic(ERROR, msg, where, expected=expected,  # noqa: E731
+                                                                   hint=hint)])
+    fd = None
     try:
-        with open(path, "rb") as fh:
-            data = fh.read()
+        st = os.stat(real)
+        for test, kind in _NOT_REGULAR:
+            if test(st.st_mode):
+                if kind == "a directory":
+                    return bad(f"'{path}' is a directory, not a file", "the path of an .agp file")
+                return bad(f"'{path}' is {kind}, not a regular file", "the path of an .agp file",
+                           "only regular files can be checked or included")
+        if st.st_size > limit:
+            return bad(f"{what} '{path}' is too large ({_size(st.st_size)})", too_large, _SPLIT)
+        # O_NONBLOCK: should the path turn into a FIFO after the stat, opening it cannot hang
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return bad(f"'{path}' is not a regular file", "the path of an .agp file")
+        chunks, n = [], 0
+        while n <= limit:
+            chunk = os.read(fd, min(1 << 16, limit + 1 - n))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            n += len(chunk)
+        if n > limit:                     # the file grew after the stat (or stat lied: /proc)
+            return bad(f"{what} '{path}' is too large (more than {_size(limit)})", too_large, _SPLIT)
+        return b"".join(chunks), []
     except FileNotFoundError:
-        return None, [Diagnostic(ERROR, f"{what} not found: '{path}'", at,
-                                 expected="the path of an existing .agp file" +
-                                          (", relative to the including file" if at else ""))]
-    except IsADirectoryError:
-        return None, [Diagnostic(ERROR, f"'{path}' is a directory, not a file", at)]
+        return bad(f"{what} not found: '{path}'",
+                   "the path of an existing .agp file" + (", relative to the including file" if at else ""))
+    except ValueError:                    # a NUL in the path
+        return bad(f"cannot read '{path}': the path holds a NUL character", "the path of an .agp file")
     except OSError as exc:
-        return None, [Diagnostic(ERROR, f"cannot read '{path}': {exc.strerror or exc}", at)]
+        return bad(f"cannot read '{path}': {exc.strerror or exc}")
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def decode(data: bytes, file: str) -> tuple[str | None, list[Diagnostic]]:
+    """UTF-8 text (a byte-order mark dropped), or None and an error at the first bad byte."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -63,33 +134,68 @@ def read_source(path: str, file: str | None = None, at: SourcePos | None = None,
     return text.lstrip("\ufeff"), []
 
 
+def read_source(path: str, file: str | None = None, at: SourcePos | None = None,
+                what: str = "file") -> tuple[str | None, list[Diagnostic]]:
+    """The text of `path`, or None and a diagnostic (see read_bytes; not UTF-8)."""
+    data, diags = read_bytes(path, file, at, what)
+    if data is None:
+        return None, diags
+    return decode(data, file or path)
+
+
 def _display(path: str) -> str:
     return os.path.normpath(path)
 
 
 def load_program(path: str, text: str | None = None) -> tuple[Program, list[Diagnostic]]:
     """Load `path` (or `text` standing for it) and its includes; parse errors included."""
+    path = os.fspath(path)
     prog = Program(root=_display(path))
     diags: list[Diagnostic] = []
     loaded: set[str] = set()
     owners: dict[str, ast.Pipeline] = {}
+    budget = {"bytes": MAX_PROGRAM_BYTES, "files": MAX_FILES, "told": False}
+
+    def refuse(msg: str, at: SourcePos, expected: str, hint: str) -> None:
+        if not budget["told"]:            # once: the uses after it would only repeat it
+            budget["told"] = True
+            diags.append(Diagnostic(ERROR, msg, at, expected=expected, hint=hint))
 
     def visit(p: str, stack: list[tuple[str, str]], at: SourcePos | None, source: str | None):
         disp = _display(p)
-        key = os.path.realpath(p)
+        key = _key(p)
         if key in loaded:
             return
+        if budget["files"] <= 0:
+            refuse(f"too many files: '{_shown(disp)}' would be file {MAX_FILES + 1} of this program", at,
+                   f"a program of at most {MAX_FILES} .agp files", "merge small files")
+            return
         loaded.add(key)
+        budget["files"] -= 1
         if source is None:
-            source, ds = read_source(p, disp, at, "include" if at else "file")
+            data, ds = read_bytes(p, disp, at, "include" if at else "file")
+            diags.extend(ds)
+            if data is None:
+                return
+        else:                             # text given for the root file (loads)
+            data = source.encode("utf-8", "surrogatepass")
+            if len(data) > MAX_FILE_BYTES:
+                diags.append(Diagnostic(ERROR, f"the text is too large ({_size(len(data))})",
+                                        SourcePos.point(disp, 1, 1),
+                                        expected=f"an .agp file of at most {_size(MAX_FILE_BYTES)}", hint=_SPLIT))
+                return
+        budget["bytes"] -= len(data)
+        if budget["bytes"] < 0:
+            refuse(f"the program is too large: with '{_shown(disp)}' its files pass {_size(MAX_PROGRAM_BYTES)}",
+                   at or SourcePos.point(disp, 1, 1),
+                   f"the files of one program together at most {_size(MAX_PROGRAM_BYTES)}",
+                   "include fewer or smaller files")
+            return
+        if source is None:
+            source, ds = decode(data, disp)
             if ds:
                 diags.extend(ds)
-                if source is None and ds[0].pos is not None and ds[0].pos.file == disp:
-                    try:                       # keep a readable copy for the caret of a UTF-8 error
-                        with open(p, "rb") as fh:
-                            prog.sources[disp] = fh.read().decode("utf-8", "replace")
-                    except OSError:
-                        pass
+                prog.sources[disp] = data.decode("utf-8", "replace")   # for the caret of the error
                 return
         source = source.replace("\r\n", "\n")
         prog.sources[disp] = source
@@ -101,7 +207,7 @@ def load_program(path: str, text: str | None = None) -> tuple[Program, list[Diag
         for item in module.items:
             if isinstance(item, ast.Use):
                 target = os.path.join(os.path.dirname(p), item.path.value)
-                tkey = os.path.realpath(target)
+                tkey = _key(target)
                 chain = [k for k, _ in stack] + [key]
                 if tkey in chain:
                     names = [d for _, d in stack] + [disp]
@@ -113,6 +219,13 @@ def load_program(path: str, text: str | None = None) -> tuple[Program, list[Diag
                 if not item.path.value:
                     diags.append(Diagnostic(ERROR, "empty include path", item.path.pos,
                                             expected='use "other.agp"'))
+                    continue
+                if len(stack) + 2 > MAX_INCLUDE_DEPTH:     # this file is number len(stack) + 1
+                    diags.append(Diagnostic(ERROR, f"includes nested too deeply: '{_shown(_display(target))}' would be "
+                                            f"file {len(stack) + 2} of a chain of uses from '{prog.root}'",
+                                            item.path.pos,
+                                            expected=f"chains of uses at most {MAX_INCLUDE_DEPTH} files long",
+                                            hint="include the file from a file nearer the root"))
                     continue
                 visit(target, stack + [(key, disp)], item.path.pos, None)
             else:
@@ -127,3 +240,11 @@ def load_program(path: str, text: str | None = None) -> tuple[Program, list[Diag
 
     visit(path, [], None, text)
     return prog, diags
+
+
+def _key(path: str) -> str:
+    """The file a path names, whatever the spelling (symlinks resolved): what `loaded` holds."""
+    try:
+        return os.path.realpath(path)
+    except (OSError, ValueError):        # a NUL in the path: reported when the file is read
+        return os.path.abspath(path.replace("\0", "\\0"))

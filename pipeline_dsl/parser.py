@@ -12,8 +12,10 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections import deque
 
 from lark import Lark, Token, Transformer, v_args
+from lark.visitors import Transformer_NonRecursive
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from . import ast
@@ -261,12 +263,61 @@ class _ValueError(Exception):
         self.diag = diag
 
 
-class _Builder(Transformer):
-    """lark tree -> ast dataclasses (frozen, each with its SourcePos)."""
+# lists inside lists, and conditions inside conditions (not, parentheses mixing and/or), may
+# nest this deep: the checker, fmt and the runtime walk them recursively
+MAX_NESTING = 64
+
+
+class _Flat:
+    """An and/or being flattened (see _Builder._boolop); made an ast.BoolOp when used."""
+
+    __slots__ = ("op", "items", "inner", "pos")
+
+    def __init__(self, op: str, items: deque, inner: int):
+        self.op, self.items, self.inner, self.pos = op, items, inner, None   # inner: deepest item
+
+    def merge(self, right: "_Flat") -> "_Flat":
+        if len(self.items) >= len(right.items):
+            self.items.extend(right.items)
+            big = self
+        else:
+            right.items.extendleft(reversed(self.items))
+            big = right
+        big.inner = max(self.inner, right.inner)
+        return big
+
+
+class _Builder(Transformer_NonRecursive):
+    """lark tree -> ast dataclasses (frozen, each with its SourcePos). Non-recursive: a chain
+    of 20,000 `or`s or a list nested 100,000 deep is a deep lark tree, not a RecursionError."""
 
     def __init__(self, file: str):
         super().__init__()
         self.file = file
+        self._depth: dict[int, tuple[int, object]] = {}     # id(node) -> (nesting, node kept alive)
+        self.too_deep: tuple[int, str, SourcePos] | None = None   # the deepest nest past MAX_NESTING
+
+    def _depth_of(self, node) -> int:
+        return self._depth[id(node)][0] if id(node) in self._depth else 0
+
+    def _deep(self, depth: int, what: str, pos: SourcePos) -> None:
+        if depth > MAX_NESTING and (self.too_deep is None or depth > self.too_deep[0]):
+            self.too_deep = (depth, what, pos)
+
+    def _nest(self, node, children):
+        """Record how deep `node` (a List or Not) nests; remember the deepest nest."""
+        depth = 1 + max((self._depth_of(c) for c in children), default=0)
+        self._depth[id(node)] = (depth, node)
+        self._deep(depth, "values" if isinstance(node, ast.List) else "conditions", node.pos)
+        return node
+
+    def _done(self, c):
+        """A condition, with an and/or still being flattened made its BoolOp."""
+        if not isinstance(c, _Flat):
+            return c
+        node = ast.BoolOp(c.op, tuple(c.items), c.pos)
+        self._depth[id(node)] = (c.inner + 1, node)
+        return node
 
     def _pos(self, meta) -> SourcePos:
         return SourcePos(self.file, meta.line, meta.column, meta.end_line, meta.end_column)
@@ -321,7 +372,7 @@ class _Builder(Transformer):
 
     # edge conditions
     def when(self, children):
-        return children[0]
+        return self._done(children[0])
 
     @v_args(meta=True)
     def otherwise(self, meta, children):
@@ -336,14 +387,23 @@ class _Builder(Transformer):
         return self._boolop("and", children, meta)
 
     def _boolop(self, op, children, meta):
-        items = []
-        for c in children:                  # flatten a or b or c into one node
-            items += list(c.items) if isinstance(c, ast.BoolOp) and c.op == op else [c]
-        return ast.BoolOp(op, tuple(items), self._pos(meta))
+        """Flatten a or b or c into one node. `a or b or c` parses as ((a or b) or c): the
+        nodes in between stay _Flat (items in a deque, the smaller side merged into the larger)
+        so 20,000 `or`s cost linear time, not a copy of the items per `or`."""
+        acc = None
+        for c in children:
+            if not (isinstance(c, _Flat) and c.op == op):
+                c = self._done(c)
+                c = _Flat(op, deque([c]), self._depth_of(c))
+            acc = c if acc is None else acc.merge(c)
+        acc.pos = self._pos(meta)
+        self._deep(acc.inner + 1, "conditions", acc.pos)
+        return acc
 
     @v_args(meta=True)
     def cond_not(self, meta, children):
-        return ast.Not(children[0], self._pos(meta))
+        item = self._done(children[0])
+        return self._nest(ast.Not(item, self._pos(meta)), [item])
 
     @v_args(meta=True)
     def compare(self, meta, children):
@@ -380,7 +440,8 @@ class _Builder(Transformer):
 
     @v_args(meta=True)
     def list(self, meta, children):
-        return ast.List(tuple(c for c in children if c is not None), self._pos(meta))
+        items = tuple(c for c in children if c is not None)
+        return self._nest(ast.List(items, self._pos(meta)), items)
 
 
 def _number(tok: Token, pos: SourcePos):
@@ -440,17 +501,25 @@ def parse(text: str, file: str = "<string>") -> tuple[ast.Module | None, list[Di
         tree = _lark().parse(text)
     except UnexpectedInput as err:
         return None, [_syntax_diagnostic(err, text, file)]
+    builder = _Builder(file)
     try:
-        items = _Builder(file).transform(tree)
-    except RecursionError:
-        return None, [Diagnostic(ERROR, "values are nested too deeply", SourcePos.point(file, 1, 1),
-                                 expected="lists nested at most a few hundred levels")]
+        items = builder.transform(tree)
     except VisitError as err:
         if isinstance(err.orig_exc, _ValueError):
             return None, [err.orig_exc.diag]
         raise
+    if builder.too_deep is not None:
+        return None, [_too_deep(*builder.too_deep)]
     _collect_comments(text, on_comment)
     return ast.Module(file, items, tuple(comments)), []
+
+
+def _too_deep(depth: int, what: str, pos: SourcePos) -> Diagnostic:
+    """The error for a nest past MAX_NESTING, at its outermost '[' or condition."""
+    inner = "lists inside lists" if what == "values" else "conditions inside conditions (not, parentheses)"
+    return Diagnostic(ERROR, f"{what} are nested too deeply: {depth} levels", pos,
+                      expected=f"{inner} at most {MAX_NESTING} levels deep",
+                      hint="flatten the list" if what == "values" else "simplify the condition")
 
 
 def _collect_comments(text: str, on_comment) -> None:

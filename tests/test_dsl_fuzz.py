@@ -2,7 +2,10 @@
 
 Mutations of the example files: truncation, deleted / duplicated / swapped tokens
 and lines, inserted random bytes and unicode. 1,500 text cases + 600 byte cases.
-When a mutant parses, `fmt` must also keep its AST and be idempotent.
+When a mutant parses, `fmt` must also keep its AST and be idempotent. Hostile
+families around the limits (includes of devices, FIFOs, directories, huge files and
+deep include chains; deep nesting; many parameters, stages and arrows): 150 cases;
+tests/test_dsl_limits.py has each family at full size.
 """
 
 from __future__ import annotations
@@ -74,6 +77,9 @@ def mutated_text(draw) -> str:
     return text
 
 
+POSITIONED = re.compile(r"^[^\s:][^:]*:\d+:\d+: (error|warning): ")
+
+
 def _check_never_raises(data: bytes, path: str) -> None:
     with open(path, "wb") as fh:
         fh.write(data)
@@ -81,7 +87,10 @@ def _check_never_raises(data: bytes, path: str) -> None:
     for d in diags:
         assert d.pos is not None, d
         assert d.pos.line >= 1 and d.pos.col >= 1, d
-    render_all(diags, program.sources)              # rendering must not raise either
+    out = render_all(diags, program.sources)        # rendering must not raise either
+    heads = [ln for ln in out.splitlines() if ("error:" in ln or "warning:" in ln) and not ln.startswith(" ")]
+    assert all(POSITIONED.match(ln) for ln in heads), heads[:3]
+    assert "internal error" not in out
 
 
 _DIR = tempfile.mkdtemp(prefix="agp-fuzz-")
@@ -106,3 +115,49 @@ def test_random_bytes_never_raise(seed, at, junk):
     data = SEEDS[seed]
     at = at % (len(data) + 1)
     _check_never_raises(data[:at] + junk + data[at:], _FILE)
+
+
+# ---------------------------------------------------------------- hostile families, around the limits
+
+def _include_targets() -> list[str]:
+    """Files beside the mutant that a hostile `use` names: made once."""
+    from pipeline_dsl import loader
+
+    if not os.path.exists(os.path.join(_DIR, "big.agp")):
+        with open(os.path.join(_DIR, "big.agp"), "w") as fh:
+            fh.write("#" * loader.MAX_FILE_BYTES + "\n")
+        os.mkdir(os.path.join(_DIR, "dir.agp"))
+        if hasattr(os, "mkfifo"):
+            os.mkfifo(os.path.join(_DIR, "fifo.agp"))
+        for i in range(100):                       # a chain of uses past the depth cap
+            with open(os.path.join(_DIR, f"deep{i}.agp"), "w") as fh:
+                fh.write(f'use "deep{i + 1}.agp"\n' if i < 99 else "pipeline deep { }\n")
+    return ["/dev/zero", "/dev/urandom", "/dev/null", "fifo.agp", "dir.agp", "big.agp", "deep0.agp",
+            "missing.agp", "mutant.agp", "a\\0b"]
+
+
+@st.composite
+def hostile_text(draw) -> str:
+    family = draw(st.sampled_from(["use", "list", "not", "parens", "params", "stages", "arrows", "ors"]))
+    n = draw(st.one_of(st.integers(1, 80), st.integers(60, 70), st.integers(100, 3000)))
+    base = SEEDS[draw(st.integers(0, len(SEEDS) - 1))].decode("utf-8", "replace")
+    if family == "use":
+        return f'use "{draw(st.sampled_from(_include_targets()))}"\n' + base
+    if family == "list":
+        return base.replace("{}", "{ x = " + "[" * n + "1" + "]" * n + " }", 1)
+    if family in ("not", "parens", "ors"):
+        cond = {"not": "not " * n + "full", "parens": "(full and (timeout or " * n + "full" + "))" * n,
+                "ors": " or ".join(["full"] * n)}[family]
+        return base.replace("when full", "when " + cond, 1)
+    if family == "params":
+        return base.replace("{}", "{ " + " ".join(f"p{i} = {i}" for i in range(n)) + " }", 1)
+    if family == "stages":
+        return base.replace("{", "{ " + "".join(f"stage s{i} : route\n" for i in range(n)), 1)
+    return base.replace("->", "-> " + " -> ".join(f"s{i}" for i in range(n)) + " ->", 1)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(hostile_text())
+def test_hostile_families_never_raise_and_errors_have_positions(text):
+    _check_never_raises(text.encode("utf-8"), _FILE)

@@ -1,0 +1,320 @@
+"""Hostile `.agp` input: every family gives positioned diagnostics, never an exception.
+
+Families: includes of devices, FIFOs and directories; include chains 1,000 files deep, wide
+include trees, include cycles through many files; files over the size cap; huge lists, deep
+nesting, 20,000 parameters, stages, arrows and pipelines; very long lines. `check` stays
+linear (a 20,000-stage chain in seconds; bench/check_scaling.py prints the curve).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import pipeline_dsl
+from pipeline_dsl import loader, parser
+from pipeline_dsl.diagnostics import render_all
+
+ROOT = Path(__file__).resolve().parents[1]
+POSITIONED = re.compile(r"^[^\s:][^:]*:\d+:\d+: (error|warning): ")
+
+VALID_TAIL = ("    stage batch : dynamic_batch\n    stage encode : encode\n    stage kv : kv_lookup\n"
+              "    stage gen : generate\n    stage out : respond\n"
+              "    batch -> encode when full\n    batch -> encode when timeout\n    encode -> kv -> gen -> out\n")
+
+
+def small_pipeline(name: str) -> str:
+    return f"pipeline {name} {{\n    stage request : requests\n{VALID_TAIL}    request -> batch\n}}\n"
+
+
+def chain_of(n: int, last: str = "batch") -> str:
+    """A pipeline whose request source runs through n route stages, in one chain statement."""
+    stages = "".join(f"    stage s{i} : route\n" for i in range(n))
+    arrows = " -> ".join(f"s{i}" for i in range(n))
+    return ("pipeline p {\n    stage request : requests\n" + stages + VALID_TAIL
+            + f"    request -> {arrows}" + (f" -> {last}" if last else "") + "\n}\n")
+
+
+def load(path) -> list:
+    """Load `path`; assert no exception escapes and that every diagnostic has a position."""
+    program, diags = pipeline_dsl.load(str(path))
+    assert_positioned(diags)
+    out = render_all(diags, program.sources)
+    assert "internal error" not in out
+    return diags
+
+
+def loads(text: str, file: str = "t.agp") -> list:
+    program, diags = pipeline_dsl.loads(text, file)
+    assert_positioned(diags)
+    render_all(diags, program.sources)
+    return diags
+
+
+def assert_positioned(diags) -> None:
+    for d in diags:
+        assert d.pos is not None, d.message[:200]
+        assert d.pos.file and d.pos.line >= 1 and d.pos.col >= 1, d
+
+
+def errors(diags) -> list:
+    return [d for d in diags if d.is_error]
+
+
+def cli_check(path, cwd=None) -> str:
+    """`agp check FILE`'s stderr; every error line starts with file:line:col."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "check", str(path)], cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "internal error" not in proc.stderr and "Traceback" not in proc.stderr
+    heads = [ln for ln in proc.stderr.splitlines() if "error:" in ln and not ln.startswith(" ")]
+    assert heads and all(POSITIONED.match(ln) for ln in heads), [ln for ln in heads if not POSITIONED.match(ln)][:3]
+    return proc.stderr
+
+
+# ---------------------------------------------------------------- devices, FIFOs, directories
+
+@pytest.mark.parametrize("target", ["/dev/zero", "/dev/urandom"])
+def test_use_of_a_device_is_an_error_at_the_use_and_reads_nothing(tmp_path, target):
+    if not os.path.exists(target):
+        pytest.skip(f"no {target} here")
+    (tmp_path / "m.agp").write_text(f'# devices\nuse "{target}"\n' + small_pipeline("p"))
+    (d,) = load(tmp_path / "m.agp")
+    assert "character device, not a regular file" in d.message
+    assert (d.pos.file, d.pos.line, d.pos.col) == (str(tmp_path / "m.agp"), 2, 5)
+
+
+def test_use_of_a_fifo_or_a_directory_is_an_error_and_does_not_block(tmp_path):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs here")
+    os.mkfifo(tmp_path / "pipe.agp")                 # opening it for reading would wait for a writer
+    (tmp_path / "dir.agp").mkdir()
+    (tmp_path / "m.agp").write_text('use "pipe.agp"\nuse "dir.agp"\n' + small_pipeline("p"))
+    out = cli_check("m.agp", cwd=tmp_path)           # in a subprocess: a hang is a timeout, not a stuck run
+    assert "m.agp:1:5: error: 'pipe.agp' is a FIFO (named pipe), not a regular file" in out
+    assert "m.agp:2:5: error: 'dir.agp' is a directory, not a file" in out
+    diags = load(tmp_path / "m.agp")
+    assert [d.pos.line for d in diags] == [1, 2]
+
+
+def test_checking_a_device_or_a_missing_file_is_an_error_at_its_first_line(tmp_path):
+    for path, words in (("/dev/zero", "character device"), (str(tmp_path / "none.agp"), "not found"),
+                        (str(tmp_path), "is a directory")):
+        if not os.path.exists(path) and "not found" not in words:
+            continue
+        (d,) = load(path)
+        assert words in d.message and (d.pos.line, d.pos.col) == (1, 1)
+
+
+def test_a_nul_or_a_huge_include_path_is_an_error_at_the_use(tmp_path):
+    (tmp_path / "m.agp").write_text('use "a\\0b"\nuse "' + "x" * 100_000 + '"\n')
+    d1, d2 = load(tmp_path / "m.agp")
+    assert "NUL" in d1.message and "a\\x00b" in d1.message and d1.pos.line == 1
+    assert d2.pos.line == 2 and len(d2.message) < 500
+
+
+# ---------------------------------------------------------------- include trees
+
+def test_include_chain_1000_files_deep_stops_at_the_depth_cap(tmp_path):
+    n = 1000
+    for i in range(n):
+        (tmp_path / f"f{i}.agp").write_text(f'use "f{i + 1}.agp"\n' if i + 1 < n else small_pipeline("p"))
+    (d,) = load(tmp_path / "f0.agp")
+    depth = loader.MAX_INCLUDE_DEPTH
+    assert d.message.startswith("includes nested too deeply") and f"file {depth + 1} " in d.message
+    assert d.pos.file.endswith(f"f{depth - 1}.agp") and (d.pos.line, d.pos.col) == (1, 5)
+    out = cli_check("f0.agp", cwd=tmp_path)
+    assert out.count("error:") == 1
+
+
+def test_include_chain_at_the_depth_cap_loads(tmp_path):
+    n = loader.MAX_INCLUDE_DEPTH
+    for i in range(n):
+        (tmp_path / f"f{i}.agp").write_text(f'use "f{i + 1}.agp"\n' if i + 1 < n else small_pipeline("p"))
+    program, diags = pipeline_dsl.load(str(tmp_path / "f0.agp"))
+    assert diags == [] and program.pipeline_names() == ["p"]
+
+
+def test_include_cycle_through_many_files_is_one_error(tmp_path):
+    n = 50
+    for i in range(n):
+        (tmp_path / f"c{i}.agp").write_text(f'use "c{(i + 1) % n}.agp"\n')
+    (d,) = load(tmp_path / "c0.agp")
+    assert d.message.startswith("include cycle:") and d.message.count("->") == n
+    assert d.pos.file.endswith(f"c{n - 1}.agp")
+
+
+def test_wide_include_tree_loads_each_file_once(tmp_path):
+    (tmp_path / "leaves").mkdir()
+    for i in range(200):
+        (tmp_path / "leaves" / f"l{i}.agp").write_text(small_pipeline(f"p{i}"))
+    uses = "".join(f'use "leaves/l{i}.agp"\n' for i in range(200))
+    (tmp_path / "root.agp").write_text(uses + uses)        # each twice: loaded once
+    program, diags = pipeline_dsl.load(str(tmp_path / "root.agp"))
+    assert diags == [] and len(program.pipelines) == 200
+
+
+def test_a_program_of_more_than_max_files_is_one_error_at_the_use_past_it(tmp_path):
+    n = loader.MAX_FILES + 200
+    for i in range(n):
+        (tmp_path / f"l{i}.agp").write_text(f"# leaf {i}\n")
+    (tmp_path / "root.agp").write_text("".join(f'use "l{i}.agp"\n' for i in range(n)))
+    (d,) = load(tmp_path / "root.agp")
+    assert d.message.startswith("too many files") and d.pos.line == loader.MAX_FILES   # the root is file 1
+
+
+# ---------------------------------------------------------------- sizes
+
+def test_a_file_over_the_size_cap_is_an_error_at_the_use_or_at_its_first_line(tmp_path):
+    big = tmp_path / "big.agp"
+    big.write_text("# filler\n" * (loader.MAX_FILE_BYTES // 9 + 10))
+    (tmp_path / "m.agp").write_text('use "big.agp"\n' + small_pipeline("p"))
+    (d,) = load(tmp_path / "m.agp")
+    assert "too large" in d.message and d.pos.file.endswith("m.agp") and d.pos.line == 1
+    (d,) = load(big)
+    assert "too large" in d.message and (d.pos.file, d.pos.line, d.pos.col) == (str(big), 1, 1)
+    (d,) = loads("#" * (loader.MAX_FILE_BYTES + 1))
+    assert "too large" in d.message and (d.pos.line, d.pos.col) == (1, 1)
+
+
+def test_a_program_over_the_total_size_cap_is_one_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(loader, "MAX_PROGRAM_BYTES", 4000)
+    for i in range(10):
+        (tmp_path / f"l{i}.agp").write_text("#" * 999 + "\n")
+    (tmp_path / "root.agp").write_text("".join(f'use "l{i}.agp"\n' for i in range(10)))
+    (d,) = load(tmp_path / "root.agp")
+    assert d.message.startswith("the program is too large") and d.pos.line == 4
+
+
+def test_huge_list_long_string_and_long_line_are_checked_and_rendered_briefly(tmp_path):
+    diags = loads(small_pipeline("p").replace("stage gen : generate",
+                                              "stage gen : generate { stop = [" + ", ".join(['"a"'] * 50_000) + "] }"))
+    (d,) = errors(diags)
+    assert "at most" in d.message and d.pos.line == 6
+    f = tmp_path / "long.agp"
+    f.write_text(small_pipeline("p").replace("stage out : respond", 'stage out : respond { x = "' + "y" * 500_000
+                                             + '" }'))
+    (d,) = load(f)
+    assert d.message.startswith("unknown parameter 'x'")
+    out = cli_check(f)
+    assert len(out) < 5000                          # the 500,000-character line is shown as a window
+
+
+# ---------------------------------------------------------------- nesting
+
+@pytest.mark.parametrize("depth", [30_000, parser.MAX_NESTING + 1])
+def test_deeply_nested_lists_are_an_error_at_the_outer_bracket(depth):
+    (d,) = loads(f"pipeline p {{\n  stage s : respond {{ x = {'[' * depth}{']' * depth} }}\n}}\n")
+    assert d.message == f"values are nested too deeply: {depth} levels" and (d.pos.line, d.pos.col) == (2, 27)
+
+
+def test_lists_nested_up_to_the_cap_are_fine():
+    n = parser.MAX_NESTING
+    diags = loads(f"pipeline p {{\n  stage s : respond {{ x = {'[' * n}{']' * n} }}\n}}\n")
+    assert not any("nested" in d.message for d in diags)
+
+
+@pytest.mark.parametrize("cond, col", [("not " * 30_000 + "full", 15),
+                                       ("(full and (timeout or " * 5_000 + "full" + "))" * 5_000, 16)])
+def test_deeply_nested_conditions_are_an_error_at_the_condition(cond, col):
+    (d,) = loads(f"pipeline p {{\n  a -> b when {cond}\n}}\n")
+    assert d.message.startswith("conditions are nested too deeply") and (d.pos.line, d.pos.col) == (2, col)
+
+
+def test_10000_ors_are_one_flat_condition():
+    cond = " or ".join(f"metadata.k{i} == 1" for i in range(10_000))
+    diags = loads(small_pipeline("p").replace("    request -> batch\n", f"    request -> batch when {cond}\n"))
+    assert [d.message for d in errors(diags)] == [
+        "an item of 'request' that matches none of its conditions has nowhere to go "
+        "(no unconditional edge and no `otherwise`)"]
+
+
+# ---------------------------------------------------------------- 20,000 of a kind
+
+def test_20000_params_in_one_stage_are_20000_positioned_errors(tmp_path):
+    f = tmp_path / "params.agp"
+    f.write_text(small_pipeline("p").replace("stage out : respond",
+                                             "stage out : respond { " + " ".join(f"p{i} = {i}" for i in range(20_000))
+                                             + " }"))
+    diags = load(f)
+    assert len(diags) == 20_000 and all(d.message.startswith("unknown parameter") for d in diags)
+    out = cli_check(f)
+    assert out.count("error: unknown parameter") == 20_000 and len(out) < 20_000 * 600
+
+
+def test_20000_pipelines_are_checked(tmp_path):
+    diags = loads("".join(f"pipeline p{i} {{ stage request : requests }}\n" for i in range(20_000)))
+    assert len(diags) == 20_000 and all(d.pos.line == i + 1 for i, d in enumerate(diags))
+
+
+def timed(fn, *args) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - start, out
+
+
+def assert_linear(small: float, big: float, what: str) -> None:
+    """`big` (10x the input of `small`) took seconds, not minutes: under 20 s, or, on a loaded
+    machine, under 30x the small run (linear is 10x; the quadratic steps this guards were 100x)."""
+    assert big < max(20.0, 30 * small), f"{what}: {small:.2f}s, then {big:.2f}s for 10x the input"
+
+
+def stages_text(shape: str, n: int) -> str:
+    if shape == "chain":
+        return chain_of(n)
+    if shape == "deadend":
+        return chain_of(n, last="")
+    return chain_of(n).replace(" -> ".join(f"s{i}" for i in range(n)), " -> ".join(f"t{i}" for i in range(n)))
+
+
+@pytest.mark.parametrize("shape, n", [("chain", 20_000), ("deadend", 10_000), ("undefined", 10_000)])
+def test_check_of_many_stages_is_linear(shape, n):
+    """chain: 20,000 route stages in one statement (was quadratic: the item types a stage can
+    carry were recomputed sweep after sweep); deadend: the same without the way out, an error
+    per stage; undefined: 10,000 arrows between undefined names among 10,000 stages, a
+    did-you-mean each (was quadratic)."""
+    text = stages_text(shape, n)
+    assert len(text.encode()) < loader.MAX_FILE_BYTES
+    small, _ = timed(loads, stages_text(shape, n // 10))
+    big, diags = timed(loads, text)
+    assert_linear(small, big, shape)
+    if shape == "chain":
+        assert diags == []
+    else:
+        assert len(errors(diags)) >= n
+
+
+# ---------------------------------------------------------------- rendering and fmt
+
+def test_an_error_far_into_a_long_line_shows_a_window_with_the_caret_under_it():
+    text = "pipeline p { " + " ".join(f"stage s{i} : route" for i in range(3000)) + " stage z : genrate }"
+    program, diags = pipeline_dsl.loads(text, "t.agp")
+    (d,) = [d for d in diags if "genrate" in d.message]
+    head, line, caret, *_ = d.render(program.sources).splitlines()
+    assert head.startswith("t.agp:1:") and len(line) < 200 and "…" in line
+    at = caret.index("^")
+    assert line[at:at + len("genrate")] == "genrate" and caret.count("^") == len("genrate")
+
+
+def test_expected_list_names_at_most_40_stages_and_counts_the_rest():
+    (d,) = errors(loads(chain_of(100).replace("-> s99 ->", "-> s99x ->")))
+    assert d.message == "edge to undefined stage 's99x'" and d.expected.endswith(", s39, … (66 more)")   # 106 stages
+    assert d.hint == "did you mean 's99'?"
+
+
+def test_fmt_of_20000_commented_stages_is_linear():
+    from pipeline_dsl.fmt import format_text
+
+    def text(n):
+        return "pipeline p {\n" + "".join(f"    stage s{i} : route  # c{i}\n    # own {i}\n" for i in range(n)) + "}\n"
+    small, _ = timed(format_text, text(2_000))
+    big, (out, diags) = timed(format_text, text(20_000))
+    assert_linear(small, big, "fmt")                  # comments were attached in quadratic time
+    assert diags == [] and out.count("# own") == 20_000 and "stage s19999 : route {}  # c19999" in out
