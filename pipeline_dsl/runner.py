@@ -170,6 +170,10 @@ def format_summary(s: dict) -> str:
         f"KV hit rate     {f(s['kv_hit_rate'])}",
         f"peak memory     {mem / 2**20:.0f} MiB" if mem else "peak memory     -",
     ]
+    for name, e in (s.get("engines") or {}).items():
+        if e.get("compile_fallbacks"):
+            lines.append(f"compile         {name}: {e['compile_fallbacks']} piece(s) fell back to eager: "
+                         f"{e.get('compile_fallback', '')}")
     if s.get("measured_overlap") is not None:
         lines.append(f"overlap         {s['measured_overlap']:.3f} of wall time with ≥2 streams busy")
     stages = s.get("stages") or {}

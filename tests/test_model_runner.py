@@ -76,17 +76,6 @@ def test_shared_prefix_blocks_give_same_logits_as_fresh_forward(model):
     assert torch.allclose(got, ref, atol=1e-4)
 
 
-def test_copy_block_copies_a_partly_filled_shared_block(model):
-    ids = seq(6, 5)
-    runner = ModelRunner(model, num_blocks=16, block_size=BS)
-    runner.execute([SeqBatchItem(ids, 0, [0, 1], True)])
-    runner.copy_block(1, 5)                      # copy-on-write of the half-full block
-    assert torch.equal(runner.k_cache[:, 4:8], runner.k_cache[:, 20:24])
-    nxt = seq(1, 6)
-    got = runner.execute([SeqBatchItem(nxt, 6, [0, 5], True)])[0]
-    assert torch.allclose(got, model.forward_full(ids + nxt)[-1], atol=1e-4)
-
-
 def _decode_batch(model, prompts, steps, *, pad=False, batched=True):
     """Prefill each prompt, then greedy-decode `steps` tokens; returns per-step logits."""
     runner = ModelRunner(model, num_blocks=128, block_size=BS, pad_decode=pad)

@@ -382,6 +382,11 @@ class Engine:
                 c[f"{name}_p99_s"] = percentile(xs, 99)
         c["peak_memory_bytes"] = peak_memory_bytes(self.config.device)
         c.update({k: v for k, v in self.model_info.items() if isinstance(v, (int, float, str))})
+        fallbacks = getattr(getattr(self.runner, "model", None), "compile_fallbacks", None)
+        failed = fallbacks() if callable(fallbacks) else []
+        c["compile_fallbacks"] = len(failed)        # torch.compile pieces running eagerly
+        if failed:
+            c["compile_fallback"] = "; ".join(failed)
         return c
 
 

@@ -121,19 +121,25 @@ def _silu_mul(gu: torch.Tensor) -> torch.Tensor:
 
 
 class _Fallback:
-    """A torch.compile'd function that turns back into the eager one if compiling fails."""
+    """A torch.compile'd function that turns back into the eager one if compiling fails: said
+    once at WARNING (logger agp.model) with the reason, and kept in `failed` (the engine's stats
+    show it as `compile_fallbacks`)."""
 
     def __init__(self, fn):
         self.eager, self.fn = fn, torch.compile(fn, dynamic=True)
+        self.failed: str | None = None
 
     def __call__(self, *args):
+        if self.failed is not None:
+            return self.eager(*args)
         try:
             return self.fn(*args)
-        except Exception as e:  # compilation is an optimisation, never a failure
-            import warnings
-            warnings.warn(f"torch.compile of {self.eager.__name__} failed, running eagerly: "
-                          f"{type(e).__name__}: {str(e)[:200]}")
-            self.fn = self.eager
+        except Exception as e:  # noqa: BLE001 - compilation is an optimisation, never a failure
+            import logging
+
+            self.failed = f"{self.eager.__name__}: {type(e).__name__}: {str(e)[:200]}"
+            logging.getLogger("agp.model").warning("torch.compile failed (%s); running it eagerly from now on",
+                                                   self.failed)
             return self.eager(*args)
 
 
@@ -219,6 +225,11 @@ class LlamaModel:
         self.rope = _Fallback(_rope)
         self.silu_mul = _Fallback(_silu_mul)
         self.rms_fn = _Fallback(_rms)
+
+    def compile_fallbacks(self) -> list[str]:
+        """The compiled pieces that failed and run eagerly, with the reasons."""
+        pieces = (getattr(self, name, None) for name in ("rope", "silu_mul", "rms_fn"))
+        return [f.failed for f in pieces if isinstance(f, _Fallback) and f.failed is not None]
 
     def mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
         gu = layer.gate_up(self.rms(x, layer.ffn_norm))        # [T, 2I]
@@ -317,11 +328,6 @@ class ModelRunner:
 
     def kv_bytes(self) -> int:
         return 2 * self._k_pool.numel() * self._k_pool.element_size()
-
-    def copy_block(self, src: int, dst: int) -> None:
-        bs = self.block_size
-        self.k_cache[:, dst * bs:(dst + 1) * bs] = self.k_cache[:, src * bs:(src + 1) * bs]
-        self.v_cache[:, dst * bs:(dst + 1) * bs] = self.v_cache[:, src * bs:(src + 1) * bs]
 
     # -- step preparation (host side, once per execute) ---------------------------------
     def _prepare(self, items, pad_to: int | None = None) -> _Step:

@@ -25,6 +25,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from pipeline_dsl.engine.errors import InputError
 from pipeline_dsl.model_files import ModelFileProblem, read_json_object
 
 _CONTROL, _USER_DEFINED = 3, 4
@@ -39,8 +40,8 @@ _QWEN2_SPLIT = (
 )
 
 
-class TokenizerError(ValueError):
-    """The model's tokenizer or chat template cannot be built or rendered."""
+class TokenizerError(InputError):
+    """The model's tokenizer or chat template cannot be built or rendered (for this input)."""
 
 
 def _pre_tokenizer(pre: str | None):

@@ -536,9 +536,7 @@ class PipelineRuntime:
         t0 = time.perf_counter()
         try:
             ids = es.tokenise(item.data)
-        except InputError as e:
-            raise PipelineError(str(e), "invalid", es.segment.encode) from None
-        except ValueError as e:               # the tokenizer / chat template refused this input
+        except InputError as e:               # the engine's word for bad input (tokenizer, template, length)
             raise PipelineError(f"cannot tokenise the request: {e}", "invalid", es.segment.encode) from None
         dt = time.perf_counter() - t0
         self._span(es.segment.encode, "tokenise", t0, item)
@@ -552,6 +550,8 @@ class PipelineRuntime:
     # ---- engine segments -----------------------------------------------------------------
     def _enter_segment(self, item: Item, es) -> None:
         """A Request reaches a batcher: tokenise, pick generate stage(s), copy n times, submit."""
+        from pipeline_dsl.engine.errors import InputError
+
         seg = es.segment
         req = item.req
         ids = self._ids(item, es)
@@ -578,7 +578,7 @@ class PipelineRuntime:
                                  req, gen, branch, dict(item.turns), None, None, item.ids, entry)
                     try:
                         params = es.sampling(gen, child.data, len(ids), copy=i)
-                    except ValueError as e:
+                    except InputError as e:
                         raise PipelineError(str(e), "invalid", gen) from None
                     if self.direct[gen]:
                         child.index = req.next_index
