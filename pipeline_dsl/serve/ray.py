@@ -410,7 +410,6 @@ def main(args) -> int:
     log.info("stopping: replicas finish their requests (up to %gs)", args.drain_timeout)
     serve.delete(APP)
     if started_here:
-        serve.shutdown()
         ray.shutdown()
     log.info("stopped")
     return 0
