@@ -243,3 +243,19 @@ def test_a_replica_lost_mid_load_loses_no_request_that_had_not_started_streaming
     # the cluster serves on (Serve starts a replica in place of the lost one)
     r = client.completions.create(model="tiny", prompt="after", max_tokens=4, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 4
+
+
+def test_a_flag_the_replicas_cannot_start_with_is_named(cluster, tmp_path, tiny_gguf):
+    from ray import serve
+
+    from pipeline_dsl.serve import ray as on_ray
+
+    path = tiny_pipeline(tmp_path / "tiny.agp", tiny_gguf)
+    args = on_ray.parse([str(path), "--threads", "1", "--max-model-len", "100000"])   # checked by the replica
+    with pytest.raises(RuntimeError) as e:
+        serve.run(on_ray.build_app(args), name="agp-bad", route_prefix="/bad")
+    try:
+        assert on_ray.start_failure(e.value, app="agp-bad") == (
+            2, "max_model_len must be between 1 and the model's context (512), not 100000")
+    finally:
+        serve.delete("agp-bad")

@@ -9,13 +9,13 @@ Two deployments make the application `agp`:
 - `AgpPipeline`, the replicas: each builds the app `agp serve` builds for the same flags
   (`build(args)`: the same routes, limits and metrics) and runs it in its process, with its
   lifespan: the pipeline starts with the replica and drains when Serve stops it (Serve
-  first lets the requests in flight finish, up to --drain-timeout). Every answer carries `x-agp-replica`, the
-  id of the replica that served it.
+  first lets the requests in flight finish, up to --drain-timeout). Every answer carries
+  `x-agp-replica`, the id of the replica that served it.
 - `AgpIngress`, behind Ray's HTTP proxy: reads a request's body, takes its prompt's first
   --affinity-chars characters as a routing key and calls `AgpPipeline` through a deployment
   handle, streaming the replica's ASGI messages back. A request whose replica fails before
   its answer started is sent again (to another replica); a stream already started ends with
-  an error event. `x-agp-attempts` says how many replicas were tried.
+  an error event. `x-agp-attempts` says how many times it was sent.
 
 `PrefixAffinityRouter`, the handle's request router, sends a request with a key to the
 replica that ranks highest for the key by rendezvous hashing (every ingress replica agrees
@@ -50,7 +50,7 @@ log = logging.getLogger("agp.serve")
 APP = "agp"
 REPLICA_HEADER = b"x-agp-replica"
 ATTEMPTS_HEADER = b"x-agp-attempts"
-ATTEMPTS = 3                      # replicas tried for a request whose answer has not started
+ATTEMPTS = 3                      # sends of a request whose answer has not started
 SCOPE_KEYS = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path", "root_path",
               "query_string", "headers", "server", "client")
 DEFAULT_TARGET = 8.0              # --target-ongoing-requests
@@ -364,6 +364,18 @@ def app_builder(config: dict):
     return build_app(args, replica_gpus(pipeline_device(args)))
 
 
+def start_failure(e: Exception, app: str = APP) -> tuple[int, str]:
+    """Exit status and message when the replicas did not start: what a replica's constructor
+    raised, from Serve's status (a SetupError is a flag the pipeline cannot run with: 2)."""
+    try:
+        detail = serve.status().applications[app].deployments["AgpPipeline"].message.strip()
+    except Exception:                           # noqa: BLE001 - no status: Serve's own message
+        detail = ""
+    if "SetupError: " in detail:
+        return 2, detail.rsplit("SetupError: ", 1)[1]
+    return 1, detail.splitlines()[-1] if detail else str(e)
+
+
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
@@ -391,9 +403,12 @@ def main(args) -> int:
     try:
         serve.run(build_app(args, gpus), name=APP, route_prefix=args.root_path or "/")
     except Exception as e:                      # noqa: BLE001 - Serve says why the replicas did not start
-        _err(f"the application did not start: {e}")
+        code, why = start_failure(e)
+        _err(why if code == 2 else f"the application did not start: {why}")
         serve.delete(APP)
-        return 1
+        if started_here:
+            ray.shutdown()
+        return code
     scheme = "https" if args.ssl_certfile else "http"
     shown = f"[{args.host}]" if ":" in args.host else args.host
     count = (f"{args.replicas or 1} replica(s)" if args.max_replicas is None else
