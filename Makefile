@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 $(TSTAMP): $(STAMP)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,ray]'
 	touch $@
 
 # graphviz's `dot`: Debian's package when we are root, otherwise say how.

@@ -9,7 +9,8 @@ Routes: /v1/completions, /v1/chat/completions (streaming or not), /v1/models, /t
 Ctrl-C) stops accepting connections, lets in-flight requests finish (up to
 --drain-timeout) and exits 0. Every flag can also be set by an environment variable:
 AGP_ and the flag's name in capitals (--api-key: AGP_API_KEY, --max-num-seqs:
-AGP_MAX_NUM_SEQS); the flag wins over the variable, both over the pipeline file.
+AGP_MAX_NUM_SEQS); the flag wins over the variable, both over the pipeline file. `--ray`
+serves it as replicas on Ray Serve instead (pipeline_dsl.serve.ray, docs/scale.md).
 """
 from __future__ import annotations
 
@@ -96,7 +97,29 @@ def add_arguments(p) -> None:
     p.add_argument("--trace", default=None, metavar="FILE",
                    help="record a Chrome trace (Perfetto) of the pipeline; written at shutdown and on "
                         "POST /trace/flush")
+    add_ray_arguments(p)
     env_defaults(p)
+
+
+def add_ray_arguments(p) -> None:
+    """Flags of `--ray` (pipeline_dsl.serve.ray; docs/scale.md)."""
+    g = p.add_argument_group("scaling out on Ray Serve (pip install 'agp[ray]'; see docs/scale.md)")
+    g.add_argument("--ray", action="store_true",
+                   help="run the pipeline as Ray Serve replicas behind Ray's HTTP proxy (a running cluster "
+                        "when RAY_ADDRESS is set, else a local one)")
+    g.add_argument("--replicas", type=int, default=None,
+                   help="replicas of the pipeline (default: 1; with --max-replicas: how many to start with)")
+    g.add_argument("--min-replicas", type=int, default=None,
+                   help="autoscaling: the fewest replicas (default: 1; 0 lets it scale to zero)")
+    g.add_argument("--max-replicas", type=int, default=None,
+                   help="turns autoscaling on: the most replicas")
+    g.add_argument("--target-ongoing-requests", type=float, default=None,
+                   help="autoscaling: the requests in flight per replica it scales towards (default: 8)")
+    g.add_argument("--max-ongoing-requests", type=int, default=64,
+                   help="requests a replica holds at once; more wait in Ray's router (default: 64)")
+    g.add_argument("--affinity-chars", type=int, default=256,
+                   help="requests whose prompts share their first N characters go to one replica "
+                        "(prefix-cache affinity; 0: off; default: 256)")
 
 
 def env_name(action: argparse.Action) -> str:
@@ -201,6 +224,35 @@ def check_args(args) -> None:
         raise SetupError(f"--root-path must start with '/', not {args.root_path!r}")
     if any(not k for k in args.api_key or ()):
         raise SetupError("--api-key must not be empty")
+    check_ray_args(args)
+
+
+def check_ray_args(args) -> None:
+    given = [f for f in ("replicas", "min_replicas", "max_replicas", "target_ongoing_requests")
+             if getattr(args, f, None) is not None]
+    if not getattr(args, "ray", False):
+        if given:
+            raise SetupError(f"--{given[0].replace('_', '-')} needs --ray")
+        return
+    for name, low in (("replicas", 1), ("min_replicas", 0), ("max_replicas", 1), ("max_ongoing_requests", 1),
+                      ("affinity_chars", 0)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise SetupError(f"--{name.replace('_', '-')} must be at least {low}, not {value}")
+    if args.target_ongoing_requests is not None and args.target_ongoing_requests <= 0:
+        raise SetupError(f"--target-ongoing-requests must be positive, not {args.target_ongoing_requests:g}")
+    if args.max_replicas is None:
+        if args.min_replicas is not None or args.target_ongoing_requests is not None:
+            raise SetupError("autoscaling needs --max-replicas")
+    else:
+        low = 1 if args.min_replicas is None else args.min_replicas
+        if low > args.max_replicas:
+            raise SetupError(f"--min-replicas ({low}) is more than --max-replicas ({args.max_replicas})")
+        if args.replicas is not None and not low <= args.replicas <= args.max_replicas:
+            raise SetupError(f"--replicas ({args.replicas}) must lie between --min-replicas ({low}) and "
+                             f"--max-replicas ({args.max_replicas})")
+    if args.trace:
+        raise SetupError("--trace records one process: it does not go with --ray")
 
 
 @dataclass
@@ -287,6 +339,8 @@ def main(args) -> int:
     from pipeline_dsl.serve.logs import configure
 
     configure(args.log_format, args.log_level, args.access_log)
+    if args.ray:
+        return _main_on_ray(args)
     try:
         check_args(args)
         sock = _bind(args.host, args.port)
@@ -342,3 +396,17 @@ def main(args) -> int:
         return 1
     log.info("stopped" + (" (drained)" if server.stopped_by else ""))
     return 0
+
+
+def _main_on_ray(args) -> int:
+    try:
+        check_args(args)
+    except SetupError as e:
+        _err(str(e))
+        return 2
+    try:
+        from pipeline_dsl.serve import ray as on_ray
+    except ImportError as e:
+        _err(f"Ray Serve is not installed ({e}): pip install 'agp[ray]'")
+        return 2
+    return on_ray.main(args)

@@ -1,0 +1,261 @@
+"""`agp serve --ray`: the flags without Ray, the routing key, and a local Ray cluster with two
+replicas of the tiny model driven by the official `openai` client (skipped only when Ray is
+not installed: `pip install -e '.[ray]'`)."""
+
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from pipeline_dsl import cli
+from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
+from test_serve import TINY
+
+TOKENS = 8                      # every answer of the load test: 8 tokens, ignore_eos
+SHARED = "the cat and the world " * 14          # 308 characters: longer than --affinity-chars
+
+
+def tiny_pipeline(path, model, max_batch_size=4):
+    path.write_text(TINY.format(model=model, max_queue=1024, max_batch_size=max_batch_size, timeout=20))
+    return path
+
+
+# ---------------------------------------------------------------- without a cluster
+
+def test_without_ray_the_flag_is_a_clean_error(monkeypatch, capsys, tmp_path, tiny_gguf):
+    monkeypatch.setitem(sys.modules, "ray", None)               # import ray fails
+    monkeypatch.delitem(sys.modules, "pipeline_dsl.serve.ray", raising=False)
+    path = tiny_pipeline(tmp_path / "tiny.agp", tiny_gguf)
+    assert cli.main(["serve", str(path), "--ray", "--replicas", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "agp serve: error: Ray Serve is not installed" in err and "pip install 'agp[ray]'" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--replicas", "2"], "--replicas needs --ray"),
+    (["--max-replicas", "2"], "--max-replicas needs --ray"),
+    (["--ray", "--replicas", "0"], "--replicas must be at least 1, not 0"),
+    (["--ray", "--min-replicas", "1"], "autoscaling needs --max-replicas"),
+    (["--ray", "--min-replicas", "3", "--max-replicas", "2"], "--min-replicas (3) is more than --max-replicas (2)"),
+    (["--ray", "--replicas", "5", "--max-replicas", "4"], "--replicas (5) must lie between"),
+    (["--ray", "--max-replicas", "2", "--target-ongoing-requests", "0"], "--target-ongoing-requests must be positive"),
+    (["--ray", "--affinity-chars", "-1"], "--affinity-chars must be at least 0"),
+    (["--ray", "--trace", "t.json"], "--trace records one process"),
+])
+def test_bad_scaling_flags_exit_2_naming_the_flag(flags, message, capsys, tmp_path, tiny_gguf):
+    path = tiny_pipeline(tmp_path / "tiny.agp", tiny_gguf)
+    assert cli.main(["serve", str(path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert f"agp serve: error: {message}" in err and "Traceback" not in err
+
+
+def test_the_routing_key_is_the_prompt_prefix():
+    on_ray = pytest.importorskip("pipeline_dsl.serve.ray", exc_type=ImportError)
+    key = on_ray.affinity_key
+    assert key(b'{"prompt": "abcdef", "max_tokens": 3}', 4) == "abcd"
+    assert key(b'{"prompt": ["abcdef", "xyz"]}', 3) == "abc"                 # a batch: its first prompt
+    assert key(b'{"prompt": [[5, 6, 7]]}', 100) == "5 6 7"
+    chat = b'{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}'
+    assert key(chat, 100) == "system\nBe brief.\nuser\nHi\n"
+    assert key(chat, 100) == key(chat.replace(b'"Hi"', b'[{"type": "text", "text": "Hi"}]'), 100)
+    assert key(b'{"prompt": ', 100) is None and key(b'[1]', 100) is None and key(b'{"prompt": "a"}', 0) is None
+    # rendezvous hashing: a key keeps its replica when another replica comes or goes
+    ids = ["r1", "r2", "r3", "r4"]
+    for k in ("a", "b", "c", "d", "e", "f"):
+        best = on_ray.rank(k, ids)[0]
+        assert on_ray.rank(k, [i for i in ids if i != best])[0] == on_ray.rank(k, ids)[1]
+        other = next(i for i in ids if i != best)
+        assert on_ray.rank(k, [i for i in ids if i != other])[0] == best
+    assert len({on_ray.rank(str(i), ids)[0] for i in range(40)}) == 4   # keys spread over replicas
+
+
+def test_scaling_flags_become_serve_options(tmp_path, tiny_gguf):
+    on_ray = pytest.importorskip("pipeline_dsl.serve.ray", exc_type=ImportError)
+    path = tiny_pipeline(tmp_path / "tiny.agp", tiny_gguf)
+    fixed = on_ray.pipeline_options(on_ray.parse([str(path), "--replicas", "3", "--threads", "2"]))
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0}
+    assert fixed["request_router_config"].request_router_class.endswith("PrefixAffinityRouter")
+    auto = on_ray.pipeline_options(on_ray.parse([str(path), "--min-replicas", "0", "--max-replicas", "4",
+                                                 "--target-ongoing-requests", "16"]))
+    assert "num_replicas" not in auto
+    assert auto["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "initial_replicas": 1,
+                                          "target_ongoing_requests": 16}
+    assert on_ray.app_builder({"pipeline": str(path), "replicas": "2", "no_prefix_reuse": "true"}) is not None
+    with pytest.raises(ValueError, match="--min-replicas \\(3\\) is more than --max-replicas \\(2\\)"):
+        on_ray.app_builder({"pipeline": str(path), "min_replicas": 3, "max_replicas": 2})
+
+
+# ---------------------------------------------------------------- a local Ray cluster
+
+class Cluster:
+    def __init__(self, url: str, ray):
+        self.url, self.ray = url, ray
+        self.client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def kill_replica(self, replica_id: str) -> None:
+        """End a replica's actor at once, as a crashed process or a lost node would."""
+        from ray.util import list_named_actors
+
+        names = [a["name"] for a in list_named_actors(all_namespaces=True)
+                 if a["name"].startswith("SERVE_REPLICA::") and a["name"].endswith("#" + replica_id)]
+        assert len(names) == 1, names
+        self.ray.kill(self.ray.get_actor(names[0], namespace="serve"), no_restart=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_gguf, tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from pipeline_dsl.serve import ray as on_ray
+
+    path = tiny_pipeline(tmp_path_factory.mktemp("ray") / "tiny.agp", tiny_gguf)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="warning", object_store_memory=100 << 20)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        args = on_ray.parse([str(path), "--replicas", "2", "--threads", "1", "--port", str(port),
+                             "--stats-interval", "0", "--log-level", "warning"])
+        serve.run(on_ray.build_app(args), name="agp")
+        yield Cluster(f"http://127.0.0.1:{port}", ray)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def expected_texts(model, requests: list[dict]) -> list[str]:
+    """What one engine in this process answers to each request (prompt= or messages=)."""
+    e = Engine(EngineConfig(model=str(model), dtype="fp32", kv_budget_bytes=1 << 20, block_size=8,
+                            batch_timeout_s=0.0))
+    for i, inputs in enumerate(requests):
+        e.add_request(str(i), params=SamplingParams(max_tokens=TOKENS, ignore_eos=True), **inputs)
+    texts = {}
+    while e.has_unfinished():
+        for out in e.step():
+            if out.finished:
+                texts[out.request_id] = out.text
+    return [texts[str(i)] for i in range(len(requests))]
+
+
+def test_32_requests_on_two_replicas_with_prefix_affinity(cluster, tiny_gguf):
+    client = cluster.client
+
+    def complete(prompt):
+        raw = client.completions.with_raw_response.create(model="tiny", prompt=prompt, max_tokens=TOKENS,
+                                                          extra_body={"ignore_eos": True})
+        r = raw.parse()
+        assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == TOKENS
+        return raw.headers["x-agp-replica"], r.choices[0].text, r.usage.prompt_tokens_details.cached_tokens
+
+    def chat(content):
+        with client.chat.completions.with_streaming_response.create(
+                model="tiny", messages=[{"role": "user", "content": content}], max_tokens=TOKENS, stream=True,
+                extra_body={"ignore_eos": True}) as resp:
+            replica = resp.headers["x-agp-replica"]
+            chunks = list(resp.parse())
+        finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finals == ["length"]
+        return replica, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), 0
+
+    prompts = [f"hello {i} world" for i in range(16)]
+    chats = [f"the cat {i} is here" for i in range(8)]
+    shared = [SHARED + f"and then {i}" for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:                 # concurrent: distinct prompts spread by load and key
+        got = list(pool.map(complete, prompts)) + list(pool.map(chat, chats))
+    got += [complete(p) for p in shared]                 # one after another: affinity alone decides
+    want = expected_texts(tiny_gguf, [{"prompt": p} for p in prompts] +
+                          [{"messages": [{"role": "user", "content": c}]} for c in chats] +
+                          [{"prompt": p} for p in shared])
+    assert len(got) == 32
+    assert [text for _, text, _ in got] == want         # every answer, token for token
+    assert all(want), want
+    assert len({replica for replica, _, _ in got}) == 2, "both replicas served"
+    on_shared = {replica for replica, _, _ in got[24:]}
+    assert len(on_shared) == 1, f"requests sharing a prefix went to {on_shared}"
+    assert all(cached > 0 for _, _, cached in got[25:])   # so each found the shared prefix in the KV cache
+
+
+def test_a_replica_lost_mid_load_loses_no_request_that_had_not_started_streaming(cluster):
+    client = cluster.client
+    n, tokens = 24, 160
+    state = [{"chunks": 0} for _ in range(n)]
+
+    def stream(i):
+        s = state[i]
+        with client.completions.with_streaming_response.create(
+                model="tiny", prompt=f"request {i} of the load", max_tokens=tokens, stream=True,
+                extra_body={"ignore_eos": True}) as resp:
+            s["replica"] = resp.headers["x-agp-replica"]
+            s["attempts"] = int(resp.headers["x-agp-attempts"])
+            text, finish = "", None
+            for chunk in resp.parse():
+                s["chunks"] += 1
+                text += chunk.choices[0].text
+                finish = chunk.choices[0].finish_reason or finish
+        s["finish"] = finish
+
+    def whole(i):
+        s = state[i]
+        raw = client.completions.with_raw_response.create(model="tiny", prompt=f"request {i} of the load",
+                                                          max_tokens=tokens, extra_body={"ignore_eos": True})
+        r = raw.parse()
+        s.update(replica=raw.headers["x-agp-replica"], attempts=int(raw.headers["x-agp-attempts"]),
+                 finish=r.choices[0].finish_reason, tokens=r.usage.completion_tokens)
+
+    def run(i):
+        try:
+            (stream if i % 2 else whole)(i)
+        except openai.APIError as e:
+            state[i]["error"] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while True:            # a replica holding more requests than it batches (4): some have not started
+        assert time.monotonic() < deadline, "no replica got busy"
+        r = httpx.get(cluster.url + "/stats", timeout=10)
+        if r.json()["requests"]["in_flight"] >= 7:
+            victim = r.headers["x-agp-replica"]
+            break
+    cluster.kill_replica(victim)
+    for t in threads:
+        t.join(180)
+    failed = {i for i, s in enumerate(state) if "error" in s}
+    for i, s in enumerate(state):
+        if i in failed:
+            assert s["chunks"] > 0 and s["replica"] == victim       # only a stream already under way may fail
+            continue
+        assert s["finish"] == "length", (i, s)
+        assert s.get("tokens", tokens) == tokens
+    retried = [s for s in state if s.get("attempts", 1) > 1 and "error" not in s]
+    assert retried, "the lost replica held no request that had not started: the test proved nothing"
+    assert all(s["replica"] != victim for s in retried)
+    # the cluster serves on (Serve starts a replica in place of the lost one)
+    r = client.completions.create(model="tiny", prompt="after", max_tokens=4, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 4
+
+
+def test_a_flag_the_replicas_cannot_start_with_is_named(cluster, tmp_path, tiny_gguf):
+    from ray import serve
+
+    from pipeline_dsl.serve import ray as on_ray
+
+    path = tiny_pipeline(tmp_path / "tiny.agp", tiny_gguf)
+    args = on_ray.parse([str(path), "--threads", "1", "--max-model-len", "100000"])   # checked by the replica
+    with pytest.raises(RuntimeError) as e:
+        serve.run(on_ray.build_app(args), name="agp-bad", route_prefix="/bad")
+    try:
+        assert on_ray.start_failure(e.value, app="agp-bad") == (
+            2, "max_model_len must be between 1 and the model's context (512), not 100000")
+    finally:
+        serve.delete("agp-bad")
