@@ -229,6 +229,7 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
 
     async def stats_lines():
         line = StatsLine()
+        line(await _stats())                       # the baseline: the first line counts from here
         while True:
             await asyncio.sleep(config.stats_interval_s)
             stats = await _stats()
