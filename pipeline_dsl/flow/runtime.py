@@ -3,6 +3,7 @@
     rt = PipelineRuntime(graph, overrides={"threads": 2})
     rt.start()                                # one batching loop per engine segment
     key = rt.submit(request_dict, listener)   # listener.on_delta(key, index, out), .on_done(result)
+                                              # (and .on_prompt(key, ids, logprobs) if it has one)
     rt.close(drain=True)
 
 An item is a Request or a Generated result (the port types of stages/builtin.py). A stage
@@ -562,6 +563,9 @@ class PipelineRuntime:
         if item.data.get("prompt_logprobs") is not None:    # echo with logprobs: the prompt's own
             entry["prompt_logprobs"] = es.prompt_logprobs(ids, int(item.data["prompt_logprobs"]))
             entry["prompt_token_ids"] = list(ids)
+            heard = getattr(req.listener, "on_prompt", None)   # a stream echoes them before its tokens
+            if heard is not None:
+                heard(req.key, entry["prompt_token_ids"], entry["prompt_logprobs"])
         if item.data.get("max_tokens") == 0:                # echo only: nothing to generate
             self._answer_without_engine(item, es, targets, ids, entry)
             return
@@ -650,7 +654,7 @@ class PipelineRuntime:
                 if item.logprobs is None:
                     item.logprobs = []
                 item.logprobs.extend(step_logprobs)
-            if item.index is not None and (out.delta_text or out.finished):
+            if item.index is not None and (out.delta_text or out.finished or step_logprobs):
                 try:
                     req.listener.on_delta(req.key, item.index, out)
                 except Exception:              # noqa: BLE001 - a listener's failure is its own
