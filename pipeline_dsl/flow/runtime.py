@@ -258,6 +258,15 @@ class PipelineRuntime:
             raise PipelineError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "invalid")
         return es.engine.tokenizer.decode(ids, skip_special_tokens=False)
 
+    def tokenizer_info(self, pin: str | None = None) -> dict:
+        """The tokenizer's configuration (agp serve's /tokenizer_info, vLLM's shape): its special
+        tokens, whether it adds the bos token, the context length and the chat template."""
+        es = self._segment_for(pin)
+        tok = es.engine.tokenizer
+        return {"tokenizer_class": type(tok).__name__, "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+                "add_bos_token": bool(getattr(tok, "add_bos", False)), "model_max_length": es.engine.max_model_len,
+                "chat_template": tok.chat_template}
+
     def model_names(self) -> list[str]:
         """The generate stages a request may pin (agp serve's `model` field)."""
         return list(self.seg_of_gen)

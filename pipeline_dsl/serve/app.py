@@ -314,6 +314,14 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
             return _error(api_error(e, "chat" if "messages" in body else "completion"))
         return {"count": len(ids), "max_model_len": config.max_model_len, "tokens": ids}
 
+    @app.get("/tokenizer_info", openapi_extra=OA.TOKENIZER_INFO)
+    async def tokenizer_info():
+        """The tokenizer's special tokens and chat template (lm-eval's remote tokenizer reads them)."""
+        try:
+            return await asyncio.to_thread(apipe.runtime.tokenizer_info, None)
+        except PipelineError as e:
+            return _error(api_error(e, "completion"))
+
     @app.post("/detokenize", openapi_extra=OA.DETOKENIZE)
     async def detokenize(request: Request):
         try:
