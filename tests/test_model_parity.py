@@ -2,8 +2,9 @@
 
 transformers loads the same file with its own GGUF reader and dequantiser (local files
 only, never a hub), so both sides run the same weights: fp32 logits agree to 1e-2 (they
-are ~30 in magnitude), greedy continuations agree token for token, and the tokenizers
-agree on a corpus with unicode, whitespace runs, code and special tokens.
+are ~30 in magnitude), greedy continuations agree token for token, the tokenizers agree
+on a corpus with unicode, whitespace runs, code and special tokens, and the prompt
+logprobs `agp serve` answers (echo) agree to 1e-3.
 """
 
 import pytest
@@ -139,3 +140,55 @@ def test_token_ids_match_transformers_tokenizer(reference, ours):
             {"role": "user", "content": "2+2?"}]
     assert tok.apply_chat_template(msgs) == ref_tok.apply_chat_template(msgs, tokenize=False,
                                                                           add_generation_prompt=True)
+
+
+SCORED = [
+    "The capital of France is Paris, and the capital of Germany is Berlin.",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "Les mathématiques sont la reine des sciences.",
+    "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\nRed, green and blue.<|im_end|>\n",
+    "1, 1, 2, 3, 5, 8, 13, 21, 34",
+]
+LOGPROB_TOLERANCE = 1e-3
+
+
+def test_served_prompt_logprobs_match_transformers(reference):
+    """`agp serve` on the embedded model in fp32, scoring prompts as lm-eval does (`echo`,
+    `max_tokens: 0`, `logprobs: 5`): every prompt token's logprob is within 1e-3 of
+    transformers' log_softmax of the same weights (measured: at most 2.2e-5 over these ~110
+    tokens, float32 summation order; the logprobs span -15..0, so a wrong position, token or
+    precision shows as 1e-2 and more), and each token's alternatives are transformers' top 5:
+    the most likely one first (unless two are within the tolerance), the same values."""
+    import httpx
+
+    from test_serve import TINY, LiveServer
+
+    ref_model, _ = reference
+    src = resolve_model(None)
+    text = TINY.replace("budget = 1MiB", "budget = 16MiB").format(model=src.path, max_queue=64, max_batch_size=8,
+                                                                  timeout=20)
+    s = LiveServer(src.path, text=text)
+    text_of = s.apipe.runtime.token_text(None)
+    try:
+        for prompt in SCORED:
+            ids = httpx.post(s.url + "/tokenize", json={"prompt": prompt}, timeout=30).json()["tokens"]
+            r = s.client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=5)
+            lp = r.choices[0].logprobs
+            assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None
+            with torch.no_grad():
+                logp = torch.log_softmax(ref_model(torch.tensor([ids])).logits[0].double(), dim=-1)[:-1]
+            want = logp.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+            got = torch.tensor(lp.token_logprobs[1:], dtype=torch.float64)
+            diff = (got - want).abs().max().item()
+            assert diff <= LOGPROB_TOLERANCE, (prompt, diff)
+            best = logp.topk(5, dim=-1)
+            for i, top in enumerate(lp.top_logprobs[1:]):
+                ref_top = [(text_of(t), v) for t, v in zip(best.indices[i].tolist(), best.values[i].tolist())]
+                first_text, first_value = next(iter(top.items()))
+                near_tie = ref_top[0][1] - ref_top[1][1] <= LOGPROB_TOLERANCE
+                assert first_text == ref_top[0][0] or near_tie, (prompt, i, top, ref_top)
+                assert abs(first_value - ref_top[0][1]) <= LOGPROB_TOLERANCE
+                for piece, value in top.items():        # each alternative is one of transformers' top 5
+                    assert any(piece == t and abs(value - v) <= LOGPROB_TOLERANCE for t, v in ref_top), (prompt, i)
+    finally:
+        s.close()

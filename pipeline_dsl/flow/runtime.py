@@ -3,6 +3,7 @@
     rt = PipelineRuntime(graph, overrides={"threads": 2})
     rt.start()                                # one batching loop per engine segment
     key = rt.submit(request_dict, listener)   # listener.on_delta(key, index, out), .on_done(result)
+                                              # (and .on_prompt(key, ids, logprobs) if it has one)
     rt.close(drain=True)
 
 An item is a Request or a Generated result (the port types of stages/builtin.py). A stage
@@ -256,6 +257,15 @@ class PipelineRuntime:
         if bad:
             raise PipelineError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "invalid")
         return es.engine.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def tokenizer_info(self, pin: str | None = None) -> dict:
+        """The tokenizer's configuration (agp serve's /tokenizer_info, vLLM's shape): its special
+        tokens, whether it adds the bos token, the context length and the chat template."""
+        es = self._segment_for(pin)
+        tok = es.engine.tokenizer
+        return {"tokenizer_class": type(tok).__name__, "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+                "add_bos_token": bool(getattr(tok, "add_bos", False)), "model_max_length": es.engine.max_model_len,
+                "chat_template": tok.chat_template}
 
     def model_names(self) -> list[str]:
         """The generate stages a request may pin (agp serve's `model` field)."""
@@ -562,6 +572,9 @@ class PipelineRuntime:
         if item.data.get("prompt_logprobs") is not None:    # echo with logprobs: the prompt's own
             entry["prompt_logprobs"] = es.prompt_logprobs(ids, int(item.data["prompt_logprobs"]))
             entry["prompt_token_ids"] = list(ids)
+            heard = getattr(req.listener, "on_prompt", None)   # a stream echoes them before its tokens
+            if heard is not None:
+                heard(req.key, entry["prompt_token_ids"], entry["prompt_logprobs"])
         if item.data.get("max_tokens") == 0:                # echo only: nothing to generate
             self._answer_without_engine(item, es, targets, ids, entry)
             return
@@ -650,7 +663,7 @@ class PipelineRuntime:
                 if item.logprobs is None:
                     item.logprobs = []
                 item.logprobs.extend(step_logprobs)
-            if item.index is not None and (out.delta_text or out.finished):
+            if item.index is not None and (out.delta_text or out.finished or step_logprobs):
                 try:
                     req.listener.on_delta(req.key, item.index, out)
                 except Exception:              # noqa: BLE001 - a listener's failure is its own

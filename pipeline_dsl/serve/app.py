@@ -315,6 +315,14 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
             return _error(api_error(e, "chat" if "messages" in body else "completion"))
         return {"count": len(ids), "max_model_len": config.max_model_len, "tokens": ids}
 
+    @app.get("/tokenizer_info", openapi_extra=OA.TOKENIZER_INFO)
+    async def tokenizer_info():
+        """The tokenizer's special tokens and chat template (lm-eval's remote tokenizer reads them)."""
+        try:
+            return await asyncio.to_thread(apipe.runtime.tokenizer_info, None)
+        except PipelineError as e:
+            return _error(api_error(e, "completion"))
+
     @app.post("/detokenize", openapi_extra=OA.DETOKENIZE)
     async def detokenize(request: Request):
         try:
@@ -491,21 +499,54 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
         called: set[int] = set()
         want_lp = req.fields.get("logprobs") is not None
         text_of = apipe.runtime.token_text(req.pin) if want_lp else None
+        echo = not chat and bool(req.fields.get("echo"))
+        parts = req.split() if echo else []
+        per = getattr(stream, "per", 1)
+        offset: dict[int, int] = {}                     # per choice: text_offset of its next token
 
-        def content(index: int, text: str) -> list[bytes]:
+        def listed(index: int, lp: dict) -> dict:
+            if lp["tokens"]:
+                offset[index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+            return lp
+
+        def echoed(index: int, data: dict | None) -> tuple[str, dict | None]:
+            """The prompt of choice `index` and its logprobs: from its answer when that came whole,
+            else from its request (vLLM streams the echo first)."""
+            if data is not None:
+                text, ids, lps = _prompt_text(data, req), data.get("prompt_token_ids"), data.get("prompt_logprobs")
+            else:
+                part = parts[min(index // per, len(parts) - 1)]
+                sub = stream.streams[index // per] if isinstance(stream, StreamGroup) else stream
+                text = part.prompt if part.prompt is not None else \
+                    apipe.runtime.detokenise(list(part.prompt_token_ids), req.pin)
+                ids, lps = sub.prompt or (None, None)
+            lp = (P.completion_logprobs({"prompt_logprobs": lps, "prompt_token_ids": ids}, text_of, True)
+                  if want_lp and lps else None)
+            return text, lp
+
+        def content(index: int, text: str, step_lp: list | None = None, data: dict | None = None) -> list[bytes]:
             out = []
             if chat and index not in opened:
                 out.append(P.sse(P.chat_chunk(rid, req.model, now, {"role": "assistant", "content": ""},
                                               None, index)))
+            if echo and index not in opened:
+                prompt, lp = echoed(index, data)
+                offset[index] = len(prompt)
+                out.append(P.sse(P.completion_chunk(rid, req.model, now, prompt, None, index,
+                                                    lp and listed(index, lp))))
             opened.add(index)
             calls = []
             if chat and req.tools_active:
                 from pipeline_dsl.tools import ToolStream
 
                 text, calls = tool_streams.setdefault(index, ToolStream()).feed(text)
-            if text:
-                out.append(P.sse(P.chat_chunk(rid, req.model, now, {"content": text}, None, index) if chat
-                                 else P.completion_chunk(rid, req.model, now, text, None, index)))
+            lp = None
+            if want_lp and step_lp:                     # these tokens' logprobs, with their text
+                lp = (P.chat_logprobs(step_lp, text_of) if chat else listed(index, P.completion_logprobs(
+                    {"logprobs": step_lp}, text_of, False, offset.get(index, 0))))
+            if text or lp is not None:
+                out.append(P.sse(P.chat_chunk(rid, req.model, now, {"content": text}, None, index, lp) if chat
+                                 else P.completion_chunk(rid, req.model, now, text, None, index, lp)))
             if calls:
                 called.add(index)
                 out.append(P.sse(P.chat_chunk(rid, req.model, now, {"tool_calls": calls}, None, index)))
@@ -529,13 +570,7 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
             while True:
                 if event[0] == "delta":
                     _, index, out = event
-                    step_lp = getattr(out, "logprobs", None)
-                    if want_lp and step_lp:               # this step's tokens' logprobs, in their own chunk
-                        lp = (P.chat_logprobs(step_lp, text_of) if chat else
-                              P.completion_logprobs({"logprobs": step_lp}, text_of, False))
-                        yield P.sse(P.chat_chunk(rid, req.model, now, {}, None, index, lp) if chat else
-                                    P.completion_chunk(rid, req.model, now, "", None, index, lp))
-                    for chunk in content(index, out.delta_text):
+                    for chunk in content(index, out.delta_text, getattr(out, "logprobs", None)):
                         yield chunk
                     if out.finished and index not in closed:
                         for chunk in finish(index, out.finish_reason):
@@ -551,7 +586,9 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
                         return
                     for c in result.choices:
                         if c.index not in closed:
-                            for chunk in content(c.index, c.text if c.index not in opened else ""):
+                            whole = c.index not in opened         # it came whole (no deltas)
+                            for chunk in content(c.index, c.text if whole else "",
+                                                 c.data.get("logprobs") if whole else None, c.data):
                                 yield chunk
                             for chunk in finish(c.index, c.finish_reason):
                                 yield chunk

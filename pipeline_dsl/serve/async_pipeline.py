@@ -33,6 +33,7 @@ class RequestStream:
         self.arrival = time.monotonic()
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
+        self.prompt: tuple | None = None         # (prompt ids, their logprobs) when echo asked for them
 
     def __aiter__(self):
         return self
@@ -52,6 +53,11 @@ class RequestStream:
             self._owner.runtime.abort(self.key)
 
     # ---- called from the runtime's threads --------------------------------------------
+    def on_prompt(self, key, ids, logprobs) -> None:
+        """The prompt's logprobs (echo), heard before any of its tokens is queued."""
+        if self.prompt is None:
+            self.prompt = (ids, logprobs)
+
     def on_delta(self, key, index, out) -> None:
         m = self._owner.metrics
         now = time.monotonic()

@@ -179,3 +179,15 @@ DETOKENIZE = {"requestBody": {"required": True, "content": {"application/json": 
                   "schema": {"type": "object", "required": ["prompt"],
                              "properties": {"prompt": {"type": "string"}}}}}},
                   **{k: ERRORS[k] for k in ("400", "404", "408", "413", "415", "503")}}}
+
+TOKENIZER_INFO = {"responses": {
+    "200": {"description": "the tokenizer's special tokens, context length and chat template (vLLM's "
+                           "/tokenizer_info)", "content": {"application/json": {"schema": {
+                               "type": "object", "required": ["tokenizer_class", "eos_token"], "properties": {
+                                   "tokenizer_class": {"type": "string"},
+                                   "bos_token": {"type": ["string", "null"]},
+                                   "eos_token": {"type": ["string", "null"]},
+                                   "add_bos_token": {"type": "boolean"},
+                                   "model_max_length": {"type": "integer"},
+                                   "chat_template": {"type": ["string", "null"]}}}}}},
+    **{k: ERRORS[k] for k in ("400", "503")}}}

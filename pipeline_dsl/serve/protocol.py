@@ -358,10 +358,19 @@ def completion_logprobs(data: dict, text_of, echo: bool, start: int = 0) -> dict
         piece = text_of(e["token_id"])
         tokens.append(piece)
         lps.append(e["logprob"])
-        tops.append(None if e.get("top") is None else {text_of(t): lp for t, lp in e["top"]})
+        tops.append(None if e.get("top") is None else _top_dict(e["top"], text_of))
         offsets.append(pos)
         pos += len(piece)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _top_dict(top: list, text_of) -> dict:
+    """{text: logprob} of alternatives listed most likely first; tokens whose text coincides
+    (byte pieces of one character) keep the most likely one's logprob, so the order holds."""
+    out: dict = {}
+    for t, lp in top:
+        out.setdefault(text_of(t), lp)
+    return out
 
 
 def chat_logprobs(entries: list, text_of) -> dict:

@@ -1,0 +1,262 @@
+"""Logprobs over the wire, read by the official `openai` client: completions `logprobs`
+(0..20 alternatives) with and without `echo`, streaming and not, `max_tokens: 0` with echo
+to score a prompt; chat `logprobs` + `top_logprobs`, streaming and not. The shapes are
+OpenAI's: completions `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`,
+chat `{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}`.
+
+The prompt's logprobs (echo) are compared with transformers' log_softmax of the same
+weights: the tiny model here, the embedded SmolLM2 in fp32 in tests/test_model_parity.py.
+
+Logprobs of generated tokens come from the engine's sampler; the tests of those are marked
+xfail while the engine gives none (`ENGINE_LOGPROBS`).
+"""
+from __future__ import annotations
+
+import math
+
+import httpx
+import openai
+import pytest
+import torch
+
+from test_serve import LiveServer
+
+PROMPT = "the cat and the world is hello"
+ENGINE_LOGPROBS = pytest.mark.xfail(reason="engine logprobs land with the sampling branch", strict=False)
+EPS = 1e-5                 # float32 logprobs sent as JSON and read back: the same number to this
+
+
+@pytest.fixture(scope="module")
+def server(soft_gguf):
+    """The tiny model with spread next-token distributions: alternatives differ by little."""
+    s = LiveServer(soft_gguf)
+    yield s
+    s.close()
+
+
+def tokenize(server, text: str) -> list[int]:
+    r = httpx.post(server.url + "/tokenize", json={"prompt": text}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()["tokens"]
+
+
+def token_text(server, token_id: int) -> str:
+    return server.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def check_completion_logprobs(lp, n_tokens: int, k: int, first_is_prompt: bool) -> None:
+    """OpenAI's completions logprobs: parallel lists, the first entry None when it is the prompt's
+    first token, each top_logprobs dict at most k entries (tokens whose text coincides share
+    one key), most likely first, offsets counting the characters of the tokens before."""
+    assert set(lp.model_dump()) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n_tokens
+    for i, (tok, value, top) in enumerate(zip(lp.tokens, lp.token_logprobs, lp.top_logprobs)):
+        if i == 0 and first_is_prompt:
+            assert value is None and top is None
+            continue
+        assert isinstance(tok, str) and value <= 0 and math.isfinite(value)
+        assert 1 <= len(top) <= k if k else top == {}
+        values = list(top.values())
+        assert values == sorted(values, reverse=True)
+        if tok in top:                  # its own logprob, or a likelier token's of the same text
+            assert top[tok] >= value - EPS
+        elif values:                    # not among the k most likely: below each of them
+            assert value <= values[-1] + EPS
+    assert all(b - a == len(t) for a, b, t in zip(lp.text_offset, lp.text_offset[1:], lp.tokens))
+
+
+# ---------------------------------------------------------------- echo: the prompt's logprobs
+
+def test_echo_with_max_tokens_0_scores_the_prompt(server):
+    ids = tokenize(server, PROMPT)
+    r = server.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0, echo=True, logprobs=3)
+    c = r.choices[0]
+    assert c.text == PROMPT and c.finish_reason == "length"
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 0
+    check_completion_logprobs(c.logprobs, len(ids), 3, first_is_prompt=True)
+    assert c.logprobs.tokens == [token_text(server, t) for t in ids]
+    assert "".join(c.logprobs.tokens) == PROMPT and c.logprobs.text_offset[0] == 0
+    top = c.logprobs.top_logprobs
+    assert any(len(t) == 3 for t in top[1:])                    # the spread model has distinct alternatives
+
+
+def test_echo_logprobs_equal_transformers_on_the_same_weights(server, soft_gguf):
+    """The tiny model in fp32 both sides: agp's prompt logprobs (a full forward off the engine's
+    loop) and transformers' log_softmax of the dequantised GGUF agree to 1e-4 (measured 1.5e-6)."""
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(soft_gguf.parent), gguf_file=soft_gguf.name, dtype=torch.float32, local_files_only=True).eval()
+    for text in (PROMPT, "hello world, the cat is in the world", "12 + 34 = 46\n\nand the end"):
+        ids = tokenize(server, text)
+        r = server.client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=5)
+        lp = r.choices[0].logprobs
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(torch.tensor([ids])).logits[0].double(), dim=-1)[:-1]
+        want = logp.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+        got = torch.tensor(lp.token_logprobs[1:], dtype=torch.float64)
+        assert (got - want).abs().max().item() < 1e-4, text
+        best = logp.topk(5, dim=-1)
+        for i, top in enumerate(lp.top_logprobs[1:]):
+            first = next(iter(top.items()))
+            assert first[0] == token_text(server, int(best.indices[i, 0])), (text, i)
+            assert abs(first[1] - best.values[i, 0].item()) < 1e-4
+
+
+def test_batched_prompts_are_scored_each_as_alone(server):
+    prompts = [PROMPT, "hello world", tokenize(server, "the world and the cat")]
+    alone = [server.client.completions.create(model="tiny", prompt=p, max_tokens=0, echo=True, logprobs=2)
+             .choices[0] for p in prompts]
+    r = server.client.completions.create(model="tiny", prompt=prompts, max_tokens=0, echo=True, logprobs=2)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for c, a in zip(r.choices, alone):
+        assert c.text == a.text and c.logprobs.tokens == a.logprobs.tokens
+        assert c.logprobs.token_logprobs == pytest.approx(a.logprobs.token_logprobs, abs=EPS)
+    assert r.choices[2].text == "the world and the cat"           # token ids echo as their text
+
+
+def test_echo_streams_the_prompt_first_with_its_logprobs(server):
+    whole = server.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0, echo=True, logprobs=2)
+    chunks = list(server.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0, echo=True,
+                                                   logprobs=2, stream=True))
+    assert chunks[0].choices[0].text == PROMPT
+    assert chunks[0].choices[0].logprobs.model_dump() == whole.choices[0].logprobs.model_dump()
+    assert "".join(c.choices[0].text for c in chunks) == PROMPT
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+    # echo with generation: the prompt, then the new text, as the answer that does not stream
+    kw = dict(model="tiny", prompt=PROMPT, max_tokens=6, echo=True, temperature=0, extra_body={"ignore_eos": True})
+    whole = server.client.completions.create(**kw)
+    chunks = list(server.client.completions.create(**kw, stream=True))
+    assert chunks[0].choices[0].text == PROMPT and chunks[0].choices[0].logprobs is None
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert whole.choices[0].text.startswith(PROMPT) and len(whole.choices[0].text) > len(PROMPT)
+
+    # echo, logprobs and generation: the first chunk is the prompt with its scores, before any token
+    scored = server.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0, echo=True, logprobs=2)
+    chunks = list(server.client.completions.create(**kw, logprobs=2, stream=True))
+    assert chunks[0].choices[0].text == PROMPT
+    assert chunks[0].choices[0].logprobs.model_dump() == scored.choices[0].logprobs.model_dump()
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+
+
+def test_batched_echo_streams_each_prompt_on_its_own_choices(server):
+    prompts = ["hello world", "the cat"]
+    chunks = list(server.client.completions.create(model="tiny", prompt=prompts, max_tokens=3, echo=True, n=2,
+                                                   temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    texts: dict[int, str] = {}
+    for c in chunks:
+        for ch in c.choices:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+    assert sorted(texts) == [0, 1, 2, 3]
+    for index, text in texts.items():
+        assert text.startswith(prompts[index // 2]) and len(text) > len(prompts[index // 2])
+
+
+def test_echo_without_logprobs_and_the_limits_of_max_tokens_0(server):
+    r = server.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0, echo=True)
+    assert r.choices[0].text == PROMPT and r.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError, match="'max_tokens' must be an integer from 1"):
+        server.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0)      # 0 only with echo
+    r = server.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0, echo=True, logprobs=0)
+    assert r.choices[0].logprobs.top_logprobs[1:] == [{}] * (len(r.choices[0].logprobs.tokens) - 1)
+    r = server.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0, echo=True, logprobs=20)
+    assert max(len(t) for t in r.choices[0].logprobs.top_logprobs[1:]) > 5     # more than OpenAI's 5
+
+
+@pytest.mark.parametrize("route, body, param", [
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": -1}, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": True}, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "echo": "yes"}, "echo"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": 3}, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                              "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+])
+def test_out_of_range_logprobs_are_400_naming_the_field(server, route, body, param):
+    r = httpx.post(server.url + route, json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+# ---------------------------------------------------------------- generated tokens' logprobs
+
+def check_greedy(values: list[float], tops: list[list[float]]) -> None:
+    """Greedy decoding samples the most likely token: its logprob is the top one."""
+    for value, top in zip(values, tops):
+        assert value <= 0 and abs(value - top[0]) <= EPS
+        assert top == sorted(top, reverse=True)
+
+
+@ENGINE_LOGPROBS
+def test_completion_logprobs_of_generated_tokens(server):
+    kw = dict(model="tiny", prompt=PROMPT, max_tokens=8, logprobs=3, temperature=0, extra_body={"ignore_eos": True})
+    r = server.client.completions.create(**kw)
+    c = r.choices[0]
+    check_completion_logprobs(c.logprobs, r.usage.completion_tokens, 3, first_is_prompt=False)
+    assert c.logprobs.text_offset[0] == 0
+    check_greedy(c.logprobs.token_logprobs, [list(t.values()) for t in c.logprobs.top_logprobs])
+
+    # streamed: the same tokens, each chunk's logprobs with its own text, offsets into the whole text
+    chunks = list(server.client.completions.create(**kw, stream=True))
+    lps = [ch.choices[0].logprobs for ch in chunks if ch.choices and ch.choices[0].logprobs]
+    assert [t for lp in lps for t in lp.tokens] == c.logprobs.tokens
+    assert [v for lp in lps for v in lp.token_logprobs] == pytest.approx(c.logprobs.token_logprobs, abs=EPS)
+    assert [o for lp in lps for o in lp.text_offset] == c.logprobs.text_offset
+    assert all(lp.tokens for lp in lps)
+
+
+@ENGINE_LOGPROBS
+def test_echo_with_generation_lists_prompt_then_new_tokens(server):
+    """lm-eval's loglikelihood request: echo, max_tokens 1, logprobs 1: the prompt's entries, then
+    the generated token's (which it drops as the last)."""
+    ids = tokenize(server, PROMPT)
+    r = server.client.completions.create(model="tiny", prompt=ids, max_tokens=1, echo=True, logprobs=1,
+                                         temperature=0, extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + 1 == r.usage.prompt_tokens + r.usage.completion_tokens
+    check_completion_logprobs(lp, len(ids) + 1, 1, first_is_prompt=True)
+    scored = server.client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    assert lp.token_logprobs[:-1] == scored.choices[0].logprobs.token_logprobs
+    assert "".join(lp.tokens) == r.choices[0].text
+
+
+@ENGINE_LOGPROBS
+def test_chat_logprobs_with_top_logprobs(server):
+    msgs = [{"role": "user", "content": "the cat and the world"}]
+    kw = dict(model="tiny", messages=msgs, max_tokens=8, logprobs=True, top_logprobs=4, temperature=0,
+              extra_body={"ignore_eos": True})
+    r = server.client.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 8
+    for e in content:
+        assert set(e.model_dump()) == {"token", "logprob", "bytes", "top_logprobs"}
+        assert e.bytes == list(e.token.encode()) or "\ufffd" in e.token
+        assert len(e.top_logprobs) == 4
+        for t in e.top_logprobs:
+            assert set(t.model_dump()) == {"token", "logprob", "bytes"} and t.logprob <= 0
+    check_greedy([e.logprob for e in content], [[t.logprob for t in e.top_logprobs] for e in content])
+    assert [e.token for e in content] == [e.top_logprobs[0].token for e in content]
+
+    chunks = list(server.client.chat.completions.create(**kw, stream=True))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, e.bytes) for e in streamed] == [(e.token, e.bytes) for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=EPS)
+    assert [[t.token for t in e.top_logprobs] for e in streamed] == [[t.token for t in e.top_logprobs]
+                                                                      for e in content]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+
+
+@ENGINE_LOGPROBS
+def test_chat_logprobs_without_top_logprobs_list_no_alternatives(server):
+    r = server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=4, logprobs=True, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4 and all(e.top_logprobs == [] and e.logprob <= 0 for e in content)
+
+
+def test_no_logprobs_unless_asked(server):
+    r = server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=3)
+    assert r.choices[0].logprobs is None
+    r = server.client.completions.create(model="tiny", prompt="hi", max_tokens=3, echo=True)
+    assert r.choices[0].logprobs is None
