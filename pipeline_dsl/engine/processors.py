@@ -6,20 +6,23 @@ to `draw` — the all-greedy argmax without a host sync, else the Sampler — as
 before the features existed. Otherwise, for the rows that use them, in this order, each
 vectorised over those rows:
 
-    raw logprobs  log_softmax (fp32) of the runner's logits, before anything below
-    logit_bias    + the request's dense bias row                   [r, V] gather + add
-    penalties     repetition (prompt + output tokens), then frequency and presence (output)
+    raw logprobs  log_softmax (fp32) of the rows, before anything below changes them
+    logit_bias    + the request's bias row                          [r, V] gather + add
+    repetition    tokens of the prompt or the output: logit > 0: / r, else * r
+    freq/presence + the request's penalty row: -(frequency * count + presence) at tokens
+                  of the output, kept up to date as tokens are sampled (no pass over counts)
     min_tokens    EOS and stop_token_ids -> -inf until min_tokens were generated
     constraint    the grammar's allowed-token mask (constrain.apply_masks, one bitmask per row)
     draw          greedy argmax, or temperature / top-k / top-p / min_p (Sampler)
 
-and after the draw: the penalised rows' token counts (one index_put), each matcher
-advanced by its token, the logprob rows kept for the host.
+and after the draw: the penalised rows' counts, penalty and seen entries at their tokens
+(index_put of r elements), each matcher advanced by its token, the logprob rows kept for
+the host.
 
 State. Per sequence in `seq.extra` (set by `start` at add_request on the host): `plain`,
 the number of tokens sampled so far, the grammar matcher, a FIFO of logprob entries. The
-rows of the penalty and bias tensors (`[slots, V]`: output token counts, prompt tokens,
-bias) are taken and given back only on the sampling thread: a finished sequence is put
+rows of the `[slots, V]` tensors (bias, additive penalty, output counts, seen = prompt or
+output token) are taken and given back only on the sampling thread: a finished sequence is put
 on `released` by the host and its slot reused from the next step on, so a step scheduled
 before the sequence finished (optimistic scheduling) never writes into a slot another
 sequence holds — rows of sequences no longer live are sampled plainly and discarded.
@@ -84,10 +87,13 @@ class Features:
         self.vocab = int(vocab_size)
         self.eos = tuple(sorted(eos_token_ids))
         self.capacity = 0
-        self.counts = self.prompt = self.bias = None   # [capacity, V]: f32 counts, bool, f32
+        # [capacity, V]: logit_bias (f32), -(frequency * count + presence) (f32), output counts
+        # (int32), seen = in the prompt or the output (bool)
+        self.bias = self.pen = self.counts = self.seen = None
         self.free: list[int] = []
         self.released: deque = deque()   # finished sequences (host), their slots freed by the sampler
         self.steps = 0                    # steps that took the feature path (for tests and stats)
+        self._bufs: dict[str, torch.Tensor] = {}   # scratch [rows, V] tensors, reused every step
 
     # ---- host: a sequence in and out ------------------------------------------------------
     def start(self, seq) -> None:
@@ -129,13 +135,13 @@ class Features:
         self.steps += 1
         dev = logits.device
         lp_rows = [i for i in rows if seqs[i].params.logprobs is not None]
-        raw = None
         if lp_rows:
             lp_idx = _to(lp_rows, dev)
-            raw = logits.index_select(0, lp_idx).float().log_softmax(dim=-1)       # [r, V]
+            lsm = torch.index_select(logits, 0, lp_idx, out=self._buf("raw", len(lp_rows), logits)
+                                     ).log_softmax(dim=-1)                      # [r, V]
         slotted = [i for i in rows if seqs[i].extra["slotted"]]
         if slotted:
-            idx, sl = self._penalise(logits, [seqs[i] for i in slotted], slotted)
+            pen = self._penalise(logits, [seqs[i] for i in slotted], slotted)
         self._min_tokens(logits, seqs, rows)
         matchers = [None] * len(seqs)
         for i in rows:
@@ -145,8 +151,7 @@ class Features:
             constrain.apply_masks(logits, matchers)
         tokens = draw(sampler, logits, seqs)                                    # [n]
         if slotted:
-            one = torch.ones(len(slotted), dtype=self.counts.dtype, device=dev)
-            self.counts.index_put_((sl, tokens.index_select(0, idx)), one, accumulate=True)
+            self._count(tokens, *pen)
         host = tokens.tolist() if constrained else None                         # llguidance is on the CPU
         for i in rows:
             st = seqs[i].extra
@@ -158,38 +163,54 @@ class Features:
                 st["error"] = m.error or f"the grammar refused token {host[i]}"
         if lp_rows:
             chosen = tokens.index_select(0, lp_idx)                             # [r]
-            token_lp = raw.gather(1, chosen[:, None]).squeeze(1)                # [r]
+            token_lp = lsm.gather(1, chosen[:, None]).squeeze(1)                # [r]
             k = max(seqs[i].params.logprobs for i in lp_rows)
             if k:
-                top_lp, top_ids = raw.topk(k, dim=-1)                           # [r, k], most likely first
+                top_lp, top_ids = lsm.topk(k, dim=-1)                           # [r, k], most likely first
             else:
-                top_lp, top_ids = raw[:, :0], chosen[:, None][:, :0]            # [r, 0]
+                top_lp, top_ids = lsm[:, :0], chosen[:, None][:, :0]            # [r, 0]
             step = StepLogprobs(token_lp, top_lp, top_ids)
             for j, i in enumerate(lp_rows):
                 seqs[i].extra["lp"].append((step, j, seqs[i].params.logprobs))
         return tokens
 
     def _penalise(self, logits, seqs, rows):
-        """logit_bias, then repetition, frequency and presence penalties, on `rows` in place."""
+        """logit_bias, repetition, then frequency and presence penalties on `rows`, in place;
+        what _count needs after the draw."""
         dev = logits.device
         slots = [self._slot(s, dev, logits.shape[1]) for s in seqs]
-        idx, sl = _to(rows, dev), _to(slots, dev)                               # [r], [r]
+        sl = _to(slots, dev)                                                    # [r]
         ps = [s.params for s in seqs]
-        sub = logits.index_select(0, idx)                                       # [r, V]
+        whole = len(rows) == logits.shape[0]          # every row: work on the logits themselves
+        idx = None if whole else _to(rows, dev)                                 # [r]
+        n = len(rows)
+        sub = logits if whole else torch.index_select(logits, 0, idx, out=self._buf("sub", n, logits))  # [r, V]
         if any(p.logit_bias for p in ps):
-            sub += self.bias.index_select(0, sl)
-        if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in ps):
-            counts = self.counts.index_select(0, sl)                            # [r, V]
-            if any(p.repetition_penalty != 1.0 for p in ps):
-                rep = _to([p.repetition_penalty for p in ps], dev, sub.dtype)[:, None]      # [r, 1]
-                seen = self.prompt.index_select(0, sl) | (counts > 0)           # [r, V]
-                sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-            if any(p.presence_penalty or p.frequency_penalty for p in ps):
-                freq = _to([p.frequency_penalty for p in ps], dev, sub.dtype)[:, None]      # [r, 1]
-                pres = _to([p.presence_penalty for p in ps], dev, sub.dtype)[:, None]       # [r, 1]
-                sub = sub - freq * counts - pres * (counts > 0)
-        logits.index_copy_(0, idx, sub.to(logits.dtype))
-        return idx, sl
+            sub.add_(torch.index_select(self.bias, 0, sl, out=self._buf("a", n, self.bias)))
+        if any(p.repetition_penalty != 1.0 for p in ps):
+            r = _to([p.repetition_penalty for p in ps], dev, sub.dtype)[:, None]          # [r, 1]
+            # max(l, 0) / r + min(l, 0) * r where seen: plain arithmetic into kept buffers
+            # (torch.where with broadcast scalars, and fresh [r, V] temporaries, cost several
+            # times more on CPU)
+            pos = torch.clamp(sub, min=0, out=self._buf("a", n, sub)).div_(r)            # [r, V]
+            scaled = torch.clamp(sub, max=0, out=self._buf("b", n, sub)).mul_(r).add_(pos)
+            seen = torch.index_select(self.seen, 0, sl, out=self._buf("seen", n, self.seen))
+            torch.where(seen, scaled, sub, out=sub)
+        freq = _to([p.frequency_penalty for p in ps], dev, torch.float32)                 # [r]
+        pres = _to([p.presence_penalty for p in ps], dev, torch.float32)                  # [r]
+        if any(p.presence_penalty or p.frequency_penalty for p in ps):
+            sub.add_(torch.index_select(self.pen, 0, sl, out=self._buf("a", n, self.pen)))
+        if not whole:
+            logits.index_copy_(0, idx, sub)
+        return idx, sl, freq, pres
+
+    def _count(self, tokens, idx, sl, freq, pres) -> None:
+        """The sampled tokens into the penalised rows' state: count, penalty, seen."""
+        tok = tokens if idx is None else tokens.index_select(0, idx)            # [r]
+        self.counts.index_put_((sl, tok), torch.ones_like(tok, dtype=self.counts.dtype), accumulate=True)
+        count = self.counts[sl, tok].float()                                    # [r], >= 1
+        self.pen[sl, tok] = -(freq * count + pres)
+        self.seen[sl, tok] = True
 
     def _min_tokens(self, logits, seqs, rows) -> None:
         """EOS and stop_token_ids -> -inf in rows that have not reached min_tokens. A grammar
@@ -208,6 +229,15 @@ class Features:
         if r_idx:
             logits[_to(r_idx, logits.device), _to(t_idx, logits.device)] = float("-inf")
 
+    def _buf(self, name: str, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """A kept [rows, V] scratch tensor of `like`'s dtype and device (valid until the next use
+        of `name`): no allocation, no page faults, in the steady state."""
+        t = self._bufs.get(name)
+        if t is None or t.shape[0] < rows or t.shape[1] != like.shape[1] or t.dtype != like.dtype \
+                or t.device != like.device:
+            t = self._bufs[name] = torch.empty(max(rows, 8), like.shape[1], dtype=like.dtype, device=like.device)
+        return t[:rows]
+
     def _slot(self, seq, dev, width: int) -> int:
         """The sequence's row of the penalty/bias tensors, filled on first use."""
         st = seq.extra
@@ -217,10 +247,9 @@ class Features:
         if not self.free:
             self._grow(dev, width)
         s = st["slot"] = self.free.pop()
-        self.counts[s].zero_()
-        self.prompt[s].zero_()
-        self.bias[s].zero_()
-        self.prompt[s].index_fill_(0, _to(seq.token_ids[:seq.num_prompt], dev), True)
+        for t in (self.bias, self.pen, self.counts, self.seen):
+            t[s].zero_()
+        self.seen[s].index_fill_(0, _to(seq.token_ids[:seq.num_prompt], dev), True)
         if seq.params.logit_bias:
             ids, vals = zip(*seq.params.logit_bias)
             self.bias[s].index_put_((_to(ids, dev),), _to(vals, dev, self.bias.dtype))
@@ -236,9 +265,10 @@ class Features:
                 new[:old].copy_(t)
             return new
 
-        self.counts = grown(self.counts, torch.float32)
-        self.prompt = grown(self.prompt, torch.bool)
         self.bias = grown(self.bias, torch.float32)
+        self.pen = grown(self.pen, torch.float32)
+        self.counts = grown(self.counts, torch.int32)
+        self.seen = grown(self.seen, torch.bool)
         self.free.extend(range(cap - 1, old - 1, -1))
         self.capacity = cap
 
