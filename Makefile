@@ -7,7 +7,12 @@ TORCH   ?= torch==2.13.0   # the CPU build; on a CUDA machine: make TORCH=torch 
 STAMP   := $(VENV)/.installed
 TSTAMP  := $(VENV)/.installed-test
 
-.PHONY: demo test bench bench-serve dot clean
+# bench-only: llama.cpp for the llama.cpp rows of `make bench`; its wheel is cached in .whl/
+LLAMA_CPP ?= llama-cpp-python==0.3.36
+WHL     := .whl
+LSTAMP  := $(VENV)/.installed-llama
+
+.PHONY: demo test bench bench-serve bench-modes roofline native llama-cpp dot clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,11 +44,31 @@ demo: $(STAMP)
 test: $(TSTAMP)
 	$(BIN)/python -m pytest -q tests
 
-bench: $(TSTAMP)            # W32: agp against transformers, in one run (a few minutes)
+bench: $(TSTAMP) $(LSTAMP) native  # W32: agp against transformers and llama.cpp, in one run
 	$(BIN)/python bench/w32.py
+
+bench-modes: $(STAMP) native        # the modes table (efficient, balanced, performance)
+	$(BIN)/python bench/modes.py
+
+roofline: $(STAMP) native           # where a decode step's time goes, against measured ceilings
+	$(BIN)/python bench/roofline.py
+
+# agp's native CPU kernels (pipeline_dsl/engine/native/kernels.cpp -> native/build/, ignored);
+# without a C++ compiler the runner warns once and runs eagerly.
+native: $(STAMP)
+	$(BIN)/python -m pipeline_dsl.engine.native --optional
+
+# llama-cpp-python builds llama.cpp from source (~5 min on 2 cores): the wheel is built once
+# into .whl/ and installed from there afterwards.
+llama-cpp: $(LSTAMP)
+$(LSTAMP): $(STAMP)
+	@ls $(WHL)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
+	  $(BIN)/pip wheel -q --no-deps -w $(WHL) "$(strip $(LLAMA_CPP))"
+	$(BIN)/pip install -q $(WHL)/llama_cpp_python-*.whl
+	touch $@
 
 bench-serve: $(STAMP)       # agp serve under load; rewrites docs/benchmarks.md (6-10 minutes)
 	$(BIN)/python bench/serve_load.py
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) out pipeline_dsl/engine/native/build

@@ -28,6 +28,7 @@ def main() -> int:
     ap.add_argument("--pipeline", default=str(ROOT / "examples" / "chat.agp"))
     ap.add_argument("--repeat", type=int, default=2,
                     help="send the workload this many times at once (64 requests: room for performance's batch)")
+    ap.add_argument("--modes", default=",".join(MODES), help="which modes (default: all three)")
     args = ap.parse_args()
 
     text = Path(args.pipeline).read_text(encoding="utf-8")
@@ -37,7 +38,7 @@ def main() -> int:
         workload = Path(tmp) / "workload.jsonl"
         workload.write_text("".join(json.dumps({**obj, "id": f"{obj.get('id', i)}-{r}"}) + "\n"
                                     for r in range(args.repeat) for i, obj in enumerate(lines)))
-        for mode in MODES:
+        for mode in args.modes.split(","):
             agp = Path(tmp) / f"{mode}.agp"
             agp.write_text(re.sub(r"mode\s*=\s*\w+", f"mode = {mode}", text, count=1), encoding="utf-8")
             stats = Path(tmp) / f"{mode}.json"

@@ -89,7 +89,7 @@ class Server:
 
 
 def metric(text: str, name: str) -> float | None:
-    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    m = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
     return float(m.group(1)) if m else None
 
 

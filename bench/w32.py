@@ -1,17 +1,20 @@
-"""Workload W32: agp against Hugging Face transformers, in one run.
+"""Workload W32: agp against Hugging Face transformers and llama.cpp, in one run.
 
 32 chat prompts (bench/w32.jsonl), 64 new tokens each, greedy, ignore_eos, on the
-embedded SmolLM2-135M-Instruct, with N torch threads (default 2). Measures, in this
-one process and one after the other:
+embedded SmolLM2-135M-Instruct (its Q4_1 GGUF), with N threads (default 2). Measures, in
+this one process and one after the other:
 
-  transformers  one at a time (fp32)   on the first --single-n prompts
-  transformers  batched (fp32, bf16)   all 32 prompts in one generate() call
-  agp           batched (fp32, bf16)   examples/chat.agp through the engine
-  agp           one request alone      decode speed of a single sequence
+  transformers  batched bf16 (model.to(bfloat16): dtypes printed), batched fp32, fp32 one at a time
+  llama.cpp     one request alone (llama-cpp-python on the same GGUF): TTFT and decode tok/s
+  agp           batched (bf16, fp32) through examples/chat.agp and the plan's executor,
+                and bf16 with a bench-only driver that steps Engine.step() on the main thread
+  agp           one request alone: TTFT and decode tok/s (executor and main thread)
 
-and prints a table of output tokens/s with ratios against transformers bf16 batched.
+and prints two tables: batched throughput against transformers bf16 batched, and one
+stream against llama.cpp. Single-stream runs turn prefix reuse off on both sides (each
+prompt is prefilled whole) and are the mean over --single-n prompts.
 
-    .venv/bin/python bench/w32.py [--threads 2] [--single-n 4] [--skip-hf] [--json out.json]
+    .venv/bin/python bench/w32.py [--threads 2] [--single-n 4] [--skip-hf] [--skip-llama] [--json out.json]
 """
 from __future__ import annotations
 
@@ -40,14 +43,26 @@ def embedded_gguf() -> Path:
 # ── transformers ──────────────────────────────────────────────────────────────
 
 def hf_load(gguf: Path, dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """transformers 5 keeps a GGUF's blocks packed and computes them in fp32 whatever dtype is
+    asked (its bf16 then casts around every matmul). fp32: that default path. bf16: the file
+    dequantised into dense bf16 weights (GgufConfig(dequantize=True), model.to(bfloat16)), so
+    weights and compute are bf16; the dtypes are printed."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
-    model.eval()
+    kw = {} if dtype == torch.float32 else {"quantization_config": GgufConfig(dequantize=True)}
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype, **kw)
+    model = model.to(dtype).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
+    with torch.inference_mode():
+        logits = model(torch.tensor([[1, 2, 3]])).logits
+    lin = model.model.layers[0].mlp.gate_proj
+    print(f"  transformers: parameter dtype {next(model.parameters()).dtype}, logits dtype {logits.dtype}, "
+          f"a linear: {type(lin).__name__} weight {getattr(lin, 'weight', None).dtype if hasattr(lin, 'weight') else '-'}",
+          file=sys.stderr, flush=True)
     return tok, model
 
 
@@ -63,34 +78,122 @@ def hf_generate(tok, model, prompts: list[str], new_tokens: int) -> tuple[int, f
     return (out.shape[1] - enc["input_ids"].shape[1]) * len(prompts), dt
 
 
+# ── llama.cpp ─────────────────────────────────────────────────────────────────
+
+def llama_single(gguf: Path, prompt_ids: list[list[int]], new_tokens: int, threads: int) -> dict | None:
+    """One request at a time on llama.cpp: mean TTFT (prefill + first token) and decode tok/s."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("  llama.cpp: llama-cpp-python is not installed (make llama-cpp)", file=sys.stderr)
+        return None
+    llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=1024,
+                n_batch=512, verbose=False)
+
+    def one(ids, n):
+        llm.reset()                                  # no prefix reuse: the whole prompt is prefilled
+        t0 = time.perf_counter()
+        gen = llm.generate(ids, temp=0.0, top_k=1, reset=True)
+        next(gen)
+        t1 = time.perf_counter()
+        for _ in range(n - 1):
+            next(gen)
+        t2 = time.perf_counter()
+        gen.close()
+        return t1 - t0, (n - 1) / (t2 - t1)
+
+    one(prompt_ids[0], 4)                            # warm-up
+    runs = [one(ids, new_tokens) for ids in prompt_ids]
+    return {"ttft_s": sum(r[0] for r in runs) / len(runs), "decode_tok_s": sum(r[1] for r in runs) / len(runs)}
+
+
 # ── agp ───────────────────────────────────────────────────────────────────────
 
-def agp_run(pipeline: Path, work: list[dict], dtype: str, threads: int) -> dict:
-    """W32 through the pipeline as `agp run` runs it; a warm-up request first, same runtime."""
-    from pipeline_dsl.requests_io import parse_request
-    from pipeline_dsl.runner import summarize
+def agp_runtime(pipeline: Path, dtype: str, threads: int, **overrides):
     from pipeline_dsl.runtime import build_runtime
 
-    runtime = build_runtime(pipeline, overrides={"dtype": dtype, "threads": threads})
+    return build_runtime(pipeline, overrides={"dtype": dtype, "threads": threads, **overrides})
+
+
+def agp_executor(runtime, work: list[dict]) -> dict:
+    """W32 through the pipeline as `agp run` runs it (the plan's executor); a warm-up request
+    first, same runtime."""
+    from pipeline_dsl.requests_io import parse_request
+    from pipeline_dsl.runner import summarize
+
     runtime.run_all([{"id": "warm", "prompt": "Hello", "max_tokens": 4}], keep_open=True)
     items = [parse_request(obj, default_id=i).item() for i, obj in enumerate(work)]
     t0 = time.perf_counter()
-    results = runtime.run_all(items)
+    results = runtime.run_all(items, keep_open=True)
     summary = summarize(runtime, results, time.perf_counter() - t0)
-    runtime.shutdown()
+    ok = [r for r in results if r.error is None and r.metrics.get("ttft_s") is not None]
+    rates = [(r.usage["completion_tokens"] - 1) / (r.metrics["latency_s"] - r.metrics["ttft_s"])
+             for r in ok if r.usage["completion_tokens"] > 1 and r.metrics["latency_s"] > r.metrics["ttft_s"]]
+    summary["decode_tok_s"] = sum(rates) / len(rates) if rates else None
     return summary
+
+
+def agp_main_thread(runtime, work: list[dict]) -> dict:
+    """Bench-only driver: the first segment's Engine.step() on this (the main) thread, with no
+    executor, the prompts tokenised and sampled as the pipeline would."""
+    from pipeline_dsl.requests_io import parse_request
+
+    es = runtime.segments[0]
+    engine, gen = es.engine, es.segment.generates[0]
+
+    def run(objs, tag):
+        firsts, lasts, counts = {}, {}, {}
+        t0 = time.perf_counter()
+        for i, obj in enumerate(objs):
+            data = parse_request(obj, default_id=i).item()
+            ids = es.tokenise(data)
+            engine.add_request(f"{tag}{i}", prompt_token_ids=ids, params=es.sampling(gen, data, len(ids)))
+        while engine.has_unfinished():
+            outs = engine.step()
+            now = time.perf_counter()
+            if not outs:
+                deadline = engine.next_deadline()
+                if deadline is not None:
+                    time.sleep(max(0.0, min(deadline - time.monotonic(), 0.01)))
+            for o in outs:
+                firsts.setdefault(o.request_id, now)
+                lasts[o.request_id] = now
+                counts[o.request_id] = o.completion_tokens
+        return time.perf_counter() - t0, firsts, lasts, counts, t0
+
+    run([{"prompt": "Hello", "max_tokens": 4}], "warm")
+    wall, firsts, lasts, counts, t0 = run(work, "m")
+    n = sum(counts.values())
+    ttft = sorted(f - t0 for f in firsts.values())
+    rates = [(counts[k] - 1) / (lasts[k] - firsts[k]) for k in counts if counts[k] > 1 and lasts[k] > firsts[k]]
+    return {"completion_tokens": n, "generation_s": wall, "output_tokens_per_s": n / wall,
+            "ttft_p50_ms": 1000 * ttft[len(ttft) // 2], "decode_tok_s": sum(rates) / len(rates)}
+
+
+def agp_single(pipeline: Path, work: list[dict], dtype: str, threads: int, driver) -> dict:
+    """One request alone, each prompt in turn through one runtime without prefix reuse."""
+    runtime = agp_runtime(pipeline, dtype, threads, prefix_reuse=False)
+    ttfts, rates = [], []
+    for w in work:
+        s = driver(runtime, [w])
+        ttft = s["ttft_p50_ms"] / 1000
+        ttfts.append(ttft)
+        rates.append(s.get("decode_tok_s") or (s["completion_tokens"] - 1) / (s["generation_s"] - ttft))
+    runtime.shutdown()
+    return {"ttft_s": sum(ttfts) / len(ttfts), "decode_tok_s": sum(rates) / len(rates)}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--single-n", type=int, default=4, help="prompts for transformers one at a time")
+    ap.add_argument("--single-n", type=int, default=4, help="prompts for the one-request rows")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--pipeline", default=str(ROOT / "examples" / "chat.agp"))
     ap.add_argument("--workload", default=str(ROOT / "bench" / "w32.jsonl"))
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--dtypes", default="bf16,fp32")
-    ap.add_argument("--json", default=None, help="write the table as JSON here")
+    ap.add_argument("--json", default=None, help="write the tables as JSON here")
     args = ap.parse_args()
 
     import torch
@@ -99,22 +202,30 @@ def main() -> int:
     work = load_workload(Path(args.workload))
     for w in work:
         w["max_tokens"] = args.new_tokens
+    pipeline = Path(args.pipeline)
+    dtypes = args.dtypes.split(",")
     rows: list[tuple[str, float, str]] = []
+    single: list[tuple[str, dict]] = []
 
     def add(name, tokens, seconds, note=""):
         rows.append((name, tokens / seconds, note))
-        print(f"  {name:<34} {tokens / seconds:8.1f} tok/s  {note}", file=sys.stderr, flush=True)
+        print(f"  {name:<40} {tokens / seconds:8.1f} tok/s  {note}", file=sys.stderr, flush=True)
 
+    def add_single(name, s):
+        single.append((name, s))
+        print(f"  {name:<40} TTFT {s['ttft_s'] * 1000:7.1f} ms  decode {s['decode_tok_s']:7.1f} tok/s",
+              file=sys.stderr, flush=True)
+
+    gguf = embedded_gguf()
     if not args.skip_hf:
-        gguf = embedded_gguf()
-        for dtype_name in args.dtypes.split(","):
+        for dtype_name in dtypes:
             dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
             tok, model = hf_load(gguf, dtype)
             prompts = [tok.apply_chat_template(w["messages"], tokenize=False, add_generation_prompt=True)
                        for w in work]
             hf_generate(tok, model, prompts[:2], 4)  # warm-up
             n, dt = hf_generate(tok, model, prompts, args.new_tokens)
-            add(f"transformers {dtype_name} batched", n, dt)
+            add(f"transformers {dtype_name} batched", n, dt, f"compute dtype {next(model.parameters()).dtype}")
             if dtype_name == "fp32" and args.single_n:
                 total_n = total_t = 0
                 for p in prompts[: args.single_n]:
@@ -123,23 +234,51 @@ def main() -> int:
                 add(f"transformers {dtype_name} one at a time", total_n, total_t, f"{args.single_n} prompts")
             del model
 
-    for dtype_name in args.dtypes.split(","):
-        s = agp_run(Path(args.pipeline), work, dtype_name, args.threads)
+    if not args.skip_llama and args.single_n:
+        runtime = agp_runtime(pipeline, dtypes[0], args.threads)
+        ids = [runtime.segments[0].tokenise(w) for w in work[: args.single_n]]
+        runtime.shutdown()
+        s = llama_single(gguf, ids, args.new_tokens, args.threads)
+        if s:
+            add_single("llama.cpp Q4_1 one request alone", s)
+
+    for dtype_name in dtypes:
+        runtime = agp_runtime(pipeline, dtype_name, args.threads)
+        s = agp_executor(runtime, work)
+        runtime.shutdown()
         add(f"agp {dtype_name} continuous batching", s["completion_tokens"], s["generation_s"],
-            f"mean batch {s['mean_batch_size']}")
-    s = agp_run(Path(args.pipeline), work[:1], args.dtypes.split(",")[0], args.threads)
-    add(f"agp {args.dtypes.split(',')[0]} one request alone", s["completion_tokens"], s["generation_s"])
+            f"mean batch {s['mean_batch_size']}, weights {s['weights']}, compute {s['dtype']}")
+        if dtype_name == dtypes[0]:
+            runtime = agp_runtime(pipeline, dtype_name, args.threads)
+            s = agp_main_thread(runtime, work)
+            runtime.shutdown()
+            add(f"agp {dtype_name} batching, main-thread driver", s["completion_tokens"], s["generation_s"])
+    if args.single_n:
+        add_single(f"agp {dtypes[0]} one request alone",
+                   agp_single(pipeline, work[: args.single_n], dtypes[0], args.threads, agp_executor))
+        add_single(f"agp {dtypes[0]} one request alone, main thread",
+                   agp_single(pipeline, work[: args.single_n], dtypes[0], args.threads, agp_main_thread))
 
     base = next((r[1] for r in rows if r[0] == "transformers bf16 batched"), None)
     print(f"\nW32: {len(work)} prompts x {args.new_tokens} new tokens, greedy, ignore_eos, "
           f"{args.threads} threads, torch {torch.__version__}")
-    print(f"| {'engine':<36} | {'tok/s':>8} | {'vs transformers bf16 batched':>28} |")
-    print(f"|{'-' * 38}|{'-' * 10}|{'-' * 30}|")
+    print(f"| {'engine':<44} | {'tok/s':>8} | {'vs transformers bf16 batched':>28} |")
+    print(f"|{'-' * 46}|{'-' * 10}|{'-' * 30}|")
     for name, tps, note in rows:
         ratio = f"{tps / base:.2f}x" if base else "-"
-        print(f"| {name:<36} | {tps:8.1f} | {ratio:>28} |")
+        print(f"| {name:<44} | {tps:8.1f} | {ratio:>28} |")
+    if single:
+        ref = next((s for n, s in single if n.startswith("llama.cpp")), None)
+        print(f"\nOne request alone ({args.single_n} prompts, mean; no prefix reuse)")
+        print(f"| {'engine':<44} | {'TTFT ms':>8} | {'decode tok/s':>12} | {'decode vs llama.cpp':>19} |")
+        print(f"|{'-' * 46}|{'-' * 10}|{'-' * 14}|{'-' * 21}|")
+        for name, s in single:
+            ratio = f"{s['decode_tok_s'] / ref['decode_tok_s']:.2f}x" if ref else "-"
+            print(f"| {name:<44} | {s['ttft_s'] * 1000:8.1f} | {s['decode_tok_s']:12.1f} | {ratio:>19} |")
     if args.json:
-        Path(args.json).write_text(json.dumps([{"engine": n, "tok_s": t, "note": x} for n, t, x in rows], indent=2))
+        Path(args.json).write_text(json.dumps({
+            "batched": [{"engine": n, "tok_s": t, "note": x} for n, t, x in rows],
+            "single": [{"engine": n, **s} for n, s in single]}, indent=2))
     return 0
 
 

@@ -29,6 +29,12 @@ from __future__ import annotations
 
 from .diagnostics import CheckFailed, Diagnostic, SourcePos, has_errors, sort_diagnostics
 
+try:
+    from importlib.metadata import PackageNotFoundError, version as _version
+    __version__ = _version("agp")
+except PackageNotFoundError:          # running from a source tree that is not installed
+    __version__ = "0.1.0"
+
 __all__ = ["CheckFailed", "Diagnostic", "SourcePos", "Reject", "load", "loads", "check_file",
            "load_pipeline_graph", "load_pipeline_graphs"]
 

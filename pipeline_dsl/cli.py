@@ -249,7 +249,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         prog="agp", description="agp: a pipeline language and runtime for LLM inference.",
         epilog="exit status: 0 ok, 1 runtime failure, 2 user error")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    parser.add_argument("--version", action="version", version=f"agp {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = sub.choices                   # name -> its parser (usage of its own errors)
 
     p = sub.add_parser("check", help="check .agp files and report every error")
     p.add_argument("files", nargs="+", metavar="FILE")
@@ -289,6 +291,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from pipeline_dsl import __version__
+
+    return __version__
+
+
 def _missing_command(name: str):
     def run(args) -> int:
         _err(f"'agp {name}' is not available in this installation (pipeline_dsl/commands/{name}.py is missing)")
@@ -305,7 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         parser = build_parser(argv)
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:                                  # the command's usage, not the top level's
+            command = parser.commands.get(getattr(args, "command", None) or "")
+            (command or parser).error(f"unrecognized arguments: {' '.join(extra)}")
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return USER_ERROR

@@ -35,6 +35,10 @@ class ParsedRequest:
     model: str | None = None                                # pins a generate stage / read by conditions
     metadata: dict | None = None                            # free-form; conditions read metadata.KEY
     n: int | None = None                                    # answers wanted (default: the stage's n)
+    tools: list | None = None                               # OpenAI tools (chat), with tool_choice
+    tool_choice: Any = "none"
+    parallel_tool_calls: bool = True
+    response_format: dict | None = None                     # json_object / json_schema: constrained output
 
     def item(self) -> dict:
         """The request as the pipeline's items carry it (what a python stage sees)."""
@@ -46,9 +50,11 @@ class ParsedRequest:
         else:
             out["prompt"] = self.prompt
         out.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in self.sampling.items()})
-        for name in ("model", "n"):
+        for name in ("model", "n", "tools", "response_format"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
+        if self.tools:
+            out["tool_choice"], out["parallel_tool_calls"] = self.tool_choice, self.parallel_tool_calls
         out["metadata"] = dict(self.metadata or {})
         return out
 
@@ -70,7 +76,8 @@ def _check(name: str, value, ok: bool, expected: str):
 from stages.fields import REQUEST_FIELDS, ParamError, check_field  # noqa: E402 - one schema per field
 
 SAMPLING_FIELDS = tuple(f for f in REQUEST_FIELDS if f != "n")     # SamplingParams overrides
-KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", *REQUEST_FIELDS}
+KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", "tools", "tool_choice",
+         "parallel_tool_calls", "response_format", *REQUEST_FIELDS}
 
 
 def parse_messages(value) -> list[dict]:
@@ -105,10 +112,75 @@ def parse_messages(value) -> list[dict]:
         if not isinstance(content, str):
             raise RequestError(f"'{where}.content' must be a string or an array of text parts, "
                                f"not {_shown(content)}", param=f"{where}.content")
-        out.append({"role": role, "content": content})
-    if not any(m["content"].strip() for m in out):
+        msg = {"role": role, "content": content}
+        if m.get("name") is not None:
+            msg["name"] = _check(f"{where}.name", m["name"], isinstance(m["name"], str), "a string")
+        if m.get("tool_calls") is not None:
+            if role != "assistant":
+                raise RequestError(f"'{where}.tool_calls' belongs to an assistant message", param=f"{where}.tool_calls")
+            msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
+        if role == "tool":
+            tid = m.get("tool_call_id")
+            if tid is not None:
+                msg["tool_call_id"] = _check(f"{where}.tool_call_id", tid, isinstance(tid, str), "a string")
+        out.append(msg)
+    if not any(m["content"].strip() or m.get("tool_calls") for m in out):
         raise RequestError("every message in 'messages' is empty", param="messages")
     return out
+
+
+def _tool_calls(value, where: str) -> list[dict]:
+    """An assistant message's earlier tool calls, in OpenAI's shape."""
+    if not isinstance(value, list):
+        raise RequestError(f"'{where}' must be an array of tool calls", param=where)
+    out = []
+    for j, c in enumerate(value):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise RequestError(f"'{where}[{j}]' must be {{\"id\", \"type\": \"function\", \"function\": "
+                               "{\"name\", \"arguments\"}}", param=where)
+        args = fn.get("arguments", "{}")
+        if not isinstance(args, (str, dict)):
+            raise RequestError(f"'{where}[{j}].function.arguments' must be a JSON string", param=where)
+        out.append({"id": str(c.get("id") or f"call_{j}"), "type": "function",
+                    "function": {"name": fn["name"],
+                                 "arguments": args if isinstance(args, str) else json.dumps(args)}})
+    return out
+
+
+def parse_tools(obj: dict) -> tuple[list | None, Any, bool]:
+    """(tools, tool_choice, parallel_tool_calls) of a request, checked; tools None when none."""
+    tools = obj.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise RequestError(f"'tools' must be an array of tools, not {_shown(tools)}", param="tools")
+        for i, t in enumerate(tools):
+            fn = t.get("function") if isinstance(t, dict) else None
+            if not (isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(fn, dict)
+                    and isinstance(fn.get("name"), str) and fn["name"]):
+                raise RequestError(f"'tools[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\", "
+                                   "\"description\", \"parameters\"}}}}", param="tools")
+            if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+                raise RequestError(f"'tools[{i}].function.parameters' must be a JSON Schema object", param="tools")
+        tools = tools or None
+    choice = obj.get("tool_choice")
+    names = [t["function"]["name"] for t in tools or []]
+    if choice is None:
+        choice = "auto" if tools else "none"
+    elif isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if choice.get("type", "function") == "function" else None
+        if name not in names:
+            raise RequestError(f"'tool_choice' names {json.dumps(name)}, which is not among the tools "
+                               f"({', '.join(names) or 'none'})", param="tool_choice")
+    elif choice not in ("none", "auto", "required"):
+        raise RequestError(f"'tool_choice' must be none, auto, required or {{\"type\": \"function\", "
+                           f"\"function\": {{\"name\"}}}}, not {_shown(choice)}", param="tool_choice")
+    if choice in ("required",) and not tools:
+        raise RequestError("'tool_choice' is required but no 'tools' are given", param="tool_choice")
+    parallel = obj.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise RequestError("'parallel_tool_calls' must be true or false", param="parallel_tool_calls")
+    return tools, choice, parallel
 
 
 def _shown(value) -> str:
@@ -163,7 +235,29 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
         req.metadata = _check("metadata", obj["metadata"], isinstance(obj["metadata"], dict), "an object")
     if obj.get("n") is not None:
         req.n = checked("n", obj["n"])
+    if obj.get("tools") is not None or obj.get("tool_choice") is not None:
+        if req.messages is None:
+            raise RequestError("'tools' need 'messages' (a chat request)", param="tools")
+        req.tools, req.tool_choice, req.parallel_tool_calls = parse_tools(obj)
+    if obj.get("response_format") is not None:
+        req.response_format = parse_response_format(obj["response_format"])
     return req
+
+
+def parse_response_format(value) -> dict | None:
+    """OpenAI's response_format: text (None: no constraint), json_object, or json_schema."""
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise RequestError("'response_format' must be {\"type\": \"text\" | \"json_object\" | \"json_schema\"}",
+                           param="response_format")
+    if value["type"] == "text":
+        return None
+    if value["type"] == "json_object":
+        return {"type": "json_object"}
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+        raise RequestError("'response_format.json_schema' must be {\"name\", \"schema\": {...}, \"strict\"}",
+                           param="response_format")
+    return {"type": "json_schema", "schema": spec.get("schema", {}), "name": spec.get("name")}
 
 
 MAX_DEPTH = 64            # JSON nesting a request may have (messages sit at depth 3)

@@ -236,7 +236,7 @@ def start_serve(tmp_path, model, *extra, budget="1MiB") -> tuple[subprocess.Pope
     port = _free_port()
     pipeline = write_pipeline(tmp_path, model, budget)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "serve", str(pipeline), "--port", str(port),
-                             "--threads", "1", *extra], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                             "--threads", "1", "--no-access-log", *extra], stderr=subprocess.PIPE, text=True, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while True:

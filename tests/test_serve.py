@@ -98,7 +98,7 @@ def test_max_tokens_beyond_the_context_is_rejected():
 
 
 def test_unknown_field_suggests_the_closest_name():
-    with pytest.raises(P.APIError, match="unrecognized request argument 'max_token'; did you mean 'max_tokens'"):
+    with pytest.raises(P.APIError, match='unrecognized request argument "max_token"; did you mean .max_tokens.'):
         parse_completion({"prompt": "hi", "max_token": 4})
 
 
@@ -187,10 +187,16 @@ class LiveServer:
         return {**st["engines"]["gen"], "in_flight": st["requests"]["in_flight"], "stages": st["stages"]}
 
     def metric(self, name: str, labels: str = "") -> float:
+        """The value of sample `name` whose labels include `labels` ('{status="429"}')."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        want = dict(re.findall(r'(\w+)="([^"]*)"', labels))
         text = httpx.get(self.url + "/metrics", timeout=10).text
-        m = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
-        assert m, f"{name}{labels} not in /metrics"
-        return float(m.group(1))
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and want.items() <= sample.labels.items():
+                    return sample.value
+        raise AssertionError(f"{name}{labels} not in /metrics")
 
     def close(self):
         self.server.should_exit = True

@@ -4,19 +4,32 @@
     curl -N localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
          -d '{"messages": [{"role": "user", "content": "Hi"}], "stream": true}'
 
-Routes: /v1/completions, /v1/chat/completions (streaming or not), /v1/models, /health,
-/metrics (Prometheus), /stats. SIGTERM (or Ctrl-C) stops accepting connections, lets
-in-flight requests finish (up to --drain-timeout) and exits 0.
+Routes: /v1/completions, /v1/chat/completions (streaming or not), /v1/models, /tokenize,
+/detokenize, /health, /metrics (Prometheus), /stats, /version, /trace/flush. SIGTERM (or
+Ctrl-C) stops accepting connections, lets in-flight requests finish (up to
+--drain-timeout) and exits 0. Every flag can also be set by an environment variable:
+AGP_ and the flag's name in capitals (--api-key: AGP_API_KEY, --max-num-seqs:
+AGP_MAX_NUM_SEQS); the flag wins over the variable, both over the pipeline file.
 """
 from __future__ import annotations
 
+import argparse
+import logging
+import os
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline_dsl.commands import add_pipeline_arguments
 
 HELP = "serve a pipeline behind an OpenAI-compatible HTTP API"
+ENV_PREFIX = "AGP_"
+log = logging.getLogger("agp.serve")
+
+
+def _names(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def add_arguments(p) -> None:
@@ -32,8 +45,26 @@ def add_arguments(p) -> None:
                    help="turn the KV prefix cache off (A/B against reuse)")
     p.add_argument("--no-overlap", action="store_true",
                    help="run the plan's streams serially (A/B against overlap)")
-    p.add_argument("--served-model-name", default=None,
-                   help="the model id clients use (default: the pipeline's name)")
+    p.add_argument("--served-model-name", action="extend", nargs="+", default=None, metavar="NAME",
+                   help="the model id(s) clients use; the first is reported in answers (default: the "
+                        "pipeline's name)")
+    p.add_argument("--api-key", action="extend", nargs="+", default=None, metavar="KEY",
+                   help="answer only requests with 'Authorization: Bearer KEY' (401 otherwise); /health, "
+                        "/metrics and /version stay open")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length in tokens (prompt + answer); at most the model's")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="sequences batched at once (overrides the pipeline's max_batch_size)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template file used instead of the model's")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the sampling of requests that bring no seed of their own")
+    p.add_argument("--root-path", default="",
+                   help="the path prefix a proxy serves this server under (e.g. /llm)")
+    p.add_argument("--allowed-origins", type=_names, default=None, metavar="ORIGINS",
+                   help="comma-separated origins browsers may call from (CORS), '*' for any (default: none)")
+    p.add_argument("--ssl-keyfile", default=None, help="serve HTTPS: the private key (PEM)")
+    p.add_argument("--ssl-certfile", default=None, help="serve HTTPS: the certificate chain (PEM)")
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="seconds in-flight requests may take after SIGTERM; then they are cut with an "
                         "error and the exit status is 1 (default: 60)")
@@ -48,12 +79,59 @@ def add_arguments(p) -> None:
                    help="seconds a client has to send its request line and headers (default: 10)")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a client has to send its request body; later: 408 (default: 30)")
+    p.add_argument("--lenient", action="store_true",
+                   help="log and ignore request fields agp does not know, as vLLM does (default: a 400)")
     p.add_argument("--allowed-hosts", default=None,
                    help="comma-separated Host header values accepted, '*' for any (default: the address "
                         "listened on and localhost; any when listening on all addresses)")
-    p.add_argument("--log-level", default="warning",
-                   choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="default: info")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="timestamped text lines, or one JSON object per line (default: text)")
+    p.add_argument("--access-log", dest="access_log", action="store_true", default=True,
+                   help="log every HTTP request (the default)")
+    p.add_argument("--no-access-log", dest="access_log", action="store_false", help="do not log each request")
+    p.add_argument("--stats-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="log a stats line this often while busy (default: 10; 0: never)")
+    p.add_argument("--trace", default=None, metavar="FILE",
+                   help="record a Chrome trace (Perfetto) of the pipeline; written at shutdown and on "
+                        "POST /trace/flush")
+    env_defaults(p)
+
+
+def env_name(action: argparse.Action) -> str:
+    long = max(action.option_strings, key=len)
+    return ENV_PREFIX + long.lstrip("-").upper().replace("-", "_")
+
+
+def env_defaults(p: argparse.ArgumentParser, environ=None) -> None:
+    """Each option's default from AGP_<OPTION> when that is set (the flag still wins); the
+    variable is named in the option's help. A bad value is an error naming the variable."""
+    environ = os.environ if environ is None else environ
+    for action in list(p._actions):
+        if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            continue
+        if isinstance(action, argparse._StoreFalseAction):
+            continue                                  # --no-x: the variable of --x covers it
+        name = env_name(action)
+        action.help = (action.help or "") + f" [env {name}]"
+        raw = environ.get(name)
+        if raw is None:
+            continue
+        try:
+            if isinstance(action, argparse._StoreTrueAction):
+                if raw.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+                    raise ValueError("expected true or false")
+                value = raw.strip().lower() in ("1", "true", "yes", "on")
+            elif isinstance(action, argparse._ExtendAction):
+                value = _names(raw)
+            else:
+                value = action.type(raw) if action.type else raw
+            if action.choices is not None and value not in action.choices:
+                raise ValueError(f"expected one of {', '.join(map(str, action.choices))}")
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            p.error(f"environment variable {name}={raw!r}: {e}")
+        p.set_defaults(**{action.dest: value})
 
 
 def _err(message: str) -> None:
@@ -73,9 +151,10 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def model_names(runtime, served: str | None) -> tuple[str, ...]:
-    """The ids /v1/models lists and requests may name: the pipeline first, then its model(s)."""
-    names = [served] if served else []
+def model_names(runtime, served: list[str] | None) -> tuple[str, ...]:
+    """The ids /v1/models lists and requests may name: the served names first, then the
+    pipeline's name and its model(s)."""
+    names = list(served or [])
     names.append(runtime.name)
     for es in runtime.segments[:1]:
         model = str(es.config.model)
@@ -92,72 +171,165 @@ def allowed_hosts(host: str, given: str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys([host.lower(), "localhost", "127.0.0.1", "::1"]))
 
 
-def main(args) -> int:
-    checks = [(not 0 <= args.port <= 65535, f"--port must be between 0 and 65535, not {args.port}"),
-              (args.max_queue is not None and args.max_queue < 1, f"--max-queue must be at least 1, not {args.max_queue}"),
-              (args.drain_timeout <= 0, f"--drain-timeout must be positive, not {args.drain_timeout}"),
-              (args.max_body_bytes < 1024, f"--max-body-bytes must be at least 1024, not {args.max_body_bytes}"),
-              (args.max_input_tokens is not None and args.max_input_tokens < 1,
-               f"--max-input-tokens must be at least 1, not {args.max_input_tokens}"),
-              (args.max_connections < 1, f"--max-connections must be at least 1, not {args.max_connections}"),
-              (args.header_timeout <= 0 or args.body_timeout <= 0, "--header-timeout and --body-timeout must be "
-                                                                   "positive")]
-    for bad, message in checks:
-        if bad:
-            _err(message)
-            return 2
-    try:
-        sock = _bind(args.host, args.port)
-    except OSError as e:
-        _err(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
-        return 2
+class SetupError(Exception):
+    """A flag or file the server cannot start with (exit status 2); the message says which."""
 
-    import uvicorn
 
-    from pipeline_dsl.diagnostics import CheckFailed
+def check_args(args) -> None:
+    """The flags' own ranges, before anything is loaded."""
+    positive = ("drain_timeout", "header_timeout", "body_timeout")
+    at_least = {"max_queue": 1, "max_body_bytes": 1024, "max_input_tokens": 1, "max_connections": 1,
+                "max_model_len": 1, "max_num_seqs": 1, "threads": 1}
+    if not 0 <= args.port <= 65535:
+        raise SetupError(f"--port must be between 0 and 65535, not {args.port}")
+    for name, low in at_least.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise SetupError(f"--{name.replace('_', '-')} must be at least {low}, not {value}")
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise SetupError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
+    if args.stats_interval < 0:
+        raise SetupError(f"--stats-interval must be 0 (off) or positive, not {args.stats_interval}")
+    if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
+        raise SetupError("--ssl-keyfile and --ssl-certfile go together")
+    for flag, path in (("--ssl-keyfile", args.ssl_keyfile), ("--ssl-certfile", args.ssl_certfile),
+                       ("--chat-template", args.chat_template)):
+        if path and not Path(path).is_file():
+            raise SetupError(f"{flag} {path}: no such file")
+    if args.root_path and not args.root_path.startswith("/"):
+        raise SetupError(f"--root-path must start with '/', not {args.root_path!r}")
+    if any(not k for k in args.api_key or ()):
+        raise SetupError("--api-key must not be empty")
+
+
+@dataclass
+class Serving:
+    """What `agp serve` runs: the pipeline, its asyncio face and the FastAPI app over it."""
+    runtime: object
+    apipe: object
+    app: object
+    config: object
+    metrics: object
+
+
+def build(args, *, host: str | None = None) -> Serving:
+    """The app for these flags (checked; raises SetupError or CheckFailed): also what each Ray
+    Serve replica builds (pipeline_dsl.serve.ray)."""
     from pipeline_dsl.engine.errors import InputError
+    from pipeline_dsl.engine.trace import Trace
     from pipeline_dsl.runtime import build_runtime
     from pipeline_dsl.serve.app import ServeConfig, create_app
     from pipeline_dsl.serve.async_pipeline import AsyncPipeline
     from pipeline_dsl.serve.metrics import ServerMetrics
-    from pipeline_dsl.serve.server import AgpServer, header_timeout_protocol
 
+    check_args(args)
+    template = None
+    if args.chat_template:
+        try:
+            template = Path(args.chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SetupError(f"--chat-template {args.chat_template}: {e}") from None
     try:
         runtime = build_runtime(args.pipeline, args.name, overlap=not args.no_overlap, max_queue=args.max_queue,
-                                served_name=args.served_model_name,
+                                served_name=(args.served_model_name or [None])[0],
+                                trace=Trace(limit=1_000_000) if args.trace else None,
                                 overrides={"dtype": args.dtype, "threads": args.threads,
                                            "max_prompt_tokens": args.max_input_tokens,
+                                           "max_model_len": args.max_model_len,
+                                           "max_batch_size": args.max_num_seqs,
+                                           "seed": args.seed, "chat_template": template,
                                            "prefix_reuse": False if args.no_prefix_reuse else None})
-    except CheckFailed as e:
-        sys.stderr.write(e.render())
-        sock.close()
-        return 2
     except InputError as e:
-        _err(str(e))
-        sock.close()
-        return 2
+        raise SetupError(str(e)) from None
     names = model_names(runtime, args.served_model_name)
     contexts = [es.engine.max_model_len for es in runtime.segments]
     config = ServeConfig(model_names=names, max_model_len=int(min(contexts) if contexts else 1 << 20),
                          stages=tuple((g, Path(str(es.config.model)).name) for g, es in runtime.seg_of_gen.items()),
                          drain_timeout_s=args.drain_timeout, max_body_bytes=args.max_body_bytes,
                          body_timeout_s=args.body_timeout, max_connections=args.max_connections,
-                         allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
+                         allowed_hosts=allowed_hosts(host or args.host, args.allowed_hosts),
                          max_prompt_chars=max((es.engine.max_prompt_chars or 0 for es in runtime.segments),
-                                              default=0) or None)
-    metrics = ServerMetrics()
+                                              default=0) or None,
+                         max_stage_n=max((n for es in runtime.segments for n in es.n.values()), default=1),
+                         lenient=args.lenient, api_keys=tuple(args.api_key or ()),
+                         allowed_origins=tuple(args.allowed_origins or ()),
+                         stats_interval_s=args.stats_interval, trace_path=args.trace)
+    metrics = ServerMetrics(model_name=names[0])
     apipe = AsyncPipeline(runtime, metrics=metrics)
-    app = create_app(apipe, config, metrics)
+    return Serving(runtime, apipe, create_app(apipe, config, metrics), config, metrics)
 
+
+def banner(serving: Serving, url: str, args) -> list[str]:
+    """The startup lines: what this server really runs with (after flags, variables and file)."""
+    from pipeline_dsl import __version__
+
+    cfg = serving.config
+    lines = [f"agp {__version__} serving pipeline '{serving.runtime.name}' as "
+             f"{', '.join(repr(n) for n in cfg.model_names[:max(1, len(args.served_model_name or ()))])} "
+             f"at {url}"]
+    for es in serving.runtime.segments:
+        e, c = es.engine, es.config
+        info = e.model_info
+        lines.append(f"  engine {es.name}: model {Path(str(c.model)).name} ({info.get('weights', '?')} weights, "
+                     f"{info.get('dtype', c.dtype)} compute) on {c.device}; context {e.max_model_len} tokens; "
+                     f"batch {c.max_batch_size} sequences; KV {e.blocks.num_blocks} blocks x {c.block_size} tokens; "
+                     f"prefix reuse {'on' if c.prefix_reuse else 'off'}" + (f"; seed {c.seed}" if c.seed is not None
+                                                                             else ""))
+    lines.append(f"  api key {'required' if cfg.api_keys else 'off'}; CORS "
+                 f"{', '.join(cfg.allowed_origins) if cfg.allowed_origins else 'off'}; max connections "
+                 f"{cfg.max_connections}; queue {serving.runtime.max_queue}; trace {args.trace or 'off'}")
+    return lines
+
+
+def main(args) -> int:
+    from pipeline_dsl.diagnostics import CheckFailed
+    from pipeline_dsl.serve.logs import configure
+
+    configure(args.log_format, args.log_level, args.access_log)
+    try:
+        check_args(args)
+        sock = _bind(args.host, args.port)
+    except SetupError as e:
+        _err(str(e))
+        return 2
+    except OSError as e:
+        _err(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+        return 2
+
+    import uvicorn
+
+    from pipeline_dsl.serve.server import AgpServer, header_timeout_protocol
+
+    try:
+        serving = build(args)
+    except CheckFailed as e:
+        sys.stderr.write(e.render())
+        sock.close()
+        return 2
+    except SetupError as e:
+        _err(str(e))
+        sock.close()
+        return 2
+    apipe = serving.apipe
     host, port = sock.getsockname()[:2]
-    server = AgpServer(uvicorn.Config(
-        app, log_level=args.log_level, access_log=args.access_log, lifespan="on",
-        http=header_timeout_protocol(args.header_timeout), timeout_graceful_shutdown=5.0),
-        apipe, args.drain_timeout)
-    engines = ", ".join(f"{es.name}: {Path(str(es.config.model)).name} on {es.config.device}"
-                        for es in runtime.segments)
-    print(f"agp serve: pipeline '{names[0]}' on http://{host}:{port}/v1 ({engines or 'no model'})",
-          file=sys.stderr, flush=True)
+    tls = bool(args.ssl_certfile)
+    try:
+        server = AgpServer(uvicorn.Config(
+            serving.app, log_level=args.log_level, access_log=args.access_log, lifespan="on",
+            http=header_timeout_protocol(args.header_timeout), timeout_graceful_shutdown=5.0,
+            root_path=args.root_path, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+            log_config={"version": 1, "disable_existing_loggers": False}),
+            apipe, args.drain_timeout)
+        server.config.load()                        # TLS files are read here: a bad one is a clean exit 2
+    except (OSError, ValueError) as e:
+        _err(f"cannot start: {e}")
+        sock.close()
+        return 2
+    shown = f"[{host}]" if ":" in host else host
+    url = f"{'https' if tls else 'http'}://{shown}:{port}{args.root_path}/v1"
+    for line in banner(serving, url, args):
+        log.info(line)
     server.run(sockets=[sock])
     if not server.started:
         _err("the server did not start (see the log above)")
@@ -166,7 +338,7 @@ def main(args) -> int:
         _err(f"the pipeline failed: {engine_failed}")
         return 1
     if server.cut:
-        print(f"agp serve: stopped; the drain timeout cut {server.cut} request(s)", file=sys.stderr)
+        log.warning("stopped; the drain timeout cut %d request(s)", server.cut)
         return 1
-    print("agp serve: stopped" + (" (drained)" if server.stopped_by else ""), file=sys.stderr)
+    log.info("stopped" + (" (drained)" if server.stopped_by else ""))
     return 0

@@ -41,6 +41,8 @@ class EngineConfig:
     compile: bool = False                  # torch.compile the model's forward
     max_model_len: int | None = None       # default: the model's context length
     max_prompt_tokens: int = 0             # longest prompt accepted (0 = the model's context)
+    seed: int | None = None                # seeds the generator of requests without a seed of their own
+    chat_template: str | None = None       # a Jinja chat template used instead of the model's
 
     def __post_init__(self) -> None:
         from stages.fields import ENGINE_FIELDS, ParamError, check_engine_field

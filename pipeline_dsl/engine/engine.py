@@ -68,13 +68,20 @@ class Engine:
         self.max_model_len = int(config.max_model_len or context)
         self.blocks = BlockManager(runner.num_blocks, runner.block_size, config.prefix_reuse)
         self.scheduler = Scheduler(config, self.blocks, clock, max_len=self.max_model_len)
-        self.sampler = Sampler()
+        self.sampler = Sampler(config.seed)
+        if config.chat_template is not None:
+            if tokenizer is None:
+                raise InputError("chat_template: this engine has no tokenizer to render it")
+            try:
+                tokenizer.set_chat_template(config.chat_template)
+            except ValueError as e:
+                raise InputError(f"chat_template: {e}") from None
         self._pad_kw = "pad_to" in inspect.signature(runner.execute).parameters
         self.eos_token_ids = frozenset(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.features = Features(self.vocab_size, self.eos_token_ids)   # penalties, bias, logprobs, grammars
         self.seqs: dict[str, Sequence] = {}
         self._counters = dict(requests_done=0, requests_aborted=0, prompt_tokens=0,
-                              completion_tokens=0, cached_tokens=0, steps=0, decode_steps=0,
+                              completion_tokens=0, cached_tokens=0, generated_tokens=0, steps=0, decode_steps=0,
                               decode_seqs=0, prefill_tokens=0)
         self._ttft = deque(maxlen=LATENCY_SAMPLES)
         self._itl = deque(maxlen=LATENCY_SAMPLES)
@@ -134,7 +141,7 @@ class Engine:
         self.scheduler.add(seq)
 
     def prompt_ids(self, prompt=None, messages=None, prompt_token_ids=None, chat_template=True,
-                   add_special_tokens=True) -> list[int]:
+                   add_special_tokens=True, tools=None, tool_choice="auto") -> list[int]:
         """A request's prompt as token ids (chat template applied to messages): the encode stage's
         work. Thread-safe (reads only the tokenizer), so it may run off the engine's loop. A text
         too long to fit the prompt limit whatever its tokens is refused before it is tokenised."""
@@ -146,7 +153,7 @@ class Engine:
                 raise InputError("the prompt is empty")
             ids = list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
         elif messages is not None:
-            ids = self._render_chat(messages, chat_template, add_special_tokens)
+            ids = self._render_chat(messages, chat_template, add_special_tokens, tools, tool_choice)
         else:
             if not isinstance(prompt_token_ids, (list, tuple)) or not all(
                     isinstance(t, int) and not isinstance(t, bool) for t in prompt_token_ids):
@@ -193,7 +200,8 @@ class Engine:
             raise InputError(f"prompt of {chars} characters {self._limit_words()} (a token stands for at most "
                              f"{per_token} characters)")
 
-    def _render_chat(self, messages, chat_template=True, add_special_tokens=True) -> list[int]:
+    def _render_chat(self, messages, chat_template=True, add_special_tokens=True, tools=None,
+                     tool_choice="auto") -> list[int]:
         if not isinstance(messages, (list, tuple)) or not messages:
             raise InputError("messages must be a non-empty list of {role, content} objects")
         for i, m in enumerate(messages):
@@ -203,8 +211,16 @@ class Engine:
         if not chat_template:
             text = "\n".join(m["content"] for m in messages)
             return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens)) if text else []
+        extra = {}
+        if tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
+            from pipeline_dsl.tools import prepare_messages, template_takes_tools
+
+            native = template_takes_tools(getattr(self.tokenizer, "chat_template", None))
+            messages = prepare_messages(list(messages), tools, template_takes_tools=native, choice=tool_choice)
+            if native and tools and tool_choice != "none":
+                extra["tools"] = tools
         try:
-            rendered = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+            rendered = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, **extra)
         except InputError:
             raise
         except Exception as e:  # a template that refuses the conversation (roles out of order, …)
@@ -318,6 +334,7 @@ class Engine:
         """A token sampled for `seq` (already appended to its ids): detokenise, check stops,
         finish it when done, and say what changed."""
         st, p = seq.extra, seq.params
+        self._counters["generated_tokens"] += 1
         if st["first"] is None:
             st["first"] = now
             self._ttft.append(now - seq.arrival)
@@ -349,8 +366,10 @@ class Engine:
         metrics = {}
         if reason:
             self._finish(seq, reason)
+            scheduled = seq.scheduled if seq.scheduled is not None else seq.arrival
             metrics = {"ttft_s": st["first"] - seq.arrival, "latency_s": now - seq.arrival,
-                       "preemptions": seq.num_preemptions}
+                       "queue_s": scheduled - seq.arrival, "prefill_s": st["first"] - scheduled,
+                       "decode_s": now - st["first"], "preemptions": seq.num_preemptions}
             if reason == "error":
                 metrics["error"] = st["error"]
         return RequestOutput(seq.request_id, [token], delta, text, reason is not None, reason,

@@ -15,6 +15,13 @@ with a padding mask; prefill chunks attend per sequence, causally, over their ca
 prefix. The gather/slot indices are built once per step and reused by every layer. A
 decode sequence alone (the memory-bound case) skips the mask, and the gather too when its
 blocks are consecutive in the pool.
+
+With the native kernels (pipeline_dsl.engine.native, CPU) an all-decode step of up to
+`native_max_batch` sequences runs as ONE native call (the whole forward in one parallel
+region: int4/int8 GEMVs, attention reading the paged blocks in place, no gather, no mask,
+no padding), and a larger one keeps its GEMMs on oneDNN with one native call for each
+piece between them (add+RMSNorm, RoPE+KV write+attention, SwiGLU). Both round to bf16
+where the eager path does, so greedy tokens agree with it (tests/test_fast_paths.py).
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .quant import Int4Blocks, Int4Linear, make_linear
+from . import native
+from .native.step import NativeDecoder
+from .quant import Int4Blocks, Int4Linear, Q8Linear, make_linear
 
 
 @dataclass(frozen=True)
@@ -148,7 +157,20 @@ class LlamaModel:
         self.embed = weights["embed"].to(device=dev, dtype=dt).contiguous()  # [V, H]
         self.norm = vec("norm")
         head = weights.get("lm_head", weights["embed"]) if not c.tie_embeddings else weights["embed"]
-        self.lm_head = make_linear(head, "dense", dt, dev)  # kept in the compute dtype: accuracy
+        # A few rows (decode) read the head as int8 blocks of 32 when that is the file's own
+        # form (a Q8_0 embedding, as llama.cpp runs it: half the bytes of bf16), or when the
+        # weights are int8 anyway (efficient: then no bf16 copy is kept at all).
+        q8 = None
+        if dev.type == "cpu" and dt == torch.bfloat16 and native.load() is not None and c.hidden_size % 32 == 0:
+            q8 = Q8Linear(head, dt)
+            q8 = q8 if (kind == "int8" or q8.lossless) else None
+        if q8 is not None and kind == "int8":
+            self.lm_head = q8                                   # alone: large batches dequantise
+        else:
+            self.lm_head = make_linear(head, "dense", dt, dev)  # kept in the compute dtype: accuracy
+            if q8 is not None:
+                q8.dense = self.lm_head
+        self.lm_head_small = q8
         int4 = getattr(weights, "int4", {})   # the file's own 4-bit blocks (GGUF Q4_0/Q4_1)
 
         def linear(*names):
@@ -214,7 +236,8 @@ class LlamaModel:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [n, H] final hidden states -> [n, V] float32."""
-        return self.lm_head(self.rms(h, self.norm)).float()
+        head = self.lm_head_small if self.lm_head_small is not None else self.lm_head
+        return head(self.rms(h, self.norm)).float()
 
     @torch.inference_mode()
     def forward_full(self, token_ids: list[int]) -> torch.Tensor:
@@ -257,6 +280,10 @@ class _Step:
     prefills: list                     # (row0, n, gather [L] | None, mask [g*n, L] | None)
     dec_len: int | None = None         # one decode sequence alone (CPU): its context, no mask
     dec_first: int | None = None       # ... and its first slot, when its blocks are consecutive (no gather)
+    positions: torch.Tensor | None = None   # [T]
+    dec_tables: torch.Tensor | None = None  # [B, nblk] block ids (native attention reads them in place)
+    dec_lens: torch.Tensor | None = None    # [B] context length of each decode sequence
+    native: bool = False               # the whole step runs as one native call
 
 
 class ModelRunner:
@@ -281,6 +308,12 @@ class ModelRunner:
         self.compile = compile
         if compile:
             model.enable_compile()
+        # the native kernels (CPU): whole decode steps of up to native_max_batch sequences, and
+        # paged attention in place for larger ones; None: the eager path alone
+        self.native = NativeDecoder.create(model, self._k_pool, self._v_pool, block_size) \
+            if self.device.type == "cpu" else None
+
+    native_max_batch = 8   # measured: above this the batched GEMMs of the eager path win
 
     def kv_bytes(self) -> int:
         return 2 * self._k_pool.numel() * self._k_pool.element_size()
@@ -317,8 +350,9 @@ class ModelRunner:
                 sample_rows.append(row + n - 1)
             row += n
         all_decode = not prefills
+        use_native = self.native is not None and all_decode and len(dec_rows) <= self.native_max_batch
         pad = 0
-        padded = all_decode and (self.pad_decode or pad_to is not None)
+        padded = all_decode and (self.pad_decode or pad_to is not None) and self.native is None
         if padded:
             pad = max(0, (pad_to or _bucket(len(dec_rows))) - len(dec_rows))
             scratch = self.num_slots
@@ -328,11 +362,19 @@ class ModelRunner:
             dec_rows.extend(range(row, row + pad))
         as_long = lambda v: torch.tensor(v, dtype=torch.long).to(dev, non_blocking=True)  # noqa: E731
         pos_t = as_long(positions)
-        cos, sin = self.model.rope_tables(pos_t)
+        cos, sin = (None, None) if use_native else self.model.rope_tables(pos_t)  # the native step has its own
         step = _Step(tokens=as_long(tokens), slots=as_long(slots), cos=cos, sin=sin,
                      sample_rows=as_long(sample_rows) if sample_rows else None,
-                     all_decode=all_decode, dec_rows=None, dec_gather=None, dec_mask=None, prefills=[])
-        if dec_rows:
+                     all_decode=all_decode, dec_rows=None, dec_gather=None, dec_mask=None, prefills=[],
+                     positions=pos_t, native=use_native)
+        if dec_rows and self.native is not None:   # tables read in place: no gather, no mask
+            nblk = (max(dec_lens) + bs - 1) // bs
+            step.dec_tables = torch.tensor([list(t[:nblk]) + [0] * (nblk - len(t[:nblk])) for t in dec_tables],
+                                           dtype=torch.long)                  # [B, nblk]
+            step.dec_lens = torch.tensor(dec_lens, dtype=torch.long)          # [B]
+            if not all_decode:
+                step.dec_rows = as_long(dec_rows)
+        elif dec_rows:
             nblk = (max(dec_lens) + bs - 1) // bs
             if padded:  # static shapes: few distinct context lengths too
                 nblk = _bucket(nblk, (1, 2, 4, 8, 12, 16, 24, 32, 48, 64))
@@ -382,32 +424,63 @@ class ModelRunner:
 
     def _forward(self, step: _Step, want_logits: bool = True) -> torch.Tensor | None:
         m, c = self.model, self.model.config
+        if step.native:
+            logits = self.native.decode(step.tokens, step.positions, step.slots, step.dec_tables,
+                                        step.sample_rows if want_logits else None)  # [n_sample, V]
+            return logits if want_logits else None
+        if step.all_decode and step.dec_tables is not None:
+            return self._forward_glued(step, want_logits)
         x = F.embedding(step.tokens, m.embed)                   # [T, H]
         for li, layer in enumerate(m.layers):
             q, k, v = m.qkv(layer, x, step.cos, step.sin)       # [T, nh, hd], [T, kv, hd] x2
             kc, vc = self._k_pool[li], self._v_pool[li]         # [slots, kv, hd]
             kc.index_copy_(0, step.slots, _as(k, kc.dtype))
             vc.index_copy_(0, step.slots, _as(v, vc.dtype))
-            a = self._attention(step, q, k, v, kc, vc)          # [T, nh*hd]
+            a = self._attention(step, q, k, v, kc, vc, li)      # [T, nh*hd]
             x = x + layer.o(a)
             x = x + m.mlp(layer, x)
         if not want_logits:
             return None
         return m.logits(x.index_select(0, step.sample_rows))   # [n_sample, V]
 
-    def _attention(self, step: _Step, q, k, v, kc, vc) -> torch.Tensor:
+    def _forward_glued(self, step: _Step, want_logits: bool) -> torch.Tensor | None:
+        """A large all-decode batch: the GEMMs on oneDNN/int4 as eager, everything between
+        them one native call each (add+RMSNorm, RoPE+KV write+paged attention, SwiGLU)."""
+        m, nat = self.model, self.native
+        x = F.embedding(step.tokens, m.embed).contiguous()     # [B, H], updated in place
+        h = nat.add_rmsnorm(x, None, 0, "attn")
+        for li, layer in enumerate(m.layers):
+            a = nat.attention_block(li, layer.qkv(h).contiguous(), step.positions, step.slots,
+                                    step.dec_tables)             # [B, nh*hd]
+            h = nat.add_rmsnorm(x, layer.o(a).contiguous(), li, "ffn")
+            d = layer.down(nat.silu_mul(layer.gate_up(h).contiguous())).contiguous()
+            last = li == len(m.layers) - 1
+            h = nat.add_rmsnorm(x, d, li + 1, "final" if last else "attn")
+        if not want_logits:
+            return None
+        h = h.index_select(0, step.sample_rows)                 # [n_sample, H], normed
+        head = m.lm_head_small if m.lm_head_small is not None and h.shape[0] <= m.lm_head_small.small_batch \
+            else m.lm_head
+        return head(h).float()                                  # [n_sample, V]
+
+    def _attention(self, step: _Step, q, k, v, kc, vc, li: int = 0) -> torch.Tensor:
         c = self.model.config
         nkv, g, hd = c.num_kv_heads, c.group, c.head_dim
         T = q.shape[0]
         if step.all_decode:
+            if step.dec_tables is not None:                     # native: the blocks read in place
+                return self.native.attention(li, q, step.dec_tables, step.dec_lens)  # [B, nh*hd]
             return self._decode_attention(q, kc, vc, step.dec_gather, step.dec_mask, step.dec_len,
                                           step.dec_first).reshape(T, -1)
         out = torch.empty(T, c.num_heads * hd, dtype=q.dtype, device=q.device)
         if step.dec_rows is not None:
             qd = q.index_select(0, step.dec_rows)               # [B, nh, hd]
-            out.index_copy_(0, step.dec_rows,
-                            self._decode_attention(qd, kc, vc, step.dec_gather, step.dec_mask, step.dec_len,
-                                                   step.dec_first))
+            if step.dec_tables is not None:
+                a = self.native.attention(li, qd, step.dec_tables, step.dec_lens)   # [B, nh*hd]
+            else:
+                a = self._decode_attention(qd, kc, vc, step.dec_gather, step.dec_mask, step.dec_len,
+                                           step.dec_first)
+            out.index_copy_(0, step.dec_rows, a)
         for row0, n, gather, mask in step.prefills:
             if gather is None:      # no cached prefix: the chunk's own keys, causal
                 qs4 = q[row0:row0 + n].transpose(0, 1)                     # [nh, n, hd]

@@ -15,16 +15,48 @@ calls `layer(x)` with x [T, in] -> [T, out].
   which reads half a byte per weight: 3-4x faster than bf16 for a few rows (decode
   is memory bound). Above `small_batch` rows it hands over to a dense bf16 copy when
   it has one (compute bound: AMX wins); without one, large batches dequantise on the fly.
+  With the native kernels (pipeline_dsl.engine.native) small batches run agp's own int4
+  kernel instead, on the same effective weights.
+
+Every layer can describe itself to the native kernels (`native_struct()`: a C struct over
+its tensors, or None), which is how the native decode step reads the weights in place.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 
+from . import native
+
 INT4_GROUP = 32
+KIND_F32, KIND_BF16, KIND_Q4, KIND_Q8 = 0, 1, 2, 3   # native.Lin.kind
+
+
+def _lin(kind: int, w: torch.Tensor, s: torch.Tensor | None, n: int, k: int, round_out: bool):
+    return native.Lin(kind, n, k, int(round_out), w.data_ptr(), s.data_ptr() if s is not None else None)
+
+
+def native_linear(lin, x: torch.Tensor) -> torch.Tensor:
+    """y [T, N] float32 = x [T, K] @ w.T through the native kernel of one layer."""
+    lib = native.load()
+    xf = x.float().contiguous()
+    y = torch.empty(xf.shape[0], lin.out_features, dtype=torch.float32)
+    lib.agp_linear(ctypes.byref(lin.native_struct()), xf.data_ptr(), xf.shape[0], y.data_ptr(),
+                   torch.get_num_threads())
+    return y
+
+
+def _dense_struct(weight: torch.Tensor, round_out: bool):
+    N, K = weight.shape
+    if weight.device.type != "cpu" or K % 32 or weight.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    kind = KIND_F32 if weight.dtype == torch.float32 else KIND_BF16
+    return _lin(kind, weight, None, N, K, round_out)
 
 
 class DenseLinear:
@@ -34,6 +66,9 @@ class DenseLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
+
+    def native_struct(self, round_out: bool = False):
+        return _dense_struct(self.weight, round_out)
 
 
 class PackedLinear:
@@ -46,6 +81,9 @@ class PackedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+    def native_struct(self, round_out: bool = False):
+        return _dense_struct(self.weight, round_out)
 
 
 @dataclass(frozen=True)
@@ -83,23 +121,32 @@ class Int4Linear:
     def __init__(self, blocks: Int4Blocks, compute_dtype: torch.dtype, dense=None):
         N, K = blocks.q.shape
         self.out_features = N
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(blocks.q.to(torch.int32), 1)  # [N, K/2]
         sz = torch.stack([blocks.scale.t(), blocks.zero.t()], dim=-1)           # [K/32, N, 2]
         self.scales_zeros = sz.to(compute_dtype).contiguous()
         self.dense = dense          # a dense/prepacked copy for large batches, or None
-        self.nibbles = None         # without one: GGUF's own bytes [N, K/32, 16], to dequantise from
-        if dense is None:
-            q = blocks.q.view(N, K // INT4_GROUP, 2, INT4_GROUP // 2)           # [N, K/32, 2, 16]
-            self.nibbles = (q[:, :, 0] | (q[:, :, 1] << 4)).contiguous()
+        q = blocks.q.view(N, K // INT4_GROUP, 2, INT4_GROUP // 2)               # [N, K/32, 2, 16]
+        self.nibbles = (q[:, :, 0] | (q[:, :, 1] << 4)).contiguous()            # [N, K/32, 16] GGUF's bytes
+        # the native kernel reads (nibbles, sz [N, K/32, 2]); torch's kernel its own packing
+        self.native = native.load() is not None and compute_dtype == torch.bfloat16
+        self.sz = self.scales_zeros.transpose(0, 1).contiguous() if self.native else None  # [N, K/32, 2]
+        self.packed = None   # torch's kernel: without native, or for 9..64 rows without a dense copy
+        if not self.native or dense is None:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(blocks.q.to(torch.int32), 1)  # [N, K/2]
 
     def dequantized(self) -> torch.Tensor:
         """The weight [out, in] in the compute dtype."""
-        if self.nibbles is None:
+        if self.dense is not None:
             return self.dense.weight
         N, G = self.nibbles.shape[:2]
         q = torch.cat([self.nibbles & 0x0F, self.nibbles >> 4], dim=-1)        # [N, K/32, 32]
         sz = self.scales_zeros.transpose(0, 1)                                  # [N, K/32, 2]
         return ((q.to(sz.dtype) - 8) * sz[..., :1] + sz[..., 1:]).view(N, G * INT4_GROUP)
+
+    def native_struct(self, round_out: bool = False):
+        if not self.native:
+            return None
+        N, G = self.nibbles.shape[:2]
+        return _lin(KIND_Q4, self.nibbles, self.sz, N, G * INT4_GROUP, round_out)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
@@ -107,8 +154,45 @@ class Int4Linear:
             return self.dense(x)
         if T > self.large_batch:
             return F.linear(x, self.dequantized())
+        if self.native and (T <= self.small_batch or self.packed is None):
+            return native_linear(self, x).to(x.dtype)                          # [T, out]
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, INT4_GROUP,
                                                           self.scales_zeros)  # [T, out]
+
+
+class Q8Linear:
+    """w ≈ q * scale: q int8 [out, in], one float scale per block of 32 inputs (GGUF Q8_0).
+
+    The native kernel runs up to `small_batch` rows; above, the dense copy when there is one,
+    else the native kernel again, 16 rows a pass (efficient keeps no bf16 copy)."""
+
+    small_batch = 8
+
+    def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype, dense=None):
+        N, K = weight.shape
+        w = weight.float().view(N, K // INT4_GROUP, INT4_GROUP)                 # [N, K/32, 32]
+        scale = w.abs().amax(dim=-1) / 127.0                                    # [N, K/32]
+        q = torch.round(w / scale.clamp(min=1e-30)[..., None]).clamp(-127, 127)
+        self.lossless = bool(torch.equal(q * scale[..., None], w))              # the file was Q8_0
+        self.qweight = q.to(torch.int8).view(N, K).contiguous()
+        self.scale = scale.contiguous()
+        self.out_features, self.compute_dtype, self.dense = N, compute_dtype, dense
+
+    def dequantized(self) -> torch.Tensor:
+        N, K = self.qweight.shape
+        q = self.qweight.view(N, K // INT4_GROUP, INT4_GROUP).to(self.compute_dtype)
+        return (q * self.scale[..., None].to(self.compute_dtype)).view(N, K)
+
+    def native_struct(self, round_out: bool = False):
+        N, K = self.qweight.shape
+        return _lin(KIND_Q8, self.qweight, self.scale, N, K, round_out)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None and x.shape[0] > self.small_batch:
+            return self.dense(x)                                               # compute bound: oneDNN
+        if native.load() is not None:                # alone (efficient): 16 rows a pass, never a bf16 copy
+            return native_linear(self, x)                                      # [T, out] float32
+        return F.linear(x, self.dequantized())
 
 
 class Int8Linear:
@@ -128,6 +212,14 @@ class Int8Linear:
 
     def dequantized(self) -> torch.Tensor:
         return self.qweight.to(self.compute_dtype) * self.scale[:, None]  # [out, in]
+
+    def native_struct(self, round_out: bool = False):
+        N, K = self.qweight.shape
+        if K % INT4_GROUP:
+            return None
+        if getattr(self, "_block_scale", None) is None:   # per channel = the same scale in every block
+            self._block_scale = self.scale.float()[:, None].expand(N, K // INT4_GROUP).contiguous()
+        return _lin(KIND_Q8, self.qweight, self._block_scale, N, K, round_out)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_kernel and x.shape[0] <= self.small_batch:

@@ -2,8 +2,8 @@
 
 `Sampler.sample` turns one step's logits `[n, vocab]` into token ids: greedy rows by one
 vectorised argmax; sampled rows by temperature, top-k, top-p and min-p over the whole
-sub-batch at once, then one uniform draw per row from that request's own `torch.Generator`, so a
-seeded request gives the same tokens whatever else shares its batch.
+sub-batch at once, then one uniform draw per row from that request's own
+`torch.Generator`, so a seeded request gives the same tokens whatever else shares its batch.
 
 `Detokenizer` turns a request's growing id list into text incrementally (only the last
 few tokens are decoded each step; an incomplete UTF-8 sequence waits for the next token),
@@ -30,7 +30,7 @@ def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torc
 class Sampler:
     def __init__(self, seed: int | None = None):
         self.shared = torch.Generator()
-        self.shared.manual_seed(seed if seed is not None else torch.seed())
+        self.shared.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF if seed is not None else torch.seed())
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
                generators: list[torch.Generator | None]) -> list[int]:

@@ -46,6 +46,7 @@ class Sequence:
     cached_tokens: int = 0                # prompt tokens the prefix cache served (first admission)
     admitted: bool = False
     num_preemptions: int = 0
+    scheduled: float | None = None        # when it was first admitted to run (queue time ends)
     finish_reason: str | None = None
     extra: dict = field(default_factory=dict)  # the engine's per-request state
 
@@ -219,6 +220,7 @@ class Scheduler:
             seq.num_computed = bm.match_prefix(seq.request_id, seq.token_ids, count=not seq.admitted)
             if not seq.admitted:
                 seq.cached_tokens, seq.admitted = seq.num_computed, True
+                seq.scheduled = self.clock()
             if not bm.allocate(seq.request_id, seq.num_computed + n):
                 raise AssertionError("admission check and allocation disagree")
             self.waiting.remove(seq)

@@ -153,6 +153,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.tk.token_to_id(token)
 
+    def set_chat_template(self, source: str) -> None:
+        """Use `source` (Jinja) instead of the model's chat template; a syntax error is raised now."""
+        self.chat_template, self._template = source, _compile_template(source)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tokenize: bool = False, **extra):
         """Render the model's chat template (str), or its token ids when tokenize=True."""

@@ -4,9 +4,14 @@
     with tr.span("compute", "gen.forward", micro_batch=7): ...
     tr.add("copy", "gen.d2h", t0, t1, micro_batch=7)   # spans timed elsewhere (CUDA events)
     tr.measured_overlap()      # time with >= 2 streams busy / wall time
+    tr.add("requests", "gen.generate", t0, t1, lane=True, args={"request": key})
     tr.write("run.trace.json") # open in Perfetto (ui.perfetto.dev) or chrome://tracing
 
-Times are seconds from `time.perf_counter()`; the file holds microseconds.
+Times are seconds from `time.perf_counter()`; the file holds microseconds. Spans whose
+args name a `request` are linked, in time order, by flow events (Perfetto draws the arrows
+from one stage of a request to the next). Lane spans are lifetimes that overlap (a request's
+generation): the file lays them on as many tracks as needed ("requests #1", "#2", ...), and
+they count as no stream's work in the overlap and cost figures.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ class Span:
     end: float
     micro_batch: int
     args: dict | None = None          # e.g. {"request": "r7"} for per-item work
+    lane: bool = False                # a lifetime, not work: packed onto lanes, left out of busy time
 
 
 class Trace:
@@ -36,9 +42,14 @@ class Trace:
         self._lock = threading.Lock()
 
     def add(self, stream: str, name: str, start: float, end: float, micro_batch: int = -1,
-            args: dict | None = None) -> None:
+            args: dict | None = None, lane: bool = False) -> None:
         with self._lock:
-            self.spans.append(Span(stream, name, start, end, micro_batch, args))
+            self.spans.append(Span(stream, name, start, end, micro_batch, args, lane))
+
+    def work(self) -> list[Span]:
+        """The spans of work (lane spans left out)."""
+        with self._lock:
+            return [s for s in self.spans if not s.lane]
 
     @contextmanager
     def span(self, stream: str, name: str, micro_batch: int = -1):
@@ -49,20 +60,21 @@ class Trace:
             self.add(stream, name, t0, time.perf_counter(), micro_batch)
 
     def streams(self) -> list[str]:
-        return list(dict.fromkeys(s.stream for s in self.spans))
+        return list(dict.fromkeys(s.stream for s in self.work()))
 
     def by_stream(self, micro_batch_from: int = -1) -> dict[str, list[tuple[float, float]]]:
         out: dict[str, list[tuple[float, float]]] = {}
-        for s in self.spans:
+        for s in self.work():
             if s.micro_batch < micro_batch_from:
                 continue
             out.setdefault(s.stream, []).append((s.start, s.end))
         return out
 
-    def bounds(self) -> tuple[float, float]:
-        if not self.spans:
+    def bounds(self, spans=None) -> tuple[float, float]:
+        spans = self.work() if spans is None else spans
+        if not spans:
             return 0.0, 0.0
-        return min(s.start for s in self.spans), max(s.end for s in self.spans)
+        return min(s.start for s in spans), max(s.end for s in spans)
 
     def measured_overlap(self) -> float:
         """Fraction of the traced wall time during which two or more streams were busy."""
@@ -92,27 +104,66 @@ class Trace:
         """Mean seconds per work name: `make_plan(graph, costs=trace.costs())` predicts
         the overlap from what was measured instead of the nominal costs."""
         total: dict[str, list[float]] = {}
-        for s in self.spans:
+        for s in self.work():
             total.setdefault(s.name, []).append(s.end - s.start)
         return {name: sum(v) / len(v) for name, v in total.items()}
 
     def to_chrome(self) -> dict:
-        t0, _ = self.bounds()
-        tids = {name: i + 1 for i, name in enumerate(self.streams())}
-        events = [{"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "agp executor"}}]
+        with self._lock:
+            spans = sorted(self.spans, key=lambda s: s.start)
+        t0, _ = self.bounds(spans)
+        track = _lanes(spans)                            # span -> its track's name
+        tids = {name: i + 1 for i, name in enumerate(dict.fromkeys(track[id(s)] for s in spans))}
+        events = [{"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "agp"}}]
         events += [{"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": name}}
                    for name, tid in tids.items()]
         events += [{"name": "thread_sort_index", "ph": "M", "pid": 1, "tid": tid,
                     "args": {"sort_index": tid}} for tid in tids.values()]
-        for s in sorted(self.spans, key=lambda s: s.start):
-            events.append({"name": s.name, "cat": s.stream, "ph": "X", "pid": 1, "tid": tids[s.stream],
-                           "ts": round((s.start - t0) * 1e6, 3),
-                           "dur": round(max(s.end - s.start, 0.0) * 1e6, 3),
+
+        def us(t: float) -> float:
+            return round((t - t0) * 1e6, 3)
+
+        flows: dict[str, list[Span]] = {}
+        for s in spans:
+            events.append({"name": s.name, "cat": s.stream, "ph": "X", "pid": 1, "tid": tids[track[id(s)]],
+                           "ts": us(s.start), "dur": round(max(s.end - s.start, 0.0) * 1e6, 3),
                            "args": ({"micro_batch": s.micro_batch} if s.micro_batch >= 0 else {})
                            | (s.args or {})})
+            if s.args and s.args.get("request") is not None:
+                flows.setdefault(str(s.args["request"]), []).append(s)
+        for n, (request, chain) in enumerate(flows.items(), 1):
+            if len(chain) < 2:
+                continue
+            for i, s in enumerate(chain):                # one arrow from each stage to the next
+                ph = "s" if i == 0 else "f" if i == len(chain) - 1 else "t"
+                event = {"name": "request", "cat": "request", "ph": ph, "id": n, "pid": 1,
+                         "tid": tids[track[id(s)]], "ts": us(s.start), "args": {"request": request}}
+                if ph != "s":
+                    event["bp"] = "e"
+                events.append(event)
         return {"traceEvents": events, "displayTimeUnit": "ms",
                 "otherData": {"measured_overlap": round(self.measured_overlap(), 4)}}
 
     def write(self, path: str) -> None:
+        """The Chrome trace (Trace Event Format) as JSON at `path`."""
         with open(path, "w", encoding="utf-8") as f:
             json.dump(self.to_chrome(), f)
+
+
+def _lanes(spans: list[Span]) -> dict[int, str]:
+    """Each span's track: its stream, or for lane spans the first lane of their stream free at
+    their start (interval partitioning, so overlapping lifetimes never share a track)."""
+    out: dict[int, str] = {}
+    free_at: dict[str, list[float]] = {}
+    for s in spans:                                      # sorted by start
+        if not s.lane:
+            out[id(s)] = s.stream
+            continue
+        ends = free_at.setdefault(s.stream, [])
+        k = next((i for i, end in enumerate(ends) if end <= s.start), len(ends))
+        if k == len(ends):
+            ends.append(s.end)
+        else:
+            ends[k] = s.end
+        out[id(s)] = f"{s.stream} #{k + 1}"
+    return out

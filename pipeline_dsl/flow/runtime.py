@@ -116,6 +116,7 @@ class _Request:
     usage: dict = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0,
                                                  "cached_tokens": 0})
     first_token: float | None = None
+    timings: dict = field(default_factory=dict)        # its first generation's queue / prefill / decode s
 
 
 @dataclass(eq=False)
@@ -130,6 +131,8 @@ class Item:
     index: int | None = None           # its choice index when it streams
     ids: tuple | None = None           # (fingerprint, token ids) cached by prompt_tokens / tokenise
     entry: dict | None = None          # the segment entry it came from (usage of shared prompts)
+    submitted: float | None = None     # perf_counter() when its sequence went to an engine (trace)
+    logprobs: list | None = None       # per generated token, when the request asked for them
 
     def fork(self, branch: tuple) -> "Item":
         return Item(self.kind, copy.deepcopy(self.data), self.req, self.at, branch, dict(self.turns),
@@ -219,6 +222,41 @@ class PipelineRuntime:
                 return es
         return self.segments[0]
 
+    def _segment_for(self, pin: str | None):
+        es = self.seg_of_gen.get(pin) if pin else self.prompt_segment
+        if es is None:
+            raise PipelineError("this pipeline has no model to tokenise with", "invalid")
+        return es
+
+    def tokenise(self, request: dict, pin: str | None = None) -> list[int]:
+        """A prompt or a conversation as the engine would see it (agp serve's /tokenize)."""
+        from pipeline_dsl.engine.errors import InputError
+
+        es = self._segment_for(pin or request.get("pin"))
+        try:
+            if request.get("messages") is not None:
+                return es.engine.prompt_ids(messages=request["messages"], tools=request.get("tools"),
+                                            tool_choice=request.get("tool_choice", "auto"))
+            return es.engine.prompt_ids(prompt=request["prompt"],
+                                        add_special_tokens=request.get("add_special_tokens", True))
+        except InputError as e:
+            raise PipelineError(str(e), "invalid") from None
+
+    def token_text(self, pin: str | None = None) -> Callable[[int], str]:
+        """id -> the text of that one token (for logprobs), cached."""
+        import functools
+
+        tok = self._segment_for(pin).engine.tokenizer
+        return functools.lru_cache(maxsize=1 << 16)(lambda t: tok.decode([t], skip_special_tokens=False))
+
+    def detokenise(self, ids: list[int], pin: str | None = None) -> str:
+        es = self._segment_for(pin)
+        vocab = es.engine.vocab_size
+        bad = [t for t in ids if vocab and t >= vocab]
+        if bad:
+            raise PipelineError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "invalid")
+        return es.engine.tokenizer.decode(ids, skip_special_tokens=False)
+
     def model_names(self) -> list[str]:
         """The generate stages a request may pin (agp serve's `model` field)."""
         return list(self.seg_of_gen)
@@ -261,6 +299,11 @@ class PipelineRuntime:
     @property
     def in_flight(self) -> int:
         return len(self._requests)
+
+    @property
+    def accepting(self) -> bool:
+        """Whether submit() takes new requests (not closing, not failed)."""
+        return not self._closing and self.error is None
 
     def abort(self, key: str, message: str = "aborted by the client") -> None:
         req = self._requests.get(key)
@@ -487,7 +530,7 @@ class PipelineRuntime:
             raise PipelineError(str(e), "invalid", es.segment.encode) from None
         fingerprint = (id(es), repr(d.get("messages") if d.get("messages") is not None
                                     else d.get("prompt_token_ids") if d.get("prompt_token_ids") is not None
-                                    else d.get("prompt")))
+                                    else d.get("prompt")), repr(d.get("tools")), repr(d.get("tool_choice")))
         if item.ids is not None and item.ids[0] == fingerprint:
             return item.ids[1]
         t0 = time.perf_counter()
@@ -516,6 +559,12 @@ class PipelineRuntime:
         if not targets:
             raise PipelineError(f"stage '{seg.kv}': no generate stage takes this request", "failed", seg.kv)
         entry = {"prompt_tokens": len(ids), "cached_tokens": None}
+        if item.data.get("prompt_logprobs") is not None:    # echo with logprobs: the prompt's own
+            entry["prompt_logprobs"] = es.prompt_logprobs(ids, int(item.data["prompt_logprobs"]))
+            entry["prompt_token_ids"] = list(ids)
+        if item.data.get("max_tokens") == 0:                # echo only: nothing to generate
+            self._answer_without_engine(item, es, targets, ids, entry)
+            return
         submits = []
         with self._lock:
             if req.done:
@@ -535,6 +584,7 @@ class PipelineRuntime:
                         child.index = req.next_index
                         req.next_index += 1
                     seq_id = f"{req.key}/{next(self._seq_ids)}"
+                    child.submitted = time.perf_counter()
                     self._owner[seq_id] = child
                     req.seqs[seq_id] = es
                     req.items.add(child)
@@ -546,6 +596,41 @@ class PipelineRuntime:
             req.items.discard(item)
         for seq_id, params, order in submits:
             es.submit(seq_id, ids, params, order)
+
+    def _answer_without_engine(self, item: Item, es, targets: list, ids: list, entry: dict) -> None:
+        """max_tokens = 0 (an echo of the prompt, e.g. to score it): each target answers at once."""
+        req = item.req
+        made = []
+        with self._lock:
+            if req.done:
+                return
+            req.usage["prompt_tokens"] += len(ids)
+            entry["cached_tokens"] = 0
+            for g_i, gen in enumerate(targets):
+                child = Item(GENERATED, {}, req, gen, item.branch + ((g_i,) if len(targets) > 1 else ()),
+                             dict(item.turns), None, None, item.ids, entry)
+                child.data = self._generated(child, item.data, gen, "", "length", len(ids), 0, 0)
+                req.items.add(child)
+                made.append(child)
+                self.counters[gen].items_in += 1
+                self.counters[gen].items_out += 1
+            req.items.discard(item)
+        for child in made:
+            self._task(self._leave_generate, child)
+
+    def _generated(self, item: Item, request: dict, gen: str, text: str, reason, prompt_tokens: int,
+                   completion_tokens: int, cached_tokens: int) -> dict:
+        """A Generated item's dict (what later stages and the answer see)."""
+        data = {"id": item.req.id, "text": text, "finish_reason": reason,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "cached_tokens": cached_tokens},
+                "generated_by": gen, "request": request}
+        if item.logprobs is not None:
+            data["logprobs"] = item.logprobs
+        if item.entry is not None and "prompt_logprobs" in item.entry:
+            data["prompt_logprobs"] = item.entry["prompt_logprobs"]
+            data["prompt_token_ids"] = item.entry["prompt_token_ids"]
+        return data
 
     def _on_outputs(self, es, outputs) -> None:
         """An engine step's outputs (the executor's emit thread): deltas, then finished sequences."""
@@ -560,6 +645,11 @@ class PipelineRuntime:
                 continue
             if out.new_token_ids and req.first_token is None:
                 req.first_token = now
+            step_logprobs = getattr(out, "logprobs", None)
+            if step_logprobs:
+                if item.logprobs is None:
+                    item.logprobs = []
+                item.logprobs.extend(step_logprobs)
             if item.index is not None and (out.delta_text or out.finished):
                 try:
                     req.listener.on_delta(req.key, item.index, out)
@@ -578,16 +668,20 @@ class PipelineRuntime:
                     continue
                 gen = item.at
                 self.counters[gen].items_out += 1
+                if item.submitted is not None:          # the sequence's life in the engine, on a lane
+                    self.trace.add("requests", f"{gen}.generate", item.submitted, time.perf_counter(), -1,
+                                   {"request": req.key, "id": str(req.id), "tokens": out.completion_tokens,
+                                    "finish": out.finish_reason}, lane=True)
+                for key in ("queue_s", "prefill_s", "decode_s"):
+                    if key in (out.metrics or {}) and key not in req.timings:
+                        req.timings[key] = out.metrics[key]
                 req.usage["completion_tokens"] += out.completion_tokens
                 if item.entry is not None and item.entry["cached_tokens"] is None:
                     item.entry["cached_tokens"] = out.cached_tokens
                     req.usage["cached_tokens"] += out.cached_tokens
                 item.kind = GENERATED
-                item.data = {"id": req.id, "text": out.text, "finish_reason": out.finish_reason,
-                             "usage": {"prompt_tokens": out.prompt_tokens,
-                                       "completion_tokens": out.completion_tokens,
-                                       "cached_tokens": out.cached_tokens},
-                             "generated_by": gen, "request": item.data}
+                item.data = self._generated(item, item.data, gen, out.text, out.finish_reason, out.prompt_tokens,
+                                            out.completion_tokens, out.cached_tokens)
         for item, out in finished:
             if not item.req.done:
                 self._task(self._leave_generate, item)
@@ -746,7 +840,7 @@ class PipelineRuntime:
     def _metrics(self, req: _Request) -> dict:
         now = self.clock()
         return {"arrival": req.arrival, "latency_s": now - req.arrival,
-                "ttft_s": None if req.first_token is None else req.first_token - req.arrival}
+                "ttft_s": None if req.first_token is None else req.first_token - req.arrival, **req.timings}
 
     # ---- tracing -------------------------------------------------------------------------
     def _span(self, stage: str, part: str, t0: float, item: Item) -> None:

@@ -91,7 +91,8 @@ class EngineSegment:
         """encode.tokenise: the request's prompt as ids (raises InputError for bad input)."""
         if data.get("messages") is not None:
             return self.engine.prompt_ids(messages=data["messages"], chat_template=self.spec.chat_template,
-                                          add_special_tokens=self.spec.add_special_tokens)
+                                          add_special_tokens=self.spec.add_special_tokens,
+                                          tools=data.get("tools"), tool_choice=data.get("tool_choice", "auto"))
         if data.get("prompt_token_ids") is not None:
             return self.engine.prompt_ids(prompt_token_ids=data["prompt_token_ids"])
         return self.engine.prompt_ids(prompt=data.get("prompt"), add_special_tokens=self.spec.add_special_tokens)
@@ -112,6 +113,25 @@ class EngineSegment:
             params = replace(params, seed=(params.seed + copy) & ((1 << 63) - 1))
         params.check()
         return params
+
+    def prompt_logprobs(self, ids: list[int], top: int) -> list:
+        """Logprobs of each prompt token given the ones before it (None for the first), with the
+        `top` most likely alternatives: a forward of the prompt alone, off the engine's loop (it
+        reads the weights only, never the KV pool)."""
+        import torch
+
+        model = self.engine.runner.model
+        with torch.inference_mode():
+            logits = model.forward_full(list(ids))                       # [T, V] float32
+            logp = torch.log_softmax(logits.float(), dim=-1)             # [T, V]
+            target = torch.tensor(ids[1:], dtype=torch.long)
+            picked = logp[:-1].gather(1, target[:, None]).squeeze(1) if len(ids) > 1 else torch.empty(0)
+            tops = logp[:-1].topk(top, dim=-1) if top and len(ids) > 1 else None
+        out: list = [None]
+        for i in range(len(ids) - 1):
+            alts = list(zip(tops.indices[i].tolist(), tops.values[i].tolist())) if tops is not None else []
+            out.append({"token_id": ids[i + 1], "logprob": float(picked[i]), "top": alts})
+        return out
 
     def copies(self, gen: str, data: dict) -> int:
         n = data.get("n")

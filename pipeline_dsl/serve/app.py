@@ -15,6 +15,10 @@ graph routes) or one of its generate stages (the request goes the way that leads
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import hmac
+import logging
+import os
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -28,8 +32,13 @@ from pipeline_dsl.flow import PipelineError
 
 from . import openapi as OA
 from . import protocol as P
-from .async_pipeline import AsyncPipeline, RequestStream
-from .metrics import ServerMetrics
+from .async_pipeline import AsyncPipeline, RequestStream, StreamGroup
+from .metrics import ServerMetrics, StatsLine
+
+log = logging.getLogger("agp.serve")
+# "METHOD /path" of the request being served, for the log line of an error answer
+_current = contextvars.ContextVar("agp_request", default="")
+OPEN_PATHS = ("/health", "/metrics", "/version", "/openapi.json")   # answered without an API key
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,12 @@ class ServeConfig:
     body_timeout_s: float = 30.0           # a body not fully received by then is a 408
     max_connections: int = 1024            # requests served at once; more get a 503
     allowed_hosts: tuple[str, ...] = ("*",)  # Host header values accepted (a 400 otherwise); "*": any
+    max_stage_n: int = 1                   # the largest n of the pipeline's generate stages
+    lenient: bool = False                  # unknown request fields: logged and ignored, not a 400
+    api_keys: tuple[str, ...] = ()         # when given, every route but OPEN_PATHS wants one (401)
+    allowed_origins: tuple[str, ...] = ()  # CORS: origins browsers may call from ("*": any)
+    stats_interval_s: float = 10.0         # a stats log line this often while busy (0: none)
+    trace_path: str | None = None          # the Chrome trace is written here (flush, shutdown)
 
 
 JSON_TYPES = ("application/json",)
@@ -71,9 +86,26 @@ class Guard:
             name = name.rsplit(":", 1)[0]
         return name in self.hosts or name.strip("[]") in self.hosts
 
+    def key_ok(self, scope) -> bool:
+        if not self.config.api_keys:
+            return True
+        path = _route_path(scope)
+        if path in OPEN_PATHS or scope.get("method") == "OPTIONS":
+            return True
+        auth = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"authorization"), "")
+        scheme, _, token = auth.partition(" ")
+        token = token.strip().encode()
+        return scheme.lower() == "bearer" and any(hmac.compare_digest(token, key.encode())
+                                                   for key in self.config.api_keys)
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        _current.set(f"{scope.get('method', '')} {_route_path(scope)}")
+        if not self.key_ok(scope):
+            return await _send_error(send, P.APIError(
+                "a valid API key is required: send it as 'Authorization: Bearer KEY'", status=401,
+                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
         if not self.host_ok(scope):
             return await _send_error(send, P.APIError("the Host header names a host this server does not "
                                                       "answer for (see --allowed-hosts)", status=400,
@@ -90,9 +122,23 @@ class Guard:
             self.active -= 1
 
 
+def _route_path(scope) -> str:
+    """The request's path below --root-path."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
+def log_error(err: P.APIError) -> None:
+    """An error answer, with its reason: 4xx at INFO (the client's doing), 5xx at WARNING."""
+    level = logging.INFO if err.status < 500 else logging.WARNING
+    log.log(level, "%s -> %d %s", _current.get() or "-", err.status, err.message,
+            extra={"status": err.status, "reason": err.message})
+
+
 async def _send_error(send, err: P.APIError) -> None:
     import json as _json
 
+    log_error(err)
     body = _json.dumps(err.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
@@ -153,6 +199,7 @@ class EventStream(StreamingResponse):
 
 
 def _error(err: P.APIError) -> JSONResponse:
+    log_error(err)
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
@@ -180,12 +227,29 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
     created = int(time.time())
     stage_names = tuple(name for name, _ in config.stages)
 
+    async def stats_lines():
+        line = StatsLine()
+        while True:
+            await asyncio.sleep(config.stats_interval_s)
+            stats = await _stats()
+            metrics.update_engine(stats)          # the hit-rate window fills even when nobody scrapes
+            numbers = line(stats)
+            if numbers is not None:
+                log.info("stats: " + " ".join(f"{k}={v}" for k, v in numbers.items()), extra={"stats": numbers})
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         apipe.start()
-        yield
-        # uvicorn has stopped accepting and waited for open responses; finish the rest
-        app.state.drained = await asyncio.to_thread(apipe.stop, drain=True, timeout=config.drain_timeout_s)
+        ticker = asyncio.ensure_future(stats_lines()) if config.stats_interval_s > 0 else None
+        try:
+            yield
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+            # uvicorn has stopped accepting and waited for open responses; finish the rest
+            app.state.drained = await asyncio.to_thread(apipe.stop, drain=True, timeout=config.drain_timeout_s)
+            if config.trace_path:
+                write_trace(apipe, config.trace_path)
 
     app = FastAPI(title="agp", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.apipe, app.state.metrics, app.state.config = apipe, metrics, config
@@ -214,10 +278,66 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
                  for stage, model in config.stages if stage not in config.model_names]
         return {"object": "list", "data": data}
 
+    def _model_entry(name: str) -> dict | None:
+        if name in config.model_names:
+            return {"id": name, "object": "model", "created": created, "owned_by": "agp",
+                    "max_model_len": config.max_model_len}
+        for stage, model in config.stages:
+            if stage == name:
+                return {"id": stage, "object": "model", "created": created, "owned_by": "agp", "root": model,
+                        "parent": config.model_names[0], "max_model_len": config.max_model_len}
+        return None
+
+    @app.get("/v1/models/{model_id:path}", openapi_extra=OA.MODEL)
+    async def model(model_id: str):
+        entry = _model_entry(model_id)
+        if entry is None:
+            return _error(P.APIError(f"the model '{model_id}' does not exist", status=404, type="not_found_error",
+                                     param="model", code="model_not_found"))
+        return entry
+
+    @app.get("/version", openapi_extra=OA.VERSION)
+    async def version():
+        from pipeline_dsl import __version__
+
+        return {"version": __version__}
+
+    @app.post("/tokenize", openapi_extra=OA.TOKENIZE)
+    async def tokenize(request: Request):
+        try:
+            body = P.parse_json(await read_body(request, config))
+            tok = P.parse_tokenize(body, served=config.model_names, stages=stage_names)
+            ids = await asyncio.to_thread(apipe.runtime.tokenise, tok, None)
+        except P.APIError as err:
+            return _error(err)
+        except PipelineError as e:
+            return _error(api_error(e, "chat" if "messages" in body else "completion"))
+        return {"count": len(ids), "max_model_len": config.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize", openapi_extra=OA.DETOKENIZE)
+    async def detokenize(request: Request):
+        try:
+            body = P.parse_json(await read_body(request, config))
+            ids, model = P.parse_detokenize(body, served=config.model_names, stages=stage_names)
+            text = await asyncio.to_thread(apipe.runtime.detokenise, ids, model)
+        except P.APIError as err:
+            return _error(err)
+        except PipelineError as e:
+            return _error(api_error(e, "completion"))
+        return {"prompt": text}
+
     @app.get("/metrics", openapi_extra=OA.METRICS)
     async def prometheus():
         body, content_type = metrics.render(await _stats())
         return Response(body, media_type=content_type)
+
+    @app.post("/trace/flush", openapi_extra=OA.TRACE_FLUSH)
+    async def trace_flush():
+        if not config.trace_path:
+            return _error(P.APIError("tracing is off: start the server with --trace FILE", status=404,
+                                     type="not_found_error", code="tracing_off"))
+        spans = await asyncio.to_thread(write_trace, apipe, config.trace_path)
+        return {"trace": os.path.basename(config.trace_path), "spans": spans}
 
     @app.get("/stats", openapi_extra=OA.STATS)
     async def stats():
@@ -245,18 +365,26 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
             raw = await read_body(request, config)
             body = P.parse_json(raw) if len(raw) < (64 << 10) else await asyncio.to_thread(P.parse_json, raw)
             req = parse(body, max_model_len=config.max_model_len, served=config.model_names,
-                        stages=stage_names)
+                        stages=stage_names, lenient=config.lenient)
         except P.APIError as err:
             metrics.requests.labels(str(err.status)).inc()
             return _error(err)
         prefix = "chatcmpl" if req.kind == "chat" else "cmpl"
         rid = f"{prefix}-{uuid.uuid4().hex}"
+        parts = req.split()                   # a completions batch: one pipeline request per prompt
+        streams: list[RequestStream] = []
         try:
-            stream = await apipe.add(req.item(rid), pin=req.pin, stream=req.stream)
+            for k, part in enumerate(parts):
+                streams.append(await apipe.add(part.item(rid if k == 0 else f"{rid}-{k}"), pin=req.pin,
+                                               stream=req.stream))
         except PipelineError as e:
+            for st in streams:
+                st.abort()
             err = api_error(e, req.kind, config.retry_after_s)
             metrics.requests.labels(str(err.status)).inc()
             return _error(err)
+        stream = streams[0] if len(streams) == 1 else StreamGroup(streams, max(req.choices_per_prompt,
+                                                                              config.max_stage_n))
         metrics.in_flight.inc()
         first = await _first_event(request, stream)
         if first is None:                        # the client went away while it waited
@@ -271,6 +399,14 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
         if req.stream:
             return EventStream(_sse(stream, first, req, rid), stream, metrics)
         return await _collect(request, stream, first, req, rid)
+
+    def _prompt_text(data: dict, req: P.GenerationRequest) -> str:
+        """The prompt of an answer, for echo: as sent, or decoded from the ids it was sent as."""
+        request = data.get("request") or {}
+        if isinstance(request.get("prompt"), str):
+            return request["prompt"]
+        ids = request.get("prompt_token_ids") or data.get("prompt_token_ids") or []
+        return apipe.runtime.detokenise(list(ids), req.pin) if ids else ""
 
     async def _first_event(request: Request, stream: RequestStream):
         """The request's first event, or None when the client disconnects first (then aborted)."""
@@ -319,9 +455,20 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
                 status = str(err.status)
                 return _error(err)
             use = P.usage(res.usage["prompt_tokens"], res.usage["completion_tokens"], res.usage["cached_tokens"])
-            build = P.chat_response if req.kind == "chat" else P.completion_response
-            return JSONResponse(build(rid, req.model, [(c.index, c.text, c.finish_reason) for c in res.choices],
-                                      use))
+            want = req.fields.get("logprobs") is not None
+            text_of = apipe.runtime.token_text(req.pin) if want else None
+            if req.kind == "chat":
+                choices = [(c.index, c.text, c.finish_reason,
+                            P.chat_logprobs(c.data.get("logprobs") or [], text_of) if want else None)
+                           for c in res.choices]
+                return JSONResponse(P.chat_response(rid, req.model, choices, use, tools_active=req.tools_active))
+            echo = bool(req.fields.get("echo"))
+            choices = []
+            for c in res.choices:
+                prompt = _prompt_text(c.data, req) if echo else ""
+                choices.append((c.index, prompt + c.text, c.finish_reason,
+                                P.completion_logprobs(c.data, text_of, echo) if want else None))
+            return JSONResponse(P.completion_response(rid, req.model, choices, use))
         finally:
             for task in (result, watch):
                 task.cancel()
@@ -339,6 +486,10 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
         stream.started = True
         opened: set[int] = set()
         closed: set[int] = set()
+        tool_streams: dict[int, object] = {}            # index -> ToolStream, when the request gave tools
+        called: set[int] = set()
+        want_lp = req.fields.get("logprobs") is not None
+        text_of = apipe.runtime.token_text(req.pin) if want_lp else None
 
         def content(index: int, text: str) -> list[bytes]:
             out = []
@@ -346,30 +497,54 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
                 out.append(P.sse(P.chat_chunk(rid, req.model, now, {"role": "assistant", "content": ""},
                                               None, index)))
             opened.add(index)
+            calls = []
+            if chat and req.tools_active:
+                from pipeline_dsl.tools import ToolStream
+
+                text, calls = tool_streams.setdefault(index, ToolStream()).feed(text)
             if text:
                 out.append(P.sse(P.chat_chunk(rid, req.model, now, {"content": text}, None, index) if chat
                                  else P.completion_chunk(rid, req.model, now, text, None, index)))
+            if calls:
+                called.add(index)
+                out.append(P.sse(P.chat_chunk(rid, req.model, now, {"tool_calls": calls}, None, index)))
             return out
 
-        def finish(index: int, reason: str | None) -> bytes:
+        def finish(index: int, reason: str | None) -> list[bytes]:
             closed.add(index)
-            return P.sse(P.chat_chunk(rid, req.model, now, {}, reason, index) if chat
-                         else P.completion_chunk(rid, req.model, now, "", reason, index))
+            out = []
+            if index in tool_streams:
+                rest, _ = tool_streams[index].finish()
+                if rest:
+                    out.append(P.sse(P.chat_chunk(rid, req.model, now, {"content": rest}, None, index)))
+            if index in called:
+                reason = "tool_calls"
+            out.append(P.sse(P.chat_chunk(rid, req.model, now, {}, reason, index) if chat
+                             else P.completion_chunk(rid, req.model, now, "", reason, index)))
+            return out
 
         try:
             event = first
             while True:
                 if event[0] == "delta":
                     _, index, out = event
+                    step_lp = getattr(out, "logprobs", None)
+                    if want_lp and step_lp:               # this step's tokens' logprobs, in their own chunk
+                        lp = (P.chat_logprobs(step_lp, text_of) if chat else
+                              P.completion_logprobs({"logprobs": step_lp}, text_of, False))
+                        yield P.sse(P.chat_chunk(rid, req.model, now, {}, None, index, lp) if chat else
+                                    P.completion_chunk(rid, req.model, now, "", None, index, lp))
                     for chunk in content(index, out.delta_text):
                         yield chunk
                     if out.finished and index not in closed:
-                        yield finish(index, out.finish_reason)
+                        for chunk in finish(index, out.finish_reason):
+                            yield chunk
                 else:
                     result = event[1]
                     if result.error is not None:
                         err = api_error(result.error, req.kind, config.retry_after_s)
                         status = str(err.status)
+                        log_error(err)
                         yield P.sse(err.body())
                         yield P.sse("[DONE]")
                         return
@@ -377,7 +552,8 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
                         if c.index not in closed:
                             for chunk in content(c.index, c.text if c.index not in opened else ""):
                                 yield chunk
-                            yield finish(c.index, c.finish_reason)
+                            for chunk in finish(c.index, c.finish_reason):
+                                yield chunk
                     if req.include_usage:
                         use = P.usage(result.usage["prompt_tokens"], result.usage["completion_tokens"],
                                       result.usage["cached_tokens"])
@@ -393,4 +569,19 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
             metrics.in_flight.dec()
 
     app.add_middleware(Guard, config=config)
+    if config.allowed_origins:                  # outside the guard: preflights need no API key
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials="*" not in config.allowed_origins)
     return app
+
+
+def write_trace(apipe: AsyncPipeline, path: str) -> int:
+    """The runtime's trace so far as a Chrome trace file (written whole, then renamed into place);
+    returns the number of spans."""
+    trace = apipe.runtime.trace
+    tmp = f"{path}.tmp{os.getpid()}"
+    trace.write(tmp)
+    os.replace(tmp, path)
+    return len(trace.spans)

@@ -68,17 +68,70 @@ class RequestStream:
         self._loop.call_soon_threadsafe(self.queue.put_nowait, ("delta", index, out))
 
     def on_done(self, result: Result) -> None:
-        m = self._owner.metrics
-        if m is not None:
-            if result.error is None:
-                m.e2e.observe(time.monotonic() - self.arrival)
-                m.observe_prompt(result.usage.get("prompt_tokens", 0), result.usage.get("cached_tokens", 0))
-                m.generation_tokens.inc(result.usage.get("completion_tokens", 0))
-                for c in result.choices:
-                    m.finished.labels(c.finish_reason or "stop").inc()
-            elif result.error.kind == "aborted":
-                m.finished.labels("abort").inc()
+        if self._owner.metrics is not None:
+            self._owner.metrics.observe_result(result, time.monotonic() - self.arrival)
         self._loop.call_soon_threadsafe(self.queue.put_nowait, ("done", result))
+
+
+class StreamGroup:
+    """Several requests answered as one (a completions request with a batch of prompts): their
+    events merged, choice i of request k numbered k * per + i, the usage summed."""
+
+    def __init__(self, streams: list[RequestStream], per: int):
+        self.streams, self.per = streams, per
+        self.started = False
+        self._events = self._merge()
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.streams)
+
+    def abort(self) -> None:
+        for s in self.streams:
+            s.abort()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self._events.__anext__()
+
+    async def _merge(self):
+        if len(self.streams) == 1:
+            async for event in self.streams[0]:
+                yield event
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(k, stream):
+            async for event in stream:
+                await queue.put((k, event))
+
+        tasks = [asyncio.ensure_future(pump(k, s)) for k, s in enumerate(self.streams)]
+        results: list = [None] * len(self.streams)
+        try:
+            left = len(self.streams)
+            while left:
+                k, event = await queue.get()
+                if event[0] == "delta":
+                    yield ("delta", k * self.per + event[1], event[2])
+                else:
+                    results[k] = event[1]
+                    left -= 1
+            yield ("done", combine(results, self.per))
+        finally:
+            for t in tasks:
+                t.cancel()
+
+
+def combine(results: list[Result], per: int) -> Result:
+    """One Result for several: choices renumbered, usage summed, the first error wins."""
+    from dataclasses import replace
+
+    error = next((r.error for r in results if r.error is not None), None)
+    choices = [replace(c, index=k * per + c.index) for k, r in enumerate(results) for c in r.choices]
+    usage = {key: sum(r.usage.get(key, 0) for r in results) for key in results[0].usage}
+    return Result(results[0].key, results[0].id, [] if error else choices, error, usage, results[0].metrics)
 
 
 class AsyncPipeline:
@@ -98,7 +151,7 @@ class AsyncPipeline:
 
     @property
     def accepting(self) -> bool:
-        return not self.runtime._closing and self.runtime.error is None
+        return self.runtime.accepting
 
     @property
     def in_flight(self) -> int:
@@ -133,4 +186,4 @@ def _no_paths(value):
     return value
 
 
-__all__ = ["AsyncPipeline", "PipelineError", "RequestStream"]
+__all__ = ["AsyncPipeline", "PipelineError", "RequestStream", "StreamGroup", "combine"]

@@ -1,23 +1,41 @@
 """Prometheus metrics of `agp serve`, on a registry of their own (one per app).
 
-Request counts by HTTP status, token counters, TTFT / inter-token / end-to-end latency
-histograms and the batch-size histogram are observed as requests flow; the gauges
-(queue length, running sequences, KV blocks used and cached, prefix hit rate, summed over
-the pipeline's engines) and the per-stage series (items in and out, rejected, failed,
-queue depth, seconds busy; label `stage`) are read from the runtime's `stats()` snapshot
-each time /metrics is scraped.
+Every series carries a `model_name` label (the served model name). Each metric is exported
+under agp's name (`agp_…`) and, where vLLM has one, under vLLM's too (`vllm:…`), so a
+Grafana dashboard or a gateway written for vLLM reads agp unchanged:
+
+    vllm:num_requests_running / _waiting     gauges (waiting: every pipeline queue before generation)
+    vllm:kv_cache_usage_perc                 gauge, KV blocks in use / blocks in the pool (0..1)
+    vllm:prompt_tokens_total / generation_tokens_total, num_preemptions_total,
+    vllm:prefix_cache_queries_total / _hits_total (tokens), request_success_total{finished_reason}
+    vllm:time_to_first_token_seconds, inter_token_latency_seconds, e2e_request_latency_seconds,
+    vllm:request_queue_time_seconds, request_prefill_time_seconds, request_decode_time_seconds,
+    vllm:request_prompt_tokens, request_generation_tokens        histograms
+
+Request-level series are observed as requests finish; the gauges, the engines' cumulative
+counters (preemptions, prefix-cache queries and hits) and the per-stage series (`stage`,
+`kind` labels) are read from the runtime's `stats()` snapshot at each scrape. The prefix
+hit-rate gauge is over the last `window_s` seconds, not the server's lifetime. No
+`_created` series are written; process metrics (CPU, memory, open files) are.
 """
 from __future__ import annotations
 
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
-                               Histogram, generate_latest)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+import time
+from collections import deque
+
+import prometheus_client
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               ProcessCollector, generate_latest)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+prometheus_client.disable_created_metrics()     # a `_created` series would double every counter
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
                    1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
                0.75, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+TOKEN_BUCKETS = tuple(m * 10 ** e for e in range(6) for m in (1, 2, 5))   # 1 .. 500000
 
 # engine.stats() key -> gauge name; the first key present wins
 GAUGES = {
@@ -31,7 +49,6 @@ GAUGES = {
     "kv_blocks_total": ("KV blocks in the pool", ("kv_blocks_total", "num_blocks", "blocks_total")),
 }
 
-
 STAGE_SERIES = (  # (stats key, metric name, type, help)
     ("items_in", "stage_items_in", "counter", "Items that reached the stage"),
     ("items_out", "stage_items_out", "counter", "Items the stage sent on"),
@@ -40,23 +57,6 @@ STAGE_SERIES = (  # (stats key, metric name, type, help)
     ("queued", "stage_queue_depth", "gauge", "Items waiting for the stage"),
     ("busy_s", "stage_busy_seconds", "counter", "Seconds the stage spent working"),
 )
-
-
-class _Snapshot:
-    """A collector over the latest stats snapshot: per-stage series."""
-
-    def __init__(self, namespace: str):
-        self.ns = namespace
-        self.stats: dict = {}
-
-    def collect(self):
-        stages = self.stats.get("stages") or {}
-        for key, name, kind, doc in STAGE_SERIES:
-            family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
-                f"{self.ns}_{name}", doc, labels=["stage", "kind"])
-            for stage, row in stages.items():
-                family.add_metric([stage, str(row.get("kind"))], float(row.get(key, 0) or 0))
-            yield family
 
 
 def engine_totals(stats: dict) -> dict:
@@ -74,6 +74,14 @@ def engine_totals(stats: dict) -> dict:
     return out
 
 
+def waiting(stats: dict) -> int:
+    """Requests not yet generating: the engines' waiting queues and every request-level stage's."""
+    stages = stats.get("stages") or {}
+    if not stages:
+        return int(stat(engine_totals(stats), GAUGES["queue_length"][1], 0))
+    return int(sum(row.get("queued", 0) or 0 for row in stages.values() if row.get("kind") != "generate"))
+
+
 def stat(stats: dict, keys: tuple[str, ...], default=None):
     for key in keys:
         if stats.get(key) is not None:
@@ -81,60 +89,223 @@ def stat(stats: dict, keys: tuple[str, ...], default=None):
     return default
 
 
+class Window:
+    """Cumulative counters sampled over time; `delta(key)` is their growth over the last
+    `horizon_s` seconds (from the oldest sample still inside it)."""
+
+    def __init__(self, horizon_s: float, clock=time.monotonic):
+        self.horizon_s, self.clock = horizon_s, clock
+        self.samples: deque[tuple[float, dict]] = deque()
+
+    def add(self, totals: dict) -> None:
+        now = self.clock()
+        self.samples.append((now, totals))
+        while len(self.samples) > 2 and self.samples[1][0] <= now - self.horizon_s:
+            self.samples.popleft()
+
+    def delta(self, key: str) -> float:
+        if len(self.samples) < 2:
+            return 0.0
+        return float(self.samples[-1][1].get(key, 0) or 0) - float(self.samples[0][1].get(key, 0) or 0)
+
+    def seconds(self) -> float:
+        return self.samples[-1][0] - self.samples[0][0] if len(self.samples) >= 2 else 0.0
+
+    def hit_rate(self) -> float:
+        """Share of the prompt tokens looked up in the window that the prefix cache served."""
+        queried = self.delta("kv_queried_tokens")
+        return self.delta("kv_hit_tokens") / queried if queried > 0 else 0.0
+
+
+def batch_histogram(stats: dict, model: str) -> HistogramMetricFamily:
+    """agp_batch_size from the engines' step counts by batch size (cumulative since start)."""
+    counts: dict[int, int] = {}
+    for e in (stats.get("engines") or {}).values():
+        for size, n in (e.get("batch_size_hist") or {}).items():
+            counts[int(size)] = counts.get(int(size), 0) + int(n)
+    buckets = [(str(b), sum(n for s, n in counts.items() if s <= b)) for b in BATCH_BUCKETS]
+    buckets.append(("+Inf", sum(counts.values())))
+    fam = HistogramMetricFamily("agp_batch_size", "Sequences in one engine step", labels=["model_name"])
+    fam.add_metric([model], buckets, sum_value=float(sum(s * n for s, n in counts.items())))
+    return fam
+
+
+class _Metric:
+    """One metric under agp's name and (when given) vLLM's, every series labelled model_name."""
+
+    def __init__(self, kind, registry, model_name: str, agp: str, vllm: str | None, doc: str,
+                 labels: tuple[str, ...] = (), **kw):
+        names = [f"agp_{agp}"] + ([f"vllm:{vllm}"] if vllm else [])
+        self.parts = [kind(name, doc, ["model_name", *labels], registry=registry, **kw) for name in names]
+        self.model_name = model_name
+
+    def labels(self, *values) -> "_Children":
+        return _Children([m.labels(self.model_name, *map(str, values)) for m in self.parts])
+
+    def __getattr__(self, name):                 # inc / observe / set / dec without extra labels
+        return getattr(self.labels(), name)
+
+
+class _Children:
+    def __init__(self, children):
+        self.children = children
+
+    def inc(self, amount: float = 1) -> None:
+        for c in self.children:
+            c.inc(amount)
+
+    def dec(self, amount: float = 1) -> None:
+        for c in self.children:
+            c.dec(amount)
+
+    def set(self, value: float) -> None:
+        for c in self.children:
+            c.set(value)
+
+    def observe(self, value: float) -> None:
+        for c in self.children:
+            c.observe(value)
+
+
+class _Snapshot:
+    """Series read from the latest stats snapshot: engine state, cumulative engine counters, stages."""
+
+    def __init__(self, owner: "ServerMetrics"):
+        self.owner = owner
+        self.stats: dict = {}
+
+    def collect(self):
+        stats, model = self.stats, self.owner.model_name
+        totals = engine_totals(stats)
+        used, total = stat(totals, GAUGES["kv_blocks_used"][1], 0), stat(totals, GAUGES["kv_blocks_total"][1], 0)
+        values = {"running": stat(totals, GAUGES["running_sequences"][1], 0), "waiting": waiting(stats),
+                  "usage": used / total if total else 0.0}
+
+        def family(kind, name, doc, value, extra_labels=()):
+            fam = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+                name, doc, labels=["model_name", *(k for k, _ in extra_labels)])
+            fam.add_metric([model, *(v for _, v in extra_labels)], float(value))
+            return fam
+
+        for name, (doc, keys) in GAUGES.items():
+            yield family("gauge", f"agp_{name}", doc, stat(totals, keys, 0) or 0)
+        for prefix in ("agp_", "vllm:"):
+            yield family("gauge", f"{prefix}num_requests_running", "Requests being prefilled or decoded",
+                         values["running"])
+            yield family("gauge", f"{prefix}num_requests_waiting", "Requests waiting in a queue of the pipeline",
+                         values["waiting"])
+            yield family("gauge", f"{prefix}kv_cache_usage_perc", "KV-cache usage: blocks in use / blocks "
+                         "in the pool (1 = full)", values["usage"])
+            yield family("counter", f"{prefix}num_preemptions", "Sequences preempted for KV blocks",
+                         totals.get("preemptions", 0))
+            yield family("counter", f"{prefix}prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                         totals.get("kv_queried_tokens", 0))
+            yield family("counter", f"{prefix}prefix_cache_hits", "Prompt tokens the prefix cache served",
+                         totals.get("kv_hit_tokens", 0))
+        yield family("gauge", "agp_prefix_cache_hit_rate",
+                     f"Share of prompt tokens served from the prefix cache over the last "
+                     f"{self.owner.window.horizon_s:g} s", self.owner.window.hit_rate())
+        yield batch_histogram(stats, model)
+        stages = stats.get("stages") or {}
+        for key, name, kind, doc in STAGE_SERIES:
+            fam = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+                f"agp_{name}", doc, labels=["model_name", "stage", "kind"])
+            for stage, row in stages.items():
+                fam.add_metric([model, stage, str(row.get("kind"))], float(row.get(key, 0) or 0))
+            yield fam
+
+
 class ServerMetrics:
-    def __init__(self, namespace: str = "agp"):
-        self.registry = CollectorRegistry()
-        r, ns = self.registry, namespace
-        self.requests = Counter("requests", "HTTP generation requests by status code",
-                                ["status"], namespace=ns, registry=r)
-        self.finished = Counter("requests_finished", "Finished sequences by finish reason",
-                                ["reason"], namespace=ns, registry=r)
-        self.prompt_tokens = Counter("prompt_tokens", "Prompt tokens of admitted requests",
-                                     namespace=ns, registry=r)
-        self.cached_tokens = Counter("prompt_tokens_cached",
-                                     "Prompt tokens served from the prefix cache",
-                                     namespace=ns, registry=r)
-        self.generation_tokens = Counter("generation_tokens", "Generated tokens",
-                                         namespace=ns, registry=r)
-        self.ttft = Histogram("time_to_first_token_seconds", "Time to first token",
-                              buckets=LATENCY_BUCKETS, namespace=ns, registry=r)
-        self.itl = Histogram("inter_token_latency_seconds", "Time between generated tokens",
-                             buckets=ITL_BUCKETS, namespace=ns, registry=r)
-        self.e2e = Histogram("e2e_request_latency_seconds", "Request arrival to last token",
-                             buckets=LATENCY_BUCKETS, namespace=ns, registry=r)
-        self.batch_size = Histogram("batch_size", "Sequences that produced output in one step",
-                                    buckets=BATCH_BUCKETS, namespace=ns, registry=r)
-        self.gauges = {name: Gauge(name, doc, namespace=ns, registry=r)
-                       for name, (doc, _) in GAUGES.items()}
-        self.hit_rate = Gauge("prefix_cache_hit_rate",
-                              "Share of prompt tokens served from the prefix cache",
-                              namespace=ns, registry=r)
-        self.in_flight = Gauge("requests_in_flight", "HTTP generation requests being served",
-                               namespace=ns, registry=r)
-        self.prompt_total = 0                  # plain mirrors of the counters for the hit rate
-        self.cached_total = 0
-        self.snapshot = _Snapshot(ns)
+    def __init__(self, model_name: str = "agp", window_s: float = 60.0, process: bool = True):
+        self.model_name = model_name
+        self.registry = r = CollectorRegistry()
+
+        def metric(kind, agp, vllm, doc, labels=(), **kw):
+            return _Metric(kind, r, model_name, agp, vllm, doc, labels, **kw)
+
+        self.requests = metric(Counter, "requests", None, "HTTP generation requests by status code", ("status",))
+        self.finished = metric(Counter, "requests_finished", "request_success",
+                               "Finished requests by finish reason", ("finished_reason",))
+        self.prompt_tokens = metric(Counter, "prompt_tokens", "prompt_tokens", "Prompt tokens of finished requests")
+        self.cached_tokens = metric(Counter, "prompt_tokens_cached", None,
+                                    "Prompt tokens served from the prefix cache")
+        self.generation_tokens = metric(Counter, "generation_tokens", "generation_tokens", "Generated tokens")
+        self.ttft = metric(Histogram, "time_to_first_token_seconds", "time_to_first_token_seconds",
+                           "Time to first token", buckets=LATENCY_BUCKETS)
+        self.itl = metric(Histogram, "inter_token_latency_seconds", "inter_token_latency_seconds",
+                          "Time between generated tokens", buckets=ITL_BUCKETS)
+        self.e2e = metric(Histogram, "e2e_request_latency_seconds", "e2e_request_latency_seconds",
+                          "Request arrival to its answer", buckets=LATENCY_BUCKETS)
+        self.queue_time = metric(Histogram, "request_queue_time_seconds", "request_queue_time_seconds",
+                                 "Arrival at the engine to first scheduled", buckets=LATENCY_BUCKETS)
+        self.prefill_time = metric(Histogram, "request_prefill_time_seconds", "request_prefill_time_seconds",
+                                   "First scheduled to first token", buckets=LATENCY_BUCKETS)
+        self.decode_time = metric(Histogram, "request_decode_time_seconds", "request_decode_time_seconds",
+                                  "First token to last token", buckets=LATENCY_BUCKETS)
+        self.request_prompt = metric(Histogram, "request_prompt_tokens", "request_prompt_tokens",
+                                     "Prompt tokens per request", buckets=TOKEN_BUCKETS)
+        self.request_generation = metric(Histogram, "request_generation_tokens", "request_generation_tokens",
+                                         "Generated tokens per request", buckets=TOKEN_BUCKETS)
+        self.in_flight = metric(Gauge, "requests_in_flight", None, "HTTP generation requests being served")
+        self.window = Window(window_s)
+        self.snapshot = _Snapshot(self)
         r.register(self.snapshot)
+        if process:
+            ProcessCollector(registry=r)
 
-    def observe_prompt(self, prompt_tokens: int, cached_tokens: int) -> None:
-        """A request's prompt was scheduled; `cached_tokens` of it came from the prefix cache."""
-        self.prompt_tokens.inc(prompt_tokens)
-        self.cached_tokens.inc(cached_tokens)
-        self.prompt_total += prompt_tokens
-        self.cached_total += cached_tokens
+    # ---- observed as requests run (any thread) ----------------------------------------
+    def observe_result(self, result, latency_s: float) -> None:
+        """A request finished: tokens, latencies, its engine's queue / prefill / decode times."""
+        if result.error is not None:
+            if result.error.kind == "aborted":
+                self.finished.labels("abort").inc()
+            return
+        usage, timings = result.usage, result.metrics or {}
+        self.e2e.observe(latency_s)
+        self.prompt_tokens.inc(usage.get("prompt_tokens", 0))
+        self.cached_tokens.inc(usage.get("cached_tokens", 0))
+        self.generation_tokens.inc(usage.get("completion_tokens", 0))
+        self.request_prompt.observe(usage.get("prompt_tokens", 0))
+        self.request_generation.observe(usage.get("completion_tokens", 0))
+        for key, hist in (("queue_s", self.queue_time), ("prefill_s", self.prefill_time),
+                          ("decode_s", self.decode_time)):
+            if timings.get(key) is not None:
+                hist.observe(max(float(timings[key]), 0.0))
+        for c in result.choices:
+            self.finished.labels(c.finish_reason or "stop").inc()
 
+    # ---- read at each scrape ----------------------------------------------------------
     def update_engine(self, stats: dict) -> None:
         self.snapshot.stats = stats
-        stats = engine_totals(stats)
-        for name, (_, keys) in GAUGES.items():
-            value = stat(stats, keys)
-            if value is not None:
-                self.gauges[name].set(value)
-        rate = stat(stats, ("kv_hit_rate", "prefix_hit_rate", "prefix_cache_hit_rate"))
-        if rate is None:
-            rate = self.cached_total / self.prompt_total if self.prompt_total else 0.0
-        self.hit_rate.set(rate)
+        self.window.add(engine_totals(stats))
 
     def render(self, stats: dict) -> tuple[bytes, str]:
         self.update_engine(stats)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class StatsLine:
+    """The periodic log line: what the server did since the previous line."""
+
+    def __init__(self, clock=time.monotonic):
+        self.window = Window(float("inf"), clock)
+
+    def __call__(self, stats: dict) -> dict | None:
+        """The line's numbers, or None when nothing ran or waited since the last line."""
+        totals = engine_totals(stats)
+        self.window.add(totals)
+        running, queued = stat(totals, GAUGES["running_sequences"][1], 0), waiting(stats)
+        w = self.window
+        seconds = w.seconds()
+        gen, pre = w.delta("generated_tokens"), w.delta("prefill_tokens")
+        used, total = totals.get("kv_blocks_used", 0), totals.get("kv_blocks_total", 0)
+        line = {"running": int(running), "waiting": int(queued),
+                "prompt_tok_s": round(pre / seconds, 1) if seconds else 0.0,
+                "gen_tok_s": round(gen / seconds, 1) if seconds else 0.0,
+                "kv_usage": round(used / total, 3) if total else 0.0,
+                "prefix_hit_rate": round(w.hit_rate(), 3)}
+        while len(w.samples) > 1:              # the next line covers the time from now on
+            w.samples.popleft()
+        if not (running or queued or gen or pre):
+            return None
+        return line

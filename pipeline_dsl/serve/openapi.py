@@ -144,3 +144,38 @@ METRICS = {"responses": {"200": {"description": "Prometheus text format",
 
 STATS = {"responses": {"200": {"description": "per stage, per engine and request counters",
                                "content": {"application/json": {"schema": {"type": "object"}}}}}}
+
+MODEL = {"responses": {"200": {"description": "the model", "content": {"application/json": {"schema": {
+    "type": "object", "required": ["id", "object"], "properties": {"id": {"type": "string"},
+                                                                   "object": {"const": "model"}}}}}},
+    "404": _error("no such model")}}
+
+TRACE_FLUSH = {"responses": {
+    "200": {"description": "the trace so far was written to the --trace file", "content": {"application/json": {
+        "schema": {"type": "object", "required": ["trace", "spans"], "properties": {
+            "trace": {"type": "string"}, "spans": {"type": "integer"}}}}}},
+    "404": _error("tracing is off (no --trace)")}}
+
+VERSION = {"responses": {"200": {"description": "agp's version", "content": {"application/json": {"schema": {
+    "type": "object", "required": ["version"], "properties": {"version": {"type": "string"}}}}}}}}
+
+TOKENIZE_REQUEST = {"type": "object", "additionalProperties": False, "properties": {
+    "model": {"type": "string"}, "prompt": {"type": "string", "minLength": 1},
+    "messages": {"type": "array", "minItems": 1, "items": MESSAGE},
+    "add_special_tokens": {"type": "boolean"}, "add_generation_prompt": {"type": "boolean"}}}
+
+TOKENIZE = {"requestBody": {"required": True, "content": {"application/json": {"schema": TOKENIZE_REQUEST}}},
+            "responses": {"200": {"description": "the prompt's token ids", "content": {"application/json": {
+                "schema": {"type": "object", "required": ["count", "max_model_len", "tokens"], "properties": {
+                    "count": {"type": "integer"}, "max_model_len": {"type": "integer"},
+                    "tokens": {"type": "array", "items": {"type": "integer"}}}}}}},
+                **{k: ERRORS[k] for k in ("400", "404", "408", "413", "415", "503")}}}
+
+DETOKENIZE = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["tokens"], "additionalProperties": False,
+    "properties": {"model": {"type": "string"}, "tokens": {"type": "array", "items": {"type": "integer",
+                                                                                      "minimum": 0}}}}}}},
+              "responses": {"200": {"description": "the text of the tokens", "content": {"application/json": {
+                  "schema": {"type": "object", "required": ["prompt"],
+                             "properties": {"prompt": {"type": "string"}}}}}},
+                  **{k: ERRORS[k] for k in ("400", "404", "408", "413", "415", "503")}}}

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeline_dsl.requests_io import RequestError, load_json, parse_messages
+from pipeline_dsl.requests_io import (RequestError, load_json, parse_messages, parse_response_format,
+                                      parse_tools)
 from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
+
+log = logging.getLogger("agp.serve")
+
 
 class APIError(Exception):
     """An error answered to the client as an OpenAI-style JSON body."""
@@ -50,6 +55,29 @@ class GenerationRequest:
     include_usage: bool = False                # stream_options.include_usage
     pin: str | None = None                     # the generate stage `model` names, if it names one
     metadata: dict | None = None
+    tools: tuple | None = None                 # OpenAI tools (chat)
+    tool_choice: Any = "none"                  # none | auto | required | {"type": "function", ...}
+    parallel_tool_calls: bool = True
+    response_format: dict | None = None        # {"type": "json_object" | "json_schema", ...}
+    more_prompts: tuple = ()                   # completions: the rest of a batch of prompts
+
+    def split(self) -> list["GenerationRequest"]:
+        """One request per prompt of a batched completions request (choice indexes: i * n + j)."""
+        if not self.more_prompts:
+            return [self]
+        out = [replace(self, more_prompts=())]
+        for p in self.more_prompts:
+            out.append(replace(self, more_prompts=(), prompt=p if isinstance(p, str) else None,
+                               prompt_token_ids=tuple(p) if not isinstance(p, str) else None))
+        return out
+
+    @property
+    def choices_per_prompt(self) -> int:
+        return int(self.fields.get("n") or 1)
+
+    @property
+    def tools_active(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
 
     def item(self, request_id: str) -> dict[str, Any]:
         """The request as the pipeline's items carry it (what a python stage sees)."""
@@ -63,6 +91,11 @@ class GenerationRequest:
         out.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in self.fields.items()})
         out["model"] = self.model
         out["metadata"] = dict(self.metadata or {})
+        if self.tools:
+            out["tools"] = [dict(t) for t in self.tools]
+            out["tool_choice"], out["parallel_tool_calls"] = self.tool_choice, self.parallel_tool_calls
+        if self.response_format is not None:
+            out["response_format"] = dict(self.response_format)
         return out
 
 
@@ -124,20 +157,25 @@ CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs", "re
                         "service_tier"}
 
 
-def _check_unknown(obj: dict, known: set[str]) -> None:
-    for key in obj:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise APIError(f"unrecognized request argument '{key}'{hint}", param=key)
+def _check_unknown(obj: dict, known: set[str], lenient: bool = False) -> dict:
+    """The body without unknown fields: a 400 naming the first, or with `lenient` (vLLM's
+    behaviour) a log line and the field ignored."""
+    unknown = [key for key in obj if key not in known]
+    if unknown and lenient:
+        log.info("ignoring unrecognized request arguments: %s", ", ".join(map(repr, unknown)))
+        return {k: v for k, v in obj.items() if k in known}
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise APIError(f"unrecognized request argument {json.dumps(key)}{hint}", param=key)
+    return obj
 
 
 def _check_unsupported(obj: dict) -> None:
     """Fields agp knows but only serves at their neutral value."""
-    neutral = {"best_of": (1,), "echo": (False,), "presence_penalty": (0,),
-               "frequency_penalty": (0,), "repetition_penalty": (1,), "logprobs": (False, 0),
-               "top_logprobs": (0,), "suffix": ("",), "logit_bias": ({},), "min_tokens": (0,),
-               "tools": ([],)}
+    neutral = {"best_of": (1,), "presence_penalty": (0,),
+               "frequency_penalty": (0,), "repetition_penalty": (1,),
+               "suffix": ("",), "logit_bias": ({},), "min_tokens": (0,)}
     for name, allowed in neutral.items():
         value = obj.get(name)
         if value is not None and not any(value == a and type(value) is type(a)
@@ -145,14 +183,7 @@ def _check_unsupported(obj: dict) -> None:
                                          for a in allowed):
             raise APIError(f"'{name}' = {json.dumps(value)[:40]} is not supported by agp "
                            f"(leave it out or use {json.dumps(allowed[0])})", param=name)
-    tool_choice = obj.get("tool_choice")
-    if tool_choice not in (None, "none", "auto"):
-        raise APIError("'tool_choice' is not supported by agp (tools are not served)",
-                       param="tool_choice")
-    fmt = obj.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise APIError("'response_format' other than {\"type\": \"text\"} is not supported by agp",
-                       param="response_format")
+
 
 
 def _sampling(obj: dict, max_model_len: int, max_tokens_field: str = "max_tokens") -> dict:
@@ -215,37 +246,64 @@ def _model(obj: dict, served: tuple[str, ...], stages: tuple[str, ...] = ()) -> 
 # ---------------------------------------------------------------- requests
 
 def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
-                     stages: tuple[str, ...] = ()) -> GenerationRequest:
-    """POST /v1/completions: `prompt` is a string, one-string array or an array of token ids."""
-    _check_unknown(obj, COMPLETION_FIELDS)
+                     stages: tuple[str, ...] = (), lenient: bool = False) -> GenerationRequest:
+    """POST /v1/completions: `prompt` is a string, an array of token ids, or a batch of those."""
+    obj = _check_unknown(obj, COMPLETION_FIELDS, lenient)
     model, pin = _model(obj, served, stages)
     _check_unsupported(obj)
     if "prompt" not in obj or obj["prompt"] is None:
         raise APIError("'prompt' is required", param="prompt")
-    prompt = obj["prompt"]
-    text, token_ids = None, None
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]                     # a batch of one
+    prompts = _prompts(obj["prompt"], max_model_len)
+    stream, include_usage = _stream_flags(obj)
+    echo = _field(obj, "echo", lambda v: isinstance(v, bool), "true or false") or False
+    scoring = echo and obj.get("max_tokens") == 0         # echo the prompt's logprobs, generate nothing
+    fields = _sampling({k: v for k, v in obj.items() if not (scoring and k == "max_tokens")}, max_model_len)
+    top = _field(obj, "logprobs", lambda v: _is_int(v) and 0 <= v <= MAX_LOGPROBS,
+                 f"an integer from 0 to {MAX_LOGPROBS}")
+    if top is not None:
+        fields["logprobs"] = top
+        if echo:
+            fields["prompt_logprobs"] = top
+    if scoring:
+        fields["max_tokens"] = 0
+    if echo:
+        fields["echo"] = True
+    first, rest = prompts[0], prompts[1:]
+    return GenerationRequest("completion", model, fields, prompt=first if isinstance(first, str) else None,
+                             prompt_token_ids=tuple(first) if not isinstance(first, str) else None,
+                             stream=stream, include_usage=include_usage, pin=pin, more_prompts=tuple(rest))
+
+
+MAX_PROMPTS = 256          # prompts one completions request may batch
+MAX_LOGPROBS = 20          # most likely alternatives a token's logprobs may list
+
+
+def _prompts(prompt, max_model_len: int) -> list:
+    """`prompt`: a string, an array of token ids, or a batch: an array of strings or of token-id
+    arrays. Each prompt a string or a list of ids."""
+    def ids_ok(p) -> bool:
+        return isinstance(p, list) and bool(p) and all(_is_int(t) and t >= 0 for t in p)
+
     if isinstance(prompt, str):
-        if not prompt:
-            raise APIError("'prompt' is empty", param="prompt")
-        text = prompt
-    elif isinstance(prompt, list) and prompt and all(_is_int(t) and t >= 0 for t in prompt):
-        if len(prompt) > max_model_len:
-            raise APIError(f"'prompt' holds {len(prompt)} tokens, beyond the model's context of "
-                           f"{max_model_len}", param="prompt", code="context_length_exceeded")
-        token_ids = tuple(prompt)
-    elif isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) for p in prompt):
-        raise APIError(f"'prompt' holds {len(prompt)} prompts; agp serves one prompt per request",
-                       param="prompt")
+        batch = [prompt]
+    elif ids_ok(prompt):
+        batch = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or ids_ok(p) for p in prompt):
+        batch = list(prompt)
     elif isinstance(prompt, list) and not prompt:
         raise APIError("'prompt' is empty", param="prompt")
     else:
-        raise _bad("prompt", "a string or an array of token ids", prompt)
-    stream, include_usage = _stream_flags(obj)
-    fields = _sampling(obj, max_model_len)
-    return GenerationRequest("completion", model, fields, prompt=text, prompt_token_ids=token_ids,
-                             stream=stream, include_usage=include_usage, pin=pin)
+        raise _bad("prompt", "a string, an array of token ids, or an array of those", prompt)
+    if len(batch) > MAX_PROMPTS:
+        raise APIError(f"'prompt' holds {len(batch)} prompts; at most {MAX_PROMPTS} a request", param="prompt")
+    for i, p in enumerate(batch):
+        where = "'prompt'" if len(batch) == 1 else f"'prompt[{i}]'"
+        if isinstance(p, str) and not p:
+            raise APIError(f"{where} is empty", param="prompt")
+        if isinstance(p, list) and len(p) > max_model_len:
+            raise APIError(f"{where} holds {len(p)} tokens, beyond the model's context of {max_model_len}",
+                           param="prompt", code="context_length_exceeded")
+    return batch
 
 
 def _messages(value) -> tuple[dict, ...]:
@@ -258,17 +316,95 @@ def _messages(value) -> tuple[dict, ...]:
 
 
 def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
-               stages: tuple[str, ...] = ()) -> GenerationRequest:
+               stages: tuple[str, ...] = (), lenient: bool = False) -> GenerationRequest:
     """POST /v1/chat/completions."""
-    _check_unknown(obj, CHAT_FIELDS)
+    obj = _check_unknown(obj, CHAT_FIELDS, lenient)
     model, pin = _model(obj, served, stages)
     _check_unsupported(obj)
     messages = _messages(obj.get("messages"))
     stream, include_usage = _stream_flags(obj)
     fields = _sampling(obj, max_model_len, max_tokens_field="max_completion_tokens")
+    want = _field(obj, "logprobs", lambda v: isinstance(v, bool), "true or false")
+    top = _field(obj, "top_logprobs", lambda v: _is_int(v) and 0 <= v <= MAX_LOGPROBS,
+                 f"an integer from 0 to {MAX_LOGPROBS}")
+    if top is not None and not want:
+        raise APIError("'top_logprobs' needs \"logprobs\": true", param="top_logprobs")
+    if want:
+        fields["logprobs"] = top or 0
     metadata = _field(obj, "metadata", lambda v: isinstance(v, dict), "an object")
+    try:
+        tools, choice, parallel = parse_tools(obj)
+        fmt = parse_response_format(obj["response_format"]) if obj.get("response_format") is not None else None
+    except RequestError as e:
+        raise APIError(str(e), param=e.param) from None
     return GenerationRequest("chat", model, fields, messages=messages, stream=stream,
-                             include_usage=include_usage, pin=pin, metadata=metadata)
+                             include_usage=include_usage, pin=pin, metadata=metadata,
+                             tools=tuple(tools) if tools else None, tool_choice=choice,
+                             parallel_tool_calls=parallel, response_format=fmt)
+
+
+# ---------------------------------------------------------------- logprobs (OpenAI's two shapes)
+
+def completion_logprobs(data: dict, text_of, echo: bool, start: int = 0) -> dict:
+    """The legacy completions `logprobs` of one answer: tokens, token_logprobs, top_logprobs,
+    text_offset; the prompt's tokens first when echoed (its first token has no logprob)."""
+    entries = list(data.get("prompt_logprobs") or []) if echo else []
+    if echo and entries:
+        entries[0] = {"token_id": data["prompt_token_ids"][0], "logprob": None, "top": None}
+    entries += data.get("logprobs") or []
+    tokens, lps, tops, offsets = [], [], [], []
+    pos = start
+    for e in entries:
+        piece = text_of(e["token_id"])
+        tokens.append(piece)
+        lps.append(e["logprob"])
+        tops.append(None if e.get("top") is None else {text_of(t): lp for t, lp in e["top"]})
+        offsets.append(pos)
+        pos += len(piece)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(entries: list, text_of) -> dict:
+    """The chat `logprobs` of an answer (or of one chunk's tokens)."""
+    def one(token_id, logprob):
+        piece = text_of(token_id)
+        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8", "replace"))}
+
+    return {"content": [{**one(e["token_id"], e["logprob"]), "top_logprobs": [one(t, lp) for t, lp in e["top"]]}
+                        for e in entries]}
+
+
+# ---------------------------------------------------------------- /tokenize, /detokenize (vLLM's shapes)
+
+def parse_tokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...] = ()) -> dict:
+    """POST /tokenize: {"prompt": str, "add_special_tokens": true} or {"messages": [...],
+    "add_generation_prompt": true}; `model` may name a generate stage (its tokenizer)."""
+    obj = _check_unknown(obj, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
+                               "tools", "return_token_strs"})
+    _, pin = _model(obj, served, stages)
+    special = _field(obj, "add_special_tokens", lambda v: isinstance(v, bool), "true or false")
+    if ("prompt" in obj) == ("messages" in obj):
+        raise APIError("give exactly one of 'prompt' or 'messages'", param="prompt")
+    if "prompt" in obj:
+        if not isinstance(obj["prompt"], str) or not obj["prompt"]:
+            raise _bad("prompt", "a non-empty string", obj["prompt"])
+        return {"prompt": obj["prompt"], "add_special_tokens": True if special is None else special, "pin": pin}
+    out = {"messages": list(_messages(obj["messages"])), "pin": pin}
+    if obj.get("tools") is not None:
+        try:
+            out["tools"], out["tool_choice"], _ = parse_tools(obj)
+        except RequestError as e:
+            raise APIError(str(e), param=e.param) from None
+    return out
+
+
+def parse_detokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...] = ()) -> tuple[list, str | None]:
+    obj = _check_unknown(obj, {"model", "tokens"})
+    _, pin = _model(obj, served, stages)
+    tokens = obj.get("tokens")
+    if not isinstance(tokens, list) or not all(_is_int(t) and t >= 0 for t in tokens):
+        raise _bad("tokens", "an array of token ids", tokens)
+    return tokens, pin
 
 
 # ---------------------------------------------------------------- responses
@@ -279,36 +415,50 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def completion_response(rid: str, model: str, choices: list[tuple[int, str, str | None]],
-                        use: dict, created: int | None = None) -> dict:
-    """choices: (index, text, finish_reason) each."""
+def completion_response(rid: str, model: str, choices: list[tuple], use: dict,
+                        created: int | None = None) -> dict:
+    """choices: (index, text, finish_reason[, logprobs]) each."""
     return {"id": rid, "object": "text_completion", "created": created or int(time.time()),
             "model": model,
-            "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-                        for i, text, reason in choices],
+            "choices": [{"index": c[0], "text": c[1], "logprobs": c[3] if len(c) > 3 else None,
+                         "finish_reason": c[2]} for c in choices],
             "usage": use}
+
+
+def chat_message(text: str, finish_reason: str | None, tools_active: bool) -> tuple[dict, str | None]:
+    """(the assistant message, the finish reason) of one answer: tool calls parsed out of the
+    text when the request gave tools (then finish_reason is "tool_calls")."""
+    if tools_active:
+        from pipeline_dsl.tools import parse_tool_calls
+
+        content, calls = parse_tool_calls(text)
+        if calls:
+            return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+    return {"role": "assistant", "content": text}, finish_reason
 
 
 def chat_response(rid: str, model: str, choices: list[tuple[int, str, str | None]],
-                  use: dict, created: int | None = None) -> dict:
+                  use: dict, created: int | None = None, tools_active: bool = False) -> dict:
+    out = []
+    for c in choices:
+        message, reason = chat_message(c[1], c[2], tools_active)
+        out.append({"index": c[0], "message": message, "logprobs": c[3] if len(c) > 3 else None,
+                    "finish_reason": reason})
     return {"id": rid, "object": "chat.completion", "created": created or int(time.time()),
-            "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": reason} for i, text, reason in choices],
-            "usage": use}
+            "model": model, "choices": out, "usage": use}
 
 
 def completion_chunk(rid: str, model: str, created: int, text: str,
-                     finish_reason: str | None, index: int = 0) -> dict:
+                     finish_reason: str | None, index: int = 0, logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None,
+            "choices": [{"index": index, "text": text, "logprobs": logprobs,
                          "finish_reason": finish_reason}]}
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict,
-               finish_reason: str | None, index: int = 0) -> dict:
+               finish_reason: str | None, index: int = 0, logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None,
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                          "finish_reason": finish_reason}]}
 
 

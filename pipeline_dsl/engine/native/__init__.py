@@ -1,0 +1,159 @@
+"""agp's native CPU kernels (kernels.cpp), loaded with ctypes, with an eager fallback.
+
+    lib = native.load()          # the library, or None (then everything runs eagerly)
+    python -m pipeline_dsl.engine.native      # build it now (what `make native` runs)
+
+The library is compiled once per machine with the system's C++ compiler (`-O3 -march=native
+-fopenmp`) into build/ beside this file, named by a hash of the source and flags, so a
+changed source is rebuilt and a stale one is never loaded. It links libgomp by its soname,
+which resolves to the copy torch has already loaded: the kernels share torch's one OpenMP
+pool. Without a compiler, without AVX-512, or with AGP_NATIVE=0, `load()` returns None
+after a one-line warning and the runner keeps its eager path (same tokens, slower).
+
+What it offers (see kernels.cpp): `agp_decode_step` (a whole all-decode step in one
+parallel region), `agp_paged_attention` (decode attention reading the paged KV blocks in
+place) and `agp_linear` (int4 / int8 / bf16 / fp32 weights, a few rows).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SOURCE = HERE / "kernels.cpp"
+BUILD = HERE / "build"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+VERSION = 4                       # agp_native_version() of a library this module can drive
+
+_LIB: list = []                   # [lib or None] once tried
+_WARNED: set = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def cpu_supported() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
+
+
+def library_path(cxx: str | None = None) -> Path:
+    h = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + str(cxx).encode()).hexdigest()[:12]
+    return BUILD / f"libagp_native-{h}.so"
+
+
+def build(force: bool = False, quiet: bool = True) -> Path:
+    """Compile kernels.cpp (if not already built for this source); returns the library path."""
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++, c++ or clang++) on PATH")
+    out = library_path(cxx)
+    if out.exists() and not force:
+        return out
+    BUILD.mkdir(exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    cmd = [cxx, *FLAGS, str(SOURCE), "-o", str(tmp)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"building the native kernels failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
+    tmp.replace(out)              # atomic: a concurrent loader never sees half a file
+    for old in BUILD.glob("libagp_native-*.so"):
+        if old != out:
+            old.unlink(missing_ok=True)
+    if not quiet:
+        print(f"built {out}")
+    return out
+
+
+def load():
+    """The ctypes library, or None (with a one-line warning) when it cannot be had here."""
+    if _LIB:
+        return _LIB[0]
+    lib = None
+    if os.environ.get("AGP_NATIVE", "1") == "0":
+        pass                      # switched off: the eager path, silently (tests, A/B)
+    elif not cpu_supported():
+        _warn_once("agp: this CPU has no AVX-512; the decode step runs eagerly (slower)")
+    elif compiler() is None:
+        _warn_once("agp: no C++ compiler found; the decode step runs eagerly (slower). "
+                   "Install g++ and run `make native` for the native kernels")
+    else:
+        try:
+            import torch  # noqa: F401  (its libgomp must be loaded first: one OpenMP pool)
+            lib = ctypes.CDLL(str(build()))
+            if lib.agp_native_version() != VERSION:
+                raise RuntimeError("version mismatch")
+            _declare(lib)
+        except (OSError, RuntimeError, AttributeError) as e:
+            _warn_once(f"agp: native kernels unavailable ({str(e).splitlines()[0][:160]}); "
+                       "the decode step runs eagerly (slower)")
+            lib = None
+    _LIB.append(lib)
+    return lib
+
+
+def reset() -> None:
+    """Forget the loaded library (tests switch AGP_NATIVE and load again)."""
+    _LIB.clear()
+
+
+# ---- the C structs (kernels.cpp) ----------------------------------------------------------
+
+class Lin(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int32), ("N", ctypes.c_int32), ("K", ctypes.c_int32),
+                ("round", ctypes.c_int32), ("w", ctypes.c_void_p), ("s", ctypes.c_void_p)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p),
+                ("qkv", Lin), ("o", Lin), ("gate_up", Lin), ("down", Lin)]
+
+
+class Model(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int32) for n in ("n_layers", "hidden", "inter", "n_heads", "n_kv",
+                                              "head_dim", "vocab", "block_size")] + [
+        ("eps", ctypes.c_float), ("bf16", ctypes.c_int32), ("embed_bf16", ctypes.c_int32),
+        ("kv_bf16", ctypes.c_int32), ("embed", ctypes.c_void_p), ("norm", ctypes.c_void_p),
+        ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("layers", ctypes.c_void_p),
+        ("lm_head", Lin), ("k_pool", ctypes.c_void_p), ("v_pool", ctypes.c_void_p),
+        ("layer_stride", ctypes.c_int64)]
+
+
+class Step(ctypes.Structure):
+    _fields_ = [("B", ctypes.c_int32), ("nblk", ctypes.c_int32), ("n_out", ctypes.c_int32),
+                ("pad_", ctypes.c_int32), ("tokens", ctypes.c_void_p), ("pos", ctypes.c_void_p),
+                ("slots", ctypes.c_void_p), ("tables", ctypes.c_void_p), ("out_rows", ctypes.c_void_p)]
+
+
+def _declare(lib) -> None:
+    P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    lib.agp_linear.argtypes = [P, P, I, P, I]
+    lib.agp_linear.restype = None
+    lib.agp_paged_attention.argtypes = [P, I, I, P, L, I, P, I, P, P, I]
+    lib.agp_paged_attention.restype = None
+    lib.agp_decode_step.argtypes = [P, P, P, I]
+    lib.agp_decode_step.restype = None
+    lib.agp_add_rmsnorm.argtypes = [P, P, P, P, I, I, ctypes.c_float, I, I]
+    lib.agp_add_rmsnorm.restype = None
+    lib.agp_silu_mul.argtypes = [P, P, I, I, I, I]
+    lib.agp_silu_mul.restype = None
+    lib.agp_decode_attention_block.argtypes = [P, I, I, P, I, P, P, P, I, P, I]
+    lib.agp_decode_attention_block.restype = None
+

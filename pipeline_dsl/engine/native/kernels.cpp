@@ -1,0 +1,572 @@
+// agp native kernels: the whole decode step of a Llama decoder in one call, for small batches.
+//
+// Built by `make native` (or on first use, see __init__.py) into a shared library with a C ABI,
+// loaded with ctypes. It links the same libgomp as torch (one OpenMP pool): a step is ONE
+// parallel region with barriers between its phases, instead of ~250 torch ops that each wake
+// the pool. Weights are read in place from the model's tensors:
+//
+//   kind 0  f32 dense   w [N, K] float
+//   kind 1  bf16 dense  w [N, K] bf16
+//   kind 2  q4          w [N, K/2] nibbles (GGUF order: byte j = element j | element j+16 << 4),
+//                       sz [N, K/32, 2] bf16 (scale s, zero z): w = (q - 8) * s + z   (torch's int4 form)
+//   kind 3  q8          w [N, K] int8, s [N, K/32] float: w = q * s                    (GGUF Q8_0)
+//
+// Numerics follow the eager path: activations are float inside; with `bf16` set every tensor
+// that the eager path would store in bf16 (linear outputs, norms, RoPE, residual adds, attention
+// output) is rounded to bf16 at the same point, so greedy tokens agree with it.
+#include <immintrin.h>
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+extern "C" {
+
+struct Lin {
+    int32_t kind, N, K, round;   // round: the output is rounded to bf16 (the eager layer returns bf16)
+    const void* w;
+    const void* s;               // q4: bf16 [N, K/32, 2]; q8: float [N, K/32]
+};
+
+struct Layer {
+    const float* attn_norm;      // [H]
+    const float* ffn_norm;       // [H]
+    Lin qkv, o, gate_up, down;
+};
+
+struct Model {
+    int32_t n_layers, hidden, inter, n_heads, n_kv, head_dim, vocab, block_size;
+    float eps;
+    int32_t bf16;                // round like the eager bf16 path
+    int32_t embed_bf16;          // embed table dtype (1 bf16, 0 float)
+    int32_t kv_bf16;             // KV pool dtype
+    const void* embed;           // [V, H]
+    const float* norm;           // [H]
+    const float* cos;            // [P, hd] float (the eager tables' values; sin's first half negated)
+    const float* sin;
+    const Layer* layers;
+    Lin lm_head;
+    void* k_pool;                // [layers, slots + 1, kv, hd]
+    void* v_pool;
+    int64_t layer_stride;        // elements per layer of a pool
+};
+
+struct Step {
+    int32_t B, nblk, n_out, pad_;
+    const int64_t* tokens;       // [B]
+    const int64_t* pos;          // [B] position of the token
+    const int64_t* slots;        // [B] where its K/V is written
+    const int64_t* tables;       // [B, nblk] block ids
+    const int64_t* out_rows;     // [n_out] rows whose logits are wanted
+};
+
+int agp_native_version() { return 4; }
+
+}  // extern "C"
+
+namespace {
+
+inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = uint32_t(h) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {   // round to nearest even (no NaNs here)
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    u += 0x7FFF + ((u >> 16) & 1);
+    return uint16_t(u >> 16);
+}
+
+inline float rb(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+inline void round_vec(float* x, int n) {
+    for (int i = 0; i < n; ++i) x[i] = rb(x[i]);
+}
+
+// 16 floats rounded to bf16 (nearest even), kept as floats
+inline __m512 rb16(__m512 x) {
+    __m512i u = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+// exp for 16 lanes: 2^n * 2^f, |f| <= 1/2, degree-7 polynomial (error ~1 ulp of float)
+inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+// x[i] = exp(x[i] - mx) for n values; returns their sum
+inline float exp_sub_sum(float* x, int n, float mx) {
+    __m512 acc = _mm512_setzero_ps();
+    const __m512 m = _mm512_set1_ps(mx);
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), m));
+        _mm512_storeu_ps(x + i, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    if (i < n) {
+        const __mmask16 k = (__mmask16)((1u << (n - i)) - 1);
+        __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), m));
+        _mm512_mask_storeu_ps(x + i, k, e);
+        acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(k, e));
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+// out[i] = silu(g[i]) * u[i] (each step rounded to bf16 when bf16), n % 16 == 0
+inline void silu_mul(const float* g, const float* u, float* out, int n, bool bf16) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int i = 0; i < n; i += 16) {
+        const __m512 gv = _mm512_loadu_ps(g + i);
+        __m512 sl = _mm512_div_ps(gv, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+        if (bf16) sl = rb16(sl);
+        __m512 r = _mm512_mul_ps(sl, _mm512_loadu_ps(u + i));
+        if (bf16) r = rb16(r);
+        _mm512_storeu_ps(out + i, r);
+    }
+}
+
+inline __m512 load_bf16x16(const uint16_t* p) {
+    __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+
+// ---- linear layers: rows [n0, n1) of y[t, n] = sum_k x[t, k] w[n, k], T <= 8 -----------------
+
+template <int T>
+void q4_rows(const Lin& L, const float* x, const float*, float* y, int n0, int n1) {
+    // each block dequantised once, w = (q - 8) * s + z, then one FMA per 16 weights per row
+    const int K = L.K, nb = K / 32, N = L.N;
+    const uint8_t* W = (const uint8_t*)L.w;
+    const uint16_t* SZ = (const uint16_t*)L.s;
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    const __m512i eight = _mm512_set1_epi32(8);
+    for (int n = n0; n < n1; ++n) {
+        const uint8_t* w = W + (int64_t)n * (K / 2);
+        const uint16_t* sz = SZ + (int64_t)n * nb * 2;
+        __m512 acc[T];
+        for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+        for (int b = 0; b < nb; ++b) {
+            const __m128i bytes = _mm_loadu_si128((const __m128i*)(w + 16 * b));
+            const __m512 sv = _mm512_set1_ps(bf16_to_f32(sz[2 * b])), zv = _mm512_set1_ps(bf16_to_f32(sz[2 * b + 1]));
+            const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(
+                _mm512_cvtepu8_epi32(_mm_and_si128(bytes, m4)), eight)), sv, zv);
+            const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(
+                _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), m4)), eight)), sv, zv);
+            for (int t = 0; t < T; ++t) {
+                const float* xt = x + (int64_t)t * K + 32 * b;
+                acc[t] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xt + 16), _mm512_fmadd_ps(lo, _mm512_loadu_ps(xt), acc[t]));
+            }
+        }
+        for (int t = 0; t < T; ++t) y[(int64_t)t * N + n] = _mm512_reduce_add_ps(acc[t]);
+    }
+}
+
+template <int T>
+void q8_rows(const Lin& L, const float* x, float* y, int n0, int n1) {
+    // each block dequantised once (w = q * s), then one FMA per 16 weights per row
+    const int K = L.K, nb = K / 32, N = L.N;
+    const int8_t* W = (const int8_t*)L.w;
+    const float* S = (const float*)L.s;
+    for (int n = n0; n < n1; ++n) {
+        const int8_t* w = W + (int64_t)n * K;
+        const float* s = S + (int64_t)n * nb;
+        __m512 acc[T];
+        for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+        for (int b = 0; b < nb; ++b) {
+            const __m256i v = _mm256_loadu_si256((const __m256i*)(w + 32 * b));
+            const __m512 sv = _mm512_set1_ps(s[b]);
+            const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v))), sv);
+            const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1))), sv);
+            for (int t = 0; t < T; ++t) {
+                const float* xt = x + (int64_t)t * K + 32 * b;
+                acc[t] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xt + 16), _mm512_fmadd_ps(lo, _mm512_loadu_ps(xt), acc[t]));
+            }
+        }
+        for (int t = 0; t < T; ++t) y[(int64_t)t * N + n] = _mm512_reduce_add_ps(acc[t]);
+    }
+}
+
+template <int T>
+void bf16_rows(const Lin& L, const float* x, float* y, int n0, int n1) {
+    const int K = L.K, N = L.N;
+    const uint16_t* W = (const uint16_t*)L.w;
+    for (int n = n0; n < n1; ++n) {
+        const uint16_t* w = W + (int64_t)n * K;
+        __m512 acc[T];
+        for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+        for (int k = 0; k < K; k += 16) {
+            __m512 wv = load_bf16x16(w + k);
+            for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + (int64_t)t * K + k), acc[t]);
+        }
+        for (int t = 0; t < T; ++t) y[(int64_t)t * N + n] = _mm512_reduce_add_ps(acc[t]);
+    }
+}
+
+template <int T>
+void f32_rows(const Lin& L, const float* x, float* y, int n0, int n1) {
+    const int K = L.K, N = L.N;
+    const float* W = (const float*)L.w;
+    for (int n = n0; n < n1; ++n) {
+        const float* w = W + (int64_t)n * K;
+        __m512 acc[T];
+        for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+        for (int k = 0; k < K; k += 16) {
+            __m512 wv = _mm512_loadu_ps(w + k);
+            for (int t = 0; t < T; ++t) acc[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + (int64_t)t * K + k), acc[t]);
+        }
+        for (int t = 0; t < T; ++t) y[(int64_t)t * N + n] = _mm512_reduce_add_ps(acc[t]);
+    }
+}
+
+template <int T>
+void rows_t(const Lin& L, const float* x, const float* xs, float* y, int n0, int n1) {
+    switch (L.kind) {
+        case 0: f32_rows<T>(L, x, y, n0, n1); break;
+        case 1: bf16_rows<T>(L, x, y, n0, n1); break;
+        case 2: q4_rows<T>(L, x, xs, y, n0, n1); break;
+        default: q8_rows<T>(L, x, y, n0, n1); break;
+    }
+}
+
+// y[T, N] for output rows [n0, n1); x [T, K] float, xs [T, K/32] the block sums of x (q4 only).
+void linear_rows(const Lin& L, const float* x, const float* xs, int T, float* y, int n0, int n1) {
+    const int K = L.K, N = L.N;
+    for (int t0 = 0; t0 < T; t0 += 16) {     // up to 16 rows a pass over the weights
+        const int tn = T - t0 < 16 ? T - t0 : 16;
+        const float* xt = x + (int64_t)t0 * K;
+        const float* xst = xs ? xs + (int64_t)t0 * (K / 32) : nullptr;
+        float* yt = y + (int64_t)t0 * N;
+        switch (tn) {
+#define ROWS(n) case n: rows_t<n>(L, xt, xst, yt, n0, n1); break;
+            ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
+            ROWS(9) ROWS(10) ROWS(11) ROWS(12) ROWS(13) ROWS(14) ROWS(15)
+#undef ROWS
+            default: rows_t<16>(L, xt, xst, yt, n0, n1); break;
+        }
+    }
+    if (L.round)
+        for (int t = 0; t < T; ++t) round_vec(y + (int64_t)t * N + n0, n1 - n0);
+}
+
+void block_sums(const float* x, int T, int K, float* xs) {
+    for (int t = 0; t < T; ++t)
+        for (int b = 0; b < K / 32; ++b) {
+            float s = 0.f;
+            for (int j = 0; j < 32; ++j) s += x[(int64_t)t * K + 32 * b + j];
+            xs[t * (K / 32) + b] = s;
+        }
+}
+
+// Inside a parallel region: this thread's share of the rows, in chunks of 16 (all threads call).
+void linear_par(const Lin& L, const float* x, const float* xs, int T, float* y) {
+    const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int chunks = (L.N + 15) / 16;
+    const int c0 = (int)((int64_t)chunks * tid / nt), c1 = (int)((int64_t)chunks * (tid + 1) / nt);
+    const int n0 = c0 * 16, n1 = c1 * 16 < L.N ? c1 * 16 : L.N;
+    if (n0 < n1) linear_rows(L, x, xs, T, y, n0, n1);
+}
+
+void rmsnorm(const float* x, const float* w, int H, float eps, bool bf16, float* out) {
+    float ss = 0.f;
+    for (int i = 0; i < H; ++i) ss += x[i] * x[i];
+    const float r = 1.0f / std::sqrt(ss / H + eps);
+    for (int i = 0; i < H; ++i) out[i] = bf16 ? rb(x[i] * r * w[i]) : x[i] * r * w[i];
+}
+
+inline float kv_at(const void* pool, bool bf, int64_t i) {
+    return bf ? bf16_to_f32(((const uint16_t*)pool)[i]) : ((const float*)pool)[i];
+}
+
+// one sequence, one KV head: its g query heads over the context [0, L) read from the blocks.
+// scratch: 2 * L * hd + g * L floats.
+void attend(const Model& m, const float* q /*[g, hd] */, const int64_t* table, int L, int kvh,
+            const void* kl, const void* vl, float* scratch, float* out /*[g, hd]*/) {
+    const int hd = m.head_dim, g = m.n_heads / m.n_kv, nkv = m.n_kv, bs = m.block_size;
+    const bool kbf = m.kv_bf16;
+    const float scale = 1.0f / std::sqrt((float)hd);
+    float* Kf = scratch;                  // [L, hd] this head's keys, as float
+    float* Vf = Kf + (size_t)L * hd;      // [L, hd]
+    float* S = Vf + (size_t)L * hd;       // [g, L] scores, then weights
+    for (int p = 0; p < L; ++p) {
+        const int64_t base = ((table[p / bs] * bs + p % bs) * nkv + kvh) * hd;
+        for (int d = 0; d < hd; d += 16) {
+            if (kbf) {
+                _mm512_storeu_ps(Kf + (size_t)p * hd + d, load_bf16x16((const uint16_t*)kl + base + d));
+                _mm512_storeu_ps(Vf + (size_t)p * hd + d, load_bf16x16((const uint16_t*)vl + base + d));
+            } else {
+                _mm512_storeu_ps(Kf + (size_t)p * hd + d, _mm512_loadu_ps((const float*)kl + base + d));
+                _mm512_storeu_ps(Vf + (size_t)p * hd + d, _mm512_loadu_ps((const float*)vl + base + d));
+            }
+        }
+    }
+    for (int j = 0; j < g; ++j) {
+        const float* qj = q + j * hd;
+        float* s = S + (size_t)j * L;
+        float mx = -INFINITY;
+        for (int p = 0; p < L; ++p) {
+            const float* k = Kf + (size_t)p * hd;
+            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(k), _mm512_loadu_ps(qj));
+            for (int d = 16; d < hd; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(k + d), _mm512_loadu_ps(qj + d), acc);
+            s[p] = _mm512_reduce_add_ps(acc) * scale;
+            mx = s[p] > mx ? s[p] : mx;
+        }
+        const float inv = 1.0f / exp_sub_sum(s, L, mx);
+        for (int d = 0; d < hd; d += 16) {
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+            int p = 0;
+            for (; p + 1 < L; p += 2) {
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(Vf + (size_t)p * hd + d), _mm512_set1_ps(s[p]), a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(Vf + (size_t)(p + 1) * hd + d), _mm512_set1_ps(s[p + 1]), a1);
+            }
+            if (p < L) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(Vf + (size_t)p * hd + d), _mm512_set1_ps(s[p]), a0);
+            _mm512_storeu_ps(out + j * hd + d, _mm512_mul_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(inv)));
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// y[T, N] (float) = x[T, K] (float) w^T for one Lin, on nthreads.
+void agp_linear(const Lin* L, const float* x, int T, float* y, int nthreads) {
+    std::vector<float> xs(L->kind == 2 ? (size_t)T * (L->K / 32) : 0);
+    if (L->kind == 2) block_sums(x, T, L->K, xs.data());
+    const float* xsp = L->kind == 2 ? xs.data() : nullptr;
+#pragma omp parallel num_threads(nthreads)
+    linear_par(*L, x, xsp, T, y);
+}
+
+// Paged decode attention, reading K/V blocks in place: q [B, nh, hd] (row stride q_stride elements,
+// bf16 or float), tables [B, nblk], lens [B] -> out [B, nh * hd] (same dtype as q).
+void agp_paged_attention(const Model* mp, int layer, int B, const void* q, int64_t q_stride, int q_bf16,
+                         const int64_t* tables, int nblk, const int64_t* lens, void* out, int nthreads) {
+    const Model& m = *mp;
+    const int hd = m.head_dim, g = m.n_heads / m.n_kv, nkv = m.n_kv;
+    int Lmax = 0;
+    for (int b = 0; b < B; ++b) Lmax = lens[b] > Lmax ? (int)lens[b] : Lmax;
+    const void* kl = (const char*)m.k_pool + layer * m.layer_stride * (m.kv_bf16 ? 2 : 4);
+    const void* vl = (const char*)m.v_pool + layer * m.layer_stride * (m.kv_bf16 ? 2 : 4);
+#pragma omp parallel num_threads(nthreads)
+    {
+        std::vector<float> scores((size_t)(2 * hd + g) * Lmax), qf((size_t)g * hd), of((size_t)g * hd);
+#pragma omp for schedule(dynamic, 1)
+        for (int w = 0; w < B * nkv; ++w) {
+            const int b = w / nkv, h = w % nkv;
+            for (int j = 0; j < g * hd; ++j) {
+                const int64_t i = b * q_stride + (int64_t)h * g * hd + j;
+                qf[j] = q_bf16 ? bf16_to_f32(((const uint16_t*)q)[i]) : ((const float*)q)[i];
+            }
+            attend(m, qf.data(), tables + (int64_t)b * nblk, (int)lens[b], h, kl, vl, scores.data(), of.data());
+            for (int j = 0; j < g * hd; ++j) {
+                const int64_t i = (int64_t)b * m.n_heads * hd + (int64_t)h * g * hd + j;
+                if (q_bf16) ((uint16_t*)out)[i] = f32_to_bf16(of[j]);
+                else ((float*)out)[i] = of[j];
+            }
+        }
+    }
+}
+
+// ---- glue between the eager path's GEMMs (large batches: oneDNN does the GEMMs) -----------
+
+inline float ld(const void* p, bool bf, int64_t i) {
+    return bf ? bf16_to_f32(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+}
+inline void st(void* p, bool bf, int64_t i, float v) {
+    if (bf) ((uint16_t*)p)[i] = f32_to_bf16(v);
+    else ((float*)p)[i] = v;
+}
+
+// x [T, H] += r (when r is given, rounded like the eager add); h = rms(x) * w. bf: tensors are bf16.
+void agp_add_rmsnorm(const void* r, void* x, const float* w, void* h, int T, int H, float eps, int bf,
+                     int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (T >= 4)
+    for (int t = 0; t < T; ++t) {
+        float xs[4096];
+        for (int i = 0; i < H; ++i) {
+            float v = ld(x, bf, (int64_t)t * H + i);
+            if (r) {
+                v += ld(r, bf, (int64_t)t * H + i);
+                if (bf) v = rb(v);
+                st(x, bf, (int64_t)t * H + i, v);
+            }
+            xs[i] = v;
+        }
+        float o[4096];
+        rmsnorm(xs, w, H, eps, bf, o);
+        for (int i = 0; i < H; ++i) st(h, bf, (int64_t)t * H + i, o[i]);
+    }
+}
+
+// gu [T, 2I] -> out [T, I] = silu(gate) * up
+void agp_silu_mul(const void* gu, void* out, int T, int I, int bf, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (T >= 4)
+    for (int t = 0; t < T; ++t) {
+        std::vector<float> g(I), u(I), o(I);
+        for (int i = 0; i < I; ++i) g[i] = ld(gu, bf, (int64_t)t * 2 * I + i), u[i] = ld(gu, bf, (int64_t)t * 2 * I + I + i);
+        silu_mul(g.data(), u.data(), o.data(), I, bf);
+        for (int i = 0; i < I; ++i) st(out, bf, (int64_t)t * I + i, o[i]);
+    }
+}
+
+// The attention block of an all-decode step: qkv [B, (nh+2kv)*hd] (a linear's output) -> RoPE on
+// q and k, k and v into the pool at slots, attention over the paged contexts -> att [B, nh*hd].
+void agp_decode_attention_block(const Model* mp, int layer, int B, const void* qkv, int bf, const int64_t* pos,
+                                const int64_t* slots, const int64_t* tables, int nblk, void* att, int nthreads) {
+    const Model& m = *mp;
+    const int hd = m.head_dim, nh = m.n_heads, nkv = m.n_kv, g = nh / nkv, QKV = (nh + 2 * nkv) * hd;
+    int Lmax = 0;
+    for (int b = 0; b < B; ++b) Lmax = pos[b] + 1 > Lmax ? (int)pos[b] + 1 : Lmax;
+    const size_t esz = m.kv_bf16 ? 2 : 4;
+    char* kl = (char*)m.k_pool + layer * m.layer_stride * esz;
+    char* vl = (char*)m.v_pool + layer * m.layer_stride * esz;
+#pragma omp parallel num_threads(nthreads)
+    {
+        std::vector<float> scratch((size_t)(2 * hd + g) * Lmax), row((size_t)(g + 2) * hd), o((size_t)g * hd);
+#pragma omp for schedule(dynamic, 1)
+        for (int w = 0; w < B * nkv; ++w) {
+            const int b = w / nkv, kh = w % nkv;
+            const float* c = m.cos + pos[b] * hd;
+            const float* sn = m.sin + pos[b] * hd;
+            for (int j = 0; j < g + 2; ++j) {   // its g query heads, its key head (rotated), its value head
+                const int head = j < g ? kh * g + j : (j == g ? nh + kh : nh + nkv + kh);
+                const int64_t base = (int64_t)b * QKV + (int64_t)head * hd;
+                float* v = &row[(size_t)j * hd];
+                for (int d = 0; d < hd; ++d) v[d] = ld(qkv, bf, base + d);
+                if (j <= g) {
+                    float r[256];
+                    for (int d = 0; d < hd; ++d) {
+                        const float sw = v[d < hd / 2 ? d + hd / 2 : d - hd / 2];
+                        r[d] = bf ? rb(rb(v[d] * c[d]) + rb(sw * sn[d])) : v[d] * c[d] + sw * sn[d];
+                    }
+                    std::memcpy(v, r, hd * sizeof(float));
+                }
+            }
+            const int64_t dst = (slots[b] * nkv + kh) * hd;
+            for (int d = 0; d < hd; ++d) {
+                st(kl, m.kv_bf16, dst + d, row[(size_t)g * hd + d]);
+                st(vl, m.kv_bf16, dst + d, row[(size_t)(g + 1) * hd + d]);
+            }
+            attend(m, row.data(), tables + (int64_t)b * nblk, (int)pos[b] + 1, kh, kl, vl, scratch.data(), o.data());
+            for (int j = 0; j < g * hd; ++j) st(att, bf, (int64_t)b * nh * hd + (int64_t)kh * g * hd + j, o[j]);
+        }
+    }
+}
+
+// One all-decode step of B sequences (one token each): logits [n_out, V] float.
+//
+// One parallel region, five barriers a layer (after qkv, attention, o, gate_up, down): every
+// thread keeps its own copy of the residual stream and of the small per-row vectors (norms,
+// block sums, silu*mul), computing them redundantly instead of waiting for one thread to.
+void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthreads) {
+    const Model& m = *mp;
+    const Step& s = *sp;
+    const int B = s.B, H = m.hidden, I = m.inter, hd = m.head_dim, nh = m.n_heads, nkv = m.n_kv;
+    const int g = nh / nkv, QKV = (nh + 2 * nkv) * hd;
+    const bool bf = m.bf16;
+    int Lmax = 0;
+    for (int b = 0; b < B; ++b) Lmax = s.pos[b] + 1 > Lmax ? (int)s.pos[b] + 1 : Lmax;
+    // shared: the outputs of the parallel phases
+    std::vector<float> tmp((size_t)B * H), qkv((size_t)B * QKV), att((size_t)B * nh * hd), gu((size_t)B * 2 * I);
+    const size_t esz = m.kv_bf16 ? 2 : 4;
+#pragma omp parallel num_threads(nthreads)
+    {
+        // private: the residual stream and what each phase's input needs
+        std::vector<float> x((size_t)B * H), h((size_t)B * H), act((size_t)B * I), xs((size_t)B * (I / 32 + 1)),
+            scratch((size_t)(2 * hd + g) * Lmax);
+        for (int b = 0; b < B; ++b)   // the embedding rows
+            for (int i = 0; i < H; ++i) {
+                const int64_t k = s.tokens[b] * H + i;
+                x[(size_t)b * H + i] = m.embed_bf16 ? bf16_to_f32(((const uint16_t*)m.embed)[k]) : ((const float*)m.embed)[k];
+            }
+        auto residual = [&]() {        // x += tmp (the o or down output)
+            for (size_t i = 0; i < x.size(); ++i) x[i] = bf ? rb(x[i] + tmp[i]) : x[i] + tmp[i];
+        };
+        auto norm_rows = [&](const float* w, int rows, const int64_t* which) {
+            for (int r = 0; r < rows; ++r)
+                rmsnorm(&x[(size_t)(which ? which[r] : r) * H], w, H, m.eps, bf, &h[(size_t)r * H]);
+        };
+        for (int li = 0; li < m.n_layers; ++li) {
+            const Layer& ly = m.layers[li];
+            char* kl = (char*)m.k_pool + li * m.layer_stride * esz;
+            char* vl = (char*)m.v_pool + li * m.layer_stride * esz;
+            if (li > 0) residual();
+            norm_rows(ly.attn_norm, B, nullptr);
+            if (ly.qkv.kind == 2) block_sums(h.data(), B, H, xs.data());
+            linear_par(ly.qkv, h.data(), xs.data(), B, qkv.data());
+#pragma omp barrier
+#pragma omp for schedule(dynamic, 1)
+            for (int w = 0; w < B * nkv; ++w) {   // one sequence's KV head: RoPE, K/V into the pool, attend
+                const int b = w / nkv, kh = w % nkv;
+                float* row = &qkv[(size_t)b * QKV];
+                const float* c = m.cos + s.pos[b] * hd;
+                const float* sn = m.sin + s.pos[b] * hd;
+                for (int head = kh * g; head <= kh * g + g; ++head) {   // its g query heads, then its key head
+                    float* v = row + (size_t)(head < kh * g + g ? head : nh + kh) * hd;
+                    float r[256];
+                    for (int d = 0; d < hd; ++d) {
+                        const float sw = v[d < hd / 2 ? d + hd / 2 : d - hd / 2];
+                        r[d] = bf ? rb(rb(v[d] * c[d]) + rb(sw * sn[d])) : v[d] * c[d] + sw * sn[d];
+                    }
+                    std::memcpy(v, r, hd * sizeof(float));
+                }
+                const float* kr = row + (size_t)(nh + kh) * hd;
+                const float* vr = row + (size_t)(nh + nkv + kh) * hd;
+                const int64_t dst = (s.slots[b] * nkv + kh) * hd;
+                for (int d = 0; d < hd; ++d) {
+                    if (m.kv_bf16) {
+                        ((uint16_t*)kl)[dst + d] = f32_to_bf16(kr[d]);
+                        ((uint16_t*)vl)[dst + d] = f32_to_bf16(vr[d]);
+                    } else {
+                        ((float*)kl)[dst + d] = kr[d];
+                        ((float*)vl)[dst + d] = vr[d];
+                    }
+                }
+                float* o = &att[(size_t)b * nh * hd + (size_t)kh * g * hd];
+                attend(m, row + (size_t)kh * g * hd, s.tables + (int64_t)b * s.nblk, (int)s.pos[b] + 1, kh, kl, vl,
+                       scratch.data(), o);
+                if (bf) round_vec(o, g * hd);
+            }
+            if (ly.o.kind == 2) block_sums(att.data(), B, nh * hd, xs.data());
+            linear_par(ly.o, att.data(), xs.data(), B, tmp.data());
+#pragma omp barrier
+            residual();
+            norm_rows(ly.ffn_norm, B, nullptr);
+            if (ly.gate_up.kind == 2) block_sums(h.data(), B, H, xs.data());
+            linear_par(ly.gate_up, h.data(), xs.data(), B, gu.data());
+#pragma omp barrier
+            for (int b = 0; b < B; ++b)
+                silu_mul(&gu[(size_t)b * 2 * I], &gu[(size_t)b * 2 * I + I], &act[(size_t)b * I], I, bf);
+            if (ly.down.kind == 2) block_sums(act.data(), B, I, xs.data());
+            linear_par(ly.down, act.data(), xs.data(), B, tmp.data());
+#pragma omp barrier
+        }
+        residual();
+        norm_rows(m.norm, s.n_out, s.out_rows);
+        if (m.lm_head.kind == 2) block_sums(h.data(), s.n_out, H, xs.data());
+        linear_par(m.lm_head, h.data(), xs.data(), s.n_out, logits);
+    }
+}
+
+}  // extern "C"

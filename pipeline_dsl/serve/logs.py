@@ -1,0 +1,87 @@
+"""Logging of `agp serve`: timestamped lines, as text or one JSON object per line.
+
+    configure("json", "info")        # before uvicorn starts; returns uvicorn's log_config
+
+Every logger (agp's, uvicorn's server and access loggers) writes to stderr through one
+formatter. Text lines read `2026-11-30T13:00:00.123Z INFO agp.serve: message`; JSON lines
+carry `ts`, `level`, `logger`, `message` and the record's structured fields (an access
+line: `client`, `method`, `path`, `status`; a stats line: its numbers).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+# the fields a record may carry (logger.info(..., extra={...})) that JSON lines keep
+STRUCTURED = ("client", "method", "path", "status", "reason", "request_id", "stats")
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{_timestamp(record)} {record.levelname} {record.name}: {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": _timestamp(record), "level": record.levelname, "logger": record.name,
+               "message": record.getMessage()}
+        for key in STRUCTURED:
+            if key in record.__dict__:
+                value = record.__dict__[key]
+                if isinstance(value, dict):
+                    out.update(value)
+                else:
+                    out[key] = value
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class AccessFormatter(logging.Formatter):
+    """uvicorn's access records (args: client, method, path, http version, status) as fields."""
+
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        if isinstance(record.args, tuple) and len(record.args) == 5:
+            client, method, path, version, status = record.args
+            record.client, record.method, record.path, record.status = client, method, path, int(status)
+            record.msg, record.args = f"{client} \"{method} {path} HTTP/{version}\" {status}", ()
+        return self.inner.format(record)
+
+
+def formatter(log_format: str) -> logging.Formatter:
+    if log_format not in ("text", "json"):
+        raise ValueError(f"log format must be text or json, not {log_format!r}")
+    return JSONFormatter() if log_format == "json" else TextFormatter()
+
+
+def configure(log_format: str = "text", level: str = "info", access_log: bool = True) -> dict:
+    """Route agp's and uvicorn's loggers to stderr in `log_format`; returns the log_config to
+    give uvicorn (so it keeps these handlers instead of installing its own)."""
+    fmt = formatter(log_format)
+    handler = logging.StreamHandler()
+    handler.setFormatter(fmt)
+    access = logging.StreamHandler()
+    access.setFormatter(AccessFormatter(fmt))
+    lvl = getattr(logging, level.upper())
+    for name in ("agp", "uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler] if name in ("agp", "uvicorn") else []
+        logger.setLevel(lvl)
+        logger.propagate = name == "uvicorn.error"
+    acc = logging.getLogger("uvicorn.access")
+    acc.handlers[:] = [access]
+    acc.setLevel(logging.INFO if access_log else logging.WARNING)
+    acc.propagate = False
+    return {"version": 1, "disable_existing_loggers": False}

@@ -1,0 +1,158 @@
+"""Tool calling: tools into the prompt, tool calls out of the answer (OpenAI's shapes).
+
+A chat template that takes `tools` (it names the variable) gets them as they are, and the
+conversation's tool history as OpenAI sends it (assistant `tool_calls`, `tool` messages
+with `tool_call_id`). A template that does not (SmolLM2's) gets the convention of the
+model's card instead: a system message listing the tools in `<tools>…</tools>` and asking
+for calls as `<tool_call>[{"name": …, "arguments": {…}}]</tool_call>`; earlier calls are
+written back in that form, and tool results as `tool` messages.
+
+The answer is parsed the same way: each `<tool_call>…</tool_call>` (a JSON object or a
+list of them) becomes an OpenAI tool call, the rest stays the message's content.
+
+    messages = prepare_messages(messages, tools, template_takes_tools=False)
+    content, calls = parse_tool_calls(text)          # calls: [{"id", "type", "function": {...}}]
+"""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+CALL_RE = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.S)
+
+SYSTEM = ("You are a function calling AI model. You are provided with function signatures within "
+          "<tools></tools> XML tags. You may call one or more functions to assist with the user query. "
+          "Don't make assumptions about what values to plug into functions.\n<tools>{tools}</tools>\n"
+          "For each function call return a json object with function name and arguments within "
+          "<tool_call></tool_call> XML tags as follows:\n<tool_call>[{{\"name\": <function-name>, "
+          "\"arguments\": <args-dict>}}]</tool_call>")
+
+
+def template_takes_tools(template: str | None) -> bool:
+    """Whether a chat template renders `tools` itself (it names the variable)."""
+    return bool(template) and re.search(r"\btools\b", template) is not None
+
+
+def functions(tools: list[dict]) -> list[dict]:
+    return [t["function"] for t in tools if isinstance(t, dict) and t.get("type", "function") == "function"]
+
+
+def prepare_messages(messages: list[dict], tools: list[dict] | None, *, template_takes_tools: bool,
+                     choice: Any = "auto") -> list[dict]:
+    """The conversation as the chat template should see it (see the module docstring)."""
+    if template_takes_tools:
+        return [dict(m) for m in messages]
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m.get("role") == "assistant" and m.get("tool_calls"):
+            calls = [{"name": c["function"]["name"], "arguments": _arguments(c["function"].get("arguments"))}
+                     for c in m["tool_calls"]]
+            text = m.get("content") or ""
+            m["content"] = (text + "\n" if text else "") + OPEN + json.dumps(calls, ensure_ascii=False) + CLOSE
+            m.pop("tool_calls")
+        elif m.get("role") == "tool":
+            m["content"] = m.get("content") or ""
+        if m.get("content") is None:
+            m["content"] = ""
+        out.append({"role": m["role"], "content": m["content"]})
+    if tools and choice != "none":
+        listing = json.dumps(functions(tools), ensure_ascii=False)
+        system = SYSTEM.format(tools=listing)
+        if isinstance(choice, dict):
+            system += f"\nCall the function {choice['function']['name']}."
+        elif choice == "required":
+            system += "\nAnswer with at least one function call."
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": system + "\n\n" + out[0]["content"]}
+        else:
+            out.insert(0, {"role": "system", "content": system})
+    return out
+
+
+def _arguments(value) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value if value is not None else {}
+
+
+def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
+    """(the content outside the calls, or None when there is none; the tool calls found)."""
+    calls = []
+    for body in CALL_RE.findall(text):
+        try:
+            value = json.loads(body.strip())
+        except ValueError:
+            continue                        # not a call after all: it stays in the content
+        for call in value if isinstance(value, list) else [value]:
+            if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+                continue
+            args = call.get("arguments", call.get("parameters", {}))
+            calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                          "function": {"name": call["name"],
+                                       "arguments": args if isinstance(args, str)
+                                       else json.dumps(args, ensure_ascii=False)}})
+    if not calls:
+        return text, []
+    content = CALL_RE.sub("", text).strip()
+    return (content or None), calls
+
+
+class ToolStream:
+    """Streams an answer's content while holding back anything that may be a tool call: text
+    from a `<tool_call>` (or a prefix of it) onwards waits until the call is complete, then
+    leaves as tool-call deltas. `feed(delta) -> (content, calls)`; `finish() -> (content, calls)`."""
+
+    def __init__(self) -> None:
+        self.pending = ""
+        self.index = 0
+
+    def feed(self, delta: str) -> tuple[str, list[dict]]:
+        self.pending += delta
+        content, calls = "", []
+        while True:
+            start = self.pending.find(OPEN)
+            if start < 0:
+                keep = _partial_suffix(self.pending, OPEN)
+                content += self.pending[:len(self.pending) - keep]
+                self.pending = self.pending[len(self.pending) - keep:]
+                return content, calls
+            content += self.pending[:start]
+            end = self.pending.find(CLOSE, start)
+            if end < 0:
+                self.pending = self.pending[start:]
+                return content, calls
+            block = self.pending[start:end + len(CLOSE)]
+            self.pending = self.pending[end + len(CLOSE):]
+            text, found = parse_tool_calls(block)
+            if found:
+                for c in found:
+                    calls.append({"index": self.index, **c})
+                    self.index += 1
+            else:
+                content += block
+
+    def finish(self) -> tuple[str, list[dict]]:
+        rest, self.pending = self.pending, ""
+        return rest, []
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of text that is a proper prefix of tag."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:k]):
+            return k
+    return 0
+
+
+def tool_call_spec(tools: list[dict], choice: Any) -> dict | None:
+    """The constrain.py spec that forces a call (tool_choice "required" or a named function)."""
+    if choice == "required" or isinstance(choice, dict):
+        return {"type": "tool_call", "tools": tools, "choice": choice, "begin": OPEN, "end": CLOSE, "array": True}
+    return None

@@ -1,0 +1,438 @@
+"""Operating `agp serve` as one operates vLLM: flags (and their AGP_* variables), the startup
+banner, auth, CORS, TLS, a root path, logs, vLLM-named metrics and the server's trace.
+
+One server process runs with most flags at once (module fixture); the checks read what it
+says and answers.
+"""
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "sk-test-7f3a"
+
+PIPELINE = """pipeline ops {{
+    model  = "{model}"
+    device = cpu
+    dtype  = fp32
+    stage request : requests      {{ max_queue = 256 }}
+    stage batch   : dynamic_batch {{ max_batch_size = 16  timeout = 5ms }}
+    stage encode  : encode        {{}}
+    stage kv      : kv_lookup     {{ block_size = 8  budget = 1MiB }}
+    stage gen     : generate      {{ max_new_tokens = 16 }}
+    stage out     : respond       {{}}
+    request -> batch
+    batch -> encode when full
+    batch -> encode when timeout
+    encode -> kv -> gen -> out
+}}
+"""
+
+TEMPLATE = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}{% if add_generation_prompt %}=>{% endif %}"
+
+VLLM = {  # name -> type, as a vLLM dashboard reads them
+    "vllm:num_requests_running": "gauge", "vllm:num_requests_waiting": "gauge",
+    "vllm:kv_cache_usage_perc": "gauge", "vllm:prompt_tokens": "counter", "vllm:generation_tokens": "counter",
+    "vllm:time_to_first_token_seconds": "histogram", "vllm:inter_token_latency_seconds": "histogram",
+    "vllm:e2e_request_latency_seconds": "histogram", "vllm:request_queue_time_seconds": "histogram",
+    "vllm:request_prefill_time_seconds": "histogram", "vllm:request_decode_time_seconds": "histogram",
+    "vllm:request_prompt_tokens": "histogram", "vllm:request_generation_tokens": "histogram",
+    "vllm:num_preemptions": "counter", "vllm:prefix_cache_queries": "counter",
+    "vllm:prefix_cache_hits": "counter", "vllm:request_success": "counter",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """`agp serve` in a child process, its stderr collected line by line."""
+
+    def __init__(self, args: list[str], env: dict | None = None, scheme: str = "http", verify=True,
+                 root: str = ""):
+        self.port = _free_port()
+        self.url = f"{scheme}://127.0.0.1:{self.port}{root}"
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "serve", *args,
+                                      "--port", str(self.port)], stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                     env={**os.environ, **(env or {})})
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self.client = httpx.Client(verify=verify, timeout=60)
+        deadline = time.monotonic() + 120
+        while True:
+            assert self.proc.poll() is None, "\n".join(self.lines)
+            try:
+                if self.client.get(self.url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "agp serve did not come up:\n" + "\n".join(self.lines)
+            time.sleep(0.2)
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.reader.join(10)
+        return code
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    import ssl
+
+    trustme = pytest.importorskip("trustme")
+    d = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert.private_key_pem.write_to_path(str(d / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    return argparse.Namespace(dir=d, context=ssl.create_default_context(cafile=str(d / "ca.pem")))
+
+
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory, tiny_gguf, tls):
+    d = tmp_path_factory.mktemp("ops")
+    (d / "ops.agp").write_text(PIPELINE.format(model=tiny_gguf))
+    (d / "template.jinja").write_text(TEMPLATE)
+    server = Proc([str(d / "ops.agp"), "--threads", "1", "--served-model-name", "alpha", "beta",
+                   "--max-model-len", "200", "--chat-template", str(d / "template.jinja"), "--seed", "11",
+                   "--root-path", "/llm", "--allowed-origins", "https://app.example",
+                   "--ssl-keyfile", str(tls.dir / "key.pem"), "--ssl-certfile", str(tls.dir / "cert.pem"),
+                   "--log-format", "json", "--stats-interval", "0.5", "--trace", str(d / "serve.trace.json")],
+                  env={"AGP_API_KEY": KEY, "AGP_MAX_NUM_SEQS": "4"}, scheme="https", verify=tls.context)
+    server.dir, server.ca = d, tls.context
+    server.auth = {"Authorization": f"Bearer {KEY}"}
+    yield server
+    server.stop()
+
+
+def _records(server) -> list[dict]:
+    return [json.loads(line) for line in list(server.lines) if line.startswith("{")]
+
+
+def _wait_for(predicate, what: str, timeout: float = 20):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+# ---------------------------------------------------------------- flags, banner, auth
+
+def test_the_banner_shows_the_effective_values_of_flags_and_variables(ops):
+    banner = " ".join(r["message"] for r in _records(ops) if r["logger"] == "agp.serve")
+    assert "agp 0.1.0 serving pipeline 'ops' as 'alpha', 'beta' at https://127.0.0.1:" in banner
+    assert "/llm/v1" in banner
+    assert "context 200 tokens" in banner                        # --max-model-len over the model's 512
+    assert "batch 4 sequences" in banner                         # AGP_MAX_NUM_SEQS over the file's 16
+    assert "KV 256 blocks x 8 tokens" in banner and "on cpu" in banner and "seed 11" in banner
+    assert "api key required" in banner and "CORS https://app.example" in banner
+
+
+def test_every_v1_route_wants_the_key_and_health_and_metrics_stay_open(ops):
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+                         ("GET", "/v1/models/alpha"), ("POST", "/tokenize"), ("GET", "/stats")):
+        r = ops.client.request(method, ops.url + path, json={})
+        assert r.status_code == 401, path
+        err = r.json()["error"]
+        assert err["code"] == "invalid_api_key" and err["type"] == "invalid_request_error" and err["message"]
+        assert r.headers["www-authenticate"] == "Bearer"
+        wrong = ops.client.request(method, ops.url + path, json={}, headers={"Authorization": "Bearer sk-nope"})
+        assert wrong.status_code == 401
+    for path in ("/health", "/metrics", "/version"):
+        assert ops.client.get(ops.url + path).status_code == 200, path
+    client = openai.OpenAI(base_url=ops.url + "/v1", api_key="sk-nope", max_retries=0,
+                           http_client=httpx.Client(verify=ops.ca))
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+
+
+def test_served_names_context_and_template_take_effect(ops):
+    client = openai.OpenAI(base_url=ops.url + "/v1", api_key=KEY, max_retries=0,
+                           http_client=httpx.Client(verify=ops.ca))
+    models = client.models.list().data
+    assert [m.id for m in models][:2] == ["alpha", "beta"]
+    assert all(m.max_model_len == 200 for m in models)
+    out = client.completions.create(model="beta", prompt="hi", max_tokens=3)
+    assert out.model == "beta" and out.usage.completion_tokens == 3
+    with pytest.raises(openai.BadRequestError, match="200"):
+        client.completions.create(model="alpha", prompt="hi", max_tokens=250)
+    ids = ops.client.post(ops.url + "/tokenize", headers=ops.auth,
+                          json={"messages": [{"role": "user", "content": "hey"}]}).json()["tokens"]
+    text = ops.client.post(ops.url + "/detokenize", headers=ops.auth, json={"tokens": ids}).json()["prompt"]
+    assert text == "<<hey>>=>"                                   # --chat-template's rendering
+
+
+def test_cors_preflight_and_the_root_path(ops):
+    pre = ops.client.options(ops.url + "/v1/chat/completions", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://app.example"
+    other = ops.client.options(ops.url + "/v1/models", headers={"Origin": "https://evil.example",
+                                                               "Access-Control-Request-Method": "GET"})
+    assert "access-control-allow-origin" not in other.headers
+    assert ops.client.get(ops.url + "/v1/models", headers=ops.auth).status_code == 200      # under /llm
+
+
+def test_tls_is_served_and_plain_http_is_not(ops):
+    plain = ops.url.replace("https://", "http://")
+    with pytest.raises(httpx.TransportError):
+        httpx.get(plain + "/health", timeout=5)
+
+
+def test_the_same_seed_gives_the_same_unseeded_samples(soft_gguf):
+    from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
+
+    def sample(seed):
+        engine = Engine(EngineConfig(model=str(soft_gguf), dtype="fp32", kv_budget_bytes=1 << 20, block_size=8,
+                                     seed=seed))
+        params = SamplingParams(max_tokens=24, temperature=1.0, ignore_eos=True)
+        for i, prompt in enumerate(["a b c", "x y"]):
+            engine.add_request(f"r{i}", prompt=prompt, params=params)
+        out: dict = {}
+        while engine.has_unfinished():
+            for o in engine.step():
+                out.setdefault(o.request_id, []).extend(o.new_token_ids)
+        return out
+
+    assert sample(5) == sample(5)
+    assert sample(5) != sample(6)
+
+
+# ---------------------------------------------------------------- logs
+
+def test_logs_are_timestamped_json_with_access_lines_reasons_and_stats(ops):
+    ops.client.post(ops.url + "/v1/completions", headers=ops.auth, json={"prompt": "x", "max_tokens": 0.5})
+    body = {"prompt": "stats please", "max_tokens": 64, "ignore_eos": True}
+    threads = [threading.Thread(target=ops.client.post, args=(ops.url + "/v1/completions",),
+                                kwargs={"headers": ops.auth, "json": body}) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    _wait_for(lambda: any(r.get("stats") or "gen_tok_s" in r for r in _records(ops)), "no stats line")
+    records = _records(ops)
+    assert all(r["ts"].endswith("Z") and r["level"] and r["logger"] for r in records)
+    access = [r for r in records if r["logger"] == "uvicorn.access"]
+    assert any(r["method"] == "POST" and r["path"] == "/llm/v1/completions" and r["status"] == 200 for r in access)
+    reasons = [r for r in records if r["logger"] == "agp.serve" and r.get("status") == 400]
+    assert reasons and reasons[-1]["level"] == "INFO" and "max_tokens" in reasons[-1]["reason"]
+    stats = [r for r in records if "gen_tok_s" in r]
+    assert any(r["gen_tok_s"] > 0 for r in stats)
+    assert {"running", "waiting", "prompt_tok_s", "kv_usage", "prefix_hit_rate"} <= stats[0].keys()
+
+
+def test_text_logs_and_no_access_log(tmp_path, tiny_gguf):
+    (tmp_path / "p.agp").write_text(PIPELINE.format(model=tiny_gguf))
+    server = Proc([str(tmp_path / "p.agp"), "--threads", "1", "--no-access-log"])
+    try:
+        assert server.client.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}
+                                  ).status_code == 200
+        assert server.client.post(server.url + "/v1/completions", json={"prompt": ""}).status_code == 400
+    finally:
+        assert server.stop() == 0
+    text = "\n".join(server.lines)
+    assert "uvicorn.access" not in text
+    line = next(x for x in server.lines if "-> 400" in x)
+    assert line[:4].isdigit() and "Z INFO agp.serve: POST /v1/completions -> 400" in line
+
+
+# ---------------------------------------------------------------- metrics
+
+def _scrape(server) -> dict:
+    text = server.client.get(server.url + "/metrics").text
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def _value(families, name, sample=None, **labels) -> float:
+    fam = families[name]
+    want = sample or (name + "_total" if fam.type == "counter" else name)
+    return sum(s.value for s in fam.samples if s.name == want and labels.items() <= s.labels.items())
+
+
+def test_metrics_carry_vllm_names_types_model_label_and_move_under_load(ops):
+    before = _scrape(ops)
+    for name, kind in VLLM.items():
+        assert name in before and before[name].type == kind, name
+        assert all(s.labels.get("model_name") == "alpha" for s in before[name].samples), name
+    every = [s for f in before.values() for s in f.samples]
+    assert not any(s.name.endswith("_created") for s in every)
+    assert "process_resident_memory_bytes" in before and "process_cpu_seconds" in before
+    assert "agp_requests" in before and "agp_stage_items_in" in before         # agp's names stay
+
+    peak = {"running": 0.0, "usage": 0.0}
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            fams = _scrape(ops)
+            peak["running"] = max(peak["running"], _value(fams, "vllm:num_requests_running"))
+            peak["usage"] = max(peak["usage"], _value(fams, "vllm:kv_cache_usage_perc"))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    shared = "the same long system prompt for every request " * 4
+    body = {"prompt": shared, "max_tokens": 48, "ignore_eos": True}
+    threads = [threading.Thread(target=ops.client.post, args=(ops.url + "/v1/completions",),
+                                kwargs={"headers": ops.auth, "json": body}) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    stop.set()
+    watcher.join(30)
+    after = _scrape(ops)
+    assert peak["running"] >= 1 and 0 < peak["usage"] <= 1
+    assert _value(after, "vllm:num_requests_running") == 0
+    grew = {name: _value(after, name, name + ("_count" if VLLM[name] == "histogram" else "_total"))
+            - _value(before, name, name + ("_count" if VLLM[name] == "histogram" else "_total"))
+            for name, kind in VLLM.items() if kind != "gauge" and name != "vllm:num_preemptions"}
+    assert grew["vllm:request_success"] >= 8 and grew["vllm:e2e_request_latency_seconds"] >= 8
+    assert grew["vllm:generation_tokens"] >= 8 * 48 and grew["vllm:prompt_tokens"] > 8 * 20
+    assert grew["vllm:request_queue_time_seconds"] >= 8 and grew["vllm:request_decode_time_seconds"] >= 8
+    assert grew["vllm:prefix_cache_hits"] > 0 and grew["vllm:prefix_cache_queries"] >= grew["vllm:prefix_cache_hits"]
+    assert _value(after, "vllm:request_success", finished_reason="length") >= 8
+    assert 0 < _value(after, "agp_prefix_cache_hit_rate") <= 1
+
+
+# ---------------------------------------------------------------- trace
+
+def test_the_server_trace_opens_in_perfetto_with_request_ids_and_flows(ops):
+    r = ops.client.post(ops.url + "/v1/completions", headers=ops.auth, json={"prompt": "trace me", "max_tokens": 4})
+    rid = r.json()["id"]
+    flushed = ops.client.post(ops.url + "/trace/flush", headers=ops.auth)
+    assert flushed.status_code == 200 and flushed.json()["trace"] == "serve.trace.json"
+    assert ops.client.post(ops.url + "/trace/flush").status_code == 401
+    trace = json.loads((ops.dir / "serve.trace.json").read_text())
+    check_trace_event_format(trace)
+    mine = [e for e in trace["traceEvents"] if e["ph"] == "X" and e["args"].get("id") == rid]
+    names = [e["name"] for e in sorted(mine, key=lambda e: e["ts"])]
+    assert names[0] == "request.admit" and "gen.generate" in names and names[-1] == "out.respond"
+    key = mine[0]["args"]["request"]
+    flow = [e for e in trace["traceEvents"] if e["ph"] in "stf" and e["args"]["request"] == key]
+    assert [e["ph"] for e in flow] == ["s"] + ["t"] * (len(mine) - 2) + ["f"]
+    assert len({e["id"] for e in flow}) == 1
+
+
+def check_trace_event_format(trace: dict) -> None:
+    """What Perfetto's JSON importer needs: the Trace Event Format's required keys and types,
+    complete events with durations, flows that start, step and finish inside slices."""
+    events = trace["traceEvents"]
+    assert isinstance(events, list) and events
+    slices: dict[tuple, list] = {}
+    for e in events:
+        assert e["ph"] in {"X", "M", "s", "t", "f"} and isinstance(e["name"], str), e
+        assert isinstance(e["pid"], int)
+        if e["ph"] == "M":
+            assert e["name"] in {"process_name", "thread_name", "thread_sort_index"} and isinstance(e["args"], dict)
+            continue
+        assert isinstance(e["tid"], int) and isinstance(e["ts"], (int, float)) and e["ts"] >= 0
+        if e["ph"] == "X":
+            assert isinstance(e["dur"], (int, float)) and e["dur"] >= 0
+            slices.setdefault((e["pid"], e["tid"]), []).append((e["ts"], e["ts"] + e["dur"]))
+    flows: dict = {}
+    for e in events:
+        if e["ph"] in "stf":
+            assert isinstance(e["id"], int) and e["cat"]
+            assert any(a <= e["ts"] <= b for a, b in slices[(e["pid"], e["tid"])]), "a flow event outside any slice"
+            flows.setdefault(e["id"], []).append(e["ph"])
+    for phases in flows.values():
+        assert phases[0] == "s" and phases[-1] == "f" and set(phases[1:-1]) <= {"t"}
+    for spans in slices.values():                       # slices on one track nest or follow each other
+        spans.sort(key=lambda s: (s[0], -s[1]))
+        stack: list = []
+        for a, b in spans:
+            while stack and stack[-1] <= a:
+                stack.pop()
+            assert not stack or b <= stack[-1] + 1e-3, "overlapping slices on one track"
+            stack.append(b)
+
+
+def test_the_trace_is_written_at_shutdown(tmp_path, tiny_gguf):
+    (tmp_path / "p.agp").write_text(PIPELINE.format(model=tiny_gguf))
+    server = Proc([str(tmp_path / "p.agp"), "--threads", "1", "--trace", str(tmp_path / "t.json")])
+    try:
+        for i in range(3):
+            server.client.post(server.url + "/v1/completions", json={"prompt": f"n{i}", "max_tokens": 3})
+    finally:
+        assert server.stop() == 0
+    trace = json.loads((tmp_path / "t.json").read_text())
+    check_trace_event_format(trace)
+    lanes = {e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "thread_name"}
+    assert "requests #1" in lanes and "compute" in lanes
+
+
+# ---------------------------------------------------------------- the command line
+
+def test_agp_version_and_the_usage_of_an_unknown_serve_flag():
+    v = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "--version"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=60)
+    assert v.returncode == 0 and v.stdout.strip() == "agp 0.1.0"
+    bad = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "serve", "examples/chat.agp", "--max-num-seq",
+                          "4", "--bogus"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert bad.returncode == 2
+    assert "usage: agp serve" in bad.stderr and "unrecognized arguments: --bogus" in bad.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ssl-keyfile", "k.pem"], "--ssl-keyfile and --ssl-certfile go together"),
+    (["--chat-template", "missing.jinja"], "--chat-template missing.jinja: no such file"),
+    (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1"),
+    (["--root-path", "llm"], "--root-path must start with '/'"),
+])
+def test_bad_serve_flags_exit_2_naming_the_flag(argv, message):
+    r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "serve", "examples/chat.agp", "--port", "0",
+                        *argv], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_environment_variables_set_serve_flags_and_flags_win():
+    p = argparse.ArgumentParser(prog="agp serve")
+    os_env = {"AGP_API_KEY": "k1,k2", "AGP_MAX_NUM_SEQS": "8", "AGP_ACCESS_LOG": "false", "AGP_SEED": "3", "AGP_LOG_FORMAT": "json"}
+    _add(p, os_env)
+    args = p.parse_args(["x.agp"])
+    assert args.api_key == ["k1", "k2"] and args.max_num_seqs == 8 and args.seed == 3
+    assert args.access_log is False and args.log_format == "json"
+    assert p.parse_args(["x.agp", "--max-num-seqs", "2"]).max_num_seqs == 2
+    bad = argparse.ArgumentParser(prog="agp serve")
+    with pytest.raises(SystemExit) as e:
+        _add(bad, {"AGP_MAX_NUM_SEQS": "many"})
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        _add(argparse.ArgumentParser(prog="agp serve"), {"AGP_LOG_FORMAT": "xml"})
+
+
+def _add(p, environ):
+    """serve's arguments with their defaults from `environ` instead of os.environ."""
+    from unittest import mock
+
+    from pipeline_dsl.commands import serve
+
+    with mock.patch.dict(os.environ, environ, clear=False):
+        serve.add_arguments(p)
