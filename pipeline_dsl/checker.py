@@ -519,7 +519,47 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
         if device is not None and "device" in given and not DEVICE_RE.match(str(device)):
             diags.append(_err(f"'{device}' is not a device", where("device"), expected="auto | cpu | cuda | cuda:N",
                               hint=did_you_mean(str(device), ("auto", "cpu", "cuda", "mps"))))
+        schema = params.get("json_schema")
+        if schema is not None and "json_schema" in given:
+            params["json_schema"], d = _json_schema_file(schema, base, where("json_schema"))
+            if d:
+                diags.append(d)
     return diags
+
+
+SCHEMA_EXPECTED = "a JSON Schema file (relative to this .agp file) that constrained decoding can enforce"
+
+
+def _json_schema_file(path: str, base: str | None, pos: SourcePos) -> tuple[str, Diagnostic | None]:
+    """generate.json_schema: the file found beside the .agp file (or from the working directory),
+    made absolute, once it reads as JSON and compiles as the engine will compile it (constrain.py,
+    without a tokenizer and without torch); anything else an error at the setting."""
+    import json
+
+    found = None
+    for folder in ([base] if base else []) + [os.getcwd()]:
+        candidate = os.path.join(folder, os.path.expanduser(path))
+        if os.path.isfile(candidate):
+            found = os.path.abspath(candidate)
+            break
+    if found is None:
+        return path, _err(f"json_schema file not found: '{path}'", pos, expected=SCHEMA_EXPECTED)
+    try:
+        with open(found, encoding="utf-8") as f:
+            schema = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return path, _err(f"json_schema file '{path}' is not JSON: {e}", pos, expected=SCHEMA_EXPECTED)
+    if not isinstance(schema, (dict, bool)):
+        return path, _err(f"json_schema file '{path}' holds a {type(schema).__name__}, not a schema object",
+                          pos, expected=SCHEMA_EXPECTED)
+    from .engine import constrain       # no torch: the grammar only, no tokenizer
+
+    try:
+        constrain.check_spec({"type": "json_schema", "schema": schema})
+    except constrain.GrammarError as e:
+        return path, _err(f"json_schema file '{path}' cannot be enforced: {e}", pos, expected=SCHEMA_EXPECTED,
+                          hint="constrained decoding supports most of JSON Schema; not, e.g., uniqueItems or not")
+    return found, None
 
 
 def _base_dir(pos: SourcePos | None) -> str | None:

@@ -114,6 +114,18 @@ GENERATE = StageKind(
         Param("ignore_eos", BOOL, False, "keep generating past the end-of-sequence token"),
         Param("n", INT, 1, "answers sampled per request (they share the prompt's KV blocks); each "
               "goes on as its own item, e.g. into a join", min=1, max=64),
+        Param("presence_penalty", FLOAT, 0.0, "subtracted from the logit of every token already in the "
+              "answer (OpenAI's presence_penalty; > 0: fewer repeated topics)", min=-2.0, max=2.0),
+        Param("frequency_penalty", FLOAT, 0.0, "subtracted from a token's logit once per time it is already "
+              "in the answer (OpenAI's frequency_penalty)", min=-2.0, max=2.0),
+        Param("repetition_penalty", FLOAT, 1.0, "divides the positive logits (multiplies the negative ones) of "
+              "tokens in the prompt or the answer (vLLM / HF; 1 = off)", min=0.0, max=2.0, min_exclusive=True),
+        Param("min_p", FLOAT, 0.0, "drop tokens less likely than min_p times the likeliest one (0 = off)",
+              min=0.0, max=1.0),
+        Param("min_tokens", INT, 0, "tokens generated before end-of-sequence or a stop token id may be "
+              "sampled", min=0, max=1 << 20),
+        Param("json_schema", STR, None, "a JSON Schema file, relative to the .agp file, that every answer "
+              "of this stage must follow (constrained decoding)", optional=True),
         Param("model", STR, None, "this stage's model (default: the pipeline's `model`)", optional=True,
               inherits="model"),
         Param("device", STR, None, "this stage's device (default: the pipeline's `device`)", optional=True,

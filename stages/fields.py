@@ -27,6 +27,11 @@ REQUEST_FIELDS: dict[str, tuple[str, str]] = {
     "stop": ("generate", "stop"),
     "ignore_eos": ("generate", "ignore_eos"),
     "n": ("generate", "n"),
+    "presence_penalty": ("generate", "presence_penalty"),
+    "frequency_penalty": ("generate", "frequency_penalty"),
+    "repetition_penalty": ("generate", "repetition_penalty"),
+    "min_p": ("generate", "min_p"),
+    "min_tokens": ("generate", "min_tokens"),
 }
 
 # EngineConfig field -> (stage kind, parameter)

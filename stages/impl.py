@@ -197,6 +197,11 @@ class Generate:
             "top_k": "top_k",
             "seed": "seed",
             "ignore_eos": "ignore_eos",
+            "presence_penalty": "presence_penalty",
+            "frequency_penalty": "frequency_penalty",
+            "repetition_penalty": "repetition_penalty",
+            "min_p": "min_p",
+            "min_tokens": "min_tokens",
         })
         if params.get("stop"):
             sampling["stop"] = tuple(params["stop"])

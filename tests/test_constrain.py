@@ -1,12 +1,14 @@
 """Constrained decoding (pipeline_dsl.engine.constrain): compile, masks, and generation.
 
-Generation runs the real ModelRunner of the tiny random GGUF model through a small Engine
-subclass whose execute() masks the constrained rows before sampling and advances their
-matchers after it; one slow test does the same with the embedded SmolLM2."""
+Generation runs the real ModelRunner of the tiny random GGUF model through the Engine, each
+constrained request's grammar in its SamplingParams (engine/processors.py masks its rows
+before sampling and advances its matcher after); one slow test does the same with the
+embedded SmolLM2."""
 
 import json
 import re
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,7 +18,6 @@ pytest.importorskip("llguidance")
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 from pipeline_dsl.engine import constrain  # noqa: E402
 from pipeline_dsl.engine.constrain import ConstraintCompiler, GrammarError, apply_masks  # noqa: E402
-from pipeline_dsl.engine.model import SeqBatchItem  # noqa: E402
 
 try:
     import jsonschema
@@ -46,32 +47,11 @@ TOOLS = [
 ]
 
 
-class ConstrainedEngine(Engine):
-    """Engine whose execute() applies seq.extra["matcher"] masks (the sampler is untouched)."""
-
-    def execute(self, plan):
-        items = [SeqBatchItem(token_ids=it.seq.token_ids[it.start:it.start + it.num_tokens],
-                              start_pos=it.start, block_table=list(self.blocks.table(it.seq.request_id)),
-                              sample=it.sample) for it in plan.items]
-        logits = self.runner.execute(items, pad_to=plan.pad_to) if self._pad_kw else self.runner.execute(items)
-        seqs = [it.seq for it in plan.items if it.sample]
-        if not seqs:
-            return []
-        matchers = [s.extra.get("matcher") for s in seqs]
-        apply_masks(logits, matchers)
-        tokens = self.sampler.sample(logits, [s.params for s in seqs], [s.extra["generator"] for s in seqs])
-        for m, t in zip(matchers, tokens):
-            if m is not None:
-                assert m.accept(t), m.error
-        return tokens
-
-
 def run(engine, requests):
     """requests: {id: (grammar or None, SamplingParams)} -> {id: RequestOutput (finished)}."""
     for rid, (grammar, params) in requests.items():
-        engine.add_request(rid, messages=[{"role": "user", "content": "hello world"}], params=params)
-        if grammar is not None:
-            engine.seqs[rid].extra["matcher"] = grammar.matcher()
+        engine.add_request(rid, messages=[{"role": "user", "content": "hello world"}],
+                           params=replace(params, constraint=grammar))
     done = {}
     while engine.has_unfinished():
         for out in engine.step():
@@ -93,7 +73,7 @@ def check_bounded(v):
 
 @pytest.fixture(scope="module")
 def engine(tiny_gguf):
-    return ConstrainedEngine(EngineConfig(model=str(tiny_gguf), dtype="fp32"))
+    return Engine(EngineConfig(model=str(tiny_gguf), dtype="fp32"))
 
 
 @pytest.fixture(scope="module")
@@ -168,11 +148,11 @@ def test_tool_call_in_another_format(engine, compiler):
 def test_unconstrained_requests_are_unaffected(tiny_gguf, compiler):
     plain = {f"p{s}": (None, SamplingParams(max_tokens=20, temperature=0.9, seed=s)) for s in range(3)}
     plain["g"] = (None, SamplingParams(max_tokens=20))
-    alone = run(ConstrainedEngine(EngineConfig(model=str(tiny_gguf), dtype="fp32")), dict(plain))
+    alone = run(Engine(EngineConfig(model=str(tiny_gguf), dtype="fp32")), dict(plain))
     g = compiler.compile({"type": "json_schema", "schema": BOUNDED})
     mixed = dict(plain)
     mixed.update({f"c{s}": (g, SamplingParams(max_tokens=300, temperature=1.0, seed=s)) for s in range(3)})
-    together = run(ConstrainedEngine(EngineConfig(model=str(tiny_gguf), dtype="fp32")), mixed)
+    together = run(Engine(EngineConfig(model=str(tiny_gguf), dtype="fp32")), mixed)
     for rid in plain:
         assert together[rid].text == alone[rid].text, rid
 
@@ -364,7 +344,7 @@ def test_cache_and_threads(engine):
 # ---- the real model -------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_real_model_schema_and_tool_call():
-    eng = ConstrainedEngine(EngineConfig(dtype="fp32"))
+    eng = Engine(EngineConfig(dtype="fp32"))
     c = ConstraintCompiler(eng.tokenizer, eng.vocab_size)
     person = {"type": "object", "properties": {
         "name": {"type": "string", "maxLength": 30}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
@@ -378,8 +358,7 @@ def test_real_model_schema_and_tool_call():
             "s1": (g, SamplingParams(max_tokens=80, temperature=0.8, seed=1), msgs),
             "tool": (tool, SamplingParams(max_tokens=80), tool_msgs)}
     for rid, (gr, p, m) in reqs.items():
-        eng.add_request(rid, messages=m, params=p)
-        eng.seqs[rid].extra["matcher"] = gr.matcher()
+        eng.add_request(rid, messages=m, params=replace(p, constraint=gr))
     done = {}
     while eng.has_unfinished():
         for out in eng.step():

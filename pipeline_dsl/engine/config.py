@@ -3,17 +3,23 @@
 `EngineConfig` is one run's settings (model, precision, KV budget, batching policy),
 `SamplingParams` one request's decoding settings, `RequestOutput` what a step reports
 for one request. `SamplingParams.check()` turns bad values into `InputError`.
+
+The OpenAI/vLLM sampling features (penalties, logit_bias, min_tokens, min_p, logprobs,
+a grammar constraint) are applied by engine/processors.py; a request that uses none of
+them takes the same path, at the same cost, as before they existed.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import InputError
 
 POLICIES = ("continuous", "static")
 DTYPES = ("auto", "fp32", "bf16", "fp16", "int8")
+MAX_LOGPROBS = 20                          # alternatives per token at most (OpenAI's top_logprobs)
 
 
 @dataclass
@@ -67,6 +73,14 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False               # keep generating past end-of-sequence (benchmarks)
+    presence_penalty: float = 0.0          # -2..2 (OpenAI): subtracted once from each token already in the output
+    frequency_penalty: float = 0.0         # -2..2: subtracted per occurrence in the output so far
+    repetition_penalty: float = 1.0        # (0, 2] (vLLM/HF): prompt + output tokens: logit > 0: / r, else * r
+    min_p: float = 0.0                     # 0..1: drop tokens less likely than min_p * the likeliest
+    min_tokens: int = 0                    # EOS and stop_token_ids are masked until this many tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, -100..100) added to the logits
+    logprobs: int | None = None            # 0..20: the sampled token's logprob + this many alternatives
+    constraint: Any = field(default=None, compare=False, hash=False)  # a constrain.Grammar (compiled)
 
     def __post_init__(self) -> None:
         # accept lists (JSON) and a bare string for `stop`; store tuples (hashable, frozen)
@@ -77,10 +91,33 @@ class SamplingParams:
             elif isinstance(value, (list, tuple)) or value is None:
                 value = tuple(value or ())
             object.__setattr__(self, name, value)   # anything else: check() names it
+        bias = self.logit_bias
+        if isinstance(bias, dict) or (isinstance(bias, (list, tuple)) and all(
+                isinstance(e, (list, tuple)) and len(e) == 2 for e in bias)) or bias is None:
+            pairs = bias.items() if isinstance(bias, dict) else (bias or ())
+            merged = {}                       # {token: bias}; JSON object keys arrive as strings
+            for tok, b in pairs:
+                if isinstance(tok, str) and tok.strip().isdigit():
+                    tok = int(tok)
+                merged[tok] = b
+            try:
+                bias = tuple(sorted(merged.items()))
+            except TypeError:                # mixed key types: check() names them
+                bias = tuple(merged.items())
+            object.__setattr__(self, "logit_bias", bias)
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0 or self.top_k == 1
+
+    @property
+    def plain(self) -> bool:
+        """Uses none of the per-sequence features (penalties, logit_bias, min_tokens, logprobs,
+        a constraint): such a request takes the sampler's fast path. min_p is a plain sampler
+        setting (it never changes the argmax)."""
+        return (self.presence_penalty == 0.0 and self.frequency_penalty == 0.0
+                and self.repetition_penalty == 1.0 and not self.logit_bias and self.min_tokens == 0
+                and self.logprobs is None and self.constraint is None)
 
     def check(self) -> None:
         """Raise InputError naming the first bad value."""
@@ -92,7 +129,8 @@ class SamplingParams:
 
         from stages.fields import ParamError, check_field
 
-        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos"):
+        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "presence_penalty",
+                     "frequency_penalty", "repetition_penalty", "min_p", "min_tokens"):
             try:                              # each through generate's parameter schema
                 check_field(name, getattr(self, name))
             except ParamError as e:
@@ -109,6 +147,17 @@ class SamplingParams:
             raise InputError(f"stop_token_ids must be a list of token ids, not {self.stop_token_ids!r}")
         if not isinstance(self.ignore_eos, bool):
             raise InputError(f"ignore_eos must be true or false, not {self.ignore_eos!r}")
+        if not isinstance(self.logit_bias, tuple) or not all(
+                isinstance(e, tuple) and len(e) == 2 and is_int(e[0]) and e[0] >= 0 and is_num(e[1])
+                and -100 <= e[1] <= 100 for e in self.logit_bias):
+            raise InputError("logit_bias must map token ids to numbers from -100 to 100, not "
+                             f"{str(self.logit_bias)[:60]}")
+        if self.logprobs is not None and not (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise InputError(f"logprobs must be an integer from 0 to {MAX_LOGPROBS} (or none), "
+                             f"not {self.logprobs!r}")
+        if self.constraint is not None and not callable(getattr(self.constraint, "matcher", None)):
+            raise InputError("constraint must be a compiled grammar (constrain.Grammar), "
+                             f"not {type(self.constraint).__name__}")
 
 
 @dataclass(frozen=True)
@@ -118,8 +167,12 @@ class RequestOutput:                       # one per request touched by a step
     delta_text: str                        # text added by this step (stop strings held back)
     text: str                              # all text so far
     finished: bool
-    finish_reason: str | None              # "stop" | "length" | "abort" | None
+    finish_reason: str | None              # "stop" | "length" | "abort" | "error" | None
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int                     # prompt tokens served from the prefix cache
-    metrics: dict = field(default_factory=dict, compare=False)  # ttft_s, ... once finished
+    metrics: dict = field(default_factory=dict, compare=False)  # ttft_s, ... once finished; "error": why
+    # per new token (params.logprobs set): {"token_id", "logprob", "top": [(id, logprob), ...]},
+    # logprobs of the model's raw distribution (log_softmax of the logits before temperature,
+    # penalties, bias and masks: vLLM's default), top most likely first
+    logprobs: list | None = None

@@ -14,6 +14,7 @@ Schema keywords it cannot enforce instead of silently ignoring them.
     apply_masks(logits, [matcher_or_None for each row])
     # after sampling:
     matcher.accept(token)                                     # False: token broke the grammar
+    check_spec({"type": "json_schema", "schema": {...}})      # agp check: no tokenizer, no torch
 
 Specs accepted by `compile` (GrammarError, a ValueError, for anything it cannot compile):
 
@@ -49,8 +50,10 @@ import copy
 import json
 import threading
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where masks are made: agp check (check_spec) needs none
+    import torch
 
 try:
     import llguidance as _llg
@@ -77,49 +80,14 @@ def _need_llguidance():
         raise GrammarError("constrained decoding needs the llguidance package: pip install llguidance")
 
 
-class ConstraintCompiler:
-    """Compiles specs into Grammars for one tokenizer; keeps the last `cache_size` (LRU)."""
+class GrammarBuilder:
+    """Spec -> llguidance grammar text: no tokenizer and no torch (`agp check` uses it)."""
 
-    def __init__(self, tokenizer, vocab_size: int | None = None, *, eos_token_ids=None,
-                 cache_size: int = 256, close_objects: bool = True,
-                 whitespace: str | None = JSON_WHITESPACE):
-        _need_llguidance()
-        tk = getattr(tokenizer, "tk", tokenizer)          # ours wraps a tokenizers.Tokenizer
-        eos = sorted(eos_token_ids if eos_token_ids is not None else getattr(tokenizer, "eos_token_ids", ()))
-        if not eos:
-            raise ValueError("constrained decoding needs the tokenizer's end-of-sequence token id(s)")
-        n_tok = tk.get_vocab_size(with_added_tokens=True)
-        self.vocab_size = int(vocab_size or n_tok)         # the model's logits width
-        self.eos_token_ids = tuple(eos)
-        # llguidance reads the tokenizer from its JSON; a vocab wider than the tokenizer's gets
-        # empty tokens that are never allowed
-        self.tokenizer = _llg.LLTokenizer(tk.to_str(), n_vocab=max(self.vocab_size, n_tok),
-                                          eos_token=list(eos))
-        self.words = (self.tokenizer.vocab_size + 31) // 32  # int32 words of one row's bitmask
+    def __init__(self, close_objects: bool = True, whitespace: str | None = JSON_WHITESPACE):
         self.close_objects = close_objects
         # whitespace between JSON tokens: a regex, "" for none (compact), None for JSON's any
         self.json_options = ({"whitespace_flexible": True} if whitespace is None else
                              {"whitespace_pattern": whitespace} if whitespace else {"whitespace_flexible": False})
-        self.cache_size = cache_size
-        self._cache: OrderedDict[str, Grammar] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def compile(self, spec: dict) -> "Grammar":
-        try:
-            key = json.dumps(spec, sort_keys=True, separators=(",", ":"))
-        except (TypeError, ValueError) as e:
-            raise GrammarError(f"the constraint is not JSON: {e}") from None
-        with self._lock:
-            g = self._cache.get(key)
-            if g is not None:
-                self._cache.move_to_end(key)
-                return g
-        g = Grammar(self, self._build(spec))               # llguidance drops the GIL here
-        with self._lock:
-            self._cache[key] = g
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        return g
 
     # ---- spec -> llguidance grammar text ---------------------------------------------------
     def _build(self, spec) -> str:
@@ -188,6 +156,58 @@ class ConstraintCompiler:
         return _llg.LLMatcher.grammar_from_lark(lark)
 
 
+def check_spec(spec, *, close_objects: bool = True, whitespace: str | None = JSON_WHITESPACE) -> list[str]:
+    """Compile `spec` as ConstraintCompiler does, but without a tokenizer (agp check): its
+    warnings, or GrammarError for a spec that cannot compile."""
+    _need_llguidance()
+    text = GrammarBuilder(close_objects, whitespace)._build(spec)
+    is_error, messages = _llg.LLMatcher.validate_grammar_with_warnings(text)
+    if is_error:
+        raise GrammarError(_short(messages[0] if messages else "invalid grammar"))
+    return list(messages)
+
+
+class ConstraintCompiler(GrammarBuilder):
+    """Compiles specs into Grammars for one tokenizer; keeps the last `cache_size` (LRU)."""
+
+    def __init__(self, tokenizer, vocab_size: int | None = None, *, eos_token_ids=None,
+                 cache_size: int = 256, close_objects: bool = True,
+                 whitespace: str | None = JSON_WHITESPACE):
+        _need_llguidance()
+        super().__init__(close_objects, whitespace)
+        tk = getattr(tokenizer, "tk", tokenizer)          # ours wraps a tokenizers.Tokenizer
+        eos = sorted(eos_token_ids if eos_token_ids is not None else getattr(tokenizer, "eos_token_ids", ()))
+        if not eos:
+            raise ValueError("constrained decoding needs the tokenizer's end-of-sequence token id(s)")
+        n_tok = tk.get_vocab_size(with_added_tokens=True)
+        self.vocab_size = int(vocab_size or n_tok)         # the model's logits width
+        self.eos_token_ids = tuple(eos)
+        # llguidance reads the tokenizer from its JSON; a vocab wider than the tokenizer's gets
+        # empty tokens that are never allowed
+        self.tokenizer = _llg.LLTokenizer(tk.to_str(), n_vocab=max(self.vocab_size, n_tok),
+                                          eos_token=list(eos))
+        self.words = (self.tokenizer.vocab_size + 31) // 32  # int32 words of one row's bitmask
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, Grammar] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def compile(self, spec: dict) -> "Grammar":
+        try:
+            key = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+        except (TypeError, ValueError) as e:
+            raise GrammarError(f"the constraint is not JSON: {e}") from None
+        with self._lock:
+            g = self._cache.get(key)
+            if g is not None:
+                self._cache.move_to_end(key)
+                return g
+        g = Grammar(self, self._build(spec))               # llguidance drops the GIL here
+        with self._lock:
+            self._cache[key] = g
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return g
+
 def _close_objects(s, in_all_of: bool = False):
     """additionalProperties: false on object schemas with properties that leave it open."""
     if isinstance(s, list):
@@ -243,11 +263,15 @@ class Matcher:
     def fill_mask(self, row: torch.Tensor) -> None:
         """Write the allowed-token bitmask into `row`: a contiguous CPU int32 tensor of
         ceil(vocab_size / 32) words, bit t % 32 of word t // 32 set = token t allowed."""
+        import torch
+
         assert row.dtype == torch.int32 and row.is_contiguous() and row.device.type == "cpu"
         self.m.unsafe_compute_mask_ptr(row.data_ptr(), self.words * 4)
 
     def allowed(self) -> list[int]:
         """Allowed token ids now (for tests and debugging; slower than fill_mask)."""
+        import torch
+
         row = torch.zeros(self.words, dtype=torch.int32)
         self.fill_mask(row)
         return _unpack(row.view(1, -1), self.vocab_size)[0].nonzero().view(-1).tolist()
@@ -279,6 +303,8 @@ _EXECUTOR = None
 
 def _unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
     """[r, W] int32 -> [r, vocab] bool (True = allowed)."""
+    import torch
+
     shifts = _SHIFTS.get(bitmask.device)
     if shifts is None:
         shifts = _SHIFTS[bitmask.device] = torch.arange(32, dtype=torch.int32, device=bitmask.device)
@@ -289,6 +315,8 @@ def _unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
 def fill_masks(matchers: list[Matcher]) -> torch.Tensor:
     """[len(matchers), W] int32 bitmasks, computed by llguidance's thread pool off the GIL."""
     global _EXECUTOR
+    import torch
+
     words = matchers[0].words
     bitmask = torch.empty((len(matchers), words), dtype=torch.int32)
     if len(matchers) == 1:
@@ -305,6 +333,8 @@ def apply_masks(logits: torch.Tensor, matchers: list) -> None:
     """Mask `logits` [n, V] in place: row i keeps only matchers[i]'s allowed tokens (-inf
     elsewhere, also past the grammar's vocabulary); rows whose matcher is None are untouched,
     and nothing at all is done when every entry is None."""
+    import torch
+
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return

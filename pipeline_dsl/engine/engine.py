@@ -29,6 +29,7 @@ from .config import EngineConfig, RequestOutput, SamplingParams
 from .errors import InputError, QueueFullError
 from .kv_cache import BlockManager, bytes_per_block, num_blocks_for_budget
 from .model import SeqBatchItem
+from .processors import Features
 from .sampler import Detokenizer, Sampler, StopStrings, make_generator
 from .scheduler import Scheduler, SchedulerOutput, Sequence
 
@@ -77,6 +78,7 @@ class Engine:
                 raise InputError(f"chat_template: {e}") from None
         self._pad_kw = "pad_to" in inspect.signature(runner.execute).parameters
         self.eos_token_ids = frozenset(getattr(tokenizer, "eos_token_ids", ()) or ())
+        self.features = Features(self.vocab_size, self.eos_token_ids)   # penalties, bias, logprobs, grammars
         self.seqs: dict[str, Sequence] = {}
         self._counters = dict(requests_done=0, requests_aborted=0, prompt_tokens=0,
                               completion_tokens=0, cached_tokens=0, generated_tokens=0, steps=0, decode_steps=0,
@@ -112,6 +114,11 @@ class Engine:
         if limit and len(ids) > limit:
             raise InputError(f"prompt of {len(ids)} tokens is longer than this pipeline accepts "
                              f"(requests.max_prompt_tokens = {limit})")
+        if self.vocab_size:
+            bad = [t for t, _ in params.logit_bias] + list(params.stop_token_ids)
+            bad = [t for t in bad if t >= self.vocab_size]
+            if bad:
+                raise InputError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         total = len(ids) + params.max_tokens
         if total > self.max_model_len:
             raise InputError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} = {total} "
@@ -129,6 +136,7 @@ class Engine:
         seq.extra.update(
             detok=self._detokenizer(ids), stops=StopStrings(params.stop), text="",
             emitted=0, generator=make_generator(params.seed), first=None, last=None)
+        self.features.start(seq)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -235,6 +243,7 @@ class Engine:
         seq = self.seqs.pop(str(request_id), None)
         if seq is not None:
             self.scheduler.remove(seq, "abort")
+            self.features.release(seq)
             self._counters["requests_aborted"] += 1
 
     def has_unfinished(self) -> bool:
@@ -275,10 +284,18 @@ class Engine:
         else:
             logits = self.runner.execute(items)  # [n_sample, V]
         sampling = [it.seq for it in plan.items if it.sample]
-        tokens = self.sampler.sample(logits, [s.params for s in sampling],
-                                     [s.extra["generator"] for s in sampling]) if sampling else []
+        tokens = self.sample(logits, sampling).tolist() if sampling else []
         self._busy_s += time.perf_counter() - t0
         return tokens
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """One step's tokens for `seqs` (one row of `logits` [n, V] each, changed in place) ->
+        [n] long on the logits' device. Rows that use no sampling feature cost what they always
+        did (all greedy: an argmax without a host sync); the others get logit_bias, penalties,
+        min_tokens and their grammar's mask, and have their state advanced (processors.py).
+        Called once per step, in step order, from one thread (the executor's compute thread)."""
+        with torch.inference_mode():
+            return self.features.sample(logits, seqs, self.sampler, self.is_live)
 
     def update(self, plan: SchedulerOutput, tokens: list[int]) -> list[RequestOutput]:
         self.record_step(plan)
@@ -326,7 +343,12 @@ class Engine:
         st["last"] = now
         text_from = len(st["text"])
         reason = None
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+        logprobs = self.features.logprobs_of(seq, token) if p.logprobs is not None else None
+        if st.get("error_at") is not None and seq.num_output > st["error_at"]:
+            reason = "error"                   # the grammar refused a token: see metrics["error"]
+            st["text"] += st["detok"].flush()
+        elif token in p.stop_token_ids or (token in self.eos_token_ids and (
+                not p.ignore_eos or p.constraint is not None)):   # a grammar's EOS always ends it
             reason = "stop"
             st["text"] += st["detok"].flush()
         else:
@@ -348,12 +370,15 @@ class Engine:
             metrics = {"ttft_s": st["first"] - seq.arrival, "latency_s": now - seq.arrival,
                        "queue_s": scheduled - seq.arrival, "prefill_s": st["first"] - scheduled,
                        "decode_s": now - st["first"], "preemptions": seq.num_preemptions}
+            if reason == "error":
+                metrics["error"] = st["error"]
         return RequestOutput(seq.request_id, [token], delta, text, reason is not None, reason,
-                             seq.num_prompt, seq.num_output, seq.cached_tokens, metrics)
+                             seq.num_prompt, seq.num_output, seq.cached_tokens, metrics, logprobs)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.remove(seq, reason)
         self.seqs.pop(seq.request_id, None)
+        self.features.release(seq)
         c = self._counters
         c["requests_done"] += 1
         c["prompt_tokens"] += seq.num_prompt

@@ -419,12 +419,7 @@ class Executor:
             row -= len(it.token_ids)
 
     def _sample(self, logits, seqs) -> torch.Tensor:
-        if all(s.params.greedy for s in seqs):
-            return logits.argmax(dim=-1)                               # [n_sample], no sync
-        src = logits.float().cpu() if self.cuda else logits
-        toks = self.engine.sampler.sample(src, [s.params for s in seqs],
-                                          [s.extra.get("generator") for s in seqs])
-        return torch.tensor(toks, dtype=torch.long).to(self.device)
+        return self.engine.sample(logits, seqs)                        # [n_sample] on the device
 
     def _d2h(self, m: int) -> bool:
         L = self._launches.get(m)

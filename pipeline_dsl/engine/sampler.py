@@ -1,9 +1,9 @@
 """From logits to tokens, and from tokens to text.
 
 `Sampler.sample` turns one step's logits `[n, vocab]` into token ids: greedy rows by one
-vectorised argmax; sampled rows by temperature, top-k and top-p over the whole sub-batch
-at once, then one uniform draw per row from that request's own `torch.Generator`, so a
-seeded request gives the same tokens whatever else shares its batch.
+vectorised argmax; sampled rows by temperature, top-k, top-p and min-p over the whole
+sub-batch at once, then one uniform draw per row from that request's own
+`torch.Generator`, so a seeded request gives the same tokens whatever else shares its batch.
 
 `Detokenizer` turns a request's growing id list into text incrementally (only the last
 few tokens are decoded each step; an incomplete UTF-8 sequence waits for the next token),
@@ -61,6 +61,12 @@ class Sampler:
             top_p = torch.tensor([p.top_p for p in params], dtype=probs.dtype, device=dev)  # [m]
             before = probs.cumsum(dim=-1) - probs  # [m, V] mass of the tokens ranked above
             probs = probs.masked_fill(before >= top_p[:, None], 0.0)  # the first always stays
+        if any(p.min_p > 0.0 for p in params):
+            # min-p: below min_p * the likeliest token's probability (the ratio is the same before
+            # and after the cuts above, which renormalise every kept token alike)
+            min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=dev)  # [m]
+            top = probs.max(dim=-1, keepdim=True).values  # [m, 1]
+            probs = probs.masked_fill(probs < min_p[:, None] * top, 0.0)  # the likeliest always stays
         cdf = probs.cumsum(dim=-1)  # [m, V]
         # one draw per row from the request's own CPU generator: the same stream on any device
         u = torch.cat([torch.rand(1, generator=g or self.shared, dtype=torch.float64) for g in generators])  # [m]
