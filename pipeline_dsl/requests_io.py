@@ -76,7 +76,7 @@ def _check(name: str, value, ok: bool, expected: str):
 from stages.fields import REQUEST_FIELDS, ParamError, check_field  # noqa: E402 - one schema per field
 
 SAMPLING_FIELDS = tuple(f for f in REQUEST_FIELDS if f != "n")     # SamplingParams overrides
-KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", "tools", "tool_choice",
+KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", "tools", "tool_choice", "logit_bias",
          "parallel_tool_calls", "response_format", *REQUEST_FIELDS}
 
 
@@ -241,7 +241,32 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
         req.tools, req.tool_choice, req.parallel_tool_calls = parse_tools(obj)
     if obj.get("response_format") is not None:
         req.response_format = parse_response_format(obj["response_format"])
+    if obj.get("logit_bias") is not None:
+        req.sampling["logit_bias"] = parse_logit_bias(obj["logit_bias"])
     return req
+
+
+MAX_LOGIT_BIAS = 1024      # tokens one request may bias
+
+
+def parse_logit_bias(bias) -> dict[int, float]:
+    """OpenAI's logit_bias: {"token id": bias from -100 to 100} (ids beyond the vocabulary are
+    the engine's to refuse)."""
+    if not isinstance(bias, dict):
+        raise RequestError(f"'logit_bias' must be an object {{\"token id\": bias}}, not {_shown(bias)}",
+                           param="logit_bias")
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise RequestError(f"'logit_bias' has {len(bias)} entries; at most {MAX_LOGIT_BIAS} are accepted",
+                           param="logit_bias")
+    out = {}
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 10):
+            raise RequestError(f"'logit_bias' keys must be token ids, not {_shown(key)}", param="logit_bias")
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and -100 <= value <= 100):
+            raise RequestError(f"'logit_bias.{key}' must be a number from -100 to 100, not {_shown(value)}",
+                               param="logit_bias")
+        out[int(key)] = float(value)
+    return out
 
 
 def parse_response_format(value) -> dict | None:

@@ -205,6 +205,11 @@ class Generate:
         })
         if params.get("stop"):
             sampling["stop"] = tuple(params["stop"])
+        if params.get("json_schema"):           # checked and made absolute by agp check
+            import json
+            from pathlib import Path
+
+            spec.json_schema[stage or "generate"] = json.loads(Path(params["json_schema"]).read_text("utf-8"))
         spec.sampling[stage or "generate"] = sampling
         spec.n[stage or "generate"] = int(params.get("n") or 1)
 

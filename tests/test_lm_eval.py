@@ -65,7 +65,6 @@ def test_lm_eval_scores_the_task_offline(run):
     assert answered == math.ceil(PAIRS / BATCH)
 
 
-@pytest.mark.xfail(reason="engine logprobs land with the sampling branch", strict=False)
 def test_lm_eval_loglikelihoods_are_the_servers_scores(run):
     """Each (context, continuation) lm-eval scored equals the sum of the continuation tokens'
     logprobs the server answers to `echo` + `max_tokens: 0` (lm-eval asks for one token more and

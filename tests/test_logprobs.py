@@ -6,9 +6,7 @@ chat `{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "log
 
 The prompt's logprobs (echo) are compared with transformers' log_softmax of the same
 weights: the tiny model here, the embedded SmolLM2 in fp32 in tests/test_model_parity.py.
-
-Logprobs of generated tokens come from the engine's sampler; the tests of those are marked
-xfail while the engine gives none (`ENGINE_LOGPROBS`).
+Logprobs of generated tokens come from the engine's sampler (raw log_softmax of the logits).
 """
 from __future__ import annotations
 
@@ -22,7 +20,6 @@ import torch
 from test_serve import LiveServer
 
 PROMPT = "the cat and the world is hello"
-ENGINE_LOGPROBS = pytest.mark.xfail(reason="engine logprobs land with the sampling branch", strict=False)
 EPS = 1e-5                 # float32 logprobs sent as JSON and read back: the same number to this
 
 
@@ -187,7 +184,6 @@ def check_greedy(values: list[float], tops: list[list[float]]) -> None:
         assert top == sorted(top, reverse=True)
 
 
-@ENGINE_LOGPROBS
 def test_completion_logprobs_of_generated_tokens(server):
     kw = dict(model="tiny", prompt=PROMPT, max_tokens=8, logprobs=3, temperature=0, extra_body={"ignore_eos": True})
     r = server.client.completions.create(**kw)
@@ -205,7 +201,6 @@ def test_completion_logprobs_of_generated_tokens(server):
     assert all(lp.tokens for lp in lps)
 
 
-@ENGINE_LOGPROBS
 def test_echo_with_generation_lists_prompt_then_new_tokens(server):
     """lm-eval's loglikelihood request: echo, max_tokens 1, logprobs 1: the prompt's entries, then
     the generated token's (which it drops as the last)."""
@@ -220,7 +215,6 @@ def test_echo_with_generation_lists_prompt_then_new_tokens(server):
     assert "".join(lp.tokens) == r.choices[0].text
 
 
-@ENGINE_LOGPROBS
 def test_chat_logprobs_with_top_logprobs(server):
     msgs = [{"role": "user", "content": "the cat and the world"}]
     kw = dict(model="tiny", messages=msgs, max_tokens=8, logprobs=True, top_logprobs=4, temperature=0,
@@ -246,7 +240,6 @@ def test_chat_logprobs_with_top_logprobs(server):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
 
 
-@ENGINE_LOGPROBS
 def test_chat_logprobs_without_top_logprobs_list_no_alternatives(server):
     r = server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                               max_tokens=4, logprobs=True, extra_body={"ignore_eos": True})

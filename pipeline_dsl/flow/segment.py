@@ -19,9 +19,11 @@ from typing import Any
 import networkx as nx
 
 from pipeline_dsl.graph import Segment
+from stages.fields import REQUEST_FIELDS
 
-# request fields that override a generate stage's sampling defaults
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
+# request fields that override a generate stage's sampling defaults: each generate parameter a
+# request may set (stages/fields.py), and the per-request ones no stage sets
+SAMPLING_FIELDS = tuple(f for f in REQUEST_FIELDS if f != "n") + ("stop_token_ids", "logit_bias", "logprobs")
 
 
 @dataclass
@@ -31,6 +33,7 @@ class SegmentSpec:
     engine: dict[str, Any] = field(default_factory=dict)          # EngineConfig fields
     sampling: dict[str, dict] = field(default_factory=dict)       # generate stage -> SamplingParams defaults
     n: dict[str, int] = field(default_factory=dict)               # generate stage -> answers per request
+    json_schema: dict[str, dict] = field(default_factory=dict)    # generate stage -> schema every answer follows
     chat_template: bool = True                                    # encode: render messages with the template
     add_special_tokens: bool = True                               # encode: BOS on raw prompts
 
@@ -82,6 +85,8 @@ class EngineSegment:
         self.executor = Executor(self.engine, plan, overlap=overlap, trace=trace)
         self.defaults = {g: SamplingParams(**spec.sampling.get(g, {})) for g in spec.segment.generates}
         self.n = dict(spec.n)
+        self._compiler = None                    # constrain.ConstraintCompiler, built at first use
+        self._compiler_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.run_stats: dict = {}
@@ -104,6 +109,9 @@ class EngineSegment:
         given = {k: data[k] for k in SAMPLING_FIELDS if data.get(k) is not None}
         if "stop" in given:
             given["stop"] = tuple(given["stop"])
+        constraint = self.constraint_spec(gen, data)
+        if constraint is not None:
+            given["constraint"] = self.compile(constraint)
         params = replace(self.defaults[gen], **given)
         if "max_tokens" not in given:
             room = self.engine.max_model_len - prompt_len
@@ -113,6 +121,40 @@ class EngineSegment:
             params = replace(params, seed=(params.seed + copy) & ((1 << 63) - 1))
         params.check()
         return params
+
+    def constraint_spec(self, gen: str, data: dict) -> dict | None:
+        """What the request's answer must follow: a forced tool call (tool_choice "required" or
+        a named function), the request's response_format, else the stage's json_schema; None
+        when the answer is free text."""
+        from pipeline_dsl.tools import tool_call_spec
+
+        if data.get("tools") and data.get("tool_choice") not in (None, "auto", "none"):
+            spec = tool_call_spec(data["tools"], data["tool_choice"])
+            if spec is not None:
+                return {**spec, "parallel": bool(data.get("parallel_tool_calls", True))}
+        fmt = data.get("response_format")
+        if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
+            return fmt
+        if gen in self.spec.json_schema:
+            return {"type": "json_schema", "schema": self.spec.json_schema[gen]}
+        return None
+
+    def compile(self, spec: dict):
+        """A compiled constraint (cached by the compiler); InputError when it cannot compile."""
+        from pipeline_dsl.engine.constrain import ConstraintCompiler, GrammarError
+        from pipeline_dsl.engine.errors import InputError
+
+        with self._compiler_lock:
+            if self._compiler is None:
+                try:
+                    self._compiler = ConstraintCompiler(self.engine.tokenizer, self.engine.vocab_size)
+                except (GrammarError, ValueError) as e:
+                    raise InputError(f"constrained output is not available with this model: {e}") from None
+        try:
+            return self._compiler.compile(spec)
+        except GrammarError as e:
+            what = "tool_choice" if spec.get("type") == "tool_call" else "response_format"
+            raise InputError(f"'{what}' cannot be enforced: {e}") from None
 
     def prompt_logprobs(self, ids: list[int], top: int) -> list:
         """Logprobs of each prompt token given the ones before it (None for the first), with the

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeline_dsl.requests_io import (RequestError, load_json, parse_messages, parse_response_format,
-                                      parse_tools)
+from pipeline_dsl.requests_io import (RequestError, load_json, parse_logit_bias, parse_messages,
+                                      parse_response_format, parse_tools)
 from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
 
 log = logging.getLogger("agp.serve")
@@ -150,9 +150,10 @@ def _field(obj: dict, name: str, ok, expected: str):
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
           "stream_options", "n", "presence_penalty", "frequency_penalty", "logit_bias",
-          "user", "ignore_eos", "stop_token_ids", "logprobs", "min_tokens", "repetition_penalty"}
+          "user", "ignore_eos", "stop_token_ids", "logprobs", "min_tokens", "repetition_penalty",
+          "min_p", "response_format"}
 COMPLETION_FIELDS = COMMON | {"prompt", "echo", "best_of", "suffix"}
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format",
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs",
                         "tools", "tool_choice", "parallel_tool_calls", "metadata", "store",
                         "service_tier"}
 
@@ -173,9 +174,7 @@ def _check_unknown(obj: dict, known: set[str], lenient: bool = False) -> dict:
 
 def _check_unsupported(obj: dict) -> None:
     """Fields agp knows but only serves at their neutral value."""
-    neutral = {"best_of": (1,), "presence_penalty": (0,),
-               "frequency_penalty": (0,), "repetition_penalty": (1,),
-               "suffix": ("",), "logit_bias": ({},), "min_tokens": (0,)}
+    neutral = {"best_of": (1,), "suffix": ("",)}
     for name, allowed in neutral.items():
         value = obj.get(name)
         if value is not None and not any(value == a and type(value) is type(a)
@@ -209,7 +208,14 @@ def _sampling(obj: dict, max_model_len: int, max_tokens_field: str = "max_tokens
         if not isinstance(stop_ids, list) or not all(_is_int(t) and t >= 0 for t in stop_ids):
             raise _bad("stop_token_ids", "an array of token ids", stop_ids)
         values["stop_token_ids"] = list(stop_ids)
+    if obj.get("logit_bias") is not None:
+        try:
+            values["logit_bias"] = parse_logit_bias(obj["logit_bias"])
+        except RequestError as e:
+            raise APIError(str(e), param=e.param) from None
     return values
+
+
 
 
 def _stream_flags(obj: dict) -> tuple[bool, bool]:
@@ -268,10 +274,15 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
         fields["max_tokens"] = 0
     if echo:
         fields["echo"] = True
+    try:
+        fmt = parse_response_format(obj["response_format"]) if obj.get("response_format") is not None else None
+    except RequestError as e:
+        raise APIError(str(e), param=e.param) from None
     first, rest = prompts[0], prompts[1:]
     return GenerationRequest("completion", model, fields, prompt=first if isinstance(first, str) else None,
                              prompt_token_ids=tuple(first) if not isinstance(first, str) else None,
-                             stream=stream, include_usage=include_usage, pin=pin, more_prompts=tuple(rest))
+                             stream=stream, include_usage=include_usage, pin=pin, more_prompts=tuple(rest),
+                             response_format=fmt)
 
 
 MAX_PROMPTS = 256          # prompts one completions request may batch
