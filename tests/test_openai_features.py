@@ -326,3 +326,40 @@ def test_langchain_bind_tools_round_trip(server):
     messages += [ai, ToolMessage(str(result), tool_call_id=ai.tool_calls[0]["id"])]
     final = llm.bind_tools([add]).invoke(messages)                 # the history goes back to the server
     assert final.type == "ai" and isinstance(final.content, str)
+
+
+# ---------------------------------------------------------------- agp run and the pipeline's default
+
+def test_agp_run_lines_and_a_generate_stage_schema_constrain_answers(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = write_tiny_gguf(tmp_path / "m.gguf", context=4096, embed_scale=0.3)
+    (tmp_path / "person.json").write_text(json.dumps(PERSON))
+    (tmp_path / "p.agp").write_text(f"""pipeline p {{
+    model = "{model}"
+    dtype = fp32
+    stage request : requests      {{}}
+    stage batch   : dynamic_batch {{ max_batch_size = 8  timeout = 2ms }}
+    stage encode  : encode        {{}}
+    stage kv      : kv_lookup     {{ block_size = 8  budget = 4MiB }}
+    stage gen     : generate      {{ max_new_tokens = 200  temperature = 1.0  json_schema = "person.json" }}
+    stage out     : respond       {{}}
+    request -> batch -> encode -> kv -> gen -> out
+}}
+""")
+    point = {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}},
+             "required": ["x"]}
+    lines = [{"id": i, "prompt": f"q{i}", "seed": i} for i in range(4)]
+    lines.append({"id": "own", "prompt": "a point", "seed": 1,
+                  "response_format": {"type": "json_schema", "json_schema": {"name": "pt", "schema": point}}})
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", str(tmp_path / "p.agp"), "-i",
+                        str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"), "--threads", "1"],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = {rec["id"]: rec for rec in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    for i in range(4):                                 # the stage's schema, for every answer
+        jsonschema.validate(json.loads(out[i]["text"]), PERSON)
+    jsonschema.validate(json.loads(out["own"]["text"]), point)   # a request's own schema wins
