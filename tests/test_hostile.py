@@ -130,7 +130,9 @@ def test_a_10mb_prompt_does_not_stall_a_running_stream(tmp_path, mid_gguf):
         proc.wait(60)
     assert status == 413 and "body_too_large" in text
     assert len(gaps) > 100
-    assert max(gaps) < 10 * statistics.median(gaps), (max(gaps), statistics.median(gaps))
+    # a stall (the body read, parsed or tokenised on the engine loop) costs seconds; a busy
+    # shared machine can add a scheduling hiccup of a hundred milliseconds or so on its own
+    assert max(gaps) < max(10 * statistics.median(gaps), 0.5), (max(gaps), statistics.median(gaps))
 
 
 def test_a_chat_template_that_never_ends_fails_its_request_only(tmp_path):
