@@ -6,13 +6,20 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0   # the CPU build; on a CUDA machine: make TORCH=torch ...
 STAMP   := $(VENV)/.installed
 TSTAMP  := $(VENV)/.installed-test
+MSTAMP  := $(VENV)/.installed-mutate
+
+# `make mutate`: the files mutated (all of [tool.mutmut] only_mutate; FILES=... for some of them)
+# and how many mutants run at once
+FILES   ?= pipeline_dsl/engine/scheduler.py pipeline_dsl/engine/sampler.py pipeline_dsl/engine/kv_cache.py \
+           pipeline_dsl/checker.py pipeline_dsl/graph.py
+JOBS    ?= 2
 
 # bench-only: llama.cpp for the llama.cpp rows of `make bench`; its wheel is cached in .whl/
 LLAMA_CPP ?= llama-cpp-python==0.3.36
 WHL     := .whl
 LSTAMP  := $(VENV)/.installed-llama
 
-.PHONY: demo test bench bench-serve bench-modes roofline native llama-cpp dot clean
+.PHONY: demo test mutate bench bench-serve bench-modes roofline native llama-cpp dot clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +51,22 @@ demo: $(STAMP)
 test: $(TSTAMP)
 	$(BIN)/python -m pytest -q tests
 
+$(MSTAMP): $(TSTAMP)
+	$(BIN)/pip install -q -e '.[test,mutate]'
+	touch $@
+
+# Mutation testing (docs/testing.md), separate from `test`: a fresh mutmut run over FILES with the
+# fast tests, at the lowest CPU priority; then the numbers per file and every surviving mutant,
+# marked documented (equivalent, docs/testing.md says why) or NEW (exit status 1). All five files
+# take 1-3 hours on 2 cores; one file: make mutate FILES=pipeline_dsl/engine/sampler.py
+mutate: $(MSTAMP)
+	rm -rf mutants
+	@mkdir -p out
+	@echo "mutmut run over $(FILES): its progress goes to out/mutate.log"
+	OMP_NUM_THREADS=1 nice -n 19 $(BIN)/mutmut run --max-children $(JOBS) \
+	  $(foreach f,$(FILES),'$(subst /,.,$(f:.py=)).*') > out/mutate.log 2>&1 || { tail -n 40 out/mutate.log; exit 1; }
+	$(BIN)/python tools/mutate_report.py $(FILES)
+
 bench: $(TSTAMP) $(LSTAMP) native  # W32: agp against transformers and llama.cpp, in one run
 	$(BIN)/python bench/w32.py
 
@@ -71,4 +94,4 @@ bench-serve: $(STAMP)       # agp serve under load; rewrites docs/benchmarks.md 
 	$(BIN)/python bench/serve_load.py
 
 clean:
-	rm -rf $(VENV) out pipeline_dsl/engine/native/build
+	rm -rf $(VENV) out mutants pipeline_dsl/engine/native/build

@@ -323,7 +323,7 @@ def _check_ports(r: Resolved, registry: Registry, g: nx.DiGraph, emits: dict) ->
                        if k.inputs and k.outputs and not k.passthrough and k.name != "python"
                        and gives & k.accepts and k.emits <= takes and len(k.emits) == 1]
             hint = f"insert a {between[0]} stage between them" if between else None
-            if a.kind.name == "python" and "returns" not in a.given:
+            if a.kind.name == "python" and "returns" not in a.given and takes & ITEM_TYPES:
                 hint = f"if '{a.name}' turns its items into {' or '.join(sorted(takes & ITEM_TYPES))}, say so: " \
                        f"returns = {'request' if 'Request' in takes else 'generated'} (or any)"
             diags.append(_err(f"port type mismatch on edge {a.name} -> {b.name}: '{a.name}' ({a.kind.name}) "

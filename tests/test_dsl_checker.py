@@ -9,7 +9,7 @@ import pytest
 
 import pipeline_dsl
 from pipeline_dsl import ast, units
-from pipeline_dsl.diagnostics import CheckFailed, did_you_mean, has_errors
+from pipeline_dsl.diagnostics import CheckFailed, SourcePos, did_you_mean, has_errors
 from pipeline_dsl.graph import build_graph
 from pipeline_dsl.parser import parse
 from stages import registry as reg_mod
@@ -338,3 +338,70 @@ def test_builtin_kinds_match_the_contract():
         "generate": "compute", "respond": "host", "system_prompt": "host", "python": "host", "route": "host",
         "join": "host"}
     assert all(k.impl is None or ":" in k.impl for k in reg.kinds())
+
+
+# ---------------------------------------------------------------- found by `make mutate` (docs/testing.md)
+
+AT = SourcePos("t.agp", 1, 1, 1, 2)
+
+def test_a_parameter_of_a_type_the_checker_does_not_know_gets_the_value_as_written():
+    from pipeline_dsl.checker import convert
+
+    p = Param("colour", "colour")                      # a third-party kind's own type
+    items = (ast.Int(3, AT), ast.Quantity(2, "ms", AT), ast.Word("red", AT), ast.List((ast.Str("a", AT),), AT))
+    assert convert(ast.List(items, AT), p, "'colour'") == ([3, 0.002, "red", ["a"]], None)
+    assert convert(ast.Quantity(1, "KiB", AT), p, "'colour'") == (1024, None)
+    assert convert(ast.Word("blue", AT), p, "'colour'") == ("blue", None)
+
+
+@pytest.mark.parametrize("param, text", [
+    (Param("n", INT, min=3), "an integer of at least 3"),
+    (Param("n", INT, max=7), "an integer of at most 7"),
+    (Param("n", INT), "an integer"),
+    (Param("x", reg_mod.FLOAT, min=0.0, min_exclusive=True), "a number above 0"),
+    (Param("x", reg_mod.FLOAT, min=0.25, max=2.5), "a number from 0.25 to 2.5"),
+    (Param("d", reg_mod.DURATION, max=0.5), "a duration with a unit (us, ms, s) of at most 500ms, e.g. 1ms"),
+])
+def test_every_kind_of_range_is_put_in_words(param, text):
+    from pipeline_dsl.checker import _type_expected
+
+    assert _type_expected(param) == text
+
+
+def test_a_bound_only_on_one_side_is_checked_on_that_side():
+    from pipeline_dsl.checker import convert
+
+    low, high = Param("n", INT, min=3), Param("n", INT, max=7)
+    assert convert(ast.Int(3, AT), low, "'n'") == (3, None) and convert(ast.Int(10 ** 9, AT), low, "'n'")[1] is None
+    assert convert(ast.Int(2, AT), low, "'n'")[1].hint == "the smallest allowed value is 3"
+    assert convert(ast.Int(7, AT), high, "'n'") == (7, None) and convert(ast.Int(-10 ** 9, AT), high, "'n'")[1] is None
+    assert convert(ast.Int(8, AT), high, "'n'")[1].hint == "the largest allowed value is 7"
+    above = Param("x", reg_mod.FLOAT, min=0.5, min_exclusive=True)
+    assert convert(ast.Float(0.5, AT), above, "'x'")[1].hint == "the value must be above 0.5"
+    assert convert(ast.Float(0.5000001, AT), above, "'x'") == (0.5000001, None)
+
+
+def _model_errors(tmp_path, model: str) -> list[str]:
+    (tmp_path / "p.agp").write_text(pipeline().replace('"smollm2-135m-instruct"', f'"{model}"'))
+    program, diags = pipeline_dsl.load(str(tmp_path / "p.agp"))
+    return [d.message for d in diags if d.is_error]
+
+
+def test_a_model_file_replaced_after_a_check_is_checked_again(tmp_path, tiny_gguf):
+    bad = tmp_path / "m.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 4)
+    (msg,) = _model_errors(tmp_path, "m.gguf")
+    assert msg.startswith("bad model file 'm.gguf': ")
+    bad.write_bytes(tiny_gguf.read_bytes())
+    assert _model_errors(tmp_path, "m.gguf") == []
+
+
+def test_a_model_folder_is_checked_again_when_a_file_in_it_changes(tmp_path):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("[]")
+    first = _model_errors(tmp_path, "hf")
+    (folder / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
+    second = _model_errors(tmp_path, "hf")
+    assert len(first) == len(second) == 1 and first != second
+    assert first[0].startswith("bad model file 'hf/config.json': ")

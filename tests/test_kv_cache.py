@@ -159,3 +159,108 @@ def test_a_colliding_parent_hash_cannot_serve_another_prompts_blocks(monkeypatch
     keys = bm.block_keys(b)
     assert len(set(keys)) == 3 and all(len(k) == 16 for k in keys)
     assert keys[2] != bm.block_keys(p + q1 + x)[2]
+
+
+# ---------------------------------------------------------------- found by `make mutate` (docs/testing.md)
+
+def test_a_budget_below_one_block_gives_no_blocks():
+    assert num_blocks_for_budget(999, 1000) == 0
+    assert num_blocks_for_budget(1000, 1000) == 1
+
+
+@pytest.mark.parametrize("num_blocks, block_size", [(0, 4), (4, 0), (0, 0), (-1, 4)])
+def test_a_pool_needs_one_block_of_one_token(num_blocks, block_size):
+    with pytest.raises(ValueError, match=rf"need at least one block of one token, not {num_blocks} x {block_size}"):
+        BlockManager(num_blocks, block_size)
+
+
+def test_a_pool_of_one_block_of_one_token_works():
+    bm = BlockManager(1, 1)
+    assert bm.allocate("a", 1) and not bm.allocate("b", 1)
+    bm.check_invariants()
+
+
+def test_a_sequence_holding_blocks_cannot_be_started_again():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    bm.match_prefix("a", [1, 2, 3])
+    bm.allocate("a", 3)
+    with pytest.raises(ValueError, match=r"sequence 'a' already holds blocks"):
+        bm.match_prefix("a", [1, 2, 3])
+
+
+def test_hit_statistics_add_up_over_requests_and_skip_readmissions():
+    bm = BlockManager(num_blocks=16, block_size=2)
+    prompt = [1, 2, 3, 4, 5]
+    bm.match_prefix("a", prompt)
+    bm.allocate("a", 5)
+    bm.commit("a", prompt, 5)
+    assert bm.match_prefix("b", prompt) == 4
+    assert bm.match_prefix("c", prompt) == 4
+    assert bm.match_prefix("d", prompt, count=False) == 4     # a re-admission after preemption
+    assert (bm.queried_tokens, bm.hit_tokens) == (15, 8)
+    assert bm.hit_rate == 8 / 15
+
+
+def test_freed_blocks_without_a_key_are_reused_before_cached_ones():
+    """A sequence's partial last block has no key: freed, it goes to the front of the queue, so
+    the next allocation takes it and the cached full block stays reusable."""
+    bm = BlockManager(num_blocks=2, block_size=2)
+    prompt = [1, 2, 3]                    # one full block (cached) and one partial block
+    bm.match_prefix("a", prompt)
+    bm.allocate("a", 3)
+    bm.commit("a", prompt, 3)
+    bm.free_seq("a")
+    bm.allocate("b", 1)
+    assert bm.evictions == 0
+    assert bm.match_prefix("c", prompt) == 2
+    bm.check_invariants()
+
+
+def test_every_eviction_is_counted():
+    bm = BlockManager(num_blocks=3, block_size=1)
+    for sid, tok in (("a", 1), ("b", 2), ("c", 3)):
+        bm.match_prefix(sid, [tok, 0])
+        bm.allocate(sid, 1)
+        bm.commit(sid, [tok, 0], 1)
+        bm.free_seq(sid)
+    assert bm.num_cached == 3
+    bm.allocate("d", 2)
+    assert bm.evictions == 2 and bm.num_cached == 1
+    bm.allocate("e", 1)
+    assert bm.evictions == 3 and bm.num_cached == 0
+
+
+def test_stats_name_every_counter():
+    """The keys the runner's summary, the metrics and the benchmarks read (all derived
+    from one scenario: 2 blocks in use, 1 cached and unused, 1 free, 1 eviction)."""
+    bm = BlockManager(num_blocks=4, block_size=2)
+    for sid, toks in (("a", [1, 2]), ("b", [3, 4]), ("x", [5, 6])):
+        bm.match_prefix(sid, toks + [0])
+        bm.allocate(sid, 2)
+        bm.commit(sid, toks + [0], 2)
+        bm.free_seq(sid)
+    assert bm.match_prefix("c", [3, 4, 0]) == 2     # hit "b"
+    bm.allocate("c", 3)
+    bm.allocate("d", 2)                            # the fresh block, then evicts "a"
+    assert bm.stats() == {
+        "kv_blocks_total": 4, "kv_blocks_used": 3, "kv_blocks_cached": 1, "kv_blocks_free": 0,
+        "kv_blocks_prefix": 2, "kv_block_size": 2, "kv_evictions": 1,
+        "kv_queried_tokens": 12, "kv_hit_tokens": 2, "kv_hit_rate": 2 / 12,
+    }
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda bm: bm.ref.__setitem__(0, 5), "reference counts differ from the block tables"),
+    (lambda bm: bm.free.pop(3), "free queue differs from the blocks with no reference"),
+    (lambda bm: bm.cached.__setitem__(b"k" * 16, 3), "cache map is stale"),
+    (lambda bm: bm.key.__setitem__(3, b"k" * 16), "stray block keys"),
+])
+def test_check_invariants_names_what_is_broken(corrupt, message):
+    bm = BlockManager(num_blocks=4, block_size=2)
+    bm.match_prefix("a", [1, 2, 3])
+    bm.allocate("a", 3)
+    bm.commit("a", [1, 2, 3], 3)
+    bm.check_invariants()
+    corrupt(bm)
+    with pytest.raises(AssertionError, match=message):
+        bm.check_invariants()
