@@ -184,7 +184,7 @@ class EngineTarget:
         self._n = 0
 
     @classmethod
-    def from_pipeline(cls, spec: str, *, overlap: bool = True, **overrides) -> "EngineTarget":
+    def from_pipeline(cls, spec: str, *, overlap: bool | None = None, **overrides) -> "EngineTarget":
         """Build the pipeline (its engines, driven by the plan's executors) as `agp serve` does."""
         from pipeline_dsl.runtime import build_runtime
 

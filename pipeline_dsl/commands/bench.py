@@ -48,7 +48,8 @@ def add_arguments(p) -> None:
                    help="override the pipelines' precision")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-overlap", action="store_true",
-                   help="in-process: run the plan's streams serially (A/B against overlap)")
+                   help="in-process: run the plan's streams serially (A/B against overlap; by default CUDA overlaps them, "
+                        "CPU only with a core to spare beside the forward's threads)")
     p.add_argument("--seed", type=int, default=0, help="seed of the arrival times (default: 0)")
     p.add_argument("--warmup", type=int, default=1, help="requests sent before measuring (default: 1)")
     p.add_argument("--request-timeout", type=float, default=600.0,
@@ -103,7 +104,7 @@ def main(args) -> int:
     def targets():
         for spec in args.pipelines:
             yield lambda spec=spec: EngineTarget.from_pipeline(
-                spec, overlap=not args.no_overlap, dtype=args.dtype, threads=args.threads)
+                spec, overlap=False if args.no_overlap else None, dtype=args.dtype, threads=args.threads)
         for url in args.url:
             yield lambda url=url: HTTPTarget(url, args.model, timeout=args.request_timeout)
 

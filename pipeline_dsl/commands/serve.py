@@ -45,7 +45,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-prefix-reuse", action="store_true",
                    help="turn the KV prefix cache off (A/B against reuse)")
     p.add_argument("--no-overlap", action="store_true",
-                   help="run the plan's streams serially (A/B against overlap)")
+                   help="run the plan's streams serially (A/B against overlap; by default CUDA overlaps them, "
+                        "CPU only with a core to spare beside the forward's threads)")
     p.add_argument("--served-model-name", action="extend", nargs="+", default=None, metavar="NAME",
                    help="the model id(s) clients use; the first is reported in answers (default: the "
                         "pipeline's name)")
@@ -283,7 +284,7 @@ def build(args, *, host: str | None = None) -> Serving:
         except (OSError, UnicodeDecodeError) as e:
             raise SetupError(f"--chat-template {args.chat_template}: {e}") from None
     try:
-        runtime = build_runtime(args.pipeline, args.name, overlap=not args.no_overlap, max_queue=args.max_queue,
+        runtime = build_runtime(args.pipeline, args.name, overlap=False if args.no_overlap else None, max_queue=args.max_queue,
                                 served_name=(args.served_model_name or [None])[0],
                                 trace=Trace(limit=1_000_000) if args.trace else None,
                                 overrides={"dtype": args.dtype, "threads": args.threads,

@@ -25,6 +25,7 @@ from collections import deque
 
 import torch
 
+from .compute import on_compute
 from .config import EngineConfig, RequestOutput, SamplingParams
 from .errors import InputError, QueueFullError
 from .kv_cache import BlockManager, bytes_per_block, num_blocks_for_budget
@@ -55,10 +56,15 @@ class Engine:
         if config.threads:
             torch.set_num_threads(int(config.threads))
         if runner is None:
-            runner, tokenizer, info = load_runner(config)
+            if resolve_device(config.device) == "cpu":   # its OpenMP pool on the thread that runs the forward
+                runner, tokenizer, info = on_compute(load_runner, config)
+            else:
+                runner, tokenizer, info = load_runner(config)
         else:
             info = {}
         self.runner, self.tokenizer = runner, tokenizer
+        # on CPU every forward and sampling runs on the compute thread (engine/compute.py)
+        self._cpu = torch.device(getattr(runner, "device", "cpu")).type == "cpu"
         self.model_info = info
         self.vocab_size = int(getattr(runner, "vocab_size", 0) or info.get("vocab_size", 0))
         context = int(getattr(runner, "max_model_len", 0) or info.get("context_length", 0) or 2048)
@@ -274,7 +280,13 @@ class Engine:
         return self.scheduler.schedule()
 
     def execute(self, plan: SchedulerOutput) -> list[int]:
-        """Run the model over the plan and sample; returns one token per sampling item."""
+        """Run the model over the plan and sample; returns one token per sampling item (on CPU:
+        on the compute thread, whichever thread calls)."""
+        if self._cpu:
+            return on_compute(self._execute, plan)
+        return self._execute(plan)
+
+    def _execute(self, plan: SchedulerOutput) -> list[int]:
         t0 = time.perf_counter()
         items = [SeqBatchItem(token_ids=it.seq.token_ids[it.start:it.start + it.num_tokens],
                               start_pos=it.start, block_table=list(self.block_table(it.seq)),

@@ -38,6 +38,8 @@ that step k finishes was already scheduled in k+1: its extra token is discarded.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import threading
 import time
 import weakref
@@ -49,11 +51,13 @@ import torch
 
 from pipeline_dsl.plan import Plan, make_plan
 
+from .compute import on_compute
 from .trace import Trace
 
 PLACEHOLDER = -1          # a token sampled by a step still in flight
 AHEAD = 32                # no stream runs more than this many micro-batches ahead of emit
 GPU_PARTS = ("h2d", "forward", "d2h")
+CPU_TORCH_PARTS = ("h2d", "forward")   # CPU: the works that run torch ops, on the compute thread
 _GRAPHS: dict[str, Plan] = {}
 _CAPTURED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # runner -> DecodeGraphs
 
@@ -185,12 +189,12 @@ class DecodeGraphs:
 
 
 class Executor:
-    def __init__(self, engine, plan: Plan | None = None, *, overlap: bool = True,
+    def __init__(self, engine, plan: Plan | None = None, *, overlap: bool | None = None,
                  trace: Trace | None = None, cuda_graphs: bool | None = None,
                  issue: str | None = None):
         self.engine = engine
         self.plan = plan or default_plan()
-        self.overlap = overlap
+        self.overlap = overlap               # None: decided per run (overlap_now)
         self.trace = trace if trace is not None else Trace(limit=100_000)  # bounded when serving
         runner = engine.runner
         self.device = torch.device(getattr(runner, "device", "cpu"))
@@ -217,7 +221,7 @@ class Executor:
         self._streams: dict[str, Any] = {}
         if self.cuda:
             for s in self.plan.streams:
-                self._streams[s.name] = (torch.cuda.Stream(self.device) if overlap and s.resource != "host"
+                self._streams[s.name] = (torch.cuda.Stream(self.device) if overlap is not False and s.resource != "host"
                                          else torch.cuda.current_stream(self.device))
         self._t_base = None
         # CUDA work is issued from one host thread in the plan's global order ("single") or,
@@ -498,6 +502,8 @@ class Executor:
         if self.cuda and work.part in GPU_PARTS:
             self._run_cuda(fn, work, m)
             return
+        if not self.cuda and work.part in CPU_TORCH_PARTS:   # on the compute thread (engine/compute.py)
+            fn = functools.partial(on_compute, fn)
         t0 = time.perf_counter()
         if fn(m):                                  # traced and timed only when it did something
             t1 = time.perf_counter()
@@ -513,7 +519,7 @@ class Executor:
         for e in self._waits[work.name]:          # cross-stream edges between GPU work
             src = self._launches.get(m - e.lag)
             part = e.src_work.rsplit(".", 1)[1]
-            if src is not None and part in src.cuda and self.overlap:
+            if src is not None and part in src.cuda and self._overlap:
                 stream.wait_event(src.cuda[part][1])
         with torch.cuda.stream(stream):
             start = torch.cuda.Event(enable_timing=True)
@@ -523,7 +529,7 @@ class Executor:
             end.record(stream)
         L.cuda[work.part] = (start, end)
         self._gpu_spans.append((work.stream, work.name, m, start, end))
-        if not self.overlap:
+        if not self._overlap:
             torch.cuda.synchronize(self.device)
 
     def run(self, on_output: Callable | None = None, *, on_error: Callable | None = None,
@@ -542,10 +548,12 @@ class Executor:
             self._cuda_base.record()
             torch.cuda.synchronize(self.device)
             self._t_base = time.perf_counter()
+        overlap = self._overlap = self.overlap_now()
+        self._threads = torch.get_num_threads()      # the forward's, whichever thread runs it
         t0 = time.perf_counter()
-        if self.overlap and (not self.cuda or self.issue == "threads"):
+        if overlap and (not self.cuda or self.issue == "threads"):
             self._run_threads()
-        else:   # on this thread too, so that A/B differ in overlap only
+        else:   # on a worker thread too, so that A/B differ in overlap only
             self._run_threads(serial=True)
         wall = time.perf_counter() - t0
         if self.cuda:
@@ -554,10 +562,23 @@ class Executor:
                 a = self._t_base + self._cuda_base.elapsed_time(s) / 1e3
                 b = self._t_base + self._cuda_base.elapsed_time(e) / 1e3
                 self.trace.add(stream, name, a, b, m)
-        return {"overlap": self.overlap, "measured_overlap": round(self.trace.measured_overlap(), 4),
+        return {"overlap": overlap, "measured_overlap": round(self.trace.measured_overlap(), 4),
                 "executor_wall_s": round(wall, 4), "steps": self.steps,
                 "discarded_tokens": self.discarded_tokens, "last_prefill_step": self.last_prefill,
                 "streams": [s.name for s in self.plan.streams]}
+
+    def _same_threads(self) -> None:
+        """A loop thread takes the torch thread count of the thread that called run() (it is per
+        thread; the compute thread applies the count of whoever hands it work)."""
+        if torch.get_num_threads() != self._threads:
+            torch.set_num_threads(self._threads)
+
+    def overlap_now(self) -> bool:
+        """Whether run() overlaps the plan's streams: as asked, or with overlap=None, always on
+        CUDA and on CPU only when the forward's threads leave a core for the host work."""
+        if self.overlap is not None:
+            return bool(self.overlap)
+        return self.cuda or cpu_overlap_pays(torch.get_num_threads())
 
     def _order(self, works):
         index = {w.name: i for i, w in enumerate(self.plan.work)}
@@ -565,19 +586,38 @@ class Executor:
 
     def _run_serial(self) -> None:
         works = self._order(self.plan.work)
-        top = max(w.skew for w in works)
+        # CPU: nothing runs beside the forward, so scheduling step k+1 before step k is emitted
+        # hides nothing: each micro-batch's works in turn (no skew), and no sequence is computed
+        # a step past its end. CUDA keeps the plan's skews (the host issues ahead of the device).
+        skew = {w.name: w.skew if self.cuda else 0 for w in works}
+        top = max(skew.values())
+        groups: list[tuple[bool, list]] = []      # CPU: consecutive torch works, one hand-off a step
+        for w in works:
+            torch_work = not self.cuda and w.part in CPU_TORCH_PARTS
+            if torch_work and groups and groups[-1][0]:
+                groups[-1][1].append(w)
+            else:
+                groups.append((torch_work, [w]))
         j = 0
         while self._signals.stop_at is None or j - top <= self._signals.stop_at:
-            for w in works:
-                if j - w.skew >= 0:
-                    self._run_one(w, j - w.skew, w.stream)
+            for torch_work, group in groups:
+                todo = [(w, j - skew[w.name]) for w in group if j - skew[w.name] >= 0]
+                if torch_work and any(self._launches.get(m) is not None for _, m in todo):
+                    on_compute(self._run_each, todo)
+                else:
+                    self._run_each(todo)
             j += 1
+
+    def _run_each(self, todo) -> None:
+        for w, m in todo:
+            self._run_one(w, m, w.stream)
 
     def _run_threads(self, serial: bool = False) -> None:
         errors: list[BaseException] = []
 
         def one() -> None:
             try:
+                self._same_threads()
                 self._run_serial()
             except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
                 errors.append(e)
@@ -595,6 +635,7 @@ class Executor:
             top = max(w.skew for w in works)
             j = 0
             try:
+                self._same_threads()
                 while self._signals.stop_at is None or j - top <= self._signals.stop_at:
                     for w in works:
                         m = j - w.skew
@@ -614,9 +655,8 @@ class Executor:
                 errors.append(e)
                 self._signals.release(failed=True)
 
-        # every stream on a thread of its own, the compute stream too: on this 2-core CPU the forward
-        # ran ~25 % slower on the process's main thread than on a worker (bench: W32 through
-        # run_requests on the main thread vs a worker, 190-230 vs 260-275 tok/s, same process)
+        # every stream on a thread of its own; on CPU the compute stream's thread (and the copy
+        # stream's, for h2d) hand their torch work to the compute thread and wait for it
         threads = [threading.Thread(target=loop, args=(s,), name=f"agp-{s.name}", daemon=True)
                    for s in self.plan.streams]
         for t in threads:
@@ -627,7 +667,21 @@ class Executor:
             raise errors[0]
 
 
-def drive(engine, handle: Callable, *, overlap: bool = True, trace_path: str | None = None,
+def cpu_overlap_pays(threads: int, cores: int | None = None) -> bool:
+    """Whether overlapping the streams can pay on CPU: only with a core left beside the forward's
+    `threads`. Without one, the host threads' Python takes a core from the forward, whose
+    barriers then wait for the descheduled thread, and the compute thread waits for the GIL
+    after each kernel: on 2 cores with a 2-thread forward the overlapped run was slower than
+    the serial one (docs/engine_benchmarks.md)."""
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+    return cores > threads
+
+
+def drive(engine, handle: Callable, *, overlap: bool | None = None, trace_path: str | None = None,
           plan: Plan | None = None, submit=()) -> dict:
     """Step `engine` to completion through the plan's executor; `handle(outputs)` per step.
     `submit`: (id, Engine.add_request keyword arguments) pairs admitted through batch.admit."""
@@ -642,7 +696,7 @@ def drive(engine, handle: Callable, *, overlap: bool = True, trace_path: str | N
     return stats
 
 
-def run_requests(engine, requests, *, plan: Plan | None = None, overlap: bool = True,
+def run_requests(engine, requests, *, plan: Plan | None = None, overlap: bool | None = None,
                  trace_path: str | None = None, on_output: Callable | None = None) -> dict:
     """Submit `requests` ((id, kwargs for Engine.add_request) pairs) and run them to the end;
     an input error of one request raises (the pipeline runtime reports it per request instead)."""

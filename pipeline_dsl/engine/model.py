@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
+from .compute import ContentionGuard
 from .native.step import NativeDecoder
 from .quant import Int4Blocks, Int4Linear, Q8Linear, make_linear
 
@@ -323,6 +324,8 @@ class ModelRunner:
         # paged attention in place for larger ones; None: the eager path alone
         self.native = NativeDecoder.create(model, self._k_pool, self._v_pool, block_size) \
             if self.device.type == "cpu" else None
+        # CPU: a step that another process slowed down sends the next ones to one thread
+        self.guard = ContentionGuard() if self.device.type == "cpu" else None
 
     native_max_batch = 8   # measured: above this the batched GEMMs of the eager path win
 
@@ -429,6 +432,12 @@ class ModelRunner:
         return self._forward(step)
 
     def _forward(self, step: _Step, want_logits: bool = True) -> torch.Tensor | None:
+        if self.guard is None:
+            return self._forward_step(step, want_logits)
+        key = (step.all_decode, step.tokens.shape[0])
+        return self.guard.run(key, self._forward_step, step, want_logits)
+
+    def _forward_step(self, step: _Step, want_logits: bool) -> torch.Tensor | None:
         m, c = self.model, self.model.config
         if step.native:
             logits = self.native.decode(step.tokens, step.positions, step.slots, step.dec_tables,

@@ -141,7 +141,7 @@ class Item:
 
 
 class PipelineRuntime:
-    def __init__(self, graph: nx.DiGraph, *, overrides: dict | None = None, overlap: bool = True,
+    def __init__(self, graph: nx.DiGraph, *, overrides: dict | None = None, overlap: bool | None = None,
                  trace=None, workers: int = ITEM_WORKERS, max_queue: int | None = None,
                  served_name: str | None = None, clock: Callable[[], float] = time.monotonic):
         from stages.impl import StageContext, implementation

@@ -67,7 +67,7 @@ def segment_spec(graph: nx.DiGraph, segment: Segment) -> SegmentSpec:
 class EngineSegment:
     """An Engine and its Executor for one segment; thread-safe submit / abort / tokenise."""
 
-    def __init__(self, spec: SegmentSpec, plan, *, overrides: dict | None = None, overlap: bool = True,
+    def __init__(self, spec: SegmentSpec, plan, *, overrides: dict | None = None, overlap: bool | None = None,
                  trace=None, engine=None):
         from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
         from pipeline_dsl.engine.engine import resolve_device
@@ -162,13 +162,21 @@ class EngineSegment:
         reads the weights only, never the KV pool)."""
         import torch
 
+        from pipeline_dsl.engine.compute import on_compute
+
         model = self.engine.runner.model
-        with torch.inference_mode():
-            logits = model.forward_full(list(ids))                       # [T, V] float32
-            logp = torch.log_softmax(logits.float(), dim=-1)             # [T, V]
-            target = torch.tensor(ids[1:], dtype=torch.long)
-            picked = logp[:-1].gather(1, target[:, None]).squeeze(1) if len(ids) > 1 else torch.empty(0)
-            tops = logp[:-1].topk(top, dim=-1) if top and len(ids) > 1 else None
+
+        def forward():
+            with torch.inference_mode():
+                logits = model.forward_full(list(ids))                   # [T, V] float32
+                logp = torch.log_softmax(logits.float(), dim=-1)         # [T, V]
+                target = torch.tensor(ids[1:], dtype=torch.long)
+                picked = logp[:-1].gather(1, target[:, None]).squeeze(1) if len(ids) > 1 else torch.empty(0)
+                tops = logp[:-1].topk(top, dim=-1) if top and len(ids) > 1 else None
+            return picked, tops
+
+        # on CPU on the compute thread, between the engine's steps: one OpenMP pool (engine/compute.py)
+        picked, tops = on_compute(forward) if model.device.type == "cpu" else forward()
         out: list = [None]
         for i in range(len(ids) - 1):
             alts = list(zip(tops.indices[i].tolist(), tops.values[i].tolist())) if tops is not None else []

@@ -7,18 +7,16 @@
 Built once per runner: every pointer stays valid because the tensors it points into are
 kept here (`self._keep`) and the pools are preallocated for the runner's lifetime.
 
-A step is one parallel region with a barrier after each phase (~150 a step). When another
-process competes for the cores, a barrier waits for a descheduled thread, and a step that
-takes 6 ms alone took 100-600 ms here (measured on 2 shared cores). So each step is timed:
-one far slower than the best seen for its batch size runs the next `SOLO_STEPS` steps on
-one thread (no barriers to wait at: ~1.6x slower than two threads on a quiet machine, many
-times faster on a busy one), then two threads are tried again.
+A step is one parallel region with a barrier after each phase (~150 a step), on
+torch.get_num_threads() threads. When another process competes for the cores, a barrier
+waits for a descheduled thread, and a step that takes 6 ms alone took 100-600 ms here
+(measured on 2 shared cores): the runner's ContentionGuard (engine/compute.py) then runs
+the next steps on one thread.
 """
 
 from __future__ import annotations
 
 import ctypes
-import time
 
 import torch
 
@@ -27,9 +25,6 @@ from . import Layer, Model, Step, load
 
 
 class NativeDecoder:
-    SOLO_STEPS = 64        # steps on one thread after a step that waited at its barriers
-    SLOW = 3.0             # a step this many times slower than the best for its batch size
-
     def __init__(self, lib, model, k_pool: torch.Tensor, v_pool: torch.Tensor, block_size: int):
         c = model.config
         bf16 = model.dtype == torch.bfloat16
@@ -55,8 +50,6 @@ class NativeDecoder:
             self._layers[i] = Layer(f32(ly.attn_norm), f32(ly.ffn_norm), lin(ly.qkv), lin(ly.o),
                                     lin(ly.gate_up), lin(ly.down))
         head = model.lm_head_small if model.lm_head_small is not None else model.lm_head
-        self._best: dict[int, float] = {}    # batch size -> fastest step seen with all threads
-        self._solo = 0                       # steps left to run on one thread
         head_st = head.native_struct(round_out=bf16 and not isinstance(head, Q8Linear))  # as eager: bf16 logits
 
         if head_st is None:
@@ -92,18 +85,8 @@ class NativeDecoder:
         logits = torch.empty(n, self.config.vocab_size, dtype=torch.float32)
         step = Step(B, nblk, n, 0, tokens.data_ptr(), positions.data_ptr(), slots.data_ptr(),
                     tables.data_ptr(), out_rows.data_ptr() if n else None)
-        threads = torch.get_num_threads()
-        if self._solo > 0 or threads == 1:
-            self._solo = max(0, self._solo - 1)
-            self.lib.agp_decode_step(ctypes.byref(self.model), ctypes.byref(step), logits.data_ptr(), 1)
-            return logits
-        t = time.perf_counter()
-        self.lib.agp_decode_step(ctypes.byref(self.model), ctypes.byref(step), logits.data_ptr(), threads)
-        dt = time.perf_counter() - t
-        best = self._best.get(B)
-        if best is not None and dt > self.SLOW * best:
-            self._solo = self.SOLO_STEPS                 # the cores are contended: no barriers for a while
-        self._best[B] = dt if best is None else min(dt, best * 1.01)   # contexts grow: let it drift up
+        self.lib.agp_decode_step(ctypes.byref(self.model), ctypes.byref(step), logits.data_ptr(),
+                                 torch.get_num_threads())
         return logits
 
     def attention(self, layer: int, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
