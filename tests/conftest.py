@@ -1,6 +1,7 @@
 """Shared fixtures. `tiny_gguf`: path of a tiny random Llama GGUF (written once per session)."""
 
 import pytest
+import torch
 
 from tiny_model import write_tiny_gguf
 
@@ -15,3 +16,12 @@ def soft_gguf(tmp_path_factory):
     """The tiny model with a small embedding scale: its next-token distributions are spread
     (top token ~0.1), so sampling with different seeds or temperatures gives different text."""
     return write_tiny_gguf(tmp_path_factory.mktemp("models") / "soft.gguf", embed_scale=0.2)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (tiny models: more threads only add contention)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -18,23 +18,14 @@ pytest.importorskip("llguidance")
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 from pipeline_dsl.engine import constrain  # noqa: E402
 from pipeline_dsl.engine.constrain import ConstraintCompiler, GrammarError, apply_masks  # noqa: E402
+from tiny_model import BOUNDED_SCHEMA  # noqa: E402
 
 try:
     import jsonschema
 except ImportError:  # the light checks below still run
     jsonschema = None
 
-BOUNDED = {  # every value has a bounded length: a random model must finish it
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 6},
-        "n": {"type": "integer", "minimum": 0, "maximum": 999},
-        "ok": {"type": "boolean"},
-        "color": {"enum": ["red", "green"]},
-        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
-    },
-    "required": ["name", "n", "ok", "color", "tags"],
-}
+BOUNDED = BOUNDED_SCHEMA
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string", "maxLength": 8},

@@ -6,28 +6,20 @@ import random
 
 import networkx as nx
 import pytest
-import torch
 
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
 from pipeline_dsl.engine.executor import AHEAD, Executor, _Signals, default_plan, run_requests
 from pipeline_dsl.engine.trace import Trace
 from pipeline_dsl.plan import make_plan
+from tiny_model import tiny_engine
 
 WORDS = "the cat and the world is hello of us at it in an".split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)          # tiny model: threads only add contention
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def engine(path, **kw) -> Engine:
-    cfg = dict(model=str(path), dtype="fp32", kv_budget_bytes=4 << 20, max_batch_size=8)
-    cfg.update(kw)
-    return Engine(EngineConfig(**cfg))
+engine = tiny_engine
 
 
 def finished(into: dict):

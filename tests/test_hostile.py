@@ -5,7 +5,6 @@ nothing else notices."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import statistics
@@ -18,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_serve import LiveServer, TINY, _free_port
+from test_serve import LiveServer, TINY, _free_port, wait_until_healthy
 from tiny_model import write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,16 +239,8 @@ def start_serve(tmp_path, model, *extra, budget="1MiB") -> tuple[subprocess.Pope
     proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "serve", str(pipeline), "--port", str(port),
                              "--threads", "1", "--no-access-log", *extra], stderr=subprocess.PIPE, text=True, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        assert proc.poll() is None, proc.stderr.read()
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "agp serve did not come up"
-        time.sleep(0.2)
+    wait_until_healthy(proc, url)
+    return proc, url
 
 
 def test_a_drain_that_times_out_says_so_to_every_client_and_in_the_exit_status(tmp_path, mid_gguf):

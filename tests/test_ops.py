@@ -8,7 +8,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,26 +18,12 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_serve import TINY, _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-7f3a"
 
-PIPELINE = """pipeline ops {{
-    model  = "{model}"
-    device = cpu
-    dtype  = fp32
-    stage request : requests      {{ max_queue = 256 }}
-    stage batch   : dynamic_batch {{ max_batch_size = 16  timeout = 5ms }}
-    stage encode  : encode        {{}}
-    stage kv      : kv_lookup     {{ block_size = 8  budget = 1MiB }}
-    stage gen     : generate      {{ max_new_tokens = 16 }}
-    stage out     : respond       {{}}
-    request -> batch
-    batch -> encode when full
-    batch -> encode when timeout
-    encode -> kv -> gen -> out
-}}
-"""
+PIPELINE = TINY.replace("{max_queue}", "256").replace("{max_batch_size}", "16").replace("{timeout}", "5")
 
 TEMPLATE = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}{% if add_generation_prompt %}=>{% endif %}"
 
@@ -53,11 +38,6 @@ VLLM = {  # name -> type, as a vLLM dashboard reads them
     "vllm:prefix_cache_hits": "counter", "vllm:request_success": "counter",
 }
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Proc:
@@ -147,7 +127,7 @@ def _wait_for(predicate, what: str, timeout: float = 20):
 
 def test_the_banner_shows_the_effective_values_of_flags_and_variables(ops):
     banner = " ".join(r["message"] for r in _records(ops) if r["logger"] == "agp.serve")
-    assert "agp 0.1.0 serving pipeline 'ops' as 'alpha', 'beta' at https://127.0.0.1:" in banner
+    assert "agp 0.1.0 serving pipeline 'tiny' as 'alpha', 'beta' at https://127.0.0.1:" in banner
     assert "/llm/v1" in banner
     assert "context 200 tokens" in banner                        # --max-model-len over the model's 512
     assert "batch 4 sequences" in banner                         # AGP_MAX_NUM_SEQS over the file's 16

@@ -10,29 +10,22 @@ import math
 import pytest
 import torch
 
-from pipeline_dsl.engine import Engine, EngineConfig, InputError, SamplingParams
+from pipeline_dsl.engine import Engine, InputError, SamplingParams
 from pipeline_dsl.engine.executor import run_requests
 from pipeline_dsl.engine.processors import Features
 from pipeline_dsl.engine.sampler import Sampler
 from pipeline_dsl.engine.scheduler import Sequence
-from test_engine import PROMPTS, run_all, toy_engine
+from test_engine import PROMPTS, toy_engine
 from test_sampler import LOGITS, PROBS, _chi_square_ok, _frequencies
+from tiny_model import BOUNDED_SCHEMA, tiny_engine
 
 HELLO = [{"role": "user", "content": "hello world"}]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)          # tiny model: threads only add contention
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def make(path, **kw) -> Engine:
-    cfg = dict(model=str(path), dtype="fp32", kv_budget_bytes=4 << 20, max_batch_size=8)
-    cfg.update(kw)
-    return Engine(EngineConfig(**cfg))
+make = tiny_engine
 
 
 def stepped(eng: Engine, reqs: dict) -> dict:
@@ -316,17 +309,7 @@ def test_logprobs_are_the_raw_log_softmax_of_the_model(soft_gguf, overlap):
 
 
 # ---- constrained decoding -------------------------------------------------------------------------
-BOUNDED = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 6},
-        "n": {"type": "integer", "minimum": 0, "maximum": 999},
-        "ok": {"type": "boolean"},
-        "color": {"enum": ["red", "green"]},
-        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
-    },
-    "required": ["name", "n", "ok", "color", "tags"],
-}
+BOUNDED = BOUNDED_SCHEMA
 
 
 @pytest.fixture(scope="module")

@@ -444,6 +444,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(proc: subprocess.Popen, url: str, timeout: float = 90) -> None:
+    """Poll GET /health of an `agp serve` child until it answers 200 (fails if the child exits)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "agp serve did not come up"
+        time.sleep(0.2)
+
+
 def test_sigterm_finishes_in_flight_streams_and_exits_zero(tmp_path, tiny_gguf):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "serve",
@@ -451,16 +465,7 @@ def test_sigterm_finishes_in_flight_streams_and_exits_zero(tmp_path, tiny_gguf):
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "agp serve did not come up"
-            time.sleep(0.2)
+        wait_until_healthy(proc, url)
         body = {"prompt": "hello", "max_tokens": 300, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:

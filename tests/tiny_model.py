@@ -141,3 +141,26 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# a JSON schema whose every value has a bounded length: a random model must finish it
+BOUNDED_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "n": {"type": "integer", "minimum": 0, "maximum": 999},
+        "ok": {"type": "boolean"},
+        "color": {"enum": ["red", "green"]},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+    },
+    "required": ["name", "n", "ok", "color", "tags"],
+}
+
+
+def tiny_engine(path, **kw):
+    """An fp32 Engine on a tiny GGUF with a small KV budget (kw override EngineConfig fields)."""
+    from pipeline_dsl.engine import Engine, EngineConfig
+
+    cfg = dict(model=str(path), dtype="fp32", kv_budget_bytes=4 << 20, max_batch_size=8)
+    cfg.update(kw)
+    return Engine(EngineConfig(**cfg))
