@@ -42,22 +42,37 @@ class ParsedRequest:
 
     def item(self) -> dict:
         """The request as the pipeline's items carry it (what a python stage sees)."""
-        out: dict[str, Any] = {"id": self.id}
-        if self.messages is not None:
-            out["messages"] = [dict(m) for m in self.messages]
-        elif self.prompt_token_ids is not None:
-            out["prompt_token_ids"] = list(self.prompt_token_ids)
-        else:
-            out["prompt"] = self.prompt
-        out.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in self.sampling.items()})
-        for name in ("model", "n", "tools", "response_format"):
-            if getattr(self, name) is not None:
-                out[name] = getattr(self, name)
-        if self.tools:
-            out["tool_choice"], out["parallel_tool_calls"] = self.tool_choice, self.parallel_tool_calls
-        out["metadata"] = dict(self.metadata or {})
-        return out
+        return request_item(self.id, messages=self.messages, prompt_token_ids=self.prompt_token_ids,
+                            prompt=self.prompt, fields=self.sampling, model=self.model, n=self.n,
+                            metadata=self.metadata, tools=self.tools, tool_choice=self.tool_choice,
+                            parallel_tool_calls=self.parallel_tool_calls, response_format=self.response_format)
 
+
+def request_item(request_id: str, *, messages, prompt_token_ids, prompt, fields: dict, model=None, n=None,
+                 metadata=None, tools=None, tool_choice="none", parallel_tool_calls=True,
+                 response_format=None) -> dict[str, Any]:
+    """A request as the pipeline's items carry it, for `agp run` and `agp serve` alike: its id,
+    one of messages / prompt_token_ids / prompt, its sampling fields, and what is set of model,
+    n, tools (with tool_choice and parallel_tool_calls), response_format; metadata always."""
+    out: dict[str, Any] = {"id": request_id}
+    if messages is not None:
+        out["messages"] = [dict(m) for m in messages]
+    elif prompt_token_ids is not None:
+        out["prompt_token_ids"] = list(prompt_token_ids)
+    else:
+        out["prompt"] = prompt
+    out.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in fields.items()})
+    if model is not None:
+        out["model"] = model
+    if n is not None:
+        out["n"] = n
+    out["metadata"] = dict(metadata or {})
+    if tools:
+        out["tools"] = [dict(t) for t in tools]
+        out["tool_choice"], out["parallel_tool_calls"] = tool_choice, parallel_tool_calls
+    if response_format is not None:
+        out["response_format"] = dict(response_format)
+    return out
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)

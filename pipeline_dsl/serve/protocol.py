@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pipeline_dsl.requests_io import (RequestError, load_json, parse_logit_bias, parse_messages,
-                                      parse_response_format, parse_tools)
+                                      parse_response_format, parse_tools, request_item)
 from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
 
 log = logging.getLogger("agp.serve")
@@ -81,22 +81,10 @@ class GenerationRequest:
 
     def item(self, request_id: str) -> dict[str, Any]:
         """The request as the pipeline's items carry it (what a python stage sees)."""
-        out: dict[str, Any] = {"id": request_id}
-        if self.messages is not None:
-            out["messages"] = [dict(m) for m in self.messages]
-        elif self.prompt_token_ids is not None:
-            out["prompt_token_ids"] = list(self.prompt_token_ids)
-        else:
-            out["prompt"] = self.prompt
-        out.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in self.fields.items()})
-        out["model"] = self.model
-        out["metadata"] = dict(self.metadata or {})
-        if self.tools:
-            out["tools"] = [dict(t) for t in self.tools]
-            out["tool_choice"], out["parallel_tool_calls"] = self.tool_choice, self.parallel_tool_calls
-        if self.response_format is not None:
-            out["response_format"] = dict(self.response_format)
-        return out
+        return request_item(request_id, messages=self.messages, prompt_token_ids=self.prompt_token_ids,
+                            prompt=self.prompt, fields=self.fields, model=self.model, metadata=self.metadata,
+                            tools=self.tools, tool_choice=self.tool_choice,
+                            parallel_tool_calls=self.parallel_tool_calls, response_format=self.response_format)
 
 
 def parse_json(raw: bytes) -> dict:
