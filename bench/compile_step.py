@@ -14,7 +14,6 @@ same length. Without a C++ compiler torch.compile fails: the script says so and 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 from pipeline_dsl.engine.model import LlamaModel, ModelRunner, SeqBatchItem
 from pipeline_dsl.engine.models import load_weights, resolve_model
+from roofline import timed  # bench/ is on sys.path when a bench script runs
 
 
 def int4_linear(blocks):
@@ -78,16 +78,6 @@ def make_step(model: LlamaModel, weights: dict, B: int, ctx: int, int4: bool = F
         return F.linear(h, embed).argmax(-1)               # [B] greedy, no host sync
 
     return step
-
-
-def timed(fn, reps=10) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def main(argv=None) -> None:
