@@ -245,6 +245,8 @@ def _check_kv_budget(r: Resolved) -> list[Diagnostic]:
     total = int(r.settings["kv_budget"])
     kvs = [s for s in r.stages.values() if s.kind is not None and s.kind.name == "kv_lookup"]
     explicit = [s for s in kvs if "budget" in s.given]
+    if any(s.params.get("budget") is None for s in explicit):
+        return []                     # a budget that did not check has its own error already
     used = sum(int(s.params["budget"]) for s in explicit)
     left = len(kvs) - len(explicit)
     if used > total or (left and total - used < (1 << 16) * left):

@@ -405,3 +405,13 @@ def test_a_model_folder_is_checked_again_when_a_file_in_it_changes(tmp_path):
     second = _model_errors(tmp_path, "hf")
     assert len(first) == len(second) == 1 and first != second
     assert first[0].startswith("bad model file 'hf/config.json': ")
+
+
+def test_kv_budgets_against_kv_budget_at_the_edge_and_with_a_bad_budget():
+    # the kv_lookup budget may use all of the pipeline's kv_budget, not a byte more
+    assert errors(pipeline(settings="kv_budget = 64MiB", kv="budget = 64MiB")) == []
+    (d,) = errors(pipeline(settings="kv_budget = 64MiB", kv="budget = 65MiB"))
+    assert "kv_lookup budgets (65MiB) leave nothing of kv_budget = 64MiB" in d.message
+    # a budget that is itself wrong gets its own error, and only that one (no crash)
+    (d,) = errors(pipeline(settings="kv_budget = 64MiB", kv="budget = fast"))
+    assert "budget" in d.message and "kv_budget" not in d.message
