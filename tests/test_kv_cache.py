@@ -264,3 +264,20 @@ def test_check_invariants_names_what_is_broken(corrupt, message):
     corrupt(bm)
     with pytest.raises(AssertionError, match=message):
         bm.check_invariants()
+
+
+def test_a_freed_keyless_block_is_reused_before_any_cached_block_is_evicted():
+    # the whole pool in use: "a" holds two published blocks, "b" one partial block without a key
+    bm = BlockManager(num_blocks=3, block_size=4)
+    prompt = list(range(8))
+    bm.match_prefix("a", prompt + [99])
+    assert bm.allocate("a", 8)
+    bm.commit("a", prompt + [99], 8)
+    assert bm.allocate("b", 2)
+    bm.free_seq("a")                      # cached blocks freed first...
+    bm.free_seq("b")                      # ...the keyless one last, yet it is reused first
+    assert bm.num_free == 3 and bm.num_cached == 2
+    assert bm.allocate("c", 4)
+    assert bm.evictions == 0 and bm.num_cached == 2
+    assert bm.match_prefix("d", prompt + [99]) == 8
+    bm.check_invariants()
