@@ -217,12 +217,9 @@ def test_a_sampler_without_a_seed_differs_from_run_to_run():
     assert _shared_draws(None) != _shared_draws(None)
 
 
-# ---- a known bug, pinned (see the report: the sort is batch-wide) ----------------------------
+# ---- a seeded request is independent of its batch ---------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a row without top_p/top_k is drawn from its cdf in "
-                   "vocabulary order when no row of the batch needs sorting, in sorted order when "
-                   "one does: the same seed gives other tokens depending on its neighbours")
 def test_a_seeded_request_without_cuts_draws_the_same_tokens_whatever_its_neighbours():
     g = torch.Generator().manual_seed(0)
     row, other = torch.randn(1, 50, generator=g), torch.randn(1, 50, generator=g)

@@ -61,6 +61,9 @@ class Sampler:
             top_p = torch.tensor([p.top_p for p in params], dtype=probs.dtype, device=dev)  # [m]
             before = probs.cumsum(dim=-1) - probs  # [m, V] mass of the tokens ranked above
             probs = probs.masked_fill(before >= top_p[:, None], 0.0)  # the first always stays
+            # back to vocabulary order: every row draws in the same order whether or not its batch
+            # needed sorting, so a seeded request's tokens do not depend on what shares its batch
+            probs = torch.zeros_like(probs).scatter_(1, order, probs)
         if any(p.min_p > 0.0 for p in params):
             # min-p: below min_p * the likeliest token's probability (the ratio is the same before
             # and after the cuts above, which renormalise every kept token alike)
@@ -76,8 +79,6 @@ class Sampler:
         # a zero-probability token can never be picked: step back past any flat cdf tail
         picked = torch.where(probs.gather(1, picked[:, None]).squeeze(1) > 0, picked,
                              probs.argmax(dim=-1))
-        if need_sort:
-            picked = order.gather(1, picked[:, None]).squeeze(1)  # [m] sorted rank -> token id
         return picked
 
 
