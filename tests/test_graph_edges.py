@@ -1,0 +1,412 @@
+"""Edges of pipeline_dsl/graph.py that mutation testing (make mutate) left untested: the
+attributes of the built graph, how kv_lookup stages share the KV budget, outputs() and
+flow_types() (what each stage carries and receives), and whole `agp check` outputs of
+small graphs (cycles, ports, routes, segments, reachability)."""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+
+import networkx as nx
+import pytest
+
+import pipeline_dsl
+from pipeline_dsl import ast
+from pipeline_dsl.checker import check_pipeline
+from pipeline_dsl.diagnostics import SourcePos, render_all
+from pipeline_dsl.graph import build_graph, flow_types, outputs
+from stages import builtin
+from stages.registry import Port, Registry, StageKind
+
+KIB, MIB = 1 << 10, 1 << 20
+
+
+def load(text: str):
+    prog, diags = pipeline_dsl.loads(textwrap.dedent(text), "t.agp")
+    return prog, diags
+
+
+def check(text: str) -> str:
+    """What `agp check` prints for the text (empty when clean)."""
+    prog, diags = load(text)
+    return render_all(diags, prog.sources)
+
+
+def graph(text: str, registry=None) -> nx.DiGraph:
+    prog, _ = load(text)
+    return build_graph(prog.pipelines[0], registry)
+
+
+def hand_graph(nodes: dict, edges: list) -> nx.DiGraph:
+    """A DiGraph as build_graph makes it, with only what flow_types reads (kind, params)."""
+    g = nx.DiGraph()
+    for n, (kind, params) in nodes.items():
+        g.add_node(n, kind=kind, params=params)
+    g.add_edges_from(edges)
+    return g
+
+
+def frozen(d: dict) -> dict:
+    return {n: set(v) for n, v in d.items()}
+
+
+# ---------------------------------------------------------------- build_graph's attributes
+
+SEED = """\
+pipeline p {
+    model = "smollm2-135m-instruct"
+    threads = 2
+    stage request : requests      {}
+    stage batch   : dynamic_batch {}
+    stage encode  : encode        {}
+    stage kv      : kv_lookup     {}
+    stage gen     : generate      {}
+    stage out     : respond       {}
+    request -> batch
+    batch -> encode when full
+    batch -> encode when timeout
+    encode -> kv -> gen -> out
+}
+"""
+
+
+def test_seed_graph_has_name_settings_position_and_given_settings():
+    g = graph(SEED)
+    assert g.graph == {
+        "name": "p",
+        "settings": {"model": "smollm2-135m-instruct", "mode": "balanced", "device": "auto", "threads": 2,
+                     "dtype": "auto", "kv_budget": None},
+        "pos": SourcePos("t.agp", 1, 10, 1, 11),
+        "given_settings": ["model", "threads"],
+    }
+
+
+def test_seed_graph_edges_merge_the_batchers_two_labels_into_one_edge_without_a_single_condition():
+    g = graph(SEED)
+    assert dict(g.edges["batch", "encode"]) == {
+        "condition": None, "conditions": [("label", "full"), ("label", "timeout")],
+        "pos": SourcePos("t.agp", 11, 5, 11, 20)}
+    assert dict(g.edges["request", "batch"]) == {
+        "condition": None, "conditions": [None], "pos": SourcePos("t.agp", 10, 5, 10, 21)}
+    assert g.nodes["batch"]["routes"] == [("encode", ("label", "full")), ("encode", ("label", "timeout"))]
+
+
+def test_one_conditional_edge_keeps_its_condition():
+    g = graph("""\
+        pipeline p {
+            model = "smollm2-135m-instruct"
+            stage request : requests {}
+            stage r : route {}
+            stage batch : dynamic_batch {}
+            stage encode : encode {}
+            stage kv : kv_lookup {}
+            stage gen : generate {}
+            stage out : respond {}
+            request -> r
+            r -> batch when prompt_tokens > 100
+            r -> gen otherwise
+            batch -> encode -> kv -> gen -> out
+        }
+        """)
+    assert dict(g.edges["r", "batch"]) == {
+        "condition": ("cmp", "prompt_tokens", ">", 100), "conditions": [("cmp", "prompt_tokens", ">", 100)],
+        "pos": SourcePos("t.agp", 11, 5, 11, 15)}
+    assert g.edges["r", "gen"]["condition"] == ("otherwise",)
+
+
+def test_a_repeated_conditional_edge_of_a_resolved_pipeline_merges_into_one_with_that_condition():
+    prog, _ = load(SEED)
+    r, _ = check_pipeline(prog.pipelines[0])
+    full = next(e for e in r.edges if e.condition == ("label", "full"))
+    timeout = next(e for e in r.edges if e.condition == ("label", "timeout"))
+    edges = tuple(e for e in r.edges if e.src != "batch") + (full, full)
+    g = build_graph(dataclasses.replace(r, edges=edges))
+    assert g.edges["batch", "encode"]["condition"] == ("label", "full")
+    assert g.edges["batch", "encode"]["conditions"] == [("label", "full")]
+    edges = tuple(e for e in r.edges if e.src != "batch") + (full, full, timeout)
+    g = build_graph(dataclasses.replace(r, edges=edges))
+    assert g.edges["batch", "encode"]["condition"] is None
+    assert g.edges["batch", "encode"]["conditions"] == [("label", "full"), ("label", "timeout")]
+
+
+def _registry_with(*kinds: StageKind) -> Registry:
+    return Registry(builtin.BUILTIN_KINDS + kinds, load_entry_points=False)
+
+
+SHOUT = StageKind(name="shout", doc="upper-cases the answer", inputs=(Port("generated", "Generated"),),
+                  outputs=(Port("generated", "Generated"),), resource="host")
+
+
+def test_build_graph_of_an_ast_pipeline_looks_kinds_up_in_the_given_registry():
+    text = SEED.replace("stage out", "stage loud : shout {}\n    stage out").replace("gen -> out", "gen -> loud -> out")
+    prog, _ = load(text)
+    assert isinstance(prog.pipelines[0], ast.Pipeline)
+    g = build_graph(prog.pipelines[0], _registry_with(SHOUT))
+    assert (g.nodes["loud"]["kind"], g.nodes["loud"]["resource"]) == ("shout", "host")
+    assert build_graph(prog.pipelines[0]).nodes["loud"]["kind"] is None    # the default registry lacks it
+
+
+def test_build_graph_refuses_what_is_neither_a_pipeline_nor_resolved():
+    with pytest.raises(TypeError) as e:
+        build_graph({"name": "p"})
+    assert str(e.value) == "build_graph takes an ast.Pipeline or a checker.Resolved, not dict"
+
+
+# ---------------------------------------------------------------- the KV budget shared by kv_lookup stages
+
+ENGINES = """\
+pipeline p {
+    model = "smollm2-135m-instruct"
+    SETTINGS
+    stage request : requests {}
+    stage r : route {}
+    stage b1 : dynamic_batch {}
+    stage e1 : encode {}
+    stage k1 : kv_lookup { K1 }
+    stage g1 : generate {}
+    stage b2 : dynamic_batch {}
+    stage e2 : encode {}
+    stage k2 : kv_lookup { K2 }
+    stage g2 : generate {}
+    stage out : respond {}
+    request -> r
+    r -> b1 when prompt_tokens > 100
+    r -> b2 otherwise
+    b1 -> e1 -> k1 -> g1 -> out
+    b2 -> e2 -> k2 -> g2 -> out
+}
+"""
+
+THIRD = """\
+    stage b3 : dynamic_batch {}
+    stage e3 : encode {}
+    stage k3 : kv_lookup { K3 }
+    stage g3 : generate {}
+    stage out : respond {}
+    request -> r
+    r -> b3 when prompt_tokens > 1000
+"""
+
+
+def engines(settings="", k1="", k2="", k3=None) -> str:
+    text = ENGINES.replace("SETTINGS", settings).replace("K1", k1).replace("K2", k2)
+    if k3 is not None:
+        text = text.replace("    stage out : respond {}\n    request -> r\n", THIRD.replace("K3", k3))
+        text = text.replace("b2 -> e2 -> k2 -> g2 -> out\n", "b2 -> e2 -> k2 -> g2 -> out\n    b3 -> e3 -> k3 -> g3 -> out\n")
+    return text
+
+
+def budgets(text: str) -> dict:
+    g = graph(text)
+    return {n: d["params"]["budget"] for n, d in g.nodes(data=True) if d["kind"] == "kv_lookup"}
+
+
+def test_engines_pipeline_is_clean():
+    assert check(engines()) == ""
+    assert check(engines(k3="")) == ""
+
+
+def test_one_kv_lookup_keeps_the_modes_budget():
+    assert budgets(SEED) == {"kv": 256 * MIB}
+    assert budgets(SEED.replace("threads = 2", "mode = efficient")) == {"kv": 64 * MIB}
+
+
+def test_one_kv_lookup_takes_the_pipelines_kv_budget():
+    assert budgets(SEED.replace("threads = 2", "kv_budget = 100MiB")) == {"kv": 100 * MIB}
+
+
+def test_two_kv_lookups_split_the_modes_budget_of_one_engine():
+    assert budgets(engines()) == {"k1": 128 * MIB, "k2": 128 * MIB}
+    assert budgets(engines("mode = performance")) == {"k1": 512 * MIB, "k2": 512 * MIB}
+
+
+def test_three_kv_lookups_get_whole_bytes_of_an_uneven_split():
+    got = budgets(engines(k3=""))
+    assert got == {"k1": (256 * MIB) // 3, "k2": (256 * MIB) // 3, "k3": (256 * MIB) // 3}
+    assert all(type(v) is int for v in got.values())
+
+
+def test_two_kv_lookups_split_the_pipelines_kv_budget():
+    assert budgets(engines("kv_budget = 100MiB")) == {"k1": 50 * MIB, "k2": 50 * MIB}
+
+
+def test_an_explicit_budget_is_kept_and_taken_off_the_rest_of_kv_budget():
+    assert budgets(engines("kv_budget = 100MiB", k2="budget = 30MiB")) == {"k1": 70 * MIB, "k2": 30 * MIB}
+    assert budgets(engines("kv_budget = 100MiB", k1="budget = 10MiB", k3="")) == {
+        "k1": 10 * MIB, "k2": 45 * MIB, "k3": 45 * MIB}
+
+
+def test_an_explicit_budget_beside_the_modes_budget_is_taken_off_it():
+    assert budgets(engines(k1="budget = 56MiB")) == {"k1": 56 * MIB, "k2": 200 * MIB}
+
+
+def test_every_budget_explicit_leaves_them_as_they_are():
+    assert budgets(engines("kv_budget = 100MiB", k1="budget = 1MiB", k2="budget = 2MiB")) == {
+        "k1": 1 * MIB, "k2": 2 * MIB}
+
+
+def test_a_share_below_64kib_is_raised_to_64kib_and_one_above_is_kept():
+    assert budgets(engines("kv_budget = 1MiB", k2="budget = 924KiB")) == {"k1": 100 * KIB, "k2": 924 * KIB}
+    assert budgets(engines("kv_budget = 1MiB", k2="budget = 1000KiB")) == {"k1": 64 * KIB, "k2": 1000 * KIB}
+    assert budgets(engines("kv_budget = 1MiB", k2="budget = 2MiB")) == {"k1": 64 * KIB, "k2": 2 * MIB}
+
+
+def test_kv_budget_too_small_for_the_other_pools_is_reported_whole():
+    assert check(engines("kv_budget = 1MiB", k2="budget = 1000KiB")) == textwrap.dedent("""\
+        t.agp:12:37: error: the kv_lookup budgets (1000KiB) leave 24KiB of kv_budget = 1MiB for 1 other KV pool
+           12 |     stage k2 : kv_lookup { budget = 1000KiB }
+              |                                     ^^^^^^^
+          = help: raise kv_budget or lower the budgets of the kv_lookup stages
+
+        1 error
+        """)
+
+
+# ---------------------------------------------------------------- outputs()
+
+PY, ROUTE, BATCH, RESPOND = builtin.PYTHON, builtin.ROUTE, builtin.DYNAMIC_BATCH, builtin.RESPOND
+REQ, GEN = frozenset({"Request"}), frozenset({"Generated"})
+BOTH = REQ | GEN
+
+
+@pytest.mark.parametrize("params, received, sent", [
+    ({}, REQ, REQ),                                          # no returns: the type it got
+    ({"returns": None}, GEN, GEN),
+    ({"returns": "same"}, BOTH, BOTH),
+    ({"returns": "request"}, GEN, REQ),
+    ({"returns": "generated"}, REQ, GEN),
+    ({"returns": "any"}, REQ, BOTH),
+    ({"returns": "request", "max_turns": 3}, REQ, REQ),      # past its bound an item leaves as it came
+    ({"returns": "request", "max_turns": 3}, GEN, BOTH),
+    ({"returns": "generated", "max_turns": 3}, REQ, BOTH),
+    ({"returns": "generated", "max_turns": None}, REQ, GEN),
+    ({"returns": "same", "max_turns": 2}, frozenset({"Batch"}), frozenset()),
+])
+def test_outputs_of_a_python_stage(params, received, sent):
+    assert outputs(PY, params, received) == sent
+
+
+def test_outputs_of_other_kinds():
+    assert outputs(None, {}, BOTH) == frozenset()
+    assert outputs(ROUTE, {}, REQ | frozenset({"Batch"})) == REQ
+    assert outputs(BATCH, {}, frozenset()) == frozenset({"Batch"})
+    assert outputs(RESPOND, {}, GEN) == frozenset()
+
+
+# ---------------------------------------------------------------- flow_types()
+
+def test_a_route_carries_only_what_its_successors_carry_however_the_stages_are_ordered():
+    # r1 is looked at before r2 shrinks to Generated: it must be looked at again
+    g = hand_graph({"r1": ("route", {}), "r2": ("route", {}), "out": ("respond", {})},
+                   [("r1", "r2"), ("r2", "out")])
+    carry, receives = flow_types(g)
+    assert frozen(carry) == {"r1": {"Generated"}, "r2": {"Generated"}, "out": {"Generated"}}
+    assert frozen(receives) == {"r1": set(), "r2": set(), "out": set()}
+
+
+def test_a_long_route_chain_shrinks_back_to_its_start():
+    names = [f"r{i}" for i in range(6)]
+    g = hand_graph({**{n: ("route", {}) for n in names}, "out": ("respond", {})},
+                   list(zip(names, names[1:] + ["out"])))
+    carry, _ = flow_types(g)
+    assert all(carry[n] == GEN for n in names)
+
+
+def test_engine_stages_carry_only_what_their_successors_take():
+    g = hand_graph({"request": ("requests", {}), "b": ("dynamic_batch", {}), "e": ("encode", {}),
+                    "k": ("kv_lookup", {}), "gen": ("generate", {}),
+                    "b2": ("dynamic_batch", {}), "e2": ("encode", {}), "k2": ("kv_lookup", {}),
+                    "gen2": ("generate", {})},
+                   [("request", "b"), ("b", "e"), ("e", "k"), ("k", "gen"), ("request", "b2"), ("e2", "k2"),
+                    ("k2", "gen2")])
+    carry, receives = flow_types(g)
+    assert frozen(carry) == {"request": set(), "b": set(), "e": set(), "k": set(), "gen": set(),
+                             "b2": set(), "e2": set(), "k2": set(), "gen2": set()}
+    assert frozen(receives) == {n: set() for n in g}
+
+
+def test_the_seed_chain_carries_and_receives_each_type_in_turn():
+    carry, receives = flow_types(graph(SEED))
+    assert frozen(carry) == {"request": set(), "batch": {"Request"}, "encode": {"Batch"}, "kv": {"Tokens"},
+                             "gen": {"CachedTokens"}, "out": {"Generated"}}
+    assert frozen(receives) == {"request": set(), "batch": {"Request"}, "encode": {"Batch"}, "kv": {"Tokens"},
+                                "gen": {"CachedTokens"}, "out": {"Generated"}}
+
+
+def test_a_sink_keeps_every_type_it_accepts():
+    # a kind without outputs ends a pipeline: what it would pass on does not matter
+    sink = StageKind(name="drain", doc="takes anything", inputs=(Port("items", "Request|Generated"),),
+                     passthrough=True)
+    g = hand_graph({"d": ("drain", {})}, [])
+    carry, _ = flow_types(g, _registry_with(sink))
+    assert carry["d"] == BOTH
+
+
+def test_a_kind_registered_under_an_engine_name_must_send_on_all_it_emits():
+    # the engine kinds are checked by name: every type they send (not only items) must go on
+    odd = StageKind(name="generate", doc="a passthrough generate", inputs=(Port("x", "Request|Tokens"),),
+                    outputs=(Port("x", "Request|Tokens"),), passthrough=True)
+    take = StageKind(name="take", doc="takes requests", inputs=(Port("r", "Request"),))
+    reg = Registry([builtin.REQUESTS, odd, take], load_entry_points=False)
+    g = hand_graph({"src": ("requests", {}), "gen": ("generate", {}), "t": ("take", {})},
+                   [("src", "gen"), ("gen", "t")])
+    carry, receives = flow_types(g, reg)
+    assert frozen(carry) == {"src": set(), "gen": {"Request"}, "t": {"Request"}}
+    assert frozen(receives) == {"src": set(), "gen": {"Request"}, "t": {"Request"}}
+
+
+def test_a_python_stage_carries_by_what_it_returns():
+    nodes = {"src": ("requests", {}), "py": ("python", {"fn": "m:f", "returns": "generated"}),
+             "out": ("respond", {})}
+    carry, receives = flow_types(hand_graph(nodes, [("src", "py"), ("py", "out")]))
+    assert frozen(carry) == {"src": set(), "py": {"Request", "Generated"}, "out": {"Generated"}}
+    assert frozen(receives) == {"src": set(), "py": {"Request"}, "out": {"Generated"}}
+
+
+def test_a_python_stage_without_params_returns_the_same_type():
+    nodes = {"src": ("requests", {}), "py": ("python", None), "out": ("respond", {})}
+    carry, receives = flow_types(hand_graph(nodes, [("src", "py"), ("py", "out")]))
+    assert frozen(carry) == {"src": set(), "py": {"Generated"}, "out": {"Generated"}}
+    assert frozen(receives) == {"src": set(), "py": set(), "out": set()}
+
+
+def test_receives_reach_a_stage_defined_before_the_one_that_feeds_it():
+    nodes = {"src": ("requests", {}), "late": ("route", {}), "early": ("route", {}),
+             "py": ("python", {"returns": "generated"}), "out": ("respond", {})}
+    g = hand_graph(nodes, [("src", "early"), ("early", "late"), ("late", "py"), ("py", "out")])
+    _, receives = flow_types(g)
+    assert frozen(receives) == {"src": set(), "early": {"Request"}, "late": {"Request"}, "py": {"Request"},
+                                "out": {"Generated"}}
+
+
+def test_a_route_sends_on_only_what_reached_it():
+    nodes = {"src": ("requests", {}), "r": ("route", {}), "py": ("python", {"returns": "any"}),
+             "out": ("respond", {})}
+    g = hand_graph(nodes, [("src", "r"), ("r", "py"), ("py", "out"), ("py", "r")])
+    carry, receives = flow_types(g)
+    assert frozen(receives) == {"src": set(), "r": {"Request", "Generated"}, "py": {"Request", "Generated"},
+                                "out": {"Generated"}}
+    nodes["py"] = ("python", {"returns": "generated"})
+    g = hand_graph(nodes, [("src", "r"), ("r", "py"), ("py", "out")])
+    carry, receives = flow_types(g)
+    assert frozen(receives) == {"src": set(), "r": {"Request"}, "py": {"Request"}, "out": {"Generated"}}
+
+
+def test_a_source_sends_what_it_emits_even_when_its_kind_passes_items_through():
+    src = StageKind(name="feed", doc="a source", outputs=(Port("r", "Request"),), passthrough=True)
+    nodes = {"src": ("feed", {}), "r": ("route", {}), "py": ("python", {"returns": "generated"}),
+             "out": ("respond", {})}
+    g = hand_graph(nodes, [("src", "r"), ("r", "py"), ("py", "out")])
+    _, receives = flow_types(g, _registry_with(src))
+    assert frozen(receives) == {"src": set(), "r": {"Request"}, "py": {"Request"}, "out": {"Generated"}}
+
+
+def test_a_stage_of_unknown_kind_stops_nothing_after_it():
+    nodes = {"odd": ("nosuchkind", {}), "src": ("requests", {}), "r": ("route", {}),
+             "py": ("python", {"returns": "generated"}), "out": ("respond", {}), "none": (None, {})}
+    g = hand_graph(nodes, [("src", "r"), ("r", "py"), ("py", "out"), ("odd", "out"), ("none", "r")])
+    carry, receives = flow_types(g)
+    assert frozen(receives) == {"odd": set(), "src": set(), "r": {"Request"}, "py": {"Request"},
+                                "out": {"Generated"}, "none": set()}
+    assert carry["odd"] == frozenset() and carry["none"] == frozenset()
