@@ -182,6 +182,15 @@ def test_a_draw_at_the_top_edge_still_gives_a_kept_token(logits, params, allowed
     assert token in allowed
 
 
+def test_a_draw_at_the_top_edge_in_the_second_row_of_a_batch_gives_that_rows_token():
+    # the fallback for a draw on a zero-probability tail picks the row's own likeliest token,
+    # not an index over the whole batch (row 1's likeliest is the batch's likeliest overall)
+    logits = torch.tensor([[0.0, 0.1, 0.2, 0.3, 0.4, 0.5], [9.0, 8.0, 1.0, 0.0, -1.0, -2.0]])
+    params = [SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_k=2)]
+    tokens = Sampler(seed=0).sample(logits, params, [make_generator(3), _generator_at_the_top_edge()])
+    assert 0 <= tokens[0] < 6 and tokens[1] in {0, 1}
+
+
 def test_underflowed_tokens_first_in_the_vocabulary_are_never_drawn():
     logits = torch.tensor([-300.0, -200.0, 0.0, 1.0, 0.5])
     counts = _frequencies(logits, SamplingParams(temperature=1.0), draws=10000)
