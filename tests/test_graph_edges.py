@@ -15,7 +15,7 @@ import pipeline_dsl
 from pipeline_dsl import ast
 from pipeline_dsl.checker import check_pipeline
 from pipeline_dsl.diagnostics import SourcePos, render_all
-from pipeline_dsl.graph import build_graph, flow_types, outputs
+from pipeline_dsl.graph import build_graph, check_program, flow_types, item_types, outputs
 from stages import builtin
 from stages.registry import Port, Registry, StageKind
 
@@ -135,7 +135,7 @@ def _registry_with(*kinds: StageKind) -> Registry:
 
 
 SHOUT = StageKind(name="shout", doc="upper-cases the answer", inputs=(Port("generated", "Generated"),),
-                  outputs=(Port("generated", "Generated"),), resource="host")
+                  outputs=(Port("generated", "Generated"),), resource="host", impl="stages.impl:Route")
 
 
 def test_build_graph_of_an_ast_pipeline_looks_kinds_up_in_the_given_registry():
@@ -410,3 +410,399 @@ def test_a_stage_of_unknown_kind_stops_nothing_after_it():
     assert frozen(receives) == {"odd": set(), "src": set(), "r": {"Request"}, "py": {"Request"},
                                 "out": {"Generated"}, "none": set()}
     assert carry["odd"] == frozenset() and carry["none"] == frozenset()
+
+
+def test_two_items_types_reaching_one_stage_from_two_stages_are_both_received():
+    nodes = {"src": ("requests", {}), "a": ("python", {"returns": "generated"}), "b": ("route", {}),
+             "r": ("route", {}), "py": ("python", {"returns": "generated"}), "out": ("respond", {})}
+    g = hand_graph(nodes, [("src", "a"), ("src", "b"), ("a", "r"), ("b", "r"), ("r", "py"), ("py", "out")])
+    _, receives = flow_types(g)
+    assert receives["r"] == BOTH and receives["py"] == BOTH
+
+
+# ---------------------------------------------------------------- item_types()
+
+def test_item_types_of_each_stage_of_the_seed():
+    prog, _ = load(SEED)
+    r, _ = check_pipeline(prog.pipelines[0])
+    assert frozen(item_types(r, build_graph(r))) == {
+        "request": {"Request"}, "batch": {"Batch"}, "encode": {"Tokens"}, "kv": {"CachedTokens"},
+        "gen": {"Generated"}, "out": set()}
+
+
+def test_item_types_of_a_source_are_what_it_emits_whatever_its_kind_passes_through():
+    feed = StageKind(name="feed", doc="a source", outputs=(Port("r", "Request"),), passthrough=True)
+    prog, _ = load(SEED.replace(": requests ", ": feed     ").replace("stage kv ", "stage odd : nosuchkind {}\n"
+                                                                          "    stage kv "))
+    r, _ = check_pipeline(prog.pipelines[0], _registry_with(feed))
+    got = item_types(r, build_graph(r))
+    assert (got["request"], got["odd"]) == (REQ, frozenset())
+
+
+# ---------------------------------------------------------------- whole `agp check` outputs
+
+CHAIN = """\
+pipeline p {
+    model = "smollm2-135m-instruct"
+    stage request : requests {}
+    stage batch : dynamic_batch {}
+    stage encode : encode {}
+    stage kv : kv_lookup {}
+    stage gen : generate {}
+    stage out : respond {}
+    batch -> encode when full
+    batch -> encode when timeout
+    encode -> kv -> gen
+"""
+
+
+def chain(body: str) -> str:
+    """The seed's chain (request, batch -> encode -> kv -> gen, out) and `body` (from line 12)."""
+    return CHAIN + textwrap.indent(textwrap.dedent(body), "    ") + "}\n"
+
+
+def expect(text: str) -> str:
+    return textwrap.dedent(text)
+
+
+def test_unbounded_cycles_beside_a_bounded_loop_are_each_printed_from_their_first_stage():
+    # a's DFS meets b's cycle first: the cycle printed is the one through a
+    assert check(chain("""\
+        stage a : route {}
+        stage x : route {}
+        stage b : route {}
+        stage c : route {}
+        stage tool : python { fn = "json:loads"  max_turns = 3  returns = any }
+        request -> a
+        a -> b
+        a -> x
+        x -> a
+        b -> c
+        c -> b
+        c -> batch
+        gen -> tool
+        tool -> batch
+        tool -> out
+        """)) == expect("""\
+        t.agp:20:5: error: cycle: a -> x -> a
+           20 |     x -> a
+              |     ^^^^^^
+          = expected: requests flow one way, from the source to respond; a loop must pass through a python stage that bounds it with max_turns
+          = note: edge a -> x (t.agp:19:5)
+          = help: remove the edge x -> a, or bound the loop (a python stage with max_turns = N on it)
+
+        t.agp:22:5: error: cycle: b -> c -> b
+           22 |     c -> b
+              |     ^^^^^^
+          = expected: requests flow one way, from the source to respond; a loop must pass through a python stage that bounds it with max_turns
+          = note: edge b -> c (t.agp:21:5)
+          = help: remove the edge c -> b, or bound the loop (a python stage with max_turns = N on it)
+
+        2 errors
+        """)
+
+
+def test_a_join_looping_on_itself_is_a_cycle_and_a_join_inside_a_loop():
+    assert check(chain("""\
+        stage j : join {}
+        stage p : python { fn = "json:loads"  max_turns = 2  returns = generated }
+        request -> batch
+        gen -> j
+        j -> j
+        j -> p
+        p -> p
+        p -> out
+        """)) == expect("""\
+        t.agp:12:11: error: join 'j' is inside a loop
+           12 |     stage j : join {}
+              |           ^
+          = help: join the branches before or after the loop
+
+        t.agp:16:5: error: cycle: j -> j
+           16 |     j -> j
+              |     ^^^^^^
+          = expected: requests flow one way, from the source to respond; a loop must pass through a python stage that bounds it with max_turns
+          = help: remove the edge j -> j, or bound the loop (a python stage with max_turns = N on it)
+
+        2 errors
+        """)
+
+
+def test_a_bounding_stage_looping_only_on_itself_has_no_way_out():
+    assert check(chain("""\
+        stage p : python { fn = "json:loads"  max_turns = 2  returns = any }
+        request -> batch
+        gen -> p
+        p -> p
+        gen -> out
+        """)) == expect("""\
+        t.agp:12:11: error: stage 'p' bounds a loop (max_turns = 2) but has no edge out of it
+           12 |     stage p : python { fn = "json:loads"  max_turns = 2  returns = any }
+              |           ^
+          = expected: an edge from the bounding stage to a stage outside the loop
+          = help: add an edge from 'p' towards a respond stage: items take it once the loop has run max_turns times
+
+        t.agp:12:11: error: stage 'p' has no path to a respond stage
+           12 |     stage p : python { fn = "json:loads"  max_turns = 2  returns = any }
+              |           ^
+          = help: add an edge from 'p' towards a respond stage, or remove it
+
+        2 errors
+        """)
+
+
+def test_an_edge_out_of_respond_does_not_stop_the_checks_of_the_edges_after_it():
+    assert check(chain("""\
+        stage out2 : respond {}
+        out -> out2
+        request -> encode
+        request -> batch
+        gen -> out
+        """)) == expect("""\
+        t.agp:13:5: error: stage 'out' (respond) has no output: no edge can leave it
+           13 |     out -> out2
+              |     ^^^^^^^^^^^
+          = help: respond ends a pipeline; remove the edge out -> out2
+
+        t.agp:14:5: error: port type mismatch on edge request -> encode: 'request' (requests) gives Request, 'encode' (encode) takes Batch
+           14 |     request -> encode
+              |     ^^^^^^^^^^^^^^^^^
+          = expected: an edge into a stage that takes Request
+          = help: insert a dynamic_batch stage between them
+
+        2 errors
+        """)
+
+
+def test_a_python_stage_that_returns_requests_cannot_feed_respond():
+    assert check(chain("""\
+        stage p : python { fn = "json:loads"  returns = request }
+        request -> batch
+        gen -> p
+        p -> out
+        """)) == expect("""\
+        t.agp:7:11: error: stage 'gen' (generate) may send Generated items, but none of its out-edges leads to a stage that takes them
+            7 |     stage gen : generate {}
+              |           ^^^
+          = help: add an edge from 'gen' towards a stage that takes Generated items
+
+        t.agp:15:5: error: port type mismatch on edge p -> out: 'p' (python) gives Request, 'out' (respond) takes Generated
+           15 |     p -> out
+              |     ^^^^^^^^
+          = expected: an edge into a stage that takes Request
+
+        2 errors
+        """)
+
+
+def test_a_pipeline_without_a_request_source_names_the_source_kinds():
+    text = """\
+        pipeline p {
+            model = "smollm2-135m-instruct"
+            stage r : route {}
+            stage out : respond {}
+            r -> out
+        }
+        """
+    assert check(text) == expect("""\
+        t.agp:1:10: error: pipeline 'p' has no request source
+            1 | pipeline p {
+              |          ^
+          = expected: a stage of kind requests, e.g. stage request : requests {}
+          = help: add a request source and an edge from it to the first stage
+
+        1 error
+        """)
+    feed = StageKind(name="feed", doc="another source", outputs=(Port("r", "Request"),))
+    prog, _ = load(text)
+    (d,) = check_program(prog, _registry_with(feed))
+    assert d.expected == "a stage of kind feed or requests, e.g. stage request : requests {}"
+
+
+def test_a_pipeline_without_a_respond_stage():
+    assert check("""\
+        pipeline p {
+            model = "smollm2-135m-instruct"
+            stage request : requests {}
+            stage r : route {}
+            stage s : system_prompt { text = "hi" }
+            request -> r -> s
+        }
+        """) == expect("""\
+        t.agp:1:10: error: pipeline 'p' has no respond stage
+            1 | pipeline p {
+              |          ^
+          = expected: a stage of kind respond, e.g. stage out : respond {}
+          = help: add a respond stage and an edge into it
+
+        1 error
+        """)
+
+
+def test_an_unreachable_stage_names_every_request_source():
+    assert check(chain("""\
+        stage request2 : requests {}
+        stage lost : route {}
+        request -> batch
+        request2 -> batch
+        gen -> out
+        lost -> out
+        """)) == expect("""\
+        t.agp:12:11: error: pipeline 'p' has a second request source 'request2'
+           12 |     stage request2 : requests {}
+              |           ^^^^^^^^
+          = expected: one request source per pipeline
+          = note: the first is 'request' (t.agp:3:11)
+          = help: remove 'request2' or route from 'request' instead
+
+        t.agp:13:11: error: stage 'lost' is unreachable: no path from 'request' or 'request2' leads to it
+           13 |     stage lost : route {}
+              |           ^^^^
+          = help: add an edge into 'lost', or remove the stage
+
+        2 errors
+        """)
+
+
+def test_an_unreachable_stage_behind_an_unknown_kind_names_a_request_source():
+    assert check("""\
+        pipeline p {
+            model = "smollm2-135m-instruct"
+            stage x : mystery {}
+            stage r : route {}
+            stage lost : route {}
+            stage out : respond {}
+            x -> r -> out
+            lost -> lost
+        }
+        """) == expect("""\
+        t.agp:3:15: error: unknown stage kind 'mystery'
+            3 |     stage x : mystery {}
+              |               ^^^^^^^
+          = expected: a stage kind: dynamic_batch, encode, generate, join, kv_lookup, python, requests, respond, route, system_prompt
+
+        t.agp:5:11: error: stage 'lost' has no path to a respond stage
+            5 |     stage lost : route {}
+              |           ^^^^
+          = help: add an edge from 'lost' towards a respond stage, or remove it
+
+        t.agp:5:11: error: stage 'lost' is unreachable: no path from a request source leads to it
+            5 |     stage lost : route {}
+              |           ^^^^
+          = help: add an edge into 'lost', or remove the stage
+
+        t.agp:8:5: error: cycle: lost -> lost
+            8 |     lost -> lost
+              |     ^^^^^^^^^^^^
+          = expected: requests flow one way, from the source to respond; a loop must pass through a python stage that bounds it with max_turns
+          = help: remove the edge lost -> lost, or bound the loop (a python stage with max_turns = N on it)
+
+        4 errors
+        """)
+
+
+def test_an_unreachable_stage_of_unknown_kind_in_a_loop():
+    assert check(SEED.replace("stage out ", "stage x : mystery {}\n    stage y : route {}\n    stage out ")
+                 .replace("encode -> kv -> gen -> out\n", "encode -> kv -> gen -> out\n    x -> y\n    y -> x\n")) \
+        == expect("""\
+        t.agp:9:11: error: stage 'x' is unreachable: no path from 'request' leads to it
+            9 |     stage x : mystery {}
+              |           ^
+          = help: add an edge into 'x', or remove the stage
+
+        t.agp:9:15: error: unknown stage kind 'mystery'
+            9 |     stage x : mystery {}
+              |               ^^^^^^^
+          = expected: a stage kind: dynamic_batch, encode, generate, join, kv_lookup, python, requests, respond, route, system_prompt
+
+        t.agp:10:11: error: stage 'y' is unreachable: no path from 'request' leads to it
+           10 |     stage y : route {}
+              |           ^
+          = help: add an edge into 'y', or remove the stage
+
+        t.agp:17:5: error: cycle: x -> y -> x
+           17 |     y -> x
+              |     ^^^^^^
+          = expected: requests flow one way, from the source to respond; a loop must pass through a python stage that bounds it with max_turns
+          = note: edge x -> y (t.agp:16:5)
+          = help: remove the edge y -> x, or bound the loop (a python stage with max_turns = N on it)
+
+        4 errors
+        """)
+
+
+def test_a_kind_of_the_given_registry_carries_items_on():
+    text = SEED.replace("stage out", "stage loud : shout {}\n    stage out").replace("gen -> out", "gen -> loud -> out")
+    prog, _ = load(text)
+    assert check_program(prog, _registry_with(SHOUT)) == []
+
+
+# ---------------------------------------------------------------- kv_budget against the explicit budgets
+
+def kv_check(settings="", k1="", k2="", k3=None) -> str:
+    return check(engines(settings, k1, k2, k3))
+
+
+def test_explicit_budgets_that_fill_kv_budget_exactly_are_fine():
+    assert kv_check("kv_budget = 100MiB", k1="budget = 60MiB", k2="budget = 40MiB") == ""
+
+
+def test_explicit_budgets_that_leave_exactly_64kib_for_the_other_pool_are_fine():
+    assert kv_check("kv_budget = 1MiB", k2="budget = 960KiB") == ""
+    assert kv_check("kv_budget = 1MiB", k2="budget = 896KiB", k3="") == ""
+
+
+def test_explicit_budgets_over_kv_budget_leave_nothing():
+    assert kv_check("kv_budget = 1MiB", k1="budget = 1MiB", k2="budget = 2MiB") == expect("""\
+        t.agp:12:37: error: the kv_lookup budgets (3MiB) leave nothing of kv_budget = 1MiB
+           12 |     stage k2 : kv_lookup { budget = 2MiB }
+              |                                     ^^^^
+          = help: raise kv_budget or lower the budgets of the kv_lookup stages
+
+        1 error
+        """)
+
+
+def test_an_explicit_budget_equal_to_kv_budget_leaves_nothing_for_the_other_pools():
+    assert kv_check("kv_budget = 1MiB", k1="budget = 1MiB", k3="") == expect("""\
+        t.agp:8:37: error: the kv_lookup budgets (1MiB) leave nothing of kv_budget = 1MiB for 2 other KV pools
+            8 |     stage k1 : kv_lookup { budget = 1MiB }
+              |                                     ^^^^
+          = help: raise kv_budget or lower the budgets of the kv_lookup stages
+
+        1 error
+        """)
+
+
+def test_kv_budget_too_small_for_pools_without_explicit_budgets_is_reported_at_the_first():
+    assert kv_check("kv_budget = 100KiB") == expect("""\
+        t.agp:8:11: error: the kv_lookup budgets (0B) leave 100KiB of kv_budget = 100KiB for 2 other KV pools
+            8 |     stage k1 : kv_lookup {  }
+              |           ^^
+          = help: raise kv_budget or lower the budgets of the kv_lookup stages
+
+        1 error
+        """)
+
+
+def test_a_kv_budget_out_of_range_is_reported_once():
+    assert kv_check("kv_budget = 1KiB", k1="budget = 1MiB") == expect("""\
+        t.agp:3:17: error: value out of range: setting 'kv_budget' = 1KiB
+            3 |     kv_budget = 1KiB
+              |                 ^^^^
+          = expected: a size with a unit (B, KiB, MiB, GiB) from 64KiB to 1024GiB, e.g. 256MiB
+          = help: the smallest allowed value is 64KiB
+
+        1 error
+        """)
+
+
+def test_a_budget_parameter_of_another_kind_is_not_a_kv_pool():
+    from stages.registry import SIZE, Param
+    quota = StageKind(name="quota", doc="a budget of another kind", params=(Param("budget", SIZE, 1 << 20),),
+                      inputs=(Port("generated", "Generated"),), outputs=(Port("generated", "Generated"),))
+    text = engines("kv_budget = 100MiB").replace("stage out ", "stage q : quota {}\n    stage out ") \
+        .replace("g1 -> out", "g1 -> q -> out")
+    g = graph(text, _registry_with(quota))
+    assert g.nodes["q"]["params"]["budget"] == 1 << 20
+    assert g.nodes["k1"]["params"]["budget"] == 50 * MIB
