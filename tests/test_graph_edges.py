@@ -806,3 +806,114 @@ def test_a_budget_parameter_of_another_kind_is_not_a_kv_pool():
     g = graph(text, _registry_with(quota))
     assert g.nodes["q"]["params"]["budget"] == 1 << 20
     assert g.nodes["k1"]["params"]["budget"] == 50 * MIB
+
+
+# ---------------------------------------------------------------- hints of port mismatches
+
+def test_a_python_stage_given_requests_into_respond_is_told_to_say_returns_generated():
+    assert check(chain("""\
+        stage q : python { fn = "json:loads" }
+        request -> q
+        q -> batch
+        q -> out
+        gen -> out
+        """)) == expect("""\
+        t.agp:15:5: error: port type mismatch on edge q -> out: 'q' (python) gives Request, 'out' (respond) takes Generated
+           15 |     q -> out
+              |     ^^^^^^^^
+          = expected: an edge into a stage that takes Request
+          = help: if 'q' turns its items into Generated, say so: returns = generated (or any)
+
+        1 error
+        """)
+
+
+def test_a_python_stage_that_says_returns_same_gets_no_returns_hint():
+    assert check(chain("""\
+        stage q : python { fn = "json:loads"  returns = same }
+        request -> q
+        q -> batch
+        q -> out
+        gen -> out
+        """)) == expect("""\
+        t.agp:15:5: error: port type mismatch on edge q -> out: 'q' (python) gives Request, 'out' (respond) takes Generated
+           15 |     q -> out
+              |     ^^^^^^^^
+          = expected: an edge into a stage that takes Request
+
+        1 error
+        """)
+
+
+def test_a_python_stage_given_results_into_the_batcher_is_told_to_say_returns_request():
+    assert check(chain("""\
+        stage q : python { fn = "json:loads"  max_turns = 2 }
+        request -> batch
+        gen -> q
+        q -> out
+        q -> batch
+        """)) == expect("""\
+        t.agp:16:5: error: port type mismatch on edge q -> batch: 'q' (python) gives Generated, 'batch' (dynamic_batch) takes Request
+           16 |     q -> batch
+              |     ^^^^^^^^^^
+          = expected: an edge into a stage that takes Generated
+          = help: if 'q' turns its items into Request, say so: returns = request (or any)
+
+        1 error
+        """)
+
+
+def test_a_mismatch_into_a_stage_taking_two_types_lists_both():
+    assert check(chain("""\
+        stage r : route {}
+        request -> batch
+        batch -> r
+        r -> out
+        gen -> out
+        """)) == expect("""\
+        t.agp:14:5: error: port type mismatch on edge batch -> r: 'batch' (dynamic_batch) gives Batch, 'r' (route) takes Generated | Request
+           14 |     batch -> r
+              |     ^^^^^^^^^^
+          = expected: an edge into a stage that takes Batch
+
+        1 error
+        """)
+
+
+def test_the_insert_hint_never_suggests_a_python_stage():
+    # even a registry whose python kind would turn Generated into a Batch
+    py = StageKind(name="python", doc="a python kind of one output type", inputs=(Port("g", "Generated"),),
+                   outputs=(Port("b", "Batch"),), impl="stages.impl:Python")
+    reg = Registry([k for k in builtin.BUILTIN_KINDS if k.name != "python"] + [py], load_entry_points=False)
+    prog, _ = load(chain("""\
+        request -> batch
+        gen -> out
+        gen -> encode
+        """))
+    (d,) = [d for d in check_program(prog, reg) if "mismatch" in d.message]
+    assert (d.message, d.hint) == ("port type mismatch on edge gen -> encode: 'gen' (generate) gives Generated, "
+                                   "'encode' (encode) takes Batch", None)
+
+
+def test_an_edge_to_a_stage_of_unknown_kind_does_not_stop_the_checks_of_the_edges_after_it():
+    assert check(chain("""\
+        stage x : mystery {}
+        request -> x
+        x -> out
+        request -> encode
+        request -> batch
+        gen -> out
+        """)) == expect("""\
+        t.agp:12:15: error: unknown stage kind 'mystery'
+           12 |     stage x : mystery {}
+              |               ^^^^^^^
+          = expected: a stage kind: dynamic_batch, encode, generate, join, kv_lookup, python, requests, respond, route, system_prompt
+
+        t.agp:15:5: error: port type mismatch on edge request -> encode: 'request' (requests) gives Request, 'encode' (encode) takes Batch
+           15 |     request -> encode
+              |     ^^^^^^^^^^^^^^^^^
+          = expected: an edge into a stage that takes Request
+          = help: insert a dynamic_batch stage between them
+
+        2 errors
+        """)
