@@ -917,3 +917,86 @@ def test_an_edge_to_a_stage_of_unknown_kind_does_not_stop_the_checks_of_the_edge
 
         2 errors
         """)
+
+
+def test_may_send_hints_name_the_returns_to_say_only_for_returns_any():
+    assert check(chain("""\
+        stage q : python { fn = "json:loads"  returns = generated  max_turns = 2 }
+        stage q2 : python { fn = "json:loads"  returns = any }
+        stage q3 : python { fn = "json:loads"  returns = any }
+        request -> q
+        request -> q2
+        request -> q3
+        q -> batch
+        q2 -> out
+        q3 -> batch
+        gen -> out
+        """)) == expect("""\
+        t.agp:12:11: error: stage 'q' (python) may send Generated items, but none of its out-edges leads to a stage that takes them
+           12 |     stage q : python { fn = "json:loads"  returns = generated  max_turns = 2 }
+              |           ^
+          = help: add an edge from 'q' towards a stage that takes Generated items
+
+        t.agp:13:11: error: stage 'q2' (python) may send Request items, but none of its out-edges leads to a stage that takes them
+           13 |     stage q2 : python { fn = "json:loads"  returns = any }
+              |           ^^
+          = help: if 'q2' never returns a Request, say returns = generated
+
+        t.agp:14:11: error: stage 'q3' (python) may send Generated items, but none of its out-edges leads to a stage that takes them
+           14 |     stage q3 : python { fn = "json:loads"  returns = any }
+              |           ^^
+          = help: if 'q3' never returns a Generated, say returns = request
+
+        3 errors
+        """)
+
+
+# ---------------------------------------------------------------- conditions on edges
+
+def test_route_checks_go_on_past_unknown_kinds_and_covered_batchers_and_a_plain_edge_is_a_way_out():
+    assert check(chain("""\
+        stage x : mystery {}
+        stage r : route {}
+        stage r2 : route {}
+        stage a : route {}
+        x -> out
+        request -> r
+        r -> batch when prompt_tokens > 10
+        r -> a
+        a -> batch
+        request -> r2
+        r2 -> batch when prompt_tokens > 10
+        gen -> out
+        """)) == expect("""\
+        t.agp:12:15: error: unknown stage kind 'mystery'
+           12 |     stage x : mystery {}
+              |               ^^^^^^^
+          = expected: a stage kind: dynamic_batch, encode, generate, join, kv_lookup, python, requests, respond, route, system_prompt
+
+        t.agp:22:5: error: an item of 'r2' that matches none of its conditions has nowhere to go (no unconditional edge and no `otherwise`)
+           22 |     r2 -> batch when prompt_tokens > 10
+              |     ^^^^^^^^^^^
+          = help: add `r2 -> batch otherwise` (or to another stage)
+
+        2 errors
+        """)
+
+
+KV_GEN2 = """\
+    stage gen2 : generate {}
+    request -> batch
+    gen -> out
+    kv -> gen2 when finish_reason == "stop"
+    gen2 -> out
+"""
+
+
+def test_a_condition_on_a_kv_lookup_edge_reads_the_request():
+    text = chain(KV_GEN2)
+    assert 'field \'finish_reason\' is only known after generate' in check(text)
+    # even when a registry's kv_lookup would also give Generated items
+    kv = dataclasses.replace(builtin.KV_LOOKUP, outputs=(Port("cached", "CachedTokens|Generated"),))
+    reg = Registry([k for k in builtin.BUILTIN_KINDS if k.name != "kv_lookup"] + [kv], load_entry_points=False)
+    prog, _ = load(text)
+    assert [d.message for d in check_program(prog, reg) if "finish_reason" in d.message] == [
+        "field 'finish_reason' is only known after generate"]
