@@ -1035,3 +1035,60 @@ def test_a_request_source_whose_requests_can_reach_no_end_is_an_error():
         """
     assert flow_types(graph(text))[0]["r"] == GEN        # r can carry only Generated items on
     assert check(text) != ""
+
+
+# ---------------------------------------------------------------- engine segments
+
+def _inner(name: str, takes: str, gives: str) -> StageKind:
+    return StageKind(name=name, doc=name, inputs=(Port("i", takes),), outputs=(Port("o", gives),),
+                     impl="stages.impl:Route")
+
+
+def test_kinds_of_a_registry_working_on_batches_or_tokens_cannot_stand_inside_an_engine_segment():
+    reg = _registry_with(_inner("peek", "Batch", "Batch"), _inner("pack", "Batch", "Tokens"),
+                         _inner("trim", "Tokens", "Tokens"), _inner("tap", "CachedTokens", "CachedTokens"))
+    prog, _ = load("""\
+        pipeline p {
+            model = "smollm2-135m-instruct"
+            stage request : requests {}
+            stage batch : dynamic_batch {}
+            stage peek : peek {}
+            stage pack : pack {}
+            stage trim : trim {}
+            stage kv : kv_lookup {}
+            stage tap : tap {}
+            stage gen : generate {}
+            stage out : respond {}
+            request -> batch
+            batch -> peek when full
+            batch -> peek when timeout
+            peek -> pack -> trim -> kv -> tap -> gen -> out
+        }
+        """)
+    assert render_all(check_program(prog, reg), prog.sources) == expect("""\
+        t.agp:5:11: error: stage 'peek' (peek) works on Batch, inside an engine segment, which runs as one engine (batch -> encode -> kv_lookup -> generate)
+            5 |     stage peek : peek {}
+              |           ^^^^
+          = expected: a kind that takes and gives Request or Generated items
+          = help: put it before the batcher (on Requests) or after generate (on Generated results)
+
+        t.agp:6:11: error: stage 'pack' (pack) works on Batch | Tokens, inside an engine segment, which runs as one engine (batch -> encode -> kv_lookup -> generate)
+            6 |     stage pack : pack {}
+              |           ^^^^
+          = expected: a kind that takes and gives Request or Generated items
+          = help: put it before the batcher (on Requests) or after generate (on Generated results)
+
+        t.agp:7:11: error: stage 'trim' (trim) works on Tokens, inside an engine segment, which runs as one engine (batch -> encode -> kv_lookup -> generate)
+            7 |     stage trim : trim {}
+              |           ^^^^
+          = expected: a kind that takes and gives Request or Generated items
+          = help: put it before the batcher (on Requests) or after generate (on Generated results)
+
+        t.agp:9:11: error: stage 'tap' (tap) works on CachedTokens, inside an engine segment, which runs as one engine (batch -> encode -> kv_lookup -> generate)
+            9 |     stage tap : tap {}
+              |           ^^^
+          = expected: a kind that takes and gives Request or Generated items
+          = help: put it before the batcher (on Requests) or after generate (on Generated results)
+
+        4 errors
+        """)
