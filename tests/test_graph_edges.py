@@ -15,7 +15,8 @@ import pipeline_dsl
 from pipeline_dsl import ast
 from pipeline_dsl.checker import check_pipeline
 from pipeline_dsl.diagnostics import SourcePos, render_all
-from pipeline_dsl.graph import build_graph, check_program, flow_types, item_types, outputs
+from pipeline_dsl.graph import (Segment, build_graph, check_program, check_segments, flow_types, item_types, outputs,
+                                 segments_of)
 from stages import builtin
 from stages.registry import Port, Registry, StageKind
 
@@ -1092,3 +1093,129 @@ def test_kinds_of_a_registry_working_on_batches_or_tokens_cannot_stand_inside_an
 
         4 errors
         """)
+
+
+def test_broken_engine_segments_list_stages_in_file_order_whatever_the_order_of_the_edges():
+    assert check("""\
+        pipeline p {
+            model = "smollm2-135m-instruct"
+            stage request : requests {}
+            stage route : route {}
+            stage batch : dynamic_batch {}
+            stage batch2 : dynamic_batch {}
+            stage encode : encode {}
+            stage encode2 : encode {}
+            stage kv : kv_lookup {}
+            stage kv2 : kv_lookup {}
+            stage gen : generate { prefill_chunk = 64 }
+            stage gen2 : generate { dtype = fp32  compile = true }
+            stage gen3 : generate {}
+            stage out : respond {}
+            request -> route
+            route -> batch2 when prompt_tokens > 5
+            route -> batch otherwise
+            batch2 -> encode
+            batch -> encode
+            batch -> encode2
+            batch -> encode
+            encode2 -> kv
+            encode -> kv2
+            encode -> kv
+            kv2 -> gen3
+            kv -> gen3 -> out
+            kv -> gen2 -> out
+            kv -> gen -> out
+        }
+        """) == expect("""\
+        t.agp:5:11: error: batcher 'batch' feeds 2 encode stages ('encode', 'encode2')
+            5 |     stage batch : dynamic_batch {}
+              |           ^^^^^
+          = expected: one encode stage after each batcher: one engine per chain
+          = help: give each chain its own batcher
+
+        t.agp:7:11: error: 2 batchers feed one encode stage 'encode' ('batch', 'batch2')
+            7 |     stage encode : encode {}
+              |           ^^^^^^
+          = expected: one batcher before each encode stage: one engine per chain
+          = help: route requests to one batcher, or give each batcher its own encode -> kv_lookup -> generate chain
+
+        t.agp:7:11: error: encode 'encode' feeds 2 kv_lookup stages ('kv', 'kv2')
+            7 |     stage encode : encode {}
+              |           ^^^^^^
+          = expected: one kv_lookup after each encode stage
+          = help: several generate stages may share one kv_lookup
+
+        t.agp:9:11: error: 2 encode stages feed one kv_lookup 'kv' ('encode', 'encode2')
+            9 |     stage kv : kv_lookup {}
+              |           ^^
+          = expected: one encode stage before each kv_lookup
+
+        t.agp:12:37: error: generate stages 'gen' and 'gen2' share kv_lookup 'kv' (one engine) but differ in dtype, compile, prefill_chunk
+           12 |     stage gen2 : generate { dtype = fp32  compile = true }
+              |                                     ^^^^
+          = expected: dtype = 'auto' as in 'gen'
+          = help: give 'gen2' its own batch -> encode -> kv_lookup chain
+
+        t.agp:13:11: error: 2 kv_lookup stages feed generate 'gen3' ('kv', 'kv2')
+           13 |     stage gen3 : generate {}
+              |           ^^^^
+          = expected: one kv_lookup (one engine) before each generate stage
+
+        t.agp:13:11: error: generate stages 'gen' and 'gen3' share kv_lookup 'kv' (one engine) but differ in prefill_chunk
+           13 |     stage gen3 : generate {}
+              |           ^^^^
+          = expected: prefill_chunk = 64 as in 'gen'
+          = help: give 'gen3' its own batch -> encode -> kv_lookup chain
+
+        t.agp:21:5: warning: duplicate edge batch -> encode
+           21 |     batch -> encode
+              |     ^^^^^^^^^^^^^^^
+          = note: first declared here (t.agp:19:5)
+
+        7 errors, 1 warning
+        """)
+
+
+SEGMENTS = """\
+pipeline p {
+    model = "smollm2-135m-instruct"
+    stage request : requests {}
+    stage route : route {}
+    stage b1 : dynamic_batch {}
+    stage e1 : encode {}
+    stage k1 : kv_lookup {}
+    stage ga : generate { temperature = 0.5 }
+    stage gb : generate {}
+    stage b2 : dynamic_batch {}
+    stage e2 : encode {}
+    stage k2 : kv_lookup {}
+    stage g2 : generate {}
+    stage out : respond {}
+    request -> route
+    route -> b2 when prompt_tokens > 5
+    route -> b1 otherwise
+    b2 -> e2 -> k2 -> g2 -> out
+    b1 -> e1 -> k1
+    k1 -> gb when prompt_tokens > 100
+    k1 -> ga when prompt_tokens > 50
+    k1 -> ga otherwise
+    ga -> out
+    gb -> out
+}
+"""
+
+
+def test_check_segments_lists_each_engine_with_its_generate_stages_in_file_order():
+    assert check(SEGMENTS) == ""
+    prog, _ = load(SEGMENTS)
+    r, _ = check_pipeline(prog.pipelines[0])
+    segments, diags = check_segments(r, build_graph(r))
+    assert diags == []
+    assert segments == [Segment("b1", "e1", "k1", ("ga", "gb")), Segment("b2", "e2", "k2", ("g2",))]
+    assert [(s.name, s.stages) for s in segments] == [("ga+gb", ("b1", "e1", "k1", "ga", "gb")),
+                                                      ("g2", ("b2", "e2", "k2", "g2"))]
+
+
+def test_segments_of_a_graph_lists_the_generate_stages_in_the_order_the_kv_lookup_routes_to_them_once_each():
+    assert segments_of(graph(SEGMENTS)) == [Segment("b1", "e1", "k1", ("gb", "ga")),
+                                            Segment("b2", "e2", "k2", ("g2",))]
