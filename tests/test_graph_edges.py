@@ -1219,3 +1219,32 @@ def test_check_segments_lists_each_engine_with_its_generate_stages_in_file_order
 def test_segments_of_a_graph_lists_the_generate_stages_in_the_order_the_kv_lookup_routes_to_them_once_each():
     assert segments_of(graph(SEGMENTS)) == [Segment("b1", "e1", "k1", ("gb", "ga")),
                                             Segment("b2", "e2", "k2", ("g2",))]
+
+
+def test_a_batcher_edge_that_no_batch_can_take_leaves_full_and_timeout_batches_nowhere_to_go():
+    assert check(SEED.replace("    batch -> encode when full\n    batch -> encode when timeout\n",
+                              "    batch -> encode when full and timeout\n")) == expect("""\
+        t.agp:11:5: error: full and timeout items of 'batch' have nowhere to go: no edge `when full`, no unconditional edge and no `otherwise`
+           11 |     batch -> encode when full and timeout
+              |     ^^^^^^^^^^^^^^^
+          = help: add `batch -> encode otherwise` (or to another stage)
+
+        1 error
+        """)
+
+
+def test_the_returns_hint_names_both_item_types_a_stage_takes():
+    # a registry whose python kind takes Tokens gives no item into a route (which takes both types)
+    py = StageKind(name="python", doc="a python kind on tokens", inputs=(Port("t", "Tokens"),),
+                   outputs=(Port("t", "Tokens"),), impl="stages.impl:Python")
+    reg = Registry([k for k in builtin.BUILTIN_KINDS if k.name != "python"] + [py], load_entry_points=False)
+    prog, _ = load(chain("""\
+        stage q : python {}
+        stage r : route {}
+        request -> batch
+        gen -> out
+        encode -> q -> r
+        r -> out
+        """))
+    (d,) = [d for d in check_program(prog, reg) if "mismatch" in d.message]
+    assert d.hint == "if 'q' turns its items into Generated or Request, say so: returns = request (or any)"
