@@ -236,3 +236,503 @@ def test_a_third_party_type_keeps_an_unknown_unit_inside_a_list_as_written():
     p = Param("colour", "colour")
     value = ast.List((ast.Quantity(3, "zz", AT), ast.Quantity(2, "ms", AT)), AT)
     assert convert(value, p, "'colour'") == (["3zz", 0.002], None)
+
+
+# ---------------------------------------------------------------- settings and parameters, whole output
+
+def test_settings_device_threads_duplicates_and_unknown_names_at_their_bounds():
+    assert render(pipeline(settings='device = "cuda:x"\n    threads = 0\n    threads = 4\n    max_batch_size = 3\n    modle = 1\n    frobnicate = 2')) == """\
+t.agp:3:14: error: 'cuda:x' is not a device
+    3 |     device = "cuda:x"
+      |              ^^^^^^^^
+  = expected: auto | cpu | cuda | cuda:N
+  = help: did you mean 'cuda'?
+
+t.agp:4:15: error: value out of range: setting 'threads' = 0
+    4 |     threads = 0
+      |               ^
+  = expected: an integer from 1 to 1024
+  = help: the smallest allowed value is 1
+
+t.agp:5:5: error: duplicate setting 'threads'
+    5 |     threads = 4
+      |     ^^^^^^^
+  = note: first set here (t.agp:4:5)
+
+t.agp:6:5: error: unknown setting 'max_batch_size'
+    6 |     max_batch_size = 3
+      |     ^^^^^^^^^^^^^^
+  = expected: a pipeline setting: device, dtype, kv_budget, mode, model, threads
+  = help: 'max_batch_size' is a stage parameter: set it inside the stage's { … }
+
+t.agp:7:5: error: unknown setting 'modle'
+    7 |     modle = 1
+      |     ^^^^^
+  = expected: a pipeline setting: device, dtype, kv_budget, mode, model, threads
+  = help: did you mean 'mode'?
+
+t.agp:8:5: error: unknown setting 'frobnicate'
+    8 |     frobnicate = 2
+      |     ^^^^^^^^^^
+  = expected: a pipeline setting: device, dtype, kv_budget, mode, model, threads
+
+6 errors
+"""
+
+
+def test_threads_at_the_top_bound_on_cuda_is_only_an_unused_warning():
+    assert render(pipeline(settings='device = cuda\n    threads = 1024')) == """\
+t.agp:4:5: warning: setting 'threads' is unused: the device is cuda
+    4 |     threads = 1024
+      |     ^^^^^^^
+  = help: threads only apply when the pipeline runs on the CPU
+
+1 warning
+"""
+
+
+def test_settings_past_the_top_bound_and_outside_their_choices():
+    assert render(pipeline(settings='device = 3\n    threads = 1025\n    dtype = fp8\n    mode = latency\n    kv_budget = 64KiB')) == """\
+t.agp:3:14: error: '3' is not a device
+    3 |     device = 3
+      |              ^
+  = expected: auto | cpu | cuda | cuda:N
+
+t.agp:4:15: error: value out of range: setting 'threads' = 1025
+    4 |     threads = 1025
+      |               ^^^^
+  = expected: an integer from 1 to 1024
+  = help: the largest allowed value is 1024
+
+t.agp:5:13: error: 'fp8' is not a valid value for setting 'dtype'
+    5 |     dtype = fp8
+      |             ^^^
+  = expected: one of auto | fp32 | bf16 | fp16 | int8
+
+t.agp:6:12: error: 'latency' is not a valid value for setting 'mode'
+    6 |     mode = latency
+      |            ^^^^^^^
+  = expected: one of efficient | balanced | performance
+
+4 errors
+"""
+
+
+def test_kv_budget_one_byte_under_its_floor_and_threads_on_a_numbered_cuda_device():
+    assert render(pipeline(settings='device = "cuda:1"\n    threads = 2\n    kv_budget = 65535B')) == """\
+t.agp:4:5: warning: setting 'threads' is unused: the device is cuda:1
+    4 |     threads = 2
+      |     ^^^^^^^
+  = help: threads only apply when the pipeline runs on the CPU
+
+t.agp:5:17: error: value out of range: setting 'kv_budget' = 65535B
+    5 |     kv_budget = 65535B
+      |                 ^^^^^^
+  = expected: a size with a unit (B, KiB, MiB, GiB) from 64KiB to 1024GiB, e.g. 256MiB
+  = help: the smallest allowed value is 64KiB
+
+1 error, 1 warning
+"""
+
+
+def test_stage_parameters_duplicate_unknown_retired_and_setting_names():
+    assert render(pipeline(batch="max_batch_size = 8  max_batch_size = 9  threads = 2", gen="precision = fp32  frobnicate = 1  temperatur = 1.0")) == """\
+t.agp:5:57: error: duplicate parameter 'max_batch_size' in stage 'batch'
+    5 |     stage batch   : dynamic_batch { max_batch_size = 8  max_batch_size = 9  threads = 2 }
+      |                                                         ^^^^^^^^^^^^^^
+  = note: first set here (t.agp:5:37)
+
+t.agp:5:77: error: unknown parameter 'threads' for stage kind 'dynamic_batch'
+    5 |     stage batch   : dynamic_batch { max_batch_size = 8  max_batch_size = 9  threads = 2 }
+      |                                                                             ^^^^^^^
+  = expected: a parameter of dynamic_batch: max_batch_size, max_tokens_per_step, padding, policy, timeout
+  = help: 'threads' is a pipeline setting: set it outside the stages
+
+t.agp:8:37: error: unknown parameter 'precision' for stage kind 'generate'
+    8 |     stage gen     : generate      { precision = fp32  frobnicate = 1  temperatur = 1.0 }
+      |                                     ^^^^^^^^^
+  = expected: a parameter of generate: compile, device, dtype, frequency_penalty, ignore_eos, json_schema, max_new_tokens, min_p, min_tokens, model, n, prefill_chunk, presence_penalty, repetition_penalty, seed, stop, temperature, top_k, top_p
+  = help: it is called dtype now: dtype = …
+
+t.agp:8:55: error: unknown parameter 'frobnicate' for stage kind 'generate'
+    8 |     stage gen     : generate      { precision = fp32  frobnicate = 1  temperatur = 1.0 }
+      |                                                       ^^^^^^^^^^
+  = expected: a parameter of generate: compile, device, dtype, frequency_penalty, ignore_eos, json_schema, max_new_tokens, min_p, min_tokens, model, n, prefill_chunk, presence_penalty, repetition_penalty, seed, stop, temperature, top_k, top_p
+
+t.agp:8:71: error: unknown parameter 'temperatur' for stage kind 'generate'
+    8 |     stage gen     : generate      { precision = fp32  frobnicate = 1  temperatur = 1.0 }
+      |                                                                       ^^^^^^^^^^
+  = expected: a parameter of generate: compile, device, dtype, frequency_penalty, ignore_eos, json_schema, max_new_tokens, min_p, min_tokens, model, n, prefill_chunk, presence_penalty, repetition_penalty, seed, stop, temperature, top_k, top_p
+  = help: did you mean 'temperature'?
+
+5 errors
+"""
+
+
+def test_a_retired_respond_parameter_and_a_missing_required_one():
+    assert render(pipeline().replace("stage out     : respond       {}", "stage out     : respond       { stream = true }").replace("request -> batch", "request -> sys -> batch").replace("stage batch", 'stage sys : system_prompt {}\n    stage batch')) == """\
+t.agp:5:11: error: missing parameter 'text' in stage 'sys' (system_prompt)
+    5 |     stage sys : system_prompt {}
+      |           ^^^
+  = expected: text = a string in double quotes ("…")
+  = help: the system message put first in each chat request
+
+t.agp:10:37: error: unknown parameter 'stream' for stage kind 'respond'
+   10 |     stage out     : respond       { stream = true }
+      |                                     ^^^^^^
+  = expected: a parameter of respond: (none)
+  = help: remove it: each request chooses streaming itself ("stream": true in agp serve)
+
+2 errors
+"""
+
+
+def test_durations_wrong_unit_missing_unit_and_words():
+    assert render(pipeline(batch="timeout = 5MiB  max_tokens_per_step = 8.0", gen="temperature = hot  top_k = 2.5")) == """\
+t.agp:5:47: error: wrong unit: 'timeout' is a duration, but '5MiB' is a size
+    5 |     stage batch   : dynamic_batch { timeout = 5MiB  max_tokens_per_step = 8.0 }
+      |                                               ^^^^
+  = expected: a duration with a unit (us, ms, s) from 0s to 60s, e.g. 1ms
+
+t.agp:5:75: error: 'max_tokens_per_step' is an integer, not the decimal '8.0'
+    5 |     stage batch   : dynamic_batch { timeout = 5MiB  max_tokens_per_step = 8.0 }
+      |                                                                           ^^^
+  = expected: an integer from 1 to 1048576
+  = help: write 8
+
+t.agp:8:51: error: 'temperature' is a number, not the word 'hot'
+    8 |     stage gen     : generate      { temperature = hot  top_k = 2.5 }
+      |                                                   ^^^
+  = expected: a number from 0 to 2
+
+t.agp:8:64: error: 'top_k' is an integer, not the number '2.5'
+    8 |     stage gen     : generate      { temperature = hot  top_k = 2.5 }
+      |                                                                ^^^
+  = expected: an integer from -1 to 1048576
+
+4 errors
+"""
+
+
+def test_duration_bounds_and_an_unknown_unit():
+    assert render(pipeline(batch="timeout = 61s", kv="budget = 3mz")) == """\
+t.agp:5:47: error: value out of range: 'timeout' = 61s
+    5 |     stage batch   : dynamic_batch { timeout = 61s }
+      |                                               ^^^
+  = expected: a duration with a unit (us, ms, s) from 0s to 60s, e.g. 1ms
+  = help: the largest allowed value is 60s
+
+t.agp:7:46: error: unknown unit 'mz' in '3mz'
+    7 |     stage kv      : kv_lookup     { budget = 3mz }
+      |                                              ^^^
+  = expected: a size with a unit (B, KiB, MiB, GiB) from 64KiB to 1024GiB, e.g. 256MiB
+
+2 errors
+"""
+
+
+def test_a_duration_without_a_unit():
+    assert render(pipeline(batch="timeout = 5")) == """\
+t.agp:5:47: error: missing unit: 'timeout' is a duration; '5' has no unit
+    5 |     stage batch   : dynamic_batch { timeout = 5 }
+      |                                               ^
+  = expected: a duration with a unit (us, ms, s) from 0s to 60s, e.g. 1ms
+  = help: write it with a unit, e.g. 5ms
+
+1 error
+"""
+
+
+def test_a_size_without_a_unit_and_max_new_tokens_of_zero():
+    assert render(pipeline(kv="budget = 64", gen="max_new_tokens = 0")) == """\
+t.agp:7:46: error: missing unit: 'budget' is a size; '64' has no unit
+    7 |     stage kv      : kv_lookup     { budget = 64 }
+      |                                              ^^
+  = expected: a size with a unit (B, KiB, MiB, GiB) from 64KiB to 1024GiB, e.g. 256MiB
+  = help: write it with a unit, e.g. 64MiB
+
+t.agp:8:54: error: value out of range: 'max_new_tokens' = 0
+    8 |     stage gen     : generate      { max_new_tokens = 0 }
+      |                                                      ^
+  = expected: an integer from 1 to 1048576
+  = help: the smallest allowed value is 1
+
+2 errors
+"""
+
+
+def test_a_size_given_a_word_and_block_size_past_its_top():
+    assert render(pipeline(kv="budget = big  block_size = 1025")) == """\
+t.agp:7:46: error: 'budget' is a size, not the word 'big'
+    7 |     stage kv      : kv_lookup     { budget = big  block_size = 1025 }
+      |                                              ^^^
+  = expected: a size with a unit (B, KiB, MiB, GiB) from 64KiB to 1024GiB, e.g. 256MiB
+
+t.agp:7:64: error: value out of range: 'block_size' = 1025
+    7 |     stage kv      : kv_lookup     { budget = big  block_size = 1025 }
+      |                                                                ^^^^
+  = expected: an integer from 1 to 1024
+  = help: the largest allowed value is 1024
+
+2 errors
+"""
+
+
+def test_booleans_written_as_words_or_numbers_get_a_hint():
+    assert render(pipeline(batch="padding = yes", gen="ignore_eos = 0")) == """\
+t.agp:5:47: error: 'padding' is true or false, not the word 'yes'
+    5 |     stage batch   : dynamic_batch { padding = yes }
+      |                                               ^^^
+  = expected: true or false
+  = help: write true
+
+t.agp:8:50: error: 'ignore_eos' is true or false, not the integer '0'
+    8 |     stage gen     : generate      { ignore_eos = 0 }
+      |                                                  ^
+  = expected: true or false
+  = help: write false
+
+2 errors
+"""
+
+
+def test_boolean_off_as_a_string_and_two_as_a_number_without_a_hint():
+    assert render(pipeline(batch='padding = "Off"', gen="ignore_eos = 2")) == """\
+t.agp:5:47: error: 'padding' is true or false, not the string "Off"
+    5 |     stage batch   : dynamic_batch { padding = "Off" }
+      |                                               ^^^^^
+  = expected: true or false
+  = help: write false
+
+t.agp:8:50: error: 'ignore_eos' is true or false, not the integer '2'
+    8 |     stage gen     : generate      { ignore_eos = 2 }
+      |                                                  ^
+  = expected: true or false
+
+2 errors
+"""
+
+
+def test_boolean_true_as_a_string_and_one_as_a_number():
+    assert render(pipeline(batch='padding = "TRUE"', gen="ignore_eos = 1")) == """\
+t.agp:5:47: error: 'padding' is true or false, not the string "TRUE"
+    5 |     stage batch   : dynamic_batch { padding = "TRUE" }
+      |                                               ^^^^^^
+  = expected: true or false
+  = help: write true
+
+t.agp:8:50: error: 'ignore_eos' is true or false, not the integer '1'
+    8 |     stage gen     : generate      { ignore_eos = 1 }
+      |                                                  ^
+  = expected: true or false
+  = help: write true
+
+2 errors
+"""
+
+
+def test_boolean_no_is_an_error_and_false_is_accepted():
+    assert render(pipeline(batch='padding = no', gen="ignore_eos = false")) == """\
+t.agp:5:47: error: 'padding' is true or false, not the word 'no'
+    5 |     stage batch   : dynamic_batch { padding = no }
+      |                                               ^^
+  = expected: true or false
+  = help: write false
+
+1 error
+"""
+
+
+def test_strings_given_a_word_or_a_number():
+    assert render(pipeline(gen="model = tiny  json_schema = 3")) == """\
+t.agp:8:45: error: 'model' is a string, not the word 'tiny'
+    8 |     stage gen     : generate      { model = tiny  json_schema = 3 }
+      |                                             ^^^^
+  = expected: a string in double quotes ("…")
+  = help: quote it: "tiny"
+
+t.agp:8:65: error: 'json_schema' is a string, not the integer '3'
+    8 |     stage gen     : generate      { model = tiny  json_schema = 3 }
+      |                                                                 ^
+  = expected: a string in double quotes ("…")
+
+2 errors
+"""
+
+
+def test_enums_given_a_number_or_a_close_word():
+    assert render(pipeline(batch="policy = 3", kv="reuse = prefx")) == """\
+t.agp:5:46: error: 'policy' is one of continuous | static, not the integer '3'
+    5 |     stage batch   : dynamic_batch { policy = 3 }
+      |                                              ^
+  = expected: one of continuous | static
+
+t.agp:7:45: error: 'prefx' is not a valid value for 'reuse'
+    7 |     stage kv      : kv_lookup     { reuse = prefx }
+      |                                             ^^^^^
+  = expected: one of prefix | none
+  = help: did you mean 'prefix'?
+
+2 errors
+"""
+
+
+def test_a_string_list_holding_a_number():
+    assert render(pipeline(gen='stop = ["a", 3]')) == """\
+t.agp:8:50: error: 'stop' is a list of strings, but it holds the integer '3'
+    8 |     stage gen     : generate      { stop = ["a", 3] }
+      |                                                  ^
+  = expected: a list of strings, e.g. ["\\n\\n", "END"]
+
+1 error
+"""
+
+
+def test_a_string_list_with_an_empty_string():
+    assert render(pipeline(gen='stop = ["a", ""]')) == """\
+t.agp:8:50: error: an empty string in 'stop'
+    8 |     stage gen     : generate      { stop = ["a", ""] }
+      |                                                  ^^
+  = expected: a list of strings, e.g. ["\\n\\n", "END"]
+  = help: remove it
+
+1 error
+"""
+
+
+def test_a_string_list_given_a_word():
+    assert render(pipeline(gen='stop = end')) == """\
+t.agp:8:44: error: 'stop' is a list of strings, not the word 'end'
+    8 |     stage gen     : generate      { stop = end }
+      |                                            ^^^
+  = expected: a list of strings, e.g. ["\\n\\n", "END"]
+
+1 error
+"""
+
+
+def test_a_string_list_of_seventeen_items():
+    assert render(pipeline(gen='stop = [' + ", ".join(f'"s{i}"' for i in range(17)) + ']')) == """\
+t.agp:8:44: error: 'stop' holds 17 strings; at most 16 are allowed
+    8 |     stage gen     : generate      { stop = ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s9", "s10", "s11", "s12", "s13", "s14", "s15", "s16"] }
+      |                                            ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+  = expected: a list of strings, e.g. ["\\n\\n", "END"]
+
+1 error
+"""
+
+
+def test_a_string_of_257_characters_in_a_string_list():
+    assert render(pipeline(gen='stop = ["' + "x" * 257 + '"]')) == """\
+t.agp:8:45: error: a string of 257 characters in 'stop'; each may have at most 256
+    8 | …stage gen     : generate      { stop = ["xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx…
+      |                                          ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+  = expected: a list of strings, e.g. ["\\n\\n", "END"]
+
+1 error
+"""
+
+
+def test_exclusive_lower_bounds_and_top_bounds_of_floats():
+    assert render(pipeline(gen="top_p = 0.0  repetition_penalty = 0  temperature = 2.5  min_p = -0.5")) == """\
+t.agp:8:45: error: value out of range: 'top_p' = 0.0
+    8 |     stage gen     : generate      { top_p = 0.0  repetition_penalty = 0  temperature = 2.5  min_p = -0.5 }
+      |                                             ^^^
+  = expected: a number above 0 up to 1
+  = help: the value must be above 0
+
+t.agp:8:71: error: value out of range: 'repetition_penalty' = 0
+    8 |     stage gen     : generate      { top_p = 0.0  repetition_penalty = 0  temperature = 2.5  min_p = -0.5 }
+      |                                                                       ^
+  = expected: a number above 0 up to 2
+  = help: the value must be above 0
+
+t.agp:8:88: error: value out of range: 'temperature' = 2.5
+    8 |     stage gen     : generate      { top_p = 0.0  repetition_penalty = 0  temperature = 2.5  min_p = -0.5 }
+      |                                                                                        ^^^
+  = expected: a number from 0 to 2
+  = help: the largest allowed value is 2
+
+t.agp:8:101: error: value out of range: 'min_p' = -0.5
+    8 |     stage gen     : generate      { top_p = 0.0  repetition_penalty = 0  temperature = 2.5  min_p = -0.5 }
+      |                                                                                                     ^^^^
+  = expected: a number from 0 to 1
+  = help: the smallest allowed value is 0
+
+4 errors
+"""
+
+
+def test_integers_one_past_each_bound():
+    assert render(pipeline(gen="top_k = -2  n = 65  max_new_tokens = 1048577")) == """\
+t.agp:8:45: error: value out of range: 'top_k' = -2
+    8 |     stage gen     : generate      { top_k = -2  n = 65  max_new_tokens = 1048577 }
+      |                                             ^^
+  = expected: an integer from -1 to 1048576
+  = help: the smallest allowed value is -1
+
+t.agp:8:53: error: value out of range: 'n' = 65
+    8 |     stage gen     : generate      { top_k = -2  n = 65  max_new_tokens = 1048577 }
+      |                                                     ^^
+  = expected: an integer from 1 to 64
+  = help: the largest allowed value is 64
+
+t.agp:8:74: error: value out of range: 'max_new_tokens' = 1048577
+    8 |     stage gen     : generate      { top_k = -2  n = 65  max_new_tokens = 1048577 }
+      |                                                                          ^^^^^^^
+  = expected: an integer from 1 to 1048576
+  = help: the largest allowed value is 1048576
+
+3 errors
+"""
+
+
+def test_values_at_each_bound_are_accepted_and_normalised():
+    low = resolved(pipeline(settings="threads = 1\n    kv_budget = 64KiB", batch="timeout = 0  max_batch_size = 1",
+                            kv="block_size = 1  budget = 64KiB",
+                            gen='top_p = 0.001  repetition_penalty = 0.001  temperature = 0  min_p = 0  top_k = -1  '
+                                'n = 1  max_new_tokens = 1  stop = "x"  ignore_eos = false'))
+    assert (low.settings["threads"], low.settings["kv_budget"]) == (1, 1 << 16)
+    assert low.stages["batch"].params["timeout"] == 0.0 and isinstance(low.stages["batch"].params["timeout"], float)
+    assert low.stages["kv"].params["budget"] == 1 << 16 and low.stages["kv"].params["block_size"] == 1
+    g = low.stages["gen"].params
+    assert (g["top_p"], g["repetition_penalty"], g["temperature"], g["min_p"], g["top_k"], g["n"],
+            g["max_new_tokens"], g["stop"], g["ignore_eos"]) == (0.001, 0.001, 0.0, 0.0, -1, 1, 1, ["x"], False)
+    assert isinstance(g["temperature"], float)
+    high = resolved(pipeline(settings="threads = 1024\n    kv_budget = 1024GiB", batch="timeout = 60s  padding = true",
+                             kv="block_size = 1024  budget = 1GiB",
+                             gen='top_p = 1  repetition_penalty = 2  temperature = 2  min_p = 1  top_k = 1048576  '
+                                 'n = 64  max_new_tokens = 1048576  stop = [' + ", ".join(f'"{i}"' for i in range(15))
+                                 + ', "' + "y" * 256 + '"]'))
+    assert (high.settings["threads"], high.settings["kv_budget"]) == (1024, 1 << 40)
+    assert high.stages["batch"].params["timeout"] == 60.0 and high.stages["batch"].params["padding"] is True
+    g = high.stages["gen"].params
+    assert (g["top_p"], g["repetition_penalty"], g["temperature"], g["min_p"], g["top_k"], g["n"],
+            g["max_new_tokens"]) == (1.0, 2.0, 2.0, 1.0, 1 << 20, 64, 1 << 20)
+    assert g["stop"] == [str(i) for i in range(15)] + ["y" * 256]
+    zero = resolved(pipeline(batch="timeout = 0.0", kv="budget = 1GiB"))
+    assert zero.stages["batch"].params["timeout"] == 0.0
+
+
+def test_a_size_of_zero_without_a_unit_is_zero_bytes_then_out_of_range():
+    out = render(pipeline(kv="budget = 0"))
+    assert out.startswith("t.agp:7:46: error: value out of range: 'budget' = 0\n")
+    assert "  = help: the smallest allowed value is 64KiB\n" in out
+
+
+def test_settings_are_resolved_and_inherited_by_generate():
+    r = resolved(pipeline(settings='device = "cpu"\n    dtype = bf16\n    mode = performance'))
+    assert (r.settings["device"], r.settings["dtype"], r.settings["mode"]) == ("cpu", "bf16", "performance")
+    assert r.given_settings == frozenset({"model", "device", "dtype", "mode"})
+    g = r.stages["gen"].params
+    assert (g["device"], g["dtype"], g["model"]) == ("cpu", "bf16", EMBEDDED)
+    assert r.stages["gen"].given == frozenset()
+    r = resolved(pipeline(settings="device = cuda:0", gen='dtype = fp16  device = "cpu"'))
+    assert r.settings["device"] == "cuda:0" and r.settings["threads"] is None
+    assert (r.stages["gen"].params["dtype"], r.stages["gen"].params["device"]) == ("fp16", "cpu")
+    assert r.stages["gen"].given == frozenset({"dtype", "device"})
+
+
+def test_an_embedded_model_name_in_any_case_with_spaces_is_kept_as_written():
+    r = resolved(pipeline(model=" SmolLM2-135M-Instruct "))
+    assert r.settings["model"] == " SmolLM2-135M-Instruct "
