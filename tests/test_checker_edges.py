@@ -736,3 +736,95 @@ def test_settings_are_resolved_and_inherited_by_generate():
 def test_an_embedded_model_name_in_any_case_with_spaces_is_kept_as_written():
     r = resolved(pipeline(model=" SmolLM2-135M-Instruct "))
     assert r.settings["model"] == " SmolLM2-135M-Instruct "
+
+
+def test_only_numbers_are_range_checked_not_booleans_or_third_party_values():
+    flag = Param("flag", reg_mod.BOOL, min=2, max=3)         # bounds on a non-number are never applied
+    assert convert(ast.Bool(True, AT), flag, "'flag'") == (True, None)
+    colour = Param("colour", "colour", min=1, max=2)
+    assert convert(ast.Word("red", AT), colour, "'colour'") == ("red", None)
+    assert convert(ast.List((ast.Str("a", AT),), AT), colour, "'colour'") == (["a"], None)
+
+
+# ---------------------------------------------------------------- where a model is looked for
+
+def test_a_model_that_is_a_file_but_not_a_gguf(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.bin").write_text("x")
+    assert render(pipeline(model="m.bin")) == _model_line("t.agp", "m.bin", "model not found: 'm.bin' is not a .gguf file",
+                                                          MODEL_EXPECTED)
+
+
+def test_a_model_folder_without_config_json(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nocfg").mkdir()
+    assert render(pipeline(model="nocfg")) == _model_line(
+        "t.agp", "nocfg", "model not found: the folder 'nocfg' has no config.json", MODEL_EXPECTED)
+
+
+@pytest.mark.parametrize("model", ["", "  "])
+def test_an_empty_or_blank_model_is_not_found_not_the_folder_itself(tmp_path, monkeypatch, model):
+    monkeypatch.chdir(tmp_path)
+    assert render(pipeline(model=model)) == _model_line("t.agp", model, f"model not found: '{model}'", MODEL_EXPECTED)
+
+
+def test_a_model_name_close_to_the_embedded_one_gets_a_hint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert render(pipeline(model="smollm2-135m-instruc")) == _model_line(
+        "t.agp", "smollm2-135m-instruc", "model not found: 'smollm2-135m-instruc'", MODEL_EXPECTED,
+        "did you mean 'smollm2-135m-instruct'?")
+
+
+def test_a_gguf_suffix_in_capitals_is_a_gguf_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "M.GGUF").write_bytes(b"")
+    assert render(pipeline(model="M.GGUF")) == _model_line(
+        "t.agp", "M.GGUF", "bad model file 'M.GGUF': the file is empty", BAD_MODEL_EXPECTED)
+
+
+def test_the_first_reason_a_model_is_not_found_is_the_one_beside_the_file(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "m").mkdir()                 # beside the .agp file: a folder without config.json
+    (tmp_path / "m").write_text("x")                 # in the working directory: a file that is not a .gguf
+    monkeypatch.chdir(tmp_path)
+    f = tmp_path / "sub" / "p.agp"
+    f.write_text(pipeline(model="m"))
+    assert render_file(f) == _model_line(f, "m", "model not found: the folder 'm' has no config.json", MODEL_EXPECTED)
+    os.rmdir(tmp_path / "sub" / "m")
+    assert render_file(f) == _model_line(f, "m", "model not found: 'm' is not a .gguf file", MODEL_EXPECTED)
+
+
+def test_a_model_found_beside_the_file_or_from_home_is_made_absolute(tmp_path, monkeypatch, tiny_gguf):
+    import shutil
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(tiny_gguf, tmp_path / "sub" / "m.gguf")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    f = tmp_path / "sub" / "p.agp"
+    f.write_text(pipeline(model="m.gguf", gen='model = "m.gguf"'))
+    program, diags = pipeline_dsl.load(str(f))
+    assert diags == []
+    r = check_pipeline(program.pipelines[0])[0]
+    assert r.settings["model"] == r.stages["gen"].params["model"] == str(tmp_path / "sub" / "m.gguf")
+    monkeypatch.setenv("HOME", str(tmp_path / "sub"))
+    r = resolved(pipeline(model="~/m.gguf"), "<stdin>")
+    assert r.settings["model"] == str(tmp_path / "sub" / "m.gguf")
+
+
+def test_a_stage_model_and_device_are_checked_at_the_stage(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert render(pipeline(gen='model = "nope.gguf"  device = "gpu"')) == """\
+t.agp:8:45: error: model not found: 'nope.gguf'
+    8 |     stage gen     : generate      { model = "nope.gguf"  device = "gpu" }
+      |                                             ^^^^^^^^^^^
+  = expected: "smollm2-135m-instruct" (the embedded model), a .gguf file or a Hugging Face folder (a relative path is looked up beside this file, then in the working directory)
+
+t.agp:8:67: error: 'gpu' is not a device
+    8 |     stage gen     : generate      { model = "nope.gguf"  device = "gpu" }
+      |                                                                   ^^^^^
+  = expected: auto | cpu | cuda | cuda:N
+  = help: did you mean 'cpu'?
+
+2 errors
+"""
