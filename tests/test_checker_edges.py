@@ -828,3 +828,170 @@ t.agp:8:67: error: 'gpu' is not a device
 
 2 errors
 """
+def test_edges_to_undefined_stages_named_like_a_stage_or_a_kind():
+    assert render(pipeline().replace("encode -> kv -> gen -> out", "encode -> kv -> generate -> out\n    kv -> gne -> respond\n    kv -> zzz")) == """\
+t.agp:13:21: error: edge to undefined stage 'generate'
+   13 |     encode -> kv -> generate -> out
+      |                     ^^^^^^^^
+  = expected: a stage of pipeline 'p': batch, encode, gen, kv, out, request
+  = help: did you mean 'gen' (the generate stage)?
+
+t.agp:14:11: error: edge to undefined stage 'gne'
+   14 |     kv -> gne -> respond
+      |           ^^^
+  = expected: a stage of pipeline 'p': batch, encode, gen, kv, out, request
+  = help: did you mean 'gen'?
+
+t.agp:14:18: error: edge to undefined stage 'respond'
+   14 |     kv -> gne -> respond
+      |                  ^^^^^^^
+  = expected: a stage of pipeline 'p': batch, encode, gen, kv, out, request
+  = help: did you mean 'out' (the respond stage)?
+
+t.agp:15:11: error: edge to undefined stage 'zzz'
+   15 |     kv -> zzz
+      |           ^^^
+  = expected: a stage of pipeline 'p': batch, encode, gen, kv, out, request
+
+4 errors
+"""
+
+
+def test_duplicate_unconditional_edge_and_duplicate_stage():
+    assert render(pipeline().replace("encode -> kv -> gen -> out", "encode -> kv -> gen -> out\n    gen -> out").replace("stage out", "stage kv : kv_lookup {}\n    stage out")) == """\
+t.agp:9:11: error: duplicate stage 'kv'
+    9 |     stage kv : kv_lookup {}
+      |           ^^
+  = note: first defined here (t.agp:7:11)
+  = help: give each stage its own name
+
+t.agp:15:5: warning: duplicate edge gen -> out
+   15 |     gen -> out
+      |     ^^^^^^^^^^
+  = note: first declared here (t.agp:14:21)
+
+1 error, 1 warning
+"""
+
+
+def test_the_encode_stage_can_neither_route_by_request_fields_nor_by_labels():
+    assert render(pipeline().replace("encode -> kv -> gen -> out", "encode -> kv when prompt_tokens > 3\n    encode -> kv when done\n    kv -> gen -> out")) == """\
+t.agp:13:23: error: the encode stage 'encode' cannot route by request fields
+   13 |     encode -> kv when prompt_tokens > 3
+      |                       ^^^^^^^^^^^^^^^^^
+  = expected: an edge without a condition
+  = help: route requests before the batcher: add a route stage in front of it
+
+t.agp:14:23: error: stage 'encode' (encode) gives its items no label 'done'
+   14 |     encode -> kv when done
+      |                       ^^^^
+  = expected: a comparison of a field (prompt_tokens > 512, metadata.KEY == "…") or `otherwise`; labels come from a batcher (full, timeout) or a python stage
+
+2 errors
+"""
+
+
+def test_generated_fields_need_a_comparison_with_a_hint_by_their_type():
+    assert render(pipeline().replace("gen -> out", "gen -> out when completion_tokens\n    gen -> out when finish_reason\n    gen -> out otherwise")) == """\
+t.agp:13:37: error: field 'completion_tokens' needs a comparison
+   13 |     encode -> kv -> gen -> out when completion_tokens
+      |                                     ^^^^^^^^^^^^^^^^^
+  = expected: completion_tokens == VALUE, completion_tokens > N, ...
+  = help: e.g. when completion_tokens > 512
+
+t.agp:14:21: error: field 'finish_reason' needs a comparison
+   14 |     gen -> out when finish_reason
+      |                     ^^^^^^^^^^^^^
+  = expected: finish_reason == VALUE, finish_reason > N, ...
+  = help: e.g. when finish_reason == "…"
+
+t.agp:15:5: warning: `otherwise` on gen -> out: 'gen' has no conditional edge, so it always holds
+   15 |     gen -> out otherwise
+      |     ^^^^^^^^^^
+  = help: write the edge without a condition
+
+2 errors, 1 warning
+"""
+
+
+def test_unknown_placements_with_and_without_a_close_one():
+    assert render(pipeline().replace("stage gen     : generate", "stage gen     : generate on gpu").replace("stage kv      : kv_lookup", "stage kv      : kv_lookup on hots")) == """\
+t.agp:7:34: error: unknown placement 'hots'
+    7 |     stage kv      : kv_lookup on hots     {  }
+      |                                  ^^^^
+  = expected: on host | copy | compute
+  = help: did you mean 'host'?
+
+t.agp:8:33: error: unknown placement 'gpu'
+    8 |     stage gen     : generate on gpu      {  }
+      |                                 ^^^
+  = expected: on host | copy | compute
+
+2 errors
+"""
+
+
+MYMOD = '''def merge(results):
+    return results[0]
+
+
+def label(item):
+    return "x"
+'''
+
+
+def test_join_policy_and_fn_that_do_not_go_together_and_a_misspelt_function(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mymod.py").write_text(MYMOD)
+    text = pipeline().replace("gen -> out", "gen -> j1 -> j2 -> j3 -> out").replace(
+        "stage out", 'stage j1 : join { policy = majority  fn = "mymod:merge" }\n    stage j2 : join { policy = fn }\n'
+                     '    stage j3 : join { fn = "mymod:merj" }\n    stage out')
+    assert render(text) == f"""\
+t.agp:9:47: error: join 'j1' sets fn but policy = majority
+    9 |     stage j1 : join {{ policy = majority  fn = "mymod:merge" }}
+      |                                               ^^^^^^^^^^^^^
+  = help: write policy = fn, or remove fn
+
+t.agp:10:32: error: join 'j2' has policy = fn but no fn
+   10 |     stage j2 : join {{ policy = fn }}
+      |                                ^^
+  = expected: fn = "module:function"
+
+t.agp:11:28: error: module 'mymod' ({tmp_path}/mymod.py) has no function 'merj' (stage 'j3')
+   11 |     stage j3 : join {{ fn = "mymod:merj" }}
+      |                            ^^^^^^^^^^^^
+  = expected: "module:function": a module beside this file or on sys.path and a function in it
+  = help: did you mean 'merge'?
+
+3 errors
+"""
+
+
+def test_a_python_stage_with_a_misspelt_function_gets_a_hint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mymod.py").write_text(MYMOD)
+    text = pipeline().replace("gen -> out", "gen -> py -> out").replace(
+        "stage out", 'stage py : python { fn = "mymod:lable" }\n    stage out')
+    assert render(text) == f"""\
+t.agp:9:30: error: module 'mymod' ({tmp_path}/mymod.py) has no function 'lable' (stage 'py')
+    9 |     stage py : python {{ fn = "mymod:lable" }}
+      |                              ^^^^^^^^^^^^^
+  = expected: "module:function": a module beside this file or on sys.path and a function in it
+  = help: did you mean 'label'?
+
+1 error
+"""
+
+
+def test_a_join_with_fn_alone_gets_policy_fn_and_good_functions_are_accepted(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mymod.py").write_text(MYMOD)
+    text = pipeline().replace("gen -> out", "gen -> j1 -> j2 -> py -> out").replace(
+        "stage out", 'stage j1 : join { fn = "mymod:merge" }\n    stage j2 : join { policy = fn  fn = "mymod:merge" }\n'
+                     '    stage py : python { fn = "mymod:label" }\n    stage out')
+    r = resolved(text)
+    assert r.stages["j1"].params == {"fn": "mymod:merge", "policy": "fn"}
+    assert r.stages["j1"].given == frozenset({"fn"})
+    assert r.stages["j2"].params == {"fn": "mymod:merge", "policy": "fn"}
+    assert r.stages["py"].params == {"fn": "mymod:label", "max_turns": None, "returns": "same"}
+    assert r.stages["j1"].param_pos["fn"] == SourcePos("t.agp", 9, 28, 9, 41)
