@@ -1248,3 +1248,12 @@ def test_the_returns_hint_names_both_item_types_a_stage_takes():
         """))
     (d,) = [d for d in check_program(prog, reg) if "mismatch" in d.message]
     assert d.hint == "if 'q' turns its items into Generated or Request, say so: returns = request (or any)"
+
+
+@pytest.mark.xfail(strict=True, reason="_check_routes counts only plain `when LABEL` edges as covering a label: "
+                                       "`when not full` takes every timeout batch, yet the error says timeout "
+                                       "batches have nowhere to go too")
+def test_a_batcher_edge_when_not_full_leaves_only_full_batches_nowhere_to_go():
+    (d,) = load(SEED.replace("    batch -> encode when full\n    batch -> encode when timeout\n",
+                             "    batch -> encode when not full\n"))[1]
+    assert d.message.startswith("full items of 'batch' have nowhere to go")
