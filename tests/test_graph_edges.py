@@ -194,7 +194,8 @@ def engines(settings="", k1="", k2="", k3=None) -> str:
     text = ENGINES.replace("SETTINGS", settings).replace("K1", k1).replace("K2", k2)
     if k3 is not None:
         text = text.replace("    stage out : respond {}\n    request -> r\n", THIRD.replace("K3", k3))
-        text = text.replace("b2 -> e2 -> k2 -> g2 -> out\n", "b2 -> e2 -> k2 -> g2 -> out\n    b3 -> e3 -> k3 -> g3 -> out\n")
+        text = text.replace("b2 -> e2 -> k2 -> g2 -> out\n",
+                            "b2 -> e2 -> k2 -> g2 -> out\n    b3 -> e3 -> k3 -> g3 -> out\n")
     return text
 
 
