@@ -195,6 +195,24 @@ def evaluate(ir, get: Callable[[str], Any], label: str | None = None) -> bool:
     raise ValueError(f"not a condition: {ir!r}")
 
 
+def holds_for_label(ir, label: str) -> bool | None:
+    """Whether condition `ir` holds for every item carrying `label`, whatever its fields: True
+    (always), False (never) or None (it depends on the fields)."""
+    tag = ir[0]
+    if tag == "label":
+        return label == ir[1]
+    if tag in ("and", "or"):
+        parts = [holds_for_label(i, label) for i in ir[1:]]
+        decisive = tag == "or"          # one True decides an `or`, one False an `and`
+        if decisive in parts:
+            return decisive
+        return None if None in parts else not decisive
+    if tag == "not":
+        inner = holds_for_label(ir[1], label)
+        return None if inner is None else not inner
+    return None                         # a comparison reads the item's fields
+
+
 def _same_kind(a, b) -> bool:
     if isinstance(a, bool) or isinstance(b, bool):
         return isinstance(a, bool) and isinstance(b, bool)

@@ -162,9 +162,9 @@ def flow_types(graph: nx.DiGraph, registry: Registry | None = None) -> tuple[dic
     return ({n: frozenset(c) for n, c in carry.items()}, {n: frozenset(r) for n, r in receives.items()})
 
 
-def item_types(r: Resolved, g: nx.DiGraph) -> dict[str, frozenset]:
+def item_types(r: Resolved, g: nx.DiGraph, registry: Registry | None = None) -> dict[str, frozenset]:
     """The item types each stage may send on (given what reaches it)."""
-    carry, receives = flow_types(g)
+    carry, receives = flow_types(g, registry)
     return {n: outputs(s.kind, s.params, receives[n]) if s.kind is not None and not s.kind.is_source
             else (s.kind.emits if s.kind is not None else frozenset()) for n, s in r.stages.items()}
 
@@ -180,7 +180,7 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
     respond stage."""
     registry = registry or default_registry()
     g = build_graph(r)
-    emits = item_types(r, g)
+    emits = item_types(r, g, registry)
     diags = _check_ports(r, registry, g, emits)
     unknown = {n for n, s in r.stages.items() if s.kind is None}
     sources = [n for n, s in r.stages.items() if s.kind is not None and s.kind.is_source]
@@ -220,6 +220,24 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
             if n not in can_finish and s.kind is not None:
                 diags.append(_err(f"stage '{n}' has no path to a respond stage", s.pos,
                                   hint=f"add an edge from '{n}' towards a respond stage, or remove it"))
+    if not unknown and not any(d.is_error for d in diags):
+        diags += _check_sources(r, g, registry, sources)
+    return diags
+
+
+def _check_sources(r: Resolved, g: nx.DiGraph, registry: Registry, sources: list[str]) -> list[Diagnostic]:
+    """What a request source sends can reach an end (checked last: another graph error usually
+    explains a source whose requests go nowhere, and says it better)."""
+    carry, _ = flow_types(g, registry)
+    diags = []
+    for n in sources:
+        s = r.stages[n]
+        onward = set().union(*(carry[v] for v in g.successors(n)))
+        for t in sorted((s.kind.emits & ITEM_TYPES) - onward):
+            diags.append(_err(f"the {t} items of '{n}' can reach no respond stage: every path from '{n}' "
+                              f"leads through a stage that cannot carry them", s.pos,
+                              hint=f"add a path from '{n}' that takes {t} items to a respond stage "
+                                   "(e.g. through generate)"))
     return diags
 
 
@@ -364,7 +382,7 @@ def _check_routes(r: Resolved, g: nx.DiGraph, emits: dict) -> list[Diagnostic]:
     (or an unconditional edge); at most one `otherwise` per stage."""
     from stages.registry import ANY_LABEL
 
-    from .conditions import ConditionError, check_compare, compares
+    from .conditions import ConditionError, check_compare, compares, holds_for_label
 
     diags = []
     by_src: dict[str, list] = {}
@@ -393,8 +411,10 @@ def _check_routes(r: Resolved, g: nx.DiGraph, emits: dict) -> list[Diagnostic]:
             diags.append(_warn(f"`otherwise` on {n} -> {otherwise[0].dst}: '{n}' has no conditional edge, so it "
                                "always holds", otherwise[0].pos, hint="write the edge without a condition"))
         if conditional and not otherwise and not plain:
-            used = {c[1] for c in (e.condition for e in conditional) if c[0] == "label"}
             fixed = [c for c in s.kind.conditions if c != ANY_LABEL]
+            # a label is covered when some edge's condition holds for every item carrying it
+            # (`when timeout`, `when not full`, `when full or prompt_tokens > 9`)
+            used = {c for c in fixed if any(holds_for_label(e.condition, c) is True for e in conditional)}
             if fixed and set(fixed) <= used:
                 continue               # the batcher's full + timeout cover every batch
             if fixed:

@@ -1004,11 +1004,8 @@ def test_a_condition_on_a_kv_lookup_edge_reads_the_request():
         "field 'finish_reason' is only known after generate"]
 
 
-# ---------------------------------------------------------------- known bugs (strict xfails)
+# ---------------------------------------------------------------- bugs these tests found (fixed)
 
-@pytest.mark.xfail(strict=True, reason="item_types() runs flow_types() on the default registry, not the one "
-                                       "given to validate(): a route after a kind of that registry is typed "
-                                       "as receiving nothing, so it reads Request fields only")
 def test_a_route_after_a_kind_of_the_given_registry_may_read_generated_fields():
     prog, _ = load(chain("""\
         stage loud : shout {}
@@ -1022,9 +1019,6 @@ def test_a_route_after_a_kind_of_the_given_registry_may_read_generated_fields():
     assert check_program(prog, _registry_with(SHOUT)) == []
 
 
-@pytest.mark.xfail(strict=True, reason="the may-send check skips request sources: a source whose out-edges "
-                                       "lead nowhere that carries a Request passes agp check, and every "
-                                       "request then fails at run time ('no out-edge takes this Request')")
 def test_a_request_source_whose_requests_can_reach_no_end_is_an_error():
     text = """\
         pipeline p {
@@ -1036,7 +1030,7 @@ def test_a_request_source_whose_requests_can_reach_no_end_is_an_error():
         }
         """
     assert flow_types(graph(text))[0]["r"] == GEN        # r can carry only Generated items on
-    assert check(text) != ""
+    assert "the Request items of 'request' can reach no respond stage" in check(text)
 
 
 # ---------------------------------------------------------------- engine segments
@@ -1251,9 +1245,6 @@ def test_the_returns_hint_names_both_item_types_a_stage_takes():
     assert d.hint == "if 'q' turns its items into Generated or Request, say so: returns = request (or any)"
 
 
-@pytest.mark.xfail(strict=True, reason="_check_routes counts only plain `when LABEL` edges as covering a label: "
-                                       "`when not full` takes every timeout batch, yet the error says timeout "
-                                       "batches have nowhere to go too")
 def test_a_batcher_edge_when_not_full_leaves_only_full_batches_nowhere_to_go():
     (d,) = load(SEED.replace("    batch -> encode when full\n    batch -> encode when timeout\n",
                              "    batch -> encode when not full\n"))[1]
