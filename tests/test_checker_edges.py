@@ -1199,12 +1199,12 @@ t.agp:8:21: error: unknown stage kind 'genrate'
     8 |     stage gen     : genrate      {  }
       |                     ^^^^^^^
   = expected: a stage kind: dreamer, dynamic_batch, encode, generate, join, kv_lookup, python, requests, respond, route, system_prompt
-  = help: did you mean 'generate'?
   = note: entry point 'broken' failed to load: no module named 'x'
+  = help: did you mean 'generate'?
 
-t.agp:9:13: error: stage kind 'dreamer' (built-in) has no runtime implementation
+t.agp:9:15: error: stage kind 'dreamer' (builtin) has no runtime implementation
     9 |     stage d : dreamer {}
-      |             ^^^^^^^
+      |               ^^^^^^^
   = expected: a kind whose registry entry names its impl ("module:Class" with a process(item) method)
   = help: see docs/architecture.md, 'Stage implementations'
 
