@@ -1301,3 +1301,10 @@ def test_an_empty_function_reference_is_a_check_error():
     text = pipeline().replace("gen -> out", "gen -> py -> out").replace(
         "stage out", 'stage py : python { fn = "" }\n    stage out')
     assert [d for d in pipeline_dsl.loads(text, "t.agp")[1] if d.is_error] != []
+
+
+def test_a_stage_of_unknown_kind_resolves_with_no_parameters_and_no_positions():
+    r, diags = _checked(pipeline(gen="temperature = 1.0").replace(": generate", ": genrate"))
+    assert [d.message for d in diags] == ["unknown stage kind 'genrate'"]
+    gen = r.stages["gen"]
+    assert (gen.kind, gen.params, gen.given, gen.param_pos, gen.placement) == (None, {}, frozenset(), {}, None)
