@@ -1296,11 +1296,18 @@ def test_base_dir_of_positions_without_a_file():
     assert _base_dir(SourcePos("/a/b/p.agp", 1, 1, 1, 2)) == "/a/b"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: check_fn skips an empty reference (`if not ref`), so fn = \"\" passes")
 def test_an_empty_function_reference_is_a_check_error():
+    # was accepted while check_fn skipped a false reference (`if not ref`) instead of a missing one
     text = pipeline().replace("gen -> out", "gen -> py -> out").replace(
         "stage out", 'stage py : python { fn = "" }\n    stage out')
-    assert [d for d in pipeline_dsl.loads(text, "t.agp")[1] if d.is_error] != []
+    assert render(text) == """\
+t.agp:9:30: error: '' is not a function reference: write "module:function" (stage 'py')
+    9 |     stage py : python { fn = "" }
+      |                              ^^
+  = expected: "module:function": a module beside this file or on sys.path and a function in it
+
+1 error
+"""
 
 
 def test_a_stage_of_unknown_kind_resolves_with_no_parameters_and_no_positions():
