@@ -483,7 +483,7 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
 
     def check_fn(param: str) -> None:
         ref = params.get(param)
-        if not ref or param not in given:
+        if ref is None or param not in given:
             return
         try:
             find_function(ref, base)
