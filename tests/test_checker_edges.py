@@ -1315,3 +1315,16 @@ def test_a_stage_of_unknown_kind_resolves_with_no_parameters_and_no_positions():
     assert [d.message for d in diags] == ["unknown stage kind 'genrate'"]
     gen = r.stages["gen"]
     assert (gen.kind, gen.params, gen.given, gen.param_pos, gen.placement) == (None, {}, frozenset(), {}, None)
+
+
+def test_a_function_reference_of_the_wrong_type_gets_one_error_only():
+    text = pipeline().replace("gen -> out", "gen -> py -> out").replace(
+        "stage out", 'stage py : python { fn = 5 }\n    stage out')
+    prog, diags = pipeline_dsl.loads(text, "t.agp")
+    assert render_all(diags, prog.sources) == (
+        "t.agp:9:30: error: 'fn' is a string, not the integer '5'\n"
+        "    9 |     stage py : python { fn = 5 }\n"
+        "      |                              ^\n"
+        "  = expected: a string in double quotes (\"…\")\n"
+        "\n"
+        "1 error\n")
