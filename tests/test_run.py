@@ -166,3 +166,19 @@ def test_model_that_is_not_a_gguf_or_model_folder_is_a_check_error(tmp_path, tin
         path = write_pipeline(tmp_path, model)
         _, diags = pipeline_dsl.load(str(path))
         assert any("model not found" in d.message for d in diags), model
+
+
+def test_agp_run_writes_to_dev_null_and_refuses_a_folder_as_output(tmp_path, tiny_gguf):
+    agp = write_pipeline(tmp_path, tiny_gguf)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": "a", "prompt": "hello", "max_tokens": 3}) + "\n", encoding="utf-8")
+
+    def run(output):
+        return subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", str(agp), "-i", str(inp),
+                               "-o", str(output), "--threads", "1", "--no-progress"],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+    proc = run("/dev/null")                        # benchmarks discard the answers
+    assert proc.returncode == 0 and "run summary" in proc.stderr, proc.stderr
+    proc = run(tmp_path)
+    assert proc.returncode == 2 and f"cannot write {tmp_path}: it is a folder" in proc.stderr

@@ -128,8 +128,9 @@ def main(args) -> int:
         return _err(f"cannot read {args.input}: {e.strerror}")
     done_ids: set[str] = set()
     to_file = args.output != "-"
-    if to_file and os.path.exists(args.output) and not os.path.isfile(args.output):
-        return _err(f"cannot write {args.output}: not a regular file")
+    if to_file and os.path.isdir(args.output):
+        return _err(f"cannot write {args.output}: it is a folder")
+    # a device or a pipe (/dev/null, a FIFO a reader drains) is written as a stream
     if to_file and os.path.isfile(args.output) and os.path.getsize(args.output) > 0:
         if args.resume:
             done_ids, whole = answered_ids(args.output)
