@@ -52,17 +52,12 @@ def w32(pipeline, mode, threads, work) -> tuple[float, str]:
 
 
 def single(pipeline, mode, threads, work) -> tuple[float, str]:
-    from w32 import agp_executor, agp_main_thread
+    from w32 import agp_executor, agp_main_thread, single_stream
 
     rt = runtime_for(pipeline, mode, threads, prefix_reuse=False)
-    driver = agp_main_thread if mode == "main" else agp_executor
-    rates = []
-    for w in work:
-        s = driver(rt, [w])
-        ttft = s["ttft_p50_ms"] / 1000
-        rates.append(s.get("decode_tok_s") or (s["completion_tokens"] - 1) / (s["generation_s"] - ttft))
+    s = single_stream(rt, work, agp_main_thread if mode == "main" else agp_executor)
     rt.shutdown()
-    return sum(rates) / len(rates), solo_steps(rt)
+    return s["decode_tok_s"], solo_steps(rt)
 
 
 def main() -> int:
@@ -82,9 +77,7 @@ def main() -> int:
     from w32 import load_workload
 
     torch.set_num_threads(args.threads)
-    work = load_workload(Path(args.workload))
-    for w in work:
-        w["max_tokens"] = args.new_tokens
+    work = load_workload(Path(args.workload), args.new_tokens)
     pipeline = Path(args.pipeline)
     modes = args.modes.split(",")
     res: dict[tuple[str, str], list[float]] = {}

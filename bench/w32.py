@@ -29,8 +29,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def load_workload(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def load_workload(path: Path, new_tokens: int | None = None) -> list[dict]:
+    """The workload's request lines (with max_tokens = new_tokens when given)."""
+    work = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if new_tokens is not None:
+        for w in work:
+            w["max_tokens"] = new_tokens
+    return work
 
 
 def embedded_gguf() -> Path:
@@ -173,13 +178,19 @@ def agp_main_thread(runtime, work: list[dict]) -> dict:
 def agp_single(pipeline: Path, work: list[dict], dtype: str, threads: int, driver) -> dict:
     """One request alone, each prompt in turn through one runtime without prefix reuse."""
     runtime = agp_runtime(pipeline, dtype, threads, prefix_reuse=False)
+    out = single_stream(runtime, work, driver)
+    runtime.shutdown()
+    return out
+
+
+def single_stream(runtime, work: list[dict], driver) -> dict:
+    """Each prompt alone through `runtime` with `driver`: mean TTFT (s) and decode tok/s."""
     ttfts, rates = [], []
     for w in work:
         s = driver(runtime, [w])
         ttft = s["ttft_p50_ms"] / 1000
         ttfts.append(ttft)
         rates.append(s.get("decode_tok_s") or (s["completion_tokens"] - 1) / (s["generation_s"] - ttft))
-    runtime.shutdown()
     return {"ttft_s": sum(ttfts) / len(ttfts), "decode_tok_s": sum(rates) / len(rates)}
 
 
@@ -199,9 +210,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    work = load_workload(Path(args.workload))
-    for w in work:
-        w["max_tokens"] = args.new_tokens
+    work = load_workload(Path(args.workload), args.new_tokens)
     pipeline = Path(args.pipeline)
     dtypes = args.dtypes.split(",")
     rows: list[tuple[str, float, str]] = []
