@@ -15,28 +15,15 @@ from pipeline_dsl.checker import check_pipeline, convert
 from pipeline_dsl.diagnostics import SourcePos, render_all
 from stages import registry as reg_mod
 from stages.registry import Param
+from test_dsl_checker import pipeline as seed_pipeline
 
-SEED = """pipeline p {{
-    model = "{model}"
-    {settings}
-    stage request : requests      {{}}
-    stage batch   : dynamic_batch {{ {batch} }}
-    stage encode  : encode        {{}}
-    stage kv      : kv_lookup     {{ {kv} }}
-    stage gen     : generate      {{ {gen} }}
-    stage out     : respond       {{}}
-    request -> batch
-    batch -> encode when full
-    batch -> encode when timeout
-    encode -> kv -> gen -> out
-}}
-"""
 EMBEDDED = "smollm2-135m-instruct"
 AT = SourcePos("t.agp", 1, 1, 1, 2)
 
 
 def pipeline(settings="", batch="", kv="", gen="", model=EMBEDDED):
-    return SEED.format(settings=settings, batch=batch, kv=kv, gen=gen, model=model)
+    """test_dsl_checker's seed pipeline starting on line 1 (the positions below count from it)."""
+    return seed_pipeline(settings, batch, kv, gen, model).removeprefix("\n")
 
 
 def render(text: str, file: str = "t.agp") -> str:

@@ -17,7 +17,7 @@ from stages.registry import INT, Param, Port, StageKind
 
 SEED = """
 pipeline p {{
-    model = "smollm2-135m-instruct"
+    model = "{model}"
     {settings}
     stage request : requests      {{}}
     stage batch   : dynamic_batch {{ {batch} }}
@@ -33,8 +33,8 @@ pipeline p {{
 """
 
 
-def pipeline(settings="", batch="", kv="", gen=""):
-    return SEED.format(settings=settings, batch=batch, kv=kv, gen=gen)
+def pipeline(settings="", batch="", kv="", gen="", model="smollm2-135m-instruct"):
+    return SEED.format(settings=settings, batch=batch, kv=kv, gen=gen, model=model)
 
 
 def errors(text: str) -> list:
