@@ -164,7 +164,11 @@ def flow_types(graph: nx.DiGraph, registry: Registry | None = None) -> tuple[dic
 
 def item_types(r: Resolved, g: nx.DiGraph, registry: Registry | None = None) -> dict[str, frozenset]:
     """The item types each stage may send on (given what reaches it)."""
-    carry, receives = flow_types(g, registry)
+    return _sent(r, flow_types(g, registry)[1])
+
+
+def _sent(r: Resolved, receives: dict) -> dict[str, frozenset]:
+    """item_types() from flow_types()' `receives`."""
     return {n: outputs(s.kind, s.params, receives[n]) if s.kind is not None and not s.kind.is_source
             else (s.kind.emits if s.kind is not None else frozenset()) for n, s in r.stages.items()}
 
@@ -180,8 +184,9 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
     respond stage."""
     registry = registry or default_registry()
     g = build_graph(r)
-    emits = item_types(r, g, registry)
-    diags = _check_ports(r, registry, g, emits)
+    carry, receives = flow_types(g, registry)        # once: the checks below share it
+    emits = _sent(r, receives)
+    diags = _check_ports(r, registry, g, carry, receives)
     unknown = {n for n, s in r.stages.items() if s.kind is None}
     sources = [n for n, s in r.stages.items() if s.kind is not None and s.kind.is_source]
     maybe_sources = sources + [n for n in unknown if g.in_degree(n) == 0]
@@ -221,14 +226,13 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
                 diags.append(_err(f"stage '{n}' has no path to a respond stage", s.pos,
                                   hint=f"add an edge from '{n}' towards a respond stage, or remove it"))
     if not unknown and not any(d.is_error for d in diags):
-        diags += _check_sources(r, g, registry, sources)
+        diags += _check_sources(r, g, carry, sources)
     return diags
 
 
-def _check_sources(r: Resolved, g: nx.DiGraph, registry: Registry, sources: list[str]) -> list[Diagnostic]:
+def _check_sources(r: Resolved, g: nx.DiGraph, carry: dict, sources: list[str]) -> list[Diagnostic]:
     """What a request source sends can reach an end (checked last: another graph error usually
     explains a source whose requests go nowhere, and says it better)."""
-    carry, _ = flow_types(g, registry)
     diags = []
     for n in sources:
         s = r.stages[n]
@@ -316,10 +320,10 @@ def _check_cycles(g: nx.DiGraph, r: Resolved) -> list[Diagnostic]:
     return diags
 
 
-def _check_ports(r: Resolved, registry: Registry, g: nx.DiGraph, emits: dict) -> list[Diagnostic]:
-    """Each edge can carry something; whatever a stage sends has an out-edge that carries it."""
+def _check_ports(r: Resolved, registry: Registry, g: nx.DiGraph, carry: dict, receives: dict) -> list[Diagnostic]:
+    """Each edge can carry something; whatever a stage sends has an out-edge that carries it
+    (`carry`, `receives`: flow_types' result)."""
     diags = []
-    carry, receives = flow_types(g, registry)
     mismatched = set()                 # stages with a reported bad edge: their dead ends are that
     for e in r.edges:
         a, b = r.stages[e.src], r.stages[e.dst]
