@@ -356,8 +356,9 @@ def main(argv=None) -> int:
     images = plots(load, reuse, sat, Path(args.img_dir))
     text = page(args, load, reuse, sat, images, started, before, loadavg(), time.monotonic() - t0)
     out = Path(args.out)
-    if out.exists() and KEPT in out.read_text():      # sections other benchmarks wrote stay
-        text = text.rstrip("\n") + "\n\n" + out.read_text()[out.read_text().index(KEPT):]
+    before = out.read_text() if out.exists() else ""
+    if KEPT in before:                                # sections other benchmarks wrote stay
+        text = text.rstrip("\n") + "\n\n" + before[before.index(KEPT):]
     out.write_text(text)
     print(f"wrote {args.out} and {args.img_dir}/", file=sys.stderr)
     if not args.json:
