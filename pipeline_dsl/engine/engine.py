@@ -17,6 +17,7 @@ again.
 from __future__ import annotations
 
 import math
+import os
 import resource
 import sys
 import time
@@ -503,10 +504,17 @@ def load_runner(config: EngineConfig):
                          f"({per_block} bytes); raise the budget")
     runner = ModelRunner(model, num_blocks, config.block_size, None, device,
                          pad_decode=config.padding, compile=config.compile)
+    extra = {}
+    if runner.device.type == "cuda":
+        # every mode: compile and capture happen here, at load, never inside a request's TTFT
+        extra["warm_up_s"] = runner.warm_up()
+        if config.padding and os.environ.get("AGP_CUDA_GRAPHS", "1") != "0":
+            got = runner.capture_graphs(config.max_batch_size, config.max_model_len or c.max_position)
+            extra.update(cuda_graphs=got["graphs"], graph_capture_s=got["capture_s"])
     info = {"model": str(source.path), "dtype": str(model.dtype).replace("torch.", ""),
             "weights": model.weight_kind, "device": device, "vocab_size": c.vocab_size,
             "context_length": c.max_position, "kv_bytes_per_block": per_block,
-            "load_s": time.perf_counter() - t0}
+            **extra, "load_s": time.perf_counter() - t0}
     return runner, tokenizer, info
 
 

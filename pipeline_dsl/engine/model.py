@@ -302,6 +302,39 @@ class ModelRunner:
         # CPU: a step that another process slowed down sends the next ones to one thread
         self.guard = ContentionGuard() if self.device.type == "cpu" else None
         self.upload = Uploader(self.device)   # host index arrays -> device (pinned, one copy, on CUDA)
+        self.graphs = None                    # cuda_graphs.DecodeGraphs once captured (capture_graphs)
+
+    def capture_graphs(self, max_batch: int, max_len: int, graph_factory=None) -> dict:
+        """Capture the padded all-decode step as CUDA graphs for every batch and context bucket the
+        scheduler can produce (at load, so no capture lands inside a request); steps that fit
+        no graph run eagerly. Returns {"graphs": n, "capture_s": seconds}. CUDA only unless a
+        graph_factory is given (tests run the same bookkeeping with an eager stand-in)."""
+        from .cuda_graphs import DecodeGraphs   # CUDA-only code: imported only here
+
+        self.pad_decode = True                  # static shapes: the decode batch padded to a bucket
+        self.graphs = DecodeGraphs(self, graph_factory)
+        return self.graphs.capture_all(max_batch, max_len)
+
+    @torch.inference_mode()
+    def warm_up(self) -> float:
+        """Run two prefill-shaped steps that write only the scratch slot, so that lazy work
+        (torch.compile of the pieces, cuBLAS handles, allocator growth) happens at load and
+        not inside the first request's TTFT. Returns the seconds it took."""
+        import time
+
+        t0 = time.perf_counter()
+        for n in (8, 13):
+            pos = torch.arange(n, device=self.device)
+            cos, sin = self.model.rope_tables(pos)
+            step = Step(tokens=torch.zeros(n, dtype=torch.long, device=self.device),
+                        slots=torch.full((n,), self.num_slots, dtype=torch.long, device=self.device),
+                        cos=cos, sin=sin, sample_rows=torch.tensor([n - 1], device=self.device),
+                        all_decode=False, dec_rows=None, dec_gather=None, dec_mask=None,
+                        prefills=[(0, n, None, None)], positions=pos)
+            self.run(step, graphs=False)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
 
     native_max_batch = 8   # measured: above this the batched GEMMs of the eager path win
 
@@ -334,6 +367,10 @@ class ModelRunner:
         first. `graphs`: replay a captured CUDA graph where one fits (capture_graphs)."""
         if step.sample_rows is None:
             want_logits = False
+        if graphs and self.graphs is not None:
+            x = self.graphs.replay(step)                        # [B, H] hidden states, or None: no graph fits
+            if x is not None:
+                return self.model.logits(x.index_select(0, step.sample_rows)) if want_logits else None
         if self.guard is None:
             return self._forward_step(step, want_logits)
         key = (step.all_decode, step.tokens.shape[0])
@@ -347,6 +384,15 @@ class ModelRunner:
             return logits if want_logits else None
         if step.all_decode and step.dec_tables is not None:
             return self._forward_glued(step, want_logits)
+        x = self.hidden(step)                                   # [T, H]
+        if not want_logits:
+            return None
+        return m.logits(x.index_select(0, step.sample_rows))   # [n_sample, V]
+
+    def hidden(self, step: Step) -> torch.Tensor:
+        """The eager layers over a step (K/V written to the pool): final hidden states [T, H],
+        before the last norm. Static in shape for a padded decode step: what a graph captures."""
+        m = self.model
         x = F.embedding(step.tokens, m.embed)                   # [T, H]
         for li, layer in enumerate(m.layers):
             q, k, v = m.qkv(layer, x, step.cos, step.sin)       # [T, nh, hd], [T, kv, hd] x2
@@ -356,9 +402,7 @@ class ModelRunner:
             a = self._attention(step, q, k, v, kc, vc, li)      # [T, nh*hd]
             x = x + layer.o(a)
             x = x + m.mlp(layer, x)
-        if not want_logits:
-            return None
-        return m.logits(x.index_select(0, step.sample_rows))   # [n_sample, V]
+        return x
 
     def _forward_glued(self, step: Step, want_logits: bool) -> torch.Tensor | None:
         """A large all-decode batch: the GEMMs on oneDNN/int4 as eager, everything between
