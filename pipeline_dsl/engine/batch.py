@@ -85,7 +85,7 @@ class Step:
     native: bool = False               # the whole step runs as one native call
     fills: torch.Tensor | None = None  # [F] rows whose token is still in flight (PLACEHOLDER), or None
     fill_from: torch.Tensor | None = None   # [F] where each comes from (StepBatch.fill_from)
-    paged: object = None               # attention metadata of a paged kernel (attention.py), or None
+    invariant: tuple | None = None     # batch-invariant mode: (key slots [n, Lp], item of each row [T])
 
 
 class Uploader:
@@ -162,7 +162,9 @@ def prepare_step(runner, batch: StepBatch) -> Step:
     B = len(dec_idx)
     all_decode = not len(pre_idx)
     use_native = runner.native is not None and all_decode and B <= runner.native_max_batch
-    padded = all_decode and (runner.pad_decode or batch.pad_to is not None) and runner.native is None
+    invariant = getattr(runner, "batch_invariant", False)
+    padded = all_decode and (runner.pad_decode or batch.pad_to is not None) and runner.native is None \
+        and not invariant
     tokens = batch.tokens
     dec_rows = offs[dec_idx]
     pad = 0
@@ -194,6 +196,12 @@ def prepare_step(runner, batch: StepBatch) -> Step:
                 dec_rows=None, dec_gather=None, dec_mask=None, prefills=[], positions=pos_t,
                 native=use_native, fills=fills_t if fills.size else None,
                 fill_from=from_t if fills.size else None)
+    if invariant:                                # every row over its own context, one path (invariant.py)
+        from .invariant import key_index
+
+        key_slots, _ = key_index(batch, bs, item_of, positions, runner.num_slots)
+        step.invariant = tuple(runner.upload(key_slots, item_of))
+        return step
     if B and runner.native is not None:          # tables read in place: no gather, no mask
         step.dec_tables = torch.from_numpy(dec_tab)                # [B, nblk]
         step.dec_lens = torch.from_numpy(dec_lens)                 # [B]
@@ -219,15 +227,14 @@ def prepare_step(runner, batch: StepBatch) -> Step:
 
 
 def _prefill_chunks(runner, batch: StepBatch, pre_idx: np.ndarray, offs: np.ndarray) -> list:
-    """(row0, n, gather [L] | None, mask [g*n, L] | None) per prefill chunk. A chunk without a
-    cached prefix attends only to itself (causal: no gather, no mask)."""
+    """(row0, n, gather [L], mask [g*n, L]) per prefill chunk. Every chunk, with a cached prefix
+    or without, reads its keys and values back from the pool as stored, through the same
+    masked attention: a prompt computed cold and one whose prefix was cached take the same path
+    (docs/engine.md, "Reproducibility")."""
     bs, dev, g = runner.block_size, runner.device, runner.model.config.group
     out = []
     for i in pre_idx.tolist():
         row0, n, start = int(offs[i]), int(batch.counts[i]), int(batch.starts[i])
-        if start == 0:
-            out.append((row0, n, None, None))
-            continue
         L = start + n
         p = np.arange(L)
         gather = batch.tables[i, p // bs] * bs + p % bs                             # [L]

@@ -502,10 +502,11 @@ def load_runner(config: EngineConfig):
     if num_blocks < 1:
         raise InputError(f"KV budget of {config.kv_budget_bytes} bytes is less than one block "
                          f"({per_block} bytes); raise the budget")
+    invariant = os.environ.get("AGP_BATCH_INVARIANT", "0") not in ("", "0")   # invariant.py
     runner = ModelRunner(model, num_blocks, config.block_size, None, device,
-                         pad_decode=config.padding, compile=config.compile)
+                         pad_decode=config.padding, compile=config.compile, batch_invariant=invariant)
     extra = {}
-    if runner.device.type == "cuda":
+    if runner.device.type == "cuda" and not invariant:
         # every mode: compile and capture happen here, at load, never inside a request's TTFT
         extra["warm_up_s"] = runner.warm_up()
         if config.padding and os.environ.get("AGP_CUDA_GRAPHS", "1") != "0":

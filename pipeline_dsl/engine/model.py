@@ -278,7 +278,7 @@ class ModelRunner:
 
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int,
                  dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
-                 *, pad_decode: bool = False, compile: bool = False):
+                 *, pad_decode: bool = False, compile: bool = False, batch_invariant: bool = False):
         c = model.config
         self.model = model
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -302,6 +302,13 @@ class ModelRunner:
         # CPU: a step that another process slowed down sends the next ones to one thread
         self.guard = ContentionGuard() if self.device.type == "cpu" else None
         self.upload = Uploader(self.device)   # host index arrays -> device (pinned, one copy, on CUDA)
+        # batch-invariant mode (invariant.py): fixed-tile GEMMs, one attention path, no native kernels
+        self.batch_invariant = batch_invariant
+        if batch_invariant:
+            from .invariant import make_invariant
+
+            make_invariant(model)
+            self.native, self.pad_decode = None, False
         self.graphs = None                    # cuda_graphs.DecodeGraphs once captured (capture_graphs)
 
     def capture_graphs(self, max_batch: int, max_len: int, graph_factory=None) -> dict:
@@ -428,6 +435,10 @@ class ModelRunner:
         c = self.model.config
         nkv, g, hd = c.num_kv_heads, c.group, c.head_dim
         T = q.shape[0]
+        if step.invariant is not None:
+            from .invariant import attention
+            key_slots, item_of = step.invariant
+            return attention(q, kc, vc, key_slots, item_of, step.positions, g)   # [T, nh*hd]
         if step.all_decode:
             if step.dec_tables is not None:                     # native: the blocks read in place
                 return self.native.attention(li, q, step.dec_tables, step.dec_lens)  # [B, nh*hd]
@@ -443,7 +454,7 @@ class ModelRunner:
                                            step.dec_first)
             out.index_copy_(0, step.dec_rows, a)
         for row0, n, gather, mask in step.prefills:
-            if gather is None:      # no cached prefix: the chunk's own keys, causal
+            if gather is None:      # (warm-up only) the chunk's own keys, causal
                 qs4 = q[row0:row0 + n].transpose(0, 1)                     # [nh, n, hd]
                 ks = k[row0:row0 + n].transpose(0, 1).repeat_interleave(g, dim=0)  # [nh, n, hd]
                 vs = v[row0:row0 + n].transpose(0, 1).repeat_interleave(g, dim=0)
