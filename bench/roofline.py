@@ -30,6 +30,7 @@ import time
 import numpy as np
 import torch
 
+from pipeline_dsl.engine.batch import StepBatch
 from pipeline_dsl.engine.model import LlamaModel, ModelRunner, SeqBatchItem
 from pipeline_dsl.engine.models import load_weights, resolve_model
 from pipeline_dsl.engine.quant import Int4Linear, PackedLinear
@@ -122,7 +123,7 @@ class Case:
 
     def attention_only(self):
         r, c = self.runner, self.config
-        step = r._prepare(self.items)
+        step = r.prepare(StepBatch.from_items(self.items))
         q = torch.randn(self.batch, c.num_heads, c.head_dim).bfloat16()
         if getattr(step, "dec_tables", None) is not None:
             return lambda: [r.native.attention(li, q, step.dec_tables, step.dec_lens) for li in range(c.num_layers)]

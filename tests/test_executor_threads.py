@@ -34,13 +34,13 @@ class Seen:
     def __init__(self, monkeypatch, eng: Engine):
         self.forward: list[tuple[int, int]] = []
         self.sample: list[tuple[int, int]] = []
-        forward = ModelRunner._forward
+        forward = ModelRunner.run
 
         def recorded_forward(runner, *args, **kwargs):
             self.forward.append((threading.get_ident(), torch.get_num_threads()))
             return forward(runner, *args, **kwargs)
 
-        monkeypatch.setattr(ModelRunner, "_forward", recorded_forward)
+        monkeypatch.setattr(ModelRunner, "run", recorded_forward)
         sample = eng.sampler.sample
 
         def recorded_sample(*args, **kwargs):

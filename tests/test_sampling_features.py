@@ -157,9 +157,7 @@ def test_min_tokens_holds_eos_and_stop_token_ids_back(soft_gguf):
 
 # ---- penalties ------------------------------------------------------------------------------------
 def fake_seq(rid, prompt, **kw) -> Sequence:
-    s = Sequence(rid, list(prompt), len(prompt), SamplingParams(**kw), 0.0)
-    s.extra["generator"] = None
-    return s
+    return Sequence(rid, list(prompt), len(prompt), SamplingParams(**kw), 0.0)
 
 
 def force(V, toks, big=1e4):

@@ -16,20 +16,22 @@ again.
 
 from __future__ import annotations
 
-import inspect
 import math
+import os
 import resource
 import sys
 import time
 from collections import deque
+from itertools import chain
 
+import numpy as np
 import torch
 
 from .compute import on_compute
 from .config import EngineConfig, RequestOutput, SamplingParams
 from .errors import InputError, QueueFullError
 from .kv_cache import BlockManager, bytes_per_block, num_blocks_for_budget
-from .model import SeqBatchItem
+from .batch import ItemsRunner, StepBatch
 from .processors import Features
 from .sampler import Detokenizer, Sampler, StopStrings, make_generator
 from .scheduler import Scheduler, SchedulerOutput, Sequence
@@ -64,7 +66,8 @@ class Engine:
             info = {}
         self.runner, self.tokenizer = runner, tokenizer
         # on CPU every forward and sampling runs on the compute thread (engine/compute.py)
-        self._cpu = torch.device(getattr(runner, "device", "cpu")).type == "cpu"
+        self.device = torch.device(getattr(runner, "device", "cpu"))
+        self._cpu = self.device.type == "cpu"
         self.model_info = info
         self.vocab_size = int(getattr(runner, "vocab_size", 0) or info.get("vocab_size", 0))
         context = int(getattr(runner, "max_model_len", 0) or info.get("context_length", 0) or 2048)
@@ -82,7 +85,9 @@ class Engine:
                 tokenizer.set_chat_template(config.chat_template)
             except ValueError as e:
                 raise InputError(f"chat_template: {e}") from None
-        self._pad_kw = "pad_to" in inspect.signature(runner.execute).parameters
+        # the runner's two phases (prepare: host arrays -> index tensors; run: the forward); a
+        # runner that only has execute(items) is adapted once here
+        self._phases = runner if callable(getattr(runner, "prepare", None)) else ItemsRunner(runner)
         self.eos_token_ids = frozenset(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.features = Features(self.vocab_size, self.eos_token_ids)   # penalties, bias, logprobs, grammars
         self.seqs: dict[str, Sequence] = {}
@@ -139,9 +144,8 @@ class Engine:
             raise QueueFullError(f"the queue is full ({self.config.max_queue} waiting requests)")
         now = self.clock()
         seq = Sequence(request_id, ids, len(ids), params, now)
-        seq.extra.update(
-            detok=self._detokenizer(ids), stops=StopStrings(params.stop), text="",
-            emitted=0, generator=make_generator(params.seed), first=None, last=None)
+        st = seq.state
+        st.detok, st.stops, st.generator = self._detokenizer(ids), StopStrings(params.stop), make_generator(params.seed)
         self.features.start(seq)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -288,19 +292,52 @@ class Engine:
 
     def _execute(self, plan: SchedulerOutput) -> list[int]:
         t0 = time.perf_counter()
-        items = [SeqBatchItem(token_ids=it.seq.token_ids[it.start:it.start + it.num_tokens],
-                              start_pos=it.start, block_table=list(self.block_table(it.seq)),
-                              sample=it.sample) for it in plan.items]
-        if self._pad_kw:
-            logits = self.runner.execute(items, pad_to=plan.pad_to)  # [n_sample, V]
-        else:
-            logits = self.runner.execute(items)  # [n_sample, V]
+        with torch.inference_mode():
+            logits = self.forward(self.prepare(self.step_batch(plan)))      # [n_sample, V] or None
         sampling = [it.seq for it in plan.items if it.sample]
         tokens = self.sample(logits, sampling).tolist() if sampling else []
         self._busy_s += time.perf_counter() - t0
         return tokens
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    # ---- the model runner's two phases (an executor overlaps them with other work) ------
+    def step_batch(self, plan: SchedulerOutput) -> StepBatch:
+        """The step's inputs as arrays: tokens (PLACEHOLDER where a token is still in flight),
+        starts, counts, sample flags, and the block tables as rows of the block manager's array."""
+        items = plan.items
+        n = len(items)
+        starts = np.fromiter((it.start for it in items), np.int64, n)
+        counts = np.fromiter((it.num_tokens for it in items), np.int64, n)
+        sample = np.fromiter((it.sample for it in items), bool, n)
+        rows = np.fromiter((self.blocks.row(it.seq.request_id) for it in items), np.int64, n)
+        tables, lens = self.blocks.tables.rows(rows)                        # [n, W], [n]
+        if plan.num_prefill_tokens:
+            toks = chain.from_iterable(it.seq.token_ids[it.start:it.start + it.num_tokens] for it in items)
+            tokens = np.fromiter(toks, np.int64, int(counts.sum()))
+        else:                                                               # decodes: one token each
+            tokens = np.fromiter((it.seq.token_ids[it.start] for it in items), np.int64, n)
+        return StepBatch(tokens, starts, counts, sample, tables, lens, plan.pad_to)
+
+    def prepare(self, batch: StepBatch):
+        """The runner's index tensors of a step (host work; on CUDA one non-blocking upload)."""
+        return self._phases.prepare(batch)
+
+    @staticmethod
+    def fill(step, sources: list[torch.Tensor]) -> None:
+        """Put the tokens sampled by earlier steps into a prepared step's in-flight rows, on the
+        device (no round trip): `sources` are those steps' sampled tensors, in the order that
+        StepBatch.fill_from indexes their concatenation."""
+        if step.fills is None:
+            return
+        src = sources[0] if len(sources) == 1 else torch.cat(sources)              # [sum n_sample]
+        step.tokens.index_copy_(0, step.fills, src.index_select(0, step.fill_from))  # [F] rows
+
+    def forward(self, step, want_logits: bool = True, graphs: bool = True) -> torch.Tensor | None:
+        """The model over a prepared step: logits [n_sample, V] (None when no row is sampled or
+        want_logits is False). `graphs`: replay a captured CUDA graph where one fits. The rows of
+        tokens still in flight (step.fills) must have been filled on the device first."""
+        return self._phases.run(step, want_logits, graphs)
+
+    def sample(self, logits: torch.Tensor | None, seqs: list[Sequence]) -> torch.Tensor:
         """One step's tokens for `seqs` (one row of `logits` [n, V] each, changed in place) ->
         [n] long on the logits' device. Rows that use no sampling feature cost what they always
         did (all greedy: an argmax without a host sync); the others get logit_bias, penalties,
@@ -345,45 +382,45 @@ class Engine:
     def accept_token(self, seq: Sequence, token: int, now: float) -> RequestOutput:
         """A token sampled for `seq` (already appended to its ids): detokenise, check stops,
         finish it when done, and say what changed."""
-        st, p = seq.extra, seq.params
+        st, p = seq.state, seq.params
         self._counters["generated_tokens"] += 1
-        if st["first"] is None:
-            st["first"] = now
+        if st.first is None:
+            st.first = now
             self._ttft.append(now - seq.arrival)
         else:
-            self._itl.append(now - st["last"])
-        st["last"] = now
-        text_from = len(st["text"])
+            self._itl.append(now - st.last)
+        st.last = now
+        text_from = len(st.text)
         reason = None
         logprobs = self.features.logprobs_of(seq, token) if p.logprobs is not None else None
-        if st.get("error_at") is not None and seq.num_output > st["error_at"]:
+        if st.error_at is not None and seq.num_output > st.error_at:
             reason = "error"                   # the grammar refused a token: see metrics["error"]
-            st["text"] += st["detok"].flush()
+            st.text += st.detok.flush()
         elif token in p.stop_token_ids or (token in self.eos_token_ids and (
                 not p.ignore_eos or p.constraint is not None)):   # a grammar's EOS always ends it
             reason = "stop"
-            st["text"] += st["detok"].flush()
+            st.text += st.detok.flush()
         else:
             last = seq.num_output >= p.max_tokens or len(seq.token_ids) >= self.max_model_len
-            st["text"] += st["detok"].add(token, final=last)
-            cut = st["stops"].find(st["text"], text_from)
+            st.text += st.detok.add(token, final=last)
+            cut = st.stops.find(st.text, text_from)
             if cut >= 0:
-                st["text"], reason = st["text"][:cut], "stop"
+                st.text, reason = st.text[:cut], "stop"
             elif last:
                 reason = "length"
-        text = st["text"]
-        visible = len(text) if reason else len(text) - st["stops"].hold_back()
-        visible = max(visible, st["emitted"])
-        delta, st["emitted"] = text[st["emitted"]:visible], visible
+        text = st.text
+        visible = len(text) if reason else len(text) - st.stops.hold_back()
+        visible = max(visible, st.emitted)
+        delta, st.emitted = text[st.emitted:visible], visible
         metrics = {}
         if reason:
             self._finish(seq, reason)
             scheduled = seq.scheduled if seq.scheduled is not None else seq.arrival
-            metrics = {"ttft_s": st["first"] - seq.arrival, "latency_s": now - seq.arrival,
-                       "queue_s": scheduled - seq.arrival, "prefill_s": st["first"] - scheduled,
-                       "decode_s": now - st["first"], "preemptions": seq.num_preemptions}
+            metrics = {"ttft_s": st.first - seq.arrival, "latency_s": now - seq.arrival,
+                       "queue_s": scheduled - seq.arrival, "prefill_s": st.first - scheduled,
+                       "decode_s": now - st.first, "preemptions": seq.num_preemptions}
             if reason == "error":
-                metrics["error"] = st["error"]
+                metrics["error"] = st.error
         return RequestOutput(seq.request_id, [token], delta, text, reason is not None, reason,
                              seq.num_prompt, seq.num_output, seq.cached_tokens, metrics, logprobs)
 
@@ -465,12 +502,20 @@ def load_runner(config: EngineConfig):
     if num_blocks < 1:
         raise InputError(f"KV budget of {config.kv_budget_bytes} bytes is less than one block "
                          f"({per_block} bytes); raise the budget")
+    invariant = os.environ.get("AGP_BATCH_INVARIANT", "0") not in ("", "0")   # invariant.py
     runner = ModelRunner(model, num_blocks, config.block_size, None, device,
-                         pad_decode=config.padding, compile=config.compile)
+                         pad_decode=config.padding, compile=config.compile, batch_invariant=invariant)
+    extra = {}
+    if runner.device.type == "cuda" and not invariant:
+        # every mode: compile and capture happen here, at load, never inside a request's TTFT
+        extra["warm_up_s"] = runner.warm_up()
+        if config.padding and os.environ.get("AGP_CUDA_GRAPHS", "1") != "0":
+            got = runner.capture_graphs(config.max_batch_size, config.max_model_len or c.max_position)
+            extra.update(cuda_graphs=got["graphs"], graph_capture_s=got["capture_s"])
     info = {"model": str(source.path), "dtype": str(model.dtype).replace("torch.", ""),
             "weights": model.weight_kind, "device": device, "vocab_size": c.vocab_size,
             "context_length": c.max_position, "kv_bytes_per_block": per_block,
-            "load_s": time.perf_counter() - t0}
+            **extra, "load_s": time.perf_counter() - t0}
     return runner, tokenizer, info
 
 

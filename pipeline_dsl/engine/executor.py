@@ -25,41 +25,42 @@ pipeline_dsl.flow).
 - CUDA: one torch.cuda.Stream per copy/compute stream, issued from one host thread in the
   plan's global order (or, issue="threads", one thread per stream as on CPU);
   torch.cuda.Event on cross-stream edges, sampled tokens copied non-blocking into pinned
-  memory; the host blocks only where the plan says (emit). cuda_graphs=True (the default
-  in performance mode) captures the all-decode forward and replays it.
+  memory; the host blocks only where the plan says (emit). The step's index arrays go up in
+  one non-blocking copy from a pinned buffer (batch.Uploader) on the copy stream. The
+  runner's decode graphs (captured at load, every mode) are replayed; cuda_graphs=False
+  runs the same steps eagerly, for A/B.
 - overlap=False runs the same plan serially on one worker thread (CUDA: one stream,
   synchronised after every piece), for A/B.
 
 Optimistic scheduling: step k+1 is scheduled before step k's tokens are known. Each
 sampled position gets a placeholder; the forward of step k+1 reads the token from step
-k's sampled tensor (on the device, no round trip); emit fills the placeholder. A sequence
+k's sampled tensor (Engine.fill: one gather on the device, no round trip); emit fills the
+placeholder on the host. A sequence
 that step k finishes was already scheduled in k+1: its extra token is discarded.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import networkx as nx
+import numpy as np
 import torch
 
 from pipeline_dsl.plan import Plan, make_plan
 
+from .batch import PLACEHOLDER
 from .compute import on_compute
 from .trace import Trace
 
-PLACEHOLDER = -1          # a token sampled by a step still in flight
 AHEAD = 32                # no stream runs more than this many micro-batches ahead of emit
 GPU_PARTS = ("h2d", "forward", "d2h")
 CPU_TORCH_PARTS = ("h2d", "forward")   # CPU: the works that run torch ops, on the compute thread
 _GRAPHS: dict[str, Plan] = {}
-_CAPTURED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # runner -> DecodeGraphs
 
 
 def default_plan() -> Plan:
@@ -84,10 +85,9 @@ class _Launch:
     sample_pos: list                          # per item: index of its placeholder, or None
     preemptions: list                         # per item: seq.num_preemptions at scheduling
     sample_seqs: list
-    items: list | None = None                 # SeqBatchItem (placeholders in token_ids)
-    fills: list = field(default_factory=list)  # (row, src micro-batch, src sample index)
+    batch: Any = None                         # StepBatch (PLACEHOLDER where a token is in flight)
+    fill_srcs: list = field(default_factory=list)  # micro-batches whose samples fill it, in order
     step: Any = None                          # the runner's prepared step
-    fill_index: list = field(default_factory=list)  # (src m, rows tensor, src index tensor)
     sampled: Any = None                       # [n_sample] long, on the device
     host_tokens: Any = None                   # pinned CPU tensor (CUDA) or list
     tokens: list | None = None
@@ -141,53 +141,6 @@ class _Signals:
                     ev.set()
 
 
-class DecodeGraphs:
-    """CUDA-graph capture of the all-decode forward, one graph per (batch, context) bucket.
-
-    The runner pads decode batches to buckets and contexts to multiples of 32, so a few
-    graphs serve a whole run; a replay copies the step's index tensors into the graph's
-    static ones. Warm-up and capture write only the runner's scratch KV slot."""
-
-    def __init__(self, runner):
-        self.runner = runner
-        self.graphs: dict[tuple, tuple] = {}
-        self.pool = None
-
-    def run(self, step):
-        if not step.all_decode or step.dec_gather is None or step.sample_rows is None:
-            return None
-        n = step.sample_rows.shape[0]
-        key = (step.tokens.shape[0], step.dec_gather.shape[0])      # (B padded, B * context blocks)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(step)
-        graph, static, out = self.graphs[key]
-        for name in ("tokens", "slots", "cos", "sin", "dec_gather", "dec_mask"):
-            getattr(static, name).copy_(getattr(step, name))
-        static.sample_rows[:n].copy_(step.sample_rows)             # rows >= n: row 0, unused
-        graph.replay()
-        return out[:n]                                              # [n_sample, V]
-
-    def _capture(self, step):
-        r = self.runner
-        scratch = r.num_slots
-        static = dataclasses.replace(
-            step, tokens=torch.zeros_like(step.tokens), slots=torch.full_like(step.slots, scratch),
-            cos=step.cos.clone(), sin=step.sin.clone(), dec_gather=torch.zeros_like(step.dec_gather),  # block 0: read only
-            dec_mask=step.dec_mask.clone(),
-            sample_rows=torch.zeros(step.tokens.shape[0], dtype=torch.long, device=step.tokens.device))
-        side = torch.cuda.Stream(step.tokens.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                r._forward(static)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            out = r._forward(static)                                # [B, V]
-        self.pool = graph.pool()
-        return graph, static, out
-
-
 class Executor:
     def __init__(self, engine, plan: Plan | None = None, *, overlap: bool | None = None,
                  trace: Trace | None = None, cuda_graphs: bool | None = None,
@@ -196,8 +149,7 @@ class Executor:
         self.plan = plan or default_plan()
         self.overlap = overlap               # None: decided per run (overlap_now)
         self.trace = trace if trace is not None else Trace(limit=100_000)  # bounded when serving
-        runner = engine.runner
-        self.device = torch.device(getattr(runner, "device", "cpu"))
+        self.device = engine.device
         self.cuda = self.device.type == "cuda"
         parts = {w.part for w in self.plan.work}
         missing = {"admit", "schedule", "forward", "emit"} - parts
@@ -211,6 +163,7 @@ class Executor:
         self._aborts: list[str] = []
         self._launches: dict[int, _Launch | None] = {}
         self._sampled: dict[int, Any] = {}
+        self._n_sample: dict[int, int] = {}   # micro-batch -> tokens it samples
         self._closing = True
         self._close_called = False
         self._on_output: Callable | None = None
@@ -230,11 +183,8 @@ class Executor:
         self.issue = issue or ("single" if self.cuda else "threads")
         if self.issue not in ("threads", "single"):
             raise ValueError(f"issue must be 'threads' or 'single', not {issue!r}")
-        if cuda_graphs is None:       # performance mode compiles: capture the decode step
-            cuda_graphs = bool(getattr(engine.config, "compile", False))
-        self.graphs = None
-        if self.cuda and cuda_graphs and hasattr(runner, "_forward"):
-            self.graphs = _CAPTURED.setdefault(runner, DecodeGraphs(runner))  # kept across runs
+        # replay the decode graphs the runner captured at load (CUDA, every mode); False: eager, for A/B
+        self.graphs = self.cuda if cuda_graphs is None else bool(cuda_graphs)
         self._handlers = {"admit": self._admit, "schedule": self._schedule,
                           "lookup": self._lookup, "h2d": self._h2d, "forward": self._forward,
                           "d2h": self._d2h, "emit": self._emit}
@@ -323,104 +273,70 @@ class Executor:
                 seq.num_computed = it.start + it.num_tokens
                 pre.append(seq.num_preemptions)
                 if it.sample:
-                    seq.extra.setdefault("pending", {})[len(seq.token_ids)] = (m, len(seqs))
+                    seq.state.pending[len(seq.token_ids)] = (m, len(seqs))
                     pos.append(len(seq.token_ids))
                     seq.token_ids.append(PLACEHOLDER)
                     seqs.append(seq)
                 else:
                     pos.append(None)
             self._launches[m] = _Launch(m, so, pos, pre, seqs)
+            self._n_sample[m] = len(seqs)
+            self._n_sample.pop(m - 2 * AHEAD, None)
             self.steps += 1
             if so.num_prefill_tokens:
                 self.last_prefill = m
         return True
 
     def _lookup(self, m: int) -> bool:
+        """kv.lookup: the step's arrays (tokens, starts, tables as rows of the block manager's
+        array) and, for each token still in flight, which earlier step's sample it is."""
         L = self._launches.get(m)
-        if L is None or L.items is not None:
+        if L is None or L.batch is not None:
             return False
-        from .model import SeqBatchItem
-
-        items, row = [], 0
         with self.lock:
-            for it in L.so.items:
-                seq = it.seq
-                toks = seq.token_ids[it.start:it.start + it.num_tokens]
-                pending = seq.extra.get("pending", {})
-                for i, t in enumerate(toks):
-                    if t == PLACEHOLDER:
-                        src_m, j = pending[it.start + i]
-                        L.fills.append((row + i, src_m, j))
-                items.append(SeqBatchItem(token_ids=toks, start_pos=it.start,
-                                          block_table=list(self.engine.block_table(seq)),
-                                          sample=it.sample))
-                row += len(toks)
-        L.items = items
+            batch = self.engine.step_batch(L.so)
+            rows = np.nonzero(batch.tokens == PLACEHOLDER)[0]                # [F]
+            if rows.size:
+                ends = np.cumsum(batch.counts)
+                item = np.searchsorted(ends, rows, side="right")             # [F] item of each row
+                pos = batch.starts[item] + rows - (ends - batch.counts)[item]  # [F] its position
+                src = [L.so.items[i].seq.state.pending[p] for i, p in zip(item.tolist(), pos.tolist())]
+                L.fill_srcs = sorted({s_m for s_m, _ in src})
+                base, at = {}, 0
+                for s_m in L.fill_srcs:
+                    base[s_m] = at
+                    at += self._n_sample[s_m]
+                batch.fill_from = np.fromiter((base[s_m] + j for s_m, j in src), np.int64, len(src))
+        L.batch = batch
         return True
 
     def _h2d(self, m: int) -> bool:
+        """gen.h2d: the step's index tensors onto the device (CUDA: one non-blocking copy from a
+        pinned buffer on the copy stream)."""
         L = self._launches.get(m)
         if L is None:
             return False
-        if L.items is None:
+        if L.batch is None:
             self._lookup(m)
-        runner = self.engine.runner
-        if not hasattr(runner, "_prepare"):
-            return False               # the runner prepares inside execute(): forward does it
         with torch.inference_mode():
-            L.step = runner._prepare(L.items)
-            by_src: dict[int, tuple[list, list]] = {}
-            for row, src_m, j in L.fills:
-                rows, idx = by_src.setdefault(src_m, ([], []))
-                rows.append(row)
-                idx.append(j)
-            L.fill_index = [(src_m, torch.tensor(r).to(self.device, non_blocking=True),
-                             torch.tensor(i).to(self.device, non_blocking=True))
-                            for src_m, (r, i) in by_src.items()]
+            L.step = self.engine.prepare(L.batch)
         return True
 
     def _forward(self, m: int) -> bool:
         L = self._launches.get(m)
         if L is None:
             return False
-        runner = self.engine.runner
-        if L.items is None:
-            self._lookup(m)
+        if L.step is None:
+            self._h2d(m)
         with torch.inference_mode():
-            if hasattr(runner, "_prepare"):
-                if L.step is None:
-                    self._h2d(m)
-                for src_m, rows, idx in L.fill_index:   # tokens sampled by earlier steps
-                    L.step.tokens.index_copy_(0, rows, self._sampled[src_m].index_select(0, idx))
-                logits = self.graphs.run(L.step) if self.graphs is not None else None
-                if logits is None:
-                    logits = self._eager(L.step)                     # [n_sample, V] or None
-            else:
-                for row, src_m, j in L.fills:
-                    self._resolve(L, row, int(self._sampled[src_m][j]))
-                logits = runner.execute(L.items)
-                logits = logits if len(L.sample_seqs) else None
+            self.engine.fill(L.step, [self._sampled[s_m] for s_m in L.fill_srcs])   # tokens of earlier steps
+            logits = self.engine.forward(L.step, graphs=self.graphs)             # [n_sample, V] or None
             L.sampled = (self._sample(logits, L.sample_seqs) if logits is not None
                          else torch.empty(0, dtype=torch.long, device=self.device))
         self._sampled[m] = L.sampled
         for k in [k for k in self._sampled if k < m - 4]:
             del self._sampled[k]
         return True
-
-    def _eager(self, step):
-        runner = self.engine.runner
-        if step.sample_rows is None:
-            runner._forward(step, want_logits=False)
-            return None
-        return runner._forward(step)
-
-    @staticmethod
-    def _resolve(L: _Launch, row: int, token: int) -> None:
-        for it in L.items:
-            if row < len(it.token_ids):
-                it.token_ids[row] = token
-                return
-            row -= len(it.token_ids)
 
     def _sample(self, logits, seqs) -> torch.Tensor:
         return self.engine.sample(logits, seqs)                        # [n_sample] on the device
@@ -474,7 +390,7 @@ class Executor:
                     continue
                 if tok is not None:
                     seq.token_ids[pos] = tok
-                    seq.extra.get("pending", {}).pop(pos, None)
+                    seq.state.pending.pop(pos, None)
                 if seq.num_preemptions == pre:
                     eng.commit(seq, it.start + it.num_tokens)
                 if tok is None:

@@ -16,7 +16,10 @@ block ids a sequence uses. Shape of the design (vLLM v1's block pool):
 - reference counts; a block whose count drops to 0 goes to the free queue but keeps its
   key, so a later request can still hit it. The free queue is in eviction order (front
   = least recently used; blocks without a key go to the front, they are worth nothing);
-  allocating pops the front and drops that block's key (LRU eviction).
+  allocating pops the front and drops that block's key (LRU eviction);
+- the tables are also rows of one preallocated array (`BlockTables`, as vLLM's BlockTable
+  and nano-vllm keep them), updated where blocks are appended or a sequence is freed, so a
+  step's tables are one fancy index (`rows`), not a list per sequence.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import hashlib
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
+
+import numpy as np
 
 BlockKey = bytes  # 16 bytes: blake2b(parent key + the block's token ids)
 ROOT_KEY = b""     # the parent of a sequence's first block
@@ -42,8 +47,49 @@ def num_blocks_for_budget(budget_bytes: int, block_bytes: int) -> int:
 
 @dataclass
 class _SeqBlocks:
+    row: int                                          # its row of BlockTables.array
     table: list[int] = field(default_factory=list)  # physical block ids, in position order
     keys: list[BlockKey] = field(default_factory=list)  # keys of the leading full blocks
+
+
+class BlockTables:
+    """Every sequence's block table as a row of one int64 array [rows, width] (grown by
+    doubling), and its length; rows are reused once their sequence is freed."""
+
+    def __init__(self, rows: int = 16, width: int = 16):
+        self.array = np.zeros((rows, width), np.int64)     # [rows, width] block ids
+        self.lens = np.zeros(rows, np.int64)               # [rows] blocks each row holds
+        self.free_rows = list(range(rows - 1, -1, -1))
+
+    def take_row(self) -> int:
+        if not self.free_rows:
+            old = self.array.shape[0]
+            self.array = np.concatenate([self.array, np.zeros_like(self.array)])
+            self.lens = np.concatenate([self.lens, np.zeros_like(self.lens)])
+            self.free_rows = list(range(2 * old - 1, old - 1, -1))
+        return self.free_rows.pop()
+
+    def give_row(self, row: int) -> None:
+        self.lens[row] = 0
+        self.free_rows.append(row)
+
+    def extend(self, row: int, blocks: list[int]) -> None:
+        """Append blocks to a row."""
+        n = int(self.lens[row])
+        end = n + len(blocks)
+        if end > self.array.shape[1]:
+            width = max(end, 2 * self.array.shape[1])
+            grown = np.zeros((self.array.shape[0], width), np.int64)
+            grown[:, :self.array.shape[1]] = self.array
+            self.array = grown
+        self.array[row, n:end] = blocks
+        self.lens[row] = end
+
+    def rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """([n, W] tables, [n] lengths) of `rows`, W = the longest of them."""
+        lens = self.lens[rows]                                  # [n]
+        width = int(lens.max()) if len(lens) else 0
+        return self.array[rows, :width], lens                   # [n, W]
 
 
 class BlockManager:
@@ -60,6 +106,7 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.cached: dict[BlockKey, int] = {}          # key -> block id
         self.seqs: dict[str, _SeqBlocks] = {}
+        self.tables = BlockTables()
         self.queried_tokens = 0                        # prompt tokens looked up
         self.hit_tokens = 0                            # of which served from the cache
         self.evictions = 0
@@ -93,6 +140,16 @@ class BlockManager:
 
     def table(self, seq_id: str) -> list[int]:
         return self.seqs[seq_id].table
+
+    def row(self, seq_id: str) -> int:
+        """The sequence's row of `tables.array` (while it holds blocks)."""
+        return self.seqs[seq_id].row
+
+    def _seq(self, seq_id: str) -> _SeqBlocks:
+        seq = self.seqs.get(seq_id)
+        if seq is None:
+            seq = self.seqs[seq_id] = _SeqBlocks(self.tables.take_row())
+        return seq
 
     # ---- prefix reuse ------------------------------------------------------------------
     def block_keys(self, token_ids: list[int], parent: BlockKey | None = None,
@@ -136,12 +193,13 @@ class BlockManager:
         """
         if seq_id in self.seqs and self.seqs[seq_id].table:
             raise ValueError(f"sequence {seq_id!r} already holds blocks")
-        seq = self.seqs.setdefault(seq_id, _SeqBlocks())
+        seq = self._seq(seq_id)
         hit = self.lookup(token_ids)
         for block in hit:
             self._acquire(block)
             seq.table.append(block)
             seq.keys.append(self.key[block])
+        self.tables.extend(seq.row, hit)
         if count:
             self.queried_tokens += len(token_ids)
             self.hit_tokens += len(hit) * self.block_size
@@ -167,12 +225,18 @@ class BlockManager:
     # ---- allocation --------------------------------------------------------------------
     def allocate(self, seq_id: str, num_tokens: int) -> bool:
         """Grow the sequence's table to cover positions [0, num_tokens). All or nothing."""
-        seq = self.seqs.setdefault(seq_id, _SeqBlocks())
-        need = self.blocks_for(num_tokens) - len(seq.table)
+        seq = self.seqs.get(seq_id)
+        if seq is None:
+            seq = self._seq(seq_id)
+        need = -(-num_tokens // self.block_size) - len(seq.table)
+        if need <= 0:                      # the common decode step: the last block has room
+            return True
         if need > len(self.free):
             return False
-        for _ in range(need):
-            seq.table.append(self._pop_free())
+        if need > 0:
+            new = [self._pop_free() for _ in range(need)]
+            seq.table.extend(new)
+            self.tables.extend(seq.row, new)
         return True
 
     def free_seq(self, seq_id: str) -> None:
@@ -180,6 +244,7 @@ class BlockManager:
         seq = self.seqs.pop(seq_id, None)
         if seq is None:
             return
+        self.tables.give_row(seq.row)
         # reversed: a sequence's tail blocks are evicted before its head (shared prefixes)
         for block in reversed(seq.table):
             self.ref[block] -= 1
@@ -211,6 +276,9 @@ class BlockManager:
             for block in seq.table:
                 counts[block] += 1
         assert counts == self.ref, "reference counts differ from the block tables"
+        for seq in self.seqs.values():
+            assert list(self.tables.array[seq.row, :self.tables.lens[seq.row]]) == seq.table, \
+                "the table array differs from a block table"
         assert all((self.ref[b] == 0) == (b in self.free) for b in range(self.num_blocks)), \
             "free queue differs from the blocks with no reference"
         assert all(self.key[b] == k for k, b in self.cached.items()), "cache map is stale"

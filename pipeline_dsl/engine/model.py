@@ -8,6 +8,8 @@ one engine step (see docs/architecture.md, "Model runner contract"):
 
     runner = ModelRunner(model, num_blocks, block_size, dtype, device)
     logits = runner.execute(items)      # [n_sample, vocab] float32, rows in item order
+    step = runner.prepare(batch)        # or in two phases (an executor that overlaps them):
+    logits = runner.run(step)           # batch.StepBatch: the step's arrays
 
 All linear layers run on the flat [T, hidden] tokens of every item (no padding). Single-
 token (decode) items attend in one batched SDPA over their gathered contexts [B, Lmax]
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
+from .batch import Step, StepBatch, Uploader, prepare_step
 from .compute import ContentionGuard
 from .native.step import NativeDecoder
 from .quant import Int4Blocks, Int4Linear, Q8Linear, make_linear
@@ -270,40 +273,12 @@ class LlamaModel:
         return self.logits(x)
 
 
-def _bucket(n: int, buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)) -> int:
-    for b in buckets:
-        if n <= b:
-            return b
-    return ((n + 127) // 128) * 128
-
-
-@dataclass
-class _Step:
-    """Index tensors of one execute call, built once and shared by every layer."""
-    tokens: torch.Tensor          # [T]
-    slots: torch.Tensor           # [T] where each token's K/V is written
-    cos: torch.Tensor             # [T, 1, hd]
-    sin: torch.Tensor
-    sample_rows: torch.Tensor | None   # [n_sample] rows of T whose logits are wanted
-    all_decode: bool
-    dec_rows: torch.Tensor | None      # [B] rows of the decode tokens (None: all rows, in order)
-    dec_gather: torch.Tensor | None    # [B*nblk] block ids of each decode sequence's context
-    dec_mask: torch.Tensor | None      # [B, 1, 1, Lmax] additive: 0 where real, -inf beyond
-    prefills: list                     # (row0, n, gather [L] | None, mask [g*n, L] | None)
-    dec_len: int | None = None         # one decode sequence alone (CPU): its context, no mask
-    dec_first: int | None = None       # ... and its first slot, when its blocks are consecutive (no gather)
-    positions: torch.Tensor | None = None   # [T]
-    dec_tables: torch.Tensor | None = None  # [B, nblk] block ids (native attention reads them in place)
-    dec_lens: torch.Tensor | None = None    # [B] context length of each decode sequence
-    native: bool = False               # the whole step runs as one native call
-
-
 class ModelRunner:
     """Runs steps of the engine on a LlamaModel over a paged KV pool."""
 
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int,
                  dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
-                 *, pad_decode: bool = False, compile: bool = False):
+                 *, pad_decode: bool = False, compile: bool = False, batch_invariant: bool = False):
         c = model.config
         self.model = model
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -326,96 +301,58 @@ class ModelRunner:
             if self.device.type == "cpu" else None
         # CPU: a step that another process slowed down sends the next ones to one thread
         self.guard = ContentionGuard() if self.device.type == "cpu" else None
+        self.upload = Uploader(self.device)   # host index arrays -> device (pinned, one copy, on CUDA)
+        # batch-invariant mode (invariant.py): fixed-tile GEMMs, one attention path, no native kernels
+        self.batch_invariant = batch_invariant
+        if batch_invariant:
+            from .invariant import make_invariant
+
+            make_invariant(model)
+            self.native, self.pad_decode = None, False
+        self.graphs = None                    # cuda_graphs.DecodeGraphs once captured (capture_graphs)
+
+    def capture_graphs(self, max_batch: int, max_len: int, graph_factory=None) -> dict:
+        """Capture the padded all-decode step as CUDA graphs for every batch and context bucket the
+        scheduler can produce (at load, so no capture lands inside a request); steps that fit
+        no graph run eagerly. Returns {"graphs": n, "capture_s": seconds}. CUDA only unless a
+        graph_factory is given (tests run the same bookkeeping with an eager stand-in)."""
+        from .cuda_graphs import DecodeGraphs   # CUDA-only code: imported only here
+
+        self.pad_decode = True                  # static shapes: the decode batch padded to a bucket
+        self.graphs = DecodeGraphs(self, graph_factory)
+        return self.graphs.capture_all(max_batch, max_len)
+
+    @torch.inference_mode()
+    def warm_up(self) -> float:
+        """Run two prefill-shaped steps that write only the scratch slot, so that lazy work
+        (torch.compile of the pieces, cuBLAS handles, allocator growth) happens at load and
+        not inside the first request's TTFT. Returns the seconds it took."""
+        import time
+
+        t0 = time.perf_counter()
+        for n in (8, 13):
+            pos = torch.arange(n, device=self.device)
+            cos, sin = self.model.rope_tables(pos)
+            step = Step(tokens=torch.zeros(n, dtype=torch.long, device=self.device),
+                        slots=torch.full((n,), self.num_slots, dtype=torch.long, device=self.device),
+                        cos=cos, sin=sin, sample_rows=torch.tensor([n - 1], device=self.device),
+                        all_decode=False, dec_rows=None, dec_gather=None, dec_mask=None,
+                        prefills=[(0, n, None, None)], positions=pos)
+            self.run(step, graphs=False)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
 
     native_max_batch = 8   # measured: above this the batched GEMMs of the eager path win
 
     def kv_bytes(self) -> int:
         return 2 * self._k_pool.numel() * self._k_pool.element_size()
 
-    # -- step preparation (host side, once per execute) ---------------------------------
-    def _prepare(self, items, pad_to: int | None = None) -> _Step:
-        c, bs, dev = self.model.config, self.block_size, self.device
-        tokens, positions, slots, sample_rows = [], [], [], []
-        dec_rows, dec_tables, dec_lens, prefills = [], [], [], []
-        row = 0
-        for it in items:
-            n, start, table = len(it.token_ids), it.start_pos, it.block_table
-            if n == 0:
-                raise ValueError("a batch item has no tokens")
-            if (start + n + bs - 1) // bs > len(table):
-                raise ValueError(f"block table of {len(table)} blocks cannot hold {start + n} tokens")
-            if start + n > c.max_position:
-                raise ValueError(f"position {start + n} exceeds the model's context {c.max_position}")
-            tokens.extend(it.token_ids)
-            positions.extend(range(start, start + n))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            if n == 1:
-                dec_rows.append(row)
-                dec_tables.append(table)
-                dec_lens.append(start + 1)
-            else:
-                prefills.append((row, n, start, table))
-            if it.sample:
-                sample_rows.append(row + n - 1)
-            row += n
-        all_decode = not prefills
-        use_native = self.native is not None and all_decode and len(dec_rows) <= self.native_max_batch
-        pad = 0
-        padded = all_decode and (self.pad_decode or pad_to is not None) and self.native is None
-        if padded:
-            pad = max(0, (pad_to or _bucket(len(dec_rows))) - len(dec_rows))
-            scratch = self.num_slots
-            tokens.extend([0] * pad)
-            positions.extend([0] * pad)
-            slots.extend([scratch] * pad)
-            dec_rows.extend(range(row, row + pad))
-        as_long = lambda v: torch.tensor(v, dtype=torch.long).to(dev, non_blocking=True)  # noqa: E731
-        pos_t = as_long(positions)
-        cos, sin = (None, None) if use_native else self.model.rope_tables(pos_t)  # the native step has its own
-        step = _Step(tokens=as_long(tokens), slots=as_long(slots), cos=cos, sin=sin,
-                     sample_rows=as_long(sample_rows) if sample_rows else None,
-                     all_decode=all_decode, dec_rows=None, dec_gather=None, dec_mask=None, prefills=[],
-                     positions=pos_t, native=use_native)
-        if dec_rows and self.native is not None:   # tables read in place: no gather, no mask
-            nblk = (max(dec_lens) + bs - 1) // bs
-            step.dec_tables = torch.tensor([list(t[:nblk]) + [0] * (nblk - len(t[:nblk])) for t in dec_tables],
-                                           dtype=torch.long)                  # [B, nblk]
-            step.dec_lens = torch.tensor(dec_lens, dtype=torch.long)          # [B]
-            if not all_decode:
-                step.dec_rows = as_long(dec_rows)
-        elif dec_rows:
-            nblk = (max(dec_lens) + bs - 1) // bs
-            if padded:  # static shapes: few distinct context lengths too
-                nblk = _bucket(nblk, (1, 2, 4, 8, 12, 16, 24, 32, 48, 64))
-            lmax = nblk * bs
-            rows = [list(t[:nblk]) + [0] * (nblk - len(t)) for t in dec_tables] + [[0] * nblk] * pad
-            tab = torch.tensor(rows, dtype=torch.long)                         # [B, nblk]; padding: block 0
-            lens = torch.tensor(dec_lens + [1] * pad, dtype=torch.long)        # [B]
-            step.dec_gather = tab.view(-1).to(dev, non_blocking=True)          # [B*nblk] block ids
-            if len(dec_lens) == 1 and not padded and dev.type == "cpu":
-                step.dec_len = dec_lens[0]     # attends to exactly its context: no mask to build or apply
-                t = dec_tables[0][:nblk]
-                if t == list(range(t[0], t[0] + nblk)):
-                    step.dec_first = t[0] * bs  # one slice of the pool: no gather either
-            else:
-                keep = torch.arange(lmax)[None, :] < lens[:, None]             # [B, Lmax]
-                mask = torch.zeros(keep.shape, dtype=self.model.dtype).masked_fill_(~keep, float("-inf"))
-                step.dec_mask = mask[:, None, None, :].to(dev, non_blocking=True)  # [B, 1, 1, Lmax] additive
-            if not all_decode:
-                step.dec_rows = as_long(dec_rows)
-        g = c.group
-        for row0, n, start, table in prefills:
-            L = start + n
-            if start == 0:
-                step.prefills.append((row0, n, None, None))  # attends only to itself: causal
-                continue
-            p = torch.arange(L)
-            tab = torch.tensor(table, dtype=torch.long)
-            gather = tab[p // bs] * bs + p % bs                                # [L]
-            i = torch.arange(n)
-            mask = p[None, :] <= (start + i)[:, None]                          # [n, L]
-            step.prefills.append((row0, n, gather.to(dev), mask.repeat(g, 1).to(dev)))  # [g*n, L]
-        return step
+    # -- step preparation (host side, once per step) -------------------------------------
+    def prepare(self, batch: StepBatch) -> Step:
+        """The step's index tensors (positions, slots, sample rows, tables), vectorised over the
+        batch and on CUDA uploaded in one non-blocking copy (batch.prepare_step)."""
+        return prepare_step(self, batch)
 
     # -- the forward pass ----------------------------------------------------------------
     @torch.inference_mode()
@@ -425,19 +362,28 @@ class ModelRunner:
         write to a scratch slot and produce no logits."""
         if not items:
             return torch.empty(0, self.model.config.vocab_size)
-        step = self._prepare(items, pad_to)
+        step = self.prepare(StepBatch.from_items(items, pad_to))
         if step.sample_rows is None:
-            self._forward(step, want_logits=False)
+            self.run(step, want_logits=False)
             return torch.empty(0, self.model.config.vocab_size, device=self.device)
-        return self._forward(step)
+        return self.run(step)
 
-    def _forward(self, step: _Step, want_logits: bool = True) -> torch.Tensor | None:
+    def run(self, step: Step, want_logits: bool = True, graphs: bool = True) -> torch.Tensor | None:
+        """The forward of a prepared step: logits [n_sample, V] float32 (None: want_logits=False
+        or no row sampled). Rows still in flight (step.fills) must have been filled in step.tokens
+        first. `graphs`: replay a captured CUDA graph where one fits (capture_graphs)."""
+        if step.sample_rows is None:
+            want_logits = False
+        if graphs and self.graphs is not None:
+            x = self.graphs.replay(step)                        # [B, H] hidden states, or None: no graph fits
+            if x is not None:
+                return self.model.logits(x.index_select(0, step.sample_rows)) if want_logits else None
         if self.guard is None:
             return self._forward_step(step, want_logits)
         key = (step.all_decode, step.tokens.shape[0])
         return self.guard.run(key, self._forward_step, step, want_logits)
 
-    def _forward_step(self, step: _Step, want_logits: bool) -> torch.Tensor | None:
+    def _forward_step(self, step: Step, want_logits: bool) -> torch.Tensor | None:
         m, c = self.model, self.model.config
         if step.native:
             logits = self.native.decode(step.tokens, step.positions, step.slots, step.dec_tables,
@@ -445,6 +391,15 @@ class ModelRunner:
             return logits if want_logits else None
         if step.all_decode and step.dec_tables is not None:
             return self._forward_glued(step, want_logits)
+        x = self.hidden(step)                                   # [T, H]
+        if not want_logits:
+            return None
+        return m.logits(x.index_select(0, step.sample_rows))   # [n_sample, V]
+
+    def hidden(self, step: Step) -> torch.Tensor:
+        """The eager layers over a step (K/V written to the pool): final hidden states [T, H],
+        before the last norm. Static in shape for a padded decode step: what a graph captures."""
+        m = self.model
         x = F.embedding(step.tokens, m.embed)                   # [T, H]
         for li, layer in enumerate(m.layers):
             q, k, v = m.qkv(layer, x, step.cos, step.sin)       # [T, nh, hd], [T, kv, hd] x2
@@ -454,11 +409,9 @@ class ModelRunner:
             a = self._attention(step, q, k, v, kc, vc, li)      # [T, nh*hd]
             x = x + layer.o(a)
             x = x + m.mlp(layer, x)
-        if not want_logits:
-            return None
-        return m.logits(x.index_select(0, step.sample_rows))   # [n_sample, V]
+        return x
 
-    def _forward_glued(self, step: _Step, want_logits: bool) -> torch.Tensor | None:
+    def _forward_glued(self, step: Step, want_logits: bool) -> torch.Tensor | None:
         """A large all-decode batch: the GEMMs on oneDNN/int4 as eager, everything between
         them one native call each (add+RMSNorm, RoPE+KV write+paged attention, SwiGLU)."""
         m, nat = self.model, self.native
@@ -478,10 +431,14 @@ class ModelRunner:
             else m.lm_head
         return head(h).float()                                  # [n_sample, V]
 
-    def _attention(self, step: _Step, q, k, v, kc, vc, li: int = 0) -> torch.Tensor:
+    def _attention(self, step: Step, q, k, v, kc, vc, li: int = 0) -> torch.Tensor:
         c = self.model.config
         nkv, g, hd = c.num_kv_heads, c.group, c.head_dim
         T = q.shape[0]
+        if step.invariant is not None:
+            from .invariant import attention
+            key_slots, item_of = step.invariant
+            return attention(q, kc, vc, key_slots, item_of, step.positions, g)   # [T, nh*hd]
         if step.all_decode:
             if step.dec_tables is not None:                     # native: the blocks read in place
                 return self.native.attention(li, q, step.dec_tables, step.dec_lens)  # [B, nh*hd]
@@ -497,7 +454,7 @@ class ModelRunner:
                                            step.dec_first)
             out.index_copy_(0, step.dec_rows, a)
         for row0, n, gather, mask in step.prefills:
-            if gather is None:      # no cached prefix: the chunk's own keys, causal
+            if gather is None:      # (warm-up only) the chunk's own keys, causal
                 qs4 = q[row0:row0 + n].transpose(0, 1)                     # [nh, n, hd]
                 ks = k[row0:row0 + n].transpose(0, 1).repeat_interleave(g, dim=0)  # [nh, n, hd]
                 vs = v[row0:row0 + n].transpose(0, 1).repeat_interleave(g, dim=0)

@@ -19,7 +19,7 @@ and after the draw: the penalised rows' counts, penalty and seen entries at thei
 (index_put of r elements), each matcher advanced by its token, the logprob rows kept for
 the host.
 
-State. Per sequence in `seq.extra` (set by `start` at add_request on the host): `plain`,
+State. Per sequence in `seq.state` (state.DecodeState) (set by `start` at add_request on the host): `plain`,
 the number of tokens sampled so far, the grammar matcher, a FIFO of logprob entries. The
 rows of the `[slots, V]` tensors (bias, additive penalty, output counts, seen = prompt or
 output token) are taken and given back only on the sampling thread: a finished sequence is put
@@ -59,7 +59,7 @@ def draw(sampler, logits: torch.Tensor, seqs) -> torch.Tensor:
     if all(s.params.greedy for s in seqs):
         return logits.argmax(dim=-1)                                   # [n], no host sync
     src = logits.float().cpu() if logits.device.type != "cpu" else logits
-    toks = sampler.sample(src, [s.params for s in seqs], [s.extra.get("generator") for s in seqs])
+    toks = sampler.sample(src, [s.params for s in seqs], [s.state.generator for s in seqs])
     return torch.tensor(toks, dtype=torch.long).to(logits.device)
 
 
@@ -97,28 +97,28 @@ class Features:
 
     # ---- host: a sequence in and out ------------------------------------------------------
     def start(self, seq) -> None:
-        p, st = seq.params, seq.extra
-        st["plain"] = p.plain
+        p, st = seq.params, seq.state
+        st.plain = p.plain
         if p.plain:
             return
-        st["sampled"] = 0                 # tokens sampled so far (this step's min_tokens progress)
-        st["matcher"] = p.constraint.matcher() if p.constraint is not None else None
-        st["slotted"] = bool(p.logit_bias or p.presence_penalty or p.frequency_penalty
-                             or p.repetition_penalty != 1.0)
+        st.sampled = 0                    # tokens sampled so far (this step's min_tokens progress)
+        st.matcher = p.constraint.matcher() if p.constraint is not None else None
+        st.slotted = bool(p.logit_bias or p.presence_penalty or p.frequency_penalty
+                          or p.repetition_penalty != 1.0)
         if p.min_tokens:
             banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos))
-            st["banned"] = sorted(t for t in banned if t < self.vocab or not self.vocab)
+            st.banned = tuple(sorted(t for t in banned if t < self.vocab or not self.vocab))
         if p.logprobs is not None:
-            st["lp"] = deque()
+            st.lp = deque()
 
     def release(self, seq) -> None:
-        if not seq.extra.get("plain", True):
+        if not seq.state.plain:
             self.released.append(seq)
 
     @staticmethod
     def logprobs_of(seq, token: int) -> list | None:
         """The next logprob entry of `seq` (host, in acceptance order), as RequestOutput.logprobs."""
-        q = seq.extra.get("lp")
+        q = seq.state.lp
         if not q:
             return None
         step, row, k = q.popleft()
@@ -129,7 +129,7 @@ class Features:
         """One step's tokens: [n, V] logits (changed in place) -> [n] long on their device."""
         if self.released:                 # before the liveness checks: a slot is freed only once
             self._drain()                 # its sequence can no longer be seen live
-        rows = [i for i, s in enumerate(seqs) if not s.extra.get("plain", True) and is_live(s)]
+        rows = [i for i, s in enumerate(seqs) if not s.state.plain and is_live(s)]
         if not rows:
             return draw(sampler, logits, seqs)
         self.steps += 1
@@ -139,13 +139,13 @@ class Features:
             lp_idx = _to(lp_rows, dev)
             lsm = torch.index_select(logits, 0, lp_idx, out=self._buf("raw", len(lp_rows), logits)
                                      ).log_softmax(dim=-1)                      # [r, V]
-        slotted = [i for i in rows if seqs[i].extra["slotted"]]
+        slotted = [i for i in rows if seqs[i].state.slotted]
         if slotted:
             pen = self._penalise(logits, [seqs[i] for i in slotted], slotted)
         self._min_tokens(logits, seqs, rows)
         matchers = [None] * len(seqs)
         for i in rows:
-            matchers[i] = seqs[i].extra["matcher"]
+            matchers[i] = seqs[i].state.matcher
         constrained = [i for i in rows if matchers[i] is not None]
         if constrained:
             constrain.apply_masks(logits, matchers)
@@ -154,13 +154,13 @@ class Features:
             self._count(tokens, *pen)
         host = tokens.tolist() if constrained else None                         # llguidance is on the CPU
         for i in rows:
-            st = seqs[i].extra
-            n = st["sampled"]
-            st["sampled"] = n + 1
-            m = st["matcher"]
-            if m is not None and not m.accept(host[i]) and "error_at" not in st:
-                st["error_at"] = n        # output index of the refused token (accept_token ends it)
-                st["error"] = m.error or f"the grammar refused token {host[i]}"
+            st = seqs[i].state
+            n = st.sampled
+            st.sampled = n + 1
+            m = st.matcher
+            if m is not None and not m.accept(host[i]) and st.error_at is None:
+                st.error_at = n           # output index of the refused token (accept_token ends it)
+                st.error = m.error or f"the grammar refused token {host[i]}"
         if lp_rows:
             chosen = tokens.index_select(0, lp_idx)                             # [r]
             token_lp = lsm.gather(1, chosen[:, None]).squeeze(1)                # [r]
@@ -171,7 +171,7 @@ class Features:
                 top_lp, top_ids = lsm[:, :0], chosen[:, None][:, :0]            # [r, 0]
             step = StepLogprobs(token_lp, top_lp, top_ids)
             for j, i in enumerate(lp_rows):
-                seqs[i].extra["lp"].append((step, j, seqs[i].params.logprobs))
+                seqs[i].state.lp.append((step, j, seqs[i].params.logprobs))
         return tokens
 
     def _penalise(self, logits, seqs, rows):
@@ -217,11 +217,11 @@ class Features:
         that is complete allows only EOS: then EOS stays allowed (the grammar wins)."""
         r_idx, t_idx = [], []
         for i in rows:
-            st = seqs[i].extra
-            banned = st.get("banned")
-            if not banned or st["sampled"] >= seqs[i].params.min_tokens:
+            st = seqs[i].state
+            banned = st.banned
+            if not banned or st.sampled >= seqs[i].params.min_tokens:
                 continue
-            m = st["matcher"]
+            m = st.matcher
             if m is not None and m.is_finished():
                 continue
             r_idx += [i] * len(banned)
@@ -240,13 +240,13 @@ class Features:
 
     def _slot(self, seq, dev, width: int) -> int:
         """The sequence's row of the penalty/bias tensors, filled on first use."""
-        st = seq.extra
-        s = st.get("slot")
+        st = seq.state
+        s = st.slot
         if s is not None:
             return s
         if not self.free:
             self._grow(dev, width)
-        s = st["slot"] = self.free.pop()
+        s = st.slot = self.free.pop()
         for t in (self.bias, self.pen, self.counts, self.seen):
             t[s].zero_()
         self.seen[s].index_fill_(0, _to(seq.token_ids[:seq.num_prompt], dev), True)
@@ -280,6 +280,7 @@ class Features:
 
     def _drain(self) -> None:
         while self.released:
-            s = self.released.popleft().extra.pop("slot", None)
+            st = self.released.popleft().state
+            s, st.slot = st.slot, None
             if s is not None:
                 self.free.append(s)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from .config import EngineConfig, SamplingParams
 from .kv_cache import BlockManager
+from .state import DecodeState
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
@@ -48,7 +49,7 @@ class Sequence:
     num_preemptions: int = 0
     scheduled: float | None = None        # when it was first admitted to run (queue time ends)
     finish_reason: str | None = None
-    extra: dict = field(default_factory=dict)  # the engine's per-request state
+    state: DecodeState = field(default_factory=DecodeState)  # the engine's per-request decode state
 
     @property
     def output_ids(self) -> list[int]:
@@ -104,6 +105,7 @@ class Scheduler:
         self.num_preemptions = 0
         # admission keeps a few blocks spare so running sequences can grow without preemption
         self.watermark = max(1, blocks.num_blocks // 100)
+        self._prompt_keys_of: dict[Sequence, list] = {}   # the prompt's block keys, per running sequence
 
     # ---- queue -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -123,6 +125,7 @@ class Scheduler:
             except ValueError:
                 pass
         seq.status, seq.finish_reason = FINISHED, reason
+        self._prompt_keys_of.pop(seq, None)
         self.blocks.free_seq(seq.request_id)
 
     def done_pending(self, seq: Sequence) -> bool:
@@ -235,10 +238,10 @@ class Scheduler:
 
     def _prompt_keys(self, seq: Sequence) -> list:
         """Keys of the prompt's full blocks before its last token (computed once per sequence)."""
-        keys = seq.extra.get("_prompt_keys")
+        keys = self._prompt_keys_of.get(seq)
         if keys is None:
             usable = (seq.num_prompt - 1) // self.blocks.block_size * self.blocks.block_size
-            keys = seq.extra["_prompt_keys"] = self.blocks.block_keys(seq.token_ids[:usable])
+            keys = self._prompt_keys_of[seq] = self.blocks.block_keys(seq.token_ids[:usable])
         return keys
 
     def _preempt(self, seq: Sequence) -> None:

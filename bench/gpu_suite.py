@@ -1,0 +1,301 @@
+"""Every figure of the GPU engine in one offline run: one table, ratios within the run.
+
+    python bench/gpu_suite.py --make-tokenizer bench/tok      # once, on a machine with the embedded GGUF
+    python bench/gpu_suite.py --tokenizer bench/tok           # on the GPU machine (~8 min on an H200)
+    python bench/gpu_suite.py --smoke                         # CPU, tiny shapes, about a minute (a test runs it)
+
+Inputs stay small: random-weight models of the real shapes (SmolLM2-135M, Llama-3.2-1B)
+are built on the device as Hugging Face folders next to the real tokenizer (weights do
+not change throughput with greedy decoding and ignore_eos; ../docs/gpu.md). Rows:
+engine alone vs transformers `generate` on both shapes (256 prompts of 24-64 random tokens
+x 128 new tokens), the batch sweep (1 / 16 / 64 / 256), one request alone, the plan's
+streams overlapped vs not (graphs on both), `agp run` balanced and performance (256 chat
+requests), `agp serve` under 256 and 512 concurrent streams. A row that fails says why
+and the suite goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True),
+}
+
+
+class Ids:
+    """Token ids as text: the engine-alone rows measure the engine, not a tokenizer."""
+    eos_token_ids = frozenset()
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+    def encode(self, text, add_special_tokens=True):
+        return [int(t) for t in text.split()]
+
+
+def make_tokenizer(out: Path) -> None:
+    """The embedded model's tokenizer (and chat template) as a small HF folder (~3.5 MB)."""
+    from transformers import AutoTokenizer
+
+    from pipeline_dsl.engine.models import resolve_model
+
+    gguf = resolve_model(None).path
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok.save_pretrained(str(out))
+
+
+def make_model(shape: str, tokenizer: Path, out: Path, device: str) -> Path:
+    """A random-weight Llama folder of the shape, the tokenizer files beside it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+                      bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(str(out), safe_serialization=True)
+    for f in tokenizer.iterdir():
+        if f.is_file() and f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 49000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def engine_alone(folder: Path, device: str, ps, new: int, *, overlap=None, graphs=None, batch=256) -> dict:
+    from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
+    from pipeline_dsl.engine.engine import load_runner
+    from pipeline_dsl.engine.executor import Executor
+
+    cfg = EngineConfig(model=str(folder), device=device, dtype="bf16", max_batch_size=batch,
+                       max_tokens_per_step=4096, prefill_chunk=512, kv_budget_bytes=4 << 30, batch_timeout_s=0.0)
+    runner, _, info = load_runner(cfg)
+    eng = Engine(cfg, runner=runner, tokenizer=Ids())
+    ex = Executor(eng, overlap=overlap, cuda_graphs=graphs)
+    sp = SamplingParams(max_tokens=new, ignore_eos=True)
+    ex.submit("warm", prompt_token_ids=ps[0][:8], params=SamplingParams(max_tokens=4, ignore_eos=True))
+    ex.run()                                                   # first step's lazy work, outside the timing
+    for i, p in enumerate(ps):
+        ex.submit(str(i), prompt_token_ids=p, params=sp)
+    t0 = time.perf_counter()
+    stats = ex.run()
+    wall = time.perf_counter() - t0
+    out = {"tok_s": len(ps) * new / wall, "wall_s": wall, "load_s": info.get("load_s"),
+           "graphs": info.get("cuda_graphs"), "capture_s": info.get("graph_capture_s"),
+           "overlap": stats["overlap"], "measured_overlap": stats["measured_overlap"]}
+    del eng, runner
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return out
+
+
+def transformers_generate(folder: Path, device: str, ps, new: int) -> dict:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(folder), torch_dtype=torch.bfloat16,
+                                             attn_implementation="sdpa").to(device).eval()
+    width = max(len(p) for p in ps)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in ps], device=device)          # [B, W] left padded
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device=device)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, **kw)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    del model
+    return {"tok_s": len(ps) * new / wall, "wall_s": wall}
+
+
+def write_pipeline(folder: Path, mode: str, device: str, tmp: Path, batch: int) -> Path:
+    path = tmp / f"{mode}.agp"
+    path.write_text(f"""pipeline chat {{
+    model = "{folder}"
+    mode = {mode}
+    device = {device}
+    stage request : requests {{}}
+    stage batch : dynamic_batch {{ max_batch_size = {batch} timeout = 1ms }}
+    stage encode : encode {{}}
+    stage kv : kv_lookup {{ reuse = prefix }}
+    stage gen : generate {{ max_new_tokens = 128 temperature = 0 }}
+    stage out : respond {{}}
+    request -> batch
+    batch -> encode when full
+    batch -> encode when timeout
+    encode -> kv -> gen -> out
+}}
+""")
+    return path
+
+
+def chat_requests(n: int, new: int) -> list[dict]:
+    rng = random.Random(1)
+    words = "the a sea sky city river model engine token answer question light stone".split()
+    return [{"id": f"r{i}", "messages": [{"role": "user", "content": " ".join(rng.choice(words) for _ in
+                                                                              range(rng.randint(10, 40)))}],
+             "max_tokens": new, "ignore_eos": True} for i in range(n)]
+
+
+def agp_run(pipeline: Path, reqs: list[dict], tmp: Path) -> dict:
+    inp, out, st = tmp / "req.jsonl", tmp / "out.jsonl", tmp / "stats.json"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in reqs))
+    cmd = [sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "-i", str(inp), "-o", str(out),
+           "--stats", str(st), "--no-progress", "--overwrite"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
+    s = json.loads(st.read_text())
+    return {"tok_s": s["output_tokens_per_s"], "ttft_p50_ms": s["ttft_p50_ms"]}
+
+
+async def _streams(port: int, n: int, new: int) -> dict:
+    import httpx
+
+    reqs = chat_requests(n, new)
+    ttft, tokens = [], [0]
+
+    async def one(client, r):
+        t0 = time.perf_counter()
+        first = None
+        body = {"model": "chat", "messages": r["messages"], "max_tokens": new, "ignore_eos": True, "stream": True}
+        async with client.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as resp:
+            resp.raise_for_status()
+            async for line in resp.aiter_lines():
+                if line.startswith("data: {"):
+                    delta = json.loads(line[6:])["choices"][0].get("delta", {})
+                    if delta.get("content"):
+                        first = first or time.perf_counter()
+                        tokens[0] += 1
+        ttft.append((first or time.perf_counter()) - t0)
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=n + 8)) as client:
+        done = await asyncio.gather(*(one(client, r) for r in reqs), return_exceptions=True)
+    wall = time.perf_counter() - t0
+    failed = [d for d in done if isinstance(d, BaseException)]
+    return {"streams": n, "answered": n - len(failed), "stream_tok_s": tokens[0] / wall,
+            "ttft_p50_ms": 1e3 * statistics.median(ttft) if ttft else None}
+
+
+def agp_serve(pipeline: Path, counts, new: int) -> list[dict]:
+    from serve_load import Server                    # bench/serve_load.py (this script's folder)
+
+    srv = Server(str(pipeline))
+    try:
+        return [asyncio.run(_streams(srv.port, n, new)) for n in counts]
+    finally:
+        srv.terminate()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokenizer", type=Path, help="folder from --make-tokenizer (the real tokenizer)")
+    ap.add_argument("--make-tokenizer", type=Path, help="write the embedded model's tokenizer folder here and stop")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, a few requests: checks the suite runs")
+    ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = ap.parse_args(argv)
+    if args.make_tokenizer:
+        make_tokenizer(args.make_tokenizer)
+        print(f"wrote {args.make_tokenizer}")
+        return 0
+    smoke = args.smoke
+    device = "cpu" if smoke else "cuda"
+    if not smoke and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --smoke on a CPU")
+    n, new, lo, hi = (8, 8, 6, 12) if smoke else (256, 128, 24, 64)
+    sweep = (1, 4) if smoke else (1, 16, 64, 256)
+    streams = (4, 8) if smoke else (256, 512)
+    shapes = ("tiny",) if smoke else ("smollm2-135m", "llama-3.2-1b")
+    rows: list[tuple[str, str]] = []
+    results: dict = {}
+    t_start = time.perf_counter()
+
+    def row(name, fn, fmt):
+        try:
+            r = fn()
+            results[name] = r
+            rows.append((name, fmt(r)))
+        except Exception as e:  # noqa: BLE001 - one row's failure is reported, the suite goes on
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+            rows.append((name, f"failed: {type(e).__name__}: {str(e)[:120]}"))
+        print(f"{name:48s} {rows[-1][1]}", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        tok = args.tokenizer
+        if tok is None:
+            tok = tmp / "tok"
+            make_tokenizer(tok)
+        ps = prompts(n, lo, hi)
+        folders = {s: make_model(s, tok, tmp / s, device) for s in shapes}
+        for s in shapes:
+            row(f"engine alone, {s}, {n} x {new}", lambda: engine_alone(folders[s], device, ps, new),
+                lambda r: f"{r['tok_s']:,.0f} tok/s (graphs {r['graphs']}, capture {r['capture_s'] or 0:.1f} s)")
+            row(f"transformers generate, {s}", lambda: transformers_generate(folders[s], device, ps, new),
+                lambda r: f"{r['tok_s']:,.0f} tok/s")
+            a, b = results[f"engine alone, {s}, {n} x {new}"], results[f"transformers generate, {s}"]
+            if "tok_s" in a and "tok_s" in b:
+                rows.append((f"  ratio engine / transformers, {s}", f"{a['tok_s'] / b['tok_s']:.2f}x"))
+        small = folders[shapes[0]]
+        for b in sweep:
+            row(f"batch sweep {b}", lambda: engine_alone(small, device, ps[:b] if b <= n else prompts(b, lo, hi), new,
+                                                        batch=max(b, 1)),
+                lambda r: f"{r['tok_s']:,.0f} tok/s")
+        row("streams overlapped (graphs on)", lambda: engine_alone(small, device, ps, new, overlap=True),
+            lambda r: f"{r['tok_s']:,.0f} tok/s (measured overlap {r['measured_overlap']})")
+        row("streams serial (graphs on)", lambda: engine_alone(small, device, ps, new, overlap=False),
+            lambda r: f"{r['tok_s']:,.0f} tok/s")
+        on, off = results["streams overlapped (graphs on)"], results["streams serial (graphs on)"]
+        if "tok_s" in on and "tok_s" in off:
+            rows.append(("  ratio overlap on / off", f"{on['tok_s'] / off['tok_s']:.2f}x"))
+        reqs = chat_requests(n, new)
+        for mode in ("balanced", "performance"):
+            pl = write_pipeline(small, mode, device, tmp, max(n, 8))
+            row(f"agp run {mode}, {n} chat requests", lambda: agp_run(pl, reqs, tmp),
+                lambda r: f"{r['tok_s']:,.0f} tok/s, TTFT p50 {r['ttft_p50_ms']} ms")
+        base = results[f"engine alone, {shapes[0]}, {n} x {new}"]
+        run_b = results["agp run balanced, %d chat requests" % n]
+        if "tok_s" in base and "tok_s" in run_b:
+            rows.append(("  agp run balanced / engine alone", f"{run_b['tok_s'] / base['tok_s']:.2f}"))
+        pl = write_pipeline(small, "performance", device, tmp, max(streams))
+        row(f"agp serve {streams[0]} / {streams[1]} streams x {min(new, 64)}",
+            lambda: agp_serve(pl, streams, min(new, 64)),
+            lambda r: "; ".join(f"{x['answered']}/{x['streams']} answered, {x['stream_tok_s']:,.0f} tok/s, "
+                                f"TTFT p50 {x['ttft_p50_ms']:.0f} ms" for x in r))
+    wall = time.perf_counter() - t_start
+    dev = "cpu (smoke)" if smoke else torch.cuda.get_device_name()
+    print(f"\n| figure ({dev}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, {wall:.0f} s) | value |")
+    print("|---|---|")
+    for name, value in rows:
+        print(f"| {name.strip()} | {value} |")
+    if args.json:
+        args.json.write_text(json.dumps({"device": dev, "wall_s": wall, "rows": results}, indent=1, default=str))
+    return 1 if any("error" in v for v in results.values() if isinstance(v, dict)) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

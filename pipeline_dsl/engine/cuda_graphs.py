@@ -1,0 +1,122 @@
+"""CUDA graphs of the padded all-decode step, captured at load for every bucket.
+
+    stats = runner.capture_graphs(max_batch=256, max_len=8192)   # at load (load_runner)
+    x = runner.graphs.replay(step)                               # [B, H] hidden states, or None
+
+A decode step padded to a batch bucket (the scheduler's `pad_to`: powers of two up to
+max_batch_size) with its context padded to a block bucket (batch.CONTEXT_BUCKETS) has
+static shapes, so one graph per (batch, context blocks) pair replays it: a replay copies
+the step's index tensors into the graph's static ones and launches ~300 kernels as one.
+The graph ends at the final hidden states; the lm_head and sampling run after it, so the
+graphs' outputs are small ([B, H]) and share one memory pool. Pairs whose gathered
+context could not exist in the KV pool (batch x context > 2 x the pool's blocks) are not
+captured; their steps, mixed prefill + decode steps and the native CPU steps run eagerly.
+
+Capture writes only the runner's scratch KV slot (every padding row's slot) and reads block
+0, so it leaves the cache as it was. This module is imported only by capture_graphs: a
+machine without CUDA never loads it.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .batch import CONTEXT_BUCKETS, bucket_of
+
+STATIC = ("tokens", "slots", "cos", "sin", "dec_gather", "dec_mask")   # what a replay copies in
+
+
+class CudaGraphFactory:
+    """torch.cuda graphs captured in one shared pool."""
+
+    def __init__(self, device):
+        self.device = device
+        self.pool = None
+
+    def capture(self, fn):
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):                     # warm-up: lazy inits, cuBLAS workspaces
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = fn()
+        self.pool = graph.pool()
+        return graph.replay, out
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """The padded decode batch sizes the scheduler produces (scheduler.bucket): powers of two
+    below max_batch, and max_batch."""
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    return sizes + [max_batch]
+
+
+def context_buckets(max_blocks: int) -> list[int]:
+    out, n = [], 1
+    while True:
+        b = bucket_of(n, CONTEXT_BUCKETS)
+        out.append(b)
+        if b >= max_blocks:
+            return out
+        n = b + 1
+
+
+class DecodeGraphs:
+    def __init__(self, runner, factory=None):
+        self.runner = runner
+        self.factory = factory or CudaGraphFactory(runner.device)
+        self.graphs: dict[tuple[int, int], tuple] = {}   # (B, nblk) -> (replay, static step, out)
+        self.replays = 0
+
+    def capture_all(self, max_batch: int, max_len: int) -> dict:
+        r = self.runner
+        t0 = time.perf_counter()
+        max_blocks = -(-max_len // r.block_size)
+        with torch.inference_mode():
+            for B in batch_buckets(max_batch):
+                for nblk in context_buckets(max_blocks):
+                    if B * nblk > 2 * r.num_blocks:
+                        break
+                    self.graphs[(B, nblk)] = self._capture(B, nblk)
+        return {"graphs": len(self.graphs), "capture_s": time.perf_counter() - t0}
+
+    def _static(self, B: int, nblk: int):
+        """A padded decode step of B rows over nblk blocks that touches only the scratch slot."""
+        from .batch import Step
+
+        r, m, dev = self.runner, self.runner.model, self.runner.device
+        L = nblk * r.block_size
+        pos = torch.zeros(B, dtype=torch.long, device=dev)
+        cos, sin = m.rope_tables(pos)                                       # [B, 1, hd]
+        return Step(tokens=torch.zeros(B, dtype=torch.long, device=dev),
+                    slots=torch.full((B,), r.num_slots, dtype=torch.long, device=dev),
+                    cos=cos.clone(), sin=sin.clone(), sample_rows=None, all_decode=True, dec_rows=None,
+                    dec_gather=torch.zeros(B * nblk, dtype=torch.long, device=dev),   # block 0: read only
+                    dec_mask=torch.zeros(B, 1, 1, L, dtype=m.dtype, device=dev), prefills=[], positions=pos)
+
+    def _capture(self, B: int, nblk: int):
+        static = self._static(B, nblk)
+        replay, out = self.factory.capture(lambda: self.runner.hidden(static))   # out [B, H]
+        return replay, static, out
+
+    def replay(self, step) -> torch.Tensor | None:
+        """The step's final hidden states [B, H] from its graph; None when no graph fits."""
+        if not step.all_decode or step.dec_gather is None or step.dec_mask is None or step.native:
+            return None
+        B = step.tokens.shape[0]
+        g = self.graphs.get((B, step.dec_gather.shape[0] // B))
+        if g is None:
+            return None
+        replay, static, out = g
+        for name in STATIC:
+            getattr(static, name).copy_(getattr(step, name))
+        replay()
+        self.replays += 1
+        return out

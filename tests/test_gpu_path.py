@@ -1,0 +1,201 @@
+"""The GPU path's pieces, checked on CPU: vectorised step preparation, the block-table array,
+the decode graphs' bookkeeping (captured with an eager stand-in for torch.cuda graphs), and
+that nothing CUDA-only is imported on a machine without CUDA."""
+
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
+from pipeline_dsl.engine.batch import StepBatch, bucket_of
+from pipeline_dsl.engine.gguf_loader import load_gguf
+from pipeline_dsl.engine.kv_cache import BlockManager
+from pipeline_dsl.engine.model import LlamaModel, ModelRunner, SeqBatchItem
+
+BS = 4
+
+
+@pytest.fixture(scope="module")
+def model(tiny_gguf):
+    t = load_gguf(tiny_gguf)
+    return LlamaModel(t.config, t.weights, "fp32")
+
+
+class EagerGraphs:
+    """Stands in for torch.cuda graphs: 'replay' recomputes the captured function from the same
+    static tensors into the same output tensor, as a graph replay does."""
+
+    def __init__(self):
+        self.captured = 0
+
+    def capture(self, fn):
+        out = fn()
+        self.captured += 1
+        return (lambda: out.copy_(fn())), out
+
+
+class Ids:
+    eos_token_ids = frozenset()
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+    def encode(self, text, add_special_tokens=True):
+        return [int(t) for t in text.split()]
+
+
+def run_engine(runner, seed, executor=False):
+    cfg = EngineConfig(max_batch_size=8, max_tokens_per_step=24, prefill_chunk=8, batch_timeout_s=0.0)
+    engine = Engine(cfg, runner=runner, tokenizer=Ids())
+    rng = random.Random(seed)
+    common = [rng.randrange(3, 250) for _ in range(12)]
+    requests = [(str(i), dict(prompt_token_ids=(common if i % 2 else []) + [rng.randrange(3, 250) for _ in
+                                                                             range(rng.randint(1, 20))],
+                              params=SamplingParams(max_tokens=rng.randint(4, 24), ignore_eos=True, logprobs=0)))
+                for i in range(12)]
+    got = {}
+
+    def collect(outputs):
+        for o in outputs:       # (token, its logprob to 5 places): a wrong context moves the logprob
+            got.setdefault(o.request_id, []).extend((e["token_id"], round(e["logprob"], 5)) for e in o.logprobs)
+
+    if executor:                          # the plan's streams, overlapped, replaying graphs as on CUDA
+        from pipeline_dsl.engine.executor import Executor
+        ex = Executor(engine, overlap=True, cuda_graphs=True)
+        for rid, kw in requests:
+            ex.submit(rid, **kw)
+        ex.run(on_output=collect)
+    else:
+        for rid, kw in requests:
+            engine.add_request(rid, **kw)
+        while engine.has_unfinished():
+            collect(engine.step())
+    return got, engine.stats()
+
+
+def eager(model, num_blocks=40):
+    r = ModelRunner(model, num_blocks=num_blocks, block_size=BS, pad_decode=True)
+    r.native = None                 # the torch path a GPU runs
+    return r
+
+
+@pytest.mark.parametrize("executor", [False, True], ids=["engine.step", "executor"])
+def test_decode_graphs_replayed_from_static_buffers_give_the_eager_tokens(model, executor):
+    ref, _ = run_engine(eager(model), 0, executor)
+    runner = eager(model)
+    factory = EagerGraphs()
+    got = runner.capture_graphs(max_batch=8, max_len=96, graph_factory=factory)
+    assert got["graphs"] == factory.captured > 0
+    out, stats = run_engine(runner, 0, executor)
+    assert out == ref and len(out) == 12
+    assert runner.graphs.replays > 0 and stats["preemptions"] > 0
+    assert runner.k_cache[:, :].isfinite().all()
+
+
+def test_capture_touches_no_kv_slot_but_the_scratch_one(model):
+    runner = eager(model)
+    runner.k_cache.fill_(3.0)
+    runner.v_cache.fill_(3.0)
+    runner.capture_graphs(max_batch=4, max_len=40, graph_factory=EagerGraphs())
+    assert bool((runner.k_cache == 3.0).all()) and bool((runner.v_cache == 3.0).all())
+
+
+def test_graph_buckets_cover_every_padded_decode_batch_the_scheduler_makes():
+    from pipeline_dsl.engine.cuda_graphs import batch_buckets, context_buckets
+    from pipeline_dsl.engine.scheduler import bucket
+    for cap in (1, 8, 24, 256):
+        assert {bucket(n, cap) for n in range(1, cap + 1)} <= set(batch_buckets(cap))
+    blocks = context_buckets(600)
+    assert blocks[-1] >= 600 and {bucket_of(n, (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)) for n in range(1, 601)} <= set(blocks)
+
+
+def random_items(rng, vocab, n=12):
+    items, nxt = [], 0
+    for _ in range(n):
+        start = rng.randrange(0, 30)
+        count = 1 if rng.random() < 0.6 else rng.randint(2, 9)
+        blocks = -(-(start + count) // BS) + rng.randrange(0, 2)      # sometimes a block to spare
+        table = list(range(nxt, nxt + blocks))
+        rng.shuffle(table)
+        nxt += blocks
+        items.append(SeqBatchItem([rng.randrange(3, vocab) for _ in range(count)], start, table, rng.random() < 0.8))
+    return items
+
+
+def test_vectorised_preparation_gives_slots_positions_and_rows_of_every_item(model):
+    runner = ModelRunner(model, num_blocks=256, block_size=BS)
+    rng = random.Random(1)
+    for _ in range(5):
+        items = random_items(rng, model.config.vocab_size)
+        step = runner.prepare(StepBatch.from_items(items))
+        pos, slots, rows, row = [], [], [], 0
+        for it in items:
+            for p in range(it.start_pos, it.start_pos + len(it.token_ids)):
+                pos.append(p)
+                slots.append(it.block_table[p // BS] * BS + p % BS)
+            row += len(it.token_ids)
+            if it.sample:
+                rows.append(row - 1)
+        assert step.positions.tolist() == pos and step.slots.tolist() == slots
+        assert step.sample_rows.tolist() == rows
+        assert step.tokens.tolist() == [t for it in items for t in it.token_ids]
+
+
+def test_a_short_block_table_is_refused_with_what_and_where(model):
+    runner = ModelRunner(model, num_blocks=16, block_size=BS)
+    with pytest.raises(ValueError, match="block table of 1 blocks cannot hold 6 tokens"):
+        runner.prepare(StepBatch.from_items([SeqBatchItem([5, 6], 4, [0], True)]))
+
+
+def test_block_table_array_follows_allocation_sharing_and_frees():
+    bm = BlockManager(num_blocks=64, block_size=BS)
+    rng = random.Random(3)
+    live = {}
+    for i in range(300):
+        if live and rng.random() < 0.3:
+            sid = rng.choice(sorted(live))
+            bm.free_seq(sid)
+            del live[sid]
+        elif live and rng.random() < 0.5:
+            sid = rng.choice(sorted(live))
+            live[sid] += rng.randint(1, 9)
+            if not bm.allocate(sid, live[sid]):
+                live[sid] -= 1
+                bm.free_seq(sid)
+                del live[sid]
+        else:
+            sid = f"s{i}"
+            toks = [rng.randrange(5) for _ in range(rng.randint(1, 20))]
+            bm.match_prefix(sid, toks)
+            if bm.allocate(sid, len(toks)):
+                bm.commit(sid, toks, len(toks))
+                live[sid] = len(toks)
+            else:
+                bm.free_seq(sid)
+        bm.check_invariants()
+        if live:
+            rows = np.array([bm.row(s) for s in sorted(live)])
+            tables, lens = bm.tables.rows(rows)
+            for s, t, n in zip(sorted(live), tables, lens):
+                assert t[:n].tolist() == bm.table(s)
+
+
+def test_a_machine_without_cuda_never_imports_cuda_only_code(tiny_gguf):
+    code = ("import sys, torch\n"
+            "from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams\n"
+            "from pipeline_dsl.engine.executor import run_requests\n"
+            f"e = Engine(EngineConfig(model={str(tiny_gguf)!r}, dtype='fp32', kv_budget_bytes=1 << 20))\n"
+            "run_requests(e, [('a', dict(prompt='hello', params=SamplingParams(max_tokens=3)))])\n"
+            "print(sorted(m for m in sys.modules if m.startswith('pipeline_dsl.engine.cuda')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_bucket_of_rounds_up_past_the_last_bucket():
+    assert [bucket_of(n) for n in (1, 3, 17, 256, 257)] == [1, 4, 24, 256, 384]
+    assert torch.tensor(0).device.type == "cpu"

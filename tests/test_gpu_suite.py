@@ -1,0 +1,22 @@
+"""bench/gpu_suite.py's smoke mode runs on CPU and prints every row of its table."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_suite_smoke_prints_every_figure_on_cpu(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_suite.py"), "--smoke", "--json",
+                          str(tmp_path / "rows.json")], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    table = out.stdout[out.stdout.index("| figure"):]
+    for row in ("engine alone", "transformers generate", "ratio engine / transformers", "batch sweep 1",
+                "streams overlapped", "streams serial", "ratio overlap on / off", "agp run balanced",
+                "agp run performance", "agp serve"):
+        assert f"| {row}" in table, row
+    assert "failed" not in table
