@@ -219,8 +219,9 @@ def test_logs_are_timestamped_json_with_access_lines_reasons_and_stats(ops):
     _wait_for(lambda: any(r.get("stats") or "gen_tok_s" in r for r in _records(ops)), "no stats line")
     records = _records(ops)
     assert all(r["ts"].endswith("Z") and r["level"] and r["logger"] for r in records)
-    access = [r for r in records if r["logger"] == "uvicorn.access"]
-    assert any(r["method"] == "POST" and r["path"] == "/llm/v1/completions" and r["status"] == 200 for r in access)
+    access = [r for r in records if r["logger"] == "agp.access"]
+    done = [r for r in access if r["method"] == "POST" and r["path"] == "/v1/completions" and r["status"] == 200]
+    assert done and all(r["latency_ms"] > 0 and r["request_id"] for r in done)     # the path as the client sent it
     reasons = [r for r in records if r["logger"] == "agp.serve" and r.get("status") == 400]
     assert reasons and reasons[-1]["level"] == "INFO" and "max_tokens" in reasons[-1]["reason"]
     stats = [r for r in records if "gen_tok_s" in r]
@@ -238,7 +239,7 @@ def test_text_logs_and_no_access_log(tmp_path, tiny_gguf):
     finally:
         assert server.stop() == 0
     text = "\n".join(server.lines)
-    assert "uvicorn.access" not in text
+    assert "agp.access" not in text and "uvicorn.access" not in text
     line = next(x for x in server.lines if "-> 400" in x)
     assert line[:4].isdigit() and "Z INFO agp.serve: POST /v1/completions -> 400" in line
 

@@ -20,7 +20,8 @@ import uvicorn
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
 from pipeline_dsl.runtime import build_runtime
 from pipeline_dsl.serve import protocol as P
-from pipeline_dsl.serve.app import ServeConfig, create_app
+from pipeline_dsl.serve.app import create_app
+from pipeline_dsl.serve.config import ServeConfig
 from pipeline_dsl.serve.async_pipeline import AsyncPipeline
 from pipeline_dsl.serve.metrics import ServerMetrics
 

@@ -27,7 +27,7 @@ import torch
 
 from .compute import on_compute
 from .config import EngineConfig, RequestOutput, SamplingParams
-from .errors import InputError, QueueFullError
+from .errors import ContextLengthError, InputError, QueueFullError
 from .kv_cache import BlockManager, bytes_per_block, num_blocks_for_budget
 from .model import SeqBatchItem
 from .processors import Features
@@ -118,7 +118,7 @@ class Engine:
         ids = self.prompt_ids(prompt, messages, prompt_token_ids, chat_template, add_special_tokens)
         limit = self.config.max_prompt_tokens
         if limit and len(ids) > limit:
-            raise InputError(f"prompt of {len(ids)} tokens is longer than this pipeline accepts "
+            raise ContextLengthError(f"prompt of {len(ids)} tokens is longer than this pipeline accepts "
                              f"(requests.max_prompt_tokens = {limit})")
         if self.vocab_size:
             bad = [t for t, _ in params.logit_bias] + list(params.stop_token_ids)
@@ -127,7 +127,7 @@ class Engine:
                 raise InputError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         total = len(ids) + params.max_tokens
         if total > self.max_model_len:
-            raise InputError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} = {total} "
+            raise ContextLengthError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} = {total} "
                              f"exceeds the model's context of {self.max_model_len} tokens; "
                              "shorten the prompt or lower max_tokens")
         if self.blocks.blocks_for(total) > self.blocks.num_blocks:
@@ -193,7 +193,7 @@ class Engine:
         limit = self.prompt_limit
         per_token = getattr(self.tokenizer, "max_token_chars", None)
         if isinstance(prompt_token_ids, (list, tuple)) and len(prompt_token_ids) > limit:
-            raise InputError(f"prompt of {len(prompt_token_ids)} tokens {self._limit_words()}")
+            raise ContextLengthError(f"prompt of {len(prompt_token_ids)} tokens {self._limit_words()}")
         if not per_token:
             return
         if isinstance(prompt, str):
@@ -203,7 +203,7 @@ class Engine:
         else:
             return
         if chars > limit * per_token:
-            raise InputError(f"prompt of {chars} characters {self._limit_words()} (a token stands for at most "
+            raise ContextLengthError(f"prompt of {chars} characters {self._limit_words()} (a token stands for at most "
                              f"{per_token} characters)")
 
     def _render_chat(self, messages, chat_template=True, add_special_tokens=True, tools=None,

@@ -50,19 +50,15 @@ ENGINE_KINDS = ("dynamic_batch", "encode", "kv_lookup", "generate")
 
 
 class PipelineError(Exception):
-    """Why one request failed. kind: invalid (its input: HTTP 400), rejected (a Reject: 400),
-    queue_full (429), unavailable (503), failed (a user function or the engine failed: 500)."""
+    """Why one request failed. kind: invalid (its input), rejected (a Reject), queue_full,
+    unavailable (shutting down, or an engine failed), aborted (its client went away), failed (a
+    user function or the engine failed); `code` names an input error more precisely (the
+    engine's InputError.code: context_length_exceeded). What a front end answers for each is
+    its own (agp serve: serve/errors.py)."""
 
-    STATUS = {"invalid": 400, "rejected": 400, "queue_full": 429, "unavailable": 503, "failed": 500,
-              "aborted": 499}
-
-    def __init__(self, message: str, kind: str = "failed", stage: str | None = None):
+    def __init__(self, message: str, kind: str = "failed", stage: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.message, self.kind, self.stage = message, kind, stage
-
-    @property
-    def status(self) -> int:
-        return self.STATUS.get(self.kind, 500)
+        self.message, self.kind, self.stage, self.code = message, kind, stage, code
 
 
 @dataclass
@@ -241,7 +237,7 @@ class PipelineRuntime:
             return es.engine.prompt_ids(prompt=request["prompt"],
                                         add_special_tokens=request.get("add_special_tokens", True))
         except InputError as e:
-            raise PipelineError(str(e), "invalid") from None
+            raise PipelineError(str(e), "invalid", code=getattr(e, "code", None)) from None
 
     def token_text(self, pin: str | None = None) -> Callable[[int], str]:
         """id -> the text of that one token (for logprobs), cached."""
@@ -537,7 +533,7 @@ class PipelineRuntime:
         try:                                   # a prompt too long for any tokenisation: refused at once
             es.engine.check_prompt_length(d.get("prompt"), d.get("messages"), d.get("prompt_token_ids"))
         except InputError as e:
-            raise PipelineError(str(e), "invalid", es.segment.encode) from None
+            raise PipelineError(str(e), "invalid", es.segment.encode, getattr(e, "code", None)) from None
         fingerprint = (id(es), repr(d.get("messages") if d.get("messages") is not None
                                     else d.get("prompt_token_ids") if d.get("prompt_token_ids") is not None
                                     else d.get("prompt")), repr(d.get("tools")), repr(d.get("tool_choice")))
@@ -547,7 +543,8 @@ class PipelineRuntime:
         try:
             ids = es.tokenise(item.data)
         except InputError as e:               # the engine's word for bad input (tokenizer, template, length)
-            raise PipelineError(f"cannot tokenise the request: {e}", "invalid", es.segment.encode) from None
+            raise PipelineError(f"cannot tokenise the request: {e}", "invalid", es.segment.encode,
+                                getattr(e, "code", None)) from None
         dt = time.perf_counter() - t0
         self._span(es.segment.encode, "tokenise", t0, item)
         c = self.counters[es.segment.encode]
@@ -719,7 +716,7 @@ class PipelineRuntime:
     def _on_seq_error(self, es, seq_id: str, exc: BaseException) -> None:
         item = self._owner.get(seq_id)
         if item is not None:
-            self._fail(item.req, PipelineError(str(exc), "invalid", es.segment.batch))
+            self._fail(item.req, PipelineError(str(exc), "invalid", es.segment.batch, getattr(exc, "code", None)))
 
     def _on_segment_failure(self, es, exc: BaseException) -> None:
         """A segment's loop died: fail everything, refuse what comes."""

@@ -60,6 +60,7 @@ class GenerationRequest:
     parallel_tool_calls: bool = True
     response_format: dict | None = None        # {"type": "json_object" | "json_schema", ...}
     more_prompts: tuple = ()                   # completions: the rest of a batch of prompts
+    request_id: str | None = None              # the client's id of the request (vLLM's request_id)
 
     def split(self) -> list["GenerationRequest"]:
         """One request per prompt of a batched completions request (choice indexes: i * n + j)."""

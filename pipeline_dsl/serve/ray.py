@@ -130,8 +130,8 @@ class AgpPipeline:
     pipeline's start, and its drain) runs with the replica's."""
 
     async def __init__(self, options: dict):
-        from pipeline_dsl.commands.serve import build
-        from pipeline_dsl.serve.logs import configure
+        from .build import build
+        from .logs import configure
 
         args = argparse.Namespace(**options)
         configure(args.log_format, args.log_level, args.access_log)
@@ -333,7 +333,7 @@ def replica_gpus(device: str) -> float:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     """`agp serve` flags (with --ray) from an argument list."""
-    from pipeline_dsl.commands.serve import add_arguments
+    from .options import add_arguments
 
     p = argparse.ArgumentParser(prog="agp serve")
     add_arguments(p)
@@ -344,7 +344,7 @@ def app_builder(config: dict):
     """For Ray's own CLI: `serve run pipeline_dsl.serve.ray:app_builder pipeline=FILE replicas=2
     max_replicas=4 ...`; every other key is an `agp serve` flag (dashes or underscores; true for
     a switch)."""
-    from pipeline_dsl.commands.serve import SetupError, check_args
+    from .options import SetupError, check_args
 
     config = dict(config)
     if "pipeline" not in config:
@@ -384,8 +384,9 @@ def _free_port(host: str) -> int:
 
 def main(args) -> int:
     """`agp serve … --ray`: deploy, serve until SIGINT / SIGTERM, then drain and stop."""
-    from pipeline_dsl.commands.serve import _err
     from pipeline_dsl.diagnostics import CheckFailed
+
+    from .options import report
 
     try:
         device = pipeline_device(args)
@@ -404,7 +405,7 @@ def main(args) -> int:
         serve.run(build_app(args, gpus), name=APP, route_prefix=args.root_path or "/")
     except Exception as e:                      # noqa: BLE001 - Serve says why the replicas did not start
         code, why = start_failure(e)
-        _err(why if code == 2 else f"the application did not start: {why}")
+        report(why if code == 2 else f"the application did not start: {why}")
         serve.delete(APP)
         if started_here:
             ray.shutdown()
