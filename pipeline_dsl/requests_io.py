@@ -50,7 +50,7 @@ class ParsedRequest:
 
 def request_item(request_id: str, *, messages, prompt_token_ids, prompt, fields: dict, model=None, n=None,
                  metadata=None, tools=None, tool_choice="none", parallel_tool_calls=True,
-                 response_format=None) -> dict[str, Any]:
+                 response_format=None, chat_template_kwargs=None) -> dict[str, Any]:
     """A request as the pipeline's items carry it, for `agp run` and `agp serve` alike: its id,
     one of messages / prompt_token_ids / prompt, its sampling fields, and what is set of model,
     n, tools (with tool_choice and parallel_tool_calls), response_format; metadata always."""
@@ -72,6 +72,8 @@ def request_item(request_id: str, *, messages, prompt_token_ids, prompt, fields:
         out["tool_choice"], out["parallel_tool_calls"] = tool_choice, parallel_tool_calls
     if response_format is not None:
         out["response_format"] = dict(response_format)
+    if chat_template_kwargs:
+        out["chat_template_kwargs"] = dict(chat_template_kwargs)
     return out
 
 def _is_int(v) -> bool:
@@ -192,7 +194,9 @@ def parse_tools(obj: dict) -> tuple[list | None, Any, bool]:
                            f"\"function\": {{\"name\"}}}}, not {_shown(choice)}", param="tool_choice")
     if choice in ("required",) and not tools:
         raise RequestError("'tool_choice' is required but no 'tools' are given", param="tool_choice")
-    parallel = obj.get("parallel_tool_calls", True)
+    parallel = obj.get("parallel_tool_calls")
+    if parallel is None:                       # left out or null (what clients send by default): true
+        parallel = True
     if not isinstance(parallel, bool):
         raise RequestError("'parallel_tool_calls' must be true or false", param="parallel_tool_calls")
     return tools, choice, parallel

@@ -80,6 +80,9 @@ class SamplingParams:
     min_tokens: int = 0                    # EOS and stop_token_ids are masked until this many tokens
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, -100..100) added to the logits
     logprobs: int | None = None            # 0..20: the sampled token's logprob + this many alternatives
+    skip_special_tokens: bool = True       # special tokens' text left out of the answer
+    spaces_between_special_tokens: bool = True   # False: added tokens joined to their neighbours as written
+    include_stop_str_in_output: bool = False     # the stop string (or stop token's text) ends the answer
     constraint: Any = field(default=None, compare=False, hash=False)  # a constrain.Grammar (compiled)
 
     def __post_init__(self) -> None:
@@ -145,8 +148,10 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, tuple) or not all(
                 is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise InputError(f"stop_token_ids must be a list of token ids, not {self.stop_token_ids!r}")
-        if not isinstance(self.ignore_eos, bool):
-            raise InputError(f"ignore_eos must be true or false, not {self.ignore_eos!r}")
+        for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
+                     "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be true or false, not {getattr(self, name)!r}")
         if not isinstance(self.logit_bias, tuple) or not all(
                 isinstance(e, tuple) and len(e) == 2 and is_int(e[0]) and e[0] >= 0 and is_num(e[1])
                 and -100 <= e[1] <= 100 for e in self.logit_bias):

@@ -140,17 +140,18 @@ class Engine:
         now = self.clock()
         seq = Sequence(request_id, ids, len(ids), params, now)
         seq.extra.update(
-            detok=self._detokenizer(ids), stops=StopStrings(params.stop), text="",
+            detok=self._detokenizer(ids, params), stops=StopStrings(params.stop), text="",
             emitted=0, generator=make_generator(params.seed), first=None, last=None)
         self.features.start(seq)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 
     def prompt_ids(self, prompt=None, messages=None, prompt_token_ids=None, chat_template=True,
-                   add_special_tokens=True, tools=None, tool_choice="auto") -> list[int]:
-        """A request's prompt as token ids (chat template applied to messages): the encode stage's
-        work. Thread-safe (reads only the tokenizer), so it may run off the engine's loop. A text
-        too long to fit the prompt limit whatever its tokens is refused before it is tokenised."""
+                   add_special_tokens=True, tools=None, tool_choice="auto", template_kwargs=None) -> list[int]:
+        """A request's prompt as token ids (chat template applied to messages, with
+        `template_kwargs` as extra template variables): the encode stage's work. Thread-safe (reads
+        only the tokenizer), so it may run off the engine's loop. A text too long to fit the prompt
+        limit whatever its tokens is refused before it is tokenised."""
         self.check_prompt_length(prompt, messages, prompt_token_ids)
         if prompt is not None:
             if not isinstance(prompt, str):
@@ -159,7 +160,7 @@ class Engine:
                 raise InputError("the prompt is empty")
             ids = list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
         elif messages is not None:
-            ids = self._render_chat(messages, chat_template, add_special_tokens, tools, tool_choice)
+            ids = self._render_chat(messages, chat_template, add_special_tokens, tools, tool_choice, template_kwargs)
         else:
             if not isinstance(prompt_token_ids, (list, tuple)) or not all(
                     isinstance(t, int) and not isinstance(t, bool) for t in prompt_token_ids):
@@ -207,7 +208,7 @@ class Engine:
                              f"{per_token} characters)")
 
     def _render_chat(self, messages, chat_template=True, add_special_tokens=True, tools=None,
-                     tool_choice="auto") -> list[int]:
+                     tool_choice="auto", template_kwargs=None) -> list[int]:
         if not isinstance(messages, (list, tuple)) or not messages:
             raise InputError("messages must be a non-empty list of {role, content} objects")
         for i, m in enumerate(messages):
@@ -217,7 +218,7 @@ class Engine:
         if not chat_template:
             text = "\n".join(m["content"] for m in messages)
             return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens)) if text else []
-        extra = {}
+        extra = dict(template_kwargs or {})       # the request's own variables (enable_thinking, ...)
         if tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
             from pipeline_dsl.tools import prepare_messages, template_takes_tools
 
@@ -238,10 +239,11 @@ class Engine:
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _detokenizer(self, prompt_ids):
+    def _detokenizer(self, prompt_ids, params: SamplingParams):
         helper = getattr(self.tokenizer, "incremental_decoder", None)
         if helper is not None:
-            return _HelperDetokenizer(helper(skip_special_tokens=True))
+            return _HelperDetokenizer(helper(skip_special_tokens=params.skip_special_tokens,
+                                             spaces_between_special_tokens=params.spaces_between_special_tokens))
         return Detokenizer(self._decode, prompt_ids)
 
     def abort(self, request_id) -> None:
@@ -361,18 +363,21 @@ class Engine:
             st["text"] += st["detok"].flush()
         elif token in p.stop_token_ids or (token in self.eos_token_ids and (
                 not p.ignore_eos or p.constraint is not None)):   # a grammar's EOS always ends it
-            reason = "stop"
-            st["text"] += st["detok"].flush()
+            reason = "stop"           # the stop token's own text only when asked (skip_special_tokens drops a special one)
+            st["text"] += st["detok"].add(token, final=True) if p.include_stop_str_in_output else st["detok"].flush()
         else:
             last = seq.num_output >= p.max_tokens or len(seq.token_ids) >= self.max_model_len
             st["text"] += st["detok"].add(token, final=last)
             cut = st["stops"].find(st["text"], text_from)
             if cut >= 0:
-                st["text"], reason = st["text"][:cut], "stop"
+                end = cut + st["stops"].matched if p.include_stop_str_in_output else cut
+                st["text"], reason = st["text"][:end], "stop"
             elif last:
                 reason = "length"
         text = st["text"]
-        visible = len(text) if reason else len(text) - st["stops"].hold_back()
+        # nothing is held back when the stop string is shown anyway (vLLM does the same)
+        held = 0 if p.include_stop_str_in_output else st["stops"].hold_back()
+        visible = len(text) if reason else len(text) - held
         visible = max(visible, st["emitted"])
         delta, st["emitted"] = text[st["emitted"]:visible], visible
         metrics = {}

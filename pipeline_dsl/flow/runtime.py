@@ -233,7 +233,8 @@ class PipelineRuntime:
         try:
             if request.get("messages") is not None:
                 return es.engine.prompt_ids(messages=request["messages"], tools=request.get("tools"),
-                                            tool_choice=request.get("tool_choice", "auto"))
+                                            tool_choice=request.get("tool_choice", "auto"),
+                                            template_kwargs=request.get("chat_template_kwargs"))
             return es.engine.prompt_ids(prompt=request["prompt"],
                                         add_special_tokens=request.get("add_special_tokens", True))
         except InputError as e:
@@ -536,7 +537,8 @@ class PipelineRuntime:
             raise PipelineError(str(e), "invalid", es.segment.encode, getattr(e, "code", None)) from None
         fingerprint = (id(es), repr(d.get("messages") if d.get("messages") is not None
                                     else d.get("prompt_token_ids") if d.get("prompt_token_ids") is not None
-                                    else d.get("prompt")), repr(d.get("tools")), repr(d.get("tool_choice")))
+                                    else d.get("prompt")), repr(d.get("tools")), repr(d.get("tool_choice")),
+                       repr(d.get("chat_template_kwargs")))
         if item.ids is not None and item.ids[0] == fingerprint:
             return item.ids[1]
         t0 = time.perf_counter()

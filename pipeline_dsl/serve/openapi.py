@@ -31,6 +31,18 @@ SAMPLING = {
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}},
                        "additionalProperties": False},
     "user": {"type": "string"},
+    # vLLM's extras (serve/extras.py)
+    "skip_special_tokens": {"type": "boolean"},
+    "spaces_between_special_tokens": {"type": "boolean"},
+    "include_stop_str_in_output": {"type": "boolean"},
+    "request_id": {"type": "string", "pattern": "^[!-~]{1,128}$"},
+    "guided_json": {"type": "object"},
+    "guided_regex": {"type": "string"},
+    "guided_choice": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+    "guided_grammar": {"type": "string"},
+    "structured_outputs": {"type": "object", "properties": {
+        "json": {"type": "object"}, "regex": {"type": "string"}, "grammar": {"type": "string"},
+        "choice": {"type": "array", "items": {"type": "string"}}, "json_object": {"type": "boolean"}}},
 }
 
 TEXT_PART = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
@@ -46,6 +58,8 @@ CHAT_REQUEST = {"type": "object", "required": ["messages"], "additionalPropertie
     "messages": {"type": "array", "minItems": 1, "items": MESSAGE},
     "max_completion_tokens": {"type": "integer", "minimum": 1},
     "metadata": {"type": "object"},
+    "chat_template_kwargs": {"type": "object", "description": "extra variables of the chat template"},
+    "parallel_tool_calls": {"type": ["boolean", "null"]},
     **SAMPLING,
 }}
 

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeline_dsl.requests_io import (RequestError, load_json, parse_logit_bias, parse_messages,
-                                      parse_response_format, parse_tools, request_item)
+from pipeline_dsl.requests_io import (RequestError, load_json, parse_logit_bias, parse_messages, parse_tools,
+                                      request_item)
 from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
 
 log = logging.getLogger("agp.serve")
@@ -61,6 +61,7 @@ class GenerationRequest:
     response_format: dict | None = None        # {"type": "json_object" | "json_schema", ...}
     more_prompts: tuple = ()                   # completions: the rest of a batch of prompts
     request_id: str | None = None              # the client's id of the request (vLLM's request_id)
+    chat_template_kwargs: dict | None = None   # extra variables of the chat template (chat)
 
     def split(self) -> list["GenerationRequest"]:
         """One request per prompt of a batched completions request (choice indexes: i * n + j)."""
@@ -85,7 +86,8 @@ class GenerationRequest:
         return request_item(request_id, messages=self.messages, prompt_token_ids=self.prompt_token_ids,
                             prompt=self.prompt, fields=self.fields, model=self.model, metadata=self.metadata,
                             tools=self.tools, tool_choice=self.tool_choice,
-                            parallel_tool_calls=self.parallel_tool_calls, response_format=self.response_format)
+                            parallel_tool_calls=self.parallel_tool_calls, response_format=self.response_format,
+                            chat_template_kwargs=self.chat_template_kwargs)
 
 
 def parse_json(raw: bytes) -> dict:
@@ -141,10 +143,12 @@ COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop"
           "stream_options", "n", "presence_penalty", "frequency_penalty", "logit_bias",
           "user", "ignore_eos", "stop_token_ids", "logprobs", "min_tokens", "repetition_penalty",
           "min_p", "response_format"}
-COMPLETION_FIELDS = COMMON | {"prompt", "echo", "best_of", "suffix"}
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs",
-                        "tools", "tool_choice", "parallel_tool_calls", "metadata", "store",
-                        "service_tier"}
+VLLM = {"skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output", "request_id",
+        "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar"}  # serve/extras.py
+COMPLETION_FIELDS = COMMON | VLLM | {"prompt", "echo", "best_of", "suffix"}
+CHAT_FIELDS = COMMON | VLLM | {"messages", "max_completion_tokens", "top_logprobs",
+                               "tools", "tool_choice", "parallel_tool_calls", "metadata", "store",
+                               "service_tier", "chat_template_kwargs"}
 
 
 def _check_unknown(obj: dict, known: set[str], lenient: bool = False) -> dict:
@@ -240,6 +244,13 @@ def _model(obj: dict, served: tuple[str, ...], stages: tuple[str, ...] = ()) -> 
 
 # ---------------------------------------------------------------- requests
 
+def parse_extras(obj: dict, *, chat: bool):
+    """vLLM's extra fields (serve/extras.py, imported here: it builds on this module's APIError)."""
+    from .extras import parse_extras as parse
+
+    return parse(obj, chat=chat)
+
+
 def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
                      stages: tuple[str, ...] = (), lenient: bool = False) -> GenerationRequest:
     """POST /v1/completions: `prompt` is a string, an array of token ids, or a batch of those."""
@@ -263,15 +274,13 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
         fields["max_tokens"] = 0
     if echo:
         fields["echo"] = True
-    try:
-        fmt = parse_response_format(obj["response_format"]) if obj.get("response_format") is not None else None
-    except RequestError as e:
-        raise APIError(str(e), param=e.param) from None
+    extras = parse_extras(obj, chat=False)
+    fields.update(extras.fields)
     first, rest = prompts[0], prompts[1:]
     return GenerationRequest("completion", model, fields, prompt=first if isinstance(first, str) else None,
                              prompt_token_ids=tuple(first) if not isinstance(first, str) else None,
                              stream=stream, include_usage=include_usage, pin=pin, more_prompts=tuple(rest),
-                             response_format=fmt)
+                             response_format=extras.constraint, request_id=extras.request_id)
 
 
 MAX_PROMPTS = 256          # prompts one completions request may batch
@@ -334,13 +343,15 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     metadata = _field(obj, "metadata", lambda v: isinstance(v, dict), "an object")
     try:
         tools, choice, parallel = parse_tools(obj)
-        fmt = parse_response_format(obj["response_format"]) if obj.get("response_format") is not None else None
     except RequestError as e:
         raise APIError(str(e), param=e.param) from None
+    extras = parse_extras(obj, chat=True)
+    fields.update(extras.fields)
     return GenerationRequest("chat", model, fields, messages=messages, stream=stream,
                              include_usage=include_usage, pin=pin, metadata=metadata,
                              tools=tuple(tools) if tools else None, tool_choice=choice,
-                             parallel_tool_calls=parallel, response_format=fmt)
+                             parallel_tool_calls=parallel, response_format=extras.constraint,
+                             request_id=extras.request_id, chat_template_kwargs=extras.template_kwargs)
 
 
 # ---------------------------------------------------------------- logprobs (OpenAI's two shapes)
@@ -389,7 +400,7 @@ def parse_tokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...
     """POST /tokenize: {"prompt": str, "add_special_tokens": true} or {"messages": [...],
     "add_generation_prompt": true}; `model` may name a generate stage (its tokenizer)."""
     obj = _check_unknown(obj, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
-                               "tools", "return_token_strs"})
+                               "tools", "return_token_strs", "chat_template_kwargs"})
     _, pin = _model(obj, served, stages)
     special = _field(obj, "add_special_tokens", lambda v: isinstance(v, bool), "true or false")
     if ("prompt" in obj) == ("messages" in obj):
@@ -398,7 +409,8 @@ def parse_tokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...
         if not isinstance(obj["prompt"], str) or not obj["prompt"]:
             raise _bad("prompt", "a non-empty string", obj["prompt"])
         return {"prompt": obj["prompt"], "add_special_tokens": True if special is None else special, "pin": pin}
-    out = {"messages": list(_messages(obj["messages"])), "pin": pin}
+    out = {"messages": list(_messages(obj["messages"])), "pin": pin,
+           "chat_template_kwargs": parse_extras(obj, chat=True).template_kwargs}
     if obj.get("tools") is not None:
         try:
             out["tools"], out["tool_choice"], _ = parse_tools(obj)
