@@ -36,6 +36,9 @@ VLLM = {  # name -> type, as a vLLM dashboard reads them
     "vllm:request_prompt_tokens": "histogram", "vllm:request_generation_tokens": "histogram",
     "vllm:num_preemptions": "counter", "vllm:prefix_cache_queries": "counter",
     "vllm:prefix_cache_hits": "counter", "vllm:request_success": "counter",
+    "vllm:gpu_cache_usage_perc": "gauge", "vllm:cache_config_info": "gauge", "vllm:iteration_tokens_total": "histogram",
+    "vllm:request_params_n": "histogram", "vllm:request_params_max_tokens": "histogram",
+    "vllm:request_inference_time_seconds": "histogram", "vllm:request_time_per_output_token_seconds": "histogram",
 }
 
 

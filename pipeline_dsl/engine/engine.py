@@ -92,6 +92,7 @@ class Engine:
         self._ttft = deque(maxlen=LATENCY_SAMPLES)
         self._itl = deque(maxlen=LATENCY_SAMPLES)
         self._batch_hist: dict[int, int] = {}
+        self._step_tokens: dict[int, int] = {}      # tokens per step -> steps (vllm:iteration_tokens_total)
         self._busy_s = 0.0
 
     # ---- requests ----------------------------------------------------------------------
@@ -330,6 +331,8 @@ class Engine:
             c["decode_steps"] += 1
             c["decode_seqs"] += len(plan.items)
         self._batch_hist[len(plan.items)] = self._batch_hist.get(len(plan.items), 0) + 1
+        tokens = plan.num_prefill_tokens + plan.num_decodes      # through the model in this step
+        self._step_tokens[tokens] = self._step_tokens.get(tokens, 0) + 1
 
     def block_table(self, seq: Sequence) -> list[int]:
         """The physical KV blocks of a running sequence, in position order."""
@@ -415,6 +418,7 @@ class Engine:
         c["preemptions"] = self.scheduler.num_preemptions
         c["busy_s"] = self._busy_s
         c["batch_size_hist"] = dict(sorted(self._batch_hist.items()))
+        c["step_tokens_hist"] = dict(sorted(self._step_tokens.items()))
         c.update(self.blocks.stats())
         if latencies:
             c["ttft_s"] = list(self._ttft)

@@ -85,6 +85,7 @@ def build(args, *, host: str | None = None) -> Serving:
                          allowed_origins=tuple(args.allowed_origins or ()),
                          stats_interval_s=args.stats_interval, trace_path=args.trace,
                          root_path=args.root_path)
-    metrics = ServerMetrics(model_name=names[0])
+    metrics = ServerMetrics(model_name=names[0], engine_of={g: str(i) for i, es in enumerate(runtime.segments)
+                                                            for g in es.segment.generates})
     apipe = AsyncPipeline(runtime, metrics=metrics)
     return Serving(runtime, apipe, create_app(apipe, config, metrics), config, metrics)

@@ -77,10 +77,11 @@ class Generations:
         Response that ends it (refused, failed before its first event, client gone)."""
         parts = req.split()                   # a completions batch: one pipeline request per prompt
         streams: list[RequestStream] = []
+        params = {"n": req.fields.get("n"), "max_tokens": req.fields.get("max_tokens")}
         try:
             for k, part in enumerate(parts):
                 streams.append(await self.apipe.add(part.item(rid if k == 0 else f"{rid}-{k}"), pin=req.pin,
-                                                    stream=req.stream))
+                                                    stream=req.stream, params=params))
         except PipelineError as e:
             for st in streams:
                 st.abort()
@@ -107,6 +108,8 @@ class Generations:
         went away)."""
         self.metrics.requests.labels(status).inc()
         self.metrics.in_flight.dec()
+        if result is not None:                # what each choice's answer said: tool_calls, not stop
+            self.metrics.count_finished(reasons.values(), self.metrics.engine(result))
 
     async def collect(self, request: Request, stream, first, req: P.GenerationRequest, rid: str) -> Response:
         """Non-streaming: wait for the answer, or abort when the client disconnects."""
