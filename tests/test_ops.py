@@ -163,7 +163,10 @@ def test_served_names_context_and_template_take_effect(ops):
     assert [m.id for m in models][:2] == ["alpha", "beta"]
     assert all(m.max_model_len == 200 for m in models)
     out = client.completions.create(model="beta", prompt="hi", max_tokens=3)
-    assert out.model == "beta" and out.usage.completion_tokens == 3
+    assert out.model == "beta" and out.usage.completion_tokens == 3          # the name asked for
+    assert client.responses.create(model="beta", input="hi", max_output_tokens=2).model == "beta"
+    unnamed = ops.client.post(ops.url + "/v1/completions", headers=ops.auth, json={"prompt": "hi", "max_tokens": 1})
+    assert unnamed.json()["model"] == "alpha"                                # none asked for: the first
     with pytest.raises(openai.BadRequestError, match="200"):
         client.completions.create(model="alpha", prompt="hi", max_tokens=250)
     ids = ops.client.post(ops.url + "/tokenize", headers=ops.auth,

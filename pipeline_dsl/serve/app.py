@@ -29,6 +29,7 @@ from .errors import error_response
 from .generation import Generations
 from .guard import Guard
 from .metrics import ServerMetrics, StatsLine
+from .responses import Responses
 from .routes import pipeline_stats, router, write_trace
 
 log = logging.getLogger("agp.serve")
@@ -82,6 +83,7 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
     state.created = int(time.time())
     state.drained = None
     state.generations = Generations(apipe, config, metrics)
+    state.responses = Responses(state.generations)
     app.include_router(router)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_middleware(Guard, config=config)

@@ -70,7 +70,7 @@ class Generations:
         if req.stream:
             return EventStream(ChunkWriter(self.apipe.runtime, stream, first, req, rid, self.config.retry_after_s,
                                            self.ended).events(), stream, self.gone)
-        return await self.collect(request, stream, first, req, rid)
+        return await self.collect(request, stream, first, req, lambda res: self.answer(res, req, rid))
 
     async def start(self, request: Request, req: P.GenerationRequest, rid: str):
         """Submit the request and wait for its first event: (stream, first event), or the
@@ -111,8 +111,9 @@ class Generations:
         if result is not None:                # what each choice's answer said: tool_calls, not stop
             self.metrics.count_finished(reasons.values(), self.metrics.engine(result))
 
-    async def collect(self, request: Request, stream, first, req: P.GenerationRequest, rid: str) -> Response:
-        """Non-streaming: wait for the answer, or abort when the client disconnects."""
+    async def collect(self, request: Request, stream, first, req: P.GenerationRequest, build) -> Response:
+        """Non-streaming: wait for the result and answer `build(result) -> (body, {choice index:
+        finish reason})`, or abort when the client disconnects."""
         async def answer():
             event = first
             while event[0] != "done":
@@ -129,17 +130,16 @@ class Generations:
                 err = api_error(res.error, req.kind, self.config.retry_after_s)
                 status = str(err.status)
                 return error_response(err)
-            body = self.answer(res, req, rid)
+            body, reasons = build(res)
             status, result = "200", res
-            reasons = {c["index"]: c["finish_reason"] for c in body["choices"]}
             return JSONResponse(body)
         finally:
             if not stream.finished:
                 stream.abort()
             self.ended(status, result, reasons)
 
-    def answer(self, res, req: P.GenerationRequest, rid: str) -> dict:
-        """The JSON answer of a finished request."""
+    def answer(self, res, req: P.GenerationRequest, rid: str) -> tuple[dict, dict]:
+        """The JSON answer of a finished request, and its choices' finish reasons."""
         runtime = self.apipe.runtime
         use = P.usage(res.usage["prompt_tokens"], res.usage["completion_tokens"], res.usage["cached_tokens"])
         want = req.fields.get("logprobs") is not None
@@ -148,11 +148,12 @@ class Generations:
             choices = [(c.index, c.text, c.finish_reason,
                         P.chat_logprobs(c.data.get("logprobs") or [], text_of) if want else None)
                        for c in res.choices]
-            return P.chat_response(rid, req.model, choices, use, tools_active=req.tools_active)
+            body = P.chat_response(rid, req.model, choices, use, tools_active=req.tools_active)
+            return body, {c["index"]: c["finish_reason"] for c in body["choices"]}
         echo = bool(req.fields.get("echo"))
         choices = []
         for c in res.choices:
             prompt = prompt_text(runtime, c.data, req) if echo else ""
             choices.append((c.index, prompt + c.text, c.finish_reason,
                             P.completion_logprobs(c.data, text_of, echo) if want else None))
-        return P.completion_response(rid, req.model, choices, use)
+        return P.completion_response(rid, req.model, choices, use), {c[0]: c[2] for c in choices}

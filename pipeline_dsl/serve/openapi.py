@@ -104,6 +104,23 @@ COMPLETION_RESPONSE = {"type": "object", "required": ["id", "object", "created",
                                               "finish_reason": FINISH}}}}}
 
 
+RESPONSES_REQUEST = {"type": "object", "required": ["input"], "properties": {
+    "model": SAMPLING["model"],
+    "input": {"oneOf": [{"type": "string", "minLength": 1},
+                        {"type": "array", "minItems": 1, "items": {"type": "object"}}]},
+    "instructions": {"type": "string"},
+    "max_output_tokens": {"type": "integer", "minimum": 1},
+    "temperature": SAMPLING["temperature"], "top_p": SAMPLING["top_p"], "stream": {"type": "boolean"},
+    "store": {"type": "boolean"}, "previous_response_id": {"type": "string"},
+    "tools": {"type": "array", "items": {"type": "object"}}, "text": {"type": "object"},
+    "metadata": {"type": "object"}}}
+
+RESPONSES_RESPONSE = {"type": "object", "required": ["id", "object", "created_at", "status", "model", "output"],
+                      "properties": {"id": {"type": "string"}, "object": {"const": "response"},
+                                     "created_at": {"type": "integer"}, "model": {"type": "string"},
+                                     "status": {"enum": ["completed", "incomplete", "failed", "in_progress"]},
+                                     "output": {"type": "array", "items": {"type": "object"}}}}
+
 SSE_EVENT = {"type": "object", "description": "one server-sent event: a chunk, an error object, or [DONE]",
              "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
 
@@ -205,3 +222,10 @@ TOKENIZER_INFO = {"responses": {
                                    "model_max_length": {"type": "integer"},
                                    "chat_template": {"type": ["string", "null"]}}}}}},
     **{k: ERRORS[k] for k in ("400", "503")}}}
+
+RESPONSE_GET = {"responses": {"200": {"description": "a stored response", "content": {"application/json": {
+    "schema": RESPONSES_RESPONSE}}}, "404": _error("no stored response has this id")}}
+
+RESPONSE_DELETE = {"responses": {"200": {"description": "the response was forgotten", "content": {
+    "application/json": {"schema": {"type": "object", "required": ["id", "deleted"]}}}},
+    "404": _error("no stored response has this id")}}

@@ -151,7 +151,7 @@ CHAT_FIELDS = COMMON | VLLM | {"messages", "max_completion_tokens", "top_logprob
                                "service_tier", "chat_template_kwargs"}
 
 
-def _check_unknown(obj: dict, known: set[str], lenient: bool = False) -> dict:
+def check_unknown(obj: dict, known: set[str], lenient: bool = False) -> dict:
     """The body without unknown fields: a 400 naming the first, or with `lenient` (vLLM's
     behaviour) a log line and the field ignored."""
     unknown = [key for key in obj if key not in known]
@@ -254,7 +254,7 @@ def parse_extras(obj: dict, *, chat: bool):
 def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
                      stages: tuple[str, ...] = (), lenient: bool = False) -> GenerationRequest:
     """POST /v1/completions: `prompt` is a string, an array of token ids, or a batch of those."""
-    obj = _check_unknown(obj, COMPLETION_FIELDS, lenient)
+    obj = check_unknown(obj, COMPLETION_FIELDS, lenient)
     model, pin = _model(obj, served, stages)
     _check_unsupported(obj)
     if "prompt" not in obj or obj["prompt"] is None:
@@ -327,7 +327,7 @@ def _messages(value) -> tuple[dict, ...]:
 def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
                stages: tuple[str, ...] = (), lenient: bool = False) -> GenerationRequest:
     """POST /v1/chat/completions."""
-    obj = _check_unknown(obj, CHAT_FIELDS, lenient)
+    obj = check_unknown(obj, CHAT_FIELDS, lenient)
     model, pin = _model(obj, served, stages)
     _check_unsupported(obj)
     messages = _messages(obj.get("messages"))
@@ -399,7 +399,7 @@ def chat_logprobs(entries: list, text_of) -> dict:
 def parse_tokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...] = ()) -> dict:
     """POST /tokenize: {"prompt": str, "add_special_tokens": true} or {"messages": [...],
     "add_generation_prompt": true}; `model` may name a generate stage (its tokenizer)."""
-    obj = _check_unknown(obj, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
+    obj = check_unknown(obj, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
                                "tools", "return_token_strs", "chat_template_kwargs"})
     _, pin = _model(obj, served, stages)
     special = _field(obj, "add_special_tokens", lambda v: isinstance(v, bool), "true or false")
@@ -420,7 +420,7 @@ def parse_tokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...
 
 
 def parse_detokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...] = ()) -> tuple[list, str | None]:
-    obj = _check_unknown(obj, {"model", "tokens"})
+    obj = check_unknown(obj, {"model", "tokens"})
     _, pin = _model(obj, served, stages)
     tokens = obj.get("tokens")
     if not isinstance(tokens, list) or not all(_is_int(t) and t >= 0 for t in tokens):

@@ -2,7 +2,8 @@
 handler reads what it needs from `request.app.state` (the AsyncPipeline `apipe`, the
 `config`, the `metrics` and the serving objects create_app puts there).
 
-Routes: POST /v1/completions, /v1/chat/completions (serve/generation.py), GET /v1/models,
+Routes: POST /v1/completions, /v1/chat/completions (serve/generation.py), /v1/responses (and GET,
+DELETE /v1/responses/{id}: serve/responses.py), GET /v1/models,
 /v1/models/{id}, POST /tokenize, /detokenize, GET /tokenizer_info, /version, /health,
 /metrics (Prometheus), /stats (counters as JSON), POST /trace/flush.
 """
@@ -52,6 +53,30 @@ async def completions(request: Request):
                                                                  "OpenAI chat completions"))
 async def chat_completions(request: Request):
     return await _state(request).generations.handle(request, P.parse_chat)
+
+
+@router.post("/v1/responses", openapi_extra=OA.generation(OA.RESPONSES_REQUEST, OA.RESPONSES_RESPONSE,
+                                                          "OpenAI Responses API (serve/responses.py)"))
+async def responses(request: Request):
+    return await _state(request).responses.create(request)
+
+
+def _no_response(response_id: str) -> Response:
+    return error_response(P.APIError(f"no stored response has the id '{response_id}'", status=404,
+                                     type="not_found_error", param="response_id", code="response_not_found"))
+
+
+@router.get("/v1/responses/{response_id}", openapi_extra=OA.RESPONSE_GET)
+async def get_response(response_id: str, request: Request):
+    found = _state(request).responses.store.get(response_id)
+    return found[0] if found is not None else _no_response(response_id)
+
+
+@router.delete("/v1/responses/{response_id}", openapi_extra=OA.RESPONSE_DELETE)
+async def delete_response(response_id: str, request: Request):
+    if not _state(request).responses.store.delete(response_id):
+        return _no_response(response_id)
+    return {"id": response_id, "object": "response", "deleted": True}
 
 
 # ---------------------------------------------------------------- models, tokenizer
