@@ -15,7 +15,13 @@ Two deployments make the application `agp`:
   --affinity-chars characters as a routing key and calls `AgpPipeline` through a deployment
   handle, streaming the replica's ASGI messages back. A request whose replica fails before
   its answer started is sent again (to another replica); a stream already started ends with
-  an error event. `x-agp-attempts` says how many times it was sent.
+  an error event. `x-agp-attempts` says how many times it was sent. GET /metrics it answers
+  itself, for every replica (serve/ray_metrics.py). Draining (`drain`, at SIGTERM) it answers
+  new requests 503 + Retry-After while those in flight finish; then the application goes.
+- `AgpMetrics` (serve/ray_metrics.py) keeps each replica's latest metrics.
+
+The application is served at "/" and answers under --root-path too (the app strips it), so a
+route answers with and without the prefix, as in one process.
 
 `PrefixAffinityRouter`, the handle's request router, sends a request with a key to the
 replica that ranks highest for the key by rendezvous hashing (every ingress replica agrees
@@ -36,6 +42,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 import ray
@@ -45,6 +52,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from . import protocol as P
+from .ray_metrics import PUSH_S, AgpMetrics, merge
 
 log = logging.getLogger("agp.serve")
 APP = "agp"
@@ -129,7 +137,7 @@ class AgpPipeline:
     """One replica: the app of `agp serve` for these flags, in this process; its lifespan (the
     pipeline's start, and its drain) runs with the replica's."""
 
-    async def __init__(self, options: dict):
+    async def __init__(self, options: dict, hub=None):
         from .build import build
         from .logs import configure
 
@@ -139,9 +147,32 @@ class AgpPipeline:
         self.replica = serve.get_replica_context().replica_id.unique_id.encode()
         self.lifespan = self.serving.app.router.lifespan_context(self.serving.app)
         await self.lifespan.__aenter__()
+        self.hub = hub
+        self.pusher = asyncio.ensure_future(self._push()) if hub is not None else None
+
+    async def _push(self) -> None:
+        """This replica's metrics to the AgpMetrics deployment, every PUSH_S seconds."""
+        from .routes import pipeline_stats
+
+        while True:
+            try:
+                body, _ = self.serving.metrics.render(await pipeline_stats(self.serving.app.state))
+                await self.hub.put.remote(self.replica.decode(), body.decode())
+            except Exception as e:              # noqa: BLE001 - the next push tries again
+                log.debug("metrics push failed: %s", e)
+            await asyncio.sleep(PUSH_S)
+
+    async def _drop(self) -> None:
+        await self.hub.drop.remote(self.replica.decode())
 
     async def __del__(self):
         """Serve stops the replica (after its requests finished, or the drain timeout)."""
+        if getattr(self, "pusher", None) is not None:
+            self.pusher.cancel()
+            try:                                # the hub may be stopping too (the application goes)
+                await asyncio.wait_for(self._drop(), 2.0)
+            except Exception:                   # noqa: BLE001 - the hub forgets it when it goes stale
+                pass
         if hasattr(self, "lifespan"):
             await self.lifespan.__aexit__(None, None, None)
 
@@ -191,9 +222,26 @@ class AgpPipeline:
 class AgpIngress:
     """Behind Ray's HTTP proxy: every request to an `AgpPipeline` replica, with its routing key."""
 
-    def __init__(self, pipeline, affinity_chars: int, max_body_bytes: int, body_timeout_s: float):
+    def __init__(self, pipeline, affinity_chars: int, max_body_bytes: int, body_timeout_s: float, hub=None,
+                 root_path: str = "", retry_after_s: int = 1):
         self.pipeline = pipeline.options(stream=True)
         self.chars, self.limit, self.body_timeout_s = affinity_chars, max_body_bytes, body_timeout_s
+        self.hub, self.root, self.retry_after_s = hub, root_path.rstrip("/"), retry_after_s
+        self.draining = False
+        self.active = 0                          # requests being forwarded now
+
+    def drain(self) -> None:
+        """Stop taking requests (503 + Retry-After, /health 503) while those in flight finish."""
+        self.draining = True
+
+    def in_flight(self) -> int:
+        return self.active
+
+    def _path(self, scope) -> str:
+        path = scope.get("path", "")
+        if self.root and (path == self.root or path.startswith(self.root + "/")):
+            return path[len(self.root):] or "/"
+        return path
 
     def __serve_build_asgi_app__(self):
         async def app(scope, receive, send):       # a function: uvicorn takes it for ASGI 3
@@ -209,6 +257,23 @@ class AgpIngress:
                     return
         if scope["type"] != "http":
             return
+        path = self._path(scope)
+        if self.draining:
+            if path == "/health":
+                return await _json(send, 503, {"status": "draining"}, {"Retry-After": str(self.retry_after_s)})
+            return await _answer(send, P.APIError("the server is shutting down; retry on another", status=503,
+                                                  type="server_error", code="unavailable",
+                                                  headers={"Retry-After": str(self.retry_after_s)}))
+        if path == "/metrics" and scope.get("method") == "GET" and self.hub is not None:
+            texts = await self.hub.collect.remote()
+            return await _raw(send, 200, merge(texts), "text/plain; version=0.0.4; charset=utf-8")
+        self.active += 1
+        try:
+            await self._forward(scope, receive, send)
+        finally:
+            self.active -= 1
+
+    async def _forward(self, scope, receive, send):
         body = await self._body(receive)
         if body is False:                        # the client went away
             return
@@ -277,12 +342,19 @@ class AgpIngress:
         return b"".join(chunks)[:self.limit + 1]
 
 
-async def _answer(send, err: P.APIError) -> None:
-    body = json.dumps(err.body()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
-    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+async def _raw(send, status: int, body: bytes, content_type: str, headers: dict | None = None) -> None:
+    head = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+    head += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": head})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _json(send, status: int, obj: dict, headers: dict | None = None) -> None:
+    await _raw(send, status, json.dumps(obj).encode(), "application/json", headers)
+
+
+async def _answer(send, err: P.APIError) -> None:
+    await _json(send, err.status, err.body(), err.headers)
 
 
 # ---------------------------------------------------------------- the application
@@ -312,8 +384,24 @@ def build_app(args, gpus: float = 0):
         if options.get(name):
             options[name] = str(Path(options[name]).resolve())
     options.pop("func", None)
-    pipeline = AgpPipeline.options(**pipeline_options(args, gpus)).bind(options)
-    return AgpIngress.bind(pipeline, args.affinity_chars, args.max_body_bytes, args.body_timeout)
+    hub = AgpMetrics.bind()
+    pipeline = AgpPipeline.options(**pipeline_options(args, gpus)).bind(options, hub)
+    return AgpIngress.bind(pipeline, args.affinity_chars, args.max_body_bytes, args.body_timeout, hub,
+                           args.root_path)
+
+
+def drain(app: str, timeout: float) -> bool:
+    """The graceful stop of a running application: its ingress answers new requests 503 +
+    Retry-After while those in flight finish (up to `timeout`); True when all finished. The
+    caller then deletes the application."""
+    ingress = serve.get_app_handle(app)
+    ingress.drain.remote().result()
+    deadline = time.monotonic() + timeout
+    while ingress.in_flight.remote().result() > 0:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def pipeline_device(args) -> str:
@@ -402,7 +490,7 @@ def main(args) -> int:
                 http_options={"host": args.host, "port": port, "ssl_keyfile": args.ssl_keyfile,
                               "ssl_certfile": args.ssl_certfile})
     try:
-        serve.run(build_app(args, gpus), name=APP, route_prefix=args.root_path or "/")
+        serve.run(build_app(args, gpus), name=APP, route_prefix="/")   # the app answers under --root-path
     except Exception as e:                      # noqa: BLE001 - Serve says why the replicas did not start
         code, why = start_failure(e)
         report(why if code == 2 else f"the application did not start: {why}")
@@ -423,7 +511,9 @@ def main(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(0.5):
         pass
-    log.info("stopping: replicas finish their requests (up to %gs)", args.drain_timeout)
+    log.info("draining: new requests get 503; those in flight get up to %gs", args.drain_timeout)
+    if not drain(APP, args.drain_timeout):
+        log.warning("drain timeout: requests still in flight are cut")
     serve.delete(APP)
     if started_here:
         ray.shutdown()
