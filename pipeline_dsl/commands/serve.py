@@ -4,8 +4,9 @@
     curl -N localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
          -d '{"messages": [{"role": "user", "content": "Hi"}], "stream": true}'
 
-Routes: /v1/completions, /v1/chat/completions (streaming or not), /v1/models, /tokenize,
-/detokenize, /health, /metrics (Prometheus), /stats, /version, /trace/flush. SIGTERM (or
+Routes: /v1/completions, /v1/chat/completions, /v1/responses (streaming or not), /v1/models,
+/tokenize, /detokenize, /health, /metrics (Prometheus), /stats, /version, /trace/flush; the
+flags and what they build live in pipeline_dsl.serve (options, build). SIGTERM (or
 Ctrl-C) stops accepting connections, lets in-flight requests finish (up to
 --drain-timeout) and exits 0. Every flag can also be set by an environment variable:
 AGP_ and the flag's name in capitals (--api-key: AGP_API_KEY, --max-num-seqs:

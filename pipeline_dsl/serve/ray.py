@@ -4,7 +4,7 @@
     agp serve examples/chat.agp --ray --max-replicas 4 --target-ongoing-requests 8
     serve run pipeline_dsl.serve.ray:app_builder pipeline=/abs/path/chat.agp replicas=2
 
-Two deployments make the application `agp`:
+Three deployments make the application `agp`:
 
 - `AgpPipeline`, the replicas: each builds the app `agp serve` builds for the same flags
   (`build(args)`: the same routes, limits and metrics) and runs it in its process, with its
