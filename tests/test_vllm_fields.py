@@ -161,3 +161,46 @@ def test_a_guided_field_that_cannot_be_enforced_is_a_400_naming_it(client, extra
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=USER, max_tokens=4, extra_body=extra)
     assert e.value.body["param"] == param and e.value.body["message"]
+
+
+# ---------------------------------------------------------------- through a python stage
+
+def passthrough(item: dict) -> dict:
+    """A python stage that hands the request on as it came (as a redaction stage does)."""
+    return item
+
+
+HOOKED = """pipeline hooked {{
+    model  = "{model}"
+    device = cpu
+    dtype  = fp32
+    stage request : requests      {{}}
+    stage hook    : python        {{ fn = "test_vllm_fields:passthrough" }}
+    stage batch   : dynamic_batch {{ max_batch_size = 8  timeout = 5ms }}
+    stage encode  : encode        {{}}
+    stage kv      : kv_lookup     {{ block_size = 8  budget = 1MiB }}
+    stage gen     : generate      {{ max_new_tokens = 16 }}
+    stage out     : respond       {{}}
+    request -> hook -> batch
+    batch -> encode when full
+    batch -> encode when timeout
+    encode -> kv -> gen -> out
+}}
+"""
+
+
+def test_the_fields_keep_their_meaning_through_a_python_stage(tiny_gguf):
+    s = LiveServer(tiny_gguf, text=HOOKED.format(model=tiny_gguf), overrides={"chat_template": TEMPLATE})
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        kept = client.chat.completions.create(model="tiny", messages=USER, max_tokens=2, logprobs=True, extra_body={
+            "ignore_eos": True, "skip_special_tokens": False, "logit_bias": {str(IM_START): 100},
+            "stop_token_ids": [7], "chat_template_kwargs": {"enable_thinking": False}})
+        assert kept.choices[0].message.content == "<|im_start|>" * 2 and len(kept.choices[0].logprobs.content) == 2
+        plain = client.chat.completions.create(model="tiny", messages=USER, max_tokens=2)
+        assert kept.usage.prompt_tokens > plain.usage.prompt_tokens                  # "/no_think" was rendered
+        text = client.chat.completions.create(model="tiny", messages=USER, max_tokens=8,
+                                              extra_body={"guided_choice": ["yes", "no"]}).choices[0].message.content
+        assert text in ("yes", "no")
+    finally:
+        s.close()
