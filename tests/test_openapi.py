@@ -34,7 +34,7 @@ def test_every_route_is_described(live):
 
 
 @pytest.mark.parametrize("label", ["POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses",
-                                   "GET /v1/models",
+                                   "POST /v1/embeddings", "GET /v1/models",
                                    "GET /health", "GET /stats", "GET /metrics", "GET /tokenizer_info"])
 def test_the_served_api_matches_its_description(live, label):
     op = next(o for o in operations(live) if o.label == label)

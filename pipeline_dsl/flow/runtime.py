@@ -574,7 +574,7 @@ class PipelineRuntime:
             heard = getattr(req.listener, "on_prompt", None)   # a stream echoes them before its tokens
             if heard is not None:
                 heard(req.key, entry["prompt_token_ids"], entry["prompt_logprobs"])
-        if item.data.get("max_tokens") == 0:                # echo only: nothing to generate
+        if item.data.get("max_tokens") == 0 and item.data.get("pooling") is None:   # echo only: nothing to compute
             self._answer_without_engine(item, es, targets, ids, entry)
             return
         submits = []
@@ -694,6 +694,8 @@ class PipelineRuntime:
                 item.kind = GENERATED
                 item.data = self._generated(item, item.data, gen, out.text, out.finish_reason, out.prompt_tokens,
                                             out.completion_tokens, out.cached_tokens)
+                if getattr(out, "pooled", None) is not None:   # pooling = "mean": the prompt's mean hidden state
+                    item.data["pooled"] = out.pooled
         for item, out in finished:
             if not item.req.done:
                 self._task(self._leave_generate, item)

@@ -3,7 +3,7 @@
 `options` holds the flags (shared with Ray replicas), `build` makes the runtime, metrics and
 app for them; `app` assembles the FastAPI application from `routes` (a module-level router),
 the serving objects `generation` (completions, chat; streamed by `sse`) and `responses`
-(the Responses API; streamed by `responses_events`), with the middleware `access` (request id,
+(the Responses API; streamed by `responses_events`) and `embeddings`, with the middleware `access` (request id,
 root path, access log) and `guard` (API key, Host, connection limit). `protocol` and `extras`
 validate bodies, `errors` maps failures to answers, `async_pipeline` connects the runtime's
 threads to asyncio, `metrics` exports Prometheus series, `server` runs uvicorn, `ray` and

@@ -25,6 +25,7 @@ from . import protocol as P
 from .access import Access
 from .async_pipeline import AsyncPipeline
 from .config import ServeConfig
+from .embeddings import Embeddings
 from .errors import error_response
 from .generation import Generations
 from .guard import Guard
@@ -84,6 +85,7 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
     state.drained = None
     state.generations = Generations(apipe, config, metrics)
     state.responses = Responses(state.generations)
+    state.embeddings = Embeddings(state.generations)
     app.include_router(router)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_middleware(Guard, config=config)

@@ -38,7 +38,7 @@ def api_error(e: PipelineError, kind: str, retry_after_s: int = 1) -> APIError:
     (context_length_exceeded) keeps it."""
     status, type_, code, retry = FAILURES.get(e.kind, FAILURES["failed"])
     if e.kind == "invalid":
-        param = "messages" if kind == "chat" else "input" if kind == "responses" else "prompt"
+        param = "messages" if kind == "chat" else "input" if kind in ("responses", "embeddings") else "prompt"
     else:
         param = e.stage if e.kind in ("rejected", "failed") else None
     return APIError(e.message, status=status, type=type_, code=getattr(e, "code", None) or code, param=param,

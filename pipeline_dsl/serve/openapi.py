@@ -229,3 +229,19 @@ RESPONSE_GET = {"responses": {"200": {"description": "a stored response", "conte
 RESPONSE_DELETE = {"responses": {"200": {"description": "the response was forgotten", "content": {
     "application/json": {"schema": {"type": "object", "required": ["id", "deleted"]}}}},
     "404": _error("no stored response has this id")}}
+
+EMBEDDINGS = {
+    "summary": "OpenAI embeddings: the mean of the model's final hidden states (serve/embeddings.py)",
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["input"], "additionalProperties": False, "properties": {
+            "model": {"type": "string"},
+            "input": {"oneOf": [{"type": "string", "minLength": 1},
+                                {"type": "array", "minItems": 1, "maxItems": 4, "items": {"type": "string",
+                                                                                          "minLength": 1}}]},
+            "encoding_format": {"enum": ["float", "base64"]}, "normalize": {"type": "boolean"}}}}}},
+    "responses": {"200": {"description": "one embedding per input", "content": {"application/json": {"schema": {
+        "type": "object", "required": ["object", "data", "model", "usage"], "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": {"type": "object", "required": ["object", "index", "embedding"]}},
+            "model": {"type": "string"}, "usage": {"type": "object"}}}}}},
+        **{k: ERRORS[k] for k in ("400", "404", "408", "413", "415", "429", "500", "503")}}}

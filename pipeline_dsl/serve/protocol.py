@@ -224,7 +224,7 @@ def _stream_flags(obj: dict) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def _model(obj: dict, served: tuple[str, ...], stages: tuple[str, ...] = ()) -> tuple[str, str | None]:
+def model_of(obj: dict, served: tuple[str, ...], stages: tuple[str, ...] = ()) -> tuple[str, str | None]:
     """(the model id of the answer, the generate stage it pins or None)."""
     model = obj.get("model")
     if model is None:
@@ -255,7 +255,7 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
                      stages: tuple[str, ...] = (), lenient: bool = False) -> GenerationRequest:
     """POST /v1/completions: `prompt` is a string, an array of token ids, or a batch of those."""
     obj = check_unknown(obj, COMPLETION_FIELDS, lenient)
-    model, pin = _model(obj, served, stages)
+    model, pin = model_of(obj, served, stages)
     _check_unsupported(obj)
     if "prompt" not in obj or obj["prompt"] is None:
         raise APIError("'prompt' is required", param="prompt")
@@ -328,7 +328,7 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
                stages: tuple[str, ...] = (), lenient: bool = False) -> GenerationRequest:
     """POST /v1/chat/completions."""
     obj = check_unknown(obj, CHAT_FIELDS, lenient)
-    model, pin = _model(obj, served, stages)
+    model, pin = model_of(obj, served, stages)
     _check_unsupported(obj)
     messages = _messages(obj.get("messages"))
     stream, include_usage = _stream_flags(obj)
@@ -401,7 +401,7 @@ def parse_tokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...
     "add_generation_prompt": true}; `model` may name a generate stage (its tokenizer)."""
     obj = check_unknown(obj, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
                                "tools", "return_token_strs", "chat_template_kwargs"})
-    _, pin = _model(obj, served, stages)
+    _, pin = model_of(obj, served, stages)
     special = _field(obj, "add_special_tokens", lambda v: isinstance(v, bool), "true or false")
     if ("prompt" in obj) == ("messages" in obj):
         raise APIError("give exactly one of 'prompt' or 'messages'", param="prompt")
@@ -421,7 +421,7 @@ def parse_tokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...
 
 def parse_detokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...] = ()) -> tuple[list, str | None]:
     obj = check_unknown(obj, {"model", "tokens"})
-    _, pin = _model(obj, served, stages)
+    _, pin = model_of(obj, served, stages)
     tokens = obj.get("tokens")
     if not isinstance(tokens, list) or not all(_is_int(t) and t >= 0 for t in tokens):
         raise _bad("tokens", "an array of token ids", tokens)

@@ -3,7 +3,7 @@ handler reads what it needs from `request.app.state` (the AsyncPipeline `apipe`,
 `config`, the `metrics` and the serving objects create_app puts there).
 
 Routes: POST /v1/completions, /v1/chat/completions (serve/generation.py), /v1/responses (and GET,
-DELETE /v1/responses/{id}: serve/responses.py), GET /v1/models,
+DELETE /v1/responses/{id}: serve/responses.py), /v1/embeddings (serve/embeddings.py), GET /v1/models,
 /v1/models/{id}, POST /tokenize, /detokenize, GET /tokenizer_info, /version, /health,
 /metrics (Prometheus), /stats (counters as JSON), POST /trace/flush.
 """
@@ -77,6 +77,11 @@ async def delete_response(response_id: str, request: Request):
     if not _state(request).responses.store.delete(response_id):
         return _no_response(response_id)
     return {"id": response_id, "object": "response", "deleted": True}
+
+
+@router.post("/v1/embeddings", openapi_extra=OA.EMBEDDINGS)
+async def embeddings(request: Request):
+    return await _state(request).embeddings.create(request)
 
 
 # ---------------------------------------------------------------- models, tokenizer
