@@ -6,6 +6,6 @@ the serving objects `generation` (completions, chat; streamed by `sse`) and `res
 (the Responses API; streamed by `responses_events`) and `embeddings`, with the middleware `access` (request id,
 root path, access log) and `guard` (API key, Host, connection limit). `protocol` and `extras`
 validate bodies, `errors` maps failures to answers, `async_pipeline` connects the runtime's
-threads to asyncio, `metrics` exports Prometheus series, `server` runs uvicorn, `ray` and
-`ray_metrics` run it on Ray Serve. The command itself is `pipeline_dsl.commands.serve`.
+threads to asyncio, `metrics` exports Prometheus series, `server` runs uvicorn, `ray`,
+`ray_deployments` and `ray_metrics` run it on Ray Serve. The command itself is `pipeline_dsl.commands.serve`.
 """
