@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 
 from pipeline_dsl.flow import PipelineError
 
-from .protocol import APIError
+from .api_error import APIError
 
 log = logging.getLogger("agp.serve")
 # "METHOD /path" of the request being served, for the log line of an error answer

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pipeline_dsl.engine.constrain import GrammarError, check_spec
 from pipeline_dsl.requests_io import RequestError, parse_response_format
 
-from .protocol import APIError
+from .api_error import APIError
 
 FLAGS = ("skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output")
 GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")

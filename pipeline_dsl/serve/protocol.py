@@ -21,26 +21,10 @@ from pipeline_dsl.requests_io import (RequestError, load_json, parse_logit_bias,
                                       request_item)
 from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
 
+from .api_error import APIError
+from .extras import parse_extras
+
 log = logging.getLogger("agp.serve")
-
-
-class APIError(Exception):
-    """An error answered to the client as an OpenAI-style JSON body."""
-
-    def __init__(self, message: str, *, status: int = 400, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type,
-                          "param": self.param, "code": self.code}}
 
 
 @dataclass(frozen=True)
@@ -243,12 +227,6 @@ def model_of(obj: dict, served: tuple[str, ...], stages: tuple[str, ...] = ()) -
 
 
 # ---------------------------------------------------------------- requests
-
-def parse_extras(obj: dict, *, chat: bool):
-    """vLLM's extra fields (serve/extras.py, imported here: it builds on this module's APIError)."""
-    from .extras import parse_extras as parse
-
-    return parse(obj, chat=chat)
 
 
 def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],

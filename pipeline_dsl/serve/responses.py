@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
@@ -27,6 +26,8 @@ from .access import request_info
 from .body import read_json
 from .extras import bad
 from .generation import Generations
+from .responses_events import ResponseEvents
+from .responses_output import call_item, message_item, output_messages, response_object, usage
 from .sse import EventStream
 
 STORED = 1024              # responses kept for previous_response_id / GET (the oldest go first)
@@ -236,49 +237,6 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
     return ResponsesCall(replace(req, kind="responses"), settings, before + turn, settings["store"])
 
 
-# ---------------------------------------------------------------- the answer
-
-def usage(u: dict) -> dict:
-    return {"input_tokens": u["prompt_tokens"], "input_tokens_details": {"cached_tokens": u["cached_tokens"]},
-            "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": u["prompt_tokens"] + u["completion_tokens"]}
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
-
-
-def message_item(text: str, status: str, logprobs: list | None, item_id: str | None = None) -> dict:
-    part = {"type": "output_text", "text": text, "annotations": []}
-    if logprobs is not None:
-        part["logprobs"] = logprobs
-    return {"type": "message", "id": item_id or new_id("msg"), "status": status, "role": "assistant",
-            "content": [part]}
-
-
-def call_item(call: dict, item_id: str | None = None) -> dict:
-    return {"type": "function_call", "id": item_id or new_id("fc"), "call_id": call["id"],
-            "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": "completed"}
-
-
-def response_object(rid: str, call: ResponsesCall, created: int, status: str, output: list,
-                    use: dict | None, error: dict | None = None) -> dict:
-    incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
-    return {"id": rid, "object": "response", "created_at": created, "status": status, "model": call.req.model,
-            "output": output, "error": error, "incomplete_details": incomplete, "usage": use, **call.settings}
-
-
-def output_messages(output: list) -> list[dict]:
-    """The answer's items as chat messages (what a later previous_response_id continues)."""
-    text = "".join(p["text"] for item in output if item["type"] == "message" for p in item["content"])
-    calls = [{"id": i["call_id"], "type": "function", "function": {"name": i["name"], "arguments": i["arguments"]}}
-             for i in output if i["type"] == "function_call"]
-    message = {"role": "assistant", "content": text}
-    if calls:
-        message["tool_calls"] = calls
-    return [message]
-
-
 class Responses:
     """The serving object of /v1/responses, on the Generations of the chat path."""
 
@@ -299,8 +257,6 @@ class Responses:
             return started
         stream, first = started
         if call.req.stream:
-            from .responses_events import ResponseEvents
-
             events = ResponseEvents(self, call, stream, first, rid, g.ended)
             return EventStream(events.events(), stream, g.gone)
         return await g.collect(request, stream, first, call.req, lambda res: self.answer(call, res, rid))

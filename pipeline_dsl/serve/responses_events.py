@@ -19,7 +19,7 @@ import time
 
 from . import protocol as P
 from .errors import api_error, log_error
-from .responses import call_item, message_item, new_id, response_object, usage
+from .responses_output import call_item, message_item, new_id, response_object, usage
 
 
 class ResponseEvents:
