@@ -2,7 +2,7 @@
 
 What an embedding is here: the mean, over the input's tokens, of the model's final hidden states
 (after its last RMSNorm), L2-normalised to length 1 (`"normalize": false` keeps the raw mean),
-as a decoder-only server gives (vLLM's mean pooling; OpenAI's embeddings are normalised too).
+(vLLM's MEAN pooler; OpenAI's and vLLM's embeddings are normalised too).
 Each input is a request of the pipeline with `max_tokens: 0` and `pooling: "mean"`: the engine
 prefills it in chunks beside other requests' decodes and finishes it after its prompt, nothing
 sampled, no prefix-cache read (engine/prompt_outputs.py). It is not a model trained for

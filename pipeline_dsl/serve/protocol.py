@@ -29,7 +29,7 @@ log = logging.getLogger("agp.serve")
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    kind: str                                  # "completion" | "chat"
+    kind: str                                  # "completion" | "chat" | "responses" (a chat it answers)
     model: str                                 # the id the client asked for (answers carry it)
     fields: dict                               # sampling overrides and n, validated
     prompt: str | None = None
