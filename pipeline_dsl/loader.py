@@ -248,3 +248,12 @@ def _key(path: str) -> str:
         return os.path.realpath(path)
     except (OSError, ValueError):        # a NUL in the path: reported when the file is read
         return os.path.abspath(path.replace("\0", "\\0"))
+
+
+def add_pipeline_arguments(p) -> None:
+    """The .agp file (`args.pipeline`) and which of its pipelines (`args.name`): one spelling
+    for every command that loads a pipeline (and for `agp serve`'s flags, which Ray replicas
+    parse too)."""
+    p.add_argument("pipeline", metavar="FILE", help="the .agp file")
+    p.add_argument("--pipeline", "--pipeline-name", "--name", dest="name", default=None,
+                   help="which pipeline of the file (default: the only or first one)")

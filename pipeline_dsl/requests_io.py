@@ -39,18 +39,19 @@ class ParsedRequest:
     tool_choice: Any = "none"
     parallel_tool_calls: bool = True
     response_format: dict | None = None                     # json_object / json_schema: constrained output
+    extras: dict = field(default_factory=dict)              # the per-request fields of ITEM_FIELDS
 
     def item(self) -> dict:
         """The request as the pipeline's items carry it (what a python stage sees)."""
         return request_item(self.id, messages=self.messages, prompt_token_ids=self.prompt_token_ids,
-                            prompt=self.prompt, fields=self.sampling, model=self.model, n=self.n,
+                            prompt=self.prompt, fields={**self.sampling, **self.extras}, model=self.model, n=self.n,
                             metadata=self.metadata, tools=self.tools, tool_choice=self.tool_choice,
                             parallel_tool_calls=self.parallel_tool_calls, response_format=self.response_format)
 
 
 def request_item(request_id: str, *, messages, prompt_token_ids, prompt, fields: dict, model=None, n=None,
                  metadata=None, tools=None, tool_choice="none", parallel_tool_calls=True,
-                 response_format=None) -> dict[str, Any]:
+                 response_format=None, chat_template_kwargs=None) -> dict[str, Any]:
     """A request as the pipeline's items carry it, for `agp run` and `agp serve` alike: its id,
     one of messages / prompt_token_ids / prompt, its sampling fields, and what is set of model,
     n, tools (with tool_choice and parallel_tool_calls), response_format; metadata always."""
@@ -72,6 +73,8 @@ def request_item(request_id: str, *, messages, prompt_token_ids, prompt, fields:
         out["tool_choice"], out["parallel_tool_calls"] = tool_choice, parallel_tool_calls
     if response_format is not None:
         out["response_format"] = dict(response_format)
+    if chat_template_kwargs:
+        out["chat_template_kwargs"] = dict(chat_template_kwargs)
     return out
 
 def _is_int(v) -> bool:
@@ -91,8 +94,21 @@ def _check(name: str, value, ok: bool, expected: str):
 from stages.fields import REQUEST_FIELDS, ParamError, check_field  # noqa: E402 - one schema per field
 
 SAMPLING_FIELDS = tuple(f for f in REQUEST_FIELDS if f != "n")     # SamplingParams overrides
+# per-request fields no stage parameter sets (agp serve puts them on its items; a request line may
+# give them too): name -> (is it valid, what it must be)
+ITEM_FIELDS = {
+    "stop_token_ids": (lambda v: isinstance(v, list) and all(_is_int(t) and t >= 0 for t in v), "an array of token ids"),
+    "logprobs": (lambda v: _is_int(v) and 0 <= v <= 20, "an integer from 0 to 20"),
+    "prompt_logprobs": (lambda v: _is_int(v) and 0 <= v <= 20, "an integer from 0 to 20"),
+    "echo": (lambda v: isinstance(v, bool), "true or false"),
+    "skip_special_tokens": (lambda v: isinstance(v, bool), "true or false"),
+    "spaces_between_special_tokens": (lambda v: isinstance(v, bool), "true or false"),
+    "include_stop_str_in_output": (lambda v: isinstance(v, bool), "true or false"),
+    "chat_template_kwargs": (lambda v: isinstance(v, dict), "an object of template variables"),
+    "pooling": (lambda v: v == "mean", '"mean"'),
+}
 KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", "tools", "tool_choice", "logit_bias",
-         "parallel_tool_calls", "response_format", *REQUEST_FIELDS}
+         "parallel_tool_calls", "response_format", *REQUEST_FIELDS, *ITEM_FIELDS}
 
 
 def parse_messages(value) -> list[dict]:
@@ -192,7 +208,9 @@ def parse_tools(obj: dict) -> tuple[list | None, Any, bool]:
                            f"\"function\": {{\"name\"}}}}, not {_shown(choice)}", param="tool_choice")
     if choice in ("required",) and not tools:
         raise RequestError("'tool_choice' is required but no 'tools' are given", param="tool_choice")
-    parallel = obj.get("parallel_tool_calls", True)
+    parallel = obj.get("parallel_tool_calls")
+    if parallel is None:                       # left out or null (what clients send by default): true
+        parallel = True
     if not isinstance(parallel, bool):
         raise RequestError("'parallel_tool_calls' must be true or false", param="parallel_tool_calls")
     return tools, choice, parallel
@@ -254,12 +272,19 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
         if req.messages is None:
             raise RequestError("'tools' need 'messages' (a chat request)", param="tools")
         req.tools, req.tool_choice, req.parallel_tool_calls = parse_tools(obj)
-    if obj.get("response_format") is not None:
+    if isinstance(obj.get("response_format"), dict) and obj["response_format"].get("type") in CONSTRAINTS:
+        req.response_format = dict(obj["response_format"])     # a constraint agp serve made (guided_*)
+    elif obj.get("response_format") is not None:
         req.response_format = parse_response_format(obj["response_format"])
     if obj.get("logit_bias") is not None:
         req.sampling["logit_bias"] = parse_logit_bias(obj["logit_bias"])
+    for name, (ok, expected) in ITEM_FIELDS.items():
+        if obj.get(name) is not None:
+            req.extras[name] = _check(name, obj[name], ok(obj[name]), expected)
     return req
 
+
+CONSTRAINTS = ("regex", "choice", "grammar")    # constraint specs beyond OpenAI's response_format types
 
 MAX_LOGIT_BIAS = 1024      # tokens one request may bias
 
@@ -275,6 +300,8 @@ def parse_logit_bias(bias) -> dict[int, float]:
                            param="logit_bias")
     out = {}
     for key, value in bias.items():
+        if _is_int(key) and 0 <= key < 10 ** 9:   # an item's own (already parsed) bias: ids as numbers
+            key = str(key)
         if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 10):
             raise RequestError(f"'logit_bias' keys must be token ids, not {_shown(key)}", param="logit_bias")
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and -100 <= value <= 100):

@@ -244,7 +244,7 @@ def test_stats_name_every_counter():
     bm.allocate("d", 2)                            # the fresh block, then evicts "a"
     assert bm.stats() == {
         "kv_blocks_total": 4, "kv_blocks_used": 3, "kv_blocks_cached": 1, "kv_blocks_free": 0,
-        "kv_blocks_prefix": 2, "kv_block_size": 2, "kv_evictions": 1,
+        "kv_blocks_prefix": 2, "kv_block_size": 2, "kv_prefix_reuse": True, "kv_evictions": 1,
         "kv_queried_tokens": 12, "kv_hit_tokens": 2, "kv_hit_rate": 2 / 12,
     }
 

@@ -29,11 +29,12 @@ def operations(live):
 
 def test_every_route_is_described(live):
     labels = {op.label for op in operations(live)}
-    assert {"POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /health",
-            "GET /metrics", "GET /stats", "GET /tokenizer_info"} <= labels
+    assert {"POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses", "GET /v1/models",
+            "GET /health", "GET /metrics", "GET /stats", "GET /tokenizer_info"} <= labels
 
 
-@pytest.mark.parametrize("label", ["POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models",
+@pytest.mark.parametrize("label", ["POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses",
+                                   "POST /v1/embeddings", "GET /v1/models",
                                    "GET /health", "GET /stats", "GET /metrics", "GET /tokenizer_info"])
 def test_the_served_api_matches_its_description(live, label):
     op = next(o for o in operations(live) if o.label == label)

@@ -20,7 +20,8 @@ import uvicorn
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
 from pipeline_dsl.runtime import build_runtime
 from pipeline_dsl.serve import protocol as P
-from pipeline_dsl.serve.app import ServeConfig, create_app
+from pipeline_dsl.serve.app import create_app
+from pipeline_dsl.serve.config import ServeConfig
 from pipeline_dsl.serve.async_pipeline import AsyncPipeline
 from pipeline_dsl.serve.metrics import ServerMetrics
 
@@ -246,6 +247,39 @@ def test_chat_stream_concatenates_to_the_non_streaming_answer(server):
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0   # same prompt again: prefix hit
 
 
+def test_chat_with_n_answers_exactly_n_choices_streamed_and_not(server):
+    msgs = [{"role": "user", "content": "count the choices"}]
+    for n in (2, 3):
+        whole = server.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=5, n=n,
+                                                      temperature=1.0, seed=7)
+        assert sorted(c.index for c in whole.choices) == list(range(n))
+        assert all(c.finish_reason in ("stop", "length") and c.message.role == "assistant" for c in whole.choices)
+        chunks = list(server.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=5, n=n,
+                                                            temperature=1.0, seed=7, stream=True))
+        finished = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert sorted(finished) == list(range(n))                    # one finishing chunk per choice
+        assert {c.choices[0].index for c in chunks if c.choices} == set(range(n))
+        texts = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+                 for i in range(n)}
+        assert texts == {c.index: c.message.content for c in whole.choices}   # the same seeds, the same answers
+
+
+def test_total_tokens_is_prompt_plus_completion_also_when_the_prompt_was_cached(server):
+    body = dict(model="tiny", messages=[{"role": "user", "content": "the same prompt twice " * 4}], max_tokens=6)
+    first = server.client.chat.completions.create(**body).usage
+    second = server.client.chat.completions.create(**body).usage
+    assert second.prompt_tokens_details.cached_tokens > 0                 # the second found it cached
+    assert second.prompt_tokens == first.prompt_tokens                    # cached tokens are prompt tokens
+    for use in (first, second):
+        assert use.total_tokens == use.prompt_tokens + use.completion_tokens
+    for _ in range(2):                                                    # streamed: the usage chunk
+        chunks = list(server.client.completions.create(model="tiny", prompt="the same prompt twice " * 4,
+                                                       max_tokens=6, stream=True,
+                                                       stream_options={"include_usage": True}))
+    use = chunks[-1].usage
+    assert use.prompt_tokens_details.cached_tokens > 0 and use.total_tokens == use.prompt_tokens + use.completion_tokens
+
+
 def test_raw_sse_stream_ends_with_done(server):
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 5, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
@@ -273,6 +307,8 @@ def test_bad_requests_get_openai_style_errors(server, route, body, status, fragm
     assert r.status_code == status
     err = r.json()["error"]
     assert fragment in err["message"] and set(err) == {"message", "type", "param", "code"}
+    if "context" in fragment:                        # one code whichever side overflows the context
+        assert err["code"] == "context_length_exceeded"
 
 
 def test_the_openai_client_raises_bad_request_for_invalid_input(server):

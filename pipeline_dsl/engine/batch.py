@@ -46,6 +46,8 @@ class StepBatch:
     pad_to: int | None = None  # pad an all-decode batch to this many rows (static shapes)
     fill_from: np.ndarray | None = None   # [F] per PLACEHOLDER row in order: its index in the
                                           # concatenated sampled tensors of earlier steps
+    rows: list | None = None  # [n] per item: () or the outputs wanted for EVERY row it feeds
+                              # ("logits", "hidden": prompt logprobs, pooling; prompt_outputs.py)
 
     @classmethod
     def from_items(cls, items, pad_to: int | None = None) -> "StepBatch":
@@ -57,8 +59,10 @@ class StepBatch:
         for i, it in enumerate(items):
             tables[i, :len(it.block_table)] = it.block_table
         tokens = np.fromiter((t for it in items for t in it.token_ids), np.int64, int(counts.sum()))
+        wanted = [tuple(getattr(it, "rows", ())) for it in items]
         return cls(tokens, np.fromiter((it.start_pos for it in items), np.int64, n), counts,
-                   np.fromiter((bool(it.sample) for it in items), bool, n), tables, lens, pad_to)
+                   np.fromiter((bool(it.sample) for it in items), bool, n), tables, lens, pad_to,
+                   rows=wanted if any(wanted) else None)
 
     def __len__(self) -> int:
         return len(self.counts)
@@ -86,6 +90,8 @@ class Step:
     fills: torch.Tensor | None = None  # [F] rows whose token is still in flight (PLACEHOLDER), or None
     fill_from: torch.Tensor | None = None   # [F] where each comes from (StepBatch.fill_from)
     invariant: tuple | None = None     # batch-invariant mode: (key slots [n, Lp], item of each row [T])
+    row_items: list | None = None      # (item index, row0, n, wanted) of items that want every row
+    rows: dict | None = None           # after the forward: item index -> {"logits": [n, V], "hidden": [n, H]}
 
 
 class Uploader:
@@ -156,7 +162,8 @@ def prepare_step(runner, batch: StepBatch) -> Step:
     positions = starts[item_of] + np.arange(T) - offs[item_of]     # [T]
     slots = tables[item_of, positions // bs] * bs + positions % bs  # [T]
     sample_rows = (ends - 1)[batch.sample]                         # [n_sample]
-    dec = counts == 1
+    wants = np.zeros(n, bool) if batch.rows is None else np.fromiter(map(bool, batch.rows), bool, n)
+    dec = (counts == 1) & ~wants       # a row-wanting chunk of one token takes the prefill path
     dec_idx = np.nonzero(dec)[0]                                   # items that decode one token
     pre_idx = np.nonzero(~dec)[0]
     B = len(dec_idx)
@@ -196,6 +203,8 @@ def prepare_step(runner, batch: StepBatch) -> Step:
                 dec_rows=None, dec_gather=None, dec_mask=None, prefills=[], positions=pos_t,
                 native=use_native, fills=fills_t if fills.size else None,
                 fill_from=from_t if fills.size else None)
+    if wants.any():
+        step.row_items = [(i, int(offs[i]), int(counts[i]), tuple(batch.rows[i])) for i in np.nonzero(wants)[0].tolist()]
     if invariant:                                # every row over its own context, one path (invariant.py)
         from .invariant import key_index
 
@@ -251,6 +260,7 @@ class _ItemsStep:
     tokens: torch.Tensor          # [T] (filled in place where fills says)
     fills: torch.Tensor | None
     fill_from: torch.Tensor | None
+    rows: dict | None = None      # prompt outputs, when the runner's execute takes `rows`
 
 
 @dataclass
@@ -259,6 +269,7 @@ class _Item:
     start_pos: int
     block_table: list
     sample: bool
+    rows: tuple = ()
 
 
 class ItemsRunner:
@@ -266,8 +277,11 @@ class ItemsRunner:
     prepare/run contract: prepare keeps the arrays, run builds the items and calls execute."""
 
     def __init__(self, runner):
+        import inspect
+
         self.inner = runner
         self.device = torch.device(getattr(runner, "device", "cpu"))
+        self.returns_rows = "rows" in inspect.signature(runner.execute).parameters
 
     def prepare(self, batch: StepBatch) -> _ItemsStep:
         fills = np.nonzero(batch.tokens == PLACEHOLDER)[0]
@@ -280,7 +294,12 @@ class ItemsRunner:
         b = step.batch
         toks = step.tokens.tolist()
         ends = np.cumsum(b.counts).tolist()
-        items = [_Item(toks[e - n:e], int(s), b.tables[i, :b.table_lens[i]].tolist(), bool(b.sample[i]))
+        items = [_Item(toks[e - n:e], int(s), b.tables[i, :b.table_lens[i]].tolist(), bool(b.sample[i]),
+                       tuple(b.rows[i]) if b.rows is not None else ())
                  for i, (e, n, s) in enumerate(zip(ends, b.counts.tolist(), b.starts.tolist()))]
-        logits = self.inner.execute(items)                                   # [n_sample, V]
+        if b.rows is not None and self.returns_rows:
+            step.rows = {}
+            logits = self.inner.execute(items, rows=step.rows)              # [n_sample, V]
+        else:
+            logits = self.inner.execute(items)                               # [n_sample, V]
         return logits if want_logits and b.sample.any() else None

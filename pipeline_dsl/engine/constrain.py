@@ -23,6 +23,8 @@ Specs accepted by `compile` (GrammarError, a ValueError, for anything it cannot 
     {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}
                                                               # ("strict" is moot: always enforced)
     {"type": "regex", "pattern": "..."}
+    {"type": "choice", "choices": ["yes", "no"]}              # exactly one of the strings
+    {"type": "grammar", "grammar": "start: ..."}              # Lark, or GBNF ("root ::= ...")
     {"type": "tool_call", "tools": [OpenAI tools], "choice": "required" | "<function name>",
      "parallel": True}
 
@@ -110,11 +112,16 @@ class GrammarBuilder:
                 return _llg.LLMatcher.grammar_from_regex(pattern)
             if kind == "tool_call":
                 return self._tool_grammar(spec)
+            if kind == "choice":
+                return _choice_grammar(spec)
+            if kind == "grammar":
+                return _cfg_grammar(spec)
         except GrammarError:
             raise
         except (ValueError, TypeError) as e:
             raise GrammarError(_short(f"cannot compile the {kind}: {e}")) from None
-        raise GrammarError(f"unknown constraint type {kind!r} (json_object, json_schema, regex, tool_call)")
+        raise GrammarError(f"unknown constraint type {kind!r} (json_object, json_schema, regex, choice, grammar, "
+                           "tool_call)")
 
     def _prepare(self, schema):
         if isinstance(schema, dict):
@@ -154,6 +161,29 @@ class GrammarBuilder:
         begin, end = spec.get("begin", "<tool_call>"), spec.get("end", "</tool_call>")
         lark = f'start: {json.dumps(begin)} "\\n"? %json {json.dumps(body)} "\\n"? {json.dumps(end)}'
         return _llg.LLMatcher.grammar_from_lark(lark)
+
+
+def _choice_grammar(spec) -> str:
+    """{"type": "choice", "choices": ["yes", "no"]}: the answer is exactly one of the strings."""
+    choices = spec.get("choices")
+    if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
+        raise GrammarError("choice needs a non-empty list of non-empty strings")
+    return _llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
+
+
+def _cfg_grammar(spec) -> str:
+    """{"type": "grammar", "grammar": "..."}: a context-free grammar in Lark syntax (llguidance's)
+    or in llama.cpp's GBNF (`root ::= ...`, converted to Lark)."""
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    text = spec.get("grammar")
+    if not isinstance(text, str) or not text.strip():
+        raise GrammarError("grammar needs the grammar's text (Lark, or GBNF with a root rule)")
+    try:
+        lark = any_to_lark(text)
+    except Exception as e:  # noqa: BLE001 - the converter raises bare errors for text it cannot read
+        raise GrammarError(_short(f"the grammar does not parse as Lark or GBNF: {e}")) from None
+    return _llg.LLMatcher.grammar_from_lark(lark)
 
 
 def check_spec(spec, *, close_objects: bool = True, whitespace: str | None = JSON_WHITESPACE) -> list[str]:

@@ -29,10 +29,11 @@ import torch
 
 from .compute import on_compute
 from .config import EngineConfig, RequestOutput, SamplingParams
-from .errors import InputError, QueueFullError
+from .errors import ContextLengthError, InputError, QueueFullError
 from .kv_cache import BlockManager, bytes_per_block, num_blocks_for_budget
 from .batch import ItemsRunner, StepBatch
 from .processors import Features
+from .prompt_outputs import PromptOutputs, reduce_chunk, rows_wanted
 from .sampler import Detokenizer, Sampler, StopStrings, make_generator
 from .scheduler import Scheduler, SchedulerOutput, Sequence
 
@@ -88,6 +89,7 @@ class Engine:
         # the runner's two phases (prepare: host arrays -> index tensors; run: the forward); a
         # runner that only has execute(items) is adapted once here
         self._phases = runner if callable(getattr(runner, "prepare", None)) else ItemsRunner(runner)
+        self._step_rows: dict = {}            # _execute -> update: reduced prompt rows per item index
         self.eos_token_ids = frozenset(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.features = Features(self.vocab_size, self.eos_token_ids)   # penalties, bias, logprobs, grammars
         self.seqs: dict[str, Sequence] = {}
@@ -97,6 +99,7 @@ class Engine:
         self._ttft = deque(maxlen=LATENCY_SAMPLES)
         self._itl = deque(maxlen=LATENCY_SAMPLES)
         self._batch_hist: dict[int, int] = {}
+        self._step_tokens: dict[int, int] = {}      # tokens per step -> steps (vllm:iteration_tokens_total)
         self._busy_s = 0.0
 
     # ---- requests ----------------------------------------------------------------------
@@ -123,7 +126,7 @@ class Engine:
         ids = self.prompt_ids(prompt, messages, prompt_token_ids, chat_template, add_special_tokens)
         limit = self.config.max_prompt_tokens
         if limit and len(ids) > limit:
-            raise InputError(f"prompt of {len(ids)} tokens is longer than this pipeline accepts "
+            raise ContextLengthError(f"prompt of {len(ids)} tokens is longer than this pipeline accepts "
                              f"(requests.max_prompt_tokens = {limit})")
         if self.vocab_size:
             bad = [t for t, _ in params.logit_bias] + list(params.stop_token_ids)
@@ -132,9 +135,11 @@ class Engine:
                 raise InputError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         total = len(ids) + params.max_tokens
         if total > self.max_model_len:
-            raise InputError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} = {total} "
+            raise ContextLengthError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} = {total} "
                              f"exceeds the model's context of {self.max_model_len} tokens; "
                              "shorten the prompt or lower max_tokens")
+        if rows_wanted(params) and not getattr(self._phases, "returns_rows", False):
+            raise InputError("this engine's model runner cannot return prompt logprobs or pooled states")
         if self.blocks.blocks_for(total) > self.blocks.num_blocks:
             cap = self.blocks.num_blocks * self.blocks.block_size
             raise InputError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} = {total} "
@@ -145,16 +150,20 @@ class Engine:
         now = self.clock()
         seq = Sequence(request_id, ids, len(ids), params, now)
         st = seq.state
-        st.detok, st.stops, st.generator = self._detokenizer(ids), StopStrings(params.stop), make_generator(params.seed)
+        st.detok, st.stops = self._detokenizer(ids, params), StopStrings(params.stop)
+        st.generator = make_generator(params.seed)
+        if rows_wanted(params):
+            seq.prompt_out = PromptOutputs(len(ids), params.prompt_logprobs, params.pooling)
         self.features.start(seq)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 
     def prompt_ids(self, prompt=None, messages=None, prompt_token_ids=None, chat_template=True,
-                   add_special_tokens=True, tools=None, tool_choice="auto") -> list[int]:
-        """A request's prompt as token ids (chat template applied to messages): the encode stage's
-        work. Thread-safe (reads only the tokenizer), so it may run off the engine's loop. A text
-        too long to fit the prompt limit whatever its tokens is refused before it is tokenised."""
+                   add_special_tokens=True, tools=None, tool_choice="auto", template_kwargs=None) -> list[int]:
+        """A request's prompt as token ids (chat template applied to messages, with
+        `template_kwargs` as extra template variables): the encode stage's work. Thread-safe (reads
+        only the tokenizer), so it may run off the engine's loop. A text too long to fit the prompt
+        limit whatever its tokens is refused before it is tokenised."""
         self.check_prompt_length(prompt, messages, prompt_token_ids)
         if prompt is not None:
             if not isinstance(prompt, str):
@@ -163,7 +172,7 @@ class Engine:
                 raise InputError("the prompt is empty")
             ids = list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
         elif messages is not None:
-            ids = self._render_chat(messages, chat_template, add_special_tokens, tools, tool_choice)
+            ids = self._render_chat(messages, chat_template, add_special_tokens, tools, tool_choice, template_kwargs)
         else:
             if not isinstance(prompt_token_ids, (list, tuple)) or not all(
                     isinstance(t, int) and not isinstance(t, bool) for t in prompt_token_ids):
@@ -197,7 +206,7 @@ class Engine:
         limit = self.prompt_limit
         per_token = getattr(self.tokenizer, "max_token_chars", None)
         if isinstance(prompt_token_ids, (list, tuple)) and len(prompt_token_ids) > limit:
-            raise InputError(f"prompt of {len(prompt_token_ids)} tokens {self._limit_words()}")
+            raise ContextLengthError(f"prompt of {len(prompt_token_ids)} tokens {self._limit_words()}")
         if not per_token:
             return
         if isinstance(prompt, str):
@@ -207,11 +216,11 @@ class Engine:
         else:
             return
         if chars > limit * per_token:
-            raise InputError(f"prompt of {chars} characters {self._limit_words()} (a token stands for at most "
+            raise ContextLengthError(f"prompt of {chars} characters {self._limit_words()} (a token stands for at most "
                              f"{per_token} characters)")
 
     def _render_chat(self, messages, chat_template=True, add_special_tokens=True, tools=None,
-                     tool_choice="auto") -> list[int]:
+                     tool_choice="auto", template_kwargs=None) -> list[int]:
         if not isinstance(messages, (list, tuple)) or not messages:
             raise InputError("messages must be a non-empty list of {role, content} objects")
         for i, m in enumerate(messages):
@@ -221,7 +230,7 @@ class Engine:
         if not chat_template:
             text = "\n".join(m["content"] for m in messages)
             return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens)) if text else []
-        extra = {}
+        extra = dict(template_kwargs or {})       # the request's own variables (enable_thinking, ...)
         if tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
             from pipeline_dsl.tools import prepare_messages, template_takes_tools
 
@@ -242,10 +251,11 @@ class Engine:
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _detokenizer(self, prompt_ids):
+    def _detokenizer(self, prompt_ids, params: SamplingParams):
         helper = getattr(self.tokenizer, "incremental_decoder", None)
         if helper is not None:
-            return _HelperDetokenizer(helper(skip_special_tokens=True))
+            return _HelperDetokenizer(helper(skip_special_tokens=params.skip_special_tokens,
+                                             spaces_between_special_tokens=params.spaces_between_special_tokens))
         return Detokenizer(self._decode, prompt_ids)
 
     def abort(self, request_id) -> None:
@@ -293,9 +303,11 @@ class Engine:
     def _execute(self, plan: SchedulerOutput) -> list[int]:
         t0 = time.perf_counter()
         with torch.inference_mode():
-            logits = self.forward(self.prepare(self.step_batch(plan)))      # [n_sample, V] or None
+            step = self.prepare(self.step_batch(plan))
+            logits = self.forward(step)                                     # [n_sample, V] or None
         sampling = [it.seq for it in plan.items if it.sample]
         tokens = self.sample(logits, sampling).tolist() if sampling else []
+        self._step_rows = self.reduce_rows(plan, step.rows or {})
         self._busy_s += time.perf_counter() - t0
         return tokens
 
@@ -315,7 +327,9 @@ class Engine:
             tokens = np.fromiter(toks, np.int64, int(counts.sum()))
         else:                                                               # decodes: one token each
             tokens = np.fromiter((it.seq.token_ids[it.start] for it in items), np.int64, n)
-        return StepBatch(tokens, starts, counts, sample, tables, lens, plan.pad_to)
+        wanted = [self.rows_of(it) for it in items]                         # prompt outputs, per item
+        return StepBatch(tokens, starts, counts, sample, tables, lens, plan.pad_to,
+                         rows=wanted if any(wanted) else None)
 
     def prepare(self, batch: StepBatch):
         """The runner's index tensors of a step (host work; on CUDA one non-blocking upload)."""
@@ -337,6 +351,50 @@ class Engine:
         tokens still in flight (step.fills) must have been filled on the device first."""
         return self._phases.run(step, want_logits, graphs)
 
+    # ---- prompt outputs (prompt_outputs.py): every row of a prompt's chunks ---------------
+    @staticmethod
+    def rows_of(item) -> tuple[str, ...]:
+        """What the runner returns for every row of a scheduled item: () unless it is a prompt
+        chunk of a sequence that wants its prompt's logprobs or pooled hidden states."""
+        seq = item.seq
+        if seq.prompt_out is None or item.start >= seq.num_prompt:
+            return ()
+        return rows_wanted(seq.params)
+
+    def reduce_rows(self, plan: SchedulerOutput, rows: dict) -> dict:
+        """The runner's rows of a step (item index -> {"logits", "hidden"}) reduced per chunk:
+        item index -> ChunkRows (the compute thread; small tensors, still on the device)."""
+        out = {}
+        with torch.inference_mode():
+            for index, got in rows.items():
+                it = plan.items[index]
+                seq = it.seq
+                end = min(it.start + it.num_tokens + 1, seq.num_prompt)
+                targets = seq.token_ids[it.start + 1:end]         # the prompt token after each row
+                out[index] = reduce_chunk(it.start, got, targets, seq.params.prompt_logprobs)
+        return out
+
+    def accept_rows(self, seq: Sequence, chunk) -> None:
+        """A chunk's reduced rows onto its sequence (host, in step order)."""
+        if seq.prompt_out is not None:
+            seq.prompt_out.add(chunk, seq.token_ids)
+
+    def finish_prefilled(self, seq: Sequence, computed: int, now: float) -> RequestOutput | None:
+        """A max_tokens = 0 sequence whose prompt a step just computed to its end (`computed`: the
+        end of that step's chunk): finished ("length") with its prompt outputs and no token; None
+        for any other sequence or chunk."""
+        if seq.params.max_tokens != 0 or computed < seq.num_prompt or not self.is_live(seq):
+            return None
+        st = seq.state
+        st.first = st.last = now
+        self._finish(seq, "length")
+        scheduled = seq.scheduled if seq.scheduled is not None else seq.arrival
+        metrics = {"ttft_s": now - seq.arrival, "latency_s": now - seq.arrival, "queue_s": scheduled - seq.arrival,
+                   "prefill_s": now - scheduled, "decode_s": 0.0, "preemptions": seq.num_preemptions}
+        prompt_lp, pooled = seq.prompt_out.take() if seq.prompt_out is not None else (None, None)
+        return RequestOutput(seq.request_id, [], "", "", True, "length", seq.num_prompt, 0, seq.cached_tokens,
+                             metrics, None, prompt_lp, pooled)
+
     def sample(self, logits: torch.Tensor | None, seqs: list[Sequence]) -> torch.Tensor:
         """One step's tokens for `seqs` (one row of `logits` [n, V] each, changed in place) ->
         [n] long on the logits' device. Rows that use no sampling feature cost what they always
@@ -350,9 +408,17 @@ class Engine:
         self.record_step(plan)
         now = self.clock()
         outputs = []
+        chunks, self._step_rows = self._step_rows, {}
+        chunk_of = {plan.items[i].seq: c for i, c in chunks.items()}
         for seq, token in self.scheduler.update(plan, tokens):
+            if seq in chunk_of:
+                self.accept_rows(seq, chunk_of[seq])
             if token is not None:
                 outputs.append(self.accept_token(seq, token, now))
+            else:
+                done = self.finish_prefilled(seq, seq.num_computed, now)
+                if done is not None:
+                    outputs.append(done)
         return outputs
 
     # ---- the contract of an executor that runs the phases itself (pipeline_dsl.engine.executor)
@@ -365,6 +431,8 @@ class Engine:
             c["decode_steps"] += 1
             c["decode_seqs"] += len(plan.items)
         self._batch_hist[len(plan.items)] = self._batch_hist.get(len(plan.items), 0) + 1
+        tokens = plan.num_prefill_tokens + plan.num_decodes      # through the model in this step
+        self._step_tokens[tokens] = self._step_tokens.get(tokens, 0) + 1
 
     def block_table(self, seq: Sequence) -> list[int]:
         """The physical KV blocks of a running sequence, in position order."""
@@ -398,18 +466,21 @@ class Engine:
             st.text += st.detok.flush()
         elif token in p.stop_token_ids or (token in self.eos_token_ids and (
                 not p.ignore_eos or p.constraint is not None)):   # a grammar's EOS always ends it
-            reason = "stop"
-            st.text += st.detok.flush()
+            reason = "stop"           # the stop token's own text only when asked (skip_special_tokens drops a special one)
+            st.text += st.detok.add(token, final=True) if p.include_stop_str_in_output else st.detok.flush()
         else:
             last = seq.num_output >= p.max_tokens or len(seq.token_ids) >= self.max_model_len
             st.text += st.detok.add(token, final=last)
             cut = st.stops.find(st.text, text_from)
             if cut >= 0:
-                st.text, reason = st.text[:cut], "stop"
+                end = cut + st.stops.matched if p.include_stop_str_in_output else cut
+                st.text, reason = st.text[:end], "stop"
             elif last:
                 reason = "length"
         text = st.text
-        visible = len(text) if reason else len(text) - st.stops.hold_back()
+        # nothing is held back when the stop string is shown anyway (vLLM does the same)
+        held = 0 if p.include_stop_str_in_output else st.stops.hold_back()
+        visible = len(text) if reason else len(text) - held
         visible = max(visible, st.emitted)
         delta, st.emitted = text[st.emitted:visible], visible
         metrics = {}
@@ -421,8 +492,10 @@ class Engine:
                        "decode_s": now - st.first, "preemptions": seq.num_preemptions}
             if reason == "error":
                 metrics["error"] = st.error
+        prompt_lp, pooled = seq.prompt_out.take() if seq.prompt_out is not None else (None, None)
         return RequestOutput(seq.request_id, [token], delta, text, reason is not None, reason,
-                             seq.num_prompt, seq.num_output, seq.cached_tokens, metrics, logprobs)
+                             seq.num_prompt, seq.num_output, seq.cached_tokens, metrics, logprobs,
+                             prompt_lp, pooled)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.remove(seq, reason)
@@ -447,6 +520,7 @@ class Engine:
         c["preemptions"] = self.scheduler.num_preemptions
         c["busy_s"] = self._busy_s
         c["batch_size_hist"] = dict(sorted(self._batch_hist.items()))
+        c["step_tokens_hist"] = dict(sorted(self._step_tokens.items()))
         c.update(self.blocks.stats())
         if latencies:
             c["ttft_s"] = list(self._ttft)

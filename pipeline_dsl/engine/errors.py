@@ -10,7 +10,16 @@ from __future__ import annotations
 
 
 class InputError(ValueError):
-    """A request the engine refuses: the message says what is wrong."""
+    """A request the engine refuses: the message says what is wrong; `code` (when set) names the
+    kind of fault for front ends (OpenAI's error codes)."""
+
+    code: str | None = None
+
+
+class ContextLengthError(InputError):
+    """A prompt (or prompt + max_tokens) longer than the context or the prompt limit."""
+
+    code = "context_length_exceeded"
 
 
 class QueueFullError(InputError):

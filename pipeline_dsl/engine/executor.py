@@ -91,6 +91,7 @@ class _Launch:
     sampled: Any = None                       # [n_sample] long, on the device
     host_tokens: Any = None                   # pinned CPU tensor (CUDA) or list
     tokens: list | None = None
+    rows: dict | None = None                  # item index -> prompt_outputs.ChunkRows (prompt outputs)
     cuda: dict = field(default_factory=dict)  # work -> (start event, end event)
 
 
@@ -331,8 +332,11 @@ class Executor:
         with torch.inference_mode():
             self.engine.fill(L.step, [self._sampled[s_m] for s_m in L.fill_srcs])   # tokens of earlier steps
             logits = self.engine.forward(L.step, graphs=self.graphs)             # [n_sample, V] or None
+            rows = L.step.rows
             L.sampled = (self._sample(logits, L.sample_seqs) if logits is not None
                          else torch.empty(0, dtype=torch.long, device=self.device))
+            if rows:                                      # prompt outputs, reduced per chunk
+                L.rows = self.engine.reduce_rows(L.so, rows)
         self._sampled[m] = L.sampled
         for k in [k for k in self._sampled if k < m - 4]:
             del self._sampled[k]
@@ -382,7 +386,7 @@ class Executor:
             eng.record_step(L.so)
             now = eng.clock()
             ti = iter(tokens)
-            for it, pos, pre in zip(L.so.items, L.sample_pos, L.preemptions):
+            for index, (it, pos, pre) in enumerate(zip(L.so.items, L.sample_pos, L.preemptions)):
                 seq = it.seq
                 tok = next(ti) if it.sample else None
                 if not eng.is_live(seq):                        # finished or aborted meanwhile
@@ -393,7 +397,13 @@ class Executor:
                     seq.state.pending.pop(pos, None)
                 if seq.num_preemptions == pre:
                     eng.commit(seq, it.start + it.num_tokens)
+                    if L.rows and index in L.rows:
+                        eng.accept_rows(seq, L.rows[index])
                 if tok is None:
+                    done = (eng.finish_prefilled(seq, it.start + it.num_tokens, now)
+                            if seq.num_preemptions == pre else None)
+                    if done is not None:
+                        outputs.append(done)
                     continue
                 tail = seq.token_ids[pos + 1:]                  # placeholders of later steps
                 del seq.token_ids[pos + 1:]

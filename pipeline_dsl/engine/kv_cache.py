@@ -293,6 +293,7 @@ class BlockManager:
             "kv_blocks_free": self.num_free - cached_unused,  # used + cached + free == total
             "kv_blocks_prefix": self.num_cached,             # all blocks with a reusable key
             "kv_block_size": self.block_size,
+            "kv_prefix_reuse": self.prefix_reuse,
             "kv_evictions": self.evictions,
             "kv_queried_tokens": self.queried_tokens,
             "kv_hit_tokens": self.hit_tokens,

@@ -65,6 +65,7 @@ class SeqBatchItem:
     start_pos: int            # tokens of this sequence already in the KV cache
     block_table: list[int]    # physical blocks covering [0, start_pos + len(token_ids))
     sample: bool              # logits wanted for the last token
+    rows: tuple[str, ...] = ()   # "logits" / "hidden" of every row wanted (prompt_outputs.py)
 
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -343,6 +344,7 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
 
+    returns_rows = True    # run() fills step.rows for items that want every row (prompt outputs)
     native_max_batch = 8   # measured: above this the batched GEMMs of the eager path win
 
     def kv_bytes(self) -> int:
@@ -356,17 +358,22 @@ class ModelRunner:
 
     # -- the forward pass ----------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, items, pad_to: int | None = None) -> torch.Tensor:
+    def execute(self, items, pad_to: int | None = None, rows: dict | None = None) -> torch.Tensor:
         """Run one step; logits [n_sample, vocab] float32 for the items with sample=True.
         pad_to: pad an all-decode batch to this many rows (static shapes); padding rows
-        write to a scratch slot and produce no logits."""
+        write to a scratch slot and produce no logits. rows: a dict that receives, per index
+        of an item with `rows`, {"logits": [n, V], "hidden": [n, H]} of every row it fed."""
         if not items:
             return torch.empty(0, self.model.config.vocab_size)
         step = self.prepare(StepBatch.from_items(items, pad_to))
         if step.sample_rows is None:
             self.run(step, want_logits=False)
-            return torch.empty(0, self.model.config.vocab_size, device=self.device)
-        return self.run(step)
+            out = torch.empty(0, self.model.config.vocab_size, device=self.device)
+        else:
+            out = self.run(step)
+        if rows is not None and step.rows:
+            rows.update(step.rows)
+        return out
 
     def run(self, step: Step, want_logits: bool = True, graphs: bool = True) -> torch.Tensor | None:
         """The forward of a prepared step: logits [n_sample, V] float32 (None: want_logits=False
@@ -392,6 +399,8 @@ class ModelRunner:
         if step.all_decode and step.dec_tables is not None:
             return self._forward_glued(step, want_logits)
         x = self.hidden(step)                                   # [T, H]
+        if step.row_items:                                      # prompt outputs: every row of those items
+            step.rows = self._row_outputs(step, x)
         if not want_logits:
             return None
         return m.logits(x.index_select(0, step.sample_rows))   # [n_sample, V]
@@ -410,6 +419,19 @@ class ModelRunner:
             x = x + layer.o(a)
             x = x + m.mlp(layer, x)
         return x
+
+    def _row_outputs(self, step: Step, x: torch.Tensor) -> dict:
+        """Every row of the items that want them: logits [n, V] and/or normed hidden [n, H]."""
+        m, out = self.model, {}
+        for index, row0, n, wanted in step.row_items:
+            xs = x[row0:row0 + n]                                       # [n, H] before the final norm
+            got = {}
+            if "hidden" in wanted:
+                got["hidden"] = m.rms(xs, m.norm).float()               # [n, H]
+            if "logits" in wanted:
+                got["logits"] = m.logits(xs)                            # [n, V] float32
+            out[index] = got
+        return out
 
     def _forward_glued(self, step: Step, want_logits: bool) -> torch.Tensor | None:
         """A large all-decode batch: the GEMMs on oneDNN/int4 as eager, everything between

@@ -161,10 +161,12 @@ class StopStrings:
                 self._match[nxt] = max(self._match[nxt], self._match[self._fail[nxt]])
                 queue.append(nxt)
         self._state = 0
+        self.matched = 0                    # the length of the stop string find() found
 
     def find(self, text: str, new_from: int) -> int:
         """Consume text[new_from:]; the index in `text` where the first stop string to complete
-        begins (the longest of those completing at the same character), or -1."""
+        begins (the longest of those completing at the same character; its length: `matched`),
+        or -1."""
         if not self.stops:
             return -1
         goto, fail, match = self._goto, self._fail, self._match
@@ -176,6 +178,7 @@ class StopStrings:
             state = goto[state].get(ch, 0)
             if match[state]:
                 self._state = state
+                self.matched = match[state]
                 return i - match[state] + 1
         self._state = state
         return -1

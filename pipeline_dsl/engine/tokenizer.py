@@ -69,6 +69,9 @@ class Tokenizer:
         self.chat_template = chat_template
         self.add_bos = add_bos and self.bos_token_id is not None
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
+        # added tokens (special or not): id -> their text, matched and decoded whole
+        self.added = {i: t.content for i, t in tk.get_added_tokens_decoder().items()}
+        self.special_ids = frozenset(i for i, t in tk.get_added_tokens_decoder().items() if t.special)
         self._template = None
         # the most characters one token can stand for: a text longer than limit * this has more
         # than `limit` tokens, whatever they are (a cheap check before tokenising huge input)
@@ -148,8 +151,27 @@ class Tokenizer:
             ids = [self.bos_token_id] + ids
         return ids
 
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    def decode(self, ids, skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True) -> str:
+        """The text of `ids`. spaces_between_special_tokens=False (vLLM's field) writes each added
+        token as its text with nothing put beside it, whatever the decoder would add (a byte-level
+        BPE adds nothing: both give the same text)."""
+        ids = list(ids)
+        if spaces_between_special_tokens or not any(i in self.added for i in ids):
+            return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
+        parts, run = [], []
+        for i in ids:
+            if skip_special_tokens and i in self.special_ids:
+                continue                       # left out, as if it were not there
+            if i not in self.added:
+                run.append(i)
+                continue
+            if run:
+                parts.append(self.tk.decode(run, skip_special_tokens=skip_special_tokens))
+                run = []
+            parts.append(self.added[i])
+        if run:
+            parts.append(self.tk.decode(run, skip_special_tokens=skip_special_tokens))
+        return "".join(parts)
 
     def token_to_id(self, token: str) -> int | None:
         return self.tk.token_to_id(token)
@@ -177,15 +199,17 @@ class Tokenizer:
         # the template writes the bos token itself where the model wants one
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
-    def incremental_decoder(self, skip_special_tokens: bool = True) -> "IncrementalDecoder":
-        return IncrementalDecoder(self, skip_special_tokens)
+    def incremental_decoder(self, skip_special_tokens: bool = True,
+                            spaces_between_special_tokens: bool = True) -> "IncrementalDecoder":
+        return IncrementalDecoder(self, skip_special_tokens, spaces_between_special_tokens)
 
 
 class IncrementalDecoder:
     """Text of a growing list of ids, handed out as deltas that never split a character."""
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
-        self.tok, self.skip = tokenizer, skip_special_tokens
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True,
+                 spaces_between_special_tokens: bool = True):
+        self.tok, self.skip, self.spaces = tokenizer, skip_special_tokens, spaces_between_special_tokens
         self.ids: list[int] = []
         self.text = ""
         self._prefix = 0      # ids before this are settled; decoding restarts here for context
@@ -194,8 +218,8 @@ class IncrementalDecoder:
     def add(self, new_ids) -> str:
         """Append ids; return the text they complete (may be '' while a char is unfinished)."""
         self.ids.extend(new_ids)
-        before = self.tok.decode(self.ids[self._prefix:self._read], self.skip)
-        after = self.tok.decode(self.ids[self._prefix:], self.skip)
+        before = self.tok.decode(self.ids[self._prefix:self._read], self.skip, self.spaces)
+        after = self.tok.decode(self.ids[self._prefix:], self.skip, self.spaces)
         if after.endswith("\ufffd") or len(after) <= len(before):
             return ""  # an unfinished multi-byte character: wait for more ids
         delta = after[len(before):]
@@ -205,7 +229,7 @@ class IncrementalDecoder:
 
     def flush(self) -> str:
         """At the end: whatever remains, replacement characters included."""
-        rest = self.tok.decode(self.ids, self.skip)[len(self.text):]
+        rest = self.tok.decode(self.ids, self.skip, self.spaces)[len(self.text):]
         self.text += rest
         self._prefix = self._read = len(self.ids)
         return rest

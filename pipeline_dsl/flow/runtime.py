@@ -50,19 +50,15 @@ ENGINE_KINDS = ("dynamic_batch", "encode", "kv_lookup", "generate")
 
 
 class PipelineError(Exception):
-    """Why one request failed. kind: invalid (its input: HTTP 400), rejected (a Reject: 400),
-    queue_full (429), unavailable (503), failed (a user function or the engine failed: 500)."""
+    """Why one request failed. kind: invalid (its input), rejected (a Reject), queue_full,
+    unavailable (shutting down, or an engine failed), aborted (its client went away), failed (a
+    user function or the engine failed); `code` names an input error more precisely (the
+    engine's InputError.code: context_length_exceeded). What a front end answers for each is
+    its own (agp serve: serve/errors.py)."""
 
-    STATUS = {"invalid": 400, "rejected": 400, "queue_full": 429, "unavailable": 503, "failed": 500,
-              "aborted": 499}
-
-    def __init__(self, message: str, kind: str = "failed", stage: str | None = None):
+    def __init__(self, message: str, kind: str = "failed", stage: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.message, self.kind, self.stage = message, kind, stage
-
-    @property
-    def status(self) -> int:
-        return self.STATUS.get(self.kind, 500)
+        self.message, self.kind, self.stage, self.code = message, kind, stage, code
 
 
 @dataclass
@@ -237,11 +233,12 @@ class PipelineRuntime:
         try:
             if request.get("messages") is not None:
                 return es.engine.prompt_ids(messages=request["messages"], tools=request.get("tools"),
-                                            tool_choice=request.get("tool_choice", "auto"))
+                                            tool_choice=request.get("tool_choice", "auto"),
+                                            template_kwargs=request.get("chat_template_kwargs"))
             return es.engine.prompt_ids(prompt=request["prompt"],
                                         add_special_tokens=request.get("add_special_tokens", True))
         except InputError as e:
-            raise PipelineError(str(e), "invalid") from None
+            raise PipelineError(str(e), "invalid", code=getattr(e, "code", None)) from None
 
     def token_text(self, pin: str | None = None) -> Callable[[int], str]:
         """id -> the text of that one token (for logprobs), cached."""
@@ -537,17 +534,19 @@ class PipelineRuntime:
         try:                                   # a prompt too long for any tokenisation: refused at once
             es.engine.check_prompt_length(d.get("prompt"), d.get("messages"), d.get("prompt_token_ids"))
         except InputError as e:
-            raise PipelineError(str(e), "invalid", es.segment.encode) from None
+            raise PipelineError(str(e), "invalid", es.segment.encode, getattr(e, "code", None)) from None
         fingerprint = (id(es), repr(d.get("messages") if d.get("messages") is not None
                                     else d.get("prompt_token_ids") if d.get("prompt_token_ids") is not None
-                                    else d.get("prompt")), repr(d.get("tools")), repr(d.get("tool_choice")))
+                                    else d.get("prompt")), repr(d.get("tools")), repr(d.get("tool_choice")),
+                       repr(d.get("chat_template_kwargs")))
         if item.ids is not None and item.ids[0] == fingerprint:
             return item.ids[1]
         t0 = time.perf_counter()
         try:
             ids = es.tokenise(item.data)
         except InputError as e:               # the engine's word for bad input (tokenizer, template, length)
-            raise PipelineError(f"cannot tokenise the request: {e}", "invalid", es.segment.encode) from None
+            raise PipelineError(f"cannot tokenise the request: {e}", "invalid", es.segment.encode,
+                                getattr(e, "code", None)) from None
         dt = time.perf_counter() - t0
         self._span(es.segment.encode, "tokenise", t0, item)
         c = self.counters[es.segment.encode]
@@ -575,7 +574,7 @@ class PipelineRuntime:
             heard = getattr(req.listener, "on_prompt", None)   # a stream echoes them before its tokens
             if heard is not None:
                 heard(req.key, entry["prompt_token_ids"], entry["prompt_logprobs"])
-        if item.data.get("max_tokens") == 0:                # echo only: nothing to generate
+        if item.data.get("max_tokens") == 0 and item.data.get("pooling") is None:   # echo only: nothing to compute
             self._answer_without_engine(item, es, targets, ids, entry)
             return
         submits = []
@@ -695,6 +694,8 @@ class PipelineRuntime:
                 item.kind = GENERATED
                 item.data = self._generated(item, item.data, gen, out.text, out.finish_reason, out.prompt_tokens,
                                             out.completion_tokens, out.cached_tokens)
+                if getattr(out, "pooled", None) is not None:   # pooling = "mean": the prompt's mean hidden state
+                    item.data["pooled"] = out.pooled
         for item, out in finished:
             if not item.req.done:
                 self._task(self._leave_generate, item)
@@ -719,7 +720,7 @@ class PipelineRuntime:
     def _on_seq_error(self, es, seq_id: str, exc: BaseException) -> None:
         item = self._owner.get(seq_id)
         if item is not None:
-            self._fail(item.req, PipelineError(str(exc), "invalid", es.segment.batch))
+            self._fail(item.req, PipelineError(str(exc), "invalid", es.segment.batch, getattr(exc, "code", None)))
 
     def _on_segment_failure(self, es, exc: BaseException) -> None:
         """A segment's loop died: fail everything, refuse what comes."""

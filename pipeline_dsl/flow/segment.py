@@ -23,7 +23,11 @@ from stages.fields import REQUEST_FIELDS
 
 # request fields that override a generate stage's sampling defaults: each generate parameter a
 # request may set (stages/fields.py), and the per-request ones no stage sets
-SAMPLING_FIELDS = tuple(f for f in REQUEST_FIELDS if f != "n") + ("stop_token_ids", "logit_bias", "logprobs")
+SAMPLING_FIELDS = tuple(f for f in REQUEST_FIELDS if f != "n") + (
+    "stop_token_ids", "logit_bias", "logprobs", "skip_special_tokens", "spaces_between_special_tokens",
+    "include_stop_str_in_output", "pooling")
+# constraints a request may bring (response_format, or agp serve's mapping of vLLM's guided fields)
+CONSTRAINTS = ("json_object", "json_schema", "regex", "choice", "grammar")
 
 
 @dataclass
@@ -97,7 +101,8 @@ class EngineSegment:
         if data.get("messages") is not None:
             return self.engine.prompt_ids(messages=data["messages"], chat_template=self.spec.chat_template,
                                           add_special_tokens=self.spec.add_special_tokens,
-                                          tools=data.get("tools"), tool_choice=data.get("tool_choice", "auto"))
+                                          tools=data.get("tools"), tool_choice=data.get("tool_choice", "auto"),
+                                          template_kwargs=data.get("chat_template_kwargs"))
         if data.get("prompt_token_ids") is not None:
             return self.engine.prompt_ids(prompt_token_ids=data["prompt_token_ids"])
         return self.engine.prompt_ids(prompt=data.get("prompt"), add_special_tokens=self.spec.add_special_tokens)
@@ -133,7 +138,7 @@ class EngineSegment:
             if spec is not None:
                 return {**spec, "parallel": bool(data.get("parallel_tool_calls", True))}
         fmt = data.get("response_format")
-        if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
+        if isinstance(fmt, dict) and fmt.get("type") in CONSTRAINTS:
             return fmt
         if gen in self.spec.json_schema:
             return {"type": "json_schema", "schema": self.spec.json_schema[gen]}

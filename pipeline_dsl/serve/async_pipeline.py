@@ -34,6 +34,7 @@ class RequestStream:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.prompt: tuple | None = None         # (prompt ids, their logprobs) when echo asked for them
+        self.params: dict | None = None          # the request's n and max_tokens (metrics)
 
     def __aiter__(self):
         return self
@@ -75,7 +76,7 @@ class RequestStream:
 
     def on_done(self, result: Result) -> None:
         if self._owner.metrics is not None:
-            self._owner.metrics.observe_result(result, time.monotonic() - self.arrival)
+            self._owner.metrics.observe_result(result, time.monotonic() - self.arrival, self.params)
         self._loop.call_soon_threadsafe(self.queue.put_nowait, ("done", result))
 
 
@@ -163,9 +164,12 @@ class AsyncPipeline:
     def in_flight(self) -> int:
         return self.runtime.in_flight
 
-    async def add(self, data: dict, *, pin: str | None = None, stream: bool = False) -> RequestStream:
-        """Submit a request; raises PipelineError (queue_full, unavailable, invalid) at once."""
+    async def add(self, data: dict, *, pin: str | None = None, stream: bool = False,
+                  params: dict | None = None) -> RequestStream:
+        """Submit a request; raises PipelineError (queue_full, unavailable, invalid) at once.
+        `params` (its n and max_tokens) go to the metrics when it finishes."""
         rs = RequestStream(self, asyncio.get_running_loop())
+        rs.params = params
         rs.key = self.runtime.submit(data, rs, pin=pin, stream=stream)
         return rs
 

@@ -5,7 +5,8 @@
 Every logger (agp's, uvicorn's server and access loggers) writes to stderr through one
 formatter. Text lines read `2026-11-30T13:00:00.123Z INFO agp.serve: message`; JSON lines
 carry `ts`, `level`, `logger`, `message` and the record's structured fields (an access
-line: `client`, `method`, `path`, `status`; a stats line: its numbers).
+line: `client`, `method`, `path`, `status`, `latency_ms`, `request_id`; a stats line: its
+numbers). The access lines are agp's own (logger `agp.access`, serve/access.py).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import logging
 import time
 
 # the fields a record may carry (logger.info(..., extra={...})) that JSON lines keep
-STRUCTURED = ("client", "method", "path", "status", "reason", "request_id", "stats")
+STRUCTURED = ("client", "method", "path", "status", "latency_ms", "reason", "request_id", "stats")
 
 
 def _timestamp(record: logging.LogRecord) -> str:
@@ -45,21 +46,6 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-class AccessFormatter(logging.Formatter):
-    """uvicorn's access records (args: client, method, path, http version, status) as fields."""
-
-    def __init__(self, inner: logging.Formatter):
-        super().__init__()
-        self.inner = inner
-
-    def format(self, record: logging.LogRecord) -> str:
-        if isinstance(record.args, tuple) and len(record.args) == 5:
-            client, method, path, version, status = record.args
-            record.client, record.method, record.path, record.status = client, method, path, int(status)
-            record.msg, record.args = f"{client} \"{method} {path} HTTP/{version}\" {status}", ()
-        return self.inner.format(record)
-
-
 def formatter(log_format: str) -> logging.Formatter:
     if log_format not in ("text", "json"):
         raise ValueError(f"log format must be text or json, not {log_format!r}")
@@ -68,20 +54,19 @@ def formatter(log_format: str) -> logging.Formatter:
 
 def configure(log_format: str = "text", level: str = "info", access_log: bool = True) -> dict:
     """Route agp's and uvicorn's loggers to stderr in `log_format`; returns the log_config to
-    give uvicorn (so it keeps these handlers instead of installing its own)."""
+    give uvicorn (so it keeps these handlers instead of installing its own). The access log is
+    agp's (`agp.access`, serve/access.py): uvicorn's own is never written."""
     fmt = formatter(log_format)
     handler = logging.StreamHandler()
     handler.setFormatter(fmt)
-    access = logging.StreamHandler()
-    access.setFormatter(AccessFormatter(fmt))
     lvl = getattr(logging, level.upper())
     for name in ("agp", "uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler] if name in ("agp", "uvicorn") else []
         logger.setLevel(lvl)
         logger.propagate = name == "uvicorn.error"
-    acc = logging.getLogger("uvicorn.access")
-    acc.handlers[:] = [access]
-    acc.setLevel(logging.INFO if access_log else logging.WARNING)
-    acc.propagate = False
+    logging.getLogger("agp.access").setLevel(logging.INFO if access_log else logging.WARNING)
+    uvicorn_access = logging.getLogger("uvicorn.access")
+    uvicorn_access.handlers[:] = []
+    uvicorn_access.propagate = False
     return {"version": 1, "disable_existing_loggers": False}

@@ -1,22 +1,27 @@
 """Prometheus metrics of `agp serve`, on a registry of their own (one per app).
 
-Every series carries a `model_name` label (the served model name). Each metric is exported
-under agp's name (`agp_…`) and, where vLLM has one, under vLLM's too (`vllm:…`), so a
-Grafana dashboard or a gateway written for vLLM reads agp unchanged:
+Every series carries a `model_name` label (the first served model name). Each metric is
+exported under agp's name (`agp_…`) and, where vLLM has one, under vLLM's too (`vllm:…`, with
+vLLM's `engine` label: the index of the pipeline's engine, "0" for the first), so a Grafana
+dashboard or a gateway written for vLLM reads agp unchanged:
 
     vllm:num_requests_running / _waiting     gauges (waiting: every pipeline queue before generation)
-    vllm:kv_cache_usage_perc                 gauge, KV blocks in use / blocks in the pool (0..1)
+    vllm:kv_cache_usage_perc, gpu_cache_usage_perc   gauges, KV blocks in use / blocks in the pool (0..1)
+    vllm:cache_config_info                   gauge 1 with the KV cache's block_size, blocks, prefix caching
     vllm:prompt_tokens_total / generation_tokens_total, num_preemptions_total,
     vllm:prefix_cache_queries_total / _hits_total (tokens), request_success_total{finished_reason}
     vllm:time_to_first_token_seconds, inter_token_latency_seconds, e2e_request_latency_seconds,
     vllm:request_queue_time_seconds, request_prefill_time_seconds, request_decode_time_seconds,
-    vllm:request_prompt_tokens, request_generation_tokens        histograms
+    vllm:request_inference_time_seconds, request_time_per_output_token_seconds,
+    vllm:request_prompt_tokens, request_generation_tokens, request_params_n, request_params_max_tokens,
+    vllm:iteration_tokens_total                       histograms
 
-Request-level series are observed as requests finish; the gauges, the engines' cumulative
-counters (preemptions, prefix-cache queries and hits) and the per-stage series (`stage`,
-`kind` labels) are read from the runtime's `stats()` snapshot at each scrape. The prefix
-hit-rate gauge is over the last `window_s` seconds, not the server's lifetime. No
-`_created` series are written; process metrics (CPU, memory, open files) are.
+Request-level series are observed as requests finish (finish reasons by the serving layer, which
+knows a tool call from a stop); the gauges, the engines' cumulative counters (generated tokens,
+aborted requests' too; preemptions; prefix-cache queries and hits; tokens per step) and the
+per-stage series (`stage`, `kind` labels) are read from the runtime's `stats()` snapshot at each
+scrape. The prefix hit-rate gauge is over the last `window_s` seconds, not the server's lifetime.
+No `_created` series are written; process metrics (CPU, memory, open files) are.
 """
 from __future__ import annotations
 
@@ -35,6 +40,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
                0.75, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+STEP_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)   # vLLM's
+N_BUCKETS = (1, 2, 5, 10, 20)
 TOKEN_BUCKETS = tuple(m * 10 ** e for e in range(6) for m in (1, 2, 5))   # 1 .. 500000
 
 HISTOGRAMS = (  # (attribute, name, help, buckets)
@@ -44,8 +51,15 @@ HISTOGRAMS = (  # (attribute, name, help, buckets)
     ("queue_time", "request_queue_time_seconds", "Arrival at the engine to first scheduled", LATENCY_BUCKETS),
     ("prefill_time", "request_prefill_time_seconds", "First scheduled to first token", LATENCY_BUCKETS),
     ("decode_time", "request_decode_time_seconds", "First token to last token", LATENCY_BUCKETS),
+    ("inference_time", "request_inference_time_seconds", "First scheduled to last token (running)",
+     LATENCY_BUCKETS),
+    ("tpot", "request_time_per_output_token_seconds", "A request's decode time per token after its first",
+     ITL_BUCKETS),
     ("request_prompt", "request_prompt_tokens", "Prompt tokens per request", TOKEN_BUCKETS),
     ("request_generation", "request_generation_tokens", "Generated tokens per request", TOKEN_BUCKETS),
+    ("params_n", "request_params_n", "The n request parameter", N_BUCKETS),
+    ("params_max_tokens", "request_params_max_tokens", "The max_tokens request parameter (when given)",
+     TOKEN_BUCKETS),
 )
 
 # engine.stats() key -> gauge name; the first key present wins
@@ -128,30 +142,43 @@ class Window:
         return self.delta("kv_hit_tokens") / queried if queried > 0 else 0.0
 
 
+def counts_histogram(name: str, doc: str, counts: dict, bounds, labels: dict) -> HistogramMetricFamily:
+    """A histogram family from exact {value: count} (cumulative since start)."""
+    counts = {int(k): int(n) for k, n in counts.items()}
+    buckets = [(str(b), sum(n for s, n in counts.items() if s <= b)) for b in bounds]
+    buckets.append(("+Inf", sum(counts.values())))
+    fam = HistogramMetricFamily(name, doc, labels=list(labels))
+    fam.add_metric(list(labels.values()), buckets, sum_value=float(sum(s * n for s, n in counts.items())))
+    return fam
+
+
 def batch_histogram(stats: dict, model: str) -> HistogramMetricFamily:
     """agp_batch_size from the engines' step counts by batch size (cumulative since start)."""
     counts: dict[int, int] = {}
     for e in (stats.get("engines") or {}).values():
         for size, n in (e.get("batch_size_hist") or {}).items():
             counts[int(size)] = counts.get(int(size), 0) + int(n)
-    buckets = [(str(b), sum(n for s, n in counts.items() if s <= b)) for b in BATCH_BUCKETS]
-    buckets.append(("+Inf", sum(counts.values())))
-    fam = HistogramMetricFamily("agp_batch_size", "Sequences in one engine step", labels=["model_name"])
-    fam.add_metric([model], buckets, sum_value=float(sum(s * n for s, n in counts.items())))
-    return fam
+    return counts_histogram("agp_batch_size", "Sequences in one engine step", counts, BATCH_BUCKETS,
+                            {"model_name": model})
 
 
 class _Metric:
-    """One metric under agp's name and (when given) vLLM's, every series labelled model_name."""
+    """One metric under agp's name and (when given) vLLM's, every series labelled model_name; the
+    vLLM series also `engine` (the index of the engine it is about, "0" by default)."""
 
     def __init__(self, kind, registry, model_name: str, agp: str, vllm: str | None, doc: str,
                  labels: tuple[str, ...] = (), **kw):
-        names = [f"agp_{agp}"] + ([f"vllm:{vllm}"] if vllm else [])
-        self.parts = [kind(name, doc, ["model_name", *labels], registry=registry, **kw) for name in names]
+        self.agp = kind(f"agp_{agp}", doc, ["model_name", *labels], registry=registry, **kw)
+        self.vllm = kind(f"vllm:{vllm}", doc, ["model_name", "engine", *labels], registry=registry, **kw) \
+            if vllm else None
         self.model_name = model_name
 
-    def labels(self, *values) -> "_Children":
-        return _Children([m.labels(self.model_name, *map(str, values)) for m in self.parts])
+    def labels(self, *values, engine: str = "0") -> "_Children":
+        values = tuple(map(str, values))
+        kids = [self.agp.labels(self.model_name, *values)]
+        if self.vllm is not None:
+            kids.append(self.vllm.labels(self.model_name, engine, *values))
+        return _Children(kids)
 
     def __getattr__(self, name):                 # inc / observe / set / dec without extra labels
         return getattr(self.labels(), name)
@@ -189,8 +216,6 @@ class _Snapshot:
         stats, model = self.stats, self.owner.model_name
         totals = engine_totals(stats)
         used, total = stat(totals, GAUGES["kv_blocks_used"][1], 0), stat(totals, GAUGES["kv_blocks_total"][1], 0)
-        values = {"running": stat(totals, GAUGES["running_sequences"][1], 0), "waiting": waiting(stats),
-                  "usage": used / total if total else 0.0}
 
         def family(kind, name, doc, value, extra_labels=()):
             fam = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
@@ -200,19 +225,9 @@ class _Snapshot:
 
         for name, (doc, keys) in GAUGES.items():
             yield family("gauge", f"agp_{name}", doc, stat(totals, keys, 0) or 0)
-        for prefix in ("agp_", "vllm:"):
-            yield family("gauge", f"{prefix}num_requests_running", "Requests being prefilled or decoded",
-                         values["running"])
-            yield family("gauge", f"{prefix}num_requests_waiting", "Requests waiting in a queue of the pipeline",
-                         values["waiting"])
-            yield family("gauge", f"{prefix}kv_cache_usage_perc", "KV-cache usage: blocks in use / blocks "
-                         "in the pool (1 = full)", values["usage"])
-            yield family("counter", f"{prefix}num_preemptions", "Sequences preempted for KV blocks",
-                         totals.get("preemptions", 0))
-            yield family("counter", f"{prefix}prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
-                         totals.get("kv_queried_tokens", 0))
-            yield family("counter", f"{prefix}prefix_cache_hits", "Prompt tokens the prefix cache served",
-                         totals.get("kv_hit_tokens", 0))
+        for kind, name, doc, value in self.series(totals, waiting(stats), used / total if total else 0.0):
+            yield family(kind, f"agp_{name}", doc, value)
+        yield from self.per_engine(stats)
         yield family("gauge", "agp_prefix_cache_hit_rate",
                      f"Share of prompt tokens served from the prefix cache over the last "
                      f"{self.owner.window.horizon_s:g} s", self.owner.window.hit_rate())
@@ -225,10 +240,61 @@ class _Snapshot:
                 fam.add_metric([model, stage, str(row.get("kind"))], float(row.get(key, 0) or 0))
             yield fam
 
+    @staticmethod
+    def series(e: dict, waiting_now: int, usage: float):
+        """(type, name, help, value) of the engine series agp and vLLM both name, for one engine's
+        counters (or all engines' summed)."""
+        return (
+            ("gauge", "num_requests_running", "Requests being prefilled or decoded",
+             stat(e, GAUGES["running_sequences"][1], 0)),
+            ("gauge", "num_requests_waiting", "Requests waiting in a queue of the pipeline", waiting_now),
+            ("gauge", "kv_cache_usage_perc", "KV-cache usage: blocks in use / blocks in the pool (1 = full)", usage),
+            ("counter", "num_preemptions", "Sequences preempted for KV blocks", e.get("preemptions", 0)),
+            ("counter", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+             e.get("kv_queried_tokens", 0)),
+            ("counter", "prefix_cache_hits", "Prompt tokens the prefix cache served", e.get("kv_hit_tokens", 0)),
+            ("counter", "generation_tokens", "Generated tokens (aborted requests' too)", e.get("generated_tokens", 0)),
+        )
+
+    def per_engine(self, stats: dict):
+        """vLLM's names, one series per engine (label `engine`: its index); the pipeline's queues
+        before its engines count as the first engine's waiting requests."""
+        model = self.owner.model_name
+        engines = list((stats.get("engines") or {}).values())
+        ahead = waiting(stats) - sum(int(stat(e, GAUGES["queue_length"][1], 0)) for e in engines)
+        fams: dict[str, object] = {}
+        for i, e in enumerate(engines):
+            used, total = stat(e, GAUGES["kv_blocks_used"][1], 0), stat(e, GAUGES["kv_blocks_total"][1], 0)
+            usage = used / total if total else 0.0
+            queue = int(stat(e, GAUGES["queue_length"][1], 0)) + (ahead if i == 0 else 0)
+            labels = [model, str(i)]
+            for kind, name, doc, value in (*self.series(e, queue, usage),
+                                           ("gauge", "gpu_cache_usage_perc", "KV-cache usage (vLLM's older name "
+                                            "of kv_cache_usage_perc)", usage)):
+                if name not in fams:
+                    fams[name] = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+                        f"vllm:{name}", doc, labels=["model_name", "engine"])
+                fams[name].add_metric(labels, float(value))
+            info = {"model_name": model, "engine": str(i), "block_size": str(e.get("kv_block_size", "")),
+                    "num_gpu_blocks": str(e.get("kv_blocks_total", "")), "num_cpu_blocks": "0",
+                    "enable_prefix_caching": str(bool(e.get("kv_prefix_reuse", True))),
+                    "cache_dtype": str(e.get("dtype", "auto"))}
+            name = "cache_config_info"
+            if name not in fams:
+                fams[name] = GaugeMetricFamily("vllm:cache_config_info", "The KV cache's configuration (value 1)",
+                                               labels=list(info))
+            fams[name].add_metric(list(info.values()), 1.0)
+            yield counts_histogram("vllm:iteration_tokens_total", "Tokens per engine step (prefill + decode)",
+                                   e.get("step_tokens_hist") or {}, STEP_TOKEN_BUCKETS,
+                                   {"model_name": model, "engine": str(i)})
+        yield from fams.values()
+
 
 class ServerMetrics:
-    def __init__(self, model_name: str = "agp", window_s: float = 60.0, process: bool = True):
+    def __init__(self, model_name: str = "agp", window_s: float = 60.0, process: bool = True,
+                 engine_of: dict[str, str] | None = None):
         self.model_name = model_name
+        self.engine_of = dict(engine_of or {})          # generate stage -> the index of its engine
         self.registry = r = CollectorRegistry()
 
         def metric(kind, agp, vllm, doc, labels=(), **kw):
@@ -240,7 +306,6 @@ class ServerMetrics:
         self.prompt_tokens = metric(Counter, "prompt_tokens", "prompt_tokens", "Prompt tokens of finished requests")
         self.cached_tokens = metric(Counter, "prompt_tokens_cached", None,
                                     "Prompt tokens served from the prefix cache")
-        self.generation_tokens = metric(Counter, "generation_tokens", "generation_tokens", "Generated tokens")
         for attr, name, doc, buckets in HISTOGRAMS:       # each under agp's and vLLM's (same) name
             setattr(self, attr, metric(Histogram, name, name, doc, buckets=buckets))
         self.in_flight = metric(Gauge, "requests_in_flight", None, "HTTP generation requests being served")
@@ -250,26 +315,44 @@ class ServerMetrics:
         if process:
             ProcessCollector(registry=r)
 
+    def engine(self, result) -> str:
+        """The index of the engine that answered the request (its first choice's generate stage)."""
+        gen = next((c.data.get("generated_by") for c in result.choices if isinstance(c.data, dict)), None)
+        return self.engine_of.get(gen, "0")
+
     # ---- observed as requests run (any thread) ----------------------------------------
-    def observe_result(self, result, latency_s: float) -> None:
-        """A request finished: tokens, latencies, its engine's queue / prefill / decode times."""
+    def observe_result(self, result, latency_s: float, params: dict | None = None) -> None:
+        """A request finished: tokens, latencies, its engine's queue / prefill / decode times, and
+        its n and max_tokens parameters (`params`). Its finish reasons are the serving layer's to
+        count (count_finished), but for a request aborted on the way."""
         if result.error is not None:
             if result.error.kind == "aborted":
                 self.finished.labels("abort").inc()
             return
-        usage, timings = result.usage, result.metrics or {}
-        self.e2e.observe(latency_s)
-        self.prompt_tokens.inc(usage.get("prompt_tokens", 0))
-        self.cached_tokens.inc(usage.get("cached_tokens", 0))
-        self.generation_tokens.inc(usage.get("completion_tokens", 0))
-        self.request_prompt.observe(usage.get("prompt_tokens", 0))
-        self.request_generation.observe(usage.get("completion_tokens", 0))
+        usage, timings, engine = result.usage, result.metrics or {}, self.engine(result)
+        self.e2e.labels(engine=engine).observe(latency_s)
+        self.prompt_tokens.labels(engine=engine).inc(usage.get("prompt_tokens", 0))
+        self.cached_tokens.labels(engine=engine).inc(usage.get("cached_tokens", 0))
+        self.request_prompt.labels(engine=engine).observe(usage.get("prompt_tokens", 0))
+        self.request_generation.labels(engine=engine).observe(usage.get("completion_tokens", 0))
         for key, hist in (("queue_s", self.queue_time), ("prefill_s", self.prefill_time),
                           ("decode_s", self.decode_time)):
             if timings.get(key) is not None:
-                hist.observe(max(float(timings[key]), 0.0))
-        for c in result.choices:
-            self.finished.labels(c.finish_reason or "stop").inc()
+                hist.labels(engine=engine).observe(max(float(timings[key]), 0.0))
+        if timings.get("prefill_s") is not None and timings.get("decode_s") is not None:
+            self.inference_time.labels(engine=engine).observe(max(timings["prefill_s"] + timings["decode_s"], 0.0))
+        generated = usage.get("completion_tokens", 0) // max(len(result.choices), 1)
+        if timings.get("decode_s") is not None and generated > 1:
+            self.tpot.labels(engine=engine).observe(max(timings["decode_s"], 0.0) / (generated - 1))
+        params = params or {}
+        self.params_n.labels(engine=engine).observe(int(params.get("n") or 1))
+        if params.get("max_tokens") is not None:
+            self.params_max_tokens.labels(engine=engine).observe(int(params["max_tokens"]))
+
+    def count_finished(self, reasons, engine: str = "0") -> None:
+        """Finished choices by the finish reason their answer gave (stop, length, tool_calls)."""
+        for reason in reasons:
+            self.finished.labels(reason or "stop", engine=engine).inc()
 
     # ---- read at each scrape ----------------------------------------------------------
     def update_engine(self, stats: dict) -> None:

@@ -31,6 +31,18 @@ SAMPLING = {
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}},
                        "additionalProperties": False},
     "user": {"type": "string"},
+    # vLLM's extras (serve/extras.py)
+    "skip_special_tokens": {"type": "boolean"},
+    "spaces_between_special_tokens": {"type": "boolean"},
+    "include_stop_str_in_output": {"type": "boolean"},
+    "request_id": {"type": "string", "pattern": "^[!-~]{1,128}$"},
+    "guided_json": {"type": "object"},
+    "guided_regex": {"type": "string"},
+    "guided_choice": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+    "guided_grammar": {"type": "string"},
+    "structured_outputs": {"type": "object", "properties": {
+        "json": {"type": "object"}, "regex": {"type": "string"}, "grammar": {"type": "string"},
+        "choice": {"type": "array", "items": {"type": "string"}}, "json_object": {"type": "boolean"}}},
 }
 
 TEXT_PART = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
@@ -46,6 +58,8 @@ CHAT_REQUEST = {"type": "object", "required": ["messages"], "additionalPropertie
     "messages": {"type": "array", "minItems": 1, "items": MESSAGE},
     "max_completion_tokens": {"type": "integer", "minimum": 1},
     "metadata": {"type": "object"},
+    "chat_template_kwargs": {"type": "object", "description": "extra variables of the chat template"},
+    "parallel_tool_calls": {"type": ["boolean", "null"]},
     **SAMPLING,
 }}
 
@@ -89,6 +103,23 @@ COMPLETION_RESPONSE = {"type": "object", "required": ["id", "object", "created",
                                "properties": {"index": {"type": "integer"}, "text": {"type": "string"},
                                               "finish_reason": FINISH}}}}}
 
+
+RESPONSES_REQUEST = {"type": "object", "required": ["input"], "properties": {
+    "model": SAMPLING["model"],
+    "input": {"oneOf": [{"type": "string", "minLength": 1},
+                        {"type": "array", "minItems": 1, "items": {"type": "object"}}]},
+    "instructions": {"type": "string"},
+    "max_output_tokens": {"type": "integer", "minimum": 1},
+    "temperature": SAMPLING["temperature"], "top_p": SAMPLING["top_p"], "stream": {"type": "boolean"},
+    "store": {"type": "boolean"}, "previous_response_id": {"type": "string"},
+    "tools": {"type": "array", "items": {"type": "object"}}, "text": {"type": "object"},
+    "metadata": {"type": "object"}}}
+
+RESPONSES_RESPONSE = {"type": "object", "required": ["id", "object", "created_at", "status", "model", "output"],
+                      "properties": {"id": {"type": "string"}, "object": {"const": "response"},
+                                     "created_at": {"type": "integer"}, "model": {"type": "string"},
+                                     "status": {"enum": ["completed", "incomplete", "failed", "in_progress"]},
+                                     "output": {"type": "array", "items": {"type": "object"}}}}
 
 SSE_EVENT = {"type": "object", "description": "one server-sent event: a chunk, an error object, or [DONE]",
              "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
@@ -191,3 +222,26 @@ TOKENIZER_INFO = {"responses": {
                                    "model_max_length": {"type": "integer"},
                                    "chat_template": {"type": ["string", "null"]}}}}}},
     **{k: ERRORS[k] for k in ("400", "503")}}}
+
+RESPONSE_GET = {"responses": {"200": {"description": "a stored response", "content": {"application/json": {
+    "schema": RESPONSES_RESPONSE}}}, "404": _error("no stored response has this id")}}
+
+RESPONSE_DELETE = {"responses": {"200": {"description": "the response was forgotten", "content": {
+    "application/json": {"schema": {"type": "object", "required": ["id", "deleted"]}}}},
+    "404": _error("no stored response has this id")}}
+
+EMBEDDINGS = {
+    "summary": "OpenAI embeddings: the mean of the model's final hidden states (serve/embeddings.py)",
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["input"], "additionalProperties": False, "properties": {
+            "model": {"type": "string"},
+            "input": {"oneOf": [{"type": "string", "minLength": 1},
+                                {"type": "array", "minItems": 1, "maxItems": 4, "items": {"type": "string",
+                                                                                          "minLength": 1}}]},
+            "encoding_format": {"enum": ["float", "base64"]}, "normalize": {"type": "boolean"}}}}}},
+    "responses": {"200": {"description": "one embedding per input", "content": {"application/json": {"schema": {
+        "type": "object", "required": ["object", "data", "model", "usage"], "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": {"type": "object", "required": ["object", "index", "embedding"]}},
+            "model": {"type": "string"}, "usage": {"type": "object"}}}}}},
+        **{k: ERRORS[k] for k in ("400", "404", "408", "413", "415", "429", "500", "503")}}}

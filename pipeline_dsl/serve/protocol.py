@@ -17,35 +17,19 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeline_dsl.requests_io import (RequestError, load_json, parse_logit_bias, parse_messages,
-                                      parse_response_format, parse_tools, request_item)
+from pipeline_dsl.requests_io import (RequestError, load_json, parse_logit_bias, parse_messages, parse_tools,
+                                      request_item)
 from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
+
+from .api_error import APIError
+from .extras import parse_extras
 
 log = logging.getLogger("agp.serve")
 
 
-class APIError(Exception):
-    """An error answered to the client as an OpenAI-style JSON body."""
-
-    def __init__(self, message: str, *, status: int = 400, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type,
-                          "param": self.param, "code": self.code}}
-
-
 @dataclass(frozen=True)
 class GenerationRequest:
-    kind: str                                  # "completion" | "chat"
+    kind: str                                  # "completion" | "chat" | "responses" (a chat it answers)
     model: str                                 # the id the client asked for (answers carry it)
     fields: dict                               # sampling overrides and n, validated
     prompt: str | None = None
@@ -60,6 +44,8 @@ class GenerationRequest:
     parallel_tool_calls: bool = True
     response_format: dict | None = None        # {"type": "json_object" | "json_schema", ...}
     more_prompts: tuple = ()                   # completions: the rest of a batch of prompts
+    request_id: str | None = None              # the client's id of the request (vLLM's request_id)
+    chat_template_kwargs: dict | None = None   # extra variables of the chat template (chat)
 
     def split(self) -> list["GenerationRequest"]:
         """One request per prompt of a batched completions request (choice indexes: i * n + j)."""
@@ -84,7 +70,8 @@ class GenerationRequest:
         return request_item(request_id, messages=self.messages, prompt_token_ids=self.prompt_token_ids,
                             prompt=self.prompt, fields=self.fields, model=self.model, metadata=self.metadata,
                             tools=self.tools, tool_choice=self.tool_choice,
-                            parallel_tool_calls=self.parallel_tool_calls, response_format=self.response_format)
+                            parallel_tool_calls=self.parallel_tool_calls, response_format=self.response_format,
+                            chat_template_kwargs=self.chat_template_kwargs)
 
 
 def parse_json(raw: bytes) -> dict:
@@ -140,13 +127,15 @@ COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop"
           "stream_options", "n", "presence_penalty", "frequency_penalty", "logit_bias",
           "user", "ignore_eos", "stop_token_ids", "logprobs", "min_tokens", "repetition_penalty",
           "min_p", "response_format"}
-COMPLETION_FIELDS = COMMON | {"prompt", "echo", "best_of", "suffix"}
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs",
-                        "tools", "tool_choice", "parallel_tool_calls", "metadata", "store",
-                        "service_tier"}
+VLLM = {"skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output", "request_id",
+        "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar"}  # serve/extras.py
+COMPLETION_FIELDS = COMMON | VLLM | {"prompt", "echo", "best_of", "suffix"}
+CHAT_FIELDS = COMMON | VLLM | {"messages", "max_completion_tokens", "top_logprobs",
+                               "tools", "tool_choice", "parallel_tool_calls", "metadata", "store",
+                               "service_tier", "chat_template_kwargs"}
 
 
-def _check_unknown(obj: dict, known: set[str], lenient: bool = False) -> dict:
+def check_unknown(obj: dict, known: set[str], lenient: bool = False) -> dict:
     """The body without unknown fields: a 400 naming the first, or with `lenient` (vLLM's
     behaviour) a log line and the field ignored."""
     unknown = [key for key in obj if key not in known]
@@ -219,7 +208,7 @@ def _stream_flags(obj: dict) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def _model(obj: dict, served: tuple[str, ...], stages: tuple[str, ...] = ()) -> tuple[str, str | None]:
+def model_of(obj: dict, served: tuple[str, ...], stages: tuple[str, ...] = ()) -> tuple[str, str | None]:
     """(the model id of the answer, the generate stage it pins or None)."""
     model = obj.get("model")
     if model is None:
@@ -239,11 +228,12 @@ def _model(obj: dict, served: tuple[str, ...], stages: tuple[str, ...] = ()) -> 
 
 # ---------------------------------------------------------------- requests
 
+
 def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
                      stages: tuple[str, ...] = (), lenient: bool = False) -> GenerationRequest:
     """POST /v1/completions: `prompt` is a string, an array of token ids, or a batch of those."""
-    obj = _check_unknown(obj, COMPLETION_FIELDS, lenient)
-    model, pin = _model(obj, served, stages)
+    obj = check_unknown(obj, COMPLETION_FIELDS, lenient)
+    model, pin = model_of(obj, served, stages)
     _check_unsupported(obj)
     if "prompt" not in obj or obj["prompt"] is None:
         raise APIError("'prompt' is required", param="prompt")
@@ -262,15 +252,13 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
         fields["max_tokens"] = 0
     if echo:
         fields["echo"] = True
-    try:
-        fmt = parse_response_format(obj["response_format"]) if obj.get("response_format") is not None else None
-    except RequestError as e:
-        raise APIError(str(e), param=e.param) from None
+    extras = parse_extras(obj, chat=False)
+    fields.update(extras.fields)
     first, rest = prompts[0], prompts[1:]
     return GenerationRequest("completion", model, fields, prompt=first if isinstance(first, str) else None,
                              prompt_token_ids=tuple(first) if not isinstance(first, str) else None,
                              stream=stream, include_usage=include_usage, pin=pin, more_prompts=tuple(rest),
-                             response_format=fmt)
+                             response_format=extras.constraint, request_id=extras.request_id)
 
 
 MAX_PROMPTS = 256          # prompts one completions request may batch
@@ -317,8 +305,8 @@ def _messages(value) -> tuple[dict, ...]:
 def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
                stages: tuple[str, ...] = (), lenient: bool = False) -> GenerationRequest:
     """POST /v1/chat/completions."""
-    obj = _check_unknown(obj, CHAT_FIELDS, lenient)
-    model, pin = _model(obj, served, stages)
+    obj = check_unknown(obj, CHAT_FIELDS, lenient)
+    model, pin = model_of(obj, served, stages)
     _check_unsupported(obj)
     messages = _messages(obj.get("messages"))
     stream, include_usage = _stream_flags(obj)
@@ -333,13 +321,15 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     metadata = _field(obj, "metadata", lambda v: isinstance(v, dict), "an object")
     try:
         tools, choice, parallel = parse_tools(obj)
-        fmt = parse_response_format(obj["response_format"]) if obj.get("response_format") is not None else None
     except RequestError as e:
         raise APIError(str(e), param=e.param) from None
+    extras = parse_extras(obj, chat=True)
+    fields.update(extras.fields)
     return GenerationRequest("chat", model, fields, messages=messages, stream=stream,
                              include_usage=include_usage, pin=pin, metadata=metadata,
                              tools=tuple(tools) if tools else None, tool_choice=choice,
-                             parallel_tool_calls=parallel, response_format=fmt)
+                             parallel_tool_calls=parallel, response_format=extras.constraint,
+                             request_id=extras.request_id, chat_template_kwargs=extras.template_kwargs)
 
 
 # ---------------------------------------------------------------- logprobs (OpenAI's two shapes)
@@ -387,9 +377,9 @@ def chat_logprobs(entries: list, text_of) -> dict:
 def parse_tokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...] = ()) -> dict:
     """POST /tokenize: {"prompt": str, "add_special_tokens": true} or {"messages": [...],
     "add_generation_prompt": true}; `model` may name a generate stage (its tokenizer)."""
-    obj = _check_unknown(obj, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
-                               "tools", "return_token_strs"})
-    _, pin = _model(obj, served, stages)
+    obj = check_unknown(obj, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
+                               "tools", "return_token_strs", "chat_template_kwargs"})
+    _, pin = model_of(obj, served, stages)
     special = _field(obj, "add_special_tokens", lambda v: isinstance(v, bool), "true or false")
     if ("prompt" in obj) == ("messages" in obj):
         raise APIError("give exactly one of 'prompt' or 'messages'", param="prompt")
@@ -397,7 +387,8 @@ def parse_tokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...
         if not isinstance(obj["prompt"], str) or not obj["prompt"]:
             raise _bad("prompt", "a non-empty string", obj["prompt"])
         return {"prompt": obj["prompt"], "add_special_tokens": True if special is None else special, "pin": pin}
-    out = {"messages": list(_messages(obj["messages"])), "pin": pin}
+    out = {"messages": list(_messages(obj["messages"])), "pin": pin,
+           "chat_template_kwargs": parse_extras(obj, chat=True).template_kwargs}
     if obj.get("tools") is not None:
         try:
             out["tools"], out["tool_choice"], _ = parse_tools(obj)
@@ -407,8 +398,8 @@ def parse_tokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...
 
 
 def parse_detokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...] = ()) -> tuple[list, str | None]:
-    obj = _check_unknown(obj, {"model", "tokens"})
-    _, pin = _model(obj, served, stages)
+    obj = check_unknown(obj, {"model", "tokens"})
+    _, pin = model_of(obj, served, stages)
     tokens = obj.get("tokens")
     if not isinstance(tokens, list) or not all(_is_int(t) and t >= 0 for t in tokens):
         raise _bad("tokens", "an array of token ids", tokens)

@@ -4,285 +4,40 @@
     agp serve examples/chat.agp --ray --max-replicas 4 --target-ongoing-requests 8
     serve run pipeline_dsl.serve.ray:app_builder pipeline=/abs/path/chat.agp replicas=2
 
-Two deployments make the application `agp`:
+The application `agp` is three deployments (serve/ray_deployments.py): `AgpIngress` behind
+Ray's HTTP proxy, the `AgpPipeline` replicas (each the app `agp serve` builds for the same
+flags) and `AgpMetrics` (serve/ray_metrics.py). This module sets them up from the flags
+(`build_app`: replica counts, autoscaling, resources), runs them (`main`), and drains them at
+SIGTERM (`drain`: new requests get 503 + Retry-After while those in flight finish, then the
+application is deleted).
 
-- `AgpPipeline`, the replicas: each builds the app `agp serve` builds for the same flags
-  (`build(args)`: the same routes, limits and metrics) and runs it in its process, with its
-  lifespan: the pipeline starts with the replica and drains when Serve stops it (Serve
-  first lets the requests in flight finish, up to --drain-timeout). Every answer carries
-  `x-agp-replica`, the id of the replica that served it.
-- `AgpIngress`, behind Ray's HTTP proxy: reads a request's body, takes its prompt's first
-  --affinity-chars characters as a routing key and calls `AgpPipeline` through a deployment
-  handle, streaming the replica's ASGI messages back. A request whose replica fails before
-  its answer started is sent again (to another replica); a stream already started ends with
-  an error event. `x-agp-attempts` says how many times it was sent.
-
-`PrefixAffinityRouter`, the handle's request router, sends a request with a key to the
-replica that ranks highest for the key by rendezvous hashing (every ingress replica agrees
-without shared state; a replica that comes or goes moves only its own keys), unless that
-replica has `imbalance` more requests in flight than the least busy one; then, and for
-requests without a key, the better of two random replicas. Replica counts and autoscaling
-are Serve's own (`num_replicas`, `autoscaling_config` on the requests in flight per replica).
+The application is served at "/" and answers under --root-path too (the app strips it), so a
+route answers with and without the prefix, as in one process.
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
-import hashlib
-import json
 import logging
-import random
 import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 import ray
 from ray import serve
-from ray.exceptions import RayActorError
 from ray.serve.config import RequestRouterConfig
-from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from . import protocol as P
+from .ray_deployments import AgpIngress, AgpPipeline, PrefixAffinityRouter, affinity_key, rank
+from .ray_metrics import AgpMetrics
 
 log = logging.getLogger("agp.serve")
 APP = "agp"
-REPLICA_HEADER = b"x-agp-replica"
-ATTEMPTS_HEADER = b"x-agp-attempts"
-ATTEMPTS = 3                      # sends of a request whose answer has not started
-SCOPE_KEYS = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path", "root_path",
-              "query_string", "headers", "server", "client")
 DEFAULT_TARGET = 8.0              # --target-ongoing-requests
 
-
-# ---------------------------------------------------------------- routing
-
-def affinity_key(body: bytes, chars: int) -> str | None:
-    """The first `chars` characters of a request's prompt (completions: the first prompt; token
-    ids as numbers) or of its messages (chat: each one's role and text, in order); None when
-    the body has neither (it is then routed by load alone)."""
-    if chars <= 0:
-        return None
-    try:
-        obj = json.loads(body)
-    except ValueError:
-        return None
-    if not isinstance(obj, dict):
-        return None
-    prompt, messages = obj.get("prompt"), obj.get("messages")
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        prompt = prompt[0]                       # a batch: the first prompt
-    if isinstance(prompt, str):
-        text = prompt
-    elif isinstance(prompt, list):
-        text = " ".join(map(str, prompt))
-    elif isinstance(messages, list):
-        text = "".join(f"{m.get('role')}\n{_content(m.get('content'))}\n" for m in messages if isinstance(m, dict))
-    else:
-        return None
-    return text[:chars] or None
-
-
-def _content(content) -> str:
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return content if isinstance(content, str) else ""
-
-
-def rank(key: str, replica_ids: list[str]) -> list[str]:
-    """Replica ids best first for `key` (rendezvous hashing)."""
-    digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
-    return sorted(replica_ids, reverse=True,
-                  key=lambda rid: hashlib.blake2b(digest + rid.encode(), digest_size=8).digest())
-
-
-class PrefixAffinityRouter(RequestRouter):
-    """Ray Serve request router: prefix-cache affinity, power of two choices when imbalanced."""
-
-    def initialize_state(self, imbalance: int = 8):
-        self.imbalance = imbalance
-
-    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        spread = random.sample(candidate_replicas, min(2, len(candidate_replicas)))
-        if pending_request is None:
-            return [spread]
-        pending_request.routing_context.should_backoff = True   # all full: wait before asking again
-        key = pending_request.kwargs.get("affinity")
-        if not key or len(candidate_replicas) < 2:
-            return [spread]
-        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        best = by_id[rank(key, list(by_id))[0]]
-        loads = [self.replica_queue_len_cache.get(r.replica_id) for r in candidate_replicas]
-        known = [n for n in loads if n is not None]
-        busy = self.replica_queue_len_cache.get(best.replica_id)
-        if busy is not None and busy - min(known) > self.imbalance:
-            return [spread]
-        return [[best], spread]               # the preferred one while it has room, else the two
-
-
-# ---------------------------------------------------------------- deployments
-
-@serve.deployment(name="AgpPipeline")
-class AgpPipeline:
-    """One replica: the app of `agp serve` for these flags, in this process; its lifespan (the
-    pipeline's start, and its drain) runs with the replica's."""
-
-    async def __init__(self, options: dict):
-        from pipeline_dsl.commands.serve import build
-        from pipeline_dsl.serve.logs import configure
-
-        args = argparse.Namespace(**options)
-        configure(args.log_format, args.log_level, args.access_log)
-        self.serving = await asyncio.to_thread(build, args)
-        self.replica = serve.get_replica_context().replica_id.unique_id.encode()
-        self.lifespan = self.serving.app.router.lifespan_context(self.serving.app)
-        await self.lifespan.__aenter__()
-
-    async def __del__(self):
-        """Serve stops the replica (after its requests finished, or the drain timeout)."""
-        if hasattr(self, "lifespan"):
-            await self.lifespan.__aexit__(None, None, None)
-
-    async def asgi(self, scope: dict, body: bytes, affinity: str | None = None):
-        """Serve one HTTP request whose body is `body`: yields lists of the ASGI messages the app
-        sends. Cancelled (the client went away): the app sees a disconnect and aborts.
-        `affinity` is the routing key, for the router."""
-        out: asyncio.Queue = asyncio.Queue()
-        gone = asyncio.Event()
-        read = False
-
-        async def receive():
-            nonlocal read
-            if not read:
-                read = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await gone.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message):
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), (REPLICA_HEADER, self.replica)]}
-            out.put_nowait(message)
-
-        app = asyncio.ensure_future(self.serving.app(dict(scope), receive, send))
-        app.add_done_callback(lambda _: out.put_nowait(None))
-        try:
-            while True:
-                batch = [await out.get()]
-                while not out.empty():
-                    batch.append(out.get_nowait())
-                if batch[-1] is None:
-                    if batch[:-1]:
-                        yield batch[:-1]
-                    break
-                yield batch
-            app.result()
-        finally:
-            gone.set()
-            if not app.done():
-                await asyncio.wait({app}, timeout=5)
-                app.cancel()
-
-
-@serve.deployment(name="AgpIngress", max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
-@serve.ingress()
-class AgpIngress:
-    """Behind Ray's HTTP proxy: every request to an `AgpPipeline` replica, with its routing key."""
-
-    def __init__(self, pipeline, affinity_chars: int, max_body_bytes: int, body_timeout_s: float):
-        self.pipeline = pipeline.options(stream=True)
-        self.chars, self.limit, self.body_timeout_s = affinity_chars, max_body_bytes, body_timeout_s
-
-    def __serve_build_asgi_app__(self):
-        async def app(scope, receive, send):       # a function: uvicorn takes it for ASGI 3
-            await self.forward(scope, receive, send)
-        return app
-
-    async def forward(self, scope, receive, send):
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                await send({"type": message["type"] + ".complete"})
-                if message["type"] == "lifespan.shutdown":
-                    return
-        if scope["type"] != "http":
-            return
-        body = await self._body(receive)
-        if body is False:                        # the client went away
-            return
-        if body is None:
-            return await _answer(send, P.APIError(f"the request body did not arrive within "
-                                                  f"{self.body_timeout_s:g} s", status=408, code="body_timeout"))
-        key = affinity_key(body, self.chars)
-        request = {k: scope[k] for k in SCOPE_KEYS if k in scope}
-        failure = None
-        for attempt in range(1, ATTEMPTS + 1):
-            started, event_stream, done = False, False, False
-            response = self.pipeline.asgi.remote(request, body, affinity=key)
-            try:
-                async for batch in response:
-                    for message in batch:
-                        if message["type"] == "http.response.start":
-                            headers = [*message.get("headers", ()), (ATTEMPTS_HEADER, str(attempt).encode())]
-                            message = {**message, "headers": headers}
-                            event_stream = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
-                                               for k, v in headers)
-                            started = True
-                        await send(message)
-                done = True
-                return
-            except RayActorError as e:
-                if started:                  # part of the answer is out: it cannot be sent again
-                    log.warning("replica failed mid-answer: %s", e)
-                    if not event_stream:
-                        raise
-                    err = P.APIError("the replica serving this request failed; send it again", status=503,
-                                     type="server_error", code="replica_failed")
-                    await send({"type": "http.response.body", "body": P.sse(err.body()) + P.sse("[DONE]"),
-                                "more_body": False})
-                    return
-                failure = e
-                log.warning("replica failed before answering (attempt %d of %d): %s", attempt, ATTEMPTS, e)
-                await asyncio.sleep(0.2 * attempt)
-            finally:
-                if not done:
-                    response.cancel()
-        await _answer(send, P.APIError(f"no replica could answer: {failure}", status=503, type="server_error",
-                                       code="unavailable", headers={"Retry-After": "1"}))
-
-    async def _body(self, receive) -> bytes | bool | None:
-        """The body, cut at one byte more than the replicas accept (they answer 413); None when it
-        does not arrive within the body timeout, False when the client goes away first."""
-        chunks, size = [], 0
-
-        async def collect() -> bool:
-            nonlocal size
-            while size <= self.limit:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return False
-                chunks.append(message.get("body", b""))
-                size += len(chunks[-1])
-                if not message.get("more_body"):
-                    break
-            return True
-
-        try:
-            if not await asyncio.wait_for(collect(), self.body_timeout_s):
-                return False
-        except asyncio.TimeoutError:
-            return None
-        return b"".join(chunks)[:self.limit + 1]
-
-
-async def _answer(send, err: P.APIError) -> None:
-    body = json.dumps(err.body()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
-    await send({"type": "http.response.start", "status": err.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+__all__ = ["APP", "AgpIngress", "AgpPipeline", "PrefixAffinityRouter", "affinity_key", "app_builder", "build_app",
+           "drain", "main", "parse", "pipeline_options", "rank", "start_failure"]
 
 
 # ---------------------------------------------------------------- the application
@@ -312,8 +67,24 @@ def build_app(args, gpus: float = 0):
         if options.get(name):
             options[name] = str(Path(options[name]).resolve())
     options.pop("func", None)
-    pipeline = AgpPipeline.options(**pipeline_options(args, gpus)).bind(options)
-    return AgpIngress.bind(pipeline, args.affinity_chars, args.max_body_bytes, args.body_timeout)
+    hub = AgpMetrics.bind()
+    pipeline = AgpPipeline.options(**pipeline_options(args, gpus)).bind(options, hub)
+    return AgpIngress.bind(pipeline, args.affinity_chars, args.max_body_bytes, args.body_timeout, hub,
+                           args.root_path)
+
+
+def drain(app: str, timeout: float) -> bool:
+    """The graceful stop of a running application: its ingress answers new requests 503 +
+    Retry-After while those in flight finish (up to `timeout`); True when all finished. The
+    caller then deletes the application."""
+    ingress = serve.get_app_handle(app)
+    ingress.drain.remote().result()
+    deadline = time.monotonic() + timeout
+    while ingress.in_flight.remote().result() > 0:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def pipeline_device(args) -> str:
@@ -333,7 +104,7 @@ def replica_gpus(device: str) -> float:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     """`agp serve` flags (with --ray) from an argument list."""
-    from pipeline_dsl.commands.serve import add_arguments
+    from .options import add_arguments
 
     p = argparse.ArgumentParser(prog="agp serve")
     add_arguments(p)
@@ -344,7 +115,7 @@ def app_builder(config: dict):
     """For Ray's own CLI: `serve run pipeline_dsl.serve.ray:app_builder pipeline=FILE replicas=2
     max_replicas=4 ...`; every other key is an `agp serve` flag (dashes or underscores; true for
     a switch)."""
-    from pipeline_dsl.commands.serve import SetupError, check_args
+    from .options import SetupError, check_args
 
     config = dict(config)
     if "pipeline" not in config:
@@ -384,8 +155,9 @@ def _free_port(host: str) -> int:
 
 def main(args) -> int:
     """`agp serve … --ray`: deploy, serve until SIGINT / SIGTERM, then drain and stop."""
-    from pipeline_dsl.commands.serve import _err
     from pipeline_dsl.diagnostics import CheckFailed
+
+    from .options import report
 
     try:
         device = pipeline_device(args)
@@ -401,10 +173,10 @@ def main(args) -> int:
                 http_options={"host": args.host, "port": port, "ssl_keyfile": args.ssl_keyfile,
                               "ssl_certfile": args.ssl_certfile})
     try:
-        serve.run(build_app(args, gpus), name=APP, route_prefix=args.root_path or "/")
+        serve.run(build_app(args, gpus), name=APP, route_prefix="/")   # the app answers under --root-path
     except Exception as e:                      # noqa: BLE001 - Serve says why the replicas did not start
         code, why = start_failure(e)
-        _err(why if code == 2 else f"the application did not start: {why}")
+        report(why if code == 2 else f"the application did not start: {why}")
         serve.delete(APP)
         if started_here:
             ray.shutdown()
@@ -422,7 +194,9 @@ def main(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(0.5):
         pass
-    log.info("stopping: replicas finish their requests (up to %gs)", args.drain_timeout)
+    log.info("draining: new requests get 503; those in flight get up to %gs", args.drain_timeout)
+    if not drain(APP, args.drain_timeout):
+        log.warning("drain timeout: requests still in flight are cut")
     serve.delete(APP)
     if started_here:
         ray.shutdown()

@@ -1,0 +1,89 @@
+"""ASGI middleware around every request: its root path, its id and its access-log line.
+
+- The root path (--root-path /llm): a request to /llm/v1/models and one to /v1/models reach
+  the same route (a proxy may pass the prefix on or strip it); the path is logged as the client
+  sent it.
+- The request id: the client's `X-Request-Id` header, else (a generation request) the body's
+  `request_id`, else a new one; every answer carries it back as `X-Request-Id`, and the ids of
+  generation answers end with it (`chatcmpl-<id>`), as vLLM's do.
+- One access-log line per request once its answer is sent (logger `agp.access`; uvicorn's own
+  access log is off): client, method, path, status, latency and request id.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from .guard import header
+
+access_log = logging.getLogger("agp.access")
+# an id the client sends is kept when it is short and printable (it is echoed in a header and logs)
+CLIENT_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+class RequestInfo:
+    """What the routes may learn or set about the request being served (scope["agp.request"])."""
+
+    __slots__ = ("id", "given", "started")
+
+    def __init__(self, given: str | None):
+        self.given = given is not None                 # the client named it (X-Request-Id)
+        self.id = given or uuid.uuid4().hex
+        self.started = time.perf_counter()
+
+    def adopt(self, request_id: str | None) -> str:
+        """The body's request_id becomes the id unless the header already named one."""
+        if request_id and not self.given:
+            self.id = request_id
+        return self.id
+
+
+def request_info(scope) -> RequestInfo:
+    info = scope.get("agp.request")
+    if info is None:                                   # an app run without Access in front (tests)
+        info = scope["agp.request"] = RequestInfo(None)
+    return info
+
+
+class Access:
+    def __init__(self, app, root_path: str = ""):
+        self.app, self.root = app, root_path.rstrip("/")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        root = self.root if self.root and (path == self.root or path.startswith(self.root + "/")) else ""
+        given = header(scope, b"x-request-id")
+        info = RequestInfo(given if CLIENT_ID.fullmatch(given) else None)
+        scope = {**scope, "root_path": root, "agp.request": info}
+        status = [500]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", info.id.encode("latin-1"))]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            self._log(scope, status[0], info)
+
+    @staticmethod
+    def _log(scope, status: int, info: RequestInfo) -> None:
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        client = scope.get("client")
+        who = f"{client[0]}:{client[1]}" if client else "-"
+        raw = scope.get("raw_path") or scope.get("path", "").encode()
+        path = raw.decode("latin-1") + (f"?{scope['query_string'].decode('latin-1')}"
+                                        if scope.get("query_string") else "")
+        method, version = scope.get("method", ""), scope.get("http_version", "1.1")
+        ms = round((time.perf_counter() - info.started) * 1000, 1)
+        access_log.info('%s "%s %s HTTP/%s" %d %.1fms id=%s', who, method, path, version, status, ms, info.id,
+                        extra={"client": who, "method": method, "path": path, "status": status,
+                               "latency_ms": ms, "request_id": info.id})

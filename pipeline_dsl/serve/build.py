@@ -1,0 +1,91 @@
+"""From `agp serve` flags to what serves them: the pipeline runtime, its asyncio face, the
+metrics and the FastAPI app (`build(args) -> Serving`). The command builds it once; each Ray
+Serve replica builds its own from the same flags (serve/ray.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .options import SetupError, check_args
+
+
+def model_names(runtime, served: list[str] | None) -> tuple[str, ...]:
+    """The ids /v1/models lists and requests may name: the served names first, then the
+    pipeline's name and its model(s)."""
+    names = list(served or [])
+    names.append(runtime.name)
+    for es in runtime.segments[:1]:
+        model = str(es.config.model)
+        names += [model, Path(model).stem]
+    return tuple(dict.fromkeys(n for n in names if n))
+
+
+def allowed_hosts(host: str, given: str | None) -> tuple[str, ...]:
+    """The Host header values the server answers for (DNS rebinding protection)."""
+    if given:
+        return tuple(h.strip().lower() for h in given.split(",") if h.strip())
+    if host in ("0.0.0.0", "::", ""):
+        return ("*",)                     # listening everywhere: the public name is not known here
+    return tuple(dict.fromkeys([host.lower(), "localhost", "127.0.0.1", "::1"]))
+
+
+@dataclass
+class Serving:
+    """What `agp serve` runs: the pipeline, its asyncio face and the FastAPI app over it."""
+    runtime: object
+    apipe: object
+    app: object
+    config: object
+    metrics: object
+
+
+def build(args, *, host: str | None = None) -> Serving:
+    """The app for these flags (checked; raises SetupError or CheckFailed): also what each Ray
+    Serve replica builds (pipeline_dsl.serve.ray)."""
+    from pipeline_dsl.engine.errors import InputError
+    from pipeline_dsl.engine.trace import Trace
+    from pipeline_dsl.runtime import build_runtime
+
+    from .app import create_app
+    from .async_pipeline import AsyncPipeline
+    from .config import ServeConfig
+    from .metrics import ServerMetrics
+
+    check_args(args)
+    template = None
+    if args.chat_template:
+        try:
+            template = Path(args.chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SetupError(f"--chat-template {args.chat_template}: {e}") from None
+    try:
+        runtime = build_runtime(args.pipeline, args.name, overlap=False if args.no_overlap else None, max_queue=args.max_queue,
+                                served_name=(args.served_model_name or [None])[0],
+                                trace=Trace(limit=1_000_000) if args.trace else None,
+                                overrides={"dtype": args.dtype, "threads": args.threads,
+                                           "max_prompt_tokens": args.max_input_tokens,
+                                           "max_model_len": args.max_model_len,
+                                           "max_batch_size": args.max_num_seqs,
+                                           "seed": args.seed, "chat_template": template,
+                                           "prefix_reuse": False if args.no_prefix_reuse else None})
+    except InputError as e:
+        raise SetupError(str(e)) from None
+    names = model_names(runtime, args.served_model_name)
+    contexts = [es.engine.max_model_len for es in runtime.segments]
+    config = ServeConfig(model_names=names, max_model_len=int(min(contexts) if contexts else 1 << 20),
+                         stages=tuple((g, Path(str(es.config.model)).name) for g, es in runtime.seg_of_gen.items()),
+                         drain_timeout_s=args.drain_timeout, max_body_bytes=args.max_body_bytes,
+                         body_timeout_s=args.body_timeout, max_connections=args.max_connections,
+                         allowed_hosts=allowed_hosts(host or args.host, args.allowed_hosts),
+                         max_prompt_chars=max((es.engine.max_prompt_chars or 0 for es in runtime.segments),
+                                              default=0) or None,
+                         max_stage_n=max((n for es in runtime.segments for n in es.n.values()), default=1),
+                         lenient=args.lenient, api_keys=tuple(args.api_key or ()),
+                         allowed_origins=tuple(args.allowed_origins or ()),
+                         stats_interval_s=args.stats_interval, trace_path=args.trace,
+                         root_path=args.root_path)
+    metrics = ServerMetrics(model_name=names[0], engine_of={g: str(i) for i, es in enumerate(runtime.segments)
+                                                            for g in es.segment.generates})
+    apipe = AsyncPipeline(runtime, metrics=metrics)
+    return Serving(runtime, apipe, create_app(apipe, config, metrics), config, metrics)

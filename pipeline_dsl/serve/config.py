@@ -1,0 +1,28 @@
+"""What the HTTP app of `agp serve` is configured with: one frozen dataclass, kept on
+`app.state.config` and read by every route (serve/routes.py) and the guard (serve/guard.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+OPEN_PATHS = ("/health", "/metrics", "/version", "/openapi.json")   # answered without an API key
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model_names: tuple[str, ...]           # the ids requests may name; the first is the default
+    max_model_len: int                     # context length: max_tokens beyond it is a 400
+    stages: tuple[tuple[str, str], ...] = ()   # (generate stage, its model) a request may name
+    retry_after_s: int = 1                 # Retry-After of a 429 / 503
+    drain_timeout_s: float = 60.0          # at shutdown: how long in-flight requests may take
+    max_body_bytes: int = 4 << 20          # a longer request body is a 413
+    max_prompt_chars: int | None = None    # the longest prompt any engine can take, in characters
+    body_timeout_s: float = 30.0           # a body not fully received by then is a 408
+    max_connections: int = 1024            # requests served at once; more get a 503
+    allowed_hosts: tuple[str, ...] = ("*",)  # Host header values accepted (a 400 otherwise); "*": any
+    max_stage_n: int = 1                   # the largest n of the pipeline's generate stages
+    lenient: bool = False                  # unknown request fields: logged and ignored, not a 400
+    api_keys: tuple[str, ...] = ()         # when given, every route but OPEN_PATHS wants one (401)
+    allowed_origins: tuple[str, ...] = ()  # CORS: origins browsers may call from ("*": any)
+    stats_interval_s: float = 10.0         # a stats log line this often while busy (0: none)
+    trace_path: str | None = None          # the Chrome trace is written here (flush, shutdown)
+    root_path: str = ""                    # the prefix a proxy serves under: routes answer with and without it

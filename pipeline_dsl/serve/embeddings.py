@@ -1,0 +1,163 @@
+"""POST /v1/embeddings: an embedding of each input, from the served model itself.
+
+What an embedding is here: the mean, over the input's tokens, of the model's final hidden states
+(after its last RMSNorm), L2-normalised to length 1 (`"normalize": false` keeps the raw mean),
+(vLLM's MEAN pooler; OpenAI's and vLLM's embeddings are normalised too).
+Each input is a request of the pipeline with `max_tokens: 0` and `pooling: "mean"`: the engine
+prefills it in chunks beside other requests' decodes and finishes it after its prompt, nothing
+sampled, no prefix-cache read (engine/prompt_outputs.py). It is not a model trained for
+retrieval: similar texts land near each other only as far as the language model's states say.
+
+    {"model": "chat", "input": "text" | ["a", "b"] | [1, 2, 3] | [[1, 2], [3]],
+     "encoding_format": "float" | "base64", "dimensions": H}
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+import struct
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from pipeline_dsl.flow import PipelineError
+from pipeline_dsl.requests_io import request_item
+
+from . import protocol as P
+from .access import request_info
+from .body import read_json
+from .errors import api_error, error_response
+from .extras import bad
+from .generation import wait_or_disconnect
+
+FIELDS = {"model", "input", "encoding_format", "dimensions", "user", "normalize", "request_id"}
+MAX_INPUTS = 256           # inputs one request may embed
+
+
+def _inputs(value, max_model_len: int) -> list:
+    """`input`: a string, an array of token ids, or an array of either (each a string or ids)."""
+    def ids_ok(v) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                       for t in v)
+
+    if isinstance(value, str) or ids_ok(value):
+        batch = [value]
+    elif isinstance(value, list) and value and all(isinstance(v, str) or ids_ok(v) for v in value):
+        batch = list(value)
+    else:
+        raise bad("input", "a string, an array of token ids, or a non-empty array of those", value)
+    if len(batch) > MAX_INPUTS:
+        raise P.APIError(f"'input' holds {len(batch)} inputs; at most {MAX_INPUTS} a request", param="input")
+    for i, v in enumerate(batch):
+        where = "'input'" if len(batch) == 1 else f"'input[{i}]'"
+        if isinstance(v, str) and not v:
+            raise P.APIError(f"{where} is empty", param="input")
+        if isinstance(v, list) and len(v) > max_model_len:
+            raise P.APIError(f"{where} holds {len(v)} tokens, beyond the model's context of {max_model_len}",
+                             param="input", code="context_length_exceeded")
+    return batch
+
+
+def encode(vector: list[float], fmt: str):
+    """The embedding as a list of floats, or base64 of little-endian float32 (OpenAI's)."""
+    if fmt == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+    return vector
+
+
+def normalised(vector: list[float]) -> list[float]:
+    norm = math.sqrt(sum(x * x for x in vector))
+    return [x / norm for x in vector] if norm > 0 else list(vector)
+
+
+class Embeddings:
+    """The serving object of /v1/embeddings, on the app's AsyncPipeline."""
+
+    def __init__(self, generations):
+        self.g = generations
+
+    def parse(self, body: dict) -> dict:
+        c = self.g.config
+        body = P.check_unknown(body, FIELDS, c.lenient)
+        model, pin = P.model_of(body, c.model_names, self.g.stage_names)
+        if body.get("input") is None:
+            raise P.APIError("'input' is required", param="input")
+        fmt = body.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            raise bad("encoding_format", "float or base64", fmt)
+        dims = body.get("dimensions")
+        if dims is not None and not (isinstance(dims, int) and not isinstance(dims, bool) and dims > 0):
+            raise bad("dimensions", "a positive integer", dims)
+        normalize = body.get("normalize", True)
+        if not isinstance(normalize, bool):
+            raise bad("normalize", "true or false", normalize)
+        extras = P.parse_extras({"request_id": body.get("request_id")}, chat=False)
+        return {"model": model, "pin": pin, "inputs": _inputs(body["input"], c.max_model_len), "format": fmt,
+                "dimensions": dims, "normalize": normalize, "request_id": extras.request_id}
+
+    async def create(self, request: Request) -> Response:
+        g = self.g
+        try:
+            req = self.parse(await read_json(request, g.config))
+        except P.APIError as err:
+            return g.refused(err)
+        rid = f"embd-{request_info(request.scope).adopt(req['request_id'])}"
+        streams = []
+        try:
+            for i, v in enumerate(req["inputs"]):
+                item = request_item(f"{rid}-{i}", messages=None, prompt=v if isinstance(v, str) else None,
+                                    prompt_token_ids=v if isinstance(v, list) else None,
+                                    fields={"max_tokens": 0, "pooling": "mean"}, model=req["model"])
+                streams.append(await g.apipe.add(item, pin=req["pin"]))
+        except PipelineError as e:
+            for st in streams:
+                st.abort()
+            return g.refused(api_error(e, "embeddings", g.config.retry_after_s))
+        g.metrics.in_flight.inc()
+        status = "499"
+        try:
+            here, results = await wait_or_disconnect(request, asyncio.gather(*(self._result(st) for st in streams)))
+            if not here:
+                return Response(status_code=499)
+            failed = next((r.error for r in results if r.error is not None), None)
+            if failed is not None:
+                err = api_error(failed, "embeddings", g.config.retry_after_s)
+                status = str(err.status)
+                return error_response(err)
+            try:
+                body = self.answer(req, results)
+            except P.APIError as err:
+                status = str(err.status)
+                return error_response(err)
+            status = "200"
+            return JSONResponse(body)
+        finally:
+            for st in streams:
+                if not st.finished:
+                    st.abort()
+            g.metrics.requests.labels(status).inc()
+            g.metrics.in_flight.dec()
+
+    @staticmethod
+    async def _result(stream):
+        async for event in stream:
+            if event[0] == "done":
+                return event[1]
+
+    def answer(self, req: dict, results) -> dict:
+        data, tokens = [], 0
+        for i, res in enumerate(results):
+            pooled = res.choices[0].data.get("pooled") if res.choices else None
+            if pooled is None:
+                raise P.APIError("this pipeline's answer carries no embedding (its generate stage's result was "
+                                 "replaced on the way to respond)", status=500, type="server_error",
+                                 code="no_embedding")
+            if req["dimensions"] is not None and req["dimensions"] != len(pooled):
+                raise P.APIError(f"'dimensions' = {req['dimensions']}: this model's embeddings have {len(pooled)}",
+                                 param="dimensions")
+            vector = normalised(pooled) if req["normalize"] else pooled
+            data.append({"object": "embedding", "index": i, "embedding": encode(vector, req["format"])})
+            tokens += res.usage.get("prompt_tokens", 0)
+        return {"object": "list", "data": data, "model": req["model"],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

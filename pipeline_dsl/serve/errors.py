@@ -1,0 +1,68 @@
+"""Error answers: the one table from why the pipeline refused or failed a request to what the
+client gets (HTTP status, OpenAI error type and code, Retry-After), and how an error is
+logged and sent.
+
+    err = api_error(pipeline_error, "chat", retry_after_s=1)   # -> protocol.APIError
+    return error_response(err)                                  # JSONResponse, logged
+"""
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+
+from fastapi.responses import JSONResponse
+
+from pipeline_dsl.flow import PipelineError
+
+from .api_error import APIError
+
+log = logging.getLogger("agp.serve")
+# "METHOD /path" of the request being served, for the log line of an error answer
+current_request = contextvars.ContextVar("agp_request", default="")
+
+# PipelineError.kind -> (HTTP status, OpenAI error type, code, Retry-After sent)
+FAILURES: dict[str, tuple[int, str, str | None, bool]] = {
+    "invalid": (400, "invalid_request_error", None, False),           # its input (param: the prompt)
+    "rejected": (400, "invalid_request_error", "rejected", False),    # a python stage's Reject
+    "queue_full": (429, "rate_limit_error", "queue_full", True),
+    "unavailable": (503, "server_error", "unavailable", True),        # draining, or the engine failed
+    "aborted": (499, "invalid_request_error", "aborted", False),      # the client went away
+    "failed": (500, "server_error", "stage_failed", False),           # a user function or the engine
+}
+
+
+def api_error(e: PipelineError, kind: str, retry_after_s: int = 1) -> APIError:
+    """The HTTP answer to a request the pipeline refused or failed; `kind` is the request's
+    ("chat": its input is `messages`, else `prompt`). An error that carries a code of its own
+    (context_length_exceeded) keeps it."""
+    status, type_, code, retry = FAILURES.get(e.kind, FAILURES["failed"])
+    if e.kind == "invalid":
+        param = "messages" if kind == "chat" else "input" if kind in ("responses", "embeddings") else "prompt"
+    else:
+        param = e.stage if e.kind in ("rejected", "failed") else None
+    return APIError(e.message, status=status, type=type_, code=getattr(e, "code", None) or code, param=param,
+                    headers={"Retry-After": str(retry_after_s)} if retry else None)
+
+
+def log_error(err: APIError) -> None:
+    """An error answer, with its reason: 4xx at INFO (the client's doing), 5xx at WARNING."""
+    level = logging.INFO if err.status < 500 else logging.WARNING
+    log.log(level, "%s -> %d %s", current_request.get() or "-", err.status, err.message,
+            extra={"status": err.status, "reason": err.message})
+
+
+def error_response(err: APIError) -> JSONResponse:
+    log_error(err)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+async def send_error(send, err: APIError, log_it: bool = True) -> None:
+    """An error answer sent straight on an ASGI connection (from a middleware)."""
+    if log_it:
+        log_error(err)
+    body = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,159 @@
+"""The serving class of POST /v1/completions and /v1/chat/completions (vLLM's
+OpenAIServingCompletion / OpenAIServingChat in one): parse the body, submit the request to the
+pipeline (a completions batch as one request per prompt), wait for its first event, then answer
+with JSON or stream chunks (serve/sse.py). A request refused before its first event is an HTTP
+error, for streams too; a client that goes away aborts its request (its KV blocks are freed).
+"""
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from pipeline_dsl.flow import PipelineError
+
+from . import protocol as P
+from .access import request_info
+from .async_pipeline import AsyncPipeline, RequestStream, StreamGroup
+from .body import read_json
+from .config import ServeConfig
+from .errors import api_error, error_response
+from .metrics import ServerMetrics
+from .sse import ChunkWriter, EventStream, prompt_text
+
+
+async def wait_or_disconnect(request: Request, work):
+    """`await work`, unless the client disconnects first: then (False, None) and `work` cancelled."""
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return True, task.result()
+        return False, None
+    finally:
+        for t in (task, watch):
+            if not t.done():
+                t.cancel()
+
+
+class Generations:
+    """Completions and chat completions over one AsyncPipeline."""
+
+    def __init__(self, apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics):
+        self.apipe, self.config, self.metrics = apipe, config, metrics
+        self.stage_names = tuple(name for name, _ in config.stages)
+
+    def parse(self, body: dict, parse) -> P.GenerationRequest:
+        c = self.config
+        return parse(body, max_model_len=c.max_model_len, served=c.model_names, stages=self.stage_names,
+                     lenient=c.lenient)
+
+    def refused(self, err: P.APIError) -> Response:
+        self.metrics.requests.labels(str(err.status)).inc()
+        return error_response(err)
+
+    async def handle(self, request: Request, parse) -> Response:
+        try:
+            req = self.parse(await read_json(request, self.config), parse)
+        except P.APIError as err:
+            return self.refused(err)
+        rid = f"{'chatcmpl' if req.kind == 'chat' else 'cmpl'}-{request_info(request.scope).adopt(req.request_id)}"
+        started = await self.start(request, req, rid)
+        if isinstance(started, Response):
+            return started
+        stream, first = started
+        if req.stream:
+            return EventStream(ChunkWriter(self.apipe.runtime, stream, first, req, rid, self.config.retry_after_s,
+                                           self.ended).events(), stream, self.gone)
+        return await self.collect(request, stream, first, req, lambda res: self.answer(res, req, rid))
+
+    async def start(self, request: Request, req: P.GenerationRequest, rid: str):
+        """Submit the request and wait for its first event: (stream, first event), or the
+        Response that ends it (refused, failed before its first event, client gone)."""
+        parts = req.split()                   # a completions batch: one pipeline request per prompt
+        streams: list[RequestStream] = []
+        params = {"n": req.fields.get("n"), "max_tokens": req.fields.get("max_tokens")}
+        try:
+            for k, part in enumerate(parts):
+                streams.append(await self.apipe.add(part.item(rid if k == 0 else f"{rid}-{k}"), pin=req.pin,
+                                                    stream=req.stream, params=params))
+        except PipelineError as e:
+            for st in streams:
+                st.abort()
+            return self.refused(api_error(e, req.kind, self.config.retry_after_s))
+        stream = streams[0] if len(streams) == 1 else StreamGroup(streams, max(req.choices_per_prompt,
+                                                                              self.config.max_stage_n))
+        self.metrics.in_flight.inc()
+        here, first = await wait_or_disconnect(request, stream.__anext__())
+        if not here:                          # the client went away while it waited
+            stream.abort()
+            self.gone()
+            return Response(status_code=499)
+        if first[0] == "done" and first[1].error is not None:
+            self.metrics.in_flight.dec()
+            return self.refused(api_error(first[1].error, req.kind, self.config.retry_after_s))
+        return stream, first
+
+    def gone(self) -> None:
+        """A request whose client went away before its answer."""
+        self.ended("499", None, {})
+
+    def ended(self, status: str, result, reasons: dict) -> None:
+        """A request that was in flight is over (status: its HTTP status, "499" when the client
+        went away)."""
+        self.metrics.requests.labels(status).inc()
+        self.metrics.in_flight.dec()
+        if result is not None:                # what each choice's answer said: tool_calls, not stop
+            self.metrics.count_finished(reasons.values(), self.metrics.engine(result))
+
+    async def collect(self, request: Request, stream, first, req: P.GenerationRequest, build) -> Response:
+        """Non-streaming: wait for the result and answer `build(result) -> (body, {choice index:
+        finish reason})`, or abort when the client disconnects."""
+        async def answer():
+            event = first
+            while event[0] != "done":
+                event = await stream.__anext__()
+            return event[1]
+
+        status, result, reasons = "499", None, {}
+        try:
+            here, res = await wait_or_disconnect(request, answer())
+            if not here:
+                stream.abort()
+                return Response(status_code=499)
+            if res.error is not None:
+                err = api_error(res.error, req.kind, self.config.retry_after_s)
+                status = str(err.status)
+                return error_response(err)
+            body, reasons = build(res)
+            status, result = "200", res
+            return JSONResponse(body)
+        finally:
+            if not stream.finished:
+                stream.abort()
+            self.ended(status, result, reasons)
+
+    def answer(self, res, req: P.GenerationRequest, rid: str) -> tuple[dict, dict]:
+        """The JSON answer of a finished request, and its choices' finish reasons."""
+        runtime = self.apipe.runtime
+        use = P.usage(res.usage["prompt_tokens"], res.usage["completion_tokens"], res.usage["cached_tokens"])
+        want = req.fields.get("logprobs") is not None
+        text_of = runtime.token_text(req.pin) if want else None
+        if req.kind == "chat":
+            choices = [(c.index, c.text, c.finish_reason,
+                        P.chat_logprobs(c.data.get("logprobs") or [], text_of) if want else None)
+                       for c in res.choices]
+            body = P.chat_response(rid, req.model, choices, use, tools_active=req.tools_active)
+            return body, {c["index"]: c["finish_reason"] for c in body["choices"]}
+        echo = bool(req.fields.get("echo"))
+        choices = []
+        for c in res.choices:
+            prompt = prompt_text(runtime, c.data, req) if echo else ""
+            choices.append((c.index, prompt + c.text, c.finish_reason,
+                            P.completion_logprobs(c.data, text_of, echo) if want else None))
+        return P.completion_response(rid, req.model, choices, use), {c[0]: c[2] for c in choices}

@@ -1,0 +1,76 @@
+"""ASGI middleware in front of every route: who may come in.
+
+`Guard` answers before any route runs: 401 without a valid API key (whatever the request
+accepts, a stream included), 400 for a Host header the server does not answer for (DNS
+rebinding), 503 + Retry-After beyond --max-connections requests served at once.
+"""
+from __future__ import annotations
+
+import hmac
+
+from . import protocol as P
+from .config import OPEN_PATHS, ServeConfig
+from .errors import current_request, send_error
+
+
+def header(scope, name: bytes) -> str:
+    """A request header's value ('' when absent)."""
+    return next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == name), "")
+
+
+def route_path(scope) -> str:
+    """The request's path below the root path (serve/access.py sets it from --root-path)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
+class Guard:
+    def __init__(self, app, config: ServeConfig):
+        self.app, self.config = app, config
+        self.active = 0
+        hosts = [h.lower() for h in config.allowed_hosts]
+        self.any_host = "*" in hosts
+        self.hosts = set(hosts)
+
+    def host_ok(self, scope) -> bool:
+        if self.any_host:
+            return True
+        name = header(scope, b"host").lower()
+        if name.startswith("["):                       # [::1]:8000
+            name = name[:name.find("]") + 1]
+        elif name.count(":") == 1:
+            name = name.rsplit(":", 1)[0]
+        return name in self.hosts or name.strip("[]") in self.hosts
+
+    def key_ok(self, scope) -> bool:
+        if not self.config.api_keys:
+            return True
+        if route_path(scope) in OPEN_PATHS or scope.get("method") == "OPTIONS":
+            return True
+        scheme, _, token = header(scope, b"authorization").partition(" ")
+        token = token.strip().encode()
+        return scheme.lower() == "bearer" and any(hmac.compare_digest(token, key.encode())
+                                                   for key in self.config.api_keys)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        current_request.set(f"{scope.get('method', '')} {route_path(scope)}")
+        if not self.key_ok(scope):
+            return await send_error(send, P.APIError(
+                "a valid API key is required: send it as 'Authorization: Bearer KEY'", status=401,
+                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
+        if not self.host_ok(scope):
+            return await send_error(send, P.APIError("the Host header names a host this server does not "
+                                                     "answer for (see --allowed-hosts)", status=400,
+                                                     code="invalid_host"))
+        if self.active >= self.config.max_connections:
+            return await send_error(send, P.APIError(
+                f"the server is serving {self.active} requests, its limit (--max-connections); retry later",
+                status=503, type="server_error", code="overloaded",
+                headers={"Retry-After": str(self.config.retry_after_s)}))
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1

@@ -1,0 +1,214 @@
+"""The flags of `agp serve` (each with its AGP_* variable) and the checks of their ranges.
+
+Both front ends read them: the command (pipeline_dsl.commands.serve) and the Ray Serve
+application (serve/ray.py, whose replicas and `app_builder` parse the same flags), so they
+live here, below both.
+
+    p = argparse.ArgumentParser(prog="agp serve"); add_arguments(p)
+    args = p.parse_args([...]); check_args(args)      # SetupError names the flag at fault
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pipeline_dsl.loader import add_pipeline_arguments
+
+ENV_PREFIX = "AGP_"
+
+
+def _names(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def add_arguments(p) -> None:
+    add_pipeline_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=None,
+                   help="override the pipeline's precision")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="override the requests stage's max_queue (full queue -> HTTP 429)")
+    p.add_argument("--no-prefix-reuse", action="store_true",
+                   help="turn the KV prefix cache off (A/B against reuse)")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="run the plan's streams serially (A/B against overlap; by default CUDA overlaps them, "
+                        "CPU only with a core to spare beside the forward's threads)")
+    p.add_argument("--served-model-name", action="extend", nargs="+", default=None, metavar="NAME",
+                   help="the model id(s) clients use; the first is reported in answers (default: the "
+                        "pipeline's name)")
+    p.add_argument("--api-key", action="extend", nargs="+", default=None, metavar="KEY",
+                   help="answer only requests with 'Authorization: Bearer KEY' (401 otherwise); /health, "
+                        "/metrics and /version stay open")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length in tokens (prompt + answer); at most the model's")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="sequences batched at once (overrides the pipeline's max_batch_size)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template file used instead of the model's")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the sampling of requests that bring no seed of their own")
+    p.add_argument("--root-path", default="",
+                   help="the path prefix a proxy serves this server under (e.g. /llm)")
+    p.add_argument("--allowed-origins", type=_names, default=None, metavar="ORIGINS",
+                   help="comma-separated origins browsers may call from (CORS), '*' for any (default: none)")
+    p.add_argument("--ssl-keyfile", default=None, help="serve HTTPS: the private key (PEM)")
+    p.add_argument("--ssl-certfile", default=None, help="serve HTTPS: the certificate chain (PEM)")
+    p.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="seconds in-flight requests may take after SIGTERM; then they are cut with an "
+                        "error and the exit status is 1 (default: 60)")
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20,
+                   help="longest request body accepted; longer: 413 (default: 4 MiB)")
+    p.add_argument("--max-input-tokens", type=int, default=None,
+                   help="longest prompt accepted, in tokens; longer: 400 (default: requests.max_prompt_tokens, "
+                        "else the model's context)")
+    p.add_argument("--max-connections", type=int, default=1024,
+                   help="requests served at once; more: 503 with Retry-After (default: 1024)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send its request line and headers (default: 10)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a client has to send its request body; later: 408 (default: 30)")
+    p.add_argument("--lenient", action="store_true",
+                   help="log and ignore request fields agp does not know, as vLLM does (default: a 400)")
+    p.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated Host header values accepted, '*' for any (default: the address "
+                        "listened on and localhost; any when listening on all addresses)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="default: info")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="timestamped text lines, or one JSON object per line (default: text)")
+    p.add_argument("--access-log", dest="access_log", action="store_true", default=True,
+                   help="log every HTTP request (the default)")
+    p.add_argument("--no-access-log", dest="access_log", action="store_false", help="do not log each request")
+    p.add_argument("--stats-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="log a stats line this often while busy (default: 10; 0: never)")
+    p.add_argument("--trace", default=None, metavar="FILE",
+                   help="record a Chrome trace (Perfetto) of the pipeline; written at shutdown and on "
+                        "POST /trace/flush")
+    add_ray_arguments(p)
+    env_defaults(p)
+
+
+def add_ray_arguments(p) -> None:
+    """Flags of `--ray` (pipeline_dsl.serve.ray; docs/scale.md)."""
+    g = p.add_argument_group("scaling out on Ray Serve (pip install 'agp[ray]'; see docs/scale.md)")
+    g.add_argument("--ray", action="store_true",
+                   help="run the pipeline as Ray Serve replicas behind Ray's HTTP proxy (a running cluster "
+                        "when RAY_ADDRESS is set, else a local one)")
+    g.add_argument("--replicas", type=int, default=None,
+                   help="replicas of the pipeline (default: 1; with --max-replicas: how many to start with)")
+    g.add_argument("--min-replicas", type=int, default=None,
+                   help="autoscaling: the fewest replicas (default: 1; 0 lets it scale to zero)")
+    g.add_argument("--max-replicas", type=int, default=None,
+                   help="turns autoscaling on: the most replicas")
+    g.add_argument("--target-ongoing-requests", type=float, default=None,
+                   help="autoscaling: the requests in flight per replica it scales towards (default: 8)")
+    g.add_argument("--max-ongoing-requests", type=int, default=64,
+                   help="requests a replica holds at once; more wait in Ray's router (default: 64)")
+    g.add_argument("--affinity-chars", type=int, default=256,
+                   help="requests whose prompts share their first N characters go to one replica "
+                        "(prefix-cache affinity; 0: off; default: 256)")
+
+
+def env_name(action: argparse.Action) -> str:
+    long = max(action.option_strings, key=len)
+    return ENV_PREFIX + long.lstrip("-").upper().replace("-", "_")
+
+
+def env_defaults(p: argparse.ArgumentParser, environ=None) -> None:
+    """Each option's default from AGP_<OPTION> when that is set (the flag still wins); the
+    variable is named in the option's help. A bad value is an error naming the variable."""
+    environ = os.environ if environ is None else environ
+    for action in list(p._actions):
+        if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            continue
+        if isinstance(action, argparse._StoreFalseAction):
+            continue                                  # --no-x: the variable of --x covers it
+        name = env_name(action)
+        action.help = (action.help or "") + f" [env {name}]"
+        raw = environ.get(name)
+        if raw is None:
+            continue
+        try:
+            if isinstance(action, argparse._StoreTrueAction):
+                if raw.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+                    raise ValueError("expected true or false")
+                value = raw.strip().lower() in ("1", "true", "yes", "on")
+            elif isinstance(action, argparse._ExtendAction):
+                value = _names(raw)
+            else:
+                value = action.type(raw) if action.type else raw
+            if action.choices is not None and value not in action.choices:
+                raise ValueError(f"expected one of {', '.join(map(str, action.choices))}")
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            p.error(f"environment variable {name}={raw!r}: {e}")
+        p.set_defaults(**{action.dest: value})
+
+
+class SetupError(Exception):
+    """A flag or file the server cannot start with (exit status 2); the message says which."""
+
+
+def check_args(args) -> None:
+    """The flags' own ranges, before anything is loaded."""
+    positive = ("drain_timeout", "header_timeout", "body_timeout")
+    at_least = {"max_queue": 1, "max_body_bytes": 1024, "max_input_tokens": 1, "max_connections": 1,
+                "max_model_len": 1, "max_num_seqs": 1, "threads": 1}
+    if not 0 <= args.port <= 65535:
+        raise SetupError(f"--port must be between 0 and 65535, not {args.port}")
+    for name, low in at_least.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise SetupError(f"--{name.replace('_', '-')} must be at least {low}, not {value}")
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise SetupError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
+    if args.stats_interval < 0:
+        raise SetupError(f"--stats-interval must be 0 (off) or positive, not {args.stats_interval}")
+    if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
+        raise SetupError("--ssl-keyfile and --ssl-certfile go together")
+    for flag, path in (("--ssl-keyfile", args.ssl_keyfile), ("--ssl-certfile", args.ssl_certfile),
+                       ("--chat-template", args.chat_template)):
+        if path and not Path(path).is_file():
+            raise SetupError(f"{flag} {path}: no such file")
+    if args.root_path and not args.root_path.startswith("/"):
+        raise SetupError(f"--root-path must start with '/', not {args.root_path!r}")
+    if any(not k for k in args.api_key or ()):
+        raise SetupError("--api-key must not be empty")
+    check_ray_args(args)
+
+
+def check_ray_args(args) -> None:
+    given = [f for f in ("replicas", "min_replicas", "max_replicas", "target_ongoing_requests")
+             if getattr(args, f, None) is not None]
+    if not getattr(args, "ray", False):
+        if given:
+            raise SetupError(f"--{given[0].replace('_', '-')} needs --ray")
+        return
+    for name, low in (("replicas", 1), ("min_replicas", 0), ("max_replicas", 1), ("max_ongoing_requests", 1),
+                      ("affinity_chars", 0)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise SetupError(f"--{name.replace('_', '-')} must be at least {low}, not {value}")
+    if args.target_ongoing_requests is not None and args.target_ongoing_requests <= 0:
+        raise SetupError(f"--target-ongoing-requests must be positive, not {args.target_ongoing_requests:g}")
+    if args.max_replicas is None:
+        if args.min_replicas is not None or args.target_ongoing_requests is not None:
+            raise SetupError("autoscaling needs --max-replicas")
+    else:
+        low = 1 if args.min_replicas is None else args.min_replicas
+        if low > args.max_replicas:
+            raise SetupError(f"--min-replicas ({low}) is more than --max-replicas ({args.max_replicas})")
+        if args.replicas is not None and not low <= args.replicas <= args.max_replicas:
+            raise SetupError(f"--replicas ({args.replicas}) must lie between --min-replicas ({low}) and "
+                             f"--max-replicas ({args.max_replicas})")
+    if args.trace:
+        raise SetupError("--trace records one process: it does not go with --ray")
+
+
+def report(message: str) -> None:
+    """The one-line error of `agp serve` (on stderr): what cannot start, and why."""
+    print(f"agp serve: error: {message}", file=sys.stderr)

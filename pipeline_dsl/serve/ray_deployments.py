@@ -1,0 +1,338 @@
+"""The deployments of `agp serve --ray` (serve/ray.py assembles them from the flags):
+
+- `AgpPipeline`, the replicas: each builds the app `agp serve` builds for the same flags
+  (`build(args)`: the same routes, limits and metrics) and runs it in its process, with its
+  lifespan: the pipeline starts with the replica and drains when Serve stops it (Serve
+  first lets the requests in flight finish, up to --drain-timeout). Every answer carries
+  `x-agp-replica`, the id of the replica that served it.
+- `AgpIngress`, behind Ray's HTTP proxy: reads a request's body, takes its prompt's first
+  --affinity-chars characters as a routing key and calls `AgpPipeline` through a deployment
+  handle, streaming the replica's ASGI messages back. A request whose replica fails before
+  its answer started is sent again (to another replica); a stream already started ends with
+  an error event. `x-agp-attempts` says how many times it was sent. GET /metrics it answers
+  itself, for every replica (serve/ray_metrics.py). Draining (`drain`, at SIGTERM) it answers
+  new requests 503 + Retry-After while those in flight finish; then the application goes.
+- `AgpMetrics` (serve/ray_metrics.py) keeps each replica's latest metrics.
+
+`PrefixAffinityRouter`, the handle's request router, sends a request with a key to the
+replica that ranks highest for the key by rendezvous hashing (every ingress replica agrees
+without shared state; a replica that comes or goes moves only its own keys), unless that
+replica has `imbalance` more requests in flight than the least busy one; then, and for
+requests without a key, the better of two random replicas. Replica counts and autoscaling
+are Serve's own (`num_replicas`, `autoscaling_config` on the requests in flight per replica).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import logging
+import random
+
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+from . import protocol as P
+from .ray_metrics import PUSH_S, merge
+
+log = logging.getLogger("agp.serve")
+REPLICA_HEADER = b"x-agp-replica"
+ATTEMPTS_HEADER = b"x-agp-attempts"
+ATTEMPTS = 3                      # sends of a request whose answer has not started
+SCOPE_KEYS = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path", "root_path",
+              "query_string", "headers", "server", "client")
+
+
+# ---------------------------------------------------------------- routing
+
+def affinity_key(body: bytes, chars: int) -> str | None:
+    """The first `chars` characters of a request's prompt (completions: the first prompt; token
+    ids as numbers) or of its messages (chat: each one's role and text, in order); None when
+    the body has neither (it is then routed by load alone)."""
+    if chars <= 0:
+        return None
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    prompt, messages = obj.get("prompt"), obj.get("messages")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        prompt = prompt[0]                       # a batch: the first prompt
+    if isinstance(prompt, str):
+        text = prompt
+    elif isinstance(prompt, list):
+        text = " ".join(map(str, prompt))
+    elif isinstance(messages, list):
+        text = "".join(f"{m.get('role')}\n{_content(m.get('content'))}\n" for m in messages if isinstance(m, dict))
+    else:
+        return None
+    return text[:chars] or None
+
+
+def _content(content) -> str:
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return content if isinstance(content, str) else ""
+
+
+def rank(key: str, replica_ids: list[str]) -> list[str]:
+    """Replica ids best first for `key` (rendezvous hashing)."""
+    digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
+    return sorted(replica_ids, reverse=True,
+                  key=lambda rid: hashlib.blake2b(digest + rid.encode(), digest_size=8).digest())
+
+
+class PrefixAffinityRouter(RequestRouter):
+    """Ray Serve request router: prefix-cache affinity, power of two choices when imbalanced."""
+
+    def initialize_state(self, imbalance: int = 8):
+        self.imbalance = imbalance
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        spread = random.sample(candidate_replicas, min(2, len(candidate_replicas)))
+        if pending_request is None:
+            return [spread]
+        pending_request.routing_context.should_backoff = True   # all full: wait before asking again
+        key = pending_request.kwargs.get("affinity")
+        if not key or len(candidate_replicas) < 2:
+            return [spread]
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        best = by_id[rank(key, list(by_id))[0]]
+        loads = [self.replica_queue_len_cache.get(r.replica_id) for r in candidate_replicas]
+        known = [n for n in loads if n is not None]
+        busy = self.replica_queue_len_cache.get(best.replica_id)
+        if busy is not None and busy - min(known) > self.imbalance:
+            return [spread]
+        return [[best], spread]               # the preferred one while it has room, else the two
+
+
+# ---------------------------------------------------------------- deployments
+
+@serve.deployment(name="AgpPipeline")
+class AgpPipeline:
+    """One replica: the app of `agp serve` for these flags, in this process; its lifespan (the
+    pipeline's start, and its drain) runs with the replica's."""
+
+    async def __init__(self, options: dict, hub=None):
+        from .build import build
+        from .logs import configure
+
+        args = argparse.Namespace(**options)
+        configure(args.log_format, args.log_level, args.access_log)
+        self.serving = await asyncio.to_thread(build, args)
+        self.replica = serve.get_replica_context().replica_id.unique_id.encode()
+        self.lifespan = self.serving.app.router.lifespan_context(self.serving.app)
+        await self.lifespan.__aenter__()
+        self.hub = hub
+        self.pusher = asyncio.ensure_future(self._push()) if hub is not None else None
+
+    async def _push(self) -> None:
+        """This replica's metrics to the AgpMetrics deployment, every PUSH_S seconds."""
+        from .routes import pipeline_stats
+
+        while True:
+            try:
+                body, _ = self.serving.metrics.render(await pipeline_stats(self.serving.app.state))
+                await self.hub.put.remote(self.replica.decode(), body.decode())
+            except Exception as e:              # noqa: BLE001 - the next push tries again
+                log.debug("metrics push failed: %s", e)
+            await asyncio.sleep(PUSH_S)
+
+    async def _drop(self) -> None:
+        await self.hub.drop.remote(self.replica.decode())
+
+    async def __del__(self):
+        """Serve stops the replica (after its requests finished, or the drain timeout)."""
+        if getattr(self, "pusher", None) is not None:
+            self.pusher.cancel()
+            try:                                # the hub may be stopping too (the application goes)
+                await asyncio.wait_for(self._drop(), 2.0)
+            except Exception:                   # noqa: BLE001 - the hub forgets it when it goes stale
+                pass
+        if hasattr(self, "lifespan"):
+            await self.lifespan.__aexit__(None, None, None)
+
+    async def asgi(self, scope: dict, body: bytes, affinity: str | None = None):
+        """Serve one HTTP request whose body is `body`: yields lists of the ASGI messages the app
+        sends. Cancelled (the client went away): the app sees a disconnect and aborts.
+        `affinity` is the routing key, for the router."""
+        out: asyncio.Queue = asyncio.Queue()
+        gone = asyncio.Event()
+        read = False
+
+        async def receive():
+            nonlocal read
+            if not read:
+                read = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), (REPLICA_HEADER, self.replica)]}
+            out.put_nowait(message)
+
+        app = asyncio.ensure_future(self.serving.app(dict(scope), receive, send))
+        app.add_done_callback(lambda _: out.put_nowait(None))
+        try:
+            while True:
+                batch = [await out.get()]
+                while not out.empty():
+                    batch.append(out.get_nowait())
+                if batch[-1] is None:
+                    if batch[:-1]:
+                        yield batch[:-1]
+                    break
+                yield batch
+            app.result()
+        finally:
+            gone.set()
+            if not app.done():
+                await asyncio.wait({app}, timeout=5)
+                app.cancel()
+
+
+@serve.deployment(name="AgpIngress", max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class AgpIngress:
+    """Behind Ray's HTTP proxy: every request to an `AgpPipeline` replica, with its routing key."""
+
+    def __init__(self, pipeline, affinity_chars: int, max_body_bytes: int, body_timeout_s: float, hub=None,
+                 root_path: str = "", retry_after_s: int = 1):
+        self.pipeline = pipeline.options(stream=True)
+        self.chars, self.limit, self.body_timeout_s = affinity_chars, max_body_bytes, body_timeout_s
+        self.hub, self.root, self.retry_after_s = hub, root_path.rstrip("/"), retry_after_s
+        self.draining = False
+        self.active = 0                          # requests being forwarded now
+
+    def drain(self) -> None:
+        """Stop taking requests (503 + Retry-After, /health 503) while those in flight finish."""
+        self.draining = True
+
+    def in_flight(self) -> int:
+        return self.active
+
+    def _path(self, scope) -> str:
+        path = scope.get("path", "")
+        if self.root and (path == self.root or path.startswith(self.root + "/")):
+            return path[len(self.root):] or "/"
+        return path
+
+    def __serve_build_asgi_app__(self):
+        async def app(scope, receive, send):       # a function: uvicorn takes it for ASGI 3
+            await self.forward(scope, receive, send)
+        return app
+
+    async def forward(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        if scope["type"] != "http":
+            return
+        path = self._path(scope)
+        if self.draining:
+            if path == "/health":
+                return await _json(send, 503, {"status": "draining"}, {"Retry-After": str(self.retry_after_s)})
+            return await _answer(send, P.APIError("the server is shutting down; retry on another", status=503,
+                                                  type="server_error", code="unavailable",
+                                                  headers={"Retry-After": str(self.retry_after_s)}))
+        if path == "/metrics" and scope.get("method") == "GET" and self.hub is not None:
+            texts = await self.hub.collect.remote()
+            return await _raw(send, 200, merge(texts), "text/plain; version=0.0.4; charset=utf-8")
+        self.active += 1
+        try:
+            await self._forward(scope, receive, send)
+        finally:
+            self.active -= 1
+
+    async def _forward(self, scope, receive, send):
+        body = await self._body(receive)
+        if body is False:                        # the client went away
+            return
+        if body is None:
+            return await _answer(send, P.APIError(f"the request body did not arrive within "
+                                                  f"{self.body_timeout_s:g} s", status=408, code="body_timeout"))
+        key = affinity_key(body, self.chars)
+        request = {k: scope[k] for k in SCOPE_KEYS if k in scope}
+        failure = None
+        for attempt in range(1, ATTEMPTS + 1):
+            started, event_stream, done = False, False, False
+            response = self.pipeline.asgi.remote(request, body, affinity=key)
+            try:
+                async for batch in response:
+                    for message in batch:
+                        if message["type"] == "http.response.start":
+                            headers = [*message.get("headers", ()), (ATTEMPTS_HEADER, str(attempt).encode())]
+                            message = {**message, "headers": headers}
+                            event_stream = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                                               for k, v in headers)
+                            started = True
+                        await send(message)
+                done = True
+                return
+            except RayActorError as e:
+                if started:                  # part of the answer is out: it cannot be sent again
+                    log.warning("replica failed mid-answer: %s", e)
+                    if not event_stream:
+                        raise
+                    err = P.APIError("the replica serving this request failed; send it again", status=503,
+                                     type="server_error", code="replica_failed")
+                    await send({"type": "http.response.body", "body": P.sse(err.body()) + P.sse("[DONE]"),
+                                "more_body": False})
+                    return
+                failure = e
+                log.warning("replica failed before answering (attempt %d of %d): %s", attempt, ATTEMPTS, e)
+                await asyncio.sleep(0.2 * attempt)
+            finally:
+                if not done:
+                    response.cancel()
+        await _answer(send, P.APIError(f"no replica could answer: {failure}", status=503, type="server_error",
+                                       code="unavailable", headers={"Retry-After": "1"}))
+
+    async def _body(self, receive) -> bytes | bool | None:
+        """The body, cut at one byte more than the replicas accept (they answer 413); None when it
+        does not arrive within the body timeout, False when the client goes away first."""
+        chunks, size = [], 0
+
+        async def collect() -> bool:
+            nonlocal size
+            while size <= self.limit:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return False
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                if not message.get("more_body"):
+                    break
+            return True
+
+        try:
+            if not await asyncio.wait_for(collect(), self.body_timeout_s):
+                return False
+        except asyncio.TimeoutError:
+            return None
+        return b"".join(chunks)[:self.limit + 1]
+
+
+async def _raw(send, status: int, body: bytes, content_type: str, headers: dict | None = None) -> None:
+    head = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+    head += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _json(send, status: int, obj: dict, headers: dict | None = None) -> None:
+    await _raw(send, status, json.dumps(obj).encode(), "application/json", headers)
+
+
+async def _answer(send, err: P.APIError) -> None:
+    await _json(send, err.status, err.body(), err.headers)

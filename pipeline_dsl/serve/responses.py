@@ -1,0 +1,284 @@
+"""POST /v1/responses: OpenAI's Responses API (as vLLM serves it), over the chat path.
+
+A Responses request becomes a chat request: `instructions` a system message, `input` (a string,
+or message / function_call / function_call_output items) the conversation, `previous_response_id`
+the stored conversation before it, function `tools` and `tool_choice` the chat's, `text.format`
+the response_format, `max_output_tokens` max_tokens. The answer is a `response` object whose
+`output` holds a message item (`output_text`, with logprobs when `include` asks for
+"message.output_text.logprobs") and a `function_call` item per tool call; `status` is
+"incomplete" (`incomplete_details.reason: max_output_tokens`) when the token budget cut it.
+Streamed, it is the Responses events (serve/responses_events.py). Answers are kept in memory
+(the latest STORED, unless `"store": false`) for `previous_response_id`, GET and DELETE
+/v1/responses/{id}. Only function tools exist here; reasoning items in the input are dropped.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from . import protocol as P
+from .access import request_info
+from .body import read_json
+from .extras import bad
+from .generation import Generations
+from .responses_events import ResponseEvents
+from .responses_output import call_item, message_item, output_messages, response_object, usage
+from .sse import EventStream
+
+STORED = 1024              # responses kept for previous_response_id / GET (the oldest go first)
+FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "tools", "tool_choice",
+          "parallel_tool_calls", "text", "stream", "store", "metadata", "previous_response_id", "user",
+          "truncation", "reasoning", "include", "top_logprobs", "service_tier", "background", "stream_options",
+          "prompt_cache_key", "safety_identifier", "max_tool_calls",
+          # vLLM's extras on this route
+          "request_id", "top_k", "min_p", "repetition_penalty", "seed", "stop", "ignore_eos", "structured_outputs",
+          "guided_json", "guided_regex", "guided_choice", "guided_grammar"}
+PASSED = ("model", "temperature", "top_p", "parallel_tool_calls", "stream", "request_id", "top_k", "min_p",
+          "repetition_penalty", "seed", "stop", "ignore_eos", "user", "structured_outputs", "guided_json",
+          "guided_regex", "guided_choice", "guided_grammar")
+RENAMED = {"max_tokens": "max_output_tokens", "response_format": "text.format", "messages": "input",
+           "logprobs": "include"}
+LOGPROBS = "message.output_text.logprobs"
+APIError = P.APIError
+
+
+@dataclass
+class ResponsesCall:
+    req: P.GenerationRequest              # the chat request it runs as (kind "responses")
+    settings: dict                        # what the response object repeats of the request
+    conversation: list                    # the chat messages before the answer (stored with it)
+    store: bool
+
+
+class ResponseStore:
+    """The latest responses: their object and their conversation, for previous_response_id."""
+
+    def __init__(self, size: int = STORED):
+        self.size, self.items = size, OrderedDict()
+        self.lock = threading.Lock()
+
+    def put(self, rid: str, response: dict, conversation: list) -> None:
+        with self.lock:
+            self.items[rid] = (response, conversation)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+    def get(self, rid: str):
+        with self.lock:
+            return self.items.get(rid)
+
+    def delete(self, rid: str) -> bool:
+        with self.lock:
+            return self.items.pop(rid, None) is not None
+
+
+# ---------------------------------------------------------------- the request
+
+def _text(content, where: str, kinds=("input_text", "output_text", "text")) -> str:
+    """A message's content: a string, or text parts joined."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad(f"{where}.content", "a string or an array of input_text parts", content)
+    texts = []
+    for j, part in enumerate(content):
+        if not (isinstance(part, dict) and part.get("type") in kinds and isinstance(part.get("text"), str)):
+            raise APIError(f"'{where}.content[{j}]' must be a text part ({{\"type\": \"input_text\", \"text\": "
+                           "...}); agp serves text only", param=f"{where}.content")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def conversation(value) -> list[dict]:
+    """`input` as chat messages."""
+    if isinstance(value, str):
+        if not value:
+            raise APIError("'input' is empty", param="input")
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise bad("input", "a string or a non-empty array of input items", value)
+    out: list[dict] = []
+    for i, item in enumerate(value):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise bad(where, "an input item object", item)
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "system", "developer", "assistant"):
+                raise bad(f"{where}.role", "one of user, system, developer, assistant", role)
+            out.append({"role": role, "content": _text(item.get("content"), where)})
+        elif kind == "function_call":
+            for key in ("call_id", "name", "arguments"):
+                if not isinstance(item.get(key), str):
+                    raise bad(f"{where}.{key}", "a string", item.get(key))
+            call = {"id": item["call_id"], "type": "function",
+                    "function": {"name": item["name"], "arguments": item["arguments"]}}
+            if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls") is not None:
+                out[-1]["tool_calls"].append(call)        # parallel calls: one assistant turn
+            else:
+                out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str):
+                raise bad(f"{where}.call_id", "a string", item.get("call_id"))
+            out.append({"role": "tool", "tool_call_id": item["call_id"], "content": _text(item.get("output"), where)})
+        elif kind == "reasoning":
+            continue                      # agp's models write none; an earlier model's are not replayed
+        else:
+            raise APIError(f"'{where}.type' {kind!r} is not supported (message, function_call, "
+                           "function_call_output)", param=f"{where}.type")
+    return out
+
+
+def _tools(obj: dict) -> tuple[list | None, object]:
+    """Responses function tools and tool_choice in the chat shape."""
+    tools = obj.get("tools")
+    chat_tools = None
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise bad("tools", "an array of function tools", tools)
+        chat_tools = []
+        for i, t in enumerate(tools):
+            if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(t.get("name"), str):
+                kind = t.get("type") if isinstance(t, dict) else None
+                raise APIError(f"'tools[{i}]' must be a function tool ({{\"type\": \"function\", \"name\", "
+                               f"\"parameters\"}}); {kind!r} tools are not served here", param=f"tools[{i}]")
+            fn = {k: t[k] for k in ("name", "description", "parameters") if t.get(k) is not None}
+            chat_tools.append({"type": "function", "function": fn})
+    choice = obj.get("tool_choice")
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+            raise bad("tool_choice", "none, auto, required or {\"type\": \"function\", \"name\"}", choice)
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    return chat_tools or None, choice
+
+
+def _format(obj: dict):
+    """`text.format` as a response_format (None: free text)."""
+    text = obj.get("text")
+    if text is None:
+        return None
+    if not isinstance(text, dict):
+        raise bad("text", "an object {\"format\": ...}", text)
+    fmt = text.get("format")
+    if fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("json_object", "json_schema"):
+        raise bad("text.format", "{\"type\": \"text\" | \"json_object\" | \"json_schema\", ...}", fmt)
+    if fmt["type"] == "json_object":
+        return {"type": "json_object"}
+    return {"type": "json_schema", "json_schema": {"name": fmt.get("name"), "schema": fmt.get("schema", {}),
+                                                   "strict": fmt.get("strict")}}
+
+
+def _checked(obj: dict) -> None:
+    for name, ok, expected in (
+            ("instructions", lambda v: isinstance(v, str), "a string"),
+            ("store", lambda v: isinstance(v, bool), "true or false"),
+            ("background", lambda v: v is False, "false (agp answers in the foreground)"),
+            ("include", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "an array of strings"),
+            ("truncation", lambda v: v in ("disabled", "auto"), "disabled or auto"),
+            ("previous_response_id", lambda v: isinstance(v, str), "a string"),
+            ("metadata", lambda v: isinstance(v, dict), "an object")):
+        if obj.get(name) is not None and not ok(obj[name]):
+            raise bad(name, expected, obj[name])
+
+
+def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tuple = (), lenient: bool = False,
+                    store: ResponseStore | None = None) -> ResponsesCall:
+    """POST /v1/responses: the chat request it runs as, and what its answer repeats."""
+    obj = P.check_unknown(obj, FIELDS, lenient)
+    _checked(obj)
+    if "input" not in obj or obj["input"] is None:
+        raise APIError("'input' is required", param="input")
+    before: list[dict] = []
+    prev = obj.get("previous_response_id")
+    if prev is not None:
+        found = store.get(prev) if store is not None else None
+        if found is None:
+            raise APIError(f"no stored response has the id '{prev}' (responses are kept in memory, the "
+                           f"latest {STORED}, unless sent with \"store\": false)", status=404,
+                           type="not_found_error", param="previous_response_id", code="response_not_found")
+        before = [dict(m) for m in found[1]]
+    turn = conversation(obj["input"])
+    messages = ([{"role": "system", "content": obj["instructions"]}] if obj.get("instructions") else []) \
+        + before + turn
+    tools, choice = _tools(obj)
+    include = obj.get("include") or []
+    chat = {k: obj[k] for k in PASSED if obj.get(k) is not None}
+    chat.update(messages=messages, tools=tools, tool_choice=choice, response_format=_format(obj),
+                max_tokens=obj.get("max_output_tokens"))
+    if obj.get("metadata"):
+        chat["metadata"] = obj["metadata"]
+    if LOGPROBS in include or obj.get("top_logprobs") is not None:
+        chat.update(logprobs=True, top_logprobs=obj.get("top_logprobs"))
+    try:
+        req = P.parse_chat({k: v for k, v in chat.items() if v is not None}, max_model_len=max_model_len,
+                           served=served, stages=stages)
+    except APIError as e:                       # name the field as the client wrote it
+        if e.param in RENAMED:
+            e.message = e.message.replace(f"'{e.param}'", f"'{RENAMED[e.param]}'")
+            e.param = RENAMED[e.param]
+        raise
+    settings = {"instructions": obj.get("instructions"), "max_output_tokens": obj.get("max_output_tokens"),
+                "temperature": obj.get("temperature"), "top_p": obj.get("top_p"),
+                "tools": obj.get("tools") or [], "tool_choice": obj.get("tool_choice") or "auto",
+                "parallel_tool_calls": obj.get("parallel_tool_calls", True) is not False,
+                "text": obj.get("text") or {"format": {"type": "text"}}, "metadata": obj.get("metadata") or {},
+                "previous_response_id": prev, "store": obj.get("store", True) is not False,
+                "truncation": obj.get("truncation") or "disabled", "reasoning": obj.get("reasoning"),
+                "user": obj.get("user"), "background": False, "top_logprobs": obj.get("top_logprobs"),
+                "service_tier": "default"}
+    return ResponsesCall(replace(req, kind="responses"), settings, before + turn, settings["store"])
+
+
+class Responses:
+    """The serving object of /v1/responses, on the Generations of the chat path."""
+
+    def __init__(self, generations: Generations, store: ResponseStore | None = None):
+        self.g, self.store = generations, store or ResponseStore()
+
+    async def create(self, request: Request) -> Response:
+        g = self.g
+        try:
+            call = parse_responses(await read_json(request, g.config), max_model_len=g.config.max_model_len,
+                                   served=g.config.model_names, stages=g.stage_names, lenient=g.config.lenient,
+                                   store=self.store)
+        except APIError as err:
+            return g.refused(err)
+        rid = f"resp_{request_info(request.scope).adopt(call.req.request_id)}"
+        started = await g.start(request, call.req, rid)
+        if isinstance(started, Response):
+            return started
+        stream, first = started
+        if call.req.stream:
+            events = ResponseEvents(self, call, stream, first, rid, g.ended)
+            return EventStream(events.events(), stream, g.gone)
+        return await g.collect(request, stream, first, call.req, lambda res: self.answer(call, res, rid))
+
+    def text_of(self, call: ResponsesCall):
+        return self.g.apipe.runtime.token_text(call.req.pin) if call.req.fields.get("logprobs") is not None else None
+
+    def answer(self, call: ResponsesCall, res, rid: str) -> tuple[dict, dict]:
+        """The response object of a finished request (its first choice), and its finish reason."""
+        choice = res.choices[0]
+        text_of = self.text_of(call)
+        lps = P.chat_logprobs(choice.data.get("logprobs") or [], text_of)["content"] if text_of else None
+        message, reason = P.chat_message(choice.text, choice.finish_reason, call.req.tools_active)
+        status = "incomplete" if choice.finish_reason == "length" else "completed"
+        output = []
+        if message.get("content") or not message.get("tool_calls"):
+            output.append(message_item(message.get("content") or "", status, lps))
+        output += [call_item(c) for c in message.get("tool_calls") or []]
+        body = response_object(rid, call, int(time.time()), status, output, usage(res.usage))
+        self.keep(call, body)
+        return body, {0: reason}
+
+    def keep(self, call: ResponsesCall, body: dict) -> None:
+        if call.store:
+            self.store.put(body["id"], body, call.conversation + output_messages(body["output"]))

@@ -1,0 +1,157 @@
+"""The streamed Responses API (`"stream": true` on /v1/responses): server-sent events, each
+`event: <type>` and a JSON `data` with its `type` and a rising `sequence_number`.
+
+    response.created, response.in_progress                      the response object, in progress
+    response.output_item.added, response.content_part.added     a message item opens
+    response.output_text.delta ... response.output_text.done    its text as tokens come
+    response.content_part.done, response.output_item.done
+    response.output_item.added (function_call), response.function_call_arguments.delta / .done,
+    response.output_item.done                                   each tool call, once whole
+    response.completed | response.incomplete | response.failed  the final response object
+
+Text that may be the start of a tool call is held back until it is one (pipeline_dsl.tools
+ToolStream), as on the chat stream. There is no `[DONE]`: the final event ends the stream.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from . import protocol as P
+from .errors import api_error, log_error
+from .responses_output import call_item, message_item, new_id, response_object, usage
+
+
+class ResponseEvents:
+    def __init__(self, owner, call, stream, first, rid: str, on_end):
+        self.owner, self.call, self.stream, self.first, self.rid = owner, call, stream, first, rid
+        self.on_end = on_end
+        self.created = int(time.time())
+        self.seq = 0
+        self.output: list[dict] = []            # the items done so far
+        self.msg: dict | None = None            # the open message item
+        self.text = ""
+        self.lps: list | None = [] if owner.text_of(call) else None
+        self.text_of = owner.text_of(call)
+        self.tools = None
+        if call.req.tools_active:
+            from pipeline_dsl.tools import ToolStream
+
+            self.tools = ToolStream()
+        self.called = False
+        self.seen = False                        # a delta of choice 0 came (else its text comes whole)
+
+    def event(self, kind: str, **body) -> bytes:
+        data = {"type": kind, "sequence_number": self.seq, **body}
+        self.seq += 1
+        return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'), ensure_ascii=False)}\n\n".encode()
+
+    def snapshot(self, status: str, use=None, error=None) -> dict:
+        return response_object(self.rid, self.call, self.created, status, list(self.output), use, error)
+
+    # ---- items -------------------------------------------------------------------------
+    def _open(self) -> list[bytes]:
+        self.msg = {"id": new_id("msg"), "index": len(self.output)}
+        self.text, lps = "", self.lps
+        self.lps = [] if lps is not None else None
+        item = {"type": "message", "id": self.msg["id"], "status": "in_progress", "role": "assistant", "content": []}
+        part = {"type": "output_text", "text": "", "annotations": []}
+        return [self.event("response.output_item.added", output_index=self.msg["index"], item=item),
+                self.event("response.content_part.added", item_id=self.msg["id"], output_index=self.msg["index"],
+                           content_index=0, part=part)]
+
+    def _text(self, text: str, lps: list | None) -> list[bytes]:
+        out = [] if self.msg is not None else self._open()
+        self.text += text
+        if self.lps is not None and lps:
+            self.lps += lps
+        out.append(self.event("response.output_text.delta", item_id=self.msg["id"], output_index=self.msg["index"],
+                              content_index=0, delta=text, logprobs=lps or []))
+        return out
+
+    def _close(self, status: str) -> list[bytes]:
+        if self.msg is None:
+            return []
+        m, self.msg = self.msg, None
+        item = message_item(self.text, status, self.lps, m["id"])
+        self.output.append(item)
+        where = {"item_id": m["id"], "output_index": m["index"], "content_index": 0}
+        return [self.event("response.output_text.done", **where, text=self.text, logprobs=self.lps or []),
+                self.event("response.content_part.done", **where, part=item["content"][0]),
+                self.event("response.output_item.done", output_index=m["index"], item=item)]
+
+    def _call(self, call: dict) -> list[bytes]:
+        out = self._close("completed")
+        self.called = True
+        item = call_item(call)
+        index = len(self.output)
+        self.output.append(item)
+        where = {"item_id": item["id"], "output_index": index}
+        return out + [self.event("response.output_item.added", output_index=index,
+                                 item={**item, "arguments": "", "status": "in_progress"}),
+                      self.event("response.function_call_arguments.delta", **where, delta=item["arguments"]),
+                      self.event("response.function_call_arguments.done", **where, arguments=item["arguments"]),
+                      self.event("response.output_item.done", output_index=index, item=item)]
+
+    def content(self, text: str, step_lp: list | None) -> list[bytes]:
+        lps = P.chat_logprobs(step_lp, self.text_of)["content"] if self.text_of and step_lp else None
+        out, calls = [], []
+        if self.tools is not None:
+            text, calls = self.tools.feed(text)
+        if text or lps:
+            out += self._text(text, lps)
+        for c in calls:
+            out += self._call(c)
+        return out
+
+    def finish(self, result) -> list[bytes]:
+        choice = result.choices[0] if result.choices else None
+        out = []
+        if choice is not None and not self.seen:        # it came whole (through later stages)
+            out += self.content(choice.text, choice.data.get("logprobs"))
+        if self.tools is not None:
+            rest, _ = self.tools.finish()
+            if rest:
+                out += self._text(rest, None)
+        status = "incomplete" if choice is not None and choice.finish_reason == "length" else "completed"
+        if self.msg is None and not self.output:
+            out += self._open()                          # an empty answer is still a message
+        out += self._close(status)
+        final = self.snapshot(status, usage(result.usage))
+        self.owner.keep(self.call, final)
+        self.reason = "tool_calls" if self.called else (choice.finish_reason if choice is not None else None)
+        return out + [self.event(f"response.{status}", response=final)]
+
+    # ---- the stream --------------------------------------------------------------------
+    async def events(self):
+        status, result, self.reason = "499", None, None
+        self.stream.started = True
+        try:
+            yield self.event("response.created", response=self.snapshot("in_progress"))
+            yield self.event("response.in_progress", response=self.snapshot("in_progress"))
+            event = self.first
+            while True:
+                if event[0] == "delta":
+                    _, index, out = event
+                    if index == 0:                       # the Responses API has one answer: choice 0
+                        self.seen = True
+                        for chunk in self.content(out.delta_text, getattr(out, "logprobs", None)):
+                            yield chunk
+                else:
+                    result = event[1]
+                    if result.error is not None:
+                        err = api_error(result.error, "responses", self.owner.g.config.retry_after_s)
+                        status = str(err.status)
+                        log_error(err)
+                        failed = self.snapshot("failed", error={"code": err.code or err.type, "message": err.message})
+                        yield self.event("response.failed", response=failed)
+                        return
+                    for chunk in self.finish(result):
+                        yield chunk
+                    status = "200"
+                    return
+                event = await self.stream.__anext__()
+        finally:                                          # also on disconnect (cancel / aclose)
+            if not self.stream.finished:
+                self.stream.abort()
+            self.on_end(status, result if status == "200" else None, {0: self.reason} if status == "200" else {})

@@ -1,0 +1,46 @@
+"""The objects of a Responses API answer (serve/responses.py, serve/responses_events.py): the
+`response` object, its message and function_call items, its usage."""
+from __future__ import annotations
+
+import uuid
+
+
+def usage(u: dict) -> dict:
+    return {"input_tokens": u["prompt_tokens"], "input_tokens_details": {"cached_tokens": u["cached_tokens"]},
+            "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": u["prompt_tokens"] + u["completion_tokens"]}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def message_item(text: str, status: str, logprobs: list | None, item_id: str | None = None) -> dict:
+    part = {"type": "output_text", "text": text, "annotations": []}
+    if logprobs is not None:
+        part["logprobs"] = logprobs
+    return {"type": "message", "id": item_id or new_id("msg"), "status": status, "role": "assistant",
+            "content": [part]}
+
+
+def call_item(call: dict, item_id: str | None = None) -> dict:
+    return {"type": "function_call", "id": item_id or new_id("fc"), "call_id": call["id"],
+            "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": "completed"}
+
+
+def response_object(rid: str, call, created: int, status: str, output: list,
+                    use: dict | None, error: dict | None = None) -> dict:
+    incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+    return {"id": rid, "object": "response", "created_at": created, "status": status, "model": call.req.model,
+            "output": output, "error": error, "incomplete_details": incomplete, "usage": use, **call.settings}
+
+
+def output_messages(output: list) -> list[dict]:
+    """The answer's items as chat messages (what a later previous_response_id continues)."""
+    text = "".join(p["text"] for item in output if item["type"] == "message" for p in item["content"])
+    calls = [{"id": i["call_id"], "type": "function", "function": {"name": i["name"], "arguments": i["arguments"]}}
+             for i in output if i["type"] == "function_call"]
+    message = {"role": "assistant", "content": text}
+    if calls:
+        message["tool_calls"] = calls
+    return [message]

@@ -1,0 +1,208 @@
+"""The routes of `agp serve`, on one module-level router (vLLM's api_server.py shape): each
+handler reads what it needs from `request.app.state` (the AsyncPipeline `apipe`, the
+`config`, the `metrics` and the serving objects create_app puts there).
+
+Routes: POST /v1/completions, /v1/chat/completions (serve/generation.py), /v1/responses (and GET,
+DELETE /v1/responses/{id}: serve/responses.py), /v1/embeddings (serve/embeddings.py), GET /v1/models,
+/v1/models/{id}, POST /tokenize, /detokenize, GET /tokenizer_info, /version, /health,
+/metrics (Prometheus), /stats (counters as JSON), POST /trace/flush.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from pipeline_dsl.flow import PipelineError
+
+from . import openapi as OA
+from . import protocol as P
+from .body import read_json
+from .errors import api_error, error_response
+
+router = APIRouter()
+
+
+def _state(request: Request):
+    return request.app.state
+
+
+async def pipeline_stats(state) -> dict:
+    """The runtime's counters; {} when the pipeline failed (it still answers)."""
+    try:
+        return await state.apipe.stats()
+    except Exception:                       # noqa: BLE001 - a failed pipeline still answers
+        return {}
+
+
+def _stage_names(config) -> tuple[str, ...]:
+    return tuple(name for name, _ in config.stages)
+
+
+# ---------------------------------------------------------------- generation
+
+@router.post("/v1/completions", openapi_extra=OA.generation(OA.COMPLETION_REQUEST, OA.COMPLETION_RESPONSE,
+                                                            "OpenAI completions"))
+async def completions(request: Request):
+    return await _state(request).generations.handle(request, P.parse_completion)
+
+
+@router.post("/v1/chat/completions", openapi_extra=OA.generation(OA.CHAT_REQUEST, OA.CHAT_RESPONSE,
+                                                                 "OpenAI chat completions"))
+async def chat_completions(request: Request):
+    return await _state(request).generations.handle(request, P.parse_chat)
+
+
+@router.post("/v1/responses", openapi_extra=OA.generation(OA.RESPONSES_REQUEST, OA.RESPONSES_RESPONSE,
+                                                          "OpenAI Responses API (serve/responses.py)"))
+async def responses(request: Request):
+    return await _state(request).responses.create(request)
+
+
+def _no_response(response_id: str) -> Response:
+    return error_response(P.APIError(f"no stored response has the id '{response_id}'", status=404,
+                                     type="not_found_error", param="response_id", code="response_not_found"))
+
+
+@router.get("/v1/responses/{response_id}", openapi_extra=OA.RESPONSE_GET)
+async def get_response(response_id: str, request: Request):
+    found = _state(request).responses.store.get(response_id)
+    return found[0] if found is not None else _no_response(response_id)
+
+
+@router.delete("/v1/responses/{response_id}", openapi_extra=OA.RESPONSE_DELETE)
+async def delete_response(response_id: str, request: Request):
+    if not _state(request).responses.store.delete(response_id):
+        return _no_response(response_id)
+    return {"id": response_id, "object": "response", "deleted": True}
+
+
+@router.post("/v1/embeddings", openapi_extra=OA.EMBEDDINGS)
+async def embeddings(request: Request):
+    return await _state(request).embeddings.create(request)
+
+
+# ---------------------------------------------------------------- models, tokenizer
+
+def model_entry(state, name: str) -> dict | None:
+    config = state.config
+    if name in config.model_names:
+        return {"id": name, "object": "model", "created": state.created, "owned_by": "agp",
+                "max_model_len": config.max_model_len}
+    for stage, model in config.stages:
+        if stage == name:
+            return {"id": stage, "object": "model", "created": state.created, "owned_by": "agp", "root": model,
+                    "parent": config.model_names[0], "max_model_len": config.max_model_len}
+    return None
+
+
+@router.get("/v1/models", openapi_extra=OA.MODELS)
+async def models(request: Request):
+    state = _state(request)
+    names = list(state.config.model_names) + [s for s in _stage_names(state.config)
+                                              if s not in state.config.model_names]
+    return {"object": "list", "data": [model_entry(state, name) for name in names]}
+
+
+@router.get("/v1/models/{model_id:path}", openapi_extra=OA.MODEL)
+async def model(model_id: str, request: Request):
+    entry = model_entry(_state(request), model_id)
+    if entry is None:
+        return error_response(P.APIError(f"the model '{model_id}' does not exist", status=404,
+                                         type="not_found_error", param="model", code="model_not_found"))
+    return entry
+
+
+@router.post("/tokenize", openapi_extra=OA.TOKENIZE)
+async def tokenize(request: Request):
+    state = _state(request)
+    body: dict = {}
+    try:
+        body = await read_json(request, state.config)
+        tok = P.parse_tokenize(body, served=state.config.model_names, stages=_stage_names(state.config))
+        ids = await asyncio.to_thread(state.apipe.runtime.tokenise, tok, None)
+    except P.APIError as err:
+        return error_response(err)
+    except PipelineError as e:
+        return error_response(api_error(e, "chat" if "messages" in body else "completion"))
+    return {"count": len(ids), "max_model_len": state.config.max_model_len, "tokens": ids}
+
+
+@router.get("/tokenizer_info", openapi_extra=OA.TOKENIZER_INFO)
+async def tokenizer_info(request: Request):
+    """The tokenizer's special tokens and chat template (lm-eval's remote tokenizer reads them)."""
+    try:
+        return await asyncio.to_thread(_state(request).apipe.runtime.tokenizer_info, None)
+    except PipelineError as e:
+        return error_response(api_error(e, "completion"))
+
+
+@router.post("/detokenize", openapi_extra=OA.DETOKENIZE)
+async def detokenize(request: Request):
+    state = _state(request)
+    try:
+        body = await read_json(request, state.config)
+        ids, model_name = P.parse_detokenize(body, served=state.config.model_names,
+                                             stages=_stage_names(state.config))
+        text = await asyncio.to_thread(state.apipe.runtime.detokenise, ids, model_name)
+    except P.APIError as err:
+        return error_response(err)
+    except PipelineError as e:
+        return error_response(api_error(e, "completion"))
+    return {"prompt": text}
+
+
+# ---------------------------------------------------------------- operations
+
+@router.get("/health", openapi_extra=OA.HEALTH)
+async def health(request: Request):
+    apipe = _state(request).apipe
+    if apipe.error is not None:
+        return JSONResponse({"status": "failed", "error": str(apipe.error)}, 503)
+    if not apipe.accepting:
+        return JSONResponse({"status": "draining"}, 503)
+    return {"status": "ok"}
+
+
+@router.get("/version", openapi_extra=OA.VERSION)
+async def version():
+    from pipeline_dsl import __version__
+
+    return {"version": __version__}
+
+
+@router.get("/metrics", openapi_extra=OA.METRICS)
+async def prometheus(request: Request):
+    state = _state(request)
+    body, content_type = state.metrics.render(await pipeline_stats(state))
+    return Response(body, media_type=content_type)
+
+
+@router.get("/stats", openapi_extra=OA.STATS)
+async def stats(request: Request):
+    """Counters of the pipeline: per stage, per engine, requests."""
+    return await pipeline_stats(_state(request))
+
+
+@router.post("/trace/flush", openapi_extra=OA.TRACE_FLUSH)
+async def trace_flush(request: Request):
+    state = _state(request)
+    path = state.config.trace_path
+    if not path:
+        return error_response(P.APIError("tracing is off: start the server with --trace FILE", status=404,
+                                         type="not_found_error", code="tracing_off"))
+    spans = await asyncio.to_thread(write_trace, state.apipe, path)
+    return {"trace": os.path.basename(path), "spans": spans}
+
+
+def write_trace(apipe, path: str) -> int:
+    """The runtime's trace so far as a Chrome trace file (written whole, then renamed into place);
+    returns the number of spans."""
+    trace = apipe.runtime.trace
+    tmp = f"{path}.tmp{os.getpid()}"
+    trace.write(tmp)
+    os.replace(tmp, path)
+    return len(trace.spans)
+

@@ -1,0 +1,183 @@
+"""Server-sent events of a completions or chat request (`"stream": true`).
+
+`ChunkWriter(...).events()` yields the chunks as tokens come, per choice index: chat opens each
+choice with the assistant role, completions with `echo` first send the prompt; then content
+(and tool-call deltas when the request gave tools), a finishing chunk per choice, the usage
+chunk if asked, and `data: [DONE]`. Choices whose results went through later stages arrive
+whole. `EventStream` is the response that carries them.
+"""
+from __future__ import annotations
+
+import time
+
+from fastapi.responses import StreamingResponse
+
+from . import protocol as P
+from .async_pipeline import RequestStream, StreamGroup
+from .errors import api_error, log_error
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events; a client gone before the first byte still ends the request (on_gone)."""
+
+    def __init__(self, content, stream: RequestStream, on_gone, headers: dict | None = None):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
+        self._stream, self._on_gone = stream, on_gone
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self._stream.started:      # the generator never ran
+                self._stream.abort()
+                self._on_gone()
+
+
+def prompt_text(runtime, data: dict, req: P.GenerationRequest) -> str:
+    """The prompt of an answer, for echo: as sent, or decoded from the ids it was sent as."""
+    request = data.get("request") or {}
+    if isinstance(request.get("prompt"), str):
+        return request["prompt"]
+    ids = request.get("prompt_token_ids") or data.get("prompt_token_ids") or []
+    return runtime.detokenise(list(ids), req.pin) if ids else ""
+
+
+class ChunkWriter:
+    """The chunks of one streamed completions / chat answer; `on_end(status, result)` once, when
+    the stream ends (answered, failed, or the client gone: status "499", result None)."""
+
+    def __init__(self, runtime, stream, first, req: P.GenerationRequest, rid: str, retry_after_s: int,
+                 on_end):
+        self.runtime, self.stream, self.first, self.req, self.rid = runtime, stream, first, req, rid
+        self.retry_after_s, self.on_end = retry_after_s, on_end
+        self.now = int(time.time())
+        self.chat = req.kind == "chat"
+        self.opened: set[int] = set()
+        self.closed: set[int] = set()
+        self.tool_streams: dict[int, object] = {}      # index -> ToolStream, when the request gave tools
+        self.called: set[int] = set()
+        self.reasons: dict[int, str | None] = {}       # index -> the finish reason sent
+        self.want_lp = req.fields.get("logprobs") is not None
+        self.text_of = runtime.token_text(req.pin) if self.want_lp else None
+        self.echo = not self.chat and bool(req.fields.get("echo"))
+        self.parts = req.split() if self.echo else []
+        self.per = getattr(stream, "per", 1)
+        self.offset: dict[int, int] = {}               # per choice: text_offset of its next token
+
+    # ---- chunk bodies ------------------------------------------------------------------
+    def _chunk(self, index: int, text: str | None = None, *, delta: dict | None = None,
+               reason: str | None = None, logprobs: dict | None = None) -> bytes:
+        if self.chat:
+            return P.sse(P.chat_chunk(self.rid, self.req.model, self.now, delta if delta is not None else
+                                      {"content": text}, reason, index, logprobs))
+        return P.sse(P.completion_chunk(self.rid, self.req.model, self.now, text or "", reason, index, logprobs))
+
+    def _listed(self, index: int, lp: dict) -> dict:
+        if lp["tokens"]:
+            self.offset[index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+        return lp
+
+    def _echoed(self, index: int, data: dict | None) -> tuple[str, dict | None]:
+        """The prompt of choice `index` and its logprobs: from its answer when that came whole,
+        else from its request (vLLM streams the echo first)."""
+        req = self.req
+        if data is not None:
+            text, ids, lps = prompt_text(self.runtime, data, req), data.get("prompt_token_ids"), \
+                data.get("prompt_logprobs")
+        else:
+            part = self.parts[min(index // self.per, len(self.parts) - 1)]
+            sub = self.stream.streams[index // self.per] if isinstance(self.stream, StreamGroup) else self.stream
+            text = part.prompt if part.prompt is not None else \
+                self.runtime.detokenise(list(part.prompt_token_ids), req.pin)
+            ids, lps = sub.prompt or (None, None)
+        lp = (P.completion_logprobs({"prompt_logprobs": lps, "prompt_token_ids": ids}, self.text_of, True)
+              if self.want_lp and lps else None)
+        return text, lp
+
+    def content(self, index: int, text: str, step_lp: list | None = None, data: dict | None = None) -> list[bytes]:
+        out = []
+        if self.chat and index not in self.opened:
+            out.append(self._chunk(index, delta={"role": "assistant", "content": ""}))
+        if self.echo and index not in self.opened:
+            prompt, lp = self._echoed(index, data)
+            self.offset[index] = len(prompt)
+            out.append(self._chunk(index, prompt, logprobs=lp and self._listed(index, lp)))
+        self.opened.add(index)
+        calls = []
+        if self.chat and self.req.tools_active:
+            from pipeline_dsl.tools import ToolStream
+
+            text, calls = self.tool_streams.setdefault(index, ToolStream()).feed(text)
+        lp = None
+        if self.want_lp and step_lp:                   # these tokens' logprobs, with their text
+            lp = (P.chat_logprobs(step_lp, self.text_of) if self.chat else self._listed(index, P.completion_logprobs(
+                {"logprobs": step_lp}, self.text_of, False, self.offset.get(index, 0))))
+        if text or lp is not None:
+            out.append(self._chunk(index, text, logprobs=lp))
+        if calls:
+            self.called.add(index)
+            out.append(self._chunk(index, delta={"tool_calls": calls}))
+        return out
+
+    def finish(self, index: int, reason: str | None) -> list[bytes]:
+        self.closed.add(index)
+        out = []
+        if index in self.tool_streams:
+            rest, _ = self.tool_streams[index].finish()
+            if rest:
+                out.append(self._chunk(index, rest))
+        if index in self.called:
+            reason = "tool_calls"
+        self.reasons[index] = reason
+        out.append(self._chunk(index, "", delta={}, reason=reason))
+        return out
+
+    def done(self, result) -> list[bytes]:
+        """The request's result: whole choices, the finishing chunks left, usage, [DONE]."""
+        out = []
+        for c in result.choices:
+            if c.index not in self.closed:
+                whole = c.index not in self.opened           # it came whole (no deltas)
+                out += self.content(c.index, c.text if whole else "", c.data.get("logprobs") if whole else None,
+                                    c.data)
+                out += self.finish(c.index, c.finish_reason)
+        if self.req.include_usage:
+            use = P.usage(result.usage["prompt_tokens"], result.usage["completion_tokens"],
+                          result.usage["cached_tokens"])
+            out.append(P.sse(P.usage_chunk(self.rid, self.req.model, self.now, self.req.kind, use)))
+        out.append(P.sse("[DONE]"))
+        return out
+
+    # ---- the stream ----------------------------------------------------------------------
+    async def events(self):
+        status, result = "499", None
+        self.stream.started = True
+        try:
+            event = self.first
+            while True:
+                if event[0] == "delta":
+                    _, index, out = event
+                    for chunk in self.content(index, out.delta_text, getattr(out, "logprobs", None)):
+                        yield chunk
+                    if out.finished and index not in self.closed:
+                        for chunk in self.finish(index, out.finish_reason):
+                            yield chunk
+                else:
+                    result = event[1]
+                    if result.error is not None:
+                        err = api_error(result.error, self.req.kind, self.retry_after_s)
+                        status = str(err.status)
+                        log_error(err)
+                        yield P.sse(err.body())
+                        yield P.sse("[DONE]")
+                        return
+                    for chunk in self.done(result):
+                        yield chunk
+                    status = "200"
+                    return
+                event = await self.stream.__anext__()
+        finally:                                 # also on disconnect (cancel / aclose)
+            if not self.stream.finished:
+                self.stream.abort()
+            self.on_end(status, result if status == "200" else None, self.reasons)

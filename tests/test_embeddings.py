@@ -1,0 +1,88 @@
+"""POST /v1/embeddings through the `openai` client and litellm against an `agp serve` app on the
+tiny model: each embedding is the L2-normalised mean of the model's final normed hidden states
+over the input's tokens (checked against a whole-prompt forward), in floats or base64, computed
+as a prefill in chunks through the engine; bad input is a 400 naming the field.
+"""
+from __future__ import annotations
+
+import math
+
+import httpx
+import openai
+import pytest
+import torch
+
+from test_prompt_outputs import reference
+from test_serve import LiveServer
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gguf):
+    s = LiveServer(tiny_gguf, overrides={"prefill_chunk": 64})
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def expected(server, ids, normalize=True) -> torch.Tensor:
+    _, hidden = reference(server.engine.runner.model, ids)
+    mean = hidden.mean(0)
+    return mean / mean.norm() if normalize else mean
+
+
+def ids_of(server, text):
+    return httpx.post(server.url + "/tokenize", json={"prompt": text}, timeout=30).json()["tokens"]
+
+
+def test_each_embedding_is_the_normalised_mean_hidden_state(server, client):
+    texts = ["hello world", "the cat is here"]
+    out = client.embeddings.create(model="tiny", input=texts)            # the SDK asks for base64
+    assert [d.index for d in out.data] == [0, 1] and out.model == "tiny"
+    for text, d in zip(texts, out.data):
+        got = torch.tensor(d.embedding)
+        assert torch.allclose(got, expected(server, ids_of(server, text)), atol=1e-4)
+        assert math.isclose(float(got.norm()), 1.0, rel_tol=1e-4)
+    assert out.usage.prompt_tokens == sum(len(ids_of(server, t)) for t in texts) == out.usage.total_tokens
+    floats = client.embeddings.create(model="tiny", input="hello world", encoding_format="float")
+    assert torch.allclose(torch.tensor(floats.data[0].embedding), torch.tensor(out.data[0].embedding), atol=1e-6)
+    raw = client.embeddings.create(model="tiny", input=[[5, 6, 7, 8]], encoding_format="float",
+                                   extra_body={"normalize": False})
+    assert torch.allclose(torch.tensor(raw.data[0].embedding), expected(server, [5, 6, 7, 8], False), atol=1e-4)
+
+
+def test_a_long_input_is_prefilled_in_chunks_through_the_engine(server, client):
+    before = server.stats()
+    ids = [(7 * i + 3) % 200 + 3 for i in range(200)]                   # 200 tokens, chunks of 64
+    out = client.embeddings.create(model="tiny", input=[ids], encoding_format="float")
+    assert torch.allclose(torch.tensor(out.data[0].embedding), expected(server, ids), atol=1e-4)
+    after = server.stats()
+    grown = {int(k): v - before["step_tokens_hist"].get(k, 0) for k, v in after["step_tokens_hist"].items()
+             if v - before["step_tokens_hist"].get(k, 0) > 0}
+    assert max(grown) <= 64 and sum(k * n for k, n in grown.items()) >= 200, grown
+    assert after["requests_done"] - before["requests_done"] == 1 and after["generated_tokens"] == before["generated_tokens"]
+
+
+def test_litellm_embeds_too(server):
+    litellm = pytest.importorskip("litellm")
+    out = litellm.embedding(model="openai/tiny", input=["hello world"], api_base=server.url + "/v1", api_key="x")
+    got = torch.tensor(out.data[0]["embedding"])
+    assert torch.allclose(got, expected(server, ids_of(server, "hello world")), atol=1e-4)
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"input": ""}, 400, "input"),
+    ({"input": []}, 400, "input"),
+    ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
+    ({"input": "x", "dimensions": 3}, 400, "dimensions"),
+    ({"input": "x", "truncate": True}, 400, "truncate"),
+    ({"input": "x", "model": "nope"}, 404, "model"),
+    ({"input": [[1] * 600]}, 400, "input"),
+])
+def test_bad_input_is_an_error_naming_the_field(server, body, status, param):
+    r = httpx.post(server.url + "/v1/embeddings", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param

@@ -1,0 +1,117 @@
+"""The vLLM metrics dashboards and gateways read, scraped with prometheus-client's parser from an
+`agp serve` app driven by the `openai` client and httpx: the older KV-usage name, the cache's
+configuration, the `engine` label, tokens per engine step, the n and max_tokens parameters,
+inference time and time per output token, tool-call finishes counted as tool_calls, and the
+tokens of aborted requests counted as generated.
+"""
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from test_serve import LiveServer
+from tiny_model import write_tiny_gguf
+
+TOOL = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["a"]}}}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    path = write_tiny_gguf(tmp_path_factory.mktemp("m") / "long.gguf", context=4096)   # room for the tool prompt
+    s = LiveServer(path, max_batch_size=8, overrides={"kv_budget_bytes": 8 << 20})
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def scrape(server) -> dict:
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def value(fams, name: str, sample: str, **labels) -> float:
+    return sum(s.value for s in fams[name].samples if s.name == sample and labels.items() <= s.labels.items())
+
+
+def test_cache_gauges_config_info_and_the_engine_label(server, client):
+    client.completions.create(model="tiny", prompt="fill the cache a little", max_tokens=4)
+    fams = scrape(server)
+    assert fams["vllm:gpu_cache_usage_perc"].type == "gauge"
+    assert value(fams, "vllm:gpu_cache_usage_perc", "vllm:gpu_cache_usage_perc") == \
+        value(fams, "vllm:kv_cache_usage_perc", "vllm:kv_cache_usage_perc")
+    info = fams["vllm:cache_config_info"].samples
+    assert len(info) == 1 and info[0].value == 1
+    assert info[0].labels["block_size"] == "8" and info[0].labels["enable_prefix_caching"] == "True"
+    assert int(info[0].labels["num_gpu_blocks"]) == server.stats()["kv_blocks_total"]
+    vllm = [s for name, f in fams.items() if name.startswith("vllm:") for s in f.samples]
+    assert vllm and all(s.labels.get("engine") == "0" and s.labels.get("model_name") for s in vllm)
+
+
+def test_step_tokens_params_and_request_times_move(server, client):
+    before = scrape(server)
+    client.completions.create(model="tiny", prompt="hello world", max_tokens=7, n=2, extra_body={"ignore_eos": True})
+    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                   extra_body={"ignore_eos": True, "max_tokens": 5})
+    after = scrape(server)
+
+    def grew(name, sample):
+        return value(after, name, sample) - value(before, name, sample)
+
+    assert after["vllm:iteration_tokens_total"].type == "histogram"
+    steps = grew("vllm:iteration_tokens_total", "vllm:iteration_tokens_total_count")
+    assert steps >= 7 and grew("vllm:iteration_tokens_total", "vllm:iteration_tokens_total_sum") >= 7 * 2 + 5
+    assert grew("vllm:request_params_n", "vllm:request_params_n_count") == 2
+    assert value(after, "vllm:request_params_n", "vllm:request_params_n_bucket", le="1.0") - \
+        value(before, "vllm:request_params_n", "vllm:request_params_n_bucket", le="1.0") == 1      # the chat: n = 1
+    assert grew("vllm:request_params_max_tokens", "vllm:request_params_max_tokens_sum") == 7 + 5
+    assert grew("vllm:request_inference_time_seconds", "vllm:request_inference_time_seconds_count") == 2
+    assert grew("vllm:request_time_per_output_token_seconds",
+                "vllm:request_time_per_output_token_seconds_count") == 2
+    assert grew("vllm:request_time_per_output_token_seconds", "vllm:request_time_per_output_token_seconds_sum") > 0
+
+
+def test_a_tool_call_finish_is_counted_as_tool_calls(server, client):
+    def tool_calls():
+        return value(scrape(server), "vllm:request_success", "vllm:request_success_total", finished_reason="tool_calls")
+
+    before = tool_calls()
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "add"}], tools=[TOOL],
+                                         tool_choice="required", max_tokens=200)
+    assert out.choices[0].finish_reason == "tool_calls"
+    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "add"}],
+                                                 tools=[TOOL], tool_choice="required", max_tokens=200, stream=True))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    assert tool_calls() - before == 2
+    stops = value(scrape(server), "vllm:request_success", "vllm:request_success_total", finished_reason="stop")
+    assert stops == value(scrape(server), "agp_requests_finished", "agp_requests_finished_total", finished_reason="stop")
+
+
+def test_the_tokens_of_an_aborted_request_are_counted_as_generated(server):
+    def generated():
+        return value(scrape(server), "vllm:generation_tokens", "vllm:generation_tokens_total")
+
+    aborted = server.stats()["requests_aborted"]
+    before = generated()
+    seen = 0
+    body = {"model": "tiny", "prompt": "go on and on", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"text":""' not in line:
+                seen += 1
+                if seen == 5:
+                    break                                  # hang up mid-answer
+    deadline = time.monotonic() + 30
+    while server.stats()["requests_aborted"] == aborted:
+        assert time.monotonic() < deadline, "the request was not aborted"
+        time.sleep(0.05)
+    assert generated() - before >= seen
+    assert value(scrape(server), "vllm:request_success", "vllm:request_success_total", finished_reason="abort") >= 1

@@ -1,0 +1,150 @@
+"""POST /v1/responses (the OpenAI Responses API) through the official `openai` client against an
+`agp serve` app on the tiny random model: text answers equal the chat path's, streamed events
+assemble to the same answer, function tools give function_call items and take their outputs
+back, structured output parses into a pydantic model, previous_response_id continues a stored
+conversation, and bad input is a 400 naming the Responses field.
+"""
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pydantic
+import pytest
+
+from test_serve import LiveServer
+from tiny_model import write_tiny_gguf
+
+pytest.importorskip("llguidance")
+
+ADD = {"type": "function", "name": "add", "description": "Add two numbers", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                     "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["a", "b"]}}
+
+
+class Colour(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=8)
+    warm: bool
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    path = write_tiny_gguf(tmp_path_factory.mktemp("resp") / "long.gguf", context=4096)   # room for tools
+    s = LiveServer(path, max_batch_size=8, overrides={"kv_budget_bytes": 8 << 20})
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_a_text_response_is_the_chat_answer(client):
+    r = client.responses.create(model="tiny", input="hello world", instructions="Be brief.", max_output_tokens=8)
+    chat = client.chat.completions.create(model="tiny", max_tokens=8, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello world"}])
+    assert r.object == "response" and r.id.startswith("resp_") and r.model == "tiny"
+    assert r.output_text == chat.choices[0].message.content
+    assert r.output[0].type == "message" and r.output[0].role == "assistant"
+    assert r.usage.input_tokens == chat.usage.prompt_tokens and r.usage.output_tokens == chat.usage.completion_tokens
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    assert r.instructions == "Be brief." and r.max_output_tokens == 8
+    if chat.choices[0].finish_reason == "length":
+        assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    else:
+        assert r.status == "completed" and r.incomplete_details is None
+
+
+def test_streamed_events_assemble_to_the_same_answer(client):
+    whole = client.responses.create(model="tiny", input=[{"role": "user", "content": "the cat"}],
+                                    max_output_tokens=12, extra_body={"ignore_eos": True})
+    events = list(client.responses.create(model="tiny", input=[{"role": "user", "content": "the cat"}],
+                                          max_output_tokens=12, stream=True, extra_body={"ignore_eos": True}))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]                     # 12 tokens, ignore_eos: the budget ends it
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == whole.output_text
+    final = events[-1].response
+    assert final.output_text == whole.output_text and final.usage.output_tokens == 12
+    with client.responses.stream(model="tiny", input="the cat", max_output_tokens=12,    # the SDK's helper
+                                 extra_body={"guided_choice": ["yes", "no"]}) as stream:
+        final = stream.get_final_response()                  # it needs response.completed: the answer ends
+    assert final.status == "completed" and final.output_text in ("yes", "no")
+
+
+def test_function_tools_give_calls_and_take_their_outputs(client):
+    r = client.responses.create(model="tiny", input="add 2 and 3", tools=[ADD], tool_choice="required",
+                                max_output_tokens=200)
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert calls and all(c.name == "add" and c.call_id for c in calls)
+    args = json.loads(calls[0].arguments)
+    assert set(args) == {"a", "b"}
+    streamed = list(client.responses.create(model="tiny", input="add 2 and 3", tools=[ADD], max_output_tokens=200,
+                                            tool_choice={"type": "function", "name": "add"}, stream=True))
+    done = [e for e in streamed if e.type == "response.function_call_arguments.done"]
+    assert len(done) == 1 and set(json.loads(done[0].arguments)) == {"a", "b"}
+    follow = client.responses.create(model="tiny", tools=[ADD], max_output_tokens=4, input=[
+        {"role": "user", "content": "add 2 and 3"},
+        {"type": "function_call", "call_id": calls[0].call_id, "name": "add", "arguments": calls[0].arguments},
+        {"type": "function_call_output", "call_id": calls[0].call_id, "output": "5"}], tool_choice="none")
+    assert follow.status in ("completed", "incomplete") and follow.output[0].type == "message"
+
+
+def test_structured_output_parses_into_the_model(client):
+    parsed = client.responses.parse(model="tiny", input="a colour", text_format=Colour, max_output_tokens=60,
+                                    temperature=1.0, extra_body={"seed": 4})
+    assert isinstance(parsed.output_parsed, Colour)
+    obj = client.responses.create(model="tiny", input="json", max_output_tokens=60,
+                                  text={"format": {"type": "json_object"}})
+    if obj.status == "completed":
+        assert isinstance(json.loads(obj.output_text), dict)
+
+
+def test_previous_response_id_continues_the_stored_conversation(client, server):
+    first = client.responses.create(model="tiny", input="remember the cat", max_output_tokens=4)
+    second = client.responses.create(model="tiny", input="and now?", previous_response_id=first.id,
+                                     max_output_tokens=4)
+    chat = client.chat.completions.create(model="tiny", max_tokens=4, messages=[
+        {"role": "user", "content": "remember the cat"}, {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "and now?"}])
+    assert second.output_text == chat.choices[0].message.content
+    assert second.usage.input_tokens == chat.usage.prompt_tokens and second.previous_response_id == first.id
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="tiny", input="x", previous_response_id=first.id)
+    unstored = client.responses.create(model="tiny", input="forget me", store=False, max_output_tokens=2)
+    assert httpx.get(f"{server.url}/v1/responses/{unstored.id}", timeout=30).status_code == 404
+
+
+def test_logprobs_are_included_when_asked(client):
+    r = client.responses.create(model="tiny", input="hi", max_output_tokens=3, top_logprobs=2,
+                                include=["message.output_text.logprobs"], extra_body={"ignore_eos": True})
+    lps = r.output[0].content[0].logprobs
+    assert len(lps) == 3 and all(len(lp.top_logprobs) == 2 for lp in lps)
+    assert "".join(lp.token for lp in lps) == r.output_text
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": ""}, "input"),
+    ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content"),
+    ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0]"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nope"}}}},
+     "text.format"),
+    ({"input": "x", "background": True}, "background"),
+    ({"input": "x", "conversation": "c1"}, "conversation"),
+])
+def test_bad_input_is_a_400_naming_the_responses_field(server, body, param):
+    r = httpx.post(server.url + "/v1/responses", json={"model": "tiny", **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["message"]

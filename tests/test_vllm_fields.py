@@ -1,0 +1,206 @@
+"""vLLM's request fields, with their meaning, through the official `openai` client (and httpx
+for raw bodies) against an `agp serve` app on the tiny random model: chat_template_kwargs
+reach the template, skip_special_tokens / spaces_between_special_tokens shape the detokenised
+text, include_stop_str_in_output keeps the stop string, request_id becomes the answer's id and
+X-Request-Id, parallel_tool_calls may be null, and structured_outputs / guided_json /
+guided_regex / guided_choice / guided_grammar constrain the answer.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import openai
+import pytest
+
+from test_serve import LiveServer
+
+jsonschema = pytest.importorskip("jsonschema")
+pytest.importorskip("llguidance")
+
+# a chat template that reads a variable of its own, as Qwen3's reads enable_thinking
+TEMPLATE = ("{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+            "{% if enable_thinking is defined and not enable_thinking %}/no_think{% endif %}=>")
+IM_START = 1                                # a special token of the tiny tokenizer (<|im_start|>)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gguf):
+    s = LiveServer(tiny_gguf, overrides={"chat_template": TEMPLATE})
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+USER = [{"role": "user", "content": "hey"}]
+
+
+def test_chat_template_kwargs_reach_the_template(server, client):
+    def rendered(**extra):
+        ids = httpx.post(server.url + "/tokenize", json={"messages": USER, **extra}, timeout=30).json()["tokens"]
+        return httpx.post(server.url + "/detokenize", json={"tokens": ids}, timeout=30).json()["prompt"]
+
+    assert rendered() == "<<hey>>=>"
+    assert rendered(chat_template_kwargs={"enable_thinking": False}) == "<<hey>>/no_think=>"
+    plain = client.chat.completions.create(model="tiny", messages=USER, max_tokens=2)
+    off = client.chat.completions.create(model="tiny", messages=USER, max_tokens=2,
+                                         extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    no_think = len(httpx.post(server.url + "/tokenize", json={"prompt": "/no_think", "add_special_tokens": False},
+                              timeout=30).json()["tokens"])
+    assert off.usage.prompt_tokens == plain.usage.prompt_tokens + no_think
+    with pytest.raises(openai.BadRequestError, match="chat_template_kwargs.messages"):
+        client.chat.completions.create(model="tiny", messages=USER, max_tokens=2,
+                                       extra_body={"chat_template_kwargs": {"messages": []}})
+
+
+def test_skip_special_tokens_false_keeps_their_text_streamed_and_not(client):
+    forced = {"logit_bias": {str(IM_START): 100}, "max_tokens": 3}
+    kept = client.completions.create(model="tiny", prompt="hi", extra_body={"ignore_eos": True,
+                                                                           "skip_special_tokens": False}, **forced)
+    assert kept.choices[0].text == "<|im_start|>" * 3
+    assert client.completions.create(model="tiny", prompt="hi", extra_body={"ignore_eos": True},
+                                     **forced).choices[0].text == ""          # skipped by default
+    joined = client.completions.create(model="tiny", prompt="hi", **forced, extra_body={
+        "ignore_eos": True, "skip_special_tokens": False, "spaces_between_special_tokens": False})
+    assert joined.choices[0].text == "<|im_start|>" * 3     # a byte-level BPE puts nothing between them
+    chunks = client.completions.create(model="tiny", prompt="hi", stream=True, **forced,
+                                       extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    assert "".join(c.choices[0].text for c in chunks) == "<|im_start|>" * 3
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string(client):
+    whole = client.completions.create(model="tiny", prompt="hello world", max_tokens=16,
+                                      extra_body={"ignore_eos": True}).choices[0].text
+    stop = whole[4:6]
+    assert len(stop) == 2 and stop.strip()
+    cut = whole.index(stop)
+    without = client.completions.create(model="tiny", prompt="hello world", max_tokens=16, stop=[stop],
+                                        extra_body={"ignore_eos": True}).choices[0]
+    assert without.text == whole[:cut] and without.finish_reason == "stop"
+    for stream in (False, True):
+        out = client.completions.create(model="tiny", prompt="hello world", max_tokens=16, stop=[stop],
+                                        stream=stream, extra_body={"ignore_eos": True,
+                                                                   "include_stop_str_in_output": True})
+        text = "".join(c.choices[0].text for c in out) if stream else out.choices[0].text
+        assert text == whole[:cut + len(stop)] and text.endswith(stop)
+
+
+def test_request_id_names_the_answer_and_its_header(client, server):
+    raw = client.chat.completions.with_raw_response.create(model="tiny", messages=USER, max_tokens=2,
+                                                          extra_body={"request_id": "batch-7.item-3"})
+    assert raw.parse().id == "chatcmpl-batch-7.item-3" and raw.headers["x-request-id"] == "batch-7.item-3"
+    comp = client.completions.with_raw_response.create(model="tiny", prompt="hi", max_tokens=2,
+                                                      extra_body={"request_id": "c-1"})
+    assert comp.parse().id == "cmpl-c-1" and comp.headers["x-request-id"] == "c-1"
+    chunks = list(client.chat.completions.create(model="tiny", messages=USER, max_tokens=2, stream=True,
+                                                 extra_body={"request_id": "s-1"}))
+    assert {c.id for c in chunks} == {"chatcmpl-s-1"}
+    # the client's X-Request-Id header names the request when it sends one (as in vLLM)
+    headed = client.with_options(default_headers={"X-Request-Id": "from-header"})
+    raw = headed.chat.completions.with_raw_response.create(model="tiny", messages=USER, max_tokens=2,
+                                                          extra_body={"request_id": "from-body"})
+    assert raw.parse().id == "chatcmpl-from-header" and raw.headers["x-request-id"] == "from-header"
+    anon = client.chat.completions.with_raw_response.create(model="tiny", messages=USER, max_tokens=2)
+    assert anon.parse().id == "chatcmpl-" + anon.headers["x-request-id"]
+    with pytest.raises(openai.BadRequestError, match="'request_id' must be"):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2, extra_body={"request_id": "a b"})
+
+
+def test_parallel_tool_calls_null_is_accepted(server):
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": "tiny", "messages": USER, "max_tokens": 2, "tools": [tool], "parallel_tool_calls": None})
+    assert r.status_code == 200, r.text
+    bad = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": "tiny", "messages": USER, "max_tokens": 2, "tools": [tool], "parallel_tool_calls": "yes"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "parallel_tool_calls"
+
+
+def test_guided_fields_and_structured_outputs_constrain_the_answer(client):
+    def chat(**extra):
+        out = client.chat.completions.create(model="tiny", messages=USER, max_tokens=24, temperature=1.0, seed=3,
+                                             extra_body=extra)
+        return out.choices[0].message.content, out.choices[0].finish_reason
+
+    for extra in ({"guided_choice": ["yes", "no"]}, {"structured_outputs": {"choice": ["yes", "no"]}}):
+        text, reason = chat(**extra)
+        assert text in ("yes", "no") and reason == "stop"
+    for extra in ({"guided_regex": "[0-9]{3}"}, {"structured_outputs": {"regex": "[0-9]{3}"}}):
+        text, _ = chat(**extra)
+        assert re.fullmatch("[0-9]{3}", text), text
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "blue"]}}, "required": ["color"]}
+    for extra in ({"guided_json": schema}, {"guided_json": json.dumps(schema)}, {"structured_outputs": {"json": schema}}):
+        text, reason = chat(**extra)
+        assert reason == "stop"
+        jsonschema.validate(json.loads(text), schema)
+    for grammar in ('root ::= "ab" | "cd" "!"', 'start: "ab" | "cd" "!"'):       # GBNF and Lark
+        for extra in ({"guided_grammar": grammar}, {"structured_outputs": {"grammar": grammar}}):
+            assert chat(**extra)[0] in ("ab", "cd!")
+    streamed = client.chat.completions.create(model="tiny", messages=USER, max_tokens=24, stream=True,
+                                              extra_body={"guided_choice": ["yes", "no"]})
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) in ("yes", "no")
+    comp = client.completions.create(model="tiny", prompt="x", max_tokens=24, extra_body={"guided_regex": "a{1,3}b"})
+    assert re.fullmatch("a{1,3}b", comp.choices[0].text)
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"guided_regex": "("}, "guided_regex"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"structured_outputs": {"json": {"type": "nope"}}}, "structured_outputs.json"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+    ({"guided_grammar": "root ::= ("}, "guided_grammar"),
+    ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex"),
+    ({"guided_jsn": {}}, "guided_jsn"),                         # still unknown: a 400 naming it
+])
+def test_a_guided_field_that_cannot_be_enforced_is_a_400_naming_it(client, extra, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=USER, max_tokens=4, extra_body=extra)
+    assert e.value.body["param"] == param and e.value.body["message"]
+
+
+# ---------------------------------------------------------------- through a python stage
+
+def passthrough(item: dict) -> dict:
+    """A python stage that hands the request on as it came (as a redaction stage does)."""
+    return item
+
+
+HOOKED = """pipeline hooked {{
+    model  = "{model}"
+    device = cpu
+    dtype  = fp32
+    stage request : requests      {{}}
+    stage hook    : python        {{ fn = "test_vllm_fields:passthrough" }}
+    stage batch   : dynamic_batch {{ max_batch_size = 8  timeout = 5ms }}
+    stage encode  : encode        {{}}
+    stage kv      : kv_lookup     {{ block_size = 8  budget = 1MiB }}
+    stage gen     : generate      {{ max_new_tokens = 16 }}
+    stage out     : respond       {{}}
+    request -> hook -> batch
+    batch -> encode when full
+    batch -> encode when timeout
+    encode -> kv -> gen -> out
+}}
+"""
+
+
+def test_the_fields_keep_their_meaning_through_a_python_stage(tiny_gguf):
+    s = LiveServer(tiny_gguf, text=HOOKED.format(model=tiny_gguf), overrides={"chat_template": TEMPLATE})
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        kept = client.chat.completions.create(model="tiny", messages=USER, max_tokens=2, logprobs=True, extra_body={
+            "ignore_eos": True, "skip_special_tokens": False, "logit_bias": {str(IM_START): 100},
+            "stop_token_ids": [7], "chat_template_kwargs": {"enable_thinking": False}})
+        assert kept.choices[0].message.content == "<|im_start|>" * 2 and len(kept.choices[0].logprobs.content) == 2
+        plain = client.chat.completions.create(model="tiny", messages=USER, max_tokens=2)
+        assert kept.usage.prompt_tokens > plain.usage.prompt_tokens                  # "/no_think" was rendered
+        text = client.chat.completions.create(model="tiny", messages=USER, max_tokens=8,
+                                              extra_body={"guided_choice": ["yes", "no"]}).choices[0].message.content
+        assert text in ("yes", "no")
+    finally:
+        s.close()
