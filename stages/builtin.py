@@ -15,7 +15,7 @@ setting in the file always wins. Runtime implementations are in stages/impl.py (
 
 from __future__ import annotations
 
-from .registry import (ANY_LABEL, BOOL, DURATION, ENUM, FLOAT, FROM_MODE, INT, LIST_STR, REQUIRED, SIZE, STR, Param,
+from .schema import (ANY_LABEL, BOOL, DURATION, ENUM, FLOAT, FROM_MODE, INT, LIST_STR, REQUIRED, SIZE, STR, Param,
                        Port, StageKind)
 
 REQUESTS = StageKind(
