@@ -115,7 +115,7 @@ def llama_single(gguf: Path, prompt_ids: list[list[int]], new_tokens: int, threa
 # ── agp ───────────────────────────────────────────────────────────────────────
 
 def agp_runtime(pipeline: Path, dtype: str, threads: int, **overrides):
-    from pipeline_dsl.runtime import build_runtime
+    from pipeline_dsl.flow import build_runtime
 
     return build_runtime(pipeline, overrides={"dtype": dtype, "threads": threads, **overrides})
 

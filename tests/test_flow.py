@@ -9,8 +9,7 @@ import textwrap
 import pytest
 
 import pipeline_dsl
-from pipeline_dsl.flow import PipelineRuntime
-from pipeline_dsl.runtime import load_graph
+from pipeline_dsl.flow import PipelineRuntime, load_graph
 
 SEGMENT = """
     stage {b} : dynamic_batch {{ max_batch_size = 8  timeout = 1ms }}

@@ -10,8 +10,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import pipeline_dsl
-from pipeline_dsl.flow import PipelineRuntime
-from pipeline_dsl.runtime import load_graph
+from pipeline_dsl.flow import PipelineRuntime, load_graph
 
 HOOKS = '''
 import pipeline_dsl

@@ -318,7 +318,7 @@ def build_app(args, gpus: float = 0):
 
 def pipeline_device(args) -> str:
     """The pipeline's `device` setting (raises CheckFailed for a file that does not check)."""
-    from pipeline_dsl.runtime import load_graph
+    from pipeline_dsl.flow import load_graph
 
     return str(load_graph(args.pipeline, args.name).graph["settings"].get("device") or "auto")
 
