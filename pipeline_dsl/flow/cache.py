@@ -6,6 +6,8 @@ that is not plain JSON (a custom object in its metadata) is never cached. Value:
 call made of the item (a label or None, and the dict afterwards), copied in and out, its
 ids set to the current item's on a hit. Bound: N entries, the least recently used dropped
 first; an entry older than cache_ttl (when > 0) is a miss. Only successful calls are kept.
+Items whose content is already being computed wait for that call instead of making their
+own (the runtime coalesces them), so a burst of the same content makes one call.
 """
 from __future__ import annotations
 

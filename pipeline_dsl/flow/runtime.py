@@ -110,6 +110,7 @@ class PipelineRuntime:
         self.timer, self.loop = Timer(), EventLoop()
         self.workers: dict[str, StageWorkers] = {}      # stages that run user code: their own workers
         self.caches: dict[str, ResultCache] = {}
+        self._pending: dict[tuple, list] = {}        # (stage, cache key) -> items waiting for that call
         for n, k in self.kind.items():
             if k in ENGINE_KINDS or (k in INLINE and not (k == "join" and self.joins.user_code(n))):
                 continue
@@ -327,6 +328,13 @@ class PipelineRuntime:
             label, data = hit
             self._take(item, stage, data, label if label is not None else data)
             return self._send(item, stage)
+        if key is not None:
+            with self._lock:                       # the same content already on its way: wait for it
+                waiting = self._pending.get((stage, key))
+                if waiting is not None:
+                    waiting.append(item)
+                    return []
+                self._pending[(stage, key)] = []
         fn, is_async = self._callable(stage, view)
         t0 = time.perf_counter()
         self.workers[stage].submit(fn, lambda ok, value: self._task(self._called, item, stage, view, ok, value,
@@ -352,8 +360,29 @@ class PipelineRuntime:
         return self.loop.wait(value) if inspect.isawaitable(value) else value
 
     def _called(self, item: Item, stage: str, view: dict, ok: bool, value, key, t0: float) -> None:
-        """A call of a stage's user code ended (on the host pool): the item goes on, or fails."""
+        """A call of a stage's user code ended (on the host pool): the item goes on, or fails;
+        items that waited for the same content look in the cache again."""
         self._span(stage, _PART.get(self.kind[stage], "run"), t0, item)
+        try:
+            self._after_call(item, stage, view, ok, value, key)
+        finally:
+            if key is not None:
+                with self._lock:
+                    waited = self._pending.pop((stage, key), [])
+                for other in waited:
+                    self._task(self._recall, other, stage)
+
+    def _recall(self, item: Item, stage: str) -> None:
+        if item.req.done or item not in item.req.items:
+            return
+        try:
+            nxt = self._call(item, stage)
+        except BaseException as e:                  # noqa: BLE001
+            self._fail_item(item, stage, e)
+            return
+        self._go(nxt)
+
+    def _after_call(self, item: Item, stage: str, view: dict, ok: bool, value, key) -> None:
         if item.req.done or item not in item.req.items:
             return
         if not ok:
