@@ -256,7 +256,8 @@ def main() -> int:
         s = agp_executor(runtime, work)
         runtime.shutdown()
         add(f"agp {dtype_name} continuous batching", s["completion_tokens"], s["generation_s"],
-            f"mean batch {s['mean_batch_size']}, weights {s['weights']}, compute {s['dtype']}")
+            f"mean batch {s['mean_batch_size']}, weights {'/'.join(s['weights'].values())}, "
+            f"compute {'/'.join(s['dtype'].values())}")
         if dtype_name == dtypes[0]:
             runtime = agp_runtime(pipeline, dtype_name, args.threads)
             s = agp_main_thread(runtime, work)
