@@ -205,6 +205,7 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
     diags += _check_routes(r, g, emits)
     diags += _check_type_routes(r, carry, emits)
     diags += _check_streams(r, receives)
+    diags += _check_loop_exits(r, g, carry, receives)
     diags += _check_kv_budget(r)
     diags += check_segments(r, g)[1]
     if not r.complete:                 # an edge was dropped: reachability errors would only echo it
@@ -470,6 +471,31 @@ def _check_type_routes(r: Resolved, carry: dict, emits: dict) -> list[Diagnostic
                               f"send the fallback to a stage that takes {t} items too",
                               notes=[(f"{t} items may take {conditional[0].src} -> {conditional[0].dst}",
                                       conditional[0].pos)]))
+    return diags
+
+
+def _check_loop_exits(r: Resolved, g: nx.DiGraph, carry: dict, receives: dict) -> list[Diagnostic]:
+    """An item that reaches a loop's bounding stage after max_turns leaves the loop as it came:
+    some edge out of the loop must take its type."""
+    diags = []
+    bounded = bounded_stages(r)
+    if not bounded:
+        return diags
+    comp_of = {n: comp for comp in nx.strongly_connected_components(g) for n in comp}
+    for n in sorted(bounded):
+        comp = comp_of[n]
+        exits = [v for v in g.successors(n) if v not in comp]
+        if not exits or (len(comp) == 1 and not g.has_edge(n, n)):
+            continue                   # no loop, or no way out (_check_cycles says so)
+        s = r.stages[n]
+        for t in sorted(receives[n] & ITEM_TYPES):
+            if not any(t in carry[v] for v in exits):
+                diags.append(_err(f"{t} items that reach '{n}' after max_turns = {s.params['max_turns']} have "
+                                  f"no way out of the loop: no edge out of it ({', '.join(exits)}) takes {t} items",
+                                  s.param_pos.get("max_turns") or s.pos,
+                                  expected=f"an edge from '{n}' out of the loop that takes {t} items",
+                                  hint=f"add an edge from '{n}' towards a stage outside the loop that takes {t} "
+                                       "items, or keep them from reaching it"))
     return diags
 
 

@@ -530,6 +530,8 @@ class PipelineRuntime:
             it.queued = False
             if it.live is not None:
                 it.live.cancel()
+        for it in req.results:                      # answers it had: no longer answers
+            self.flow.stage[it.at].dropped += 1
         req.items.clear()
         req.joins.clear()
 

@@ -4,7 +4,8 @@ An item sent along an edge u -> v counts once on the edge, once in u's `items_ou
 once in v's `items_in` (the request source also counts each admitted request in). An item
 that arrived ends, at its stage, in exactly one of: sent on (its copies count in
 `items_out`), answered (respond), merged (join), `rejected`, `failed`, or `dropped` (its
-request ended elsewhere first: another branch failed, the client left, shutdown);
+request ended elsewhere first: another branch failed, the client left, shutdown; at a
+respond stage, an answer whose request then failed);
 `queued` is what arrived and was not yet taken up. tests/test_flow_property.py checks the
 sums on random graphs.
 
