@@ -138,7 +138,7 @@ class PipelineRuntime:
             return None
         model = self.graph.graph.get("settings", {}).get("model")
         for es in self.segments:
-            if es.spec.engine.get("model") == model:
+            if es.model_ref == model:
                 return es
         return self.segments[0]
 

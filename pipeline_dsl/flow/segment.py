@@ -93,6 +93,11 @@ class EngineSegment:
 
     # ---- the engine's public facts (the runtime asks these, never the engine) ----------
     @property
+    def model_ref(self) -> str | None:
+        """The model its stages name (None: the embedded default)."""
+        return self.spec.engine.get("model")
+
+    @property
     def tokenizer(self):
         return self.engine.tokenizer
 
