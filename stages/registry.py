@@ -26,6 +26,10 @@ from .schema import (ANY_LABEL, BOOL, DURATION, ENUM, FLOAT, FROM_MODE, INT, LIS
 
 ENTRY_POINT_GROUP = "agp.stages"
 
+__all__ = ["ANY_LABEL", "BOOL", "DURATION", "ENTRY_POINT_GROUP", "ENUM", "FLOAT", "FROM_MODE", "INT", "LIST_STR",
+           "REQUIRED", "RESOURCES", "SIZE", "STR", "Param", "Port", "Registry", "StageKind", "default_registry",
+           "get_kind", "reset_default_registry"]
+
 
 class Registry:
     """Stage kinds by name: the built-ins plus those of installed entry points."""

@@ -104,10 +104,9 @@ def test_a_stage_raising_a_base_exception_fails_only_its_request(tmp_path, soft_
 def test_a_slow_stage_costs_only_its_own_requests(tmp_path, soft_gguf):
     """Six requests held in one stage (more than the host pool's threads) do not delay a fast
     request on another path: it is answered while they still wait."""
-    path = pipeline(tmp_path, soft_gguf, 'stage f : python { fn = "hooks:slow" }\n'
-                                         'stage g : python { fn = "hooks:fast" }\nstage r : route {}',
-                    routes="request -> r\nr -> f when metadata.slow == true\nr -> g otherwise\n"
-                           "f -> batch\ng -> batch\n")
+    pipeline(tmp_path, soft_gguf, 'stage f : python { fn = "hooks:slow" }\n'
+                                  'stage g : python { fn = "hooks:fast" }\nstage r : route {}',
+             routes="request -> r\nr -> f when metadata.slow == true\nr -> g otherwise\nf -> batch\ng -> batch\n")
     order = []
 
     def heard(i, result):

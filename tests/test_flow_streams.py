@@ -84,6 +84,12 @@ def served(path, requests):
     return heard, rt
 
 
+def said(rid, max_tokens=8, **kw) -> dict:
+    """A request whose answer is printable text, one character a token ('a', biased to win):
+    the random tiny model's own bytes are often not UTF-8 and would stream as nothing."""
+    return chat(rid, "hello there", max_tokens=max_tokens, logit_bias={str(3 + ord("a")): 100}, **kw)
+
+
 def pipeline(tmp_path, model, stages: str, edges: str, n: int = 1):
     body = (f"stage request : requests {{}}\nstage gen : generate {{ max_new_tokens = 8  n = {n} }}\n"
             f"stage out : respond {{}}\n{stages}\nrequest -> batch\n" + chain() + edges)
@@ -95,7 +101,7 @@ def pipeline(tmp_path, model, stages: str, edges: str, n: int = 1):
 def test_a_stream_stage_filters_each_chunk_and_the_client_hears_them_as_they_come(tmp_path, soft_gguf):
     path = pipeline(tmp_path, soft_gguf, 'stage up : python { fn = "hooks:upper"  stream = true }',
                     "gen -> up -> out\n")
-    (one,), rt = served(path, [chat("a", "hello there", max_tokens=8)])
+    (one,), rt = served(path, [said("a")])
     text = one.result.choices[0].text
     assert one.result.ok and text == text.upper() and text
     assert "".join(one.deltas) == text                       # what streamed is the answer
@@ -107,7 +113,7 @@ def test_a_stream_stage_filters_each_chunk_and_the_client_hears_them_as_they_com
 def test_two_stream_stages_chain_and_the_text_equals_the_unfiltered_answer_filtered(tmp_path, soft_gguf):
     path = pipeline(tmp_path, soft_gguf, 'stage up : python { fn = "hooks:upper"  stream = true }\n'
                     'stage st : python { fn = "hooks:stars"  stream = true }', "gen -> up -> st -> out\n")
-    (one,), _ = served(path, [chat("a", "hello there", max_tokens=8)])
+    (one,), _ = served(path, [said("a")])
     text = one.result.choices[0].text
     assert "A" not in text and text == text.upper() and "".join(one.deltas) == text
 
@@ -127,7 +133,7 @@ def test_the_client_gets_a_chunk_while_the_filter_still_runs(tmp_path, soft_gguf
         Listener.on_delta(one, key, index, out)
     one.on_delta = on_delta
     try:
-        rt.submit(chat("a", "hello there", max_tokens=16), one, stream=True)
+        rt.submit(said("a", 16), one, stream=True)
         assert one.done.wait(120)
     finally:
         rt.close(drain=True, timeout=30)
@@ -139,8 +145,7 @@ def test_the_client_gets_a_chunk_while_the_filter_still_runs(tmp_path, soft_gguf
 def test_a_stream_stage_that_rejects_mid_answer_fails_only_its_request(tmp_path, soft_gguf):
     path = pipeline(tmp_path, soft_gguf, 'stage g : python { fn = "hooks:guard"  stream = true }',
                     "gen -> g -> out\n")
-    (bad, good), rt = served(path, [chat("bad", "hi", max_tokens=16, metadata={"refuse": True}),
-                                    chat("good", "hello", max_tokens=16)])
+    (bad, good), rt = served(path, [said("bad", 16, metadata={"refuse": True}), said("good", 16)])
     assert bad.result.error.kind == "rejected" and bad.result.error.stage == "g"
     assert bad.result.error.message == "the guard stopped this answer"
     assert len(bad.deltas) >= 1                               # what was let through before stays sent
@@ -152,7 +157,7 @@ def test_a_stream_stage_that_rejects_mid_answer_fails_only_its_request(tmp_path,
 def test_an_async_generator_filters_too(tmp_path, soft_gguf):
     path = pipeline(tmp_path, soft_gguf, 'stage up : python { fn = "hooks:aupper"  stream = true }',
                     "gen -> up -> out\n")
-    (one,), _ = served(path, [chat("a", "hello there", max_tokens=8)])
+    (one,), _ = served(path, [said("a")])
     text = one.result.choices[0].text
     assert one.result.ok and text == text.upper() and "".join(one.deltas) == text
 
@@ -160,7 +165,7 @@ def test_an_async_generator_filters_too(tmp_path, soft_gguf):
 def test_a_stream_stage_after_a_join_filters_the_merged_text_whole(tmp_path, soft_gguf):
     path = pipeline(tmp_path, soft_gguf, 'stage j : join { policy = first }\n'
                     'stage up : python { fn = "hooks:upper"  stream = true }', "gen -> j -> up -> out\n", n=2)
-    (one,), _ = served(path, [chat("a", "hello there", max_tokens=8)])
+    (one,), _ = served(path, [said("a")])
     text = one.result.choices[0].text
     assert one.result.ok and text == text.upper() and len(one.result.choices[0].data["branches"]) == 2
 
@@ -169,7 +174,7 @@ def test_a_stream_stage_may_return_a_label(tmp_path, soft_gguf):
     path = pipeline(tmp_path, soft_gguf, 'stage f : python { fn = "hooks:labelled"  stream = true }\n'
                     'stage up : python { fn = "hooks:upper"  stream = true }',
                     "gen -> f\nf -> up when long\nf -> out otherwise\nup -> out\n")
-    (s, l), _ = served(path, [chat("s", "hi", max_tokens=8), chat("l", "hi", max_tokens=8)])
+    (s, l), _ = served(path, [said("s"), said("l")])
     assert s.result.ok and l.result.ok
     assert l.result.choices[0].text == l.result.choices[0].text.upper()
 

@@ -102,3 +102,19 @@ class Item:
     def fork(self, branch: tuple) -> "Item":
         return Item(self.kind, copy.deepcopy(self.data), self.req, self.at, branch, dict(self.turns),
                     self.label, None, self.ids, self.entry)
+
+
+def heard(req: RequestState, index: int, out) -> None:
+    """Tell a request's listener about a delta of its choice `index`."""
+    try:
+        req.listener.on_delta(req.key, index, out)
+    except Exception:                            # noqa: BLE001 - a listener's failure is its own
+        pass
+
+
+def deliver(listener, result: Result) -> None:
+    """Tell a listener its request's result."""
+    try:
+        listener.on_done(result)
+    except Exception:                            # noqa: BLE001 - a listener's failure is its own
+        pass

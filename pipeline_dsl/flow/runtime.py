@@ -9,10 +9,12 @@
 An item is a Request or a Generated result (flow/items.py). A stage receives the items on
 its in-edges and sends what it makes of them along its out-edges as the router says
 (flow/router.py); several edges taken means copies (fan-out), each a branch of its request.
-This module is the orchestration; its parts are their own modules: the router, joins
-(flow/joins.py), bounded loops (flow/loops.py), the request ledger (flow/ledger.py), the
-counters (flow/stats.py), where user code runs (flow/workers.py), result caches
-(flow/cache.py), stream filters (flow/streams.py) and the engines (flow/segment.py).
+This module is the orchestration of items through stages; its parts are their own
+modules: the router, joins (flow/joins.py), bounded loops (flow/loops.py), the request
+ledger (flow/ledger.py), the counters (flow/stats.py), where user code runs
+(flow/workers.py), result caches (flow/cache.py), stream filters (flow/streams.py,
+driven by flow/live.py) and the engines (flow/segment.py, met in flow/engines.py);
+flow/driving.py starts, drives and closes it all.
 
 - Built-in request-level stages (requests, system_prompt, route, respond, a join's built-in
   policies) and routing run on a small pool of host threads; they never run user code.
@@ -45,13 +47,16 @@ from pipeline_dsl.graph import segments_of
 from pipeline_dsl.plan import ITEM_WORKERS, make_plan
 
 from .cache import ResultCache, cache_key
-from .items import GENERATED, REQUEST, Item, PipelineError, RequestState, Result, no_usage
+from .driving import Driving
+from .engines import EngineSide
+from .items import GENERATED, REQUEST, Item, PipelineError, RequestState, deliver
 from .joins import Joins
 from .ledger import RequestLedger
+from .live import LiveStages
 from .loops import Loops
 from .router import Router, fields
 from .stats import FlowStats
-from .streams import Live, StreamPlan, arun_filter, one_chunk, run_filter
+from .streams import StreamPlan, arun_filter, one_chunk, run_filter
 from .workers import EventLoop, StageTimeout, StageWorkers, Timer
 
 ENGINE_KINDS = ("dynamic_batch", "encode", "kv_lookup", "generate")
@@ -60,7 +65,7 @@ TRUSTED = ("requests", "system_prompt", "route")      # built-in stages: their d
 _PART = {"requests": "admit", "system_prompt": "apply", "python": "call", "route": "route"}
 
 
-class PipelineRuntime:
+class PipelineRuntime(EngineSide, LiveStages, Driving):
     def __init__(self, graph: nx.DiGraph, *, overrides: dict | None = None, overlap: bool | None = None,
                  trace=None, workers: int = ITEM_WORKERS, max_queue: int | None = None,
                  served_name: str | None = None, clock: Callable[[], float] = time.monotonic):
@@ -131,61 +136,6 @@ class PipelineRuntime:
         self.error: BaseException | None = None
         self._tracks: dict[int, str] = {}
 
-    # ---- set-up helpers ----------------------------------------------------------------
-    def _prompt_segment(self):
-        """The engine whose tokenizer counts `prompt_tokens`: the first whose model is the pipeline's."""
-        if not self.segments:
-            return None
-        model = self.graph.graph.get("settings", {}).get("model")
-        for es in self.segments:
-            if es.model_ref == model:
-                return es
-        return self.segments[0]
-
-    def _segment_for(self, pin: str | None):
-        es = self.seg_of_gen.get(pin) if pin else self.prompt_segment
-        if es is None:
-            raise PipelineError("this pipeline has no model to tokenise with", "invalid")
-        return es
-
-    def tokenise(self, request: dict, pin: str | None = None) -> list[int]:
-        """A prompt or a conversation as the engine would see it (agp serve's /tokenize)."""
-        from pipeline_dsl.engine.errors import InputError
-
-        es = self._segment_for(pin or request.get("pin"))
-        try:
-            return es.prompt_ids(request)
-        except InputError as e:
-            raise PipelineError(str(e), "invalid") from None
-
-    def token_text(self, pin: str | None = None) -> Callable[[int], str]:
-        """id -> the text of that one token (for logprobs), cached."""
-        import functools
-
-        tok = self._segment_for(pin).tokenizer
-        return functools.lru_cache(maxsize=1 << 16)(lambda t: tok.decode([t], skip_special_tokens=False))
-
-    def detokenise(self, ids: list[int], pin: str | None = None) -> str:
-        es = self._segment_for(pin)
-        vocab = es.vocab_size
-        bad = [t for t in ids if vocab and t >= vocab]
-        if bad:
-            raise PipelineError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "invalid")
-        return es.tokenizer.decode(ids, skip_special_tokens=False)
-
-    def tokenizer_info(self, pin: str | None = None) -> dict:
-        """The tokenizer's configuration (agp serve's /tokenizer_info, vLLM's shape): its special
-        tokens, whether it adds the bos token, the context length and the chat template."""
-        es = self._segment_for(pin)
-        tok = es.tokenizer
-        return {"tokenizer_class": type(tok).__name__, "bos_token": tok.bos_token, "eos_token": tok.eos_token,
-                "add_bos_token": bool(getattr(tok, "add_bos", False)), "model_max_length": es.max_model_len,
-                "chat_template": tok.chat_template}
-
-    def model_names(self) -> list[str]:
-        """The generate stages a request may pin (agp serve's `model` field)."""
-        return list(self.seg_of_gen)
-
     # ---- requests in -------------------------------------------------------------------
     def submit(self, data: dict, listener, *, pin: str | None = None, stream: bool = False) -> str:
         """Admit one request (its item dict, already validated); returns its key. Raises
@@ -230,43 +180,6 @@ class PipelineRuntime:
         req = self.ledger.get(key)
         if req is not None:
             self._fail(req, PipelineError(message, "aborted"))
-
-    # ---- the host pool ---------------------------------------------------------------
-    def _task(self, fn, *args) -> None:
-        """Run fn(*args) on the host pool, counted (see settle())."""
-        with self._lock:
-            self._tasks += 1
-
-        def run():
-            try:
-                fn(*args)
-            finally:
-                with self._lock:
-                    self._tasks -= 1
-                    if not self._tasks:
-                        self._idle.notify_all()
-        try:
-            self.pool.submit(run)
-        except RuntimeError:                       # the pool is shut down: a late callback ends here
-            run()
-
-    def settle(self, timeout: float = 60.0) -> bool:
-        """Wait until the host pool has nothing to do."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while self._tasks:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._idle.wait(min(left, 0.05))
-        return True
-
-    def _track(self) -> str:
-        ident = threading.get_ident()
-        name = self._tracks.get(ident)
-        if name is None:
-            name = self._tracks.setdefault(ident, f"items/{len(self._tracks)}")
-        return name
 
     # ---- items through stages ----------------------------------------------------------
     def _go(self, pairs) -> None:
@@ -457,37 +370,6 @@ class PipelineRuntime:
         return fields(item.data, item.kind, prompt_tokens=lambda: self._prompt_tokens(item, stage),
                       turn=Loops.turn(item.turns), stream=item.req.stream, served_name=self.served_name)
 
-    def _prompt_tokens(self, item: Item, stage: str) -> int:
-        es = self.prompt_segment
-        if es is None:
-            text = item.data.get("prompt") or " ".join(m.get("content", "") for m in item.data.get("messages", []))
-            return len(text.split())          # no model in this pipeline: words
-        return len(self._ids(item, es, stage, "prompt_tokens"))
-
-    def _ids(self, item: Item, es, stage: str, part: str = "tokenise") -> list[int]:
-        """The item's prompt ids under segment `es` (cached while the prompt is unchanged); bad
-        input fails at `stage`."""
-        from pipeline_dsl.engine.errors import InputError
-
-        d = item.data
-        try:                                   # a prompt too long for any tokenisation: refused at once
-            es.check_prompt_length(d)
-        except InputError as e:
-            raise PipelineError(str(e), "invalid", stage) from None
-        fingerprint = (id(es), repr(d.get("messages") if d.get("messages") is not None
-                                    else d.get("prompt_token_ids") if d.get("prompt_token_ids") is not None
-                                    else d.get("prompt")), repr(d.get("tools")), repr(d.get("tool_choice")))
-        if item.ids is not None and item.ids[0] == fingerprint:
-            return item.ids[1]
-        t0 = time.perf_counter()
-        try:
-            ids = es.tokenise(item.data)
-        except InputError as e:               # the engine's word for bad input (tokenizer, template, length)
-            raise PipelineError(f"cannot tokenise the request: {e}", "invalid", stage) from None
-        self._span(stage, part, t0, item)
-        item.ids = (fingerprint, ids)
-        return ids
-
     # ---- failures ----------------------------------------------------------------------
     def _fail_item(self, item: Item, stage: str, exc: BaseException) -> None:
         """An item failed at `stage`: a Reject drops its branch when the joins ahead say so,
@@ -517,7 +399,7 @@ class PipelineRuntime:
             self._idle.notify_all()
         for seq_id, es in seqs:
             es.abort(seq_id)
-        _deliver(req.listener, self.ledger.failure(req, err))
+        deliver(req.listener, self.ledger.failure(req, err))
 
     def _drop_all(self, req: RequestState) -> None:
         """(under the lock) Every live item of a request that ended elsewhere: dropped where it is."""
@@ -554,259 +436,6 @@ class PipelineRuntime:
             self._check(req)
         for seq_id, es in abort:
             es.abort(seq_id)
-
-    # ---- engine segments -----------------------------------------------------------------
-    def _enter_segment(self, item: Item, es) -> None:
-        """A Request reaches a batcher: tokenise, pick generate stage(s), copy n times, submit."""
-        from pipeline_dsl.engine.errors import InputError
-
-        seg, req = es.segment, item.req
-        with self._lock:
-            if req.done:
-                return
-            self.flow.edge(seg.batch, seg.encode, queue=False)
-            item.at = seg.encode
-        t0 = time.perf_counter()
-        ids = self._ids(item, es, seg.encode)
-        self._observe(seg.encode, t0, item, span=False)
-        with self._lock:
-            self.flow.edge(seg.encode, seg.kv, queue=False)
-            item.at = seg.kv
-        targets = self.router.choose(seg.kv, REQUEST, self._fields(item, seg.kv), None, req.pin)
-        if not targets:
-            raise PipelineError(f"stage '{seg.kv}': no generate stage takes this request", "failed", seg.kv)
-        entry = {"prompt_tokens": len(ids), "cached_tokens": None}
-        if item.data.get("prompt_logprobs") is not None:    # echo with logprobs: the prompt's own
-            entry["prompt_logprobs"] = es.prompt_logprobs(ids, int(item.data["prompt_logprobs"]))
-            entry["prompt_token_ids"] = list(ids)
-            heard = getattr(req.listener, "on_prompt", None)   # a stream echoes them before its tokens
-            if heard is not None:
-                heard(req.key, entry["prompt_token_ids"], entry["prompt_logprobs"])
-        if item.data.get("max_tokens") == 0:                # echo only: nothing to generate
-            self._answer_without_engine(item, es, targets, ids, entry)
-            return
-        copies = []                                         # (target index, generate stage, copy, params)
-        for g_i, gen in enumerate(targets):
-            for i in range(es.copies(gen, item.data)):
-                data = item.data if not copies else copy.deepcopy(item.data)
-                try:
-                    copies.append((g_i, gen, i, data, es.sampling(gen, data, len(ids), copy=i)))
-                except InputError as e:
-                    with self._lock:                        # the copy reached gen and was refused there
-                        self.flow.edge(seg.kv, gen, queue=False)
-                        item.at = gen
-                    raise PipelineError(str(e), "invalid", gen) from None
-        submits = []
-        with self._lock:
-            if req.done:
-                return
-            req.usage["prompt_tokens"] += len(ids)
-            for g_i, gen, i, data, params in copies:
-                branch = item.branch + ((g_i,) if len(targets) > 1 else ()) + \
-                    ((i,) if len([c for c in copies if c[0] == g_i]) > 1 else ())
-                child = Item(REQUEST, data, req, gen, branch, dict(item.turns), None, None, item.ids, entry)
-                if self.streams.direct[gen]:
-                    child.index = req.next_index
-                    req.next_index += 1
-                child.submitted = time.perf_counter()
-                seq_id = self.ledger.bind(child, es)
-                req.items.add(child)
-                self.flow.edge(seg.kv, gen, queue=False)
-                submits.append((seq_id, params, (req.number, len(submits))))
-            req.items.discard(item)
-        for seq_id, params, order in submits:
-            es.submit(seq_id, ids, params, order)
-
-    def _answer_without_engine(self, item: Item, es, targets: list, ids: list, entry: dict) -> None:
-        """max_tokens = 0 (an echo of the prompt, e.g. to score it): each target answers at once."""
-        req = item.req
-        made = []
-        with self._lock:
-            if req.done:
-                return
-            req.usage["prompt_tokens"] += len(ids)
-            entry["cached_tokens"] = 0
-            for g_i, gen in enumerate(targets):
-                child = Item(GENERATED, {}, req, gen, item.branch + ((g_i,) if len(targets) > 1 else ()),
-                             dict(item.turns), None, None, item.ids, entry)
-                child.data = self._generated(child, item.data, gen, "", "length", len(ids), 0, 0)
-                req.items.add(child)
-                made.append(child)
-                self.flow.edge(es.segment.kv, gen, queue=False)
-            req.items.discard(item)
-        for child in made:
-            self._task(self._leave_generate, child)
-
-    def _generated(self, item: Item, request: dict, gen: str, text: str, reason, prompt_tokens: int,
-                   completion_tokens: int, cached_tokens: int) -> dict:
-        """A Generated item's dict (what later stages and the answer see)."""
-        data = {"id": item.req.id, "text": text, "finish_reason": reason,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "cached_tokens": cached_tokens},
-                "generated_by": gen, "request": request}
-        if item.logprobs is not None:
-            data["logprobs"] = item.logprobs
-        if item.entry is not None and "prompt_logprobs" in item.entry:
-            data["prompt_logprobs"] = item.entry["prompt_logprobs"]
-            data["prompt_token_ids"] = item.entry["prompt_token_ids"]
-        return data
-
-    def _on_outputs(self, es, outputs) -> None:
-        """An engine step's outputs (the executor's emit thread): deltas, then finished sequences."""
-        now = self.clock()
-        finished = []
-        for out in outputs:
-            item = self.ledger.item_of(out.request_id)
-            if item is None or item.req.done:
-                continue
-            req = item.req
-            if item.live is None and self.streams.chains.get(item.at):
-                item.live = self._go_live(item)
-            step_logprobs = getattr(out, "logprobs", None)
-            if step_logprobs:
-                if item.logprobs is None:
-                    item.logprobs = []
-                item.logprobs.extend(step_logprobs)
-            if item.live is not None:
-                item.live.engine_output(out)           # the stream stages hand the client its text
-            else:
-                if out.new_token_ids:
-                    self.ledger.first_token(req, now)
-                if item.index is not None and (out.delta_text or out.finished or step_logprobs):
-                    _heard(req, item.index, out)
-            if out.finished:
-                finished.append((item, out))
-        if not finished:
-            return
-        with self._lock:
-            for item, out in finished:
-                req = item.req
-                self.ledger.release(out.request_id)
-                if req.done:
-                    continue
-                gen = item.at
-                if item.submitted is not None:          # the sequence's life in the engine, on a lane
-                    self.trace.add("requests", f"{gen}.generate", item.submitted, time.perf_counter(), -1,
-                                   {"request": req.key, "id": str(req.id), "tokens": out.completion_tokens,
-                                    "finish": out.finish_reason}, lane=True)
-                self.ledger.finished_sequence(item, out)
-                item.kind = GENERATED
-                item.data = self._generated(item, item.data, gen, out.text, out.finish_reason, out.prompt_tokens,
-                                            out.completion_tokens, out.cached_tokens)
-        for item, out in finished:
-            if not item.req.done:
-                self._task(self._leave_generate, item)
-
-    def _leave_generate(self, item: Item) -> None:
-        try:
-            nxt = self._send(item, item.at)
-        except BaseException as e:                  # noqa: BLE001 - fails this request only
-            self._fail_item(item, item.at, e)
-            return
-        self._go(nxt)
-
-    def _on_seq_error(self, es, seq_id: str, exc: BaseException) -> None:
-        item = self.ledger.item_of(seq_id)
-        if item is not None:
-            self._fail(item.req, PipelineError(str(exc), "invalid", item.at), item)
-
-    def _on_segment_failure(self, es, exc: BaseException) -> None:
-        """A segment's loop died: fail everything, refuse what comes."""
-        with self._lock:
-            self.error = exc
-            reqs = self.ledger.live()
-        for req in reqs:
-            self._fail(req, PipelineError(f"the engine of '{es.name}' failed: {type(exc).__name__}: {exc}",
-                                          "unavailable"))
-
-    # ---- stream stages (flow/streams.py) -------------------------------------------------
-    def _go_live(self, item: Item) -> Live:
-        """The item's first tokens: start its generate stage's chain of stream stages."""
-        gen = item.at
-        direct = self.streams.direct[gen] and item.index is not None
-        live = Live(self.streams.chains[gen], direct,
-                    (lambda out: self._live_delta(item, out)) if direct else None)
-        start = self._generated(item, item.data, gen, "", None, 0, 0, 0)
-        for i, stage in enumerate(live.chain):
-            impl, view = self.impls[stage], copy.deepcopy(start)
-
-            def emit(chunk, i=i):
-                live.emit(i, chunk)
-
-            if impl.shape == "async_generator":
-                async def call(impl=impl, view=view, i=i, emit=emit):
-                    try:
-                        return await arun_filter(impl.fn, view, live.feeds[i].chunks(), emit)
-                    finally:
-                        live.stage_ended(i)
-                fn, is_async = call, True
-            else:
-                def call(impl=impl, view=view, i=i, emit=emit):
-                    try:
-                        if impl.shape != "generator":
-                            raise TypeError(f"{impl.ref} is not a generator function; stream = true needs one")
-                        return run_filter(impl.fn, view, live.feeds[i], emit)
-                    finally:
-                        live.stage_ended(i)
-                fn, is_async = call, False
-            t0 = time.perf_counter()
-            self.workers[stage].submit(fn, lambda ok, value, i=i, stage=stage, t0=t0:
-                                       self._live_ended(item, i, stage, ok, value, t0), is_async)
-        return live
-
-    def _live_delta(self, item: Item, out) -> None:
-        if out.new_token_ids or out.delta_text:
-            self.ledger.first_token(item.req, self.clock())
-        _heard(item.req, item.index, out)
-
-    def _live_ended(self, item: Item, i: int, stage: str, ok: bool, value, t0: float) -> None:
-        """A stream stage's call for a live item ended (its worker or the event loop)."""
-        self._span(stage, "call", t0, item)
-        then = item.live.complete(i, ok, value)
-        if not ok:
-            self._task(self._live_failed, item, stage, value)
-        elif then is not None:
-            self._task(self._continue, item, stage, then, value)
-
-    def _continue(self, item: Item, stage: str, then: Callable, value) -> None:
-        try:
-            nxt = then(True, value)
-        except BaseException as e:                  # noqa: BLE001
-            self._fail_item(item, stage, e)
-            return
-        self._go(nxt)
-
-    def _arrive_live(self, item: Item, stage: str) -> list[tuple[Item, str]]:
-        """The item reached a stream stage that is filtering it live: go on once that ended."""
-        end = item.live.arrive(item.live.index(stage), lambda ok, value: self._live_done(item, stage, ok, value))
-        return self._live_done(item, stage, *end) if end is not None else []
-
-    def _live_done(self, item: Item, stage: str, ok: bool, value) -> list[tuple[Item, str]]:
-        if not ok or item.req.done or item not in item.req.items:
-            return []                              # _live_failed fails it
-        text, label = value
-        if item.live.index(stage) == len(item.live.chain) - 1:
-            item.live.finish()                     # the client's last chunk: finish reason, usage
-        item.data["text"], item.label = text, label if isinstance(label, str) else None
-        return self._send(item, stage)
-
-    def _live_failed(self, item: Item, stage: str, exc: BaseException) -> None:
-        """A stream stage refused or failed while the item was still on its way: it is cut there
-        (counted along the edges it skipped) and fails as if it had arrived."""
-        with self._lock:
-            req = item.req
-            if req.done or item not in req.items:
-                return
-            if item.at != stage:
-                chain = item.live.chain
-                path = [item.at] + chain[(chain.index(item.at) + 1) if item.at in chain else 0:chain.index(stage) + 1]
-                if item.queued:
-                    self.flow.taken(item.at)
-                    item.queued = False
-                for u, v in zip(path, path[1:]):
-                    self.flow.edge(u, v, queue=False)
-                item.at = stage
-        self._fail_item(item, stage, exc)
 
     # ---- joins ---------------------------------------------------------------------------
     def _fire(self, req: RequestState, stage: str, waiting: list[Item]) -> list[tuple[Item, str]]:
@@ -871,7 +500,7 @@ class PipelineRuntime:
         result = self.ledger.answer(req)
         self.ledger.close(req, failed=result.error is not None)
         self._idle.notify_all()
-        self._task(_deliver, req.listener, result)
+        self._task(deliver, req.listener, result)
 
     # ---- measuring and tracing -------------------------------------------------------------
     def _worker_event(self, stage: str, event: str, seconds: float, ok: bool) -> None:
@@ -895,136 +524,6 @@ class PipelineRuntime:
     def _span(self, stage: str, part: str, t0: float, item: Item) -> None:
         self.trace.add(self._track(), f"{stage}.{part}", t0, time.perf_counter(), -1,
                        {"request": item.req.key, "id": str(item.req.id)})
-
-    # ---- driving -------------------------------------------------------------------------
-    def _callbacks(self, es):
-        return (lambda outs: self._on_outputs(es, outs)), (lambda rid, exc: self._on_seq_error(es, rid, exc))
-
-    def start(self) -> None:
-        """Every segment's batching loop on a thread of its own (agp serve)."""
-        for es in self.segments:
-            es.start(*self._callbacks(es), self._on_segment_failure)
-
-    def drive(self) -> None:
-        """The first segment's loop driven from this thread, the others from threads of their
-        own; returns after close() once the engines are idle."""
-        if not self.segments:
-            with self._lock:
-                while not (self._closing and not len(self.ledger)):
-                    self._idle.wait(0.05)
-            return
-        first, rest = self.segments[0], self.segments[1:]
-        for es in rest:
-            es.start(*self._callbacks(es), self._on_segment_failure)
-        try:
-            first.drive(*self._callbacks(first))
-        except BaseException as e:              # noqa: BLE001
-            self._on_segment_failure(first, e)
-            raise
-        for es in rest:
-            es.join()
-
-    def run_all(self, requests, on_result: Callable | None = None, keep_open: bool = False,
-                stop: threading.Event | None = None) -> list[Result]:
-        """Answer every request (item dicts, or (item, pin) pairs) and close: the first engine is
-        driven from this thread from the start (it steps as soon as a request reaches it), a
-        feeder keeps the queue at most `max_queue` deep. Returns the results in input order;
-        `on_result(i, result)` hears of each as it comes. keep_open: the runtime can run again
-        afterwards (a warm-up, then the measured run). stop: once set, no more requests are
-        admitted and those in flight are aborted (their results are errors of kind
-        "unavailable"; requests never admitted stay None)."""
-        requests = list(requests)
-        results: list[Result | None] = [None] * len(requests)
-        cond = threading.Condition()
-        failure: list[BaseException] = []
-        stopping = stop if stop is not None else threading.Event()
-
-        class _One:
-            def __init__(self, i):
-                self.i = i
-
-            def on_delta(self, key, index, out):
-                pass
-
-            def on_done(self, result):
-                results[self.i] = result
-                if on_result is not None:
-                    on_result(self.i, result)
-                with cond:
-                    cond.notify_all()
-
-        def feed():
-            try:
-                for i, req in enumerate(requests):
-                    data, pin = req if isinstance(req, tuple) else (req, None)
-                    with cond:
-                        while self.full and not stopping.is_set():
-                            cond.wait(0.05)
-                    if stopping.is_set():
-                        break
-                    try:
-                        self.submit(data, _One(i), pin=pin)
-                    except PipelineError as e:
-                        _One(i).on_done(Result("", data.get("id"), [], e, no_usage(), {}))
-                while not self.wait_idle(0.1) and not stopping.is_set():
-                    pass
-            except BaseException as e:           # noqa: BLE001 - raised on the calling thread
-                failure.append(e)
-            finally:
-                self.close(drain=not stopping.is_set(), reason="the run was interrupted")
-
-        feeder = threading.Thread(target=feed, name="agp-feed", daemon=True)
-        feeder.start()
-        self.drive()
-        feeder.join()
-        self.settle()                            # results are delivered on the pool
-        if keep_open:
-            with self._lock:
-                self._closing = False
-            for es in self.segments:
-                es.reopen()
-        else:
-            self.pool.shutdown(wait=True)
-        if failure:
-            raise failure[0]
-        return results
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Block until no request is in flight (True) or the timeout passes (False)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            while len(self.ledger):
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._idle.wait(0.05 if left is None else min(left, 0.05))
-        return True
-
-    def close(self, drain: bool = True, timeout: float | None = None,
-              reason: str = "the server shut down before this request finished") -> bool:
-        """Stop admitting; let what runs finish (drain) or abort it; end the loops. Returns
-        whether every request finished (False: some were cut, each failed with `reason`)."""
-        with self._lock:
-            self._closing = True
-        finished = self.wait_idle(timeout) if drain else not len(self.ledger)
-        if not finished:
-            with self._lock:
-                reqs = self.ledger.live()
-            self.cut = len(reqs)
-            for req in reqs:
-                self._fail(req, PipelineError(reason, "unavailable"))
-        for es in self.segments:
-            es.close()
-        return finished
-
-    def shutdown(self) -> None:
-        for es in self.segments:
-            es.join(5.0)
-        for w in self.workers.values():
-            w.close()
-        self.timer.close()
-        self.loop.close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- measuring -----------------------------------------------------------------------
     def stats(self) -> dict:
@@ -1052,20 +551,6 @@ class PipelineRuntime:
 
 def _ignore(_chunk) -> None:
     pass
-
-
-def _heard(req: RequestState, index: int, out) -> None:
-    try:
-        req.listener.on_delta(req.key, index, out)
-    except Exception:                            # noqa: BLE001 - a listener's failure is its own
-        pass
-
-
-def _deliver(listener, result: Result) -> None:
-    try:
-        listener.on_done(result)
-    except Exception:                            # noqa: BLE001 - a listener's failure is its own
-        pass
 
 
 def _error_of(stage: str, exc: BaseException, what: str = "stage") -> PipelineError:
