@@ -26,6 +26,10 @@ def raiser(item):
         raise GeneratorExit()
     return item
 
+async def araiser(item):
+    await asyncio.sleep(0)
+    return raiser(item)
+
 def slow(item):
     with flowkit.running("slow"):
         flowkit.gate("slow").wait(30)
@@ -91,14 +95,19 @@ def pipeline(tmp_path, model, stage: str, routes: str = "", extra: str = ""):
     return path
 
 
+@pytest.mark.parametrize("fn", ["raiser", "araiser"])
 @pytest.mark.parametrize("what", ["SystemExit", "KeyboardInterrupt", "CancelledError", "GeneratorExit"])
-def test_a_stage_raising_a_base_exception_fails_only_its_request(tmp_path, soft_gguf, what):
-    path = pipeline(tmp_path, soft_gguf, 'stage f : python { fn = "hooks:raiser" }')
-    (bad, good), rt = run(path, [chat("bad", "hi", metadata={"raise": what}), chat("good", "hello")])
-    assert bad.error.kind == "failed" and bad.error.stage == "f"
-    assert bad.error.message.startswith(f"stage 'f' failed: {what}")
+def test_a_stage_raising_a_base_exception_fails_only_its_request(tmp_path, soft_gguf, what, fn):
+    """A plain function on its thread, or an async one on the event loop (which SystemExit
+    and KeyboardInterrupt would stop): either way only its own request fails."""
+    path = pipeline(tmp_path, soft_gguf, f'stage f : python {{ fn = "hooks:{fn}" }}')
+    (bad, good, again), rt = run(path, [chat("bad", "hi", metadata={"raise": what}), chat("good", "hello"),
+                                        chat("again", "hello", metadata={"raise": what})])
+    for r in (bad, again):
+        assert r.error.kind == "failed" and r.error.stage == "f"
+        assert r.error.message.startswith(f"stage 'f' failed: {what}")
     assert good.ok and good.usage["completion_tokens"] == 4
-    assert rt.stats()["stages"]["f"]["failed"] == 1
+    assert rt.stats()["stages"]["f"]["failed"] == 2
 
 
 def test_a_slow_stage_costs_only_its_own_requests(tmp_path, soft_gguf):

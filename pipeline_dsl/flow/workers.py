@@ -148,6 +148,15 @@ class EventLoop:
             loop.call_soon_threadsafe(loop.stop)
 
 
+async def _guarded(fn: Callable[[], Any]) -> tuple[bool, Any]:
+    """(ok, value or exception) of awaiting fn(): caught inside the task, because a task that
+    raises SystemExit or KeyboardInterrupt would stop the event loop itself."""
+    try:
+        return True, await fn()
+    except BaseException as e:                    # noqa: BLE001 - the call's own, whatever it is
+        return False, e
+
+
 class _Job:
     __slots__ = ("fn", "done", "is_async", "attempt", "token")
 
@@ -239,10 +248,10 @@ class StageWorkers:
         async with self._sem:
             t0 = time.perf_counter()
             try:
-                task = asyncio.ensure_future(job.fn())
+                task = asyncio.ensure_future(_guarded(job.fn))
                 await asyncio.wait({task}, timeout=self.timeout or None)
                 if task.done():
-                    value, ok = task.result(), True
+                    ok, value = task.result()
                 else:
                     task.cancel()
                     self.events("timeout", 0.0, False)
