@@ -15,6 +15,8 @@ from .items import PipelineError, Result, no_usage
 
 
 class Driving:
+    """PipelineRuntime's host pool, its loops and its end (mixed into it)."""
+
     # ---- the host pool ---------------------------------------------------------------
     def _task(self, fn, *args) -> None:
         """Run fn(*args) on the host pool, counted (see settle())."""

@@ -17,6 +17,8 @@ from .items import GENERATED, REQUEST, Item, PipelineError, heard
 
 
 class EngineSide:
+    """PipelineRuntime's side of its engine segments (mixed into it)."""
+
     # ---- set-up helpers ----------------------------------------------------------------
     def _prompt_segment(self):
         """The engine whose tokenizer counts `prompt_tokens`: the first whose model is the pipeline's."""

@@ -16,6 +16,8 @@ from .streams import Live, arun_filter, run_filter
 
 
 class LiveStages:
+    """PipelineRuntime's stream stages while items generate (mixed into it)."""
+
     # ---- stream stages (flow/streams.py) -------------------------------------------------
     def _go_live(self, item: Item) -> Live:
         """The item's first tokens: start its generate stage's chain of stream stages."""
