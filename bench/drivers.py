@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def runtime_for(pipeline: Path, mode: str, threads: int, **overrides):
-    from pipeline_dsl.runtime import build_runtime
+    from pipeline_dsl.flow import build_runtime
 
     kw = {"overlap": {"overlap": True, "serial": False}[mode]} if mode in ("overlap", "serial") else {}
     return build_runtime(pipeline, overrides={"dtype": "bf16", "threads": threads, **overrides}, **kw)

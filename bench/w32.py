@@ -115,7 +115,7 @@ def llama_single(gguf: Path, prompt_ids: list[list[int]], new_tokens: int, threa
 # ── agp ───────────────────────────────────────────────────────────────────────
 
 def agp_runtime(pipeline: Path, dtype: str, threads: int, **overrides):
-    from pipeline_dsl.runtime import build_runtime
+    from pipeline_dsl.flow import build_runtime
 
     return build_runtime(pipeline, overrides={"dtype": dtype, "threads": threads, **overrides})
 
@@ -256,7 +256,8 @@ def main() -> int:
         s = agp_executor(runtime, work)
         runtime.shutdown()
         add(f"agp {dtype_name} continuous batching", s["completion_tokens"], s["generation_s"],
-            f"mean batch {s['mean_batch_size']}, weights {s['weights']}, compute {s['dtype']}")
+            f"mean batch {s['mean_batch_size']}, weights {'/'.join(s['weights'].values())}, "
+            f"compute {'/'.join(s['dtype'].values())}")
         if dtype_name == dtypes[0]:
             runtime = agp_runtime(pipeline, dtype_name, args.threads)
             s = agp_main_thread(runtime, work)

@@ -3,7 +3,8 @@
 Each function gets one item as a plain dict and returns it (changed in place or new), a
 label for `when LABEL` edges, or raises pipeline_dsl.Reject. A Request looks like
 {"id", "messages" | "prompt", sampling fields, "metadata"}; a Generated result like
-{"id", "text", "finish_reason", "usage", "request"}.
+{"id", "text", "finish_reason", "usage", "request"}. A stream stage's function
+(`stream = true`, guard_stream below) is a generator over the answer's chunks instead.
 """
 from __future__ import annotations
 
@@ -41,16 +42,37 @@ def redact_pii(item: dict) -> dict:
 BLOCKED = ("password", "social security number")
 
 
-def guard_output(item: dict) -> dict:
-    """After the model: refuse answers that leak contact details or talk about blocked topics."""
-    text = item["text"]
+def refuse_if_unsafe(text: str) -> None:
+    """Reject text that leaks contact details or talks about blocked topics."""
     if EMAIL.search(text) or PHONE.search(text):
         raise Reject("the answer contained contact details")
     lowered = text.lower()
     for word in BLOCKED:
         if word in lowered:
             raise Reject(f"the answer mentions a blocked topic ({word})")
+
+
+def guard_output(item: dict) -> dict:
+    """After the model, on the whole answer: refuse it if it is unsafe."""
+    refuse_if_unsafe(item["text"])
     return item
+
+
+HOLD = 64   # characters held back: a phone number or address split across chunks is whole before it is sent
+
+
+def guard_stream(item: dict, chunks):
+    """After the model, as it writes (stream = true): everything seen so far is checked at each
+    chunk, and all but the last HOLD characters go on to the client at once, so the guard costs
+    a few words of latency, not the whole answer. What was sent before a refusal stays sent."""
+    seen, sent = "", 0
+    for text in chunks:
+        seen += text
+        refuse_if_unsafe(seen)
+        if len(seen) - sent > HOLD:
+            yield seen[sent:len(seen) - HOLD]
+            sent = len(seen) - HOLD
+    yield seen[sent:]
 
 
 # ---------------------------------------------------------------- a calculator tool

@@ -35,7 +35,7 @@ try:
 except PackageNotFoundError:          # running from a source tree that is not installed
     __version__ = "0.1.0"
 
-__all__ = ["CheckFailed", "Diagnostic", "SourcePos", "Reject", "load", "loads", "check_file",
+__all__ = ["CheckFailed", "Diagnostic", "SourcePos", "Reject", "Retry", "load", "loads", "check_file",
            "load_pipeline_graph", "load_pipeline_graphs"]
 
 
@@ -47,6 +47,17 @@ class Reject(Exception):
             if "password" in item["text"]:
                 raise pipeline_dsl.Reject("the answer would disclose a password")
             return item
+    """
+
+
+class Retry(Exception):
+    """Raised by a python stage's function to say that its failure is transient: with
+    `retries = N` on the stage the call is tried again after a backoff (TimeoutError,
+    ConnectionError and HTTP 408/425/429/5xx errors count as transient too).
+
+        def lookup(item):
+            if cache_server_busy():
+                raise pipeline_dsl.Retry("the cache server is busy")
     """
 
 

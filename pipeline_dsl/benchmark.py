@@ -186,7 +186,7 @@ class EngineTarget:
     @classmethod
     def from_pipeline(cls, spec: str, *, overlap: bool | None = None, **overrides) -> "EngineTarget":
         """Build the pipeline (its engines, driven by the plan's executors) as `agp serve` does."""
-        from pipeline_dsl.runtime import build_runtime
+        from pipeline_dsl.flow import build_runtime
 
         path, settings = parse_target(spec)
         runtime = build_runtime(path, overlap=overlap,

@@ -472,19 +472,53 @@ def check_pipeline(p: ast.Pipeline, registry: Registry | None = None) -> tuple[R
 
 # ---------------------------------------------------------------- kind-specific checks
 
+def _check_python_shape(name: str, params: dict, given: set, where, base) -> list[Diagnostic]:
+    """A generator function only as a stream filter, a stream filter only as a generator, and
+    none of what a stream cannot do (take chunks back to retry, cache, loop, turn into a request)."""
+    from .userfn import function_shape
+
+    fn, stream = params["fn"], bool(params.get("stream"))
+    shape = function_shape(fn, base)
+    yields = shape in ("generator", "async_generator")
+    if yields and not stream:
+        return [_err(f"stage '{name}': {fn} is a generator function, but a python stage calls its "
+                     "function once per item for a dict, a label or None", where("fn"),
+                     expected="a function that returns (def or async def), or stream = true",
+                     hint="write stream = true to filter generated text chunk by chunk, or return the item")]
+    if not stream:
+        return []
+    diags = []
+    if shape in ("function", "coroutine"):
+        diags.append(_err(f"stage '{name}' has stream = true, but {fn} does not yield", where("stream"),
+                          expected="a generator: def f(item, chunks): for text in chunks: yield text",
+                          hint="make the function yield the text it lets through, or remove stream = true"))
+    for param, bad in (("retries", params.get("retries")), ("cache", params.get("cache")),
+                       ("max_turns", params.get("max_turns"))):
+        if param in given and bad:
+            diags.append(_err(f"stage '{name}': {param} cannot be used with stream = true", where(param),
+                              expected="a stream stage without retries, cache or max_turns",
+                              hint="chunks already sent cannot be taken back: remove "
+                                   f"{param} or stream = true"))
+    if params.get("returns") in ("request", "any"):
+        diags.append(_err(f"stage '{name}' has stream = true, so it gives Generated results, not "
+                          f"returns = {params['returns']}", where("returns"),
+                          expected="returns = same (or generated) with stream = true"))
+    return diags
+
+
 def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set, pos: dict) -> list[Diagnostic]:
     """What one parameter's type and range cannot say: functions that must exist, a model that
     must be found, parameters that go together."""
-    from .userfn import FunctionNotFound, find_function
+    from .userfn import FunctionNotFound, find_function, function_shape
 
     diags: list[Diagnostic] = []
     where = pos.get
     base = _base_dir(st.name.pos)
 
-    def check_fn(param: str) -> None:
+    def check_fn(param: str) -> bool:
         ref = params.get(param)
         if ref is None or param not in given:
-            return
+            return False
         try:
             find_function(ref, base)
         except FunctionNotFound as e:
@@ -495,9 +529,12 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
             diags.append(_err(f"{e} (stage '{st.name.text}')", where(param),
                               expected='"module:function": a module beside this file or on sys.path '
                                        "and a function in it", hint=hint))
+            return False
+        return True
 
     if kind.name == "python":
-        check_fn("fn")
+        if check_fn("fn"):
+            diags += _check_python_shape(st.name.text, params, given, where, base)
     elif kind.name == "join":
         policy, fn = params.get("policy"), params.get("fn")
         if fn is not None and "policy" not in given:
@@ -508,7 +545,11 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
         elif policy == "fn" and fn is None:
             diags.append(_err(f"join '{st.name.text}' has policy = fn but no fn", where("policy"),
                               expected='fn = "module:function"'))
-        check_fn("fn")
+        if check_fn("fn") and function_shape(params["fn"], base) in ("generator", "async_generator"):
+            diags.append(_err(f"join '{st.name.text}': {params['fn']} is a generator function; a join "
+                              "function returns one result", where("fn"),
+                              expected="a function that returns one of the results, its index or a new dict",
+                              hint="return the merged result instead of yielding it"))
     elif kind.name == "generate":
         model = params.get("model")
         if model is not None and "model" in given:

@@ -203,6 +203,9 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
                           notes=[(f"the first is '{sources[0]}'", r.stages[sources[0]].pos)]))
     diags += _check_cycles(g, r)
     diags += _check_routes(r, g, emits)
+    diags += _check_type_routes(r, carry, emits)
+    diags += _check_streams(r, receives)
+    diags += _check_loop_exits(r, g, carry, receives)
     diags += _check_kv_budget(r)
     diags += check_segments(r, g)[1]
     if not r.complete:                 # an edge was dropped: reachability errors would only echo it
@@ -430,6 +433,84 @@ def _check_routes(r: Resolved, g: nx.DiGraph, emits: dict) -> list[Diagnostic]:
                        "(no unconditional edge and no `otherwise`)")
             diags.append(_err(msg, conditional[0].pos,
                               hint=f"add `{n} -> {conditional[0].dst} otherwise` (or to another stage)"))
+    return diags
+
+
+ENGINE_INSIDE = ("dynamic_batch", "encode", "kv_lookup")   # their edges carry Batch, Tokens, CachedTokens
+
+
+def _check_type_routes(r: Resolved, carry: dict, emits: dict) -> list[Diagnostic]:
+    """Per item type, the edges that can carry it must leave it somewhere to go: the runtime
+    routes an item only along edges whose destination takes its type, so an `otherwise` edge
+    (or an unconditional one) that cannot take Generated results is no fallback for them."""
+    diags = []
+    by_src: dict[str, list] = {}
+    for e in r.edges:
+        by_src.setdefault(e.src, []).append(e)
+    for n, out in by_src.items():
+        s = r.stages[n]
+        if s.kind is None or s.kind.name in ENGINE_INSIDE:
+            continue
+        if not any(e.condition == ("otherwise",) or e.condition is None for e in out):
+            continue                   # _check_routes reports conditional edges with no fallback at all
+        for t in sorted(emits[n] & ITEM_TYPES):
+            takes = [e for e in out if t in carry.get(e.dst, ())]
+            conditional = [e for e in takes if e.condition is not None and e.condition != ("otherwise",)]
+            if not conditional or any(e.condition is None or e.condition == ("otherwise",) for e in takes):
+                continue               # no edge takes it (reported by _check_ports), or it has a fallback
+            fallback = next((e for e in out if e.condition == ("otherwise",)), None) or \
+                next(e for e in out if e.condition is None)
+            how = "its `otherwise` edge" if fallback.condition == ("otherwise",) else "its unconditional edge"
+            diags.append(_err(f"{t} items of '{n}' that match none of its conditions have nowhere to go: "
+                              f"{how} leads to '{fallback.dst}', which cannot take {t} items", fallback.pos,
+                              expected=f"an unconditional or `otherwise` edge from '{n}' that takes {t} items",
+                              hint=f"send the fallback to a stage that takes {t} items too (a route stage "
+                                   f"in front of both), or say returns = "
+                                   f"{'request' if t == 'Generated' else 'generated'} if '{n}' never "
+                                   f"gives {t} items" if s.kind.name == "python" else
+                              f"send the fallback to a stage that takes {t} items too",
+                              notes=[(f"{t} items may take {conditional[0].src} -> {conditional[0].dst}",
+                                      conditional[0].pos)]))
+    return diags
+
+
+def _check_loop_exits(r: Resolved, g: nx.DiGraph, carry: dict, receives: dict) -> list[Diagnostic]:
+    """An item that reaches a loop's bounding stage after max_turns leaves the loop as it came:
+    some edge out of the loop must take its type."""
+    diags = []
+    bounded = bounded_stages(r)
+    if not bounded:
+        return diags
+    comp_of = {n: comp for comp in nx.strongly_connected_components(g) for n in comp}
+    for n in sorted(bounded):
+        comp = comp_of[n]
+        exits = [v for v in g.successors(n) if v not in comp]
+        if not exits or (len(comp) == 1 and not g.has_edge(n, n)):
+            continue                   # no loop, or no way out (_check_cycles says so)
+        s = r.stages[n]
+        for t in sorted(receives[n] & ITEM_TYPES):
+            if not any(t in carry[v] for v in exits):
+                diags.append(_err(f"{t} items that reach '{n}' after max_turns = {s.params['max_turns']} have "
+                                  f"no way out of the loop: no edge out of it ({', '.join(exits)}) takes {t} items",
+                                  s.param_pos.get("max_turns") or s.pos,
+                                  expected=f"an edge from '{n}' out of the loop that takes {t} items",
+                                  hint=f"add an edge from '{n}' towards a stage outside the loop that takes {t} "
+                                       "items, or keep them from reaching it"))
+    return diags
+
+
+def _check_streams(r: Resolved, receives: dict) -> list[Diagnostic]:
+    """A stream stage filters generated text: only Generated results may reach it."""
+    diags = []
+    for n, s in r.stages.items():
+        if s.kind is None or s.kind.name != "python" or not s.params.get("stream"):
+            continue
+        wrong = sorted(receives[n] - {"Generated"})
+        if wrong:
+            diags.append(_err(f"stage '{n}' has stream = true, but {' and '.join(wrong)} items reach it; a "
+                              "stream stage filters generated text", s.param_pos.get("stream") or s.pos,
+                              expected="a stream stage after generate (Generated items only)",
+                              hint=f"move '{n}' after a generate stage, or remove stream = true"))
     return diags
 
 

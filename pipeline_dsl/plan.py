@@ -10,8 +10,9 @@
 
 Two kinds of work (docs/plan.md explains why):
 - Per request: request-level stages (requests, system_prompt, python, route, join,
-  respond) and encode's tokenisation run per item on a pool of host worker threads,
-  off the engine's loop; they are listed, not scheduled onto streams.
+  respond) and encode's tokenisation run per item on a pool of host worker threads
+  (stages that run user code on workers of their own), off the engine's loop; they are
+  listed, not scheduled onto streams.
 - Per step of an engine segment: the batcher's admit and schedule, kv_lookup's block
   tables, generate's input copy, forward, token copy and emit. These are planned:
 1. Each stage is split into the work its kind implies, each piece on one resource
@@ -479,7 +480,8 @@ def format_plan(plan: PipelinePlan) -> str:
     segs = plan.segments
     lines = [f"pipeline {plan.pipeline}: {len(segs)} engine segment{'' if len(segs) == 1 else 's'}, "
              f"{len(plan.streams)} streams, {len(plan.events)} events per micro-batch"]
-    lines.append(f"\nper request, on {plan.workers} host worker threads (off the engine loop):")
+    lines.append(f"\nper request, on {plan.workers} host worker threads (off the engine loop; python stages on "
+                 "workers of their own):")
     lines.append("  " + "  ".join(w.name for w in plan.items) if plan.items else "  (none)")
     for seg in segs:
         lines.append(f"\nengine segment {seg.segment} ({' -> '.join(seg.stages)}), per step:")

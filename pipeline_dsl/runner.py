@@ -4,8 +4,9 @@
 the pipeline admits), drives the first engine segment on the calling thread until every
 request is answered, hands each answer to `on_done` and returns the run summary:
 requests and errors, tokens in and out, output tokens/s over generation (model loading
-excluded), TTFT and TPOT p50/p99, mean batch size, KV hit rate, peak memory, and per
-stage items in/out, rejects, queue depth and time spent.
+excluded), TTFT and TPOT p50/p99, mean batch size, KV hit rate, peak memory, dtype and
+weights per engine, per stage items in/out, rejects, failures, drops, queue depth, time
+spent and call latency, and per edge the items sent along it (they add up: flow/stats.py).
 """
 from __future__ import annotations
 
@@ -129,11 +130,12 @@ def summarize(runtime, results: list, wall: float) -> dict:
                                       for e in engines) / steps) if steps else None,
         "kv_hit_rate": _round(sum(e.get("kv_hit_tokens", 0) for e in engines) / queried) if queried else None,
         "peak_memory_bytes": first.get("peak_memory_bytes"),
-        "dtype": first.get("dtype"),
-        "weights": first.get("weights"),
+        "dtype": {name: e.get("dtype") for name, e in stats["engines"].items()},       # per engine: two
+        "weights": {name: e.get("weights") for name, e in stats["engines"].items()},   # may differ
         "measured_overlap": round(runtime.trace.measured_overlap(), 4),
         "streams": [s.name for s in runtime.plan.streams],
         "stages": stats["stages"],
+        "edges": stats["edges"],
         "engines": {name: {k: v for k, v in e.items() if not isinstance(v, (list, dict))}
                     for name, e in stats["engines"].items()},
     }
@@ -178,9 +180,11 @@ def format_summary(s: dict) -> str:
         lines.append(f"overlap         {s['measured_overlap']:.3f} of wall time with ≥2 streams busy")
     stages = s.get("stages") or {}
     if stages:
-        lines.append("stages          in → out   rejected failed  queued  busy")
+        lines.append("stages          in → out   rejected failed dropped queued  busy     p50")
         w = max(len(n) for n in stages)
         for name, row in stages.items():
+            p50 = row.get("latency_p50_s")
             lines.append(f"  {name:<{w}}  {row['items_in']:>5} → {row['items_out']:<5} {row['rejected']:>6} "
-                         f"{row['failed']:>6} {row['queued']:>7}  {row['busy_s']:.3f} s")
+                         f"{row['failed']:>6} {row.get('dropped', 0):>7} {row['queued']:>6}  "
+                         f"{row['busy_s']:.3f} s" + (f"  {p50 * 1000:.2f} ms" if p50 is not None else ""))
     return "\n".join(lines)

@@ -6,7 +6,9 @@ for a top-level `def`, class, assignment or import of that name (a module withou
 source, such as a compiled extension, is imported). The runtime imports it for real.
 
     find_function("hooks:redact", base_dir)   # None, or the reason it cannot be found
+    function_shape("hooks:redact", base_dir)  # "function" | "coroutine" | "generator" | ... | None
     fn = load_function("hooks:redact", base_dir)
+    callable_shape(fn)                        # the same, of the loaded function
 """
 from __future__ import annotations
 
@@ -145,3 +147,93 @@ def load_function(ref: str, base_dir: str | None) -> Callable:
     if not callable(fn):
         raise FunctionNotFound(f"module '{module}' has no function '{attr}'")
     return fn
+
+
+# ---------------------------------------------------------------- function shapes
+# A python stage runs a plain function on a worker thread, an `async def` on the event loop,
+# and a generator (sync or async) only as a stream filter; check tells them apart statically.
+
+SHAPES = ("function", "coroutine", "generator", "async_generator")
+
+
+def _yields(fn: pyast.AST) -> bool:
+    """Whether a def's own body yields (nested functions, lambdas and classes are theirs)."""
+    todo = list(pyast.iter_child_nodes(fn))
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (pyast.Yield, pyast.YieldFrom)):
+            return True
+        if not isinstance(node, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.Lambda, pyast.ClassDef)):
+            todo.extend(pyast.iter_child_nodes(node))
+    return False
+
+
+def shape_of_def(node: pyast.AST) -> str | None:
+    """The shape of a `def` / `async def` node; None for anything else."""
+    if isinstance(node, pyast.AsyncFunctionDef):
+        return "async_generator" if _yields(node) else "coroutine"
+    if isinstance(node, pyast.FunctionDef):
+        return "generator" if _yields(node) else "function"
+    return None
+
+
+def _source_path(module: str, base_dir: str | None) -> str | None:
+    path = _local_file(module, base_dir)
+    if path is not None:
+        return path
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec is not None and spec.origin and spec.origin.endswith(".py") else None
+
+
+def function_shape(ref: str, base_dir: str | None) -> str | None:
+    """What `ref` names, read from its module's source (never imported): one of SHAPES for a
+    top-level `def` (the last one of that name), None when the source does not say (a class,
+    an assignment, an import, a module without source, a reference that is not found)."""
+    try:
+        module, attr = split_ref(ref)
+    except FunctionNotFound:
+        return None
+    path = _source_path(module, base_dir)
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = pyast.parse(f.read(), path)
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+        return None
+    shape = None
+    for node in tree.body:
+        names = _bound_names(node)
+        if attr in names:
+            shape = shape_of_def(node)            # a later binding replaces an earlier def
+    return shape
+
+
+def _bound_names(node: pyast.AST) -> set[str]:
+    if isinstance(node, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.ClassDef)):
+        return {node.name}
+    if isinstance(node, (pyast.Assign, pyast.AnnAssign, pyast.AugAssign)):
+        targets = node.targets if isinstance(node, pyast.Assign) else [node.target]
+        return {n.id for t in targets for n in pyast.walk(t) if isinstance(n, pyast.Name)}
+    if isinstance(node, (pyast.Import, pyast.ImportFrom)):
+        return {(a.asname or a.name).split(".")[0] for a in node.names}
+    return set()
+
+
+def callable_shape(fn: Callable) -> str:
+    """One of SHAPES for a loaded callable (an object whose __call__ is async counts as async)."""
+    import inspect
+
+    call = fn if inspect.isfunction(fn) or inspect.ismethod(fn) or not callable(fn) else \
+        getattr(fn, "__call__", fn)
+    for target in (fn, call):
+        if inspect.isasyncgenfunction(target):
+            return "async_generator"
+        if inspect.isgeneratorfunction(target):
+            return "generator"
+        if inspect.iscoroutinefunction(target):
+            return "coroutine"
+    return "function"

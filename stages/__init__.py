@@ -3,8 +3,9 @@
     from stages import default_registry
     default_registry().get("generate").params
 
-`stages.registry` defines StageKind / Param / Port and the registry (with the
-`agp.stages` entry-point group); `stages.builtin` declares the six built-in kinds.
+`stages.schema` defines StageKind / Param / Port, `stages.builtin` the built-in kinds,
+`stages.registry` the registry (with the `agp.stages` entry-point group) over both, and
+`stages.impl` the kinds' runtime implementations.
 """
 
 from .registry import (ENTRY_POINT_GROUP, REQUIRED, Param, Port, Registry, StageKind, default_registry,

@@ -15,7 +15,7 @@ setting in the file always wins. Runtime implementations are in stages/impl.py (
 
 from __future__ import annotations
 
-from .registry import (ANY_LABEL, BOOL, DURATION, ENUM, FLOAT, FROM_MODE, INT, LIST_STR, REQUIRED, SIZE, STR, Param,
+from .schema import (ANY_LABEL, BOOL, DURATION, ENUM, FLOAT, FROM_MODE, INT, LIST_STR, REQUIRED, SIZE, STR, Param,
                        Port, StageKind)
 
 REQUESTS = StageKind(
@@ -152,6 +152,18 @@ RESPOND = StageKind(
     impl="stages.impl:Respond",
 )
 
+# how a stage that runs user code runs it (python; join's fn): its own workers, a timeout, retries
+POLICY_PARAMS = (
+    Param("workers", INT, 16, "calls of this stage at once (threads of its own; async functions: tasks "
+          "on the event loop); more items wait in its queue, other stages do not", min=1, max=1024),
+    Param("timeout", DURATION, 0.0, "longest one call may take (0 = no limit); past it the request "
+          "fails with a timeout, or the call is retried (see retries)", min=0.0, max=86400.0),
+    Param("retries", INT, 0, "calls tried again after a transient error: TimeoutError (the timeout "
+          "too), ConnectionError, an HTTP 408/425/429/5xx status, pipeline_dsl.Retry", min=0, max=10),
+    Param("backoff", DURATION, 0.5, "wait before the first retry, doubled for each next one (jittered, "
+          "at most 30s)", min=0.0, max=60.0),
+)
+
 PYTHON = StageKind(
     name="python",
     doc="Calls a Python function on each item: fn = \"module:function\" (the module is looked up beside "
@@ -160,7 +172,10 @@ PYTHON = StageKind(
         "usage, request) and returns the dict (changed in place or a new one), a label string that "
         "`when LABEL` edges match, or raises pipeline_dsl.Reject(\"why\") to refuse the request. A "
         "returned Request goes on along the out-edges that lead where Requests are taken, a Generated "
-        "result along those that lead to a respond stage; `returns` says which it may give.",
+        "result along those that lead to a respond stage; `returns` says which it may give. An `async "
+        "def` runs on the runtime's event loop; each stage has its own workers, and may set a timeout, "
+        "retries and a result cache. With stream = true the function is a generator that filters the "
+        "text as it is generated.",
     params=(
         Param("fn", STR, REQUIRED, "the function to call, as \"module:function\""),
         Param("max_turns", INT, None, "bounds a loop through this stage: after max_turns calls for one "
@@ -169,6 +184,14 @@ PYTHON = StageKind(
         Param("returns", ENUM, "same", "what the function returns: same (the type it got), request, "
               "generated, or any (either; e.g. a tool step that loops back or answers)",
               choices=("same", "request", "generated", "any")),
+        *POLICY_PARAMS,
+        Param("cache", INT, 0, "results kept, keyed by the item's content without its id (the least "
+              "recently used is dropped first); 0 = no cache", min=0, max=1 << 20),
+        Param("cache_ttl", DURATION, 0.0, "how long a cached result is used (0 = until it is dropped)",
+              min=0.0, max=30 * 86400.0),
+        Param("stream", BOOL, False, "filter generated text as it is made: fn is a generator that gets "
+              "(item, chunks) and yields the text it lets through; a stream after generate reaches "
+              "the client chunk by chunk"),
     ),
     inputs=(Port("items", "Request|Generated"),),
     outputs=(Port("items", "Request|Generated"),),
@@ -198,6 +221,9 @@ JOIN = StageKind(
     params=(
         Param("policy", ENUM, "first", "how branches merge", choices=("first", "majority", "longest", "fn")),
         Param("fn", STR, None, "the merge function for policy = fn, as \"module:function\"", optional=True),
+        Param("on_reject", ENUM, "fail", "a Reject in one branch: fail the request (fail), or merge the "
+              "other branches without it (drop; if every branch is rejected the request fails)",
+              choices=("fail", "drop")),
     ),
     inputs=(Port("generated", "Generated"),),
     outputs=(Port("generated", "Generated"),),

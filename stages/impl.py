@@ -87,15 +87,27 @@ class Route:
 
 
 class Python:
-    """Calls the user's function `fn` on each item (its dict, a copy of the item's own)."""
+    """Calls the user's function `fn` on each item (its dict, a copy of the item's own). The
+    runtime runs it as its shape says (pipeline_dsl.flow.workers): a plain function on the
+    stage's threads, an `async def` on the event loop, a generator as a stream filter."""
 
     def __init__(self, name: str, params: dict, context: StageContext):
-        from pipeline_dsl.userfn import load_function
+        from pipeline_dsl.userfn import callable_shape, load_function
 
-        self.fn = load_function(params["fn"], context.base_dir)
+        self.ref = params["fn"]
+        self.fn = load_function(self.ref, context.base_dir)
+        self.shape = callable_shape(self.fn)          # function | coroutine | generator | async_generator
+        self.stream = bool(params.get("stream"))
         self.max_turns = params.get("max_turns")
 
+    @property
+    def is_async(self) -> bool:
+        return self.shape in ("coroutine", "async_generator")
+
     def process(self, item: dict):
+        if self.shape in ("generator", "async_generator") and not self.stream:
+            raise TypeError(f"{self.ref} is a generator function; a python stage whose function yields "
+                            "needs stream = true")
         return self.fn(item)
 
 
@@ -123,22 +135,19 @@ class Join:
 
     def __init__(self, name: str, params: dict, context: StageContext):
         self.policy = params.get("policy") or "first"
+        self.on_reject = params.get("on_reject") or "fail"
         self.fn = None
+        self.is_async = False
         if params.get("fn"):
-            from pipeline_dsl.userfn import load_function
+            from pipeline_dsl.userfn import callable_shape, load_function
             self.fn = load_function(params["fn"], context.base_dir)
+            self.is_async = callable_shape(self.fn) == "coroutine"
             self.policy = "fn"
 
     def merge(self, items: list[dict]) -> dict:
         """`items`: in arrival order for `first`, else in branch order; returns the merged result."""
         if self.policy == "fn":
-            out = self.fn([dict(i) for i in items])
-            if isinstance(out, int) and not isinstance(out, bool) and 0 <= out < len(items):
-                out = items[out]
-            if not isinstance(out, dict):
-                raise TypeError(f"the join function returned {type(out).__name__}; expected one of the "
-                                "result dicts (or its index)")
-            return out
+            return self._picked(items, self.fn([dict(i) for i in items]))
         if self.policy == "longest":
             return max(items, key=lambda i: len(i.get("text") or ""))      # ties: the earliest branch
         if self.policy == "majority":
@@ -146,6 +155,23 @@ class Join:
             best = max(votes.values())
             return next(i for i in items if votes[normalise_answer(i.get("text") or "")] == best)
         return items[0]
+
+    async def amerge(self, items: list[dict]) -> dict:
+        """merge() with an `async def` fn."""
+        return self._picked(items, await self.fn([dict(i) for i in items]))
+
+    @staticmethod
+    def _picked(items: list[dict], out) -> dict:
+        """What the user's fn returned: a dict, or the index of one of the results."""
+        if isinstance(out, int) and not isinstance(out, bool):
+            if not 0 <= out < len(items):
+                raise IndexError(f"the join function returned index {out}, but there are {len(items)} "
+                                 f"results (0..{len(items) - 1})")
+            out = items[out]
+        if not isinstance(out, dict):
+            raise TypeError(f"the join function returned {type(out).__name__}; expected one of the "
+                            "result dicts (or its index)")
+        return out
 
 
 # ---------------------------------------------------------------- engine kinds

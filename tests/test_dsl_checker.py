@@ -310,7 +310,7 @@ def test_a_third_party_kind_runs_its_process_on_each_item(fake_entry_points, tmp
     path = tmp_path / "p.agp"
     path.write_text(text)
     from pipeline_dsl.flow import PipelineRuntime
-    from pipeline_dsl.runtime import load_graph
+    from pipeline_dsl.flow import load_graph
 
     rt = PipelineRuntime(load_graph(path), overrides={"threads": 1})
     (res,) = rt.run_all([{"id": "a", "prompt": "hello world", "max_tokens": 6, "ignore_eos": True}])

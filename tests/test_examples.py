@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_dsl.flow import PipelineRuntime
-from pipeline_dsl.runtime import load_graph
+from pipeline_dsl.flow import PipelineRuntime, load_graph
 from stages.impl import normalise_answer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,8 +9,7 @@ import textwrap
 import pytest
 
 import pipeline_dsl
-from pipeline_dsl.flow import PipelineRuntime
-from pipeline_dsl.runtime import load_graph
+from pipeline_dsl.flow import PipelineRuntime, load_graph
 
 SEGMENT = """
     stage {b} : dynamic_batch {{ max_batch_size = 8  timeout = 1ms }}
@@ -366,6 +365,14 @@ def test_a_join_inside_a_loop_and_a_bound_without_exit_are_errors(tmp_path):
 
 
 # ---------------------------------------------------------------- what check rejects, the runtime could not run
+
+def test_a_type_that_reaches_a_loop_bound_with_no_way_out_is_a_check_error(tmp_path):
+    """tool's Requests also loop back into tool itself; once max_turns is reached they must
+    leave the loop as they are, but its only way out (out) takes Generated results."""
+    errs = check(write(tmp_path, LOOP.replace("TURNS", " max_turns = 2") + "tool -> tool\n"))
+    assert [e.message for e in errs] == ["Request items that reach 'tool' after max_turns = 2 have no way out of "
+                                         "the loop: no edge out of it (out) takes Request items"]
+
 
 def test_two_batchers_feeding_one_encode_stage_is_a_check_error(tmp_path):
     body = ("stage request : requests {}\nstage gen : generate {}\nstage out : respond {}\n"

@@ -1,6 +1,11 @@
 """Whatever `agp check` accepts runs: random pipelines built from the stage kinds (Hypothesis)
 run over a few requests on the tiny model; no crash, no hang, every request answered or
-failed with a clear error of its own."""
+failed with a clear error of its own, and the per-stage counts add up along every edge.
+
+The graphs include what `check` must reject: a python stage whose `otherwise` edge cannot
+take the type its conditional edges leave over, a generator function without stream = true;
+and the stage policies: workers, timeouts, retries of a flaky function, caches, `async def`,
+stream stages after generate, joins by fn or with on_reject = drop, a stage raising SystemExit."""
 from __future__ import annotations
 
 import threading
@@ -10,14 +15,52 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import pipeline_dsl
-from pipeline_dsl.flow import PipelineRuntime
-from pipeline_dsl.runtime import load_graph
+from pipeline_dsl.flow import PipelineRuntime, load_graph
 
 HOOKS = '''
+import asyncio
 import pipeline_dsl
 
 def same(item):
     return item
+
+async def asame(item):
+    await asyncio.sleep(0)
+    return item
+
+CALLS = {}
+
+def flaky(item):
+    key = item.get("id")
+    CALLS[key] = CALLS.get(key, 0) + 1
+    if CALLS[key] == 1:
+        raise ConnectionError("the first call of each id fails")
+    return item
+
+def boom(item):
+    if item.get("id") == "dz" or item.get("request", {}).get("id") == "dz":
+        raise SystemExit(1)
+    return item
+
+def judge(item):
+    return "accept" if len(item.get("text", "")) % 2 == 0 else None
+
+def upper_stream(item, chunks):
+    for text in chunks:
+        yield text.upper()
+
+async def astream(item, chunks):
+    async for text in chunks:
+        yield text
+
+def yields(item):
+    yield item
+
+def merge_new(items):
+    return {"text": "+".join(i["text"] for i in items)}
+
+def merge_index(items):
+    return len(items) - 1
 
 def tag(item):
     return "even" if len(item.get("id", "")) % 2 == 0 else "odd"
@@ -33,6 +76,8 @@ def refuse_x(item):
     return item
 
 def again(item):
+    if "request" not in item:         # a Request reached it (a random extra edge): pass it on
+        return item
     req = dict(item["request"])
     req["messages"] = list(req["messages"]) + [{"role": "assistant", "content": item["text"]},
                                                {"role": "user", "content": "more"}]
@@ -61,18 +106,31 @@ class Builder:
     def edge(self, a: str, b: str, cond: str = "") -> None:
         self.edges.append(f"{a} -> {b}{cond}")
 
+    def python(self, prefix: str, fn: str, draw, extra: str = "") -> str:
+        """A python stage with random policies (workers, timeout, cache)."""
+        policy = [f"workers = {draw(st.sampled_from([1, 2, 16]))}"]
+        if draw(st.booleans()):
+            policy.append("timeout = 20s")
+        if draw(st.integers(0, 3)) == 0 and fn not in ("flaky", "upper_stream", "astream"):
+            policy.append("cache = 4")
+        return self.stage(prefix, f'python {{ fn = "hooks:{fn}"  {"  ".join(policy)} {extra}}}')
+
     def pre(self, src: str, draw) -> str:
         """0-3 request-level stages after `src`; returns the last."""
         at = src
         for _ in range(draw(st.integers(0, 3))):
-            kind = draw(st.sampled_from(["system", "same", "refuse", "tag", "route"]))
+            kind = draw(st.sampled_from(["system", "same", "refuse", "tag", "route", "async", "flaky", "boom",
+                                         "yields"]))
             if kind == "system":
                 s = self.stage("sys", 'system_prompt { text = "Be brief." }')
             elif kind == "route":
                 s = self.stage("rt", "route {}")
+            elif kind == "flaky":
+                s = self.python("py", "flaky", draw, "retries = 2  backoff = 1ms ")
             else:
-                fn = {"same": "same", "refuse": "refuse_x", "tag": "tag"}[kind]
-                s = self.stage("py", f'python {{ fn = "hooks:{fn}" }}')
+                fn = {"same": "same", "refuse": "refuse_x", "tag": "tag", "async": "asame", "boom": "boom",
+                      "yields": "yields"}[kind]
+                s = self.python("py", fn, draw)
             self.edge(at, s)
             at = s
         return at
@@ -106,11 +164,29 @@ class Builder:
     def post(self, gen: str, out: str, draw) -> None:
         at = gen
         for _ in range(draw(st.integers(0, 2))):
-            fn = draw(st.sampled_from(["same", "shout", "refuse_x"]))
-            s = self.stage("post", f'python {{ fn = "hooks:{fn}" }}')
+            fn = draw(st.sampled_from(["same", "shout", "refuse_x", "asame", "boom", "stream", "astream"]))
+            if fn in ("stream", "astream"):
+                s = self.python("post", "upper_stream" if fn == "stream" else "astream", draw, "stream = true ")
+            else:
+                s = self.python("post", fn, draw)
             self.edge(at, s)
             at = s
         self.edge(at, out)
+
+    def judged(self, gen: str, out: str, other_head: str, draw) -> None:
+        """A python stage that may give either type, whose `otherwise` edge leads to another
+        engine's batcher (check rejects it: unlabelled Generated results have nowhere to go) or to
+        a route stage in front of that batcher and `out` (it runs)."""
+        j = self.python("judge", "judge", draw, "returns = any ")
+        self.edge(gen, j)
+        self.edge(j, out, " when accept")
+        if draw(st.booleans()):
+            self.edge(j, other_head, " otherwise")
+        else:
+            r = self.stage("rt", "route {}")
+            self.edge(j, r, " otherwise")
+            self.edge(r, other_head)
+            self.edge(r, out)
 
     def text(self) -> str:
         body = "\n    ".join(self.stages + self.edges)
@@ -151,12 +227,16 @@ def pipelines(draw):
     joined = draw(st.booleans()) and (len(gens) > 1 or "n = 2" in " ".join(b.stages))
     target = out
     if joined:
-        policy = draw(st.sampled_from(["first", "majority", "longest"]))
-        target = b.stage("join", f"join {{ policy = {policy} }}")
+        policy = draw(st.sampled_from(["policy = first", "policy = majority", "policy = longest",
+                                       'fn = "hooks:merge_new"', 'fn = "hooks:merge_index"']))
+        target = b.stage("join", f"join {{ {policy}  on_reject = {draw(st.sampled_from(['fail', 'drop']))} }}")
         b.edge(target, out)
     loop = draw(st.booleans())
+    judge = nseg == 2 and not loop and draw(st.integers(0, 2)) == 0
     for i, g in enumerate(gens):
-        if loop and i == 0:
+        if judge and i == 0:
+            b.judged(g, target, heads[1], draw)
+        elif loop and i == 0:
             tool = b.stage("tool", f'python {{ fn = "hooks:again"  returns = request  '
                                    f'max_turns = {draw(st.integers(1, 2))} }}')
             b.edge(g, tool)
@@ -174,8 +254,33 @@ REQUESTS = [
     {"id": "a", "messages": [{"role": "user", "content": "hello there"}], "ignore_eos": True},
     {"id": "bx", "messages": [{"role": "user", "content": "the cat and the world is " * 4}], "max_tokens": 3},
     {"id": "cc", "messages": [{"role": "user", "content": "of us"}], "metadata": {"big": True}, "n": 1},
+    {"id": "dz", "messages": [{"role": "user", "content": "of us"}], "max_tokens": 2},
 ]
-KINDS = {"rejected", "invalid"}
+KINDS = {"rejected", "invalid", "failed"}
+
+
+def check_counts(rt, results) -> None:
+    """Per stage, in and out are the sums of its edges; nothing is left queued; a stage that
+    sends each item along one edge sends on what it neither refused, failed nor dropped; a
+    respond stage took in exactly the choices answered (and what was dropped there)."""
+    stats = rt.stats()
+    stages, edges = stats["stages"], stats["edges"]
+    for name, row in stages.items():
+        into = sum(e["items"] for e in edges if e["to"] == name)
+        out = sum(e["items"] for e in edges if e["from"] == name)
+        admitted = stats["requests"]["requests"] if row["kind"] == "requests" else 0
+        assert row["items_in"] == into + admitted, (name, row, edges)
+        assert row["items_out"] == out, (name, row, edges)
+        assert row["queued"] == 0, (name, row)
+        ended = row["rejected"] + row["failed"] + row["dropped"]
+        routes = rt.router.routes[name]
+        plain = [v for v, c in routes if c is None]
+        single = len(plain) <= 1 and not (plain and len(routes) > 1)
+        if row["kind"] == "respond":
+            choices = sum(len(r.choices) for r in results if r.ok)
+            assert row["items_in"] == choices + ended, (name, row, choices)
+        elif row["kind"] not in ("join", "kv_lookup") and single and name not in rt.loops.bounds:
+            assert row["items_in"] == row["items_out"] + ended, (name, row)
 
 
 @pytest.fixture(autouse=True)
@@ -224,3 +329,7 @@ def test_every_pipeline_check_accepts_runs(text, tmp_path_factory):
             assert r.error.kind in KINDS and r.error.message, f"{r.error.kind}: {r.error.message}\n{text}"
             if r.error.kind == "rejected":
                 assert req["id"].endswith("x")
+            if r.error.kind == "failed":          # only the SystemExit of boom, for request dz
+                assert req["id"] == "dz" and "failed: SystemExit" in r.error.message, \
+                    f"{r.error.message}\n{text}"
+    check_counts(rt, out)

@@ -9,7 +9,7 @@ from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
 from pipeline_dsl.engine.tokenizer import TokenizerError
 from pipeline_dsl.engine.errors import InputError
 from pipeline_dsl.flow import PipelineError
-from pipeline_dsl.runtime import build_runtime
+from pipeline_dsl.flow import build_runtime
 
 PIPELINE = """pipeline p {{
     model = "{model}"

@@ -11,7 +11,7 @@ import pytest
 from pipeline_dsl.flow.segment import EngineSegment, segment_spec
 from pipeline_dsl.graph import segments_of
 from pipeline_dsl.requests_io import RequestError, parse_line, parse_request
-from pipeline_dsl.runtime import build_runtime, load_graph
+from pipeline_dsl.flow import build_runtime, load_graph
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
-from pipeline_dsl.runtime import build_runtime
+from pipeline_dsl.flow import build_runtime
 from pipeline_dsl.serve import protocol as P
 from pipeline_dsl.serve.app import create_app
 from pipeline_dsl.serve.config import ServeConfig

@@ -149,7 +149,7 @@ def main(args) -> int:
         return _err(f"cannot write {args.output}: {e.strerror}")
 
     from pipeline_dsl.engine.trace import Trace
-    from pipeline_dsl.runtime import build_runtime
+    from pipeline_dsl.flow import build_runtime
 
     t_load = time.perf_counter()
     trace = Trace() if args.trace else None

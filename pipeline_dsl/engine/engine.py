@@ -470,7 +470,10 @@ class Engine:
             st.text += st.detok.add(token, final=True) if p.include_stop_str_in_output else st.detok.flush()
         else:
             last = seq.num_output >= p.max_tokens or len(seq.token_ids) >= self.max_model_len
-            st.text += st.detok.add(token, final=last)
+            piece = st.detok.add(token, final=last)
+            # cut by a length limit: a character whose bytes had not all come is not emitted
+            # (flushing would show its bytes as U+FFFD); an EOS or a stop keeps what the model made
+            st.text += piece.rstrip("\ufffd") if last else piece
             cut = st.stops.find(st.text, text_from)
             if cut >= 0:
                 end = cut + st.stops.matched if p.include_stop_str_in_output else cut

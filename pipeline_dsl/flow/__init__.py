@@ -1,17 +1,36 @@
 """The pipeline runtime: items flow along a checked graph's edges (see runtime.py).
 
-    from pipeline_dsl.flow import PipelineRuntime, build_runtime
+    from pipeline_dsl.flow import PipelineRuntime, build_runtime, load_graph
     rt = build_runtime("examples/chat.agp", overrides={"threads": 2})
+
+The runtime never reads the AST: it takes the graph that `pipeline_dsl.graph` built (nodes
+carry `kind`, the effective `params` and their `routes`), builds one engine per engine
+segment and runs every other stage per item.
 """
 from __future__ import annotations
 
-from .runtime import Choice, PipelineError, PipelineRuntime, Result, StageCounter
+import os
+from pathlib import Path
 
-__all__ = ["Choice", "PipelineError", "PipelineRuntime", "Result", "StageCounter", "build_runtime"]
+import networkx as nx
+
+from .items import Choice, PipelineError, Result
+from .runtime import PipelineRuntime
+from .stats import StageCounter
+
+__all__ = ["Choice", "PipelineError", "PipelineRuntime", "Result", "StageCounter", "build_runtime", "load_graph"]
 
 
-def build_runtime(pipeline, name: str | None = None, **kwargs) -> PipelineRuntime:
-    """A runtime for a .agp path (raises CheckFailed with diagnostics) or a checked graph."""
-    from pipeline_dsl.runtime import load_graph
+def load_graph(pipeline: str | os.PathLike | nx.DiGraph, name: str | None = None) -> nx.DiGraph:
+    """A checked graph from a path (raises CheckFailed with diagnostics) or a graph as is."""
+    if isinstance(pipeline, nx.DiGraph):
+        return pipeline
+    from pipeline_dsl import load_pipeline_graph
 
-    return PipelineRuntime(load_graph(pipeline, name), **kwargs)
+    return load_pipeline_graph(Path(pipeline), name)
+
+
+def build_runtime(pipeline, name: str | None = None, *, overrides: dict | None = None, **kwargs) -> PipelineRuntime:
+    """A PipelineRuntime for a pipeline file or graph; `overrides` are EngineConfig fields set
+    from the command line (they win over the file when not None)."""
+    return PipelineRuntime(load_graph(pipeline, name), overrides=overrides, **kwargs)

@@ -95,6 +95,49 @@ class EngineSegment:
         self.error: BaseException | None = None
         self.run_stats: dict = {}
 
+    # ---- the engine's public facts (the runtime asks these, never the engine) ----------
+    @property
+    def model_ref(self) -> str | None:
+        """The model its stages name (None: the embedded default)."""
+        return self.spec.engine.get("model")
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.vocab_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def max_prompt_chars(self) -> int | None:
+        return self.engine.max_prompt_chars
+
+    @property
+    def model_info(self) -> dict:
+        return dict(self.engine.model_info)
+
+    @property
+    def num_running(self) -> int:
+        return self.engine.num_running
+
+    def check_prompt_length(self, data: dict) -> None:
+        """Refuse at once (InputError) a prompt too long for any tokenisation."""
+        self.engine.check_prompt_length(data.get("prompt"), data.get("messages"), data.get("prompt_token_ids"))
+
+    def prompt_ids(self, request: dict) -> list[int]:
+        """A prompt or a conversation as the engine sees it by default (agp serve's /tokenize)."""
+        if request.get("messages") is not None:
+            return self.engine.prompt_ids(messages=request["messages"], tools=request.get("tools"),
+                                          tool_choice=request.get("tool_choice", "auto"),
+                                          template_kwargs=request.get("chat_template_kwargs"))
+        return self.engine.prompt_ids(prompt=request["prompt"],
+                                      add_special_tokens=request.get("add_special_tokens", True))
+
     # ---- per item (any thread) -------------------------------------------------------
     def tokenise(self, data: dict) -> list[int]:
         """encode.tokenise: the request's prompt as ids (raises InputError for bad input)."""
@@ -220,6 +263,10 @@ class EngineSegment:
     def close(self) -> None:
         """Let the batching loop end once this engine is idle."""
         self.executor.close()
+
+    def reopen(self) -> None:
+        """Take work again after close() (a warm-up run, then the measured one)."""
+        self.executor.reopen()
 
     def join(self, timeout: float | None = None) -> bool:
         if self._thread is not None:

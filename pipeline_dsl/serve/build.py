@@ -45,7 +45,7 @@ def build(args, *, host: str | None = None) -> Serving:
     Serve replica builds (pipeline_dsl.serve.ray)."""
     from pipeline_dsl.engine.errors import InputError
     from pipeline_dsl.engine.trace import Trace
-    from pipeline_dsl.runtime import build_runtime
+    from pipeline_dsl.flow import build_runtime
 
     from .app import create_app
     from .async_pipeline import AsyncPipeline
@@ -72,13 +72,13 @@ def build(args, *, host: str | None = None) -> Serving:
     except InputError as e:
         raise SetupError(str(e)) from None
     names = model_names(runtime, args.served_model_name)
-    contexts = [es.engine.max_model_len for es in runtime.segments]
+    contexts = [es.max_model_len for es in runtime.segments]
     config = ServeConfig(model_names=names, max_model_len=int(min(contexts) if contexts else 1 << 20),
                          stages=tuple((g, Path(str(es.config.model)).name) for g, es in runtime.seg_of_gen.items()),
                          drain_timeout_s=args.drain_timeout, max_body_bytes=args.max_body_bytes,
                          body_timeout_s=args.body_timeout, max_connections=args.max_connections,
                          allowed_hosts=allowed_hosts(host or args.host, args.allowed_hosts),
-                         max_prompt_chars=max((es.engine.max_prompt_chars or 0 for es in runtime.segments),
+                         max_prompt_chars=max((es.max_prompt_chars or 0 for es in runtime.segments),
                                               default=0) or None,
                          max_stage_n=max((n for es in runtime.segments for n in es.n.values()), default=1),
                          lenient=args.lenient, api_keys=tuple(args.api_key or ()),

@@ -28,6 +28,7 @@ FAILURES: dict[str, tuple[int, str, str | None, bool]] = {
     "queue_full": (429, "rate_limit_error", "queue_full", True),
     "unavailable": (503, "server_error", "unavailable", True),        # draining, or the engine failed
     "aborted": (499, "invalid_request_error", "aborted", False),      # the client went away
+    "timeout": (504, "server_error", "stage_timeout", False),         # a stage's own timeout passed
     "failed": (500, "server_error", "stage_failed", False),           # a user function or the engine
 }
 

@@ -162,6 +162,20 @@ def batch_histogram(stats: dict, model: str) -> HistogramMetricFamily:
                             {"model_name": model})
 
 
+def stage_latency(stats: dict, model: str) -> HistogramMetricFamily:
+    """agp_stage_latency_seconds{stage, kind}: each stage's calls (built-in work and user
+    functions, each attempt of a retried call) from the runtime's per-stage histograms; the
+    errors by stage are agp_stage_failed and agp_stage_rejected (a timeout fails its request)."""
+    fam = HistogramMetricFamily("agp_stage_latency_seconds", "Seconds one call of a stage's work took",
+                                labels=["model_name", "stage", "kind"])
+    for stage, row in (stats.get("stages") or {}).items():
+        lat = row.get("latency")
+        if lat:
+            fam.add_metric([model, stage, str(row.get("kind"))], [(str(le), n) for le, n in lat["buckets"]],
+                           sum_value=float(lat["sum_s"]))
+    return fam
+
+
 class _Metric:
     """One metric under agp's name and (when given) vLLM's, every series labelled model_name; the
     vLLM series also `engine` (the index of the engine it is about, "0" by default)."""
@@ -232,6 +246,7 @@ class _Snapshot:
                      f"Share of prompt tokens served from the prefix cache over the last "
                      f"{self.owner.window.horizon_s:g} s", self.owner.window.hit_rate())
         yield batch_histogram(stats, model)
+        yield stage_latency(stats, model)
         stages = stats.get("stages") or {}
         for key, name, kind, doc in STAGE_SERIES:
             fam = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(

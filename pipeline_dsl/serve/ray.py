@@ -89,7 +89,7 @@ def drain(app: str, timeout: float) -> bool:
 
 def pipeline_device(args) -> str:
     """The pipeline's `device` setting (raises CheckFailed for a file that does not check)."""
-    from pipeline_dsl.runtime import load_graph
+    from pipeline_dsl.flow import load_graph
 
     return str(load_graph(args.pipeline, args.name).graph["settings"].get("device") or "auto")
 

@@ -1,0 +1,280 @@
+"""The runtime's side of its engine segments: tokenising, entering a segment, the engines'
+outputs, and the tokenizer facts agp serve asks for.
+
+A part of PipelineRuntime (flow/runtime.py), in a file of its own: it shares the runtime's
+state (segments, ledger, counters, lock). A Request that reaches a batcher is tokenised
+here (encode's work, off the engine's loop), routed among the segment's generate stages,
+copied `n` times and submitted; each finished sequence becomes a Generated item that goes
+on from its generate stage. Everything goes through EngineSegment's public methods.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable
+
+from .items import GENERATED, REQUEST, Item, PipelineError, heard
+
+
+class EngineSide:
+    """PipelineRuntime's side of its engine segments (mixed into it)."""
+
+    # ---- set-up helpers ----------------------------------------------------------------
+    def _prompt_segment(self):
+        """The engine whose tokenizer counts `prompt_tokens`: the first whose model is the pipeline's."""
+        if not self.segments:
+            return None
+        model = self.graph.graph.get("settings", {}).get("model")
+        for es in self.segments:
+            if es.model_ref == model:
+                return es
+        return self.segments[0]
+
+    def _segment_for(self, pin: str | None):
+        es = self.seg_of_gen.get(pin) if pin else self.prompt_segment
+        if es is None:
+            raise PipelineError("this pipeline has no model to tokenise with", "invalid")
+        return es
+
+    def tokenise(self, request: dict, pin: str | None = None) -> list[int]:
+        """A prompt or a conversation as the engine would see it (agp serve's /tokenize)."""
+        from pipeline_dsl.engine.errors import InputError
+
+        es = self._segment_for(pin or request.get("pin"))
+        try:
+            return es.prompt_ids(request)
+        except InputError as e:
+            raise PipelineError(str(e), "invalid", code=getattr(e, "code", None)) from None
+
+    def token_text(self, pin: str | None = None) -> Callable[[int], str]:
+        """id -> the text of that one token (for logprobs), cached."""
+        import functools
+
+        tok = self._segment_for(pin).tokenizer
+        return functools.lru_cache(maxsize=1 << 16)(lambda t: tok.decode([t], skip_special_tokens=False))
+
+    def detokenise(self, ids: list[int], pin: str | None = None) -> str:
+        es = self._segment_for(pin)
+        vocab = es.vocab_size
+        bad = [t for t in ids if vocab and t >= vocab]
+        if bad:
+            raise PipelineError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "invalid")
+        return es.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def tokenizer_info(self, pin: str | None = None) -> dict:
+        """The tokenizer's configuration (agp serve's /tokenizer_info, vLLM's shape): its special
+        tokens, whether it adds the bos token, the context length and the chat template."""
+        es = self._segment_for(pin)
+        tok = es.tokenizer
+        return {"tokenizer_class": type(tok).__name__, "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+                "add_bos_token": bool(getattr(tok, "add_bos", False)), "model_max_length": es.max_model_len,
+                "chat_template": tok.chat_template}
+
+    def model_names(self) -> list[str]:
+        """The generate stages a request may pin (agp serve's `model` field)."""
+        return list(self.seg_of_gen)
+
+
+    def _prompt_tokens(self, item: Item, stage: str) -> int:
+        es = self.prompt_segment
+        if es is None:
+            text = item.data.get("prompt") or " ".join(m.get("content", "") for m in item.data.get("messages", []))
+            return len(text.split())          # no model in this pipeline: words
+        return len(self._ids(item, es, stage, "prompt_tokens"))
+
+    def _ids(self, item: Item, es, stage: str, part: str = "tokenise") -> list[int]:
+        """The item's prompt ids under segment `es` (cached while the prompt is unchanged); bad
+        input fails at `stage`."""
+        from pipeline_dsl.engine.errors import InputError
+
+        d = item.data
+        try:                                   # a prompt too long for any tokenisation: refused at once
+            es.check_prompt_length(d)
+        except InputError as e:
+            raise PipelineError(str(e), "invalid", stage, getattr(e, "code", None)) from None
+        fingerprint = (id(es), repr(d.get("messages") if d.get("messages") is not None
+                                    else d.get("prompt_token_ids") if d.get("prompt_token_ids") is not None
+                                    else d.get("prompt")), repr(d.get("tools")), repr(d.get("tool_choice")),
+                       repr(d.get("chat_template_kwargs")))
+        if item.ids is not None and item.ids[0] == fingerprint:
+            return item.ids[1]
+        t0 = time.perf_counter()
+        try:
+            ids = es.tokenise(item.data)
+        except InputError as e:               # the engine's word for bad input (tokenizer, template, length)
+            raise PipelineError(f"cannot tokenise the request: {e}", "invalid", stage,
+                                getattr(e, "code", None)) from None
+        self._span(stage, part, t0, item)
+        item.ids = (fingerprint, ids)
+        return ids
+
+
+    # ---- engine segments -----------------------------------------------------------------
+    def _enter_segment(self, item: Item, es) -> None:
+        """A Request reaches a batcher: tokenise, pick generate stage(s), copy n times, submit."""
+        from pipeline_dsl.engine.errors import InputError
+
+        seg, req = es.segment, item.req
+        with self._lock:
+            if req.done:
+                return
+            self.flow.edge(seg.batch, seg.encode, queue=False)
+            item.at = seg.encode
+        t0 = time.perf_counter()
+        ids = self._ids(item, es, seg.encode)
+        self._observe(seg.encode, t0, item, span=False)
+        with self._lock:
+            self.flow.edge(seg.encode, seg.kv, queue=False)
+            item.at = seg.kv
+        targets = self.router.choose(seg.kv, REQUEST, self._fields(item, seg.kv), None, req.pin)
+        if not targets:
+            raise PipelineError(f"stage '{seg.kv}': no generate stage takes this request", "failed", seg.kv)
+        entry = {"prompt_tokens": len(ids), "cached_tokens": None}
+        if item.data.get("prompt_logprobs") is not None:    # echo with logprobs: the prompt's own
+            entry["prompt_logprobs"] = es.prompt_logprobs(ids, int(item.data["prompt_logprobs"]))
+            entry["prompt_token_ids"] = list(ids)
+            heard = getattr(req.listener, "on_prompt", None)   # a stream echoes them before its tokens
+            if heard is not None:
+                heard(req.key, entry["prompt_token_ids"], entry["prompt_logprobs"])
+        if item.data.get("max_tokens") == 0 and item.data.get("pooling") is None:   # echo only: nothing to compute
+            self._answer_without_engine(item, es, targets, ids, entry)
+            return
+        copies = []                                         # (target index, generate stage, copy, params)
+        for g_i, gen in enumerate(targets):
+            for i in range(es.copies(gen, item.data)):
+                data = item.data if not copies else copy.deepcopy(item.data)
+                try:
+                    copies.append((g_i, gen, i, data, es.sampling(gen, data, len(ids), copy=i)))
+                except InputError as e:
+                    with self._lock:                        # the copy reached gen and was refused there
+                        self.flow.edge(seg.kv, gen, queue=False)
+                        item.at = gen
+                    raise PipelineError(str(e), "invalid", gen) from None
+        submits = []
+        with self._lock:
+            if req.done:
+                return
+            req.usage["prompt_tokens"] += len(ids)
+            for g_i, gen, i, data, params in copies:
+                branch = item.branch + ((g_i,) if len(targets) > 1 else ()) + \
+                    ((i,) if len([c for c in copies if c[0] == g_i]) > 1 else ())
+                child = Item(REQUEST, data, req, gen, branch, dict(item.turns), None, None, item.ids, entry)
+                if self.streams.direct[gen]:
+                    child.index = req.next_index
+                    req.next_index += 1
+                child.submitted = time.perf_counter()
+                seq_id = self.ledger.bind(child, es)
+                req.items.add(child)
+                self.flow.edge(seg.kv, gen, queue=False)
+                submits.append((seq_id, params, (req.number, len(submits))))
+            req.items.discard(item)
+        for seq_id, params, order in submits:
+            es.submit(seq_id, ids, params, order)
+
+    def _answer_without_engine(self, item: Item, es, targets: list, ids: list, entry: dict) -> None:
+        """max_tokens = 0 (an echo of the prompt, e.g. to score it): each target answers at once."""
+        req = item.req
+        made = []
+        with self._lock:
+            if req.done:
+                return
+            req.usage["prompt_tokens"] += len(ids)
+            entry["cached_tokens"] = 0
+            for g_i, gen in enumerate(targets):
+                child = Item(GENERATED, {}, req, gen, item.branch + ((g_i,) if len(targets) > 1 else ()),
+                             dict(item.turns), None, None, item.ids, entry)
+                child.data = self._generated(child, item.data, gen, "", "length", len(ids), 0, 0)
+                req.items.add(child)
+                made.append(child)
+                self.flow.edge(es.segment.kv, gen, queue=False)
+            req.items.discard(item)
+        for child in made:
+            self._task(self._leave_generate, child)
+
+    def _generated(self, item: Item, request: dict, gen: str, text: str, reason, prompt_tokens: int,
+                   completion_tokens: int, cached_tokens: int) -> dict:
+        """A Generated item's dict (what later stages and the answer see)."""
+        data = {"id": item.req.id, "text": text, "finish_reason": reason,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "cached_tokens": cached_tokens},
+                "generated_by": gen, "request": request}
+        if item.logprobs is not None:
+            data["logprobs"] = item.logprobs
+        if item.entry is not None and "prompt_logprobs" in item.entry:
+            data["prompt_logprobs"] = item.entry["prompt_logprobs"]
+            data["prompt_token_ids"] = item.entry["prompt_token_ids"]
+        return data
+
+    def _on_outputs(self, es, outputs) -> None:
+        """An engine step's outputs (the executor's emit thread): deltas, then finished sequences."""
+        now = self.clock()
+        finished = []
+        for out in outputs:
+            item = self.ledger.item_of(out.request_id)
+            if item is None or item.req.done:
+                continue
+            req = item.req
+            if item.live is None and self.streams.chains.get(item.at):
+                item.live = self._go_live(item)
+            step_logprobs = getattr(out, "logprobs", None)
+            if step_logprobs:
+                if item.logprobs is None:
+                    item.logprobs = []
+                item.logprobs.extend(step_logprobs)
+            if item.live is not None:
+                item.live.engine_output(out)           # the stream stages hand the client its text
+            else:
+                if out.new_token_ids:
+                    self.ledger.first_token(req, now)
+                if item.index is not None and (out.delta_text or out.finished or step_logprobs):
+                    heard(req, item.index, out)
+            if out.finished:
+                finished.append((item, out))
+        if not finished:
+            return
+        with self._lock:
+            for item, out in finished:
+                req = item.req
+                self.ledger.release(out.request_id)
+                if req.done:
+                    continue
+                gen = item.at
+                if item.submitted is not None:          # the sequence's life in the engine, on a lane
+                    self.trace.add("requests", f"{gen}.generate", item.submitted, time.perf_counter(), -1,
+                                   {"request": req.key, "id": str(req.id), "tokens": out.completion_tokens,
+                                    "finish": out.finish_reason}, lane=True)
+                self.ledger.finished_sequence(item, out)
+                item.kind = GENERATED
+                item.data = self._generated(item, item.data, gen, out.text, out.finish_reason, out.prompt_tokens,
+                                            out.completion_tokens, out.cached_tokens)
+                if getattr(out, "pooled", None) is not None:   # pooling = "mean": the prompt's mean hidden state
+                    item.data["pooled"] = out.pooled
+        for item, out in finished:
+            if not item.req.done:
+                self._task(self._leave_generate, item)
+
+    def _leave_generate(self, item: Item) -> None:
+        try:
+            nxt = self._send(item, item.at)
+        except BaseException as e:                  # noqa: BLE001 - fails this request only
+            self._fail_item(item, item.at, e)
+            return
+        self._go(nxt)
+
+    def _on_seq_error(self, es, seq_id: str, exc: BaseException) -> None:
+        item = self.ledger.item_of(seq_id)
+        if item is not None:
+            self._fail(item.req, PipelineError(str(exc), "invalid", item.at, getattr(exc, "code", None)), item)
+
+    def _on_segment_failure(self, es, exc: BaseException) -> None:
+        """A segment's loop died: fail everything, refuse what comes."""
+        with self._lock:
+            self.error = exc
+            reqs = self.ledger.live()
+        for req in reqs:
+            self._fail(req, PipelineError(f"the engine of '{es.name}' failed: {type(exc).__name__}: {exc}",
+                                          "unavailable"))
+
+    def _callbacks(self, es):
+        return (lambda outs: self._on_outputs(es, outs)), (lambda rid, exc: self._on_seq_error(es, rid, exc))
+

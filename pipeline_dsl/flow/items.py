@@ -1,0 +1,115 @@
+"""What flows through the runtime: items, the state of one request, its result, its error.
+
+An `Item` is a Request or a Generated result (the port types of stages/builtin.py) on its
+way through the graph; `RequestState` is what the runtime knows of one admitted request
+(its live items, the answers that reached a respond stage, its engine sequences, usage);
+a `Result` is what its listener hears once, at the end.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline_dsl import conditions as C
+
+REQUEST, GENERATED = C.REQUEST, C.GENERATED
+
+
+class PipelineError(Exception):
+    """Why one request failed. kind: invalid (its input), rejected (a Reject), queue_full,
+    unavailable (shutting down, or an engine failed), timeout (a stage's timeout passed), aborted
+    (its client went away), failed (a user function or the engine failed); `code` names an input
+    error more precisely (the engine's InputError.code: context_length_exceeded). What a front
+    end answers for each is its own (agp serve: serve/errors.py)."""
+
+    def __init__(self, message: str, kind: str = "failed", stage: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.kind, self.stage, self.code = message, kind, stage, code
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str
+    finish_reason: str | None
+    data: dict                        # the Generated item as it reached respond
+
+
+@dataclass
+class Result:
+    """A request's answer: its choices, or the error that failed it."""
+    key: str
+    id: Any                           # the request's own id
+    choices: list[Choice]
+    error: PipelineError | None
+    usage: dict                       # prompt_tokens, completion_tokens, cached_tokens
+    metrics: dict                     # arrival, ttft_s, latency_s
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def no_usage() -> dict:
+    return {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
+
+
+@dataclass(eq=False)
+class RequestState:
+    """One admitted request (vLLM v1's RequestState, for a graph): the ledger keeps it."""
+    key: str
+    id: Any
+    listener: Any
+    arrival: float
+    number: int = 0                   # admission order: engines admit what arrives together in it
+    pin: str | None = None            # a generate stage the request asked for (agp serve's `model`)
+    stream: bool = False
+    items: set = field(default_factory=set)            # its live items, wherever they are
+    results: list = field(default_factory=list)        # Generated items that reached a respond stage
+    joins: dict = field(default_factory=dict)          # join stage -> waiting items (arrival order)
+    seqs: dict = field(default_factory=dict)           # engine sequence id -> segment
+    done: bool = False
+    next_index: int = 0
+    usage: dict = field(default_factory=no_usage)
+    first_token: float | None = None
+    timings: dict = field(default_factory=dict)        # its first generation's queue / prefill / decode s
+    rejection: PipelineError | None = None             # a branch dropped by a join's on_reject = drop
+
+
+@dataclass(eq=False)
+class Item:
+    kind: str                          # REQUEST | GENERATED
+    data: dict
+    req: RequestState
+    at: str | None = None              # the stage it is at or heading to
+    branch: tuple = ()
+    turns: dict = field(default_factory=dict)
+    label: str | None = None
+    index: int | None = None           # its choice index when it streams
+    ids: tuple | None = None           # (fingerprint, token ids) cached by prompt_tokens / tokenise
+    entry: dict | None = None          # the segment entry it came from (usage of shared prompts)
+    submitted: float | None = None     # perf_counter() when its sequence went to an engine (trace)
+    logprobs: list | None = None       # per generated token, when the request asked for them
+    queued: bool = False               # sent to `at` and not yet taken up there
+    live: Any = None                   # streams.Live while stream stages filter its text as it comes
+
+    def fork(self, branch: tuple) -> "Item":
+        return Item(self.kind, copy.deepcopy(self.data), self.req, self.at, branch, dict(self.turns),
+                    self.label, None, self.ids, self.entry)
+
+
+def heard(req: RequestState, index: int, out) -> None:
+    """Tell a request's listener about a delta of its choice `index`."""
+    try:
+        req.listener.on_delta(req.key, index, out)
+    except Exception:                            # noqa: BLE001 - a listener's failure is its own
+        pass
+
+
+def deliver(listener, result: Result) -> None:
+    """Tell a listener its request's result."""
+    try:
+        listener.on_done(result)
+    except Exception:                            # noqa: BLE001 - a listener's failure is its own
+        pass

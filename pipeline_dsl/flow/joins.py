@@ -1,0 +1,79 @@
+"""Joins: the branches of one request meet, and one merged result goes on.
+
+A join fires for a request once no live item of it can still reach the join (`ready`);
+it merges what arrived with its policy (stages/impl.py Join.merge: first, majority,
+longest, or the user's fn, which the runtime runs on the join's own workers) and `result`
+makes the merged item's dict: a new dict from fn gets the fields it left out
+(finish_reason, usage, generated_by, request, id) from the first branch, and every merged
+result carries `branches`. `on_reject = drop` lets a Reject in one branch leave that branch
+out instead of failing the request (`drops`).
+
+State lives on the request (RequestState.joins); these methods run under the runtime's lock
+except `result`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .items import PipelineError
+
+FILLED = ("finish_reason", "usage", "generated_by", "request", "id")   # from the first branch
+
+
+class Joins:
+    def __init__(self, reach: dict[str, set], impls: dict[str, Any], on_reject: dict[str, str]):
+        self.reach = reach            # stage -> every stage reachable from it
+        self.impls = impls            # join stage -> its stages.impl.Join
+        self.on_reject = on_reject    # join stage -> fail | drop
+
+    def arrive(self, req, stage: str, item) -> list[tuple]:
+        """An item reached a join: it waits there; the joins that can fire now."""
+        req.joins.setdefault(stage, []).append(item)
+        item.at = stage
+        return self.ready(req)
+
+    def ready(self, req) -> list[tuple]:
+        """(join, waiting items) for every join of `req` that nothing else can reach any more."""
+        fired = []
+        for j, waiting in list(req.joins.items()):
+            if not waiting:
+                continue
+            here = set(map(id, waiting))
+            blocked = any(id(it) not in here and (it.at == j or j in self.reach.get(it.at, ()))
+                          for it in req.items)
+            if not blocked:
+                del req.joins[j]
+                fired.append((j, waiting))
+        return fired
+
+    def inputs(self, stage: str, waiting: list) -> list:
+        """The waiting items in the order the policy sees them: `first` in arrival order, the
+        others in branch order (ties go to the earliest branch)."""
+        if self.impls[stage].policy == "first":
+            return list(waiting)
+        return sorted(waiting, key=lambda it: it.branch)
+
+    def user_code(self, stage: str) -> bool:
+        return self.impls[stage].policy == "fn"
+
+    def result(self, stage: str, waiting: list, merged: Any) -> dict:
+        """The merged item's dict: checked, completed from the first branch, with `branches`."""
+        ordered = sorted(waiting, key=lambda it: it.branch)
+        if not isinstance(merged, dict) or not isinstance(merged.get("text"), str):
+            got = type(merged).__name__ if not isinstance(merged, dict) else "a dict without a text string"
+            raise PipelineError(f"join '{stage}' produced no result: its merge gave {got}", "failed", stage)
+        if any(merged is it.data or merged == it.data for it in waiting):
+            merged = dict(merged)
+        else:
+            for key in FILLED:
+                if merged.get(key) is None and ordered[0].data.get(key) is not None:
+                    merged[key] = ordered[0].data[key]
+        merged["branches"] = [{"text": it.data.get("text"), "finish_reason": it.data.get("finish_reason")}
+                              for it in ordered]
+        return merged
+
+    def drops(self, stage: str) -> bool:
+        """Whether a Reject at `stage` only drops its branch: some join lies ahead of it, and
+        every join ahead says on_reject = drop."""
+        ahead = [j for j in self.on_reject if j in self.reach.get(stage, ())]
+        return bool(ahead) and all(self.on_reject[j] == "drop" for j in ahead)

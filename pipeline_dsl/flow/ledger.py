@@ -1,0 +1,114 @@
+"""The request ledger: every admitted request, its engine sequences, its usage and its end.
+
+Routing decides where items go; the ledger only keeps account (like vLLM v1's output
+processor and its RequestState): which requests are in flight, which engine sequence
+belongs to which item, the tokens each request used, its first token and timings, and —
+once nothing of it is left — its Result (choices in index order) or its error. Methods run
+under the runtime's lock; `close` returns the engine sequences the caller must abort.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable
+
+from .items import Choice, Item, PipelineError, RequestState, Result
+
+
+class RequestLedger:
+    def __init__(self, clock: Callable[[], float]):
+        self.clock = clock
+        self.requests: dict[str, RequestState] = {}
+        self.owner: dict[str, Item] = {}             # engine sequence id -> its item
+        self.totals = {"requests": 0, "answered": 0, "failed": 0}
+        self._numbers = itertools.count(1)
+        self._seq_ids = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def admit(self, data: dict, listener: Any, pin: str | None, stream: bool) -> RequestState:
+        number = next(self._numbers)
+        req = RequestState(f"r{number}", data.get("id"), listener, self.clock(), number=number, pin=pin,
+                           stream=stream)
+        self.requests[req.key] = req
+        self.totals["requests"] += 1
+        return req
+
+    def get(self, key: str) -> RequestState | None:
+        return self.requests.get(key)
+
+    def live(self) -> list[RequestState]:
+        return list(self.requests.values())
+
+    # ---- engine sequences ----------------------------------------------------------------
+    def bind(self, item: Item, segment: Any) -> str:
+        """A new engine sequence for `item` on `segment`; returns its id."""
+        seq_id = f"{item.req.key}/{next(self._seq_ids)}"
+        self.owner[seq_id] = item
+        item.req.seqs[seq_id] = segment
+        return seq_id
+
+    def item_of(self, seq_id: str) -> Item | None:
+        return self.owner.get(seq_id)
+
+    def release(self, seq_id: str) -> None:
+        item = self.owner.pop(seq_id, None)
+        if item is not None:
+            item.req.seqs.pop(seq_id, None)
+
+    # ---- usage ---------------------------------------------------------------------------
+    def first_token(self, req: RequestState, now: float) -> None:
+        if req.first_token is None:
+            req.first_token = now
+
+    def finished_sequence(self, item: Item, out) -> None:
+        """A sequence of `item` finished: its tokens and (the request's first) timings."""
+        req = item.req
+        for key in ("queue_s", "prefill_s", "decode_s"):
+            if key in (out.metrics or {}) and key not in req.timings:
+                req.timings[key] = out.metrics[key]
+        req.usage["completion_tokens"] += out.completion_tokens
+        if item.entry is not None and item.entry["cached_tokens"] is None:
+            item.entry["cached_tokens"] = out.cached_tokens       # a prompt shared by n copies counts once
+            req.usage["cached_tokens"] += out.cached_tokens
+
+    # ---- endings -------------------------------------------------------------------------
+    def close(self, req: RequestState, failed: bool) -> list[tuple[str, Any]]:
+        """The request ends: out of the ledger; its engine sequences (to abort) returned."""
+        req.done = True
+        self.requests.pop(req.key, None)
+        seqs = list(req.seqs.items())
+        for seq_id, _ in seqs:
+            self.owner.pop(seq_id, None)
+        req.seqs.clear()
+        self.totals["failed" if failed else "answered"] += 1
+        return seqs
+
+    def answer(self, req: RequestState) -> Result:
+        """Its Result from what reached respond: streamed choices keep their index, the others
+        fill the gaps in branch order; no answer at all is an error."""
+        streamed = sorted((it for it in req.results if it.index is not None), key=lambda it: it.index)
+        rest = sorted((it for it in req.results if it.index is None), key=lambda it: it.branch)
+        choices = [Choice(it.index, it.data.get("text", ""), it.data.get("finish_reason"), it.data)
+                   for it in streamed]
+        taken = {c.index for c in choices}
+        nxt = 0
+        for it in rest:
+            while nxt in taken:
+                nxt += 1
+            choices.append(Choice(nxt, it.data.get("text", ""), it.data.get("finish_reason"), it.data))
+            taken.add(nxt)
+        choices.sort(key=lambda c: c.index)
+        error = None
+        if not choices:
+            error = req.rejection or PipelineError("no answer: none of the request's items reached a respond "
+                                                   "stage", "failed")
+        return Result(req.key, req.id, choices, error, dict(req.usage), self.metrics(req))
+
+    def failure(self, req: RequestState, err: PipelineError) -> Result:
+        return Result(req.key, req.id, [], err, dict(req.usage), self.metrics(req))
+
+    def metrics(self, req: RequestState) -> dict:
+        now = self.clock()
+        return {"arrival": req.arrival, "latency_s": now - req.arrival,
+                "ttft_s": None if req.first_token is None else req.first_token - req.arrival, **req.timings}

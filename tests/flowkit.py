@@ -1,0 +1,116 @@
+"""Small helpers for the runtime's tests: write a pipeline and its hooks, check it, run it.
+
+    path = write(tmp_path, model, BODY, hooks=HOOKS)      # p.agp and hooks.py side by side
+    assert errors(path) == []
+    results, rt = run(path, [chat("a", "hello")])
+
+Hooks share state with the test through this module (`import flowkit` in hooks.py):
+`flowkit.gate("slow")` is a threading.Event, `flowkit.bump("calls")` a counter that also
+tracks how many calls of a name run at once (`flowkit.peak("calls")`).
+"""
+from __future__ import annotations
+
+import collections
+import textwrap
+import threading
+
+import pipeline_dsl
+from pipeline_dsl.flow import PipelineRuntime, load_graph
+
+SEGMENT = """
+    stage {b} : dynamic_batch {{ max_batch_size = 8  timeout = 1ms }}
+    stage {e} : encode {{}}
+    stage {k} : kv_lookup {{ block_size = 8  budget = 2MiB }}
+"""
+
+
+def chain(gen="gen", b="batch", e="encode", k="kv") -> str:
+    """An engine segment's stages and edges, ending at generate stage `gen`."""
+    return (SEGMENT.format(b=b, e=e, k=k) +
+            f"    {b} -> {e} when full\n    {b} -> {e} when timeout\n    {e} -> {k} -> {gen}\n")
+
+
+def write(tmp_path, model, body: str, hooks: str | None = None):
+    if hooks is not None:
+        (tmp_path / "hooks.py").write_text(textwrap.dedent(hooks), encoding="utf-8")
+    path = tmp_path / "p.agp"
+    path.write_text(f"pipeline p {{\n    model = \"{model}\"\n    device = cpu\n    dtype = fp32\n"
+                    + textwrap.dedent(body) + "\n}\n", encoding="utf-8")
+    return path
+
+
+def errors(path) -> list:
+    _, diags = pipeline_dsl.load(str(path))
+    return [d for d in diags if d.is_error]
+
+
+def chat(rid, text, **kw) -> dict:
+    return {"id": rid, "messages": [{"role": "user", "content": text}], "max_tokens": 4, "ignore_eos": True,
+            **kw}
+
+
+def runtime(path, **kw) -> PipelineRuntime:
+    return PipelineRuntime(load_graph(path), overrides={"threads": 1}, **kw)
+
+
+def run(path, requests, on_result=None, hang_s: float = 120.0):
+    """run_all on a thread of its own: a hang fails the test instead of stalling the suite."""
+    rt = runtime(path)
+    out, failure = [], []
+
+    def go():
+        try:
+            out.extend(rt.run_all([dict(r) if isinstance(r, dict) else r for r in requests], on_result=on_result))
+        except BaseException as e:              # noqa: BLE001 - shown by the assertion below
+            failure.append(e)
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(hang_s)
+    assert not t.is_alive(), "the pipeline hung"
+    rt.shutdown()
+    assert not failure, repr(failure[0])
+    return out, rt
+
+
+_LOCK = threading.Lock()
+GATES: dict[str, threading.Event] = {}
+COUNTS: collections.Counter = collections.Counter()
+RUNNING: collections.Counter = collections.Counter()
+PEAKS: collections.Counter = collections.Counter()
+
+
+def reset() -> None:
+    with _LOCK:
+        GATES.clear()
+        COUNTS.clear()
+        RUNNING.clear()
+        PEAKS.clear()
+
+
+def gate(name: str) -> threading.Event:
+    with _LOCK:
+        return GATES.setdefault(name, threading.Event())
+
+
+def bump(name: str) -> int:
+    """Count a call of `name`; returns its number (1, 2, ...)."""
+    with _LOCK:
+        COUNTS[name] += 1
+        return COUNTS[name]
+
+
+class running:
+    """`with flowkit.running("f"):` around a call: PEAKS["f"] is the most at once."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        with _LOCK:
+            RUNNING[self.name] += 1
+            PEAKS[self.name] = max(PEAKS[self.name], RUNNING[self.name])
+
+    def __exit__(self, *exc):
+        with _LOCK:
+            RUNNING[self.name] -= 1

@@ -1,0 +1,182 @@
+"""Counts you can trust, and the smaller fixes around results: per-stage and per-edge counts
+add up; a join counts what reached it; the engine's encode counts only what entered it;
+`check` closes the type gap of conditional edges; a cut answer never ends in half a
+character; a join fn's new dict keeps its finish reason; a bad index says so; a rejected
+branch is the join's choice (on_reject)."""
+from __future__ import annotations
+
+import pytest
+
+from flowkit import chain, chat, errors, run, write
+
+HOOKS = '''
+import pipeline_dsl
+
+def judge(item):
+    return "accept" if "a" in item["text"] else None
+
+def merge_new(items):
+    return {"text": " | ".join(i["text"] for i in items)}
+
+def merge_index(items):
+    return 5
+
+def refuse_second(item):
+    if item["generated_by"] == "warm":
+        raise pipeline_dsl.Reject("the warm branch is refused")
+    return item
+
+def refuse_all(item):
+    raise pipeline_dsl.Reject("every branch is refused")
+'''
+
+
+def assert_counts_add_up(stats: dict, source: str = "request") -> None:
+    """Every stage's in and out are the sums of its edges; nothing is left queued."""
+    stages, edges = stats["stages"], stats["edges"]
+    for name, row in stages.items():
+        into = sum(e["items"] for e in edges if e["to"] == name)
+        out = sum(e["items"] for e in edges if e["from"] == name)
+        admitted = stats["requests"]["requests"] if name == source else 0
+        assert row["items_in"] == into + admitted, (name, row, into)
+        assert row["items_out"] == out, (name, row, out)
+        assert row["queued"] == 0, (name, row)
+
+
+VOTE = ("stage request : requests {}\nstage gen : generate { n = 3  temperature = 1.0  seed = 4  max_new_tokens = 4 }\n"
+        "stage vote : join { policy = majority }\nstage out : respond {}\n"
+        "request -> batch\n" + chain() + "gen -> vote -> out\n")
+
+
+def test_a_join_counts_each_result_that_reached_it_once(tmp_path, soft_gguf):
+    path = write(tmp_path, soft_gguf, VOTE)
+    results, rt = run(path, [chat(f"r{i}", "hello") for i in range(5)])
+    assert all(r.ok for r in results)
+    stats = rt.stats()
+    assert stats["stages"]["vote"]["items_in"] == 15 and stats["stages"]["vote"]["items_out"] == 5
+    assert stats["stages"]["gen"]["items_in"] == 15 and stats["stages"]["out"]["items_in"] == 5
+    assert_counts_add_up(stats)
+
+
+def test_the_first_engines_encode_counts_only_what_entered_its_engine(tmp_path, soft_gguf):
+    """Routing by prompt_tokens tokenises every request; only the batcher's own are encode's."""
+    body = ("stage request : requests {}\nstage route : route {}\n"
+            "stage short_gen : generate { max_new_tokens = 2 }\nstage long_gen : generate { max_new_tokens = 2 }\n"
+            "stage out : respond {}\nrequest -> route\nroute -> batch_l when prompt_tokens > 80\n"
+            "route -> batch_s otherwise\n" + chain("short_gen", "batch_s", "enc_s", "kv_s")
+            + chain("long_gen", "batch_l", "enc_l", "kv_l") + "short_gen -> out\nlong_gen -> out\n")
+    path = write(tmp_path, soft_gguf, body)
+    reqs = [chat("s1", "hi"), chat("s2", "hey"), chat("s3", "yo"), chat("l1", "the cat and the world " * 20),
+            chat("l2", "the cat sat on the mat " * 20)]
+    _, rt = run(path, reqs)
+    stages = rt.stats()["stages"]
+    assert stages["batch_s"]["items_in"] == 3 and stages["enc_s"]["items_in"] == 3
+    assert stages["batch_l"]["items_in"] == 2 and stages["enc_l"]["items_in"] == 2
+    assert_counts_add_up(rt.stats())
+
+
+def test_the_run_summary_reports_weights_and_dtype_per_engine(tmp_path, soft_gguf):
+    from pipeline_dsl.runner import summarize
+
+    body = ("stage request : requests {}\nstage route : route {}\n"
+            "stage a : generate { max_new_tokens = 2  dtype = int8 }\nstage b : generate { max_new_tokens = 2 }\n"
+            "stage out : respond {}\nrequest -> route\nroute -> batch_b when prompt_tokens > 20\n"
+            "route -> batch_a otherwise\n" + chain("a", "batch_a", "enc_a", "kv_a")
+            + chain("b", "batch_b", "enc_b", "kv_b") + "a -> out\nb -> out\n")
+    results, rt = run(write(tmp_path, soft_gguf, body), [chat("x", "hi")])
+    summary = summarize(rt, results, 1.0)
+    assert summary["weights"] == {"a": "int8", "b": "dense"}
+    assert summary["dtype"]["b"] == "float32"
+
+
+def test_check_rejects_an_otherwise_edge_that_cannot_take_the_type_left_over(tmp_path, soft_gguf):
+    """The issue's graph: Generated results of `judge` that are not accepted would go to b2,
+    a batcher, which takes no Generated results: every such result would fail at run time."""
+    body = ("stage request : requests {}\nstage gen : generate {}\nstage g2 : generate {}\nstage out : respond {}\n"
+            'stage judge : python { fn = "hooks:judge"  returns = any }\n'
+            "request -> batch\n" + chain() + chain("g2", "b2", "e2", "k2") +
+            "gen -> judge\njudge -> out when accept\njudge -> b2 otherwise\ng2 -> out\n")
+    errs = errors(write(tmp_path, soft_gguf, body, hooks=HOOKS))
+    assert len(errs) == 1
+    assert errs[0].message == ("Generated items of 'judge' that match none of its conditions have nowhere to go: "
+                               "its `otherwise` edge leads to 'b2', which cannot take Generated items")
+    assert (tmp_path / "p.agp").read_text().splitlines()[errs[0].pos.line - 1].strip() == "judge -> b2 otherwise"
+
+
+def test_the_fixed_graph_runs_every_result_to_an_end(tmp_path, soft_gguf):
+    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 4 }\n"
+            "stage g2 : generate { max_new_tokens = 2 }\nstage out : respond {}\nstage r : route {}\n"
+            'stage judge : python { fn = "hooks:judge"  returns = any }\n'
+            "request -> batch\n" + chain() + chain("g2", "b2", "e2", "k2") +
+            "gen -> judge\njudge -> out when accept\njudge -> r otherwise\nr -> b2\nr -> out\ng2 -> out\n")
+    path = write(tmp_path, soft_gguf, body, hooks=HOOKS)
+    assert errors(path) == []
+    results, rt = run(path, [chat(f"q{i}", "hello " * i) for i in range(6)])
+    assert all(r.ok for r in results)
+    assert_counts_add_up(rt.stats())
+
+
+def test_an_answer_cut_by_max_tokens_never_ends_in_half_a_character(tmp_path, soft_gguf):
+    """Token 3 + 0xC3 is the first byte of 'é' in the tiny model's byte-level vocabulary."""
+    body = ("stage request : requests {}\nstage gen : generate {}\nstage out : respond {}\n"
+            "request -> batch\n" + chain() + "gen -> out\n")
+    req = {"id": "a", "prompt": "hi", "max_tokens": 1, "logit_bias": {str(3 + 0xC3): 100}}
+    (res,), _ = run(write(tmp_path, soft_gguf, body), [req])
+    assert res.ok and res.usage["completion_tokens"] == 1
+    assert res.choices[0].finish_reason == "length" and "\ufffd" not in res.choices[0].text
+
+
+FAN = ("stage request : requests {}\nstage cold : generate { max_new_tokens = 3 }\n"
+       "stage warm : generate { max_new_tokens = 3  temperature = 0.9  seed = 5 }\n"
+       "stage j : join { JOIN }\nstage out : respond {}\nrequest -> batch\n" + chain("cold") +
+       "kv -> warm\nPOST")
+
+
+def fan(tmp_path, model, join: str, post: str = "cold -> j\nwarm -> j\nj -> out\n"):
+    path = write(tmp_path, model, FAN.replace("JOIN", join).replace("POST", post), hooks=HOOKS)
+    assert errors(path) == []
+    return path
+
+
+def test_a_join_functions_new_dict_keeps_the_finish_reason_and_usage(tmp_path, soft_gguf):
+    (res,), _ = run(fan(tmp_path, soft_gguf, 'fn = "hooks:merge_new"'), [chat("a", "hi")])
+    c = res.choices[0]
+    assert res.ok and " | " in c.text
+    assert c.finish_reason == "length" and c.data["usage"]["completion_tokens"] == 4
+    assert c.data["generated_by"] == "cold" and len(c.data["branches"]) == 2
+
+
+def test_a_join_index_out_of_range_says_so(tmp_path, soft_gguf):
+    (res,), rt = run(fan(tmp_path, soft_gguf, 'fn = "hooks:merge_index"'), [chat("a", "hi")])
+    assert res.error.kind == "failed" and res.error.stage == "j"
+    assert res.error.message == ("join 'j' failed: IndexError: the join function returned index 5, "
+                                 "but there are 2 results (0..1)")
+    assert_counts_add_up(rt.stats())
+    assert rt.stats()["stages"]["j"]["failed"] == 1 and rt.stats()["stages"]["j"]["dropped"] == 1
+
+
+@pytest.mark.parametrize("policy, hook, ok", [
+    ("on_reject = drop", "refuse_second", True),     # the other branch is the answer
+    ("on_reject = fail", "refuse_second", False),    # the default: one Reject fails the request
+    ("on_reject = drop", "refuse_all", False),       # nothing left to merge
+])
+def test_on_reject_decides_what_a_rejected_branch_does(tmp_path, soft_gguf, policy, hook, ok):
+    post = (f'stage guard : python {{ fn = "hooks:{hook}" }}\n'
+            "cold -> guard\nwarm -> guard\nguard -> j\nj -> out\n")
+    (res,), rt = run(fan(tmp_path, soft_gguf, f"policy = first  {policy}", post), [chat("a", "hi")])
+    assert res.ok is ok
+    if ok:
+        assert [b["text"] for b in res.choices[0].data["branches"]] == [res.choices[0].text]
+        assert res.choices[0].data["generated_by"] == "cold"
+    else:
+        assert res.error.kind == "rejected" and res.error.stage == "guard"
+    assert_counts_add_up(rt.stats())
+
+
+def test_stage_latencies_reach_metrics(tmp_path, soft_gguf):
+    from pipeline_dsl.serve.metrics import ServerMetrics
+
+    _, rt = run(write(tmp_path, soft_gguf, VOTE), [chat("a", "hello")])
+    text = ServerMetrics("p", process=False).render(rt.stats())[0].decode()
+    assert 'agp_stage_latency_seconds_count{kind="join",model_name="p",stage="vote"} 1.0' in text
+    assert 'agp_stage_latency_seconds_bucket{kind="join",le="+Inf",model_name="p",stage="vote"} 1.0' in text

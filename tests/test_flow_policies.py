@@ -1,0 +1,218 @@
+"""A slow, hung or failing python stage costs only its own requests: every exception
+(BaseException too) fails its request alone; each stage has its own workers; `async def`
+runs on the event loop; timeout, retries and a result cache work as documented; the engine
+starts on the first request that reaches it."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline_dsl.serve.errors import api_error
+
+import flowkit
+from flowkit import chain, chat, errors, run, write
+
+HOOKS = '''
+import asyncio, time
+import flowkit
+import pipeline_dsl
+
+def raiser(item):
+    what = item.get("metadata", {}).get("raise")
+    if what == "SystemExit":
+        raise SystemExit(3)
+    if what == "KeyboardInterrupt":
+        raise KeyboardInterrupt()
+    if what == "CancelledError":
+        raise asyncio.CancelledError()
+    if what == "GeneratorExit":
+        raise GeneratorExit()
+    return item
+
+async def araiser(item):
+    await asyncio.sleep(0)
+    return raiser(item)
+
+def slow(item):
+    with flowkit.running("slow"):
+        flowkit.gate("slow").wait(30)
+    return item
+
+def fast(item):
+    return item
+
+def hang(item):
+    flowkit.gate("hang").wait(60)
+    return item
+
+async def aslow(item):
+    with flowkit.running("aslow"):
+        await asyncio.sleep(0.2)
+    item["metadata"] = {"async": True}
+    return item
+
+async def ahang(item):
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        flowkit.bump("cancelled")
+        raise
+    return item
+
+def flaky(item):
+    n = flowkit.bump("flaky/" + item["id"])
+    kind = item.get("metadata", {}).get("fail", "conn")
+    if n <= item.get("metadata", {}).get("times", 2):
+        if kind == "conn":
+            raise ConnectionError("reset by peer")
+        if kind == "value":
+            raise ValueError("a bug, not a blip")
+        if kind == "retry":
+            raise pipeline_dsl.Retry("busy")
+        if kind == "http":
+            class HTTPError(Exception):
+                status_code = 503
+            raise HTTPError("service unavailable")
+    return item
+
+def counted(item):
+    flowkit.bump("counted")
+    item["messages"][0]["content"] = item["messages"][0]["content"] + " (seen)"
+    return "tagged"
+'''
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    flowkit.reset()
+    yield
+    for g in list(flowkit.GATES.values()):
+        g.set()                                  # nothing stays blocked after a test
+
+
+def pipeline(tmp_path, model, stage: str, routes: str = "", extra: str = ""):
+    body = (f"stage request : requests {{}}\n{stage}\nstage gen : generate {{ max_new_tokens = 3 }}\n"
+            f"stage out : respond {{}}\n{extra}" + (routes or "request -> f -> batch\n") + chain() + "gen -> out\n")
+    path = write(tmp_path, model, body, hooks=HOOKS)
+    assert errors(path) == []
+    return path
+
+
+@pytest.mark.parametrize("fn", ["raiser", "araiser"])
+@pytest.mark.parametrize("what", ["SystemExit", "KeyboardInterrupt", "CancelledError", "GeneratorExit"])
+def test_a_stage_raising_a_base_exception_fails_only_its_request(tmp_path, soft_gguf, what, fn):
+    """A plain function on its thread, or an async one on the event loop (which SystemExit
+    and KeyboardInterrupt would stop): either way only its own request fails."""
+    path = pipeline(tmp_path, soft_gguf, f'stage f : python {{ fn = "hooks:{fn}" }}')
+    (bad, good, again), rt = run(path, [chat("bad", "hi", metadata={"raise": what}), chat("good", "hello"),
+                                        chat("again", "hello", metadata={"raise": what})])
+    for r in (bad, again):
+        assert r.error.kind == "failed" and r.error.stage == "f"
+        assert r.error.message.startswith(f"stage 'f' failed: {what}")
+    assert good.ok and good.usage["completion_tokens"] == 4
+    assert rt.stats()["stages"]["f"]["failed"] == 2
+
+
+def test_a_slow_stage_costs_only_its_own_requests(tmp_path, soft_gguf):
+    """Six requests held in one stage (more than the host pool's threads) do not delay a fast
+    request on another path: it is answered while they still wait."""
+    pipeline(tmp_path, soft_gguf, 'stage f : python { fn = "hooks:slow" }\n'
+                                  'stage g : python { fn = "hooks:fast" }\nstage r : route {}',
+             routes="request -> r\nr -> f when metadata.slow == true\nr -> g otherwise\nf -> batch\ng -> batch\n")
+    order = []
+
+    def heard(i, result):
+        order.append(result.id)
+        if result.id == "fast":
+            flowkit.gate("slow").set()            # only now do the slow ones go on
+
+    reqs = [chat(f"slow{i}", "hi", metadata={"slow": True}) for i in range(6)] + [chat("fast", "hello")]
+    results, _ = run(tmp_path / "p.agp", reqs, on_result=heard)
+    assert order[0] == "fast"
+    assert all(r.ok for r in results)
+    assert flowkit.PEAKS["slow"] == 6             # its own workers: all six at once
+
+
+def test_a_stages_workers_bound_its_calls_at_once(tmp_path, soft_gguf):
+    path = pipeline(tmp_path, soft_gguf, 'stage f : python { fn = "hooks:aslow"  workers = 2 }')
+    results, _ = run(path, [chat(f"r{i}", "hi") for i in range(5)])
+    assert all(r.ok for r in results)
+    assert flowkit.PEAKS["aslow"] == 2
+
+
+def test_an_async_function_runs_on_the_event_loop(tmp_path, soft_gguf):
+    path = pipeline(tmp_path, soft_gguf, 'stage f : python { fn = "hooks:aslow" }')
+    results, _ = run(path, [chat(f"r{i}", "hi") for i in range(4)])
+    assert all(r.ok for r in results)
+    assert all(r.choices[0].data["request"]["metadata"] == {"async": True} for r in results)
+    assert flowkit.PEAKS["aslow"] == 4            # awaited together, not one after another
+
+
+@pytest.mark.parametrize("fn", ["hang", "ahang"])
+def test_a_call_past_its_timeout_fails_its_request_and_frees_its_slot(tmp_path, soft_gguf, fn):
+    """workers = 1: if a hung call kept its slot, the second request would wait forever."""
+    path = pipeline(tmp_path, soft_gguf, f'stage f : python {{ fn = "hooks:{fn}"  workers = 1  timeout = 200ms }}',
+                    routes="request -> r\nr -> f when metadata.hang == true\nr -> batch otherwise\nf -> batch\n",
+                    extra="stage r : route {}\n")
+    reqs = [chat("h1", "hi", metadata={"hang": True}), chat("h2", "hi", metadata={"hang": True}),
+            chat("ok", "hello")]
+    (h1, h2, ok), rt = run(path, reqs)
+    for r in (h1, h2):
+        assert r.error.kind == "timeout" and r.error.stage == "f"
+        assert api_error(r.error, "chat").status == 504          # what agp serve answers for it
+        assert r.error.message == "stage 'f' timed out: it took longer than its timeout (0.2s)"
+    assert ok.ok
+    assert not flowkit.gate("hang").is_set()      # the hung threads are still blocked, written off
+    row = rt.stats()["stages"]["f"]
+    assert row["timeouts"] == 2 and row["failed"] == 2
+    if fn == "ahang":
+        assert flowkit.COUNTS["cancelled"] == 2    # a coroutine past its timeout is cancelled
+
+
+@pytest.mark.parametrize("fail, retries, ok, calls", [
+    ("conn", 2, True, 3),        # ConnectionError is transient
+    ("retry", 2, True, 3),       # so is pipeline_dsl.Retry
+    ("http", 2, True, 3),        # and an HTTP 503
+    ("conn", 1, False, 2),       # retries run out
+    ("value", 2, False, 1),      # a ValueError is a bug: never retried
+])
+def test_retries_try_transient_failures_again(tmp_path, soft_gguf, fail, retries, ok, calls):
+    path = pipeline(tmp_path, soft_gguf, f'stage f : python {{ fn = "hooks:flaky"  retries = {retries}  '
+                                         'backoff = 1ms }')
+    (res,), rt = run(path, [chat("a", "hi", metadata={"fail": fail, "times": 2})])
+    assert res.ok is ok
+    assert flowkit.COUNTS["flaky/a"] == calls
+    row = rt.stats()["stages"]["f"]
+    assert row["retries"] == calls - 1 and row["calls"] == calls
+    if not ok:
+        assert res.error.stage == "f" and "stage 'f' failed" in res.error.message
+
+
+def test_the_cache_serves_the_same_content_once_whatever_the_request_id(tmp_path, soft_gguf):
+    path = pipeline(tmp_path, soft_gguf, 'stage f : python { fn = "hooks:counted"  cache = 8 }',
+                    routes="request -> f\nf -> batch when tagged\nf -> batch otherwise\n")
+    reqs = [chat("a", "same words"), chat("b", "same words"), chat("c", "other words")]
+    (a, b, c), rt = run(path, reqs)
+    assert flowkit.COUNTS["counted"] == 2          # a and c called it; b was served from the cache
+    assert rt.stats()["stages"]["f"]["cache_hits"] == 1
+    assert [r.id for r in (a, b, c)] == ["a", "b", "c"]
+    assert b.choices[0].data["request"]["id"] == "b"                     # its own id, not a's
+    assert b.choices[0].data["request"]["messages"][0]["content"] == "same words (seen)"
+    assert a.usage["prompt_tokens"] == b.usage["prompt_tokens"]
+
+
+def test_the_engine_starts_on_the_first_request_that_reaches_it(tmp_path, soft_gguf):
+    """A request held before the model does not hold back the others: they are answered
+    while it waits (the engine did not wait for every request of the run to arrive)."""
+    path = pipeline(tmp_path, soft_gguf, 'stage f : python { fn = "hooks:slow" }\nstage r : route {}',
+                    routes="request -> r\nr -> f when metadata.slow == true\nr -> batch otherwise\nf -> batch\n")
+    order = []
+
+    def heard(i, result):
+        order.append(result.id)
+        if len(order) == 4:
+            flowkit.gate("slow").set()
+
+    reqs = [chat("slow", "hi", metadata={"slow": True})] + [chat(f"fast{i}", "hello") for i in range(4)]
+    results, _ = run(path, reqs, on_result=heard)
+    assert all(r.ok for r in results)
+    assert order[-1] == "slow" and sorted(order[:4]) == [f"fast{i}" for i in range(4)]

@@ -1,0 +1,84 @@
+"""The router as a table: stage, item type, label and fields in, destinations out (no
+threads, no model); and the same rule end to end with `otherwise` listed first."""
+from __future__ import annotations
+
+import pytest
+
+from flowkit import chain, errors, run, write
+from pipeline_dsl.flow.router import OTHERWISE, Router, fields
+
+R, G = "Request", "Generated"
+LONG = ("cmp", "prompt_tokens", ">", 10)
+GOLD = ("cmp", "metadata.tier", "==", "gold")
+
+ROUTES = {
+    # `otherwise` listed first: it is the fallback wherever it stands
+    "first_otherwise": [("small", OTHERWISE), ("big", LONG)],
+    "two_conditions": [("big", LONG), ("vip", GOLD), ("small", OTHERWISE)],
+    "plain_and_cond": [("log", None), ("big", LONG), ("small", OTHERWISE)],
+    "labels": [("up", ("label", "shout")), ("out", OTHERWISE)],
+    "typed": [("batch", ("label", "again")), ("out", OTHERWISE)],        # batch takes Requests only
+    "kv": [("gen_a", None), ("gen_b", LONG)],
+}
+CARRY = {"small": {R}, "big": {R}, "vip": {R}, "log": {R, G}, "up": {G}, "out": {G}, "batch": {R},
+         "gen_a": {R}, "gen_b": {R}}
+KINDS = {"kv": "kv_lookup", "gen_a": "generate", "gen_b": "generate"}
+REACH = {"two_conditions": {"big", "vip", "small", "gen_b"}, "big": {"gen_b"}}
+
+
+def router() -> Router:
+    return Router(ROUTES, KINDS, {k: frozenset(v) for k, v in CARRY.items()}, REACH)
+
+
+def getter(tokens=3, tier=None):
+    data = {"prompt": "x", "metadata": {"tier": tier} if tier else {}}
+    return fields(data, R, prompt_tokens=lambda: tokens)
+
+
+@pytest.mark.parametrize("stage, kind, get, label, pin, expected", [
+    ("first_otherwise", R, getter(tokens=50), None, None, ["big"]),      # the conditional edge wins
+    ("first_otherwise", R, getter(tokens=3), None, None, ["small"]),
+    ("two_conditions", R, getter(tokens=50, tier="gold"), None, None, ["big"]),   # the first that holds
+    ("two_conditions", R, getter(tokens=3, tier="gold"), None, None, ["vip"]),
+    ("two_conditions", R, getter(tokens=3), None, None, ["small"]),
+    ("plain_and_cond", R, getter(tokens=50), None, None, ["log", "big"]),        # unconditional: always
+    ("plain_and_cond", R, getter(tokens=3), None, None, ["log", "small"]),
+    ("plain_and_cond", G, getter(tokens=50), None, None, ["log"]),       # big, small take no Generated
+    ("labels", G, getter(), "shout", None, ["up"]),
+    ("labels", G, getter(), None, None, ["out"]),
+    ("typed", G, getter(), "again", None, ["out"]),                      # batch cannot take it: fallback
+    ("typed", R, getter(), "again", None, ["batch"]),
+    ("kv", R, getter(tokens=50), None, None, ["gen_a", "gen_b"]),
+    ("two_conditions", R, getter(tokens=3), None, "gen_b", ["big"]),     # pinned: the way to gen_b
+])
+def test_the_router_chooses_by_the_table(stage, kind, get, label, pin, expected):
+    assert router().choose(stage, kind, get, label, pin) == expected
+
+
+def test_the_router_never_evaluates_what_it_does_not_need():
+    asked = []
+
+    def get(path):
+        asked.append(path)
+        return 50
+    assert router().choose("two_conditions", R, get) == ["big"]
+    assert asked == ["prompt_tokens"]                 # the tier was never looked at
+
+
+def test_otherwise_listed_before_a_conditional_edge_is_the_fallback_when_running(tmp_path, soft_gguf):
+    body = ("stage request : requests {}\nstage route : route {}\n"
+            "stage short_gen : generate { max_new_tokens = 3 }\nstage long_gen : generate { max_new_tokens = 5 }\n"
+            "stage out : respond {}\nrequest -> route\n"
+            "route -> batch_s otherwise\n"                 # listed first
+            "route -> batch_l when prompt_tokens > 20\n"
+            + chain("short_gen", "batch_s", "enc_s", "kv_s") + chain("long_gen", "batch_l", "enc_l", "kv_l")
+            + "short_gen -> out\nlong_gen -> out\n")
+    path = write(tmp_path, soft_gguf, body)
+    assert errors(path) == []
+    reqs = [{"id": "short", "prompt": "hi", "ignore_eos": True},
+            {"id": "long", "prompt": "the cat and the world " * 8, "ignore_eos": True}]
+    (short, long_), rt = run(path, reqs)
+    assert short.choices[0].data["generated_by"] == "short_gen"
+    assert long_.choices[0].data["generated_by"] == "long_gen"
+    edges = {(e["from"], e["to"]): e["items"] for e in rt.stats()["edges"]}
+    assert edges[("route", "batch_l")] == 1 and edges[("route", "batch_s")] == 1

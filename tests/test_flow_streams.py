@@ -1,0 +1,203 @@
+"""Stream stages: a python generator after generate filters the text while it is generated,
+and the client hears the filtered chunks as they come instead of the whole answer at once."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import flowkit
+from flowkit import chain, chat, errors, runtime, write
+
+HOOKS = '''
+import flowkit
+import pipeline_dsl
+
+def upper(item, chunks):
+    for text in chunks:
+        yield text.upper()
+
+def stars(item, chunks):
+    for text in chunks:
+        yield text.replace("A", "*")
+
+def guard(item, chunks):
+    seen = 0
+    for text in chunks:
+        seen += 1
+        if seen == 2 and item["request"].get("metadata", {}).get("refuse"):
+            raise pipeline_dsl.Reject("the guard stopped this answer")
+        yield text
+
+def first_chunk_then_wait(item, chunks):
+    for i, text in enumerate(chunks):
+        yield text
+        if i == 0:                     # go on only once the client has this first chunk
+            flowkit.bump("seen" if flowkit.gate("client has it").wait(30) else "not seen")
+
+async def aupper(item, chunks):
+    async for text in chunks:
+        yield text.upper()
+
+def labelled(item, chunks):
+    for text in chunks:
+        yield text
+    return "long" if item["request"]["id"] == "l" else "short"
+'''
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    flowkit.reset()
+    yield
+
+
+class Listener:
+    def __init__(self):
+        self.deltas, self.result, self.done = [], None, threading.Event()
+        self.finished = 0
+
+    def on_delta(self, key, index, out):
+        self.deltas.append(out.delta_text)
+        self.finished += out.finished
+
+    def on_done(self, result):
+        self.result = result
+        self.done.set()
+
+
+def served(path, requests):
+    """Each request submitted as a stream (agp serve's way); its Listener once answered."""
+    rt = runtime(path)
+    rt.start()
+    heard = []
+    try:
+        for r in requests:
+            one = Listener()
+            rt.submit(dict(r), one, stream=True)
+            heard.append(one)
+        for one in heard:
+            assert one.done.wait(120), "no answer"
+    finally:
+        rt.close(drain=True, timeout=30)
+        rt.shutdown()
+    return heard, rt
+
+
+def said(rid, max_tokens=8, **kw) -> dict:
+    """A request whose answer is printable text, one character a token ('a', biased to win):
+    the random tiny model's own bytes are often not UTF-8 and would stream as nothing."""
+    return chat(rid, "hello there", max_tokens=max_tokens, logit_bias={str(3 + ord("a")): 100}, **kw)
+
+
+def pipeline(tmp_path, model, stages: str, edges: str, n: int = 1):
+    body = (f"stage request : requests {{}}\nstage gen : generate {{ max_new_tokens = 8  n = {n} }}\n"
+            f"stage out : respond {{}}\n{stages}\nrequest -> batch\n" + chain() + edges)
+    path = write(tmp_path, model, body, hooks=HOOKS)
+    assert errors(path) == []
+    return path
+
+
+def test_a_stream_stage_filters_each_chunk_and_the_client_hears_them_as_they_come(tmp_path, soft_gguf):
+    path = pipeline(tmp_path, soft_gguf, 'stage up : python { fn = "hooks:upper"  stream = true }',
+                    "gen -> up -> out\n")
+    (one,), rt = served(path, [said("a")])
+    text = one.result.choices[0].text
+    assert one.result.ok and text == text.upper() and text
+    assert "".join(one.deltas) == text                       # what streamed is the answer
+    assert len([d for d in one.deltas if d]) > 1             # chunk by chunk, not once at the end
+    assert one.finished == 1 and one.result.choices[0].finish_reason == "length"
+    assert rt.stats()["stages"]["up"]["items_in"] == 1 and rt.stats()["stages"]["up"]["items_out"] == 1
+
+
+def test_two_stream_stages_chain_and_the_text_equals_the_unfiltered_answer_filtered(tmp_path, soft_gguf):
+    path = pipeline(tmp_path, soft_gguf, 'stage up : python { fn = "hooks:upper"  stream = true }\n'
+                    'stage st : python { fn = "hooks:stars"  stream = true }', "gen -> up -> st -> out\n")
+    (one,), _ = served(path, [said("a")])
+    text = one.result.choices[0].text
+    assert "A" not in text and text == text.upper() and "".join(one.deltas) == text
+
+
+def test_the_client_gets_a_chunk_while_the_filter_still_runs(tmp_path, soft_gguf):
+    """The filter's first chunk reaches the client before the filter has seen the rest: a
+    guard costs a chunk's latency, not the whole answer's."""
+    path = pipeline(tmp_path, soft_gguf, 'stage f : python { fn = "hooks:first_chunk_then_wait"  stream = true }',
+                    "gen -> f -> out\n")
+    rt = runtime(path)
+    rt.start()
+    one = Listener()
+
+    def on_delta(key, index, out):
+        if out.delta_text:
+            flowkit.gate("client has it").set()
+        Listener.on_delta(one, key, index, out)
+    one.on_delta = on_delta
+    try:
+        rt.submit(said("a", 16), one, stream=True)
+        assert one.done.wait(120)
+    finally:
+        rt.close(drain=True, timeout=30)
+        rt.shutdown()
+    assert one.result.ok and one.result.usage["completion_tokens"] == 16
+    assert flowkit.COUNTS["seen"] == 1 and flowkit.COUNTS["not seen"] == 0
+
+
+def test_a_stream_stage_that_rejects_mid_answer_fails_only_its_request(tmp_path, soft_gguf):
+    path = pipeline(tmp_path, soft_gguf, 'stage g : python { fn = "hooks:guard"  stream = true }',
+                    "gen -> g -> out\n")
+    (bad, good), rt = served(path, [said("bad", 16, metadata={"refuse": True}), said("good", 16)])
+    assert bad.result.error.kind == "rejected" and bad.result.error.stage == "g"
+    assert bad.result.error.message == "the guard stopped this answer"
+    assert len(bad.deltas) >= 1                               # what was let through before stays sent
+    assert good.result.ok and good.result.usage["completion_tokens"] == 16
+    row = rt.stats()["stages"]["g"]
+    assert row["rejected"] == 1 and row["items_in"] == 2 and row["items_out"] == 1
+
+
+def test_an_async_generator_filters_too(tmp_path, soft_gguf):
+    path = pipeline(tmp_path, soft_gguf, 'stage up : python { fn = "hooks:aupper"  stream = true }',
+                    "gen -> up -> out\n")
+    (one,), _ = served(path, [said("a")])
+    text = one.result.choices[0].text
+    assert one.result.ok and text == text.upper() and "".join(one.deltas) == text
+
+
+def test_a_stream_stage_after_a_join_filters_the_merged_text_whole(tmp_path, soft_gguf):
+    path = pipeline(tmp_path, soft_gguf, 'stage j : join { policy = first }\n'
+                    'stage up : python { fn = "hooks:upper"  stream = true }', "gen -> j -> up -> out\n", n=2)
+    (one,), _ = served(path, [said("a")])
+    text = one.result.choices[0].text
+    assert one.result.ok and text == text.upper() and len(one.result.choices[0].data["branches"]) == 2
+
+
+def test_a_stream_stage_may_return_a_label(tmp_path, soft_gguf):
+    path = pipeline(tmp_path, soft_gguf, 'stage f : python { fn = "hooks:labelled"  stream = true }\n'
+                    'stage up : python { fn = "hooks:upper"  stream = true }',
+                    "gen -> f\nf -> up when long\nf -> out otherwise\nup -> out\n")
+    (s, l), _ = served(path, [said("s"), said("l")])
+    assert s.result.ok and l.result.ok
+    assert l.result.choices[0].text == l.result.choices[0].text.upper()
+
+
+@pytest.mark.parametrize("stage, words", [
+    ('stage f : python { fn = "hooks:upper" }', "is a generator function"),
+    ('stage f : python { fn = "hooks:aupper" }', "is a generator function"),
+    ('stage f : python { fn = "hooks:labelled"  stream = true  retries = 1 }',
+     "retries cannot be used with stream = true"),
+])
+def test_check_rejects_what_a_stream_stage_cannot_do(tmp_path, soft_gguf, stage, words):
+    body = (f"stage request : requests {{}}\nstage gen : generate {{}}\nstage out : respond {{}}\n{stage}\n"
+            "request -> batch\n" + chain() + "gen -> f -> out\n")
+    errs = errors(write(tmp_path, soft_gguf, body, hooks=HOOKS + "\ndef plain(item):\n    return item\n"))
+    assert len(errs) == 1 and words in errs[0].message and errs[0].pos.line > 1
+
+
+def test_check_rejects_a_stream_stage_on_requests_and_a_stream_of_a_plain_function(tmp_path, soft_gguf):
+    body = ("stage request : requests {}\nstage gen : generate {}\nstage out : respond {}\n"
+            'stage f : python { fn = "hooks:upper"  stream = true }\n'
+            'stage p : python { fn = "hooks:plain"  stream = true }\n'
+            "request -> f -> batch\n" + chain() + "gen -> p -> out\n")
+    errs = errors(write(tmp_path, soft_gguf, body, hooks=HOOKS + "\ndef plain(item):\n    return item\n"))
+    msgs = sorted(e.message for e in errs)
+    assert any("stage 'f' has stream = true, but Request items reach it" in m for m in msgs)
+    assert any("stage 'p' has stream = true, but hooks:plain does not yield" in m for m in msgs)
