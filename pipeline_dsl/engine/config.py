@@ -80,6 +80,8 @@ class SamplingParams:
     min_tokens: int = 0                    # EOS and stop_token_ids are masked until this many tokens
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, -100..100) added to the logits
     logprobs: int | None = None            # 0..20: the sampled token's logprob + this many alternatives
+    prompt_logprobs: int | None = None     # 0..20: each prompt token's logprob + alternatives (prompt_outputs.py)
+    pooling: str | None = None             # "mean": the mean of the prompt's final normed hidden states
     constraint: Any = field(default=None, compare=False, hash=False)  # a constrain.Grammar (compiled)
 
     def __post_init__(self) -> None:
@@ -129,8 +131,11 @@ class SamplingParams:
 
         from stages.fields import ParamError, check_field
 
+        prompt_only = self.max_tokens == 0 and (self.prompt_logprobs is not None or self.pooling is not None)
         for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "presence_penalty",
                      "frequency_penalty", "repetition_penalty", "min_p", "min_tokens"):
+            if name == "max_tokens" and prompt_only:
+                continue                      # 0: the prompt's outputs alone, nothing generated
             try:                              # each through generate's parameter schema
                 check_field(name, getattr(self, name))
             except ParamError as e:
@@ -155,6 +160,12 @@ class SamplingParams:
         if self.logprobs is not None and not (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
             raise InputError(f"logprobs must be an integer from 0 to {MAX_LOGPROBS} (or none), "
                              f"not {self.logprobs!r}")
+        if self.prompt_logprobs is not None and not (
+                is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            raise InputError(f"prompt_logprobs must be an integer from 0 to {MAX_LOGPROBS} (or none), "
+                             f"not {self.prompt_logprobs!r}")
+        if self.pooling not in (None, "mean"):
+            raise InputError(f"pooling must be 'mean' (or none), not {self.pooling!r}")
         if self.constraint is not None and not callable(getattr(self.constraint, "matcher", None)):
             raise InputError("constraint must be a compiled grammar (constrain.Grammar), "
                              f"not {type(self.constraint).__name__}")
@@ -176,3 +187,7 @@ class RequestOutput:                       # one per request touched by a step
     # logprobs of the model's raw distribution (log_softmax of the logits before temperature,
     # penalties, bias and masks: vLLM's default), top most likely first
     logprobs: list | None = None
+    # with the sequence's first output, once its prompt is prefilled (SamplingParams.prompt_logprobs):
+    # None for the first prompt token, then {"token_id", "logprob", "top"} per prompt token
+    prompt_logprobs: list | None = None
+    pooled: list | None = None             # SamplingParams.pooling = "mean": the prompt's mean hidden state

@@ -31,6 +31,7 @@ from .errors import InputError, QueueFullError
 from .kv_cache import BlockManager, bytes_per_block, num_blocks_for_budget
 from .model import SeqBatchItem
 from .processors import Features
+from .prompt_outputs import PromptOutputs, reduce_chunk, rows_wanted
 from .sampler import Detokenizer, Sampler, StopStrings, make_generator
 from .scheduler import Scheduler, SchedulerOutput, Sequence
 
@@ -83,6 +84,8 @@ class Engine:
             except ValueError as e:
                 raise InputError(f"chat_template: {e}") from None
         self._pad_kw = "pad_to" in inspect.signature(runner.execute).parameters
+        self._rows_kw = "rows" in inspect.signature(runner.execute).parameters   # prompt outputs
+        self._step_rows: dict = {}            # _execute -> update: reduced prompt rows per item index
         self.eos_token_ids = frozenset(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.features = Features(self.vocab_size, self.eos_token_ids)   # penalties, bias, logprobs, grammars
         self.seqs: dict[str, Sequence] = {}
@@ -130,6 +133,8 @@ class Engine:
             raise InputError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} = {total} "
                              f"exceeds the model's context of {self.max_model_len} tokens; "
                              "shorten the prompt or lower max_tokens")
+        if rows_wanted(params) and not self._rows_kw:
+            raise InputError("this engine's model runner cannot return prompt logprobs or pooled states")
         if self.blocks.blocks_for(total) > self.blocks.num_blocks:
             cap = self.blocks.num_blocks * self.blocks.block_size
             raise InputError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} = {total} "
@@ -142,6 +147,8 @@ class Engine:
         seq.extra.update(
             detok=self._detokenizer(ids), stops=StopStrings(params.stop), text="",
             emitted=0, generator=make_generator(params.seed), first=None, last=None)
+        if rows_wanted(params):
+            seq.prompt_out = PromptOutputs(len(ids), params.prompt_logprobs, params.pooling)
         self.features.start(seq)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -290,15 +297,61 @@ class Engine:
         t0 = time.perf_counter()
         items = [SeqBatchItem(token_ids=it.seq.token_ids[it.start:it.start + it.num_tokens],
                               start_pos=it.start, block_table=list(self.block_table(it.seq)),
-                              sample=it.sample) for it in plan.items]
-        if self._pad_kw:
-            logits = self.runner.execute(items, pad_to=plan.pad_to)  # [n_sample, V]
-        else:
-            logits = self.runner.execute(items)  # [n_sample, V]
+                              sample=it.sample, rows=self.rows_of(it)) for it in plan.items]
+        kw = {"pad_to": plan.pad_to} if self._pad_kw else {}
+        rows: dict = {}
+        if any(item.rows for item in items):
+            kw["rows"] = rows
+        logits = self.runner.execute(items, **kw)  # [n_sample, V]
         sampling = [it.seq for it in plan.items if it.sample]
         tokens = self.sample(logits, sampling).tolist() if sampling else []
+        self._step_rows = self.reduce_rows(plan, rows)
         self._busy_s += time.perf_counter() - t0
         return tokens
+
+    # ---- prompt outputs (prompt_outputs.py): every row of a prompt's chunks ---------------
+    @staticmethod
+    def rows_of(item) -> tuple[str, ...]:
+        """What the runner returns for every row of a scheduled item: () unless it is a prompt
+        chunk of a sequence that wants its prompt's logprobs or pooled hidden states."""
+        seq = item.seq
+        if seq.prompt_out is None or item.start >= seq.num_prompt:
+            return ()
+        return rows_wanted(seq.params)
+
+    def reduce_rows(self, plan: SchedulerOutput, rows: dict) -> dict:
+        """The runner's rows of a step (item index -> {"logits", "hidden"}) reduced per chunk:
+        item index -> ChunkRows (the compute thread; small tensors, still on the device)."""
+        out = {}
+        with torch.inference_mode():
+            for index, got in rows.items():
+                it = plan.items[index]
+                seq = it.seq
+                end = min(it.start + it.num_tokens + 1, seq.num_prompt)
+                targets = seq.token_ids[it.start + 1:end]         # the prompt token after each row
+                out[index] = reduce_chunk(it.start, got, targets, seq.params.prompt_logprobs)
+        return out
+
+    def accept_rows(self, seq: Sequence, chunk) -> None:
+        """A chunk's reduced rows onto its sequence (host, in step order)."""
+        if seq.prompt_out is not None:
+            seq.prompt_out.add(chunk, seq.token_ids)
+
+    def finish_prefilled(self, seq: Sequence, computed: int, now: float) -> RequestOutput | None:
+        """A max_tokens = 0 sequence whose prompt a step just computed to its end (`computed`: the
+        end of that step's chunk): finished ("length") with its prompt outputs and no token; None
+        for any other sequence or chunk."""
+        if seq.params.max_tokens != 0 or computed < seq.num_prompt or not self.is_live(seq):
+            return None
+        st = seq.extra
+        st["first"] = st["last"] = now
+        self._finish(seq, "length")
+        scheduled = seq.scheduled if seq.scheduled is not None else seq.arrival
+        metrics = {"ttft_s": now - seq.arrival, "latency_s": now - seq.arrival, "queue_s": scheduled - seq.arrival,
+                   "prefill_s": now - scheduled, "decode_s": 0.0, "preemptions": seq.num_preemptions}
+        prompt_lp, pooled = seq.prompt_out.take() if seq.prompt_out is not None else (None, None)
+        return RequestOutput(seq.request_id, [], "", "", True, "length", seq.num_prompt, 0, seq.cached_tokens,
+                             metrics, None, prompt_lp, pooled)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """One step's tokens for `seqs` (one row of `logits` [n, V] each, changed in place) ->
@@ -313,9 +366,17 @@ class Engine:
         self.record_step(plan)
         now = self.clock()
         outputs = []
+        chunks, self._step_rows = self._step_rows, {}
+        chunk_of = {plan.items[i].seq: c for i, c in chunks.items()}
         for seq, token in self.scheduler.update(plan, tokens):
+            if seq in chunk_of:
+                self.accept_rows(seq, chunk_of[seq])
             if token is not None:
                 outputs.append(self.accept_token(seq, token, now))
+            else:
+                done = self.finish_prefilled(seq, seq.num_computed, now)
+                if done is not None:
+                    outputs.append(done)
         return outputs
 
     # ---- the contract of an executor that runs the phases itself (pipeline_dsl.engine.executor)
@@ -384,8 +445,10 @@ class Engine:
                        "decode_s": now - st["first"], "preemptions": seq.num_preemptions}
             if reason == "error":
                 metrics["error"] = st["error"]
+        prompt_lp, pooled = seq.prompt_out.take() if seq.prompt_out is not None else (None, None)
         return RequestOutput(seq.request_id, [token], delta, text, reason is not None, reason,
-                             seq.num_prompt, seq.num_output, seq.cached_tokens, metrics, logprobs)
+                             seq.num_prompt, seq.num_output, seq.cached_tokens, metrics, logprobs,
+                             prompt_lp, pooled)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.remove(seq, reason)

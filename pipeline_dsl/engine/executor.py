@@ -91,6 +91,7 @@ class _Launch:
     sampled: Any = None                       # [n_sample] long, on the device
     host_tokens: Any = None                   # pinned CPU tensor (CUDA) or list
     tokens: list | None = None
+    rows: dict | None = None                  # item index -> prompt_outputs.ChunkRows (prompt outputs)
     cuda: dict = field(default_factory=dict)  # work -> (start event, end event)
 
 
@@ -353,7 +354,7 @@ class Executor:
                         L.fills.append((row + i, src_m, j))
                 items.append(SeqBatchItem(token_ids=toks, start_pos=it.start,
                                           block_table=list(self.engine.block_table(seq)),
-                                          sample=it.sample))
+                                          sample=it.sample, rows=self.engine.rows_of(it)))
                 row += len(toks)
         L.items = items
         return True
@@ -395,13 +396,18 @@ class Executor:
                 logits = self.graphs.run(L.step) if self.graphs is not None else None
                 if logits is None:
                     logits = self._eager(L.step)                     # [n_sample, V] or None
+                rows = L.step.rows
             else:
                 for row, src_m, j in L.fills:
                     self._resolve(L, row, int(self._sampled[src_m][j]))
-                logits = runner.execute(L.items)
+                rows = {}
+                kw = {"rows": rows} if any(getattr(it, "rows", ()) for it in L.items) else {}
+                logits = runner.execute(L.items, **kw)
                 logits = logits if len(L.sample_seqs) else None
             L.sampled = (self._sample(logits, L.sample_seqs) if logits is not None
                          else torch.empty(0, dtype=torch.long, device=self.device))
+            if rows:                                      # prompt outputs, reduced per chunk
+                L.rows = self.engine.reduce_rows(L.so, rows)
         self._sampled[m] = L.sampled
         for k in [k for k in self._sampled if k < m - 4]:
             del self._sampled[k]
@@ -466,7 +472,7 @@ class Executor:
             eng.record_step(L.so)
             now = eng.clock()
             ti = iter(tokens)
-            for it, pos, pre in zip(L.so.items, L.sample_pos, L.preemptions):
+            for index, (it, pos, pre) in enumerate(zip(L.so.items, L.sample_pos, L.preemptions)):
                 seq = it.seq
                 tok = next(ti) if it.sample else None
                 if not eng.is_live(seq):                        # finished or aborted meanwhile
@@ -477,7 +483,13 @@ class Executor:
                     seq.extra.get("pending", {}).pop(pos, None)
                 if seq.num_preemptions == pre:
                     eng.commit(seq, it.start + it.num_tokens)
+                    if L.rows and index in L.rows:
+                        eng.accept_rows(seq, L.rows[index])
                 if tok is None:
+                    done = (eng.finish_prefilled(seq, it.start + it.num_tokens, now)
+                            if seq.num_preemptions == pre else None)
+                    if done is not None:
+                        outputs.append(done)
                     continue
                 tail = seq.token_ids[pos + 1:]                  # placeholders of later steps
                 del seq.token_ids[pos + 1:]

@@ -62,6 +62,7 @@ class SeqBatchItem:
     start_pos: int            # tokens of this sequence already in the KV cache
     block_table: list[int]    # physical blocks covering [0, start_pos + len(token_ids))
     sample: bool              # logits wanted for the last token
+    rows: tuple[str, ...] = ()   # "logits" / "hidden" of every row wanted (prompt_outputs.py)
 
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -296,6 +297,8 @@ class _Step:
     dec_tables: torch.Tensor | None = None  # [B, nblk] block ids (native attention reads them in place)
     dec_lens: torch.Tensor | None = None    # [B] context length of each decode sequence
     native: bool = False               # the whole step runs as one native call
+    row_items: list | None = None      # (item index, row0, n, wanted) of items that want every row
+    rows: dict | None = None           # after the forward: item index -> {"logits": [n, V], "hidden": [n, H]}
 
 
 class ModelRunner:
@@ -336,9 +339,9 @@ class ModelRunner:
     def _prepare(self, items, pad_to: int | None = None) -> _Step:
         c, bs, dev = self.model.config, self.block_size, self.device
         tokens, positions, slots, sample_rows = [], [], [], []
-        dec_rows, dec_tables, dec_lens, prefills = [], [], [], []
+        dec_rows, dec_tables, dec_lens, prefills, row_items = [], [], [], [], []
         row = 0
-        for it in items:
+        for index, it in enumerate(items):
             n, start, table = len(it.token_ids), it.start_pos, it.block_table
             if n == 0:
                 raise ValueError("a batch item has no tokens")
@@ -349,7 +352,10 @@ class ModelRunner:
             tokens.extend(it.token_ids)
             positions.extend(range(start, start + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            if n == 1:
+            wanted = getattr(it, "rows", ())
+            if wanted:
+                row_items.append((index, row, n, tuple(wanted)))
+            if n == 1 and not wanted:    # a row-wanting chunk of one token takes the eager prefill path
                 dec_rows.append(row)
                 dec_tables.append(table)
                 dec_lens.append(start + 1)
@@ -375,7 +381,7 @@ class ModelRunner:
         step = _Step(tokens=as_long(tokens), slots=as_long(slots), cos=cos, sin=sin,
                      sample_rows=as_long(sample_rows) if sample_rows else None,
                      all_decode=all_decode, dec_rows=None, dec_gather=None, dec_mask=None, prefills=[],
-                     positions=pos_t, native=use_native)
+                     positions=pos_t, native=use_native, row_items=row_items or None)
         if dec_rows and self.native is not None:   # tables read in place: no gather, no mask
             nblk = (max(dec_lens) + bs - 1) // bs
             step.dec_tables = torch.tensor([list(t[:nblk]) + [0] * (nblk - len(t[:nblk])) for t in dec_tables],
@@ -419,17 +425,22 @@ class ModelRunner:
 
     # -- the forward pass ----------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, items, pad_to: int | None = None) -> torch.Tensor:
+    def execute(self, items, pad_to: int | None = None, rows: dict | None = None) -> torch.Tensor:
         """Run one step; logits [n_sample, vocab] float32 for the items with sample=True.
         pad_to: pad an all-decode batch to this many rows (static shapes); padding rows
-        write to a scratch slot and produce no logits."""
+        write to a scratch slot and produce no logits. rows: a dict that receives, per index
+        of an item with `rows`, {"logits": [n, V], "hidden": [n, H]} of every row it fed."""
         if not items:
             return torch.empty(0, self.model.config.vocab_size)
         step = self._prepare(items, pad_to)
         if step.sample_rows is None:
             self._forward(step, want_logits=False)
-            return torch.empty(0, self.model.config.vocab_size, device=self.device)
-        return self._forward(step)
+            out = torch.empty(0, self.model.config.vocab_size, device=self.device)
+        else:
+            out = self._forward(step)
+        if rows is not None and step.rows:
+            rows.update(step.rows)
+        return out
 
     def _forward(self, step: _Step, want_logits: bool = True) -> torch.Tensor | None:
         if self.guard is None:
@@ -454,9 +465,24 @@ class ModelRunner:
             a = self._attention(step, q, k, v, kc, vc, li)      # [T, nh*hd]
             x = x + layer.o(a)
             x = x + m.mlp(layer, x)
+        if step.row_items:
+            step.rows = self._row_outputs(step, x)
         if not want_logits:
             return None
         return m.logits(x.index_select(0, step.sample_rows))   # [n_sample, V]
+
+    def _row_outputs(self, step: _Step, x: torch.Tensor) -> dict:
+        """Every row of the items that want them: logits [n, V] and/or normed hidden [n, H]."""
+        m, out = self.model, {}
+        for index, row0, n, wanted in step.row_items:
+            xs = x[row0:row0 + n]                                       # [n, H] before the final norm
+            got = {}
+            if "hidden" in wanted:
+                got["hidden"] = m.rms(xs, m.norm).float()               # [n, H]
+            if "logits" in wanted:
+                got["logits"] = m.logits(xs)                            # [n, V] float32
+            out[index] = got
+        return out
 
     def _forward_glued(self, step: _Step, want_logits: bool) -> torch.Tensor | None:
         """A large all-decode batch: the GEMMs on oneDNN/int4 as eager, everything between

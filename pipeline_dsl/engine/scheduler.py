@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from .config import EngineConfig, SamplingParams
 from .kv_cache import BlockManager
@@ -48,6 +49,7 @@ class Sequence:
     num_preemptions: int = 0
     scheduled: float | None = None        # when it was first admitted to run (queue time ends)
     finish_reason: str | None = None
+    prompt_out: Any = None                # prompt_outputs.PromptOutputs: every prompt row's outputs wanted
     extra: dict = field(default_factory=dict)  # the engine's per-request state
 
     @property
@@ -57,6 +59,11 @@ class Sequence:
     @property
     def num_output(self) -> int:
         return len(self.token_ids) - self.num_prompt
+
+    def samples_after(self, start: int, n: int) -> bool:
+        """Whether a chunk [start, start + n) reaches the last known token, so that the next one is
+        sampled after it (never for max_tokens = 0: the prompt's outputs alone)."""
+        return start + n == len(self.token_ids) and self.params.max_tokens > 0
 
 
 @dataclass(frozen=True)
@@ -128,6 +135,8 @@ class Scheduler:
     def done_pending(self, seq: Sequence) -> bool:
         """Whether a running sequence already holds its last token: it finishes for certain once
         that token is known (an executor that schedules ahead keeps it in flight meanwhile)."""
+        if seq.params.max_tokens == 0:        # prompt outputs only: done once the prompt is computed
+            return seq.num_computed >= seq.num_prompt
         return seq.num_output >= seq.params.max_tokens or len(seq.token_ids) >= self.max_len
 
     def window_open(self, now: float | None = None) -> bool:
@@ -173,7 +182,7 @@ class Scheduler:
                     break
             if seq.status != RUNNING:
                 continue
-            scheduled[seq] = ScheduledItem(seq, seq.num_computed, n, seq.num_computed + n == len(seq.token_ids))
+            scheduled[seq] = ScheduledItem(seq, seq.num_computed, n, seq.samples_after(seq.num_computed, n))
             budget -= n
         items = list(scheduled.values())
         decodes = sum(1 for it in items if it.num_tokens == 1 and it.sample)
@@ -207,8 +216,9 @@ class Scheduler:
         for seq in list(self.waiting):
             if not (budget > 0 or static) or len(self.running) >= cfg.max_batch_size:
                 break
-            hit = bm.lookup(seq.token_ids)
-            if in_flight:
+            fresh = seq.prompt_out is not None   # every prompt row computed: no prefix cache read
+            hit = [] if fresh else bm.lookup(seq.token_ids)
+            if in_flight and not fresh:
                 keys = self._prompt_keys(seq)
                 if len(hit) < len(keys) and keys[len(hit)] in in_flight:
                     continue  # share it next step
@@ -217,7 +227,8 @@ class Scheduler:
             spare = self.watermark if self.running else 0
             if bm.admission_cost(hit, cached + n) + spare > bm.num_free:
                 break  # wait for running sequences to finish and free blocks
-            seq.num_computed = bm.match_prefix(seq.request_id, seq.token_ids, count=not seq.admitted)
+            seq.num_computed = 0 if fresh else bm.match_prefix(seq.request_id, seq.token_ids,
+                                                               count=not seq.admitted)
             if not seq.admitted:
                 seq.cached_tokens, seq.admitted = seq.num_computed, True
                 seq.scheduled = self.clock()
@@ -227,7 +238,7 @@ class Scheduler:
             seq.status = RUNNING
             self.running.append(seq)
             if n > 0:
-                items.append(ScheduledItem(seq, seq.num_computed, n, seq.num_computed + n == len(seq.token_ids)))
+                items.append(ScheduledItem(seq, seq.num_computed, n, seq.samples_after(seq.num_computed, n)))
                 budget -= n
             if cfg.prefix_reuse and not static and seq.num_computed < seq.num_prompt - 1:
                 in_flight.update(self._prompt_keys(seq))
@@ -245,6 +256,8 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free_seq(seq.request_id)
         seq.num_computed = 0
+        if seq.prompt_out is not None:
+            seq.prompt_out.reset()            # recomputed from the start, outputs too
         seq.status = WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1

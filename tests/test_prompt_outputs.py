@@ -1,0 +1,153 @@
+"""Prompt outputs in the engine (engine/prompt_outputs.py): a request that asks for its prompt's
+logprobs (echo, scoring) or its mean hidden state is prefilled in chunks like any prompt,
+interleaved with other requests' decodes, each chunk's rows returned and reduced on their own
+(never [T, vocab] for the whole prompt), and one with max_tokens = 0 finishes right after its
+prefill without sampling. Checked on the tiny model against a whole-prompt forward."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline_dsl.engine import Engine, EngineConfig, InputError, SamplingParams
+from pipeline_dsl.engine.executor import run_requests
+
+PROMPT = [(7 * i + 3) % 200 + 3 for i in range(70)]
+
+
+def engine(path, **cfg):
+    base = dict(model=str(path), dtype="fp32", kv_budget_bytes=1 << 20, block_size=8, prefill_chunk=16,
+                max_tokens_per_step=32, max_batch_size=8, batch_timeout_s=0.0)
+    return Engine(EngineConfig(**{**base, **cfg}))
+
+
+def reference(model, ids):
+    """A whole-prompt forward: log_softmax [T, V] and the final normed hidden states [T, H]."""
+    c = model.config
+    tokens = torch.tensor(ids)
+    cos, sin = model.rope_tables(torch.arange(len(ids)))
+    x = F.embedding(tokens, model.embed)
+    with torch.inference_mode():
+        for layer in model.layers:
+            q, k, v = model.qkv(layer, x, cos, sin)
+            q = q.transpose(0, 1)
+            k = k.transpose(0, 1).repeat_interleave(c.group, dim=0)
+            v = v.transpose(0, 1).repeat_interleave(c.group, dim=0)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + layer.o(a.transpose(0, 1).reshape(len(ids), -1))
+            x = x + model.mlp(layer, x)
+        return torch.log_softmax(model.logits(x), dim=-1), model.rms(x, model.norm).float()
+
+
+def finish(eng, steps=10_000):
+    outs = []
+    for _ in range(steps):
+        if not eng.has_unfinished():
+            return outs
+        outs.extend(eng.step())
+    raise AssertionError("the engine did not finish")
+
+
+def test_prompt_logprobs_in_chunks_equal_a_whole_prompt_forward(tiny_gguf):
+    eng = engine(tiny_gguf)
+    calls = []
+    execute = eng.runner.execute
+
+    def spy(items, **kw):
+        out = execute(items, **kw)
+        calls.extend(t.shape[0] for got in kw.get("rows", {}).values() for t in got.values())
+        return out
+
+    eng.runner.execute = spy
+    eng.add_request("s", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=0, prompt_logprobs=3))
+    (out,) = finish(eng)
+    assert out.finished and out.finish_reason == "length" and out.new_token_ids == [] and out.completion_tokens == 0
+    assert calls and max(calls) <= 16 and sum(calls) == len(PROMPT)     # every row once, a chunk at a time
+    logp, _ = reference(eng.runner.model, PROMPT)
+    lp = out.prompt_logprobs
+    assert len(lp) == len(PROMPT) and lp[0] is None
+    for p in range(1, len(PROMPT)):
+        assert lp[p]["token_id"] == PROMPT[p]
+        assert lp[p]["logprob"] == pytest.approx(logp[p - 1, PROMPT[p]].item(), abs=1e-4)
+        best = logp[p - 1].topk(3)
+        assert [t for t, _ in lp[p]["top"]] == best.indices.tolist()
+        assert [v for _, v in lp[p]["top"]] == pytest.approx(best.values.tolist(), abs=1e-4)
+    assert eng.stats()["requests_done"] == 1 and eng.blocks.num_used == 0
+
+
+def test_mean_pooling_is_the_mean_of_the_final_normed_hidden_states(tiny_gguf):
+    eng = engine(tiny_gguf)
+    eng.add_request("e", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=0, pooling="mean"))
+    (out,) = finish(eng)
+    _, hidden = reference(eng.runner.model, PROMPT)
+    assert out.prompt_logprobs is None
+    assert torch.allclose(torch.tensor(out.pooled), hidden.mean(0), atol=1e-4)
+
+
+def test_prompt_rows_interleave_with_other_requests_decodes(tiny_gguf):
+    """The scorer's 70-token prompt takes 5 chunks of 16; the running stream gets a token in
+    every one of those steps instead of waiting for the whole prompt."""
+    eng = engine(tiny_gguf)
+    eng.add_request("victim", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=40, ignore_eos=True))
+    for _ in range(3):
+        eng.step()
+    eng.add_request("s", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=0, prompt_logprobs=0))
+    victim_tokens = 0
+    while True:
+        outs = eng.step()
+        victim_tokens += sum(len(o.new_token_ids) for o in outs if o.request_id == "victim")
+        if any(o.request_id == "s" and o.finished for o in outs):
+            break
+    assert victim_tokens >= 5
+
+
+def test_prompt_logprobs_then_generation_and_through_the_executor(tiny_gguf):
+    """With max_tokens > 0 the prompt logprobs come with the first token; the executor (which
+    schedules ahead) gives the same numbers and the same tokens as the plain step loop; the
+    prefix cache is not read for a scoring request, so a cached prompt is still scored whole."""
+    params = SamplingParams(max_tokens=4, prompt_logprobs=2, ignore_eos=True)
+    a = engine(tiny_gguf)
+    a.add_request("warm", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=1))
+    finish(a)
+    a.add_request("s", prompt_token_ids=PROMPT, params=params)
+    outs = finish(a)
+    assert outs[0].prompt_logprobs is not None and all(o.prompt_logprobs is None for o in outs[1:])
+    assert outs[0].cached_tokens == 0
+
+    b = engine(tiny_gguf)
+    got = []
+    run_requests(b, [("s", dict(prompt_token_ids=PROMPT, params=params)),
+                     ("z", dict(prompt_token_ids=PROMPT[:20], params=SamplingParams(max_tokens=0, prompt_logprobs=1)))],
+                 on_output=got.extend)
+    first = next(o for o in got if o.request_id == "s")
+    assert [e and e["logprob"] for e in first.prompt_logprobs] == pytest.approx(
+        [e and e["logprob"] for e in outs[0].prompt_logprobs], abs=1e-5)
+    assert [t for o in got if o.request_id == "s" for t in o.new_token_ids] == \
+        [t for o in outs for t in o.new_token_ids]
+    (z,) = [o for o in got if o.request_id == "z"]
+    assert z.finished and z.new_token_ids == [] and len(z.prompt_logprobs) == 20
+
+
+def test_max_tokens_0_needs_prompt_outputs(tiny_gguf):
+    eng = engine(tiny_gguf)
+    with pytest.raises(InputError, match="max_tokens"):
+        eng.add_request("x", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=0))
+    with pytest.raises(InputError, match="prompt_logprobs"):
+        eng.add_request("x", prompt_token_ids=PROMPT, params=SamplingParams(prompt_logprobs=21))
+
+
+def test_a_preempted_scoring_request_starts_its_outputs_over(tiny_gguf):
+    """16 blocks of 8 tokens: the stream holds 8, the scorer needs 9, so it is preempted
+    mid-prompt and recomputed later; its logprobs are still each prompt token's, once."""
+    eng = engine(tiny_gguf, kv_budget_bytes=16 * 4096)
+    assert eng.blocks.num_blocks == 16
+    eng.add_request("victim", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=100, ignore_eos=True))
+    for _ in range(60):
+        eng.step()
+    eng.add_request("s", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=0, prompt_logprobs=1))
+    outs = finish(eng)
+    (s,) = [o for o in outs if o.request_id == "s"]
+    assert s.metrics["preemptions"] >= 1
+    logp, _ = reference(eng.runner.model, PROMPT)
+    assert [e["logprob"] for e in s.prompt_logprobs[1:]] == pytest.approx(
+        [logp[p - 1, PROMPT[p]].item() for p in range(1, len(PROMPT))], abs=1e-4)
