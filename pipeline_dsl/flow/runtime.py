@@ -569,13 +569,9 @@ class PipelineRuntime:
         if not targets:
             raise PipelineError(f"stage '{seg.kv}': no generate stage takes this request", "failed", seg.kv)
         entry = {"prompt_tokens": len(ids), "cached_tokens": None}
-        if item.data.get("prompt_logprobs") is not None:    # echo with logprobs: the prompt's own
-            entry["prompt_logprobs"] = es.prompt_logprobs(ids, int(item.data["prompt_logprobs"]))
-            entry["prompt_token_ids"] = list(ids)
-            heard = getattr(req.listener, "on_prompt", None)   # a stream echoes them before its tokens
-            if heard is not None:
-                heard(req.key, entry["prompt_token_ids"], entry["prompt_logprobs"])
-        if item.data.get("max_tokens") == 0:                # echo only: nothing to generate
+        if item.data.get("prompt_logprobs") is not None:    # echo with logprobs: the engine scores the
+            entry["prompt_token_ids"] = list(ids)           # prompt chunk by chunk (_on_outputs hears it)
+        elif item.data.get("max_tokens") == 0:              # echo only: nothing to compute
             self._answer_without_engine(item, es, targets, ids, entry)
             return
         submits = []
@@ -609,6 +605,17 @@ class PipelineRuntime:
             req.items.discard(item)
         for seq_id, params, order in submits:
             es.submit(seq_id, ids, params, order)
+
+    def _heard_prompt(self, item: Item, logprobs: list) -> None:
+        """A sequence's prompt logprobs (echo), with its first output: kept for the answer, and a
+        stream echoes them before its tokens (once per request, whichever copy came first)."""
+        entry = item.entry
+        if entry is None or "prompt_logprobs" in entry:
+            return
+        entry["prompt_logprobs"] = logprobs
+        heard = getattr(item.req.listener, "on_prompt", None)
+        if heard is not None:
+            heard(item.req.key, entry["prompt_token_ids"], logprobs)
 
     def _answer_without_engine(self, item: Item, es, targets: list, ids: list, entry: dict) -> None:
         """max_tokens = 0 (an echo of the prompt, e.g. to score it): each target answers at once."""
@@ -658,6 +665,8 @@ class PipelineRuntime:
                 continue
             if out.new_token_ids and req.first_token is None:
                 req.first_token = now
+            if getattr(out, "prompt_logprobs", None) is not None:
+                self._heard_prompt(item, out.prompt_logprobs)
             step_logprobs = getattr(out, "logprobs", None)
             if step_logprobs:
                 if item.logprobs is None:
