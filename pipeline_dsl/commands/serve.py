@@ -33,6 +33,17 @@ def _names(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+class ExtendOrReplace(argparse._ExtendAction):
+    """`--flag A B --flag C` gives [A, B, C], as argparse's "extend"; but the flags replace the
+    default (which AGP_<FLAG> may have set) instead of adding to it: `AGP_API_KEY=old agp serve
+    --api-key new` accepts only `new`, so rotating a key this way leaves the old one invalid."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is self.default:
+            setattr(namespace, self.dest, [])          # the first use of the flag: the default goes
+        super().__call__(parser, namespace, values, option_string)
+
+
 def add_arguments(p) -> None:
     add_pipeline_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -47,10 +58,10 @@ def add_arguments(p) -> None:
     p.add_argument("--no-overlap", action="store_true",
                    help="run the plan's streams serially (A/B against overlap; by default CUDA overlaps them, "
                         "CPU only with a core to spare beside the forward's threads)")
-    p.add_argument("--served-model-name", action="extend", nargs="+", default=None, metavar="NAME",
+    p.add_argument("--served-model-name", action=ExtendOrReplace, nargs="+", default=None, metavar="NAME",
                    help="the model id(s) clients use; the first is reported in answers (default: the "
                         "pipeline's name)")
-    p.add_argument("--api-key", action="extend", nargs="+", default=None, metavar="KEY",
+    p.add_argument("--api-key", action=ExtendOrReplace, nargs="+", default=None, metavar="KEY",
                    help="answer only requests with 'Authorization: Bearer KEY' (401 otherwise); /health, "
                         "/metrics and /version stay open")
     p.add_argument("--max-model-len", type=int, default=None,
