@@ -92,6 +92,9 @@ def add_arguments(p) -> None:
                    help="seconds a client has to send its request line and headers (default: 10)")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a client has to send its request body; later: 408 (default: 30)")
+    p.add_argument("--send-timeout", type=float, default=30.0,
+                   help="seconds a client may leave its answer unread (the socket's buffer full) before "
+                        "the connection is cut (default: 30)")
     p.add_argument("--lenient", action="store_true",
                    help="log and ignore request fields agp does not know, as vLLM does (default: a 400)")
     p.add_argument("--allowed-hosts", default=None,
@@ -212,7 +215,7 @@ class SetupError(Exception):
 
 def check_args(args) -> None:
     """The flags' own ranges, before anything is loaded."""
-    positive = ("drain_timeout", "header_timeout", "body_timeout")
+    positive = ("drain_timeout", "header_timeout", "body_timeout", "send_timeout")
     at_least = {"max_queue": 1, "max_body_bytes": 1024, "max_input_tokens": 1, "max_connections": 1,
                 "max_model_len": 1, "max_num_seqs": 1, "threads": 1}
     if not 0 <= args.port <= 65535:
@@ -365,7 +368,7 @@ def main(args) -> int:
 
     import uvicorn
 
-    from pipeline_dsl.serve.server import AgpServer, header_timeout_protocol
+    from pipeline_dsl.serve.server import AgpServer, agp_protocol
 
     try:
         serving = build(args)
@@ -383,7 +386,7 @@ def main(args) -> int:
     try:
         server = AgpServer(uvicorn.Config(
             serving.app, log_level=args.log_level, access_log=args.access_log, lifespan="on",
-            http=header_timeout_protocol(args.header_timeout), timeout_graceful_shutdown=5.0,
+            http=agp_protocol(args.header_timeout, args.send_timeout), timeout_graceful_shutdown=5.0,
             root_path=args.root_path, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
             log_config={"version": 1, "disable_existing_loggers": False}),
             apipe, args.drain_timeout)
