@@ -154,6 +154,7 @@ def main(args) -> int:
     t_load = time.perf_counter()
     trace = Trace() if args.trace else None
     runtime = build_runtime(args.pipeline, args.name, overrides={"dtype": args.dtype, "threads": args.threads},
+                            allow_paths=args.allow_path,
                             overlap=False if args.no_overlap else None, trace=trace)
     load_s = time.perf_counter() - t_load
 
