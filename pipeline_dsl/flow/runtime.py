@@ -655,7 +655,7 @@ class PipelineRuntime:
     def _on_outputs(self, es, outputs) -> None:
         """An engine step's outputs (the executor's emit thread): deltas, then finished sequences."""
         now = self.clock()
-        finished = []
+        finished, unenforceable = [], []
         for out in outputs:
             item = self._owner.get(out.request_id)
             if item is None:
@@ -663,6 +663,9 @@ class PipelineRuntime:
             req = item.req
             if req.done:
                 continue
+            if out.finished and out.finish_reason == "error":   # the grammar gave up mid-answer: no
+                unenforceable.append((item, out))               # answer that parses, and no "error"
+                continue                                        # finish reason (not OpenAI's)
             if out.new_token_ids and req.first_token is None:
                 req.first_token = now
             if getattr(out, "prompt_logprobs", None) is not None:
@@ -679,6 +682,10 @@ class PipelineRuntime:
                     pass
             if out.finished:
                 finished.append((item, out))
+        for item, out in unenforceable:
+            why = (out.metrics or {}).get("error") or "the grammar refused a token"
+            self._fail(item.req, PipelineError(f"the answer's constraint cannot be enforced: {why}", "invalid",
+                                               item.at))
         if not finished:
             return
         with self._lock:
