@@ -327,7 +327,8 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
     async def detokenize(request: Request):
         try:
             body = P.parse_json(await read_body(request, config))
-            ids, model = P.parse_detokenize(body, served=config.model_names, stages=stage_names)
+            ids, model = P.parse_detokenize(body, served=config.model_names, stages=stage_names,
+                                            max_model_len=config.max_model_len)
             text = await asyncio.to_thread(apipe.runtime.detokenise, ids, model)
         except P.APIError as err:
             return _error(err)
@@ -375,6 +376,8 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
             body = P.parse_json(raw) if len(raw) < (64 << 10) else await asyncio.to_thread(P.parse_json, raw)
             req = parse(body, max_model_len=config.max_model_len, served=config.model_names,
                         stages=stage_names, lenient=config.lenient)
+            if "n" not in req.fields:           # the generate stage's n answers each prompt
+                P.check_choices(1 + len(req.more_prompts), config.max_stage_n)
         except P.APIError as err:
             metrics.requests.labels(str(err.status)).inc()
             return _error(err)
