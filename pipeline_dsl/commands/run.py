@@ -7,7 +7,8 @@ Input: one request a line (`id`, `prompt` or `messages`, optional sampling field
 Output: one JSON line per input line, in input order, each written whole and flushed as
 soon as the lines before it are: `id`, `text`, `finish_reason`, `usage`; a line that
 cannot be run gives `{"id", "error": {"line", "message", "type"}}` and every other line
-still runs: one longer than MAX_LINE_BYTES, or whose id an earlier line has (a line without
+still runs: one longer than MAX_LINE_BYTES (if no end of line follows within MAX_SKIP_BYTES,
+as from /dev/zero, the input is read no further), or whose id an earlier line has (a line without
 an id takes its line number as id; ids are unique). An existing output file is never
 overwritten silently: `--overwrite` replaces it, `--resume` keeps it and runs only the lines
 it holds no record of yet (counted per id, so a repeated id is answered by its error record).
@@ -32,6 +33,7 @@ from pipeline_dsl.commands import add_pipeline_arguments
 
 HELP = "run a pipeline over a JSONL file of requests on a real model"
 MAX_LINE_BYTES = 16 << 20      # one request line; a longer one is an error record (serve's bodies: 4 MiB)
+MAX_SKIP_BYTES = 256 << 20     # read past a too-long line's limit looking for its end; then stop reading
 
 
 def add_arguments(p) -> None:
@@ -59,33 +61,20 @@ def _err(message: str) -> int:
 
 
 class TooLong(bytes):
-    """A line past MAX_LINE_BYTES: its first bytes only (the rest was read and dropped)."""
+    """A line past MAX_LINE_BYTES: its first bytes only (the rest was read and dropped); `endless`:
+    no end of line came within MAX_SKIP_BYTES, so the input was not read further."""
+    endless = False
 
 
 def _read_lines(path: str, limit: int = MAX_LINE_BYTES) -> list[bytes]:
     """The input's lines, each read to at most `limit` bytes: a longer one comes back as TooLong
-    (memory stays bounded by the lines kept). A device that is not a terminal (/dev/zero) is
-    refused before it is read."""
+    (memory stays bounded by the lines kept; -i /dev/zero is one endless line)."""
     if path == "-":
         return _lines(sys.stdin.buffer, limit)
-    mode = os.stat(path).st_mode
-    if stat.S_ISDIR(mode):
+    if stat.S_ISDIR(os.stat(path).st_mode):
         raise IsADirectoryError(21, "it is a folder")
-    if (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) and not _is_tty(path):
-        raise OSError(0, "it is a device, not a file of requests")
     with open(path, "rb") as f:
         return _lines(f, limit)
-
-
-def _is_tty(path: str) -> bool:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
-    except OSError:
-        return False
-    try:
-        return os.isatty(fd)
-    finally:
-        os.close(fd)
 
 
 def _lines(f, limit: int) -> list[bytes]:
@@ -99,10 +88,15 @@ def _lines(f, limit: int) -> list[bytes]:
             line = line[3:]
         first = False
         if len(line) > limit and not line.endswith(b"\n"):
-            head = line[:200]
+            head, skipped = TooLong(line[:200]), 0
             while line and not line.endswith(b"\n"):      # the rest of the line: read, not kept
+                if skipped > MAX_SKIP_BYTES:
+                    head.endless = True                    # no end in sight: stop reading the input
+                    out.append(head)
+                    return out
                 line = f.readline(1 << 20)
-            out.append(TooLong(head))
+                skipped += len(line)
+            out.append(head)
             continue
         out.append(line.rstrip(b"\r\n") if line.endswith(b"\n") else line)
 
@@ -220,6 +214,8 @@ def main(args) -> int:
             continue
         if isinstance(raw, TooLong):
             req, error = None, f"the line is longer than {MAX_LINE_BYTES >> 20} MiB"
+            if raw.endless:
+                error += f" (no end of line in {MAX_SKIP_BYTES >> 20} MiB more: the input is not read further)"
         else:
             try:
                 req = parse_line(raw.decode("utf-8"), lineno)
