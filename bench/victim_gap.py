@@ -138,6 +138,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="the server's torch threads")
     ap.add_argument("--tokens", type=int, default=400, help="the victim's answer length per probe")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--only", default=None, help="run only the probes whose name holds this text")
     args = ap.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -165,6 +166,8 @@ def main() -> int:
         print(f"victim alone: median gap {statistics.median(gaps) * 1e3:.0f} ms, largest {max(gaps) * 1e3:.0f} ms")
         with tempfile.TemporaryDirectory() as tmp:
             for name, probe in probes(url, port, Path(tmp)).items():
+                if args.only and args.only not in name:
+                    continue
                 victim = Victim(url, args.tokens).start()
                 t0 = time.perf_counter()
                 got = probe()
