@@ -61,33 +61,34 @@ class Retry(Exception):
     """
 
 
-def load(path: str):
-    """(Program, diagnostics): the file and its includes, parsed and checked."""
-    return _load(path, None)
+def load(path: str, allow_paths=()):
+    """(Program, diagnostics): the file and its includes, parsed and checked. Included files and
+    json_schema files must lie in the file's folder or in one of `allow_paths`."""
+    return _load(path, None, allow_paths)
 
 
-def loads(text: str, file: str = "<string>"):
+def loads(text: str, file: str = "<string>", allow_paths=()):
     """(Program, diagnostics) for source text; `use` paths resolve against the current directory."""
-    return _load(file, text)
+    return _load(file, text, allow_paths)
 
 
 check_file = load
 
 
-def _load(path: str, text: str | None):
+def _load(path: str, text: str | None, allow_paths=()):
     from .graph import check_program
     from .loader import load_program
 
-    program, diags = load_program(path, text)
+    program, diags = load_program(path, text, allow_paths)
     diags = list(diags) + check_program(program)
     return program, sort_diagnostics(diags)
 
 
-def load_pipeline_graph(path: str, pipeline_name: str | None = None):
+def load_pipeline_graph(path: str, pipeline_name: str | None = None, allow_paths=()):
     """The checked DiGraph of one pipeline of `path`; raises CheckFailed on errors."""
     from .graph import build_graph
 
-    program, diags = load(path)
+    program, diags = load(path, allow_paths)
     if has_errors(diags):
         raise CheckFailed(diags, program.sources)
     p = program.pipeline(pipeline_name)
@@ -101,11 +102,11 @@ def load_pipeline_graph(path: str, pipeline_name: str | None = None):
     return build_graph(p)
 
 
-def load_pipeline_graphs(path: str) -> dict:
+def load_pipeline_graphs(path: str, allow_paths=()) -> dict:
     """{pipeline name: checked DiGraph} for every pipeline of `path` and its includes."""
     from .graph import build_graph
 
-    program, diags = load(path)
+    program, diags = load(path, allow_paths)
     if has_errors(diags):
         raise CheckFailed(diags, program.sources)
     return {p.name.text: build_graph(p) for p in program.pipelines}

@@ -184,12 +184,12 @@ class EngineTarget:
         self._n = 0
 
     @classmethod
-    def from_pipeline(cls, spec: str, *, overlap: bool | None = None, **overrides) -> "EngineTarget":
+    def from_pipeline(cls, spec: str, *, overlap: bool | None = None, allow_paths=(), **overrides) -> "EngineTarget":
         """Build the pipeline (its engines, driven by the plan's executors) as `agp serve` does."""
         from pipeline_dsl.flow import build_runtime
 
         path, settings = parse_target(spec)
-        runtime = build_runtime(path, overlap=overlap,
+        runtime = build_runtime(path, overlap=overlap, allow_paths=allow_paths,
                                 overrides={**settings, **{k: v for k, v in overrides.items() if v is not None}})
         return cls(target_label(spec), runtime)
 

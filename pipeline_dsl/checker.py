@@ -420,9 +420,15 @@ def resolve_params(kind: StageKind, stage: ast.Stage, mode: str,
     return params, diags
 
 
-def check_pipeline(p: ast.Pipeline, registry: Registry | None = None) -> tuple[Resolved, list[Diagnostic]]:
-    """Check one pipeline's settings, stages and edges; collect every diagnostic."""
+def check_pipeline(p: ast.Pipeline, registry: Registry | None = None,
+                   allowed: tuple[str, ...] | None = None) -> tuple[Resolved, list[Diagnostic]]:
+    """Check one pipeline's settings, stages and edges; collect every diagnostic. `allowed`: the
+    folders its files may name (loader.Program.allowed; default: the pipeline file's folder)."""
+    from .loader import allowed_folders
+
     registry = registry or default_registry()
+    if allowed is None:
+        allowed = allowed_folders(p.pos.file if p.pos is not None else "<string>")
     settings, diags = check_settings(p)
     given_settings = settings.pop("_given")
     mode = settings.get("mode", modes.DEFAULT_MODE)
@@ -453,7 +459,7 @@ def check_pipeline(p: ast.Pipeline, registry: Registry | None = None) -> tuple[R
                                   hint="see docs/architecture.md, 'Stage implementations'"))
             param_pos = {prm.name.text: prm.value.pos for prm in st.params}
             given = {n for n in param_pos if kind.param(n) is not None}
-            diags += _check_kind_params(kind, st, params, given, param_pos)
+            diags += _check_kind_params(kind, st, params, given, param_pos, allowed)
         placement = None
         if st.placement is not None:
             if st.placement.text in RESOURCES:
@@ -506,7 +512,8 @@ def _check_python_shape(name: str, params: dict, given: set, where, base) -> lis
     return diags
 
 
-def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set, pos: dict) -> list[Diagnostic]:
+def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set, pos: dict,
+                       allowed: tuple[str, ...]) -> list[Diagnostic]:
     """What one parameter's type and range cannot say: functions that must exist, a model that
     must be found, parameters that go together."""
     from .userfn import FunctionNotFound, find_function, function_shape
@@ -562,20 +569,25 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
                               hint=did_you_mean(str(device), ("auto", "cpu", "cuda", "mps"))))
         schema = params.get("json_schema")
         if schema is not None and "json_schema" in given:
-            params["json_schema"], d = _json_schema_file(schema, base, where("json_schema"))
+            params["json_schema"], d = _json_schema_file(schema, base, where("json_schema"), allowed)
             if d:
                 diags.append(d)
     return diags
 
 
 SCHEMA_EXPECTED = "a JSON Schema file (relative to this .agp file) that constrained decoding can enforce"
+MAX_SCHEMA_BYTES = 4 << 20       # a json_schema file: as large as a request body may be (agp serve)
 
 
-def _json_schema_file(path: str, base: str | None, pos: SourcePos) -> tuple[str, Diagnostic | None]:
+def _json_schema_file(path: str, base: str | None, pos: SourcePos,
+                      allowed: tuple[str, ...]) -> tuple[str, Diagnostic | None]:
     """generate.json_schema: the file found beside the .agp file (or from the working directory),
-    made absolute, once it reads as JSON and compiles as the engine will compile it (constrain.py,
-    without a tokenizer and without torch); anything else an error at the setting."""
+    inside the allowed folders, made absolute, once it reads as JSON and compiles as the engine
+    will compile it (constrain.py, without a tokenizer and without torch); anything else an
+    error at the setting. No message quotes the file's text."""
     import json
+
+    from .loader import inside, read_bytes
 
     found = None
     for folder in ([base] if base else []) + [os.getcwd()]:
@@ -585,11 +597,21 @@ def _json_schema_file(path: str, base: str | None, pos: SourcePos) -> tuple[str,
             break
     if found is None:
         return path, _err(f"json_schema file not found: '{path}'", pos, expected=SCHEMA_EXPECTED)
+    if not inside(found, allowed):
+        return path, _err(f"json_schema file '{path}' is outside the pipeline's folder", pos,
+                          expected=SCHEMA_EXPECTED, hint="move it there, or allow its folder with --allow-path DIR")
+    size = os.path.getsize(found)
+    data, _ = read_bytes(found, limit=MAX_SCHEMA_BYTES) if size <= MAX_SCHEMA_BYTES else (None, None)
+    if data is None:
+        why = f"is too large ({size >> 20} MiB)" if size > MAX_SCHEMA_BYTES else "cannot be read"
+        return path, _err(f"json_schema file '{path}' {why}", pos,
+                          expected=f"a JSON Schema file of at most {MAX_SCHEMA_BYTES >> 20} MiB")
     try:
-        with open(found, encoding="utf-8") as f:
-            schema = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+        schema = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as e:       # json's messages give a position, never the text
         return path, _err(f"json_schema file '{path}' is not JSON: {e}", pos, expected=SCHEMA_EXPECTED)
+    except RecursionError:
+        return path, _err(f"json_schema file '{path}' is nested too deeply", pos, expected=SCHEMA_EXPECTED)
     if not isinstance(schema, (dict, bool)):
         return path, _err(f"json_schema file '{path}' holds a {type(schema).__name__}, not a schema object",
                           pos, expected=SCHEMA_EXPECTED)
@@ -600,6 +622,8 @@ def _json_schema_file(path: str, base: str | None, pos: SourcePos) -> tuple[str,
     except constrain.GrammarError as e:
         return path, _err(f"json_schema file '{path}' cannot be enforced: {e}", pos, expected=SCHEMA_EXPECTED,
                           hint="constrained decoding supports most of JSON Schema; not, e.g., uniqueItems or not")
+    except RecursionError:
+        return path, _err(f"json_schema file '{path}' is nested too deeply", pos, expected=SCHEMA_EXPECTED)
     return found, None
 
 

@@ -56,7 +56,7 @@ def cmd_check(args) -> int:
 
     all_diags, failed = [], False
     for path in args.files:
-        program, diags = load(path)
+        program, diags = load(path, args.allow_path)
         all_diags += diags
         failed |= has_errors(diags)
         if not args.json:
@@ -116,7 +116,7 @@ def cmd_render(args) -> int:
     if output_format(out) is None:
         raise UserError(f"cannot write '{out}': the output must end in .svg, .png, .pdf or .dot")
     try:
-        graph = load_pipeline_graph(args.file, args.pipeline)
+        graph = load_pipeline_graph(args.file, args.pipeline, args.allow_path)
     except CheckFailed as exc:
         sys.stderr.write(exc.render())
         return USER_ERROR
@@ -244,6 +244,8 @@ def _command_name(argv: list[str]) -> str | None:
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    from .commands import add_allow_path
+
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="agp", description="agp: a pipeline language and runtime for LLM inference.",
@@ -256,6 +258,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="check .agp files and report every error")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--json", action="store_true", help="diagnostics as JSON on stdout")
+    add_allow_path(p)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("fmt", help="print .agp files in canonical layout (comments kept)")
@@ -270,6 +273,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="out.svg | out.png | out.pdf | out.dot (default: FILE's name .svg)")
     p.add_argument("--pipeline", help="which pipeline of the file (default: its first)")
     p.add_argument("--plan", action="store_true", help="colour stages by plan stream, draw events dashed")
+    add_allow_path(p)
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("stages", help="list the stage kinds, or document one")

@@ -634,7 +634,7 @@ def check_program(program, registry: Registry | None = None) -> list[Diagnostic]
     """Every check of every pipeline of a loaded program (see loader.Program)."""
     diags: list[Diagnostic] = []
     for p in program.pipelines:
-        resolved, ds = check_pipeline(p, registry)
+        resolved, ds = check_pipeline(p, registry, getattr(program, "allowed", None) or None)
         diags += ds
         diags += validate(resolved, registry)
     return sort_diagnostics(diags)

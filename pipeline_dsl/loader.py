@@ -6,6 +6,11 @@ include cycle are errors at the `use` line; a file that is not UTF-8 is an error
 at its first bad byte. The program's pipelines are those of every loaded file;
 two pipelines with one name are an error.
 
+Trust (docs/language.md, "What agp check reads"): an included file must be an `.agp` file
+inside the root file's folder (or a folder the user allows: `allow_paths`, `--allow-path
+DIR`), symlinks resolved; anything else is refused before it is opened, so no diagnostic
+ever shows a line of a file that is not an .agp source of the program.
+
 Limits (each an error at the `use`, or at 1:1 of the root file): only regular files are
 read (a directory, a device such as /dev/zero or a FIFO is refused after a stat, never
 opened); a file has at most MAX_FILE_BYTES, a program MAX_FILES files and
@@ -30,6 +35,7 @@ class Program:
     modules: dict[str, ast.Module] = field(default_factory=dict)   # display path -> module
     sources: dict[str, str] = field(default_factory=dict)          # display path -> text
     pipelines: list[ast.Pipeline] = field(default_factory=list)    # in load order
+    allowed: tuple[str, ...] = ()     # folders (real paths) whose files `use` and json_schema may name
 
     def pipeline(self, name: str | None = None) -> ast.Pipeline | None:
         """The named pipeline; without a name, the root file's first (else the first loaded)."""
@@ -147,10 +153,24 @@ def _display(path: str) -> str:
     return os.path.normpath(path)
 
 
-def load_program(path: str, text: str | None = None) -> tuple[Program, list[Diagnostic]]:
-    """Load `path` (or `text` standing for it) and its includes; parse errors included."""
+def allowed_folders(root: str, allow_paths=()) -> tuple[str, ...]:
+    """The folders a program's files may be read from: the root file's folder (the current
+    directory for text without a file) and each of `allow_paths`, as real paths."""
+    folder = os.path.dirname(os.path.abspath(root)) if root and not root.startswith("<") else os.getcwd()
+    return tuple(dict.fromkeys(_key(f) for f in (folder, *(os.fspath(a) for a in allow_paths))))
+
+
+def inside(path: str, folders) -> bool:
+    """Whether `path` (symlinks resolved) lies in one of `folders` (real paths)."""
+    real = _key(path)
+    return any(real == f or real.startswith(f.rstrip(os.sep) + os.sep) for f in folders)
+
+
+def load_program(path: str, text: str | None = None, allow_paths=()) -> tuple[Program, list[Diagnostic]]:
+    """Load `path` (or `text` standing for it) and its includes; parse errors included.
+    `allow_paths`: folders besides the root file's from which files may be included."""
     path = os.fspath(path)
-    prog = Program(root=_display(path))
+    prog = Program(root=_display(path), allowed=allowed_folders(path, allow_paths))
     diags: list[Diagnostic] = []
     loaded: set[str] = set()
     owners: dict[str, ast.Pipeline] = {}
@@ -220,6 +240,10 @@ def load_program(path: str, text: str | None = None) -> tuple[Program, list[Diag
                     diags.append(Diagnostic(ERROR, "empty include path", item.path.pos,
                                             expected='use "other.agp"'))
                     continue
+                refused = _refused_include(item.path.value, target, prog.allowed)
+                if refused:
+                    diags.append(Diagnostic(ERROR, refused[0], item.path.pos, expected=refused[1], hint=refused[2]))
+                    continue
                 if len(stack) + 2 > MAX_INCLUDE_DEPTH:     # this file is number len(stack) + 1
                     diags.append(Diagnostic(ERROR, f"includes nested too deeply: '{_shown(_display(target))}' would be "
                                             f"file {len(stack) + 2} of a chain of uses from '{prog.root}'",
@@ -242,6 +266,23 @@ def load_program(path: str, text: str | None = None) -> tuple[Program, list[Diag
     return prog, diags
 
 
+def _refused_include(named: str, target: str, allowed) -> tuple[str, str, str] | None:
+    """(message, expected, hint) when `use` may not read `target`: not an .agp file, or outside
+    the allowed folders (symlinks resolved); None when it may. Nothing is opened."""
+    shown = _shown(named)
+    if "\0" in named:
+        return (f"include '{shown}': the path holds a NUL character", 'use "other.agp": the path of an .agp file',
+                "remove the NUL")
+    if not named.endswith(".agp") or not _key(target).endswith(".agp"):
+        return (f"include '{shown}' is not an .agp file", 'use "other.agp": the path of an .agp file',
+                "only .agp files can be included")
+    if not inside(target, allowed):
+        return (f"include '{shown}' is outside the pipeline's folder",
+                "an .agp file in the folder of the file given to agp (or below it)",
+                "move the file there, or allow its folder with --allow-path DIR")
+    return None
+
+
 def _key(path: str) -> str:
     """The file a path names, whatever the spelling (symlinks resolved): what `loaded` holds."""
     try:
@@ -257,3 +298,12 @@ def add_pipeline_arguments(p) -> None:
     p.add_argument("pipeline", metavar="FILE", help="the .agp file")
     p.add_argument("--pipeline", "--pipeline-name", "--name", dest="name", default=None,
                    help="which pipeline of the file (default: the only or first one)")
+    add_allow_path(p)
+
+
+def add_allow_path(p) -> None:
+    """--allow-path DIR: a folder besides the pipeline file's own that its `use` includes and
+    json_schema files may come from (docs/language.md, "What agp reads and runs")."""
+    p.add_argument("--allow-path", dest="allow_path", action="append", default=[], metavar="DIR",
+                   help="also read included .agp files and json_schema files from DIR (repeatable; "
+                        "default: only the pipeline file's folder)")

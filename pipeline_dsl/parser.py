@@ -266,6 +266,93 @@ class _ValueError(Exception):
 # lists inside lists, and conditions inside conditions (not, parentheses mixing and/or), may
 # nest this deep: the checker, fmt and the runtime walk them recursively
 MAX_NESTING = 64
+# before lark sees a text, a scan refuses nests that could only be errors: lists deeper than
+# MAX_NESTING (exact: brackets are lists), conditions whose parentheses and `not`s go deeper than
+# this (an upper bound of their depth). Parsing them would build a lark tree of that depth: a
+# 1 MiB file of brackets took 9 s and 675 MB; the scan takes milliseconds.
+MAX_SCAN_NESTING = 4 * MAX_NESTING
+# tokens of one file (a 20,000-stage chain has about 140,000): lark takes some 10 us and 700 bytes a
+# token, so a 1 MiB file of one-character tokens would take ten seconds and most of a gigabyte
+MAX_TOKENS = 250_000
+
+# the scan's tokens: strings and comments (skipped), runs of [ ] ( ), `not`, any other token
+_SCAN = re.compile(r'"[^"\\\n]*(?:\\.[^"\\\n]*)*"?|#[^\n]*|(\[+)|(\]+)|(\(+)|(\)+)|(not(?![A-Za-z0-9_]))'
+                   r'|([A-Za-z0-9_.+\-]+|\S)')
+
+
+def _prescan(text: str, file: str) -> Diagnostic | None:
+    """What the text must not be before lark parses it, found in one pass without parsing: more
+    than MAX_TOKENS tokens, the deepest list nest past MAX_NESTING, a condition nest past
+    MAX_SCAN_NESTING (None: none of these). A condition's depth here counts each open '(' and
+    each `not` still waiting for its operand. A nesting error wins over the token count."""
+    tokens, too_many = 0, None
+    lists, list_max, list_at, worst = 0, 0, 0, None      # list depth now; this nest's deepest; its '['
+    parens, nots, overflow, pending = 0, [0], 0, 0      # open '('; per level: nots waiting; levels not kept
+    first_not = first_inside = 0                        # where the outermost not / '(' of a nest starts
+    cond = None                                         # (depth, offset) of a condition nest past the bound
+    for m in _SCAN.finditer(text):
+        kind = m.lastindex
+        if kind is None:
+            continue                                     # a string or a comment
+        run = m.end() - m.start()
+        tokens += run if kind < 5 else 1
+        if tokens > MAX_TOKENS and too_many is None:
+            too_many = m.start()
+        if kind == 1:                                    # '[' * run
+            if lists == 0:
+                list_max, list_at = 0, m.start()
+            lists += run
+            list_max = max(list_max, lists)
+        elif kind == 2:                                  # ']' * run
+            lists = max(0, lists - run)
+            if lists == 0 and list_max > MAX_NESTING and (worst is None or list_max > worst[0]):
+                worst = (list_max, list_at)
+        elif kind == 3:                                  # '(' * run
+            if parens == 0 and nots[0] == 0:
+                first_inside = m.start() + 1
+            keep = max(0, min(run, MAX_SCAN_NESTING + 1 - len(nots)))
+            nots.extend([0] * keep)
+            overflow += run - keep
+            parens += run
+        elif kind == 4:                                  # ')' * run: the groups are their nots' operands
+            run = min(run, parens)
+            parens -= run
+            gone = min(run, overflow)
+            overflow -= gone
+            for _ in range(run - gone):
+                pending -= nots.pop()
+            pending -= nots[-1]
+            nots[-1] = 0
+        elif kind == 5:                                  # `not`
+            if parens == 0 and nots[0] == 0:
+                first_not = m.start()
+            nots[-1] += 1
+            pending += 1
+        else:                                            # an operand: the nots before it are done
+            pending -= nots[-1]
+            nots[-1] = 0
+        depth = parens + pending
+        if depth > MAX_SCAN_NESTING and (cond is None or depth > cond[0]):
+            cond = (depth, cond[1] if cond is not None else first_not if nots[0] else first_inside)
+    if lists > 0 and list_max > MAX_NESTING and (worst is None or list_max > worst[0]):
+        worst = (list_max, list_at)                      # a nest never closed
+    if worst is not None:
+        return _too_deep(worst[0], "values", _point(file, text, worst[1]))
+    if cond is not None:
+        return _too_deep(cond[0], "conditions", _point(file, text, _SKIP_BLANKS.match(text, cond[1]).end()))
+    if too_many is not None:
+        return Diagnostic(ERROR, f"the file has more than {MAX_TOKENS:,} tokens", _point(file, text, too_many),
+                          expected=f"a file of at most {MAX_TOKENS:,} tokens (names, numbers, strings, brackets, "
+                                   "operators)", hint='split it into several files joined with use "…"')
+    return None
+
+
+_SKIP_BLANKS = re.compile(r"\s*")
+
+
+def _point(file: str, text: str, offset: int) -> SourcePos:
+    line = text.count("\n", 0, offset) + 1
+    return SourcePos.point(file, line, offset - (text.rfind("\n", 0, offset) + 1) + 1)
 
 
 class _Flat:
@@ -497,6 +584,9 @@ def parse(text: str, file: str = "<string>") -> tuple[ast.Module | None, list[Di
         return tok
 
     text = text.replace("\r\n", "\n")
+    refused = _prescan(text, file)
+    if refused is not None:
+        return None, [refused]
     try:
         tree = _lark().parse(text)
     except UnexpectedInput as err:

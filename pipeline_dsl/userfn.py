@@ -1,11 +1,16 @@
 """User functions named in a pipeline: `fn = "module:function"` (python stages, join).
 
-The module is looked up beside the .agp file first, then on sys.path. `agp check`
-finds the function without running the module: it reads the module's source and looks
-for a top-level `def`, class, assignment or import of that name (a module without
-source, such as a compiled extension, is imported). The runtime imports it for real.
+The module is looked up beside the .agp file first, then on sys.path. `agp check` never
+imports or runs anything: it finds the module's file as the import system would (the
+finders' `find_spec`, a dotted name one package at a time from its parent's search path,
+so no parent package is executed either), reads the source and looks for a top-level
+`def`, class, assignment or import of that name with `ast`. A module without Python source
+cannot be read: one of the standard library's own C modules (`math`) is imported, as no
+Python code runs then; any other (a third-party compiled extension) is an error. The runtime
+imports the module for real.
 
-    find_function("hooks:redact", base_dir)   # None, or the reason it cannot be found
+    find_function("hooks:redact", base_dir)   # raises FunctionNotFound, with the reason
+    info = function_info("hooks:redact", base_dir)   # FunctionInfo: path, the defining ast node
     function_shape("hooks:redact", base_dir)  # "function" | "coroutine" | "generator" | ... | None
     fn = load_function("hooks:redact", base_dir)
     callable_shape(fn)                        # the same, of the loaded function
@@ -14,14 +19,17 @@ from __future__ import annotations
 
 import ast as pyast
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import re
 import sys
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 REF_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+MAX_SOURCE_BYTES = 4 << 20        # a module's source read by check; a larger one is an error
 _LOCK = threading.Lock()
 
 
@@ -31,6 +39,17 @@ class FunctionNotFound(LookupError):
     def __init__(self, message: str, names: list[str] | None = None):
         super().__init__(message)
         self.names = names or []          # the module's top-level names, for did-you-mean
+
+
+@dataclass(frozen=True)
+class FunctionInfo:
+    """Where a `fn` reference's function is defined, found without running anything."""
+    module: str
+    name: str
+    path: str | None                      # the module's source file (None: a C module of the stdlib)
+    node: pyast.AST | None                # the top-level statement that defines it: FunctionDef,
+                                          # AsyncFunctionDef, ClassDef, Assign, Import, If, Try, ...
+                                          # (None: a C module's function)
 
 
 def split_ref(ref: str) -> tuple[str, str]:
@@ -51,66 +70,132 @@ def _local_file(module: str, base_dir: str | None) -> str | None:
     return None
 
 
-def _top_level_names(source: str, filename: str) -> set[str] | None:
-    try:
-        tree = pyast.parse(source, filename)
-    except SyntaxError:
-        return None
-    names: set[str] = set()
+def _find_spec(fullname: str, path):
+    """The import system's spec of `fullname` under `path` (None: top level), asking each finder
+    of sys.meta_path as import does, without importing anything."""
+    loaded = sys.modules.get(fullname)
+    if loaded is not None and getattr(loaded, "__spec__", None) is not None:
+        return loaded.__spec__
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        if find is None:
+            continue
+        try:
+            spec = find(fullname, path)
+        except (ImportError, ValueError, OSError):
+            continue
+        if spec is not None:
+            return spec
+    return None
+
+
+def module_source(module: str, base_dir: str | None) -> str | None:
+    """The source file of `module` (beside the .agp file first, then as import would find it),
+    found without executing it or its parent packages; None for one of the standard library's
+    own C modules (math); FunctionNotFound otherwise."""
+    path = _local_file(module, base_dir)
+    if path is not None:
+        return path
+    parts = module.split(".")
+    spec, search = None, None
+    loaded = sys.modules.get(module)          # already imported (os.path): its spec, nothing run
+    if loaded is not None and getattr(loaded, "__spec__", None) is not None:
+        spec, parts = loaded.__spec__, []
+    for i in range(len(parts)):
+        name = ".".join(parts[:i + 1])
+        if i and search is None:
+            raise FunctionNotFound(f"module '{'.'.join(parts[:i])}' is not a package, so it has no module "
+                                   f"'{parts[i]}'")
+        spec = _find_spec(name, search)
+        if spec is None:
+            where = f"beside the pipeline ({base_dir}) or on sys.path" if base_dir else "on sys.path"
+            raise FunctionNotFound(f"module '{name}' not found {where}")
+        search = list(spec.submodule_search_locations) if spec.submodule_search_locations is not None else None
+    origin = spec.origin if spec.has_location else None
+    if origin is None:                         # a frozen stdlib module (os, posixpath) knows its file
+        origin = getattr(getattr(spec, "loader_state", None), "filename", None) or \
+            getattr(sys.modules.get(module), "__file__", None)
+    if not origin or not origin.endswith(".py") or not os.path.isfile(origin):
+        if _stdlib_c_module(module, spec):
+            return None
+        raise FunctionNotFound(f"module '{module}' has no Python source to read (agp check imports nothing); "
+                               "put the function in a .py module beside the pipeline")
+    return origin
+
+
+def _stdlib_c_module(module: str, spec) -> bool:
+    """Whether `module` is one of CPython's own C modules (builtin or in lib-dynload): importing it
+    runs no Python code, only the interpreter's."""
+    if "." in module or module not in getattr(sys, "stdlib_module_names", ()):
+        return False
+    origin = spec.origin or ""
+    return origin == "built-in" or origin.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+
+
+def _definitions(tree: pyast.Module) -> dict[str, pyast.AST]:
+    """Top-level name -> the statement that (last) defines it."""
+    out: dict[str, pyast.AST] = {}
     for node in tree.body:
         if isinstance(node, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.ClassDef)):
-            names.add(node.name)
+            out[node.name] = node
         elif isinstance(node, (pyast.Assign, pyast.AnnAssign)):
             targets = node.targets if isinstance(node, pyast.Assign) else [node.target]
             for t in targets:
                 for n in pyast.walk(t):
                     if isinstance(n, pyast.Name):
-                        names.add(n.id)
+                        out[n.id] = node
         elif isinstance(node, (pyast.Import, pyast.ImportFrom)):
             for alias in node.names:
-                names.add((alias.asname or alias.name).split(".")[0])
+                out[(alias.asname or alias.name).split(".")[0]] = node
         elif isinstance(node, (pyast.If, pyast.Try)):   # conditional definitions: accept their names
             for n in pyast.walk(node):
-                if isinstance(n, (pyast.FunctionDef, pyast.ClassDef)):
-                    names.add(n.name)
+                if isinstance(n, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.ClassDef)):
+                    out[n.name] = n
                 elif isinstance(n, pyast.Name) and isinstance(n.ctx, pyast.Store):
-                    names.add(n.id)
-    return names
+                    out.setdefault(n.id, node)
+    return out
+
+
+def _parse(path: str) -> pyast.Module:
+    try:
+        if os.path.getsize(path) > MAX_SOURCE_BYTES:
+            raise FunctionNotFound(f"{path} is larger than {MAX_SOURCE_BYTES >> 20} MiB, too large to check")
+        with open(path, "rb") as f:
+            source = f.read(MAX_SOURCE_BYTES + 1)
+        return pyast.parse(source, path)
+    except FunctionNotFound:
+        raise
+    except OSError as e:
+        raise FunctionNotFound(f"cannot read {path}: {e.strerror or e}") from None
+    except (SyntaxError, ValueError):     # ValueError: a NUL byte
+        raise FunctionNotFound(f"{path} has a syntax error") from None
+    except (RecursionError, MemoryError):
+        raise FunctionNotFound(f"{path} is nested too deeply to check") from None
+
+
+def function_info(ref: str, base_dir: str | None) -> FunctionInfo:
+    """Where `ref`'s function is defined (FunctionNotFound with the reason otherwise), found by
+    reading source: nothing is imported or run."""
+    module, attr = split_ref(ref)
+    path = module_source(module, base_dir)
+    if path is None:                           # a stdlib C module: no Python code runs on import
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            raise FunctionNotFound(f"module '{module}' cannot be imported: {e}") from None
+        if not callable(getattr(mod, attr, None)):
+            raise FunctionNotFound(f"module '{module}' has no function '{attr}'",
+                                   [n for n in dir(mod) if not n.startswith("_")])
+        return FunctionInfo(module, attr, None, None)
+    defined = _definitions(_parse(path))
+    if attr not in defined:
+        raise FunctionNotFound(f"module '{module}' ({path}) has no function '{attr}'", sorted(defined))
+    return FunctionInfo(module, attr, path, defined[attr])
 
 
 def find_function(ref: str, base_dir: str | None) -> None:
-    """Raise FunctionNotFound unless `ref` names a function that can be loaded (no import of
-    modules that have source)."""
-    module, attr = split_ref(ref)
-    path = _local_file(module, base_dir)
-    if path is None:
-        try:
-            spec = importlib.util.find_spec(module)
-        except (ImportError, ValueError) as e:
-            raise FunctionNotFound(f"module '{module}' not found ({e})") from None
-        if spec is None:
-            where = f"beside the pipeline ({base_dir}) or on sys.path" if base_dir else "on sys.path"
-            raise FunctionNotFound(f"module '{module}' not found {where}")
-        path = spec.origin if spec.origin and spec.origin.endswith(".py") else None
-        if path is None:                       # no source to read: import it
-            try:
-                mod = importlib.import_module(module)
-            except Exception as e:             # noqa: BLE001 - any failure is the user's to see
-                raise FunctionNotFound(f"module '{module}' cannot be imported: {type(e).__name__}: {e}") from None
-            if not callable(getattr(mod, attr, None)):
-                raise FunctionNotFound(f"module '{module}' has no function '{attr}'",
-                                       [n for n in dir(mod) if not n.startswith("_")])
-            return
-    try:
-        with open(path, encoding="utf-8") as f:
-            source = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise FunctionNotFound(f"cannot read {path}: {e}") from None
-    names = _top_level_names(source, path)
-    if names is None:
-        raise FunctionNotFound(f"{path} has a syntax error")
-    if attr not in names:
-        raise FunctionNotFound(f"module '{module}' ({path}) has no function '{attr}'", sorted(names))
+    """Raise FunctionNotFound unless `ref` names a function that can be loaded (nothing imported)."""
+    function_info(ref, base_dir)
 
 
 def load_function(ref: str, base_dir: str | None) -> Callable:
@@ -177,50 +262,14 @@ def shape_of_def(node: pyast.AST) -> str | None:
     return None
 
 
-def _source_path(module: str, base_dir: str | None) -> str | None:
-    path = _local_file(module, base_dir)
-    if path is not None:
-        return path
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None
-    return spec.origin if spec is not None and spec.origin and spec.origin.endswith(".py") else None
-
-
 def function_shape(ref: str, base_dir: str | None) -> str | None:
     """What `ref` names, read from its module's source (never imported): one of SHAPES for a
-    top-level `def` (the last one of that name), None when the source does not say (a class,
+    top-level `def` (the last binding of that name), None when the source does not say (a class,
     an assignment, an import, a module without source, a reference that is not found)."""
     try:
-        module, attr = split_ref(ref)
+        return shape_of_def(function_info(ref, base_dir).node)
     except FunctionNotFound:
         return None
-    path = _source_path(module, base_dir)
-    if path is None:
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            tree = pyast.parse(f.read(), path)
-    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
-        return None
-    shape = None
-    for node in tree.body:
-        names = _bound_names(node)
-        if attr in names:
-            shape = shape_of_def(node)            # a later binding replaces an earlier def
-    return shape
-
-
-def _bound_names(node: pyast.AST) -> set[str]:
-    if isinstance(node, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.ClassDef)):
-        return {node.name}
-    if isinstance(node, (pyast.Assign, pyast.AnnAssign, pyast.AugAssign)):
-        targets = node.targets if isinstance(node, pyast.Assign) else [node.target]
-        return {n.id for t in targets for n in pyast.walk(t) if isinstance(n, pyast.Name)}
-    if isinstance(node, (pyast.Import, pyast.ImportFrom)):
-        return {(a.asname or a.name).split(".")[0] for a in node.names}
-    return set()
 
 
 def callable_shape(fn: Callable) -> str:

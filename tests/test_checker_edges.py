@@ -128,13 +128,17 @@ def test_a_json_schema_beside_the_file_is_accepted_and_made_absolute(tmp_path, m
 
 
 def test_a_json_schema_is_looked_up_in_the_working_directory_after_the_files_folder(tmp_path, monkeypatch):
+    """Outside the pipeline's folder only when allowed (--allow-path), like every file it names."""
     pytest.importorskip("llguidance")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "s.json").write_text('{"type": "object"}')          # in the working directory only
     f = _schema_pipeline(tmp_path, "s.json")
     program, diags = pipeline_dsl.load(str(f))
+    assert [d.message for d in diags] == ["json_schema file 's.json' is outside the pipeline's folder"]
+    program, diags = pipeline_dsl.load(str(f), allow_paths=[str(tmp_path)])
     assert diags == []
-    assert check_pipeline(program.pipelines[0])[0].stages["gen"].params["json_schema"] == str(tmp_path / "s.json")
+    assert check_pipeline(program.pipelines[0], allowed=program.allowed)[0].stages["gen"].params["json_schema"] == \
+        str(tmp_path / "s.json")
     # a file beside the .agp file wins over the one in the working directory
     (tmp_path / "sub" / "s.json").write_text('{"type": "string"}')
     program, diags = pipeline_dsl.load(str(f))

@@ -87,7 +87,7 @@ def test_use_of_a_device_is_an_error_at_the_use_and_reads_nothing(tmp_path, targ
         pytest.skip(f"no {target} here")
     (tmp_path / "m.agp").write_text(f'# devices\nuse "{target}"\n' + small_pipeline("p"))
     (d,) = load(tmp_path / "m.agp")
-    assert "character device, not a regular file" in d.message
+    assert "is not an .agp file" in d.message                # refused before it is looked at
     assert (d.pos.file, d.pos.line, d.pos.col) == (str(tmp_path / "m.agp"), 2, 5)
 
 

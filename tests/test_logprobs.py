@@ -78,8 +78,9 @@ def test_echo_with_max_tokens_0_scores_the_prompt(server):
 
 
 def test_echo_logprobs_equal_transformers_on_the_same_weights(server, soft_gguf):
-    """The tiny model in fp32 both sides: agp's prompt logprobs (a full forward off the engine's
-    loop) and transformers' log_softmax of the dequantised GGUF agree to 1e-4 (measured 1.5e-6)."""
+    """The tiny model in fp32 both sides: agp's prompt logprobs (computed by the engine as it
+    prefills the prompt) and transformers' log_softmax of the dequantised GGUF agree to 1e-4
+    (measured 1.5e-6)."""
     transformers = pytest.importorskip("transformers")
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         str(soft_gguf.parent), gguf_file=soft_gguf.name, dtype=torch.float32, local_files_only=True).eval()
@@ -158,6 +159,29 @@ def test_echo_without_logprobs_and_the_limits_of_max_tokens_0(server):
     assert r.choices[0].logprobs.top_logprobs[1:] == [{}] * (len(r.choices[0].logprobs.tokens) - 1)
     r = server.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0, echo=True, logprobs=20)
     assert max(len(t) for t in r.choices[0].logprobs.top_logprobs[1:]) > 5     # more than OpenAI's 5
+
+
+def test_echo_scoring_is_prefilled_in_chunks_beside_other_streams(soft_gguf):
+    """A long prompt scored with echo runs through the engine's scheduler like any prefill:
+    16-token chunks (the server's prefill_chunk), each step beside the running stream's decode,
+    instead of one forward of the whole prompt that holds every stream up."""
+    s = LiveServer(soft_gguf, overrides={"prefill_chunk": 16, "max_tokens_per_step": 32})
+    try:
+        ids = [(7 * i + 3) % 200 + 3 for i in range(400)]
+        before = s.stats()
+        stream = s.client.completions.create(model="tiny", prompt="the cat", max_tokens=300, stream=True,
+                                             extra_body={"ignore_eos": True})
+        next(iter(stream))                                        # the victim is decoding
+        r = s.client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=2)
+        after = s.stats()
+        stream.close()
+        assert len(r.choices[0].logprobs.token_logprobs) == 400 and r.choices[0].finish_reason == "length"
+        assert after["prefill_tokens"] - before["prefill_tokens"] >= 400    # scored by the engine's steps
+        mixed = sum(n for size, n in after["batch_size_hist"].items() if int(size) >= 2) - \
+            sum(n for size, n in before["batch_size_hist"].items() if int(size) >= 2)
+        assert mixed >= 400 // 16 - 1                             # nearly every chunk beside the stream
+    finally:
+        s.close()
 
 
 @pytest.mark.parametrize("route, body, param", [

@@ -112,8 +112,8 @@ class Probe:
 G = "blk.0.ffn_gate.weight"
 GGUF_PROBES = [
     Probe("empty", lambda L: b"", "the file is empty"),
-    Probe("random_bytes", lambda L: random.Random(0).randbytes(4096), "not a GGUF file: it starts with"),
-    Probe("wrong_magic", lambda L: b"GGML" + L.data[4:], "not a GGUF file: it starts with b'GGML'"),
+    Probe("random_bytes", lambda L: random.Random(0).randbytes(4096), "not a GGUF file: its first 4 bytes are not b'GGUF'"),
+    Probe("wrong_magic", lambda L: b"GGML" + L.data[4:], "not a GGUF file: its first 4 bytes are not b'GGUF'"),
     Probe("version_1", lambda L: patch(L.data, 4, u32(1)), "GGUF version 1 is not supported"),
     Probe("version_99", lambda L: patch(L.data, 4, u32(99)), "GGUF version 99 is not supported"),
     Probe("truncated_in_magic", lambda L: L.data[:2], "truncated"),

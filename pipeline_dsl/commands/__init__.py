@@ -1,5 +1,5 @@
 """The `agp` sub-commands: one module each, with HELP, add_arguments(parser) and main(args) -> int."""
 
-from pipeline_dsl.loader import add_pipeline_arguments
+from pipeline_dsl.loader import add_allow_path, add_pipeline_arguments
 
-__all__ = ["add_pipeline_arguments"]
+__all__ = ["add_allow_path", "add_pipeline_arguments"]

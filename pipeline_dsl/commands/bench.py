@@ -23,9 +23,12 @@ HELP = "measure pipelines or OpenAI-compatible servers under a replayed workload
 
 
 def add_arguments(p) -> None:
+    from pipeline_dsl.commands import add_allow_path
+
     p.add_argument("pipelines", nargs="*", metavar="PIPELINE",
                    help="a .agp file, optionally followed by ,key=value engine settings")
     p.add_argument("--workload", "-w", required=True, help="JSONL requests (agp run's format)")
+    add_allow_path(p)
     p.add_argument("--rate", default="inf",
                    help="requests/s of the Poisson arrivals, 'inf' = all at once; "
                         "a comma list (1,2,inf) measures each (default: inf)")
@@ -104,7 +107,8 @@ def main(args) -> int:
     def targets():
         for spec in args.pipelines:
             yield lambda spec=spec: EngineTarget.from_pipeline(
-                spec, overlap=False if args.no_overlap else None, dtype=args.dtype, threads=args.threads)
+                spec, overlap=False if args.no_overlap else None, allow_paths=args.allow_path, dtype=args.dtype,
+                threads=args.threads)
         for url in args.url:
             yield lambda url=url: HTTPTarget(url, args.model, timeout=args.request_timeout)
 

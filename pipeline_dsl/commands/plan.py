@@ -28,7 +28,7 @@ def main(args) -> int:
     from pipeline_dsl.plan import PlanError, format_plan, make_plan
 
     try:
-        graph = load_pipeline_graph(Path(args.pipeline), args.name)
+        graph = load_pipeline_graph(Path(args.pipeline), args.name, args.allow_path)
     except CheckFailed as e:
         print(e.render(), file=sys.stderr)
         return 2

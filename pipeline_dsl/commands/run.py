@@ -7,24 +7,33 @@ Input: one request a line (`id`, `prompt` or `messages`, optional sampling field
 Output: one JSON line per input line, in input order, each written whole and flushed as
 soon as the lines before it are: `id`, `text`, `finish_reason`, `usage`; a line that
 cannot be run gives `{"id", "error": {"line", "message", "type"}}` and every other line
-still runs. An existing output file is never overwritten silently: `--overwrite` replaces
-it, `--resume` keeps it and runs only the requests whose id it does not hold yet.
+still runs: one longer than MAX_LINE_BYTES (if no end of line follows within MAX_SKIP_BYTES,
+as from /dev/zero, the input is read no further), or whose id an earlier line has (a line without
+an id takes its line number as id; ids are unique). An existing output file is never
+overwritten silently: `--overwrite` replaces it, `--resume` keeps it and runs only the lines
+it holds no record of yet (counted per id, so a repeated id is answered by its error record).
 Ctrl-C (SIGINT) or SIGTERM stops admitting, aborts what is in flight (those requests are
 not written, so `--resume` runs them again), writes the summary and `--stats`, and exits
-130 or 143. Exit 1 when every request failed. A progress bar and the summary go to stderr.
+130 or 143. A write that fails (a full disk, a closed pipe) stops the run the same way at
+once, says why, writes the summary and exits 1. Exit 1 when every request failed. A
+progress bar and the summary go to stderr.
 """
 from __future__ import annotations
 
 import json
 import os
 import signal
+import stat
 import sys
 import threading
 import time
+from collections import Counter
 
 from pipeline_dsl.commands import add_pipeline_arguments
 
 HELP = "run a pipeline over a JSONL file of requests on a real model"
+MAX_LINE_BYTES = 16 << 20      # one request line; a longer one is an error record (serve's bodies: 4 MiB)
+MAX_SKIP_BYTES = 256 << 20     # read past a too-long line's limit looking for its end; then stop reading
 
 
 def add_arguments(p) -> None:
@@ -51,11 +60,45 @@ def _err(message: str) -> int:
     return 2
 
 
-def _read_lines(path: str) -> list[bytes]:
-    data = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    return data.splitlines()
+class TooLong(bytes):
+    """A line past MAX_LINE_BYTES: its first bytes only (the rest was read and dropped); `endless`:
+    no end of line came within MAX_SKIP_BYTES, so the input was not read further."""
+    endless = False
+
+
+def _read_lines(path: str, limit: int = MAX_LINE_BYTES) -> list[bytes]:
+    """The input's lines, each read to at most `limit` bytes: a longer one comes back as TooLong
+    (memory stays bounded by the lines kept; -i /dev/zero is one endless line)."""
+    if path == "-":
+        return _lines(sys.stdin.buffer, limit)
+    if stat.S_ISDIR(os.stat(path).st_mode):
+        raise IsADirectoryError(21, "it is a folder")
+    with open(path, "rb") as f:
+        return _lines(f, limit)
+
+
+def _lines(f, limit: int) -> list[bytes]:
+    out: list[bytes] = []
+    first = True
+    while True:
+        line = f.readline(limit + 1)
+        if not line:
+            return out
+        if first and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:]
+        first = False
+        if len(line) > limit and not line.endswith(b"\n"):
+            head, skipped = TooLong(line[:200]), 0
+            while line and not line.endswith(b"\n"):      # the rest of the line: read, not kept
+                if skipped > MAX_SKIP_BYTES:
+                    head.endless = True                    # no end in sight: stop reading the input
+                    out.append(head)
+                    return out
+                line = f.readline(1 << 20)
+                skipped += len(line)
+            out.append(head)
+            continue
+        out.append(line.rstrip(b"\r\n") if line.endswith(b"\n") else line)
 
 
 def dump(record: dict) -> str:
@@ -72,28 +115,30 @@ def _key(value) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=True)
 
 
-def answered_ids(path: str) -> tuple[set[str], int]:
-    """Ids already in an output file (as JSON keys), and the byte length of its whole lines: a
-    last line cut short by a kill is not a record."""
+def answered_ids(path: str) -> tuple[Counter, int]:
+    """How many records of each id an output file holds (ids as JSON keys), and the byte length
+    of its whole lines: a last line cut short by a kill is not a record."""
+    ids: Counter = Counter()
+    keep = 0
     with open(path, "rb") as f:
-        data = f.read()
-    keep = data.rfind(b"\n") + 1
-    ids = set()
-    for raw in data[:keep].splitlines():
-        try:
-            rec = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and "id" in rec:
-            ids.add(_key(rec["id"]))
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break
+            keep += len(raw)
+            try:
+                rec = json.loads(raw)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(rec, dict) and "id" in rec:
+                ids[_key(rec["id"])] += 1
     return ids, keep
 
 
 class Interrupt:
     """SIGINT / SIGTERM: the first stops the run cleanly, a second one ends the process."""
 
-    def __init__(self) -> None:
-        self.event = threading.Event()
+    def __init__(self, event: threading.Event | None = None) -> None:
+        self.event = event if event is not None else threading.Event()
         self.signum: int | None = None
         self._old = {}
 
@@ -126,7 +171,7 @@ def main(args) -> int:
         return _err(f"input file not found: {args.input}")
     except OSError as e:
         return _err(f"cannot read {args.input}: {e.strerror}")
-    done_ids: set[str] = set()
+    done_ids: Counter = Counter()
     to_file = args.output != "-"
     if to_file and os.path.isdir(args.output):
         return _err(f"cannot write {args.output}: it is a folder")
@@ -143,6 +188,8 @@ def main(args) -> int:
     try:  # before the model loads: a bad output path fails at once
         if to_file:
             out = open(args.output, "a" if args.resume else "w", encoding="utf-8")
+        elif sys.stdout is None:
+            return _err("cannot write the answers: standard output is closed (give --output FILE)")
         else:
             out = sys.stdout
     except OSError as e:
@@ -154,25 +201,39 @@ def main(args) -> int:
     t_load = time.perf_counter()
     trace = Trace() if args.trace else None
     runtime = build_runtime(args.pipeline, args.name, overrides={"dtype": args.dtype, "threads": args.threads},
+                            allow_paths=args.allow_path,
                             overlap=False if args.no_overlap else None, trace=trace)
     load_s = time.perf_counter() - t_load
 
     results: list[dict | None] = []
     requests: list[RunRequest] = []
     bad_lines = skipped = 0
+    first_line: dict[str, int] = {}        # id -> the line that has it (ids are unique)
     for lineno, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
-        try:
-            req = parse_line(raw.decode("utf-8"), lineno)
-        except UnicodeDecodeError as e:
-            req, error = None, f"the line is not UTF-8 text (byte {e.start})"
-        except RequestError as e:
-            req, error = None, str(e)
+        if isinstance(raw, TooLong):
+            req, error = None, f"the line is longer than {MAX_LINE_BYTES >> 20} MiB"
+            if raw.endless:
+                error += f" (no end of line in {MAX_SKIP_BYTES >> 20} MiB more: the input is not read further)"
+        else:
+            try:
+                req = parse_line(raw.decode("utf-8"), lineno)
+            except UnicodeDecodeError as e:
+                req, error = None, f"the line is not UTF-8 text (byte {e.start})"
+            except RequestError as e:
+                req, error = None, str(e)
         rid = req.id if req is not None else _guess_id(raw, lineno, load_json)
-        if _key(rid) in done_ids:
+        key = _key(rid)
+        if done_ids[key] > 0:                  # --resume: this line's record is in the output
+            done_ids[key] -= 1
+            first_line.setdefault(key, lineno)
             skipped += 1
             continue
+        if key in first_line and req is not None:
+            req, error = None, (f"id {json.dumps(rid)[:60]} is also the id of line {first_line[key]}: ids must be "
+                                "unique (a line without an id takes its line number)")
+        first_line.setdefault(key, lineno)
         slot = len(results)
         results.append(None)
         if req is None:
@@ -183,14 +244,24 @@ def main(args) -> int:
 
     next_to_write = 0
     write_lock = threading.Lock()
+    write_error: list[OSError] = []
+    stop = threading.Event()
+
+    written = 0
 
     def flush() -> None:
-        nonlocal next_to_write
+        nonlocal next_to_write, written
         with write_lock:
-            while next_to_write < len(results) and results[next_to_write] is not None:
+            while not write_error and next_to_write < len(results) and results[next_to_write] is not None:
                 if results[next_to_write] is not False:         # False: interrupted, not written
-                    out.write(dump(results[next_to_write]) + "\n")
-                    out.flush()
+                    try:
+                        out.write(dump(results[next_to_write]) + "\n")
+                        out.flush()
+                        written += 1
+                    except OSError as e:      # a full disk, a closed pipe: stop at the first failed write
+                        write_error.append(e)
+                        stop.set()
+                        return
                 next_to_write += 1
 
     def on_done(slot: int, record: dict) -> None:
@@ -202,14 +273,16 @@ def main(args) -> int:
         flush()
 
     flush()  # leading bad lines
-    with Interrupt() as interrupt:
+    with Interrupt(stop) as interrupt:
         try:
-            summary = run_pipeline(runtime, requests, on_done=on_done, progress=not args.no_progress,
-                                   stop=interrupt.event, on_interrupted=on_interrupted)
+            summary = run_pipeline(runtime, requests if not write_error else [], on_done=on_done,
+                                   progress=not args.no_progress, stop=stop, on_interrupted=on_interrupted)
         finally:
             flush()
-            if out is not sys.stdout:
-                out.close()
+            try:
+                out.close() if out is not sys.stdout else None
+            except OSError as e:              # what the last flush could not write
+                write_error.append(e)
             runtime.shutdown()
     if args.trace:
         runtime.trace.write(args.trace)
@@ -219,10 +292,23 @@ def main(args) -> int:
     summary["resumed_skipped"] = skipped
     summary["requests"] += bad_lines
     summary["errors"] += bad_lines
+    summary["written"] = written
+    if write_error:
+        e = write_error[0]
+        if out is sys.stdout:                 # a closed pipe: nothing more goes there, not even at exit
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError):
+                pass
+        summary["write_error"] = f"{e.strerror or e}"
+        _err(f"cannot write {args.output if to_file else 'the output'}: {e.strerror or e}; the run stopped there "
+             "(the requests in flight were aborted; --resume runs them)")
     print(format_summary(summary), file=sys.stderr)
     if args.stats:
         with open(args.stats, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
+    if write_error:
+        return 1
     if interrupt.signum is not None:
         return 128 + interrupt.signum                 # 130 for SIGINT, 143 for SIGTERM
     if summary["requests"] and summary["errors"] == summary["requests"]:

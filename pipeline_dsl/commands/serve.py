@@ -83,7 +83,7 @@ def main(args) -> int:
 
     import uvicorn
 
-    from pipeline_dsl.serve.server import AgpServer, header_timeout_protocol
+    from pipeline_dsl.serve.server import AgpServer, agp_protocol
 
     try:
         serving = build(args)
@@ -103,7 +103,7 @@ def main(args) -> int:
         # itself: uvicorn's root_path would prefix every path a second time
         server = AgpServer(uvicorn.Config(
             serving.app, log_level=args.log_level, access_log=False, lifespan="on",
-            http=header_timeout_protocol(args.header_timeout), timeout_graceful_shutdown=5.0,
+            http=agp_protocol(args.header_timeout, args.send_timeout), timeout_graceful_shutdown=5.0,
             ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
             log_config={"version": 1, "disable_existing_loggers": False}),
             apipe, args.drain_timeout)

@@ -44,12 +44,20 @@ JSON Schema's open objects).
 
 EOS is allowed exactly when the grammar can end; once the grammar is complete only EOS is
 (`is_finished()`). A matcher that went wrong (a token it refused) allows only EOS from then on.
+
+What llguidance cannot enforce is refused when the spec is compiled (GrammarError: a 400 that
+names the reason), not answered with an empty 200: a regular expression (a schema's `pattern`,
+`patternProperties`, a regex spec) that expands to more than MAX_REGEX_SIZE characters
+(`(a{1000}){1000}`: llguidance's lexer gives up on it mid-answer, and its first mask alone
+costs seconds), a `$ref` that only refers to itself, and any grammar whose first step allows
+no output (the compiled grammar is probed once). Errors are never verbose (no grammar dump).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING
@@ -65,6 +73,7 @@ except ImportError:  # without it the engine still runs; compile() raises Gramma
 # between JSON tokens: at most one space (measured: SmolLM2 then finished 17 of 20 answers
 # within 200 tokens, 15 when allowed to indent); PRETTY_WHITESPACE: one newline + an indent
 JSON_WHITESPACE = r"[ ]?"
+MAX_REGEX_SIZE = 20_000    # a regex's size with its counted repetitions unrolled (a{20000}: 60 ms masks)
 PRETTY_WHITESPACE = r"(\r?\n)?[ \t]{0,20}"
 MAX_ERROR_CHARS = 400
 
@@ -80,6 +89,123 @@ def available() -> bool:
 def _need_llguidance():
     if _llg is None:
         raise GrammarError("constrained decoding needs the llguidance package: pip install llguidance")
+
+
+def _limits():
+    """llguidance's default resource limits, with short error messages (no state or grammar dump)."""
+    return _llg.LLParserLimits(verbose_errors=False)
+
+
+def regex_size(pattern: str) -> int:
+    """The size of `pattern` with its counted repetitions unrolled: (a{1000}){1000} is 1,000,000,
+    [a-z]{3,8} is 8, a*b+ is 2 (loops cost nothing). What llguidance's lexer builds grows with it."""
+    stack = [[0, 0]]                      # per open group: [size so far, size of its last atom]
+    i, n = 0, len(pattern)
+
+    def atom(size: int = 1) -> None:
+        stack[-1][0] += size
+        stack[-1][1] = size
+
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            j = i + 2
+            if i + 1 < n and pattern[i + 1] in "pPu" and j < n and pattern[j] == "{":   # \p{L}, \u{1F600}
+                j = (pattern.find("}", j) + 1) or n
+            atom()
+            i = j
+        elif c == "[":
+            j = i + 1
+            j += j < n and pattern[j] == "^"
+            j += j < n and pattern[j] == "]"
+            while j < n and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            atom()
+            i = j + 1
+        elif c == "(":
+            stack.append([0, 0])
+            i += 1
+            if pattern.startswith("?", i):                    # (?:  (?=  (?!  (?<name>
+                i += 1
+                if pattern.startswith("<", i) and not pattern.startswith(("<=", "<!"), i):
+                    i = (pattern.find(">", i) + 1) or n
+                else:
+                    i += 1
+        elif c == ")":
+            if len(stack) > 1:
+                size = stack.pop()[0]
+                atom(size)
+            i += 1
+        elif c == "{" and (m := _COUNT.match(pattern, i)):
+            lo = int(m.group(1) or 0)
+            hi = int(m.group(3)) if m.group(3) else lo + (1 if m.group(2) else 0)
+            k, last = max(lo, hi, 1), stack[-1][1]
+            stack[-1][0] += last * (k - 1)
+            stack[-1][1] = last * k
+            i = m.end()
+        elif c in "*+?|^$":
+            i += 1                                             # loops and anchors add no size
+        else:
+            atom()
+            i += 1
+    while len(stack) > 1:
+        size = stack.pop()[0]
+        atom(size)
+    return stack[0][0]
+
+
+_COUNT = re.compile(r"\{(\d{0,9})(,(\d{0,9}))?\}")
+
+
+def _regexes(schema):
+    """Every regular expression a JSON Schema holds: `pattern` values, `patternProperties` keys."""
+    todo = [schema]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, list):
+            todo.extend(node)
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                if k == "pattern" and isinstance(v, str):
+                    yield v
+                elif k == "patternProperties" and isinstance(v, dict):
+                    yield from (key for key in v if isinstance(key, str))
+                if isinstance(v, (dict, list)):
+                    todo.append(v)
+
+
+def _check_regex(pattern: str, where: str) -> None:
+    size = regex_size(pattern)
+    if size > MAX_REGEX_SIZE:
+        shown = pattern if len(pattern) <= 60 else pattern[:60] + "…"
+        raise GrammarError(f"{where} {shown!r} is too complex to enforce: it unrolls to about {size:,} "
+                           f"characters (at most {MAX_REGEX_SIZE:,})")
+
+
+def _ref_loop(schema) -> bool:
+    """Whether the schema is nothing but a $ref chain that comes back to where it started (it then
+    allows no value at all)."""
+    if not isinstance(schema, dict):
+        return False
+    seen, node = set(), schema
+    while isinstance(node, dict) and isinstance(node.get("$ref"), str) and \
+            not set(node) - {"$ref", "$defs", "definitions", "$schema", "$id", "title", "description", "$comment"}:
+        ref = node["$ref"]
+        if ref in seen:
+            return True
+        seen.add(ref)
+        if ref in ("#", "#/"):
+            node = schema
+            continue
+        if not ref.startswith("#/"):
+            return False
+        node = schema
+        for part in ref[2:].split("/"):
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+    return False
 
 
 class GrammarBuilder:
@@ -104,11 +230,16 @@ class GrammarBuilder:
                 schema = body.get("schema") if isinstance(body, dict) else None
                 if not isinstance(schema, (dict, bool)):
                     raise GrammarError("json_schema needs a 'schema' object")
+                for pattern in _regexes(schema):
+                    _check_regex(pattern, "the pattern")
+                if _ref_loop(schema):
+                    raise GrammarError("its $ref refers only to itself, so no value can follow it")
                 return _llg.LLMatcher.grammar_from_json_schema(self._prepare(schema), overrides=self.json_options)
             if kind == "regex":
                 pattern = spec.get("pattern")
                 if not isinstance(pattern, str):
                     raise GrammarError("regex needs a 'pattern' string")
+                _check_regex(pattern, "the regex")
                 return _llg.LLMatcher.grammar_from_regex(pattern)
             if kind == "tool_call":
                 return self._tool_grammar(spec)
@@ -142,6 +273,8 @@ class GrammarBuilder:
             params = fn.get("parameters") or {"type": "object"}
             if not isinstance(params, dict):
                 raise GrammarError(f"tool {fn['name']!r}: parameters must be a JSON Schema object")
+            for pattern in _regexes(params):
+                _check_regex(pattern, f"tool {fn['name']!r}: the pattern")
             fns[fn["name"]] = params
         choice = spec.get("choice", "required")
         if isinstance(choice, dict):            # OpenAI's {"type": "function", "function": {"name": ...}}
@@ -191,7 +324,7 @@ def check_spec(spec, *, close_objects: bool = True, whitespace: str | None = JSO
     warnings, or GrammarError for a spec that cannot compile."""
     _need_llguidance()
     text = GrammarBuilder(close_objects, whitespace)._build(spec)
-    is_error, messages = _llg.LLMatcher.validate_grammar_with_warnings(text)
+    is_error, messages = _llg.LLMatcher.validate_grammar_with_warnings(text, limits=_limits())
     if is_error:
         raise GrammarError(_short(messages[0] if messages else "invalid grammar"))
     return list(messages)
@@ -257,6 +390,10 @@ def _close_objects(s, in_all_of: bool = False):
     return s
 
 
+def _first_line(msg: str) -> str:
+    return (msg.strip().splitlines() or [""])[0]
+
+
 def _short(msg: str) -> str:
     msg = " ".join(msg.split())
     return msg if len(msg) <= MAX_ERROR_CHARS else msg[:MAX_ERROR_CHARS] + "…"
@@ -267,13 +404,30 @@ class Grammar:
 
     def __init__(self, compiler: ConstraintCompiler, text: str):
         self.compiler = compiler
-        is_error, messages = _llg.LLMatcher.validate_grammar_with_warnings(text, compiler.tokenizer)
+        is_error, messages = _llg.LLMatcher.validate_grammar_with_warnings(text, compiler.tokenizer,
+                                                                           limits=_limits())
         if is_error:
             raise GrammarError(_short(messages[0] if messages else "invalid grammar"))
         self.warnings = list(messages)
-        self._template = _llg.LLMatcher(compiler.tokenizer, text, log_level=0)
+        self._template = _llg.LLMatcher(compiler.tokenizer, text, log_level=0, limits=_limits())
         if self._template.is_error():
             raise GrammarError(_short(self._template.get_error()))
+        self._probe(compiler)
+
+    def _probe(self, compiler: ConstraintCompiler) -> None:
+        """The first step of a fresh matcher: a grammar that fails there, or that allows nothing
+        but the end before it can end, can produce no answer (GrammarError)."""
+        import torch
+
+        m = self._template.deep_copy()
+        row = torch.zeros(compiler.words, dtype=torch.int32)
+        m.unsafe_compute_mask_ptr(row.data_ptr(), compiler.words * 4)
+        if m.is_error():
+            raise GrammarError(_short(f"no output can follow it ({_first_line(m.get_error())})"))
+        allowed = _unpack(row.view(1, -1), compiler.vocab_size)[0]
+        allowed[list(compiler.eos_token_ids)] = False
+        if not bool(allowed.any()) and not m.is_accepting():
+            raise GrammarError("no output can follow it")
         self._lock = threading.Lock()
 
     def matcher(self) -> "Matcher":
@@ -324,7 +478,7 @@ class Matcher:
 
     @property
     def error(self) -> str:
-        return self.m.get_error() if self.m.is_error() else ""
+        return _short(_first_line(self.m.get_error())) if self.m.is_error() else ""
 
 
 _SHIFTS: dict = {}

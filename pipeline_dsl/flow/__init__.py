@@ -21,16 +21,18 @@ from .stats import StageCounter
 __all__ = ["Choice", "PipelineError", "PipelineRuntime", "Result", "StageCounter", "build_runtime", "load_graph"]
 
 
-def load_graph(pipeline: str | os.PathLike | nx.DiGraph, name: str | None = None) -> nx.DiGraph:
-    """A checked graph from a path (raises CheckFailed with diagnostics) or a graph as is."""
+def load_graph(pipeline: str | os.PathLike | nx.DiGraph, name: str | None = None, allow_paths=()) -> nx.DiGraph:
+    """A checked graph from a path (raises CheckFailed with diagnostics) or a graph as is;
+    `allow_paths`: folders besides the file's own that its includes and schemas may come from."""
     if isinstance(pipeline, nx.DiGraph):
         return pipeline
     from pipeline_dsl import load_pipeline_graph
 
-    return load_pipeline_graph(Path(pipeline), name)
+    return load_pipeline_graph(Path(pipeline), name, allow_paths)
 
 
-def build_runtime(pipeline, name: str | None = None, *, overrides: dict | None = None, **kwargs) -> PipelineRuntime:
+def build_runtime(pipeline, name: str | None = None, *, overrides: dict | None = None, allow_paths=(),
+                  **kwargs) -> PipelineRuntime:
     """A PipelineRuntime for a pipeline file or graph; `overrides` are EngineConfig fields set
     from the command line (they win over the file when not None)."""
-    return PipelineRuntime(load_graph(pipeline, name), overrides=overrides, **kwargs)
+    return PipelineRuntime(load_graph(pipeline, name, allow_paths), overrides=overrides, **kwargs)

@@ -130,13 +130,9 @@ class EngineSide:
         if not targets:
             raise PipelineError(f"stage '{seg.kv}': no generate stage takes this request", "failed", seg.kv)
         entry = {"prompt_tokens": len(ids), "cached_tokens": None}
-        if item.data.get("prompt_logprobs") is not None:    # echo with logprobs: the prompt's own
-            entry["prompt_logprobs"] = es.prompt_logprobs(ids, int(item.data["prompt_logprobs"]))
-            entry["prompt_token_ids"] = list(ids)
-            heard = getattr(req.listener, "on_prompt", None)   # a stream echoes them before its tokens
-            if heard is not None:
-                heard(req.key, entry["prompt_token_ids"], entry["prompt_logprobs"])
-        if item.data.get("max_tokens") == 0 and item.data.get("pooling") is None:   # echo only: nothing to compute
+        if item.data.get("prompt_logprobs") is not None:    # echo with logprobs: the engine scores the
+            entry["prompt_token_ids"] = list(ids)           # prompt chunk by chunk (_on_outputs hears it)
+        elif item.data.get("max_tokens") == 0 and item.data.get("pooling") is None:   # echo only: nothing to compute
             self._answer_without_engine(item, es, targets, ids, entry)
             return
         copies = []                                         # (target index, generate stage, copy, params)
@@ -205,15 +201,31 @@ class EngineSide:
             data["prompt_token_ids"] = item.entry["prompt_token_ids"]
         return data
 
+    def _heard_prompt(self, item: Item, logprobs: list) -> None:
+        """A sequence's prompt logprobs (echo), with its first output: kept for the answer, and a
+        stream echoes them before its tokens (once per request, whichever copy came first)."""
+        entry = item.entry
+        if entry is None or "prompt_logprobs" in entry:
+            return
+        entry["prompt_logprobs"] = logprobs
+        heard_prompt = getattr(item.req.listener, "on_prompt", None)
+        if heard_prompt is not None:
+            heard_prompt(item.req.key, entry["prompt_token_ids"], logprobs)
+
     def _on_outputs(self, es, outputs) -> None:
         """An engine step's outputs (the executor's emit thread): deltas, then finished sequences."""
         now = self.clock()
-        finished = []
+        finished, unenforceable = [], []
         for out in outputs:
             item = self.ledger.item_of(out.request_id)
             if item is None or item.req.done:
                 continue
             req = item.req
+            if out.finished and out.finish_reason == "error":   # the grammar gave up mid-answer: no
+                unenforceable.append((item, out))               # answer that parses, and no "error"
+                continue                                        # finish reason (not OpenAI's)
+            if getattr(out, "prompt_logprobs", None) is not None:
+                self._heard_prompt(item, out.prompt_logprobs)
             if item.live is None and self.streams.chains.get(item.at):
                 item.live = self._go_live(item)
             step_logprobs = getattr(out, "logprobs", None)
@@ -230,6 +242,10 @@ class EngineSide:
                     heard(req, item.index, out)
             if out.finished:
                 finished.append((item, out))
+        for item, out in unenforceable:
+            why = (out.metrics or {}).get("error") or "the grammar refused a token"
+            self._fail(item.req, PipelineError(f"the answer's constraint cannot be enforced: {why}", "invalid",
+                                               item.at), item)
         if not finished:
             return
         with self._lock:

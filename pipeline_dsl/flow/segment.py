@@ -24,8 +24,8 @@ from stages.fields import REQUEST_FIELDS
 # request fields that override a generate stage's sampling defaults: each generate parameter a
 # request may set (stages/fields.py), and the per-request ones no stage sets
 SAMPLING_FIELDS = tuple(f for f in REQUEST_FIELDS if f != "n") + (
-    "stop_token_ids", "logit_bias", "logprobs", "skip_special_tokens", "spaces_between_special_tokens",
-    "include_stop_str_in_output", "pooling")
+    "stop_token_ids", "logit_bias", "logprobs", "prompt_logprobs", "skip_special_tokens",
+    "spaces_between_special_tokens", "include_stop_str_in_output", "pooling")
 # constraints a request may bring (response_format, or agp serve's mapping of vLLM's guided fields)
 CONSTRAINTS = ("json_object", "json_schema", "regex", "choice", "grammar")
 
@@ -203,33 +203,6 @@ class EngineSegment:
         except GrammarError as e:
             what = "tool_choice" if spec.get("type") == "tool_call" else "response_format"
             raise InputError(f"'{what}' cannot be enforced: {e}") from None
-
-    def prompt_logprobs(self, ids: list[int], top: int) -> list:
-        """Logprobs of each prompt token given the ones before it (None for the first), with the
-        `top` most likely alternatives: a forward of the prompt alone, off the engine's loop (it
-        reads the weights only, never the KV pool)."""
-        import torch
-
-        from pipeline_dsl.engine.compute import on_compute
-
-        model = self.engine.runner.model
-
-        def forward():
-            with torch.inference_mode():
-                logits = model.forward_full(list(ids))                   # [T, V] float32
-                logp = torch.log_softmax(logits.float(), dim=-1)         # [T, V]
-                target = torch.tensor(ids[1:], dtype=torch.long)
-                picked = logp[:-1].gather(1, target[:, None]).squeeze(1) if len(ids) > 1 else torch.empty(0)
-                tops = logp[:-1].topk(top, dim=-1) if top and len(ids) > 1 else None
-            return picked, tops
-
-        # on CPU on the compute thread, between the engine's steps: one OpenMP pool (engine/compute.py)
-        picked, tops = on_compute(forward) if model.device.type == "cpu" else forward()
-        out: list = [None]
-        for i in range(len(ids) - 1):
-            alts = list(zip(tops.indices[i].tolist(), tops.values[i].tolist())) if tops is not None else []
-            out.append({"token_id": ids[i + 1], "logprob": float(picked[i]), "top": alts})
-        return out
 
     def copies(self, gen: str, data: dict) -> int:
         n = data.get("n")

@@ -132,8 +132,8 @@ class _GGUFParser:
         raw = self.raw_string(what)
         try:
             return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            self.fail(f"{what} is not UTF-8 text ({raw[:40]!r})")
+        except UnicodeDecodeError as e:
+            self.fail(f"{what} is not UTF-8 text ({e.reason} at byte {e.start})")
 
     def text(self, raw: bytes, element: str = ""):
         """A metadata string; one that is not UTF-8 marks the value being read unreadable."""
@@ -148,7 +148,8 @@ class _GGUFParser:
         if len(head) < 4 and GGUF_MAGIC.startswith(head):
             self.fail(f"truncated: the file ends at byte {self.size}, inside the GGUF magic")
         if head != GGUF_MAGIC:
-            self.fail(f"not a GGUF file: it starts with {head!r}, not {GGUF_MAGIC!r}")
+            # the bytes themselves are not shown: a diagnostic never quotes a file that is not agp's
+            self.fail(f"not a GGUF file: its first 4 bytes are not {GGUF_MAGIC!r}")
         self.pos = 4
         version = self.scalar("I", "the GGUF version")
         if version not in GGUF_VERSIONS:

@@ -61,6 +61,7 @@ def build(args, *, host: str | None = None) -> Serving:
             raise SetupError(f"--chat-template {args.chat_template}: {e}") from None
     try:
         runtime = build_runtime(args.pipeline, args.name, overlap=False if args.no_overlap else None, max_queue=args.max_queue,
+                                allow_paths=getattr(args, "allow_path", ()),
                                 served_name=(args.served_model_name or [None])[0],
                                 trace=Trace(limit=1_000_000) if args.trace else None,
                                 overrides={"dtype": args.dtype, "threads": args.threads,

@@ -50,8 +50,11 @@ class Generations:
 
     def parse(self, body: dict, parse) -> P.GenerationRequest:
         c = self.config
-        return parse(body, max_model_len=c.max_model_len, served=c.model_names, stages=self.stage_names,
-                     lenient=c.lenient)
+        req = parse(body, max_model_len=c.max_model_len, served=c.model_names, stages=self.stage_names,
+                    lenient=c.lenient)
+        if "n" not in req.fields:           # the generate stage's n answers each prompt
+            P.check_choices(1 + len(req.more_prompts), c.max_stage_n)
+        return req
 
     def refused(self, err: P.APIError) -> Response:
         self.metrics.requests.labels(str(err.status)).inc()

@@ -23,6 +23,17 @@ def _names(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+class ExtendOrReplace(argparse._ExtendAction):
+    """`--flag A B --flag C` gives [A, B, C], as argparse's "extend"; but the flags replace the
+    default (which AGP_<FLAG> may have set) instead of adding to it: `AGP_API_KEY=old agp serve
+    --api-key new` accepts only `new`, so rotating a key this way leaves the old one invalid."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is self.default:
+            setattr(namespace, self.dest, [])          # the first use of the flag: the default goes
+        super().__call__(parser, namespace, values, option_string)
+
+
 def add_arguments(p) -> None:
     add_pipeline_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -37,10 +48,10 @@ def add_arguments(p) -> None:
     p.add_argument("--no-overlap", action="store_true",
                    help="run the plan's streams serially (A/B against overlap; by default CUDA overlaps them, "
                         "CPU only with a core to spare beside the forward's threads)")
-    p.add_argument("--served-model-name", action="extend", nargs="+", default=None, metavar="NAME",
+    p.add_argument("--served-model-name", action=ExtendOrReplace, nargs="+", default=None, metavar="NAME",
                    help="the model id(s) clients use; the first is reported in answers (default: the "
                         "pipeline's name)")
-    p.add_argument("--api-key", action="extend", nargs="+", default=None, metavar="KEY",
+    p.add_argument("--api-key", action=ExtendOrReplace, nargs="+", default=None, metavar="KEY",
                    help="answer only requests with 'Authorization: Bearer KEY' (401 otherwise); /health, "
                         "/metrics and /version stay open")
     p.add_argument("--max-model-len", type=int, default=None,
@@ -71,6 +82,9 @@ def add_arguments(p) -> None:
                    help="seconds a client has to send its request line and headers (default: 10)")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a client has to send its request body; later: 408 (default: 30)")
+    p.add_argument("--send-timeout", type=float, default=30.0,
+                   help="seconds a client may leave its answer unread (the socket's buffer full) before "
+                        "the connection is cut (default: 30)")
     p.add_argument("--lenient", action="store_true",
                    help="log and ignore request fields agp does not know, as vLLM does (default: a 400)")
     p.add_argument("--allowed-hosts", default=None,
@@ -154,7 +168,7 @@ class SetupError(Exception):
 
 def check_args(args) -> None:
     """The flags' own ranges, before anything is loaded."""
-    positive = ("drain_timeout", "header_timeout", "body_timeout")
+    positive = ("drain_timeout", "header_timeout", "body_timeout", "send_timeout")
     at_least = {"max_queue": 1, "max_body_bytes": 1024, "max_input_tokens": 1, "max_connections": 1,
                 "max_model_len": 1, "max_num_seqs": 1, "threads": 1}
     if not 0 <= args.port <= 65535:

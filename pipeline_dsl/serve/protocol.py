@@ -254,6 +254,7 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
         fields["echo"] = True
     extras = parse_extras(obj, chat=False)
     fields.update(extras.fields)
+    check_choices(len(prompts), int(fields.get("n") or 1))
     first, rest = prompts[0], prompts[1:]
     return GenerationRequest("completion", model, fields, prompt=first if isinstance(first, str) else None,
                              prompt_token_ids=tuple(first) if not isinstance(first, str) else None,
@@ -262,7 +263,16 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
 
 
 MAX_PROMPTS = 256          # prompts one completions request may batch
+MAX_CHOICES = 256          # answers one request may ask for: prompts x n
 MAX_LOGPROBS = 20          # most likely alternatives a token's logprobs may list
+
+
+def check_choices(prompts: int, n: int) -> None:
+    """A request's answers (its prompts times n each) bounded: 256 prompts x n = 64 would hold
+    16,384 sequences of one client."""
+    if prompts * n > MAX_CHOICES:
+        raise APIError(f"{prompts} prompts x n = {n} asks for {prompts * n} answers; at most {MAX_CHOICES} a "
+                       "request (send fewer prompts or a smaller n)", param="n" if prompts == 1 else "prompt")
 
 
 def _prompts(prompt, max_model_len: int) -> list:
@@ -397,12 +407,17 @@ def parse_tokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...
     return out
 
 
-def parse_detokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...] = ()) -> tuple[list, str | None]:
+def parse_detokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...] = (),
+                     max_model_len: int | None = None) -> tuple[list, str | None]:
+    """POST /detokenize: {"tokens": [ids]}, at most the model's context of them."""
     obj = check_unknown(obj, {"model", "tokens"})
     _, pin = model_of(obj, served, stages)
     tokens = obj.get("tokens")
     if not isinstance(tokens, list) or not all(_is_int(t) and t >= 0 for t in tokens):
         raise _bad("tokens", "an array of token ids", tokens)
+    if max_model_len is not None and len(tokens) > max_model_len:
+        raise APIError(f"'tokens' holds {len(tokens)} ids; at most {max_model_len} (the model's context)",
+                       param="tokens", code="context_length_exceeded")
     return tokens, pin
 
 

@@ -145,7 +145,8 @@ async def detokenize(request: Request):
     try:
         body = await read_json(request, state.config)
         ids, model_name = P.parse_detokenize(body, served=state.config.model_names,
-                                             stages=_stage_names(state.config))
+                                             stages=_stage_names(state.config),
+                                             max_model_len=state.config.max_model_len)
         text = await asyncio.to_thread(state.apipe.runtime.detokenise, ids, model_name)
     except P.APIError as err:
         return error_response(err)

@@ -1,15 +1,30 @@
-"""uvicorn, as `agp serve` runs it: a header read timeout, and a drain that tells the truth.
+"""uvicorn, as `agp serve` runs it: every connection bounded in time and size, and a drain
+that tells the truth.
 
-- `HeaderTimeoutH11` closes a connection whose request line and headers have not all
-  arrived `header_timeout` seconds after its first byte (or after it opened): half-sent
-  requests do not hold connections for ever. (The body has its own limit in the app.)
-- `AgpServer` on SIGTERM / SIGINT stops admitting (new requests get 503), waits up to the
-  drain timeout for the requests in flight, then fails the rest — an SSE error event and
-  `[DONE]` for a stream, a JSON 503 otherwise — and only then lets uvicorn stop. `cut` is
-  how many were failed; a second signal stops at once.
+`agp_protocol(...)` is uvicorn's H11Protocol with a limit in every state of a connection:
+
+| state | limit |
+|---|---|
+| opened, or a request line and headers arriving | `header_timeout` from the first byte (or the open): closed |
+| headers longer than `max_header_bytes` (16 KiB) | 431 at once, closed (nginx refuses 64 KB headers too) |
+| the body arriving | the app's `--body-timeout` (408) |
+| answered with an error, or before the body was all read | `Connection: close`, closed after the answer |
+| the answer being written, the client not reading it | `send_timeout` with the socket's buffer full: cut |
+| idle between requests (keep-alive) | uvicorn's keep-alive timeout (5 s) |
+
+So no client holds a connection (and its file descriptor) longer than one of these limits by
+sending a byte now and then: an answered 413 whose client keeps sending is closed, not left
+half-read for ever.
+
+`AgpServer` on SIGTERM / SIGINT stops admitting (new requests get 503), waits up to the drain
+timeout for the requests in flight, then fails the rest — an SSE error event and `[DONE]` for
+a stream, a JSON 503 otherwise — and only then lets uvicorn stop. `cut` is how many were
+failed; a second signal stops at once.
 """
 from __future__ import annotations
 
+import http
+import json
 import logging
 import signal
 import threading
@@ -21,21 +36,40 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger("agp.serve")
 
+MAX_HEADER_BYTES = 16 << 10    # request line + headers; uvicorn (h11) reads 16 KiB, nginx 8-32 KB
+CLOSE = (b"connection", b"close")
 
-def header_timeout_protocol(seconds: float):
-    """An H11Protocol class that gives each request `seconds` to send its request line and headers."""
 
-    class HeaderTimeoutH11(H11Protocol):
-        header_timeout = seconds
+class _ClosingConnection(h11.Connection):
+    """h11's server side that says `Connection: close` on every error answer and on any answer
+    sent before the request's body was read in full; h11 then closes after the answer."""
+
+    def send(self, event):
+        if isinstance(event, h11.Response) and (event.status_code >= 400 or self.their_state is h11.SEND_BODY):
+            if not any(name.lower() == b"connection" and b"close" in value.lower() for name, value in event.headers):
+                event = h11.Response(status_code=event.status_code, reason=event.reason,
+                                     headers=[*event.headers, CLOSE], http_version=event.http_version)
+        return super().send(event)
+
+
+def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
+                 max_header_bytes: int = MAX_HEADER_BYTES):
+    """An H11Protocol class with the limits of the module docstring."""
+
+    class AgpH11(H11Protocol):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.conn = _ClosingConnection(h11.SERVER, max_incomplete_event_size=max_header_bytes + 1)
 
         def connection_made(self, transport):
             super().connection_made(transport)
-            self._header_timer = None
+            self._header_timer = self._send_timer = None
             self._arm()
 
+        # ---- the request line and headers: in time, and not too long -----------------
         def _arm(self) -> None:
             if self._header_timer is None:
-                self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+                self._header_timer = self.loop.call_later(header_timeout, self._headers_late)
 
         def _disarm(self) -> None:
             if self._header_timer is not None:
@@ -49,21 +83,72 @@ def header_timeout_protocol(seconds: float):
             else:
                 self._disarm()
 
+        def handle_events(self) -> None:
+            if self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE \
+                    and not self.transport.is_closing() and self._headers_too_long():
+                self._refuse(431, f"the request line and headers are longer than {max_header_bytes} bytes",
+                             "headers_too_large")
+                return
+            super().handle_events()
+
+        def _headers_too_long(self) -> bool:
+            buffered = self.conn.trailing_data[0]
+            end = buffered.find(b"\r\n\r\n")
+            return (end if end >= 0 else len(buffered)) > max_header_bytes
+
+        def _refuse(self, status: int, message: str, code: str) -> None:
+            """An OpenAI error answer written outside the app (the request never reached it), then close."""
+            log.info("closing a connection: %d %s", status, message)
+            body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                         "code": code}}).encode()
+            reason = http.HTTPStatus(status).phrase
+            # written as bytes: h11 sends no answer before it has read a request's headers
+            self.transport.write(f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+                                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
+            self._disarm()
+            self.transport.close()
+
         def on_response_complete(self) -> None:
             super().on_response_complete()
             self._disarm()                        # idle keep-alive: uvicorn's own timeout applies
 
-        def connection_lost(self, exc) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
         def _headers_late(self) -> None:
             self._header_timer = None
             if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                log.info("closing a connection whose request headers took more than %gs", self.header_timeout)
+                log.info("closing a connection whose request headers took more than %gs", header_timeout)
                 self.transport.close()
 
-    return HeaderTimeoutH11
+        # ---- the answer: a client that reads none of it is cut -----------------------
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._send_timer is None:
+                self._send_timer = self.loop.call_later(send_timeout, self._send_stalled)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = None
+
+        def _send_stalled(self) -> None:
+            self._send_timer = None
+            if not self.transport.is_closing():
+                log.info("cutting a connection whose client read nothing of its answer for %gs", send_timeout)
+                self.transport.abort()            # connection_lost: the app hears a disconnect
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = None
+            super().connection_lost(exc)
+
+    return AgpH11
+
+
+def header_timeout_protocol(seconds: float):
+    """agp_protocol with this header timeout and the other limits' defaults."""
+    return agp_protocol(header_timeout=seconds)
 
 
 class AgpServer(uvicorn.Server):

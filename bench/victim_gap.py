@@ -1,0 +1,193 @@
+"""How much one hostile request, connection or file stalls everybody else: a victim stream's
+largest inter-token gap while each probe runs against `agp serve`.
+
+    python bench/victim_gap.py                              # the embedded model, examples/chat.agp
+    python bench/victim_gap.py --threads 2 --json gaps.json
+    taskset -c 0,1 python bench/victim_gap.py               # as on a 2-core machine
+
+The server runs as a child process; a victim streams a long completion while each probe runs:
+a 4,000-token prompt without echo (the share any long prompt takes: its prefill, chunk by chunk),
+the same prompt scored with echo (logprobs 20, then 0), 300 connections answered 413 whose
+clients keep sending, 64 KB headers, unenforceable response_formats, 1M ids to /detokenize,
+256 prompts x n = 64, and `agp check` of a 1 MiB file of nested brackets. Each line: the probe,
+what it got, how long it took, and the victim's largest gap while it ran (and its median gap
+alone). The bar: every gap under 1 s on an idle 2-core machine, and no probe stalling the victim
+more than a plain prompt of its size does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Victim:
+    """A streaming completion; the time of every content chunk."""
+
+    def __init__(self, url: str, tokens: int):
+        self.url, self.tokens, self.stamps = url, tokens, []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        body = {"prompt": "Tell me a long story about a cat.", "max_tokens": self.tokens, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", self.url + "/v1/completions", json=body, timeout=600) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    self.stamps.append(time.perf_counter())
+
+    def start(self, first: int = 5) -> "Victim":
+        self.thread.start()
+        while len(self.stamps) < first and self.thread.is_alive():
+            time.sleep(0.01)
+        return self
+
+    def max_gap(self, t0: float, t1: float) -> float:
+        """The largest gap between chunks that overlaps [t0, t1]."""
+        gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:]) if b >= t0 and a <= t1]
+        return max(gaps, default=float("nan"))
+
+
+def raw(port: int, data: bytes, extra: bytes = b"", wait: float = 5.0) -> tuple[bytes, bool]:
+    """Send `data`, read the status line, send `extra`; (status line, closed by the server within wait)."""
+    c = socket.create_connection(("127.0.0.1", port))
+    try:
+        c.sendall(data)
+        c.settimeout(30)
+        head = c.recv(4096).split(b"\r\n", 1)[0]
+        if extra:
+            try:
+                c.sendall(extra)
+            except OSError:
+                return head, True
+        c.settimeout(wait)
+        try:
+            while c.recv(65536):
+                pass
+            return head, True
+        except (socket.timeout, TimeoutError):
+            return head, False
+        except OSError:
+            return head, True
+    finally:
+        c.close()
+
+
+def probes(url: str, port: int, tmp: Path) -> dict:
+    post = lambda route, body: httpx.post(url + route, json=body, timeout=600).status_code  # noqa: E731
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 400        # about 4,000 tokens
+    huge = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 10737418240\r\n\r\n{")
+    nested = tmp / "nested.agp"
+    head = "pipeline p {\n  stage s : generate { stop = "
+    nested.write_text(head + "[" * ((1 << 20) - 100 - len(head)) + "\n")
+
+    def flood() -> str:
+        results = [None] * 300
+
+        def one(i):
+            results[i] = raw(port, huge, b"x")
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(300)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return f"{sum(r[0].split(b' ')[1:2] == [b'413'] for r in results)} x 413, " \
+               f"{sum(r[1] for r in results)} closed"
+
+    def check() -> str:
+        r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "check", str(nested)], capture_output=True,
+                           text=True, cwd=ROOT)
+        return f"exit {r.returncode}: {r.stderr.splitlines()[0][-60:]}"
+
+    pattern = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^(a{1000}){1000}$"}}}
+    return {
+        "4000 tokens, no echo (its share)": lambda: post("/v1/completions", {"prompt": long_prompt, "max_tokens": 1}),
+        "echo 4000 tokens, logprobs 20": lambda: post("/v1/completions", {"prompt": long_prompt, "max_tokens": 0,
+                                                                         "echo": True, "logprobs": 20}),
+        "echo 4000 tokens, logprobs 0": lambda: post("/v1/completions", {"prompt": long_prompt, "max_tokens": 0,
+                                                                        "echo": True, "logprobs": 0}),
+        "300 x 413 + one more byte": flood,
+        "64 KB headers": lambda: raw(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * (64 << 10)
+                                     + b"\r\n\r\n")[0].decode(),
+        "pattern (a{1000}){1000}": lambda: post("/v1/completions", {"prompt": "hi", "max_tokens": 8, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": pattern}}}),
+        "$ref to itself": lambda: post("/v1/completions", {"prompt": "hi", "max_tokens": 8, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}}),
+        "/detokenize 1M ids": lambda: post("/detokenize", {"tokens": [42] * 1_000_000}),
+        "256 prompts x n = 64": lambda: post("/v1/completions", {"prompt": ["hi"] * 256, "n": 64, "max_tokens": 1}),
+        "agp check, 1 MiB of [": check,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pipeline", default=str(ROOT / "examples" / "chat.agp"))
+    ap.add_argument("--threads", type=int, default=None, help="the server's torch threads")
+    ap.add_argument("--tokens", type=int, default=400, help="the victim's answer length per probe")
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--only", default=None, help="run only the probes whose name holds this text")
+    args = ap.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "pipeline_dsl.cli", "serve", args.pipeline, "--port", str(port), "--no-access-log",
+           "--log-level", "warning"] + (["--threads", str(args.threads)] if args.threads else [])
+    server = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    url = f"http://127.0.0.1:{port}"
+    rows = []
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                print("agp serve did not start", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        alone = Victim(url, 120).start()
+        alone.thread.join()
+        gaps = [b - a for a, b in zip(alone.stamps, alone.stamps[1:])]
+        print(f"victim alone: median gap {statistics.median(gaps) * 1e3:.0f} ms, largest {max(gaps) * 1e3:.0f} ms")
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, probe in probes(url, port, Path(tmp)).items():
+                if args.only and args.only not in name:
+                    continue
+                victim = Victim(url, args.tokens).start()
+                t0 = time.perf_counter()
+                got = probe()
+                t1 = time.perf_counter()
+                gap = victim.max_gap(t0, t1)
+                victim.thread.join()
+                rows.append({"probe": name, "result": str(got), "probe_s": round(t1 - t0, 3),
+                             "victim_max_gap_s": round(gap, 3)})
+                print(f"{name:<32} {str(got):<28} {t1 - t0:7.2f} s   victim's largest gap {gap * 1e3:6.0f} ms",
+                      flush=True)
+    finally:
+        server.terminate()
+        server.wait(60)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"alone_median_gap_s": statistics.median(gaps), "probes": rows},
+                                              indent=2))
+    worst = max((r["victim_max_gap_s"] for r in rows), default=0)
+    print(f"worst gap while a probe ran: {worst * 1e3:.0f} ms ({'under' if worst < 1 else 'OVER'} 1 s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Connections to `agp serve` are bounded whatever the client does (serve/server.py): an error
+answer, or one sent before the body was read, closes its connection (`Connection: close`) even
+if the client keeps sending; headers over 16 KiB are a 431; a client that reads none of its
+stream is cut after --send-timeout. Probed with raw sockets against an `agp serve` child,
+counting the child's open sockets."""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from uvicorn.server import ServerState
+
+from pipeline_dsl.serve.server import agp_protocol
+
+from test_serve import TINY, _free_port, wait_until_healthy
+
+ROOT = Path(__file__).resolve().parents[1]
+HUGE = b"Content-Length: 10737418240\r\n"
+
+
+@pytest.fixture(scope="module")
+def serve(tiny_gguf, tmp_path_factory):
+    """`agp serve` on the tiny model with short limits: (process, url, port)."""
+    path = tmp_path_factory.mktemp("conn") / "tiny.agp"
+    path.write_text(TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=1))
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "serve", str(path), "--port", str(port),
+                             "--threads", "1", "--no-access-log", "--header-timeout", "2", "--send-timeout", "1",
+                             "--body-timeout", "5"], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(proc, url)
+        yield proc, url, port
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+
+
+def sockets_of(pid: int) -> int:
+    """Open sockets of a process (Linux /proc)."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except OSError:
+            pass
+    return n
+
+
+def head_of_answer(c: socket.socket) -> bytes:
+    """The status line and headers the server sent (and what came with them)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = c.recv(65536)
+        assert chunk, f"closed before an answer: {data!r}"
+        data += chunk
+    return data
+
+
+def closed_within(c: socket.socket, seconds: float) -> bool:
+    """Whether the server closes `c` within `seconds` (EOF or a reset), reading what it sends."""
+    c.settimeout(seconds)
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            if not c.recv(65536):
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
+    return False
+
+
+def wait_for(predicate, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+@pytest.mark.parametrize("request_head, status", [
+    (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" + HUGE, b"413"),
+    (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n" + HUGE, b"415"),
+    (b"POST /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" + HUGE, b"404"),
+    (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n" + HUGE, b"200"),        # answered before its body
+])
+def test_an_early_answer_closes_the_connection_though_the_client_keeps_sending(serve, request_head, status):
+    _, _, port = serve
+    c = socket.create_connection(("127.0.0.1", port))
+    try:
+        c.sendall(request_head + b"\r\n{")
+        head = head_of_answer(c)
+        assert head.split(b" ")[1] == status, head
+        assert b"connection: close" in head.lower()
+        c.sendall(b"x")                                   # one more byte, then silence
+        assert closed_within(c, 5)
+    finally:
+        c.close()
+
+
+def test_early_answered_connections_hold_no_descriptors(serve):
+    proc, url, port = serve
+    before = sockets_of(proc.pid)
+    conns = []
+    for _ in range(100):
+        c = socket.create_connection(("127.0.0.1", port))
+        c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  + HUGE + b"\r\n{")
+        conns.append(c)
+    for c in conns:
+        head_of_answer(c)
+        c.sendall(b"x")
+    try:
+        assert wait_for(lambda: sockets_of(proc.pid) <= before + 2, 10), sockets_of(proc.pid) - before
+        assert httpx.get(url + "/health", timeout=10).status_code == 200
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_headers_over_16_kib_are_431_and_closed(serve):
+    _, url, port = serve
+    for pieces in (1, 40):                                  # all at once, or trickled without an end
+        c = socket.create_connection(("127.0.0.1", port))
+        try:
+            head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * (20 << 10) + b"\r\n\r\n"
+            if pieces > 1:
+                head = head[:-4]
+            step = len(head) // pieces + 1
+            for i in range(0, len(head), step):
+                c.sendall(head[i:i + step])
+            answer = head_of_answer(c)
+            assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+            assert b"connection: close" in answer.lower() and b"headers_too_large" in answer
+            assert closed_within(c, 5)
+        finally:
+            c.close()
+    r = httpx.get(url + "/health", headers={"x-fine": "a" * (12 << 10)}, timeout=10)     # 12 KiB: fine
+    assert r.status_code == 200
+
+
+class _Transport:
+    """What a protocol needs of an asyncio transport, recording how it was closed."""
+
+    def __init__(self):
+        self.aborted = self.closed = False
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+    def is_closing(self):
+        return self.aborted or self.closed
+
+    def abort(self):
+        self.aborted = True
+
+    def close(self):
+        self.closed = True
+
+    def write(self, data):
+        pass
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass
+
+
+def test_a_client_that_reads_none_of_its_answer_is_cut_after_the_send_timeout():
+    """The socket's buffer full (pause_writing) for --send-timeout: the connection is cut, and
+    the app hears a disconnect; a client that drains it in time keeps its connection."""
+    loop = asyncio.new_event_loop()
+    try:
+        config = uvicorn.Config(app=lambda scope, receive, send: None, log_level="warning")
+        cls = agp_protocol(header_timeout=10, send_timeout=0.2)
+        stalled, slow = _Transport(), _Transport()
+        for t in (stalled, slow):
+            proto = cls(config=config, server_state=ServerState(), app_state={}, _loop=loop)
+            proto.connection_made(t)
+            proto.pause_writing()
+            if t is slow:
+                loop.run_until_complete(asyncio.sleep(0.1))
+                proto.resume_writing()
+        loop.run_until_complete(asyncio.sleep(0.5))
+        assert stalled.aborted and not slow.aborted and not slow.closed
+    finally:
+        loop.close()

@@ -1,0 +1,57 @@
+"""A 1 MiB .agp file of anything parses fast and in bounded memory: nests that can only be
+errors (lists past 64 levels, conditions past 256) and files of more than 250,000 tokens are
+refused by a scan before lark builds a tree (a 1 MiB file of nested brackets took 9 s and
+675 MB). Memory is measured with tracemalloc, never time."""
+from __future__ import annotations
+
+import tracemalloc
+
+import pytest
+
+from pipeline_dsl import parser
+
+MIB = 1 << 20
+
+
+def peak_of(fn, *args):
+    tracemalloc.start()
+    try:
+        out = fn(*args)
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def sized(head: str, unit: str, tail: str = "") -> str:
+    return head + unit * ((MIB - 100 - len(head)) // len(unit)) + tail
+
+
+@pytest.mark.parametrize("text, message, col", [
+    (sized("pipeline p {\n  stage s : respond { x = ", "["), "values are nested too deeply: ", 27),
+    ("pipeline p {\n  stage s : respond { x = " + "[" * 400_000 + "]" * 400_000 + " }\n}\n",
+     "values are nested too deeply: 400000 levels", 27),
+    (sized("pipeline p {\n  a -> b when ", "not "), "conditions are nested too deeply: ", 15),
+    (sized("pipeline p {\n  a -> b when ", "(full and (timeout or "), "conditions are nested too deeply: ", 16),
+    (sized("pipeline p {\n  a -> b when ", "not ("), "conditions are nested too deeply: ", 15),
+])
+def test_a_megabyte_of_nesting_is_refused_without_building_a_tree(text, message, col):
+    (_, (d,)), peak = peak_of(parser.parse, text)
+    assert d.message.startswith(message) and (d.pos.line, d.pos.col) == (2, col), d.message
+    assert peak < 64 * MIB, peak                          # the text is 1 MiB; lark's tree was 675 MB
+
+
+def test_a_megabyte_of_small_tokens_is_refused_at_the_token_limit():
+    text = sized('pipeline p {\n  stage s : generate { stop = [', "[[1]],", "] }\n}\n")
+    (_, (d,)), peak = peak_of(parser.parse, text)
+    assert d.message == f"the file has more than {parser.MAX_TOKENS:,} tokens" and d.pos.line == 2
+    assert peak < 64 * MIB, peak
+
+
+def test_files_under_the_limits_parse_as_before():
+    n = parser.MAX_SCAN_NESTING
+    ok = "pipeline p {\n  a -> b when " + "(" * n + "full" + ")" * n + "\n}\n"       # redundant parentheses
+    module, diags = parser.parse(ok)
+    assert diags == [] and module is not None
+    flat = "pipeline p {\n  stage s : respond { x = [" + ", ".join(["[1, [2]]"] * 20_000) + "] }\n}\n"
+    module, diags = parser.parse(flat)                   # 220,000 tokens
+    assert diags == [] and len(module.items[0].stages[0].params[0].value.items) == 20_000

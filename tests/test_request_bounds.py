@@ -1,0 +1,39 @@
+"""What one request may ask of `agp serve` is bounded: its answers (prompts x n, with the
+generate stage's n when the request gives none) and the ids /detokenize turns into text."""
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from pipeline_dsl.serve import protocol as P
+
+
+def test_prompts_times_n_is_bounded():
+    with pytest.raises(P.APIError) as e:
+        P.parse_completion({"prompt": ["hi"] * 256, "n": 64}, max_model_len=512, served=("tiny",))
+    assert e.value.status == 400 and "16384 answers; at most 256" in e.value.message
+    ok = P.parse_completion({"prompt": ["hi"] * 4, "n": 64}, max_model_len=512, served=("tiny",))
+    assert len(ok.split()) == 4
+    with pytest.raises(P.APIError, match="at most 256"):
+        P.check_choices(8, 64)                       # the stage's n when the request sets none
+
+
+def test_detokenize_takes_at_most_the_models_context():
+    with pytest.raises(P.APIError) as e:
+        P.parse_detokenize({"tokens": [5] * 1_000_000}, served=("tiny",), max_model_len=512)
+    assert e.value.status == 400 and e.value.param == "tokens" and "at most 512" in e.value.message
+    assert P.parse_detokenize({"tokens": [5] * 512}, served=("tiny",), max_model_len=512)[0] == [5] * 512
+
+
+def test_the_server_refuses_unbounded_requests_with_a_400(tiny_gguf):
+    from test_serve import LiveServer
+
+    s = LiveServer(tiny_gguf, max_stage_n=64)          # as if a generate stage said n = 64
+    try:
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": ["hi"] * 8, "max_tokens": 1}, timeout=60)
+        assert r.status_code == 400 and "512 answers" in r.json()["error"]["message"], r.text
+        r = httpx.post(s.url + "/detokenize", json={"tokens": [5] * 100_000}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tokens", r.text
+        assert httpx.post(s.url + "/detokenize", json={"tokens": [5, 6]}, timeout=60).status_code == 200
+    finally:
+        s.close()

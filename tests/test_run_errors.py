@@ -1,0 +1,94 @@
+"""`agp run`'s error paths: ids are unique (a repeated id is an error record, and `--resume`
+answers every line exactly once), a failed write stops the run at once with a clear message,
+the summary and exit 1, and the input is read line by line with a length limit (a device such
+as /dev/zero is refused; an over-long line is an error record)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PIPELINE = """pipeline tiny {{
+    model  = "{model}"
+    device = cpu
+    dtype  = fp32
+    stage request : requests {{}}
+    stage batch   : dynamic_batch {{ max_batch_size = 4  timeout = 1ms }}
+    stage encode  : encode {{}}
+    stage kv      : kv_lookup {{ block_size = 8  budget = 1MiB }}
+    stage gen     : generate {{ max_new_tokens = 4 }}
+    stage out     : respond {{}}
+    request -> batch
+    batch -> encode when full
+    batch -> encode when timeout
+    encode -> kv -> gen -> out
+}}
+"""
+
+
+@pytest.fixture
+def pipeline(tmp_path, tiny_gguf):
+    path = tmp_path / "tiny.agp"
+    path.write_text(PIPELINE.format(model=tiny_gguf))
+    return path
+
+
+def run(pipeline, *args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "--no-progress",
+                           "--threads", "1", *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, **kw)
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_repeated_id_is_an_error_record_and_resume_answers_every_line_once(tmp_path, pipeline):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"id": 2, "prompt": "c"}\n{"id": "x", "prompt": "d"}\n'
+                   '{"id": "x", "prompt": "e"}\n')
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    got = records(out)
+    assert [g["id"] for g in got] == [1, 2, 2, "x", "x"]
+    assert "text" in got[1] and "also the id of line 2" in got[2]["error"]["message"]
+    assert "text" in got[3] and "also the id of line 4" in got[4]["error"]["message"]
+    # cut after the second record (as a kill would): --resume answers lines 3-5 again, none skipped
+    out.write_text("".join(line + "\n" for line in out.read_text().splitlines()[:2]))
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert [g["id"] for g in records(out)] == [1, 2, 2, "x", "x"] and "error" in records(out)[2]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+def test_a_failed_write_stops_the_run_at_once_with_the_summary_and_exit_1(tmp_path, pipeline):
+    inp, stats = tmp_path / "in.jsonl", tmp_path / "stats.json"
+    inp.write_text("".join(json.dumps({"prompt": f"p{i}", "max_tokens": 8}) + "\n" for i in range(200)))
+    r = run(pipeline, "-i", inp, "-o", "/dev/full", "--stats", stats)
+    assert r.returncode == 1, r.stderr
+    assert "cannot write /dev/full: No space left on device" in r.stderr and "run summary" in r.stderr
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr
+    s = json.loads(stats.read_text())
+    assert s["written"] == 0 and s["requests"] < 200 and s["interrupted"] > 0   # stopped, not run to the end
+
+
+def test_input_lines_are_bounded_even_an_endless_one(tmp_path, pipeline):
+    out = tmp_path / "zero.jsonl"
+    r = run(pipeline, "-i", "/dev/zero", "-o", out)               # one line that never ends
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "MemoryError" not in r.stderr
+    (rec,) = records(out)
+    assert rec["id"] == 1 and rec["error"]["message"].startswith("the line is longer than 16 MiB (no end of line")
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    with open(inp, "wb") as f:
+        f.write(b'{"prompt": "' + b"a" * (17 << 20) + b'"}\n{"prompt": "ok"}\n')
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    first, second = records(out)
+    assert first == {"id": 1, "error": {"line": 1, "message": "the line is longer than 16 MiB", "type": "invalid"}}
+    assert second["id"] == 2 and "text" in second

@@ -1,0 +1,29 @@
+"""`agp serve`'s flags against their AGP_* variables: a flag wins over its variable, also for
+the flags that take several values (--api-key, --served-model-name): it replaces the
+variable's list, it never adds to it (a rotated key must stop working)."""
+from __future__ import annotations
+
+import argparse
+import os
+from unittest import mock
+
+from pipeline_dsl.commands import serve
+
+
+def parse(argv, environ):
+    p = argparse.ArgumentParser(prog="agp serve")
+    with mock.patch.dict(os.environ, environ, clear=False):
+        serve.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def test_api_key_flag_replaces_the_variable_instead_of_adding_to_it():
+    env = {"AGP_API_KEY": "old", "AGP_SERVED_MODEL_NAME": "a,b"}
+    args = parse(["x.agp", "--api-key", "new", "--served-model-name", "c"], env)
+    assert args.api_key == ["new"] and args.served_model_name == ["c"]
+    args = parse(["x.agp", "--api-key", "k1", "k2", "--api-key", "k3"], env)
+    assert args.api_key == ["k1", "k2", "k3"]                     # several flags still add up
+    args = parse(["x.agp"], env)
+    assert args.api_key == ["old"] and args.served_model_name == ["a", "b"]
+    assert parse(["x.agp", "--api-key", "new"], {}).api_key == ["new"]
+    assert parse(["x.agp"], {}).api_key is None

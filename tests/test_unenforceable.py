@@ -1,0 +1,108 @@
+"""Constraints llguidance cannot enforce are a 400 that names the reason, never a 200 with an
+empty answer (engine/constrain.py): a pattern that unrolls to a million characters, a $ref
+that only refers to itself; `agp check` refuses such a json_schema file too. A grammar that
+gives up mid-answer fails its request (400, or an error event on a stream), and only OpenAI's
+finish reasons ever appear."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from pipeline_dsl.engine import constrain
+from pipeline_dsl.engine.constrain import ConstraintCompiler, GrammarError, check_spec, regex_size
+
+pytest.importorskip("llguidance")
+
+HUGE_PATTERN = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^(a{1000}){1000}$"}},
+                "required": ["a"]}
+SELF_REF = {"$ref": "#"}
+OPENAI_REASONS = {"stop", "length", "tool_calls", "content_filter", "function_call"}
+
+
+def schema_format(schema) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gguf):
+    from test_serve import LiveServer
+
+    s = LiveServer(tiny_gguf)
+    yield s
+    s.close()
+
+
+def test_regex_size_unrolls_counted_repetitions():
+    assert regex_size("^(a{1000}){1000}$") == 1_000_000
+    assert regex_size("^[a-z]{3,8}$") == 8 and regex_size("a*b+c?") == 3
+    assert regex_size(r"(?:ab|c){10}\d{2,}") == 33
+
+
+@pytest.mark.parametrize("schema, words", [
+    (HUGE_PATTERN, "the pattern '^(a{1000}){1000}$' is too complex to enforce"),
+    ({"type": "object", "patternProperties": {"^(ab{1000}){100}$": {"type": "string"}}}, "too complex"),
+    (SELF_REF, "$ref refers only to itself"),
+    ({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}, "only to itself"),
+])
+def test_unenforceable_schemas_are_refused_when_compiled_and_checked(tiny_gguf, schema, words):
+    from pipeline_dsl.engine import Engine, EngineConfig
+
+    spec = schema_format(schema)
+    with pytest.raises(GrammarError, match="too complex|only to itself") as e:
+        check_spec(spec)                                           # agp check: no tokenizer
+    assert words in str(e.value)
+    engine = Engine(EngineConfig(model=str(tiny_gguf), dtype="fp32"))
+    with pytest.raises(GrammarError):
+        ConstraintCompiler(engine.tokenizer, engine.vocab_size).compile(spec)
+    with pytest.raises(GrammarError, match="too complex"):
+        check_spec({"type": "regex", "pattern": "(a{1000}){1000}"})
+
+
+@pytest.mark.parametrize("schema, words", [(HUGE_PATTERN, "too complex to enforce"),
+                                           (SELF_REF, "refers only to itself")])
+@pytest.mark.parametrize("stream", [False, True])
+def test_unenforceable_response_format_is_a_400_naming_the_reason(server, schema, words, stream):
+    for route, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                        ("/v1/completions", {"prompt": "hi"})):
+        r = httpx.post(server.url + route, json={**body, "max_tokens": 8, "stream": stream,
+                                                 "response_format": schema_format(schema)}, timeout=60)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert "'response_format' cannot be enforced" in err["message"] and words in err["message"]
+
+
+def test_a_grammar_that_gives_up_mid_answer_fails_the_request_without_an_error_finish_reason(
+        server, monkeypatch):
+    """A matcher that refuses the answer's third token (as llguidance does when its lexer gives
+    up on a schema mid-answer): the engine ends the sequence with its internal "error"; the
+    client gets a 400, or on a stream an error event, never finish_reason "error"."""
+
+    class GivesUp(constrain.Matcher):
+        __slots__ = ("n",)
+
+        def __init__(self, m, compiler):
+            super().__init__(m, compiler)
+            self.n = 0
+
+        def accept(self, token_id):
+            self.n += 1
+            return super().accept(token_id) and self.n < 3
+
+    monkeypatch.setattr(constrain, "Matcher", GivesUp)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16,
+            "response_format": {"type": "json_object"}}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400 and "cannot be enforced" in r.json()["error"]["message"], r.text
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True},
+                      timeout=60) as resp:
+        events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    reasons = {c["finish_reason"] for chunk in chunks for c in chunk.get("choices", [])} - {None}
+    assert reasons <= OPENAI_REASONS, reasons
+    assert "cannot be enforced" in chunks[-1]["error"]["message"]
+    monkeypatch.undo()
+    ok = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)    # the server goes on
+    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in OPENAI_REASONS
