@@ -77,6 +77,9 @@ def make_model(shape: str, tokenizer: Path, out: Path, device: str) -> Path:
     return out
 
 
+KV_BUDGET = [4 << 30]      # the engine-alone rows' KV pool: 4 GiB on a device, small in --smoke (CPU RAM)
+
+
 def prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, 49000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
@@ -88,7 +91,7 @@ def engine_alone(folder: Path, device: str, ps, new: int, *, overlap=None, graph
     from pipeline_dsl.engine.executor import Executor
 
     cfg = EngineConfig(model=str(folder), device=device, dtype="bf16", max_batch_size=batch,
-                       max_tokens_per_step=4096, prefill_chunk=512, kv_budget_bytes=4 << 30, batch_timeout_s=0.0)
+                       max_tokens_per_step=4096, prefill_chunk=512, kv_budget_bytes=KV_BUDGET[0], batch_timeout_s=0.0)
     runner, _, info = load_runner(cfg)
     eng = Engine(cfg, runner=runner, tokenizer=Ids())
     ex = Executor(eng, overlap=overlap, cuda_graphs=graphs)
@@ -224,6 +227,8 @@ def main(argv=None) -> int:
         return 0
     smoke = args.smoke
     device = "cpu" if smoke else "cuda"
+    if smoke:
+        KV_BUDGET[0] = 64 << 20
     if not smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --smoke on a CPU")
     n, new, lo, hi = (8, 8, 6, 12) if smoke else (256, 128, 24, 64)
