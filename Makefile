@@ -11,7 +11,8 @@ MSTAMP  := $(VENV)/.installed-mutate
 # `make mutate`: the files mutated (all of [tool.mutmut] only_mutate; FILES=... for some of them)
 # and how many mutants run at once
 FILES   ?= pipeline_dsl/engine/scheduler.py pipeline_dsl/engine/sampler.py pipeline_dsl/engine/kv_cache.py \
-           pipeline_dsl/checker.py pipeline_dsl/graph.py
+           pipeline_dsl/checker.py pipeline_dsl/graph.py pipeline_dsl/flow/router.py pipeline_dsl/flow/joins.py \
+           pipeline_dsl/flow/loops.py pipeline_dsl/serve/protocol.py
 JOBS    ?= 2
 
 # bench-only: llama.cpp for the llama.cpp rows of `make bench`; its wheel is cached in .whl/
@@ -57,7 +58,7 @@ $(MSTAMP): $(TSTAMP)
 
 # Mutation testing (docs/testing.md), separate from `test`: a fresh mutmut run over FILES with the
 # fast tests, at the lowest CPU priority; then the numbers per file and every surviving mutant,
-# marked documented (equivalent, docs/testing.md says why) or NEW (exit status 1). All five files
+# marked documented (equivalent, docs/testing.md says why) or NEW (exit status 1). All nine files
 # take 1-3 hours on 2 cores; one file: make mutate FILES=pipeline_dsl/engine/sampler.py
 mutate: $(MSTAMP)
 	rm -rf mutants

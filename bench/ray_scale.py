@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from pipeline_dsl import benchmark as B  # noqa: E402
+from pipeline_dsl.commands import loadgen as B  # noqa: E402
 from serve_load import WORKLOADS, Server, loadavg  # noqa: E402
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline_dsl import benchmark as B  # noqa: E402
+from pipeline_dsl.commands import loadgen as B  # noqa: E402
 
 WORKLOADS = ROOT / "bench" / "workloads"
 

@@ -124,7 +124,7 @@ def agp_executor(runtime, work: list[dict]) -> dict:
     """W32 through the pipeline as `agp run` runs it (the plan's executor); a warm-up request
     first, same runtime."""
     from pipeline_dsl.requests_io import parse_request
-    from pipeline_dsl.runner import summarize
+    from pipeline_dsl.commands.runner import summarize
 
     runtime.run_all([{"id": "warm", "prompt": "Hello", "max_tokens": 4}], keep_open=True)
     items = [parse_request(obj, default_id=i).item() for i, obj in enumerate(work)]

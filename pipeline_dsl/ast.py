@@ -107,7 +107,6 @@ class Stage:
     placement: Name | None
     params: tuple[Param, ...]
     pos: SourcePos = _pos()
-    has_braces: bool = field(default=True, compare=False)
 
 
 # ---------------------------------------------------------------- edge conditions

@@ -583,7 +583,7 @@ def _json_schema_file(path: str, base: str | None, pos: SourcePos,
                       allowed: tuple[str, ...]) -> tuple[str, Diagnostic | None]:
     """generate.json_schema: the file found beside the .agp file (or from the working directory),
     inside the allowed folders, made absolute, once it reads as JSON and compiles as the engine
-    will compile it (constrain.py, without a tokenizer and without torch); anything else an
+    will compile it (constraints.py, without a tokenizer and without torch); anything else an
     error at the setting. No message quotes the file's text."""
     import json
 
@@ -615,11 +615,11 @@ def _json_schema_file(path: str, base: str | None, pos: SourcePos,
     if not isinstance(schema, (dict, bool)):
         return path, _err(f"json_schema file '{path}' holds a {type(schema).__name__}, not a schema object",
                           pos, expected=SCHEMA_EXPECTED)
-    from .engine import constrain       # no torch: the grammar only, no tokenizer
+    from . import constraints       # no torch: the grammar only, no tokenizer
 
     try:
-        constrain.check_spec({"type": "json_schema", "schema": schema})
-    except constrain.GrammarError as e:
+        constraints.check_spec({"type": "json_schema", "schema": schema})
+    except constraints.GrammarError as e:
         return path, _err(f"json_schema file '{path}' cannot be enforced: {e}", pos, expected=SCHEMA_EXPECTED,
                           hint="constrained decoding supports most of JSON Schema; not, e.g., uniqueItems or not")
     except RecursionError:

@@ -40,13 +40,6 @@ PRESETS: dict[str, dict[tuple[str, str], Any]] = {
 
 MODES = tuple(PRESETS)
 
-DESCRIPTIONS = {
-    "efficient": "low memory, medium throughput (edge devices): int8 weights, batches of 8, 64MiB KV cache",
-    "balanced": "medium memory, high throughput (cloud servers): bf16 where fast, batches of 32, 256MiB KV cache",
-    "performance": "high memory, very high throughput: batches of 64, 1GiB KV cache, compiled decode step",
-}
-
-
 def preset(mode: str, kind: str, param: str) -> tuple[bool, Any]:
     """(True, value) when `mode` presets `kind.param`, else (False, None)."""
     table = PRESETS.get(mode, PRESETS[DEFAULT_MODE])

@@ -14,14 +14,12 @@ import math
 import re
 from collections import deque
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, v_args
 from lark.visitors import Transformer_NonRecursive
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from . import ast
 from .diagnostics import ERROR, Diagnostic, SourcePos, did_you_mean
-
-KEYWORDS = ("use", "pipeline", "stage", "on", "when", "otherwise", "and", "or", "not", "true", "false")
 
 # lark terminal names -> words a user understands
 _TOKEN_WORDS = {
@@ -443,8 +441,7 @@ class _Builder(Transformer_NonRecursive):
     def stage(self, meta, children):
         name, kind, placement, params = children
         return ast.Stage(self._name(name), self._name(kind), placement,
-                         tuple(params) if params is not None else (), self._pos(meta),
-                         has_braces=params is not None)
+                         tuple(params) if params is not None else (), self._pos(meta))
 
     def placement(self, children):
         return self._name(children[0])

@@ -173,9 +173,6 @@ class PipelinePlan:
     def stream_of(self, stage: str) -> str:
         return next(s.name for s in self.streams if stage in s.stages)
 
-    def segment_of(self, stage: str) -> Plan | None:
-        return next((p for p in self.segments if stage in p.stages), None)
-
     def executed(self) -> list[str]:
         """Every piece of work the runtime runs (per item and per step), by name."""
         return [w.name for w in self.items] + [w.name for w in self.work]

@@ -81,10 +81,6 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _check(name: str, value, ok: bool, expected: str):
     if not ok:
         raise RequestError(f"field '{name}' must be {expected}, got {json.dumps(value)[:60]}")
@@ -219,13 +215,6 @@ def parse_tools(obj: dict) -> tuple[list | None, Any, bool]:
 def _shown(value) -> str:
     text = json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-def parse_stop(stop) -> list[str]:
-    """`stop`: a string or a list of at most MAX_STOP non-empty strings (generate.stop's schema)."""
-    if stop is None:
-        return []
-    return checked("stop", stop)
 
 
 def checked(name: str, value):

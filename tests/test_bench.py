@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline_dsl import benchmark as B
+from pipeline_dsl.commands import loadgen as B
 from pipeline_dsl.cli import main as agp
 
 from test_serve import LiveServer

@@ -76,7 +76,7 @@ def test_the_first_engines_encode_counts_only_what_entered_its_engine(tmp_path, 
 
 
 def test_the_run_summary_reports_weights_and_dtype_per_engine(tmp_path, soft_gguf):
-    from pipeline_dsl.runner import summarize
+    from pipeline_dsl.commands.runner import summarize
 
     body = ("stage request : requests {}\nstage route : route {}\n"
             "stage a : generate { max_new_tokens = 2  dtype = int8 }\nstage b : generate { max_new_tokens = 2 }\n"

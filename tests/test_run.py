@@ -125,7 +125,7 @@ def test_agp_run_answers_in_input_order_and_reports_bad_lines(tmp_path, tiny_ggu
 
 def test_agp_run_is_deterministic_with_and_without_overlap(tmp_path, tiny_gguf):
     agp = write_pipeline(tmp_path, tiny_gguf)
-    from pipeline_dsl.runner import RunRequest, run_pipeline
+    from pipeline_dsl.commands.runner import RunRequest, run_pipeline
 
     def answers(overlap):
         got = {}

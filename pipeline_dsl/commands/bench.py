@@ -80,7 +80,7 @@ def parse_rates(text: str) -> list[float]:
 
 
 def main(args) -> int:
-    from pipeline_dsl.benchmark import (BenchError, EngineTarget, HTTPTarget, bench_one,
+    from pipeline_dsl.commands.loadgen import (BenchError, EngineTarget, HTTPTarget, bench_one,
                                         format_table, load_workload, parse_target, plot)
     from pipeline_dsl.diagnostics import CheckFailed
     from pipeline_dsl.engine.errors import InputError

@@ -163,7 +163,7 @@ class Interrupt:
 
 def main(args) -> int:
     from pipeline_dsl.requests_io import RequestError, load_json, parse_line
-    from pipeline_dsl.runner import RunRequest, format_summary, run_pipeline
+    from pipeline_dsl.commands.runner import RunRequest, format_summary, run_pipeline
 
     try:
         lines = _read_lines(args.input)

@@ -17,7 +17,6 @@ from typing import Any
 
 from .errors import InputError
 
-POLICIES = ("continuous", "static")
 DTYPES = ("auto", "fp32", "bf16", "fp16", "int8")
 MAX_LOGPROBS = 20                          # alternatives per token at most (OpenAI's top_logprobs)
 

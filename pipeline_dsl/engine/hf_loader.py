@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline_dsl.model_files import ModelFileProblem, hf_config, hf_engine_name, hf_llama_config
+from pipeline_dsl.model_files import ModelFileProblem, hf_engine_name, hf_llama_config
 
 from .model import LlamaConfig
 
@@ -35,14 +35,6 @@ class HFModelError(ModelFileProblem):
 class HFModel:
     config: LlamaConfig
     weights: dict          # engine name -> float32 torch.Tensor
-
-
-def read_config(folder: Path) -> LlamaConfig:
-    """config.json as a LlamaConfig (checked; tie_embeddings as the file says)."""
-    try:
-        return LlamaConfig(**hf_config(folder))
-    except ModelFileProblem as e:
-        raise HFModelError(e.path, e.problem) from None
 
 
 def load_hf_folder(folder: str | Path) -> HFModel:

@@ -37,7 +37,7 @@ from . import native
 from .batch import Step, StepBatch, Uploader, prepare_step
 from .compute import ContentionGuard
 from .native.step import NativeDecoder
-from .quant import Int4Blocks, Int4Linear, Q8Linear, make_linear
+from .quant import Int4Blocks, Q8Linear, make_linear
 
 
 @dataclass(frozen=True)
@@ -200,8 +200,6 @@ class LlamaModel:
             layer.gate_up = linear(p + "gate", p + "up")         # [2I, H]
             layer.down = linear(p + "down")
             self.layers.append(layer)
-        self.int4_linears = sum(isinstance(lin, Int4Linear) for ly in self.layers
-                                for lin in (ly.qkv, ly.o, ly.gate_up, ly.down))  # on the int4 kernel
         # RoPE tables [max_position, head_dim] ("rotate half": halves share a frequency)
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
         pos = torch.arange(c.max_position, dtype=torch.float64)
@@ -346,9 +344,6 @@ class ModelRunner:
 
     returns_rows = True    # run() fills step.rows for items that want every row (prompt outputs)
     native_max_batch = 8   # measured: above this the batched GEMMs of the eager path win
-
-    def kv_bytes(self) -> int:
-        return 2 * self._k_pool.numel() * self._k_pool.element_size()
 
     # -- step preparation (host side, once per step) -------------------------------------
     def prepare(self, batch: StepBatch) -> Step:

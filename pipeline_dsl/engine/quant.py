@@ -167,6 +167,7 @@ class Q8Linear:
     else the native kernel again, 16 rows a pass (efficient keeps no bf16 copy)."""
 
     small_batch = 8
+    logits_f32 = True    # as the lm_head its native path gives float32 logits, not compute_dtype's
 
     def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype, dense=None):
         N, K = weight.shape

@@ -1,8 +1,7 @@
 """Chrome-trace JSON of an executor run: one track per stream, one span per stage instance.
 
     tr = Trace()
-    with tr.span("compute", "gen.forward", micro_batch=7): ...
-    tr.add("copy", "gen.d2h", t0, t1, micro_batch=7)   # spans timed elsewhere (CUDA events)
+    tr.add("copy", "gen.d2h", t0, t1, micro_batch=7)   # a span timed by its caller (or CUDA events)
     tr.measured_overlap()      # time with >= 2 streams busy / wall time
     tr.add("requests", "gen.generate", t0, t1, lane=True, args={"request": key})
     tr.write("run.trace.json") # open in Perfetto (ui.perfetto.dev) or chrome://tracing
@@ -17,9 +16,7 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pipeline_dsl.plan import busy_overlap
@@ -50,14 +47,6 @@ class Trace:
         """The spans of work (lane spans left out)."""
         with self._lock:
             return [s for s in self.spans if not s.lane]
-
-    @contextmanager
-    def span(self, stream: str, name: str, micro_batch: int = -1):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(stream, name, t0, time.perf_counter(), micro_batch)
 
     def streams(self) -> list[str]:
         return list(dict.fromkeys(s.stream for s in self.work()))

@@ -17,7 +17,7 @@ import functools
 import json
 from dataclasses import dataclass, field
 
-from pipeline_dsl.engine.constrain import GrammarError, check_spec
+from pipeline_dsl.constraints import GrammarError, check_spec
 from pipeline_dsl.requests_io import RequestError, parse_response_format
 
 from .api_error import APIError

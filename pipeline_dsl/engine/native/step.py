@@ -20,7 +20,6 @@ import ctypes
 
 import torch
 
-from ..quant import Q8Linear
 from . import Layer, Model, Step, load
 
 
@@ -50,7 +49,8 @@ class NativeDecoder:
             self._layers[i] = Layer(f32(ly.attn_norm), f32(ly.ffn_norm), lin(ly.qkv), lin(ly.o),
                                     lin(ly.gate_up), lin(ly.down))
         head = model.lm_head_small if model.lm_head_small is not None else model.lm_head
-        head_st = head.native_struct(round_out=bf16 and not isinstance(head, Q8Linear))  # as eager: bf16 logits
+        # as eager: bf16 logits, except from a head whose native path gives float32 (quant.Q8Linear)
+        head_st = head.native_struct(round_out=bf16 and not getattr(head, "logits_f32", False))
 
         if head_st is None:
             raise ValueError("no native form of the lm_head")

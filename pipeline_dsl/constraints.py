@@ -1,0 +1,339 @@
+"""Constraint specs -> llguidance grammar text, checked: no tokenizer and no torch.
+
+`agp check` compiles a stage's json_schema with `check_spec`, the server checks a request's
+response_format and tools with it, and the engine's ConstraintCompiler (engine/constrain.py)
+builds its grammars with `GrammarBuilder` before it masks tokens with them.
+
+Specs accepted (by `check_spec` and ConstraintCompiler.compile) (GrammarError, a ValueError, for anything it cannot compile):
+
+    {"type": "json_object"}                                   # any JSON object
+    {"type": "json_schema", "schema": {...}}                  # or OpenAI's nesting:
+    {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}
+                                                              # ("strict" is moot: always enforced)
+    {"type": "regex", "pattern": "..."}
+    {"type": "choice", "choices": ["yes", "no"]}              # exactly one of the strings
+    {"type": "grammar", "grammar": "start: ..."}              # Lark, or GBNF ("root ::= ...")
+    {"type": "tool_call", "tools": [OpenAI tools], "choice": "required" | "<function name>",
+     "parallel": True}
+
+A tool call is written in SmolLM2's format, `<tool_call>[{"name": ..., "arguments": {...}}]
+</tool_call>` (its model card's function-calling prompt; the GGUF's own chat template ignores
+`tools`); "begin", "end" and "array": False in the spec give other formats, e.g. Hermes/Qwen's
+`<tool_call>{...}</tool_call>`. "choice": a name forces exactly one call of that function;
+"required" forces one call (several when "parallel") of any listed function.
+
+Two narrowings keep a small model's output short and on-topic; the text still validates
+against the schema as given. Whitespace between JSON tokens is at most one space, so a model
+cannot fill max_tokens with newlines (`whitespace=`: a regex such as PRETTY_WHITESPACE, ""
+for none, None for JSON's unbounded whitespace). An object schema with "properties" but no
+"additionalProperties" (nor patternProperties) gets "additionalProperties": false, as
+OpenAI's strict mode requires and xgrammar does by default (`close_objects=False` keeps
+JSON Schema's open objects).
+
+EOS is allowed exactly when the grammar can end; once the grammar is complete only EOS is
+(`is_finished()`). A matcher that went wrong (a token it refused) allows only EOS from then on.
+
+What llguidance cannot enforce is refused when the spec is compiled (GrammarError: a 400 that
+names the reason), not answered with an empty 200: a regular expression (a schema's `pattern`,
+`patternProperties`, a regex spec) that expands to more than MAX_REGEX_SIZE characters
+(`(a{1000}){1000}`: llguidance's lexer gives up on it mid-answer, and its first mask alone
+costs seconds), a `$ref` that only refers to itself, and any grammar whose first step allows
+no output (the compiled grammar is probed once). Errors are never verbose (no grammar dump).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+try:
+    import llguidance as llg
+except ImportError:  # without it the engine still runs; compile() raises GrammarError
+    llg = None
+
+# between JSON tokens: at most one space (measured: SmolLM2 then finished 17 of 20 answers
+# within 200 tokens, 15 when allowed to indent); PRETTY_WHITESPACE: one newline + an indent
+JSON_WHITESPACE = r"[ ]?"
+MAX_REGEX_SIZE = 20_000    # a regex's size with its counted repetitions unrolled (a{20000}: 60 ms masks)
+PRETTY_WHITESPACE = r"(\r?\n)?[ \t]{0,20}"
+MAX_ERROR_CHARS = 400
+
+
+class GrammarError(ValueError):
+    """A response_format / tool spec this engine cannot compile (an HTTP 400)."""
+
+
+def available() -> bool:
+    return llg is not None
+
+
+def need_llguidance():
+    if llg is None:
+        raise GrammarError("constrained decoding needs the llguidance package: pip install llguidance")
+
+
+def parser_limits():
+    """llguidance's default resource limits, with short error messages (no state or grammar dump)."""
+    return llg.LLParserLimits(verbose_errors=False)
+
+
+def regex_size(pattern: str) -> int:
+    """The size of `pattern` with its counted repetitions unrolled: (a{1000}){1000} is 1,000,000,
+    [a-z]{3,8} is 8, a*b+ is 2 (loops cost nothing). What llguidance's lexer builds grows with it."""
+    stack = [[0, 0]]                      # per open group: [size so far, size of its last atom]
+    i, n = 0, len(pattern)
+
+    def atom(size: int = 1) -> None:
+        stack[-1][0] += size
+        stack[-1][1] = size
+
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            j = i + 2
+            if i + 1 < n and pattern[i + 1] in "pPu" and j < n and pattern[j] == "{":   # \p{L}, \u{1F600}
+                j = (pattern.find("}", j) + 1) or n
+            atom()
+            i = j
+        elif c == "[":
+            j = i + 1
+            j += j < n and pattern[j] == "^"
+            j += j < n and pattern[j] == "]"
+            while j < n and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            atom()
+            i = j + 1
+        elif c == "(":
+            stack.append([0, 0])
+            i += 1
+            if pattern.startswith("?", i):                    # (?:  (?=  (?!  (?<name>
+                i += 1
+                if pattern.startswith("<", i) and not pattern.startswith(("<=", "<!"), i):
+                    i = (pattern.find(">", i) + 1) or n
+                else:
+                    i += 1
+        elif c == ")":
+            if len(stack) > 1:
+                size = stack.pop()[0]
+                atom(size)
+            i += 1
+        elif c == "{" and (m := _COUNT.match(pattern, i)):
+            lo = int(m.group(1) or 0)
+            hi = int(m.group(3)) if m.group(3) else lo + (1 if m.group(2) else 0)
+            k, last = max(lo, hi, 1), stack[-1][1]
+            stack[-1][0] += last * (k - 1)
+            stack[-1][1] = last * k
+            i = m.end()
+        elif c in "*+?|^$":
+            i += 1                                             # loops and anchors add no size
+        else:
+            atom()
+            i += 1
+    while len(stack) > 1:
+        size = stack.pop()[0]
+        atom(size)
+    return stack[0][0]
+
+
+_COUNT = re.compile(r"\{(\d{0,9})(,(\d{0,9}))?\}")
+
+
+def _regexes(schema):
+    """Every regular expression a JSON Schema holds: `pattern` values, `patternProperties` keys."""
+    todo = [schema]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, list):
+            todo.extend(node)
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                if k == "pattern" and isinstance(v, str):
+                    yield v
+                elif k == "patternProperties" and isinstance(v, dict):
+                    yield from (key for key in v if isinstance(key, str))
+                if isinstance(v, (dict, list)):
+                    todo.append(v)
+
+
+def _check_regex(pattern: str, where: str) -> None:
+    size = regex_size(pattern)
+    if size > MAX_REGEX_SIZE:
+        shown = pattern if len(pattern) <= 60 else pattern[:60] + "…"
+        raise GrammarError(f"{where} {shown!r} is too complex to enforce: it unrolls to about {size:,} "
+                           f"characters (at most {MAX_REGEX_SIZE:,})")
+
+
+def _ref_loop(schema) -> bool:
+    """Whether the schema is nothing but a $ref chain that comes back to where it started (it then
+    allows no value at all)."""
+    if not isinstance(schema, dict):
+        return False
+    seen, node = set(), schema
+    while isinstance(node, dict) and isinstance(node.get("$ref"), str) and \
+            not set(node) - {"$ref", "$defs", "definitions", "$schema", "$id", "title", "description", "$comment"}:
+        ref = node["$ref"]
+        if ref in seen:
+            return True
+        seen.add(ref)
+        if ref in ("#", "#/"):
+            node = schema
+            continue
+        if not ref.startswith("#/"):
+            return False
+        node = schema
+        for part in ref[2:].split("/"):
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+    return False
+
+
+class GrammarBuilder:
+    """Spec -> llguidance grammar text: no tokenizer and no torch (`agp check` uses it)."""
+
+    def __init__(self, close_objects: bool = True, whitespace: str | None = JSON_WHITESPACE):
+        self.close_objects = close_objects
+        # whitespace between JSON tokens: a regex, "" for none (compact), None for JSON's any
+        self.json_options = ({"whitespace_flexible": True} if whitespace is None else
+                             {"whitespace_pattern": whitespace} if whitespace else {"whitespace_flexible": False})
+
+    # ---- spec -> llguidance grammar text ---------------------------------------------------
+    def _build(self, spec) -> str:
+        if not isinstance(spec, dict):
+            raise GrammarError("the constraint must be an object with a 'type'")
+        kind = spec.get("type")
+        try:
+            if kind == "json_object":
+                return llg.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=self.json_options)
+            if kind == "json_schema":
+                body = spec.get("json_schema", spec)
+                schema = body.get("schema") if isinstance(body, dict) else None
+                if not isinstance(schema, (dict, bool)):
+                    raise GrammarError("json_schema needs a 'schema' object")
+                for pattern in _regexes(schema):
+                    _check_regex(pattern, "the pattern")
+                if _ref_loop(schema):
+                    raise GrammarError("its $ref refers only to itself, so no value can follow it")
+                return llg.LLMatcher.grammar_from_json_schema(self._prepare(schema), overrides=self.json_options)
+            if kind == "regex":
+                pattern = spec.get("pattern")
+                if not isinstance(pattern, str):
+                    raise GrammarError("regex needs a 'pattern' string")
+                _check_regex(pattern, "the regex")
+                return llg.LLMatcher.grammar_from_regex(pattern)
+            if kind == "tool_call":
+                return self._tool_grammar(spec)
+            if kind == "choice":
+                return _choice_grammar(spec)
+            if kind == "grammar":
+                return _cfg_grammar(spec)
+        except GrammarError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise GrammarError(short(f"cannot compile the {kind}: {e}")) from None
+        raise GrammarError(f"unknown constraint type {kind!r} (json_object, json_schema, regex, choice, grammar, "
+                           "tool_call)")
+
+    def _prepare(self, schema):
+        if isinstance(schema, dict):
+            schema = {k: v for k, v in schema.items() if k != "x-guidance"}  # options are ours
+            if self.close_objects:
+                schema = _close_objects(copy.deepcopy(schema))
+        return schema
+
+    def _tool_grammar(self, spec) -> str:
+        tools = spec.get("tools")
+        if not isinstance(tools, list) or not tools:
+            raise GrammarError("tool_call needs a non-empty 'tools' list")
+        fns = {}
+        for t in tools:
+            fn = t.get("function", t) if isinstance(t, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+                raise GrammarError("every tool needs a function with a 'name'")
+            params = fn.get("parameters") or {"type": "object"}
+            if not isinstance(params, dict):
+                raise GrammarError(f"tool {fn['name']!r}: parameters must be a JSON Schema object")
+            for pattern in _regexes(params):
+                _check_regex(pattern, f"tool {fn['name']!r}: the pattern")
+            fns[fn["name"]] = params
+        choice = spec.get("choice", "required")
+        if isinstance(choice, dict):            # OpenAI's {"type": "function", "function": {"name": ...}}
+            choice = (choice.get("function") or {}).get("name")
+        if choice != "required":
+            if choice not in fns:
+                raise GrammarError(f"tool_choice names {choice!r}, which is not among the tools")
+            fns = {choice: fns[choice]}
+        call = [{"type": "object", "properties": {"name": {"const": n}, "arguments": self._prepare(p)},
+                 "required": ["name", "arguments"], "additionalProperties": False}
+                for n, p in fns.items()]
+        one = call[0] if len(call) == 1 else {"anyOf": call}
+        parallel = bool(spec.get("parallel", True)) and choice == "required"
+        body = ({"type": "array", "items": one, "minItems": 1, **({} if parallel else {"maxItems": 1})}
+                if spec.get("array", True) else dict(one))
+        body["x-guidance"] = self.json_options
+        begin, end = spec.get("begin", "<tool_call>"), spec.get("end", "</tool_call>")
+        lark = f'start: {json.dumps(begin)} "\\n"? %json {json.dumps(body)} "\\n"? {json.dumps(end)}'
+        return llg.LLMatcher.grammar_from_lark(lark)
+
+
+def _choice_grammar(spec) -> str:
+    """{"type": "choice", "choices": ["yes", "no"]}: the answer is exactly one of the strings."""
+    choices = spec.get("choices")
+    if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
+        raise GrammarError("choice needs a non-empty list of non-empty strings")
+    return llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
+
+
+def _cfg_grammar(spec) -> str:
+    """{"type": "grammar", "grammar": "..."}: a context-free grammar in Lark syntax (llguidance's)
+    or in llama.cpp's GBNF (`root ::= ...`, converted to Lark)."""
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    text = spec.get("grammar")
+    if not isinstance(text, str) or not text.strip():
+        raise GrammarError("grammar needs the grammar's text (Lark, or GBNF with a root rule)")
+    try:
+        lark = any_to_lark(text)
+    except Exception as e:  # noqa: BLE001 - the converter raises bare errors for text it cannot read
+        raise GrammarError(short(f"the grammar does not parse as Lark or GBNF: {e}")) from None
+    return llg.LLMatcher.grammar_from_lark(lark)
+
+
+def check_spec(spec, *, close_objects: bool = True, whitespace: str | None = JSON_WHITESPACE) -> list[str]:
+    """Compile `spec` as ConstraintCompiler does, but without a tokenizer (agp check): its
+    warnings, or GrammarError for a spec that cannot compile."""
+    need_llguidance()
+    text = GrammarBuilder(close_objects, whitespace)._build(spec)
+    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(text, limits=parser_limits())
+    if is_error:
+        raise GrammarError(short(messages[0] if messages else "invalid grammar"))
+    return list(messages)
+
+
+def _close_objects(s, in_all_of: bool = False):
+    """additionalProperties: false on object schemas with properties that leave it open."""
+    if isinstance(s, list):
+        return [_close_objects(x) for x in s]
+    if not isinstance(s, dict):
+        return s
+    if ("properties" in s and not in_all_of and "additionalProperties" not in s
+            and "patternProperties" not in s and "unevaluatedProperties" not in s):
+        s["additionalProperties"] = False
+    for k, v in s.items():
+        if k in ("properties", "$defs", "definitions", "patternProperties") and isinstance(v, dict):
+            s[k] = {name: _close_objects(sub) for name, sub in v.items()}
+        elif k == "allOf":      # branches are merged: closing each would forbid the others' keys
+            s[k] = [_close_objects(x, in_all_of=True) for x in v] if isinstance(v, list) else v
+        elif k in ("items", "anyOf", "oneOf", "prefixItems", "additionalProperties", "contains"):
+            s[k] = _close_objects(v)
+    return s
+
+
+def first_line(msg: str) -> str:
+    return (msg.strip().splitlines() or [""])[0]
+
+
+def short(msg: str) -> str:
+    msg = " ".join(msg.split())
+    return msg if len(msg) <= MAX_ERROR_CHARS else msg[:MAX_ERROR_CHARS] + "…"
