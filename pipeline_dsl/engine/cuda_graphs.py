@@ -6,7 +6,8 @@
 A decode step padded to a batch bucket (the scheduler's `pad_to`: powers of two up to
 max_batch_size) with its context padded to a block bucket (batch.CONTEXT_BUCKETS) has
 static shapes, so one graph per (batch, context blocks) pair replays it: a replay copies
-the step's index tensors into the graph's static ones and launches ~300 kernels as one.
+the step's index tensors into the graph's static ones (with the flex backend its block-mask
+tensors, flex.FlexMeta, whose sizes depend only on the bucket) and launches ~300 kernels as one.
 The graph ends at the final hidden states; the lm_head and sampling run after it, so the
 graphs' outputs are small ([B, H]) and share one memory pool. Pairs whose gathered
 context could not exist in the KV pool (batch x context > 2 x the pool's blocks) are not
@@ -24,7 +25,8 @@ import torch
 
 from .batch import CONTEXT_BUCKETS, bucket_of
 
-STATIC = ("tokens", "slots", "cos", "sin", "dec_gather", "dec_mask")   # what a replay copies in
+STATIC = ("tokens", "slots", "cos", "sin")    # what a replay copies in (and the attention's tensors)
+GATHER = ("dec_gather", "dec_mask")
 
 
 class CudaGraphFactory:
@@ -89,17 +91,27 @@ class DecodeGraphs:
 
     def _static(self, B: int, nblk: int):
         """A padded decode step of B rows over nblk blocks that touches only the scratch slot."""
+        import numpy as np
+
         from .batch import Step
+        from .flex import decode_width
 
         r, m, dev = self.runner, self.runner.model, self.runner.device
         L = nblk * r.block_size
         pos = torch.zeros(B, dtype=torch.long, device=dev)
         cos, sin = m.rope_tables(pos)                                       # [B, 1, hd]
-        return Step(tokens=torch.zeros(B, dtype=torch.long, device=dev),
+        step = Step(tokens=torch.zeros(B, dtype=torch.long, device=dev),
                     slots=torch.full((B,), r.num_slots, dtype=torch.long, device=dev),
                     cos=cos.clone(), sin=sin.clone(), sample_rows=None, all_decode=True, dec_rows=None,
-                    dec_gather=torch.zeros(B * nblk, dtype=torch.long, device=dev),   # block 0: read only
-                    dec_mask=torch.zeros(B, 1, 1, L, dtype=m.dtype, device=dev), prefills=[], positions=pos)
+                    dec_gather=None, dec_mask=None, prefills=[], positions=pos, graph_key=(B, nblk))
+        if r.flex is not None:       # no row attends anything: every position -1
+            step.flex = r.flex.meta(lambda *a: [torch.from_numpy(x).to(dev) for x in a],
+                                    np.zeros((B, nblk), np.int64), np.zeros(B, np.int64), np.arange(B),
+                                    np.full(B, -1, np.int64), decode_width(nblk, r.num_blocks))
+        else:
+            step.dec_gather = torch.zeros(B * nblk, dtype=torch.long, device=dev)   # block 0: read only
+            step.dec_mask = torch.zeros(B, 1, 1, L, dtype=m.dtype, device=dev)
+        return step
 
     def _capture(self, B: int, nblk: int):
         static = self._static(B, nblk)
@@ -108,15 +120,21 @@ class DecodeGraphs:
 
     def replay(self, step) -> torch.Tensor | None:
         """The step's final hidden states [B, H] from its graph; None when no graph fits."""
-        if not step.all_decode or step.dec_gather is None or step.dec_mask is None or step.native:
+        if not step.all_decode or step.graph_key is None or step.native:
             return None
-        B = step.tokens.shape[0]
-        g = self.graphs.get((B, step.dec_gather.shape[0] // B))
+        g = self.graphs.get(step.graph_key)
         if g is None:
             return None
         replay, static, out = g
+        if (static.flex is None) != (step.flex is None):     # the step took the other attention path
+            return None
         for name in STATIC:
             getattr(static, name).copy_(getattr(step, name))
+        if static.flex is not None:
+            static.flex.copy_(step.flex)
+        else:
+            for name in GATHER:
+                getattr(static, name).copy_(getattr(step, name))
         replay()
         self.replays += 1
         return out
