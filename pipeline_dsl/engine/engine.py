@@ -589,8 +589,10 @@ def load_runner(config: EngineConfig):
         # every mode: compile and capture happen here, at load, never inside a request's TTFT
         extra["warm_up_s"] = runner.warm_up()
         if config.padding and os.environ.get("AGP_CUDA_GRAPHS", "1") != "0":
-            got = runner.capture_graphs(config.max_batch_size, config.max_model_len or c.max_position)
-            extra.update(cuda_graphs=got["graphs"], graph_capture_s=got["capture_s"])
+            got = runner.capture_graphs(config.max_batch_size, config.max_model_len or c.max_position,
+                                        max_tokens=max(config.max_tokens_per_step, config.max_batch_size))
+            extra.update(cuda_graphs=got["graphs"], piece_graphs=got["piece_graphs"],
+                         graph_capture_s=got["capture_s"])
     extra["attention"] = runner.attention
     if runner.attention_fallback:
         extra["attention_fallback"] = runner.attention_fallback

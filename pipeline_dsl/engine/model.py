@@ -350,16 +350,18 @@ class ModelRunner:
     def attention(self) -> str:
         return "flex" if self.flex is not None else "sdpa"
 
-    def capture_graphs(self, max_batch: int, max_len: int, graph_factory=None) -> dict:
+    def capture_graphs(self, max_batch: int, max_len: int, graph_factory=None, max_tokens: int | None = None) -> dict:
         """Capture the padded all-decode step as CUDA graphs for every batch and context bucket the
-        scheduler can produce (at load, so no capture lands inside a request); steps that fit
-        no graph run eagerly. Returns {"graphs": n, "capture_s": seconds}. CUDA only unless a
-        graph_factory is given (tests run the same bookkeeping with an eager stand-in)."""
+        scheduler can produce (at load, so no capture lands inside a request), and with
+        max_tokens the piecewise graphs of steps of up to that many rows (mixed prefill + decode:
+        dense parts captured, attention eager); steps that fit no graph run eagerly. Returns
+        {"graphs": n, "piece_graphs": n, "capture_s": seconds}. CUDA only unless a graph_factory
+        is given (tests run the same bookkeeping with an eager stand-in)."""
         from .cuda_graphs import DecodeGraphs   # CUDA-only code: imported only here
 
         self.pad_decode = True                  # static shapes: the decode batch padded to a bucket
         self.graphs = DecodeGraphs(self, graph_factory)
-        return self.graphs.capture_all(max_batch, max_len)
+        return self.graphs.capture_all(max_batch, max_len, max_tokens)
 
     @torch.inference_mode()
     def warm_up(self) -> float:
@@ -444,8 +446,10 @@ class ModelRunner:
         if step.sample_rows is None:
             want_logits = False
         if graphs and self.graphs is not None:
-            x = self.graphs.replay(step)                        # [B, H] hidden states, or None: no graph fits
+            x = self.graphs.replay(step)                        # [T, H] hidden states, or None: no graph fits
             if x is not None:
+                if step.row_items:                              # prompt outputs: every row of those items
+                    step.rows = self._row_outputs(step, x)
                 return self.model.logits(x.index_select(0, step.sample_rows)) if want_logits else None
         if self.guard is None:
             return self._forward_step(step, want_logits)
