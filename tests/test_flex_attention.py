@@ -195,3 +195,24 @@ def test_engine_with_flex_attention_gives_the_default_paths_tokens(weights, mode
     assert stats["preemptions"] > 0 and stats["cached_tokens"] > 0 and r.flex.calls > 0
     if mode == "graphs":
         assert r.graphs.replays > 0
+
+
+def test_agp_attention_picks_the_backend_and_a_bad_value_is_an_input_error(tiny_gguf, monkeypatch):
+    from pipeline_dsl.engine import InputError, SamplingParams
+    from tiny_model import tiny_engine
+
+    def answer(eng):
+        eng.add_request("a", prompt="hello world", params=SamplingParams(max_tokens=6, ignore_eos=True))
+        return [t for _ in range(50) if eng.has_unfinished() for o in eng.step() for t in o.new_token_ids]
+
+    default = tiny_engine(tiny_gguf)
+    assert default.stats()["attention"] == "sdpa"                       # CPU: gather + native kernels
+    monkeypatch.setenv("AGP_ATTENTION", "flex")
+    flex = tiny_engine(tiny_gguf)
+    assert flex.stats()["attention"] == "flex" and flex.runner.native is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert answer(flex) == answer(default)
+    monkeypatch.setenv("AGP_ATTENTION", "paged")
+    with pytest.raises(InputError, match="AGP_ATTENTION=paged"):
+        tiny_engine(tiny_gguf)
