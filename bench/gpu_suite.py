@@ -8,9 +8,10 @@ Inputs stay small: random-weight models of the real shapes (SmolLM2-135M, Llama-
 are built on the device as Hugging Face folders next to the real tokenizer (weights do
 not change throughput with greedy decoding and ignore_eos; ../docs/gpu.md). Rows:
 engine alone vs transformers `generate` on both shapes (256 prompts of 24-64 random tokens
-x 128 new tokens), the batch sweep (1 / 16 / 64 / 256), one request alone, the plan's
-streams overlapped vs not (graphs on both), `agp run` balanced and performance (256 chat
-requests), `agp serve` under 256 and 512 concurrent streams. A row that fails says why
+x 128 new tokens), the batch sweep (1 / 16 / 64 / 256; 1 is one request alone), the plan's
+streams overlapped vs not (graphs on both), attention reading the pool in place (flex) vs
+gathering it (sdpa), `agp run` balanced and performance (256 chat requests), `agp serve`
+under 256 and 512 concurrent streams. A row that fails says why
 and the suite goes on.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import shutil
 import statistics
@@ -85,14 +87,24 @@ def prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(3, 49000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-def engine_alone(folder: Path, device: str, ps, new: int, *, overlap=None, graphs=None, batch=256) -> dict:
+def engine_alone(folder: Path, device: str, ps, new: int, *, overlap=None, graphs=None, batch=256,
+                 attention: str | None = None) -> dict:
     from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
     from pipeline_dsl.engine.engine import load_runner
     from pipeline_dsl.engine.executor import Executor
 
     cfg = EngineConfig(model=str(folder), device=device, dtype="bf16", max_batch_size=batch,
                        max_tokens_per_step=4096, prefill_chunk=512, kv_budget_bytes=KV_BUDGET[0], batch_timeout_s=0.0)
-    runner, _, info = load_runner(cfg)
+    before = os.environ.get("AGP_ATTENTION")
+    if attention:                           # flex (reads the pool in place) or sdpa (gathers): A/B
+        os.environ["AGP_ATTENTION"] = attention
+    try:
+        runner, _, info = load_runner(cfg)
+    finally:
+        if before is None:
+            os.environ.pop("AGP_ATTENTION", None)
+        else:
+            os.environ["AGP_ATTENTION"] = before
     eng = Engine(cfg, runner=runner, tokenizer=Ids())
     ex = Executor(eng, overlap=overlap, cuda_graphs=graphs)
     sp = SamplingParams(max_tokens=new, ignore_eos=True)
@@ -104,7 +116,9 @@ def engine_alone(folder: Path, device: str, ps, new: int, *, overlap=None, graph
     stats = ex.run()
     wall = time.perf_counter() - t0
     out = {"tok_s": len(ps) * new / wall, "wall_s": wall, "load_s": info.get("load_s"),
-           "graphs": info.get("cuda_graphs"), "capture_s": info.get("graph_capture_s"),
+           "graphs": info.get("cuda_graphs"), "piece_graphs": info.get("piece_graphs"),
+           "capture_s": info.get("graph_capture_s"), "warm_up_s": info.get("warm_up_s"),
+           "attention": info.get("attention"), "attention_fallback": info.get("attention_fallback"),
            "overlap": stats["overlap"], "measured_overlap": stats["measured_overlap"]}
     del eng, runner
     if device.startswith("cuda"):
@@ -228,7 +242,7 @@ def main(argv=None) -> int:
     smoke = args.smoke
     device = "cpu" if smoke else "cuda"
     if smoke:
-        KV_BUDGET[0] = 64 << 20
+        KV_BUDGET[0] = 16 << 20      # eager flex_attention on a CPU scores every slot of the pool
     if not smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --smoke on a CPU")
     n, new, lo, hi = (8, 8, 6, 12) if smoke else (256, 128, 24, 64)
@@ -259,7 +273,9 @@ def main(argv=None) -> int:
         folders = {s: make_model(s, tok, tmp / s, device) for s in shapes}
         for s in shapes:
             row(f"engine alone, {s}, {n} x {new}", lambda: engine_alone(folders[s], device, ps, new),
-                lambda r: f"{r['tok_s']:,.0f} tok/s (graphs {r['graphs']}, capture {r['capture_s'] or 0:.1f} s)")
+                lambda r: f"{r['tok_s']:,.0f} tok/s ({r['attention']} attention, graphs {r['graphs']} + "
+                      f"{r['piece_graphs']} pieces, warm-up {r['warm_up_s'] or 0:.1f} s, capture "
+                      f"{r['capture_s'] or 0:.1f} s{', flex fell back: ' + r['attention_fallback'] if r['attention_fallback'] else ''})")
             row(f"transformers generate, {s}", lambda: transformers_generate(folders[s], device, ps, new),
                 lambda r: f"{r['tok_s']:,.0f} tok/s")
             a, b = results[f"engine alone, {s}, {n} x {new}"], results[f"transformers generate, {s}"]
@@ -277,6 +293,13 @@ def main(argv=None) -> int:
         on, off = results["streams overlapped (graphs on)"], results["streams serial (graphs on)"]
         if "tok_s" in on and "tok_s" in off:
             rows.append(("  ratio overlap on / off", f"{on['tok_s'] / off['tok_s']:.2f}x"))
+        for att in ("flex", "sdpa"):
+            row(f"attention {att} (engine alone, {shapes[0]})",
+                lambda: engine_alone(small, device, ps, new, attention=att),
+                lambda r: f"{r['tok_s']:,.0f} tok/s ({r['attention']})")
+        fl, sd = results[f"attention flex (engine alone, {shapes[0]})"], results[f"attention sdpa (engine alone, {shapes[0]})"]
+        if "tok_s" in fl and "tok_s" in sd:
+            rows.append(("  ratio attention flex / sdpa", f"{fl['tok_s'] / sd['tok_s']:.2f}x"))
         reqs = chat_requests(n, new)
         for mode in ("balanced", "performance"):
             pl = write_pipeline(small, mode, device, tmp, max(n, 8))

@@ -113,6 +113,9 @@ class Plan:
     baseline: Baseline
     segment: str = ""                     # the segment's name: its generate stages joined by '+'
     stages: tuple[str, ...] = ()          # batch, encode, kv_lookup, generate stage(s)
+    anchor: str = ""                      # the costliest work of a step (the forward)
+    beside: tuple[str, ...] = ()          # work of other streams predicted to run while anchor[k]
+                                          # does: "batch.schedule[k+1]" is the next step's host work
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -360,7 +363,8 @@ def busy_overlap(spans: dict[str, list[tuple[float, float]]], t0: float, t1: flo
 def simulate(inst: nx.DiGraph, stream_of, key, window: int):
     """Run the streams' FIFOs with nominal costs, one resource of each class at a time.
 
-    Returns (overlap, period) measured over the middle of the window."""
+    Returns (overlap, period) measured over the middle of the window, and each work
+    instance's simulated (start, end)."""
     fifo: dict[str, list] = {}
     for n in sorted(inst, key=key):
         fifo.setdefault(stream_of(n), []).append(n)
@@ -393,7 +397,20 @@ def simulate(inst: nx.DiGraph, stream_of, key, window: int):
     spans: dict[str, list] = {}
     for n, t in start.items():
         spans.setdefault(stream_of(n), []).append((t, done[n]))
-    return busy_overlap(spans, t0, t1), (t1 - t0) / (b - a)
+    return busy_overlap(spans, t0, t1), (t1 - t0) / (b - a), {n: (start[n], done[n]) for n in start}
+
+
+def beside(inst: nx.DiGraph, stream_of, times: dict, window: int) -> tuple[str, tuple[str, ...]]:
+    """The costliest work (the forward) of a micro-batch k in mid-window, and the work of other
+    streams that the simulation runs while it does, as "work[k+1]" (stream order, then time)."""
+    anchor = max(inst.nodes, key=lambda n: (inst.nodes[n]["cost"], n[1] == 0))[0]
+    k = window // 2
+    a0, a1 = times[(anchor, k)]
+    mine = stream_of((anchor, k))
+    hits = [(t0, n) for n, (t0, t1) in times.items()
+            if stream_of(n) != mine and min(t1, a1) > max(t0, a0)]
+    rel = lambda m: "k" if m == k else f"k{m - k:+d}"                  # noqa: E731
+    return anchor, tuple(f"{n[0]}[{rel(n[1])}]" for _, n in sorted(hits))
 
 
 def make_plan(graph: nx.DiGraph, window: int = 12, costs: dict[str, float] | None = None) -> PipelinePlan:
@@ -424,7 +441,8 @@ def _plan_segment(graph: nx.DiGraph, seg: tuple, window: int, costs, prefix: str
     skew = skews(step, stream)
     key = _order(step, skew)
     of = lambda n: stream[n[0]]                       # noqa: E731
-    overlap, period = simulate(inst, of, key, window)
+    overlap, period, times = simulate(inst, of, key, window)
+    anchor, during = beside(inst, of, times, window)
     kept = place_events(inst, of, key)
     last = window - 1
     names = {res: prefix + res for res in RESOURCES}
@@ -438,7 +456,7 @@ def _plan_segment(graph: nx.DiGraph, seg: tuple, window: int, costs, prefix: str
     nstream = {n: i for i, c in enumerate(nchains) for n in c}
     nof = lambda n: nstream[n]                        # noqa: E731
     nkey = _order(step, {w: 0 for w in step})
-    noverlap, _ = simulate(inst, nof, nkey, window)
+    noverlap, _, _ = simulate(inst, nof, nkey, window)
     nevents = place_events(inst, nof, nkey) if len(nchains) > 1 else []
     nimble = Baseline("nimble", len(nchains), sum(1 for _, v in nevents if v[1] == last),
                       round(noverlap, 4))
@@ -461,7 +479,8 @@ def _plan_segment(graph: nx.DiGraph, seg: tuple, window: int, costs, prefix: str
     serial = sum(w.cost for w in works)
     return Plan(pipeline=str(graph.graph.get("name", "")), streams=tuple(streams), events=events,
                 work=works, overlap=round(overlap, 4), speedup=round(serial / period, 4),
-                window=window, baseline=nimble, segment="+".join(gens), stages=(batch, encode, kv, *gens))
+                window=window, baseline=nimble, segment="+".join(gens), stages=(batch, encode, kv, *gens),
+                anchor=anchor, beside=during)
 
 
 def _main_work(graph: nx.DiGraph, stage: str, works) -> Work:
@@ -495,6 +514,12 @@ def format_plan(plan: PipelinePlan) -> str:
             lines.append(f"  {e.src_work}[{k}] -> {e.dst_work}[k]   ({how})")
         if not seg.events:
             lines.append("  (none)")
+        if seg.beside:
+            by: dict[str, list[str]] = {}
+            for w in seg.beside:
+                by.setdefault(seg.work_named(w.split("[")[0]).stream, []).append(w)
+            lines.append(f"while {seg.anchor}[k] computes (k+1: the next step, k-1: the previous one):")
+            lines += [f"  {name:<8} {', '.join(ws)}" for name, ws in by.items()]
         b = seg.baseline
         lines += [
             f"predicted steady-state overlap {seg.overlap:.2f} of wall time with >= 2 streams busy;"

@@ -41,13 +41,13 @@ class Seen:
             return forward(runner, *args, **kwargs)
 
         monkeypatch.setattr(ModelRunner, "run", recorded_forward)
-        sample = eng.sampler.sample
+        sample = eng.sampler.sample_tensor                  # the draw the engine calls (on the device)
 
         def recorded_sample(*args, **kwargs):
             self.sample.append((threading.get_ident(), torch.get_num_threads()))
             return sample(*args, **kwargs)
 
-        eng.sampler.sample = recorded_sample
+        eng.sampler.sample_tensor = recorded_sample
 
     def threads(self) -> set[int]:
         return {t for t, _ in self.forward + self.sample}

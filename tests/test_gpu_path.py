@@ -5,6 +5,7 @@ that nothing CUDA-only is imported on a machine without CUDA."""
 import random
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -94,6 +95,52 @@ def test_decode_graphs_replayed_from_static_buffers_give_the_eager_tokens(model,
     assert out == ref and len(out) == 12
     assert runner.graphs.replays > 0 and stats["preemptions"] > 0
     assert runner.k_cache[:, :].isfinite().all()
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+@pytest.mark.parametrize("executor", [False, True], ids=["engine.step", "executor"])
+def test_mixed_steps_replay_piecewise_graphs_and_give_the_eager_tokens(model, attention, executor):
+    ref, _ = run_engine(eager(model), 1, executor)
+    runner = ModelRunner(model, num_blocks=40, block_size=BS, pad_decode=True, attention=attention)
+    runner.native = None
+    factory = EagerGraphs()
+    got = runner.capture_graphs(max_batch=8, max_len=96, graph_factory=factory, max_tokens=24)
+    layers = len(model.layers)
+    assert got["piece_graphs"] == (layers + 1) * 2 and factory.captured == got["graphs"] + got["piece_graphs"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                  # eager flex_attention says it is not compiled
+        out, stats = run_engine(runner, 1, executor)
+    assert out == ref and len(out) == 12
+    assert runner.graphs.pieces.replays > 0 and runner.graphs.replays > 0 and stats["preemptions"] > 0
+
+
+def test_prompt_outputs_through_piecewise_graphs_equal_eager_ones(model):
+    def answer(runner):
+        cfg = EngineConfig(max_batch_size=4, max_tokens_per_step=16, prefill_chunk=8, batch_timeout_s=0.0)
+        engine = Engine(cfg, runner=runner, tokenizer=Ids())
+        engine.add_request("a", prompt_token_ids=list(range(5, 40)), params=SamplingParams(
+            max_tokens=3, ignore_eos=True, prompt_logprobs=2))
+        engine.add_request("b", prompt_token_ids=list(range(50, 60)), params=SamplingParams(max_tokens=9, ignore_eos=True))
+        outs = [o for _ in range(100) if engine.has_unfinished() for o in engine.step()]
+        first = next(o for o in outs if o.request_id == "a")
+        return first.prompt_logprobs, [t for o in outs for t in o.new_token_ids]
+
+    runner = eager(model)
+    runner.capture_graphs(max_batch=4, max_len=64, graph_factory=EagerGraphs(), max_tokens=16)
+    got, want = answer(runner), answer(eager(model))
+    assert runner.graphs.pieces.replays > 0
+    assert got[1] == want[1] and len(got[0]) == len(want[0]) == 35
+    for g, w in zip(got[0][1:], want[0][1:]):
+        assert g["token_id"] == w["token_id"] and abs(g["logprob"] - w["logprob"]) < 1e-4
+        assert [t for t, _ in g["top"]] == [t for t, _ in w["top"]]
+
+
+def test_token_buckets_pad_a_step_by_less_than_16_rows_or_half_its_rows():
+    from pipeline_dsl.engine.cuda_pieces import token_buckets
+    b = token_buckets(700)
+    assert b[:5] == [16, 32, 48, 64, 96] and b[-1] >= 700 and b == sorted(set(b))
+    pad = {n: next(x for x in b if x >= n) for n in range(1, 701)}
+    assert all(pad[n] - n < 16 for n in range(1, 65)) and all(pad[n] < 1.5 * n for n in range(65, 701))
 
 
 def test_capture_touches_no_kv_slot_but_the_scratch_one(model):

@@ -1,5 +1,6 @@
 """bench/gpu_suite.py's smoke mode runs on CPU and prints every row of its table."""
 
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,11 @@ def test_gpu_suite_smoke_prints_every_figure_on_cpu(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     table = out.stdout[out.stdout.index("| figure"):]
     for row in ("engine alone", "transformers generate", "ratio engine / transformers", "batch sweep 1",
-                "streams overlapped", "streams serial", "ratio overlap on / off", "agp run balanced",
+                "streams overlapped", "streams serial", "ratio overlap on / off", "attention flex",
+                "attention sdpa", "ratio attention flex / sdpa", "agp run balanced",
                 "agp run performance", "agp serve"):
         assert f"| {row}" in table, row
     assert "failed" not in table
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert rows["attention flex (engine alone, tiny)"]["attention"] == "flex"
+    assert rows["attention sdpa (engine alone, tiny)"]["attention"] == "sdpa"

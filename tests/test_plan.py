@@ -189,6 +189,16 @@ def test_format_plan_names_streams_events_and_overlap():
     assert "predicted steady-state overlap" in text and "Nimble" in text
 
 
+def test_the_plan_shows_the_next_steps_host_work_beside_the_current_forward():
+    seg = make_plan(graph()).segments[0]
+    assert seg.anchor == "gen.forward"
+    assert {"batch.schedule[k+1]", "kv.lookup[k+1]", "gen.h2d[k+1]", "gen.emit[k-1]"} <= set(seg.beside)
+    text = format_plan(make_plan(graph()))
+    assert "while gen.forward[k] computes" in text and "batch.schedule[k+1]" in text
+    serial = make_plan(graph(placement={n: "compute" for n, _ in CHAT})).segments[0]
+    assert serial.beside == ()                            # one stream: nothing runs beside it
+
+
 def test_busy_overlap_counts_time_with_two_or_more_streams_busy():
     spans = {"a": [(0.0, 4.0)], "b": [(2.0, 6.0), (5.0, 7.0)], "c": [(9.0, 10.0)]}
     assert busy_overlap(spans, 0.0, 10.0) == pytest.approx(0.2)

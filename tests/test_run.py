@@ -182,3 +182,24 @@ def test_agp_run_writes_to_dev_null_and_refuses_a_folder_as_output(tmp_path, tin
     assert proc.returncode == 0 and "run summary" in proc.stderr, proc.stderr
     proc = run(tmp_path)
     assert proc.returncode == 2 and f"cannot write {tmp_path}: it is a folder" in proc.stderr
+
+
+def test_a_cpu_runs_trace_shows_the_next_steps_host_work_before_the_current_forward_ends(tmp_path, tiny_gguf):
+    """agp run --trace: a host span (schedule, lookup) of a step starts while the previous step's
+    forward is still running on the compute stream, as `agp plan` predicts (an order of events
+    in the file, not a time bound)."""
+    pipeline = write_pipeline(tmp_path, tiny_gguf)
+    reqs = tmp_path / "in.jsonl"
+    reqs.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"hello {i} " * (i % 4 + 1)}) + "\n"
+                            for i in range(12)))
+    trace = tmp_path / "run.trace.json"
+    out = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "-i", str(reqs),
+                          "-o", str(tmp_path / "out.jsonl"), "--threads", "1", "--overlap", "--trace", str(trace),
+                          "--no-progress"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    spans = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X" and "micro_batch" in e["args"]]
+    forward = {e["args"]["micro_batch"]: e for e in spans if e["name"] == "gen.forward"}
+    host = [e for e in spans if e["cat"] == "host" and e["name"] in ("batch.schedule", "kv.lookup")]
+    ahead = [e for e in host if e["args"]["micro_batch"] - 1 in forward
+             and e["ts"] < forward[e["args"]["micro_batch"] - 1]["ts"] + forward[e["args"]["micro_batch"] - 1]["dur"]]
+    assert len(forward) >= 6 and ahead, "no step's host work started before the previous forward ended"

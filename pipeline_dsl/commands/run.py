@@ -48,9 +48,12 @@ def add_arguments(p) -> None:
                    help="override the pipeline's precision")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--stats", default=None, help="write the run summary as JSON to this file")
-    p.add_argument("--no-overlap", action="store_true",
-                   help="run the plan's streams serially (A/B against overlap; by default CUDA overlaps them, "
-                        "CPU only with a core to spare beside the forward's threads)")
+    streams = p.add_mutually_exclusive_group()
+    streams.add_argument("--no-overlap", action="store_true",
+                         help="run the plan's streams serially (A/B against overlap; by default CUDA overlaps "
+                              "them, CPU only with a core to spare beside the forward's threads)")
+    streams.add_argument("--overlap", action="store_true",
+                         help="overlap the plan's streams even on a CPU without a core to spare")
     p.add_argument("--trace", default=None, help="write a Chrome-trace JSON (Perfetto) here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -202,7 +205,7 @@ def main(args) -> int:
     trace = Trace() if args.trace else None
     runtime = build_runtime(args.pipeline, args.name, overrides={"dtype": args.dtype, "threads": args.threads},
                             allow_paths=args.allow_path,
-                            overlap=False if args.no_overlap else None, trace=trace)
+                            overlap=True if args.overlap else False if args.no_overlap else None, trace=trace)
     load_s = time.perf_counter() - t_load
 
     results: list[dict | None] = []

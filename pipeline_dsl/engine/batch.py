@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .flex import decode_width
+
 PLACEHOLDER = -1          # a token sampled by a step still in flight (filled on the device)
 
 # decode batch sizes the padded (static-shape) paths and the CUDA graphs use
@@ -92,6 +94,8 @@ class Step:
     invariant: tuple | None = None     # batch-invariant mode: (key slots [n, Lp], item of each row [T])
     row_items: list | None = None      # (item index, row0, n, wanted) of items that want every row
     rows: dict | None = None           # after the forward: item index -> {"logits": [n, V], "hidden": [n, H]}
+    flex: object = None                # flex.FlexMeta: attention reads the pool in place (flex backend)
+    graph_key: tuple | None = None     # (B, context blocks) of a padded all-decode step: its CUDA graph
 
 
 class Uploader:
@@ -211,6 +215,18 @@ def prepare_step(runner, batch: StepBatch) -> Step:
         key_slots, _ = key_index(batch, bs, item_of, positions, runner.num_slots)
         step.invariant = tuple(runner.upload(key_slots, item_of))
         return step
+    if getattr(runner, "flex", None) is not None:    # every row against the pool, in place (flex.py)
+        if padded:                               # static sizes per (batch, context) bucket: a graph's
+            ctx = np.concatenate([-(-dec_lens // bs), np.zeros(pad, np.int64)])
+            qpos = np.concatenate([positions[:T], np.full(pad, -1, np.int64)])
+            meta = runner.flex.meta(runner.upload, dec_tab, ctx, np.arange(B + pad), qpos,
+                                    decode_width(nblk, runner.num_blocks))
+        else:
+            meta = runner.flex.meta(runner.upload, tables, -(-(starts + counts) // bs), item_of, positions)
+        if meta is not None:                     # None: a block at two logical indices (gather path)
+            step.flex = meta
+            step.graph_key = (B + pad, nblk) if padded else None
+            return step
     if B and runner.native is not None:          # tables read in place: no gather, no mask
         step.dec_tables = torch.from_numpy(dec_tab)                # [B, nblk]
         step.dec_lens = torch.from_numpy(dec_lens)                 # [B]
@@ -231,6 +247,8 @@ def prepare_step(runner, batch: StepBatch) -> Step:
             step.dec_mask = mask[:, None, None, :]                 # [B, 1, 1, Lmax] additive
         if not all_decode:
             step.dec_rows = dec_rows_t
+        if padded:
+            step.graph_key = (B + pad, nblk)
     step.prefills = _prefill_chunks(runner, batch, pre_idx, offs)
     return step
 

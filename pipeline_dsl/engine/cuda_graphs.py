@@ -1,16 +1,19 @@
 """CUDA graphs of the padded all-decode step, captured at load for every bucket.
 
-    stats = runner.capture_graphs(max_batch=256, max_len=8192)   # at load (load_runner)
-    x = runner.graphs.replay(step)                               # [B, H] hidden states, or None
+    stats = runner.capture_graphs(max_batch=256, max_len=8192, max_tokens=512)   # at load (load_runner)
+    x = runner.graphs.replay(step)                               # [T, H] hidden states, or None
 
 A decode step padded to a batch bucket (the scheduler's `pad_to`: powers of two up to
 max_batch_size) with its context padded to a block bucket (batch.CONTEXT_BUCKETS) has
 static shapes, so one graph per (batch, context blocks) pair replays it: a replay copies
-the step's index tensors into the graph's static ones and launches ~300 kernels as one.
+the step's index tensors into the graph's static ones (with the flex backend its block-mask
+tensors, flex.FlexMeta, whose sizes depend only on the bucket) and launches ~300 kernels as one.
 The graph ends at the final hidden states; the lm_head and sampling run after it, so the
 graphs' outputs are small ([B, H]) and share one memory pool. Pairs whose gathered
 context could not exist in the KV pool (batch x context > 2 x the pool's blocks) are not
-captured; their steps, mixed prefill + decode steps and the native CPU steps run eagerly.
+captured. Other steps (mixed prefill + decode, or a decode past every bucket) replay the
+piecewise graphs of cuda_pieces.py when capture_all was given max_tokens: the layers' dense
+parts captured, attention eager between them. Native CPU steps never replay a graph.
 
 Capture writes only the runner's scratch KV slot (every padding row's slot) and reads block
 0, so it leaves the cache as it was. This module is imported only by capture_graphs: a
@@ -24,7 +27,8 @@ import torch
 
 from .batch import CONTEXT_BUCKETS, bucket_of
 
-STATIC = ("tokens", "slots", "cos", "sin", "dec_gather", "dec_mask")   # what a replay copies in
+STATIC = ("tokens", "slots", "cos", "sin")    # what a replay copies in (and the attention's tensors)
+GATHER = ("dec_gather", "dec_mask")
 
 
 class CudaGraphFactory:
@@ -73,9 +77,12 @@ class DecodeGraphs:
         self.runner = runner
         self.factory = factory or CudaGraphFactory(runner.device)
         self.graphs: dict[tuple[int, int], tuple] = {}   # (B, nblk) -> (replay, static step, out)
+        self.pieces = None                                # cuda_pieces.MixedPieces: the other steps
         self.replays = 0
 
-    def capture_all(self, max_batch: int, max_len: int) -> dict:
+    def capture_all(self, max_batch: int, max_len: int, max_tokens: int | None = None) -> dict:
+        """Decode graphs for every bucket pair; with max_tokens, also the piecewise graphs of
+        steps of up to that many rows (mixed prefill + decode, cuda_pieces.py)."""
         r = self.runner
         t0 = time.perf_counter()
         max_blocks = -(-max_len // r.block_size)
@@ -85,21 +92,37 @@ class DecodeGraphs:
                     if B * nblk > 2 * r.num_blocks:
                         break
                     self.graphs[(B, nblk)] = self._capture(B, nblk)
-        return {"graphs": len(self.graphs), "capture_s": time.perf_counter() - t0}
+        pieces = 0
+        if max_tokens:
+            from .cuda_pieces import MixedPieces
+
+            self.pieces = MixedPieces(r, self.factory)
+            pieces = self.pieces.capture_all(max_tokens)
+        return {"graphs": len(self.graphs), "piece_graphs": pieces, "capture_s": time.perf_counter() - t0}
 
     def _static(self, B: int, nblk: int):
         """A padded decode step of B rows over nblk blocks that touches only the scratch slot."""
+        import numpy as np
+
         from .batch import Step
+        from .flex import decode_width
 
         r, m, dev = self.runner, self.runner.model, self.runner.device
         L = nblk * r.block_size
         pos = torch.zeros(B, dtype=torch.long, device=dev)
         cos, sin = m.rope_tables(pos)                                       # [B, 1, hd]
-        return Step(tokens=torch.zeros(B, dtype=torch.long, device=dev),
+        step = Step(tokens=torch.zeros(B, dtype=torch.long, device=dev),
                     slots=torch.full((B,), r.num_slots, dtype=torch.long, device=dev),
                     cos=cos.clone(), sin=sin.clone(), sample_rows=None, all_decode=True, dec_rows=None,
-                    dec_gather=torch.zeros(B * nblk, dtype=torch.long, device=dev),   # block 0: read only
-                    dec_mask=torch.zeros(B, 1, 1, L, dtype=m.dtype, device=dev), prefills=[], positions=pos)
+                    dec_gather=None, dec_mask=None, prefills=[], positions=pos, graph_key=(B, nblk))
+        if r.flex is not None:       # no row attends anything: every position -1
+            step.flex = r.flex.meta(lambda *a: [torch.from_numpy(x).to(dev) for x in a],
+                                    np.zeros((B, nblk), np.int64), np.zeros(B, np.int64), np.arange(B),
+                                    np.full(B, -1, np.int64), decode_width(nblk, r.num_blocks))
+        else:
+            step.dec_gather = torch.zeros(B * nblk, dtype=torch.long, device=dev)   # block 0: read only
+            step.dec_mask = torch.zeros(B, 1, 1, L, dtype=m.dtype, device=dev)
+        return step
 
     def _capture(self, B: int, nblk: int):
         static = self._static(B, nblk)
@@ -107,16 +130,21 @@ class DecodeGraphs:
         return replay, static, out
 
     def replay(self, step) -> torch.Tensor | None:
-        """The step's final hidden states [B, H] from its graph; None when no graph fits."""
-        if not step.all_decode or step.dec_gather is None or step.dec_mask is None or step.native:
+        """The step's final hidden states [T, H]: its decode graph, else the piecewise graphs;
+        None when neither fits (the step then runs eagerly)."""
+        if step.native:
             return None
-        B = step.tokens.shape[0]
-        g = self.graphs.get((B, step.dec_gather.shape[0] // B))
-        if g is None:
-            return None
+        g = self.graphs.get(step.graph_key) if step.all_decode and step.graph_key is not None else None
+        if g is None or (g[1].flex is None) != (step.flex is None):   # none, or the other attention path
+            return self.pieces.replay(step) if self.pieces is not None else None
         replay, static, out = g
         for name in STATIC:
             getattr(static, name).copy_(getattr(step, name))
+        if static.flex is not None:
+            static.flex.copy_(step.flex)
+        else:
+            for name in GATHER:
+                getattr(static, name).copy_(getattr(step, name))
         replay()
         self.replays += 1
         return out

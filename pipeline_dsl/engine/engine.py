@@ -580,15 +580,25 @@ def load_runner(config: EngineConfig):
         raise InputError(f"KV budget of {config.kv_budget_bytes} bytes is less than one block "
                          f"({per_block} bytes); raise the budget")
     invariant = os.environ.get("AGP_BATCH_INVARIANT", "0") not in ("", "0")   # invariant.py
-    runner = ModelRunner(model, num_blocks, config.block_size, None, device,
-                         pad_decode=config.padding, compile=config.compile, batch_invariant=invariant)
+    # attention: "auto" reads the pool in place with FlexAttention on CUDA (flex.py), gathers on CPU
+    attention = os.environ.get("AGP_ATTENTION", "") or "auto"
+    try:
+        runner = ModelRunner(model, num_blocks, config.block_size, None, device, pad_decode=config.padding,
+                             compile=config.compile, batch_invariant=invariant, attention=attention)
+    except ValueError as e:             # a backend that was asked for and cannot serve
+        raise InputError(f"AGP_ATTENTION={attention}: {e}") from None
     extra = {}
     if runner.device.type == "cuda" and not invariant:
         # every mode: compile and capture happen here, at load, never inside a request's TTFT
         extra["warm_up_s"] = runner.warm_up()
         if config.padding and os.environ.get("AGP_CUDA_GRAPHS", "1") != "0":
-            got = runner.capture_graphs(config.max_batch_size, config.max_model_len or c.max_position)
-            extra.update(cuda_graphs=got["graphs"], graph_capture_s=got["capture_s"])
+            got = runner.capture_graphs(config.max_batch_size, config.max_model_len or c.max_position,
+                                        max_tokens=max(config.max_tokens_per_step, config.max_batch_size))
+            extra.update(cuda_graphs=got["graphs"], piece_graphs=got["piece_graphs"],
+                         graph_capture_s=got["capture_s"])
+    extra["attention"] = runner.attention
+    if runner.attention_fallback:
+        extra["attention_fallback"] = runner.attention_fallback
     info = {"model": str(source.path), "dtype": str(model.dtype).replace("torch.", ""),
             "weights": model.weight_kind, "device": device, "vocab_size": c.vocab_size,
             "context_length": c.max_position, "kv_bytes_per_block": per_block,

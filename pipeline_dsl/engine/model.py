@@ -11,10 +11,13 @@ one engine step (see docs/architecture.md, "Model runner contract"):
     step = runner.prepare(batch)        # or in two phases (an executor that overlaps them):
     logits = runner.run(step)           # batch.StepBatch: the step's arrays
 
-All linear layers run on the flat [T, hidden] tokens of every item (no padding). Single-
-token (decode) items attend in one batched SDPA over their gathered contexts [B, Lmax]
-with a padding mask; prefill chunks attend per sequence, causally, over their cached
-prefix. The gather/slot indices are built once per step and reused by every layer. A
+All linear layers run on the flat [T, hidden] tokens of every item (no padding). Attention
+has two backends (`attention=`). "flex" (the default on CUDA, flex.py): every row of the step
+— decodes, prefill chunks, cached prefixes — in one FlexAttention call that reads the KV pool
+in place through a block mask built from the block tables. "sdpa" (CPU, and CUDA where flex
+cannot serve): single-token (decode) items attend in one batched SDPA over their gathered
+contexts [B, Lmax] with a padding mask; prefill chunks read their keys back from the pool and
+attend per sequence. The index tensors are built once per step and reused by every layer. A
 decode sequence alone (the memory-bound case) skips the mask, and the gather too when its
 blocks are consecutive in the pool.
 
@@ -277,7 +280,8 @@ class ModelRunner:
 
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int,
                  dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
-                 *, pad_decode: bool = False, compile: bool = False, batch_invariant: bool = False):
+                 *, pad_decode: bool = False, compile: bool = False, batch_invariant: bool = False,
+                 attention: str = "auto"):
         c = model.config
         self.model = model
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -309,17 +313,53 @@ class ModelRunner:
             make_invariant(model)
             self.native, self.pad_decode = None, False
         self.graphs = None                    # cuda_graphs.DecodeGraphs once captured (capture_graphs)
+        # attention: "sdpa" gathers each sequence's keys and runs SDPA (the native kernels on CPU);
+        # "flex" reads the pool in place, every row of a step in one FlexAttention call (flex.py);
+        # "auto": flex on CUDA where it can serve, sdpa elsewhere
+        self.flex = None
+        self.attention_fallback: str | None = None    # why flex was dropped at load, if it was
+        self._choose_attention(attention)
 
-    def capture_graphs(self, max_batch: int, max_len: int, graph_factory=None) -> dict:
+    def _choose_attention(self, attention: str) -> None:
+        if attention not in ("auto", "flex", "sdpa"):
+            raise ValueError(f"attention must be auto, flex or sdpa, not {attention!r}")
+        if attention == "sdpa" or self.batch_invariant or (attention == "auto" and self.device.type != "cuda"):
+            return
+        from .flex import unusable
+
+        why = unusable(self.block_size, self.dtype, self.device)
+        if why is not None:
+            if attention == "flex":
+                raise ValueError(f"attention = flex cannot serve here: {why}")
+            self.attention_fallback = why
+            return
+        self.use_attention("flex")
+
+    def use_attention(self, name: str) -> None:
+        """Switch the attention backend ("flex" or "sdpa"); before graphs are captured."""
+        if name == "flex":
+            from .flex import FlexPaged
+
+            self.flex, self.native = FlexPaged(self), None     # the native kernels have their own
+        else:
+            self.flex = None
+
+    @property
+    def attention(self) -> str:
+        return "flex" if self.flex is not None else "sdpa"
+
+    def capture_graphs(self, max_batch: int, max_len: int, graph_factory=None, max_tokens: int | None = None) -> dict:
         """Capture the padded all-decode step as CUDA graphs for every batch and context bucket the
-        scheduler can produce (at load, so no capture lands inside a request); steps that fit
-        no graph run eagerly. Returns {"graphs": n, "capture_s": seconds}. CUDA only unless a
-        graph_factory is given (tests run the same bookkeeping with an eager stand-in)."""
+        scheduler can produce (at load, so no capture lands inside a request), and with
+        max_tokens the piecewise graphs of steps of up to that many rows (mixed prefill + decode:
+        dense parts captured, attention eager); steps that fit no graph run eagerly. Returns
+        {"graphs": n, "piece_graphs": n, "capture_s": seconds}. CUDA only unless a graph_factory
+        is given (tests run the same bookkeeping with an eager stand-in)."""
         from .cuda_graphs import DecodeGraphs   # CUDA-only code: imported only here
 
         self.pad_decode = True                  # static shapes: the decode batch padded to a bucket
         self.graphs = DecodeGraphs(self, graph_factory)
-        return self.graphs.capture_all(max_batch, max_len)
+        return self.graphs.capture_all(max_batch, max_len, max_tokens)
 
     @torch.inference_mode()
     def warm_up(self) -> float:
@@ -329,18 +369,42 @@ class ModelRunner:
         import time
 
         t0 = time.perf_counter()
-        for n in (8, 13):
-            pos = torch.arange(n, device=self.device)
-            cos, sin = self.model.rope_tables(pos)
-            step = Step(tokens=torch.zeros(n, dtype=torch.long, device=self.device),
-                        slots=torch.full((n,), self.num_slots, dtype=torch.long, device=self.device),
-                        cos=cos, sin=sin, sample_rows=torch.tensor([n - 1], device=self.device),
-                        all_decode=False, dec_rows=None, dec_gather=None, dec_mask=None,
-                        prefills=[(0, n, None, None)], positions=pos)
-            self.run(step, graphs=False)
+        try:
+            for batch in self._warm_up_batches():
+                step = self.prepare(batch)
+                step.slots.fill_(self.num_slots)                # K/V to the scratch slot only
+                self.run(step, graphs=False)
+        except Exception as e:  # noqa: BLE001 - the flex kernel is an optimisation, never a failure
+            if self.flex is None:
+                raise
+            import logging
+
+            self.attention_fallback = f"{type(e).__name__}: {str(e)[:200]}"
+            logging.getLogger("agp.model").warning("flex attention failed at load (%s); reading the "
+                                                   "pool with gather + SDPA instead", self.attention_fallback)
+            self.use_attention("sdpa")
+            return self.warm_up()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
+
+    def _warm_up_batches(self) -> list[StepBatch]:
+        """Two steps that differ in every size a compiled kernel sees (rows, items, table width,
+        blocks per query block), so the second compiles the dynamic kernel that later steps and
+        the graphs reuse; they read the first blocks of the pool and write only the scratch slot."""
+        bs, nb = self.block_size, self.num_blocks
+        shapes = [[(0, min(8, bs))]]                            # (start, tokens) per item
+        shapes.append([(0, 2 * bs + 8), (min(5, bs - 1), 1), (bs, min(9, bs))])  # whole, decode, chunk
+        out, used = [], 0
+        for shape in shapes:
+            items, used = [], 0
+            for start, n in shape:
+                blocks = -(-(start + n) // bs)
+                items.append(SeqBatchItem([0] * n, start, list(range(used, used + blocks)), n > 1 or start > 0))
+                used += blocks
+            if used <= nb:
+                out.append(StepBatch.from_items(items))
+        return out
 
     returns_rows = True    # run() fills step.rows for items that want every row (prompt outputs)
     native_max_batch = 8   # measured: above this the batched GEMMs of the eager path win
@@ -377,8 +441,10 @@ class ModelRunner:
         if step.sample_rows is None:
             want_logits = False
         if graphs and self.graphs is not None:
-            x = self.graphs.replay(step)                        # [B, H] hidden states, or None: no graph fits
+            x = self.graphs.replay(step)                        # [T, H] hidden states, or None: no graph fits
             if x is not None:
+                if step.row_items:                              # prompt outputs: every row of those items
+                    step.rows = self._row_outputs(step, x)
                 return self.model.logits(x.index_select(0, step.sample_rows)) if want_logits else None
         if self.guard is None:
             return self._forward_step(step, want_logits)
@@ -407,13 +473,19 @@ class ModelRunner:
         x = F.embedding(step.tokens, m.embed)                   # [T, H]
         for li, layer in enumerate(m.layers):
             q, k, v = m.qkv(layer, x, step.cos, step.sin)       # [T, nh, hd], [T, kv, hd] x2
-            kc, vc = self._k_pool[li], self._v_pool[li]         # [slots, kv, hd]
-            kc.index_copy_(0, step.slots, _as(k, kc.dtype))
-            vc.index_copy_(0, step.slots, _as(v, vc.dtype))
-            a = self._attention(step, q, k, v, kc, vc, li)      # [T, nh*hd]
+            a = self.attend(step, li, q, k, v)                  # [T, nh*hd]
             x = x + layer.o(a)
             x = x + m.mlp(layer, x)
         return x
+
+    def attend(self, step: Step, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Layer li's attention of a step: k/v [T, kv, hd] written to the pool at step.slots, then
+        q [T, nh, hd] against each row's context read from the pool -> [T, nh*hd]. The part of a
+        layer that a piecewise graph leaves eager (cuda_pieces.py)."""
+        kc, vc = self._k_pool[li], self._v_pool[li]             # [slots, kv, hd]
+        kc.index_copy_(0, step.slots, _as(k, kc.dtype))
+        vc.index_copy_(0, step.slots, _as(v, vc.dtype))
+        return self._attention(step, q, k, v, kc, vc, li)
 
     def _row_outputs(self, step: Step, x: torch.Tensor) -> dict:
         """Every row of the items that want them: logits [n, V] and/or normed hidden [n, H]."""
@@ -456,6 +528,8 @@ class ModelRunner:
             from .invariant import attention
             key_slots, item_of = step.invariant
             return attention(q, kc, vc, key_slots, item_of, step.positions, g)   # [T, nh*hd]
+        if step.flex is not None:                               # every row, the pool read in place
+            return self.flex.attention(step.flex, q, kc, vc)    # [T, nh*hd]
         if step.all_decode:
             if step.dec_tables is not None:                     # native: the blocks read in place
                 return self.native.attention(li, q, step.dec_tables, step.dec_lens)  # [B, nh*hd]

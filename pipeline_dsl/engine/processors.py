@@ -55,12 +55,10 @@ def _to(values, dev, dtype=torch.long) -> torch.Tensor:
 
 
 def draw(sampler, logits: torch.Tensor, seqs) -> torch.Tensor:
-    """The plain draw: [n, V] -> [n] token ids (long, on the logits' device)."""
+    """The plain draw: [n, V] -> [n] token ids (long, on the logits' device, no host sync)."""
     if all(s.params.greedy for s in seqs):
-        return logits.argmax(dim=-1)                                   # [n], no host sync
-    src = logits.float().cpu() if logits.device.type != "cpu" else logits
-    toks = sampler.sample(src, [s.params for s in seqs], [s.state.generator for s in seqs])
-    return torch.tensor(toks, dtype=torch.long).to(logits.device)
+        return logits.argmax(dim=-1)                                   # [n]
+    return sampler.sample_tensor(logits, [s.params for s in seqs], [s.state.generator for s in seqs])
 
 
 class StepLogprobs:

@@ -1,9 +1,11 @@
 """From logits to tokens, and from tokens to text.
 
-`Sampler.sample` turns one step's logits `[n, vocab]` into token ids: greedy rows by one
-vectorised argmax; sampled rows by temperature, top-k, top-p and min-p over the whole
-sub-batch at once, then one uniform draw per row from that request's own
-`torch.Generator`, so a seeded request gives the same tokens whatever else shares its batch.
+`Sampler.sample_tensor` turns one step's logits `[n, vocab]` into token ids on their device
+without a host sync: greedy rows by one vectorised argmax; sampled rows by temperature,
+top-k, top-p and min-p over the whole sub-batch at once, then one uniform number per row
+from that request's own `torch.Generator` (drawn on the host before the logits are known,
+uploaded with the rows' parameters in one non-blocking copy), so a seeded request gives the
+same tokens whatever else shares its batch. `Sampler.sample` is the same as a host list.
 
 `Detokenizer` turns a request's growing id list into text incrementally (only the last
 few tokens are decoded each step; an incomplete UTF-8 sequence waits for the next token),
@@ -27,6 +29,16 @@ def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torc
     return g
 
 
+def to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A small host tensor on `dev` without waiting for the work queued there: on CUDA through
+    pinned memory, non-blocking (a pageable copy would wait for the step's forward)."""
+    if dev.type == "cpu":
+        return t
+    if dev.type == "cuda":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev)
+
+
 class Sampler:
     def __init__(self, seed: int | None = None):
         self.shared = torch.Generator()
@@ -35,45 +47,72 @@ class Sampler:
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
                generators: list[torch.Generator | None]) -> list[int]:
         """logits [n, V] float -> n token ids (one per row, rows in request order)."""
+        return self.sample_tensor(logits, params, generators).tolist()
+
+    def sample_tensor(self, logits: torch.Tensor, params: list[SamplingParams],
+                      generators: list[torch.Generator | None]) -> torch.Tensor:
+        """logits [n, V] -> [n] long token ids on the logits' device, without a host sync.
+
+        What a row's draw needs from the host — its temperature, top-k, top-p, min-p and its
+        uniform number — is known before the logits are: the uniforms come from each request's
+        own CPU generator (or the shared one), drawn in row order, one call per generator, then
+        everything goes up in one non-blocking copy and the draw runs on the device over all
+        sampled rows at once. The tokens are those a per-row draw would give (same generator
+        stream, same arithmetic): a seeded request gives the same tokens on any batch."""
         greedy = logits.argmax(dim=-1)  # [n]
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if not rows:
-            return greedy.tolist()
-        out = greedy.clone()
-        out[rows] = self._sample_rows(logits[rows].float(), [params[i] for i in rows],
-                                      [generators[i] for i in rows])
-        return out.tolist()
+            return greedy
+        ps = [params[i] for i in rows]
+        vocab = logits.shape[-1]
+        host = torch.tensor([[float(i) for i in rows], [p.temperature for p in ps],
+                             [p.top_k if 0 < p.top_k < vocab else vocab for p in ps],
+                             [p.top_p for p in ps], [p.min_p for p in ps]], dtype=torch.float64)  # [5, m]
+        host = torch.cat([host, self._uniforms([generators[i] for i in rows])[None]])            # [6, m]
+        idx, temps, ks, top_p, min_p, u = to_device(host, logits.device)                          # [m] each
+        idx = idx.long()
+        sub = logits.index_select(0, idx).float()                                                # [m, V]
+        need_sort = any(p.top_p < 1.0 or 0 < p.top_k < vocab for p in ps)
+        need_min_p = any(p.min_p > 0.0 for p in ps)
+        picked = self._sample_rows(sub, temps, ks.long(), top_p, min_p, u, need_sort, need_min_p)
+        return greedy.index_copy(0, idx, picked)
 
-    def _sample_rows(self, logits: torch.Tensor, params: list[SamplingParams],
-                     generators: list[torch.Generator | None]) -> torch.Tensor:
+    def _uniforms(self, generators: list[torch.Generator | None]) -> torch.Tensor:
+        """[m] float64: each row's next number from its generator, rows of one generator in order."""
+        at: dict[int, list[int]] = {}
+        gens: dict[int, torch.Generator] = {}
+        for j, g in enumerate(generators):
+            g = g or self.shared
+            at.setdefault(id(g), []).append(j)
+            gens[id(g)] = g
+        u = torch.empty(len(generators), dtype=torch.float64)
+        for key, js in at.items():
+            u[js] = torch.rand(len(js), generator=gens[key], dtype=torch.float64)   # = len(js) draws of 1
+        return u
+
+    def _sample_rows(self, logits, temps, ks, top_p, min_p, u, need_sort: bool, need_min_p: bool):
+        """logits [m, V] float32 and the rows' parameters [m] (on its device) -> [m] token ids."""
         m, vocab = logits.shape
         dev = logits.device
-        temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=dev)  # [m]
-        logits = logits / temps[:, None]  # [m, V]
-        need_sort = any(p.top_p < 1.0 or 0 < p.top_k < vocab for p in params)
+        logits = logits / temps.to(logits.dtype)[:, None]  # [m, V]
         if need_sort:
             logits, order = logits.sort(dim=-1, descending=True)  # [m, V] each
-            ks = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)  # [m]
             ranks = torch.arange(vocab, device=dev)[None, :]  # [1, V]
             logits = logits.masked_fill(ranks >= ks[:, None], float("-inf"))
         probs = torch.softmax(logits, dim=-1)  # [m, V]
         if need_sort:
-            top_p = torch.tensor([p.top_p for p in params], dtype=probs.dtype, device=dev)  # [m]
             before = probs.cumsum(dim=-1) - probs  # [m, V] mass of the tokens ranked above
-            probs = probs.masked_fill(before >= top_p[:, None], 0.0)  # the first always stays
+            probs = probs.masked_fill(before >= top_p.to(probs.dtype)[:, None], 0.0)  # the first always stays
             # back to vocabulary order: every row draws in the same order whether or not its batch
             # needed sorting, so a seeded request's tokens do not depend on what shares its batch
             probs = torch.zeros_like(probs).scatter_(1, order, probs)
-        if any(p.min_p > 0.0 for p in params):
+        if need_min_p:
             # min-p: below min_p * the likeliest token's probability (the ratio is the same before
             # and after the cuts above, which renormalise every kept token alike)
-            min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=dev)  # [m]
             top = probs.max(dim=-1, keepdim=True).values  # [m, 1]
-            probs = probs.masked_fill(probs < min_p[:, None] * top, 0.0)  # the likeliest always stays
+            probs = probs.masked_fill(probs < min_p.to(probs.dtype)[:, None] * top, 0.0)  # the likeliest always stays
         cdf = probs.cumsum(dim=-1)  # [m, V]
-        # one draw per row from the request's own CPU generator: the same stream on any device
-        u = torch.cat([torch.rand(1, generator=g or self.shared, dtype=torch.float64) for g in generators])  # [m]
-        u = u.to(device=dev, dtype=cdf.dtype) * cdf[:, -1]  # [m] scaled to each row's total mass
+        u = u.to(cdf.dtype) * cdf[:, -1]  # [m] scaled to each row's total mass
         picked = torch.searchsorted(cdf, u[:, None], right=True).squeeze(1)  # [m]
         picked = picked.clamp_(max=vocab - 1)
         # a zero-probability token can never be picked: step back past any flat cdf tail

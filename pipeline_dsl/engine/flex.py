@@ -1,0 +1,213 @@
+"""Paged attention read in place with PyTorch's FlexAttention: every row of a step in one call.
+
+    runner = ModelRunner(model, ..., attention="flex")   # "auto": chosen on CUDA (bf16/fp16)
+    step = runner.prepare(batch)                         # step.flex: a FlexMeta (host arrays, one upload)
+    out = runner.flex.attention(step.flex, q, kc, vc)    # [T, nh*hd], inside ModelRunner.attend
+
+Layout (the one vLLM's FlexAttention backend uses). The step's T query rows — decode tokens,
+prefill chunks with or without a cached prefix, both at once — are one packed sequence
+`[1, nh, Tp, hd]`; the layer's KV pool is one key sequence `[1, kv, slots, hd]`, read where it
+lies (no gather, no copy, no padded context). A BlockMask with query blocks of `Q_BLOCK` rows
+and key blocks of the KV block size lists, per query block, the pool blocks of the sequences
+whose rows it holds (`kv_idx`), so the kernel loads only those. Its mask_mod keeps, for a row
+of item i at position p, the slot s of pool block b = s // bs when b sits in i's block table
+at the logical index l recorded for b, and l * bs + s % bs <= p (causal over the cached
+prefix and the chunk itself). One logical index per block is enough: a block is shared only
+as part of a common prefix, so it sits at the same index in every table that holds it; a
+step that broke this would be told apart on the host (`host_meta` returns None) and take the
+gather path instead.
+
+Where the numbers come from. `host_meta` builds every array with numpy over the batch (no
+per-item Python): the row -> item map, positions, the block -> logical index map, the
+tables, and for each query block the deduplicated union of its items' blocks. The union is
+listed item by item in table order, so each row meets its own blocks in logical order
+whichever physical blocks hold them: on CUDA a row's online softmax visits its keys in the
+same order cold or warm (blocks of other items in between are fully masked for it and leave
+its running sums exactly as they were). Eager flex_attention (CPU) instead reduces over the
+whole pool in physical order, so there cold and warm may differ in the last bits.
+
+Static shapes. Sizes are padded so that one compiled kernel serves every step and a CUDA
+graph can capture it: rows to a multiple of Q_BLOCK, at least 2 query blocks, tables and
+block lists at least 2 wide (torch.compile specialises sizes 0 and 1), a padded decode step
+of (B, nblk) always to the same sizes (`decode_width`). Padding rows have position -1:
+every key is masked for them and their output is 0.
+
+On CUDA the call is `torch.compile(flex_attention)` (Triton), compiled at load by
+ModelRunner.warm_up; on CPU it is torch's eager flex_attention (it materialises the scores
+over the whole pool: for tests, not speed — the CPU path keeps its native kernels).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+Q_BLOCK = 16              # query rows per block of the BlockMask (and the kernel's BLOCK_M)
+MIN_BLOCKS = 2            # no padded size below 2: a compiled kernel is not specialised on it
+
+
+def unusable(block_size: int, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why the flex backend cannot serve this runner on `device` (None: it can)."""
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError as e:                          # pragma: no cover - torch < 2.5
+        return f"torch has no FlexAttention ({e})"
+    if device.type == "cuda":
+        if dtype not in (torch.bfloat16, torch.float16):
+            return f"the compiled kernel runs bf16/fp16, not {dtype}"
+        if block_size < 16 or block_size & (block_size - 1):
+            return f"KV block size {block_size}: the kernel's key tiles need a power of two >= 16"
+    return None
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def decode_width(nblk: int, num_blocks: int) -> int:
+    """Blocks listed per query block of a padded decode step over nblk context blocks: at most
+    Q_BLOCK sequences of nblk blocks each, and never more than the pool holds."""
+    return max(MIN_BLOCKS, min(Q_BLOCK * nblk, num_blocks))
+
+
+def host_meta(tables: np.ndarray, ctx: np.ndarray, item: np.ndarray, qpos: np.ndarray,
+              num_blocks: int, width: int | None = None) -> dict | None:
+    """The step's mask arrays (numpy, int64), or None when a block sits at two logical indices.
+
+    tables [R, W] block ids in position order (any value past an item's context); ctx [R] blocks
+    each item attends; item [T] item of each row (non-decreasing); qpos [T] position of each
+    row (-1: a padding row, attends nothing); width: blocks listed per query block (None: the
+    smallest power of two that holds them)."""
+    R, W = tables.shape
+    T = len(item)
+    Tp = max(MIN_BLOCKS * Q_BLOCK, -(-T // Q_BLOCK) * Q_BLOCK)
+    item_p = np.empty(Tp, np.int64)
+    item_p[:T] = item
+    item_p[T:] = item[-1] if T else 0                              # padding rows: the last item
+    qpos_p = np.full(Tp, -1, np.int64)
+    qpos_p[:T] = qpos
+    live = np.arange(W)[None, :] < ctx[:, None]                    # [R, W] entries attended
+    flat = tables[live]                                            # [sum ctx] item by item, in order
+    logical = np.full(num_blocks, -1, np.int64)
+    cols = np.broadcast_to(np.arange(W), (R, W))[live]             # [sum ctx] logical index of each
+    logical[flat] = cols
+    if not np.array_equal(logical[flat], cols):                    # a block at two logical indices
+        return None
+    off = np.cumsum(ctx) - ctx                                     # [R] first entry of each item in flat
+    nq = Tp // Q_BLOCK
+    row0 = np.arange(nq) * Q_BLOCK                                 # [nq] first row of each query block
+    first = item_p[row0]
+    last = item_p[np.minimum(row0 + Q_BLOCK, max(T, 1)) - 1]       # [nq] item of its last real row
+    lo, hi = off[first], off[last] + ctx[last]                     # [nq] the block's span of flat
+    hi = np.where(row0 < T, hi, lo)                                # a block of padding rows: none
+    span = int((hi - lo).max()) if nq else 0
+    c = np.arange(max(span, 1))
+    valid = c[None, :] < (hi - lo)[:, None]                        # [nq, span]
+    cand = np.where(valid, flat[np.minimum(lo[:, None] + c[None, :], max(len(flat) - 1, 0))]
+                    if len(flat) else 0, -1)                       # [nq, span] candidate blocks
+    order = np.argsort(cand, axis=1, kind="stable")                # equal ids: first occurrence first
+    srt = np.take_along_axis(cand, order, 1)
+    dup_sorted = np.zeros(cand.shape, bool)
+    dup_sorted[:, 1:] = srt[:, 1:] == srt[:, :-1]
+    dup = np.empty_like(dup_sorted)
+    np.put_along_axis(dup, order, dup_sorted, 1)                   # a later occurrence of a block
+    keep = valid & ~dup
+    kv_num = keep.sum(1)                                           # [nq]
+    need = int(kv_num.max()) if nq else 0
+    if width is None:
+        width = min(_pow2(max(need, MIN_BLOCKS)), max(num_blocks, MIN_BLOCKS))
+    if need > width:
+        raise ValueError(f"{need} KV blocks in one query block, more than the width {width}")
+    kv_idx = np.zeros((nq, width), np.int64)
+    r, k = np.nonzero(keep)
+    kv_idx[r, (np.cumsum(keep, 1) - 1)[r, k]] = cand[r, k]        # kept blocks, left-packed, in order
+    tab = np.zeros((max(R, MIN_BLOCKS), max(W, MIN_BLOCKS)), np.int64)
+    tab[:R, :W] = tables
+    return {"item": item_p, "qpos": qpos_p, "logical": logical, "tables": tab,
+            "kv_num": kv_num.astype(np.int64), "kv_idx": kv_idx}
+
+
+@dataclass
+class FlexMeta:
+    """One step's mask tensors on the device (what a decode graph copies into its static ones)."""
+    rows: int                  # T: query rows the step really has
+    item: torch.Tensor         # [Tp] item of each row
+    qpos: torch.Tensor         # [Tp] position of each row (-1: padding)
+    logical: torch.Tensor      # [num_blocks] logical index of each pool block (-1: not in the step)
+    tables: torch.Tensor       # [R, W] block tables
+    kv_num: torch.Tensor       # [nq] int32 blocks listed per query block
+    kv_idx: torch.Tensor       # [nq, K] int32 those blocks
+    mask: object = None        # the BlockMask, built on first use (once per step, or per graph)
+
+    STATIC = ("item", "qpos", "logical", "tables", "kv_num", "kv_idx")
+
+    def copy_(self, other: "FlexMeta") -> None:
+        for name in self.STATIC:
+            getattr(self, name).copy_(getattr(other, name))
+
+
+def _paged_mask(item, qpos, logical, tables, bs: int):
+    """mask_mod over (row, pool slot): the slot's block is in the row's table at its recorded
+    logical index, and that position is not after the row's own."""
+    def mask_mod(b, h, q, kv):
+        blk = kv // bs
+        lidx = logical[blk]
+        own = tables[item[q], lidx.clamp(min=0)] == blk
+        return (lidx >= 0) & own & (lidx * bs + kv % bs <= qpos[q])
+    return mask_mod
+
+
+class FlexPaged:
+    """The flex attention backend of one ModelRunner."""
+
+    def __init__(self, runner):
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+        self.block_size, self.num_blocks = runner.block_size, runner.num_blocks
+        self.slots = runner.num_blocks * runner.block_size
+        self.device = runner.device
+        self._block_mask = BlockMask
+        self.cuda = runner.device.type == "cuda"
+        if self.cuda:
+            # Triton kernels, compiled once at load (warm_up); sizes that change between the first
+            # two steps become dynamic, so later steps and the graphs' buckets reuse the kernel
+            self.fn = torch.compile(flex_attention, fullgraph=True)
+            self.options = {"FORCE_USE_FLEX_ATTENTION": True, "BLOCK_M": Q_BLOCK,
+                            "BLOCK_N": min(self.block_size, 64)}
+        else:
+            self.fn, self.options = flex_attention, None
+        self.calls = 0
+
+    def meta(self, upload, tables, ctx, item, qpos, width=None) -> FlexMeta | None:
+        """FlexMeta of a step from its host arrays (see host_meta), uploaded in one copy."""
+        host = host_meta(tables, ctx, item, qpos, self.num_blocks, width)
+        if host is None:
+            return None
+        names = FlexMeta.STATIC
+        dev = dict(zip(names, upload(*(host[n] for n in names))))
+        dev["kv_num"] = dev["kv_num"].to(torch.int32)
+        dev["kv_idx"] = dev["kv_idx"].to(torch.int32)
+        return FlexMeta(rows=len(item), **dev)
+
+    def block_mask(self, meta: FlexMeta):
+        if meta.mask is None:
+            mask_mod = _paged_mask(meta.item, meta.qpos, meta.logical, meta.tables, self.block_size)
+            meta.mask = self._block_mask.from_kv_blocks(
+                meta.kv_num[None, None], meta.kv_idx[None, None], BLOCK_SIZE=(Q_BLOCK, self.block_size),
+                mask_mod=mask_mod, seq_lengths=(meta.item.shape[0], self.slots), compute_q_blocks=False)
+        return meta.mask
+
+    def attention(self, meta: FlexMeta, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+        """q [T, nh, hd] (rows in step order) against the pool kc/vc [slots(+1), kv, hd] -> [T, nh*hd]."""
+        T, nh, hd = q.shape
+        Tp = meta.item.shape[0]
+        qp = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, Tp - T))          # [Tp, nh, hd]
+        qq = qp.transpose(0, 1).unsqueeze(0)                                # [1, nh, Tp, hd]
+        k = kc[: self.slots].transpose(0, 1).unsqueeze(0)                   # [1, kv, slots, hd], in place
+        v = vc[: self.slots].transpose(0, 1).unsqueeze(0)
+        self.calls += 1
+        kw = {"kernel_options": self.options} if self.options else {}
+        out = self.fn(qq, k.to(q.dtype), v.to(q.dtype), block_mask=self.block_mask(meta),
+                      enable_gqa=nh != k.shape[1], **kw)                    # [1, nh, Tp, hd]
+        return out[0, :, :T].transpose(0, 1).reshape(T, nh * hd)            # [T, nh*hd]

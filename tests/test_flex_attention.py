@@ -1,0 +1,218 @@
+"""The flex attention backend (engine/flex.py), checked on CPU with torch's eager flex_attention.
+
+On CUDA this backend is chosen by default and compiled to Triton; here the same mask, block
+lists and calls run eagerly. Checked: the host-built block lists and the mask against a
+per-row reference; a runner with the backend forced against the gather + SDPA path on random
+steps (decodes of every length, prefill chunks with and without a cached prefix, mixed steps,
+shared prefix blocks, tables of shuffled blocks; GQA and not; fp32 and bf16); whole engine
+runs with preemption, chunked prefill and prefix hits, stepped directly, through the plan's
+executor and through decode graphs; and the fallback when a block sits at two logical indices.
+"""
+
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline_dsl.engine.batch import StepBatch
+from pipeline_dsl.engine.flex import Q_BLOCK, _paged_mask, host_meta
+from pipeline_dsl.engine.gguf_loader import load_gguf
+from pipeline_dsl.engine.model import LlamaModel, ModelRunner, SeqBatchItem
+from test_gpu_path import EagerGraphs, run_engine
+from tiny_model import write_tiny_gguf
+
+BS = 4
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+
+@pytest.fixture(scope="module")
+def weights(tiny_gguf):
+    return load_gguf(tiny_gguf)
+
+
+@pytest.fixture(scope="module")
+def mha(tmp_path_factory):
+    return load_gguf(write_tiny_gguf(tmp_path_factory.mktemp("mha") / "mha.gguf", kv_heads=4))
+
+
+def runners(t, dtype, num_blocks=48, pad=False):
+    model = LlamaModel(t.config, t.weights, dtype)
+    ref = ModelRunner(model, num_blocks=num_blocks, block_size=BS, pad_decode=pad)
+    ref.native = None                                     # gather + SDPA: the reference
+    flex = ModelRunner(model, num_blocks=num_blocks, block_size=BS, pad_decode=pad, attention="flex")
+    assert flex.attention == "flex" and flex.native is None and ref.attention == "sdpa"
+    return flex, ref
+
+
+def random_step(rng, vocab, num_blocks, n=None):
+    """Items of one step over shuffled blocks: decodes at any position, prefill chunks with and
+    without a cached prefix; some share their first blocks (a prefix hit: same logical index),
+    never a block a step writes to."""
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    items = []
+    for _ in range(n or rng.randint(1, 7)):
+        kind = rng.random()
+        start = 0 if kind < 0.25 else rng.randrange(1, 28)
+        count = 1 if kind > 0.6 else rng.randint(1, 11)
+        blocks = -(-(start + count) // BS)
+        shared = []
+        donors = [it for it in items if it.start_pos // BS and start // BS]
+        if donors and rng.random() < 0.5:
+            d = rng.choice(donors)
+            shared = d.block_table[:rng.randint(1, min(d.start_pos, start) // BS)]
+        if len(free) < blocks - len(shared):
+            break
+        table = shared + [free.pop() for _ in range(blocks - len(shared))]
+        items.append(SeqBatchItem([rng.randrange(3, vocab) for _ in range(count)], start, table, True))
+    return items
+
+
+def fill_pools(*rs, seed=0):
+    """The same random K/V in every runner's pool (bf16-representable, so an fp32 pool holds
+    exactly what a bf16 one does)."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(rs[0].k_cache.shape, generator=g).bfloat16().float()
+    v = torch.randn(rs[0].v_cache.shape, generator=g).bfloat16().float()
+    for r in rs:
+        r.k_cache.copy_(k)
+        r.v_cache.copy_(v)
+
+
+def reference_keys(items, row_item, row_pos):
+    """Per row: the pool slots it must attend (its context up to its own position)."""
+    out = []
+    for i, p in zip(row_item, row_pos):
+        t = items[i].block_table
+        out.append({t[j // BS] * BS + j % BS for j in range(p + 1)})
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_block_lists_and_mask_keep_exactly_each_rows_context(seed):
+    rng = random.Random(seed)
+    nb = 40
+    items = random_step(rng, 100, nb, n=rng.randint(2, 9))
+    n = len(items)
+    W = max(len(it.block_table) for it in items)
+    tables = np.zeros((n, W), np.int64)
+    for i, it in enumerate(items):
+        tables[i, :len(it.block_table)] = it.block_table
+    ctx = np.array([-(-(it.start_pos + len(it.token_ids)) // BS) for it in items])
+    row_item = np.concatenate([[i] * len(it.token_ids) for i, it in enumerate(items)])
+    row_pos = np.concatenate([np.arange(it.start_pos, it.start_pos + len(it.token_ids)) for it in items])
+    m = host_meta(tables, ctx, row_item, row_pos, nb)
+    T, Tp = len(row_item), len(m["item"])
+    assert Tp % Q_BLOCK == 0 and Tp >= T and (m["qpos"][T:] == -1).all()
+    want = reference_keys(items, row_item, row_pos)
+    for q in range(m["kv_num"].shape[0]):
+        listed = m["kv_idx"][q, :m["kv_num"][q]].tolist()
+        assert len(listed) == len(set(listed))                          # each block once
+        rows = range(q * Q_BLOCK, min(q * Q_BLOCK + Q_BLOCK, T))
+        need = {s // BS for r in rows for s in want[r]}
+        assert need <= set(listed)                                      # every key a row needs is loaded
+        for i in sorted({row_item[r] for r in rows}):                   # an item's blocks in logical order
+            own = [b for b in listed if b in items[i].block_table[:ctx[i]]]
+            assert own == [b for b in items[i].block_table[:ctx[i]] if b in set(listed)]
+    mask = _paged_mask(*(torch.from_numpy(m[k]) for k in ("item", "qpos", "logical", "tables")), BS)
+    qi = torch.arange(Tp)[:, None].expand(Tp, nb * BS)
+    kv = torch.arange(nb * BS)[None, :].expand(Tp, nb * BS)
+    got = mask(0, 0, qi, kv)                                            # [Tp, slots]
+    for r in range(T):
+        assert set(torch.nonzero(got[r]).flatten().tolist()) == want[r]
+    assert not got[T:].any()
+
+
+def test_a_block_at_two_logical_indices_is_refused_and_the_step_reads_by_gathering(weights):
+    tables = np.array([[3, 5], [5, 3]])
+    assert host_meta(tables, np.array([2, 2]), np.array([0, 1]), np.array([6, 6]), 8) is None
+    flex, ref = runners(weights, "fp32")
+    fill_pools(flex, ref)
+    items = [SeqBatchItem([7], 6, [3, 5], True), SeqBatchItem([9], 6, [5, 3], True)]
+    step = flex.prepare(StepBatch.from_items(items))
+    assert step.flex is None
+    torch.testing.assert_close(flex.run(step), ref.execute(items))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("heads", ["gqa", "mha"])
+def test_flex_runner_gives_the_gather_paths_logits_on_random_steps(weights, mha, dtype, heads):
+    """fp32: the same logits to rounding. bf16: as close to the fp32 computation as the gather
+    path in bf16 is (two bf16 computations that sum in different orders differ by more than
+    their rounding, so each is held to the fp32 truth, not to the other)."""
+    t = weights if heads == "gqa" else mha
+    flex, ref = runners(t, dtype)
+    truth = runners(t, "fp32")[1] if dtype == "bf16" else ref
+    fill_pools(flex, ref, truth, seed=1)
+    rng = random.Random(7)
+    kinds = set()
+    for _ in range(12):
+        items = random_step(rng, flex.model.config.vocab_size, flex.num_blocks)
+        kinds |= {"decode" if len(it.token_ids) == 1 else "cold" if it.start_pos == 0 else "cached"
+                  for it in items}
+        got, want = flex.execute(items), ref.execute(items)             # [n, V] each
+        if dtype == "fp32":
+            torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
+        else:
+            exact = truth.execute(items)
+            assert (got - exact).abs().max() <= 1.5 * (want - exact).abs().max() + 0.02
+    assert kinds == {"decode", "cold", "cached"} and flex.flex.calls > 0
+
+
+def test_padded_decode_steps_use_the_graph_buckets_sizes(weights):
+    flex, ref = runners(weights, "fp32", pad=True)
+    fill_pools(flex, ref, seed=2)
+    items = [SeqBatchItem([5], 9, [7, 2, 30], True), SeqBatchItem([6], 2, [11], True),
+             SeqBatchItem([8], 13, [1, 4, 9, 40], True)]
+    step = flex.prepare(StepBatch.from_items(items, pad_to=4))
+    B, nblk = step.graph_key
+    assert B == 4 and step.flex.tables.shape == (4, nblk) and step.flex.item.shape[0] == 2 * Q_BLOCK
+    torch.testing.assert_close(flex.run(step), ref.execute(items, pad_to=4))
+
+
+@pytest.mark.parametrize("mode", ["engine.step", "executor", "graphs"])
+def test_engine_with_flex_attention_gives_the_default_paths_tokens(weights, mode):
+    model = LlamaModel(weights.config, weights.weights, "fp32")
+
+    def runner(attention):
+        r = ModelRunner(model, num_blocks=40, block_size=BS, pad_decode=True, attention=attention)
+        r.native = None
+        return r
+
+    seed = {"engine.step": 3, "executor": 4, "graphs": 5}[mode]
+    ref, _ = run_engine(runner("sdpa"), seed, executor=mode != "engine.step")
+    r = runner("flex")
+    if mode == "graphs":
+        r.capture_graphs(max_batch=8, max_len=96, graph_factory=EagerGraphs())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out, stats = run_engine(r, seed, executor=mode != "engine.step")
+    assert out == ref and len(out) == 12
+    assert stats["preemptions"] > 0 and stats["cached_tokens"] > 0 and r.flex.calls > 0
+    if mode == "graphs":
+        assert r.graphs.replays > 0
+
+
+def test_agp_attention_picks_the_backend_and_a_bad_value_is_an_input_error(tiny_gguf, monkeypatch):
+    from pipeline_dsl.engine import InputError, SamplingParams
+    from tiny_model import tiny_engine
+
+    def answer(eng):
+        eng.add_request("a", prompt="hello world", params=SamplingParams(max_tokens=6, ignore_eos=True))
+        return [t for _ in range(50) if eng.has_unfinished() for o in eng.step() for t in o.new_token_ids]
+
+    default = tiny_engine(tiny_gguf)
+    assert default.stats()["attention"] == "sdpa"                       # CPU: gather + native kernels
+    monkeypatch.setenv("AGP_ATTENTION", "flex")
+    flex = tiny_engine(tiny_gguf)
+    assert flex.stats()["attention"] == "flex" and flex.runner.native is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert answer(flex) == answer(default)
+    monkeypatch.setenv("AGP_ATTENTION", "paged")
+    with pytest.raises(InputError, match="AGP_ATTENTION=paged"):
+        tiny_engine(tiny_gguf)
