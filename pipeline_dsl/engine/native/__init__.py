@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "kernels.cpp"
 BUILD = HERE / "build"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-VERSION = 4                       # agp_native_version() of a library this module can drive
+VERSION = 5                       # agp_native_version() of a library this module can drive
 
 _LIB: list = []                   # [lib or None] once tried
 _WARNED: set = set()
@@ -47,10 +47,7 @@ def compiler() -> str | None:
 
 
 def cpu_supported() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = _cpu_flags()
     return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
 
 
@@ -107,6 +104,20 @@ def load():
             lib = None
     _LIB.append(lib)
     return lib
+
+
+def int8_activations() -> bool:
+    """Whether the native int4 / Q8 linears quantise their inputs to int8 blocks (the default:
+    VNNI dot products at memory speed, as llama.cpp) or keep them float (AGP_NATIVE_INT8=0:
+    the eager path's numerics, compute bound). Read when a layer is built."""
+    return os.environ.get("AGP_NATIVE_INT8", "1") != "0" and "avx512_vnni" in _cpu_flags()
+
+
+def _cpu_flags() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
 
 
 def reset() -> None:

@@ -10,10 +10,17 @@
 //   kind 2  q4          w [N, K/2] nibbles (GGUF order: byte j = element j | element j+16 << 4),
 //                       sz [N, K/32, 2] bf16 (scale s, zero z): w = (q - 8) * s + z   (torch's int4 form)
 //   kind 3  q8          w [N, K] int8, s [N, K/32] float: w = q * s                    (GGUF Q8_0)
+//   kind 4  q4 x16      kind 2's weights repacked for int8 dot products (layout at q4x_rows)
+//   kind 5  q8 x16      kind 3's weights repacked for int8 dot products (layout at q8x_rows)
 //
 // Numerics follow the eager path: activations are float inside; with `bf16` set every tensor
 // that the eager path would store in bf16 (linear outputs, norms, RoPE, residual adds, attention
-// output) is rounded to bf16 at the same point, so greedy tokens agree with it.
+// output) is rounded to bf16 at the same point, so greedy tokens agree with it. Kinds 4 and 5
+// are the exception, by design: they quantise their input to int8 per block of 32 (one float
+// scale a block, as llama.cpp's Q8 activations) and multiply with AVX512-VNNI, which reads the
+// weights at memory speed where kinds 2 and 3 are bound by converting every weight to float.
+// The weights are the same; the dot products differ from kinds 2 and 3 by the activations'
+// rounding (|error| <= half a step of 1/127 of each block's largest input).
 #include <immintrin.h>
 #include <omp.h>
 
@@ -63,7 +70,7 @@ struct Step {
     const int64_t* out_rows;     // [n_out] rows whose logits are wanted
 };
 
-int agp_native_version() { return 4; }
+int agp_native_version() { return 5; }
 
 }  // extern "C"
 
@@ -154,7 +161,7 @@ inline __m512 load_bf16x16(const uint16_t* p) {
 // ---- linear layers: rows [n0, n1) of y[t, n] = sum_k x[t, k] w[n, k], T <= 8 -----------------
 
 template <int T>
-void q4_rows(const Lin& L, const float* x, const float*, float* y, int n0, int n1) {
+void q4_rows(const Lin& L, const float* x, float* y, int n0, int n1) {
     // each block dequantised once, w = (q - 8) * s + z, then one FMA per 16 weights per row
     const int K = L.K, nb = K / 32, N = L.N;
     const uint8_t* W = (const uint8_t*)L.w;
@@ -239,52 +246,207 @@ void f32_rows(const Lin& L, const float* x, float* y, int n0, int n1) {
     }
 }
 
+
+// ---- int8 activations (kinds 4, 5) ---------------------------------------------------------
+//
+// An input row x [K] is quantised per block of 32: q = round(x / d), d = max|x| / 127, with the
+// block's constants precomputed for the kernels below (qs = the sum of the block's q).
+struct XBlk {
+    float d;        // scale
+    float c8;       // 8 * qs * d    (kind 4: the -8 of (q - 8) * s)
+    float c1;       // qs * d        (kind 4: the zero z times the block's sum)
+    float c128;     // 128 * qs * d  (kind 5: the +128 that makes the weights unsigned)
+};
+
+void quantize_rows(const float* x, int T, int K, int8_t* q, XBlk* meta) {
+    const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+    for (int t = 0; t < T; ++t)
+        for (int b = 0; b < K / 32; ++b) {
+            const float* xb = x + (int64_t)t * K + 32 * b;
+            const __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v0, sign), _mm512_and_ps(v1, sign)));
+            const float d = amax / 127.0f, id = amax > 0.f ? 127.0f / amax : 0.f;
+            const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));   // nearest even
+            const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
+            int8_t* qb = q + (int64_t)t * K + 32 * b;
+            _mm_storeu_si128((__m128i*)qb, _mm512_cvtepi32_epi8(q0));
+            _mm_storeu_si128((__m128i*)(qb + 16), _mm512_cvtepi32_epi8(q1));
+            const float qs = (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+            meta[(int64_t)t * (K / 32) + b] = XBlk{d, 8.f * qs * d, qs * d, 128.f * qs * d};
+        }
+}
+
+// y[t, 16 g + i] = acc[t][i] for the rows that exist (the last group of N % 16 != 0 is padded)
 template <int T>
-void rows_t(const Lin& L, const float* x, const float* xs, float* y, int n0, int n1) {
+inline void store_group(float* y, int N, int g, const __m512* acc) {
+    const __mmask16 k = N - 16 * g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - 16 * g)) - 1);
+    for (int t = 0; t < T; ++t) _mm512_mask_storeu_ps(y + (int64_t)t * N + 16 * g, k, acc[t]);
+}
+
+// Kind 4: 16 output rows interleaved, one 320-byte record per group of 16 rows and block of 32
+// inputs, the records of a group in input order (so a thread streams one contiguous range):
+//   bytes [64 j, 64 j + 64), j < 4:  byte 4 i + t = q[row i][4 j + t] | q[row i][16 + 4 j + t] << 4
+//   bytes [256, 288): the 16 rows' scales s (bf16), [288, 320): their zeros z (bf16)
+// so one 64-byte load, masked or shifted, is 16 rows x 4 consecutive inputs of unsigned q, the
+// operand vpdpbusd multiplies by 4 broadcast int8 inputs. With the input x = d * qx:
+//   sum_k ((q - 8) s + z) x = d s (sum q qx) - 8 d s qs + d z qs
+template <int T>
+void q4x_rows(const Lin& L, const int8_t* xq, const XBlk* xm, float* y, int g0, int g1) {
+    const int K = L.K, nb = K / 32, N = L.N;
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    for (int g = g0; g < g1; ++g) {
+        const uint8_t* p = (const uint8_t*)L.w + (int64_t)g * nb * 320;
+        __m512 acc[T];
+        for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+        for (int b = 0; b < nb; ++b, p += 320) {
+            _mm_prefetch((const char*)p + 2560, _MM_HINT_T0);
+            _mm_prefetch((const char*)p + 2624, _MM_HINT_T0);
+            _mm_prefetch((const char*)p + 2688, _MM_HINT_T0);
+            _mm_prefetch((const char*)p + 2752, _MM_HINT_T0);
+            _mm_prefetch((const char*)p + 2816, _MM_HINT_T0);
+            __m512i lo[4], hi[4];
+            for (int j = 0; j < 4; ++j) {
+                const __m512i v = _mm512_load_si512((const void*)(p + 64 * j));
+                lo[j] = _mm512_and_si512(v, m4);
+                hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            }
+            const __m512 s = load_bf16x16((const uint16_t*)(p + 256)), z = load_bf16x16((const uint16_t*)(p + 288));
+            for (int t = 0; t < T; ++t) {
+                const int32_t* xw = (const int32_t*)(xq + (int64_t)t * K + 32 * b);
+                __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+                for (int j = 0; j < 4; ++j) {
+                    a0 = _mm512_dpbusd_epi32(a0, lo[j], _mm512_set1_epi32(xw[j]));
+                    a1 = _mm512_dpbusd_epi32(a1, hi[j], _mm512_set1_epi32(xw[j + 4]));
+                }
+                const XBlk& m = xm[(int64_t)t * nb + b];
+                const __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1));
+                acc[t] = _mm512_fmadd_ps(s, _mm512_fmsub_ps(f, _mm512_set1_ps(m.d), _mm512_set1_ps(m.c8)), acc[t]);
+                acc[t] = _mm512_fmadd_ps(z, _mm512_set1_ps(m.c1), acc[t]);
+            }
+        }
+        store_group<T>(y, N, g, acc);
+    }
+}
+
+// Kind 5: 16 output rows interleaved, one 576-byte record per group of 16 rows and block of 32:
+//   bytes [64 j, 64 j + 64), j < 8:  byte 4 i + t = q[row i][4 j + t] + 128 (unsigned)
+//   bytes [512, 576): the 16 rows' scales (float)
+// vpdpbusd multiplies unsigned by signed bytes: the weights carry +128, taken back as
+//   sum_k q x = d (sum (q + 128) qx) - 128 d qs.
+template <int T>
+void q8x_rows(const Lin& L, const int8_t* xq, const XBlk* xm, float* y, int g0, int g1) {
+    const int K = L.K, nb = K / 32, N = L.N;
+    for (int g = g0; g < g1; ++g) {
+        const uint8_t* p = (const uint8_t*)L.w + (int64_t)g * nb * 576;
+        __m512 acc[T];
+        for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+        for (int b = 0; b < nb; ++b, p += 576) {
+            for (int c = 0; c < 9; ++c) _mm_prefetch((const char*)p + 4608 + 64 * c, _MM_HINT_T0);
+            __m512i w[8];
+            for (int j = 0; j < 8; ++j) w[j] = _mm512_load_si512((const void*)(p + 64 * j));
+            const __m512 s = _mm512_load_ps((const float*)(p + 512));
+            for (int t = 0; t < T; ++t) {
+                const int32_t* xw = (const int32_t*)(xq + (int64_t)t * K + 32 * b);
+                __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+                for (int j = 0; j < 8; j += 2) {
+                    a0 = _mm512_dpbusd_epi32(a0, w[j], _mm512_set1_epi32(xw[j]));
+                    a1 = _mm512_dpbusd_epi32(a1, w[j + 1], _mm512_set1_epi32(xw[j + 1]));
+                }
+                const XBlk& m = xm[(int64_t)t * nb + b];
+                const __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1));
+                acc[t] = _mm512_fmadd_ps(s, _mm512_fmsub_ps(f, _mm512_set1_ps(m.d), _mm512_set1_ps(m.c128)), acc[t]);
+            }
+        }
+        store_group<T>(y, N, g, acc);
+    }
+}
+
+template <int T>
+void x16_rows(const Lin& L, const int8_t* xq, const XBlk* xm, float* y, int g0, int g1) {
+    if (L.kind == 4) q4x_rows<T>(L, xq, xm, y, g0, g1);
+    else q8x_rows<T>(L, xq, xm, y, g0, g1);
+}
+
+template <int T>
+void rows_t(const Lin& L, const float* x, float* y, int n0, int n1) {
     switch (L.kind) {
         case 0: f32_rows<T>(L, x, y, n0, n1); break;
         case 1: bf16_rows<T>(L, x, y, n0, n1); break;
-        case 2: q4_rows<T>(L, x, xs, y, n0, n1); break;
+        case 2: q4_rows<T>(L, x, y, n0, n1); break;
         default: q8_rows<T>(L, x, y, n0, n1); break;
     }
 }
 
-// y[T, N] for output rows [n0, n1); x [T, K] float, xs [T, K/32] the block sums of x (q4 only).
-void linear_rows(const Lin& L, const float* x, const float* xs, int T, float* y, int n0, int n1) {
+// What a linear reads of its input x [T, K] float: kinds 4 and 5 only its int8 blocks (the
+// quantised x and each block's constants).
+struct In {
+    const float* x;
+    const int8_t* xq;   // [T, K] (kinds 4, 5)
+    const XBlk* xm;     // [T, K/32]
+};
+
+inline bool int8_kind(const Lin& L) { return L.kind == 4 || L.kind == 5; }
+
+// y[T, N] for output rows [n0, n1) (n0 a multiple of 16 for kinds 4, 5; n1 too unless it is N).
+void linear_rows(const Lin& L, const In& in, int T, float* y, int n0, int n1) {
     const int K = L.K, N = L.N;
-    for (int t0 = 0; t0 < T; t0 += 16) {     // up to 16 rows a pass over the weights
-        const int tn = T - t0 < 16 ? T - t0 : 16;
-        const float* xt = x + (int64_t)t0 * K;
-        const float* xst = xs ? xs + (int64_t)t0 * (K / 32) : nullptr;
-        float* yt = y + (int64_t)t0 * N;
-        switch (tn) {
-#define ROWS(n) case n: rows_t<n>(L, xt, xst, yt, n0, n1); break;
-            ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
-            ROWS(9) ROWS(10) ROWS(11) ROWS(12) ROWS(13) ROWS(14) ROWS(15)
+    if (int8_kind(L)) {
+        for (int t0 = 0; t0 < T; t0 += 8) {   // up to 8 rows a pass over the weights
+            const int tn = T - t0 < 8 ? T - t0 : 8;
+            const int8_t* xq = in.xq + (int64_t)t0 * K;
+            const XBlk* xm = in.xm + (int64_t)t0 * (K / 32);
+            float* yt = y + (int64_t)t0 * N;
+            switch (tn) {
+#define ROWS(n) case n: x16_rows<n>(L, xq, xm, yt, n0 / 16, (n1 + 15) / 16); break;
+                ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7)
 #undef ROWS
-            default: rows_t<16>(L, xt, xst, yt, n0, n1); break;
+                default: x16_rows<8>(L, xq, xm, yt, n0 / 16, (n1 + 15) / 16); break;
+            }
+        }
+    } else {
+        for (int t0 = 0; t0 < T; t0 += 16) {     // up to 16 rows a pass over the weights
+            const int tn = T - t0 < 16 ? T - t0 : 16;
+            const float* xt = in.x + (int64_t)t0 * K;
+            float* yt = y + (int64_t)t0 * N;
+            switch (tn) {
+#define ROWS(n) case n: rows_t<n>(L, xt, yt, n0, n1); break;
+                ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
+                ROWS(9) ROWS(10) ROWS(11) ROWS(12) ROWS(13) ROWS(14) ROWS(15)
+#undef ROWS
+                default: rows_t<16>(L, xt, yt, n0, n1); break;
+            }
         }
     }
     if (L.round)
         for (int t = 0; t < T; ++t) round_vec(y + (int64_t)t * N + n0, n1 - n0);
 }
 
-void block_sums(const float* x, int T, int K, float* xs) {
-    for (int t = 0; t < T; ++t)
-        for (int b = 0; b < K / 32; ++b) {
-            float s = 0.f;
-            for (int j = 0; j < 32; ++j) s += x[(int64_t)t * K + 32 * b + j];
-            xs[t * (K / 32) + b] = s;
+// A thread's buffers for a linear's input (what `prepare` derives from x), grown on first use.
+struct InBuf {
+    std::vector<int8_t> xq;
+    std::vector<XBlk> xm;
+
+    In prepare(const Lin& L, const float* x, int T) {
+        In in{x, nullptr, nullptr};
+        if (int8_kind(L)) {
+            const size_t nb = (size_t)T * (L.K / 32);
+            if (xq.size() < nb * 32) xq.resize(nb * 32);
+            if (xm.size() < nb) xm.resize(nb);
+            quantize_rows(x, T, L.K, xq.data(), xm.data());
+            in.xq = xq.data();
+            in.xm = xm.data();
         }
-}
+        return in;
+    }
+};
 
 // Inside a parallel region: this thread's share of the rows, in chunks of 16 (all threads call).
-void linear_par(const Lin& L, const float* x, const float* xs, int T, float* y) {
+void linear_par(const Lin& L, const In& in, int T, float* y) {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
     const int chunks = (L.N + 15) / 16;
     const int c0 = (int)((int64_t)chunks * tid / nt), c1 = (int)((int64_t)chunks * (tid + 1) / nt);
     const int n0 = c0 * 16, n1 = c1 * 16 < L.N ? c1 * 16 : L.N;
-    if (n0 < n1) linear_rows(L, x, xs, T, y, n0, n1);
+    if (n0 < n1) linear_rows(L, in, T, y, n0, n1);
 }
 
 void rmsnorm(const float* x, const float* w, int H, float eps, bool bf16, float* out) {
@@ -351,11 +513,10 @@ extern "C" {
 
 // y[T, N] (float) = x[T, K] (float) w^T for one Lin, on nthreads.
 void agp_linear(const Lin* L, const float* x, int T, float* y, int nthreads) {
-    std::vector<float> xs(L->kind == 2 ? (size_t)T * (L->K / 32) : 0);
-    if (L->kind == 2) block_sums(x, T, L->K, xs.data());
-    const float* xsp = L->kind == 2 ? xs.data() : nullptr;
+    InBuf buf;
+    const In in = buf.prepare(*L, x, T);
 #pragma omp parallel num_threads(nthreads)
-    linear_par(*L, x, xsp, T, y);
+    linear_par(*L, in, T, y);
 }
 
 // Paged decode attention, reading K/V blocks in place: q [B, nh, hd] (row stride q_stride elements,
@@ -493,8 +654,8 @@ void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthread
 #pragma omp parallel num_threads(nthreads)
     {
         // private: the residual stream and what each phase's input needs
-        std::vector<float> x((size_t)B * H), h((size_t)B * H), act((size_t)B * I), xs((size_t)B * (I / 32 + 1)),
-            scratch((size_t)(2 * hd + g) * Lmax);
+        std::vector<float> x((size_t)B * H), h((size_t)B * H), act((size_t)B * I), scratch((size_t)(2 * hd + g) * Lmax);
+        InBuf in;
         for (int b = 0; b < B; ++b)   // the embedding rows
             for (int i = 0; i < H; ++i) {
                 const int64_t k = s.tokens[b] * H + i;
@@ -513,8 +674,7 @@ void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthread
             char* vl = (char*)m.v_pool + li * m.layer_stride * esz;
             if (li > 0) residual();
             norm_rows(ly.attn_norm, B, nullptr);
-            if (ly.qkv.kind == 2) block_sums(h.data(), B, H, xs.data());
-            linear_par(ly.qkv, h.data(), xs.data(), B, qkv.data());
+            linear_par(ly.qkv, in.prepare(ly.qkv, h.data(), B), B, qkv.data());
 #pragma omp barrier
 #pragma omp for schedule(dynamic, 1)
             for (int w = 0; w < B * nkv; ++w) {   // one sequence's KV head: RoPE, K/V into the pool, attend
@@ -548,24 +708,20 @@ void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthread
                        scratch.data(), o);
                 if (bf) round_vec(o, g * hd);
             }
-            if (ly.o.kind == 2) block_sums(att.data(), B, nh * hd, xs.data());
-            linear_par(ly.o, att.data(), xs.data(), B, tmp.data());
+            linear_par(ly.o, in.prepare(ly.o, att.data(), B), B, tmp.data());
 #pragma omp barrier
             residual();
             norm_rows(ly.ffn_norm, B, nullptr);
-            if (ly.gate_up.kind == 2) block_sums(h.data(), B, H, xs.data());
-            linear_par(ly.gate_up, h.data(), xs.data(), B, gu.data());
+            linear_par(ly.gate_up, in.prepare(ly.gate_up, h.data(), B), B, gu.data());
 #pragma omp barrier
             for (int b = 0; b < B; ++b)
                 silu_mul(&gu[(size_t)b * 2 * I], &gu[(size_t)b * 2 * I + I], &act[(size_t)b * I], I, bf);
-            if (ly.down.kind == 2) block_sums(act.data(), B, I, xs.data());
-            linear_par(ly.down, act.data(), xs.data(), B, tmp.data());
+            linear_par(ly.down, in.prepare(ly.down, act.data(), B), B, tmp.data());
 #pragma omp barrier
         }
         residual();
         norm_rows(m.norm, s.n_out, s.out_rows);
-        if (m.lm_head.kind == 2) block_sums(h.data(), s.n_out, H, xs.data());
-        linear_par(m.lm_head, h.data(), xs.data(), s.n_out, logits);
+        linear_par(m.lm_head, in.prepare(m.lm_head, h.data(), s.n_out), s.n_out, logits);
     }
 }
 

@@ -1,0 +1,82 @@
+"""The native int8-activation linears (kinds 4 and 5: the int4 and Q8 blocks repacked 16 rows
+interleaved, inputs quantised to int8 per block of 32) against torch.
+
+The kernels must compute exactly the dot product of the file's weights with the quantised
+input (fp32 rounding aside); how far that moves a model's logits from float activations is
+in test_fast_paths. Skipped where the kernels or AVX512-VNNI are missing.
+"""
+
+import pytest
+import torch
+
+from pipeline_dsl.engine import native
+from pipeline_dsl.engine.quant import (KIND_Q4, KIND_Q4X16, KIND_Q8, KIND_Q8X16, Int4Blocks, Int4Linear, Q8Linear,
+                                       native_linear)
+
+pytestmark = pytest.mark.skipif(native.load() is None or not native.int8_activations(),
+                                reason="native kernels or AVX512-VNNI unavailable here")
+
+
+def quantised(x: torch.Tensor) -> torch.Tensor:
+    """x [T, K] as the kernels see it: int8 per block of 32, scale max|x| / 127, in float64."""
+    T, K = x.shape
+    xb = x.double().view(T, K // 32, 32)                                  # [T, K/32, 32]
+    d = xb.abs().amax(-1, keepdim=True) / 127                             # [T, K/32, 1]
+    q = torch.round(xb / torch.where(d > 0, d, torch.ones_like(d)))       # nearest, ties to even
+    assert q.abs().max() <= 127
+    return (q * d).view(T, K)
+
+
+def random_int4(N: int, K: int, g: torch.Generator) -> Int4Blocks:
+    return Int4Blocks(torch.randint(0, 16, (N, K), generator=g).to(torch.uint8),
+                      torch.rand(N, K // 32, generator=g) * 0.1, torch.randn(N, K // 32, generator=g) * 0.1)
+
+
+def effective(blocks: Int4Blocks) -> torch.Tensor:
+    """The int4 layer's weights [N, K] in float64: (q - 8) * s + z, s and z as the layer keeps them (bf16)."""
+    s = blocks.scale.bfloat16().double().repeat_interleave(32, 1)          # [N, K]
+    z = blocks.zero.bfloat16().double().repeat_interleave(32, 1)
+    return (blocks.q.double() - 8) * s + z
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 8, 11])
+@pytest.mark.parametrize("N,K", [(16, 32), (64, 64), (960, 576), (48, 1536)])
+def test_int4_x16_kernel_is_the_dot_product_with_the_int8_input(N, K, T):
+    g = torch.Generator().manual_seed(N + K + T)
+    blocks = random_int4(N, K, g)
+    lin = Int4Linear(blocks, torch.bfloat16)
+    assert lin.native_struct().kind == KIND_Q4X16
+    w = effective(blocks)                                                  # [N, K]
+    x = torch.randn(T, K, generator=g) * 3
+    x[0, :32] = 0                                                          # an all-zero block: scale 0
+    y = native_linear(lin, x).double()                                     # [T, N]
+    ref = quantised(x) @ w.t()
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("T", [1, 3, 8, 9])
+@pytest.mark.parametrize("N,K", [(299, 64), (32, 96), (4099, 576)])
+def test_q8_x16_kernel_is_the_dot_product_with_the_int8_input_for_any_row_count(N, K, T):
+    g = torch.Generator().manual_seed(N + K + T)
+    scale = torch.rand(N, K // 32, generator=g) * 0.01
+    w = torch.randint(-127, 128, (N, K), generator=g).float() * scale.repeat_interleave(32, 1)
+    lin = Q8Linear(w, torch.bfloat16)
+    assert lin.native_struct().kind == KIND_Q8X16
+    x = torch.randn(T, K, generator=g)
+    y = native_linear(lin, x).double()                                     # [T, N]: no write past N
+    ref = quantised(x) @ (lin.qweight.double().view(N, K // 32, 32) * lin.scale.double()[..., None]).view(N, K).t()
+    assert y.shape == (T, N)
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_int8_activations_off_keeps_the_float_kernels(monkeypatch):
+    monkeypatch.setenv("AGP_NATIVE_INT8", "0")
+    g = torch.Generator().manual_seed(0)
+    blocks = random_int4(32, 64, g)
+    lin4 = Int4Linear(blocks, torch.bfloat16)
+    lin8 = Q8Linear(torch.randn(32, 64, generator=g), torch.bfloat16)
+    assert lin4.x16 is None and lin4.native_struct().kind == KIND_Q4
+    assert lin8.x16 is None and lin8.native_struct().kind == KIND_Q8
+    x = torch.randn(2, 64, generator=g)
+    ref = x.double() @ effective(blocks).t()                               # float inputs: no int8 rounding
+    assert torch.allclose(native_linear(lin4, x).double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
