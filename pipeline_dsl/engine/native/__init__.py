@@ -150,7 +150,12 @@ class Model(ctypes.Structure):
 class Step(ctypes.Structure):
     _fields_ = [("B", ctypes.c_int32), ("nblk", ctypes.c_int32), ("n_out", ctypes.c_int32),
                 ("pad_", ctypes.c_int32), ("tokens", ctypes.c_void_p), ("pos", ctypes.c_void_p),
-                ("slots", ctypes.c_void_p), ("tables", ctypes.c_void_p), ("out_rows", ctypes.c_void_p)]
+                ("slots", ctypes.c_void_p), ("tables", ctypes.c_void_p), ("out_rows", ctypes.c_void_p),
+                ("prof", ctypes.c_void_p)]
+
+
+# Step.prof's columns: seconds a thread spent in each phase of agp_decode_step (kernels.cpp Phase)
+PHASES = ("glue", "qkv", "attention", "o", "gate_up", "down", "head", "barrier")
 
 
 def _declare(lib) -> None:
@@ -159,6 +164,9 @@ def _declare(lib) -> None:
     lib.agp_linear.restype = None
     lib.agp_paged_attention.argtypes = [P, I, I, P, L, I, P, I, P, P, I]
     lib.agp_paged_attention.restype = None
+    lib.agp_phases.restype = I
+    if lib.agp_phases() != len(PHASES):
+        raise RuntimeError("phase table mismatch")
     lib.agp_decode_step.argtypes = [P, P, P, I]
     lib.agp_decode_step.restype = None
     lib.agp_add_rmsnorm.argtypes = [P, P, P, P, I, I, ctypes.c_float, I, I]

@@ -68,9 +68,14 @@ struct Step {
     const int64_t* slots;        // [B] where its K/V is written
     const int64_t* tables;       // [B, nblk] block ids
     const int64_t* out_rows;     // [n_out] rows whose logits are wanted
+    double* prof;                // null, or [nthreads, PHASES] seconds added per phase (see Phase)
 };
 
+// Where a thread's time in agp_decode_step goes, when Step.prof asks (bench/roofline.py).
+enum Phase { P_GLUE, P_QKV, P_ATTENTION, P_O, P_GATE_UP, P_DOWN, P_HEAD, P_BARRIER, PHASES };
+
 int agp_native_version() { return 5; }
+int agp_phases() { return PHASES; }
 
 }  // extern "C"
 
@@ -656,6 +661,19 @@ void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthread
         // private: the residual stream and what each phase's input needs
         std::vector<float> x((size_t)B * H), h((size_t)B * H), act((size_t)B * I), scratch((size_t)(2 * hd + g) * Lmax);
         InBuf in;
+        double* prof = s.prof ? s.prof + (size_t)omp_get_thread_num() * PHASES : nullptr;
+        double t_mark = prof ? omp_get_wtime() : 0.0;
+        auto mark = [&](Phase ph) {     // the time since the last mark goes to ph
+            if (!prof) return;
+            const double now = omp_get_wtime();
+            prof[ph] += now - t_mark;
+            t_mark = now;
+        };
+        auto barrier = [&]() {
+            mark(P_GLUE);
+#pragma omp barrier
+            mark(P_BARRIER);
+        };
         for (int b = 0; b < B; ++b)   // the embedding rows
             for (int i = 0; i < H; ++i) {
                 const int64_t k = s.tokens[b] * H + i;
@@ -674,9 +692,12 @@ void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthread
             char* vl = (char*)m.v_pool + li * m.layer_stride * esz;
             if (li > 0) residual();
             norm_rows(ly.attn_norm, B, nullptr);
-            linear_par(ly.qkv, in.prepare(ly.qkv, h.data(), B), B, qkv.data());
-#pragma omp barrier
-#pragma omp for schedule(dynamic, 1)
+            const In in_qkv = in.prepare(ly.qkv, h.data(), B);
+            mark(P_GLUE);
+            linear_par(ly.qkv, in_qkv, B, qkv.data());
+            mark(P_QKV);
+            barrier();
+#pragma omp for schedule(dynamic, 1) nowait
             for (int w = 0; w < B * nkv; ++w) {   // one sequence's KV head: RoPE, K/V into the pool, attend
                 const int b = w / nkv, kh = w % nkv;
                 float* row = &qkv[(size_t)b * QKV];
@@ -708,20 +729,34 @@ void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthread
                        scratch.data(), o);
                 if (bf) round_vec(o, g * hd);
             }
-            linear_par(ly.o, in.prepare(ly.o, att.data(), B), B, tmp.data());
-#pragma omp barrier
+            mark(P_ATTENTION);
+            barrier();
+            const In in_o = in.prepare(ly.o, att.data(), B);
+            mark(P_GLUE);
+            linear_par(ly.o, in_o, B, tmp.data());
+            mark(P_O);
+            barrier();
             residual();
             norm_rows(ly.ffn_norm, B, nullptr);
-            linear_par(ly.gate_up, in.prepare(ly.gate_up, h.data(), B), B, gu.data());
-#pragma omp barrier
+            const In in_gu = in.prepare(ly.gate_up, h.data(), B);
+            mark(P_GLUE);
+            linear_par(ly.gate_up, in_gu, B, gu.data());
+            mark(P_GATE_UP);
+            barrier();
             for (int b = 0; b < B; ++b)
                 silu_mul(&gu[(size_t)b * 2 * I], &gu[(size_t)b * 2 * I + I], &act[(size_t)b * I], I, bf);
-            linear_par(ly.down, in.prepare(ly.down, act.data(), B), B, tmp.data());
-#pragma omp barrier
+            const In in_down = in.prepare(ly.down, act.data(), B);
+            mark(P_GLUE);
+            linear_par(ly.down, in_down, B, tmp.data());
+            mark(P_DOWN);
+            barrier();
         }
         residual();
         norm_rows(m.norm, s.n_out, s.out_rows);
-        linear_par(m.lm_head, in.prepare(m.lm_head, h.data(), s.n_out), s.n_out, logits);
+        const In in_head = in.prepare(m.lm_head, h.data(), s.n_out);
+        mark(P_GLUE);
+        linear_par(m.lm_head, in_head, s.n_out, logits);
+        mark(P_HEAD);
     }
 }
 
