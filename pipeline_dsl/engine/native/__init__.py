@@ -167,6 +167,8 @@ def _declare(lib) -> None:
     lib.agp_phases.restype = I
     if lib.agp_phases() != len(PHASES):
         raise RuntimeError("phase table mismatch")
+    lib.agp_read_bytes.argtypes = [P, L, I]
+    lib.agp_read_bytes.restype = L
     lib.agp_decode_step.argtypes = [P, P, P, I]
     lib.agp_decode_step.restype = None
     lib.agp_add_rmsnorm.argtypes = [P, P, P, P, I, I, ctypes.c_float, I, I]

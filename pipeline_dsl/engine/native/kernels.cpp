@@ -512,9 +512,72 @@ void attend(const Model& m, const float* q /*[g, hd] */, const int64_t* table, i
     }
 }
 
+// 16 K or V values of the pool at element i, as float
+inline __m512 kv16(const void* pool, bool bf, int64_t i) {
+    return bf ? load_bf16x16((const uint16_t*)pool + i) : _mm512_loadu_ps((const float*)pool + i);
+}
+
+// One query head of one sequence over its context of L positions: [0, L - 1) read in place
+// from the pool's blocks, L - 1 (this step's token) from k_cur / v_cur (float, already rounded
+// as the pool stores them), so the head needs no other thread's write of the pool. hd <= 256,
+// hd % 16 == 0; scores: L floats.
+void attend_head(const Model& m, const float* q, const int64_t* table, int L, int kvh, const void* kl,
+                 const void* vl, const float* k_cur, const float* v_cur, float* scores, float* out) {
+    const int hd = m.head_dim, nc = hd / 16, nkv = m.n_kv, bs = m.block_size;
+    const bool kbf = m.kv_bf16;
+    const float scale = 1.0f / std::sqrt((float)hd);
+    __m512 qv[16];
+    for (int c = 0; c < nc; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+    float mx = -INFINITY;
+    for (int p = 0; p < L; ++p) {
+        __m512 acc = _mm512_setzero_ps();
+        if (p < L - 1) {
+            const int64_t base = ((table[p / bs] * bs + p % bs) * nkv + kvh) * hd;
+            for (int c = 0; c < nc; ++c) acc = _mm512_fmadd_ps(kv16(kl, kbf, base + 16 * c), qv[c], acc);
+        } else {
+            for (int c = 0; c < nc; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(k_cur + 16 * c), qv[c], acc);
+        }
+        scores[p] = _mm512_reduce_add_ps(acc) * scale;
+        mx = scores[p] > mx ? scores[p] : mx;
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / exp_sub_sum(scores, L, mx));
+    __m512 o[16];
+    for (int c = 0; c < nc; ++c) o[c] = _mm512_mul_ps(_mm512_loadu_ps(v_cur + 16 * c), _mm512_set1_ps(scores[L - 1]));
+    for (int p = 0; p < L - 1; ++p) {
+        const int64_t base = ((table[p / bs] * bs + p % bs) * nkv + kvh) * hd;
+        const __m512 w = _mm512_set1_ps(scores[p]);
+        for (int c = 0; c < nc; ++c) o[c] = _mm512_fmadd_ps(kv16(vl, kbf, base + 16 * c), w, o[c]);
+    }
+    for (int c = 0; c < nc; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], inv));
+}
+
 }  // namespace
 
 extern "C" {
+
+// Reads n bytes (n % 64 == 0, p 64-byte aligned) as the linears read their weights: each thread
+// one contiguous share, 64-byte loads; returns a checksum so the reads cannot be dropped. The
+// roofline's memory ceiling for this access pattern (bench/roofline.py).
+int64_t agp_read_bytes(const void* p, int64_t n, int nthreads) {
+    int64_t total = 0;
+#pragma omp parallel num_threads(nthreads) reduction(+ : total)
+    {
+        const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+        const int64_t lines = n / 64, l0 = lines * tid / nt, l1 = lines * (tid + 1) / nt;
+        const char* q = (const char*)p;
+        __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+        int64_t l = l0;
+        for (; l + 2 <= l1; l += 2) {
+            _mm_prefetch(q + 64 * l + 2560, _MM_HINT_T0);
+            _mm_prefetch(q + 64 * l + 2624, _MM_HINT_T0);
+            a0 = _mm512_add_epi64(a0, _mm512_load_si512((const void*)(q + 64 * l)));
+            a1 = _mm512_add_epi64(a1, _mm512_load_si512((const void*)(q + 64 * l + 64)));
+        }
+        if (l < l1) a0 = _mm512_add_epi64(a0, _mm512_load_si512((const void*)(q + 64 * l)));
+        total += _mm512_reduce_add_epi64(_mm512_add_epi64(a0, a1));
+    }
+    return total;
+}
 
 // y[T, N] (float) = x[T, K] (float) w^T for one Lin, on nthreads.
 void agp_linear(const Lin* L, const float* x, int T, float* y, int nthreads) {
@@ -659,7 +722,7 @@ void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthread
 #pragma omp parallel num_threads(nthreads)
     {
         // private: the residual stream and what each phase's input needs
-        std::vector<float> x((size_t)B * H), h((size_t)B * H), act((size_t)B * I), scratch((size_t)(2 * hd + g) * Lmax);
+        std::vector<float> x((size_t)B * H), h((size_t)B * H), act((size_t)B * I), scratch((size_t)Lmax);
         InBuf in;
         double* prof = s.prof ? s.prof + (size_t)omp_get_thread_num() * PHASES : nullptr;
         double t_mark = prof ? omp_get_wtime() : 0.0;
@@ -698,36 +761,41 @@ void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthread
             mark(P_QKV);
             barrier();
 #pragma omp for schedule(dynamic, 1) nowait
-            for (int w = 0; w < B * nkv; ++w) {   // one sequence's KV head: RoPE, K/V into the pool, attend
-                const int b = w / nkv, kh = w % nkv;
-                float* row = &qkv[(size_t)b * QKV];
+            for (int w = 0; w < B * nh; ++w) {   // one query head of one sequence (B * nkv items would leave a thread idle)
+                const int b = w / nh, head = w % nh, kh = head / g;
+                const float* row = &qkv[(size_t)b * QKV];
                 const float* c = m.cos + s.pos[b] * hd;
                 const float* sn = m.sin + s.pos[b] * hd;
-                for (int head = kh * g; head <= kh * g + g; ++head) {   // its g query heads, then its key head
-                    float* v = row + (size_t)(head < kh * g + g ? head : nh + kh) * hd;
-                    float r[256];
+                float qr[256], kr[256], vr[256];
+                auto rope = [&](const float* v, float* r) {
                     for (int d = 0; d < hd; ++d) {
                         const float sw = v[d < hd / 2 ? d + hd / 2 : d - hd / 2];
                         r[d] = bf ? rb(rb(v[d] * c[d]) + rb(sw * sn[d])) : v[d] * c[d] + sw * sn[d];
                     }
-                    std::memcpy(v, r, hd * sizeof(float));
+                };
+                rope(row + (size_t)head * hd, qr);
+                rope(row + (size_t)(nh + kh) * hd, kr);      // each of the group's heads: its own copy
+                std::memcpy(vr, row + (size_t)(nh + nkv + kh) * hd, hd * sizeof(float));
+                if (m.kv_bf16) {                             // as the pool keeps them
+                    round_vec(kr, hd);
+                    round_vec(vr, hd);
                 }
-                const float* kr = row + (size_t)(nh + kh) * hd;
-                const float* vr = row + (size_t)(nh + nkv + kh) * hd;
-                const int64_t dst = (s.slots[b] * nkv + kh) * hd;
-                for (int d = 0; d < hd; ++d) {
-                    if (m.kv_bf16) {
-                        ((uint16_t*)kl)[dst + d] = f32_to_bf16(kr[d]);
-                        ((uint16_t*)vl)[dst + d] = f32_to_bf16(vr[d]);
-                    } else {
-                        ((float*)kl)[dst + d] = kr[d];
-                        ((float*)vl)[dst + d] = vr[d];
+                if (head % g == 0) {                         // the group's first head writes K/V
+                    const int64_t dst = (s.slots[b] * nkv + kh) * hd;
+                    for (int d = 0; d < hd; ++d) {
+                        if (m.kv_bf16) {
+                            ((uint16_t*)kl)[dst + d] = f32_to_bf16(kr[d]);
+                            ((uint16_t*)vl)[dst + d] = f32_to_bf16(vr[d]);
+                        } else {
+                            ((float*)kl)[dst + d] = kr[d];
+                            ((float*)vl)[dst + d] = vr[d];
+                        }
                     }
                 }
-                float* o = &att[(size_t)b * nh * hd + (size_t)kh * g * hd];
-                attend(m, row + (size_t)kh * g * hd, s.tables + (int64_t)b * s.nblk, (int)s.pos[b] + 1, kh, kl, vl,
-                       scratch.data(), o);
-                if (bf) round_vec(o, g * hd);
+                float* o = &att[(size_t)b * nh * hd + (size_t)head * hd];
+                attend_head(m, qr, s.tables + (int64_t)b * s.nblk, (int)s.pos[b] + 1, kh, kl, vl, kr, vr,
+                            scratch.data(), o);
+                if (bf) round_vec(o, hd);
             }
             mark(P_ATTENTION);
             barrier();
