@@ -80,3 +80,13 @@ def test_int8_activations_off_keeps_the_float_kernels(monkeypatch):
     x = torch.randn(2, 64, generator=g)
     ref = x.double() @ effective(blocks).t()                               # float inputs: no int8 rounding
     assert torch.allclose(native_linear(lin4, x).double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_an_int4_layer_keeps_only_its_x16_records_and_still_dequantises():
+    g = torch.Generator().manual_seed(1)
+    blocks = random_int4(48, 96, g)
+    lin = Int4Linear(blocks, torch.bfloat16)                               # no dense copy: efficient's form
+    assert lin.x16 is not None and lin.nibbles is None and lin.sz is None   # one copy of the blocks
+    ref = ((blocks.q.bfloat16() - 8) * blocks.scale.bfloat16().repeat_interleave(32, 1)
+           + blocks.zero.bfloat16().repeat_interleave(32, 1))              # the bf16 arithmetic of dequantized()
+    assert torch.equal(lin.dequantized(), ref)

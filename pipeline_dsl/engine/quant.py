@@ -54,6 +54,15 @@ def pack_q4x16(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return torch.cat([nib.reshape(G, nb, 256), *sz], dim=-1).contiguous()  # [G, b, 320]
 
 
+def unpack_q4x16(x16: torch.Tensor) -> torch.Tensor:
+    """pack_q4x16's records [N/16, K/32, 320] -> q [N, K] uint8 0..15 (its scales and zeros are
+    the layer's scales_zeros)."""
+    G, nb = x16.shape[:2]
+    nib = x16[..., :256].reshape(G, nb, 4, ROWS, 4)                          # [G, b, j, i, t]
+    q = torch.stack([nib & 0x0F, nib >> 4], dim=3)                          # [G, b, j, half, i, t]
+    return q.permute(0, 4, 1, 3, 2, 5).reshape(G * ROWS, nb * INT4_GROUP)   # [G, i, b, half, j, t]
+
+
 def pack_q8x16(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The native kind 5 records: q [N, K] int8, scale [N, K/32] float -> uint8 [ceil(N/16), K/32,
     576] (rows padded with zeros to a multiple of 16); per 16 rows and block of 32: 8 x 64 bytes
@@ -154,16 +163,18 @@ class Int4Linear:
         sz = torch.stack([blocks.scale.t(), blocks.zero.t()], dim=-1)           # [K/32, N, 2]
         self.scales_zeros = sz.to(compute_dtype).contiguous()
         self.dense = dense          # a dense/prepacked copy for large batches, or None
-        q = blocks.q.view(N, K // INT4_GROUP, 2, INT4_GROUP // 2)               # [N, K/32, 2, 16]
-        self.nibbles = (q[:, :, 0] | (q[:, :, 1] << 4)).contiguous()            # [N, K/32, 16] GGUF's bytes
+        self.in_features = K
         # the native kernel reads (nibbles, sz [N, K/32, 2]), or with int8 activations the x16
-        # records (and nothing else); torch's kernel its own packing
+        # records alone; torch's kernel its own packing
         self.native = native.load() is not None and compute_dtype == torch.bfloat16
-        self.x16 = None
+        self.x16 = self.nibbles = self.sz = None
         if self.native and native.int8_activations():
             sz_n = self.scales_zeros.transpose(0, 1)                            # [N, K/32, 2]
             self.x16 = pack_q4x16(blocks.q, sz_n[..., 0], sz_n[..., 1])          # [N/16, K/32, 320]
-        self.sz = self.scales_zeros.transpose(0, 1).contiguous() if self.native and self.x16 is None else None
+        else:
+            q = blocks.q.view(N, K // INT4_GROUP, 2, INT4_GROUP // 2)           # [N, K/32, 2, 16]
+            self.nibbles = (q[:, :, 0] | (q[:, :, 1] << 4)).contiguous()        # [N, K/32, 16] GGUF's bytes
+            self.sz = self.scales_zeros.transpose(0, 1).contiguous() if self.native else None
         self.packed = None   # torch's kernel: without native, or for 9..64 rows without a dense copy
         if not self.native or dense is None:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(blocks.q.to(torch.int32), 1)  # [N, K/2]
@@ -172,18 +183,21 @@ class Int4Linear:
         """The weight [out, in] in the compute dtype."""
         if self.dense is not None:
             return self.dense.weight
-        N, G = self.nibbles.shape[:2]
-        q = torch.cat([self.nibbles & 0x0F, self.nibbles >> 4], dim=-1)        # [N, K/32, 32]
+        N, K = self.out_features, self.in_features
+        if self.x16 is not None:
+            q = unpack_q4x16(self.x16).view(N, K // INT4_GROUP, INT4_GROUP)      # [N, K/32, 32]
+        else:
+            q = torch.cat([self.nibbles & 0x0F, self.nibbles >> 4], dim=-1)    # [N, K/32, 32]
         sz = self.scales_zeros.transpose(0, 1)                                  # [N, K/32, 2]
-        return ((q.to(sz.dtype) - 8) * sz[..., :1] + sz[..., 1:]).view(N, G * INT4_GROUP)
+        return ((q.to(sz.dtype) - 8) * sz[..., :1] + sz[..., 1:]).view(N, K)
 
     def native_struct(self, round_out: bool = False):
         if not self.native:
             return None
-        N, G = self.nibbles.shape[:2]
+        N, K = self.out_features, self.in_features
         if self.x16 is not None:
-            return _lin(KIND_Q4X16, self.x16, None, N, G * INT4_GROUP, round_out)
-        return _lin(KIND_Q4, self.nibbles, self.sz, N, G * INT4_GROUP, round_out)
+            return _lin(KIND_Q4X16, self.x16, None, N, K, round_out)
+        return _lin(KIND_Q4, self.nibbles, self.sz, N, K, round_out)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
