@@ -95,11 +95,14 @@ def llama_single(gguf: Path, prompt_ids: list[list[int]], new_tokens: int, threa
     the plain CPU buffer (`use_extra_bufts = False`): with the extra buffer types, llama.cpp
     puts them in ggml's AMX buffer on AMX CPUs, whose matmul crashes on the first decode
     (ggml-org/llama.cpp#20824); `extra_bufts=True` measures that configuration where it runs."""
+    import logging
+
     try:
         import llama_cpp.llama_cpp as ll
     except ImportError as e:
         print(f"  llama.cpp: llama-cpp-python is not importable ({e}; make llama-cpp)", file=sys.stderr)
         return None
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)   # its log callback: errors only
     ll.llama_backend_init()
     mparams = ll.llama_model_default_params()
     mparams.use_extra_bufts = extra_bufts

@@ -203,6 +203,27 @@ def test_native_logits_match_eager_fp32_closely(f32, seed):
     sim.run(steps=40)
 
 
+@pytest.mark.parametrize("threads", [1, 3, 4])
+def test_one_sequence_attention_in_parts_matches_eager(f32, threads):
+    """One sequence alone: the native step splits its context into parts of whole blocks so
+    every thread has work (more parts with more threads), and merges their softmax states."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = LlamaModel(f32.config, f32.weights, "fp32")
+        fast, ref = ModelRunner(model, num_blocks=64, block_size=BS), eager_runner(model, 64)
+        table = random.Random(threads).sample(range(64), 40)            # scattered blocks
+        ids = [random.Random(7).randrange(3, 250) for _ in range(45)]
+        for r in (fast, ref):
+            r.execute([SeqBatchItem(ids[:9], 0, table, False)])
+        for p in range(9, 45):                                         # contexts of 10..45 tokens
+            a = fast.execute([SeqBatchItem([ids[p]], p, table, True)])
+            b = ref.execute([SeqBatchItem([ids[p]], p, table, True)])
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), p
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("act", ["f32", "int8"])
 @pytest.mark.parametrize("dtype", ["bf16", "int8"])

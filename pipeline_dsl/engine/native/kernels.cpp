@@ -24,6 +24,7 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -517,38 +518,116 @@ inline __m512 kv16(const void* pool, bool bf, int64_t i) {
     return bf ? load_bf16x16((const uint16_t*)pool + i) : _mm512_loadu_ps((const float*)pool + i);
 }
 
-// One query head of one sequence over its context of L positions: [0, L - 1) read in place
-// from the pool's blocks, L - 1 (this step's token) from k_cur / v_cur (float, already rounded
-// as the pool stores them), so the head needs no other thread's write of the pool. hd <= 256,
-// hd % 16 == 0; scores: L floats.
-void attend_head(const Model& m, const float* q, const int64_t* table, int L, int kvh, const void* kl,
-                 const void* vl, const float* k_cur, const float* v_cur, float* scores, float* out) {
-    const int hd = m.head_dim, nc = hd / 16, nkv = m.n_kv, bs = m.block_size;
+// A part of one sequence's attention for one KV head and its g query heads: positions [p0, p1)
+// of its context of L, where [0, L - 1) is read in place from the pool's blocks and L - 1 (this
+// step's token, when p1 == L) from k_cur / v_cur (float, rounded as the pool stores them), so
+// no part waits for another's write of the pool. Each K and V row is read once for the g heads.
+// Writes, per query head j, the part's softmax state: part[j] = {max, sum of exp, o[hd] (the
+// exp-weighted sum of V, not yet divided)}; merge_parts combines the parts of a head.
+// hd <= 256, hd % 16 == 0, g * hd / 16 <= 48; scores: g * (p1 - p0) floats. G and NC (g and
+// hd / 16, 0: read from m) as constants let the compiler keep q and o in registers.
+template <int G, int NC>
+void attend_part(const Model& m, const float* q /*[g, hd]*/, const int64_t* table, int L, int p0, int p1, int kvh,
+                 const void* kl, const void* vl, const float* k_cur, const float* v_cur, float* scores,
+                 float* part /*[g, hd + 2]*/) {
+    const int hd = NC ? 16 * NC : m.head_dim, nc = NC ? NC : hd / 16, nkv = m.n_kv, bs = m.block_size;
+    const int g = G ? G : m.n_heads / m.n_kv;
     const bool kbf = m.kv_bf16;
     const float scale = 1.0f / std::sqrt((float)hd);
-    __m512 qv[16];
-    for (int c = 0; c < nc; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
-    float mx = -INFINITY;
-    for (int p = 0; p < L; ++p) {
-        __m512 acc = _mm512_setzero_ps();
-        if (p < L - 1) {
-            const int64_t base = ((table[p / bs] * bs + p % bs) * nkv + kvh) * hd;
-            for (int c = 0; c < nc; ++c) acc = _mm512_fmadd_ps(kv16(kl, kbf, base + 16 * c), qv[c], acc);
-        } else {
-            for (int c = 0; c < nc; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(k_cur + 16 * c), qv[c], acc);
+    const int64_t pos_stride = (int64_t)nkv * hd;            // elements from one position to the next
+    const int n = p1 - p0, pool_end = p1 < L - 1 ? p1 : L - 1;
+    // The pool was evicted by the step's weights since this layer last ran: the loads below miss
+    // all the way to memory, a few lines in flight at a time. Ask for the next block's K and V
+    // lines one block ahead.
+    const int esz = kbf ? 2 : 4, lines = (hd * esz + 63) / 64;
+    auto row_at = [&](int p) { return (table[p / bs] * bs + p % bs) * pos_stride + (int64_t)kvh * hd; };
+    auto prefetch = [&](int a, int b) {
+        for (int p = a; p < b && p < pool_end; ++p) {
+            const int64_t base = row_at(p);
+            for (int l = 0; l < lines; ++l) {
+                _mm_prefetch((const char*)kl + base * esz + 64 * l, _MM_HINT_T0);
+                _mm_prefetch((const char*)vl + base * esz + 64 * l, _MM_HINT_T0);
+            }
         }
-        scores[p] = _mm512_reduce_add_ps(acc) * scale;
-        mx = scores[p] > mx ? scores[p] : mx;
+    };
+    __m512 qv[48];
+    for (int i = 0; i < g * nc; ++i) qv[i] = _mm512_loadu_ps(q + 16 * i);
+    float mx[16];
+    for (int j = 0; j < g; ++j) mx[j] = -INFINITY;
+    auto score = [&](int p, const float* kf, const void* kp, int64_t base) {   // one position, every head
+        __m512 k[16];
+        for (int c = 0; c < nc; ++c) k[c] = kf ? _mm512_loadu_ps(kf + 16 * c) : kv16(kp, kbf, base + 16 * c);
+        for (int j = 0; j < g; ++j) {
+            __m512 acc = _mm512_mul_ps(k[0], qv[j * nc]);
+            for (int c = 1; c < nc; ++c) acc = _mm512_fmadd_ps(k[c], qv[j * nc + c], acc);
+            const float v = _mm512_reduce_add_ps(acc) * scale;
+            scores[(size_t)j * n + p - p0] = v;
+            mx[j] = v > mx[j] ? v : mx[j];
+        }
+    };
+    prefetch(p0, p0 + bs);
+    for (int a = p0; a < pool_end;) {                        // block by block: one table lookup each
+        const int b_end = (a / bs + 1) * bs < pool_end ? (a / bs + 1) * bs : pool_end;
+        prefetch(b_end, b_end + bs);
+        int64_t base = row_at(a);
+        for (int p = a; p < b_end; ++p, base += pos_stride) score(p, nullptr, kl, base);
+        a = b_end;
     }
-    const __m512 inv = _mm512_set1_ps(1.0f / exp_sub_sum(scores, L, mx));
-    __m512 o[16];
-    for (int c = 0; c < nc; ++c) o[c] = _mm512_mul_ps(_mm512_loadu_ps(v_cur + 16 * c), _mm512_set1_ps(scores[L - 1]));
-    for (int p = 0; p < L - 1; ++p) {
-        const int64_t base = ((table[p / bs] * bs + p % bs) * nkv + kvh) * hd;
-        const __m512 w = _mm512_set1_ps(scores[p]);
-        for (int c = 0; c < nc; ++c) o[c] = _mm512_fmadd_ps(kv16(vl, kbf, base + 16 * c), w, o[c]);
+    if (p1 == L) score(L - 1, k_cur, nullptr, 0);
+    __m512 o[48];
+    float sum[16];
+    for (int j = 0; j < g; ++j) {
+        sum[j] = exp_sub_sum(scores + (size_t)j * n, n, mx[j]);
+        for (int c = 0; c < nc; ++c) o[j * nc + c] = _mm512_setzero_ps();
     }
-    for (int c = 0; c < nc; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], inv));
+    auto accumulate = [&](int p, const float* vf, int64_t base) {
+        __m512 v[16];
+        for (int c = 0; c < nc; ++c) v[c] = vf ? _mm512_loadu_ps(vf + 16 * c) : kv16(vl, kbf, base + 16 * c);
+        for (int j = 0; j < g; ++j) {
+            const __m512 w = _mm512_set1_ps(scores[(size_t)j * n + p - p0]);
+            for (int c = 0; c < nc; ++c) o[j * nc + c] = _mm512_fmadd_ps(v[c], w, o[j * nc + c]);
+        }
+    };
+    for (int a = p0; a < pool_end;) {
+        const int b_end = (a / bs + 1) * bs < pool_end ? (a / bs + 1) * bs : pool_end;
+        int64_t base = row_at(a);
+        for (int p = a; p < b_end; ++p, base += pos_stride) accumulate(p, nullptr, base);
+        a = b_end;
+    }
+    if (p1 == L) accumulate(L - 1, v_cur, 0);
+    for (int j = 0; j < g; ++j) {
+        float* pj = part + (size_t)j * (hd + 2);
+        pj[0] = mx[j];
+        pj[1] = sum[j];
+        for (int c = 0; c < nc; ++c) _mm512_storeu_ps(pj + 2 + 16 * c, o[j * nc + c]);
+    }
+}
+
+void attend_part_any(const Model& m, const float* q, const int64_t* table, int L, int p0, int p1, int kvh,
+                     const void* kl, const void* vl, const float* k_cur, const float* v_cur, float* scores,
+                     float* part) {
+    const int g = m.n_heads / m.n_kv, nc = m.head_dim / 16;
+#define PART(G, NC) \
+    if (g == G && nc == NC) return attend_part<G, NC>(m, q, table, L, p0, p1, kvh, kl, vl, k_cur, v_cur, scores, part);
+    PART(1, 4) PART(2, 4) PART(3, 4) PART(4, 4) PART(5, 4) PART(6, 4) PART(7, 4) PART(8, 4)
+    PART(1, 8) PART(2, 8) PART(3, 8) PART(4, 8) PART(5, 8)
+#undef PART
+    attend_part<0, 0>(m, q, table, L, p0, p1, kvh, kl, vl, k_cur, v_cur, scores, part);
+}
+
+// out[hd] = the attention of one query head from its nparts part states (attend_part).
+void merge_parts(const float* parts, int nparts, int stride, int hd, float* out) {
+    float mx = -INFINITY;
+    for (int i = 0; i < nparts; ++i) mx = parts[(size_t)i * stride] > mx ? parts[(size_t)i * stride] : mx;
+    float total = 0.f;
+    for (int d = 0; d < hd; ++d) out[d] = 0.f;
+    for (int i = 0; i < nparts; ++i) {
+        const float* pi = parts + (size_t)i * stride;
+        const float w = std::exp(pi[0] - mx);
+        total += w * pi[1];
+        for (int d = 0; d < hd; ++d) out[d] += w * pi[2 + d];
+    }
+    for (int d = 0; d < hd; ++d) out[d] /= total;
 }
 
 }  // namespace
@@ -717,12 +796,19 @@ void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthread
     int Lmax = 0;
     for (int b = 0; b < B; ++b) Lmax = s.pos[b] + 1 > Lmax ? (int)s.pos[b] + 1 : Lmax;
     // shared: the outputs of the parallel phases
-    std::vector<float> tmp((size_t)B * H), qkv((size_t)B * QKV), att((size_t)B * nh * hd), gu((size_t)B * 2 * I);
+    // attention in parts of a sequence's context, so that even one sequence's few KV heads give
+    // every thread work: nparts parts of whole blocks, each (sequence, KV head, part) one item
+    int nparts = 1;
+    while (B * nkv * nparts < 2 * nthreads && Lmax >= 2 * (nparts + 1) * m.block_size) ++nparts;
+    const int pstride = hd + 2;
+    std::vector<float> tmp((size_t)B * H), qkv((size_t)B * QKV), gu((size_t)B * 2 * I),
+        parts((size_t)B * nkv * nparts * g * pstride);
     const size_t esz = m.kv_bf16 ? 2 : 4;
 #pragma omp parallel num_threads(nthreads)
     {
         // private: the residual stream and what each phase's input needs
-        std::vector<float> x((size_t)B * H), h((size_t)B * H), act((size_t)B * I), scratch((size_t)Lmax);
+        std::vector<float> x((size_t)B * H), h((size_t)B * H), act((size_t)B * I), att((size_t)B * nh * hd),
+            scratch((size_t)g * Lmax);
         InBuf in;
         double* prof = s.prof ? s.prof + (size_t)omp_get_thread_num() * PHASES : nullptr;
         double t_mark = prof ? omp_get_wtime() : 0.0;
@@ -761,26 +847,29 @@ void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthread
             mark(P_QKV);
             barrier();
 #pragma omp for schedule(dynamic, 1) nowait
-            for (int w = 0; w < B * nh; ++w) {   // one query head of one sequence (B * nkv items would leave a thread idle)
-                const int b = w / nh, head = w % nh, kh = head / g;
+            for (int w = 0; w < B * nkv * nparts; ++w) {   // a part of one sequence's KV head
+                const int b = w / (nkv * nparts), kh = w / nparts % nkv, part = w % nparts;
                 const float* row = &qkv[(size_t)b * QKV];
                 const float* c = m.cos + s.pos[b] * hd;
                 const float* sn = m.sin + s.pos[b] * hd;
-                float qr[256], kr[256], vr[256];
+                const int L = (int)s.pos[b] + 1, nblk = (L + m.block_size - 1) / m.block_size;
+                const int p0 = std::min(L, nblk * part / nparts * m.block_size);
+                const int p1 = part == nparts - 1 ? L : std::min(L, nblk * (part + 1) / nparts * m.block_size);
+                float qr[16 * 256], kr[256], vr[256];
                 auto rope = [&](const float* v, float* r) {
                     for (int d = 0; d < hd; ++d) {
                         const float sw = v[d < hd / 2 ? d + hd / 2 : d - hd / 2];
                         r[d] = bf ? rb(rb(v[d] * c[d]) + rb(sw * sn[d])) : v[d] * c[d] + sw * sn[d];
                     }
                 };
-                rope(row + (size_t)head * hd, qr);
-                rope(row + (size_t)(nh + kh) * hd, kr);      // each of the group's heads: its own copy
+                for (int j = 0; j < g; ++j) rope(row + (size_t)(kh * g + j) * hd, qr + (size_t)j * hd);
+                rope(row + (size_t)(nh + kh) * hd, kr);     // every part: its own copy
                 std::memcpy(vr, row + (size_t)(nh + nkv + kh) * hd, hd * sizeof(float));
                 if (m.kv_bf16) {                             // as the pool keeps them
                     round_vec(kr, hd);
                     round_vec(vr, hd);
                 }
-                if (head % g == 0) {                         // the group's first head writes K/V
+                if (part == 0) {                             // one part writes this token's K/V
                     const int64_t dst = (s.slots[b] * nkv + kh) * hd;
                     for (int d = 0; d < hd; ++d) {
                         if (m.kv_bf16) {
@@ -792,13 +881,18 @@ void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthread
                         }
                     }
                 }
-                float* o = &att[(size_t)b * nh * hd + (size_t)head * hd];
-                attend_head(m, qr, s.tables + (int64_t)b * s.nblk, (int)s.pos[b] + 1, kh, kl, vl, kr, vr,
-                            scratch.data(), o);
-                if (bf) round_vec(o, hd);
+                attend_part_any(m, qr, s.tables + (int64_t)b * s.nblk, L, p0, p1, kh, kl, vl, kr, vr, scratch.data(),
+                            &parts[(size_t)w * g * pstride]);
             }
             mark(P_ATTENTION);
             barrier();
+            for (int b = 0; b < B; ++b)                      // every thread: the whole attention output
+                for (int head = 0; head < nh; ++head) {
+                    const int kh = head / g, j = head % g;
+                    float* o = &att[((size_t)b * nh + head) * hd];
+                    merge_parts(&parts[(((size_t)b * nkv + kh) * nparts * g + j) * pstride], nparts, g * pstride, hd, o);
+                    if (bf) round_vec(o, hd);
+                }
             const In in_o = in.prepare(ly.o, att.data(), B);
             mark(P_GLUE);
             linear_par(ly.o, in_o, B, tmp.data());
