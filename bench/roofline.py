@@ -88,7 +88,7 @@ def native_read_GBs(nbytes: int, threads: int, reps: int = 9) -> float | None:
 def weight_bytes(lin, rows: int) -> int:
     """Bytes one call with `rows` rows reads of this layer's weight."""
     x16 = getattr(lin, "x16", None)
-    if x16 is not None and rows <= lin.small_batch and (not isinstance(lin, Int4Linear) or lin.native):
+    if x16 is not None and rows <= max(lin.small_batch, getattr(lin, "x16_rows", 0)):
         return x16.numel()                          # the interleaved records: blocks and their scales
     if isinstance(lin, Int4Linear):
         if rows > lin.small_batch and lin.dense is not None:
@@ -129,7 +129,7 @@ class Case:
     def linears(self):
         m = self.model
         small = getattr(m, "lm_head_small", None)
-        head = small if small is not None and self.batch <= small.small_batch \
+        head = small if small is not None and self.batch <= max(small.small_batch, getattr(small, "x16_rows", 0)) \
             else m.lm_head
         return [lin for ly in m.layers for lin in (ly.qkv, ly.o, ly.gate_up, ly.down)] + [head]
 

@@ -90,3 +90,22 @@ def test_an_int4_layer_keeps_only_its_x16_records_and_still_dequantises():
     ref = ((blocks.q.bfloat16() - 8) * blocks.scale.bfloat16().repeat_interleave(32, 1)
            + blocks.zero.bfloat16().repeat_interleave(32, 1))              # the bf16 arithmetic of dequantized()
     assert torch.equal(lin.dequantized(), ref)
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_prefill_rows_take_the_int8_kernel_where_bf16_is_emulated(monkeypatch, fast_bf16):
+    """Above 8 rows the dense bf16 copy wins only with bf16 in hardware (AMX, AVX512-BF16);
+    elsewhere oneDNN emulates it and the int8 kernel keeps up to 256 rows."""
+    from pipeline_dsl.engine.quant import PackedLinear, packing_works
+    if not packing_works():
+        pytest.skip("no oneDNN bf16 packing here")
+    monkeypatch.setattr(native, "fast_bf16", lambda: fast_bf16)
+    g = torch.Generator().manual_seed(2)
+    blocks = random_int4(64, 96, g)
+    dense = PackedLinear(effective(blocks).bfloat16())
+    lin = Int4Linear(blocks, torch.bfloat16, dense)
+    x = torch.randn(40, 96, generator=g).bfloat16()
+    got = lin(x)
+    int8 = native_linear(lin, x).bfloat16()
+    assert torch.equal(got, dense(x) if fast_bf16 else int8)
+    assert lin.x16_rows == (8 if fast_bf16 else 256)

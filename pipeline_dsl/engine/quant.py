@@ -41,6 +41,14 @@ KIND_F32, KIND_BF16, KIND_Q4, KIND_Q8, KIND_Q4X16, KIND_Q8X16 = 0, 1, 2, 3, 4, 5
 ROWS = 16          # output rows interleaved in the x16 forms
 
 
+def x16_max_rows() -> int:
+    """Up to how many rows a layer with x16 records runs the int8 kernel rather than its dense
+    copy. With bf16 in hardware oneDNN's bf16 GEMMs take over above 8 rows (measured on AMX);
+    without it they are emulated: ~20 GFLOP/s on a 2-core Ice Lake against 250-320 for the int8
+    kernel at 16-256 rows of this model's gate_up (measured), so the int8 kernel keeps 256."""
+    return 8 if native.fast_bf16() else 256
+
+
 def pack_q4x16(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """The native kind 4 records: q [N, K] uint8 0..15, scale and zero [N, K/32] bf16 ->
     uint8 [N/16, K/32, 320]; per 16 rows and block of 32: 4 x 64 bytes of nibbles (byte 4i+t of
@@ -152,7 +160,8 @@ class Int4Linear:
 
     The kernel's cost grows with the rows (it dequantises per row tile): above `small_batch`
     rows the dense copy takes over when there is one, and without one (efficient mode)
-    above `large_batch` rows the weight is dequantised on the fly for one dense matmul."""
+    above `large_batch` rows the weight is dequantised on the fly for one dense matmul.
+    With x16 records (native int8 inputs) the int8 kernel runs up to `x16_rows` rows first."""
 
     small_batch = 8    # up to this many rows the int4 kernel beats the bf16 copy (measured)
     large_batch = 64   # beyond this, dequantise + matmul beats the int4 kernel (measured)
@@ -175,6 +184,7 @@ class Int4Linear:
             q = blocks.q.view(N, K // INT4_GROUP, 2, INT4_GROUP // 2)           # [N, K/32, 2, 16]
             self.nibbles = (q[:, :, 0] | (q[:, :, 1] << 4)).contiguous()        # [N, K/32, 16] GGUF's bytes
             self.sz = self.scales_zeros.transpose(0, 1).contiguous() if self.native else None
+        self.x16_rows = x16_max_rows() if self.x16 is not None else 0
         self.packed = None   # torch's kernel: without native, or for 9..64 rows without a dense copy
         if not self.native or dense is None:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(blocks.q.to(torch.int32), 1)  # [N, K/2]
@@ -201,6 +211,8 @@ class Int4Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
+        if T <= self.x16_rows:
+            return native_linear(self, x).to(x.dtype)                          # [T, out]
         if T > self.small_batch and self.dense is not None:
             return self.dense(x)
         if T > self.large_batch:
@@ -214,8 +226,9 @@ class Int4Linear:
 class Q8Linear:
     """w ≈ q * scale: q int8 [out, in], one float scale per block of 32 inputs (GGUF Q8_0).
 
-    The native kernel runs up to `small_batch` rows; above, the dense copy when there is one,
-    else the native kernel again, 16 rows a pass (efficient keeps no bf16 copy)."""
+    The native kernel runs up to `small_batch` rows (with x16 records: up to `x16_rows`, see
+    x16_max_rows); above, the dense copy when there is one, else the native kernel again
+    (efficient keeps no bf16 copy)."""
 
     small_batch = 8
 
@@ -229,6 +242,7 @@ class Q8Linear:
         self.scale = scale.contiguous()
         self.out_features, self.compute_dtype, self.dense = N, compute_dtype, dense
         self.x16 = pack_q8x16(self.qweight, self.scale) if native.load() is not None and native.int8_activations() else None
+        self.x16_rows = x16_max_rows() if self.x16 is not None else 0
 
     def dequantized(self) -> torch.Tensor:
         N, K = self.qweight.shape
@@ -242,7 +256,7 @@ class Q8Linear:
         return _lin(KIND_Q8, self.qweight, self.scale, N, K, round_out)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None and x.shape[0] > self.small_batch:
+        if self.dense is not None and x.shape[0] > max(self.small_batch, self.x16_rows):
             return self.dense(x)                                               # compute bound: oneDNN
         if native.load() is not None:                # alone (efficient): 16 rows a pass, never a bf16 copy
             return native_linear(self, x)                                      # [T, out] float32

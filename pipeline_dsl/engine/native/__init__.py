@@ -113,6 +113,13 @@ def int8_activations() -> bool:
     return os.environ.get("AGP_NATIVE_INT8", "1") != "0" and "avx512_vnni" in _cpu_flags()
 
 
+def fast_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AMX or AVX512-BF16): oneDNN's bf16 GEMMs
+    are fast there and emulated, ~10x slower, elsewhere."""
+    flags = _cpu_flags()
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def _cpu_flags() -> str:
     try:
         return Path("/proc/cpuinfo").read_text()

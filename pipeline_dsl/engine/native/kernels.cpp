@@ -397,16 +397,21 @@ inline bool int8_kind(const Lin& L) { return L.kind == 4 || L.kind == 5; }
 void linear_rows(const Lin& L, const In& in, int T, float* y, int n0, int n1) {
     const int K = L.K, N = L.N;
     if (int8_kind(L)) {
-        for (int t0 = 0; t0 < T; t0 += 8) {   // up to 8 rows a pass over the weights
-            const int tn = T - t0 < 8 ? T - t0 : 8;
-            const int8_t* xq = in.xq + (int64_t)t0 * K;
-            const XBlk* xm = in.xm + (int64_t)t0 * (K / 32);
-            float* yt = y + (int64_t)t0 * N;
-            switch (tn) {
-#define ROWS(n) case n: x16_rows<n>(L, xq, xm, yt, n0 / 16, (n1 + 15) / 16); break;
-                ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7)
+        // up to 8 rows a pass over a few groups' records, which stay in cache for the next pass
+        const int G0 = n0 / 16, G1 = (n1 + 15) / 16, span = T > 8 ? 4 : G1 - G0;
+        for (int ga = G0; ga < G1; ga += span) {
+            const int gb = ga + span < G1 ? ga + span : G1;
+            for (int t0 = 0; t0 < T; t0 += 8) {
+                const int tn = T - t0 < 8 ? T - t0 : 8;
+                const int8_t* xq = in.xq + (int64_t)t0 * K;
+                const XBlk* xm = in.xm + (int64_t)t0 * (K / 32);
+                float* yt = y + (int64_t)t0 * N;
+                switch (tn) {
+#define ROWS(n) case n: x16_rows<n>(L, xq, xm, yt, ga, gb); break;
+                    ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7)
 #undef ROWS
-                default: x16_rows<8>(L, xq, xm, yt, n0 / 16, (n1 + 15) / 16); break;
+                    default: x16_rows<8>(L, xq, xm, yt, ga, gb); break;
+                }
             }
         }
     } else {
