@@ -98,8 +98,12 @@ inline uint16_t f32_to_bf16(float f) {   // round to nearest even (no NaNs here)
 
 inline float rb(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
+inline __m512 rb16(__m512 x);
+
 inline void round_vec(float* x, int n) {
-    for (int i = 0; i < n; ++i) x[i] = rb(x[i]);
+    int i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, rb16(_mm512_loadu_ps(x + i)));
+    for (; i < n; ++i) x[i] = rb(x[i]);
 }
 
 // 16 floats rounded to bf16 (nearest even), kept as floats
@@ -461,10 +465,18 @@ void linear_par(const Lin& L, const In& in, int T, float* y) {
 }
 
 void rmsnorm(const float* x, const float* w, int H, float eps, bool bf16, float* out) {
-    float ss = 0.f;
-    for (int i = 0; i < H; ++i) ss += x[i] * x[i];
+    int i = 0;
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= H; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i), acc);
+    float ss = _mm512_reduce_add_ps(acc);
+    for (; i < H; ++i) ss += x[i] * x[i];
     const float r = 1.0f / std::sqrt(ss / H + eps);
-    for (int i = 0; i < H; ++i) out[i] = bf16 ? rb(x[i] * r * w[i]) : x[i] * r * w[i];
+    const __m512 rv = _mm512_set1_ps(r);
+    for (i = 0; i + 16 <= H; i += 16) {
+        __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), rv), _mm512_loadu_ps(w + i));
+        _mm512_storeu_ps(out + i, bf16 ? rb16(v) : v);
+    }
+    for (; i < H; ++i) out[i] = bf16 ? rb(x[i] * r * w[i]) : x[i] * r * w[i];
 }
 
 inline float kv_at(const void* pool, bool bf, int64_t i) {
@@ -833,8 +845,11 @@ void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthread
                 const int64_t k = s.tokens[b] * H + i;
                 x[(size_t)b * H + i] = m.embed_bf16 ? bf16_to_f32(((const uint16_t*)m.embed)[k]) : ((const float*)m.embed)[k];
             }
-        auto residual = [&]() {        // x += tmp (the o or down output)
-            for (size_t i = 0; i < x.size(); ++i) x[i] = bf ? rb(x[i] + tmp[i]) : x[i] + tmp[i];
+        auto residual = [&]() {        // x += tmp (the o or down output); B * H is a multiple of 16
+            for (size_t i = 0; i < x.size(); i += 16) {
+                const __m512 v = _mm512_add_ps(_mm512_loadu_ps(&x[i]), _mm512_loadu_ps(&tmp[i]));
+                _mm512_storeu_ps(&x[i], bf ? rb16(v) : v);
+            }
         };
         auto norm_rows = [&](const float* w, int rows, const int64_t* which) {
             for (int r = 0; r < rows; ++r)
