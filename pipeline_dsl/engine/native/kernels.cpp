@@ -25,6 +25,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -455,13 +456,37 @@ struct InBuf {
     }
 };
 
-// Inside a parallel region: this thread's share of the rows, in chunks of 16 (all threads call).
-void linear_par(const Lin& L, const In& in, int T, float* y) {
+// A linear's work queue inside one parallel region (one per call; zero before the region).
+struct alignas(64) Queue {
+    std::atomic<int> taken{0};
+};
+
+// Inside a parallel region (all threads call): the rows of one linear, in chunks of whole groups
+// of 16 rows taken from q. With two threads one takes chunks from the front and the other from
+// the back, each streaming its end of the weights in order, until they meet: a thread that runs
+// slower (or is descheduled by another process) leaves its remaining chunks to the other instead
+// of making it wait at the next barrier. Without q: an even static split.
+void linear_par(const Lin& L, const In& in, int T, float* y, Queue* q = nullptr) {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int chunks = (L.N + 15) / 16;
-    const int c0 = (int)((int64_t)chunks * tid / nt), c1 = (int)((int64_t)chunks * (tid + 1) / nt);
-    const int n0 = c0 * 16, n1 = c1 * 16 < L.N ? c1 * 16 : L.N;
-    if (n0 < n1) linear_rows(L, in, T, y, n0, n1);
+    const int groups = (L.N + 15) / 16;
+    auto rows = [&](int g0, int g1) {
+        const int n0 = g0 * 16, n1 = g1 * 16 < L.N ? g1 * 16 : L.N;
+        if (n0 < n1) linear_rows(L, in, T, y, n0, n1);
+    };
+    if (q == nullptr || nt == 1) {
+        rows((int)((int64_t)groups * tid / nt), (int)((int64_t)groups * (tid + 1) / nt));
+        return;
+    }
+    const int per = std::max(2, (groups + 15) / 16), chunks = (groups + per - 1) / per;   // ~16 chunks
+    if (nt == 2) {
+        for (int mine = 0; q->taken.fetch_add(1, std::memory_order_relaxed) < chunks; ++mine) {
+            const int c = tid == 0 ? mine : chunks - 1 - mine;
+            rows(c * per, std::min(groups, (c + 1) * per));
+        }
+    } else {                // more threads: the next chunk in order
+        for (int c; (c = q->taken.fetch_add(1, std::memory_order_relaxed)) < chunks;)
+            rows(c * per, std::min(groups, (c + 1) * per));
+    }
 }
 
 void rmsnorm(const float* x, const float* w, int H, float eps, bool bf16, float* out) {
@@ -679,8 +704,9 @@ int64_t agp_read_bytes(const void* p, int64_t n, int nthreads) {
 void agp_linear(const Lin* L, const float* x, int T, float* y, int nthreads) {
     InBuf buf;
     const In in = buf.prepare(*L, x, T);
+    Queue q;
 #pragma omp parallel num_threads(nthreads)
-    linear_par(*L, in, T, y);
+    linear_par(*L, in, T, y, &q);
 }
 
 // Paged decode attention, reading K/V blocks in place: q [B, nh, hd] (row stride q_stride elements,
@@ -820,6 +846,7 @@ void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthread
     const int pstride = hd + 2;
     std::vector<float> tmp((size_t)B * H), qkv((size_t)B * QKV), gu((size_t)B * 2 * I),
         parts((size_t)B * nkv * nparts * g * pstride);
+    std::vector<Queue> queues((size_t)4 * m.n_layers + 1);   // one per linear of the step
     const size_t esz = m.kv_bf16 ? 2 : 4;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -863,7 +890,7 @@ void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthread
             norm_rows(ly.attn_norm, B, nullptr);
             const In in_qkv = in.prepare(ly.qkv, h.data(), B);
             mark(P_GLUE);
-            linear_par(ly.qkv, in_qkv, B, qkv.data());
+            linear_par(ly.qkv, in_qkv, B, qkv.data(), &queues[4 * li]);
             mark(P_QKV);
             barrier();
 #pragma omp for schedule(dynamic, 1) nowait
@@ -915,21 +942,21 @@ void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthread
                 }
             const In in_o = in.prepare(ly.o, att.data(), B);
             mark(P_GLUE);
-            linear_par(ly.o, in_o, B, tmp.data());
+            linear_par(ly.o, in_o, B, tmp.data(), &queues[4 * li + 1]);
             mark(P_O);
             barrier();
             residual();
             norm_rows(ly.ffn_norm, B, nullptr);
             const In in_gu = in.prepare(ly.gate_up, h.data(), B);
             mark(P_GLUE);
-            linear_par(ly.gate_up, in_gu, B, gu.data());
+            linear_par(ly.gate_up, in_gu, B, gu.data(), &queues[4 * li + 2]);
             mark(P_GATE_UP);
             barrier();
             for (int b = 0; b < B; ++b)
                 silu_mul(&gu[(size_t)b * 2 * I], &gu[(size_t)b * 2 * I + I], &act[(size_t)b * I], I, bf);
             const In in_down = in.prepare(ly.down, act.data(), B);
             mark(P_GLUE);
-            linear_par(ly.down, in_down, B, tmp.data());
+            linear_par(ly.down, in_down, B, tmp.data(), &queues[4 * li + 3]);
             mark(P_DOWN);
             barrier();
         }
@@ -937,7 +964,7 @@ void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthread
         norm_rows(m.norm, s.n_out, s.out_rows);
         const In in_head = in.prepare(m.lm_head, h.data(), s.n_out);
         mark(P_GLUE);
-        linear_par(m.lm_head, in_head, s.n_out, logits);
+        linear_par(m.lm_head, in_head, s.n_out, logits, &queues[4 * m.n_layers]);
         mark(P_HEAD);
     }
 }
