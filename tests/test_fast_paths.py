@@ -61,24 +61,24 @@ def q4q8(tmp_path_factory):
 
 @contextlib.contextmanager
 def activations(kind: str):
-    """Build layers whose native int4/Q8 kernels take int8 inputs ("int8", the default) or
-    float inputs ("f32": the eager path's numerics)."""
-    old = os.environ.get("AGP_NATIVE_INT8")
-    os.environ["AGP_NATIVE_INT8"] = "1" if kind == "int8" else "0"
+    """Build layers whose native int4/Q8 kernels take int8 inputs in two parts ("int8x2", the
+    default), in one ("int8") or float inputs ("f32": the eager path's numerics)."""
+    old = os.environ.get("AGP_NATIVE_ACT")
+    os.environ["AGP_NATIVE_ACT"] = kind
     try:
         yield
     finally:
         if old is None:
-            del os.environ["AGP_NATIVE_INT8"]
+            del os.environ["AGP_NATIVE_ACT"]
         else:
-            os.environ["AGP_NATIVE_INT8"] = old
+            os.environ["AGP_NATIVE_ACT"] = old
 
 
 # One kernel, two call sites (fused step, per-layer ops) whose inputs differ in the last bf16
 # bit now and then: with float inputs that moves a logit by a rounding; with int8 inputs it can
-# move one input by a quantisation step (1/127 of its block's largest), a few bf16 steps of a
-# logit (~60 on the tiny model: one step is 0.25).
-TOL = {"f32": 0.02, "int8": 1.0}
+# move one input by a quantisation step (1/127 of its block's largest in one part, 1/254 of
+# that in two), up to a few bf16 steps of a logit (~60 on the tiny model: one step is 0.25).
+TOL = {"f32": 0.02, "int8": 1.0, "int8x2": 0.5}
 
 
 def eager_runner(model, num_blocks):
@@ -225,7 +225,7 @@ def test_one_sequence_attention_in_parts_matches_eager(f32, threads):
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("act", ["f32", "int8"])
+@pytest.mark.parametrize("act", ["f32", "int8", "int8x2"])
 @pytest.mark.parametrize("dtype", ["bf16", "int8"])
 def test_native_step_matches_the_layer_by_layer_path_on_4bit_weights(q4, dtype, act, seed):
     """Same model (native int4/int8 kernels in both): the fused step against per-layer torch ops."""
@@ -239,13 +239,15 @@ def test_native_step_matches_the_layer_by_layer_path_on_4bit_weights(q4, dtype, 
 
 @pytest.mark.skipif(not native.int8_activations(), reason="no AVX512-VNNI: the native kernels keep float inputs")
 @pytest.mark.parametrize("seed", range(6))
-def test_int8_activations_move_logits_by_three_percent_at_most(q4q8, seed):
+@pytest.mark.parametrize("act,bound", [("int8x2", 0.015), ("int8", 0.03)])
+def test_int8_activations_move_logits_within_a_bound(q4q8, act, bound, seed):
     """The numerics that int8 inputs change: the native step (int8 inputs to every int4 layer and
-    the Q8 head) against the per-layer path on float inputs, same weights. Each input block is
-    rounded to 1/127 of its largest value; the logits stay within 3 % of their scale (0.7 %
-    typical, 1.9 % the worst seen on this random model) and the greedy token is the same
-    wherever the top two are further apart than that."""
-    with activations("int8"):
+    the Q8 head) against the per-layer path on float inputs, same weights; the greedy token is
+    the same wherever the top two are further apart than the bound. On this random model the
+    native step on float inputs is itself up to 0.9 % of the logits' scale from the per-layer
+    path (median 0.33 %: bf16 roundings of a fused step); two int8 parts measured 0.94 % (0.38
+    %), one part 1.6 % (0.8 %): each input rounded to 1/127 of its block's largest."""
+    with activations(act):
         fast_model = LlamaModel(q4q8.config, q4q8.weights, "bf16")
     with activations("f32"):
         ref_model = LlamaModel(q4q8.config, q4q8.weights, "bf16")
@@ -258,11 +260,11 @@ def test_int8_activations_move_logits_by_three_percent_at_most(q4q8, seed):
         if b.shape[0]:
             scale = b.abs().max().item()
             worst.append((a - b).abs().max().item() / scale)
-            check(a, b, 0.03 * scale)
+            check(a, b, bound * scale)
 
     sim.check = close
     sim.run(steps=50)
-    assert max(worst) <= 0.03 and sim.stats["near_ties"] <= 0.1 * sim.stats["rows"]   # most rows decide
+    assert max(worst) <= bound and sim.stats["near_ties"] <= 0.1 * sim.stats["rows"]   # most rows decide
 
 
 @pytest.mark.parametrize("seed", range(3))

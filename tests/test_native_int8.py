@@ -1,5 +1,5 @@
-"""The native int8-activation linears (kinds 4 and 5: the int4 and Q8 blocks repacked 16 rows
-interleaved, inputs quantised to int8 per block of 32) against torch.
+"""The native int8-activation linears (kinds 4-7: the int4 and Q8 blocks repacked 16 rows
+interleaved, inputs quantised to int8 per block of 32 in one or two parts) against torch.
 
 The kernels must compute exactly the dot product of the file's weights with the quantised
 input (fp32 rounding aside); how far that moves a model's logits from float activations is
@@ -10,21 +10,39 @@ import pytest
 import torch
 
 from pipeline_dsl.engine import native
-from pipeline_dsl.engine.quant import (KIND_Q4, KIND_Q4X16, KIND_Q8, KIND_Q8X16, Int4Blocks, Int4Linear, Q8Linear,
-                                       native_linear)
+from pipeline_dsl.engine.quant import (KIND_Q4, KIND_Q4X16, KIND_Q8, KIND_Q8X16, X16_TWO_PARTS, Int4Blocks,
+                                       Int4Linear, Q8Linear, native_linear)
 
 pytestmark = pytest.mark.skipif(native.load() is None or not native.int8_activations(),
                                 reason="native kernels or AVX512-VNNI unavailable here")
 
 
-def quantised(x: torch.Tensor) -> torch.Tensor:
-    """x [T, K] as the kernels see it: int8 per block of 32, scale max|x| / 127, in float64."""
+PARTS = {"int8": 1, "int8x2": 2}
+
+
+@pytest.fixture(params=["int8", "int8x2"])
+def act(request, monkeypatch):
+    """The inputs' form: one int8 part, or two (the leftover of the first rounding again)."""
+    monkeypatch.setenv("AGP_NATIVE_ACT", request.param)
+    return request.param
+
+
+def quantised(x: torch.Tensor, parts: int) -> torch.Tensor:
+    """x [T, K] as the kernels see it, in float64: per block of 32 with d = max|x| / 127, hi =
+    round(x / d), and with two parts lo = round((x / d - hi) * 254): d * (hi + lo / 254)."""
     T, K = x.shape
-    xb = x.double().view(T, K // 32, 32)                                  # [T, K/32, 32]
-    d = xb.abs().amax(-1, keepdim=True) / 127                             # [T, K/32, 1]
-    q = torch.round(xb / torch.where(d > 0, d, torch.ones_like(d)))       # nearest, ties to even
-    assert q.abs().max() <= 127
-    return (q * d).view(T, K)
+    xb = x.float().view(T, K // 32, 32)                                   # [T, K/32, 32]
+    amax = xb.abs().amax(-1, keepdim=True)                                # [T, K/32, 1]
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))     # float32, as the kernel
+    v = xb * inv
+    hi = torch.round(v)                                                   # nearest, ties to even
+    q = hi.double()
+    if parts == 2:
+        lo = torch.round((v - hi) * 254.0)
+        assert lo.abs().max() <= 127
+        q = q + lo.double() / 254
+    assert hi.abs().max() <= 127
+    return (q * (amax.double() / 127)).view(T, K)
 
 
 def random_int4(N: int, K: int, g: torch.Generator) -> Int4Blocks:
@@ -41,36 +59,36 @@ def effective(blocks: Int4Blocks) -> torch.Tensor:
 
 @pytest.mark.parametrize("T", [1, 2, 5, 8, 11])
 @pytest.mark.parametrize("N,K", [(16, 32), (64, 64), (960, 576), (48, 1536)])
-def test_int4_x16_kernel_is_the_dot_product_with_the_int8_input(N, K, T):
+def test_int4_x16_kernel_is_the_dot_product_with_the_int8_input(N, K, T, act):
     g = torch.Generator().manual_seed(N + K + T)
     blocks = random_int4(N, K, g)
     lin = Int4Linear(blocks, torch.bfloat16)
-    assert lin.native_struct().kind == KIND_Q4X16
+    assert lin.native_struct().kind == KIND_Q4X16 + (X16_TWO_PARTS if act == "int8x2" else 0)
     w = effective(blocks)                                                  # [N, K]
     x = torch.randn(T, K, generator=g) * 3
     x[0, :32] = 0                                                          # an all-zero block: scale 0
     y = native_linear(lin, x).double()                                     # [T, N]
-    ref = quantised(x) @ w.t()
+    ref = quantised(x, PARTS[act]) @ w.t()
     assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("T", [1, 3, 8, 9])
 @pytest.mark.parametrize("N,K", [(299, 64), (32, 96), (4099, 576)])
-def test_q8_x16_kernel_is_the_dot_product_with_the_int8_input_for_any_row_count(N, K, T):
+def test_q8_x16_kernel_is_the_dot_product_with_the_int8_input_for_any_row_count(N, K, T, act):
     g = torch.Generator().manual_seed(N + K + T)
     scale = torch.rand(N, K // 32, generator=g) * 0.01
     w = torch.randint(-127, 128, (N, K), generator=g).float() * scale.repeat_interleave(32, 1)
     lin = Q8Linear(w, torch.bfloat16)
-    assert lin.native_struct().kind == KIND_Q8X16
+    assert lin.native_struct().kind == KIND_Q8X16 + (X16_TWO_PARTS if act == "int8x2" else 0)
     x = torch.randn(T, K, generator=g)
     y = native_linear(lin, x).double()                                     # [T, N]: no write past N
-    ref = quantised(x) @ (lin.qweight.double().view(N, K // 32, 32) * lin.scale.double()[..., None]).view(N, K).t()
+    ref = quantised(x, PARTS[act]) @ (lin.qweight.double().view(N, K // 32, 32) * lin.scale.double()[..., None]).view(N, K).t()
     assert y.shape == (T, N)
     assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
 def test_int8_activations_off_keeps_the_float_kernels(monkeypatch):
-    monkeypatch.setenv("AGP_NATIVE_INT8", "0")
+    monkeypatch.setenv("AGP_NATIVE_ACT", "f32")
     g = torch.Generator().manual_seed(0)
     blocks = random_int4(32, 64, g)
     lin4 = Int4Linear(blocks, torch.bfloat16)
@@ -80,6 +98,14 @@ def test_int8_activations_off_keeps_the_float_kernels(monkeypatch):
     x = torch.randn(2, 64, generator=g)
     ref = x.double() @ effective(blocks).t()                               # float inputs: no int8 rounding
     assert torch.allclose(native_linear(lin4, x).double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_two_parts_round_the_input_254_times_finer_than_one():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 64, generator=g)
+    step = x.view(4, 2, 32).abs().amax(-1).repeat_interleave(32, 1) / 127  # [4, 64] one part's step
+    assert ((quantised(x, 1) - x.double()).abs() <= step / 2 * 1.0001).all()
+    assert ((quantised(x, 2) - x.double()).abs() <= step / 2 / 254 * 1.01).all()
 
 
 def test_an_int4_layer_keeps_only_its_x16_records_and_still_dequantises():

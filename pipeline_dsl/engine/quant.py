@@ -20,7 +20,7 @@ calls `layer(x)` with x [T, in] -> [T, out].
 
 Every layer can describe itself to the native kernels (`native_struct()`: a C struct over
 its tensors, or None), which is how the native decode step reads the weights in place.
-With int8 activations (the native default, `native.int8_activations()`) the int4 and Q8
+With int8 activations (the native default, `native.activation_parts()`) the int4 and Q8
 layers keep their blocks repacked once, 16 output rows interleaved (`pack_q4x16`,
 `pack_q8x16`), for the kernels' int8 dot products: one contiguous stream per thread.
 """
@@ -38,6 +38,7 @@ from . import native
 
 INT4_GROUP = 32
 KIND_F32, KIND_BF16, KIND_Q4, KIND_Q8, KIND_Q4X16, KIND_Q8X16 = 0, 1, 2, 3, 4, 5   # native.Lin.kind
+X16_TWO_PARTS = 2  # kinds 4, 5 + this: the same records, inputs in two int8 parts
 ROWS = 16          # output rows interleaved in the x16 forms
 
 
@@ -177,7 +178,8 @@ class Int4Linear:
         # records alone; torch's kernel its own packing
         self.native = native.load() is not None and compute_dtype == torch.bfloat16
         self.x16 = self.nibbles = self.sz = None
-        if self.native and native.int8_activations():
+        self.parts = native.activation_parts() if self.native else 0
+        if self.parts:
             sz_n = self.scales_zeros.transpose(0, 1)                            # [N, K/32, 2]
             self.x16 = pack_q4x16(blocks.q, sz_n[..., 0], sz_n[..., 1])          # [N/16, K/32, 320]
         else:
@@ -206,7 +208,8 @@ class Int4Linear:
             return None
         N, K = self.out_features, self.in_features
         if self.x16 is not None:
-            return _lin(KIND_Q4X16, self.x16, None, N, K, round_out)
+            kind = KIND_Q4X16 + (X16_TWO_PARTS if self.parts == 2 else 0)
+            return _lin(kind, self.x16, None, N, K, round_out)
         return _lin(KIND_Q4, self.nibbles, self.sz, N, K, round_out)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,7 +244,8 @@ class Q8Linear:
         self.qweight = q.to(torch.int8).view(N, K).contiguous()
         self.scale = scale.contiguous()
         self.out_features, self.compute_dtype, self.dense = N, compute_dtype, dense
-        self.x16 = pack_q8x16(self.qweight, self.scale) if native.load() is not None and native.int8_activations() else None
+        self.parts = native.activation_parts() if native.load() is not None else 0
+        self.x16 = pack_q8x16(self.qweight, self.scale) if self.parts else None
         self.x16_rows = x16_max_rows() if self.x16 is not None else 0
 
     def dequantized(self) -> torch.Tensor:
@@ -252,7 +256,8 @@ class Q8Linear:
     def native_struct(self, round_out: bool = False):
         N, K = self.qweight.shape
         if self.x16 is not None:
-            return _lin(KIND_Q8X16, self.x16, None, N, K, round_out)
+            kind = KIND_Q8X16 + (X16_TWO_PARTS if self.parts == 2 else 0)
+            return _lin(kind, self.x16, None, N, K, round_out)
         return _lin(KIND_Q8, self.qweight, self.scale, N, K, round_out)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

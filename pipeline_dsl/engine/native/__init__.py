@@ -106,11 +106,22 @@ def load():
     return lib
 
 
+def activation_parts() -> int:
+    """How the native int4 / Q8 linears take their inputs (read when a layer is built):
+    2: int8 in two parts per block of 32, the leftover of the first rounding quantised again
+       (finer than bf16; VNNI dot products at memory speed: the default),
+    1: int8 in one part (llama.cpp's numerics: greedy text parts from the float path sooner),
+    0: float (the eager path's numerics; the kernels are bound by converting weights).
+    AGP_NATIVE_ACT=int8x2 | int8 | f32 picks; without AVX512-VNNI it is 0."""
+    if "avx512_vnni" not in _cpu_flags():
+        return 0
+    choice = os.environ.get("AGP_NATIVE_ACT", "int8x2")
+    return {"int8x2": 2, "int8": 1, "f32": 0}.get(choice, 2)
+
+
 def int8_activations() -> bool:
-    """Whether the native int4 / Q8 linears quantise their inputs to int8 blocks (the default:
-    VNNI dot products at memory speed, as llama.cpp) or keep them float (AGP_NATIVE_INT8=0:
-    the eager path's numerics, compute bound). Read when a layer is built."""
-    return os.environ.get("AGP_NATIVE_INT8", "1") != "0" and "avx512_vnni" in _cpu_flags()
+    """Whether the native int4 / Q8 linears take int8 inputs (activation_parts() > 0)."""
+    return activation_parts() > 0
 
 
 def fast_bf16() -> bool:

@@ -12,6 +12,7 @@
 //   kind 3  q8          w [N, K] int8, s [N, K/32] float: w = q * s                    (GGUF Q8_0)
 //   kind 4  q4 x16      kind 2's weights repacked for int8 dot products (layout at q4x_rows)
 //   kind 5  q8 x16      kind 3's weights repacked for int8 dot products (layout at q8x_rows)
+//   kind 6, 7           kinds 4 and 5 with each input in two int8 parts (quantize_rows)
 //
 // Numerics follow the eager path: activations are float inside; with `bf16` set every tensor
 // that the eager path would store in bf16 (linear outputs, norms, RoPE, residual adds, attention
@@ -20,7 +21,9 @@
 // scale a block, as llama.cpp's Q8 activations) and multiply with AVX512-VNNI, which reads the
 // weights at memory speed where kinds 2 and 3 are bound by converting every weight to float.
 // The weights are the same; the dot products differ from kinds 2 and 3 by the activations'
-// rounding (|error| <= half a step of 1/127 of each block's largest input).
+// rounding: |error| <= half a step of 1/127 of each block's largest input in one part (kinds 4,
+// 5: llama.cpp's numerics), 1/254 of that in two (kinds 6, 7: finer than bf16, twice the
+// multiplies, still bound by memory at a few rows).
 #include <immintrin.h>
 #include <omp.h>
 
@@ -258,18 +261,23 @@ void f32_rows(const Lin& L, const float* x, float* y, int n0, int n1) {
 }
 
 
-// ---- int8 activations (kinds 4, 5) ---------------------------------------------------------
+// ---- int8 activations (kinds 4-7) ----------------------------------------------------------
 //
-// An input row x [K] is quantised per block of 32: q = round(x / d), d = max|x| / 127, with the
-// block's constants precomputed for the kernels below (qs = the sum of the block's q).
+// An input row x [K] is quantised per block of 32: hi = round(x / d), d = max|x| / 127, and
+// with two parts the rounding left over too, lo = round((x / d - hi) * 254), so that
+// x ~ d (hi + lo / 254) to 1/(2 * 127 * 254) of the block's largest value. Each block's
+// constants are precomputed for the kernels below (qs = sum of x / d as quantised).
+constexpr float LO = 254.0f;
+
 struct XBlk {
     float d;        // scale
-    float c8;       // 8 * qs * d    (kind 4: the -8 of (q - 8) * s)
-    float c1;       // qs * d        (kind 4: the zero z times the block's sum)
-    float c128;     // 128 * qs * d  (kind 5: the +128 that makes the weights unsigned)
+    float c8;       // 8 * qs * d    (q4: the -8 of (q - 8) * s)
+    float c1;       // qs * d        (q4: the zero z times the block's sum)
+    float c128;     // 128 * qs * d  (q8: the +128 that makes the weights unsigned)
 };
 
-void quantize_rows(const float* x, int T, int K, int8_t* q, XBlk* meta) {
+// x [T, K] -> q [T, parts, K] int8 (hi, then lo when parts == 2), meta [T, K/32]
+void quantize_rows(const float* x, int T, int K, int parts, int8_t* q, XBlk* meta) {
     const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
     for (int t = 0; t < T; ++t)
         for (int b = 0; b < K / 32; ++b) {
@@ -277,12 +285,20 @@ void quantize_rows(const float* x, int T, int K, int8_t* q, XBlk* meta) {
             const __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
             const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v0, sign), _mm512_and_ps(v1, sign)));
             const float d = amax / 127.0f, id = amax > 0.f ? 127.0f / amax : 0.f;
-            const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));   // nearest even
-            const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
-            int8_t* qb = q + (int64_t)t * K + 32 * b;
+            const __m512 s0 = _mm512_mul_ps(v0, _mm512_set1_ps(id)), s1 = _mm512_mul_ps(v1, _mm512_set1_ps(id));
+            const __m512i q0 = _mm512_cvtps_epi32(s0), q1 = _mm512_cvtps_epi32(s1);   // nearest even
+            int8_t* qb = q + (int64_t)t * parts * K + 32 * b;
             _mm_storeu_si128((__m128i*)qb, _mm512_cvtepi32_epi8(q0));
             _mm_storeu_si128((__m128i*)(qb + 16), _mm512_cvtepi32_epi8(q1));
-            const float qs = (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+            float qs = (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+            if (parts == 2) {
+                const __m512 lo = _mm512_set1_ps(LO);
+                const __m512i r0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(s0, _mm512_cvtepi32_ps(q0)), lo));
+                const __m512i r1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(s1, _mm512_cvtepi32_ps(q1)), lo));
+                _mm_storeu_si128((__m128i*)(qb + K), _mm512_cvtepi32_epi8(r0));
+                _mm_storeu_si128((__m128i*)(qb + K + 16), _mm512_cvtepi32_epi8(r1));
+                qs += (float)_mm512_reduce_add_epi32(_mm512_add_epi32(r0, r1)) / LO;
+            }
             meta[(int64_t)t * (K / 32) + b] = XBlk{d, 8.f * qs * d, qs * d, 128.f * qs * d};
         }
 }
@@ -301,7 +317,8 @@ inline void store_group(float* y, int N, int g, const __m512* acc) {
 // so one 64-byte load, masked or shifted, is 16 rows x 4 consecutive inputs of unsigned q, the
 // operand vpdpbusd multiplies by 4 broadcast int8 inputs. With the input x = d * qx:
 //   sum_k ((q - 8) s + z) x = d s (sum q qx) - 8 d s qs + d z qs
-template <int T>
+// (with two parts, sum q qx = sum q hi + (sum q lo) / 254).
+template <int T, int PARTS>
 void q4x_rows(const Lin& L, const int8_t* xq, const XBlk* xm, float* y, int g0, int g1) {
     const int K = L.K, nb = K / 32, N = L.N;
     const __m512i m4 = _mm512_set1_epi8(0x0F);
@@ -323,14 +340,23 @@ void q4x_rows(const Lin& L, const int8_t* xq, const XBlk* xm, float* y, int g0, 
             }
             const __m512 s = load_bf16x16((const uint16_t*)(p + 256)), z = load_bf16x16((const uint16_t*)(p + 288));
             for (int t = 0; t < T; ++t) {
-                const int32_t* xw = (const int32_t*)(xq + (int64_t)t * K + 32 * b);
+                const int32_t* xw = (const int32_t*)(xq + (int64_t)t * PARTS * K + 32 * b);
                 __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
                 for (int j = 0; j < 4; ++j) {
                     a0 = _mm512_dpbusd_epi32(a0, lo[j], _mm512_set1_epi32(xw[j]));
                     a1 = _mm512_dpbusd_epi32(a1, hi[j], _mm512_set1_epi32(xw[j + 4]));
                 }
                 const XBlk& m = xm[(int64_t)t * nb + b];
-                const __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1));
+                __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1));
+                if (PARTS == 2) {
+                    const int32_t* xl = xw + K / 4;
+                    __m512i b0 = _mm512_setzero_si512(), b1 = _mm512_setzero_si512();
+                    for (int j = 0; j < 4; ++j) {
+                        b0 = _mm512_dpbusd_epi32(b0, lo[j], _mm512_set1_epi32(xl[j]));
+                        b1 = _mm512_dpbusd_epi32(b1, hi[j], _mm512_set1_epi32(xl[j + 4]));
+                    }
+                    f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(b0, b1)), _mm512_set1_ps(1.0f / LO), f);
+                }
                 acc[t] = _mm512_fmadd_ps(s, _mm512_fmsub_ps(f, _mm512_set1_ps(m.d), _mm512_set1_ps(m.c8)), acc[t]);
                 acc[t] = _mm512_fmadd_ps(z, _mm512_set1_ps(m.c1), acc[t]);
             }
@@ -344,7 +370,7 @@ void q4x_rows(const Lin& L, const int8_t* xq, const XBlk* xm, float* y, int g0, 
 //   bytes [512, 576): the 16 rows' scales (float)
 // vpdpbusd multiplies unsigned by signed bytes: the weights carry +128, taken back as
 //   sum_k q x = d (sum (q + 128) qx) - 128 d qs.
-template <int T>
+template <int T, int PARTS>
 void q8x_rows(const Lin& L, const int8_t* xq, const XBlk* xm, float* y, int g0, int g1) {
     const int K = L.K, nb = K / 32, N = L.N;
     for (int g = g0; g < g1; ++g) {
@@ -357,14 +383,23 @@ void q8x_rows(const Lin& L, const int8_t* xq, const XBlk* xm, float* y, int g0, 
             for (int j = 0; j < 8; ++j) w[j] = _mm512_load_si512((const void*)(p + 64 * j));
             const __m512 s = _mm512_load_ps((const float*)(p + 512));
             for (int t = 0; t < T; ++t) {
-                const int32_t* xw = (const int32_t*)(xq + (int64_t)t * K + 32 * b);
+                const int32_t* xw = (const int32_t*)(xq + (int64_t)t * PARTS * K + 32 * b);
                 __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
                 for (int j = 0; j < 8; j += 2) {
                     a0 = _mm512_dpbusd_epi32(a0, w[j], _mm512_set1_epi32(xw[j]));
                     a1 = _mm512_dpbusd_epi32(a1, w[j + 1], _mm512_set1_epi32(xw[j + 1]));
                 }
                 const XBlk& m = xm[(int64_t)t * nb + b];
-                const __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1));
+                __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1));
+                if (PARTS == 2) {
+                    const int32_t* xl = xw + K / 4;
+                    __m512i b0 = _mm512_setzero_si512(), b1 = _mm512_setzero_si512();
+                    for (int j = 0; j < 8; j += 2) {
+                        b0 = _mm512_dpbusd_epi32(b0, w[j], _mm512_set1_epi32(xl[j]));
+                        b1 = _mm512_dpbusd_epi32(b1, w[j + 1], _mm512_set1_epi32(xl[j + 1]));
+                    }
+                    f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(b0, b1)), _mm512_set1_ps(1.0f / LO), f);
+                }
                 acc[t] = _mm512_fmadd_ps(s, _mm512_fmsub_ps(f, _mm512_set1_ps(m.d), _mm512_set1_ps(m.c128)), acc[t]);
             }
         }
@@ -374,8 +409,12 @@ void q8x_rows(const Lin& L, const int8_t* xq, const XBlk* xm, float* y, int g0, 
 
 template <int T>
 void x16_rows(const Lin& L, const int8_t* xq, const XBlk* xm, float* y, int g0, int g1) {
-    if (L.kind == 4) q4x_rows<T>(L, xq, xm, y, g0, g1);
-    else q8x_rows<T>(L, xq, xm, y, g0, g1);
+    switch (L.kind) {
+        case 4: q4x_rows<T, 1>(L, xq, xm, y, g0, g1); break;
+        case 5: q8x_rows<T, 1>(L, xq, xm, y, g0, g1); break;
+        case 6: q4x_rows<T, 2>(L, xq, xm, y, g0, g1); break;
+        default: q8x_rows<T, 2>(L, xq, xm, y, g0, g1); break;
+    }
 }
 
 template <int T>
@@ -388,15 +427,16 @@ void rows_t(const Lin& L, const float* x, float* y, int n0, int n1) {
     }
 }
 
-// What a linear reads of its input x [T, K] float: kinds 4 and 5 only its int8 blocks (the
+// What a linear reads of its input x [T, K] float: kinds 4-7 only its int8 blocks (the
 // quantised x and each block's constants).
 struct In {
     const float* x;
-    const int8_t* xq;   // [T, K] (kinds 4, 5)
+    const int8_t* xq;   // [T, parts, K] (kinds 4-7)
     const XBlk* xm;     // [T, K/32]
 };
 
-inline bool int8_kind(const Lin& L) { return L.kind == 4 || L.kind == 5; }
+inline bool int8_kind(const Lin& L) { return L.kind >= 4 && L.kind <= 7; }
+inline int int8_parts(const Lin& L) { return L.kind >= 6 ? 2 : 1; }
 
 // y[T, N] for output rows [n0, n1) (n0 a multiple of 16 for kinds 4, 5; n1 too unless it is N).
 void linear_rows(const Lin& L, const In& in, int T, float* y, int n0, int n1) {
@@ -408,7 +448,7 @@ void linear_rows(const Lin& L, const In& in, int T, float* y, int n0, int n1) {
             const int gb = ga + span < G1 ? ga + span : G1;
             for (int t0 = 0; t0 < T; t0 += 8) {
                 const int tn = T - t0 < 8 ? T - t0 : 8;
-                const int8_t* xq = in.xq + (int64_t)t0 * K;
+                const int8_t* xq = in.xq + (int64_t)t0 * int8_parts(L) * K;
                 const XBlk* xm = in.xm + (int64_t)t0 * (K / 32);
                 float* yt = y + (int64_t)t0 * N;
                 switch (tn) {
@@ -446,9 +486,9 @@ struct InBuf {
         In in{x, nullptr, nullptr};
         if (int8_kind(L)) {
             const size_t nb = (size_t)T * (L.K / 32);
-            if (xq.size() < nb * 32) xq.resize(nb * 32);
+            if (xq.size() < nb * 32 * int8_parts(L)) xq.resize(nb * 32 * int8_parts(L));
             if (xm.size() < nb) xm.resize(nb);
-            quantize_rows(x, T, L.K, xq.data(), xm.data());
+            quantize_rows(x, T, L.K, int8_parts(L), xq.data(), xm.data());
             in.xq = xq.data();
             in.xm = xm.data();
         }
