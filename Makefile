@@ -83,12 +83,13 @@ native: $(STAMP)
 	$(BIN)/python -m pipeline_dsl.engine.native --optional
 
 # llama-cpp-python builds llama.cpp from source (~5 min on 2 cores): the wheel is built once
-# into .whl/ and installed from there afterwards.
+# into .whl/, then the `bench` extra (llama-cpp-python and diskcache, which it imports) is
+# installed with pip finding that wheel there.
 llama-cpp: $(LSTAMP)
 $(LSTAMP): $(STAMP)
 	@ls $(WHL)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
 	  $(BIN)/pip wheel -q --no-deps -w $(WHL) "$(strip $(LLAMA_CPP))"
-	$(BIN)/pip install -q $(WHL)/llama_cpp_python-*.whl
+	$(BIN)/pip install -q --find-links $(WHL) -e '.[bench]'
 	touch $@
 
 bench-serve: $(STAMP)       # agp serve under load; rewrites docs/benchmarks.md (6-10 minutes)

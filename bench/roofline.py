@@ -19,17 +19,26 @@ file has it), the runner's median step time and:
 Batches of up to the runner's native_max_batch run as one native call when the kernels are
 built (then GEMM and attention are timed with the same native kernels); larger ones run
 layer by layer. AGP_NATIVE=0 measures the eager path alone.
+
+Then one request alone (batch 1, int4, the native step), per token: each part of the native
+step timed inside it (the step's own per-phase clock, mean of the threads) with the bytes it
+reads, the runner's work around the native call, and the engine's around the runner (one
+request through Engine.step() on the main thread and through the plan's executor, as
+bench/w32.py runs them), against the bound of reading the weights once at the measured rate.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline_dsl.engine import native
 from pipeline_dsl.engine.batch import StepBatch
 from pipeline_dsl.engine.model import LlamaModel, ModelRunner, SeqBatchItem
 from pipeline_dsl.engine.models import load_weights, resolve_model
@@ -67,8 +76,21 @@ def ceilings(reps: int = 5) -> dict:
     return out
 
 
+def native_read_GBs(nbytes: int, threads: int, reps: int = 9) -> float | None:
+    """GB/s of reading nbytes once, as the native linears read their weights (each thread one
+    contiguous share, 64-byte loads, the same prefetch), a buffer the size of a step's weights."""
+    lib = native.load()
+    if lib is None or not hasattr(lib, "agp_read_bytes"):
+        return None
+    buf = torch.ones(nbytes // 64 * 64, dtype=torch.uint8)
+    return buf.numel() / timed(lambda: lib.agp_read_bytes(buf.data_ptr(), buf.numel(), threads), reps) / 1e9
+
+
 def weight_bytes(lin, rows: int) -> int:
     """Bytes one call with `rows` rows reads of this layer's weight."""
+    x16 = getattr(lin, "x16", None)
+    if x16 is not None and rows <= max(lin.small_batch, getattr(lin, "x16_rows", 0)):
+        return x16.numel()                          # the interleaved records: blocks and their scales
     if isinstance(lin, Int4Linear):
         if rows > lin.small_batch and lin.dense is not None:
             return lin.dense.weight.numel() * 2
@@ -108,7 +130,7 @@ class Case:
     def linears(self):
         m = self.model
         small = getattr(m, "lm_head_small", None)
-        head = small if small is not None and self.batch <= small.small_batch \
+        head = small if small is not None and self.batch <= max(small.small_batch, getattr(small, "x16_rows", 0)) \
             else m.lm_head
         return [lin for ly in m.layers for lin in (ly.qkv, ly.o, ly.gate_up, ly.down)] + [head]
 
@@ -137,12 +159,83 @@ class Case:
         return 2 * params * B + attn
 
 
+def batch1_breakdown(config, weights, threads: int, reps: int, engine: bool = True) -> None:
+    """Where one request's decode token goes (module docstring)."""
+    case = Case(config, weights, "int4", 1)
+    r = case.runner
+    if r.native is None:
+        print("\nbatch 1 breakdown: needs the native kernels (make native)")
+        return
+    st = r._prepare(case.items)
+    n = reps * 4
+    prof = torch.zeros(torch.get_num_threads(), len(native.PHASES), dtype=torch.float64)
+    with torch.inference_mode():
+        runner_s = timed(case.step, n)
+        native_s = timed(lambda: r.native.decode(st.tokens, st.positions, st.slots, st.dec_tables, st.sample_rows), n)
+        r.native.decode(st.tokens, st.positions, st.slots, st.dec_tables, st.sample_rows, prof)   # warm
+        prof.zero_()
+        t = time.perf_counter()
+        for _ in range(n):
+            r.native.decode(st.tokens, st.positions, st.slots, st.dec_tables, st.sample_rows, prof)
+        profiled_s = (time.perf_counter() - t) / n
+    ms = dict(zip(native.PHASES, (prof.mean(0) / n * 1e3).tolist()))   # per phase, mean of the threads
+    m = case.model
+    layer_mb = {name: sum(weight_bytes(getattr(ly, name), 1) for ly in m.layers) / 1e6
+                for name in ("qkv", "o", "gate_up", "down")}
+    head = m.lm_head_small if m.lm_head_small is not None else m.lm_head
+    head_mb = weight_bytes(head, 1) / 1e6
+    c = config
+    kv_mb = 2 * case.lens[0] * c.num_kv_heads * c.head_dim * r._k_pool.element_size() * c.num_layers / 1e6
+    total_mb = sum(layer_mb.values()) + head_mb
+    bw_step = native_read_GBs(int(total_mb * 1e6), torch.get_num_threads())
+    bw_big = native_read_GBs(512 << 20, torch.get_num_threads())
+    rows = [(f"{name} (int4 blocks{', x16' if getattr(m.layers[0].qkv, 'x16', None) is not None else ''})",
+             ms[name], layer_mb[name]) for name in ("qkv", "o", "gate_up", "down")]
+    rows += [(f"lm_head ({type(head).__name__}{', x16' if getattr(head, 'x16', None) is not None else ''})",
+              ms["head"], head_mb),
+             (f"attention (context {case.lens[0]}, K/V read in place)", ms["attention"], kv_mb),
+             ("glue: norms, input quantisation, RoPE, residuals, SwiGLU", ms["glue"], None),
+             ("barrier waits (5 a layer)", ms["barrier"], None)]
+    print(f"\nOne request alone: batch 1, int4, the native step ({torch.get_num_threads()} threads), per token")
+    print("| part | ms | share of the step | MB read | GB/s |")
+    print("|---|---|---|---|---|")
+    for name, t, mb in rows:
+        rate = f"{mb / t:.1f}" if mb and t > 0 else ""
+        print(f"| {name} | {t:.3f} | {t / (profiled_s * 1e3):.0%} | {f'{mb:.1f}' if mb else ''} | {rate} |")
+    print(f"| native step (profiled; unprofiled {native_s * 1e3:.3f}) | {profiled_s * 1e3:.3f} | 100% | "
+          f"{total_mb + kv_mb:.1f} | {(total_mb + kv_mb) / (profiled_s * 1e3):.1f} |")
+    print(f"| runner around the native call (step tensors, ctypes) | {(runner_s - native_s) * 1e3:.3f} | | | |")
+    if bw_step:
+        print(f"| bound: {total_mb:.0f} MB of weights at the measured read rate ({bw_step:.1f} GB/s for "
+              f"{total_mb:.0f} MB, {bw_big:.1f} GB/s for 512 MiB) | {total_mb / bw_step:.3f} | | {total_mb:.1f} | {bw_step:.1f} |")
+    del case
+    if engine:
+        engine_overhead(runner_s, threads)
+
+
+def engine_overhead(runner_s: float, threads: int) -> None:
+    """One request through the engine as bench/w32.py runs it: its decode time a token against
+    the runner's step alone."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import w32
+
+    root = Path(__file__).resolve().parent.parent
+    work = w32.load_workload(root / "bench" / "w32.jsonl", 64)[:2]
+    for label, driver in (("Engine.step() on the main thread", w32.agp_main_thread),
+                          ("the plan's executor (agp run)", w32.agp_executor)):
+        s = w32.agp_single(root / "examples" / "chat.agp", work, "bf16", threads, driver)
+        per_token = 1 / s["decode_tok_s"]
+        print(f"| engine around the runner: {label}, {s['decode_tok_s']:.1f} tok/s | "
+              f"{(per_token - runner_s) * 1e3:.3f} | | | |")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--weights", default="bf16,int4")
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--no-engine", action="store_true", help="batch 1: skip the engine runs")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     with torch.inference_mode():
@@ -170,6 +263,7 @@ def main(argv=None) -> None:
             print(f"| {kind} | {B} | {path} | {step * 1e3:.1f} | {B / step:.0f} | {mb:.0f} | {mb / 1e3 / step:.1f} | "
                   f"{case.flops() / step / 1e9:.0f} | {gemm * 1e3:.1f} | {attn * 1e3:.1f} | {outside:.0%} |", flush=True)
             del case
+    batch1_breakdown(config, weights, args.threads, args.reps, engine=not args.no_engine)
 
 
 if __name__ == "__main__":

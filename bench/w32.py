@@ -5,7 +5,8 @@ embedded SmolLM2-135M-Instruct (its Q4_1 GGUF), with N threads (default 2). Meas
 this one process and one after the other:
 
   transformers  batched bf16 (model.to(bfloat16): dtypes printed), batched fp32, fp32 one at a time
-  llama.cpp     one request alone (llama-cpp-python on the same GGUF): TTFT and decode tok/s
+  llama.cpp     one request alone (llama-cpp-python's low-level API on the same GGUF, weights in
+                the plain CPU buffer: see llama_single): TTFT and decode tok/s
   agp           batched (bf16, fp32) through examples/chat.agp and the plan's executor,
                 and bf16 with a bench-only driver that steps Engine.step() on the main thread
   agp           one request alone: TTFT and decode tok/s (executor and main thread)
@@ -85,30 +86,60 @@ def hf_generate(tok, model, prompts: list[str], new_tokens: int) -> tuple[int, f
 
 # ── llama.cpp ─────────────────────────────────────────────────────────────────
 
-def llama_single(gguf: Path, prompt_ids: list[list[int]], new_tokens: int, threads: int) -> dict | None:
-    """One request at a time on llama.cpp: mean TTFT (prefill + first token) and decode tok/s."""
+def llama_single(gguf: Path, prompt_ids: list[list[int]], new_tokens: int, threads: int,
+                 extra_bufts: bool = False) -> dict | None:
+    """One request at a time on llama.cpp: mean TTFT (prefill + first token) and decode tok/s.
+
+    Through llama-cpp-python's low-level API (llama.cpp's own C calls: decode, then its greedy
+    sampler; none of the high-level `Llama` wrapper's Python per token). The weights stay in
+    the plain CPU buffer (`use_extra_bufts = False`): with the extra buffer types, llama.cpp
+    puts them in ggml's AMX buffer on AMX CPUs, whose matmul crashes on the first decode
+    (ggml-org/llama.cpp#20824); `extra_bufts=True` measures that configuration where it runs."""
+    import logging
+
     try:
-        from llama_cpp import Llama
-    except ImportError:
-        print("  llama.cpp: llama-cpp-python is not installed (make llama-cpp)", file=sys.stderr)
+        import llama_cpp.llama_cpp as ll
+    except ImportError as e:
+        print(f"  llama.cpp: llama-cpp-python is not importable ({e}; make llama-cpp)", file=sys.stderr)
         return None
-    llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=1024,
-                n_batch=512, verbose=False)
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)   # its log callback: errors only
+    ll.llama_backend_init()
+    mparams = ll.llama_model_default_params()
+    mparams.use_extra_bufts = extra_bufts
+    model = ll.llama_model_load_from_file(str(gguf).encode(), mparams)
+    if not model:
+        print(f"  llama.cpp: could not load {gguf}", file=sys.stderr)
+        return None
+    cparams = ll.llama_context_default_params()
+    cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = 1024, 512, 512
+    cparams.n_threads = cparams.n_threads_batch = threads
+    ctx = ll.llama_init_from_model(model, cparams)
+    sampler = ll.llama_sampler_init_greedy()
+    memory = ll.llama_get_memory(ctx)
+
+    def decode(tokens) -> int:
+        arr = (ll.llama_token * len(tokens))(*tokens)
+        if ll.llama_decode(ctx, ll.llama_batch_get_one(arr, len(tokens))) != 0:
+            raise RuntimeError("llama_decode failed")
+        return ll.llama_sampler_sample(sampler, ctx, -1)
 
     def one(ids, n):
-        llm.reset()                                  # no prefix reuse: the whole prompt is prefilled
+        ll.llama_memory_clear(memory, True)          # no prefix reuse: the whole prompt is prefilled
         t0 = time.perf_counter()
-        gen = llm.generate(ids, temp=0.0, top_k=1, reset=True)
-        next(gen)
+        tok = decode(ids)
         t1 = time.perf_counter()
         for _ in range(n - 1):
-            next(gen)
+            tok = decode([tok])
         t2 = time.perf_counter()
-        gen.close()
         return t1 - t0, (n - 1) / (t2 - t1)
 
-    one(prompt_ids[0], 4)                            # warm-up
-    runs = [one(ids, new_tokens) for ids in prompt_ids]
+    try:
+        one(prompt_ids[0], 4)                        # warm-up
+        runs = [one(ids, new_tokens) for ids in prompt_ids]
+    finally:
+        ll.llama_sampler_free(sampler)
+        ll.llama_free(ctx)
+        ll.llama_model_free(model)
     return {"ttft_s": sum(r[0] for r in runs) / len(runs), "decode_tok_s": sum(r[1] for r in runs) / len(runs)}
 
 

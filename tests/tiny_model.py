@@ -70,8 +70,9 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: float = 1.0,
-                    chat_template: str = CHAT_TEMPLATE, **overrides) -> Path:
-    """Write the tiny model to `path`; qtype F32|F16|Q8_0|Q4_1 for the 2-D weights. The tied
+                    chat_template: str = CHAT_TEMPLATE, embed_qtype: str | None = None, **overrides) -> Path:
+    """Write the tiny model to `path`; qtype F32|F16|Q8_0|Q4_1 for the 2-D weights, embed_qtype
+    for the tied embedding when it differs (SmolLM2's file: Q4_1 layers, a Q8_0 embedding). The
     embedding's scale sets how peaked the next-token distribution is: 1.0 makes it almost
     deterministic; about 0.1 gives sampling tests a spread of likely tokens."""
     from gguf import GGMLQuantizationType, GGUFWriter, quants
@@ -109,7 +110,7 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
 
     qt = GGMLQuantizationType[qtype]
 
-    def mat(name, out, inp, scale=None, permute_heads=None):
+    def mat(name, out, inp, scale=None, permute_heads=None, qt=qt):
         a = rng.standard_normal((out, inp)).astype(np.float32) * (scale or inp ** -0.5)
         if permute_heads:
             a = _permute(a, permute_heads)
@@ -123,7 +124,8 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
     def norm(name, n):
         w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
 
-    mat("token_embd.weight", V, H, scale=embed_scale)
+    mat("token_embd.weight", V, H, scale=embed_scale,
+        qt=GGMLQuantizationType[embed_qtype] if embed_qtype else qt)
     for i in range(L):
         norm(f"blk.{i}.attn_norm.weight", H)
         mat(f"blk.{i}.attn_q.weight", nh * hd, H, permute_heads=nh)

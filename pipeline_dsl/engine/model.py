@@ -516,8 +516,7 @@ class ModelRunner:
         if not want_logits:
             return None
         h = h.index_select(0, step.sample_rows)                 # [n_sample, H], normed
-        head = m.lm_head_small if m.lm_head_small is not None and h.shape[0] <= m.lm_head_small.small_batch \
-            else m.lm_head
+        head = m.lm_head_small if m.lm_head_small is not None else m.lm_head   # Q8: the dense copy above its rows
         return head(h).float()                                  # [n_sample, V]
 
     def _attention(self, step: Step, q, k, v, kc, vc, li: int = 0) -> torch.Tensor:

@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "kernels.cpp"
 BUILD = HERE / "build"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-VERSION = 4                       # agp_native_version() of a library this module can drive
+VERSION = 5                       # agp_native_version() of a library this module can drive
 
 _LIB: list = []                   # [lib or None] once tried
 _WARNED: set = set()
@@ -47,10 +47,7 @@ def compiler() -> str | None:
 
 
 def cpu_supported() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = _cpu_flags()
     return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
 
 
@@ -109,6 +106,38 @@ def load():
     return lib
 
 
+def activation_parts() -> int:
+    """How the native int4 / Q8 linears take their inputs (read when a layer is built):
+    2: int8 in two parts per block of 32, the leftover of the first rounding quantised again
+       (finer than bf16; VNNI dot products at memory speed: the default),
+    1: int8 in one part (llama.cpp's numerics: greedy text parts from the float path sooner),
+    0: float (the eager path's numerics; the kernels are bound by converting weights).
+    AGP_NATIVE_ACT=int8x2 | int8 | f32 picks; without AVX512-VNNI it is 0."""
+    if "avx512_vnni" not in _cpu_flags():
+        return 0
+    choice = os.environ.get("AGP_NATIVE_ACT", "int8x2")
+    return {"int8x2": 2, "int8": 1, "f32": 0}.get(choice, 2)
+
+
+def int8_activations() -> bool:
+    """Whether the native int4 / Q8 linears take int8 inputs (activation_parts() > 0)."""
+    return activation_parts() > 0
+
+
+def fast_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AMX or AVX512-BF16): oneDNN's bf16 GEMMs
+    are fast there and emulated, ~10x slower, elsewhere."""
+    flags = _cpu_flags()
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def _cpu_flags() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def reset() -> None:
     """Forget the loaded library (tests switch AGP_NATIVE and load again)."""
     _LIB.clear()
@@ -139,7 +168,12 @@ class Model(ctypes.Structure):
 class Step(ctypes.Structure):
     _fields_ = [("B", ctypes.c_int32), ("nblk", ctypes.c_int32), ("n_out", ctypes.c_int32),
                 ("pad_", ctypes.c_int32), ("tokens", ctypes.c_void_p), ("pos", ctypes.c_void_p),
-                ("slots", ctypes.c_void_p), ("tables", ctypes.c_void_p), ("out_rows", ctypes.c_void_p)]
+                ("slots", ctypes.c_void_p), ("tables", ctypes.c_void_p), ("out_rows", ctypes.c_void_p),
+                ("prof", ctypes.c_void_p)]
+
+
+# Step.prof's columns: seconds a thread spent in each phase of agp_decode_step (kernels.cpp Phase)
+PHASES = ("glue", "qkv", "attention", "o", "gate_up", "down", "head", "barrier")
 
 
 def _declare(lib) -> None:
@@ -148,6 +182,11 @@ def _declare(lib) -> None:
     lib.agp_linear.restype = None
     lib.agp_paged_attention.argtypes = [P, I, I, P, L, I, P, I, P, P, I]
     lib.agp_paged_attention.restype = None
+    lib.agp_phases.restype = I
+    if lib.agp_phases() != len(PHASES):
+        raise RuntimeError("phase table mismatch")
+    lib.agp_read_bytes.argtypes = [P, L, I]
+    lib.agp_read_bytes.restype = L
     lib.agp_decode_step.argtypes = [P, P, P, I]
     lib.agp_decode_step.restype = None
     lib.agp_add_rmsnorm.argtypes = [P, P, P, P, I, I, ctypes.c_float, I, I]

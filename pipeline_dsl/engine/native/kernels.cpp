@@ -10,13 +10,25 @@
 //   kind 2  q4          w [N, K/2] nibbles (GGUF order: byte j = element j | element j+16 << 4),
 //                       sz [N, K/32, 2] bf16 (scale s, zero z): w = (q - 8) * s + z   (torch's int4 form)
 //   kind 3  q8          w [N, K] int8, s [N, K/32] float: w = q * s                    (GGUF Q8_0)
+//   kind 4  q4 x16      kind 2's weights repacked for int8 dot products (layout at q4x_rows)
+//   kind 5  q8 x16      kind 3's weights repacked for int8 dot products (layout at q8x_rows)
+//   kind 6, 7           kinds 4 and 5 with each input in two int8 parts (quantize_rows)
 //
 // Numerics follow the eager path: activations are float inside; with `bf16` set every tensor
 // that the eager path would store in bf16 (linear outputs, norms, RoPE, residual adds, attention
-// output) is rounded to bf16 at the same point, so greedy tokens agree with it.
+// output) is rounded to bf16 at the same point, so greedy tokens agree with it. Kinds 4 and 5
+// are the exception, by design: they quantise their input to int8 per block of 32 (one float
+// scale a block, as llama.cpp's Q8 activations) and multiply with AVX512-VNNI, which reads the
+// weights at memory speed where kinds 2 and 3 are bound by converting every weight to float.
+// The weights are the same; the dot products differ from kinds 2 and 3 by the activations'
+// rounding: |error| <= half a step of 1/127 of each block's largest input in one part (kinds 4,
+// 5: llama.cpp's numerics), 1/254 of that in two (kinds 6, 7: finer than bf16, twice the
+// multiplies, still bound by memory at a few rows).
 #include <immintrin.h>
 #include <omp.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -61,9 +73,14 @@ struct Step {
     const int64_t* slots;        // [B] where its K/V is written
     const int64_t* tables;       // [B, nblk] block ids
     const int64_t* out_rows;     // [n_out] rows whose logits are wanted
+    double* prof;                // null, or [nthreads, PHASES] seconds added per phase (see Phase)
 };
 
-int agp_native_version() { return 4; }
+// Where a thread's time in agp_decode_step goes, when Step.prof asks (bench/roofline.py).
+enum Phase { P_GLUE, P_QKV, P_ATTENTION, P_O, P_GATE_UP, P_DOWN, P_HEAD, P_BARRIER, PHASES };
+
+int agp_native_version() { return 5; }
+int agp_phases() { return PHASES; }
 
 }  // extern "C"
 
@@ -85,8 +102,12 @@ inline uint16_t f32_to_bf16(float f) {   // round to nearest even (no NaNs here)
 
 inline float rb(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
+inline __m512 rb16(__m512 x);
+
 inline void round_vec(float* x, int n) {
-    for (int i = 0; i < n; ++i) x[i] = rb(x[i]);
+    int i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, rb16(_mm512_loadu_ps(x + i)));
+    for (; i < n; ++i) x[i] = rb(x[i]);
 }
 
 // 16 floats rounded to bf16 (nearest even), kept as floats
@@ -154,7 +175,7 @@ inline __m512 load_bf16x16(const uint16_t* p) {
 // ---- linear layers: rows [n0, n1) of y[t, n] = sum_k x[t, k] w[n, k], T <= 8 -----------------
 
 template <int T>
-void q4_rows(const Lin& L, const float* x, const float*, float* y, int n0, int n1) {
+void q4_rows(const Lin& L, const float* x, float* y, int n0, int n1) {
     // each block dequantised once, w = (q - 8) * s + z, then one FMA per 16 weights per row
     const int K = L.K, nb = K / 32, N = L.N;
     const uint8_t* W = (const uint8_t*)L.w;
@@ -239,59 +260,288 @@ void f32_rows(const Lin& L, const float* x, float* y, int n0, int n1) {
     }
 }
 
+
+// ---- int8 activations (kinds 4-7) ----------------------------------------------------------
+//
+// An input row x [K] is quantised per block of 32: hi = round(x / d), d = max|x| / 127, and
+// with two parts the rounding left over too, lo = round((x / d - hi) * 254), so that
+// x ~ d (hi + lo / 254) to 1/(2 * 127 * 254) of the block's largest value. Each block's
+// constants are precomputed for the kernels below (qs = sum of x / d as quantised).
+constexpr float LO = 254.0f;
+
+struct XBlk {
+    float d;        // scale
+    float c8;       // 8 * qs * d    (q4: the -8 of (q - 8) * s)
+    float c1;       // qs * d        (q4: the zero z times the block's sum)
+    float c128;     // 128 * qs * d  (q8: the +128 that makes the weights unsigned)
+};
+
+// x [T, K] -> q [T, parts, K] int8 (hi, then lo when parts == 2), meta [T, K/32]
+void quantize_rows(const float* x, int T, int K, int parts, int8_t* q, XBlk* meta) {
+    const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+    for (int t = 0; t < T; ++t)
+        for (int b = 0; b < K / 32; ++b) {
+            const float* xb = x + (int64_t)t * K + 32 * b;
+            const __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v0, sign), _mm512_and_ps(v1, sign)));
+            const float d = amax / 127.0f, id = amax > 0.f ? 127.0f / amax : 0.f;
+            const __m512 s0 = _mm512_mul_ps(v0, _mm512_set1_ps(id)), s1 = _mm512_mul_ps(v1, _mm512_set1_ps(id));
+            const __m512i q0 = _mm512_cvtps_epi32(s0), q1 = _mm512_cvtps_epi32(s1);   // nearest even
+            int8_t* qb = q + (int64_t)t * parts * K + 32 * b;
+            _mm_storeu_si128((__m128i*)qb, _mm512_cvtepi32_epi8(q0));
+            _mm_storeu_si128((__m128i*)(qb + 16), _mm512_cvtepi32_epi8(q1));
+            float qs = (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+            if (parts == 2) {
+                const __m512 lo = _mm512_set1_ps(LO);
+                const __m512i r0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(s0, _mm512_cvtepi32_ps(q0)), lo));
+                const __m512i r1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(s1, _mm512_cvtepi32_ps(q1)), lo));
+                _mm_storeu_si128((__m128i*)(qb + K), _mm512_cvtepi32_epi8(r0));
+                _mm_storeu_si128((__m128i*)(qb + K + 16), _mm512_cvtepi32_epi8(r1));
+                qs += (float)_mm512_reduce_add_epi32(_mm512_add_epi32(r0, r1)) / LO;
+            }
+            meta[(int64_t)t * (K / 32) + b] = XBlk{d, 8.f * qs * d, qs * d, 128.f * qs * d};
+        }
+}
+
+// y[t, 16 g + i] = acc[t][i] for the rows that exist (the last group of N % 16 != 0 is padded)
 template <int T>
-void rows_t(const Lin& L, const float* x, const float* xs, float* y, int n0, int n1) {
+inline void store_group(float* y, int N, int g, const __m512* acc) {
+    const __mmask16 k = N - 16 * g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - 16 * g)) - 1);
+    for (int t = 0; t < T; ++t) _mm512_mask_storeu_ps(y + (int64_t)t * N + 16 * g, k, acc[t]);
+}
+
+// Kind 4: 16 output rows interleaved, one 320-byte record per group of 16 rows and block of 32
+// inputs, the records of a group in input order (so a thread streams one contiguous range):
+//   bytes [64 j, 64 j + 64), j < 4:  byte 4 i + t = q[row i][4 j + t] | q[row i][16 + 4 j + t] << 4
+//   bytes [256, 288): the 16 rows' scales s (bf16), [288, 320): their zeros z (bf16)
+// so one 64-byte load, masked or shifted, is 16 rows x 4 consecutive inputs of unsigned q, the
+// operand vpdpbusd multiplies by 4 broadcast int8 inputs. With the input x = d * qx:
+//   sum_k ((q - 8) s + z) x = d s (sum q qx) - 8 d s qs + d z qs
+// (with two parts, sum q qx = sum q hi + (sum q lo) / 254).
+template <int T, int PARTS>
+void q4x_rows(const Lin& L, const int8_t* xq, const XBlk* xm, float* y, int g0, int g1) {
+    const int K = L.K, nb = K / 32, N = L.N;
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    for (int g = g0; g < g1; ++g) {
+        const uint8_t* p = (const uint8_t*)L.w + (int64_t)g * nb * 320;
+        __m512 acc[T];
+        for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+        for (int b = 0; b < nb; ++b, p += 320) {
+            _mm_prefetch((const char*)p + 2560, _MM_HINT_T0);
+            _mm_prefetch((const char*)p + 2624, _MM_HINT_T0);
+            _mm_prefetch((const char*)p + 2688, _MM_HINT_T0);
+            _mm_prefetch((const char*)p + 2752, _MM_HINT_T0);
+            _mm_prefetch((const char*)p + 2816, _MM_HINT_T0);
+            __m512i lo[4], hi[4];
+            for (int j = 0; j < 4; ++j) {
+                const __m512i v = _mm512_load_si512((const void*)(p + 64 * j));
+                lo[j] = _mm512_and_si512(v, m4);
+                hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            }
+            const __m512 s = load_bf16x16((const uint16_t*)(p + 256)), z = load_bf16x16((const uint16_t*)(p + 288));
+            for (int t = 0; t < T; ++t) {
+                const int32_t* xw = (const int32_t*)(xq + (int64_t)t * PARTS * K + 32 * b);
+                __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+                for (int j = 0; j < 4; ++j) {
+                    a0 = _mm512_dpbusd_epi32(a0, lo[j], _mm512_set1_epi32(xw[j]));
+                    a1 = _mm512_dpbusd_epi32(a1, hi[j], _mm512_set1_epi32(xw[j + 4]));
+                }
+                const XBlk& m = xm[(int64_t)t * nb + b];
+                __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1));
+                if (PARTS == 2) {
+                    const int32_t* xl = xw + K / 4;
+                    __m512i b0 = _mm512_setzero_si512(), b1 = _mm512_setzero_si512();
+                    for (int j = 0; j < 4; ++j) {
+                        b0 = _mm512_dpbusd_epi32(b0, lo[j], _mm512_set1_epi32(xl[j]));
+                        b1 = _mm512_dpbusd_epi32(b1, hi[j], _mm512_set1_epi32(xl[j + 4]));
+                    }
+                    f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(b0, b1)), _mm512_set1_ps(1.0f / LO), f);
+                }
+                acc[t] = _mm512_fmadd_ps(s, _mm512_fmsub_ps(f, _mm512_set1_ps(m.d), _mm512_set1_ps(m.c8)), acc[t]);
+                acc[t] = _mm512_fmadd_ps(z, _mm512_set1_ps(m.c1), acc[t]);
+            }
+        }
+        store_group<T>(y, N, g, acc);
+    }
+}
+
+// Kind 5: 16 output rows interleaved, one 576-byte record per group of 16 rows and block of 32:
+//   bytes [64 j, 64 j + 64), j < 8:  byte 4 i + t = q[row i][4 j + t] + 128 (unsigned)
+//   bytes [512, 576): the 16 rows' scales (float)
+// vpdpbusd multiplies unsigned by signed bytes: the weights carry +128, taken back as
+//   sum_k q x = d (sum (q + 128) qx) - 128 d qs.
+template <int T, int PARTS>
+void q8x_rows(const Lin& L, const int8_t* xq, const XBlk* xm, float* y, int g0, int g1) {
+    const int K = L.K, nb = K / 32, N = L.N;
+    for (int g = g0; g < g1; ++g) {
+        const uint8_t* p = (const uint8_t*)L.w + (int64_t)g * nb * 576;
+        __m512 acc[T];
+        for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+        for (int b = 0; b < nb; ++b, p += 576) {
+            for (int c = 0; c < 9; ++c) _mm_prefetch((const char*)p + 4608 + 64 * c, _MM_HINT_T0);
+            __m512i w[8];
+            for (int j = 0; j < 8; ++j) w[j] = _mm512_load_si512((const void*)(p + 64 * j));
+            const __m512 s = _mm512_load_ps((const float*)(p + 512));
+            for (int t = 0; t < T; ++t) {
+                const int32_t* xw = (const int32_t*)(xq + (int64_t)t * PARTS * K + 32 * b);
+                __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+                for (int j = 0; j < 8; j += 2) {
+                    a0 = _mm512_dpbusd_epi32(a0, w[j], _mm512_set1_epi32(xw[j]));
+                    a1 = _mm512_dpbusd_epi32(a1, w[j + 1], _mm512_set1_epi32(xw[j + 1]));
+                }
+                const XBlk& m = xm[(int64_t)t * nb + b];
+                __m512 f = _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1));
+                if (PARTS == 2) {
+                    const int32_t* xl = xw + K / 4;
+                    __m512i b0 = _mm512_setzero_si512(), b1 = _mm512_setzero_si512();
+                    for (int j = 0; j < 8; j += 2) {
+                        b0 = _mm512_dpbusd_epi32(b0, w[j], _mm512_set1_epi32(xl[j]));
+                        b1 = _mm512_dpbusd_epi32(b1, w[j + 1], _mm512_set1_epi32(xl[j + 1]));
+                    }
+                    f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(b0, b1)), _mm512_set1_ps(1.0f / LO), f);
+                }
+                acc[t] = _mm512_fmadd_ps(s, _mm512_fmsub_ps(f, _mm512_set1_ps(m.d), _mm512_set1_ps(m.c128)), acc[t]);
+            }
+        }
+        store_group<T>(y, N, g, acc);
+    }
+}
+
+template <int T>
+void x16_rows(const Lin& L, const int8_t* xq, const XBlk* xm, float* y, int g0, int g1) {
+    switch (L.kind) {
+        case 4: q4x_rows<T, 1>(L, xq, xm, y, g0, g1); break;
+        case 5: q8x_rows<T, 1>(L, xq, xm, y, g0, g1); break;
+        case 6: q4x_rows<T, 2>(L, xq, xm, y, g0, g1); break;
+        default: q8x_rows<T, 2>(L, xq, xm, y, g0, g1); break;
+    }
+}
+
+template <int T>
+void rows_t(const Lin& L, const float* x, float* y, int n0, int n1) {
     switch (L.kind) {
         case 0: f32_rows<T>(L, x, y, n0, n1); break;
         case 1: bf16_rows<T>(L, x, y, n0, n1); break;
-        case 2: q4_rows<T>(L, x, xs, y, n0, n1); break;
+        case 2: q4_rows<T>(L, x, y, n0, n1); break;
         default: q8_rows<T>(L, x, y, n0, n1); break;
     }
 }
 
-// y[T, N] for output rows [n0, n1); x [T, K] float, xs [T, K/32] the block sums of x (q4 only).
-void linear_rows(const Lin& L, const float* x, const float* xs, int T, float* y, int n0, int n1) {
+// What a linear reads of its input x [T, K] float: kinds 4-7 only its int8 blocks (the
+// quantised x and each block's constants).
+struct In {
+    const float* x;
+    const int8_t* xq;   // [T, parts, K] (kinds 4-7)
+    const XBlk* xm;     // [T, K/32]
+};
+
+inline bool int8_kind(const Lin& L) { return L.kind >= 4 && L.kind <= 7; }
+inline int int8_parts(const Lin& L) { return L.kind >= 6 ? 2 : 1; }
+
+// y[T, N] for output rows [n0, n1) (n0 a multiple of 16 for kinds 4, 5; n1 too unless it is N).
+void linear_rows(const Lin& L, const In& in, int T, float* y, int n0, int n1) {
     const int K = L.K, N = L.N;
-    for (int t0 = 0; t0 < T; t0 += 16) {     // up to 16 rows a pass over the weights
-        const int tn = T - t0 < 16 ? T - t0 : 16;
-        const float* xt = x + (int64_t)t0 * K;
-        const float* xst = xs ? xs + (int64_t)t0 * (K / 32) : nullptr;
-        float* yt = y + (int64_t)t0 * N;
-        switch (tn) {
-#define ROWS(n) case n: rows_t<n>(L, xt, xst, yt, n0, n1); break;
-            ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
-            ROWS(9) ROWS(10) ROWS(11) ROWS(12) ROWS(13) ROWS(14) ROWS(15)
+    if (int8_kind(L)) {
+        // up to 8 rows a pass over a few groups' records, which stay in cache for the next pass
+        const int G0 = n0 / 16, G1 = (n1 + 15) / 16, span = T > 8 ? 4 : G1 - G0;
+        for (int ga = G0; ga < G1; ga += span) {
+            const int gb = ga + span < G1 ? ga + span : G1;
+            for (int t0 = 0; t0 < T; t0 += 8) {
+                const int tn = T - t0 < 8 ? T - t0 : 8;
+                const int8_t* xq = in.xq + (int64_t)t0 * int8_parts(L) * K;
+                const XBlk* xm = in.xm + (int64_t)t0 * (K / 32);
+                float* yt = y + (int64_t)t0 * N;
+                switch (tn) {
+#define ROWS(n) case n: x16_rows<n>(L, xq, xm, yt, ga, gb); break;
+                    ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7)
 #undef ROWS
-            default: rows_t<16>(L, xt, xst, yt, n0, n1); break;
+                    default: x16_rows<8>(L, xq, xm, yt, ga, gb); break;
+                }
+            }
+        }
+    } else {
+        for (int t0 = 0; t0 < T; t0 += 16) {     // up to 16 rows a pass over the weights
+            const int tn = T - t0 < 16 ? T - t0 : 16;
+            const float* xt = in.x + (int64_t)t0 * K;
+            float* yt = y + (int64_t)t0 * N;
+            switch (tn) {
+#define ROWS(n) case n: rows_t<n>(L, xt, yt, n0, n1); break;
+                ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
+                ROWS(9) ROWS(10) ROWS(11) ROWS(12) ROWS(13) ROWS(14) ROWS(15)
+#undef ROWS
+                default: rows_t<16>(L, xt, yt, n0, n1); break;
+            }
         }
     }
     if (L.round)
         for (int t = 0; t < T; ++t) round_vec(y + (int64_t)t * N + n0, n1 - n0);
 }
 
-void block_sums(const float* x, int T, int K, float* xs) {
-    for (int t = 0; t < T; ++t)
-        for (int b = 0; b < K / 32; ++b) {
-            float s = 0.f;
-            for (int j = 0; j < 32; ++j) s += x[(int64_t)t * K + 32 * b + j];
-            xs[t * (K / 32) + b] = s;
-        }
-}
+// A thread's buffers for a linear's input (what `prepare` derives from x), grown on first use.
+struct InBuf {
+    std::vector<int8_t> xq;
+    std::vector<XBlk> xm;
 
-// Inside a parallel region: this thread's share of the rows, in chunks of 16 (all threads call).
-void linear_par(const Lin& L, const float* x, const float* xs, int T, float* y) {
+    In prepare(const Lin& L, const float* x, int T) {
+        In in{x, nullptr, nullptr};
+        if (int8_kind(L)) {
+            const size_t nb = (size_t)T * (L.K / 32);
+            if (xq.size() < nb * 32 * int8_parts(L)) xq.resize(nb * 32 * int8_parts(L));
+            if (xm.size() < nb) xm.resize(nb);
+            quantize_rows(x, T, L.K, int8_parts(L), xq.data(), xm.data());
+            in.xq = xq.data();
+            in.xm = xm.data();
+        }
+        return in;
+    }
+};
+
+// A linear's work queue inside one parallel region (one per call; zero before the region).
+struct alignas(64) Queue {
+    std::atomic<int> taken{0};
+};
+
+// Inside a parallel region (all threads call): the rows of one linear, in chunks of whole groups
+// of 16 rows taken from q. With two threads one takes chunks from the front and the other from
+// the back, each streaming its end of the weights in order, until they meet: a thread that runs
+// slower (or is descheduled by another process) leaves its remaining chunks to the other instead
+// of making it wait at the next barrier. Without q: an even static split.
+void linear_par(const Lin& L, const In& in, int T, float* y, Queue* q = nullptr) {
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int chunks = (L.N + 15) / 16;
-    const int c0 = (int)((int64_t)chunks * tid / nt), c1 = (int)((int64_t)chunks * (tid + 1) / nt);
-    const int n0 = c0 * 16, n1 = c1 * 16 < L.N ? c1 * 16 : L.N;
-    if (n0 < n1) linear_rows(L, x, xs, T, y, n0, n1);
+    const int groups = (L.N + 15) / 16;
+    auto rows = [&](int g0, int g1) {
+        const int n0 = g0 * 16, n1 = g1 * 16 < L.N ? g1 * 16 : L.N;
+        if (n0 < n1) linear_rows(L, in, T, y, n0, n1);
+    };
+    if (q == nullptr || nt == 1) {
+        rows((int)((int64_t)groups * tid / nt), (int)((int64_t)groups * (tid + 1) / nt));
+        return;
+    }
+    const int per = std::max(2, (groups + 15) / 16), chunks = (groups + per - 1) / per;   // ~16 chunks
+    if (nt == 2) {
+        for (int mine = 0; q->taken.fetch_add(1, std::memory_order_relaxed) < chunks; ++mine) {
+            const int c = tid == 0 ? mine : chunks - 1 - mine;
+            rows(c * per, std::min(groups, (c + 1) * per));
+        }
+    } else {                // more threads: the next chunk in order
+        for (int c; (c = q->taken.fetch_add(1, std::memory_order_relaxed)) < chunks;)
+            rows(c * per, std::min(groups, (c + 1) * per));
+    }
 }
 
 void rmsnorm(const float* x, const float* w, int H, float eps, bool bf16, float* out) {
-    float ss = 0.f;
-    for (int i = 0; i < H; ++i) ss += x[i] * x[i];
+    int i = 0;
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= H; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i), acc);
+    float ss = _mm512_reduce_add_ps(acc);
+    for (; i < H; ++i) ss += x[i] * x[i];
     const float r = 1.0f / std::sqrt(ss / H + eps);
-    for (int i = 0; i < H; ++i) out[i] = bf16 ? rb(x[i] * r * w[i]) : x[i] * r * w[i];
+    const __m512 rv = _mm512_set1_ps(r);
+    for (i = 0; i + 16 <= H; i += 16) {
+        __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), rv), _mm512_loadu_ps(w + i));
+        _mm512_storeu_ps(out + i, bf16 ? rb16(v) : v);
+    }
+    for (; i < H; ++i) out[i] = bf16 ? rb(x[i] * r * w[i]) : x[i] * r * w[i];
 }
 
 inline float kv_at(const void* pool, bool bf, int64_t i) {
@@ -345,17 +595,158 @@ void attend(const Model& m, const float* q /*[g, hd] */, const int64_t* table, i
     }
 }
 
+// 16 K or V values of the pool at element i, as float
+inline __m512 kv16(const void* pool, bool bf, int64_t i) {
+    return bf ? load_bf16x16((const uint16_t*)pool + i) : _mm512_loadu_ps((const float*)pool + i);
+}
+
+// A part of one sequence's attention for one KV head and its g query heads: positions [p0, p1)
+// of its context of L, where [0, L - 1) is read in place from the pool's blocks and L - 1 (this
+// step's token, when p1 == L) from k_cur / v_cur (float, rounded as the pool stores them), so
+// no part waits for another's write of the pool. Each K and V row is read once for the g heads.
+// Writes, per query head j, the part's softmax state: part[j] = {max, sum of exp, o[hd] (the
+// exp-weighted sum of V, not yet divided)}; merge_parts combines the parts of a head.
+// hd <= 256, hd % 16 == 0, g * hd / 16 <= 48; scores: g * (p1 - p0) floats. G and NC (g and
+// hd / 16, 0: read from m) as constants let the compiler keep q and o in registers.
+template <int G, int NC>
+void attend_part(const Model& m, const float* q /*[g, hd]*/, const int64_t* table, int L, int p0, int p1, int kvh,
+                 const void* kl, const void* vl, const float* k_cur, const float* v_cur, float* scores,
+                 float* part /*[g, hd + 2]*/) {
+    const int hd = NC ? 16 * NC : m.head_dim, nc = NC ? NC : hd / 16, nkv = m.n_kv, bs = m.block_size;
+    const int g = G ? G : m.n_heads / m.n_kv;
+    const bool kbf = m.kv_bf16;
+    const float scale = 1.0f / std::sqrt((float)hd);
+    const int64_t pos_stride = (int64_t)nkv * hd;            // elements from one position to the next
+    const int n = p1 - p0, pool_end = p1 < L - 1 ? p1 : L - 1;
+    // The pool was evicted by the step's weights since this layer last ran: the loads below miss
+    // all the way to memory, a few lines in flight at a time. Ask for the next block's K and V
+    // lines one block ahead.
+    const int esz = kbf ? 2 : 4, lines = (hd * esz + 63) / 64;
+    auto row_at = [&](int p) { return (table[p / bs] * bs + p % bs) * pos_stride + (int64_t)kvh * hd; };
+    auto prefetch = [&](int a, int b) {
+        for (int p = a; p < b && p < pool_end; ++p) {
+            const int64_t base = row_at(p);
+            for (int l = 0; l < lines; ++l) {
+                _mm_prefetch((const char*)kl + base * esz + 64 * l, _MM_HINT_T0);
+                _mm_prefetch((const char*)vl + base * esz + 64 * l, _MM_HINT_T0);
+            }
+        }
+    };
+    __m512 qv[48];
+    for (int i = 0; i < g * nc; ++i) qv[i] = _mm512_loadu_ps(q + 16 * i);
+    float mx[16];
+    for (int j = 0; j < g; ++j) mx[j] = -INFINITY;
+    auto score = [&](int p, const float* kf, const void* kp, int64_t base) {   // one position, every head
+        __m512 k[16];
+        for (int c = 0; c < nc; ++c) k[c] = kf ? _mm512_loadu_ps(kf + 16 * c) : kv16(kp, kbf, base + 16 * c);
+        for (int j = 0; j < g; ++j) {
+            __m512 acc = _mm512_mul_ps(k[0], qv[j * nc]);
+            for (int c = 1; c < nc; ++c) acc = _mm512_fmadd_ps(k[c], qv[j * nc + c], acc);
+            const float v = _mm512_reduce_add_ps(acc) * scale;
+            scores[(size_t)j * n + p - p0] = v;
+            mx[j] = v > mx[j] ? v : mx[j];
+        }
+    };
+    prefetch(p0, p0 + bs);
+    for (int a = p0; a < pool_end;) {                        // block by block: one table lookup each
+        const int b_end = (a / bs + 1) * bs < pool_end ? (a / bs + 1) * bs : pool_end;
+        prefetch(b_end, b_end + bs);
+        int64_t base = row_at(a);
+        for (int p = a; p < b_end; ++p, base += pos_stride) score(p, nullptr, kl, base);
+        a = b_end;
+    }
+    if (p1 == L) score(L - 1, k_cur, nullptr, 0);
+    __m512 o[48];
+    float sum[16];
+    for (int j = 0; j < g; ++j) {
+        sum[j] = exp_sub_sum(scores + (size_t)j * n, n, mx[j]);
+        for (int c = 0; c < nc; ++c) o[j * nc + c] = _mm512_setzero_ps();
+    }
+    auto accumulate = [&](int p, const float* vf, int64_t base) {
+        __m512 v[16];
+        for (int c = 0; c < nc; ++c) v[c] = vf ? _mm512_loadu_ps(vf + 16 * c) : kv16(vl, kbf, base + 16 * c);
+        for (int j = 0; j < g; ++j) {
+            const __m512 w = _mm512_set1_ps(scores[(size_t)j * n + p - p0]);
+            for (int c = 0; c < nc; ++c) o[j * nc + c] = _mm512_fmadd_ps(v[c], w, o[j * nc + c]);
+        }
+    };
+    for (int a = p0; a < pool_end;) {
+        const int b_end = (a / bs + 1) * bs < pool_end ? (a / bs + 1) * bs : pool_end;
+        int64_t base = row_at(a);
+        for (int p = a; p < b_end; ++p, base += pos_stride) accumulate(p, nullptr, base);
+        a = b_end;
+    }
+    if (p1 == L) accumulate(L - 1, v_cur, 0);
+    for (int j = 0; j < g; ++j) {
+        float* pj = part + (size_t)j * (hd + 2);
+        pj[0] = mx[j];
+        pj[1] = sum[j];
+        for (int c = 0; c < nc; ++c) _mm512_storeu_ps(pj + 2 + 16 * c, o[j * nc + c]);
+    }
+}
+
+void attend_part_any(const Model& m, const float* q, const int64_t* table, int L, int p0, int p1, int kvh,
+                     const void* kl, const void* vl, const float* k_cur, const float* v_cur, float* scores,
+                     float* part) {
+    const int g = m.n_heads / m.n_kv, nc = m.head_dim / 16;
+#define PART(G, NC) \
+    if (g == G && nc == NC) return attend_part<G, NC>(m, q, table, L, p0, p1, kvh, kl, vl, k_cur, v_cur, scores, part);
+    PART(1, 4) PART(2, 4) PART(3, 4) PART(4, 4) PART(5, 4) PART(6, 4) PART(7, 4) PART(8, 4)
+    PART(1, 8) PART(2, 8) PART(3, 8) PART(4, 8) PART(5, 8)
+#undef PART
+    attend_part<0, 0>(m, q, table, L, p0, p1, kvh, kl, vl, k_cur, v_cur, scores, part);
+}
+
+// out[hd] = the attention of one query head from its nparts part states (attend_part).
+void merge_parts(const float* parts, int nparts, int stride, int hd, float* out) {
+    float mx = -INFINITY;
+    for (int i = 0; i < nparts; ++i) mx = parts[(size_t)i * stride] > mx ? parts[(size_t)i * stride] : mx;
+    float total = 0.f;
+    for (int d = 0; d < hd; ++d) out[d] = 0.f;
+    for (int i = 0; i < nparts; ++i) {
+        const float* pi = parts + (size_t)i * stride;
+        const float w = std::exp(pi[0] - mx);
+        total += w * pi[1];
+        for (int d = 0; d < hd; ++d) out[d] += w * pi[2 + d];
+    }
+    for (int d = 0; d < hd; ++d) out[d] /= total;
+}
+
 }  // namespace
 
 extern "C" {
 
+// Reads n bytes (n % 64 == 0, p 64-byte aligned) as the linears read their weights: each thread
+// one contiguous share, 64-byte loads; returns a checksum so the reads cannot be dropped. The
+// roofline's memory ceiling for this access pattern (bench/roofline.py).
+int64_t agp_read_bytes(const void* p, int64_t n, int nthreads) {
+    int64_t total = 0;
+#pragma omp parallel num_threads(nthreads) reduction(+ : total)
+    {
+        const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+        const int64_t lines = n / 64, l0 = lines * tid / nt, l1 = lines * (tid + 1) / nt;
+        const char* q = (const char*)p;
+        __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+        int64_t l = l0;
+        for (; l + 2 <= l1; l += 2) {
+            _mm_prefetch(q + 64 * l + 2560, _MM_HINT_T0);
+            _mm_prefetch(q + 64 * l + 2624, _MM_HINT_T0);
+            a0 = _mm512_add_epi64(a0, _mm512_load_si512((const void*)(q + 64 * l)));
+            a1 = _mm512_add_epi64(a1, _mm512_load_si512((const void*)(q + 64 * l + 64)));
+        }
+        if (l < l1) a0 = _mm512_add_epi64(a0, _mm512_load_si512((const void*)(q + 64 * l)));
+        total += _mm512_reduce_add_epi64(_mm512_add_epi64(a0, a1));
+    }
+    return total;
+}
+
 // y[T, N] (float) = x[T, K] (float) w^T for one Lin, on nthreads.
 void agp_linear(const Lin* L, const float* x, int T, float* y, int nthreads) {
-    std::vector<float> xs(L->kind == 2 ? (size_t)T * (L->K / 32) : 0);
-    if (L->kind == 2) block_sums(x, T, L->K, xs.data());
-    const float* xsp = L->kind == 2 ? xs.data() : nullptr;
+    InBuf buf;
+    const In in = buf.prepare(*L, x, T);
+    Queue q;
 #pragma omp parallel num_threads(nthreads)
-    linear_par(*L, x, xsp, T, y);
+    linear_par(*L, in, T, y, &q);
 }
 
 // Paged decode attention, reading K/V blocks in place: q [B, nh, hd] (row stride q_stride elements,
@@ -488,20 +879,44 @@ void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthread
     int Lmax = 0;
     for (int b = 0; b < B; ++b) Lmax = s.pos[b] + 1 > Lmax ? (int)s.pos[b] + 1 : Lmax;
     // shared: the outputs of the parallel phases
-    std::vector<float> tmp((size_t)B * H), qkv((size_t)B * QKV), att((size_t)B * nh * hd), gu((size_t)B * 2 * I);
+    // attention in parts of a sequence's context, so that even one sequence's few KV heads give
+    // every thread work: nparts parts of whole blocks, each (sequence, KV head, part) one item
+    int nparts = 1;
+    while (B * nkv * nparts < 2 * nthreads && Lmax >= 2 * (nparts + 1) * m.block_size) ++nparts;
+    const int pstride = hd + 2;
+    std::vector<float> tmp((size_t)B * H), qkv((size_t)B * QKV), gu((size_t)B * 2 * I),
+        parts((size_t)B * nkv * nparts * g * pstride);
+    std::vector<Queue> queues((size_t)4 * m.n_layers + 1);   // one per linear of the step
     const size_t esz = m.kv_bf16 ? 2 : 4;
 #pragma omp parallel num_threads(nthreads)
     {
         // private: the residual stream and what each phase's input needs
-        std::vector<float> x((size_t)B * H), h((size_t)B * H), act((size_t)B * I), xs((size_t)B * (I / 32 + 1)),
-            scratch((size_t)(2 * hd + g) * Lmax);
+        std::vector<float> x((size_t)B * H), h((size_t)B * H), act((size_t)B * I), att((size_t)B * nh * hd),
+            scratch((size_t)g * Lmax);
+        InBuf in;
+        double* prof = s.prof ? s.prof + (size_t)omp_get_thread_num() * PHASES : nullptr;
+        double t_mark = prof ? omp_get_wtime() : 0.0;
+        auto mark = [&](Phase ph) {     // the time since the last mark goes to ph
+            if (!prof) return;
+            const double now = omp_get_wtime();
+            prof[ph] += now - t_mark;
+            t_mark = now;
+        };
+        auto barrier = [&]() {
+            mark(P_GLUE);
+#pragma omp barrier
+            mark(P_BARRIER);
+        };
         for (int b = 0; b < B; ++b)   // the embedding rows
             for (int i = 0; i < H; ++i) {
                 const int64_t k = s.tokens[b] * H + i;
                 x[(size_t)b * H + i] = m.embed_bf16 ? bf16_to_f32(((const uint16_t*)m.embed)[k]) : ((const float*)m.embed)[k];
             }
-        auto residual = [&]() {        // x += tmp (the o or down output)
-            for (size_t i = 0; i < x.size(); ++i) x[i] = bf ? rb(x[i] + tmp[i]) : x[i] + tmp[i];
+        auto residual = [&]() {        // x += tmp (the o or down output); B * H is a multiple of 16
+            for (size_t i = 0; i < x.size(); i += 16) {
+                const __m512 v = _mm512_add_ps(_mm512_loadu_ps(&x[i]), _mm512_loadu_ps(&tmp[i]));
+                _mm512_storeu_ps(&x[i], bf ? rb16(v) : v);
+            }
         };
         auto norm_rows = [&](const float* w, int rows, const int64_t* which) {
             for (int r = 0; r < rows; ++r)
@@ -513,59 +928,84 @@ void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthread
             char* vl = (char*)m.v_pool + li * m.layer_stride * esz;
             if (li > 0) residual();
             norm_rows(ly.attn_norm, B, nullptr);
-            if (ly.qkv.kind == 2) block_sums(h.data(), B, H, xs.data());
-            linear_par(ly.qkv, h.data(), xs.data(), B, qkv.data());
-#pragma omp barrier
-#pragma omp for schedule(dynamic, 1)
-            for (int w = 0; w < B * nkv; ++w) {   // one sequence's KV head: RoPE, K/V into the pool, attend
-                const int b = w / nkv, kh = w % nkv;
-                float* row = &qkv[(size_t)b * QKV];
+            const In in_qkv = in.prepare(ly.qkv, h.data(), B);
+            mark(P_GLUE);
+            linear_par(ly.qkv, in_qkv, B, qkv.data(), &queues[4 * li]);
+            mark(P_QKV);
+            barrier();
+#pragma omp for schedule(dynamic, 1) nowait
+            for (int w = 0; w < B * nkv * nparts; ++w) {   // a part of one sequence's KV head
+                const int b = w / (nkv * nparts), kh = w / nparts % nkv, part = w % nparts;
+                const float* row = &qkv[(size_t)b * QKV];
                 const float* c = m.cos + s.pos[b] * hd;
                 const float* sn = m.sin + s.pos[b] * hd;
-                for (int head = kh * g; head <= kh * g + g; ++head) {   // its g query heads, then its key head
-                    float* v = row + (size_t)(head < kh * g + g ? head : nh + kh) * hd;
-                    float r[256];
+                const int L = (int)s.pos[b] + 1, nblk = (L + m.block_size - 1) / m.block_size;
+                const int p0 = std::min(L, nblk * part / nparts * m.block_size);
+                const int p1 = part == nparts - 1 ? L : std::min(L, nblk * (part + 1) / nparts * m.block_size);
+                float qr[16 * 256], kr[256], vr[256];
+                auto rope = [&](const float* v, float* r) {
                     for (int d = 0; d < hd; ++d) {
                         const float sw = v[d < hd / 2 ? d + hd / 2 : d - hd / 2];
                         r[d] = bf ? rb(rb(v[d] * c[d]) + rb(sw * sn[d])) : v[d] * c[d] + sw * sn[d];
                     }
-                    std::memcpy(v, r, hd * sizeof(float));
+                };
+                for (int j = 0; j < g; ++j) rope(row + (size_t)(kh * g + j) * hd, qr + (size_t)j * hd);
+                rope(row + (size_t)(nh + kh) * hd, kr);     // every part: its own copy
+                std::memcpy(vr, row + (size_t)(nh + nkv + kh) * hd, hd * sizeof(float));
+                if (m.kv_bf16) {                             // as the pool keeps them
+                    round_vec(kr, hd);
+                    round_vec(vr, hd);
                 }
-                const float* kr = row + (size_t)(nh + kh) * hd;
-                const float* vr = row + (size_t)(nh + nkv + kh) * hd;
-                const int64_t dst = (s.slots[b] * nkv + kh) * hd;
-                for (int d = 0; d < hd; ++d) {
-                    if (m.kv_bf16) {
-                        ((uint16_t*)kl)[dst + d] = f32_to_bf16(kr[d]);
-                        ((uint16_t*)vl)[dst + d] = f32_to_bf16(vr[d]);
-                    } else {
-                        ((float*)kl)[dst + d] = kr[d];
-                        ((float*)vl)[dst + d] = vr[d];
+                if (part == 0) {                             // one part writes this token's K/V
+                    const int64_t dst = (s.slots[b] * nkv + kh) * hd;
+                    for (int d = 0; d < hd; ++d) {
+                        if (m.kv_bf16) {
+                            ((uint16_t*)kl)[dst + d] = f32_to_bf16(kr[d]);
+                            ((uint16_t*)vl)[dst + d] = f32_to_bf16(vr[d]);
+                        } else {
+                            ((float*)kl)[dst + d] = kr[d];
+                            ((float*)vl)[dst + d] = vr[d];
+                        }
                     }
                 }
-                float* o = &att[(size_t)b * nh * hd + (size_t)kh * g * hd];
-                attend(m, row + (size_t)kh * g * hd, s.tables + (int64_t)b * s.nblk, (int)s.pos[b] + 1, kh, kl, vl,
-                       scratch.data(), o);
-                if (bf) round_vec(o, g * hd);
+                attend_part_any(m, qr, s.tables + (int64_t)b * s.nblk, L, p0, p1, kh, kl, vl, kr, vr, scratch.data(),
+                            &parts[(size_t)w * g * pstride]);
             }
-            if (ly.o.kind == 2) block_sums(att.data(), B, nh * hd, xs.data());
-            linear_par(ly.o, att.data(), xs.data(), B, tmp.data());
-#pragma omp barrier
+            mark(P_ATTENTION);
+            barrier();
+            for (int b = 0; b < B; ++b)                      // every thread: the whole attention output
+                for (int head = 0; head < nh; ++head) {
+                    const int kh = head / g, j = head % g;
+                    float* o = &att[((size_t)b * nh + head) * hd];
+                    merge_parts(&parts[(((size_t)b * nkv + kh) * nparts * g + j) * pstride], nparts, g * pstride, hd, o);
+                    if (bf) round_vec(o, hd);
+                }
+            const In in_o = in.prepare(ly.o, att.data(), B);
+            mark(P_GLUE);
+            linear_par(ly.o, in_o, B, tmp.data(), &queues[4 * li + 1]);
+            mark(P_O);
+            barrier();
             residual();
             norm_rows(ly.ffn_norm, B, nullptr);
-            if (ly.gate_up.kind == 2) block_sums(h.data(), B, H, xs.data());
-            linear_par(ly.gate_up, h.data(), xs.data(), B, gu.data());
-#pragma omp barrier
+            const In in_gu = in.prepare(ly.gate_up, h.data(), B);
+            mark(P_GLUE);
+            linear_par(ly.gate_up, in_gu, B, gu.data(), &queues[4 * li + 2]);
+            mark(P_GATE_UP);
+            barrier();
             for (int b = 0; b < B; ++b)
                 silu_mul(&gu[(size_t)b * 2 * I], &gu[(size_t)b * 2 * I + I], &act[(size_t)b * I], I, bf);
-            if (ly.down.kind == 2) block_sums(act.data(), B, I, xs.data());
-            linear_par(ly.down, act.data(), xs.data(), B, tmp.data());
-#pragma omp barrier
+            const In in_down = in.prepare(ly.down, act.data(), B);
+            mark(P_GLUE);
+            linear_par(ly.down, in_down, B, tmp.data(), &queues[4 * li + 3]);
+            mark(P_DOWN);
+            barrier();
         }
         residual();
         norm_rows(m.norm, s.n_out, s.out_rows);
-        if (m.lm_head.kind == 2) block_sums(h.data(), s.n_out, H, xs.data());
-        linear_par(m.lm_head, h.data(), xs.data(), s.n_out, logits);
+        const In in_head = in.prepare(m.lm_head, h.data(), s.n_out);
+        mark(P_GLUE);
+        linear_par(m.lm_head, in_head, s.n_out, logits, &queues[4 * m.n_layers]);
+        mark(P_HEAD);
     }
 }
 

@@ -78,13 +78,18 @@ class NativeDecoder:
         except ValueError:
             return None
 
-    def decode(self, tokens, positions, slots, tables, out_rows) -> torch.Tensor:
-        """One all-decode step: tokens/positions/slots [B], tables [B, nblk], out_rows [n] (long)."""
+    def decode(self, tokens, positions, slots, tables, out_rows, prof: torch.Tensor | None = None) -> torch.Tensor:
+        """One all-decode step: tokens/positions/slots [B], tables [B, nblk], out_rows [n] (long).
+        prof: a float64 [threads, len(native.PHASES)] to which each thread adds its seconds per phase."""
         B, nblk = tables.shape
         n = 0 if out_rows is None else out_rows.shape[0]
         logits = torch.empty(n, self.config.vocab_size, dtype=torch.float32)
+        if prof is not None and (prof.dtype != torch.float64 or prof.shape[0] < torch.get_num_threads()
+                                 or not prof.is_contiguous()):
+            raise ValueError("prof: a contiguous float64 tensor [threads, len(PHASES)]")
         step = Step(B, nblk, n, 0, tokens.data_ptr(), positions.data_ptr(), slots.data_ptr(),
-                    tables.data_ptr(), out_rows.data_ptr() if n else None)
+                    tables.data_ptr(), out_rows.data_ptr() if n else None,
+                    prof.data_ptr() if prof is not None else None)
         self.lib.agp_decode_step(ctypes.byref(self.model), ctypes.byref(step), logits.data_ptr(),
                                  torch.get_num_threads())
         return logits
