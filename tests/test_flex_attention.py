@@ -20,7 +20,7 @@ from pipeline_dsl.engine.batch import StepBatch
 from pipeline_dsl.engine.flex import Q_BLOCK, _paged_mask, host_meta
 from pipeline_dsl.engine.gguf_loader import load_gguf
 from pipeline_dsl.engine.model import LlamaModel, ModelRunner, SeqBatchItem
-from test_gpu_path import EagerGraphs, run_engine
+from test_gpu_path import EagerGraphs, run_engine, same_answers
 from tiny_model import write_tiny_gguf
 
 BS = 4
@@ -183,7 +183,7 @@ def test_engine_with_flex_attention_gives_the_default_paths_tokens(weights, mode
         r.native = None
         return r
 
-    seed = {"engine.step": 3, "executor": 4, "graphs": 5}[mode]
+    seed = {"engine.step": 3, "executor": 4, "graphs": 7}[mode]   # each mix preempts (40 blocks), reuses a prefix
     ref, _ = run_engine(runner("sdpa"), seed, executor=mode != "engine.step")
     r = runner("flex")
     if mode == "graphs":
@@ -191,7 +191,7 @@ def test_engine_with_flex_attention_gives_the_default_paths_tokens(weights, mode
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out, stats = run_engine(r, seed, executor=mode != "engine.step")
-    assert out == ref and len(out) == 12
+    assert same_answers(out, ref) and len(out) == 12
     assert stats["preemptions"] > 0 and stats["cached_tokens"] > 0 and r.flex.calls > 0
     if mode == "graphs":
         assert r.graphs.replays > 0

@@ -61,8 +61,8 @@ def run_engine(runner, seed, executor=False):
     got = {}
 
     def collect(outputs):
-        for o in outputs:       # (token, its logprob to 5 places): a wrong context moves the logprob
-            got.setdefault(o.request_id, []).extend((e["token_id"], round(e["logprob"], 5)) for e in o.logprobs)
+        for o in outputs:       # (token, its logprob): a wrong context moves the logprob
+            got.setdefault(o.request_id, []).extend((e["token_id"], e["logprob"]) for e in o.logprobs)
 
     if executor:                          # the plan's streams, overlapped, replaying graphs as on CUDA
         from pipeline_dsl.engine.executor import Executor
@@ -76,6 +76,14 @@ def run_engine(runner, seed, executor=False):
         while engine.has_unfinished():
             collect(engine.step())
     return got, engine.stats()
+
+
+def same_answers(out, ref, tol=1e-4) -> bool:
+    """The same tokens for every request, each logprob within tol: another path's float order
+    moves a logprob by ~1e-6; a wrong context or position moves it by far more."""
+    return (out.keys() == ref.keys()
+            and all([t for t, _ in out[k]] == [t for t, _ in ref[k]] for k in ref)
+            and all(abs(a - b) <= tol for k in ref for (_, a), (_, b) in zip(out[k], ref[k])))
 
 
 def eager(model, num_blocks=40):
@@ -92,7 +100,7 @@ def test_decode_graphs_replayed_from_static_buffers_give_the_eager_tokens(model,
     got = runner.capture_graphs(max_batch=8, max_len=96, graph_factory=factory)
     assert got["graphs"] == factory.captured > 0
     out, stats = run_engine(runner, 0, executor)
-    assert out == ref and len(out) == 12
+    assert same_answers(out, ref) and len(out) == 12
     assert runner.graphs.replays > 0 and stats["preemptions"] > 0
     assert runner.k_cache[:, :].isfinite().all()
 
@@ -110,7 +118,7 @@ def test_mixed_steps_replay_piecewise_graphs_and_give_the_eager_tokens(model, at
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                  # eager flex_attention says it is not compiled
         out, stats = run_engine(runner, 1, executor)
-    assert out == ref and len(out) == 12
+    assert same_answers(out, ref) and len(out) == 12
     assert runner.graphs.pieces.replays > 0 and runner.graphs.replays > 0 and stats["preemptions"] > 0
 
 
