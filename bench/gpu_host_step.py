@@ -25,6 +25,7 @@ import json, sys, time, random
 import torch
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
 from pipeline_dsl.engine.model import LlamaConfig, LlamaModel, ModelRunner
+from pipeline_dsl.engine.tokenizer import IdTokenizer
 
 B, STEPS = int(sys.argv[1]), int(sys.argv[2])
 torch.manual_seed(0)
@@ -43,13 +44,8 @@ model = LlamaModel(c, w, "fp32")
 runner = ModelRunner(model, num_blocks=B * 20, block_size=16, pad_decode=True)
 runner.native = None                      # the torch kernels a GPU runs
 
-class Ids:
-    eos_token_ids = frozenset()
-    def decode(self, ids, skip_special_tokens=True): return " ".join(map(str, ids))
-    def encode(self, text, add_special_tokens=True): return [int(t) for t in text.split()]
-
 eng = Engine(EngineConfig(max_batch_size=B, max_tokens_per_step=B * 64, prefill_chunk=256,
-                          batch_timeout_s=0.0), runner=runner, tokenizer=Ids())
+                          batch_timeout_s=0.0), runner=runner, tokenizer=IdTokenizer())
 rng = random.Random(0)
 for i in range(B):
     eng.add_request(str(i), prompt_token_ids=[rng.randrange(3, 500) for _ in range(rng.randint(24, 64))],

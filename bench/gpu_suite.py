@@ -42,17 +42,6 @@ SHAPES = {
 }
 
 
-class Ids:
-    """Token ids as text: the engine-alone rows measure the engine, not a tokenizer."""
-    eos_token_ids = frozenset()
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
-
-    def encode(self, text, add_special_tokens=True):
-        return [int(t) for t in text.split()]
-
-
 def make_tokenizer(out: Path) -> None:
     """The embedded model's tokenizer (and chat template) as a small HF folder (~3.5 MB)."""
     from transformers import AutoTokenizer
@@ -92,6 +81,7 @@ def engine_alone(folder: Path, device: str, ps, new: int, *, overlap=None, graph
     from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
     from pipeline_dsl.engine.engine import load_runner
     from pipeline_dsl.engine.executor import Executor
+    from pipeline_dsl.engine.tokenizer import IdTokenizer
 
     cfg = EngineConfig(model=str(folder), device=device, dtype="bf16", max_batch_size=batch,
                        max_tokens_per_step=4096, prefill_chunk=512, kv_budget_bytes=KV_BUDGET[0], batch_timeout_s=0.0)
@@ -105,7 +95,7 @@ def engine_alone(folder: Path, device: str, ps, new: int, *, overlap=None, graph
             os.environ.pop("AGP_ATTENTION", None)
         else:
             os.environ["AGP_ATTENTION"] = before
-    eng = Engine(cfg, runner=runner, tokenizer=Ids())
+    eng = Engine(cfg, runner=runner, tokenizer=IdTokenizer())
     ex = Executor(eng, overlap=overlap, cuda_graphs=graphs)
     sp = SamplingParams(max_tokens=new, ignore_eos=True)
     ex.submit("warm", prompt_token_ids=ps[0][:8], params=SamplingParams(max_tokens=4, ignore_eos=True))

@@ -19,6 +19,7 @@ import torch
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams, native
 from pipeline_dsl.engine.gguf_loader import load_gguf
 from pipeline_dsl.engine.model import LlamaModel, ModelRunner, SeqBatchItem
+from pipeline_dsl.engine.tokenizer import IdTokenizer
 from tiny_model import write_tiny_gguf
 
 pytestmark = pytest.mark.skipif(native.load() is None, reason="native kernels unavailable here")
@@ -287,23 +288,12 @@ def test_without_the_native_library_the_runner_is_eager(q4):
         assert out.shape == (1, q4.config.vocab_size)
 
 
-class Ids:
-    """Token ids as text: the engine needs a tokenizer, these tests only compare ids."""
-    eos_token_ids = frozenset()
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
-
-    def encode(self, text, add_special_tokens=True):
-        return [int(t) for t in text.split()]
-
-
 def engine_outputs(model, use_native: bool, executor: bool, seed: int) -> dict:
     runner = ModelRunner(model, num_blocks=40, block_size=BS, pad_decode=True)   # small: preemption
     if not use_native:
         runner.native = None
     cfg = EngineConfig(max_batch_size=8, max_tokens_per_step=24, prefill_chunk=8, batch_timeout_s=0.0)
-    engine = Engine(cfg, runner=runner, tokenizer=Ids())
+    engine = Engine(cfg, runner=runner, tokenizer=IdTokenizer())
     rng = random.Random(seed)
     common = [rng.randrange(3, 250) for _ in range(12)]           # shared prefix: prefix hits
     requests = []

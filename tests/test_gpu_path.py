@@ -16,6 +16,7 @@ from pipeline_dsl.engine.batch import StepBatch, bucket_of
 from pipeline_dsl.engine.gguf_loader import load_gguf
 from pipeline_dsl.engine.kv_cache import BlockManager
 from pipeline_dsl.engine.model import LlamaModel, ModelRunner, SeqBatchItem
+from pipeline_dsl.engine.tokenizer import IdTokenizer
 
 BS = 4
 
@@ -39,19 +40,9 @@ class EagerGraphs:
         return (lambda: out.copy_(fn())), out
 
 
-class Ids:
-    eos_token_ids = frozenset()
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
-
-    def encode(self, text, add_special_tokens=True):
-        return [int(t) for t in text.split()]
-
-
 def run_engine(runner, seed, executor=False):
     cfg = EngineConfig(max_batch_size=8, max_tokens_per_step=24, prefill_chunk=8, batch_timeout_s=0.0)
-    engine = Engine(cfg, runner=runner, tokenizer=Ids())
+    engine = Engine(cfg, runner=runner, tokenizer=IdTokenizer())
     rng = random.Random(seed)
     common = [rng.randrange(3, 250) for _ in range(12)]
     requests = [(str(i), dict(prompt_token_ids=(common if i % 2 else []) + [rng.randrange(3, 250) for _ in
@@ -125,7 +116,7 @@ def test_mixed_steps_replay_piecewise_graphs_and_give_the_eager_tokens(model, at
 def test_prompt_outputs_through_piecewise_graphs_equal_eager_ones(model):
     def answer(runner):
         cfg = EngineConfig(max_batch_size=4, max_tokens_per_step=16, prefill_chunk=8, batch_timeout_s=0.0)
-        engine = Engine(cfg, runner=runner, tokenizer=Ids())
+        engine = Engine(cfg, runner=runner, tokenizer=IdTokenizer())
         engine.add_request("a", prompt_token_ids=list(range(5, 40)), params=SamplingParams(
             max_tokens=3, ignore_eos=True, prompt_logprobs=2))
         engine.add_request("b", prompt_token_ids=list(range(50, 60)), params=SamplingParams(max_tokens=9, ignore_eos=True))

@@ -204,6 +204,18 @@ class Tokenizer:
         return IncrementalDecoder(self, skip_special_tokens, spaces_between_special_tokens)
 
 
+class IdTokenizer:
+    """Token ids as text ("17 4 9"), no end-of-sequence token: for driving an engine with
+    prompt_token_ids alone (engine benchmarks, random-weight models, tests that compare ids)."""
+    eos_token_ids = frozenset()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return " ".join(map(str, ids))
+
+
 class IncrementalDecoder:
     """Text of a growing list of ids, handed out as deltas that never split a character."""
 
