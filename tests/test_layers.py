@@ -68,3 +68,27 @@ def test_the_check_sees_an_upward_import_inside_a_function_and_a_circle(tmp_path
     assert circles(g) == [["pipeline_dsl.modes", "pipeline_dsl.units"]]
     # flow.runtime takes Diagnostic through the package's re-export: an arrow to diagnostics
     assert set(g.successors("pipeline_dsl.flow.runtime")) == {"pipeline_dsl.diagnostics"}
+
+
+def private_imports(root=None) -> list[str]:
+    """`from M import _name` where M is another module of the tree: a reach into its privates
+    (a dunder such as __version__ is public)."""
+    import ast
+
+    from import_graph import ROOT
+    out = []
+    for name, path in module_files(root or ROOT).items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(
+                    ("pipeline_dsl", "stages"))):
+                out += [f"{name} imports {a.name} from {'.' * node.level}{node.module or ''}"
+                        for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    return sorted(out)
+
+
+def test_no_module_imports_another_modules_private_names(tmp_path):
+    assert private_imports() == []
+    (tmp_path / "pipeline_dsl").mkdir()
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "pipeline_dsl" / "a.py").write_text("from .b import _hidden, shown\nfrom . import __version__\n")
+    assert private_imports(tmp_path) == ["pipeline_dsl.a imports _hidden from .b"]

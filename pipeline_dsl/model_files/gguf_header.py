@@ -22,9 +22,9 @@ from .problem import ModelFileProblem
 GGUF_MAGIC, GGUF_VERSIONS = b"GGUF", (2, 3)
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
-_VALUE_NAMES = {0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32", 5: "int32", 6: "float32",
+VALUE_NAMES = {0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32", 5: "int32", 6: "float32",
                 7: "bool", 8: "string", 9: "array", 10: "uint64", 11: "int64", 12: "float64"}
-_INTS, _FLOATS = {0, 1, 2, 3, 4, 5, 10, 11}, {6, 12}
+INT_TYPES, FLOAT_TYPES = {0, 1, 2, 3, 4, 5, 10, 11}, {6, 12}
 _MIN_VALUE = {**{t: struct.calcsize("<" + c) for t, c in _SCALARS.items()}, _STRING: 8, _ARRAY: 12}
 _MIN_KV = 8 + 4 + 1            # key length, value type, the smallest value
 _MIN_TENSOR = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dim, type, offset
@@ -204,7 +204,7 @@ class _GGUFParser:
         """(value, type name) of one metadata value at self.pos."""
         what = f"the value of metadata {key!r}"
         if vtype in _SCALARS:
-            return self.scalar(_SCALARS[vtype], what), _VALUE_NAMES[vtype]
+            return self.scalar(_SCALARS[vtype], what), VALUE_NAMES[vtype]
         if vtype == _STRING:
             return self.text(self.raw_string(what)), "string"
         if vtype != _ARRAY:
@@ -218,12 +218,12 @@ class _GGUFParser:
         if n * _MIN_VALUE[etype] > self.size - self.pos:
             self.fail(f"metadata {key!r} claims {n} elements at byte {self.pos}, more than the rest of the "
                       f"file can hold: the file is truncated or corrupt")
-        tname = f"array[{_VALUE_NAMES[etype]}]"
+        tname = f"array[{VALUE_NAMES[etype]}]"
         if etype in _SCALARS:
             code = _SCALARS[etype]
             start = self.take(n * struct.calcsize("<" + code), what)
             if not self.arrays:
-                return GGUFArray(_VALUE_NAMES[etype], n), tname
+                return GGUFArray(VALUE_NAMES[etype], n), tname
             return list(struct.unpack_from(f"<{n}{code}", self.buf, start)), tname
         items = []
         for j in range(n):
@@ -233,7 +233,7 @@ class _GGUFParser:
                     items.append(self.text(raw, f"element {j}"))
             else:
                 items.append(self.value(_ARRAY, key, depth + 1)[0])
-        return (items if self.arrays else GGUFArray(_VALUE_NAMES[etype], n)), tname
+        return (items if self.arrays else GGUFArray(VALUE_NAMES[etype], n)), tname
 
     def tensor_info(self, i: int, alignment: int) -> GGUFTensorInfo:
         name = self.name(f"the name of tensor {i}")

@@ -10,7 +10,7 @@ import os
 import struct
 from pathlib import Path
 
-from .llama import _HF_NAMES, _check_config, check_weights, hf_engine_name, hf_file_name
+from .llama import HF_NAMES, check_config, check_weights, hf_engine_name, hf_file_name
 from .problem import ModelFileProblem
 
 LLAMA_MODEL_TYPES = ("llama", "mistral", "smollm", "smollm2")
@@ -70,7 +70,7 @@ def hf_config(folder) -> dict:
              num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim,
              rope_theta=cfg.get("rope_theta", 10000.0), rms_eps=cfg.get("rms_norm_eps", 1e-5),
              max_position=cfg.get("max_position_embeddings", 2048), tie_embeddings=tie)
-    return _check_config(fail, c, _HF_NAMES)
+    return check_config(fail, c, HF_NAMES)
 
 
 def read_safetensors_header(path) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from .gguf_header import _FLOATS, _INTS, _VALUE_NAMES, DEQUANTIZABLE, GGUFHeader
+from .gguf_header import DEQUANTIZABLE, FLOAT_TYPES, INT_TYPES, VALUE_NAMES, GGUFHeader
 from .problem import ModelFileProblem
 
 # the GGUF metadata the engine reads (key -> kind); a model lacking a REQUIRED one cannot run
@@ -26,10 +26,10 @@ GGUF_REQUIRED = ("general.architecture", "llama.embedding_length", "llama.attent
                  "tokenizer.ggml.tokens")
 _KINDS = {  # kind -> (type names that fit, in words)
     "str": ({"string"}, "a string"), "bool": ({"bool"}, "a bool"),
-    "int": ({_VALUE_NAMES[t] for t in _INTS}, "an integer"),
-    "float": ({_VALUE_NAMES[t] for t in _INTS | _FLOATS}, "a number"),
+    "int": ({VALUE_NAMES[t] for t in INT_TYPES}, "an integer"),
+    "float": ({VALUE_NAMES[t] for t in INT_TYPES | FLOAT_TYPES}, "a number"),
     "str[]": ({"array[string]"}, "an array of strings"),
-    "int[]": ({f"array[{_VALUE_NAMES[t]}]" for t in _INTS}, "an array of integers"),
+    "int[]": ({f"array[{VALUE_NAMES[t]}]" for t in INT_TYPES}, "an array of integers"),
 }
 
 _GGUF_PARTS = {"attn_norm": "attn_norm", "attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o",
@@ -118,7 +118,7 @@ _GGUF_NAMES = {
     "head_dim": "the head size", "rope_theta": "'llama.rope.freq_base'",
     "rms_eps": "'llama.attention.layer_norm_rms_epsilon'", "max_position": "'llama.context_length'",
 }
-_HF_NAMES = {
+HF_NAMES = {
     "vocab_size": "'vocab_size'", "hidden_size": "'hidden_size'", "intermediate_size": "'intermediate_size'",
     "num_layers": "'num_hidden_layers'", "num_heads": "'num_attention_heads'",
     "num_kv_heads": "'num_key_value_heads'", "head_dim": "'head_dim'", "rope_theta": "'rope_theta'",
@@ -126,7 +126,7 @@ _HF_NAMES = {
 }
 
 
-def _check_config(fail, c: dict, names: dict) -> dict:
+def check_config(fail, c: dict, names: dict) -> dict:
     """Plausible LlamaConfig fields (an absurd value would allocate GBs or divide wrongly);
     `names`: field -> how the file spells it, for the message."""
     limits = {"vocab_size": 1 << 24, "hidden_size": 1 << 18, "intermediate_size": 1 << 20,
@@ -193,7 +193,7 @@ def gguf_llama_config(h: GGUFHeader) -> dict:
              rope_theta=m.get("llama.rope.freq_base", 10000.0),
              rms_eps=m.get("llama.attention.layer_norm_rms_epsilon", 1e-5),
              max_position=m.get("llama.context_length", 2048), tie_embeddings="lm_head" not in found)
-    c = _check_config(fail, c, _GGUF_NAMES)
+    c = check_config(fail, c, _GGUF_NAMES)
     n_tokens = len(m["tokenizer.ggml.tokens"])
     if n_tokens > c["vocab_size"]:
         fail(f"the tokenizer has {n_tokens} tokens but 'token_embd.weight' only {c['vocab_size']} rows")
