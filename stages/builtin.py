@@ -58,6 +58,9 @@ DYNAMIC_BATCH = StageKind(
               "static: a batch runs to completion", choices=("continuous", "static")),
         Param("max_tokens_per_step", INT, 512, "token budget of one step (decodes + prefill chunks)",
               min=1, max=1 << 20),
+        Param("itl_target", DURATION, 0.5, "while sequences decode, a step's prefill is cut to what the "
+              "engine measured it can compute in this long, so a long prompt delays the others' next "
+              "token by about this much (CPU; 0 = prefill_chunk alone)", min=0.0, max=60.0),
     ),
     inputs=(Port("requests", "Request"),),
     outputs=(Port("batch", "Batch"),),

@@ -41,6 +41,7 @@ ENGINE_FIELDS: dict[str, tuple[str, str]] = {
     "padding": ("dynamic_batch", "padding"),
     "policy": ("dynamic_batch", "policy"),
     "max_tokens_per_step": ("dynamic_batch", "max_tokens_per_step"),
+    "itl_target_s": ("dynamic_batch", "itl_target"),
     "block_size": ("kv_lookup", "block_size"),
     "kv_budget_bytes": ("kv_lookup", "budget"),
     "dtype": ("generate", "dtype"),

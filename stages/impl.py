@@ -186,6 +186,7 @@ class DynamicBatch:
             "padding": "padding",
             "policy": "policy",
             "max_tokens_per_step": "max_tokens_per_step",
+            "itl_target": "itl_target_s",          # seconds, as timeout
         })
 
 

@@ -304,7 +304,7 @@ class Engine:
         t0 = time.perf_counter()
         with torch.inference_mode():
             step = self.prepare(self.step_batch(plan))
-            logits = self.forward(step)                                     # [n_sample, V] or None
+            logits = self.forward(step, plan=plan)                          # [n_sample, V] or None
         sampling = [it.seq for it in plan.items if it.sample]
         tokens = self.sample(logits, sampling).tolist() if sampling else []
         self._step_rows = self.reduce_rows(plan, step.rows or {})
@@ -345,11 +345,19 @@ class Engine:
         src = sources[0] if len(sources) == 1 else torch.cat(sources)              # [sum n_sample]
         step.tokens.index_copy_(0, step.fills, src.index_select(0, step.fill_from))  # [F] rows
 
-    def forward(self, step, want_logits: bool = True, graphs: bool = True) -> torch.Tensor | None:
+    def forward(self, step, want_logits: bool = True, graphs: bool = True,
+                plan: SchedulerOutput | None = None) -> torch.Tensor | None:
         """The model over a prepared step: logits [n_sample, V] (None when no row is sampled or
         want_logits is False). `graphs`: replay a captured CUDA graph where one fits. The rows of
-        tokens still in flight (step.fills) must have been filled on the device first."""
-        return self._phases.run(step, want_logits, graphs)
+        tokens still in flight (step.fills) must have been filled on the device first. With the
+        step's `plan`, on CPU, its time goes to the scheduler, which sizes prefill by it
+        (itl_target_s; on CUDA the call returns before the device has computed)."""
+        if plan is None or not self._cpu:
+            return self._phases.run(step, want_logits, graphs)
+        t0 = time.perf_counter()
+        out = self._phases.run(step, want_logits, graphs)
+        self.scheduler.observe(plan.num_prefill_tokens, time.perf_counter() - t0)
+        return out
 
     # ---- prompt outputs (prompt_outputs.py): every row of a prompt's chunks ---------------
     @staticmethod

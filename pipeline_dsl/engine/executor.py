@@ -331,7 +331,7 @@ class Executor:
             self._h2d(m)
         with torch.inference_mode():
             self.engine.fill(L.step, [self._sampled[s_m] for s_m in L.fill_srcs])   # tokens of earlier steps
-            logits = self.engine.forward(L.step, graphs=self.graphs)             # [n_sample, V] or None
+            logits = self.engine.forward(L.step, graphs=self.graphs, plan=L.so)  # [n_sample, V] or None
             rows = L.step.rows
             L.sampled = (self._sample(logits, L.sample_seqs) if logits is not None
                          else torch.empty(0, dtype=torch.long, device=self.device))

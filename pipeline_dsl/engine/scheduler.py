@@ -10,8 +10,11 @@ The dynamic batcher of the seed and iteration-level continuous batching, over th
   prefilling take their next chunk, then waiting ones join while there is room —
   `max_batch_size` sequences, `max_tokens_per_step` tokens, free KV blocks (a few kept
   spare so running sequences can grow). A prompt is prefilled in chunks of at most
-  `prefill_chunk` tokens, so one long prompt does not stall the decoders. Waiting
-  sequences hold no blocks; a prefix-cache hit is taken at admission.
+  `prefill_chunk` tokens, so one long prompt does not stall the decoders; while any
+  sequence decodes, a step's prefill tokens together are also cut to what the engine measured
+  it computes within `itl_target_s` (`observe()`: on a slow CPU a chunk of 256 tokens can take
+  seconds, every one of them a gap in the decoders' streams). Waiting sequences hold no
+  blocks; a prefix-cache hit is taken at admission.
 - `static`: a batch is admitted only when nothing runs and runs to completion.
 - Out of blocks mid-generation: the most recently admitted sequence is preempted (its
   blocks freed, itself put back at the head of the queue to be recomputed), never a
@@ -92,6 +95,11 @@ class SchedulerOutput:
         return sum(1 for it in self.items if it.sample)
 
 
+def _median(values) -> float | None:
+    v = sorted(tuple(values))                 # a snapshot: an executor's compute thread appends
+    return v[len(v) // 2] if v else None
+
+
 def bucket(n: int, cap: int) -> int:
     """Smallest power of two >= n, at most cap (and at least n)."""
     b = 1
@@ -113,6 +121,10 @@ class Scheduler:
         # admission keeps a few blocks spare so running sequences can grow without preemption
         self.watermark = max(1, blocks.num_blocks // 100)
         self._prompt_keys_of: dict[Sequence, list] = {}   # the prompt's block keys, per running sequence
+        # recent forwards' seconds: steps without prefill, and per prefill token beyond those
+        self._fixed_s: deque[float] = deque(maxlen=8)
+        self._per_token_s: deque[float] = deque(maxlen=8)
+        self._prefill_left: int | None = None    # this step's prefill tokens still allowed (None: no cut)
 
     # ---- queue -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -159,11 +171,45 @@ class Scheduler:
             return None
         return self.waiting[0].arrival + self.config.batch_timeout_s
 
+    # ---- prefill sized by time ------------------------------------------------------------
+    def observe(self, prefill_tokens: int, seconds: float) -> None:
+        """A step's forward took `seconds` with `prefill_tokens` prompt rows in it (the engine
+        measures its forwards on CPU). A step's time is taken as a fixed part (the median of
+        recent steps without prefill) plus a cost per prefill token."""
+        if prefill_tokens <= 0:
+            self._fixed_s.append(seconds)
+        elif prefill_tokens >= self.blocks.block_size:     # a few rows alone say little per token
+            fixed = _median(self._fixed_s) or 0.0
+            self._per_token_s.append(max(seconds - fixed, 0.0) / prefill_tokens)
+
+    def prefill_cap(self) -> int | None:
+        """How many prefill tokens a step may hold while sequences decode: what fits in
+        itl_target_s beside the step's fixed part, by the median of recent measurements, and at
+        least a block; None (no cut) when the target is 0 or no prefill was measured yet."""
+        target = self.config.itl_target_s
+        if target <= 0 or not self._per_token_s:
+            return None
+        per_token = _median(self._per_token_s)
+        room = target - (_median(self._fixed_s) or 0.0)
+        if per_token <= 0:
+            return None
+        return max(self.blocks.block_size, int(room / per_token))
+
+    def _prefill_room(self, n: int) -> int:
+        """A prefill piece of n tokens cut to this step's room left (decodes are never cut)."""
+        if n <= 1 or self._prefill_left is None:
+            return n
+        n = min(n, self._prefill_left)
+        self._prefill_left -= n
+        return n
+
     # ---- one step ----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         cfg = self.config
         budget = cfg.max_tokens_per_step
         preempted: list[str] = []
+        decoding = any(len(s.token_ids) - s.num_computed == 1 for s in self.running)
+        self._prefill_left = self.prefill_cap() if decoding else None
 
         # decodes first (one token each), then prefill chunks: a long prompt never delays them
         scheduled: dict[Sequence, ScheduledItem] = {}
@@ -173,7 +219,9 @@ class Scheduler:
                 break
             if seq.status != RUNNING or self.done_pending(seq):
                 continue  # preempted earlier in this loop, or its last token is in flight
-            n = min(len(seq.token_ids) - seq.num_computed, budget, cfg.prefill_chunk)
+            n = self._prefill_room(min(len(seq.token_ids) - seq.num_computed, budget, cfg.prefill_chunk))
+            if n <= 0:
+                continue                          # this step's prefill room is spent
             while not self.blocks.allocate(seq.request_id, seq.num_computed + n):
                 victim = self.running[-1]  # the most recently admitted sequence
                 self._preempt(victim)
@@ -219,6 +267,8 @@ class Scheduler:
         for seq in list(self.waiting):
             if not (budget > 0 or static) or len(self.running) >= cfg.max_batch_size:
                 break
+            if self._prefill_left is not None and self._prefill_left <= 0 and not static:
+                break                             # the prefill room of this step is spent
             fresh = seq.prompt_out is not None   # every prompt row computed: no prefix cache read
             hit = [] if fresh else bm.lookup(seq.token_ids)
             if in_flight and not fresh:
@@ -227,6 +277,8 @@ class Scheduler:
                     continue  # share it next step
             cached = len(hit) * bm.block_size
             n = min(len(seq.token_ids) - cached, budget, cfg.prefill_chunk)
+            if not static:
+                n = self._prefill_room(n)
             spare = self.watermark if self.running else 0
             if bm.admission_cost(hit, cached + n) + spare > bm.num_free:
                 break  # wait for running sequences to finish and free blocks
