@@ -168,3 +168,86 @@ def test_chat_logprobs_list_each_token_with_its_utf8_bytes_and_alternatives():
          "top_logprobs": [{"token": "he", "logprob": -0.1, "bytes": [104, 101]},
                           {"token": "llo", "logprob": -2.5, "bytes": [108, 108, 111]}]},
         {"token": "é", "logprob": -1.0, "bytes": [195, 169], "top_logprobs": []}]}
+
+
+# ---------------------------------------------------------------- requests: every field where it belongs
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+def test_a_chat_request_carries_every_field_it_sets():
+    req = chat({"model": "gen", "messages": HI, "logprobs": True, "top_logprobs": 20, "metadata": {"t": 1},
+                "tools": [TOOL], "tool_choice": "required", "parallel_tool_calls": False,
+                "response_format": {"type": "json_object"}, "request_id": "abc",
+                "chat_template_kwargs": {"enable_thinking": False}, "skip_special_tokens": False,
+                "stream": True, "stream_options": {"include_usage": True}})
+    assert req == P.GenerationRequest(
+        "chat", "gen", {"logprobs": 20, "skip_special_tokens": False}, messages=tuple(HI), stream=True,
+        include_usage=True, pin="gen", metadata={"t": 1}, tools=(TOOL,), tool_choice="required",
+        parallel_tool_calls=False, response_format={"type": "json_object"}, request_id="abc",
+        chat_template_kwargs={"enable_thinking": False})
+    assert chat({"messages": HI, "tools": [TOOL]}).tool_choice == "auto"
+
+
+def test_a_plain_chat_request_takes_the_defaults():
+    req = chat({"messages": HI})
+    assert req == P.GenerationRequest("chat", "tiny", {}, messages=tuple(HI))
+    assert req.choices_per_prompt == 1 and not req.tools_active and req.split() == [req]
+
+
+def test_chat_logprobs_top_logprobs_from_0_to_20_and_only_with_logprobs():
+    assert chat({"messages": HI, "logprobs": True}).fields == {"logprobs": 0}
+    assert chat({"messages": HI, "logprobs": True, "top_logprobs": 0}).fields == {"logprobs": 0}
+    assert chat({"messages": HI, "logprobs": True, "top_logprobs": 20}).fields == {"logprobs": 20}
+    assert chat({"messages": HI, "logprobs": False}).fields == {}
+    e = refused(chat, {"messages": HI, "logprobs": True, "top_logprobs": 21})
+    assert (e.message, e.param) == ("'top_logprobs' must be an integer from 0 to 20, not a number (21)",
+                                    "top_logprobs")
+    e = refused(chat, {"messages": HI, "top_logprobs": 2})
+    assert (e.message, e.param) == ("'top_logprobs' needs \"logprobs\": true", "top_logprobs")
+    e = refused(chat, {"messages": HI, "logprobs": 1})
+    assert (e.message, e.param) == ("'logprobs' must be true or false, not a number (1)", "logprobs")
+
+
+@pytest.mark.parametrize("extra, message, param", [
+    ({"metadata": [1]}, "'metadata' must be an object, not an array ([1])", "metadata"),
+    ({"tools": 5}, "'tools' must be an array of tools, not 5", "tools"),
+    ({"tools": [TOOL], "tool_choice": "maybe"},
+     '\'tool_choice\' must be none, auto, required or {"type": "function", "function": {"name"}}, not "maybe"',
+     "tool_choice"),
+    ({"chat_template_kwargs": {"messages": []}},
+     "'chat_template_kwargs.messages' is set by agp itself; send it as its own field", "chat_template_kwargs"),
+])
+def test_a_bad_chat_field_is_a_400_naming_it(extra, message, param):
+    e = refused(chat, {"messages": HI, **extra})
+    assert (e.message, e.param, e.status) == (message, param, 400)
+
+
+def test_messages_left_out_is_a_400_naming_messages():
+    e = refused(chat, {"model": "tiny"})
+    assert (e.message, e.param) == ("'messages' is required", "messages")
+
+
+def test_an_unknown_field_is_refused_unless_lenient():
+    body = {"messages": HI, "frobnicate": 1}
+    e = refused(P.parse_chat, body, max_model_len=512, served=SERVED)
+    assert (e.message, e.param) == ('unrecognized request argument "frobnicate"', "frobnicate")
+    assert chat(body, lenient=True) == chat({"messages": HI})
+    e = refused(P.parse_completion, {"prompt": "hi", "frobnicate": 1}, max_model_len=512, served=SERVED)
+    assert e.param == "frobnicate"
+    assert completion({"prompt": "hi", "frobnicate": 1}, lenient=True) == completion({"prompt": "hi"})
+
+
+def test_a_completion_request_carries_every_field_it_sets():
+    req = completion({"model": "gen", "prompt": ["a", [1, 2]], "echo": True, "logprobs": 3, "max_tokens": 0,
+                      "n": 2, "stream": True, "stream_options": {"include_usage": True}, "request_id": "q",
+                      "response_format": {"type": "json_object"}, "skip_special_tokens": False})
+    assert req == P.GenerationRequest(
+        "completion", "gen", {"n": 2, "logprobs": 3, "prompt_logprobs": 3, "max_tokens": 0, "echo": True,
+                              "skip_special_tokens": False},
+        prompt="a", stream=True, include_usage=True, pin="gen", response_format={"type": "json_object"},
+        more_prompts=([1, 2],), request_id="q")
+    first, second = req.split()
+    assert (first.prompt, first.prompt_token_ids, first.more_prompts) == ("a", None, ())
+    assert (second.prompt, second.prompt_token_ids, second.more_prompts) == (None, (1, 2), ())
+    assert second.item("i")["prompt_token_ids"] == [1, 2] and req.choices_per_prompt == 2
