@@ -251,3 +251,250 @@ def test_a_completion_request_carries_every_field_it_sets():
     assert (first.prompt, first.prompt_token_ids, first.more_prompts) == ("a", None, ())
     assert (second.prompt, second.prompt_token_ids, second.more_prompts) == (None, (1, 2), ())
     assert second.item("i")["prompt_token_ids"] == [1, 2] and req.choices_per_prompt == 2
+
+
+# ---------------------------------------------------------------- prompts, n, and the context
+
+def small(obj):
+    return completion(obj, max_model_len=8)
+
+
+@pytest.mark.parametrize("prompt, message, code", [
+    ([], "'prompt' is empty", None),
+    ("", "'prompt' is empty", None),
+    (["a", ""], "'prompt[1]' is empty", None),
+    ([[]], "'prompt' must be a string, an array of token ids, or an array of those, not an array ([[]])", None),
+    ([1, -1], "'prompt' must be a string, an array of token ids, or an array of those, not an array ([1, -1])",
+     None),
+    ([1, True], "'prompt' must be a string, an array of token ids, or an array of those, not an array ([1, true])",
+     None),
+    ({"a": 1}, "'prompt' must be a string, an array of token ids, or an array of those, not an object "
+               "({\"a\": 1})", None),
+    ([1] * 9, "'prompt' holds 9 tokens, beyond the model's context of 8", "context_length_exceeded"),
+    (["a", [1] * 9], "'prompt[1]' holds 9 tokens, beyond the model's context of 8", "context_length_exceeded"),
+    (["a"] * 257, "'prompt' holds 257 prompts; at most 256 a request", None),
+    (None, "'prompt' is required", None),
+])
+def test_a_bad_prompt_is_a_400_naming_prompt(prompt, message, code):
+    e = refused(small, {"prompt": prompt})
+    assert (e.message, e.param, e.status, e.code) == (message, "prompt", 400, code)
+
+
+def test_prompts_up_to_the_bounds_are_accepted():
+    assert small({"prompt": [0] * 8}).prompt_token_ids == (0,) * 8
+    assert small({"prompt": [[0] * 8, "b"]}).more_prompts == ("b",)
+    req = small({"prompt": ["a"] * 256})
+    assert req.prompt == "a" and len(req.more_prompts) == 255
+    assert small({"prompt": ["a"] * 4, "n": 64}).fields == {"n": 64}
+    assert small({"prompt": "a", "max_tokens": 8}).fields == {"max_tokens": 8}
+    assert refused(small, {}).message == "'prompt' is required"
+
+
+@pytest.mark.parametrize("prompts, n, message, param", [
+    (5, 60, "5 prompts x n = 60 asks for 300 answers; at most 256 a request (send fewer prompts or a smaller n)",
+     "prompt"),
+    (1, 257, "1 prompts x n = 257 asks for 257 answers; at most 256 a request (send fewer prompts or a smaller n)",
+     "n"),
+])
+def test_more_than_256_answers_a_request_is_refused(prompts, n, message, param):
+    with pytest.raises(P.APIError) as e:
+        P.check_choices(prompts, n)
+    assert (e.value.message, e.value.param) == (message, param)
+    P.check_choices(4, 64)
+    P.check_choices(1, 256)
+    e = refused(small, {"prompt": ["a"] * 5, "n": 60})
+    assert e.param == "prompt" and "asks for 300 answers" in e.message
+
+
+def test_max_tokens_beyond_the_context_names_the_field_the_client_wrote():
+    e = refused(small, {"prompt": "a", "max_tokens": 9})
+    assert (e.message, e.param, e.code) == (
+        "'max_tokens' = 9 is beyond the model's context of 8 tokens; ask for at most 8", "max_tokens",
+        "context_length_exceeded")
+    e = refused(chat, {"messages": HI, "max_completion_tokens": 9, "max_tokens": 2}, max_model_len=8)
+    assert (e.message, e.param) == (
+        "'max_completion_tokens' = 9 is beyond the model's context of 8 tokens; ask for at most 8",
+        "max_completion_tokens")
+    assert chat({"messages": HI, "max_tokens": 5}).fields == {"max_tokens": 5}
+    assert chat({"messages": HI, "max_completion_tokens": 6, "max_tokens": 5}).fields == {"max_tokens": 6}
+    assert chat({"messages": HI, "max_completion_tokens": None, "max_tokens": 5}).fields == {"max_tokens": 5}
+
+
+@pytest.mark.parametrize("extra, message, param", [
+    ({"stop_token_ids": [1, -2]}, "'stop_token_ids' must be an array of token ids, not an array ([1, -2])",
+     "stop_token_ids"),
+    ({"stop_token_ids": [1, True]}, "'stop_token_ids' must be an array of token ids, not an array ([1, true])",
+     "stop_token_ids"),
+    ({"stop_token_ids": 3}, "'stop_token_ids' must be an array of token ids, not a number (3)", "stop_token_ids"),
+    ({"logit_bias": [1]}, "'logit_bias' must be an object {\"token id\": bias}, not [1]", "logit_bias"),
+    ({"temperature": 5}, "'temperature' must be a number from 0 to 2, not 5.0", "temperature"),
+    ({"stream_options": {"include_usage": True}}, "'stream_options' is only allowed with \"stream\": true",
+     "stream_options"),
+    ({"stream": True, "stream_options": {"include_usage": "y"}},
+     "'include_usage' must be true or false, not a string (\"y\")", "include_usage"),
+    ({"echo": 1}, "'echo' must be true or false, not a number (1)", "echo"),
+    ({"logprobs": 21}, "'logprobs' must be an integer from 0 to 20, not a number (21)", "logprobs"),
+    ({"logprobs": -1}, "'logprobs' must be an integer from 0 to 20, not a number (-1)", "logprobs"),
+    ({"logprobs": True}, "'logprobs' must be an integer from 0 to 20, not a boolean (true)", "logprobs"),
+    ({"model": 5}, "'model' must be a string, not a number (5)", "model"),
+    ({"max_tokns": 3}, "unrecognized request argument \"max_tokns\"; did you mean 'max_tokens'?", "max_tokns"),
+    ({"zzzzqq": 3}, "unrecognized request argument \"zzzzqq\"", "zzzzqq"),
+])
+def test_a_bad_completion_field_is_a_400_naming_it(extra, message, param):
+    e = refused(small, {"prompt": "a", **extra})
+    assert (e.message, e.param, e.status) == (message, param, 400)
+
+
+def test_completion_fields_at_their_edges():
+    assert small({"prompt": "a", "stop_token_ids": [0, 2]}).fields == {"stop_token_ids": [0, 2]}
+    assert small({"prompt": "a", "stop_token_ids": []}).fields == {"stop_token_ids": []}
+    assert small({"prompt": "a", "logit_bias": {"5": 1}}).fields == {"logit_bias": {5: 1.0}}
+    assert small({"prompt": "a", "logprobs": 0}).fields == {"logprobs": 0}
+    assert small({"prompt": "a", "logprobs": 20}).fields == {"logprobs": 20}
+    assert small({"prompt": "a", "echo": True, "max_tokens": 3}).fields == {"max_tokens": 3, "echo": True}
+    e = refused(small, {"prompt": "a", "echo": False, "max_tokens": 0})    # 0 tokens: only to score an echo
+    assert (e.message, e.param) == ("'max_tokens' must be an integer from 1 to 1048576, not 0", "max_tokens")
+    assert small({"prompt": "a", "echo": True, "logprobs": 2}).fields == {"logprobs": 2, "prompt_logprobs": 2,
+                                                                          "echo": True}
+    req = small({"prompt": "a", "stream": True, "stream_options": {}})
+    assert (req.stream, req.include_usage) == (True, False)
+    req = small({"prompt": "a", "stream": True, "stream_options": {"include_usage": False}})
+    assert (req.stream, req.include_usage) == (True, False)
+    req = small({"prompt": "a", "stream": False})
+    assert (req.stream, req.include_usage) == (False, False)
+
+
+@pytest.mark.parametrize("model, answered, pin", [
+    (None, "tiny", None), ("tiny", "tiny", None), ("tiny-model", "tiny-model", None), ("gen", "gen", "gen"),
+])
+def test_the_model_answered_and_the_stage_it_pins(model, answered, pin):
+    assert P.model_of({"model": model} if model else {}, SERVED, ("gen",)) == (answered, pin)
+    req = small({"prompt": "a", **({"model": model} if model else {})})
+    assert (req.model, req.pin) == (answered, pin)
+
+
+def test_an_unknown_model_is_a_404_with_the_closest_name_or_the_list():
+    e = refused(small, {"prompt": "a", "model": "nothing"})
+    assert (e.message, e.param, e.status, e.code) == (
+        "the model 'nothing' does not exist; this server has tiny, tiny-model, gen", "model", 404,
+        "model_not_found")
+    e = refused(small, {"prompt": "a", "model": "gem"})
+    assert e.message == "the model 'gem' does not exist; did you mean 'gen'?"
+    e = refused(P.parse_completion, {"prompt": "a", "model": "gen"}, max_model_len=8, served=SERVED)
+    assert e.status == 404 and e.message == "the model 'gen' does not exist; this server has tiny, tiny-model"
+
+
+# ---------------------------------------------------------------- /tokenize and /detokenize
+
+def tokenize(obj):
+    return P.parse_tokenize(obj, served=SERVED, stages=("gen",))
+
+
+def detokenize(obj, max_model_len=None):
+    return P.parse_detokenize(obj, served=SERVED, stages=("gen",), max_model_len=max_model_len)
+
+
+def test_tokenize_takes_a_prompt_or_messages_and_the_stage_the_model_names():
+    assert tokenize({"prompt": "hi"}) == {"prompt": "hi", "add_special_tokens": True, "pin": None}
+    assert tokenize({"prompt": "hi", "add_special_tokens": False, "model": "gen"}) == {
+        "prompt": "hi", "add_special_tokens": False, "pin": "gen"}
+    assert tokenize({"prompt": "hi", "add_special_tokens": True}) == {
+        "prompt": "hi", "add_special_tokens": True, "pin": None}
+    assert tokenize({"messages": HI}) == {"messages": HI, "pin": None, "chat_template_kwargs": None}
+    assert tokenize({"messages": HI, "model": "gen", "tools": [TOOL], "chat_template_kwargs": {"x": 1}}) == {
+        "messages": HI, "pin": "gen", "chat_template_kwargs": {"x": 1}, "tools": [TOOL], "tool_choice": "auto"}
+
+
+@pytest.mark.parametrize("obj, message, param", [
+    ({"prompt": ""}, "'prompt' must be a non-empty string, not a string (\"\")", "prompt"),
+    ({"prompt": 5}, "'prompt' must be a non-empty string, not a number (5)", "prompt"),
+    ({}, "give exactly one of 'prompt' or 'messages'", "prompt"),
+    ({"prompt": "a", "messages": HI}, "give exactly one of 'prompt' or 'messages'", "prompt"),
+    ({"messages": HI, "tools": 3}, "'tools' must be an array of tools, not 3", "tools"),
+    ({"messages": []}, "'messages' is empty: give at least one message", "messages"),
+    ({"prompt": "a", "add_special_tokens": "no"},
+     "'add_special_tokens' must be true or false, not a string (\"no\")", "add_special_tokens"),
+    ({"prompt": "a", "foo": 1}, "unrecognized request argument \"foo\"", "foo"),
+    ({"prompt": "a", "model": 1}, "'model' must be a string, not a number (1)", "model"),
+])
+def test_a_bad_tokenize_request_is_a_400_naming_its_field(obj, message, param):
+    e = refused(tokenize, obj)
+    assert (e.message, e.param, e.status) == (message, param, 400)
+
+
+def test_detokenize_takes_token_ids_up_to_the_context():
+    assert detokenize({"tokens": [1, 2]}) == ([1, 2], None)
+    assert detokenize({"tokens": [0, 2], "model": "gen"}, max_model_len=2) == ([0, 2], "gen")
+    assert detokenize({"tokens": []}) == ([], None)
+    e = refused(detokenize, {"tokens": [1, 2, 3]}, max_model_len=2)
+    assert (e.message, e.param, e.code) == ("'tokens' holds 3 ids; at most 2 (the model's context)", "tokens",
+                                            "context_length_exceeded")
+    for bad, shown in (([1, -2], "an array ([1, -2])"), ([True], "an array ([true])"), ("1", 'a string ("1")')):
+        e = refused(detokenize, {"tokens": bad})
+        assert (e.message, e.param) == (f"'tokens' must be an array of token ids, not {shown}", "tokens")
+    e = refused(detokenize, {"tokens": [], "x": 1})
+    assert e.param == "x"
+    e = refused(detokenize, {"tokens": [], "model": "nope"})
+    assert e.status == 404 and e.param == "model"
+
+
+# ---------------------------------------------------------------- completion logprobs (the legacy shape)
+
+def test_completion_logprobs_list_tokens_with_offsets_from_the_start():
+    data = {"logprobs": [{"token_id": 5, "logprob": -0.5, "top": [(5, -0.5), (6, -1.5)]},
+                         {"token_id": 6, "logprob": -0.25, "top": None}]}
+    assert P.completion_logprobs(data, TEXT.get, False, start=3) == {
+        "tokens": ["he", "llo"], "token_logprobs": [-0.5, -0.25],
+        "top_logprobs": [{"he": -0.5, "llo": -1.5}, None], "text_offset": [3, 5]}
+    assert P.completion_logprobs({}, TEXT.get, False) == {
+        "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+
+def test_echoed_completion_logprobs_start_with_the_prompt_whose_first_token_has_none():
+    data = {"prompt_token_ids": [7, 8],
+            "prompt_logprobs": [{"token_id": 99, "logprob": -9.0, "top": [(5, -1.0)]},
+                                {"token_id": 8, "logprob": -2.0, "top": [(8, -2.0), (5, -3.0)]}],
+            "logprobs": [{"token_id": 5, "logprob": -0.5, "top": [(5, -0.5)]}]}
+    assert P.completion_logprobs(data, TEXT.get, True) == {
+        "tokens": [" w", "é", "he"], "token_logprobs": [None, -2.0, -0.5],
+        "top_logprobs": [None, {"é": -2.0, "he": -3.0}, {"he": -0.5}], "text_offset": [0, 2, 3]}
+    assert P.completion_logprobs(data, TEXT.get, False)["tokens"] == ["he"]       # not echoed: the answer only
+    assert P.completion_logprobs({**data, "prompt_logprobs": None}, TEXT.get, True)["tokens"] == ["he"]
+
+
+def test_alternatives_whose_text_coincides_keep_the_likeliest():
+    text = {1: "\ufffd", 2: "\ufffd", 3: "a"}.get
+    data = {"logprobs": [{"token_id": 3, "logprob": -0.1, "top": [(1, -1.0), (3, -0.1), (2, -0.5)]}]}
+    assert P.completion_logprobs(data, text, False)["top_logprobs"] == [{"\ufffd": -1.0, "a": -0.1}]
+
+
+# ---------------------------------------------------------------- the request as items carry it
+
+def test_the_request_item_carries_what_the_client_set():
+    req = chat({"model": "tiny", "messages": HI, "n": 2, "metadata": {"k": "v"}, "tools": [TOOL],
+                "response_format": {"type": "json_object"}, "chat_template_kwargs": {"x": 1}, "seed": 4})
+    assert req.item("r7") == {
+        "id": "r7", "messages": HI, "n": 2, "seed": 4, "model": "tiny", "metadata": {"k": "v"},
+        "tools": [TOOL], "tool_choice": "auto", "parallel_tool_calls": True,
+        "response_format": {"type": "json_object"}, "chat_template_kwargs": {"x": 1}}
+    assert req.choices_per_prompt == 2 and req.tools_active
+    assert completion({"prompt": "hi"}).item("c") == {"id": "c", "prompt": "hi", "model": "tiny", "metadata": {}}
+    assert completion({"prompt": [3, 4]}).item("c") == {"id": "c", "prompt_token_ids": [3, 4], "model": "tiny",
+                                                        "metadata": {}}
+
+
+def test_answers_without_a_creation_time_get_the_current_one():
+    import time
+    before = int(time.time())
+    body = P.chat_response("r", "tiny", [], P.usage(0, 0, 0))
+    assert before <= body["created"] <= int(time.time()) and body["choices"] == []
+    body = P.completion_response("r", "tiny", [], P.usage(0, 0, 0))
+    assert before <= body["created"] <= int(time.time()) and body["object"] == "text_completion"
+
+
+def test_a_body_is_parsed_as_a_json_object_or_refused_saying_why():
+    assert P.parse_json(b'{"a": [1, 2]}') == {"a": [1, 2]}
+    e = refused(P.parse_json, b"\xff")
+    assert e.status == 400 and "UTF-8" in e.message
+    e = refused(P.parse_json, b"{")
+    assert e.status == 400 and "not valid JSON" in e.message
