@@ -32,3 +32,165 @@ REACH = {"a": {"vote"}, "b": {"vote", "strict"}, "c": set(), "d": {"vote", "merg
 ])
 def test_a_reject_drops_its_branch_only_when_every_join_ahead_says_drop(stage, drops):
     assert Joins(REACH, {}, ON_REJECT).drops(stage) is drops
+
+
+# ---------------------------------------------------------------- the fields conditions read
+
+from pipeline_dsl import conditions as C                     # noqa: E402
+from pipeline_dsl.flow.router import fields                   # noqa: E402
+
+REQ = {"prompt": "x", "model": "gen", "n": 3, "temperature": 0.5,
+       "metadata": {"tier": "gold", "org": {"id": 7}, "flat": 1}}
+
+
+def never():
+    raise AssertionError("the prompt was tokenised although no condition needed it")
+
+
+@pytest.mark.parametrize("path, value", [
+    ("turn", 2), ("stream", True), ("model", "gen"), ("n", 3), ("temperature", 0.5),
+    ("metadata.tier", "gold"), ("metadata.org.id", 7), ("metadata.org", {"id": 7}),
+    ("metadata.none", C.MISSING), ("metadata.flat.deeper", C.MISSING), ("metadata.org.name", C.MISSING),
+    ("seed", C.MISSING), ("text", C.MISSING), ("finish_reason", C.MISSING),
+    ("completion_tokens", C.MISSING), ("cached_tokens", C.MISSING),
+])
+def test_a_request_s_fields_as_conditions_read_them(path, value):
+    get = fields(REQ, R, prompt_tokens=never, turn=2, stream=True, served_name="tiny")
+    assert get(path) == value
+
+
+def test_a_request_s_defaults_and_its_prompt_tokens_counted_only_when_asked():
+    get = fields({"prompt": "x"}, R, prompt_tokens=lambda: 12, served_name="tiny")
+    assert (get("model"), get("n"), get("turn"), get("stream"), get("prompt_tokens")) == ("tiny", 1, 0, False, 12)
+    assert get("metadata.tier") is C.MISSING
+    get = fields({"prompt": "x", "model": None}, R, prompt_tokens=never)
+    assert get("model") == ""
+
+
+GEN = {"text": "hello", "finish_reason": "length", "request": REQ,
+       "usage": {"prompt_tokens": 9, "completion_tokens": 4, "cached_tokens": 8}}
+
+
+@pytest.mark.parametrize("path, value", [
+    ("text", "hello"), ("finish_reason", "length"), ("prompt_tokens", 9), ("completion_tokens", 4),
+    ("cached_tokens", 8), ("model", "gen"), ("n", 3), ("metadata.tier", "gold"), ("temperature", 0.5),
+])
+def test_a_generated_item_s_fields_come_from_its_answer_usage_and_request(path, value):
+    get = fields(GEN, G, prompt_tokens=never)
+    assert get(path) == value
+
+
+def test_a_generated_item_without_usage_counts_its_prompt_and_misses_the_rest():
+    get = fields({"text": "hi", "prompt": "x"}, G, prompt_tokens=lambda: 5)
+    assert get("prompt_tokens") == 5
+    assert get("completion_tokens") is C.MISSING and get("cached_tokens") is C.MISSING
+    assert get("finish_reason") is C.MISSING and get("text") == "hi"
+    assert get("prompt") == "x"                                  # no `request`: the item is its own
+
+
+def test_an_edge_takes_the_types_its_destination_carries_and_kv_lookup_passes_requests_on():
+    router = Router({}, {"kv": "kv_lookup", "r": "route"}, {"gen": frozenset({R}), "out": frozenset({G})}, {})
+    assert router.takes("r", "gen", R) and not router.takes("r", "gen", G)
+    assert router.takes("r", "out", G) and not router.takes("r", "nowhere", R)
+    assert router.takes("kv", "gen", G) and router.takes("kv", "nowhere", R)
+
+
+# ---------------------------------------------------------------- joins: when they fire, what they give
+
+from types import SimpleNamespace                              # noqa: E402
+
+from pipeline_dsl.flow.items import Item, PipelineError, RequestState   # noqa: E402
+
+JOIN_REACH = {"a": {"b", "j"}, "b": {"j"}, "c": set(), "j": {"out"}, "k": set()}
+
+
+def joins(policy="first", **more) -> Joins:
+    impls = {"j": SimpleNamespace(policy=policy), "k": SimpleNamespace(policy="fn"), **more}
+    return Joins(JOIN_REACH, impls, {"j": "fail", "k": "drop"})
+
+
+def request() -> RequestState:
+    return RequestState("k1", "r1", None, 0.0)
+
+
+def item(req, at, branch, **data) -> Item:
+    it = Item("Generated", data, req, at=at, branch=branch)
+    req.items.add(it)
+    return it
+
+
+def test_a_join_fires_once_nothing_else_of_the_request_can_reach_it():
+    req = request()
+    first, second, elsewhere = item(req, "b", (0,), text="x"), item(req, "a", (1,), text="y"), item(req, "c", (2,))
+    js = joins()
+    assert js.arrive(req, "j", first) == [] and first.at == "j"      # the second branch can still reach j
+    assert req.joins == {"j": [first]}
+    second.at = "b"
+    assert js.ready(req) == []
+    fired = js.arrive(req, "j", second)
+    assert fired == [("j", [first, second])] and req.joins == {}    # `elsewhere` at c cannot reach j
+    assert elsewhere.at == "c" and js.ready(req) == []
+
+
+def test_an_empty_wait_is_passed_over():
+    req = request()
+    req.joins["k"] = []
+    arrived = item(req, "b", (0,))
+    assert joins().arrive(req, "j", arrived) == [("j", [arrived])] and req.joins == {"k": []}
+
+
+def test_an_item_waiting_at_a_join_that_cannot_reach_another_blocks_it_not():
+    req = request()
+    other = item(req, "k", (1,))
+    req.joins["k"] = [other]
+    arrived = item(req, "b", (0,))
+    assert joins().arrive(req, "j", arrived) == [("k", [other]), ("j", [arrived])]
+
+
+def test_another_item_at_the_join_itself_holds_it():
+    req = request()
+    js = joins()
+    on_its_way = item(req, "j", (1,))                  # sent to j, not yet arrived
+    assert js.arrive(req, "j", item(req, "b", (0,))) == []
+    assert js.arrive(req, "j", on_its_way)[0][0] == "j"
+
+
+def test_first_sees_arrival_order_the_other_policies_branch_order():
+    req = request()
+    late, early = item(req, "j", (2,)), item(req, "j", (0, 1))
+    assert joins("first").inputs("j", [late, early]) == [late, early]
+    assert joins("longest").inputs("j", [late, early]) == [early, late]
+    assert joins("majority").inputs("j", [late, early]) == [early, late]
+    assert not joins("first").user_code("j") and joins().user_code("k")
+
+
+def test_a_merged_result_is_completed_from_the_first_branch_and_lists_the_branches():
+    req = request()
+    b1 = item(req, "j", (1,), text="one", finish_reason="length", usage={"completion_tokens": 1}, generated_by="g1",
+              request={"id": "r1"}, id="r1", extra="e1")
+    b0 = item(req, "j", (0,), text="zero", finish_reason="stop", usage={"completion_tokens": 2}, generated_by="g0",
+              request={"id": "r1"}, id="r1", extra="e0")
+    merged = joins().result("j", [b1, b0], {"text": "both", "generated_by": None, "finish_reason": "mine"})
+    assert merged == {"text": "both", "finish_reason": "mine", "usage": {"completion_tokens": 2},
+                      "generated_by": "g0", "request": {"id": "r1"}, "id": "r1",
+                      "branches": [{"text": "zero", "finish_reason": "stop"},
+                                   {"text": "one", "finish_reason": "length"}]}
+    picked = joins().result("j", [b1, b0], b1.data)               # a policy's pick: a copy, unchanged
+    assert picked is not b1.data and "branches" not in b1.data
+    assert picked == {**b1.data, "branches": merged["branches"]}
+    same = joins().result("j", [b1, b0], dict(b0.data, usage=None))
+    assert same["usage"] == {"completion_tokens": 2} and same["extra"] == "e0"
+    equal = joins().result("j", [b1, b0], dict(b1.data))         # equal to a branch: taken as that branch
+    assert equal["generated_by"] == "g1" and equal["extra"] == "e1"
+
+
+@pytest.mark.parametrize("merged, got", [
+    (None, "NoneType"), ("text", "str"), ({"text": 3}, "a dict without a text string"),
+    ({"no": "text"}, "a dict without a text string"),
+])
+def test_a_merge_that_gives_no_text_fails_the_join_naming_it(merged, got):
+    req = request()
+    with pytest.raises(PipelineError) as e:
+        joins().result("j", [item(req, "j", (0,), text="a")], merged)
+    assert str(e.value) == f"join 'j' produced no result: its merge gave {got}"
+    assert (e.value.kind, e.value.stage) == ("failed", "j")
