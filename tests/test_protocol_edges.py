@@ -495,6 +495,29 @@ def test_answers_without_a_creation_time_get_the_current_one():
 def test_a_body_is_parsed_as_a_json_object_or_refused_saying_why():
     assert P.parse_json(b'{"a": [1, 2]}') == {"a": [1, 2]}
     e = refused(P.parse_json, b"\xff")
-    assert e.status == 400 and "UTF-8" in e.message
+    assert (e.message, e.param, e.status) == ("the request body is not UTF-8 text (byte 0)", None, 400)
     e = refused(P.parse_json, b"{")
-    assert e.status == 400 and "not valid JSON" in e.message
+    assert e.message == ("the request body is not valid JSON: Expecting property name enclosed in double quotes "
+                         "(line 1, column 2)")
+    e = refused(P.parse_json, b'{"prompt": "\\ud800"}')
+    assert (e.message, e.param) == (
+        "the request body holds a lone UTF-16 surrogate (invalid Unicode) in 'prompt'", "prompt")
+
+
+def test_a_lenient_server_logs_the_fields_it_ignores(caplog):
+    with caplog.at_level("INFO", logger="agp.serve"):
+        assert chat({"messages": HI, "frobnicate": 1, "zap": 2}, lenient=True) == chat({"messages": HI})
+    assert [r.getMessage() for r in caplog.records] == [
+        "ignoring unrecognized request arguments: 'frobnicate', 'zap'"]
+
+
+def test_a_batch_of_string_prompts_splits_into_string_prompts():
+    _, second, third = completion({"prompt": ["a", "b", [5]]}).split()
+    assert (second.prompt, second.prompt_token_ids) == ("b", None)
+    assert second.item("i") == {"id": "i", "prompt": "b", "model": "tiny", "metadata": {}}
+    assert (third.prompt, third.prompt_token_ids) == (None, (5,))
+
+
+def test_a_chat_item_says_whether_tool_calls_may_run_in_parallel():
+    req = chat({"messages": HI, "tools": [TOOL], "parallel_tool_calls": False})
+    assert req.item("i")["parallel_tool_calls"] is False
