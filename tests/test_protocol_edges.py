@@ -84,6 +84,11 @@ def test_best_of_and_suffix_at_another_value_are_refused_naming_the_field(field,
     assert e.param == field
 
 
+def test_an_unsupported_value_is_shown_up_to_40_characters():
+    e = refused(completion, {"prompt": "hi", "suffix": "x" * 50})
+    assert e.message == f"'suffix' = \"{'x' * 39} is not supported by agp (leave it out or use \"\")"
+
+
 # ---------------------------------------------------------------- tool calls in an answer
 
 CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
