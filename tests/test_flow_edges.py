@@ -194,3 +194,41 @@ def test_a_merge_that_gives_no_text_fails_the_join_naming_it(merged, got):
         joins().result("j", [item(req, "j", (0,), text="a")], merged)
     assert str(e.value) == f"join 'j' produced no result: its merge gave {got}"
     assert (e.value.kind, e.value.stage) == ("failed", "j")
+
+
+# ---------------------------------------------------------------- bounded loops
+
+import networkx as nx                                          # noqa: E402
+
+from pipeline_dsl.flow.loops import Loops                      # noqa: E402
+
+
+def loop_graph():
+    """gen -> tool -> gen (tool bounded at 2 turns), tool -> out, tool -> log; check (bounded at 1,
+    no cycle) -> out; plain stages carry params of their own or none."""
+    g = nx.DiGraph()
+    g.add_node("gen", params={"max_new_tokens": 4})
+    g.add_node("tool", params={"max_turns": 2})
+    g.add_node("check", params={"max_turns": 1})
+    g.add_node("out", params=None)
+    g.add_node("log")
+    g.add_edges_from([("gen", "tool"), ("tool", "gen"), ("tool", "out"), ("tool", "log"), ("check", "out")])
+    routes = {"gen": [("tool", None)], "tool": [("out", ("label", "done")), ("gen", None), ("log", None)],
+              "check": [("out", None)], "out": [], "log": []}
+    return g, routes
+
+
+def test_a_bounded_stage_leaves_its_loop_by_its_edges_out_of_it_in_file_order():
+    loops = Loops.from_graph(*loop_graph())
+    assert loops.bounds == {"tool": 2, "check": 1}
+    assert loops.exits == {"tool": ["out", "log"], "check": ["out"]}
+    assert "tool" in loops and "check" in loops and "gen" not in loops and "out" not in loops
+
+
+def test_an_item_takes_max_turns_calls_then_leaves_and_turn_counts_every_bounded_stage():
+    loops = Loops.from_graph(*loop_graph())
+    turns: dict = {}
+    assert [loops.leaves("tool", turns) for _ in range(3)] == [False, False, True]
+    assert turns == {"tool": 2} and Loops.turn(turns) == 2
+    assert loops.leaves("check", turns) is False and loops.leaves("check", turns) is True
+    assert Loops.turn(turns) == 3 and Loops.turn({}) == 0
