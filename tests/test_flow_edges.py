@@ -232,3 +232,33 @@ def test_an_item_takes_max_turns_calls_then_leaves_and_turn_counts_every_bounded
     assert turns == {"tool": 2} and Loops.turn(turns) == 2
     assert loops.leaves("check", turns) is False and loops.leaves("check", turns) is True
     assert Loops.turn(turns) == 3 and Loops.turn({}) == 0
+
+
+# ---------------------------------------------------------------- a request pinned to a generate stage
+
+LONG = ("cmp", "prompt_tokens", ">", 10)
+PIN_ROUTES = {"pinned": [("small", None), ("big", LONG)],      # the way to gen_b is listed second
+              "lone": [("small", None)],                       # a stage the reach table lacks
+              "kv": [("g1", None), ("g2", LONG)]}
+PIN_CARRY = {"small": frozenset({R}), "big": frozenset({R}), "g1": frozenset(), "g2": frozenset()}
+PIN_REACH = {"pinned": {"small", "big", "gen_b"}, "big": {"gen_b"}, "kv": {"g1", "g2"}}
+
+
+def pin_router() -> Router:
+    return Router(PIN_ROUTES, {"kv": "kv_lookup"}, PIN_CARRY, PIN_REACH)
+
+
+def short_prompt(path):
+    return 3 if path == "prompt_tokens" else C.MISSING
+
+
+@pytest.mark.parametrize("stage, pin, expected", [
+    ("pinned", "gen_b", ["big"]),          # the edge towards the pinned stage, not the first that takes it
+    ("pinned", None, ["small"]),
+    ("pinned", "elsewhere", ["small"]),     # a pin it cannot reach: routed as usual
+    ("lone", "gen_b", ["small"]),
+    ("kv", "g2", ["g2"]),                   # kv_lookup's edges take the request whatever its generate stages give
+    ("kv", None, ["g1"]),
+])
+def test_a_pinned_request_takes_the_way_to_its_stage_conditions_aside(stage, pin, expected):
+    assert pin_router().choose(stage, R, short_prompt, pin=pin) == expected
