@@ -262,3 +262,9 @@ def short_prompt(path):
 ])
 def test_a_pinned_request_takes_the_way_to_its_stage_conditions_aside(stage, pin, expected):
     assert pin_router().choose(stage, R, short_prompt, pin=pin) == expected
+
+
+def test_a_request_is_read_as_itself_whatever_keys_a_python_stage_gave_it():
+    data = {"prompt": "x", "model": "mine", "request": {"model": "theirs"}, "usage": {"completion_tokens": 5}}
+    get = fields(data, R, prompt_tokens=never)
+    assert get("model") == "mine" and get("completion_tokens") is C.MISSING
