@@ -132,6 +132,13 @@ def test_a_join_fires_once_nothing_else_of_the_request_can_reach_it():
     assert elsewhere.at == "c" and js.ready(req) == []
 
 
+def test_an_item_at_a_stage_the_table_lacks_blocks_no_join():
+    req = request()
+    item(req, "nowhere", (1,))
+    arrived = item(req, "b", (0,))
+    assert joins().arrive(req, "j", arrived) == [("j", [arrived])]
+
+
 def test_an_empty_wait_is_passed_over():
     req = request()
     req.joins["k"] = []
@@ -167,7 +174,7 @@ def test_first_sees_arrival_order_the_other_policies_branch_order():
 def test_a_merged_result_is_completed_from_the_first_branch_and_lists_the_branches():
     req = request()
     b1 = item(req, "j", (1,), text="one", finish_reason="length", usage={"completion_tokens": 1}, generated_by="g1",
-              request={"id": "r1"}, id="r1", extra="e1")
+              extra="e1")                                          # the second branch: no request, no id
     b0 = item(req, "j", (0,), text="zero", finish_reason="stop", usage={"completion_tokens": 2}, generated_by="g0",
               request={"id": "r1"}, id="r1", extra="e0")
     merged = joins().result("j", [b1, b0], {"text": "both", "generated_by": None, "finish_reason": "mine"})
@@ -180,8 +187,9 @@ def test_a_merged_result_is_completed_from_the_first_branch_and_lists_the_branch
     assert picked == {**b1.data, "branches": merged["branches"]}
     same = joins().result("j", [b1, b0], dict(b0.data, usage=None))
     assert same["usage"] == {"completion_tokens": 2} and same["extra"] == "e0"
-    equal = joins().result("j", [b1, b0], dict(b1.data))         # equal to a branch: taken as that branch
-    assert equal["generated_by"] == "g1" and equal["extra"] == "e1"
+    equal = dict(b1.data)                                          # equal to a branch: taken as that branch
+    assert joins().result("j", [b1, b0], equal) == {**b1.data, "branches": merged["branches"]}
+    assert "branches" not in equal                                 # and the merge's own dict left alone
 
 
 @pytest.mark.parametrize("merged, got", [
@@ -265,6 +273,8 @@ def test_a_pinned_request_takes_the_way_to_its_stage_conditions_aside(stage, pin
 
 
 def test_a_request_is_read_as_itself_whatever_keys_a_python_stage_gave_it():
-    data = {"prompt": "x", "model": "mine", "request": {"model": "theirs"}, "usage": {"completion_tokens": 5}}
+    data = {"prompt": "x", "model": "mine", "request": {"model": "theirs"}, "usage": {"completion_tokens": 5},
+            "text": "t", "finish_reason": "stop"}
     get = fields(data, R, prompt_tokens=never)
     assert get("model") == "mine" and get("completion_tokens") is C.MISSING
+    assert get("text") is C.MISSING and get("finish_reason") is C.MISSING
