@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline_dsl.flow.joins import Joins
-from pipeline_dsl.flow.router import Router
+from pipeline_dsl.flow.router import OTHERWISE, Router
 
 R, G = "Request", "Generated"
 
@@ -278,3 +278,51 @@ def test_a_request_is_read_as_itself_whatever_keys_a_python_stage_gave_it():
     get = fields(data, R, prompt_tokens=never)
     assert get("model") == "mine" and get("completion_tokens") is C.MISSING
     assert get("text") is C.MISSING and get("finish_reason") is C.MISSING
+
+
+# ---------------------------------------------------------------- the router of a checked pipeline
+
+from flowkit import chain, write                               # noqa: E402
+
+from pipeline_dsl.flow import load_graph                       # noqa: E402
+
+ROUTED = ("stage request : requests {}\nstage route : route {}\n"
+          "stage short_gen : generate { max_new_tokens = 3 }\nstage long_gen : generate { max_new_tokens = 5 }\n"
+          "stage out : respond {}\nrequest -> route\n"
+          "route -> batch_s otherwise\n"
+          "route -> batch_l when prompt_tokens > 20\n"
+          + chain("short_gen", "batch_s", "enc_s", "kv_s") + chain("long_gen", "batch_l", "enc_l", "kv_l")
+          + "short_gen -> out\nlong_gen -> out\n")
+
+
+def tokens(n):
+    return fields({"prompt": "x"}, R, prompt_tokens=lambda: n)
+
+
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory, tiny_gguf):
+    return load_graph(write(tmp_path_factory.mktemp("routed"), tiny_gguf, ROUTED))
+
+
+def test_a_checked_pipeline_routes_by_its_conditions_labels_and_pins(routed):
+    router = Router.from_graph(routed)
+    assert router.choose("route", R, tokens(50)) == ["batch_l"]
+    assert router.choose("route", R, tokens(3)) == ["batch_s"]
+    assert router.choose("route", R, tokens(3), pin="long_gen") == ["batch_l"]   # its path, conditions aside
+    assert router.choose("batch_s", "Batch", tokens(3), label="timeout") == ["enc_s"]
+    assert router.choose("batch_s", "Batch", tokens(3)) == []                     # neither label: nowhere yet
+    assert router.choose("kv_s", R, tokens(3)) == ["short_gen"]                  # kv_lookup passes the request
+    assert router.choose("short_gen", G, tokens(3)) == ["out"]
+    assert router.leave(["out", "short_gen"], G) == ["out"]
+    assert router.reach["kv_l"] == {"long_gen", "out"} and router.reach["out"] == set()
+
+
+def test_a_graph_without_route_tables_routes_by_its_edges_conditions(routed):
+    bare = routed.copy()
+    for n in bare:
+        del bare.nodes[n]["routes"]
+    router = Router.from_graph(bare)
+    assert router.routes["route"] == [("batch_s", OTHERWISE), ("batch_l", ("cmp", "prompt_tokens", ">", 20))]
+    assert router.choose("route", R, tokens(50)) == ["batch_l"]
+    assert router.choose("route", R, tokens(3)) == ["batch_s"]
+    assert router.routes["out"] == []
