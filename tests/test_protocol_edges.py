@@ -406,6 +406,7 @@ def test_tokenize_takes_a_prompt_or_messages_and_the_stage_the_model_names():
     assert tokenize({"prompt": "hi", "add_special_tokens": True}) == {
         "prompt": "hi", "add_special_tokens": True, "pin": None}
     assert tokenize({"messages": HI}) == {"messages": HI, "pin": None, "chat_template_kwargs": None}
+    assert tokenize({"messages": HI, "add_generation_prompt": True, "return_token_strs": False})["messages"] == HI
     assert tokenize({"messages": HI, "model": "gen", "tools": [TOOL], "chat_template_kwargs": {"x": 1}}) == {
         "messages": HI, "pin": "gen", "chat_template_kwargs": {"x": 1}, "tools": [TOOL], "tool_choice": "auto"}
 
