@@ -1,11 +1,21 @@
-"""The flow runtime's pure parts as tables (no threads, no model): where a bounded loop's item
-may leave, and which Rejects only drop their branch."""
+"""The flow runtime's pure parts as tables (no threads, no model): where an item goes (the
+router, its fields, a pinned request, a loop's exits), when a join fires and what it gives,
+which Rejects only drop their branch, how bounded loops count; and the router of a checked
+pipeline built from its graph."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import networkx as nx
 import pytest
 
+from flowkit import chain, write
+from pipeline_dsl import conditions as C
+from pipeline_dsl.flow import load_graph
+from pipeline_dsl.flow.items import Item, PipelineError, RequestState
 from pipeline_dsl.flow.joins import Joins
-from pipeline_dsl.flow.router import OTHERWISE, Router
+from pipeline_dsl.flow.loops import Loops
+from pipeline_dsl.flow.router import OTHERWISE, Router, fields
 
 R, G = "Request", "Generated"
 
@@ -36,8 +46,6 @@ def test_a_reject_drops_its_branch_only_when_every_join_ahead_says_drop(stage, d
 
 # ---------------------------------------------------------------- the fields conditions read
 
-from pipeline_dsl import conditions as C                     # noqa: E402
-from pipeline_dsl.flow.router import fields                   # noqa: E402
 
 REQ = {"prompt": "x", "model": "gen", "n": 3, "temperature": 0.5,
        "metadata": {"tier": "gold", "org": {"id": 7}, "flat": 1}}
@@ -97,9 +105,6 @@ def test_an_edge_takes_the_types_its_destination_carries_and_kv_lookup_passes_re
 
 # ---------------------------------------------------------------- joins: when they fire, what they give
 
-from types import SimpleNamespace                              # noqa: E402
-
-from pipeline_dsl.flow.items import Item, PipelineError, RequestState   # noqa: E402
 
 JOIN_REACH = {"a": {"b", "j"}, "b": {"j"}, "c": set(), "j": {"out"}, "k": set()}
 
@@ -206,10 +211,6 @@ def test_a_merge_that_gives_no_text_fails_the_join_naming_it(merged, got):
 
 # ---------------------------------------------------------------- bounded loops
 
-import networkx as nx                                          # noqa: E402
-
-from pipeline_dsl.flow.loops import Loops                      # noqa: E402
-
 
 def loop_graph():
     """gen -> tool -> gen (tool bounded at 2 turns), tool -> out, tool -> log; check (bounded at 1,
@@ -282,9 +283,6 @@ def test_a_request_is_read_as_itself_whatever_keys_a_python_stage_gave_it():
 
 # ---------------------------------------------------------------- the router of a checked pipeline
 
-from flowkit import chain, write                               # noqa: E402
-
-from pipeline_dsl.flow import load_graph                       # noqa: E402
 
 ROUTED = ("stage request : requests {}\nstage route : route {}\n"
           "stage short_gen : generate { max_new_tokens = 3 }\nstage long_gen : generate { max_new_tokens = 5 }\n"
