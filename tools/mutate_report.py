@@ -13,6 +13,7 @@ documented, 2 when some mutants of the files have not been run.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -29,6 +30,13 @@ COLUMNS = ("mutants", "killed", "survived", "timeout", "no tests", "not run", "o
 def changed_lines(diff: str) -> list[str]:
     return [line for line in diff.splitlines()
             if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+
+
+def is_documented(name: str, documented: str) -> bool:
+    """Whether the page names this mutant, by its full or its short name (`module.x_fn__mutmut_N`),
+    as a whole name: `..._mutmut_1` is not documented by `..._mutmut_12`."""
+    short = name.split(".", name.count(".") - 1)[-1] if "." in name else name
+    return any(re.search(r"(?<!\w)" + re.escape(n) + r"(?!\d)", documented) for n in (name, short))
 
 
 def main(argv: list[str]) -> int:
@@ -65,8 +73,7 @@ def main(argv: list[str]) -> int:
         print(f"\n{len(survivors)} surviving mutants (docs/testing.md says why each documented one is "
               "equivalent):")
     for path, name, status in survivors:
-        short = name.split(".", name.count(".") - 1)[-1] if "." in name else name
-        known = name in documented or short in documented
+        known = is_documented(name, documented)
         undocumented += not known
         tag = "documented" if known else "NEW"
         print(f"\n  [{tag}] {name} ({status})")

@@ -1,0 +1,326 @@
+"""The flow runtime's pure parts as tables (no threads, no model): where an item goes (the
+router, its fields, a pinned request, a loop's exits), when a join fires and what it gives,
+which Rejects only drop their branch, how bounded loops count; and the router of a checked
+pipeline built from its graph."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import networkx as nx
+import pytest
+
+from flowkit import chain, write
+from pipeline_dsl import conditions as C
+from pipeline_dsl.flow import load_graph
+from pipeline_dsl.flow.items import Item, PipelineError, RequestState
+from pipeline_dsl.flow.joins import Joins
+from pipeline_dsl.flow.loops import Loops
+from pipeline_dsl.flow.router import OTHERWISE, Router, fields
+
+R, G = "Request", "Generated"
+
+
+def test_a_loop_leaves_by_the_exits_that_carry_the_item_in_file_order_once_each():
+    router = Router({}, {}, {"gen": frozenset({R}), "out": frozenset({G}), "log": frozenset({R, G})}, {})
+    exits = ["out", "gen", "log", "out", "elsewhere"]           # "elsewhere": a stage the table lacks
+    assert router.leave(exits, G) == ["out", "log"]
+    assert router.leave(exits, R) == ["gen", "log"]
+    assert router.leave(["elsewhere"], R) == []
+
+
+ON_REJECT = {"vote": "drop", "strict": "fail", "merge": "drop"}
+REACH = {"a": {"vote"}, "b": {"vote", "strict"}, "c": set(), "d": {"vote", "merge"}, "e": {"strict"}}
+
+
+@pytest.mark.parametrize("stage, drops", [
+    ("a", True),          # the one join ahead drops
+    ("b", False),         # one join ahead fails the request
+    ("c", False),         # no join ahead: nothing to drop the branch at
+    ("d", True),          # every join ahead drops
+    ("e", False),
+    ("nowhere", False),   # a stage the table lacks reaches no join
+])
+def test_a_reject_drops_its_branch_only_when_every_join_ahead_says_drop(stage, drops):
+    assert Joins(REACH, {}, ON_REJECT).drops(stage) is drops
+
+
+# ---------------------------------------------------------------- the fields conditions read
+
+
+REQ = {"prompt": "x", "model": "gen", "n": 3, "temperature": 0.5,
+       "metadata": {"tier": "gold", "org": {"id": 7}, "flat": 1}}
+
+
+def never():
+    raise AssertionError("the prompt was tokenised although no condition needed it")
+
+
+@pytest.mark.parametrize("path, value", [
+    ("turn", 2), ("stream", True), ("model", "gen"), ("n", 3), ("temperature", 0.5),
+    ("metadata.tier", "gold"), ("metadata.org.id", 7), ("metadata.org", {"id": 7}),
+    ("metadata.none", C.MISSING), ("metadata.flat.deeper", C.MISSING), ("metadata.org.name", C.MISSING),
+    ("seed", C.MISSING), ("text", C.MISSING), ("finish_reason", C.MISSING),
+    ("completion_tokens", C.MISSING), ("cached_tokens", C.MISSING),
+])
+def test_a_request_s_fields_as_conditions_read_them(path, value):
+    get = fields(REQ, R, prompt_tokens=never, turn=2, stream=True, served_name="tiny")
+    assert get(path) == value
+
+
+def test_a_request_s_defaults_and_its_prompt_tokens_counted_only_when_asked():
+    get = fields({"prompt": "x"}, R, prompt_tokens=lambda: 12, served_name="tiny")
+    assert (get("model"), get("n"), get("turn"), get("stream"), get("prompt_tokens")) == ("tiny", 1, 0, False, 12)
+    assert get("metadata.tier") is C.MISSING
+    get = fields({"prompt": "x", "model": None}, R, prompt_tokens=never)
+    assert get("model") == ""
+
+
+GEN = {"text": "hello", "finish_reason": "length", "request": REQ,
+       "usage": {"prompt_tokens": 9, "completion_tokens": 4, "cached_tokens": 8}}
+
+
+@pytest.mark.parametrize("path, value", [
+    ("text", "hello"), ("finish_reason", "length"), ("prompt_tokens", 9), ("completion_tokens", 4),
+    ("cached_tokens", 8), ("model", "gen"), ("n", 3), ("metadata.tier", "gold"), ("temperature", 0.5),
+])
+def test_a_generated_item_s_fields_come_from_its_answer_usage_and_request(path, value):
+    get = fields(GEN, G, prompt_tokens=never)
+    assert get(path) == value
+
+
+def test_a_generated_item_without_usage_counts_its_prompt_and_misses_the_rest():
+    get = fields({"text": "hi", "prompt": "x"}, G, prompt_tokens=lambda: 5)
+    assert get("prompt_tokens") == 5
+    assert get("completion_tokens") is C.MISSING and get("cached_tokens") is C.MISSING
+    assert get("finish_reason") is C.MISSING and get("text") == "hi"
+    assert get("prompt") == "x"                                  # no `request`: the item is its own
+
+
+def test_an_edge_takes_the_types_its_destination_carries_and_kv_lookup_passes_requests_on():
+    router = Router({}, {"kv": "kv_lookup", "r": "route"}, {"gen": frozenset({R}), "out": frozenset({G})}, {})
+    assert router.takes("r", "gen", R) and not router.takes("r", "gen", G)
+    assert router.takes("r", "out", G) and not router.takes("r", "nowhere", R)
+    assert router.takes("kv", "gen", G) and router.takes("kv", "nowhere", R)
+
+
+# ---------------------------------------------------------------- joins: when they fire, what they give
+
+
+JOIN_REACH = {"a": {"b", "j"}, "b": {"j"}, "c": set(), "j": {"out"}, "k": set()}
+
+
+def joins(policy="first", **more) -> Joins:
+    impls = {"j": SimpleNamespace(policy=policy), "k": SimpleNamespace(policy="fn"), **more}
+    return Joins(JOIN_REACH, impls, {"j": "fail", "k": "drop"})
+
+
+def request() -> RequestState:
+    return RequestState("k1", "r1", None, 0.0)
+
+
+def item(req, at, branch, **data) -> Item:
+    it = Item("Generated", data, req, at=at, branch=branch)
+    req.items.add(it)
+    return it
+
+
+def test_a_join_fires_once_nothing_else_of_the_request_can_reach_it():
+    req = request()
+    first, second, elsewhere = item(req, "b", (0,), text="x"), item(req, "a", (1,), text="y"), item(req, "c", (2,))
+    js = joins()
+    assert js.arrive(req, "j", first) == [] and first.at == "j"      # the second branch can still reach j
+    assert req.joins == {"j": [first]}
+    second.at = "b"
+    assert js.ready(req) == []
+    fired = js.arrive(req, "j", second)
+    assert fired == [("j", [first, second])] and req.joins == {}    # `elsewhere` at c cannot reach j
+    assert elsewhere.at == "c" and js.ready(req) == []
+
+
+def test_an_item_at_a_stage_the_table_lacks_blocks_no_join():
+    req = request()
+    item(req, "nowhere", (1,))
+    arrived = item(req, "b", (0,))
+    assert joins().arrive(req, "j", arrived) == [("j", [arrived])]
+
+
+def test_an_empty_wait_is_passed_over():
+    req = request()
+    req.joins["k"] = []
+    arrived = item(req, "b", (0,))
+    assert joins().arrive(req, "j", arrived) == [("j", [arrived])] and req.joins == {"k": []}
+
+
+def test_an_item_waiting_at_a_join_that_cannot_reach_another_blocks_it_not():
+    req = request()
+    other = item(req, "k", (1,))
+    req.joins["k"] = [other]
+    arrived = item(req, "b", (0,))
+    assert joins().arrive(req, "j", arrived) == [("k", [other]), ("j", [arrived])]
+
+
+def test_another_item_at_the_join_itself_holds_it():
+    req = request()
+    js = joins()
+    on_its_way = item(req, "j", (1,))                  # sent to j, not yet arrived
+    assert js.arrive(req, "j", item(req, "b", (0,))) == []
+    assert js.arrive(req, "j", on_its_way)[0][0] == "j"
+
+
+def test_first_sees_arrival_order_the_other_policies_branch_order():
+    req = request()
+    late, early = item(req, "j", (2,)), item(req, "j", (0, 1))
+    assert joins("first").inputs("j", [late, early]) == [late, early]
+    assert joins("longest").inputs("j", [late, early]) == [early, late]
+    assert joins("majority").inputs("j", [late, early]) == [early, late]
+    assert not joins("first").user_code("j") and joins().user_code("k")
+
+
+def test_a_merged_result_is_completed_from_the_first_branch_and_lists_the_branches():
+    req = request()
+    b1 = item(req, "j", (1,), text="one", finish_reason="length", usage={"completion_tokens": 1}, generated_by="g1",
+              extra="e1")                                          # the second branch: no request, no id
+    b0 = item(req, "j", (0,), text="zero", finish_reason="stop", usage={"completion_tokens": 2}, generated_by="g0",
+              request={"id": "r1"}, id="r1", extra="e0")
+    merged = joins().result("j", [b1, b0], {"text": "both", "generated_by": None, "finish_reason": "mine"})
+    assert merged == {"text": "both", "finish_reason": "mine", "usage": {"completion_tokens": 2},
+                      "generated_by": "g0", "request": {"id": "r1"}, "id": "r1",
+                      "branches": [{"text": "zero", "finish_reason": "stop"},
+                                   {"text": "one", "finish_reason": "length"}]}
+    picked = joins().result("j", [b1, b0], b1.data)               # a policy's pick: a copy, unchanged
+    assert picked is not b1.data and "branches" not in b1.data
+    assert picked == {**b1.data, "branches": merged["branches"]}
+    same = joins().result("j", [b1, b0], dict(b0.data, usage=None))
+    assert same["usage"] == {"completion_tokens": 2} and same["extra"] == "e0"
+    equal = dict(b1.data)                                          # equal to a branch: taken as that branch
+    assert joins().result("j", [b1, b0], equal) == {**b1.data, "branches": merged["branches"]}
+    assert "branches" not in equal                                 # and the merge's own dict left alone
+
+
+@pytest.mark.parametrize("merged, got", [
+    (None, "NoneType"), ("text", "str"), ({"text": 3}, "a dict without a text string"),
+    ({"no": "text"}, "a dict without a text string"),
+])
+def test_a_merge_that_gives_no_text_fails_the_join_naming_it(merged, got):
+    req = request()
+    with pytest.raises(PipelineError) as e:
+        joins().result("j", [item(req, "j", (0,), text="a")], merged)
+    assert str(e.value) == f"join 'j' produced no result: its merge gave {got}"
+    assert (e.value.kind, e.value.stage) == ("failed", "j")
+
+
+# ---------------------------------------------------------------- bounded loops
+
+
+def loop_graph():
+    """gen -> tool -> gen (tool bounded at 2 turns), tool -> out, tool -> log; check (bounded at 1,
+    no cycle) -> out; plain stages carry params of their own or none."""
+    g = nx.DiGraph()
+    g.add_node("gen", params={"max_new_tokens": 4})
+    g.add_node("tool", params={"max_turns": 2})
+    g.add_node("check", params={"max_turns": 1})
+    g.add_node("out", params=None)
+    g.add_node("log")
+    g.add_edges_from([("gen", "tool"), ("tool", "gen"), ("tool", "out"), ("tool", "log"), ("check", "out")])
+    routes = {"gen": [("tool", None)], "tool": [("out", ("label", "done")), ("gen", None), ("log", None)],
+              "check": [("out", None)], "out": [], "log": []}
+    return g, routes
+
+
+def test_a_bounded_stage_leaves_its_loop_by_its_edges_out_of_it_in_file_order():
+    loops = Loops.from_graph(*loop_graph())
+    assert loops.bounds == {"tool": 2, "check": 1}
+    assert loops.exits == {"tool": ["out", "log"], "check": ["out"]}
+    assert "tool" in loops and "check" in loops and "gen" not in loops and "out" not in loops
+
+
+def test_an_item_takes_max_turns_calls_then_leaves_and_turn_counts_every_bounded_stage():
+    loops = Loops.from_graph(*loop_graph())
+    turns: dict = {}
+    assert [loops.leaves("tool", turns) for _ in range(3)] == [False, False, True]
+    assert turns == {"tool": 2} and Loops.turn(turns) == 2
+    assert loops.leaves("check", turns) is False and loops.leaves("check", turns) is True
+    assert Loops.turn(turns) == 3 and Loops.turn({}) == 0
+
+
+# ---------------------------------------------------------------- a request pinned to a generate stage
+
+LONG = ("cmp", "prompt_tokens", ">", 10)
+PIN_ROUTES = {"pinned": [("small", None), ("big", LONG)],      # the way to gen_b is listed second
+              "lone": [("small", None)],                       # a stage the reach table lacks
+              "kv": [("g1", None), ("g2", LONG)]}
+PIN_CARRY = {"small": frozenset({R}), "big": frozenset({R}), "g1": frozenset(), "g2": frozenset()}
+PIN_REACH = {"pinned": {"small", "big", "gen_b"}, "big": {"gen_b"}, "kv": {"g1", "g2"}}
+
+
+def pin_router() -> Router:
+    return Router(PIN_ROUTES, {"kv": "kv_lookup"}, PIN_CARRY, PIN_REACH)
+
+
+def short_prompt(path):
+    return 3 if path == "prompt_tokens" else C.MISSING
+
+
+@pytest.mark.parametrize("stage, pin, expected", [
+    ("pinned", "gen_b", ["big"]),          # the edge towards the pinned stage, not the first that takes it
+    ("pinned", None, ["small"]),
+    ("pinned", "elsewhere", ["small"]),     # a pin it cannot reach: routed as usual
+    ("lone", "gen_b", ["small"]),
+    ("kv", "g2", ["g2"]),                   # kv_lookup's edges take the request whatever its generate stages give
+    ("kv", None, ["g1"]),
+])
+def test_a_pinned_request_takes_the_way_to_its_stage_conditions_aside(stage, pin, expected):
+    assert pin_router().choose(stage, R, short_prompt, pin=pin) == expected
+
+
+def test_a_request_is_read_as_itself_whatever_keys_a_python_stage_gave_it():
+    data = {"prompt": "x", "model": "mine", "request": {"model": "theirs"}, "usage": {"completion_tokens": 5},
+            "text": "t", "finish_reason": "stop"}
+    get = fields(data, R, prompt_tokens=never)
+    assert get("model") == "mine" and get("completion_tokens") is C.MISSING
+    assert get("text") is C.MISSING and get("finish_reason") is C.MISSING
+
+
+# ---------------------------------------------------------------- the router of a checked pipeline
+
+
+ROUTED = ("stage request : requests {}\nstage route : route {}\n"
+          "stage short_gen : generate { max_new_tokens = 3 }\nstage long_gen : generate { max_new_tokens = 5 }\n"
+          "stage out : respond {}\nrequest -> route\n"
+          "route -> batch_s otherwise\n"
+          "route -> batch_l when prompt_tokens > 20\n"
+          + chain("short_gen", "batch_s", "enc_s", "kv_s") + chain("long_gen", "batch_l", "enc_l", "kv_l")
+          + "short_gen -> out\nlong_gen -> out\n")
+
+
+def tokens(n):
+    return fields({"prompt": "x"}, R, prompt_tokens=lambda: n)
+
+
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory, tiny_gguf):
+    return load_graph(write(tmp_path_factory.mktemp("routed"), tiny_gguf, ROUTED))
+
+
+def test_a_checked_pipeline_routes_by_its_conditions_labels_and_pins(routed):
+    router = Router.from_graph(routed)
+    assert router.choose("route", R, tokens(50)) == ["batch_l"]
+    assert router.choose("route", R, tokens(3)) == ["batch_s"]
+    assert router.choose("route", R, tokens(3), pin="long_gen") == ["batch_l"]   # its path, conditions aside
+    assert router.choose("batch_s", "Batch", tokens(3), label="timeout") == ["enc_s"]
+    assert router.choose("batch_s", "Batch", tokens(3)) == []                     # neither label: nowhere yet
+    assert router.choose("kv_s", R, tokens(3)) == ["short_gen"]                  # kv_lookup passes the request
+    assert router.choose("short_gen", G, tokens(3)) == ["out"]
+    assert router.leave(["out", "short_gen"], G) == ["out"]
+    assert router.reach["kv_l"] == {"long_gen", "out"} and router.reach["out"] == set()
+
+
+def test_a_graph_without_route_tables_routes_by_its_edges_conditions(routed):
+    bare = routed.copy()
+    for n in bare:
+        del bare.nodes[n]["routes"]
+    router = Router.from_graph(bare)
+    assert router.routes["route"] == [("batch_s", OTHERWISE), ("batch_l", ("cmp", "prompt_tokens", ">", 20))]
+    assert router.choose("route", R, tokens(50)) == ["batch_l"]
+    assert router.choose("route", R, tokens(3)) == ["batch_s"]
+    assert router.routes["out"] == []

@@ -1,0 +1,529 @@
+"""The OpenAI wire format at its edges, without a server: each error names its field and shows
+the value it got (the JSON type, at most 40 characters of it), and the answer bodies are the
+exact objects OpenAI clients parse (chat and completion answers, stream chunks, usage)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline_dsl.serve import protocol as P
+
+SERVED = ("tiny", "tiny-model")
+HI = [{"role": "user", "content": "hi"}]
+
+
+def chat(obj, max_model_len=512, lenient=False):
+    return P.parse_chat(obj, max_model_len=max_model_len, served=SERVED, stages=("gen",), lenient=lenient)
+
+
+def completion(obj, max_model_len=512, lenient=False):
+    return P.parse_completion(obj, max_model_len=max_model_len, served=SERVED, stages=("gen",), lenient=lenient)
+
+
+def refused(parse, obj, **kw) -> P.APIError:
+    with pytest.raises(P.APIError) as e:
+        parse(obj, **kw)
+    return e.value
+
+
+# ---------------------------------------------------------------- what an error shows of the value
+
+@pytest.mark.parametrize("raw, shown", [
+    (b"null", "null"), (b"true", "a boolean"), (b"3", "a number"), (b"2.5", "a number"),
+    (b'"hi"', "a string"), (b"[1]", "an array"),
+])
+def test_a_body_that_is_not_an_object_is_named_by_its_json_type(raw, shown):
+    e = refused(P.parse_json, raw)
+    assert e.message == f"the request body must be a JSON object, not {shown}"
+    assert e.status == 400 and e.param is None
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"a": 1}, "'stream' must be true or false, not an object ({\"a\": 1})"),
+    ([True], "'stream' must be true or false, not an array ([true])"),
+    ("yes", "'stream' must be true or false, not a string (\"yes\")"),
+    (1, "'stream' must be true or false, not a number (1)"),
+])
+def test_a_wrongly_typed_field_shows_its_type_and_value(value, message):
+    e = refused(completion, {"prompt": "hi", "stream": value})
+    assert (e.message, e.param, e.status) == (message, "stream", 400)
+
+
+def test_a_bad_value_is_shown_whole_up_to_40_characters_and_cut_beyond():
+    forty = "x" * 38                                   # 40 characters as JSON, with its quotes
+    e = refused(completion, {"prompt": "hi", "stream": True, "stream_options": forty})
+    assert e.message == f"'stream_options' must be an object, not a string (\"{forty}\")"
+    e = refused(completion, {"prompt": "hi", "stream": True, "stream_options": forty + "y"})
+    assert e.message == f"'stream_options' must be an object, not a string (\"{'x' * 36}...)"
+    assert e.param == "stream_options"
+
+
+def test_a_missing_or_null_value_is_shown_as_null():
+    e = refused(P.parse_detokenize, {}, served=SERVED)
+    assert (e.message, e.param) == ("'tokens' must be an array of token ids, not null (null)", "tokens")
+    e = refused(P.parse_tokenize, {"prompt": None}, served=SERVED)
+    assert (e.message, e.param) == ("'prompt' must be a non-empty string, not null (null)", "prompt")
+
+
+# ---------------------------------------------------------------- fields served only at their neutral value
+
+@pytest.mark.parametrize("field, value", [("best_of", 1), ("best_of", 1.0), ("suffix", "")])
+def test_best_of_1_and_an_empty_suffix_are_accepted(field, value):
+    assert completion({"prompt": "hi", field: value}).prompt == "hi"
+
+
+@pytest.mark.parametrize("field, value, shown", [
+    ("best_of", 2, "2"), ("best_of", True, "true"), ("best_of", float("inf"), "Infinity"),
+    ("suffix", "x", '"x"'), ("suffix", 0, "0"),
+])
+def test_best_of_and_suffix_at_another_value_are_refused_naming_the_field(field, value, shown):
+    e = refused(completion, {"prompt": "hi", field: value})
+    neutral = "1" if field == "best_of" else '""'
+    assert e.message == f"'{field}' = {shown} is not supported by agp (leave it out or use {neutral})"
+    assert e.param == field
+
+
+def test_an_unsupported_value_is_shown_up_to_40_characters():
+    e = refused(completion, {"prompt": "hi", "suffix": "x" * 50})
+    assert e.message == f"'suffix' = \"{'x' * 39} is not supported by agp (leave it out or use \"\")"
+
+
+# ---------------------------------------------------------------- tool calls in an answer
+
+CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+
+
+def test_a_chat_answer_with_tools_turns_a_call_into_tool_calls():
+    use = P.usage(5, 7, 0)
+    body = P.chat_response("r1", "tiny", [(0, "Let me look. " + CALL, "stop")], use, created=11, tools_active=True)
+    [choice] = body["choices"]
+    assert choice["finish_reason"] == "tool_calls" and choice["index"] == 0 and choice["logprobs"] is None
+    message = choice["message"]
+    assert set(message) == {"role", "content", "tool_calls"}
+    assert message["role"] == "assistant" and message["content"] == "Let me look."
+    [call] = message["tool_calls"]
+    assert call["type"] == "function"
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert body == {"id": "r1", "object": "chat.completion", "created": 11, "model": "tiny",
+                    "choices": [choice], "usage": use}
+
+
+def test_a_chat_answer_without_tools_keeps_a_call_as_text():
+    body = P.chat_response("r1", "tiny", [(0, CALL, "length")], P.usage(1, 2, 0), created=3)
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": CALL},
+                                "logprobs": None, "finish_reason": "length"}]
+    message, reason = P.chat_message("plain text", "stop", tools_active=True)
+    assert (message, reason) == ({"role": "assistant", "content": "plain text"}, "stop")
+
+
+# ---------------------------------------------------------------- answer bodies, exactly
+
+def test_usage_counts_total_as_prompt_plus_completion_and_lists_cached():
+    assert P.usage(9, 4, 8) == {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13,
+                                "prompt_tokens_details": {"cached_tokens": 8}}
+
+
+@pytest.mark.parametrize("kind, obj", [("chat", "chat.completion.chunk"), ("completion", "text_completion")])
+def test_the_usage_chunk_is_the_last_chunk_with_no_choices(kind, obj):
+    use = P.usage(3, 2, 0)
+    assert P.usage_chunk("r9", "tiny", 42, kind, use) == {
+        "id": "r9", "object": obj, "created": 42, "model": "tiny", "choices": [], "usage": use}
+
+
+def test_chat_and_completion_chunks_carry_their_choice_index_delta_and_logprobs():
+    lp = {"content": []}
+    assert P.chat_chunk("r1", "tiny", 7, {"content": "hé"}, None, 2, lp) == {
+        "id": "r1", "object": "chat.completion.chunk", "created": 7, "model": "tiny",
+        "choices": [{"index": 2, "delta": {"content": "hé"}, "logprobs": lp, "finish_reason": None}]}
+    assert P.chat_chunk("r1", "tiny", 7, {}, "stop")["choices"] == [
+        {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]
+    assert P.completion_chunk("r2", "tiny", 8, "ab", "length", 3, None) == {
+        "id": "r2", "object": "text_completion", "created": 8, "model": "tiny",
+        "choices": [{"index": 3, "text": "ab", "logprobs": None, "finish_reason": "length"}]}
+    assert P.completion_chunk("r2", "tiny", 8, "", "stop")["choices"] == [
+        {"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}]
+
+
+def test_a_completion_answer_lists_its_choices_in_order_with_usage():
+    use = P.usage(2, 3, 1)
+    lp = {"tokens": ["a"], "token_logprobs": [-0.5], "top_logprobs": [None], "text_offset": [0]}
+    assert P.completion_response("c1", "tiny", [(0, "a", "stop", lp), (1, "b", "length")], use, created=5) == {
+        "id": "c1", "object": "text_completion", "created": 5, "model": "tiny",
+        "choices": [{"index": 0, "text": "a", "logprobs": lp, "finish_reason": "stop"},
+                    {"index": 1, "text": "b", "logprobs": None, "finish_reason": "length"}],
+        "usage": use}
+
+
+def test_an_event_is_compact_utf8_json_then_a_blank_line():
+    assert P.sse({"text": "é", "n": [1, 2]}) == 'data: {"text":"é","n":[1,2]}\n\n'.encode()
+    assert P.sse("[DONE]") == b"data: [DONE]\n\n"
+
+
+# ---------------------------------------------------------------- logprobs, both shapes
+
+TEXT = {5: "he", 6: "llo", 7: " w", 8: "é"}
+
+
+def test_chat_logprobs_list_each_token_with_its_utf8_bytes_and_alternatives():
+    entries = [{"token_id": 5, "logprob": -0.1, "top": [(5, -0.1), (6, -2.5)]},
+               {"token_id": 8, "logprob": -1.0, "top": []}]
+    assert P.chat_logprobs(entries, TEXT.get) == {"content": [
+        {"token": "he", "logprob": -0.1, "bytes": [104, 101],
+         "top_logprobs": [{"token": "he", "logprob": -0.1, "bytes": [104, 101]},
+                          {"token": "llo", "logprob": -2.5, "bytes": [108, 108, 111]}]},
+        {"token": "é", "logprob": -1.0, "bytes": [195, 169], "top_logprobs": []}]}
+
+
+# ---------------------------------------------------------------- requests: every field where it belongs
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+def test_a_chat_request_carries_every_field_it_sets():
+    req = chat({"model": "gen", "messages": HI, "logprobs": True, "top_logprobs": 20, "metadata": {"t": 1},
+                "tools": [TOOL], "tool_choice": "required", "parallel_tool_calls": False,
+                "response_format": {"type": "json_object"}, "request_id": "abc",
+                "chat_template_kwargs": {"enable_thinking": False}, "skip_special_tokens": False,
+                "stream": True, "stream_options": {"include_usage": True}})
+    assert req == P.GenerationRequest(
+        "chat", "gen", {"logprobs": 20, "skip_special_tokens": False}, messages=tuple(HI), stream=True,
+        include_usage=True, pin="gen", metadata={"t": 1}, tools=(TOOL,), tool_choice="required",
+        parallel_tool_calls=False, response_format={"type": "json_object"}, request_id="abc",
+        chat_template_kwargs={"enable_thinking": False})
+    assert chat({"messages": HI, "tools": [TOOL]}).tool_choice == "auto"
+
+
+def test_a_plain_chat_request_takes_the_defaults():
+    req = chat({"messages": HI})
+    assert req == P.GenerationRequest("chat", "tiny", {}, messages=tuple(HI))
+    assert req.choices_per_prompt == 1 and not req.tools_active and req.split() == [req]
+
+
+def test_chat_logprobs_top_logprobs_from_0_to_20_and_only_with_logprobs():
+    assert chat({"messages": HI, "logprobs": True}).fields == {"logprobs": 0}
+    assert chat({"messages": HI, "logprobs": True, "top_logprobs": 0}).fields == {"logprobs": 0}
+    assert chat({"messages": HI, "logprobs": True, "top_logprobs": 20}).fields == {"logprobs": 20}
+    assert chat({"messages": HI, "logprobs": False}).fields == {}
+    e = refused(chat, {"messages": HI, "logprobs": True, "top_logprobs": 21})
+    assert (e.message, e.param) == ("'top_logprobs' must be an integer from 0 to 20, not a number (21)",
+                                    "top_logprobs")
+    e = refused(chat, {"messages": HI, "top_logprobs": 2})
+    assert (e.message, e.param) == ("'top_logprobs' needs \"logprobs\": true", "top_logprobs")
+    e = refused(chat, {"messages": HI, "logprobs": 1})
+    assert (e.message, e.param) == ("'logprobs' must be true or false, not a number (1)", "logprobs")
+
+
+@pytest.mark.parametrize("extra, message, param", [
+    ({"metadata": [1]}, "'metadata' must be an object, not an array ([1])", "metadata"),
+    ({"tools": 5}, "'tools' must be an array of tools, not 5", "tools"),
+    ({"tools": [TOOL], "tool_choice": "maybe"},
+     '\'tool_choice\' must be none, auto, required or {"type": "function", "function": {"name"}}, not "maybe"',
+     "tool_choice"),
+    ({"chat_template_kwargs": {"messages": []}},
+     "'chat_template_kwargs.messages' is set by agp itself; send it as its own field", "chat_template_kwargs"),
+])
+def test_a_bad_chat_field_is_a_400_naming_it(extra, message, param):
+    e = refused(chat, {"messages": HI, **extra})
+    assert (e.message, e.param, e.status) == (message, param, 400)
+
+
+def test_messages_left_out_is_a_400_naming_messages():
+    e = refused(chat, {"model": "tiny"})
+    assert (e.message, e.param) == ("'messages' is required", "messages")
+
+
+def test_an_unknown_field_is_refused_unless_lenient():
+    body = {"messages": HI, "frobnicate": 1}
+    e = refused(P.parse_chat, body, max_model_len=512, served=SERVED)
+    assert (e.message, e.param) == ('unrecognized request argument "frobnicate"', "frobnicate")
+    assert chat(body, lenient=True) == chat({"messages": HI})
+    e = refused(P.parse_completion, {"prompt": "hi", "frobnicate": 1}, max_model_len=512, served=SERVED)
+    assert e.param == "frobnicate"
+    assert completion({"prompt": "hi", "frobnicate": 1}, lenient=True) == completion({"prompt": "hi"})
+
+
+def test_a_completion_request_carries_every_field_it_sets():
+    req = completion({"model": "gen", "prompt": ["a", [1, 2]], "echo": True, "logprobs": 3, "max_tokens": 0,
+                      "n": 2, "stream": True, "stream_options": {"include_usage": True}, "request_id": "q",
+                      "response_format": {"type": "json_object"}, "skip_special_tokens": False})
+    assert req == P.GenerationRequest(
+        "completion", "gen", {"n": 2, "logprobs": 3, "prompt_logprobs": 3, "max_tokens": 0, "echo": True,
+                              "skip_special_tokens": False},
+        prompt="a", stream=True, include_usage=True, pin="gen", response_format={"type": "json_object"},
+        more_prompts=([1, 2],), request_id="q")
+    first, second = req.split()
+    assert (first.prompt, first.prompt_token_ids, first.more_prompts) == ("a", None, ())
+    assert (second.prompt, second.prompt_token_ids, second.more_prompts) == (None, (1, 2), ())
+    assert second.item("i")["prompt_token_ids"] == [1, 2] and req.choices_per_prompt == 2
+
+
+# ---------------------------------------------------------------- prompts, n, and the context
+
+def small(obj):
+    return completion(obj, max_model_len=8)
+
+
+@pytest.mark.parametrize("prompt, message, code", [
+    ([], "'prompt' is empty", None),
+    ("", "'prompt' is empty", None),
+    (["a", ""], "'prompt[1]' is empty", None),
+    ([[]], "'prompt' must be a string, an array of token ids, or an array of those, not an array ([[]])", None),
+    ([1, -1], "'prompt' must be a string, an array of token ids, or an array of those, not an array ([1, -1])",
+     None),
+    ([1, True], "'prompt' must be a string, an array of token ids, or an array of those, not an array ([1, true])",
+     None),
+    ({"a": 1}, "'prompt' must be a string, an array of token ids, or an array of those, not an object "
+               "({\"a\": 1})", None),
+    ([1] * 9, "'prompt' holds 9 tokens, beyond the model's context of 8", "context_length_exceeded"),
+    (["a", [1] * 9], "'prompt[1]' holds 9 tokens, beyond the model's context of 8", "context_length_exceeded"),
+    (["a"] * 257, "'prompt' holds 257 prompts; at most 256 a request", None),
+    (None, "'prompt' is required", None),
+])
+def test_a_bad_prompt_is_a_400_naming_prompt(prompt, message, code):
+    e = refused(small, {"prompt": prompt})
+    assert (e.message, e.param, e.status, e.code) == (message, "prompt", 400, code)
+
+
+def test_prompts_up_to_the_bounds_are_accepted():
+    assert small({"prompt": [0] * 8}) == P.GenerationRequest("completion", "tiny", {}, prompt_token_ids=(0,) * 8)
+    assert small({"prompt": [[0] * 8, "b"]}).more_prompts == ("b",)
+    req = small({"prompt": ["a"] * 256})
+    assert req.prompt == "a" and len(req.more_prompts) == 255
+    assert small({"prompt": ["a"] * 4, "n": 64}).fields == {"n": 64}
+    assert small({"prompt": "a", "max_tokens": 8}).fields == {"max_tokens": 8}
+    assert refused(small, {}).message == "'prompt' is required"
+
+
+@pytest.mark.parametrize("prompts, n, message, param", [
+    (5, 60, "5 prompts x n = 60 asks for 300 answers; at most 256 a request (send fewer prompts or a smaller n)",
+     "prompt"),
+    (1, 257, "1 prompts x n = 257 asks for 257 answers; at most 256 a request (send fewer prompts or a smaller n)",
+     "n"),
+])
+def test_more_than_256_answers_a_request_is_refused(prompts, n, message, param):
+    with pytest.raises(P.APIError) as e:
+        P.check_choices(prompts, n)
+    assert (e.value.message, e.value.param) == (message, param)
+    P.check_choices(4, 64)
+    P.check_choices(1, 256)
+    e = refused(small, {"prompt": ["a"] * 5, "n": 60})
+    assert e.param == "prompt" and "asks for 300 answers" in e.message
+
+
+def test_max_tokens_beyond_the_context_names_the_field_the_client_wrote():
+    e = refused(small, {"prompt": "a", "max_tokens": 9})
+    assert (e.message, e.param, e.code) == (
+        "'max_tokens' = 9 is beyond the model's context of 8 tokens; ask for at most 8", "max_tokens",
+        "context_length_exceeded")
+    e = refused(chat, {"messages": HI, "max_completion_tokens": 9, "max_tokens": 2}, max_model_len=8)
+    assert (e.message, e.param) == (
+        "'max_completion_tokens' = 9 is beyond the model's context of 8 tokens; ask for at most 8",
+        "max_completion_tokens")
+    assert chat({"messages": HI, "max_tokens": 5}).fields == {"max_tokens": 5}
+    assert chat({"messages": HI, "max_completion_tokens": 6, "max_tokens": 5}).fields == {"max_tokens": 6}
+    assert chat({"messages": HI, "max_completion_tokens": None, "max_tokens": 5}).fields == {"max_tokens": 5}
+
+
+@pytest.mark.parametrize("extra, message, param", [
+    ({"stop_token_ids": [1, -2]}, "'stop_token_ids' must be an array of token ids, not an array ([1, -2])",
+     "stop_token_ids"),
+    ({"stop_token_ids": [1, True]}, "'stop_token_ids' must be an array of token ids, not an array ([1, true])",
+     "stop_token_ids"),
+    ({"stop_token_ids": 3}, "'stop_token_ids' must be an array of token ids, not a number (3)", "stop_token_ids"),
+    ({"logit_bias": [1]}, "'logit_bias' must be an object {\"token id\": bias}, not [1]", "logit_bias"),
+    ({"temperature": 5}, "'temperature' must be a number from 0 to 2, not 5.0", "temperature"),
+    ({"stream_options": {"include_usage": True}}, "'stream_options' is only allowed with \"stream\": true",
+     "stream_options"),
+    ({"stream": True, "stream_options": {"include_usage": "y"}},
+     "'include_usage' must be true or false, not a string (\"y\")", "include_usage"),
+    ({"echo": 1}, "'echo' must be true or false, not a number (1)", "echo"),
+    ({"logprobs": 21}, "'logprobs' must be an integer from 0 to 20, not a number (21)", "logprobs"),
+    ({"logprobs": -1}, "'logprobs' must be an integer from 0 to 20, not a number (-1)", "logprobs"),
+    ({"logprobs": True}, "'logprobs' must be an integer from 0 to 20, not a boolean (true)", "logprobs"),
+    ({"model": 5}, "'model' must be a string, not a number (5)", "model"),
+    ({"max_tokns": 3}, "unrecognized request argument \"max_tokns\"; did you mean 'max_tokens'?", "max_tokns"),
+    ({"zzzzqq": 3}, "unrecognized request argument \"zzzzqq\"", "zzzzqq"),
+])
+def test_a_bad_completion_field_is_a_400_naming_it(extra, message, param):
+    e = refused(small, {"prompt": "a", **extra})
+    assert (e.message, e.param, e.status) == (message, param, 400)
+
+
+def test_completion_fields_at_their_edges():
+    assert small({"prompt": "a", "stop_token_ids": [0, 2]}).fields == {"stop_token_ids": [0, 2]}
+    assert small({"prompt": "a", "stop_token_ids": []}).fields == {"stop_token_ids": []}
+    assert small({"prompt": "a", "logit_bias": {"5": 1}}).fields == {"logit_bias": {5: 1.0}}
+    assert small({"prompt": "a", "logprobs": 0}).fields == {"logprobs": 0}
+    assert small({"prompt": "a", "logprobs": 20}).fields == {"logprobs": 20}
+    assert small({"prompt": "a", "echo": True, "max_tokens": 3}).fields == {"max_tokens": 3, "echo": True}
+    e = refused(small, {"prompt": "a", "echo": False, "max_tokens": 0})    # 0 tokens: only to score an echo
+    assert (e.message, e.param) == ("'max_tokens' must be an integer from 1 to 1048576, not 0", "max_tokens")
+    assert small({"prompt": "a", "echo": True, "logprobs": 2}).fields == {"logprobs": 2, "prompt_logprobs": 2,
+                                                                          "echo": True}
+    req = small({"prompt": "a", "stream": True, "stream_options": {}})
+    assert (req.stream, req.include_usage) == (True, False)
+    req = small({"prompt": "a", "stream": True, "stream_options": {"include_usage": False}})
+    assert (req.stream, req.include_usage) == (True, False)
+    req = small({"prompt": "a", "stream": False})
+    assert (req.stream, req.include_usage) == (False, False)
+
+
+@pytest.mark.parametrize("model, answered, pin", [
+    (None, "tiny", None), ("tiny", "tiny", None), ("tiny-model", "tiny-model", None), ("gen", "gen", "gen"),
+])
+def test_the_model_answered_and_the_stage_it_pins(model, answered, pin):
+    assert P.model_of({"model": model} if model else {}, SERVED, ("gen",)) == (answered, pin)
+    req = small({"prompt": "a", **({"model": model} if model else {})})
+    assert (req.model, req.pin) == (answered, pin)
+
+
+def test_an_unknown_model_is_a_404_with_the_closest_name_or_the_list():
+    e = refused(small, {"prompt": "a", "model": "nothing"})
+    assert (e.message, e.param, e.status, e.code) == (
+        "the model 'nothing' does not exist; this server has tiny, tiny-model, gen", "model", 404,
+        "model_not_found")
+    e = refused(small, {"prompt": "a", "model": "gem"})
+    assert e.message == "the model 'gem' does not exist; did you mean 'gen'?"
+    e = refused(P.parse_completion, {"prompt": "a", "model": "gen"}, max_model_len=8, served=SERVED)
+    assert e.status == 404 and e.message == "the model 'gen' does not exist; this server has tiny, tiny-model"
+
+
+# ---------------------------------------------------------------- /tokenize and /detokenize
+
+def tokenize(obj):
+    return P.parse_tokenize(obj, served=SERVED, stages=("gen",))
+
+
+def detokenize(obj, max_model_len=None):
+    return P.parse_detokenize(obj, served=SERVED, stages=("gen",), max_model_len=max_model_len)
+
+
+def test_tokenize_takes_a_prompt_or_messages_and_the_stage_the_model_names():
+    assert tokenize({"prompt": "hi"}) == {"prompt": "hi", "add_special_tokens": True, "pin": None}
+    assert tokenize({"prompt": "hi", "add_special_tokens": False, "model": "gen"}) == {
+        "prompt": "hi", "add_special_tokens": False, "pin": "gen"}
+    assert tokenize({"prompt": "hi", "add_special_tokens": True}) == {
+        "prompt": "hi", "add_special_tokens": True, "pin": None}
+    assert tokenize({"messages": HI}) == {"messages": HI, "pin": None, "chat_template_kwargs": None}
+    assert tokenize({"messages": HI, "add_generation_prompt": True, "return_token_strs": False})["messages"] == HI
+    assert tokenize({"messages": HI, "model": "gen", "tools": [TOOL], "chat_template_kwargs": {"x": 1}}) == {
+        "messages": HI, "pin": "gen", "chat_template_kwargs": {"x": 1}, "tools": [TOOL], "tool_choice": "auto"}
+
+
+@pytest.mark.parametrize("obj, message, param", [
+    ({"prompt": ""}, "'prompt' must be a non-empty string, not a string (\"\")", "prompt"),
+    ({"prompt": 5}, "'prompt' must be a non-empty string, not a number (5)", "prompt"),
+    ({}, "give exactly one of 'prompt' or 'messages'", "prompt"),
+    ({"prompt": "a", "messages": HI}, "give exactly one of 'prompt' or 'messages'", "prompt"),
+    ({"messages": HI, "tools": 3}, "'tools' must be an array of tools, not 3", "tools"),
+    ({"messages": []}, "'messages' is empty: give at least one message", "messages"),
+    ({"prompt": "a", "add_special_tokens": "no"},
+     "'add_special_tokens' must be true or false, not a string (\"no\")", "add_special_tokens"),
+    ({"prompt": "a", "foo": 1}, "unrecognized request argument \"foo\"", "foo"),
+    ({"prompt": "a", "model": 1}, "'model' must be a string, not a number (1)", "model"),
+])
+def test_a_bad_tokenize_request_is_a_400_naming_its_field(obj, message, param):
+    e = refused(tokenize, obj)
+    assert (e.message, e.param, e.status) == (message, param, 400)
+
+
+def test_detokenize_takes_token_ids_up_to_the_context():
+    assert detokenize({"tokens": [1, 2]}) == ([1, 2], None)
+    assert detokenize({"tokens": [0, 2], "model": "gen"}, max_model_len=2) == ([0, 2], "gen")
+    assert detokenize({"tokens": []}) == ([], None)
+    e = refused(detokenize, {"tokens": [1, 2, 3]}, max_model_len=2)
+    assert (e.message, e.param, e.code) == ("'tokens' holds 3 ids; at most 2 (the model's context)", "tokens",
+                                            "context_length_exceeded")
+    for bad, shown in (([1, -2], "an array ([1, -2])"), ([True], "an array ([true])"), ("1", 'a string ("1")')):
+        e = refused(detokenize, {"tokens": bad})
+        assert (e.message, e.param) == (f"'tokens' must be an array of token ids, not {shown}", "tokens")
+    e = refused(detokenize, {"tokens": [], "x": 1})
+    assert e.param == "x"
+    e = refused(detokenize, {"tokens": [], "model": "nope"})
+    assert e.status == 404 and e.param == "model"
+
+
+# ---------------------------------------------------------------- completion logprobs (the legacy shape)
+
+def test_completion_logprobs_list_tokens_with_offsets_from_the_start():
+    data = {"logprobs": [{"token_id": 5, "logprob": -0.5, "top": [(5, -0.5), (6, -1.5)]},
+                         {"token_id": 6, "logprob": -0.25, "top": None}]}
+    assert P.completion_logprobs(data, TEXT.get, False, start=3) == {
+        "tokens": ["he", "llo"], "token_logprobs": [-0.5, -0.25],
+        "top_logprobs": [{"he": -0.5, "llo": -1.5}, None], "text_offset": [3, 5]}
+    assert P.completion_logprobs({}, TEXT.get, False) == {
+        "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+
+def test_echoed_completion_logprobs_start_with_the_prompt_whose_first_token_has_none():
+    data = {"prompt_token_ids": [7, 8],
+            "prompt_logprobs": [{"token_id": 99, "logprob": -9.0, "top": [(5, -1.0)]},
+                                {"token_id": 8, "logprob": -2.0, "top": [(8, -2.0), (5, -3.0)]}],
+            "logprobs": [{"token_id": 5, "logprob": -0.5, "top": [(5, -0.5)]}]}
+    assert P.completion_logprobs(data, TEXT.get, True) == {
+        "tokens": [" w", "é", "he"], "token_logprobs": [None, -2.0, -0.5],
+        "top_logprobs": [None, {"é": -2.0, "he": -3.0}, {"he": -0.5}], "text_offset": [0, 2, 3]}
+    assert P.completion_logprobs(data, TEXT.get, False)["tokens"] == ["he"]       # not echoed: the answer only
+    assert P.completion_logprobs({**data, "prompt_logprobs": None}, TEXT.get, True)["tokens"] == ["he"]
+
+
+def test_alternatives_whose_text_coincides_keep_the_likeliest():
+    text = {1: "\ufffd", 2: "\ufffd", 3: "a"}.get
+    data = {"logprobs": [{"token_id": 3, "logprob": -0.1, "top": [(1, -1.0), (3, -0.1), (2, -0.5)]}]}
+    assert P.completion_logprobs(data, text, False)["top_logprobs"] == [{"\ufffd": -1.0, "a": -0.1}]
+
+
+# ---------------------------------------------------------------- the request as items carry it
+
+def test_the_request_item_carries_what_the_client_set():
+    req = chat({"model": "tiny", "messages": HI, "n": 2, "metadata": {"k": "v"}, "tools": [TOOL],
+                "response_format": {"type": "json_object"}, "chat_template_kwargs": {"x": 1}, "seed": 4})
+    assert req.item("r7") == {
+        "id": "r7", "messages": HI, "n": 2, "seed": 4, "model": "tiny", "metadata": {"k": "v"},
+        "tools": [TOOL], "tool_choice": "auto", "parallel_tool_calls": True,
+        "response_format": {"type": "json_object"}, "chat_template_kwargs": {"x": 1}}
+    assert req.choices_per_prompt == 2 and req.tools_active
+    assert completion({"prompt": "hi"}).item("c") == {"id": "c", "prompt": "hi", "model": "tiny", "metadata": {}}
+    assert completion({"prompt": [3, 4]}).item("c") == {"id": "c", "prompt_token_ids": [3, 4], "model": "tiny",
+                                                        "metadata": {}}
+
+
+def test_answers_without_a_creation_time_get_the_current_one():
+    import time
+    before = int(time.time())
+    body = P.chat_response("r", "tiny", [], P.usage(0, 0, 0))
+    assert before <= body["created"] <= int(time.time()) and body["choices"] == []
+    body = P.completion_response("r", "tiny", [], P.usage(0, 0, 0))
+    assert before <= body["created"] <= int(time.time()) and body["object"] == "text_completion"
+
+
+def test_a_body_is_parsed_as_a_json_object_or_refused_saying_why():
+    assert P.parse_json(b'{"a": [1, 2]}') == {"a": [1, 2]}
+    e = refused(P.parse_json, b"\xff")
+    assert (e.message, e.param, e.status) == ("the request body is not UTF-8 text (byte 0)", None, 400)
+    e = refused(P.parse_json, b"{")
+    assert e.message == ("the request body is not valid JSON: Expecting property name enclosed in double quotes "
+                         "(line 1, column 2)")
+    e = refused(P.parse_json, b'{"prompt": "\\ud800"}')
+    assert (e.message, e.param) == (
+        "the request body holds a lone UTF-16 surrogate (invalid Unicode) in 'prompt'", "prompt")
+
+
+def test_a_lenient_server_logs_the_fields_it_ignores(caplog):
+    with caplog.at_level("INFO", logger="agp.serve"):
+        assert chat({"messages": HI, "frobnicate": 1, "zap": 2}, lenient=True) == chat({"messages": HI})
+    assert [r.getMessage() for r in caplog.records] == [
+        "ignoring unrecognized request arguments: 'frobnicate', 'zap'"]
+
+
+def test_a_batch_of_string_prompts_splits_into_string_prompts():
+    _, second, third = completion({"prompt": ["a", "b", [5]]}).split()
+    assert (second.prompt, second.prompt_token_ids) == ("b", None)
+    assert second.item("i") == {"id": "i", "prompt": "b", "model": "tiny", "metadata": {}}
+    assert (third.prompt, third.prompt_token_ids) == (None, (5,))
+
+
+def test_a_chat_item_says_whether_tool_calls_may_run_in_parallel():
+    req = chat({"messages": HI, "tools": [TOOL], "parallel_tool_calls": False})
+    assert req.item("i")["parallel_tool_calls"] is False
