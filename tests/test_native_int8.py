@@ -135,3 +135,18 @@ def test_prefill_rows_take_the_int8_kernel_where_bf16_is_emulated(monkeypatch, f
     int8 = native_linear(lin, x).bfloat16()
     assert torch.equal(got, dense(x) if fast_bf16 else int8)
     assert lin.x16_rows == (8 if fast_bf16 else 256)
+
+
+@pytest.mark.parametrize("qtype, want", [("Q4_1", torch.bfloat16), ("F32", None)])
+def test_auto_takes_bf16_for_the_files_4bit_blocks_on_int8_kernels(tmp_path, qtype, want):
+    """`dtype = auto` where bf16 is not in hardware: a model whose every linear is the file's
+    4-bit blocks runs them on the int8 kernels in bf16 storage; a float file stays on the CPU's
+    best float dtype (fp32 there: emulated bf16 GEMMs would be ~10x slower)."""
+    from pipeline_dsl.engine.gguf_loader import load_gguf
+    from pipeline_dsl.engine.model import LlamaModel, cpu_has_fast_bf16
+    from tiny_model import write_tiny_gguf
+
+    g = load_gguf(write_tiny_gguf(tmp_path / "m.gguf", qtype=qtype, hidden_size=64, intermediate_size=128))
+    best = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    assert LlamaModel(g.config, g.weights, "auto").dtype == (want or best)
+    assert LlamaModel(g.config, g.weights, "fp32").dtype == torch.float32        # asked for: kept

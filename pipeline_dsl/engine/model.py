@@ -40,7 +40,7 @@ from . import native
 from .batch import Step, StepBatch, Uploader, prepare_step
 from .compute import ContentionGuard
 from .native.step import NativeDecoder
-from .quant import Int4Blocks, Q8Linear, make_linear
+from .quant import Int4Blocks, Q8Linear, int4_kernel_works, make_linear
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,21 @@ def resolve_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -
     raise ValueError(f"unknown dtype {name!r}: expected auto, fp32, bf16, fp16 or int8")
 
 
+LINEAR_WEIGHTS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def int4_runs_natively(weights, config: LlamaConfig, device: torch.device) -> bool:
+    """Whether every linear of a CPU model is the file's own 4-bit blocks and agp's native int8
+    kernels (AVX512-VNNI) can run them. Then `dtype = auto` takes bf16 even where bf16 is not in
+    hardware: those kernels compute in int8 and rows of up to 256 tokens go through them (bf16
+    is the storage of the KV pool and the glue), against dense fp32 GEMMs reading 8x the bytes;
+    on the embedded model here one request alone decodes ~4x faster and W32 ~1.6x."""
+    int4 = getattr(weights, "int4", {})
+    return (device.type == "cpu" and native.int8_activations() and native.load() is not None
+            and all(f"layers.{i}.{n}" in int4 for i in range(config.num_layers) for n in LINEAR_WEIGHTS)
+            and int4_kernel_works())
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, heads, hd] rotated by position: x*cos + rotate_half(x)*sin, where
     rotate_half(x) = [-x2, x1]; `sin` comes with its first half negated ([-s, s]), so the
@@ -163,6 +178,8 @@ class LlamaModel:
         self.config = c = config
         self.device = torch.device(device)
         self.weight_kind, self.dtype = resolve_dtype(dtype, self.device)
+        if dtype == "auto" and self.dtype == torch.float32 and int4_runs_natively(weights, config, self.device):
+            self.dtype = torch.bfloat16     # the file's 4-bit blocks on int8 kernels: bf16 is only storage
         kind, dt, dev = self.weight_kind, self.dtype, self.device
 
         def vec(name):
