@@ -2,11 +2,12 @@
 docs/architecture.md ("Layers"), lazy imports inside functions included."""
 from __future__ import annotations
 
+import ast
 import textwrap
 
 import networkx as nx
 
-from import_graph import import_graph, layer_of, module_files, read_layers
+from import_graph import ROOT, import_graph, layer_of, module_files, read_layers
 
 
 def upward_arrows(g: nx.DiGraph, layers) -> list[str]:
@@ -73,9 +74,6 @@ def test_the_check_sees_an_upward_import_inside_a_function_and_a_circle(tmp_path
 def private_imports(root=None) -> list[str]:
     """`from M import _name` where M is another module of the tree: a reach into its privates
     (a dunder such as __version__ is public)."""
-    import ast
-
-    from import_graph import ROOT
     out = []
     for name, path in module_files(root or ROOT).items():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
