@@ -28,19 +28,28 @@ BS = 4
 
 
 @contextlib.contextmanager
-def native_off():
-    """Build with torch's own kernels (what a machine without a compiler runs)."""
-    old = os.environ.get("AGP_NATIVE")
-    os.environ["AGP_NATIVE"] = "0"
-    native.reset()
+def env(name: str, value: str):
+    """The environment variable `name` set to `value` inside the block, as it was after."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            del os.environ["AGP_NATIVE"]
+            del os.environ[name]
         else:
-            os.environ["AGP_NATIVE"] = old
+            os.environ[name] = old
+
+
+@contextlib.contextmanager
+def native_off():
+    """Build with torch's own kernels (what a machine without a compiler runs)."""
+    with env("AGP_NATIVE", "0"):
         native.reset()
+        try:
+            yield
+        finally:
+            native.reset()
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +73,8 @@ def q4q8(tmp_path_factory):
 def activations(kind: str):
     """Build layers whose native int4/Q8 kernels take int8 inputs in two parts ("int8x2", the
     default), in one ("int8") or float inputs ("f32": the eager path's numerics)."""
-    old = os.environ.get("AGP_NATIVE_ACT")
-    os.environ["AGP_NATIVE_ACT"] = kind
-    try:
+    with env("AGP_NATIVE_ACT", kind):
         yield
-    finally:
-        if old is None:
-            del os.environ["AGP_NATIVE_ACT"]
-        else:
-            os.environ["AGP_NATIVE_ACT"] = old
 
 
 # One kernel, two call sites (fused step, per-layer ops) whose inputs differ in the last bf16
