@@ -166,7 +166,7 @@ def batch1_breakdown(config, weights, threads: int, reps: int, engine: bool = Tr
     if r.native is None:
         print("\nbatch 1 breakdown: needs the native kernels (make native)")
         return
-    st = r._prepare(case.items)
+    st = r.prepare(StepBatch.from_items(case.items))
     n = reps * 4
     prof = torch.zeros(torch.get_num_threads(), len(native.PHASES), dtype=torch.float64)
     with torch.inference_mode():
