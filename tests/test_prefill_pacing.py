@@ -69,11 +69,19 @@ def test_no_cut_when_the_target_is_off_or_nothing_was_measured(target, measure):
     assert sched.schedule().num_prefill_tokens == 256
 
 
+def test_before_any_prefill_was_measured_a_step_beside_decoders_takes_four_blocks():
+    sched = make(itl_target_s=0.5)
+    decoding(sched)
+    sched.observe(0, 0.01)                    # decode steps measured, no prefill yet
+    sched.add(seq("long", 1000))
+    assert sched.schedule().num_prefill_tokens == 16      # 4 blocks of 4
+
+
 def test_the_cut_keeps_at_least_a_block_and_few_rows_are_not_a_measurement():
     sched = make(itl_target_s=0.05)
     decoding(sched)
     sched.observe(2, 50.0)                    # 2 rows: overhead, not a cost per token
-    assert sched.prefill_cap() is None
+    assert sched.prefill_cap() is None        # nothing measured yet
     measured(sched, fixed=0.1, per_token=0.05)   # the fixed part alone exceeds the target
     assert sched.prefill_cap() == 4           # one block (block_size 4)
     sched.add(seq("long", 100))

@@ -184,12 +184,19 @@ class Scheduler:
 
     def prefill_cap(self) -> int | None:
         """How many prefill tokens a step may hold while sequences decode: what fits in
-        itl_target_s beside the step's fixed part, by the median of recent measurements, and at
-        least a block; None (no cut) when the target is 0 or no prefill was measured yet."""
+        itl_target_s beside the step's fixed part, by recent measurements (their median, or the
+        latest when higher), and at least a block. Steps measured but no prefill yet: four
+        blocks, until the first piece is
+        measured (a whole chunk beside the decoders would be the stall this prevents). None (no
+        cut) when the target is 0 or nothing was measured (a device whose steps are not timed)."""
         target = self.config.itl_target_s
-        if target <= 0 or not self._per_token_s:
+        if target <= 0 or not (self._per_token_s or self._fixed_s):
             return None
-        per_token = _median(self._per_token_s)
+        if not self._per_token_s:
+            return 4 * self.blocks.block_size
+        # the median, or the latest when higher: a long prompt's later pieces attend to more
+        # context and cost more per token, and the median of the last eight lags behind them
+        per_token = max(_median(self._per_token_s), self._per_token_s[-1])
         room = target - (_median(self._fixed_s) or 0.0)
         if per_token <= 0:
             return None
