@@ -392,10 +392,7 @@ def _check_routes(r: Resolved, g: nx.DiGraph, emits: dict) -> list[Diagnostic]:
     from .conditions import ConditionError, check_compare, compares, holds_for_label
 
     diags = []
-    by_src: dict[str, list] = {}
-    for e in r.edges:
-        by_src.setdefault(e.src, []).append(e)
-    for n, out in by_src.items():
+    for n, out in _edges_by_source(r).items():
         s = r.stages[n]
         if s.kind is None:
             continue
@@ -439,15 +436,20 @@ def _check_routes(r: Resolved, g: nx.DiGraph, emits: dict) -> list[Diagnostic]:
 ENGINE_INSIDE = ("dynamic_batch", "encode", "kv_lookup")   # their edges carry Batch, Tokens, CachedTokens
 
 
+def _edges_by_source(r: Resolved) -> dict[str, list]:
+    """{stage: its out-edges, in file order}."""
+    by_src: dict[str, list] = {}
+    for e in r.edges:
+        by_src.setdefault(e.src, []).append(e)
+    return by_src
+
+
 def _check_type_routes(r: Resolved, carry: dict, emits: dict) -> list[Diagnostic]:
     """Per item type, the edges that can carry it must leave it somewhere to go: the runtime
     routes an item only along edges whose destination takes its type, so an `otherwise` edge
     (or an unconditional one) that cannot take Generated results is no fallback for them."""
     diags = []
-    by_src: dict[str, list] = {}
-    for e in r.edges:
-        by_src.setdefault(e.src, []).append(e)
-    for n, out in by_src.items():
+    for n, out in _edges_by_source(r).items():
         s = r.stages[n]
         if s.kind is None or s.kind.name in ENGINE_INSIDE:
             continue
