@@ -38,8 +38,8 @@ def _wait(predicate, what: str, timeout: float = 60.0, every: float = 0.2):
 @pytest.fixture(scope="module")
 def ray_server(tmp_path_factory, tiny_gguf):
     d = tmp_path_factory.mktemp("rayserve")
-    # a 3 s batch window: a request alone waits in it, so one is surely in flight at SIGTERM
-    (d / "tiny.agp").write_text(TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=3000))
+    # a 6 s batch window: a request alone waits in it, so one is surely in flight at SIGTERM
+    (d / "tiny.agp").write_text(TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=6000))
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("RAY_ADDRESS", None)
@@ -57,8 +57,11 @@ def ray_server(tmp_path_factory, tiny_gguf):
         except httpx.TransportError:
             return False
 
+    def serving():                   # logged once serve.run returned: every replica is running
+        return healthy() and "agp serving pipeline" in (d / "serve.log").read_text()
+
     try:
-        _wait(healthy, "agp serve --ray did not come up", timeout=240, every=1.0)
+        _wait(serving, "agp serve --ray did not come up", timeout=240, every=1.0)
         yield proc, url, d
     finally:
         if proc.poll() is None:
@@ -106,14 +109,19 @@ def test_sigterm_drains_with_503_and_retry_after_and_finishes_the_request_in_fli
     proc, url, d = ray_server
     result = {}
 
-    def in_flight():                               # alone in a 3 s batch window: in flight at SIGTERM
+    def in_flight():                               # alone in a 6 s batch window: in flight at SIGTERM
         r = httpx.post(url + "/v1/completions", timeout=120,
                        json={"model": "tiny", "prompt": "the last one", "max_tokens": 6, "ignore_eos": True})
         result["status"], result["body"] = r.status_code, r.json()
 
+    def queued():                   # the request reached a replica (its metrics show it waiting)
+        fams = {f.name: f for f in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text)}
+        return sum(s.value for name in ("vllm:num_requests_waiting", "vllm:num_requests_running")
+                   for s in fams[name].samples) >= 1
+
     t = threading.Thread(target=in_flight)
     t.start()
-    time.sleep(0.5)
+    _wait(queued, "the request did not reach a replica", 30, 0.1)
     proc.send_signal(signal.SIGTERM)
     _wait(lambda: httpx.get(url + "/health", timeout=5).status_code == 503, "/health did not turn 503", 20, 0.05)
     r = httpx.post(url + "/llm/v1/chat/completions", timeout=30,

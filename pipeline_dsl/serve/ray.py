@@ -73,18 +73,27 @@ def build_app(args, gpus: float = 0):
                            args.root_path)
 
 
-def drain(app: str, timeout: float) -> bool:
+def drain(app: str, timeout: float, quiet_s: float = 1.0) -> bool:
     """The graceful stop of a running application: its ingress answers new requests 503 +
-    Retry-After while those in flight finish (up to `timeout`); True when all finished. The
-    caller then deletes the application."""
+    Retry-After while those in flight finish (up to `timeout`); True when all finished. It
+    returns once nothing has been in flight for `quiet_s`: a request the proxy accepted just
+    before the drain reaches the ingress within it (and is answered, not cut), and a load
+    balancer polling /health sees the 503. The caller then deletes the application."""
     ingress = serve.get_app_handle(app)
     ingress.drain.remote().result()
-    deadline = time.monotonic() + timeout
-    while ingress.in_flight.remote().result() > 0:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
+    start = time.monotonic()
+    idle_since = None
+    while True:
+        now = time.monotonic()
+        if ingress.in_flight.remote().result() > 0:
+            idle_since = None
+        elif idle_since is None:
+            idle_since = now
+        elif now - idle_since >= quiet_s:
+            return True
+        if now - start > timeout:
+            return idle_since is not None
+        time.sleep(0.1)
 
 
 def pipeline_device(args) -> str:
