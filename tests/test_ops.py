@@ -298,6 +298,21 @@ def _value(families, name, sample=None, **labels) -> float:
     return sum(s.value for s in fam.samples if s.name == want and labels.items() <= s.labels.items())
 
 
+def test_log_lines_go_to_the_stderr_of_the_moment_not_the_one_at_configure(monkeypatch):
+    import io
+    import logging
+
+    from pipeline_dsl.serve.logs import configure
+
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    configure("text", "info")
+    first.close()                                 # a host swapped its stderr and closed the old one
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("agp.serve").info("after the swap")
+    assert "INFO agp.serve: after the swap" in second.getvalue()
+
+
 def test_metrics_carry_vllm_names_types_model_label_and_move_under_load(ops):
     before = _scrape(ops)
     for name, kind in VLLM.items():

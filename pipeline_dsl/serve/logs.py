@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 
 # the fields a record may carry (logger.info(..., extra={...})) that JSON lines keep
@@ -46,6 +47,23 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted (like logging's last-resort
+    handler), not the stream it was at configure time: a host that swaps stderr (a test
+    runner, a supervisor) and closes the old one loses no line and prints no "Logging error"."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def formatter(log_format: str) -> logging.Formatter:
     if log_format not in ("text", "json"):
         raise ValueError(f"log format must be text or json, not {log_format!r}")
@@ -57,7 +75,7 @@ def configure(log_format: str = "text", level: str = "info", access_log: bool = 
     give uvicorn (so it keeps these handlers instead of installing its own). The access log is
     agp's (`agp.access`, serve/access.py): uvicorn's own is never written."""
     fmt = formatter(log_format)
-    handler = logging.StreamHandler()
+    handler = StderrHandler()
     handler.setFormatter(fmt)
     lvl = getattr(logging, level.upper())
     for name in ("agp", "uvicorn", "uvicorn.error"):
