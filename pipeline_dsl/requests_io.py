@@ -101,6 +101,8 @@ ITEM_FIELDS = {
     "spaces_between_special_tokens": (lambda v: isinstance(v, bool), "true or false"),
     "include_stop_str_in_output": (lambda v: isinstance(v, bool), "true or false"),
     "chat_template_kwargs": (lambda v: isinstance(v, dict), "an object of template variables"),
+    "add_generation_prompt": (lambda v: isinstance(v, bool), "true or false"),
+    "continue_final_message": (lambda v: isinstance(v, bool), "true or false"),
     "pooling": (lambda v: v == "mean", '"mean"'),
 }
 KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", "tools", "tool_choice", "logit_bias",

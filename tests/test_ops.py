@@ -175,6 +175,36 @@ def test_served_names_context_and_template_take_effect(ops):
     assert text == "<<hey>>=>"                                   # --chat-template's rendering
 
 
+def test_the_conversation_ends_as_the_request_asks_on_tokenize_and_chat(ops):
+    def tokenize(**kw):
+        r = ops.client.post(ops.url + "/tokenize", headers=ops.auth, json=kw)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def text(ids):
+        return ops.client.post(ops.url + "/detokenize", headers=ops.auth, json={"tokens": ids}).json()["prompt"]
+
+    hey = [{"role": "user", "content": "hey"}]
+    begun = [*hey, {"role": "assistant", "content": "Sure, "}]
+    assert text(tokenize(messages=hey, add_generation_prompt=False)["tokens"]) == "<<hey>>"
+    assert text(tokenize(messages=begun, add_generation_prompt=False)["tokens"]) == "<<hey>><<Sure, >>"
+    open_ = tokenize(messages=begun, continue_final_message=True, return_token_strs=True)
+    assert text(open_["tokens"]) == "<<hey>><<Sure, "                  # the answer goes on after "Sure, "
+    assert len(open_["token_strs"]) == open_["count"] and all(isinstance(t, str) and t for t in open_["token_strs"])
+    assert tokenize(messages=hey)["token_strs"] is None
+
+    def chat(**kw):
+        return ops.client.post(ops.url + "/v1/chat/completions", headers=ops.auth,
+                               json={"model": "alpha", "max_tokens": 2, "ignore_eos": True, **kw})
+
+    out = chat(messages=begun, continue_final_message=True, add_generation_prompt=False)
+    assert out.status_code == 200 and out.json()["usage"]["prompt_tokens"] == open_["count"]
+    plain = chat(messages=hey, add_generation_prompt=False)
+    assert plain.json()["usage"]["prompt_tokens"] == tokenize(messages=hey, add_generation_prompt=False)["count"]
+    both = chat(messages=begun, continue_final_message=True, add_generation_prompt=True)
+    assert both.status_code == 400 and both.json()["error"]["param"] == "continue_final_message"
+
+
 def test_cors_preflight_and_the_root_path(ops):
     pre = ops.client.options(ops.url + "/v1/chat/completions", headers={
         "Origin": "https://app.example", "Access-Control-Request-Method": "POST",

@@ -400,15 +400,19 @@ def detokenize(obj, max_model_len=None):
 
 
 def test_tokenize_takes_a_prompt_or_messages_and_the_stage_the_model_names():
-    assert tokenize({"prompt": "hi"}) == {"prompt": "hi", "add_special_tokens": True, "pin": None}
-    assert tokenize({"prompt": "hi", "add_special_tokens": False, "model": "gen"}) == {
-        "prompt": "hi", "add_special_tokens": False, "pin": "gen"}
-    assert tokenize({"prompt": "hi", "add_special_tokens": True}) == {
-        "prompt": "hi", "add_special_tokens": True, "pin": None}
-    assert tokenize({"messages": HI}) == {"messages": HI, "pin": None, "chat_template_kwargs": None}
-    assert tokenize({"messages": HI, "add_generation_prompt": True, "return_token_strs": False})["messages"] == HI
+    plain = {"prompt": "hi", "add_special_tokens": True, "pin": None, "return_token_strs": False}
+    assert tokenize({"prompt": "hi"}) == plain
+    assert tokenize({"prompt": "hi", "add_special_tokens": False, "model": "gen", "return_token_strs": True}) == {
+        **plain, "add_special_tokens": False, "pin": "gen", "return_token_strs": True}
+    assert tokenize({"prompt": "hi", "add_special_tokens": True}) == plain
+    chat = {"messages": HI, "pin": None, "chat_template_kwargs": None, "return_token_strs": False}
+    assert tokenize({"messages": HI}) == chat
+    assert tokenize({"messages": HI, "add_generation_prompt": True, "return_token_strs": False}) == {
+        **chat, "add_generation_prompt": True}
+    assert tokenize({"messages": HI, "add_generation_prompt": False, "continue_final_message": True}) == {
+        **chat, "add_generation_prompt": False, "continue_final_message": True}
     assert tokenize({"messages": HI, "model": "gen", "tools": [TOOL], "chat_template_kwargs": {"x": 1}}) == {
-        "messages": HI, "pin": "gen", "chat_template_kwargs": {"x": 1}, "tools": [TOOL], "tool_choice": "auto"}
+        **chat, "pin": "gen", "chat_template_kwargs": {"x": 1}, "tools": [TOOL], "tool_choice": "auto"}
 
 
 @pytest.mark.parametrize("obj, message, param", [
@@ -421,6 +425,13 @@ def test_tokenize_takes_a_prompt_or_messages_and_the_stage_the_model_names():
     ({"prompt": "a", "add_special_tokens": "no"},
      "'add_special_tokens' must be true or false, not a string (\"no\")", "add_special_tokens"),
     ({"prompt": "a", "foo": 1}, "unrecognized request argument \"foo\"", "foo"),
+    ({"messages": HI, "continue_final_message": True, "add_generation_prompt": True},
+     "'continue_final_message' and 'add_generation_prompt' cannot both be true: the answer either goes on with "
+     "the last message or starts a new turn", "continue_final_message"),
+    ({"messages": HI, "add_generation_prompt": 1}, "'add_generation_prompt' must be true or false, not a number (1)",
+     "add_generation_prompt"),
+    ({"prompt": "a", "return_token_strs": "yes"},
+     "'return_token_strs' must be true or false, not a string (\"yes\")", "return_token_strs"),
     ({"prompt": "a", "model": 1}, "'model' must be a string, not a number (1)", "model"),
 ])
 def test_a_bad_tokenize_request_is_a_400_naming_its_field(obj, message, param):

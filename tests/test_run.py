@@ -86,7 +86,9 @@ def test_request_lines_are_validated_field_by_field():
                         ('{"prompt": "x", "temprature": 1}', "did you mean 'temperature'"),
                         ('{"messages": []}', "empty"),
                         ('{"messages": [{"role": "robot", "content": "x"}]}', "role"),
-                        ('{"prompt": "x", "stop": [1]}', "stop")]:
+                        ('{"prompt": "x", "stop": [1]}', "stop"),
+                        ('{"messages": [{"role": "user", "content": "x"}], "continue_final_message": 1}',
+                         "'continue_final_message' must be true or false")]:
         with pytest.raises(RequestError, match=words):
             parse_line(line, 1)
     assert parse_request({"prompt": "x", "stop": "END"}).sampling["stop"] == ["END"]
@@ -102,6 +104,11 @@ def test_agp_run_answers_in_input_order_and_reports_bad_lines(tmp_path, tiny_ggu
         json.dumps({"id": "long", "prompt": "word " * 200}),            # over max_prompt_tokens
         "",
         json.dumps({"id": "c", "prompt": "abc", "temperature": 0.9, "seed": 3, "max_tokens": 4}),
+        json.dumps({"id": "both", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Yes"}],
+                    "continue_final_message": True, "add_generation_prompt": True}),
+        json.dumps({"id": "goes-on", "messages": [{"role": "user", "content": "hi"},
+                                                   {"role": "assistant", "content": "Yes"}],
+                    "continue_final_message": True, "max_tokens": 2, "ignore_eos": True}),
     ]
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -112,15 +119,17 @@ def test_agp_run_answers_in_input_order_and_reports_bad_lines(tmp_path, tiny_ggu
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "run summary" in proc.stderr
     rows = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [r["id"] for r in rows] == ["a", 2, "b", "long", "c"]
+    assert [r["id"] for r in rows] == ["a", 2, "b", "long", "c", "both", "goes-on"]
     assert rows[0]["usage"]["completion_tokens"] == 5 and rows[0]["finish_reason"] == "length"
     assert rows[1]["error"]["line"] == 2 and "JSON" in rows[1]["error"]["message"]
     assert rows[2]["usage"]["completion_tokens"] == 3
     assert rows[3]["error"]["line"] == 4 and "max_prompt_tokens" in rows[3]["error"]["message"]
     assert "text" in rows[4]
+    assert "cannot both be true" in rows[5]["error"]["message"]
+    assert rows[6]["usage"]["completion_tokens"] == 2
     s = json.loads(stats.read_text())
-    assert s["requests"] == 5 and s["completion_tokens"] >= 8 and s["output_tokens_per_s"] > 0
-    assert s["peak_memory_bytes"] > 0 and s["errors"] == 2 and s["bad_lines"] == 1
+    assert s["requests"] == 7 and s["completion_tokens"] >= 10 and s["output_tokens_per_s"] > 0
+    assert s["peak_memory_bytes"] > 0 and s["errors"] == 3 and s["bad_lines"] == 1
 
 
 def test_agp_run_is_deterministic_with_and_without_overlap(tmp_path, tiny_gguf):

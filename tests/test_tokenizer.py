@@ -4,7 +4,8 @@ template in the sandbox, incremental decoding."""
 import pytest
 
 from pipeline_dsl.engine.gguf_loader import load_gguf
-from pipeline_dsl.engine.tokenizer import Tokenizer, TokenizerError
+from pipeline_dsl.engine.errors import InputError
+from pipeline_dsl.engine.tokenizer import Tokenizer, TokenizerError, open_final_message
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,21 @@ def test_chat_template_renders_with_generation_prompt(tok):
     ids = tok.apply_chat_template([{"role": "system", "content": "S"}], add_generation_prompt=False,
                                   tokenize=True)
     assert tok.decode(ids, skip_special_tokens=False) == "<|im_start|>system\nS<|im_end|>\n"
+
+
+def test_continue_final_message_cuts_after_the_last_text_whatever_the_template_did_to_its_spaces(tok):
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure, "}]
+    text = tok.apply_chat_template(chat, add_generation_prompt=False)
+    assert text.endswith("<|im_start|>assistant\nSure, <|im_end|>\n")
+    assert open_final_message(text, "Sure, ").endswith("<|im_start|>assistant\nSure, ")   # its space kept
+    trimmed = "<user>hi</user><assistant>Sure,</assistant>"                # a template that trims
+    assert open_final_message(trimmed, "  Sure, ") == "<user>hi</user><assistant>Sure,"
+    echoed = "<user>ok</user><assistant>ok</assistant>"                     # the last occurrence
+    assert open_final_message(echoed, "ok") == "<user>ok</user><assistant>ok"
+    with pytest.raises(InputError, match="does not write the last message's text"):
+        open_final_message("<assistant>SURE</assistant>", "Sure")
+    with pytest.raises(InputError, match="text to go on with"):
+        open_final_message(text, "  ")
 
 
 def test_template_errors_and_sandbox_become_tokenizer_errors(tok):

@@ -36,6 +36,7 @@ from .processors import Features
 from .prompt_outputs import PromptOutputs, reduce_chunk, rows_wanted
 from .sampler import Detokenizer, Sampler, StopStrings, make_generator
 from .scheduler import Scheduler, SchedulerOutput, Sequence
+from .tokenizer import open_final_message
 
 LATENCY_SAMPLES = 200_000  # most recent TTFT / per-token latencies kept for percentiles
 
@@ -159,11 +160,14 @@ class Engine:
         self.scheduler.add(seq)
 
     def prompt_ids(self, prompt=None, messages=None, prompt_token_ids=None, chat_template=True,
-                   add_special_tokens=True, tools=None, tool_choice="auto", template_kwargs=None) -> list[int]:
+                   add_special_tokens=True, tools=None, tool_choice="auto", template_kwargs=None,
+                   add_generation_prompt=True, continue_final_message=False) -> list[int]:
         """A request's prompt as token ids (chat template applied to messages, with
-        `template_kwargs` as extra template variables): the encode stage's work. Thread-safe (reads
-        only the tokenizer), so it may run off the engine's loop. A text too long to fit the prompt
-        limit whatever its tokens is refused before it is tokenised."""
+        `template_kwargs` as extra template variables; the assistant's turn opened after them, or
+        with `continue_final_message` the last message left open for the answer to go on): the
+        encode stage's work. Thread-safe (reads only the tokenizer), so it may run off the engine's
+        loop. A text too long to fit the prompt limit whatever its tokens is refused before it is
+        tokenised."""
         self.check_prompt_length(prompt, messages, prompt_token_ids)
         if prompt is not None:
             if not isinstance(prompt, str):
@@ -172,7 +176,8 @@ class Engine:
                 raise InputError("the prompt is empty")
             ids = list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
         elif messages is not None:
-            ids = self._render_chat(messages, chat_template, add_special_tokens, tools, tool_choice, template_kwargs)
+            ids = self._render_chat(messages, chat_template, add_special_tokens, tools, tool_choice, template_kwargs,
+                                    add_generation_prompt, continue_final_message)
         else:
             if not isinstance(prompt_token_ids, (list, tuple)) or not all(
                     isinstance(t, int) and not isinstance(t, bool) for t in prompt_token_ids):
@@ -220,9 +225,13 @@ class Engine:
                              f"{per_token} characters)")
 
     def _render_chat(self, messages, chat_template=True, add_special_tokens=True, tools=None,
-                     tool_choice="auto", template_kwargs=None) -> list[int]:
+                     tool_choice="auto", template_kwargs=None, add_generation_prompt=True,
+                     continue_final_message=False) -> list[int]:
         if not isinstance(messages, (list, tuple)) or not messages:
             raise InputError("messages must be a non-empty list of {role, content} objects")
+        if continue_final_message and add_generation_prompt:
+            raise InputError("continue_final_message and add_generation_prompt cannot both be true: the answer "
+                             "either goes on with the last message or starts a new turn")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
                     or not isinstance(m.get("content"), str):
@@ -239,11 +248,14 @@ class Engine:
             if native and tools and tool_choice != "none":
                 extra["tools"] = tools
         try:
-            rendered = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, **extra)
+            rendered = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                                          **extra)
         except InputError:
             raise
         except Exception as e:  # a template that refuses the conversation (roles out of order, …)
             raise InputError(f"the chat template cannot render these messages: {e}") from None
+        if continue_final_message:
+            rendered = open_final_message(rendered, messages[-1]["content"])
         if isinstance(rendered, str):
             return list(self.tokenizer.encode(rendered, add_special_tokens=False))
         return list(rendered)

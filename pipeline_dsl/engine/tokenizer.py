@@ -176,6 +176,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.tk.token_to_id(token)
 
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary's own string of one id (a byte-level BPE's "Ġword"), not its text."""
+        return self.tk.id_to_token(token_id)
+
     def set_chat_template(self, source: str) -> None:
         """Use `source` (Jinja) instead of the model's chat template; a syntax error is raised now."""
         self.chat_template, self._template = source, _compile_template(source)
@@ -204,6 +208,24 @@ class Tokenizer:
         return IncrementalDecoder(self, skip_special_tokens, spaces_between_special_tokens)
 
 
+def open_final_message(rendered, content: str) -> str:
+    """A rendered conversation cut just after its last message's text, so that what the model
+    writes goes on with that message (vLLM's `continue_final_message`: an assistant's answer
+    begun by the client). The template may have trimmed the text's outer spaces; whatever it
+    put after the text (an end-of-turn token) goes."""
+    if not isinstance(rendered, str):
+        raise InputError("continue_final_message needs a chat template that renders text")
+    core = content.strip()
+    if not core:
+        raise InputError("continue_final_message needs a last message with text to go on with")
+    at = rendered.rfind(core)
+    if at < 0:
+        raise InputError("continue_final_message: the chat template does not write the last message's text as it is")
+    kept = content.lstrip()                      # its trailing spaces too, where the template kept them
+    end = at + (len(kept) if rendered.startswith(kept, at) else len(core))
+    return rendered[:end]
+
+
 class IdTokenizer:
     """Token ids as text ("17 4 9"), no end-of-sequence token: for driving an engine with
     prompt_token_ids alone (engine benchmarks, random-weight models, tests that compare ids)."""
@@ -214,6 +236,9 @@ class IdTokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return " ".join(map(str, ids))
+
+    def id_to_token(self, token_id: int) -> str:
+        return str(token_id)
 
 
 class IncrementalDecoder:

@@ -46,6 +46,11 @@ class EngineSide:
         except InputError as e:
             raise PipelineError(str(e), "invalid", code=getattr(e, "code", None)) from None
 
+    def token_strings(self, ids: list[int], pin: str | None = None) -> list[str]:
+        """The vocabulary's string of each id (agp serve's /tokenize `return_token_strs`)."""
+        tok = self._segment_for(pin).tokenizer
+        return [tok.id_to_token(t) or "" for t in ids]
+
     def token_text(self, pin: str | None = None) -> Callable[[int], str]:
         """id -> the text of that one token (for logprobs), cached."""
         import functools
@@ -95,7 +100,8 @@ class EngineSide:
         fingerprint = (id(es), repr(d.get("messages") if d.get("messages") is not None
                                     else d.get("prompt_token_ids") if d.get("prompt_token_ids") is not None
                                     else d.get("prompt")), repr(d.get("tools")), repr(d.get("tool_choice")),
-                       repr(d.get("chat_template_kwargs")))
+                       repr(d.get("chat_template_kwargs")), d.get("add_generation_prompt"),
+                       d.get("continue_final_message"))
         if item.ids is not None and item.ids[0] == fingerprint:
             return item.ids[1]
         t0 = time.perf_counter()

@@ -134,7 +134,8 @@ class EngineSegment:
         if request.get("messages") is not None:
             return self.engine.prompt_ids(messages=request["messages"], tools=request.get("tools"),
                                           tool_choice=request.get("tool_choice", "auto"),
-                                          template_kwargs=request.get("chat_template_kwargs"))
+                                          template_kwargs=request.get("chat_template_kwargs"),
+                                          **render_options(request))
         return self.engine.prompt_ids(prompt=request["prompt"],
                                       add_special_tokens=request.get("add_special_tokens", True))
 
@@ -145,7 +146,7 @@ class EngineSegment:
             return self.engine.prompt_ids(messages=data["messages"], chat_template=self.spec.chat_template,
                                           add_special_tokens=self.spec.add_special_tokens,
                                           tools=data.get("tools"), tool_choice=data.get("tool_choice", "auto"),
-                                          template_kwargs=data.get("chat_template_kwargs"))
+                                          template_kwargs=data.get("chat_template_kwargs"), **render_options(data))
         if data.get("prompt_token_ids") is not None:
             return self.engine.prompt_ids(prompt_token_ids=data["prompt_token_ids"])
         return self.engine.prompt_ids(prompt=data.get("prompt"), add_special_tokens=self.spec.add_special_tokens)
@@ -253,3 +254,10 @@ class EngineSegment:
         s["work_s"] = dict(self.executor.work_s)
         s["work_n"] = dict(self.executor.work_n)
         return s
+
+
+def render_options(data: dict) -> dict:
+    """How a conversation's end is rendered (the request's add_generation_prompt and
+    continue_final_message; vLLM's defaults when absent)."""
+    return {"add_generation_prompt": data.get("add_generation_prompt", not data.get("continue_final_message")),
+            "continue_final_message": bool(data.get("continue_final_message"))}

@@ -59,6 +59,10 @@ CHAT_REQUEST = {"type": "object", "required": ["messages"], "additionalPropertie
     "max_completion_tokens": {"type": "integer", "minimum": 1},
     "metadata": {"type": "object"},
     "chat_template_kwargs": {"type": "object", "description": "extra variables of the chat template"},
+    "add_generation_prompt": {"type": "boolean", "description": "open the assistant's turn after the messages "
+                                                                  "(default true)"},
+    "continue_final_message": {"type": "boolean", "description": "the answer goes on with the last message "
+                                                                   "(give add_generation_prompt false or leave it out)"},
     "parallel_tool_calls": {"type": ["boolean", "null"]},
     **SAMPLING,
 }}
@@ -193,13 +197,18 @@ VERSION = {"responses": {"200": {"description": "agp's version", "content": {"ap
 TOKENIZE_REQUEST = {"type": "object", "additionalProperties": False, "properties": {
     "model": {"type": "string"}, "prompt": {"type": "string", "minLength": 1},
     "messages": {"type": "array", "minItems": 1, "items": MESSAGE},
-    "add_special_tokens": {"type": "boolean"}, "add_generation_prompt": {"type": "boolean"}}}
+    "add_special_tokens": {"type": "boolean"}, "add_generation_prompt": {"type": "boolean"},
+    "continue_final_message": {"type": "boolean"}, "return_token_strs": {"type": "boolean"},
+    "tools": {"type": "array", "items": {"type": "object"}},
+    "chat_template_kwargs": {"type": "object", "description": "extra variables of the chat template"}}}
 
 TOKENIZE = {"requestBody": {"required": True, "content": {"application/json": {"schema": TOKENIZE_REQUEST}}},
             "responses": {"200": {"description": "the prompt's token ids", "content": {"application/json": {
                 "schema": {"type": "object", "required": ["count", "max_model_len", "tokens"], "properties": {
                     "count": {"type": "integer"}, "max_model_len": {"type": "integer"},
-                    "tokens": {"type": "array", "items": {"type": "integer"}}}}}}},
+                    "tokens": {"type": "array", "items": {"type": "integer"}},
+                    "token_strs": {"type": ["array", "null"], "items": {"type": "string"},
+                                   "description": "each id's vocabulary string, with return_token_strs"}}}}}},
                 **{k: ERRORS[k] for k in ("400", "404", "408", "413", "415", "503")}}}
 
 DETOKENIZE = {"requestBody": {"required": True, "content": {"application/json": {"schema": {

@@ -132,7 +132,8 @@ VLLM = {"skip_special_tokens", "spaces_between_special_tokens", "include_stop_st
 COMPLETION_FIELDS = COMMON | VLLM | {"prompt", "echo", "best_of", "suffix"}
 CHAT_FIELDS = COMMON | VLLM | {"messages", "max_completion_tokens", "top_logprobs",
                                "tools", "tool_choice", "parallel_tool_calls", "metadata", "store",
-                               "service_tier", "chat_template_kwargs"}
+                               "service_tier", "chat_template_kwargs", "add_generation_prompt",
+                               "continue_final_message"}
 
 
 def check_unknown(obj: dict, known: set[str], lenient: bool = False) -> dict:
@@ -335,11 +336,23 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
         raise APIError(str(e), param=e.param) from None
     extras = parse_extras(obj, chat=True)
     fields.update(extras.fields)
+    fields.update(_render_flags(obj))
     return GenerationRequest("chat", model, fields, messages=messages, stream=stream,
                              include_usage=include_usage, pin=pin, metadata=metadata,
                              tools=tuple(tools) if tools else None, tool_choice=choice,
                              parallel_tool_calls=parallel, response_format=extras.constraint,
                              request_id=extras.request_id, chat_template_kwargs=extras.template_kwargs)
+
+
+def _render_flags(obj: dict) -> dict:
+    """add_generation_prompt / continue_final_message (vLLM's): how the conversation's end is
+    rendered; both true is a 400."""
+    flags = {name: _field(obj, name, lambda v: isinstance(v, bool), "true or false")
+             for name in ("add_generation_prompt", "continue_final_message")}
+    if flags["continue_final_message"] and flags["add_generation_prompt"]:
+        raise APIError("'continue_final_message' and 'add_generation_prompt' cannot both be true: the answer either "
+                       "goes on with the last message or starts a new turn", param="continue_final_message")
+    return {k: v for k, v in flags.items() if v is not None}
 
 
 # ---------------------------------------------------------------- logprobs (OpenAI's two shapes)
@@ -386,19 +399,22 @@ def chat_logprobs(entries: list, text_of) -> dict:
 
 def parse_tokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...] = ()) -> dict:
     """POST /tokenize: {"prompt": str, "add_special_tokens": true} or {"messages": [...],
-    "add_generation_prompt": true}; `model` may name a generate stage (its tokenizer)."""
+    "add_generation_prompt": true, "continue_final_message": false}; `model` may name a generate
+    stage (its tokenizer); "return_token_strs": true asks for each id's vocabulary string too."""
     obj = check_unknown(obj, {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
-                               "tools", "return_token_strs", "chat_template_kwargs"})
+                               "continue_final_message", "tools", "return_token_strs", "chat_template_kwargs"})
     _, pin = model_of(obj, served, stages)
     special = _field(obj, "add_special_tokens", lambda v: isinstance(v, bool), "true or false")
+    strs = bool(_field(obj, "return_token_strs", lambda v: isinstance(v, bool), "true or false"))
     if ("prompt" in obj) == ("messages" in obj):
         raise APIError("give exactly one of 'prompt' or 'messages'", param="prompt")
     if "prompt" in obj:
         if not isinstance(obj["prompt"], str) or not obj["prompt"]:
             raise _bad("prompt", "a non-empty string", obj["prompt"])
-        return {"prompt": obj["prompt"], "add_special_tokens": True if special is None else special, "pin": pin}
-    out = {"messages": list(_messages(obj["messages"])), "pin": pin,
-           "chat_template_kwargs": parse_extras(obj, chat=True).template_kwargs}
+        return {"prompt": obj["prompt"], "add_special_tokens": True if special is None else special, "pin": pin,
+                "return_token_strs": strs}
+    out = {"messages": list(_messages(obj["messages"])), "pin": pin, "return_token_strs": strs,
+           "chat_template_kwargs": parse_extras(obj, chat=True).template_kwargs, **_render_flags(obj)}
     if obj.get("tools") is not None:
         try:
             out["tools"], out["tool_choice"], _ = parse_tools(obj)

@@ -123,11 +123,13 @@ async def tokenize(request: Request):
         body = await read_json(request, state.config)
         tok = P.parse_tokenize(body, served=state.config.model_names, stages=_stage_names(state.config))
         ids = await asyncio.to_thread(state.apipe.runtime.tokenise, tok, None)
+        strs = (await asyncio.to_thread(state.apipe.runtime.token_strings, ids, tok["pin"])
+                if tok["return_token_strs"] else None)
     except P.APIError as err:
         return error_response(err)
     except PipelineError as e:
         return error_response(api_error(e, "chat" if "messages" in body else "completion"))
-    return {"count": len(ids), "max_model_len": state.config.max_model_len, "tokens": ids}
+    return {"count": len(ids), "max_model_len": state.config.max_model_len, "tokens": ids, "token_strs": strs}
 
 
 @router.get("/tokenizer_info", openapi_extra=OA.TOKENIZER_INFO)
