@@ -148,3 +148,4 @@ def test_bad_input_is_a_400_naming_the_responses_field(server, body, param):
     r = httpx.post(server.url + "/v1/responses", json={"model": "tiny", **body}, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param and r.json()["error"]["message"]
+

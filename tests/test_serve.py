@@ -17,6 +17,8 @@ import openai
 import pytest
 import uvicorn
 
+from tiny_model import write_tiny_gguf
+
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
 from pipeline_dsl.flow import build_runtime
 from pipeline_dsl.serve import protocol as P
@@ -426,6 +428,54 @@ def test_a_stream_whose_client_is_gone_before_the_first_byte_is_aborted(tiny_ggu
             time.sleep(0.05)
         assert st["waiting"] == 0 and st["in_flight"] == 0
         assert s.metric("agp_requests_in_flight") == 0
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("path, fields", [
+    ("/v1/completions", {"prompt": "hello", "max_tokens": 2000}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2000}),
+    ("/v1/responses", {"input": "hello", "max_output_tokens": 2000}),
+])
+def test_a_stream_notices_its_client_going_while_it_has_nothing_to_write(tmp_path, path, fields):
+    """The server hears the client go (http.disconnect) while its writes still succeed, as when
+    a stream holds back text (a tool call until it parses): the request stops, not at its end."""
+    long = write_tiny_gguf(tmp_path / "long.gguf", context=4096)
+    s = LiveServer(long, max_batch_size=8)
+    body = json.dumps({"model": "tiny", **fields, "ignore_eos": True, "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 9), "server": ("127.0.0.1", s.port)}
+
+    async def call_app():
+        chunks = []
+        first = asyncio.Event()
+
+        async def receive():
+            if not chunks:
+                chunks.append(b"")
+                return {"type": "http.request", "body": body, "more_body": False}
+            await first.wait()                                 # the answer began: now the client goes
+            return {"type": "http.disconnect"}
+
+        async def send(message):                               # writes never fail
+            if message["type"] == "http.response.body" and message.get("body"):
+                chunks.append(message["body"])
+                first.set()
+
+        await asyncio.wait_for(s.app(scope, receive, send), 60)
+        return chunks
+
+    try:
+        chunks = asyncio.run(call_app())
+        assert len(chunks) > 1 and not chunks[1].startswith(b'{"error"')   # it was answering
+        deadline = time.monotonic() + 10
+        while (st := s.stats())["requests_aborted"] != 1:
+            assert time.monotonic() < deadline, st
+            time.sleep(0.05)
+        assert st["requests_done"] == 0 and st["in_flight"] == 0 and st["running"] == 0
+        assert s.metric("agp_requests_total", '{status="499"}') == 1
     finally:
         s.close()
 

@@ -18,14 +18,14 @@ import json
 import time
 
 from . import protocol as P
-from .errors import api_error, log_error
+from .sse import Relay
 from .responses_output import call_item, message_item, new_id, response_object, usage
 
 
-class ResponseEvents:
+class ResponseEvents(Relay):
     def __init__(self, owner, call, stream, first, rid: str, on_end):
         self.owner, self.call, self.stream, self.first, self.rid = owner, call, stream, first, rid
-        self.on_end = on_end
+        self.on_end, self.kind, self.retry_after_s = on_end, "responses", owner.g.config.retry_after_s
         self.created = int(time.time())
         self.seq = 0
         self.output: list[dict] = []            # the items done so far
@@ -122,36 +122,27 @@ class ResponseEvents:
         self.reason = "tool_calls" if self.called else (choice.finish_reason if choice is not None else None)
         return out + [self.event(f"response.{status}", response=final)]
 
-    # ---- the stream --------------------------------------------------------------------
+    # ---- the stream (sse.Relay's loop) -----------------------------------------------------
+    def on_delta(self, index: int, out) -> list[bytes]:
+        if index != 0:                           # the Responses API has one answer: choice 0
+            return []
+        self.seen = True
+        return self.content(out.delta_text, getattr(out, "logprobs", None))
+
+    def on_error(self, err: P.APIError) -> list[bytes]:
+        failed = self.snapshot("failed", error={"code": err.code or err.type, "message": err.message})
+        return [self.event("response.failed", response=failed)]
+
+    def on_done(self, result) -> list[bytes]:
+        return self.finish(result)
+
+    def reasons_sent(self, status: str) -> dict:
+        return {0: self.reason} if status == "200" else {}
+
     async def events(self):
-        status, result, self.reason = "499", None, None
+        self.reason = None
         self.stream.started = True
-        try:
-            yield self.event("response.created", response=self.snapshot("in_progress"))
-            yield self.event("response.in_progress", response=self.snapshot("in_progress"))
-            event = self.first
-            while True:
-                if event[0] == "delta":
-                    _, index, out = event
-                    if index == 0:                       # the Responses API has one answer: choice 0
-                        self.seen = True
-                        for chunk in self.content(out.delta_text, getattr(out, "logprobs", None)):
-                            yield chunk
-                else:
-                    result = event[1]
-                    if result.error is not None:
-                        err = api_error(result.error, "responses", self.owner.g.config.retry_after_s)
-                        status = str(err.status)
-                        log_error(err)
-                        failed = self.snapshot("failed", error={"code": err.code or err.type, "message": err.message})
-                        yield self.event("response.failed", response=failed)
-                        return
-                    for chunk in self.finish(result):
-                        yield chunk
-                    status = "200"
-                    return
-                event = await self.stream.__anext__()
-        finally:                                          # also on disconnect (cancel / aclose)
-            if not self.stream.finished:
-                self.stream.abort()
-            self.on_end(status, result if status == "200" else None, {0: self.reason} if status == "200" else {})
+        opening = [self.event("response.created", response=self.snapshot("in_progress")),
+                   self.event("response.in_progress", response=self.snapshot("in_progress"))]
+        async for chunk in self.relay(opening):
+            yield chunk

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import time
 
+import anyio
 from fastapi.responses import StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from . import protocol as P
 from .async_pipeline import RequestStream, StreamGroup
@@ -18,7 +20,10 @@ from .errors import api_error, log_error
 
 
 class EventStream(StreamingResponse):
-    """Server-sent events; a client gone before the first byte still ends the request (on_gone)."""
+    """Server-sent events. The client's going is watched for while the answer streams, not only
+    noticed at the next write: a stream with nothing to send for a while (tokens with no text, a
+    tool call held until it parses) still stops at once, its request aborted (the events'
+    generator is closed). A client gone before the first byte still ends the request (on_gone)."""
 
     def __init__(self, content, stream: RequestStream, on_gone, headers: dict | None = None):
         super().__init__(content, media_type="text/event-stream",
@@ -27,8 +32,23 @@ class EventStream(StreamingResponse):
 
     async def __call__(self, scope, receive, send):
         try:
-            await super().__call__(scope, receive, send)
+            async with anyio.create_task_group() as group:
+                async def watch():
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    group.cancel_scope.cancel()          # the client went: stop streaming
+
+                group.start_soon(watch)
+                try:
+                    await self.stream_response(send)
+                except OSError:
+                    raise ClientDisconnect() from None
+                finally:
+                    group.cancel_scope.cancel()
         finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:                 # its finally aborts the request, if it started
+                await close()
             if not self._stream.started:      # the generator never ran
                 self._stream.abort()
                 self._on_gone()
@@ -43,14 +63,69 @@ def prompt_text(runtime, data: dict, req: P.GenerationRequest) -> str:
     return runtime.detokenise(list(ids), req.pin) if ids else ""
 
 
-class ChunkWriter:
-    """The chunks of one streamed completions / chat answer; `on_end(status, result)` once, when
-    the stream ends (answered, failed, or the client gone: status "499", result None)."""
+class Relay:
+    """The loop of every streamed answer: the pipeline's events (a choice's delta, then the
+    request's result) become the chunks a subclass writes; a failed request ends with the
+    subclass's error chunks; `on_end(status, result, reasons)` runs once, whatever ends the
+    stream (answered, failed, or the client gone: status "499", result None), and a stream
+    left unfinished is aborted."""
+    stream: RequestStream
+    first: tuple
+    kind: str                                    # the API, for the error's shape
+    retry_after_s: int
+
+    def on_delta(self, index: int, out) -> list[bytes]:
+        raise NotImplementedError
+
+    def on_error(self, err: P.APIError) -> list[bytes]:
+        raise NotImplementedError
+
+    def on_done(self, result) -> list[bytes]:
+        raise NotImplementedError
+
+    def reasons_sent(self, status: str) -> dict:
+        """index -> the finish reason sent, for on_end."""
+        raise NotImplementedError
+
+    async def relay(self, opening=()):
+        """The stream's chunks: `opening` first, then the events'."""
+        status, result = "499", None
+        try:
+            for chunk in opening:
+                yield chunk
+            event = self.first
+            while True:
+                if event[0] == "delta":
+                    for chunk in self.on_delta(event[1], event[2]):
+                        yield chunk
+                else:
+                    result = event[1]
+                    if result.error is not None:
+                        err = api_error(result.error, self.kind, self.retry_after_s)
+                        status = str(err.status)
+                        log_error(err)
+                        for chunk in self.on_error(err):
+                            yield chunk
+                        return
+                    for chunk in self.on_done(result):
+                        yield chunk
+                    status = "200"
+                    return
+                event = await self.stream.__anext__()
+        finally:                                 # also on disconnect (cancel / aclose)
+            if not self.stream.finished:
+                self.stream.abort()
+            self.on_end(status, result if status == "200" else None, self.reasons_sent(status))
+
+
+class ChunkWriter(Relay):
+    """The chunks of one streamed completions / chat answer; `on_end(status, result, reasons)`
+    once, when the stream ends (Relay)."""
 
     def __init__(self, runtime, stream, first, req: P.GenerationRequest, rid: str, retry_after_s: int,
                  on_end):
         self.runtime, self.stream, self.first, self.req, self.rid = runtime, stream, first, req, rid
-        self.retry_after_s, self.on_end = retry_after_s, on_end
+        self.retry_after_s, self.on_end, self.kind = retry_after_s, on_end, req.kind
         self.now = int(time.time())
         self.chat = req.kind == "chat"
         self.opened: set[int] = set()
@@ -150,34 +225,22 @@ class ChunkWriter:
         return out
 
     # ---- the stream ----------------------------------------------------------------------
+    def on_delta(self, index: int, out) -> list[bytes]:
+        chunks = self.content(index, out.delta_text, getattr(out, "logprobs", None))
+        if out.finished and index not in self.closed:
+            return [*chunks, *self.finish(index, out.finish_reason)]
+        return chunks
+
+    def on_error(self, err: P.APIError) -> list[bytes]:
+        return [P.sse(err.body()), P.sse("[DONE]")]
+
+    def on_done(self, result) -> list[bytes]:
+        return self.done(result)
+
+    def reasons_sent(self, status: str) -> dict:
+        return self.reasons
+
     async def events(self):
-        status, result = "499", None
         self.stream.started = True
-        try:
-            event = self.first
-            while True:
-                if event[0] == "delta":
-                    _, index, out = event
-                    for chunk in self.content(index, out.delta_text, getattr(out, "logprobs", None)):
-                        yield chunk
-                    if out.finished and index not in self.closed:
-                        for chunk in self.finish(index, out.finish_reason):
-                            yield chunk
-                else:
-                    result = event[1]
-                    if result.error is not None:
-                        err = api_error(result.error, self.req.kind, self.retry_after_s)
-                        status = str(err.status)
-                        log_error(err)
-                        yield P.sse(err.body())
-                        yield P.sse("[DONE]")
-                        return
-                    for chunk in self.done(result):
-                        yield chunk
-                    status = "200"
-                    return
-                event = await self.stream.__anext__()
-        finally:                                 # also on disconnect (cancel / aclose)
-            if not self.stream.finished:
-                self.stream.abort()
-            self.on_end(status, result if status == "200" else None, self.reasons)
+        async for chunk in self.relay():
+            yield chunk
