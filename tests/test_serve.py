@@ -189,6 +189,14 @@ class LiveServer:
         st = httpx.get(self.url + "/stats", timeout=10).json()
         return {**st["engines"]["gen"], "in_flight": st["requests"]["in_flight"], "stages": st["stages"]}
 
+    def stats_when(self, ok, timeout: float = 10.0) -> dict:
+        """The stats once `ok(stats)` holds (an AssertionError with the last stats after `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while not ok(st := self.stats()):
+            assert time.monotonic() < deadline, st
+            time.sleep(0.05)
+        return st
+
     def metric(self, name: str, labels: str = "") -> float:
         """The value of sample `name` whose labels include `labels` ('{status="429"}')."""
         from prometheus_client.parser import text_string_to_metric_families
@@ -366,10 +374,7 @@ def test_full_queue_is_429_with_retry_after(tiny_gguf):
         waiting = [threading.Thread(target=send) for _ in range(2)]
         for t in waiting:
             t.start()
-        deadline = time.monotonic() + 10
-        while s.stats()["waiting"] != 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        s.stats_when(lambda st: st["waiting"] == 2)
         r = httpx.post(s.url + "/v1/completions", json=body, timeout=30)
         assert r.status_code == 429
         assert r.headers["retry-after"] == "1"
@@ -388,10 +393,7 @@ def test_a_non_streaming_client_that_hangs_up_aborts_its_request(tiny_gguf):
     try:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(s.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 4}, timeout=0.5)
-        deadline = time.monotonic() + 10
-        while (st := s.stats())["requests_aborted"] != 1:
-            assert time.monotonic() < deadline, st
-            time.sleep(0.05)
+        st = s.stats_when(lambda st: st["requests_aborted"] == 1)
         assert st["waiting"] == 0 and st["in_flight"] == 0 and st["kv_blocks_used"] == 0
         assert s.metric("agp_requests_total", '{status="499"}') == 1
     finally:
@@ -422,10 +424,7 @@ def test_a_stream_whose_client_is_gone_before_the_first_byte_is_aborted(tiny_ggu
 
     try:
         asyncio.run(call_app())
-        deadline = time.monotonic() + 10
-        while (st := s.stats())["requests_aborted"] != 1:
-            assert time.monotonic() < deadline, st
-            time.sleep(0.05)
+        st = s.stats_when(lambda st: st["requests_aborted"] == 1)
         assert st["waiting"] == 0 and st["in_flight"] == 0
         assert s.metric("agp_requests_in_flight") == 0
     finally:
@@ -470,10 +469,7 @@ def test_a_stream_notices_its_client_going_while_it_has_nothing_to_write(tmp_pat
     try:
         chunks = asyncio.run(call_app())
         assert len(chunks) > 1 and not chunks[1].startswith(b'{"error"')   # it was answering
-        deadline = time.monotonic() + 10
-        while (st := s.stats())["requests_aborted"] != 1:
-            assert time.monotonic() < deadline, st
-            time.sleep(0.05)
+        st = s.stats_when(lambda st: st["requests_aborted"] == 1)
         assert st["requests_done"] == 0 and st["in_flight"] == 0 and st["running"] == 0
         assert s.metric("agp_requests_total", '{status="499"}') == 1
     finally:
