@@ -121,7 +121,8 @@ def test_an_int4_layer_keeps_only_its_x16_records_and_still_dequantises():
 @pytest.mark.parametrize("fast_bf16", [True, False])
 def test_prefill_rows_take_the_int8_kernel_where_bf16_is_emulated(monkeypatch, fast_bf16):
     """Above 8 rows the dense bf16 copy wins only with bf16 in hardware (AMX, AVX512-BF16);
-    elsewhere oneDNN emulates it and the int8 kernel keeps up to 256 rows."""
+    elsewhere oneDNN emulates it and the int8 kernel keeps every row count (a mixed step's
+    prefill piece and decodes too)."""
     from pipeline_dsl.engine.quant import PackedLinear, packing_works
     if not packing_works():
         pytest.skip("no oneDNN bf16 packing here")
@@ -130,11 +131,11 @@ def test_prefill_rows_take_the_int8_kernel_where_bf16_is_emulated(monkeypatch, f
     blocks = random_int4(64, 96, g)
     dense = PackedLinear(effective(blocks).bfloat16())
     lin = Int4Linear(blocks, torch.bfloat16, dense)
-    x = torch.randn(40, 96, generator=g).bfloat16()
-    got = lin(x)
-    int8 = native_linear(lin, x).bfloat16()
-    assert torch.equal(got, dense(x) if fast_bf16 else int8)
-    assert lin.x16_rows == (8 if fast_bf16 else 256)
+    for rows in (40, 300):
+        x = torch.randn(rows, 96, generator=g).bfloat16()
+        int8 = native_linear(lin, x).bfloat16()
+        assert torch.equal(lin(x), dense(x) if fast_bf16 else int8)
+    assert lin.x16_rows == 8 if fast_bf16 else lin.x16_rows >= 1 << 20
 
 
 @pytest.mark.parametrize("qtype, want", [("Q4_1", torch.bfloat16), ("F32", None)])

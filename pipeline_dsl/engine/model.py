@@ -109,7 +109,7 @@ LINEAR_WEIGHTS = ("q", "k", "v", "o", "gate", "up", "down")
 def int4_runs_natively(weights, config: LlamaConfig, device: torch.device) -> bool:
     """Whether every linear of a CPU model is the file's own 4-bit blocks and agp's native int8
     kernels (AVX512-VNNI) can run them. Then `dtype = auto` takes bf16 even where bf16 is not in
-    hardware: those kernels compute in int8 and rows of up to 256 tokens go through them (bf16
+    hardware: those kernels compute in int8 and steps of every row count go through them (bf16
     is the storage of the KV pool and the glue), against dense fp32 GEMMs reading 8x the bytes;
     on the embedded model here one request alone decodes ~4x faster and W32 ~1.6x."""
     int4 = getattr(weights, "int4", {})

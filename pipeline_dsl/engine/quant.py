@@ -42,12 +42,17 @@ X16_TWO_PARTS = 2  # kinds 4, 5 + this: the same records, inputs in two int8 par
 ROWS = 16          # output rows interleaved in the x16 forms
 
 
+NO_ROW_LIMIT = 1 << 30
+
+
 def x16_max_rows() -> int:
     """Up to how many rows a layer with x16 records runs the int8 kernel rather than its dense
     copy. With bf16 in hardware oneDNN's bf16 GEMMs take over above 8 rows (measured on AMX);
-    without it they are emulated: ~20 GFLOP/s on a 2-core Ice Lake against 250-320 for the int8
-    kernel at 16-256 rows of this model's gate_up (measured), so the int8 kernel keeps 256."""
-    return 8 if native.fast_bf16() else 256
+    without it they are emulated and the int8 kernel keeps every row count: on a 2-core Ice Lake
+    (AVX-512 VNNI, no AMX) SmolLM2-135M's gate_up ran at 220-230 GFLOP/s through it at 256, 512
+    and 1024 rows against 64 GFLOP/s for the emulated bf16 GEMM at 512 and 1024 (measured), and a
+    mixed step (a 256-token prefill piece beside the decodes) is over 256 rows."""
+    return 8 if native.fast_bf16() else NO_ROW_LIMIT
 
 
 def pack_q4x16(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
