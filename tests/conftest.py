@@ -18,6 +18,12 @@ def soft_gguf(tmp_path_factory):
     return write_tiny_gguf(tmp_path_factory.mktemp("models") / "soft.gguf", embed_scale=0.2)
 
 
+@pytest.fixture(scope="session")
+def long_gguf(tmp_path_factory):
+    """The tiny model with a 4096-token context: room for a tool prompt or a long answer."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("models") / "long.gguf", context=4096)
+
+
 @pytest.fixture
 def one_torch_thread():
     """torch on one thread for the test (tiny models: more threads only add contention)."""

@@ -14,16 +14,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from test_serve import LiveServer
-from tiny_model import write_tiny_gguf
 
 TOOL = {"type": "function", "function": {"name": "add", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["a"]}}}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    path = write_tiny_gguf(tmp_path_factory.mktemp("m") / "long.gguf", context=4096)   # room for the tool prompt
-    s = LiveServer(path, max_batch_size=8, overrides={"kv_budget_bytes": 8 << 20})
+def server(long_gguf):                                   # room for the tool prompt
+    s = LiveServer(long_gguf, max_batch_size=8, overrides={"kv_budget_bytes": 8 << 20})
     yield s
     s.close()
 

@@ -14,7 +14,6 @@ import pydantic
 import pytest
 
 from test_serve import LiveServer
-from tiny_model import write_tiny_gguf
 
 pytest.importorskip("llguidance")
 
@@ -30,9 +29,8 @@ class Colour(pydantic.BaseModel):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    path = write_tiny_gguf(tmp_path_factory.mktemp("resp") / "long.gguf", context=4096)   # room for tools
-    s = LiveServer(path, max_batch_size=8, overrides={"kv_budget_bytes": 8 << 20})
+def server(long_gguf):                                   # room for tools
+    s = LiveServer(long_gguf, max_batch_size=8, overrides={"kv_budget_bytes": 8 << 20})
     yield s
     s.close()
 

@@ -17,8 +17,6 @@ import openai
 import pytest
 import uvicorn
 
-from tiny_model import write_tiny_gguf
-
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
 from pipeline_dsl.flow import build_runtime
 from pipeline_dsl.serve import protocol as P
@@ -436,11 +434,10 @@ def test_a_stream_whose_client_is_gone_before_the_first_byte_is_aborted(tiny_ggu
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2000}),
     ("/v1/responses", {"input": "hello", "max_output_tokens": 2000}),
 ])
-def test_a_stream_notices_its_client_going_while_it_has_nothing_to_write(tmp_path, path, fields):
+def test_a_stream_notices_its_client_going_while_it_has_nothing_to_write(long_gguf, path, fields):
     """The server hears the client go (http.disconnect) while its writes still succeed, as when
     a stream holds back text (a tool call until it parses): the request stops, not at its end."""
-    long = write_tiny_gguf(tmp_path / "long.gguf", context=4096)
-    s = LiveServer(long, max_batch_size=8)
+    s = LiveServer(long_gguf, max_batch_size=8)
     body = json.dumps({"model": "tiny", **fields, "ignore_eos": True, "stream": True}).encode()
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
              "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
