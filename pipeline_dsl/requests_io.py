@@ -110,7 +110,8 @@ KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", "t
 
 
 def parse_messages(value) -> list[dict]:
-    """OpenAI chat messages: roles checked, text content parts joined; RequestError names the field."""
+    """OpenAI chat messages: roles checked, text content parts joined by newlines (as vLLM joins
+    them); RequestError names the field."""
     if not isinstance(value, list):
         raise RequestError(f"'messages' must be an array of {{role, content}} objects, not {_shown(value)}",
                            param="messages")
@@ -135,7 +136,7 @@ def parse_messages(value) -> list[dict]:
                                        "({\"type\": \"text\", \"text\": ...}); agp serves text only",
                                        param=f"{where}.content")
                 texts.append(part["text"])
-            content = "".join(texts)
+            content = "\n".join(texts)           # vLLM's join: a part is a paragraph
         if content is None and role == "assistant":
             content = ""
         if not isinstance(content, str):

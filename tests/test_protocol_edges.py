@@ -463,6 +463,10 @@ def test_completion_logprobs_list_tokens_with_offsets_from_the_start():
     assert P.completion_logprobs(data, TEXT.get, False, start=3) == {
         "tokens": ["he", "llo"], "token_logprobs": [-0.5, -0.25],
         "top_logprobs": [{"he": -0.5, "llo": -1.5}, None], "text_offset": [3, 5]}
+    chosen = {"logprobs": [{"token_id": 6, "logprob": -1.5, "top": [(5, -0.5)]}]}    # not among the top 1
+    assert P.completion_logprobs(chosen, TEXT.get, False)["top_logprobs"] == [{"he": -0.5, "llo": -1.5}]
+    zero = {"logprobs": [{"token_id": 6, "logprob": -1.5, "top": []}]}                 # logprobs: 0
+    assert P.completion_logprobs(zero, TEXT.get, False)["top_logprobs"] == [{"llo": -1.5}]
     assert P.completion_logprobs({}, TEXT.get, False) == {
         "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 

@@ -118,7 +118,7 @@ def test_valid_requests_become_items_with_the_fields_they_set():
         "stream": True, "stream_options": {"include_usage": True}, "metadata": {"tier": "gold"}})
     assert req.fields == {"max_tokens": 7, "temperature": 0.5, "top_k": -1, "stop": ["\n"], "seed": 3}
     item = req.item("r1")
-    assert item["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    assert item["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi \nthere"}]
     assert item["metadata"] == {"tier": "gold"} and item["model"] == "tiny" and item["id"] == "r1"
     assert req.stream and req.include_usage and req.pin is None
     comp = parse_completion({"prompt": [[5, 6, 7]], "model": "gen"})

@@ -370,7 +370,8 @@ def completion_logprobs(data: dict, text_of, echo: bool, start: int = 0) -> dict
         piece = text_of(e["token_id"])
         tokens.append(piece)
         lps.append(e["logprob"])
-        tops.append(None if e.get("top") is None else _top_dict(e["top"], text_of))
+        # OpenAI's legacy shape: the sampled token is always listed (up to logprobs + 1 entries)
+        tops.append(None if e.get("top") is None else _top_dict([*e["top"], (e["token_id"], e["logprob"])], text_of))
         offsets.append(pos)
         pos += len(piece)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
