@@ -121,6 +121,50 @@ def test_parallel_tool_calls_null_is_accepted(server):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "parallel_tool_calls"
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(server, client):
+    long = "the cat and the world " * 400                      # beyond the tiny model's context
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="tiny", prompt=long, max_tokens=2)
+    cut = client.completions.create(model="tiny", prompt=long, max_tokens=2, extra_body={"truncate_prompt_tokens": 12})
+    assert cut.usage.prompt_tokens == 12
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": "the cat and the world " * 10},   # the same tail
+                     timeout=30).json()["tokens"]
+    tail = client.completions.create(model="tiny", prompt=ids[-12:], max_tokens=2, temperature=0)
+    again = client.completions.create(model="tiny", prompt=long, max_tokens=2, temperature=0,
+                                      extra_body={"truncate_prompt_tokens": 12})
+    assert again.choices[0].text == tail.choices[0].text            # the last 12 tokens, no others
+    ids_cut = client.completions.create(model="tiny", prompt=ids[:40], max_tokens=1,
+                                        extra_body={"truncate_prompt_tokens": 5})
+    assert ids_cut.usage.prompt_tokens == 5
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": long}], max_tokens=2,
+                                          extra_body={"truncate_prompt_tokens": 20})
+    assert chat.usage.prompt_tokens == 20
+    for bad in (0, -2, 10 ** 6, "5"):
+        with pytest.raises(openai.BadRequestError, match="truncate_prompt_tokens"):
+            client.completions.create(model="tiny", prompt="hi", max_tokens=1, extra_body={"truncate_prompt_tokens": bad})
+
+
+def test_what_vllm_clients_send_by_default_is_taken_and_anything_else_named(client):
+    defaults = {"use_beam_search": False, "length_penalty": 1.0, "priority": 0, "return_tokens_as_token_ids": False,
+                "bad_words": [], "allowed_token_ids": None, "prompt_logprobs": None, "vllm_xargs": None,
+                "guided_decoding_backend": "xgrammar", "echo": False, "add_special_tokens": False,
+                "documents": None, "functions": None, "function_call": None}
+    out = client.chat.completions.create(model="tiny", messages=USER, max_tokens=2, extra_body=defaults)
+    assert out.usage.completion_tokens <= 2
+    plain = {k: v for k, v in defaults.items() if k not in ("echo", "add_special_tokens", "documents", "functions",
+                                                            "function_call")}
+    assert client.completions.create(model="tiny", prompt="hi", max_tokens=1, extra_body=plain).usage
+    for field, value, words in [("use_beam_search", True, "(leave it out or use false)"),
+                                ("priority", 3, "(leave it out or use 0)"),
+                                ("functions", [{"name": "f"}], "(leave it out or use 'tools')"),
+                                ("allowed_token_ids", [1, 2], "(leave it out or restrict the answer with")]:
+        with pytest.raises(openai.BadRequestError, match=re.escape(f"'{field}' = ")) as e:
+            client.chat.completions.create(model="tiny", messages=USER, max_tokens=1, extra_body={field: value})
+        assert words in e.value.message and e.value.body["param"] == field
+    with pytest.raises(openai.BadRequestError, match="unrecognized request argument"):    # chat only
+        client.completions.create(model="tiny", prompt="hi", max_tokens=1, extra_body={"documents": None})
+
+
 def test_guided_fields_and_structured_outputs_constrain_the_answer(client):
     def chat(**extra):
         out = client.chat.completions.create(model="tiny", messages=USER, max_tokens=24, temperature=1.0, seed=3,

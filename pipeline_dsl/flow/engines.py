@@ -94,14 +94,15 @@ class EngineSide:
 
         d = item.data
         try:                                   # a prompt too long for any tokenisation: refused at once
-            es.check_prompt_length(d)
+            if not d.get("truncate_prompt_tokens"):
+                es.check_prompt_length(d)
         except InputError as e:
             raise PipelineError(str(e), "invalid", stage, getattr(e, "code", None)) from None
         fingerprint = (id(es), repr(d.get("messages") if d.get("messages") is not None
                                     else d.get("prompt_token_ids") if d.get("prompt_token_ids") is not None
                                     else d.get("prompt")), repr(d.get("tools")), repr(d.get("tool_choice")),
                        repr(d.get("chat_template_kwargs")), d.get("add_generation_prompt"),
-                       d.get("continue_final_message"))
+                       d.get("continue_final_message"), d.get("truncate_prompt_tokens"))
         if item.ids is not None and item.ids[0] == fingerprint:
             return item.ids[1]
         t0 = time.perf_counter()

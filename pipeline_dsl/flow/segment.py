@@ -135,9 +135,10 @@ class EngineSegment:
             return self.engine.prompt_ids(messages=request["messages"], tools=request.get("tools"),
                                           tool_choice=request.get("tool_choice", "auto"),
                                           template_kwargs=request.get("chat_template_kwargs"),
-                                          **render_options(request))
+                                          **render_options(request), **prompt_options(request))
         return self.engine.prompt_ids(prompt=request["prompt"],
-                                      add_special_tokens=request.get("add_special_tokens", True))
+                                      add_special_tokens=request.get("add_special_tokens", True),
+                                      **prompt_options(request))
 
     # ---- per item (any thread) -------------------------------------------------------
     def tokenise(self, data: dict) -> list[int]:
@@ -146,10 +147,12 @@ class EngineSegment:
             return self.engine.prompt_ids(messages=data["messages"], chat_template=self.spec.chat_template,
                                           add_special_tokens=self.spec.add_special_tokens,
                                           tools=data.get("tools"), tool_choice=data.get("tool_choice", "auto"),
-                                          template_kwargs=data.get("chat_template_kwargs"), **render_options(data))
+                                          template_kwargs=data.get("chat_template_kwargs"), **render_options(data),
+                                          **prompt_options(data))
         if data.get("prompt_token_ids") is not None:
-            return self.engine.prompt_ids(prompt_token_ids=data["prompt_token_ids"])
-        return self.engine.prompt_ids(prompt=data.get("prompt"), add_special_tokens=self.spec.add_special_tokens)
+            return self.engine.prompt_ids(prompt_token_ids=data["prompt_token_ids"], **prompt_options(data))
+        return self.engine.prompt_ids(prompt=data.get("prompt"), add_special_tokens=self.spec.add_special_tokens,
+                                      **prompt_options(data))
 
     def sampling(self, gen: str, data: dict, prompt_len: int, copy: int = 0):
         """A request's SamplingParams at generate stage `gen`: the stage's defaults, the request's
@@ -261,3 +264,8 @@ def render_options(data: dict) -> dict:
     continue_final_message; vLLM's defaults when absent)."""
     return {"add_generation_prompt": data.get("add_generation_prompt", not data.get("continue_final_message")),
             "continue_final_message": bool(data.get("continue_final_message"))}
+
+
+def prompt_options(data: dict) -> dict:
+    """What the request asks of its prompt's tokens: its last truncate_prompt_tokens alone."""
+    return {"keep_last": data.get("truncate_prompt_tokens")}

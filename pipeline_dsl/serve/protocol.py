@@ -128,12 +128,22 @@ COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop"
           "user", "ignore_eos", "stop_token_ids", "logprobs", "min_tokens", "repetition_penalty",
           "min_p", "response_format"}
 VLLM = {"skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output", "request_id",
-        "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar"}  # serve/extras.py
-COMPLETION_FIELDS = COMMON | VLLM | {"prompt", "echo", "best_of", "suffix"}
-CHAT_FIELDS = COMMON | VLLM | {"messages", "max_completion_tokens", "top_logprobs",
-                               "tools", "tool_choice", "parallel_tool_calls", "metadata", "store",
-                               "service_tier", "chat_template_kwargs", "add_generation_prompt",
-                               "continue_final_message"}
+        "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",  # serve/extras.py
+        "guided_decoding_backend", "truncate_prompt_tokens"}
+# fields agp serves only at the value that changes nothing (what clients send by default):
+# name -> (the values taken, the hint otherwise); a null is always taken
+NEUTRAL = {"best_of": ((1,), None), "suffix": (("",), None),
+           "use_beam_search": ((False,), None), "length_penalty": ((1.0,), None), "priority": ((0,), None),
+           "return_tokens_as_token_ids": ((False,), None), "bad_words": (([],), None),
+           "allowed_token_ids": ((), "restrict the answer with 'structured_outputs' or 'logit_bias'"),
+           "prompt_logprobs": ((), "completions give the prompt's logprobs with 'echo' and 'logprobs'"),
+           "vllm_xargs": (({},), None)}
+CHAT_NEUTRAL = {"echo": ((False,), None), "add_special_tokens": ((False,), None), "documents": ((), None),
+                "functions": ((), "use 'tools'"), "function_call": ((), "use 'tool_choice'")}
+COMPLETION_FIELDS = COMMON | VLLM | set(NEUTRAL) | {"prompt", "echo"}
+CHAT_FIELDS = COMMON | VLLM | set(NEUTRAL) | set(CHAT_NEUTRAL) | {
+    "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "metadata",
+    "store", "service_tier", "chat_template_kwargs", "add_generation_prompt", "continue_final_message"}
 
 
 def check_unknown(obj: dict, known: set[str], lenient: bool = False) -> dict:
@@ -150,16 +160,31 @@ def check_unknown(obj: dict, known: set[str], lenient: bool = False) -> dict:
     return obj
 
 
-def _check_unsupported(obj: dict) -> None:
-    """Fields agp knows but only serves at their neutral value."""
-    neutral = {"best_of": (1,), "suffix": ("",)}
-    for name, allowed in neutral.items():
+def _check_unsupported(obj: dict, chat: bool = False) -> None:
+    """Fields agp knows but only serves at their neutral value (NEUTRAL), and the vLLM fields
+    that are only checked here (guided_decoding_backend: one backend, llguidance, serves every
+    structured output)."""
+    for name, (allowed, hint) in (NEUTRAL | CHAT_NEUTRAL if chat else NEUTRAL).items():
         value = obj.get(name)
         if value is not None and not any(value == a and type(value) is type(a)
                                          or (_is_num(value) and _is_num(a) and value == a)
                                          for a in allowed):
+            other = " or ".join(filter(None, [f"use {json.dumps(allowed[0])}" if allowed else None, hint]))
             raise APIError(f"'{name}' = {json.dumps(value)[:40]} is not supported by agp "
-                           f"(leave it out or use {json.dumps(allowed[0])})", param=name)
+                           f"(leave it out{' or ' + other if other else ''})", param=name)
+    _field(obj, "guided_decoding_backend", lambda v: isinstance(v, str), "a string")
+
+
+def _truncation(obj: dict, max_model_len: int) -> dict:
+    """vLLM's truncate_prompt_tokens: keep the prompt's last k tokens (-1: the model's context)."""
+    k = _field(obj, "truncate_prompt_tokens", lambda v: _is_int(v) and (v >= 1 or v == -1),
+               "a positive integer (or -1: the model's context)")
+    if k is None:
+        return {}
+    if k > max_model_len:
+        raise APIError(f"'truncate_prompt_tokens' = {k} is beyond the model's context of {max_model_len} tokens",
+                       param="truncate_prompt_tokens", code="context_length_exceeded")
+    return {"truncate_prompt_tokens": max_model_len if k == -1 else k}
 
 
 
@@ -236,9 +261,10 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     obj = check_unknown(obj, COMPLETION_FIELDS, lenient)
     model, pin = model_of(obj, served, stages)
     _check_unsupported(obj)
+    truncation = _truncation(obj, max_model_len)
     if "prompt" not in obj or obj["prompt"] is None:
         raise APIError("'prompt' is required", param="prompt")
-    prompts = _prompts(obj["prompt"], max_model_len)
+    prompts = _prompts(obj["prompt"], max_model_len, truncation.get("truncate_prompt_tokens"))
     stream, include_usage = _stream_flags(obj)
     echo = _field(obj, "echo", lambda v: isinstance(v, bool), "true or false") or False
     scoring = echo and obj.get("max_tokens") == 0         # echo the prompt's logprobs, generate nothing
@@ -255,6 +281,7 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
         fields["echo"] = True
     extras = parse_extras(obj, chat=False)
     fields.update(extras.fields)
+    fields.update(truncation)
     check_choices(len(prompts), int(fields.get("n") or 1))
     first, rest = prompts[0], prompts[1:]
     return GenerationRequest("completion", model, fields, prompt=first if isinstance(first, str) else None,
@@ -276,9 +303,9 @@ def check_choices(prompts: int, n: int) -> None:
                        "request (send fewer prompts or a smaller n)", param="n" if prompts == 1 else "prompt")
 
 
-def _prompts(prompt, max_model_len: int) -> list:
+def _prompts(prompt, max_model_len: int, keep: int | None = None) -> list:
     """`prompt`: a string, an array of token ids, or a batch: an array of strings or of token-id
-    arrays. Each prompt a string or a list of ids."""
+    arrays. Each prompt a string or a list of ids (its last `keep` ids when truncated)."""
     def ids_ok(p) -> bool:
         return isinstance(p, list) and bool(p) and all(_is_int(t) and t >= 0 for t in p)
 
@@ -294,6 +321,8 @@ def _prompts(prompt, max_model_len: int) -> list:
         raise _bad("prompt", "a string, an array of token ids, or an array of those", prompt)
     if len(batch) > MAX_PROMPTS:
         raise APIError(f"'prompt' holds {len(batch)} prompts; at most {MAX_PROMPTS} a request", param="prompt")
+    if keep:
+        batch = [p[-keep:] if isinstance(p, list) else p for p in batch]
     for i, p in enumerate(batch):
         where = "'prompt'" if len(batch) == 1 else f"'prompt[{i}]'"
         if isinstance(p, str) and not p:
@@ -318,7 +347,8 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     """POST /v1/chat/completions."""
     obj = check_unknown(obj, CHAT_FIELDS, lenient)
     model, pin = model_of(obj, served, stages)
-    _check_unsupported(obj)
+    _check_unsupported(obj, chat=True)
+    truncation = _truncation(obj, max_model_len)
     messages = _messages(obj.get("messages"))
     stream, include_usage = _stream_flags(obj)
     fields = _sampling(obj, max_model_len, max_tokens_field="max_completion_tokens")
@@ -337,6 +367,7 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     extras = parse_extras(obj, chat=True)
     fields.update(extras.fields)
     fields.update(_render_flags(obj))
+    fields.update(truncation)
     return GenerationRequest("chat", model, fields, messages=messages, stream=stream,
                              include_usage=include_usage, pin=pin, metadata=metadata,
                              tools=tuple(tools) if tools else None, tool_choice=choice,
