@@ -144,6 +144,25 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(server, client):
             client.completions.create(model="tiny", prompt="hi", max_tokens=1, extra_body={"truncate_prompt_tokens": bad})
 
 
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client, kind):
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    if kind == "chat":
+        chunks = list(client.chat.completions.create(model="tiny", messages=USER, max_tokens=5, n=2, stream=True,
+                                                     stream_options=options, extra_body={"ignore_eos": True}))
+    else:
+        chunks = list(client.completions.create(model="tiny", prompt="hey", max_tokens=5, n=2, stream=True,
+                                                stream_options=options, extra_body={"ignore_eos": True}))
+    assert all(c.usage is not None for c in chunks)
+    done = [c.usage.completion_tokens for c in chunks]
+    assert done == sorted(done) and done[-1] == 10                  # two choices of 5, counted as they come
+    assert len({c.usage.prompt_tokens for c in chunks if c.usage.completion_tokens}) == 1
+    assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
+    plain = list(client.completions.create(model="tiny", prompt="hey", max_tokens=3, stream=True,
+                                           stream_options={"include_usage": True}))
+    assert [c.usage is not None for c in plain] == [False] * (len(plain) - 1) + [True]   # the last alone
+
+
 def test_what_vllm_clients_send_by_default_is_taken_and_anything_else_named(client):
     defaults = {"use_beam_search": False, "length_penalty": 1.0, "priority": 0, "return_tokens_as_token_ids": False,
                 "bad_words": [], "allowed_token_ids": None, "prompt_logprobs": None, "vllm_xargs": None,

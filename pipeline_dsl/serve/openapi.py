@@ -28,7 +28,8 @@ SAMPLING = {
     "ignore_eos": {"type": "boolean"},
     "n": {"type": "integer", "minimum": 1, "maximum": 64},
     "stream": {"type": "boolean"},
-    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}},
+    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"},
+                                                        "continuous_usage_stats": {"type": "boolean"}},
                        "additionalProperties": False},
     "user": {"type": "string"},
     # vLLM's extras (serve/extras.py)
@@ -40,6 +41,8 @@ SAMPLING = {
     "guided_regex": {"type": "string"},
     "guided_choice": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
     "guided_grammar": {"type": "string"},
+    "guided_decoding_backend": {"type": "string", "description": "taken and ignored: llguidance serves all"},
+    "truncate_prompt_tokens": {"type": "integer", "minimum": -1, "description": "keep the prompt's last k tokens"},
     "structured_outputs": {"type": "object", "properties": {
         "json": {"type": "object"}, "regex": {"type": "string"}, "grammar": {"type": "string"},
         "choice": {"type": "array", "items": {"type": "string"}}, "json_object": {"type": "boolean"}}},

@@ -37,6 +37,7 @@ class GenerationRequest:
     messages: tuple[dict, ...] | None = None
     stream: bool = False
     include_usage: bool = False                # stream_options.include_usage
+    continuous_usage: bool = False             # stream_options.continuous_usage_stats: usage on every chunk
     pin: str | None = None                     # the generate stage `model` names, if it names one
     metadata: dict | None = None
     tools: tuple | None = None                 # OpenAI tools (chat)
@@ -221,17 +222,21 @@ def _sampling(obj: dict, max_model_len: int, max_tokens_field: str = "max_tokens
 
 
 
-def _stream_flags(obj: dict) -> tuple[bool, bool]:
+def _stream_flags(obj: dict) -> dict:
+    """stream, and stream_options' include_usage and continuous_usage_stats (vLLM's: every chunk
+    carries the usage so far; with include_usage, as vLLM takes it)."""
     stream = _field(obj, "stream", lambda v: isinstance(v, bool), "true or false") or False
     options = _field(obj, "stream_options", lambda v: isinstance(v, dict), "an object")
-    include_usage = False
+    flags = {"stream": stream, "include_usage": False, "continuous_usage": False}
     if options:
         if not stream:
             raise APIError("'stream_options' is only allowed with \"stream\": true",
                            param="stream_options")
-        include_usage = _field(options, "include_usage", lambda v: isinstance(v, bool),
-                               "true or false") or False
-    return stream, include_usage
+        flags["include_usage"] = _field(options, "include_usage", lambda v: isinstance(v, bool),
+                                        "true or false") or False
+        continuous = _field(options, "continuous_usage_stats", lambda v: isinstance(v, bool), "true or false")
+        flags["continuous_usage"] = bool(continuous and flags["include_usage"])
+    return flags
 
 
 def model_of(obj: dict, served: tuple[str, ...], stages: tuple[str, ...] = ()) -> tuple[str, str | None]:
@@ -265,7 +270,7 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     if "prompt" not in obj or obj["prompt"] is None:
         raise APIError("'prompt' is required", param="prompt")
     prompts = _prompts(obj["prompt"], max_model_len, truncation.get("truncate_prompt_tokens"))
-    stream, include_usage = _stream_flags(obj)
+    flags = _stream_flags(obj)
     echo = _field(obj, "echo", lambda v: isinstance(v, bool), "true or false") or False
     scoring = echo and obj.get("max_tokens") == 0         # echo the prompt's logprobs, generate nothing
     fields = _sampling({k: v for k, v in obj.items() if not (scoring and k == "max_tokens")}, max_model_len)
@@ -286,7 +291,7 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     first, rest = prompts[0], prompts[1:]
     return GenerationRequest("completion", model, fields, prompt=first if isinstance(first, str) else None,
                              prompt_token_ids=tuple(first) if not isinstance(first, str) else None,
-                             stream=stream, include_usage=include_usage, pin=pin, more_prompts=tuple(rest),
+                             **flags, pin=pin, more_prompts=tuple(rest),
                              response_format=extras.constraint, request_id=extras.request_id)
 
 
@@ -350,7 +355,7 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     _check_unsupported(obj, chat=True)
     truncation = _truncation(obj, max_model_len)
     messages = _messages(obj.get("messages"))
-    stream, include_usage = _stream_flags(obj)
+    flags = _stream_flags(obj)
     fields = _sampling(obj, max_model_len, max_tokens_field="max_completion_tokens")
     want = _field(obj, "logprobs", lambda v: isinstance(v, bool), "true or false")
     top = _field(obj, "top_logprobs", lambda v: _is_int(v) and 0 <= v <= MAX_LOGPROBS,
@@ -368,8 +373,7 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     fields.update(extras.fields)
     fields.update(_render_flags(obj))
     fields.update(truncation)
-    return GenerationRequest("chat", model, fields, messages=messages, stream=stream,
-                             include_usage=include_usage, pin=pin, metadata=metadata,
+    return GenerationRequest("chat", model, fields, messages=messages, **flags, pin=pin, metadata=metadata,
                              tools=tuple(tools) if tools else None, tool_choice=choice,
                              parallel_tool_calls=parallel, response_format=extras.constraint,
                              request_id=extras.request_id, chat_template_kwargs=extras.template_kwargs)

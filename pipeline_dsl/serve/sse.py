@@ -139,14 +139,21 @@ class ChunkWriter(Relay):
         self.parts = req.split() if self.echo else []
         self.per = getattr(stream, "per", 1)
         self.offset: dict[int, int] = {}               # per choice: text_offset of its next token
+        self.prompt_tokens: dict[int, int] = {}        # per prompt (continuous usage): its tokens
+        self.completion_tokens: dict[int, int] = {}    # per choice (continuous usage): its tokens so far
 
     # ---- chunk bodies ------------------------------------------------------------------
     def _chunk(self, index: int, text: str | None = None, *, delta: dict | None = None,
                reason: str | None = None, logprobs: dict | None = None) -> bytes:
         if self.chat:
-            return P.sse(P.chat_chunk(self.rid, self.req.model, self.now, delta if delta is not None else
-                                      {"content": text}, reason, index, logprobs))
-        return P.sse(P.completion_chunk(self.rid, self.req.model, self.now, text or "", reason, index, logprobs))
+            body = P.chat_chunk(self.rid, self.req.model, self.now, delta if delta is not None else
+                                {"content": text}, reason, index, logprobs)
+        else:
+            body = P.completion_chunk(self.rid, self.req.model, self.now, text or "", reason, index, logprobs)
+        if self.req.continuous_usage:                  # the usage so far on every chunk (vLLM's)
+            prompt, done = sum(self.prompt_tokens.values()), sum(self.completion_tokens.values())
+            body["usage"] = {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+        return P.sse(body)
 
     def _listed(self, index: int, lp: dict) -> dict:
         if lp["tokens"]:
@@ -211,6 +218,8 @@ class ChunkWriter(Relay):
     def done(self, result) -> list[bytes]:
         """The request's result: whole choices, the finishing chunks left, usage, [DONE]."""
         out = []
+        self.prompt_tokens = {0: result.usage["prompt_tokens"]}            # the totals, for the last chunks
+        self.completion_tokens = {0: result.usage["completion_tokens"]}
         for c in result.choices:
             if c.index not in self.closed:
                 whole = c.index not in self.opened           # it came whole (no deltas)
@@ -226,6 +235,9 @@ class ChunkWriter(Relay):
 
     # ---- the stream ----------------------------------------------------------------------
     def on_delta(self, index: int, out) -> list[bytes]:
+        prompt = index // self.per if isinstance(self.stream, StreamGroup) else 0   # n choices share a prompt
+        self.prompt_tokens[prompt] = getattr(out, "prompt_tokens", 0)
+        self.completion_tokens[index] = getattr(out, "completion_tokens", 0)
         chunks = self.content(index, out.delta_text, getattr(out, "logprobs", None))
         if out.finished and index not in self.closed:
             return [*chunks, *self.finish(index, out.finish_reason)]
