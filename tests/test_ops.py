@@ -31,6 +31,7 @@ VLLM = {  # name -> type, as a vLLM dashboard reads them
     "vllm:num_requests_running": "gauge", "vllm:num_requests_waiting": "gauge",
     "vllm:kv_cache_usage_perc": "gauge", "vllm:prompt_tokens": "counter", "vllm:generation_tokens": "counter",
     "vllm:time_to_first_token_seconds": "histogram", "vllm:inter_token_latency_seconds": "histogram",
+    "vllm:time_per_output_token_seconds": "histogram",                      # its name before vLLM 0.11
     "vllm:e2e_request_latency_seconds": "histogram", "vllm:request_queue_time_seconds": "histogram",
     "vllm:request_prefill_time_seconds": "histogram", "vllm:request_decode_time_seconds": "histogram",
     "vllm:request_prompt_tokens": "histogram", "vllm:request_generation_tokens": "histogram",
@@ -148,8 +149,10 @@ def test_every_v1_route_wants_the_key_and_health_and_metrics_stay_open(ops):
         assert r.headers["www-authenticate"] == "Bearer"
         wrong = ops.client.request(method, ops.url + path, json={}, headers={"Authorization": "Bearer sk-nope"})
         assert wrong.status_code == 401
-    for path in ("/health", "/metrics", "/version"):
+    for path in ("/health", "/metrics", "/version", "/ping"):
         assert ops.client.get(ops.url + path).status_code == 200, path
+    assert ops.client.head(ops.url + "/health").status_code == 200               # load balancers' probes
+    assert ops.client.post(ops.url + "/ping").json() == {"status": "ok"}           # vLLM's SageMaker route
     client = openai.OpenAI(base_url=ops.url + "/v1", api_key="sk-nope", max_retries=0,
                            http_client=httpx.Client(verify=ops.ca))
     with pytest.raises(openai.AuthenticationError):
@@ -382,6 +385,7 @@ def test_metrics_carry_vllm_names_types_model_label_and_move_under_load(ops):
     assert grew["vllm:request_queue_time_seconds"] >= sent and grew["vllm:request_decode_time_seconds"] >= sent
     assert grew["vllm:prefix_cache_hits"] > 0 and grew["vllm:prefix_cache_queries"] >= grew["vllm:prefix_cache_hits"]
     assert _value(after, "vllm:request_success", finished_reason="length") >= sent
+    assert grew["vllm:time_per_output_token_seconds"] == grew["vllm:inter_token_latency_seconds"] > 0
     assert 0 < _value(after, "agp_prefix_cache_hit_rate") <= 1
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-OPEN_PATHS = ("/health", "/metrics", "/version", "/openapi.json")   # answered without an API key
+OPEN_PATHS = ("/health", "/ping", "/metrics", "/version", "/openapi.json")   # answered without an API key
 
 
 @dataclass(frozen=True)

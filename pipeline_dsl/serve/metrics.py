@@ -13,6 +13,7 @@ dashboard or a gateway written for vLLM reads agp unchanged:
     vllm:time_to_first_token_seconds, inter_token_latency_seconds, e2e_request_latency_seconds,
     vllm:request_queue_time_seconds, request_prefill_time_seconds, request_decode_time_seconds,
     vllm:request_inference_time_seconds, request_time_per_output_token_seconds,
+    vllm:time_per_output_token_seconds (vLLM's older name of inter_token_latency_seconds),
     vllm:request_prompt_tokens, request_generation_tokens, request_params_n, request_params_max_tokens,
     vllm:iteration_tokens_total                       histograms
 
@@ -43,6 +44,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 STEP_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)   # vLLM's
 N_BUCKETS = (1, 2, 5, 10, 20)
 TOKEN_BUCKETS = tuple(m * 10 ** e for e in range(6) for m in (1, 2, 5))   # 1 .. 500000
+
+OLDER_NAMES = {"inter_token_latency_seconds": ("time_per_output_token_seconds",)}   # vLLM before 0.11
 
 HISTOGRAMS = (  # (attribute, name, help, buckets)
     ("ttft", "time_to_first_token_seconds", "Time to first token", LATENCY_BUCKETS),
@@ -181,18 +184,16 @@ class _Metric:
     vLLM series also `engine` (the index of the engine it is about, "0" by default)."""
 
     def __init__(self, kind, registry, model_name: str, agp: str, vllm: str | None, doc: str,
-                 labels: tuple[str, ...] = (), **kw):
+                 labels: tuple[str, ...] = (), older: tuple[str, ...] = (), **kw):
         self.agp = kind(f"agp_{agp}", doc, ["model_name", *labels], registry=registry, **kw)
-        self.vllm = kind(f"vllm:{vllm}", doc, ["model_name", "engine", *labels], registry=registry, **kw) \
-            if vllm else None
+        self.vllm = [kind(f"vllm:{name}", doc, ["model_name", "engine", *labels], registry=registry, **kw)
+                     for name in ((vllm, *older) if vllm else ())]       # vLLM's name, then its older ones
         self.model_name = model_name
 
     def labels(self, *values, engine: str = "0") -> "_Children":
         values = tuple(map(str, values))
-        kids = [self.agp.labels(self.model_name, *values)]
-        if self.vllm is not None:
-            kids.append(self.vllm.labels(self.model_name, engine, *values))
-        return _Children(kids)
+        return _Children([self.agp.labels(self.model_name, *values),
+                          *(m.labels(self.model_name, engine, *values) for m in self.vllm)])
 
     def __getattr__(self, name):                 # inc / observe / set / dec without extra labels
         return getattr(self.labels(), name)
@@ -322,7 +323,7 @@ class ServerMetrics:
         self.cached_tokens = metric(Counter, "prompt_tokens_cached", None,
                                     "Prompt tokens served from the prefix cache")
         for attr, name, doc, buckets in HISTOGRAMS:       # each under agp's and vLLM's (same) name
-            setattr(self, attr, metric(Histogram, name, name, doc, buckets=buckets))
+            setattr(self, attr, metric(Histogram, name, name, doc, buckets=buckets, older=OLDER_NAMES.get(name, ())))
         self.in_flight = metric(Gauge, "requests_in_flight", None, "HTTP generation requests being served")
         self.window = Window(window_s)
         self.snapshot = _Snapshot(self)

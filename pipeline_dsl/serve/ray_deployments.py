@@ -240,7 +240,7 @@ class AgpIngress:
             return
         path = self._path(scope)
         if self.draining:
-            if path == "/health":
+            if path in ("/health", "/ping"):
                 return await _json(send, 503, {"status": "draining"}, {"Retry-After": str(self.retry_after_s)})
             return await _answer(send, P.APIError("the server is shutting down; retry on another", status=503,
                                                   type="server_error", code="unavailable",

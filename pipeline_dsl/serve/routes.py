@@ -4,7 +4,8 @@ handler reads what it needs from `request.app.state` (the AsyncPipeline `apipe`,
 
 Routes: POST /v1/completions, /v1/chat/completions (serve/generation.py), /v1/responses (and GET,
 DELETE /v1/responses/{id}: serve/responses.py), /v1/embeddings (serve/embeddings.py), GET /v1/models,
-/v1/models/{id}, POST /tokenize, /detokenize, GET /tokenizer_info, /version, /health,
+/v1/models/{id}, POST /tokenize, /detokenize, GET /tokenizer_info, /version, /health (and HEAD;
+/ping, GET and POST, its vLLM name),
 /metrics (Prometheus), /stats (counters as JSON), POST /trace/flush.
 """
 from __future__ import annotations
@@ -159,7 +160,8 @@ async def detokenize(request: Request):
 
 # ---------------------------------------------------------------- operations
 
-@router.get("/health", openapi_extra=OA.HEALTH)
+@router.api_route("/health", methods=["GET", "HEAD"], openapi_extra=OA.HEALTH)
+@router.api_route("/ping", methods=["GET", "POST"], include_in_schema=False)   # vLLM's (SageMaker's) name
 async def health(request: Request):
     apipe = _state(request).apipe
     if apipe.error is not None:
