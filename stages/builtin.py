@@ -105,7 +105,8 @@ GENERATE = StageKind(
         "stage may name its own model (two models in one pipeline run as two engines); several "
         "generate stages fed by one kv_lookup share its engine and differ in their sampling settings.",
     params=(
-        Param("max_new_tokens", INT, 128, "tokens generated per request at most", min=1, max=1 << 20),
+        Param("max_new_tokens", INT, 128, "tokens generated per request that sets no max_tokens of its own",
+              min=1, max=1 << 20),
         Param("temperature", FLOAT, 0.0, "0 = greedy; higher = more random", min=0.0, max=2.0),
         Param("top_p", FLOAT, 1.0, "nucleus sampling: keep the smallest set with this probability mass",
               min=0.0, max=1.0, min_exclusive=True),

@@ -308,6 +308,10 @@ def test_raw_sse_stream_ends_with_done(server):
      400, "beyond the model's context"),
     ("/v1/completions", json.dumps({"prompt": "the cat " * 300, "max_tokens": 8}).encode(), 400,
      "exceeds the model's context"),
+    ("/v1/completions", json.dumps({"prompt": "the cat " * 50, "max_tokens": 450}).encode(), 400,
+     "exceeds the model's context"),
+    ("/v1/completions", json.dumps({"prompt": [5] * 512}).encode(), 400,    # the whole context, no max_tokens
+     "prompt of 512 tokens fills the model's context of 512 tokens and leaves no room to generate"),
     ("/v1/completions", b'{"prompt": "hi", "model": "gpt-4"}', 404, "does not exist"),
 ])
 def test_bad_requests_get_openai_style_errors(server, route, body, status, fragment):

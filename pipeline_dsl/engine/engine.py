@@ -135,6 +135,9 @@ class Engine:
             if bad:
                 raise InputError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         total = len(ids) + params.max_tokens
+        if params.max_tokens and len(ids) >= self.max_model_len:
+            raise ContextLengthError(f"prompt of {len(ids)} tokens fills the model's context of {self.max_model_len} "
+                                     "tokens and leaves no room to generate; shorten the prompt")
         if total > self.max_model_len:
             raise ContextLengthError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} = {total} "
                              f"exceeds the model's context of {self.max_model_len} tokens; "
