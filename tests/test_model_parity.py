@@ -157,7 +157,8 @@ def test_served_prompt_logprobs_match_transformers(reference):
     `max_tokens: 0`, `logprobs: 5`): every prompt token's logprob is within 1e-3 of
     transformers' log_softmax of the same weights (measured: at most 2.2e-5 over these ~110
     tokens, float32 summation order; the logprobs span -15..0, so a wrong position, token or
-    precision shows as 1e-2 and more), and each token's alternatives are transformers' top 5:
+    precision shows as 1e-2 and more), and each token's alternatives are transformers' top 5 (and
+    the token itself, as OpenAI's legacy shape lists it):
     the most likely one first (unless two are within the tolerance), the same values."""
     import httpx
 
@@ -188,7 +189,9 @@ def test_served_prompt_logprobs_match_transformers(reference):
                 near_tie = ref_top[0][1] - ref_top[1][1] <= LOGPROB_TOLERANCE
                 assert first_text == ref_top[0][0] or near_tie, (prompt, i, top, ref_top)
                 assert abs(first_value - ref_top[0][1]) <= LOGPROB_TOLERANCE
+                own = (lp.tokens[i + 1], lp.token_logprobs[i + 1])    # the prompt's token, listed too
                 for piece, value in top.items():        # each alternative is one of transformers' top 5
-                    assert any(piece == t and abs(value - v) <= LOGPROB_TOLERANCE for t, v in ref_top), (prompt, i)
+                    assert any(piece == t and abs(value - v) <= LOGPROB_TOLERANCE for t, v in [*ref_top, own]), \
+                        (prompt, i)
     finally:
         s.close()
