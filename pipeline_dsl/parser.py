@@ -420,7 +420,7 @@ class _Builder(Transformer_NonRecursive):
     @v_args(meta=True)
     def use(self, meta, children):
         (tok,) = children
-        return ast.Use(ast.Str(_unquote(tok), self._tpos(tok)), self._pos(meta))
+        return ast.Use(ast.Str(_unquote(tok, self.file), self._tpos(tok)), self._pos(meta))
 
     @v_args(meta=True)
     def pipeline(self, meta, children):
@@ -508,7 +508,7 @@ class _Builder(Transformer_NonRecursive):
 
     def string(self, children):
         (tok,) = children
-        return ast.Str(_unquote(tok), self._tpos(tok))
+        return ast.Str(_unquote(tok, self.file), self._tpos(tok))
 
     @v_args(meta=True)
     def true(self, meta, children):
@@ -548,27 +548,77 @@ def _number(tok: Token, pos: SourcePos):
     return ast.Float(value, pos) if is_float else ast.Int(value, pos)
 
 
-_ESCAPES = {"n": "\n", "t": "\t", '"': '"', "\\": "\\", "r": "\r", "0": "\0"}
+# the one list of a string's escapes (docs/language.md, Values, says the same); \uXXXX besides
+_ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "t": "\t", "r": "\r", "0": "\0"}
+ESCAPES_TEXT = " ".join("\\" + k for k in _ESCAPES) + " \\uXXXX"
+_HEX4 = re.compile(r"[0-9A-Fa-f]{4}")
 
 
-def _unquote(tok: Token) -> str:
+def _unquote(tok: Token, file: str = "<string>") -> str:
+    """A string token's value. An unknown escape (`\\d`) is an error at it, not a dropped
+    backslash: `"C:\\Users"` must not silently become `C:Users`."""
     body = str(tok)[1:-1]
+    if "\\" not in body:
+        return body
     out, i = [], 0
+
+    def bad(j: int, width: int, message: str, expected: str | None, hint: str | None = None):
+        col = tok.column + 1 + j                 # the token is one line: '"' then the body
+        raise _ValueError(Diagnostic(ERROR, message, SourcePos(file, tok.line, col, tok.line, col + width),
+                                     expected=expected, hint=hint))
+
     while i < len(body):
         c = body[i]
-        if c == "\\" and i + 1 < len(body):
-            out.append(_ESCAPES.get(body[i + 1], body[i + 1]))
-            i += 2
-        else:
+        if c != "\\":
             out.append(c)
             i += 1
+            continue
+        e = body[i + 1]                          # the grammar ends no string on a lone backslash
+        if e in _ESCAPES:
+            out.append(_ESCAPES[e])
+            i += 2
+            continue
+        if e == "u":
+            digits = body[i + 2:i + 6]
+            if not _HEX4.fullmatch(digits):
+                bad(i, 2 + len(digits), f"malformed escape '\\u{digits}' in a string",
+                    "\\u and four hex digits, e.g. \\u00e9")
+            code = int(digits, 16)
+            i += 6
+            if 0xD800 <= code < 0xDC00 and body[i:i + 2] == "\\u" and _HEX4.fullmatch(body[i + 2:i + 6]) \
+                    and 0xDC00 <= int(body[i + 2:i + 6], 16) < 0xE000:       # a surrogate pair, as JSON
+                code = 0x10000 + ((code - 0xD800) << 10) + (int(body[i + 2:i + 6], 16) - 0xDC00)
+                i += 6
+            elif 0xD800 <= code < 0xE000:
+                bad(i - 6, 6, f"lone surrogate '\\u{digits}' in a string",
+                    "a character: a high surrogate \\uD800-\\uDBFF followed by a low one \\uDC00-\\uDFFF",
+                    "write the character itself")
+            out.append(chr(code))
+            continue
+        shown = e if e.isprintable() else repr(e)[1:-1]
+        hint = "write a backslash as \\\\" if e.isalnum() or e in ":/." else None
+        bad(i, 2, f"unknown escape '\\{shown}' in a string; the escapes are {ESCAPES_TEXT}", None, hint)
     return "".join(out)
 
 
+_QUOTE = {v: k for k, v in _ESCAPES.items()}
+
+
 def quote(s: str) -> str:
-    """The inverse of _unquote: a string literal for `s`."""
-    rev = {v: k for k, v in _ESCAPES.items()}
-    return '"' + "".join("\\" + rev[c] if c in rev else c for c in s) + '"'
+    """The inverse of _unquote: a string literal for `s` (other unprintable characters as \\uXXXX,
+    so that `agp fmt` writes back exactly what it read, on one line)."""
+    out = []
+    for c in s:
+        if c in _QUOTE:
+            out.append("\\" + _QUOTE[c])
+        elif c.isprintable() or c == " ":
+            out.append(c)
+        elif ord(c) < 0x10000:
+            out.append(f"\\u{ord(c):04x}")
+        else:                                    # past the BMP: a surrogate pair, as JSON writes it
+            v = ord(c) - 0x10000
+            out.append(f"\\u{0xD800 + (v >> 10):04x}\\u{0xDC00 + (v & 0x3FF):04x}")
+    return '"' + "".join(out) + '"'
 
 
 def parse(text: str, file: str = "<string>") -> tuple[ast.Module | None, list[Diagnostic]]:

@@ -416,3 +416,37 @@ def test_kv_budgets_against_kv_budget_at_the_edge_and_with_a_bad_budget():
     # a budget that is itself wrong gets its own error, and only that one (no crash)
     (d,) = errors(pipeline(settings="kv_budget = 64MiB", kv="budget = fast"))
     assert "budget" in d.message and "kv_budget" not in d.message
+
+
+@pytest.mark.parametrize("literal, value", [
+    (r'"a\"b\\c"', 'a"b\\c'), (r'"\n\t\r\0"', "\n\t\r\0"), (r'"caf\u00e9"', "café"),
+    (r'"\ud83d\ude00"', "\U0001F600"), (r'"C:\\Users"', "C:\\Users"),
+])
+def test_string_escapes_are_the_documented_ones(literal, value):
+    module, diags = parse(f"pipeline p {{ x = {literal} }}")
+    assert diags == []
+    assert module.items[0].body[0].value.value == value
+
+
+@pytest.mark.parametrize("literal, message, col, width", [
+    (r'"Use \d"', "unknown escape '\\d' in a string; the escapes are \\\" \\\\ \\n \\t \\r \\0 \\uXXXX", 23, 2),
+    (r'"C:\Users"', "unknown escape '\\U' in a string", 21, 2),
+    (r'"\x41"', "unknown escape '\\x' in a string", 19, 2),
+    (r'"\u12g4"', "malformed escape '\\u12g4' in a string", 19, 6),
+    (r'"ab\udc00"', "lone surrogate '\\udc00' in a string", 21, 6),
+])
+def test_an_unknown_escape_is_an_error_at_it_not_a_dropped_backslash(literal, message, col, width):
+    text = f"pipeline p {{ x = {literal} }}"
+    module, (d,) = parse(text, "t.agp")
+    assert module is None and d.is_error
+    assert d.message.startswith(message)
+    assert (d.pos.line, d.pos.col, d.pos.end_col - d.pos.col) == (1, col, width)
+
+
+def test_check_exits_2_on_an_unknown_escape(tmp_path, capsys):
+    from pipeline_dsl.cli import main
+
+    f = tmp_path / "p.agp"
+    f.write_text(pipeline(gen='stop = ["\\x41"]'))
+    assert main(["check", str(f)]) == 2
+    assert "unknown escape '\\x'" in capsys.readouterr().err
