@@ -51,7 +51,7 @@ def build_graph(pipeline, registry: Registry | None = None) -> nx.DiGraph:
     for s in r.stages.values():
         g.add_node(s.name, kind=s.kind.name if s.kind else None, params=dict(s.params), pos=s.pos,
                    resource=s.kind.resource if s.kind else None, placement=s.placement,
-                   given=sorted(s.given), routes=[])
+                   given=sorted(s.given), param_pos=dict(s.param_pos), routes=[])
     for e in r.edges:
         g.nodes[e.src]["routes"].append((e.dst, e.condition))
         if g.has_edge(e.src, e.dst):

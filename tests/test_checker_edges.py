@@ -1321,3 +1321,67 @@ def test_a_function_reference_of_the_wrong_type_gets_one_error_only():
         "  = expected: a string in double quotes (\"…\")\n"
         "\n"
         "1 error\n")
+
+
+SHAPES_MOD = '''NOT_FN = 42
+NAMES: list = ["a"]
+
+
+class Klass:
+    pass
+
+
+def noargs():
+    return None
+
+
+def two(item, extra):
+    return item
+
+
+def fine(item, extra=None, *, flag=False):
+    return item
+
+
+def chunked(item, chunks):
+    yield from chunks
+
+
+def merge(results, how):
+    return results[0]
+'''
+
+
+def _python_stage_diagnostics(tmp_path, monkeypatch, ref: str, params: str = "", kind: str = "python"):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shapes.py").write_text(SHAPES_MOD)
+    text = pipeline().replace("gen -> out", "gen -> py -> out").replace(
+        "stage out", f'stage py : {kind} {{ fn = "shapes:{ref}" {params} }}\n    stage out')
+    _, diags = pipeline_dsl.loads(text, "t.agp")
+    return [(d.severity, d.message, d.pos.line, d.pos.col) for d in diags]
+
+
+@pytest.mark.parametrize("ref, params, kind, want", [
+    ("NOT_FN", "", "python", ("error", "stage 'py': shapes:NOT_FN is not a function: the module binds it to a "
+                                       "value of type int (line 1)")),
+    ("NAMES", "", "python", ("error", "stage 'py': shapes:NAMES is not a function: the module binds it to a "
+                                      "value of type list (line 2)")),
+    ("noargs", "", "python", ("error", "stage 'py': shapes:noargs takes 0 positional arguments, but it is "
+                                       "called with 1 (item)")),
+    ("two", "", "python", ("error", "stage 'py': shapes:two takes 2 positional arguments, but it is called "
+                                    "with 1 (item)")),
+    ("chunked", "stream = true", "python", None),
+    ("two", "stream = true", "python", ("error", "stage 'py' has stream = true, but shapes:two does not yield")),
+    ("fine", "", "python", None),
+    ("merge", "", "join", ("error", "join 'py': shapes:merge takes 2 positional arguments, but it is called "
+                                    "with 1 (results)")),
+    ("Klass", "", "python", ("warning", "stage 'py': shapes:Klass is a class; calling it makes an instance, "
+                                        "not the dict or label the stage returns")),
+])
+def test_check_reads_whether_a_python_fn_can_be_called_with_the_item(tmp_path, monkeypatch, ref, params, kind,
+                                                                     want):
+    got = _python_stage_diagnostics(tmp_path, monkeypatch, ref, params, kind)
+    if want is None:
+        assert got == []
+    else:
+        assert [g[:2] for g in got] == [want] and got[0][2] == 9
