@@ -283,7 +283,7 @@ t.agp:4:5: warning: setting 'threads' is unused: the device is cuda
 
 
 def test_settings_past_the_top_bound_and_outside_their_choices():
-    assert render(pipeline(settings='device = 3\n    threads = 1025\n    dtype = fp8\n    mode = latency\n    kv_budget = 64KiB')) == """\
+    assert render(pipeline(settings='device = 3\n    threads = 1025\n    dtype = fp8\n    mode = latency\n    kv_budget = 64KiB', kv='block_size = 1')) == """\
 t.agp:3:14: error: '3' is not a device
     3 |     device = 3
       |              ^

@@ -75,7 +75,7 @@ def test_durations_normalise_to_seconds(value, seconds):
 @pytest.mark.parametrize("value, nbytes", [("512MiB", 512 << 20), ("4GiB", 4 << 30), ("64KiB", 64 << 10),
                                            ("1048576B", 1 << 20)])
 def test_sizes_normalise_to_bytes(value, nbytes):
-    prog, diags = pipeline_dsl.loads(pipeline(kv=f"budget = {value}"), "t.agp")
+    prog, diags = pipeline_dsl.loads(pipeline(kv=f"budget = {value}  block_size = 1"), "t.agp")
     assert diags == []
     got = build_graph(prog.pipelines[0]).nodes["kv"]["params"]["budget"]
     assert got == nbytes and isinstance(got, int)
@@ -450,3 +450,34 @@ def test_check_exits_2_on_an_unknown_escape(tmp_path, capsys):
     f.write_text(pipeline(gen='stop = ["\\x41"]'))
     assert main(["check", str(f)]) == 2
     assert "unknown escape '\\x'" in capsys.readouterr().err
+
+
+def _kv_diags(text: str) -> list:
+    return [d for d in pipeline_dsl.loads(text, "t.agp")[1] if "KV pool of 'kv'" in d.message]
+
+
+def test_a_kv_budget_smaller_than_one_block_of_the_model_is_an_error_at_the_budget():
+    """smollm2-135m: 30 layers x 3 KV heads x 64, K and V: a 16-token block is 360KiB in bf16."""
+    (d,) = _kv_diags(pipeline(settings="kv_budget = 64KiB"))
+    assert d.is_error and (d.pos.line, d.pos.col) == (4, 17)
+    assert d.message == ("KV pool of 'kv': its share of kv_budget (64KiB) is less than one block of 16 tokens of "
+                         "smollm2-135m-instruct (30 layers x 3 KV heads x head size 64, K and V): 360KiB at bf16")
+    (d,) = _kv_diags(pipeline(kv="budget = 256KiB", gen="dtype = fp32"))
+    assert d.is_error and "budget = 256KiB is less than one block" in d.message and "720KiB" in d.message
+    # a smaller block fits; at fp32 a 1MiB pool holds a block; auto at 512KiB only where bf16 keeps it
+    assert _kv_diags(pipeline(kv="budget = 64KiB  block_size = 1")) == []
+    assert _kv_diags(pipeline(kv="budget = 1MiB", gen="dtype = fp32")) == []
+    (d,) = _kv_diags(pipeline(kv="budget = 512KiB"))
+    assert not d.is_error and "only where dtype = auto keeps the pool in bf16" in d.message
+
+
+def test_the_block_check_reads_a_model_file_header(tiny_gguf):
+    from pipeline_dsl.model_files import kv_shape
+
+    layers, heads, head_dim = kv_shape(str(tiny_gguf))
+    block = 2 * layers * 1024 * heads * head_dim * 4               # block_size 1024 at fp32
+    kv = f"budget = {block - 1}B  block_size = 1024"
+    (d,) = _kv_diags(pipeline(model=str(tiny_gguf), kv=kv, gen="dtype = fp32"))
+    assert d.is_error and f"tiny.gguf ({layers} layers x {heads} KV heads x head size {head_dim}" in d.message
+    assert _kv_diags(pipeline(model=str(tiny_gguf), kv=f"budget = {block}B  block_size = 1024",
+                              gen="dtype = fp32")) == []
