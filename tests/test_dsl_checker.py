@@ -481,3 +481,21 @@ def test_the_block_check_reads_a_model_file_header(tiny_gguf):
     assert d.is_error and f"tiny.gguf ({layers} layers x {heads} KV heads x head size {head_dim}" in d.message
     assert _kv_diags(pipeline(model=str(tiny_gguf), kv=f"budget = {block}B  block_size = 1024",
                               gen="dtype = fp32")) == []
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "\n\n"])
+def test_a_file_without_a_pipeline_is_refused_by_check_as_by_run(text, tmp_path, capsys):
+    from pipeline_dsl.cli import main
+
+    (d,) = errors(text)
+    assert d.message == "t.agp defines no pipeline" and (d.pos.line, d.pos.col) == (1, 1)
+    f = tmp_path / "empty.agp"
+    f.write_text(text)
+    assert main(["check", str(f)]) == 2
+    assert f"{f}:1:1: error: {f} defines no pipeline" in capsys.readouterr().err
+
+
+def test_a_file_whose_pipelines_come_from_use_is_accepted(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lib.agp").write_text(pipeline())
+    assert errors('use "lib.agp"\n') == []
