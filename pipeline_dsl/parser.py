@@ -228,11 +228,16 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
                           expected=expected, hint=f"found {_found(tok)} instead")
     if tok.type == "$END" and "RBRACE" in wanted:
         hint = hint or _unclosed(text)
+    elif "RBRACE" in wanted or tok.type == "__ANON_0":
+        unclosed = _unclosed_before(text, at, tok)
+        if unclosed is not None:
+            expected, hint = unclosed
     return Diagnostic(ERROR, msg, _tok_pos(file, tok, text), expected=expected, hint=hint)
 
 
-def _unclosed(text: str) -> str:
-    """Which '{' is still open at the end of the file, in words."""
+def _open_blocks(text: str) -> list[tuple[str, int]] | None:
+    """The '{' still open at the end of `text`, outermost first, as (what, line): ("stage 'gen'",
+    3). None when the text does not lex."""
     opened: list[tuple[str, int]] = []
     words: list[str] = []
     try:
@@ -249,11 +254,32 @@ def _unclosed(text: str) -> str:
                 opened.pop()
             words.append(str(tok))
     except Exception:                      # noqa: BLE001 - only a hint
-        return "a '{' is not closed"
+        return None
+    return opened
+
+
+def _unclosed(text: str) -> str:
+    """Which '{' is still open at the end of the file, in words."""
+    opened = _open_blocks(text)
     if not opened:
         return "a '{' is not closed"
     what, line = opened[-1]
     return f"the '{{' of {what} (line {line}) is not closed"
+
+
+def _unclosed_before(text: str, at: int, tok: Token) -> tuple[str, str] | None:
+    """(expected, hint) when `tok` starts a statement that cannot stand where it is because a
+    '{' before it was left open: `stage` (or `->` after a name) inside a stage's { … },
+    `pipeline` or `use` inside any block. None otherwise."""
+    if tok.type not in ("STAGE", "PIPELINE", "USE", "__ANON_0"):
+        return None
+    opened = _open_blocks(text[:at])
+    if not opened:
+        return None
+    what, line = opened[-1]
+    if what.startswith("stage ") or tok.type in ("PIPELINE", "USE"):
+        return f"'}}' to close {what} first", f"the '{{' of {what} (line {line}) is not closed"
+    return None
 
 
 class _ValueError(Exception):

@@ -499,3 +499,17 @@ def test_a_file_whose_pipelines_come_from_use_is_accepted(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "lib.agp").write_text(pipeline())
     assert errors('use "lib.agp"\n') == []
+
+
+@pytest.mark.parametrize("text, line, col, found, hint", [
+    ("pipeline p {\n    stage gen : generate { max_new_tokens = 4\n    stage out : respond {}\n}\n", 3, 5,
+     "unexpected 'stage'", "the '{' of stage 'gen' (line 2) is not closed"),
+    ("pipeline p {\n    stage gen : generate on compute { n = 1\n    gen -> out\n}\n", 3, 9,
+     "unexpected '->'", "the '{' of stage 'gen' (line 2) is not closed"),
+    ("pipeline a {\n    stage x : requests {}\npipeline b {\n}\n", 3, 1,
+     "unexpected 'pipeline'", "the '{' of pipeline 'a' (line 1) is not closed"),
+])
+def test_a_block_left_open_before_the_next_statement_is_named(text, line, col, found, hint):
+    _, (d,) = parse(text, "t.agp")
+    assert (d.message, d.hint, d.pos.line, d.pos.col) == (found, hint, line, col)
+    assert d.expected.startswith("'}' to close ")
