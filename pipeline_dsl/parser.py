@@ -195,7 +195,9 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
         shown = ch if ch.isprintable() and not ch.isspace() else repr(ch)[1:-1] or "?"
         expected = None
         nxt = text[err.pos_in_stream + 1:err.pos_in_stream + 2]
-        hint = {"/": "comments start with '#'", ";": "statements need no ';'"}.get(ch)
+        hint = {"/": "comments start with '#'", ";": "statements need no ';'",
+                "&": "conditions are joined with 'and' (when a and b)",
+                "|": "conditions are joined with 'or' (when a or b)"}.get(ch)
         if ch == ">" and _previous(text, err.pos_in_stream) == "=":
             hint = "an edge is written '->'"
         elif ch == "-" and nxt.isspace():
@@ -218,6 +220,11 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
         pass
     at = len(text) if tok.type == "$END" or tok.start_pos is None else tok.start_pos
     expected_words, hint = _context_hint(wanted, tok, _previous(text, at))
+    if tok.type == "EQUAL" and "COMPARE" in wanted:            # when prompt_tokens = 5
+        nxt = text[at + 1:at + 2]
+        hint = f"did you mean '{nxt}='?" if nxt in ("<", ">") else "did you mean '=='?"
+    elif tok.type == "COMPARE" and tok.value == ">" and at and text[at - 1] == "=":   # src => batch
+        hint = "an edge is written '->'"
     msg = "unexpected end of file" if tok.type == "$END" else f"unexpected {_found(tok)}"
     expected = expected_words or _join(_describe_expected(wanted))
     if hint == "the value after '=' is missing":
@@ -554,8 +561,15 @@ class _Builder(Transformer_NonRecursive):
         return self._nest(ast.List(items, self._pos(meta)), items)
 
 
+_HEX = re.compile(r"[+-]?0[xX][0-9A-Fa-f]+")
+
+
 def _number(tok: Token, pos: SourcePos):
     text = str(tok)
+    if _HEX.fullmatch(text):
+        value = int(text, 16)
+        raise _ValueError(Diagnostic(ERROR, f"hexadecimal number '{text}' is not taken", pos,
+                                     expected="a decimal number such as 32, 0.7 or 1e-3", hint=f"write {value}"))
     i = len(text)
     while i > 0 and text[i - 1].isalpha():
         i -= 1

@@ -513,3 +513,17 @@ def test_a_block_left_open_before_the_next_statement_is_named(text, line, col, f
     _, (d,) = parse(text, "t.agp")
     assert (d.message, d.hint, d.pos.line, d.pos.col) == (found, hint, line, col)
     assert d.expected.startswith("'}' to close ")
+
+
+@pytest.mark.parametrize("line, message, col, hint", [
+    ("src -> out when prompt_tokens = 5", "unexpected '='", 35, "did you mean '=='?"),
+    ("src -> out when prompt_tokens =< 5", "unexpected '='", 35, "did you mean '<='?"),
+    ("src -> out when full && timeout", "unexpected character '&'", 26,
+     "conditions are joined with 'and' (when a and b)"),
+    ("src -> out when full || timeout", "unexpected character '|'", 26, "conditions are joined with 'or' (when a or b)"),
+    ("stage g : generate { max_new_tokens = 0x10 }", "hexadecimal number '0x10' is not taken", 43, "write 16"),
+    ("src => batch", "unexpected '>'", 10, "an edge is written '->'"),
+])
+def test_syntax_slips_from_other_languages_get_a_hint(line, message, col, hint):
+    _, (d,) = parse("pipeline p {\n    " + line + "\n}\n", "t.agp")
+    assert (d.message, d.pos.line, d.pos.col, d.hint) == (message, 2, col, hint)
