@@ -527,3 +527,16 @@ def test_a_block_left_open_before_the_next_statement_is_named(text, line, col, f
 def test_syntax_slips_from_other_languages_get_a_hint(line, message, col, hint):
     _, (d,) = parse("pipeline p {\n    " + line + "\n}\n", "t.agp")
     assert (d.message, d.pos.line, d.pos.col, d.hint) == (message, 2, col, hint)
+
+
+def test_the_caret_is_placed_by_display_width_after_wide_characters():
+    from pipeline_dsl.diagnostics import ERROR, Diagnostic
+
+    line = '    stage s : system_prompt { text = "你好世界" mode = x }'
+    col = line.index("mode") + 1                                  # 1-based, in characters
+    d = Diagnostic(ERROR, "unknown parameter 'mode'", SourcePos("t.agp", 1, col, 1, col + 4))
+    marks = d.render({"t.agp": line}).splitlines()[2].split(" | ", 1)[1]
+    # the four CJK characters take eight columns: the caret sits 4 columns right of its character count
+    assert marks == " " * (col - 1 + 4) + "^^^^"
+    d = Diagnostic(ERROR, "a wide span", SourcePos("t.agp", 1, line.index("你") + 1, 1, line.index("你") + 5))
+    assert d.render({"t.agp": line}).splitlines()[2].split(" | ", 1)[1] == " " * line.index("你") + "^" * 8
