@@ -73,6 +73,7 @@ class Resolved:
     complete: bool = True                # False when an edge was dropped (undefined stage, bad condition)
     given_settings: frozenset = frozenset()
     setting_pos: dict = field(default_factory=dict, hash=False, compare=False)
+    refused_conditions: frozenset = frozenset()   # stages with a conditional out-edge refused by an error
 
 
 def _err(msg, pos, expected=None, hint=None, notes=()):
@@ -469,11 +470,12 @@ def check_pipeline(p: ast.Pipeline, registry: Registry | None = None,
                                   expected="on " + " | ".join(RESOURCES),
                                   hint=did_you_mean(st.placement.text, RESOURCES)))
         stages[name] = ResolvedStage(name, kind, params, st.name.pos, placement, frozenset(given), param_pos)
-    edges, ds = _check_edges(p, stages)
+    edges, ds, refused = _check_edges(p, stages)
     diags += ds
     dropped = any(d.is_error for d in ds)
     return Resolved(p.name.text, p.name.pos, settings, stages, tuple(edges), complete=not dropped,
-                    given_settings=frozenset(given_settings), setting_pos=dict(given_settings)), diags
+                    given_settings=frozenset(given_settings), setting_pos=dict(given_settings),
+                    refused_conditions=frozenset(refused)), diags
 
 
 # ---------------------------------------------------------------- kind-specific checks
@@ -685,6 +687,7 @@ def _check_edges(p: ast.Pipeline, stages: dict[str, ResolvedStage]):
     diags: list[Diagnostic] = []
     edges: list[ResolvedEdge] = []
     seen: dict[tuple, SourcePos] = {}
+    refused: set[str] = set()          # sources of conditional edges dropped for an error
     undefined = None                   # built on the first undefined name: once, not per name
     for ch in p.chains:
         for n in ch.stages:
@@ -705,11 +708,14 @@ def _check_edges(p: ast.Pipeline, stages: dict[str, ResolvedStage]):
         ir = C.compile_condition(cond) if cond is not None else None
         for a, b in ch.edges():
             if a.text not in stages or b.text not in stages:
+                if cond is not None and not isinstance(cond, ast.Otherwise):
+                    refused.add(a.text)
                 continue
             src = stages[a.text]
             bad = _check_condition_source(cond, src, a.text) if src.kind is not None else []
             if bad:
                 diags += bad
+                refused.add(a.text)
                 continue
             key = (a.text, b.text, ir)
             pos = SourcePos(a.pos.file, a.pos.line, a.pos.col, b.pos.end_line, b.pos.end_col)
@@ -719,7 +725,7 @@ def _check_edges(p: ast.Pipeline, stages: dict[str, ResolvedStage]):
                 continue
             seen[key] = pos
             edges.append(ResolvedEdge(a.text, b.text, ir, pos, cond))
-    return edges, diags
+    return edges, diags, refused
 
 
 def _cond_words(ir) -> str:

@@ -475,7 +475,7 @@ def _check_routes(r: Resolved, g: nx.DiGraph, emits: dict) -> list[Diagnostic]:
             diags.append(_err(f"stage '{n}' has a second `otherwise` edge", extra.pos,
                               hint="an item takes one otherwise edge; keep one",
                               notes=[("the first is here", otherwise[0].pos)]))
-        if otherwise and not conditional:
+        if otherwise and not conditional and n not in r.refused_conditions:   # not when an error dropped it
             diags.append(_warn(f"`otherwise` on {n} -> {otherwise[0].dst}: '{n}' has no conditional edge, so it "
                                "always holds", otherwise[0].pos, hint="write the edge without a condition"))
         if conditional and not otherwise and not plain:

@@ -1385,3 +1385,17 @@ def test_check_reads_whether_a_python_fn_can_be_called_with_the_item(tmp_path, m
         assert got == []
     else:
         assert [g[:2] for g in got] == [want] and got[0][2] == 9
+
+
+@pytest.mark.parametrize("refused, error", [
+    ("request -> batch when vip", "stage 'request' (requests) gives its items no label 'vip'"),
+    ("request -> bacth when full", "edge to undefined stage 'bacth'"),
+])
+def test_no_otherwise_warning_for_a_stage_whose_conditional_edge_was_refused(refused, error):
+    text = pipeline().replace("    request -> batch\n", f"    {refused}\n    request -> batch otherwise\n")
+    _, diags = pipeline_dsl.loads(text, "t.agp")
+    assert [d.message for d in diags] == [error]
+    # without the refused edge the warning stands: the otherwise edge always holds
+    _, diags = pipeline_dsl.loads(pipeline().replace("    request -> batch\n", "    request -> batch otherwise\n"))
+    assert [d.message for d in diags] == ["`otherwise` on request -> batch: 'request' has no conditional edge, so "
+                                          "it always holds"]
