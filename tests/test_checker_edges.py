@@ -896,12 +896,7 @@ t.agp:14:21: error: field 'finish_reason' needs a comparison
   = expected: finish_reason == VALUE, finish_reason > N, ...
   = help: e.g. when finish_reason == "…"
 
-t.agp:15:5: warning: `otherwise` on gen -> out: 'gen' has no conditional edge, so it always holds
-   15 |     gen -> out otherwise
-      |     ^^^^^^^^^^
-  = help: write the edge without a condition
-
-2 errors, 1 warning
+2 errors
 """
 
 
