@@ -81,6 +81,12 @@ def _load(path: str, text: str | None, allow_paths=()):
 
     program, diags = load_program(path, text, allow_paths)
     diags = list(diags) + check_program(program)
+    if not program.pipelines and not has_errors(diags):
+        # plan, run and serve need a pipeline: what check accepts must run, so check refuses it too
+        from .diagnostics import ERROR
+        diags.append(Diagnostic(ERROR, f"{program.root} defines no pipeline", SourcePos(program.root, 1, 1, 1, 2),
+                                expected="a pipeline: pipeline NAME { … } (or use \"file.agp\" of a file with one)",
+                                hint="see examples/chat.agp"))
     return program, sort_diagnostics(diags)
 
 

@@ -73,6 +73,7 @@ class Resolved:
     complete: bool = True                # False when an edge was dropped (undefined stage, bad condition)
     given_settings: frozenset = frozenset()
     setting_pos: dict = field(default_factory=dict, hash=False, compare=False)
+    refused_conditions: frozenset = frozenset()   # stages with a conditional out-edge refused by an error
 
 
 def _err(msg, pos, expected=None, hint=None, notes=()):
@@ -469,14 +470,51 @@ def check_pipeline(p: ast.Pipeline, registry: Registry | None = None,
                                   expected="on " + " | ".join(RESOURCES),
                                   hint=did_you_mean(st.placement.text, RESOURCES)))
         stages[name] = ResolvedStage(name, kind, params, st.name.pos, placement, frozenset(given), param_pos)
-    edges, ds = _check_edges(p, stages)
+    edges, ds, refused = _check_edges(p, stages)
     diags += ds
     dropped = any(d.is_error for d in ds)
     return Resolved(p.name.text, p.name.pos, settings, stages, tuple(edges), complete=not dropped,
-                    given_settings=frozenset(given_settings), setting_pos=dict(given_settings)), diags
+                    given_settings=frozenset(given_settings), setting_pos=dict(given_settings),
+                    refused_conditions=frozenset(refused)), diags
 
 
 # ---------------------------------------------------------------- kind-specific checks
+
+def _check_signature(what: str, ref: str, n: int, call: str, pos: SourcePos, base) -> list[Diagnostic]:
+    """What the source says of how `ref` is called with `n` positional arguments (docs: a python
+    stage's function gets the item, a stream's the item and its chunks, a join's the results):
+    a def whose parameters cannot take them is an error; a class a warning (calling it makes an
+    instance, not the dict or label the stage returns). Nothing is imported."""
+    import ast as pyast
+
+    from .userfn import FunctionNotFound, function_info, positional_arity, takes
+
+    try:
+        node = function_info(ref, base).node
+    except FunctionNotFound:
+        return []
+    if isinstance(node, pyast.ClassDef):
+        return [_warn(f"{what}: {ref} is a class; calling it makes an instance, not the dict or label "
+                      "the stage returns", pos, expected=f"a function called as fn{call}",
+                      hint="name a function, or a module-level instance whose __call__ takes " + call)]
+    targets = node.targets if isinstance(node, pyast.Assign) else [node.target] \
+        if isinstance(node, pyast.AnnAssign) else []
+    value = node.value if len(targets) == 1 and isinstance(targets[0], pyast.Name) else None
+    if isinstance(value, (pyast.Constant, pyast.List, pyast.Dict, pyast.Set, pyast.Tuple, pyast.JoinedStr)):
+        shown = type(value.value).__name__ if isinstance(value, pyast.Constant) else \
+            "str" if isinstance(value, pyast.JoinedStr) else type(value).__name__.lower()
+        return [_err(f"{what}: {ref} is not a function: the module binds it to a value of type {shown} (line {node.lineno})",
+                     pos, expected=f"a function called as fn{call}")]
+    if takes(node, n) is False:
+        least, most = positional_arity(node)
+        if most == 0 and least:
+            takes_words = "keyword-only arguments without defaults"
+        else:
+            takes_words = (f"{least} positional argument{'s' if least != 1 else ''}" if most == least
+                           else f"{least} to {'any number of' if most is None else most} positional arguments")
+        return [_err(f"{what}: {ref} takes {takes_words}, but it is called with {n} ({call[1:-1]})", pos,
+                     expected=f"def {node.name}{call}", hint=f"give {node.name} the parameters {call}")]
+    return []
 
 def _check_python_shape(name: str, params: dict, given: set, where, base) -> list[Diagnostic]:
     """A generator function only as a stream filter, a stream filter only as a generator, and
@@ -541,7 +579,12 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
 
     if kind.name == "python":
         if check_fn("fn"):
-            diags += _check_python_shape(st.name.text, params, given, where, base)
+            shape = _check_python_shape(st.name.text, params, given, where, base)
+            diags += shape
+            stream = bool(params.get("stream"))
+            if not any(d.is_error for d in shape):          # a generator without stream: said already
+                diags += _check_signature(f"stage '{st.name.text}'", params["fn"], 2 if stream else 1,
+                                          "(item, chunks)" if stream else "(item)", where("fn"), base)
     elif kind.name == "join":
         policy, fn = params.get("policy"), params.get("fn")
         if fn is not None and "policy" not in given:
@@ -552,7 +595,10 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
         elif policy == "fn" and fn is None:
             diags.append(_err(f"join '{st.name.text}' has policy = fn but no fn", where("policy"),
                               expected='fn = "module:function"'))
-        if check_fn("fn") and function_shape(params["fn"], base) in ("generator", "async_generator"):
+        if check_fn("fn"):
+            diags += _check_signature(f"join '{st.name.text}'", params["fn"], 1, "(results)", where("fn"), base)
+        if "fn" in given and params.get("fn") and \
+                function_shape(params["fn"], base) in ("generator", "async_generator"):
             diags.append(_err(f"join '{st.name.text}': {params['fn']} is a generator function; a join "
                               "function returns one result", where("fn"),
                               expected="a function that returns one of the results, its index or a new dict",
@@ -641,6 +687,7 @@ def _check_edges(p: ast.Pipeline, stages: dict[str, ResolvedStage]):
     diags: list[Diagnostic] = []
     edges: list[ResolvedEdge] = []
     seen: dict[tuple, SourcePos] = {}
+    refused: set[str] = set()          # sources of conditional edges dropped for an error
     undefined = None                   # built on the first undefined name: once, not per name
     for ch in p.chains:
         for n in ch.stages:
@@ -661,11 +708,14 @@ def _check_edges(p: ast.Pipeline, stages: dict[str, ResolvedStage]):
         ir = C.compile_condition(cond) if cond is not None else None
         for a, b in ch.edges():
             if a.text not in stages or b.text not in stages:
+                if cond is not None and not isinstance(cond, ast.Otherwise):
+                    refused.add(a.text)
                 continue
             src = stages[a.text]
             bad = _check_condition_source(cond, src, a.text) if src.kind is not None else []
             if bad:
                 diags += bad
+                refused.add(a.text)
                 continue
             key = (a.text, b.text, ir)
             pos = SourcePos(a.pos.file, a.pos.line, a.pos.col, b.pos.end_line, b.pos.end_col)
@@ -675,7 +725,7 @@ def _check_edges(p: ast.Pipeline, stages: dict[str, ResolvedStage]):
                 continue
             seen[key] = pos
             edges.append(ResolvedEdge(a.text, b.text, ir, pos, cond))
-    return edges, diags
+    return edges, diags, refused
 
 
 def _cond_words(ir) -> str:

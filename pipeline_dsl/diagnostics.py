@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
@@ -129,8 +130,18 @@ def _excerpt(text: str, pos: SourcePos) -> list[str]:
         width = max(1, min(width, EXCERPT_WINDOW - (col - 1 - (1 if start else 0))))
     line = line.replace("\t", " ")
     gutter = f"{pos.line:>5}"
-    caret = " " * (col - 1) + "^" * width
+    # the caret goes under the characters as a terminal shows them: wide ones (CJK) take two columns
+    caret = " " * _width(line[:col - 1]) + "^" * max(1, _width(line[col - 1:col - 1 + width]) or width)
     return [f"{gutter} | {line}".rstrip(), f"{' ' * len(gutter)} | {caret}"]
+
+
+def _width(text: str) -> int:
+    """Columns `text` takes in a terminal: East Asian wide and fullwidth characters two,
+    combining marks none, the rest one."""
+    if text.isascii():
+        return len(text)
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+               for c in text)
 
 
 def sort_diagnostics(diags: Iterable[Diagnostic]) -> list[Diagnostic]:

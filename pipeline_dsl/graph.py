@@ -23,6 +23,7 @@ unreachable from the source and stages with no path to a respond stage.
 
 from __future__ import annotations
 
+import os
 from collections import Counter, deque
 from dataclasses import dataclass
 
@@ -51,7 +52,7 @@ def build_graph(pipeline, registry: Registry | None = None) -> nx.DiGraph:
     for s in r.stages.values():
         g.add_node(s.name, kind=s.kind.name if s.kind else None, params=dict(s.params), pos=s.pos,
                    resource=s.kind.resource if s.kind else None, placement=s.placement,
-                   given=sorted(s.given), routes=[])
+                   given=sorted(s.given), param_pos=dict(s.param_pos), routes=[])
     for e in r.edges:
         g.nodes[e.src]["routes"].append((e.dst, e.condition))
         if g.has_edge(e.src, e.dst):
@@ -206,7 +207,10 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
     diags += _check_type_routes(r, carry, emits)
     diags += _check_streams(r, receives)
     diags += _check_loop_exits(r, g, carry, receives)
-    diags += _check_kv_budget(r)
+    budget_diags = _check_kv_budget(r)
+    diags += budget_diags
+    if not budget_diags:
+        diags += _check_kv_blocks(r, g)
     diags += check_segments(r, g)[1]
     if not r.complete:                 # an edge was dropped: reachability errors would only echo it
         return diags
@@ -283,6 +287,66 @@ def _check_kv_budget(r: Resolved) -> list[Diagnostic]:
                      last.param_pos.get("budget") or last.pos,
                      hint="raise kv_budget or lower the budgets of the kv_lookup stages")]
     return []
+
+
+# bytes of one KV element per dtype; auto and int8 keep the pool in bf16 where the device has fast
+# bf16 (or runs the model's 4-bit weights natively), else in fp32
+_KV_ELEMENT = {"fp32": (4, 4), "bf16": (2, 2), "fp16": (2, 2), "auto": (2, 4), "int8": (2, 4)}
+
+
+def _check_kv_blocks(r: Resolved, g: nx.DiGraph) -> list[Diagnostic]:
+    """Each KV pool holds at least one block of its engine's model (2 x layers x block_size x
+    KV heads x head size x element bytes, read from the model's header): a smaller budget is an
+    error here, where run would refuse it without a position. Where the element size depends on
+    the device (dtype auto or int8: bf16 or fp32), one that holds a block only at bf16 is a warning."""
+    from . import units
+    from .model_files import kv_shape
+
+    diags = []
+    default_model = g.graph["settings"].get("model") or "smollm2-135m-instruct"
+    for n, data in g.nodes(data=True):
+        if data.get("kind") != "kv_lookup" or n not in r.stages:
+            continue
+        budget, block = data["params"].get("budget"), data["params"].get("block_size")
+        if not budget or not block:
+            continue
+        s = r.stages[n]
+        if "budget" in s.given:
+            pos, whose = s.param_pos.get("budget") or s.pos, f"budget = {units.format_size(int(budget))}"
+        elif "kv_budget" in r.given_settings:
+            pos = r.setting_pos.get("kv_budget") or s.pos
+            whose = f"its share of kv_budget ({units.format_size(int(budget))})"
+        else:
+            pos, whose = s.pos, f"the mode's budget ({units.format_size(int(budget))})"
+        seen = set()
+        for v, _ in data["routes"]:
+            gen = g.nodes[v]
+            if gen.get("kind") != "generate":
+                continue
+            model, dtype = gen["params"].get("model") or default_model, gen["params"].get("dtype") or "auto"
+            if (model, dtype) in seen:
+                continue
+            seen.add((model, dtype))
+            shape = kv_shape(str(model))
+            if shape is None:
+                continue
+            layers, heads, head_dim = shape
+            least, most = (2 * layers * int(block) * heads * head_dim * e for e in _KV_ELEMENT.get(dtype, (4, 4)))
+            cost = (f"one block of {block} tokens of {os.path.basename(str(model))} ({layers} layers x {heads} "
+                    f"KV heads x head size {head_dim}, K and V)")
+            if budget < least:
+                diags.append(_err(f"KV pool of '{n}': {whose} is less than {cost}: "
+                                  f"{units.format_size(least)}" + (" at bf16" if least != most else ""), pos,
+                                  expected=f"a budget of at least {units.format_size(least)}" +
+                                  (f" ({units.format_size(most)} where dtype = {dtype} keeps the pool in fp32)"
+                                   if least != most else ""),
+                                  hint="raise the budget, or lower block_size"))
+            elif budget < most:
+                diags.append(_warn(f"KV pool of '{n}': {whose} holds {cost} only where dtype = {dtype} keeps "
+                                   f"the pool in bf16; in fp32 a block takes {units.format_size(most)}", pos,
+                                   expected=f"a budget of at least {units.format_size(most)}",
+                                   hint="raise the budget, or set dtype = bf16"))
+    return diags
 
 
 def _check_cycles(g: nx.DiGraph, r: Resolved) -> list[Diagnostic]:
@@ -411,7 +475,7 @@ def _check_routes(r: Resolved, g: nx.DiGraph, emits: dict) -> list[Diagnostic]:
             diags.append(_err(f"stage '{n}' has a second `otherwise` edge", extra.pos,
                               hint="an item takes one otherwise edge; keep one",
                               notes=[("the first is here", otherwise[0].pos)]))
-        if otherwise and not conditional:
+        if otherwise and not conditional and n not in r.refused_conditions:   # not when an error dropped it
             diags.append(_warn(f"`otherwise` on {n} -> {otherwise[0].dst}: '{n}' has no conditional edge, so it "
                                "always holds", otherwise[0].pos, hint="write the edge without a condition"))
         if conditional and not otherwise and not plain:

@@ -195,7 +195,9 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
         shown = ch if ch.isprintable() and not ch.isspace() else repr(ch)[1:-1] or "?"
         expected = None
         nxt = text[err.pos_in_stream + 1:err.pos_in_stream + 2]
-        hint = {"/": "comments start with '#'", ";": "statements need no ';'"}.get(ch)
+        hint = {"/": "comments start with '#'", ";": "statements need no ';'",
+                "&": "conditions are joined with 'and' (when a and b)",
+                "|": "conditions are joined with 'or' (when a or b)"}.get(ch)
         if ch == ">" and _previous(text, err.pos_in_stream) == "=":
             hint = "an edge is written '->'"
         elif ch == "-" and nxt.isspace():
@@ -218,6 +220,11 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
         pass
     at = len(text) if tok.type == "$END" or tok.start_pos is None else tok.start_pos
     expected_words, hint = _context_hint(wanted, tok, _previous(text, at))
+    if tok.type == "EQUAL" and "COMPARE" in wanted:            # when prompt_tokens = 5
+        nxt = text[at + 1:at + 2]
+        hint = f"did you mean '{nxt}='?" if nxt in ("<", ">") else "did you mean '=='?"
+    elif tok.type == "COMPARE" and tok.value == ">" and at and text[at - 1] == "=":   # src => batch
+        hint = "an edge is written '->'"
     msg = "unexpected end of file" if tok.type == "$END" else f"unexpected {_found(tok)}"
     expected = expected_words or _join(_describe_expected(wanted))
     if hint == "the value after '=' is missing":
@@ -228,11 +235,16 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
                           expected=expected, hint=f"found {_found(tok)} instead")
     if tok.type == "$END" and "RBRACE" in wanted:
         hint = hint or _unclosed(text)
+    elif "RBRACE" in wanted or tok.type == "__ANON_0":
+        unclosed = _unclosed_before(text, at, tok)
+        if unclosed is not None:
+            expected, hint = unclosed
     return Diagnostic(ERROR, msg, _tok_pos(file, tok, text), expected=expected, hint=hint)
 
 
-def _unclosed(text: str) -> str:
-    """Which '{' is still open at the end of the file, in words."""
+def _open_blocks(text: str) -> list[tuple[str, int]] | None:
+    """The '{' still open at the end of `text`, outermost first, as (what, line): ("stage 'gen'",
+    3). None when the text does not lex."""
     opened: list[tuple[str, int]] = []
     words: list[str] = []
     try:
@@ -249,11 +261,32 @@ def _unclosed(text: str) -> str:
                 opened.pop()
             words.append(str(tok))
     except Exception:                      # noqa: BLE001 - only a hint
-        return "a '{' is not closed"
+        return None
+    return opened
+
+
+def _unclosed(text: str) -> str:
+    """Which '{' is still open at the end of the file, in words."""
+    opened = _open_blocks(text)
     if not opened:
         return "a '{' is not closed"
     what, line = opened[-1]
     return f"the '{{' of {what} (line {line}) is not closed"
+
+
+def _unclosed_before(text: str, at: int, tok: Token) -> tuple[str, str] | None:
+    """(expected, hint) when `tok` starts a statement that cannot stand where it is because a
+    '{' before it was left open: `stage` (or `->` after a name) inside a stage's { … },
+    `pipeline` or `use` inside any block. None otherwise."""
+    if tok.type not in ("STAGE", "PIPELINE", "USE", "__ANON_0"):
+        return None
+    opened = _open_blocks(text[:at])
+    if not opened:
+        return None
+    what, line = opened[-1]
+    if what.startswith("stage ") or tok.type in ("PIPELINE", "USE"):
+        return f"'}}' to close {what} first", f"the '{{' of {what} (line {line}) is not closed"
+    return None
 
 
 class _ValueError(Exception):
@@ -420,7 +453,7 @@ class _Builder(Transformer_NonRecursive):
     @v_args(meta=True)
     def use(self, meta, children):
         (tok,) = children
-        return ast.Use(ast.Str(_unquote(tok), self._tpos(tok)), self._pos(meta))
+        return ast.Use(ast.Str(_unquote(tok, self.file), self._tpos(tok)), self._pos(meta))
 
     @v_args(meta=True)
     def pipeline(self, meta, children):
@@ -508,7 +541,7 @@ class _Builder(Transformer_NonRecursive):
 
     def string(self, children):
         (tok,) = children
-        return ast.Str(_unquote(tok), self._tpos(tok))
+        return ast.Str(_unquote(tok, self.file), self._tpos(tok))
 
     @v_args(meta=True)
     def true(self, meta, children):
@@ -528,8 +561,15 @@ class _Builder(Transformer_NonRecursive):
         return self._nest(ast.List(items, self._pos(meta)), items)
 
 
+_HEX = re.compile(r"[+-]?0[xX][0-9A-Fa-f]+")
+
+
 def _number(tok: Token, pos: SourcePos):
     text = str(tok)
+    if _HEX.fullmatch(text):
+        value = int(text, 16)
+        raise _ValueError(Diagnostic(ERROR, f"hexadecimal number '{text}' is not taken", pos,
+                                     expected="a decimal number such as 32, 0.7 or 1e-3", hint=f"write {value}"))
     i = len(text)
     while i > 0 and text[i - 1].isalpha():
         i -= 1
@@ -548,27 +588,77 @@ def _number(tok: Token, pos: SourcePos):
     return ast.Float(value, pos) if is_float else ast.Int(value, pos)
 
 
-_ESCAPES = {"n": "\n", "t": "\t", '"': '"', "\\": "\\", "r": "\r", "0": "\0"}
+# the one list of a string's escapes (docs/language.md, Values, says the same); \uXXXX besides
+_ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "t": "\t", "r": "\r", "0": "\0"}
+ESCAPES_TEXT = " ".join("\\" + k for k in _ESCAPES) + " \\uXXXX"
+_HEX4 = re.compile(r"[0-9A-Fa-f]{4}")
 
 
-def _unquote(tok: Token) -> str:
+def _unquote(tok: Token, file: str = "<string>") -> str:
+    """A string token's value. An unknown escape (`\\d`) is an error at it, not a dropped
+    backslash: `"C:\\Users"` must not silently become `C:Users`."""
     body = str(tok)[1:-1]
+    if "\\" not in body:
+        return body
     out, i = [], 0
+
+    def bad(j: int, width: int, message: str, expected: str | None, hint: str | None = None):
+        col = tok.column + 1 + j                 # the token is one line: '"' then the body
+        raise _ValueError(Diagnostic(ERROR, message, SourcePos(file, tok.line, col, tok.line, col + width),
+                                     expected=expected, hint=hint))
+
     while i < len(body):
         c = body[i]
-        if c == "\\" and i + 1 < len(body):
-            out.append(_ESCAPES.get(body[i + 1], body[i + 1]))
-            i += 2
-        else:
+        if c != "\\":
             out.append(c)
             i += 1
+            continue
+        e = body[i + 1]                          # the grammar ends no string on a lone backslash
+        if e in _ESCAPES:
+            out.append(_ESCAPES[e])
+            i += 2
+            continue
+        if e == "u":
+            digits = body[i + 2:i + 6]
+            if not _HEX4.fullmatch(digits):
+                bad(i, 2 + len(digits), f"malformed escape '\\u{digits}' in a string",
+                    "\\u and four hex digits, e.g. \\u00e9")
+            code = int(digits, 16)
+            i += 6
+            if 0xD800 <= code < 0xDC00 and body[i:i + 2] == "\\u" and _HEX4.fullmatch(body[i + 2:i + 6]) \
+                    and 0xDC00 <= int(body[i + 2:i + 6], 16) < 0xE000:       # a surrogate pair, as JSON
+                code = 0x10000 + ((code - 0xD800) << 10) + (int(body[i + 2:i + 6], 16) - 0xDC00)
+                i += 6
+            elif 0xD800 <= code < 0xE000:
+                bad(i - 6, 6, f"lone surrogate '\\u{digits}' in a string",
+                    "a character: a high surrogate \\uD800-\\uDBFF followed by a low one \\uDC00-\\uDFFF",
+                    "write the character itself")
+            out.append(chr(code))
+            continue
+        shown = e if e.isprintable() else repr(e)[1:-1]
+        hint = "write a backslash as \\\\" if e.isalnum() or e in ":/." else None
+        bad(i, 2, f"unknown escape '\\{shown}' in a string; the escapes are {ESCAPES_TEXT}", None, hint)
     return "".join(out)
 
 
+_QUOTE = {v: k for k, v in _ESCAPES.items()}
+
+
 def quote(s: str) -> str:
-    """The inverse of _unquote: a string literal for `s`."""
-    rev = {v: k for k, v in _ESCAPES.items()}
-    return '"' + "".join("\\" + rev[c] if c in rev else c for c in s) + '"'
+    """The inverse of _unquote: a string literal for `s` (other unprintable characters as \\uXXXX,
+    so that `agp fmt` writes back exactly what it read, on one line)."""
+    out = []
+    for c in s:
+        if c in _QUOTE:
+            out.append("\\" + _QUOTE[c])
+        elif c.isprintable() or c == " ":
+            out.append(c)
+        elif ord(c) < 0x10000:
+            out.append(f"\\u{ord(c):04x}")
+        else:                                    # past the BMP: a surrogate pair, as JSON writes it
+            v = ord(c) - 0x10000
+            out.append(f"\\u{0xD800 + (v >> 10):04x}\\u{0xDC00 + (v & 0x3FF):04x}")
+    return '"' + "".join(out) + '"'
 
 
 def parse(text: str, file: str = "<string>") -> tuple[ast.Module | None, list[Diagnostic]]:

@@ -228,10 +228,35 @@ def load_function(ref: str, base_dir: str | None) -> Callable:
                 loaded = mod
         else:
             loaded = importlib.import_module(module)
-    fn = getattr(loaded, attr, None)
-    if not callable(fn):
+    if not hasattr(loaded, attr):
         raise FunctionNotFound(f"module '{module}' has no function '{attr}'")
+    fn = getattr(loaded, attr)
+    if not callable(fn):
+        raise FunctionNotFound(f"'{attr}' in module '{module}' is not callable (of type {type(fn).__name__})")
     return fn
+
+
+def positional_arity(node: pyast.AST | None) -> tuple[int, int | None] | None:
+    """(the positional arguments a top-level `def` needs, the most it takes: None for *args), or
+    None when the source does not say (not a def, or a decorated one). A keyword-only argument
+    without a default fails every positional call: (positional + 1, 0)."""
+    if not isinstance(node, (pyast.FunctionDef, pyast.AsyncFunctionDef)) or node.decorator_list:
+        return None
+    a = node.args
+    positional = len(a.posonlyargs) + len(a.args)
+    required = positional - len(a.defaults)
+    if any(d is None for d in a.kw_defaults):          # a keyword-only argument without a default
+        return (positional + 1, 0)
+    return required, (None if a.vararg is not None else positional)
+
+
+def takes(node: pyast.AST | None, n: int) -> bool | None:
+    """Whether a call with `n` positional arguments fits the def's signature (None: unknown)."""
+    arity = positional_arity(node)
+    if arity is None:
+        return None
+    least, most = arity
+    return least <= n and (most is None or n <= most)
 
 
 # ---------------------------------------------------------------- function shapes

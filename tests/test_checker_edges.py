@@ -283,7 +283,7 @@ t.agp:4:5: warning: setting 'threads' is unused: the device is cuda
 
 
 def test_settings_past_the_top_bound_and_outside_their_choices():
-    assert render(pipeline(settings='device = 3\n    threads = 1025\n    dtype = fp8\n    mode = latency\n    kv_budget = 64KiB')) == """\
+    assert render(pipeline(settings='device = 3\n    threads = 1025\n    dtype = fp8\n    mode = latency\n    kv_budget = 64KiB', kv='block_size = 1')) == """\
 t.agp:3:14: error: '3' is not a device
     3 |     device = 3
       |              ^
@@ -896,12 +896,7 @@ t.agp:14:21: error: field 'finish_reason' needs a comparison
   = expected: finish_reason == VALUE, finish_reason > N, ...
   = help: e.g. when finish_reason == "…"
 
-t.agp:15:5: warning: `otherwise` on gen -> out: 'gen' has no conditional edge, so it always holds
-   15 |     gen -> out otherwise
-      |     ^^^^^^^^^^
-  = help: write the edge without a condition
-
-2 errors, 1 warning
+2 errors
 """
 
 
@@ -1321,3 +1316,81 @@ def test_a_function_reference_of_the_wrong_type_gets_one_error_only():
         "  = expected: a string in double quotes (\"…\")\n"
         "\n"
         "1 error\n")
+
+
+SHAPES_MOD = '''NOT_FN = 42
+NAMES: list = ["a"]
+
+
+class Klass:
+    pass
+
+
+def noargs():
+    return None
+
+
+def two(item, extra):
+    return item
+
+
+def fine(item, extra=None, *, flag=False):
+    return item
+
+
+def chunked(item, chunks):
+    yield from chunks
+
+
+def merge(results, how):
+    return results[0]
+'''
+
+
+def _python_stage_diagnostics(tmp_path, monkeypatch, ref: str, params: str = "", kind: str = "python"):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shapes.py").write_text(SHAPES_MOD)
+    text = pipeline().replace("gen -> out", "gen -> py -> out").replace(
+        "stage out", f'stage py : {kind} {{ fn = "shapes:{ref}" {params} }}\n    stage out')
+    _, diags = pipeline_dsl.loads(text, "t.agp")
+    return [(d.severity, d.message, d.pos.line, d.pos.col) for d in diags]
+
+
+@pytest.mark.parametrize("ref, params, kind, want", [
+    ("NOT_FN", "", "python", ("error", "stage 'py': shapes:NOT_FN is not a function: the module binds it to a "
+                                       "value of type int (line 1)")),
+    ("NAMES", "", "python", ("error", "stage 'py': shapes:NAMES is not a function: the module binds it to a "
+                                      "value of type list (line 2)")),
+    ("noargs", "", "python", ("error", "stage 'py': shapes:noargs takes 0 positional arguments, but it is "
+                                       "called with 1 (item)")),
+    ("two", "", "python", ("error", "stage 'py': shapes:two takes 2 positional arguments, but it is called "
+                                    "with 1 (item)")),
+    ("chunked", "stream = true", "python", None),
+    ("two", "stream = true", "python", ("error", "stage 'py' has stream = true, but shapes:two does not yield")),
+    ("fine", "", "python", None),
+    ("merge", "", "join", ("error", "join 'py': shapes:merge takes 2 positional arguments, but it is called "
+                                    "with 1 (results)")),
+    ("Klass", "", "python", ("warning", "stage 'py': shapes:Klass is a class; calling it makes an instance, "
+                                        "not the dict or label the stage returns")),
+])
+def test_check_reads_whether_a_python_fn_can_be_called_with_the_item(tmp_path, monkeypatch, ref, params, kind,
+                                                                     want):
+    got = _python_stage_diagnostics(tmp_path, monkeypatch, ref, params, kind)
+    if want is None:
+        assert got == []
+    else:
+        assert [g[:2] for g in got] == [want] and got[0][2] == 9
+
+
+@pytest.mark.parametrize("refused, error", [
+    ("request -> batch when vip", "stage 'request' (requests) gives its items no label 'vip'"),
+    ("request -> bacth when full", "edge to undefined stage 'bacth'"),
+])
+def test_no_otherwise_warning_for_a_stage_whose_conditional_edge_was_refused(refused, error):
+    text = pipeline().replace("    request -> batch\n", f"    {refused}\n    request -> batch otherwise\n")
+    _, diags = pipeline_dsl.loads(text, "t.agp")
+    assert [d.message for d in diags] == [error]
+    # without the refused edge the warning stands: the otherwise edge always holds
+    _, diags = pipeline_dsl.loads(pipeline().replace("    request -> batch\n", "    request -> batch otherwise\n"))
+    assert [d.message for d in diags] == ["`otherwise` on request -> batch: 'request' has no conditional edge, so "
+                                          "it always holds"]

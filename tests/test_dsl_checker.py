@@ -75,7 +75,7 @@ def test_durations_normalise_to_seconds(value, seconds):
 @pytest.mark.parametrize("value, nbytes", [("512MiB", 512 << 20), ("4GiB", 4 << 30), ("64KiB", 64 << 10),
                                            ("1048576B", 1 << 20)])
 def test_sizes_normalise_to_bytes(value, nbytes):
-    prog, diags = pipeline_dsl.loads(pipeline(kv=f"budget = {value}"), "t.agp")
+    prog, diags = pipeline_dsl.loads(pipeline(kv=f"budget = {value}  block_size = 1"), "t.agp")
     assert diags == []
     got = build_graph(prog.pipelines[0]).nodes["kv"]["params"]["budget"]
     assert got == nbytes and isinstance(got, int)
@@ -416,3 +416,127 @@ def test_kv_budgets_against_kv_budget_at_the_edge_and_with_a_bad_budget():
     # a budget that is itself wrong gets its own error, and only that one (no crash)
     (d,) = errors(pipeline(settings="kv_budget = 64MiB", kv="budget = fast"))
     assert "budget" in d.message and "kv_budget" not in d.message
+
+
+@pytest.mark.parametrize("literal, value", [
+    (r'"a\"b\\c"', 'a"b\\c'), (r'"\n\t\r\0"', "\n\t\r\0"), (r'"caf\u00e9"', "café"),
+    (r'"\ud83d\ude00"', "\U0001F600"), (r'"C:\\Users"', "C:\\Users"),
+])
+def test_string_escapes_are_the_documented_ones(literal, value):
+    module, diags = parse(f"pipeline p {{ x = {literal} }}")
+    assert diags == []
+    assert module.items[0].body[0].value.value == value
+
+
+@pytest.mark.parametrize("literal, message, col, width", [
+    (r'"Use \d"', "unknown escape '\\d' in a string; the escapes are \\\" \\\\ \\n \\t \\r \\0 \\uXXXX", 23, 2),
+    (r'"C:\Users"', "unknown escape '\\U' in a string", 21, 2),
+    (r'"\x41"', "unknown escape '\\x' in a string", 19, 2),
+    (r'"\u12g4"', "malformed escape '\\u12g4' in a string", 19, 6),
+    (r'"ab\udc00"', "lone surrogate '\\udc00' in a string", 21, 6),
+])
+def test_an_unknown_escape_is_an_error_at_it_not_a_dropped_backslash(literal, message, col, width):
+    text = f"pipeline p {{ x = {literal} }}"
+    module, (d,) = parse(text, "t.agp")
+    assert module is None and d.is_error
+    assert d.message.startswith(message)
+    assert (d.pos.line, d.pos.col, d.pos.end_col - d.pos.col) == (1, col, width)
+
+
+def test_check_exits_2_on_an_unknown_escape(tmp_path, capsys):
+    from pipeline_dsl.cli import main
+
+    f = tmp_path / "p.agp"
+    f.write_text(pipeline(gen='stop = ["\\x41"]'))
+    assert main(["check", str(f)]) == 2
+    assert "unknown escape '\\x'" in capsys.readouterr().err
+
+
+def _kv_diags(text: str) -> list:
+    return [d for d in pipeline_dsl.loads(text, "t.agp")[1] if "KV pool of 'kv'" in d.message]
+
+
+def test_a_kv_budget_smaller_than_one_block_of_the_model_is_an_error_at_the_budget():
+    """smollm2-135m: 30 layers x 3 KV heads x 64, K and V: a 16-token block is 360KiB in bf16."""
+    (d,) = _kv_diags(pipeline(settings="kv_budget = 64KiB"))
+    assert d.is_error and (d.pos.line, d.pos.col) == (4, 17)
+    assert d.message == ("KV pool of 'kv': its share of kv_budget (64KiB) is less than one block of 16 tokens of "
+                         "smollm2-135m-instruct (30 layers x 3 KV heads x head size 64, K and V): 360KiB at bf16")
+    (d,) = _kv_diags(pipeline(kv="budget = 256KiB", gen="dtype = fp32"))
+    assert d.is_error and "budget = 256KiB is less than one block" in d.message and "720KiB" in d.message
+    # a smaller block fits; at fp32 a 1MiB pool holds a block; auto at 512KiB only where bf16 keeps it
+    assert _kv_diags(pipeline(kv="budget = 64KiB  block_size = 1")) == []
+    assert _kv_diags(pipeline(kv="budget = 1MiB", gen="dtype = fp32")) == []
+    (d,) = _kv_diags(pipeline(kv="budget = 512KiB"))
+    assert not d.is_error and "only where dtype = auto keeps the pool in bf16" in d.message
+
+
+def test_the_block_check_reads_a_model_file_header(tiny_gguf):
+    from pipeline_dsl.model_files import kv_shape
+
+    layers, heads, head_dim = kv_shape(str(tiny_gguf))
+    block = 2 * layers * 1024 * heads * head_dim * 4               # block_size 1024 at fp32
+    kv = f"budget = {block - 1}B  block_size = 1024"
+    (d,) = _kv_diags(pipeline(model=str(tiny_gguf), kv=kv, gen="dtype = fp32"))
+    assert d.is_error and f"tiny.gguf ({layers} layers x {heads} KV heads x head size {head_dim}" in d.message
+    assert _kv_diags(pipeline(model=str(tiny_gguf), kv=f"budget = {block}B  block_size = 1024",
+                              gen="dtype = fp32")) == []
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "\n\n"])
+def test_a_file_without_a_pipeline_is_refused_by_check_as_by_run(text, tmp_path, capsys):
+    from pipeline_dsl.cli import main
+
+    (d,) = errors(text)
+    assert d.message == "t.agp defines no pipeline" and (d.pos.line, d.pos.col) == (1, 1)
+    f = tmp_path / "empty.agp"
+    f.write_text(text)
+    assert main(["check", str(f)]) == 2
+    assert f"{f}:1:1: error: {f} defines no pipeline" in capsys.readouterr().err
+
+
+def test_a_file_whose_pipelines_come_from_use_is_accepted(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lib.agp").write_text(pipeline())
+    assert errors('use "lib.agp"\n') == []
+
+
+@pytest.mark.parametrize("text, line, col, found, hint", [
+    ("pipeline p {\n    stage gen : generate { max_new_tokens = 4\n    stage out : respond {}\n}\n", 3, 5,
+     "unexpected 'stage'", "the '{' of stage 'gen' (line 2) is not closed"),
+    ("pipeline p {\n    stage gen : generate on compute { n = 1\n    gen -> out\n}\n", 3, 9,
+     "unexpected '->'", "the '{' of stage 'gen' (line 2) is not closed"),
+    ("pipeline a {\n    stage x : requests {}\npipeline b {\n}\n", 3, 1,
+     "unexpected 'pipeline'", "the '{' of pipeline 'a' (line 1) is not closed"),
+])
+def test_a_block_left_open_before_the_next_statement_is_named(text, line, col, found, hint):
+    _, (d,) = parse(text, "t.agp")
+    assert (d.message, d.hint, d.pos.line, d.pos.col) == (found, hint, line, col)
+    assert d.expected.startswith("'}' to close ")
+
+
+@pytest.mark.parametrize("line, message, col, hint", [
+    ("src -> out when prompt_tokens = 5", "unexpected '='", 35, "did you mean '=='?"),
+    ("src -> out when prompt_tokens =< 5", "unexpected '='", 35, "did you mean '<='?"),
+    ("src -> out when full && timeout", "unexpected character '&'", 26,
+     "conditions are joined with 'and' (when a and b)"),
+    ("src -> out when full || timeout", "unexpected character '|'", 26, "conditions are joined with 'or' (when a or b)"),
+    ("stage g : generate { max_new_tokens = 0x10 }", "hexadecimal number '0x10' is not taken", 43, "write 16"),
+    ("src => batch", "unexpected '>'", 10, "an edge is written '->'"),
+])
+def test_syntax_slips_from_other_languages_get_a_hint(line, message, col, hint):
+    _, (d,) = parse("pipeline p {\n    " + line + "\n}\n", "t.agp")
+    assert (d.message, d.pos.line, d.pos.col, d.hint) == (message, 2, col, hint)
+
+
+def test_the_caret_is_placed_by_display_width_after_wide_characters():
+    from pipeline_dsl.diagnostics import ERROR, Diagnostic
+
+    line = '    stage s : system_prompt { text = "你好世界" mode = x }'
+    col = line.index("mode") + 1                                  # 1-based, in characters
+    d = Diagnostic(ERROR, "unknown parameter 'mode'", SourcePos("t.agp", 1, col, 1, col + 4))
+    marks = d.render({"t.agp": line}).splitlines()[2].split(" | ", 1)[1]
+    # the four CJK characters take eight columns: the caret sits 4 columns right of its character count
+    assert marks == " " * (col - 1 + 4) + "^^^^"
+    d = Diagnostic(ERROR, "a wide span", SourcePos("t.agp", 1, line.index("你") + 1, 1, line.index("你") + 5))
+    assert d.render({"t.agp": line}).splitlines()[2].split(" | ", 1)[1] == " " * line.index("你") + "^" * 8

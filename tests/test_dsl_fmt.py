@@ -80,3 +80,20 @@ def test_values_print_back_exactly():
 def test_fmt_reports_syntax_errors_instead_of_printing():
     out, diags = format_text("pipeline p { x = }")
     assert out is None and diags[0].message == "missing value after '='"
+
+
+@pytest.mark.parametrize("value", ['a"b\\c', "\n\t\r\0", "café", "\U0001F600", "\x01\x7f\u2028\x85", "C:\\Users",
+                                   "\ud7ff\ue000"])
+def test_fmt_writes_every_string_back_exactly(value):
+    from pipeline_dsl.parser import quote
+
+    text = f"pipeline p {{\n    x = {quote(value)}\n}}\n"
+    once, diags = format_text(text)
+    assert diags == []
+    assert parse(once)[0].items[0].body[0].value.value == value
+    assert format_text(once)[0] == once and "\n" not in quote(value)
+
+
+def test_fmt_refuses_an_unknown_escape_rather_than_drop_its_backslash():
+    once, (d,) = format_text('pipeline p {\n    x = "Use \\d"\n}\n')
+    assert once is None and d.message.startswith("unknown escape '\\d'")

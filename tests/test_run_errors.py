@@ -92,3 +92,23 @@ def test_input_lines_are_bounded_even_an_endless_one(tmp_path, pipeline):
     first, second = records(out)
     assert first == {"id": 1, "error": {"line": 1, "message": "the line is longer than 16 MiB", "type": "invalid"}}
     assert second["id"] == 2 and "text" in second
+
+
+@pytest.mark.parametrize("module, why", [
+    ("NOT_FN = len('ab')\n", "'NOT_FN' in module 'hooks' is not callable (of type int)"),
+    ("import os\nNOT_FN = getattr(os, 'sep')\n", "'NOT_FN' in module 'hooks' is not callable (of type str)"),
+    ("raise ValueError('no config')\nNOT_FN = len('a')\n", "importing its module failed: ValueError: no config"),
+])
+def test_a_fn_that_turns_out_not_callable_at_load_is_an_error_at_the_setting(tmp_path, tiny_gguf, module, why):
+    """check reads source and passes these (a value it cannot see, a module failing on import);
+    run then says which stage and where, exit 2, not an internal error."""
+    (tmp_path / "hooks.py").write_text(module)
+    path = tmp_path / "tiny.agp"
+    path.write_text(PIPELINE.format(model=tiny_gguf).replace("gen -> out", "gen -> p -> out").replace(
+        "stage out", 'stage p : python { fn = "hooks:NOT_FN" }\n    stage out'))
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "a"}\n')
+    r = run(path, "-i", inp, "-o", tmp_path / "out.jsonl")
+    assert r.returncode == 2, r.stderr
+    assert f'{path}:10:29: error: stage \'p\': cannot load fn "hooks:NOT_FN": {why}' in r.stderr
+    assert "internal error" not in r.stderr

