@@ -160,7 +160,8 @@ async def detokenize(request: Request):
 
 # ---------------------------------------------------------------- operations
 
-@router.api_route("/health", methods=["GET", "HEAD"], openapi_extra=OA.HEALTH)
+@router.get("/health", openapi_extra=OA.HEALTH)
+@router.head("/health", include_in_schema=False)                          # load balancers' probes
 @router.api_route("/ping", methods=["GET", "POST"], include_in_schema=False)   # vLLM's (SageMaker's) name
 async def health(request: Request):
     apipe = _state(request).apipe
