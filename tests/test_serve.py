@@ -467,13 +467,24 @@ def test_a_stream_notices_its_client_going_while_it_has_nothing_to_write(long_gg
         await asyncio.wait_for(s.app(scope, receive, send), 60)
         return chunks
 
+    import logging
+
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lines.append
+    access = logging.getLogger("agp.access")
+    access.addHandler(handler)
+    level, access.level = access.level, logging.INFO
     try:
         chunks = asyncio.run(call_app())
         assert len(chunks) > 1 and not chunks[1].startswith(b'{"error"')   # it was answering
+        assert [r.status for r in lines if r.path == path] == [499]          # logged as the metrics count it
         st = s.stats_when(lambda st: st["requests_aborted"] == 1)
         assert st["requests_done"] == 0 and st["in_flight"] == 0 and st["running"] == 0
         assert s.metric("agp_requests_total", '{status="499"}') == 1
     finally:
+        access.removeHandler(handler)
+        access.level = level
         s.close()
 
 

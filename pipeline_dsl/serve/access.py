@@ -7,7 +7,8 @@
   `request_id`, else a new one; every answer carries it back as `X-Request-Id`, and the ids of
   generation answers end with it (`chatcmpl-<id>`), as vLLM's do.
 - One access-log line per request once its answer is sent (logger `agp.access`; uvicorn's own
-  access log is off): client, method, path, status, latency and request id.
+  access log is off): client, method, path, status, latency and request id; a stream whose
+  client went before its end is logged 499 (as the metrics count it), not the 200 it began with.
 """
 from __future__ import annotations
 
@@ -26,12 +27,13 @@ CLIENT_ID = re.compile(r"[\x21-\x7e]{1,128}")
 class RequestInfo:
     """What the routes may learn or set about the request being served (scope["agp.request"])."""
 
-    __slots__ = ("id", "given", "started")
+    __slots__ = ("id", "given", "started", "cut")
 
     def __init__(self, given: str | None):
         self.given = given is not None                 # the client named it (X-Request-Id)
         self.id = given or uuid.uuid4().hex
         self.started = time.perf_counter()
+        self.cut = False                               # the client went before the answer's end (logged 499)
 
     def adopt(self, request_id: str | None) -> str:
         """The body's request_id becomes the id unless the header already named one."""
@@ -71,7 +73,7 @@ class Access:
         try:
             await self.app(scope, receive, sending)
         finally:
-            self._log(scope, status[0], info)
+            self._log(scope, 499 if info.cut else status[0], info)
 
     @staticmethod
     def _log(scope, status: int, info: RequestInfo) -> None:

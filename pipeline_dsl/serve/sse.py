@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from . import protocol as P
+from .access import request_info
 from .async_pipeline import RequestStream, StreamGroup
 from .errors import api_error, log_error
 
@@ -31,17 +32,20 @@ class EventStream(StreamingResponse):
         self._stream, self._on_gone = stream, on_gone
 
     async def __call__(self, scope, receive, send):
+        info = request_info(scope)
         try:
             async with anyio.create_task_group() as group:
                 async def watch():
                     while (await receive())["type"] != "http.disconnect":
                         pass
+                    info.cut = True
                     group.cancel_scope.cancel()          # the client went: stop streaming
 
                 group.start_soon(watch)
                 try:
                     await self.stream_response(send)
                 except OSError:
+                    info.cut = True
                     raise ClientDisconnect() from None
                 finally:
                     group.cancel_scope.cancel()
