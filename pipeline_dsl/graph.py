@@ -351,9 +351,20 @@ def _check_kv_blocks(r: Resolved, g: nx.DiGraph) -> list[Diagnostic]:
 
 def _check_cycles(g: nx.DiGraph, r: Resolved) -> list[Diagnostic]:
     """A loop must pass through a stage that bounds it (max_turns), which needs a way out of
-    the loop; no join inside a loop."""
+    the loop; no join inside a loop. max_turns on a stage in no loop bounds nothing (a warning)."""
     diags = []
     bounded = bounded_stages(r)
+    in_loop = {n for comp in nx.strongly_connected_components(g) for n in comp
+               if len(comp) > 1 or g.has_edge(n, n)}
+    for n in sorted(bounded - in_loop):
+        s = r.stages[n]
+        if s.params.get("stream"):
+            continue                   # the stream check already refuses max_turns there
+        diags.append(_warn(f"'max_turns' only applies to a stage in a loop; stage '{n}' is in none",
+                           s.param_pos.get("max_turns") or s.pos,
+                           expected="an edge back from a later stage to one before it, through "
+                                    f"'{n}' (it would run at most max_turns times per request)",
+                           hint="remove max_turns, or add the edge that closes the loop"))
     free = g.subgraph([n for n in g if n not in bounded]) if bounded else g
     for comp in nx.strongly_connected_components(free):
         if len(comp) == 1 and not any(free.has_edge(n, n) for n in comp):

@@ -1394,3 +1394,21 @@ def test_no_otherwise_warning_for_a_stage_whose_conditional_edge_was_refused(ref
     _, diags = pipeline_dsl.loads(pipeline().replace("    request -> batch\n", "    request -> batch otherwise\n"))
     assert [d.message for d in diags] == ["`otherwise` on request -> batch: 'request' has no conditional edge, so "
                                           "it always holds"]
+
+
+# ---------------------------------------------------------------- max_turns outside a loop
+
+def test_max_turns_on_a_python_stage_in_no_loop_is_a_warning_at_the_setting():
+    text = pipeline().replace("    stage out ", '    stage tool    : python        { fn = "json:loads"  max_turns = 2 }\n'
+                                             "    stage out ").replace("gen -> out", "gen -> tool -> out")
+    assert render(text) == """\
+t.agp:9:68: warning: 'max_turns' only applies to a stage in a loop; stage 'tool' is in none
+    9 |     stage tool    : python        { fn = "json:loads"  max_turns = 2 }
+      |                                                                    ^
+  = expected: an edge back from a later stage to one before it, through 'tool' (it would run at most max_turns times per request)
+  = help: remove max_turns, or add the edge that closes the loop
+
+1 warning
+"""
+    looped = text.replace("gen -> tool -> out", "gen -> tool -> out\n    tool -> batch")
+    assert "max_turns' only applies" not in render(looped)

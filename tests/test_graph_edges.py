@@ -940,6 +940,12 @@ def test_may_send_hints_name_the_returns_to_say_only_for_returns_any():
               |           ^
           = help: add an edge from 'q' towards a stage that takes Generated items
 
+        t.agp:12:76: warning: 'max_turns' only applies to a stage in a loop; stage 'q' is in none
+           12 |     stage q : python { fn = "json:loads"  returns = generated  max_turns = 2 }
+              |                                                                            ^
+          = expected: an edge back from a later stage to one before it, through 'q' (it would run at most max_turns times per request)
+          = help: remove max_turns, or add the edge that closes the loop
+
         t.agp:13:11: error: stage 'q2' (python) may send Request items, but none of its out-edges leads to a stage that takes them
            13 |     stage q2 : python { fn = "json:loads"  returns = any }
               |           ^^
@@ -950,7 +956,7 @@ def test_may_send_hints_name_the_returns_to_say_only_for_returns_any():
               |           ^^
           = help: if 'q3' never returns a Generated, say returns = request
 
-        3 errors
+        3 errors, 1 warning
         """)
 
 
