@@ -211,6 +211,7 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
     diags += budget_diags
     if not budget_diags:
         diags += _check_kv_blocks(r, g)
+    diags += _check_prompt_limit(r, g)
     diags += check_segments(r, g)[1]
     if not r.complete:                 # an edge was dropped: reachability errors would only echo it
         return diags
@@ -346,6 +347,31 @@ def _check_kv_blocks(r: Resolved, g: nx.DiGraph) -> list[Diagnostic]:
                                    f"the pool in bf16; in fp32 a block takes {units.format_size(most)}", pos,
                                    expected=f"a budget of at least {units.format_size(most)}",
                                    hint="raise the budget, or set dtype = bf16"))
+    return diags
+
+
+def _check_prompt_limit(r: Resolved, g: nx.DiGraph) -> list[Diagnostic]:
+    """A request source's max_prompt_tokens past a generating model's context (read from its
+    header) is a warning: every engine takes the limit, and the context caps it there."""
+    from .model_files import context_length
+
+    diags = []
+    default_model = g.graph["settings"].get("model") or "smollm2-135m-instruct"
+    models = sorted({str(g.nodes[n]["params"].get("model") or default_model)
+                     for n in g if g.nodes[n].get("kind") == "generate"})
+    for n, s in r.stages.items():
+        limit = s.params.get("max_prompt_tokens")
+        if s.kind is None or s.kind.name != "requests" or "max_prompt_tokens" not in s.given or not limit:
+            continue
+        for model in models:
+            ctx = context_length(model)
+            if ctx is not None and limit > ctx:
+                diags.append(_warn(f"max_prompt_tokens = {limit} is more than the context of "
+                                   f"{os.path.basename(model)} ({ctx} tokens): the context caps it",
+                                   s.param_pos.get("max_prompt_tokens") or s.pos,
+                                   expected=f"max_prompt_tokens of at most {ctx}",
+                                   hint=f"lower max_prompt_tokens to {ctx} or less, or leave it 0 "
+                                        "(the model's context)"))
     return diags
 
 

@@ -1412,3 +1412,33 @@ t.agp:9:68: warning: 'max_turns' only applies to a stage in a loop; stage 'tool'
 """
     looped = text.replace("gen -> tool -> out", "gen -> tool -> out\n    tool -> batch")
     assert "max_turns' only applies" not in render(looped)
+
+
+# ---------------------------------------------------------------- max_prompt_tokens past the context
+
+def test_max_prompt_tokens_past_the_models_context_is_a_warning_at_the_setting():
+    def limited(n):
+        return pipeline().replace("stage request : requests      {}",
+                                  f"stage request : requests      {{ max_prompt_tokens = {n} }}")
+    assert render(limited(100000)) == """\
+t.agp:4:57: warning: max_prompt_tokens = 100000 is more than the context of smollm2-135m-instruct (8192 tokens): the context caps it
+    4 |     stage request : requests      { max_prompt_tokens = 100000 }
+      |                                                         ^^^^^^
+  = expected: max_prompt_tokens of at most 8192
+  = help: lower max_prompt_tokens to 8192 or less, or leave it 0 (the model's context)
+
+1 warning
+"""
+    assert render(limited(8192)) == ""
+
+
+def test_context_length_is_read_from_a_gguf_header_and_caps_a_file_models_prompt_limit(tmp_path):
+    from pipeline_dsl.model_files import context_length
+    from tiny_model import write_tiny_gguf
+
+    model = write_tiny_gguf(tmp_path / "m.gguf", context=300)
+    assert (context_length(str(model)), context_length(EMBEDDED)) == (300, 8192)
+    assert context_length(str(tmp_path / "missing.gguf")) is None
+    text = pipeline(model=str(model)).replace("stage request : requests      {}",
+                                              "stage request : requests      { max_prompt_tokens = 301 }")
+    assert "max_prompt_tokens = 301 is more than the context of m.gguf (300 tokens)" in render(text)

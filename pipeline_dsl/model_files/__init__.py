@@ -5,6 +5,7 @@
     config = hf_llama_config(folder)       # the same for config.json + *.safetensors headers
     check_model_path(path)                 # all of the above (and tokenizer.json for a folder)
     kv_shape("smollm2-135m-instruct")      # (layers, KV heads, head size): what a KV block holds
+    context_length("m.gguf")               # the model's context in tokens
 
 Each problem raises `ModelFileProblem(path, problem)`: the file at fault and one line on
 what is wrong. A GGUF file is walked with `struct` over an mmap, and every count and
@@ -36,7 +37,7 @@ __all__ = ["DEQUANTIZABLE", "GGML_TYPES", "GGUF_REQUIRED", "GGUF_USED_KEYS", "GG
            "GGUFTensorInfo", "ModelFileProblem", "check_model_path", "check_weights", "expected_shapes",
            "gguf_engine_name", "gguf_file_name", "gguf_llama_config", "hf_config", "hf_engine_name",
            "hf_file_name", "hf_llama_config", "read_gguf_header", "read_json_object",
-           "read_safetensors_header", "kv_shape", "EMBEDDED_FILES", "embedded_file"]
+           "read_safetensors_header", "kv_shape", "context_length", "EMBEDDED_FILES", "embedded_file"]
 
 # the embedded models: name -> (the package that ships the file, the file inside it); the one
 # table (engine/models.py resolves a model name through it, check reads the header)
@@ -57,6 +58,19 @@ def kv_shape(model: str) -> tuple[int, int, int] | None:
     """(layers, KV heads, head size) of an embedded model's name, a .gguf file or a Hugging Face
     folder, read from its header (no weights); None when it cannot be read (check reports a bad
     model at its own setting)."""
+    c = _header_config(model)
+    return None if c is None else (int(c["num_layers"]), int(c["num_kv_heads"]), int(c["head_dim"]))
+
+
+def context_length(model: str) -> int | None:
+    """The context in tokens of an embedded model's name, a .gguf file (`llama.context_length`)
+    or a Hugging Face folder (`max_position_embeddings`), read from its header (no weights);
+    None when it cannot be read."""
+    c = _header_config(model)
+    return None if c is None else int(c["max_position"])
+
+
+def _header_config(model: str) -> dict | None:
     key = model.strip().lower()
     path = embedded_file(key) if key in EMBEDDED_FILES else Path(model)
     if path is None:
@@ -65,16 +79,16 @@ def kv_shape(model: str) -> tuple[int, int, int] | None:
         st = os.stat(path if not path.is_dir() else path / "config.json")
     except OSError:
         return None
-    return _kv_shape(str(path), st.st_mtime_ns, st.st_size)
+    return _read_config(str(path), st.st_mtime_ns, st.st_size)
 
 
 @functools.lru_cache(maxsize=16)
-def _kv_shape(path: str, mtime: int, size: int) -> tuple[int, int, int] | None:
+def _read_config(path: str, mtime: int, size: int) -> dict | None:
+    """The model's config from its header, cached on (path, mtime, size): read once per check."""
     try:
-        c = hf_llama_config(path) if os.path.isdir(path) else gguf_llama_config(read_gguf_header(path, arrays=False))
+        return hf_llama_config(path) if os.path.isdir(path) else gguf_llama_config(read_gguf_header(path, arrays=False))
     except (ModelFileProblem, OSError, ValueError):
         return None
-    return int(c["num_layers"]), int(c["num_kv_heads"]), int(c["head_dim"])
 
 
 def check_model_path(path) -> None:
