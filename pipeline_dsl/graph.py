@@ -2,7 +2,8 @@
 
 `build_graph(pipeline)` takes an `ast.Pipeline` (or a `checker.Resolved`) and returns
 a DiGraph with graph attributes `name`, `settings` (model, mode, device, threads,
-dtype, kv_budget) and `given_settings` (those the file sets), one node per stage with
+dtype, kv_budget), `given_settings` (those the file sets) and `setting_pos` (where
+it sets them), one node per stage with
 `kind` (str), `params` (effective values: kind default -> mode preset -> inherited
 pipeline setting -> file; durations in float seconds, sizes in int bytes), `given`
 (parameters the file sets), `pos`, `resource` (host|copy|compute, from the kind),
@@ -48,7 +49,7 @@ def build_graph(pipeline, registry: Registry | None = None) -> nx.DiGraph:
     """The pipeline as a DiGraph (see the module docstring for its attributes)."""
     r = _resolve(pipeline, registry)
     g = nx.DiGraph(name=r.name, settings=dict(r.settings), pos=r.pos,
-                   given_settings=sorted(r.given_settings))
+                   given_settings=sorted(r.given_settings), setting_pos=dict(r.setting_pos))
     for s in r.stages.values():
         g.add_node(s.name, kind=s.kind.name if s.kind else None, params=dict(s.params), pos=s.pos,
                    resource=s.kind.resource if s.kind else None, placement=s.placement,

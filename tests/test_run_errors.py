@@ -112,3 +112,21 @@ def test_a_fn_that_turns_out_not_callable_at_load_is_an_error_at_the_setting(tmp
     assert r.returncode == 2, r.stderr
     assert f'{path}:10:29: error: stage \'p\': cannot load fn "hooks:NOT_FN": {why}' in r.stderr
     assert "internal error" not in r.stderr
+
+
+@pytest.mark.parametrize("where, old, new, at", [
+    ("the pipeline's", "device = cpu", "device = cuda", "3:14"),
+    ("the generate stage's", "max_new_tokens = 4", 'max_new_tokens = 4  device = "cuda"', "9:61"),
+])
+def test_device_cuda_without_cuda_is_an_error_at_the_device_setting(tmp_path, tiny_gguf, where, old, new, at):
+    """check does not probe the hardware, so run finds a missing CUDA device: it says so at
+    the setting that asked for it (the generate stage's own, else the pipeline's), exit 2."""
+    path = tmp_path / "tiny.agp"
+    path.write_text(PIPELINE.format(model=tiny_gguf).replace(old, new, 1))
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "a"}\n')
+    r = run(path, "-i", inp, "-o", tmp_path / "out.jsonl", env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 2, r.stderr
+    assert (f"{path}:{at}: error: device 'cuda' asked for, but no CUDA device is available; "
+            "use device = cpu") in r.stderr
+    assert "internal error" not in r.stderr

@@ -73,7 +73,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
 
         from pipeline_dsl.engine.trace import Trace
 
-        from .segment import EngineSegment, segment_spec
+        from .segment import DeviceUnavailable, EngineSegment, segment_spec
 
         self.graph, self.clock = graph, clock
         self.name = str(graph.graph.get("name") or "pipeline")
@@ -107,7 +107,11 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         self.segments: list[EngineSegment] = []
         self.seg_by_batch: dict[str, EngineSegment] = {}
         for seg, plan in zip(segments_of(graph), self.plan.segments):
-            es = EngineSegment(segment_spec(graph, seg), plan, overrides=overrides, overlap=overlap, trace=self.trace)
+            try:
+                es = EngineSegment(segment_spec(graph, seg), plan, overrides=overrides, overlap=overlap,
+                                   trace=self.trace)
+            except DeviceUnavailable as exc:
+                raise _device_failed(graph, seg.generates, exc) from exc.error
             self.segments.append(es)
             self.seg_by_batch[seg.batch] = es
         self.seg_of_gen = {g: es for es in self.segments for g in es.segment.generates}
@@ -588,11 +592,45 @@ def _valid_request(d: dict, stage: str) -> dict:
         raise PipelineError(f"stage '{stage}' returned an invalid request: {e}", "failed", stage) from None
 
 
+def _device_failed(graph: nx.DiGraph, generates, exc) -> BaseException:
+    """A device the machine lacks (device = cuda without CUDA), as a CheckFailed at the `device`
+    setting that asked for it: a generate stage's own, else the pipeline's. check does not probe
+    the hardware, so this is only found here. The engine's error as it is when no setting of the
+    file chose the device (the caller's overrides did, or the default did)."""
+    from pipeline_dsl.diagnostics import ERROR, Diagnostic
+
+    if exc.from_overrides:
+        return exc.error
+    asking = [g for g in generates if str(graph.nodes[g]["params"].get("device")) == exc.device]
+    pos = next((graph.nodes[g]["param_pos"].get("device") for g in asking
+                if "device" in graph.nodes[g].get("given", ())), None)
+    if pos is None and "device" in graph.graph.get("given_settings", ()):
+        pos = (graph.graph.get("setting_pos") or {}).get("device")
+    if pos is None:
+        return exc.error
+    diag = Diagnostic(ERROR, str(exc.error), pos, expected="a device this machine has: cpu, or auto")
+    return _check_failed(diag, pos)
+
+
+def _check_failed(diag, pos):
+    """A CheckFailed of one diagnostic, with the source of its file to show the line."""
+    from pipeline_dsl.diagnostics import CheckFailed
+
+    sources = {}
+    if pos is not None and pos.file and not pos.file.startswith("<"):
+        try:
+            with open(pos.file, encoding="utf-8") as f:
+                sources[pos.file] = f.read()
+        except (OSError, UnicodeDecodeError):
+            pass                                  # the message and position still say it
+    return CheckFailed([diag], sources)
+
+
 def _load_failed(graph: nx.DiGraph, stage: str, exc: BaseException):
     """A stage whose `fn` could not be loaded (not callable, its module failing on import), as a
     CheckFailed at the `fn` setting: check reads the source and imports nothing, so some of this
     is only found here, and it is the pipeline's error (exit 2), not an internal one."""
-    from pipeline_dsl.diagnostics import ERROR, CheckFailed, Diagnostic
+    from pipeline_dsl.diagnostics import ERROR, Diagnostic
     from pipeline_dsl.userfn import FunctionNotFound
 
     node = graph.nodes[stage]
@@ -603,11 +641,4 @@ def _load_failed(graph: nx.DiGraph, stage: str, exc: BaseException):
     what = "join" if node.get("kind") == "join" else "stage"
     diag = Diagnostic(ERROR, f"{what} '{stage}': cannot load fn \"{ref}\": {why}", pos,
                       expected='"module:function" naming a function (def or async def)')
-    sources = {}
-    if pos is not None and pos.file and not pos.file.startswith("<"):
-        try:
-            with open(pos.file, encoding="utf-8") as f:
-                sources[pos.file] = f.read()
-        except (OSError, UnicodeDecodeError):
-            pass                                  # the message and position still say it
-    return CheckFailed([diag], sources)
+    return _check_failed(diag, pos)

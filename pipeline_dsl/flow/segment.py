@@ -68,12 +68,21 @@ def segment_spec(graph: nx.DiGraph, segment: Segment) -> SegmentSpec:
     return spec
 
 
+class DeviceUnavailable(Exception):
+    """The segment's `device` cannot be had on this machine (the engine's InputError in `error`);
+    `from_overrides` when the caller's overrides chose it, not the pipeline file."""
+
+    def __init__(self, error: Exception, device: str, *, from_overrides: bool = False):
+        super().__init__(str(error))
+        self.error, self.device, self.from_overrides = error, device, from_overrides
+
+
 class EngineSegment:
     """An Engine and its Executor for one segment; thread-safe submit / abort / tokenise."""
 
     def __init__(self, spec: SegmentSpec, plan, *, overrides: dict | None = None, overlap: bool | None = None,
                  trace=None, engine=None):
-        from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
+        from pipeline_dsl.engine import Engine, EngineConfig, InputError, SamplingParams
         from pipeline_dsl.engine.engine import resolve_device
         from pipeline_dsl.engine.executor import Executor
 
@@ -82,7 +91,11 @@ class EngineSegment:
         known = {f.name for f in fields(EngineConfig)}
         values = {k: v for k, v in spec.engine.items() if k in known}
         values.update({k: v for k, v in (overrides or {}).items() if v is not None and k in known})
-        values["device"] = resolve_device(str(values.get("device") or "auto"))
+        try:
+            values["device"] = resolve_device(str(values.get("device") or "auto"))
+        except InputError as exc:              # the runtime says where the pipeline asks for it
+            raise DeviceUnavailable(exc, str(values.get("device")),
+                                    from_overrides=bool((overrides or {}).get("device"))) from exc
         values["max_queue"] = 1 << 20            # the pipeline bounds admission (requests.max_queue)
         self.config = EngineConfig(**values)
         self.engine = engine if engine is not None else Engine(self.config)
