@@ -130,3 +130,23 @@ def test_device_cuda_without_cuda_is_an_error_at_the_device_setting(tmp_path, ti
     assert (f"{path}:{at}: error: device 'cuda' asked for, but no CUDA device is available; "
             "use device = cpu") in r.stderr
     assert "internal error" not in r.stderr
+
+
+def test_a_prompt_over_max_prompt_tokens_is_an_error_record_of_the_requests_stage(tmp_path, tiny_gguf):
+    """The limit is the request source's setting: its record names that stage, whether the
+    prompt is refused on its length in characters or once tokenised."""
+    path = tmp_path / "tiny.agp"
+    path.write_text(PIPELINE.format(model=tiny_gguf).replace("stage request : requests {}",
+                                                             "stage request : requests { max_prompt_tokens = 10 }"))
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps({"prompt": "word " * 50}) + "\n" +
+                   json.dumps({"prompt": " ".join("abcdefghijklmnopqrst")}) + "\n" +
+                   json.dumps({"prompt": "hi", "max_tokens": 1}) + "\n")
+    r = run(path, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    long_chars, long_tokens, fine = records(out)
+    assert long_chars["error"]["stage"] == long_tokens["error"]["stage"] == "request"
+    assert "(requests.max_prompt_tokens = 10)" in long_chars["error"]["message"]
+    assert long_tokens["error"]["message"].endswith("tokens is longer than this pipeline accepts "
+                                                    "(requests.max_prompt_tokens = 10)")
+    assert "text" in fine

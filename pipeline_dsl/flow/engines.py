@@ -97,7 +97,7 @@ class EngineSide:
             if not d.get("truncate_prompt_tokens"):
                 es.check_prompt_length(d)
         except InputError as e:
-            raise PipelineError(str(e), "invalid", stage, getattr(e, "code", None)) from None
+            raise PipelineError(str(e), "invalid", self._length_stage(stage), getattr(e, "code", None)) from None
         fingerprint = (id(es), repr(d.get("messages") if d.get("messages") is not None
                                     else d.get("prompt_token_ids") if d.get("prompt_token_ids") is not None
                                     else d.get("prompt")), repr(d.get("tools")), repr(d.get("tool_choice")),
@@ -116,6 +116,15 @@ class EngineSide:
         return ids
 
 
+    def _prompt_limit(self) -> int:
+        """The request source's max_prompt_tokens (0: none; the model's context then)."""
+        return int(self.params[self.source].get("max_prompt_tokens") or 0) if self.source else 0
+
+    def _length_stage(self, stage: str) -> str:
+        """Where a prompt too long is refused: the request source when its max_prompt_tokens is
+        the limit, else `stage` (the model's context is the limit)."""
+        return self.source if self._prompt_limit() else stage
+
     # ---- engine segments -----------------------------------------------------------------
     def _enter_segment(self, item: Item, es) -> None:
         """A Request reaches a batcher: tokenise, pick generate stage(s), copy n times, submit."""
@@ -129,6 +138,11 @@ class EngineSide:
             item.at = seg.encode
         t0 = time.perf_counter()
         ids = self._ids(item, es, seg.encode)
+        limit = self._prompt_limit()
+        if limit and len(ids) > limit:          # the request source's limit: refused in its name
+            raise PipelineError(f"prompt of {len(ids)} tokens is longer than this pipeline accepts "
+                                f"(requests.max_prompt_tokens = {limit})", "invalid", self.source,
+                                "context_length_exceeded")
         self._observe(seg.encode, t0, item, span=False)
         with self._lock:
             self.flow.edge(seg.encode, seg.kv, queue=False)
