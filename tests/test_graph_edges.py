@@ -72,7 +72,7 @@ pipeline p {
 """
 
 
-def test_seed_graph_has_name_settings_position_and_given_settings():
+def test_seed_graph_has_name_settings_position_and_given_settings_and_where_they_are_set():
     g = graph(SEED)
     assert g.graph == {
         "name": "p",
@@ -80,6 +80,7 @@ def test_seed_graph_has_name_settings_position_and_given_settings():
                      "dtype": "auto", "kv_budget": None},
         "pos": SourcePos("t.agp", 1, 10, 1, 11),
         "given_settings": ["model", "threads"],
+        "setting_pos": {"model": SourcePos("t.agp", 2, 13, 2, 36), "threads": SourcePos("t.agp", 3, 15, 3, 16)},
     }
 
 
