@@ -33,7 +33,7 @@ import networkx as nx
 from stages.registry import Registry, default_registry
 
 from . import ast
-from .checker import Resolved, check_pipeline
+from .checker import EMBEDDED_MODEL, Resolved, check_pipeline
 from .diagnostics import ERROR, WARNING, Diagnostic, sort_diagnostics
 
 
@@ -296,6 +296,11 @@ def _check_kv_budget(r: Resolved) -> list[Diagnostic]:
 _KV_ELEMENT = {"fp32": (4, 4), "bf16": (2, 2), "fp16": (2, 2), "auto": (2, 4), "int8": (2, 4)}
 
 
+def _generate_model(g: nx.DiGraph, params: dict) -> str:
+    """The model a generate stage runs: its own `model`, else the pipeline's, else the embedded one."""
+    return str(params.get("model") or g.graph["settings"].get("model") or EMBEDDED_MODEL)
+
+
 def _check_kv_blocks(r: Resolved, g: nx.DiGraph) -> list[Diagnostic]:
     """Each KV pool holds at least one block of its engine's model (2 x layers x block_size x
     KV heads x head size x element bytes, read from the model's header): a smaller budget is an
@@ -305,7 +310,6 @@ def _check_kv_blocks(r: Resolved, g: nx.DiGraph) -> list[Diagnostic]:
     from .model_files import kv_shape
 
     diags = []
-    default_model = g.graph["settings"].get("model") or "smollm2-135m-instruct"
     for n, data in g.nodes(data=True):
         if data.get("kind") != "kv_lookup" or n not in r.stages:
             continue
@@ -325,11 +329,11 @@ def _check_kv_blocks(r: Resolved, g: nx.DiGraph) -> list[Diagnostic]:
             gen = g.nodes[v]
             if gen.get("kind") != "generate":
                 continue
-            model, dtype = gen["params"].get("model") or default_model, gen["params"].get("dtype") or "auto"
+            model, dtype = _generate_model(g, gen["params"]), gen["params"].get("dtype") or "auto"
             if (model, dtype) in seen:
                 continue
             seen.add((model, dtype))
-            shape = kv_shape(str(model))
+            shape = kv_shape(model)
             if shape is None:
                 continue
             layers, heads, head_dim = shape
@@ -357,9 +361,7 @@ def _check_prompt_limit(r: Resolved, g: nx.DiGraph) -> list[Diagnostic]:
     from .model_files import context_length
 
     diags = []
-    default_model = g.graph["settings"].get("model") or "smollm2-135m-instruct"
-    models = sorted({str(g.nodes[n]["params"].get("model") or default_model)
-                     for n in g if g.nodes[n].get("kind") == "generate"})
+    models = sorted({_generate_model(g, g.nodes[n]["params"]) for n in g if g.nodes[n].get("kind") == "generate"})
     for n, s in r.stages.items():
         limit = s.params.get("max_prompt_tokens")
         if s.kind is None or s.kind.name != "requests" or "max_prompt_tokens" not in s.given or not limit:

@@ -29,7 +29,7 @@ import torch
 
 from .compute import on_compute
 from .config import EngineConfig, RequestOutput, SamplingParams
-from .errors import ContextLengthError, InputError, QueueFullError
+from .errors import ContextLengthError, InputError, QueueFullError, prompt_over_limit
 from .kv_cache import BlockManager, bytes_per_block, num_blocks_for_budget
 from .batch import ItemsRunner, StepBatch
 from .processors import Features
@@ -127,8 +127,7 @@ class Engine:
         ids = self.prompt_ids(prompt, messages, prompt_token_ids, chat_template, add_special_tokens)
         limit = self.config.max_prompt_tokens
         if limit and len(ids) > limit:
-            raise ContextLengthError(f"prompt of {len(ids)} tokens is longer than this pipeline accepts "
-                             f"(requests.max_prompt_tokens = {limit})")
+            raise prompt_over_limit(len(ids), limit)
         if self.vocab_size:
             bad = [t for t, _ in params.logit_bias] + list(params.stop_token_ids)
             bad = [t for t in bad if t >= self.vocab_size]

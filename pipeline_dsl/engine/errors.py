@@ -22,6 +22,13 @@ class ContextLengthError(InputError):
     code = "context_length_exceeded"
 
 
+def prompt_over_limit(tokens: int, limit: int) -> ContextLengthError:
+    """A prompt of `tokens` tokens past the pipeline's requests.max_prompt_tokens = `limit` (the
+    engine and the flow runtime refuse it in the same words)."""
+    return ContextLengthError(f"prompt of {tokens} tokens is longer than this pipeline accepts "
+                              f"(requests.max_prompt_tokens = {limit})")
+
+
 class QueueFullError(InputError):
     """The engine's waiting queue is at `max_queue`; retry later (HTTP 429/503)."""
 

@@ -115,7 +115,6 @@ class EngineSide:
         item.ids = (fingerprint, ids)
         return ids
 
-
     def _prompt_limit(self) -> int:
         """The request source's max_prompt_tokens (0: none; the model's context then)."""
         return int(self.params[self.source].get("max_prompt_tokens") or 0) if self.source else 0
@@ -140,9 +139,10 @@ class EngineSide:
         ids = self._ids(item, es, seg.encode)
         limit = self._prompt_limit()
         if limit and len(ids) > limit:          # the request source's limit: refused in its name
-            raise PipelineError(f"prompt of {len(ids)} tokens is longer than this pipeline accepts "
-                                f"(requests.max_prompt_tokens = {limit})", "invalid", self.source,
-                                "context_length_exceeded")
+            from pipeline_dsl.engine.errors import prompt_over_limit
+
+            err = prompt_over_limit(len(ids), limit)
+            raise PipelineError(str(err), "invalid", self.source, err.code)
         self._observe(seg.encode, t0, item, span=False)
         with self._lock:
             self.flow.edge(seg.encode, seg.kv, queue=False)
