@@ -143,7 +143,7 @@ class ChunkWriter(Relay):
         self.parts = req.split() if self.echo else []
         self.per = getattr(stream, "per", 1)
         self.offset: dict[int, int] = {}               # per choice: text_offset of its next token
-        self.prompt_tokens: dict[int, int] = {}        # per prompt (continuous usage): its tokens
+        self.prompt_tokens: dict[int, tuple] = {}      # per prompt (continuous usage): (its tokens, cached)
         self.completion_tokens: dict[int, int] = {}    # per choice (continuous usage): its tokens so far
 
     # ---- chunk bodies ------------------------------------------------------------------
@@ -155,8 +155,9 @@ class ChunkWriter(Relay):
         else:
             body = P.completion_chunk(self.rid, self.req.model, self.now, text or "", reason, index, logprobs)
         if self.req.continuous_usage:                  # the usage so far on every chunk (vLLM's)
-            prompt, done = sum(self.prompt_tokens.values()), sum(self.completion_tokens.values())
-            body["usage"] = {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+            prompts = self.prompt_tokens.values()
+            body["usage"] = P.usage(sum(p for p, _ in prompts), sum(self.completion_tokens.values()),
+                                    sum(c for _, c in prompts))
         return P.sse(body)
 
     def _listed(self, index: int, lp: dict) -> dict:
@@ -222,8 +223,9 @@ class ChunkWriter(Relay):
     def done(self, result) -> list[bytes]:
         """The request's result: whole choices, the finishing chunks left, usage, [DONE]."""
         out = []
-        self.prompt_tokens = {0: result.usage["prompt_tokens"]}            # the totals, for the last chunks
-        self.completion_tokens = {0: result.usage["completion_tokens"]}
+        total = result.usage                                              # the totals, for the last chunks
+        self.prompt_tokens = {0: (total["prompt_tokens"], total["cached_tokens"])}
+        self.completion_tokens = {0: total["completion_tokens"]}
         for c in result.choices:
             if c.index not in self.closed:
                 whole = c.index not in self.opened           # it came whole (no deltas)
@@ -231,8 +233,7 @@ class ChunkWriter(Relay):
                                     c.data)
                 out += self.finish(c.index, c.finish_reason)
         if self.req.include_usage:
-            use = P.usage(result.usage["prompt_tokens"], result.usage["completion_tokens"],
-                          result.usage["cached_tokens"])
+            use = P.usage(total["prompt_tokens"], total["completion_tokens"], total["cached_tokens"])
             out.append(P.sse(P.usage_chunk(self.rid, self.req.model, self.now, self.req.kind, use)))
         out.append(P.sse("[DONE]"))
         return out
@@ -240,7 +241,7 @@ class ChunkWriter(Relay):
     # ---- the stream ----------------------------------------------------------------------
     def on_delta(self, index: int, out) -> list[bytes]:
         prompt = index // self.per if isinstance(self.stream, StreamGroup) else 0   # n choices share a prompt
-        self.prompt_tokens[prompt] = getattr(out, "prompt_tokens", 0)
+        self.prompt_tokens[prompt] = (getattr(out, "prompt_tokens", 0), getattr(out, "cached_tokens", 0))
         self.completion_tokens[index] = getattr(out, "completion_tokens", 0)
         chunks = self.content(index, out.delta_text, getattr(out, "logprobs", None))
         if out.finished and index not in self.closed:
