@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline_dsl import cli
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
@@ -184,6 +185,18 @@ def test_32_requests_on_two_replicas_with_prefix_affinity(cluster, tiny_gguf):
     assert all(cached > 0 for _, _, cached in got[25:])   # so each found the shared prefix in the KV cache
 
 
+def busy_replica(url: str, waiting: int) -> str | None:
+    """A replica with at least `waiting` requests not started, by the application's /metrics (every
+    replica's series, labelled; GET /stats would answer from the least loaded replica)."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "vllm:num_requests_waiting":
+            for sample in fam.samples:
+                if sample.value >= waiting:
+                    return sample.labels["replica"]
+    return None
+
+
 def test_a_replica_lost_mid_load_loses_no_request_that_had_not_started_streaming(cluster):
     client = cluster.client
     n, tokens = 24, 160
@@ -220,13 +233,10 @@ def test_a_replica_lost_mid_load_loses_no_request_that_had_not_started_streaming
     threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 60
-    while True:            # a replica holding more requests than it batches (4): some have not started
-        assert time.monotonic() < deadline, "no replica got busy"
-        r = httpx.get(cluster.url + "/stats", timeout=10)
-        if r.json()["requests"]["in_flight"] >= 7:
-            victim = r.headers["x-agp-replica"]
-            break
+    victim = None
+    while victim is None:  # a replica holding a batch's worth (4) of requests that have not started
+        assert any(t.is_alive() for t in threads), "no replica held waiting requests: the test proved nothing"
+        victim = busy_replica(cluster.url, waiting=4)
     cluster.kill_replica(victim)
     for t in threads:
         t.join(180)
