@@ -173,6 +173,26 @@ def test_quantized_gguf_dequantises_close_to_its_float_source(tmp_path, tiny):
         assert (q4.weights[name] - ref).abs().max() < 0.2 * ref.abs().max()
 
 
+@pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_1"])
+def test_gguf_tensors_dequantise_bit_for_bit_as_ggufs_reference(tmp_path, monkeypatch, qtype):
+    """The loader runs each type's block formula over many rows per call (gguf's own loop takes
+    16 rows at a time): the floats are gguf's, whatever the chunking."""
+    from gguf import quants
+
+    from pipeline_dsl.engine import gguf_loader
+    from pipeline_dsl.model_files.gguf_header import read_gguf_header
+
+    monkeypatch.setattr(gguf_loader, "DEQUANT_ROWS", 7)       # chunks that do not divide the rows
+    path = write_tiny_gguf(tmp_path / f"{qtype}.gguf", qtype=qtype)
+    seen = set()
+    for t in gguf_loader.read_tensors(path, read_gguf_header(path)):
+        seen.add(t.tensor_type.name)
+        want = np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(t.shape)
+        got = gguf_loader.dequantize(t)
+        assert got.dtype == np.float32 and got.shape == tuple(t.shape) and np.array_equal(got, want), t.name
+    assert qtype in seen
+
+
 @pytest.mark.slow  # compiling takes ~30 s
 def test_compiled_runner_matches_eager(tiny):
     eager = LlamaModel(tiny.config, tiny.weights, "fp32")

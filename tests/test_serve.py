@@ -403,7 +403,7 @@ def test_a_non_streaming_client_that_hangs_up_aborts_its_request(tiny_gguf):
 
 
 def test_a_stream_whose_client_is_gone_before_the_first_byte_is_aborted(tiny_gguf):
-    s = LiveServer(tiny_gguf, max_batch_size=8, batch_timeout_s=30.0)   # it waits in the window
+    s = LiveServer(tiny_gguf, max_batch_size=8, batch_timeout_s=3.0)   # it waits in the window
     body = json.dumps({"prompt": "hello", "max_tokens": 4, "stream": True}).encode()
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
              "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",

@@ -106,6 +106,9 @@ def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, out // n_heads // 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
+DEQUANT_ROWS = 1024     # rows per call: bounded temporaries (a few float32 copies of 1024 rows)
+
+
 def dequantize(tensor: GGUFTensor) -> np.ndarray:
     """One tensor as float32 [rows, cols] (a writable copy, not the memmap)."""
     from gguf import GGMLQuantizationType as Q
@@ -113,6 +116,15 @@ def dequantize(tensor: GGUFTensor) -> np.ndarray:
 
     if tensor.tensor_type == Q.F32:
         data = tensor.data
+    elif (kind := getattr(quants, tensor.tensor_type.name, None)) is not None and hasattr(kind, "dequantize_rows"):
+        # the type's own block formula over many rows per call: gguf's `dequantize` calls it on
+        # 16 rows at a time, and that Python loop was most of a GGUF's load time
+        rows = tensor.data.reshape(-1, tensor.data.shape[-1])                    # [rows, bytes per row]
+        out = np.empty((rows.shape[0], tensor.shape[-1]), dtype=np.float32)       # [rows, cols]
+        kind.init_grid()
+        for i in range(0, rows.shape[0], DEQUANT_ROWS):
+            out[i:i + DEQUANT_ROWS] = kind.dequantize_rows(rows[i:i + DEQUANT_ROWS])
+        return out.reshape(tensor.shape)
     else:
         data = quants.dequantize(tensor.data, tensor.tensor_type)  # NotImplementedError: an exotic type
     return np.array(data.reshape(tensor.shape), dtype=np.float32)

@@ -147,7 +147,7 @@ class Int4Blocks:
     zero: torch.Tensor    # [N, K/32] float32
 
     def permute_rows(self, index: torch.Tensor) -> "Int4Blocks":
-        return Int4Blocks(self.q[index], self.scale[index], self.zero[index])
+        return Int4Blocks(*(torch.index_select(t, 0, index) for t in (self.q, self.scale, self.zero)))
 
     @staticmethod
     def cat(parts: list["Int4Blocks"]) -> "Int4Blocks":
