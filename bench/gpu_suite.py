@@ -3,6 +3,7 @@
     python bench/gpu_suite.py --make-tokenizer bench/tok      # once, on a machine with the embedded GGUF
     python bench/gpu_suite.py --tokenizer bench/tok           # on the GPU machine (~8 min on an H200)
     python bench/gpu_suite.py --smoke                         # CPU, tiny shapes, about a minute (a test runs it)
+    python bench/gpu_suite.py --tokenizer bench/tok --only "batch sweep" --only serve   # some rows again
 
 Inputs stay small: random-weight models of the real shapes (SmolLM2-135M, Llama-3.2-1B)
 are built on the device as Hugging Face folders next to the real tokenizer (weights do
@@ -12,12 +13,14 @@ x 128 new tokens), the batch sweep (1 / 16 / 64 / 256; 1 is one request alone), 
 streams overlapped vs not (graphs on both), attention reading the pool in place (flex) vs
 gathering it (sdpa), `agp run` balanced and performance (256 chat requests), `agp serve`
 under 256 and 512 concurrent streams. A row that fails says why
-and the suite goes on.
+and the suite goes on; with --json the rows so far are written after each one, so a run cut
+short by a time limit still leaves its figures.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -110,8 +113,9 @@ def engine_alone(folder: Path, device: str, ps, new: int, *, overlap=None, graph
            "capture_s": info.get("graph_capture_s"), "warm_up_s": info.get("warm_up_s"),
            "attention": info.get("attention"), "attention_fallback": info.get("attention_fallback"),
            "overlap": stats["overlap"], "measured_overlap": stats["measured_overlap"]}
-    del eng, runner
-    if device.startswith("cuda"):
+    del ex, eng, runner
+    if device.startswith("cuda"):   # the runner and its graphs refer to each other: only the cycle
+        gc.collect()                # collector frees the KV pool and the graphs' memory pool
         torch.cuda.empty_cache()
     return out
 
@@ -223,7 +227,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", type=Path, help="folder from --make-tokenizer (the real tokenizer)")
     ap.add_argument("--make-tokenizer", type=Path, help="write the embedded model's tokenizer folder here and stop")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, a few requests: checks the suite runs")
-    ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    ap.add_argument("--json", type=Path, help="also write the rows as JSON here (after each row)")
+    ap.add_argument("--only", action="append", default=[], metavar="TEXT",
+                    help="run only the rows whose name contains TEXT (repeatable)")
     args = ap.parse_args(argv)
     if args.make_tokenizer:
         make_tokenizer(args.make_tokenizer)
@@ -242,8 +248,21 @@ def main(argv=None) -> int:
     rows: list[tuple[str, str]] = []
     results: dict = {}
     t_start = time.perf_counter()
+    dev = "cpu (smoke)" if smoke else torch.cuda.get_device_name()
+
+    def save(done: bool) -> None:
+        if args.json:
+            args.json.write_text(json.dumps({"device": dev, "wall_s": time.perf_counter() - t_start,
+                                             "complete": done, "rows": results}, indent=1, default=str))
+
+    def ratio(name, a, b, fmt="{:.2f}x"):
+        a, b = results.get(a, {}), results.get(b, {})
+        if "tok_s" in a and "tok_s" in b:
+            rows.append((name, fmt.format(a["tok_s"] / b["tok_s"])))
 
     def row(name, fn, fmt):
+        if args.only and not any(t in name for t in args.only):
+            return
         try:
             r = fn()
             results[name] = r
@@ -252,6 +271,7 @@ def main(argv=None) -> int:
             results[name] = {"error": f"{type(e).__name__}: {e}"}
             rows.append((name, f"failed: {type(e).__name__}: {str(e)[:120]}"))
         print(f"{name:48s} {rows[-1][1]}", flush=True)
+        save(False)
 
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
@@ -268,9 +288,7 @@ def main(argv=None) -> int:
                       f"{r['capture_s'] or 0:.1f} s{', flex fell back: ' + r['attention_fallback'] if r['attention_fallback'] else ''})")
             row(f"transformers generate, {s}", lambda: transformers_generate(folders[s], device, ps, new),
                 lambda r: f"{r['tok_s']:,.0f} tok/s")
-            a, b = results[f"engine alone, {s}, {n} x {new}"], results[f"transformers generate, {s}"]
-            if "tok_s" in a and "tok_s" in b:
-                rows.append((f"  ratio engine / transformers, {s}", f"{a['tok_s'] / b['tok_s']:.2f}x"))
+            ratio(f"  ratio engine / transformers, {s}", f"engine alone, {s}, {n} x {new}", f"transformers generate, {s}")
         small = folders[shapes[0]]
         for b in sweep:
             row(f"batch sweep {b}", lambda: engine_alone(small, device, ps[:b] if b <= n else prompts(b, lo, hi), new,
@@ -280,38 +298,31 @@ def main(argv=None) -> int:
             lambda r: f"{r['tok_s']:,.0f} tok/s (measured overlap {r['measured_overlap']})")
         row("streams serial (graphs on)", lambda: engine_alone(small, device, ps, new, overlap=False),
             lambda r: f"{r['tok_s']:,.0f} tok/s")
-        on, off = results["streams overlapped (graphs on)"], results["streams serial (graphs on)"]
-        if "tok_s" in on and "tok_s" in off:
-            rows.append(("  ratio overlap on / off", f"{on['tok_s'] / off['tok_s']:.2f}x"))
+        ratio("  ratio overlap on / off", "streams overlapped (graphs on)", "streams serial (graphs on)")
         for att in ("flex", "sdpa"):
             row(f"attention {att} (engine alone, {shapes[0]})",
                 lambda: engine_alone(small, device, ps, new, attention=att),
                 lambda r: f"{r['tok_s']:,.0f} tok/s ({r['attention']})")
-        fl, sd = results[f"attention flex (engine alone, {shapes[0]})"], results[f"attention sdpa (engine alone, {shapes[0]})"]
-        if "tok_s" in fl and "tok_s" in sd:
-            rows.append(("  ratio attention flex / sdpa", f"{fl['tok_s'] / sd['tok_s']:.2f}x"))
+        ratio("  ratio attention flex / sdpa", f"attention flex (engine alone, {shapes[0]})",
+              f"attention sdpa (engine alone, {shapes[0]})")
         reqs = chat_requests(n, new)
         for mode in ("balanced", "performance"):
             pl = write_pipeline(small, mode, device, tmp, max(n, 8))
             row(f"agp run {mode}, {n} chat requests", lambda: agp_run(pl, reqs, tmp),
                 lambda r: f"{r['tok_s']:,.0f} tok/s, TTFT p50 {r['ttft_p50_ms']} ms")
-        base = results[f"engine alone, {shapes[0]}, {n} x {new}"]
-        run_b = results["agp run balanced, %d chat requests" % n]
-        if "tok_s" in base and "tok_s" in run_b:
-            rows.append(("  agp run balanced / engine alone", f"{run_b['tok_s'] / base['tok_s']:.2f}"))
+        ratio("  agp run balanced / engine alone", f"agp run balanced, {n} chat requests",
+              f"engine alone, {shapes[0]}, {n} x {new}", "{:.2f}")
         pl = write_pipeline(small, "performance", device, tmp, max(streams))
         row(f"agp serve {streams[0]} / {streams[1]} streams x {min(new, 64)}",
             lambda: agp_serve(pl, streams, min(new, 64)),
             lambda r: "; ".join(f"{x['answered']}/{x['streams']} answered, {x['stream_tok_s']:,.0f} tok/s, "
                                 f"TTFT p50 {x['ttft_p50_ms']:.0f} ms" for x in r))
     wall = time.perf_counter() - t_start
-    dev = "cpu (smoke)" if smoke else torch.cuda.get_device_name()
     print(f"\n| figure ({dev}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, {wall:.0f} s) | value |")
     print("|---|---|")
     for name, value in rows:
         print(f"| {name.strip()} | {value} |")
-    if args.json:
-        args.json.write_text(json.dumps({"device": dev, "wall_s": wall, "rows": results}, indent=1, default=str))
+    save(True)
     return 1 if any("error" in v for v in results.values() if isinstance(v, dict)) else 0
 
 

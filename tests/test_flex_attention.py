@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipeline_dsl.engine.batch import StepBatch
-from pipeline_dsl.engine.flex import Q_BLOCK, _paged_mask, host_meta
+from pipeline_dsl.engine.flex import DECODE_KERNEL_ROWS, Q_BLOCK, _paged_mask, host_meta
 from pipeline_dsl.engine.gguf_loader import load_gguf
 from pipeline_dsl.engine.model import LlamaModel, ModelRunner, SeqBatchItem
 from test_gpu_path import EagerGraphs, run_engine, same_answers
@@ -172,6 +172,22 @@ def test_padded_decode_steps_use_the_graph_buckets_sizes(weights):
     B, nblk = step.graph_key
     assert B == 4 and step.flex.tables.shape == (4, nblk) and step.flex.item.shape[0] == 2 * Q_BLOCK
     torch.testing.assert_close(flex.run(step), ref.execute(items, pad_to=4))
+
+
+def test_warm_up_runs_flex_on_both_sides_of_the_compiled_kernels_row_guard(weights):
+    # on CUDA the compiled kernel is guarded on its query rows being below DECODE_KERNEL_ROWS:
+    # warm-up (at load) must see both sides, or a long prompt compiles inside its request
+    flex, _ = runners(weights, "fp32")
+    rows, attention = [], flex.flex.attention
+
+    def spy(meta, q, kc, vc):
+        rows.append(meta.item.shape[0])                   # Tp: the padded query rows the kernel sees
+        return attention(meta, q, kc, vc)
+
+    flex.flex.attention = spy
+    flex.warm_up()
+    assert min(rows) < DECODE_KERNEL_ROWS <= max(rows)
+    assert flex.attention == "flex" and flex.attention_fallback is None
 
 
 @pytest.mark.parametrize("mode", ["engine.step", "executor", "graphs"])

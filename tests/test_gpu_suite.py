@@ -25,3 +25,23 @@ def test_gpu_suite_smoke_prints_every_figure_on_cpu(tmp_path):
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert rows["attention flex (engine alone, tiny)"]["attention"] == "flex"
     assert rows["attention sdpa (engine alone, tiny)"]["attention"] == "sdpa"
+
+
+def test_gpu_suite_saves_each_row_as_it_finishes_and_runs_only_the_rows_asked(tmp_path, monkeypatch):
+    # a device run cut short by its time limit keeps the rows it finished; --only reruns a few
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu_suite
+
+    out, on_disk = tmp_path / "rows.json", []
+
+    def engine_alone(folder, device, ps, new, **kw):
+        on_disk.append(json.loads(out.read_text())["rows"] if out.exists() else None)
+        return {"tok_s": float(len(ps))}
+
+    monkeypatch.setattr(gpu_suite, "engine_alone", engine_alone)
+    monkeypatch.setattr(gpu_suite, "make_model", lambda shape, tok, folder, device: folder)
+    assert gpu_suite.main(["--smoke", "--tokenizer", str(tmp_path), "--json", str(out),
+                           "--only", "batch sweep"]) == 0
+    assert on_disk == [None, {"batch sweep 1": {"tok_s": 1.0}}]
+    saved = json.loads(out.read_text())
+    assert saved["complete"] and set(saved["rows"]) == {"batch sweep 1", "batch sweep 4"}

@@ -33,7 +33,7 @@ of (B, nblk) always to the same sizes (`decode_width`). Padding rows have positi
 every key is masked for them and their output is 0.
 
 On CUDA the call is `torch.compile(flex_attention)` (Triton), compiled at load by
-ModelRunner.warm_up; on CPU it is torch's eager flex_attention (it materialises the scores
+ModelRunner.warm_up (on both sides of DECODE_KERNEL_ROWS); on CPU it is torch's eager flex_attention (it materialises the scores
 over the whole pool: for tests, not speed — the CPU path keeps its native kernels).
 """
 from __future__ import annotations
@@ -45,6 +45,11 @@ import torch
 
 Q_BLOCK = 16              # query rows per block of the BlockMask (and the kernel's BLOCK_M)
 MIN_BLOCKS = 2            # no padded size below 2: a compiled kernel is not specialised on it
+# Inductor's flex lowering asks whether the query has fewer rows than this (to choose its
+# flex-decoding kernel, torch/_inductor/kernel/flex/flex_decoding.py `_use_flex_decoding`)
+# before it reads FORCE_USE_FLEX_ATTENTION, so the compiled kernel is guarded on the answer:
+# steps on either side of it need a compile of their own (ModelRunner.warm_up does both).
+DECODE_KERNEL_ROWS = 128
 
 
 def unusable(block_size: int, dtype: torch.dtype, device: torch.device) -> str | None:

@@ -408,10 +408,16 @@ class ModelRunner:
     def _warm_up_batches(self) -> list[StepBatch]:
         """Two steps that differ in every size a compiled kernel sees (rows, items, table width,
         blocks per query block), so the second compiles the dynamic kernel that later steps and
-        the graphs reuse; they read the first blocks of the pool and write only the scratch slot."""
+        the graphs reuse, and a third of at least flex.DECODE_KERNEL_ROWS rows: the compiled flex
+        kernel is guarded on being below that, so the first longer step (a prompt of 113+
+        tokens when decode graphs stop at 32 rows) would otherwise compile inside its request.
+        They read the first blocks of the pool and write only the scratch slot."""
+        from .flex import DECODE_KERNEL_ROWS
+
         bs, nb = self.block_size, self.num_blocks
         shapes = [[(0, min(8, bs))]]                            # (start, tokens) per item
         shapes.append([(0, 2 * bs + 8), (min(5, bs - 1), 1), (bs, min(9, bs))])  # whole, decode, chunk
+        shapes.append([(0, DECODE_KERNEL_ROWS + 8)])            # past the guard: a long prompt
         out, used = [], 0
         for shape in shapes:
             items, used = [], 0
@@ -419,7 +425,7 @@ class ModelRunner:
                 blocks = -(-(start + n) // bs)
                 items.append(SeqBatchItem([0] * n, start, list(range(used, used + blocks)), n > 1 or start > 0))
                 used += blocks
-            if used <= nb:
+            if used <= nb and max(s + n for s, n in shape) <= self.model.config.max_position:
                 out.append(StepBatch.from_items(items))
         return out
 
