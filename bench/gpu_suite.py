@@ -176,7 +176,7 @@ def agp_run(pipeline: Path, reqs: list[dict], tmp: Path) -> dict:
     inp.write_text("".join(json.dumps(r) + "\n" for r in reqs))
     cmd = [sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "-i", str(inp), "-o", str(out),
            "--stats", str(st), "--no-progress", "--overwrite"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)   # a row, well inside a device command's 600 s
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
     s = json.loads(st.read_text())

@@ -213,6 +213,7 @@ def apply_masks(logits: torch.Tensor, matchers: list) -> None:
         if len(rows) == logits.shape[0]:
             logits.masked_fill_(~allowed, float("-inf"))
         else:
-            idx = torch.tensor(rows, device=dev)
+            idx = torch.tensor(rows)                                  # [r]; to CUDA as the mask goes:
+            idx = idx if dev.type == "cpu" else idx.pin_memory().to(dev, non_blocking=True)  # no wait
             sub = logits.index_select(0, idx).masked_fill_(~allowed, float("-inf"))
             logits.index_copy_(0, idx, sub)

@@ -93,6 +93,7 @@ class _Launch:
     tokens: list | None = None
     rows: dict | None = None                  # item index -> prompt_outputs.ChunkRows (prompt outputs)
     cuda: dict = field(default_factory=dict)  # work -> (start event, end event)
+    spans: list = field(default_factory=list)  # (stream, work name, start event, end event): traced at emit
 
 
 class _Signals:
@@ -372,12 +373,23 @@ class Executor:
             else:
                 torch.cuda.synchronize(self.device)
             tokens = L.host_tokens.tolist()
+            self._trace_cuda(L)
         else:
             tokens = L.host_tokens
         outputs = self._update(L, tokens)
         if outputs and self._on_output is not None:
             self._on_output(outputs)
         return True
+
+    def _trace_cuda(self, L: _Launch) -> None:
+        """The micro-batch's GPU spans into the trace, once its d2h has been waited for (its h2d
+        and forward came before on the plan's events): their events have all completed, and
+        none is kept past emit (under `agp serve` a run never returns)."""
+        for stream, name, s, e in L.spans:
+            a = self._t_base + self._cuda_base.elapsed_time(s) / 1e3
+            b = self._t_base + self._cuda_base.elapsed_time(e) / 1e3
+            self.trace.add(stream, name, a, b, L.m)
+        L.spans.clear()
 
     def _update(self, L: _Launch, tokens: list[int]) -> list:
         eng = self.engine
@@ -454,7 +466,7 @@ class Executor:
             fn(m)
             end.record(stream)
         L.cuda[work.part] = (start, end)
-        self._gpu_spans.append((work.stream, work.name, m, start, end))
+        L.spans.append((work.stream, work.name, start, end))
         if not self._overlap:
             torch.cuda.synchronize(self.device)
 
@@ -468,7 +480,6 @@ class Executor:
         self._waits = {w.name: [e for e in self.plan.events if e.dst_work == w.name]
                        for w in self.plan.work}
         self._last_work = next(w.name for w in self.plan.work if w.part == "emit")
-        self._gpu_spans: list = []
         if self.cuda:
             self._cuda_base = torch.cuda.Event(enable_timing=True)
             self._cuda_base.record()
@@ -484,10 +495,6 @@ class Executor:
         wall = time.perf_counter() - t0
         if self.cuda:
             torch.cuda.synchronize(self.device)
-            for stream, name, m, s, e in self._gpu_spans:
-                a = self._t_base + self._cuda_base.elapsed_time(s) / 1e3
-                b = self._t_base + self._cuda_base.elapsed_time(e) / 1e3
-                self.trace.add(stream, name, a, b, m)
         return {"overlap": overlap, "measured_overlap": round(self.trace.measured_overlap(), 4),
                 "executor_wall_s": round(wall, 4), "steps": self.steps,
                 "discarded_tokens": self.discarded_tokens, "last_prefill_step": self.last_prefill,
