@@ -6,6 +6,7 @@ counting the child's open sockets."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -105,6 +106,33 @@ def test_an_early_answer_closes_the_connection_though_the_client_keeps_sending(s
         assert b"connection: close" in head.lower()
         c.sendall(b"x")                                   # one more byte, then silence
         assert closed_within(c, 5)
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("request_head", [
+    b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" + HUGE + b"\r\n{",
+    b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * (20 << 10),          # 431, headers unfinished
+])
+def test_a_client_still_sending_after_an_early_answer_can_read_the_whole_answer(serve, request_head):
+    """A lingering close: the server drops what the client goes on sending (the rest of a refused
+    body) instead of resetting the connection, which could destroy the answer unread."""
+    _, _, port = serve
+    c = socket.create_connection(("127.0.0.1", port))
+    try:
+        c.sendall(request_head)
+        data = head_of_answer(c)
+        time.sleep(0.3)                                   # the server has answered and closed its side
+        for _ in range(4):
+            c.sendall(b"x" * (64 << 10))                  # a reset would make these fail
+            time.sleep(0.05)
+        c.settimeout(5)
+        while chunk := c.recv(65536):                     # the rest of the answer, then the FIN
+            data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        assert len(body) == length and json.loads(body)["error"]["code"] in ("body_too_large", "headers_too_large")
     finally:
         c.close()
 

@@ -9,12 +9,16 @@ that tells the truth.
 | headers longer than `max_header_bytes` (16 KiB) | 431 at once, closed (nginx refuses 64 KB headers too) |
 | the body arriving | the app's `--body-timeout` (408) |
 | answered with an error, or before the body was all read | `Connection: close`, closed after the answer |
+| closed with the client still sending (a refused body, headers too long) | half-closed: what it sends is read and dropped for up to `LINGER_S` (2 s), then closed |
 | the answer being written, the client not reading it | `send_timeout` with the socket's buffer full: cut |
 | idle between requests (keep-alive) | uvicorn's keep-alive timeout (5 s) |
 
 So no client holds a connection (and its file descriptor) longer than one of these limits by
 sending a byte now and then: an answered 413 whose client keeps sending is closed, not left
-half-read for ever.
+half-read for ever. The close is a lingering one, as nginx's: closing a socket with unread
+bytes sends a reset, and a reset can destroy the 413 or 431 before the client has read it
+(a client still uploading its body sees "connection reset" or a broken pipe instead of the
+answer); so the answer and a FIN go first, and the client's remaining bytes are dropped.
 
 `AgpServer` on SIGTERM / SIGINT stops admitting (new requests get 503), waits up to the drain
 timeout for the requests in flight, then fails the rest — an SSE error event and `[DONE]` for
@@ -37,6 +41,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 log = logging.getLogger("agp.serve")
 
 MAX_HEADER_BYTES = 16 << 10    # request line + headers; uvicorn (h11) reads 16 KiB, nginx 8-32 KB
+LINGER_S = 2.0                 # a closed connection's unread request bytes are dropped this long (nginx: 5 s)
 CLOSE = (b"connection", b"close")
 
 
@@ -52,6 +57,41 @@ class _ClosingConnection(h11.Connection):
         return super().send(event)
 
 
+class _LingeringTransport:
+    """An asyncio transport whose close() lingers while the client may still be sending (see the
+    module docstring): everything but close() and is_closing() is the transport's own."""
+
+    def __init__(self, transport, protocol):
+        self._transport, self._protocol = transport, protocol
+        self.lingering = False
+        self._timer = None
+
+    def close(self, linger: bool | None = None) -> None:
+        t = self._transport
+        if self.lingering or t.is_closing():
+            return
+        if linger is None:               # unread bytes of a request are possible
+            linger = self._protocol.conn.their_state not in (h11.IDLE, h11.DONE, h11.CLOSED, h11.MUST_CLOSE)
+        if not linger or not t.can_write_eof():
+            t.close()
+            return
+        self.lingering = True
+        t.write_eof()                    # after what is buffered: the answer, then the FIN
+        t.resume_reading()
+        self._timer = self._protocol.loop.call_later(LINGER_S, t.close)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+
 def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
                  max_header_bytes: int = MAX_HEADER_BYTES):
     """An H11Protocol class with the limits of the module docstring."""
@@ -62,7 +102,7 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
             self.conn = _ClosingConnection(h11.SERVER, max_incomplete_event_size=max_header_bytes + 1)
 
         def connection_made(self, transport):
-            super().connection_made(transport)
+            super().connection_made(_LingeringTransport(transport, self))
             self._header_timer = self._send_timer = None
             self._arm()
 
@@ -77,6 +117,8 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
                 self._header_timer = None
 
         def data_received(self, data: bytes) -> None:
+            if self.transport.lingering:       # the rest of a request already answered: dropped
+                return
             super().data_received(data)
             if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
                 self._arm()                       # bytes of a request whose headers are not all here
@@ -106,7 +148,7 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
             self.transport.write(f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
                                  f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
             self._disarm()
-            self.transport.close()
+            self.transport.close(linger=True)  # the rest of the headers may still be on the way
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -138,6 +180,7 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
 
         def connection_lost(self, exc) -> None:
             self._disarm()
+            self.transport.stop()
             if self._send_timer is not None:
                 self._send_timer.cancel()
                 self._send_timer = None
