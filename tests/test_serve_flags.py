@@ -27,3 +27,22 @@ def test_api_key_flag_replaces_the_variable_instead_of_adding_to_it():
     assert args.api_key == ["old"] and args.served_model_name == ["a", "b"]
     assert parse(["x.agp", "--api-key", "new"], {}).api_key == ["new"]
     assert parse(["x.agp"], {}).api_key is None
+
+
+def test_a_no_switch_reads_its_own_variable_as_well():
+    # "every flag has an environment variable" (docs/serve.md): --no-access-log's is AGP_NO_ACCESS_LOG
+    assert parse(["x.agp"], {}).access_log is True
+    assert parse(["x.agp"], {"AGP_NO_ACCESS_LOG": "1"}).access_log is False
+    assert parse(["x.agp"], {"AGP_NO_ACCESS_LOG": "false"}).access_log is True
+    assert parse(["x.agp"], {"AGP_ACCESS_LOG": "0"}).access_log is False
+    assert parse(["x.agp", "--access-log"], {"AGP_NO_ACCESS_LOG": "1"}).access_log is True   # the flag wins
+    assert parse(["x.agp"], {"AGP_NO_PREFIX_REUSE": "true"}).no_prefix_reuse is True
+
+
+def test_the_api_key_help_names_every_route_left_open():
+    from pipeline_dsl.serve.config import OPEN_PATHS
+
+    p = argparse.ArgumentParser(prog="agp serve")
+    serve.add_arguments(p)
+    text = " ".join(p.format_help().split())
+    assert all(path in text.split("(401 otherwise);", 1)[1].split("stay open")[0] for path in OPEN_PATHS)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from pipeline_dsl.loader import add_pipeline_arguments
 
+from .config import OPEN_PATHS
+
 ENV_PREFIX = "AGP_"
 
 
@@ -52,8 +54,8 @@ def add_arguments(p) -> None:
                    help="the model id(s) clients use; the first is reported in answers (default: the "
                         "pipeline's name)")
     p.add_argument("--api-key", action=ExtendOrReplace, nargs="+", default=None, metavar="KEY",
-                   help="answer only requests with 'Authorization: Bearer KEY' (401 otherwise); /health, "
-                        "/metrics and /version stay open")
+                   help="answer only requests with 'Authorization: Bearer KEY' (401 otherwise); "
+                        f"{', '.join(OPEN_PATHS)} stay open")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context length in tokens (prompt + answer); at most the model's")
     p.add_argument("--max-num-seqs", type=int, default=None,
@@ -139,18 +141,18 @@ def env_defaults(p: argparse.ArgumentParser, environ=None) -> None:
     for action in list(p._actions):
         if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
             continue
-        if isinstance(action, argparse._StoreFalseAction):
-            continue                                  # --no-x: the variable of --x covers it
         name = env_name(action)
         action.help = (action.help or "") + f" [env {name}]"
         raw = environ.get(name)
         if raw is None:
             continue
         try:
-            if isinstance(action, argparse._StoreTrueAction):
+            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
                 if raw.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
                     raise ValueError("expected true or false")
                 value = raw.strip().lower() in ("1", "true", "yes", "on")
+                # --no-x's own variable (AGP_NO_ACCESS_LOG=1) as well as --x's (AGP_ACCESS_LOG=0)
+                value = value if isinstance(action, argparse._StoreTrueAction) else not value
             elif isinstance(action, argparse._ExtendAction):
                 value = _names(raw)
             else:
