@@ -122,3 +122,15 @@ def test_every_agp_variable_the_docs_name_is_read():
     assert {"AGP_API_KEY", "AGP_MAX_NUM_SEQS", "AGP_BATCH_INVARIANT"} <= named
     unknown = {v for v in named if v not in variables and f'"{v}"' not in source}
     assert not unknown, f"the docs name variables agp never reads: {sorted(unknown)}"
+
+
+@pytest.mark.parametrize("cls", ["EngineConfig", "SamplingParams", "RequestOutput"])
+def test_the_engine_dataclasses_of_the_architecture_page_list_every_field(cls):
+    import dataclasses
+
+    from pipeline_dsl.engine import config
+
+    block = next(b for b in blocks(ROOT / "docs" / "architecture.md", "python") if f"class {cls}:" in b)
+    body = block.split(f"class {cls}:", 1)[1].split("\nclass ", 1)[0].split("\n@dataclass", 1)[0]
+    documented = re.findall(r"^    (\w+): ", body, re.M)
+    assert documented == [f.name for f in dataclasses.fields(getattr(config, cls))]
