@@ -56,8 +56,9 @@ def banner(serving: Serving, url: str, args) -> list[str]:
         lines.append(f"  engine {es.name}: model {Path(str(c.model)).name} ({info.get('weights', '?')} weights, "
                      f"{info.get('dtype', c.dtype)} compute) on {c.device}; context {e.max_model_len} tokens; "
                      f"batch {c.max_batch_size} sequences; KV {e.blocks.num_blocks} blocks x {c.block_size} tokens; "
-                     f"prefix reuse {'on' if c.prefix_reuse else 'off'}" + (f"; seed {c.seed}" if c.seed is not None
-                                                                             else ""))
+                     f"prefix reuse {'on' if c.prefix_reuse else 'off'}"
+                     + (f"; seed {c.seed}" if c.seed is not None else "")
+                     + (f"; chat template {Path(args.chat_template).name}" if args.chat_template else ""))
     lines.append(f"  api key {'required' if cfg.api_keys else 'off'}; CORS "
                  f"{', '.join(cfg.allowed_origins) if cfg.allowed_origins else 'off'}; max connections "
                  f"{cfg.max_connections}; queue {serving.runtime.max_queue}; trace {args.trace or 'off'}")
