@@ -46,3 +46,28 @@ def test_the_api_key_help_names_every_route_left_open():
     serve.add_arguments(p)
     text = " ".join(p.format_help().split())
     assert all(path in text.split("(401 otherwise);", 1)[1].split("stay open")[0] for path in OPEN_PATHS)
+
+
+def test_an_agp_variable_nothing_reads_is_named_with_the_closest_one():
+    from pipeline_dsl.serve.options import unknown_variables
+
+    p = argparse.ArgumentParser(prog="agp serve")
+    serve.add_arguments(p)
+    env = {"AGP_MAX_NUM_SEQ": "4", "AGP_MAX_NUM_SEQS": "4", "AGP_NATIVE": "0", "AGP_NO_ACCESS_LOG": "1",
+           "AGP_ZZZ": "1", "HOME": "/root"}
+    assert unknown_variables(p, env) == [
+        "environment variable AGP_MAX_NUM_SEQ is set but is not one of agp's (did you mean AGP_MAX_NUM_SEQS?);"
+        " it is ignored",
+        "environment variable AGP_ZZZ is set but is not one of agp's; it is ignored"]
+
+
+def test_every_agp_variable_the_code_reads_is_known_to_the_warning():
+    import re
+    from pathlib import Path
+
+    from pipeline_dsl.serve.options import ENGINE_VARIABLES
+
+    root = Path(__file__).resolve().parents[1]
+    read = {v for f in [*(root / "pipeline_dsl").rglob("*.py"), *(root / "stages").rglob("*.py")]
+            for v in re.findall(r"""["'](AGP_[A-Z_]+)["']""", f.read_text())}
+    assert read and read <= set(ENGINE_VARIABLES)

@@ -15,13 +15,14 @@ serves it as replicas on Ray Serve instead (pipeline_dsl.serve.ray, docs/scale.m
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import socket
 import sys
 from pathlib import Path
 
 from pipeline_dsl.serve.build import Serving, build
-from pipeline_dsl.serve.options import SetupError, add_arguments, check_args, report
+from pipeline_dsl.serve.options import SetupError, add_arguments, check_args, report, unknown_variables
 
 HELP = "serve a pipeline behind an OpenAI-compatible HTTP API"
 log = logging.getLogger("agp.serve")
@@ -70,6 +71,10 @@ def main(args) -> int:
     from pipeline_dsl.serve.logs import configure
 
     configure(args.log_format, args.log_level, args.access_log)
+    flags = argparse.ArgumentParser(prog="agp serve")
+    add_arguments(flags)
+    for line in unknown_variables(flags):
+        log.warning(line)
     if args.ray:
         return _main_on_ray(args)
     try:

@@ -134,6 +134,25 @@ def env_name(action: argparse.Action) -> str:
     return ENV_PREFIX + long.lstrip("-").upper().replace("-", "_")
 
 
+# variables below the flags: the engine's switches (docs/gpu.md, docs/architecture.md)
+ENGINE_VARIABLES = ("AGP_ATTENTION", "AGP_BATCH_INVARIANT", "AGP_CUDA_GRAPHS", "AGP_NATIVE", "AGP_NATIVE_ACT")
+
+
+def unknown_variables(p: argparse.ArgumentParser, environ=None) -> list[str]:
+    """A line for each AGP_* variable that is set but that nothing reads (a typo such as
+    AGP_MAX_NUM_SEQ would otherwise pass silently), with the closest known name."""
+    import difflib
+
+    environ = os.environ if environ is None else environ
+    known = {env_name(a) for a in p._actions if a.option_strings} | set(ENGINE_VARIABLES)
+    out = []
+    for name in sorted(n for n in environ if n.startswith(ENV_PREFIX) and n not in known):
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        out.append(f"environment variable {name} is set but is not one of agp's"
+                   + (f" (did you mean {close[0]}?)" if close else "") + "; it is ignored")
+    return out
+
+
 def env_defaults(p: argparse.ArgumentParser, environ=None) -> None:
     """Each option's default from AGP_<OPTION> when that is set (the flag still wins); the
     variable is named in the option's help. A bad value is an error naming the variable."""
