@@ -135,3 +135,14 @@ def test_the_engine_dataclasses_of_the_architecture_page_list_every_field(cls):
     body = block.split(f"class {cls}:", 1)[1].split("\nclass ", 1)[0].split("\n@dataclass", 1)[0]
     documented = re.findall(r"^    (\w+): ", body, re.M)
     assert documented == [f.name for f in dataclasses.fields(getattr(config, cls))]
+
+
+def test_every_file_the_docs_point_at_exists():
+    for page in DOCS:
+        text = page.read_text()
+        paths = set(re.findall(r"\b((?:tests|bench|tools|examples|pipeline_dsl|stages|docs)/[\w./-]+\.(?:py|agp|jsonl|md|lark|cpp))\b",
+                               text))
+        paths |= {f"examples/{m}" for m in re.findall(r"`(\w+\.agp)`", text) if (ROOT / "examples" / m).exists()
+                  or page.name == "README.md"}
+        missing = sorted(p for p in paths if not (ROOT / p).exists())
+        assert not missing, f"{page.name} points at files that do not exist: {missing}"
