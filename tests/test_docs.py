@@ -1,7 +1,8 @@
-"""The documentation's examples stay true (README.md and docs/*.md), without a model or torch:
+"""The documentation's examples stay true (README.md and docs/*.md), without loading a model:
 every `agp` command line they show parses with the flags that exist, every whole pipeline
-they show checks clean, the outputs they quote are what the commands print, and the flags and
-`AGP_*` variables of the serve pages exist."""
+they show checks clean, the outputs they quote are what the commands print, the flags and
+`AGP_*` variables of the serve pages exist, the engine's dataclasses list every field, and
+every file they point at is there. (The examples themselves run in tests/test_examples.py.)"""
 from __future__ import annotations
 
 import re
