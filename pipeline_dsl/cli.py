@@ -209,7 +209,7 @@ def describe_kind(kind) -> str:
         if p.min is not None or p.max is not None:
             lo = show(p, p.min) if p.min is not None else ""
             hi = show(p, p.max) if p.max is not None else ""
-            rng = f"[{lo}..{hi}]"
+            rng = f"{'(' if p.min_exclusive else '['}{lo}..{hi}]"     # (0.0..1.0]: 0 itself is refused
         rows.append((p.name, p.type_text(), show(p, p.default), rng, p.doc))
     w = [max([len(r[i]) for r in rows] + [1]) for i in range(4)]
     lines += [f"  {a:<{w[0]}}  {b:<{w[1]}}  {c:<{w[2]}}  {d:<{w[3]}}  {e}".rstrip() for a, b, c, d, e in rows]

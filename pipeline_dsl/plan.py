@@ -170,6 +170,14 @@ class PipelinePlan:
     def window(self) -> int:
         return self._one().window if self.segments else 0
 
+    @property
+    def anchor(self) -> str:
+        return self._one().anchor if self.segments else ""
+
+    @property
+    def beside(self) -> tuple[str, ...]:
+        return self._one().beside if self.segments else ()
+
     def work_named(self, name: str) -> Work:
         return next(w for w in self.work if w.name == name)
 

@@ -109,6 +109,14 @@ def test_stages_lists_and_documents_kinds(capsys):
     assert "did you mean 'generate'?" in capsys.readouterr().err
 
 
+def test_stages_shows_an_open_lower_bound_as_open(capsys):
+    # top_p = 0 and repetition_penalty = 0 are refused by check: the range must not say [0.0..]
+    assert cli.main(["stages", "generate"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert "(0.0..1.0]" in rows["top_p"] and "(0.0..2.0]" in rows["repetition_penalty"]
+    assert "[0.0..1.0]" in rows["min_p"] and "[-2.0..2.0]" in rows["presence_penalty"]
+
+
 def test_language_commands_import_no_torch(tmp_path):
     code = ("import sys; from pipeline_dsl import cli; cli.build_parser(['check']).format_help();"
             f"cli.main(['check', {CHAT!r}]); cli.main(['fmt', '--check', {CHAT!r}]); cli.main(['stages']);"

@@ -199,6 +199,16 @@ def test_the_plan_shows_the_next_steps_host_work_beside_the_current_forward():
     assert serial.beside == ()                            # one stream: nothing runs beside it
 
 
+def test_the_pipeline_plan_answers_every_field_its_json_has_at_the_top():
+    # docs/plan.md: plan.anchor and plan.beside, as `agp plan --json` prints them at the top level
+    plan = make_plan(graph())
+    data = plan.to_dict()
+    assert (plan.anchor, plan.beside) == (data["anchor"], data["beside"]) == \
+        (plan.segments[0].anchor, plan.segments[0].beside)
+    empty = make_plan(graph(stages=[("request", "requests"), ("out", "respond")]))
+    assert (empty.anchor, empty.beside) == ("", ())
+
+
 def test_busy_overlap_counts_time_with_two_or_more_streams_busy():
     spans = {"a": [(0.0, 4.0)], "b": [(2.0, 6.0), (5.0, 7.0)], "c": [(9.0, 10.0)]}
     assert busy_overlap(spans, 0.0, 10.0) == pytest.approx(0.2)

@@ -587,3 +587,17 @@ def test_serve_command_reports_bad_input_without_traceback(tmp_path):
     bad_port = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "serve", "examples/chat.agp",
                                "--port", "70000"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad_port.returncode == 2 and "--port must be between 0 and 65535" in bad_port.stderr
+
+
+def test_the_model_ids_name_a_model_file_never_its_path():
+    # docs/serve.md: no answer shows a path of the server's files (/v1/models gives file names)
+    from types import SimpleNamespace
+
+    from pipeline_dsl.serve.build import model_names
+
+    def runtime(model):
+        return SimpleNamespace(name="chat", segments=[SimpleNamespace(config=SimpleNamespace(model=model))])
+
+    assert model_names(runtime("/srv/models/tiny.gguf"), None) == ("chat", "tiny.gguf", "tiny")
+    assert model_names(runtime("/srv/models/SmolLM2"), ["a"]) == ("a", "chat", "SmolLM2")
+    assert model_names(runtime("smollm2-135m-instruct"), None) == ("chat", "smollm2-135m-instruct")

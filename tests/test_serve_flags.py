@@ -27,3 +27,47 @@ def test_api_key_flag_replaces_the_variable_instead_of_adding_to_it():
     assert args.api_key == ["old"] and args.served_model_name == ["a", "b"]
     assert parse(["x.agp", "--api-key", "new"], {}).api_key == ["new"]
     assert parse(["x.agp"], {}).api_key is None
+
+
+def test_a_no_switch_reads_its_own_variable_as_well():
+    # "every flag has an environment variable" (docs/serve.md): --no-access-log's is AGP_NO_ACCESS_LOG
+    assert parse(["x.agp"], {}).access_log is True
+    assert parse(["x.agp"], {"AGP_NO_ACCESS_LOG": "1"}).access_log is False
+    assert parse(["x.agp"], {"AGP_NO_ACCESS_LOG": "false"}).access_log is True
+    assert parse(["x.agp"], {"AGP_ACCESS_LOG": "0"}).access_log is False
+    assert parse(["x.agp", "--access-log"], {"AGP_NO_ACCESS_LOG": "1"}).access_log is True   # the flag wins
+    assert parse(["x.agp"], {"AGP_NO_PREFIX_REUSE": "true"}).no_prefix_reuse is True
+
+
+def test_the_api_key_help_names_every_route_left_open():
+    from pipeline_dsl.serve.config import OPEN_PATHS
+
+    p = argparse.ArgumentParser(prog="agp serve")
+    serve.add_arguments(p)
+    text = " ".join(p.format_help().split())
+    assert all(path in text.split("(401 otherwise);", 1)[1].split("stay open")[0] for path in OPEN_PATHS)
+
+
+def test_an_agp_variable_nothing_reads_is_named_with_the_closest_one():
+    from pipeline_dsl.serve.options import unknown_variables
+
+    p = argparse.ArgumentParser(prog="agp serve")
+    serve.add_arguments(p)
+    env = {"AGP_MAX_NUM_SEQ": "4", "AGP_MAX_NUM_SEQS": "4", "AGP_NATIVE": "0", "AGP_NO_ACCESS_LOG": "1",
+           "AGP_ZZZ": "1", "HOME": "/root"}
+    assert unknown_variables(p, env) == [
+        "environment variable AGP_MAX_NUM_SEQ is set but is not one of agp's (did you mean AGP_MAX_NUM_SEQS?);"
+        " it is ignored",
+        "environment variable AGP_ZZZ is set but is not one of agp's; it is ignored"]
+
+
+def test_every_agp_variable_the_code_reads_is_known_to_the_warning():
+    import re
+    from pathlib import Path
+
+    from pipeline_dsl.serve.options import ENGINE_VARIABLES
+
+    root = Path(__file__).resolve().parents[1]
+    read = {v for f in [*(root / "pipeline_dsl").rglob("*.py"), *(root / "stages").rglob("*.py")]
+            for v in re.findall(r"""["'](AGP_[A-Z_]+)["']""", f.read_text())}
+    assert read and read <= set(ENGINE_VARIABLES)

@@ -15,13 +15,14 @@ serves it as replicas on Ray Serve instead (pipeline_dsl.serve.ray, docs/scale.m
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import socket
 import sys
 from pathlib import Path
 
 from pipeline_dsl.serve.build import Serving, build
-from pipeline_dsl.serve.options import SetupError, add_arguments, check_args, report
+from pipeline_dsl.serve.options import SetupError, add_arguments, check_args, report, unknown_variables
 
 HELP = "serve a pipeline behind an OpenAI-compatible HTTP API"
 log = logging.getLogger("agp.serve")
@@ -56,8 +57,9 @@ def banner(serving: Serving, url: str, args) -> list[str]:
         lines.append(f"  engine {es.name}: model {Path(str(c.model)).name} ({info.get('weights', '?')} weights, "
                      f"{info.get('dtype', c.dtype)} compute) on {c.device}; context {e.max_model_len} tokens; "
                      f"batch {c.max_batch_size} sequences; KV {e.blocks.num_blocks} blocks x {c.block_size} tokens; "
-                     f"prefix reuse {'on' if c.prefix_reuse else 'off'}" + (f"; seed {c.seed}" if c.seed is not None
-                                                                             else ""))
+                     f"prefix reuse {'on' if c.prefix_reuse else 'off'}"
+                     + (f"; seed {c.seed}" if c.seed is not None else "")
+                     + (f"; chat template {Path(args.chat_template).name}" if args.chat_template else ""))
     lines.append(f"  api key {'required' if cfg.api_keys else 'off'}; CORS "
                  f"{', '.join(cfg.allowed_origins) if cfg.allowed_origins else 'off'}; max connections "
                  f"{cfg.max_connections}; queue {serving.runtime.max_queue}; trace {args.trace or 'off'}")
@@ -69,6 +71,10 @@ def main(args) -> int:
     from pipeline_dsl.serve.logs import configure
 
     configure(args.log_format, args.log_level, args.access_log)
+    flags = argparse.ArgumentParser(prog="agp serve")
+    add_arguments(flags)
+    for line in unknown_variables(flags):
+        log.warning(line)
     if args.ray:
         return _main_on_ray(args)
     try:

@@ -12,12 +12,13 @@ from .options import SetupError, check_args
 
 def model_names(runtime, served: list[str] | None) -> tuple[str, ...]:
     """The ids /v1/models lists and requests may name: the served names first, then the
-    pipeline's name and its model(s)."""
+    pipeline's name and its model's (a model file's name and stem, never its path: no answer
+    shows where the server's files are)."""
     names = list(served or [])
     names.append(runtime.name)
     for es in runtime.segments[:1]:
-        model = str(es.config.model)
-        names += [model, Path(model).stem]
+        model = Path(str(es.config.model))
+        names += [model.name, model.stem]
     return tuple(dict.fromkeys(n for n in names if n))
 
 

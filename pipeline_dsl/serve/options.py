@@ -16,6 +16,8 @@ from pathlib import Path
 
 from pipeline_dsl.loader import add_pipeline_arguments
 
+from .config import OPEN_PATHS
+
 ENV_PREFIX = "AGP_"
 
 
@@ -52,8 +54,8 @@ def add_arguments(p) -> None:
                    help="the model id(s) clients use; the first is reported in answers (default: the "
                         "pipeline's name)")
     p.add_argument("--api-key", action=ExtendOrReplace, nargs="+", default=None, metavar="KEY",
-                   help="answer only requests with 'Authorization: Bearer KEY' (401 otherwise); /health, "
-                        "/metrics and /version stay open")
+                   help="answer only requests with 'Authorization: Bearer KEY' (401 otherwise); "
+                        f"{', '.join(OPEN_PATHS)} stay open")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context length in tokens (prompt + answer); at most the model's")
     p.add_argument("--max-num-seqs", type=int, default=None,
@@ -132,6 +134,25 @@ def env_name(action: argparse.Action) -> str:
     return ENV_PREFIX + long.lstrip("-").upper().replace("-", "_")
 
 
+# variables below the flags: the engine's switches (docs/gpu.md, docs/architecture.md)
+ENGINE_VARIABLES = ("AGP_ATTENTION", "AGP_BATCH_INVARIANT", "AGP_CUDA_GRAPHS", "AGP_NATIVE", "AGP_NATIVE_ACT")
+
+
+def unknown_variables(p: argparse.ArgumentParser, environ=None) -> list[str]:
+    """A line for each AGP_* variable that is set but that nothing reads (a typo such as
+    AGP_MAX_NUM_SEQ would otherwise pass silently), with the closest known name."""
+    import difflib
+
+    environ = os.environ if environ is None else environ
+    known = {env_name(a) for a in p._actions if a.option_strings} | set(ENGINE_VARIABLES)
+    out = []
+    for name in sorted(n for n in environ if n.startswith(ENV_PREFIX) and n not in known):
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        out.append(f"environment variable {name} is set but is not one of agp's"
+                   + (f" (did you mean {close[0]}?)" if close else "") + "; it is ignored")
+    return out
+
+
 def env_defaults(p: argparse.ArgumentParser, environ=None) -> None:
     """Each option's default from AGP_<OPTION> when that is set (the flag still wins); the
     variable is named in the option's help. A bad value is an error naming the variable."""
@@ -139,18 +160,18 @@ def env_defaults(p: argparse.ArgumentParser, environ=None) -> None:
     for action in list(p._actions):
         if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
             continue
-        if isinstance(action, argparse._StoreFalseAction):
-            continue                                  # --no-x: the variable of --x covers it
         name = env_name(action)
         action.help = (action.help or "") + f" [env {name}]"
         raw = environ.get(name)
         if raw is None:
             continue
         try:
-            if isinstance(action, argparse._StoreTrueAction):
+            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
                 if raw.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
                     raise ValueError("expected true or false")
                 value = raw.strip().lower() in ("1", "true", "yes", "on")
+                # --no-x's own variable (AGP_NO_ACCESS_LOG=1) as well as --x's (AGP_ACCESS_LOG=0)
+                value = value if isinstance(action, argparse._StoreTrueAction) else not value
             elif isinstance(action, argparse._ExtendAction):
                 value = _names(raw)
             else:

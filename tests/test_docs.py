@@ -1,0 +1,149 @@
+"""The documentation's examples stay true (README.md and docs/*.md), without loading a model:
+every `agp` command line they show parses with the flags that exist, every whole pipeline
+they show checks clean, the outputs they quote are what the commands print, the flags and
+`AGP_*` variables of the serve pages exist, the engine's dataclasses list every field, and
+every file they point at is there. (The examples themselves run in tests/test_examples.py.)"""
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+import pipeline_dsl
+from pipeline_dsl.cli import build_parser
+from pipeline_dsl.diagnostics import has_errors, render_all
+from pipeline_dsl.plan import format_plan, make_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```([\w-]*)\n(.*?)^```", re.M | re.S)
+
+
+def blocks(path: Path, lang: str | None = None) -> list[str]:
+    """The fenced code blocks of a page (of one language: "" for a block without one)."""
+    return [body for tag, body in FENCE.findall(path.read_text()) if lang is None or tag == lang]
+
+
+def command_lines(path: Path):
+    """Each `agp ...` command of the page's shell blocks, its indented examples and its `$ agp`
+    lines, as argv after `agp` (continuations joined, comments and `&`/`|` tails cut)."""
+    text = path.read_text()
+    shell = [b for tag, b in FENCE.findall(text) if tag in ("sh", "bash")]
+    shell += [m.group(1) for m in re.finditer(r"^(?:    |\$ )(agp .*)$", text, re.M)]
+    for block in shell:
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #", 1)[0]
+            for part in re.split(r"\s(?:\|\|?|&&?|;)\s?", line + " "):
+                words = shlex.split(part)
+                while words and "=" in words[0] and not words[0].startswith("-"):
+                    words = words[1:]                        # VAR=value agp ...
+                if len(words) > 1 and words[0] == "agp":
+                    # a placeholder value (`--port P`, `--replicas N`) stands for a number
+                    yield [("1" if re.fullmatch(r"[A-Z][A-Z_]*", w) and words[i].startswith("--") else w)
+                           for i, w in enumerate(words[1:])]
+
+
+def test_the_docs_show_agp_commands_of_every_kind():
+    seen = {argv[0] for page in DOCS for argv in command_lines(page)}
+    assert {"check", "fmt", "render", "plan", "stages", "run", "serve", "bench"} <= seen
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda p: p.name)
+def test_every_agp_command_line_in_the_docs_uses_flags_that_exist(page):
+    for argv in command_lines(page):
+        parser = build_parser(argv)
+        try:
+            _, unknown = parser.parse_known_args(argv)
+        except SystemExit:
+            pytest.fail(f"{page.name}: `agp {' '.join(argv)}` does not parse")
+        assert not unknown, f"{page.name}: `agp {' '.join(argv)}`: no such flag {unknown}"
+
+
+def whole_pipelines(page: Path) -> list[str]:
+    out = []
+    for body in blocks(page, ""):
+        code = "\n".join(ln for ln in body.splitlines() if not ln.lstrip().startswith("#"))
+        if code.lstrip().startswith("pipeline ") and code.rstrip().endswith("}") and "…" not in code:
+            out.append(body)
+    return out
+
+
+def test_every_whole_pipeline_in_the_docs_checks_clean():
+    found = {page.name: whole_pipelines(page) for page in DOCS}
+    assert found["README.md"] and found["language.md"]
+    for name, texts in found.items():
+        for text in texts:
+            program, diags = pipeline_dsl.loads(text, file=str(ROOT / "examples" / f"from_{name}.agp"))
+            assert not diags, f"{name}:\n{render_all(diags, program.sources)}"
+
+
+def test_the_quoted_diagnostic_is_the_golden_one():
+    # docs/language.md, "Diagnostics": the output of `agp check examples/errors/unknown_kind.agp`
+    quoted = next(b for b in blocks(ROOT / "docs" / "language.md", "") if "unknown stage kind" in b)
+    assert quoted == (ROOT / "examples" / "errors" / "unknown_kind.expected").read_text()
+
+
+def test_the_quoted_plan_is_what_agp_plan_prints():
+    quoted = next(b for b in blocks(ROOT / "docs" / "plan.md", "") if b.startswith("$ agp plan examples/chat.agp"))
+    graph = pipeline_dsl.load_pipeline_graph(str(ROOT / "examples" / "chat.agp"))
+    assert quoted.split("\n", 1)[1] == format_plan(make_plan(graph)) + "\n"
+
+
+def test_the_python_api_example_of_the_language_reference_runs():
+    quoted = next(b for b in blocks(ROOT / "docs" / "language.md", "python") if "load_pipeline_graph" in b)
+    program, diagnostics = pipeline_dsl.load(str(ROOT / "examples" / "chat.agp"))
+    assert not has_errors(diagnostics)
+    graph = pipeline_dsl.load_pipeline_graph(str(ROOT / "examples" / "chat.agp"))
+    assert "# 0.001 (seconds)" in quoted and graph.nodes["batch"]["params"]["timeout"] == 0.001
+
+
+def serve_options() -> dict[str, str]:
+    """Each flag of `agp serve` -> its variable."""
+    from pipeline_dsl.serve.options import env_name
+
+    parser = build_parser(["serve"]).commands["serve"]
+    return {flag: env_name(a) for a in parser._actions for flag in a.option_strings}
+
+
+@pytest.mark.parametrize("name", ["serve.md", "scale.md"])
+def test_the_serve_flag_tables_name_flags_that_exist(name):
+    options = serve_options()
+    rows = [ln for ln in (ROOT / "docs" / name).read_text().splitlines() if ln.startswith("| `--")]
+    flags = {f for row in rows for f in re.findall(r"`(--[a-z][a-z-]*)", row.split("|")[1])}
+    assert len(flags) > 5
+    assert not flags - set(options), f"{name} names flags agp serve lacks: {sorted(flags - set(options))}"
+
+
+def test_every_agp_variable_the_docs_name_is_read():
+    from pipeline_dsl.serve.options import ENGINE_VARIABLES
+
+    variables = set(serve_options().values()) | set(ENGINE_VARIABLES)
+    named = {v for page in DOCS for v in re.findall(r"\bAGP_[A-Z][A-Z_]*[A-Z]\b", page.read_text())}
+    assert {"AGP_API_KEY", "AGP_MAX_NUM_SEQS", "AGP_BATCH_INVARIANT"} <= named
+    unknown = named - variables - {"AGP_MAX_NUM_SEQ"}      # serve.md's example of a typo it warns about
+    assert not unknown, f"the docs name variables agp never reads: {sorted(unknown)}"
+
+
+@pytest.mark.parametrize("cls", ["EngineConfig", "SamplingParams", "RequestOutput"])
+def test_the_engine_dataclasses_of_the_architecture_page_list_every_field(cls):
+    import dataclasses
+
+    from pipeline_dsl.engine import config
+
+    block = next(b for b in blocks(ROOT / "docs" / "architecture.md", "python") if f"class {cls}:" in b)
+    body = block.split(f"class {cls}:", 1)[1].split("\nclass ", 1)[0].split("\n@dataclass", 1)[0]
+    documented = re.findall(r"^    (\w+): ", body, re.M)
+    assert documented == [f.name for f in dataclasses.fields(getattr(config, cls))]
+
+
+def test_every_file_the_docs_point_at_exists():
+    for page in DOCS:
+        text = page.read_text()
+        paths = set(re.findall(r"\b((?:tests|bench|tools|examples|pipeline_dsl|stages|docs)/[\w./-]+\.(?:py|agp|jsonl|md|lark|cpp))\b",
+                               text))
+        paths |= {f"examples/{m}" for m in re.findall(r"`(\w+\.agp)`", text) if (ROOT / "examples" / m).exists()
+                  or page.name == "README.md"}
+        missing = sorted(p for p in paths if not (ROOT / p).exists())
+        assert not missing, f"{page.name} points at files that do not exist: {missing}"
