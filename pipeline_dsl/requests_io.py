@@ -87,7 +87,8 @@ def _check(name: str, value, ok: bool, expected: str):
     return value
 
 
-from stages.fields import REQUEST_FIELDS, ParamError, check_field  # noqa: E402 - one schema per field
+# one schema per field: the stage parameters' (and the token-id lists') checks
+from stages.fields import REQUEST_FIELDS, TOKEN_ID_FIELDS, ParamError, check_field, check_token_ids  # noqa: E402
 
 SAMPLING_FIELDS = tuple(f for f in REQUEST_FIELDS if f != "n")     # SamplingParams overrides
 # per-request fields no stage parameter sets (agp serve puts them on its items; a request line may
@@ -97,6 +98,7 @@ ITEM_FIELDS = {
     "logprobs": (lambda v: _is_int(v) and 0 <= v <= 20, "an integer from 0 to 20"),
     "prompt_logprobs": (lambda v: _is_int(v) and 0 <= v <= 20, "an integer from 0 to 20"),
     "echo": (lambda v: isinstance(v, bool), "true or false"),
+    "return_token_ids": (lambda v: isinstance(v, bool), "true or false"),
     "skip_special_tokens": (lambda v: isinstance(v, bool), "true or false"),
     "spaces_between_special_tokens": (lambda v: isinstance(v, bool), "true or false"),
     "include_stop_str_in_output": (lambda v: isinstance(v, bool), "true or false"),
@@ -107,7 +109,7 @@ ITEM_FIELDS = {
     "pooling": (lambda v: v == "mean", '"mean"'),
 }
 KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", "tools", "tool_choice", "logit_bias",
-         "parallel_tool_calls", "response_format", *REQUEST_FIELDS, *ITEM_FIELDS}
+         "parallel_tool_calls", "response_format", *REQUEST_FIELDS, *ITEM_FIELDS, *TOKEN_ID_FIELDS}
 
 
 def parse_messages(value) -> list[dict]:
@@ -229,6 +231,14 @@ def checked(name: str, value):
         raise RequestError(str(e), param=e.field) from None
 
 
+def token_ids(name: str, value) -> tuple[int, ...]:
+    """A request's list of token ids (allowed_token_ids), through its one schema (stages/fields.py)."""
+    try:
+        return check_token_ids(name, value)
+    except ParamError as e:
+        raise RequestError(str(e), param=e.field) from None
+
+
 def parse_request(obj, default_id=None) -> ParsedRequest:
     """Validate one request object (already decoded from JSON)."""
     if not isinstance(obj, dict):
@@ -271,6 +281,9 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
         req.response_format = parse_response_format(obj["response_format"])
     if obj.get("logit_bias") is not None:
         req.sampling["logit_bias"] = parse_logit_bias(obj["logit_bias"])
+    for name in TOKEN_ID_FIELDS:
+        if obj.get(name) is not None:
+            req.sampling[name] = list(token_ids(name, obj[name]))
     for name, (ok, expected) in ITEM_FIELDS.items():
         if obj.get(name) is not None:
             req.extras[name] = _check(name, obj[name], ok(obj[name]), expected)

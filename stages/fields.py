@@ -34,6 +34,10 @@ REQUEST_FIELDS: dict[str, tuple[str, str]] = {
     "min_tokens": ("generate", "min_tokens"),
 }
 
+# per-request token-id lists no stage parameter sets (the request's own: vLLM's allowed_token_ids):
+# field -> the most ids it may hold (262,144: the largest vocabularies served today)
+TOKEN_ID_FIELDS: dict[str, int] = {"allowed_token_ids": 1 << 18}
+
 # EngineConfig field -> (stage kind, parameter)
 ENGINE_FIELDS: dict[str, tuple[str, str]] = {
     "max_batch_size": ("dynamic_batch", "max_batch_size"),
@@ -172,3 +176,21 @@ def check_field(field: str, value: Any) -> Any:
 def check_engine_field(field: str, value: Any) -> Any:
     kind, name = ENGINE_FIELDS[field]
     return check_value(param_of(kind, name), value, field)
+
+
+def check_token_ids(field: str, value: Any) -> tuple[int, ...]:
+    """A request's non-empty list of token ids (TOKEN_ID_FIELDS), as a tuple, or ParamError naming
+    the field; whether each id is in the vocabulary is the engine's to say (it knows the model)."""
+    most = TOKEN_ID_FIELDS[field]
+    if not isinstance(value, (list, tuple)):
+        raise ParamError(f"'{field}' must be an array of token ids, not {_shown(value)}", field)
+    if not value:
+        raise ParamError(f"'{field}' is empty: give at least one token id (leave it out to allow every token)",
+                         field)
+    if len(value) > most:
+        raise ParamError(f"'{field}' holds {len(value)} token ids; at most {most} are allowed", field)
+    for i, t in enumerate(value):
+        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+            raise ParamError(f"'{field}[{i}]' must be a token id (an integer of at least 0), not {_shown(t)}",
+                             field)
+    return tuple(value)

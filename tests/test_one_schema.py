@@ -141,3 +141,14 @@ def test_the_bounds_are_inclusive_except_where_the_schema_says_not():
     assert accepts_run("n", 64) and not accepts_run("n", 65) and accepts_run("n", 1) and not accepts_run("n", 0)
     assert accepts_check("generate", "max_new_tokens", 1 << 20)
     assert not accepts_check("generate", "max_new_tokens", (1 << 20) + 1)
+
+
+TOKEN_ID_CASES = [[5], [0, 7, 7], list(range(1 << 18)), [], [-1], [1, True], [1.0], "5", 5, {"5": 1},
+                  [1] * ((1 << 18) + 1)]
+
+
+@pytest.mark.parametrize("value", TOKEN_ID_CASES, ids=[json.dumps(v)[:24] for v in TOKEN_ID_CASES])
+def test_run_serve_and_the_engine_agree_on_allowed_token_ids(value):
+    verdicts = {"run": accepts_run("allowed_token_ids", value), "serve": accepts_serve("allowed_token_ids", value),
+                "engine": accepts_engine("allowed_token_ids", value)}
+    assert len(set(verdicts.values())) == 1, verdicts

@@ -72,6 +72,9 @@ def test_prompt_logprobs_in_chunks_equal_a_whole_prompt_forward(tiny_gguf):
         best = logp[p - 1].topk(3)
         assert [t for t, _ in lp[p]["top"]] == best.indices.tolist()
         assert [v for _, v in lp[p]["top"]] == pytest.approx(best.values.tolist(), abs=1e-4)
+        row, own = logp[p - 1], logp[p - 1, PROMPT[p]]      # its rank: 1 + the tokens likelier than it
+        assert int((row > own + 1e-4).sum()) < lp[p]["rank"] <= int((row > own - 1e-4).sum()) + 1
+    assert len({e["rank"] for e in lp[1:]}) > 10               # a rank of its own, not the top-k place
     assert eng.stats()["requests_done"] == 1 and eng.blocks.num_used == 0
 
 

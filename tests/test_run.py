@@ -109,6 +109,10 @@ def test_agp_run_answers_in_input_order_and_reports_bad_lines(tmp_path, tiny_ggu
         json.dumps({"id": "goes-on", "messages": [{"role": "user", "content": "hi"},
                                                    {"role": "assistant", "content": "Yes"}],
                     "continue_final_message": True, "max_tokens": 2, "ignore_eos": True}),
+        json.dumps({"id": "only-a", "prompt": "hello", "max_tokens": 6, "ignore_eos": True,
+                    "allowed_token_ids": [100], "return_token_ids": True}),           # vLLM's fields
+        json.dumps({"id": "none", "prompt": "x", "allowed_token_ids": []}),
+        json.dumps({"id": "far", "prompt": "x", "allowed_token_ids": [5, 100000]}),
     ]
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -119,7 +123,7 @@ def test_agp_run_answers_in_input_order_and_reports_bad_lines(tmp_path, tiny_ggu
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "run summary" in proc.stderr
     rows = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [r["id"] for r in rows] == ["a", 2, "b", "long", "c", "both", "goes-on"]
+    assert [r["id"] for r in rows] == ["a", 2, "b", "long", "c", "both", "goes-on", "only-a", "none", "far"]
     assert rows[0]["usage"]["completion_tokens"] == 5 and rows[0]["finish_reason"] == "length"
     assert rows[1]["error"]["line"] == 2 and "JSON" in rows[1]["error"]["message"]
     assert rows[2]["usage"]["completion_tokens"] == 3
@@ -127,9 +131,13 @@ def test_agp_run_answers_in_input_order_and_reports_bad_lines(tmp_path, tiny_ggu
     assert "text" in rows[4]
     assert "cannot both be true" in rows[5]["error"]["message"]
     assert rows[6]["usage"]["completion_tokens"] == 2
+    assert rows[7]["text"] == "a" * 6 and rows[7]["token_ids"] == [100] * 6      # token 100 is the byte "a"
+    assert rows[7]["prompt_token_ids"] and "token_ids" not in rows[0]
+    assert rows[8]["error"]["line"] == 10 and "'allowed_token_ids' is empty" in rows[8]["error"]["message"]
+    assert "'allowed_token_ids' holds token id 100000, outside the vocabulary" in rows[9]["error"]["message"]
     s = json.loads(stats.read_text())
-    assert s["requests"] == 7 and s["completion_tokens"] >= 10 and s["output_tokens_per_s"] > 0
-    assert s["peak_memory_bytes"] > 0 and s["errors"] == 3 and s["bad_lines"] == 1
+    assert s["requests"] == 10 and s["completion_tokens"] >= 10 and s["output_tokens_per_s"] > 0
+    assert s["peak_memory_bytes"] > 0 and s["errors"] == 5 and s["bad_lines"] == 2
 
 
 def test_agp_run_is_deterministic_with_and_without_overlap(tmp_path, tiny_gguf):

@@ -175,8 +175,7 @@ def test_what_vllm_clients_send_by_default_is_taken_and_anything_else_named(clie
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=1, extra_body=plain).usage
     for field, value, words in [("use_beam_search", True, "(leave it out or use false)"),
                                 ("priority", 3, "(leave it out or use 0)"),
-                                ("functions", [{"name": "f"}], "(leave it out or use 'tools')"),
-                                ("allowed_token_ids", [1, 2], "(leave it out or restrict the answer with")]:
+                                ("functions", [{"name": "f"}], "(leave it out or use 'tools')")]:
         with pytest.raises(openai.BadRequestError, match=re.escape(f"'{field}' = ")) as e:
             client.chat.completions.create(model="tiny", messages=USER, max_tokens=1, extra_body={field: value})
         assert words in e.value.message and e.value.body["param"] == field
@@ -258,8 +257,11 @@ def test_the_fields_keep_their_meaning_through_a_python_stage(tiny_gguf):
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         kept = client.chat.completions.create(model="tiny", messages=USER, max_tokens=2, logprobs=True, extra_body={
             "ignore_eos": True, "skip_special_tokens": False, "logit_bias": {str(IM_START): 100},
-            "stop_token_ids": [7], "chat_template_kwargs": {"enable_thinking": False}})
+            "stop_token_ids": [7], "chat_template_kwargs": {"enable_thinking": False},
+            "allowed_token_ids": [IM_START, 7], "return_token_ids": True, "prompt_logprobs": 1})
         assert kept.choices[0].message.content == "<|im_start|>" * 2 and len(kept.choices[0].logprobs.content) == 2
+        assert kept.choices[0].token_ids == [IM_START] * 2                          # vLLM's fields, kept too
+        assert len(kept.prompt_token_ids) == len(kept.prompt_logprobs) == kept.usage.prompt_tokens
         plain = client.chat.completions.create(model="tiny", messages=USER, max_tokens=2)
         assert kept.usage.prompt_tokens > plain.usage.prompt_tokens                  # "/no_think" was rendered
         text = client.chat.completions.create(model="tiny", messages=USER, max_tokens=8,

@@ -42,9 +42,12 @@ def record(req: RunRequest, result, several: bool = False) -> dict:
         out["generated_by"] = first.data["generated_by"]
     if first.data.get("branches"):
         out["branches"] = first.data["branches"]
+    ids = (first.data.get("request") or {}).get("return_token_ids")     # vLLM's return_token_ids
+    if ids:
+        out["prompt_token_ids"], out["token_ids"] = first.data.get("prompt_token_ids"), first.data.get("token_ids")
     if len(result.choices) > 1:
-        out["choices"] = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason}
-                          for c in result.choices]
+        out["choices"] = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
+                           **({"token_ids": c.data.get("token_ids")} if ids else {})} for c in result.choices]
     return out
 
 

@@ -4,8 +4,8 @@
 `SamplingParams` one request's decoding settings, `RequestOutput` what a step reports
 for one request. `SamplingParams.check()` turns bad values into `InputError`.
 
-The OpenAI/vLLM sampling features (penalties, logit_bias, min_tokens, min_p, logprobs,
-a grammar constraint) are applied by engine/processors.py; a request that uses none of
+The OpenAI/vLLM sampling features (penalties, logit_bias, allowed_token_ids, min_tokens, min_p,
+logprobs, a grammar constraint) are applied by engine/processors.py; a request that uses none of
 them takes the same path, at the same cost, as before they existed.
 """
 
@@ -79,6 +79,7 @@ class SamplingParams:
     min_p: float = 0.0                     # 0..1: drop tokens less likely than min_p * the likeliest
     min_tokens: int = 0                    # EOS and stop_token_ids are masked until this many tokens
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, -100..100) added to the logits
+    allowed_token_ids: tuple[int, ...] | None = None  # (vLLM) only these may be sampled; None: every token
     logprobs: int | None = None            # 0..20: the sampled token's logprob + this many alternatives
     prompt_logprobs: int | None = None     # 0..20: each prompt token's logprob + alternatives (prompt_outputs.py)
     pooling: str | None = None             # "mean": the mean of the prompt's final normed hidden states
@@ -88,6 +89,8 @@ class SamplingParams:
     constraint: Any = field(default=None, compare=False, hash=False)  # a constrain.Grammar (compiled)
 
     def __post_init__(self) -> None:
+        if isinstance(self.allowed_token_ids, list):
+            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
         # accept lists (JSON) and a bare string for `stop`; store tuples (hashable, frozen)
         for name in ("stop", "stop_token_ids"):
             value = getattr(self, name)
@@ -117,12 +120,12 @@ class SamplingParams:
 
     @property
     def plain(self) -> bool:
-        """Uses none of the per-sequence features (penalties, logit_bias, min_tokens, logprobs,
-        a constraint): such a request takes the sampler's fast path. min_p is a plain sampler
-        setting (it never changes the argmax)."""
+        """Uses none of the per-sequence features (penalties, logit_bias, allowed_token_ids,
+        min_tokens, logprobs, a constraint): such a request takes the sampler's fast path. min_p is
+        a plain sampler setting (it never changes the argmax)."""
         return (self.presence_penalty == 0.0 and self.frequency_penalty == 0.0
-                and self.repetition_penalty == 1.0 and not self.logit_bias and self.min_tokens == 0
-                and self.logprobs is None and self.constraint is None)
+                and self.repetition_penalty == 1.0 and not self.logit_bias and self.allowed_token_ids is None
+                and self.min_tokens == 0 and self.logprobs is None and self.constraint is None)
 
     def check(self) -> None:
         """Raise InputError naming the first bad value."""
@@ -132,7 +135,7 @@ class SamplingParams:
         def is_num(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        from stages.fields import ParamError, check_field
+        from stages.fields import ParamError, check_field, check_token_ids
 
         prompt_only = self.max_tokens == 0 and (self.prompt_logprobs is not None or self.pooling is not None)
         for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "presence_penalty",
@@ -162,6 +165,11 @@ class SamplingParams:
                 and -100 <= e[1] <= 100 for e in self.logit_bias):
             raise InputError("logit_bias must map token ids to numbers from -100 to 100, not "
                              f"{str(self.logit_bias)[:60]}")
+        if self.allowed_token_ids is not None:
+            try:
+                check_token_ids("allowed_token_ids", self.allowed_token_ids)
+            except ParamError as e:
+                raise InputError(str(e), param=e.field) from None
         if self.logprobs is not None and not (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
             raise InputError(f"logprobs must be an integer from 0 to {MAX_LOGPROBS} (or none), "
                              f"not {self.logprobs!r}")

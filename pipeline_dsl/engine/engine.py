@@ -129,10 +129,12 @@ class Engine:
         if limit and len(ids) > limit:
             raise prompt_over_limit(len(ids), limit)
         if self.vocab_size:
-            bad = [t for t, _ in params.logit_bias] + list(params.stop_token_ids)
-            bad = [t for t in bad if t >= self.vocab_size]
-            if bad:
-                raise InputError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+            for name, given in (("logit_bias", [t for t, _ in params.logit_bias]),
+                                ("stop_token_ids", params.stop_token_ids),
+                                ("allowed_token_ids", params.allowed_token_ids or ())):
+                if given and max(given) >= self.vocab_size:
+                    raise InputError(f"'{name}' holds token id {max(given)}, outside the vocabulary "
+                                     f"(0..{self.vocab_size - 1})", param=name)
         total = len(ids) + params.max_tokens
         if params.max_tokens and len(ids) >= self.max_model_len:
             raise ContextLengthError(f"prompt of {len(ids)} tokens fills the model's context of {self.max_model_len} "

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 class InputError(ValueError):
     """A request the engine refuses: the message says what is wrong; `code` (when set) names the
-    kind of fault for front ends (OpenAI's error codes)."""
+    kind of fault for front ends (OpenAI's error codes), `param` the request field at fault when
+    it is not the prompt (a token id of `allowed_token_ids` outside the vocabulary)."""
 
     code: str | None = None
+
+    def __init__(self, message: str = "", param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ContextLengthError(InputError):

@@ -8,6 +8,8 @@ vectorised over those rows:
 
     raw logprobs  log_softmax (fp32) of the rows, before anything below changes them
     logit_bias    + the request's bias row                          [r, V] gather + add
+    allowed ids   in the same row: -inf at every token outside allowed_token_ids (vLLM's mask),
+                  so the restriction costs nothing per step beyond the bias add
     repetition    tokens of the prompt or the output: logit > 0: / r, else * r
     freq/presence + the request's penalty row: -(frequency * count + presence) at tokens
                   of the output, kept up to date as tokens are sampled (no pass over counts)
@@ -101,10 +103,12 @@ class Features:
             return
         st.sampled = 0                    # tokens sampled so far (this step's min_tokens progress)
         st.matcher = p.constraint.matcher() if p.constraint is not None else None
-        st.slotted = bool(p.logit_bias or p.presence_penalty or p.frequency_penalty
-                          or p.repetition_penalty != 1.0)
+        st.slotted = bool(p.logit_bias or p.allowed_token_ids is not None or p.presence_penalty
+                          or p.frequency_penalty or p.repetition_penalty != 1.0)
         if p.min_tokens:
             banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos))
+            if p.allowed_token_ids is not None and banned.issuperset(p.allowed_token_ids):
+                banned = set()            # only ending tokens are allowed: allowed_token_ids wins
             st.banned = tuple(sorted(t for t in banned if t < self.vocab or not self.vocab))
         if p.logprobs is not None:
             st.lp = deque()
@@ -159,6 +163,8 @@ class Features:
             if m is not None and not m.accept(host[i]) and st.error_at is None:
                 st.error_at = n           # output index of the refused token (accept_token ends it)
                 st.error = m.error or f"the grammar refused token {host[i]}"
+                if seqs[i].params.allowed_token_ids is not None:
+                    st.error += " (no token of 'allowed_token_ids' may come next in the grammar)"
         if lp_rows:
             chosen = tokens.index_select(0, lp_idx)                             # [r]
             token_lp = lsm.gather(1, chosen[:, None]).squeeze(1)                # [r]
@@ -173,8 +179,8 @@ class Features:
         return tokens
 
     def _penalise(self, logits, seqs, rows):
-        """logit_bias, repetition, then frequency and presence penalties on `rows`, in place;
-        what _count needs after the draw."""
+        """logit_bias with the allowed_token_ids mask, repetition, then frequency and presence
+        penalties on `rows`, in place; what _count needs after the draw."""
         dev = logits.device
         slots = [self._slot(s, dev, logits.shape[1]) for s in seqs]
         sl = _to(slots, dev)                                                    # [r]
@@ -183,7 +189,7 @@ class Features:
         idx = None if whole else _to(rows, dev)                                 # [r]
         n = len(rows)
         sub = logits if whole else torch.index_select(logits, 0, idx, out=self._buf("sub", n, logits))  # [r, V]
-        if any(p.logit_bias for p in ps):
+        if any(p.logit_bias or p.allowed_token_ids is not None for p in ps):
             sub.add_(torch.index_select(self.bias, 0, sl, out=self._buf("a", n, self.bias)))
         if any(p.repetition_penalty != 1.0 for p in ps):
             r = _to([p.repetition_penalty for p in ps], dev, sub.dtype)[:, None]          # [r, 1]
@@ -248,9 +254,12 @@ class Features:
         for t in (self.bias, self.pen, self.counts, self.seen):
             t[s].zero_()
         self.seen[s].index_fill_(0, _to(seq.token_ids[:seq.num_prompt], dev), True)
-        if seq.params.logit_bias:
+        allowed = seq.params.allowed_token_ids
+        if allowed is not None:           # -inf outside the allowed ids: the bias add masks them
+            self.bias[s].fill_(float("-inf")).index_fill_(0, _to(allowed, dev), 0.0)
+        if seq.params.logit_bias:         # accumulated: a bias on a token not allowed stays -inf
             ids, vals = zip(*seq.params.logit_bias)
-            self.bias[s].index_put_((_to(ids, dev),), _to(vals, dev, self.bias.dtype))
+            self.bias[s].index_put_((_to(ids, dev),), _to(vals, dev, self.bias.dtype), accumulate=True)
         return s
 
     def _grow(self, dev, width: int) -> None:

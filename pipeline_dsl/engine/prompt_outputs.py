@@ -41,6 +41,7 @@ class ChunkRows:
     start: int                               # position of the chunk's first row
     num_rows: int
     picked: torch.Tensor | None = None       # [m] logprob of the next prompt token, m <= num_rows
+    ranks: torch.Tensor | None = None        # [m] its rank: 1 + the tokens more likely than it (vLLM's)
     top_ids: torch.Tensor | None = None      # [m, k]
     top_values: torch.Tensor | None = None   # [m, k]
     hidden_sum: torch.Tensor | None = None   # [H] float32: the rows' normed hidden states summed
@@ -56,16 +57,18 @@ def reduce_chunk(start: int, rows: dict, targets: list[int], top: int | None) ->
     if logits is not None and top is not None and targets:
         m = len(targets)
         tgt = torch.tensor(targets, dtype=torch.long, device=logits.device)      # [m]
-        picked, ids, values = [], [], []
+        picked, ranks, ids, values = [], [], [], []
         for a in range(0, m, ROW_BLOCK):
             b = min(a + ROW_BLOCK, m)
             lp = torch.log_softmax(logits[a:b].float(), dim=-1)                  # [b-a, V]
-            picked.append(lp.gather(1, tgt[a:b, None]).squeeze(1))               # [b-a]
+            got = lp.gather(1, tgt[a:b, None])                                   # [b-a, 1]
+            picked.append(got.squeeze(1))                                        # [b-a]
+            ranks.append((lp > got).sum(dim=-1) + 1)                             # [b-a]
             if top:
                 best = lp.topk(top, dim=-1)                                      # [b-a, k]
                 ids.append(best.indices)
                 values.append(best.values)
-        out.picked = torch.cat(picked)                                           # [m]
+        out.picked, out.ranks = torch.cat(picked), torch.cat(ranks)              # [m] each
         if top:
             out.top_ids, out.top_values = torch.cat(ids), torch.cat(values)      # [m, k]
     if hidden is not None:
@@ -80,7 +83,8 @@ class PromptOutputs:
     top: int | None                          # prompt logprobs with this many alternatives; None: none
     pooling: str | None                      # "mean": mean of the final normed hidden states
     next: int = 0                            # prompt rows accumulated so far
-    logprobs: list = field(default_factory=list)   # None for the first token, then {"token_id", "logprob", "top"}
+    # None for the first token, then {"token_id", "logprob", "rank", "top"} per prompt token
+    logprobs: list = field(default_factory=list)
     hidden_sum: torch.Tensor | None = None
     delivered: bool = False                  # handed out with the sequence's first output
 
@@ -100,13 +104,14 @@ class PromptOutputs:
             if chunk.start == 0:
                 self.logprobs.append(None)                  # the first token has no context
             if chunk.picked is not None:
-                values = chunk.picked.tolist()
+                values, ranks = chunk.picked.tolist(), chunk.ranks.tolist()
                 ids = chunk.top_ids.tolist() if chunk.top_ids is not None else None
                 tops = chunk.top_values.tolist() if chunk.top_values is not None else None
                 for i, value in enumerate(values):
                     p = chunk.start + i + 1                 # the token this row predicts
                     alts = list(zip(ids[i], tops[i])) if ids is not None else []
-                    self.logprobs.append({"token_id": prompt_ids[p], "logprob": float(value), "top": alts})
+                    self.logprobs.append({"token_id": prompt_ids[p], "logprob": float(value), "rank": int(ranks[i]),
+                                          "top": alts})
         if chunk.hidden_sum is not None:
             s = chunk.hidden_sum.cpu()
             self.hidden_sum = s if self.hidden_sum is None else self.hidden_sum + s

@@ -13,7 +13,7 @@ import copy
 import time
 from typing import Callable
 
-from .items import GENERATED, REQUEST, Item, PipelineError, heard
+from .items import GENERATED, REQUEST, Item, PipelineError, heard, tell_prompt
 
 
 class EngineSide:
@@ -151,8 +151,11 @@ class EngineSide:
         if not targets:
             raise PipelineError(f"stage '{seg.kv}': no generate stage takes this request", "failed", seg.kv)
         entry = {"prompt_tokens": len(ids), "cached_tokens": None}
-        if item.data.get("prompt_logprobs") is not None:    # echo with logprobs: the engine scores the
-            entry["prompt_token_ids"] = list(ids)           # prompt chunk by chunk (_on_outputs hears it)
+        if item.data.get("return_token_ids"):              # the answer carries the prompt's ids: a stream
+            entry["prompt_token_ids"] = list(ids)           # sends them before any token
+            tell_prompt(req, entry["prompt_token_ids"], None)
+        if item.data.get("prompt_logprobs") is not None:    # the engine scores the prompt chunk by chunk
+            entry["prompt_token_ids"] = list(ids)           # as it prefills it (_on_outputs hears them)
         elif item.data.get("max_tokens") == 0 and item.data.get("pooling") is None:   # echo only: nothing to compute
             self._answer_without_engine(item, es, targets, ids, entry)
             return
@@ -166,7 +169,7 @@ class EngineSide:
                     with self._lock:                        # the copy reached gen and was refused there
                         self.flow.edge(seg.kv, gen, queue=False)
                         item.at = gen
-                    raise PipelineError(str(e), "invalid", gen) from None
+                    raise PipelineError(str(e), "invalid", gen, param=e.param) from None
         submits = []
         with self._lock:
             if req.done:
@@ -217,21 +220,22 @@ class EngineSide:
                 "generated_by": gen, "request": request}
         if item.logprobs is not None:
             data["logprobs"] = item.logprobs
-        if item.entry is not None and "prompt_logprobs" in item.entry:
-            data["prompt_logprobs"] = item.entry["prompt_logprobs"]
+        if request.get("return_token_ids"):
+            data["token_ids"] = list(item.token_ids or ())
+        if item.entry is not None and "prompt_token_ids" in item.entry:
             data["prompt_token_ids"] = item.entry["prompt_token_ids"]
+            if "prompt_logprobs" in item.entry:
+                data["prompt_logprobs"] = item.entry["prompt_logprobs"]
         return data
 
     def _heard_prompt(self, item: Item, logprobs: list) -> None:
-        """A sequence's prompt logprobs (echo), with its first output: kept for the answer, and a
-        stream echoes them before its tokens (once per request, whichever copy came first)."""
+        """A sequence's prompt logprobs, with its first output: kept for the answer, and a stream
+        sends them before its tokens (once per request, whichever copy came first)."""
         entry = item.entry
         if entry is None or "prompt_logprobs" in entry:
             return
         entry["prompt_logprobs"] = logprobs
-        heard_prompt = getattr(item.req.listener, "on_prompt", None)
-        if heard_prompt is not None:
-            heard_prompt(item.req.key, entry["prompt_token_ids"], logprobs)
+        tell_prompt(item.req, entry["prompt_token_ids"], logprobs)
 
     def _on_outputs(self, es, outputs) -> None:
         """An engine step's outputs (the executor's emit thread): deltas, then finished sequences."""
@@ -254,12 +258,20 @@ class EngineSide:
                 if item.logprobs is None:
                     item.logprobs = []
                 item.logprobs.extend(step_logprobs)
+            want_ids = item.data.get("return_token_ids")
+            if want_ids:
+                if item.token_ids is None:
+                    item.token_ids = []
+                item.token_ids.extend(out.new_token_ids)
             if item.live is not None:
                 item.live.engine_output(out)           # the stream stages hand the client its text
             else:
                 if out.new_token_ids:
                     self.ledger.first_token(req, now)
-                if item.index is not None and (out.delta_text or out.finished or step_logprobs):
+                # a token with no text yet (held back for a stop string, half a character) still
+                # reaches a client that asked for the ids
+                if item.index is not None and (out.delta_text or out.finished or step_logprobs
+                                               or (want_ids and out.new_token_ids)):
                     heard(req, item.index, out)
             if out.finished:
                 finished.append((item, out))
@@ -301,7 +313,8 @@ class EngineSide:
     def _on_seq_error(self, es, seq_id: str, exc: BaseException) -> None:
         item = self.ledger.item_of(seq_id)
         if item is not None:
-            self._fail(item.req, PipelineError(str(exc), "invalid", item.at, getattr(exc, "code", None)), item)
+            self._fail(item.req, PipelineError(str(exc), "invalid", item.at, getattr(exc, "code", None),
+                                               getattr(exc, "param", None)), item)
 
     def _on_segment_failure(self, es, exc: BaseException) -> None:
         """A segment's loop died: fail everything, refuse what comes."""

@@ -20,12 +20,14 @@ class PipelineError(Exception):
     """Why one request failed. kind: invalid (its input), rejected (a Reject), queue_full,
     unavailable (shutting down, or an engine failed), timeout (a stage's timeout passed), aborted
     (its client went away), failed (a user function or the engine failed); `code` names an input
-    error more precisely (the engine's InputError.code: context_length_exceeded). What a front
-    end answers for each is its own (agp serve: serve/errors.py)."""
+    error more precisely (the engine's InputError.code: context_length_exceeded), `param` the
+    request field at fault when it is not the prompt (InputError.param). What a front end answers
+    for each is its own (agp serve: serve/errors.py)."""
 
-    def __init__(self, message: str, kind: str = "failed", stage: str | None = None, code: str | None = None):
+    def __init__(self, message: str, kind: str = "failed", stage: str | None = None, code: str | None = None,
+                 param: str | None = None):
         super().__init__(message)
-        self.message, self.kind, self.stage, self.code = message, kind, stage, code
+        self.message, self.kind, self.stage, self.code, self.param = message, kind, stage, code, param
 
 
 @dataclass
@@ -91,6 +93,7 @@ class Item:
     entry: dict | None = None          # the segment entry it came from (usage of shared prompts)
     submitted: float | None = None     # perf_counter() when its sequence went to an engine (trace)
     logprobs: list | None = None       # per generated token, when the request asked for them
+    token_ids: list | None = None      # the tokens generated so far, when the request asked (return_token_ids)
     queued: bool = False               # sent to `at` and not yet taken up there
     live: Any = None                   # streams.Live while stream stages filter its text as it comes
 
@@ -105,6 +108,18 @@ def heard(req: RequestState, index: int, out) -> None:
         req.listener.on_delta(req.key, index, out)
     except Exception:                            # noqa: BLE001 - a listener's failure is its own
         pass
+
+
+def tell_prompt(req: RequestState, ids: list, logprobs: list | None) -> None:
+    """Tell a request's listener its prompt's ids (logprobs None), or its ids and their logprobs
+    once the engine computed them; both before any token of the request is heard. A listener
+    without `on_prompt` does not hear them (agp run's: the answer carries them)."""
+    tell = getattr(req.listener, "on_prompt", None)
+    if tell is not None:
+        try:
+            tell(req.key, ids, logprobs)
+        except Exception:                        # noqa: BLE001 - a listener's failure is its own
+            pass
 
 
 def deliver(listener, result: Result) -> None:

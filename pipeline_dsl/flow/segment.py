@@ -24,7 +24,7 @@ from stages.fields import REQUEST_FIELDS
 # request fields that override a generate stage's sampling defaults: each generate parameter a
 # request may set (stages/fields.py), and the per-request ones no stage sets
 SAMPLING_FIELDS = tuple(f for f in REQUEST_FIELDS if f != "n") + (
-    "stop_token_ids", "logit_bias", "logprobs", "prompt_logprobs", "skip_special_tokens",
+    "stop_token_ids", "logit_bias", "allowed_token_ids", "logprobs", "prompt_logprobs", "skip_special_tokens",
     "spaces_between_special_tokens", "include_stop_str_in_output", "pooling")
 # constraints a request may bring (response_format, or agp serve's mapping of vLLM's guided fields)
 CONSTRAINTS = ("json_object", "json_schema", "regex", "choice", "grammar")

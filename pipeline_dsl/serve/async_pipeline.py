@@ -33,7 +33,7 @@ class RequestStream:
         self.arrival = time.monotonic()
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
-        self.prompt: tuple | None = None         # (prompt ids, their logprobs) when echo asked for them
+        self.prompt: tuple | None = None         # (prompt ids, their logprobs or None) when the answer shows them
         self.params: dict | None = None          # the request's n and max_tokens (metrics)
 
     def __aiter__(self):
@@ -55,8 +55,9 @@ class RequestStream:
 
     # ---- called from the runtime's threads --------------------------------------------
     def on_prompt(self, key, ids, logprobs) -> None:
-        """The prompt's logprobs (echo), heard before any of its tokens is queued."""
-        if self.prompt is None:
+        """The prompt's ids (return_token_ids), then their logprobs once computed (echo,
+        prompt_logprobs): heard before any of its tokens is queued."""
+        if self.prompt is None or (self.prompt[1] is None and logprobs is not None):
             self.prompt = (ids, logprobs)
 
     def on_delta(self, key, index, out) -> None:

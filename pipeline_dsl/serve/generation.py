@@ -21,6 +21,7 @@ from .config import ServeConfig
 from .errors import api_error, error_response
 from .metrics import ServerMetrics
 from .sse import ChunkWriter, EventStream, prompt_text
+from .token_fields import answer_fields
 
 
 async def wait_or_disconnect(request: Request, work):
@@ -146,17 +147,22 @@ class Generations:
         runtime = self.apipe.runtime
         use = P.usage(res.usage["prompt_tokens"], res.usage["completion_tokens"], res.usage["cached_tokens"])
         want = req.fields.get("logprobs") is not None
-        text_of = runtime.token_text(req.pin) if want else None
+        text_of = runtime.token_text(req.pin) if want or req.prompt_logprobs is not None else None
+        want_ids = bool(req.fields.get("return_token_ids"))
         if req.kind == "chat":
             choices = [(c.index, c.text, c.finish_reason,
-                        P.chat_logprobs(c.data.get("logprobs") or [], text_of) if want else None)
+                        P.chat_logprobs(c.data.get("logprobs") or [], text_of) if want else None,
+                        answer_fields(c.data, None, want_ids, text_of)[1])
                        for c in res.choices]
-            body = P.chat_response(rid, req.model, choices, use, tools_active=req.tools_active)
+            top = answer_fields(res.choices[0].data, req.prompt_logprobs, want_ids, text_of)[0]
+            body = P.chat_response(rid, req.model, choices, use, tools_active=req.tools_active, top=top)
             return body, {c["index"]: c["finish_reason"] for c in body["choices"]}
         echo = bool(req.fields.get("echo"))
         choices = []
         for c in res.choices:
             prompt = prompt_text(runtime, c.data, req) if echo else ""
+            of_prompt, of_answer = answer_fields(c.data, req.prompt_logprobs, want_ids, text_of)
             choices.append((c.index, prompt + c.text, c.finish_reason,
-                            P.completion_logprobs(c.data, text_of, echo) if want else None))
+                            P.completion_logprobs(c.data, text_of, echo, k=req.fields.get("logprobs")) if want
+                            else None, {**of_prompt, **of_answer}))
         return P.completion_response(rid, req.model, choices, use), {c[0]: c[2] for c in choices}

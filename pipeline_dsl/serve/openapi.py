@@ -9,6 +9,7 @@ tester (schemathesis, in tests/test_openapi.py) checks the server against.
 from __future__ import annotations
 
 from pipeline_dsl.requests_io import MAX_STOP, MAX_STOP_LEN, ROLES
+from stages.fields import TOKEN_ID_FIELDS
 
 STOP = {"oneOf": [
     {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LEN},
@@ -43,6 +44,11 @@ SAMPLING = {
     "guided_grammar": {"type": "string"},
     "guided_decoding_backend": {"type": "string", "description": "taken and ignored: llguidance serves all"},
     "truncate_prompt_tokens": {"type": "integer", "minimum": -1, "description": "keep the prompt's last k tokens"},
+    "prompt_logprobs": {"type": "integer", "minimum": 0, "maximum": 20,
+                        "description": "each prompt token's logprob and this many alternatives (0 alone on a stream)"},
+    "allowed_token_ids": {"type": "array", "minItems": 1, "maxItems": TOKEN_ID_FIELDS["allowed_token_ids"],
+                          "items": {"type": "integer", "minimum": 0}, "description": "only these may be sampled"},
+    "return_token_ids": {"type": "boolean", "description": "the prompt's and the answer's token ids too"},
     "structured_outputs": {"type": "object", "properties": {
         "json": {"type": "object"}, "regex": {"type": "string"}, "grammar": {"type": "string"},
         "choice": {"type": "array", "items": {"type": "string"}}, "json_object": {"type": "boolean"}}},

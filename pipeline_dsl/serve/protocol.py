@@ -23,6 +23,8 @@ from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
 
 from .api_error import APIError
 from .extras import parse_extras
+from .token_fields import FIELDS as TOKEN_FIELDS
+from .token_fields import MAX_LOGPROBS, parse_token_fields
 
 log = logging.getLogger("agp.serve")
 
@@ -47,6 +49,7 @@ class GenerationRequest:
     more_prompts: tuple = ()                   # completions: the rest of a batch of prompts
     request_id: str | None = None              # the client's id of the request (vLLM's request_id)
     chat_template_kwargs: dict | None = None   # extra variables of the chat template (chat)
+    prompt_logprobs: int | None = None         # vLLM's prompt_logprobs: alternatives the answer lists
 
     def split(self) -> list["GenerationRequest"]:
         """One request per prompt of a batched completions request (choice indexes: i * n + j)."""
@@ -136,13 +139,11 @@ VLLM = {"skip_special_tokens", "spaces_between_special_tokens", "include_stop_st
 NEUTRAL = {"best_of": ((1,), None), "suffix": (("",), None),
            "use_beam_search": ((False,), None), "length_penalty": ((1.0,), None), "priority": ((0,), None),
            "return_tokens_as_token_ids": ((False,), None), "bad_words": (([],), None),
-           "allowed_token_ids": ((), "restrict the answer with 'structured_outputs' or 'logit_bias'"),
-           "prompt_logprobs": ((), "completions give the prompt's logprobs with 'echo' and 'logprobs'"),
            "vllm_xargs": (({},), None)}
 CHAT_NEUTRAL = {"echo": ((False,), None), "add_special_tokens": ((False,), None), "documents": ((), None),
                 "functions": ((), "use 'tools'"), "function_call": ((), "use 'tool_choice'")}
-COMPLETION_FIELDS = COMMON | VLLM | set(NEUTRAL) | {"prompt", "echo"}
-CHAT_FIELDS = COMMON | VLLM | set(NEUTRAL) | set(CHAT_NEUTRAL) | {
+COMPLETION_FIELDS = COMMON | VLLM | set(TOKEN_FIELDS) | set(NEUTRAL) | {"prompt", "echo"}
+CHAT_FIELDS = COMMON | VLLM | set(TOKEN_FIELDS) | set(NEUTRAL) | set(CHAT_NEUTRAL) | {
     "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "metadata",
     "store", "service_tier", "chat_template_kwargs", "add_generation_prompt", "continue_final_message"}
 
@@ -276,10 +277,12 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     fields = _sampling({k: v for k, v in obj.items() if not (scoring and k == "max_tokens")}, max_model_len)
     top = _field(obj, "logprobs", lambda v: _is_int(v) and 0 <= v <= MAX_LOGPROBS,
                  f"an integer from 0 to {MAX_LOGPROBS}")
+    tokens = parse_token_fields(obj, stream=flags["stream"])
+    fields.update(tokens.fields)
     if top is not None:
         fields["logprobs"] = top
-        if echo:
-            fields["prompt_logprobs"] = top
+        if echo:                # the echoed prompt's logprobs: one computation serves both lists
+            fields["prompt_logprobs"] = max(top, tokens.prompt_logprobs or 0)
     if scoring:
         fields["max_tokens"] = 0
     if echo:
@@ -292,12 +295,12 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     return GenerationRequest("completion", model, fields, prompt=first if isinstance(first, str) else None,
                              prompt_token_ids=tuple(first) if not isinstance(first, str) else None,
                              **flags, pin=pin, more_prompts=tuple(rest),
-                             response_format=extras.constraint, request_id=extras.request_id)
+                             response_format=extras.constraint, request_id=extras.request_id,
+                             prompt_logprobs=tokens.prompt_logprobs)
 
 
 MAX_PROMPTS = 256          # prompts one completions request may batch
 MAX_CHOICES = 256          # answers one request may ask for: prompts x n
-MAX_LOGPROBS = 20          # most likely alternatives a token's logprobs may list
 
 
 def check_choices(prompts: int, n: int) -> None:
@@ -364,6 +367,8 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
         raise APIError("'top_logprobs' needs \"logprobs\": true", param="top_logprobs")
     if want:
         fields["logprobs"] = top or 0
+    tokens = parse_token_fields(obj, stream=flags["stream"])
+    fields.update(tokens.fields)
     metadata = _field(obj, "metadata", lambda v: isinstance(v, dict), "an object")
     try:
         tools, choice, parallel = parse_tools(obj)
@@ -376,7 +381,8 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     return GenerationRequest("chat", model, fields, messages=messages, **flags, pin=pin, metadata=metadata,
                              tools=tuple(tools) if tools else None, tool_choice=choice,
                              parallel_tool_calls=parallel, response_format=extras.constraint,
-                             request_id=extras.request_id, chat_template_kwargs=extras.template_kwargs)
+                             request_id=extras.request_id, chat_template_kwargs=extras.template_kwargs,
+                             prompt_logprobs=tokens.prompt_logprobs)
 
 
 def _render_flags(obj: dict) -> dict:
@@ -392,9 +398,11 @@ def _render_flags(obj: dict) -> dict:
 
 # ---------------------------------------------------------------- logprobs (OpenAI's two shapes)
 
-def completion_logprobs(data: dict, text_of, echo: bool, start: int = 0) -> dict:
+def completion_logprobs(data: dict, text_of, echo: bool, start: int = 0, k: int | None = None) -> dict:
     """The legacy completions `logprobs` of one answer: tokens, token_logprobs, top_logprobs,
-    text_offset; the prompt's tokens first when echoed (its first token has no logprob)."""
+    text_offset; the prompt's tokens first when echoed (its first token has no logprob); `k`
+    alternatives a token at most (the prompt's may have been computed with more, for
+    prompt_logprobs)."""
     entries = list(data.get("prompt_logprobs") or []) if echo else []
     if echo and entries:
         entries[0] = {"token_id": data["prompt_token_ids"][0], "logprob": None, "top": None}
@@ -406,7 +414,8 @@ def completion_logprobs(data: dict, text_of, echo: bool, start: int = 0) -> dict
         tokens.append(piece)
         lps.append(e["logprob"])
         # OpenAI's legacy shape: the sampled token is always listed (up to logprobs + 1 entries)
-        tops.append(None if e.get("top") is None else _top_dict([*e["top"], (e["token_id"], e["logprob"])], text_of))
+        tops.append(None if e.get("top") is None else _top_dict([*e["top"][:k], (e["token_id"], e["logprob"])],
+                                                                text_of))
         offsets.append(pos)
         pos += len(piece)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
@@ -483,11 +492,11 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 
 def completion_response(rid: str, model: str, choices: list[tuple], use: dict,
                         created: int | None = None) -> dict:
-    """choices: (index, text, finish_reason[, logprobs]) each."""
+    """choices: (index, text, finish_reason[, logprobs[, what else the choice carries]]) each."""
     return {"id": rid, "object": "text_completion", "created": created or int(time.time()),
             "model": model,
             "choices": [{"index": c[0], "text": c[1], "logprobs": c[3] if len(c) > 3 else None,
-                         "finish_reason": c[2]} for c in choices],
+                         "finish_reason": c[2], **(c[4] if len(c) > 4 else {})} for c in choices],
             "usage": use}
 
 
@@ -503,29 +512,33 @@ def chat_message(text: str, finish_reason: str | None, tools_active: bool) -> tu
     return {"role": "assistant", "content": text}, finish_reason
 
 
-def chat_response(rid: str, model: str, choices: list[tuple[int, str, str | None]],
-                  use: dict, created: int | None = None, tools_active: bool = False) -> dict:
+def chat_response(rid: str, model: str, choices: list[tuple], use: dict, created: int | None = None,
+                  tools_active: bool = False, top: dict | None = None) -> dict:
+    """choices: (index, text, finish_reason[, logprobs[, what else the choice carries]]) each;
+    `top`: what the answer carries beside its choices (vLLM's prompt_logprobs, prompt_token_ids)."""
     out = []
     for c in choices:
         message, reason = chat_message(c[1], c[2], tools_active)
         out.append({"index": c[0], "message": message, "logprobs": c[3] if len(c) > 3 else None,
-                    "finish_reason": reason})
+                    "finish_reason": reason, **(c[4] if len(c) > 4 else {})})
     return {"id": rid, "object": "chat.completion", "created": created or int(time.time()),
-            "model": model, "choices": out, "usage": use}
+            "model": model, "choices": out, "usage": use, **(top or {})}
 
 
-def completion_chunk(rid: str, model: str, created: int, text: str,
-                     finish_reason: str | None, index: int = 0, logprobs: dict | None = None) -> dict:
+def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None, index: int = 0,
+                     logprobs: dict | None = None, extra: dict | None = None) -> dict:
+    """`extra`: what else the choice carries (vLLM's prompt_token_ids, token_ids, prompt_logprobs)."""
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                         "finish_reason": finish_reason}]}
+                         "finish_reason": finish_reason, **(extra or {})}]}
 
 
-def chat_chunk(rid: str, model: str, created: int, delta: dict,
-               finish_reason: str | None, index: int = 0, logprobs: dict | None = None) -> dict:
+def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None, index: int = 0,
+               logprobs: dict | None = None, extra: dict | None = None, top: dict | None = None) -> dict:
+    """`extra`: what else the choice carries (token_ids); `top`: the chunk (prompt_token_ids)."""
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                         "finish_reason": finish_reason}]}
+                         "finish_reason": finish_reason, **(extra or {})}], **(top or {})}
 
 
 def usage_chunk(rid: str, model: str, created: int, kind: str, use: dict) -> dict:

@@ -4,7 +4,9 @@
 choice with the assistant role, completions with `echo` first send the prompt; then content
 (and tool-call deltas when the request gave tools), a finishing chunk per choice, the usage
 chunk if asked, and `data: [DONE]`. Choices whose results went through later stages arrive
-whole. `EventStream` is the response that carries them.
+whole. With vLLM's `return_token_ids` every chunk of a choice carries its tokens' ids (the chat
+role chunk none) and the choice's first chunk the prompt's ids (chat: at the chunk's top), as
+`prompt_logprobs` (0 on a stream) does. `EventStream` is the response that carries them.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from . import protocol as P
 from .access import request_info
 from .async_pipeline import RequestStream, StreamGroup
 from .errors import api_error, log_error
+from .token_fields import answer_fields
 
 
 class EventStream(StreamingResponse):
@@ -138,7 +141,9 @@ class ChunkWriter(Relay):
         self.called: set[int] = set()
         self.reasons: dict[int, str | None] = {}       # index -> the finish reason sent
         self.want_lp = req.fields.get("logprobs") is not None
-        self.text_of = runtime.token_text(req.pin) if self.want_lp else None
+        self.want_ids = bool(req.fields.get("return_token_ids"))
+        self.text_of = runtime.token_text(req.pin) if self.want_lp or req.prompt_logprobs is not None else None
+        self.opening: dict[int, dict] = {}             # per choice: what its first chunk carries of the prompt
         self.echo = not self.chat and bool(req.fields.get("echo"))
         self.parts = req.split() if self.echo else []
         self.per = getattr(stream, "per", 1)
@@ -148,12 +153,16 @@ class ChunkWriter(Relay):
 
     # ---- chunk bodies ------------------------------------------------------------------
     def _chunk(self, index: int, text: str | None = None, *, delta: dict | None = None,
-               reason: str | None = None, logprobs: dict | None = None) -> bytes:
+               reason: str | None = None, logprobs: dict | None = None, ids: list | None = None) -> bytes:
+        opening = self.opening.pop(index, None) or {}
+        role = delta is not None and "role" in delta
+        extra = {"token_ids": list(ids or ())} if self.want_ids and not role else {}
         if self.chat:
             body = P.chat_chunk(self.rid, self.req.model, self.now, delta if delta is not None else
-                                {"content": text}, reason, index, logprobs)
+                                {"content": text}, reason, index, logprobs, extra=extra, top=opening)
         else:
-            body = P.completion_chunk(self.rid, self.req.model, self.now, text or "", reason, index, logprobs)
+            body = P.completion_chunk(self.rid, self.req.model, self.now, text or "", reason, index, logprobs,
+                                      extra={**opening, **extra})
         if self.req.continuous_usage:                  # the usage so far on every chunk (vLLM's)
             prompts = self.prompt_tokens.values()
             body["usage"] = P.usage(sum(p for p, _ in prompts), sum(self.completion_tokens.values()),
@@ -165,25 +174,36 @@ class ChunkWriter(Relay):
             self.offset[index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
         return lp
 
+    def _prompt_of(self, index: int, data: dict | None) -> tuple[list | None, list | None]:
+        """The prompt ids of choice `index` and their logprobs (None where not asked): from its
+        answer when that came whole, else as the pipeline told its stream before any token."""
+        if data is not None:
+            return data.get("prompt_token_ids"), data.get("prompt_logprobs")
+        sub = self.stream.streams[index // self.per] if isinstance(self.stream, StreamGroup) else self.stream
+        return sub.prompt or (None, None)
+
     def _echoed(self, index: int, data: dict | None) -> tuple[str, dict | None]:
         """The prompt of choice `index` and its logprobs: from its answer when that came whole,
         else from its request (vLLM streams the echo first)."""
         req = self.req
         if data is not None:
-            text, ids, lps = prompt_text(self.runtime, data, req), data.get("prompt_token_ids"), \
-                data.get("prompt_logprobs")
+            text = prompt_text(self.runtime, data, req)
         else:
             part = self.parts[min(index // self.per, len(self.parts) - 1)]
-            sub = self.stream.streams[index // self.per] if isinstance(self.stream, StreamGroup) else self.stream
             text = part.prompt if part.prompt is not None else \
                 self.runtime.detokenise(list(part.prompt_token_ids), req.pin)
-            ids, lps = sub.prompt or (None, None)
-        lp = (P.completion_logprobs({"prompt_logprobs": lps, "prompt_token_ids": ids}, self.text_of, True)
-              if self.want_lp and lps else None)
+        ids, lps = self._prompt_of(index, data)
+        lp = (P.completion_logprobs({"prompt_logprobs": lps, "prompt_token_ids": ids}, self.text_of, True,
+                                    k=req.fields.get("logprobs")) if self.want_lp and lps else None)
         return text, lp
 
-    def content(self, index: int, text: str, step_lp: list | None = None, data: dict | None = None) -> list[bytes]:
+    def content(self, index: int, text: str, step_lp: list | None = None, data: dict | None = None,
+                ids: list | None = None) -> list[bytes]:
         out = []
+        if index not in self.opened and (self.want_ids or self.req.prompt_logprobs is not None):
+            prompt_ids, lps = self._prompt_of(index, data)
+            self.opening[index] = answer_fields({"prompt_token_ids": prompt_ids, "prompt_logprobs": lps},
+                                              self.req.prompt_logprobs, self.want_ids, self.text_of)[0]
         if self.chat and index not in self.opened:
             out.append(self._chunk(index, delta={"role": "assistant", "content": ""}))
         if self.echo and index not in self.opened:
@@ -200,8 +220,8 @@ class ChunkWriter(Relay):
         if self.want_lp and step_lp:                   # these tokens' logprobs, with their text
             lp = (P.chat_logprobs(step_lp, self.text_of) if self.chat else self._listed(index, P.completion_logprobs(
                 {"logprobs": step_lp}, self.text_of, False, self.offset.get(index, 0))))
-        if text or lp is not None:
-            out.append(self._chunk(index, text, logprobs=lp))
+        if text or lp is not None or (self.want_ids and ids):
+            out.append(self._chunk(index, text, logprobs=lp, ids=ids))
         if calls:
             self.called.add(index)
             out.append(self._chunk(index, delta={"tool_calls": calls}))
@@ -230,7 +250,7 @@ class ChunkWriter(Relay):
             if c.index not in self.closed:
                 whole = c.index not in self.opened           # it came whole (no deltas)
                 out += self.content(c.index, c.text if whole else "", c.data.get("logprobs") if whole else None,
-                                    c.data)
+                                    c.data, c.data.get("token_ids") if whole else None)
                 out += self.finish(c.index, c.finish_reason)
         if self.req.include_usage:
             use = P.usage(total["prompt_tokens"], total["completion_tokens"], total["cached_tokens"])
@@ -243,7 +263,7 @@ class ChunkWriter(Relay):
         prompt = index // self.per if isinstance(self.stream, StreamGroup) else 0   # n choices share a prompt
         self.prompt_tokens[prompt] = (getattr(out, "prompt_tokens", 0), getattr(out, "cached_tokens", 0))
         self.completion_tokens[index] = getattr(out, "completion_tokens", 0)
-        chunks = self.content(index, out.delta_text, getattr(out, "logprobs", None))
+        chunks = self.content(index, out.delta_text, getattr(out, "logprobs", None), ids=out.new_token_ids)
         if out.finished and index not in self.closed:
             return [*chunks, *self.finish(index, out.finish_reason)]
         return chunks

@@ -1,0 +1,106 @@
+"""vLLM's token-level fields of completions and chat: `prompt_logprobs`, `allowed_token_ids` and
+`return_token_ids` — what a request asks, and the pieces of the answer in vLLM's shapes.
+
+    asked = parse_token_fields(body, stream=False)   # APIError (400) naming the field
+    asked.fields             # what the pipeline's items carry (allowed_token_ids, return_token_ids)
+    asked.prompt_logprobs    # alternatives the answer lists per prompt token, or None
+
+- `prompt_logprobs` (0 .. MAX_LOGPROBS): the engine computes the prompt's logprobs as it prefills
+  it (engine/prompt_outputs.py, the path `echo` + `logprobs` takes). The answer's
+  `prompt_logprobs` is a list with one entry per prompt token: null for the first (nothing comes
+  before it), then `{"<token id>": {"logprob", "rank", "decoded_token"}}` holding the prompt's own
+  token (its rank: 1 + the tokens the model found likelier) and the k most likely (ranks 1 .. k).
+  Completions put it on each choice, chat at the top of the answer. vLLM's -1 (every token of the
+  vocabulary) is a 400 here, as it is in vLLM past its max_logprobs (20 by default); so is a value
+  above 0 on a stream (vLLM's rule); 0 on a stream comes on the first chunk of each choice.
+- `allowed_token_ids`: only these tokens may be sampled (the engine's mask, processors.py).
+- `return_token_ids` (vLLM >= 0.10.2): completions choices carry `prompt_token_ids` and
+  `token_ids`; chat answers `prompt_token_ids`, their choices `token_ids`. Streamed: the prompt's
+  ids on the first chunk of each choice (chat: at the top of the chunk that opens it), each later
+  chunk the ids of its own tokens.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from pipeline_dsl.requests_io import RequestError, token_ids
+from stages.fields import TOKEN_ID_FIELDS
+
+from .api_error import APIError
+
+MAX_LOGPROBS = 20          # most likely alternatives a token's logprobs may list (protocol.py's too)
+FIELDS = ("prompt_logprobs", "return_token_ids", *TOKEN_ID_FIELDS)
+FLOOR = -9999.0            # what a logprob of -inf is sent as (JSON has no infinity; vLLM's value)
+
+
+@dataclass
+class TokenFields:
+    fields: dict = field(default_factory=dict)
+    prompt_logprobs: int | None = None
+
+
+def _shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def parse_token_fields(obj: dict, *, stream: bool) -> TokenFields:
+    out = TokenFields()
+    k = obj.get("prompt_logprobs")
+    if k is not None:
+        if not isinstance(k, int) or isinstance(k, bool) or k < -1 or k > MAX_LOGPROBS:
+            raise APIError(f"'prompt_logprobs' must be an integer from 0 to {MAX_LOGPROBS}, not {_shown(k)}",
+                           param="prompt_logprobs")
+        if k == -1:
+            raise APIError("'prompt_logprobs' = -1 asks for every token of the vocabulary at each prompt "
+                           f"position; agp lists at most {MAX_LOGPROBS} (give 0 to {MAX_LOGPROBS})",
+                           param="prompt_logprobs")
+        if stream and k > 0:
+            raise APIError("'prompt_logprobs' above 0 is not available with \"stream\": true (as in vLLM); "
+                           "0 streams each prompt token's own logprob on the first chunk", param="prompt_logprobs")
+        out.prompt_logprobs = k
+        out.fields["prompt_logprobs"] = k
+    for name in TOKEN_ID_FIELDS:
+        if obj.get(name) is not None:
+            try:
+                out.fields[name] = list(token_ids(name, obj[name]))
+            except RequestError as e:
+                raise APIError(str(e), param=e.param) from None
+    want = obj.get("return_token_ids")
+    if want is not None and not isinstance(want, bool):
+        raise APIError(f"'return_token_ids' must be true or false, not {_shown(want)}", param="return_token_ids")
+    if want:
+        out.fields["return_token_ids"] = True
+    return out
+
+
+def _logprob(value: float, rank: int | None, text: str) -> dict:
+    return {"logprob": max(value, FLOOR), "rank": rank, "decoded_token": text}
+
+
+def prompt_logprobs_json(entries: list | None, k: int, text_of) -> list:
+    """vLLM's `prompt_logprobs` from the engine's entries (None, then {"token_id", "logprob",
+    "rank", "top"} per prompt token): the prompt's own token first, then the k most likely; a
+    token of both keeps its place and takes its rank among the k (vLLM's dict does the same)."""
+    out: list = []
+    for e in entries or ():
+        if e is None:
+            out.append(None)
+            continue
+        one = {str(e["token_id"]): _logprob(e["logprob"], e.get("rank"), text_of(e["token_id"]))}
+        for rank, (t, lp) in enumerate(e["top"][:k], 1):
+            one[str(t)] = _logprob(lp, rank, text_of(t))
+        out.append(one)
+    return out
+
+
+def answer_fields(data: dict, asked_k: int | None, want_ids: bool, text_of) -> tuple[dict, dict]:
+    """(what a completions choice adds, what a chat answer adds at its top) of one answer's data
+    (the Generated item): prompt_logprobs and prompt_token_ids where the request asked for them."""
+    prompt: dict = {}
+    if asked_k is not None:
+        prompt["prompt_logprobs"] = prompt_logprobs_json(data.get("prompt_logprobs"), asked_k, text_of)
+    if want_ids:
+        prompt["prompt_token_ids"] = list(data.get("prompt_token_ids") or ())
+    return prompt, {"token_ids": list(data.get("token_ids") or ())} if want_ids else {}
