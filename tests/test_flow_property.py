@@ -84,7 +84,7 @@ def again(item):
     return req
 '''
 
-EXAMPLES = 150         # random pipelines a run (derandomized: the same ones every run); ~30 s
+EXAMPLES = 100         # random pipelines a run (derandomized: the same ones every run); ~25 s
 
 
 class Builder:

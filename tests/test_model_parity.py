@@ -98,7 +98,7 @@ def test_greedy_tokens_match_transformers_on_chat_prompts(reference, ours):
     ref_model, _ = reference
     model, tok = ours
     same = 0
-    for question in CHAT:
+    for question in CHAT[::2]:            # 8 chat prompts x 32 tokens
         ids = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=True)
         got = greedy_with_runner(model, ids, 32, tok.eos_token_ids)
         # transformers' greedy choice at every step of our continuation, in one forward:
@@ -106,7 +106,7 @@ def test_greedy_tokens_match_transformers_on_chat_prompts(reference, ours):
         with torch.no_grad():
             logits = ref_model(torch.tensor([ids + got])).logits[0, len(ids) - 1:-1]  # [new, V]
         same += logits.argmax(-1).tolist() == got
-    assert same >= 15
+    assert same >= 7
 
 
 def test_numeric_characters_split_like_the_models_own_pre_tokenizer(reference, ours):

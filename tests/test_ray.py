@@ -2,6 +2,7 @@
 replicas of the tiny model driven by the official `openai` client (skipped only when Ray is
 not installed: `pip install -e '.[ray]'`)."""
 
+import os
 import socket
 import sys
 import threading
@@ -121,6 +122,10 @@ def cluster(tiny_gguf, tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # a replica whose constructor fails is started once, not three times (Ray Serve's default):
+    # the failure this module checks is the same each time
+    saved = os.environ.get("RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT")
+    os.environ["RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT"] = "1"
     ray.init(num_cpus=4, include_dashboard=False, logging_level="warning", object_store_memory=100 << 20)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -131,6 +136,10 @@ def cluster(tiny_gguf, tmp_path_factory):
     finally:
         serve.shutdown()
         ray.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT", None)
+        else:
+            os.environ["RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT"] = saved
 
 
 def expected_texts(model, requests: list[dict]) -> list[str]:
