@@ -50,7 +50,7 @@ demo: $(STAMP)
 	$(BIN)/agp run examples/chat.agp --input examples/prompts.jsonl --output -
 
 test: $(TSTAMP)
-	$(BIN)/python -m pytest -q --durations=15 tests   # the slowest 15: the suite stays under 10 minutes
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests   # two workers (tests/conftest.py); the slowest 15
 
 $(MSTAMP): $(TSTAMP)
 	$(BIN)/pip install -q -e '.[test,mutate]'

@@ -1,9 +1,32 @@
-"""Shared fixtures. `tiny_gguf`: path of a tiny random Llama GGUF (written once per session)."""
+"""Shared fixtures. `tiny_gguf`: path of a tiny random Llama GGUF (written once per session).
+
+`make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadfile`): a module's
+tests stay together on one worker (its module fixtures — servers, clusters — start once), a
+worker's torch runs on one thread (two processes of two threads each on two cores would wait at
+every barrier), and the modules that start a local Ray cluster take turns (`ray_turn`)."""
+
+import fcntl
+import os
+import tempfile
 
 import pytest
 import torch
 
 from tiny_model import write_tiny_gguf
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def ray_turn():
+    """Held while a module's local Ray cluster runs: one cluster at a time on this machine."""
+    with open(os.path.join(tempfile.gettempdir(), "agp-tests-ray.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")

@@ -113,3 +113,19 @@ def test_the_tokens_of_an_aborted_request_are_counted_as_generated(server):
         time.sleep(0.05)
     assert generated() - before >= seen
     assert value(scrape(server), "vllm:request_success", "vllm:request_success_total", finished_reason="abort") >= 1
+
+
+def test_every_unlabelled_series_exists_at_zero_before_the_first_request():
+    """As vLLM's: a dashboard's rate() or a gateway's scrape finds each counter and histogram
+    from the start, not only after the first request of its kind."""
+    from prometheus_client import generate_latest
+
+    from pipeline_dsl.serve.metrics import ServerMetrics
+
+    fams = {f.name: f for f in text_string_to_metric_families(
+        generate_latest(ServerMetrics("m", process=False).registry).decode())}
+    for name in ("agp_prompt_tokens", "vllm:prompt_tokens", "agp_prompt_tokens_cached",
+                 "vllm:time_to_first_token_seconds", "agp_requests_in_flight"):
+        samples = fams[name].samples
+        assert samples and all(s.value == 0 and s.labels["model_name"] == "m" for s in samples), name
+    assert {s.labels["engine"] for s in fams["vllm:prompt_tokens"].samples} == {"0"}

@@ -112,7 +112,7 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_gguf, tmp_path_factory):
+def cluster(tiny_gguf, tmp_path_factory, ray_turn):
     ray = pytest.importorskip("ray")
     from ray import serve
 

@@ -36,7 +36,7 @@ def _wait(predicate, what: str, timeout: float = 60.0, every: float = 0.2):
 
 
 @pytest.fixture(scope="module")
-def ray_server(tmp_path_factory, tiny_gguf):
+def ray_server(tmp_path_factory, tiny_gguf, ray_turn):
     d = tmp_path_factory.mktemp("rayserve")
     # a 6 s batch window: a request alone waits in it, so one is surely in flight at SIGTERM
     (d / "tiny.agp").write_text(TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=6000))

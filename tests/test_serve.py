@@ -331,6 +331,7 @@ def test_the_openai_client_raises_bad_request_for_invalid_input(server):
 def test_models_health_and_metrics(server):
     assert [m.id for m in server.client.models.list()] == list(SERVED) + ["gen"]
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    server.client.completions.create(model=SERVED[0], prompt="hello", max_tokens=2)   # by status: after one
     text = httpx.get(server.url + "/metrics").text
     for name in ("agp_requests_total", "agp_queue_length", "agp_running_sequences", "agp_batch_size",
                  "agp_prompt_tokens_total", "agp_generation_tokens_total",

@@ -189,6 +189,8 @@ class _Metric:
         self.vllm = [kind(f"vllm:{name}", doc, ["model_name", "engine", *labels], registry=registry, **kw)
                      for name in ((vllm, *older) if vllm else ())]       # vLLM's name, then its older ones
         self.model_name = model_name
+        if not labels:       # its series exist from the start, at 0 (as vLLM's): rate() works from the first scrape
+            self.labels()
 
     def labels(self, *values, engine: str = "0") -> "_Children":
         values = tuple(map(str, values))
