@@ -314,12 +314,12 @@ def test_more_than_256_answers_a_request_is_refused(prompts, n, message, param):
 def test_max_tokens_beyond_the_context_names_the_field_the_client_wrote():
     e = refused(small, {"prompt": "a", "max_tokens": 9})
     assert (e.message, e.param, e.code) == (
-        "'max_tokens' = 9 is beyond the model's context of 8 tokens; ask for at most 8", "max_tokens",
-        "context_length_exceeded")
+        "'max_tokens' = 9 is beyond the model's context of 8 tokens, which the prompt shares; "
+        "ask for at most 8 less the prompt's tokens", "max_tokens", "context_length_exceeded")
     e = refused(chat, {"messages": HI, "max_completion_tokens": 9, "max_tokens": 2}, max_model_len=8)
     assert (e.message, e.param) == (
-        "'max_completion_tokens' = 9 is beyond the model's context of 8 tokens; ask for at most 8",
-        "max_completion_tokens")
+        "'max_completion_tokens' = 9 is beyond the model's context of 8 tokens, which the prompt shares; "
+        "ask for at most 8 less the prompt's tokens", "max_completion_tokens")
     assert chat({"messages": HI, "max_tokens": 5}).fields == {"max_tokens": 5}
     assert chat({"messages": HI, "max_completion_tokens": 6, "max_tokens": 5}).fields == {"max_tokens": 6}
     assert chat({"messages": HI, "max_completion_tokens": None, "max_tokens": 5}).fields == {"max_tokens": 5}

@@ -206,7 +206,8 @@ def _sampling(obj: dict, max_model_len: int, max_tokens_field: str = "max_tokens
             raise APIError(str(e), param=e.field) from None
     if values.get("max_tokens", 0) > max_model_len:
         raise APIError(f"'{max_tokens_field}' = {values['max_tokens']} is beyond the model's context of "
-                       f"{max_model_len} tokens; ask for at most {max_model_len}",
+                       f"{max_model_len} tokens, which the prompt shares; ask for at most {max_model_len} "
+                       "less the prompt's tokens",
                        param=max_tokens_field, code="context_length_exceeded")
     stop_ids = obj.get("stop_token_ids")
     if stop_ids is not None:
