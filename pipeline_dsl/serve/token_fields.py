@@ -24,12 +24,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from pipeline_dsl.engine.config import MAX_LOGPROBS
 from pipeline_dsl.requests_io import RequestError, token_ids
 from stages.fields import TOKEN_ID_FIELDS
 
 from .api_error import APIError
 
-MAX_LOGPROBS = 20          # most likely alternatives a token's logprobs may list (protocol.py's too)
 FIELDS = ("prompt_logprobs", "return_token_ids", *TOKEN_ID_FIELDS)
 FLOOR = -9999.0            # what a logprob of -inf is sent as (JSON has no infinity; vLLM's value)
 
