@@ -25,8 +25,7 @@ import json
 from dataclasses import dataclass, field
 
 from pipeline_dsl.engine.config import MAX_LOGPROBS
-from pipeline_dsl.requests_io import RequestError, token_ids
-from stages.fields import TOKEN_ID_FIELDS
+from stages.fields import TOKEN_ID_FIELDS, ParamError, check_token_ids
 
 from .api_error import APIError
 
@@ -64,9 +63,9 @@ def parse_token_fields(obj: dict, *, stream: bool) -> TokenFields:
     for name in TOKEN_ID_FIELDS:
         if obj.get(name) is not None:
             try:
-                out.fields[name] = list(token_ids(name, obj[name]))
-            except RequestError as e:
-                raise APIError(str(e), param=e.param) from None
+                out.fields[name] = list(check_token_ids(name, obj[name]))
+            except ParamError as e:
+                raise APIError(str(e), param=e.field) from None
     want = obj.get("return_token_ids")
     if want is not None and not isinstance(want, bool):
         raise APIError(f"'return_token_ids' must be true or false, not {_shown(want)}", param="return_token_ids")
