@@ -192,10 +192,10 @@ class Suggestions:
 
     BUDGET = 500_000                   # candidate comparisons per list (a few seconds at most)
 
-    def __init__(self, candidates: Iterable[str], budget: int = BUDGET):
+    def __init__(self, candidates: Iterable[str], budget: int | None = None):
         self.cands = sorted(set(candidates))
         self.lower = {c.lower(): c for c in self.cands}
-        self.budget = budget
+        self.budget = self.BUDGET if budget is None else budget   # read at each list, not at import
 
     def hint(self, name: str) -> str | None:
         same = self.lower.get(name.lower())
