@@ -57,7 +57,7 @@ from .loops import Loops
 from .router import Router, fields
 from .stats import FlowStats
 from .streams import StreamPlan, arun_filter, one_chunk, run_filter
-from .workers import EventLoop, StageTimeout, StageWorkers, Timer
+from .workers import EventLoop, Skipped, StageTimeout, StageWorkers, Timer
 
 ENGINE_KINDS = ("dynamic_batch", "encode", "kv_lookup", "generate")
 INLINE = ("requests", "system_prompt", "route", "respond", "join", "dynamic_batch")   # no user code
@@ -260,7 +260,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         fn, is_async = self._callable(stage, view)
         t0 = time.perf_counter()
         self.workers[stage].submit(fn, lambda ok, value: self._task(self._called, item, stage, view, ok, value,
-                                                                   key, t0), is_async)
+                                                                   key, t0), is_async,
+                                   alive=lambda: not item.req.done and item in item.req.items)
         return []
 
     def _callable(self, stage: str, view: dict) -> tuple[Callable, bool]:
@@ -284,7 +285,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
     def _called(self, item: Item, stage: str, view: dict, ok: bool, value, key, t0: float) -> None:
         """A call of a stage's user code ended (on the host pool): the item goes on, or fails;
         items that waited for the same content look in the cache again."""
-        self._span(stage, _PART.get(self.kind[stage], "run"), t0, item)
+        if not isinstance(value, Skipped):
+            self._span(stage, _PART.get(self.kind[stage], "run"), t0, item)
         try:
             self._after_call(item, stage, view, ok, value, key)
         finally:
@@ -457,13 +459,15 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
 
             def done(ok, value):
                 self._task(self._merged_later, req, stage, waiting, ok, value, t0)
-            self.workers[stage].submit(call, done, impl.is_async)
+            self.workers[stage].submit(call, done, impl.is_async, alive=lambda: not req.done)
             return []
         merged = impl.merge([it.data for it in inputs])
         self._observe(stage, t0, inputs[0], part="merge")
         return self._merged(req, stage, waiting, merged)
 
     def _merged_later(self, req: RequestState, stage: str, waiting: list[Item], ok: bool, value, t0) -> None:
+        if isinstance(value, Skipped):
+            return                                  # the request ended before its merge: nothing to do
         self._span(stage, "merge", t0, waiting[0])
         try:
             if not ok:
