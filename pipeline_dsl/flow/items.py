@@ -96,10 +96,11 @@ class Item:
     token_ids: list | None = None      # the tokens generated so far, when the request asked (return_token_ids)
     queued: bool = False               # sent to `at` and not yet taken up there
     live: Any = None                   # streams.Live while stream stages filter its text as it comes
+    sampled: frozenset = frozenset()   # generate stages that made this branch's `n` copies already
 
     def fork(self, branch: tuple) -> "Item":
         return Item(self.kind, copy.deepcopy(self.data), self.req, self.at, branch, dict(self.turns),
-                    self.label, None, self.ids, self.entry)
+                    self.label, None, self.ids, self.entry, sampled=self.sampled)
 
 
 def heard(req: RequestState, index: int, out) -> None:
