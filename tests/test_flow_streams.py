@@ -10,6 +10,7 @@ import flowkit
 from flowkit import chain, chat, errors, runtime, write
 
 HOOKS = '''
+import functools
 import flowkit
 import pipeline_dsl
 
@@ -36,6 +37,23 @@ def first_chunk_then_wait(item, chunks):
             flowkit.bump("seen" if flowkit.gate("client has it").wait(30) else "not seen")
 
 async def aupper(item, chunks):
+    async for text in chunks:
+        yield text.upper()
+
+def logged(fn):                        # a decorator as a team writes one: functools.wraps, no yield
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        flowkit.bump("logged")
+        return fn(*args, **kwargs)
+    return wrapper
+
+@logged
+def dupper(item, chunks):
+    for text in chunks:
+        yield text.upper()
+
+@logged
+async def adupper(item, chunks):
     async for text in chunks:
         yield text.upper()
 
@@ -160,6 +178,19 @@ def test_an_async_generator_filters_too(tmp_path, soft_gguf):
     (one,), _ = served(path, [said("a")])
     text = one.result.choices[0].text
     assert one.result.ok and text == text.upper() and "".join(one.deltas) == text
+
+
+@pytest.mark.parametrize("fn", ["dupper", "adupper"])
+def test_a_decorated_stream_generator_filters_as_check_accepted_it(tmp_path, soft_gguf, fn):
+    """check reads the `def` (a generator) and accepts it; the runtime runs the function the
+    decorator returns (functools.wraps, not itself a generator function) as that generator."""
+    path = pipeline(tmp_path, soft_gguf, f'stage up : python {{ fn = "hooks:{fn}"  stream = true }}',
+                    "gen -> up -> out\n")
+    (one, two), _ = served(path, [said("a"), said("b")])
+    for r in (one, two):
+        text = r.result.choices[0].text
+        assert r.result.ok and text and text == text.upper() and "".join(r.deltas) == text
+    assert flowkit.COUNTS["logged"] == 2
 
 
 def test_a_stream_stage_after_a_join_filters_the_merged_text_whole(tmp_path, soft_gguf):
