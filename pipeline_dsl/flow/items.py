@@ -103,6 +103,16 @@ class Item:
                     self.label, None, self.ids, self.entry, sampled=self.sampled)
 
 
+def unicode_problem(text: str) -> str | None:
+    """Why `text` cannot be sent as UTF-8 (a lone UTF-16 surrogate, which user code can make and
+    no answer can carry), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"a lone UTF-16 surrogate at {e.start}"
+    return None
+
+
 def heard(req: RequestState, index: int, out) -> None:
     """Tell a request's listener about a delta of its choice `index`."""
     try:

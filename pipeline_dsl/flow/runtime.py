@@ -49,7 +49,7 @@ from pipeline_dsl.plan import ITEM_WORKERS, make_plan
 from .cache import ResultCache, cache_key
 from .driving import Driving
 from .engines import EngineSide
-from .items import GENERATED, REQUEST, Item, PipelineError, RequestState, deliver
+from .items import GENERATED, REQUEST, Item, PipelineError, RequestState, deliver, unicode_problem
 from .joins import Joins
 from .ledger import RequestLedger
 from .live import LiveStages
@@ -349,9 +349,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                                     "failed", stage)
             if kind == REQUEST and not trusted:
                 out = _valid_request(out, stage)
-            elif kind == GENERATED and not isinstance(out.get("text"), str):
-                raise PipelineError(f"stage '{stage}' returned a result whose text is not a string",
-                                    "failed", stage)
+            elif kind == GENERATED:
+                _valid_result(out, stage)
             item.kind, item.data = kind, out
 
     def _send(self, item: Item, stage: str, only: list[str] | None = None) -> list[tuple[Item, str]]:
@@ -587,13 +586,38 @@ def _kind_of(d: dict) -> str | None:
 
 
 def _valid_request(d: dict, stage: str) -> dict:
-    """A request dict a stage returned, checked as a request line would be."""
-    from pipeline_dsl.requests_io import RequestError, parse_request
+    """A request dict a stage returned, checked as a request line would be (a lone surrogate
+    too: load_json finds it, and where, in the request's JSON text)."""
+    import json
+
+    from pipeline_dsl.requests_io import RequestError, load_json, parse_request
 
     try:
-        return parse_request(d).item()
+        item = parse_request(d).item()
+        try:
+            text = json.dumps(item)
+        except (TypeError, ValueError):
+            text = None                           # not plain JSON: what parse_request let through
+        if text is not None:
+            load_json(text)
+        return item
     except RequestError as e:
         raise PipelineError(f"stage '{stage}' returned an invalid request: {e}", "failed", stage) from None
+
+
+def _valid_result(d: dict, stage: str) -> None:
+    """A result dict a stage returned: its text a string that can be sent, its finish_reason a
+    string (a guard may set its own, e.g. content_filter) or null."""
+    text, reason = d.get("text"), d.get("finish_reason")
+    if not isinstance(text, str):
+        raise PipelineError(f"stage '{stage}' returned a result whose text is not a string", "failed", stage)
+    problem = unicode_problem(text)
+    if problem is not None:
+        raise PipelineError(f"stage '{stage}' returned a result whose text is not valid Unicode ({problem})",
+                            "failed", stage)
+    if reason is not None and not isinstance(reason, str):
+        raise PipelineError(f"stage '{stage}' returned a result whose finish_reason is a "
+                            f"{type(reason).__name__}; expected a string or null", "failed", stage)
 
 
 def _device_failed(graph: nx.DiGraph, generates, exc) -> BaseException:
