@@ -129,7 +129,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             if k in ENGINE_KINDS or (k in INLINE and not (k == "join" and self.joins.user_code(n))):
                 continue
             p = self.params[n]
-            self.workers[n] = StageWorkers(n, workers=p.get("workers", 16), timeout=p.get("timeout", 0.0),
+            self.workers[n] = StageWorkers(n, workers=self._workers_of(n), timeout=p.get("timeout", 0.0),
                                            retries=p.get("retries", 0), backoff=p.get("backoff", 0.5),
                                            timer=self.timer, loop=self.loop,
                                            events=lambda e, s, ok, n=n: self._worker_event(n, e, s, ok))
@@ -144,6 +144,17 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         self.cut = 0                                  # requests close() had to fail
         self.error: BaseException | None = None
         self._tracks: dict[int, str] = {}
+
+    def _workers_of(self, stage: str) -> int:
+        """A stage's calls at once: its `workers`. A stream stage's call lasts its answer's whole
+        generation, so unless the file sets `workers` it gets at least one per sequence that
+        its engines run at once: fewer would hold streams back until others end."""
+        given = self.params[stage].get("workers", 16)
+        if stage not in self.streaming or "workers" in (self.graph.nodes[stage].get("given") or ()):
+            return given
+        feeding = {id(es): es for g, chain in self.streams.chains.items() if stage in chain
+                   for es in (self.seg_of_gen[g],)}
+        return max(given, sum(es.config.max_batch_size for es in feeding.values()))
 
     # ---- requests in -------------------------------------------------------------------
     def submit(self, data: dict, listener, *, pin: str | None = None, stream: bool = False) -> str:
