@@ -98,6 +98,14 @@ class Python:
         self.fn = load_function(self.ref, context.base_dir)
         self.shape = callable_shape(self.fn)          # function | coroutine | generator | async_generator
         self.stream = bool(params.get("stream"))
+        if self.stream and self.shape in ("function", "coroutine"):
+            # a decorated generator (functools.wraps): check read the def, a generator, and the
+            # wrapper hands back what the def makes, so it runs as the def's shape
+            import inspect
+
+            inner = callable_shape(inspect.unwrap(self.fn))
+            if inner in ("generator", "async_generator"):
+                self.shape = inner
         self.max_turns = params.get("max_turns")
 
     @property

@@ -343,6 +343,28 @@ def test_a_bounded_loop_runs_max_turns_then_leaves(tmp_path):
     assert [m["content"] for m in messages if m["role"] == "user"] == ["hello", "again", "again"]
 
 
+@pytest.mark.parametrize("where", ["stage", "request"])
+def test_a_request_looping_back_continues_its_branch_and_is_not_sampled_n_times_again(tmp_path, where):
+    """n = 2 at the generate stage (or in the request): two answers, each taking its own way
+    round the loop. Sampled n times on every pass, max_turns = 2 would make 2 * 2 * 2 = 8
+    sequences of one request (n ** (max_turns + 1): 64 ** 3 with n = 64), past every bound."""
+    body = LOOP.replace("TURNS", " max_turns = 2")
+    if where == "stage":
+        body = body.replace("max_new_tokens = 3 }", "max_new_tokens = 3  n = 2  temperature = 1.0  seed = 3 }")
+    path = write(tmp_path, body)
+    assert check(path) == []
+    extra = {"n": 2, "temperature": 1.0, "seed": 3} if where == "request" else {}
+    (res,), rt = run(path, [chat("a", "hello", max_tokens=None, ignore_eos=True, **extra)])
+    assert res.ok and [c.index for c in res.choices] == [0, 1]
+    stages = rt.stats()["stages"]
+    assert stages["gen"]["items_in"] == 6                     # two branches, three passes each
+    assert stages["tool"]["items_in"] == 6 and stages["out"]["items_in"] == 2
+    assert res.usage["completion_tokens"] == 18
+    for c in res.choices:
+        messages = c.data["request"]["messages"]
+        assert [m["content"] for m in messages if m["role"] == "user"] == ["hello", "again", "again"]
+
+
 def test_a_loop_without_a_bound_is_a_cycle_error(tmp_path):
     errs = check(write(tmp_path, LOOP.replace("returns = request TURNS", "returns = any")))
     assert len(errs) == 1 and errs[0].message.startswith("cycle: ")

@@ -3,6 +3,7 @@ and the client hears the filtered chunks as they come instead of the whole answe
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -10,6 +11,7 @@ import flowkit
 from flowkit import chain, chat, errors, runtime, write
 
 HOOKS = '''
+import functools
 import flowkit
 import pipeline_dsl
 
@@ -36,6 +38,29 @@ def first_chunk_then_wait(item, chunks):
             flowkit.bump("seen" if flowkit.gate("client has it").wait(30) else "not seen")
 
 async def aupper(item, chunks):
+    async for text in chunks:
+        yield text.upper()
+
+def logged(fn):                        # a decorator as a team writes one: functools.wraps, no yield
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        flowkit.bump("logged")
+        return fn(*args, **kwargs)
+    return wrapper
+
+def held_live(item, chunks):
+    with flowkit.running("live"):
+        for text in chunks:
+            yield text
+        flowkit.gate("all live").wait(20)
+
+@logged
+def dupper(item, chunks):
+    for text in chunks:
+        yield text.upper()
+
+@logged
+async def adupper(item, chunks):
     async for text in chunks:
         yield text.upper()
 
@@ -160,6 +185,50 @@ def test_an_async_generator_filters_too(tmp_path, soft_gguf):
     (one,), _ = served(path, [said("a")])
     text = one.result.choices[0].text
     assert one.result.ok and text == text.upper() and "".join(one.deltas) == text
+
+
+def test_a_stream_stage_filters_every_sequence_its_engine_runs_at_once(tmp_path, soft_gguf):
+    """Each live call lasts its answer's generation: with the default 16 workers and a batch of
+    24, eight streams heard nothing until others ended (64 clients: TTFT 0.5 s -> 4 s). The
+    default is at least the sequences its engines run at once; a given `workers` is kept."""
+    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 8 }\nstage out : respond {}\n"
+            'stage up : python { fn = "hooks:held_live"  stream = true }\n'
+            "stage batch : dynamic_batch { max_batch_size = 24  timeout = 50ms }\nstage encode : encode {}\n"
+            "stage kv : kv_lookup { block_size = 8  budget = 2MiB }\nrequest -> batch\n"
+            "batch -> encode when full\nbatch -> encode when timeout\nencode -> kv -> gen -> up -> out\n")
+    path = write(tmp_path, soft_gguf, body, hooks=HOOKS)
+    assert errors(path) == []
+    rt = runtime(path)
+    rt.start()
+    heard = []
+    try:
+        for i in range(20):
+            heard.append(Listener())
+            rt.submit(said(f"r{i}", 8), heard[-1], stream=True)
+        deadline = time.monotonic() + 20
+        while flowkit.PEAKS["live"] < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        peak = flowkit.PEAKS["live"]
+        flowkit.gate("all live").set()
+        assert all(one.done.wait(60) and one.result.ok for one in heard)
+        assert peak == 20
+    finally:
+        flowkit.gate("all live").set()
+        rt.close(drain=True, timeout=30)
+        rt.shutdown()
+
+
+@pytest.mark.parametrize("fn", ["dupper", "adupper"])
+def test_a_decorated_stream_generator_filters_as_check_accepted_it(tmp_path, soft_gguf, fn):
+    """check reads the `def` (a generator) and accepts it; the runtime runs the function the
+    decorator returns (functools.wraps, not itself a generator function) as that generator."""
+    path = pipeline(tmp_path, soft_gguf, f'stage up : python {{ fn = "hooks:{fn}"  stream = true }}',
+                    "gen -> up -> out\n")
+    (one, two), _ = served(path, [said("a"), said("b")])
+    for r in (one, two):
+        text = r.result.choices[0].text
+        assert r.result.ok and text and text == text.upper() and "".join(r.deltas) == text
+    assert flowkit.COUNTS["logged"] == 2
 
 
 def test_a_stream_stage_after_a_join_filters_the_merged_text_whole(tmp_path, soft_gguf):

@@ -96,10 +96,21 @@ class Item:
     token_ids: list | None = None      # the tokens generated so far, when the request asked (return_token_ids)
     queued: bool = False               # sent to `at` and not yet taken up there
     live: Any = None                   # streams.Live while stream stages filter its text as it comes
+    sampled: frozenset = frozenset()   # generate stages that made this branch's `n` copies already
 
     def fork(self, branch: tuple) -> "Item":
         return Item(self.kind, copy.deepcopy(self.data), self.req, self.at, branch, dict(self.turns),
-                    self.label, None, self.ids, self.entry)
+                    self.label, None, self.ids, self.entry, sampled=self.sampled)
+
+
+def unicode_problem(text: str) -> str | None:
+    """Why `text` cannot be sent as UTF-8 (a lone UTF-16 surrogate, which user code can make and
+    no answer can carry), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"a lone UTF-16 surrogate at {e.start}"
+    return None
 
 
 def heard(req: RequestState, index: int, out) -> None:

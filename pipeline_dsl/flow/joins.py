@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .items import PipelineError
+from .items import PipelineError, unicode_problem
 
 FILLED = ("finish_reason", "usage", "generated_by", "request", "id")   # from the first branch
 
@@ -62,6 +62,10 @@ class Joins:
         if not isinstance(merged, dict) or not isinstance(merged.get("text"), str):
             got = type(merged).__name__ if not isinstance(merged, dict) else "a dict without a text string"
             raise PipelineError(f"join '{stage}' produced no result: its merge gave {got}", "failed", stage)
+        problem = unicode_problem(merged["text"])
+        if problem is not None:
+            raise PipelineError(f"join '{stage}' produced a result whose text is not valid Unicode ({problem})",
+                                "failed", stage)
         if any(merged is it.data or merged == it.data for it in waiting):
             merged = dict(merged)
         else:

@@ -49,7 +49,7 @@ from pipeline_dsl.plan import ITEM_WORKERS, make_plan
 from .cache import ResultCache, cache_key
 from .driving import Driving
 from .engines import EngineSide
-from .items import GENERATED, REQUEST, Item, PipelineError, RequestState, deliver
+from .items import GENERATED, REQUEST, Item, PipelineError, RequestState, deliver, unicode_problem
 from .joins import Joins
 from .ledger import RequestLedger
 from .live import LiveStages
@@ -57,7 +57,7 @@ from .loops import Loops
 from .router import Router, fields
 from .stats import FlowStats
 from .streams import StreamPlan, arun_filter, one_chunk, run_filter
-from .workers import EventLoop, StageTimeout, StageWorkers, Timer
+from .workers import EventLoop, Skipped, StageTimeout, StageWorkers, Timer
 
 ENGINE_KINDS = ("dynamic_batch", "encode", "kv_lookup", "generate")
 INLINE = ("requests", "system_prompt", "route", "respond", "join", "dynamic_batch")   # no user code
@@ -129,7 +129,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             if k in ENGINE_KINDS or (k in INLINE and not (k == "join" and self.joins.user_code(n))):
                 continue
             p = self.params[n]
-            self.workers[n] = StageWorkers(n, workers=p.get("workers", 16), timeout=p.get("timeout", 0.0),
+            self.workers[n] = StageWorkers(n, workers=self._workers_of(n), timeout=p.get("timeout", 0.0),
                                            retries=p.get("retries", 0), backoff=p.get("backoff", 0.5),
                                            timer=self.timer, loop=self.loop,
                                            events=lambda e, s, ok, n=n: self._worker_event(n, e, s, ok))
@@ -144,6 +144,17 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         self.cut = 0                                  # requests close() had to fail
         self.error: BaseException | None = None
         self._tracks: dict[int, str] = {}
+
+    def _workers_of(self, stage: str) -> int:
+        """A stage's calls at once: its `workers`. A stream stage's call lasts its answer's whole
+        generation, so unless the file sets `workers` it gets at least one per sequence that
+        its engines run at once: fewer would hold streams back until others end."""
+        given = self.params[stage].get("workers", 16)
+        if stage not in self.streaming or "workers" in (self.graph.nodes[stage].get("given") or ()):
+            return given
+        feeding = {id(es): es for g, chain in self.streams.chains.items() if stage in chain
+                   for es in (self.seg_of_gen[g],)}
+        return max(given, sum(es.config.max_batch_size for es in feeding.values()))
 
     # ---- requests in -------------------------------------------------------------------
     def submit(self, data: dict, listener, *, pin: str | None = None, stream: bool = False) -> str:
@@ -260,7 +271,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         fn, is_async = self._callable(stage, view)
         t0 = time.perf_counter()
         self.workers[stage].submit(fn, lambda ok, value: self._task(self._called, item, stage, view, ok, value,
-                                                                   key, t0), is_async)
+                                                                   key, t0), is_async,
+                                   alive=lambda: not item.req.done and item in item.req.items)
         return []
 
     def _callable(self, stage: str, view: dict) -> tuple[Callable, bool]:
@@ -284,7 +296,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
     def _called(self, item: Item, stage: str, view: dict, ok: bool, value, key, t0: float) -> None:
         """A call of a stage's user code ended (on the host pool): the item goes on, or fails;
         items that waited for the same content look in the cache again."""
-        self._span(stage, _PART.get(self.kind[stage], "run"), t0, item)
+        if not isinstance(value, Skipped):
+            self._span(stage, _PART.get(self.kind[stage], "run"), t0, item)
         try:
             self._after_call(item, stage, view, ok, value, key)
         finally:
@@ -347,9 +360,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                                     "failed", stage)
             if kind == REQUEST and not trusted:
                 out = _valid_request(out, stage)
-            elif kind == GENERATED and not isinstance(out.get("text"), str):
-                raise PipelineError(f"stage '{stage}' returned a result whose text is not a string",
-                                    "failed", stage)
+            elif kind == GENERATED:
+                _valid_result(out, stage)
             item.kind, item.data = kind, out
 
     def _send(self, item: Item, stage: str, only: list[str] | None = None) -> list[tuple[Item, str]]:
@@ -457,13 +469,15 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
 
             def done(ok, value):
                 self._task(self._merged_later, req, stage, waiting, ok, value, t0)
-            self.workers[stage].submit(call, done, impl.is_async)
+            self.workers[stage].submit(call, done, impl.is_async, alive=lambda: not req.done)
             return []
         merged = impl.merge([it.data for it in inputs])
         self._observe(stage, t0, inputs[0], part="merge")
         return self._merged(req, stage, waiting, merged)
 
     def _merged_later(self, req: RequestState, stage: str, waiting: list[Item], ok: bool, value, t0) -> None:
+        if isinstance(value, Skipped):
+            return                                  # the request ended before its merge: nothing to do
         self._span(stage, "merge", t0, waiting[0])
         try:
             if not ok:
@@ -583,13 +597,38 @@ def _kind_of(d: dict) -> str | None:
 
 
 def _valid_request(d: dict, stage: str) -> dict:
-    """A request dict a stage returned, checked as a request line would be."""
-    from pipeline_dsl.requests_io import RequestError, parse_request
+    """A request dict a stage returned, checked as a request line would be (a lone surrogate
+    too: load_json finds it, and where, in the request's JSON text)."""
+    import json
+
+    from pipeline_dsl.requests_io import RequestError, load_json, parse_request
 
     try:
-        return parse_request(d).item()
+        item = parse_request(d).item()
+        try:
+            text = json.dumps(item)
+        except (TypeError, ValueError):
+            text = None                           # not plain JSON: what parse_request let through
+        if text is not None:
+            load_json(text)
+        return item
     except RequestError as e:
         raise PipelineError(f"stage '{stage}' returned an invalid request: {e}", "failed", stage) from None
+
+
+def _valid_result(d: dict, stage: str) -> None:
+    """A result dict a stage returned: its text a string that can be sent, its finish_reason a
+    string (a guard may set its own, e.g. content_filter) or null."""
+    text, reason = d.get("text"), d.get("finish_reason")
+    if not isinstance(text, str):
+        raise PipelineError(f"stage '{stage}' returned a result whose text is not a string", "failed", stage)
+    problem = unicode_problem(text)
+    if problem is not None:
+        raise PipelineError(f"stage '{stage}' returned a result whose text is not valid Unicode ({problem})",
+                            "failed", stage)
+    if reason is not None and not isinstance(reason, str):
+        raise PipelineError(f"stage '{stage}' returned a result whose finish_reason is a "
+                            f"{type(reason).__name__}; expected a string or null", "failed", stage)
 
 
 def _device_failed(graph: nx.DiGraph, generates, exc) -> BaseException:

@@ -21,6 +21,8 @@ from collections import deque
 from dataclasses import replace
 from typing import Any, Callable
 
+from .items import unicode_problem
+
 
 class StreamPlan:
     def __init__(self, chains: dict[str, list[str]], direct: dict[str, bool]):
@@ -133,6 +135,9 @@ async def one_chunk(text: str):
 def _text(chunk) -> str:
     if not isinstance(chunk, str):
         raise TypeError(f"a stream function yields text; it yielded {type(chunk).__name__}")
+    problem = unicode_problem(chunk)
+    if problem is not None:
+        raise ValueError(f"a stream function yields text; it yielded text that is not valid Unicode ({problem})")
     return chunk
 
 

@@ -14,6 +14,11 @@ written off (its result, whenever it comes, is dropped) and a new thread takes i
 Every exception, BaseException included (SystemExit, KeyboardInterrupt, CancelledError,
 GeneratorExit), is the call's result, never the worker's end.
 
+A call whose `alive()` is false when its turn comes (its request ended while it waited for a
+worker or for a retry's backoff: a client gone, a deadline) is not made: its result is
+`Skipped`, it counts as no call, and the worker serves the next one. Otherwise the calls of
+requests nobody waits for any more would hold a slow stage's workers ahead of live ones.
+
 Transient (retried while `retries` last, after backoff * 2**attempt seconds, jittered and at
 most 30 s): TimeoutError (StageTimeout included), ConnectionError, pipeline_dsl.Retry, and
 an exception carrying an HTTP status 408, 425, 429 or 5xx (`status_code`, `status`, or
@@ -41,6 +46,10 @@ TRANSIENT_STATUS = frozenset({408, 425, 429})
 
 class StageTimeout(TimeoutError):
     """A call of a stage ran past the stage's timeout."""
+
+
+class Skipped(Exception):
+    """A call not made: its request had ended before its turn came."""
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -158,10 +167,10 @@ async def _guarded(fn: Callable[[], Any]) -> tuple[bool, Any]:
 
 
 class _Job:
-    __slots__ = ("fn", "done", "is_async", "attempt", "token")
+    __slots__ = ("fn", "done", "is_async", "alive", "attempt", "token")
 
-    def __init__(self, fn, done, is_async):
-        self.fn, self.done, self.is_async = fn, done, is_async
+    def __init__(self, fn, done, is_async, alive):
+        self.fn, self.done, self.is_async, self.alive = fn, done, is_async, alive
         self.attempt = 0
         self.token: object | None = None          # the run in progress; None: none (or written off)
 
@@ -183,9 +192,18 @@ class StageWorkers:
         self._closed = False
         self._sem: asyncio.Semaphore | None = None
 
-    def submit(self, fn: Callable[[], Any], done: Callable[[bool, Any], None], is_async: bool = False) -> None:
-        """Run fn() (is_async: await fn()) on this stage; done(ok, value or exception) once."""
-        self._start(_Job(fn, done, is_async))
+    def submit(self, fn: Callable[[], Any], done: Callable[[bool, Any], None], is_async: bool = False,
+               alive: Callable[[], bool] | None = None) -> None:
+        """Run fn() (is_async: await fn()) on this stage; done(ok, value or exception) once.
+        alive(): whether the call is still wanted when its turn comes (else done(False, Skipped))."""
+        self._start(_Job(fn, done, is_async, alive))
+
+    def _skip(self, job: _Job) -> bool:
+        """Whether the job is no longer wanted: then it is done with Skipped, as no call."""
+        if job.alive is None or job.alive():
+            return False
+        job.done(False, Skipped("its request ended before the call"))
+        return True
 
     def _start(self, job: _Job) -> None:
         job.attempt += 1
@@ -213,6 +231,9 @@ class StageWorkers:
                     self._live -= 1
                     return
                 job = self._queue.popleft()
+            if self._skip(job):
+                continue
+            with self._cv:
                 token = job.token = object()
             handle = self.timer.later(self.timeout, lambda: self._expire(job, token)) if self.timeout else None
             t0 = time.perf_counter()
@@ -246,6 +267,8 @@ class StageWorkers:
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.workers)
         async with self._sem:
+            if self._skip(job):
+                return
             t0 = time.perf_counter()
             try:
                 task = asyncio.ensure_future(_guarded(job.fn))

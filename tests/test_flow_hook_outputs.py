@@ -1,0 +1,106 @@
+"""What user code hands back is held to what the answer needs: text that is valid Unicode (a
+lone UTF-16 surrogate cannot be written as UTF-8: agp serve's answer would break off
+mid-body), a finish_reason that is a string, a returned request checked as a request line is.
+Each bad output fails its own request at the stage that made it, with a message that says
+what; every other request is answered."""
+from __future__ import annotations
+
+import pytest
+
+import flowkit
+from flowkit import chain, chat, errors, run, write
+
+HOOKS = '''
+def answer(item):
+    bad = item["request"].get("metadata", {}).get("bad")
+    if bad == "text":
+        item["text"] = "half a pair \\ud800 here"
+    elif bad == "finish":
+        item["finish_reason"] = {"why": "no"}
+    elif bad == "filtered":
+        item["finish_reason"] = "content_filter"   # a guard may say why it ended the answer
+    return item
+
+def ask(item):
+    if item.get("metadata", {}).get("bad") == "request":
+        item["messages"][0]["content"] = "half a pair \\ud800 here"
+    return item
+
+def stream(item, chunks):
+    for text in chunks:
+        yield text
+    if item["request"].get("metadata", {}).get("bad") == "chunk":
+        yield "\\udfff"
+
+def merge(results):
+    if results[0]["request"].get("metadata", {}).get("bad") == "merge":
+        return {"text": "\\ud800"}
+    return 0
+'''
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    flowkit.reset()
+    yield
+
+
+def pipeline(tmp_path, model, stages: str, edges: str):
+    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 3 }\nstage out : respond {}\n"
+            f"{stages}\n" + edges + chain())
+    path = write(tmp_path, model, body, hooks=HOOKS)
+    assert errors(path) == []
+    return path
+
+
+def answered_except(results, bad_id):
+    for r in results:
+        if r.id != bad_id:
+            assert r.ok, r.error.message
+    return next(r for r in results if r.id == bad_id)
+
+
+@pytest.mark.parametrize("bad, words", [
+    ("text", "stage 'a' returned a result whose text is not valid Unicode (a lone UTF-16 surrogate at 12)"),
+    ("finish", "stage 'a' returned a result whose finish_reason is a dict; expected a string or null"),
+])
+def test_a_result_hook_returning_text_that_cannot_be_sent_fails_its_request_there(tmp_path, soft_gguf, bad, words):
+    path = pipeline(tmp_path, soft_gguf, 'stage a : python { fn = "hooks:answer" }',
+                    "request -> batch\ngen -> a -> out\n")
+    results, rt = run(path, [chat("ok", "hi"), chat("bad", "hi", metadata={"bad": bad}), chat("ok2", "hello")])
+    r = answered_except(results, "bad")
+    assert r.error.kind == "failed" and r.error.stage == "a" and r.error.message == words
+    assert rt.stats()["stages"]["a"]["failed"] == 1
+
+
+def test_a_finish_reason_a_guard_sets_goes_through(tmp_path, soft_gguf):
+    path = pipeline(tmp_path, soft_gguf, 'stage a : python { fn = "hooks:answer" }',
+                    "request -> batch\ngen -> a -> out\n")
+    (r,), _ = run(path, [chat("f", "hi", metadata={"bad": "filtered"})])
+    assert r.ok and r.choices[0].finish_reason == "content_filter"
+
+
+def test_a_request_hook_returning_invalid_unicode_fails_at_the_hook_not_at_encode(tmp_path, soft_gguf):
+    path = pipeline(tmp_path, soft_gguf, 'stage a : python { fn = "hooks:ask" }', "request -> a -> batch\ngen -> out\n")
+    results, _ = run(path, [chat("ok", "hi"), chat("bad", "hi", metadata={"bad": "request"})])
+    r = answered_except(results, "bad")
+    assert r.error.kind == "failed" and r.error.stage == "a"
+    assert r.error.message == ("stage 'a' returned an invalid request: the request holds a lone UTF-16 "
+                               "surrogate (invalid Unicode) in 'messages[0].content'")
+
+
+def test_a_stream_stage_yielding_invalid_unicode_fails_its_request(tmp_path, soft_gguf):
+    path = pipeline(tmp_path, soft_gguf, 'stage s : python { fn = "hooks:stream"  stream = true }',
+                    "request -> batch\ngen -> s -> out\n")
+    results, _ = run(path, [chat("ok", "hi"), chat("bad", "hi", metadata={"bad": "chunk"})])
+    r = answered_except(results, "bad")
+    assert r.error.stage == "s" and "a lone UTF-16 surrogate" in r.error.message
+
+
+def test_a_join_fn_making_invalid_unicode_fails_its_request(tmp_path, soft_gguf):
+    path = pipeline(tmp_path, soft_gguf, 'stage g2 : generate { max_new_tokens = 2 }\n'
+                    'stage j : join { fn = "hooks:merge" }',
+                    "request -> batch\nkv -> g2\ngen -> j\ng2 -> j\nj -> out\n")
+    results, _ = run(path, [chat("ok", "hi"), chat("bad", "hi", metadata={"bad": "merge"})])
+    r = answered_except(results, "bad")
+    assert r.error.stage == "j" and "not valid Unicode" in r.error.message
