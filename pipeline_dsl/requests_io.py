@@ -42,9 +42,14 @@ class ParsedRequest:
     extras: dict = field(default_factory=dict)              # the per-request fields of ITEM_FIELDS
 
     def item(self) -> dict:
-        """The request as the pipeline's items carry it (what a python stage sees)."""
+        """The request as the pipeline's items carry it (what a python stage sees). `echo` with
+        `logprobs` asks the engine for the prompt's logprobs too (the echoed tokens' entries),
+        as agp serve's completions do: one computation serves both lists."""
+        fields = {**self.sampling, **self.extras}
+        if fields.get("echo") and fields.get("logprobs") is not None:
+            fields["prompt_logprobs"] = max(fields["logprobs"], fields.get("prompt_logprobs") or 0)
         return request_item(self.id, messages=self.messages, prompt_token_ids=self.prompt_token_ids,
-                            prompt=self.prompt, fields={**self.sampling, **self.extras}, model=self.model, n=self.n,
+                            prompt=self.prompt, fields=fields, model=self.model, n=self.n,
                             metadata=self.metadata, tools=self.tools, tool_choice=self.tool_choice,
                             parallel_tool_calls=self.parallel_tool_calls, response_format=self.response_format)
 
@@ -287,6 +292,9 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     for name, (ok, expected) in ITEM_FIELDS.items():
         if obj.get(name) is not None:
             req.extras[name] = _check(name, obj[name], ok(obj[name]), expected)
+    if req.extras.get("echo") and req.messages is not None:       # as agp serve's chat refuses it
+        raise RequestError("'echo' repeats a 'prompt' before its answer; a 'messages' line has no prompt "
+                           "to repeat (leave 'echo' out)", param="echo")
     return req
 
 
