@@ -59,7 +59,7 @@ def prepare_messages(messages: list[dict], tools: list[dict] | None, *, template
         if m.get("content") is None:
             m["content"] = ""
         out.append({"role": m["role"], "content": m["content"]})
-    if tools and choice != "none":
+    if tools:                # with tool_choice "none" too: the model knows them (vLLM, OpenAI)
         listing = json.dumps(functions(tools), ensure_ascii=False)
         system = SYSTEM.format(tools=listing)
         if isinstance(choice, dict):

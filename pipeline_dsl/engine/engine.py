@@ -251,7 +251,7 @@ class Engine:
 
             native = template_takes_tools(getattr(self.tokenizer, "chat_template", None))
             messages = prepare_messages(list(messages), tools, template_takes_tools=native, choice=tool_choice)
-            if native and tools and tool_choice != "none":
+            if native and tools:        # tool_choice "none" too, as vLLM renders them
                 extra["tools"] = tools
         try:
             rendered = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,

@@ -84,7 +84,9 @@ class Generations:
         params = {"n": req.fields.get("n"), "max_tokens": req.fields.get("max_tokens")}
         try:
             for k, part in enumerate(parts):
-                streams.append(await self.apipe.add(part.item(rid if k == 0 else f"{rid}-{k}"), pin=req.pin,
+                item = part.item(rid if k == 0 else f"{rid}-{k}",
+                                 exclude_tools_when_none=self.config.exclude_tools_when_tool_choice_none)
+                streams.append(await self.apipe.add(item, pin=req.pin,
                                                     stream=req.stream, params=params))
         except PipelineError as e:
             for st in streams:

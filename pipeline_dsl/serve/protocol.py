@@ -69,11 +69,15 @@ class GenerationRequest:
     def tools_active(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"
 
-    def item(self, request_id: str) -> dict[str, Any]:
-        """The request as the pipeline's items carry it (what a python stage sees)."""
+    def item(self, request_id: str, exclude_tools_when_none: bool = False) -> dict[str, Any]:
+        """The request as the pipeline's items carry it (what a python stage sees). Its tools reach
+        the prompt whatever tool_choice says, as in vLLM (tool_choice "none" only leaves the answer
+        unparsed); `exclude_tools_when_none` (vLLM's --exclude-tools-when-tool-choice-none) leaves
+        them out of a request whose tool_choice is "none"."""
+        drop = exclude_tools_when_none and self.tool_choice == "none"
         return request_item(request_id, messages=self.messages, prompt_token_ids=self.prompt_token_ids,
                             prompt=self.prompt, fields=self.fields, model=self.model, metadata=self.metadata,
-                            tools=self.tools, tool_choice=self.tool_choice,
+                            tools=None if drop else self.tools, tool_choice=self.tool_choice,
                             parallel_tool_calls=self.parallel_tool_calls, response_format=self.response_format,
                             chat_template_kwargs=self.chat_template_kwargs)
 
