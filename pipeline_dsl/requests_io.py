@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-MAX_STOP = 16              # stop strings a request may give (generate.stop's max_items)
+MAX_STOP = 1024            # stop strings a request may give (generate.stop's max_items)
 MAX_STOP_LEN = 256         # characters in one stop string (its max_length)
+MAX_STOP_CHARS = 4096      # characters of all its stop strings (generate.stop's max_total)
 
 
 class RequestError(ValueError):

@@ -8,12 +8,13 @@ tester (schemathesis, in tests/test_openapi.py) checks the server against.
 """
 from __future__ import annotations
 
-from pipeline_dsl.requests_io import MAX_STOP, MAX_STOP_LEN, ROLES
+from pipeline_dsl.requests_io import MAX_STOP, MAX_STOP_CHARS, MAX_STOP_LEN, ROLES
 from stages.fields import TOKEN_ID_FIELDS
 
 STOP = {"oneOf": [
     {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LEN},
-    {"type": "array", "maxItems": MAX_STOP, "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LEN}},
+    {"type": "array", "maxItems": MAX_STOP, "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LEN},
+     "description": f"at most {MAX_STOP_CHARS} characters in all"},
     {"type": "null"},
 ]}
 
