@@ -163,6 +163,33 @@ def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client, kind
     assert [c.usage is not None for c in plain] == [False] * (len(plain) - 1) + [True]   # the last alone
 
 
+
+@pytest.mark.parametrize("kind", ["chat", "echo"])
+def test_continuous_usage_counts_only_the_tokens_already_sent(client, kind):
+    """A choice's opening chunk (chat's role, an echoed prompt) comes before its tokens: its usage
+    counts none of them (vLLM's role chunk: completion_tokens 0); each later chunk counts the token
+    ids sent so far."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    extra = {"ignore_eos": True, "return_token_ids": True}
+    if kind == "chat":
+        chunks = list(client.chat.completions.create(model="tiny", messages=USER, max_tokens=4, n=2, stream=True,
+                                                     stream_options=options, extra_body=extra))
+    else:
+        chunks = list(client.completions.create(model="tiny", prompt="hey", max_tokens=4, n=2, stream=True, echo=True,
+                                                stream_options=options, extra_body=extra))
+    sent = 0
+    for c in chunks:
+        for choice in c.choices:
+            sent += len(getattr(choice, "token_ids", None) or ())
+        assert c.usage.completion_tokens == sent, (c, sent)
+    assert sent == 8
+
+
+def test_detokenize_names_tokens_for_an_id_outside_the_vocabulary(server):
+    r = httpx.post(server.url + "/detokenize", json={"tokens": [5, 10 ** 6]}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+    assert "outside the vocabulary" in r.json()["error"]["message"]
+
 def test_what_vllm_clients_send_by_default_is_taken_and_anything_else_named(client):
     defaults = {"use_beam_search": False, "length_penalty": 1.0, "priority": 0, "return_tokens_as_token_ids": False,
                 "bad_words": [], "allowed_token_ids": None, "prompt_logprobs": None, "vllm_xargs": None,

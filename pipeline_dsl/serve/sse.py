@@ -153,20 +153,23 @@ class ChunkWriter(Relay):
 
     # ---- chunk bodies ------------------------------------------------------------------
     def _chunk(self, index: int, text: str | None = None, *, delta: dict | None = None,
-               reason: str | None = None, logprobs: dict | None = None, ids: list | None = None) -> bytes:
-        opening = self.opening.pop(index, None) or {}
+               reason: str | None = None, logprobs: dict | None = None, ids: list | None = None,
+               opening: bool = False) -> bytes:
+        prompt_part = self.opening.pop(index, None) or {}
         role = delta is not None and "role" in delta
         extra = {"token_ids": list(ids or ())} if self.want_ids and not role else {}
         if self.chat:
             body = P.chat_chunk(self.rid, self.req.model, self.now, delta if delta is not None else
-                                {"content": text}, reason, index, logprobs, extra=extra, top=opening)
+                                {"content": text}, reason, index, logprobs, extra=extra, top=prompt_part)
         else:
             body = P.completion_chunk(self.rid, self.req.model, self.now, text or "", reason, index, logprobs,
-                                      extra={**opening, **extra})
+                                      extra={**prompt_part, **extra})
         if self.req.continuous_usage:                  # the usage so far on every chunk (vLLM's)
             prompts = self.prompt_tokens.values()
-            body["usage"] = P.usage(sum(p for p, _ in prompts), sum(self.completion_tokens.values()),
-                                    sum(c for _, c in prompts))
+            # a choice's opening chunks (chat's role, an echoed prompt) come before any of its tokens:
+            # they count none of them, as vLLM's role chunk says completion_tokens 0
+            done = sum(n for i, n in self.completion_tokens.items() if not (opening and i == index))
+            body["usage"] = P.usage(sum(p for p, _ in prompts), done, sum(c for _, c in prompts))
         return P.sse(body)
 
     def _listed(self, index: int, lp: dict) -> dict:
@@ -205,11 +208,11 @@ class ChunkWriter(Relay):
             self.opening[index] = answer_fields({"prompt_token_ids": prompt_ids, "prompt_logprobs": lps},
                                               self.req.prompt_logprobs, self.want_ids, self.text_of)[0]
         if self.chat and index not in self.opened:
-            out.append(self._chunk(index, delta={"role": "assistant", "content": ""}))
+            out.append(self._chunk(index, delta={"role": "assistant", "content": ""}, opening=True))
         if self.echo and index not in self.opened:
             prompt, lp = self._echoed(index, data)
             self.offset[index] = len(prompt)
-            out.append(self._chunk(index, prompt, logprobs=lp and self._listed(index, lp)))
+            out.append(self._chunk(index, prompt, logprobs=lp and self._listed(index, lp), opening=True))
         self.opened.add(index)
         calls = []
         if self.chat and self.req.tools_active:
