@@ -2,7 +2,7 @@
 in the shapes of `agp serve`'s completions choices (one formatter: serve/protocol.py,
 serve/token_fields.py): the same request through both gives the same lists; `echo` puts the
 prompt before the text, and its tokens' logprobs first; a `messages` line with `echo` is an
-error record naming the field."""
+error record naming the field; a line a stop string ended names it (`stop_reason`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -110,3 +110,12 @@ def test_a_messages_line_with_echo_names_the_field():
     with pytest.raises(RequestError) as e:
         parse_request({"messages": [{"role": "user", "content": "hi"}], "echo": True})
     assert e.value.param == "echo"
+
+
+def test_a_run_line_stopped_by_a_stop_string_names_it(run_lines):
+    plain = run_lines({"prompt": "the cat and the world", "max_tokens": 8, "temperature": 0, "ignore_eos": True})[0]
+    assert "stop_reason" not in plain
+    stop = plain["text"][2:5]
+    row = run_lines({"prompt": "the cat and the world", "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                     "stop": [stop]})[0]
+    assert row["finish_reason"] == "stop" and row["stop_reason"] == stop

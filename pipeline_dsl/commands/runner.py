@@ -44,6 +44,8 @@ def record(req: RunRequest, result, several: bool = False, runtime=None) -> dict
     parts = [_choice_parts(req, c, runtime) for c in result.choices]
     out = {"id": req.parsed.id, "text": parts[0]["text"], "finish_reason": first.finish_reason,
            "usage": dict(result.usage)}
+    if first.data.get("stop_reason") is not None:          # vLLM's: the stop string or stop token id
+        out["stop_reason"] = first.data["stop_reason"]
     if several and first.data.get("generated_by"):
         out["generated_by"] = first.data["generated_by"]
     if first.data.get("branches"):

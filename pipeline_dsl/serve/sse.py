@@ -154,10 +154,12 @@ class ChunkWriter(Relay):
     # ---- chunk bodies ------------------------------------------------------------------
     def _chunk(self, index: int, text: str | None = None, *, delta: dict | None = None,
                reason: str | None = None, logprobs: dict | None = None, ids: list | None = None,
-               opening: bool = False) -> bytes:
+               opening: bool = False, stop_reason: int | str | None = None) -> bytes:
         prompt_part = self.opening.pop(index, None) or {}
         role = delta is not None and "role" in delta
         extra = {"token_ids": list(ids or ())} if self.want_ids and not role else {}
+        if reason is not None:                         # the finishing chunk says what stopped it (vLLM's)
+            extra["stop_reason"] = stop_reason
         if self.chat:
             body = P.chat_chunk(self.rid, self.req.model, self.now, delta if delta is not None else
                                 {"content": text}, reason, index, logprobs, extra=extra, top=prompt_part)
@@ -230,7 +232,7 @@ class ChunkWriter(Relay):
             out.append(self._chunk(index, delta={"tool_calls": calls}))
         return out
 
-    def finish(self, index: int, reason: str | None) -> list[bytes]:
+    def finish(self, index: int, reason: str | None, stop_reason: int | str | None = None) -> list[bytes]:
         self.closed.add(index)
         out = []
         if index in self.tool_streams:
@@ -240,7 +242,7 @@ class ChunkWriter(Relay):
         if index in self.called:
             reason = "tool_calls"
         self.reasons[index] = reason
-        out.append(self._chunk(index, "", delta={}, reason=reason))
+        out.append(self._chunk(index, "", delta={}, reason=reason, stop_reason=stop_reason))
         return out
 
     def done(self, result) -> list[bytes]:
@@ -254,7 +256,7 @@ class ChunkWriter(Relay):
                 whole = c.index not in self.opened           # it came whole (no deltas)
                 out += self.content(c.index, c.text if whole else "", c.data.get("logprobs") if whole else None,
                                     c.data, c.data.get("token_ids") if whole else None)
-                out += self.finish(c.index, c.finish_reason)
+                out += self.finish(c.index, c.finish_reason, c.data.get("stop_reason"))
         if self.req.include_usage:
             use = P.usage(total["prompt_tokens"], total["completion_tokens"], total["cached_tokens"])
             out.append(P.sse(P.usage_chunk(self.rid, self.req.model, self.now, self.req.kind, use)))
@@ -268,7 +270,7 @@ class ChunkWriter(Relay):
         self.completion_tokens[index] = getattr(out, "completion_tokens", 0)
         chunks = self.content(index, out.delta_text, getattr(out, "logprobs", None), ids=out.new_token_ids)
         if out.finished and index not in self.closed:
-            return [*chunks, *self.finish(index, out.finish_reason)]
+            return [*chunks, *self.finish(index, out.finish_reason, getattr(out, "stop_reason", None))]
         return chunks
 
     def on_error(self, err: P.APIError) -> list[bytes]:
