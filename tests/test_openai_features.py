@@ -204,6 +204,27 @@ def test_tool_choice_none_keeps_the_tools_in_the_prompt_and_parses_no_call(clien
     assert msg.message.content == call and msg.message.tool_calls is None and msg.finish_reason == "stop"
 
 
+
+@pytest.mark.parametrize("said", [
+    'Sure. <tool_call>[{"name": "add", "arguments": {"a": 1, "b": 2}}]</tool_call>',
+    '<tool_call>not a call</tool_call> so: <tool_call>{"name": "add", "arguments": {"a": 3, "b": 4}}</tool_call>',
+])
+def test_a_tool_calling_answer_has_the_same_content_and_calls_streamed_or_not(client, said):
+    """The text outside the calls is the message's content, as written, whether the answer comes
+    whole or as a stream (a block that holds no call stays content both ways)."""
+    kw = dict(max_tokens=400, tools=[ADD], tool_choice="auto", extra_body={"guided_choice": [said]})
+    whole = _chat(client, **kw).choices[0]
+    content, calls = "", {}
+    for chunk in _chat(client, stream=True, **kw):
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for tc in choice.delta.tool_calls or []:
+                calls.setdefault(tc.index, ["", ""])
+                calls[tc.index][0] += tc.function.name or ""
+                calls[tc.index][1] += tc.function.arguments or ""
+    assert whole.finish_reason == "tool_calls" and whole.message.content == content
+    assert [[c.function.name, c.function.arguments] for c in whole.message.tool_calls] == list(calls.values())
+
 def test_exclude_tools_when_tool_choice_none_leaves_them_out_of_the_item():
     from pipeline_dsl.serve.options import add_arguments
     from pipeline_dsl.serve.protocol import parse_chat
