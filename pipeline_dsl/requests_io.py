@@ -237,6 +237,16 @@ def checked(name: str, value):
         raise RequestError(str(e), param=e.field) from None
 
 
+def check_min_tokens(sampling: dict, max_tokens_field: str = "max_tokens") -> None:
+    """min_tokens above max_tokens asks for an answer no limit allows: a RequestError naming
+    min_tokens, as vLLM refuses it (a max_tokens the request leaves out is its stage's to cut)."""
+    low, high = sampling.get("min_tokens"), sampling.get("max_tokens")
+    if low is not None and high is not None and low > high:
+        raise RequestError(f"'min_tokens' = {low} is above '{max_tokens_field}' = {high}: an answer cannot be "
+                           f"longer than {max_tokens_field} allows (give min_tokens <= {max_tokens_field})",
+                           param="min_tokens")
+
+
 def token_ids(name: str, value) -> tuple[int, ...]:
     """A request's list of token ids (allowed_token_ids), through its one schema (stages/fields.py)."""
     try:
@@ -271,6 +281,7 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     for name in SAMPLING_FIELDS:
         if obj.get(name) is not None:
             req.sampling[name] = checked(name, obj[name])
+    check_min_tokens(req.sampling)
     if obj.get("model") is not None:
         req.model = _check("model", obj["model"], isinstance(obj["model"], str), "a string")
     if obj.get("metadata") is not None:

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeline_dsl.requests_io import (RequestError, load_json, parse_logit_bias, parse_messages, parse_tools,
-                                      request_item)
+from pipeline_dsl.requests_io import (RequestError, check_min_tokens, load_json, parse_logit_bias, parse_messages,
+                                      parse_tools, request_item)
 from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
 
 from .api_error import APIError
@@ -213,6 +213,10 @@ def _sampling(obj: dict, max_model_len: int, max_tokens_field: str = "max_tokens
                        f"{max_model_len} tokens, which the prompt shares; ask for at most {max_model_len} "
                        "less the prompt's tokens",
                        param=max_tokens_field, code="context_length_exceeded")
+    try:
+        check_min_tokens(values, max_tokens_field)
+    except RequestError as e:
+        raise APIError(str(e), param=e.param) from None
     stop_ids = obj.get("stop_token_ids")
     if stop_ids is not None:
         if not isinstance(stop_ids, list) or not all(_is_int(t) and t >= 0 for t in stop_ids):
