@@ -119,3 +119,6 @@ def test_a_run_line_stopped_by_a_stop_string_names_it(run_lines):
     row = run_lines({"prompt": "the cat and the world", "max_tokens": 8, "temperature": 0, "ignore_eos": True,
                      "stop": [stop]})[0]
     assert row["finish_reason"] == "stop" and row["stop_reason"] == stop
+    several = run_lines({"prompt": "the cat and the world", "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                         "stop": [stop], "n": 2})[0]
+    assert [c["stop_reason"] for c in several["choices"]] == [stop, stop] and several["stop_reason"] == stop

@@ -44,8 +44,6 @@ def record(req: RunRequest, result, several: bool = False, runtime=None) -> dict
     parts = [_choice_parts(req, c, runtime) for c in result.choices]
     out = {"id": req.parsed.id, "text": parts[0]["text"], "finish_reason": first.finish_reason,
            "usage": dict(result.usage)}
-    if first.data.get("stop_reason") is not None:          # vLLM's: the stop string or stop token id
-        out["stop_reason"] = first.data["stop_reason"]
     if several and first.data.get("generated_by"):
         out["generated_by"] = first.data["generated_by"]
     if first.data.get("branches"):
@@ -68,6 +66,8 @@ def _choice_parts(req: RunRequest, choice, runtime) -> dict:
     echo, k, prompt_k = bool(asked.get("echo")), asked.get("logprobs"), asked.get("prompt_logprobs")
     pin = _pin(runtime, req.parsed) if runtime is not None else None
     out = {"text": choice.text}
+    if choice.data.get("stop_reason") is not None:        # vLLM's: the stop string or stop token id
+        out["stop_reason"] = choice.data["stop_reason"]
     if echo and req.parsed.messages is None and runtime is not None:
         prompt = req.parsed.prompt
         if prompt is None:
