@@ -278,9 +278,14 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
         ids = obj["prompt_token_ids"]
         req.prompt_token_ids = _check("prompt_token_ids", ids, isinstance(ids, list) and bool(ids) and all(
             _is_int(t) and t >= 0 for t in ids), "a non-empty array of token ids")
+    # echo with max_tokens 0 scores the prompt without generating (lm-eval's loglikelihood), as
+    # agp serve's completions take it
+    scoring = obj.get("echo") is True and obj.get("max_tokens") == 0 and not isinstance(obj["max_tokens"], bool)
     for name in SAMPLING_FIELDS:
-        if obj.get(name) is not None:
+        if obj.get(name) is not None and not (scoring and name == "max_tokens"):
             req.sampling[name] = checked(name, obj[name])
+    if scoring:
+        req.sampling["max_tokens"] = 0
     check_min_tokens(req.sampling)
     if obj.get("model") is not None:
         req.model = _check("model", obj["model"], isinstance(obj["model"], str), "a string")

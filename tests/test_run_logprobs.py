@@ -71,6 +71,7 @@ BODIES = [
      "prompt_logprobs": 2, "ignore_eos": True},
     {"prompt": [5, 60, 70, 80], "max_tokens": 3, "temperature": 0, "logprobs": 0, "echo": True, "ignore_eos": True},
     {"prompt": "hello world", "max_tokens": 3, "temperature": 0, "prompt_logprobs": 0, "ignore_eos": True},
+    {"prompt": "the cat and the world", "max_tokens": 0, "echo": True, "logprobs": 2},      # scoring (lm-eval)
 ]
 
 
