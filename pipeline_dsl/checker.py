@@ -207,6 +207,10 @@ def convert(value: ast.Value, p: Param, what: str) -> tuple[Any, Diagnostic | No
         if p.max_items is not None and len(value.items) > p.max_items:
             return None, _err(f"{what} holds {len(value.items)} strings; at most {p.max_items} are allowed",
                               value.pos, expected)
+        total = sum(len(item.value) for item in value.items)
+        if p.max_total is not None and total > p.max_total:
+            return None, _err(f"{what} holds {total} characters in all; at most {p.max_total} are allowed",
+                              value.pos, expected)
         out = [item.value for item in value.items]
     else:                                   # a third-party type we do not know: pass the raw value
         out = _raw(value)

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-MAX_STOP = 16              # stop strings a request may give (generate.stop's max_items)
+MAX_STOP = 1024            # stop strings a request may give (generate.stop's max_items)
 MAX_STOP_LEN = 256         # characters in one stop string (its max_length)
+MAX_STOP_CHARS = 4096      # characters of all its stop strings (generate.stop's max_total)
 
 
 class RequestError(ValueError):
@@ -42,9 +43,14 @@ class ParsedRequest:
     extras: dict = field(default_factory=dict)              # the per-request fields of ITEM_FIELDS
 
     def item(self) -> dict:
-        """The request as the pipeline's items carry it (what a python stage sees)."""
+        """The request as the pipeline's items carry it (what a python stage sees). `echo` with
+        `logprobs` asks the engine for the prompt's logprobs too (the echoed tokens' entries),
+        as agp serve's completions do: one computation serves both lists."""
+        fields = {**self.sampling, **self.extras}
+        if fields.get("echo") and fields.get("logprobs") is not None:
+            fields["prompt_logprobs"] = max(fields["logprobs"], fields.get("prompt_logprobs") or 0)
         return request_item(self.id, messages=self.messages, prompt_token_ids=self.prompt_token_ids,
-                            prompt=self.prompt, fields={**self.sampling, **self.extras}, model=self.model, n=self.n,
+                            prompt=self.prompt, fields=fields, model=self.model, n=self.n,
                             metadata=self.metadata, tools=self.tools, tool_choice=self.tool_choice,
                             parallel_tool_calls=self.parallel_tool_calls, response_format=self.response_format)
 
@@ -231,6 +237,16 @@ def checked(name: str, value):
         raise RequestError(str(e), param=e.field) from None
 
 
+def check_min_tokens(sampling: dict, max_tokens_field: str = "max_tokens") -> None:
+    """min_tokens above max_tokens asks for an answer no limit allows: a RequestError naming
+    min_tokens, as vLLM refuses it (a max_tokens the request leaves out is its stage's to cut)."""
+    low, high = sampling.get("min_tokens"), sampling.get("max_tokens")
+    if low is not None and high is not None and low > high:
+        raise RequestError(f"'min_tokens' = {low} is above '{max_tokens_field}' = {high}: an answer cannot be "
+                           f"longer than {max_tokens_field} allows (give min_tokens <= {max_tokens_field})",
+                           param="min_tokens")
+
+
 def token_ids(name: str, value) -> tuple[int, ...]:
     """A request's list of token ids (allowed_token_ids), through its one schema (stages/fields.py)."""
     try:
@@ -262,9 +278,15 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
         ids = obj["prompt_token_ids"]
         req.prompt_token_ids = _check("prompt_token_ids", ids, isinstance(ids, list) and bool(ids) and all(
             _is_int(t) and t >= 0 for t in ids), "a non-empty array of token ids")
+    # echo with max_tokens 0 scores the prompt without generating (lm-eval's loglikelihood), as
+    # agp serve's completions take it
+    scoring = obj.get("echo") is True and obj.get("max_tokens") == 0 and not isinstance(obj["max_tokens"], bool)
     for name in SAMPLING_FIELDS:
-        if obj.get(name) is not None:
+        if obj.get(name) is not None and not (scoring and name == "max_tokens"):
             req.sampling[name] = checked(name, obj[name])
+    if scoring:
+        req.sampling["max_tokens"] = 0
+    check_min_tokens(req.sampling)
     if obj.get("model") is not None:
         req.model = _check("model", obj["model"], isinstance(obj["model"], str), "a string")
     if obj.get("metadata") is not None:
@@ -287,6 +309,9 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     for name, (ok, expected) in ITEM_FIELDS.items():
         if obj.get(name) is not None:
             req.extras[name] = _check(name, obj[name], ok(obj[name]), expected)
+    if req.extras.get("echo") and req.messages is not None:       # as agp serve's chat refuses it
+        raise RequestError("'echo' repeats a 'prompt' before its answer; a 'messages' line has no prompt "
+                           "to repeat (leave 'echo' out)", param="echo")
     return req
 
 

@@ -59,7 +59,7 @@ def prepare_messages(messages: list[dict], tools: list[dict] | None, *, template
         if m.get("content") is None:
             m["content"] = ""
         out.append({"role": m["role"], "content": m["content"]})
-    if tools and choice != "none":
+    if tools:                # with tool_choice "none" too: the model knows them (vLLM, OpenAI)
         listing = json.dumps(functions(tools), ensure_ascii=False)
         system = SYSTEM.format(tools=listing)
         if isinstance(choice, dict):
@@ -83,25 +83,39 @@ def _arguments(value) -> Any:
 
 
 def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
-    """(the content outside the calls, or None when there is none; the tool calls found)."""
-    calls = []
-    for body in CALL_RE.findall(text):
-        try:
-            value = json.loads(body.strip())
-        except ValueError:
-            continue                        # not a call after all: it stays in the content
-        for call in value if isinstance(value, list) else [value]:
-            if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-                continue
-            args = call.get("arguments", call.get("parameters", {}))
-            calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                          "function": {"name": call["name"],
-                                       "arguments": args if isinstance(args, str)
-                                       else json.dumps(args, ensure_ascii=False)}})
+    """(the content outside the calls, or None when there is none; the tool calls found). The
+    content is the text a stream of the same answer sends (ToolStream): every character outside
+    the blocks that held calls, as written; a block that held none stays in it."""
+    calls: list[dict] = []
+
+    def take(match: re.Match) -> str:
+        found = _calls_in(match.group(1))
+        calls.extend(found)
+        return "" if found else match.group(0)
+
+    content = CALL_RE.sub(take, text)
     if not calls:
         return text, []
-    content = CALL_RE.sub("", text).strip()
-    return (content or None), calls
+    return (content if content.strip() else None), calls
+
+
+def _calls_in(body: str) -> list[dict]:
+    """The calls of one `<tool_call>` block (a JSON object or a list of them); none when it is
+    not JSON."""
+    try:
+        value = json.loads(body.strip())
+    except ValueError:
+        return []                           # not a call after all: it stays in the content
+    calls = []
+    for call in value if isinstance(value, list) else [value]:
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            continue
+        args = call.get("arguments", call.get("parameters", {}))
+        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": call["name"],
+                                   "arguments": args if isinstance(args, str)
+                                   else json.dumps(args, ensure_ascii=False)}})
+    return calls
 
 
 class ToolStream:

@@ -113,8 +113,9 @@ GENERATE = StageKind(
         Param("top_k", INT, 0, "keep the k most likely tokens (0 or -1 = all)", min=-1, max=1 << 20),
         Param("seed", INT, None, "random seed for sampling (none = nondeterministic)", min=-(1 << 63),
               max=(1 << 64) - 1, optional=True),
-        Param("stop", LIST_STR, (), "strings that end generation (at most 16, each up to 256 characters)",
-              max_items=16, max_length=256),
+        Param("stop", LIST_STR, (), "strings that end generation (at most 1024, each up to 256 characters, "
+              "4096 characters in all: the matcher's automaton has a state per character, and its cost per "
+              "token does not grow with the strings)", max_items=1024, max_length=256, max_total=4096),
         Param("ignore_eos", BOOL, False, "keep generating past the end-of-sequence token"),
         Param("n", INT, 1, "answers sampled per request (they share the prompt's KV blocks); each "
               "goes on as its own item, e.g. into a join", min=1, max=64),

@@ -106,6 +106,8 @@ def expected(p: Param) -> str:
             limits.append(f"at most {p.max_items}")
         if p.max_length is not None:
             limits.append(f"each of 1 to {p.max_length} characters")
+        if p.max_total is not None:
+            limits.append(f"{p.max_total} characters in all")
         return "a string or an array of strings" + (f" ({', '.join(limits)})" if limits else "")
     return p.type
 
@@ -161,6 +163,9 @@ def check_value(p: Param, value: Any, field: str | None = None) -> Any:
             longest = max(len(s) for s in items)
             raise ParamError(f"a '{field}' string has {longest} characters; at most {p.max_length} are allowed",
                              field)
+        total = sum(len(s) for s in items)
+        if p.max_total is not None and total > p.max_total:
+            raise ParamError(f"'{field}' holds {total} characters in all; at most {p.max_total} are allowed", field)
         return list(items)
     if not p.in_range(value):
         raise bad()

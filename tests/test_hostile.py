@@ -70,11 +70,17 @@ def test_wrong_content_type_and_oversized_bodies_are_415_and_413(server):
         small.close()
 
 
-def test_stop_strings_are_bounded(server):
-    assert_openai_error(post(server, json.dumps({"prompt": "hi", "stop": ["a"] * 17})), 400, "at most 16")
+def test_stop_strings_are_bounded_by_count_length_and_characters_in_all(server):
+    """vLLM sets no count; agp bounds what the matcher's automaton may hold (a state a character),
+    so 64 stop strings pass and the per-token cost does not grow with them."""
+    assert_openai_error(post(server, json.dumps({"prompt": "hi", "stop": ["a"] * 1025})), 400, "at most 1024")
     assert_openai_error(post(server, json.dumps({"prompt": "hi", "stop": ["x" * 257]})), 400, "at most 256")
-    r = post(server, json.dumps({"prompt": "hello", "max_tokens": 8, "stop": ["y" * 256] * 16}))
-    assert r.status_code == 200
+    r = post(server, json.dumps({"prompt": "hi", "stop": ["y" * 256] * 17}))
+    assert_openai_error(r, 400, "4352 characters in all; at most 4096")
+    assert r.json()["error"]["param"] == "stop"
+    for stops in (["y" * 256] * 16, [f"stop {i}" for i in range(64)], [chr(0x4e00 + i) for i in range(1024)]):
+        r = post(server, json.dumps({"prompt": "hello", "max_tokens": 8, "stop": stops}))
+        assert r.status_code == 200, r.text
 
 
 def test_no_response_shows_an_absolute_path_and_405_says_allow(server):

@@ -188,6 +188,57 @@ def test_tool_choice_none_gives_no_call_and_history_reaches_the_template(client,
     assert out.choices[0].message.role == "assistant"
 
 
+
+def test_tool_choice_none_keeps_the_tools_in_the_prompt_and_parses_no_call(client):
+    """vLLM renders the tools with tool_choice "none" too (unless --exclude-tools-when-tool-choice-none),
+    as OpenAI's model still knows them; the answer is never parsed for calls, even one that reads
+    like a call."""
+    def prompt_tokens(**kw) -> int:
+        return _chat(client, max_tokens=1, **kw).usage.prompt_tokens
+
+    bare = prompt_tokens()
+    assert prompt_tokens(tools=[WEATHER], tool_choice="none") == prompt_tokens(tools=[WEATHER], tool_choice="auto") > bare
+    call = '<tool_call>[{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}]</tool_call>'
+    out = _chat(client, max_tokens=256, tools=[WEATHER], tool_choice="none", extra_body={"guided_choice": [call]})
+    msg = out.choices[0]
+    assert msg.message.content == call and msg.message.tool_calls is None and msg.finish_reason == "stop"
+
+
+
+@pytest.mark.parametrize("said", [
+    'Sure. <tool_call>[{"name": "add", "arguments": {"a": 1, "b": 2}}]</tool_call>',
+    '<tool_call>not a call</tool_call> so: <tool_call>{"name": "add", "arguments": {"a": 3, "b": 4}}</tool_call>',
+])
+def test_a_tool_calling_answer_has_the_same_content_and_calls_streamed_or_not(client, said):
+    """The text outside the calls is the message's content, as written, whether the answer comes
+    whole or as a stream (a block that holds no call stays content both ways)."""
+    kw = dict(max_tokens=400, tools=[ADD], tool_choice="auto", extra_body={"guided_choice": [said]})
+    whole = _chat(client, **kw).choices[0]
+    content, calls = "", {}
+    for chunk in _chat(client, stream=True, **kw):
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for tc in choice.delta.tool_calls or []:
+                calls.setdefault(tc.index, ["", ""])
+                calls[tc.index][0] += tc.function.name or ""
+                calls[tc.index][1] += tc.function.arguments or ""
+    assert whole.finish_reason == "tool_calls" and whole.message.content == content
+    assert [[c.function.name, c.function.arguments] for c in whole.message.tool_calls] == list(calls.values())
+
+def test_exclude_tools_when_tool_choice_none_leaves_them_out_of_the_item():
+    from pipeline_dsl.serve.options import add_arguments
+    from pipeline_dsl.serve.protocol import parse_chat
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args(["x.agp", "--exclude-tools-when-tool-choice-none"]).exclude_tools_when_tool_choice_none
+    body = {"model": "tiny", "messages": USER, "tools": [WEATHER], "tool_choice": "none"}
+    req = parse_chat(body, max_model_len=512, served=("tiny",))
+    assert req.item("a")["tools"] and "tools" not in req.item("a", exclude_tools_when_none=True)
+    auto = parse_chat({**body, "tool_choice": "auto"}, max_model_len=512, served=("tiny",))
+    assert auto.item("a", exclude_tools_when_none=True)["tools"]
+
 # ---------------------------------------------------------------- sampling parameters
 
 def _tokens(client, **kw):

@@ -101,7 +101,7 @@ def test_a_chat_answer_with_tools_turns_a_call_into_tool_calls():
     assert choice["finish_reason"] == "tool_calls" and choice["index"] == 0 and choice["logprobs"] is None
     message = choice["message"]
     assert set(message) == {"role", "content", "tool_calls"}
-    assert message["role"] == "assistant" and message["content"] == "Let me look."
+    assert message["role"] == "assistant" and message["content"] == "Let me look. "   # as written: what a stream sends
     [call] = message["tool_calls"]
     assert call["type"] == "function"
     assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
@@ -542,3 +542,18 @@ def test_a_batch_of_string_prompts_splits_into_string_prompts():
 def test_a_chat_item_says_whether_tool_calls_may_run_in_parallel():
     req = chat({"messages": HI, "tools": [TOOL], "parallel_tool_calls": False})
     assert req.item("i")["parallel_tool_calls"] is False
+
+
+def test_min_tokens_above_max_tokens_is_refused_naming_min_tokens():
+    """vLLM refuses min_tokens > max_tokens (400); so do agp serve bodies and agp run lines."""
+    from pipeline_dsl.requests_io import RequestError, parse_request
+
+    e = refused(completion, {"prompt": "hi", "max_tokens": 5, "min_tokens": 10})
+    assert e.param == "min_tokens" and "'min_tokens' = 10 is above 'max_tokens' = 5" in e.message
+    e = refused(chat, {"messages": HI, "max_completion_tokens": 3, "min_tokens": 4})
+    assert e.param == "min_tokens" and "'max_completion_tokens' = 3" in e.message
+    assert completion({"prompt": "hi", "max_tokens": 5, "min_tokens": 5}).fields["min_tokens"] == 5
+    assert completion({"prompt": "hi", "min_tokens": 500}).fields["min_tokens"] == 500      # the stage's max cuts it
+    with pytest.raises(RequestError) as err:
+        parse_request({"prompt": "hi", "max_tokens": 2, "min_tokens": 3})
+    assert err.value.param == "min_tokens"

@@ -163,6 +163,64 @@ def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client, kind
     assert [c.usage is not None for c in plain] == [False] * (len(plain) - 1) + [True]   # the last alone
 
 
+
+@pytest.mark.parametrize("kind", ["chat", "echo"])
+def test_continuous_usage_counts_only_the_tokens_already_sent(client, kind):
+    """A choice's opening chunk (chat's role, an echoed prompt) comes before its tokens: its usage
+    counts none of them (vLLM's role chunk: completion_tokens 0); each later chunk counts the token
+    ids sent so far."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    extra = {"ignore_eos": True, "return_token_ids": True}
+    if kind == "chat":
+        chunks = list(client.chat.completions.create(model="tiny", messages=USER, max_tokens=4, n=2, stream=True,
+                                                     stream_options=options, extra_body=extra))
+    else:
+        chunks = list(client.completions.create(model="tiny", prompt="hey", max_tokens=4, n=2, stream=True, echo=True,
+                                                stream_options=options, extra_body=extra))
+    sent = 0
+    for c in chunks:
+        for choice in c.choices:
+            sent += len(getattr(choice, "token_ids", None) or ())
+        assert c.usage.completion_tokens == sent, (c, sent)
+    assert sent == 8
+
+
+def test_detokenize_names_tokens_for_an_id_outside_the_vocabulary(server):
+    r = httpx.post(server.url + "/detokenize", json={"tokens": [5, 10 ** 6]}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+    assert "outside the vocabulary" in r.json()["error"]["message"]
+
+
+def test_stop_reason_names_the_stop_string_or_token_that_ended_the_answer(server, client):
+    """vLLM's stop_reason: the stop string or the stop_token_ids id that ended a choice, null when
+    it ran to its length; on every choice, and on the finishing chunk of a stream."""
+    base = {"model": "tiny", "prompt": "the world is", "max_tokens": 10, "temperature": 0}
+    plain = client.completions.create(**base, extra_body={"return_token_ids": True, "ignore_eos": True})
+    text, ids = plain.choices[0].text, plain.choices[0].token_ids
+    assert plain.choices[0].finish_reason == "length" and plain.choices[0].stop_reason is None
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    assert len(stop) == 3
+    by_string = client.completions.create(**base, stop=["never there", stop], extra_body={"ignore_eos": True})
+    assert by_string.choices[0].finish_reason == "stop" and by_string.choices[0].stop_reason == stop
+    by_token = client.completions.create(**base, extra_body={"stop_token_ids": [ids[3]], "ignore_eos": True})
+    assert by_token.choices[0].finish_reason == "stop" and by_token.choices[0].stop_reason == ids[3]
+    chat = client.chat.completions.create(model="tiny", messages=USER, max_tokens=10, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    said = chat.choices[0].message.content
+    assert chat.choices[0].stop_reason is None
+    cut = client.chat.completions.create(model="tiny", messages=USER, max_tokens=10, temperature=0,
+                                         stop=[said[2:4]], extra_body={"ignore_eos": True})
+    assert cut.choices[0].stop_reason == said[2:4]
+    chunks = list(client.completions.create(**base, stop=[stop], stream=True, extra_body={"ignore_eos": True}))
+    last = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason][0]
+    assert last.finish_reason == "stop" and last.stop_reason == stop
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": USER, "max_tokens": 10,
+                                                              "temperature": 0, "stop": [said[2:4]], "stream": True,
+                                                              "ignore_eos": True}, timeout=60)
+    ends = [json.loads(x[6:])["choices"][0] for x in r.text.splitlines()
+            if x.startswith("data: {") and json.loads(x[6:])["choices"][0]["finish_reason"]]
+    assert ends == [{**ends[0], "finish_reason": "stop", "stop_reason": said[2:4]}]
+
 def test_what_vllm_clients_send_by_default_is_taken_and_anything_else_named(client):
     defaults = {"use_beam_search": False, "length_penalty": 1.0, "priority": 0, "return_tokens_as_token_ids": False,
                 "bad_words": [], "allowed_token_ids": None, "prompt_logprobs": None, "vllm_xargs": None,

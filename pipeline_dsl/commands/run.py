@@ -5,7 +5,8 @@
 
 Input: one request a line (`id`, `prompt` or `messages`, optional sampling fields).
 Output: one JSON line per input line, in input order, each written whole and flushed as
-soon as the lines before it are: `id`, `text`, `finish_reason`, `usage`; a line that
+soon as the lines before it are: `id`, `text`, `finish_reason`, `usage` (and `stop_reason`, `logprobs`,
+`prompt_logprobs`, `choices` where asked, as agp serve's completions choices); a line that
 cannot be run gives `{"id", "error": {"line", "message", "type"}}` and every other line
 still runs: one longer than MAX_LINE_BYTES (if no end of line follows within MAX_SKIP_BYTES,
 as from /dev/zero, the input is read no further), or whose id an earlier line has (a line without

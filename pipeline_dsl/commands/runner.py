@@ -18,6 +18,8 @@ from typing import Callable
 
 from pipeline_dsl.engine.engine import percentile
 from pipeline_dsl.requests_io import ParsedRequest
+from pipeline_dsl.serve.protocol import completion_logprobs
+from pipeline_dsl.serve.token_fields import prompt_logprobs_json
 
 
 @dataclass
@@ -27,27 +29,57 @@ class RunRequest:
     parsed: ParsedRequest
 
 
-def record(req: RunRequest, result, several: bool = False) -> dict:
+def record(req: RunRequest, result, several: bool = False, runtime=None) -> dict:
     """One output line: the answer (its choices when more than one), or the error. `several`:
-    the pipeline has several generate stages (each answer names the one that made it)."""
+    the pipeline has several generate stages (each answer names the one that made it). With
+    `echo` the text begins with the prompt; `logprobs` and `prompt_logprobs` come in the shapes
+    of agp serve's completions choices (one formatter for both: serve/protocol.py and
+    serve/token_fields.py), which need `runtime` for the tokens' text."""
     if result.error is not None:
         err = {"line": req.line, "message": result.error.message, "type": result.error.kind}
         if result.error.stage:
             err["stage"] = result.error.stage
         return {"id": req.parsed.id, "error": err}
     first = result.choices[0]
-    out = {"id": req.parsed.id, "text": first.text, "finish_reason": first.finish_reason,
+    parts = [_choice_parts(req, c, runtime) for c in result.choices]
+    out = {"id": req.parsed.id, "text": parts[0]["text"], "finish_reason": first.finish_reason,
            "usage": dict(result.usage)}
     if several and first.data.get("generated_by"):
         out["generated_by"] = first.data["generated_by"]
     if first.data.get("branches"):
         out["branches"] = first.data["branches"]
+    out.update({k: v for k, v in parts[0].items() if k not in ("text", "token_ids")})
     ids = (first.data.get("request") or {}).get("return_token_ids")     # vLLM's return_token_ids
     if ids:
         out["prompt_token_ids"], out["token_ids"] = first.data.get("prompt_token_ids"), first.data.get("token_ids")
     if len(result.choices) > 1:
-        out["choices"] = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-                           **({"token_ids": c.data.get("token_ids")} if ids else {})} for c in result.choices]
+        out["choices"] = [{"index": c.index, "text": p.pop("text"), "finish_reason": c.finish_reason,
+                           **({"token_ids": c.data.get("token_ids")} if ids else {}), **p}
+                          for c, p in zip(result.choices, parts)]
+    return out
+
+
+def _choice_parts(req: RunRequest, choice, runtime) -> dict:
+    """A choice's text (the prompt first with `echo`), and its `logprobs` / `prompt_logprobs`
+    where the line asked for them, as agp serve's completions choice carries them."""
+    asked = req.parsed.extras
+    echo, k, prompt_k = bool(asked.get("echo")), asked.get("logprobs"), asked.get("prompt_logprobs")
+    pin = _pin(runtime, req.parsed) if runtime is not None else None
+    out = {"text": choice.text}
+    if choice.data.get("stop_reason") is not None:        # vLLM's: the stop string or stop token id
+        out["stop_reason"] = choice.data["stop_reason"]
+    if echo and req.parsed.messages is None and runtime is not None:
+        prompt = req.parsed.prompt
+        if prompt is None:
+            prompt = runtime.detokenise(list(req.parsed.prompt_token_ids or ()), pin)
+        out["text"] = prompt + choice.text
+    if runtime is None or (k is None and prompt_k is None):
+        return out
+    text_of = runtime.token_text(pin)
+    if k is not None:
+        out["logprobs"] = completion_logprobs(choice.data, text_of, echo and req.parsed.messages is None, k=k)
+    if prompt_k is not None:
+        out["prompt_logprobs"] = prompt_logprobs_json(choice.data.get("prompt_logprobs"), prompt_k, text_of)
     return out
 
 
@@ -76,7 +108,7 @@ def run_pipeline(runtime, requests: list[RunRequest], *, on_done: Callable[[int,
             if on_interrupted is not None:
                 on_interrupted(req.slot)
             return
-        on_done(req.slot, record(req, result, several=len(runtime.seg_of_gen) > 1))
+        on_done(req.slot, record(req, result, several=len(runtime.seg_of_gen) > 1, runtime=runtime))
         if bar:
             with lock:
                 completion += result.usage.get("completion_tokens", 0)

@@ -204,3 +204,4 @@ class RequestOutput:                       # one per request touched by a step
     # None for the first prompt token, then {"token_id", "logprob", "top"} per prompt token
     prompt_logprobs: list | None = None
     pooled: list | None = None             # SamplingParams.pooling = "mean": the prompt's mean hidden state
+    stop_reason: int | str | None = None   # finished by a stop string (it) or a stop_token_ids id (it); vLLM's

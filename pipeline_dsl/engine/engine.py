@@ -251,7 +251,7 @@ class Engine:
 
             native = template_takes_tools(getattr(self.tokenizer, "chat_template", None))
             messages = prepare_messages(list(messages), tools, template_takes_tools=native, choice=tool_choice)
-            if native and tools and tool_choice != "none":
+            if native and tools:        # tool_choice "none" too, as vLLM renders them
                 extra["tools"] = tools
         try:
             rendered = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
@@ -485,7 +485,7 @@ class Engine:
             self._itl.append(now - st.last)
         st.last = now
         text_from = len(st.text)
-        reason = None
+        reason = stop_reason = None
         logprobs = self.features.logprobs_of(seq, token) if p.logprobs is not None else None
         if st.error_at is not None and seq.num_output > st.error_at:
             reason = "error"                   # the grammar refused a token: see metrics["error"]
@@ -493,6 +493,8 @@ class Engine:
         elif token in p.stop_token_ids or (token in self.eos_token_ids and (
                 not p.ignore_eos or p.constraint is not None)):   # a grammar's EOS always ends it
             reason = "stop"           # the stop token's own text only when asked (skip_special_tokens drops a special one)
+            if token in p.stop_token_ids and not (token in self.eos_token_ids and not p.ignore_eos):
+                stop_reason = token   # vLLM's stop_reason: the listed id (an EOS that ends the answer: None)
             st.text += st.detok.add(token, final=True) if p.include_stop_str_in_output else st.detok.flush()
         else:
             last = seq.num_output >= p.max_tokens or len(seq.token_ids) >= self.max_model_len
@@ -503,6 +505,7 @@ class Engine:
             cut = st.stops.find(st.text, text_from)
             if cut >= 0:
                 end = cut + st.stops.matched if p.include_stop_str_in_output else cut
+                stop_reason = st.text[cut:cut + st.stops.matched]        # which stop string (vLLM's stop_reason)
                 st.text, reason = st.text[:end], "stop"
             elif last:
                 reason = "length"
@@ -524,7 +527,7 @@ class Engine:
         prompt_lp, pooled = seq.prompt_out.take() if seq.prompt_out is not None else (None, None)
         return RequestOutput(seq.request_id, [token], delta, text, reason is not None, reason,
                              seq.num_prompt, seq.num_output, seq.cached_tokens, metrics, logprobs,
-                             prompt_lp, pooled)
+                             prompt_lp, pooled, stop_reason)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.remove(seq, reason)

@@ -301,6 +301,8 @@ class EngineSide:
                                             out.completion_tokens, out.cached_tokens)
                 if getattr(out, "pooled", None) is not None:   # pooling = "mean": the prompt's mean hidden state
                     item.data["pooled"] = out.pooled
+                if getattr(out, "stop_reason", None) is not None:   # the stop string or stop token id that ended it
+                    item.data["stop_reason"] = out.stop_reason
         for item, out in finished:
             if not item.req.done:
                 self._task(self._leave_generate, item)

@@ -25,4 +25,5 @@ class ServeConfig:
     allowed_origins: tuple[str, ...] = ()  # CORS: origins browsers may call from ("*": any)
     stats_interval_s: float = 10.0         # a stats log line this often while busy (0: none)
     trace_path: str | None = None          # the Chrome trace is written here (flush, shutdown)
+    exclude_tools_when_tool_choice_none: bool = False   # vLLM's flag: such a request's tools stay out of its prompt
     root_path: str = ""                    # the prefix a proxy serves under: routes answer with and without it

@@ -35,12 +35,13 @@ FAILURES: dict[str, tuple[int, str, str | None, bool]] = {
 
 def api_error(e: PipelineError, kind: str, retry_after_s: int = 1) -> APIError:
     """The HTTP answer to a request the pipeline refused or failed; `kind` is the request's
-    ("chat": its input is `messages`, else `prompt`). An error that carries a code of its own
+    ("chat": its input is `messages`, "detokenize": `tokens`, else `prompt`). An error that carries a code of its own
     (context_length_exceeded) keeps it."""
     status, type_, code, retry = FAILURES.get(e.kind, FAILURES["failed"])
     if e.kind == "invalid":             # the field at fault, else the prompt
         param = getattr(e, "param", None) or (
-            "messages" if kind == "chat" else "input" if kind in ("responses", "embeddings") else "prompt")
+            "messages" if kind == "chat" else "input" if kind in ("responses", "embeddings")
+            else "tokens" if kind == "detokenize" else "prompt")
     else:
         param = e.stage if e.kind in ("rejected", "failed") else None
     return APIError(e.message, status=status, type=type_, code=getattr(e, "code", None) or code, param=param,

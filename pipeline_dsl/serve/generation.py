@@ -84,7 +84,9 @@ class Generations:
         params = {"n": req.fields.get("n"), "max_tokens": req.fields.get("max_tokens")}
         try:
             for k, part in enumerate(parts):
-                streams.append(await self.apipe.add(part.item(rid if k == 0 else f"{rid}-{k}"), pin=req.pin,
+                item = part.item(rid if k == 0 else f"{rid}-{k}",
+                                 exclude_tools_when_none=self.config.exclude_tools_when_tool_choice_none)
+                streams.append(await self.apipe.add(item, pin=req.pin,
                                                     stream=req.stream, params=params))
         except PipelineError as e:
             for st in streams:
@@ -152,7 +154,7 @@ class Generations:
         if req.kind == "chat":
             choices = [(c.index, c.text, c.finish_reason,
                         P.chat_logprobs(c.data.get("logprobs") or [], text_of) if want else None,
-                        answer_fields(c.data, None, want_ids, text_of)[1])
+                        {"stop_reason": c.data.get("stop_reason"), **answer_fields(c.data, None, want_ids, text_of)[1]})
                        for c in res.choices]
             top = answer_fields(res.choices[0].data, req.prompt_logprobs, want_ids, text_of)[0]
             body = P.chat_response(rid, req.model, choices, use, tools_active=req.tools_active, top=top)
@@ -164,5 +166,5 @@ class Generations:
             of_prompt, of_answer = answer_fields(c.data, req.prompt_logprobs, want_ids, text_of)
             choices.append((c.index, prompt + c.text, c.finish_reason,
                             P.completion_logprobs(c.data, text_of, echo, k=req.fields.get("logprobs")) if want
-                            else None, {**of_prompt, **of_answer}))
+                            else None, {"stop_reason": c.data.get("stop_reason"), **of_prompt, **of_answer}))
         return P.completion_response(rid, req.model, choices, use), {c[0]: c[2] for c in choices}

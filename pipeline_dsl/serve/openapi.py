@@ -8,12 +8,13 @@ tester (schemathesis, in tests/test_openapi.py) checks the server against.
 """
 from __future__ import annotations
 
-from pipeline_dsl.requests_io import MAX_STOP, MAX_STOP_LEN, ROLES
+from pipeline_dsl.requests_io import MAX_STOP, MAX_STOP_CHARS, MAX_STOP_LEN, ROLES
 from stages.fields import TOKEN_ID_FIELDS
 
 STOP = {"oneOf": [
     {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LEN},
-    {"type": "array", "maxItems": MAX_STOP, "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LEN}},
+    {"type": "array", "maxItems": MAX_STOP, "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LEN},
+     "description": f"at most {MAX_STOP_CHARS} characters in all"},
     {"type": "null"},
 ]}
 
@@ -95,6 +96,8 @@ USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "t
     "total_tokens": {"type": "integer"}}}
 
 FINISH = {"type": ["string", "null"]}
+STOP_REASON = {"type": ["string", "integer", "null"],
+               "description": "vLLM's: the stop string or stop_token_ids id that ended the answer, else null"}
 
 CHAT_RESPONSE = {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
                  "properties": {
@@ -103,6 +106,7 @@ CHAT_RESPONSE = {"type": "object", "required": ["id", "object", "created", "mode
                      "choices": {"type": "array", "items": {
                          "type": "object", "required": ["index", "message", "finish_reason"],
                          "properties": {"index": {"type": "integer"}, "finish_reason": FINISH,
+                                        "stop_reason": STOP_REASON,
                                         "message": {"type": "object", "required": ["role", "content"],
                                                     "properties": {"role": {"const": "assistant"},
                                                                    "content": {"type": ["string", "null"]}}}}}}}}
@@ -114,7 +118,7 @@ COMPLETION_RESPONSE = {"type": "object", "required": ["id", "object", "created",
                            "choices": {"type": "array", "items": {
                                "type": "object", "required": ["index", "text", "finish_reason"],
                                "properties": {"index": {"type": "integer"}, "text": {"type": "string"},
-                                              "finish_reason": FINISH}}}}}
+                                              "finish_reason": FINISH, "stop_reason": STOP_REASON}}}}}
 
 
 RESPONSES_REQUEST = {"type": "object", "required": ["input"], "properties": {

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeline_dsl.requests_io import (RequestError, load_json, parse_logit_bias, parse_messages, parse_tools,
-                                      request_item)
+from pipeline_dsl.requests_io import (RequestError, check_min_tokens, load_json, parse_logit_bias, parse_messages,
+                                      parse_tools, request_item)
 from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
 
 from .api_error import APIError
@@ -69,11 +69,15 @@ class GenerationRequest:
     def tools_active(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"
 
-    def item(self, request_id: str) -> dict[str, Any]:
-        """The request as the pipeline's items carry it (what a python stage sees)."""
+    def item(self, request_id: str, exclude_tools_when_none: bool = False) -> dict[str, Any]:
+        """The request as the pipeline's items carry it (what a python stage sees). Its tools reach
+        the prompt whatever tool_choice says, as in vLLM (tool_choice "none" only leaves the answer
+        unparsed); `exclude_tools_when_none` (vLLM's --exclude-tools-when-tool-choice-none) leaves
+        them out of a request whose tool_choice is "none"."""
+        drop = exclude_tools_when_none and self.tool_choice == "none"
         return request_item(request_id, messages=self.messages, prompt_token_ids=self.prompt_token_ids,
                             prompt=self.prompt, fields=self.fields, model=self.model, metadata=self.metadata,
-                            tools=self.tools, tool_choice=self.tool_choice,
+                            tools=None if drop else self.tools, tool_choice=self.tool_choice,
                             parallel_tool_calls=self.parallel_tool_calls, response_format=self.response_format,
                             chat_template_kwargs=self.chat_template_kwargs)
 
@@ -209,6 +213,10 @@ def _sampling(obj: dict, max_model_len: int, max_tokens_field: str = "max_tokens
                        f"{max_model_len} tokens, which the prompt shares; ask for at most {max_model_len} "
                        "less the prompt's tokens",
                        param=max_tokens_field, code="context_length_exceeded")
+    try:
+        check_min_tokens(values, max_tokens_field)
+    except RequestError as e:
+        raise APIError(str(e), param=e.param) from None
     stop_ids = obj.get("stop_token_ids")
     if stop_ids is not None:
         if not isinstance(stop_ids, list) or not all(_is_int(t) and t >= 0 for t in stop_ids):

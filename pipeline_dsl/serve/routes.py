@@ -154,7 +154,7 @@ async def detokenize(request: Request):
     except P.APIError as err:
         return error_response(err)
     except PipelineError as e:
-        return error_response(api_error(e, "completion"))
+        return error_response(api_error(e, "detokenize"))
     return {"prompt": text}
 
 

@@ -153,20 +153,25 @@ class ChunkWriter(Relay):
 
     # ---- chunk bodies ------------------------------------------------------------------
     def _chunk(self, index: int, text: str | None = None, *, delta: dict | None = None,
-               reason: str | None = None, logprobs: dict | None = None, ids: list | None = None) -> bytes:
-        opening = self.opening.pop(index, None) or {}
+               reason: str | None = None, logprobs: dict | None = None, ids: list | None = None,
+               opening: bool = False, stop_reason: int | str | None = None) -> bytes:
+        prompt_part = self.opening.pop(index, None) or {}
         role = delta is not None and "role" in delta
         extra = {"token_ids": list(ids or ())} if self.want_ids and not role else {}
+        if reason is not None:                         # the finishing chunk says what stopped it (vLLM's)
+            extra["stop_reason"] = stop_reason
         if self.chat:
             body = P.chat_chunk(self.rid, self.req.model, self.now, delta if delta is not None else
-                                {"content": text}, reason, index, logprobs, extra=extra, top=opening)
+                                {"content": text}, reason, index, logprobs, extra=extra, top=prompt_part)
         else:
             body = P.completion_chunk(self.rid, self.req.model, self.now, text or "", reason, index, logprobs,
-                                      extra={**opening, **extra})
+                                      extra={**prompt_part, **extra})
         if self.req.continuous_usage:                  # the usage so far on every chunk (vLLM's)
             prompts = self.prompt_tokens.values()
-            body["usage"] = P.usage(sum(p for p, _ in prompts), sum(self.completion_tokens.values()),
-                                    sum(c for _, c in prompts))
+            # a choice's opening chunks (chat's role, an echoed prompt) come before any of its tokens:
+            # they count none of them, as vLLM's role chunk says completion_tokens 0
+            done = sum(n for i, n in self.completion_tokens.items() if not (opening and i == index))
+            body["usage"] = P.usage(sum(p for p, _ in prompts), done, sum(c for _, c in prompts))
         return P.sse(body)
 
     def _listed(self, index: int, lp: dict) -> dict:
@@ -205,11 +210,11 @@ class ChunkWriter(Relay):
             self.opening[index] = answer_fields({"prompt_token_ids": prompt_ids, "prompt_logprobs": lps},
                                               self.req.prompt_logprobs, self.want_ids, self.text_of)[0]
         if self.chat and index not in self.opened:
-            out.append(self._chunk(index, delta={"role": "assistant", "content": ""}))
+            out.append(self._chunk(index, delta={"role": "assistant", "content": ""}, opening=True))
         if self.echo and index not in self.opened:
             prompt, lp = self._echoed(index, data)
             self.offset[index] = len(prompt)
-            out.append(self._chunk(index, prompt, logprobs=lp and self._listed(index, lp)))
+            out.append(self._chunk(index, prompt, logprobs=lp and self._listed(index, lp), opening=True))
         self.opened.add(index)
         calls = []
         if self.chat and self.req.tools_active:
@@ -227,7 +232,7 @@ class ChunkWriter(Relay):
             out.append(self._chunk(index, delta={"tool_calls": calls}))
         return out
 
-    def finish(self, index: int, reason: str | None) -> list[bytes]:
+    def finish(self, index: int, reason: str | None, stop_reason: int | str | None = None) -> list[bytes]:
         self.closed.add(index)
         out = []
         if index in self.tool_streams:
@@ -237,7 +242,7 @@ class ChunkWriter(Relay):
         if index in self.called:
             reason = "tool_calls"
         self.reasons[index] = reason
-        out.append(self._chunk(index, "", delta={}, reason=reason))
+        out.append(self._chunk(index, "", delta={}, reason=reason, stop_reason=stop_reason))
         return out
 
     def done(self, result) -> list[bytes]:
@@ -251,7 +256,7 @@ class ChunkWriter(Relay):
                 whole = c.index not in self.opened           # it came whole (no deltas)
                 out += self.content(c.index, c.text if whole else "", c.data.get("logprobs") if whole else None,
                                     c.data, c.data.get("token_ids") if whole else None)
-                out += self.finish(c.index, c.finish_reason)
+                out += self.finish(c.index, c.finish_reason, c.data.get("stop_reason"))
         if self.req.include_usage:
             use = P.usage(total["prompt_tokens"], total["completion_tokens"], total["cached_tokens"])
             out.append(P.sse(P.usage_chunk(self.rid, self.req.model, self.now, self.req.kind, use)))
@@ -265,7 +270,7 @@ class ChunkWriter(Relay):
         self.completion_tokens[index] = getattr(out, "completion_tokens", 0)
         chunks = self.content(index, out.delta_text, getattr(out, "logprobs", None), ids=out.new_token_ids)
         if out.finished and index not in self.closed:
-            return [*chunks, *self.finish(index, out.finish_reason)]
+            return [*chunks, *self.finish(index, out.finish_reason, getattr(out, "stop_reason", None))]
         return chunks
 
     def on_error(self, err: P.APIError) -> list[bytes]:
