@@ -121,7 +121,9 @@ def _is_num(v) -> bool:
 def _bad(param: str, expected: str, value) -> APIError:
     shown = json.dumps(value)
     shown = shown if len(shown) <= 40 else shown[:37] + "..."
-    return APIError(f"'{param}' must be {expected}, not {_json_type(value)} ({shown})", param=param)
+    # a number is shown as itself: "an integer from 0 to 20, not 21" (not "not a number (21)")
+    what = shown if _json_type(value) == "a number" else f"{_json_type(value)} ({shown})"
+    return APIError(f"'{param}' must be {expected}, not {what}", param=param)
 
 
 def _field(obj: dict, name: str, ok, expected: str):
