@@ -225,19 +225,28 @@ def test_a_tool_calling_answer_has_the_same_content_and_calls_streamed_or_not(cl
     assert whole.finish_reason == "tool_calls" and whole.message.content == content
     assert [[c.function.name, c.function.arguments] for c in whole.message.tool_calls] == list(calls.values())
 
-def test_exclude_tools_when_tool_choice_none_leaves_them_out_of_the_item():
+def test_exclude_tools_when_tool_choice_none_leaves_them_out_of_the_prompt(tmp_path):
+    """`agp serve --exclude-tools-when-tool-choice-none` (vLLM's flag): a "none" request's prompt is
+    as long as one without tools; "auto" still sees them."""
     from pipeline_dsl.serve.options import add_arguments
-    from pipeline_dsl.serve.protocol import parse_chat
     import argparse
 
     p = argparse.ArgumentParser()
     add_arguments(p)
     assert p.parse_args(["x.agp", "--exclude-tools-when-tool-choice-none"]).exclude_tools_when_tool_choice_none
-    body = {"model": "tiny", "messages": USER, "tools": [WEATHER], "tool_choice": "none"}
-    req = parse_chat(body, max_model_len=512, served=("tiny",))
-    assert req.item("a")["tools"] and "tools" not in req.item("a", exclude_tools_when_none=True)
-    auto = parse_chat({**body, "tool_choice": "auto"}, max_model_len=512, served=("tiny",))
-    assert auto.item("a", exclude_tools_when_none=True)["tools"]
+    assert not p.parse_args(["x.agp"]).exclude_tools_when_tool_choice_none
+    path = write_tiny_gguf(tmp_path / "long.gguf", context=4096, embed_scale=0.3)
+    excluding = LiveServer(path, max_batch_size=4, exclude_tools_when_tool_choice_none=True)
+    try:
+        def prompt_tokens(**kw) -> int:
+            return _chat(excluding.client, max_tokens=1, **kw).usage.prompt_tokens
+
+        bare = prompt_tokens()
+        assert prompt_tokens(tools=[WEATHER], tool_choice="none") == bare
+        assert prompt_tokens(tools=[WEATHER], tool_choice="auto") > bare
+    finally:
+        excluding.close()
+
 
 # ---------------------------------------------------------------- sampling parameters
 
