@@ -221,14 +221,17 @@ def test_agp_attention_picks_the_backend_and_a_bad_value_is_an_input_error(tiny_
         eng.add_request("a", prompt="hello world", params=SamplingParams(max_tokens=6, ignore_eos=True))
         return [t for _ in range(50) if eng.has_unfinished() for o in eng.step() for t in o.new_token_ids]
 
-    default = tiny_engine(tiny_gguf)
+    # no batch window: a step admits the request at once (with the default 1 ms window, 50 quick
+    # steps could all fall inside it and the answer came back empty)
+    default = tiny_engine(tiny_gguf, batch_timeout_s=0.0)
     assert default.stats()["attention"] == "sdpa"                       # CPU: gather + native kernels
     monkeypatch.setenv("AGP_ATTENTION", "flex")
-    flex = tiny_engine(tiny_gguf)
+    flex = tiny_engine(tiny_gguf, batch_timeout_s=0.0)
     assert flex.stats()["attention"] == "flex" and flex.runner.native is None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert answer(flex) == answer(default)
+        got, want = answer(flex), answer(default)
+    assert len(want) == 6 and got == want
     monkeypatch.setenv("AGP_ATTENTION", "paged")
     with pytest.raises(InputError, match="AGP_ATTENTION=paged"):
         tiny_engine(tiny_gguf)
