@@ -245,3 +245,32 @@ def test_a_machine_without_cuda_never_imports_cuda_only_code(tiny_gguf):
 def test_bucket_of_rounds_up_past_the_last_bucket():
     assert [bucket_of(n) for n in (1, 3, 17, 256, 257)] == [1, 4, 24, 256, 384]
     assert torch.tensor(0).device.type == "cpu"
+
+
+def test_graphs_are_captured_largest_first_so_smaller_ones_reuse_the_pool(model):
+    # the graphs share one memory pool; a capture reuses only what earlier ones freed, so the
+    # largest step goes first (as vLLM does): every later capture's rows are at most the last's
+    from pipeline_dsl.engine.cuda_graphs import capture_order
+
+    rows, keys = [], []
+
+    class Recording(EagerGraphs):
+        def capture(self, fn):
+            replay, out = super().capture(fn)
+            rows.append(out.shape[0])                      # [rows, H]: a piece's bucket or a decode batch
+            return replay, out
+
+    runner = eager(model)
+    hidden = runner.hidden
+
+    def spy(step):
+        if not keys or keys[-1] != step.graph_key:
+            keys.append(step.graph_key)
+        return hidden(step)
+
+    runner.hidden = spy
+    got = runner.capture_graphs(max_batch=8, max_len=96, graph_factory=Recording(), max_tokens=24)
+    assert len(rows) == got["graphs"] + got["piece_graphs"]
+    assert rows == sorted(rows, reverse=True) and rows[0] == 32 and rows[-1] == 1
+    assert keys == capture_order(8, 96 // BS, runner.num_blocks) == sorted(keys, reverse=True)
+    assert set(keys) == {(B, n) for B in (1, 2, 4, 8) for n in (1, 2, 4, 8, 12, 16, 24) if B * n <= 80}
