@@ -274,3 +274,35 @@ def test_graphs_are_captured_largest_first_so_smaller_ones_reuse_the_pool(model)
     assert rows == sorted(rows, reverse=True) and rows[0] == 32 and rows[-1] == 1
     assert keys == capture_order(8, 96 // BS, runner.num_blocks) == sorted(keys, reverse=True)
     assert set(keys) == {(B, n) for B in (1, 2, 4, 8) for n in (1, 2, 4, 8, 12, 16, 24) if B * n <= 80}
+
+
+def test_warm_up_compiles_every_version_of_the_fused_pieces_a_step_needs(tiny_gguf):
+    # performance mode compiles RMSNorm, RoPE and the SwiGLU gate with dynamic shapes; a size of
+    # 1 is specialised, so one request's eager decode step (graphs off) would compile in-request
+    t = load_gguf(tiny_gguf)
+    m = LlamaModel(t.config, t.weights, "fp32")
+    m.enable_compile(force=True)
+    versions = []
+
+    def counting(gm, example_inputs):
+        versions.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        for piece in (m.rope, m.silu_mul, m.rms_fn):
+            piece.fn = torch.compile(piece.eager, dynamic=True, backend=counting)
+        runner = ModelRunner(m, num_blocks=40, block_size=16, pad_decode=True)
+        runner.native = None                                  # the torch path a GPU runs
+        runner.warm_up()
+        at_load = len(versions)
+        with torch.inference_mode():                          # as the engine runs its steps
+            for items, pad in (([SeqBatchItem([7], 20, [1, 2], True)], 1),
+                               ([SeqBatchItem([7], 20, [1, 2], True), SeqBatchItem([9], 5, [3], True)], 2),
+                               ([SeqBatchItem([5] * 40, 0, [4, 5, 6], True)], None)):
+                step = runner.prepare(StepBatch.from_items(items, pad_to=pad))
+                step.slots.fill_(runner.num_slots)            # K/V to the scratch slot only
+                runner.run(step, graphs=False)
+        assert at_load > 0 and len(versions) == at_load
+    finally:
+        torch._dynamo.reset()
