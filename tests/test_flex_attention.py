@@ -252,9 +252,9 @@ def counting_backend(versions):
 def fresh_dynamo(monkeypatch):
     from pipeline_dsl.engine import flex as flex_module
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)       # torch's default
     monkeypatch.setattr(flex_module, "_shapes", set())
-    yield
+    with torch._dynamo.config.patch(recompile_limit=8):                  # torch's default, restored after
+        yield
     torch._dynamo.reset()
 
 

@@ -39,8 +39,9 @@ over the whole pool: for tests, not speed — the CPU path keeps its native kern
 Compiled versions. Dynamo keeps the versions of flex_attention per code object, so every runner
 of the process shares one list, and with fullgraph=True reaching the recompile limit (8 by
 default) raises instead of running eagerly. So the versions are counted, not left to chance:
-the model's sizes (heads, head size, pool slots) are marked static, so each runner gets kernels
-of its own shape, never a symbolic head count that another model's shapes made dynamic; the
+the model's sizes (heads, head size, pool slots) are marked static while warm-up compiles
+(`compiling`), so each runner gets kernels of its own shape, never a symbolic head count that
+another model's shapes made dynamic; the
 step's sizes (rows, query blocks, block-list width, table rows and width) change between the
 warm-up's first two steps and so are dynamic from the second on. A runner then needs
 VERSIONS_PER_RUNNER versions: the first warm-up step's (static), and one dynamic version on each
@@ -50,6 +51,7 @@ mode is part of every version's guards, so a step outside it would compile again
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -241,6 +243,18 @@ class FlexPaged:
         else:
             self.fn, self.options = flex_attention, None
         self.calls = 0
+        self._marking = False
+
+    @contextlib.contextmanager
+    def compiling(self):
+        """Around the steps that make the compiled versions (ModelRunner.warm_up): the model's
+        sizes are marked static on each call's tensors, which costs ~40 us a call (~1 ms a step
+        of 30 layers), so only there; later calls match those versions' guards unmarked."""
+        self._marking = self.compiled
+        try:
+            yield
+        finally:
+            self._marking = False
 
     def meta(self, upload, tables, ctx, item, qpos, width=None) -> FlexMeta | None:
         """FlexMeta of a step from its host arrays (see host_meta), uploaded in one copy."""
@@ -272,7 +286,7 @@ class FlexPaged:
         self.calls += 1
         kw = {"kernel_options": self.options} if self.options else {}
         k, v = k.to(q.dtype), v.to(q.dtype)
-        if self.compiled:      # the model's sizes: static in every version (module docstring)
+        if self._marking:      # the model's sizes: static in every version (module docstring)
             for t, dims in ((qq, (0, 1, 3)), (k, (0, 1, 2, 3)), (v, (0, 1, 2, 3))):
                 for d in dims:
                     torch._dynamo.mark_static(t, d)

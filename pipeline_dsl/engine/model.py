@@ -31,6 +31,7 @@ where the eager path does, so greedy tokens agree with it (tests/test_fast_paths
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -387,10 +388,11 @@ class ModelRunner:
 
         t0 = time.perf_counter()
         try:
-            for batch in self._warm_up_batches():
-                step = self.prepare(batch)
-                step.slots.fill_(self.num_slots)                # K/V to the scratch slot only
-                self.run(step, graphs=False)
+            with self.flex.compiling() if self.flex is not None else contextlib.nullcontext():
+                for batch in self._warm_up_batches():
+                    step = self.prepare(batch)
+                    step.slots.fill_(self.num_slots)            # K/V to the scratch slot only
+                    self.run(step, graphs=False)
         except Exception as e:  # noqa: BLE001 - the flex kernel is an optimisation, never a failure
             if self.flex is None:
                 raise
