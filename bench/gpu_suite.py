@@ -121,6 +121,13 @@ def release(keep: Path | None = None) -> None:
         torch.cuda.empty_cache()
 
 
+def _graphs_compiled() -> int:
+    """Graphs torch.compile has compiled in this process so far (every version of every function)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def engine_alone(folder: Path, device: str, ps, new: int, *, overlap=None, graphs=None, batch=256,
                  attention: str | None = None) -> dict:
     from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
@@ -143,10 +150,11 @@ def engine_alone(folder: Path, device: str, ps, new: int, *, overlap=None, graph
                   trace=trace)
     for i, p in enumerate(ps):
         ex.submit(str(i), prompt_token_ids=p, params=sp)
+    compiled = _graphs_compiled()
     t0 = time.perf_counter()
     stats = ex.run()
     wall = time.perf_counter() - t0
-    return {"tok_s": len(ps) * new / wall, "wall_s": wall, "ms_per_step": 1e3 * wall / max(stats["steps"], 1),
+    return {"tok_s": len(ps) * new / wall, "compiled_in_run": _graphs_compiled() - compiled, "wall_s": wall, "ms_per_step": 1e3 * wall / max(stats["steps"], 1),
             "load_s": info.get("load_s"), "graphs": info.get("cuda_graphs"), "piece_graphs": info.get("piece_graphs"),
             "capture_s": info.get("graph_capture_s"), "warm_up_s": info.get("warm_up_s"),
             "attention": info.get("attention"), "attention_fallback": info.get("attention_fallback"),
@@ -291,6 +299,9 @@ def done_when(results: dict, n: int, new: int, shapes, streams) -> list[tuple[st
     for part in ("copy", "host"):
         check(f"{part} time hidden under compute", get("streams overlapped (graphs on)", f"{part}_hidden"),
               ">= 90 %", lambda v: v >= 0.9, "{:.0%}")
+    runs = [v.get("compiled_in_run") for v in results.values() if isinstance(v, dict) and "compiled_in_run" in v]
+    check("torch.compile versions made inside the timed engine runs", sum(runs) if runs else None, "0",
+          lambda v: v == 0)
     serve = results.get(f"agp serve {streams[0]} / {streams[1]} streams x {min(new, 64)}")
     big = serve[-1] if isinstance(serve, list) and serve else {}
     check(f"agp serve {streams[1]} streams answered", big.get("answered"), f"{streams[1]}",
