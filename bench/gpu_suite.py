@@ -1,25 +1,30 @@
-"""Every figure of the GPU engine in one offline run: one table, ratios within the run.
+"""Every figure of the GPU engine in one offline run: two tables, ratios within the run.
 
-    python bench/gpu_suite.py --make-tokenizer bench/tok      # once, on a machine with the embedded GGUF
-    python bench/gpu_suite.py --tokenizer bench/tok           # on the GPU machine (~8 min on an H200)
-    python bench/gpu_suite.py --smoke                         # CPU, tiny shapes, about a minute (a test runs it)
+    sh bench/gpu_prepare.sh                                   # once, here: bench/tok and .whl/gpu
+    sh bench/gpu_device.sh                                    # on the device: one command (docs/gpu.md)
+    python bench/gpu_suite.py --tokenizer bench/tok --budget 480 --json gpu.json   # what it runs
+    python bench/gpu_suite.py --smoke                         # CPU, tiny shapes, about two minutes (a test runs it)
     python bench/gpu_suite.py --tokenizer bench/tok --only "batch sweep" --only serve   # some rows again
+    python bench/gpu_suite.py --table gpu.json                # the tables of a saved run
 
 Inputs stay small: random-weight models of the real shapes (SmolLM2-135M, Llama-3.2-1B)
 are built on the device as Hugging Face folders next to the real tokenizer (weights do
 not change throughput with greedy decoding and ignore_eos; ../docs/gpu.md). Rows:
 engine alone vs transformers `generate` on both shapes (256 prompts of 24-64 random tokens
 x 128 new tokens), the batch sweep (1 / 16 / 64 / 256; 1 is one request alone), the plan's
-streams overlapped vs not (graphs on both), attention reading the pool in place (flex) vs
-gathering it (sdpa), `agp run` balanced and performance (256 chat requests), `agp serve`
-under 256 and 512 concurrent streams. A row that fails says why
-and the suite goes on; with --json the rows so far are written after each one, so a run cut
-short by a time limit still leaves its figures.
+streams overlapped vs not (graphs on both; copy and host time hidden under compute), attention
+reading the pool in place (flex) vs gathering it (sdpa), `agp run` balanced and performance
+(256 chat requests), `agp serve` under 256 and 512 concurrent streams. Each model is loaded
+(warm-up, compile, capture) once for all its engine rows. A row that fails says why and the
+suite goes on; with --json the rows so far are written after each one, and --budget starts no
+row after its seconds, so a device command's time limit still leaves the figures and the
+tables: every figure, then issue 17's "done when" figures with targets and whether each is met.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import json
 import os
@@ -71,6 +76,7 @@ def make_model(shape: str, tokenizer: Path, out: Path, device: str) -> Path:
     return out
 
 
+DEADLINE: list = [None]    # perf_counter() by which a subprocess row must end (the budget, and a minute)
 KV_BUDGET = [4 << 30]      # the engine-alone rows' KV pool: 4 GiB on a device, small in --smoke (CPU RAM)
 
 
@@ -79,45 +85,82 @@ def prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(3, 49000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
+RUNNERS: dict = {}         # (folder, attention) -> (runner, load info): one load serves every row of it
+
+
+def loaded(cfg, attention: str | None):
+    """The runner of cfg.model with that attention, loaded (warm-up, graphs) once for the suite:
+    each load compiles and captures, which alone would take most of a device command's time."""
+    from pipeline_dsl.engine.engine import load_runner
+
+    key = (cfg.model, attention)
+    same = [k for k, (_, info) in RUNNERS.items() if k[0] == cfg.model and attention
+            and info.get("attention") == attention and not info.get("attention_fallback")]
+    if same:                                # the default load already runs this attention
+        return RUNNERS[same[0]]
+    if key not in RUNNERS:
+        before = os.environ.get("AGP_ATTENTION")
+        if attention:                       # flex (reads the pool in place) or sdpa (gathers): A/B
+            os.environ["AGP_ATTENTION"] = attention
+        try:
+            RUNNERS[key] = load_runner(cfg)[::2]
+        finally:
+            if before is None:
+                os.environ.pop("AGP_ATTENTION", None)
+            else:
+                os.environ["AGP_ATTENTION"] = before
+    return RUNNERS[key]
+
+
+def release(keep: Path | None = None) -> None:
+    """Free every loaded runner but keep's (the KV pool and the graphs' memory)."""
+    for key in [k for k in RUNNERS if k[0] != str(keep)]:
+        del RUNNERS[key]
+    gc.collect()                # the runner and its graphs refer to each other: only the cycle
+    if torch.cuda.is_available():   # collector frees the KV pool and the graphs' memory pool
+        torch.cuda.empty_cache()
+
+
+def _graphs_compiled() -> int:
+    """Graphs torch.compile has compiled in this process so far (every version of every function)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def engine_alone(folder: Path, device: str, ps, new: int, *, overlap=None, graphs=None, batch=256,
                  attention: str | None = None) -> dict:
     from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
-    from pipeline_dsl.engine.engine import load_runner
     from pipeline_dsl.engine.executor import Executor
     from pipeline_dsl.engine.tokenizer import IdTokenizer
+    from pipeline_dsl.engine.trace import Trace
 
-    cfg = EngineConfig(model=str(folder), device=device, dtype="bf16", max_batch_size=batch,
+    # the runner is loaded for 256 rows (graphs for every batch bucket up to it); a row's Engine
+    # takes `batch` as its max_batch_size, so its scheduler pads to buckets the runner captured
+    cfg = EngineConfig(model=str(folder), device=device, dtype="bf16", max_batch_size=max(batch, 256),
                        max_tokens_per_step=4096, prefill_chunk=512, kv_budget_bytes=KV_BUDGET[0], batch_timeout_s=0.0)
-    before = os.environ.get("AGP_ATTENTION")
-    if attention:                           # flex (reads the pool in place) or sdpa (gathers): A/B
-        os.environ["AGP_ATTENTION"] = attention
-    try:
-        runner, _, info = load_runner(cfg)
-    finally:
-        if before is None:
-            os.environ.pop("AGP_ATTENTION", None)
-        else:
-            os.environ["AGP_ATTENTION"] = before
-    eng = Engine(cfg, runner=runner, tokenizer=IdTokenizer())
-    ex = Executor(eng, overlap=overlap, cuda_graphs=graphs)
+    runner, info = loaded(cfg, attention)
+    cfg = dataclasses.replace(cfg, max_batch_size=batch)
     sp = SamplingParams(max_tokens=new, ignore_eos=True)
-    ex.submit("warm", prompt_token_ids=ps[0][:8], params=SamplingParams(max_tokens=4, ignore_eos=True))
-    ex.run()                                                   # first step's lazy work, outside the timing
+    warm = Executor(Engine(cfg, runner=runner, tokenizer=IdTokenizer()), overlap=overlap, cuda_graphs=graphs)
+    warm.submit("warm", prompt_token_ids=ps[0][:8], params=SamplingParams(max_tokens=4, ignore_eos=True))
+    warm.run()                                                 # first step's lazy work, outside the timing
+    trace = Trace()
+    ex = Executor(Engine(cfg, runner=runner, tokenizer=IdTokenizer()), overlap=overlap, cuda_graphs=graphs,
+                  trace=trace)
     for i, p in enumerate(ps):
         ex.submit(str(i), prompt_token_ids=p, params=sp)
+    compiled = _graphs_compiled()
     t0 = time.perf_counter()
     stats = ex.run()
     wall = time.perf_counter() - t0
-    out = {"tok_s": len(ps) * new / wall, "wall_s": wall, "load_s": info.get("load_s"),
-           "graphs": info.get("cuda_graphs"), "piece_graphs": info.get("piece_graphs"),
-           "capture_s": info.get("graph_capture_s"), "warm_up_s": info.get("warm_up_s"),
-           "attention": info.get("attention"), "attention_fallback": info.get("attention_fallback"),
-           "overlap": stats["overlap"], "measured_overlap": stats["measured_overlap"]}
-    del ex, eng, runner
-    if device.startswith("cuda"):   # the runner and its graphs refer to each other: only the cycle
-        gc.collect()                # collector frees the KV pool and the graphs' memory pool
-        torch.cuda.empty_cache()
-    return out
+    return {"tok_s": len(ps) * new / wall, "compiled_in_run": _graphs_compiled() - compiled, "wall_s": wall, "ms_per_step": 1e3 * wall / max(stats["steps"], 1),
+            "load_s": info.get("load_s"), "graphs": info.get("cuda_graphs"), "piece_graphs": info.get("piece_graphs"),
+            "capture_s": info.get("graph_capture_s"), "warm_up_s": info.get("warm_up_s"),
+            "attention": info.get("attention"), "attention_fallback": info.get("attention_fallback"),
+            "overlap": stats["overlap"], "measured_overlap": stats["measured_overlap"],
+            "copy_hidden": trace.hidden_fraction("copy", "compute"),
+            "host_hidden": trace.hidden_fraction("host", "compute")}
 
 
 def transformers_generate(folder: Path, device: str, ps, new: int) -> dict:
@@ -176,7 +219,9 @@ def agp_run(pipeline: Path, reqs: list[dict], tmp: Path) -> dict:
     inp.write_text("".join(json.dumps(r) + "\n" for r in reqs))
     cmd = [sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "-i", str(inp), "-o", str(out),
            "--stats", str(st), "--no-progress", "--overwrite"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)   # a row, well inside a device command's 600 s
+    # a row, well inside a device command's 600 s, and never past the suite's time budget
+    limit = 300 if DEADLINE[0] is None else max(30, min(300, DEADLINE[0] - time.perf_counter()))
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
     s = json.loads(st.read_text())
@@ -222,6 +267,77 @@ def agp_serve(pipeline: Path, counts, new: int) -> list[dict]:
         srv.terminate()
 
 
+def done_when(results: dict, n: int, new: int, shapes, streams) -> list[tuple[str, str, str, str]]:
+    """Issue 17's "done when" figures from the rows: (figure, value, target, met: yes / no / -)."""
+    def get(name, key="tok_s"):
+        v = results.get(name, {})
+        return v.get(key) if isinstance(v, dict) else None
+
+    def check(what, value, target, ok, fmt="{:,.0f}"):
+        shown = "not run" if value is None else fmt.format(value)
+        out.append((what, shown, target, "-" if value is None else ("yes" if ok(value) else "no")))
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    out: list = []
+    for s, floor in zip(shapes, (40_000, 25_000)):
+        eng = get(f"engine alone, {s}, {n} x {new}")
+        check(f"engine alone, {s}, tok/s", eng, f">= {floor:,}", lambda v: v >= floor)
+        check(f"engine alone / transformers, {s}", ratio(eng, get(f"transformers generate, {s}")), ">= 4x",
+              lambda v: v >= 4, "{:.2f}x")
+    eng = get(f"engine alone, {shapes[0]}, {n} x {new}")
+    run = f"agp run balanced, {n} chat requests"
+    check("agp run balanced / engine alone", ratio(get(run), eng), ">= 85 %", lambda v: v >= 0.85, "{:.0%}")
+    check("agp run balanced, TTFT p50 ms", get(run, "ttft_p50_ms"), "<= 1000", lambda v: v <= 1000)
+    check("agp run performance, TTFT p50 ms (no compile inside TTFT)",
+          get(f"agp run performance, {n} chat requests", "ttft_p50_ms"), "<= 1000", lambda v: v <= 1000)
+    check("one request alone, tok/s", get("batch sweep 1"), ">= 600", lambda v: v >= 600)
+    check("overlap on / off (graphs on both)",
+          ratio(get("streams overlapped (graphs on)"), get("streams serial (graphs on)")), ">= 1.25x",
+          lambda v: v >= 1.25, "{:.2f}x")
+    for part in ("copy", "host"):
+        check(f"{part} time hidden under compute", get("streams overlapped (graphs on)", f"{part}_hidden"),
+              ">= 90 %", lambda v: v >= 0.9, "{:.0%}")
+    runs = [v.get("compiled_in_run") for v in results.values() if isinstance(v, dict) and "compiled_in_run" in v]
+    check("torch.compile versions made inside the timed engine runs", sum(runs) if runs else None, "0",
+          lambda v: v == 0)
+    serve = results.get(f"agp serve {streams[0]} / {streams[1]} streams x {min(new, 64)}")
+    big = serve[-1] if isinstance(serve, list) and serve else {}
+    check(f"agp serve {streams[1]} streams answered", big.get("answered"), f"{streams[1]}",
+          lambda v: v == streams[1])
+    check(f"agp serve {streams[1]} streams, TTFT p50 ms", big.get("ttft_p50_ms"), "<= 1500", lambda v: v <= 1500)
+    check(f"agp serve {streams[1]} streams, streamed tok/s / engine alone", ratio(big.get("stream_tok_s"), eng),
+          ">= 70 %", lambda v: v >= 0.7, "{:.0%}")
+    return out
+
+
+def print_tables(saved: dict) -> None:
+    """The rows' table and the "done when" table, from what main saved (a run cut short too)."""
+    print(f"\n| figure ({saved['device']}, torch {saved['torch']}, {saved['date']}, {saved['wall_s']:.0f} s"
+          f"{'' if saved['complete'] else ', cut short'}) | value |")
+    print("|---|---|")
+    for name, value in saved["table"]:
+        print(f"| {name.strip()} | {value} |")
+    w = saved["workload"]
+    print(f"\n| done when (issue 17) | measured | target | met |\n|---|---|---|---|")
+    for row in done_when(saved["rows"], w["n"], w["new"], w["shapes"], w["streams"]):
+        print("| " + " | ".join(row) + " |")
+
+
+def preflight(tok: Path | None) -> list[str]:
+    """What the device lacks for some rows, said before the first row rather than inside it."""
+    import importlib.util
+
+    missing = [m for m in ("transformers", "gguf", "lark", "fastapi", "uvicorn", "httpx")
+               if importlib.util.find_spec(m) is None]
+    problems = [f"no module {m} (GPU-NOTES.md: bring its wheel)" for m in missing]
+    if tok is None or not (tok / "tokenizer.json").is_file():
+        problems.append(f"no tokenizer folder at {tok} (make it with --make-tokenizer on a machine with "
+                        f"the embedded model)")
+    return problems
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokenizer", type=Path, help="folder from --make-tokenizer (the real tokenizer)")
@@ -230,10 +346,17 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here (after each row)")
     ap.add_argument("--only", action="append", default=[], metavar="TEXT",
                     help="run only the rows whose name contains TEXT (repeatable)")
+    ap.add_argument("--budget", type=float, default=None, metavar="S",
+                    help="start no row after S seconds (default 500 on a device: one command runs at most 600 s); "
+                         "the rows left are marked skipped and the tables are still printed")
+    ap.add_argument("--table", type=Path, metavar="JSON", help="print the tables of a saved run and stop")
     args = ap.parse_args(argv)
     if args.make_tokenizer:
         make_tokenizer(args.make_tokenizer)
         print(f"wrote {args.make_tokenizer}")
+        return 0
+    if args.table:
+        print_tables(json.loads(args.table.read_text()))
         return 0
     smoke = args.smoke
     device = "cpu" if smoke else "cuda"
@@ -241,6 +364,14 @@ def main(argv=None) -> int:
         KV_BUDGET[0] = 16 << 20      # eager flex_attention on a CPU scores every slot of the pool
     if not smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --smoke on a CPU")
+    if not smoke:
+        for problem in preflight(args.tokenizer):
+            print(f"preflight: {problem}", flush=True)
+        if args.tokenizer is None or not (args.tokenizer / "tokenizer.json").is_file():
+            raise SystemExit("no tokenizer folder: pass --tokenizer bench/tok (docs/gpu.md)")
+    budget = args.budget if args.budget is not None else (None if smoke else 500.0)
+    if budget is not None:
+        DEADLINE[0] = time.perf_counter() + budget + 60
     n, new, lo, hi = (8, 8, 6, 12) if smoke else (256, 128, 24, 64)
     sweep = (1, 4) if smoke else (1, 16, 64, 256)
     streams = (4, 8) if smoke else (256, 512)
@@ -250,10 +381,14 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     dev = "cpu (smoke)" if smoke else torch.cuda.get_device_name()
 
+    def saved(done: bool) -> dict:
+        return {"device": dev, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+                "wall_s": time.perf_counter() - t_start, "complete": done, "rows": results, "table": rows,
+                "workload": {"n": n, "new": new, "shapes": list(shapes), "streams": list(streams)}}
+
     def save(done: bool) -> None:
         if args.json:
-            args.json.write_text(json.dumps({"device": dev, "wall_s": time.perf_counter() - t_start,
-                                             "complete": done, "rows": results}, indent=1, default=str))
+            args.json.write_text(json.dumps(saved(done), indent=1, default=str))
 
     def ratio(name, a, b, fmt="{:.2f}x"):
         a, b = results.get(a, {}), results.get(b, {})
@@ -263,15 +398,22 @@ def main(argv=None) -> int:
     def row(name, fn, fmt):
         if args.only and not any(t in name for t in args.only):
             return
-        try:
-            r = fn()
-            results[name] = r
-            rows.append((name, fmt(r)))
-        except Exception as e:  # noqa: BLE001 - one row's failure is reported, the suite goes on
-            results[name] = {"error": f"{type(e).__name__}: {e}"}
-            rows.append((name, f"failed: {type(e).__name__}: {str(e)[:120]}"))
+        if budget is not None and time.perf_counter() - t_start > budget:
+            results[name] = {"skipped": f"time budget of {budget:.0f} s spent"}
+            rows.append((name, "skipped: time budget spent (rerun it with --only)"))
+        else:
+            try:
+                r = fn()
+                results[name] = r
+                rows.append((name, fmt(r)))
+            except Exception as e:  # noqa: BLE001 - one row's failure is reported, the suite goes on
+                results[name] = {"error": f"{type(e).__name__}: {e}"}
+                rows.append((name, f"failed: {type(e).__name__}: {str(e)[:120]}"))
         print(f"{name:48s} {rows[-1][1]}", flush=True)
         save(False)
+
+    def pct(v):
+        return "-" if v is None else f"{v:.0%}"
 
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
@@ -281,21 +423,24 @@ def main(argv=None) -> int:
             make_tokenizer(tok)
         ps = prompts(n, lo, hi)
         folders = {s: make_model(s, tok, tmp / s, device) for s in shapes}
+        small = folders[shapes[0]]
         for s in shapes:
             row(f"engine alone, {s}, {n} x {new}", lambda: engine_alone(folders[s], device, ps, new),
-                lambda r: f"{r['tok_s']:,.0f} tok/s ({r['attention']} attention, graphs {r['graphs']} + "
-                      f"{r['piece_graphs']} pieces, warm-up {r['warm_up_s'] or 0:.1f} s, capture "
-                      f"{r['capture_s'] or 0:.1f} s{', flex fell back: ' + r['attention_fallback'] if r['attention_fallback'] else ''})")
+                lambda r: f"{r['tok_s']:,.0f} tok/s, {r['ms_per_step']:.1f} ms a step ({r['attention']} attention, "
+                          f"graphs {r['graphs']} + {r['piece_graphs']} pieces, load {r['load_s'] or 0:.0f} s: warm-up "
+                          f"{r['warm_up_s'] or 0:.1f} s, capture {r['capture_s'] or 0:.1f} s"
+                          f"{', flex fell back: ' + r['attention_fallback'] if r['attention_fallback'] else ''})")
+            release(keep=small)                       # the larger shape's pool and graphs go before transformers
             row(f"transformers generate, {s}", lambda: transformers_generate(folders[s], device, ps, new),
                 lambda r: f"{r['tok_s']:,.0f} tok/s")
             ratio(f"  ratio engine / transformers, {s}", f"engine alone, {s}, {n} x {new}", f"transformers generate, {s}")
-        small = folders[shapes[0]]
         for b in sweep:
             row(f"batch sweep {b}", lambda: engine_alone(small, device, ps[:b] if b <= n else prompts(b, lo, hi), new,
                                                         batch=max(b, 1)),
-                lambda r: f"{r['tok_s']:,.0f} tok/s")
+                lambda r: f"{r['tok_s']:,.0f} tok/s, {r['ms_per_step']:.2f} ms a step")
         row("streams overlapped (graphs on)", lambda: engine_alone(small, device, ps, new, overlap=True),
-            lambda r: f"{r['tok_s']:,.0f} tok/s (measured overlap {r['measured_overlap']})")
+            lambda r: f"{r['tok_s']:,.0f} tok/s (streams busy at once {pct(r['measured_overlap'])}, copy hidden "
+                      f"{pct(r['copy_hidden'])}, host hidden {pct(r['host_hidden'])})")
         row("streams serial (graphs on)", lambda: engine_alone(small, device, ps, new, overlap=False),
             lambda r: f"{r['tok_s']:,.0f} tok/s")
         ratio("  ratio overlap on / off", "streams overlapped (graphs on)", "streams serial (graphs on)")
@@ -305,6 +450,7 @@ def main(argv=None) -> int:
                 lambda r: f"{r['tok_s']:,.0f} tok/s ({r['attention']})")
         ratio("  ratio attention flex / sdpa", f"attention flex (engine alone, {shapes[0]})",
               f"attention sdpa (engine alone, {shapes[0]})")
+        release()                                     # the subprocesses below need the device's memory
         reqs = chat_requests(n, new)
         for mode in ("balanced", "performance"):
             pl = write_pipeline(small, mode, device, tmp, max(n, 8))
@@ -317,12 +463,8 @@ def main(argv=None) -> int:
             lambda: agp_serve(pl, streams, min(new, 64)),
             lambda r: "; ".join(f"{x['answered']}/{x['streams']} answered, {x['stream_tok_s']:,.0f} tok/s, "
                                 f"TTFT p50 {x['ttft_p50_ms']:.0f} ms" for x in r))
-    wall = time.perf_counter() - t_start
-    print(f"\n| figure ({dev}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, {wall:.0f} s) | value |")
-    print("|---|---|")
-    for name, value in rows:
-        print(f"| {name.strip()} | {value} |")
     save(True)
+    print_tables(saved(True))
     return 1 if any("error" in v for v in results.values() if isinstance(v, dict)) else 0
 
 

@@ -235,3 +235,81 @@ def test_agp_attention_picks_the_backend_and_a_bad_value_is_an_input_error(tiny_
     monkeypatch.setenv("AGP_ATTENTION", "paged")
     with pytest.raises(InputError, match="AGP_ATTENTION=paged"):
         tiny_engine(tiny_gguf)
+
+
+def counting_backend(versions):
+    """A torch.compile backend that records each compiled version's q, k, v shapes and asks what
+    inductor's flex lowering asks of every version on CUDA: whether the query has fewer than
+    DECODE_KERNEL_ROWS rows (a guard, so each side needs a version of its own)."""
+    def backend(gm, example_inputs):
+        qkv = [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"
+               and isinstance(n.meta.get("example_value"), torch.Tensor)
+               and n.meta["example_value"].dim() == 4 and n.meta["example_value"].is_floating_point()][:3]
+        bool(qkv[0].size(2) < DECODE_KERNEL_ROWS)
+        versions.append([tuple(t.shape) for t in qkv])
+        return gm.forward
+    return backend
+
+
+@pytest.fixture
+def fresh_dynamo(monkeypatch):
+    from pipeline_dsl.engine import flex as flex_module
+    torch._dynamo.reset()
+    monkeypatch.setattr(flex_module, "_shapes", set())
+    with torch._dynamo.config.patch(recompile_limit=8):                  # torch's default, restored after
+        yield
+    torch._dynamo.reset()
+
+
+def test_every_compiled_flex_version_is_made_at_warm_up_and_four_models_stay_under_the_limit(
+        weights, mha, fresh_dynamo):
+    # every runner of a process shares flex_attention's compiled versions, and with
+    # fullgraph=True the recompile limit raises: four runner shapes need 3 + 3 x 2 = 9 > 8
+    from pipeline_dsl.engine.flex import FlexPaged, VERSIONS_PER_RUNNER
+
+    versions, runners = [], []
+    for t, nb in ((weights, 48), (mha, 48), (weights, 40), (mha, 40)):
+        r = ModelRunner(LlamaModel(t.config, t.weights, "fp32"), num_blocks=nb, block_size=BS,
+                        pad_decode=True, attention="flex")
+        r.flex = FlexPaged(r, backend=counting_backend(versions))
+        before = len(versions)
+        r.warm_up()
+        assert r.attention == "flex" and r.attention_fallback is None
+        assert 2 <= len(versions) - before <= VERSIONS_PER_RUNNER
+        r.capture_graphs(max_batch=4, max_len=48, graph_factory=EagerGraphs(), max_tokens=16)
+        runners.append(r)
+    at_load = len(versions)
+    assert at_load < torch._dynamo.config.recompile_limit
+    rng = random.Random(5)
+    with torch.inference_mode():                          # as the engine runs its steps
+        for i in range(24):
+            r = runners[i % 4]
+            if i % 3 == 0:                                # a long prompt: past the row guard
+                items = [SeqBatchItem([3] * rng.randint(120, 150), 0, list(range(38)), True)]
+            else:
+                items = random_step(rng, 100, r.num_blocks)
+            decode = all(len(it.token_ids) == 1 for it in items)
+            step = r.prepare(StepBatch.from_items(items, pad_to=8 if decode and i % 2 else None))
+            step.slots.fill_(r.num_slots)                 # K/V to the scratch slot only
+            r.run(step, graphs=False)
+    assert len(versions) == at_load                       # no step compiled
+    for q, k, v in versions:                              # the model's sizes static, never symbolic
+        assert all(isinstance(d, int) for d in (q[0], q[1], q[3], *k, *v))
+
+
+def test_kernel_tiles_divide_the_block_masks_blocks_and_shrink_on_small_shared_memory():
+    # inductor refuses a BLOCK_M / BLOCK_N that does not divide the mask's query / KV blocks,
+    # which torch's own sm90 default (128 x 128) does not for 16-row query blocks
+    from pipeline_dsl.engine.flex import kernel_options
+
+    h100 = 227 * 1024                                      # opt-in shared memory per block
+    for bs in (16, 32, 64, 128, 256):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for smem in (h100, 99 * 1024, None):
+                o = kernel_options(bs, dtype, smem)
+                assert o["BLOCK_M"] == Q_BLOCK and Q_BLOCK % o["BLOCK_M"] == 0 and bs % o["BLOCK_N"] == 0
+                assert o["FORCE_USE_FLEX_ATTENTION"] is True
+    assert kernel_options(16, torch.bfloat16, h100)["BLOCK_N"] == 16      # the default block size
+    assert kernel_options(128, torch.bfloat16, h100)["BLOCK_N"] == 64
+    assert kernel_options(128, torch.bfloat16, 99 * 1024)["BLOCK_N"] == 32
+    assert kernel_options(128, torch.float32, h100)["BLOCK_N"] == 32

@@ -245,3 +245,64 @@ def test_a_machine_without_cuda_never_imports_cuda_only_code(tiny_gguf):
 def test_bucket_of_rounds_up_past_the_last_bucket():
     assert [bucket_of(n) for n in (1, 3, 17, 256, 257)] == [1, 4, 24, 256, 384]
     assert torch.tensor(0).device.type == "cpu"
+
+
+def test_graphs_are_captured_largest_first_so_smaller_ones_reuse_the_pool(model):
+    # the graphs share one memory pool; a capture reuses only what earlier ones freed, so the
+    # largest step goes first (as vLLM does): every later capture's rows are at most the last's
+    from pipeline_dsl.engine.cuda_graphs import capture_order
+
+    rows, keys = [], []
+
+    class Recording(EagerGraphs):
+        def capture(self, fn):
+            replay, out = super().capture(fn)
+            rows.append(out.shape[0])                      # [rows, H]: a piece's bucket or a decode batch
+            return replay, out
+
+    runner = eager(model)
+    hidden = runner.hidden
+
+    def spy(step):
+        if not keys or keys[-1] != step.graph_key:
+            keys.append(step.graph_key)
+        return hidden(step)
+
+    runner.hidden = spy
+    got = runner.capture_graphs(max_batch=8, max_len=96, graph_factory=Recording(), max_tokens=24)
+    assert len(rows) == got["graphs"] + got["piece_graphs"]
+    assert rows == sorted(rows, reverse=True) and rows[0] == 32 and rows[-1] == 1
+    assert keys == capture_order(8, 96 // BS, runner.num_blocks) == sorted(keys, reverse=True)
+    assert set(keys) == {(B, n) for B in (1, 2, 4, 8) for n in (1, 2, 4, 8, 12, 16, 24) if B * n <= 80}
+
+
+def test_warm_up_compiles_every_version_of_the_fused_pieces_a_step_needs(tiny_gguf):
+    # performance mode compiles RMSNorm, RoPE and the SwiGLU gate with dynamic shapes; a size of
+    # 1 is specialised, so one request's eager decode step (graphs off) would compile in-request
+    t = load_gguf(tiny_gguf)
+    m = LlamaModel(t.config, t.weights, "fp32")
+    m.enable_compile(force=True)
+    versions = []
+
+    def counting(gm, example_inputs):
+        versions.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        for piece in (m.rope, m.silu_mul, m.rms_fn):
+            piece.fn = torch.compile(piece.eager, dynamic=True, backend=counting)
+        runner = ModelRunner(m, num_blocks=40, block_size=16, pad_decode=True)
+        runner.native = None                                  # the torch path a GPU runs
+        runner.warm_up()
+        at_load = len(versions)
+        with torch.inference_mode():                          # as the engine runs its steps
+            for items, pad in (([SeqBatchItem([7], 20, [1, 2], True)], 1),
+                               ([SeqBatchItem([7], 20, [1, 2], True), SeqBatchItem([9], 5, [3], True)], 2),
+                               ([SeqBatchItem([5] * 40, 0, [4, 5, 6], True)], None)):
+                step = runner.prepare(StepBatch.from_items(items, pad_to=pad))
+                step.slots.fill_(runner.num_slots)            # K/V to the scratch slot only
+                runner.run(step, graphs=False)
+        assert at_load > 0 and len(versions) == at_load
+    finally:
+        torch._dynamo.reset()

@@ -14,6 +14,8 @@ context could not exist in the KV pool (batch x context > 2 x the pool's blocks)
 captured. Other steps (mixed prefill + decode, or a decode past every bucket) replay the
 piecewise graphs of cuda_pieces.py when capture_all was given max_tokens: the layers' dense
 parts captured, attention eager between them. Native CPU steps never replay a graph.
+Everything is captured largest first (the biggest piecewise bucket, then the decode pairs by
+batch and context, `capture_order`), so each smaller capture reuses the shared pool's memory.
 
 Capture writes only the runner's scratch KV slot (every padding row's slot) and reads block
 0, so it leaves the cache as it was. This module is imported only by capture_graphs: a
@@ -72,6 +74,18 @@ def context_buckets(max_blocks: int) -> list[int]:
         n = b + 1
 
 
+def capture_order(max_batch: int, max_blocks: int, num_blocks: int) -> list[tuple[int, int]]:
+    """The (batch, context blocks) pairs to capture, largest batch first, and within a batch the
+    longest context first. All graphs share one memory pool, and a capture can reuse only what
+    earlier captures freed into it: the largest step first leaves blocks that every smaller one
+    fits in, where smallest first makes each larger capture grow the pool again (vLLM captures
+    its batch sizes in reverse for this reason). Pairs whose context could not exist in the
+    pool (batch x context > 2 x its blocks) are left out."""
+    pairs = [(B, nblk) for B in batch_buckets(max_batch) for nblk in context_buckets(max_blocks)
+             if B * nblk <= 2 * num_blocks]
+    return sorted(pairs, reverse=True)
+
+
 class DecodeGraphs:
     def __init__(self, runner, factory=None):
         self.runner = runner
@@ -83,21 +97,16 @@ class DecodeGraphs:
     def capture_all(self, max_batch: int, max_len: int, max_tokens: int | None = None) -> dict:
         """Decode graphs for every bucket pair; with max_tokens, also the piecewise graphs of
         steps of up to that many rows (mixed prefill + decode, cuda_pieces.py)."""
-        r = self.runner
         t0 = time.perf_counter()
-        max_blocks = -(-max_len // r.block_size)
-        with torch.inference_mode():
-            for B in batch_buckets(max_batch):
-                for nblk in context_buckets(max_blocks):
-                    if B * nblk > 2 * r.num_blocks:
-                        break
-                    self.graphs[(B, nblk)] = self._capture(B, nblk)
         pieces = 0
-        if max_tokens:
+        if max_tokens:      # first: the largest bucket's rows outnumber any decode batch's
             from .cuda_pieces import MixedPieces
 
-            self.pieces = MixedPieces(r, self.factory)
+            self.pieces = MixedPieces(self.runner, self.factory)
             pieces = self.pieces.capture_all(max_tokens)
+        with torch.inference_mode():
+            for B, nblk in capture_order(max_batch, -(-max_len // self.runner.block_size), self.runner.num_blocks):
+                self.graphs[(B, nblk)] = self._capture(B, nblk)
         return {"graphs": len(self.graphs), "piece_graphs": pieces, "capture_s": time.perf_counter() - t0}
 
     def _static(self, B: int, nblk: int):

@@ -60,7 +60,7 @@ class MixedPieces:
         self.k, self.v = z(n, c.num_kv_heads, c.head_dim), z(n, c.num_kv_heads, c.head_dim)
         self.a = z(n, c.num_heads * c.head_dim)                              # [N, nh*hd] attention out
         with torch.inference_mode():
-            for tb in self.buckets:
+            for tb in reversed(self.buckets):    # largest first: smaller captures reuse its pool memory
                 self.graphs[tb] = [self.factory.capture(self._piece(li, tb))[0]
                                    for li in range(len(m.layers) + 1)]
         return sum(len(g) for g in self.graphs.values())

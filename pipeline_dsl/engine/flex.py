@@ -32,12 +32,26 @@ block lists at least 2 wide (torch.compile specialises sizes 0 and 1), a padded 
 of (B, nblk) always to the same sizes (`decode_width`). Padding rows have position -1:
 every key is masked for them and their output is 0.
 
-On CUDA the call is `torch.compile(flex_attention)` (Triton), compiled at load by
-ModelRunner.warm_up (on both sides of DECODE_KERNEL_ROWS); on CPU it is torch's eager flex_attention (it materialises the scores
+On CUDA the call is `torch.compile(flex_attention, fullgraph=True)` (Triton), compiled at load
+by ModelRunner.warm_up; on CPU it is torch's eager flex_attention (it materialises the scores
 over the whole pool: for tests, not speed — the CPU path keeps its native kernels).
+
+Compiled versions. Dynamo keeps the versions of flex_attention per code object, so every runner
+of the process shares one list, and with fullgraph=True reaching the recompile limit (8 by
+default) raises instead of running eagerly. So the versions are counted, not left to chance:
+the model's sizes (heads, head size, pool slots) are marked static while warm-up compiles
+(`compiling`), so each runner gets kernels of its own shape, never a symbolic head count that
+another model's shapes made dynamic; the
+step's sizes (rows, query blocks, block-list width, table rows and width) change between the
+warm-up's first two steps and so are dynamic from the second on. A runner then needs
+VERSIONS_PER_RUNNER versions: the first warm-up step's (static), and one dynamic version on each
+side of DECODE_KERNEL_ROWS, all made at load; the limit is raised to hold them for every runner
+shape of the process (`reserve_versions`). Warm-up and steps both run in inference mode: grad
+mode is part of every version's guards, so a step outside it would compile again.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +64,46 @@ MIN_BLOCKS = 2            # no padded size below 2: a compiled kernel is not spe
 # before it reads FORCE_USE_FLEX_ATTENTION, so the compiled kernel is guarded on the answer:
 # steps on either side of it need a compile of their own (ModelRunner.warm_up does both).
 DECODE_KERNEL_ROWS = 128
+VERSIONS_PER_RUNNER = 3    # compiled at warm-up: the first step's static one, dynamic below and above 128 rows
+_shapes: set = set()       # the runner shapes of this process that compile flex_attention
+
+
+def reserve_versions(shape: tuple) -> int:
+    """Raise dynamo's recompile limit to hold VERSIONS_PER_RUNNER versions for each runner shape
+    of the process (all share flex_attention's cache; with fullgraph=True the limit raises, it
+    never falls back). Returns the limit."""
+    from torch._dynamo import config
+
+    _shapes.add(shape)
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"   # torch < 2.7
+    need = VERSIONS_PER_RUNNER * len(_shapes) + 2        # 2 spare: a step shape the warm-up missed
+    if getattr(config, name) < need:
+        setattr(config, name, need)
+    return getattr(config, name)
+
+
+def kernel_options(block_size: int, dtype: torch.dtype, smem_bytes: int | None) -> dict:
+    """The Triton kernel's options for a pool of `block_size`-slot blocks on a device with
+    `smem_bytes` of opt-in shared memory per block.
+
+    A tile must divide the block mask's blocks (inductor refuses BLOCK_M that does not divide
+    the query block, BLOCK_N that does not divide the KV block), and torch's own default tiles
+    do not: 128 x 128 on sm90 for bf16 with head size 64, 128 x 64 on sm80
+    (torch/_inductor/template_heuristics/triton.py). So BLOCK_M = Q_BLOCK: 16 query rows per
+    tile, since the rows of a query block may belong to 16 different sequences and every row
+    scores every block the tile loads, a larger tile would multiply that waste. BLOCK_N is the
+    largest tile that divides the KV block, up to 64 for 16-bit (32 for fp32) and half that
+    where shared memory is under 144 KiB (vLLM's FlexAttention backend makes the same choice);
+    with the default block size of 16 it is 16. num_warps and num_stages stay torch's default
+    for the device. FORCE_USE_FLEX_ATTENTION: never the flex-decoding kernel, which splits the
+    whole key length (here the whole pool) into chunks; vLLM forces it off as well."""
+    want = 32 if dtype == torch.float32 else 64
+    if smem_bytes is not None and smem_bytes < 144 * 1024:
+        want //= 2
+    n = 1
+    while n * 2 <= min(want, block_size) and block_size % (n * 2) == 0:
+        n *= 2
+    return {"FORCE_USE_FLEX_ATTENTION": True, "BLOCK_M": Q_BLOCK, "BLOCK_N": n}
 
 
 def unusable(block_size: int, dtype: torch.dtype, device: torch.device) -> str | None:
@@ -166,7 +220,9 @@ def _paged_mask(item, qpos, logical, tables, bs: int):
 class FlexPaged:
     """The flex attention backend of one ModelRunner."""
 
-    def __init__(self, runner):
+    def __init__(self, runner, backend=None):
+        """backend: torch.compile's backend (default on CUDA: inductor; on CPU: no compile, the
+        eager call). Tests pass a counting backend to check the compiled versions on CPU."""
         from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
         self.block_size, self.num_blocks = runner.block_size, runner.num_blocks
@@ -174,15 +230,31 @@ class FlexPaged:
         self.device = runner.device
         self._block_mask = BlockMask
         self.cuda = runner.device.type == "cuda"
-        if self.cuda:
-            # Triton kernels, compiled once at load (warm_up); sizes that change between the first
-            # two steps become dynamic, so later steps and the graphs' buckets reuse the kernel
-            self.fn = torch.compile(flex_attention, fullgraph=True)
-            self.options = {"FORCE_USE_FLEX_ATTENTION": True, "BLOCK_M": Q_BLOCK,
-                            "BLOCK_N": min(self.block_size, 64)}
+        self.compiled = self.cuda or backend is not None
+        if self.compiled:
+            # Triton kernels, compiled at load (warm_up): sizes that change between the first two
+            # steps become dynamic, so later steps and the graphs' buckets reuse the kernel
+            c = runner.model.config
+            self.limit = reserve_versions((c.num_heads, c.num_kv_heads, c.head_dim, self.slots, runner.model.dtype))
+            self.fn = torch.compile(flex_attention, fullgraph=True, backend=backend or "inductor")
+            props = torch.cuda.get_device_properties(self.device) if self.cuda else None
+            self.options = kernel_options(self.block_size, runner.model.dtype,
+                                          getattr(props, "shared_memory_per_block_optin", None))
         else:
             self.fn, self.options = flex_attention, None
         self.calls = 0
+        self._marking = False
+
+    @contextlib.contextmanager
+    def compiling(self):
+        """Around the steps that make the compiled versions (ModelRunner.warm_up): the model's
+        sizes are marked static on each call's tensors, which costs ~40 us a call (~1 ms a step
+        of 30 layers), so only there; later calls match those versions' guards unmarked."""
+        self._marking = self.compiled
+        try:
+            yield
+        finally:
+            self._marking = False
 
     def meta(self, upload, tables, ctx, item, qpos, width=None) -> FlexMeta | None:
         """FlexMeta of a step from its host arrays (see host_meta), uploaded in one copy."""
@@ -213,6 +285,11 @@ class FlexPaged:
         v = vc[: self.slots].transpose(0, 1).unsqueeze(0)
         self.calls += 1
         kw = {"kernel_options": self.options} if self.options else {}
-        out = self.fn(qq, k.to(q.dtype), v.to(q.dtype), block_mask=self.block_mask(meta),
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        if self._marking:      # the model's sizes: static in every version (module docstring)
+            for t, dims in ((qq, (0, 1, 3)), (k, (0, 1, 2, 3)), (v, (0, 1, 2, 3))):
+                for d in dims:
+                    torch._dynamo.mark_static(t, d)
+        out = self.fn(qq, k, v, block_mask=self.block_mask(meta),
                       enable_gqa=nh != k.shape[1], **kw)                    # [1, nh, Tp, hd]
         return out[0, :, :T].transpose(0, 1).reshape(T, nh * hd)            # [T, nh*hd]

@@ -31,6 +31,7 @@ where the eager path does, so greedy tokens agree with it (tests/test_fast_paths
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -387,10 +388,11 @@ class ModelRunner:
 
         t0 = time.perf_counter()
         try:
-            for batch in self._warm_up_batches():
-                step = self.prepare(batch)
-                step.slots.fill_(self.num_slots)                # K/V to the scratch slot only
-                self.run(step, graphs=False)
+            with self.flex.compiling() if self.flex is not None else contextlib.nullcontext():
+                for batch in self._warm_up_batches():
+                    step = self.prepare(batch)
+                    step.slots.fill_(self.num_slots)            # K/V to the scratch slot only
+                    self.run(step, graphs=False)
         except Exception as e:  # noqa: BLE001 - the flex kernel is an optimisation, never a failure
             if self.flex is None:
                 raise
@@ -411,13 +413,17 @@ class ModelRunner:
         the graphs reuse, and a third of at least flex.DECODE_KERNEL_ROWS rows: the compiled flex
         kernel is guarded on being below that, so the first longer step (a prompt of 113+
         tokens when decode graphs stop at 32 rows) would otherwise compile inside its request.
-        They read the first blocks of the pool and write only the scratch slot."""
+        Last, one decode row: torch.compile specialises a size of 1, so performance mode's fused
+        pieces compile a version for it, which a lone request's eager decode step (no graphs)
+        would otherwise make (flex pads it to the first step's sizes: no new kernel). They read
+        the first blocks of the pool and write only the scratch slot."""
         from .flex import DECODE_KERNEL_ROWS
 
         bs, nb = self.block_size, self.num_blocks
         shapes = [[(0, min(8, bs))]]                            # (start, tokens) per item
         shapes.append([(0, 2 * bs + 8), (min(5, bs - 1), 1), (bs, min(9, bs))])  # whole, decode, chunk
         shapes.append([(0, DECODE_KERNEL_ROWS + 8)])            # past the guard: a long prompt
+        shapes.append([(min(3, bs - 1), 1)])                    # one decode row
         out, used = [], 0
         for shape in shapes:
             items, used = [], 0
