@@ -1,5 +1,5 @@
-"""Where user code runs: each stage its own workers, one event loop for `async def`, a
-timeout per call, retries with backoff for transient errors.
+"""Where user code runs: each stage its own workers and event loop for `async def`, a timeout
+per call, retries with backoff for transient errors, a cap on stuck calls.
 
     workers = StageWorkers("guard", workers=16, timeout=2.0, retries=1, backoff=0.5,
                            timer=Timer(), loop=EventLoop(), events=print)
@@ -7,10 +7,18 @@ timeout per call, retries with backoff for transient errors.
     workers.submit(lambda: afn(view), done, is_async=True)
 
 A stage's calls never wait for another stage's: a sync function runs on threads of its
-stage (at most `workers` at once, started as needed), a coroutine on the runtime's event
-loop under a semaphore of `workers`. A call past `timeout` fails with StageTimeout and
-frees its slot at once: a coroutine is cancelled; a thread cannot be stopped, so it is
-written off (its result, whenever it comes, is dropped) and a new thread takes its place.
+stage (at most `workers` at once, started as needed), a coroutine on the stage's event loop
+(at most `workers` at once), so an `async def` that blocks its loop stalls its own stage
+only; a probe on the timer names it in a warning once the loop has not turned for STALL_S.
+Timeouts are armed on the timer thread, so they fire even while a loop is blocked. A call
+past `timeout` fails with StageTimeout and frees its slot at once: a coroutine is cancelled;
+a thread cannot be stopped, so it is written off (its result, whenever it comes, is dropped)
+and a new thread takes its place. `abandon()` writes off the running calls whose request has
+ended the same way. A written-off call whose code still runs is stuck (a coroutine once it
+has ignored its cancellation for STALL_S): at `workers` stuck calls the stage fails its new
+and waiting calls at once with StageStuck, until stuck calls return, and never has more than
+2 × workers threads. With a `Stretch` (stream stages) the timeout bounds the function's own
+time per chunk: its clock stops while the function waits for the next chunk.
 Every exception, BaseException included (SystemExit, KeyboardInterrupt, CancelledError,
 GeneratorExit), is the call's result, never the worker's end.
 
@@ -267,13 +275,19 @@ class StageWorkers:
                 self._abusy += 1
             self._launch(job)
             return
+        if self._refuse(job):
+            return
         with self._cv:
             self._queue.append(job)
-            if self._idle == 0 and self._live < self.workers:
+            if self._idle == 0:
                 self._spawn()
             self._cv.notify()
 
     def _spawn(self) -> None:
+        """(under the lock) One more thread, while the stage has fewer than `workers` serving and
+        fewer than 2 × workers in all (the stuck ones included)."""
+        if self._live >= self.workers or self._live + self._stuck >= 2 * self.workers:
+            return
         self._live += 1
         threading.Thread(target=self._work, name=f"agp-stage-{self.name}", daemon=True).start()
 
@@ -372,9 +386,20 @@ class StageWorkers:
         else:
             self._stuck += 1
             self._live -= 1
-            if self._queue and self._live < self.workers:
+            if self._queue:
                 self._spawn()
         return True
+
+    def _refuse_waiting(self) -> None:
+        """The stage is full of stuck calls: the calls waiting for it fail now, not when a
+        worker frees (none may, while their code hangs)."""
+        while self._stuck >= self.max_stuck:
+            with self._cv:
+                if not (self._queue or self._aqueue):
+                    return
+                job = (self._queue or self._aqueue).popleft()
+            if not self._skip(job):
+                self._refuse(job)
 
     def _late(self, token: object) -> None:
         """A cancelled coroutine still runs STALL_S later: it counts as stuck."""
@@ -394,6 +419,7 @@ class StageWorkers:
             self._write_off(job, token)
         if job.is_async:
             self._release()
+        self._refuse_waiting()
         self.events("timeout", 0.0, False)
         self._after(job, False, StageTimeout(f"it took longer than its timeout ({self.timeout:g}s)"),
                     self.timeout)
@@ -409,6 +435,7 @@ class StageWorkers:
             if job.is_async:
                 self._release()
             job.done(False, Skipped("its request ended during the call"))
+        self._refuse_waiting()
         return len(gone)
 
     def _watch(self) -> None:
