@@ -228,6 +228,7 @@ JOIN = StageKind(
         Param("on_reject", ENUM, "fail", "a Reject in one branch: fail the request (fail), or merge the "
               "other branches without it (drop; if every branch is rejected the request fails)",
               choices=("fail", "drop")),
+        *POLICY_PARAMS,               # how fn's calls run, as a python stage's (the built-in policies: inline)
     ),
     inputs=(Port("generated", "Generated"),),
     outputs=(Port("generated", "Generated"),),
