@@ -164,3 +164,17 @@ def test_an_async_hook_that_blocks_its_loop_stalls_only_its_own_stage(tmp_path, 
     assert order == ["g", "f"]                    # g timed out while f still blocked its own loop
     assert g.error.kind == "timeout" and f.ok
     assert warned and rt.stats()["stages"]["f"]["stalls"] >= 1
+
+
+def test_the_run_summary_shows_a_stages_stuck_calls():
+    from pipeline_dsl.commands.runner import format_summary
+
+    row = {"items_in": 3, "items_out": 0, "rejected": 0, "failed": 3, "dropped": 0, "queued": 0,
+           "busy_s": 0.1, "latency_p50_s": None, "stuck": 2, "stalls": 0}
+    s = {"requests": 3, "prompt_tokens": 0, "cached_tokens": 0, "completion_tokens": 0,
+         "output_tokens_per_s": None, "generation_s": 0, "ttft_p50_ms": None, "ttft_p99_ms": None,
+         "tpot_p50_ms": None, "tpot_p99_ms": None, "mean_batch_size": None, "kv_hit_rate": None,
+         "stages": {"f": row, "g": dict(row, stuck=0)}}
+    lines = format_summary(s).splitlines()
+    assert next(x for x in lines if x.strip().startswith("f ")).endswith("stuck 2")
+    assert "stuck" not in next(x for x in lines if x.strip().startswith("g "))

@@ -202,13 +202,14 @@ class Stretch:
 
 
 class _Job:
-    __slots__ = ("fn", "done", "is_async", "alive", "stretch", "attempt", "token", "future")
+    __slots__ = ("fn", "done", "is_async", "alive", "stretch", "attempt", "token", "future", "timeout")
 
     def __init__(self, fn, done, is_async, alive, stretch):
         self.fn, self.done, self.is_async, self.alive, self.stretch = fn, done, is_async, alive, stretch
         self.attempt = 0
         self.token: object | None = None          # the run in progress; None: none (or written off)
         self.future = None                        # an async run's concurrent.futures.Future
+        self.timeout: _Handle | None = None       # the run's timeout on the timer
 
 
 class StageWorkers:
@@ -298,7 +299,7 @@ class StageWorkers:
         if job.stretch is not None:
             job.stretch.run()
         if self.timeout:
-            self.timer.later(self.timeout, lambda: self._expire(job, token))
+            job.timeout = self.timer.later(self.timeout, lambda: self._expire(job, token))
         return token
 
     def _end(self, job: _Job, token: object) -> bool:
@@ -308,6 +309,8 @@ class StageWorkers:
             return True
         job.token = None
         del self._running[token]
+        if job.timeout is not None:
+            job.timeout.cancel()
         return False
 
     def _work(self) -> None:
@@ -353,7 +356,7 @@ class StageWorkers:
         """An async slot is free: the next waiting job that is still wanted takes it."""
         while True:
             with self._cv:
-                if not self._aqueue or self._closed:
+                if not self._aqueue:
                     self._abusy -= 1
                     return
                 job = self._aqueue.popleft()
@@ -414,7 +417,8 @@ class StageWorkers:
                 return
             left = job.stretch.left(self.timeout) if job.stretch is not None else 0.0
             if left is None or left > 0:          # a stream function waiting for chunks, or not due
-                self.timer.later(self.timeout if left is None else left, lambda: self._expire(job, token))
+                job.timeout = self.timer.later(self.timeout if left is None else left,
+                                               lambda: self._expire(job, token))
                 return
             self._write_off(job, token)
         if job.is_async:
