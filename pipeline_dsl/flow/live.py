@@ -13,7 +13,7 @@ from typing import Callable
 
 from .items import Item, heard
 from .streams import Live, arun_filter, run_filter
-from .workers import Stretch
+from .timing import Stretch
 
 
 class LiveStages:

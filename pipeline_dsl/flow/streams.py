@@ -52,7 +52,7 @@ class Feed:
         self._closed = False
         self._cv = threading.Condition()
         self._waiter: asyncio.Future | None = None
-        self.stretch = None           # the reader's Stretch (flow/workers.py): stopped while it waits
+        self.stretch = None           # the reader's Stretch (flow/timing.py): stopped while it waits
 
     def put(self, chunk: str) -> None:
         self._push(chunk)

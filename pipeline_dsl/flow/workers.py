@@ -34,9 +34,6 @@ an exception carrying an HTTP status 408, 425, 429 or 5xx (`status_code`, `statu
 """
 from __future__ import annotations
 
-import asyncio
-import heapq
-import itertools
 import logging
 import random
 import threading
@@ -45,6 +42,11 @@ from collections import deque
 from typing import Any, Callable
 
 import pipeline_dsl
+
+from .timing import EventLoop, Handle, Stretch, Timer
+
+__all__ = ["EventLoop", "Skipped", "StageStuck", "StageTimeout", "StageWorkers", "Stretch", "Timer",
+           "backoff_delay", "is_transient"]
 
 log = logging.getLogger("agp.flow")
 
@@ -85,92 +87,6 @@ def backoff_delay(backoff: float, attempt: int) -> float:
     return min(backoff * 2 ** (attempt - 1), MAX_BACKOFF_S) * random.uniform(0.5, 1.0)
 
 
-class _Handle:
-    __slots__ = ("cancelled",)
-
-    def __init__(self):
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class Timer:
-    """One thread that runs callbacks at their deadlines (timeouts, retry backoffs)."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
-        self.clock = clock
-        self._heap: list = []
-        self._seq = itertools.count()
-        self._cv = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._closed = False
-
-    def later(self, delay: float, fn: Callable[[], Any]) -> _Handle:
-        handle = _Handle()
-        with self._cv:
-            heapq.heappush(self._heap, (self.clock() + max(delay, 0.0), next(self._seq), fn, handle))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="agp-timer", daemon=True)
-                self._thread.start()
-            self._cv.notify()
-        return handle
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._closed and (not self._heap or self._heap[0][0] > self.clock()):
-                    self._cv.wait(None if not self._heap else max(self._heap[0][0] - self.clock(), 0.0))
-                if self._closed:
-                    return
-                _, _, fn, handle = heapq.heappop(self._heap)
-            if handle.cancelled:
-                continue
-            try:
-                fn()
-            except Exception:                     # noqa: BLE001 - one callback's bug must not stop the clock
-                log.exception("a timer callback failed")
-
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify()
-
-
-class EventLoop:
-    """The runtime's event loop, on a thread of its own, started at first use."""
-
-    def __init__(self):
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        with self._lock:
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-                self._thread = threading.Thread(target=self._loop.run_forever, name="agp-async", daemon=True)
-                self._thread.start()
-            return self._loop
-
-    def submit(self, coro):
-        """Schedule a coroutine; returns a concurrent.futures.Future."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def wait(self, awaitable) -> Any:
-        """Await on the loop from a worker thread (a sync function that returned an awaitable)."""
-        async def one():
-            return await awaitable
-        return self.submit(one()).result()
-
-    def close(self) -> None:
-        with self._lock:
-            loop, self._loop = self._loop, None
-        if loop is not None:
-            loop.call_soon_threadsafe(loop.stop)
-
-
 async def _guarded(fn: Callable[[], Any]) -> tuple[bool, Any]:
     """(ok, value or exception) of awaiting fn(): caught inside the task, because a task that
     raises SystemExit or KeyboardInterrupt would stop the event loop itself."""
@@ -178,27 +94,6 @@ async def _guarded(fn: Callable[[], Any]) -> tuple[bool, Any]:
         return True, await fn()
     except BaseException as e:                    # noqa: BLE001 - the call's own, whatever it is
         return False, e
-
-
-class Stretch:
-    """The user code's own time in a stream call: it runs from each chunk the function is handed
-    (or the call's start) and stops while the function waits for the next chunk, so a stage's
-    timeout bounds the function's work per chunk, never the wait for the engine's tokens."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
-        self.clock = clock
-        self.since = clock()
-        self.waiting = False
-
-    def wait(self) -> None:
-        self.waiting = True
-
-    def run(self) -> None:
-        self.since, self.waiting = self.clock(), False
-
-    def left(self, timeout: float) -> float | None:
-        """Seconds of the timeout left now; None while the function waits for a chunk."""
-        return None if self.waiting else self.since + timeout - self.clock()
 
 
 class _Job:
@@ -209,7 +104,7 @@ class _Job:
         self.attempt = 0
         self.token: object | None = None          # the run in progress; None: none (or written off)
         self.future = None                        # an async run's concurrent.futures.Future
-        self.timeout: _Handle | None = None       # the run's timeout on the timer
+        self.timeout: Handle | None = None       # the run's timeout on the timer
 
 
 class StageWorkers:
