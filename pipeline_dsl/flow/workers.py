@@ -349,6 +349,9 @@ class StageWorkers:
     def _probe(self) -> None:
         now = self.timer.clock()
         with self._cv:
+            if self._closed:                      # its loop may be closed: asking for it would start one
+                self._probing = False
+                return
             ping, warn = self._ping, False
             if ping is None:
                 self._ping = now
@@ -360,6 +363,8 @@ class StageWorkers:
             try:
                 self.loop.loop.call_soon_threadsafe(self._pong)
             except RuntimeError:                  # the loop is closed
+                with self._cv:
+                    self._probing = False
                 return
         if warn:
             log.warning("stage '%s': an async call blocked its event loop for %.1fs or more (a blocking "
