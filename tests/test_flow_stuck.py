@@ -27,7 +27,12 @@ async def blocks(item):
     return item
 
 async def ahang(item):
-    await asyncio.sleep(60)
+    flowkit.bump("ahung")
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        flowkit.bump("cancelled")
+        raise
     return item
 '''
 
@@ -133,6 +138,25 @@ def test_an_aborted_requests_hung_call_gives_its_worker_back(tmp_path, soft_gguf
         last = Heard()
         rt.submit(chat("last", "hello"), last)
         assert last.done.wait(60) and last.result.ok
+    finally:
+        rt.close(drain=False)
+        rt.shutdown()
+
+
+def test_an_aborted_requests_coroutine_is_cancelled(tmp_path, soft_gguf):
+    """No timeout: an `async def` call of a request its client abandoned is cancelled, and
+    does not count as stuck once the cancellation ended it."""
+    path = pipeline(tmp_path, soft_gguf, 'stage f : python { fn = "hooks:ahang"  workers = 1 }')
+    rt = runtime(path)
+    rt.start()
+    try:
+        h = Heard()
+        key = rt.submit(chat("h", "hi"), h)
+        wait_for(lambda: flowkit.COUNTS["ahung"])
+        rt.abort(key)
+        assert h.done.wait(30) and h.result.error.kind == "aborted"
+        wait_for(lambda: flowkit.COUNTS["cancelled"])
+        assert flowkit.COUNTS["cancelled"] == 1 and rt.stats()["stages"]["f"]["stuck"] == 0
     finally:
         rt.close(drain=False)
         rt.shutdown()
