@@ -601,6 +601,12 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
                               expected='fn = "module:function"'))
         if check_fn("fn"):
             diags += _check_signature(f"join '{st.name.text}'", params["fn"], 1, "(results)", where("fn"), base)
+        if params.get("fn") is None:          # workers, timeout, retries, backoff run a join's fn
+            for p in ("workers", "timeout", "retries", "backoff"):
+                if p in given:
+                    diags.append(_warn(f"join '{st.name.text}' sets {p} but has no fn: the built-in "
+                                       f"policy {policy or 'first'} runs no user code, so {p} does nothing",
+                                       where(p), hint=f"remove {p}, or merge with fn = \"module:function\""))
         if "fn" in given and params.get("fn") and \
                 function_shape(params["fn"], base) in ("generator", "async_generator"):
             diags.append(_err(f"join '{st.name.text}': {params['fn']} is a generator function; a join "

@@ -160,9 +160,12 @@ RESPOND = StageKind(
 # how a stage that runs user code runs it (python; join's fn): its own workers, a timeout, retries
 POLICY_PARAMS = (
     Param("workers", INT, 16, "calls of this stage at once (threads of its own; async functions: tasks "
-          "on the event loop); more items wait in its queue, other stages do not", min=1, max=1024),
-    Param("timeout", DURATION, 0.0, "longest one call may take (0 = no limit); past it the request "
-          "fails with a timeout, or the call is retried (see retries)", min=0.0, max=86400.0),
+          "on its event loop); more items wait in its queue, other stages do not; also the most stuck "
+          "calls (timed out or abandoned, still running) it keeps before failing new ones at once",
+          min=1, max=1024),
+    Param("timeout", DURATION, 0.0, "longest one call may take (0 = no limit; a stream stage: its own "
+          "time per chunk, not the wait for chunks); past it the request fails with a timeout, or the "
+          "call is retried (see retries)", min=0.0, max=86400.0),
     Param("retries", INT, 0, "calls tried again after a transient error: TimeoutError (the timeout "
           "too), ConnectionError, an HTTP 408/425/429/5xx status, pipeline_dsl.Retry", min=0, max=10),
     Param("backoff", DURATION, 0.5, "wait before the first retry, doubled for each next one (jittered, "
@@ -229,6 +232,7 @@ JOIN = StageKind(
         Param("on_reject", ENUM, "fail", "a Reject in one branch: fail the request (fail), or merge the "
               "other branches without it (drop; if every branch is rejected the request fails)",
               choices=("fail", "drop")),
+        *POLICY_PARAMS,               # how fn's calls run, as a python stage's (the built-in policies: inline)
     ),
     inputs=(Port("generated", "Generated"),),
     outputs=(Port("generated", "Generated"),),

@@ -968,6 +968,9 @@ t.agp:9:30: error: module 'mymod' ({tmp_path}/mymod.py) has no function 'lable' 
 """
 
 
+JOIN_POLICY = {"workers": 16, "timeout": 0.0, "retries": 0, "backoff": 0.5}   # how fn runs: its defaults
+
+
 def test_a_join_with_fn_alone_gets_policy_fn_and_good_functions_are_accepted(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mymod.py").write_text(MYMOD)
@@ -975,9 +978,9 @@ def test_a_join_with_fn_alone_gets_policy_fn_and_good_functions_are_accepted(tmp
         "stage out", 'stage j1 : join { fn = "mymod:merge" }\n    stage j2 : join { policy = fn  fn = "mymod:merge" }\n'
                      '    stage py : python { fn = "mymod:label" }\n    stage out')
     r = resolved(text)
-    assert r.stages["j1"].params == {"fn": "mymod:merge", "policy": "fn", "on_reject": "fail"}
+    assert r.stages["j1"].params == {"fn": "mymod:merge", "policy": "fn", "on_reject": "fail", **JOIN_POLICY}
     assert r.stages["j1"].given == frozenset({"fn"})
-    assert r.stages["j2"].params == {"fn": "mymod:merge", "policy": "fn", "on_reject": "fail"}
+    assert r.stages["j2"].params == {"fn": "mymod:merge", "policy": "fn", "on_reject": "fail", **JOIN_POLICY}
     assert r.stages["py"].params == {"fn": "mymod:label", "max_turns": None, "returns": "same", "workers": 16,
                                      "timeout": 0.0, "retries": 0, "backoff": 0.5, "cache": 0, "cache_ttl": 0.0,
                                      "stream": False}

@@ -147,10 +147,12 @@ def test_an_async_function_runs_on_the_event_loop(tmp_path, soft_gguf):
     assert flowkit.PEAKS["aslow"] == 4            # awaited together, not one after another
 
 
-@pytest.mark.parametrize("fn", ["hang", "ahang"])
-def test_a_call_past_its_timeout_fails_its_request_and_frees_its_slot(tmp_path, soft_gguf, fn):
-    """workers = 1: if a hung call kept its slot, the second request would wait forever."""
-    path = pipeline(tmp_path, soft_gguf, f'stage f : python {{ fn = "hooks:{fn}"  workers = 1  timeout = 200ms }}',
+@pytest.mark.parametrize("fn, workers", [("hang", 2), ("ahang", 1)])
+def test_a_call_past_its_timeout_fails_its_request_and_frees_its_slot(tmp_path, soft_gguf, fn, workers):
+    """ahang, workers = 1: if a cancelled coroutine kept its slot, the second request would wait
+    forever. A hung thread stays stuck, and one stage holds at most `workers` stuck calls
+    (tests/test_flow_stuck.py), so hang runs its two at once."""
+    path = pipeline(tmp_path, soft_gguf, f'stage f : python {{ fn = "hooks:{fn}"  workers = {workers}  timeout = 200ms }}',
                     routes="request -> r\nr -> f when metadata.hang == true\nr -> batch otherwise\nf -> batch\n",
                     extra="stage r : route {}\n")
     reqs = [chat("h1", "hi", metadata={"hang": True}), chat("h2", "hi", metadata={"hang": True}),

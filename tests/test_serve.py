@@ -337,7 +337,8 @@ def test_models_health_and_metrics(server):
                  "agp_prompt_tokens_total", "agp_generation_tokens_total",
                  "agp_time_to_first_token_seconds", "agp_inter_token_latency_seconds",
                  "agp_kv_blocks_used", "agp_kv_blocks_cached", "agp_prefix_cache_hit_rate",
-                 "agp_stage_items_in_total", "agp_stage_queue_depth", "agp_stage_busy_seconds_total"):
+                 "agp_stage_items_in_total", "agp_stage_queue_depth", "agp_stage_busy_seconds_total",
+                 "agp_stage_stuck_calls"):
         assert f"\n{name}" in text, name
     assert httpx.get(server.url + "/nowhere").json()["error"]["type"] == "not_found_error"
 

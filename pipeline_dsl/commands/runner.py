@@ -223,5 +223,7 @@ def format_summary(s: dict) -> str:
             p50 = row.get("latency_p50_s")
             lines.append(f"  {name:<{w}}  {row['items_in']:>5} → {row['items_out']:<5} {row['rejected']:>6} "
                          f"{row['failed']:>6} {row.get('dropped', 0):>7} {row['queued']:>6}  "
-                         f"{row['busy_s']:.3f} s" + (f"  {p50 * 1000:.2f} ms" if p50 is not None else ""))
+                         f"{row['busy_s']:.3f} s" + (f"  {p50 * 1000:.2f} ms" if p50 is not None else "")
+                         + (f"  stuck {row['stuck']}" if row.get("stuck") else "")      # written off, still running
+                         + (f"  stalls {row['stalls']}" if row.get("stalls") else ""))
     return "\n".join(lines)

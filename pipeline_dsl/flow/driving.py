@@ -177,6 +177,7 @@ class Driving:
             es.join(5.0)
         for w in self.workers.values():
             w.close()
+            w.loop.close()
         self.timer.close()
         self.loop.close()
         self.pool.shutdown(wait=False, cancel_futures=True)

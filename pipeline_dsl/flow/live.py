@@ -13,6 +13,7 @@ from typing import Callable
 
 from .items import Item, heard
 from .streams import Live, arun_filter, run_filter
+from .timing import Stretch
 
 
 class LiveStages:
@@ -48,9 +49,12 @@ class LiveStages:
                     finally:
                         live.stage_ended(i)
                 fn, is_async = call, False
+            # the stage's timeout bounds the function's own time per chunk, not the generation
+            stretch = live.feeds[i].stretch = Stretch()
             t0 = time.perf_counter()
             self.workers[stage].submit(fn, lambda ok, value, i=i, stage=stage, t0=t0:
-                                       self._live_ended(item, i, stage, ok, value, t0), is_async)
+                                       self._live_ended(item, i, stage, ok, value, t0), is_async,
+                                       alive=lambda: not item.req.done, stretch=stretch)
         return live
 
     def _live_delta(self, item: Item, out) -> None:

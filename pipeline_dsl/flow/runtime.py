@@ -57,7 +57,7 @@ from .loops import Loops
 from .router import Router, fields
 from .stats import FlowStats
 from .streams import StreamPlan, arun_filter, one_chunk, run_filter
-from .workers import EventLoop, Skipped, StageTimeout, StageWorkers, Timer
+from .workers import EventLoop, Skipped, StageStuck, StageTimeout, StageWorkers, Timer
 
 ENGINE_KINDS = ("dynamic_batch", "encode", "kv_lookup", "generate")
 INLINE = ("requests", "system_prompt", "route", "respond", "join", "dynamic_batch")   # no user code
@@ -131,7 +131,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             p = self.params[n]
             self.workers[n] = StageWorkers(n, workers=self._workers_of(n), timeout=p.get("timeout", 0.0),
                                            retries=p.get("retries", 0), backoff=p.get("backoff", 0.5),
-                                           timer=self.timer, loop=self.loop,
+                                           timer=self.timer, loop=EventLoop(),
                                            events=lambda e, s, ok, n=n: self._worker_event(n, e, s, ok))
             if k == "python" and p.get("cache"):
                 self.caches[n] = ResultCache(p["cache"], p.get("cache_ttl", 0.0))
@@ -420,7 +420,14 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             self._idle.notify_all()
         for seq_id, es in seqs:
             es.abort(seq_id)
+        self._abandon()
         deliver(req.listener, self.ledger.failure(req, err))
+
+    def _abandon(self) -> None:
+        """A request failed: the calls still running for it give their workers back (each
+        stays counted as stuck until its code returns; flow/workers.py)."""
+        for w in self.workers.values():
+            w.abandon()
 
     def _drop_all(self, req: RequestState) -> None:
         """(under the lock) Every live item of a request that ended elsewhere: dropped where it is."""
@@ -535,6 +542,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                 row.timeouts += 1
             elif event == "retry":
                 row.retries += 1
+            elif event == "stall":
+                row.stalls += 1
 
     def _observe(self, stage: str, t0: float, item: Item, part: str | None = None, span: bool = True) -> None:
         """A built-in stage's work on one item: its time, and a span in the trace."""
@@ -557,6 +566,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             stages = self.flow.rows()
             edges = self.flow.edge_rows()
             totals = dict(self.ledger.totals, in_flight=len(self.ledger))
+        for n, w in self.workers.items():
+            stages[n]["stuck"] = w.stuck
         for es in self.segments:
             s = engines[es.name]
             seg = es.segment
@@ -584,6 +595,8 @@ def _error_of(stage: str, exc: BaseException, what: str = "stage") -> PipelineEr
         return PipelineError(str(exc) or "rejected", "rejected", stage)
     if isinstance(exc, StageTimeout):
         return PipelineError(f"{what} '{stage}' timed out: {exc}", "timeout", stage)
+    if isinstance(exc, StageStuck):
+        return PipelineError(f"{what} '{stage}' is unavailable: {exc}", "unavailable", stage)
     detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return PipelineError(f"{what} '{stage}' failed: {detail}", "failed", stage)
 

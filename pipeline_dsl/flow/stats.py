@@ -10,7 +10,9 @@ respond stage, an answer whose request then failed);
 sums on random graphs.
 
 Each stage that runs user code also keeps its calls' latencies (a histogram with fixed
-buckets for /metrics, and recent samples for percentiles), timeouts, retries and cache hits.
+buckets for /metrics, and recent samples for percentiles), timeouts, retries, cache hits,
+`stalls` (an async call blocked its event loop) and `stuck` (its calls written off, timed out
+or abandoned, whose code still runs; filled in by the runtime from its workers).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class StageCounter:
     timeouts: int = 0
     retries: int = 0
     cache_hits: int = 0
+    stalls: int = 0                  # times an async call blocked the stage's event loop
     buckets: list = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     samples: deque = field(default_factory=lambda: deque(maxlen=SAMPLES))
 
@@ -59,7 +62,8 @@ class StageCounter:
                 "rejected": self.rejected, "failed": self.failed, "dropped": self.dropped,
                 "queued": max(self.queued, 0), "busy_s": round(self.busy_s, 6), "calls": self.calls,
                 "errors": self.errors, "timeouts": self.timeouts, "retries": self.retries,
-                "cache_hits": self.cache_hits, "latency_p50_s": pct(0.5), "latency_p99_s": pct(0.99),
+                "cache_hits": self.cache_hits, "stalls": self.stalls, "stuck": 0,
+                "latency_p50_s": pct(0.5), "latency_p99_s": pct(0.99),
                 "latency": {"buckets": [[le, n] for le, n in zip(LATENCY_BUCKETS + ("+Inf",),
                                                                   _cumulative(self.buckets))],
                             "sum_s": round(self.busy_s, 6), "count": self.calls}}

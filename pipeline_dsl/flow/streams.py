@@ -52,6 +52,7 @@ class Feed:
         self._closed = False
         self._cv = threading.Condition()
         self._waiter: asyncio.Future | None = None
+        self.stretch = None           # the reader's Stretch (flow/timing.py): stopped while it waits
 
     def put(self, chunk: str) -> None:
         self._push(chunk)
@@ -74,29 +75,40 @@ class Feed:
 
     def __iter__(self):
         while True:
+            self._waiting(True)
             with self._cv:
                 while not self._chunks and not self._closed:
                     self._cv.wait()
-                if not self._chunks:
-                    return
-                chunk = self._chunks.popleft()
+                chunk = self._chunks.popleft() if self._chunks else None
+            self._waiting(False)
+            if chunk is None:
+                return
             yield chunk
 
     async def chunks(self):
         loop = asyncio.get_running_loop()
         while True:
+            self._waiting(True)
             with self._cv:
                 if self._chunks:
                     chunk = self._chunks.popleft()
                 elif self._closed:
-                    return
+                    chunk, waiter = None, None
                 else:
                     chunk, self._waiter = None, loop.create_future()
                     waiter = self._waiter
-            if chunk is None:
+            if chunk is None and waiter is not None:
                 await waiter
                 continue
+            self._waiting(False)
+            if chunk is None:
+                return
             yield chunk
+
+    def _waiting(self, waiting: bool) -> None:
+        """The reader's own time stops while it waits for a chunk and restarts with each one."""
+        if self.stretch is not None:
+            self.stretch.wait() if waiting else self.stretch.run()
 
 
 def _wake(fut: asyncio.Future) -> None:

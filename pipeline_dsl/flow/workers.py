@@ -1,5 +1,5 @@
-"""Where user code runs: each stage its own workers, one event loop for `async def`, a
-timeout per call, retries with backoff for transient errors.
+"""Where user code runs: each stage its own workers and event loop for `async def`, a timeout
+per call, retries with backoff for transient errors, a cap on stuck calls.
 
     workers = StageWorkers("guard", workers=16, timeout=2.0, retries=1, backoff=0.5,
                            timer=Timer(), loop=EventLoop(), events=print)
@@ -7,10 +7,18 @@ timeout per call, retries with backoff for transient errors.
     workers.submit(lambda: afn(view), done, is_async=True)
 
 A stage's calls never wait for another stage's: a sync function runs on threads of its
-stage (at most `workers` at once, started as needed), a coroutine on the runtime's event
-loop under a semaphore of `workers`. A call past `timeout` fails with StageTimeout and
-frees its slot at once: a coroutine is cancelled; a thread cannot be stopped, so it is
-written off (its result, whenever it comes, is dropped) and a new thread takes its place.
+stage (at most `workers` at once, started as needed), a coroutine on the stage's event loop
+(at most `workers` at once), so an `async def` that blocks its loop stalls its own stage
+only; a probe on the timer names it in a warning once the loop has not turned for STALL_S.
+Timeouts are armed on the timer thread, so they fire even while a loop is blocked. A call
+past `timeout` fails with StageTimeout and frees its slot at once: a coroutine is cancelled;
+a thread cannot be stopped, so it is written off (its result, whenever it comes, is dropped)
+and a new thread takes its place. `abandon()` writes off the running calls whose request has
+ended the same way. A written-off call whose code still runs is stuck (a coroutine once it
+has ignored its cancellation for STALL_S): at `workers` stuck calls the stage fails its new
+and waiting calls at once with StageStuck, until stuck calls return, and never has more than
+2 × workers threads. With a `Stretch` (stream stages) the timeout bounds the function's own
+time per chunk: its clock stops while the function waits for the next chunk.
 Every exception, BaseException included (SystemExit, KeyboardInterrupt, CancelledError,
 GeneratorExit), is the call's result, never the worker's end.
 
@@ -26,9 +34,6 @@ an exception carrying an HTTP status 408, 425, 429 or 5xx (`status_code`, `statu
 """
 from __future__ import annotations
 
-import asyncio
-import heapq
-import itertools
 import logging
 import random
 import threading
@@ -38,14 +43,25 @@ from typing import Any, Callable
 
 import pipeline_dsl
 
+from .timing import EventLoop, Handle, Stretch, Timer
+
+__all__ = ["EventLoop", "Skipped", "StageStuck", "StageTimeout", "StageWorkers", "Stretch", "Timer",
+           "backoff_delay", "is_transient"]
+
 log = logging.getLogger("agp.flow")
 
 MAX_BACKOFF_S = 30.0
+PROBE_S = 0.25                      # how often a stage's event loop is probed while its calls run
+STALL_S = 1.0                       # a probe waiting this long: a coroutine blocks the loop
 TRANSIENT_STATUS = frozenset({408, 425, 429})
 
 
 class StageTimeout(TimeoutError):
     """A call of a stage ran past the stage's timeout."""
+
+
+class StageStuck(Exception):
+    """A stage has as many stuck calls as it may: its new calls fail at once."""
 
 
 class Skipped(Exception):
@@ -71,92 +87,6 @@ def backoff_delay(backoff: float, attempt: int) -> float:
     return min(backoff * 2 ** (attempt - 1), MAX_BACKOFF_S) * random.uniform(0.5, 1.0)
 
 
-class _Handle:
-    __slots__ = ("cancelled",)
-
-    def __init__(self):
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class Timer:
-    """One thread that runs callbacks at their deadlines (timeouts, retry backoffs)."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
-        self.clock = clock
-        self._heap: list = []
-        self._seq = itertools.count()
-        self._cv = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._closed = False
-
-    def later(self, delay: float, fn: Callable[[], Any]) -> _Handle:
-        handle = _Handle()
-        with self._cv:
-            heapq.heappush(self._heap, (self.clock() + max(delay, 0.0), next(self._seq), fn, handle))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="agp-timer", daemon=True)
-                self._thread.start()
-            self._cv.notify()
-        return handle
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._closed and (not self._heap or self._heap[0][0] > self.clock()):
-                    self._cv.wait(None if not self._heap else max(self._heap[0][0] - self.clock(), 0.0))
-                if self._closed:
-                    return
-                _, _, fn, handle = heapq.heappop(self._heap)
-            if handle.cancelled:
-                continue
-            try:
-                fn()
-            except Exception:                     # noqa: BLE001 - one callback's bug must not stop the clock
-                log.exception("a timer callback failed")
-
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify()
-
-
-class EventLoop:
-    """The runtime's event loop, on a thread of its own, started at first use."""
-
-    def __init__(self):
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        with self._lock:
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-                self._thread = threading.Thread(target=self._loop.run_forever, name="agp-async", daemon=True)
-                self._thread.start()
-            return self._loop
-
-    def submit(self, coro):
-        """Schedule a coroutine; returns a concurrent.futures.Future."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def wait(self, awaitable) -> Any:
-        """Await on the loop from a worker thread (a sync function that returned an awaitable)."""
-        async def one():
-            return await awaitable
-        return self.submit(one()).result()
-
-    def close(self) -> None:
-        with self._lock:
-            loop, self._loop = self._loop, None
-        if loop is not None:
-            loop.call_soon_threadsafe(loop.stop)
-
-
 async def _guarded(fn: Callable[[], Any]) -> tuple[bool, Any]:
     """(ok, value or exception) of awaiting fn(): caught inside the task, because a task that
     raises SystemExit or KeyboardInterrupt would stop the event loop itself."""
@@ -167,17 +97,20 @@ async def _guarded(fn: Callable[[], Any]) -> tuple[bool, Any]:
 
 
 class _Job:
-    __slots__ = ("fn", "done", "is_async", "alive", "attempt", "token")
+    __slots__ = ("fn", "done", "is_async", "alive", "stretch", "attempt", "token", "future", "timeout")
 
-    def __init__(self, fn, done, is_async, alive):
-        self.fn, self.done, self.is_async, self.alive = fn, done, is_async, alive
+    def __init__(self, fn, done, is_async, alive, stretch):
+        self.fn, self.done, self.is_async, self.alive, self.stretch = fn, done, is_async, alive, stretch
         self.attempt = 0
         self.token: object | None = None          # the run in progress; None: none (or written off)
+        self.future = None                        # an async run's concurrent.futures.Future
+        self.timeout: Handle | None = None       # the run's timeout on the timer
 
 
 class StageWorkers:
-    """One stage's calls: at most `workers` at once, a timeout each, retries (module docstring).
-    `events(name, seconds, ok)` hears each "call" (with its duration), "timeout" and "retry"."""
+    """One stage's calls: at most `workers` at once, a timeout each, retries, at most `workers`
+    stuck calls (module docstring). `events(name, seconds, ok)` hears each "call" (with its
+    duration), "timeout", "retry" and "stall" (its event loop was blocked)."""
 
     def __init__(self, name: str, *, workers: int = 16, timeout: float = 0.0, retries: int = 0,
                  backoff: float = 0.5, timer: Timer, loop: EventLoop,
@@ -185,18 +118,31 @@ class StageWorkers:
         self.name, self.workers, self.timeout = name, max(1, int(workers)), float(timeout or 0.0)
         self.retries, self.backoff = int(retries or 0), float(backoff or 0.0)
         self.timer, self.loop, self.events = timer, loop, events
+        self.max_stuck = self.workers             # stuck calls before new ones fail fast
         self._cv = threading.Condition()
-        self._queue: deque[_Job] = deque()
+        self._queue: deque[_Job] = deque()        # sync calls waiting for a thread
+        self._aqueue: deque[_Job] = deque()       # async calls waiting for a slot
         self._live = 0                            # threads serving this stage (written-off ones excluded)
         self._idle = 0
+        self._abusy = 0                           # async calls running (written-off ones excluded)
+        self._running: dict[object, _Job] = {}    # token -> the call it runs
+        self._stuck = 0                           # written-off calls still running
+        self._cancelled: dict[object, bool] = {}  # written-off coroutines still running -> counted stuck
         self._closed = False
-        self._sem: asyncio.Semaphore | None = None
+        self._probing = False
+        self._ping: float | None = None           # when the loop's probe was posted; None: it ran
+
+    @property
+    def stuck(self) -> int:
+        """Calls written off (timed out, or their request ended) whose code is still running."""
+        return self._stuck
 
     def submit(self, fn: Callable[[], Any], done: Callable[[bool, Any], None], is_async: bool = False,
-               alive: Callable[[], bool] | None = None) -> None:
+               alive: Callable[[], bool] | None = None, stretch: Stretch | None = None) -> None:
         """Run fn() (is_async: await fn()) on this stage; done(ok, value or exception) once.
-        alive(): whether the call is still wanted when its turn comes (else done(False, Skipped))."""
-        self._start(_Job(fn, done, is_async, alive))
+        alive(): whether the call is still wanted (before its turn: else done(False, Skipped); while
+        it runs: else it is written off). stretch: the timeout counts only its running time."""
+        self._start(_Job(fn, done, is_async, alive, stretch))
 
     def _skip(self, job: _Job) -> bool:
         """Whether the job is no longer wanted: then it is done with Skipped, as no call."""
@@ -205,20 +151,62 @@ class StageWorkers:
         job.done(False, Skipped("its request ended before the call"))
         return True
 
+    def _refuse(self, job: _Job) -> bool:
+        """Whether the stage has as many stuck calls as it may: then the job fails at once."""
+        n = self._stuck
+        if n < self.max_stuck:
+            return False
+        job.done(False, StageStuck(f"{n} of its calls are still stuck (timed out or abandoned, their code "
+                                   f"still running; at most {self.max_stuck}, its workers); it takes calls "
+                                   "again as they return"))
+        return True
+
     def _start(self, job: _Job) -> None:
         job.attempt += 1
         if job.is_async:
-            self.loop.submit(self._arun(job))
+            with self._cv:
+                if self._abusy >= self.workers:
+                    self._aqueue.append(job)
+                    return
+                self._abusy += 1
+            self._launch(job)
+            return
+        if self._refuse(job):
             return
         with self._cv:
             self._queue.append(job)
-            if self._idle == 0 and self._live < self.workers:
+            if self._idle == 0:
                 self._spawn()
             self._cv.notify()
 
     def _spawn(self) -> None:
+        """(under the lock) One more thread, while the stage has fewer than `workers` serving and
+        fewer than 2 × workers in all (the stuck ones included)."""
+        if self._live >= self.workers or self._live + self._stuck >= 2 * self.workers:
+            return
         self._live += 1
         threading.Thread(target=self._work, name=f"agp-stage-{self.name}", daemon=True).start()
+
+    def _begin(self, job: _Job) -> object:
+        """(under the lock) The job's run starts: its token, and its timeout armed."""
+        token = job.token = object()
+        self._running[token] = job
+        if job.stretch is not None:
+            job.stretch.run()
+        if self.timeout:
+            job.timeout = self.timer.later(self.timeout, lambda: self._expire(job, token))
+        return token
+
+    def _end(self, job: _Job, token: object) -> bool:
+        """(under the lock) The job's run returned: whether it had been written off meanwhile."""
+        if job.token is not token:
+            self._stuck -= self._cancelled.pop(token, False) if job.is_async else 1
+            return True
+        job.token = None
+        del self._running[token]
+        if job.timeout is not None:
+            job.timeout.cancel()
+        return False
 
     def _work(self) -> None:
         while True:
@@ -231,57 +219,164 @@ class StageWorkers:
                     self._live -= 1
                     return
                 job = self._queue.popleft()
-            if self._skip(job):
+            if self._skip(job) or self._refuse(job):
                 continue
             with self._cv:
-                token = job.token = object()
-            handle = self.timer.later(self.timeout, lambda: self._expire(job, token)) if self.timeout else None
+                token = self._begin(job)
             t0 = time.perf_counter()
             try:
                 value, ok = job.fn(), True
             except BaseException as e:            # noqa: BLE001 - every exception is the call's own
                 value, ok = e, False
-            if handle is not None:
-                handle.cancel()
             with self._cv:
-                written_off = job.token is not token
-                if not written_off:
-                    job.token = None
-            if written_off:                       # timed out: the slot went to a new thread
+                written_off = self._end(job, token)
+            if written_off:                       # its slot went to a new thread
                 return
             self._after(job, ok, value, time.perf_counter() - t0)
+
+    def _launch(self, job: _Job) -> None:
+        """An async job has a slot: run it on the stage's loop (or pass the slot on)."""
+        if self._skip(job) or self._refuse(job):
+            self._release()
+            return
+        self._run_async(job)
+
+    def _run_async(self, job: _Job) -> None:
+        with self._cv:
+            token = self._begin(job)
+            job.future = self.loop.submit(self._arun(job, token))
+        self._watch()
+
+    def _release(self) -> None:
+        """An async slot is free: the next waiting job that is still wanted takes it."""
+        while True:
+            with self._cv:
+                if not self._aqueue:
+                    self._abusy -= 1
+                    return
+                job = self._aqueue.popleft()
+            if not (self._skip(job) or self._refuse(job)):
+                self._run_async(job)
+                return
+
+    async def _arun(self, job: _Job, token: object) -> None:
+        t0 = time.perf_counter()
+        ok, value = await _guarded(job.fn)
+        with self._cv:
+            written_off = self._end(job, token)
+        if written_off:
+            return
+        self._release()
+        self._after(job, ok, value, time.perf_counter() - t0)
+
+    def _write_off(self, job: _Job, token: object) -> bool:
+        """(under the lock) Give up a running call: its slot is free at once; its code, if it
+        goes on running, counts as stuck until it returns (a thread cannot be stopped; a
+        coroutine is cancelled, and counts once it has ignored that for STALL_S)."""
+        if job.token is not token:
+            return False
+        job.token = None
+        del self._running[token]
+        if job.is_async:
+            job.future.cancel()
+            self._cancelled[token] = False
+            self.timer.later(STALL_S, lambda: self._late(token))
+        else:
+            self._stuck += 1
+            self._live -= 1
+            if self._queue:
+                self._spawn()
+        return True
+
+    def _refuse_waiting(self) -> None:
+        """The stage is full of stuck calls: the calls waiting for it fail now, not when a
+        worker frees (none may, while their code hangs)."""
+        while self._stuck >= self.max_stuck:
+            with self._cv:
+                if not (self._queue or self._aqueue):
+                    return
+                job = (self._queue or self._aqueue).popleft()
+            if not self._skip(job):
+                self._refuse(job)
+
+    def _late(self, token: object) -> None:
+        """A cancelled coroutine still runs STALL_S later: it counts as stuck."""
+        with self._cv:
+            if self._cancelled.get(token) is False:
+                self._cancelled[token] = True
+                self._stuck += 1
 
     def _expire(self, job: _Job, token: object) -> None:
         with self._cv:
             if job.token is not token:
                 return
-            job.token = None
-            self._live -= 1
-            if self._queue and self._live < self.workers:
-                self._spawn()
+            left = job.stretch.left(self.timeout) if job.stretch is not None else 0.0
+            if left is None or left > 0:          # a stream function waiting for chunks, or not due
+                job.timeout = self.timer.later(self.timeout if left is None else left,
+                                               lambda: self._expire(job, token))
+                return
+            self._write_off(job, token)
+        if job.is_async:
+            self._release()
+        self._refuse_waiting()
         self.events("timeout", 0.0, False)
         self._after(job, False, StageTimeout(f"it took longer than its timeout ({self.timeout:g}s)"),
                     self.timeout)
 
-    async def _arun(self, job: _Job) -> None:
-        if self._sem is None:
-            self._sem = asyncio.Semaphore(self.workers)
-        async with self._sem:
-            if self._skip(job):
+    def abandon(self) -> int:
+        """Write off the running calls whose request has ended (alive() false): they are done
+        with Skipped and their slots serve the next calls. Returns how many."""
+        with self._cv:
+            gone = [(job, token) for token, job in self._running.items()
+                    if job.alive is not None and not job.alive()]
+            gone = [(job, token) for job, token in gone if self._write_off(job, token)]
+        for job, _ in gone:
+            if job.is_async:
+                self._release()
+            job.done(False, Skipped("its request ended during the call"))
+        self._refuse_waiting()
+        return len(gone)
+
+    def _watch(self) -> None:
+        """Probe the stage's event loop while its calls run: a coroutine that blocks it (a
+        time.sleep in an `async def`) is named in a warning, as asyncio's debug mode would."""
+        with self._cv:
+            if self._probing:
                 return
-            t0 = time.perf_counter()
+            self._probing = True
+        self.timer.later(PROBE_S, self._probe)
+
+    def _probe(self) -> None:
+        now = self.timer.clock()
+        with self._cv:
+            if self._closed:                      # its loop may be closed: asking for it would start one
+                self._probing = False
+                return
+            ping, warn = self._ping, False
+            if ping is None:
+                self._ping = now
+            elif now - ping >= STALL_S and ping > 0:
+                warn, self._ping = True, -1.0     # warned for this stall; the pong clears it
+            again = (self._abusy > 0 or self._ping is not None) and not self._closed
+            self._probing = again
+        if ping is None:
             try:
-                task = asyncio.ensure_future(_guarded(job.fn))
-                await asyncio.wait({task}, timeout=self.timeout or None)
-                if task.done():
-                    ok, value = task.result()
-                else:
-                    task.cancel()
-                    self.events("timeout", 0.0, False)
-                    value, ok = StageTimeout(f"it took longer than its timeout ({self.timeout:g}s)"), False
-            except BaseException as e:            # noqa: BLE001 - CancelledError from the function included
-                value, ok = e, False
-        self._after(job, ok, value, time.perf_counter() - t0)
+                self.loop.loop.call_soon_threadsafe(self._pong)
+            except RuntimeError:                  # the loop is closed
+                with self._cv:
+                    self._probing = False
+                return
+        if warn:
+            log.warning("stage '%s': an async call blocked its event loop for %.1fs or more (a blocking "
+                        "call such as time.sleep in an `async def`?); the stage's other async calls "
+                        "waited meanwhile", self.name, now - ping)
+            self.events("stall", now - ping, False)
+        if again:
+            self.timer.later(PROBE_S, self._probe)
+
+    def _pong(self) -> None:
+        with self._cv:
+            self._ping = None
 
     def _after(self, job: _Job, ok: bool, value: Any, seconds: float) -> None:
         self.events("call", seconds, ok)

@@ -84,6 +84,7 @@ STAGE_SERIES = (  # (stats key, metric name, type, help)
     ("failed", "stage_failed", "counter", "Requests that failed in the stage"),
     ("queued", "stage_queue_depth", "gauge", "Items waiting for the stage"),
     ("busy_s", "stage_busy_seconds", "counter", "Seconds the stage spent working"),
+    ("stuck", "stage_stuck_calls", "gauge", "Calls written off (timed out, request ended) whose code still runs"),
 )
 
 

@@ -1,0 +1,127 @@
+"""The clocks user code is run against: one timer thread for every deadline (timeouts, retry
+backoffs, event-loop probes), an event loop on a thread of its own (one per stage that runs
+`async def`), and a stream call's `Stretch` (its own time, not its wait for chunks).
+
+    timer = Timer()
+    handle = timer.later(2.0, lambda: print("due"))    # handle.cancel() before it is due
+    loop = EventLoop()                                  # started at first use
+    future = loop.submit(coro)                          # a concurrent.futures.Future
+"""
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+log = logging.getLogger("agp.flow")
+
+
+class Handle:
+    __slots__ = ("cancelled",)
+
+    def __init__(self):
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Timer:
+    """One thread that runs callbacks at their deadlines (timeouts, retry backoffs)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._heap: list = []
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def later(self, delay: float, fn: Callable[[], Any]) -> Handle:
+        handle = Handle()
+        with self._cv:
+            heapq.heappush(self._heap, (self.clock() + max(delay, 0.0), next(self._seq), fn, handle))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="agp-timer", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        return handle
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and (not self._heap or self._heap[0][0] > self.clock()):
+                    self._cv.wait(None if not self._heap else max(self._heap[0][0] - self.clock(), 0.0))
+                if self._closed:
+                    return
+                _, _, fn, handle = heapq.heappop(self._heap)
+            if handle.cancelled:
+                continue
+            try:
+                fn()
+            except Exception:                     # noqa: BLE001 - one callback's bug must not stop the clock
+                log.exception("a timer callback failed")
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+
+
+class EventLoop:
+    """The runtime's event loop, on a thread of its own, started at first use."""
+
+    def __init__(self):
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=self._loop.run_forever, name="agp-async", daemon=True)
+                self._thread.start()
+            return self._loop
+
+    def submit(self, coro):
+        """Schedule a coroutine; returns a concurrent.futures.Future."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def wait(self, awaitable) -> Any:
+        """Await on the loop from a worker thread (a sync function that returned an awaitable)."""
+        async def one():
+            return await awaitable
+        return self.submit(one()).result()
+
+    def close(self) -> None:
+        with self._lock:
+            loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+
+
+class Stretch:
+    """The user code's own time in a stream call: it runs from each chunk the function is handed
+    (or the call's start) and stops while the function waits for the next chunk, so a stage's
+    timeout bounds the function's work per chunk, never the wait for the engine's tokens."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.since = clock()
+        self.waiting = False
+
+    def wait(self) -> None:
+        self.waiting = True
+
+    def run(self) -> None:
+        self.since, self.waiting = self.clock(), False
+
+    def left(self, timeout: float) -> float | None:
+        """Seconds of the timeout left now; None while the function waits for a chunk."""
+        return None if self.waiting else self.since + timeout - self.clock()
