@@ -17,7 +17,8 @@ there are several) and `pos`.
 `validate(resolved)` reports loops that no stage bounds (the cycle printed), item
 types that do not fit an edge, a second request source, conditions that do not
 type-check or can leave an item nowhere to go, broken engine segments, stages
-unreachable from the source and stages with no path to a respond stage.
+unreachable from the source and stages with no path to a respond stage (once per dead
+end, naming the stages it strands).
 `check_program(program)` runs every check of every pipeline in a loaded program.
 `segments_of(graph)` lists the engine segments (batch -> encode -> kv -> generate...).
 """
@@ -229,14 +230,70 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
                           expected="a stage of kind respond, e.g. stage out : respond {}",
                           hint="add a respond stage and an edge into it"))
     elif targets:
-        can_finish = _reachable(g.predecessors, targets)
-        for n, s in r.stages.items():
-            if n not in can_finish and s.kind is not None:
-                diags.append(_err(f"stage '{n}' has no path to a respond stage", s.pos,
-                                  hint=f"add an edge from '{n}' towards a respond stage, or remove it"))
+        diags += _check_dead_ends(r, g, _reachable(g.predecessors, targets), sinks)
     if not unknown and not any(d.is_error for d in diags):
         diags += _check_sources(r, g, carry, sources)
     return diags
+
+
+STRANDED_LISTED = 8        # a dead end's note names this many stranded stages, then counts the rest
+DEAD_ENDS_EXPLAINED = 64   # dead ends whose stranded stages are looked for (each is a walk upstream)
+
+
+def _check_dead_ends(r: Resolved, g: nx.DiGraph, can_finish: set, sinks: list[str]) -> list[Diagnostic]:
+    """Stages with no path to a respond stage, reported once per missing way out: at each dead
+    end (a stage with no out-edge, or a loop with none out of it), with a note naming the
+    stages upstream that lead only there. One missing edge `gen -> out` is one error at 'gen',
+    not one per stage of the chain before it. A loop whose bounding stage has no way out is
+    already reported at that stage (_check_cycles)."""
+    stuck = [n for n, s in r.stages.items() if n not in can_finish and s.kind is not None]
+    if not stuck:
+        return []
+    order = {n: i for i, n in enumerate(r.stages)}
+    sub = g.subgraph(stuck)
+    # every successor of a stuck stage is stuck, so the dead ends are the components of `sub`
+    # that no edge leaves: a stage without out-edges, or a loop with no edge out of it
+    cond = nx.condensation(sub)
+    ends = sorted((sorted(cond.nodes[c]["members"], key=order.get) for c in cond if cond.out_degree(c) == 0),
+                  key=lambda m: order[m[0]])
+    bounded = bounded_stages(r)
+    respond = sinks[0] if sinks else None
+    diags = []
+    for i, members in enumerate(ends):
+        if len(members) > 1 or sub.has_edge(members[0], members[0]):
+            if bounded & set(members):
+                continue               # "bounds a loop but has no edge out of it" says so
+            where, what = members[0], "the loop " + " -> ".join(_loop_path(sub, members)) + " has"
+        else:
+            where, what = members[0], f"stage '{members[0]}' has"
+        s = r.stages[where]
+        notes = []
+        if i < DEAD_ENDS_EXPLAINED:
+            upstream = sorted(_reachable(sub.predecessors, members) - set(members), key=order.get)
+            if upstream:
+                shown = ", ".join(f"'{n}'" for n in upstream[:STRANDED_LISTED])
+                more = len(upstream) - STRANDED_LISTED
+                shown += f" and {more} more" if more > 0 else ""
+                many = f"the {len(upstream)} stages before it reach" if len(upstream) > 1 else "the stage before it reaches"
+                notes.append((f"{many} no respond stage either: {shown}", None))
+        sends = outputs(s.kind, s.params, s.kind.accepts) & ITEM_TYPES
+        edge = None
+        if respond is not None and sends and sends <= r.stages[respond].kind.accepts:
+            edge = f"{where} -> {respond}"
+        if edge:
+            hint = f"add an edge `{edge}` (or towards another respond stage), or remove '{where}'"
+        elif len(members) > 1:
+            hint = "add an edge from one of the loop's stages towards a respond stage"
+        else:
+            hint = f"add an edge from '{where}' towards a respond stage, or remove it"
+        diags.append(_err(f"{what} no path to a respond stage", s.pos, hint=hint, notes=notes))
+    return diags
+
+
+def _loop_path(sub: nx.DiGraph, members: list[str]) -> list[str]:
+    """A cycle through the first of `members`, printed a -> b -> a."""
+    cyc = nx.find_cycle(sub.subgraph(members), source=members[0])
+    return [cyc[0][0]] + [v for _, v in cyc]
 
 
 def _check_sources(r: Resolved, g: nx.DiGraph, carry: dict, sources: list[str]) -> list[Diagnostic]:
