@@ -138,7 +138,8 @@ def _context_hint(expected: set[str], tok: Token, prev: str = "") -> tuple[str |
     if exp == {"NAME"} and prev == ":":
         return "a stage kind (agp stages lists them)", None
     if exp == {"EQUAL"}:
-        return "'=' and a value after a setting or parameter name", None
+        hint = f"a parameter is written '{prev} = value', not '{prev}: value'" if tok.type == "COLON" else None
+        return "'=' and a value after a setting or parameter name", hint
     if exp == {"COLON"}:
         return "':' and a stage kind after the stage name (stage NAME : KIND { … })", None
     if "NUMBER" in exp and "STRING" in exp and "LSQB" in exp:
