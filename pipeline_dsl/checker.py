@@ -131,13 +131,19 @@ def _range_text(p: Param) -> str:
     return ""
 
 
+# other names of enum values (torch's and numpy's dtype names): 'float16' -> fp16
+_ENUM_ALIASES = {"float16": "fp16", "half": "fp16", "f16": "fp16", "float32": "fp32", "float": "fp32",
+                 "f32": "fp32", "bfloat16": "bf16", "q8": "int8", "i8": "int8", "q8_0": "int8"}
+
+
 def convert(value: ast.Value, p: Param, what: str) -> tuple[Any, Diagnostic | None]:
     """(normalised value, None) or (None, the diagnostic) for `value` given to parameter `p`."""
     expected = _type_expected(p)
     bad = lambda msg, hint=None: (None, _err(msg, value.pos, expected, hint))  # noqa: E731
     t = p.type
     if isinstance(value, ast.Quantity) and units.unit_kind(value.unit) is None:
-        hint = did_you_mean(value.unit, units.all_units())
+        other = units.respelled(value.number, value.unit, t)
+        hint = f"write {other}" if other else did_you_mean(value.unit, units.all_units())
         return bad(f"unknown unit '{value.unit}' in '{show(value)}'", hint)
     if t in (DURATION, SIZE):
         if isinstance(value, ast.Quantity):
@@ -186,7 +192,9 @@ def convert(value: ast.Value, p: Param, what: str) -> tuple[Any, Diagnostic | No
     elif t == ENUM:
         if isinstance(value, (ast.Word, ast.Str)):
             if value.value not in p.choices:
-                return bad(f"'{value.value}' is not a valid value for {what}", did_you_mean(value.value, p.choices))
+                alias = _ENUM_ALIASES.get(str(value.value).lower())
+                hint = f"did you mean '{alias}'?" if alias in p.choices else did_you_mean(value.value, p.choices)
+                return bad(f"'{value.value}' is not a valid value for {what}", hint)
             out = value.value
         else:
             return bad(f"{what} is one of {' | '.join(p.choices)}, not {_value_word(value)}")

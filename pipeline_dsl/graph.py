@@ -460,11 +460,15 @@ def _check_cycles(g: nx.DiGraph, r: Resolved) -> list[Diagnostic]:
         cyc = nx.find_cycle(sub, source=start)
         path = [cyc[0][0]] + [v for _, v in cyc]
         closing = cyc[-1]
+        # a python stage already on the loop only lacks its bound: say so, by name
+        pys = [n for n in path[:-1] if r.stages[n].kind is not None and r.stages[n].kind.name == "python"
+               and not r.stages[n].params.get("stream")]
+        bound = (f"give '{pys[0]}' (python) max_turns = N to bound the loop" if pys
+                 else "bound the loop (a python stage with max_turns = N on it)")
         diags.append(_err("cycle: " + " -> ".join(path), g.edges[closing]["pos"],
                           expected="requests flow one way, from the source to respond; a loop must pass "
                                    "through a python stage that bounds it with max_turns",
-                          hint=f"remove the edge {closing[0]} -> {closing[1]}, or bound the loop "
-                               "(a python stage with max_turns = N on it)",
+                          hint=f"remove the edge {closing[0]} -> {closing[1]}, or {bound}",
                           notes=[(f"edge {u} -> {v}", g.edges[u, v]["pos"]) for u, v in cyc[:-1]]))
     for comp in nx.strongly_connected_components(g):
         if len(comp) == 1 and not any(g.has_edge(n, n) for n in comp):
@@ -558,11 +562,13 @@ def _check_routes(r: Resolved, g: nx.DiGraph, emits: dict) -> list[Diagnostic]:
         if s.kind is None:
             continue
         types = _route_types(s.kind, emits[n])
+        refused = False
         for e in out:
             for cmp in compares(e.cond) if e.cond is not None else ():
                 try:
                     check_compare(cmp, types)
                 except ConditionError as err:
+                    refused = True
                     diags.append(_err(str(err), err.node.pos if hasattr(err.node, "pos") else e.pos,
                                       expected=err.expected, hint=err.hint))
         otherwise = [e for e in out if e.condition == ("otherwise",)]
@@ -575,22 +581,26 @@ def _check_routes(r: Resolved, g: nx.DiGraph, emits: dict) -> list[Diagnostic]:
         if otherwise and not conditional and n not in r.refused_conditions:   # not when an error dropped it
             diags.append(_warn(f"`otherwise` on {n} -> {otherwise[0].dst}: '{n}' has no conditional edge, so it "
                                "always holds", otherwise[0].pos, hint="write the edge without a condition"))
-        if conditional and not otherwise and not plain:
+        # not when an error refused one of its conditions: that edge was meant to cover the rest
+        if conditional and not otherwise and not plain and not refused and n not in r.refused_conditions:
             fixed = [c for c in s.kind.conditions if c != ANY_LABEL]
             # a label is covered when some edge's condition holds for every item carrying it
             # (`when timeout`, `when not full`, `when full or prompt_tokens > 9`)
             used = {c for c in fixed if any(holds_for_label(e.condition, c) is True for e in conditional)}
             if fixed and set(fixed) <= used:
                 continue               # the batcher's full + timeout cover every batch
+            dst = conditional[0].dst
             if fixed:
                 missing = [c for c in fixed if c not in used]
                 msg = (f"{' and '.join(missing)} items of '{n}' have nowhere to go: no edge `when "
                        f"{missing[0]}`, no unconditional edge and no `otherwise`")
+                # a batcher's labels are its contract (full and timeout): name the edge it lacks
+                hint = "add " + " and ".join(f"`{n} -> {dst} when {c}`" for c in missing)
             else:
                 msg = (f"an item of '{n}' that matches none of its conditions has nowhere to go "
                        "(no unconditional edge and no `otherwise`)")
-            diags.append(_err(msg, conditional[0].pos,
-                              hint=f"add `{n} -> {conditional[0].dst} otherwise` (or to another stage)"))
+                hint = f"add `{n} -> {dst} otherwise` (or to another stage)"
+            diags.append(_err(msg, conditional[0].pos, hint=hint))
     return diags
 
 

@@ -18,7 +18,7 @@ from lark import Lark, Token, v_args
 from lark.visitors import Transformer_NonRecursive
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
-from . import ast
+from . import ast, units
 from .diagnostics import ERROR, Diagnostic, SourcePos, did_you_mean
 
 # lark terminal names -> words a user understands
@@ -205,6 +205,10 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
             hint = "an edge is written '->' (no space between '-' and '>')"
         elif ch == "'":
             hint = 'strings use double quotes: "…"'
+        elif ch in "“”„«»":
+            hint = 'strings use straight double quotes: "…", not typographic ones'
+        elif ch.isalnum() and not ch.isascii():
+            hint = "names are ASCII letters, digits and '_'; other text belongs in a string (\"…\")"
 
         return Diagnostic(ERROR, f"unexpected character '{shown}'", pos, expected=expected, hint=hint)
     if isinstance(err, UnexpectedEOF):
@@ -226,6 +230,33 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
         hint = f"did you mean '{nxt}='?" if nxt in ("<", ">") else "did you mean '=='?"
     elif tok.type == "COMPARE" and tok.value == ">" and at and text[at - 1] == "=":   # src => batch
         hint = "an edge is written '->'"
+    prev = _previous(text, at)
+    if "EQUAL" in wanted and (prev in units.all_units() or units.respelled(1, prev, units.DURATION)
+                              or units.respelled(1, prev, units.SIZE)):
+        end = _end_of_previous(text, at)
+        m = re.search(r"(?<![\w.])([+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?)[ \t]+$", text[:end - len(prev)])
+        if m:   # `timeout = 10 ms`: the unit was read as the next parameter's name
+            line = text.count("\n", 0, m.start()) + 1
+            col = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
+            return Diagnostic(ERROR, f"a space between '{m.group(1)}' and its unit '{prev}'",
+                              SourcePos(file, line, col, line, col + end - m.start()),
+                              expected="a quantity written as one word: 10ms, 512MiB",
+                              hint=f"write {m.group(1)}{prev}")
+    if prev == "when" and tok.type in ("RBRACE", "$END", "STAGE", "PIPELINE", "USE"):
+        w = _end_of_previous(text, at) - 4               # point at the `when` that lacks its condition
+        line = text.count("\n", 0, w) + 1
+        col = w - (text.rfind("\n", 0, w) + 1) + 1
+        return Diagnostic(ERROR, "missing condition after 'when'", SourcePos.point(file, line, col, 4),
+                          expected="a condition, e.g. when full or when prompt_tokens > 512",
+                          hint=f"found {_found(tok)} instead")
+    if tok.type == "__ANON_0":
+        m = re.search(r"\bwhen[ \t]*(#[^\n]*)?\n[ \t]*([A-Za-z_]\w*)[ \t]*$", text[:at])
+        if m:   # `a -> b when` with the condition forgotten: the next line's first stage was read as a label
+            line = text.count("\n", 0, m.start()) + 1
+            col = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
+            return Diagnostic(ERROR, "missing condition after 'when'", SourcePos.point(file, line, col, 4),
+                              expected="a condition on the same line, e.g. when full or when prompt_tokens > 512",
+                              hint=f"'{m.group(2)}' on the next line starts another edge, not the condition")
     msg = "unexpected end of file" if tok.type == "$END" else f"unexpected {_found(tok)}"
     expected = expected_words or _join(_describe_expected(wanted))
     if hint == "the value after '=' is missing":

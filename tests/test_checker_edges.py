@@ -1035,11 +1035,6 @@ t.agp:11:34: error: unknown condition 'fulll' on an edge from 'batch'
   = expected: when full | timeout (the labels of dynamic_batch), or a comparison of a request field
   = help: did you mean 'full'?
 
-t.agp:12:5: error: full items of 'batch' have nowhere to go: no edge `when full`, no unconditional edge and no `otherwise`
-   12 |     batch -> encode when timeout
-      |     ^^^^^^^^^^^^^^^
-  = help: add `batch -> encode otherwise` (or to another stage)
-
 t.agp:13:37: error: stage 'encode' (encode) gives its items no label 'txt'
    13 |     encode -> kv -> gen -> out when txt
       |                                     ^^^
@@ -1070,7 +1065,7 @@ t.agp:15:20: error: field 'metadata' needs a comparison
   = expected: metadata == VALUE, metadata > N, ...
   = help: e.g. when metadata == "…"
 
-7 errors
+6 errors
 """
 
 

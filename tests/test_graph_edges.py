@@ -1225,7 +1225,7 @@ def test_a_batcher_edge_that_no_batch_can_take_leaves_full_and_timeout_batches_n
         t.agp:11:5: error: full and timeout items of 'batch' have nowhere to go: no edge `when full`, no unconditional edge and no `otherwise`
            11 |     batch -> encode when full and timeout
               |     ^^^^^^^^^^^^^^^
-          = help: add `batch -> encode otherwise` (or to another stage)
+          = help: add `batch -> encode when full` and `batch -> encode when timeout`
 
         1 error
         """)
