@@ -640,6 +640,12 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
                               expected="a function that returns one of the results, its index or a new dict",
                               hint="return the merged result instead of yielding it"))
     elif kind.name == "generate":
+        low, high = params.get("min_tokens"), params.get("max_new_tokens")
+        if "min_tokens" in given and isinstance(low, int) and isinstance(high, int) and low > high:
+            # vLLM refuses min_tokens > max_tokens; here both are defaults a request may override
+            diags.append(_warn(f"min_tokens = {low} is more than max_new_tokens = {high}: an answer that keeps "
+                               f"these defaults stops at {high} tokens", where("min_tokens"),
+                               hint=f"lower min_tokens to {high} or less, or raise max_new_tokens"))
         model = params.get("model")
         if model is not None and "model" in given:
             params["model"], d = _model_location(model, where("model"))

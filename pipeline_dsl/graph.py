@@ -17,8 +17,8 @@ there are several) and `pos`.
 `validate(resolved)` reports loops that no stage bounds (the cycle printed), item
 types that do not fit an edge, a second request source, conditions that do not
 type-check or can leave an item nowhere to go, broken engine segments, stages
-unreachable from the source and stages with no path to a respond stage (once per dead
-end, naming the stages it strands).
+unreachable from the source (once per entry) and stages with no path to a respond stage (once
+per dead end, naming the stages it strands), and parts tied to neither (once per part).
 `check_program(program)` runs every check of every pipeline in a loaded program.
 `segments_of(graph)` lists the engine segments (batch -> encode -> kv -> generate...).
 """
@@ -36,6 +36,7 @@ from stages.registry import Registry, default_registry
 from . import ast
 from .checker import EMBEDDED_MODEL, Resolved, check_pipeline
 from .diagnostics import ERROR, WARNING, Diagnostic, sort_diagnostics
+from .reachability import check_dead_ends, check_islands, check_unreachable, reachable
 
 
 def _resolve(pipeline, registry: Registry | None = None) -> Resolved:
@@ -217,83 +218,26 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
     diags += check_segments(r, g)[1]
     if not r.complete:                 # an edge was dropped: reachability errors would only echo it
         return diags
+    islands, diags_islands = check_islands(r, g, unknown) if (sources and sinks) else (set(), [])
+    diags += diags_islands
     if maybe_sources:
-        reach = _reachable(g.successors, maybe_sources)
-        for n, s in r.stages.items():
-            if n not in reach and not (s.kind is not None and s.kind.is_source):
-                src = " or ".join(f"'{x}'" for x in sources) or "a request source"
-                diags.append(_err(f"stage '{n}' is unreachable: no path from {src} leads to it", s.pos,
-                                  hint=f"add an edge into '{n}', or remove the stage"))
+        reach = reachable(g.successors, maybe_sources)
+        lost = [n for n, s in r.stages.items()
+                if n not in reach and n not in islands and not (s.kind is not None and s.kind.is_source)]
+        diags += check_unreachable(r, g, lost, sources)
     targets = set(sinks) | unknown
     if not sinks and not unknown and r.stages:
         diags.append(_err(f"pipeline '{r.name}' has no respond stage", r.pos,
                           expected="a stage of kind respond, e.g. stage out : respond {}",
                           hint="add a respond stage and an edge into it"))
     elif targets:
-        diags += _check_dead_ends(r, g, _reachable(g.predecessors, targets), sinks)
+        sends = {n: outputs(s.kind, s.params, s.kind.accepts) & ITEM_TYPES for n, s in r.stages.items()
+                 if s.kind is not None}
+        diags += check_dead_ends(r, g, reachable(g.predecessors, targets) | islands, sinks,
+                                 bounded_stages(r), sends)
     if not unknown and not any(d.is_error for d in diags):
         diags += _check_sources(r, g, carry, sources)
     return diags
-
-
-STRANDED_LISTED = 8        # a dead end's note names this many stranded stages, then counts the rest
-DEAD_ENDS_EXPLAINED = 64   # dead ends whose stranded stages are looked for (each is a walk upstream)
-
-
-def _check_dead_ends(r: Resolved, g: nx.DiGraph, can_finish: set, sinks: list[str]) -> list[Diagnostic]:
-    """Stages with no path to a respond stage, reported once per missing way out: at each dead
-    end (a stage with no out-edge, or a loop with none out of it), with a note naming the
-    stages upstream that lead only there. One missing edge `gen -> out` is one error at 'gen',
-    not one per stage of the chain before it. A loop whose bounding stage has no way out is
-    already reported at that stage (_check_cycles)."""
-    stuck = [n for n, s in r.stages.items() if n not in can_finish and s.kind is not None]
-    if not stuck:
-        return []
-    order = {n: i for i, n in enumerate(r.stages)}
-    sub = g.subgraph(stuck)
-    # every successor of a stuck stage is stuck, so the dead ends are the components of `sub`
-    # that no edge leaves: a stage without out-edges, or a loop with no edge out of it
-    cond = nx.condensation(sub)
-    ends = sorted((sorted(cond.nodes[c]["members"], key=order.get) for c in cond if cond.out_degree(c) == 0),
-                  key=lambda m: order[m[0]])
-    bounded = bounded_stages(r)
-    respond = sinks[0] if sinks else None
-    diags = []
-    for i, members in enumerate(ends):
-        if len(members) > 1 or sub.has_edge(members[0], members[0]):
-            if bounded & set(members):
-                continue               # "bounds a loop but has no edge out of it" says so
-            where, what = members[0], "the loop " + " -> ".join(_loop_path(sub, members)) + " has"
-        else:
-            where, what = members[0], f"stage '{members[0]}' has"
-        s = r.stages[where]
-        notes = []
-        if i < DEAD_ENDS_EXPLAINED:
-            upstream = sorted(_reachable(sub.predecessors, members) - set(members), key=order.get)
-            if upstream:
-                shown = ", ".join(f"'{n}'" for n in upstream[:STRANDED_LISTED])
-                more = len(upstream) - STRANDED_LISTED
-                shown += f" and {more} more" if more > 0 else ""
-                many = f"the {len(upstream)} stages before it reach" if len(upstream) > 1 else "the stage before it reaches"
-                notes.append((f"{many} no respond stage either: {shown}", None))
-        sends = outputs(s.kind, s.params, s.kind.accepts) & ITEM_TYPES
-        edge = None
-        if respond is not None and sends and sends <= r.stages[respond].kind.accepts:
-            edge = f"{where} -> {respond}"
-        if edge:
-            hint = f"add an edge `{edge}` (or towards another respond stage), or remove '{where}'"
-        elif len(members) > 1:
-            hint = "add an edge from one of the loop's stages towards a respond stage"
-        else:
-            hint = f"add an edge from '{where}' towards a respond stage, or remove it"
-        diags.append(_err(f"{what} no path to a respond stage", s.pos, hint=hint, notes=notes))
-    return diags
-
-
-def _loop_path(sub: nx.DiGraph, members: list[str]) -> list[str]:
-    """A cycle through the first of `members`, printed a -> b -> a."""
-    cyc = nx.find_cycle(sub.subgraph(members), source=members[0])
-    return [cyc[0][0]] + [v for _, v in cyc]
 
 
 def _check_sources(r: Resolved, g: nx.DiGraph, carry: dict, sources: list[str]) -> list[Diagnostic]:
@@ -309,19 +253,6 @@ def _check_sources(r: Resolved, g: nx.DiGraph, carry: dict, sources: list[str]) 
                               hint=f"add a path from '{n}' that takes {t} items to a respond stage "
                                    "(e.g. through generate)"))
     return diags
-
-
-def _reachable(step, starts) -> set:
-    """`starts` and every node reached from them by `step` (successors or predecessors): one
-    walk for all of them, not one per start."""
-    seen = set(starts)
-    todo = list(seen)
-    while todo:
-        for v in step(todo.pop()):
-            if v not in seen:
-                seen.add(v)
-                todo.append(v)
-    return seen
 
 
 def _check_kv_budget(r: Resolved) -> list[Diagnostic]:
@@ -511,10 +442,13 @@ def _check_ports(r: Resolved, registry: Registry, g: nx.DiGraph, carry: dict, re
         takes = b.kind.accepts
         if not gives & takes:
             shown = " | ".join(sorted(gives))
-            between = [k.name for k in registry.kinds()
-                       if k.inputs and k.outputs and not k.passthrough and k.name != "python"
-                       and gives & k.accepts and k.emits <= takes and len(k.emits) == 1]
-            hint = f"insert a {between[0]} stage between them" if between else None
+            between = _kinds_between(registry, gives, takes)
+            if len(between) == 1:
+                hint = f"insert a {between[0]} stage between them"
+            elif between:
+                hint = f"insert {' -> '.join(between)} stages between them"
+            else:
+                hint = None
             if a.kind.name == "python" and "returns" not in a.given and takes & ITEM_TYPES:
                 hint = f"if '{a.name}' turns its items into {' or '.join(sorted(takes & ITEM_TYPES))}, say so: " \
                        f"returns = {'request' if 'Request' in takes else 'generated'} (or any)"
@@ -537,6 +471,23 @@ def _check_ports(r: Resolved, registry: Registry, g: nx.DiGraph, carry: dict, re
                               f"leads to a stage that takes them", s.pos,
                               hint=hint or f"add an edge from '{n}' towards a stage that takes {t} items"))
     return diags
+
+
+def _kinds_between(registry: Registry, gives: frozenset, takes: frozenset, most: int = 3) -> list[str]:
+    """The shortest chain of kinds that turns `gives` into something `takes` accepts (request ->
+    generate: dynamic_batch, encode, kv_lookup), at most `most` long; [] when there is none."""
+    steps = [k for k in registry.kinds() if k.inputs and k.outputs and not k.passthrough
+             and k.name != "python" and len(k.emits) == 1]
+    paths = deque([(frozenset(gives), [])])
+    while paths:
+        have, path = paths.popleft()
+        for k in steps:
+            if have & k.accepts and k.name not in path:
+                if k.emits <= takes:
+                    return path + [k.name]
+                if len(path) + 1 < most and gives & ITEM_TYPES:   # longer chains lead into an engine only
+                    paths.append((k.emits, path + [k.name]))
+    return []
 
 
 def _route_types(kind, emits_n: frozenset) -> list[str]:

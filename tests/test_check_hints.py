@@ -102,3 +102,23 @@ def test_a_refused_batcher_condition_is_not_echoed_as_items_with_nowhere_to_go()
     assert err.message == "the batcher 'batch' cannot route by request fields"
     err = one(SEED.replace("batch -> encode when full", "batch -> encode when fulll"))
     assert (err.message, err.hint) == ("unknown condition 'fulll' on an edge from 'batch'", "did you mean 'full'?")
+
+
+def test_a_request_edge_straight_into_generate_names_the_whole_chain_to_insert():
+    lost, err = errors(SEED.replace("request -> batch", "request -> gen"))
+    assert lost.message == "stage 'batch' is unreachable: no path from 'request' leads to it"
+    assert lost.notes == (("the 2 stages after it are unreachable too: 'encode', 'kv'", None),)
+    assert err.message.startswith("port type mismatch on edge request -> gen")
+    assert err.hint == "insert dynamic_batch -> encode -> kv_lookup stages between them"
+    alone, err = errors(SEED.replace("encode -> kv -> gen -> out", "encode -> gen -> out"))
+    assert alone.message == "stage 'kv' is not connected: no edge enters or leaves it"
+    assert err.hint == "insert a kv_lookup stage between them"
+
+
+def test_min_tokens_above_max_new_tokens_is_a_warning_at_min_tokens():
+    _, diags = pipeline_dsl.loads(SEED.replace("generate {}", "generate { max_new_tokens = 4  min_tokens = 10 }"),
+                                  "t.agp")
+    [warn] = diags
+    assert not warn.is_error and at(warn) == (7, 61)
+    assert warn.message == ("min_tokens = 10 is more than max_new_tokens = 4: an answer that keeps these defaults "
+                            "stops at 4 tokens")

@@ -143,6 +143,22 @@ def test_other_errors_stay_beside_the_dead_end():
     """)
     messages = [d.message for d in diags]
     assert "unknown parameter 'temprature' for stage kind 'generate'" in messages
-    assert "stage 'twice' is unreachable: no path from 'request' leads to it" in messages
-    assert [d.message for d in no_path(diags)] == ["stage 'gen' has no path to a respond stage",
-                                                   "stage 'twice' has no path to a respond stage"]
+    assert "stage 'out' is unreachable: no path from 'request' leads to it" in messages
+    # a stage with no edge at all is one error, not "unreachable" and "no path to a respond stage"
+    assert "stage 'twice' is not connected: no edge enters or leaves it" in messages
+    assert [d.message for d in no_path(diags)] == ["stage 'gen' has no path to a respond stage"]
+    assert len(diags) == 4
+
+
+def test_stages_tied_only_to_each_other_are_one_error_at_the_first():
+    _, diags = diagnostics(engine() + """\
+    stage x : route {}
+    stage y : route {}
+    stage out : respond {}
+    request -> batch
+    gen -> out
+    x -> y
+    """)
+    [err] = diags
+    assert err.message == "stages 'x', 'y' are connected only to each other: no edge ties them to the pipeline"
+    assert (err.pos.line, err.pos.col) == (11, 11)
