@@ -122,3 +122,12 @@ def test_min_tokens_above_max_new_tokens_is_a_warning_at_min_tokens():
     assert not warn.is_error and at(warn) == (7, 61)
     assert warn.message == ("min_tokens = 10 is more than max_new_tokens = 4: an answer that keeps these defaults "
                             "stops at 4 tokens")
+
+
+def test_agp_draw_is_render(tmp_path):
+    from pipeline_dsl import cli
+
+    path = tmp_path / "p.agp"
+    path.write_text(SEED, encoding="utf-8")
+    assert cli.main(["draw", str(path), "-o", str(tmp_path / "p.dot")]) == 0
+    assert (tmp_path / "p.dot").read_text(encoding="utf-8").startswith("digraph agp {")
