@@ -242,21 +242,22 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
                               SourcePos(file, line, col, line, col + end - m.start()),
                               expected="a quantity written as one word: 10ms, 512MiB",
                               hint=f"write {m.group(1)}{prev}")
-    if prev == "when" and tok.type in ("RBRACE", "$END", "STAGE", "PIPELINE", "USE"):
-        w = _end_of_previous(text, at) - 4               # point at the `when` that lacks its condition
+    if prev in ("when", "and", "or", "not") and tok.type in ("RBRACE", "$END", "STAGE", "PIPELINE", "USE"):
+        w = _end_of_previous(text, at) - len(prev)       # point at the word that lacks its condition
         line = text.count("\n", 0, w) + 1
         col = w - (text.rfind("\n", 0, w) + 1) + 1
-        return Diagnostic(ERROR, "missing condition after 'when'", SourcePos.point(file, line, col, 4),
+        return Diagnostic(ERROR, f"missing condition after '{prev}'", SourcePos.point(file, line, col, len(prev)),
                           expected="a condition, e.g. when full or when prompt_tokens > 512",
                           hint=f"found {_found(tok)} instead")
     if tok.type == "__ANON_0":
-        m = re.search(r"\bwhen[ \t]*(#[^\n]*)?\n[ \t]*([A-Za-z_]\w*)[ \t]*$", text[:at])
+        m = re.search(r"\b(when|and|or|not)[ \t]*(#[^\n]*)?\n[ \t]*([A-Za-z_]\w*)[ \t]*$", text[:at])
         if m:   # `a -> b when` with the condition forgotten: the next line's first stage was read as a label
             line = text.count("\n", 0, m.start()) + 1
             col = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
-            return Diagnostic(ERROR, "missing condition after 'when'", SourcePos.point(file, line, col, 4),
+            return Diagnostic(ERROR, f"missing condition after '{m.group(1)}'",
+                              SourcePos.point(file, line, col, len(m.group(1))),
                               expected="a condition on the same line, e.g. when full or when prompt_tokens > 512",
-                              hint=f"'{m.group(2)}' on the next line starts another edge, not the condition")
+                              hint=f"'{m.group(3)}' on the next line starts another edge, not the condition")
     msg = "unexpected end of file" if tok.type == "$END" else f"unexpected {_found(tok)}"
     expected = expected_words or _join(_describe_expected(wanted))
     if hint == "the value after '=' is missing":

@@ -56,6 +56,8 @@ def test_a_when_without_its_condition_is_reported_at_the_when():
     err = one(SEED.replace("encode -> kv -> gen -> out\n", "encode -> kv -> gen -> out when\n"))
     assert (err.message, at(err)) == ("missing condition after 'when'", (12, 32))
     assert err.hint == "found '}' instead"
+    err = one(SEED.replace("batch -> encode when full", "batch -> encode when full or"))
+    assert (err.message, at(err)) == ("missing condition after 'or'", (10, 31))
 
 
 @pytest.mark.parametrize("written, fix", [("10 ms", "10ms"), ("1.5 s", "1.5s")])
