@@ -147,6 +147,10 @@ def _context_hint(expected: set[str], tok: Token, prev: str = "") -> tuple[str |
         return "a value: a number, a quantity such as 1ms or 512MiB, a string, true/false, a word or a list", hint
     if exp >= {"PIPELINE", "USE"}:
         hint = did_you_mean(tok.value, ("pipeline", "use")) if tok.type == "NAME" else None
+        if tok.type == "STAGE" or (tok.type == "NAME" and prev in ("", "}")):
+            # a file of shared stages, or a setting/edge outside its pipeline
+            hint = hint or ("stages, settings and edges go inside `pipeline NAME { … }` (`use` includes "
+                            "whole pipelines, not loose stages)")
         return "'pipeline NAME { … }' or 'use \"file.agp\"' at the top level of a file", hint
     if "__ANON_0" in exp and "EQUAL" in exp:
         if tok.type == "COLON":

@@ -133,3 +133,10 @@ def test_agp_draw_is_render(tmp_path):
     path.write_text(SEED, encoding="utf-8")
     assert cli.main(["draw", str(path), "-o", str(tmp_path / "p.dot")]) == 0
     assert (tmp_path / "p.dot").read_text(encoding="utf-8").startswith("digraph agp {")
+
+
+def test_a_stage_outside_any_pipeline_says_where_stages_go():
+    err = one("stage x : route {}\n" + SEED)
+    assert (err.message, at(err)) == ("unexpected 'stage'", (1, 1))
+    assert err.hint == ("stages, settings and edges go inside `pipeline NAME { … }` (`use` includes whole "
+                        "pipelines, not loose stages)")
