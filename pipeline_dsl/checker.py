@@ -22,7 +22,7 @@ from stages.registry import (BOOL, DURATION, ENUM, FLOAT, FROM_MODE, INT, LIST_S
 from . import ast, modes, units
 from .diagnostics import ERROR, WARNING, Diagnostic, SourcePos, Suggestions, did_you_mean, one_of
 
-DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")   # the devices the engine runs on
 
 # pipeline settings, declared like stage parameters
 SETTINGS: tuple[Param, ...] = (
@@ -131,13 +131,19 @@ def _range_text(p: Param) -> str:
     return ""
 
 
+# other names of enum values (torch's and numpy's dtype names): 'float16' -> fp16
+_ENUM_ALIASES = {"float16": "fp16", "half": "fp16", "f16": "fp16", "float32": "fp32", "float": "fp32",
+                 "f32": "fp32", "bfloat16": "bf16", "q8": "int8", "i8": "int8", "q8_0": "int8"}
+
+
 def convert(value: ast.Value, p: Param, what: str) -> tuple[Any, Diagnostic | None]:
     """(normalised value, None) or (None, the diagnostic) for `value` given to parameter `p`."""
     expected = _type_expected(p)
     bad = lambda msg, hint=None: (None, _err(msg, value.pos, expected, hint))  # noqa: E731
     t = p.type
     if isinstance(value, ast.Quantity) and units.unit_kind(value.unit) is None:
-        hint = did_you_mean(value.unit, units.all_units())
+        other = units.respelled(value.number, value.unit, t)
+        hint = f"write {other}" if other else did_you_mean(value.unit, units.all_units())
         return bad(f"unknown unit '{value.unit}' in '{show(value)}'", hint)
     if t in (DURATION, SIZE):
         if isinstance(value, ast.Quantity):
@@ -186,7 +192,9 @@ def convert(value: ast.Value, p: Param, what: str) -> tuple[Any, Diagnostic | No
     elif t == ENUM:
         if isinstance(value, (ast.Word, ast.Str)):
             if value.value not in p.choices:
-                return bad(f"'{value.value}' is not a valid value for {what}", did_you_mean(value.value, p.choices))
+                alias = _ENUM_ALIASES.get(str(value.value).lower())
+                hint = f"did you mean '{alias}'?" if alias in p.choices else did_you_mean(value.value, p.choices)
+                return bad(f"'{value.value}' is not a valid value for {what}", hint)
             out = value.value
         else:
             return bad(f"{what} is one of {' | '.join(p.choices)}, not {_value_word(value)}")
@@ -335,16 +343,9 @@ def check_settings(p: ast.Pipeline) -> tuple[dict, list[Diagnostic]]:
                               expected="a pipeline setting: " + one_of(SETTING_BY_NAME), hint=hint))
             continue
         if name == "device":
-            v = s.value
-            if isinstance(v, (ast.Word, ast.Str)) and DEVICE_RE.match(v.value):
-                values[name] = v.value
-            else:
-                shown = v.value if isinstance(v, (ast.Word, ast.Str)) else show(v)
-                hint = did_you_mean(str(shown), ("auto", "cpu", "cuda", "mps"))
-                diags.append(_err(f"'{shown}' is not a device", v.pos, expected="auto | cpu | cuda | cuda:N",
-                                  hint=hint))
-            continue
-        out, d = convert(s.value, param, f"setting '{name}'")
+            out, d = check_device(s.value)
+        else:
+            out, d = convert(s.value, param, f"setting '{name}'")
         if d is None and name == "model":
             out, d = _model_location(out, s.value.pos)
         if d:
@@ -359,6 +360,38 @@ def check_settings(p: ast.Pipeline) -> tuple[dict, list[Diagnostic]]:
         diags.append(_warn(f"setting 'threads' is unused: the device is {device}", seen["threads"].name.pos,
                            hint="threads only apply when the pipeline runs on the CPU"))
     return settings, diags
+
+
+DEVICE_EXPECTED = "auto | cpu | cuda | cuda:N"
+# what else people write for a GPU: only CUDA devices are served
+_GPU_WORDS = ("gpu", "nvidia", "cuda", "device", "dev")
+
+
+def check_device(value: ast.Value) -> tuple[str | None, Diagnostic | None]:
+    """A device: the word or string auto, cpu, cuda or cuda:N (the pipeline's `device` setting
+    and generate's `device` parameter take the same spellings)."""
+    if isinstance(value, (ast.Word, ast.Str)):
+        if DEVICE_RE.match(value.value):
+            return value.value, None
+        return None, _err(f"'{value.value}' is not a device", value.pos, expected=DEVICE_EXPECTED,
+                          hint=_device_hint(value.value))
+    hint = f"did you mean 'cuda:{value.value}'?" if isinstance(value, ast.Int) and value.value >= 0 else None
+    return None, _err(f"'{show(value)}' is not a device", value.pos, expected=DEVICE_EXPECTED, hint=hint)
+
+
+def _device_hint(text: str) -> str | None:
+    """'gpu' -> cuda, 'cuda0' / 'GPU:1' / 'cuda: 1' -> cuda:N, 'CPU' -> cpu, else the closest name."""
+    t = re.sub(r"\s+", "", text.lower())
+    m = re.fullmatch(r"(?:%s)[-_:./]?(\d+)" % "|".join(_GPU_WORDS), t)
+    if m:
+        return f"did you mean 'cuda:{int(m.group(1))}'?"
+    if t in _GPU_WORDS[:3]:
+        return "did you mean 'cuda'?"
+    if t.split(":")[0] in ("mps", "xpu", "rocm", "hip", "tpu", "metal", "vulkan", "npu"):
+        return "agp runs models on the CPU or on CUDA GPUs (ROCm builds of torch call theirs cuda too)"
+    if DEVICE_RE.match(t):
+        return f"did you mean '{t}'?"
+    return did_you_mean(text, ("auto", "cpu", "cuda"))
 
 
 def _all_param_names() -> set[str]:
@@ -398,7 +431,10 @@ def resolve_params(kind: StageKind, stage: ast.Stage, mode: str,
             diags.append(_err(f"unknown parameter '{name}' for stage kind '{kind.name}'", prm.name.pos,
                               expected=f"a parameter of {kind.name}: " + one_of(names), hint=hint))
             continue
-        out, d = convert(prm.value, schema, f"'{name}'")
+        if schema.inherits == "device":        # generate's device: the setting's words and checks
+            out, d = check_device(prm.value)
+        else:
+            out, d = convert(prm.value, schema, f"'{name}'")
         if d:
             diags.append(d)
         else:
@@ -614,15 +650,17 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
                               expected="a function that returns one of the results, its index or a new dict",
                               hint="return the merged result instead of yielding it"))
     elif kind.name == "generate":
+        low, high = params.get("min_tokens"), params.get("max_new_tokens")
+        if "min_tokens" in given and isinstance(low, int) and isinstance(high, int) and low > high:
+            # vLLM refuses min_tokens > max_tokens; here both are defaults a request may override
+            diags.append(_warn(f"min_tokens = {low} is more than max_new_tokens = {high}: an answer that keeps "
+                               f"these defaults stops at {high} tokens", where("min_tokens"),
+                               hint=f"lower min_tokens to {high} or less, or raise max_new_tokens"))
         model = params.get("model")
         if model is not None and "model" in given:
             params["model"], d = _model_location(model, where("model"))
             if d:
                 diags.append(d)
-        device = params.get("device")
-        if device is not None and "device" in given and not DEVICE_RE.match(str(device)):
-            diags.append(_err(f"'{device}' is not a device", where("device"), expected="auto | cpu | cuda | cuda:N",
-                              hint=did_you_mean(str(device), ("auto", "cpu", "cuda", "mps"))))
         schema = params.get("json_schema")
         if schema is not None and "json_schema" in given:
             params["json_schema"], d = _json_schema_file(schema, base, where("json_schema"), allowed)

@@ -268,7 +268,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     g.add_argument("--check", action="store_true", help="exit 1 when a file would change")
     p.set_defaults(func=cmd_fmt)
 
-    p = sub.add_parser("render", help="draw a pipeline with graphviz")
+    p = sub.add_parser("render", aliases=["draw"], help="draw a pipeline with graphviz")
     p.add_argument("file", metavar="FILE")
     p.add_argument("-o", "--output", help="out.svg | out.png | out.pdf | out.dot (default: FILE's name .svg)")
     p.add_argument("--pipeline", help="which pipeline of the file (default: its first)")

@@ -17,7 +17,8 @@ there are several) and `pos`.
 `validate(resolved)` reports loops that no stage bounds (the cycle printed), item
 types that do not fit an edge, a second request source, conditions that do not
 type-check or can leave an item nowhere to go, broken engine segments, stages
-unreachable from the source and stages with no path to a respond stage.
+unreachable from the source (once per entry) and stages with no path to a respond stage (once
+per dead end, naming the stages it strands), and parts tied to neither (once per part).
 `check_program(program)` runs every check of every pipeline in a loaded program.
 `segments_of(graph)` lists the engine segments (batch -> encode -> kv -> generate...).
 """
@@ -35,6 +36,7 @@ from stages.registry import Registry, default_registry
 from . import ast
 from .checker import EMBEDDED_MODEL, Resolved, check_pipeline
 from .diagnostics import ERROR, WARNING, Diagnostic, sort_diagnostics
+from .reachability import check_dead_ends, check_islands, check_unreachable, reachable
 
 
 def _resolve(pipeline, registry: Registry | None = None) -> Resolved:
@@ -216,24 +218,23 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
     diags += check_segments(r, g)[1]
     if not r.complete:                 # an edge was dropped: reachability errors would only echo it
         return diags
+    islands, diags_islands = check_islands(r, g, unknown) if (sources and sinks) else (set(), [])
+    diags += diags_islands
     if maybe_sources:
-        reach = _reachable(g.successors, maybe_sources)
-        for n, s in r.stages.items():
-            if n not in reach and not (s.kind is not None and s.kind.is_source):
-                src = " or ".join(f"'{x}'" for x in sources) or "a request source"
-                diags.append(_err(f"stage '{n}' is unreachable: no path from {src} leads to it", s.pos,
-                                  hint=f"add an edge into '{n}', or remove the stage"))
+        reach = reachable(g.successors, maybe_sources)
+        lost = [n for n, s in r.stages.items()
+                if n not in reach and n not in islands and not (s.kind is not None and s.kind.is_source)]
+        diags += check_unreachable(r, g, lost, sources)
     targets = set(sinks) | unknown
     if not sinks and not unknown and r.stages:
         diags.append(_err(f"pipeline '{r.name}' has no respond stage", r.pos,
                           expected="a stage of kind respond, e.g. stage out : respond {}",
                           hint="add a respond stage and an edge into it"))
     elif targets:
-        can_finish = _reachable(g.predecessors, targets)
-        for n, s in r.stages.items():
-            if n not in can_finish and s.kind is not None:
-                diags.append(_err(f"stage '{n}' has no path to a respond stage", s.pos,
-                                  hint=f"add an edge from '{n}' towards a respond stage, or remove it"))
+        sends = {n: outputs(s.kind, s.params, s.kind.accepts) & ITEM_TYPES for n, s in r.stages.items()
+                 if s.kind is not None}
+        diags += check_dead_ends(r, g, reachable(g.predecessors, targets) | islands, sinks,
+                                 bounded_stages(r), sends)
     if not unknown and not any(d.is_error for d in diags):
         diags += _check_sources(r, g, carry, sources)
     return diags
@@ -252,19 +253,6 @@ def _check_sources(r: Resolved, g: nx.DiGraph, carry: dict, sources: list[str]) 
                               hint=f"add a path from '{n}' that takes {t} items to a respond stage "
                                    "(e.g. through generate)"))
     return diags
-
-
-def _reachable(step, starts) -> set:
-    """`starts` and every node reached from them by `step` (successors or predecessors): one
-    walk for all of them, not one per start."""
-    seen = set(starts)
-    todo = list(seen)
-    while todo:
-        for v in step(todo.pop()):
-            if v not in seen:
-                seen.add(v)
-                todo.append(v)
-    return seen
 
 
 def _check_kv_budget(r: Resolved) -> list[Diagnostic]:
@@ -403,11 +391,15 @@ def _check_cycles(g: nx.DiGraph, r: Resolved) -> list[Diagnostic]:
         cyc = nx.find_cycle(sub, source=start)
         path = [cyc[0][0]] + [v for _, v in cyc]
         closing = cyc[-1]
+        # a python stage already on the loop only lacks its bound: say so, by name
+        pys = [n for n in path[:-1] if r.stages[n].kind is not None and r.stages[n].kind.name == "python"
+               and not r.stages[n].params.get("stream")]
+        bound = (f"give '{pys[0]}' (python) max_turns = N to bound the loop" if pys
+                 else "bound the loop (a python stage with max_turns = N on it)")
         diags.append(_err("cycle: " + " -> ".join(path), g.edges[closing]["pos"],
                           expected="requests flow one way, from the source to respond; a loop must pass "
                                    "through a python stage that bounds it with max_turns",
-                          hint=f"remove the edge {closing[0]} -> {closing[1]}, or bound the loop "
-                               "(a python stage with max_turns = N on it)",
+                          hint=f"remove the edge {closing[0]} -> {closing[1]}, or {bound}",
                           notes=[(f"edge {u} -> {v}", g.edges[u, v]["pos"]) for u, v in cyc[:-1]]))
     for comp in nx.strongly_connected_components(g):
         if len(comp) == 1 and not any(g.has_edge(n, n) for n in comp):
@@ -450,10 +442,13 @@ def _check_ports(r: Resolved, registry: Registry, g: nx.DiGraph, carry: dict, re
         takes = b.kind.accepts
         if not gives & takes:
             shown = " | ".join(sorted(gives))
-            between = [k.name for k in registry.kinds()
-                       if k.inputs and k.outputs and not k.passthrough and k.name != "python"
-                       and gives & k.accepts and k.emits <= takes and len(k.emits) == 1]
-            hint = f"insert a {between[0]} stage between them" if between else None
+            between = _kinds_between(registry, gives, takes)
+            if len(between) == 1:
+                hint = f"insert a {between[0]} stage between them"
+            elif between:
+                hint = f"insert {' -> '.join(between)} stages between them"
+            else:
+                hint = None
             if a.kind.name == "python" and "returns" not in a.given and takes & ITEM_TYPES:
                 hint = f"if '{a.name}' turns its items into {' or '.join(sorted(takes & ITEM_TYPES))}, say so: " \
                        f"returns = {'request' if 'Request' in takes else 'generated'} (or any)"
@@ -476,6 +471,23 @@ def _check_ports(r: Resolved, registry: Registry, g: nx.DiGraph, carry: dict, re
                               f"leads to a stage that takes them", s.pos,
                               hint=hint or f"add an edge from '{n}' towards a stage that takes {t} items"))
     return diags
+
+
+def _kinds_between(registry: Registry, gives: frozenset, takes: frozenset, most: int = 3) -> list[str]:
+    """The shortest chain of kinds that turns `gives` into something `takes` accepts (request ->
+    generate: dynamic_batch, encode, kv_lookup), at most `most` long; [] when there is none."""
+    steps = [k for k in registry.kinds() if k.inputs and k.outputs and not k.passthrough
+             and k.name != "python" and len(k.emits) == 1]
+    paths = deque([(frozenset(gives), [])])
+    while paths:
+        have, path = paths.popleft()
+        for k in steps:
+            if have & k.accepts and k.name not in path:
+                if k.emits <= takes:
+                    return path + [k.name]
+                if len(path) + 1 < most and gives & ITEM_TYPES:   # longer chains lead into an engine only
+                    paths.append((k.emits, path + [k.name]))
+    return []
 
 
 def _route_types(kind, emits_n: frozenset) -> list[str]:
@@ -501,11 +513,13 @@ def _check_routes(r: Resolved, g: nx.DiGraph, emits: dict) -> list[Diagnostic]:
         if s.kind is None:
             continue
         types = _route_types(s.kind, emits[n])
+        refused = False
         for e in out:
             for cmp in compares(e.cond) if e.cond is not None else ():
                 try:
                     check_compare(cmp, types)
                 except ConditionError as err:
+                    refused = True
                     diags.append(_err(str(err), err.node.pos if hasattr(err.node, "pos") else e.pos,
                                       expected=err.expected, hint=err.hint))
         otherwise = [e for e in out if e.condition == ("otherwise",)]
@@ -518,22 +532,26 @@ def _check_routes(r: Resolved, g: nx.DiGraph, emits: dict) -> list[Diagnostic]:
         if otherwise and not conditional and n not in r.refused_conditions:   # not when an error dropped it
             diags.append(_warn(f"`otherwise` on {n} -> {otherwise[0].dst}: '{n}' has no conditional edge, so it "
                                "always holds", otherwise[0].pos, hint="write the edge without a condition"))
-        if conditional and not otherwise and not plain:
+        # not when an error refused one of its conditions: that edge was meant to cover the rest
+        if conditional and not otherwise and not plain and not refused and n not in r.refused_conditions:
             fixed = [c for c in s.kind.conditions if c != ANY_LABEL]
             # a label is covered when some edge's condition holds for every item carrying it
             # (`when timeout`, `when not full`, `when full or prompt_tokens > 9`)
             used = {c for c in fixed if any(holds_for_label(e.condition, c) is True for e in conditional)}
             if fixed and set(fixed) <= used:
                 continue               # the batcher's full + timeout cover every batch
+            dst = conditional[0].dst
             if fixed:
                 missing = [c for c in fixed if c not in used]
                 msg = (f"{' and '.join(missing)} items of '{n}' have nowhere to go: no edge `when "
                        f"{missing[0]}`, no unconditional edge and no `otherwise`")
+                # a batcher's labels are its contract (full and timeout): name the edge it lacks
+                hint = "add " + " and ".join(f"`{n} -> {dst} when {c}`" for c in missing)
             else:
                 msg = (f"an item of '{n}' that matches none of its conditions has nowhere to go "
                        "(no unconditional edge and no `otherwise`)")
-            diags.append(_err(msg, conditional[0].pos,
-                              hint=f"add `{n} -> {conditional[0].dst} otherwise` (or to another stage)"))
+                hint = f"add `{n} -> {dst} otherwise` (or to another stage)"
+            diags.append(_err(msg, conditional[0].pos, hint=hint))
     return diags
 
 

@@ -18,7 +18,7 @@ from lark import Lark, Token, v_args
 from lark.visitors import Transformer_NonRecursive
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
-from . import ast
+from . import ast, units
 from .diagnostics import ERROR, Diagnostic, SourcePos, did_you_mean
 
 # lark terminal names -> words a user understands
@@ -138,7 +138,8 @@ def _context_hint(expected: set[str], tok: Token, prev: str = "") -> tuple[str |
     if exp == {"NAME"} and prev == ":":
         return "a stage kind (agp stages lists them)", None
     if exp == {"EQUAL"}:
-        return "'=' and a value after a setting or parameter name", None
+        hint = f"a parameter is written '{prev} = value', not '{prev}: value'" if tok.type == "COLON" else None
+        return "'=' and a value after a setting or parameter name", hint
     if exp == {"COLON"}:
         return "':' and a stage kind after the stage name (stage NAME : KIND { … })", None
     if "NUMBER" in exp and "STRING" in exp and "LSQB" in exp:
@@ -146,6 +147,10 @@ def _context_hint(expected: set[str], tok: Token, prev: str = "") -> tuple[str |
         return "a value: a number, a quantity such as 1ms or 512MiB, a string, true/false, a word or a list", hint
     if exp >= {"PIPELINE", "USE"}:
         hint = did_you_mean(tok.value, ("pipeline", "use")) if tok.type == "NAME" else None
+        if tok.type == "STAGE" or (tok.type == "NAME" and prev in ("", "}")):
+            # a file of shared stages, or a setting/edge outside its pipeline
+            hint = hint or ("stages, settings and edges go inside `pipeline NAME { … }` (`use` includes "
+                            "whole pipelines, not loose stages)")
         return "'pipeline NAME { … }' or 'use \"file.agp\"' at the top level of a file", hint
     if "__ANON_0" in exp and "EQUAL" in exp:
         if tok.type == "COLON":
@@ -204,6 +209,10 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
             hint = "an edge is written '->' (no space between '-' and '>')"
         elif ch == "'":
             hint = 'strings use double quotes: "…"'
+        elif ch in "“”„«»":
+            hint = 'strings use straight double quotes: "…", not typographic ones'
+        elif ch.isalnum() and not ch.isascii():
+            hint = "names are ASCII letters, digits and '_'; other text belongs in a string (\"…\")"
 
         return Diagnostic(ERROR, f"unexpected character '{shown}'", pos, expected=expected, hint=hint)
     if isinstance(err, UnexpectedEOF):
@@ -225,6 +234,34 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
         hint = f"did you mean '{nxt}='?" if nxt in ("<", ">") else "did you mean '=='?"
     elif tok.type == "COMPARE" and tok.value == ">" and at and text[at - 1] == "=":   # src => batch
         hint = "an edge is written '->'"
+    prev = _previous(text, at)
+    if "EQUAL" in wanted and (prev in units.all_units() or units.respelled(1, prev, units.DURATION)
+                              or units.respelled(1, prev, units.SIZE)):
+        end = _end_of_previous(text, at)
+        m = re.search(r"(?<![\w.])([+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?)[ \t]+$", text[:end - len(prev)])
+        if m:   # `timeout = 10 ms`: the unit was read as the next parameter's name
+            line = text.count("\n", 0, m.start()) + 1
+            col = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
+            return Diagnostic(ERROR, f"a space between '{m.group(1)}' and its unit '{prev}'",
+                              SourcePos(file, line, col, line, col + end - m.start()),
+                              expected="a quantity written as one word: 10ms, 512MiB",
+                              hint=f"write {m.group(1)}{prev}")
+    if prev in ("when", "and", "or", "not") and tok.type in ("RBRACE", "$END", "STAGE", "PIPELINE", "USE"):
+        w = _end_of_previous(text, at) - len(prev)       # point at the word that lacks its condition
+        line = text.count("\n", 0, w) + 1
+        col = w - (text.rfind("\n", 0, w) + 1) + 1
+        return Diagnostic(ERROR, f"missing condition after '{prev}'", SourcePos.point(file, line, col, len(prev)),
+                          expected="a condition, e.g. when full or when prompt_tokens > 512",
+                          hint=f"found {_found(tok)} instead")
+    if tok.type == "__ANON_0":
+        m = re.search(r"\b(when|and|or|not)[ \t]*(#[^\n]*)?\n[ \t]*([A-Za-z_]\w*)[ \t]*$", text[:at])
+        if m:   # `a -> b when` with the condition forgotten: the next line's first stage was read as a label
+            line = text.count("\n", 0, m.start()) + 1
+            col = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
+            return Diagnostic(ERROR, f"missing condition after '{m.group(1)}'",
+                              SourcePos.point(file, line, col, len(m.group(1))),
+                              expected="a condition on the same line, e.g. when full or when prompt_tokens > 512",
+                              hint=f"'{m.group(3)}' on the next line starts another edge, not the condition")
     msg = "unexpected end of file" if tok.type == "$END" else f"unexpected {_found(tok)}"
     expected = expected_words or _join(_describe_expected(wanted))
     if hint == "the value after '=' is missing":

@@ -25,6 +25,32 @@ def unit_kind(unit: str) -> str | None:
     return None
 
 
+# what people write for a unit agp spells otherwise: unit -> (agp's unit, factor to multiply by)
+_OTHER_DURATIONS: dict[str, tuple[str, float]] = {
+    "ns": ("us", 1e-3), "µs": ("us", 1), "usec": ("us", 1), "msec": ("ms", 1), "sec": ("s", 1),
+    "secs": ("s", 1), "second": ("s", 1), "seconds": ("s", 1), "m": ("s", 60), "min": ("s", 60),
+    "mins": ("s", 60), "minute": ("s", 60), "minutes": ("s", 60), "h": ("s", 3600), "hr": ("s", 3600),
+    "hour": ("s", 3600), "hours": ("s", 3600),
+}
+_OTHER_SIZES: dict[str, tuple[str, float]] = {
+    "b": ("B", 1), "k": ("KiB", 1), "kb": ("KiB", 1), "kib": ("KiB", 1), "m": ("MiB", 1), "mb": ("MiB", 1),
+    "mib": ("MiB", 1), "g": ("GiB", 1), "gb": ("GiB", 1), "gib": ("GiB", 1), "tb": ("GiB", 1024),
+    "tib": ("GiB", 1024),
+}
+
+
+def respelled(number: float, unit: str, kind: str | None) -> str | None:
+    """`5min` in agp's units for a duration (`300s`), `512MB` or `512m` for a size (`512MiB`: the
+    budgets agp sizes are binary); None when the unit means nothing known for `kind`."""
+    table = {DURATION: _OTHER_DURATIONS, SIZE: _OTHER_SIZES}.get(kind, {})
+    other = table.get(unit) or table.get(unit.lower())
+    if other is None:
+        return None
+    agp_unit, factor = other
+    value = float(number) * factor
+    return f"{int(value) if value.is_integer() else f'{value:g}'}{agp_unit}"
+
+
 def all_units() -> list[str]:
     return list(DURATION_UNITS) + list(SIZE_UNITS)
 

@@ -133,7 +133,8 @@ GENERATE = StageKind(
               "of this stage must follow (constrained decoding)", optional=True),
         Param("model", STR, None, "this stage's model (default: the pipeline's `model`)", optional=True,
               inherits="model"),
-        Param("device", STR, None, "this stage's device (default: the pipeline's `device`)", optional=True,
+        Param("device", STR, None, "this stage's device: auto | cpu | cuda | cuda:N, a word or a string "
+              "(default: the pipeline's `device`)", optional=True,
               inherits="device"),
         Param("dtype", ENUM, FROM_MODE, "weights and compute precision (int8 = weight-only int8; default: "
               "the pipeline's `dtype`, else the mode's int8 | auto | auto)",

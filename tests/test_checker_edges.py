@@ -288,6 +288,7 @@ t.agp:3:14: error: '3' is not a device
     3 |     device = 3
       |              ^
   = expected: auto | cpu | cuda | cuda:N
+  = help: did you mean 'cuda:3'?
 
 t.agp:4:15: error: value out of range: setting 'threads' = 1025
     4 |     threads = 1025
@@ -814,7 +815,7 @@ t.agp:8:67: error: 'gpu' is not a device
     8 |     stage gen     : generate      { model = "nope.gguf"  device = "gpu" }
       |                                                                   ^^^^^
   = expected: auto | cpu | cuda | cuda:N
-  = help: did you mean 'cpu'?
+  = help: did you mean 'cuda'?
 
 2 errors
 """
@@ -1036,11 +1037,6 @@ t.agp:11:34: error: unknown condition 'fulll' on an edge from 'batch'
   = expected: when full | timeout (the labels of dynamic_batch), or a comparison of a request field
   = help: did you mean 'full'?
 
-t.agp:12:5: error: full items of 'batch' have nowhere to go: no edge `when full`, no unconditional edge and no `otherwise`
-   12 |     batch -> encode when timeout
-      |     ^^^^^^^^^^^^^^^
-  = help: add `batch -> encode otherwise` (or to another stage)
-
 t.agp:13:37: error: stage 'encode' (encode) gives its items no label 'txt'
    13 |     encode -> kv -> gen -> out when txt
       |                                     ^^^
@@ -1071,7 +1067,7 @@ t.agp:15:20: error: field 'metadata' needs a comparison
   = expected: metadata == VALUE, metadata > N, ...
   = help: e.g. when metadata == "…"
 
-7 errors
+6 errors
 """
 
 
@@ -1204,7 +1200,7 @@ t.agp:9:15: error: stage kind 'dreamer' (builtin) has no runtime implementation
 
 # ---------------------------------------------------------------- devices, booleans, units, words
 
-@pytest.mark.parametrize("device, close", [("autp", "auto"), ("cpux", "cpu"), ("mpx", "mps"), ("cudz", "cuda")])
+@pytest.mark.parametrize("device, close", [("autp", "auto"), ("cpux", "cpu"), ("aut", "auto"), ("cudz", "cuda")])
 def test_a_device_setting_close_to_a_device_gets_it_as_hint(device, close):
     out = render(pipeline(settings=f'device = "{device}"'))
     assert f"error: '{device}' is not a device\n" in out and f"  = help: did you mean '{close}'?\n" in out

@@ -1,0 +1,142 @@
+"""Diagnostics for slips a new pipeline author makes: each names the place and the fix, and one
+slip gives one error (no echo of it from a later check)."""
+
+from __future__ import annotations
+
+import pytest
+
+import pipeline_dsl
+
+SEED = """\
+pipeline p {
+    model = "smollm2-135m-instruct"
+    stage request : requests {}
+    stage batch : dynamic_batch { timeout = 2ms }
+    stage encode : encode {}
+    stage kv : kv_lookup {}
+    stage gen : generate {}
+    stage out : respond {}
+    request -> batch
+    batch -> encode when full
+    batch -> encode when timeout
+    encode -> kv -> gen -> out
+}
+"""
+
+
+def errors(text: str):
+    return [d for d in pipeline_dsl.loads(text, "t.agp")[1] if d.is_error]
+
+
+def one(text: str):
+    [err] = errors(text)
+    return err
+
+
+def at(err) -> tuple[int, int]:
+    return err.pos.line, err.pos.col
+
+
+def test_a_non_ascii_letter_in_a_name_says_what_names_are():
+    err = one(SEED.replace("stage out : respond {}", "stage sortie_é : respond {}").replace("-> out", "-> sortie_é"))
+    assert (err.message, at(err)) == ("unexpected character 'é'", (8, 18))
+    assert err.hint == "names are ASCII letters, digits and '_'; other text belongs in a string (\"…\")"
+
+
+def test_typographic_quotes_say_to_use_straight_ones():
+    err = one(SEED.replace('"smollm2-135m-instruct"', "“smollm2-135m-instruct”"))
+    assert (err.message, at(err)) == ("unexpected character '“'", (2, 13))
+    assert err.hint == 'strings use straight double quotes: "…", not typographic ones'
+
+
+def test_a_when_without_its_condition_is_reported_at_the_when():
+    err = one(SEED.replace("batch -> encode when full", "batch -> encode when"))
+    assert (err.message, at(err)) == ("missing condition after 'when'", (10, 21))
+    assert err.hint == "'batch' on the next line starts another edge, not the condition"
+    err = one(SEED.replace("encode -> kv -> gen -> out\n", "encode -> kv -> gen -> out when\n"))
+    assert (err.message, at(err)) == ("missing condition after 'when'", (12, 32))
+    assert err.hint == "found '}' instead"
+    err = one(SEED.replace("batch -> encode when full", "batch -> encode when full or"))
+    assert (err.message, at(err)) == ("missing condition after 'or'", (10, 31))
+
+
+@pytest.mark.parametrize("written, fix", [("10 ms", "10ms"), ("1.5 s", "1.5s")])
+def test_a_space_before_a_unit_is_named_with_the_quantity_to_write(written, fix):
+    err = one(SEED.replace("timeout = 2ms", f"timeout = {written}"))
+    assert (err.message, at(err)) == (f"a space between '{written.split()[0]}' and its unit '{written.split()[1]}'",
+                                      (4, 45))
+    assert err.hint == f"write {fix}"
+
+
+@pytest.mark.parametrize("written, fix", [("2min", "120s"), ("1h", "3600s"), ("5sec", "5s"), ("3m", "180s")])
+def test_a_duration_in_other_units_is_respelled_in_seconds(written, fix):
+    err = one(SEED.replace("timeout = 2ms", f"timeout = {written}"))
+    assert err.message == f"unknown unit '{written.lstrip('0123456789')}' in '{written}'"
+    assert err.hint == f"write {fix}"
+
+
+@pytest.mark.parametrize("written, fix", [("512MB", "512MiB"), ("64kb", "64KiB"), ("512m", "512MiB")])
+def test_a_size_in_other_units_is_respelled_in_binary_units(written, fix):
+    err = one(SEED.replace("stage kv : kv_lookup {}", f"stage kv : kv_lookup {{ budget = {written} }}"))
+    assert err.hint == f"write {fix}"
+
+
+def test_a_dtype_by_torch_name_suggests_agp_name():
+    err = one(SEED.replace("stage gen : generate {}", "stage gen : generate { dtype = float16 }"))
+    assert (err.message, err.hint) == ("'float16' is not a valid value for 'dtype'", "did you mean 'fp16'?")
+
+
+def test_a_loop_through_an_unbounded_python_stage_names_it_for_max_turns():
+    err = one(SEED.replace("stage out : respond {}", 'stage out : respond {}\n    stage t : python { fn = "json:loads" '
+                           ' returns = any }').replace("gen -> out", "gen -> t\n    t -> batch\n    t -> out"))
+    assert err.message == "cycle: batch -> encode -> kv -> gen -> t -> batch"
+    assert err.hint == "remove the edge t -> batch, or give 't' (python) max_turns = N to bound the loop"
+
+
+def test_a_batcher_missing_an_edge_names_the_edge():
+    err = one(SEED.replace("    batch -> encode when timeout\n", ""))
+    assert err.message.startswith("timeout items of 'batch' have nowhere to go")
+    assert err.hint == "add `batch -> encode when timeout`"
+
+
+def test_a_refused_batcher_condition_is_not_echoed_as_items_with_nowhere_to_go():
+    err = one(SEED.replace("batch -> encode when full", "batch -> encode when prompt_tokens > 3"))
+    assert err.message == "the batcher 'batch' cannot route by request fields"
+    err = one(SEED.replace("batch -> encode when full", "batch -> encode when fulll"))
+    assert (err.message, err.hint) == ("unknown condition 'fulll' on an edge from 'batch'", "did you mean 'full'?")
+
+
+def test_a_request_edge_straight_into_generate_names_the_whole_chain_to_insert():
+    lost, err = errors(SEED.replace("request -> batch", "request -> gen"))
+    assert lost.message == "stage 'batch' is unreachable: no path from 'request' leads to it"
+    assert lost.notes == (("the 2 stages after it are unreachable too: 'encode', 'kv'", None),)
+    assert err.message.startswith("port type mismatch on edge request -> gen")
+    assert err.hint == "insert dynamic_batch -> encode -> kv_lookup stages between them"
+    alone, err = errors(SEED.replace("encode -> kv -> gen -> out", "encode -> gen -> out"))
+    assert alone.message == "stage 'kv' is not connected: no edge enters or leaves it"
+    assert err.hint == "insert a kv_lookup stage between them"
+
+
+def test_min_tokens_above_max_new_tokens_is_a_warning_at_min_tokens():
+    _, diags = pipeline_dsl.loads(SEED.replace("generate {}", "generate { max_new_tokens = 4  min_tokens = 10 }"),
+                                  "t.agp")
+    [warn] = diags
+    assert not warn.is_error and at(warn) == (7, 61)
+    assert warn.message == ("min_tokens = 10 is more than max_new_tokens = 4: an answer that keeps these defaults "
+                            "stops at 4 tokens")
+
+
+def test_agp_draw_is_render(tmp_path):
+    from pipeline_dsl import cli
+
+    path = tmp_path / "p.agp"
+    path.write_text(SEED, encoding="utf-8")
+    assert cli.main(["draw", str(path), "-o", str(tmp_path / "p.dot")]) == 0
+    assert (tmp_path / "p.dot").read_text(encoding="utf-8").startswith("digraph agp {")
+
+
+def test_a_stage_outside_any_pipeline_says_where_stages_go():
+    err = one("stage x : route {}\n" + SEED)
+    assert (err.message, at(err)) == ("unexpected 'stage'", (1, 1))
+    assert err.hint == ("stages, settings and edges go inside `pipeline NAME { … }` (`use` includes whole "
+                        "pipelines, not loose stages)")
