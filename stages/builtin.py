@@ -161,8 +161,8 @@ RESPOND = StageKind(
 # how a stage that runs user code runs it (python; join's fn): its own workers, a timeout, retries
 POLICY_PARAMS = (
     Param("workers", INT, 16, "calls of this stage at once (threads of its own; async functions: tasks "
-          "on its event loop); more items wait in its queue, other stages do not; also the most stuck "
-          "calls (timed out or abandoned, still running) it keeps before failing new ones at once",
+          "on its event loop); more items wait in its queue, other stages do not; also the most hung "
+          "calls (past their timeout, still running) it keeps before failing new ones at once",
           min=1, max=1024),
     Param("timeout", DURATION, 0.0, "longest one call may take (0 = no limit; a stream stage: its own "
           "time per chunk, not the wait for chunks); past it the request fails with a timeout, or the "

@@ -1,6 +1,7 @@
 """Stuck calls: Python cannot stop a thread, so a call that timed out or whose request ended
-is written off and counted as stuck until its code returns; a stage holds at most `workers`
-of them, fails its new calls at once meanwhile, and recovers on its own. An `async def` that
+is written off and counted as stuck until its code returns; past its timeout it is hung: a
+stage holds at most `workers` hung calls, fails its new calls at once meanwhile, and
+recovers on its own. An `async def` that
 blocks its event loop stalls only its own stage, and is named in a warning."""
 from __future__ import annotations
 
@@ -115,29 +116,67 @@ def wait_for(cond) -> None:
         threading.Event().wait(0.05)
 
 
+def abandon_hung(rt, rid: str) -> None:
+    """Submit a request whose call hangs, wait until the call runs, then abort the request."""
+    h = Heard()
+    before = flowkit.COUNTS["hung"]
+    key = rt.submit(chat(rid, "hi", metadata={"hang": True}), h)
+    wait_for(lambda: flowkit.COUNTS["hung"] > before)
+    rt.abort(key)
+    assert h.done.wait(30) and h.result.error.kind == "aborted"
+
+
 def test_an_aborted_requests_hung_call_gives_its_worker_back(tmp_path, soft_gguf):
-    """No timeout, workers = 1: the hung call of a request its client abandoned is written off
-    when the request ends, so the next request is not queued behind it forever: it is refused
-    at once (the one stuck call fills the stage's cap), and served once the call returns."""
+    """No timeout, workers = 1: the call of a request its client abandoned is written off when
+    the request ends, so the next request gets a thread of its own and is served while that
+    call still runs (a slow call whose client left is no fault of the stage: nothing is
+    refused). Past 2 x workers threads the next request waits, and is served once one returns."""
     path = pipeline(tmp_path, soft_gguf, 'stage f : python { fn = "hooks:hang"  workers = 1 }')
     rt = runtime(path)
     rt.start()
     try:
-        h = Heard()
-        key = rt.submit(chat("h", "hi", metadata={"hang": True}), h)
-        wait_for(lambda: flowkit.COUNTS["hung"])
-        rt.abort(key)
-        assert h.done.wait(30) and h.result.error.kind == "aborted"
+        abandon_hung(rt, "h1")
         assert rt.stats()["stages"]["f"]["stuck"] == 1
         nxt = Heard()
         rt.submit(chat("next", "hello"), nxt)
-        assert nxt.done.wait(30), "the next request waited behind the abandoned call"
-        assert nxt.result.error.kind == "unavailable" and nxt.result.error.stage == "f"
-        flowkit.gate("hang").set()
-        wait_for(lambda: rt.stats()["stages"]["f"]["stuck"] == 0)
+        assert nxt.done.wait(60), "the next request waited behind the abandoned call"
+        assert nxt.result.ok
+        abandon_hung(rt, "h2")                   # two threads held: the stage's budget
+        assert rt.stats()["stages"]["f"]["stuck"] == 2
         last = Heard()
         rt.submit(chat("last", "hello"), last)
+        assert not last.done.wait(0.5)           # waits for a thread, is not refused
+        flowkit.gate("hang").set()
         assert last.done.wait(60) and last.result.ok
+        wait_for(lambda: rt.stats()["stages"]["f"]["stuck"] == 0)
+        assert rt.stats()["stages"]["f"]["stuck"] == 0
+    finally:
+        rt.close(drain=False)
+        rt.shutdown()
+
+
+def test_an_aborted_requests_call_is_hung_once_it_runs_past_the_timeout(tmp_path, soft_gguf):
+    """timeout = 2s, workers = 1: a call written off when its request ended does not fill the
+    stage's cap (the next request is served); once it has run past the timeout it is hung, and
+    the stage refuses new calls until it returns."""
+    path = pipeline(tmp_path, soft_gguf, 'stage f : python { fn = "hooks:hang"  workers = 1  timeout = 2s }')
+    rt = runtime(path)
+    rt.start()
+    try:
+        abandon_hung(rt, "h1")
+        nxt = Heard()
+        rt.submit(chat("next", "hello"), nxt)
+        assert nxt.done.wait(60) and nxt.result.ok
+        threading.Event().wait(2.5)              # the written-off call is now past its timeout
+        late = Heard()
+        rt.submit(chat("late", "hello"), late)
+        assert late.done.wait(30)
+        assert late.result.error.kind == "unavailable" and late.result.error.stage == "f"
+        flowkit.gate("hang").set()
+        wait_for(lambda: rt.stats()["stages"]["f"]["stuck"] == 0)
+        again = Heard()
+        rt.submit(chat("again", "hello"), again)
+        assert again.done.wait(60) and again.result.ok
     finally:
         rt.close(drain=False)
         rt.shutdown()

@@ -14,10 +14,13 @@ Timeouts are armed on the timer thread, so they fire even while a loop is blocke
 past `timeout` fails with StageTimeout and frees its slot at once: a coroutine is cancelled;
 a thread cannot be stopped, so it is written off (its result, whenever it comes, is dropped)
 and a new thread takes its place. `abandon()` writes off the running calls whose request has
-ended the same way. A written-off call whose code still runs is stuck (a coroutine once it
-has ignored its cancellation for STALL_S): at `workers` stuck calls the stage fails its new
-and waiting calls at once with StageStuck, until stuck calls return, and never has more than
-2 × workers threads. With a `Stretch` (stream stages) the timeout bounds the function's own
+ended the same way. A written-off call whose code still runs is stuck; it is hung once it has
+run past the stage's timeout (a timed-out call at once, a call whose request ended when its
+timeout passes; a coroutine once it has ignored its cancellation for STALL_S). At `workers`
+hung calls the stage fails its new and waiting calls at once with StageStuck, until they
+return; a stage never has more than 2 × workers threads (stuck ones included): past that its
+calls wait. Without a timeout nothing is hung: a slow call whose client left is not a fault
+of the stage, and the calls after it wait for a thread as they would behind a busy one. With a `Stretch` (stream stages) the timeout bounds the function's own
 time per chunk: its clock stops while the function waits for the next chunk.
 Every exception, BaseException included (SystemExit, KeyboardInterrupt, CancelledError,
 GeneratorExit), is the call's result, never the worker's end.
@@ -127,6 +130,9 @@ class StageWorkers:
         self._abusy = 0                           # async calls running (written-off ones excluded)
         self._running: dict[object, _Job] = {}    # token -> the call it runs
         self._stuck = 0                           # written-off calls still running
+        self._hung = 0                            # of them, past their timeout: the cap counts these
+        self._off: set[object] = set()            # written-off threads' runs still going
+        self._overdue: set[object] = set()        # of them, past their timeout
         self._cancelled: dict[object, bool] = {}  # written-off coroutines still running -> counted stuck
         self._closed = False
         self._probing = False
@@ -152,11 +158,11 @@ class StageWorkers:
         return True
 
     def _refuse(self, job: _Job) -> bool:
-        """Whether the stage has as many stuck calls as it may: then the job fails at once."""
-        n = self._stuck
+        """Whether the stage has as many hung calls as it may: then the job fails at once."""
+        n = self._hung
         if n < self.max_stuck:
             return False
-        job.done(False, StageStuck(f"{n} of its calls are still stuck (timed out or abandoned, their code "
+        job.done(False, StageStuck(f"{n} of its calls are still stuck (past their timeout, their code "
                                    f"still running; at most {self.max_stuck}, its workers); it takes calls "
                                    "again as they return"))
         return True
@@ -200,7 +206,18 @@ class StageWorkers:
     def _end(self, job: _Job, token: object) -> bool:
         """(under the lock) The job's run returned: whether it had been written off meanwhile."""
         if job.token is not token:
-            self._stuck -= self._cancelled.pop(token, False) if job.is_async else 1
+            if job.is_async:
+                late = self._cancelled.pop(token, False)
+                self._stuck -= late
+                self._hung -= late
+            else:
+                self._off.discard(token)
+                self._stuck -= 1
+                if token in self._overdue:
+                    self._overdue.discard(token)
+                    self._hung -= 1
+                if self._queue and self._idle == 0:   # calls that waited for the thread budget
+                    self._spawn()
             return True
         job.token = None
         del self._running[token]
@@ -269,10 +286,12 @@ class StageWorkers:
         self._release()
         self._after(job, ok, value, time.perf_counter() - t0)
 
-    def _write_off(self, job: _Job, token: object) -> bool:
+    def _write_off(self, job: _Job, token: object, overdue: bool) -> bool:
         """(under the lock) Give up a running call: its slot is free at once; its code, if it
         goes on running, counts as stuck until it returns (a thread cannot be stopped; a
-        coroutine is cancelled, and counts once it has ignored that for STALL_S)."""
+        coroutine is cancelled, and counts once it has ignored that for STALL_S). `overdue`:
+        it ran past its timeout (else its request ended; its timeout, still armed, may make it
+        overdue later)."""
         if job.token is not token:
             return False
         job.token = None
@@ -283,15 +302,19 @@ class StageWorkers:
             self.timer.later(STALL_S, lambda: self._late(token))
         else:
             self._stuck += 1
+            self._off.add(token)
+            if overdue:
+                self._overdue.add(token)
+                self._hung += 1
             self._live -= 1
             if self._queue:
                 self._spawn()
         return True
 
     def _refuse_waiting(self) -> None:
-        """The stage is full of stuck calls: the calls waiting for it fail now, not when a
+        """The stage is full of hung calls: the calls waiting for it fail now, not when a
         worker frees (none may, while their code hangs)."""
-        while self._stuck >= self.max_stuck:
+        while self._hung >= self.max_stuck:
             with self._cv:
                 if not (self._queue or self._aqueue):
                     return
@@ -305,8 +328,21 @@ class StageWorkers:
             if self._cancelled.get(token) is False:
                 self._cancelled[token] = True
                 self._stuck += 1
+                self._hung += 1
 
     def _expire(self, job: _Job, token: object) -> None:
+        with self._cv:
+            if job.token is not token:            # written off meanwhile (its request ended)
+                late = token in self._off and token not in self._overdue
+                if late:                          # ... and its code still runs past its timeout: hung
+                    self._overdue.add(token)
+                    self._hung += 1
+            else:
+                late = None
+        if late is not None:
+            if late:
+                self._refuse_waiting()
+            return
         with self._cv:
             if job.token is not token:
                 return
@@ -315,7 +351,7 @@ class StageWorkers:
                 job.timeout = self.timer.later(self.timeout if left is None else left,
                                                lambda: self._expire(job, token))
                 return
-            self._write_off(job, token)
+            self._write_off(job, token, overdue=True)
         if job.is_async:
             self._release()
         self._refuse_waiting()
@@ -329,7 +365,7 @@ class StageWorkers:
         with self._cv:
             gone = [(job, token) for token, job in self._running.items()
                     if job.alive is not None and not job.alive()]
-            gone = [(job, token) for job, token in gone if self._write_off(job, token)]
+            gone = [(job, token) for job, token in gone if self._write_off(job, token, overdue=False)]
         for job, _ in gone:
             if job.is_async:
                 self._release()
