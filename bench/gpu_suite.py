@@ -131,6 +131,10 @@ ESTIMATE_S = {
     "agp serve compiled": 170,
 }
 
+# The pipeline's step budget and prefill chunk (the stages' defaults, dynamic_batch and generate),
+# written into its file and given to the engine alone that is its baseline, so both run one config
+PIPELINE_STEP = {"max_tokens_per_step": 512, "prefill_chunk": 256}
+
 RUNNERS: dict = {}         # (folder, attention) -> (runner, load info): one load serves every row of it
 
 
@@ -175,7 +179,11 @@ def _graphs_compiled() -> int:
 
 
 def engine_alone(folder: Path, device: str, ps, new: int, *, overlap=None, graphs=None, batch=256,
-                 attention: str | None = None) -> dict:
+                 attention: str | None = None, as_pipeline: bool = False) -> dict:
+    """The engine without the pipeline on prompts `ps` (token ids), `new` tokens each, greedy,
+    ignore_eos. `as_pipeline`: the step's token budget and prefill chunk of the suite's pipeline
+    (PIPELINE_STEP), for the baselines of the pipeline's ratios; otherwise the larger ones the
+    issue's engine-alone figure was taken with."""
     from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
     from pipeline_dsl.engine.executor import Executor
     from pipeline_dsl.engine.tokenizer import IdTokenizer
@@ -187,6 +195,8 @@ def engine_alone(folder: Path, device: str, ps, new: int, *, overlap=None, graph
                        max_tokens_per_step=4096, prefill_chunk=512, kv_budget_bytes=KV_BUDGET[0], batch_timeout_s=0.0)
     runner, info = loaded(cfg, attention)
     cfg = dataclasses.replace(cfg, max_batch_size=batch)
+    if as_pipeline:                 # the runner captured pieces up to 4096 tokens: these are a subset
+        cfg = dataclasses.replace(cfg, **PIPELINE_STEP)
     sp = SamplingParams(max_tokens=new, ignore_eos=True)
     warm = Executor(Engine(cfg, runner=runner, tokenizer=IdTokenizer()), overlap=overlap, cuda_graphs=graphs)
     warm.submit("warm", prompt_token_ids=ps[0][:8], params=SamplingParams(max_tokens=4, ignore_eos=True))
@@ -202,7 +212,8 @@ def engine_alone(folder: Path, device: str, ps, new: int, *, overlap=None, graph
     wall = time.perf_counter() - t0
     return {"tok_s": len(ps) * new / wall, "compiled_in_run": _graphs_compiled() - compiled, "wall_s": wall,
             "ms_per_step": 1e3 * wall / max(stats["steps"], 1), "prompts": len(ps), "tokens": len(ps) * new,
-            "batch": batch, "ids_digest": digest(ps),
+            "batch": batch, "ids_digest": digest(ps), "step_tokens": cfg.max_tokens_per_step,
+            "prefill_chunk": cfg.prefill_chunk,
             "load_s": info.get("load_s"), "graphs": info.get("cuda_graphs"), "piece_graphs": info.get("piece_graphs"),
             "capture_s": info.get("graph_capture_s"), "warm_up_s": info.get("warm_up_s"),
             "attention": info.get("attention"), "attention_fallback": info.get("attention_fallback"),
@@ -234,18 +245,20 @@ def transformers_generate(folder: Path, device: str, ps, new: int) -> dict:
 
 
 def write_pipeline(folder: Path, mode: str, device: str, tmp: Path, batch: int) -> Path:
-    """The chat pipeline of `agp run` / `agp serve` in `mode`: its batch size and KV budget are
-    the engine alone's (the rows that it is compared with), every other setting the mode's."""
+    """The chat pipeline of `agp run` / `agp serve` in `mode`: its batch size, KV budget, step
+    budget and prefill chunk are those of the engine alone it is compared with, every other
+    setting the mode's."""
     path = tmp / f"{mode}-{batch}.agp"
+    step, chunk = PIPELINE_STEP["max_tokens_per_step"], PIPELINE_STEP["prefill_chunk"]
     path.write_text(f"""pipeline chat {{
     model = "{folder}"
     mode = {mode}
     device = {device}
     stage request : requests {{}}
-    stage batch : dynamic_batch {{ max_batch_size = {batch} timeout = 1ms }}
+    stage batch : dynamic_batch {{ max_batch_size = {batch} timeout = 1ms max_tokens_per_step = {step} }}
     stage encode : encode {{}}
     stage kv : kv_lookup {{ reuse = prefix budget = {KV_BUDGET[0] >> 20}MiB }}
-    stage gen : generate {{ max_new_tokens = 128 temperature = 0 }}
+    stage gen : generate {{ max_new_tokens = 128 temperature = 0 prefill_chunk = {chunk} }}
     stage out : respond {{}}
     request -> batch
     batch -> encode when full
@@ -557,10 +570,10 @@ def main(argv=None) -> int:
         # takes the nice-to-haves and then the dearest done-when rows; estimates in ESTIMATE_S.
         # 1. the small shape's runner, loaded once, kept to the end (its pool and graphs ~5 GiB)
         row(nm["engine"](small), lambda: engine_alone(folder(small), device, ps, new), engine_fmt, "load")
-        row(nm["run base"], lambda: engine_alone(folder(small), device, chat_ids(reqs), new, batch=batch), tok_s,
-            "run")
-        row(nm["serve base"], lambda: engine_alone(folder(small), device, chat_ids(sreqs), snew, batch=batch),
-            tok_s, "run")
+        row(nm["run base"], lambda: engine_alone(folder(small), device, chat_ids(reqs), new, batch=batch,
+                                                 as_pipeline=True), tok_s, "run")
+        row(nm["serve base"], lambda: engine_alone(folder(small), device, chat_ids(sreqs), snew, batch=batch,
+                                                   as_pipeline=True), tok_s, "run")
         row(nm["one"], lambda: engine_alone(folder(small), device, ps[:1], new, batch=1), tok_s, "one")
         row(nm["on"], lambda: engine_alone(folder(small), device, ps, new, overlap=True),
             lambda r: f"{r['tok_s']:,.0f} tok/s (streams busy at once {pct(r['measured_overlap'])}, copy hidden "

@@ -45,6 +45,7 @@ def test_gpu_suite_smoke_prints_every_figure_on_cpu(tmp_path):
     run, run_base = rows["agp run balanced, 8 chat requests"], rows["engine alone, tiny, agp run's 8 chat prompts x 8"]
     assert run["ids_digest"] == run_base["ids_digest"] != rows["engine alone, tiny, 8 x 8"]["ids_digest"]
     assert run["tokens"] == run_base["tokens"] == 8 * 8 and run["answered"] == 8
+    assert (run_base["step_tokens"], run_base["prefill_chunk"]) == (512, 256)      # the pipeline file's
     serve = rows["agp serve balanced, 4 / 8 streams x 8"][-1]
     serve_base = rows["engine alone, tiny, agp serve's 8 chat prompts x 8"]
     assert serve["ids_digest"] == serve_base["ids_digest"] and serve["tokens"] == serve_base["tokens"] == 8 * 8
