@@ -156,3 +156,39 @@ def test_gpu_suite_refuses_a_pipeline_ratio_over_other_prompts_than_its_baseline
                                                                       ">= 85 %", "no")
     assert done["agp serve 512 streams, streamed tok/s / engine alone (same prompts)"] == (
         "32768 tokens, the baseline 65536", ">= 70 %", "no")
+
+
+def test_gpu_device_script_ends_with_both_tables_however_much_the_rows_print(tmp_path, monkeypatch):
+    # a device command returns only its output's last 12,000 characters: the suite's lines and its
+    # stderr (torch warnings, TORCH_LOGS) go to files under $OUT, the tables come last on stdout
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu_suite
+
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps(_saved_run(gpu_suite, "9,000 tok/s")))
+    fake = tmp_path / "bin" / "python3"                  # the device's python3: the suite row is faked
+    fake.parent.mkdir()
+    fake.write_text(f"""#!{sys.executable}
+import os, shutil, sys
+args = sys.argv[1:]
+if "--tokenizer" in args:
+    for i in range(3000):
+        print(f"W1205 a torch warning, line {{i}}, long enough to fill a device's output limit", file=sys.stderr)
+        print(f"row line {{i}}")
+    shutil.copy({str(saved)!r}, args[args.index("--json") + 1])
+elif args[:2] == ["-m", "pip"] or args[:1] == ["-c"]:
+    pass
+else:
+    os.execv({sys.executable!r}, [{sys.executable!r}] + args)
+""")
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake.parent}:{os.environ['PATH']}", OUT=str(tmp_path / "out"),
+               PYTHONPATH=str(ROOT))
+    out = subprocess.run(["sh", str(ROOT / "bench" / "gpu_device.sh")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert len(out.stdout) < 12_000 and "W1205" not in out.stdout and "row line" not in out.stdout
+    assert out.stdout.index("| figure") < out.stdout.index("| done when")
+    assert out.stdout.rstrip().endswith("| agp serve 512 streams, streamed tok/s / engine alone (same prompts) "
+                                        "| 75% | >= 70 % | yes |")
+    assert "W1205" in (tmp_path / "out" / "gpu.stderr").read_text()
