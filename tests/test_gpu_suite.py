@@ -16,25 +16,40 @@ def test_gpu_suite_smoke_prints_every_figure_on_cpu(tmp_path):
                          timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     table = out.stdout[out.stdout.index("| figure"):]
-    for row in ("engine alone", "transformers generate", "ratio engine / transformers", "batch sweep 1",
-                "streams overlapped", "streams serial", "ratio overlap on / off", "attention flex",
-                "attention sdpa", "ratio attention flex / sdpa", "agp run balanced",
-                "agp run performance", "agp serve"):
+    for row in ("engine alone, tiny, 8 x 8", "engine alone, tiny, agp run's 8 chat prompts x 8",
+                "engine alone, tiny, agp serve's 8 chat prompts x 8", "transformers generate",
+                "ratio engine / transformers", "batch sweep 1", "batch sweep 4", "streams overlapped",
+                "streams serial", "ratio overlap on / off", "attention flex", "attention sdpa",
+                "ratio attention flex / sdpa", "agp run balanced", "ratio agp run balanced / engine alone (same prompts)",
+                "agp run performance", "agp serve balanced", "agp serve performance"):
         assert f"| {row}" in table, row
     assert "failed" not in table and "skipped" not in table
     done = out.stdout[out.stdout.index("| done when"):]
-    for figure in ("engine alone, tiny, tok/s", "engine alone / transformers, tiny", "agp run balanced / engine alone",
-                   "agp run balanced, TTFT p50 ms", "agp run performance, TTFT p50 ms", "one request alone, tok/s",
-                   "overlap on / off", "copy time hidden under compute", "host time hidden under compute",
-                   "agp serve 8 streams answered", "agp serve 8 streams, TTFT p50 ms",
-                   "agp serve 8 streams, streamed tok/s / engine alone",
-                   "torch.compile versions made inside the timed engine runs"):
-        line = next(x for x in done.splitlines() if x.startswith(f"| {figure}"))
-        assert line.endswith(("| yes |", "| no |")), line           # measured, not "not run"
+    figures = [line.strip("|").split(" | ") for line in done.splitlines()[2:] if line.startswith("| ")]
+    assert [f[0].strip() for f in figures] == [
+        "engine alone, tiny, tok/s", "engine alone / transformers, tiny",
+        "agp run balanced / engine alone (same prompts)", "agp run balanced, TTFT p50 ms",
+        "agp run performance, TTFT p50 ms (no compile inside TTFT)", "one request alone, tok/s",
+        "overlap on / off (graphs on both)", "copy time hidden under compute", "host time hidden under compute",
+        "torch.compile versions made inside the timed engine runs", "agp serve 8 streams answered",
+        "agp serve 8 streams, TTFT p50 ms", "agp serve 8 streams, streamed tok/s / engine alone (same prompts)"]
+    for what, measured, target, met in (map(str.strip, f) for f in figures):
+        assert target and measured not in ("", "not run") and met in ("yes", "no"), (what, measured, met)
+        assert "differ" not in measured and "baseline" not in measured, (what, measured)   # like for like
     assert "| agp serve 8 streams answered | 8 | 8 | yes |" in done
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert rows["attention flex (engine alone, tiny)"]["attention"] == "flex"
     assert rows["attention sdpa (engine alone, tiny)"]["attention"] == "sdpa"
+    # the pipeline's baselines ran the very token ids the pipeline encoded (agp run's answers and
+    # the streams carry them back), as many tokens, and not the random prompts of the issue's row
+    run, run_base = rows["agp run balanced, 8 chat requests"], rows["engine alone, tiny, agp run's 8 chat prompts x 8"]
+    assert run["ids_digest"] == run_base["ids_digest"] != rows["engine alone, tiny, 8 x 8"]["ids_digest"]
+    assert run["tokens"] == run_base["tokens"] == 8 * 8 and run["answered"] == 8
+    assert (run_base["step_tokens"], run_base["prefill_chunk"]) == (512, 256)      # the pipeline file's
+    serve = rows["agp serve balanced, 4 / 8 streams x 8"][-1]
+    serve_base = rows["engine alone, tiny, agp serve's 8 chat prompts x 8"]
+    assert serve["ids_digest"] == serve_base["ids_digest"] and serve["tokens"] == serve_base["tokens"] == 8 * 8
+    assert all(r["row_s"] > 0 for r in rows.values() if isinstance(r, dict))
 
 
 def test_gpu_suite_saves_each_row_as_it_finishes_and_runs_only_the_rows_asked(tmp_path, monkeypatch):
@@ -52,7 +67,7 @@ def test_gpu_suite_saves_each_row_as_it_finishes_and_runs_only_the_rows_asked(tm
     monkeypatch.setattr(gpu_suite, "make_model", lambda shape, tok, folder, device: folder)
     assert gpu_suite.main(["--smoke", "--tokenizer", str(tmp_path), "--json", str(out),
                            "--only", "batch sweep"]) == 0
-    assert on_disk == [None, {"batch sweep 1": {"tok_s": 1.0, "ms_per_step": 1.0}}]
+    assert on_disk == [None, {"batch sweep 1": {"tok_s": 1.0, "ms_per_step": 1.0, "row_s": 0.0}}]
     saved = json.loads(out.read_text())
     assert saved["complete"] and set(saved["rows"]) == {"batch sweep 1", "batch sweep 4"}
 
@@ -75,3 +90,105 @@ def test_gpu_suite_past_its_time_budget_skips_the_rows_left_and_still_prints_bot
     assert gpu_suite.main(["--table", str(out)]) == 0
     again = capsys.readouterr().out
     assert again[again.index("| figure"):] == printed[printed.index("| figure"):]
+
+
+def test_gpu_suite_starts_no_row_its_estimate_would_carry_past_the_budget(tmp_path, monkeypatch):
+    # an engine row in the suite's process cannot be cut short: it must not start unless its
+    # estimate ends it within the budget and a minute
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu_suite
+
+    monkeypatch.setattr(gpu_suite, "engine_alone", lambda folder, device, ps, new, **kw: {"tok_s": 1.0,
+                                                                                          "ms_per_step": 1.0})
+    monkeypatch.setattr(gpu_suite, "make_model", lambda shape, tok, folder, device: folder)
+    monkeypatch.setitem(gpu_suite.ESTIMATE_S, "run", 1000)
+    out = tmp_path / "rows.json"
+    assert gpu_suite.main(["--smoke", "--tokenizer", str(tmp_path), "--json", str(out), "--budget", "100",
+                           "--only", "batch sweep"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows["batch sweep 1"]["tok_s"] == 1.0 and "skipped" in rows["batch sweep 4"]
+
+
+def _saved_run(gpu_suite, value: str) -> dict:
+    """A device run's saved rows (the real workload's names), every figure measured."""
+    n, new, shapes, streams = 256, 128, ["smollm2-135m", "llama-3.2-1b"], [256, 512]
+    nm = gpu_suite.names(n, new, shapes, streams)
+    eng = {"tok_s": 9000.0, "ids_digest": "a", "tokens": n * new, "copy_hidden": 0.9, "host_hidden": 0.9,
+           "compiled_in_run": 0}
+    rows = {nm["engine"](s): dict(eng) for s in shapes}
+    rows |= {nm["transformers"](s): {"tok_s": 3000.0} for s in shapes}
+    rows[nm["run base"]] = {"tok_s": 8000.0, "ids_digest": "chat", "tokens": n * new}
+    rows[nm["run"]("balanced")] = {"tok_s": 7000.0, "ttft_p50_ms": 900, "ids_digest": "chat", "tokens": n * new}
+    rows[nm["run"]("performance")] = {"tok_s": 7000.0, "ttft_p50_ms": 900}
+    rows[nm["serve base"]] = {"tok_s": 8000.0, "ids_digest": "streams", "tokens": 512 * 64}
+    rows[nm["serve"]("balanced")] = [{"answered": 512, "ttft_p50_ms": 1000, "stream_tok_s": 6000.0,
+                                      "ids_digest": "streams", "tokens": 512 * 64}]
+    rows |= {nm[k]: dict(eng) for k in ("one", "on", "off")}
+    table = [(name, value) for name in rows] + [(f"batch sweep {b}", value) for b in (16, 64, 256)]
+    return {"device": "NVIDIA H200", "torch": "2.11", "date": "2026-12-05 08:00", "wall_s": 480, "complete": True,
+            "rows": rows, "table": table, "workload": {"n": n, "new": new, "shapes": shapes, "streams": streams}}
+
+
+def test_gpu_suite_tables_fit_in_what_a_device_command_returns(capsys, monkeypatch):
+    # a device command returns its output's last 12,000 characters; bench/gpu_device.sh prints a
+    # few setup lines and then these tables, however long the rows' own values are
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu_suite
+
+    gpu_suite.print_tables(_saved_run(gpu_suite, "9,000 tok/s " * 60))
+    printed = capsys.readouterr().out
+    assert len(printed) < 10_000 and max(map(len, printed.splitlines())) < 260
+    assert "| agp run balanced / engine alone (same prompts) | 88% | >= 85 % | yes |" in printed
+    assert "| agp serve 512 streams, streamed tok/s / engine alone (same prompts) | 75% | >= 70 % | yes |" in printed
+
+
+def test_gpu_suite_refuses_a_pipeline_ratio_over_other_prompts_than_its_baseline(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu_suite
+
+    saved = _saved_run(gpu_suite, "x")
+    nm = gpu_suite.names(256, 128, saved["workload"]["shapes"], saved["workload"]["streams"])
+    saved["rows"][nm["run base"]]["ids_digest"] = "random"               # the issue's random-token prompts
+    saved["rows"][nm["serve base"]]["tokens"] = 512 * 128                 # more tokens a prompt than the streams
+    done = {f[0]: f[1:] for f in gpu_suite.done_when(saved["rows"], 256, 128, saved["workload"]["shapes"],
+                                                      saved["workload"]["streams"])}
+    assert done["agp run balanced / engine alone (same prompts)"] == ("prompts differ from the baseline's",
+                                                                      ">= 85 %", "no")
+    assert done["agp serve 512 streams, streamed tok/s / engine alone (same prompts)"] == (
+        "32768 tokens, the baseline 65536", ">= 70 %", "no")
+
+
+def test_gpu_device_script_ends_with_both_tables_however_much_the_rows_print(tmp_path, monkeypatch):
+    # a device command returns only its output's last 12,000 characters: the suite's lines and its
+    # stderr (torch warnings, TORCH_LOGS) go to files under $OUT, the tables come last on stdout
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu_suite
+
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps(_saved_run(gpu_suite, "9,000 tok/s")))
+    fake = tmp_path / "bin" / "python3"                  # the device's python3: the suite row is faked
+    fake.parent.mkdir()
+    fake.write_text(f"""#!{sys.executable}
+import os, shutil, sys
+args = sys.argv[1:]
+if "--tokenizer" in args:
+    for i in range(3000):
+        print(f"W1205 a torch warning, line {{i}}, long enough to fill a device's output limit", file=sys.stderr)
+        print(f"row line {{i}}")
+    shutil.copy({str(saved)!r}, args[args.index("--json") + 1])
+elif args[:2] == ["-m", "pip"] or args[:1] == ["-c"]:
+    pass
+else:
+    os.execv({sys.executable!r}, [{sys.executable!r}] + args)
+""")
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake.parent}:{os.environ['PATH']}", OUT=str(tmp_path / "out"),
+               PYTHONPATH=str(ROOT))
+    out = subprocess.run(["sh", str(ROOT / "bench" / "gpu_device.sh")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert len(out.stdout) < 12_000 and "W1205" not in out.stdout and "row line" not in out.stdout
+    assert out.stdout.index("| figure") < out.stdout.index("| done when")
+    assert out.stdout.rstrip().endswith("| agp serve 512 streams, streamed tok/s / engine alone (same prompts) "
+                                        "| 75% | >= 70 % | yes |")
+    assert "W1205" in (tmp_path / "out" / "gpu.stderr").read_text()
