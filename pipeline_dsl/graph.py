@@ -16,7 +16,8 @@ there are several) and `pos`.
 
 `validate(resolved)` reports loops that no stage bounds (the cycle printed), item
 types that do not fit an edge, a second request source, conditions that do not
-type-check or can leave an item nowhere to go, broken engine segments, stages
+type-check or can leave an item nowhere to go (and, as a warning, a comparison on `turn` that
+no loop comes before), broken engine segments, stages
 unreachable from the source (once per entry) and stages with no path to a respond stage (once
 per dead end, naming the stages it strands), and parts tied to neither (once per part).
 `check_program(program)` runs every check of every pipeline in a loaded program.
@@ -207,6 +208,7 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
                           notes=[(f"the first is '{sources[0]}'", r.stages[sources[0]].pos)]))
     diags += _check_cycles(g, r)
     diags += _check_routes(r, g, emits)
+    diags += _check_turn(r, g)
     diags += _check_type_routes(r, carry, emits)
     diags += _check_streams(r, receives)
     diags += _check_loop_exits(r, g, carry, receives)
@@ -552,6 +554,31 @@ def _check_routes(r: Resolved, g: nx.DiGraph, emits: dict) -> list[Diagnostic]:
                        "(no unconditional edge and no `otherwise`)")
                 hint = f"add `{n} -> {dst} otherwise` (or to another stage)"
             diags.append(_err(msg, conditional[0].pos, hint=hint))
+    return diags
+
+
+def _check_turn(r: Resolved, g: nx.DiGraph) -> list[Diagnostic]:
+    """A comparison on `turn` where no loop comes before the edge: turn counts an item's calls of
+    stages with max_turns (flow/loops.py), so on an edge that no such stage reaches it is always
+    0 and the comparison is settled before any item arrives."""
+    from .conditions import compares, compile_condition, evaluate, text
+
+    looped = reachable(g.successors, bounded_stages(r))   # the bounding stages themselves too
+    diags = []
+    for e in r.edges:
+        if e.cond is None or e.src in looped:
+            continue
+        for cmp in compares(e.cond):
+            if cmp.path != "turn":
+                continue
+            ir = compile_condition(cmp)
+            holds = evaluate(ir, lambda path: 0)
+            diags.append(_warn(f"no loop comes before {e.src} -> {e.dst}, so `turn` is always 0 there "
+                               f"and `{text(ir)}` {'always' if holds else 'never'} holds",
+                               cmp.pos, expected="a condition on turn on an edge inside or after a loop "
+                                                 "(a cycle through a python stage with max_turns)",
+                               hint="drop the comparison on turn" + ("" if holds else
+                                    ", or move the edge into the loop it was meant for")))
     return diags
 
 
