@@ -37,7 +37,7 @@ from stages.registry import Registry, default_registry
 from . import ast
 from .checker import EMBEDDED_MODEL, Resolved, check_pipeline
 from .diagnostics import ERROR, WARNING, Diagnostic, sort_diagnostics
-from .reachability import check_dead_ends, check_islands, check_unreachable, reachable
+from .reachability import check_dead_ends, check_islands, check_turn, check_unreachable, reachable
 
 
 def _resolve(pipeline, registry: Registry | None = None) -> Resolved:
@@ -208,7 +208,7 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
                           notes=[(f"the first is '{sources[0]}'", r.stages[sources[0]].pos)]))
     diags += _check_cycles(g, r)
     diags += _check_routes(r, g, emits)
-    diags += _check_turn(r, g)
+    diags += check_turn(r, g, bounded_stages(r))
     diags += _check_type_routes(r, carry, emits)
     diags += _check_streams(r, receives)
     diags += _check_loop_exits(r, g, carry, receives)
@@ -554,31 +554,6 @@ def _check_routes(r: Resolved, g: nx.DiGraph, emits: dict) -> list[Diagnostic]:
                        "(no unconditional edge and no `otherwise`)")
                 hint = f"add `{n} -> {dst} otherwise` (or to another stage)"
             diags.append(_err(msg, conditional[0].pos, hint=hint))
-    return diags
-
-
-def _check_turn(r: Resolved, g: nx.DiGraph) -> list[Diagnostic]:
-    """A comparison on `turn` where no loop comes before the edge: turn counts an item's calls of
-    stages with max_turns (flow/loops.py), so on an edge that no such stage reaches it is always
-    0 and the comparison is settled before any item arrives."""
-    from .conditions import compares, compile_condition, evaluate, text
-
-    looped = reachable(g.successors, bounded_stages(r))   # the bounding stages themselves too
-    diags = []
-    for e in r.edges:
-        if e.cond is None or e.src in looped:
-            continue
-        for cmp in compares(e.cond):
-            if cmp.path != "turn":
-                continue
-            ir = compile_condition(cmp)
-            holds = evaluate(ir, lambda path: 0)
-            diags.append(_warn(f"no loop comes before {e.src} -> {e.dst}, so `turn` is always 0 there "
-                               f"and `{text(ir)}` {'always' if holds else 'never'} holds",
-                               cmp.pos, expected="a condition on turn on an edge inside or after a loop "
-                                                 "(a cycle through a python stage with max_turns)",
-                               hint="drop the comparison on turn" + ("" if holds else
-                                    ", or move the edge into the loop it was meant for")))
     return diags
 
 
