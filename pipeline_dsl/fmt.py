@@ -8,7 +8,8 @@ line kept between statements, always one between pipelines.
 
 Comments: one ending a statement's line stays after it (`# …` trailing); any other
 comment goes on its own line before the next statement of its block (or at the end
-of the block). Formatting is idempotent and keeps the AST (see tests).
+of the block). A comment inside a list stays in it, beside or before its element: such a
+list is printed one element per line. Formatting is idempotent and keeps the AST (see tests).
 """
 
 from __future__ import annotations
@@ -102,20 +103,30 @@ def _end(n):
 def _attach(module: ast.Module) -> _Notes:
     """Give each comment its statement: trailing (it ends the statement's line), else leading
     (the next statement of the innermost block holding it), else dangling (the block's end).
+    A comment inside a list belongs to the list's elements the same way, so it stays in the
+    list rather than beside whatever statement shares its line once the list is on one line.
     Indexed by line and by position, so many comments among many statements stay linear."""
     notes = _Notes()
     by_end_line: dict[int, list] = {}    # statements (every level, in walk order) by their last line
     kids: dict[int, tuple[list, list]] = {}   # id(container) -> (children, their starts)
+    lists: list = []                      # outermost lists of settings and params, in source order
 
     def walk(node):
         children = _children(node)
         kids[id(node)] = (children, [_start(c) for c in children])
         for c in children:
             by_end_line.setdefault(c.pos.end_line, []).append(c)
+            if isinstance(c, (ast.Setting, ast.Param)) and isinstance(c.value, ast.List):
+                lists.append(c.value)
             walk(c)
     walk(module)
+    list_starts = [_start(v) for v in lists]
     for c in module.comments:
         cpos = (c.pos.line, c.pos.col)
+        i = bisect.bisect_left(list_starts, cpos) - 1
+        if i >= 0 and cpos < _end(lists[i]):
+            _attach_in_list(lists[i], c, cpos, notes)
+            continue
         ends_here = [a for a in by_end_line.get(c.pos.line, ()) if _end(a) <= cpos]
         if ends_here:
             best = max(ends_here, key=lambda a: (_end(a), tuple(-x for x in _start(a))))
@@ -141,7 +152,60 @@ def _attach(module: ast.Module) -> _Notes:
     return notes
 
 
+def _attach_in_list(v: ast.List, c: ast.Comment, cpos, notes: _Notes) -> None:
+    """A comment inside list `v`: trailing of the element that ends its line, else leading of
+    the next element, else dangling before the `]` — in the innermost list holding it."""
+    while True:
+        items = v.items
+        i = bisect.bisect_left([_start(x) for x in items], cpos) - 1
+        inner = items[i] if i >= 0 else None
+        if not (isinstance(inner, ast.List) and cpos < _end(inner)):
+            break
+        v = inner
+    if inner is not None and inner.pos.end_line == c.pos.line and id(inner) not in notes.trailing:
+        notes.trailing[id(inner)] = c
+    elif i + 1 < len(items):
+        notes.leading.setdefault(id(items[i + 1]), []).append(c)
+    else:
+        notes.dangling.setdefault(id(v), []).append(c)
+
+
 # ---------------------------------------------------------------- printing
+
+def _has_comments(v, notes: _Notes) -> bool:
+    """Whether list `v` (or one inside it) holds a comment, so it is printed over several lines."""
+    if not isinstance(v, ast.List):
+        return False
+    return bool(notes.dangling.get(id(v))) or any(
+        id(x) in notes.leading or id(x) in notes.trailing or _has_comments(x, notes) for x in v.items)
+
+
+def _value_lines(v, notes: _Notes) -> list[str]:
+    """A value's text: one line, or for a list holding comments one element per line (each line
+    after the first indented relative to the first, the caller's indent not included)."""
+    if not _has_comments(v, notes):
+        return [format_value(v)]
+    bodies = [_value_lines(x, notes) for x in v.items]
+    tw = max((len(b[0]) + 1 for x, b in zip(v.items, bodies) if len(b) == 1 and id(x) in notes.trailing),
+             default=0)
+    lines = ["["]
+    for x, body in zip(v.items, bodies):
+        lines += [INDENT + c.text for c in notes.leading.get(id(x), [])]
+        last = body[-1] + ","
+        t = notes.trailing.get(id(x))
+        if t is not None:
+            last = f"{last:<{tw if len(body) == 1 else len(last)}}  {t.text}"
+        lines += [INDENT + line for line in body[:-1] + [last]]
+    lines += [INDENT + c.text for c in notes.dangling.get(id(v), [])]
+    return lines + ["]"]
+
+
+def _assignment(name: str, value, notes: _Notes, indent: str) -> list[str]:
+    """`name = value` at `indent` (`name` padded by the caller), over several lines for a list
+    that holds comments."""
+    first, *rest = _value_lines(value, notes)
+    return [f"{indent}{name} = {first}"] + [indent + line for line in rest]
+
 
 def format_module(module: ast.Module) -> str:
     """The canonical text of a parsed module."""
@@ -210,7 +274,7 @@ def _group(group, notes: _Notes, indent: str) -> list[str]:
 def _aligned_heads(items, notes: _Notes, indent: str) -> list[list[str]]:
     if items and isinstance(items[0], ast.Setting):
         w = max(len(s.name.text) for s in items)
-        return [[f"{indent}{s.name.text:<{w}} = {format_value(s.value)}"] for s in items]
+        return [_assignment(f"{s.name.text:<{w}}", s.value, notes, indent) for s in items]
     if items and isinstance(items[0], ast.Stage):
         # align runs of one-line stages; a stage on several lines stands alone
         out, run = [], []
@@ -239,7 +303,8 @@ def _stage_multiline(s: ast.Stage, notes: _Notes, indent: str) -> bool:
     params = [f"{p.name.text} = {format_value(p.value)}" for p in s.params]
     plain = f"stage {s.name.text} : {_kind_text(s)} " + ("{ " + "  ".join(params) + " }" if params else "{}")
     has_comments = bool(notes.dangling.get(id(s))) or any(
-        id(p) in notes.leading or id(p) in notes.trailing for p in s.params)
+        id(p) in notes.leading or id(p) in notes.trailing or _has_comments(p.value, notes)
+        for p in s.params)
     return has_comments or len(indent) + len(plain) > WIDTH
 
 
@@ -252,15 +317,18 @@ def _stage(s: ast.Stage, notes: _Notes, indent: str, wn: int, wk: int) -> list[s
     w = max((len(p.name.text) for p in s.params), default=0)
     lines = [head + "{"]
     prev = None
-    tw = max((len(f"{inner}{p.name.text:<{w}} = {format_value(p.value)}") for p in s.params
-              if id(p) in notes.trailing), default=0)
-    for p in s.params:
+    bodies = [_assignment(f"{p.name.text:<{w}}", p.value, notes, inner) for p in s.params]
+    tw = max((len(b[0]) for p, b in zip(s.params, bodies) if len(b) == 1 and id(p) in notes.trailing),
+             default=0)
+    for p, body in zip(s.params, bodies):
         if prev is not None and _first_line(p, notes) > _last_line(prev, notes) + 1:
             lines.append("")
         lines += [inner + c.text for c in notes.leading.get(id(p), [])]
-        line = f"{inner}{p.name.text:<{w}} = {format_value(p.value)}"
         t = notes.trailing.get(id(p))
-        lines.append(f"{line:<{tw}}  {t.text}" if t else line)
+        if t is not None:
+            last = body[-1]
+            body = body[:-1] + [f"{last:<{tw if len(body) == 1 else len(last)}}  {t.text}"]
+        lines += body
         prev = p
     lines += [inner + c.text for c in notes.dangling.get(id(s), [])]
     lines.append(indent + "}")
@@ -278,7 +346,7 @@ def _statement(it, notes: _Notes, indent: str) -> list[str]:
             return [f"{indent}pipeline {it.name.text} {{}}"]
         return [f"{indent}pipeline {it.name.text} {{"] + body + [indent + "}"]
     if isinstance(it, ast.Setting):
-        return [f"{indent}{it.name.text} = {format_value(it.value)}"]
+        return _assignment(it.name.text, it.value, notes, indent)
     raise TypeError(f"not a statement: {it!r}")
 
 

@@ -16,7 +16,8 @@ there are several) and `pos`.
 
 `validate(resolved)` reports loops that no stage bounds (the cycle printed), item
 types that do not fit an edge, a second request source, conditions that do not
-type-check or can leave an item nowhere to go, broken engine segments, stages
+type-check or can leave an item nowhere to go (and, as a warning, a comparison on `turn` that
+no loop comes before), broken engine segments, stages
 unreachable from the source (once per entry) and stages with no path to a respond stage (once
 per dead end, naming the stages it strands), and parts tied to neither (once per part).
 `check_program(program)` runs every check of every pipeline in a loaded program.
@@ -36,7 +37,7 @@ from stages.registry import Registry, default_registry
 from . import ast
 from .checker import EMBEDDED_MODEL, Resolved, check_pipeline
 from .diagnostics import ERROR, WARNING, Diagnostic, sort_diagnostics
-from .reachability import check_dead_ends, check_islands, check_unreachable, reachable
+from .reachability import check_dead_ends, check_islands, check_turn, check_unreachable, reachable
 
 
 def _resolve(pipeline, registry: Registry | None = None) -> Resolved:
@@ -207,6 +208,7 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
                           notes=[(f"the first is '{sources[0]}'", r.stages[sources[0]].pos)]))
     diags += _check_cycles(g, r)
     diags += _check_routes(r, g, emits)
+    diags += check_turn(r, g, bounded_stages(r))
     diags += _check_type_routes(r, carry, emits)
     diags += _check_streams(r, receives)
     diags += _check_loop_exits(r, g, carry, receives)

@@ -3,7 +3,8 @@
 A stage nothing leads to is reported at the entry of its part (the first stage no other
 unreachable stage feeds), a stage with no way to `respond` at the dead end it leads to (the
 last stage of a chain, or a loop with no edge out), naming the stages each strands; stages
-tied to neither the request source nor a respond stage are one error per part. graph.validate
+tied to neither the request source nor a respond stage are one error per part; a comparison on
+`turn` on an edge that no loop comes before is a warning (turn is always 0 there). graph.validate
 calls these with the graph it built; `r` is a checker.Resolved.
 """
 
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 import networkx as nx
 
-from .diagnostics import ERROR, Diagnostic
+from .conditions import compares, compile_condition, evaluate, text
+from .diagnostics import ERROR, WARNING, Diagnostic
 
 STRANDED_LISTED = 8        # a note names this many stranded stages, then counts the rest
 DEAD_ENDS_EXPLAINED = 64   # dead ends (entries) whose stranded stages are looked for: a walk each
@@ -144,3 +146,27 @@ def _loop_path(sub: nx.DiGraph, members: list[str]) -> list[str]:
     """A cycle through the first of `members`, printed a -> b -> a."""
     cyc = nx.find_cycle(sub.subgraph(members), source=members[0])
     return [cyc[0][0]] + [v for _, v in cyc]
+
+
+def check_turn(r, g: nx.DiGraph, bounded: set[str]) -> list[Diagnostic]:
+    """A comparison on `turn` where no loop comes before the edge: turn counts an item's calls of
+    stages with max_turns (flow/loops.py), so on an edge that no such stage reaches it is always
+    0 and the comparison is settled before any item arrives."""
+    looped = reachable(g.successors, bounded)      # the bounding stages themselves too
+    diags = []
+    for e in r.edges:
+        if e.cond is None or e.src in looped:
+            continue
+        for cmp in compares(e.cond):
+            if cmp.path != "turn":
+                continue
+            ir = compile_condition(cmp)
+            holds = evaluate(ir, lambda path: 0)
+            msg = (f"no loop comes before {e.src} -> {e.dst}, so `turn` is always 0 there and "
+                   f"`{text(ir)}` {'always' if holds else 'never'} holds")
+            diags.append(Diagnostic(WARNING, msg, cmp.pos,
+                                    expected="a condition on turn on an edge inside or after a loop "
+                                             "(a cycle through a python stage with max_turns)",
+                                    hint="drop the comparison on turn" + ("" if holds else
+                                         ", or move the edge into the loop it was meant for")))
+    return diags

@@ -111,8 +111,10 @@ GENERATE = StageKind(
         Param("top_p", FLOAT, 1.0, "nucleus sampling: keep the smallest set with this probability mass",
               min=0.0, max=1.0, min_exclusive=True),
         Param("top_k", INT, 0, "keep the k most likely tokens (0 or -1 = all)", min=-1, max=1 << 20),
-        Param("seed", INT, None, "random seed for sampling (none = nondeterministic)", min=-(1 << 63),
-              max=(1 << 64) - 1, optional=True),
+        # a signed 64-bit integer, as vLLM and OpenAI take it: torch's manual_seed also takes
+        # 2**63 .. 2**64-1, but those are the negative seeds again (two's complement), not new ones
+        Param("seed", INT, None, "random seed for sampling, a signed 64-bit integer (none = nondeterministic)",
+              min=-(1 << 63), max=(1 << 63) - 1, optional=True),
         Param("stop", LIST_STR, (), "strings that end generation (at most 1024, each up to 256 characters, "
               "4096 characters in all: the matcher's automaton has a state per character, and its cost per "
               "token does not grow with the strings)", max_items=1024, max_length=256, max_total=4096),

@@ -51,6 +51,7 @@ ENGINE_FIELDS: dict[str, tuple[str, str]] = {
     "dtype": ("generate", "dtype"),
     "compile": ("generate", "compile"),
     "prefill_chunk": ("generate", "prefill_chunk"),
+    "seed": ("generate", "seed"),                   # serve --seed: the requests' range
     "max_queue": ("requests", "max_queue"),
     "max_prompt_tokens": ("requests", "max_prompt_tokens"),
 }

@@ -224,6 +224,15 @@ def format_summary(s: dict) -> str:
             lines.append(f"  {name:<{w}}  {row['items_in']:>5} → {row['items_out']:<5} {row['rejected']:>6} "
                          f"{row['failed']:>6} {row.get('dropped', 0):>7} {row['queued']:>6}  "
                          f"{row['busy_s']:.3f} s" + (f"  {p50 * 1000:.2f} ms" if p50 is not None else "")
-                         + (f"  stuck {row['stuck']}" if row.get("stuck") else "")      # written off, still running
-                         + (f"  stalls {row['stalls']}" if row.get("stalls") else ""))
+                         + _counts(row))
     return "\n".join(lines)
+
+
+# A stage's rarer counts, each shown only where non-zero so the common row stays short.
+_COUNTS = (("timeouts", "timeouts"), ("retries", "retries"), ("cache_hits", "cache hits"),
+           ("stuck", "stuck"),                    # written off, still running
+           ("stalls", "stalls"))                  # an async call blocked its event loop
+
+
+def _counts(row: dict) -> str:
+    return "".join(f"  {label} {row[key]}" for key, label in _COUNTS if row.get(key))

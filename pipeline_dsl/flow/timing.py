@@ -21,13 +21,26 @@ log = logging.getLogger("agp.flow")
 
 
 class Handle:
-    __slots__ = ("cancelled",)
+    __slots__ = ("cancelled", "_timer")
 
-    def __init__(self):
+    def __init__(self, timer: "Timer | None" = None):
         self.cancelled = False
+        self._timer = timer                      # while its entry is in the timer's heap
 
     def cancel(self) -> None:
-        self.cancelled = True
+        timer = self._timer
+        if timer is None:                         # not (or no longer) in a heap
+            self.cancelled = True
+        else:
+            timer._cancel(self)
+
+
+# A cancelled entry stays in the heap until the heap is compacted (or it comes due): with a
+# 60 s timeout on thousands of calls a second, each cancelled when its call returns, the heap
+# would otherwise hold rate × timeout dead entries. Compact once the dead outnumber the live
+# (as asyncio's loop does with its _timer_cancelled_count), so the heap stays O(live timers)
+# and each compaction's O(n) is paid for by the n/2 cancels before it.
+_COMPACT_MIN = 64
 
 
 class Timer:
@@ -40,9 +53,10 @@ class Timer:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._dead = 0                            # cancelled entries still in the heap
 
     def later(self, delay: float, fn: Callable[[], Any]) -> Handle:
-        handle = Handle()
+        handle = Handle(self)
         with self._cv:
             heapq.heappush(self._heap, (self.clock() + max(delay, 0.0), next(self._seq), fn, handle))
             if self._thread is None:
@@ -59,12 +73,38 @@ class Timer:
                 if self._closed:
                     return
                 _, _, fn, handle = heapq.heappop(self._heap)
+                handle._timer = None
+                if handle.cancelled:
+                    self._dead -= 1
             if handle.cancelled:
                 continue
             try:
                 fn()
             except Exception:                     # noqa: BLE001 - one callback's bug must not stop the clock
                 log.exception("a timer callback failed")
+
+    def _cancel(self, handle: Handle) -> None:
+        # Under the lock, so the count of dead entries agrees with the heap's pops.
+        with self._cv:
+            if handle.cancelled:
+                return
+            handle.cancelled = True
+            if handle._timer is not self:         # already popped: not in the heap any more
+                return
+            self._dead += 1
+            if self._dead > _COMPACT_MIN and 2 * self._dead > len(self._heap):
+                for entry in self._heap:
+                    if entry[3].cancelled:
+                        entry[3]._timer = None
+                self._heap = [entry for entry in self._heap if not entry[3].cancelled]
+                heapq.heapify(self._heap)
+                self._dead = 0
+                self._cv.notify()                 # the earliest deadline may have changed
+
+    def pending(self) -> int:
+        """Entries in the heap, cancelled ones not yet compacted away included."""
+        with self._cv:
+            return len(self._heap)
 
     def close(self) -> None:
         with self._cv:

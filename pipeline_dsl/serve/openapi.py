@@ -9,7 +9,9 @@ tester (schemathesis, in tests/test_openapi.py) checks the server against.
 from __future__ import annotations
 
 from pipeline_dsl.requests_io import MAX_STOP, MAX_STOP_CHARS, MAX_STOP_LEN, ROLES
-from stages.fields import TOKEN_ID_FIELDS
+from stages.fields import TOKEN_ID_FIELDS, param_of
+
+_SEED = param_of("generate", "seed")                # one schema: the range `agp check` takes
 
 STOP = {"oneOf": [
     {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LEN},
@@ -24,7 +26,7 @@ SAMPLING = {
     "temperature": {"type": "number", "minimum": 0, "maximum": 2},
     "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
     "top_k": {"type": "integer", "minimum": -1},
-    "seed": {"type": "integer"},
+    "seed": {"type": "integer", "minimum": _SEED.min, "maximum": _SEED.max},
     "stop": STOP,
     "stop_token_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}},
     "ignore_eos": {"type": "boolean"},
