@@ -518,7 +518,7 @@ def main(argv=None) -> int:
                 results[name] = r = {"error": f"{type(e).__name__}: {e}"}
                 rows.append((name, f"failed: {type(e).__name__}: {str(e)[:120]}"))
             if isinstance(r, dict):                  # the row's own seconds: to check ESTIMATE_S against
-                r["row_s"] = round(time.perf_counter() - t0, 1)
+                r["row_s"] = round(time.perf_counter() - t0, 3)
         print(f"{name:48s} {rows[-1][1]}", flush=True)
         save(False)
 

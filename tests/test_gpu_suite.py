@@ -49,7 +49,7 @@ def test_gpu_suite_smoke_prints_every_figure_on_cpu(tmp_path):
     serve = rows["agp serve balanced, 4 / 8 streams x 8"][-1]
     serve_base = rows["engine alone, tiny, agp serve's 8 chat prompts x 8"]
     assert serve["ids_digest"] == serve_base["ids_digest"] and serve["tokens"] == serve_base["tokens"] == 8 * 8
-    assert all(r["row_s"] > 0 for r in rows.values() if isinstance(r, dict))
+    assert all(r["row_s"] >= 0 for r in rows.values() if isinstance(r, dict))     # recorded (a tiny row takes ~0 s)
 
 
 def test_gpu_suite_saves_each_row_as_it_finishes_and_runs_only_the_rows_asked(tmp_path, monkeypatch):
