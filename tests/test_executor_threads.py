@@ -15,7 +15,7 @@ import torch
 
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
 from pipeline_dsl.engine import engine as engine_module
-from pipeline_dsl.engine.compute import compute_thread, on_compute, on_compute_thread
+from pipeline_dsl.engine.compute import ContentionGuard, compute_thread, on_compute, on_compute_thread
 from pipeline_dsl.engine.executor import Executor, cpu_overlap_pays, run_requests
 from pipeline_dsl.engine.model import ModelRunner
 
@@ -207,3 +207,38 @@ def test_a_serial_cpu_run_computes_no_step_past_a_sequence_end(tiny_gguf):
         got[overlap] = (done, stats["discarded_tokens"])
     assert got[True][0] == got[False][0] and any(r == "stop" for _, r in got[False][0].values())
     assert got[True][1] > 0 and got[False][1] == 0
+
+
+def test_a_step_slowed_in_one_engine_sends_every_engines_steps_to_one_thread(tiny_gguf):
+    """Two engines of one process (a small -> big cascade) share the cores and the compute thread:
+    when one sees a step slowed by another process, the other's steps go to one thread too (with
+    a guard each, the second kept both threads on stalled barriers: many times slower)."""
+    from pipeline_dsl.engine.compute import CPU_CONTENTION
+
+    small, big = make_engine(tiny_gguf).runner.guard, make_engine(tiny_gguf).runner.guard
+    assert small.contention is big.contention is CPU_CONTENTION
+    now = [0.0]
+    ran: list[tuple[str, int]] = []
+
+    def step(name, seconds):
+        ran.append((name, torch.get_num_threads()))
+        now[0] += seconds
+
+    try:
+        CPU_CONTENTION.solo, CPU_CONTENTION.period = 0, 2
+        small.clock = big.clock = lambda: now[0]
+        small.SOLO_STEPS = big.SOLO_STEPS = 2
+        torch.set_num_threads(2)
+        small.run("decode", step, "small", 0.010)
+        big.run("decode", step, "big", 0.040)            # each engine its own best: its own model
+        big.run("decode", step, "big", 0.041)            # not slow for the big one
+        assert CPU_CONTENTION.solo == 0
+        small.run("decode", step, "small", 0.050)        # 5x the small one's best: contended
+        big.run("decode", step, "big", 0.040)
+        small.run("decode", step, "small", 0.010)
+        assert ran[-2:] == [("big", 1), ("small", 1)] and torch.get_num_threads() == 2
+        assert (big.solo_steps, small.solo_steps) == (1, 1) and CPU_CONTENTION.solo == 0
+        big.run("decode", step, "big", 0.040)            # the stretch over: all threads again
+        assert ran[-1] == ("big", 2)
+    finally:
+        CPU_CONTENTION.solo, CPU_CONTENTION.period = 0, ContentionGuard.SOLO_STEPS

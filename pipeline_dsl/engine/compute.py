@@ -90,6 +90,23 @@ def on_compute(fn: Callable, *args, **kwargs):
     return call.result
 
 
+class Contention:
+    """Whether the cores are contended now: the steps left to run on one thread, and the next
+    stretch's length. One per process on CPU (`CPU_CONTENTION`), shared by every engine's guard:
+    contention is a state of the machine, not of one model. With two engines in one pipeline
+    (a small -> big cascade, two generate stages routed side by side) their steps alternate on
+    the compute thread; with a guard each, the one that saw a slowed step went to one thread
+    while the other kept both threads on barriers that wait for a descheduled thread, and its
+    steps took many times longer (a step's first time, taken while the cores were contended, is
+    also its best: that engine never saw a step `SLOW` times slower)."""
+
+    __slots__ = ("solo", "period")
+
+    def __init__(self, period: int):
+        self.solo = 0                  # steps left to run on one thread
+        self.period = period           # the next solo stretch
+
+
 class ContentionGuard:
     """Runs a step on one thread for a while after a step that another process slowed down.
 
@@ -103,27 +120,45 @@ class ContentionGuard:
 
         guard = ContentionGuard()
         out = guard.run(("decode", 32), fn, *args)     # fn(*args) on all threads, or on one
+
+    Each runner keeps its own best times (two models' steps differ); the solo stretch is the
+    `contention` state it shares (the runner passes `CPU_CONTENTION`: every engine of the
+    process goes to one thread together, and comes back together). Without one, a guard has a
+    state of its own.
     """
 
     SOLO_STEPS = 64
     MAX_SOLO = 1024
     SLOW = 3.0
 
-    def __init__(self, clock: Callable[[], float] | None = None):
+    def __init__(self, clock: Callable[[], float] | None = None, contention: Contention | None = None):
         import time
 
         self.clock = clock or time.perf_counter
         self.best: dict = {}           # key -> fastest step seen with all threads
-        self.solo = 0                  # steps left to run on one thread
-        self.period = self.SOLO_STEPS  # the next solo stretch
-        self.solo_steps = 0            # steps run on one thread (stats)
+        self.contention = contention if contention is not None else Contention(self.SOLO_STEPS)
+        self.solo_steps = 0            # steps this guard ran on one thread (stats)
+
+    @property
+    def solo(self) -> int:
+        """Steps left to run on one thread (shared with the guards of the same contention)."""
+        return self.contention.solo
+
+    @property
+    def period(self) -> int:
+        return self.contention.period
+
+    @period.setter
+    def period(self, value: int) -> None:
+        self.contention.period = value
 
     def run(self, key, fn: Callable, *args):
         threads = torch.get_num_threads()
         if threads == 1:
             return fn(*args)
-        if self.solo > 0:
-            self.solo -= 1
+        c = self.contention
+        if c.solo > 0:
+            c.solo -= 1
             self.solo_steps += 1
             torch.set_num_threads(1)
             try:
@@ -135,8 +170,12 @@ class ContentionGuard:
         dt = self.clock() - t
         best = self.best.get(key)
         if best is not None and dt > self.SLOW * best:
-            self.solo, self.period = self.period, min(2 * self.period, self.MAX_SOLO)
+            c.solo, c.period = c.period, min(2 * c.period, self.MAX_SOLO)
         elif best is not None:
-            self.period = self.SOLO_STEPS
+            c.period = self.SOLO_STEPS
         self.best[key] = dt if best is None else min(dt, best * 1.01)   # contexts grow: let it drift up
         return out
+
+
+# the process's one: every CPU runner's guard shares it (all their steps run on the compute thread)
+CPU_CONTENTION = Contention(ContentionGuard.SOLO_STEPS)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from . import native
 from .batch import Step, StepBatch, Uploader, prepare_step
-from .compute import ContentionGuard
+from .compute import CPU_CONTENTION, ContentionGuard
 from .native.step import NativeDecoder
 from .quant import Int4Blocks, Q8Linear, int4_kernel_works, make_linear
 
@@ -320,8 +320,9 @@ class ModelRunner:
         # paged attention in place for larger ones; None: the eager path alone
         self.native = NativeDecoder.create(model, self._k_pool, self._v_pool, block_size) \
             if self.device.type == "cpu" else None
-        # CPU: a step that another process slowed down sends the next ones to one thread
-        self.guard = ContentionGuard() if self.device.type == "cpu" else None
+        # CPU: a step that another process slowed down sends the next ones to one thread, every
+        # engine's of the process at once (their steps share the cores: compute.Contention)
+        self.guard = ContentionGuard(contention=CPU_CONTENTION) if self.device.type == "cpu" else None
         self.upload = Uploader(self.device)   # host index arrays -> device (pinned, one copy, on CUDA)
         # batch-invariant mode (invariant.py): fixed-tile GEMMs, one attention path, no native kernels
         self.batch_invariant = batch_invariant
