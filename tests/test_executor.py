@@ -262,3 +262,16 @@ def test_the_embedded_model_answers_the_same_with_and_without_overlap():
         run_requests(fresh(), reqs, overlap=overlap, on_output=finished(got))
         assert got == reference
     assert "Paris" in reference["c0"][0]
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_the_engines_busy_time_counts_the_forwards_an_executor_runs(tiny_gguf, overlap):
+    """An engine's busy_s (/stats' engines, agp run --stats) is its model's time whoever steps it:
+    it stayed 0 when an executor drove the forwards. It never exceeds the run's forward spans."""
+    trace = Trace()
+    eng = engine(tiny_gguf)
+    for rid, kw in greedy_requests(6):
+        eng.add_request(rid, **kw)
+    Executor(eng, overlap=overlap, trace=trace).run()
+    forward = sum(s.end - s.start for s in trace.spans if s.name == "gen.forward")
+    assert 0 < eng.stats()["busy_s"] <= forward

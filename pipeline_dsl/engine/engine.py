@@ -326,7 +326,8 @@ class Engine:
         sampling = [it.seq for it in plan.items if it.sample]
         tokens = self.sample(logits, sampling).tolist() if sampling else []
         self._step_rows = self.reduce_rows(plan, step.rows or {})
-        self._busy_s += time.perf_counter() - t0
+        if not self._cpu:                   # on CPU forward() counted the model's time
+            self._busy_s += time.perf_counter() - t0
         return tokens
 
     # ---- the model runner's two phases (an executor overlaps them with other work) ------
@@ -374,7 +375,9 @@ class Engine:
             return self._phases.run(step, want_logits, graphs)
         t0 = time.perf_counter()
         out = self._phases.run(step, want_logits, graphs)
-        self.scheduler.observe(plan.num_prefill_tokens, time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        self.scheduler.observe(plan.num_prefill_tokens, dt)
+        self._busy_s += dt                  # stepped here or by an executor: the model's time
         return out
 
     # ---- prompt outputs (prompt_outputs.py): every row of a prompt's chunks ---------------
