@@ -129,11 +129,9 @@ class StageWorkers:
         self._idle = 0
         self._abusy = 0                           # async calls running (written-off ones excluded)
         self._running: dict[object, _Job] = {}    # token -> the call it runs
-        self._stuck = 0                           # written-off calls still running
-        self._hung = 0                            # of them, past their timeout: the cap counts these
-        self._off: set[object] = set()            # written-off threads' runs still going
-        self._overdue: set[object] = set()        # of them, past their timeout
-        self._cancelled: dict[object, bool] = {}  # written-off coroutines still running -> counted stuck
+        self._off: set[object] = set()            # stuck: written-off runs whose code still runs
+        self._overdue: set[object] = set()        # hung: those of them past their timeout (the cap)
+        self._cancelling: set[object] = set()     # cancelled coroutines still running, not yet stuck
         self._closed = False
         self._probing = False
         self._ping: float | None = None           # when the loop's probe was posted; None: it ran
@@ -141,7 +139,7 @@ class StageWorkers:
     @property
     def stuck(self) -> int:
         """Calls written off (timed out, or their request ended) whose code is still running."""
-        return self._stuck
+        return len(self._off)
 
     def submit(self, fn: Callable[[], Any], done: Callable[[bool, Any], None], is_async: bool = False,
                alive: Callable[[], bool] | None = None, stretch: Stretch | None = None) -> None:
@@ -159,7 +157,7 @@ class StageWorkers:
 
     def _refuse(self, job: _Job) -> bool:
         """Whether the stage has as many hung calls as it may: then the job fails at once."""
-        n = self._hung
+        n = len(self._overdue)
         if n < self.max_stuck:
             return False
         job.done(False, StageStuck(f"{n} of its calls are still stuck (past their timeout, their code "
@@ -188,7 +186,7 @@ class StageWorkers:
     def _spawn(self) -> None:
         """(under the lock) One more thread, while the stage has fewer than `workers` serving and
         fewer than 2 × workers in all (the stuck ones included)."""
-        if self._live >= self.workers or self._live + self._stuck >= 2 * self.workers:
+        if self._live >= self.workers or self._live + len(self._off) >= 2 * self.workers:
             return
         self._live += 1
         threading.Thread(target=self._work, name=f"agp-stage-{self.name}", daemon=True).start()
@@ -206,18 +204,11 @@ class StageWorkers:
     def _end(self, job: _Job, token: object) -> bool:
         """(under the lock) The job's run returned: whether it had been written off meanwhile."""
         if job.token is not token:
-            if job.is_async:
-                late = self._cancelled.pop(token, False)
-                self._stuck -= late
-                self._hung -= late
-            else:
-                self._off.discard(token)
-                self._stuck -= 1
-                if token in self._overdue:
-                    self._overdue.discard(token)
-                    self._hung -= 1
-                if self._queue and self._idle == 0:   # calls that waited for the thread budget
-                    self._spawn()
+            self._cancelling.discard(token)
+            self._off.discard(token)
+            self._overdue.discard(token)
+            if not job.is_async and self._queue and self._idle == 0:   # calls that waited for the thread budget
+                self._spawn()
             return True
         job.token = None
         del self._running[token]
@@ -298,14 +289,12 @@ class StageWorkers:
         del self._running[token]
         if job.is_async:
             job.future.cancel()
-            self._cancelled[token] = False
+            self._cancelling.add(token)
             self.timer.later(STALL_S, lambda: self._late(token))
         else:
-            self._stuck += 1
             self._off.add(token)
             if overdue:
                 self._overdue.add(token)
-                self._hung += 1
             self._live -= 1
             if self._queue:
                 self._spawn()
@@ -314,7 +303,7 @@ class StageWorkers:
     def _refuse_waiting(self) -> None:
         """The stage is full of hung calls: the calls waiting for it fail now, not when a
         worker frees (none may, while their code hangs)."""
-        while self._hung >= self.max_stuck:
+        while len(self._overdue) >= self.max_stuck:
             with self._cv:
                 if not (self._queue or self._aqueue):
                     return
@@ -325,10 +314,10 @@ class StageWorkers:
     def _late(self, token: object) -> None:
         """A cancelled coroutine still runs STALL_S later: it counts as stuck."""
         with self._cv:
-            if self._cancelled.get(token) is False:
-                self._cancelled[token] = True
-                self._stuck += 1
-                self._hung += 1
+            if token in self._cancelling:         # it ignored its cancellation: stuck, and hung
+                self._cancelling.discard(token)
+                self._off.add(token)
+                self._overdue.add(token)
 
     def _expire(self, job: _Job, token: object) -> None:
         with self._cv:
@@ -336,7 +325,6 @@ class StageWorkers:
                 late = token in self._off and token not in self._overdue
                 if late:                          # ... and its code still runs past its timeout: hung
                     self._overdue.add(token)
-                    self._hung += 1
             else:
                 late = None
         if late is not None:
