@@ -380,11 +380,17 @@ def load_json(text: str | bytes, what: str = "the request") -> Any:
         raise RequestError(f"{what} is nested more than {MAX_DEPTH} levels deep") from None
     except ValueError as e:               # e.g. an integer of more than 4300 digits
         raise RequestError(f"{what} holds a number that cannot be read: {str(e).split(';')[0]}") from None
+    check_unicode(obj, what)
+    return obj
+
+
+def check_unicode(obj, what: str = "the request") -> None:
+    """RequestError naming where a string of `obj` (a key or a value, at any depth) holds a lone
+    UTF-16 surrogate (\\ud800), which no answer or tokenizer can take."""
     bad = _surrogate_path(obj)
     if bad is not None:
         param = bad.strip("'") if bad.startswith("'") else None
         raise RequestError(f"{what} holds a lone UTF-16 surrogate (invalid Unicode) in {bad}", param=param)
-    return obj
 
 
 def _too_deep(text: str) -> bool:
@@ -417,7 +423,7 @@ def _surrogate_path(obj, path: str = "the body") -> str | None:
     try:
         json.dumps(obj, ensure_ascii=False).encode("utf-8")
         return None                        # the common case: one pass in C
-    except UnicodeEncodeError:
+    except (UnicodeEncodeError, TypeError, ValueError):   # TypeError: a value JSON cannot hold: walk
         pass
     stack = [(obj, "")]
     while stack:

@@ -611,19 +611,12 @@ def _kind_of(d: dict) -> str | None:
 
 def _valid_request(d: dict, stage: str) -> dict:
     """A request dict a stage returned, checked as a request line would be (a lone surrogate
-    too: load_json finds it, and where, in the request's JSON text)."""
-    import json
-
-    from pipeline_dsl.requests_io import RequestError, load_json, parse_request
+    too, and where)."""
+    from pipeline_dsl.requests_io import RequestError, check_unicode, parse_request
 
     try:
         item = parse_request(d).item()
-        try:
-            text = json.dumps(item)
-        except (TypeError, ValueError):
-            text = None                           # not plain JSON: what parse_request let through
-        if text is not None:
-            load_json(text)
+        check_unicode(item)
         return item
     except RequestError as e:
         raise PipelineError(f"stage '{stage}' returned an invalid request: {e}", "failed", stage) from None
