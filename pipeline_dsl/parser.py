@@ -240,35 +240,27 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
         end = _end_of_previous(text, at)
         m = re.search(r"(?<![\w.])([+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?)[ \t]+$", text[:end - len(prev)])
         if m:   # `timeout = 10 ms`: the unit was read as the next parameter's name
-            line = text.count("\n", 0, m.start()) + 1
-            col = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
             return Diagnostic(ERROR, f"a space between '{m.group(1)}' and its unit '{prev}'",
-                              SourcePos(file, line, col, line, col + end - m.start()),
+                              _point(file, text, m.start(), end - m.start()),
                               expected="a quantity written as one word: 10ms, 512MiB",
                               hint=f"write {m.group(1)}{prev}")
     if prev in ("when", "and", "or", "not") and tok.type in ("RBRACE", "$END", "STAGE", "PIPELINE", "USE"):
         w = _end_of_previous(text, at) - len(prev)       # point at the word that lacks its condition
-        line = text.count("\n", 0, w) + 1
-        col = w - (text.rfind("\n", 0, w) + 1) + 1
-        return Diagnostic(ERROR, f"missing condition after '{prev}'", SourcePos.point(file, line, col, len(prev)),
+        return Diagnostic(ERROR, f"missing condition after '{prev}'", _point(file, text, w, len(prev)),
                           expected="a condition, e.g. when full or when prompt_tokens > 512",
                           hint=f"found {_found(tok)} instead")
     if tok.type == "__ANON_0":
         m = re.search(r"\b(when|and|or|not)[ \t]*(#[^\n]*)?\n[ \t]*([A-Za-z_]\w*)[ \t]*$", text[:at])
         if m:   # `a -> b when` with the condition forgotten: the next line's first stage was read as a label
-            line = text.count("\n", 0, m.start()) + 1
-            col = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
             return Diagnostic(ERROR, f"missing condition after '{m.group(1)}'",
-                              SourcePos.point(file, line, col, len(m.group(1))),
+                              _point(file, text, m.start(), len(m.group(1))),
                               expected="a condition on the same line, e.g. when full or when prompt_tokens > 512",
                               hint=f"'{m.group(3)}' on the next line starts another edge, not the condition")
     msg = "unexpected end of file" if tok.type == "$END" else f"unexpected {_found(tok)}"
     expected = expected_words or _join(_describe_expected(wanted))
     if hint == "the value after '=' is missing":
         eq = _end_of_previous(text, at) - 1           # point at the '=' that lacks its value
-        line = text.count("\n", 0, eq) + 1
-        col = eq - (text.rfind("\n", 0, eq) + 1) + 1
-        return Diagnostic(ERROR, "missing value after '='", SourcePos.point(file, line, col),
+        return Diagnostic(ERROR, "missing value after '='", _point(file, text, eq),
                           expected=expected, hint=f"found {_found(tok)} instead")
     if tok.type == "$END" and "RBRACE" in wanted:
         hint = hint or _unclosed(text)
@@ -418,9 +410,10 @@ def _prescan(text: str, file: str) -> Diagnostic | None:
 _SKIP_BLANKS = re.compile(r"\s*")
 
 
-def _point(file: str, text: str, offset: int) -> SourcePos:
+def _point(file: str, text: str, offset: int, width: int = 1) -> SourcePos:
+    """The position of `width` characters at `offset` of `text`."""
     line = text.count("\n", 0, offset) + 1
-    return SourcePos.point(file, line, offset - (text.rfind("\n", 0, offset) + 1) + 1)
+    return SourcePos.point(file, line, offset - (text.rfind("\n", 0, offset) + 1) + 1, width)
 
 
 class _Flat:
