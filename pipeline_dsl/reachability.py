@@ -23,6 +23,22 @@ def _err(msg, pos, hint=None, notes=()):
     return Diagnostic(ERROR, msg, pos, hint=hint, notes=tuple(notes))
 
 
+def _listed(names: list[str]) -> str:
+    """'a', 'b', … and N more: the first STRANDED_LISTED names, then a count."""
+    shown = ", ".join(f"'{n}'" for n in names[:STRANDED_LISTED])
+    more = len(names) - STRANDED_LISTED
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def _parts(sub: nx.DiGraph, order: dict, no_edge: str) -> list[list[str]]:
+    """The strongly connected parts of `sub` that no edge enters (no_edge="in") or leaves
+    ("out"): each its stages in file order, the parts in the order of their first stage."""
+    cond = nx.condensation(sub)
+    degree = cond.in_degree if no_edge == "in" else cond.out_degree
+    return sorted((sorted(cond.nodes[c]["members"], key=order.get) for c in cond if degree(c) == 0),
+                  key=lambda m: order[m[0]])
+
+
 def reachable(step, starts) -> set:
     """`starts` and every node reached from them by `step` (successors or predecessors): one
     walk for all of them, not one per start."""
@@ -45,11 +61,9 @@ def check_unreachable(r, g: nx.DiGraph, lost: list[str], sources: list[str]) -> 
     src = " or ".join(f"'{x}'" for x in sources) or "a request source"
     order = {n: i for i, n in enumerate(r.stages)}
     sub = g.subgraph(lost)
-    cond = nx.condensation(sub)
     # every predecessor of an unreachable stage is unreachable: the entries are the components
     # of `sub` that no edge enters
-    entries = sorted((sorted(cond.nodes[c]["members"], key=order.get) for c in cond if cond.in_degree(c) == 0),
-                     key=lambda m: order[m[0]])
+    entries = _parts(sub, order, "in")
     diags = []
     for i, members in enumerate(entries):
         where = members[0]
@@ -57,11 +71,8 @@ def check_unreachable(r, g: nx.DiGraph, lost: list[str], sources: list[str]) -> 
         if i < DEAD_ENDS_EXPLAINED:
             after = sorted(reachable(sub.successors, members) - {where}, key=order.get)
             if after:
-                shown = ", ".join(f"'{n}'" for n in after[:STRANDED_LISTED])
-                more = len(after) - STRANDED_LISTED
-                shown += f" and {more} more" if more > 0 else ""
                 many = f"the {len(after)} stages after it are" if len(after) > 1 else "the stage after it is"
-                notes.append((f"{many} unreachable too: {shown}", None))
+                notes.append((f"{many} unreachable too: {_listed(after)}", None))
         diags.append(_err(f"stage '{where}' is unreachable: no path from {src} leads to it", r.stages[where].pos,
                           hint=f"add an edge into '{where}', or remove the stage", notes=notes))
     return diags
@@ -84,9 +95,7 @@ def check_islands(r, g: nx.DiGraph, unknown: set) -> tuple[set, list[Diagnostic]
             msg = f"stage '{names[0]}' is not connected: no edge enters or leaves it"
             hint = f"add an edge into '{names[0]}' and one out of it, or remove the stage"
         else:
-            shown = ", ".join(f"'{n}'" for n in names[:STRANDED_LISTED])
-            shown += f" and {len(names) - STRANDED_LISTED} more" if len(names) > STRANDED_LISTED else ""
-            msg = f"stages {shown} are connected only to each other: no edge ties them to the pipeline"
+            msg = f"stages {_listed(names)} are connected only to each other: no edge ties them to the pipeline"
             hint = "add an edge from the request side into them and one from them towards a respond stage, " \
                    "or remove them"
         diags.append(_err(msg, first.pos, hint=hint))
@@ -107,9 +116,7 @@ def check_dead_ends(r, g: nx.DiGraph, can_finish: set, sinks: list[str], bounded
     sub = g.subgraph(stuck)
     # every successor of a stuck stage is stuck, so the dead ends are the components of `sub`
     # that no edge leaves: a stage without out-edges, or a loop with no edge out of it
-    cond = nx.condensation(sub)
-    ends = sorted((sorted(cond.nodes[c]["members"], key=order.get) for c in cond if cond.out_degree(c) == 0),
-                  key=lambda m: order[m[0]])
+    ends = _parts(sub, order, "out")
     respond = sinks[0] if sinks else None
     diags = []
     for i, members in enumerate(ends):
@@ -124,11 +131,8 @@ def check_dead_ends(r, g: nx.DiGraph, can_finish: set, sinks: list[str], bounded
         if i < DEAD_ENDS_EXPLAINED:
             upstream = sorted(reachable(sub.predecessors, members) - set(members), key=order.get)
             if upstream:
-                shown = ", ".join(f"'{n}'" for n in upstream[:STRANDED_LISTED])
-                more = len(upstream) - STRANDED_LISTED
-                shown += f" and {more} more" if more > 0 else ""
                 many = f"the {len(upstream)} stages before it reach" if len(upstream) > 1 else "the stage before it reaches"
-                notes.append((f"{many} no respond stage either: {shown}", None))
+                notes.append((f"{many} no respond stage either: {_listed(upstream)}", None))
         edge = None
         if respond is not None and sends.get(where) and sends[where] <= r.stages[respond].kind.accepts:
             edge = f"{where} -> {respond}"
