@@ -54,3 +54,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fresh_flowkit():
+    """tests/flowkit.py's gates and counters empty for the test, its gates opened after it."""
+    import flowkit
+
+    flowkit.reset()
+    yield
+    flowkit.open_gates()

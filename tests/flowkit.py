@@ -88,6 +88,28 @@ def reset() -> None:
         PEAKS.clear()
 
 
+def open_gates() -> None:
+    """Set every gate: nothing a test left blocked stays blocked after it."""
+    with _LOCK:
+        gates = list(GATES.values())
+    for g in gates:
+        g.set()
+
+
+class Heard:
+    """A runtime listener: the request's result, and an event set once it came."""
+
+    def __init__(self):
+        self.result, self.done = None, threading.Event()
+
+    def on_delta(self, *args):
+        pass
+
+    def on_done(self, result):
+        self.result = result
+        self.done.set()
+
+
 def gate(name: str) -> threading.Event:
     with _LOCK:
         return GATES.setdefault(name, threading.Event())

@@ -4,13 +4,12 @@ waiting for its backoff is not tried again, and the stage's worker goes to the r
 still wait."""
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
 import flowkit
-from flowkit import chain, chat, errors, runtime, write
+from flowkit import Heard, chain, chat, errors, runtime, write
 
 HOOKS = '''
 import asyncio
@@ -42,24 +41,7 @@ def pick(results):
 '''
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    flowkit.reset()
-    yield
-    for g in list(flowkit.GATES.values()):
-        g.set()
-
-
-class Listener:
-    def __init__(self):
-        self.result, self.done = None, threading.Event()
-
-    def on_delta(self, key, index, out):
-        pass
-
-    def on_done(self, result):
-        self.result = result
-        self.done.set()
+pytestmark = pytest.mark.usefixtures("fresh_flowkit")
 
 
 def pipeline(tmp_path, model, stage: str, edges: str = "request -> f -> batch\ngen -> out\n", extra: str = ""):
@@ -80,7 +62,7 @@ def until(cond, timeout=30.0):
 def serve(rt, ids):
     heard = {}
     for rid in ids:
-        heard[rid] = Listener()
+        heard[rid] = Heard()
         heard[rid].key = rt.submit(chat(rid, "hi"), heard[rid])
     return heard
 

@@ -81,12 +81,7 @@ def counted(item):
 '''
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    flowkit.reset()
-    yield
-    for g in list(flowkit.GATES.values()):
-        g.set()                                  # nothing stays blocked after a test
+pytestmark = pytest.mark.usefixtures("fresh_flowkit")
 
 
 def pipeline(tmp_path, model, stage: str, routes: str = "", extra: str = ""):

@@ -11,7 +11,7 @@ import threading
 import pytest
 
 import flowkit
-from flowkit import chain, chat, errors, run, runtime, write
+from flowkit import Heard, chain, chat, errors, run, runtime, write
 
 HOOKS = '''
 import asyncio, time
@@ -38,12 +38,7 @@ async def ahang(item):
 '''
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    flowkit.reset()
-    yield
-    for g in list(flowkit.GATES.values()):
-        g.set()                                  # nothing stays blocked after a test
+pytestmark = pytest.mark.usefixtures("fresh_flowkit")
 
 
 def pipeline(tmp_path, model, stages: str, routes: str = "request -> f -> batch\n"):
@@ -95,18 +90,6 @@ def test_a_hook_that_always_hangs_keeps_its_threads_bounded(tmp_path, soft_gguf)
     assert flowkit.COUNTS["hung"] <= 3
     assert stage_threads() - before <= 4
     assert rt.stats()["stages"]["f"]["stuck"] == flowkit.COUNTS["hung"]
-
-
-class Heard:
-    def __init__(self):
-        self.result, self.done = None, threading.Event()
-
-    def on_delta(self, *a):
-        pass
-
-    def on_done(self, result):
-        self.result = result
-        self.done.set()
 
 
 def wait_for(cond) -> None:

@@ -42,12 +42,7 @@ def slow_guard(item, chunks):
 '''
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    flowkit.reset()
-    yield
-    for g in list(flowkit.GATES.values()):
-        g.set()
+pytestmark = pytest.mark.usefixtures("fresh_flowkit")
 
 
 def joined(tmp_path, model, join: str):
