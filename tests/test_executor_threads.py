@@ -160,7 +160,7 @@ def test_a_slowed_step_sends_the_next_ones_to_one_thread_then_all_are_tried_agai
     now = [0.0]
     guard = ContentionGuard(clock=lambda: now[0])
     guard.SOLO_STEPS, guard.MAX_SOLO = 2, 4
-    guard.period = 2
+    guard.contention.period = 2
     torch.set_num_threads(2)
     ran = []
 
@@ -170,22 +170,22 @@ def test_a_slowed_step_sends_the_next_ones_to_one_thread_then_all_are_tried_agai
 
     for seconds in (0.010, 0.011, 0.050):           # the third: 5x the best
         guard.run("decode", step, seconds)
-    assert ran == [2, 2, 2] and guard.solo == 2
+    assert ran == [2, 2, 2] and guard.contention.solo == 2
     for _ in range(2):
         guard.run("decode", step, 0.5)              # on one thread, untimed
     assert ran[3:] == [1, 1] and torch.get_num_threads() == 2 and guard.solo_steps == 2
     guard.run("decode", step, 0.050)                # tried on all threads again: still slow
-    assert guard.solo == 4                          # a longer stretch on one thread
+    assert guard.contention.solo == 4                          # a longer stretch on one thread
     for _ in range(4):
         guard.run("decode", step, 0.5)
     guard.run("decode", step, 0.010)                # fast again: stays on all threads
     guard.run("decode", step, 0.010)
-    assert ran[-2:] == [2, 2] and guard.solo == 0 and guard.period == 2
+    assert ran[-2:] == [2, 2] and guard.contention.solo == 0 and guard.contention.period == 2
     guard.run("prefill", step, 0.9)                 # a key of its own: its first step sets its best
-    assert guard.solo == 0
+    assert guard.contention.solo == 0
     torch.set_num_threads(1)
     guard.run("decode", step, 0.5)                  # one thread anyway: nothing to guard
-    assert guard.solo == 0 and ran[-1] == 1
+    assert guard.contention.solo == 0 and ran[-1] == 1
 
 
 def test_a_serial_cpu_run_computes_no_step_past_a_sequence_end(tiny_gguf):

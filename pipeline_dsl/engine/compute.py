@@ -139,19 +139,6 @@ class ContentionGuard:
         self.contention = contention if contention is not None else Contention(self.SOLO_STEPS)
         self.solo_steps = 0            # steps this guard ran on one thread (stats)
 
-    @property
-    def solo(self) -> int:
-        """Steps left to run on one thread (shared with the guards of the same contention)."""
-        return self.contention.solo
-
-    @property
-    def period(self) -> int:
-        return self.contention.period
-
-    @period.setter
-    def period(self, value: int) -> None:
-        self.contention.period = value
-
     def run(self, key, fn: Callable, *args):
         threads = torch.get_num_threads()
         if threads == 1:
