@@ -191,13 +191,19 @@ def _value_lines(v, notes: _Notes) -> list[str]:
     lines = ["["]
     for x, body in zip(v.items, bodies):
         lines += [INDENT + c.text for c in notes.leading.get(id(x), [])]
-        last = body[-1] + ","
-        t = notes.trailing.get(id(x))
-        if t is not None:
-            last = f"{last:<{tw if len(body) == 1 else len(last)}}  {t.text}"
-        lines += [INDENT + line for line in body[:-1] + [last]]
+        body = _trail(body[:-1] + [body[-1] + ","], notes.trailing.get(id(x)), tw)
+        lines += [INDENT + line for line in body]
     lines += [INDENT + c.text for c in notes.dangling.get(id(v), [])]
     return lines + ["]"]
+
+
+def _trail(body: list[str], comment, width: int) -> list[str]:
+    """`body` with a trailing `comment` after its last line, aligned at `width` when the body is
+    one line (a run of one-line items lines their comments up)."""
+    if comment is None:
+        return body
+    last = body[-1]
+    return body[:-1] + [f"{last:<{width if len(body) == 1 else len(last)}}  {comment.text}"]
 
 
 def _assignment(name: str, value, notes: _Notes, indent: str) -> list[str]:
@@ -324,11 +330,7 @@ def _stage(s: ast.Stage, notes: _Notes, indent: str, wn: int, wk: int) -> list[s
         if prev is not None and _first_line(p, notes) > _last_line(prev, notes) + 1:
             lines.append("")
         lines += [inner + c.text for c in notes.leading.get(id(p), [])]
-        t = notes.trailing.get(id(p))
-        if t is not None:
-            last = body[-1]
-            body = body[:-1] + [f"{last:<{tw if len(body) == 1 else len(last)}}  {t.text}"]
-        lines += body
+        lines += _trail(body, notes.trailing.get(id(p)), tw)
         prev = p
     lines += [inner + c.text for c in notes.dangling.get(id(s), [])]
     lines.append(indent + "}")
