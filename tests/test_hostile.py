@@ -5,6 +5,7 @@ nothing else notices."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -238,23 +239,50 @@ def test_agp_run_never_overwrites_answers_silently(tmp_path, tiny_gguf):
     assert out.read_text() == '{"id": "old", "text": "keep me"}\n'
 
 
+GATE_HOOK = """import os, time
+
+def hold(item):
+    # the first two requests pass; the rest wait for the test's gate file (300 s at most)
+    if item["id"] not in ("q0", "q1"):
+        deadline = time.monotonic() + 300
+        while not os.path.exists(os.environ["AGP_TEST_GATE"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return item
+"""
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)])
 def test_ctrl_c_stops_agp_run_cleanly_and_resume_finishes_the_job(tmp_path, tiny_gguf, sig, code):
+    # a python stage holds every request but the first two until agp has exited: the run is
+    # interrupted with requests in flight however fast the machine (a tiny model answers all 40
+    # in half a second, quicker than a busy test could see two lines and signal)
     n = 40
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(json.dumps({"id": f"q{i}", "prompt": f"hello {i}", "max_tokens": 60,
                                          "ignore_eos": True}) for i in range(n)) + "\n")
-    out, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
-    pipeline = str(write_pipeline(tmp_path, tiny_gguf))
+    out, stats, gate = tmp_path / "out.jsonl", tmp_path / "stats.json", tmp_path / "gate"
+    (tmp_path / "gatehook.py").write_text(GATE_HOOK)
+    pipeline = write_pipeline(tmp_path, tiny_gguf)
+    pipeline.write_text(pipeline.read_text()
+                        .replace("request -> batch", "request -> hold -> batch")
+                        .replace("stage out", 'stage hold    : python        { fn = "gatehook:hold"  workers = 64 }\n'
+                                              "    stage out"))
+    pipeline = str(pipeline)
+    env = {**os.environ, "AGP_TEST_GATE": str(gate)}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "run", pipeline, "-i", str(inp), "-o",
                              str(out), "--stats", str(stats), "--no-progress", "--threads", "1"],
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     deadline = time.monotonic() + 120
-    while not (out.exists() and out.read_text().count("\n") >= 2):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
-        time.sleep(0.05)
-    proc.send_signal(sig)
-    err = proc.communicate(timeout=120)[1]
+    try:
+        while not (out.exists() and out.read_text().count("\n") >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        err = proc.communicate(timeout=120)[1]      # the held calls do not keep the process alive
+    finally:
+        gate.touch()
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == code, err
     if sig != signal.SIGKILL:                              # SIGKILL leaves no time for a summary
         assert "Traceback" not in err and "terminate called" not in err and "run summary" in err
@@ -262,7 +290,8 @@ def test_ctrl_c_stops_agp_run_cleanly_and_resume_finishes_the_job(tmp_path, tiny
     text = out.read_text()
     first = [json.loads(x) for x in text[:text.rfind("\n") + 1].splitlines()]   # whole lines
     assert 0 < len(first) < n
-    r = agp("run", pipeline, "-i", str(inp), "-o", str(out), "--resume", "--no-progress", "--threads", "1")
+    r = agp("run", pipeline, "-i", str(inp), "-o", str(out), "--resume", "--no-progress", "--threads", "1",
+            env=env)
     assert r.returncode == 0, r.stderr
     ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
     assert sorted(ids) == sorted(f"q{i}" for i in range(n))                 # each answered exactly once
