@@ -191,9 +191,10 @@ def test_bench_command_compares_targets_and_writes_a_plot(tmp_path, tiny_gguf, c
     (["x.agp", "--workload", "{w}", "--rate", "fast"], "'fast' is not a number"),
     (["{p},max_batch=4", "--workload", "{w}"], "did you mean 'max_batch_size'"),
     (["{p}", "--workload", "{w}", "--duration", "5"], "needs --concurrency"),
+    (["{p}", "--workload", "{d}"], "is a folder, not a JSONL file"),
 ])
 def test_bench_command_rejects_bad_input_with_exit_2(tmp_path, tiny_gguf, capsys, argv, message):
     w, p = _workload(tmp_path), _pipeline(tmp_path, tiny_gguf)
-    code = agp(["bench"] + [a.format(w=w, p=p) for a in argv])
+    code = agp(["bench"] + [a.format(w=w, p=p, d=tmp_path) for a in argv])
     assert code == 2
     assert message in capsys.readouterr().err
