@@ -38,7 +38,7 @@ class BenchError(ValueError):
 def load_workload(path: str | Path) -> list[ParsedRequest]:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")   # a BOM is skipped, as agp run does
     except FileNotFoundError:
         raise BenchError(f"workload file not found: {path}") from None
     except UnicodeDecodeError as e:
