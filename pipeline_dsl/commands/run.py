@@ -197,6 +197,8 @@ def main(args) -> int:
             return _err("cannot write the answers: standard output is closed (give --output FILE)")
         else:
             out = sys.stdout
+            if getattr(out, "encoding", "utf-8").lower().replace("-", "") != "utf8" and hasattr(out, "reconfigure"):
+                out.reconfigure(encoding="utf-8")      # JSONL is UTF-8, as -o FILE writes it, whatever the locale
     except OSError as e:
         return _err(f"cannot write {args.output}: {e.strerror}")
 
