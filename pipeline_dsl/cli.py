@@ -245,7 +245,7 @@ def _command_name(argv: list[str]) -> str | None:
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    from .cliargs import output_file
+    from .cliargs import output_file_or_folders
     from .commands import add_allow_path
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -272,7 +272,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("render", aliases=["draw"], help="draw a pipeline with graphviz")
     p.add_argument("file", metavar="FILE")
-    p.add_argument("-o", "--output", type=output_file, help="out.svg | out.png | out.pdf | out.dot (default: FILE's name .svg)")
+    p.add_argument("-o", "--output", type=output_file_or_folders,
+                   help="out.svg | out.png | out.pdf | out.dot (default: FILE's name .svg)")
     p.add_argument("--pipeline", help="which pipeline of the file (default: its first)")
     p.add_argument("--plan", action="store_true", help="colour stages by plan stream, draw events dashed")
     add_allow_path(p)

@@ -34,6 +34,22 @@ def output_file(text: str) -> str:
     return text
 
 
+def output_file_or_folders(text: str) -> str:
+    """As output_file, for a writer that creates the missing folders of its path (agp render):
+    the nearest folder that exists must be writable."""
+    if text and not os.path.isdir(text):
+        folder = os.path.dirname(os.path.abspath(text))
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            raise argparse.ArgumentTypeError(f"cannot write '{text}': {folder} is a file, not a folder")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(text))):
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise argparse.ArgumentTypeError(f"cannot write '{text}': permission denied in {folder}")
+            return text
+    return output_file(text)
+
+
 def count(low: int, high: int = MAX_COUNT):
     """An integer in [low, high]."""
     def parse(text: str) -> int:
