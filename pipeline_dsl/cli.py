@@ -13,6 +13,7 @@ errors. No input produces a traceback unless `--debug` is given.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.util
 import json
@@ -244,6 +245,7 @@ def _command_name(argv: list[str]) -> str | None:
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    from .cliargs import output_file_or_folders
     from .commands import add_allow_path
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -270,7 +272,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("render", aliases=["draw"], help="draw a pipeline with graphviz")
     p.add_argument("file", metavar="FILE")
-    p.add_argument("-o", "--output", help="out.svg | out.png | out.pdf | out.dot (default: FILE's name .svg)")
+    p.add_argument("-o", "--output", type=output_file_or_folders,
+                   help="out.svg | out.png | out.pdf | out.dot (default: FILE's name .svg)")
     p.add_argument("--pipeline", help="which pipeline of the file (default: its first)")
     p.add_argument("--plan", action="store_true", help="colour stages by plan stream, draw events dashed")
     add_allow_path(p)
@@ -324,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return USER_ERROR
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()      # a full disk fails here, with a message, not at exit in silence
+        return code
     except UserError as exc:
         if debug:
             raise
@@ -338,9 +343,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
+        _drop_stdout()
         return OK
     except SystemExit:
         raise
+    except OSError as exc:                         # the system's reason (a full disk, a file gone), no traceback
+        if debug:
+            raise
+        _drop_stdout()
+        if exc.filename:
+            _err(f"{exc.filename}: {exc.strerror or exc}")
+        elif exc.errno in _WRITE_ERRNOS:         # a write to a file already open: standard output, mostly
+            _err(f"cannot write the output: {exc.strerror}")
+        else:
+            _err(f"{exc.strerror or exc}")
+        return FAILED
     except Exception as exc:                       # noqa: BLE001 - no traceback without --debug
         if debug:
             raise
@@ -349,6 +366,21 @@ def main(argv: list[str] | None = None) -> int:
             return USER_ERROR
         _err(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)")
         return FAILED
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EPIPE}
+
+
+def _drop_stdout() -> None:
+    """If standard output cannot take what is buffered for it, point it at /dev/null, so that
+    the interpreter's flush at exit does not fail again (silently, with another status)."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
 
 
 if __name__ == "__main__":

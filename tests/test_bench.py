@@ -73,6 +73,14 @@ def test_workload_errors_name_the_file_and_line(tmp_path):
         B.load_workload(bad)
 
 
+def test_a_workload_with_a_byte_order_mark_loads_as_agp_run_reads_it(tmp_path):
+    """Editors on Windows start a UTF-8 file with a BOM; agp run skips it, bench said the first
+    line was not JSON."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "hi"}\r\n{"prompt": "there"}\r\n')
+    assert [r.prompt for r in B.load_workload(path)] == ["hi", "there"]
+
+
 def test_shipped_workloads_load():
     for name, n in (("short_chat", 200), ("shared_prefix", 150), ("long_prompts", 40)):
         items = B.load_workload(ROOT / "bench" / "workloads" / f"{name}.jsonl")
@@ -191,9 +199,10 @@ def test_bench_command_compares_targets_and_writes_a_plot(tmp_path, tiny_gguf, c
     (["x.agp", "--workload", "{w}", "--rate", "fast"], "'fast' is not a number"),
     (["{p},max_batch=4", "--workload", "{w}"], "did you mean 'max_batch_size'"),
     (["{p}", "--workload", "{w}", "--duration", "5"], "needs --concurrency"),
+    (["{p}", "--workload", "{d}"], "is a folder, not a JSONL file"),
 ])
 def test_bench_command_rejects_bad_input_with_exit_2(tmp_path, tiny_gguf, capsys, argv, message):
     w, p = _workload(tmp_path), _pipeline(tmp_path, tiny_gguf)
-    code = agp(["bench"] + [a.format(w=w, p=p) for a in argv])
+    code = agp(["bench"] + [a.format(w=w, p=p, d=tmp_path) for a in argv])
     assert code == 2
     assert message in capsys.readouterr().err

@@ -151,3 +151,40 @@ def test_lazy_command_is_imported_only_when_invoked(monkeypatch, tmp_path, capsy
                         if n.startswith("pipeline_dsl.commands.bench") else real_spec(n))
     assert cli.main(["bench", "--n", "3"]) == 0
     assert capsys.readouterr().out == "bench 3\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["render", CHAT, "-o", "{tmp}"], "argument -o/--output: '{tmp}' is a folder"),
+    (["run", CHAT, "--stats", "{tmp}"], "argument --stats: '{tmp}' is a folder"),
+    (["run", CHAT, "--trace", "{tmp}/no/such/t.json"], "argument --trace: cannot write '{tmp}/no/such/t.json': "
+                                                       "the folder {tmp}/no/such does not exist"),
+    (["bench", CHAT, "-w", "w.jsonl", "--json", "{tmp}"], "argument --json: '{tmp}' is a folder"),
+    (["bench", CHAT, "-w", "w.jsonl", "--plot", "{tmp}"], "argument --plot: '{tmp}' is a folder"),
+    (["serve", CHAT, "--trace", "{tmp}"], "argument --trace: '{tmp}' is a folder"),
+    (["bench", CHAT, "-w", "w.jsonl", "--warmup", "-1"], "argument --warmup: must be between 0 and"),
+    (["bench", CHAT, "-w", "w.jsonl", "--request-timeout", "0"], "argument --request-timeout: must be a positive"),
+    (["bench", CHAT, "-w", "w.jsonl", "--request-timeout", "nan"], "argument --request-timeout: must be a positive"),
+    (["bench", CHAT, "-w", "w.jsonl", "--duration", "nan"], "argument --duration/-d: must be a positive"),
+    (["bench", CHAT, "-w", "w.jsonl", "-n", "100000000000"], "argument --num/-n: must be between 1 and 10,000,000"),
+    (["bench", CHAT, "-w", "w.jsonl", "-c", "x"], "argument --concurrency/-c: 'x' is not a whole number"),
+])
+def test_a_bad_flag_value_is_refused_while_parsing_before_any_work(tmp_path, args, message):
+    """A --stats that names a folder used to fail after the whole run, as an internal error; a
+    --warmup -1 or --request-timeout 0 was measured as if it made sense (every request an error,
+    exit 0); -n 1e11 ran out of memory building the arrivals."""
+    r = agp(*[a.format(tmp=tmp_path) for a in args])
+    assert r.returncode == 2, r.stderr
+    assert message.format(tmp=tmp_path) in r.stderr
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["check", CHAT], ["stages"], ["fmt", CHAT]])
+def test_a_full_disk_on_standard_output_is_said_with_exit_1(args):
+    """Short output fails only at the interpreter's last flush: that was exit 1 with no word at
+    all (check), or an 'internal error' (stages, fmt)."""
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", *args], cwd=ROOT, stdout=full,
+                           stderr=subprocess.PIPE, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr == "agp: error: cannot write the output: No space left on device\n"

@@ -150,3 +150,28 @@ def test_a_prompt_over_max_prompt_tokens_is_an_error_record_of_the_requests_stag
     assert long_tokens["error"]["message"].endswith("tokens is longer than this pipeline accepts "
                                                     "(requests.max_prompt_tokens = 10)")
     assert "text" in fine
+
+
+def test_a_thread_count_past_the_bound_is_an_error_not_a_crash(pipeline, tmp_path):
+    """torch starts every asked thread at once: --threads 100000 ended the process with a
+    segmentation fault (exit 139) after an internal error."""
+    (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
+    r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "--no-progress",
+                        "--threads", "100000", "-i", str(tmp_path / "in.jsonl")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "threads must be between 1 and 1024" in r.stderr and "100000" in r.stderr
+    assert r.stdout == ""
+
+
+def test_answers_on_stdout_are_utf8_whatever_the_locale(pipeline, tmp_path):
+    """JSONL is UTF-8, as -o FILE writes it; under an ASCII locale (LC_ALL=C without Python's UTF-8
+    mode) a non-ASCII id on stdout was an internal UnicodeEncodeError that lost the run."""
+    (tmp_path / "in.jsonl").write_text('{"id": "ü✓", "prompt": "héllo"}\n', encoding="utf-8")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}
+    env.pop("PYTHONIOENCODING", None)
+    r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "--no-progress",
+                        "--threads", "1", "-i", str(tmp_path / "in.jsonl")], capture_output=True, cwd=ROOT,
+                       timeout=300, env=env)
+    assert r.returncode == 0, r.stderr.decode("utf-8", "replace")
+    assert json.loads(r.stdout.decode("utf-8"))["id"] == "ü✓"

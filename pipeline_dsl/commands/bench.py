@@ -23,6 +23,7 @@ HELP = "measure pipelines or OpenAI-compatible servers under a replayed workload
 
 
 def add_arguments(p) -> None:
+    from pipeline_dsl.cliargs import count, output_file, seconds
     from pipeline_dsl.commands import add_allow_path
 
     p.add_argument("pipelines", nargs="*", metavar="PIPELINE",
@@ -33,11 +34,11 @@ def add_arguments(p) -> None:
                    help="requests/s of the Poisson arrivals, 'inf' = all at once; "
                         "a comma list (1,2,inf) measures each (default: inf)")
     amount = p.add_mutually_exclusive_group()
-    amount.add_argument("--num", "-n", type=int, default=None,
+    amount.add_argument("--num", "-n", type=count(1), default=None,
                         help="requests to send (default: one pass over the workload)")
-    amount.add_argument("--duration", "-d", type=float, default=None,
+    amount.add_argument("--duration", "-d", type=seconds, default=None,
                         help="send for this many seconds (workload cycled)")
-    p.add_argument("--concurrency", "-c", type=int, default=None,
+    p.add_argument("--concurrency", "-c", type=count(1), default=None,
                    help="at most this many requests in flight; with --rate inf and --duration, "
                         "a closed loop of this many clients")
     p.add_argument("--url", action="append", default=[],
@@ -45,8 +46,8 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default=None, help="model id for --url (default: its first model)")
     p.add_argument("--compare", action="store_true",
                    help="print all targets side by side and plot them (--plot, default agp-bench.png)")
-    p.add_argument("--plot", default=None, help="write throughput-vs-rate and latency CDFs here (PNG)")
-    p.add_argument("--json", dest="json_out", default=None, help="write the reports as JSON here")
+    p.add_argument("--plot", type=output_file, default=None, help="write throughput-vs-rate and latency CDFs here (PNG)")
+    p.add_argument("--json", dest="json_out", type=output_file, default=None, help="write the reports as JSON here")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=None,
                    help="override the pipelines' precision")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -54,8 +55,8 @@ def add_arguments(p) -> None:
                    help="in-process: run the plan's streams serially (A/B against overlap; by default CUDA overlaps them, "
                         "CPU only with a core to spare beside the forward's threads)")
     p.add_argument("--seed", type=int, default=0, help="seed of the arrival times (default: 0)")
-    p.add_argument("--warmup", type=int, default=1, help="requests sent before measuring (default: 1)")
-    p.add_argument("--request-timeout", type=float, default=600.0,
+    p.add_argument("--warmup", type=count(0), default=1, help="requests sent before measuring (default: 1)")
+    p.add_argument("--request-timeout", type=seconds, default=600.0,
                    help="seconds before one request counts as an error (default: 600)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -87,12 +88,8 @@ def main(args) -> int:
 
     if not args.pipelines and not args.url:
         return _err("give at least one PIPELINE or --url")
-    for name in ("num", "concurrency", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            return _err(f"--{name} must be at least 1, not {value}")
-    if args.duration is not None and args.duration <= 0:
-        return _err(f"--duration must be positive, not {args.duration}")
+    if args.threads is not None and args.threads < 1:
+        return _err(f"--threads must be at least 1, not {args.threads}")
     try:
         rates = parse_rates(args.rate)
         items = load_workload(args.workload)

@@ -38,11 +38,15 @@ class BenchError(ValueError):
 def load_workload(path: str | Path) -> list[ParsedRequest]:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")   # a BOM is skipped, as agp run does
     except FileNotFoundError:
         raise BenchError(f"workload file not found: {path}") from None
     except UnicodeDecodeError as e:
         raise BenchError(f"{path} is not UTF-8 ({e.reason} at byte {e.start})") from None
+    except IsADirectoryError:
+        raise BenchError(f"the workload {path} is a folder, not a JSONL file") from None
+    except OSError as e:
+        raise BenchError(f"cannot read the workload {path}: {e.strerror or e}") from None
     items = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():

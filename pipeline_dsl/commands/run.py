@@ -30,6 +30,7 @@ import threading
 import time
 from collections import Counter
 
+from pipeline_dsl.cliargs import output_file
 from pipeline_dsl.commands import add_pipeline_arguments
 
 HELP = "run a pipeline over a JSONL file of requests on a real model"
@@ -48,14 +49,14 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=None,
                    help="override the pipeline's precision")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--stats", default=None, help="write the run summary as JSON to this file")
+    p.add_argument("--stats", type=output_file, default=None, help="write the run summary as JSON to this file")
     streams = p.add_mutually_exclusive_group()
     streams.add_argument("--no-overlap", action="store_true",
                          help="run the plan's streams serially (A/B against overlap; by default CUDA overlaps "
                               "them, CPU only with a core to spare beside the forward's threads)")
     streams.add_argument("--overlap", action="store_true",
                          help="overlap the plan's streams even on a CPU without a core to spare")
-    p.add_argument("--trace", default=None, help="write a Chrome-trace JSON (Perfetto) here")
+    p.add_argument("--trace", type=output_file, default=None, help="write a Chrome-trace JSON (Perfetto) here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -196,6 +197,8 @@ def main(args) -> int:
             return _err("cannot write the answers: standard output is closed (give --output FILE)")
         else:
             out = sys.stdout
+            if getattr(out, "encoding", "utf-8").lower().replace("-", "") != "utf8" and hasattr(out, "reconfigure"):
+                out.reconfigure(encoding="utf-8")      # JSONL is UTF-8, as -o FILE writes it, whatever the locale
     except OSError as e:
         return _err(f"cannot write {args.output}: {e.strerror}")
 
@@ -288,9 +291,13 @@ def main(args) -> int:
             except OSError as e:              # what the last flush could not write
                 write_error.append(e)
             runtime.shutdown()
+    trace_error = None
     if args.trace:
-        runtime.trace.write(args.trace)
-        summary["trace"] = args.trace
+        try:
+            runtime.trace.write(args.trace)
+            summary["trace"] = args.trace
+        except OSError as e:                  # said after the summary; the answers are written
+            trace_error = f"cannot write the trace to {args.trace}: {e.strerror or e}"
     summary["model_load_s"] = round(load_s, 3)
     summary["bad_lines"] = bad_lines
     summary["resumed_skipped"] = skipped
@@ -309,8 +316,15 @@ def main(args) -> int:
              "(the requests in flight were aborted; --resume runs them)")
     print(format_summary(summary), file=sys.stderr)
     if args.stats:
-        with open(args.stats, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+        try:
+            with open(args.stats, "w", encoding="utf-8") as f:
+                json.dump(summary, f, indent=2)
+        except OSError as e:                  # the answers are written: say what is missing, exit 1
+            _err(f"cannot write the summary to {args.stats}: {e.strerror or e}")
+            return 1
+    if trace_error:
+        _err(trace_error)
+        return 1
     if write_error:
         return 1
     if interrupt.signum is not None:

@@ -12,12 +12,14 @@ them takes the same path, at the same cost, as before they existed.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InputError
 
 DTYPES = ("auto", "fp32", "bf16", "fp16", "int8")
+MAX_THREADS = 1024                         # torch starts them all at once: 100000 crashed the process
 MAX_LOGPROBS = 20                          # alternatives per token at most (OpenAI's top_logprobs)
 
 
@@ -52,8 +54,9 @@ class EngineConfig:
                 setattr(self, name, check_engine_field(name, getattr(self, name)))
             except ParamError as e:
                 raise InputError(str(e)) from None
-        if self.threads is not None and int(self.threads) < 1:
-            raise InputError(f"threads must be at least 1, not {self.threads!r}")
+        if self.threads is not None and not 1 <= int(self.threads) <= MAX_THREADS:
+            raise InputError(f"threads must be between 1 and {MAX_THREADS} (this machine has {os.cpu_count()} "
+                             f"cores), not {self.threads!r}")
         if self.max_model_len is not None and int(self.max_model_len) < 1:
             raise InputError(f"max_model_len must be at least 1, not {self.max_model_len!r}")
         if self.batch_timeout_s < 0:

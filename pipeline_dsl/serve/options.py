@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline_dsl.cliargs import output_file
 from pipeline_dsl.loader import add_pipeline_arguments
 
 from .config import OPEN_PATHS
@@ -104,7 +105,7 @@ def add_arguments(p) -> None:
     p.add_argument("--no-access-log", dest="access_log", action="store_false", help="do not log each request")
     p.add_argument("--stats-interval", type=float, default=10.0, metavar="SECONDS",
                    help="log a stats line this often while busy (default: 10; 0: never)")
-    p.add_argument("--trace", default=None, metavar="FILE",
+    p.add_argument("--trace", type=output_file, default=None, metavar="FILE",
                    help="record a Chrome trace (Perfetto) of the pipeline; written at shutdown and on "
                         "POST /trace/flush")
     add_ray_arguments(p)

@@ -1,0 +1,74 @@
+"""Value types of the flags that `agp`'s commands share (argparse `type=`).
+
+A bad value is refused while the command line is parsed, before any model loads: argparse
+prints the command's usage and `agp CMD: error: argument --flag: …`, exit status 2. Without
+these, a `--stats` that names a folder or a `--warmup -1` surfaced only after the whole run,
+as an internal error or as a silently odd measurement.
+
+    p.add_argument("--stats", type=output_file)          # a file to write: not a folder, in a folder that exists
+    p.add_argument("--warmup", type=count(0))             # an integer >= 0
+    p.add_argument("--request-timeout", type=seconds)     # a finite number of seconds > 0
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+MAX_COUNT = 10_000_000        # requests, clients: more cannot be held in memory as a list of arrivals
+
+
+def output_file(text: str) -> str:
+    """A path agp will create or replace: refused when it is a folder or its folder is missing
+    or not writable (checked now, so the run's work is not lost at the end)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path: give a file name")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"'{text}' is a folder: give a file name in it")
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"cannot write '{text}': the folder {folder} does not exist")
+    writable = os.access(text, os.W_OK) if os.path.exists(text) else os.access(folder, os.W_OK | os.X_OK)
+    if not writable:
+        raise argparse.ArgumentTypeError(f"cannot write '{text}': permission denied")
+    return text
+
+
+def output_file_or_folders(text: str) -> str:
+    """As output_file, for a writer that creates the missing folders of its path (agp render):
+    the nearest folder that exists must be writable."""
+    if text and not os.path.isdir(text):
+        folder = os.path.dirname(os.path.abspath(text))
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            raise argparse.ArgumentTypeError(f"cannot write '{text}': {folder} is a file, not a folder")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(text))):
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise argparse.ArgumentTypeError(f"cannot write '{text}': permission denied in {folder}")
+            return text
+    return output_file(text)
+
+
+def count(low: int, high: int = MAX_COUNT):
+    """An integer in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high:,}, not {value}")
+        return value
+    return parse
+
+
+def seconds(text: str) -> float:
+    """A finite, positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
