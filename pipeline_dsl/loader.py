@@ -322,11 +322,12 @@ def _key(path: str) -> str:
         return os.path.abspath(path.replace("\0", "\\0"))
 
 
-def add_pipeline_arguments(p) -> None:
+def add_pipeline_arguments(p, stdin: bool = False) -> None:
     """The .agp file (`args.pipeline`) and which of its pipelines (`args.name`): one spelling
     for every command that loads a pipeline (and for `agp serve`'s flags, which Ray replicas
-    parse too)."""
-    p.add_argument("pipeline", metavar="FILE", help="the .agp file")
+    parse too). `stdin`: FILE may be `-` (read_stdin); elsewhere `-` is refused while parsing."""
+    p.add_argument("pipeline", metavar="FILE", type=None if stdin else _a_file,
+                   help="the .agp file; - reads standard input" if stdin else "the .agp file")
     p.add_argument("--pipeline", "--pipeline-name", "--name", dest="name", default=None,
                    help="which pipeline of the file (default: the only or first one)")
     add_allow_path(p)
@@ -338,3 +339,14 @@ def add_allow_path(p) -> None:
     p.add_argument("--allow-path", dest="allow_path", action="append", default=[], metavar="DIR",
                    help="also read included .agp files and json_schema files from DIR (repeatable; "
                         "default: only the pipeline file's folder)")
+
+
+def _a_file(text: str) -> str:
+    """FILE of a command that runs the pipeline: '-' is not read from stdin there (agp run reads
+    its requests from stdin; a server or a replica may load the file again)."""
+    if text == STDIN:
+        import argparse
+
+        raise argparse.ArgumentTypeError("'-' (standard input) is read as a pipeline by check, fmt, plan and "
+                                         "render only: give the .agp file's path")
+    return text

@@ -212,3 +212,11 @@ def test_a_full_disk_on_standard_output_is_said_with_exit_1(args):
                            stderr=subprocess.PIPE, text=True, timeout=120)
     assert r.returncode == 1
     assert r.stderr == "agp: error: cannot write the output: No space left on device\n"
+
+
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_commands_that_run_a_pipeline_say_that_dash_is_not_read_from_stdin(command):
+    r = agp(command, "-", stdin=(ROOT / "examples" / "chat.agp").read_text())
+    assert r.returncode == 2 and "not found" not in r.stderr
+    assert f"agp {command}: error: argument FILE: '-' (standard input) is read as a pipeline by check, fmt, plan " \
+           "and render only: give the .agp file's path" in r.stderr

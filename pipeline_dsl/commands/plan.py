@@ -17,7 +17,7 @@ HELP = "show the streams, events and predicted overlap the planner gives a pipel
 
 
 def add_arguments(p) -> None:
-    add_pipeline_arguments(p)
+    add_pipeline_arguments(p, stdin=True)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
