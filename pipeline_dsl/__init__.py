@@ -19,6 +19,7 @@ The API other layers use:
     pipeline_dsl.graph.build_graph(pipeline)  # ast.Pipeline -> DiGraph (no checks)
     pipeline_dsl.check_file(path)             # -> (Program, diagnostics)
     pipeline_dsl.loads(text, file="<string>") # like load(), from a string
+    pipeline_dsl.read_pipeline_source(path)  # (file, text): FILE "-" is stdin, named "<stdin>"
 
 Modules: grammar.lark, parser (text -> ast), loader (files, includes), checker
 (settings, stages, edges against stages.registry), graph (DiGraph, graph checks),
@@ -26,6 +27,8 @@ modes (presets), units, fmt (canonical printer), render (graphviz), cli (`agp`).
 """
 
 from __future__ import annotations
+
+import os
 
 from .diagnostics import CheckFailed, Diagnostic, SourcePos, has_errors, sort_diagnostics
 
@@ -36,7 +39,7 @@ except PackageNotFoundError:          # running from a source tree that is not i
     __version__ = "0.1.0"
 
 __all__ = ["CheckFailed", "Diagnostic", "SourcePos", "Reject", "Retry", "load", "loads", "check_file",
-           "load_pipeline_graph", "load_pipeline_graphs"]
+           "load_pipeline_graph", "load_pipeline_graphs", "read_pipeline_source"]
 
 
 class Reject(Exception):
@@ -90,11 +93,12 @@ def _load(path: str, text: str | None, allow_paths=()):
     return program, sort_diagnostics(diags)
 
 
-def load_pipeline_graph(path: str, pipeline_name: str | None = None, allow_paths=()):
-    """The checked DiGraph of one pipeline of `path`; raises CheckFailed on errors."""
+def load_pipeline_graph(path: str, pipeline_name: str | None = None, allow_paths=(), text: str | None = None):
+    """The checked DiGraph of one pipeline of `path` (or of `text` standing for it, as loads);
+    raises CheckFailed on errors."""
     from .graph import build_graph
 
-    program, diags = load(path, allow_paths)
+    program, diags = _load(path, text, allow_paths)
     if has_errors(diags):
         raise CheckFailed(diags, program.sources)
     p = program.pipeline(pipeline_name)
@@ -116,3 +120,17 @@ def load_pipeline_graphs(path: str, allow_paths=()) -> dict:
     if has_errors(diags):
         raise CheckFailed(diags, program.sources)
     return {p.name.text: build_graph(p) for p in program.pipelines}
+
+
+def read_pipeline_source(path: str) -> tuple[str, str | None]:
+    """(file, text) for a command's FILE argument: `-` is standard input, read now and named
+    `<stdin>` (text given to load/loads/load_pipeline_graph); any other path is read by the
+    loader itself (text None). Raises CheckFailed when stdin cannot be read."""
+    from .loader import STDIN, STDIN_NAME, read_stdin
+
+    if os.fspath(path) != STDIN:
+        return os.fspath(path), None
+    text, diags = read_stdin()
+    if text is None:
+        raise CheckFailed(diags, {})
+    return STDIN_NAME, text

@@ -52,12 +52,20 @@ def _err(msg: str) -> None:
 # ---------------------------------------------------------------- check
 
 def cmd_check(args) -> int:
-    from . import load
-    from .diagnostics import has_errors, render_all
+    from . import load, loads, read_pipeline_source
+    from .diagnostics import CheckFailed, has_errors, render_all
 
     all_diags, failed = [], False
     for path in args.files:
-        program, diags = load(path, args.allow_path)
+        try:
+            path, text = read_pipeline_source(path)          # FILE '-': stdin, named <stdin>
+        except CheckFailed as exc:
+            all_diags += exc.diagnostics
+            failed = True
+            if not args.json:
+                sys.stderr.write(exc.render())
+            continue
+        program, diags = load(path, args.allow_path) if text is None else loads(text, path, args.allow_path)
         all_diags += diags
         failed |= has_errors(diags)
         if not args.json:
@@ -77,11 +85,18 @@ def cmd_check(args) -> int:
 def cmd_fmt(args) -> int:
     from .diagnostics import render_all
     from .fmt import format_text
-    from .loader import read_source
+    from .loader import STDIN, STDIN_NAME, read_source, read_stdin
 
+    if args.write and STDIN in args.files:
+        raise UserError("fmt --write rewrites files in place; '-' (stdin) has no file to rewrite: "
+                        "leave out --write to print the formatted text")
     status = OK
     for path in args.files:
-        text, diags = read_source(path)
+        if path == STDIN:
+            path = STDIN_NAME
+            text, diags = read_stdin()
+        else:
+            text, diags = read_source(path)
         if text is None:
             sys.stderr.write(render_all(diags, {}))
             status = USER_ERROR
@@ -111,16 +126,19 @@ def cmd_fmt(args) -> int:
 def cmd_render(args) -> int:
     from .diagnostics import CheckFailed
     from .render import DotMissing, output_format, render_file
-    from . import load_pipeline_graph
+    from . import load_pipeline_graph, read_pipeline_source
 
     out = args.output or os.path.splitext(os.path.basename(args.file))[0] + ".svg"
     if output_format(out) is None:
         raise UserError(f"cannot write '{out}': the output must end in .svg, .png, .pdf or .dot")
     try:
-        graph = load_pipeline_graph(args.file, args.pipeline, args.allow_path)
+        path, text = read_pipeline_source(args.file)          # FILE '-': stdin
+        graph = load_pipeline_graph(path, args.pipeline, args.allow_path, text=text)
     except CheckFailed as exc:
         sys.stderr.write(exc.render())
         return USER_ERROR
+    if text is not None and not args.output:      # stdin has no file name: the pipeline's name
+        out = f"{graph.graph['name']}.svg"
     plan = None
     if args.plan:
         from .plan import PlanError, make_plan
@@ -258,22 +276,22 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.commands = sub.choices                   # name -> its parser (usage of its own errors)
 
     p = sub.add_parser("check", help="check .agp files and report every error")
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("files", nargs="+", metavar="FILE", help="an .agp file; - reads standard input")
     p.add_argument("--json", action="store_true", help="diagnostics as JSON on stdout")
     add_allow_path(p)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("fmt", help="print .agp files in canonical layout (comments kept)")
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("files", nargs="+", metavar="FILE", help="an .agp file; - reads standard input")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--write", "-w", action="store_true", help="rewrite the files in place")
     g.add_argument("--check", action="store_true", help="exit 1 when a file would change")
     p.set_defaults(func=cmd_fmt)
 
     p = sub.add_parser("render", aliases=["draw"], help="draw a pipeline with graphviz")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="the .agp file; - reads standard input")
     p.add_argument("-o", "--output", type=output_file_or_folders,
-                   help="out.svg | out.png | out.pdf | out.dot (default: FILE's name .svg)")
+                   help="out.svg | out.png | out.pdf | out.dot (default: FILE's name .svg; for - the pipeline's)")
     p.add_argument("--pipeline", help="which pipeline of the file (default: its first)")
     p.add_argument("--plan", action="store_true", help="colour stages by plan stream, draw events dashed")
     add_allow_path(p)

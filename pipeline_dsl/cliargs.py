@@ -8,6 +8,7 @@ as an internal error or as a silently odd measurement.
     p.add_argument("--stats", type=output_file)          # a file to write: not a folder, in a folder that exists
     p.add_argument("--warmup", type=count(0))             # an integer >= 0
     p.add_argument("--request-timeout", type=seconds)     # a finite number of seconds > 0
+    p.add_argument("--url", type=http_url)                # http(s)://host[:port][/path]
 """
 from __future__ import annotations
 
@@ -72,3 +73,26 @@ def seconds(text: str) -> float:
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
     return value
+
+
+def http_url(text: str) -> str:
+    """A server's base URL: an http or https scheme and a host (a port, if given, in range);
+    `localhost:8000` or `notaurl` would otherwise fail only once the pipelines before it ran."""
+    from urllib.parse import urlsplit
+
+    example = "e.g. http://127.0.0.1:8000"
+    try:
+        parts = urlsplit(text)
+        port = parts.port                 # ValueError when not a number in 0-65535
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a valid URL ({e}); {example}") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        got = f"its scheme is '{parts.scheme}'" if parts.scheme and parts.netloc else "it has no scheme"
+        raise argparse.ArgumentTypeError(f"'{text}' is not an http(s) URL: {got}; give http:// or https://, {example}")
+    if not parts.hostname:
+        raise argparse.ArgumentTypeError(f"'{text}' names no host; {example}")
+    if port == 0:
+        raise argparse.ArgumentTypeError(f"'{text}': port 0 cannot be connected to; {example}")
+    if parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError(f"'{text}': a server's base URL has no ?query or #fragment; {example}")
+    return text

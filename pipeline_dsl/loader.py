@@ -15,12 +15,15 @@ Limits (each an error at the `use`, or at 1:1 of the root file): only regular fi
 read (a directory, a device such as /dev/zero or a FIFO is refused after a stat, never
 opened); a file has at most MAX_FILE_BYTES, a program MAX_FILES files and
 MAX_PROGRAM_BYTES in all; a chain of uses is at most MAX_INCLUDE_DEPTH files long.
+
+`read_stdin()` gives the text of FILE `-` (standard input), named `<stdin>` in diagnostics.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import sys
 import unicodedata
 from dataclasses import dataclass, field
 
@@ -147,6 +150,34 @@ def read_source(path: str, file: str | None = None, at: SourcePos | None = None,
     if data is None:
         return None, diags
     return decode(data, file or path)
+
+
+STDIN = "-"                 # the FILE that names standard input (check, fmt, plan, render)
+STDIN_NAME = "<stdin>"      # how diagnostics name it: <stdin>:3:5
+_stdin: dict = {}           # stream -> its text, read once: `agp check - -` reads it again from here
+
+
+def read_stdin(stream=None) -> tuple[str | None, list[Diagnostic]]:
+    """The .agp text on standard input (at most MAX_FILE_BYTES, UTF-8), or None and a diagnostic
+    at <stdin>:1:1. Includes in it resolve against the current folder."""
+    stream = stream if stream is not None else getattr(sys.stdin, "buffer", sys.stdin)
+    where = SourcePos.point(STDIN_NAME, 1, 1)
+    if stream is None:
+        return None, [Diagnostic(ERROR, "standard input is closed", where, expected="the .agp text on stdin")]
+    if stream not in _stdin:
+        _stdin.clear()                    # one stdin per process; a test may swap it
+        try:
+            data = stream.read(MAX_FILE_BYTES + 1)
+        except OSError as exc:
+            return None, [Diagnostic(ERROR, f"cannot read standard input: {exc.strerror or exc}", where)]
+        if isinstance(data, str):         # a text stream without .buffer (a test's StringIO)
+            data = data.encode("utf-8")
+        if len(data) > MAX_FILE_BYTES:
+            return None, [Diagnostic(ERROR, f"standard input is too large (more than {_size(MAX_FILE_BYTES)})",
+                                     where, expected=f"an .agp file of at most {_size(MAX_FILE_BYTES)}",
+                                     hint=_SPLIT)]
+        _stdin[stream] = decode(data, STDIN_NAME)
+    return _stdin[stream]
 
 
 def _display(path: str) -> str:
@@ -291,11 +322,12 @@ def _key(path: str) -> str:
         return os.path.abspath(path.replace("\0", "\\0"))
 
 
-def add_pipeline_arguments(p) -> None:
+def add_pipeline_arguments(p, stdin: bool = False) -> None:
     """The .agp file (`args.pipeline`) and which of its pipelines (`args.name`): one spelling
     for every command that loads a pipeline (and for `agp serve`'s flags, which Ray replicas
-    parse too)."""
-    p.add_argument("pipeline", metavar="FILE", help="the .agp file")
+    parse too). `stdin`: FILE may be `-` (read_stdin); elsewhere `-` is refused while parsing."""
+    p.add_argument("pipeline", metavar="FILE", type=None if stdin else _a_file,
+                   help="the .agp file; - reads standard input" if stdin else "the .agp file")
     p.add_argument("--pipeline", "--pipeline-name", "--name", dest="name", default=None,
                    help="which pipeline of the file (default: the only or first one)")
     add_allow_path(p)
@@ -307,3 +339,14 @@ def add_allow_path(p) -> None:
     p.add_argument("--allow-path", dest="allow_path", action="append", default=[], metavar="DIR",
                    help="also read included .agp files and json_schema files from DIR (repeatable; "
                         "default: only the pipeline file's folder)")
+
+
+def _a_file(text: str) -> str:
+    """FILE of a command that runs the pipeline: '-' is not read from stdin there (agp run reads
+    its requests from stdin; a server or a replica may load the file again)."""
+    if text == STDIN:
+        import argparse
+
+        raise argparse.ArgumentTypeError("'-' (standard input) is read as a pipeline by check, fmt, plan and "
+                                         "render only: give the .agp file's path")
+    return text

@@ -451,5 +451,10 @@ def _utf8_ok(s: str) -> bool:
 
 
 def parse_line(line: str, lineno: int) -> ParsedRequest:
-    """One JSONL line; the id defaults to the line number."""
-    return parse_request(load_json(line, "the line"), default_id=lineno)
+    """One JSONL line; the id defaults to the line number. A line that is a JSON array (most
+    often a whole file written as one `[{...}, {...}]`) is told the format it needs."""
+    obj = load_json(line, "the line")
+    if isinstance(obj, list):
+        raise RequestError("a request must be a JSON object, got an array: the input is JSON Lines, one request "
+                           "object per line, not a JSON array (jq -c '.[]' FILE turns an array into lines)")
+    return parse_request(obj, default_id=lineno)

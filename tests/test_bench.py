@@ -2,9 +2,11 @@
 a live server on loopback, both with the tiny GGUF model."""
 
 import asyncio
+import http.server
 import json
 import math
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -206,3 +208,69 @@ def test_bench_command_rejects_bad_input_with_exit_2(tmp_path, tiny_gguf, capsys
     code = agp(["bench"] + [a.format(w=w, p=p, d=tmp_path) for a in argv])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+class _Refusing(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-style server that lists a model and refuses every `refuse`-th completion with a 503
+    (every one when refuse == 1); the others stream one token."""
+    refuse, seen = 1, 0
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status, body: bytes, kind="application/json"):
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self._send(200, json.dumps({"data": [{"id": "m"}]}).encode())
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        cls = type(self)
+        cls.seen += 1
+        if cls.seen % cls.refuse == 0:
+            return self._send(503, json.dumps({"error": {"message": "the queue is full"}}).encode())
+        chunk = {"choices": [{"index": 0, "text": "hi", "finish_reason": "length"}],
+                 "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+        self._send(200, f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode(), "text/event-stream")
+
+
+@pytest.mark.parametrize("refuse, code", [(1, 1), (2, 0)])
+def test_bench_exits_1_only_when_no_request_of_a_target_succeeded(tmp_path, capsys, refuse, code):
+    handler = type("Handler", (_Refusing,), {"refuse": refuse, "seen": 0})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        got = agp(["bench", "--url", url, "--workload", str(_workload(tmp_path)), "--warmup", "0",
+                   "--no-progress"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    captured = capsys.readouterr()
+    assert got == code
+    assert "requests" in captured.out                       # the measurement is reported either way
+    why = f"agp bench: error: {url} at rate inf: none of its 6 requests succeeded; the first error: HTTP 503: the queue is full"
+    assert (why in captured.err) == (code == 1)
+
+
+@pytest.mark.parametrize("url, message", [
+    ("notaurl", "'notaurl' is not an http(s) URL: it has no scheme"),
+    ("localhost:8000", "it has no scheme"),
+    ("ftp://host", "its scheme is 'ftp'"),
+    ("http://", "names no host"),
+    ("http://host:70000", "is not a valid URL"),
+])
+def test_bench_url_is_checked_before_anything_is_measured(tmp_path, tiny_gguf, capsys, url, message):
+    code = -1
+    try:
+        code = agp(["bench", str(_pipeline(tmp_path, tiny_gguf)), "--url", url, "--workload", str(_workload(tmp_path)),
+                    "--no-progress"])
+    except SystemExit as e:                 # argparse refuses it while parsing
+        code = e.code
+    captured = capsys.readouterr()
+    assert code == 2 and message in captured.err and captured.out == ""    # no pipeline was measured

@@ -40,8 +40,9 @@ def command_lines(path: Path):
                 while words and "=" in words[0] and not words[0].startswith("-"):
                     words = words[1:]                        # VAR=value agp ...
                 if len(words) > 1 and words[0] == "agp":
-                    # a placeholder value (`--port P`, `--replicas N`) stands for a number
-                    yield [("1" if re.fullmatch(r"[A-Z][A-Z_]*", w) and words[i].startswith("--") else w)
+                    # a placeholder value (`--port P`, `--replicas N`, `--url http://host:P`) stands for a number
+                    yield [("1" if re.fullmatch(r"[A-Z][A-Z_]*", w) and words[i].startswith("--")
+                            else re.sub(r"^(https?://[^/:]+):[A-Z][A-Z_]*\b", r"\1:1", w))
                            for i, w in enumerate(words[1:])]
 
 

@@ -94,6 +94,14 @@ def test_request_lines_are_validated_field_by_field():
     assert parse_request({"prompt": "x", "stop": "END"}).sampling["stop"] == ["END"]
 
 
+@pytest.mark.parametrize("line", ['[{"prompt": "a"}, {"prompt": "b"}]', "[]", '["a"]'])
+def test_a_request_line_that_is_a_json_array_says_the_input_is_json_lines(line):
+    with pytest.raises(RequestError, match=r"got an array: the input is JSON Lines, one request object per line"):
+        parse_line(line, 1)
+    with pytest.raises(RequestError, match="must be a JSON object, got int$"):     # other values: as before
+        parse_line("3", 1)
+
+
 def test_agp_run_answers_in_input_order_and_reports_bad_lines(tmp_path, tiny_gguf):
     agp = write_pipeline(tmp_path, tiny_gguf)
     lines = [

@@ -66,6 +66,38 @@ def test_a_repeated_id_is_an_error_record_and_resume_answers_every_line_once(tmp
     assert [g["id"] for g in records(out)] == [1, 2, 2, "x", "x"] and "error" in records(out)[2]
 
 
+@pytest.mark.parametrize("kept, foreign, first", [
+    ('{"id": 1, "text": "a"}\nnot json at all\n', 1, 2),                              # a line of garbage
+    ('{"id": "other-1", "text": "x"}\n{"id": "other-2", "error": {"line": 2}}\n', 2, 1),  # another input's answers
+    ('{"id": 1, "text": "a"}\n{"id": 1, "text": "a"}\n{"id": 1, "text": "a"}\n', 1, 3),  # more records than lines
+    ('{"id": 3}\n', 1, 1),                                                            # an object, not a record
+])
+def test_resume_refuses_an_output_that_is_not_this_inputs_answers(tmp_path, pipeline, kept, foreign, first):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"prompt": "a"}\n{"id": 1, "prompt": "b"}\n{"prompt": "c"}\n')   # ids 1, 1 (an error), 3
+    out.write_text(kept)
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")
+    assert r.returncode == 2, r.stderr
+    lines = "line is" if foreign == 1 else "lines are"
+    assert f"is not the output of {inp}: {foreign} {lines} no answer to its lines (the first: line {first})" in r.stderr
+    assert "--overwrite to start afresh" in r.stderr and "run summary" not in r.stderr   # before the model loads
+    assert out.read_text() == kept
+
+
+def test_resume_keeps_error_records_and_drops_a_cut_last_line(tmp_path, pipeline):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"id": "a", "prompt": "x"}\nnot json\n{"id": "b", "prmpt": "y"}\n{"id": "c", "prompt": "z"}\n')
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    first = records(out)
+    assert [g["id"] for g in first] == ["a", 2, "b", "c"] and "error" in first[1] and "error" in first[2]
+    out.write_text(out.read_text()[:-5])                # a kill while the last record was written
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "dropping an incomplete last line" in r.stderr
+    assert [g["id"] for g in records(out)] == ["a", 2, "b", "c"] and records(out)[:3] == first[:3]
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
 def test_a_failed_write_stops_the_run_at_once_with_the_summary_and_exit_1(tmp_path, pipeline):
     inp, stats = tmp_path / "in.jsonl", tmp_path / "stats.json"

@@ -10,6 +10,10 @@ A PIPELINE runs in this process (its engine driven as `agp serve` drives it); ap
 OpenAI-compatible server over streaming HTTP. Arrivals are Poisson at each `--rate`
 (`inf`: all at once). Reports request and token throughput, TTFT, TPOT, inter-token and
 end-to-end latency (mean, p50, p90, p99), errors and the KV hit rate.
+
+Exit status: 0 when every measurement had a request succeed (failed requests under load are
+part of the result, its errors row); 1 when some target at some rate had none succeed (every
+measurement is still reported, then one line each naming the first error); 2 for bad options.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ HELP = "measure pipelines or OpenAI-compatible servers under a replayed workload
 
 
 def add_arguments(p) -> None:
-    from pipeline_dsl.cliargs import count, output_file, seconds
+    from pipeline_dsl.cliargs import count, http_url, output_file, seconds
     from pipeline_dsl.commands import add_allow_path
 
     p.add_argument("pipelines", nargs="*", metavar="PIPELINE",
@@ -41,7 +45,7 @@ def add_arguments(p) -> None:
     p.add_argument("--concurrency", "-c", type=count(1), default=None,
                    help="at most this many requests in flight; with --rate inf and --duration, "
                         "a closed loop of this many clients")
-    p.add_argument("--url", action="append", default=[],
+    p.add_argument("--url", action="append", default=[], type=http_url,
                    help="an OpenAI-compatible server to measure (repeatable)")
     p.add_argument("--model", default=None, help="model id for --url (default: its first model)")
     p.add_argument("--compare", action="store_true",
@@ -81,7 +85,7 @@ def parse_rates(text: str) -> list[float]:
 
 
 def main(args) -> int:
-    from pipeline_dsl.commands.loadgen import (BenchError, EngineTarget, HTTPTarget, bench_one,
+    from pipeline_dsl.commands.loadgen import (BenchError, EngineTarget, HTTPTarget, bench_one, failure,
                                         format_table, load_workload, parse_target, plot)
     from pipeline_dsl.diagnostics import CheckFailed
     from pipeline_dsl.engine.errors import InputError
@@ -141,7 +145,11 @@ def main(args) -> int:
     if plot_path:
         plot(reports, plot_path)
         print(f"plot: {plot_path}", file=sys.stderr)
-    return 0
+    failed = [(r, failure(r)) for r in reports if failure(r)]
+    for r, why in failed:                    # the other targets' measurements are printed above
+        rate = "inf" if math.isinf(r.rate) else f"{r.rate:g}"
+        print(f"agp bench: error: {r.label} at rate {rate}: {why}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _dedupe_labels(reports) -> None:

@@ -134,6 +134,7 @@ class Report:
     itl: dict                          # every gap between two tokens
     e2e: dict
     error_samples: list[str] = field(default_factory=list)
+    first_error: str | None = None     # the error of the first request that failed (in send order)
     engine: dict = field(default_factory=dict)   # in-process: mean batch size, preemptions, …
     ttft_samples: list[float] = field(default_factory=list, repr=False)
     e2e_samples: list[float] = field(default_factory=list, repr=False)
@@ -171,8 +172,19 @@ def summarize(label: str, rate: float, records: list[RequestRecord], duration: f
         prompt_tokens=prompt, completion_tokens=out, cached_tokens=cached,
         kv_hit_rate=cached / prompt if prompt else None,
         ttft=_dist(ttft), tpot=_dist(tpot), itl=_dist(itl), e2e=_dist(e2e),
-        error_samples=sorted(set(errors))[:5], engine=engine,
+        error_samples=sorted(set(errors))[:5], first_error=errors[0] if errors else None, engine=engine,
         ttft_samples=ttft, e2e_samples=e2e)
+
+
+def failure(report: Report) -> str | None:
+    """Why a measurement measured nothing: no request it sent succeeded (a server refusing
+    everything, a wrong model name); None when one did. Some failures under load are a result
+    (the errors row), not a failed benchmark."""
+    if not report.requests or report.completed:
+        return None
+    if report.first_error is not None:
+        return f"none of its {report.requests} requests succeeded; the first error: {report.first_error}"
+    return f"none of its {report.requests} requests succeeded: every stream ended before its last chunk"
 
 
 # ---------------------------------------------------------------- targets

@@ -2,6 +2,7 @@
 
     agp plan examples/chat.agp            # streams, their stages, events, predicted overlap
     agp plan examples/chat.agp --json     # the Plan as JSON (top-level `streams` list)
+    agp fmt gen.agp | agp plan -          # FILE '-' reads the pipeline from standard input
 
 Exit status 0 on success, 2 when the file has errors (diagnostics on stderr).
 """
@@ -16,19 +17,20 @@ HELP = "show the streams, events and predicted overlap the planner gives a pipel
 
 
 def add_arguments(p) -> None:
-    add_pipeline_arguments(p)
+    add_pipeline_arguments(p, stdin=True)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
 def main(args) -> int:
     from pathlib import Path
 
-    from pipeline_dsl import load_pipeline_graph
+    from pipeline_dsl import load_pipeline_graph, read_pipeline_source
     from pipeline_dsl.diagnostics import CheckFailed
     from pipeline_dsl.plan import PlanError, format_plan, make_plan
 
     try:
-        graph = load_pipeline_graph(Path(args.pipeline), args.name, args.allow_path)
+        path, text = read_pipeline_source(args.pipeline)      # FILE '-': stdin, named <stdin>
+        graph = load_pipeline_graph(path if text is not None else Path(path), args.name, args.allow_path, text=text)
     except CheckFailed as e:
         print(e.render(), file=sys.stderr)
         return 2

@@ -12,7 +12,9 @@ still runs: one longer than MAX_LINE_BYTES (if no end of line follows within MAX
 as from /dev/zero, the input is read no further), or whose id an earlier line has (a line without
 an id takes its line number as id; ids are unique). An existing output file is never
 overwritten silently: `--overwrite` replaces it, `--resume` keeps it and runs only the lines
-it holds no record of yet (counted per id, so a repeated id is answered by its error record).
+it holds no record of yet (counted per id, so a repeated id is answered by its error record);
+an output holding a line that is no record of this input (another file's answers, a line that is
+not an agp record) is refused before the model loads, exit 2: appending would mix two runs.
 Ctrl-C (SIGINT) or SIGTERM stops admitting, aborts what is in flight (those requests are
 not written, so `--resume` runs them again), writes the summary and `--stats`, and exits
 130 or 143. A write that fails (a full disk, a closed pipe) stops the run the same way at
@@ -120,23 +122,50 @@ def _key(value) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=True)
 
 
-def answered_ids(path: str) -> tuple[Counter, int]:
-    """How many records of each id an output file holds (ids as JSON keys), and the byte length
-    of its whole lines: a last line cut short by a kill is not a record."""
+def answered_ids(path: str, input_ids: Counter) -> tuple[Counter, int, list[int]]:
+    """What --resume keeps of an output file: how many records of each id it holds (ids as JSON
+    keys), the byte length of its whole lines (a last line cut short by a kill is not a record),
+    and the numbers of the lines that are no record of this input: not a JSON object with an
+    `id` and a `text`, `choices` or `error`, or an id that no input line has (or more records
+    of an id than input lines have it)."""
     ids: Counter = Counter()
-    keep = 0
+    keep, lineno, foreign = 0, 0, []
     with open(path, "rb") as f:
         for raw in f:
             if not raw.endswith(b"\n"):
                 break
             keep += len(raw)
+            lineno += 1
+            if not raw.strip():
+                continue                      # a blank line holds nothing to mix up
             try:
                 rec = json.loads(raw)
             except (ValueError, RecursionError):
+                rec = None
+            ok = (isinstance(rec, dict) and "id" in rec and any(k in rec for k in ("text", "choices", "error")))
+            key = _key(rec["id"]) if ok else None
+            if not ok or ids[key] >= input_ids[key]:
+                foreign.append(lineno)
                 continue
-            if isinstance(rec, dict) and "id" in rec:
-                ids[_key(rec["id"])] += 1
-    return ids, keep
+            ids[key] += 1
+    return ids, keep, foreign
+
+
+def _line_id(raw: bytes, lineno: int, parse_line, load_json, RequestError):
+    """(request, error, id) of one input line: the id its record carries, answered or not."""
+    if isinstance(raw, TooLong):
+        error = f"the line is longer than {MAX_LINE_BYTES >> 20} MiB"
+        if raw.endless:
+            error += f" (no end of line in {MAX_SKIP_BYTES >> 20} MiB more: the input is not read further)"
+        return None, error, lineno
+    try:
+        req = parse_line(raw.decode("utf-8"), lineno)
+        return req, None, req.id
+    except UnicodeDecodeError as e:
+        error = f"the line is not UTF-8 text (byte {e.start})"
+    except RequestError as e:
+        error = str(e)
+    return None, error, _guess_id(raw, lineno, load_json)
 
 
 class Interrupt:
@@ -176,6 +205,9 @@ def main(args) -> int:
         return _err(f"input file not found: {args.input}")
     except OSError as e:
         return _err(f"cannot read {args.input}: {e.strerror}")
+    # each line's request (or why it cannot run) and id, before anything loads: --resume needs the ids
+    parsed = [(lineno, raw, *_line_id(raw, lineno, parse_line, load_json, RequestError))
+              for lineno, raw in enumerate(lines, 1) if raw.strip()]
     done_ids: Counter = Counter()
     to_file = args.output != "-"
     if to_file and os.path.isdir(args.output):
@@ -183,7 +215,14 @@ def main(args) -> int:
     # a device or a pipe (/dev/null, a FIFO a reader drains) is written as a stream
     if to_file and os.path.isfile(args.output) and os.path.getsize(args.output) > 0:
         if args.resume:
-            done_ids, whole = answered_ids(args.output)
+            done_ids, whole, foreign = answered_ids(args.output, Counter(_key(p[4]) for p in parsed))
+            if foreign:
+                n = len(foreign)
+                source = "stdin" if args.input == "-" else args.input
+                return _err(f"{args.output} is not the output of {source}: {n} line{'s' if n > 1 else ''} "
+                            f"{'are' if n > 1 else 'is'} no answer to its lines (the first: line {foreign[0]}), "
+                            "another input's answers or not agp records; --resume would append to them. "
+                            "Pass --overwrite to start afresh")
             if whole < os.path.getsize(args.output):
                 print(f"agp run: {args.output}: dropping an incomplete last line", file=sys.stderr)
                 os.truncate(args.output, whole)
@@ -216,21 +255,7 @@ def main(args) -> int:
     requests: list[RunRequest] = []
     bad_lines = skipped = 0
     first_line: dict[str, int] = {}        # id -> the line that has it (ids are unique)
-    for lineno, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        if isinstance(raw, TooLong):
-            req, error = None, f"the line is longer than {MAX_LINE_BYTES >> 20} MiB"
-            if raw.endless:
-                error += f" (no end of line in {MAX_SKIP_BYTES >> 20} MiB more: the input is not read further)"
-        else:
-            try:
-                req = parse_line(raw.decode("utf-8"), lineno)
-            except UnicodeDecodeError as e:
-                req, error = None, f"the line is not UTF-8 text (byte {e.start})"
-            except RequestError as e:
-                req, error = None, str(e)
-        rid = req.id if req is not None else _guess_id(raw, lineno, load_json)
+    for lineno, raw, req, error, rid in parsed:
         key = _key(rid)
         if done_ids[key] > 0:                  # --resume: this line's record is in the output
             done_ids[key] -= 1
