@@ -148,3 +148,102 @@ def test_every_file_the_docs_point_at_exists():
                   or page.name == "README.md"}
         missing = sorted(p for p in paths if not (ROOT / p).exists())
         assert not missing, f"{page.name} points at files that do not exist: {missing}"
+
+
+def stage_lines(page: Path) -> list[str]:
+    """Each whole one-line `stage NAME : KIND …` statement of the page's pipeline snippets
+    (not the grammar's `stage NAME : KIND` template)."""
+    out = []
+    for body in blocks(page, ""):
+        for line in body.splitlines():
+            m = re.match(r"\s*stage\s+\w+\s*:\s*(\w+)", line)
+            if m and not m.group(1).isupper() and line.count("{") == line.count("}") and "…" not in line:
+                out.append(line.strip())
+    return out
+
+
+def test_every_stage_line_of_the_docs_snippets_checks(tmp_path):
+    # a reader pastes a snippet's stage into a pipeline of theirs: its kind, parameters and the
+    # function it names must be what check accepts (hooks.py beside it, as in examples/; a
+    # model file the line names stands for one of the reader's own: the tiny model)
+    from tiny_model import write_tiny_gguf
+
+    (tmp_path / "hooks.py").write_text((ROOT / "examples" / "hooks.py").read_text())
+    lines = [(page.name, line) for page in DOCS for line in stage_lines(page)]
+    assert len(lines) > 10
+    bad = []
+    for name, line in lines:
+        for model in re.findall(r'\bmodel\s*=\s*"([^"]+\.gguf)"', line):
+            (tmp_path / model).parent.mkdir(parents=True, exist_ok=True)
+            write_tiny_gguf(tmp_path / model)
+        _, diags = pipeline_dsl.loads(f"pipeline doc {{\n    {line}\n}}\n", file=str(tmp_path / "doc.agp"))
+        errors = [d.message for d in diags if d.is_error and d.pos and d.pos.line == 2
+                  and "is not connected" not in d.message]          # alone, a stage has no edges
+        bad += [f"{name}: `{line}`: {e}" for e in errors]
+    assert not bad, "\n".join(bad)
+
+
+def statements(text: str) -> list[str]:
+    """A pipeline text's statements without comments, whitespace collapsed (a stage spans its braces)."""
+    out, open_ = [], ""
+    for line in text.splitlines():
+        code = " ".join(line.split("#", 1)[0].split())
+        if not code or (not open_ and (code == "}" or re.fullmatch(r"pipeline \w+ \{", code))):
+            continue                                                  # the pipeline's own braces
+        open_ = f"{open_} {code}".strip()
+        if open_.count("{") == open_.count("}"):
+            out.append(open_)
+            open_ = ""
+    return out
+
+
+def test_every_snippet_line_that_names_an_example_quotes_it():
+    # `stage gen : generate { n = 3 … }    # examples/vote.agp`: the reader finds that stage (with
+    # at least those settings) or that edge in the file; so for the snippet's next lines, until
+    # one has a comment of its own
+    bad = []
+    for page in DOCS:
+        for body in blocks(page, ""):
+            example = None
+            for line in body.splitlines():
+                if "#" in line and not line.lstrip().startswith("#"):
+                    m = re.search(r"#\s*(examples/\w+\.agp)", line)
+                    example = m.group(1) if m and (ROOT / m.group(1)).exists() else None
+                code = " ".join(line.split("#", 1)[0].split())
+                if not example or not code:
+                    continue
+                found = statements((ROOT / example).read_text())
+                if code.startswith("stage "):
+                    head, _, params = code.partition("{")
+                    same = [s for s in found if " ".join(s.partition("{")[0].split()) == " ".join(head.split())]
+                    pairs = re.findall(r'(\w+)\s*=\s*("[^"]*"|\[[^\]]*\]|[^\s}]+)', params)
+                    ok = any(all(re.search(rf"\b{k}\s*=\s*{re.escape(v)}(?=[\s}}])", s) for k, v in pairs) for s in same)
+                else:                                                 # an edge: in a statement, or a chain's link
+                    ok = any(f" {code} " in f" {s} " and (" when " in code or " otherwise" in code
+                                                          or not re.search(r" (when|otherwise)\b", s))
+                             for s in found)
+                if not ok:
+                    bad.append(f"{page.name}: `{code}` is not in {example}")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_serve_limits_table_states_the_stop_string_bounds():
+    from stages.registry import get_kind
+
+    stop = next(p for p in get_kind("generate").params if p.name == "stop")
+    row = next(ln for ln in (ROOT / "docs" / "serve.md").read_text().splitlines() if ln.startswith("| stop strings |"))
+    numbers = [int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", row.split("|")[2])]
+    assert numbers == [stop.max_items, stop.max_length, stop.max_total], row
+
+
+def test_the_plan_page_names_the_work_each_kind_is_split_into():
+    from pipeline_dsl.plan import ITEM_WORK, WORK
+
+    text = " ".join((ROOT / "docs" / "plan.md").read_text().split("## How the plan is made", 1)[1]
+                    .split("2. **Instances.**", 1)[0].split())
+    for kind, parts in WORK.items():
+        named = re.search(rf"`{kind}` = ([^;]*)", text)
+        assert named, f"plan.md does not say what {kind}'s work is"
+        assert re.findall(r"(?:^|\+ )(\w+)", named.group(1)) == [p for p, _, _ in parts], named.group(0)
+    for kind, part in ITEM_WORK.items():
+        assert f"`{kind}` = {part}" in text, f"plan.md does not say {kind}'s per-request work is '{part}'"
