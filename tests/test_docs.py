@@ -247,3 +247,15 @@ def test_the_plan_page_names_the_work_each_kind_is_split_into():
         assert re.findall(r"(?:^|\+ )(\w+)", named.group(1)) == [p for p, _, _ in parts], named.group(0)
     for kind, part in ITEM_WORK.items():
         assert f"`{kind}` = {part}" in text, f"plan.md does not say {kind}'s per-request work is '{part}'"
+
+
+def test_the_command_synopsis_of_the_language_reference_names_flags_that_exist():
+    # docs/language.md, "Commands": `agp run FILE [-i in.jsonl] … [--resume | --overwrite]`
+    synopsis = next(b for b in blocks(ROOT / "docs" / "language.md", "") if b.startswith("agp check FILE"))
+    bad = []
+    for line in synopsis.splitlines():
+        command = line.split()[1]
+        parser = build_parser([command]).commands[command]
+        flags = {f for a in parser._actions for f in a.option_strings}
+        bad += [f"agp {command} {f}" for f in re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", line) if f not in flags]
+    assert not bad, f"language.md's synopsis names flags that do not exist: {bad}"
