@@ -259,3 +259,46 @@ def test_the_command_synopsis_of_the_language_reference_names_flags_that_exist()
         flags = {f for a in parser._actions for f in a.option_strings}
         bad += [f"agp {command} {f}" for f in re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", line) if f not in flags]
     assert not bad, f"language.md's synopsis names flags that do not exist: {bad}"
+
+
+def openai_fields() -> list[tuple[str, str, str]]:
+    """(section, field, status) for each top-level field of docs/openai.md's request tables."""
+    rows, section = [], ""
+    for line in (ROOT / "docs" / "openai.md").read_text().splitlines():
+        section = line if line.startswith("## ") else section
+        m = re.match(r"\| (`[^|]*`)[^|]*\| ([^|]*) \|", line)
+        if m and "field" not in m.group(1) and "tested" not in section:
+            rows += [(section, f, m.group(2)) for f in re.findall(r"`([a-z_]+)", m.group(1))]
+    return rows
+
+
+def test_every_field_the_openai_page_supports_is_a_field_of_its_endpoint():
+    from pipeline_dsl.serve.protocol import CHAT_FIELDS, COMPLETION_FIELDS
+
+    endpoints = {"Both endpoints": [CHAT_FIELDS, COMPLETION_FIELDS], "vLLM's extras": [CHAT_FIELDS, COMPLETION_FIELDS],
+                 "`/v1/chat/completions`": [CHAT_FIELDS], "`/v1/completions`": [COMPLETION_FIELDS]}
+    rows = [(s, f, st) for s, f, st in openai_fields() if any(s.startswith(f"## {e}") for e in endpoints)]
+    assert len(rows) > 40
+    bad = []
+    for section, field, status in rows:
+        known = next(v for e, v in endpoints.items() if section.startswith(f"## {e}"))
+        if "(chat)" in status:
+            known = [CHAT_FIELDS]
+        if "rejected" in status and "unless" not in status:
+            bad += [f"{section[3:]}: {field} is said to be rejected but is taken" for k in known if field in k]
+        else:
+            bad += [f"{section[3:]}: {field} ({status}) is an unrecognized request argument" for k in known
+                    if field not in k]
+    assert not bad, "\n".join(bad)
+
+
+def test_completions_take_metadata_for_the_pipelines_conditions():
+    # docs/openai.md, "Both endpoints": `metadata`, an object a pipeline's conditions read
+    from pipeline_dsl.serve.protocol import APIError, parse_completion
+
+    req = parse_completion({"prompt": "hi", "metadata": {"tier": "gold"}}, max_model_len=512, served=("chat",))
+    assert req.item("r1")["metadata"] == {"tier": "gold"}
+    assert [r.metadata for r in parse_completion({"prompt": ["a", "b"], "metadata": {"tier": "gold"}},
+                                                 max_model_len=512, served=("chat",)).split()] == [{"tier": "gold"}] * 2
+    with pytest.raises(APIError, match="'metadata' must be an object"):
+        parse_completion({"prompt": "hi", "metadata": [1]}, max_model_len=512, served=("chat",))
