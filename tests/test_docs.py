@@ -302,3 +302,17 @@ def test_completions_take_metadata_for_the_pipelines_conditions():
                                                  max_model_len=512, served=("chat",)).split()] == [{"tier": "gold"}] * 2
     with pytest.raises(APIError, match="'metadata' must be an object"):
         parse_completion({"prompt": "hi", "metadata": [1]}, max_model_len=512, served=("chat",))
+
+
+def test_the_condition_field_table_is_the_checkers():
+    # docs/language.md, "Conditions": | field | type | of |, one row per field (or a few of one type)
+    from pipeline_dsl.conditions import FIELDS
+
+    text = (ROOT / "docs" / "language.md").read_text().split("### Conditions", 1)[1].split("\n\n| field |", 1)[1]
+    documented = {}
+    for row in text.split("\n\n", 1)[0].splitlines()[2:]:
+        names, kind = row.split("|")[1:3]
+        documented |= {f: kind.strip() for f in re.findall(r"`([\w.]+)`", names)}
+    documented.pop("metadata.KEY")
+    actual = {f: t for fields in FIELDS.values() for f, (t, _) in fields.items()}
+    assert documented == actual
