@@ -316,3 +316,26 @@ def test_the_condition_field_table_is_the_checkers():
     documented.pop("metadata.KEY")
     actual = {f: t for fields in FIELDS.values() for f, (t, _) in fields.items()}
     assert documented == actual
+
+
+def test_the_built_in_kinds_table_names_every_parameter_with_its_default():
+    # docs/language.md, "Built-in kinds": `max_queue` int 1024; … one row per kind
+    from pipeline_dsl.units import normalise
+    from stages.registry import default_registry, get_kind
+
+    text = (ROOT / "docs" / "language.md").read_text().split("### Built-in kinds", 1)[1]
+    rows = [re.split(r"(?<!\\)\|", r) for r in text.split("\n\n", 2)[1].splitlines()[2:]]
+    assert {r[1].strip(" `") for r in rows} >= {k.name for k in default_registry().kinds() if k.source == "builtin"}
+    bad = []
+    for row in rows:
+        kind = get_kind(row[1].strip(" `"))
+        named = set(re.findall(r"`(\w+)`", row[2]))
+        bad += [f"{kind.name}.{p.name} is not in the table" for p in kind.params if p.name not in named]
+        for name, value in re.findall(r"`(\w+)` (?:int|float|bool|duration|size) (-?\d[\w.]*|true|false)\b", row[2]):
+            default = next(p.default for p in kind.params if p.name == name)
+            m = re.fullmatch(r"(-?[\d.]+)([a-zA-Z]+)", value)
+            said = {"true": True, "false": False}.get(value) if value in ("true", "false") else \
+                normalise(float(m.group(1)), m.group(2)) if m else float(value)
+            if said != default:
+                bad.append(f"{kind.name}.{name}: the table says {value}, the kind {default!r}")
+    assert not bad, "\n".join(bad)
