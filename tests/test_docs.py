@@ -339,3 +339,25 @@ def test_the_built_in_kinds_table_names_every_parameter_with_its_default():
             if said != default:
                 bad.append(f"{kind.name}.{name}: the table says {value}, the kind {default!r}")
     assert not bad, "\n".join(bad)
+
+
+def test_the_modes_table_is_the_presets():
+    # docs/language.md, "Modes": | mode | `generate.dtype` | `dynamic_batch.max_batch_size` | … | for |
+    from pipeline_dsl.modes import PRESETS
+    from pipeline_dsl.units import normalise
+
+    lines = (ROOT / "docs" / "language.md").read_text().split("## Modes", 1)[1].split("\n| mode |", 1)[1].splitlines()
+    columns = [tuple(c.strip(" `").split(".")) for c in lines[0].split("|")[:-2]]
+    table = {}
+    for row in lines[2:]:
+        if not row.startswith("|"):
+            break
+        cells = [c.strip() for c in row.split("|")[1:-2]]
+        values = {}
+        for key, cell in zip(columns, cells[1:]):
+            word = cell.split()[0].strip("`")
+            m = re.fullmatch(r"(\d+)([A-Za-z]+)", word)
+            values[key] = normalise(float(m.group(1)), m.group(2)) if m else \
+                {"true": True, "false": False}.get(word, int(word) if word.isdigit() else word)
+        table[cells[0].strip("`")] = values
+    assert table == PRESETS
