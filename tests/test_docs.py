@@ -361,3 +361,20 @@ def test_the_modes_table_is_the_presets():
                 {"true": True, "false": False}.get(word, int(word) if word.isdigit() else word)
         table[cells[0].strip("`")] = values
     assert table == PRESETS
+
+
+def test_the_serve_limits_table_states_the_flags_defaults():
+    # docs/serve.md, "Limits": | `--max-body-bytes` | 4 MiB | 413 |
+    parser = build_parser(["serve"]).commands["serve"]
+    defaults = {f: a.default for a in parser._actions for f in a.option_strings}
+    table = (ROOT / "docs" / "serve.md").read_text().split("## Limits", 1)[1].split("\n\n", 2)[1]
+    checked = 0
+    for row in table.splitlines()[2:]:
+        flag, default = (c.strip() for c in row.split("|")[1:3])
+        m = re.fullmatch(r"`(--[a-z-]+)`", flag)
+        n = re.match(r"([\d,.]+) ?(MiB|KiB|s\b)?", default)
+        if m and n:
+            said = float(n.group(1).replace(",", "")) * {"MiB": 1 << 20, "KiB": 1 << 10}.get(n.group(2), 1)
+            assert said == defaults[m.group(1)], f"serve.md: {m.group(1)} defaults to {default}; agp serve: {defaults[m.group(1)]}"
+            checked += 1
+    assert checked >= 5
