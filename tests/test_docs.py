@@ -378,3 +378,16 @@ def test_the_serve_limits_table_states_the_flags_defaults():
             assert said == defaults[m.group(1)], f"serve.md: {m.group(1)} defaults to {default}; agp serve: {defaults[m.group(1)]}"
             checked += 1
     assert checked >= 5
+
+
+def test_no_page_points_outside_the_repository():
+    # `../shared/NOTES.md` from docs/ is no file a reader of the repository has (a snippet's
+    # `use "../common/edge.agp"` is the reader's own layout: code blocks are left out)
+    bad = []
+    for page in DOCS:
+        prose = FENCE.sub("", page.read_text())
+        for ref in re.findall(r"(?<![\w/.])((?:\.\./)+[\w./-]+\.\w+)", prose):
+            target = (page.parent / ref).resolve()
+            if not (target.is_relative_to(ROOT) and target.exists()):
+                bad.append(f"{page.name}: {ref}")
+    assert not bad, f"the docs point at files outside the repository or missing: {bad}"
