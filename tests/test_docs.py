@@ -391,3 +391,13 @@ def test_no_page_points_outside_the_repository():
             if not (target.is_relative_to(ROOT) and target.exists()):
                 bad.append(f"{page.name}: {ref}")
     assert not bad, f"the docs point at files outside the repository or missing: {bad}"
+
+
+def test_every_test_the_docs_cite_exists():
+    # `test_hostile.py`, tests/test_serve.py::test_hundred_clients_…: a reader runs what the page names
+    defined = set()
+    for path in (ROOT / "tests").glob("test_*.py"):
+        defined |= {path.stem} | set(re.findall(r"^\s*(?:async )?def (test_\w+)", path.read_text(), re.M))
+    cited = {name for page in DOCS for name in re.findall(r"\b(test_[a-z0-9_]+)\b", page.read_text())}
+    assert len(cited) > 20
+    assert not cited - defined, f"the docs cite tests that do not exist: {sorted(cited - defined)}"
