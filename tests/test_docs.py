@@ -5,6 +5,7 @@ they show checks clean, the outputs they quote are what the commands print, the 
 every file they point at is there. (The examples themselves run in tests/test_examples.py.)"""
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -401,3 +402,18 @@ def test_every_test_the_docs_cite_exists():
     cited = {name for page in DOCS for name in re.findall(r"\b(test_[a-z0-9_]+)\b", page.read_text())}
     assert len(cited) > 20
     assert not cited - defined, f"the docs cite tests that do not exist: {sorted(cited - defined)}"
+
+
+def test_every_request_body_the_docs_send_is_one_agp_serve_takes():
+    # README.md and the serve pages: `curl -s localhost:8000/v1/chat/completions … -d '{"messages": …}'`
+    from pipeline_dsl.serve.protocol import parse_chat, parse_completion
+
+    parse = {"/v1/chat/completions": parse_chat, "/v1/completions": parse_completion}
+    served = (pipeline_dsl.load_pipeline_graph(str(ROOT / "examples" / "chat.agp")).graph["name"],)
+    sent = []
+    for page in DOCS:
+        for body in blocks(page, "sh"):
+            for call in re.findall(r"curl [^\n]*?(/v1/[\w/]+)[^\n]*?(?:\\\n[^\n]*?)*?-d '([^']*)'", body):
+                sent.append(call)
+                parse[call[0]](json.loads(call[1]), max_model_len=8192, served=served)
+    assert len(sent) >= 3
