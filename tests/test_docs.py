@@ -1,8 +1,11 @@
 """The documentation's examples stay true (README.md and docs/*.md), without loading a model:
 every `agp` command line they show parses with the flags that exist, every whole pipeline
-they show checks clean, the outputs they quote are what the commands print, the flags and
-`AGP_*` variables of the serve pages exist, the engine's dataclasses list every field, and
-every file they point at is there. (The examples themselves run in tests/test_examples.py.)"""
+they show checks clean and every one-line stage of their snippets too, a snippet line that
+names an example quotes it, the outputs they quote are what the commands print, the tables
+(built-in kinds, modes, condition fields, serve flags, limits and defaults, OpenAI fields,
+the planner's work) say what the code does, the request bodies they send parse, the engine's
+dataclasses list every field, and every file and test they point at is there. (The examples
+themselves run in tests/test_examples.py.)"""
 from __future__ import annotations
 
 import json
