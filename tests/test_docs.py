@@ -221,7 +221,8 @@ def test_every_snippet_line_that_names_an_example_quotes_it():
                     head, _, params = code.partition("{")
                     same = [s for s in found if " ".join(s.partition("{")[0].split()) == " ".join(head.split())]
                     pairs = re.findall(r'(\w+)\s*=\s*("[^"]*"|\[[^\]]*\]|[^\s}]+)', params)
-                    ok = any(all(re.search(rf"\b{k}\s*=\s*{re.escape(v)}(?=[\s}}])", s) for k, v in pairs) for s in same)
+                    ok = any(all(re.search(rf"\b{k}\s*=\s*{re.escape(v)}(?=[\s}}])", s) for k, v in pairs)
+                             for s in same)
                 else:                                                 # an edge: in a statement, or a chain's link
                     ok = any(f" {code} " in f" {s} " and (" when " in code or " otherwise" in code
                                                           or not re.search(r" (when|otherwise)\b", s))
@@ -379,7 +380,8 @@ def test_the_serve_limits_table_states_the_flags_defaults():
         n = re.match(r"([\d,.]+) ?(MiB|KiB|s\b)?", default)
         if m and n:
             said = float(n.group(1).replace(",", "")) * {"MiB": 1 << 20, "KiB": 1 << 10}.get(n.group(2), 1)
-            assert said == defaults[m.group(1)], f"serve.md: {m.group(1)} defaults to {default}; agp serve: {defaults[m.group(1)]}"
+            assert said == defaults[m.group(1)], \
+                f"serve.md: {m.group(1)} defaults to {default}; agp serve: {defaults[m.group(1)]}"
             checked += 1
     assert checked >= 5
 
