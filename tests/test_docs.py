@@ -1,10 +1,14 @@
 """The documentation's examples stay true (README.md and docs/*.md), without loading a model:
 every `agp` command line they show parses with the flags that exist, every whole pipeline
-they show checks clean, the outputs they quote are what the commands print, the flags and
-`AGP_*` variables of the serve pages exist, the engine's dataclasses list every field, and
-every file they point at is there. (The examples themselves run in tests/test_examples.py.)"""
+they show checks clean and every one-line stage of their snippets too, a snippet line that
+names an example quotes it, the outputs they quote are what the commands print, the tables
+(built-in kinds, modes, condition fields, serve flags, limits and defaults, OpenAI fields,
+the planner's work) say what the code does, the request bodies they send parse, the engine's
+dataclasses list every field, and every file and test they point at is there. (The examples
+themselves run in tests/test_examples.py.)"""
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -148,3 +152,273 @@ def test_every_file_the_docs_point_at_exists():
                   or page.name == "README.md"}
         missing = sorted(p for p in paths if not (ROOT / p).exists())
         assert not missing, f"{page.name} points at files that do not exist: {missing}"
+
+
+def stage_lines(page: Path) -> list[str]:
+    """Each whole one-line `stage NAME : KIND …` statement of the page's pipeline snippets
+    (not the grammar's `stage NAME : KIND` template)."""
+    out = []
+    for body in blocks(page, ""):
+        for line in body.splitlines():
+            m = re.match(r"\s*stage\s+\w+\s*:\s*(\w+)", line)
+            if m and not m.group(1).isupper() and line.count("{") == line.count("}") and "…" not in line:
+                out.append(line.strip())
+    return out
+
+
+def test_every_stage_line_of_the_docs_snippets_checks(tmp_path):
+    # a reader pastes a snippet's stage into a pipeline of theirs: its kind, parameters and the
+    # function it names must be what check accepts (hooks.py beside it, as in examples/; a
+    # model file the line names stands for one of the reader's own: the tiny model)
+    from tiny_model import write_tiny_gguf
+
+    (tmp_path / "hooks.py").write_text((ROOT / "examples" / "hooks.py").read_text())
+    lines = [(page.name, line) for page in DOCS for line in stage_lines(page)]
+    assert len(lines) > 10
+    bad = []
+    for name, line in lines:
+        for model in re.findall(r'\bmodel\s*=\s*"([^"]+\.gguf)"', line):
+            (tmp_path / model).parent.mkdir(parents=True, exist_ok=True)
+            write_tiny_gguf(tmp_path / model)
+        _, diags = pipeline_dsl.loads(f"pipeline doc {{\n    {line}\n}}\n", file=str(tmp_path / "doc.agp"))
+        errors = [d.message for d in diags if d.is_error and d.pos and d.pos.line == 2
+                  and "is not connected" not in d.message]          # alone, a stage has no edges
+        bad += [f"{name}: `{line}`: {e}" for e in errors]
+    assert not bad, "\n".join(bad)
+
+
+def statements(text: str) -> list[str]:
+    """A pipeline text's statements without comments, whitespace collapsed (a stage spans its braces)."""
+    out, open_ = [], ""
+    for line in text.splitlines():
+        code = " ".join(line.split("#", 1)[0].split())
+        if not code or (not open_ and (code == "}" or re.fullmatch(r"pipeline \w+ \{", code))):
+            continue                                                  # the pipeline's own braces
+        open_ = f"{open_} {code}".strip()
+        if open_.count("{") == open_.count("}"):
+            out.append(open_)
+            open_ = ""
+    return out
+
+
+def test_every_snippet_line_that_names_an_example_quotes_it():
+    # `stage gen : generate { n = 3 … }    # examples/vote.agp`: the reader finds that stage (with
+    # at least those settings) or that edge in the file; so for the snippet's next lines, until
+    # one has a comment of its own
+    bad = []
+    for page in DOCS:
+        for body in blocks(page, ""):
+            example = None
+            for line in body.splitlines():
+                if "#" in line and not line.lstrip().startswith("#"):
+                    m = re.search(r"#\s*(examples/\w+\.agp)", line)
+                    example = m.group(1) if m and (ROOT / m.group(1)).exists() else None
+                code = " ".join(line.split("#", 1)[0].split())
+                if not example or not code:
+                    continue
+                found = statements((ROOT / example).read_text())
+                if code.startswith("stage "):
+                    head, _, params = code.partition("{")
+                    same = [s for s in found if " ".join(s.partition("{")[0].split()) == " ".join(head.split())]
+                    pairs = re.findall(r'(\w+)\s*=\s*("[^"]*"|\[[^\]]*\]|[^\s}]+)', params)
+                    ok = any(all(re.search(rf"\b{k}\s*=\s*{re.escape(v)}(?=[\s}}])", s) for k, v in pairs)
+                             for s in same)
+                else:                                                 # an edge: in a statement, or a chain's link
+                    ok = any(f" {code} " in f" {s} " and (" when " in code or " otherwise" in code
+                                                          or not re.search(r" (when|otherwise)\b", s))
+                             for s in found)
+                if not ok:
+                    bad.append(f"{page.name}: `{code}` is not in {example}")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_serve_limits_table_states_the_stop_string_bounds():
+    from stages.registry import get_kind
+
+    stop = next(p for p in get_kind("generate").params if p.name == "stop")
+    row = next(ln for ln in (ROOT / "docs" / "serve.md").read_text().splitlines() if ln.startswith("| stop strings |"))
+    numbers = [int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", row.split("|")[2])]
+    assert numbers == [stop.max_items, stop.max_length, stop.max_total], row
+
+
+def test_the_plan_page_names_the_work_each_kind_is_split_into():
+    from pipeline_dsl.plan import ITEM_WORK, WORK
+
+    text = " ".join((ROOT / "docs" / "plan.md").read_text().split("## How the plan is made", 1)[1]
+                    .split("2. **Instances.**", 1)[0].split())
+    for kind, parts in WORK.items():
+        named = re.search(rf"`{kind}` = ([^;]*)", text)
+        assert named, f"plan.md does not say what {kind}'s work is"
+        assert re.findall(r"(?:^|\+ )(\w+)", named.group(1)) == [p for p, _, _ in parts], named.group(0)
+    for kind, part in ITEM_WORK.items():
+        assert f"`{kind}` = {part}" in text, f"plan.md does not say {kind}'s per-request work is '{part}'"
+
+
+def test_the_command_synopsis_of_the_language_reference_names_flags_that_exist():
+    # docs/language.md, "Commands": `agp run FILE [-i in.jsonl] … [--resume | --overwrite]`
+    synopsis = next(b for b in blocks(ROOT / "docs" / "language.md", "") if b.startswith("agp check FILE"))
+    bad = []
+    for line in synopsis.splitlines():
+        command = line.split()[1]
+        parser = build_parser([command]).commands[command]
+        flags = {f for a in parser._actions for f in a.option_strings}
+        bad += [f"agp {command} {f}" for f in re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", line) if f not in flags]
+    assert not bad, f"language.md's synopsis names flags that do not exist: {bad}"
+
+
+def openai_fields() -> list[tuple[str, str, str]]:
+    """(section, field, status) for each top-level field of docs/openai.md's request tables."""
+    rows, section = [], ""
+    for line in (ROOT / "docs" / "openai.md").read_text().splitlines():
+        section = line if line.startswith("## ") else section
+        m = re.match(r"\| (`[^|]*`)[^|]*\| ([^|]*) \|", line)
+        if m and "field" not in m.group(1) and "tested" not in section:
+            rows += [(section, f, m.group(2)) for f in re.findall(r"`([a-z_]+)", m.group(1))]
+    return rows
+
+
+def test_every_field_the_openai_page_supports_is_a_field_of_its_endpoint():
+    from pipeline_dsl.serve.protocol import CHAT_FIELDS, COMPLETION_FIELDS
+
+    endpoints = {"Both endpoints": [CHAT_FIELDS, COMPLETION_FIELDS], "vLLM's extras": [CHAT_FIELDS, COMPLETION_FIELDS],
+                 "`/v1/chat/completions`": [CHAT_FIELDS], "`/v1/completions`": [COMPLETION_FIELDS]}
+    rows = [(s, f, st) for s, f, st in openai_fields() if any(s.startswith(f"## {e}") for e in endpoints)]
+    assert len(rows) > 40
+    bad = []
+    for section, field, status in rows:
+        known = next(v for e, v in endpoints.items() if section.startswith(f"## {e}"))
+        if "(chat)" in status:
+            known = [CHAT_FIELDS]
+        if "rejected" in status and "unless" not in status:
+            bad += [f"{section[3:]}: {field} is said to be rejected but is taken" for k in known if field in k]
+        else:
+            bad += [f"{section[3:]}: {field} ({status}) is an unrecognized request argument" for k in known
+                    if field not in k]
+    assert not bad, "\n".join(bad)
+
+
+def test_completions_take_metadata_for_the_pipelines_conditions():
+    # docs/openai.md, "Both endpoints": `metadata`, an object a pipeline's conditions read
+    from pipeline_dsl.serve.protocol import APIError, parse_completion
+
+    req = parse_completion({"prompt": "hi", "metadata": {"tier": "gold"}}, max_model_len=512, served=("chat",))
+    assert req.item("r1")["metadata"] == {"tier": "gold"}
+    assert [r.metadata for r in parse_completion({"prompt": ["a", "b"], "metadata": {"tier": "gold"}},
+                                                 max_model_len=512, served=("chat",)).split()] == [{"tier": "gold"}] * 2
+    with pytest.raises(APIError, match="'metadata' must be an object"):
+        parse_completion({"prompt": "hi", "metadata": [1]}, max_model_len=512, served=("chat",))
+
+
+def test_the_condition_field_table_is_the_checkers():
+    # docs/language.md, "Conditions": | field | type | of |, one row per field (or a few of one type)
+    from pipeline_dsl.conditions import FIELDS
+
+    text = (ROOT / "docs" / "language.md").read_text().split("### Conditions", 1)[1].split("\n\n| field |", 1)[1]
+    documented = {}
+    for row in text.split("\n\n", 1)[0].splitlines()[2:]:
+        names, kind = row.split("|")[1:3]
+        documented |= {f: kind.strip() for f in re.findall(r"`([\w.]+)`", names)}
+    documented.pop("metadata.KEY")
+    actual = {f: t for fields in FIELDS.values() for f, (t, _) in fields.items()}
+    assert documented == actual
+
+
+def test_the_built_in_kinds_table_names_every_parameter_with_its_default():
+    # docs/language.md, "Built-in kinds": `max_queue` int 1024; … one row per kind
+    from pipeline_dsl.units import normalise
+    from stages.registry import default_registry, get_kind
+
+    text = (ROOT / "docs" / "language.md").read_text().split("### Built-in kinds", 1)[1]
+    rows = [re.split(r"(?<!\\)\|", r) for r in text.split("\n\n", 2)[1].splitlines()[2:]]
+    assert {r[1].strip(" `") for r in rows} >= {k.name for k in default_registry().kinds() if k.source == "builtin"}
+    bad = []
+    for row in rows:
+        kind = get_kind(row[1].strip(" `"))
+        named = set(re.findall(r"`(\w+)`", row[2]))
+        bad += [f"{kind.name}.{p.name} is not in the table" for p in kind.params if p.name not in named]
+        for name, value in re.findall(r"`(\w+)` (?:int|float|bool|duration|size) (-?\d[\w.]*|true|false)\b", row[2]):
+            default = next(p.default for p in kind.params if p.name == name)
+            m = re.fullmatch(r"(-?[\d.]+)([a-zA-Z]+)", value)
+            said = {"true": True, "false": False}.get(value) if value in ("true", "false") else \
+                normalise(float(m.group(1)), m.group(2)) if m else float(value)
+            if said != default:
+                bad.append(f"{kind.name}.{name}: the table says {value}, the kind {default!r}")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_modes_table_is_the_presets():
+    # docs/language.md, "Modes": | mode | `generate.dtype` | `dynamic_batch.max_batch_size` | … | for |
+    from pipeline_dsl.modes import PRESETS
+    from pipeline_dsl.units import normalise
+
+    lines = (ROOT / "docs" / "language.md").read_text().split("## Modes", 1)[1].split("\n| mode |", 1)[1].splitlines()
+    columns = [tuple(c.strip(" `").split(".")) for c in lines[0].split("|")[:-2]]
+    table = {}
+    for row in lines[2:]:
+        if not row.startswith("|"):
+            break
+        cells = [c.strip() for c in row.split("|")[1:-2]]
+        values = {}
+        for key, cell in zip(columns, cells[1:]):
+            word = cell.split()[0].strip("`")
+            m = re.fullmatch(r"(\d+)([A-Za-z]+)", word)
+            values[key] = normalise(float(m.group(1)), m.group(2)) if m else \
+                {"true": True, "false": False}.get(word, int(word) if word.isdigit() else word)
+        table[cells[0].strip("`")] = values
+    assert table == PRESETS
+
+
+def test_the_serve_limits_table_states_the_flags_defaults():
+    # docs/serve.md, "Limits": | `--max-body-bytes` | 4 MiB | 413 |
+    parser = build_parser(["serve"]).commands["serve"]
+    defaults = {f: a.default for a in parser._actions for f in a.option_strings}
+    table = (ROOT / "docs" / "serve.md").read_text().split("## Limits", 1)[1].split("\n\n", 2)[1]
+    checked = 0
+    for row in table.splitlines()[2:]:
+        flag, default = (c.strip() for c in row.split("|")[1:3])
+        m = re.fullmatch(r"`(--[a-z-]+)`", flag)
+        n = re.match(r"([\d,.]+) ?(MiB|KiB|s\b)?", default)
+        if m and n:
+            said = float(n.group(1).replace(",", "")) * {"MiB": 1 << 20, "KiB": 1 << 10}.get(n.group(2), 1)
+            assert said == defaults[m.group(1)], \
+                f"serve.md: {m.group(1)} defaults to {default}; agp serve: {defaults[m.group(1)]}"
+            checked += 1
+    assert checked >= 5
+
+
+def test_no_page_points_outside_the_repository():
+    # `../shared/NOTES.md` from docs/ is no file a reader of the repository has (a snippet's
+    # `use "../common/edge.agp"` is the reader's own layout: code blocks are left out)
+    bad = []
+    for page in DOCS:
+        prose = FENCE.sub("", page.read_text())
+        for ref in re.findall(r"(?<![\w/.])((?:\.\./)+[\w./-]+\.\w+)", prose):
+            target = (page.parent / ref).resolve()
+            if not (target.is_relative_to(ROOT) and target.exists()):
+                bad.append(f"{page.name}: {ref}")
+    assert not bad, f"the docs point at files outside the repository or missing: {bad}"
+
+
+def test_every_test_the_docs_cite_exists():
+    # `test_hostile.py`, tests/test_serve.py::test_hundred_clients_…: a reader runs what the page names
+    defined = set()
+    for path in (ROOT / "tests").glob("test_*.py"):
+        defined |= {path.stem} | set(re.findall(r"^\s*(?:async )?def (test_\w+)", path.read_text(), re.M))
+    cited = {name for page in DOCS for name in re.findall(r"\b(test_[a-z0-9_]+)\b", page.read_text())}
+    assert len(cited) > 20
+    assert not cited - defined, f"the docs cite tests that do not exist: {sorted(cited - defined)}"
+
+
+def test_every_request_body_the_docs_send_is_one_agp_serve_takes():
+    # README.md and the serve pages: `curl -s localhost:8000/v1/chat/completions … -d '{"messages": …}'`
+    from pipeline_dsl.serve.protocol import parse_chat, parse_completion
+
+    parse = {"/v1/chat/completions": parse_chat, "/v1/completions": parse_completion}
+    served = (pipeline_dsl.load_pipeline_graph(str(ROOT / "examples" / "chat.agp")).graph["name"],)
+    sent = []
+    for page in DOCS:
+        for body in blocks(page, "sh"):
+            for call in re.findall(r"curl [^\n]*?(/v1/[\w/]+)[^\n]*?(?:\\\n[^\n]*?)*?-d '([^']*)'", body):
+                sent.append(call)
+                parse[call[0]](json.loads(call[1]), max_model_len=8192, served=served)
+    assert len(sent) >= 3

@@ -85,6 +85,7 @@ COMPLETION_REQUEST = {"type": "object", "required": ["prompt"], "additionalPrope
         {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
         {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string", "minLength": 1}},
     ]},
+    "metadata": {"type": "object"},
     **SAMPLING,
 }}
 

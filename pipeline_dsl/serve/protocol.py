@@ -148,7 +148,8 @@ NEUTRAL = {"best_of": ((1,), None), "suffix": (("",), None),
            "vllm_xargs": (({},), None)}
 CHAT_NEUTRAL = {"echo": ((False,), None), "add_special_tokens": ((False,), None), "documents": ((), None),
                 "functions": ((), "use 'tools'"), "function_call": ((), "use 'tool_choice'")}
-COMPLETION_FIELDS = COMMON | VLLM | set(TOKEN_FIELDS) | set(NEUTRAL) | {"prompt", "echo"}
+# metadata: read by the pipeline's conditions (`when metadata.tier == "gold"`), on either endpoint
+COMPLETION_FIELDS = COMMON | VLLM | set(TOKEN_FIELDS) | set(NEUTRAL) | {"prompt", "echo", "metadata"}
 CHAT_FIELDS = COMMON | VLLM | set(TOKEN_FIELDS) | set(NEUTRAL) | set(CHAT_NEUTRAL) | {
     "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "metadata",
     "store", "service_tier", "chat_template_kwargs", "add_generation_prompt", "continue_final_message"}
@@ -284,6 +285,7 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     prompts = _prompts(obj["prompt"], max_model_len, truncation.get("truncate_prompt_tokens"))
     flags = _stream_flags(obj)
     echo = _field(obj, "echo", lambda v: isinstance(v, bool), "true or false") or False
+    metadata = _field(obj, "metadata", lambda v: isinstance(v, dict), "an object")
     scoring = echo and obj.get("max_tokens") == 0         # echo the prompt's logprobs, generate nothing
     fields = _sampling({k: v for k, v in obj.items() if not (scoring and k == "max_tokens")}, max_model_len)
     top = _field(obj, "logprobs", lambda v: _is_int(v) and 0 <= v <= MAX_LOGPROBS,
@@ -305,7 +307,7 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     first, rest = prompts[0], prompts[1:]
     return GenerationRequest("completion", model, fields, prompt=first if isinstance(first, str) else None,
                              prompt_token_ids=tuple(first) if not isinstance(first, str) else None,
-                             **flags, pin=pin, more_prompts=tuple(rest),
+                             **flags, pin=pin, more_prompts=tuple(rest), metadata=metadata,
                              response_format=extras.constraint, request_id=extras.request_id,
                              prompt_logprobs=tokens.prompt_logprobs)
 
