@@ -46,3 +46,27 @@ def test_the_served_api_matches_its_description(live, label):
         case.call_and_validate(base_url=live.url, checks=CHECKS, timeout=60)
 
     run()
+
+
+def test_the_described_completions_prompt_is_every_shape_the_server_takes(live):
+    """A batch of prompts (strings, token-id arrays, or both) is described as the server takes it:
+    up to its limit of prompts a request, one choice for each."""
+    import httpx
+    import jsonschema
+
+    from pipeline_dsl.serve.protocol import MAX_PROMPTS
+
+    spec = httpx.get(live.url + "/openapi.json", timeout=30).json()
+    body = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    validator = jsonschema.Draft202012Validator({**body, "components": spec.get("components", {})})
+    taken = [["a", "b", "c"], [[1, 2], [3]], ["a", [4, 5]], ["x"] * MAX_PROMPTS]
+    refused = [[], [""], ["x"] * (MAX_PROMPTS + 1), [[]], [1, "a"]]
+    for prompt in taken:
+        assert validator.is_valid({"prompt": prompt, "max_tokens": 1}), prompt
+    for prompt in refused:
+        assert not validator.is_valid({"prompt": prompt, "max_tokens": 1}), prompt
+    for prompt in taken[:3] + refused:
+        r = httpx.post(live.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 1}, timeout=60)
+        assert r.status_code == (200 if prompt in taken else 400), (prompt, r.text)
+        if r.status_code == 200:
+            assert sorted(c["index"] for c in r.json()["choices"]) == list(range(len(prompt)))

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pipeline_dsl.requests_io import MAX_STOP, MAX_STOP_CHARS, MAX_STOP_LEN, ROLES
 from stages.fields import TOKEN_ID_FIELDS, param_of
 
+from .protocol import MAX_PROMPTS
+
 _SEED = param_of("generate", "seed")                # one schema: the range `agp check` takes
 
 STOP = {"oneOf": [
@@ -83,7 +85,9 @@ COMPLETION_REQUEST = {"type": "object", "required": ["prompt"], "additionalPrope
     "prompt": {"oneOf": [
         {"type": "string", "minLength": 1},
         {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
-        {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string", "minLength": 1}},
+        {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS, "items": {"oneOf": [      # a batch
+            {"type": "string", "minLength": 1},
+            {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}]}},
     ]},
     "metadata": {"type": "object"},
     **SAMPLING,
