@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import flowkit
 import httpx
 import pytest
 
@@ -299,20 +300,44 @@ def test_ctrl_c_stops_agp_run_cleanly_and_resume_finishes_the_job(tmp_path, tiny
 
 # ---------------------------------------------------------------- agp serve: drain, timeouts, hosts, load
 
-def start_serve(tmp_path, model, *extra, budget="1MiB") -> tuple[subprocess.Popen, str]:
+def start_serve(tmp_path, model, *extra, budget="1MiB", pipeline=None, env=None) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    pipeline = write_pipeline(tmp_path, model, budget)
+    pipeline = pipeline or write_pipeline(tmp_path, model, budget)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "serve", str(pipeline), "--port", str(port),
-                             "--threads", "1", "--no-access-log", *extra], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                             "--threads", "1", "--no-access-log", *extra], stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     wait_until_healthy(proc, url)
     return proc, url
 
 
+STREAM_GATE_HOOK = """import os, time
+
+def hold(item, chunks):
+    # every chunk goes on as it comes; the end of the answer waits for the test's gate file (300 s at most)
+    for text in chunks:
+        yield text
+    deadline = time.monotonic() + 300
+    while not os.path.exists(os.environ["AGP_TEST_GATE"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+"""
+
+
 def test_a_drain_that_times_out_says_so_to_every_client_and_in_the_exit_status(tmp_path, mid_gguf):
-    proc, url = start_serve(tmp_path, mid_gguf, "--drain-timeout", "1", budget="32MiB")
+    # a stream stage after generation passes each chunk on as it comes, then holds the answer
+    # until agp has exited: all four are still in flight when the 1 s drain ends however fast the
+    # machine generates (480 tokens take ~8 s here; a faster one could finish inside the drain)
+    gate = tmp_path / "gate"
+    (tmp_path / "gatehook.py").write_text(STREAM_GATE_HOOK)
+    pipeline = write_pipeline(tmp_path, mid_gguf, budget="32MiB")
+    pipeline.write_text(pipeline.read_text()
+                        .replace("gen -> out", "gen -> hold -> out")
+                        .replace("stage out", 'stage hold    : python        { fn = "gatehook:hold"  stream = true  '
+                                              'workers = 64 }\n    stage out'))
+    proc, url = start_serve(tmp_path, mid_gguf, "--drain-timeout", "1", pipeline=pipeline,
+                            env={"AGP_TEST_GATE": str(gate)})
     try:
-        body = {"prompt": "hello", "max_tokens": 480, "ignore_eos": True}          # ~8 s each
+        body = {"prompt": "hello", "max_tokens": 480, "ignore_eos": True}
         streams, whole = [], {}
 
         def stream(i):
@@ -325,12 +350,16 @@ def test_a_drain_that_times_out_says_so_to_every_client_and_in_the_exit_status(t
         threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)] + [threading.Thread(target=nonstream)]
         for t in threads:
             t.start()
-        time.sleep(1.5)                                       # all four are generating
+        deadline = time.monotonic() + 120                     # all four are in the pipeline
+        while httpx.get(url + "/stats", timeout=30).json()["requests"]["in_flight"] < 4:
+            assert time.monotonic() < deadline, "the four requests did not arrive"
+            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(60)
         err = proc.communicate(timeout=60)[1]
     finally:
+        gate.touch()
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 1 and "cut 4 request(s)" in err, err
@@ -349,15 +378,14 @@ def test_half_sent_requests_are_closed_and_slow_bodies_get_408(tiny_gguf):
             c = socket.create_connection(("127.0.0.1", s.port))
             c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
             socks.append(c)
-        time.sleep(1.5)
         for c in socks:
-            c.settimeout(2)
+            c.settimeout(60)                                  # only the header timeout closes them
             assert c.recv(1024) == b""                        # closed by the server
             c.close()
         c = socket.create_connection(("127.0.0.1", s.port))   # a body that stops half way
         c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 100\r\n\r\n{\"prompt\": ")
-        c.settimeout(5)
+        c.settimeout(60)
         reply = b""
         while b"body_timeout" not in reply:
             chunk = c.recv(4096)
@@ -382,19 +410,32 @@ def test_a_foreign_host_header_is_refused(tiny_gguf):
         s.close()
 
 
+@pytest.mark.usefixtures("fresh_flowkit")
 def test_too_many_requests_at_once_get_503_with_retry_after(tiny_gguf):
-    s = LiveServer(tiny_gguf, max_connections=2, batch_timeout_s=3.0)   # two wait in the batch window
+    # a python stage holds both requests (flowkit.hold) until the third has had its answer,
+    # however the threads are scheduled
+    text = (TINY.format(model=tiny_gguf, max_queue=1024, max_batch_size=8, timeout=20)
+            .replace("request -> batch", "request -> hold -> batch")
+            .replace("stage out", 'stage hold    : python        { fn = "flowkit:hold" }\n    stage out'))
+    s = LiveServer(tiny_gguf, max_connections=2, text=text)
     try:
         body = {"prompt": "hello", "max_tokens": 2}
-        threads = [threading.Thread(target=httpx.post, args=(s.url + "/v1/completions",),
-                                    kwargs={"json": body, "timeout": 30}) for _ in range(2)]
+        answers = []
+        threads = [threading.Thread(target=lambda: answers.append(httpx.post(
+            s.url + "/v1/completions", json=body, timeout=60))) for _ in range(2)]
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        deadline = time.monotonic() + 60
+        while flowkit.COUNTS["hold"] < 2:                       # both hold a connection slot
+            assert time.monotonic() < deadline, "the two requests did not arrive"
+            time.sleep(0.01)
         r = httpx.post(s.url + "/v1/completions", json=body, timeout=30)
         assert_openai_error(r, 503, "--max-connections")
         assert r.headers["retry-after"] == "1"
+        flowkit.gate("hold").set()
         for t in threads:
-            t.join(30)
+            t.join(60)
+        assert [a.status_code for a in answers] == [200, 200]  # the two held ones are served
     finally:
+        flowkit.gate("hold").set()
         s.close()
