@@ -206,22 +206,57 @@ class _Transport:
         pass
 
 
+class _Clock:
+    """An event loop whose timers (call_later) run on a clock the test moves: a timer fires at
+    `advance`, never because the machine was slow; everything else is the real loop's."""
+
+    class Timer:
+        def __init__(self, when, fn, args):
+            self.when, self.fn, self.args, self.cancelled = when, fn, args, False
+
+        def cancel(self):
+            self.cancelled = True
+
+    def __init__(self, loop):
+        self.loop, self.now, self.timers = loop, 0.0, []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_later(self, delay, fn, *args, context=None):
+        self.timers.append(timer := self.Timer(self.now + delay, fn, args))
+        return timer
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        due = sorted((t for t in self.timers if t.when <= self.now), key=lambda t: t.when)
+        self.timers = [t for t in self.timers if t.when > self.now]
+        for t in due:
+            if not t.cancelled:
+                t.fn(*t.args)
+
+    def __getattr__(self, name):
+        return getattr(self.loop, name)
+
+
 def test_a_client_that_reads_none_of_its_answer_is_cut_after_the_send_timeout():
     """The socket's buffer full (pause_writing) for --send-timeout: the connection is cut, and
     the app hears a disconnect; a client that drains it in time keeps its connection."""
     loop = asyncio.new_event_loop()
+    clock = _Clock(loop)
     try:
         config = uvicorn.Config(app=lambda scope, receive, send: None, log_level="warning")
         cls = agp_protocol(header_timeout=10, send_timeout=0.2)
         stalled, slow = _Transport(), _Transport()
+        protos = {}
         for t in (stalled, slow):
-            proto = cls(config=config, server_state=ServerState(), app_state={}, _loop=loop)
-            proto.connection_made(t)
-            proto.pause_writing()
-            if t is slow:
-                loop.run_until_complete(asyncio.sleep(0.1))
-                proto.resume_writing()
-        loop.run_until_complete(asyncio.sleep(0.5))
+            protos[t] = cls(config=config, server_state=ServerState(), app_state={}, _loop=clock)
+            protos[t].connection_made(t)
+            protos[t].pause_writing()
+        clock.advance(0.1)
+        protos[slow].resume_writing()                     # drained half way through the timeout
+        assert not stalled.aborted and not slow.aborted
+        clock.advance(0.5)
         assert stalled.aborted and not slow.aborted and not slow.closed
     finally:
         loop.close()
