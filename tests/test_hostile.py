@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from pipeline_dsl.engine.tokenizer import TEMPLATE_SECONDS
-from test_serve import LiveServer, TINY, _free_port, wait_until_healthy
+from test_serve import LiveServer, TINY, start_agp_serve
 from tiny_model import write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -301,14 +301,8 @@ def test_ctrl_c_stops_agp_run_cleanly_and_resume_finishes_the_job(tmp_path, tiny
 # ---------------------------------------------------------------- agp serve: drain, timeouts, hosts, load
 
 def start_serve(tmp_path, model, *extra, budget="1MiB", pipeline=None, env=None) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
     pipeline = pipeline or write_pipeline(tmp_path, model, budget)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "serve", str(pipeline), "--port", str(port),
-                             "--threads", "1", "--no-access-log", *extra], stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, **(env or {})})
-    url = f"http://127.0.0.1:{port}"
-    wait_until_healthy(proc, url)
-    return proc, url
+    return start_agp_serve(str(pipeline), "--threads", "1", "--no-access-log", *extra, env={**os.environ, **(env or {})})
 
 
 STREAM_GATE_HOOK = """import os, time

@@ -187,7 +187,7 @@ class LiveServer:
         st = httpx.get(self.url + "/stats", timeout=10).json()
         return {**st["engines"]["gen"], "in_flight": st["requests"]["in_flight"], "stages": st["stages"]}
 
-    def stats_when(self, ok, timeout: float = 10.0) -> dict:
+    def stats_when(self, ok, timeout: float = 60.0) -> dict:
         """The stats once `ok(stats)` holds (an AssertionError with the last stats after `timeout`)."""
         deadline = time.monotonic() + timeout
         while not ok(st := self.stats()):
@@ -559,14 +559,30 @@ def wait_until_healthy(proc: subprocess.Popen, url: str, timeout: float = 90) ->
         time.sleep(0.2)
 
 
-def test_sigterm_finishes_in_flight_streams_and_exits_zero(tmp_path, tiny_gguf):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "serve",
-                             str(_pipeline_file(tmp_path, tiny_gguf)), "--port", str(port)],
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    try:
+def start_agp_serve(*args: str, env: dict | None = None, tries: int = 5) -> tuple[subprocess.Popen, str]:
+    """`agp serve ARGS --port P` as a child on a free port P, once GET /health answers: (process, url).
+    Another process may take P between our choosing it and the child binding it; the child then
+    exits 2 ("cannot listen on"), and a fresh port is tried."""
+    for attempt in range(tries):
+        port = _free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "serve", *args, "--port", str(port)],
+                                stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
         url = f"http://127.0.0.1:{port}"
-        wait_until_healthy(proc, url)
+        try:
+            wait_until_healthy(proc, url)
+            return proc, url
+        except AssertionError as e:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.returncode != 2 or "cannot listen on" not in str(e) or attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def test_sigterm_finishes_in_flight_streams_and_exits_zero(tmp_path, tiny_gguf):
+    proc, url = start_agp_serve(str(_pipeline_file(tmp_path, tiny_gguf)))
+    try:
         body = {"prompt": "hello", "max_tokens": 300, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
