@@ -110,7 +110,9 @@ class Victim:
         self.thread.start()
 
     def _read(self, url: str) -> None:
-        body = {"prompt": "hello world", "max_tokens": 480, "ignore_eos": True, "stream": True}
+        # 4000 tokens: many seconds at any plausible speed, so the stream outlasts the probe (a 2 s
+        # chat template) on a fast machine too; finish() hangs up long before the end
+        body = {"prompt": "hello world", "max_tokens": 4000, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {") and '"text":""' not in line:
@@ -136,9 +138,10 @@ class Victim:
 
 @pytest.fixture(scope="module")
 def mid_gguf(tmp_path_factory):
-    """A model big enough that a decode step takes milliseconds, as a real one does."""
+    """A model big enough that a decode step takes milliseconds, as a real one does (a context
+    of 4096 tokens: room for a victim stream that outlasts any probe)."""
     return write_tiny_gguf(tmp_path_factory.mktemp("models") / "mid.gguf", hidden=768, ffn=2048, layers=6,
-                           heads=12, kv_heads=4)
+                           heads=12, kv_heads=4, context=4096)
 
 
 def send_from_another_process(url: str, body_file: Path, route="/v1/completions") -> tuple[int, str]:
@@ -165,7 +168,7 @@ def while_a_stream_runs(url: str, body_file: Path, route: str) -> tuple[int, str
 
 
 def test_a_10mb_prompt_does_not_stall_a_running_stream(tmp_path, mid_gguf):
-    proc, url = start_serve(tmp_path, mid_gguf, budget="32MiB")
+    proc, url = start_serve(tmp_path, mid_gguf, budget="64MiB")       # 4000 tokens of KV: 48 MiB
     try:
         big = tmp_path / "big.json"
         big.write_text(json.dumps({"prompt": "word " * 2_000_000, "max_tokens": 4}))        # 10 MB
@@ -180,8 +183,8 @@ def test_a_10mb_prompt_does_not_stall_a_running_stream(tmp_path, mid_gguf):
 def test_a_chat_template_that_never_ends_fails_its_request_only(tmp_path):
     loop = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
     model = write_tiny_gguf(tmp_path / "loop.gguf", chat_template=loop, hidden=768, ffn=2048, layers=6,
-                            heads=12, kv_heads=4)
-    proc, url = start_serve(tmp_path, model, budget="32MiB")
+                            heads=12, kv_heads=4, context=4096)
+    proc, url = start_serve(tmp_path, model, budget="64MiB")
     try:
         chat = tmp_path / "chat.json"
         chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}))
