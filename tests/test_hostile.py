@@ -305,7 +305,8 @@ def test_ctrl_c_stops_agp_run_cleanly_and_resume_finishes_the_job(tmp_path, tiny
 
 def start_serve(tmp_path, model, *extra, budget="1MiB", pipeline=None, env=None) -> tuple[subprocess.Popen, str]:
     pipeline = pipeline or write_pipeline(tmp_path, model, budget)
-    return start_agp_serve(str(pipeline), "--threads", "1", "--no-access-log", *extra, env={**os.environ, **(env or {})})
+    return start_agp_serve(str(pipeline), "--threads", "1", "--no-access-log", *extra,
+                           env={**os.environ, **(env or {})})
 
 
 STREAM_GATE_HOOK = """import os, time
