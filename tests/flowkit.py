@@ -136,3 +136,12 @@ class running:
     def __exit__(self, *exc):
         with _LOCK:
             RUNNING[self.name] -= 1
+
+
+def hold(item: dict) -> dict:
+    """A python stage's fn (`fn = "flowkit:hold"`): counts the call under "hold", then waits
+    for gate "hold", which the test opens (5 minutes at most), so the request is surely in
+    flight while the test probes the server."""
+    bump("hold")
+    gate("hold").wait(300)
+    return item

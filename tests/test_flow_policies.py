@@ -45,7 +45,15 @@ def hang(item):
     return item
 
 async def aslow(item):
+    # waits (30 s at most) until `together` calls run at once, or the last of `calls` has come,
+    # so the peak does not depend on how fast the requests reach the stage; then 0.2 s more
+    meta = item["metadata"]
     with flowkit.running("aslow"):
+        flowkit.bump("aslow calls")
+        deadline = time.monotonic() + 30
+        while (flowkit.RUNNING["aslow"] < meta["together"] and flowkit.COUNTS["aslow calls"] < meta["calls"]
+               and time.monotonic() < deadline):
+            await asyncio.sleep(0.01)
         await asyncio.sleep(0.2)
     item["metadata"] = {"async": True}
     return item
@@ -129,14 +137,14 @@ def test_a_slow_stage_costs_only_its_own_requests(tmp_path, soft_gguf):
 
 def test_a_stages_workers_bound_its_calls_at_once(tmp_path, soft_gguf):
     path = pipeline(tmp_path, soft_gguf, 'stage f : python { fn = "hooks:aslow"  workers = 2 }')
-    results, _ = run(path, [chat(f"r{i}", "hi") for i in range(5)])
+    results, _ = run(path, [chat(f"r{i}", "hi", metadata={"together": 2, "calls": 5}) for i in range(5)])
     assert all(r.ok for r in results)
     assert flowkit.PEAKS["aslow"] == 2
 
 
 def test_an_async_function_runs_on_the_event_loop(tmp_path, soft_gguf):
     path = pipeline(tmp_path, soft_gguf, 'stage f : python { fn = "hooks:aslow" }')
-    results, _ = run(path, [chat(f"r{i}", "hi") for i in range(4)])
+    results, _ = run(path, [chat(f"r{i}", "hi", metadata={"together": 4, "calls": 4}) for i in range(4)])
     assert all(r.ok for r in results)
     assert all(r.choices[0].data["request"]["metadata"] == {"async": True} for r in results)
     assert flowkit.PEAKS["aslow"] == 4            # awaited together, not one after another

@@ -27,8 +27,8 @@ def flaky_merge(results):
     return 0
 
 def slow_chunks(item, chunks):        # upstream of a fast guard: the answer arrives slowly
-    for text in chunks:
-        time.sleep(0.05)
+    for i, text in enumerate(chunks):
+        time.sleep(1.2 if i == 0 else 0.01)
         yield text
 
 def fast_guard(item, chunks):
@@ -101,10 +101,12 @@ def said(rid) -> dict:
 
 
 def test_a_stream_stage_timeout_does_not_count_the_wait_for_its_chunks(tmp_path, soft_gguf):
-    """12 chunks, each held 50 ms upstream: the answer takes over 0.5 s to reach the guard,
-    whose own work per chunk is instant, so its 200 ms timeout is never reached."""
+    """12 chunks, the first held 1.2 s upstream and the rest 10 ms each: the guard waits longer
+    than its 1 s timeout for one chunk and for the whole answer, but its own work per chunk is
+    instant, so the timeout is never reached (1 s: a busy machine's scheduling hiccups, 0.36 s
+    seen, stay well inside it)."""
     path = streamed(tmp_path, soft_gguf, 'stage slow : python { fn = "hooks:slow_chunks"  stream = true }\n'
-                    'stage g : python { fn = "hooks:fast_guard"  stream = true  timeout = 200ms }',
+                    'stage g : python { fn = "hooks:fast_guard"  stream = true  timeout = 1s }',
                     "gen -> slow -> g -> out\n")
     rt = runtime(path)
     try:

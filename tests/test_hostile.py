@@ -14,11 +14,12 @@ import threading
 import time
 from pathlib import Path
 
+import flowkit
 import httpx
 import pytest
 
 from pipeline_dsl.engine.tokenizer import TEMPLATE_SECONDS
-from test_serve import LiveServer, TINY, _free_port, wait_until_healthy
+from test_serve import LiveServer, TINY, start_agp_serve
 from tiny_model import write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +110,9 @@ class Victim:
         self.thread.start()
 
     def _read(self, url: str) -> None:
-        body = {"prompt": "hello world", "max_tokens": 480, "ignore_eos": True, "stream": True}
+        # 4000 tokens: many seconds at any plausible speed, so the stream outlasts the probe (a 2 s
+        # chat template) on a fast machine too; finish() hangs up long before the end
+        body = {"prompt": "hello world", "max_tokens": 4000, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {") and '"text":""' not in line:
@@ -135,9 +138,10 @@ class Victim:
 
 @pytest.fixture(scope="module")
 def mid_gguf(tmp_path_factory):
-    """A model big enough that a decode step takes milliseconds, as a real one does."""
+    """A model big enough that a decode step takes milliseconds, as a real one does (a context
+    of 4096 tokens: room for a victim stream that outlasts any probe)."""
     return write_tiny_gguf(tmp_path_factory.mktemp("models") / "mid.gguf", hidden=768, ffn=2048, layers=6,
-                           heads=12, kv_heads=4)
+                           heads=12, kv_heads=4, context=4096)
 
 
 def send_from_another_process(url: str, body_file: Path, route="/v1/completions") -> tuple[int, str]:
@@ -164,7 +168,7 @@ def while_a_stream_runs(url: str, body_file: Path, route: str) -> tuple[int, str
 
 
 def test_a_10mb_prompt_does_not_stall_a_running_stream(tmp_path, mid_gguf):
-    proc, url = start_serve(tmp_path, mid_gguf, budget="32MiB")
+    proc, url = start_serve(tmp_path, mid_gguf, budget="64MiB")       # 4000 tokens of KV: 48 MiB
     try:
         big = tmp_path / "big.json"
         big.write_text(json.dumps({"prompt": "word " * 2_000_000, "max_tokens": 4}))        # 10 MB
@@ -179,8 +183,8 @@ def test_a_10mb_prompt_does_not_stall_a_running_stream(tmp_path, mid_gguf):
 def test_a_chat_template_that_never_ends_fails_its_request_only(tmp_path):
     loop = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
     model = write_tiny_gguf(tmp_path / "loop.gguf", chat_template=loop, hidden=768, ffn=2048, layers=6,
-                            heads=12, kv_heads=4)
-    proc, url = start_serve(tmp_path, model, budget="32MiB")
+                            heads=12, kv_heads=4, context=4096)
+    proc, url = start_serve(tmp_path, model, budget="64MiB")
     try:
         chat = tmp_path / "chat.json"
         chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}))
@@ -299,25 +303,44 @@ def test_ctrl_c_stops_agp_run_cleanly_and_resume_finishes_the_job(tmp_path, tiny
 
 # ---------------------------------------------------------------- agp serve: drain, timeouts, hosts, load
 
-def start_serve(tmp_path, model, *extra, budget="1MiB") -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    pipeline = write_pipeline(tmp_path, model, budget)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "serve", str(pipeline), "--port", str(port),
-                             "--threads", "1", "--no-access-log", *extra], stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    wait_until_healthy(proc, url)
-    return proc, url
+def start_serve(tmp_path, model, *extra, budget="1MiB", pipeline=None, env=None) -> tuple[subprocess.Popen, str]:
+    pipeline = pipeline or write_pipeline(tmp_path, model, budget)
+    return start_agp_serve(str(pipeline), "--threads", "1", "--no-access-log", *extra,
+                           env={**os.environ, **(env or {})})
+
+
+STREAM_GATE_HOOK = """import os, time
+
+def hold(item, chunks):
+    # every chunk goes on as it comes; the end of the answer waits for the test's gate file (300 s at most)
+    for text in chunks:
+        yield text
+    deadline = time.monotonic() + 300
+    while not os.path.exists(os.environ["AGP_TEST_GATE"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+"""
 
 
 def test_a_drain_that_times_out_says_so_to_every_client_and_in_the_exit_status(tmp_path, mid_gguf):
-    proc, url = start_serve(tmp_path, mid_gguf, "--drain-timeout", "1", budget="32MiB")
+    # a stream stage after generation passes each chunk on as it comes, then holds the answer
+    # until agp has exited: all four are still in flight when the 1 s drain ends however fast the
+    # machine generates (480 tokens take ~8 s here; a faster one could finish inside the drain)
+    gate = tmp_path / "gate"
+    (tmp_path / "gatehook.py").write_text(STREAM_GATE_HOOK)
+    pipeline = write_pipeline(tmp_path, mid_gguf, budget="32MiB")
+    pipeline.write_text(pipeline.read_text()
+                        .replace("gen -> out", "gen -> hold -> out")
+                        .replace("stage out", 'stage hold    : python        { fn = "gatehook:hold"  stream = true  '
+                                              'workers = 64 }\n    stage out'))
+    proc, url = start_serve(tmp_path, mid_gguf, "--drain-timeout", "1", pipeline=pipeline,
+                            env={"AGP_TEST_GATE": str(gate)})
     try:
-        body = {"prompt": "hello", "max_tokens": 480, "ignore_eos": True}          # ~8 s each
-        streams, whole = [], {}
+        body = {"prompt": "hello", "max_tokens": 480, "ignore_eos": True}
+        streams, whole = [[] for _ in range(3)], {}
 
         def stream(i):
             with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
-                streams.append([line for line in r.iter_lines() if line.startswith("data: ")])
+                streams[i].extend(line for line in r.iter_lines() if line.startswith("data: "))
 
         def nonstream():
             whole["r"] = httpx.post(url + "/v1/completions", json=body, timeout=60)
@@ -325,16 +348,19 @@ def test_a_drain_that_times_out_says_so_to_every_client_and_in_the_exit_status(t
         threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)] + [threading.Thread(target=nonstream)]
         for t in threads:
             t.start()
-        time.sleep(1.5)                                       # all four are generating
+        deadline = time.monotonic() + 120                     # all four in the pipeline, the streams begun
+        while not (all(streams) and httpx.get(url + "/stats", timeout=30).json()["requests"]["in_flight"] >= 4):
+            assert time.monotonic() < deadline, "the four requests did not arrive"
+            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(60)
         err = proc.communicate(timeout=60)[1]
     finally:
+        gate.touch()
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 1 and "cut 4 request(s)" in err, err
-    assert len(streams) == 3
     for lines in streams:
         assert lines[-1] == "data: [DONE]"
         assert "shut down before this request finished" in json.loads(lines[-2][6:])["error"]["message"]
@@ -349,15 +375,14 @@ def test_half_sent_requests_are_closed_and_slow_bodies_get_408(tiny_gguf):
             c = socket.create_connection(("127.0.0.1", s.port))
             c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
             socks.append(c)
-        time.sleep(1.5)
         for c in socks:
-            c.settimeout(2)
+            c.settimeout(60)                                  # only the header timeout closes them
             assert c.recv(1024) == b""                        # closed by the server
             c.close()
         c = socket.create_connection(("127.0.0.1", s.port))   # a body that stops half way
         c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 100\r\n\r\n{\"prompt\": ")
-        c.settimeout(5)
+        c.settimeout(60)
         reply = b""
         while b"body_timeout" not in reply:
             chunk = c.recv(4096)
@@ -382,19 +407,32 @@ def test_a_foreign_host_header_is_refused(tiny_gguf):
         s.close()
 
 
+@pytest.mark.usefixtures("fresh_flowkit")
 def test_too_many_requests_at_once_get_503_with_retry_after(tiny_gguf):
-    s = LiveServer(tiny_gguf, max_connections=2, batch_timeout_s=3.0)   # two wait in the batch window
+    # a python stage holds both requests (flowkit.hold) until the third has had its answer,
+    # however the threads are scheduled
+    text = (TINY.format(model=tiny_gguf, max_queue=1024, max_batch_size=8, timeout=20)
+            .replace("request -> batch", "request -> hold -> batch")
+            .replace("stage out", 'stage hold    : python        { fn = "flowkit:hold" }\n    stage out'))
+    s = LiveServer(tiny_gguf, max_connections=2, text=text)
     try:
         body = {"prompt": "hello", "max_tokens": 2}
-        threads = [threading.Thread(target=httpx.post, args=(s.url + "/v1/completions",),
-                                    kwargs={"json": body, "timeout": 30}) for _ in range(2)]
+        answers = []
+        threads = [threading.Thread(target=lambda: answers.append(httpx.post(
+            s.url + "/v1/completions", json=body, timeout=60))) for _ in range(2)]
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        deadline = time.monotonic() + 60
+        while flowkit.COUNTS["hold"] < 2:                       # both hold a connection slot
+            assert time.monotonic() < deadline, "the two requests did not arrive"
+            time.sleep(0.01)
         r = httpx.post(s.url + "/v1/completions", json=body, timeout=30)
         assert_openai_error(r, 503, "--max-connections")
         assert r.headers["retry-after"] == "1"
+        flowkit.gate("hold").set()
         for t in threads:
-            t.join(30)
+            t.join(60)
+        assert [a.status_code for a in answers] == [200, 200]  # the two held ones are served
     finally:
+        flowkit.gate("hold").set()
         s.close()
