@@ -243,14 +243,13 @@ def test_agp_run_never_overwrites_answers_silently(tmp_path, tiny_gguf):
     assert out.read_text() == '{"id": "old", "text": "keep me"}\n'
 
 
-GATE_HOOK = """import os, time
+HOLD_HOOK = """import os, threading
 
 def hold(item):
-    # the first two requests pass; the rest wait for the test's gate file (300 s at most)
-    if item["id"] not in ("q0", "q1"):
-        deadline = time.monotonic() + 300
-        while not os.path.exists(os.environ["AGP_TEST_GATE"]) and time.monotonic() < deadline:
-            time.sleep(0.01)
+    # with AGP_TEST_HOLD set, every request but the first two waits here (300 s at most): blocked
+    # on a lock, not polling, so 38 waiting threads leave the engine's thread the interpreter
+    if os.environ.get("AGP_TEST_HOLD") and item["id"] not in ("q0", "q1"):
+        threading.Event().wait(300)
     return item
 """
 
@@ -264,18 +263,17 @@ def test_ctrl_c_stops_agp_run_cleanly_and_resume_finishes_the_job(tmp_path, tiny
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(json.dumps({"id": f"q{i}", "prompt": f"hello {i}", "max_tokens": 60,
                                          "ignore_eos": True}) for i in range(n)) + "\n")
-    out, stats, gate = tmp_path / "out.jsonl", tmp_path / "stats.json", tmp_path / "gate"
-    (tmp_path / "gatehook.py").write_text(GATE_HOOK)
+    out, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
+    (tmp_path / "holdhook.py").write_text(HOLD_HOOK)
     pipeline = write_pipeline(tmp_path, tiny_gguf)
     pipeline.write_text(pipeline.read_text()
                         .replace("request -> batch", "request -> hold -> batch")
-                        .replace("stage out", 'stage hold    : python        { fn = "gatehook:hold"  workers = 64 }\n'
+                        .replace("stage out", 'stage hold    : python        { fn = "holdhook:hold"  workers = 64 }\n'
                                               "    stage out"))
     pipeline = str(pipeline)
-    env = {**os.environ, "AGP_TEST_GATE": str(gate)}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "run", pipeline, "-i", str(inp), "-o",
                              str(out), "--stats", str(stats), "--no-progress", "--threads", "1"],
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "AGP_TEST_HOLD": "1"})
     deadline = time.monotonic() + 120
     try:
         while not (out.exists() and out.read_text().count("\n") >= 2):
@@ -284,7 +282,6 @@ def test_ctrl_c_stops_agp_run_cleanly_and_resume_finishes_the_job(tmp_path, tiny
         proc.send_signal(sig)
         err = proc.communicate(timeout=120)[1]      # the held calls do not keep the process alive
     finally:
-        gate.touch()
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == code, err
@@ -294,8 +291,7 @@ def test_ctrl_c_stops_agp_run_cleanly_and_resume_finishes_the_job(tmp_path, tiny
     text = out.read_text()
     first = [json.loads(x) for x in text[:text.rfind("\n") + 1].splitlines()]   # whole lines
     assert 0 < len(first) < n
-    r = agp("run", pipeline, "-i", str(inp), "-o", str(out), "--resume", "--no-progress", "--threads", "1",
-            env=env)
+    r = agp("run", pipeline, "-i", str(inp), "-o", str(out), "--resume", "--no-progress", "--threads", "1")
     assert r.returncode == 0, r.stderr
     ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
     assert sorted(ids) == sorted(f"q{i}" for i in range(n))                 # each answered exactly once
