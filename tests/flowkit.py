@@ -10,6 +10,7 @@ tracks how many calls of a name run at once (`flowkit.peak("calls")`).
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import textwrap
 import threading
@@ -144,4 +145,16 @@ def hold(item: dict) -> dict:
     flight while the test probes the server."""
     bump("hold")
     gate("hold").wait(300)
+    return item
+
+
+async def ahang(item: dict) -> dict:
+    """An `async def` python stage's fn that never returns (60 s): counts the call under "ahung",
+    and under "cancelled" when its timeout cancels it."""
+    bump("ahung")
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        bump("cancelled")
+        raise
     return item

@@ -58,13 +58,7 @@ async def aslow(item):
     item["metadata"] = {"async": True}
     return item
 
-async def ahang(item):
-    try:
-        await asyncio.sleep(60)
-    except asyncio.CancelledError:
-        flowkit.bump("cancelled")
-        raise
-    return item
+from flowkit import ahang
 
 def flaky(item):
     n = flowkit.bump("flaky/" + item["id"])

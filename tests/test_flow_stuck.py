@@ -27,14 +27,7 @@ async def blocks(item):
     flowkit.gate("blocks").wait(20)       # a blocking call inside an async def
     return item
 
-async def ahang(item):
-    flowkit.bump("ahung")
-    try:
-        await asyncio.sleep(60)
-    except asyncio.CancelledError:
-        flowkit.bump("cancelled")
-        raise
-    return item
+from flowkit import ahang
 '''
 
 
