@@ -245,12 +245,22 @@ def test_agp_run_never_overwrites_answers_silently(tmp_path, tiny_gguf):
 
 HOLD_HOOK = """import os, threading
 
+def _held():
+    # blocked on a lock for 300 s, not polling: the waiting threads leave the engine's thread the
+    # interpreter (38 threads polling a file every 10 ms starved it under load); agp exits anyway
+    threading.Event().wait(300)
+
 def hold(item):
-    # with AGP_TEST_HOLD set, every request but the first two waits here (300 s at most): blocked
-    # on a lock, not polling, so 38 waiting threads leave the engine's thread the interpreter
+    # with AGP_TEST_HOLD set, every request but the first two waits here
     if os.environ.get("AGP_TEST_HOLD") and item["id"] not in ("q0", "q1"):
-        threading.Event().wait(300)
+        _held()
     return item
+
+def hold_end(item, chunks):
+    # a stream stage: every chunk goes on as it comes; the end of the answer waits
+    for text in chunks:
+        yield text
+    _held()
 """
 
 
@@ -305,31 +315,17 @@ def start_serve(tmp_path, model, *extra, budget="1MiB", pipeline=None, env=None)
                            env={**os.environ, **(env or {})})
 
 
-STREAM_GATE_HOOK = """import os, time
-
-def hold(item, chunks):
-    # every chunk goes on as it comes; the end of the answer waits for the test's gate file (300 s at most)
-    for text in chunks:
-        yield text
-    deadline = time.monotonic() + 300
-    while not os.path.exists(os.environ["AGP_TEST_GATE"]) and time.monotonic() < deadline:
-        time.sleep(0.01)
-"""
-
-
 def test_a_drain_that_times_out_says_so_to_every_client_and_in_the_exit_status(tmp_path, mid_gguf):
     # a stream stage after generation passes each chunk on as it comes, then holds the answer
     # until agp has exited: all four are still in flight when the 1 s drain ends however fast the
     # machine generates (480 tokens take ~8 s here; a faster one could finish inside the drain)
-    gate = tmp_path / "gate"
-    (tmp_path / "gatehook.py").write_text(STREAM_GATE_HOOK)
+    (tmp_path / "holdhook.py").write_text(HOLD_HOOK)
     pipeline = write_pipeline(tmp_path, mid_gguf, budget="32MiB")
     pipeline.write_text(pipeline.read_text()
                         .replace("gen -> out", "gen -> hold -> out")
-                        .replace("stage out", 'stage hold    : python        { fn = "gatehook:hold"  stream = true  '
+                        .replace("stage out", 'stage hold    : python        { fn = "holdhook:hold_end"  stream = true  '
                                               'workers = 64 }\n    stage out'))
-    proc, url = start_serve(tmp_path, mid_gguf, "--drain-timeout", "1", pipeline=pipeline,
-                            env={"AGP_TEST_GATE": str(gate)})
+    proc, url = start_serve(tmp_path, mid_gguf, "--drain-timeout", "1", pipeline=pipeline)
     try:
         body = {"prompt": "hello", "max_tokens": 480, "ignore_eos": True}
         streams, whole = [[] for _ in range(3)], {}
@@ -353,7 +349,6 @@ def test_a_drain_that_times_out_says_so_to_every_client_and_in_the_exit_status(t
             t.join(60)
         err = proc.communicate(timeout=60)[1]
     finally:
-        gate.touch()
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 1 and "cut 4 request(s)" in err, err
