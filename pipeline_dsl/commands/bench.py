@@ -145,7 +145,7 @@ def main(args) -> int:
     if plot_path:
         plot(reports, plot_path)
         print(f"plot: {plot_path}", file=sys.stderr)
-    failed = [(r, failure(r)) for r in reports if failure(r)]
+    failed = [(r, why) for r in reports if (why := failure(r))]
     for r, why in failed:                    # the other targets' measurements are printed above
         rate = "inf" if math.isinf(r.rate) else f"{r.rate:g}"
         print(f"agp bench: error: {r.label} at rate {rate}: {why}", file=sys.stderr)
