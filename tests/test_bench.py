@@ -83,6 +83,26 @@ def test_a_workload_with_a_byte_order_mark_loads_as_agp_run_reads_it(tmp_path):
     assert [r.prompt for r in B.load_workload(path)] == ["hi", "there"]
 
 
+def test_a_batch_api_file_is_a_workload_as_agp_run_takes_it(tmp_path):
+    """`--workload` takes "agp run's format"; agp run answers OpenAI batch-API files, so bench
+    reads them too: each body's prompt or messages and sampling settings, its custom_id the id."""
+    path = tmp_path / "batch.jsonl"
+    lines = [{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
+                       "max_completion_tokens": 5, "temperature": 0.5}},
+             {"custom_id": "b", "method": "POST", "url": "/v1/completions",
+              "body": {"model": "gpt-4o-mini", "prompt": "once", "max_tokens": 3, "stream": True}}]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    chat, comp = B.load_workload(path)
+    assert (chat.id, chat.messages, chat.sampling) == ("a", [{"role": "user", "content": "hi"}],
+                                                       {"max_tokens": 5, "temperature": 0.5})
+    assert (comp.id, comp.prompt, comp.sampling) == ("b", "once", {"max_tokens": 3})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**lines[1], "url": "/v1/embeddings"}) + "\n")
+    with pytest.raises(B.BenchError, match=r"bad\.jsonl:1: 'url' must be /v1/chat/completions or /v1/completions"):
+        B.load_workload(bad)
+
+
 def test_shipped_workloads_load():
     for name, n in (("short_chat", 200), ("shared_prefix", 150), ("long_prompts", 40)):
         items = B.load_workload(ROOT / "bench" / "workloads" / f"{name}.jsonl")

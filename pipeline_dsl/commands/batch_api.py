@@ -12,14 +12,15 @@ serve would have answered, and `error` holds `{"code", "message", "line"}`, so s
 either find it. The body goes through agp serve's own validation (serve/protocol.py), so a batch
 line accepts exactly what POST to that url accepts; its `model` is echoed back, and pins a generate
 stage where it names one. One prompt a line (a completions `prompt` array is refused: one line a
-prompt); `stream` is ignored, a batch answer being one body.
+prompt); `stream` is ignored, a batch answer being one body. `agp bench --workload` takes the
+same files (`workload_request`).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 
-from pipeline_dsl.requests_io import RequestError
+from pipeline_dsl.requests_io import SAMPLING_FIELDS, ParsedRequest, RequestError
 from pipeline_dsl.serve import protocol as P
 from pipeline_dsl.serve.answers import answer_body
 from pipeline_dsl.serve.api_error import APIError
@@ -108,3 +109,24 @@ def error_record(custom_id, line: int, err: APIError, rid: str | None = None) ->
     return {"id": f"batch_req_{line}", "custom_id": custom_id,
             "response": {"status_code": err.status, "request_id": rid, "body": body},
             "error": {"code": err.code or err.type, "message": err.message, "line": line}}
+
+
+def workload_request(obj: dict, line: int) -> ParsedRequest:
+    """A batch line as a request of `agp bench`'s workload: its body checked as agp serve checks
+    it (RequestError saying why not), its custom_id the id. The body's `model` names the batch
+    file's model, not a target: each target answers with its own."""
+    batch = read_line(obj, line)
+    try:
+        batch.parse(1 << 30, (), "workload")        # the context is each target's to bound
+    except APIError as e:
+        raise RequestError(e.message, param=e.param) from None
+    call = batch.call
+    sampling = {k: v for k, v in call.fields.items() if k in SAMPLING_FIELDS}
+    extras = {k: v for k, v in call.fields.items() if k not in sampling and k != "n"}
+    return ParsedRequest(id=batch.custom_id, prompt=call.prompt,
+                         messages=[dict(m) for m in call.messages] if call.messages else None,
+                         prompt_token_ids=list(call.prompt_token_ids) if call.prompt_token_ids else None,
+                         sampling=sampling, n=call.fields.get("n"), metadata=call.metadata,
+                         tools=list(call.tools) if call.tools else None, tool_choice=call.tool_choice,
+                         parallel_tool_calls=call.parallel_tool_calls, response_format=call.response_format,
+                         extras=extras)
