@@ -125,6 +125,22 @@ def test_target_settings_are_typed_and_checked(tmp_path):
         B.parse_target(str(tmp_path / "missing.agp"))
 
 
+@pytest.mark.parametrize("pair, expected", [("prefix_reuse=flase", "true or false"),
+                                            ("max_batch_size=8.5", "an integer"),
+                                            ("batch_timeout_s=soon", "a number"),
+                                            ("threads=many", "an integer or none")])
+def test_a_setting_of_the_wrong_type_is_an_error_not_a_label_that_lies(tmp_path, pair, expected):
+    """`prefix_reuse=flase` ran with prefix reuse on (a non-empty string) under the label
+    'p (prefix_reuse=flase)'."""
+    agp_file = tmp_path / "p.agp"
+    agp_file.write_text("pipeline p {}")
+    key, _, value = pair.partition("=")
+    with pytest.raises(B.BenchError, match=f"engine setting '{key}' in .* must be {expected}, not '{value}'"):
+        B.parse_target(f"{agp_file},{pair}")
+    assert B.parse_target(f"{agp_file},policy=static,model=7,seed=none,batch_timeout_s=1")[1] == {
+        "policy": "static", "model": "7", "seed": None, "batch_timeout_s": 1}
+
+
 # ---------------------------------------------------------------- against the tiny model
 
 def _workload(tmp_path, n=6) -> Path:

@@ -352,7 +352,8 @@ def parse_target(spec: str) -> tuple[str, dict]:
     from pipeline_dsl.engine.config import EngineConfig
 
     path, *pairs = spec.split(",")
-    known = {f.name for f in fields(EngineConfig)}
+    types = {f.name: str(f.type) for f in fields(EngineConfig)}
+    known = set(types)
     settings = {}
     for pair in pairs:
         key, eq, value = pair.partition("=")
@@ -365,7 +366,7 @@ def parse_target(spec: str) -> tuple[str, dict]:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise BenchError(f"unknown engine setting '{key}' in '{spec}'{hint}; "
                              f"known: {', '.join(sorted(known))}")
-        settings[key] = _typed(value)
+        settings[key] = _of_type(key, value, types[key], spec)
     if not Path(path).is_file():
         raise BenchError(f"pipeline file not found: {path}")
     return path, settings
@@ -375,6 +376,33 @@ def target_label(spec: str) -> str:
     path, *pairs = spec.split(",")
     stem = Path(path).stem
     return f"{stem} ({', '.join(pairs)})" if pairs else stem
+
+
+_EXPECTED = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
+             "None": "none"}
+
+
+def _of_type(key: str, value: str, annotation: str, spec: str):
+    """A setting's value typed and checked against its EngineConfig field (`bool`, `int | None`…):
+    `prefix_reuse=flase` is an error, not a string that reads as true while the label says false."""
+    kinds = [t.strip() for t in annotation.split("|")]
+    typed = _typed(value)
+    if typed is None:
+        ok = "None" in kinds
+    elif isinstance(typed, bool):
+        ok = "bool" in kinds
+    elif isinstance(typed, int):
+        ok = "int" in kinds or "float" in kinds
+    elif isinstance(typed, float):
+        ok = "float" in kinds
+    else:
+        ok = False
+    if ok:
+        return typed
+    if "str" in kinds:                         # a string field takes the text as written (a model path)
+        return value
+    expected = " or ".join(_EXPECTED.get(k, k) for k in kinds)
+    raise BenchError(f"engine setting '{key}' in '{spec}' must be {expected}, not '{value}'")
 
 
 def _typed(value: str):
