@@ -66,6 +66,16 @@ def test_summary_statistics_are_computed_from_the_records():
     assert md.splitlines()[0] == "| metric | x |" and "| truncated streams | 1 |" in md
 
 
+def test_a_reports_json_says_its_latencies_are_in_seconds():
+    """The table shows TTFT in ms and the --json file held the same TTFT in seconds under a bare
+    'ttft' key: 0.2 read as 0.2 ms by a script comparing the two."""
+    r = B.summarize("x", 2.0, [_record(0.0, [0.2, 0.3])], duration=1.0)
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["ttft"]["p50"] == pytest.approx(0.2) and d["units"]["ttft"] == "s"
+    assert {d["units"][k] for k in ("tpot", "itl", "e2e", "duration_s")} == {"s"}
+    assert d["units"]["output_throughput"] == "tokens/s" and d["units"]["rate"] == "requests/s"
+
+
 def test_workload_errors_name_the_file_and_line(tmp_path):
     with pytest.raises(B.BenchError, match="workload file not found"):
         B.load_workload(tmp_path / "none.jsonl")

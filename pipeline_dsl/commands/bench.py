@@ -51,7 +51,8 @@ def add_arguments(p) -> None:
     p.add_argument("--compare", action="store_true",
                    help="print all targets side by side and plot them (--plot, default agp-bench.png)")
     p.add_argument("--plot", type=output_file, default=None, help="write throughput-vs-rate and latency CDFs here (PNG)")
-    p.add_argument("--json", dest="json_out", type=output_file, default=None, help="write the reports as JSON here")
+    p.add_argument("--json", dest="json_out", type=output_file, default=None, help="write the reports as JSON here (latencies in seconds; "
+                        "each report's 'units' names them)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=None,
                    help="override the pipelines' precision")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

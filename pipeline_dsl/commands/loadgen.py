@@ -150,7 +150,14 @@ class Report:
             d.pop("ttft_samples")
             d.pop("e2e_samples")
         d["rate"] = "inf" if math.isinf(self.rate) else self.rate
+        d["units"] = UNITS
         return d
+
+
+# what the numbers of a report's JSON are in (the printed table shows latencies in ms)
+UNITS = {"rate": "requests/s", "duration_s": "s", "request_throughput": "requests/s",
+         "output_throughput": "tokens/s", "total_throughput": "tokens/s", "ttft": "s", "tpot": "s", "itl": "s",
+         "e2e": "s", "kv_hit_rate": "fraction", "peak_memory_bytes": "bytes"}
 
 
 def summarize(label: str, rate: float, records: list[RequestRecord], duration: float,
