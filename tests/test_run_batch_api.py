@@ -1,7 +1,8 @@
 """`agp run` on the files batch users have: an OpenAI batch-API file is answered in the Batch
 API's output shape (custom_id, response.status_code, response.body as agp serve answers it, error),
 in input order and resumable; a CSV or a text file given by mistake is refused before the model
-loads (exit 2); the summary's token counts add up to the output lines' usage."""
+loads (exit 2), and so is an output that is the input file; the summary's token counts add up to
+the output lines' usage."""
 from __future__ import annotations
 
 import json
@@ -87,3 +88,16 @@ def test_the_summarys_tokens_add_up_to_the_output_lines_usage(tmp_path, pipeline
     s = json.loads(stats.read_text())
     assert s["prompt_tokens"] == got[1]["usage"]["prompt_tokens"]
     assert s["completion_tokens"] == got[1]["usage"]["completion_tokens"]
+
+
+def test_an_output_that_is_the_input_file_is_refused_and_the_input_kept(tmp_path, pipeline):
+    """`-i a.jsonl -o a.jsonl --overwrite` wrote the answers over the requests (and --resume's
+    refusal of that file suggested --overwrite)."""
+    inp = tmp_path / "a.jsonl"
+    text = '{"prompt": "hi"}\n'
+    inp.write_text(text)
+    (tmp_path / "link.jsonl").symlink_to(inp)
+    for out, how in ((inp, "--overwrite"), (inp, "--resume"), (tmp_path / "link.jsonl", "--overwrite")):
+        r = run(pipeline, "-i", inp, "-o", out, how)
+        assert r.returncode == 2 and f"the output {out} is the input file" in r.stderr, r.stderr
+        assert inp.read_text() == text

@@ -216,6 +216,9 @@ def main(args) -> int:
     from pipeline_dsl.commands.runner import RunRequest, format_summary, run_pipeline
     from pipeline_dsl.serve.api_error import APIError
 
+    if args.input != "-" and args.output != "-" and _same_file(args.input, args.output):
+        return _err(f"the output {args.output} is the input file: its answers would replace the requests "
+                    "(give another --output)")
     try:
         lines = _read_lines(args.input)
     except FileNotFoundError:
@@ -394,6 +397,14 @@ def main(args) -> int:
     if summary["requests"] and summary["errors"] == summary["requests"]:
         return 1                          # every request failed: the run did not do its job
     return 0
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Both paths name one file (the same path, a link to it)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:                           # one of them does not exist (yet): not the same
+        return False
 
 
 def _not_json_lines(parsed: list) -> str | None:
