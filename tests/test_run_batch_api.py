@@ -101,3 +101,11 @@ def test_an_output_that_is_the_input_file_is_refused_and_the_input_kept(tmp_path
         r = run(pipeline, "-i", inp, "-o", out, how)
         assert r.returncode == 2 and f"the output {out} is the input file" in r.stderr, r.stderr
         assert inp.read_text() == text
+
+
+def test_resume_without_an_output_file_is_refused(tmp_path, pipeline):
+    """--resume with the answers on stdout was ignored: every line ran again, nothing said so."""
+    inp = tmp_path / "a.jsonl"
+    inp.write_text('{"prompt": "hi"}\n')
+    r = run(pipeline, "-i", inp, "--resume")
+    assert r.returncode == 2 and "--resume continues an output file" in r.stderr and r.stdout == ""

@@ -216,6 +216,9 @@ def main(args) -> int:
     from pipeline_dsl.commands.runner import RunRequest, format_summary, run_pipeline
     from pipeline_dsl.serve.api_error import APIError
 
+    if args.resume and args.output == "-":
+        return _err("--resume continues an output file: give it with --output FILE (the answers go to "
+                    "standard output, which holds no earlier answers to keep)")
     if args.input != "-" and args.output != "-" and _same_file(args.input, args.output):
         return _err(f"the output {args.output} is the input file: its answers would replace the requests "
                     "(give another --output)")
