@@ -32,7 +32,7 @@ def add_arguments(p) -> None:
 
     p.add_argument("pipelines", nargs="*", metavar="PIPELINE",
                    help="a .agp file, optionally followed by ,key=value engine settings")
-    p.add_argument("--workload", "-w", required=True, help="JSONL requests (agp run's format)")
+    p.add_argument("--workload", "-w", required=True, help="JSONL requests (agp run's format: agp's lines or OpenAI batch-API lines)")
     add_allow_path(p)
     p.add_argument("--rate", default="inf",
                    help="requests/s of the Poisson arrivals, 'inf' = all at once; "

@@ -45,7 +45,7 @@ MAX_SKIP_BYTES = 256 << 20     # read past a too-long line's limit looking for i
 
 def add_arguments(p) -> None:
     add_pipeline_arguments(p)
-    p.add_argument("--input", "-i", default="-", help="JSONL requests (default: stdin)")
+    p.add_argument("--input", "-i", default="-", help="JSONL requests, agp's lines or OpenAI batch-API lines (default: stdin)")
     p.add_argument("--output", "-o", default="-", help="JSONL answers (default: stdout)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--overwrite", action="store_true", help="replace an existing output file")
