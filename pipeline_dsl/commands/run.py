@@ -417,6 +417,8 @@ def _not_json_lines(parsed: list) -> str | None:
     if not parsed or any(p[2] is not None for p in parsed):
         return None
     for _, raw, *_ in parsed:
+        if isinstance(raw, TooLong):          # only its head was kept: it says nothing of the format
+            return None
         try:
             json.loads(raw.decode("utf-8"))
             return None
