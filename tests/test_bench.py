@@ -76,6 +76,34 @@ def test_a_reports_json_says_its_latencies_are_in_seconds():
     assert d["units"]["output_throughput"] == "tokens/s" and d["units"]["rate"] == "requests/s"
 
 
+@pytest.mark.parametrize("line", [
+    {"prompt": "hi", "n": 3, "max_tokens": 4, "temperature": 0.7, "seed": 1},
+    {"prompt_token_ids": [1, 2, 3], "max_tokens": 2},
+    {"prompt": "hi", "logprobs": 2, "echo": True, "stop_token_ids": [5], "max_tokens": 2},
+    {"messages": [{"role": "user", "content": "hi"}], "logprobs": 3, "max_tokens": 2},
+    {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+     "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}},
+    {"prompt": "pick", "response_format": {"type": "choice", "choices": ["yes", "no"]}},
+])
+def test_a_servers_request_asks_for_what_the_in_process_target_runs(line):
+    """Over HTTP only the sampling fields were sent: n = 3 became one answer, a prompt of token
+    ids a null prompt, logprobs and structured output were dropped, so --url measured less work
+    than the pipeline beside it. agp serve's parse of the body gives the item the pipeline runs."""
+    from pipeline_dsl.requests_io import parse_request
+    from pipeline_dsl.serve import protocol as P
+
+    item = parse_request(dict(line), default_id=1)
+    route, body = B.HTTPTarget("http://127.0.0.1:1", model="m").body(item)
+    for key in ("stream", "stream_options"):
+        body.pop(key)
+    parse = P.parse_chat if route == "/chat/completions" else P.parse_completion
+    served = parse(body, max_model_len=4096, served=("m",)).item(1)
+    local = item.item()
+    for d in (served, local):
+        d.pop("model", None)
+    assert served == local
+
+
 def test_workload_errors_name_the_file_and_line(tmp_path):
     with pytest.raises(B.BenchError, match="workload file not found"):
         B.load_workload(tmp_path / "none.jsonl")

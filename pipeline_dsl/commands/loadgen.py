@@ -301,13 +301,27 @@ class HTTPTarget:
         return {}
 
     def body(self, item: ParsedRequest) -> tuple[str, dict]:
+        """(route, body) of a workload request: every field the in-process target runs (n, a prompt
+        of token ids, the per-request extras, tools, structured output), so a server and a pipeline
+        measured side by side do the same work."""
+        chat = item.messages is not None
         body: dict[str, Any] = {"model": self.model, "stream": True,
                                 "stream_options": {"include_usage": True}}
         body.update(item.sampling)
-        if item.messages is not None:
+        extras = dict(item.extras)
+        if chat and extras.get("logprobs") is not None:          # chat's shape of the same ask
+            body["logprobs"], body["top_logprobs"] = True, extras.pop("logprobs")
+        body.update(extras)
+        if item.n is not None:
+            body["n"] = item.n
+        if item.tools:
+            body.update(tools=item.tools, tool_choice=item.tool_choice, parallel_tool_calls=item.parallel_tool_calls)
+        if item.response_format is not None:
+            body.update(_wire_format(item.response_format))
+        if chat:
             body["messages"] = item.messages
             return "/chat/completions", body
-        body["prompt"] = item.prompt
+        body["prompt"] = item.prompt if item.prompt is not None else list(item.prompt_token_ids or ())
         return "/completions", body
 
     async def send(self, item: ParsedRequest, rec: RequestRecord, clock) -> None:
@@ -350,6 +364,20 @@ class HTTPTarget:
             rec.truncated = True
         elif rec.completion_tokens == 0:
             rec.completion_tokens = len(rec.token_times)   # a server without usage
+
+
+def _wire_format(spec: dict) -> dict:
+    """A parsed structured-output spec back as request fields: OpenAI's response_format for JSON,
+    vLLM's guided_* fields (which agp serve takes too) for a regex, a choice or a grammar."""
+    kind = spec["type"]
+    if kind == "json_object":
+        return {"response_format": {"type": "json_object"}}
+    if kind == "json_schema":
+        return {"response_format": {"type": "json_schema", "json_schema": {
+            "name": spec.get("name") or "schema", "schema": spec.get("schema", {})}}}
+    field, key = {"regex": ("guided_regex", "pattern"), "choice": ("guided_choice", "choices"),
+                  "grammar": ("guided_grammar", "grammar")}[kind]
+    return {field: spec[key]}
 
 
 def parse_target(spec: str) -> tuple[str, dict]:
