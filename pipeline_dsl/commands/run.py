@@ -45,7 +45,8 @@ MAX_SKIP_BYTES = 256 << 20     # read past a too-long line's limit looking for i
 
 def add_arguments(p) -> None:
     add_pipeline_arguments(p)
-    p.add_argument("--input", "-i", default="-", help="JSONL requests, agp's lines or OpenAI batch-API lines (default: stdin)")
+    p.add_argument("--input", "-i", default="-",
+                   help="JSONL requests, agp's lines or OpenAI batch-API lines (default: stdin)")
     p.add_argument("--output", "-o", default="-", help="JSONL answers (default: stdout)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -129,8 +130,9 @@ def answered_ids(path: str, input_ids: Counter) -> tuple[Counter, int, list[int]
     """What --resume keeps of an output file: how many records of each id it holds (ids as JSON
     keys), the byte length of its whole lines (a last line cut short by a kill is not a record),
     and the numbers of the lines that are no record of this input: not a JSON object with an
-    `id` and a `text`, `choices` or `error` (or a batch-API output line's `custom_id` and `response`), or an id that no input line has (or more records
-    of an id than input lines have it)."""
+    `id` and a `text`, `choices` or `error` (or a batch-API output line's `custom_id` and
+    `response`), or an id that no input line has (or more records of an id than input lines
+    have it)."""
     ids: Counter = Counter()
     keep, lineno, foreign = 0, 0, []
     with open(path, "rb") as f:
@@ -146,7 +148,8 @@ def answered_ids(path: str, input_ids: Counter) -> tuple[Counter, int, list[int]
             except (ValueError, RecursionError):
                 rec = None
             batch = isinstance(rec, dict) and "custom_id" in rec and "response" in rec     # a batch-API line's
-            ok = batch or (isinstance(rec, dict) and "id" in rec and any(k in rec for k in ("text", "choices", "error")))
+            ok = batch or (isinstance(rec, dict) and "id" in rec
+                           and any(k in rec for k in ("text", "choices", "error")))
             key = _key(rec["custom_id"] if batch else rec["id"]) if ok else None
             if not ok or ids[key] >= input_ids[key]:
                 foreign.append(lineno)
