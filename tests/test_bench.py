@@ -66,6 +66,44 @@ def test_summary_statistics_are_computed_from_the_records():
     assert md.splitlines()[0] == "| metric | x |" and "| truncated streams | 1 |" in md
 
 
+def test_a_reports_json_says_its_latencies_are_in_seconds():
+    """The table shows TTFT in ms and the --json file held the same TTFT in seconds under a bare
+    'ttft' key: 0.2 read as 0.2 ms by a script comparing the two."""
+    r = B.summarize("x", 2.0, [_record(0.0, [0.2, 0.3])], duration=1.0)
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["ttft"]["p50"] == pytest.approx(0.2) and d["units"]["ttft"] == "s"
+    assert {d["units"][k] for k in ("tpot", "itl", "e2e", "duration_s")} == {"s"}
+    assert d["units"]["output_throughput"] == "tokens/s" and d["units"]["rate"] == "requests/s"
+
+
+@pytest.mark.parametrize("line", [
+    {"prompt": "hi", "n": 3, "max_tokens": 4, "temperature": 0.7, "seed": 1},
+    {"prompt_token_ids": [1, 2, 3], "max_tokens": 2},
+    {"prompt": "hi", "logprobs": 2, "echo": True, "stop_token_ids": [5], "max_tokens": 2},
+    {"messages": [{"role": "user", "content": "hi"}], "logprobs": 3, "max_tokens": 2},
+    {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+     "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}},
+    {"prompt": "pick", "response_format": {"type": "choice", "choices": ["yes", "no"]}},
+])
+def test_a_servers_request_asks_for_what_the_in_process_target_runs(line):
+    """Over HTTP only the sampling fields were sent: n = 3 became one answer, a prompt of token
+    ids a null prompt, logprobs and structured output were dropped, so --url measured less work
+    than the pipeline beside it. agp serve's parse of the body gives the item the pipeline runs."""
+    from pipeline_dsl.requests_io import parse_request
+    from pipeline_dsl.serve import protocol as P
+
+    item = parse_request(dict(line), default_id=1)
+    route, body = B.HTTPTarget("http://127.0.0.1:1", model="m").body(item)
+    for key in ("stream", "stream_options"):
+        body.pop(key)
+    parse = P.parse_chat if route == "/chat/completions" else P.parse_completion
+    served = parse(body, max_model_len=4096, served=("m",)).item(1)
+    local = item.item()
+    for d in (served, local):
+        d.pop("model", None)
+    assert served == local
+
+
 def test_workload_errors_name_the_file_and_line(tmp_path):
     with pytest.raises(B.BenchError, match="workload file not found"):
         B.load_workload(tmp_path / "none.jsonl")
@@ -81,6 +119,26 @@ def test_a_workload_with_a_byte_order_mark_loads_as_agp_run_reads_it(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"prompt": "hi"}\r\n{"prompt": "there"}\r\n')
     assert [r.prompt for r in B.load_workload(path)] == ["hi", "there"]
+
+
+def test_a_batch_api_file_is_a_workload_as_agp_run_takes_it(tmp_path):
+    """`--workload` takes "agp run's format"; agp run answers OpenAI batch-API files, so bench
+    reads them too: each body's prompt or messages and sampling settings, its custom_id the id."""
+    path = tmp_path / "batch.jsonl"
+    lines = [{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
+                       "max_completion_tokens": 5, "temperature": 0.5}},
+             {"custom_id": "b", "method": "POST", "url": "/v1/completions",
+              "body": {"model": "gpt-4o-mini", "prompt": "once", "max_tokens": 3, "stream": True}}]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    chat, comp = B.load_workload(path)
+    assert (chat.id, chat.messages, chat.sampling) == ("a", [{"role": "user", "content": "hi"}],
+                                                       {"max_tokens": 5, "temperature": 0.5})
+    assert (comp.id, comp.prompt, comp.sampling) == ("b", "once", {"max_tokens": 3})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**lines[1], "url": "/v1/embeddings"}) + "\n")
+    with pytest.raises(B.BenchError, match=r"bad\.jsonl:1: 'url' must be /v1/chat/completions or /v1/completions"):
+        B.load_workload(bad)
 
 
 def test_shipped_workloads_load():
@@ -103,6 +161,22 @@ def test_target_settings_are_typed_and_checked(tmp_path):
         B.parse_target(f"{agp_file},prefix_reuse_=false")
     with pytest.raises(B.BenchError, match="pipeline file not found"):
         B.parse_target(str(tmp_path / "missing.agp"))
+
+
+@pytest.mark.parametrize("pair, expected", [("prefix_reuse=flase", "true or false"),
+                                            ("max_batch_size=8.5", "an integer"),
+                                            ("batch_timeout_s=soon", "a number"),
+                                            ("threads=many", "an integer or none")])
+def test_a_setting_of_the_wrong_type_is_an_error_not_a_label_that_lies(tmp_path, pair, expected):
+    """`prefix_reuse=flase` ran with prefix reuse on (a non-empty string) under the label
+    'p (prefix_reuse=flase)'."""
+    agp_file = tmp_path / "p.agp"
+    agp_file.write_text("pipeline p {}")
+    key, _, value = pair.partition("=")
+    with pytest.raises(B.BenchError, match=f"engine setting '{key}' in .* must be {expected}, not '{value}'"):
+        B.parse_target(f"{agp_file},{pair}")
+    assert B.parse_target(f"{agp_file},policy=static,model=7,seed=none,batch_timeout_s=1")[1] == {
+        "policy": "static", "model": "7", "seed": None, "batch_timeout_s": 1}
 
 
 # ---------------------------------------------------------------- against the tiny model

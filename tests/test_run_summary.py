@@ -23,3 +23,15 @@ def test_the_run_summary_shows_a_stages_timeouts_retries_and_cache_hits():
     assert _row(lines, "lookup").endswith("timeouts 2  retries 3  cache hits 4")
     row = _row(lines, "guard")
     assert "timeouts" not in row and "retries" not in row and "cache hits" not in row
+
+
+def test_a_resumed_runs_summary_says_how_many_lines_the_output_already_answered():
+    """After --resume the summary counted only this run's requests: 1360 of a 2,000-line file, with
+    no word of the 640 kept (the --stats JSON had them as resumed_skipped)."""
+    s = {"requests": 3, "errors": 0, "resumed_skipped": 640, "prompt_tokens": 0, "cached_tokens": 0,
+         "completion_tokens": 0, "output_tokens_per_s": None, "generation_s": 0, "ttft_p50_ms": None,
+         "ttft_p99_ms": None, "tpot_p50_ms": None, "tpot_p99_ms": None, "mean_batch_size": None,
+         "kv_hit_rate": None}
+    first = format_summary(s).splitlines()[1]
+    assert first == "requests        3 (0 failed); 640 more already answered in the output (--resume)"
+    assert "resume" not in format_summary({**s, "resumed_skipped": 0}).splitlines()[1]

@@ -32,7 +32,8 @@ def add_arguments(p) -> None:
 
     p.add_argument("pipelines", nargs="*", metavar="PIPELINE",
                    help="a .agp file, optionally followed by ,key=value engine settings")
-    p.add_argument("--workload", "-w", required=True, help="JSONL requests (agp run's format)")
+    p.add_argument("--workload", "-w", required=True,
+                   help="JSONL requests (agp run's format: agp's lines or OpenAI batch-API lines)")
     add_allow_path(p)
     p.add_argument("--rate", default="inf",
                    help="requests/s of the Poisson arrivals, 'inf' = all at once; "
@@ -51,7 +52,8 @@ def add_arguments(p) -> None:
     p.add_argument("--compare", action="store_true",
                    help="print all targets side by side and plot them (--plot, default agp-bench.png)")
     p.add_argument("--plot", type=output_file, default=None, help="write throughput-vs-rate and latency CDFs here (PNG)")
-    p.add_argument("--json", dest="json_out", type=output_file, default=None, help="write the reports as JSON here")
+    p.add_argument("--json", dest="json_out", type=output_file, default=None,
+                   help="write the reports as JSON here (latencies in seconds; each report's 'units' names them)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=None,
                    help="override the pipelines' precision")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

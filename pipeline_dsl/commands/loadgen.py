@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline_dsl.requests_io import ParsedRequest, RequestError, parse_line
+from pipeline_dsl.commands import batch_api
+from pipeline_dsl.requests_io import ParsedRequest, RequestError, load_json, parse_line
 
 
 class BenchError(ValueError):
@@ -52,7 +53,11 @@ def load_workload(path: str | Path) -> list[ParsedRequest]:
         if not line.strip():
             continue
         try:
-            items.append(parse_line(line, lineno))
+            obj = load_json(line, "the line") if '"custom_id"' in line else None
+            if batch_api.is_batch_line(obj):        # an OpenAI batch-API line, as agp run takes it
+                items.append(batch_api.workload_request(obj, lineno))
+            else:
+                items.append(parse_line(line, lineno))
         except RequestError as e:
             raise BenchError(f"{path}:{lineno}: {e}") from None
     if not items:
@@ -145,7 +150,14 @@ class Report:
             d.pop("ttft_samples")
             d.pop("e2e_samples")
         d["rate"] = "inf" if math.isinf(self.rate) else self.rate
+        d["units"] = UNITS
         return d
+
+
+# what the numbers of a report's JSON are in (the printed table shows latencies in ms)
+UNITS = {"rate": "requests/s", "duration_s": "s", "request_throughput": "requests/s",
+         "output_throughput": "tokens/s", "total_throughput": "tokens/s", "ttft": "s", "tpot": "s", "itl": "s",
+         "e2e": "s", "kv_hit_rate": "fraction", "peak_memory_bytes": "bytes"}
 
 
 def summarize(label: str, rate: float, records: list[RequestRecord], duration: float,
@@ -289,13 +301,27 @@ class HTTPTarget:
         return {}
 
     def body(self, item: ParsedRequest) -> tuple[str, dict]:
+        """(route, body) of a workload request: every field the in-process target runs (n, a prompt
+        of token ids, the per-request extras, tools, structured output), so a server and a pipeline
+        measured side by side do the same work."""
+        chat = item.messages is not None
         body: dict[str, Any] = {"model": self.model, "stream": True,
                                 "stream_options": {"include_usage": True}}
         body.update(item.sampling)
-        if item.messages is not None:
+        extras = dict(item.extras)
+        if chat and extras.get("logprobs") is not None:          # chat's shape of the same ask
+            body["logprobs"], body["top_logprobs"] = True, extras.pop("logprobs")
+        body.update(extras)
+        if item.n is not None:
+            body["n"] = item.n
+        if item.tools:
+            body.update(tools=item.tools, tool_choice=item.tool_choice, parallel_tool_calls=item.parallel_tool_calls)
+        if item.response_format is not None:
+            body.update(_wire_format(item.response_format))
+        if chat:
             body["messages"] = item.messages
             return "/chat/completions", body
-        body["prompt"] = item.prompt
+        body["prompt"] = item.prompt if item.prompt is not None else list(item.prompt_token_ids or ())
         return "/completions", body
 
     async def send(self, item: ParsedRequest, rec: RequestRecord, clock) -> None:
@@ -340,6 +366,20 @@ class HTTPTarget:
             rec.completion_tokens = len(rec.token_times)   # a server without usage
 
 
+def _wire_format(spec: dict) -> dict:
+    """A parsed structured-output spec back as request fields: OpenAI's response_format for JSON,
+    vLLM's guided_* fields (which agp serve takes too) for a regex, a choice or a grammar."""
+    kind = spec["type"]
+    if kind == "json_object":
+        return {"response_format": {"type": "json_object"}}
+    if kind == "json_schema":
+        return {"response_format": {"type": "json_schema", "json_schema": {
+            "name": spec.get("name") or "schema", "schema": spec.get("schema", {})}}}
+    field, key = {"regex": ("guided_regex", "pattern"), "choice": ("guided_choice", "choices"),
+                  "grammar": ("guided_grammar", "grammar")}[kind]
+    return {field: spec[key]}
+
+
 def parse_target(spec: str) -> tuple[str, dict]:
     """`path.agp[,key=value...]` -> (path, EngineConfig overrides), values typed."""
     from dataclasses import fields
@@ -347,7 +387,8 @@ def parse_target(spec: str) -> tuple[str, dict]:
     from pipeline_dsl.engine.config import EngineConfig
 
     path, *pairs = spec.split(",")
-    known = {f.name for f in fields(EngineConfig)}
+    types = {f.name: str(f.type) for f in fields(EngineConfig)}
+    known = set(types)
     settings = {}
     for pair in pairs:
         key, eq, value = pair.partition("=")
@@ -360,7 +401,7 @@ def parse_target(spec: str) -> tuple[str, dict]:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise BenchError(f"unknown engine setting '{key}' in '{spec}'{hint}; "
                              f"known: {', '.join(sorted(known))}")
-        settings[key] = _typed(value)
+        settings[key] = _of_type(key, value, types[key], spec)
     if not Path(path).is_file():
         raise BenchError(f"pipeline file not found: {path}")
     return path, settings
@@ -370,6 +411,33 @@ def target_label(spec: str) -> str:
     path, *pairs = spec.split(",")
     stem = Path(path).stem
     return f"{stem} ({', '.join(pairs)})" if pairs else stem
+
+
+_EXPECTED = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
+             "None": "none"}
+
+
+def _of_type(key: str, value: str, annotation: str, spec: str):
+    """A setting's value typed and checked against its EngineConfig field (`bool`, `int | None`…):
+    `prefix_reuse=flase` is an error, not a string that reads as true while the label says false."""
+    kinds = [t.strip() for t in annotation.split("|")]
+    typed = _typed(value)
+    if typed is None:
+        ok = "None" in kinds
+    elif isinstance(typed, bool):
+        ok = "bool" in kinds
+    elif isinstance(typed, int):
+        ok = "int" in kinds or "float" in kinds
+    elif isinstance(typed, float):
+        ok = "float" in kinds
+    else:
+        ok = False
+    if ok:
+        return typed
+    if "str" in kinds:                         # a string field takes the text as written (a model path)
+        return value
+    expected = " or ".join(_EXPECTED.get(k, k) for k in kinds)
+    raise BenchError(f"engine setting '{key}' in '{spec}' must be {expected}, not '{value}'")
 
 
 def _typed(value: str):

@@ -10,7 +10,10 @@ soon as the lines before it are: `id`, `text`, `finish_reason`, `usage` (and `st
 cannot be run gives `{"id", "error": {"line", "message", "type"}}` and every other line
 still runs: one longer than MAX_LINE_BYTES (if no end of line follows within MAX_SKIP_BYTES,
 as from /dev/zero, the input is read no further), or whose id an earlier line has (a line without
-an id takes its line number as id; ids are unique). An existing output file is never
+an id takes its line number as id; ids are unique). A file of OpenAI batch-API lines
+(`custom_id`, `method`, `url`, `body`) is answered in the Batch API's output shape, one line per
+input line, in input order (commands/batch_api.py). A file none of whose lines is JSON (a CSV, a
+text file) is refused before the model loads, exit 2. An existing output file is never
 overwritten silently: `--overwrite` replaces it, `--resume` keeps it and runs only the lines
 it holds no record of yet (counted per id, so a repeated id is answered by its error record);
 an output holding a line that is no record of this input (another file's answers, a line that is
@@ -42,7 +45,8 @@ MAX_SKIP_BYTES = 256 << 20     # read past a too-long line's limit looking for i
 
 def add_arguments(p) -> None:
     add_pipeline_arguments(p)
-    p.add_argument("--input", "-i", default="-", help="JSONL requests (default: stdin)")
+    p.add_argument("--input", "-i", default="-",
+                   help="JSONL requests, agp's lines or OpenAI batch-API lines (default: stdin)")
     p.add_argument("--output", "-o", default="-", help="JSONL answers (default: stdout)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -126,8 +130,9 @@ def answered_ids(path: str, input_ids: Counter) -> tuple[Counter, int, list[int]
     """What --resume keeps of an output file: how many records of each id it holds (ids as JSON
     keys), the byte length of its whole lines (a last line cut short by a kill is not a record),
     and the numbers of the lines that are no record of this input: not a JSON object with an
-    `id` and a `text`, `choices` or `error`, or an id that no input line has (or more records
-    of an id than input lines have it)."""
+    `id` and a `text`, `choices` or `error` (or a batch-API output line's `custom_id` and
+    `response`), or an id that no input line has (or more records of an id than input lines
+    have it)."""
     ids: Counter = Counter()
     keep, lineno, foreign = 0, 0, []
     with open(path, "rb") as f:
@@ -142,8 +147,10 @@ def answered_ids(path: str, input_ids: Counter) -> tuple[Counter, int, list[int]
                 rec = json.loads(raw)
             except (ValueError, RecursionError):
                 rec = None
-            ok = (isinstance(rec, dict) and "id" in rec and any(k in rec for k in ("text", "choices", "error")))
-            key = _key(rec["id"]) if ok else None
+            batch = isinstance(rec, dict) and "custom_id" in rec and "response" in rec     # a batch-API line's
+            ok = batch or (isinstance(rec, dict) and "id" in rec
+                           and any(k in rec for k in ("text", "choices", "error")))
+            key = _key(rec["custom_id"] if batch else rec["id"]) if ok else None
             if not ok or ids[key] >= input_ids[key]:
                 foreign.append(lineno)
                 continue
@@ -152,20 +159,31 @@ def answered_ids(path: str, input_ids: Counter) -> tuple[Counter, int, list[int]
 
 
 def _line_id(raw: bytes, lineno: int, parse_line, load_json, RequestError):
-    """(request, error, id) of one input line: the id its record carries, answered or not."""
+    """(request, error, id, batch) of one input line: the id its record carries, answered or
+    not; `batch`: an OpenAI batch-API line (its request a BatchLine, its id the custom_id)."""
+    from pipeline_dsl.commands import batch_api
+
     if isinstance(raw, TooLong):
         error = f"the line is longer than {MAX_LINE_BYTES >> 20} MiB"
         if raw.endless:
             error += f" (no end of line in {MAX_SKIP_BYTES >> 20} MiB more: the input is not read further)"
-        return None, error, lineno
+        return None, error, lineno, False
     try:
-        req = parse_line(raw.decode("utf-8"), lineno)
-        return req, None, req.id
+        text = raw.decode("utf-8")
+        obj = load_json(text, "the line")
+        if batch_api.is_batch_line(obj):
+            cid = obj["custom_id"]
+            try:
+                return batch_api.read_line(obj, lineno), None, cid, True
+            except RequestError as e:
+                return None, str(e), cid if isinstance(cid, (str, int)) and not isinstance(cid, bool) else lineno, True
+        req = parse_line(text, lineno)
+        return req, None, req.id, False
     except UnicodeDecodeError as e:
         error = f"the line is not UTF-8 text (byte {e.start})"
     except RequestError as e:
         error = str(e)
-    return None, error, _guess_id(raw, lineno, load_json)
+    return None, error, _guess_id(raw, lineno, load_json), False
 
 
 class Interrupt:
@@ -197,8 +215,16 @@ class Interrupt:
 
 def main(args) -> int:
     from pipeline_dsl.requests_io import RequestError, load_json, parse_line
+    from pipeline_dsl.commands import batch_api
     from pipeline_dsl.commands.runner import RunRequest, format_summary, run_pipeline
+    from pipeline_dsl.serve.api_error import APIError
 
+    if args.resume and args.output == "-":
+        return _err("--resume continues an output file: give it with --output FILE (the answers go to "
+                    "standard output, which holds no earlier answers to keep)")
+    if args.input != "-" and args.output != "-" and _same_file(args.input, args.output):
+        return _err(f"the output {args.output} is the input file: its answers would replace the requests "
+                    "(give another --output)")
     try:
         lines = _read_lines(args.input)
     except FileNotFoundError:
@@ -208,6 +234,10 @@ def main(args) -> int:
     # each line's request (or why it cannot run) and id, before anything loads: --resume needs the ids
     parsed = [(lineno, raw, *_line_id(raw, lineno, parse_line, load_json, RequestError))
               for lineno, raw in enumerate(lines, 1) if raw.strip()]
+    not_jsonl = _not_json_lines(parsed)
+    if not_jsonl:
+        return _err(f"{'stdin' if args.input == '-' else args.input} is not JSON Lines: {not_jsonl}")
+    batch_file = any(p[5] for p in parsed)      # OpenAI batch-API lines: every line answered in that shape
     done_ids: Counter = Counter()
     to_file = args.output != "-"
     if to_file and os.path.isdir(args.output):
@@ -255,7 +285,9 @@ def main(args) -> int:
     requests: list[RunRequest] = []
     bad_lines = skipped = 0
     first_line: dict[str, int] = {}        # id -> the line that has it (ids are unique)
-    for lineno, raw, req, error, rid in parsed:
+    stages = tuple(runtime.seg_of_gen)
+    max_model_len = int(min((es.max_model_len for es in runtime.segments), default=1 << 20))
+    for lineno, raw, req, error, rid, is_batch in parsed:
         key = _key(rid)
         if done_ids[key] > 0:                  # --resume: this line's record is in the output
             done_ids[key] -= 1
@@ -263,16 +295,30 @@ def main(args) -> int:
             skipped += 1
             continue
         if key in first_line and req is not None:
-            req, error = None, (f"id {json.dumps(rid)[:60]} is also the id of line {first_line[key]}: ids must be "
-                                "unique (a line without an id takes its line number)")
+            what = "custom_id" if is_batch else "id"
+            req, error = None, (f"{what} {json.dumps(rid)[:60]} is also the {what} of line {first_line[key]}: "
+                                f"{what}s must be unique" + ("" if is_batch else
+                                                             " (a line without an id takes its line number)"))
+        elif batch_file and req is not None and not is_batch:
+            req, error = None, ("not a batch request line ({\"custom_id\", \"method\", \"url\", \"body\"}) "
+                                "while the file's other lines are: give every line that shape")
         first_line.setdefault(key, lineno)
         slot = len(results)
         results.append(None)
+        if req is not None and is_batch:
+            try:                               # the body, as agp serve checks it (the model's context known now)
+                req.parse(max_model_len, stages, runtime.name)
+            except APIError as e:
+                bad_lines += 1
+                results[slot] = batch_api.error_record(rid, lineno, e)
+                continue
         if req is None:
             bad_lines += 1
-            results[slot] = {"id": rid, "error": {"line": lineno, "message": error, "type": "invalid"}}
+            results[slot] = (batch_api.error_record(rid, lineno, APIError(error)) if batch_file else
+                             {"id": rid, "error": {"line": lineno, "message": error, "type": "invalid"}})
             continue
-        requests.append(RunRequest(slot=slot, line=lineno, parsed=req))
+        requests.append(RunRequest(slot=slot, line=lineno, parsed=None if is_batch else req,
+                                   batch=req if is_batch else None))
 
     next_to_write = 0
     write_lock = threading.Lock()
@@ -357,6 +403,38 @@ def main(args) -> int:
     if summary["requests"] and summary["errors"] == summary["requests"]:
         return 1                          # every request failed: the run did not do its job
     return 0
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Both paths name one file (the same path, a link to it)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:                           # one of them does not exist (yet): not the same
+        return False
+
+
+def _not_json_lines(parsed: list) -> str | None:
+    """Why the input is no JSON Lines file at all (a CSV or a text file given by mistake): none of
+    its lines holds JSON. None when one does: a file of JSON lines with some bad ones runs, each
+    bad line answered by its error record."""
+    if not parsed or any(p[2] is not None for p in parsed):
+        return None
+    for _, raw, *_ in parsed:
+        if isinstance(raw, TooLong):          # only its head was kept: it says nothing of the format
+            return None
+        try:
+            json.loads(raw.decode("utf-8"))
+            return None
+        except (ValueError, RecursionError):
+            continue
+    first = parsed[0][1][:60].decode("utf-8", "replace")
+    n = len(parsed)
+    hint = (" (a CSV file? turn each row into a JSON line, e.g. with "
+            "python -c 'import csv,json,sys; [print(json.dumps(r)) for r in csv.DictReader(sys.stdin)]')"
+            if "," in first or "\t" in first else
+            " (a text file of prompts? jq -R -c '{prompt: .}' FILE turns each line into a request)")
+    return (f"none of its {n} line{'s' if n > 1 else ''} is JSON (line {parsed[0][0]}: {first!r}); agp run reads one "
+            f"JSON request a line, such as {{\"prompt\": \"Hello\"}} or {{\"messages\": [...]}}{hint}")
 
 
 def _guess_id(raw: bytes, lineno: int, load_json=None):

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from pipeline_dsl.commands.batch_api import BatchLine
 from pipeline_dsl.engine.engine import percentile
 from pipeline_dsl.requests_io import ParsedRequest
 from pipeline_dsl.serve.protocol import completion_logprobs
@@ -26,7 +27,20 @@ from pipeline_dsl.serve.token_fields import prompt_logprobs_json
 class RunRequest:
     slot: int                     # position in the output
     line: int                     # input line, for error records
-    parsed: ParsedRequest
+    parsed: ParsedRequest | None
+    batch: BatchLine | None = None  # an OpenAI batch-API line instead (answered in that shape)
+
+    def item(self, runtime) -> tuple[dict, str | None]:
+        """(the request as the pipeline's items carry it, the generate stage it pins or None)."""
+        if self.batch is not None:
+            return self.batch.item(), self.batch.pin
+        return self.parsed.item(), _pin(runtime, self.parsed)
+
+    def answer(self, result, runtime) -> dict:
+        """Its output line."""
+        if self.batch is not None:
+            return self.batch.answer(result, runtime)
+        return record(self, result, several=len(runtime.seg_of_gen) > 1, runtime=runtime)
 
 
 def record(req: RunRequest, result, several: bool = False, runtime=None) -> dict:
@@ -108,14 +122,14 @@ def run_pipeline(runtime, requests: list[RunRequest], *, on_done: Callable[[int,
             if on_interrupted is not None:
                 on_interrupted(req.slot)
             return
-        on_done(req.slot, record(req, result, several=len(runtime.seg_of_gen) > 1, runtime=runtime))
+        on_done(req.slot, req.answer(result, runtime))
         if bar:
             with lock:
                 completion += result.usage.get("completion_tokens", 0)
                 bar.update(1)
                 bar.set_postfix_str(f"{completion / max(time.perf_counter() - t0, 1e-9):.0f} tok/s")
 
-    results = runtime.run_all([(r.parsed.item(), _pin(runtime, r.parsed)) for r in requests], on_result=done,
+    results = runtime.run_all([r.item(runtime) for r in requests], on_result=done,
                               stop=stop)
     wall = time.perf_counter() - t0
     if bar:
@@ -141,9 +155,10 @@ def summarize(runtime, results: list, wall: float) -> dict:
     ttft = [r.metrics["ttft_s"] for r in ok if r.metrics.get("ttft_s") is not None]
     tpot = [(r.metrics["latency_s"] - r.metrics["ttft_s"]) / (r.usage["completion_tokens"] - 1)
             for r in ok if r.metrics.get("ttft_s") is not None and r.usage["completion_tokens"] > 1]
-    prompt = sum(r.usage.get("prompt_tokens", 0) for r in results)
-    completion = sum(r.usage.get("completion_tokens", 0) for r in results)
-    cached = sum(r.usage.get("cached_tokens", 0) for r in results)
+    # the answered requests' tokens, as their output lines' usage adds up (a failed line has no usage)
+    prompt = sum(r.usage.get("prompt_tokens", 0) for r in ok)
+    completion = sum(r.usage.get("completion_tokens", 0) for r in ok)
+    cached = sum(r.usage.get("cached_tokens", 0) for r in ok)
     stats = runtime.stats()
     engines = list(stats["engines"].values())
     first = engines[0] if engines else {}
@@ -199,7 +214,9 @@ def format_summary(s: dict) -> str:
         f"requests        {s['requests']} ({s.get('errors', 0)} failed"
         + (f", {s['interrupted']} interrupted, not written" if s.get("interrupted") else "")
         + (f"; {s['written']} written before the output failed: {s['write_error']}" if s.get("write_error")
-           else "") + ")",
+           else "") + ")"
+        + (f"; {s['resumed_skipped']} more already answered in the output (--resume)" if s.get("resumed_skipped")
+           else ""),
         f"tokens          {s['prompt_tokens']} in ({s['cached_tokens']} cached), {s['completion_tokens']} out",
         f"throughput      {f(s['output_tokens_per_s'])} output tok/s over {s['generation_s']} s "
         f"(model load {f(s.get('model_load_s'), ' s')})",

@@ -15,13 +15,13 @@ from pipeline_dsl.flow import PipelineError
 
 from . import protocol as P
 from .access import request_info
+from .answers import answer_body
 from .async_pipeline import AsyncPipeline, RequestStream, StreamGroup
 from .body import read_json
 from .config import ServeConfig
 from .errors import api_error, error_response
 from .metrics import ServerMetrics
-from .sse import ChunkWriter, EventStream, prompt_text
-from .token_fields import answer_fields
+from .sse import ChunkWriter, EventStream
 
 
 async def wait_or_disconnect(request: Request, work):
@@ -146,25 +146,4 @@ class Generations:
 
     def answer(self, res, req: P.GenerationRequest, rid: str) -> tuple[dict, dict]:
         """The JSON answer of a finished request, and its choices' finish reasons."""
-        runtime = self.apipe.runtime
-        use = P.usage(res.usage["prompt_tokens"], res.usage["completion_tokens"], res.usage["cached_tokens"])
-        want = req.fields.get("logprobs") is not None
-        text_of = runtime.token_text(req.pin) if want or req.prompt_logprobs is not None else None
-        want_ids = bool(req.fields.get("return_token_ids"))
-        if req.kind == "chat":
-            choices = [(c.index, c.text, c.finish_reason,
-                        P.chat_logprobs(c.data.get("logprobs") or [], text_of) if want else None,
-                        {"stop_reason": c.data.get("stop_reason"), **answer_fields(c.data, None, want_ids, text_of)[1]})
-                       for c in res.choices]
-            top = answer_fields(res.choices[0].data, req.prompt_logprobs, want_ids, text_of)[0]
-            body = P.chat_response(rid, req.model, choices, use, tools_active=req.tools_active, top=top)
-            return body, {c["index"]: c["finish_reason"] for c in body["choices"]}
-        echo = bool(req.fields.get("echo"))
-        choices = []
-        for c in res.choices:
-            prompt = prompt_text(runtime, c.data, req) if echo else ""
-            of_prompt, of_answer = answer_fields(c.data, req.prompt_logprobs, want_ids, text_of)
-            choices.append((c.index, prompt + c.text, c.finish_reason,
-                            P.completion_logprobs(c.data, text_of, echo, k=req.fields.get("logprobs")) if want
-                            else None, {"stop_reason": c.data.get("stop_reason"), **of_prompt, **of_answer}))
-        return P.completion_response(rid, req.model, choices, use), {c[0]: c[2] for c in choices}
+        return answer_body(self.apipe.runtime, res, req, rid)

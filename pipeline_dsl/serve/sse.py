@@ -18,6 +18,7 @@ from starlette.requests import ClientDisconnect
 
 from . import protocol as P
 from .access import request_info
+from .answers import prompt_text
 from .async_pipeline import RequestStream, StreamGroup
 from .errors import api_error, log_error
 from .token_fields import answer_fields
@@ -59,15 +60,6 @@ class EventStream(StreamingResponse):
             if not self._stream.started:      # the generator never ran
                 self._stream.abort()
                 self._on_gone()
-
-
-def prompt_text(runtime, data: dict, req: P.GenerationRequest) -> str:
-    """The prompt of an answer, for echo: as sent, or decoded from the ids it was sent as."""
-    request = data.get("request") or {}
-    if isinstance(request.get("prompt"), str):
-        return request["prompt"]
-    ids = request.get("prompt_token_ids") or data.get("prompt_token_ids") or []
-    return runtime.detokenise(list(ids), req.pin) if ids else ""
 
 
 class Relay:

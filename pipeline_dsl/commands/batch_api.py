@@ -1,0 +1,132 @@
+"""OpenAI batch-API files in `agp run`: input lines and output lines in the Batch API's shapes.
+
+An input line `{"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": {...}}`
+(`url` also /v1/completions) is answered by one output line, in input order, as OpenAI's batch
+output file and vLLM's `run_batch` write it:
+
+    {"id": "batch_req_3", "custom_id": "r1",
+     "response": {"status_code": 200, "request_id": "chatcmpl-3", "body": {chat.completion}}, "error": null}
+
+A line that cannot run keeps its custom_id: `response` holds the HTTP status and error body agp
+serve would have answered, and `error` holds `{"code", "message", "line"}`, so scripts that look at
+either find it. The body goes through agp serve's own validation (serve/protocol.py), so a batch
+line accepts exactly what POST to that url accepts; its `model` is echoed back, and pins a generate
+stage where it names one. One prompt a line (a completions `prompt` array is refused: one line a
+prompt); `stream` is ignored, a batch answer being one body. `agp bench --workload` takes the
+same files (`workload_request`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from pipeline_dsl.requests_io import SAMPLING_FIELDS, ParsedRequest, RequestError
+from pipeline_dsl.serve import protocol as P
+from pipeline_dsl.serve.answers import answer_body
+from pipeline_dsl.serve.api_error import APIError
+
+ENDPOINTS = {"/v1/chat/completions": ("chat", P.parse_chat, "chatcmpl"),
+             "/v1/completions": ("completion", P.parse_completion, "cmpl")}
+
+
+def is_batch_line(obj) -> bool:
+    """A batch-API request line: an object with a custom_id (what no plain request line has)."""
+    return isinstance(obj, dict) and "custom_id" in obj
+
+
+@dataclass
+class BatchLine:
+    """One batch-API input line, its envelope checked; the body is checked once the model is
+    loaded (its context bounds max_tokens)."""
+    custom_id: str
+    url: str
+    body: dict
+    line: int
+    call: P.GenerationRequest | None = None      # the body, parsed as agp serve parses it
+
+    @property
+    def id(self):
+        return self.custom_id
+
+    def parse(self, max_model_len: int, stages: tuple[str, ...], default_model: str) -> None:
+        """Check the body as POST `url` would (APIError saying why not)."""
+        _, parse, _ = ENDPOINTS[self.url]
+        model = self.body.get("model")
+        served = (model if isinstance(model, str) and model else default_model,)
+        body = {k: v for k, v in self.body.items() if k not in ("stream", "stream_options")}
+        call = parse(body, max_model_len=max_model_len, served=served, stages=stages)
+        if call.more_prompts:
+            raise APIError(f"'prompt' holds {1 + len(call.more_prompts)} prompts; a batch line answers one "
+                           "(write one line per prompt)", param="prompt")
+        self.call = call
+
+    @property
+    def rid(self) -> str:
+        return f"{ENDPOINTS[self.url][2]}-{self.line}"
+
+    def item(self) -> dict:
+        return self.call.item(self.rid)
+
+    @property
+    def pin(self) -> str | None:
+        return self.call.pin
+
+    def answer(self, result, runtime) -> dict:
+        """The output line of a finished request: its answer, or the error it ended with."""
+        if result.error is not None:
+            from pipeline_dsl.serve.errors import api_error
+
+            return error_record(self.custom_id, self.line, api_error(result.error, self.call.kind), self.rid)
+        body, _ = answer_body(runtime, result, self.call, self.rid)
+        return {"id": f"batch_req_{self.line}", "custom_id": self.custom_id,
+                "response": {"status_code": 200, "request_id": self.rid, "body": body}, "error": None}
+
+
+def read_line(obj: dict, line: int) -> BatchLine:
+    """The envelope of a batch line checked: custom_id a string, method POST, a url agp answers,
+    body an object (RequestError saying which and why)."""
+    cid = obj.get("custom_id")
+    if not isinstance(cid, str) or not cid:
+        raise RequestError(f"'custom_id' must be a non-empty string, got {json.dumps(cid)[:60]}", param="custom_id")
+    extra = sorted(set(obj) - {"custom_id", "method", "url", "body"})
+    if extra:
+        raise RequestError(f"a batch request line has custom_id, method, url and body; {extra[0]!r} belongs "
+                           "inside 'body'", param=extra[0])
+    if obj.get("method", "POST") != "POST":
+        raise RequestError(f"'method' must be \"POST\", got {json.dumps(obj.get('method'))[:40]}", param="method")
+    url = obj.get("url")
+    if url not in ENDPOINTS:
+        raise RequestError(f"'url' must be {' or '.join(ENDPOINTS)}, got {json.dumps(url)[:60]}", param="url")
+    if not isinstance(obj.get("body"), dict):
+        raise RequestError("'body' must be the request object, as POSTed to the url", param="body")
+    return BatchLine(cid, url, obj["body"], line)
+
+
+def error_record(custom_id, line: int, err: APIError, rid: str | None = None) -> dict:
+    """The output line of a batch line that could not run: the HTTP answer agp serve would have
+    given (status and error body), and the error itself with the input line it came from."""
+    body = err.body()
+    return {"id": f"batch_req_{line}", "custom_id": custom_id,
+            "response": {"status_code": err.status, "request_id": rid, "body": body},
+            "error": {"code": err.code or err.type, "message": err.message, "line": line}}
+
+
+def workload_request(obj: dict, line: int) -> ParsedRequest:
+    """A batch line as a request of `agp bench`'s workload: its body checked as agp serve checks
+    it (RequestError saying why not), its custom_id the id. The body's `model` names the batch
+    file's model, not a target: each target answers with its own."""
+    batch = read_line(obj, line)
+    try:
+        batch.parse(1 << 30, (), "workload")        # the context is each target's to bound
+    except APIError as e:
+        raise RequestError(e.message, param=e.param) from None
+    call = batch.call
+    sampling = {k: v for k, v in call.fields.items() if k in SAMPLING_FIELDS}
+    extras = {k: v for k, v in call.fields.items() if k not in sampling and k != "n"}
+    return ParsedRequest(id=batch.custom_id, prompt=call.prompt,
+                         messages=[dict(m) for m in call.messages] if call.messages else None,
+                         prompt_token_ids=list(call.prompt_token_ids) if call.prompt_token_ids else None,
+                         sampling=sampling, n=call.fields.get("n"), metadata=call.metadata,
+                         tools=list(call.tools) if call.tools else None, tool_choice=call.tool_choice,
+                         parallel_tool_calls=call.parallel_tool_calls, response_format=call.response_format,
+                         extras=extras)

@@ -1,0 +1,45 @@
+"""The JSON body of a finished completions or chat completions request, from its result.
+
+One builder for every place that answers a whole request at once: agp serve's non-streaming
+answers (serve/generation.py) and the OpenAI batch-API lines of `agp run` (commands/batch_api.py),
+so a batch output line's `response.body` is what POST /v1/chat/completions would have answered.
+No HTTP here: the runtime only lends the tokens' text (logprobs) and detokenises echoed prompts.
+"""
+from __future__ import annotations
+
+from . import protocol as P
+from .token_fields import answer_fields
+
+
+def prompt_text(runtime, data: dict, req: P.GenerationRequest) -> str:
+    """The prompt of an answer, for echo: as sent, or decoded from the ids it was sent as."""
+    request = data.get("request") or {}
+    if isinstance(request.get("prompt"), str):
+        return request["prompt"]
+    ids = request.get("prompt_token_ids") or data.get("prompt_token_ids") or []
+    return runtime.detokenise(list(ids), req.pin) if ids else ""
+
+
+def answer_body(runtime, res, req: P.GenerationRequest, rid: str) -> tuple[dict, dict]:
+    """(the JSON answer of a finished request, {choice index: finish reason})."""
+    use = P.usage(res.usage["prompt_tokens"], res.usage["completion_tokens"], res.usage["cached_tokens"])
+    want = req.fields.get("logprobs") is not None
+    text_of = runtime.token_text(req.pin) if want or req.prompt_logprobs is not None else None
+    want_ids = bool(req.fields.get("return_token_ids"))
+    if req.kind == "chat":
+        choices = [(c.index, c.text, c.finish_reason,
+                    P.chat_logprobs(c.data.get("logprobs") or [], text_of) if want else None,
+                    {"stop_reason": c.data.get("stop_reason"), **answer_fields(c.data, None, want_ids, text_of)[1]})
+                   for c in res.choices]
+        top = answer_fields(res.choices[0].data, req.prompt_logprobs, want_ids, text_of)[0]
+        body = P.chat_response(rid, req.model, choices, use, tools_active=req.tools_active, top=top)
+        return body, {c["index"]: c["finish_reason"] for c in body["choices"]}
+    echo = bool(req.fields.get("echo"))
+    choices = []
+    for c in res.choices:
+        prompt = prompt_text(runtime, c.data, req) if echo else ""
+        of_prompt, of_answer = answer_fields(c.data, req.prompt_logprobs, want_ids, text_of)
+        choices.append((c.index, prompt + c.text, c.finish_reason,
+                        P.completion_logprobs(c.data, text_of, echo, k=req.fields.get("logprobs")) if want
+                        else None, {"stop_reason": c.data.get("stop_reason"), **of_prompt, **of_answer}))
+    return P.completion_response(rid, req.model, choices, use), {c[0]: c[2] for c in choices}

@@ -1,0 +1,111 @@
+"""`agp run` on the files batch users have: an OpenAI batch-API file is answered in the Batch
+API's output shape (custom_id, response.status_code, response.body as agp serve answers it, error),
+in input order and resumable; a CSV or a text file given by mistake is refused before the model
+loads (exit 2), and so is an output that is the input file; the summary's token counts add up to
+the output lines' usage."""
+from __future__ import annotations
+
+import json
+
+from test_run_errors import pipeline, records, run  # noqa: F401  (pipeline: a fixture)
+
+
+def batch_line(cid, url, body) -> str:
+    return json.dumps({"custom_id": cid, "method": "POST", "url": url, "body": body}) + "\n"
+
+
+CHAT, COMP = "/v1/chat/completions", "/v1/completions"
+
+
+def test_a_batch_api_file_is_answered_in_the_batch_output_shape_in_input_order(tmp_path, pipeline):
+    inp, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(batch_line("c1", CHAT, {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
+                                           "max_completion_tokens": 3})
+                   + batch_line("p1", COMP, {"model": "gpt-4o-mini", "prompt": "once", "max_tokens": 2,
+                                             "logprobs": 1})
+                   + batch_line("typo", CHAT, {"messages": [{"role": "user", "content": "x"}], "max_tokenz": 3})
+                   + batch_line("emb", "/v1/embeddings", {"input": "x"})
+                   + batch_line("c1", COMP, {"prompt": "again"})
+                   + json.dumps({"prompt": "a plain line"}) + "\n")
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    got = records(out)
+    assert [g["custom_id"] for g in got] == ["c1", "p1", "typo", "emb", "c1", 6]
+    chat, comp = got[0], got[1]
+    assert chat["error"] is None and chat["response"]["status_code"] == 200
+    body = chat["response"]["body"]
+    assert body["object"] == "chat.completion" and body["model"] == "gpt-4o-mini"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["usage"]["completion_tokens"] <= 3
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    assert comp["response"]["body"]["object"] == "text_completion"
+    assert len(comp["response"]["body"]["choices"][0]["logprobs"]["tokens"]) == 2
+    typo, emb, dup, plain = got[2:]
+    assert typo["response"]["status_code"] == 400 and "did you mean 'max_tokens'" in typo["error"]["message"]
+    assert typo["response"]["body"]["error"]["param"] == "max_tokenz" and typo["error"]["line"] == 3
+    assert emb["response"]["status_code"] == 400 and "'url' must be" in emb["error"]["message"]
+    assert "also the custom_id of line 1" in dup["error"]["message"]
+    assert "not a batch request line" in plain["error"]["message"]
+    assert len({g["id"] for g in got}) == len(got)
+
+
+def test_resume_of_a_batch_file_answers_each_custom_id_once(tmp_path, pipeline):
+    inp, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(batch_line(f"r{i}", COMP, {"prompt": f"p{i}", "max_tokens": 2}) for i in range(4)))
+    assert run(pipeline, "-i", inp, "-o", out).returncode == 0
+    whole = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(whole[:2]) + whole[2][:25])          # killed while writing the third line
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert [g["custom_id"] for g in records(out)] == ["r0", "r1", "r2", "r3"]
+
+
+def test_a_csv_or_text_file_is_refused_before_the_model_loads(tmp_path, pipeline):
+    for name, text, hint in (("in.csv", "id,prompt\n1,hello\n", "a CSV file?"),
+                             ("in.txt", "hello there\nwhat is 2+2\n", "a text file of prompts?")):
+        path = tmp_path / name
+        path.write_text(text)
+        r = run(pipeline, "-i", path, "-o", tmp_path / "out.jsonl", "--overwrite")
+        assert r.returncode == 2, r.stderr
+        assert f"{path} is not JSON Lines: none of its 2 lines is JSON (line 1:" in r.stderr and hint in r.stderr
+        assert "run summary" not in r.stderr                     # nothing ran
+    mixed = tmp_path / "mixed.jsonl"                             # one bad line among good ones: a record
+    mixed.write_text('not json\n{"prompt": "x"}\n')
+    r = run(pipeline, "-i", mixed, "-o", tmp_path / "m.jsonl")
+    assert r.returncode == 0, r.stderr
+    assert [("error" in g) for g in records(tmp_path / "m.jsonl")] == [True, False]
+
+
+def test_the_summarys_tokens_add_up_to_the_output_lines_usage(tmp_path, pipeline):
+    """A prompt over the model's context fails after it is tokenised; its tokens are in no output
+    line, so the summary does not count them either."""
+    inp, out, stats = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "stats.json"
+    inp.write_text(json.dumps({"prompt": "word " * 700}) + "\n" + json.dumps({"prompt": "hi"}) + "\n")
+    r = run(pipeline, "-i", inp, "-o", out, "--stats", stats)
+    assert r.returncode == 0, r.stderr
+    got = records(out)
+    assert "error" in got[0] and "text" in got[1]
+    s = json.loads(stats.read_text())
+    assert s["prompt_tokens"] == got[1]["usage"]["prompt_tokens"]
+    assert s["completion_tokens"] == got[1]["usage"]["completion_tokens"]
+
+
+def test_an_output_that_is_the_input_file_is_refused_and_the_input_kept(tmp_path, pipeline):
+    """`-i a.jsonl -o a.jsonl --overwrite` wrote the answers over the requests (and --resume's
+    refusal of that file suggested --overwrite)."""
+    inp = tmp_path / "a.jsonl"
+    text = '{"prompt": "hi"}\n'
+    inp.write_text(text)
+    (tmp_path / "link.jsonl").symlink_to(inp)
+    for out, how in ((inp, "--overwrite"), (inp, "--resume"), (tmp_path / "link.jsonl", "--overwrite")):
+        r = run(pipeline, "-i", inp, "-o", out, how)
+        assert r.returncode == 2 and f"the output {out} is the input file" in r.stderr, r.stderr
+        assert inp.read_text() == text
+
+
+def test_resume_without_an_output_file_is_refused(tmp_path, pipeline):
+    """--resume with the answers on stdout was ignored: every line ran again, nothing said so."""
+    inp = tmp_path / "a.jsonl"
+    inp.write_text('{"prompt": "hi"}\n')
+    r = run(pipeline, "-i", inp, "--resume")
+    assert r.returncode == 2 and "--resume continues an output file" in r.stderr and r.stdout == ""
