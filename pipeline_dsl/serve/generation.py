@@ -152,8 +152,9 @@ class Generations:
         text_of = runtime.token_text(req.pin) if want or req.prompt_logprobs is not None else None
         want_ids = bool(req.fields.get("return_token_ids"))
         if req.kind == "chat":
+            bytes_of = runtime.token_bytes(req.pin) if want else None
             choices = [(c.index, c.text, c.finish_reason,
-                        P.chat_logprobs(c.data.get("logprobs") or [], text_of) if want else None,
+                        P.chat_logprobs(c.data.get("logprobs") or [], text_of, bytes_of) if want else None,
                         {"stop_reason": c.data.get("stop_reason"), **answer_fields(c.data, None, want_ids, text_of)[1]})
                        for c in res.choices]
             top = answer_fields(res.choices[0].data, req.prompt_logprobs, want_ids, text_of)[0]

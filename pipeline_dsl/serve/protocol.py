@@ -443,11 +443,14 @@ def _top_dict(top: list, text_of) -> dict:
     return out
 
 
-def chat_logprobs(entries: list, text_of) -> dict:
-    """The chat `logprobs` of an answer (or of one chunk's tokens)."""
+def chat_logprobs(entries: list, text_of, bytes_of=None) -> dict:
+    """The chat `logprobs` of an answer (or of one chunk's tokens). `bytes` are each token's own
+    (`bytes_of`): a token that is part of a character shows U+FFFD as its text, and a client
+    joins the bytes of consecutive tokens to get the character, as OpenAI's field is meant for."""
     def one(token_id, logprob):
         piece = text_of(token_id)
-        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8", "replace"))}
+        raw = bytes_of(token_id) if bytes_of else piece.encode("utf-8", "replace")
+        return {"token": piece, "logprob": logprob, "bytes": list(raw)}
 
     return {"content": [{**one(e["token_id"], e["logprob"]), "top_logprobs": [one(t, lp) for t, lp in e["top"]]}
                         for e in entries]}

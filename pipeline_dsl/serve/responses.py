@@ -264,11 +264,14 @@ class Responses:
     def text_of(self, call: ResponsesCall):
         return self.g.apipe.runtime.token_text(call.req.pin) if call.req.fields.get("logprobs") is not None else None
 
+    def bytes_of(self, call: ResponsesCall):
+        return self.g.apipe.runtime.token_bytes(call.req.pin) if call.req.fields.get("logprobs") is not None else None
+
     def answer(self, call: ResponsesCall, res, rid: str) -> tuple[dict, dict]:
         """The response object of a finished request (its first choice), and its finish reason."""
         choice = res.choices[0]
         text_of = self.text_of(call)
-        lps = P.chat_logprobs(choice.data.get("logprobs") or [], text_of)["content"] if text_of else None
+        lps = P.chat_logprobs(choice.data.get("logprobs") or [], text_of, self.bytes_of(call))["content"] if text_of else None
         message, reason = P.chat_message(choice.text, choice.finish_reason, call.req.tools_active)
         status = "incomplete" if choice.finish_reason == "length" else "completed"
         output = []

@@ -33,6 +33,7 @@ class ResponseEvents(Relay):
         self.text = ""
         self.lps: list | None = [] if owner.text_of(call) else None
         self.text_of = owner.text_of(call)
+        self.bytes_of = owner.bytes_of(call)
         self.tools = None
         if call.req.tools_active:
             from pipeline_dsl.tools import ToolStream
@@ -94,7 +95,7 @@ class ResponseEvents(Relay):
                       self.event("response.output_item.done", output_index=index, item=item)]
 
     def content(self, text: str, step_lp: list | None) -> list[bytes]:
-        lps = P.chat_logprobs(step_lp, self.text_of)["content"] if self.text_of and step_lp else None
+        lps = P.chat_logprobs(step_lp, self.text_of, self.bytes_of)["content"] if self.text_of and step_lp else None
         out, calls = [], []
         if self.tools is not None:
             text, calls = self.tools.feed(text)

@@ -143,6 +143,7 @@ class ChunkWriter(Relay):
         self.want_lp = req.fields.get("logprobs") is not None
         self.want_ids = bool(req.fields.get("return_token_ids"))
         self.text_of = runtime.token_text(req.pin) if self.want_lp or req.prompt_logprobs is not None else None
+        self.bytes_of = runtime.token_bytes(req.pin) if self.want_lp and self.chat else None
         self.opening: dict[int, dict] = {}             # per choice: what its first chunk carries of the prompt
         self.echo = not self.chat and bool(req.fields.get("echo"))
         self.parts = req.split() if self.echo else []
@@ -223,7 +224,7 @@ class ChunkWriter(Relay):
             text, calls = self.tool_streams.setdefault(index, ToolStream()).feed(text)
         lp = None
         if self.want_lp and step_lp:                   # these tokens' logprobs, with their text
-            lp = (P.chat_logprobs(step_lp, self.text_of) if self.chat else self._listed(index, P.completion_logprobs(
+            lp = (P.chat_logprobs(step_lp, self.text_of, self.bytes_of) if self.chat else self._listed(index, P.completion_logprobs(
                 {"logprobs": step_lp}, self.text_of, False, self.offset.get(index, 0))))
         if text or lp is not None or (self.want_ids and ids):
             out.append(self._chunk(index, text, logprobs=lp, ids=ids))
