@@ -150,7 +150,10 @@ CHAT_NEUTRAL = {"echo": ((False,), None), "add_special_tokens": ((False,), None)
                 "functions": ((), "use 'tools'"), "function_call": ((), "use 'tool_choice'")}
 # metadata: read by the pipeline's conditions (`when metadata.tier == "gold"`), on either endpoint
 COMPLETION_FIELDS = COMMON | VLLM | set(TOKEN_FIELDS) | set(NEUTRAL) | {"prompt", "echo", "metadata"}
-CHAT_FIELDS = COMMON | VLLM | set(TOKEN_FIELDS) | set(NEUTRAL) | set(CHAT_NEUTRAL) | {
+# strings that name the end user or a cache group for OpenAI's own use: taken (checked) and ignored;
+# chat also takes safety_identifier (OpenAI's successor of `user`) and prompt_cache_key
+IDENTIFIERS = ("user", "safety_identifier", "prompt_cache_key")
+CHAT_FIELDS = COMMON | VLLM | set(TOKEN_FIELDS) | set(NEUTRAL) | set(CHAT_NEUTRAL) | set(IDENTIFIERS) | {
     "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "metadata",
     "store", "service_tier", "chat_template_kwargs", "add_generation_prompt", "continue_final_message"}
 
@@ -182,6 +185,11 @@ def _check_unsupported(obj: dict, chat: bool = False) -> None:
             raise APIError(f"'{name}' = {json.dumps(value)[:40]} is not supported by agp "
                            f"(leave it out{' or ' + other if other else ''})", param=name)
     _field(obj, "guided_decoding_backend", lambda v: isinstance(v, str), "a string")
+
+
+def _check_identifiers(obj: dict) -> None:
+    for name in IDENTIFIERS:
+        _field(obj, name, lambda v: isinstance(v, str), "a string")
 
 
 def _truncation(obj: dict, max_model_len: int) -> dict:
@@ -279,6 +287,7 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     obj = check_unknown(obj, COMPLETION_FIELDS, lenient)
     model, pin = model_of(obj, served, stages)
     _check_unsupported(obj)
+    _check_identifiers(obj)
     truncation = _truncation(obj, max_model_len)
     if "prompt" not in obj or obj["prompt"] is None:
         raise APIError("'prompt' is required", param="prompt")
@@ -369,6 +378,7 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     obj = check_unknown(obj, CHAT_FIELDS, lenient)
     model, pin = model_of(obj, served, stages)
     _check_unsupported(obj, chat=True)
+    _check_identifiers(obj)
     truncation = _truncation(obj, max_model_len)
     messages = _messages(obj.get("messages"))
     flags = _stream_flags(obj)
