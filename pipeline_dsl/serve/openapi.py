@@ -12,7 +12,7 @@ from pipeline_dsl.engine.config import MAX_LOGPROBS
 from pipeline_dsl.requests_io import MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS, MAX_STOP_LEN, ROLES
 from stages.fields import REQUEST_FIELDS, TOKEN_ID_FIELDS, param_of
 
-from .protocol import CHAT_NEUTRAL, IDENTIFIERS, MAX_PROMPTS, NEUTRAL
+from .protocol import CHAT_LACKING, CHAT_NEUTRAL, IDENTIFIERS, MAX_PROMPTS, NEUTRAL
 
 _SEED = param_of("generate", "seed")                # one schema: the range `agp check` takes
 
@@ -134,6 +134,7 @@ CHAT_REQUEST = {"type": "object", "required": ["messages"], "additionalPropertie
     **{name: {"type": "string", "description": "taken and ignored"} for name in IDENTIFIERS},
     **SAMPLING,
     **_neutral(CHAT_NEUTRAL),
+    **_neutral(CHAT_LACKING),
 }}
 
 COMPLETION_REQUEST = {"type": "object", "required": ["prompt"], "additionalProperties": False, "properties": {

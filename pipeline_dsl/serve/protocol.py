@@ -148,13 +148,19 @@ NEUTRAL = {"best_of": ((1,), None), "suffix": (("",), None),
            "vllm_xargs": (({},), None)}
 CHAT_NEUTRAL = {"echo": ((False,), None), "add_special_tokens": ((False,), None), "documents": ((), None),
                 "functions": ((), "use 'tools'"), "function_call": ((), "use 'tool_choice'")}
+# OpenAI chat fields of features agp's models lack: taken at the value that asks for nothing (null;
+# modalities ["text"]), else a 400 saying why, with OpenAI's code for a parameter a model lacks
+CHAT_LACKING = {"reasoning_effort": ((), "its models do not reason"), "verbosity": ((), "its models do not reason"),
+                "audio": ((), "it serves text only"), "modalities": ((["text"],), "it serves text only"),
+                "prediction": ((), "predicted outputs are not served"),
+                "web_search_options": ((), "it searches nothing")}
 # metadata: read by the pipeline's conditions (`when metadata.tier == "gold"`), on either endpoint
 COMPLETION_FIELDS = COMMON | VLLM | set(TOKEN_FIELDS) | set(NEUTRAL) | {"prompt", "echo", "metadata"}
 # strings that name the end user or a cache group for OpenAI's own use: taken (checked) and ignored;
 # chat also takes safety_identifier (OpenAI's successor of `user`) and prompt_cache_key
 IDENTIFIERS = ("user", "safety_identifier", "prompt_cache_key")
 CHAT_FIELDS = COMMON | VLLM | set(TOKEN_FIELDS) | set(NEUTRAL) | set(CHAT_NEUTRAL) | set(IDENTIFIERS) | {
-    "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "metadata",
+    *CHAT_LACKING, "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "metadata",
     "store", "service_tier", "chat_template_kwargs", "add_generation_prompt", "continue_final_message"}
 
 
@@ -166,7 +172,8 @@ def check_unknown(obj: dict, known: set[str], lenient: bool = False) -> dict:
         log.info("ignoring unrecognized request arguments: %s", ", ".join(map(repr, unknown)))
         return {k: v for k, v in obj.items() if k in known}
     for key in unknown:
-        close = difflib.get_close_matches(key, sorted(known), n=1)
+        # only a close name is offered: a typo (0.8 and up), not another field that shares letters (0.65)
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise APIError(f"unrecognized request argument {json.dumps(key)}{hint}", param=key)
     return obj
@@ -185,6 +192,11 @@ def _check_unsupported(obj: dict, chat: bool = False) -> None:
             raise APIError(f"'{name}' = {json.dumps(value)[:40]} is not supported by agp "
                            f"(leave it out{' or ' + other if other else ''})", param=name)
     _field(obj, "guided_decoding_backend", lambda v: isinstance(v, str), "a string")
+    for name, (allowed, why) in (CHAT_LACKING if chat else {}).items():
+        value = obj.get(name)
+        if value is not None and value not in allowed:
+            raise APIError(f"'{name}' = {json.dumps(value)[:40]} is not supported by agp: {why} (leave it out)",
+                           param=name, code="unsupported_parameter")
 
 
 def _check_identifiers(obj: dict) -> None:
