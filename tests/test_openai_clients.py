@@ -1,8 +1,10 @@
 """What an OpenAI client sends today, against `agp serve` on the tiny model: the request fields
 current SDKs and agent frameworks set on chat (`safety_identifier`, `prompt_cache_key`, `user`)
-are taken as OpenAI takes them, and a field agp does not serve is named without a misleading
-suggestion."""
+are taken as OpenAI takes them, a field agp does not serve is named without a misleading
+suggestion, and `parallel_tool_calls: false` gives at most one call however many the model writes."""
 from __future__ import annotations
+
+import json
 
 import openai
 import pytest
@@ -13,8 +15,8 @@ USER = [{"role": "user", "content": "hello world"}]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_gguf):
-    s = LiveServer(tiny_gguf)
+def server(long_gguf):
+    s = LiveServer(long_gguf, overrides={"kv_budget_bytes": 8 << 20})     # room for the tools' prompt
     yield s
     s.close()
 
@@ -61,3 +63,30 @@ def test_an_unknown_field_is_offered_a_name_only_when_it_is_close(server):
 
     assert "did you mean 'temperature'?" in message("temprature")
     assert "did you mean" not in message("n_choices")          # not 'tool_choice'
+
+
+CITY = {"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TWO_CALLS = ('<tool_call>[{"name": "weather", "arguments": {"city": "Paris"}}, '
+             '{"name": "weather", "arguments": {"city": "Rome"}}]</tool_call>')
+
+
+@pytest.mark.parametrize("parallel, cities", [(False, ["Paris"]), (True, ["Paris", "Rome"]), (None, ["Paris", "Rome"])])
+def test_parallel_tool_calls_false_gives_at_most_one_call_streamed_or_not(server, parallel, cities):
+    # the model writes two calls (held to that text by guided_choice) under tool_choice "auto"
+    pytest.importorskip("llguidance")
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "weather in Paris and Rome"}], max_tokens=200,
+              tools=[CITY], extra_body={"guided_choice": [TWO_CALLS], "parallel_tool_calls": parallel})
+    out = server.client.chat.completions.create(**kw)
+    calls = out.choices[0].message.tool_calls
+    assert out.choices[0].finish_reason == "tool_calls"
+    assert [json.loads(c.function.arguments)["city"] for c in calls] == cities
+    streamed = [d for ch in server.client.chat.completions.create(**kw, stream=True) if ch.choices
+                for d in ch.choices[0].delta.tool_calls or []]
+    assert [json.loads(d.function.arguments)["city"] for d in streamed] == cities
+    assert [d.index for d in streamed] == list(range(len(cities)))
+    resp = server.client.responses.create(model="tiny", input="weather in Paris and Rome", max_output_tokens=200,
+                                          tools=[{"type": "function", **CITY["function"]}],
+                                          extra_body={"guided_choice": [TWO_CALLS],
+                                                      "parallel_tool_calls": parallel})
+    assert [json.loads(o.arguments)["city"] for o in resp.output if o.type == "function_call"] == cities

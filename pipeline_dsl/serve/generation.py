@@ -158,7 +158,8 @@ class Generations:
                         {"stop_reason": c.data.get("stop_reason"), **answer_fields(c.data, None, want_ids, text_of)[1]})
                        for c in res.choices]
             top = answer_fields(res.choices[0].data, req.prompt_logprobs, want_ids, text_of)[0]
-            body = P.chat_response(rid, req.model, choices, use, tools_active=req.tools_active, top=top)
+            body = P.chat_response(rid, req.model, choices, use, tools_active=req.tools_active, top=top,
+                                   call_limit=req.call_limit)
             return body, {c["index"]: c["finish_reason"] for c in body["choices"]}
         echo = bool(req.fields.get("echo"))
         choices = []

@@ -69,6 +69,11 @@ class GenerationRequest:
     def tools_active(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"
 
+    @property
+    def call_limit(self) -> int | None:
+        """Tool calls an answer may carry: one with parallel_tool_calls false, else any."""
+        return None if self.parallel_tool_calls else 1
+
     def item(self, request_id: str, exclude_tools_when_none: bool = False) -> dict[str, Any]:
         """The request as the pipeline's items carry it (what a python stage sees). Its tools reach
         the prompt whatever tool_choice says, as in vLLM (tool_choice "none" only leaves the answer
@@ -538,25 +543,26 @@ def completion_response(rid: str, model: str, choices: list[tuple], use: dict,
             "usage": use}
 
 
-def chat_message(text: str, finish_reason: str | None, tools_active: bool) -> tuple[dict, str | None]:
+def chat_message(text: str, finish_reason: str | None, tools_active: bool,
+                 call_limit: int | None = None) -> tuple[dict, str | None]:
     """(the assistant message, the finish reason) of one answer: tool calls parsed out of the
-    text when the request gave tools (then finish_reason is "tool_calls")."""
+    text when the request gave tools (then finish_reason is "tool_calls"), `call_limit` at most."""
     if tools_active:
         from pipeline_dsl.tools import parse_tool_calls
 
-        content, calls = parse_tool_calls(text)
+        content, calls = parse_tool_calls(text, call_limit)
         if calls:
             return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
     return {"role": "assistant", "content": text}, finish_reason
 
 
 def chat_response(rid: str, model: str, choices: list[tuple], use: dict, created: int | None = None,
-                  tools_active: bool = False, top: dict | None = None) -> dict:
+                  tools_active: bool = False, top: dict | None = None, call_limit: int | None = None) -> dict:
     """choices: (index, text, finish_reason[, logprobs[, what else the choice carries]]) each;
     `top`: what the answer carries beside its choices (vLLM's prompt_logprobs, prompt_token_ids)."""
     out = []
     for c in choices:
-        message, reason = chat_message(c[1], c[2], tools_active)
+        message, reason = chat_message(c[1], c[2], tools_active, call_limit)
         out.append({"index": c[0], "message": message, "logprobs": c[3] if len(c) > 3 else None,
                     "finish_reason": reason, **(c[4] if len(c) > 4 else {})})
     return {"id": rid, "object": "chat.completion", "created": created or int(time.time()),

@@ -272,7 +272,8 @@ class Responses:
         choice = res.choices[0]
         text_of = self.text_of(call)
         lps = P.chat_logprobs(choice.data.get("logprobs") or [], text_of, self.bytes_of(call))["content"] if text_of else None
-        message, reason = P.chat_message(choice.text, choice.finish_reason, call.req.tools_active)
+        message, reason = P.chat_message(choice.text, choice.finish_reason, call.req.tools_active,
+                                         call.req.call_limit)
         status = "incomplete" if choice.finish_reason == "length" else "completed"
         output = []
         if message.get("content") or not message.get("tool_calls"):

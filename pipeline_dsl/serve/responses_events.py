@@ -38,7 +38,7 @@ class ResponseEvents(Relay):
         if call.req.tools_active:
             from pipeline_dsl.tools import ToolStream
 
-            self.tools = ToolStream()
+            self.tools = ToolStream(call.req.call_limit)
         self.called = False
         self.seen = False                        # a delta of choice 0 came (else its text comes whole)
 

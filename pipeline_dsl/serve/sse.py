@@ -221,7 +221,7 @@ class ChunkWriter(Relay):
         if self.chat and self.req.tools_active:
             from pipeline_dsl.tools import ToolStream
 
-            text, calls = self.tool_streams.setdefault(index, ToolStream()).feed(text)
+            text, calls = self.tool_streams.setdefault(index, ToolStream(self.req.call_limit)).feed(text)
         lp = None
         if self.want_lp and step_lp:                   # these tokens' logprobs, with their text
             lp = (P.chat_logprobs(step_lp, self.text_of, self.bytes_of) if self.chat else self._listed(index, P.completion_logprobs(
