@@ -59,9 +59,11 @@ def test_an_unknown_field_is_offered_a_name_only_when_it_is_close(server):
     def message(field):
         with pytest.raises(openai.BadRequestError) as e:
             server.client.chat.completions.create(model="tiny", messages=USER, max_tokens=2, extra_body={field: 1})
+        assert (e.value.param, e.value.code) == (field, "unknown_parameter")      # OpenAI's code
         return e.value.message
 
     assert "did you mean 'temperature'?" in message("temprature")
+    assert "did you mean" not in message("presence")            # not 'presence_penalty': a guess, not a typo
     assert "did you mean" not in message("n_choices")          # not 'tool_choice'
 
 

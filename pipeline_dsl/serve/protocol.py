@@ -180,7 +180,8 @@ def check_unknown(obj: dict, known: set[str], lenient: bool = False) -> dict:
         # only a close name is offered: a typo (0.8 and up), not another field that shares letters (0.65)
         close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise APIError(f"unrecognized request argument {json.dumps(key)}{hint}", param=key)
+        raise APIError(f"unrecognized request argument {json.dumps(key)}{hint}", param=key,
+                       code="unknown_parameter")         # OpenAI's code for it
     return obj
 
 
