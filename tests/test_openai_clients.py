@@ -92,3 +92,30 @@ def test_parallel_tool_calls_false_gives_at_most_one_call_streamed_or_not(server
                                           extra_body={"guided_choice": [TWO_CALLS],
                                                       "parallel_tool_calls": parallel})
     assert [json.loads(o.arguments)["city"] for o in resp.output if o.type == "function_call"] == cities
+
+
+def test_an_assistant_refusal_part_is_its_text_in_the_conversation(server):
+    # OpenAI's assistant content parts are text and refusal: a client replaying a refused turn sends one
+    import httpx
+
+    def prompt(content):
+        msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": content},
+                {"role": "user", "content": "the cat"}]
+        r = httpx.post(server.url + "/tokenize", json={"messages": msgs}, timeout=30)
+        assert r.status_code == 200, r.text
+        out = server.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2)
+        assert out.usage.prompt_tokens == r.json()["count"]
+        return r.json()["tokens"]
+
+    assert prompt([{"type": "refusal", "refusal": "is that so"}]) == prompt("is that so")
+
+    def input_tokens(part):
+        return server.client.responses.create(model="tiny", max_output_tokens=2, input=[
+            {"role": "user", "content": "hello"}, {"type": "message", "role": "assistant", "content": [part]},
+            {"role": "user", "content": "the cat"}]).usage.input_tokens
+
+    assert (input_tokens({"type": "refusal", "refusal": "is that so"})
+            == input_tokens({"type": "output_text", "text": "is that so", "annotations": []}))
+    with pytest.raises(openai.BadRequestError, match="refusal"):       # only an assistant refuses
+        server.client.chat.completions.create(model="tiny", max_tokens=2, messages=[
+            {"role": "user", "content": [{"type": "refusal", "refusal": "x"}]}])

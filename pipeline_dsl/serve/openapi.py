@@ -89,6 +89,10 @@ SAMPLING = {
 TEXT_PART = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
 
+REFUSAL_PART = {"type": "object", "required": ["type", "refusal"], "additionalProperties": False,
+                "properties": {"type": {"const": "refusal"}, "refusal": {"type": "string"}},
+                "description": "an assistant message's"}
+
 TOOL_CALL = {"type": "object", "required": ["function"], "properties": {
     "id": {"type": "string"}, "type": {"const": "function"},
     "function": {"type": "object", "required": ["name"], "properties": {
@@ -96,7 +100,8 @@ TOOL_CALL = {"type": "object", "required": ["function"], "properties": {
 
 MESSAGE = {"type": "object", "required": ["role"], "properties": {
     "role": {"enum": list(ROLES)},
-    "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}, {"type": "null"}],
+    "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"oneOf": [TEXT_PART, REFUSAL_PART]}},
+                          {"type": "null"}],
                 "description": "null only on an assistant message (one that made tool calls)"},
     "name": {"type": "string"},
     "tool_calls": {"type": "array", "items": TOOL_CALL, "description": "an assistant message's calls"},

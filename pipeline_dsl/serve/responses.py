@@ -79,14 +79,18 @@ class ResponseStore:
 
 # ---------------------------------------------------------------- the request
 
-def _text(content, where: str, kinds=("input_text", "output_text", "text")) -> str:
-    """A message's content: a string, or text parts joined."""
+def _text(content, where: str, kinds=("input_text", "output_text", "text"), role: str | None = None) -> str:
+    """A message's content: a string, or text parts joined (an assistant's refusal parts too)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise bad(f"{where}.content", "a string or an array of input_text parts", content)
     texts = []
     for j, part in enumerate(content):
+        if role == "assistant" and isinstance(part, dict) and part.get("type") == "refusal" \
+                and isinstance(part.get("refusal"), str):
+            texts.append(part["refusal"])
+            continue
         if not (isinstance(part, dict) and part.get("type") in kinds and isinstance(part.get("text"), str)):
             raise APIError(f"'{where}.content[{j}]' must be a text part ({{\"type\": \"input_text\", \"text\": "
                            "...}); agp serves text only", param=f"{where}.content")
@@ -112,7 +116,7 @@ def conversation(value) -> list[dict]:
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
                 raise bad(f"{where}.role", "one of user, system, developer, assistant", role)
-            out.append({"role": role, "content": _text(item.get("content"), where)})
+            out.append({"role": role, "content": _text(item.get("content"), where, role=role)})
         elif kind == "function_call":
             for key in ("call_id", "name", "arguments"):
                 if not isinstance(item.get(key), str):
