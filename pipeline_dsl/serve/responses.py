@@ -188,7 +188,11 @@ def _checked(obj: dict) -> None:
             ("include", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "an array of strings"),
             ("truncation", lambda v: v in ("disabled", "auto"), "disabled or auto"),
             ("previous_response_id", lambda v: isinstance(v, str), "a string"),
-            ("metadata", lambda v: isinstance(v, dict), "an object")):
+            ("metadata", lambda v: isinstance(v, dict), "an object"),
+            ("prompt_cache_key", lambda v: isinstance(v, str), "a string"),
+            ("safety_identifier", lambda v: isinstance(v, str), "a string"),
+            ("max_tool_calls", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+             "a positive integer")):
         if obj.get(name) is not None and not ok(obj[name]):
             raise bad(name, expected, obj[name])
 
@@ -237,7 +241,8 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
                 "previous_response_id": prev, "store": obj.get("store", True) is not False,
                 "truncation": obj.get("truncation") or "disabled", "reasoning": obj.get("reasoning"),
                 "user": obj.get("user"), "background": False, "top_logprobs": obj.get("top_logprobs"),
-                "service_tier": "default"}
+                "service_tier": "default", "prompt_cache_key": obj.get("prompt_cache_key"),
+                "safety_identifier": obj.get("safety_identifier"), "max_tool_calls": obj.get("max_tool_calls")}
     return ResponsesCall(replace(req, kind="responses"), settings, before + turn, settings["store"])
 
 
