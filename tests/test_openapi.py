@@ -77,7 +77,7 @@ def test_the_described_request_bodies_name_every_field_the_server_takes(live):
     server takes: logprobs, tools, response_format, penalties, the neutral vLLM fields..."""
     import httpx
 
-    from pipeline_dsl.serve import protocol, responses
+    from pipeline_dsl.serve import embeddings, protocol, responses
 
     spec = httpx.get(live.url + "/openapi.json", timeout=30).json()
 
@@ -87,6 +87,20 @@ def test_the_described_request_bodies_name_every_field_the_server_takes(live):
     assert described("/v1/chat/completions") == protocol.CHAT_FIELDS
     assert described("/v1/completions") == protocol.COMPLETION_FIELDS
     assert described("/v1/responses") == responses.FIELDS
+    assert described("/v1/embeddings") == embeddings.FIELDS
+
+
+def test_the_described_embeddings_input_is_every_shape_the_server_takes(live):
+    import httpx
+    import jsonschema
+
+    spec = httpx.get(live.url + "/openapi.json", timeout=30).json()
+    schema = spec["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    for body in ({"input": [5, 6, 7]}, {"input": ["a", [5, 6]]}, {"input": ["x"] * 8}, {"input": "x", "user": "u"},
+                 {"input": "x", "dimensions": 64, "request_id": "r1"}):
+        jsonschema.validate(body, schema)
+        r = httpx.post(live.url + "/v1/embeddings", json={"model": "tiny", **body}, timeout=60)
+        assert r.status_code == 200, r.text                 # the tiny model's embeddings have 64 dimensions
 
 
 def test_a_described_chat_body_with_tools_logprobs_and_a_tool_turn_is_valid_and_served(live):

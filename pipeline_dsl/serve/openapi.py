@@ -12,6 +12,7 @@ from pipeline_dsl.engine.config import MAX_LOGPROBS
 from pipeline_dsl.requests_io import MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS, MAX_STOP_LEN, ROLES
 from stages.fields import REQUEST_FIELDS, TOKEN_ID_FIELDS, param_of
 
+from .embeddings import MAX_INPUTS
 from .protocol import CHAT_LACKING, CHAT_NEUTRAL, IDENTIFIERS, MAX_PROMPTS, NEUTRAL
 
 _SEED = param_of("generate", "seed")                # one schema: the range `agp check` takes
@@ -338,15 +339,19 @@ RESPONSE_DELETE = {"responses": {"200": {"description": "the response was forgot
     "application/json": {"schema": {"type": "object", "required": ["id", "deleted"]}}}},
     "404": _error("no stored response has this id")}}
 
+TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+
 EMBEDDINGS = {
     "summary": "OpenAI embeddings: the mean of the model's final hidden states (serve/embeddings.py)",
     "requestBody": {"required": True, "content": {"application/json": {"schema": {
         "type": "object", "required": ["input"], "additionalProperties": False, "properties": {
             "model": {"type": "string"},
-            "input": {"oneOf": [{"type": "string", "minLength": 1},
-                                {"type": "array", "minItems": 1, "maxItems": 4, "items": {"type": "string",
-                                                                                          "minLength": 1}}]},
-            "encoding_format": {"enum": ["float", "base64"]}, "normalize": {"type": "boolean"}}}}}},
+            "input": {"oneOf": [{"type": "string", "minLength": 1}, TOKEN_IDS,
+                                {"type": "array", "minItems": 1, "maxItems": MAX_INPUTS, "items": {"oneOf": [
+                                    {"type": "string", "minLength": 1}, TOKEN_IDS]}}]},
+            "encoding_format": {"enum": ["float", "base64"]}, "normalize": {"type": "boolean"},
+            "dimensions": {"type": "integer", "description": "only the model's own"},
+            "user": {"type": "string"}, "request_id": SAMPLING["request_id"]}}}}},
     "responses": {"200": {"description": "one embedding per input", "content": {"application/json": {"schema": {
         "type": "object", "required": ["object", "data", "model", "usage"], "properties": {
             "object": {"const": "list"},
