@@ -132,3 +132,15 @@ def test_the_probes_are_described(live):
     assert {"get", "post"} <= set(paths["/ping"]) and {"get", "head"} <= set(paths["/health"])
     for method, path in [("GET", "/ping"), ("POST", "/ping"), ("HEAD", "/health")]:
         assert httpx.request(method, live.url + path, timeout=30).status_code == 200
+
+
+def test_a_described_scoring_request_is_valid_and_served(live):
+    """lm-eval's loglikelihood request (echo, logprobs, max_tokens 0) fits the description."""
+    import httpx
+    import jsonschema
+
+    spec = httpx.get(live.url + "/openapi.json", timeout=30).json()
+    schema = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    body = {"model": "tiny", "prompt": "the cat", "max_tokens": 0, "echo": True, "logprobs": 1}
+    jsonschema.validate(body, schema)
+    assert httpx.post(live.url + "/v1/completions", json=body, timeout=60).status_code == 200

@@ -155,6 +155,7 @@ COMPLETION_REQUEST = {"type": "object", "required": ["prompt"], "additionalPrope
     "echo": {"type": "boolean", "description": "the prompt before the answer (max_tokens 0: only the prompt)"},
     "logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS},
     **SAMPLING,
+    "max_tokens": {"type": "integer", "minimum": 0, "description": "0 only with echo: score the prompt"},
 }}
 
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
