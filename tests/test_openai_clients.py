@@ -119,3 +119,24 @@ def test_an_assistant_refusal_part_is_its_text_in_the_conversation(server):
     with pytest.raises(openai.BadRequestError, match="refusal"):       # only an assistant refuses
         server.client.chat.completions.create(model="tiny", max_tokens=2, messages=[
             {"role": "user", "content": [{"type": "refusal", "refusal": "x"}]}])
+
+
+def test_every_answer_and_chunk_names_the_configuration_it_came_from(server, long_gguf):
+    """OpenAI's system_fingerprint: the same on every answer of one configuration (read with `seed`
+    to know the server behind the answers is unchanged), another when the configuration changes."""
+    from pipeline_dsl.serve.build import system_fingerprint
+
+    s = LiveServer(long_gguf, overrides={"kv_budget_bytes": 8 << 20}, system_fingerprint="fp_0123456789")
+    try:
+        kw = dict(model="tiny", max_tokens=2)
+        answers = [s.client.chat.completions.create(messages=USER, **kw),
+                   s.client.completions.create(prompt="the cat", **kw),
+                   *s.client.chat.completions.create(messages=USER, stream=True,
+                                                     stream_options={"include_usage": True}, **kw),
+                   *s.client.completions.create(prompt="the cat", stream=True, **kw)]
+        assert {a.system_fingerprint for a in answers} == {"fp_0123456789"}
+        fp = system_fingerprint(s.runtime)
+        assert fp == system_fingerprint(server.runtime) and fp.startswith("fp_")    # another load, same setup
+        assert system_fingerprint(s.runtime, chat_template="{{ messages }}") != fp
+    finally:
+        s.close()

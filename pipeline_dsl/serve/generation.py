@@ -73,7 +73,7 @@ class Generations:
         stream, first = started
         if req.stream:
             return EventStream(ChunkWriter(self.apipe.runtime, stream, first, req, rid, self.config.retry_after_s,
-                                           self.ended).events(), stream, self.gone)
+                                           self.ended, self.config.system_fingerprint).events(), stream, self.gone)
         return await self.collect(request, stream, first, req, lambda res: self.answer(res, req, rid))
 
     async def start(self, request: Request, req: P.GenerationRequest, rid: str):
@@ -159,7 +159,7 @@ class Generations:
                        for c in res.choices]
             top = answer_fields(res.choices[0].data, req.prompt_logprobs, want_ids, text_of)[0]
             body = P.chat_response(rid, req.model, choices, use, tools_active=req.tools_active, top=top,
-                                   call_limit=req.call_limit)
+                                   call_limit=req.call_limit, fingerprint=self.config.system_fingerprint)
             return body, {c["index"]: c["finish_reason"] for c in body["choices"]}
         echo = bool(req.fields.get("echo"))
         choices = []
@@ -169,4 +169,5 @@ class Generations:
             choices.append((c.index, prompt + c.text, c.finish_reason,
                             P.completion_logprobs(c.data, text_of, echo, k=req.fields.get("logprobs")) if want
                             else None, {"stop_reason": c.data.get("stop_reason"), **of_prompt, **of_answer}))
-        return P.completion_response(rid, req.model, choices, use), {c[0]: c[2] for c in choices}
+        return (P.completion_response(rid, req.model, choices, use, fingerprint=self.config.system_fingerprint),
+                {c[0]: c[2] for c in choices})

@@ -174,6 +174,7 @@ STOP_REASON = {"type": ["string", "integer", "null"],
 CHAT_RESPONSE = {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
                  "properties": {
                      "id": {"type": "string"}, "object": {"const": "chat.completion"},
+                     "system_fingerprint": {"type": ["string", "null"]},
                      "created": {"type": "integer"}, "model": {"type": "string"}, "usage": USAGE,
                      "choices": {"type": "array", "items": {
                          "type": "object", "required": ["index", "message", "finish_reason"],
@@ -186,6 +187,7 @@ CHAT_RESPONSE = {"type": "object", "required": ["id", "object", "created", "mode
 COMPLETION_RESPONSE = {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
                        "properties": {
                            "id": {"type": "string"}, "object": {"const": "text_completion"},
+                           "system_fingerprint": {"type": ["string", "null"]},
                            "created": {"type": "integer"}, "model": {"type": "string"}, "usage": USAGE,
                            "choices": {"type": "array", "items": {
                                "type": "object", "required": ["index", "text", "finish_reason"],

@@ -535,10 +535,11 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 
 
 def completion_response(rid: str, model: str, choices: list[tuple], use: dict,
-                        created: int | None = None) -> dict:
-    """choices: (index, text, finish_reason[, logprobs[, what else the choice carries]]) each."""
+                        created: int | None = None, fingerprint: str | None = None) -> dict:
+    """choices: (index, text, finish_reason[, logprobs[, what else the choice carries]]) each;
+    `fingerprint`: OpenAI's system_fingerprint (serve/build.py), on every answer and chunk."""
     return {"id": rid, "object": "text_completion", "created": created or int(time.time()),
-            "model": model,
+            "model": model, "system_fingerprint": fingerprint,
             "choices": [{"index": c[0], "text": c[1], "logprobs": c[3] if len(c) > 3 else None,
                          "finish_reason": c[2], **(c[4] if len(c) > 4 else {})} for c in choices],
             "usage": use}
@@ -558,7 +559,8 @@ def chat_message(text: str, finish_reason: str | None, tools_active: bool,
 
 
 def chat_response(rid: str, model: str, choices: list[tuple], use: dict, created: int | None = None,
-                  tools_active: bool = False, top: dict | None = None, call_limit: int | None = None) -> dict:
+                  tools_active: bool = False, top: dict | None = None, call_limit: int | None = None,
+                  fingerprint: str | None = None) -> dict:
     """choices: (index, text, finish_reason[, logprobs[, what else the choice carries]]) each;
     `top`: what the answer carries beside its choices (vLLM's prompt_logprobs, prompt_token_ids)."""
     out = []
@@ -567,28 +569,32 @@ def chat_response(rid: str, model: str, choices: list[tuple], use: dict, created
         out.append({"index": c[0], "message": message, "logprobs": c[3] if len(c) > 3 else None,
                     "finish_reason": reason, **(c[4] if len(c) > 4 else {})})
     return {"id": rid, "object": "chat.completion", "created": created or int(time.time()),
-            "model": model, "choices": out, "usage": use, **(top or {})}
+            "model": model, "system_fingerprint": fingerprint, "choices": out, "usage": use, **(top or {})}
 
 
 def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None, index: int = 0,
-                     logprobs: dict | None = None, extra: dict | None = None) -> dict:
+                     logprobs: dict | None = None, extra: dict | None = None, fingerprint: str | None = None) -> dict:
     """`extra`: what else the choice carries (vLLM's prompt_token_ids, token_ids, prompt_logprobs)."""
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "system_fingerprint": fingerprint,
             "choices": [{"index": index, "text": text, "logprobs": logprobs,
                          "finish_reason": finish_reason, **(extra or {})}]}
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None, index: int = 0,
-               logprobs: dict | None = None, extra: dict | None = None, top: dict | None = None) -> dict:
+               logprobs: dict | None = None, extra: dict | None = None, top: dict | None = None,
+               fingerprint: str | None = None) -> dict:
     """`extra`: what else the choice carries (token_ids); `top`: the chunk (prompt_token_ids)."""
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": fingerprint,
             "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                          "finish_reason": finish_reason, **(extra or {})}], **(top or {})}
 
 
-def usage_chunk(rid: str, model: str, created: int, kind: str, use: dict) -> dict:
+def usage_chunk(rid: str, model: str, created: int, kind: str, use: dict, fingerprint: str | None = None) -> dict:
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+    return {"id": rid, "object": obj, "created": created, "model": model, "system_fingerprint": fingerprint,
+            "choices": [],
             "usage": use}
 
 

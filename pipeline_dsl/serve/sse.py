@@ -130,10 +130,11 @@ class ChunkWriter(Relay):
     once, when the stream ends (Relay)."""
 
     def __init__(self, runtime, stream, first, req: P.GenerationRequest, rid: str, retry_after_s: int,
-                 on_end):
+                 on_end, fingerprint: str | None = None):
         self.runtime, self.stream, self.first, self.req, self.rid = runtime, stream, first, req, rid
         self.retry_after_s, self.on_end, self.kind = retry_after_s, on_end, req.kind
         self.now = int(time.time())
+        self.fingerprint = fingerprint                 # OpenAI's system_fingerprint, on every chunk
         self.chat = req.kind == "chat"
         self.opened: set[int] = set()
         self.closed: set[int] = set()
@@ -163,10 +164,11 @@ class ChunkWriter(Relay):
             extra["stop_reason"] = stop_reason
         if self.chat:
             body = P.chat_chunk(self.rid, self.req.model, self.now, delta if delta is not None else
-                                {"content": text}, reason, index, logprobs, extra=extra, top=prompt_part)
+                                {"content": text}, reason, index, logprobs, extra=extra, top=prompt_part,
+                                fingerprint=self.fingerprint)
         else:
             body = P.completion_chunk(self.rid, self.req.model, self.now, text or "", reason, index, logprobs,
-                                      extra={**prompt_part, **extra})
+                                      extra={**prompt_part, **extra}, fingerprint=self.fingerprint)
         if self.req.continuous_usage:                  # the usage so far on every chunk (vLLM's)
             prompts = self.prompt_tokens.values()
             # a choice's opening chunks (chat's role, an echoed prompt) come before any of its tokens:
@@ -260,7 +262,7 @@ class ChunkWriter(Relay):
                 out += self.finish(c.index, c.finish_reason, c.data.get("stop_reason"))
         if self.req.include_usage:
             use = P.usage(total["prompt_tokens"], total["completion_tokens"], total["cached_tokens"])
-            out.append(P.sse(P.usage_chunk(self.rid, self.req.model, self.now, self.req.kind, use)))
+            out.append(P.sse(P.usage_chunk(self.rid, self.req.model, self.now, self.req.kind, use, self.fingerprint)))
         out.append(P.sse("[DONE]"))
         return out
 
