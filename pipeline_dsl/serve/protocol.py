@@ -165,8 +165,9 @@ COMPLETION_FIELDS = COMMON | VLLM | set(TOKEN_FIELDS) | set(NEUTRAL) | {"prompt"
 # chat also takes safety_identifier (OpenAI's successor of `user`) and prompt_cache_key
 IDENTIFIERS = ("user", "safety_identifier", "prompt_cache_key")
 CHAT_FIELDS = COMMON | VLLM | set(TOKEN_FIELDS) | set(NEUTRAL) | set(CHAT_NEUTRAL) | set(IDENTIFIERS) | {
-    *CHAT_LACKING, "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "metadata",
-    "store", "service_tier", "chat_template_kwargs", "add_generation_prompt", "continue_final_message"}
+    *CHAT_LACKING, "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+    "parallel_tool_calls", "metadata", "store", "service_tier", "chat_template_kwargs", "add_generation_prompt",
+    "continue_final_message"}
 
 
 def check_unknown(obj: dict, known: set[str], lenient: bool = False) -> dict:

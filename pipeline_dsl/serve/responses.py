@@ -280,7 +280,8 @@ class Responses:
         """The response object of a finished request (its first choice), and its finish reason."""
         choice = res.choices[0]
         text_of = self.text_of(call)
-        lps = P.chat_logprobs(choice.data.get("logprobs") or [], text_of, self.bytes_of(call))["content"] if text_of else None
+        lps = (P.chat_logprobs(choice.data.get("logprobs") or [], text_of, self.bytes_of(call))["content"]
+               if text_of else None)
         message, reason = P.chat_message(choice.text, choice.finish_reason, call.req.tools_active,
                                          call.req.call_limit)
         status = "incomplete" if choice.finish_reason == "length" else "completed"

@@ -226,8 +226,9 @@ class ChunkWriter(Relay):
             text, calls = self.tool_streams.setdefault(index, ToolStream(self.req.call_limit)).feed(text)
         lp = None
         if self.want_lp and step_lp:                   # these tokens' logprobs, with their text
-            lp = (P.chat_logprobs(step_lp, self.text_of, self.bytes_of) if self.chat else self._listed(index, P.completion_logprobs(
-                {"logprobs": step_lp}, self.text_of, False, self.offset.get(index, 0))))
+            lp = (P.chat_logprobs(step_lp, self.text_of, self.bytes_of) if self.chat
+                  else self._listed(index, P.completion_logprobs({"logprobs": step_lp}, self.text_of, False,
+                                                                 self.offset.get(index, 0))))
         if text or lp is not None or (self.want_ids and ids):
             out.append(self._chunk(index, text, logprobs=lp, ids=ids))
         if calls:
