@@ -140,3 +140,20 @@ def test_every_answer_and_chunk_names_the_configuration_it_came_from(server, lon
         assert system_fingerprint(s.runtime, chat_template="{{ messages }}") != fp
     finally:
         s.close()
+
+
+def test_a_context_overflow_names_the_length_field_the_client_sent(server):
+    # the engine speaks of max_tokens; a chat client that sent max_completion_tokens, or a Responses
+    # client that sent max_output_tokens, reads its own field's name
+    words = "the cat and the world " * 20
+    for call, field in [
+            (lambda: server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": words}],
+                                                           max_completion_tokens=4090), "max_completion_tokens"),
+            (lambda: server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": words}],
+                                                           max_tokens=4090), "max_tokens"),
+            (lambda: server.client.responses.create(model="tiny", input=words, max_output_tokens=4090),
+             "max_output_tokens")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            call()
+        assert e.value.code == "context_length_exceeded"
+        assert f"{field} 4090" in e.value.message and (field == "max_tokens" or "max_tokens" not in e.value.message)

@@ -50,6 +50,7 @@ class GenerationRequest:
     request_id: str | None = None              # the client's id of the request (vLLM's request_id)
     chat_template_kwargs: dict | None = None   # extra variables of the chat template (chat)
     prompt_logprobs: int | None = None         # vLLM's prompt_logprobs: alternatives the answer lists
+    max_tokens_field: str = "max_tokens"       # what the client called it (max_completion_tokens, ...)
 
     def split(self) -> list["GenerationRequest"]:
         """One request per prompt of a batched completions request (choice indexes: i * n + j)."""
@@ -424,7 +425,9 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
                              tools=tuple(tools) if tools else None, tool_choice=choice,
                              parallel_tool_calls=parallel, response_format=extras.constraint,
                              request_id=extras.request_id, chat_template_kwargs=extras.template_kwargs,
-                             prompt_logprobs=tokens.prompt_logprobs)
+                             prompt_logprobs=tokens.prompt_logprobs,
+                             max_tokens_field="max_completion_tokens" if obj.get("max_completion_tokens") is not None
+                             else "max_tokens")
 
 
 def _render_flags(obj: dict) -> dict:

@@ -243,7 +243,8 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
                 "user": obj.get("user"), "background": False, "top_logprobs": obj.get("top_logprobs"),
                 "service_tier": "default", "prompt_cache_key": obj.get("prompt_cache_key"),
                 "safety_identifier": obj.get("safety_identifier"), "max_tool_calls": obj.get("max_tool_calls")}
-    return ResponsesCall(replace(req, kind="responses"), settings, before + turn, settings["store"])
+    return ResponsesCall(replace(req, kind="responses", max_tokens_field="max_output_tokens"), settings,
+                         before + turn, settings["store"])
 
 
 class Responses:

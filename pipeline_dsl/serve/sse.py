@@ -78,6 +78,7 @@ class Relay:
     left unfinished is aborted."""
     stream: RequestStream
     first: tuple
+    max_tokens_field: str = "max_tokens"         # what the client called it (max_completion_tokens, ...)
     kind: str                                    # the API, for the error's shape
     retry_after_s: int
 
@@ -108,7 +109,7 @@ class Relay:
                 else:
                     result = event[1]
                     if result.error is not None:
-                        err = api_error(result.error, self.kind, self.retry_after_s)
+                        err = api_error(result.error, self.kind, self.retry_after_s, self.max_tokens_field)
                         status = str(err.status)
                         log_error(err)
                         for chunk in self.on_error(err):
@@ -133,6 +134,7 @@ class ChunkWriter(Relay):
                  on_end, fingerprint: str | None = None):
         self.runtime, self.stream, self.first, self.req, self.rid = runtime, stream, first, req, rid
         self.retry_after_s, self.on_end, self.kind = retry_after_s, on_end, req.kind
+        self.max_tokens_field = req.max_tokens_field   # named in an error as the client named it
         self.now = int(time.time())
         self.fingerprint = fingerprint                 # OpenAI's system_fingerprint, on every chunk
         self.chat = req.kind == "chat"
