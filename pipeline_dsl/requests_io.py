@@ -139,6 +139,13 @@ def parse_messages(value) -> list[dict]:
         if isinstance(content, list):          # content parts: only text is served
             texts = []
             for j, part in enumerate(content):
+                if isinstance(part, dict) and part.get("type") == "refusal":     # OpenAI's assistant part
+                    if role != "assistant" or not isinstance(part.get("refusal"), str):
+                        raise RequestError(f"'{where}.content[{j}]' is a refusal part: an assistant message's, "
+                                           "{\"type\": \"refusal\", \"refusal\": \"...\"}",
+                                           param=f"{where}.content")
+                    texts.append(part["refusal"])
+                    continue
                 if not (isinstance(part, dict) and part.get("type") == "text"
                         and isinstance(part.get("text"), str)):
                     raise RequestError(f"'{where}.content[{j}]' must be a text part "

@@ -8,7 +8,9 @@ for calls as `<tool_call>[{"name": …, "arguments": {…}}]</tool_call>`; earli
 written back in that form, and tool results as `tool` messages.
 
 The answer is parsed the same way: each `<tool_call>…</tool_call>` (a JSON object or a
-list of them) becomes an OpenAI tool call, the rest stays the message's content.
+list of them) becomes an OpenAI tool call, the rest stays the message's content. With
+`parallel_tool_calls: false` (`limit=1`) the calls after the first are dropped, as OpenAI
+promises and vLLM does: under tool_choice "auto" nothing holds the model to one call.
 
     messages = prepare_messages(messages, tools, template_takes_tools=False)
     content, calls = parse_tool_calls(text)          # calls: [{"id", "type", "function": {...}}]
@@ -82,10 +84,11 @@ def _arguments(value) -> Any:
     return value if value is not None else {}
 
 
-def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
-    """(the content outside the calls, or None when there is none; the tool calls found). The
-    content is the text a stream of the same answer sends (ToolStream): every character outside
-    the blocks that held calls, as written; a block that held none stays in it."""
+def parse_tool_calls(text: str, limit: int | None = None) -> tuple[str | None, list[dict]]:
+    """(the content outside the calls, or None when there is none; the tool calls found, the
+    first `limit` of them). The content is the text a stream of the same answer sends
+    (ToolStream): every character outside the blocks that held calls, as written; a block that
+    held none stays in it."""
     calls: list[dict] = []
 
     def take(match: re.Match) -> str:
@@ -96,7 +99,7 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
     content = CALL_RE.sub(take, text)
     if not calls:
         return text, []
-    return (content if content.strip() else None), calls
+    return (content if content.strip() else None), calls[:limit]
 
 
 def _calls_in(body: str) -> list[dict]:
@@ -121,11 +124,13 @@ def _calls_in(body: str) -> list[dict]:
 class ToolStream:
     """Streams an answer's content while holding back anything that may be a tool call: text
     from a `<tool_call>` (or a prefix of it) onwards waits until the call is complete, then
-    leaves as tool-call deltas. `feed(delta) -> (content, calls)`; `finish() -> (content, calls)`."""
+    leaves as tool-call deltas. `feed(delta) -> (content, calls)`; `finish() -> (content, calls)`.
+    At most `limit` calls leave (parallel_tool_calls false: 1); later ones are dropped."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None = None) -> None:
         self.pending = ""
         self.index = 0
+        self.limit = limit
 
     def feed(self, delta: str) -> tuple[str, list[dict]]:
         self.pending += delta
@@ -147,6 +152,8 @@ class ToolStream:
             text, found = parse_tool_calls(block)
             if found:
                 for c in found:
+                    if self.limit is not None and self.index >= self.limit:
+                        break
                     calls.append({"index": self.index, **c})
                     self.index += 1
             else:

@@ -279,3 +279,25 @@ def test_no_logprobs_unless_asked(server):
     assert r.choices[0].logprobs is None
     r = server.client.completions.create(model="tiny", prompt="hi", max_tokens=3, echo=True)
     assert r.choices[0].logprobs is None
+
+
+def test_chat_logprob_bytes_are_each_tokens_own_and_join_into_the_text(server):
+    """A character cut over several tokens: each token's text alone is U+FFFD, its `bytes` are its
+    own (OpenAI's field, there for this), so the bytes of the answer's tokens join into its text."""
+    pytest.importorskip("llguidance")
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "price"}], max_tokens=8, logprobs=True,
+              top_logprobs=2, extra_body={"guided_choice": ["€5"]})     # € is E2 82 AC: three byte tokens
+    r = server.client.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert r.choices[0].message.content == "€5"
+    assert [e.bytes for e in content[:3]] == [[0xE2], [0x82], [0xAC]]
+    assert b"".join(bytes(e.bytes) for e in content[:4]).decode() == "€5"     # then the end-of-turn token
+    assert all(t.bytes == list(t.token.encode()) or "\ufffd" in t.token for e in content for t in e.top_logprobs)
+    chunks = list(server.client.chat.completions.create(**kw, stream=True))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [e.bytes for e in streamed] == [e.bytes for e in content]
+    resp = server.client.responses.create(model="tiny", input="price", max_output_tokens=8, top_logprobs=1,
+                                          include=["message.output_text.logprobs"],
+                                          extra_body={"guided_choice": ["€5"]})
+    part = resp.output[0].content[0]
+    assert b"".join(bytes(e.bytes) for e in part.logprobs[:4]).decode() == part.text == "€5"

@@ -70,3 +70,77 @@ def test_the_described_completions_prompt_is_every_shape_the_server_takes(live):
         assert r.status_code == (200 if prompt in taken else 400), (prompt, r.text)
         if r.status_code == 200:
             assert sorted(c["index"] for c in r.json()["choices"]) == list(range(len(prompt)))
+
+
+def test_the_described_request_bodies_name_every_field_the_server_takes(live):
+    """A client generated from /openapi.json (additionalProperties: false) may send every field the
+    server takes: logprobs, tools, response_format, penalties, the neutral vLLM fields..."""
+    import httpx
+
+    from pipeline_dsl.serve import embeddings, protocol, responses
+
+    spec = httpx.get(live.url + "/openapi.json", timeout=30).json()
+
+    def described(path):
+        return set(spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"])
+
+    assert described("/v1/chat/completions") == protocol.CHAT_FIELDS
+    assert described("/v1/completions") == protocol.COMPLETION_FIELDS
+    assert described("/v1/responses") == responses.FIELDS
+    assert described("/v1/embeddings") == embeddings.FIELDS
+
+
+def test_the_described_embeddings_input_is_every_shape_the_server_takes(live):
+    import httpx
+    import jsonschema
+
+    spec = httpx.get(live.url + "/openapi.json", timeout=30).json()
+    schema = spec["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    for body in ({"input": [5, 6, 7]}, {"input": ["a", [5, 6]]}, {"input": ["x"] * 8}, {"input": "x", "user": "u"},
+                 {"input": "x", "dimensions": 64, "request_id": "r1"}):
+        jsonschema.validate(body, schema)
+        r = httpx.post(live.url + "/v1/embeddings", json={"model": "tiny", **body}, timeout=60)
+        assert r.status_code == 200, r.text                 # the tiny model's embeddings have 64 dimensions
+
+
+def test_a_described_chat_body_with_tools_logprobs_and_a_tool_turn_is_valid_and_served(live):
+    import httpx
+    import jsonschema
+
+    spec = httpx.get(live.url + "/openapi.json", timeout=30).json()
+    schema = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    tool = {"type": "function", "function": {"name": "f", "description": "d",
+                                             "parameters": {"type": "object", "properties": {}}}}
+    body = {"model": "tiny", "max_tokens": 2, "logprobs": True, "top_logprobs": 2, "presence_penalty": 0.5,
+            "tools": [tool], "tool_choice": "none", "response_format": {"type": "text"}, "store": False,
+            "messages": [{"role": "user", "content": "hi"},
+                         {"role": "assistant", "content": None, "tool_calls": [
+                             {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                         {"role": "tool", "tool_call_id": "c1", "content": "42"}]}
+    jsonschema.validate(body, schema)
+    # the tool prompt outgrows the tiny model's 512 tokens: the turn is served without the tools' listing
+    served = {k: v for k, v in body.items() if k not in ("tools", "tool_choice")}
+    r = httpx.post(live.url + "/v1/chat/completions", json=served, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_the_probes_are_described(live):
+    """/ping (GET and POST, vLLM's) and HEAD /health answer, so the description lists them."""
+    import httpx
+
+    paths = httpx.get(live.url + "/openapi.json", timeout=30).json()["paths"]
+    assert {"get", "post"} <= set(paths["/ping"]) and {"get", "head"} <= set(paths["/health"])
+    for method, path in [("GET", "/ping"), ("POST", "/ping"), ("HEAD", "/health")]:
+        assert httpx.request(method, live.url + path, timeout=30).status_code == 200
+
+
+def test_a_described_scoring_request_is_valid_and_served(live):
+    """lm-eval's loglikelihood request (echo, logprobs, max_tokens 0) fits the description."""
+    import httpx
+    import jsonschema
+
+    spec = httpx.get(live.url + "/openapi.json", timeout=30).json()
+    schema = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    body = {"model": "tiny", "prompt": "the cat", "max_tokens": 0, "echo": True, "logprobs": 1}
+    jsonschema.validate(body, schema)
+    assert httpx.post(live.url + "/v1/completions", json=body, timeout=60).status_code == 200

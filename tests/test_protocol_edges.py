@@ -105,7 +105,7 @@ def test_a_chat_answer_with_tools_turns_a_call_into_tool_calls():
     [call] = message["tool_calls"]
     assert call["type"] == "function"
     assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
-    assert body == {"id": "r1", "object": "chat.completion", "created": 11, "model": "tiny",
+    assert body == {"id": "r1", "object": "chat.completion", "created": 11, "model": "tiny", "system_fingerprint": None,
                     "choices": [choice], "usage": use}
 
 
@@ -128,18 +128,19 @@ def test_usage_counts_total_as_prompt_plus_completion_and_lists_cached():
 def test_the_usage_chunk_is_the_last_chunk_with_no_choices(kind, obj):
     use = P.usage(3, 2, 0)
     assert P.usage_chunk("r9", "tiny", 42, kind, use) == {
-        "id": "r9", "object": obj, "created": 42, "model": "tiny", "choices": [], "usage": use}
+        "id": "r9", "object": obj, "created": 42, "model": "tiny", "system_fingerprint": None, "choices": [],
+        "usage": use}
 
 
 def test_chat_and_completion_chunks_carry_their_choice_index_delta_and_logprobs():
     lp = {"content": []}
     assert P.chat_chunk("r1", "tiny", 7, {"content": "hé"}, None, 2, lp) == {
-        "id": "r1", "object": "chat.completion.chunk", "created": 7, "model": "tiny",
+        "id": "r1", "object": "chat.completion.chunk", "created": 7, "model": "tiny", "system_fingerprint": None,
         "choices": [{"index": 2, "delta": {"content": "hé"}, "logprobs": lp, "finish_reason": None}]}
     assert P.chat_chunk("r1", "tiny", 7, {}, "stop")["choices"] == [
         {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]
     assert P.completion_chunk("r2", "tiny", 8, "ab", "length", 3, None) == {
-        "id": "r2", "object": "text_completion", "created": 8, "model": "tiny",
+        "id": "r2", "object": "text_completion", "created": 8, "model": "tiny", "system_fingerprint": None,
         "choices": [{"index": 3, "text": "ab", "logprobs": None, "finish_reason": "length"}]}
     assert P.completion_chunk("r2", "tiny", 8, "", "stop")["choices"] == [
         {"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}]
@@ -149,7 +150,7 @@ def test_a_completion_answer_lists_its_choices_in_order_with_usage():
     use = P.usage(2, 3, 1)
     lp = {"tokens": ["a"], "token_logprobs": [-0.5], "top_logprobs": [None], "text_offset": [0]}
     assert P.completion_response("c1", "tiny", [(0, "a", "stop", lp), (1, "b", "length")], use, created=5) == {
-        "id": "c1", "object": "text_completion", "created": 5, "model": "tiny",
+        "id": "c1", "object": "text_completion", "created": 5, "model": "tiny", "system_fingerprint": None,
         "choices": [{"index": 0, "text": "a", "logprobs": lp, "finish_reason": "stop"},
                     {"index": 1, "text": "b", "logprobs": None, "finish_reason": "length"}],
         "usage": use}

@@ -147,3 +147,20 @@ def test_bad_input_is_a_400_naming_the_responses_field(server, body, param):
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param and r.json()["error"]["message"]
 
+
+
+def test_the_answer_repeats_the_identifiers_and_settings_it_was_sent(client):
+    # docs/openai.md: these are taken and repeated in the response object, as OpenAI's are
+    r = client.responses.create(model="tiny", input="hi", max_output_tokens=2, prompt_cache_key="conv-1",
+                                safety_identifier="u-7f3a", max_tool_calls=3, user="someone", truncation="auto")
+    assert (r.prompt_cache_key, r.safety_identifier, r.max_tool_calls, r.user, r.truncation) == \
+        ("conv-1", "u-7f3a", 3, "someone", "auto")
+    assert client.responses.retrieve(r.id).prompt_cache_key == "conv-1"
+
+
+@pytest.mark.parametrize("field, value", [("prompt_cache_key", 5), ("safety_identifier", ["x"]),
+                                          ("max_tool_calls", 0), ("max_tool_calls", "3")])
+def test_an_identifier_or_call_limit_of_the_wrong_type_is_a_400_naming_it(server, field, value):
+    r = httpx.post(server.url + "/v1/responses", json={"model": "tiny", "input": "x", field: value}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field

@@ -39,6 +39,9 @@ def test_a_batch_api_file_is_answered_in_the_batch_output_shape_in_input_order(t
     assert body["usage"]["completion_tokens"] <= 3
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
     assert comp["response"]["body"]["object"] == "text_completion"
+    # the configuration that answered, as agp serve names it: the same for every line of the run
+    assert body["system_fingerprint"].startswith("fp_")
+    assert comp["response"]["body"]["system_fingerprint"] == body["system_fingerprint"]
     assert len(comp["response"]["body"]["choices"][0]["logprobs"]["tokens"]) == 2
     typo, emb, dup, plain = got[2:]
     assert typo["response"]["status_code"] == 400 and "did you mean 'max_tokens'" in typo["error"]["message"]

@@ -17,6 +17,7 @@ same files (`workload_request`).
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
@@ -77,9 +78,17 @@ class BatchLine:
             from pipeline_dsl.serve.errors import api_error
 
             return error_record(self.custom_id, self.line, api_error(result.error, self.call.kind), self.rid)
-        body, _ = answer_body(runtime, result, self.call, self.rid)
+        body, _ = answer_body(runtime, result, self.call, self.rid, fingerprint=_fingerprint(runtime))
         return {"id": f"batch_req_{self.line}", "custom_id": self.custom_id,
                 "response": {"status_code": 200, "request_id": self.rid, "body": body}, "error": None}
+
+
+@functools.lru_cache(maxsize=4)
+def _fingerprint(runtime) -> str:
+    """The run's system_fingerprint, as agp serve gives it for the same pipeline and model."""
+    from pipeline_dsl.serve.build import system_fingerprint
+
+    return system_fingerprint(runtime)
 
 
 def read_line(obj: dict, line: int) -> BatchLine:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 import time
 from datetime import datetime
@@ -38,6 +39,24 @@ _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+
+
+def _byte_of_char() -> dict[str, int]:
+    """gpt2's byte alphabet read backwards: the character a byte-level BPE vocabulary spells
+    each byte with -> that byte (printable bytes stand for themselves, the rest from U+0100 on)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in kept:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _byte_of_char()
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")        # a SentencePiece vocabulary's byte fallback
 
 
 class TokenizerError(InputError):
@@ -180,6 +199,21 @@ class Tokenizer:
         """The vocabulary's own string of one id (a byte-level BPE's "Ġword"), not its text."""
         return self.tk.id_to_token(token_id)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (OpenAI's logprobs `bytes`). A token holding part of a
+        UTF-8 character decodes alone to U+FFFD, so its bytes come from its vocabulary string:
+        a byte-level BPE's alphabet or a SentencePiece byte piece (`<0xE2>`)."""
+        text = self.decode([token_id], skip_special_tokens=False)
+        if "\ufffd" not in text or token_id in self.added:
+            return text.encode("utf-8")
+        piece = self.tk.id_to_token(token_id) or ""
+        m = _BYTE_PIECE.fullmatch(piece)
+        if m:
+            return bytes([int(m.group(1), 16)])
+        if piece and all(c in _BYTE_OF_CHAR for c in piece):
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        return text.encode("utf-8")
+
     def set_chat_template(self, source: str) -> None:
         """Use `source` (Jinja) instead of the model's chat template; a syntax error is raised now."""
         self.chat_template, self._template = source, _compile_template(source)
@@ -239,6 +273,9 @@ class IdTokenizer:
 
     def id_to_token(self, token_id: int) -> str:
         return str(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return str(token_id).encode()
 
 
 class IncrementalDecoder:

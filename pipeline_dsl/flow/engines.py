@@ -58,6 +58,13 @@ class EngineSide:
         tok = self._segment_for(pin).tokenizer
         return functools.lru_cache(maxsize=1 << 16)(lambda t: tok.decode([t], skip_special_tokens=False))
 
+    def token_bytes(self, pin: str | None = None) -> Callable[[int], bytes]:
+        """id -> the bytes of that one token (chat logprobs' `bytes`: part of a character too), cached."""
+        import functools
+
+        tok = self._segment_for(pin).tokenizer
+        return functools.lru_cache(maxsize=1 << 16)(tok.token_bytes)
+
     def detokenise(self, ids: list[int], pin: str | None = None) -> str:
         es = self._segment_for(pin)
         vocab = es.vocab_size

@@ -20,19 +20,23 @@ def prompt_text(runtime, data: dict, req: P.GenerationRequest) -> str:
     return runtime.detokenise(list(ids), req.pin) if ids else ""
 
 
-def answer_body(runtime, res, req: P.GenerationRequest, rid: str) -> tuple[dict, dict]:
-    """(the JSON answer of a finished request, {choice index: finish reason})."""
+def answer_body(runtime, res, req: P.GenerationRequest, rid: str,
+                fingerprint: str | None = None) -> tuple[dict, dict]:
+    """(the JSON answer of a finished request, {choice index: finish reason}). `fingerprint`:
+    OpenAI's system_fingerprint of the configuration that answered (serve/build.py)."""
     use = P.usage(res.usage["prompt_tokens"], res.usage["completion_tokens"], res.usage["cached_tokens"])
     want = req.fields.get("logprobs") is not None
     text_of = runtime.token_text(req.pin) if want or req.prompt_logprobs is not None else None
     want_ids = bool(req.fields.get("return_token_ids"))
     if req.kind == "chat":
+        bytes_of = runtime.token_bytes(req.pin) if want else None
         choices = [(c.index, c.text, c.finish_reason,
-                    P.chat_logprobs(c.data.get("logprobs") or [], text_of) if want else None,
+                    P.chat_logprobs(c.data.get("logprobs") or [], text_of, bytes_of) if want else None,
                     {"stop_reason": c.data.get("stop_reason"), **answer_fields(c.data, None, want_ids, text_of)[1]})
                    for c in res.choices]
         top = answer_fields(res.choices[0].data, req.prompt_logprobs, want_ids, text_of)[0]
-        body = P.chat_response(rid, req.model, choices, use, tools_active=req.tools_active, top=top)
+        body = P.chat_response(rid, req.model, choices, use, tools_active=req.tools_active, top=top,
+                               call_limit=req.call_limit, fingerprint=fingerprint)
         return body, {c["index"]: c["finish_reason"] for c in body["choices"]}
     echo = bool(req.fields.get("echo"))
     choices = []
@@ -42,4 +46,5 @@ def answer_body(runtime, res, req: P.GenerationRequest, rid: str) -> tuple[dict,
         choices.append((c.index, prompt + c.text, c.finish_reason,
                         P.completion_logprobs(c.data, text_of, echo, k=req.fields.get("logprobs")) if want
                         else None, {"stop_reason": c.data.get("stop_reason"), **of_prompt, **of_answer}))
-    return P.completion_response(rid, req.model, choices, use), {c[0]: c[2] for c in choices}
+    return (P.completion_response(rid, req.model, choices, use, fingerprint=fingerprint),
+            {c[0]: c[2] for c in choices})

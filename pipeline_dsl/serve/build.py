@@ -4,10 +4,12 @@ Serve replica builds its own from the same flags (serve/ray.py).
 """
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .options import SetupError, check_args
+from .options import ENGINE_VARIABLES, SetupError, check_args
 
 
 def model_names(runtime, served: list[str] | None) -> tuple[str, ...]:
@@ -29,6 +31,27 @@ def allowed_hosts(host: str, given: str | None) -> tuple[str, ...]:
     if host in ("0.0.0.0", "::", ""):
         return ("*",)                     # listening everywhere: the public name is not known here
     return tuple(dict.fromkeys([host.lower(), "localhost", "127.0.0.1", "::1"]))
+
+
+MODEL_KEYS = ("weights", "dtype", "attention", "vocab_size", "context_length")
+
+
+def system_fingerprint(runtime, chat_template: str | None = None) -> str:
+    """OpenAI's system_fingerprint: a digest of what decides the answers besides the request (agp's
+    version, the engine variables, and each engine's settings, model file, weights and compute
+    dtype, device, its generate stages' defaults, the chat template), so a client reading seeded
+    answers sees when the server behind them changed. Paths go into the digest, never the answer."""
+    from pipeline_dsl import __version__
+
+    parts = [__version__, runtime.name, chat_template or "",
+             *(f"{v}={os.environ.get(v, '')}" for v in ENGINE_VARIABLES)]
+    for es in runtime.segments:
+        model = Path(str(es.config.model))
+        size = model.stat().st_size if model.is_file() else 0
+        info = es.engine.model_info                # what was loaded, not how long it took
+        parts += [es.name, repr(es.config), str(size), repr([info.get(k) for k in MODEL_KEYS]),
+                  str(es.engine.device), repr(sorted(es.defaults.items()))]
+    return "fp_" + hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -86,7 +109,7 @@ def build(args, *, host: str | None = None) -> Serving:
                          lenient=args.lenient, api_keys=tuple(args.api_key or ()),
                          allowed_origins=tuple(args.allowed_origins or ()),
                          stats_interval_s=args.stats_interval, trace_path=args.trace,
-                         root_path=args.root_path,
+                         root_path=args.root_path, system_fingerprint=system_fingerprint(runtime, template),
                          exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none)
     metrics = ServerMetrics(model_name=names[0], engine_of={g: str(i) for i, es in enumerate(runtime.segments)
                                                             for g in es.segment.generates})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 
 from fastapi.responses import JSONResponse
 
@@ -33,18 +34,22 @@ FAILURES: dict[str, tuple[int, str, str | None, bool]] = {
 }
 
 
-def api_error(e: PipelineError, kind: str, retry_after_s: int = 1) -> APIError:
+def api_error(e: PipelineError, kind: str, retry_after_s: int = 1, max_tokens_field: str = "max_tokens") -> APIError:
     """The HTTP answer to a request the pipeline refused or failed; `kind` is the request's
     ("chat": its input is `messages`, "detokenize": `tokens`, else `prompt`). An error that carries a code of its own
-    (context_length_exceeded) keeps it."""
+    (context_length_exceeded) keeps it. The engine says max_tokens; the answer names the field the
+    client sent (`max_tokens_field`: max_completion_tokens, max_output_tokens)."""
     status, type_, code, retry = FAILURES.get(e.kind, FAILURES["failed"])
+    message = e.message
+    if e.kind == "invalid" and max_tokens_field != "max_tokens":
+        message = re.sub(r"\bmax_tokens\b", max_tokens_field, message)
     if e.kind == "invalid":             # the field at fault, else the prompt
         param = getattr(e, "param", None) or (
             "messages" if kind == "chat" else "input" if kind in ("responses", "embeddings")
             else "tokens" if kind == "detokenize" else "prompt")
     else:
         param = e.stage if e.kind in ("rejected", "failed") else None
-    return APIError(e.message, status=status, type=type_, code=getattr(e, "code", None) or code, param=param,
+    return APIError(message, status=status, type=type_, code=getattr(e, "code", None) or code, param=param,
                     headers={"Retry-After": str(retry_after_s)} if retry else None)
 
 

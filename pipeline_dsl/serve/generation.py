@@ -73,7 +73,7 @@ class Generations:
         stream, first = started
         if req.stream:
             return EventStream(ChunkWriter(self.apipe.runtime, stream, first, req, rid, self.config.retry_after_s,
-                                           self.ended).events(), stream, self.gone)
+                                           self.ended, self.config.system_fingerprint).events(), stream, self.gone)
         return await self.collect(request, stream, first, req, lambda res: self.answer(res, req, rid))
 
     async def start(self, request: Request, req: P.GenerationRequest, rid: str):
@@ -91,7 +91,7 @@ class Generations:
         except PipelineError as e:
             for st in streams:
                 st.abort()
-            return self.refused(api_error(e, req.kind, self.config.retry_after_s))
+            return self.refused(api_error(e, req.kind, self.config.retry_after_s, req.max_tokens_field))
         stream = streams[0] if len(streams) == 1 else StreamGroup(streams, max(req.choices_per_prompt,
                                                                               self.config.max_stage_n))
         self.metrics.in_flight.inc()
@@ -102,7 +102,8 @@ class Generations:
             return Response(status_code=499)
         if first[0] == "done" and first[1].error is not None:
             self.metrics.in_flight.dec()
-            return self.refused(api_error(first[1].error, req.kind, self.config.retry_after_s))
+            return self.refused(api_error(first[1].error, req.kind, self.config.retry_after_s,
+                                          req.max_tokens_field))
         return stream, first
 
     def gone(self) -> None:
@@ -133,7 +134,7 @@ class Generations:
                 stream.abort()
                 return Response(status_code=499)
             if res.error is not None:
-                err = api_error(res.error, req.kind, self.config.retry_after_s)
+                err = api_error(res.error, req.kind, self.config.retry_after_s, req.max_tokens_field)
                 status = str(err.status)
                 return error_response(err)
             body, reasons = build(res)
@@ -146,4 +147,4 @@ class Generations:
 
     def answer(self, res, req: P.GenerationRequest, rid: str) -> tuple[dict, dict]:
         """The JSON answer of a finished request, and its choices' finish reasons."""
-        return answer_body(self.apipe.runtime, res, req, rid)
+        return answer_body(self.apipe.runtime, res, req, rid, fingerprint=self.config.system_fingerprint)

@@ -8,12 +8,31 @@ tester (schemathesis, in tests/test_openapi.py) checks the server against.
 """
 from __future__ import annotations
 
-from pipeline_dsl.requests_io import MAX_STOP, MAX_STOP_CHARS, MAX_STOP_LEN, ROLES
-from stages.fields import TOKEN_ID_FIELDS, param_of
+from pipeline_dsl.engine.config import MAX_LOGPROBS
+from pipeline_dsl.requests_io import MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS, MAX_STOP_LEN, ROLES
+from stages.fields import REQUEST_FIELDS, TOKEN_ID_FIELDS, param_of
 
-from .protocol import MAX_PROMPTS
+from .embeddings import MAX_INPUTS
+from .protocol import CHAT_LACKING, CHAT_NEUTRAL, IDENTIFIERS, MAX_PROMPTS, NEUTRAL
 
 _SEED = param_of("generate", "seed")                # one schema: the range `agp check` takes
+
+
+def _number(field: str) -> dict:
+    """The JSON Schema of a sampling field from the generate parameter it sets (stages/fields.py)."""
+    p = param_of(*REQUEST_FIELDS[field])
+    out: dict = {"type": "integer" if p.type == "int" else "number"}
+    if p.min is not None:
+        out["exclusiveMinimum" if p.min_exclusive else "minimum"] = p.min
+    if p.max is not None:
+        out["maximum"] = p.max
+    return out
+
+
+def _neutral(table: dict) -> dict:
+    """Fields served only at their neutral value (protocol.NEUTRAL): that value, or null."""
+    return {name: {"enum": [*allowed, None], "description": "only the value that changes nothing"}
+            for name, (allowed, _) in table.items()}
 
 STOP = {"oneOf": [
     {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LEN},
@@ -38,6 +57,15 @@ SAMPLING = {
                                                         "continuous_usage_stats": {"type": "boolean"}},
                        "additionalProperties": False},
     "user": {"type": "string"},
+    **{name: _number(name) for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
+                                        "min_tokens")},
+    "logit_bias": {"type": "object", "maxProperties": MAX_LOGIT_BIAS, "description": "token id -> bias",
+                   "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
+    "response_format": {"type": "object", "required": ["type"], "properties": {
+        "type": {"enum": ["text", "json_object", "json_schema"]},
+        "json_schema": {"type": "object", "required": ["schema"], "properties": {
+            "name": {"type": "string"}, "schema": {"type": "object"}, "strict": {"type": ["boolean", "null"]}}}}},
+    **_neutral(NEUTRAL),
     # vLLM's extras (serve/extras.py)
     "skip_special_tokens": {"type": "boolean"},
     "spaces_between_special_tokens": {"type": "boolean"},
@@ -62,11 +90,36 @@ SAMPLING = {
 TEXT_PART = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
 
-MESSAGE = {"type": "object", "required": ["role", "content"], "properties": {
+REFUSAL_PART = {"type": "object", "required": ["type", "refusal"], "additionalProperties": False,
+                "properties": {"type": {"const": "refusal"}, "refusal": {"type": "string"}},
+                "description": "an assistant message's"}
+
+TOOL_CALL = {"type": "object", "required": ["function"], "properties": {
+    "id": {"type": "string"}, "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string"}, "arguments": {"type": ["string", "object"]}}}}}
+
+MESSAGE = {"type": "object", "required": ["role"], "properties": {
     "role": {"enum": list(ROLES)},
-    "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}]},
+    "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"oneOf": [TEXT_PART, REFUSAL_PART]}},
+                          {"type": "null"}],
+                "description": "null only on an assistant message (one that made tool calls)"},
     "name": {"type": "string"},
+    "tool_calls": {"type": "array", "items": TOOL_CALL, "description": "an assistant message's calls"},
+    "tool_call_id": {"type": "string", "description": "a tool message: the call it answers"},
 }}
+
+TOOL = {"type": "object", "required": ["function"], "properties": {
+    "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string", "minLength": 1}, "description": {"type": "string"},
+        "parameters": {"type": "object"}, "strict": {"type": ["boolean", "null"]}}}}}
+
+TOOL_CHOICE = {"oneOf": [{"enum": ["none", "auto", "required"]},
+                         {"type": "object", "required": ["function"], "properties": {
+                             "type": {"const": "function"},
+                             "function": {"type": "object", "required": ["name"],
+                                          "properties": {"name": {"type": "string"}}}}}]}
 
 CHAT_REQUEST = {"type": "object", "required": ["messages"], "additionalProperties": False, "properties": {
     "messages": {"type": "array", "minItems": 1, "items": MESSAGE},
@@ -78,7 +131,16 @@ CHAT_REQUEST = {"type": "object", "required": ["messages"], "additionalPropertie
     "continue_final_message": {"type": "boolean", "description": "the answer goes on with the last message "
                                                                    "(give add_generation_prompt false or leave it out)"},
     "parallel_tool_calls": {"type": ["boolean", "null"]},
+    "logprobs": {"type": ["boolean", "null"]},
+    "top_logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS, "description": "with logprobs"},
+    "tools": {"type": "array", "items": TOOL},
+    "tool_choice": TOOL_CHOICE,
+    "store": {"type": ["boolean", "null"], "description": "taken and ignored"},
+    "service_tier": {"type": ["string", "null"], "description": "taken and ignored"},
+    **{name: {"type": "string", "description": "taken and ignored"} for name in IDENTIFIERS},
     **SAMPLING,
+    **_neutral(CHAT_NEUTRAL),
+    **_neutral(CHAT_LACKING),
 }}
 
 COMPLETION_REQUEST = {"type": "object", "required": ["prompt"], "additionalProperties": False, "properties": {
@@ -90,7 +152,10 @@ COMPLETION_REQUEST = {"type": "object", "required": ["prompt"], "additionalPrope
             {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}]}},
     ]},
     "metadata": {"type": "object"},
+    "echo": {"type": "boolean", "description": "the prompt before the answer (max_tokens 0: only the prompt)"},
+    "logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS},
     **SAMPLING,
+    "max_tokens": {"type": "integer", "minimum": 0, "description": "0 only with echo: score the prompt"},
 }}
 
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
@@ -109,6 +174,7 @@ STOP_REASON = {"type": ["string", "integer", "null"],
 CHAT_RESPONSE = {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
                  "properties": {
                      "id": {"type": "string"}, "object": {"const": "chat.completion"},
+                     "system_fingerprint": {"type": ["string", "null"]},
                      "created": {"type": "integer"}, "model": {"type": "string"}, "usage": USAGE,
                      "choices": {"type": "array", "items": {
                          "type": "object", "required": ["index", "message", "finish_reason"],
@@ -121,6 +187,7 @@ CHAT_RESPONSE = {"type": "object", "required": ["id", "object", "created", "mode
 COMPLETION_RESPONSE = {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
                        "properties": {
                            "id": {"type": "string"}, "object": {"const": "text_completion"},
+                           "system_fingerprint": {"type": ["string", "null"]},
                            "created": {"type": "integer"}, "model": {"type": "string"}, "usage": USAGE,
                            "choices": {"type": "array", "items": {
                                "type": "object", "required": ["index", "text", "finish_reason"],
@@ -128,7 +195,7 @@ COMPLETION_RESPONSE = {"type": "object", "required": ["id", "object", "created",
                                               "finish_reason": FINISH, "stop_reason": STOP_REASON}}}}}
 
 
-RESPONSES_REQUEST = {"type": "object", "required": ["input"], "properties": {
+RESPONSES_REQUEST = {"type": "object", "required": ["input"], "additionalProperties": False, "properties": {
     "model": SAMPLING["model"],
     "input": {"oneOf": [{"type": "string", "minLength": 1},
                         {"type": "array", "minItems": 1, "items": {"type": "object"}}]},
@@ -136,8 +203,24 @@ RESPONSES_REQUEST = {"type": "object", "required": ["input"], "properties": {
     "max_output_tokens": {"type": "integer", "minimum": 1},
     "temperature": SAMPLING["temperature"], "top_p": SAMPLING["top_p"], "stream": {"type": "boolean"},
     "store": {"type": "boolean"}, "previous_response_id": {"type": "string"},
-    "tools": {"type": "array", "items": {"type": "object"}}, "text": {"type": "object"},
-    "metadata": {"type": "object"}}}
+    "tools": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+        "type": {"const": "function"}, "name": {"type": "string"}, "description": {"type": "string"},
+        "parameters": {"type": "object"}}}},
+    "tool_choice": {"oneOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}]},
+    "parallel_tool_calls": {"type": ["boolean", "null"]},
+    "text": {"type": "object"},
+    "metadata": {"type": "object"},
+    "include": {"type": "array", "items": {"type": "string"}},
+    "top_logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS},
+    "background": {"enum": [False, None], "description": "agp answers in the foreground"},
+    "stream_options": {"type": ["object", "null"]},
+    **{name: {"type": ["string", "null"], "description": "repeated in the answer"}
+       for name in ("user", "truncation", "service_tier", "prompt_cache_key", "safety_identifier")},
+    "reasoning": {"type": ["object", "null"], "description": "repeated in the answer"},
+    "max_tool_calls": {"type": ["integer", "null"], "minimum": 1},
+    **{name: SAMPLING[name] for name in ("request_id", "top_k", "min_p", "repetition_penalty", "seed", "stop",
+                                         "ignore_eos", "structured_outputs", "guided_json", "guided_regex",
+                                         "guided_choice", "guided_grammar")}}}
 
 RESPONSES_RESPONSE = {"type": "object", "required": ["id", "object", "created_at", "status", "model", "output"],
                       "properties": {"id": {"type": "string"}, "object": {"const": "response"},
@@ -259,15 +342,19 @@ RESPONSE_DELETE = {"responses": {"200": {"description": "the response was forgot
     "application/json": {"schema": {"type": "object", "required": ["id", "deleted"]}}}},
     "404": _error("no stored response has this id")}}
 
+TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+
 EMBEDDINGS = {
     "summary": "OpenAI embeddings: the mean of the model's final hidden states (serve/embeddings.py)",
     "requestBody": {"required": True, "content": {"application/json": {"schema": {
         "type": "object", "required": ["input"], "additionalProperties": False, "properties": {
             "model": {"type": "string"},
-            "input": {"oneOf": [{"type": "string", "minLength": 1},
-                                {"type": "array", "minItems": 1, "maxItems": 4, "items": {"type": "string",
-                                                                                          "minLength": 1}}]},
-            "encoding_format": {"enum": ["float", "base64"]}, "normalize": {"type": "boolean"}}}}}},
+            "input": {"oneOf": [{"type": "string", "minLength": 1}, TOKEN_IDS,
+                                {"type": "array", "minItems": 1, "maxItems": MAX_INPUTS, "items": {"oneOf": [
+                                    {"type": "string", "minLength": 1}, TOKEN_IDS]}}]},
+            "encoding_format": {"enum": ["float", "base64"]}, "normalize": {"type": "boolean"},
+            "dimensions": {"type": "integer", "description": "only the model's own"},
+            "user": {"type": "string"}, "request_id": SAMPLING["request_id"]}}}}},
     "responses": {"200": {"description": "one embedding per input", "content": {"application/json": {"schema": {
         "type": "object", "required": ["object", "data", "model", "usage"], "properties": {
             "object": {"const": "list"},

@@ -50,6 +50,7 @@ class GenerationRequest:
     request_id: str | None = None              # the client's id of the request (vLLM's request_id)
     chat_template_kwargs: dict | None = None   # extra variables of the chat template (chat)
     prompt_logprobs: int | None = None         # vLLM's prompt_logprobs: alternatives the answer lists
+    max_tokens_field: str = "max_tokens"       # what the client called it (max_completion_tokens, ...)
 
     def split(self) -> list["GenerationRequest"]:
         """One request per prompt of a batched completions request (choice indexes: i * n + j)."""
@@ -68,6 +69,11 @@ class GenerationRequest:
     @property
     def tools_active(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def call_limit(self) -> int | None:
+        """Tool calls an answer may carry: one with parallel_tool_calls false, else any."""
+        return None if self.parallel_tool_calls else 1
 
     def item(self, request_id: str, exclude_tools_when_none: bool = False) -> dict[str, Any]:
         """The request as the pipeline's items carry it (what a python stage sees). Its tools reach
@@ -148,11 +154,21 @@ NEUTRAL = {"best_of": ((1,), None), "suffix": (("",), None),
            "vllm_xargs": (({},), None)}
 CHAT_NEUTRAL = {"echo": ((False,), None), "add_special_tokens": ((False,), None), "documents": ((), None),
                 "functions": ((), "use 'tools'"), "function_call": ((), "use 'tool_choice'")}
+# OpenAI chat fields of features agp's models lack: taken at the value that asks for nothing (null;
+# modalities ["text"]), else a 400 saying why, with OpenAI's code for a parameter a model lacks
+CHAT_LACKING = {"reasoning_effort": ((), "its models do not reason"), "verbosity": ((), "its models do not reason"),
+                "audio": ((), "it serves text only"), "modalities": ((["text"],), "it serves text only"),
+                "prediction": ((), "predicted outputs are not served"),
+                "web_search_options": ((), "it searches nothing")}
 # metadata: read by the pipeline's conditions (`when metadata.tier == "gold"`), on either endpoint
 COMPLETION_FIELDS = COMMON | VLLM | set(TOKEN_FIELDS) | set(NEUTRAL) | {"prompt", "echo", "metadata"}
-CHAT_FIELDS = COMMON | VLLM | set(TOKEN_FIELDS) | set(NEUTRAL) | set(CHAT_NEUTRAL) | {
-    "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "metadata",
-    "store", "service_tier", "chat_template_kwargs", "add_generation_prompt", "continue_final_message"}
+# strings that name the end user or a cache group for OpenAI's own use: taken (checked) and ignored;
+# chat also takes safety_identifier (OpenAI's successor of `user`) and prompt_cache_key
+IDENTIFIERS = ("user", "safety_identifier", "prompt_cache_key")
+CHAT_FIELDS = COMMON | VLLM | set(TOKEN_FIELDS) | set(NEUTRAL) | set(CHAT_NEUTRAL) | set(IDENTIFIERS) | {
+    *CHAT_LACKING, "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+    "parallel_tool_calls", "metadata", "store", "service_tier", "chat_template_kwargs", "add_generation_prompt",
+    "continue_final_message"}
 
 
 def check_unknown(obj: dict, known: set[str], lenient: bool = False) -> dict:
@@ -163,9 +179,11 @@ def check_unknown(obj: dict, known: set[str], lenient: bool = False) -> dict:
         log.info("ignoring unrecognized request arguments: %s", ", ".join(map(repr, unknown)))
         return {k: v for k, v in obj.items() if k in known}
     for key in unknown:
-        close = difflib.get_close_matches(key, sorted(known), n=1)
+        # only a close name is offered: a typo (0.8 and up), not another field that shares letters (0.65)
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise APIError(f"unrecognized request argument {json.dumps(key)}{hint}", param=key)
+        raise APIError(f"unrecognized request argument {json.dumps(key)}{hint}", param=key,
+                       code="unknown_parameter")         # OpenAI's code for it
     return obj
 
 
@@ -182,6 +200,16 @@ def _check_unsupported(obj: dict, chat: bool = False) -> None:
             raise APIError(f"'{name}' = {json.dumps(value)[:40]} is not supported by agp "
                            f"(leave it out{' or ' + other if other else ''})", param=name)
     _field(obj, "guided_decoding_backend", lambda v: isinstance(v, str), "a string")
+    for name, (allowed, why) in (CHAT_LACKING if chat else {}).items():
+        value = obj.get(name)
+        if value is not None and value not in allowed:
+            raise APIError(f"'{name}' = {json.dumps(value)[:40]} is not supported by agp: {why} (leave it out)",
+                           param=name, code="unsupported_parameter")
+
+
+def _check_identifiers(obj: dict) -> None:
+    for name in IDENTIFIERS:
+        _field(obj, name, lambda v: isinstance(v, str), "a string")
 
 
 def _truncation(obj: dict, max_model_len: int) -> dict:
@@ -279,6 +307,7 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     obj = check_unknown(obj, COMPLETION_FIELDS, lenient)
     model, pin = model_of(obj, served, stages)
     _check_unsupported(obj)
+    _check_identifiers(obj)
     truncation = _truncation(obj, max_model_len)
     if "prompt" not in obj or obj["prompt"] is None:
         raise APIError("'prompt' is required", param="prompt")
@@ -369,6 +398,7 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     obj = check_unknown(obj, CHAT_FIELDS, lenient)
     model, pin = model_of(obj, served, stages)
     _check_unsupported(obj, chat=True)
+    _check_identifiers(obj)
     truncation = _truncation(obj, max_model_len)
     messages = _messages(obj.get("messages"))
     flags = _stream_flags(obj)
@@ -395,7 +425,9 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
                              tools=tuple(tools) if tools else None, tool_choice=choice,
                              parallel_tool_calls=parallel, response_format=extras.constraint,
                              request_id=extras.request_id, chat_template_kwargs=extras.template_kwargs,
-                             prompt_logprobs=tokens.prompt_logprobs)
+                             prompt_logprobs=tokens.prompt_logprobs,
+                             max_tokens_field="max_completion_tokens" if obj.get("max_completion_tokens") is not None
+                             else "max_tokens")
 
 
 def _render_flags(obj: dict) -> dict:
@@ -443,11 +475,14 @@ def _top_dict(top: list, text_of) -> dict:
     return out
 
 
-def chat_logprobs(entries: list, text_of) -> dict:
-    """The chat `logprobs` of an answer (or of one chunk's tokens)."""
+def chat_logprobs(entries: list, text_of, bytes_of=None) -> dict:
+    """The chat `logprobs` of an answer (or of one chunk's tokens). `bytes` are each token's own
+    (`bytes_of`): a token that is part of a character shows U+FFFD as its text, and a client
+    joins the bytes of consecutive tokens to get the character, as OpenAI's field is meant for."""
     def one(token_id, logprob):
         piece = text_of(token_id)
-        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8", "replace"))}
+        raw = bytes_of(token_id) if bytes_of else piece.encode("utf-8", "replace")
+        return {"token": piece, "logprob": logprob, "bytes": list(raw)}
 
     return {"content": [{**one(e["token_id"], e["logprob"]), "top_logprobs": [one(t, lp) for t, lp in e["top"]]}
                         for e in entries]}
@@ -504,59 +539,66 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 
 
 def completion_response(rid: str, model: str, choices: list[tuple], use: dict,
-                        created: int | None = None) -> dict:
-    """choices: (index, text, finish_reason[, logprobs[, what else the choice carries]]) each."""
+                        created: int | None = None, fingerprint: str | None = None) -> dict:
+    """choices: (index, text, finish_reason[, logprobs[, what else the choice carries]]) each;
+    `fingerprint`: OpenAI's system_fingerprint (serve/build.py), on every answer and chunk."""
     return {"id": rid, "object": "text_completion", "created": created or int(time.time()),
-            "model": model,
+            "model": model, "system_fingerprint": fingerprint,
             "choices": [{"index": c[0], "text": c[1], "logprobs": c[3] if len(c) > 3 else None,
                          "finish_reason": c[2], **(c[4] if len(c) > 4 else {})} for c in choices],
             "usage": use}
 
 
-def chat_message(text: str, finish_reason: str | None, tools_active: bool) -> tuple[dict, str | None]:
+def chat_message(text: str, finish_reason: str | None, tools_active: bool,
+                 call_limit: int | None = None) -> tuple[dict, str | None]:
     """(the assistant message, the finish reason) of one answer: tool calls parsed out of the
-    text when the request gave tools (then finish_reason is "tool_calls")."""
+    text when the request gave tools (then finish_reason is "tool_calls"), `call_limit` at most."""
     if tools_active:
         from pipeline_dsl.tools import parse_tool_calls
 
-        content, calls = parse_tool_calls(text)
+        content, calls = parse_tool_calls(text, call_limit)
         if calls:
             return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
     return {"role": "assistant", "content": text}, finish_reason
 
 
 def chat_response(rid: str, model: str, choices: list[tuple], use: dict, created: int | None = None,
-                  tools_active: bool = False, top: dict | None = None) -> dict:
+                  tools_active: bool = False, top: dict | None = None, call_limit: int | None = None,
+                  fingerprint: str | None = None) -> dict:
     """choices: (index, text, finish_reason[, logprobs[, what else the choice carries]]) each;
     `top`: what the answer carries beside its choices (vLLM's prompt_logprobs, prompt_token_ids)."""
     out = []
     for c in choices:
-        message, reason = chat_message(c[1], c[2], tools_active)
+        message, reason = chat_message(c[1], c[2], tools_active, call_limit)
         out.append({"index": c[0], "message": message, "logprobs": c[3] if len(c) > 3 else None,
                     "finish_reason": reason, **(c[4] if len(c) > 4 else {})})
     return {"id": rid, "object": "chat.completion", "created": created or int(time.time()),
-            "model": model, "choices": out, "usage": use, **(top or {})}
+            "model": model, "system_fingerprint": fingerprint, "choices": out, "usage": use, **(top or {})}
 
 
 def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None, index: int = 0,
-                     logprobs: dict | None = None, extra: dict | None = None) -> dict:
+                     logprobs: dict | None = None, extra: dict | None = None, fingerprint: str | None = None) -> dict:
     """`extra`: what else the choice carries (vLLM's prompt_token_ids, token_ids, prompt_logprobs)."""
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "system_fingerprint": fingerprint,
             "choices": [{"index": index, "text": text, "logprobs": logprobs,
                          "finish_reason": finish_reason, **(extra or {})}]}
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None, index: int = 0,
-               logprobs: dict | None = None, extra: dict | None = None, top: dict | None = None) -> dict:
+               logprobs: dict | None = None, extra: dict | None = None, top: dict | None = None,
+               fingerprint: str | None = None) -> dict:
     """`extra`: what else the choice carries (token_ids); `top`: the chunk (prompt_token_ids)."""
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": fingerprint,
             "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                          "finish_reason": finish_reason, **(extra or {})}], **(top or {})}
 
 
-def usage_chunk(rid: str, model: str, created: int, kind: str, use: dict) -> dict:
+def usage_chunk(rid: str, model: str, created: int, kind: str, use: dict, fingerprint: str | None = None) -> dict:
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+    return {"id": rid, "object": obj, "created": created, "model": model, "system_fingerprint": fingerprint,
+            "choices": [],
             "usage": use}
 
 

@@ -79,14 +79,18 @@ class ResponseStore:
 
 # ---------------------------------------------------------------- the request
 
-def _text(content, where: str, kinds=("input_text", "output_text", "text")) -> str:
-    """A message's content: a string, or text parts joined."""
+def _text(content, where: str, kinds=("input_text", "output_text", "text"), role: str | None = None) -> str:
+    """A message's content: a string, or text parts joined (an assistant's refusal parts too)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise bad(f"{where}.content", "a string or an array of input_text parts", content)
     texts = []
     for j, part in enumerate(content):
+        if role == "assistant" and isinstance(part, dict) and part.get("type") == "refusal" \
+                and isinstance(part.get("refusal"), str):
+            texts.append(part["refusal"])
+            continue
         if not (isinstance(part, dict) and part.get("type") in kinds and isinstance(part.get("text"), str)):
             raise APIError(f"'{where}.content[{j}]' must be a text part ({{\"type\": \"input_text\", \"text\": "
                            "...}); agp serves text only", param=f"{where}.content")
@@ -112,7 +116,7 @@ def conversation(value) -> list[dict]:
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
                 raise bad(f"{where}.role", "one of user, system, developer, assistant", role)
-            out.append({"role": role, "content": _text(item.get("content"), where)})
+            out.append({"role": role, "content": _text(item.get("content"), where, role=role)})
         elif kind == "function_call":
             for key in ("call_id", "name", "arguments"):
                 if not isinstance(item.get(key), str):
@@ -184,7 +188,11 @@ def _checked(obj: dict) -> None:
             ("include", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "an array of strings"),
             ("truncation", lambda v: v in ("disabled", "auto"), "disabled or auto"),
             ("previous_response_id", lambda v: isinstance(v, str), "a string"),
-            ("metadata", lambda v: isinstance(v, dict), "an object")):
+            ("metadata", lambda v: isinstance(v, dict), "an object"),
+            ("prompt_cache_key", lambda v: isinstance(v, str), "a string"),
+            ("safety_identifier", lambda v: isinstance(v, str), "a string"),
+            ("max_tool_calls", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+             "a positive integer")):
         if obj.get(name) is not None and not ok(obj[name]):
             raise bad(name, expected, obj[name])
 
@@ -233,8 +241,10 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
                 "previous_response_id": prev, "store": obj.get("store", True) is not False,
                 "truncation": obj.get("truncation") or "disabled", "reasoning": obj.get("reasoning"),
                 "user": obj.get("user"), "background": False, "top_logprobs": obj.get("top_logprobs"),
-                "service_tier": "default"}
-    return ResponsesCall(replace(req, kind="responses"), settings, before + turn, settings["store"])
+                "service_tier": "default", "prompt_cache_key": obj.get("prompt_cache_key"),
+                "safety_identifier": obj.get("safety_identifier"), "max_tool_calls": obj.get("max_tool_calls")}
+    return ResponsesCall(replace(req, kind="responses", max_tokens_field="max_output_tokens"), settings,
+                         before + turn, settings["store"])
 
 
 class Responses:
@@ -264,12 +274,17 @@ class Responses:
     def text_of(self, call: ResponsesCall):
         return self.g.apipe.runtime.token_text(call.req.pin) if call.req.fields.get("logprobs") is not None else None
 
+    def bytes_of(self, call: ResponsesCall):
+        return self.g.apipe.runtime.token_bytes(call.req.pin) if call.req.fields.get("logprobs") is not None else None
+
     def answer(self, call: ResponsesCall, res, rid: str) -> tuple[dict, dict]:
         """The response object of a finished request (its first choice), and its finish reason."""
         choice = res.choices[0]
         text_of = self.text_of(call)
-        lps = P.chat_logprobs(choice.data.get("logprobs") or [], text_of)["content"] if text_of else None
-        message, reason = P.chat_message(choice.text, choice.finish_reason, call.req.tools_active)
+        lps = (P.chat_logprobs(choice.data.get("logprobs") or [], text_of, self.bytes_of(call))["content"]
+               if text_of else None)
+        message, reason = P.chat_message(choice.text, choice.finish_reason, call.req.tools_active,
+                                         call.req.call_limit)
         status = "incomplete" if choice.finish_reason == "length" else "completed"
         output = []
         if message.get("content") or not message.get("tool_calls"):

@@ -26,6 +26,7 @@ class ResponseEvents(Relay):
     def __init__(self, owner, call, stream, first, rid: str, on_end):
         self.owner, self.call, self.stream, self.first, self.rid = owner, call, stream, first, rid
         self.on_end, self.kind, self.retry_after_s = on_end, "responses", owner.g.config.retry_after_s
+        self.max_tokens_field = call.req.max_tokens_field
         self.created = int(time.time())
         self.seq = 0
         self.output: list[dict] = []            # the items done so far
@@ -33,11 +34,12 @@ class ResponseEvents(Relay):
         self.text = ""
         self.lps: list | None = [] if owner.text_of(call) else None
         self.text_of = owner.text_of(call)
+        self.bytes_of = owner.bytes_of(call)
         self.tools = None
         if call.req.tools_active:
             from pipeline_dsl.tools import ToolStream
 
-            self.tools = ToolStream()
+            self.tools = ToolStream(call.req.call_limit)
         self.called = False
         self.seen = False                        # a delta of choice 0 came (else its text comes whole)
 
@@ -94,7 +96,7 @@ class ResponseEvents(Relay):
                       self.event("response.output_item.done", output_index=index, item=item)]
 
     def content(self, text: str, step_lp: list | None) -> list[bytes]:
-        lps = P.chat_logprobs(step_lp, self.text_of)["content"] if self.text_of and step_lp else None
+        lps = P.chat_logprobs(step_lp, self.text_of, self.bytes_of)["content"] if self.text_of and step_lp else None
         out, calls = [], []
         if self.tools is not None:
             text, calls = self.tools.feed(text)

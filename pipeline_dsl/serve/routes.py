@@ -161,8 +161,9 @@ async def detokenize(request: Request):
 # ---------------------------------------------------------------- operations
 
 @router.get("/health", openapi_extra=OA.HEALTH)
-@router.head("/health", include_in_schema=False)                          # load balancers' probes
-@router.api_route("/ping", methods=["GET", "POST"], include_in_schema=False)   # vLLM's (SageMaker's) name
+@router.head("/health", openapi_extra=OA.HEALTH)                          # load balancers' probes
+@router.get("/ping", openapi_extra=OA.HEALTH, operation_id="ping_get")      # vLLM's (SageMaker's) name
+@router.post("/ping", openapi_extra=OA.HEALTH, operation_id="ping_post")
 async def health(request: Request):
     apipe = _state(request).apipe
     if apipe.error is not None:

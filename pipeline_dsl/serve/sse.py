@@ -70,6 +70,7 @@ class Relay:
     left unfinished is aborted."""
     stream: RequestStream
     first: tuple
+    max_tokens_field: str = "max_tokens"         # what the client called it (max_completion_tokens, ...)
     kind: str                                    # the API, for the error's shape
     retry_after_s: int
 
@@ -100,7 +101,7 @@ class Relay:
                 else:
                     result = event[1]
                     if result.error is not None:
-                        err = api_error(result.error, self.kind, self.retry_after_s)
+                        err = api_error(result.error, self.kind, self.retry_after_s, self.max_tokens_field)
                         status = str(err.status)
                         log_error(err)
                         for chunk in self.on_error(err):
@@ -122,10 +123,12 @@ class ChunkWriter(Relay):
     once, when the stream ends (Relay)."""
 
     def __init__(self, runtime, stream, first, req: P.GenerationRequest, rid: str, retry_after_s: int,
-                 on_end):
+                 on_end, fingerprint: str | None = None):
         self.runtime, self.stream, self.first, self.req, self.rid = runtime, stream, first, req, rid
         self.retry_after_s, self.on_end, self.kind = retry_after_s, on_end, req.kind
+        self.max_tokens_field = req.max_tokens_field   # named in an error as the client named it
         self.now = int(time.time())
+        self.fingerprint = fingerprint                 # OpenAI's system_fingerprint, on every chunk
         self.chat = req.kind == "chat"
         self.opened: set[int] = set()
         self.closed: set[int] = set()
@@ -135,6 +138,7 @@ class ChunkWriter(Relay):
         self.want_lp = req.fields.get("logprobs") is not None
         self.want_ids = bool(req.fields.get("return_token_ids"))
         self.text_of = runtime.token_text(req.pin) if self.want_lp or req.prompt_logprobs is not None else None
+        self.bytes_of = runtime.token_bytes(req.pin) if self.want_lp and self.chat else None
         self.opening: dict[int, dict] = {}             # per choice: what its first chunk carries of the prompt
         self.echo = not self.chat and bool(req.fields.get("echo"))
         self.parts = req.split() if self.echo else []
@@ -154,10 +158,11 @@ class ChunkWriter(Relay):
             extra["stop_reason"] = stop_reason
         if self.chat:
             body = P.chat_chunk(self.rid, self.req.model, self.now, delta if delta is not None else
-                                {"content": text}, reason, index, logprobs, extra=extra, top=prompt_part)
+                                {"content": text}, reason, index, logprobs, extra=extra, top=prompt_part,
+                                fingerprint=self.fingerprint)
         else:
             body = P.completion_chunk(self.rid, self.req.model, self.now, text or "", reason, index, logprobs,
-                                      extra={**prompt_part, **extra})
+                                      extra={**prompt_part, **extra}, fingerprint=self.fingerprint)
         if self.req.continuous_usage:                  # the usage so far on every chunk (vLLM's)
             prompts = self.prompt_tokens.values()
             # a choice's opening chunks (chat's role, an echoed prompt) come before any of its tokens:
@@ -212,11 +217,12 @@ class ChunkWriter(Relay):
         if self.chat and self.req.tools_active:
             from pipeline_dsl.tools import ToolStream
 
-            text, calls = self.tool_streams.setdefault(index, ToolStream()).feed(text)
+            text, calls = self.tool_streams.setdefault(index, ToolStream(self.req.call_limit)).feed(text)
         lp = None
         if self.want_lp and step_lp:                   # these tokens' logprobs, with their text
-            lp = (P.chat_logprobs(step_lp, self.text_of) if self.chat else self._listed(index, P.completion_logprobs(
-                {"logprobs": step_lp}, self.text_of, False, self.offset.get(index, 0))))
+            lp = (P.chat_logprobs(step_lp, self.text_of, self.bytes_of) if self.chat
+                  else self._listed(index, P.completion_logprobs({"logprobs": step_lp}, self.text_of, False,
+                                                                 self.offset.get(index, 0))))
         if text or lp is not None or (self.want_ids and ids):
             out.append(self._chunk(index, text, logprobs=lp, ids=ids))
         if calls:
@@ -251,7 +257,7 @@ class ChunkWriter(Relay):
                 out += self.finish(c.index, c.finish_reason, c.data.get("stop_reason"))
         if self.req.include_usage:
             use = P.usage(total["prompt_tokens"], total["completion_tokens"], total["cached_tokens"])
-            out.append(P.sse(P.usage_chunk(self.rid, self.req.model, self.now, self.req.kind, use)))
+            out.append(P.sse(P.usage_chunk(self.rid, self.req.model, self.now, self.req.kind, use, self.fingerprint)))
         out.append(P.sse("[DONE]"))
         return out
 

@@ -1,0 +1,159 @@
+"""What an OpenAI client sends today, against `agp serve` on the tiny model: the request fields
+current SDKs and agent frameworks set on chat (`safety_identifier`, `prompt_cache_key`, `user`)
+are taken as OpenAI takes them, a field agp does not serve is named without a misleading
+suggestion, and `parallel_tool_calls: false` gives at most one call however many the model writes."""
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from test_serve import LiveServer
+
+USER = [{"role": "user", "content": "hello world"}]
+
+
+@pytest.fixture(scope="module")
+def server(long_gguf):
+    s = LiveServer(long_gguf, overrides={"kv_budget_bytes": 8 << 20})     # room for the tools' prompt
+    yield s
+    s.close()
+
+
+def test_chat_takes_openais_end_user_and_cache_identifiers(server):
+    # OpenAI's chat API: safety_identifier replaces user; prompt_cache_key groups requests for caching
+    kw = dict(model="tiny", messages=USER, max_tokens=3, temperature=0)
+    plain = server.client.chat.completions.create(**kw)
+    tagged = server.client.chat.completions.create(**kw, safety_identifier="u-7f3a", prompt_cache_key="conv-1",
+                                                   user="someone")
+    assert tagged.choices[0].message.content == plain.choices[0].message.content
+    assert tagged.usage == plain.usage or tagged.usage.completion_tokens == plain.usage.completion_tokens
+
+
+@pytest.mark.parametrize("field", ["safety_identifier", "prompt_cache_key", "user"])
+def test_an_identifier_that_is_not_a_string_is_a_400_naming_it(server, field):
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.chat.completions.create(model="tiny", messages=USER, max_tokens=2, extra_body={field: 5})
+    assert e.value.param == field and "must be a string" in e.value.message
+
+
+@pytest.mark.parametrize("field, value", [("reasoning_effort", "low"), ("verbosity", "low"),
+                                          ("modalities", ["text", "audio"]), ("web_search_options", {}),
+                                          ("prediction", {"type": "content", "content": "x"})])
+def test_an_openai_feature_the_models_lack_is_a_400_that_says_so(server, field, value):
+    # not "unrecognized ...; did you mean 'response_format'?": the field is OpenAI's, agp lacks the feature
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.chat.completions.create(model="tiny", messages=USER, max_tokens=2, extra_body={field: value})
+    assert e.value.param == field and e.value.code == "unsupported_parameter"
+    assert "not supported by agp" in e.value.message and "did you mean" not in e.value.message
+
+
+def test_the_values_of_those_features_that_ask_for_nothing_are_taken(server):
+    out = server.client.chat.completions.create(model="tiny", messages=USER, max_tokens=2, modalities=["text"],
+                                                extra_body={"prediction": None, "reasoning_effort": None})
+    assert out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_an_unknown_field_is_offered_a_name_only_when_it_is_close(server):
+    def message(field):
+        with pytest.raises(openai.BadRequestError) as e:
+            server.client.chat.completions.create(model="tiny", messages=USER, max_tokens=2, extra_body={field: 1})
+        assert (e.value.param, e.value.code) == (field, "unknown_parameter")      # OpenAI's code
+        return e.value.message
+
+    assert "did you mean 'temperature'?" in message("temprature")
+    assert "did you mean" not in message("presence")            # not 'presence_penalty': a guess, not a typo
+    assert "did you mean" not in message("n_choices")          # not 'tool_choice'
+
+
+CITY = {"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TWO_CALLS = ('<tool_call>[{"name": "weather", "arguments": {"city": "Paris"}}, '
+             '{"name": "weather", "arguments": {"city": "Rome"}}]</tool_call>')
+
+
+@pytest.mark.parametrize("parallel, cities", [(False, ["Paris"]), (True, ["Paris", "Rome"]), (None, ["Paris", "Rome"])])
+def test_parallel_tool_calls_false_gives_at_most_one_call_streamed_or_not(server, parallel, cities):
+    # the model writes two calls (held to that text by guided_choice) under tool_choice "auto"
+    pytest.importorskip("llguidance")
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "weather in Paris and Rome"}], max_tokens=200,
+              tools=[CITY], extra_body={"guided_choice": [TWO_CALLS], "parallel_tool_calls": parallel})
+    out = server.client.chat.completions.create(**kw)
+    calls = out.choices[0].message.tool_calls
+    assert out.choices[0].finish_reason == "tool_calls"
+    assert [json.loads(c.function.arguments)["city"] for c in calls] == cities
+    streamed = [d for ch in server.client.chat.completions.create(**kw, stream=True) if ch.choices
+                for d in ch.choices[0].delta.tool_calls or []]
+    assert [json.loads(d.function.arguments)["city"] for d in streamed] == cities
+    assert [d.index for d in streamed] == list(range(len(cities)))
+    resp = server.client.responses.create(model="tiny", input="weather in Paris and Rome", max_output_tokens=200,
+                                          tools=[{"type": "function", **CITY["function"]}],
+                                          extra_body={"guided_choice": [TWO_CALLS],
+                                                      "parallel_tool_calls": parallel})
+    assert [json.loads(o.arguments)["city"] for o in resp.output if o.type == "function_call"] == cities
+
+
+def test_an_assistant_refusal_part_is_its_text_in_the_conversation(server):
+    # OpenAI's assistant content parts are text and refusal: a client replaying a refused turn sends one
+    import httpx
+
+    def prompt(content):
+        msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": content},
+                {"role": "user", "content": "the cat"}]
+        r = httpx.post(server.url + "/tokenize", json={"messages": msgs}, timeout=30)
+        assert r.status_code == 200, r.text
+        out = server.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2)
+        assert out.usage.prompt_tokens == r.json()["count"]
+        return r.json()["tokens"]
+
+    assert prompt([{"type": "refusal", "refusal": "is that so"}]) == prompt("is that so")
+
+    def input_tokens(part):
+        return server.client.responses.create(model="tiny", max_output_tokens=2, input=[
+            {"role": "user", "content": "hello"}, {"type": "message", "role": "assistant", "content": [part]},
+            {"role": "user", "content": "the cat"}]).usage.input_tokens
+
+    assert (input_tokens({"type": "refusal", "refusal": "is that so"})
+            == input_tokens({"type": "output_text", "text": "is that so", "annotations": []}))
+    with pytest.raises(openai.BadRequestError, match="refusal"):       # only an assistant refuses
+        server.client.chat.completions.create(model="tiny", max_tokens=2, messages=[
+            {"role": "user", "content": [{"type": "refusal", "refusal": "x"}]}])
+
+
+def test_every_answer_and_chunk_names_the_configuration_it_came_from(server, long_gguf):
+    """OpenAI's system_fingerprint: the same on every answer of one configuration (read with `seed`
+    to know the server behind the answers is unchanged), another when the configuration changes."""
+    from pipeline_dsl.serve.build import system_fingerprint
+
+    s = LiveServer(long_gguf, overrides={"kv_budget_bytes": 8 << 20}, system_fingerprint="fp_0123456789")
+    try:
+        kw = dict(model="tiny", max_tokens=2)
+        answers = [s.client.chat.completions.create(messages=USER, **kw),
+                   s.client.completions.create(prompt="the cat", **kw),
+                   *s.client.chat.completions.create(messages=USER, stream=True,
+                                                     stream_options={"include_usage": True}, **kw),
+                   *s.client.completions.create(prompt="the cat", stream=True, **kw)]
+        assert {a.system_fingerprint for a in answers} == {"fp_0123456789"}
+        fp = system_fingerprint(s.runtime)
+        assert fp == system_fingerprint(server.runtime) and fp.startswith("fp_")    # another load, same setup
+        assert system_fingerprint(s.runtime, chat_template="{{ messages }}") != fp
+    finally:
+        s.close()
+
+
+def test_a_context_overflow_names_the_length_field_the_client_sent(server):
+    # the engine speaks of max_tokens; a chat client that sent max_completion_tokens, or a Responses
+    # client that sent max_output_tokens, reads its own field's name
+    words = "the cat and the world " * 20
+    for call, field in [
+            (lambda: server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": words}],
+                                                           max_completion_tokens=4090), "max_completion_tokens"),
+            (lambda: server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": words}],
+                                                           max_tokens=4090), "max_tokens"),
+            (lambda: server.client.responses.create(model="tiny", input=words, max_output_tokens=4090),
+             "max_output_tokens")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            call()
+        assert e.value.code == "context_length_exceeded"
+        assert f"{field} 4090" in e.value.message and (field == "max_tokens" or "max_tokens" not in e.value.message)
