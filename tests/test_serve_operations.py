@@ -1,0 +1,64 @@
+"""What an operator of `agp serve` reads back: access-log statuses, metrics of refused requests,
+probes. Each test drives a real server (tiny model) and asserts what it logs, counts or answers."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import httpx
+import pytest
+
+from test_serve import LiveServer
+
+
+@pytest.fixture(scope="module")
+def live(tiny_gguf):
+    s = LiveServer(tiny_gguf, header_timeout=10.0, api_keys=("k1",))
+    yield s
+    s.close()
+
+
+class AccessLines:
+    """The agp.access records while in use."""
+
+    def __enter__(self):
+        self.records = []
+        self.handler = logging.Handler()
+        self.handler.emit = self.records.append
+        self.logger = logging.getLogger("agp.access")
+        self.logger.addHandler(self.handler)
+        self.level, self.logger.level = self.logger.level, logging.INFO
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+        self.logger.level = self.level
+
+    def statuses(self, path: str, count: int, timeout: float = 30.0) -> list[int]:
+        """The statuses logged for `path`, once `count` lines are there (each is written after its
+        answer's last byte, so a client may read its answer before the line is written)."""
+        deadline = time.monotonic() + timeout
+        while len(found := [r.status for r in self.records if r.path == path]) < count:
+            assert time.monotonic() < deadline, [(r.path, r.status) for r in self.records]
+            time.sleep(0.02)
+        return found
+
+
+KEY = {"Authorization": "Bearer k1"}
+
+
+@pytest.mark.parametrize("path, fields", [
+    ("/v1/completions", {"prompt": "hello"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}]}),
+    ("/v1/responses", {"input": "hello"}),
+])
+def test_a_stream_read_to_its_end_is_logged_200_not_499(live, path, fields):
+    with AccessLines() as lines:
+        for _ in range(3):
+            with httpx.stream("POST", live.url + path, headers=KEY, timeout=60,
+                              json={"model": "tiny", **fields, "stream": True}) as r:
+                assert r.status_code == 200
+                body = b"".join(r.iter_bytes())
+            assert body.rstrip().endswith(b"[DONE]") or b"response.incomplete" in body or b"response.completed" in body
+        assert lines.statuses(path, 3) == [200, 200, 200]
