@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
 
-from test_serve import LiveServer
+from test_serve import ROOT, LiveServer, _pipeline_file
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +64,22 @@ def test_a_stream_read_to_its_end_is_logged_200_not_499(live, path, fields):
                 body = b"".join(r.iter_bytes())
             assert body.rstrip().endswith(b"[DONE]") or b"response.incomplete" in body or b"response.completed" in body
         assert lines.statuses(path, 3) == [200, 200, 200]
+
+
+def test_a_second_server_on_a_port_another_still_loading_holds_exits_2(tmp_path, tiny_gguf):
+    """The first server holds its port from the start (bound and listening while its model
+    loads), so a second one started meanwhile on that port exits 2 at once, instead of loading,
+    saying it serves, and listening nowhere."""
+    from pipeline_dsl.commands import serve
+
+    held = serve._bind("127.0.0.1", 0)              # what `agp serve` holds while it loads
+    port = held.getsockname()[1]
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "serve",
+                               str(_pipeline_file(tmp_path, tiny_gguf)), "--port", str(port)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
+        assert "serving pipeline" not in proc.stderr
+    finally:
+        held.close()

@@ -26,16 +26,23 @@ from pipeline_dsl.serve.options import SetupError, add_arguments, check_args, re
 
 HELP = "serve a pipeline behind an OpenAI-compatible HTTP API"
 log = logging.getLogger("agp.serve")
+BACKLOG = 2048                  # uvicorn's default: connections the kernel queues before they are accepted
 
 __all__ = ["HELP", "add_arguments", "main"]
 
 
 def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, before the model loads. Listening (not only bound) is what holds
+    the port: with SO_REUSEADDR (a restart must not wait out TIME_WAIT) two sockets may be
+    bound to one port until one listens, so a second server started meanwhile would load,
+    print its banner and listen nowhere. Connections made while the model loads wait in the
+    backlog and are answered once it is up."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(BACKLOG)
     except OSError:
         sock.close()
         raise
