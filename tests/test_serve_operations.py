@@ -83,3 +83,20 @@ def test_a_second_server_on_a_port_another_still_loading_holds_exits_2(tmp_path,
         assert "serving pipeline" not in proc.stderr
     finally:
         held.close()
+
+
+def test_requests_the_guard_refuses_are_counted_by_status(live):
+    """A generation request without a valid key is counted in agp_requests_total like any
+    other refused one (an operator alerting on 401s sees them); /v1/models' are not requests."""
+    def count(status: str) -> float:
+        try:
+            return live.metric("agp_requests_total", f'{{status="{status}"}}')
+        except AssertionError:
+            return 0.0
+
+    before = count("401")
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings"):
+        r = httpx.post(live.url + path, json={"prompt": "hi"}, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+    assert httpx.get(live.url + "/v1/models").status_code == 401
+    assert count("401") == before + 4
