@@ -100,3 +100,28 @@ def test_requests_the_guard_refuses_are_counted_by_status(live):
         assert r.status_code == 401
     assert httpx.get(live.url + "/v1/models").status_code == 401
     assert count("401") == before + 4
+
+
+def test_an_error_answer_is_logged_with_its_request_id(live):
+    """The line that gives an error's reason carries the request's id, as its access line does,
+    so the id a client reports finds why it was refused."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("agp.serve")
+    log.addHandler(handler)
+    level, log.level = log.level, logging.INFO
+    try:
+        r = httpx.post(live.url + "/v1/completions", headers={**KEY, "X-Request-Id": "op-bad-1"},
+                       json={"model": "tiny", "prompt": "hi", "max_tokens": "ten"})
+        assert r.status_code == 400 and r.headers["x-request-id"] == "op-bad-1"
+        r = httpx.post(live.url + "/v1/chat/completions", headers={"X-Request-Id": "op-nokey-1"},
+                       json={"model": "tiny", "messages": []})
+        assert r.status_code == 401
+    finally:
+        log.removeHandler(handler)
+        log.level = level
+    reasons = {r.request_id: r for r in records if getattr(r, "reason", None)}
+    assert reasons["op-bad-1"].status == 400 and "max_tokens" in reasons["op-bad-1"].getMessage()
+    assert reasons["op-bad-1"].getMessage().endswith("id=op-bad-1")
+    assert reasons["op-nokey-1"].status == 401

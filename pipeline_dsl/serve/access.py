@@ -17,6 +17,7 @@ import re
 import time
 import uuid
 
+from .errors import current_info
 from .guard import header
 
 access_log = logging.getLogger("agp.access")
@@ -61,6 +62,7 @@ class Access:
         given = header(scope, b"x-request-id")
         info = RequestInfo(given if CLIENT_ID.fullmatch(given) else None)
         scope = {**scope, "root_path": root, "agp.request": info}
+        current_info.set(info)
         status = [500]
 
         async def sending(message):
