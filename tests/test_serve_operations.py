@@ -125,3 +125,33 @@ def test_an_error_answer_is_logged_with_its_request_id(live):
     assert reasons["op-bad-1"].status == 400 and "max_tokens" in reasons["op-bad-1"].getMessage()
     assert reasons["op-bad-1"].getMessage().endswith("id=op-bad-1")
     assert reasons["op-nokey-1"].status == 401
+
+
+def test_quiet_paths_log_no_success_but_every_other_request(tiny_gguf):
+    """--disable-access-log-for-endpoints /health,/metrics (vLLM's flag): a load balancer's probes
+    and a scraper's polls write no access line, other requests do, as under --root-path."""
+    s = LiveServer(tiny_gguf, quiet_paths=("/health", "/metrics"), root_path="/llm")
+    try:
+        with AccessLines() as lines:
+            for path in ("/health", "/metrics", "/llm/health", "/health?probe=1", "/v1/models", "/version"):
+                assert httpx.get(s.url + path).status_code == 200
+            assert lines.statuses("/version", 1) == [200]
+            assert lines.statuses("/v1/models", 1) == [200]
+            assert {r.path for r in lines.records} == {"/v1/models", "/version"}
+    finally:
+        s.close()
+
+
+def test_the_quiet_paths_flag_and_its_variable_are_read_and_checked():
+    import argparse
+
+    from pipeline_dsl.serve.options import add_arguments, env_defaults
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    env_defaults(p, {"AGP_DISABLE_ACCESS_LOG_FOR_ENDPOINTS": "/health, /metrics"})
+    assert p.parse_args(["x.agp"]).disable_access_log_for_endpoints == ["/health", "/metrics"]
+    assert p.parse_args(["x.agp", "--disable-access-log-for-endpoints", "/ping"]).disable_access_log_for_endpoints \
+        == ["/ping"]
+    with pytest.raises(SystemExit):
+        p.parse_args(["x.agp", "--disable-access-log-for-endpoints", "health"])

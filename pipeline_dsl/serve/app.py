@@ -94,5 +94,5 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
 
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"], allow_credentials="*" not in config.allowed_origins)
-    app.add_middleware(Access, root_path=config.root_path)     # outermost: every answer is logged
+    app.add_middleware(Access, root_path=config.root_path, quiet=config.quiet_paths)   # outermost: every answer is logged
     return app

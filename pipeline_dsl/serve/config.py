@@ -29,3 +29,4 @@ class ServeConfig:
     trace_path: str | None = None          # the Chrome trace is written here (flush, shutdown)
     exclude_tools_when_tool_choice_none: bool = False   # vLLM's flag: such a request's tools stay out of its prompt
     root_path: str = ""                    # the prefix a proxy serves under: routes answer with and without it
+    quiet_paths: tuple[str, ...] = ()      # their successful answers write no access line (probes, scrapes)
