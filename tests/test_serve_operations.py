@@ -30,12 +30,13 @@ class AccessLines:
         self.handler.emit = self.records.append
         self.logger = logging.getLogger("agp.access")
         self.logger.addHandler(self.handler)
-        self.level, self.logger.level = self.logger.level, logging.INFO
+        self.level = self.logger.level
+        self.logger.setLevel(logging.INFO)          # setLevel: it clears the loggers' cached levels
         return self
 
     def __exit__(self, *exc):
         self.logger.removeHandler(self.handler)
-        self.logger.level = self.level
+        self.logger.setLevel(self.level)
 
     def statuses(self, path: str, count: int, timeout: float = 30.0) -> list[int]:
         """The statuses logged for `path`, once `count` lines are there (each is written after its
@@ -110,7 +111,8 @@ def test_an_error_answer_is_logged_with_its_request_id(live):
     handler.emit = records.append
     log = logging.getLogger("agp.serve")
     log.addHandler(handler)
-    level, log.level = log.level, logging.INFO
+    level = log.level
+    log.setLevel(logging.INFO)
     try:
         r = httpx.post(live.url + "/v1/completions", headers={**KEY, "X-Request-Id": "op-bad-1"},
                        json={"model": "tiny", "prompt": "hi", "max_tokens": "ten"})
@@ -120,7 +122,7 @@ def test_an_error_answer_is_logged_with_its_request_id(live):
         assert r.status_code == 401
     finally:
         log.removeHandler(handler)
-        log.level = level
+        log.setLevel(level)
     reasons = {r.request_id: r for r in records if getattr(r, "reason", None)}
     assert reasons["op-bad-1"].status == 400 and "max_tokens" in reasons["op-bad-1"].getMessage()
     assert reasons["op-bad-1"].getMessage().endswith("id=op-bad-1")
@@ -155,3 +157,32 @@ def test_the_quiet_paths_flag_and_its_variable_are_read_and_checked():
         == ["/ping"]
     with pytest.raises(SystemExit):
         p.parse_args(["x.agp", "--disable-access-log-for-endpoints", "health"])
+
+
+def test_while_the_model_loads_probes_get_503_loading_and_the_port_stays_held():
+    """What `agp serve` answers between taking its port and serving (serve/loading.py): /health
+    503 {"status": "loading"} with Retry-After, a generation request an OpenAI 503; afterwards
+    the same socket still listens, and a connection made then waits for the real server."""
+    import socket
+
+    from pipeline_dsl.commands import serve
+    from pipeline_dsl.serve.loading import Loading
+
+    sock = serve._bind("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        with Loading(sock, retry_after_s=7):
+            r = httpx.get(url + "/health", timeout=10)
+            assert r.status_code == 503 and r.json() == {"status": "loading"}
+            assert r.headers["retry-after"] == "7" and r.headers["connection"] == "close"
+            assert httpx.head(url + "/health", timeout=10).status_code == 503
+            r = httpx.post(url + "/v1/chat/completions", json={"messages": []}, timeout=10)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
+        late = socket.create_connection(sock.getsockname()[:2], timeout=10)   # queued, not refused
+        conn, _ = sock.accept()
+        late.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert conn.recv(100).startswith(b"GET /health")                     # it reached the socket's owner
+        conn.close()
+        late.close()
+    finally:
+        sock.close()

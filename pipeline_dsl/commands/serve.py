@@ -35,8 +35,7 @@ def _bind(host: str, port: int) -> socket.socket:
     """The listening socket, before the model loads. Listening (not only bound) is what holds
     the port: with SO_REUSEADDR (a restart must not wait out TIME_WAIT) two sockets may be
     bound to one port until one listens, so a second server started meanwhile would load,
-    print its banner and listen nowhere. Connections made while the model loads wait in the
-    backlog and are answered once it is up."""
+    print its banner and listen nowhere. While the model loads, serve/loading.py answers 503."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -98,8 +97,11 @@ def main(args) -> int:
 
     from pipeline_dsl.serve.server import AgpServer, agp_protocol
 
+    from pipeline_dsl.serve.loading import Loading
+
     try:
-        serving = build(args)
+        with Loading(sock):                          # 503 {"status": "loading"} until the model is up
+            serving = build(args)
     except CheckFailed as e:
         sys.stderr.write(e.render())
         sock.close()
