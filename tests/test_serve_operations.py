@@ -186,3 +186,16 @@ def test_while_the_model_loads_probes_get_503_loading_and_the_port_stays_held():
         late.close()
     finally:
         sock.close()
+
+
+def test_a_browser_may_read_the_request_id_and_retry_after(tiny_gguf):
+    """CORS answers expose X-Request-Id and Retry-After: without Access-Control-Expose-Headers a
+    browser hides them from the page's script (its error report could not name the request)."""
+    s = LiveServer(tiny_gguf, allowed_origins=("http://app.example",))
+    try:
+        r = httpx.get(s.url + "/v1/models", headers={"Origin": "http://app.example", "X-Request-Id": "cors-1"})
+        assert r.headers["access-control-allow-origin"] == "http://app.example"
+        exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
+        assert {"x-request-id", "retry-after"} <= exposed and r.headers["x-request-id"] == "cors-1"
+    finally:
+        s.close()

@@ -7,8 +7,9 @@
 Routes: /v1/completions, /v1/chat/completions, /v1/responses (streaming or not), /v1/models,
 /tokenize, /detokenize, /health, /metrics (Prometheus), /stats, /version, /trace/flush; the
 flags and what they build live in pipeline_dsl.serve (options, build). SIGTERM (or
-Ctrl-C) stops accepting connections, lets in-flight requests finish (up to
---drain-timeout) and exits 0. Every flag can also be set by an environment variable:
+Ctrl-C) answers new requests 503, lets in-flight requests finish (up to
+--drain-timeout) and exits 0 (1 when the timeout cut some). While the model loads, the port
+is already held and every request gets 503 (serve/loading.py). Every flag can also be set by an environment variable:
 AGP_ and the flag's name in capitals (--api-key: AGP_API_KEY, --max-num-seqs:
 AGP_MAX_NUM_SEQS); the flag wins over the variable, both over the pipeline file. `--ray`
 serves it as replicas on Ray Serve instead (pipeline_dsl.serve.ray, docs/scale.md).

@@ -93,6 +93,8 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
         from starlette.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
-                           allow_headers=["*"], allow_credentials="*" not in config.allowed_origins)
+                           allow_headers=["*"], allow_credentials="*" not in config.allowed_origins,
+                           # a browser shows a script only these of the answer's own headers
+                           expose_headers=["X-Request-Id", "Retry-After"])
     app.add_middleware(Access, root_path=config.root_path, quiet=config.quiet_paths)   # outermost: every answer is logged
     return app
