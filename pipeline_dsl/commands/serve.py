@@ -7,8 +7,9 @@
 Routes: /v1/completions, /v1/chat/completions, /v1/responses (streaming or not), /v1/models,
 /tokenize, /detokenize, /health, /metrics (Prometheus), /stats, /version, /trace/flush; the
 flags and what they build live in pipeline_dsl.serve (options, build). SIGTERM (or
-Ctrl-C) stops accepting connections, lets in-flight requests finish (up to
---drain-timeout) and exits 0. Every flag can also be set by an environment variable:
+Ctrl-C) answers new requests 503, lets in-flight requests finish (up to
+--drain-timeout) and exits 0 (1 when the timeout cut some). While the model loads, the port
+is already held and every request gets 503 (serve/loading.py). Every flag can also be set by an environment variable:
 AGP_ and the flag's name in capitals (--api-key: AGP_API_KEY, --max-num-seqs:
 AGP_MAX_NUM_SEQS); the flag wins over the variable, both over the pipeline file. `--ray`
 serves it as replicas on Ray Serve instead (pipeline_dsl.serve.ray, docs/scale.md).
@@ -26,16 +27,22 @@ from pipeline_dsl.serve.options import SetupError, add_arguments, check_args, re
 
 HELP = "serve a pipeline behind an OpenAI-compatible HTTP API"
 log = logging.getLogger("agp.serve")
+BACKLOG = 2048                  # uvicorn's default: connections the kernel queues before they are accepted
 
 __all__ = ["HELP", "add_arguments", "main"]
 
 
 def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, before the model loads. Listening (not only bound) is what holds
+    the port: with SO_REUSEADDR (a restart must not wait out TIME_WAIT) two sockets may be
+    bound to one port until one listens, so a second server started meanwhile would load,
+    print its banner and listen nowhere. While the model loads, serve/loading.py answers 503."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(BACKLOG)
     except OSError:
         sock.close()
         raise
@@ -91,8 +98,11 @@ def main(args) -> int:
 
     from pipeline_dsl.serve.server import AgpServer, agp_protocol
 
+    from pipeline_dsl.serve.loading import Loading
+
     try:
-        serving = build(args)
+        with Loading(sock):                          # 503 {"status": "loading"} until the model is up
+            serving = build(args)
     except CheckFailed as e:
         sys.stderr.write(e.render())
         sock.close()

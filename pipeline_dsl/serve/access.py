@@ -9,6 +9,9 @@
 - One access-log line per request once its answer is sent (logger `agp.access`; uvicorn's own
   access log is off): client, method, path, status, latency and request id; a stream whose
   client went before its end is logged 499 (as the metrics count it), not the 200 it began with.
+  Paths given to --disable-access-log-for-endpoints (vLLM's flag: /health,/metrics,/ping polled
+  by probes and scrapers every few seconds) write no line when answered below 400; a failing
+  probe (a 503 while draining) is still logged.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import re
 import time
 import uuid
 
+from .errors import current_info
 from .guard import header
 
 access_log = logging.getLogger("agp.access")
@@ -50,8 +54,9 @@ def request_info(scope) -> RequestInfo:
 
 
 class Access:
-    def __init__(self, app, root_path: str = ""):
+    def __init__(self, app, root_path: str = "", quiet: tuple[str, ...] = ()):
         self.app, self.root = app, root_path.rstrip("/")
+        self.quiet = frozenset(p.rstrip("/") or "/" for p in quiet)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -61,6 +66,7 @@ class Access:
         given = header(scope, b"x-request-id")
         info = RequestInfo(given if CLIENT_ID.fullmatch(given) else None)
         scope = {**scope, "root_path": root, "agp.request": info}
+        current_info.set(info)
         status = [500]
 
         async def sending(message):
@@ -73,7 +79,9 @@ class Access:
         try:
             await self.app(scope, receive, sending)
         finally:
-            self._log(scope, 499 if info.cut else status[0], info)
+            code = 499 if info.cut else status[0]
+            if code >= 400 or not self.quiet or (path[len(root):] or "/") not in self.quiet:
+                self._log(scope, code, info)
 
     @staticmethod
     def _log(scope, status: int, info: RequestInfo) -> None:

@@ -88,11 +88,13 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
     state.embeddings = Embeddings(state.generations)
     app.include_router(router)
     app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_middleware(Guard, config=config)
+    app.add_middleware(Guard, config=config, metrics=metrics)
     if config.allowed_origins:                  # outside the guard: preflights need no API key
         from starlette.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
-                           allow_headers=["*"], allow_credentials="*" not in config.allowed_origins)
-    app.add_middleware(Access, root_path=config.root_path)     # outermost: every answer is logged
+                           allow_headers=["*"], allow_credentials="*" not in config.allowed_origins,
+                           # a browser shows a script only these of the answer's own headers
+                           expose_headers=["X-Request-Id", "Retry-After"])
+    app.add_middleware(Access, root_path=config.root_path, quiet=config.quiet_paths)   # outermost: every answer is logged
     return app

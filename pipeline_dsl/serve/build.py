@@ -110,6 +110,7 @@ def build(args, *, host: str | None = None) -> Serving:
                          allowed_origins=tuple(args.allowed_origins or ()),
                          stats_interval_s=args.stats_interval, trace_path=args.trace,
                          root_path=args.root_path, system_fingerprint=system_fingerprint(runtime, template),
+                         quiet_paths=tuple(args.disable_access_log_for_endpoints or ()),
                          exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none)
     metrics = ServerMetrics(model_name=names[0], engine_of={g: str(i) for i, es in enumerate(runtime.segments)
                                                             for g in es.segment.generates})

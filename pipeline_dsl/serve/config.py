@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 OPEN_PATHS = ("/health", "/ping", "/metrics", "/version", "/openapi.json")   # answered without an API key
+# the requests agp_requests_total counts by status, refused ones (401, 503 ...) too
+COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings")
 
 
 @dataclass(frozen=True)
@@ -28,3 +30,4 @@ class ServeConfig:
     exclude_tools_when_tool_choice_none: bool = False   # vLLM's flag: such a request's tools stay out of its prompt
     root_path: str = ""                    # the prefix a proxy serves under: routes answer with and without it
     system_fingerprint: str | None = None  # OpenAI's: the configuration answers come from (build.system_fingerprint)
+    quiet_paths: tuple[str, ...] = ()      # their successful answers write no access line (probes, scrapes)

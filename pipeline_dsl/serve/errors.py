@@ -21,6 +21,10 @@ from .api_error import APIError
 log = logging.getLogger("agp.serve")
 # "METHOD /path" of the request being served, for the log line of an error answer
 current_request = contextvars.ContextVar("agp_request", default="")
+# the request being served (serve/access.py's RequestInfo): its `.id` ends the line of an error
+# answer, as it ends the access line, read when the line is written (a body's request_id may
+# have become the id by then)
+current_info = contextvars.ContextVar("agp_request_info", default=None)
 
 # PipelineError.kind -> (HTTP status, OpenAI error type, code, Retry-After sent)
 FAILURES: dict[str, tuple[int, str, str | None, bool]] = {
@@ -56,8 +60,10 @@ def api_error(e: PipelineError, kind: str, retry_after_s: int = 1, max_tokens_fi
 def log_error(err: APIError) -> None:
     """An error answer, with its reason: 4xx at INFO (the client's doing), 5xx at WARNING."""
     level = logging.INFO if err.status < 500 else logging.WARNING
-    log.log(level, "%s -> %d %s", current_request.get() or "-", err.status, err.message,
-            extra={"status": err.status, "reason": err.message})
+    info = current_info.get()
+    rid = info.id if info is not None else "-"
+    log.log(level, "%s -> %d %s id=%s", current_request.get() or "-", err.status, err.message, rid,
+            extra={"status": err.status, "reason": err.message, "request_id": rid})
 
 
 def error_response(err: APIError) -> JSONResponse:

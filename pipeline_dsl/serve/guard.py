@@ -2,14 +2,16 @@
 
 `Guard` answers before any route runs: 401 without a valid API key (whatever the request
 accepts, a stream included), 400 for a Host header the server does not answer for (DNS
-rebinding), 503 + Retry-After beyond --max-connections requests served at once.
+rebinding), 503 + Retry-After beyond --max-connections requests served at once. A refused
+generation request (POST to one of COUNTED_PATHS) is counted in the metrics by its status, as
+the routes count theirs: a client with a wrong key shows as 401s on the dashboard.
 """
 from __future__ import annotations
 
 import hmac
 
 from . import protocol as P
-from .config import OPEN_PATHS, ServeConfig
+from .config import COUNTED_PATHS, OPEN_PATHS, ServeConfig
 from .errors import current_request, send_error
 
 
@@ -25,8 +27,8 @@ def route_path(scope) -> str:
 
 
 class Guard:
-    def __init__(self, app, config: ServeConfig):
-        self.app, self.config = app, config
+    def __init__(self, app, config: ServeConfig, metrics=None):
+        self.app, self.config, self.metrics = app, config, metrics
         self.active = 0
         hosts = [h.lower() for h in config.allowed_hosts]
         self.any_host = "*" in hosts
@@ -52,23 +54,29 @@ class Guard:
         return scheme.lower() == "bearer" and any(hmac.compare_digest(token, key.encode())
                                                    for key in self.config.api_keys)
 
+    def refusal(self, scope) -> P.APIError | None:
+        """Why this request may not come in, or None."""
+        if not self.key_ok(scope):
+            return P.APIError("a valid API key is required: send it as 'Authorization: Bearer KEY'", status=401,
+                              code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if not self.host_ok(scope):
+            return P.APIError("the Host header names a host this server does not answer for (see --allowed-hosts)",
+                              status=400, code="invalid_host")
+        if self.active >= self.config.max_connections:
+            return P.APIError(f"the server is serving {self.active} requests, its limit (--max-connections); "
+                              "retry later", status=503, type="server_error", code="overloaded",
+                              headers={"Retry-After": str(self.config.retry_after_s)})
+        return None
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         current_request.set(f"{scope.get('method', '')} {route_path(scope)}")
-        if not self.key_ok(scope):
-            return await send_error(send, P.APIError(
-                "a valid API key is required: send it as 'Authorization: Bearer KEY'", status=401,
-                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
-        if not self.host_ok(scope):
-            return await send_error(send, P.APIError("the Host header names a host this server does not "
-                                                     "answer for (see --allowed-hosts)", status=400,
-                                                     code="invalid_host"))
-        if self.active >= self.config.max_connections:
-            return await send_error(send, P.APIError(
-                f"the server is serving {self.active} requests, its limit (--max-connections); retry later",
-                status=503, type="server_error", code="overloaded",
-                headers={"Retry-After": str(self.config.retry_after_s)}))
+        refusal = self.refusal(scope)
+        if refusal is not None:
+            if self.metrics is not None and scope.get("method") == "POST" and route_path(scope) in COUNTED_PATHS:
+                self.metrics.requests.labels(str(refusal.status)).inc()
+            return await send_error(send, refusal)
         self.active += 1
         try:
             await self.app(scope, receive, send)

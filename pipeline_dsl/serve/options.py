@@ -26,6 +26,14 @@ def _names(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _paths(value: str) -> list[str]:
+    paths = _names(value)
+    for path in paths:
+        if not path.startswith("/"):
+            raise argparse.ArgumentTypeError(f"each path must start with '/', not {path!r}")
+    return paths
+
+
 class ExtendOrReplace(argparse._ExtendAction):
     """`--flag A B --flag C` gives [A, B, C], as argparse's "extend"; but the flags replace the
     default (which AGP_<FLAG> may have set) instead of adding to it: `AGP_API_KEY=old agp serve
@@ -103,6 +111,9 @@ def add_arguments(p) -> None:
     p.add_argument("--access-log", dest="access_log", action="store_true", default=True,
                    help="log every HTTP request (the default)")
     p.add_argument("--no-access-log", dest="access_log", action="store_false", help="do not log each request")
+    p.add_argument("--disable-access-log-for-endpoints", type=_paths, default=None, metavar="PATHS",
+                   help="comma-separated paths whose successful answers are not logged, e.g. /health,/metrics,/ping "
+                        "(probes and scrapers; an error answer is still logged) (default: none)")
     p.add_argument("--stats-interval", type=float, default=10.0, metavar="SECONDS",
                    help="log a stats line this often while busy (default: 10; 0: never)")
     p.add_argument("--trace", type=output_file, default=None, metavar="FILE",

@@ -37,17 +37,27 @@ class EventStream(StreamingResponse):
 
     async def __call__(self, scope, receive, send):
         info = request_info(scope)
+        ended = False
+
+        async def sending(message):
+            nonlocal ended
+            # set before the write: the server answers receive() with http.disconnect as soon as
+            # the last body is handed over, which is the answer's end, not its client going
+            ended = ended or (message["type"] == "http.response.body" and not message.get("more_body", False))
+            await send(message)
+
         try:
             async with anyio.create_task_group() as group:
                 async def watch():
                     while (await receive())["type"] != "http.disconnect":
                         pass
-                    info.cut = True
+                    if not ended:
+                        info.cut = True
                     group.cancel_scope.cancel()          # the client went: stop streaming
 
                 group.start_soon(watch)
                 try:
-                    await self.stream_response(send)
+                    await self.stream_response(sending)
                 except OSError:
                     info.cut = True
                     raise ClientDisconnect() from None

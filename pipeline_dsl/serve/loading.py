@@ -1,0 +1,92 @@
+"""What `agp serve` answers while its model loads: 503, not silence.
+
+    with Loading(sock):          # sock: bound and listening (pipeline_dsl.commands.serve)
+        serving = build(args)    # seconds to minutes
+    server.run(sockets=[sock])   # uvicorn takes the same socket
+
+The port is held from the start; without an answer, a probe made during the load waits until
+its own timeout. `Loading` answers every request on the socket, as llama.cpp's server does:
+`/health` (and `/ping`) `503 {"status": "loading"}`, anything else an OpenAI error object
+(`code: loading`); each with `Retry-After` and `Connection: close`. It serves a duplicate of
+the socket on its own thread and event loop, so closing it leaves the socket listening and the
+connections not yet accepted waiting for uvicorn.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import threading
+
+log = logging.getLogger("agp.serve")
+
+HEAD_LIMIT = 16 << 10          # request line and headers (as serve/server.py's limit)
+READ_TIMEOUT_S = 5.0           # a client that sends no request line is closed after this
+PROBES = ("/health", "/ping")
+
+
+def answer(request_line: bytes, retry_after_s: int) -> bytes:
+    """The 503 for one request line (`GET /health HTTP/1.1`)."""
+    parts = request_line.decode("latin-1").split()
+    method, path = (parts[0], parts[1].split("?", 1)[0]) if len(parts) >= 2 else ("", "")
+    if path.rstrip("/") in PROBES:
+        body = {"status": "loading"}
+    else:
+        body = {"error": {"message": "the server is loading its model; retry later", "type": "server_error",
+                          "param": None, "code": "loading"}}
+    data = json.dumps(body).encode()
+    head = (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(data)}\r\nretry-after: {retry_after_s}\r\nconnection: close\r\n\r\n")
+    return head.encode() + (b"" if method == "HEAD" else data)
+
+
+class Loading:
+    """Answers 503 on `sock` while in use (see the module docstring)."""
+
+    def __init__(self, sock: socket.socket, retry_after_s: int = 5):
+        self.sock, self.retry_after_s = sock, retry_after_s
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="agp-loading", daemon=True)
+        self.server = None
+        self.answered = 0
+
+    def __enter__(self) -> "Loading":
+        self.thread.start()
+        self.ready.wait()
+        host, port = self.sock.getsockname()[:2]
+        log.info("listening on %s:%d; loading the pipeline (requests get 503 until it is up)", host, port)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.loop.call_soon_threadsafe(self._stop)
+        self.thread.join()
+        self.loop.close()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        # a duplicate: the server closes it when it stops, the listening socket stays
+        dup = self.sock.dup()
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._client, sock=dup, limit=HEAD_LIMIT))
+        self.ready.set()
+        self.loop.run_forever()
+        tasks = asyncio.all_tasks(self.loop)
+        for t in tasks:
+            t.cancel()
+        self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+
+    def _stop(self) -> None:
+        self.server.close()
+        self.loop.stop()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
+            writer.write(answer(head.split(b"\r\n", 1)[0], self.retry_after_s))
+            self.answered += 1
+            await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+            pass                                   # a client that sent no whole request: closed
+        finally:
+            writer.close()

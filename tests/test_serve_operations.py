@@ -1,0 +1,201 @@
+"""What an operator of `agp serve` reads back: access-log statuses, metrics of refused requests,
+probes. Each test drives a real server (tiny model) and asserts what it logs, counts or answers."""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from test_serve import ROOT, LiveServer, _pipeline_file
+
+
+@pytest.fixture(scope="module")
+def live(tiny_gguf):
+    s = LiveServer(tiny_gguf, header_timeout=10.0, api_keys=("k1",))
+    yield s
+    s.close()
+
+
+class AccessLines:
+    """The agp.access records while in use."""
+
+    def __enter__(self):
+        self.records = []
+        self.handler = logging.Handler()
+        self.handler.emit = self.records.append
+        self.logger = logging.getLogger("agp.access")
+        self.logger.addHandler(self.handler)
+        self.level = self.logger.level
+        self.logger.setLevel(logging.INFO)          # setLevel: it clears the loggers' cached levels
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.level)
+
+    def statuses(self, path: str, count: int, timeout: float = 30.0) -> list[int]:
+        """The statuses logged for `path`, once `count` lines are there (each is written after its
+        answer's last byte, so a client may read its answer before the line is written)."""
+        deadline = time.monotonic() + timeout
+        while len(found := [r.status for r in self.records if r.path == path]) < count:
+            assert time.monotonic() < deadline, [(r.path, r.status) for r in self.records]
+            time.sleep(0.02)
+        return found
+
+
+KEY = {"Authorization": "Bearer k1"}
+
+
+@pytest.mark.parametrize("path, fields", [
+    ("/v1/completions", {"prompt": "hello"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}]}),
+    ("/v1/responses", {"input": "hello"}),
+])
+def test_a_stream_read_to_its_end_is_logged_200_not_499(live, path, fields):
+    with AccessLines() as lines:
+        for _ in range(3):
+            with httpx.stream("POST", live.url + path, headers=KEY, timeout=60,
+                              json={"model": "tiny", **fields, "stream": True}) as r:
+                assert r.status_code == 200
+                body = b"".join(r.iter_bytes())
+            assert body.rstrip().endswith(b"[DONE]") or b"response.incomplete" in body or b"response.completed" in body
+        assert lines.statuses(path, 3) == [200, 200, 200]
+
+
+def test_a_second_server_on_a_port_another_still_loading_holds_exits_2(tmp_path, tiny_gguf):
+    """The first server holds its port from the start (bound and listening while its model
+    loads), so a second one started meanwhile on that port exits 2 at once, instead of loading,
+    saying it serves, and listening nowhere."""
+    from pipeline_dsl.commands import serve
+
+    held = serve._bind("127.0.0.1", 0)              # what `agp serve` holds while it loads
+    port = held.getsockname()[1]
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "serve",
+                               str(_pipeline_file(tmp_path, tiny_gguf)), "--port", str(port)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
+        assert "serving pipeline" not in proc.stderr
+    finally:
+        held.close()
+
+
+def test_requests_the_guard_refuses_are_counted_by_status(live):
+    """A generation request without a valid key is counted in agp_requests_total like any
+    other refused one (an operator alerting on 401s sees them); /v1/models' are not requests."""
+    def count(status: str) -> float:
+        try:
+            return live.metric("agp_requests_total", f'{{status="{status}"}}')
+        except AssertionError:
+            return 0.0
+
+    before = count("401")
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings"):
+        r = httpx.post(live.url + path, json={"prompt": "hi"}, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+    assert httpx.get(live.url + "/v1/models").status_code == 401
+    assert count("401") == before + 4
+
+
+def test_an_error_answer_is_logged_with_its_request_id(live):
+    """The line that gives an error's reason carries the request's id, as its access line does,
+    so the id a client reports finds why it was refused."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("agp.serve")
+    log.addHandler(handler)
+    level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        r = httpx.post(live.url + "/v1/completions", headers={**KEY, "X-Request-Id": "op-bad-1"},
+                       json={"model": "tiny", "prompt": "hi", "max_tokens": "ten"})
+        assert r.status_code == 400 and r.headers["x-request-id"] == "op-bad-1"
+        r = httpx.post(live.url + "/v1/chat/completions", headers={"X-Request-Id": "op-nokey-1"},
+                       json={"model": "tiny", "messages": []})
+        assert r.status_code == 401
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    reasons = {r.request_id: r for r in records if getattr(r, "reason", None)}
+    assert reasons["op-bad-1"].status == 400 and "max_tokens" in reasons["op-bad-1"].getMessage()
+    assert reasons["op-bad-1"].getMessage().endswith("id=op-bad-1")
+    assert reasons["op-nokey-1"].status == 401
+
+
+def test_quiet_paths_log_no_success_but_every_other_request(tiny_gguf):
+    """--disable-access-log-for-endpoints /health,/metrics (vLLM's flag): a load balancer's probes
+    and a scraper's polls write no access line, other requests do, as under --root-path."""
+    s = LiveServer(tiny_gguf, quiet_paths=("/health", "/metrics"), root_path="/llm")
+    try:
+        with AccessLines() as lines:
+            for path in ("/health", "/metrics", "/llm/health", "/health?probe=1", "/v1/models", "/version"):
+                assert httpx.get(s.url + path).status_code == 200
+            assert lines.statuses("/version", 1) == [200]
+            assert lines.statuses("/v1/models", 1) == [200]
+            assert {r.path for r in lines.records} == {"/v1/models", "/version"}
+    finally:
+        s.close()
+
+
+def test_the_quiet_paths_flag_and_its_variable_are_read_and_checked():
+    import argparse
+
+    from pipeline_dsl.serve.options import add_arguments, env_defaults
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    env_defaults(p, {"AGP_DISABLE_ACCESS_LOG_FOR_ENDPOINTS": "/health, /metrics"})
+    assert p.parse_args(["x.agp"]).disable_access_log_for_endpoints == ["/health", "/metrics"]
+    assert p.parse_args(["x.agp", "--disable-access-log-for-endpoints", "/ping"]).disable_access_log_for_endpoints \
+        == ["/ping"]
+    with pytest.raises(SystemExit):
+        p.parse_args(["x.agp", "--disable-access-log-for-endpoints", "health"])
+
+
+def test_while_the_model_loads_probes_get_503_loading_and_the_port_stays_held():
+    """What `agp serve` answers between taking its port and serving (serve/loading.py): /health
+    503 {"status": "loading"} with Retry-After, a generation request an OpenAI 503; afterwards
+    the same socket still listens, and a connection made then waits for the real server."""
+    import socket
+
+    from pipeline_dsl.commands import serve
+    from pipeline_dsl.serve.loading import Loading
+
+    sock = serve._bind("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        with Loading(sock, retry_after_s=7):
+            r = httpx.get(url + "/health", timeout=10)
+            assert r.status_code == 503 and r.json() == {"status": "loading"}
+            assert r.headers["retry-after"] == "7" and r.headers["connection"] == "close"
+            assert httpx.head(url + "/health", timeout=10).status_code == 503
+            r = httpx.post(url + "/v1/chat/completions", json={"messages": []}, timeout=10)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
+        late = socket.create_connection(sock.getsockname()[:2], timeout=10)   # queued, not refused
+        conn, _ = sock.accept()
+        late.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert conn.recv(100).startswith(b"GET /health")                     # it reached the socket's owner
+        conn.close()
+        late.close()
+    finally:
+        sock.close()
+
+
+def test_a_browser_may_read_the_request_id_and_retry_after(tiny_gguf):
+    """CORS answers expose X-Request-Id and Retry-After: without Access-Control-Expose-Headers a
+    browser hides them from the page's script (its error report could not name the request)."""
+    s = LiveServer(tiny_gguf, allowed_origins=("http://app.example",))
+    try:
+        r = httpx.get(s.url + "/v1/models", headers={"Origin": "http://app.example", "X-Request-Id": "cors-1"})
+        assert r.headers["access-control-allow-origin"] == "http://app.example"
+        exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
+        assert {"x-request-id", "retry-after"} <= exposed and r.headers["x-request-id"] == "cors-1"
+    finally:
+        s.close()
