@@ -207,3 +207,20 @@ def test_answers_on_stdout_are_utf8_whatever_the_locale(pipeline, tmp_path):
                        timeout=300, env=env)
     assert r.returncode == 0, r.stderr.decode("utf-8", "replace")
     assert json.loads(r.stdout.decode("utf-8"))["id"] == "ü✓"
+
+
+def test_resume_without_an_output_file_is_an_error_not_a_full_rerun(tmp_path, pipeline):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "a"}\n')
+    r = run(pipeline, "-i", inp, "--resume")                 # answers would go to stdout: nothing to resume
+    assert r.returncode == 2, r.stderr
+    assert "--resume needs --output FILE" in r.stderr and r.stdout == ""
+
+
+def test_a_run_whose_every_request_failed_says_so_and_exits_1(tmp_path, pipeline):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"prompt": "a", "max_tokens": -1}\n{"prompt": "b", "temprature": 0.3}\n')
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 1, r.stderr
+    assert "every request failed (2 of 2" in r.stderr and "Traceback" not in r.stderr
+    assert [sorted(rec) for rec in records(out)] == [["error", "id"], ["error", "id"]]

@@ -11,8 +11,8 @@ cannot be run gives `{"id", "error": {"line", "message", "type"}}` and every oth
 still runs: one longer than MAX_LINE_BYTES (if no end of line follows within MAX_SKIP_BYTES,
 as from /dev/zero, the input is read no further), or whose id an earlier line has (a line without
 an id takes its line number as id; ids are unique). An existing output file is never
-overwritten silently: `--overwrite` replaces it, `--resume` keeps it and runs only the lines
-it holds no record of yet (counted per id, so a repeated id is answered by its error record);
+overwritten silently: `--overwrite` replaces it, `--resume` (with `-o` only) keeps it and runs
+only the lines it holds no record of yet (counted per id, so a repeated id is answered by its error record);
 an output holding a line that is no record of this input (another file's answers, a line that is
 not an agp record) is refused before the model loads, exit 2: appending would mix two runs.
 Ctrl-C (SIGINT) or SIGTERM stops admitting, aborts what is in flight (those requests are
@@ -199,6 +199,9 @@ def main(args) -> int:
     from pipeline_dsl.requests_io import RequestError, load_json, parse_line
     from pipeline_dsl.commands.runner import RunRequest, format_summary, run_pipeline
 
+    if args.resume and args.output == "-":     # nothing to resume from: every line would run again
+        return _err("--resume needs --output FILE: it keeps that file's answers and runs only the lines "
+                    "it does not answer yet")
     try:
         lines = _read_lines(args.input)
     except FileNotFoundError:
@@ -355,7 +358,11 @@ def main(args) -> int:
     if interrupt.signum is not None:
         return 128 + interrupt.signum                 # 130 for SIGINT, 143 for SIGTERM
     if summary["requests"] and summary["errors"] == summary["requests"]:
-        return 1                          # every request failed: the run did not do its job
+        # the run did not do its job: say so, or exit 1 after an ordinary summary reads as a crash
+        n = summary["requests"]
+        print(f"agp run: every request failed ({n} of {n}; each line's error is in the output): exit 1",
+              file=sys.stderr)
+        return 1
     return 0
 
 
