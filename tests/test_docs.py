@@ -266,6 +266,19 @@ def test_the_command_synopsis_of_the_language_reference_names_flags_that_exist()
     assert not bad, f"language.md's synopsis names flags that do not exist: {bad}"
 
 
+def test_the_command_synopsis_shows_pipeline_on_every_command_that_takes_it():
+    # a file may hold several pipelines: the synopsis says how to pick one wherever agp can
+    synopsis = next(b for b in blocks(ROOT / "docs" / "language.md", "") if b.startswith("agp check FILE"))
+    missing = []
+    for line in synopsis.splitlines():
+        command = line.split()[1]
+        parser = build_parser([command]).commands[command]
+        takes = any("--pipeline" in a.option_strings for a in parser._actions)
+        if takes and "--pipeline NAME" not in line:
+            missing.append(command)
+    assert not missing, f"language.md's synopsis hides --pipeline on: {missing}"
+
+
 def openai_fields() -> list[tuple[str, str, str]]:
     """(section, field, status) for each top-level field of docs/openai.md's request tables."""
     rows, section = [], ""
