@@ -385,11 +385,18 @@ def _check_cycles(g: nx.DiGraph, r: Resolved) -> list[Diagnostic]:
                                     f"'{n}' (it would run at most max_turns times per request)",
                            hint="remove max_turns, or add the edge that closes the loop"))
     free = g.subgraph([n for n in g if n not in bounded]) if bounded else g
+    # hops from the request source: the cycle is walked from its stage nearest the source, so the
+    # edge that closes it is the one going back (`out -> gen`), not a forward edge of the chain
+    sources = [n for n in g if g.nodes[n].get("kind") == "requests"]
+    hops: dict = {}
+    for src in sources:
+        for n, d in nx.single_source_shortest_path_length(g, src).items():
+            hops[n] = min(d, hops.get(n, d))
     for comp in nx.strongly_connected_components(free):
         if len(comp) == 1 and not any(free.has_edge(n, n) for n in comp):
             continue
         sub = free.subgraph(comp)
-        start = min(comp, key=lambda n: (g.nodes[n]["pos"].line, g.nodes[n]["pos"].col))
+        start = min(comp, key=lambda n: (hops.get(n, len(g)), g.nodes[n]["pos"].line, g.nodes[n]["pos"].col))
         cyc = nx.find_cycle(sub, source=start)
         path = [cyc[0][0]] + [v for _, v in cyc]
         closing = cyc[-1]

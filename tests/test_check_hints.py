@@ -93,6 +93,21 @@ def test_a_loop_through_an_unbounded_python_stage_names_it_for_max_turns():
     assert err.hint == "remove the edge t -> batch, or give 't' (python) max_turns = N to bound the loop"
 
 
+@pytest.mark.parametrize("back, cycle", [
+    ("gen -> batch", "batch -> encode -> kv -> gen -> batch"),
+    ("out -> gen", "gen -> out -> gen"),
+    ("kv -> encode", "encode -> kv -> encode"),
+])
+def test_a_cycle_blames_the_edge_that_goes_back_not_one_of_the_chain(back, cycle):
+    # the stage declared first is not where the loop starts: `out` before `gen` blamed gen -> out
+    text = SEED.replace("    stage gen : generate {}\n", "").replace(
+        "stage out : respond {}", "stage out : respond {}\n    stage gen : generate {}")
+    errs = [e for e in errors(text.replace("encode -> kv -> gen -> out", f"encode -> kv -> gen -> out\n    {back}"))
+            if e.message.startswith("cycle:")]
+    assert [e.message for e in errs] == [f"cycle: {cycle}"]
+    assert errs[0].hint.startswith(f"remove the edge {back},") and errs[0].pos.line == 13
+
+
 def test_a_batcher_missing_an_edge_names_the_edge():
     err = one(SEED.replace("    batch -> encode when timeout\n", ""))
     assert err.message.startswith("timeout items of 'batch' have nowhere to go")
