@@ -108,6 +108,16 @@ def test_a_cycle_blames_the_edge_that_goes_back_not_one_of_the_chain(back, cycle
     assert errs[0].hint.startswith(f"remove the edge {back},") and errs[0].pos.line == 13
 
 
+def test_generate_stages_sharing_an_engine_compare_what_their_settings_come_to():
+    shared = SEED.replace("stage out : respond {}", "stage out : respond {}\n    stage gen2 : generate GEN2").replace(
+        "gen -> out", "gen -> out\n    kv -> gen2 when temperature > 0\n    gen2 -> out").replace(
+        "kv -> gen -> out", "kv\n    kv -> gen otherwise\n    gen -> out")
+    # the embedded model and device auto, written out, are what `gen` runs without them
+    assert errors(shared.replace("GEN2", '{ model = "smollm2-135m-instruct"  device = auto }')) == []
+    err = one(shared.replace("GEN2", "{ device = cpu }"))
+    assert err.message.endswith("differ in device") and err.expected == "device = auto as in 'gen'"
+
+
 def test_a_batcher_missing_an_edge_names_the_edge():
     err = one(SEED.replace("    batch -> encode when timeout\n", ""))
     assert err.message.startswith("timeout items of 'batch' have nowhere to go")
