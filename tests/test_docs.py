@@ -279,6 +279,18 @@ def test_the_command_synopsis_shows_pipeline_on_every_command_that_takes_it():
     assert not missing, f"language.md's synopsis hides --pipeline on: {missing}"
 
 
+def test_the_one_line_engine_chain_the_reference_shows_checks_clean():
+    # a batcher's edge without a condition takes every item: users need not write full and timeout
+    text = (ROOT / "docs" / "language.md").read_text()
+    chain = re.search(r"`(request -> batch -> encode -> [^`]*)`", text)
+    assert chain, "language.md does not show the unlabelled engine chain"
+    stages = {"request": "requests", "batch": "dynamic_batch", "encode": "encode", "kv": "kv_lookup",
+              "gen": "generate", "out": "respond"}
+    body = "".join(f"    stage {n} : {k} {{}}\n" for n, k in stages.items())
+    _, diags = pipeline_dsl.loads(f"pipeline p {{\n{body}    {chain.group(1)}\n}}\n", "t.agp")
+    assert [d.message for d in diags] == []
+
+
 def openai_fields() -> list[tuple[str, str, str]]:
     """(section, field, status) for each top-level field of docs/openai.md's request tables."""
     rows, section = [], ""
