@@ -165,3 +165,42 @@ def test_a_stage_outside_any_pipeline_says_where_stages_go():
     assert (err.message, at(err)) == ("unexpected 'stage'", (1, 1))
     assert err.hint == ("stages, settings and edges go inside `pipeline NAME { … }` (`use` includes whole "
                         "pipelines, not loose stages)")
+
+
+LABELS = '''
+def classify(item):
+    if "?" in item.get("prompt", ""):
+        return "question"
+    return "chat" if item.get("metadata") else None
+
+def opaque(item):
+    label = item["metadata"]["route"]
+    return label
+
+def passthrough(item):
+    item["prompt"] = item["prompt"].strip()
+    return dict(item)
+'''
+
+
+@pytest.mark.parametrize("fn, edge, warned", [
+    ("classify", "when questions", "hooks:classify never returns the label 'questions' (it returns 'chat', "
+                                   "'question'), so this edge is never taken"),
+    ("passthrough", "when question", "hooks:passthrough never returns the label 'question' (it returns no "
+                                     "label), so this edge is never taken"),
+    ("classify", "when question", None),           # a label the function returns
+    ("opaque", "when anything", None),              # a return the source cannot settle: no word
+    ("classify", "when question and prompt_tokens > 10", None),
+])
+def test_a_label_the_python_stage_never_returns_is_a_warning_at_the_label(tmp_path, fn, edge, warned):
+    (tmp_path / "hooks.py").write_text(LABELS)
+    path = tmp_path / "p.agp"
+    path.write_text(SEED.replace("stage out : respond {}", f'stage out : respond {{}}\n    stage cls : python '
+                                 f'{{ fn = "hooks:{fn}" }}\n    stage r : route {{}}').replace(
+        "request -> batch", f"request -> cls\n    cls -> r {edge}\n    cls -> batch otherwise\n    r -> batch"))
+    diags = pipeline_dsl.load(str(path))[1]
+    assert [d.message for d in diags if d.is_error] == []
+    got = [d for d in diags if not d.is_error]
+    assert [d.message.split(": ", 1)[1] for d in got] == ([warned] if warned else [])
+    if warned and "questions" in edge:
+        assert got[0].hint == "did you mean 'question'?" and (got[0].pos.line, got[0].pos.col) == (12, 19)
