@@ -279,6 +279,13 @@ def test_the_command_synopsis_shows_pipeline_on_every_command_that_takes_it():
     assert not missing, f"language.md's synopsis hides --pipeline on: {missing}"
 
 
+def test_the_openai_page_says_a_join_merges_the_n_answers():
+    # a client asking n = 2 of a pipeline with a join gets one choice: the page must say why
+    # (the behaviour: tests/test_flow.py::test_n_samples_go_on_as_branches_into_a_join)
+    row = next(line for line in (ROOT / "docs" / "openai.md").read_text().splitlines() if line.startswith("| `n` |"))
+    assert "`join`" in row and "one answer" in row
+
+
 def test_the_one_line_engine_chain_the_reference_shows_checks_clean():
     # a batcher's edge without a condition takes every item: users need not write full and timeout
     text = (ROOT / "docs" / "language.md").read_text()
