@@ -511,7 +511,7 @@ def check_pipeline(p: ast.Pipeline, registry: Registry | None = None,
                                   hint=did_you_mean(st.placement.text, RESOURCES)))
         stages[name] = ResolvedStage(name, kind, params, st.name.pos, placement, frozenset(given), param_pos)
     edges, ds, refused = _check_edges(p, stages)
-    diags += ds
+    diags += ds + _check_python_labels(edges, stages)
     dropped = any(d.is_error for d in ds)
     return Resolved(p.name.text, p.name.pos, settings, stages, tuple(edges), complete=not dropped,
                     given_settings=frozenset(given_settings), setting_pos=dict(given_settings),
@@ -725,6 +725,42 @@ def _base_dir(pos: SourcePos | None) -> str | None:
     if pos is None or not pos.file or pos.file.startswith("<"):
         return None
     return os.path.dirname(os.path.abspath(pos.file))
+
+
+def _check_python_labels(edges: list[ResolvedEdge], stages: dict[str, ResolvedStage]) -> list[Diagnostic]:
+    """A `when LABEL` edge of a python stage whose function, by its source, never returns that
+    label is a warning: a misspelt label (`when maths`) would otherwise send every item to
+    `otherwise` without a word. Functions whose returns the source does not settle are left alone."""
+    from . import conditions as C
+    from .userfn import FunctionNotFound, function_info, returned_labels
+
+    diags: list[Diagnostic] = []
+    known: dict[str, set[str] | None] = {}
+    for e in edges:
+        src = stages[e.src]
+        if e.cond is None or isinstance(e.cond, ast.Otherwise) or src.kind is None or src.kind.name != "python":
+            continue
+        if e.src not in known:
+            try:
+                node = function_info(src.params["fn"], _base_dir(src.pos)).node
+            except (FunctionNotFound, KeyError):
+                node = None
+            known[e.src] = returned_labels(node)
+        labels = known[e.src]
+        if labels is None:
+            continue
+        for lab in C.labels(e.cond):
+            word = lab.name.text
+            if word in labels:
+                continue
+            gives = ("it returns " + ", ".join(f"'{w}'" for w in sorted(labels))) if labels else \
+                "it returns no label"
+            diags.append(_warn(f"stage '{e.src}': {src.params['fn']} never returns the label '{word}' ({gives}), "
+                               "so this edge is never taken", lab.pos,
+                               expected="when " + " | ".join(sorted(labels)) if labels else
+                               "a comparison of a field, or a function that returns this label",
+                               hint=did_you_mean(word, sorted(labels)) if labels else None))
+    return diags
 
 
 def _check_edges(p: ast.Pipeline, stages: dict[str, ResolvedStage]):

@@ -291,6 +291,26 @@ def _generate_model(g: nx.DiGraph, params: dict) -> str:
     return str(params.get("model") or g.graph["settings"].get("model") or EMBEDDED_MODEL)
 
 
+def _engine_value(g: nx.DiGraph, params: dict, name: str):
+    """What a generate stage's engine setting comes to: a stage that leaves `model` or `device`
+    out runs the pipeline's (else the embedded model, `auto`), the same engine as one that
+    spells that value out."""
+    if name == "model":
+        return _generate_model(g, params)
+    if name == "device" and params.get(name) is None:
+        return str(g.graph["settings"].get("device") or "auto")
+    return params.get(name)
+
+
+def _spelled(value, quoted: bool = False) -> str:
+    """A setting's value as the .agp file writes it (a string setting quoted, an enum word bare)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and (quoted or not value.replace(":", "").isalnum()):
+        return f'"{value}"'
+    return str(value)
+
+
 def _check_kv_blocks(r: Resolved, g: nx.DiGraph) -> list[Diagnostic]:
     """Each KV pool holds at least one block of its engine's model (2 x layers x block_size x
     KV heads x head size x element bytes, read from the model's header): a smaller budget is an
@@ -385,11 +405,18 @@ def _check_cycles(g: nx.DiGraph, r: Resolved) -> list[Diagnostic]:
                                     f"'{n}' (it would run at most max_turns times per request)",
                            hint="remove max_turns, or add the edge that closes the loop"))
     free = g.subgraph([n for n in g if n not in bounded]) if bounded else g
+    # hops from the request source: the cycle is walked from its stage nearest the source, so the
+    # edge that closes it is the one going back (`out -> gen`), not a forward edge of the chain
+    sources = [n for n in g if g.nodes[n].get("kind") == "requests"]
+    hops: dict = {}
+    for src in sources:
+        for n, d in nx.single_source_shortest_path_length(g, src).items():
+            hops[n] = min(d, hops.get(n, d))
     for comp in nx.strongly_connected_components(free):
         if len(comp) == 1 and not any(free.has_edge(n, n) for n in comp):
             continue
         sub = free.subgraph(comp)
-        start = min(comp, key=lambda n: (g.nodes[n]["pos"].line, g.nodes[n]["pos"].col))
+        start = min(comp, key=lambda n: (hops.get(n, len(g)), g.nodes[n]["pos"].line, g.nodes[n]["pos"].col))
         cyc = nx.find_cycle(sub, source=start)
         path = [cyc[0][0]] + [v for _, v in cyc]
         closing = cyc[-1]
@@ -722,13 +749,13 @@ def check_segments(r: Resolved, g: nx.DiGraph) -> tuple[list[Segment], list[Diag
                     first = gen
                     continue
                 fp = r.stages[first].params
-                differ = [p for p in ENGINE_PARAMS if gp.get(p) != fp.get(p)]
+                differ = [p for p in ENGINE_PARAMS if _engine_value(g, gp, p) != _engine_value(g, fp, p)]
                 if differ:
                     p = differ[0]
                     diags.append(_err(f"generate stages '{first}' and '{gen}' share kv_lookup '{n}' (one engine) "
                                       f"but differ in {', '.join(differ)}",
                                       r.stages[gen].param_pos.get(p) or r.stages[gen].pos,
-                                      expected=f"{p} = {fp.get(p)!r} as in '{first}'",
+                                      expected=f"{p} = {_spelled(_engine_value(g, fp, p), p == 'model')} as in '{first}'",
                                       hint=f"give '{gen}' its own batch -> encode -> kv_lookup chain"))
             if len(encs) == 1 and gens:
                 bats = of(g.predecessors(encs[0]), "dynamic_batch")

@@ -274,9 +274,13 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     req = ParsedRequest(id=obj.get("id", default_id))
     given = [k for k in ("prompt", "messages", "prompt_token_ids") if k in obj]
     if len(given) != 1:
-        raise RequestError("give exactly one of 'prompt' (text) or 'messages' (chat)")
+        raise RequestError("give exactly one of 'prompt' (text), 'messages' (chat) or 'prompt_token_ids'")
     if "prompt" in obj:
-        req.prompt = _check("prompt", obj["prompt"], isinstance(obj["prompt"], str), "a string")
+        prompt = obj["prompt"]
+        if isinstance(prompt, list):           # OpenAI's completions take ids or a batch there: say where they go
+            raise RequestError(f"field 'prompt' must be a string, got {json.dumps(prompt)[:60]}: a line is one "
+                               "request; token ids go in 'prompt_token_ids', several prompts on lines of their own")
+        req.prompt = _check("prompt", prompt, isinstance(prompt, str), "a string")
         if not req.prompt:
             raise RequestError("field 'prompt' is empty")
     elif "messages" in obj:

@@ -12,6 +12,7 @@ imports the module for real.
     find_function("hooks:redact", base_dir)   # raises FunctionNotFound, with the reason
     info = function_info("hooks:redact", base_dir)   # FunctionInfo: path, the defining ast node
     function_shape("hooks:redact", base_dir)  # "function" | "coroutine" | "generator" | ... | None
+    returned_labels(info.node)                # {"math", "chat"}: the labels its returns spell; None: unknown
     fn = load_function("hooks:redact", base_dir)
     callable_shape(fn)                        # the same, of the loaded function
 """
@@ -285,6 +286,42 @@ def shape_of_def(node: pyast.AST) -> str | None:
     if isinstance(node, pyast.FunctionDef):
         return "generator" if _yields(node) else "function"
     return None
+
+
+def returned_labels(node: pyast.AST | None) -> set[str] | None:
+    """The label strings a `def` can return, when its source settles every return: each `return`
+    (a stream generator's too) gives a string literal, None, the item it got (its first parameter,
+    or a dict made from one) or a choice of these (`"a" if x else "b"`). None when one return is
+    anything else (a variable, a call), so nothing can be said."""
+    if not isinstance(node, (pyast.FunctionDef, pyast.AsyncFunctionDef)):
+        return None
+    args = node.args.posonlyargs + node.args.args
+    item = args[0].arg if args else None
+    labels: set[str] = set()
+
+    def settle(value) -> bool:
+        if value is None or isinstance(value, pyast.Dict):
+            return True
+        if isinstance(value, pyast.Constant):
+            if isinstance(value.value, str):
+                labels.add(value.value)
+            return value.value is None or isinstance(value.value, str)
+        if isinstance(value, pyast.Name):
+            return value.id == item
+        if isinstance(value, pyast.Call) and isinstance(value.func, pyast.Name) and value.func.id == "dict":
+            return True                       # dict(item): a copy of the item, not a label
+        if isinstance(value, pyast.IfExp):
+            return settle(value.body) and settle(value.orelse)
+        return False
+
+    todo = list(pyast.iter_child_nodes(node))
+    while todo:
+        n = todo.pop()
+        if isinstance(n, pyast.Return) and not settle(n.value):
+            return None
+        if not isinstance(n, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.Lambda, pyast.ClassDef)):
+            todo.extend(pyast.iter_child_nodes(n))
+    return labels
 
 
 def function_shape(ref: str, base_dir: str | None) -> str | None:

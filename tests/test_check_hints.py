@@ -93,6 +93,31 @@ def test_a_loop_through_an_unbounded_python_stage_names_it_for_max_turns():
     assert err.hint == "remove the edge t -> batch, or give 't' (python) max_turns = N to bound the loop"
 
 
+@pytest.mark.parametrize("back, cycle", [
+    ("gen -> batch", "batch -> encode -> kv -> gen -> batch"),
+    ("out -> gen", "gen -> out -> gen"),
+    ("kv -> encode", "encode -> kv -> encode"),
+])
+def test_a_cycle_blames_the_edge_that_goes_back_not_one_of_the_chain(back, cycle):
+    # the stage declared first is not where the loop starts: `out` before `gen` blamed gen -> out
+    text = SEED.replace("    stage gen : generate {}\n", "").replace(
+        "stage out : respond {}", "stage out : respond {}\n    stage gen : generate {}")
+    errs = [e for e in errors(text.replace("encode -> kv -> gen -> out", f"encode -> kv -> gen -> out\n    {back}"))
+            if e.message.startswith("cycle:")]
+    assert [e.message for e in errs] == [f"cycle: {cycle}"]
+    assert errs[0].hint.startswith(f"remove the edge {back},") and errs[0].pos.line == 13
+
+
+def test_generate_stages_sharing_an_engine_compare_what_their_settings_come_to():
+    shared = SEED.replace("stage out : respond {}", "stage out : respond {}\n    stage gen2 : generate GEN2").replace(
+        "gen -> out", "gen -> out\n    kv -> gen2 when temperature > 0\n    gen2 -> out").replace(
+        "kv -> gen -> out", "kv\n    kv -> gen otherwise\n    gen -> out")
+    # the embedded model and device auto, written out, are what `gen` runs without them
+    assert errors(shared.replace("GEN2", '{ model = "smollm2-135m-instruct"  device = auto }')) == []
+    err = one(shared.replace("GEN2", "{ device = cpu }"))
+    assert err.message.endswith("differ in device") and err.expected == "device = auto as in 'gen'"
+
+
 def test_a_batcher_missing_an_edge_names_the_edge():
     err = one(SEED.replace("    batch -> encode when timeout\n", ""))
     assert err.message.startswith("timeout items of 'batch' have nowhere to go")
@@ -140,3 +165,42 @@ def test_a_stage_outside_any_pipeline_says_where_stages_go():
     assert (err.message, at(err)) == ("unexpected 'stage'", (1, 1))
     assert err.hint == ("stages, settings and edges go inside `pipeline NAME { … }` (`use` includes whole "
                         "pipelines, not loose stages)")
+
+
+LABELS = '''
+def classify(item):
+    if "?" in item.get("prompt", ""):
+        return "question"
+    return "chat" if item.get("metadata") else None
+
+def opaque(item):
+    label = item["metadata"]["route"]
+    return label
+
+def passthrough(item):
+    item["prompt"] = item["prompt"].strip()
+    return dict(item)
+'''
+
+
+@pytest.mark.parametrize("fn, edge, warned", [
+    ("classify", "when questions", "hooks:classify never returns the label 'questions' (it returns 'chat', "
+                                   "'question'), so this edge is never taken"),
+    ("passthrough", "when question", "hooks:passthrough never returns the label 'question' (it returns no "
+                                     "label), so this edge is never taken"),
+    ("classify", "when question", None),           # a label the function returns
+    ("opaque", "when anything", None),              # a return the source cannot settle: no word
+    ("classify", "when question and prompt_tokens > 10", None),
+])
+def test_a_label_the_python_stage_never_returns_is_a_warning_at_the_label(tmp_path, fn, edge, warned):
+    (tmp_path / "hooks.py").write_text(LABELS)
+    path = tmp_path / "p.agp"
+    path.write_text(SEED.replace("stage out : respond {}", f'stage out : respond {{}}\n    stage cls : python '
+                                 f'{{ fn = "hooks:{fn}" }}\n    stage r : route {{}}').replace(
+        "request -> batch", f"request -> cls\n    cls -> r {edge}\n    cls -> batch otherwise\n    r -> batch"))
+    diags = pipeline_dsl.load(str(path))[1]
+    assert [d.message for d in diags if d.is_error] == []
+    got = [d for d in diags if not d.is_error]
+    assert [d.message.split(": ", 1)[1] for d in got] == ([warned] if warned else [])
+    if warned and "questions" in edge:
+        assert got[0].hint == "did you mean 'question'?" and (got[0].pos.line, got[0].pos.col) == (12, 19)

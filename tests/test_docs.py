@@ -266,6 +266,38 @@ def test_the_command_synopsis_of_the_language_reference_names_flags_that_exist()
     assert not bad, f"language.md's synopsis names flags that do not exist: {bad}"
 
 
+def test_the_command_synopsis_shows_pipeline_on_every_command_that_takes_it():
+    # a file may hold several pipelines: the synopsis says how to pick one wherever agp can
+    synopsis = next(b for b in blocks(ROOT / "docs" / "language.md", "") if b.startswith("agp check FILE"))
+    missing = []
+    for line in synopsis.splitlines():
+        command = line.split()[1]
+        parser = build_parser([command]).commands[command]
+        takes = any("--pipeline" in a.option_strings for a in parser._actions)
+        if takes and "--pipeline NAME" not in line:
+            missing.append(command)
+    assert not missing, f"language.md's synopsis hides --pipeline on: {missing}"
+
+
+def test_the_openai_page_says_a_join_merges_the_n_answers():
+    # a client asking n = 2 of a pipeline with a join gets one choice: the page must say why
+    # (the behaviour: tests/test_flow.py::test_n_samples_go_on_as_branches_into_a_join)
+    row = next(line for line in (ROOT / "docs" / "openai.md").read_text().splitlines() if line.startswith("| `n` |"))
+    assert "`join`" in row and "one answer" in row
+
+
+def test_the_one_line_engine_chain_the_reference_shows_checks_clean():
+    # a batcher's edge without a condition takes every item: users need not write full and timeout
+    text = (ROOT / "docs" / "language.md").read_text()
+    chain = re.search(r"`(request -> batch -> encode -> [^`]*)`", text)
+    assert chain, "language.md does not show the unlabelled engine chain"
+    stages = {"request": "requests", "batch": "dynamic_batch", "encode": "encode", "kv": "kv_lookup",
+              "gen": "generate", "out": "respond"}
+    body = "".join(f"    stage {n} : {k} {{}}\n" for n, k in stages.items())
+    _, diags = pipeline_dsl.loads(f"pipeline p {{\n{body}    {chain.group(1)}\n}}\n", "t.agp")
+    assert [d.message for d in diags] == []
+
+
 def openai_fields() -> list[tuple[str, str, str]]:
     """(section, field, status) for each top-level field of docs/openai.md's request tables."""
     rows, section = [], ""

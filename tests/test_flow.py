@@ -271,6 +271,25 @@ def test_generate_stages_sharing_a_kv_stage_must_share_a_model(tmp_path):
     assert "share kv_lookup 'kv' (one engine) but differ in dtype" in err.message
 
 
+def test_generate_stages_sharing_a_kv_stage_may_spell_out_the_engine_defaults(tmp_path):
+    # one leaves model and device to the pipeline, one writes them: the same engine, so it checks and runs
+    path = tmp_path / "p.agp"
+    path.write_text(textwrap.dedent(f"""\
+        pipeline p {{
+            dtype = fp32
+            stage request : requests {{}}
+            stage a : generate {{ max_new_tokens = 3 }}
+            stage b : generate {{ model = "{MODEL}"  device = auto  max_new_tokens = 3  temperature = 0.7  seed = 1 }}
+            stage out : respond {{}}
+            request -> batch
+        """).replace("pipeline p {", f'pipeline p {{\n    model = "{MODEL}"') + chain("a")
+        + "    kv -> b when temperature > 0\n    a -> out\n    b -> out\n}\n", encoding="utf-8")
+    path.write_text(path.read_text().replace("encode -> kv -> a", "encode -> kv\n    kv -> a otherwise"))
+    assert check(path) == []
+    out, _ = run(path, [chat("g", "the cat"), chat("s", "the cat", temperature=0.5)])
+    assert [(o.id, o.error, o.choices[0].data["generated_by"]) for o in out] == [("g", None, "a"), ("s", None, "b")]
+
+
 FAN = ("stage request : requests {}\nstage cold : generate { max_new_tokens = 6  temperature = 0 }\n"
        "stage warm : generate { max_new_tokens = 6  temperature = 0.9  seed = 5 }\n"
        "stage hot : generate { max_new_tokens = 6  temperature = 1.5  seed = 9 }\n"

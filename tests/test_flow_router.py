@@ -19,11 +19,14 @@ ROUTES = {
     "labels": [("up", ("label", "shout")), ("out", OTHERWISE)],
     "typed": [("batch", ("label", "again")), ("out", OTHERWISE)],        # batch takes Requests only
     "kv": [("gen_a", None), ("gen_b", LONG)],
+    "classify": [("math", ("label", "math")), ("chat", OTHERWISE)],      # both branches reach gen_a
+    "fan": [("math", None), ("chat", None)],
 }
 CARRY = {"small": {R}, "big": {R}, "vip": {R}, "log": {R, G}, "up": {G}, "out": {G}, "batch": {R},
-         "gen_a": {R}, "gen_b": {R}}
+         "gen_a": {R}, "gen_b": {R}, "math": {R}, "chat": {R}}
 KINDS = {"kv": "kv_lookup", "gen_a": "generate", "gen_b": "generate"}
-REACH = {"two_conditions": {"big", "vip", "small", "gen_b"}, "big": {"gen_b"}}
+REACH = {"two_conditions": {"big", "vip", "small", "gen_b"}, "big": {"gen_b"}, "classify": {"math", "chat", "gen_a"},
+         "fan": {"math", "chat", "gen_a"}, "math": {"gen_a"}, "chat": {"gen_a"}}
 
 
 def router() -> Router:
@@ -50,6 +53,10 @@ def getter(tokens=3, tier=None):
     ("typed", R, getter(), "again", None, ["batch"]),
     ("kv", R, getter(tokens=50), None, None, ["gen_a", "gen_b"]),
     ("two_conditions", R, getter(tokens=3), None, "gen_b", ["big"]),     # pinned: the way to gen_b
+    # pinned to the stage every branch reaches: the conditions still choose the branch, copies stay
+    ("classify", R, getter(), "chat", "gen_a", ["chat"]),
+    ("classify", R, getter(), "math", "gen_a", ["math"]),
+    ("fan", R, getter(), None, "gen_a", ["math", "chat"]),
 ])
 def test_the_router_chooses_by_the_table(stage, kind, get, label, pin, expected):
     assert router().choose(stage, kind, get, label, pin) == expected

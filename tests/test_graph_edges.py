@@ -1147,7 +1147,7 @@ def test_broken_engine_segments_list_stages_in_file_order_whatever_the_order_of_
         t.agp:12:37: error: generate stages 'gen' and 'gen2' share kv_lookup 'kv' (one engine) but differ in dtype, compile, prefill_chunk
            12 |     stage gen2 : generate { dtype = fp32  compile = true }
               |                                     ^^^^
-          = expected: dtype = 'auto' as in 'gen'
+          = expected: dtype = auto as in 'gen'
           = help: give 'gen2' its own batch -> encode -> kv_lookup chain
 
         t.agp:13:11: error: 2 kv_lookup stages feed generate 'gen3' ('kv', 'kv2')

@@ -436,7 +436,7 @@ class HFProbe:
 
 HF_PROBES = [
     HFProbe("config_is_a_list", write("config.json", b"[]"), "a JSON list, not an object"),
-    HFProbe("config_is_empty_object", write("config.json", b"{}"), "model_type None is not a llama-family"),
+    HFProbe("config_is_empty_object", write("config.json", b"{}"), "it has no model_type; agp runs llama-family decoders"),
     HFProbe("config_not_json", write("config.json", b"{model_type: llama"), "not valid JSON"),
     HFProbe("config_not_utf8", write("config.json", b"\xff\xfe{}"), "not UTF-8"),
     HFProbe("config_wrong_type", set_config(hidden_size="big"), "'hidden_size' must be an integer .* not 'big'"),

@@ -94,6 +94,15 @@ def test_request_lines_are_validated_field_by_field():
     assert parse_request({"prompt": "x", "stop": "END"}).sampling["stop"] == ["END"]
 
 
+@pytest.mark.parametrize("line", ['{"prompt": [1, 2, 3]}', '{"prompt": ["a", "b"]}'])
+def test_a_prompt_array_in_a_request_line_says_where_ids_and_batches_go(line):
+    # OpenAI's completions take token ids or a batch in 'prompt'; a request line holds one request
+    with pytest.raises(RequestError, match=r"token ids go in 'prompt_token_ids', several prompts on lines"):
+        parse_line(line, 1)
+    with pytest.raises(RequestError, match=r"one of 'prompt' \(text\), 'messages' \(chat\) or 'prompt_token_ids'"):
+        parse_line('{"id": 1}', 1)
+
+
 @pytest.mark.parametrize("line", ['[{"prompt": "a"}, {"prompt": "b"}]', "[]", '["a"]'])
 def test_a_request_line_that_is_a_json_array_says_the_input_is_json_lines(line):
     with pytest.raises(RequestError, match=r"got an array: the input is JSON Lines, one request object per line"):

@@ -207,3 +207,12 @@ def test_answers_on_stdout_are_utf8_whatever_the_locale(pipeline, tmp_path):
                        timeout=300, env=env)
     assert r.returncode == 0, r.stderr.decode("utf-8", "replace")
     assert json.loads(r.stdout.decode("utf-8"))["id"] == "ü✓"
+
+
+def test_a_run_whose_every_request_failed_says_so_and_exits_1(tmp_path, pipeline):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"prompt": "a", "max_tokens": -1}\n{"prompt": "b", "temprature": 0.3}\n')
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 1, r.stderr
+    assert "every request failed (2 of 2" in r.stderr and "Traceback" not in r.stderr
+    assert [sorted(rec) for rec in records(out)] == [["error", "id"], ["error", "id"]]

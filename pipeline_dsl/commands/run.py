@@ -14,7 +14,7 @@ an id takes its line number as id; ids are unique). A file of OpenAI batch-API l
 (`custom_id`, `method`, `url`, `body`) is answered in the Batch API's output shape, one line per
 input line, in input order (commands/batch_api.py). A file none of whose lines is JSON (a CSV, a
 text file) is refused before the model loads, exit 2. An existing output file is never
-overwritten silently: `--overwrite` replaces it, `--resume` keeps it and runs only the lines
+overwritten silently: `--overwrite` replaces it, `--resume` (with `-o` only) keeps it and runs only the lines
 it holds no record of yet (counted per id, so a repeated id is answered by its error record);
 an output holding a line that is no record of this input (another file's answers, a line that is
 not an agp record) is refused before the model loads, exit 2: appending would mix two runs.
@@ -401,7 +401,11 @@ def main(args) -> int:
     if interrupt.signum is not None:
         return 128 + interrupt.signum                 # 130 for SIGINT, 143 for SIGTERM
     if summary["requests"] and summary["errors"] == summary["requests"]:
-        return 1                          # every request failed: the run did not do its job
+        # the run did not do its job: say so, or exit 1 after an ordinary summary reads as a crash
+        n = summary["requests"]
+        print(f"agp run: every request failed ({n} of {n}; each line's error is in the output): exit 1",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -10,7 +10,9 @@ The rule (docs/language.md, "How a pipeline runs"): every unconditional out-edge
 first conditional edge in file order whose condition holds, else the `otherwise` edge
 wherever it is listed; only edges whose destination can carry the item's type (`carry`:
 it takes the type and can bring it on to a respond stage) count. A request pinned to a
-generate stage takes the path towards it, conditions aside.
+generate stage keeps, of those, the edges that lead to it; where none of them does, it takes the
+first edge towards it, conditions aside (a classifier before the one generate stage every branch
+reaches still decides the branch).
 """
 from __future__ import annotations
 
@@ -51,10 +53,18 @@ class Router:
                pin: str | None = None) -> list[str]:
         """The destinations of an item leaving `stage` (several: copies; none: nowhere to go)."""
         routes = self.routes[stage]
+        chosen = self._by_conditions(routes, stage, item_kind, get, label)
         if pin is not None and pin in self.reach.get(stage, ()):
-            for v, _ in routes:          # the path to the pinned generate stage, conditions aside
+            toward = [v for v in chosen if v == pin or pin in self.reach.get(v, ())]
+            if toward:                   # the conditions chose ways that lead there: theirs is the choice
+                return toward
+            for v, _ in routes:          # else the path to the pinned generate stage, conditions aside
                 if (v == pin or pin in self.reach.get(v, ())) and self.takes(stage, v, item_kind):
                     return [v]
+        return chosen
+
+    def _by_conditions(self, routes: list, stage: str, item_kind: str, get: Callable[[str], Any],
+                       label: str | None) -> list[str]:
         chosen, held, fallback = [], False, None
         for v, cond in routes:
             if not self.takes(stage, v, item_kind):

@@ -46,6 +46,8 @@ def hf_config(folder) -> dict:
         raise ModelFileProblem(path, problem)
 
     mtype = cfg.get("model_type")
+    if mtype is None:                      # say what is missing, not "model_type None"
+        fail(f"it has no model_type; agp runs llama-family decoders ({', '.join(LLAMA_MODEL_TYPES)})")
     if mtype not in LLAMA_MODEL_TYPES:
         fail(f"model_type {mtype!r} is not a llama-family decoder ({', '.join(LLAMA_MODEL_TYPES)})")
     scaling = cfg.get("rope_scaling")
