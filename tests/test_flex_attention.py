@@ -297,6 +297,36 @@ def test_every_compiled_flex_version_is_made_at_warm_up_and_four_models_stay_und
         assert all(isinstance(d, int) for d in (q[0], q[1], q[3], *k, *v))
 
 
+def test_a_busy_machine_does_not_make_compiled_code_compile_again(weights, fresh_dynamo):
+    # dynamo guards every compiled version on torch's thread count, and the CPU contention guard
+    # runs steps on one thread after a slowed step: around compiled code that compiled a new
+    # version inside a request (with fullgraph flex it hit the recompile limit under load)
+    from pipeline_dsl.engine.compute import Contention, ContentionGuard
+    from pipeline_dsl.engine.flex import FlexPaged
+
+    versions = []
+    r = ModelRunner(LlamaModel(weights.config, weights.weights, "fp32"), num_blocks=48, block_size=BS,
+                    pad_decode=True, attention="flex")
+    r.flex = FlexPaged(r, backend=counting_backend(versions))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        r.warm_up()
+        at_load = len(versions)
+        busy = Contention(ContentionGuard.SOLO_STEPS)
+        busy.solo = 1000                                  # as after a step another process slowed
+        r.guard = ContentionGuard(contention=busy)
+        rng = random.Random(3)
+        with torch.inference_mode():
+            for _ in range(6):
+                step = r.prepare(StepBatch.from_items(random_step(rng, 100, r.num_blocks)))
+                step.slots.fill_(r.num_slots)
+                r.run(step, graphs=False)
+        assert len(versions) == at_load and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_kernel_tiles_divide_the_block_masks_blocks_and_shrink_on_small_shared_memory():
     # inductor refuses a BLOCK_M / BLOCK_N that does not divide the mask's query / KV blocks,
     # which torch's own sm90 default (128 x 128) does not for 16-row query blocks

@@ -250,6 +250,10 @@ class LlamaModel:
         self.silu_mul = _Fallback(_silu_mul)
         self.rms_fn = _Fallback(_rms)
 
+    def compiled(self) -> bool:
+        """Whether any piece runs through torch.compile (enable_compile took effect)."""
+        return any(isinstance(getattr(self, name, None), _Fallback) for name in ("rope", "silu_mul", "rms_fn"))
+
     def compile_fallbacks(self) -> list[str]:
         """The compiled pieces that failed and run eagerly, with the reasons."""
         pieces = (getattr(self, name, None) for name in ("rope", "silu_mul", "rms_fn"))
@@ -476,10 +480,17 @@ class ModelRunner:
                 if step.row_items:                              # prompt outputs: every row of those items
                     step.rows = self._row_outputs(step, x)
                 return self.model.logits(x.index_select(0, step.sample_rows)) if want_logits else None
-        if self.guard is None:
+        if self.guard is None or self.compiled():
             return self._forward_step(step, want_logits)
         key = (step.all_decode, step.tokens.shape[0])
         return self.guard.run(key, self._forward_step, step, want_logits)
+
+    def compiled(self) -> bool:
+        """Whether steps run torch.compile'd code (fused pieces forced on CPU, a compiled flex
+        backend). The contention guard leaves those steps on every thread: dynamo guards each
+        compiled version on the thread count, so a one-thread stretch would compile new versions
+        inside requests (and, with fullgraph flex, hit the recompile limit)."""
+        return self.model.compiled() or (self.flex is not None and self.flex.compiled)
 
     def _forward_step(self, step: Step, want_logits: bool) -> torch.Tensor | None:
         m, c = self.model, self.model.config
