@@ -180,3 +180,50 @@ def test_stage_latencies_reach_metrics(tmp_path, soft_gguf):
     text = ServerMetrics("p", process=False).render(rt.stats())[0].decode()
     assert 'agp_stage_latency_seconds_count{kind="join",model_name="p",stage="vote"} 1.0' in text
     assert 'agp_stage_latency_seconds_bucket{kind="join",le="+Inf",model_name="p",stage="vote"} 1.0' in text
+
+
+def test_a_request_that_ends_while_its_prompt_is_tokenised_is_counted_where_it_was(tmp_path, soft_gguf):
+    """The client goes while the engine tokenises its prompt (outside the runtime's lock): the
+    item is dropped at encode, and encode must not also send it on to kv_lookup (encode's in = out
+    + dropped; a property test saw 8 in, 8 out, 1 dropped on a busy machine)."""
+    import threading
+
+    from flowkit import runtime
+
+    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 2 }\nstage out : respond {}\n"
+            "request -> batch\n" + chain() + "gen -> out\n")
+    rt = runtime(write(tmp_path, soft_gguf, body))
+    es = rt.segments[0]
+    entered, ended, done = threading.Event(), threading.Event(), threading.Event()
+    tokenise = es.tokenise
+
+    def held(data):
+        entered.set()
+        assert ended.wait(60)                 # the request ends while its prompt is tokenised
+        return tokenise(data)
+
+    class Listener:
+        result = None
+
+        def on_done(self, result):
+            Listener.result = result
+            done.set()
+
+    es.tokenise = held
+    try:
+        key = rt.submit(chat("gone", "hello"), Listener())
+        assert entered.wait(60)
+        rt.abort(key)
+        ended.set()
+        assert done.wait(60)
+        es.tokenise = tokenise
+        (after,) = rt.run_all([chat("next", "hello")])      # the engine serves the next request
+        assert not Listener.result.ok and Listener.result.error.kind == "aborted" and after.ok
+        stats = rt.stats()
+        enc = stats["stages"]["encode"]
+        assert enc["items_in"] == enc["items_out"] + enc["dropped"] == 2 and enc["dropped"] == 1, enc
+        assert stats["stages"]["kv"]["items_in"] == 1
+        assert_counts_add_up(stats)
+    finally:
+        ended.set()
+        rt.shutdown()

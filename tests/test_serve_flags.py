@@ -39,6 +39,19 @@ def test_a_no_switch_reads_its_own_variable_as_well():
     assert parse(["x.agp"], {"AGP_NO_PREFIX_REUSE": "true"}).no_prefix_reuse is True
 
 
+def test_every_flags_variable_follows_the_documented_rule():
+    # "AGP_ and the flag's name in capitals with _ for -" (docs/serve.md): --pipeline's is
+    # AGP_PIPELINE (it was named after its longest alias, AGP_PIPELINE_NAME)
+    assert parse(["x.agp"], {"AGP_PIPELINE": "second"}).name == "second"
+    assert parse(["x.agp", "--pipeline", "first"], {"AGP_PIPELINE": "second"}).name == "first"
+    p = argparse.ArgumentParser(prog="agp serve")
+    serve.add_arguments(p)
+    for a in p._actions:
+        if a.option_strings and a.dest != "help":
+            flag = next(o for o in a.option_strings if o.startswith("--"))
+            assert f"[env AGP_{flag[2:].upper().replace('-', '_')}]" in (a.help or ""), flag
+
+
 def test_the_api_key_help_names_every_route_left_open():
     from pipeline_dsl.serve.config import OPEN_PATHS
 

@@ -152,6 +152,8 @@ class EngineSide:
             raise PipelineError(str(err), "invalid", self.source, err.code)
         self._observe(seg.encode, t0, item, span=False)
         with self._lock:
+            if req.done:                      # it ended while tokenised (unlocked): dropped at encode
+                return
             self.flow.edge(seg.encode, seg.kv, queue=False)
             item.at = seg.kv
         targets = self.router.choose(seg.kv, REQUEST, self._fields(item, seg.kv), None, req.pin)
@@ -176,6 +178,8 @@ class EngineSide:
                     copies.append((g_i, gen, i, data, es.sampling(gen, data, len(ids), copy=i)))
                 except InputError as e:
                     with self._lock:                        # the copy reached gen and was refused there
+                        if req.done:
+                            return
                         self.flow.edge(seg.kv, gen, queue=False)
                         item.at = gen
                     raise PipelineError(str(e), "invalid", gen, param=e.param) from None

@@ -145,7 +145,9 @@ def add_ray_arguments(p) -> None:
 
 
 def env_name(action: argparse.Action) -> str:
-    long = max(action.option_strings, key=len)
+    """AGP_ and the flag's name (its first long spelling: --pipeline, not its --pipeline-name
+    alias) in capitals with _ for -, as docs/serve.md states the rule."""
+    long = next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
     return ENV_PREFIX + long.lstrip("-").upper().replace("-", "_")
 
 
