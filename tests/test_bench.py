@@ -348,3 +348,22 @@ def test_bench_url_is_checked_before_anything_is_measured(tmp_path, tiny_gguf, c
         code = e.code
     captured = capsys.readouterr()
     assert code == 2 and message in captured.err and captured.out == ""    # no pipeline was measured
+
+
+def test_a_target_that_cannot_be_measured_loses_none_of_the_others(tmp_path, tiny_gguf, capsys):
+    """--compare with a server that is down: the pipeline beside it is still measured, tabled and
+    written to --json; the exit code says a target failed (before, nothing was printed)."""
+    import socket
+
+    with socket.socket() as s:                      # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    js = tmp_path / "cmp.json"
+    code = agp(["bench", str(_pipeline(tmp_path, tiny_gguf)), "--url", f"http://127.0.0.1:{port}",
+                "--workload", str(_workload(tmp_path)), "--num", "3", "--compare", "--json", str(js),
+                "--plot", str(tmp_path / "cmp.png"), "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert f"127.0.0.1:{port}" in captured.err and "tiny" in captured.out.splitlines()[0]
+    (report,) = json.loads(js.read_text())
+    assert report["completed"] == 3 and report["errors"] == 0

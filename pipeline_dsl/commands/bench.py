@@ -115,29 +115,34 @@ def main(args) -> int:
         for url in args.url:
             yield lambda url=url: HTTPTarget(url, args.model, timeout=args.request_timeout)
 
-    reports = []
+    reports, codes = [], []      # codes: the exit code of each target that could not be measured
     for make in targets():
         for rate in rates:
             try:
                 target = make()              # a fresh engine (cold KV cache) per measurement
             except CheckFailed as e:
                 sys.stderr.write(e.render())
-                return 2
+                codes.append(2)
+                break
             except InputError as e:
-                return _err(str(e))
+                codes.append(_err(str(e)))
+                break
             try:
                 report = asyncio.run(bench_one(
                     target, items, rate=rate, num=num, duration=args.duration,
                     concurrency=args.concurrency, seed=args.seed, progress=not args.no_progress,
                     warmup=args.warmup, request_timeout=args.request_timeout))
-            except BenchError as e:
+            except BenchError as e:          # this target cannot be measured: the others still are
                 print(f"agp bench: error: {e}", file=sys.stderr)
-                return 1
+                codes.append(1)
+                break
             del target
             reports.append(report)
             if not args.compare:
                 print(format_table([report]), flush=True)
                 print()
+    if not reports:
+        return max(codes)
     _dedupe_labels(reports)
     if args.compare:
         print(format_table(reports))
@@ -151,7 +156,7 @@ def main(args) -> int:
     for r, why in failed:                    # the other targets' measurements are printed above
         rate = "inf" if math.isinf(r.rate) else f"{r.rate:g}"
         print(f"agp bench: error: {r.label} at rate {rate}: {why}", file=sys.stderr)
-    return 1 if failed else 0
+    return max([*codes, 1 if failed else 0])
 
 
 def _dedupe_labels(reports) -> None:
