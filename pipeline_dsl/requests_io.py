@@ -271,7 +271,13 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
             close = difflib.get_close_matches(key, sorted(KNOWN), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise RequestError(f"unknown field '{key}'{hint}")
-    req = ParsedRequest(id=obj.get("id", default_id))
+    rid = obj.get("id")
+    if rid is None:                            # "id": null is no id: the line number stands in
+        rid = default_id
+    elif isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        raise RequestError(f"field 'id' must be a string or an integer, got {json.dumps(rid)[:60]} (the answer's "
+                           "id, unique in the file; leave it out for the line number)", param="id")
+    req = ParsedRequest(id=rid)
     given = [k for k in ("prompt", "messages", "prompt_token_ids") if k in obj]
     if len(given) != 1:
         raise RequestError("give exactly one of 'prompt' (text), 'messages' (chat) or 'prompt_token_ids'")

@@ -103,6 +103,17 @@ def test_a_prompt_array_in_a_request_line_says_where_ids_and_batches_go(line):
         parse_line('{"id": 1}', 1)
 
 
+def test_a_null_id_is_no_id_and_an_id_is_a_string_or_an_integer():
+    # exports often write "id": null: the line number stands in (two such lines are not one id
+    # twice), and an id that is no string or integer is refused naming the field, not echoed
+    assert parse_line('{"id": null, "prompt": "a"}', 7).id == 7
+    assert parse_line('{"id": "x", "prompt": "a"}', 7).id == "x" and parse_line('{"id": 3, "prompt": "a"}', 7).id == 3
+    for bad in ("[1, 2]", '{"k": 1}', "true", "1.5"):
+        with pytest.raises(RequestError, match=r"field 'id' must be a string or an integer, got ") as e:
+            parse_line(f'{{"id": {bad}, "prompt": "a"}}', 1)
+        assert e.value.param == "id"
+
+
 @pytest.mark.parametrize("line", ['[{"prompt": "a"}, {"prompt": "b"}]', "[]", '["a"]'])
 def test_a_request_line_that_is_a_json_array_says_the_input_is_json_lines(line):
     with pytest.raises(RequestError, match=r"got an array: the input is JSON Lines, one request object per line"):
