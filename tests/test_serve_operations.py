@@ -73,7 +73,7 @@ def test_a_second_server_on_a_port_another_still_loading_holds_exits_2(tmp_path,
     saying it serves, and listening nowhere."""
     from pipeline_dsl.commands import serve
 
-    held = serve._bind("127.0.0.1", 0)              # what `agp serve` holds while it loads
+    held = serve.listening_socket("127.0.0.1", 0)     # what `agp serve` holds while it loads
     port = held.getsockname()[1]
     try:
         proc = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "serve",
@@ -168,7 +168,7 @@ def test_while_the_model_loads_probes_get_503_loading_and_the_port_stays_held():
     from pipeline_dsl.commands import serve
     from pipeline_dsl.serve.loading import Loading
 
-    sock = serve._bind("127.0.0.1", 0)
+    sock = serve.listening_socket("127.0.0.1", 0)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
         with Loading(sock, retry_after_s=7):

@@ -29,10 +29,10 @@ HELP = "serve a pipeline behind an OpenAI-compatible HTTP API"
 log = logging.getLogger("agp.serve")
 BACKLOG = 2048                  # uvicorn's default: connections the kernel queues before they are accepted
 
-__all__ = ["HELP", "add_arguments", "main"]
+__all__ = ["HELP", "add_arguments", "listening_socket", "main"]
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def listening_socket(host: str, port: int) -> socket.socket:
     """The listening socket, before the model loads. Listening (not only bound) is what holds
     the port: with SO_REUSEADDR (a restart must not wait out TIME_WAIT) two sockets may be
     bound to one port until one listens, so a second server started meanwhile would load,
@@ -86,7 +86,7 @@ def main(args) -> int:
         return _main_on_ray(args)
     try:
         check_args(args)
-        sock = _bind(args.host, args.port)
+        sock = listening_socket(args.host, args.port)
     except SetupError as e:
         report(str(e))
         return 2
