@@ -164,3 +164,24 @@ def test_an_identifier_or_call_limit_of_the_wrong_type_is_a_400_naming_it(server
     r = httpx.post(server.url + "/v1/responses", json={"model": "tiny", "input": "x", field: value}, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == field
+
+
+def test_the_answer_repeats_the_sampling_it_ran_with(tiny_gguf):
+    # OpenAI's response object says the temperature and top_p used; left out, they are the
+    # generate stage's (they were null), given, the client's; streamed, response.created says so too
+    from test_serve import TINY
+
+    text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=8, timeout=20).replace(
+        "generate      { max_new_tokens = 16 }", "generate { max_new_tokens = 4  temperature = 0.7  top_p = 0.9  seed = 1 }")
+    assert "temperature = 0.7" in text
+    s = LiveServer(tiny_gguf, text=text)
+    try:
+        r = s.client.responses.create(model="tiny", input="hi", max_output_tokens=2)
+        assert (r.temperature, r.top_p) == (0.7, 0.9)
+        r = s.client.responses.create(model="tiny", input="hi", max_output_tokens=2, temperature=0.2, top_p=0.5)
+        assert (r.temperature, r.top_p) == (0.2, 0.5)
+        events = list(s.client.responses.create(model="tiny", input="hi", max_output_tokens=2, stream=True))
+        assert (events[0].type, events[0].response.temperature, events[-1].response.top_p) == \
+            ("response.created", 0.7, 0.9)
+    finally:
+        s.close()

@@ -65,6 +65,15 @@ class EngineSide:
         tok = self._segment_for(pin).tokenizer
         return functools.lru_cache(maxsize=1 << 16)(tok.token_bytes)
 
+    def sampling_defaults(self, pin: str | None = None) -> dict | None:
+        """The temperature and top_p a request that leaves them out runs with: the pinned generate
+        stage's, or the only one's; None when several generate stages could answer it."""
+        gens = [pin] if pin else list(self.seg_of_gen)
+        if len(gens) != 1 or gens[0] not in self.seg_of_gen:
+            return None
+        d = self.seg_of_gen[gens[0]].defaults[gens[0]]
+        return {"temperature": d.temperature, "top_p": d.top_p}
+
     def detokenise(self, ids: list[int], pin: str | None = None) -> str:
         es = self._segment_for(pin)
         vocab = es.vocab_size

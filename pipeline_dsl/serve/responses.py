@@ -261,6 +261,12 @@ class Responses:
                                    store=self.store)
         except APIError as err:
             return g.refused(err)
+        # the response repeats the sampling it runs with, as OpenAI's does: what the client left
+        # out comes from the generate stage (unknown, null, when several could answer it)
+        used = g.apipe.runtime.sampling_defaults(call.req.pin) or {}
+        for k, v in used.items():
+            if call.settings.get(k) is None:
+                call.settings[k] = v
         rid = f"resp_{request_info(request.scope).adopt(call.req.request_id)}"
         started = await g.start(request, call.req, rid)
         if isinstance(started, Response):
