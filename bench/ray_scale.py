@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from pipeline_dsl.commands import loadgen as B  # noqa: E402
+from pipeline_dsl.requests_io import parse_line  # noqa: E402
 from serve_load import WORKLOADS, Server, loadavg  # noqa: E402
 
 
@@ -53,7 +54,7 @@ def prefix_items(n: int):
         store, line = i % 8, lines[i // 8]
         body = {"messages": [{"role": "system", "content": f"Store number {store}.\n{system}"},
                              line["messages"][-1]], "max_tokens": line.get("max_tokens", 32)}
-        items.append(B.parse_line(json.dumps(body), i + 1))
+        items.append(parse_line(json.dumps(body), i + 1))
     return items
 
 

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline_dsl.commands import loadgen as B  # noqa: E402
+from pipeline_dsl.requests_io import parse_line  # noqa: E402
 
 WORKLOADS = ROOT / "bench" / "workloads"
 
@@ -140,7 +141,7 @@ def phase_reuse(args) -> dict:
 
 def phase_saturation(args) -> dict:
     lines = (WORKLOADS / "short_chat.jsonl").read_text().splitlines()[:args.sat_num]
-    items = [B.parse_line(line, i + 1) for i, line in enumerate(lines)]
+    items = [parse_line(line, i + 1) for i, line in enumerate(lines)]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         prompts = Path(tmp) / "prompts.jsonl"

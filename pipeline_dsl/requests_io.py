@@ -262,6 +262,12 @@ def token_ids(name: str, value) -> tuple[int, ...]:
         raise RequestError(str(e), param=e.field) from None
 
 
+def is_id(value) -> bool:
+    """Whether `value` can be a request's id (or a batch line's custom_id): a string or an
+    integer, not a bool."""
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
+
+
 def parse_request(obj, default_id=None) -> ParsedRequest:
     """Validate one request object (already decoded from JSON)."""
     if not isinstance(obj, dict):
@@ -274,7 +280,7 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     rid = obj.get("id")
     if rid is None:                            # "id": null is no id: the line number stands in
         rid = default_id
-    elif isinstance(rid, bool) or not isinstance(rid, (str, int)):
+    elif not is_id(rid):
         raise RequestError(f"field 'id' must be a string or an integer, got {json.dumps(rid)[:60]} (the answer's "
                            "id, unique in the file; leave it out for the line number)", param="id")
     req = ParsedRequest(id=rid)
@@ -468,9 +474,14 @@ def _utf8_ok(s: str) -> bool:
 
 
 def parse_line(line: str, lineno: int) -> ParsedRequest:
-    """One JSONL line; the id defaults to the line number. A line that is a JSON array (most
-    often a whole file written as one `[{...}, {...}]`) is told the format it needs."""
-    obj = load_json(line, "the line")
+    """One JSONL line; the id defaults to the line number (parse_line_object)."""
+    return parse_line_object(load_json(line, "the line"), lineno)
+
+
+def parse_line_object(obj, lineno: int) -> ParsedRequest:
+    """One JSONL line already decoded (load_json), for a reader that looked at it first (a batch-API
+    line?); the id defaults to the line number. A line that is a JSON array (most often a whole
+    file written as one `[{...}, {...}]`) is told the format it needs."""
     if isinstance(obj, list):
         raise RequestError("a request must be a JSON object, got an array: the input is JSON Lines, one request "
                            "object per line, not a JSON array (jq -c '.[]' FILE turns an array into lines)")

@@ -14,6 +14,7 @@ import pytest
 
 from pipeline_dsl.commands import loadgen as B
 from pipeline_dsl.cli import main as agp
+from pipeline_dsl.requests_io import parse_line
 
 from test_serve import LiveServer
 
@@ -245,7 +246,7 @@ def test_http_target_counts_refused_requests_as_errors(tiny_gguf):
     server = LiveServer(tiny_gguf)
     try:
         target = B.HTTPTarget(server.url, model="tiny")
-        items = [B.parse_line(json.dumps({"prompt": "the cat " * 300, "max_tokens": 4}), 1)]
+        items = [parse_line(json.dumps({"prompt": "the cat " * 300, "max_tokens": 4}), 1)]
         r = asyncio.run(B.bench_one(target, items, rate=math.inf, num=2, progress=False, warmup=0))
     finally:
         server.close()

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipeline_dsl.commands import batch_api
-from pipeline_dsl.requests_io import ParsedRequest, RequestError, load_json, parse_line
+from pipeline_dsl.requests_io import ParsedRequest, RequestError, load_json, parse_line_object
 
 
 class BenchError(ValueError):
@@ -53,11 +53,11 @@ def load_workload(path: str | Path) -> list[ParsedRequest]:
         if not line.strip():
             continue
         try:
-            obj = load_json(line, "the line") if '"custom_id"' in line else None
+            obj = load_json(line, "the line")
             if batch_api.is_batch_line(obj):        # an OpenAI batch-API line, as agp run takes it
                 items.append(batch_api.workload_request(obj, lineno))
             else:
-                items.append(parse_line(line, lineno))
+                items.append(parse_line_object(obj, lineno))
         except RequestError as e:
             raise BenchError(f"{path}:{lineno}: {e}") from None
     if not items:

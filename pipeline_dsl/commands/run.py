@@ -158,32 +158,32 @@ def answered_ids(path: str, input_ids: Counter) -> tuple[Counter, int, list[int]
     return ids, keep, foreign
 
 
-def _line_id(raw: bytes, lineno: int, parse_line, load_json, RequestError):
-    """(request, error, id, batch) of one input line: the id its record carries, answered or
-    not; `batch`: an OpenAI batch-API line (its request a BatchLine, its id the custom_id)."""
+def _line_id(raw: bytes, lineno: int):
+    """(request, error, id, batch) of one input line, its JSON decoded once: the id its record
+    carries, answered or not; `batch`: an OpenAI batch-API line (its request a BatchLine, its id
+    the custom_id)."""
     from pipeline_dsl.commands import batch_api
+    from pipeline_dsl.requests_io import RequestError, is_id, load_json, parse_line_object
 
     if isinstance(raw, TooLong):
         error = f"the line is longer than {MAX_LINE_BYTES >> 20} MiB"
         if raw.endless:
             error += f" (no end of line in {MAX_SKIP_BYTES >> 20} MiB more: the input is not read further)"
         return None, error, lineno, False
+    obj = None
     try:
-        text = raw.decode("utf-8")
-        obj = load_json(text, "the line")
+        obj = load_json(raw, "the line")               # not UTF-8, not JSON: a RequestError saying so
         if batch_api.is_batch_line(obj):
-            cid = obj["custom_id"]
-            try:
-                return batch_api.read_line(obj, lineno), None, cid, True
-            except RequestError as e:
-                return None, str(e), cid if isinstance(cid, (str, int)) and not isinstance(cid, bool) else lineno, True
-        req = parse_line(text, lineno)
+            return batch_api.read_line(obj, lineno), None, obj["custom_id"], True
+        req = parse_line_object(obj, lineno)
         return req, None, req.id, False
-    except UnicodeDecodeError as e:
-        error = f"the line is not UTF-8 text (byte {e.start})"
     except RequestError as e:
         error = str(e)
-    return None, error, _guess_id(raw, lineno, load_json), False
+    if obj is None:
+        return None, error, _guess_id(raw, lineno), False
+    batch = batch_api.is_batch_line(obj)
+    rid = obj.get("custom_id" if batch else "id") if isinstance(obj, dict) else None
+    return None, error, rid if is_id(rid) else lineno, batch
 
 
 class Interrupt:
@@ -214,7 +214,6 @@ class Interrupt:
 
 
 def main(args) -> int:
-    from pipeline_dsl.requests_io import RequestError, load_json, parse_line
     from pipeline_dsl.commands import batch_api
     from pipeline_dsl.commands.runner import RunRequest, format_summary, run_pipeline
     from pipeline_dsl.serve.api_error import APIError
@@ -232,7 +231,7 @@ def main(args) -> int:
     except OSError as e:
         return _err(f"cannot read {args.input}: {e.strerror}")
     # each line's request (or why it cannot run) and id, before anything loads: --resume needs the ids
-    parsed = [(lineno, raw, *_line_id(raw, lineno, parse_line, load_json, RequestError))
+    parsed = [(lineno, raw, *_line_id(raw, lineno))
               for lineno, raw in enumerate(lines, 1) if raw.strip()]
     not_jsonl = _not_json_lines(parsed)
     if not_jsonl:
@@ -441,12 +440,16 @@ def _not_json_lines(parsed: list) -> str | None:
             f"JSON request a line, such as {{\"prompt\": \"Hello\"}} or {{\"messages\": [...]}}{hint}")
 
 
-def _guess_id(raw: bytes, lineno: int, load_json=None):
-    """The id of a line that cannot run, when it has a readable one; else its line number."""
+def _guess_id(raw: bytes, lineno: int):
+    """The id of a line that is not JSON as it stands (not UTF-8: read with U+FFFD in its place),
+    when it has a readable one; else its line number."""
+    from pipeline_dsl.requests_io import is_id
+
     try:
         obj = json.loads(raw.decode("utf-8", "replace"))
     except (ValueError, RecursionError):
         return lineno
+    return obj["id"] if isinstance(obj, dict) and is_id(obj.get("id")) else lineno
     if isinstance(obj, dict) and isinstance(obj.get("id"), (str, int)) and not isinstance(obj.get("id"), bool):
         return obj["id"]
     return lineno

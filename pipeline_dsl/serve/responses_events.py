@@ -32,8 +32,8 @@ class ResponseEvents(Relay):
         self.output: list[dict] = []            # the items done so far
         self.msg: dict | None = None            # the open message item
         self.text = ""
-        self.lps: list | None = [] if owner.text_of(call) else None
         self.text_of = owner.text_of(call)
+        self.lps: list | None = [] if self.text_of else None
         self.bytes_of = owner.bytes_of(call)
         self.tools = None
         if call.req.tools_active:
