@@ -254,13 +254,18 @@ def test_the_plan_page_names_the_work_each_kind_is_split_into():
         assert f"`{kind}` = {part}" in text, f"plan.md does not say {kind}'s per-request work is '{part}'"
 
 
-def test_the_command_synopsis_of_the_language_reference_names_flags_that_exist():
-    # docs/language.md, "Commands": `agp run FILE [-i in.jsonl] … [--resume | --overwrite]`
+def synopsis_commands():
+    """(line, command, its argparse parser) of each line of language.md's command synopsis."""
     synopsis = next(b for b in blocks(ROOT / "docs" / "language.md", "") if b.startswith("agp check FILE"))
-    bad = []
     for line in synopsis.splitlines():
         command = line.split()[1]
-        parser = build_parser([command]).commands[command]
+        yield line, command, build_parser([command]).commands[command]
+
+
+def test_the_command_synopsis_of_the_language_reference_names_flags_that_exist():
+    # docs/language.md, "Commands": `agp run FILE [-i in.jsonl] … [--resume | --overwrite]`
+    bad = []
+    for line, command, parser in synopsis_commands():
         flags = {f for a in parser._actions for f in a.option_strings}
         bad += [f"agp {command} {f}" for f in re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", line) if f not in flags]
     assert not bad, f"language.md's synopsis names flags that do not exist: {bad}"
@@ -268,11 +273,8 @@ def test_the_command_synopsis_of_the_language_reference_names_flags_that_exist()
 
 def test_the_command_synopsis_shows_pipeline_on_every_command_that_takes_it():
     # a file may hold several pipelines: the synopsis says how to pick one wherever agp can
-    synopsis = next(b for b in blocks(ROOT / "docs" / "language.md", "") if b.startswith("agp check FILE"))
     missing = []
-    for line in synopsis.splitlines():
-        command = line.split()[1]
-        parser = build_parser([command]).commands[command]
+    for line, command, parser in synopsis_commands():
         takes = any("--pipeline" in a.option_strings for a in parser._actions)
         if takes and "--pipeline NAME" not in line:
             missing.append(command)
