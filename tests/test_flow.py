@@ -52,6 +52,11 @@ def loop(item):
                                          {"role": "user", "content": "again"}]
     return req
 
+def fall_back(item):
+    if item["request"]["id"].startswith("keep"):
+        return item
+    return item["request"]
+
 def pick_last(items):
     return items[-1]
 
@@ -382,6 +387,44 @@ def test_a_request_looping_back_continues_its_branch_and_is_not_sampled_n_times_
     for c in res.choices:
         messages = c.data["request"]["messages"]
         assert [m["content"] for m in messages if m["role"] == "user"] == ["hello", "again", "again"]
+
+
+CASCADE = ("stage request : requests {}\nstage first : generate { max_new_tokens = 3 GEN1 }\n"
+           "stage check : python { fn = \"hooks:fall_back\"  returns = any }\n"
+           "stage second : generate { max_new_tokens = 4 GEN2 }\nstage out : respond {}\n"
+           "request -> batch\n" + chain("first") + chain("second", "batch2", "enc2", "kv2")
+           + "first -> check\ncheck -> batch2\ncheck -> out\nsecond -> out\n")
+
+
+@pytest.mark.parametrize("where", ["stage", "request"])
+def test_a_choice_that_falls_back_to_a_second_model_is_answered_once_there(tmp_path, where):
+    """n = 2: each choice the first model's answer fails goes to the second model as one
+    branch and comes back as one answer, not n again (a request asking for 2 choices got 4)."""
+    n2 = "  n = 2  temperature = 1.0  seed = 3"
+    body = CASCADE.replace("GEN1", n2 if where == "stage" else "").replace("GEN2", n2 if where == "stage" else "")
+    path = write(tmp_path, body)
+    assert check(path) == []
+    extra = {"n": 2, "temperature": 1.0, "seed": 3} if where == "request" else {}
+    (fell, kept), rt = run(path, [chat("fall", "hello", max_tokens=None, **extra),
+                                  chat("keep", "hello", max_tokens=None, **extra)])
+    assert fell.ok and [c.index for c in fell.choices] == [0, 1]
+    assert {c.data["generated_by"] for c in fell.choices} == {"second"}
+    assert fell.usage["completion_tokens"] == 2 * 3 + 2 * 4
+    assert kept.ok and [c.index for c in kept.choices] == [0, 1]
+    assert rt.stats()["stages"]["second"]["items_in"] == 2
+
+
+def test_a_second_model_after_a_single_answer_still_makes_its_own_n_copies(tmp_path):
+    """A draft answered once, then a second stage with n = 3 into a vote: the three copies are
+    the second stage's own, as without the first (only a branch already split is not split again)."""
+    body = (CASCADE.replace("GEN1", "").replace("GEN2", "  n = 3  temperature = 1.0  seed = 3")
+            .replace("second -> out", "second -> vote -> out")
+            + "stage vote : join { fn = \"hooks:pick_last\" }\n")
+    path = write(tmp_path, body)
+    assert check(path) == []
+    (res,), rt = run(path, [chat("fall", "hello", max_tokens=None)])
+    assert res.ok and len(res.choices) == 1 and len(res.choices[0].data["branches"]) == 3
+    assert rt.stats()["stages"]["second"]["items_in"] == 3
 
 
 def test_a_loop_without_a_bound_is_a_cycle_error(tmp_path):

@@ -179,9 +179,11 @@ class EngineSide:
             return
         copies = []                                         # (target index, generate stage, copy, params)
         for g_i, gen in enumerate(targets):
-            # a Request looping back to a generate stage continues its own branch: sampled once,
-            # not n times again (n on every pass would be n ** turns sequences of one request)
-            for i in range(1 if gen in item.sampled else es.copies(gen, item.data)):
+            # a Request looping back to a generate stage, or one copy of n going on to another
+            # generate stage (a fallback model), continues its own branch: sampled once, not n
+            # times again (n on every pass would be n ** turns sequences of one request)
+            once = gen in item.sampled or item.split
+            for i in range(1 if once else es.copies(gen, item.data)):
                 data = item.data if not copies else copy.deepcopy(item.data)
                 try:
                     copies.append((g_i, gen, i, data, es.sampling(gen, data, len(ids), copy=i)))
@@ -200,8 +202,9 @@ class EngineSide:
             for g_i, gen, i, data, params in copies:
                 branch = item.branch + ((g_i,) if len(targets) > 1 else ()) + \
                     ((i,) if len([c for c in copies if c[0] == g_i]) > 1 else ())
+                split = item.split or len([c for c in copies if c[0] == g_i]) > 1
                 child = Item(REQUEST, data, req, gen, branch, dict(item.turns), None, None, item.ids, entry,
-                             sampled=item.sampled | {gen})
+                             sampled=item.sampled | {gen}, split=split)
                 if self.streams.direct[gen]:
                     child.index = req.next_index
                     req.next_index += 1
@@ -225,7 +228,8 @@ class EngineSide:
             entry["cached_tokens"] = 0
             for g_i, gen in enumerate(targets):
                 child = Item(GENERATED, {}, req, gen, item.branch + ((g_i,) if len(targets) > 1 else ()),
-                             dict(item.turns), None, None, item.ids, entry, sampled=item.sampled | {gen})
+                             dict(item.turns), None, None, item.ids, entry, sampled=item.sampled | {gen},
+                             split=item.split)
                 child.data = self._generated(child, item.data, gen, "", "length", len(ids), 0, 0)
                 req.items.add(child)
                 made.append(child)

@@ -97,10 +97,11 @@ class Item:
     queued: bool = False               # sent to `at` and not yet taken up there
     live: Any = None                   # streams.Live while stream stages filter its text as it comes
     sampled: frozenset = frozenset()   # generate stages that made this branch's `n` copies already
+    split: bool = False                # one of several copies a generate stage made: never split again
 
     def fork(self, branch: tuple) -> "Item":
         return Item(self.kind, copy.deepcopy(self.data), self.req, self.at, branch, dict(self.turns),
-                    self.label, None, self.ids, self.entry, sampled=self.sampled)
+                    self.label, None, self.ids, self.entry, sampled=self.sampled, split=self.split)
 
 
 def unicode_problem(text: str) -> str | None:
