@@ -692,7 +692,8 @@ def quote(s: str) -> str:
 
 
 def parse(text: str, file: str = "<string>") -> tuple[ast.Module | None, list[Diagnostic]]:
-    """Parse one file's text. Returns (module, []) or (None, [the syntax error])."""
+    """Parse one file's text. Returns (module, []) or (None, [its syntax errors, up to
+    MAX_SYNTAX_ERRORS])."""
     comments: list[ast.Comment] = []
 
     def on_comment(tok: Token):
@@ -707,7 +708,7 @@ def parse(text: str, file: str = "<string>") -> tuple[ast.Module | None, list[Di
     try:
         tree = _lark().parse(text)
     except UnexpectedInput as err:
-        return None, [_syntax_diagnostic(err, text, file)]
+        return None, _syntax_errors(err, text, file)
     builder = _Builder(file)
     try:
         items = builder.transform(tree)
@@ -719,6 +720,78 @@ def parse(text: str, file: str = "<string>") -> tuple[ast.Module | None, list[Di
         return None, [_too_deep(*builder.too_deep)]
     _collect_comments(text, on_comment)
     return ast.Module(file, items, tuple(comments)), []
+
+
+# a file with several mistakes reports up to this many syntax errors at once
+MAX_SYNTAX_ERRORS = 10
+
+
+def _syntax_errors(err: UnexpectedInput, text: str, file: str) -> list[Diagnostic]:
+    """The syntax error `err` and those after it: the statement holding each error is blanked
+    (spaces, so every position stays) and the text parsed again, as a compiler reports a file's
+    mistakes in one pass. Recovery stops where a blank could invent errors: at the end of the
+    file, at a '{' left open, or when the next error is not past the statement blanked."""
+    diags = [_syntax_diagnostic(err, text, file)]
+    while len(diags) < MAX_SYNTAX_ERRORS:
+        if isinstance(err, UnexpectedEOF) or isinstance(err, UnexpectedToken) and err.token.type == "$END" \
+                or "is not closed" in (diags[-1].hint or ""):
+            break
+        span = _statement_around(text, min(diags[-1].pos.line, err.line))
+        if span is None:
+            break
+        start, end = span
+        text = text[:start] + re.sub(r"[^\n]", " ", text[start:end]) + text[end:]
+        try:
+            _lark().parse(text)
+            break
+        except UnexpectedInput as nxt:
+            diag = _syntax_diagnostic(nxt, text, file)
+            end_line = text.count("\n", 0, end) + 1
+            if isinstance(nxt, UnexpectedEOF) or diag.pos.line <= end_line and _offset(text, diag.pos) < end:
+                break
+            diags.append(diag)
+            err = nxt
+    return diags
+
+
+def _offset(text: str, pos: SourcePos) -> int:
+    """The text offset of a 1-based (line, column)."""
+    start = 0
+    for _ in range(pos.line - 1):
+        start = text.index("\n", start) + 1
+    return start + pos.col - 1
+
+
+def _statement_around(text: str, line: int) -> tuple[int, int] | None:
+    """(start, end) of the lines holding the statement of an error found at `line` (1-based):
+    that line, and on through the line that closes a '{' or '[' it opens. None where the lines
+    close more than they open (the error is a block's: blanking it would unbalance the file)."""
+    start = 0
+    for _ in range(line - 1):
+        start = text.index("\n", start) + 1
+    depth, i, n = 0, start, len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':
+            j = i + 1
+            while j < n and text[j] not in '"\n':
+                j += 2 if text[j] == "\\" else 1
+            i = j + 1
+            continue
+        if c == "#":
+            nl = text.find("\n", i)
+            i = n if nl < 0 else nl
+            continue
+        if c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+            if depth < 0:
+                return None
+        elif c == "\n" and depth == 0:
+            return start, i
+        i += 1
+    return (start, n) if depth == 0 else None
 
 
 def _too_deep(depth: int, what: str, pos: SourcePos) -> Diagnostic:

@@ -38,8 +38,10 @@ def at(err) -> tuple[int, int]:
 
 
 def test_a_non_ascii_letter_in_a_name_says_what_names_are():
-    err = one(SEED.replace("stage out : respond {}", "stage sortie_é : respond {}").replace("-> out", "-> sortie_é"))
+    err, again = errors(SEED.replace("stage out : respond {}", "stage sortie_é : respond {}")
+                        .replace("-> out", "-> sortie_é"))
     assert (err.message, at(err)) == ("unexpected character 'é'", (8, 18))
+    assert again.message == err.message and again.hint == err.hint and again.pos.line > 8
     assert err.hint == "names are ASCII letters, digits and '_'; other text belongs in a string (\"…\")"
 
 

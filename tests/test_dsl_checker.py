@@ -529,6 +529,33 @@ def test_syntax_slips_from_other_languages_get_a_hint(line, message, col, hint):
     assert (d.message, d.pos.line, d.pos.col, d.hint) == (message, 2, col, hint)
 
 
+def test_every_syntax_error_of_a_file_is_reported_in_one_pass():
+    """Three independent slips, three errors in file order (only the first was reported: a
+    user fixed one and ran check again for the next)."""
+    text = ("pipeline p {\n    stage batch : dynamic_batch { max_batch_size = = 8 }\n"
+            "    stage gen : generate {\n        temperature = 0.7;\n    }\n"
+            "    request -> batch when\n    gen -> out\n    batch => gen\n}\n")
+    module, diags = parse(text, "t.agp")
+    assert module is None
+    assert [(d.message, d.pos.line) for d in diags] == [
+        ("unexpected '='", 2), ("unexpected character ';'", 4), ("missing condition after 'when'", 6),
+        ("unexpected '>'", 8)]
+
+
+@pytest.mark.parametrize("text, count", [
+    # a '{' left open: what follows is inside it, so nothing after it is reported
+    ("pipeline p {\n    stage gen : generate { n = 1\n    stage out : respond {}\n    a => b\n}\n", 1),
+    # the file ends inside the pipeline: one error, not one per line after a blank
+    ("pipeline p {\n    a -> -> b\n    stage out : respond {}\n", 2),
+    # a mistake in the line that opens a block blanks the block through its '}'
+    ("pipeline p {\n    stage gen generate {\n        n = 1\n    }\n    a -> b when\n}\n", 2),
+])
+def test_syntax_error_recovery_invents_no_errors(text, count):
+    _, diags = parse(text, "t.agp")
+    assert len(diags) == count
+    assert len({(d.pos.line, d.pos.col) for d in diags}) == count
+
+
 def test_the_caret_is_placed_by_display_width_after_wide_characters():
     from pipeline_dsl.diagnostics import ERROR, Diagnostic
 
