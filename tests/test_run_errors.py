@@ -216,3 +216,24 @@ def test_a_run_whose_every_request_failed_says_so_and_exits_1(tmp_path, pipeline
     assert r.returncode == 1, r.stderr
     assert "every request failed (2 of 2" in r.stderr and "Traceback" not in r.stderr
     assert [sorted(rec) for rec in records(out)] == [["error", "id"], ["error", "id"]]
+
+
+def test_an_input_with_nothing_to_run_loads_no_model_but_still_checks_the_pipeline(tmp_path, pipeline):
+    """An empty input (or one every line of which --resume finds answered) is no reason to load a
+    model: exit 0 at once, saying so; a broken pipeline is still exit 2."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n  \n")
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert (r.returncode, out.read_text()) == (0, "")
+    assert f"nothing to run: {inp} has no requests" in r.stderr and "load" not in r.stderr
+    inp.write_text('{"id": "a", "prompt": "hi"}\n')
+    assert run(pipeline, "-i", inp, "-o", out, "--overwrite").returncode == 0
+    answered = out.read_text()
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")
+    assert r.returncode == 0 and f"{out} answers every line of {inp} already" in r.stderr
+    assert out.read_text() == answered
+    broken = tmp_path / "broken.agp"
+    broken.write_text(pipeline.read_text().replace("encode -> kv", "encode -> kvv"))
+    inp.write_text("")
+    r = run(broken, "-i", inp, "-o", out, "--overwrite")
+    assert r.returncode == 2 and "kvv" in r.stderr

@@ -270,6 +270,18 @@ def main(args) -> int:
     except OSError as e:
         return _err(f"cannot write {args.output}: {e.strerror}")
 
+    source = "stdin" if args.input == "-" else args.input
+    if not parsed or sum(done_ids.values()) >= len(parsed):
+        # nothing to answer: the pipeline is checked (a broken one still exits 2), no model loads
+        from pipeline_dsl.flow import load_graph
+
+        load_graph(args.pipeline, args.name, args.allow_path)
+        if out is not sys.stdout:
+            out.close()
+        print(f"agp run: nothing to run: {source} has no requests" if not parsed else
+              f"agp run: nothing to run: {args.output} answers every line of {source} already", file=sys.stderr)
+        return 0
+
     from pipeline_dsl.engine.trace import Trace
     from pipeline_dsl.flow import build_runtime
 
