@@ -97,9 +97,40 @@ def parse_tool_calls(text: str, limit: int | None = None) -> tuple[str | None, l
         return "" if found else match.group(0)
 
     content = CALL_RE.sub(take, text)
+    cut = content.rfind(OPEN)
+    if cut >= 0 and CLOSE not in content[cut:]:      # the answer ended inside a block (a length cut)
+        found = _finished_calls(content[cut + len(OPEN):])
+        if found:                                    # its finished calls count, the unfinished one goes
+            calls.extend(found)
+            content = content[:cut]
     if not calls:
         return text, []
     return (content if content.strip() else None), calls[:limit]
+
+
+def _finished_calls(body: str) -> list[dict]:
+    """The calls written in full in a `<tool_call>` block the answer ended inside: the whole
+    objects of a cut list (`[{…}, {…}, {"name": "f", "argu`), or one whole object. A model made
+    to call (tool_choice "required") that writes calls until max_tokens keeps the finished ones,
+    as a stream of the same answer sends them."""
+    decoder, text = json.JSONDecoder(), body.lstrip()
+    if text.startswith("{"):
+        try:
+            value, _ = decoder.raw_decode(text)
+        except ValueError:
+            return []
+        return _calls_of([value])
+    if not text.startswith("["):
+        return []
+    values, at = [], 1
+    while True:
+        while at < len(text) and text[at] in " \t\r\n,":
+            at += 1
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return _calls_of(values)
+        values.append(value)
 
 
 def _calls_in(body: str) -> list[dict]:
@@ -109,8 +140,13 @@ def _calls_in(body: str) -> list[dict]:
         value = json.loads(body.strip())
     except ValueError:
         return []                           # not a call after all: it stays in the content
+    return _calls_of(value if isinstance(value, list) else [value])
+
+
+def _calls_of(values: list) -> list[dict]:
+    """OpenAI tool calls of the `{"name", "arguments"}` objects among `values`."""
     calls = []
-    for call in value if isinstance(value, list) else [value]:
+    for call in values:
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             continue
         args = call.get("arguments", call.get("parameters", {}))
@@ -151,17 +187,28 @@ class ToolStream:
             self.pending = self.pending[end + len(CLOSE):]
             text, found = parse_tool_calls(block)
             if found:
-                for c in found:
-                    if self.limit is not None and self.index >= self.limit:
-                        break
-                    calls.append({"index": self.index, **c})
-                    self.index += 1
+                calls += self._numbered(found)
             else:
                 content += block
 
     def finish(self) -> tuple[str, list[dict]]:
+        """What was held back when the answer ended: a block the answer ended inside gives its
+        finished calls (parse_tool_calls's rule), else its text is content after all."""
         rest, self.pending = self.pending, ""
+        if rest.startswith(OPEN):
+            found = _finished_calls(rest[len(OPEN):])
+            if found:
+                return "", self._numbered(found)
         return rest, []
+
+    def _numbered(self, found: list[dict]) -> list[dict]:
+        calls = []
+        for c in found:
+            if self.limit is not None and self.index >= self.limit:
+                break
+            calls.append({"index": self.index, **c})
+            self.index += 1
+        return calls
 
 
 def _partial_suffix(text: str, tag: str) -> int:

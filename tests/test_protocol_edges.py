@@ -117,6 +117,36 @@ def test_a_chat_answer_without_tools_keeps_a_call_as_text():
     assert (message, reason) == ({"role": "assistant", "content": "plain text"}, "stop")
 
 
+@pytest.mark.parametrize("cut, names", [
+    ('<tool_call>[{"name": "a", "arguments": {}}, {"name": "b", "arguments": {"x": 1}}, {"name": "c", "argu', "ab"),
+    ('<tool_call>{"name": "a", "arguments": {"x": [1, 2]}}', "a"),
+    ('<tool_call>[{"name": "a", "arguments": {"s": "}, {"}}', "a"),
+])
+def test_an_answer_cut_inside_a_call_block_keeps_its_finished_calls_whole_and_streamed(cut, names):
+    """A model made to call (tool_choice "required") that writes calls until max_tokens: the
+    calls written in full are its calls, the unfinished one is dropped; the partial block was
+    returned as the message's content with no call at all."""
+    from pipeline_dsl.tools import ToolStream
+
+    message, reason = P.chat_message("Calling. " + cut, "length", tools_active=True)
+    assert reason == "tool_calls" and message["content"] == "Calling. "
+    assert "".join(c["function"]["name"] for c in message["tool_calls"]) == names
+    stream = ToolStream()
+    sent, calls = "", []
+    for i in range(0, len("Calling. " + cut), 3):          # three characters a delta
+        text, found = stream.feed(("Calling. " + cut)[i:i + 3])
+        sent, calls = sent + text, calls + found
+    rest, found = stream.finish()
+    assert sent + rest == "Calling. " and [c["index"] for c in calls + found] == list(range(len(names)))
+    assert [c["function"] for c in calls + found] == [c["function"] for c in message["tool_calls"]]
+    # an unfinished block with no finished call stays the content, as before
+    assert P.chat_message('<tool_call>[{"name": "a", "argu', "length", tools_active=True) == (
+        {"role": "assistant", "content": '<tool_call>[{"name": "a", "argu'}, "length")
+    one = ToolStream(limit=1)
+    one.feed(cut)
+    assert len(one.finish()[1]) == 1
+
+
 # ---------------------------------------------------------------- answer bodies, exactly
 
 def test_usage_counts_total_as_prompt_plus_completion_and_lists_cached():

@@ -112,9 +112,11 @@ class ResponseEvents(Relay):
         if choice is not None and not self.seen:        # it came whole (through later stages)
             out += self.content(choice.text, choice.data.get("logprobs"))
         if self.tools is not None:
-            rest, _ = self.tools.finish()
+            rest, calls = self.tools.finish()
             if rest:
                 out += self._text(rest, None)
+            for c in calls:
+                out += self._call(c)
         status = "incomplete" if choice is not None and choice.finish_reason == "length" else "completed"
         if self.msg is None and not self.output:
             out += self._open()                          # an empty answer is still a message

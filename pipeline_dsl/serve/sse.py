@@ -244,9 +244,12 @@ class ChunkWriter(Relay):
         self.closed.add(index)
         out = []
         if index in self.tool_streams:
-            rest, _ = self.tool_streams[index].finish()
+            rest, calls = self.tool_streams[index].finish()
             if rest:
                 out.append(self._chunk(index, rest))
+            if calls:
+                self.called.add(index)
+                out.append(self._chunk(index, delta={"tool_calls": calls}))
         if index in self.called:
             reason = "tool_calls"
         self.reasons[index] = reason
