@@ -129,3 +129,32 @@ def test_every_unlabelled_series_exists_at_zero_before_the_first_request():
         samples = fams[name].samples
         assert samples and all(s.value == 0 and s.labels["model_name"] == "m" for s in samples), name
     assert {s.labels["engine"] for s in fams["vllm:prompt_tokens"].samples} == {"0"}
+
+
+def test_every_http_request_is_counted_by_its_route_template_method_and_status(server, client):
+    """Per-route series an operator alerts on (a rising 4xx rate of one route): handler is the
+    route's template, so random paths (a scanner) fall into "none" and add no series."""
+    before = scrape(server)
+    key = dict(handler="/v1/completions", method="POST")
+    client.completions.create(model="tiny", prompt="hello", max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="hello", max_tokens=2, temperature=-1)
+    httpx.get(server.url + "/health", timeout=30)
+    for i in range(3):
+        httpx.get(server.url + f"/scan/{i}.php", timeout=30)
+    httpx.get(server.url + "/v1/responses/resp_nothing_here", timeout=30)
+    httpx.request("PROPFIND", server.url + "/health", timeout=30)        # a method no route takes
+    after = scrape(server)
+
+    def grew(sample, **labels):
+        return value(after, "agp_http_requests", sample, **labels) - value(before, "agp_http_requests", sample, **labels)
+    assert grew("agp_http_requests_total", status="200", **key) == 1
+    assert grew("agp_http_requests_total", status="400", **key) == 1
+    assert grew("agp_http_requests_total", handler="/health", method="GET", status="200") == 1
+    assert grew("agp_http_requests_total", handler="none", method="GET", status="404") == 3
+    assert grew("agp_http_requests_total", handler="/health", method="other", status="405") == 1
+    handlers = {s.labels["handler"] for s in after["agp_http_requests"].samples}
+    assert not any("scan" in h or "resp_nothing" in h for h in handlers)
+    assert any(h.startswith("/v1/responses/{") for h in handlers)
+    lat = "agp_http_request_duration_seconds"
+    assert value(after, lat, lat + "_count", **key) - value(before, lat, lat + "_count", **key) == 2

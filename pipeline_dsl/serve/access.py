@@ -6,6 +6,10 @@
 - The request id: the client's `X-Request-Id` header, else (a generation request) the body's
   `request_id`, else a new one; every answer carries it back as `X-Request-Id`, and the ids of
   generation answers end with it (`chatcmpl-<id>`), as vLLM's do.
+- Every request counted by route (`agp_http_requests_total{handler,method,status}` and its
+  duration histogram): the handler is the path template of the route that answered
+  (`/v1/responses/{response_id}`), "none" where no route did, so a scan of random paths adds
+  no series.
 - One access-log line per request once its answer is sent (logger `agp.access`; uvicorn's own
   access log is off): client, method, path, status, latency and request id; a stream whose
   client went before its end is logged 499 (as the metrics count it), not the 200 it began with.
@@ -20,12 +24,16 @@ import re
 import time
 import uuid
 
+from starlette.routing import Match
+
 from .errors import current_info
 from .guard import header
 
 access_log = logging.getLogger("agp.access")
 # an id the client sends is kept when it is short and printable (it is echoed in a header and logs)
 CLIENT_ID = re.compile(r"[\x21-\x7e]{1,128}")
+# the methods the metrics name; any other word a client sends is counted as "other"
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class RequestInfo:
@@ -54,9 +62,22 @@ def request_info(scope) -> RequestInfo:
 
 
 class Access:
-    def __init__(self, app, root_path: str = "", quiet: tuple[str, ...] = ()):
+    def __init__(self, app, root_path: str = "", quiet: tuple[str, ...] = (), metrics=None, routes=()):
         self.app, self.root = app, root_path.rstrip("/")
         self.quiet = frozenset(p.rstrip("/") or "/" for p in quiet)
+        self.metrics, self.routes = metrics, routes
+
+    def handler(self, scope) -> str:
+        """The path template of the route the request reached (its method aside), or "none":
+        the router notes the route it matched in the scope; a 405 (path matched, method not)
+        is found among the routes."""
+        route = scope.get("route")
+        if getattr(route, "path", None):
+            return route.path
+        for route in self.routes:
+            if getattr(route, "path", None) and route.matches(scope)[0] != Match.NONE:
+                return route.path
+        return "none"
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -80,6 +101,11 @@ class Access:
             await self.app(scope, receive, sending)
         finally:
             code = 499 if info.cut else status[0]
+            if self.metrics is not None:
+                method = scope.get("method", "")
+                self.metrics.observe_http(self.handler({**scope, "path": path[len(root):] or "/"}),
+                                          method if method in METHODS else "other", code,
+                                          time.perf_counter() - info.started)
             if code >= 400 or not self.quiet or (path[len(root):] or "/") not in self.quiet:
                 self._log(scope, code, info)
 

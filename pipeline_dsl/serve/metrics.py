@@ -328,11 +328,22 @@ class ServerMetrics:
         for attr, name, doc, buckets in HISTOGRAMS:       # each under agp's and vLLM's (same) name
             setattr(self, attr, metric(Histogram, name, name, doc, buckets=buckets, older=OLDER_NAMES.get(name, ())))
         self.in_flight = metric(Gauge, "requests_in_flight", None, "HTTP generation requests being served")
+        # every HTTP request by route, as prometheus-fastapi-instrumentator's series (vLLM's
+        # http_requests_total): `handler` is the route's path template, "none" for no route
+        self.http = metric(Counter, "http_requests", None, "HTTP requests by route, method and status",
+                           ("handler", "method", "status"))
+        self.http_latency = metric(Histogram, "http_request_duration_seconds", None,
+                                   "HTTP request duration by route and method (a stream: to its last byte)",
+                                   ("handler", "method"), buckets=LATENCY_BUCKETS)
         self.window = Window(window_s)
         self.snapshot = _Snapshot(self)
         r.register(self.snapshot)
         if process:
             ProcessCollector(registry=r)
+
+    def observe_http(self, handler: str, method: str, status: int, seconds: float) -> None:
+        self.http.labels(handler, method, status).inc()
+        self.http_latency.labels(handler, method).observe(seconds)
 
     def engine(self, result) -> str:
         """The index of the engine that answered the request (its first choice's generate stage)."""
