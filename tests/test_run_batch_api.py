@@ -112,3 +112,27 @@ def test_resume_without_an_output_file_is_refused(tmp_path, pipeline):
     inp.write_text('{"prompt": "hi"}\n')
     r = run(pipeline, "-i", inp, "--resume")
     assert r.returncode == 2 and "--resume continues an output file" in r.stderr and r.stdout == ""
+
+
+def test_the_fingerprint_cache_keeps_no_runtime_alive():
+    """A finished run's runtime (its model, its KV pool) is freed: the fingerprint is cached
+    weakly (an lru_cache held the last four runtimes of a process)."""
+    import gc
+    import weakref
+
+    from pipeline_dsl.commands import batch_api
+
+    class Runtime:                         # what system_fingerprint reads is not needed: patched
+        pass
+
+    import pipeline_dsl.serve.build as build
+    real, build.system_fingerprint = build.system_fingerprint, lambda rt: f"fp_{id(rt)}"
+    try:
+        rt = Runtime()
+        assert batch_api.fingerprint(rt) == batch_api.fingerprint(rt) == f"fp_{id(rt)}"
+        gone = weakref.ref(rt)
+        del rt
+        gc.collect()
+        assert gone() is None
+    finally:
+        build.system_fingerprint = real

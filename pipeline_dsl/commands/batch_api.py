@@ -17,8 +17,8 @@ same files (`workload_request`).
 """
 from __future__ import annotations
 
-import functools
 import json
+import weakref
 from dataclasses import dataclass
 
 from pipeline_dsl.requests_io import SAMPLING_FIELDS, ParsedRequest, RequestError
@@ -78,17 +78,24 @@ class BatchLine:
             from pipeline_dsl.serve.errors import api_error
 
             return error_record(self.custom_id, self.line, api_error(result.error, self.call.kind), self.rid)
-        body, _ = answer_body(runtime, result, self.call, self.rid, fingerprint=_fingerprint(runtime))
+        body, _ = answer_body(runtime, result, self.call, self.rid, fingerprint=fingerprint(runtime))
         return {"id": f"batch_req_{self.line}", "custom_id": self.custom_id,
                 "response": {"status_code": 200, "request_id": self.rid, "body": body}, "error": None}
 
 
-@functools.lru_cache(maxsize=4)
-def _fingerprint(runtime) -> str:
+# runtime -> its system_fingerprint, computed once; weak, so a finished run's runtime (its model
+# and KV pool) is not kept alive by the cache
+_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def fingerprint(runtime) -> str:
     """The run's system_fingerprint, as agp serve gives it for the same pipeline and model."""
     from pipeline_dsl.serve.build import system_fingerprint
 
-    return system_fingerprint(runtime)
+    got = _FINGERPRINTS.get(runtime)
+    if got is None:
+        got = _FINGERPRINTS[runtime] = system_fingerprint(runtime)
+    return got
 
 
 def read_line(obj: dict, line: int) -> BatchLine:
