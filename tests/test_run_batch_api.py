@@ -136,3 +136,27 @@ def test_the_fingerprint_cache_keeps_no_runtime_alive():
         assert gone() is None
     finally:
         build.system_fingerprint = real
+
+
+def test_a_completions_line_with_several_prompts_is_answered_in_one_body_as_serve_answers_it(tmp_path, pipeline):
+    """`"prompt": [a, b]` with n = 2: four choices numbered prompt * n + i, each prompt's answers
+    its own (greedy: each prompt's alone), usage summed; it was refused ("one line a prompt")."""
+    inp, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
+    lines = [batch_line("two", COMP, {"prompt": ["once upon", "the end"], "max_tokens": 3, "n": 2,
+                                      "temperature": 0}),
+             batch_line("a", COMP, {"prompt": "once upon", "max_tokens": 3, "temperature": 0}),
+             batch_line("b", COMP, {"prompt": "the end", "max_tokens": 3, "temperature": 0}),
+             batch_line("big", COMP, {"prompt": ["x"] * 256, "n": 64, "max_tokens": 1})]
+    inp.write_text("".join(lines))
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    two, a, b, big = records(out)
+    body = two["response"]["body"]
+    assert two["error"] is None and [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    alone = [a["response"]["body"]["choices"][0]["text"], b["response"]["body"]["choices"][0]["text"]]
+    assert [c["text"] for c in body["choices"]] == [alone[0], alone[0], alone[1], alone[1]]
+    use = [x["response"]["body"]["usage"] for x in (a, b)]
+    assert body["usage"]["prompt_tokens"] == use[0]["prompt_tokens"] + use[1]["prompt_tokens"]   # once a prompt
+    assert body["usage"]["completion_tokens"] == 2 * (use[0]["completion_tokens"] + use[1]["completion_tokens"])
+    assert big["response"]["status_code"] == 400 and "asks for 16384 answers" in big["error"]["message"]
+    assert "1 answered" not in r.stderr and "requests        4 (1 failed)" in r.stderr

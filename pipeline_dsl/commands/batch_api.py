@@ -11,9 +11,10 @@ A line that cannot run keeps its custom_id: `response` holds the HTTP status and
 serve would have answered, and `error` holds `{"code", "message", "line"}`, so scripts that look at
 either find it. The body goes through agp serve's own validation (serve/protocol.py), so a batch
 line accepts exactly what POST to that url accepts; its `model` is echoed back, and pins a generate
-stage where it names one. One prompt a line (a completions `prompt` array is refused: one line a
-prompt); `stream` is ignored, a batch answer being one body. `agp bench --workload` takes the
-same files (`workload_request`).
+stage where it names one. A completions `prompt` array is answered in one body as POST
+/v1/completions answers it (one pipeline request per prompt, choice i of prompt k numbered
+k * n + i, usage summed); `stream` is ignored, a batch answer being one body. `agp bench
+--workload` takes the same files (`workload_request`), one prompt a line.
 """
 from __future__ import annotations
 
@@ -44,29 +45,34 @@ class BatchLine:
     body: dict
     line: int
     call: P.GenerationRequest | None = None      # the body, parsed as agp serve parses it
+    per: int = 1                                 # choice numbers each prompt of a batch takes
 
     @property
     def id(self):
         return self.custom_id
 
-    def parse(self, max_model_len: int, stages: tuple[str, ...], default_model: str) -> None:
-        """Check the body as POST `url` would (APIError saying why not)."""
+    def parse(self, max_model_len: int, stages: tuple[str, ...], default_model: str, max_stage_n: int = 1) -> None:
+        """Check the body as POST `url` would (APIError saying why not); `max_stage_n`: the largest
+        `n` of the pipeline's generate stages, which answers a body that gives none."""
         _, parse, _ = ENDPOINTS[self.url]
         model = self.body.get("model")
         served = (model if isinstance(model, str) and model else default_model,)
         body = {k: v for k, v in self.body.items() if k not in ("stream", "stream_options")}
         call = parse(body, max_model_len=max_model_len, served=served, stages=stages)
-        if call.more_prompts:
-            raise APIError(f"'prompt' holds {1 + len(call.more_prompts)} prompts; a batch line answers one "
-                           "(write one line per prompt)", param="prompt")
+        if "n" not in call.fields:
+            P.check_choices(1 + len(call.more_prompts), max_stage_n)
         self.call = call
+        self.per = max(call.choices_per_prompt, max_stage_n)
 
     @property
     def rid(self) -> str:
         return f"{ENDPOINTS[self.url][2]}-{self.line}"
 
-    def item(self) -> dict:
-        return self.call.item(self.rid)
+    def items(self) -> list[dict]:
+        """The pipeline requests of the body: one, or one per prompt of a completions batch
+        (`"prompt": ["a", "b"]`), answered together as POST /v1/completions answers them
+        (choice i of prompt k numbered k * per + i)."""
+        return [part.item(self.rid if k == 0 else f"{self.rid}-{k}") for k, part in enumerate(self.call.split())]
 
     @property
     def pin(self) -> str | None:
@@ -137,6 +143,9 @@ def workload_request(obj: dict, line: int) -> ParsedRequest:
     except APIError as e:
         raise RequestError(e.message, param=e.param) from None
     call = batch.call
+    if call.more_prompts:                           # a workload line is one measured request
+        raise RequestError(f"'prompt' holds {1 + len(call.more_prompts)} prompts; a workload line is one "
+                           "request (write one line per prompt)", param="prompt")
     sampling = {k: v for k, v in call.fields.items() if k in SAMPLING_FIELDS}
     extras = {k: v for k, v in call.fields.items() if k not in sampling and k != "n"}
     return ParsedRequest(id=batch.custom_id, prompt=call.prompt,

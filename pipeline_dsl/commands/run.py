@@ -298,6 +298,7 @@ def main(args) -> int:
     first_line: dict[str, int] = {}        # id -> the line that has it (ids are unique)
     stages = tuple(runtime.seg_of_gen)
     max_model_len = int(min((es.max_model_len for es in runtime.segments), default=1 << 20))
+    max_stage_n = max((n for es in runtime.segments for n in es.n.values()), default=1)
     for lineno, raw, req, error, rid, is_batch in parsed:
         key = _key(rid)
         if done_ids[key] > 0:                  # --resume: this line's record is in the output
@@ -318,7 +319,7 @@ def main(args) -> int:
         results.append(None)
         if req is not None and is_batch:
             try:                               # the body, as agp serve checks it (the model's context known now)
-                req.parse(max_model_len, stages, runtime.name)
+                req.parse(max_model_len, stages, runtime.name, max_stage_n)
             except APIError as e:
                 bad_lines += 1
                 results[slot] = batch_api.error_record(rid, lineno, e)

@@ -30,11 +30,21 @@ class RunRequest:
     parsed: ParsedRequest | None
     batch: BatchLine | None = None  # an OpenAI batch-API line instead (answered in that shape)
 
-    def item(self, runtime) -> tuple[dict, str | None]:
-        """(the request as the pipeline's items carry it, the generate stage it pins or None)."""
+    def items(self, runtime) -> list[tuple[dict, str | None]]:
+        """(the request as the pipeline's items carry it, the generate stage it pins or None):
+        one, or one per prompt of a batch-API completions line with several."""
         if self.batch is not None:
-            return self.batch.item(), self.batch.pin
-        return self.parsed.item(), _pin(runtime, self.parsed)
+            return [(item, self.batch.pin) for item in self.batch.items()]
+        return [(self.parsed.item(), _pin(runtime, self.parsed))]
+
+    def result(self, results: list):
+        """One result of its items' results: choice i of prompt k numbered k * per + i, usage
+        summed, as agp serve answers a completions batch."""
+        if len(results) == 1:
+            return results[0]
+        from pipeline_dsl.serve.async_pipeline import combine
+
+        return combine(results, self.batch.per)
 
     def answer(self, result, runtime) -> dict:
         """Its output line."""
@@ -114,14 +124,38 @@ def run_pipeline(runtime, requests: list[RunRequest], *, on_done: Callable[[int,
 
     interrupted = 0
 
-    def done(i: int, result) -> None:
+    items, owner = [], []                 # every pipeline request, and the line it answers
+    for i, r in enumerate(requests):
+        parts = r.items(runtime)
+        items += parts
+        owner += [i] * len(parts)
+    parts_of: list[list] = [[] for _ in requests]      # each line's (item number, result) so far
+    left = [0] * len(requests)
+    for i in owner:
+        left[i] += 1
+    answered: list = [None] * len(requests)            # each line's result, once all its items are in
+    cut = [False] * len(requests)                      # interrupted
+
+    def interrupted_by(result) -> bool:
+        return stop is not None and stop.is_set() and result.error is not None and result.error.kind == "unavailable"
+
+    def done(k: int, result) -> None:
         nonlocal completion, interrupted
+        i = owner[k]
+        with lock:                        # a line of several prompts is answered once all are in
+            parts_of[i].append((k, result))
+            left[i] -= 1
+            if left[i]:
+                return
+            results = [res for _, res in sorted(parts_of[i], key=lambda kr: kr[0])]
         req = requests[i]
-        if stop is not None and stop.is_set() and result.error is not None and result.error.kind == "unavailable":
+        if any(interrupted_by(res) for res in results):
+            cut[i] = True
             interrupted += 1
             if on_interrupted is not None:
                 on_interrupted(req.slot)
             return
+        answered[i] = result = req.result(results)
         on_done(req.slot, req.answer(result, runtime))
         if bar:
             with lock:
@@ -129,17 +163,15 @@ def run_pipeline(runtime, requests: list[RunRequest], *, on_done: Callable[[int,
                 bar.update(1)
                 bar.set_postfix_str(f"{completion / max(time.perf_counter() - t0, 1e-9):.0f} tok/s")
 
-    results = runtime.run_all([r.item(runtime) for r in requests], on_result=done,
-                              stop=stop)
+    runtime.run_all(items, on_result=done, stop=stop)
     wall = time.perf_counter() - t0
     if bar:
         bar.close()
-    never = [r for r, res in zip(requests, results) if res is None]
+    never = [r for i, r in enumerate(requests) if answered[i] is None and not cut[i]]
     for r in never:
         if on_interrupted is not None:
             on_interrupted(r.slot)
-    finished = [res for res in results if res is not None and not (
-        stop is not None and stop.is_set() and res.error is not None and res.error.kind == "unavailable")]
+    finished = [res for res in answered if res is not None]
     summary = summarize(runtime, finished, wall)
     summary["interrupted"] = interrupted + len(never)
     return summary
