@@ -201,9 +201,16 @@ def check_diags(tmp_path: Path, model: Path):
     return pipeline, [d for d in diags if d.severity == ERROR]
 
 
+def one_request(folder: Path) -> str:
+    """An input of one request: agp run loads the model only when there is something to run."""
+    path = folder / "one.jsonl"
+    path.write_text('{"prompt": "hi", "max_tokens": 1}\n', encoding="utf-8")
+    return str(path)
+
+
 def run_in_process(pipeline: Path, capsys) -> str:
-    """`agp run PIPELINE` on no requests: asserts exit 2 and no traceback; its stderr."""
-    assert cli.main(["run", str(pipeline), "-i", "/dev/null", "--no-progress"]) == 2
+    """`agp run PIPELINE` on one request: asserts exit 2 and no traceback; its stderr."""
+    assert cli.main(["run", str(pipeline), "-i", one_request(pipeline.parent), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "internal error" not in err, err
     return err
@@ -256,7 +263,7 @@ def test_agp_run_and_check_in_a_fresh_process(tmp_path, layout):
     # caught by the check (random bytes): a positioned diagnostic from both commands
     path = write_probe(tmp_path, random.Random(0).randbytes(4096))
     pipeline = write_pipeline(tmp_path, path)
-    for args in (["run", str(pipeline), "-i", "/dev/null", "--no-progress"], ["check", str(pipeline)]):
+    for args in (["run", str(pipeline), "-i", one_request(tmp_path), "--no-progress"], ["check", str(pipeline)]):
         proc = agp(*args)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith(f"{pipeline}:2:13: error: bad model file '{path}': not a GGUF file")
@@ -265,7 +272,7 @@ def test_agp_run_and_check_in_a_fresh_process(tmp_path, layout):
     data = patch(layout.data, layout.value("tokenizer.ggml.tokens") + 12 + 8, b"\xff")
     path = write_probe(tmp_path, data)
     assert agp("check", str(pipeline)).returncode == 0
-    proc = agp("run", str(pipeline), "-i", "/dev/null", "--no-progress")
+    proc = agp("run", str(pipeline), "-i", one_request(tmp_path), "--no-progress")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == (f"agp: error: {path}: metadata 'tokenizer.ggml.tokens' cannot be read: element 0 "
                            f"is not UTF-8 (invalid start byte at byte 0)\n")
