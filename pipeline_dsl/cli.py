@@ -313,6 +313,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         else:
             p = sub.add_parser(name, help=text)
             p.set_defaults(func=_missing_command(name))
+    for p in set(sub.choices.values()):             # `agp serve --version` too (vllm serve --version)
+        p.add_argument("--version", action="version", version=f"agp {_version()}", help=argparse.SUPPRESS)
     return parser
 
 

@@ -463,6 +463,10 @@ def test_agp_version_and_the_usage_of_an_unknown_serve_flag():
     v = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "--version"], capture_output=True, text=True,
                        cwd=ROOT, timeout=60)
     assert v.returncode == 0 and v.stdout.strip() == "agp 0.1.0"
+    for command in ("serve", "run"):                 # as `vllm serve --version` answers
+        sv = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", command, "--version"], capture_output=True,
+                            text=True, cwd=ROOT, timeout=60)
+        assert (sv.returncode, sv.stdout) == (0, v.stdout)
     bad = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "serve", "examples/chat.agp", "--max-num-seq",
                           "4", "--bogus"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert bad.returncode == 2
