@@ -9,6 +9,7 @@ bodies of non-streaming answers and of server-sent-event chunks.
 """
 from __future__ import annotations
 
+import codecs
 import difflib
 import json
 import logging
@@ -443,27 +444,46 @@ def _render_flags(obj: dict) -> dict:
 
 # ---------------------------------------------------------------- logprobs (OpenAI's two shapes)
 
-def completion_logprobs(data: dict, text_of, echo: bool, start: int = 0, k: int | None = None) -> dict:
+class TextOffsets:
+    """OpenAI's `text_offset`: where each token's text begins in the answer's text, in characters.
+
+    A token holding part of a UTF-8 character (a byte-level BPE splits most non-Latin characters)
+    reads U+FFFD alone, so adding up the lengths of the tokens' texts runs past the text by a
+    character or more at each split. The offsets count instead the characters the tokens' bytes
+    have completed so far: a token that begins inside a character points at that character.
+    One instance follows one choice's tokens in order (a stream's chunks too)."""
+
+    def __init__(self, bytes_of, start: int = 0):
+        self.bytes_of = bytes_of                 # token id -> its own bytes (part of a character too)
+        self.pos = start
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def next(self, token_id: int) -> int:
+        """The offset of this token, then move past it."""
+        at = self.pos
+        self.pos += len(self._decoder.decode(self.bytes_of(token_id)))
+        return at
+
+
+def completion_logprobs(data: dict, text_of, echo: bool, offsets: TextOffsets, k: int | None = None) -> dict:
     """The legacy completions `logprobs` of one answer: tokens, token_logprobs, top_logprobs,
     text_offset; the prompt's tokens first when echoed (its first token has no logprob); `k`
     alternatives a token at most (the prompt's may have been computed with more, for
-    prompt_logprobs)."""
+    prompt_logprobs); `offsets` places each token in the text (TextOffsets, carried across a
+    stream's chunks)."""
     entries = list(data.get("prompt_logprobs") or []) if echo else []
     if echo and entries:
         entries[0] = {"token_id": data["prompt_token_ids"][0], "logprob": None, "top": None}
     entries += data.get("logprobs") or []
-    tokens, lps, tops, offsets = [], [], [], []
-    pos = start
+    tokens, lps, tops, at = [], [], [], []
     for e in entries:
-        piece = text_of(e["token_id"])
-        tokens.append(piece)
+        tokens.append(text_of(e["token_id"]))
         lps.append(e["logprob"])
         # OpenAI's legacy shape: the sampled token is always listed (up to logprobs + 1 entries)
         tops.append(None if e.get("top") is None else _top_dict([*e["top"][:k], (e["token_id"], e["logprob"])],
                                                                 text_of))
-        offsets.append(pos)
-        pos += len(piece)
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+        at.append(offsets.next(e["token_id"]))
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": at}
 
 
 def _top_dict(top: list, text_of) -> dict:
