@@ -359,7 +359,14 @@ def test_completion_fields_at_their_edges():
     assert small({"prompt": "a", "logprobs": 20}).fields == {"logprobs": 20}
     assert small({"prompt": "a", "echo": True, "max_tokens": 3}).fields == {"max_tokens": 3, "echo": True}
     e = refused(small, {"prompt": "a", "echo": False, "max_tokens": 0})    # 0 tokens: only to score an echo
-    assert (e.message, e.param) == ("'max_tokens' must be an integer from 1 to 1048576, not 0", "max_tokens")
+    assert (e.message, e.param) == ("'max_tokens' = 0 generates nothing, so it is taken only with \"echo\": true "
+                                    "(the prompt scored, with \"logprobs\": lm-eval's loglikelihood); give 1 or "
+                                    "more to generate", "max_tokens")
+    assert small({"prompt": "a", "echo": True, "max_tokens": 0}).fields == {"max_tokens": 0, "echo": True}
+    for not_a_count, shown in ((False, "false"), (0.0, "0.0")):    # no more a token count with echo
+        e = refused(small, {"prompt": "a", "echo": True, "max_tokens": not_a_count})
+        assert (e.message, e.param) == (f"'max_tokens' must be an integer from 1 to 1048576, not {shown}",
+                                        "max_tokens")
     assert small({"prompt": "a", "echo": True, "logprobs": 2}).fields == {"logprobs": 2, "prompt_logprobs": 2,
                                                                           "echo": True}
     req = small({"prompt": "a", "stream": True, "stream_options": {}})

@@ -316,7 +316,14 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     flags = _stream_flags(obj)
     echo = _field(obj, "echo", lambda v: isinstance(v, bool), "true or false") or False
     metadata = _field(obj, "metadata", lambda v: isinstance(v, dict), "an object")
-    scoring = echo and obj.get("max_tokens") == 0         # echo the prompt's logprobs, generate nothing
+    # max_tokens 0 (an integer: false and 0.0 are no more a token count here than anywhere) scores
+    # the prompt without generating; only echo returns what it scored
+    zero = _is_int(obj.get("max_tokens")) and obj["max_tokens"] == 0
+    if zero and not echo:
+        raise APIError("'max_tokens' = 0 generates nothing, so it is taken only with \"echo\": true (the prompt "
+                       "scored, with \"logprobs\": lm-eval's loglikelihood); give 1 or more to generate",
+                       param="max_tokens")
+    scoring = echo and zero
     fields = _sampling({k: v for k, v in obj.items() if not (scoring and k == "max_tokens")}, max_model_len)
     top = _field(obj, "logprobs", lambda v: _is_int(v) and 0 <= v <= MAX_LOGPROBS,
                  f"an integer from 0 to {MAX_LOGPROBS}")
