@@ -270,10 +270,11 @@ def small(obj):
     ("", "'prompt' is empty", None),
     (["a", ""], "'prompt[1]' is empty", None),
     ([[]], "'prompt' must be a string, an array of token ids, or an array of those, not an array ([[]])", None),
-    ([1, -1], "'prompt' must be a string, an array of token ids, or an array of those, not an array ([1, -1])",
-     None),
-    ([1, True], "'prompt' must be a string, an array of token ids, or an array of those, not an array ([1, true])",
-     None),
+    # the element that is no token id is named by its place (a prompt of 2,000 ids shown cut would hide it)
+    ([1, -1], "'prompt[1]' = -1 is not a token id (an integer from 0)", None),
+    ([1, True], "'prompt[1]' = true is not a token id (an integer from 0)", None),
+    ([7] * 2000 + [3.0], "'prompt[2000]' = 3.0 is not a token id (an integer from 0)", None),
+    (["a", [1, 2], [5, -4]], "'prompt[2][1]' = -4 is not a token id (an integer from 0)", None),
     ({"a": 1}, "'prompt' must be a string, an array of token ids, or an array of those, not an object "
                "({\"a\": 1})", None),
     ([1] * 9, "'prompt' holds 9 tokens, beyond the model's context of 8", "context_length_exceeded"),
@@ -327,9 +328,8 @@ def test_max_tokens_beyond_the_context_names_the_field_the_client_wrote():
 
 
 @pytest.mark.parametrize("extra, message, param", [
-    ({"stop_token_ids": [1, -2]}, "'stop_token_ids' must be an array of token ids, not an array ([1, -2])",
-     "stop_token_ids"),
-    ({"stop_token_ids": [1, True]}, "'stop_token_ids' must be an array of token ids, not an array ([1, true])",
+    ({"stop_token_ids": [1, -2]}, "'stop_token_ids[1]' = -2 is not a token id (an integer from 0)", "stop_token_ids"),
+    ({"stop_token_ids": [1, True]}, "'stop_token_ids[1]' = true is not a token id (an integer from 0)",
      "stop_token_ids"),
     ({"stop_token_ids": 3}, "'stop_token_ids' must be an array of token ids, not 3", "stop_token_ids"),
     ({"logit_bias": [1]}, "'logit_bias' must be an object {\"token id\": bias}, not [1]", "logit_bias"),
@@ -454,9 +454,11 @@ def test_detokenize_takes_token_ids_up_to_the_context():
     e = refused(detokenize, {"tokens": [1, 2, 3]}, max_model_len=2)
     assert (e.message, e.param, e.code) == ("'tokens' holds 3 ids; at most 2 (the model's context)", "tokens",
                                             "context_length_exceeded")
-    for bad, shown in (([1, -2], "an array ([1, -2])"), ([True], "an array ([true])"), ("1", 'a string ("1")')):
+    for bad, message in (([1, -2], "'tokens[1]' = -2 is not a token id (an integer from 0)"),
+                         ([True], "'tokens[0]' = true is not a token id (an integer from 0)"),
+                         ("1", "'tokens' must be an array of token ids, not a string (\"1\")")):
         e = refused(detokenize, {"tokens": bad})
-        assert (e.message, e.param) == (f"'tokens' must be an array of token ids, not {shown}", "tokens")
+        assert (e.message, e.param) == (message, "tokens")
     e = refused(detokenize, {"tokens": [], "x": 1})
     assert e.param == "x"
     e = refused(detokenize, {"tokens": [], "model": "nope"})

@@ -252,7 +252,7 @@ def _sampling(obj: dict, max_model_len: int, max_tokens_field: str = "max_tokens
     stop_ids = obj.get("stop_token_ids")
     if stop_ids is not None:
         if not isinstance(stop_ids, list) or not all(_is_int(t) and t >= 0 for t in stop_ids):
-            raise _bad("stop_token_ids", "an array of token ids", stop_ids)
+            raise _bad_ids("stop_token_ids", stop_ids) or _bad("stop_token_ids", "an array of token ids", stop_ids)
         values["stop_token_ids"] = list(stop_ids)
     if obj.get("logit_bias") is not None:
         try:
@@ -361,6 +361,22 @@ def check_choices(prompts: int, n: int) -> None:
                        "request (send fewer prompts or a smaller n)", param="n" if prompts == 1 else "prompt")
 
 
+def _bad_ids(name: str, value) -> APIError | None:
+    """The first element that is no token id in an array of ids (or a batch of such arrays and
+    strings), named by its place: a prompt of thousands of ids shown cut at 40 characters would
+    not show it. None when `value` is not shaped as ids at all."""
+    if not isinstance(value, list) or not value:
+        return None
+    if all(isinstance(p, (list, str)) for p in value):              # a batch: look into its arrays
+        return next((e for i, p in enumerate(value) if isinstance(p, list)
+                     for e in [_bad_ids(f"{name}[{i}]", p)] if e is not None), None)
+    for i, t in enumerate(value):
+        if not (_is_int(t) and t >= 0):
+            return APIError(f"'{name}[{i}]' = {json.dumps(t)[:40]} is not a token id (an integer from 0)",
+                            param=name.split("[")[0])
+    return None
+
+
 def _prompts(prompt, max_model_len: int, keep: int | None = None) -> list:
     """`prompt`: a string, an array of token ids, or a batch: an array of strings or of token-id
     arrays. Each prompt a string or a list of ids (its last `keep` ids when truncated)."""
@@ -376,7 +392,8 @@ def _prompts(prompt, max_model_len: int, keep: int | None = None) -> list:
     elif isinstance(prompt, list) and not prompt:
         raise APIError("'prompt' is empty", param="prompt")
     else:
-        raise _bad("prompt", "a string, an array of token ids, or an array of those", prompt)
+        raise _bad_ids("prompt", prompt) or _bad("prompt", "a string, an array of token ids, or an array of those",
+                                                 prompt)
     if len(batch) > MAX_PROMPTS:
         raise APIError(f"'prompt' holds {len(batch)} prompts; at most {MAX_PROMPTS} a request", param="prompt")
     if keep:
@@ -550,7 +567,7 @@ def parse_detokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, .
     _, pin = model_of(obj, served, stages)
     tokens = obj.get("tokens")
     if not isinstance(tokens, list) or not all(_is_int(t) and t >= 0 for t in tokens):
-        raise _bad("tokens", "an array of token ids", tokens)
+        raise _bad_ids("tokens", tokens) or _bad("tokens", "an array of token ids", tokens)
     if max_model_len is not None and len(tokens) > max_model_len:
         raise APIError(f"'tokens' holds {len(tokens)} ids; at most {max_model_len} (the model's context)",
                        param="tokens", code="context_length_exceeded")
