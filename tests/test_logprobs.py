@@ -59,7 +59,8 @@ def check_completion_logprobs(lp, n_tokens: int, k: int, first_is_prompt: bool) 
         assert top[tok] >= value - EPS  # its own logprob, or a likelier token's of the same text
         if len(top) == k + 1:           # listed beside the k most likely: below each of them
             assert top[tok] <= values[-2] + EPS
-    assert all(b - a == len(t) for a, b, t in zip(lp.text_offset, lp.text_offset[1:], lp.tokens))
+    # a token that is part of a character reads U+FFFD and advances by the characters it completes
+    assert all(b - a == len(t) for a, b, t in zip(lp.text_offset, lp.text_offset[1:], lp.tokens) if "\ufffd" not in t)
 
 
 # ---------------------------------------------------------------- echo: the prompt's logprobs
@@ -99,6 +100,32 @@ def test_echo_logprobs_equal_transformers_on_the_same_weights(server, soft_gguf)
             first = next(iter(top.items()))
             assert first[0] == token_text(server, int(best.indices[i, 0])), (text, i)
             assert abs(first[1] - best.values[i, 0].item()) < 1e-4
+
+
+def test_text_offsets_stay_in_the_text_when_tokens_split_characters(server):
+    """The tiny model's byte-level BPE cuts every non-ASCII character over tokens that read U+FFFD
+    alone: each token's text_offset is where its text begins in the echoed text (the character
+    it begins inside, for a piece of one), never past the end, streamed or not."""
+    prompt = "héllo 日本 the cat 🎉 ok"
+    kw = dict(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    lp = server.client.completions.create(**kw).choices[0].logprobs
+    assert any("\ufffd" in t for t in lp.tokens)                 # characters are split here
+    assert all(prompt[o:o + len(t)] == t for o, t in zip(lp.text_offset, lp.tokens) if "\ufffd" not in t)
+    assert lp.text_offset[-1] == len(prompt) - len(lp.tokens[-1]) and max(lp.text_offset) < len(prompt)
+    chunks = list(server.client.completions.create(**kw, stream=True))
+    assert [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == lp.text_offset
+
+    # generated pieces of characters (the regex leaves only them): offsets follow the answer's
+    # text, chunk after chunk
+    gen = dict(model="tiny", prompt="the cat", max_tokens=8, logprobs=0, extra_body={"guided_regex": "日本 ok"})
+    whole = server.client.completions.create(**gen).choices[0]
+    assert whole.text == "日本 ok" and whole.logprobs.tokens.count("\ufffd") >= 4
+    assert all(whole.text[o:o + len(t)] == t for o, t in zip(whole.logprobs.text_offset, whole.logprobs.tokens)
+               if "\ufffd" not in t)
+    assert whole.logprobs.text_offset[-1] < len(whole.text)
+    streamed = list(server.client.completions.create(**gen, stream=True))
+    offsets = [o for c in streamed if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert offsets == whole.logprobs.text_offset
 
 
 def test_batched_prompts_are_scored_each_as_alone(server):
@@ -154,7 +181,7 @@ def test_batched_echo_streams_each_prompt_on_its_own_choices(server):
 def test_echo_without_logprobs_and_the_limits_of_max_tokens_0(server):
     r = server.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0, echo=True)
     assert r.choices[0].text == PROMPT and r.choices[0].logprobs is None
-    with pytest.raises(openai.BadRequestError, match="'max_tokens' must be an integer from 1"):
+    with pytest.raises(openai.BadRequestError, match="'max_tokens' = 0 generates nothing, so it is taken only with"):
         server.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0)      # 0 only with echo
     r = server.client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0, echo=True, logprobs=0)
     lp = r.choices[0].logprobs                                  # logprobs 0: the token itself alone

@@ -300,10 +300,11 @@ def small(obj):
     ("", "'prompt' is empty", None),
     (["a", ""], "'prompt[1]' is empty", None),
     ([[]], "'prompt' must be a string, an array of token ids, or an array of those, not an array ([[]])", None),
-    ([1, -1], "'prompt' must be a string, an array of token ids, or an array of those, not an array ([1, -1])",
-     None),
-    ([1, True], "'prompt' must be a string, an array of token ids, or an array of those, not an array ([1, true])",
-     None),
+    # the element that is no token id is named by its place (a prompt of 2,000 ids shown cut would hide it)
+    ([1, -1], "'prompt[1]' = -1 is not a token id (an integer from 0)", None),
+    ([1, True], "'prompt[1]' = true is not a token id (an integer from 0)", None),
+    ([7] * 2000 + [3.0], "'prompt[2000]' = 3.0 is not a token id (an integer from 0)", None),
+    (["a", [1, 2], [5, -4]], "'prompt[2][1]' = -4 is not a token id (an integer from 0)", None),
     ({"a": 1}, "'prompt' must be a string, an array of token ids, or an array of those, not an object "
                "({\"a\": 1})", None),
     ([1] * 9, "'prompt' holds 9 tokens, beyond the model's context of 8", "context_length_exceeded"),
@@ -357,9 +358,8 @@ def test_max_tokens_beyond_the_context_names_the_field_the_client_wrote():
 
 
 @pytest.mark.parametrize("extra, message, param", [
-    ({"stop_token_ids": [1, -2]}, "'stop_token_ids' must be an array of token ids, not an array ([1, -2])",
-     "stop_token_ids"),
-    ({"stop_token_ids": [1, True]}, "'stop_token_ids' must be an array of token ids, not an array ([1, true])",
+    ({"stop_token_ids": [1, -2]}, "'stop_token_ids[1]' = -2 is not a token id (an integer from 0)", "stop_token_ids"),
+    ({"stop_token_ids": [1, True]}, "'stop_token_ids[1]' = true is not a token id (an integer from 0)",
      "stop_token_ids"),
     ({"stop_token_ids": 3}, "'stop_token_ids' must be an array of token ids, not 3", "stop_token_ids"),
     ({"logit_bias": [1]}, "'logit_bias' must be an object {\"token id\": bias}, not [1]", "logit_bias"),
@@ -389,7 +389,14 @@ def test_completion_fields_at_their_edges():
     assert small({"prompt": "a", "logprobs": 20}).fields == {"logprobs": 20}
     assert small({"prompt": "a", "echo": True, "max_tokens": 3}).fields == {"max_tokens": 3, "echo": True}
     e = refused(small, {"prompt": "a", "echo": False, "max_tokens": 0})    # 0 tokens: only to score an echo
-    assert (e.message, e.param) == ("'max_tokens' must be an integer from 1 to 1048576, not 0", "max_tokens")
+    assert (e.message, e.param) == ("'max_tokens' = 0 generates nothing, so it is taken only with \"echo\": true "
+                                    "(the prompt scored, with \"logprobs\": lm-eval's loglikelihood); give 1 or "
+                                    "more to generate", "max_tokens")
+    assert small({"prompt": "a", "echo": True, "max_tokens": 0}).fields == {"max_tokens": 0, "echo": True}
+    for not_a_count, shown in ((False, "false"), (0.0, "0.0")):    # no more a token count with echo
+        e = refused(small, {"prompt": "a", "echo": True, "max_tokens": not_a_count})
+        assert (e.message, e.param) == (f"'max_tokens' must be an integer from 1 to 1048576, not {shown}",
+                                        "max_tokens")
     assert small({"prompt": "a", "echo": True, "logprobs": 2}).fields == {"logprobs": 2, "prompt_logprobs": 2,
                                                                           "echo": True}
     req = small({"prompt": "a", "stream": True, "stream_options": {}})
@@ -477,9 +484,11 @@ def test_detokenize_takes_token_ids_up_to_the_context():
     e = refused(detokenize, {"tokens": [1, 2, 3]}, max_model_len=2)
     assert (e.message, e.param, e.code) == ("'tokens' holds 3 ids; at most 2 (the model's context)", "tokens",
                                             "context_length_exceeded")
-    for bad, shown in (([1, -2], "an array ([1, -2])"), ([True], "an array ([true])"), ("1", 'a string ("1")')):
+    for bad, message in (([1, -2], "'tokens[1]' = -2 is not a token id (an integer from 0)"),
+                         ([True], "'tokens[0]' = true is not a token id (an integer from 0)"),
+                         ("1", "'tokens' must be an array of token ids, not a string (\"1\")")):
         e = refused(detokenize, {"tokens": bad})
-        assert (e.message, e.param) == (f"'tokens' must be an array of token ids, not {shown}", "tokens")
+        assert (e.message, e.param) == (message, "tokens")
     e = refused(detokenize, {"tokens": [], "x": 1})
     assert e.param == "x"
     e = refused(detokenize, {"tokens": [], "model": "nope"})
@@ -488,17 +497,22 @@ def test_detokenize_takes_token_ids_up_to_the_context():
 
 # ---------------------------------------------------------------- completion logprobs (the legacy shape)
 
+def at(start: int = 0, text=TEXT.get) -> P.TextOffsets:
+    """text_offset from `start`, each token's bytes its text's (no token here splits a character)."""
+    return P.TextOffsets(lambda t: text(t).encode(), start)
+
+
 def test_completion_logprobs_list_tokens_with_offsets_from_the_start():
     data = {"logprobs": [{"token_id": 5, "logprob": -0.5, "top": [(5, -0.5), (6, -1.5)]},
                          {"token_id": 6, "logprob": -0.25, "top": None}]}
-    assert P.completion_logprobs(data, TEXT.get, False, start=3) == {
+    assert P.completion_logprobs(data, TEXT.get, False, at(3)) == {
         "tokens": ["he", "llo"], "token_logprobs": [-0.5, -0.25],
         "top_logprobs": [{"he": -0.5, "llo": -1.5}, None], "text_offset": [3, 5]}
     chosen = {"logprobs": [{"token_id": 6, "logprob": -1.5, "top": [(5, -0.5)]}]}    # not among the top 1
-    assert P.completion_logprobs(chosen, TEXT.get, False)["top_logprobs"] == [{"he": -0.5, "llo": -1.5}]
+    assert P.completion_logprobs(chosen, TEXT.get, False, at())["top_logprobs"] == [{"he": -0.5, "llo": -1.5}]
     zero = {"logprobs": [{"token_id": 6, "logprob": -1.5, "top": []}]}                 # logprobs: 0
-    assert P.completion_logprobs(zero, TEXT.get, False)["top_logprobs"] == [{"llo": -1.5}]
-    assert P.completion_logprobs({}, TEXT.get, False) == {
+    assert P.completion_logprobs(zero, TEXT.get, False, at())["top_logprobs"] == [{"llo": -1.5}]
+    assert P.completion_logprobs({}, TEXT.get, False, at()) == {
         "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
 
@@ -507,17 +521,36 @@ def test_echoed_completion_logprobs_start_with_the_prompt_whose_first_token_has_
             "prompt_logprobs": [{"token_id": 99, "logprob": -9.0, "top": [(5, -1.0)]},
                                 {"token_id": 8, "logprob": -2.0, "top": [(8, -2.0), (5, -3.0)]}],
             "logprobs": [{"token_id": 5, "logprob": -0.5, "top": [(5, -0.5)]}]}
-    assert P.completion_logprobs(data, TEXT.get, True) == {
+    assert P.completion_logprobs(data, TEXT.get, True, at()) == {
         "tokens": [" w", "é", "he"], "token_logprobs": [None, -2.0, -0.5],
         "top_logprobs": [None, {"é": -2.0, "he": -3.0}, {"he": -0.5}], "text_offset": [0, 2, 3]}
-    assert P.completion_logprobs(data, TEXT.get, False)["tokens"] == ["he"]       # not echoed: the answer only
-    assert P.completion_logprobs({**data, "prompt_logprobs": None}, TEXT.get, True)["tokens"] == ["he"]
+    assert P.completion_logprobs(data, TEXT.get, False, at())["tokens"] == ["he"]       # not echoed: the answer only
+    assert P.completion_logprobs({**data, "prompt_logprobs": None}, TEXT.get, True, at())["tokens"] == ["he"]
+
+
+def test_text_offsets_of_tokens_that_split_a_character_point_into_the_text():
+    """A byte-level BPE cuts "日" (3 bytes) over tokens that each read U+FFFD alone: their offsets
+    stay inside the text (the character they begin in), and the tokens after are placed where
+    their text is, not a character further for every split."""
+    text = " 日本 ok"
+    pieces = {1: b" \xe6\x97", 2: b"\xa5", 3: "本".encode(), 4: b" ", 5: b"o", 6: b"k"}
+    names = {t: b.decode("utf-8", errors="replace") for t, b in pieces.items()}
+    data = {"logprobs": [{"token_id": t, "logprob": -1.0, "top": None} for t in pieces]}
+    lp = P.completion_logprobs(data, names.get, False, P.TextOffsets(pieces.get))
+    assert lp["tokens"] == [" \ufffd", "\ufffd", "本", " ", "o", "k"]
+    assert lp["text_offset"] == [0, 1, 2, 3, 4, 5]
+    assert all(text[o:o + len(t)] == t for o, t in zip(lp["text_offset"], lp["tokens"]) if "\ufffd" not in t)
+    # a stream's chunks carry one TextOffsets per choice: a character cut between two chunks too
+    offsets = P.TextOffsets(pieces.get, 10)
+    first = P.completion_logprobs({"logprobs": data["logprobs"][:1]}, names.get, False, offsets)
+    rest = P.completion_logprobs({"logprobs": data["logprobs"][1:]}, names.get, False, offsets)
+    assert first["text_offset"] + rest["text_offset"] == [10, 11, 12, 13, 14, 15]
 
 
 def test_alternatives_whose_text_coincides_keep_the_likeliest():
     text = {1: "\ufffd", 2: "\ufffd", 3: "a"}.get
     data = {"logprobs": [{"token_id": 3, "logprob": -0.1, "top": [(1, -1.0), (3, -0.1), (2, -0.5)]}]}
-    assert P.completion_logprobs(data, text, False)["top_logprobs"] == [{"\ufffd": -1.0, "a": -0.1}]
+    assert P.completion_logprobs(data, text, False, at(text=text))["top_logprobs"] == [{"\ufffd": -1.0, "a": -0.1}]
 
 
 # ---------------------------------------------------------------- the request as items carry it

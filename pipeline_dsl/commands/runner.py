@@ -19,7 +19,7 @@ from typing import Callable
 from pipeline_dsl.commands.batch_api import BatchLine
 from pipeline_dsl.engine.engine import percentile
 from pipeline_dsl.requests_io import ParsedRequest
-from pipeline_dsl.serve.protocol import completion_logprobs
+from pipeline_dsl.serve.protocol import TextOffsets, completion_logprobs
 from pipeline_dsl.serve.token_fields import prompt_logprobs_json
 
 
@@ -101,7 +101,8 @@ def _choice_parts(req: RunRequest, choice, runtime) -> dict:
         return out
     text_of = runtime.token_text(pin)
     if k is not None:
-        out["logprobs"] = completion_logprobs(choice.data, text_of, echo and req.parsed.messages is None, k=k)
+        out["logprobs"] = completion_logprobs(choice.data, text_of, echo and req.parsed.messages is None,
+                                              TextOffsets(runtime.token_bytes(pin)), k=k)
     if prompt_k is not None:
         out["prompt_logprobs"] = prompt_logprobs_json(choice.data.get("prompt_logprobs"), prompt_k, text_of)
     return out

@@ -95,17 +95,23 @@ class Sampler:
         m, vocab = logits.shape
         dev = logits.device
         logits = logits / temps.to(logits.dtype)[:, None]  # [m, V]
-        if need_sort:
-            logits, order = logits.sort(dim=-1, descending=True)  # [m, V] each
-            ranks = torch.arange(vocab, device=dev)[None, :]  # [1, V]
-            logits = logits.masked_fill(ranks >= ks[:, None], float("-inf"))
+        # every row's probabilities come from one softmax in vocabulary order: a softmax over
+        # sorted logits sums them in another order, and its last-bit differences move the cdf's
+        # boundaries, so a seeded row's token would change with whether a neighbour in its batch
+        # asked for top-k or top-p
         probs = torch.softmax(logits, dim=-1)  # [m, V]
         if need_sort:
-            before = probs.cumsum(dim=-1) - probs  # [m, V] mass of the tokens ranked above
-            probs = probs.masked_fill(before >= top_p.to(probs.dtype)[:, None], 0.0)  # the first always stays
-            # back to vocabulary order: every row draws in the same order whether or not its batch
-            # needed sorting, so a seeded request's tokens do not depend on what shares its batch
-            probs = torch.zeros_like(probs).scatter_(1, order, probs)
+            # top-k and top-p decide which tokens stay, from the probabilities sorted; only rows
+            # that ask for a cut are cut (the others keep every token, bit for bit)
+            ranked, order = probs.sort(dim=-1, descending=True)  # [m, V] each
+            ranks = torch.arange(vocab, device=dev)[None, :]  # [1, V]
+            ranked = ranked.masked_fill(ranks >= ks[:, None], 0.0)  # top-k
+            before = ranked.cumsum(dim=-1) - ranked  # [m, V] mass of the kept tokens ranked above
+            mass = ranked.sum(dim=-1, keepdim=True)  # [m, 1] what top-k keeps: top-p is a share of it
+            cut = (ranks >= ks[:, None]) | (before >= top_p.to(probs.dtype)[:, None] * mass)  # the first always stays
+            cuts = (ks < vocab) | (top_p < 1.0)  # [m] rows that asked for a cut
+            cut = cut & cuts[:, None]
+            probs = probs.masked_fill(torch.zeros_like(cut).scatter_(1, order, cut), 0.0)  # back to vocabulary order
         if need_min_p:
             # min-p: below min_p * the likeliest token's probability (the ratio is the same before
             # and after the cuts above, which renormalise every kept token alike)

@@ -28,8 +28,8 @@ def answer_body(runtime, res, req: P.GenerationRequest, rid: str,
     want = req.fields.get("logprobs") is not None
     text_of = runtime.token_text(req.pin) if want or req.prompt_logprobs is not None else None
     want_ids = bool(req.fields.get("return_token_ids"))
+    bytes_of = runtime.token_bytes(req.pin) if want else None
     if req.kind == "chat":
-        bytes_of = runtime.token_bytes(req.pin) if want else None
         choices = [(c.index, c.text, c.finish_reason,
                     P.chat_logprobs(c.data.get("logprobs") or [], text_of, bytes_of) if want else None,
                     {"stop_reason": c.data.get("stop_reason"), **answer_fields(c.data, None, want_ids, text_of)[1]})
@@ -43,8 +43,9 @@ def answer_body(runtime, res, req: P.GenerationRequest, rid: str,
     for c in res.choices:
         prompt = prompt_text(runtime, c.data, req) if echo else ""
         of_prompt, of_answer = answer_fields(c.data, req.prompt_logprobs, want_ids, text_of)
-        choices.append((c.index, prompt + c.text, c.finish_reason,
-                        P.completion_logprobs(c.data, text_of, echo, k=req.fields.get("logprobs")) if want
-                        else None, {"stop_reason": c.data.get("stop_reason"), **of_prompt, **of_answer}))
+        lp = (P.completion_logprobs(c.data, text_of, echo, P.TextOffsets(bytes_of), k=req.fields.get("logprobs"))
+              if want else None)
+        choices.append((c.index, prompt + c.text, c.finish_reason, lp,
+                        {"stop_reason": c.data.get("stop_reason"), **of_prompt, **of_answer}))
     return (P.completion_response(rid, req.model, choices, use, fingerprint=fingerprint),
             {c[0]: c[2] for c in choices})

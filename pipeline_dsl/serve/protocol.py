@@ -9,6 +9,7 @@ bodies of non-streaming answers and of server-sent-event chunks.
 """
 from __future__ import annotations
 
+import codecs
 import difflib
 import json
 import logging
@@ -251,7 +252,7 @@ def _sampling(obj: dict, max_model_len: int, max_tokens_field: str = "max_tokens
     stop_ids = obj.get("stop_token_ids")
     if stop_ids is not None:
         if not isinstance(stop_ids, list) or not all(_is_int(t) and t >= 0 for t in stop_ids):
-            raise _bad("stop_token_ids", "an array of token ids", stop_ids)
+            raise _bad_ids("stop_token_ids", stop_ids) or _bad("stop_token_ids", "an array of token ids", stop_ids)
         values["stop_token_ids"] = list(stop_ids)
     if obj.get("logit_bias") is not None:
         try:
@@ -315,7 +316,14 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     flags = _stream_flags(obj)
     echo = _field(obj, "echo", lambda v: isinstance(v, bool), "true or false") or False
     metadata = _field(obj, "metadata", lambda v: isinstance(v, dict), "an object")
-    scoring = echo and obj.get("max_tokens") == 0         # echo the prompt's logprobs, generate nothing
+    # max_tokens 0 (an integer: false and 0.0 are no more a token count here than anywhere) scores
+    # the prompt without generating; only echo returns what it scored
+    zero = _is_int(obj.get("max_tokens")) and obj["max_tokens"] == 0
+    if zero and not echo:
+        raise APIError("'max_tokens' = 0 generates nothing, so it is taken only with \"echo\": true (the prompt "
+                       "scored, with \"logprobs\": lm-eval's loglikelihood); give 1 or more to generate",
+                       param="max_tokens")
+    scoring = echo and zero
     fields = _sampling({k: v for k, v in obj.items() if not (scoring and k == "max_tokens")}, max_model_len)
     top = _field(obj, "logprobs", lambda v: _is_int(v) and 0 <= v <= MAX_LOGPROBS,
                  f"an integer from 0 to {MAX_LOGPROBS}")
@@ -353,6 +361,22 @@ def check_choices(prompts: int, n: int) -> None:
                        "request (send fewer prompts or a smaller n)", param="n" if prompts == 1 else "prompt")
 
 
+def _bad_ids(name: str, value) -> APIError | None:
+    """The first element that is no token id in an array of ids (or a batch of such arrays and
+    strings), named by its place: a prompt of thousands of ids shown cut at 40 characters would
+    not show it. None when `value` is not shaped as ids at all."""
+    if not isinstance(value, list) or not value:
+        return None
+    if all(isinstance(p, (list, str)) for p in value):              # a batch: look into its arrays
+        return next((e for i, p in enumerate(value) if isinstance(p, list)
+                     for e in [_bad_ids(f"{name}[{i}]", p)] if e is not None), None)
+    for i, t in enumerate(value):
+        if not (_is_int(t) and t >= 0):
+            return APIError(f"'{name}[{i}]' = {json.dumps(t)[:40]} is not a token id (an integer from 0)",
+                            param=name.split("[")[0])
+    return None
+
+
 def _prompts(prompt, max_model_len: int, keep: int | None = None) -> list:
     """`prompt`: a string, an array of token ids, or a batch: an array of strings or of token-id
     arrays. Each prompt a string or a list of ids (its last `keep` ids when truncated)."""
@@ -368,7 +392,8 @@ def _prompts(prompt, max_model_len: int, keep: int | None = None) -> list:
     elif isinstance(prompt, list) and not prompt:
         raise APIError("'prompt' is empty", param="prompt")
     else:
-        raise _bad("prompt", "a string, an array of token ids, or an array of those", prompt)
+        raise _bad_ids("prompt", prompt) or _bad("prompt", "a string, an array of token ids, or an array of those",
+                                                 prompt)
     if len(batch) > MAX_PROMPTS:
         raise APIError(f"'prompt' holds {len(batch)} prompts; at most {MAX_PROMPTS} a request", param="prompt")
     if keep:
@@ -443,27 +468,46 @@ def _render_flags(obj: dict) -> dict:
 
 # ---------------------------------------------------------------- logprobs (OpenAI's two shapes)
 
-def completion_logprobs(data: dict, text_of, echo: bool, start: int = 0, k: int | None = None) -> dict:
+class TextOffsets:
+    """OpenAI's `text_offset`: where each token's text begins in the answer's text, in characters.
+
+    A token holding part of a UTF-8 character (a byte-level BPE splits most non-Latin characters)
+    reads U+FFFD alone, so adding up the lengths of the tokens' texts runs past the text by a
+    character or more at each split. The offsets count instead the characters the tokens' bytes
+    have completed so far: a token that begins inside a character points at that character.
+    One instance follows one choice's tokens in order (a stream's chunks too)."""
+
+    def __init__(self, bytes_of, start: int = 0):
+        self.bytes_of = bytes_of                 # token id -> its own bytes (part of a character too)
+        self.pos = start
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def next(self, token_id: int) -> int:
+        """The offset of this token, then move past it."""
+        at = self.pos
+        self.pos += len(self._decoder.decode(self.bytes_of(token_id)))
+        return at
+
+
+def completion_logprobs(data: dict, text_of, echo: bool, offsets: TextOffsets, k: int | None = None) -> dict:
     """The legacy completions `logprobs` of one answer: tokens, token_logprobs, top_logprobs,
     text_offset; the prompt's tokens first when echoed (its first token has no logprob); `k`
     alternatives a token at most (the prompt's may have been computed with more, for
-    prompt_logprobs)."""
+    prompt_logprobs); `offsets` places each token in the text (TextOffsets, carried across a
+    stream's chunks)."""
     entries = list(data.get("prompt_logprobs") or []) if echo else []
     if echo and entries:
         entries[0] = {"token_id": data["prompt_token_ids"][0], "logprob": None, "top": None}
     entries += data.get("logprobs") or []
-    tokens, lps, tops, offsets = [], [], [], []
-    pos = start
+    tokens, lps, tops, at = [], [], [], []
     for e in entries:
-        piece = text_of(e["token_id"])
-        tokens.append(piece)
+        tokens.append(text_of(e["token_id"]))
         lps.append(e["logprob"])
         # OpenAI's legacy shape: the sampled token is always listed (up to logprobs + 1 entries)
         tops.append(None if e.get("top") is None else _top_dict([*e["top"][:k], (e["token_id"], e["logprob"])],
                                                                 text_of))
-        offsets.append(pos)
-        pos += len(piece)
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+        at.append(offsets.next(e["token_id"]))
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": at}
 
 
 def _top_dict(top: list, text_of) -> dict:
@@ -523,7 +567,7 @@ def parse_detokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, .
     _, pin = model_of(obj, served, stages)
     tokens = obj.get("tokens")
     if not isinstance(tokens, list) or not all(_is_int(t) and t >= 0 for t in tokens):
-        raise _bad("tokens", "an array of token ids", tokens)
+        raise _bad_ids("tokens", tokens) or _bad("tokens", "an array of token ids", tokens)
     if max_model_len is not None and len(tokens) > max_model_len:
         raise APIError(f"'tokens' holds {len(tokens)} ids; at most {max_model_len} (the model's context)",
                        param="tokens", code="context_length_exceeded")

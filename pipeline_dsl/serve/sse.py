@@ -148,12 +148,12 @@ class ChunkWriter(Relay):
         self.want_lp = req.fields.get("logprobs") is not None
         self.want_ids = bool(req.fields.get("return_token_ids"))
         self.text_of = runtime.token_text(req.pin) if self.want_lp or req.prompt_logprobs is not None else None
-        self.bytes_of = runtime.token_bytes(req.pin) if self.want_lp and self.chat else None
+        self.bytes_of = runtime.token_bytes(req.pin) if self.want_lp else None
         self.opening: dict[int, dict] = {}             # per choice: what its first chunk carries of the prompt
         self.echo = not self.chat and bool(req.fields.get("echo"))
         self.parts = req.split() if self.echo else []
         self.per = getattr(stream, "per", 1)
-        self.offset: dict[int, int] = {}               # per choice: text_offset of its next token
+        self.offsets: dict[int, P.TextOffsets] = {}   # per choice: the text_offset of its tokens
         self.prompt_tokens: dict[int, tuple] = {}      # per prompt (continuous usage): (its tokens, cached)
         self.completion_tokens: dict[int, int] = {}    # per choice (continuous usage): its tokens so far
 
@@ -181,10 +181,9 @@ class ChunkWriter(Relay):
             body["usage"] = P.usage(sum(p for p, _ in prompts), done, sum(c for _, c in prompts))
         return P.sse(body)
 
-    def _listed(self, index: int, lp: dict) -> dict:
-        if lp["tokens"]:
-            self.offset[index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
-        return lp
+    def _offsets(self, index: int) -> P.TextOffsets:
+        """Choice `index`'s text_offset, carried from chunk to chunk (after its echoed prompt)."""
+        return self.offsets.setdefault(index, P.TextOffsets(self.bytes_of))
 
     def _prompt_of(self, index: int, data: dict | None) -> tuple[list | None, list | None]:
         """The prompt ids of choice `index` and their logprobs (None where not asked): from its
@@ -206,7 +205,8 @@ class ChunkWriter(Relay):
                 self.runtime.detokenise(list(part.prompt_token_ids), req.pin)
         ids, lps = self._prompt_of(index, data)
         lp = (P.completion_logprobs({"prompt_logprobs": lps, "prompt_token_ids": ids}, self.text_of, True,
-                                    k=req.fields.get("logprobs")) if self.want_lp and lps else None)
+                                    P.TextOffsets(self.bytes_of), k=req.fields.get("logprobs"))
+              if self.want_lp and lps else None)
         return text, lp
 
     def content(self, index: int, text: str, step_lp: list | None = None, data: dict | None = None,
@@ -220,8 +220,8 @@ class ChunkWriter(Relay):
             out.append(self._chunk(index, delta={"role": "assistant", "content": ""}, opening=True))
         if self.echo and index not in self.opened:
             prompt, lp = self._echoed(index, data)
-            self.offset[index] = len(prompt)
-            out.append(self._chunk(index, prompt, logprobs=lp and self._listed(index, lp), opening=True))
+            self.offsets[index] = P.TextOffsets(self.bytes_of, len(prompt))
+            out.append(self._chunk(index, prompt, logprobs=lp, opening=True))
         self.opened.add(index)
         calls = []
         if self.chat and self.req.tools_active:
@@ -231,8 +231,7 @@ class ChunkWriter(Relay):
         lp = None
         if self.want_lp and step_lp:                   # these tokens' logprobs, with their text
             lp = (P.chat_logprobs(step_lp, self.text_of, self.bytes_of) if self.chat
-                  else self._listed(index, P.completion_logprobs({"logprobs": step_lp}, self.text_of, False,
-                                                                 self.offset.get(index, 0))))
+                  else P.completion_logprobs({"logprobs": step_lp}, self.text_of, False, self._offsets(index)))
         if text or lp is not None or (self.want_ids and ids):
             out.append(self._chunk(index, text, logprobs=lp, ids=ids))
         if calls:
