@@ -303,7 +303,7 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
             _is_int(t) and t >= 0 for t in ids), "a non-empty array of token ids")
     # echo with max_tokens 0 scores the prompt without generating (lm-eval's loglikelihood), as
     # agp serve's completions take it
-    scoring = obj.get("echo") is True and obj.get("max_tokens") == 0 and not isinstance(obj["max_tokens"], bool)
+    scoring = obj.get("echo") is True and _is_int(obj.get("max_tokens")) and obj["max_tokens"] == 0
     for name in SAMPLING_FIELDS:
         if obj.get(name) is not None and not (scoring and name == "max_tokens"):
             req.sampling[name] = checked(name, obj[name])

@@ -123,3 +123,13 @@ def test_a_run_line_stopped_by_a_stop_string_names_it(run_lines):
     several = run_lines({"prompt": "the cat and the world", "max_tokens": 8, "temperature": 0, "ignore_eos": True,
                          "stop": [stop], "n": 2})[0]
     assert [c["stop_reason"] for c in several["choices"]] == [stop, stop] and several["stop_reason"] == stop
+
+
+@pytest.mark.parametrize("value", [0.0, False])
+def test_a_run_line_scores_only_with_an_integer_max_tokens_of_zero(value):
+    """As agp serve refuses them: max_tokens 0.0 or false with echo is no scoring request (0.0
+    was taken as 0 and scored the prompt)."""
+    with pytest.raises(RequestError) as e:
+        parse_request({"prompt": "the cat", "max_tokens": value, "echo": True, "logprobs": 1})
+    assert e.value.param == "max_tokens"
+    assert parse_request({"prompt": "the cat", "max_tokens": 0, "echo": True}).sampling["max_tokens"] == 0
