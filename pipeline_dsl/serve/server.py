@@ -7,6 +7,7 @@ that tells the truth.
 |---|---|
 | opened, or a request line and headers arriving | `header_timeout` from the first byte (or the open): closed |
 | headers longer than `max_header_bytes` (16 KiB) | 431 at once, closed (nginx refuses 64 KB headers too) |
+| bytes that are not HTTP (no Host, a bad Content-Length) | 400 naming what is wrong, closed |
 | the body arriving | the app's `--body-timeout` (408) |
 | answered with an error, or before the body was all read | `Connection: close`, closed after the answer |
 | closed with the client still sending (a refused body, headers too long) | half-closed: what it sends is read and dropped for up to `LINGER_S` (2 s), then closed |
@@ -30,6 +31,7 @@ from __future__ import annotations
 import http
 import json
 import logging
+import re
 import signal
 import threading
 import time
@@ -47,7 +49,18 @@ CLOSE = (b"connection", b"close")
 
 class _ClosingConnection(h11.Connection):
     """h11's server side that says `Connection: close` on every error answer and on any answer
-    sent before the request's body was read in full; h11 then closes after the answer."""
+    sent before the request's body was read in full; h11 then closes after the answer. It keeps
+    why the client's bytes were not HTTP (`protocol_error`) for the 400 that says so."""
+
+    protocol_error: str | None = None
+
+    def next_event(self):
+        try:
+            return super().next_event()
+        except h11.RemoteProtocolError as e:
+            # h11 shows the bytes as Python's repr: "illegal request line: bytearray(b'GARBAGE')"
+            self.protocol_error = re.sub(r"bytearray\(b?(['\"])(.*?)\1\)", r"'\2'", str(e))[:200]
+            raise
 
     def send(self, event):
         if isinstance(event, h11.Response) and (event.status_code >= 400 or self.their_state is h11.SEND_BODY):
@@ -149,6 +162,13 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
                                  f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
             self._disarm()
             self.transport.close(linger=True)  # the rest of the headers may still be on the way
+
+        def send_400_response(self, msg: str) -> None:
+            """Bytes that are not an HTTP request (no Host header, a bad Content-Length, a request
+            line that is no request line): an OpenAI error naming what h11 found, as every other
+            error answer is one (uvicorn writes a text/plain 'Invalid HTTP request received.')."""
+            why = self.conn.protocol_error or msg
+            self._refuse(400, f"invalid HTTP request: {why}", "invalid_http_request")
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
