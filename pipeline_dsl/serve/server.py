@@ -21,13 +21,17 @@ bytes sends a reset, and a reset can destroy the 413 or 431 before the client ha
 (a client still uploading its body sees "connection reset" or a broken pipe instead of the
 answer); so the answer and a FIN go first, and the client's remaining bytes are dropped.
 
-`AgpServer` on SIGTERM / SIGINT stops admitting (new requests get 503), waits up to the drain
-timeout for the requests in flight, then fails the rest — an SSE error event and `[DONE]` for
-a stream, a JSON 503 otherwise — and only then lets uvicorn stop. `cut` is how many were
-failed; a second signal stops at once.
+`AgpServer` on SIGTERM / SIGINT / SIGHUP stops admitting (new requests get 503), waits up to the
+drain timeout for the requests in flight, then fails the rest — an SSE error event and `[DONE]`
+for a stream, a JSON 503 otherwise — and only then lets uvicorn stop. `cut` is how many were
+failed. A second signal ends the wait at once: what is still in flight is failed the same way
+(not dropped mid-answer), and the exit status says so; a third stops without that. SIGHUP
+drains too: agp serve has nothing to reload, and a hang-up (a closed terminal, an operator's
+`kill -HUP`) must not drop the answers in flight, as its default action would.
 """
 from __future__ import annotations
 
+import contextlib
 import http
 import json
 import logging
@@ -224,11 +228,31 @@ class AgpServer(uvicorn.Server):
         self.cut = 0
         self.drained = None                  # True: every request finished; False: some were cut
         self._draining = threading.Event()
+        self._hurry = threading.Event()      # a second signal: stop waiting, cut what is in flight
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """uvicorn's, with SIGHUP among the signals that drain (uvicorn leaves it to kill the
+        process), and without uvicorn's re-raising of the signal after the drain: the exit
+        status is main()'s."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {sig: signal.signal(sig, self.handle_exit) for sig in EXIT_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
 
     def handle_exit(self, sig, frame) -> None:
-        if self._draining.is_set():          # a second signal: stop now
-            self.should_exit = True
-            self.force_exit = True
+        if self._draining.is_set():
+            if self.drained is None and not self._hurry.is_set():      # a second signal: cut now
+                log.warning("%s again: cutting the requests still in flight", signal.Signals(sig).name)
+                self._hurry.set()
+            else:                                                       # a third: stop now
+                self.should_exit = True
+                self.force_exit = True
             return
         self.stopped_by = sig
         self._draining.set()
@@ -236,15 +260,20 @@ class AgpServer(uvicorn.Server):
 
     def _drain(self) -> None:
         runtime = self.apipe.runtime
-        log.info("draining: no new requests; %d in flight get up to %gs", runtime.in_flight, self.drain_timeout)
-        self.drained = runtime.close(drain=True, timeout=self.drain_timeout,
-                                     reason="the server shut down before this request finished "
-                                            f"(drain timeout {self.drain_timeout:g}s)")
+        log.info("draining (%s): no new requests; %d in flight get up to %gs", signal.Signals(self.stopped_by).name,
+                 runtime.in_flight, self.drain_timeout)
+        runtime.stop_admitting()
+        deadline = time.monotonic() + self.drain_timeout
+        while not runtime.wait_idle(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if self._hurry.is_set() or time.monotonic() >= deadline:
+                break
+        why = "stopped by a second signal" if self._hurry.is_set() else f"drain timeout {self.drain_timeout:g}s"
+        self.drained = runtime.close(drain=False, reason=f"the server shut down before this request finished ({why})")
         self.cut = runtime.cut
         if self.cut:
-            log.warning("drain timeout: %d request(s) cut (each got an error)", self.cut)
+            log.warning("%s: %d request(s) cut (each got an error)", why, self.cut)
         time.sleep(0.3)                      # let the cut responses reach their clients
         self.should_exit = True
 
 
-EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
