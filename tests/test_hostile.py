@@ -264,7 +264,8 @@ def hold_end(item, chunks):
 """
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129),
+                                       (signal.SIGKILL, -9)])
 def test_ctrl_c_stops_agp_run_cleanly_and_resume_finishes_the_job(tmp_path, tiny_gguf, sig, code):
     # a python stage holds every request but the first two until agp has exited: the run is
     # interrupted with requests in flight however fast the machine (a tiny model answers all 40

@@ -23,7 +23,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 from pathlib import Path
 
 from pipeline_dsl.serve.build import Serving, build
@@ -31,7 +30,6 @@ from pipeline_dsl.serve.options import SetupError, add_arguments, check_args, re
 
 HELP = "serve a pipeline behind an OpenAI-compatible HTTP API"
 log = logging.getLogger("agp.serve")
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 BACKLOG = 2048                  # uvicorn's default: connections the kernel queues before they are accepted
 
 __all__ = ["HELP", "add_arguments", "listening_socket", "main"]
@@ -118,40 +116,20 @@ def main(args) -> int:
 
 
 def _build_or_stop(args, sock):
-    """build(args) with 503 on the socket meanwhile, on a thread of its own: the main thread waits
-    for it or for SIGTERM, SIGINT or SIGHUP. Before the server runs nothing is in flight, so a
-    signal gives the load up at once: a line says so and the process exits 0 (the default actions
-    died without a word, with 143, 130 or 129; an exception raised from a handler into the load can
-    be swallowed by a finaliser and leave it loading on). The main thread only waits here, so it
-    hears the signal wherever the load is (a C call, an import that blocks)."""
+    """build(args) with 503 on the socket meanwhile; a stop signal gives the load up at once (nothing
+    is in flight yet): a line says so and the process exits 0 (commands/stopping.py)."""
+    from pipeline_dsl.commands.stopping import load_unless_stopped
     from pipeline_dsl.serve.loading import Loading
 
-    stopped: list[int] = []
-    old = {sig: signal.signal(sig, lambda sig, frame: stopped.append(sig)) for sig in STOP_SIGNALS}
-    done: dict = {}
-
-    def load():
-        try:
-            done["serving"] = build(args)
-        except BaseException as e:             # re-raised on the main thread below
-            done["error"] = e
-
-    loader = threading.Thread(target=load, name="agp-load", daemon=True)
     with Loading(sock):                          # 503 {"status": "loading"} until the model is up
-        loader.start()
-        while loader.is_alive() and not stopped:
-            loader.join(0.1)
-    if stopped:
-        log.info("%s while loading the pipeline: stopped before serving", signal.Signals(stopped[0]).name)
+        serving, sig = load_unless_stopped(lambda: build(args))
+    if sig is not None:
+        log.info("%s while loading the pipeline: stopped before serving", signal.Signals(sig).name)
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         sock.close()
         os._exit(0)                              # the load thread may be anywhere (an import, a C call)
-    for sig, handler in old.items():
-        signal.signal(sig, handler)
-    if "error" in done:
-        raise done["error"]
-    return done["serving"]
+    return serving
 
 
 def _start(args, sock):

@@ -1,8 +1,9 @@
-"""Signals to `agp serve` as an operator's tools send them: SIGTERM, SIGINT or SIGHUP while the
+"""Signals as an operator's tools send them. `agp serve`: SIGTERM, SIGINT or SIGHUP while the
 model loads stop the load with a line saying so (exit 0); SIGHUP drains as SIGTERM does; a
 second signal during a drain cuts what is still in flight with an answer for each (an SSE error
-event and [DONE], a JSON 503) and exit 1, never a truncated body or an HTML 500. Each test runs
-`agp serve` on the tiny model as a child process."""
+event and [DONE], a JSON 503) and exit 1, never a truncated body or an HTML 500. `agp run`: a
+signal while the model loads stops it with a line (exit 128 + the signal); SIGHUP during the run
+is in test_hostile's Ctrl-C test. Each test runs agp on the tiny model as a child process."""
 from __future__ import annotations
 
 import json
@@ -18,7 +19,8 @@ import pytest
 from test_hostile import HOLD_HOOK, write_pipeline
 from test_serve import ROOT, _free_port, _pipeline_file, start_agp_serve
 
-SLOW_IMPORT = """import threading
+SLOW_IMPORT = """import pathlib, threading
+pathlib.Path(__file__).with_suffix(".loading").touch()     # the load has come this far
 threading.Event().wait(300)      # importing this module holds the pipeline's load
 
 def passthrough(item):
@@ -42,13 +44,7 @@ def wait_for_health(url: str, status: int, body: str, proc: subprocess.Popen, ti
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_while_the_model_loads_stops_the_load_with_a_line_and_exit_0(tmp_path, tiny_gguf, sig):
-    # a python stage whose module takes 300 s to import: the load is still going when the signal comes
-    (tmp_path / "slowload.py").write_text(SLOW_IMPORT)
-    pipeline = write_pipeline(tmp_path, tiny_gguf)
-    pipeline.write_text(pipeline.read_text()
-                        .replace("request -> batch", "request -> pass -> batch")
-                        .replace("stage out", 'stage pass    : python        { fn = "slowload:passthrough" }\n'
-                                              "    stage out"))
+    pipeline = slow_loading_pipeline(tmp_path, tiny_gguf)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "serve", str(pipeline), "--port", str(port)],
@@ -66,6 +62,41 @@ def test_a_signal_while_the_model_loads_stops_the_load_with_a_line_and_exit_0(tm
     assert proc.returncode == 0, err
     assert f"{signal.Signals(sig).name} while loading the pipeline: stopped before serving" in err
     assert "Traceback" not in err
+
+
+def slow_loading_pipeline(tmp_path, model):
+    """A pipeline whose python stage's module takes 300 s to import: its load is still going when
+    a signal comes, and tmp_path/slowload.loading exists once the load has reached the import."""
+    (tmp_path / "slowload.py").write_text(SLOW_IMPORT)
+    pipeline = write_pipeline(tmp_path, model)
+    pipeline.write_text(pipeline.read_text()
+                        .replace("request -> batch", "request -> pass -> batch")
+                        .replace("stage out", 'stage pass    : python        { fn = "slowload:passthrough" }\n'
+                                              "    stage out"))
+    return pipeline
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_agp_run_stopped_while_the_model_loads_says_so_and_exits_128_plus_the_signal(tmp_path, tiny_gguf, sig):
+    pipeline = slow_loading_pipeline(tmp_path, tiny_gguf)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps({"id": "a", "prompt": "hello", "max_tokens": 4}) + "\n")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "-i", str(inp),
+                             "-o", str(out), "--no-progress"], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "slowload.loading").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + sig, err
+    assert f"agp run: {signal.Signals(sig).name} while loading the pipeline: stopped before running" in err
+    assert "Traceback" not in err and out.read_text() == ""
 
 
 def test_sighup_drains_in_flight_streams_as_sigterm_does(tmp_path, tiny_gguf):
