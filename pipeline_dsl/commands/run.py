@@ -21,12 +21,13 @@ not an agp record) is refused before the model loads, exit 2: appending would mi
 Ctrl-C (SIGINT), SIGTERM or SIGHUP stops admitting, aborts what is in flight (those requests are
 not written, so `--resume` runs them again), writes the summary and `--stats`, and exits
 130, 143 or 129; while the model loads, one stops the load at once with a line saying so (same
-exit status, nothing written). A write that fails (a full disk, a closed pipe) stops the run the same way at
-once, says why, writes the summary and exits 1. Exit 1 when every request failed. A
+exit status, nothing written). A write that fails (a full disk, a closed pipe, an output file
+deleted meanwhile) stops the run the same way at once, says why, writes the summary and exits 1. Exit 1 when every request failed. A
 progress bar and the summary go to stderr.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -341,6 +342,9 @@ def main(args) -> int:
                         out.write(dump(results[next_to_write]) + "\n")
                         out.flush()
                         written += 1
+                        if to_file and os.fstat(out.fileno()).st_nlink == 0:
+                            raise OSError(errno.ENOENT, "the file (or its folder) was deleted while the run "
+                                                        f"wrote it: the {written} answer(s) written are lost")
                     except OSError as e:      # a full disk, a closed pipe: stop at the first failed write
                         write_error.append(e)
                         stop.set()
