@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -164,3 +165,33 @@ def test_a_second_signal_cuts_what_is_in_flight_with_an_answer_each_and_exit_1(t
         assert "stopped by a second signal" in json.loads(lines[-2][6:])["error"]["message"]
     r = whole["r"]
     assert r.status_code == 503 and r.json()["error"]["type"] == "server_error", r.text[:300]
+
+
+def test_a_body_still_arriving_at_sigterm_gets_a_json_503_at_once(tmp_path, tiny_gguf):
+    # the handler waited on the body until uvicorn cancelled it 5 s into the shutdown: a text/plain
+    # 500 and a traceback in the log
+    proc, url = start_agp_serve(str(_pipeline_file(tmp_path, tiny_gguf)), "--max-connections", "1")
+    port = int(url.rsplit(":", 1)[1])
+    c = socket.create_connection(("127.0.0.1", port))
+    try:
+        c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{\"prompt\": ")          # the rest never comes
+        deadline = time.monotonic() + 60               # the request is in its handler: it takes the one slot
+        while "--max-connections" not in httpx.get(url + "/health", timeout=30).text:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        c.settimeout(60)
+        answer = b""
+        while chunk := c.recv(65536):
+            answer += chunk
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        c.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"application/json" in head, answer[:300]
+    assert "body was still arriving" in json.loads(body)["error"]["message"]
+    assert proc.returncode == 0 and "Traceback" not in err, err
