@@ -172,6 +172,34 @@ def test_headers_over_16_kib_are_431_and_closed(serve):
     assert r.status_code == 200
 
 
+@pytest.mark.parametrize("raw, why", [
+    (b"GET /health HTTP/1.1\r\n\r\n", "Missing mandatory Host: header"),
+    (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n", "bad Content-Length"),
+    (b"GARBAGE\r\n\r\n", "illegal request line: 'GARBAGE'"),
+    (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+     "Transfer-Encoding: chunked"),
+])
+def test_bytes_that_are_not_http_get_an_openai_400_saying_why_and_are_closed(serve, raw, why):
+    _, url, port = serve
+    c = socket.create_connection(("127.0.0.1", port))
+    try:
+        c.sendall(raw)
+        answer = head_of_answer(c)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 ") and b"application/json" in head.lower(), answer[:300]
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        while len(body) < length:
+            body += c.recv(65536)
+        error = json.loads(body)["error"]
+        assert error["code"] == "invalid_http_request" and why in error["message"], error
+        assert "bytearray" not in error["message"]
+        assert closed_within(c, 30)
+    finally:
+        c.close()
+    assert httpx.get(url + "/health", timeout=10).status_code == 200
+
+
 class _Transport:
     """What a protocol needs of an asyncio transport, recording how it was closed."""
 

@@ -264,7 +264,8 @@ def hold_end(item, chunks):
 """
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129),
+                                       (signal.SIGKILL, -9)])
 def test_ctrl_c_stops_agp_run_cleanly_and_resume_finishes_the_job(tmp_path, tiny_gguf, sig, code):
     # a python stage holds every request but the first two until agp has exited: the run is
     # interrupted with requests in flight however fast the machine (a tiny model answers all 40
@@ -394,6 +395,28 @@ def test_a_foreign_host_header_is_refused(tiny_gguf):
         assert ok.status_code == 200
         r = httpx.get(s.url + "/health", headers={"host": "attacker.example"})
         assert_openai_error(r, 400, "Host header")
+    finally:
+        s.close()
+
+
+def test_an_http_1_0_request_without_a_host_header_is_answered(tiny_gguf):
+    # HTTP/1.0 lets a client leave Host out (HAProxy's default health check: OPTIONS / HTTP/1.0);
+    # it was refused as a foreign host, 400, so such a probe marked the server down
+    s = LiveServer(tiny_gguf, allowed_hosts=("127.0.0.1", "localhost"))
+    try:
+        for raw in (b"GET /health HTTP/1.0\r\n\r\n",
+                    b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: 33\r\n\r\n"
+                    b'{"prompt": "hi", "max_tokens": 2}'):
+            c = socket.create_connection(("127.0.0.1", s.port))
+            c.sendall(raw)
+            answer = b""
+            c.settimeout(60)
+            while chunk := c.recv(65536):                 # HTTP/1.0: the server closes after the answer
+                answer += chunk
+            c.close()
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+            body = json.loads(answer.partition(b"\r\n\r\n")[2])
+            assert body.get("status") == "ok" or body["usage"]["completion_tokens"] == 2, body
     finally:
         s.close()
 

@@ -1,6 +1,6 @@
 """`agp run`'s error paths: ids are unique (a repeated id is an error record, and `--resume`
 answers every line exactly once), a failed write stops the run at once with a clear message,
-the summary and exit 1, and the input is read line by line with a length limit (a device such
+the summary and exit 1 (an output file deleted meanwhile too), and the input is read line by line with a length limit (a device such
 as /dev/zero is refused; an over-long line is an error record)."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,49 @@ def test_a_failed_write_stops_the_run_at_once_with_the_summary_and_exit_1(tmp_pa
     assert "Traceback" not in r.stderr and "internal error" not in r.stderr
     s = json.loads(stats.read_text())
     assert s["written"] == 0 and s["requests"] < 200 and s["interrupted"] > 0   # stopped, not run to the end
+
+
+WAIT_FOR_DELETE = """import os, time
+
+def hold(item):
+    # every request but the first two waits until the output file is gone (at most 120 s)
+    if item["id"] not in ("q0", "q1"):
+        deadline = time.monotonic() + 120
+        while os.path.exists(os.environ["AGP_TEST_OUT"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return item
+"""
+
+
+def test_an_output_file_deleted_mid_run_stops_the_run_saying_the_answers_are_lost(tmp_path, pipeline):
+    # the answers went on into the deleted file, and the run ended "0 failed", exit 0, with nothing
+    # anywhere; requests after the first two are held until the file is gone, however fast the run
+    (tmp_path / "waitdel.py").write_text(WAIT_FOR_DELETE)
+    pipeline.write_text(pipeline.read_text()
+                        .replace("request -> batch", "request -> hold -> batch")
+                        .replace("stage out", 'stage hold    : python { fn = "waitdel:hold"  workers = 16 }\n'
+                                              "    stage out"))
+    inp, out = tmp_path / "in.jsonl", tmp_path / "outdir" / "out.jsonl"
+    out.parent.mkdir()
+    inp.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"hello {i}"}) + "\n" for i in range(12)))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "-i", str(inp), "-o",
+                             str(out), "--no-progress", "--threads", "1"], stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env={**os.environ, "AGP_TEST_OUT": str(out)})
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.exists() and out.read_text().count("\n") >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+            time.sleep(0.05)
+        out.unlink()
+        out.parent.rmdir()
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, err
+    assert f"cannot write {out}: the file (or its folder) was deleted while the run wrote it" in err
+    assert "run summary" in err and "Traceback" not in err
 
 
 def test_input_lines_are_bounded_even_an_endless_one(tmp_path, pipeline):

@@ -18,14 +18,16 @@ overwritten silently: `--overwrite` replaces it, `--resume` (with `-o` only) kee
 it holds no record of yet (counted per id, so a repeated id is answered by its error record);
 an output holding a line that is no record of this input (another file's answers, a line that is
 not an agp record) is refused before the model loads, exit 2: appending would mix two runs.
-Ctrl-C (SIGINT) or SIGTERM stops admitting, aborts what is in flight (those requests are
+Ctrl-C (SIGINT), SIGTERM or SIGHUP stops admitting, aborts what is in flight (those requests are
 not written, so `--resume` runs them again), writes the summary and `--stats`, and exits
-130 or 143. A write that fails (a full disk, a closed pipe) stops the run the same way at
-once, says why, writes the summary and exits 1. Exit 1 when every request failed. A
+130, 143 or 129; while the model loads, one stops the load at once with a line saying so (same
+exit status, nothing written). A write that fails (a full disk, a closed pipe, an output file
+deleted meanwhile) stops the run the same way at once, says why, writes the summary and exits 1. Exit 1 when every request failed. A
 progress bar and the summary go to stderr.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -187,7 +189,8 @@ def _line_id(raw: bytes, lineno: int):
 
 
 class Interrupt:
-    """SIGINT / SIGTERM: the first stops the run cleanly, a second one ends the process."""
+    """SIGINT / SIGTERM / SIGHUP: the first stops the run cleanly, a second one ends the process
+    (SIGHUP's default, a closed terminal, would kill it without the summary or --stats)."""
 
     def __init__(self, event: threading.Event | None = None) -> None:
         self.event = event if event is not None else threading.Event()
@@ -195,7 +198,7 @@ class Interrupt:
         self._old = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             self._old[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -282,14 +285,18 @@ def main(args) -> int:
               f"agp run: nothing to run: {args.output} answers every line of {source} already", file=sys.stderr)
         return 0
 
-    from pipeline_dsl.engine.trace import Trace
-    from pipeline_dsl.flow import build_runtime
+    from pipeline_dsl.commands.stopping import load_unless_stopped
 
     t_load = time.perf_counter()
-    trace = Trace() if args.trace else None
-    runtime = build_runtime(args.pipeline, args.name, overrides={"dtype": args.dtype, "threads": args.threads},
-                            allow_paths=args.allow_path,
-                            overlap=True if args.overlap else False if args.no_overlap else None, trace=trace)
+    runtime, sig = load_unless_stopped(lambda: _load(args))     # torch's import counts as loading
+    if sig is not None:                        # nothing ran, nothing was written: the same command runs it all
+        print(f"agp run: {signal.Signals(sig).name} while loading the pipeline: stopped before running "
+              "any request", file=sys.stderr, flush=True)
+        try:
+            out.flush()
+        except OSError:
+            pass
+        os._exit(128 + sig)                    # the load thread may be anywhere (an import, a C call)
     load_s = time.perf_counter() - t_load
 
     results: list[dict | None] = []
@@ -348,6 +355,9 @@ def main(args) -> int:
                         out.write(dump(results[next_to_write]) + "\n")
                         out.flush()
                         written += 1
+                        if to_file and os.fstat(out.fileno()).st_nlink == 0:
+                            raise OSError(errno.ENOENT, "the file (or its folder) was deleted while the run "
+                                                        f"wrote it: the {written} answer(s) written are lost")
                     except OSError as e:      # a full disk, a closed pipe: stop at the first failed write
                         write_error.append(e)
                         stop.set()
@@ -411,7 +421,7 @@ def main(args) -> int:
     if write_error:
         return 1
     if interrupt.signum is not None:
-        return 128 + interrupt.signum                 # 130 for SIGINT, 143 for SIGTERM
+        return 128 + interrupt.signum                 # 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP
     if summary["requests"] and summary["errors"] == summary["requests"]:
         # the run did not do its job: say so, or exit 1 after an ordinary summary reads as a crash
         n = summary["requests"]
@@ -419,6 +429,17 @@ def main(args) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _load(args):
+    """The pipeline's runtime, as the flags ask (imports torch: seconds)."""
+    from pipeline_dsl.engine.trace import Trace
+    from pipeline_dsl.flow import build_runtime
+
+    return build_runtime(args.pipeline, args.name, overrides={"dtype": args.dtype, "threads": args.threads},
+                         allow_paths=args.allow_path,
+                         overlap=True if args.overlap else False if args.no_overlap else None,
+                         trace=Trace() if args.trace else None)
 
 
 def _same_file(a: str, b: str) -> bool:

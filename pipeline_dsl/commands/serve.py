@@ -7,9 +7,10 @@
 Routes: /v1/completions, /v1/chat/completions, /v1/responses (streaming or not), /v1/models,
 /tokenize, /detokenize, /health, /metrics (Prometheus), /stats, /version, /trace/flush; the
 flags and what they build live in pipeline_dsl.serve (options, build). SIGTERM (or
-Ctrl-C) answers new requests 503, lets in-flight requests finish (up to
---drain-timeout) and exits 0 (1 when the timeout cut some). While the model loads, the port
-is already held and every request gets 503 (serve/loading.py). Every flag can also be set by an environment variable:
+Ctrl-C, or SIGHUP) answers new requests 503, lets in-flight requests finish (up to
+--drain-timeout; a second signal cuts them now, each with an error answer) and exits 0 (1 when
+some were cut). While the model loads, the port is already held and every request gets 503
+(serve/loading.py); a signal then stops the load and exits 0. Every flag can also be set by an environment variable:
 AGP_ and the flag's name in capitals (--api-key: AGP_API_KEY, --max-num-seqs:
 AGP_MAX_NUM_SEQS); the flag wins over the variable, both over the pipeline file. `--ray`
 serves it as replicas on Ray Serve instead (pipeline_dsl.serve.ray, docs/scale.md).
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -74,7 +77,6 @@ def banner(serving: Serving, url: str, args) -> list[str]:
 
 
 def main(args) -> int:
-    from pipeline_dsl.diagnostics import CheckFailed
     from pipeline_dsl.serve.logs import configure
 
     configure(args.log_format, args.log_level, args.access_log)
@@ -94,24 +96,58 @@ def main(args) -> int:
         report(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
         return 2
 
-    import uvicorn
+    started = _start(args, sock)
+    if isinstance(started, int):
+        sock.close()
+        return started
+    serving, server = started
+    server.run(sockets=[sock])
+    if not server.started:
+        report("the server did not start (see the log above)")
+        return 1
+    if engine_failed := serving.apipe.error:
+        report(f"the pipeline failed: {engine_failed}")
+        return 1
+    if server.cut:
+        log.warning("stopped; cut %d request(s) still in flight", server.cut)
+        return 1
+    log.info("stopped" + (" (drained)" if server.stopped_by else ""))
+    return 0
 
-    from pipeline_dsl.serve.server import AgpServer, agp_protocol
 
+def _build_or_stop(args, sock):
+    """build(args) with 503 on the socket meanwhile; a stop signal gives the load up at once (nothing
+    is in flight yet): a line says so and the process exits 0 (commands/stopping.py)."""
+    from pipeline_dsl.commands.stopping import load_unless_stopped
     from pipeline_dsl.serve.loading import Loading
 
+    with Loading(sock):                          # 503 {"status": "loading"} until the model is up
+        serving, sig = load_unless_stopped(lambda: build(args))
+    if sig is not None:
+        log.info("%s while loading the pipeline: stopped before serving", signal.Signals(sig).name)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        sock.close()
+        os._exit(0)                              # the load thread may be anywhere (an import, a C call)
+    return serving
+
+
+def _start(args, sock):
+    """Load the pipeline (503 on the socket meanwhile) and make its server: (Serving, AgpServer),
+    or an exit status, the error reported."""
+    import uvicorn
+
+    from pipeline_dsl.diagnostics import CheckFailed
+    from pipeline_dsl.serve.server import AgpServer, agp_protocol
+
     try:
-        with Loading(sock):                          # 503 {"status": "loading"} until the model is up
-            serving = build(args)
+        serving = _build_or_stop(args, sock)
     except CheckFailed as e:
         sys.stderr.write(e.render())
-        sock.close()
         return 2
     except SetupError as e:
         report(str(e))
-        sock.close()
         return 2
-    apipe = serving.apipe
     host, port = sock.getsockname()[:2]
     tls = bool(args.ssl_certfile)
     try:
@@ -122,28 +158,16 @@ def main(args) -> int:
             http=agp_protocol(args.header_timeout, args.send_timeout), timeout_graceful_shutdown=5.0,
             ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
             log_config={"version": 1, "disable_existing_loggers": False}),
-            apipe, args.drain_timeout)
+            serving.apipe, args.drain_timeout)
         server.config.load()                        # TLS files are read here: a bad one is a clean exit 2
     except (OSError, ValueError) as e:
         report(f"cannot start: {e}")
-        sock.close()
         return 2
     shown = f"[{host}]" if ":" in host else host
     url = f"{'https' if tls else 'http'}://{shown}:{port}{args.root_path}/v1"
     for line in banner(serving, url, args):
         log.info(line)
-    server.run(sockets=[sock])
-    if not server.started:
-        report("the server did not start (see the log above)")
-        return 1
-    if engine_failed := apipe.error:
-        report(f"the pipeline failed: {engine_failed}")
-        return 1
-    if server.cut:
-        log.warning("stopped; the drain timeout cut %d request(s)", server.cut)
-        return 1
-    log.info("stopped" + (" (drained)" if server.stopped_by else ""))
-    return 0
+    return serving, server
 
 
 def _main_on_ray(args) -> int:

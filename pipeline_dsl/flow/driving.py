@@ -155,12 +155,18 @@ class Driving:
                 self._idle.wait(0.05 if left is None else min(left, 0.05))
         return True
 
+    def stop_admitting(self) -> None:
+        """New requests are refused (PipelineError unavailable) from now on; those in flight run
+        on. close() does it first; a caller that waits for them its own way (agp serve's drain,
+        which a second signal cuts short) calls it before waiting."""
+        with self._lock:
+            self._closing = True
+
     def close(self, drain: bool = True, timeout: float | None = None,
               reason: str = "the server shut down before this request finished") -> bool:
         """Stop admitting; let what runs finish (drain) or abort it; end the loops. Returns
         whether every request finished (False: some were cut, each failed with `reason`)."""
-        with self._lock:
-            self._closing = True
+        self.stop_admitting()
         finished = self.wait_idle(timeout) if drain else not len(self.ledger)
         if not finished:
             with self._lock:

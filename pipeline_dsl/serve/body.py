@@ -13,6 +13,7 @@ from . import protocol as P
 from .config import ServeConfig
 
 JSON_TYPES = ("application/json",)
+BODY_POLL_S = 0.25       # how often a body still arriving looks whether the server is shutting down
 
 
 async def read_body(request: Request, config: ServeConfig) -> bytes:
@@ -42,11 +43,26 @@ async def read_body(request: Request, config: ServeConfig) -> bytes:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    # the body in time; a server that begins to shut down meanwhile refuses it at once (it would
+    # refuse the request once read; waiting on the body instead held the connection until uvicorn
+    # cancelled the handler, 5 s into the shutdown, with a text/plain 500 and a traceback)
+    apipe = getattr(request.app.state, "apipe", None)
+    task = asyncio.ensure_future(collect())
+    deadline = asyncio.get_running_loop().time() + config.body_timeout_s
     try:
-        return await asyncio.wait_for(collect(), config.body_timeout_s)
-    except asyncio.TimeoutError:
-        raise P.APIError(f"the request body did not arrive within {config.body_timeout_s:g} s", status=408,
-                         code="body_timeout") from None
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, min(BODY_POLL_S, left)))
+            if done:
+                return task.result()
+            if apipe is not None and not apipe.accepting:
+                raise P.APIError("the server is shutting down; this request's body was still arriving",
+                                 status=503, type="server_error", code="unavailable", headers={"Retry-After": "1"})
+            if left <= 0:
+                raise P.APIError(f"the request body did not arrive within {config.body_timeout_s:g} s", status=408,
+                                 code="body_timeout")
+    finally:
+        task.cancel()
 
 
 async def read_json(request: Request, config: ServeConfig) -> dict:

@@ -35,9 +35,15 @@ class Guard:
         self.hosts = set(hosts)
 
     def host_ok(self, scope) -> bool:
+        """Whether the Host header names this server. A request without one (HTTP/1.0 lets a
+        client leave it out: HAProxy's default health check, old probes; HTTP/1.1 requires it and
+        h11 refuses a request without it) is no DNS-rebinding attempt: a browser always names the
+        host it thinks it talks to."""
         if self.any_host:
             return True
         name = header(scope, b"host").lower()
+        if not name:
+            return True
         if name.startswith("["):                       # [::1]:8000
             name = name[:name.find("]") + 1]
         elif name.count(":") == 1:

@@ -7,6 +7,7 @@ that tells the truth.
 |---|---|
 | opened, or a request line and headers arriving | `header_timeout` from the first byte (or the open): closed |
 | headers longer than `max_header_bytes` (16 KiB) | 431 at once, closed (nginx refuses 64 KB headers too) |
+| bytes that are not HTTP (no Host, a bad Content-Length) | 400 naming what is wrong, closed |
 | the body arriving | the app's `--body-timeout` (408) |
 | answered with an error, or before the body was all read | `Connection: close`, closed after the answer |
 | closed with the client still sending (a refused body, headers too long) | half-closed: what it sends is read and dropped for up to `LINGER_S` (2 s), then closed |
@@ -20,16 +21,21 @@ bytes sends a reset, and a reset can destroy the 413 or 431 before the client ha
 (a client still uploading its body sees "connection reset" or a broken pipe instead of the
 answer); so the answer and a FIN go first, and the client's remaining bytes are dropped.
 
-`AgpServer` on SIGTERM / SIGINT stops admitting (new requests get 503), waits up to the drain
-timeout for the requests in flight, then fails the rest — an SSE error event and `[DONE]` for
-a stream, a JSON 503 otherwise — and only then lets uvicorn stop. `cut` is how many were
-failed; a second signal stops at once.
+`AgpServer` on SIGTERM / SIGINT / SIGHUP stops admitting (new requests get 503), waits up to the
+drain timeout for the requests in flight, then fails the rest — an SSE error event and `[DONE]`
+for a stream, a JSON 503 otherwise — and only then lets uvicorn stop. `cut` is how many were
+failed. A second signal ends the wait at once: what is still in flight is failed the same way
+(not dropped mid-answer), and the exit status says so; a third stops without that. SIGHUP
+drains too: agp serve has nothing to reload, and a hang-up (a closed terminal, an operator's
+`kill -HUP`) must not drop the answers in flight, as its default action would.
 """
 from __future__ import annotations
 
+import contextlib
 import http
 import json
 import logging
+import re
 import signal
 import threading
 import time
@@ -47,7 +53,18 @@ CLOSE = (b"connection", b"close")
 
 class _ClosingConnection(h11.Connection):
     """h11's server side that says `Connection: close` on every error answer and on any answer
-    sent before the request's body was read in full; h11 then closes after the answer."""
+    sent before the request's body was read in full; h11 then closes after the answer. It keeps
+    why the client's bytes were not HTTP (`protocol_error`) for the 400 that says so."""
+
+    protocol_error: str | None = None
+
+    def next_event(self):
+        try:
+            return super().next_event()
+        except h11.RemoteProtocolError as e:
+            # h11 shows the bytes as Python's repr: "illegal request line: bytearray(b'GARBAGE')"
+            self.protocol_error = re.sub(r"bytearray\(b?(['\"])(.*?)\1\)", r"'\2'", str(e))[:200]
+            raise
 
     def send(self, event):
         if isinstance(event, h11.Response) and (event.status_code >= 400 or self.their_state is h11.SEND_BODY):
@@ -150,6 +167,13 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
             self._disarm()
             self.transport.close(linger=True)  # the rest of the headers may still be on the way
 
+        def send_400_response(self, msg: str) -> None:
+            """Bytes that are not an HTTP request (no Host header, a bad Content-Length, a request
+            line that is no request line): an OpenAI error naming what h11 found, as every other
+            error answer is one (uvicorn writes a text/plain 'Invalid HTTP request received.')."""
+            why = self.conn.protocol_error or msg
+            self._refuse(400, f"invalid HTTP request: {why}", "invalid_http_request")
+
         def on_response_complete(self) -> None:
             super().on_response_complete()
             self._disarm()                        # idle keep-alive: uvicorn's own timeout applies
@@ -204,11 +228,31 @@ class AgpServer(uvicorn.Server):
         self.cut = 0
         self.drained = None                  # True: every request finished; False: some were cut
         self._draining = threading.Event()
+        self._hurry = threading.Event()      # a second signal: stop waiting, cut what is in flight
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """uvicorn's, with SIGHUP among the signals that drain (uvicorn leaves it to kill the
+        process), and without uvicorn's re-raising of the signal after the drain: the exit
+        status is main()'s."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {sig: signal.signal(sig, self.handle_exit) for sig in EXIT_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
 
     def handle_exit(self, sig, frame) -> None:
-        if self._draining.is_set():          # a second signal: stop now
-            self.should_exit = True
-            self.force_exit = True
+        if self._draining.is_set():
+            if self.drained is None and not self._hurry.is_set():      # a second signal: cut now
+                log.warning("%s again: cutting the requests still in flight", signal.Signals(sig).name)
+                self._hurry.set()
+            else:                                                       # a third: stop now
+                self.should_exit = True
+                self.force_exit = True
             return
         self.stopped_by = sig
         self._draining.set()
@@ -216,15 +260,20 @@ class AgpServer(uvicorn.Server):
 
     def _drain(self) -> None:
         runtime = self.apipe.runtime
-        log.info("draining: no new requests; %d in flight get up to %gs", runtime.in_flight, self.drain_timeout)
-        self.drained = runtime.close(drain=True, timeout=self.drain_timeout,
-                                     reason="the server shut down before this request finished "
-                                            f"(drain timeout {self.drain_timeout:g}s)")
+        log.info("draining (%s): no new requests; %d in flight get up to %gs", signal.Signals(self.stopped_by).name,
+                 runtime.in_flight, self.drain_timeout)
+        runtime.stop_admitting()
+        deadline = time.monotonic() + self.drain_timeout
+        while not runtime.wait_idle(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if self._hurry.is_set() or time.monotonic() >= deadline:
+                break
+        why = "stopped by a second signal" if self._hurry.is_set() else f"drain timeout {self.drain_timeout:g}s"
+        self.drained = runtime.close(drain=False, reason=f"the server shut down before this request finished ({why})")
         self.cut = runtime.cut
         if self.cut:
-            log.warning("drain timeout: %d request(s) cut (each got an error)", self.cut)
+            log.warning("%s: %d request(s) cut (each got an error)", why, self.cut)
         time.sleep(0.3)                      # let the cut responses reach their clients
         self.should_exit = True
 
 
-EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

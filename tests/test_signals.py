@@ -1,0 +1,197 @@
+"""Signals as an operator's tools send them. `agp serve`: SIGTERM, SIGINT or SIGHUP while the
+model loads stop the load with a line saying so (exit 0); SIGHUP drains as SIGTERM does; a
+second signal during a drain cuts what is still in flight with an answer for each (an SSE error
+event and [DONE], a JSON 503) and exit 1, never a truncated body or an HTML 500. `agp run`: a
+signal while the model loads stops it with a line (exit 128 + the signal); SIGHUP during the run
+is in test_hostile's Ctrl-C test. Each test runs agp on the tiny model as a child process."""
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from test_hostile import HOLD_HOOK, write_pipeline
+from test_serve import ROOT, _free_port, _pipeline_file, start_agp_serve
+
+SLOW_IMPORT = """import pathlib, threading
+pathlib.Path(__file__).with_suffix(".loading").touch()     # the load has come this far
+threading.Event().wait(300)      # importing this module holds the pipeline's load
+
+def passthrough(item):
+    return item
+"""
+
+
+def wait_for_health(url: str, status: int, body: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.communicate()[1]
+        try:
+            r = httpx.get(url + "/health", timeout=5)
+            if r.status_code == status and body in r.text:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"/health never answered {status} {body}"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_while_the_model_loads_stops_the_load_with_a_line_and_exit_0(tmp_path, tiny_gguf, sig):
+    pipeline = slow_loading_pipeline(tmp_path, tiny_gguf)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "serve", str(pipeline), "--port", str(port)],
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        wait_for_health(url, 503, "loading", proc)
+        proc.send_signal(sig)
+        time.sleep(0.2)
+        proc.send_signal(sig)                  # a second one while it stops: no death by signal
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert f"{signal.Signals(sig).name} while loading the pipeline: stopped before serving" in err
+    assert "Traceback" not in err
+
+
+def slow_loading_pipeline(tmp_path, model):
+    """A pipeline whose python stage's module takes 300 s to import: its load is still going when
+    a signal comes, and tmp_path/slowload.loading exists once the load has reached the import."""
+    (tmp_path / "slowload.py").write_text(SLOW_IMPORT)
+    pipeline = write_pipeline(tmp_path, model)
+    pipeline.write_text(pipeline.read_text()
+                        .replace("request -> batch", "request -> pass -> batch")
+                        .replace("stage out", 'stage pass    : python        { fn = "slowload:passthrough" }\n'
+                                              "    stage out"))
+    return pipeline
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_agp_run_stopped_while_the_model_loads_says_so_and_exits_128_plus_the_signal(tmp_path, tiny_gguf, sig):
+    pipeline = slow_loading_pipeline(tmp_path, tiny_gguf)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps({"id": "a", "prompt": "hello", "max_tokens": 4}) + "\n")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "-i", str(inp),
+                             "-o", str(out), "--no-progress"], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "slowload.loading").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + sig, err
+    assert f"agp run: {signal.Signals(sig).name} while loading the pipeline: stopped before running" in err
+    assert "Traceback" not in err and out.read_text() == ""
+
+
+def test_sighup_drains_in_flight_streams_as_sigterm_does(tmp_path, tiny_gguf):
+    proc, url = start_agp_serve(str(_pipeline_file(tmp_path, tiny_gguf)))
+    try:
+        body = {"prompt": "hello", "max_tokens": 300, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            proc.send_signal(signal.SIGHUP)                   # mid-stream
+            rest = [line for line in lines if line.startswith("data: ")]
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert first and rest[-1] == "data: [DONE]"
+    assert json.loads(rest[-2][len("data: "):])["usage"]["completion_tokens"] == 300
+    assert proc.returncode == 0 and "draining (SIGHUP)" in err, err
+
+
+def test_a_second_signal_cuts_what_is_in_flight_with_an_answer_each_and_exit_1(tmp_path, tiny_gguf):
+    # a stream stage passes each chunk on and holds the end of every answer until agp has exited,
+    # so all three requests are in flight when the signals come, however fast the machine
+    (tmp_path / "holdhook.py").write_text(HOLD_HOOK)
+    pipeline = write_pipeline(tmp_path, tiny_gguf)
+    pipeline.write_text(pipeline.read_text()
+                        .replace("gen -> out", "gen -> hold -> out")
+                        .replace("stage out", 'stage hold    : python        { fn = "holdhook:hold_end"  stream = true  '
+                                              'workers = 64 }\n    stage out'))
+    proc, url = start_agp_serve(str(pipeline), "--threads", "1", "--drain-timeout", "600")
+    body = {"prompt": "hello", "max_tokens": 8, "ignore_eos": True}
+    streams, whole = [[] for _ in range(2)], {}
+
+    def stream(i):
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+            streams[i].extend(line for line in r.iter_lines() if line.startswith("data: "))
+
+    def nonstream():
+        whole["r"] = httpx.post(url + "/v1/completions", json=body, timeout=120)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)] + [threading.Thread(target=nonstream)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 120                     # all three in the pipeline, the streams begun
+        while not (all(streams) and httpx.get(url + "/stats", timeout=30).json()["requests"]["in_flight"] >= 3):
+            assert time.monotonic() < deadline, "the three requests did not arrive"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        wait_for_health(url, 503, "draining", proc)           # the drain waits (up to 600 s) ...
+        proc.send_signal(signal.SIGTERM)                      # ... until the second signal
+        for t in threads:
+            t.join(60)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1 and "cut 3 request(s)" in err, err
+    assert "Traceback" not in err
+    for lines in streams:
+        assert lines[-1] == "data: [DONE]", lines[-3:]
+        assert "stopped by a second signal" in json.loads(lines[-2][6:])["error"]["message"]
+    r = whole["r"]
+    assert r.status_code == 503 and r.json()["error"]["type"] == "server_error", r.text[:300]
+
+
+def test_a_body_still_arriving_at_sigterm_gets_a_json_503_at_once(tmp_path, tiny_gguf):
+    # the handler waited on the body until uvicorn cancelled it 5 s into the shutdown: a text/plain
+    # 500 and a traceback in the log
+    proc, url = start_agp_serve(str(_pipeline_file(tmp_path, tiny_gguf)), "--max-connections", "1")
+    port = int(url.rsplit(":", 1)[1])
+    c = socket.create_connection(("127.0.0.1", port))
+    try:
+        c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{\"prompt\": ")          # the rest never comes
+        deadline = time.monotonic() + 60               # the request is in its handler: it takes the one slot
+        while "--max-connections" not in httpx.get(url + "/health", timeout=30).text:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        c.settimeout(60)
+        answer = b""
+        while chunk := c.recv(65536):
+            answer += chunk
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        c.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"application/json" in head, answer[:300]
+    assert "body was still arriving" in json.loads(body)["error"]["message"]
+    assert proc.returncode == 0 and "Traceback" not in err, err
