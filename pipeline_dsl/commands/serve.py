@@ -121,8 +121,8 @@ def _build_or_stop(args, sock):
     from pipeline_dsl.commands.stopping import load_unless_stopped
     from pipeline_dsl.serve.loading import Loading
 
-    with Loading(sock):                          # 503 {"status": "loading"} until the model is up
-        serving, sig = load_unless_stopped(lambda: build(args))
+    # 503 {"status": "loading"} until the model is up, once a stop signal would be heard
+    serving, sig = load_unless_stopped(lambda: build(args), around=Loading(sock))
     if sig is not None:
         log.info("%s while loading the pipeline: stopped before serving", signal.Signals(sig).name)
         for stream in (sys.stdout, sys.stderr):

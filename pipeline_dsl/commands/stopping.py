@@ -15,19 +15,22 @@ tear it down mid-call.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
-from typing import Callable, TypeVar
+from typing import Callable, ContextManager, TypeVar
 
 T = TypeVar("T")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def load_unless_stopped(load: Callable[[], T], poll_s: float = 0.1) -> tuple[T | None, int | None]:
+def load_unless_stopped(load: Callable[[], T], poll_s: float = 0.1,
+                        around: ContextManager | None = None) -> tuple[T | None, int | None]:
     """load() on a thread of its own: (its result, None), or (None, the signal) as soon as a stop
     signal arrives. An exception of load() is raised here. Once a signal came, the stop signals
     stay ignored (a second SIGTERM must not kill the process while it says why it stops);
-    otherwise their handlers are restored."""
+    otherwise their handlers are restored. `around` (agp serve's 503 while loading) is entered
+    once the handlers are in place: whoever it tells that the load is on may signal at once."""
     stopped: list[int] = []
     old = {sig: signal.signal(sig, lambda sig, frame: stopped.append(sig)) for sig in STOP_SIGNALS}
     done: dict = {}
@@ -38,10 +41,11 @@ def load_unless_stopped(load: Callable[[], T], poll_s: float = 0.1) -> tuple[T |
         except BaseException as e:             # raised again on the calling thread below
             done["error"] = e
 
-    loader = threading.Thread(target=run, name="agp-load", daemon=True)
-    loader.start()
-    while loader.is_alive() and not stopped:
-        loader.join(poll_s)
+    with around if around is not None else contextlib.nullcontext():
+        loader = threading.Thread(target=run, name="agp-load", daemon=True)
+        loader.start()
+        while loader.is_alive() and not stopped:
+            loader.join(poll_s)
     if stopped:
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
