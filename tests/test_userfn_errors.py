@@ -99,3 +99,38 @@ def test_a_result_of_the_wrong_type_names_the_type_it_got(tmp_path, soft_gguf, f
                  "request -> batch\ngen -> g -> out\n" + chain(), hooks=HOOKS)
     (bad,), _ = run(path, [chat("bad", "hi", metadata=meta)])
     assert bad.error.message == words and bad.error.stage == "g"
+
+
+PRINTS = '''
+import os, subprocess, sys
+print("loading hooks")                                   # at import, before any answer
+
+def chatty(item):
+    print("DEBUG", item["id"])
+    print('{"id": "fake", "text": "not an answer"}')
+    sys.stdout.write("no end of line")
+    os.write(1, b"from fd 1\\n")
+    subprocess.run([sys.executable, "-c", "print('from a child')"], check=True)
+    return item
+'''
+
+
+def test_what_a_function_prints_goes_to_stderr_not_among_the_answers_on_stdout(tmp_path, tiny_gguf):
+    (tmp_path / "hooks.py").write_text(PRINTS)
+    path = tmp_path / "p.agp"
+    path.write_text(f'pipeline p {{\n    model = "{tiny_gguf}"\n    device = cpu\n    dtype = fp32\n'
+                    '    stage request : requests {}\n    stage say : python { fn = "hooks:chatty" }\n'
+                    '    stage batch : dynamic_batch { max_batch_size = 4  timeout = 1ms }\n'
+                    '    stage encode : encode {}\n    stage kv : kv_lookup { block_size = 8  budget = 1MiB }\n'
+                    '    stage gen : generate { max_new_tokens = 2 }\n    stage out : respond {}\n'
+                    '    request -> say -> batch -> encode -> kv -> gen -> out\n}\n')
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": "yo"}\n')
+    r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", str(path), "-i", str(inp), "--no-progress",
+                        "--threads", "1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [rec["id"] for rec in records] == ["a", "b"] and all("text" in rec for rec in records)
+    for said in ("loading hooks", "DEBUG a", "DEBUG b", "not an answer", "no end of line", "from fd 1",
+                 "from a child"):
+        assert said in r.stderr
