@@ -229,6 +229,11 @@ def load_function(ref: str, base_dir: str | None) -> Callable:
                 finally:
                     if added:
                         sys.path.remove(base_dir)
+                if base_dir not in sys.path:
+                    # an import its functions make when called (`import helper` inside a def) finds
+                    # the neighbours too, wherever agp runs from; last, so that no file beside the
+                    # pipeline shadows a module agp or a library imports later
+                    sys.path.append(base_dir)
                 loaded = mod
         else:
             loaded = importlib.import_module(module)

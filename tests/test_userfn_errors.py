@@ -134,3 +134,18 @@ def test_what_a_function_prints_goes_to_stderr_not_among_the_answers_on_stdout(t
     for said in ("loading hooks", "DEBUG a", "DEBUG b", "not an answer", "no end of line", "from fd 1",
                  "from a child"):
         assert said in r.stderr
+
+
+def test_a_function_importing_its_neighbour_when_called_finds_it_wherever_agp_runs(tmp_path, soft_gguf):
+    """`import helper` inside a def runs at the first call, after the module loaded: the pipeline's
+    folder is still where it looks, as for the module's own top-level imports."""
+    (tmp_path / "agp_lazy_neighbour.py").write_text("def tag(item):\n    item['messages'][0]['content'] += '!'\n"
+                                                   "    return item\n")
+    hooks = "def late(item):\n    import agp_lazy_neighbour\n    return agp_lazy_neighbour.tag(item)\n"
+    path = write(tmp_path, soft_gguf, 'stage request : requests {}\nstage p : python { fn = "hooks:late" }\n'
+                 'stage gen : generate { max_new_tokens = 2 }\nstage out : respond {}\n'
+                 "request -> p -> batch\ngen -> out\n" + chain(), hooks=hooks)
+    assert str(tmp_path) not in sys.path
+    (r,), _ = run(path, [chat("a", "hi")])
+    assert r.ok, r.error.message
+    assert r.choices[0].data["request"]["messages"][0]["content"] == "hi!"
