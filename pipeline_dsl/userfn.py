@@ -168,8 +168,11 @@ def _parse(path: str) -> pyast.Module:
         raise
     except OSError as e:
         raise FunctionNotFound(f"cannot read {path}: {e.strerror or e}") from None
-    except (SyntaxError, ValueError):     # ValueError: a NUL byte
-        raise FunctionNotFound(f"{path} has a syntax error") from None
+    except SyntaxError as e:              # where, as Python says it: the user fixes their module there
+        where = f"{path}:{e.lineno}" + (f":{e.offset}" if e.offset else "") if e.lineno else path
+        raise FunctionNotFound(f"{where}: the module has a syntax error: {e.msg}") from None
+    except ValueError as e:               # a NUL byte
+        raise FunctionNotFound(f"{path}: the module cannot be parsed: {e}") from None
     except (RecursionError, MemoryError):
         raise FunctionNotFound(f"{path} is nested too deeply to check") from None
 
@@ -226,6 +229,11 @@ def load_function(ref: str, base_dir: str | None) -> Callable:
                 finally:
                     if added:
                         sys.path.remove(base_dir)
+                if base_dir not in sys.path:
+                    # an import its functions make when called (`import helper` inside a def) finds
+                    # the neighbours too, wherever agp runs from; last, so that no file beside the
+                    # pipeline shadows a module agp or a library imports later
+                    sys.path.append(base_dir)
                 loaded = mod
         else:
             loaded = importlib.import_module(module)

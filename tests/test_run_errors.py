@@ -173,9 +173,14 @@ def test_input_lines_are_bounded_even_an_endless_one(tmp_path, pipeline):
 @pytest.mark.parametrize("module, why", [
     ("NOT_FN = len('ab')\n", "'NOT_FN' in module 'hooks' is not callable (of type int)"),
     ("import os\nNOT_FN = getattr(os, 'sep')\n", "'NOT_FN' in module 'hooks' is not callable (of type str)"),
-    ("raise ValueError('no config')\nNOT_FN = len('a')\n", "importing its module failed: ValueError: no config"),
+    ("raise ValueError('no config')\nNOT_FN = len('a')\n",
+     "importing its module failed at {hooks}:1: ValueError: no config"),
+    ("import os\n\nraise SystemExit\nNOT_FN = len('a')\n", "importing its module failed at {hooks}:3: SystemExit"),
+    ("NOT_FN = lambda item, chunks: item\n",
+     "it is called as fn(item), but its signature (item, chunks) cannot take that: missing a required argument: "
+     "'chunks'"),
 ])
-def test_a_fn_that_turns_out_not_callable_at_load_is_an_error_at_the_setting(tmp_path, tiny_gguf, module, why):
+def test_a_fn_that_turns_out_not_callable_as_called_at_load_is_an_error_at_the_setting(tmp_path, tiny_gguf, module, why):
     """check reads source and passes these (a value it cannot see, a module failing on import);
     run then says which stage and where, exit 2, not an internal error."""
     (tmp_path / "hooks.py").write_text(module)
@@ -186,6 +191,7 @@ def test_a_fn_that_turns_out_not_callable_at_load_is_an_error_at_the_setting(tmp
     inp.write_text('{"prompt": "a"}\n')
     r = run(path, "-i", inp, "-o", tmp_path / "out.jsonl")
     assert r.returncode == 2, r.stderr
+    why = why.format(hooks=tmp_path / "hooks.py")
     assert f'{path}:10:29: error: stage \'p\': cannot load fn "hooks:NOT_FN": {why}' in r.stderr
     assert "internal error" not in r.stderr
 

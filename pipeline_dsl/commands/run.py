@@ -22,11 +22,13 @@ Ctrl-C (SIGINT), SIGTERM or SIGHUP stops admitting, aborts what is in flight (th
 not written, so `--resume` runs them again), writes the summary and `--stats`, and exits
 130, 143 or 129; while the model loads, one stops the load at once with a line saying so (same
 exit status, nothing written). A write that fails (a full disk, a closed pipe, an output file
-deleted meanwhile) stops the run the same way at once, says why, writes the summary and exits 1. Exit 1 when every request failed. A
-progress bar and the summary go to stderr.
+deleted meanwhile) stops the run the same way at once, says why, writes the summary and exits 1.
+Exit 1 when every request failed. A progress bar and the summary go to stderr, and so does
+whatever the pipeline's own code prints while the answers go to stdout (commands/stdout.py).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -39,6 +41,7 @@ from collections import Counter
 
 from pipeline_dsl.cliargs import output_file
 from pipeline_dsl.commands import add_pipeline_arguments
+from pipeline_dsl.commands.stdout import answers_on_stdout
 
 HELP = "run a pipeline over a JSONL file of requests on a real model"
 MAX_LINE_BYTES = 16 << 20      # one request line; a longer one is an error record (serve's bodies: 4 MiB)
@@ -217,6 +220,11 @@ class Interrupt:
 
 
 def main(args) -> int:
+    with contextlib.ExitStack() as cleanup:      # standard output back as it was, however the run ends
+        return _run(args, cleanup)
+
+
+def _run(args, cleanup: contextlib.ExitStack) -> int:
     from pipeline_dsl.commands import batch_api
     from pipeline_dsl.commands.runner import RunRequest, format_summary, run_pipeline
     from pipeline_dsl.serve.api_error import APIError
@@ -266,8 +274,8 @@ def main(args) -> int:
             out = open(args.output, "a" if args.resume else "w", encoding="utf-8")
         elif sys.stdout is None:
             return _err("cannot write the answers: standard output is closed (give --output FILE)")
-        else:
-            out = sys.stdout
+        else:   # the answers alone: what the pipeline's code prints goes to stderr (commands/stdout.py)
+            out = cleanup.enter_context(answers_on_stdout())
             if getattr(out, "encoding", "utf-8").lower().replace("-", "") != "utf8" and hasattr(out, "reconfigure"):
                 out.reconfigure(encoding="utf-8")      # JSONL is UTF-8, as -o FILE writes it, whatever the locale
     except OSError as e:

@@ -50,7 +50,7 @@ from .cache import ResultCache, cache_key
 from .driving import Driving
 from .engines import EngineSide
 from .items import GENERATED, REQUEST, Item, PipelineError, RequestState, deliver, unicode_problem
-from .joins import Joins
+from .joins import FILLED, Joins
 from .ledger import RequestLedger
 from .live import LiveStages
 from .loops import Loops
@@ -96,7 +96,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             if k not in ENGINE_KINDS:
                 try:
                     self.impls[n] = implementation(k)(n, dict(self.params[n]), StageContext(self.name, n, k, base))
-                except Exception as exc:              # noqa: BLE001 - the user's module, said where
+                except (Exception, SystemExit) as exc:   # noqa: BLE001 - the user's module, said where (its
+                    # sys.exit() at import too, which would end `agp run` with no word); a real Ctrl-C goes on
                     if not self.params[n].get("fn"):
                         raise
                     raise _load_failed(graph, n, exc) from exc
@@ -361,6 +362,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             if kind == REQUEST and not trusted:
                 out = _valid_request(out, stage)
             elif kind == GENERATED:
+                out = _completed(out, view, item.kind)
                 _valid_result(out, stage)
             item.kind, item.data = kind, out
 
@@ -622,19 +624,41 @@ def _valid_request(d: dict, stage: str) -> dict:
         raise PipelineError(f"stage '{stage}' returned an invalid request: {e}", "failed", stage) from None
 
 
+def _completed(out: dict, got: dict, got_kind: str) -> dict:
+    """A result dict a stage returned: what it leaves out (or sets to None) of finish_reason, usage,
+    generated_by, request and id comes from the item it got, as a join's new dict gets them from
+    its first branch, so `return {"text": "…"}` is a whole answer and the stages after it still
+    find `request`. A Request the stage answered itself gives its id and itself as `request`, and
+    the answer finished normally ("stop"). A copy when something is filled: the function may hand
+    back one dict of its own (a canned answer) for every request."""
+    if got_kind == GENERATED:
+        fill = {k: got.get(k) for k in FILLED}
+    else:
+        fill = {"id": got.get("id"), "request": got, "finish_reason": "stop"}
+    missing = {k: v for k, v in fill.items() if out.get(k) is None and v is not None}
+    return {**out, **missing} if missing else out
+
+
 def _valid_result(d: dict, stage: str) -> None:
     """A result dict a stage returned: its text a string that can be sent, its finish_reason a
     string (a guard may set its own, e.g. content_filter) or null."""
     text, reason = d.get("text"), d.get("finish_reason")
     if not isinstance(text, str):
-        raise PipelineError(f"stage '{stage}' returned a result whose text is not a string", "failed", stage)
+        raise PipelineError(f"stage '{stage}' returned a result whose text is {_a(text)}, not a string",
+                            "failed", stage)
     problem = unicode_problem(text)
     if problem is not None:
         raise PipelineError(f"stage '{stage}' returned a result whose text is not valid Unicode ({problem})",
                             "failed", stage)
     if reason is not None and not isinstance(reason, str):
-        raise PipelineError(f"stage '{stage}' returned a result whose finish_reason is a "
-                            f"{type(reason).__name__}; expected a string or null", "failed", stage)
+        raise PipelineError(f"stage '{stage}' returned a result whose finish_reason is {_a(reason)}; "
+                            "expected a string or null", "failed", stage)
+
+
+def _a(value) -> str:
+    """'a dict', 'an int', 'bytes': a value's type in a sentence."""
+    name = type(value).__name__
+    return name if name == "bytes" else ("an " if name[0] in "aeiou" else "a ") + name
 
 
 def _device_failed(graph: nx.DiGraph, generates, exc) -> BaseException:
@@ -671,6 +695,17 @@ def _check_failed(diag, pos):
     return CheckFailed([diag], sources)
 
 
+def _raised_at(exc: BaseException) -> str:
+    """' at FILE:LINE': where an import raised, the innermost frame outside the import machinery
+    and agp (the user's module, or what it imported), so the user knows which line to fix."""
+    import traceback
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith("<") and not os.path.abspath(f.filename).startswith(here + os.sep)]
+    return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+
+
 def _load_failed(graph: nx.DiGraph, stage: str, exc: BaseException):
     """A stage whose `fn` could not be loaded (not callable, its module failing on import), as a
     CheckFailed at the `fn` setting: check reads the source and imports nothing, so some of this
@@ -681,8 +716,10 @@ def _load_failed(graph: nx.DiGraph, stage: str, exc: BaseException):
     node = graph.nodes[stage]
     ref = node["params"]["fn"]
     pos = (node.get("param_pos") or {}).get("fn") or node.get("pos")
-    why = str(exc) if isinstance(exc, FunctionNotFound) else \
-        f"importing its module failed: {type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if isinstance(exc, FunctionNotFound):
+        why = str(exc)
+    else:
+        why = f"importing its module failed{_raised_at(exc)}: {type(exc).__name__}" + (f": {exc}" if str(exc) else "")
     what = "join" if node.get("kind") == "join" else "stage"
     diag = Diagnostic(ERROR, f"{what} '{stage}': cannot load fn \"{ref}\": {why}", pos,
                       expected='"module:function" naming a function (def or async def)')

@@ -1,0 +1,151 @@
+"""A user's own Python module as a pipeline meets it: mistakes in the module are reported where
+they are (the file, line and column of a syntax error), what a function hands back is
+completed or refused with a message that names what it got, and what it prints never mixes
+into `agp run`'s answers on stdout."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import flowkit
+from flowkit import chain, chat, errors, run, write
+from pipeline_dsl.userfn import FunctionNotFound, function_info
+
+ROOT = Path(__file__).resolve().parents[1]
+
+HOOKS = '''
+CANNED = {"text": "I cannot help with that."}
+
+def replace(item):
+    if item["request"].get("metadata", {}).get("canned"):
+        return CANNED                    # a new dict, one for every request
+    return item
+
+def after(item):
+    item["text"] += " [" + item["request"]["messages"][0]["content"] + "]"
+    return item
+
+def answer_early(item):
+    return {"text": "answered without the model"}
+
+def text_of_type(item):
+    item["text"] = {"answer": 1} if item["request"].get("metadata", {}).get("dict") else b"bytes"
+    return item
+
+def finish_int(item):
+    item["finish_reason"] = 7
+    return item
+'''
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    flowkit.reset()
+    yield
+
+
+def test_a_syntax_error_in_a_module_is_reported_at_its_line_and_column(tmp_path):
+    (tmp_path / "hooks.py").write_text("def ok(item):\n    return item\n\ndef broken(x):\n    return x +\n")
+    with pytest.raises(FunctionNotFound) as e:
+        function_info("hooks:ok", str(tmp_path))
+    assert str(e.value) == f"{tmp_path / 'hooks.py'}:5:15: the module has a syntax error: invalid syntax"
+
+
+def test_a_new_result_dict_gets_what_it_left_out_from_the_result_it_replaced(tmp_path, soft_gguf):
+    """`return {"text": ...}` from a guard is a whole answer: it finished as the model's did, and a
+    stage after it still finds the request; the function's own dict is never changed."""
+    path = write(tmp_path, soft_gguf, 'stage request : requests {}\nstage gen : generate { max_new_tokens = 3 }\n'
+                 'stage g : python { fn = "hooks:replace" }\nstage a : python { fn = "hooks:after" }\n'
+                 "stage out : respond {}\nrequest -> batch\ngen -> g -> a -> out\n" + chain(), hooks=HOOKS)
+    assert errors(path) == []
+    results, _ = run(path, [chat("x", "hi", metadata={"canned": True}), chat("y", "yo", metadata={"canned": True}),
+                            chat("z", "hey")])
+    by = {r.id: r for r in results}
+    for rid, said in (("x", "hi"), ("y", "yo")):
+        assert by[rid].ok, by[rid].error.message
+        (c,) = by[rid].choices
+        assert c.text == f"I cannot help with that. [{said}]"
+        assert c.finish_reason == by["z"].choices[0].finish_reason == "length"
+        assert c.data["generated_by"] == "gen" and c.data["id"] == rid
+    (hooks,) = [m for m in list(sys.modules.values()) if getattr(m, "__file__", None) == str(tmp_path / "hooks.py")]
+    assert hooks.CANNED == {"text": "I cannot help with that."}
+
+
+def test_a_request_a_stage_answers_itself_finishes_with_stop_and_keeps_its_request(tmp_path, soft_gguf):
+    path = write(tmp_path, soft_gguf, 'stage request : requests {}\n'
+                 'stage early : python { fn = "hooks:answer_early"  returns = any }\n'
+                 'stage gen : generate { max_new_tokens = 3 }\nstage out : respond {}\n'
+                 "request -> early\nearly -> batch\nearly -> out\ngen -> out\n" + chain(), hooks=HOOKS)
+    assert errors(path) == []
+    (r,), _ = run(path, [chat("q", "hi")])
+    assert r.ok, r.error.message
+    (c,) = r.choices
+    assert (c.text, c.finish_reason) == ("answered without the model", "stop")
+    assert c.data["id"] == "q" and c.data["request"]["messages"][0]["content"] == "hi"
+
+
+@pytest.mark.parametrize("fn, meta, words", [
+    ("text_of_type", {"dict": True}, "stage 'g' returned a result whose text is a dict, not a string"),
+    ("text_of_type", {}, "stage 'g' returned a result whose text is bytes, not a string"),
+    ("finish_int", {}, "stage 'g' returned a result whose finish_reason is an int; expected a string or null"),
+])
+def test_a_result_of_the_wrong_type_names_the_type_it_got(tmp_path, soft_gguf, fn, meta, words):
+    path = write(tmp_path, soft_gguf, 'stage request : requests {}\nstage gen : generate { max_new_tokens = 3 }\n'
+                 f'stage g : python {{ fn = "hooks:{fn}" }}\nstage out : respond {{}}\n'
+                 "request -> batch\ngen -> g -> out\n" + chain(), hooks=HOOKS)
+    (bad,), _ = run(path, [chat("bad", "hi", metadata=meta)])
+    assert bad.error.message == words and bad.error.stage == "g"
+
+
+PRINTS = '''
+import os, subprocess, sys
+print("loading hooks")                                   # at import, before any answer
+
+def chatty(item):
+    print("DEBUG", item["id"])
+    print('{"id": "fake", "text": "not an answer"}')
+    sys.stdout.write("no end of line")
+    os.write(1, b"from fd 1\\n")
+    subprocess.run([sys.executable, "-c", "print('from a child')"], check=True)
+    return item
+'''
+
+
+def test_what_a_function_prints_goes_to_stderr_not_among_the_answers_on_stdout(tmp_path, tiny_gguf):
+    (tmp_path / "hooks.py").write_text(PRINTS)
+    path = tmp_path / "p.agp"
+    path.write_text(f'pipeline p {{\n    model = "{tiny_gguf}"\n    device = cpu\n    dtype = fp32\n'
+                    '    stage request : requests {}\n    stage say : python { fn = "hooks:chatty" }\n'
+                    '    stage batch : dynamic_batch { max_batch_size = 4  timeout = 1ms }\n'
+                    '    stage encode : encode {}\n    stage kv : kv_lookup { block_size = 8  budget = 1MiB }\n'
+                    '    stage gen : generate { max_new_tokens = 2 }\n    stage out : respond {}\n'
+                    '    request -> say -> batch -> encode -> kv -> gen -> out\n}\n')
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": "yo"}\n')
+    r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", str(path), "-i", str(inp), "--no-progress",
+                        "--threads", "1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [rec["id"] for rec in records] == ["a", "b"] and all("text" in rec for rec in records)
+    for said in ("loading hooks", "DEBUG a", "DEBUG b", "not an answer", "no end of line", "from fd 1",
+                 "from a child"):
+        assert said in r.stderr
+
+
+def test_a_function_importing_its_neighbour_when_called_finds_it_wherever_agp_runs(tmp_path, soft_gguf):
+    """`import helper` inside a def runs at the first call, after the module loaded: the pipeline's
+    folder is still where it looks, as for the module's own top-level imports."""
+    (tmp_path / "agp_lazy_neighbour.py").write_text("def tag(item):\n    item['messages'][0]['content'] += '!'\n"
+                                                   "    return item\n")
+    hooks = "def late(item):\n    import agp_lazy_neighbour\n    return agp_lazy_neighbour.tag(item)\n"
+    path = write(tmp_path, soft_gguf, 'stage request : requests {}\nstage p : python { fn = "hooks:late" }\n'
+                 'stage gen : generate { max_new_tokens = 2 }\nstage out : respond {}\n'
+                 "request -> p -> batch\ngen -> out\n" + chain(), hooks=hooks)
+    assert str(tmp_path) not in sys.path
+    (r,), _ = run(path, [chat("a", "hi")])
+    assert r.ok, r.error.message
+    assert r.choices[0].data["request"]["messages"][0]["content"] == "hi!"
