@@ -106,7 +106,7 @@ import os, subprocess, sys
 print("loading hooks")                                   # at import, before any answer
 
 def chatty(item):
-    print("DEBUG", item["id"])
+    print(f"DEBUG {item['id']}")                        # one write: the two requests' calls run at once
     print('{"id": "fake", "text": "not an answer"}')
     sys.stdout.write("no end of line")
     os.write(1, b"from fd 1\\n")
