@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pipeline_dsl.model_files.rope import rope_inv_freq
+
 from . import native
 from .batch import Step, StepBatch, Uploader, prepare_step
 from .compute import CPU_CONTENTION, ContentionGuard
@@ -57,6 +59,7 @@ class LlamaConfig:
     rms_eps: float = 1e-5
     max_position: int = 2048          # the model's context length
     tie_embeddings: bool = True       # lm_head shares the embedding matrix
+    rope_scaling: tuple = ()          # (key, value) pairs of model_files.rope; () = plain RoPE
 
     @property
     def group(self) -> int:           # query heads per KV head
@@ -222,7 +225,7 @@ class LlamaModel:
             layer.down = linear(p + "down")
             self.layers.append(layer)
         # RoPE tables [max_position, head_dim] ("rotate half": halves share a frequency)
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
+        inv_freq = torch.tensor(rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling), dtype=torch.float64)
         pos = torch.arange(c.max_position, dtype=torch.float64)
         freqs = torch.outer(pos, inv_freq)                      # [P, hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)                 # [P, hd]

@@ -18,6 +18,7 @@ metadata the engine reads, the engine's tensor names and shapes) are the engine'
     gguf_header.py   the GGUF byte layout and its bounded parser
     llama.py         the metadata, tensor names and shapes the engine needs; config sanity
     hf.py            config.json and *.safetensors headers of a Hugging Face folder
+    rope.py          the rotary base and scaling, and the frequencies they give
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import math
 
 from .gguf_header import DEQUANTIZABLE, FLOAT_TYPES, INT_TYPES, VALUE_NAMES, GGUFHeader
 from .problem import ModelFileProblem
+from .rope import gguf_rope
 
 # the GGUF metadata the engine reads (key -> kind); a model lacking a REQUIRED one cannot run
 GGUF_USED_KEYS = {
@@ -19,7 +20,8 @@ GGUF_USED_KEYS = {
     "tokenizer.ggml.merges": "str[]", "tokenizer.ggml.pre": "str", "tokenizer.ggml.bos_token_id": "int",
     "tokenizer.ggml.eos_token_id": "int", "tokenizer.ggml.eot_token_id": "int",
     "tokenizer.ggml.eom_token_id": "int", "tokenizer.chat_template": "str",
-    "tokenizer.ggml.add_bos_token": "bool",
+    "tokenizer.ggml.add_bos_token": "bool", "llama.rope.scaling.type": "str",
+    "llama.rope.scaling.factor": "float", "llama.rope.dimension_count": "int",
 }
 GGUF_REQUIRED = ("general.architecture", "llama.embedding_length", "llama.attention.head_count",
                  "llama.feed_forward_length", "llama.block_count", "tokenizer.ggml.model",
@@ -187,15 +189,21 @@ def gguf_llama_config(h: GGUFHeader) -> dict:
         if not heads or hidden % heads:
             fail(f"'llama.embedding_length' {hidden} is not a multiple of 'llama.attention.head_count' {heads}")
         head_dim = hidden // heads
+    theta, scaling = gguf_rope(m, fail, head_dim)
     c = dict(vocab_size=found["embed"][1][0], hidden_size=hidden,
              intermediate_size=m["llama.feed_forward_length"], num_layers=m["llama.block_count"],
              num_heads=heads, num_kv_heads=m.get("llama.attention.head_count_kv", heads), head_dim=head_dim,
-             rope_theta=m.get("llama.rope.freq_base", 10000.0),
+             rope_theta=theta,
              rms_eps=m.get("llama.attention.layer_norm_rms_epsilon", 1e-5),
-             max_position=m.get("llama.context_length", 2048), tie_embeddings="lm_head" not in found)
+             max_position=m.get("llama.context_length", 2048), tie_embeddings="lm_head" not in found,
+             rope_scaling=scaling)
     c = check_config(fail, c, _GGUF_NAMES)
     n_tokens = len(m["tokenizer.ggml.tokens"])
     if n_tokens > c["vocab_size"]:
         fail(f"the tokenizer has {n_tokens} tokens but 'token_embd.weight' only {c['vocab_size']} rows")
     check_weights(h.path, c, found)
+    freqs = next((t for t in h.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None and (tuple(freqs.shape) != (c["head_dim"] // 2,) or freqs.type_name not in DEQUANTIZABLE):
+        fail(f"tensor 'rope_freqs.weight' has shape {list(freqs.shape)} and type {freqs.type_name}; "
+             f"the rotary factors need [{c['head_dim'] // 2}] numbers")
     return c
