@@ -192,3 +192,43 @@ def test_a_gguf_rotary_kind_agp_does_not_compute_is_refused(tmp_path):
     path = write_tiny_gguf(tmp_path / "m.gguf", rope_scaling=("yarn", 4.0))
     with pytest.raises(ModelFileProblem, match="'llama.rope.scaling.type' 'yarn' is not supported"):
         check_model_path(path)
+
+
+def engine_greedy(folder, prompts, dtype="fp32", n=12):
+    """Greedy token ids of each prompt through the whole engine (batched decode, paged KV)."""
+    from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
+
+    engine = Engine(EngineConfig(model=str(folder), dtype=dtype, kv_budget_bytes=1 << 20, batch_timeout_s=0.0,
+                                 block_size=8))
+    for i, ids in enumerate(prompts):
+        engine.add_request(str(i), prompt_token_ids=ids, params=SamplingParams(max_tokens=n, ignore_eos=True))
+    got = {str(i): [] for i in range(len(prompts))}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+    return [got[str(i)] for i in range(len(prompts))]
+
+
+def test_a_qwen2_folder_runs_with_its_qkv_biases_as_transformers_does(tmp_path, tiny_tokenizer):
+    folder = save_folder(tmp_path, tiny_tokenizer, cls="Qwen2Config", tie_word_embeddings=True,
+                         rope_theta=1000000.0)
+    assert_same_logits(folder)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    prompts = [TOKENS[:7], TOKENS[3:20], TOKENS[10:12]]
+    for ids, got in zip(prompts, engine_greedy(folder, prompts)):
+        with torch.no_grad():   # transformers' greedy choice after each of our tokens, in one forward
+            want = ref(torch.tensor([ids + got])).logits[0, len(ids) - 1:-1].argmax(-1).tolist()
+        assert got == want and len(got) == 12
+    for dtype in ("bf16", "int8"):           # the other precisions run too (their kernels take no bias)
+        assert all(len(g) == 12 for g in engine_greedy(folder, prompts, dtype))
+
+
+def test_a_qwen2_folder_without_its_biases_is_refused(tmp_path, tiny_tokenizer):
+    from safetensors.torch import load_file, save_file
+
+    save_folder(tmp_path, tiny_tokenizer, cls="Qwen2Config")
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    del tensors["model.layers.1.self_attn.k_proj.bias"]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ModelFileProblem, match="missing tensors: model.layers.1.self_attn.k_proj.bias"):
+        check_model_path(tmp_path)

@@ -60,6 +60,7 @@ class LlamaConfig:
     max_position: int = 2048          # the model's context length
     tie_embeddings: bool = True       # lm_head shares the embedding matrix
     rope_scaling: tuple = ()          # (key, value) pairs of model_files.rope; () = plain RoPE
+    qkv_bias: bool = False            # biases on the Q, K, V projections (Qwen2)
 
     @property
     def group(self) -> int:           # query heads per KV head
@@ -171,7 +172,7 @@ class _Fallback:
 
 
 class _Layer:
-    __slots__ = ("attn_norm", "qkv", "o", "ffn_norm", "gate_up", "down")
+    __slots__ = ("attn_norm", "qkv", "qkv_bias", "o", "ffn_norm", "gate_up", "down")
 
 
 class LlamaModel:
@@ -219,6 +220,8 @@ class LlamaModel:
             layer = _Layer()
             layer.attn_norm = vec(p + "attn_norm")
             layer.qkv = linear(p + "q", p + "k", p + "v")        # [(nh+2kv)*hd, H]
+            layer.qkv_bias = torch.cat([vec(p + n) for n in ("q_bias", "k_bias", "v_bias")]) \
+                if c.qkv_bias else None                         # [(nh+2kv)*hd]
             layer.o = linear(p + "o")
             layer.ffn_norm = vec(p + "ffn_norm")
             layer.gate_up = linear(p + "gate", p + "up")         # [2I, H]
@@ -270,6 +273,8 @@ class LlamaModel:
         """x [T, H] -> q [T, nh, hd], k/v [T, kv, hd] (q, k rotated)."""
         c = self.config
         qkv = layer.qkv(self.rms(x, layer.attn_norm))           # [T, (nh+2kv)*hd]
+        if layer.qkv_bias is not None:
+            qkv = qkv + layer.qkv_bias
         T = qkv.shape[0]
         qk, v = qkv.split([(c.num_heads + c.num_kv_heads) * c.head_dim, c.num_kv_heads * c.head_dim], dim=-1)
         qk = self.rope(qk.view(T, c.num_heads + c.num_kv_heads, c.head_dim), cos, sin)  # one rotation for both

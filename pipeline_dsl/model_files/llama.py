@@ -55,13 +55,15 @@ def gguf_engine_name(name: str) -> str | None:
 
 
 def hf_engine_name(name: str) -> str | None:
-    """model.layers.3.self_attn.q_proj.weight -> layers.3.q; None for one the engine does not use."""
+    """model.layers.3.self_attn.q_proj.weight -> layers.3.q (.bias -> layers.3.q_bias); None for
+    one the engine does not use."""
     if name in _HF_TOP:
         return _HF_TOP[name]
-    if name.startswith("model.layers.") and name.endswith(".weight"):
-        idx, _, part = name[len("model.layers."):-len(".weight")].partition(".")
-        if idx.isdigit() and part in _HF_PARTS:
-            return f"layers.{int(idx)}.{_HF_PARTS[part]}"
+    for suffix, tail in ((".weight", ""), (".bias", "_bias")):
+        if name.startswith("model.layers.") and name.endswith(suffix):
+            idx, _, part = name[len("model.layers."):-len(suffix)].partition(".")
+            if idx.isdigit() and part in _HF_PARTS:
+                return f"layers.{int(idx)}.{_HF_PARTS[part]}{tail}"
     return None
 
 
@@ -72,6 +74,8 @@ def expected_shapes(c: dict) -> dict:
     shapes = {"embed": (V, H), "norm": (H,), "lm_head": (V, H)}
     per_layer = {"attn_norm": (H,), "q": (q, H), "k": (kv, H), "v": (kv, H), "o": (H, q),
                  "ffn_norm": (H,), "gate": (I, H), "up": (I, H), "down": (H, I)}
+    if c.get("qkv_bias"):          # Qwen2: biases on the Q, K and V projections
+        per_layer.update(q_bias=(q,), k_bias=(kv,), v_bias=(kv,))
     for i in range(c["num_layers"]):
         shapes.update({f"layers.{i}.{p}": s for p, s in per_layer.items()})
     return shapes
@@ -83,6 +87,8 @@ def _spell(engine_name: str, top: dict, parts: dict, layer: str) -> str:
         if ours == engine_name:
             return theirs
     _, i, part = engine_name.split(".")
+    if part.endswith("_bias"):
+        return layer.format(i=i, part=next(t for t, o in parts.items() if o == part[:-5])).replace(".weight", ".bias")
     return layer.format(i=i, part=next(t for t, o in parts.items() if o == part))
 
 
@@ -147,6 +153,7 @@ def check_config(fail, c: dict, names: dict) -> dict:
     if c["head_dim"] % 2:
         fail(f"the head size {c['head_dim']} is odd (rotary embeddings need an even size)")
     c["rope_theta"], c["rms_eps"] = float(c["rope_theta"]), float(c["rms_eps"])
+    c.setdefault("qkv_bias", False)
     return c
 
 
