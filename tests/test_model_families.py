@@ -232,3 +232,21 @@ def test_a_qwen2_folder_without_its_biases_is_refused(tmp_path, tiny_tokenizer):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(ModelFileProblem, match="missing tensors: model.layers.1.self_attn.k_proj.bias"):
         check_model_path(tmp_path)
+
+
+def test_a_sharded_folder_reads_the_shards_its_index_names_and_no_other_safetensors(tmp_path, tiny_tokenizer):
+    """Mistral's repositories ship consolidated.safetensors (their own layout) beside the
+    sharded checkpoint; transformers reads the shards model.safetensors.index.json names."""
+    from safetensors import safe_open
+
+    folder = save_folder(tmp_path, tiny_tokenizer)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: "model.safetensors" for n in names}}))
+    (folder / "consolidated.safetensors").write_bytes(b"\x10" * 64)      # not read: not in the index
+    check_model_path(folder)
+    assert_same_logits(folder)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../elsewhere"}}))
+    with pytest.raises(ModelFileProblem, match="names shard '../elsewhere', which is not a file in the folder"):
+        check_model_path(folder)

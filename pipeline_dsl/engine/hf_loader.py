@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline_dsl.model_files import ModelFileProblem, hf_engine_name, hf_llama_config
+from pipeline_dsl.model_files import ModelFileProblem, hf_engine_name, hf_llama_config, weight_files
 
 from .model import LlamaConfig
 
@@ -48,7 +48,7 @@ def load_hf_folder(folder: str | Path) -> HFModel:
     except ModelFileProblem as e:
         raise HFModelError(e.path, e.problem) from None
     weights = {}
-    for f in sorted(folder.glob("*.safetensors")):
+    for f in weight_files(folder):
         try:
             tensors = load_file(str(f))
         except SafetensorError as e:

@@ -134,12 +134,32 @@ def read_safetensors_header(path) -> dict:
     return out
 
 
+def weight_files(folder) -> list[Path]:
+    """The folder's *.safetensors files, or, where model.safetensors.index.json is there, the
+    shards its weight_map names (as transformers reads them): a repository that also ships
+    its weights in another layout (Mistral's consolidated.safetensors) is not read twice."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if not index.exists():
+        return sorted(folder.glob("*.safetensors"))
+    wmap = read_json_object(index, index.name).get("weight_map")
+    if not isinstance(wmap, dict) or not wmap or not all(isinstance(v, str) for v in wmap.values()):
+        raise ModelFileProblem(index, "'weight_map' must be an object of tensor name -> shard file")
+    files = []
+    for name in sorted(set(wmap.values())):
+        if Path(name).name != name or not (folder / name).is_file():
+            raise ModelFileProblem(index, f"the weight_map names shard {name[:80]!r}, which is not a file "
+                                          f"in the folder")
+        files.append(folder / name)
+    return files
+
+
 def hf_llama_config(folder) -> dict:
     """LlamaConfig fields of an HF folder, after checking config.json and the header (names,
     shapes) of every *.safetensors file; tie_embeddings is True when there is no lm_head."""
     folder = Path(folder)
     c = hf_config(folder)
-    files = sorted(folder.glob("*.safetensors"))
+    files = weight_files(folder)
     if not files:
         raise ModelFileProblem(folder, "no *.safetensors weights in the folder")
     found, where = {}, {}
