@@ -79,3 +79,39 @@ def test_incremental_decoder_never_splits_a_character(tok):
     deltas = [dec.add([i]) for i in ids]
     assert "".join(deltas) == text and all("\ufffd" not in d for d in deltas)
     assert dec.flush() == ""
+
+
+def test_a_folder_whose_post_processor_adds_bos_starts_raw_prompts_with_it(tmp_path, tok):
+    """Llama 3's folders say nothing of add_bos_token: tokenizer.json's post-processor puts
+    <|begin_of_text|> first, and transformers' and vLLM's prompts start with it."""
+    from tokenizers import processors
+
+    transformers = pytest.importorskip("transformers")
+    tk = tok.tk.__class__.from_str(tok.tk.to_str())
+    tk.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+    tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text('{"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}')
+    ours = Tokenizer.from_hf_folder(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in ("the cat", "hello world"):
+        assert ours.encode(text) == theirs(text)["input_ids"]
+    assert ours.encode("the cat")[0] == 1
+    assert ours.encode("<|im_start|>user")[:2] != [1, 1]     # a prompt that has its bos gets no second
+    assert ours.encode("the cat", add_special_tokens=False)[0] != 1
+
+
+@pytest.mark.parametrize("template, rendered", [
+    ("{% for m in messages %}{% if m.role == 'assistant' %}{% break %}{% endif %}{{ m.content }}{% endfor %}",
+     "Shi"),
+    ("{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}{{ m.content }}|{% endfor %}",
+     "hi|yo|"),
+    ("{{ messages[0] | tojson(indent=1, sort_keys=True) }}", '{\n "content": "S",\n "role": "system"\n}'),
+    ("{{ {'b': 1, 'a': 2} | tojson(separators=(',', ':')) }}", '{"b":1,"a":2}'),
+    ("{% for m in messages %}{% generation %}[{{ m.content }}]{% endgeneration %}{% endfor %}", "[S][hi][yo]"),
+], ids=["break", "continue", "tojson-sort-keys", "tojson-separators", "generation-block"])
+def test_chat_templates_render_in_the_environment_transformers_gives_them(tok, template, rendered):
+    """Templates use jinja's loop controls, tojson's json.dumps arguments and transformers'
+    {% generation %} blocks; each failed to parse or render before."""
+    tok.set_chat_template(template)
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert tok.apply_chat_template(msgs, add_generation_prompt=False) == rendered

@@ -70,11 +70,14 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: float = 1.0,
-                    chat_template: str = CHAT_TEMPLATE, embed_qtype: str | None = None, **overrides) -> Path:
+                    chat_template: str = CHAT_TEMPLATE, embed_qtype: str | None = None,
+                    rope_freqs=None, rope_scaling: tuple | None = None, **overrides) -> Path:
     """Write the tiny model to `path`; qtype F32|F16|Q8_0|Q4_1 for the 2-D weights, embed_qtype
     for the tied embedding when it differs (SmolLM2's file: Q4_1 layers, a Q8_0 embedding). The
     embedding's scale sets how peaked the next-token distribution is: 1.0 makes it almost
-    deterministic; about 0.1 gives sampling tests a spread of likely tokens."""
+    deterministic; about 0.1 gives sampling tests a spread of likely tokens. rope_freqs (head
+    size / 2 factors) writes the `rope_freqs.weight` tensor of a Llama 3.1 file, rope_scaling
+    (type, factor) the llama.rope.scaling metadata (("linear", 4.0))."""
     from gguf import GGMLQuantizationType, GGUFWriter, quants
 
     cfg = {**TINY, **overrides}
@@ -107,6 +110,9 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
     w.add_pad_token_id(2)
     w.add_add_bos_token(False)
     w.add_chat_template(chat_template)
+    if rope_scaling is not None:
+        w.add_string("llama.rope.scaling.type", rope_scaling[0])
+        w.add_float32("llama.rope.scaling.factor", rope_scaling[1])
 
     qt = GGMLQuantizationType[qtype]
 
@@ -137,6 +143,8 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
         mat(f"blk.{i}.ffn_up.weight", I, H)
         mat(f"blk.{i}.ffn_down.weight", H, I)
     norm("output_norm.weight", H)
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))   # [hd/2]
 
     w.write_header_to_file()
     w.write_kv_data_to_file()

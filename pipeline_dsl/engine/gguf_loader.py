@@ -14,6 +14,7 @@ and the K-quants, through `gguf.quants.dequantize`) to float32 and renamed:
     blk.N.attn_q/k/v/output  -> layers.N.q/k/v/o      [out, in]
     blk.N.ffn_norm.weight    -> layers.N.ffn_norm     [hidden]
     blk.N.ffn_gate/up/down   -> layers.N.gate/up/down [out, in]
+    rope_freqs.weight        -> config.rope_scaling   [head_dim/2] (Llama 3.1+'s rotary factors)
 
 llama.cpp's converter permutes the rows of Q and K of each head (it interleaves the two
 rotary halves); `unpermute_qk` undoes it so that the model can use the usual
@@ -27,7 +28,7 @@ can run them with the CPU int4 kernel, losslessly relative to the file.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -186,9 +187,15 @@ def load_gguf(path: str | Path) -> GGUFModel:
 
     weights = Weights()
     for t in read_tensors(path, header):
+        if t.name == "rope_freqs.weight":   # Llama 3.1+'s rotary scaling, as llama.cpp writes it
+            factors = tuple(float(f) for f in dequantize(t).reshape(-1))   # [head_dim/2]
+            if not all(0 < f < float("inf") for f in factors):
+                raise GGUFError(path, "tensor 'rope_freqs.weight' holds a factor that is not a positive number")
+            config = replace(config, rope_scaling=(*config.rope_scaling, ("factors", factors)))
+            continue
         name = gguf_engine_name(t.name)
         if name is None or (name.startswith("layers.") and int(name.split(".")[1]) >= config.num_layers):
-            continue  # e.g. rope_freqs: not used by the plain llama RoPE
+            continue  # a tensor the llama decoder does not use
         try:
             w = dequantize(t)
         except NotImplementedError as e:

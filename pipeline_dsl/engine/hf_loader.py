@@ -1,13 +1,14 @@
 """Hugging Face folder -> LlamaConfig + float32 weights in the engine's naming.
 
-A folder with config.json (a llama-family `model_type`), one or more *.safetensors files
-and tokenizer.json (read by tokenizer.py). Names are mapped to the engine's:
+A folder with config.json (a llama-family `model_type`: llama, mistral, qwen2, smollm), one
+or more *.safetensors files and tokenizer.json (read by tokenizer.py). Names are mapped to the engine's:
 
     model.embed_tokens.weight                    -> embed
     model.norm.weight                            -> norm
     lm_head.weight                               -> lm_head (absent when tied)
     model.layers.N.input_layernorm.weight        -> layers.N.attn_norm
     model.layers.N.self_attn.{q,k,v,o}_proj      -> layers.N.{q,k,v,o}
+    model.layers.N.self_attn.{q,k,v}_proj.bias   -> layers.N.{q,k,v}_bias (Qwen2)
     model.layers.N.post_attention_layernorm      -> layers.N.ffn_norm
     model.layers.N.mlp.{gate,up,down}_proj       -> layers.N.{gate,up,down}
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline_dsl.model_files import ModelFileProblem, hf_engine_name, hf_llama_config
+from pipeline_dsl.model_files import ModelFileProblem, hf_engine_name, hf_llama_config, weight_files
 
 from .model import LlamaConfig
 
@@ -47,7 +48,7 @@ def load_hf_folder(folder: str | Path) -> HFModel:
     except ModelFileProblem as e:
         raise HFModelError(e.path, e.problem) from None
     weights = {}
-    for f in sorted(folder.glob("*.safetensors")):
+    for f in weight_files(folder):
         try:
             tensors = load_file(str(f))
         except SafetensorError as e:

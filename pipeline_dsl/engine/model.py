@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pipeline_dsl.model_files.rope import rope_inv_freq
+
 from . import native
 from .batch import Step, StepBatch, Uploader, prepare_step
 from .compute import CPU_CONTENTION, ContentionGuard
@@ -57,6 +59,8 @@ class LlamaConfig:
     rms_eps: float = 1e-5
     max_position: int = 2048          # the model's context length
     tie_embeddings: bool = True       # lm_head shares the embedding matrix
+    rope_scaling: tuple = ()          # (key, value) pairs of model_files.rope; () = plain RoPE
+    qkv_bias: bool = False            # biases on the Q, K, V projections (Qwen2)
 
     @property
     def group(self) -> int:           # query heads per KV head
@@ -168,7 +172,7 @@ class _Fallback:
 
 
 class _Layer:
-    __slots__ = ("attn_norm", "qkv", "o", "ffn_norm", "gate_up", "down")
+    __slots__ = ("attn_norm", "qkv", "qkv_bias", "o", "ffn_norm", "gate_up", "down")
 
 
 class LlamaModel:
@@ -216,13 +220,15 @@ class LlamaModel:
             layer = _Layer()
             layer.attn_norm = vec(p + "attn_norm")
             layer.qkv = linear(p + "q", p + "k", p + "v")        # [(nh+2kv)*hd, H]
+            layer.qkv_bias = torch.cat([vec(p + n) for n in ("q_bias", "k_bias", "v_bias")]) \
+                if c.qkv_bias else None                         # [(nh+2kv)*hd]
             layer.o = linear(p + "o")
             layer.ffn_norm = vec(p + "ffn_norm")
             layer.gate_up = linear(p + "gate", p + "up")         # [2I, H]
             layer.down = linear(p + "down")
             self.layers.append(layer)
         # RoPE tables [max_position, head_dim] ("rotate half": halves share a frequency)
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
+        inv_freq = torch.tensor(rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling), dtype=torch.float64)
         pos = torch.arange(c.max_position, dtype=torch.float64)
         freqs = torch.outer(pos, inv_freq)                      # [P, hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)                 # [P, hd]
@@ -267,6 +273,8 @@ class LlamaModel:
         """x [T, H] -> q [T, nh, hd], k/v [T, kv, hd] (q, k rotated)."""
         c = self.config
         qkv = layer.qkv(self.rms(x, layer.attn_norm))           # [T, (nh+2kv)*hd]
+        if layer.qkv_bias is not None:
+            qkv = qkv + layer.qkv_bias
         T = qkv.shape[0]
         qk, v = qkv.split([(c.num_heads + c.num_kv_heads) * c.head_dim, c.num_kv_heads * c.head_dim], dim=-1)
         qk = self.rope(qk.view(T, c.num_heads + c.num_kv_heads, c.head_dim), cos, sin)  # one rotation for both

@@ -157,8 +157,13 @@ class Tokenizer:
         for src in (gen, model_cfg):
             e = src.get("eos_token_id")
             eos_ids.extend(e if isinstance(e, list) else [e])
+        add_bos = cfg.get("add_bos_token")
+        if add_bos is None and bos and tk.token_to_id(bos) is not None:
+            # no add_bos_token (Llama 3's folders): tokenizer.json's post-processor says whether a
+            # prompt starts with bos, as transformers' and vLLM's encode(add_special_tokens=True)
+            add_bos = tk.encode("a", add_special_tokens=True).ids[:1] == [tk.token_to_id(bos)]
         return cls(tk, bos_token=bos, eos_token=eos, eos_token_ids=eos_ids, chat_template=template,
-                   add_bos=bool(cfg.get("add_bos_token", False)))
+                   add_bos=bool(add_bos))
 
     # -- use ------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -348,6 +353,27 @@ def _deadline(seconds: float):
         sys.settrace(previous)
 
 
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _generation_block():
+    """A jinja2 extension for `{% generation %}…{% endgeneration %}`, which transformers' templates
+    use to mark the assistant's tokens (for training masks); here it renders its body as it is."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body).set_lineno(lineno)
+
+    return Generation
+
+
 def _compile_template(source: str):
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -365,10 +391,12 @@ def _compile_template(source: str):
                 raise TokenizerError("the chat template raises a number to a power too large")
             return super().call_binop(context, operator, left, right)
 
-    env = Env(trim_blocks=True, lstrip_blocks=True)
+    # the environment transformers renders chat templates in: {% break %} / {% continue %}
+    # (loopcontrols), {% generation %} blocks (rendered as their body), its tojson's arguments
+    env = Env(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _generation_block()])
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent)
+    env.filters["tojson"] = _tojson
     try:
         return env.from_string(source)
     except TemplateError as e:

@@ -18,6 +18,7 @@ metadata the engine reads, the engine's tensor names and shapes) are the engine'
     gguf_header.py   the GGUF byte layout and its bounded parser
     llama.py         the metadata, tensor names and shapes the engine needs; config sanity
     hf.py            config.json and *.safetensors headers of a Hugging Face folder
+    rope.py          the rotary base and scaling, and the frequencies they give
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import os
 from pathlib import Path
 
 from .gguf_header import DEQUANTIZABLE, GGML_TYPES, GGUFArray, GGUFHeader, GGUFTensorInfo, read_gguf_header
-from .hf import hf_config, hf_llama_config, read_json_object, read_safetensors_header
+from .hf import hf_config, hf_llama_config, read_json_object, read_safetensors_header, weight_files
 from .llama import (GGUF_REQUIRED, GGUF_USED_KEYS, check_weights, expected_shapes, gguf_engine_name,
                     gguf_file_name, gguf_llama_config, hf_engine_name, hf_file_name)
 from .problem import ModelFileProblem
@@ -37,7 +38,7 @@ __all__ = ["DEQUANTIZABLE", "GGML_TYPES", "GGUF_REQUIRED", "GGUF_USED_KEYS", "GG
            "GGUFTensorInfo", "ModelFileProblem", "check_model_path", "check_weights", "expected_shapes",
            "gguf_engine_name", "gguf_file_name", "gguf_llama_config", "hf_config", "hf_engine_name",
            "hf_file_name", "hf_llama_config", "read_gguf_header", "read_json_object",
-           "read_safetensors_header", "kv_shape", "context_length", "EMBEDDED_FILES", "embedded_file"]
+           "read_safetensors_header", "weight_files", "kv_shape", "context_length", "EMBEDDED_FILES", "embedded_file"]
 
 # the embedded models: name -> (the package that ships the file, the file inside it); the one
 # table (engine/models.py resolves a model name through it, check reads the header)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from .llama import HF_NAMES, check_config, check_weights, hf_engine_name, hf_file_name
 from .problem import ModelFileProblem
+from .rope import hf_rope
 
-LLAMA_MODEL_TYPES = ("llama", "mistral", "smollm", "smollm2")
+LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "smollm", "smollm2")
 _ST_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
 _ST_MAX_HEADER = 100 << 20     # safetensors' own limit on the JSON header
@@ -50,11 +51,14 @@ def hf_config(folder) -> dict:
         fail(f"it has no model_type; agp runs llama-family decoders ({', '.join(LLAMA_MODEL_TYPES)})")
     if mtype not in LLAMA_MODEL_TYPES:
         fail(f"model_type {mtype!r} is not a llama-family decoder ({', '.join(LLAMA_MODEL_TYPES)})")
-    scaling = cfg.get("rope_scaling")
-    if scaling is not None and not isinstance(scaling, dict):
-        fail(f"rope_scaling must be an object or null, not {json.dumps(scaling)}")
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        fail(f"rope_scaling {json.dumps(scaling)} is not supported")
+    theta, scaling = hf_rope(cfg, fail)
+    act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
+    if act != "silu":                      # the MLP is SwiGLU: another activation is another model
+        fail(f"hidden_act {json.dumps(act)} is not supported (agp's MLP is SwiGLU: 'silu')")
+    qkv_bias = mtype == "qwen2"            # Qwen2 = llama + biases on q, k and v
+    for key in ("attention_bias", "mlp_bias"):
+        if cfg.get(key, False) is not False:
+            fail(f"'{key}' is {json.dumps(cfg[key])}: agp's linear layers have no bias terms")
     for key in ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers", "vocab_size"):
         if key not in cfg:
             fail(f"'{key}' is missing")
@@ -70,9 +74,19 @@ def hf_config(folder) -> dict:
     c = dict(vocab_size=cfg["vocab_size"], hidden_size=hidden, intermediate_size=cfg["intermediate_size"],
              num_layers=cfg["num_hidden_layers"], num_heads=heads,
              num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim,
-             rope_theta=cfg.get("rope_theta", 10000.0), rms_eps=cfg.get("rms_norm_eps", 1e-5),
-             max_position=cfg.get("max_position_embeddings", 2048), tie_embeddings=tie)
-    return check_config(fail, c, HF_NAMES)
+             rope_theta=theta, rms_eps=cfg.get("rms_norm_eps", 1e-5),
+             max_position=cfg.get("max_position_embeddings", 2048), tie_embeddings=tie, rope_scaling=scaling,
+             qkv_bias=qkv_bias)
+    c = check_config(fail, c, HF_NAMES)
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) is not False else None
+    if window is not None:
+        # Mistral's layers attend to the last `sliding_window` tokens only; the engine's attend to
+        # all. Up to the window the two are the same, so the context stops there (as vLLM did
+        # before it computed sliding windows) instead of running a different model past it.
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            fail(f"'sliding_window' must be a positive integer or null, not {json.dumps(window)}")
+        c["max_position"] = min(c["max_position"], window)
+    return c
 
 
 def read_safetensors_header(path) -> dict:
@@ -120,18 +134,42 @@ def read_safetensors_header(path) -> dict:
     return out
 
 
+def weight_files(folder) -> list[Path]:
+    """The folder's *.safetensors files, or, where model.safetensors.index.json is there, the
+    shards its weight_map names (as transformers reads them): a repository that also ships
+    its weights in another layout (Mistral's consolidated.safetensors) is not read twice."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if not index.exists():
+        return sorted(folder.glob("*.safetensors"))
+    wmap = read_json_object(index, index.name).get("weight_map")
+    if not isinstance(wmap, dict) or not wmap or not all(isinstance(v, str) for v in wmap.values()):
+        raise ModelFileProblem(index, "'weight_map' must be an object of tensor name -> shard file")
+    files = []
+    for name in sorted(set(wmap.values())):
+        if Path(name).name != name or not (folder / name).is_file():
+            raise ModelFileProblem(index, f"the weight_map names shard {name[:80]!r}, which is not a file "
+                                          f"in the folder")
+        files.append(folder / name)
+    return files
+
+
 def hf_llama_config(folder) -> dict:
     """LlamaConfig fields of an HF folder, after checking config.json and the header (names,
     shapes) of every *.safetensors file; tie_embeddings is True when there is no lm_head."""
     folder = Path(folder)
     c = hf_config(folder)
-    files = sorted(folder.glob("*.safetensors"))
+    files = weight_files(folder)
     if not files:
         raise ModelFileProblem(folder, "no *.safetensors weights in the folder")
     found, where = {}, {}
     for f in files:
         for name, (_, shape) in read_safetensors_header(f).items():
             mapped = hf_engine_name(name)
+            if mapped is not None and mapped.endswith("_bias") and not (
+                    c["qkv_bias"] and mapped.rsplit(".", 1)[1] in ("q_bias", "k_bias", "v_bias")):
+                raise ModelFileProblem(f, f"tensor {name!r} is a bias: agp's linear layers and norms have none, "
+                                          f"(but Qwen2's q, k, v), so this model would run without it")
             if mapped is not None:
                 found[mapped], where[name] = (name, shape), f
     check_weights(folder, c, found, spell=hf_file_name, file_of=lambda name: where.get(name, ""),

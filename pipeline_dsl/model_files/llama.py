@@ -8,6 +8,7 @@ import math
 
 from .gguf_header import DEQUANTIZABLE, FLOAT_TYPES, INT_TYPES, VALUE_NAMES, GGUFHeader
 from .problem import ModelFileProblem
+from .rope import gguf_rope
 
 # the GGUF metadata the engine reads (key -> kind); a model lacking a REQUIRED one cannot run
 GGUF_USED_KEYS = {
@@ -19,7 +20,8 @@ GGUF_USED_KEYS = {
     "tokenizer.ggml.merges": "str[]", "tokenizer.ggml.pre": "str", "tokenizer.ggml.bos_token_id": "int",
     "tokenizer.ggml.eos_token_id": "int", "tokenizer.ggml.eot_token_id": "int",
     "tokenizer.ggml.eom_token_id": "int", "tokenizer.chat_template": "str",
-    "tokenizer.ggml.add_bos_token": "bool",
+    "tokenizer.ggml.add_bos_token": "bool", "llama.rope.scaling.type": "str",
+    "llama.rope.scaling.factor": "float", "llama.rope.dimension_count": "int",
 }
 GGUF_REQUIRED = ("general.architecture", "llama.embedding_length", "llama.attention.head_count",
                  "llama.feed_forward_length", "llama.block_count", "tokenizer.ggml.model",
@@ -53,13 +55,15 @@ def gguf_engine_name(name: str) -> str | None:
 
 
 def hf_engine_name(name: str) -> str | None:
-    """model.layers.3.self_attn.q_proj.weight -> layers.3.q; None for one the engine does not use."""
+    """model.layers.3.self_attn.q_proj.weight -> layers.3.q (.bias -> layers.3.q_bias); None for
+    one the engine does not use."""
     if name in _HF_TOP:
         return _HF_TOP[name]
-    if name.startswith("model.layers.") and name.endswith(".weight"):
-        idx, _, part = name[len("model.layers."):-len(".weight")].partition(".")
-        if idx.isdigit() and part in _HF_PARTS:
-            return f"layers.{int(idx)}.{_HF_PARTS[part]}"
+    for suffix, tail in ((".weight", ""), (".bias", "_bias")):
+        if name.startswith("model.layers.") and name.endswith(suffix):
+            idx, _, part = name[len("model.layers."):-len(suffix)].partition(".")
+            if idx.isdigit() and part in _HF_PARTS:
+                return f"layers.{int(idx)}.{_HF_PARTS[part]}{tail}"
     return None
 
 
@@ -70,6 +74,8 @@ def expected_shapes(c: dict) -> dict:
     shapes = {"embed": (V, H), "norm": (H,), "lm_head": (V, H)}
     per_layer = {"attn_norm": (H,), "q": (q, H), "k": (kv, H), "v": (kv, H), "o": (H, q),
                  "ffn_norm": (H,), "gate": (I, H), "up": (I, H), "down": (H, I)}
+    if c.get("qkv_bias"):          # Qwen2: biases on the Q, K and V projections
+        per_layer.update(q_bias=(q,), k_bias=(kv,), v_bias=(kv,))
     for i in range(c["num_layers"]):
         shapes.update({f"layers.{i}.{p}": s for p, s in per_layer.items()})
     return shapes
@@ -81,6 +87,8 @@ def _spell(engine_name: str, top: dict, parts: dict, layer: str) -> str:
         if ours == engine_name:
             return theirs
     _, i, part = engine_name.split(".")
+    if part.endswith("_bias"):
+        return layer.format(i=i, part=next(t for t, o in parts.items() if o == part[:-5])).replace(".weight", ".bias")
     return layer.format(i=i, part=next(t for t, o in parts.items() if o == part))
 
 
@@ -145,6 +153,7 @@ def check_config(fail, c: dict, names: dict) -> dict:
     if c["head_dim"] % 2:
         fail(f"the head size {c['head_dim']} is odd (rotary embeddings need an even size)")
     c["rope_theta"], c["rms_eps"] = float(c["rope_theta"]), float(c["rms_eps"])
+    c.setdefault("qkv_bias", False)
     return c
 
 
@@ -187,15 +196,21 @@ def gguf_llama_config(h: GGUFHeader) -> dict:
         if not heads or hidden % heads:
             fail(f"'llama.embedding_length' {hidden} is not a multiple of 'llama.attention.head_count' {heads}")
         head_dim = hidden // heads
+    theta, scaling = gguf_rope(m, fail, head_dim)
     c = dict(vocab_size=found["embed"][1][0], hidden_size=hidden,
              intermediate_size=m["llama.feed_forward_length"], num_layers=m["llama.block_count"],
              num_heads=heads, num_kv_heads=m.get("llama.attention.head_count_kv", heads), head_dim=head_dim,
-             rope_theta=m.get("llama.rope.freq_base", 10000.0),
+             rope_theta=theta,
              rms_eps=m.get("llama.attention.layer_norm_rms_epsilon", 1e-5),
-             max_position=m.get("llama.context_length", 2048), tie_embeddings="lm_head" not in found)
+             max_position=m.get("llama.context_length", 2048), tie_embeddings="lm_head" not in found,
+             rope_scaling=scaling)
     c = check_config(fail, c, _GGUF_NAMES)
     n_tokens = len(m["tokenizer.ggml.tokens"])
     if n_tokens > c["vocab_size"]:
         fail(f"the tokenizer has {n_tokens} tokens but 'token_embd.weight' only {c['vocab_size']} rows")
     check_weights(h.path, c, found)
+    freqs = next((t for t in h.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None and (tuple(freqs.shape) != (c["head_dim"] // 2,) or freqs.type_name not in DEQUANTIZABLE):
+        fail(f"tensor 'rope_freqs.weight' has shape {list(freqs.shape)} and type {freqs.type_name}; "
+             f"the rotary factors need [{c['head_dim'] // 2}] numbers")
     return c

@@ -1,0 +1,113 @@
+"""Rotary embeddings as a model file describes them: the base (theta), the scaling of its
+frequencies, and the frequencies themselves (stdlib only: `agp check` reads these too).
+
+    theta, scaling = hf_rope(cfg, fail)        # config.json: rope_theta + rope_scaling, or
+                                               # transformers >= 5's rope_parameters
+    theta, scaling = gguf_rope(metadata, fail) # llama.rope.freq_base + llama.rope.scaling.*
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)   # head_dim/2 floats, for the engine
+
+`scaling` is a tuple of (key, value) pairs (hashable: it sits in a frozen LlamaConfig); () is
+plain RoPE. The kinds the engine computes exactly as transformers and llama.cpp do:
+
+    linear   every frequency divided by `factor` (position interpolation)
+    llama3   Llama 3.1+: long wavelengths divided by `factor`, short ones kept, a smooth
+             blend between (low_freq_factor, high_freq_factor, original_max_position_embeddings)
+    factors  a GGUF's rope_freqs tensor: frequency i divided by factors[i] (llama.cpp's form
+             of llama3 scaling; the loader adds the pair once it has read the tensor, beside
+             a linear factor if the metadata has one too, as llama.cpp applies both)
+
+Any other kind (dynamic, yarn, longrope, …) changes what the model computes in ways the
+engine does not follow, so it is refused rather than run as plain RoPE.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+SUPPORTED = ("default", "linear", "llama3")
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _positive(fail, where: str, key: str, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        fail(f"{where} '{key}' must be a positive number, not {json.dumps(value)}")
+    return float(value)
+
+
+def hf_rope(cfg: dict, fail) -> tuple[float, tuple]:
+    """(rope_theta, scaling pairs) of a config.json. transformers < 5 writes `rope_theta` and
+    `rope_scaling` at the top; 5 writes both inside `rope_parameters` (theta, rope_type, the
+    scaling's keys), which wins where both are there, as transformers reads it."""
+    params = cfg.get("rope_parameters")
+    if params is not None and not isinstance(params, dict):
+        fail(f"rope_parameters must be an object or null, not {json.dumps(params)[:80]}")
+    scaling = cfg.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        fail(f"rope_scaling must be an object or null, not {json.dumps(scaling)[:80]}")
+    where = "rope_parameters" if params else "rope_scaling"
+    spec = dict(params or scaling or {})
+    theta = spec.pop("rope_theta", None) if params else None
+    theta = cfg.get("rope_theta", 10000.0) if theta is None else theta
+    kind = spec.get("rope_type", spec.get("type", "default"))
+    if kind not in SUPPORTED:
+        fail(f"{where} {json.dumps(spec)[:160]}: rope_type {kind!r} is not supported "
+             f"(agp computes {', '.join(SUPPORTED)})")
+    partial = spec.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        fail(f"partial_rotary_factor {json.dumps(partial)} is not supported (agp rotates the whole head)")
+    if kind == "default":
+        return theta, ()
+    if kind == "linear":
+        return theta, (("rope_type", "linear"), ("factor", _positive(fail, where, "factor", spec.get("factor"))))
+    values = tuple((k, _positive(fail, where, k, spec.get(k))) for k in _LLAMA3_KEYS)
+    if dict(values)["high_freq_factor"] <= dict(values)["low_freq_factor"]:
+        fail(f"{where}: 'high_freq_factor' must be larger than 'low_freq_factor'")
+    return theta, (("rope_type", "llama3"), *values)
+
+
+def gguf_rope(m: dict, fail, head_dim: int) -> tuple[object, tuple]:
+    """(freq_base, scaling pairs) from a llama GGUF's metadata: `llama.rope.scaling.type`
+    linear (with `llama.rope.scaling.factor`) or none; a rope_freqs tensor is the loader's."""
+    dims = m.get("llama.rope.dimension_count", head_dim)
+    if dims != head_dim:
+        fail(f"metadata 'llama.rope.dimension_count' is {dims}, not the head size {head_dim}: "
+             f"agp rotates the whole head")
+    theta = m.get("llama.rope.freq_base", 10000.0)
+    kind = m.get("llama.rope.scaling.type", "none")
+    if kind == "none":
+        return theta, ()
+    if kind == "linear":
+        return theta, (("rope_type", "linear"),
+                       ("factor", _positive(fail, "metadata", "llama.rope.scaling.factor",
+                                            m.get("llama.rope.scaling.factor"))))
+    fail(f"metadata 'llama.rope.scaling.type' {kind!r} is not supported (agp computes none and linear, "
+         f"and a rope_freqs tensor)")
+    raise AssertionError("unreachable")
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: tuple = ()) -> list[float]:
+    """The head_dim/2 rotary frequencies, scaled as `scaling` says (transformers'
+    _compute_default/linear/llama3_parameters; llama.cpp's rope_freqs factors)."""
+    inv = [1.0 / theta ** (i / head_dim) for i in range(0, head_dim, 2)]
+    s = dict(scaling)
+    if "factors" in s:
+        inv = [f / d for f, d in zip(inv, s["factors"], strict=True)]
+    kind = s.get("rope_type")
+    if kind == "linear":
+        return [f / s["factor"] for f in inv]
+    if kind != "llama3":
+        return inv
+    factor, low, high, old = (s[k] for k in _LLAMA3_KEYS)
+    low_wavelen, high_wavelen = old / low, old / high
+    out = []
+    for f in inv:
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:          # high frequencies: kept
+            out.append(f)
+        elif wavelen > low_wavelen:         # low frequencies: interpolated
+            out.append(f / factor)
+        else:                               # between: a blend of the two
+            smooth = (old / wavelen - low) / (high - low)
+            out.append((1 - smooth) * f / factor + smooth * f)
+    return out

@@ -1,0 +1,252 @@
+"""A user's own Hugging Face folder runs as transformers runs it, or is refused saying why.
+
+Each test saves a tiny random-weight model with transformers (2 layers, hidden 64) beside the
+tiny tokenizer, then compares agp's fp32 logits with transformers' on the same folder: rotary
+settings in both config formats (transformers < 5: rope_theta + rope_scaling; 5:
+rope_parameters), Llama 3's scaling, a head size that is not hidden / heads, Mistral's sliding
+window, bf16 weights. Config fields that change what the model computes and that agp does not
+compute (biases, another activation, another rotary kind) are errors at the model setting.
+"""
+
+import json
+
+import pytest
+import torch
+
+from pipeline_dsl.engine.models import load_model
+from pipeline_dsl.model_files import ModelFileProblem, check_model_path, context_length
+
+transformers = pytest.importorskip("transformers")
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32}
+TOKENS = [5, 77, 130, 9, 260, 41, 3, 200, 17, 99, 150, 64, 12, 240, 8, 33] * 3     # 48 prompt tokens
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_gguf):
+    _, tok = load_model(str(tiny_gguf), dtype="fp32")
+    return tok
+
+
+def save_folder(folder, tok, *, cls="LlamaConfig", legacy=None, dtype=torch.float32, seed=0, **fields):
+    """A tiny random model saved by transformers; `legacy` rewrites config.json the way
+    transformers < 5 writes it (rope_theta and rope_scaling at the top level)."""
+    cfg = dict(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
+               eos_token_id=2, tie_word_embeddings=False)
+    cfg.update(fields)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**cfg))
+    with torch.no_grad():   # weights of unit scale: logits of a few units, decisive argmaxes
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if p.dim() == 1 else torch.randn_like(p) * p.shape[-1] ** -0.5)
+    model.to(dtype).save_pretrained(folder)
+    if legacy is not None:
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("rope_parameters", None)
+        config.update(legacy)
+        (folder / "config.json").write_text(json.dumps(config))
+    tok.tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": tok.chat_template}))
+    return folder
+
+
+def assert_same_logits(folder, ids=TOKENS):
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0]                     # [T, V]
+    model, _ = load_model(str(folder), dtype="fp32")
+    got = model.forward_full(ids)                                     # [T, V]
+    assert want.abs().max() > 1                                       # real logits, not near zero
+    assert (got - want).abs().max().item() < 1e-4
+    assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("fields, legacy", [
+    (dict(rope_theta=100000.0), None),                                           # rope_parameters' theta
+    (dict(rope_theta=100000.0), dict(rope_theta=100000.0, rope_scaling=None)),   # the same, 4.x's spelling
+    (dict(rope_theta=500000.0, rope_scaling=LLAMA3_SCALING), None),
+    (dict(rope_theta=500000.0, rope_scaling=LLAMA3_SCALING),
+     dict(rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 4.0}), None),
+], ids=["theta", "theta-4.x", "llama3", "llama3-4.x", "linear"])
+def test_rotary_settings_of_either_config_format_give_transformers_logits(tmp_path, tiny_tokenizer, fields, legacy):
+    assert_same_logits(save_folder(tmp_path, tiny_tokenizer, legacy=legacy, **fields))
+
+
+def test_a_head_size_apart_from_hidden_over_heads_with_one_kv_head_and_bf16_weights(tmp_path, tiny_tokenizer):
+    folder = save_folder(tmp_path, tiny_tokenizer, head_dim=32, num_key_value_heads=1, tie_word_embeddings=True,
+                         dtype=torch.bfloat16)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(torch.tensor([TOKENS])).logits[0]                  # [T, V]
+    model, _ = load_model(str(folder), dtype="fp32")
+    assert model.config.head_dim == 32 and model.config.group == 4
+    assert (model.forward_full(TOKENS) - want).abs().max().item() < 1e-4
+
+
+def test_mistral_sliding_window_bounds_the_context_where_full_attention_is_the_same(tmp_path, tiny_tokenizer):
+    folder = save_folder(tmp_path, tiny_tokenizer, cls="MistralConfig", sliding_window=16)
+    assert context_length(str(folder)) == 16
+    model, _ = load_model(str(folder), dtype="fp32")
+    assert model.config.max_position == 16
+    assert_same_logits(folder, TOKENS[:16])
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(attention_bias=True), "'attention_bias' is true"),
+    (dict(mlp_bias=True), "'mlp_bias' is true"),
+    (dict(hidden_act="gelu"), "hidden_act \"gelu\" is not supported"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_type 'yarn' is not supported"),
+    (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_type 'dynamic' is not supported"),
+])
+def test_a_config_field_agp_does_not_compute_is_refused_by_name(tmp_path, tiny_tokenizer, fields, words):
+    save_folder(tmp_path, tiny_tokenizer, **fields)
+    with pytest.raises(ModelFileProblem, match=words):
+        check_model_path(tmp_path)
+
+
+def test_bias_tensors_without_a_config_flag_are_refused(tmp_path, tiny_tokenizer):
+    from safetensors.torch import load_file, save_file
+
+    save_folder(tmp_path, tiny_tokenizer)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ModelFileProblem, match="'model.layers.0.self_attn.q_proj.bias' is a bias"):
+        check_model_path(tmp_path)
+
+
+def test_the_llama3_rotary_frequencies_follow_transformers():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from pipeline_dsl.model_files.rope import hf_rope, rope_inv_freq
+
+    config = transformers.LlamaConfig(hidden_size=512, num_attention_heads=4, rope_theta=500000.0,
+                                      max_position_embeddings=131072, rope_scaling={**LLAMA3_SCALING, "original_max_position_embeddings": 8192})
+    want, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")            # [head_dim/2]
+    theta, scaling = hf_rope(config.to_dict(), pytest.fail)
+    got = torch.tensor(rope_inv_freq(128, theta, scaling), dtype=torch.float64)
+    assert torch.allclose(got, want.double(), rtol=1e-5)              # transformers works in float32
+    plain = torch.tensor(rope_inv_freq(128, theta), dtype=torch.float64)
+    assert not torch.allclose(got, plain, rtol=1e-3)                  # it does scale
+
+
+def gguf_as_hf_folder(gguf, folder, tok, **config):
+    """The weights of a tiny GGUF as a Hugging Face folder (transformers reads it as it is)."""
+    from safetensors.torch import save_file
+
+    from pipeline_dsl.engine.gguf_loader import load_gguf
+
+    g = load_gguf(gguf)
+    parts = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "q": "self_attn.q_proj",
+             "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj", "gate": "mlp.gate_proj",
+             "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    hf = {"model.embed_tokens.weight": g.weights["embed"], "model.norm.weight": g.weights["norm"]}
+    for i in range(g.config.num_layers):
+        hf.update({f"model.layers.{i}.{theirs}.weight": g.weights[f"layers.{i}.{ours}"].contiguous()
+                   for ours, theirs in parts.items()})
+    save_file(hf, str(folder / "model.safetensors"))
+    c = g.config
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "rms_norm_eps": c.rms_eps,
+        "max_position_embeddings": c.max_position, "tie_word_embeddings": True, **config}))
+    tok.tk.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["rope_freqs", "linear"])
+def test_a_gguf_rotary_scaling_gives_transformers_logits_of_the_same_model(tmp_path, tiny_tokenizer, kind):
+    """A Llama 3.1 GGUF carries its scaling as a rope_freqs tensor (llama.cpp divides each
+    frequency by it); an older one as llama.rope.scaling.type linear + factor."""
+    from tiny_model import TINY, write_tiny_gguf
+
+    from pipeline_dsl.model_files.rope import hf_rope, rope_inv_freq
+
+    hd = TINY["hidden"] // TINY["heads"]
+    if kind == "rope_freqs":
+        config = dict(rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)
+        theta, scaling = hf_rope(config, pytest.fail)
+        factors = [a / b for a, b in zip(rope_inv_freq(hd, theta), rope_inv_freq(hd, theta, scaling))]
+        gguf = write_tiny_gguf(tmp_path / "m.gguf", theta=500000.0, rope_freqs=factors)
+    else:
+        config = dict(rope_theta=10000.0, rope_scaling={"rope_type": "linear", "factor": 4.0})
+        gguf = write_tiny_gguf(tmp_path / "m.gguf", rope_scaling=("linear", 4.0))
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    gguf_as_hf_folder(gguf, folder, tiny_tokenizer, **config)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(torch.tensor([TOKENS])).logits[0]                  # [T, V]
+    model, _ = load_model(str(gguf), dtype="fp32")
+    assert (model.forward_full(TOKENS) - want).abs().max().item() < 1e-4
+
+
+def test_a_gguf_rotary_kind_agp_does_not_compute_is_refused(tmp_path):
+    from tiny_model import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "m.gguf", rope_scaling=("yarn", 4.0))
+    with pytest.raises(ModelFileProblem, match="'llama.rope.scaling.type' 'yarn' is not supported"):
+        check_model_path(path)
+
+
+def engine_greedy(folder, prompts, dtype="fp32", n=12):
+    """Greedy token ids of each prompt through the whole engine (batched decode, paged KV)."""
+    from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
+
+    engine = Engine(EngineConfig(model=str(folder), dtype=dtype, kv_budget_bytes=1 << 20, batch_timeout_s=0.0,
+                                 block_size=8))
+    for i, ids in enumerate(prompts):
+        engine.add_request(str(i), prompt_token_ids=ids, params=SamplingParams(max_tokens=n, ignore_eos=True))
+    got = {str(i): [] for i in range(len(prompts))}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+    return [got[str(i)] for i in range(len(prompts))]
+
+
+def test_a_qwen2_folder_runs_with_its_qkv_biases_as_transformers_does(tmp_path, tiny_tokenizer):
+    folder = save_folder(tmp_path, tiny_tokenizer, cls="Qwen2Config", tie_word_embeddings=True,
+                         rope_theta=1000000.0)
+    assert_same_logits(folder)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    prompts = [TOKENS[:7], TOKENS[3:20], TOKENS[10:12]]
+    for ids, got in zip(prompts, engine_greedy(folder, prompts)):
+        with torch.no_grad():   # transformers' greedy choice after each of our tokens, in one forward
+            want = ref(torch.tensor([ids + got])).logits[0, len(ids) - 1:-1].argmax(-1).tolist()
+        assert got == want and len(got) == 12
+    for dtype in ("bf16", "int8"):           # the other precisions run too (their kernels take no bias)
+        assert all(len(g) == 12 for g in engine_greedy(folder, prompts, dtype))
+
+
+def test_a_qwen2_folder_without_its_biases_is_refused(tmp_path, tiny_tokenizer):
+    from safetensors.torch import load_file, save_file
+
+    save_folder(tmp_path, tiny_tokenizer, cls="Qwen2Config")
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    del tensors["model.layers.1.self_attn.k_proj.bias"]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ModelFileProblem, match="missing tensors: model.layers.1.self_attn.k_proj.bias"):
+        check_model_path(tmp_path)
+
+
+def test_a_sharded_folder_reads_the_shards_its_index_names_and_no_other_safetensors(tmp_path, tiny_tokenizer):
+    """Mistral's repositories ship consolidated.safetensors (their own layout) beside the
+    sharded checkpoint; transformers reads the shards model.safetensors.index.json names."""
+    from safetensors import safe_open
+
+    folder = save_folder(tmp_path, tiny_tokenizer)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: "model.safetensors" for n in names}}))
+    (folder / "consolidated.safetensors").write_bytes(b"\x10" * 64)      # not read: not in the index
+    check_model_path(folder)
+    assert_same_logits(folder)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../elsewhere"}}))
+    with pytest.raises(ModelFileProblem, match="names shard '../elsewhere', which is not a file in the folder"):
+        check_model_path(folder)
