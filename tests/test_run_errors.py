@@ -287,3 +287,35 @@ def test_an_input_with_nothing_to_run_loads_no_model_but_still_checks_the_pipeli
     inp.write_text("")
     r = run(broken, "-i", inp, "-o", out, "--overwrite")
     assert r.returncode == 2 and "kvv" in r.stderr
+
+
+def test_a_progress_bar_whose_stream_breaks_goes_silent_and_never_blocks_the_run(monkeypatch):
+    """`agp run … 2>&1 | head`: once the reader is gone a bar update raised inside tqdm, which left
+    tqdm's lock held, and the next update (another engine callback, tqdm's monitor) waited for
+    it forever: the run hung. The bar's stream now turns silent at the first failed write."""
+    import threading
+
+    from pipeline_dsl.commands.progress import progress_bar
+
+    class Gone:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stderr", Gone())
+    bar = progress_bar(100, mininterval=0)
+
+    def updates():
+        for _ in range(50):
+            bar.update(1)
+            bar.set_postfix_str("x tok/s")
+
+    threads = [threading.Thread(target=updates, daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads) and bar.n == 100
+    bar.close()

@@ -523,12 +523,9 @@ async def run_load(target, items: list[ParsedRequest], *, rate: float = math.inf
 def _progress(total, enabled: bool):
     if not enabled:
         return None
-    import sys
+    from pipeline_dsl.commands.progress import progress_bar
 
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="req", file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
-                leave=False)
+    return progress_bar(total, leave=False)
 
 
 async def bench_one(target, items, *, rate: float, num=None, duration=None, concurrency=None,

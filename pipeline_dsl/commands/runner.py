@@ -116,9 +116,9 @@ def run_pipeline(runtime, requests: list[RunRequest], *, on_done: Callable[[int,
     `on_interrupted(slot)` hears of each instead of `on_done`."""
     bar = None
     if progress:
-        from tqdm import tqdm
+        from pipeline_dsl.commands.progress import progress_bar
 
-        bar = tqdm(total=len(requests), unit="req", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+        bar = progress_bar(len(requests))
     t0 = time.perf_counter()
     lock = threading.Lock()
     completion = 0
