@@ -316,46 +316,66 @@ def start_serve(tmp_path, model, *extra, budget="1MiB", pipeline=None, env=None)
                            env={**os.environ, **(env or {})})
 
 
-def test_a_drain_that_times_out_says_so_to_every_client_and_in_the_exit_status(tmp_path, mid_gguf):
-    # a stream stage after generation passes each chunk on as it comes, then holds the answer
-    # until agp has exited: all four are still in flight when the 1 s drain ends however fast the
-    # machine generates (480 tokens take ~8 s here; a faster one could finish inside the drain)
+def held_pipeline(tmp_path, model, budget="1MiB"):
+    """A pipeline whose stream stage after generation passes each chunk on as it comes, then holds
+    the answer until agp has exited: its requests are still in flight when a drain or a signal
+    comes, however fast the machine generates."""
     (tmp_path / "holdhook.py").write_text(HOLD_HOOK)
-    pipeline = write_pipeline(tmp_path, mid_gguf, budget="32MiB")
+    pipeline = write_pipeline(tmp_path, model, budget=budget)
     pipeline.write_text(pipeline.read_text()
                         .replace("gen -> out", "gen -> hold -> out")
                         .replace("stage out", 'stage hold    : python        { fn = "holdhook:hold_end"  stream = true  '
                                               'workers = 64 }\n    stage out'))
-    proc, url = start_serve(tmp_path, mid_gguf, "--drain-timeout", "1", pipeline=pipeline)
-    try:
-        body = {"prompt": "hello", "max_tokens": 480, "ignore_eos": True}
-        streams, whole = [[] for _ in range(3)], {}
+    return pipeline
+
+
+class InFlight:
+    """`streams` streamed requests and one whole one, each on a thread, once all are in the
+    pipeline and the streams have begun (GET /stats): `streams` (each one's data lines), `whole`."""
+
+    def __init__(self, url: str, body: dict, streams: int, timeout: float = 60):
+        self.streams, self.whole = [[] for _ in range(streams)], {}
 
         def stream(i):
-            with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
-                streams[i].extend(line for line in r.iter_lines() if line.startswith("data: "))
+            with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=timeout) as r:
+                self.streams[i].extend(line for line in r.iter_lines() if line.startswith("data: "))
 
         def nonstream():
-            whole["r"] = httpx.post(url + "/v1/completions", json=body, timeout=60)
+            self.whole["r"] = httpx.post(url + "/v1/completions", json=body, timeout=timeout)
 
-        threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)] + [threading.Thread(target=nonstream)]
-        for t in threads:
+        self.threads = [threading.Thread(target=stream, args=(i,)) for i in range(streams)] + \
+            [threading.Thread(target=nonstream)]
+        for t in self.threads:
             t.start()
-        deadline = time.monotonic() + 120                     # all four in the pipeline, the streams begun
-        while not (all(streams) and httpx.get(url + "/stats", timeout=30).json()["requests"]["in_flight"] >= 4):
-            assert time.monotonic() < deadline, "the four requests did not arrive"
+        deadline = time.monotonic() + 120
+        while not (all(self.streams) and
+                   httpx.get(url + "/stats", timeout=30).json()["requests"]["in_flight"] >= streams + 1):
+            assert time.monotonic() < deadline, f"the {streams + 1} requests did not arrive"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        for t in threads:
+
+    def join(self) -> None:
+        for t in self.threads:
             t.join(60)
+
+
+def test_a_drain_that_times_out_says_so_to_every_client_and_in_the_exit_status(tmp_path, mid_gguf):
+    # held answers: all four are still in flight when the 1 s drain ends (480 tokens take ~8 s
+    # here; a faster machine could finish them inside the drain)
+    pipeline = held_pipeline(tmp_path, mid_gguf, budget="32MiB")
+    proc, url = start_serve(tmp_path, mid_gguf, "--drain-timeout", "1", pipeline=pipeline)
+    try:
+        held = InFlight(url, {"prompt": "hello", "max_tokens": 480, "ignore_eos": True}, streams=3)
+        proc.send_signal(signal.SIGTERM)
+        held.join()
         err = proc.communicate(timeout=60)[1]
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 1 and "cut 4 request(s)" in err, err
-    for lines in streams:
+    for lines in held.streams:
         assert lines[-1] == "data: [DONE]"
         assert "shut down before this request finished" in json.loads(lines[-2][6:])["error"]["message"]
+    whole = held.whole
     assert whole["r"].status_code == 503 and whole["r"].json()["error"]["type"] == "server_error"
 
 

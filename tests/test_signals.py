@@ -11,13 +11,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
 import pytest
 
-from test_hostile import HOLD_HOOK, write_pipeline
+from test_hostile import InFlight, held_pipeline, write_pipeline
 from test_serve import ROOT, _free_port, _pipeline_file, start_agp_serve
 
 SLOW_IMPORT = """import pathlib, threading
@@ -100,59 +99,15 @@ def test_agp_run_stopped_while_the_model_loads_says_so_and_exits_128_plus_the_si
     assert "Traceback" not in err and out.read_text() == ""
 
 
-def test_sighup_drains_in_flight_streams_as_sigterm_does(tmp_path, tiny_gguf):
-    proc, url = start_agp_serve(str(_pipeline_file(tmp_path, tiny_gguf)))
-    try:
-        body = {"prompt": "hello", "max_tokens": 300, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}}
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
-            lines = r.iter_lines()
-            first = next(line for line in lines if line.startswith("data: "))
-            proc.send_signal(signal.SIGHUP)                   # mid-stream
-            rest = [line for line in lines if line.startswith("data: ")]
-        err = proc.communicate(timeout=60)[1]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert first and rest[-1] == "data: [DONE]"
-    assert json.loads(rest[-2][len("data: "):])["usage"]["completion_tokens"] == 300
-    assert proc.returncode == 0 and "draining (SIGHUP)" in err, err
-
-
 def test_a_second_signal_cuts_what_is_in_flight_with_an_answer_each_and_exit_1(tmp_path, tiny_gguf):
-    # a stream stage passes each chunk on and holds the end of every answer until agp has exited,
-    # so all three requests are in flight when the signals come, however fast the machine
-    (tmp_path / "holdhook.py").write_text(HOLD_HOOK)
-    pipeline = write_pipeline(tmp_path, tiny_gguf)
-    pipeline.write_text(pipeline.read_text()
-                        .replace("gen -> out", "gen -> hold -> out")
-                        .replace("stage out", 'stage hold    : python        { fn = "holdhook:hold_end"  stream = true  '
-                                              'workers = 64 }\n    stage out'))
-    proc, url = start_agp_serve(str(pipeline), "--threads", "1", "--drain-timeout", "600")
-    body = {"prompt": "hello", "max_tokens": 8, "ignore_eos": True}
-    streams, whole = [[] for _ in range(2)], {}
-
-    def stream(i):
-        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
-            streams[i].extend(line for line in r.iter_lines() if line.startswith("data: "))
-
-    def nonstream():
-        whole["r"] = httpx.post(url + "/v1/completions", json=body, timeout=120)
-
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)] + [threading.Thread(target=nonstream)]
+    # held answers (test_hostile.held_pipeline): all three are in flight when the signals come
+    proc, url = start_agp_serve(str(held_pipeline(tmp_path, tiny_gguf)), "--threads", "1", "--drain-timeout", "600")
     try:
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 120                     # all three in the pipeline, the streams begun
-        while not (all(streams) and httpx.get(url + "/stats", timeout=30).json()["requests"]["in_flight"] >= 3):
-            assert time.monotonic() < deadline, "the three requests did not arrive"
-            time.sleep(0.05)
+        held = InFlight(url, {"prompt": "hello", "max_tokens": 8, "ignore_eos": True}, streams=2, timeout=120)
         proc.send_signal(signal.SIGTERM)
         wait_for_health(url, 503, "draining", proc)           # the drain waits (up to 600 s) ...
         proc.send_signal(signal.SIGTERM)                      # ... until the second signal
-        for t in threads:
-            t.join(60)
+        held.join()
         err = proc.communicate(timeout=60)[1]
     finally:
         if proc.poll() is None:
@@ -160,10 +115,10 @@ def test_a_second_signal_cuts_what_is_in_flight_with_an_answer_each_and_exit_1(t
             proc.communicate()
     assert proc.returncode == 1 and "cut 3 request(s)" in err, err
     assert "Traceback" not in err
-    for lines in streams:
+    for lines in held.streams:
         assert lines[-1] == "data: [DONE]", lines[-3:]
         assert "stopped by a second signal" in json.loads(lines[-2][6:])["error"]["message"]
-    r = whole["r"]
+    r = held.whole["r"]
     assert r.status_code == 503 and r.json()["error"]["type"] == "server_error", r.text[:300]
 
 
