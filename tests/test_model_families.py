@@ -119,6 +119,30 @@ def test_bias_tensors_without_a_config_flag_are_refused(tmp_path, tiny_tokenizer
         check_model_path(tmp_path)
 
 
+@pytest.mark.parametrize("stated, refused", [(False, True), (None, False), (True, False)])
+def test_an_untied_config_without_its_lm_head_is_refused_where_it_says_untied(tmp_path, tiny_tokenizer,
+                                                                             stated, refused):
+    """config.json saying tie_word_embeddings false over weights that hold no lm_head.weight is a
+    checkpoint with a tensor missing (transformers would run it with a random output layer): it
+    ran tied without a word. Not stated, or true: the embedding is the output layer."""
+    from safetensors.torch import load_file, save_file
+
+    save_folder(tmp_path, tiny_tokenizer)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("tie_word_embeddings", None)
+    if stated is not None:
+        config["tie_word_embeddings"] = stated
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    if refused:
+        with pytest.raises(ModelFileProblem, match="tie_word_embeddings false, but no weights file holds lm_head"):
+            check_model_path(tmp_path)
+    else:
+        check_model_path(tmp_path)
+
+
 def test_the_llama3_rotary_frequencies_follow_transformers():
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 

@@ -68,8 +68,8 @@ def hf_config(folder) -> dict:
         if hidden % heads:
             fail(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
         head_dim = hidden // heads
-    tie = cfg.get("tie_word_embeddings", False)
-    if not isinstance(tie, bool):
+    tie = cfg.get("tie_word_embeddings")   # None: not stated (then the weights decide)
+    if tie is not None and not isinstance(tie, bool):
         fail(f"'tie_word_embeddings' must be true or false, not {json.dumps(tie)}")
     c = dict(vocab_size=cfg["vocab_size"], hidden_size=hidden, intermediate_size=cfg["intermediate_size"],
              num_layers=cfg["num_hidden_layers"], num_heads=heads,
@@ -174,5 +174,10 @@ def hf_llama_config(folder) -> dict:
                 found[mapped], where[name] = (name, shape), f
     check_weights(folder, c, found, spell=hf_file_name, file_of=lambda name: where.get(name, ""),
                   config="config.json")
-    c["tie_embeddings"] = c["tie_embeddings"] or "lm_head" not in found
+    if c["tie_embeddings"] is False and "lm_head" not in found:
+        # transformers would give such a model a freshly initialised (random) output layer; a
+        # checkpoint missing a tensor it says it has is a broken copy, not a tied model
+        raise ModelFileProblem(folder / "config.json", "it says tie_word_embeddings false, but no weights file "
+                                                       "holds lm_head.weight (a checkpoint with a tensor missing?)")
+    c["tie_embeddings"] = bool(c["tie_embeddings"]) or "lm_head" not in found
     return c
