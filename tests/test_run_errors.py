@@ -319,3 +319,34 @@ def test_a_progress_bar_whose_stream_breaks_goes_silent_and_never_blocks_the_run
         t.join(60)
     assert not any(t.is_alive() for t in threads) and bar.n == 100
     bar.close()
+
+
+def test_answers_on_a_pipe_whose_reader_has_gone_stop_the_run_with_exit_1_and_no_traceback(tmp_path, pipeline):
+    """`agp run … | head -0`: the first answer cannot be written; the run stops there, says so
+    and writes its summary (stderr), exit 1, and nothing at exit complains of the closed pipe."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": "hello", "max_tokens": 2}) + "\n" for i in range(20)))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "-i", str(inp),
+                             "--no-progress", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    proc.stdout.close()                                  # the reader is gone before the first answer
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 1, err
+    assert "cannot write the output: Broken pipe" in err and "run summary" in err
+    assert "Traceback" not in err and "Exception ignored" not in err
+
+
+def test_agp_run_in_process_writes_its_answers_to_a_stdout_with_no_file_behind_it(tmp_path, pipeline, monkeypatch):
+    """cli.main from Python with sys.stdout a StringIO (a notebook, a test's capture): the answers
+    go to it and it stays open. It failed ('NoneType' has no attribute 'lower': a StringIO has no
+    encoding), and once that passed the run closed the caller's stream."""
+    import io
+
+    from pipeline_dsl import cli
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": "a", "prompt": "hello", "max_tokens": 2}) + "\n")
+    buf = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", buf)
+    assert cli.main(["run", str(pipeline), "-i", str(inp), "--no-progress", "--threads", "1"]) == 0
+    assert not buf.closed and [json.loads(line)["id"] for line in buf.getvalue().splitlines()] == ["a"]

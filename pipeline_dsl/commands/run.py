@@ -276,7 +276,8 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
             return _err("cannot write the answers: standard output is closed (give --output FILE)")
         else:   # the answers alone: what the pipeline's code prints goes to stderr (commands/stdout.py)
             out = cleanup.enter_context(answers_on_stdout())
-            if getattr(out, "encoding", "utf-8").lower().replace("-", "") != "utf8" and hasattr(out, "reconfigure"):
+            if (getattr(out, "encoding", None) or "utf-8").lower().replace("-", "") != "utf8" and \
+                    hasattr(out, "reconfigure"):
                 out.reconfigure(encoding="utf-8")      # JSONL is UTF-8, as -o FILE writes it, whatever the locale
     except OSError as e:
         return _err(f"cannot write {args.output}: {e.strerror}")
@@ -287,8 +288,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
         from pipeline_dsl.flow import load_graph
 
         load_graph(args.pipeline, args.name, args.allow_path)
-        if out is not sys.stdout:
-            out.close()
+        out.close()
         print(f"agp run: nothing to run: {source} has no requests" if not parsed else
               f"agp run: nothing to run: {args.output} answers every line of {source} already", file=sys.stderr)
         return 0
@@ -388,7 +388,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
         finally:
             flush()
             try:
-                out.close() if out is not sys.stdout else None
+                out.close()                   # a file, or the answers' own stdout (commands/stdout.py)
             except OSError as e:              # what the last flush could not write
                 write_error.append(e)
             runtime.shutdown()
@@ -407,11 +407,6 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     summary["written"] = written
     if write_error:
         e = write_error[0]
-        if out is sys.stdout:                 # a closed pipe: nothing more goes there, not even at exit
-            try:
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            except (OSError, ValueError):
-                pass
         summary["write_error"] = f"{e.strerror or e}"
         _err(f"cannot write {args.output if to_file else 'the output'}: {e.strerror or e}; the run stopped there "
              "(the requests in flight were aborted; --resume runs them)")

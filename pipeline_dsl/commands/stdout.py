@@ -32,7 +32,7 @@ def answers_on_stdout():
     except (OSError, ValueError, AttributeError):    # io.UnsupportedOperation is both of the first two
         sys.stdout = stderr
         try:
-            yield stdout
+            yield _Borrowed(stdout)
         finally:
             sys.stdout = stdout
         return
@@ -49,3 +49,17 @@ def answers_on_stdout():
             out.close()                                 # the caller closes it first, to hear a failed write
         os.dup2(saved, fd)
         os.close(saved)
+
+
+class _Borrowed:
+    """The caller's own stream (no file behind it: a capture), lent for the answers: closing it
+    only flushes it, as it is not ours to close."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def close(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name):                 # write, flush, encoding
+        return getattr(self._stream, name)
