@@ -487,6 +487,3 @@ def _guess_id(raw: bytes, lineno: int):
     except (ValueError, RecursionError):
         return lineno
     return obj["id"] if isinstance(obj, dict) and is_id(obj.get("id")) else lineno
-    if isinstance(obj, dict) and isinstance(obj.get("id"), (str, int)) and not isinstance(obj.get("id"), bool):
-        return obj["id"]
-    return lineno
