@@ -9,6 +9,7 @@ on from its generate stage. Everything goes through EngineSegment's public metho
 """
 from __future__ import annotations
 
+import collections
 import copy
 import time
 from typing import Callable
@@ -199,10 +200,11 @@ class EngineSide:
             if req.done:
                 return
             req.usage["prompt_tokens"] += len(ids)
+            per_target = collections.Counter(c[0] for c in copies)     # copies each target makes
             for g_i, gen, i, data, params in copies:
-                branch = item.branch + ((g_i,) if len(targets) > 1 else ()) + \
-                    ((i,) if len([c for c in copies if c[0] == g_i]) > 1 else ())
-                split = item.split or len([c for c in copies if c[0] == g_i]) > 1
+                several = per_target[g_i] > 1
+                branch = item.branch + ((g_i,) if len(targets) > 1 else ()) + ((i,) if several else ())
+                split = item.split or several
                 child = Item(REQUEST, data, req, gen, branch, dict(item.turns), None, None, item.ids, entry,
                              sampled=item.sampled | {gen}, split=split)
                 if self.streams.direct[gen]:
