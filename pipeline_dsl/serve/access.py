@@ -67,13 +67,14 @@ class Access:
         self.quiet = frozenset(p.rstrip("/") or "/" for p in quiet)
         self.metrics, self.routes = metrics, routes
 
-    def handler(self, scope) -> str:
+    def handler(self, scope, path: str) -> str:
         """The path template of the route the request reached (its method aside), or "none":
         the router notes the route it matched in the scope; a 405 (path matched, method not)
-        is found among the routes."""
+        is found among the routes, matched on `path` (the root path taken off)."""
         route = scope.get("route")
         if getattr(route, "path", None):
             return route.path
+        scope = {**scope, "path": path}
         for route in self.routes:
             if getattr(route, "path", None) and route.matches(scope)[0] != Match.NONE:
                 return route.path
@@ -103,7 +104,7 @@ class Access:
             code = 499 if info.cut else status[0]
             if self.metrics is not None:
                 method = scope.get("method", "")
-                self.metrics.observe_http(self.handler({**scope, "path": path[len(root):] or "/"}),
+                self.metrics.observe_http(self.handler(scope, path[len(root):] or "/"),
                                           method if method in METHODS else "other", code,
                                           time.perf_counter() - info.started)
             if code >= 400 or not self.quiet or (path[len(root):] or "/") not in self.quiet:
