@@ -98,7 +98,7 @@ class Python:
         self.fn = load_function(self.ref, context.base_dir)
         self.shape = callable_shape(self.fn)          # function | coroutine | generator | async_generator
         self.stream = bool(params.get("stream"))
-        takes_call(self.fn, self.ref, "fn(item, chunks)" if self.stream else "fn(item)")
+        takes_call(self.fn, "fn(item, chunks)" if self.stream else "fn(item)")
         if self.stream and self.shape in ("function", "coroutine"):
             # a decorated generator (functools.wraps): check read the def, a generator, and the
             # wrapper hands back what the def makes, so it runs as the def's shape
@@ -120,7 +120,7 @@ class Python:
         return self.fn(item)
 
 
-def takes_call(fn, ref: str, call: str) -> None:
+def takes_call(fn, call: str) -> None:
     """Refuse, as the module is loaded, a callable whose signature cannot take `call`'s positional
     arguments (`fn(item)`: one) — what check could not read in the source (a lambda, a function a
     factory made) and that would otherwise fail every request alike. A decorator's wrapper is
@@ -170,7 +170,7 @@ class Join:
         if params.get("fn"):
             from pipeline_dsl.userfn import callable_shape, load_function
             self.fn = load_function(params["fn"], context.base_dir)
-            takes_call(self.fn, params["fn"], "fn(results)")
+            takes_call(self.fn, "fn(results)")
             self.is_async = callable_shape(self.fn) == "coroutine"
             self.policy = "fn"
 
