@@ -234,10 +234,14 @@ class ChunkWriter(Relay):
                   else P.completion_logprobs({"logprobs": step_lp}, self.text_of, False, self._offsets(index)))
         if text or lp is not None or (self.want_ids and ids):
             out.append(self._chunk(index, text, logprobs=lp, ids=ids))
-        if calls:
-            self.called.add(index)
-            out.append(self._chunk(index, delta={"tool_calls": calls}))
-        return out
+        return out + self._calls(index, calls)
+
+    def _calls(self, index: int, calls: list) -> list[bytes]:
+        """Choice `index`'s tool calls as a delta (its finish reason becomes tool_calls)."""
+        if not calls:
+            return []
+        self.called.add(index)
+        return [self._chunk(index, delta={"tool_calls": calls})]
 
     def finish(self, index: int, reason: str | None, stop_reason: int | str | None = None) -> list[bytes]:
         self.closed.add(index)
@@ -246,9 +250,7 @@ class ChunkWriter(Relay):
             rest, calls = self.tool_streams[index].finish()
             if rest:
                 out.append(self._chunk(index, rest))
-            if calls:
-                self.called.add(index)
-                out.append(self._chunk(index, delta={"tool_calls": calls}))
+            out += self._calls(index, calls)
         if index in self.called:
             reason = "tool_calls"
         self.reasons[index] = reason
