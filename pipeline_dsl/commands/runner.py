@@ -125,15 +125,14 @@ def run_pipeline(runtime, requests: list[RunRequest], *, on_done: Callable[[int,
 
     interrupted = 0
 
-    items, owner = [], []                 # every pipeline request, and the line it answers
+    items, owner = [], []                 # every pipeline request, and (its line, its place there)
+    parts_of: list[list] = []             # each line's results, by its items' order (None: not in yet)
     for i, r in enumerate(requests):
         parts = r.items(runtime)
         items += parts
-        owner += [i] * len(parts)
-    parts_of: list[list] = [[] for _ in requests]      # each line's (item number, result) so far
-    left = [0] * len(requests)
-    for i in owner:
-        left[i] += 1
+        owner += [(i, j) for j in range(len(parts))]
+        parts_of.append([None] * len(parts))
+    left = [len(p) for p in parts_of]
     answered: list = [None] * len(requests)            # each line's result, once all its items are in
     cut = [False] * len(requests)                      # interrupted
 
@@ -142,13 +141,13 @@ def run_pipeline(runtime, requests: list[RunRequest], *, on_done: Callable[[int,
 
     def done(k: int, result) -> None:
         nonlocal completion, interrupted
-        i = owner[k]
+        i, j = owner[k]
         with lock:                        # a line of several prompts is answered once all are in
-            parts_of[i].append((k, result))
+            parts_of[i][j] = result
             left[i] -= 1
             if left[i]:
                 return
-            results = [res for _, res in sorted(parts_of[i], key=lambda kr: kr[0])]
+        results = parts_of[i]
         req = requests[i]
         if any(interrupted_by(res) for res in results):
             cut[i] = True
