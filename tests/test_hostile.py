@@ -200,6 +200,16 @@ def test_a_chat_template_that_never_ends_fails_its_request_only(tmp_path):
 
 # ---------------------------------------------------------------- agp run: one bad line loses nothing
 
+def with_python_stage(pipeline: Path, name: str, params: str, edge: str) -> Path:
+    """The pipeline file with a python stage `name` { params } put into `edge` ("a -> b" becomes
+    "a -> name -> b")."""
+    src, dst = edge.split(" -> ")
+    pipeline.write_text(pipeline.read_text()
+                        .replace(edge, f"{src} -> {name} -> {dst}")
+                        .replace("stage out", f"stage {name} : python {{ {params} }}\n    stage out"))
+    return pipeline
+
+
 def write_pipeline(tmp_path, model, budget="1MiB") -> Path:
     path = tmp_path / "tiny.agp"
     path.write_text(TINY.format(model=model, max_queue=64, max_batch_size=4, timeout=1)
@@ -277,10 +287,7 @@ def test_ctrl_c_stops_agp_run_cleanly_and_resume_finishes_the_job(tmp_path, tiny
     out, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
     (tmp_path / "holdhook.py").write_text(HOLD_HOOK)
     pipeline = write_pipeline(tmp_path, tiny_gguf)
-    pipeline.write_text(pipeline.read_text()
-                        .replace("request -> batch", "request -> hold -> batch")
-                        .replace("stage out", 'stage hold    : python        { fn = "holdhook:hold"  workers = 64 }\n'
-                                              "    stage out"))
+    with_python_stage(pipeline, "hold", 'fn = "holdhook:hold"  workers = 64', "request -> batch")
     pipeline = str(pipeline)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "run", pipeline, "-i", str(inp), "-o",
                              str(out), "--stats", str(stats), "--no-progress", "--threads", "1"],
@@ -322,11 +329,8 @@ def held_pipeline(tmp_path, model, budget="1MiB"):
     comes, however fast the machine generates."""
     (tmp_path / "holdhook.py").write_text(HOLD_HOOK)
     pipeline = write_pipeline(tmp_path, model, budget=budget)
-    pipeline.write_text(pipeline.read_text()
-                        .replace("gen -> out", "gen -> hold -> out")
-                        .replace("stage out", 'stage hold    : python        { fn = "holdhook:hold_end"  stream = true  '
-                                              'workers = 64 }\n    stage out'))
-    return pipeline
+    return with_python_stage(pipeline, "hold", 'fn = "holdhook:hold_end"  stream = true  workers = 64',
+                             "gen -> out")
 
 
 class InFlight:

@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from test_hostile import InFlight, held_pipeline, write_pipeline
+from test_hostile import InFlight, held_pipeline, with_python_stage, write_pipeline
 from test_serve import ROOT, _free_port, _pipeline_file, start_agp_serve
 
 SLOW_IMPORT = """import pathlib, threading
@@ -68,12 +68,8 @@ def slow_loading_pipeline(tmp_path, model):
     """A pipeline whose python stage's module takes 300 s to import: its load is still going when
     a signal comes, and tmp_path/slowload.loading exists once the load has reached the import."""
     (tmp_path / "slowload.py").write_text(SLOW_IMPORT)
-    pipeline = write_pipeline(tmp_path, model)
-    pipeline.write_text(pipeline.read_text()
-                        .replace("request -> batch", "request -> pass -> batch")
-                        .replace("stage out", 'stage pass    : python        { fn = "slowload:passthrough" }\n'
-                                              "    stage out"))
-    return pipeline
+    return with_python_stage(write_pipeline(tmp_path, model), "pass", 'fn = "slowload:passthrough"',
+                             "request -> batch")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
