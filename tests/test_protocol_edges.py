@@ -63,7 +63,7 @@ def test_a_missing_or_null_value_is_shown_as_null():
     e = refused(P.parse_detokenize, {}, served=SERVED)
     assert (e.message, e.param) == ("'tokens' must be an array of token ids, not null (null)", "tokens")
     e = refused(P.parse_tokenize, {"prompt": None}, served=SERVED)
-    assert (e.message, e.param) == ("'prompt' must be a non-empty string, not null (null)", "prompt")
+    assert (e.message, e.param) == ("'prompt' must be a string, not null (null)", "prompt")
 
 
 # ---------------------------------------------------------------- fields served only at their neutral value
@@ -443,6 +443,7 @@ def test_tokenize_takes_a_prompt_or_messages_and_the_stage_the_model_names():
     assert tokenize({"prompt": "hi", "add_special_tokens": False, "model": "gen", "return_token_strs": True}) == {
         **plain, "add_special_tokens": False, "pin": "gen", "return_token_strs": True}
     assert tokenize({"prompt": "hi", "add_special_tokens": True}) == plain
+    assert tokenize({"prompt": ""}) == {**plain, "prompt": ""}       # counted, as vLLM counts it
     chat = {"messages": HI, "pin": None, "chat_template_kwargs": None, "return_token_strs": False}
     assert tokenize({"messages": HI}) == chat
     assert tokenize({"messages": HI, "add_generation_prompt": True, "return_token_strs": False}) == {
@@ -454,8 +455,7 @@ def test_tokenize_takes_a_prompt_or_messages_and_the_stage_the_model_names():
 
 
 @pytest.mark.parametrize("obj, message, param", [
-    ({"prompt": ""}, "'prompt' must be a non-empty string, not a string (\"\")", "prompt"),
-    ({"prompt": 5}, "'prompt' must be a non-empty string, not 5", "prompt"),
+    ({"prompt": 5}, "'prompt' must be a string, not 5", "prompt"),
     ({}, "give exactly one of 'prompt' or 'messages'", "prompt"),
     ({"prompt": "a", "messages": HI}, "give exactly one of 'prompt' or 'messages'", "prompt"),
     ({"messages": HI, "tools": 3}, "'tools' must be an array of tools, not 3", "tools"),

@@ -40,6 +40,21 @@ def client(server):
 USER = [{"role": "user", "content": "hey"}]
 
 
+def test_an_empty_prompt_is_counted_by_tokenize_but_is_no_prompt_to_answer(server, client):
+    def count(add_special_tokens):
+        r = httpx.post(server.url + "/tokenize", json={"prompt": "", "add_special_tokens": add_special_tokens},
+                       timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    bos = server.engine.tokenizer.bos_token_id if server.engine.tokenizer.add_bos else None
+    assert count(True) == {"count": 0 if bos is None else 1, "max_model_len": server.engine.max_model_len,
+                           "tokens": [] if bos is None else [bos], "token_strs": None}
+    assert count(False)["tokens"] == []
+    with pytest.raises(openai.BadRequestError, match="empty"):
+        client.completions.create(model="tiny", prompt="", max_tokens=2)
+
+
 def test_chat_template_kwargs_reach_the_template(server, client):
     def rendered(**extra):
         ids = httpx.post(server.url + "/tokenize", json={"messages": USER, **extra}, timeout=30).json()["tokens"]

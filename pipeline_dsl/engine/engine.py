@@ -165,20 +165,22 @@ class Engine:
 
     def prompt_ids(self, prompt=None, messages=None, prompt_token_ids=None, chat_template=True,
                    add_special_tokens=True, tools=None, tool_choice="auto", template_kwargs=None,
-                   add_generation_prompt=True, continue_final_message=False, keep_last=None) -> list[int]:
+                   add_generation_prompt=True, continue_final_message=False, keep_last=None,
+                   allow_empty=False) -> list[int]:
         """A request's prompt as token ids (chat template applied to messages, with
         `template_kwargs` as extra template variables; the assistant's turn opened after them, or
         with `continue_final_message` the last message left open for the answer to go on): the
         encode stage's work. Thread-safe (reads only the tokenizer), so it may run off the engine's
         loop. A text too long to fit the prompt limit whatever its tokens is refused before it is
         tokenised, unless `keep_last` asks for the prompt's last tokens alone (vLLM's
-        truncate_prompt_tokens)."""
+        truncate_prompt_tokens). `allow_empty`: an empty prompt is its ids (none, or the start
+        token), as /tokenize counts it, not an error as a prompt to answer is."""
         if not keep_last:
             self.check_prompt_length(prompt, messages, prompt_token_ids)
         if prompt is not None:
             if not isinstance(prompt, str):
                 raise InputError(f"prompt must be a string, not {type(prompt).__name__}")
-            if not prompt:
+            if not prompt and not allow_empty:
                 raise InputError("the prompt is empty")
             ids = list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
         elif messages is not None:
@@ -192,7 +194,7 @@ class Engine:
             bad = [t for t in ids if t < 0 or (self.vocab_size and t >= self.vocab_size)]
             if bad:
                 raise InputError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        if not ids:
+        if not ids and not allow_empty:
             raise InputError("the prompt is empty (no tokens)")
         return ids[-keep_last:] if keep_last else ids
 

@@ -151,7 +151,7 @@ class EngineSegment:
                                           **render_options(request), **prompt_options(request))
         return self.engine.prompt_ids(prompt=request["prompt"],
                                       add_special_tokens=request.get("add_special_tokens", True),
-                                      **prompt_options(request))
+                                      allow_empty=True, **prompt_options(request))
 
     # ---- per item (any thread) -------------------------------------------------------
     def tokenise(self, data: dict) -> list[int]:

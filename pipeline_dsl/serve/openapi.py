@@ -298,7 +298,7 @@ VERSION = {"responses": {"200": {"description": "agp's version", "content": {"ap
     "type": "object", "required": ["version"], "properties": {"version": {"type": "string"}}}}}}}}
 
 TOKENIZE_REQUEST = {"type": "object", "additionalProperties": False, "properties": {
-    "model": {"type": "string"}, "prompt": {"type": "string", "minLength": 1},
+    "model": {"type": "string"}, "prompt": {"type": "string"},
     "messages": {"type": "array", "minItems": 1, "items": MESSAGE},
     "add_special_tokens": {"type": "boolean"}, "add_generation_prompt": {"type": "boolean"},
     "continue_final_message": {"type": "boolean"}, "return_token_strs": {"type": "boolean"},

@@ -546,8 +546,8 @@ def parse_tokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...
     if ("prompt" in obj) == ("messages" in obj):
         raise APIError("give exactly one of 'prompt' or 'messages'", param="prompt")
     if "prompt" in obj:
-        if not isinstance(obj["prompt"], str) or not obj["prompt"]:
-            raise _bad("prompt", "a non-empty string", obj["prompt"])
+        if not isinstance(obj["prompt"], str):       # "" is counted (vLLM: none, or the start token)
+            raise _bad("prompt", "a string", obj["prompt"])
         return {"prompt": obj["prompt"], "add_special_tokens": True if special is None else special, "pin": pin,
                 "return_token_strs": strs}
     out = {"messages": list(_messages(obj["messages"])), "pin": pin, "return_token_strs": strs,
