@@ -343,6 +343,23 @@ def test_models_health_and_metrics(server):
     assert httpx.get(server.url + "/nowhere").json()["error"]["type"] == "not_found_error"
 
 
+def test_every_agp_series_follows_prometheus_naming(server):
+    """promtool's rules: only a counter's name ends in _total; a unit is a base unit (seconds,
+    bytes). The text parses as Prometheus' own parser reads it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server.client.completions.create(model=SERVED[0], prompt="hello", max_tokens=2)
+    families = list(text_string_to_metric_families(httpx.get(server.url + "/metrics").text))
+    ours = [f for f in families if f.name.startswith("agp_")]
+    assert ours and any(f.type == "counter" for f in ours) and any(f.type == "gauge" for f in ours)
+    for f in ours:
+        if f.type != "counter":
+            assert not f.name.endswith("_total"), f"{f.name} is a {f.type}: _total is a counter's suffix"
+        assert not re.search(r"_(milliseconds|ms|minutes|kilobytes|megabytes|mib)(_|$)", f.name), f.name
+    gauges = {f.name: f for f in ours if f.type == "gauge"}
+    assert gauges["agp_kv_pool_blocks"].samples[0].value == server.engine.stats()["kv_blocks_total"] > 0
+
+
 def test_concurrent_http_requests_are_batched_together(tiny_gguf):
     # a batch window longer than the test: the batch leaves when its eight have come, however
     # the client threads are scheduled (with a 20 ms window a fast engine could answer each

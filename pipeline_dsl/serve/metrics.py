@@ -74,7 +74,7 @@ GAUGES = {
                        ("kv_blocks_used", "blocks_used", "used_blocks")),
     "kv_blocks_cached": ("Unreferenced KV blocks kept for prefix reuse",
                          ("kv_blocks_cached", "blocks_cached", "cached_blocks")),
-    "kv_blocks_total": ("KV blocks in the pool", ("kv_blocks_total", "num_blocks", "blocks_total")),
+    "kv_pool_blocks": ("KV blocks in the pool", ("kv_blocks_total", "num_blocks", "blocks_total")),
 }
 
 STAGE_SERIES = (  # (stats key, metric name, type, help)
@@ -233,7 +233,7 @@ class _Snapshot:
     def collect(self):
         stats, model = self.stats, self.owner.model_name
         totals = engine_totals(stats)
-        used, total = stat(totals, GAUGES["kv_blocks_used"][1], 0), stat(totals, GAUGES["kv_blocks_total"][1], 0)
+        used, total = stat(totals, GAUGES["kv_blocks_used"][1], 0), stat(totals, GAUGES["kv_pool_blocks"][1], 0)
 
         def family(kind, name, doc, value, extra_labels=()):
             fam = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
@@ -283,7 +283,7 @@ class _Snapshot:
         ahead = waiting(stats) - sum(int(stat(e, GAUGES["queue_length"][1], 0)) for e in engines)
         fams: dict[str, object] = {}
         for i, e in enumerate(engines):
-            used, total = stat(e, GAUGES["kv_blocks_used"][1], 0), stat(e, GAUGES["kv_blocks_total"][1], 0)
+            used, total = stat(e, GAUGES["kv_blocks_used"][1], 0), stat(e, GAUGES["kv_pool_blocks"][1], 0)
             usage = used / total if total else 0.0
             queue = int(stat(e, GAUGES["queue_length"][1], 0)) + (ahead if i == 0 else 0)
             labels = [model, str(i)]
