@@ -11,13 +11,18 @@ Logprobs of generated tokens come from the engine's sampler (raw log_softmax of 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import torch
 
+from pipeline_dsl.commands.runner import RunRequest, run_pipeline
+from pipeline_dsl.flow import build_runtime
+from pipeline_dsl.requests_io import parse_request
 from test_serve import LiveServer
+from tiny_model import write_tiny_gguf
 
 PROMPT = "the cat and the world is hello"
 EPS = 1e-5                 # float32 logprobs sent as JSON and read back: the same number to this
@@ -126,6 +131,45 @@ def test_text_offsets_stay_in_the_text_when_tokens_split_characters(server):
     streamed = list(server.client.completions.create(**gen, stream=True))
     offsets = [o for c in streamed if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
     assert offsets == whole.logprobs.text_offset
+
+
+def offsets_fit(text: str, lp) -> bool:
+    """Every whole token's text is in `text` at its offset, or (a special token the text leaves
+    out) adds nothing there; no offset passes the text's end."""
+    at = lp.text_offset
+    return all(o <= len(text) for o in at) and all(
+        text[o:o + len(t)] == t or (b == o and t.startswith("<|"))
+        for o, b, t in zip(at, [*at[1:], len(text)], lp.tokens) if "\ufffd" not in t)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_text_offsets_count_no_text_for_tokens_the_text_leaves_out(tmp_path, skip):
+    """A start token the tokenizer put before the prompt is not in the echoed prompt, and special
+    tokens an answer generates are left out of its text with skip_special_tokens: they take no
+    characters there, so the offsets after them still point into the text, whole and streamed."""
+    s = LiveServer(write_tiny_gguf(tmp_path / "bos.gguf", add_bos=True))
+    try:
+        start = s.engine.tokenizer.bos_token_id
+        kw = dict(model="tiny", prompt="the cat", max_tokens=4, echo=True, logprobs=0, temperature=0,
+                  extra_body={"skip_special_tokens": skip, "logit_bias": {str(start): 100}, "ignore_eos": True})
+        whole = s.client.completions.create(**kw).choices[0]
+        assert whole.logprobs.tokens[0] == whole.logprobs.tokens[-1] == "<|im_start|>"   # added, then generated
+        assert whole.text == "the cat" + ("" if skip else "<|im_start|>" * 4)
+        assert whole.logprobs.text_offset[:2] == [0, 0] and offsets_fit(whole.text, whole.logprobs)
+        chunks = list(s.client.completions.create(**kw, stream=True))
+        assert [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == \
+            whole.logprobs.text_offset
+        runtime = build_runtime(Path(s.dir) / "tiny.agp", overrides={"threads": 1})   # agp run's lines
+        line = {k: v for k, v in kw.items() if k not in ("model", "extra_body")} | kw["extra_body"]
+        out: dict = {}
+        try:
+            run_pipeline(runtime, [RunRequest(slot=0, line=1, parsed=parse_request(line, default_id=0))],
+                         on_done=out.__setitem__, progress=False)
+        finally:
+            runtime.shutdown()
+        assert out[0]["text"] == whole.text and out[0]["logprobs"]["text_offset"] == whole.logprobs.text_offset
+    finally:
+        s.close()
 
 
 def test_batched_prompts_are_scored_each_as_alone(server):

@@ -505,14 +505,14 @@ def at(start: int = 0, text=TEXT.get) -> P.TextOffsets:
 def test_completion_logprobs_list_tokens_with_offsets_from_the_start():
     data = {"logprobs": [{"token_id": 5, "logprob": -0.5, "top": [(5, -0.5), (6, -1.5)]},
                          {"token_id": 6, "logprob": -0.25, "top": None}]}
-    assert P.completion_logprobs(data, TEXT.get, False, at(3)) == {
+    assert P.completion_logprobs(data, TEXT.get, None, at(3)) == {
         "tokens": ["he", "llo"], "token_logprobs": [-0.5, -0.25],
         "top_logprobs": [{"he": -0.5, "llo": -1.5}, None], "text_offset": [3, 5]}
     chosen = {"logprobs": [{"token_id": 6, "logprob": -1.5, "top": [(5, -0.5)]}]}    # not among the top 1
-    assert P.completion_logprobs(chosen, TEXT.get, False, at())["top_logprobs"] == [{"he": -0.5, "llo": -1.5}]
+    assert P.completion_logprobs(chosen, TEXT.get, None, at())["top_logprobs"] == [{"he": -0.5, "llo": -1.5}]
     zero = {"logprobs": [{"token_id": 6, "logprob": -1.5, "top": []}]}                 # logprobs: 0
-    assert P.completion_logprobs(zero, TEXT.get, False, at())["top_logprobs"] == [{"llo": -1.5}]
-    assert P.completion_logprobs({}, TEXT.get, False, at()) == {
+    assert P.completion_logprobs(zero, TEXT.get, None, at())["top_logprobs"] == [{"llo": -1.5}]
+    assert P.completion_logprobs({}, TEXT.get, None, at()) == {
         "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
 
@@ -521,11 +521,11 @@ def test_echoed_completion_logprobs_start_with_the_prompt_whose_first_token_has_
             "prompt_logprobs": [{"token_id": 99, "logprob": -9.0, "top": [(5, -1.0)]},
                                 {"token_id": 8, "logprob": -2.0, "top": [(8, -2.0), (5, -3.0)]}],
             "logprobs": [{"token_id": 5, "logprob": -0.5, "top": [(5, -0.5)]}]}
-    assert P.completion_logprobs(data, TEXT.get, True, at()) == {
+    assert P.completion_logprobs(data, TEXT.get, " wé", at()) == {
         "tokens": [" w", "é", "he"], "token_logprobs": [None, -2.0, -0.5],
         "top_logprobs": [None, {"é": -2.0, "he": -3.0}, {"he": -0.5}], "text_offset": [0, 2, 3]}
-    assert P.completion_logprobs(data, TEXT.get, False, at())["tokens"] == ["he"]       # not echoed: the answer only
-    assert P.completion_logprobs({**data, "prompt_logprobs": None}, TEXT.get, True, at())["tokens"] == ["he"]
+    assert P.completion_logprobs(data, TEXT.get, None, at())["tokens"] == ["he"]       # not echoed: the answer only
+    assert P.completion_logprobs({**data, "prompt_logprobs": None}, TEXT.get, " wé", at())["tokens"] == ["he"]
 
 
 def test_text_offsets_of_tokens_that_split_a_character_point_into_the_text():
@@ -536,21 +536,40 @@ def test_text_offsets_of_tokens_that_split_a_character_point_into_the_text():
     pieces = {1: b" \xe6\x97", 2: b"\xa5", 3: "本".encode(), 4: b" ", 5: b"o", 6: b"k"}
     names = {t: b.decode("utf-8", errors="replace") for t, b in pieces.items()}
     data = {"logprobs": [{"token_id": t, "logprob": -1.0, "top": None} for t in pieces]}
-    lp = P.completion_logprobs(data, names.get, False, P.TextOffsets(pieces.get))
+    lp = P.completion_logprobs(data, names.get, None, P.TextOffsets(pieces.get))
     assert lp["tokens"] == [" \ufffd", "\ufffd", "本", " ", "o", "k"]
     assert lp["text_offset"] == [0, 1, 2, 3, 4, 5]
     assert all(text[o:o + len(t)] == t for o, t in zip(lp["text_offset"], lp["tokens"]) if "\ufffd" not in t)
     # a stream's chunks carry one TextOffsets per choice: a character cut between two chunks too
     offsets = P.TextOffsets(pieces.get, 10)
-    first = P.completion_logprobs({"logprobs": data["logprobs"][:1]}, names.get, False, offsets)
-    rest = P.completion_logprobs({"logprobs": data["logprobs"][1:]}, names.get, False, offsets)
+    first = P.completion_logprobs({"logprobs": data["logprobs"][:1]}, names.get, None, offsets)
+    rest = P.completion_logprobs({"logprobs": data["logprobs"][1:]}, names.get, None, offsets)
     assert first["text_offset"] + rest["text_offset"] == [10, 11, 12, 13, 14, 15]
+
+
+def test_special_tokens_the_text_leaves_out_take_no_characters():
+    """4 is a special token ("<s>"): a prompt's one counts where the echoed prompt holds it (typed
+    in it) and not where the tokenizer put it first; a generated one counts only when the answer
+    keeps special tokens (skip_special_tokens false)."""
+    text = {4: "<s>", 5: "he", 6: "llo"}
+    pieces = {t: x.encode() for t, x in text.items()}
+    entries = [{"token_id": t, "logprob": -1.0, "top": None} for t in (4, 5)]
+    data = {"prompt_token_ids": [4, 5], "prompt_logprobs": [None, entries[1]],
+            "logprobs": [{"token_id": t, "logprob": -1.0, "top": None} for t in (6, 4, 5)]}
+
+    def offsets(echoed, skip=True):
+        return P.completion_logprobs(data, text.get, echoed, P.TextOffsets(pieces.get, 0, {4}, skip))["text_offset"]
+
+    assert offsets("he") == [0, 0, 2, 5, 5]                  # "he" + "llohe"
+    assert offsets("<s>he") == [0, 3, 5, 8, 8]               # "<s>he" + "llohe"
+    assert offsets("he", skip=False) == [0, 0, 2, 5, 8]      # "he" + "llo<s>he"
+    assert offsets(None) == [0, 3, 3]                        # "llohe"
 
 
 def test_alternatives_whose_text_coincides_keep_the_likeliest():
     text = {1: "\ufffd", 2: "\ufffd", 3: "a"}.get
     data = {"logprobs": [{"token_id": 3, "logprob": -0.1, "top": [(1, -1.0), (3, -0.1), (2, -0.5)]}]}
-    assert P.completion_logprobs(data, text, False, at(text=text))["top_logprobs"] == [{"\ufffd": -1.0, "a": -0.1}]
+    assert P.completion_logprobs(data, text, None, at(text=text))["top_logprobs"] == [{"\ufffd": -1.0, "a": -0.1}]
 
 
 # ---------------------------------------------------------------- the request as items carry it

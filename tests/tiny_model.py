@@ -71,13 +71,15 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: float = 1.0,
                     chat_template: str = CHAT_TEMPLATE, embed_qtype: str | None = None,
-                    rope_freqs=None, rope_scaling: tuple | None = None, **overrides) -> Path:
+                    rope_freqs=None, rope_scaling: tuple | None = None, add_bos: bool = False,
+                    **overrides) -> Path:
     """Write the tiny model to `path`; qtype F32|F16|Q8_0|Q4_1 for the 2-D weights, embed_qtype
     for the tied embedding when it differs (SmolLM2's file: Q4_1 layers, a Q8_0 embedding). The
     embedding's scale sets how peaked the next-token distribution is: 1.0 makes it almost
     deterministic; about 0.1 gives sampling tests a spread of likely tokens. rope_freqs (head
     size / 2 factors) writes the `rope_freqs.weight` tensor of a Llama 3.1 file, rope_scaling
-    (type, factor) the llama.rope.scaling metadata (("linear", 4.0))."""
+    (type, factor) the llama.rope.scaling metadata (("linear", 4.0)); add_bos: a prompt starts
+    with <|im_start|>, as a Llama tokenizer puts its start token first."""
     from gguf import GGMLQuantizationType, GGUFWriter, quants
 
     cfg = {**TINY, **overrides}
@@ -108,7 +110,7 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_pad_token_id(2)
-    w.add_add_bos_token(False)
+    w.add_add_bos_token(add_bos)
     w.add_chat_template(chat_template)
     if rope_scaling is not None:
         w.add_string("llama.rope.scaling.type", rope_scaling[0])

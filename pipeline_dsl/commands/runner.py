@@ -89,7 +89,7 @@ def _choice_parts(req: RunRequest, choice, runtime) -> dict:
     asked = req.parsed.extras
     echo, k, prompt_k = bool(asked.get("echo")), asked.get("logprobs"), asked.get("prompt_logprobs")
     pin = _pin(runtime, req.parsed) if runtime is not None else None
-    out = {"text": choice.text}
+    out, prompt = {"text": choice.text}, None
     if choice.data.get("stop_reason") is not None:        # vLLM's: the stop string or stop token id
         out["stop_reason"] = choice.data["stop_reason"]
     if echo and req.parsed.messages is None and runtime is not None:
@@ -101,8 +101,9 @@ def _choice_parts(req: RunRequest, choice, runtime) -> dict:
         return out
     text_of = runtime.token_text(pin)
     if k is not None:
-        out["logprobs"] = completion_logprobs(choice.data, text_of, echo and req.parsed.messages is None,
-                                              TextOffsets(runtime.token_bytes(pin)), k=k)
+        offsets = TextOffsets(runtime.token_bytes(pin), 0, runtime.special_token_ids(pin),
+                              asked.get("skip_special_tokens", True) is not False)
+        out["logprobs"] = completion_logprobs(choice.data, text_of, prompt, offsets, k=k)
     if prompt_k is not None:
         out["prompt_logprobs"] = prompt_logprobs_json(choice.data.get("prompt_logprobs"), prompt_k, text_of)
     return out

@@ -66,6 +66,11 @@ class EngineSide:
         tok = self._segment_for(pin).tokenizer
         return functools.lru_cache(maxsize=1 << 16)(tok.token_bytes)
 
+    def special_token_ids(self, pin: str | None = None) -> frozenset:
+        """The ids of the tokenizer's special tokens (an answer's text leaves them out unless
+        the request's skip_special_tokens is false)."""
+        return getattr(self._segment_for(pin).tokenizer, "special_ids", frozenset())
+
     def sampling_defaults(self, pin: str | None = None) -> dict | None:
         """The temperature and top_p a request that leaves them out runs with: the pinned generate
         stage's, or the only one's; None when several generate stages could answer it."""

@@ -475,38 +475,48 @@ class TextOffsets:
     reads U+FFFD alone, so adding up the lengths of the tokens' texts runs past the text by a
     character or more at each split. The offsets count instead the characters the tokens' bytes
     have completed so far: a token that begins inside a character points at that character.
-    One instance follows one choice's tokens in order (a stream's chunks too)."""
+    A token of `special` the text leaves out takes no characters: a generated one when
+    `skip_special_tokens` (the request's flag) drops it from the answer, a prompt's one that is
+    not in the echoed prompt (the start token the tokenizer put first). One instance follows one
+    choice's tokens in order (a stream's chunks too)."""
 
-    def __init__(self, bytes_of, start: int = 0):
+    def __init__(self, bytes_of, start: int = 0, special=frozenset(), skip_special_tokens: bool = True):
         self.bytes_of = bytes_of                 # token id -> its own bytes (part of a character too)
         self.pos = start
+        self.special, self.skip = special, skip_special_tokens
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def next(self, token_id: int) -> int:
-        """The offset of this token, then move past it."""
+    def next(self, token_id: int, shown_in: str | None = None) -> int:
+        """The offset of this token, then move past it; `shown_in`: the prompt text it is echoed in
+        (a prompt's token), else it is a generated one."""
         at = self.pos
+        if token_id in self.special:
+            piece = self.bytes_of(token_id).decode("utf-8", "replace")
+            if not (shown_in.startswith(piece, at) if shown_in is not None else not self.skip):
+                return at
         self.pos += len(self._decoder.decode(self.bytes_of(token_id)))
         return at
 
 
-def completion_logprobs(data: dict, text_of, echo: bool, offsets: TextOffsets, k: int | None = None) -> dict:
+def completion_logprobs(data: dict, text_of, echo: str | None, offsets: TextOffsets, k: int | None = None) -> dict:
     """The legacy completions `logprobs` of one answer: tokens, token_logprobs, top_logprobs,
-    text_offset; the prompt's tokens first when echoed (its first token has no logprob); `k`
-    alternatives a token at most (the prompt's may have been computed with more, for
-    prompt_logprobs); `offsets` places each token in the text (TextOffsets, carried across a
-    stream's chunks)."""
-    entries = list(data.get("prompt_logprobs") or []) if echo else []
-    if echo and entries:
+    text_offset; the prompt's tokens first when echoed (`echo`: the prompt's text as echoed; its
+    first token has no logprob); `k` alternatives a token at most (the prompt's may have been
+    computed with more, for prompt_logprobs); `offsets` places each token in the text
+    (TextOffsets, carried across a stream's chunks)."""
+    entries = list(data.get("prompt_logprobs") or []) if echo is not None else []
+    prompt = len(entries)
+    if entries:
         entries[0] = {"token_id": data["prompt_token_ids"][0], "logprob": None, "top": None}
     entries += data.get("logprobs") or []
     tokens, lps, tops, at = [], [], [], []
-    for e in entries:
+    for i, e in enumerate(entries):
         tokens.append(text_of(e["token_id"]))
         lps.append(e["logprob"])
         # OpenAI's legacy shape: the sampled token is always listed (up to logprobs + 1 entries)
         tops.append(None if e.get("top") is None else _top_dict([*e["top"][:k], (e["token_id"], e["logprob"])],
                                                                 text_of))
-        at.append(offsets.next(e["token_id"]))
+        at.append(offsets.next(e["token_id"], echo if i < prompt else None))
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": at}
 
 

@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect
 
 from . import protocol as P
 from .access import request_info
-from .answers import prompt_text
+from .answers import offsets, prompt_text
 from .async_pipeline import RequestStream, StreamGroup
 from .errors import api_error, log_error
 from .token_fields import answer_fields
@@ -183,7 +183,7 @@ class ChunkWriter(Relay):
 
     def _offsets(self, index: int) -> P.TextOffsets:
         """Choice `index`'s text_offset, carried from chunk to chunk (after its echoed prompt)."""
-        return self.offsets.setdefault(index, P.TextOffsets(self.bytes_of))
+        return self.offsets.setdefault(index, offsets(self.runtime, self.req, self.bytes_of))
 
     def _prompt_of(self, index: int, data: dict | None) -> tuple[list | None, list | None]:
         """The prompt ids of choice `index` and their logprobs (None where not asked): from its
@@ -204,8 +204,8 @@ class ChunkWriter(Relay):
             text = part.prompt if part.prompt is not None else \
                 self.runtime.detokenise(list(part.prompt_token_ids), req.pin)
         ids, lps = self._prompt_of(index, data)
-        lp = (P.completion_logprobs({"prompt_logprobs": lps, "prompt_token_ids": ids}, self.text_of, True,
-                                    P.TextOffsets(self.bytes_of), k=req.fields.get("logprobs"))
+        lp = (P.completion_logprobs({"prompt_logprobs": lps, "prompt_token_ids": ids}, self.text_of, text,
+                                    offsets(self.runtime, req, self.bytes_of), k=req.fields.get("logprobs"))
               if self.want_lp and lps else None)
         return text, lp
 
@@ -220,7 +220,7 @@ class ChunkWriter(Relay):
             out.append(self._chunk(index, delta={"role": "assistant", "content": ""}, opening=True))
         if self.echo and index not in self.opened:
             prompt, lp = self._echoed(index, data)
-            self.offsets[index] = P.TextOffsets(self.bytes_of, len(prompt))
+            self.offsets[index] = offsets(self.runtime, self.req, self.bytes_of, len(prompt))
             out.append(self._chunk(index, prompt, logprobs=lp, opening=True))
         self.opened.add(index)
         calls = []
@@ -231,7 +231,7 @@ class ChunkWriter(Relay):
         lp = None
         if self.want_lp and step_lp:                   # these tokens' logprobs, with their text
             lp = (P.chat_logprobs(step_lp, self.text_of, self.bytes_of) if self.chat
-                  else P.completion_logprobs({"logprobs": step_lp}, self.text_of, False, self._offsets(index)))
+                  else P.completion_logprobs({"logprobs": step_lp}, self.text_of, None, self._offsets(index)))
         if text or lp is not None or (self.want_ids and ids):
             out.append(self._chunk(index, text, logprobs=lp, ids=ids))
         return out + self._calls(index, calls)
