@@ -95,6 +95,18 @@ def test_a_sentencepiece_gguf_without_the_space_prefix_puts_none_before_the_text
     assert tok.decode(tok.encode("  two spaces first")) == "  two spaces first"
 
 
+@pytest.mark.parametrize("change", [
+    lambda m: m.pop("tokenizer.ggml.add_bos_token") and None,                # older files: bos all the same
+    lambda m: m.update({"tokenizer.ggml.add_eos_token": (True,) + m["tokenizer.ggml.add_eos_token"][1:]}),
+], ids=["no-add-bos-key", "add-eos"])
+def test_a_sentencepiece_gguf_adds_bos_and_eos_as_transformers_does(tmp_path, spm_gguf, change):
+    path = _rewrite(spm_gguf, tmp_path / "m.gguf", change)
+    _, tok = ours(path)
+    ref = reference(path)
+    for text in TEXTS:
+        assert tok.encode(text) == ref.encode(text), text
+
+
 def test_a_sentencepiece_gguf_uses_its_own_chat_template(spm):
     tok, ref = spm
     chat = [{"role": "user", "content": "hi 東京"}, {"role": "assistant", "content": "ok"},
