@@ -117,10 +117,17 @@ def test_a_sentencepiece_gguf_uses_its_own_chat_template(spm):
     assert tok.apply_chat_template(chat, tokenize=True) == tok.encode(text, add_special_tokens=False)
 
 
-def test_a_qwen2_gguf_tokenizes_as_transformers_does(qwen2_gguf):
-    _, tok = ours(qwen2_gguf)
-    ref = reference(qwen2_gguf)
-    for text in TEXTS:
+@pytest.mark.parametrize("pre", [None, "deepseek-r1-qwen", "llama-bpe", "llama-v3", "falcon3", "dbrx", "tekken",
+                                 "gpt-4o"])
+def test_a_qwen2_gguf_tokenizes_as_transformers_does(tmp_path, qwen2_gguf, pre):
+    """tokenizer.ggml.pre names how text is split before the merges: qwen2's regex (also
+    DeepSeek-R1's Qwen distils), Llama 3's (also Falcon 3, DBRX), Mistral NeMo's tekken, GPT-4o's."""
+    from tiny_model import write_tiny_gguf
+
+    path = qwen2_gguf if pre is None else write_tiny_gguf(tmp_path / "m.gguf", arch="qwen2", pre=pre)
+    _, tok = ours(path)
+    ref = reference(path)
+    for text in TEXTS + ["a\n\nb  \n c", "IT'S 12345 x.y", "Über.Straße\r\n\r\nok"]:
         ids = tok.encode(text)
         assert ids == ref.encode(text), text
         assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=True), text

@@ -116,7 +116,8 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
 def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: float = 1.0,
                     chat_template: str = CHAT_TEMPLATE, embed_qtype: str | None = None,
                     rope_freqs=None, rope_scaling: tuple | None = None, arch: str = "llama",
-                    tokenizer: str = "bpe", add_space_prefix: bool | None = None, **overrides) -> Path:
+                    tokenizer: str = "bpe", add_space_prefix: bool | None = None, pre: str | None = None,
+                    **overrides) -> Path:
     """Write the tiny model to `path`; qtype F32|F16|Q8_0|Q4_1 for the 2-D weights, embed_qtype
     for the tied embedding when it differs (SmolLM2's file: Q4_1 layers, a Q8_0 embedding). The
     embedding's scale sets how peaked the next-token distribution is: 1.0 makes it almost
@@ -125,7 +126,8 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
     (type, factor) the llama.rope.scaling metadata (("linear", 4.0)). arch "qwen2" writes a
     Qwen2 file (qwen2.* keys, Q/K/V biases, Q/K rows as they are, the qwen2 pre-tokenizer);
     tokenizer "spm" the SentencePiece vocabulary of `spm_vocab` (bos <s>, eos </s>, added at
-    the start as Llama 2's files say; add_space_prefix written when not None)."""
+    the start as Llama 2's files say; add_space_prefix written when not None); `pre` another
+    tokenizer.ggml.pre of the byte-level BPE."""
     from gguf import GGMLQuantizationType, GGUFWriter, quants
 
     cfg = {**TINY, **overrides}
@@ -166,7 +168,7 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
         w.add_chat_template(SPM_TEMPLATE if chat_template == CHAT_TEMPLATE else chat_template)
     else:
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("qwen2" if arch == "qwen2" else "smollm")
+        w.add_tokenizer_pre(pre or ("qwen2" if arch == "qwen2" else "smollm"))
         w.add_token_merges(merges)
         w.add_pad_token_id(2)
         w.add_add_bos_token(False)
