@@ -203,7 +203,12 @@ def _rewrite(src, dst, change=lambda meta: None, drop=()):
      "metadata 'tokenizer.ggml.model' 't5' is not supported: agp builds byte-level BPE 'gpt2' and "
      "SentencePiece 'llama' tokenizers"),
     (lambda m: m.pop("tokenizer.ggml.scores") and None, "lacks 'tokenizer.ggml.scores'"),
-], ids=["architecture", "tokenizer", "no-scores"])
+    (lambda m: m.update({"tokenizer.ggml.scores": (m["tokenizer.ggml.scores"][0][:-5],) + m["tokenizer.ggml.scores"][1:]}),
+     "'tokenizer.ggml.scores' has 465 entries, but 'tokenizer.ggml.tokens' 470"),
+    (lambda m: m.update({"tokenizer.ggml.token_type": (m["tokenizer.ggml.token_type"][0][:9],)
+                         + m["tokenizer.ggml.token_type"][1:]}),
+     "'tokenizer.ggml.token_type' has 9 entries, but 'tokenizer.ggml.tokens' 470"),
+], ids=["architecture", "tokenizer", "no-scores", "short-scores", "short-types"])
 def test_a_gguf_variant_agp_does_not_run_is_a_check_error_naming_key_and_value(tmp_path, spm_gguf, change, words):
     path = _rewrite(spm_gguf, tmp_path / "m.gguf", change)
     with pytest.raises(ModelFileProblem, match=words):

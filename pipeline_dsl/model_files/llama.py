@@ -245,6 +245,9 @@ def gguf_llama_config(h: GGUFHeader) -> dict:
              rope_scaling=scaling, qkv_bias=qkv_bias)
     c = check_config(fail, c, {k: v.format(arch=arch) for k, v in _GGUF_NAMES.items()})
     n_tokens = len(m["tokenizer.ggml.tokens"])
+    for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):   # one entry per token
+        if key in m and len(m[key]) != n_tokens:
+            fail(f"metadata {key!r} has {len(m[key])} entries, but 'tokenizer.ggml.tokens' {n_tokens}")
     if n_tokens > c["vocab_size"]:
         fail(f"the tokenizer has {n_tokens} tokens but 'token_embd.weight' only {c['vocab_size']} rows")
     check_weights(h.path, c, found)
