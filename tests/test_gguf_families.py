@@ -76,6 +76,19 @@ def test_a_sentencepiece_gguf_streams_whole_characters_and_its_spaces(spm):
         assert not any("\ufffd" in d for d in deltas), (text, deltas)
 
 
+def test_a_sentencepiece_token_alone_keeps_the_space_its_piece_stands_for(spm):
+    """Logprobs show each token alone: "▁world" is " world" (as vLLM restores it), a byte piece
+    its byte, so the tokens' bytes add up to the text they encode, the prefix's space first."""
+    tok, _ = spm
+    text = "Hello world  東京 🙂!"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert [tok.token_text(i) for i in ids[:3]] == [" ", "H", "e"]          # no piece for "▁H"
+    assert b"".join(tok.token_bytes(i) for i in ids) == b" " + text.encode()
+    assert tok.token_text(tok.token_to_id("\u2581world")) == " world"
+    assert tok.token_text(tok.token_to_id("<0x20>")) == " " and tok.token_bytes(tok.token_to_id("<0xF0>")) == b"\xf0"
+    assert tok.token_text(2) == "</s>"
+
+
 def test_a_sentencepiece_gguf_without_the_space_prefix_puts_none_before_the_text(tmp_path, spm):
     """tokenizer.ggml.add_space_prefix false (llama.cpp honours it): no "▁" before the text,
     and a leading space decodes as it is (transformers' LlamaTokenizer(add_prefix_space=False))."""

@@ -105,15 +105,17 @@ def _spm_merges(vocab: dict, scores) -> list[tuple[str, str]]:
     return [(a, b) for a, b, _ in merges]
 
 
-def _spm_pipeline(tk: HFTokenizer, add_space_prefix: bool) -> None:
+def _spm_pipeline(tk: HFTokenizer, add_space_prefix: bool):
     """A SentencePiece vocabulary's pre-tokenizer and decoder (Llama 2's, as transformers and
     llama.cpp build them): spaces are "▁", one put before the text where the file says
     add_space_prefix (its default); decoding turns "▁" back into spaces, byte pieces <0xNN>
-    into the UTF-8 characters they spell, and drops the prefix's space again."""
+    into the UTF-8 characters they spell, and drops the prefix's space again. Returns the
+    decoder of pieces alone, which drops nothing."""
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="first" if add_space_prefix
                                                 else "never", split=False)
     steps = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     tk.decoder = decoders.Sequence(steps + [decoders.Strip(content=" ", left=1)] * bool(add_space_prefix))
+    return decoders.Sequence(steps)
 
 
 def _pre_tokenizer(pre: str | None):
@@ -131,8 +133,10 @@ def _pre_tokenizer(pre: str | None):
 
 class Tokenizer:
     def __init__(self, tk: HFTokenizer, *, bos_token: str | None, eos_token: str | None,
-                 eos_token_ids, chat_template: str | None, add_bos: bool = False, add_eos: bool = False):
+                 eos_token_ids, chat_template: str | None, add_bos: bool = False, add_eos: bool = False,
+                 piece_decoder=None):
         self.tk = tk
+        self._piece_decoder = piece_decoder   # a token alone, where `tk.decoder` drops a leading space
         self.bos_token, self.eos_token = bos_token, eos_token
         self.bos_token_id = tk.token_to_id(bos_token) if bos_token else None
         self.eos_token_id = tk.token_to_id(eos_token) if eos_token else None
@@ -171,8 +175,9 @@ class Tokenizer:
             tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=spm, byte_fallback=spm))
         except Exception as e:  # the tokenizers library raises a bare Exception (a merge of unknown tokens)
             raise TokenizerError(f"the GGUF vocabulary and merges do not make a BPE tokenizer ({e})") from e
+        piece_decoder = None
         if spm:
-            _spm_pipeline(tk, meta.get("tokenizer.ggml.add_space_prefix", True))
+            piece_decoder = _spm_pipeline(tk, meta.get("tokenizer.ggml.add_space_prefix", True))
         else:
             tk.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"))
             tk.decoder = decoders.ByteLevel()
@@ -193,7 +198,7 @@ class Tokenizer:
         return cls(tk, bos_token=tok("bos_token_id"), eos_token=tok("eos_token_id"),
                    eos_token_ids=eos_ids, chat_template=meta.get("tokenizer.chat_template"),
                    add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", spm)),
-                   add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)))
+                   add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)), piece_decoder=piece_decoder)
 
     @classmethod
     def from_hf_folder(cls, folder: str | Path) -> "Tokenizer":
@@ -272,11 +277,20 @@ class Tokenizer:
         """The vocabulary's own string of one id (a byte-level BPE's "Ġword"), not its text."""
         return self.tk.id_to_token(token_id)
 
+    def token_text(self, token_id: int) -> str:
+        """The text of one token alone (logprobs' `token`). A SentencePiece piece keeps the space
+        its "▁" stands for, and a byte piece <0x20> its space, which decoding drops at the start
+        of a text (vLLM restores them too)."""
+        piece = self.tk.id_to_token(token_id)
+        if self._piece_decoder is None or piece is None or token_id in self.added:
+            return self.decode([token_id], skip_special_tokens=False)
+        return self._piece_decoder.decode([piece])
+
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for (OpenAI's logprobs `bytes`). A token holding part of a
         UTF-8 character decodes alone to U+FFFD, so its bytes come from its vocabulary string:
         a byte-level BPE's alphabet or a SentencePiece byte piece (`<0xE2>`)."""
-        text = self.decode([token_id], skip_special_tokens=False)
+        text = self.token_text(token_id)
         if "\ufffd" not in text or token_id in self.added:
             return text.encode("utf-8")
         piece = self.tk.id_to_token(token_id) or ""
@@ -345,6 +359,9 @@ class IdTokenizer:
         return " ".join(map(str, ids))
 
     def id_to_token(self, token_id: int) -> str:
+        return str(token_id)
+
+    def token_text(self, token_id: int) -> str:
         return str(token_id)
 
     def token_bytes(self, token_id: int) -> bytes:
