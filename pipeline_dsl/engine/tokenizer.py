@@ -33,7 +33,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from pipeline_dsl.engine.errors import InputError
-from pipeline_dsl.model_files import ModelFileProblem, read_json_object
+from pipeline_dsl.model_files import GGUF_TOKENIZERS, ModelFileProblem, read_json_object
 
 _CONTROL, _USER_DEFINED = 3, 4
 _SPACE = "\u2581"          # a SentencePiece vocabulary's space ("▁")
@@ -157,9 +157,9 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, meta: dict) -> "Tokenizer":
         kind = meta.get("tokenizer.ggml.model")
-        if kind not in ("gpt2", "llama"):
-            raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' and "
-                                 f"SentencePiece 'llama' are)")
+        if kind not in GGUF_TOKENIZERS:
+            known = " and ".join(f"{words} {name!r}" for name, words in GGUF_TOKENIZERS.items())
+            raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported ({known} are)")
         tokens = list(meta["tokenizer.ggml.tokens"])
         types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
         vocab = {t: i for i, t in enumerate(tokens)}
