@@ -123,7 +123,7 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
     embedding's scale sets how peaked the next-token distribution is: 1.0 makes it almost
     deterministic; about 0.1 gives sampling tests a spread of likely tokens. rope_freqs (head
     size / 2 factors) writes the `rope_freqs.weight` tensor of a Llama 3.1 file, rope_scaling
-    (type, factor) the llama.rope.scaling metadata (("linear", 4.0)). arch "qwen2" writes a
+    (type, factor) the {arch}.rope.scaling metadata (("linear", 4.0)). arch "qwen2" writes a
     Qwen2 file (qwen2.* keys, Q/K/V biases, Q/K rows as they are, the qwen2 pre-tokenizer);
     tokenizer "spm" the SentencePiece vocabulary of `spm_vocab` (bos <s>, eos </s>, added at
     the start as Llama 2's files say; add_space_prefix written when not None); `pre` another
@@ -174,8 +174,8 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
         w.add_add_bos_token(False)
         w.add_chat_template(chat_template)
     if rope_scaling is not None:
-        w.add_string("llama.rope.scaling.type", rope_scaling[0])
-        w.add_float32("llama.rope.scaling.factor", rope_scaling[1])
+        w.add_string(f"{arch}.rope.scaling.type", rope_scaling[0])
+        w.add_float32(f"{arch}.rope.scaling.factor", rope_scaling[1])
 
     qt = GGMLQuantizationType[qtype]
 
