@@ -146,9 +146,9 @@ GGUF_PROBES = [
           "lacks 'tokenizer.ggml.tokens'"),
     Probe("unsupported_architecture",
           lambda L: patch(L.data, L.value("general.architecture") + 8, b"mamba"),
-          "architecture 'mamba' is not supported"),
+          "metadata 'general.architecture' 'mamba' is not supported"),
     Probe("unsupported_tokenizer", lambda L: patch(L.data, L.value("tokenizer.ggml.model") + 8, b"bert"),
-          "tokenizer model 'bert' is not supported"),
+          "metadata 'tokenizer.ggml.model' 'bert' is not supported"),
     Probe("needed_string_not_utf8", lambda L: patch(L.data, L.value("tokenizer.ggml.pre") + 8, b"\xff\xfe"),
           "'tokenizer.ggml.pre' cannot be read: not UTF-8"),
     Probe("needed_array_not_utf8",   # the first token: <|endoftext|>

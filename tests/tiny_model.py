@@ -7,6 +7,9 @@ The file is a complete model as the engine sees it: llama metadata, Q/K rows per
 llama.cpp writes them, a byte-level BPE tokenizer (gpt2 style: 3 special tokens, the 256
 byte symbols, a few dozen merges) and a ChatML chat template. Token ids 0/1/2 are
 <|endoftext|>, <|im_start|> (bos) and <|im_end|> (eos), as in SmolLM2.
+
+    write_tiny_gguf(path, tokenizer="spm")   # a SentencePiece vocabulary (Llama 2's kind)
+    write_tiny_gguf(path, arch="qwen2")      # qwen2 metadata, Q/K/V biases, rows not permuted
 """
 
 from __future__ import annotations
@@ -64,6 +67,47 @@ def tiny_vocab() -> tuple[list[str], list[int], list[str]]:
     return tokens, types, [f"{a} {b}" for a, b in MERGES]
 
 
+SPM_SPECIAL = ["<unk>", "<s>", "</s>"]
+SPM_TEXT = (  # the text the tiny SentencePiece vocabulary's pieces are learnt from
+    "the cat sat on the mat and the dog ran to the park. hello world, hello there! "
+    "It is 2024 and 3.14 is pi; numbers 0123456789 in a row. Don't stop: we're here. "
+    "The quick brown fox jumps over the lazy dog. über café naïve résumé. "
+    "東京 日本語 中文 你好 世界 こんにちは" * 3
+)
+SPM_TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}</s>{% endfor %}" \
+    "{% if add_generation_prompt %}[assistant]{% endif %}"
+
+
+def spm_vocab(merges: int = 300) -> tuple[list[str], list[int], list[float]]:
+    """(tokens, token types, scores) of a tiny SentencePiece BPE vocabulary as llama.cpp writes
+    Llama 2's: <unk> <s> </s>, the 256 byte pieces <0x00>…<0xFF>, then pieces learnt by BPE
+    from SPM_TEXT (spaces spelt "▁", each word's first piece with its "▁") scored by their
+    merge order, then the single characters, lowest scored."""
+    words = [list("\u2581" + w) for w in SPM_TEXT.split()]
+    chars = sorted({c for w in words for c in w})
+    pieces = []
+    for _ in range(merges):
+        counts = {}
+        for w in words:
+            for a, b in zip(w, w[1:]):
+                counts[a, b] = counts.get((a, b), 0) + 1
+        if not counts:
+            break
+        a, b = max(counts, key=lambda p: (counts[p], p))
+        pieces.append(a + b)
+        for w in words:
+            i = 0
+            while i < len(w) - 1:
+                if w[i] == a and w[i + 1] == b:
+                    w[i:i + 2] = [a + b]
+                i += 1
+    pieces = list(dict.fromkeys(pieces))
+    tokens = SPM_SPECIAL + [f"<0x{b:02X}>" for b in range(256)] + pieces + [c for c in chars if c not in pieces]
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(tokens) - 259)            # UNKNOWN, CONTROL, BYTE, NORMAL
+    scores = [0.0] * 259 + [-float(i) for i in range(len(tokens) - 259)]
+    return tokens, types, scores
+
+
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     # llama.cpp's Q/K row permutation: [heads, 2, hd/2, in] -> [heads, hd/2, 2, in]
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -71,27 +115,36 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: float = 1.0,
                     chat_template: str = CHAT_TEMPLATE, embed_qtype: str | None = None,
-                    rope_freqs=None, rope_scaling: tuple | None = None, add_bos: bool = False,
+                    rope_freqs=None, rope_scaling: tuple | None = None, arch: str = "llama",
+                    tokenizer: str = "bpe", add_space_prefix: bool | None = None, pre: str | None = None,
+                    add_bos: bool = False,
                     **overrides) -> Path:
     """Write the tiny model to `path`; qtype F32|F16|Q8_0|Q4_1 for the 2-D weights, embed_qtype
     for the tied embedding when it differs (SmolLM2's file: Q4_1 layers, a Q8_0 embedding). The
     embedding's scale sets how peaked the next-token distribution is: 1.0 makes it almost
     deterministic; about 0.1 gives sampling tests a spread of likely tokens. rope_freqs (head
     size / 2 factors) writes the `rope_freqs.weight` tensor of a Llama 3.1 file, rope_scaling
-    (type, factor) the llama.rope.scaling metadata (("linear", 4.0)); add_bos: a prompt starts
-    with <|im_start|>, as a Llama tokenizer puts its start token first."""
+    (type, factor) the {arch}.rope.scaling metadata (("linear", 4.0)). arch "qwen2" writes a
+    Qwen2 file (qwen2.* keys, Q/K/V biases, Q/K rows as they are, the qwen2 pre-tokenizer);
+    tokenizer "spm" the SentencePiece vocabulary of `spm_vocab` (bos <s>, eos </s>, added at
+    the start as Llama 2's files say; add_space_prefix written when not None); `pre` another
+    tokenizer.ggml.pre of the byte-level BPE; add_bos: the byte-level BPE's prompts start with
+    <|im_start|>, as a Llama tokenizer puts its start token first."""
     from gguf import GGMLQuantizationType, GGUFWriter, quants
 
     cfg = {**TINY, **overrides}
     H, I, L, nh, nkv = cfg["hidden"], cfg["ffn"], cfg["layers"], cfg["heads"], cfg["kv_heads"]
     hd = H // nh
-    tokens, types, merges = tiny_vocab()
+    if tokenizer == "spm":
+        tokens, types, scores = spm_vocab()
+    else:
+        tokens, types, merges = tiny_vocab()
     V = len(tokens)
     rng = np.random.default_rng(seed)
     path = Path(path)
 
-    w = GGUFWriter(str(path), "llama")
-    w.add_name("tiny-llama")
+    w = GGUFWriter(str(path), arch)
+    w.add_name(f"tiny-{arch}")
     w.add_block_count(L)
     w.add_context_length(cfg["context"])
     w.add_embedding_length(H)
@@ -102,25 +155,35 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(hd)
     w.add_vocab_size(V)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges(merges)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_pad_token_id(2)
-    w.add_add_bos_token(add_bos)
-    w.add_chat_template(chat_template)
+    if tokenizer == "spm":
+        w.add_tokenizer_model("llama")
+        w.add_token_scores(scores)
+        w.add_unk_token_id(0)
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+        if add_space_prefix is not None:
+            w.add_add_space_prefix(add_space_prefix)
+        w.add_chat_template(SPM_TEMPLATE if chat_template == CHAT_TEMPLATE else chat_template)
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre or ("qwen2" if arch == "qwen2" else "smollm"))
+        w.add_token_merges(merges)
+        w.add_pad_token_id(2)
+        w.add_add_bos_token(add_bos)
+        w.add_chat_template(chat_template)
     if rope_scaling is not None:
-        w.add_string("llama.rope.scaling.type", rope_scaling[0])
-        w.add_float32("llama.rope.scaling.factor", rope_scaling[1])
+        w.add_string(f"{arch}.rope.scaling.type", rope_scaling[0])
+        w.add_float32(f"{arch}.rope.scaling.factor", rope_scaling[1])
 
     qt = GGMLQuantizationType[qtype]
 
     def mat(name, out, inp, scale=None, permute_heads=None, qt=qt):
         a = rng.standard_normal((out, inp)).astype(np.float32) * (scale or inp ** -0.5)
-        if permute_heads:
+        if permute_heads and arch == "llama":   # llama.cpp permutes llama's Q/K rows, not qwen2's
             a = _permute(a, permute_heads)
         if qt == GGMLQuantizationType.F32:
             w.add_tensor(name, a)
@@ -139,6 +202,9 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
         mat(f"blk.{i}.attn_q.weight", nh * hd, H, permute_heads=nh)
         mat(f"blk.{i}.attn_k.weight", nkv * hd, H, permute_heads=nkv)
         mat(f"blk.{i}.attn_v.weight", nkv * hd, H)
+        if arch == "qwen2":
+            for part, n in (("q", nh * hd), ("k", nkv * hd), ("v", nkv * hd)):
+                w.add_tensor(f"blk.{i}.attn_{part}.bias", (0.5 * rng.standard_normal(n)).astype(np.float32))
         mat(f"blk.{i}.attn_output.weight", H, nh * hd)
         norm(f"blk.{i}.ffn_norm.weight", H)
         mat(f"blk.{i}.ffn_gate.weight", I, H)

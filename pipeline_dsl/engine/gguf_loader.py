@@ -12,13 +12,16 @@ and the K-quants, through `gguf.quants.dequantize`) to float32 and renamed:
     output.weight            -> lm_head (if untied)   [vocab, hidden]
     blk.N.attn_norm.weight   -> layers.N.attn_norm    [hidden]
     blk.N.attn_q/k/v/output  -> layers.N.q/k/v/o      [out, in]
+    blk.N.attn_q/k/v.bias    -> layers.N.q/k/v_bias   [out] (qwen2)
     blk.N.ffn_norm.weight    -> layers.N.ffn_norm     [hidden]
     blk.N.ffn_gate/up/down   -> layers.N.gate/up/down [out, in]
     rope_freqs.weight        -> config.rope_scaling   [head_dim/2] (Llama 3.1+'s rotary factors)
 
-llama.cpp's converter permutes the rows of Q and K of each head (it interleaves the two
-rotary halves); `unpermute_qk` undoes it so that the model can use the usual
-"rotate half" RoPE of the Hugging Face checkpoints.
+The architectures are model_files.GGUF_ARCHITECTURES: `llama` and `qwen2` (llama with biases
+on Q, K and V; its keys are spelt `qwen2.block_count`, …). llama.cpp's converter permutes the
+rows of a llama's Q and K of each head (it interleaves the two rotary halves; a qwen2's it
+leaves as they are, its rotary is NeoX's halves); `unpermute_qk` undoes it so that the model
+can use the usual "rotate half" RoPE of the Hugging Face checkpoints.
 
 The weights that the file stores as Q4_0/Q4_1 are also kept as their raw 4-bit blocks
 (`weights.int4[name]`, an `Int4Blocks`, rows unpermuted like the float copy): the model
@@ -34,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline_dsl.model_files import (GGML_TYPES, GGUF_USED_KEYS, GGUFHeader, ModelFileProblem,
-                                      gguf_engine_name, gguf_llama_config, read_gguf_header)
+from pipeline_dsl.model_files import (GGML_TYPES, GGUF_ARCHITECTURES, GGUFHeader, ModelFileProblem,
+                                      gguf_engine_name, gguf_llama_config, gguf_used_keys, read_gguf_header)
 
 from .model import LlamaConfig
 from .quant import Int4Blocks
@@ -76,8 +79,9 @@ def read_metadata(header: GGUFHeader) -> dict:
     """The file's metadata as plain Python values. A value that cannot be read (a string
     that is not UTF-8) is an error when the engine reads that key; the others are left out
     with one warning (logger `agp.model`) that lists them."""
+    used = gguf_used_keys(header.metadata.get("general.architecture", "llama"))
     for key, why in header.unreadable.items():
-        if key in GGUF_USED_KEYS:
+        if key in used:
             raise GGUFError(header.path, f"metadata {key!r} cannot be read: {why}")
     if header.unreadable:
         log.warning("%s: %d metadata field(s) cannot be read and are ignored: %s", header.path,
@@ -86,7 +90,7 @@ def read_metadata(header: GGUFHeader) -> dict:
 
 
 def config_from_metadata(header: GGUFHeader) -> LlamaConfig:
-    """The checked LlamaConfig of a llama GGUF header (raises GGUFError)."""
+    """The checked LlamaConfig of a llama-family GGUF header (raises GGUFError)."""
     try:
         return LlamaConfig(**gguf_llama_config(header))
     except ModelFileProblem as e:
@@ -176,7 +180,8 @@ def int4_blocks(tensor) -> Int4Blocks | None:
 
 
 def load_gguf(path: str | Path) -> GGUFModel:
-    """Read a llama GGUF file: config, float32 weights (Q/K unpermuted), metadata."""
+    """Read a llama-family GGUF file: config, float32 weights (Q/K unpermuted where llama.cpp
+    permuted them), metadata."""
     path = Path(path)
     try:
         header = read_gguf_header(path)
@@ -184,6 +189,7 @@ def load_gguf(path: str | Path) -> GGUFModel:
         raise GGUFError(e.path, e.problem) from None
     meta = read_metadata(header)
     config = config_from_metadata(header)   # names, shapes and types of the tensors checked too
+    permuted = GGUF_ARCHITECTURES[meta["general.architecture"]][1]
 
     weights = Weights()
     for t in read_tensors(path, header):
@@ -202,7 +208,7 @@ def load_gguf(path: str | Path) -> GGUFModel:
             raise GGUFError(path, f"tensor {t.name!r}: type {t.tensor_type.name} is not supported") from e
         blocks = int4_blocks(t)
         heads = {".q": config.num_heads, ".k": config.num_kv_heads}.get(name[-2:])
-        if heads:
+        if heads and permuted:
             w = unpermute_qk(w, heads)
             if blocks is not None:
                 blocks = blocks.permute_rows(torch.from_numpy(unpermute_qk(np.arange(w.shape[0]), heads)))

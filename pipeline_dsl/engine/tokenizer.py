@@ -9,8 +9,14 @@ plus the model's own chat template rendered in jinja2's sandbox.
 
 GGUF byte-level BPE ("gpt2" model): the vocabulary is already spelled in gpt2's byte
 alphabet; the pre-tokenizer follows `tokenizer.ggml.pre` the way llama.cpp does (e.g.
-"smollm" splits digits one by one before the gpt2 regex). Tokens typed CONTROL become
-special tokens, USER_DEFINED ones added tokens, so both are matched whole in text.
+"smollm" splits digits one by one before the gpt2 regex; "qwen2" single digits).
+GGUF SentencePiece ("llama" model: Llama 2, Mistral 7B v0.1, TinyLlama): a BPE whose merges
+come from the pieces' `tokenizer.ggml.scores`, spaces spelt "▁" (one put before the text
+unless `tokenizer.ggml.add_space_prefix` is false), a character it has no piece for spelt
+as its UTF-8 bytes <0xNN>; bos is added unless `add_bos_token` is false, eos where
+`add_eos_token` is true: what transformers' GGUF tokenizer builds. Tokens typed CONTROL and
+the bos/eos/unk/pad tokens become special tokens, USER_DEFINED ones added tokens, so both
+are matched whole in text.
 """
 
 from __future__ import annotations
@@ -27,9 +33,10 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from pipeline_dsl.engine.errors import InputError
-from pipeline_dsl.model_files import ModelFileProblem, read_json_object
+from pipeline_dsl.model_files import GGUF_TOKENIZERS, ModelFileProblem, read_json_object
 
 _CONTROL, _USER_DEFINED = 3, 4
+_SPACE = "\u2581"          # a SentencePiece vocabulary's space ("▁")
 
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -39,6 +46,26 @@ _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# tokenizer.ggml.pre -> the regex its text is split with before the merges (llama.cpp's
+# groups in llama-vocab.cpp; transformers' GGUF_PRE_TOKENIZER_SPLITS): the names that
+# llama.cpp's converter writes for one regex all stand for it
+_SPLITS = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                     "dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
+    "tekken": _TEKKEN_SPLIT,
+    **dict.fromkeys(("gpt-4o", "llama4"), _GPT4O_SPLIT),
+}
 
 
 def _byte_of_char() -> dict[str, int]:
@@ -63,12 +90,39 @@ class TokenizerError(InputError):
     """The model's tokenizer or chat template cannot be built or rendered (for this input)."""
 
 
+def _spm_merges(vocab: dict, scores) -> list[tuple[str, str]]:
+    """The BPE merges of a SentencePiece vocabulary (piece -> id) from its pieces' scores, as
+    transformers derives them (tokenization_utils_base.generate_merges): every split of a piece
+    into two pieces of the vocabulary, the best-scored piece's first, then the longer left
+    part, the longer right part; ties in the order of the vocabulary."""
+    merges = []
+    for piece, score in dict(zip(vocab, scores)).items():
+        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece))
+                 if piece[:k] in vocab and piece[k:] in vocab]
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
+
+
+def _spm_pipeline(tk: HFTokenizer, add_space_prefix: bool):
+    """A SentencePiece vocabulary's pre-tokenizer and decoder (Llama 2's, as transformers and
+    llama.cpp build them): spaces are "▁", one put before the text where the file says
+    add_space_prefix (its default); decoding turns "▁" back into spaces, byte pieces <0xNN>
+    into the UTF-8 characters they spell, and drops the prefix's space again. Returns the
+    decoder of pieces alone, which drops nothing."""
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="first" if add_space_prefix
+                                                else "never", split=False)
+    steps = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    tk.decoder = decoders.Sequence(steps + [decoders.Strip(content=" ", left=1)] * bool(add_space_prefix))
+    return decoders.Sequence(steps)
+
+
 def _pre_tokenizer(pre: str | None):
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in ("smollm", "starcoder", "refact", "codeshell"):  # digits one by one, then gpt2's regex
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    split = {"llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
-             "qwen2": _QWEN2_SPLIT}.get(pre or "")
+    split = _SPLITS.get(pre or "")
     if split:
         return pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(split), behavior="isolated"),
@@ -79,14 +133,17 @@ def _pre_tokenizer(pre: str | None):
 
 class Tokenizer:
     def __init__(self, tk: HFTokenizer, *, bos_token: str | None, eos_token: str | None,
-                 eos_token_ids, chat_template: str | None, add_bos: bool = False):
+                 eos_token_ids, chat_template: str | None, add_bos: bool = False, add_eos: bool = False,
+                 piece_decoder=None):
         self.tk = tk
+        self._piece_decoder = piece_decoder   # a token alone, where `tk.decoder` drops a leading space
         self.bos_token, self.eos_token = bos_token, eos_token
         self.bos_token_id = tk.token_to_id(bos_token) if bos_token else None
         self.eos_token_id = tk.token_to_id(eos_token) if eos_token else None
         self.eos_token_ids = frozenset(i for i in eos_token_ids if i is not None)
         self.chat_template = chat_template
         self.add_bos = add_bos and self.bos_token_id is not None
+        self.add_eos = add_eos and self.eos_token_id is not None
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
         # added tokens (special or not): id -> their text, matched and decoded whole
         self.added = {i: t.content for i, t in tk.get_added_tokens_decoder().items()}
@@ -100,34 +157,48 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, meta: dict) -> "Tokenizer":
         kind = meta.get("tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' is)")
+        if kind not in GGUF_TOKENIZERS:
+            known = " and ".join(f"{words} {name!r}" for name, words in GGUF_TOKENIZERS.items())
+            raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported ({known} are)")
         tokens = list(meta["tokenizer.ggml.tokens"])
         types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
-        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
         vocab = {t: i for i, t in enumerate(tokens)}
+        if "tokenizer.ggml.merges" in meta:
+            merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+        else:   # SentencePiece: the merges its pieces' scores imply
+            merges = _spm_merges(vocab, meta.get("tokenizer.ggml.scores") or [])
         if any(len(m) != 2 for m in merges):
             bad = next(m for m in merges if len(m) != 2)
             raise TokenizerError(f"GGUF merge {' '.join(bad)!r} is not two tokens separated by a space")
-        try:
-            tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        spm = kind == "llama"
+        try:   # a SentencePiece vocabulary spells a byte it has no piece for <0xNN>
+            tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=spm, byte_fallback=spm))
         except Exception as e:  # the tokenizers library raises a bare Exception (a merge of unknown tokens)
             raise TokenizerError(f"the GGUF vocabulary and merges do not make a BPE tokenizer ({e})") from e
-        tk.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"))
-        tk.decoder = decoders.ByteLevel()
-        tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                               for t, k in zip(tokens, types) if k == _CONTROL])
-        tk.add_tokens([AddedToken(t, special=False, normalized=False)
-                       for t, k in zip(tokens, types) if k == _USER_DEFINED])
+        piece_decoder = None
+        if spm:
+            piece_decoder = _spm_pipeline(tk, meta.get("tokenizer.ggml.add_space_prefix", True))
+        else:
+            tk.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"))
+            tk.decoder = decoders.ByteLevel()
 
         def tok(key):
             i = meta.get(f"tokenizer.ggml.{key}")
             return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
+        # CONTROL tokens and the named ones (bos, eos, unk, pad) are special, USER_DEFINED ones
+        # added: all matched whole in text (transformers' GGUF tokenizer adds the same)
+        named = {tok(f"{k}_token_id") for k in ("bos", "eos", "unknown", "padding")} - {None}
+        tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                               for t, k in zip(tokens, types) if k == _CONTROL or t in named])
+        tk.add_tokens([AddedToken(t, special=False, normalized=False)
+                       for t, k in zip(tokens, types) if k == _USER_DEFINED])
         eos_ids = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+        # llama.cpp starts a SentencePiece prompt with bos unless the file says otherwise
         return cls(tk, bos_token=tok("bos_token_id"), eos_token=tok("eos_token_id"),
                    eos_token_ids=eos_ids, chat_template=meta.get("tokenizer.chat_template"),
-                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", spm)),
+                   add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)), piece_decoder=piece_decoder)
 
     @classmethod
     def from_hf_folder(cls, folder: str | Path) -> "Tokenizer":
@@ -173,6 +244,8 @@ class Tokenizer:
             ids = self.tk.encode(text, add_special_tokens=False).ids
         if add_special_tokens and self.add_bos and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id] + ids
+        if add_special_tokens and self.add_eos:
+            ids = ids + [self.eos_token_id]
         return ids
 
     def decode(self, ids, skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True) -> str:
@@ -204,11 +277,20 @@ class Tokenizer:
         """The vocabulary's own string of one id (a byte-level BPE's "Ġword"), not its text."""
         return self.tk.id_to_token(token_id)
 
+    def token_text(self, token_id: int) -> str:
+        """The text of one token alone (logprobs' `token`). A SentencePiece piece keeps the space
+        its "▁" stands for, and a byte piece <0x20> its space, which decoding drops at the start
+        of a text (vLLM restores them too)."""
+        piece = self.tk.id_to_token(token_id)
+        if self._piece_decoder is None or piece is None or token_id in self.added:
+            return self.decode([token_id], skip_special_tokens=False)
+        return self._piece_decoder.decode([piece])
+
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for (OpenAI's logprobs `bytes`). A token holding part of a
         UTF-8 character decodes alone to U+FFFD, so its bytes come from its vocabulary string:
         a byte-level BPE's alphabet or a SentencePiece byte piece (`<0xE2>`)."""
-        text = self.decode([token_id], skip_special_tokens=False)
+        text = self.token_text(token_id)
         if "\ufffd" not in text or token_id in self.added:
             return text.encode("utf-8")
         piece = self.tk.id_to_token(token_id) or ""
@@ -277,6 +359,9 @@ class IdTokenizer:
         return " ".join(map(str, ids))
 
     def id_to_token(self, token_id: int) -> str:
+        return str(token_id)
+
+    def token_text(self, token_id: int) -> str:
         return str(token_id)
 
     def token_bytes(self, token_id: int) -> bytes:

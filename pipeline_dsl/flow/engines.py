@@ -57,7 +57,7 @@ class EngineSide:
         import functools
 
         tok = self._segment_for(pin).tokenizer
-        return functools.lru_cache(maxsize=1 << 16)(lambda t: tok.decode([t], skip_special_tokens=False))
+        return functools.lru_cache(maxsize=1 << 16)(tok.token_text)
 
     def token_bytes(self, pin: str | None = None) -> Callable[[int], bytes]:
         """id -> the bytes of that one token (chat logprobs' `bytes`: part of a character too), cached."""

@@ -1,7 +1,7 @@
 """Model files checked without loading weights: stdlib only, so `agp check` can use it.
 
     header = read_gguf_header("m.gguf")    # magic, version, metadata, tensor infos
-    config = gguf_llama_config(header)     # LlamaConfig fields, every value and shape checked
+    config = gguf_llama_config(header)     # LlamaConfig fields (llama, qwen2), every value and shape checked
     config = hf_llama_config(folder)       # the same for config.json + *.safetensors headers
     check_model_path(path)                 # all of the above (and tokenizer.json for a folder)
     kv_shape("smollm2-135m-instruct")      # (layers, KV heads, head size): what a KV block holds
@@ -30,14 +30,15 @@ from pathlib import Path
 
 from .gguf_header import DEQUANTIZABLE, GGML_TYPES, GGUFArray, GGUFHeader, GGUFTensorInfo, read_gguf_header
 from .hf import hf_config, hf_llama_config, read_json_object, read_safetensors_header, weight_files
-from .llama import (GGUF_REQUIRED, GGUF_USED_KEYS, check_weights, expected_shapes, gguf_engine_name,
-                    gguf_file_name, gguf_llama_config, hf_engine_name, hf_file_name)
+from .llama import (GGUF_ARCHITECTURES, GGUF_TOKENIZERS, check_weights, expected_shapes, gguf_engine_name,
+                    gguf_file_name, gguf_llama_config, gguf_required, gguf_used_keys, hf_engine_name,
+                    hf_file_name)
 from .problem import ModelFileProblem
 
-__all__ = ["DEQUANTIZABLE", "GGML_TYPES", "GGUF_REQUIRED", "GGUF_USED_KEYS", "GGUFArray", "GGUFHeader",
+__all__ = ["DEQUANTIZABLE", "GGML_TYPES", "GGUF_ARCHITECTURES", "GGUF_TOKENIZERS", "GGUFArray", "GGUFHeader",
            "GGUFTensorInfo", "ModelFileProblem", "check_model_path", "check_weights", "expected_shapes",
-           "gguf_engine_name", "gguf_file_name", "gguf_llama_config", "hf_config", "hf_engine_name",
-           "hf_file_name", "hf_llama_config", "read_gguf_header", "read_json_object",
+           "gguf_engine_name", "gguf_file_name", "gguf_llama_config", "gguf_required", "gguf_used_keys",
+           "hf_config", "hf_engine_name", "hf_file_name", "hf_llama_config", "read_gguf_header", "read_json_object",
            "read_safetensors_header", "weight_files", "kv_shape", "context_length", "EMBEDDED_FILES", "embedded_file"]
 
 # the embedded models: name -> (the package that ships the file, the file inside it); the one
@@ -64,9 +65,9 @@ def kv_shape(model: str) -> tuple[int, int, int] | None:
 
 
 def context_length(model: str) -> int | None:
-    """The context in tokens of an embedded model's name, a .gguf file (`llama.context_length`)
-    or a Hugging Face folder (`max_position_embeddings`), read from its header (no weights);
-    None when it cannot be read."""
+    """The context in tokens of an embedded model's name, a .gguf file (`llama.context_length`,
+    `qwen2.context_length`) or a Hugging Face folder (`max_position_embeddings`), read from its
+    header (no weights); None when it cannot be read."""
     c = _header_config(model)
     return None if c is None else int(c["max_position"])
 

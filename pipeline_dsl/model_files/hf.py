@@ -10,7 +10,7 @@ import os
 import struct
 from pathlib import Path
 
-from .llama import HF_NAMES, check_config, check_weights, hf_engine_name, hf_file_name
+from .llama import HF_NAMES, check_bias, check_config, check_weights, hf_engine_name, hf_file_name
 from .problem import ModelFileProblem
 from .rope import hf_rope
 
@@ -166,11 +166,8 @@ def hf_llama_config(folder) -> dict:
     for f in files:
         for name, (_, shape) in read_safetensors_header(f).items():
             mapped = hf_engine_name(name)
-            if mapped is not None and mapped.endswith("_bias") and not (
-                    c["qkv_bias"] and mapped.rsplit(".", 1)[1] in ("q_bias", "k_bias", "v_bias")):
-                raise ModelFileProblem(f, f"tensor {name!r} is a bias: agp's linear layers and norms have none, "
-                                          f"(but Qwen2's q, k, v), so this model would run without it")
             if mapped is not None:
+                check_bias(f, name, mapped, c["qkv_bias"])
                 found[mapped], where[name] = (name, shape), f
     check_weights(folder, c, found, spell=hf_file_name, file_of=lambda name: where.get(name, ""),
                   config="config.json")

@@ -10,28 +10,50 @@ from .gguf_header import DEQUANTIZABLE, FLOAT_TYPES, INT_TYPES, VALUE_NAMES, GGU
 from .problem import ModelFileProblem
 from .rope import gguf_rope
 
-# the GGUF metadata the engine reads (key -> kind); a model lacking a REQUIRED one cannot run
-GGUF_USED_KEYS = {
-    "general.architecture": "str", "llama.embedding_length": "int", "llama.attention.head_count": "int",
-    "llama.feed_forward_length": "int", "llama.block_count": "int", "llama.attention.key_length": "int",
-    "llama.attention.head_count_kv": "int", "llama.rope.freq_base": "float",
-    "llama.attention.layer_norm_rms_epsilon": "float", "llama.context_length": "int",
-    "tokenizer.ggml.model": "str", "tokenizer.ggml.tokens": "str[]", "tokenizer.ggml.token_type": "int[]",
-    "tokenizer.ggml.merges": "str[]", "tokenizer.ggml.pre": "str", "tokenizer.ggml.bos_token_id": "int",
-    "tokenizer.ggml.eos_token_id": "int", "tokenizer.ggml.eot_token_id": "int",
-    "tokenizer.ggml.eom_token_id": "int", "tokenizer.chat_template": "str",
-    "tokenizer.ggml.add_bos_token": "bool", "llama.rope.scaling.type": "str",
-    "llama.rope.scaling.factor": "float", "llama.rope.dimension_count": "int",
+# the GGUF architectures the engine runs -> (biases on Q, K and V; llama.cpp's converter
+# permuted the Q/K rows, as it does for a rotary of interleaved pairs): Qwen2 = llama + biases
+GGUF_ARCHITECTURES = {"llama": (False, True), "qwen2": (True, False)}
+# the tokenizers the engine builds (tokenizer.ggml.model): byte-level BPE, SentencePiece
+GGUF_TOKENIZERS = {"gpt2": "byte-level BPE", "llama": "SentencePiece"}
+# the GGUF metadata the engine reads (key -> kind), the model's under its architecture's name
+# ("{arch}.block_count"); a model lacking a REQUIRED one cannot run
+_MODEL_KEYS = {
+    "embedding_length": "int", "attention.head_count": "int", "feed_forward_length": "int",
+    "block_count": "int", "attention.key_length": "int", "attention.head_count_kv": "int",
+    "rope.freq_base": "float", "attention.layer_norm_rms_epsilon": "float", "context_length": "int",
+    "rope.scaling.type": "str", "rope.scaling.factor": "float", "rope.dimension_count": "int",
 }
-GGUF_REQUIRED = ("general.architecture", "llama.embedding_length", "llama.attention.head_count",
-                 "llama.feed_forward_length", "llama.block_count", "tokenizer.ggml.model",
-                 "tokenizer.ggml.tokens")
+_TOKENIZER_KEYS = {
+    "tokenizer.ggml.model": "str", "tokenizer.ggml.tokens": "str[]", "tokenizer.ggml.token_type": "int[]",
+    "tokenizer.ggml.scores": "float[]", "tokenizer.ggml.merges": "str[]", "tokenizer.ggml.pre": "str",
+    "tokenizer.ggml.bos_token_id": "int", "tokenizer.ggml.eos_token_id": "int",
+    "tokenizer.ggml.eot_token_id": "int", "tokenizer.ggml.eom_token_id": "int",
+    "tokenizer.ggml.unknown_token_id": "int", "tokenizer.ggml.padding_token_id": "int",
+    "tokenizer.chat_template": "str", "tokenizer.ggml.add_bos_token": "bool",
+    "tokenizer.ggml.add_eos_token": "bool", "tokenizer.ggml.add_space_prefix": "bool",
+}
+_MODEL_REQUIRED = ("embedding_length", "attention.head_count", "feed_forward_length", "block_count")
+_TOKENIZER_REQUIRED = ("tokenizer.ggml.model", "tokenizer.ggml.tokens")
+
+
+def gguf_used_keys(arch: str) -> dict:
+    """The metadata the engine reads from a GGUF of architecture `arch` (key -> kind)."""
+    return {"general.architecture": "str", **{f"{arch}.{k}": kind for k, kind in _MODEL_KEYS.items()},
+            **_TOKENIZER_KEYS}
+
+
+def gguf_required(arch: str) -> tuple:
+    """The metadata a GGUF of architecture `arch` cannot run without."""
+    return ("general.architecture", *(f"{arch}.{k}" for k in _MODEL_REQUIRED), *_TOKENIZER_REQUIRED)
+
+
 _KINDS = {  # kind -> (type names that fit, in words)
     "str": ({"string"}, "a string"), "bool": ({"bool"}, "a bool"),
     "int": ({VALUE_NAMES[t] for t in INT_TYPES}, "an integer"),
     "float": ({VALUE_NAMES[t] for t in INT_TYPES | FLOAT_TYPES}, "a number"),
     "str[]": ({"array[string]"}, "an array of strings"),
     "int[]": ({f"array[{VALUE_NAMES[t]}]" for t in INT_TYPES}, "an array of integers"),
+    "float[]": ({f"array[{VALUE_NAMES[t]}]" for t in INT_TYPES | FLOAT_TYPES}, "an array of numbers"),
 }
 
 _GGUF_PARTS = {"attn_norm": "attn_norm", "attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o",
@@ -44,13 +66,14 @@ _HF_TOP = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", "l
 
 
 def gguf_engine_name(name: str) -> str | None:
-    """blk.3.attn_q.weight -> layers.3.q; None for a tensor the engine does not use."""
+    """blk.3.attn_q.weight -> layers.3.q (.bias -> layers.3.q_bias); None for a tensor the
+    engine does not use."""
     if name in _GGUF_TOP:
         return _GGUF_TOP[name]
     parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] == "weight" \
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] in ("weight", "bias") \
             and parts[2] in _GGUF_PARTS:
-        return f"layers.{int(parts[1])}.{_GGUF_PARTS[parts[2]]}"
+        return f"layers.{int(parts[1])}.{_GGUF_PARTS[parts[2]]}{'_bias' if parts[3] == 'bias' else ''}"
     return None
 
 
@@ -100,6 +123,15 @@ def hf_file_name(engine_name: str) -> str:
     return _spell(engine_name, _HF_TOP, _HF_PARTS, "model.layers.{i}.{part}.weight")
 
 
+def check_bias(path, name: str, engine_name: str, qkv_bias: bool) -> None:
+    """A bias tensor (`name`, the file's; `engine_name`, ours) the engine would run without is
+    an error: only Q, K and V have one, and only in a model whose config says so (Qwen2)."""
+    part = engine_name.rsplit(".", 1)[-1]
+    if part.endswith("_bias") and not (qkv_bias and part in ("q_bias", "k_bias", "v_bias")):
+        raise ModelFileProblem(path, f"tensor {name!r} is a bias: agp's linear layers and norms have none "
+                                     f"(but Qwen2's q, k, v), so this model would run without it")
+
+
 def check_weights(path, c: dict, found: dict, *, spell=gguf_file_name, file_of=lambda name: "",
                   config: str = "the metadata") -> None:
     """Every weight the engine needs is in `found` (engine name -> (file's name, shape)) with
@@ -118,13 +150,13 @@ def check_weights(path, c: dict, found: dict, *, spell=gguf_file_name, file_of=l
                                    f"needs {list(shape)}")
 
 
-# how each file kind spells the LlamaConfig fields, for messages
+# how each file kind spells the LlamaConfig fields, for messages (a GGUF's under its architecture)
 _GGUF_NAMES = {
-    "vocab_size": "the rows of 'token_embd.weight'", "hidden_size": "'llama.embedding_length'",
-    "intermediate_size": "'llama.feed_forward_length'", "num_layers": "'llama.block_count'",
-    "num_heads": "'llama.attention.head_count'", "num_kv_heads": "'llama.attention.head_count_kv'",
-    "head_dim": "the head size", "rope_theta": "'llama.rope.freq_base'",
-    "rms_eps": "'llama.attention.layer_norm_rms_epsilon'", "max_position": "'llama.context_length'",
+    "vocab_size": "the rows of 'token_embd.weight'", "hidden_size": "'{arch}.embedding_length'",
+    "intermediate_size": "'{arch}.feed_forward_length'", "num_layers": "'{arch}.block_count'",
+    "num_heads": "'{arch}.attention.head_count'", "num_kv_heads": "'{arch}.attention.head_count_kv'",
+    "head_dim": "the head size", "rope_theta": "'{arch}.rope.freq_base'",
+    "rms_eps": "'{arch}.attention.layer_norm_rms_epsilon'", "max_position": "'{arch}.context_length'",
 }
 HF_NAMES = {
     "vocab_size": "'vocab_size'", "hidden_size": "'hidden_size'", "intermediate_size": "'intermediate_size'",
@@ -158,54 +190,64 @@ def check_config(fail, c: dict, names: dict) -> dict:
 
 
 def gguf_llama_config(h: GGUFHeader) -> dict:
-    """LlamaConfig fields of a llama GGUF, after checking its metadata and every tensor the
-    engine uses (name, shape, type). Raises ModelFileProblem."""
+    """LlamaConfig fields of a llama-family GGUF (GGUF_ARCHITECTURES), after checking its
+    metadata and every tensor the engine uses (name, shape, type). Raises ModelFileProblem."""
     def fail(problem):
         raise ModelFileProblem(h.path, problem)
 
+    arch = h.metadata.get("general.architecture", "llama")
+    if arch not in GGUF_ARCHITECTURES:
+        fail(f"metadata 'general.architecture' {arch!r} is not supported: this engine runs llama-family "
+             f"models ({', '.join(map(repr, GGUF_ARCHITECTURES))})")
+    used = gguf_used_keys(arch)
     for key, why in h.unreadable.items():
-        if key in GGUF_USED_KEYS:
+        if key in used:
             fail(f"metadata {key!r} cannot be read: {why}")
-    arch = h.metadata.get("general.architecture")
-    if arch is not None and arch != "llama":
-        fail(f"architecture {arch!r} is not supported: this engine runs llama-family models")
-    missing = [k for k in GGUF_REQUIRED if k not in h.types]
+    missing = [k for k in gguf_required(arch) if k not in h.types]
     if missing:
-        fail(f"the metadata lacks {', '.join(map(repr, missing))} (a llama model needs it)")
-    for key, kind in GGUF_USED_KEYS.items():
+        fail(f"the metadata lacks {', '.join(map(repr, missing))} (a {arch} model needs it)")
+    for key, kind in used.items():
         fits, words = _KINDS[kind]
         if key in h.types and h.types[key] not in fits:
             fail(f"metadata {key!r} is {h.types[key]}, expected {words}")
     tok_model = h.metadata["tokenizer.ggml.model"]
-    if tok_model != "gpt2":
-        fail(f"tokenizer model {tok_model!r} is not supported (byte-level BPE 'gpt2' is)")
+    if tok_model not in GGUF_TOKENIZERS:
+        known = " and ".join(f"{words} {name!r}" for name, words in GGUF_TOKENIZERS.items())
+        fail(f"metadata 'tokenizer.ggml.model' {tok_model!r} is not supported: agp builds {known} tokenizers")
+    if tok_model == "llama" and "tokenizer.ggml.merges" not in h.types and "tokenizer.ggml.scores" not in h.types:
+        fail("the metadata lacks 'tokenizer.ggml.scores' (a SentencePiece tokenizer without merges needs "
+             "its pieces' scores)")
 
-    m = h.metadata
+    m, qkv_bias = h.metadata, GGUF_ARCHITECTURES[arch][0]
     found = {}
     for t in h.tensors:
         name = gguf_engine_name(t.name)
         if name is not None:
+            check_bias(h.path, t.name, name, qkv_bias)
             found[name] = (t.name, t.shape)
             if t.type_name not in DEQUANTIZABLE:
                 fail(f"tensor {t.name!r} has type {t.type_name}, which this engine cannot turn into weights")
     if "embed" not in found:
         fail("missing tensors: token_embd.weight")
-    hidden, heads = m["llama.embedding_length"], m["llama.attention.head_count"]
-    head_dim = m.get("llama.attention.key_length")
+    hidden, heads = m[f"{arch}.embedding_length"], m[f"{arch}.attention.head_count"]
+    head_dim = m.get(f"{arch}.attention.key_length")
     if head_dim is None:
         if not heads or hidden % heads:
-            fail(f"'llama.embedding_length' {hidden} is not a multiple of 'llama.attention.head_count' {heads}")
+            fail(f"'{arch}.embedding_length' {hidden} is not a multiple of '{arch}.attention.head_count' {heads}")
         head_dim = hidden // heads
-    theta, scaling = gguf_rope(m, fail, head_dim)
+    theta, scaling = gguf_rope(m, fail, head_dim, arch)
     c = dict(vocab_size=found["embed"][1][0], hidden_size=hidden,
-             intermediate_size=m["llama.feed_forward_length"], num_layers=m["llama.block_count"],
-             num_heads=heads, num_kv_heads=m.get("llama.attention.head_count_kv", heads), head_dim=head_dim,
+             intermediate_size=m[f"{arch}.feed_forward_length"], num_layers=m[f"{arch}.block_count"],
+             num_heads=heads, num_kv_heads=m.get(f"{arch}.attention.head_count_kv", heads), head_dim=head_dim,
              rope_theta=theta,
-             rms_eps=m.get("llama.attention.layer_norm_rms_epsilon", 1e-5),
-             max_position=m.get("llama.context_length", 2048), tie_embeddings="lm_head" not in found,
-             rope_scaling=scaling)
-    c = check_config(fail, c, _GGUF_NAMES)
+             rms_eps=m.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
+             max_position=m.get(f"{arch}.context_length", 2048), tie_embeddings="lm_head" not in found,
+             rope_scaling=scaling, qkv_bias=qkv_bias)
+    c = check_config(fail, c, {k: v.format(arch=arch) for k, v in _GGUF_NAMES.items()})
     n_tokens = len(m["tokenizer.ggml.tokens"])
+    for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):   # one entry per token
+        if key in m and len(m[key]) != n_tokens:
+            fail(f"metadata {key!r} has {len(m[key])} entries, but 'tokenizer.ggml.tokens' {n_tokens}")
     if n_tokens > c["vocab_size"]:
         fail(f"the tokenizer has {n_tokens} tokens but 'token_embd.weight' only {c['vocab_size']} rows")
     check_weights(h.path, c, found)

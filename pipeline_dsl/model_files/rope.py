@@ -3,7 +3,7 @@ frequencies, and the frequencies themselves (stdlib only: `agp check` reads thes
 
     theta, scaling = hf_rope(cfg, fail)        # config.json: rope_theta + rope_scaling, or
                                                # transformers >= 5's rope_parameters
-    theta, scaling = gguf_rope(metadata, fail) # llama.rope.freq_base + llama.rope.scaling.*
+    theta, scaling = gguf_rope(metadata, fail, head_dim, arch)  # {arch}.rope.freq_base + .rope.scaling.*
     inv_freq = rope_inv_freq(head_dim, theta, scaling)   # head_dim/2 floats, for the engine
 
 `scaling` is a tuple of (key, value) pairs (hashable: it sits in a frozen LlamaConfig); () is
@@ -66,22 +66,23 @@ def hf_rope(cfg: dict, fail) -> tuple[float, tuple]:
     return theta, (("rope_type", "llama3"), *values)
 
 
-def gguf_rope(m: dict, fail, head_dim: int) -> tuple[object, tuple]:
-    """(freq_base, scaling pairs) from a llama GGUF's metadata: `llama.rope.scaling.type`
-    linear (with `llama.rope.scaling.factor`) or none; a rope_freqs tensor is the loader's."""
-    dims = m.get("llama.rope.dimension_count", head_dim)
+def gguf_rope(m: dict, fail, head_dim: int, arch: str = "llama") -> tuple[object, tuple]:
+    """(freq_base, scaling pairs) from a GGUF's metadata under its architecture's name
+    (`llama.rope.scaling.type` linear, with `llama.rope.scaling.factor`, or none); a rope_freqs
+    tensor is the loader's."""
+    dims = m.get(f"{arch}.rope.dimension_count", head_dim)
     if dims != head_dim:
-        fail(f"metadata 'llama.rope.dimension_count' is {dims}, not the head size {head_dim}: "
+        fail(f"metadata '{arch}.rope.dimension_count' is {dims}, not the head size {head_dim}: "
              f"agp rotates the whole head")
-    theta = m.get("llama.rope.freq_base", 10000.0)
-    kind = m.get("llama.rope.scaling.type", "none")
+    theta = m.get(f"{arch}.rope.freq_base", 10000.0)
+    kind = m.get(f"{arch}.rope.scaling.type", "none")
     if kind == "none":
         return theta, ()
     if kind == "linear":
         return theta, (("rope_type", "linear"),
-                       ("factor", _positive(fail, "metadata", "llama.rope.scaling.factor",
-                                            m.get("llama.rope.scaling.factor"))))
-    fail(f"metadata 'llama.rope.scaling.type' {kind!r} is not supported (agp computes none and linear, "
+                       ("factor", _positive(fail, "metadata", f"{arch}.rope.scaling.factor",
+                                            m.get(f"{arch}.rope.scaling.factor"))))
+    fail(f"metadata '{arch}.rope.scaling.type' {kind!r} is not supported (agp computes none and linear, "
          f"and a rope_freqs tensor)")
     raise AssertionError("unreachable")
 

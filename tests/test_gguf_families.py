@@ -1,0 +1,253 @@
+"""A user's own GGUF of another kind runs as transformers runs the same file, or is refused
+saying which metadata key and value agp does not run.
+
+The files are tiny and random (tests/tiny_model.py): a llama GGUF with a SentencePiece
+vocabulary (Llama 2, Mistral 7B v0.1, TinyLlama: `tokenizer.ggml.model` "llama", scores,
+byte pieces <0x00>…<0xFF>, "▁" for spaces) and a qwen2 GGUF (qwen2.* keys, biases on Q, K
+and V, the qwen2 pre-tokenizer). transformers reads each file itself (`gguf_file=`): its
+token ids, decoded text, chat template, fp32 logits and greedy tokens are the reference.
+"""
+
+import pytest
+import torch
+
+from pipeline_dsl.engine.models import load_model
+from pipeline_dsl.model_files import ModelFileProblem, check_model_path
+
+transformers = pytest.importorskip("transformers")
+
+TEXTS = [
+    "Hello world", "the cat sat on the mat", "  two leading, two  inner and trailing spaces  ", " ", "",
+    "line one\nline two\n\n\tand a tab", "über café naïve — “quotes”", "東京 日本語 中文 你好 こんにちは",
+    "emoji 🙂 and a family 👩‍👩‍👧 🇫🇷", "digits 0123456789 3.14159 2024", "</s>after eos<s> and bos",
+    "<unk> stays whole", "Don't stop: we're here!", "trailing newline\n", "ÀÉÎÕÜ ß ﬁ Ω ∑ √",
+]
+
+
+def reference(path):
+    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def ours(path):
+    return load_model(str(path), dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def spm_gguf(tmp_path_factory):
+    from tiny_model import write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("spm") / "spm.gguf", tokenizer="spm")
+
+
+@pytest.fixture(scope="module")
+def qwen2_gguf(tmp_path_factory):
+    from tiny_model import write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("qwen2") / "qwen2.gguf", arch="qwen2")
+
+
+@pytest.fixture(scope="module")
+def spm(spm_gguf):
+    return ours(spm_gguf)[1], reference(spm_gguf)
+
+
+def test_a_sentencepiece_gguf_encodes_and_decodes_as_transformers_does(spm):
+    tok, ref = spm
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text), text
+        assert ids[0] == tok.bos_token_id == 1                       # add_bos_token, as Llama 2's files say
+        assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=True), text
+        assert tok.decode(ids, skip_special_tokens=False) == ref.decode(ids), text
+    pieces = [tok.id_to_token(i) for i in tok.encode("the 🙂", add_special_tokens=False)]
+    assert pieces == ["\u2581the", "\u2581", "<0xF0>", "<0x9F>", "<0x99>", "<0x82>"]   # bytes it has no piece for
+    assert tok.eos_token_ids == frozenset({2}) and tok.bos_token == "<s>"
+
+
+def test_a_sentencepiece_gguf_streams_whole_characters_and_its_spaces(spm):
+    """Generated ids decoded one at a time give transformers' text of them all: byte pieces
+    join into their UTF-8 character, a "▁" piece's space is kept after the first token."""
+    tok, ref = spm
+    for text in TEXTS:
+        ids = ref.encode(text)[1:]
+        dec = tok.incremental_decoder()
+        deltas = [dec.add([i]) for i in ids]
+        assert "".join(deltas) + dec.flush() == ref.decode(ids, skip_special_tokens=True), text
+        assert not any("\ufffd" in d for d in deltas), (text, deltas)
+
+
+def test_a_sentencepiece_token_alone_keeps_the_space_its_piece_stands_for(spm):
+    """Logprobs show each token alone: "▁world" is " world" (as vLLM restores it), a byte piece
+    its byte, so the tokens' bytes add up to the text they encode, the prefix's space first."""
+    tok, _ = spm
+    text = "Hello world  東京 🙂!"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert [tok.token_text(i) for i in ids[:3]] == [" ", "H", "e"]          # no piece for "▁H"
+    assert b"".join(tok.token_bytes(i) for i in ids) == b" " + text.encode()
+    assert tok.token_text(tok.token_to_id("\u2581world")) == " world"
+    assert tok.token_text(tok.token_to_id("<0x20>")) == " " and tok.token_bytes(tok.token_to_id("<0xF0>")) == b"\xf0"
+    assert tok.token_text(2) == "</s>"
+
+
+def test_a_sentencepiece_gguf_without_the_space_prefix_puts_none_before_the_text(tmp_path, spm):
+    """tokenizer.ggml.add_space_prefix false (llama.cpp honours it): no "▁" before the text,
+    and a leading space decodes as it is (transformers' LlamaTokenizer(add_prefix_space=False))."""
+    from tiny_model import spm_vocab, write_tiny_gguf
+    from transformers.tokenization_utils_base import generate_merges
+
+    tokens, _, scores = spm_vocab()
+    ref = transformers.LlamaTokenizer(vocab={t: i for i, t in enumerate(tokens)}, add_prefix_space=False,
+                                      merges=generate_merges({t: i for i, t in enumerate(tokens)},
+                                                             dict(zip(tokens, scores))))
+    _, tok = ours(write_tiny_gguf(tmp_path / "m.gguf", tokenizer="spm", add_space_prefix=False))
+    assert tok.id_to_token(tok.encode("the", add_special_tokens=False)[0]) == "t"
+    for text in TEXTS:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == ref.encode(text, add_special_tokens=False), text
+        assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=True), text
+    assert tok.decode(tok.encode("  two spaces first")) == "  two spaces first"
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: m.pop("tokenizer.ggml.add_bos_token") and None,                # older files: bos all the same
+    lambda m: m.update({"tokenizer.ggml.add_eos_token": (True,) + m["tokenizer.ggml.add_eos_token"][1:]}),
+], ids=["no-add-bos-key", "add-eos"])
+def test_a_sentencepiece_gguf_adds_bos_and_eos_as_transformers_does(tmp_path, spm_gguf, change):
+    path = _rewrite(spm_gguf, tmp_path / "m.gguf", change)
+    _, tok = ours(path)
+    ref = reference(path)
+    for text in TEXTS:
+        assert tok.encode(text) == ref.encode(text), text
+
+
+def test_a_sentencepiece_gguf_uses_its_own_chat_template(spm):
+    tok, ref = spm
+    chat = [{"role": "user", "content": "hi 東京"}, {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "more"}]
+    text = tok.apply_chat_template(chat)
+    assert text == ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert text == "[user] hi 東京</s>[assistant] ok</s>[user] more</s>[assistant]"
+    assert tok.apply_chat_template(chat, tokenize=True) == tok.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("pre", [None, "deepseek-r1-qwen", "llama-bpe", "llama-v3", "falcon3", "dbrx", "tekken",
+                                 "gpt-4o"])
+def test_a_qwen2_gguf_tokenizes_as_transformers_does(tmp_path, qwen2_gguf, pre):
+    """tokenizer.ggml.pre names how text is split before the merges: qwen2's regex (also
+    DeepSeek-R1's Qwen distils), Llama 3's (also Falcon 3, DBRX), Mistral NeMo's tekken, GPT-4o's."""
+    from tiny_model import write_tiny_gguf
+
+    path = qwen2_gguf if pre is None else write_tiny_gguf(tmp_path / "m.gguf", arch="qwen2", pre=pre)
+    _, tok = ours(path)
+    ref = reference(path)
+    for text in TEXTS + ["a\n\nb  \n c", "IT'S 12345 x.y", "Über.Straße\r\n\r\nok"]:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text), text
+        assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=True), text
+
+
+def greedy(path, prompts, n=10):
+    """(greedy token ids, text) of each prompt through the whole engine (batched decode, paged
+    KV, the text streamed a token at a time)."""
+    from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
+
+    engine = Engine(EngineConfig(model=str(path), dtype="fp32", kv_budget_bytes=1 << 20, batch_timeout_s=0.0,
+                                 block_size=8))
+    for i, ids in enumerate(prompts):
+        engine.add_request(str(i), prompt_token_ids=ids, params=SamplingParams(max_tokens=n, ignore_eos=True))
+    got = {str(i): ([], []) for i in range(len(prompts))}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id][0].extend(out.new_token_ids)
+            got[out.request_id][1].append(out.delta_text)
+    return [(ids, "".join(text)) for ids, text in (got[str(i)] for i in range(len(prompts)))]
+
+
+@pytest.mark.parametrize("kind", ["spm", "qwen2"])
+def test_the_gguf_gives_transformers_logits_and_greedy_tokens(kind, spm_gguf, qwen2_gguf):
+    path = {"spm": spm_gguf, "qwen2": qwen2_gguf}[kind]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                            dtype=torch.float32).eval()
+    model, tok = ours(path)
+    prompts = [tok.encode(t) for t in ("the cat sat on the mat", "東京 🙂 hello", "Don't stop: we're here!")]
+    ids = prompts[0] + prompts[1] + prompts[2]
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0]                      # [T, V]
+    got = model.forward_full(ids)                                       # [T, V]
+    assert want.abs().max() > 1                                         # real logits, not near zero
+    assert (got - want).abs().max().item() < 1e-4
+    assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+    ref_tok = reference(path)
+    for p, (out, text) in zip(prompts, greedy(path, prompts)):
+        with torch.no_grad():   # transformers' greedy choice after each of our tokens, in one forward
+            choice = ref(torch.tensor([p + out])).logits[0, len(p) - 1:-1].argmax(-1).tolist()
+        assert out == choice and len(out) == 10
+        assert text == ref_tok.decode(out, skip_special_tokens=True)
+
+
+def _rewrite(src, dst, change=lambda meta: None, drop=()):
+    """A copy of GGUF `src` at `dst`, its metadata changed by `change(dict)` (which may return
+    another architecture), the tensors named in `drop` left out."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    r = GGUFReader(str(src))
+    meta = {}
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        kind = f.types[0]
+        meta[f.name] = (f.contents(), kind, f.types[-1] if kind == GGUFValueType.ARRAY else None)
+    arch = change(meta) or r.fields["general.architecture"].contents()
+    w = GGUFWriter(str(dst), arch)
+    for key, (value, kind, sub) in meta.items():
+        w.add_key_value(key, value, kind, sub_type=sub)
+    for t in (t for t in r.tensors if t.name not in drop):
+        w.add_tensor(t.name, t.data, raw_shape=list(reversed([int(d) for d in t.shape])), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda m: "gemma", "metadata 'general.architecture' 'gemma' is not supported"),
+    (lambda m: m.update({"tokenizer.ggml.model": ("t5",) + m["tokenizer.ggml.model"][1:]}),
+     "metadata 'tokenizer.ggml.model' 't5' is not supported: agp builds byte-level BPE 'gpt2' and "
+     "SentencePiece 'llama' tokenizers"),
+    (lambda m: m.pop("tokenizer.ggml.scores") and None, "lacks 'tokenizer.ggml.scores'"),
+    (lambda m: m.update({"tokenizer.ggml.scores": (m["tokenizer.ggml.scores"][0][:-5],) + m["tokenizer.ggml.scores"][1:]}),
+     "'tokenizer.ggml.scores' has 465 entries, but 'tokenizer.ggml.tokens' 470"),
+    (lambda m: m.update({"tokenizer.ggml.token_type": (m["tokenizer.ggml.token_type"][0][:9],)
+                         + m["tokenizer.ggml.token_type"][1:]}),
+     "'tokenizer.ggml.token_type' has 9 entries, but 'tokenizer.ggml.tokens' 470"),
+], ids=["architecture", "tokenizer", "no-scores", "short-scores", "short-types"])
+def test_a_gguf_variant_agp_does_not_run_is_a_check_error_naming_key_and_value(tmp_path, spm_gguf, change, words):
+    path = _rewrite(spm_gguf, tmp_path / "m.gguf", change)
+    with pytest.raises(ModelFileProblem, match=words):
+        check_model_path(path)
+
+
+def test_bias_tensors_of_a_llama_gguf_are_refused_and_a_qwen2_gguf_needs_its_own(tmp_path, qwen2_gguf):
+    """llama.cpp runs the biases a llama GGUF may carry; agp's linear layers have none (but
+    qwen2's Q, K, V), so such a file is refused rather than run without them."""
+    def as_llama(meta):
+        for key in [k for k in meta if k.startswith("qwen2.")]:
+            meta["llama." + key[len("qwen2."):]] = meta.pop(key)
+        return "llama"
+
+    llama = _rewrite(qwen2_gguf, tmp_path / "llama.gguf", as_llama)
+    with pytest.raises(ModelFileProblem, match="tensor 'blk.0.attn_q.bias' is a bias"):
+        check_model_path(llama)
+    check_model_path(qwen2_gguf)
+    unbiased = _rewrite(qwen2_gguf, tmp_path / "q.gguf", drop={"blk.1.attn_k.bias"})
+    with pytest.raises(ModelFileProblem, match="missing tensors: blk.1.attn_k.bias"):
+        check_model_path(unbiased)
+
+
+def test_a_qwen2_gguf_rotary_kind_agp_does_not_compute_is_refused_under_its_own_key(tmp_path):
+    from tiny_model import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "m.gguf", arch="qwen2", rope_scaling=("yarn", 4.0))
+    with pytest.raises(ModelFileProblem, match="metadata 'qwen2.rope.scaling.type' 'yarn' is not supported"):
+        check_model_path(path)
