@@ -64,16 +64,26 @@ def test_a_sentencepiece_gguf_encodes_and_decodes_as_transformers_does(spm):
     assert tok.eos_token_ids == frozenset({2}) and tok.bos_token == "<s>"
 
 
+def continued(ref, prompt: list, answer: list) -> str:
+    """The text `answer` adds after `prompt` (vLLM's detokenizer: the prompt's tokens as context)."""
+    return ref.decode(prompt + answer, skip_special_tokens=True)[len(ref.decode(prompt, skip_special_tokens=True)):]
+
+
 def test_a_sentencepiece_gguf_streams_whole_characters_and_its_spaces(spm):
-    """Generated ids decoded one at a time give transformers' text of them all: byte pieces
-    join into their UTF-8 character, a "▁" piece's space is kept after the first token."""
+    """Generated ids decoded one at a time give the text they add after the prompt: byte pieces
+    join into their UTF-8 character, every "▁" piece's space is kept, the first one's too (a
+    completion of "The capital of France is" reads " Paris", as vLLM, TGI and llama.cpp's
+    server answer; transformers' decode of the answer alone drops it)."""
     tok, ref = spm
+    prompt = ref.encode("Say:")
     for text in TEXTS:
         ids = ref.encode(text)[1:]
         dec = tok.incremental_decoder()
         deltas = [dec.add([i]) for i in ids]
-        assert "".join(deltas) + dec.flush() == ref.decode(ids, skip_special_tokens=True), text
+        assert "".join(deltas) + dec.flush() == continued(ref, prompt, ids), text
         assert not any("\ufffd" in d for d in deltas), (text, deltas)
+    dec = tok.incremental_decoder()
+    assert dec.add(ref.encode("Paris", add_special_tokens=False)) == " Paris"     # "▁Paris"
 
 
 def test_a_sentencepiece_token_alone_keeps_the_space_its_piece_stands_for(spm):
@@ -182,7 +192,8 @@ def test_the_gguf_gives_transformers_logits_and_greedy_tokens(kind, spm_gguf, qw
         with torch.no_grad():   # transformers' greedy choice after each of our tokens, in one forward
             choice = ref(torch.tensor([p + out])).logits[0, len(p) - 1:-1].argmax(-1).tolist()
         assert out == choice and len(out) == 10
-        assert text == ref_tok.decode(out, skip_special_tokens=True)
+        # the answer's text goes on after its prompt, as vLLM decodes it ("is" + " Paris")
+        assert text == continued(ref_tok, p, out)
 
 
 def _rewrite(src, dst, change=lambda meta: None, drop=()):

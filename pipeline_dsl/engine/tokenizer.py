@@ -105,17 +105,15 @@ def _spm_merges(vocab: dict, scores) -> list[tuple[str, str]]:
     return [(a, b) for a, b, _ in merges]
 
 
-def _spm_pipeline(tk: HFTokenizer, add_space_prefix: bool):
+def _spm_pipeline(tk: HFTokenizer, add_space_prefix: bool) -> None:
     """A SentencePiece vocabulary's pre-tokenizer and decoder (Llama 2's, as transformers and
     llama.cpp build them): spaces are "▁", one put before the text where the file says
     add_space_prefix (its default); decoding turns "▁" back into spaces, byte pieces <0xNN>
-    into the UTF-8 characters they spell, and drops the prefix's space again. Returns the
-    decoder of pieces alone, which drops nothing."""
+    into the UTF-8 characters they spell, and drops the prefix's space again."""
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="first" if add_space_prefix
                                                 else "never", split=False)
     steps = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     tk.decoder = decoders.Sequence(steps + [decoders.Strip(content=" ", left=1)] * bool(add_space_prefix))
-    return decoders.Sequence(steps)
 
 
 def _pre_tokenizer(pre: str | None):
@@ -133,10 +131,8 @@ def _pre_tokenizer(pre: str | None):
 
 class Tokenizer:
     def __init__(self, tk: HFTokenizer, *, bos_token: str | None, eos_token: str | None,
-                 eos_token_ids, chat_template: str | None, add_bos: bool = False, add_eos: bool = False,
-                 piece_decoder=None):
+                 eos_token_ids, chat_template: str | None, add_bos: bool = False, add_eos: bool = False):
         self.tk = tk
-        self._piece_decoder = piece_decoder   # a token alone, where `tk.decoder` drops a leading space
         self.bos_token, self.eos_token = bos_token, eos_token
         self.bos_token_id = tk.token_to_id(bos_token) if bos_token else None
         self.eos_token_id = tk.token_to_id(eos_token) if eos_token else None
@@ -152,6 +148,16 @@ class Tokenizer:
         # the most characters one token can stand for: a text longer than limit * this has more
         # than `limit` tokens, whatever they are (a cheap check before tokenising huge input)
         self.max_token_chars = max((len(t) for t in tk.get_vocab(with_added_tokens=True)), default=1) or 1
+        self._anchor = self._find_anchor()
+
+    def _find_anchor(self) -> int | None:
+        """An ordinary token to decode text after, where the decoder drops the space a text
+        starts with (a SentencePiece "▁"): decoded alone, "▁world" is "world", after another
+        token " world". None where the text of ids is the texts of their parts (byte-level BPE)."""
+        ids = self.tk.encode("a a", add_special_tokens=False).ids
+        if len(ids) < 2 or self.tk.decode(ids) == self.tk.decode(ids[:-1]) + self.tk.decode(ids[-1:]):
+            return None
+        return ids[0] if ids[0] not in self.added else None
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -175,9 +181,8 @@ class Tokenizer:
             tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=spm, byte_fallback=spm))
         except Exception as e:  # the tokenizers library raises a bare Exception (a merge of unknown tokens)
             raise TokenizerError(f"the GGUF vocabulary and merges do not make a BPE tokenizer ({e})") from e
-        piece_decoder = None
         if spm:
-            piece_decoder = _spm_pipeline(tk, meta.get("tokenizer.ggml.add_space_prefix", True))
+            _spm_pipeline(tk, meta.get("tokenizer.ggml.add_space_prefix", True))
         else:
             tk.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"))
             tk.decoder = decoders.ByteLevel()
@@ -198,7 +203,7 @@ class Tokenizer:
         return cls(tk, bos_token=tok("bos_token_id"), eos_token=tok("eos_token_id"),
                    eos_token_ids=eos_ids, chat_template=meta.get("tokenizer.chat_template"),
                    add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", spm)),
-                   add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)), piece_decoder=piece_decoder)
+                   add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)))
 
     @classmethod
     def from_hf_folder(cls, folder: str | Path) -> "Tokenizer":
@@ -277,14 +282,24 @@ class Tokenizer:
         """The vocabulary's own string of one id (a byte-level BPE's "Ġword"), not its text."""
         return self.tk.id_to_token(token_id)
 
+    def decode_continued(self, ids, skip_special_tokens: bool = True,
+                         spaces_between_special_tokens: bool = True) -> str:
+        """The text of `ids` where they go on after other text, as an answer goes on after its
+        prompt: a SentencePiece answer's first "▁" is the space it stands for (vLLM's, TGI's and
+        llama.cpp's answers keep it: "The capital of France is" + " Paris"), which `decode`
+        drops at the start of a text as transformers does."""
+        if self._anchor is None:
+            return self.decode(ids, skip_special_tokens, spaces_between_special_tokens)
+        lead = self.decode([self._anchor], skip_special_tokens, spaces_between_special_tokens)
+        return self.decode([self._anchor, *ids], skip_special_tokens, spaces_between_special_tokens)[len(lead):]
+
     def token_text(self, token_id: int) -> str:
-        """The text of one token alone (logprobs' `token`). A SentencePiece piece keeps the space
-        its "▁" stands for, and a byte piece <0x20> its space, which decoding drops at the start
-        of a text (vLLM restores them too)."""
-        piece = self.tk.id_to_token(token_id)
-        if self._piece_decoder is None or piece is None or token_id in self.added:
+        """The text of one token (logprobs' `token`) as it reads inside a text: a SentencePiece
+        piece keeps the space its "▁" stands for, and a byte piece <0x20> its space (vLLM
+        restores them too)."""
+        if token_id in self.added:
             return self.decode([token_id], skip_special_tokens=False)
-        return self._piece_decoder.decode([piece])
+        return self.decode_continued([token_id], skip_special_tokens=False)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for (OpenAI's logprobs `bytes`). A token holding part of a
@@ -369,7 +384,9 @@ class IdTokenizer:
 
 
 class IncrementalDecoder:
-    """Text of a growing list of ids, handed out as deltas that never split a character."""
+    """Text of a growing list of ids, handed out as deltas that never split a character; the
+    ids go on after a prompt (Tokenizer.decode_continued: a SentencePiece answer keeps its
+    first space)."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True,
                  spaces_between_special_tokens: bool = True):
@@ -382,8 +399,8 @@ class IncrementalDecoder:
     def add(self, new_ids) -> str:
         """Append ids; return the text they complete (may be '' while a char is unfinished)."""
         self.ids.extend(new_ids)
-        before = self.tok.decode(self.ids[self._prefix:self._read], self.skip, self.spaces)
-        after = self.tok.decode(self.ids[self._prefix:], self.skip, self.spaces)
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
         if after.endswith("\ufffd") or len(after) <= len(before):
             return ""  # an unfinished multi-byte character: wait for more ids
         delta = after[len(before):]
@@ -391,9 +408,12 @@ class IncrementalDecoder:
         self._prefix, self._read = self._read, len(self.ids)
         return delta
 
+    def _decode(self, ids) -> str:
+        return self.tok.decode_continued(ids, self.skip, self.spaces)
+
     def flush(self) -> str:
         """At the end: whatever remains, replacement characters included."""
-        rest = self.tok.decode(self.ids, self.skip, self.spaces)[len(self.text):]
+        rest = self._decode(self.ids)[len(self.text):]
         self.text += rest
         self._prefix = self._read = len(self.ids)
         return rest
