@@ -76,7 +76,13 @@ class Engine:
         if config.max_model_len is not None and not 0 < config.max_model_len <= context:
             raise InputError(f"max_model_len must be between 1 and the model's context ({context}), "
                              f"not {config.max_model_len}")
-        self.max_model_len = int(config.max_model_len or context)
+        # one sequence holds at most the whole KV pool: a context beyond it could never be served
+        pool = int(runner.num_blocks) * int(runner.block_size)
+        if config.max_model_len is not None and config.max_model_len > pool:
+            raise InputError(f"max_model_len {config.max_model_len} does not fit the KV cache ({pool} tokens); "
+                             "raise the KV budget (kv_lookup's budget) or lower max_model_len")
+        self.model_context = context
+        self.max_model_len = min(int(config.max_model_len or context), pool)
         self.blocks = BlockManager(runner.num_blocks, runner.block_size, config.prefix_reuse)
         self.scheduler = Scheduler(config, self.blocks, clock, max_len=self.max_model_len)
         self.sampler = Sampler(config.seed)
@@ -137,19 +143,14 @@ class Engine:
                                      f"(0..{self.vocab_size - 1})", param=name)
         total = len(ids) + params.max_tokens
         if params.max_tokens and len(ids) >= self.max_model_len:
-            raise ContextLengthError(f"prompt of {len(ids)} tokens fills the model's context of {self.max_model_len} "
-                                     "tokens and leaves no room to generate; shorten the prompt")
+            raise ContextLengthError(f"prompt of {len(ids)} tokens fills {self.context_words} and leaves no room "
+                                     "to generate; shorten the prompt")
         if total > self.max_model_len:
             raise ContextLengthError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} = {total} "
-                             f"exceeds the model's context of {self.max_model_len} tokens; "
+                             f"exceeds {self.context_words}; "
                              "shorten the prompt or lower max_tokens")
         if rows_wanted(params) and not getattr(self._phases, "returns_rows", False):
             raise InputError("this engine's model runner cannot return prompt logprobs or pooled states")
-        if self.blocks.blocks_for(total) > self.blocks.num_blocks:
-            cap = self.blocks.num_blocks * self.blocks.block_size
-            raise InputError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} = {total} "
-                             f"does not fit the KV cache ({cap} tokens); raise the KV budget "
-                             "or lower max_tokens")
         if len(self.scheduler.waiting) >= self.config.max_queue:
             raise QueueFullError(f"the queue is full ({self.config.max_queue} waiting requests)")
         now = self.clock()
@@ -206,7 +207,20 @@ class Engine:
     def _limit_words(self) -> str:
         if self.config.max_prompt_tokens:
             return f"is longer than this pipeline accepts (requests.max_prompt_tokens = {self.prompt_limit})"
-        return f"exceeds the model's context of {self.max_model_len} tokens"
+        return f"exceeds {self.context_words}"
+
+    @property
+    def pool_bound(self) -> bool:
+        """The KV pool, holding fewer tokens than the model's context, is the context."""
+        return self.max_model_len < self.model_context and not self.config.max_model_len
+
+    @property
+    def context_words(self) -> str:
+        """The context as an error names it: the model's, or the KV cache's when that holds less."""
+        if self.pool_bound:
+            return (f"the context of {self.max_model_len} tokens (all the KV cache holds: raise the KV budget "
+                    f"for the model's {self.model_context})")
+        return f"the model's context of {self.max_model_len} tokens"
 
     @property
     def max_prompt_chars(self) -> int | None:

@@ -1,0 +1,148 @@
+"""Long prompts as a user with long documents meets them: tokens at long positions equal
+transformers' on the same weights whatever path computed their KV (chunked prefill, a prefix-cache
+hit of a long shared prefix, preemption and recompute, a prompt at the context's end), the limits
+(the context, the KV pool, `truncate_prompt_tokens`) refused or honoured with the numbers named,
+and the KV blocks back to free after every request.
+
+The tiny model with a 4096-token context stands in for the embedded one (a long context is cheap
+there); tests/test_model_parity.py holds the embedded model to transformers."""
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from pipeline_dsl.engine import SamplingParams
+from pipeline_dsl.engine.errors import ContextLengthError, InputError
+from test_serve import LiveServer
+from tiny_model import tiny_engine, tiny_vocab, write_tiny_gguf
+
+CONTEXT = 4096
+KV_TOKEN_BYTES = 2 * 2 * 16 * 2 * 4   # the tiny model: layers x kv heads x head size x (k, v) x fp32
+
+
+@pytest.fixture(scope="module")
+def spread_long(tmp_path_factory):
+    """The tiny model, 4096 tokens of context, next-token distributions spread enough that a
+    wrong key or position changes the greedy tokens."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("models") / "spread_long.gguf", context=CONTEXT,
+                           embed_scale=0.3)
+
+
+@pytest.fixture(scope="module")
+def reference(spread_long):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(spread_long.parent), gguf_file=spread_long.name, dtype=torch.float32, local_files_only=True).eval()
+
+
+def random_ids(n: int, seed: int) -> list[int]:
+    vocab = len(tiny_vocab()[0])
+    return [int(t) for t in np.random.default_rng(seed).integers(3, vocab, n)]
+
+
+def generate(engine, requests: dict[str, tuple[list[int], int]]) -> dict[str, list[int]]:
+    """Greedy tokens of every request (ids, max_tokens), all queued at once."""
+    for rid, (ids, max_tokens) in requests.items():
+        engine.add_request(rid, prompt_token_ids=ids, params=SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    out: dict[str, list[int]] = {rid: [] for rid in requests}
+    while engine.has_unfinished():
+        for o in engine.step():
+            out[o.request_id] += o.new_token_ids
+    assert engine.blocks.num_used == 0                           # every block back once all finished
+    return out
+
+
+def transformers_agrees(reference, ids: list[int], got: list[int]) -> bool:
+    """transformers' greedy choice at every step of `got`, in one forward over prompt + answer."""
+    with torch.no_grad():
+        logits = reference(torch.tensor([ids + got])).logits[0, len(ids) - 1:-1]
+    return logits.argmax(-1).tolist() == got
+
+
+@pytest.mark.parametrize("length", [2000, 4000])
+@pytest.mark.parametrize("chunk", [256, 48])
+def test_greedy_tokens_at_long_positions_equal_transformers(spread_long, reference, one_torch_thread, length, chunk):
+    ids = random_ids(length, seed=length)
+    got = generate(tiny_engine(spread_long, kv_budget_bytes=64 << 20, prefill_chunk=chunk), {"a": (ids, 8)})["a"]
+    assert len(got) == 8 and transformers_agrees(reference, ids, got)
+
+
+def test_a_long_shared_prefix_hit_preemption_and_the_context_end_give_one_prefills_tokens(
+        spread_long, reference, one_torch_thread):
+    """The KV of a 3000-token prefix served from the cache, sequences preempted and recomputed in a
+    small pool, and a prompt whose max_tokens fill the context to its last token: each answer is
+    transformers' greedy answer, as one plain prefill gives it."""
+    engine = tiny_engine(spread_long, kv_budget_bytes=64 << 20)
+    prefix = random_ids(3000, seed=1)
+    first, second = prefix + [5, 6, 7], prefix + [8, 9]
+    a = generate(engine, {"a": (first, 8)})["a"]
+    b = generate(engine, {"b": (second, 8)})["b"]
+    assert engine.stats()["kv_hit_tokens"] == 2992                       # the prefix's full blocks
+    assert transformers_agrees(reference, first, a) and transformers_agrees(reference, second, b)
+
+    end = random_ids(CONTEXT - 24, seed=2)
+    got = generate(engine, {"end": (end, 24)})["end"]
+    assert len(got) == 24 and transformers_agrees(reference, end, got)   # positions up to 4095
+
+    small = tiny_engine(spread_long, kv_budget_bytes=2600 * KV_TOKEN_BYTES)     # 3 x 1200 tokens do not fit
+    prompts = {f"p{i}": (random_ids(1000, seed=10 + i), 200) for i in range(3)}
+    got = generate(small, prompts)
+    assert small.scheduler.num_preemptions >= 1
+    assert all(transformers_agrees(reference, prompts[r][0], got[r]) for r in prompts)
+
+
+def test_a_kv_pool_smaller_than_the_context_is_the_context(spread_long):
+    """A pool of 512 tokens under a 4096-token model: the engine's context is 512 (a sequence
+    cannot hold more), refused in those numbers; a max_model_len beyond the pool is refused at
+    load, as vLLM refuses it."""
+    engine = tiny_engine(spread_long, kv_budget_bytes=512 * KV_TOKEN_BYTES)
+    assert engine.max_model_len == 512 and engine.pool_bound
+    with pytest.raises(ContextLengthError, match=r"prompt of 500 tokens \+ max_tokens 13 = 513 exceeds the context "
+                                                 r"of 512 tokens \(all the KV cache holds: .* the model's 4096\)"):
+        engine.add_request("a", prompt_token_ids=[5] * 500, params=SamplingParams(max_tokens=13))
+    engine.add_request("b", prompt_token_ids=[5] * 500, params=SamplingParams(max_tokens=12, ignore_eos=True))
+    with pytest.raises(InputError, match=r"max_model_len 1024 does not fit the KV cache \(512 tokens\)"):
+        tiny_engine(spread_long, kv_budget_bytes=512 * KV_TOKEN_BYTES, max_model_len=1024)
+    assert tiny_engine(spread_long, kv_budget_bytes=512 * KV_TOKEN_BYTES, max_model_len=300).max_model_len == 300
+
+
+SMALL_POOL = """pipeline tiny {{
+    model  = "{model}"
+    device = cpu
+    dtype  = fp32
+    stage request : requests      {{}}
+    stage batch   : dynamic_batch {{ max_batch_size = 4  timeout = 5ms }}
+    stage encode  : encode        {{}}
+    stage kv      : kv_lookup     {{ block_size = 16  budget = 256KiB }}
+    stage gen     : generate      {{ max_new_tokens = 64 }}
+    stage out     : respond       {{}}
+    request -> batch
+    batch -> encode when full
+    batch -> encode when timeout
+    encode -> kv -> gen -> out
+}}
+"""
+
+
+def test_the_server_serves_the_pools_context_and_cuts_a_left_out_max_tokens_to_it(spread_long):
+    """256 KiB of KV holds 512 tokens: /v1/models says 512, a 500-token prompt without max_tokens
+    gets the 12 tokens left (as the context's room cuts it), one with max_tokens 13 is a 400
+    naming the numbers, and a request beside them is answered."""
+    server = LiveServer(spread_long, text=SMALL_POOL.format(model=spread_long))
+    try:
+        models = httpx.get(server.url + "/v1/models", timeout=30).json()
+        assert models["data"][0]["max_model_len"] == 512
+        url = server.url + "/v1/completions"
+        r = httpx.post(url, json={"model": "tiny", "prompt": [5] * 500, "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 12 and r.json()["choices"][0]["finish_reason"] == "length"
+        r = httpx.post(url, json={"model": "tiny", "prompt": [5] * 500, "max_tokens": 13}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert "500 tokens + max_tokens 13 = 513" in r.json()["error"]["message"]
+        r = httpx.post(url, json={"model": "tiny", "prompt": "the cat", "max_tokens": 3}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        assert server.stats()["kv_blocks_used"] == 0
+    finally:
+        server.close()
