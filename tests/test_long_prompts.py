@@ -8,6 +8,11 @@ The tiny model with a 4096-token context stands in for the embedded one (a long 
 there); tests/test_model_parity.py holds the embedded model to transformers."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import httpx
 import numpy as np
 import pytest
@@ -18,6 +23,7 @@ from pipeline_dsl.engine.errors import ContextLengthError, InputError
 from test_serve import LiveServer
 from tiny_model import tiny_engine, tiny_vocab, write_tiny_gguf
 
+ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 4096
 KV_TOKEN_BYTES = 2 * 2 * 16 * 2 * 4   # the tiny model: layers x kv heads x head size x (k, v) x fp32
 
@@ -146,3 +152,28 @@ def test_the_server_serves_the_pools_context_and_cuts_a_left_out_max_tokens_to_i
         assert server.stats()["kv_blocks_used"] == 0
     finally:
         server.close()
+
+
+RUN = SMALL_POOL.replace("256KiB", "4MiB").replace("max_new_tokens = 64", "max_new_tokens = 4")
+
+
+def test_truncate_prompt_tokens_takes_minus_one_in_run_lines_as_serve_does(tmp_path, spread_long):
+    """-1 keeps the context's worth of the prompt's last tokens (vLLM's), in a request line as in
+    a request to `agp serve`; k beyond the context is refused naming it, as serve refuses it."""
+    pipeline = tmp_path / "p.agp"
+    pipeline.write_text(RUN.format(model=spread_long))
+    lines = [{"id": "minus", "prompt_token_ids": random_ids(3000, seed=3), "max_tokens": 2, "truncate_prompt_tokens": -1},
+             {"id": "full", "prompt_token_ids": random_ids(5000, seed=3), "max_tokens": 2, "truncate_prompt_tokens": -1},
+             {"id": "some", "prompt_token_ids": list(range(3, 200)) * 30, "max_tokens": 2,
+              "truncate_prompt_tokens": 1000},
+             {"id": "beyond", "prompt": "the cat", "max_tokens": 2, "truncate_prompt_tokens": CONTEXT + 1}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "--no-progress",
+                        "--threads", "1", "-i", str(tmp_path / "in.jsonl")], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    got = {x["id"]: x for x in map(json.loads, r.stdout.splitlines())}
+    assert got["minus"].get("usage", {}).get("prompt_tokens") == 3000, got["minus"]       # all of it
+    assert f"prompt of {CONTEXT} tokens fills the model's context" in got["full"]["error"]["message"]  # its last 4096
+    assert got["some"]["usage"]["prompt_tokens"] == 1000, got["some"]
+    assert f"'truncate_prompt_tokens' = {CONTEXT + 1} is beyond the model's context of {CONTEXT}" \
+        in got["beyond"]["error"]["message"]
