@@ -359,6 +359,24 @@ def test_same_prompt_waits_while_its_blocks_are_prefilled_then_shares_them():
     assert w.output_ids == expected_output(13, 1)
 
 
+def test_same_prompt_waits_for_the_blocks_of_a_last_chunk_scheduled_ahead_of_its_result():
+    # the executor schedules step k+1 before step k is done, advancing num_computed as soon as a
+    # chunk is scheduled (executor.py): r's last prompt chunk is in flight, its blocks not yet
+    # computed; w (r's first 13 tokens) arrives then: it waits for them rather than computing
+    # them again, and takes all 3 once r's step is done
+    sched, clock = make(block_size=4, prefill_chunk=8, max_tokens_per_step=64)
+    r = add(sched, clock, "r", list(range(16)), max_tokens=2)
+    step(sched, clock)                                           # r: tokens 0..7
+    out = sched.schedule()
+    assert items(out) == [("r", 8, 8, True)]
+    r.num_computed = 16                                          # as the executor advances it
+    w = add(sched, clock, "w", list(range(13)), max_tokens=2)
+    assert items(sched.schedule()) == [] and w.status == "waiting"
+    sched.update(out, model(out))                                # r's chunk is done
+    assert items(step(sched, clock)) == [("r", 16, 1, True), ("w", 12, 1, True)]
+    assert w.cached_tokens == 12
+
+
 def test_prompt_whose_last_block_holds_its_last_token_joins_at_once_beside_the_prefill():
     # w = r's first 8 tokens: its second block holds its last token, which it computes itself
     # anyway, so it does not wait for r's second block

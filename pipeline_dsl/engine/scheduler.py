@@ -269,7 +269,7 @@ class Scheduler:
         in_flight = set()
         if cfg.prefix_reuse and not static:
             for seq in self.running:
-                if seq.num_computed < seq.num_prompt - 1:
+                if self._prefilling(seq):
                     in_flight.update(self._prompt_keys(seq))
         for seq in list(self.waiting):
             if not (budget > 0 or static) or len(self.running) >= cfg.max_batch_size:
@@ -302,9 +302,15 @@ class Scheduler:
             if n > 0:
                 items.append(ScheduledItem(seq, seq.num_computed, n, seq.samples_after(seq.num_computed, n)))
                 budget -= n
-            if cfg.prefix_reuse and not static and seq.num_computed < seq.num_prompt - 1:
+            if cfg.prefix_reuse and not static and self._prefilling(seq):
                 in_flight.update(self._prompt_keys(seq))
         return budget
+
+    def _prefilling(self, seq: Sequence) -> bool:
+        """Whether some of the sequence's shareable prompt blocks are not computed yet. Read from
+        the blocks committed, not num_computed: an executor that schedules ahead advances that as
+        soon as a chunk is scheduled, while the chunk's blocks are still being computed."""
+        return self.blocks.num_computed_blocks(seq.request_id) < (seq.num_prompt - 1) // self.blocks.block_size
 
     def _prompt_keys(self, seq: Sequence) -> list:
         """Keys of the prompt's full blocks before its last token (computed once per sequence)."""
