@@ -177,3 +177,31 @@ def test_truncate_prompt_tokens_takes_minus_one_in_run_lines_as_serve_does(tmp_p
     assert got["some"]["usage"]["prompt_tokens"] == 1000, got["some"]
     assert f"'truncate_prompt_tokens' = {CONTEXT + 1} is beyond the model's context of {CONTEXT}" \
         in got["beyond"]["error"]["message"]
+
+
+def test_a_growing_chat_reads_each_earlier_turn_from_the_cache(spread_long):
+    """A chat over a pasted ~1,200-token document: every turn's prompt is the last turn's plus its
+    answer and a question, so all the last turn's full prompt blocks come from the cache
+    (usage.prompt_tokens_details.cached_tokens, and the engine computed only the rest), and no
+    KV block stays held between turns."""
+    server = LiveServer(spread_long, text=RUN.format(model=spread_long).replace("4MiB", "8MiB"))
+    try:
+        doc = " ".join(f"Paragraph {i}: the cat and the world is hello." for i in range(45))
+        messages = [{"role": "system", "content": "Answer from this document.\n" + doc}]
+        last = 0
+        for question in ("What is paragraph 3 about?", "And paragraph 7?", "Summarise it."):
+            messages.append({"role": "user", "content": question})
+            before = server.stats()["prefill_tokens"]
+            r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                           json={"model": "tiny", "messages": messages, "max_tokens": 4})
+            assert r.status_code == 200, r.text
+            usage = r.json()["usage"]
+            assert usage["prompt_tokens"] > 1100
+            assert usage["prompt_tokens_details"]["cached_tokens"] >= (last - 1) // 16 * 16
+            st = server.stats()
+            assert st["prefill_tokens"] - before == usage["prompt_tokens"] - usage["prompt_tokens_details"]["cached_tokens"]
+            assert st["kv_blocks_used"] == 0
+            messages.append({"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]})
+            last = usage["prompt_tokens"]
+    finally:
+        server.close()
