@@ -223,8 +223,8 @@ class Engine:
     def context_words(self) -> str:
         """The context as an error names it: the model's, or the KV cache's when that holds less."""
         if self.pool_bound:
-            return (f"the context of {self.max_model_len} tokens (all the KV cache holds: raise the KV budget "
-                    f"for the model's {self.model_context})")
+            return (f"the context of {self.max_model_len} tokens, all the KV cache holds (raise the KV budget "
+                    f"for more of the model's {self.model_context})")
         return f"the model's context of {self.max_model_len} tokens"
 
     @property
@@ -248,8 +248,8 @@ class Engine:
         else:
             return
         if chars > limit * per_token:
-            raise ContextLengthError(f"prompt of {chars} characters {self._limit_words()} (a token stands for at most "
-                             f"{per_token} characters)")
+            raise ContextLengthError(f"prompt of {chars} characters {self._limit_words()}; a token stands for at most "
+                                     f"{per_token} characters")
 
     def _render_chat(self, messages, chat_template=True, add_special_tokens=True, tools=None,
                      tool_choice="auto", template_kwargs=None, add_generation_prompt=True,
