@@ -174,8 +174,8 @@ class Engine:
         encode stage's work. Thread-safe (reads only the tokenizer), so it may run off the engine's
         loop. A text too long to fit the prompt limit whatever its tokens is refused before it is
         tokenised, unless `keep_last` asks for the prompt's last tokens alone (vLLM's
-        truncate_prompt_tokens; -1: the context). `allow_empty`: an empty prompt is its ids (none, or the start
-        token), as /tokenize counts it, not an error as a prompt to answer is."""
+        truncate_prompt_tokens; -1: the context). `allow_empty`: an empty prompt is its ids (none,
+        or the start token), as /tokenize counts it, not an error as a prompt to answer is."""
         if keep_last == -1:
             keep_last = self.max_model_len
         elif keep_last and keep_last > self.max_model_len:
