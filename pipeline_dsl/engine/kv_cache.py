@@ -181,10 +181,9 @@ class BlockManager:
         return blocks
 
     def num_computed_blocks(self, seq_id: str) -> int:
-        """Full blocks of the sequence whose K/V are known computed: shared at admission or
-        committed since (a block still being computed is not among them)."""
-        seq = self.seqs.get(seq_id)
-        return len(seq.keys) if seq is not None else 0
+        """Full blocks of the (admitted) sequence whose K/V are known computed: shared at admission
+        or committed since (a block still being computed is not among them)."""
+        return len(self.seqs[seq_id].keys)
 
     def admission_cost(self, hit: list[int], num_tokens: int) -> int:
         """Free blocks a new sequence would consume to cover num_tokens, sharing `hit` (from lookup)."""
