@@ -99,6 +99,30 @@ def test_a_long_shared_prefix_hit_preemption_and_the_context_end_give_one_prefil
     assert all(transformers_agrees(reference, prompts[r][0], got[r]) for r in prompts)
 
 
+def test_long_prompts_scored_in_a_small_pool_are_preempted_once_not_over_and_over(
+        spread_long, reference, one_torch_thread):
+    """Three 1000-token documents with prompt logprobs (every prompt row computed, nothing read
+    from the cache) and 200 tokens each, in a pool of 2600 tokens: the one preempted comes back
+    once all it holds fits again. Back on one chunk's room it was preempted 70 times, computing
+    its document again each time."""
+    engine = tiny_engine(spread_long, kv_budget_bytes=2600 * KV_TOKEN_BYTES)
+    prompts = {f"p{i}": random_ids(1000, seed=20 + i) for i in range(3)}
+    for rid, ids in prompts.items():
+        engine.add_request(rid, prompt_token_ids=ids,
+                           params=SamplingParams(max_tokens=200, ignore_eos=True, prompt_logprobs=0))
+    rows = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            rows[o.request_id] = o.prompt_logprobs or rows.get(o.request_id)
+    stats = engine.stats()
+    assert 1 <= stats["preemptions"] <= 2 and stats["prefill_tokens"] < 2 * 3000 + 400
+    with torch.no_grad():
+        logp = torch.log_softmax(reference(torch.tensor([prompts["p2"]])).logits[0].double(), -1)[:-1]
+    want = logp.gather(1, torch.tensor(prompts["p2"][1:])[:, None]).squeeze(1)
+    got = torch.tensor([r["logprob"] for r in rows["p2"][1:]], dtype=torch.float64)
+    assert (got - want).abs().max().item() < 1e-4                  # the recomputed rows are the model's
+
+
 def test_a_kv_pool_smaller_than_the_context_is_the_context(spread_long):
     """A pool of 512 tokens under a 4096-token model: the engine's context is 512 (a sequence
     cannot hold more), refused in those numbers; a max_model_len beyond the pool is refused at
