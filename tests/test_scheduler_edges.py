@@ -291,6 +291,26 @@ def test_preempted_sequences_restart_from_zero_are_counted_once_each_and_finish_
     assert sched.blocks.num_used == 0
 
 
+def test_a_preempted_sequence_comes_back_once_all_its_tokens_fit_not_on_one_chunks_room():
+    # 8 blocks of 2 tokens; a decodes 12 tokens while b prefills 12, 2 a step: b runs out of
+    # blocks at its 5th chunk and is preempted; it waits while a grows (a block or more free,
+    # but not the 6 its 12 tokens need) and is admitted again when a finishes: one preemption,
+    # not three (back on one chunk's room it was preempted twice more, recomputing each time)
+    sched, clock = make(num_blocks=8, block_size=2, prefill_chunk=2, max_tokens_per_step=64, prefix_reuse=False)
+    a = add(sched, clock, "a", 2, max_tokens=12)
+    b = add(sched, clock, "b", 12, max_tokens=2)
+    for _ in range(5):
+        step(sched, clock)
+    assert step(sched, clock).preempted == ("b",)
+    for _ in range(6):
+        assert items(step(sched, clock))[0][0] == "a" and b.status == "waiting"
+    assert sched.blocks.num_free == 8 and a.status == "finished"
+    while sched.has_unfinished():
+        step(sched, clock)
+    assert sched.num_preemptions == 1 and b.num_preemptions == 1
+    assert a.output_ids == expected_output(2, 12) and b.output_ids == expected_output(12, 2)
+
+
 def test_readmission_after_preemption_keeps_first_admission_facts():
     # b is re-admitted on its own cached blocks; its cached_tokens, admission time and the
     # cache's query statistics still describe its first admission only
