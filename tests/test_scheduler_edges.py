@@ -291,6 +291,26 @@ def test_preempted_sequences_restart_from_zero_are_counted_once_each_and_finish_
     assert sched.blocks.num_used == 0
 
 
+def test_a_preempted_sequence_comes_back_once_all_its_tokens_fit_not_on_one_chunks_room():
+    # 8 blocks of 2 tokens; a decodes 12 tokens while b prefills 12, 2 a step: b runs out of
+    # blocks at its 5th chunk and is preempted; it waits while a grows (a block or more free,
+    # but not the 6 its 12 tokens need) and is admitted again when a finishes: one preemption,
+    # not three (back on one chunk's room it was preempted twice more, recomputing each time)
+    sched, clock = make(num_blocks=8, block_size=2, prefill_chunk=2, max_tokens_per_step=64, prefix_reuse=False)
+    a = add(sched, clock, "a", 2, max_tokens=12)
+    b = add(sched, clock, "b", 12, max_tokens=2)
+    for _ in range(5):
+        step(sched, clock)
+    assert step(sched, clock).preempted == ("b",)
+    for _ in range(6):
+        assert items(step(sched, clock))[0][0] == "a" and b.status == "waiting"
+    assert sched.blocks.num_free == 8 and a.status == "finished"
+    while sched.has_unfinished():
+        step(sched, clock)
+    assert sched.num_preemptions == 1 and b.num_preemptions == 1
+    assert a.output_ids == expected_output(2, 12) and b.output_ids == expected_output(12, 2)
+
+
 def test_readmission_after_preemption_keeps_first_admission_facts():
     # b is re-admitted on its own cached blocks; its cached_tokens, admission time and the
     # cache's query statistics still describe its first admission only
@@ -357,6 +377,24 @@ def test_same_prompt_waits_while_its_blocks_are_prefilled_then_shares_them():
     assert items(step(sched, clock)) == [("x", 4, 1, True), ("r", 12, 4, True), ("w", 12, 1, True)]
     assert (w.cached_tokens, x.cached_tokens, r.cached_tokens) == (12, 0, 0)
     assert w.output_ids == expected_output(13, 1)
+
+
+def test_same_prompt_waits_for_the_blocks_of_a_last_chunk_scheduled_ahead_of_its_result():
+    # the executor schedules step k+1 before step k is done, advancing num_computed as soon as a
+    # chunk is scheduled (executor.py): r's last prompt chunk is in flight, its blocks not yet
+    # computed; w (r's first 13 tokens) arrives then: it waits for them rather than computing
+    # them again, and takes all 3 once r's step is done
+    sched, clock = make(block_size=4, prefill_chunk=8, max_tokens_per_step=64)
+    r = add(sched, clock, "r", list(range(16)), max_tokens=2)
+    step(sched, clock)                                           # r: tokens 0..7
+    out = sched.schedule()
+    assert items(out) == [("r", 8, 8, True)]
+    r.num_computed = 16                                          # as the executor advances it
+    w = add(sched, clock, "w", list(range(13)), max_tokens=2)
+    assert items(sched.schedule()) == [] and w.status == "waiting"
+    sched.update(out, model(out))                                # r's chunk is done
+    assert items(step(sched, clock)) == [("r", 16, 1, True), ("w", 12, 1, True)]
+    assert w.cached_tokens == 12
 
 
 def test_prompt_whose_last_block_holds_its_last_token_joins_at_once_beside_the_prefill():

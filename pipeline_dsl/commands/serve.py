@@ -65,9 +65,10 @@ def banner(serving: Serving, url: str, args) -> list[str]:
         e, c = es.engine, es.config
         info = e.model_info
         lines.append(f"  engine {es.name}: model {Path(str(c.model)).name} ({info.get('weights', '?')} weights, "
-                     f"{info.get('dtype', c.dtype)} compute) on {c.device}; context {e.max_model_len} tokens; "
-                     f"batch {c.max_batch_size} sequences; KV {e.blocks.num_blocks} blocks x {c.block_size} tokens; "
-                     f"prefix reuse {'on' if c.prefix_reuse else 'off'}"
+                     f"{info.get('dtype', c.dtype)} compute) on {c.device}; context {e.max_model_len} tokens"
+                     + (f" (all the KV cache holds; the model's {e.model_context})" if e.pool_bound else "")
+                     + f"; batch {c.max_batch_size} sequences; KV {e.blocks.num_blocks} blocks x {c.block_size} "
+                     f"tokens; prefix reuse {'on' if c.prefix_reuse else 'off'}"
                      + (f"; seed {c.seed}" if c.seed is not None else "")
                      + (f"; chat template {Path(args.chat_template).name}" if args.chat_template else ""))
     lines.append(f"  api key {'required' if cfg.api_keys else 'off'}; CORS "

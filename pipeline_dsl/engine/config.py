@@ -41,7 +41,7 @@ class EngineConfig:
     itl_target_s: float = 0.5              # while others decode, prefill per step cut to this long (measured)
     max_queue: int = 1024                  # waiting requests beyond this are refused (QueueFullError)
     compile: bool = False                  # torch.compile the model's forward
-    max_model_len: int | None = None       # default: the model's context length
+    max_model_len: int | None = None       # default: the model's context length, at most the KV pool's tokens
     max_prompt_tokens: int = 0             # longest prompt accepted (0 = the model's context)
     seed: int | None = None                # seeds the generator of requests without a seed of their own
     chat_template: str | None = None       # a Jinja chat template used instead of the model's

@@ -76,7 +76,13 @@ class Engine:
         if config.max_model_len is not None and not 0 < config.max_model_len <= context:
             raise InputError(f"max_model_len must be between 1 and the model's context ({context}), "
                              f"not {config.max_model_len}")
-        self.max_model_len = int(config.max_model_len or context)
+        # one sequence holds at most the whole KV pool: a context beyond it could never be served
+        pool = int(runner.num_blocks) * int(runner.block_size)
+        if config.max_model_len is not None and config.max_model_len > pool:
+            raise InputError(f"max_model_len {config.max_model_len} does not fit the KV cache ({pool} tokens); "
+                             "raise the KV budget (kv_lookup's budget) or lower max_model_len")
+        self.model_context = context
+        self.max_model_len = min(int(config.max_model_len or context), pool)
         self.blocks = BlockManager(runner.num_blocks, runner.block_size, config.prefix_reuse)
         self.scheduler = Scheduler(config, self.blocks, clock, max_len=self.max_model_len)
         self.sampler = Sampler(config.seed)
@@ -137,19 +143,14 @@ class Engine:
                                      f"(0..{self.vocab_size - 1})", param=name)
         total = len(ids) + params.max_tokens
         if params.max_tokens and len(ids) >= self.max_model_len:
-            raise ContextLengthError(f"prompt of {len(ids)} tokens fills the model's context of {self.max_model_len} "
-                                     "tokens and leaves no room to generate; shorten the prompt")
+            raise ContextLengthError(f"prompt of {len(ids)} tokens fills {self.context_words} and leaves no room "
+                                     "to generate; shorten the prompt")
         if total > self.max_model_len:
             raise ContextLengthError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} = {total} "
-                             f"exceeds the model's context of {self.max_model_len} tokens; "
+                             f"exceeds {self.context_words}; "
                              "shorten the prompt or lower max_tokens")
         if rows_wanted(params) and not getattr(self._phases, "returns_rows", False):
             raise InputError("this engine's model runner cannot return prompt logprobs or pooled states")
-        if self.blocks.blocks_for(total) > self.blocks.num_blocks:
-            cap = self.blocks.num_blocks * self.blocks.block_size
-            raise InputError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} = {total} "
-                             f"does not fit the KV cache ({cap} tokens); raise the KV budget "
-                             "or lower max_tokens")
         if len(self.scheduler.waiting) >= self.config.max_queue:
             raise QueueFullError(f"the queue is full ({self.config.max_queue} waiting requests)")
         now = self.clock()
@@ -173,8 +174,13 @@ class Engine:
         encode stage's work. Thread-safe (reads only the tokenizer), so it may run off the engine's
         loop. A text too long to fit the prompt limit whatever its tokens is refused before it is
         tokenised, unless `keep_last` asks for the prompt's last tokens alone (vLLM's
-        truncate_prompt_tokens). `allow_empty`: an empty prompt is its ids (none, or the start
-        token), as /tokenize counts it, not an error as a prompt to answer is."""
+        truncate_prompt_tokens; -1: the context). `allow_empty`: an empty prompt is its ids (none,
+        or the start token), as /tokenize counts it, not an error as a prompt to answer is."""
+        if keep_last == -1:
+            keep_last = self.max_model_len
+        elif keep_last and keep_last > self.max_model_len:
+            raise ContextLengthError(f"'truncate_prompt_tokens' = {keep_last} is beyond {self.context_words}",
+                                     param="truncate_prompt_tokens")
         if not keep_last:
             self.check_prompt_length(prompt, messages, prompt_token_ids)
         if prompt is not None:
@@ -206,7 +212,20 @@ class Engine:
     def _limit_words(self) -> str:
         if self.config.max_prompt_tokens:
             return f"is longer than this pipeline accepts (requests.max_prompt_tokens = {self.prompt_limit})"
-        return f"exceeds the model's context of {self.max_model_len} tokens"
+        return f"exceeds {self.context_words}"
+
+    @property
+    def pool_bound(self) -> bool:
+        """The KV pool, holding fewer tokens than the model's context, is the context."""
+        return self.max_model_len < self.model_context and not self.config.max_model_len
+
+    @property
+    def context_words(self) -> str:
+        """The context as an error names it: the model's, or the KV cache's when that holds less."""
+        if self.pool_bound:
+            return (f"the context of {self.max_model_len} tokens, all the KV cache holds (raise the KV budget "
+                    f"for more of the model's {self.model_context})")
+        return f"the model's context of {self.max_model_len} tokens"
 
     @property
     def max_prompt_chars(self) -> int | None:
@@ -229,8 +248,8 @@ class Engine:
         else:
             return
         if chars > limit * per_token:
-            raise ContextLengthError(f"prompt of {chars} characters {self._limit_words()} (a token stands for at most "
-                             f"{per_token} characters)")
+            raise ContextLengthError(f"prompt of {chars} characters {self._limit_words()}; a token stands for at most "
+                                     f"{per_token} characters")
 
     def _render_chat(self, messages, chat_template=True, add_special_tokens=True, tools=None,
                      tool_choice="auto", template_kwargs=None, add_generation_prompt=True,

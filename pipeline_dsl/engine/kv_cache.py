@@ -180,6 +180,11 @@ class BlockManager:
             blocks.append(block)
         return blocks
 
+    def num_computed_blocks(self, seq_id: str) -> int:
+        """Full blocks of the (admitted) sequence whose K/V are known computed: shared at admission
+        or committed since (a block still being computed is not among them)."""
+        return len(self.seqs[seq_id].keys)
+
     def admission_cost(self, hit: list[int], num_tokens: int) -> int:
         """Free blocks a new sequence would consume to cover num_tokens, sharing `hit` (from lookup)."""
         from_free = sum(1 for b in hit if self.ref[b] == 0)  # cached but unused: they leave the free queue

@@ -18,7 +18,8 @@ The dynamic batcher of the seed and iteration-level continuous batching, over th
 - `static`: a batch is admitted only when nothing runs and runs to completion.
 - Out of blocks mid-generation: the most recently admitted sequence is preempted (its
   blocks freed, itself put back at the head of the queue to be recomputed), never a
-  deadlock.
+  deadlock; it is admitted again once all its tokens fit (as vLLM's can_allocate asks), not
+  on one chunk's room only to be preempted again.
 
 One step is `schedule() -> SchedulerOutput`, then the engine executes it, then
 `update(output, sampled)` advances the sequences.
@@ -269,7 +270,7 @@ class Scheduler:
         in_flight = set()
         if cfg.prefix_reuse and not static:
             for seq in self.running:
-                if seq.num_computed < seq.num_prompt - 1:
+                if self._prefilling(seq):
                     in_flight.update(self._prompt_keys(seq))
         for seq in list(self.waiting):
             if not (budget > 0 or static) or len(self.running) >= cfg.max_batch_size:
@@ -287,7 +288,11 @@ class Scheduler:
             if not static:
                 n = self._prefill_room(n)
             spare = self.watermark if self.running else 0
-            if bm.admission_cost(hit, cached + n) + spare > bm.num_free:
+            # preempted for want of blocks, a sequence comes back once all it holds fits again:
+            # back on one chunk's room it would be preempted again and again, recomputing each
+            # time what the cache no longer holds (all of it, for a prompt whose rows are wanted)
+            need = len(seq.token_ids) if seq.num_preemptions else cached + n
+            if bm.admission_cost(hit, need) + spare > bm.num_free:
                 break  # wait for running sequences to finish and free blocks
             seq.num_computed = 0 if fresh else bm.match_prefix(seq.request_id, seq.token_ids,
                                                                count=not seq.admitted)
@@ -302,9 +307,15 @@ class Scheduler:
             if n > 0:
                 items.append(ScheduledItem(seq, seq.num_computed, n, seq.samples_after(seq.num_computed, n)))
                 budget -= n
-            if cfg.prefix_reuse and not static and seq.num_computed < seq.num_prompt - 1:
+            if cfg.prefix_reuse and not static and self._prefilling(seq):
                 in_flight.update(self._prompt_keys(seq))
         return budget
+
+    def _prefilling(self, seq: Sequence) -> bool:
+        """Whether some of the sequence's shareable prompt blocks are not computed yet. Read from
+        the blocks committed, not num_computed: an executor that schedules ahead advances that as
+        soon as a chunk is scheduled, while the chunk's blocks are still being computed."""
+        return self.blocks.num_computed_blocks(seq.request_id) < (seq.num_prompt - 1) // self.blocks.block_size
 
     def _prompt_keys(self, seq: Sequence) -> list:
         """Keys of the prompt's full blocks before its last token (computed once per sequence)."""

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeline_dsl.requests_io import (RequestError, check_min_tokens, load_json, parse_logit_bias, parse_messages,
-                                      parse_tools, request_item)
+from pipeline_dsl.requests_io import (ITEM_FIELDS, RequestError, check_min_tokens, load_json, parse_logit_bias,
+                                      parse_messages, parse_tools, request_item)
 from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
 
 from .api_error import APIError
@@ -215,8 +215,7 @@ def _check_identifiers(obj: dict) -> None:
 
 def _truncation(obj: dict, max_model_len: int) -> dict:
     """vLLM's truncate_prompt_tokens: keep the prompt's last k tokens (-1: the model's context)."""
-    k = _field(obj, "truncate_prompt_tokens", lambda v: _is_int(v) and (v >= 1 or v == -1),
-               "a positive integer (or -1: the model's context)")
+    k = _field(obj, "truncate_prompt_tokens", *ITEM_FIELDS["truncate_prompt_tokens"])
     if k is None:
         return {}
     if k > max_model_len:
