@@ -24,10 +24,20 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_poisson_arrivals_are_seeded_and_have_the_asked_rate():
     a = B.arrival_times(4000, 20.0, seed=1)
     assert a == B.arrival_times(4000, 20.0, seed=1) and a != B.arrival_times(4000, 20.0, seed=2)
-    gaps = np.diff([0.0] + a)
+    gaps = np.diff(a)
     assert all(g > 0 for g in gaps)
     assert abs(gaps.mean() - 1 / 20) < 0.05 / 20 * 2          # mean gap 50 ms, within 5 %
     assert abs(gaps.std() / gaps.mean() - 1) < 0.1             # exponential: std = mean
+
+
+def test_the_first_poisson_arrival_is_sent_at_once_as_vllm_bench_sends_it():
+    """The first request waited one random gap (mean 1/rate) before it was sent, and that idle
+    wait counted in the duration: at --rate 1 with 10 requests the request throughput came out
+    about a tenth lower than `vllm bench serve`'s for the same arrivals."""
+    for seed in range(5):
+        a = B.arrival_times(10, 1.0, seed=seed)
+        assert a[0] == 0.0 and len(a) == 10 and all(g > 0 for g in np.diff(a))
+    assert B.arrival_times(None, 2.0, duration=5.0, seed=3)[0] == 0.0
 
 
 def test_arrivals_all_at_once_and_cut_at_the_duration():

@@ -67,7 +67,8 @@ def load_workload(path: str | Path) -> list[ParsedRequest]:
 
 def arrival_times(n: int | None, rate: float, *, duration: float | None = None,
                   seed: int = 0) -> list[float]:
-    """Send offsets in seconds: a Poisson process at `rate` (all 0.0 when rate is inf).
+    """Send offsets in seconds: a Poisson process at `rate` (all 0.0 when rate is inf), its first
+    request at 0.0 as `vllm bench serve` sends it (the measured duration holds no wait before it).
 
     Stops after `n` arrivals or at `duration` seconds, whichever comes first."""
     if rate <= 0:
@@ -82,10 +83,10 @@ def arrival_times(n: int | None, rate: float, *, duration: float | None = None,
     rng = np.random.default_rng(seed)
     times, t = [], 0.0
     while n is None or len(times) < n:
-        t += float(rng.exponential(1.0 / rate))
         if duration is not None and t > duration:
             break
         times.append(t)
+        t += float(rng.exponential(1.0 / rate))
     return times
 
 
