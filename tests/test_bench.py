@@ -52,7 +52,7 @@ def _record(sent, tokens, prompt=10, cached=0, **kw):
     r = B.RequestRecord(sent=sent, prompt_tokens=prompt, completion_tokens=len(tokens), cached_tokens=cached,
                         finish_reason="length", **kw)
     for t in tokens:
-        r.token(t)
+        r.chunk(t)
     r.done = tokens[-1] if tokens else sent
     return r
 
@@ -75,6 +75,63 @@ def test_summary_statistics_are_computed_from_the_records():
     assert "errors (samples):" in table and re.search(r"TTFT p50 \(ms\)\s+200\.0", table)
     md = B.format_markdown([r])
     assert md.splitlines()[0] == "| metric | x |" and "| truncated streams | 1 |" in md
+
+
+def test_tpot_and_itl_of_a_request_with_several_choices_are_per_stream():
+    """n = 2: two streams of 5 tokens, each a token every 100 ms. Their chunks interleaved in one
+    list gave ITL gaps of 0 and 100 ms (mean 55 ms) and TPOT over all 10 tokens, 400 / 9 = 44 ms,
+    while each stream (and agp serve's own request_time_per_output_token) took 100 ms a token."""
+    r = B.RequestRecord(sent=0.0, prompt_tokens=10, completion_tokens=10, finish_reason="length")
+    for k in range(5):
+        for index in (0, 1):
+            r.chunk(0.1 + 0.1 * k + 0.001 * index, index)
+    r.done = 0.501
+    s = B.summarize("x", 1.0, [r], duration=1.0)
+    assert s.ttft["mean"] == pytest.approx(0.1)
+    assert s.tpot["mean"] == pytest.approx(0.401 / 4)
+    assert s.itl["mean"] == pytest.approx(0.1) and s.itl["p50"] == pytest.approx(0.1)
+
+
+class _Stream:
+    """What AsyncPipeline.add returns: the events of one request, then finished."""
+
+    def __init__(self, events):
+        self.events, self.finished = list(events), False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if not self.events:
+            self.finished = True
+            raise StopAsyncIteration
+        return self.events.pop(0)
+
+
+def test_an_in_process_chunk_of_several_tokens_is_one_arrival_as_over_http():
+    """A pipeline whose stream stage hands the client 3 tokens per chunk: the in-process target
+    recorded each chunk as 3 tokens arriving at once (ITL gaps of 0 ms between them), the HTTP
+    target and `vllm bench serve` as one arrival; ITL is the gap between chunks for both."""
+    from types import SimpleNamespace as NS
+
+    from pipeline_dsl.flow import Choice, Result
+
+    ticks = iter([0.2, 0.3, 0.4])
+    done = Result("k", 1, [Choice(0, "abcdefghi", "length", {})], None,
+                  {"prompt_tokens": 4, "completion_tokens": 9, "cached_tokens": 0}, {})
+    events = [("delta", 0, NS(new_token_ids=[1, 2, 3])) for _ in range(3)] + [("done", done)]
+
+    async def add(data, stream):
+        return _Stream(events)
+
+    target = B.EngineTarget.__new__(B.EngineTarget)
+    target.apipe, target._n = NS(add=add), 0
+    rec = B.RequestRecord(sent=0.0)
+    asyncio.run(target.send(parse_line(json.dumps({"prompt": "hi"}), 1), rec, lambda: next(ticks)))
+    rec.done = 0.4
+    s = B.summarize("x", 1.0, [rec], duration=1.0)
+    assert rec.completion_tokens == 9 and s.itl["mean"] == pytest.approx(0.1) and s.itl["p50"] == pytest.approx(0.1)
+    assert s.tpot["mean"] == pytest.approx(0.2 / 8)
 
 
 def test_a_reports_json_says_its_latencies_are_in_seconds():

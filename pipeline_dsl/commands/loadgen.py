@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipeline_dsl.commands import batch_api
+from pipeline_dsl.engine.config import time_per_output_token
 from pipeline_dsl.requests_io import ParsedRequest, RequestError, load_json, parse_line_object
 
 
@@ -96,7 +97,9 @@ def arrival_times(n: int | None, rate: float, *, duration: float | None = None,
 class RequestRecord:
     sent: float = 0.0                 # seconds since the run started
     first_token: float | None = None  # absolute (same clock as `sent`)
-    token_times: list[float] = field(default_factory=list)  # one per generated token
+    # choice index -> when each of its chunks that carried tokens arrived (a chunk of several
+    # tokens is one arrival, as `vllm bench serve` times a stream's chunks)
+    chunk_times: dict[int, list[float]] = field(default_factory=dict)
     done: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -105,10 +108,11 @@ class RequestRecord:
     error: str | None = None
     truncated: bool = False           # a stream that ended without its final chunk / [DONE]
 
-    def token(self, now: float, n: int = 1) -> None:
+    def chunk(self, now: float, index: int = 0) -> None:
+        """A chunk of choice `index` with tokens in it arrived."""
         if self.first_token is None:
             self.first_token = now
-        self.token_times.extend([now] * n)
+        self.chunk_times.setdefault(index, []).append(now)
 
 
 def _dist(values) -> dict[str, float | None]:
@@ -136,8 +140,8 @@ class Report:
     cached_tokens: int
     kv_hit_rate: float | None          # cached prompt tokens / prompt tokens
     ttft: dict                         # seconds: mean, p50, p90, p99
-    tpot: dict                         # (e2e - ttft) / (tokens - 1), per request
-    itl: dict                          # every gap between two tokens
+    tpot: dict                         # (e2e - ttft) / (tokens of one choice - 1), per request
+    itl: dict                          # every gap between two chunks of a choice's stream
     e2e: dict
     error_samples: list[str] = field(default_factory=list)
     first_error: str | None = None     # the error of the first request that failed (in send order)
@@ -166,9 +170,10 @@ def summarize(label: str, rate: float, records: list[RequestRecord], duration: f
     ok = [r for r in records if r.error is None and not r.truncated and r.done is not None]
     ttft = [r.first_token - r.sent for r in ok if r.first_token is not None]
     e2e = [r.done - r.sent for r in ok]
-    tpot = [(r.done - r.first_token) / (r.completion_tokens - 1) for r in ok
-            if r.first_token is not None and r.completion_tokens > 1]
-    itl = [b - a for r in ok for a, b in zip(r.token_times, r.token_times[1:])]
+    tpot = [t for r in ok if r.first_token is not None
+            and (t := time_per_output_token(r.done - r.first_token, r.completion_tokens,
+                                            len(r.chunk_times))) is not None]
+    itl = [b - a for r in ok for times in r.chunk_times.values() for a, b in zip(times, times[1:])]
     prompt = sum(r.prompt_tokens for r in ok)
     out = sum(r.completion_tokens for r in ok)
     cached = sum(r.cached_tokens for r in ok)
@@ -248,9 +253,8 @@ class EngineTarget:
         try:
             async for event in stream:
                 if event[0] == "delta":
-                    n = len(event[2].new_token_ids)
-                    if n:
-                        rec.token(clock(), n)
+                    if event[2].new_token_ids:
+                        rec.chunk(clock(), event[1])
                 else:
                     result = event[1]
         finally:
@@ -352,7 +356,7 @@ class HTTPTarget:
                 for choice in chunk.get("choices") or ():
                     text = choice.get("delta", {}).get("content") if chat else choice.get("text")
                     if text:
-                        rec.token(clock())
+                        rec.chunk(clock(), choice.get("index", 0))
                     if choice.get("finish_reason"):
                         finished, rec.finish_reason = True, choice["finish_reason"]
                 use = chunk.get("usage")
@@ -364,7 +368,7 @@ class HTTPTarget:
         if not (done and finished):
             rec.truncated = True
         elif rec.completion_tokens == 0:
-            rec.completion_tokens = len(rec.token_times)   # a server without usage
+            rec.completion_tokens = sum(map(len, rec.chunk_times.values()))   # a server without usage
 
 
 def _wire_format(spec: dict) -> dict:

@@ -34,6 +34,8 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                ProcessCollector, generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from pipeline_dsl.engine.config import time_per_output_token
+
 prometheus_client.disable_created_metrics()     # a `_created` series would double every counter
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
@@ -371,9 +373,9 @@ class ServerMetrics:
                 hist.labels(engine=engine).observe(max(float(timings[key]), 0.0))
         if timings.get("prefill_s") is not None and timings.get("decode_s") is not None:
             self.inference_time.labels(engine=engine).observe(max(timings["prefill_s"] + timings["decode_s"], 0.0))
-        generated = usage.get("completion_tokens", 0) // max(len(result.choices), 1)
-        if timings.get("decode_s") is not None and generated > 1:
-            self.tpot.labels(engine=engine).observe(max(timings["decode_s"], 0.0) / (generated - 1))
+        if timings.get("decode_s") is not None and (tpot := time_per_output_token(
+                max(timings["decode_s"], 0.0), usage.get("completion_tokens", 0), len(result.choices))) is not None:
+            self.tpot.labels(engine=engine).observe(tpot)
         params = params or {}
         self.params_n.labels(engine=engine).observe(int(params.get("n") or 1))
         if params.get("max_tokens") is not None:
