@@ -179,6 +179,10 @@ def test_workload_errors_name_the_file_and_line(tmp_path):
     bad.write_text('{"prompt": "ok"}\n\n{"prompt": "x", "max_tokens": "many"}\n')
     with pytest.raises(B.BenchError, match=r"bad\.jsonl:3: 'max_tokens' must be an integer"):
         B.load_workload(bad)
+    latin = tmp_path / "latin.jsonl"        # said "latin.jsonl is not UTF-8 (… at byte 32)": which line?
+    latin.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(B.BenchError, match=r"latin\.jsonl:2: the line is not UTF-8 text \(byte 15\)"):
+        B.load_workload(latin)
 
 
 def test_a_workload_with_a_byte_order_mark_loads_as_agp_run_reads_it(tmp_path):
