@@ -115,6 +115,27 @@ def test_the_tokens_of_an_aborted_request_are_counted_as_generated(server):
     assert value(scrape(server), "vllm:request_success", "vllm:request_success_total", finished_reason="abort") >= 1
 
 
+def test_inter_token_latency_is_per_choice_and_once_per_chunk(monkeypatch):
+    """n = 2: the two choices' chunks come interleaved, each choice a chunk every 100 ms. One clock
+    for the request observed gaps of 1 ms and 99 ms (mean 50 ms, half of what either stream
+    saw); a chunk of 3 tokens after 300 ms was observed as one gap of 100 ms."""
+    from types import SimpleNamespace as NS
+
+    from pipeline_dsl.serve import async_pipeline
+
+    seen = []
+    metrics = NS(ttft=NS(observe=lambda v: None), itl=NS(observe=seen.append))
+    now = [0.0]
+    monkeypatch.setattr(async_pipeline.time, "monotonic", lambda: now[0])
+    loop = NS(call_soon_threadsafe=lambda *a: None)
+    stream = async_pipeline.RequestStream(NS(metrics=metrics), loop)
+    for t, index, tokens in ((0.100, 0, 1), (0.101, 1, 1), (0.200, 0, 1), (0.201, 1, 1),
+                             (0.500, 0, 3), (0.501, 1, 1)):
+        now[0] = t
+        stream.on_delta("k", index, NS(new_token_ids=[7] * tokens))
+    assert seen == pytest.approx([0.1, 0.1, 0.3, 0.3])
+
+
 def test_every_unlabelled_series_exists_at_zero_before_the_first_request():
     """As vLLM's: a dashboard's rate() or a gateway's scrape finds each counter and histogram
     from the start, not only after the first request of its kind."""
