@@ -134,6 +134,48 @@ def test_an_in_process_chunk_of_several_tokens_is_one_arrival_as_over_http():
     assert s.tpot["mean"] == pytest.approx(0.2 / 8)
 
 
+class _Counting:
+    """A target whose engine counts decode steps: its first request (the warm-up) decodes alone
+    for 10 steps, each later one adds 2 steps of batch 4."""
+    label = "counting"
+
+    def __init__(self):
+        self.sent, self.steps, self.seqs, self.preemptions = 0, 0, 0, 0
+
+    async def start(self):
+        pass
+
+    async def close(self):
+        pass
+
+    async def stats(self):
+        return {"decode_steps": self.steps, "mean_batch_size": self.seqs / self.steps if self.steps else 0.0,
+                "preemptions": self.preemptions}
+
+    async def send(self, item, rec, clock):
+        self.sent += 1
+        steps, batch = (10, 1) if self.sent == 1 else (2, 4)
+        self.steps, self.seqs, self.preemptions = self.steps + steps, self.seqs + steps * batch, self.preemptions + 1
+        rec.chunk(clock())
+        rec.prompt_tokens, rec.completion_tokens = 3, 1
+
+
+def test_the_engine_numbers_leave_the_warm_up_out():
+    """The warm-up request decoded alone before the load, and the report's mean batch size counted
+    its steps: with `--warmup 2` (two requests of 96 tokens) 8 requests sent at once reported 3.3, not 4.6."""
+    items = [parse_line(json.dumps({"prompt": "hi"}), 1)]
+    r = asyncio.run(B.bench_one(_Counting(), items, rate=math.inf, num=5, progress=False, warmup=1))
+    assert r.engine["mean_batch_size"] == pytest.approx(4.0) and r.engine["preemptions"] == 5
+
+
+def test_the_mean_batch_size_of_several_engines_is_over_all_their_steps():
+    from pipeline_dsl.serve.metrics import engine_totals
+
+    totals = engine_totals({"engines": {"a": {"decode_steps": 30, "mean_batch_size": 2.0},
+                                        "b": {"decode_steps": 10, "mean_batch_size": 6.0}}})
+    assert totals["mean_batch_size"] == pytest.approx((30 * 2 + 10 * 6) / 40)       # not 2 + 6
+
+
 def test_a_reports_json_says_its_latencies_are_in_seconds():
     """The table shows TTFT in ms and the --json file held the same TTFT in seconds under a bare
     'ttft' key: 0.2 read as 0.2 ms by a script comparing the two."""

@@ -523,6 +523,21 @@ async def run_load(target, items: list[ParsedRequest], *, rate: float = math.inf
     return records, wall
 
 
+def during(before: dict, after: dict) -> dict:
+    """The engines' counters over the measured load alone: the warm-up's steps (a request decoding
+    by itself, batch size 1) and preemptions left out. The peak memory stays the process's."""
+    out = dict(after)
+    steps = after.get("decode_steps", 0) - before.get("decode_steps", 0)
+    if after.get("mean_batch_size") is not None:
+        seqs = (after["mean_batch_size"] * after.get("decode_steps", 0)
+                - (before.get("mean_batch_size") or 0) * before.get("decode_steps", 0))
+        out["mean_batch_size"] = seqs / steps if steps > 0 else None
+    for key in ("decode_steps", "preemptions", "kv_evictions"):
+        if after.get(key) is not None:
+            out[key] = after[key] - (before.get(key) or 0)
+    return out
+
+
 def _progress(total, enabled: bool):
     if not enabled:
         return None
@@ -540,10 +555,11 @@ async def bench_one(target, items, *, rate: float, num=None, duration=None, conc
         if warmup:
             await run_load(target, items[:1] * warmup, rate=math.inf, num=warmup, progress=False,
                            request_timeout=request_timeout)
+        before = await target.stats()
         records, wall = await run_load(target, items, rate=rate, num=num, duration=duration,
                                        concurrency=concurrency, seed=seed, progress=progress,
                                        request_timeout=request_timeout)
-        stats = await target.stats()
+        stats = during(before, await target.stats())
     finally:
         await target.close()
     return summarize(target.label, rate, records, wall, stats)

@@ -91,7 +91,8 @@ STAGE_SERIES = (  # (stats key, metric name, type, help)
 
 
 def engine_totals(stats: dict) -> dict:
-    """One flat dict of the engines' counters (summed; the hit rate over all their prompts)."""
+    """One flat dict of the engines' counters (summed; the hit rate over all their prompts, the
+    mean batch size over all their decode steps)."""
     engines = list((stats.get("engines") or {}).values())
     if not engines:
         return {k: v for k, v in stats.items() if not isinstance(v, dict)}
@@ -102,6 +103,10 @@ def engine_totals(stats: dict) -> dict:
                 out[k] = out.get(k, 0) + v
     queried = out.get("kv_queried_tokens", 0)
     out["kv_hit_rate"] = out.get("kv_hit_tokens", 0) / queried if queried else 0.0
+    steps = out.get("decode_steps", 0)
+    if "mean_batch_size" in out:          # over all their decode steps, not the sum of each one's mean
+        out["mean_batch_size"] = sum((e.get("mean_batch_size") or 0) * e.get("decode_steps", 0)
+                                     for e in engines) / steps if steps else 0.0
     return out
 
 
