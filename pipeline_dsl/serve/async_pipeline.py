@@ -79,7 +79,8 @@ class RequestStream:
 
     def on_done(self, result: Result) -> None:
         if self._owner.metrics is not None:
-            self._owner.metrics.observe_result(result, time.monotonic() - self.arrival, self.params)
+            self._owner.metrics.observe_result(result, time.monotonic() - self.arrival, self.params,
+                                               prefilled=self.first_token_at is not None)
         self._loop.call_soon_threadsafe(self.queue.put_nowait, ("done", result))
 
 

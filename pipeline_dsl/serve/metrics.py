@@ -329,7 +329,8 @@ class ServerMetrics:
         self.requests = metric(Counter, "requests", None, "HTTP generation requests by status code", ("status",))
         self.finished = metric(Counter, "requests_finished", "request_success",
                                "Finished requests by finish reason", ("finished_reason",))
-        self.prompt_tokens = metric(Counter, "prompt_tokens", "prompt_tokens", "Prompt tokens of finished requests")
+        self.prompt_tokens = metric(Counter, "prompt_tokens", "prompt_tokens",
+                                    "Prompt tokens of finished requests and of prefilled ones that failed or were aborted")
         self.cached_tokens = metric(Counter, "prompt_tokens_cached", None,
                                     "Prompt tokens served from the prefix cache")
         for attr, name, doc, buckets in HISTOGRAMS:       # each under agp's and vLLM's (same) name
@@ -358,18 +359,22 @@ class ServerMetrics:
         return self.engine_of.get(gen, "0")
 
     # ---- observed as requests run (any thread) ----------------------------------------
-    def observe_result(self, result, latency_s: float, params: dict | None = None) -> None:
+    def observe_result(self, result, latency_s: float, params: dict | None = None,
+                       prefilled: bool = False) -> None:
         """A request finished: tokens, latencies, its engine's queue / prefill / decode times, and
         its n and max_tokens parameters (`params`). Its finish reasons are the serving layer's to
-        count (count_finished), but for a request aborted on the way."""
+        count (count_finished), but for a request aborted on the way. The prompt tokens of one
+        that failed or was aborted count when it was `prefilled` (its first token came), as vLLM
+        counts a prompt once prefilled and as its generated tokens count."""
+        usage, timings, engine = result.usage, result.metrics or {}, self.engine(result)
+        if result.error is None or prefilled:
+            self.prompt_tokens.labels(engine=engine).inc(usage.get("prompt_tokens", 0))
+            self.cached_tokens.labels(engine=engine).inc(usage.get("cached_tokens", 0))
         if result.error is not None:
             if result.error.kind == "aborted":
                 self.finished.labels("abort").inc()
             return
-        usage, timings, engine = result.usage, result.metrics or {}, self.engine(result)
         self.e2e.labels(engine=engine).observe(latency_s)
-        self.prompt_tokens.labels(engine=engine).inc(usage.get("prompt_tokens", 0))
-        self.cached_tokens.labels(engine=engine).inc(usage.get("cached_tokens", 0))
         self.request_prompt.labels(engine=engine).observe(usage.get("prompt_tokens", 0))
         self.request_generation.labels(engine=engine).observe(usage.get("completion_tokens", 0))
         for key, hist in (("queue_s", self.queue_time), ("prefill_s", self.prefill_time),
