@@ -427,6 +427,36 @@ class _Refusing(http.server.BaseHTTPRequestHandler):
         self._send(200, f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode(), "text/event-stream")
 
 
+class _Calling(_Refusing):
+    """Answers every chat with a tool call streamed as agp serve and vLLM stream one: no content."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{}"}}
+        chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+                  {"choices": [{"index": 0, "delta": {"tool_calls": [call]}}]},
+                  {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}],
+                   "usage": {"prompt_tokens": 3, "completion_tokens": 9}}]
+        body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        self._send(200, body.encode(), "text/event-stream")
+
+
+def test_an_answer_of_tool_calls_has_a_time_to_first_token_over_http():
+    """Only a chunk with content counted as an arrival: a tool-calling workload measured over HTTP
+    had its E2E but no TTFT, TPOT nor ITL (the in-process target beside it had them)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Calling)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    items = [parse_line(json.dumps({"messages": [{"role": "user", "content": "add"}], "max_tokens": 9}), 1)]
+    try:
+        r = asyncio.run(B.bench_one(B.HTTPTarget(f"http://127.0.0.1:{server.server_address[1]}"), items,
+                                    rate=math.inf, num=2, progress=False, warmup=0))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (r.completed, r.completion_tokens) == (2, 18)
+    assert r.ttft["p50"] is not None and r.tpot["p50"] is not None and r.ttft["p50"] <= r.e2e["p50"]
+
+
 @pytest.mark.parametrize("refuse, code", [(1, 1), (2, 0)])
 def test_bench_exits_1_only_when_no_request_of_a_target_succeeded(tmp_path, capsys, refuse, code):
     handler = type("Handler", (_Refusing,), {"refuse": refuse, "seen": 0})

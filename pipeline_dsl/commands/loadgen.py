@@ -352,8 +352,7 @@ class HTTPTarget:
                     rec.error = str(chunk["error"].get("message", chunk["error"]))[:200]
                     return
                 for choice in chunk.get("choices") or ():
-                    text = choice.get("delta", {}).get("content") if chat else choice.get("text")
-                    if text:
+                    if _carries_tokens(choice, chat):
                         rec.chunk(clock(), choice.get("index", 0))
                     if choice.get("finish_reason"):
                         finished, rec.finish_reason = True, choice["finish_reason"]
@@ -367,6 +366,16 @@ class HTTPTarget:
             rec.truncated = True
         elif rec.completion_tokens == 0:
             rec.completion_tokens = sum(map(len, rec.chunk_times.values()))   # a server without usage
+
+
+def _carries_tokens(choice: dict, chat: bool) -> bool:
+    """Whether a streamed choice brings some of the answer: text, or in a chat a tool call (an
+    answer of tool calls alone had no TTFT, TPOT nor ITL over HTTP) or a reasoning model's
+    thinking; not the opening role chunk nor the closing finish reason."""
+    if not chat:
+        return bool(choice.get("text"))
+    delta = choice.get("delta") or {}
+    return bool(delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content"))
 
 
 def _wire_format(spec: dict) -> dict:
