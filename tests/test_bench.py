@@ -494,6 +494,20 @@ def test_bench_url_is_checked_before_anything_is_measured(tmp_path, tiny_gguf, c
     assert code == 2 and message in captured.err and captured.out == ""    # no pipeline was measured
 
 
+def test_a_plot_file_of_a_format_it_cannot_have_is_refused_before_measuring(tmp_path, tiny_gguf, capsys):
+    """--plot out.txt ran the whole measurement, then ended on an internal error (exit 1) from
+    matplotlib, which takes the format from the extension."""
+    code = -1
+    try:
+        code = agp(["bench", str(_pipeline(tmp_path, tiny_gguf)), "--workload", str(_workload(tmp_path)),
+                    "--plot", str(tmp_path / "plot.txt"), "--no-progress"])
+    except SystemExit as e:                 # argparse refuses it while parsing
+        code = e.code
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert "plot.txt' must end in .png, .svg or .pdf" in captured.err
+
+
 def test_a_target_that_cannot_be_measured_loses_none_of_the_others(tmp_path, tiny_gguf, capsys):
     """--compare with a server that is down: the pipeline beside it is still measured, tabled and
     written to --json; the exit code says a target failed (before, nothing was printed)."""
