@@ -35,6 +35,19 @@ def output_file(text: str) -> str:
     return text
 
 
+def output_file_of(*formats: str):
+    """An output_file whose extension is one of `formats`: its writer picks the format by it (a
+    plot named .txt failed at the end of a benchmark, after all its work)."""
+    def parse(text: str) -> str:
+        text = output_file(text)
+        if os.path.splitext(text)[1].lower().lstrip(".") not in formats:
+            *rest, last = ["." + f for f in formats]
+            ends = f"{', '.join(rest)} or {last}" if rest else last
+            raise argparse.ArgumentTypeError(f"'{text}' must end in {ends} (the format is the extension's)")
+        return text
+    return parse
+
+
 def output_file_or_folders(text: str) -> str:
     """As output_file, for a writer that creates the missing folders of its path (agp render):
     the nearest folder that exists must be writable."""

@@ -269,10 +269,25 @@ def is_id(value) -> bool:
     return isinstance(value, (str, int)) and not isinstance(value, bool)
 
 
+def json_type(v) -> str:
+    """What a decoded JSON value is, in JSON's words ("null", "a string"), for error messages."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "an array"
+    return "an object"
+
+
 def parse_request(obj, default_id=None) -> ParsedRequest:
     """Validate one request object (already decoded from JSON)."""
     if not isinstance(obj, dict):
-        raise RequestError(f"a request must be a JSON object, got {type(obj).__name__}")
+        raise RequestError(f"a request must be a JSON object, not {json_type(obj)}")
     for key in obj:
         if key not in KNOWN:
             close = difflib.get_close_matches(key, sorted(KNOWN), n=1)

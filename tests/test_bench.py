@@ -24,10 +24,20 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_poisson_arrivals_are_seeded_and_have_the_asked_rate():
     a = B.arrival_times(4000, 20.0, seed=1)
     assert a == B.arrival_times(4000, 20.0, seed=1) and a != B.arrival_times(4000, 20.0, seed=2)
-    gaps = np.diff([0.0] + a)
+    gaps = np.diff(a)
     assert all(g > 0 for g in gaps)
     assert abs(gaps.mean() - 1 / 20) < 0.05 / 20 * 2          # mean gap 50 ms, within 5 %
     assert abs(gaps.std() / gaps.mean() - 1) < 0.1             # exponential: std = mean
+
+
+def test_the_first_poisson_arrival_is_sent_at_once_as_vllm_bench_sends_it():
+    """The first request waited one random gap (mean 1/rate) before it was sent, and that idle
+    wait counted in the duration: at --rate 1 with 10 requests the request throughput came out
+    about a tenth lower than `vllm bench serve`'s for the same arrivals."""
+    for seed in range(5):
+        a = B.arrival_times(10, 1.0, seed=seed)
+        assert a[0] == 0.0 and len(a) == 10 and all(g > 0 for g in np.diff(a))
+    assert B.arrival_times(None, 2.0, duration=5.0, seed=3)[0] == 0.0
 
 
 def test_arrivals_all_at_once_and_cut_at_the_duration():
@@ -42,7 +52,7 @@ def _record(sent, tokens, prompt=10, cached=0, **kw):
     r = B.RequestRecord(sent=sent, prompt_tokens=prompt, completion_tokens=len(tokens), cached_tokens=cached,
                         finish_reason="length", **kw)
     for t in tokens:
-        r.token(t)
+        r.chunk(t)
     r.done = tokens[-1] if tokens else sent
     return r
 
@@ -65,6 +75,105 @@ def test_summary_statistics_are_computed_from_the_records():
     assert "errors (samples):" in table and re.search(r"TTFT p50 \(ms\)\s+200\.0", table)
     md = B.format_markdown([r])
     assert md.splitlines()[0] == "| metric | x |" and "| truncated streams | 1 |" in md
+
+
+def test_tpot_and_itl_of_a_request_with_several_choices_are_per_stream():
+    """n = 2: two streams of 5 tokens, each a token every 100 ms. Their chunks interleaved in one
+    list gave ITL gaps of 0 and 100 ms (mean 55 ms) and TPOT over all 10 tokens, 400 / 9 = 44 ms,
+    while each stream (and agp serve's own request_time_per_output_token) took 100 ms a token."""
+    r = B.RequestRecord(sent=0.0, prompt_tokens=10, completion_tokens=10, finish_reason="length")
+    for k in range(5):
+        for index in (0, 1):
+            r.chunk(0.1 + 0.1 * k + 0.001 * index, index)
+    r.done = 0.501
+    s = B.summarize("x", 1.0, [r], duration=1.0)
+    assert s.ttft["mean"] == pytest.approx(0.1)
+    assert s.tpot["mean"] == pytest.approx(0.401 / 4)
+    assert s.itl["mean"] == pytest.approx(0.1) and s.itl["p50"] == pytest.approx(0.1)
+
+
+class _Stream:
+    """What AsyncPipeline.add returns: the events of one request, then finished."""
+
+    def __init__(self, events):
+        self.events, self.finished = list(events), False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if not self.events:
+            self.finished = True
+            raise StopAsyncIteration
+        return self.events.pop(0)
+
+
+def test_an_in_process_chunk_of_several_tokens_is_one_arrival_as_over_http():
+    """A pipeline whose stream stage hands the client 3 tokens per chunk: the in-process target
+    recorded each chunk as 3 tokens arriving at once (ITL gaps of 0 ms between them), the HTTP
+    target and `vllm bench serve` as one arrival; ITL is the gap between chunks for both."""
+    from types import SimpleNamespace as NS
+
+    from pipeline_dsl.flow import Choice, Result
+
+    ticks = iter([0.2, 0.3, 0.4])
+    done = Result("k", 1, [Choice(0, "abcdefghi", "length", {})], None,
+                  {"prompt_tokens": 4, "completion_tokens": 9, "cached_tokens": 0}, {})
+    events = [("delta", 0, NS(new_token_ids=[1, 2, 3])) for _ in range(3)] + [("done", done)]
+
+    async def add(data, stream):
+        return _Stream(events)
+
+    target = B.EngineTarget.__new__(B.EngineTarget)
+    target.apipe, target._n = NS(add=add), 0
+    rec = B.RequestRecord(sent=0.0)
+    asyncio.run(target.send(parse_line(json.dumps({"prompt": "hi"}), 1), rec, lambda: next(ticks)))
+    rec.done = 0.4
+    s = B.summarize("x", 1.0, [rec], duration=1.0)
+    assert rec.completion_tokens == 9 and s.itl["mean"] == pytest.approx(0.1) and s.itl["p50"] == pytest.approx(0.1)
+    assert s.tpot["mean"] == pytest.approx(0.2 / 8)
+
+
+class _Counting:
+    """A target whose engine counts decode steps: its first request (the warm-up) decodes alone
+    for 10 steps, each later one adds 2 steps of batch 4."""
+    label = "counting"
+
+    def __init__(self):
+        self.sent, self.steps, self.seqs, self.preemptions = 0, 0, 0, 0
+
+    async def start(self):
+        pass
+
+    async def close(self):
+        pass
+
+    async def stats(self):
+        return {"decode_steps": self.steps, "mean_batch_size": self.seqs / self.steps if self.steps else 0.0,
+                "preemptions": self.preemptions}
+
+    async def send(self, item, rec, clock):
+        self.sent += 1
+        steps, batch = (10, 1) if self.sent == 1 else (2, 4)
+        self.steps, self.seqs, self.preemptions = self.steps + steps, self.seqs + steps * batch, self.preemptions + 1
+        rec.chunk(clock())
+        rec.prompt_tokens, rec.completion_tokens = 3, 1
+
+
+def test_the_engine_numbers_leave_the_warm_up_out():
+    """The warm-up request decoded alone before the load, and the report's mean batch size counted
+    its steps: with `--warmup 2` (two requests of 96 tokens) 8 requests sent at once reported 3.3, not 4.6."""
+    items = [parse_line(json.dumps({"prompt": "hi"}), 1)]
+    r = asyncio.run(B.bench_one(_Counting(), items, rate=math.inf, num=5, progress=False, warmup=1))
+    assert r.engine["mean_batch_size"] == pytest.approx(4.0) and r.engine["preemptions"] == 5
+
+
+def test_the_mean_batch_size_of_several_engines_is_over_all_their_steps():
+    from pipeline_dsl.serve.metrics import engine_totals
+
+    totals = engine_totals({"engines": {"a": {"decode_steps": 30, "mean_batch_size": 2.0},
+                                        "b": {"decode_steps": 10, "mean_batch_size": 6.0}}})
+    assert totals["mean_batch_size"] == pytest.approx((30 * 2 + 10 * 6) / 40)       # not 2 + 6
 
 
 def test_a_reports_json_says_its_latencies_are_in_seconds():
@@ -112,6 +221,10 @@ def test_workload_errors_name_the_file_and_line(tmp_path):
     bad.write_text('{"prompt": "ok"}\n\n{"prompt": "x", "max_tokens": "many"}\n')
     with pytest.raises(B.BenchError, match=r"bad\.jsonl:3: 'max_tokens' must be an integer"):
         B.load_workload(bad)
+    latin = tmp_path / "latin.jsonl"        # said "latin.jsonl is not UTF-8 (… at byte 32)": which line?
+    latin.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(B.BenchError, match=r"latin\.jsonl:2: the line is not UTF-8 text \(byte 15\)"):
+        B.load_workload(latin)
 
 
 def test_a_workload_with_a_byte_order_mark_loads_as_agp_run_reads_it(tmp_path):
@@ -314,6 +427,36 @@ class _Refusing(http.server.BaseHTTPRequestHandler):
         self._send(200, f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode(), "text/event-stream")
 
 
+class _Calling(_Refusing):
+    """Answers every chat with a tool call streamed as agp serve and vLLM stream one: no content."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{}"}}
+        chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+                  {"choices": [{"index": 0, "delta": {"tool_calls": [call]}}]},
+                  {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}],
+                   "usage": {"prompt_tokens": 3, "completion_tokens": 9}}]
+        body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        self._send(200, body.encode(), "text/event-stream")
+
+
+def test_an_answer_of_tool_calls_has_a_time_to_first_token_over_http():
+    """Only a chunk with content counted as an arrival: a tool-calling workload measured over HTTP
+    had its E2E but no TTFT, TPOT nor ITL (the in-process target beside it had them)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Calling)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    items = [parse_line(json.dumps({"messages": [{"role": "user", "content": "add"}], "max_tokens": 9}), 1)]
+    try:
+        r = asyncio.run(B.bench_one(B.HTTPTarget(f"http://127.0.0.1:{server.server_address[1]}"), items,
+                                    rate=math.inf, num=2, progress=False, warmup=0))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (r.completed, r.completion_tokens) == (2, 18)
+    assert r.ttft["p50"] is not None and r.tpot["p50"] is not None and r.ttft["p50"] <= r.e2e["p50"]
+
+
 @pytest.mark.parametrize("refuse, code", [(1, 1), (2, 0)])
 def test_bench_exits_1_only_when_no_request_of_a_target_succeeded(tmp_path, capsys, refuse, code):
     handler = type("Handler", (_Refusing,), {"refuse": refuse, "seen": 0})
@@ -349,6 +492,20 @@ def test_bench_url_is_checked_before_anything_is_measured(tmp_path, tiny_gguf, c
         code = e.code
     captured = capsys.readouterr()
     assert code == 2 and message in captured.err and captured.out == ""    # no pipeline was measured
+
+
+def test_a_plot_file_of_a_format_it_cannot_have_is_refused_before_measuring(tmp_path, tiny_gguf, capsys):
+    """--plot out.txt ran the whole measurement, then ended on an internal error (exit 1) from
+    matplotlib, which takes the format from the extension."""
+    code = -1
+    try:
+        code = agp(["bench", str(_pipeline(tmp_path, tiny_gguf)), "--workload", str(_workload(tmp_path)),
+                    "--plot", str(tmp_path / "plot.txt"), "--no-progress"])
+    except SystemExit as e:                 # argparse refuses it while parsing
+        code = e.code
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert "plot.txt' must end in .png, .svg or .pdf" in captured.err
 
 
 def test_a_target_that_cannot_be_measured_loses_none_of_the_others(tmp_path, tiny_gguf, capsys):

@@ -115,6 +115,54 @@ def test_the_tokens_of_an_aborted_request_are_counted_as_generated(server):
     assert value(scrape(server), "vllm:request_success", "vllm:request_success_total", finished_reason="abort") >= 1
 
 
+def test_the_prompt_of_a_request_aborted_after_its_first_token_is_counted(server, client):
+    """A client hanging up mid-answer: its generated tokens were counted, its prompt (prefilled)
+    was not, so rate(prompt_tokens_total) missed the prefill work of every aborted stream."""
+    def prompts():
+        fams = scrape(server)
+        return (value(fams, "vllm:prompt_tokens", "vllm:prompt_tokens_total"),
+                value(fams, "agp_prompt_tokens", "agp_prompt_tokens_total"))
+
+    prompt = "count the stars one by one"
+    size = client.completions.create(model="tiny", prompt=prompt, max_tokens=1).usage.prompt_tokens
+    aborted = server.stats()["requests_aborted"]
+    before = prompts()
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"text":""' not in line:
+                break                                      # the first token came: hang up
+    deadline = time.monotonic() + 30
+    while server.stats()["requests_aborted"] == aborted:
+        assert time.monotonic() < deadline, "the request was not aborted"
+        time.sleep(0.05)
+    deadline = time.monotonic() + 30
+    while prompts() == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [after - b for after, b in zip(prompts(), before)] == [size, size]
+
+
+def test_inter_token_latency_is_per_choice_and_once_per_chunk(monkeypatch):
+    """n = 2: the two choices' chunks come interleaved, each choice a chunk every 100 ms. One clock
+    for the request observed gaps of 1 ms and 99 ms (mean 50 ms, half of what either stream
+    saw); a chunk of 3 tokens after 300 ms was observed as one gap of 100 ms."""
+    from types import SimpleNamespace as NS
+
+    from pipeline_dsl.serve import async_pipeline
+
+    seen = []
+    metrics = NS(ttft=NS(observe=lambda v: None), itl=NS(observe=seen.append))
+    now = [0.0]
+    monkeypatch.setattr(async_pipeline.time, "monotonic", lambda: now[0])
+    loop = NS(call_soon_threadsafe=lambda *a: None)
+    stream = async_pipeline.RequestStream(NS(metrics=metrics), loop)
+    for t, index, tokens in ((0.100, 0, 1), (0.101, 1, 1), (0.200, 0, 1), (0.201, 1, 1),
+                             (0.500, 0, 3), (0.501, 1, 1)):
+        now[0] = t
+        stream.on_delta("k", index, NS(new_token_ids=[7] * tokens))
+    assert seen == pytest.approx([0.1, 0.1, 0.3, 0.3])
+
+
 def test_every_unlabelled_series_exists_at_zero_before_the_first_request():
     """As vLLM's: a dashboard's rate() or a gateway's scrape finds each counter and histogram
     from the start, not only after the first request of its kind."""

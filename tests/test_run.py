@@ -118,8 +118,9 @@ def test_a_null_id_is_no_id_and_an_id_is_a_string_or_an_integer():
 def test_a_request_line_that_is_a_json_array_says_the_input_is_json_lines(line):
     with pytest.raises(RequestError, match=r"got an array: the input is JSON Lines, one request object per line"):
         parse_line(line, 1)
-    with pytest.raises(RequestError, match="must be a JSON object, got int$"):     # other values: as before
-        parse_line("3", 1)
+    for value, said in (("3", "a number"), ("null", "null"), ('"hi"', "a string"), ("true", "a boolean")):
+        with pytest.raises(RequestError, match=f"must be a JSON object, not {said}$"):   # said 'got NoneType', 'got str'
+            parse_line(value, 1)
 
 
 def test_agp_run_answers_in_input_order_and_reports_bad_lines(tmp_path, tiny_gguf):

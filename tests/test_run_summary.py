@@ -35,3 +35,23 @@ def test_a_resumed_runs_summary_says_how_many_lines_the_output_already_answered(
     first = format_summary(s).splitlines()[1]
     assert first == "requests        3 (0 failed); 640 more already answered in the output (--resume)"
     assert "resume" not in format_summary({**s, "resumed_skipped": 0}).splitlines()[1]
+
+
+def test_the_time_per_token_of_a_request_with_n_choices_is_per_choice():
+    """n = 2: two choices of 11 tokens generated side by side, 1 s from the first token to the
+    last. TPOT divided that second by all 22 tokens' 21 gaps (48 ms: as if each stream ran twice as
+    fast as it did); each choice took 100 ms a token, as agp serve's request_time_per_output_token."""
+    from types import SimpleNamespace as NS
+
+    from pipeline_dsl.commands.runner import summarize
+    from pipeline_dsl.flow import Choice, Result
+
+    def result(choices, tokens):
+        return Result("k", 1, [Choice(i, "", "length", {}) for i in range(choices)], None,
+                      {"prompt_tokens": 5, "completion_tokens": tokens, "cached_tokens": 0},
+                      {"ttft_s": 0.5, "latency_s": 1.5})
+
+    runtime = NS(stats=lambda: {"engines": {}, "stages": {}, "edges": {}}, trace=NS(measured_overlap=lambda: 0.0),
+                 plan=NS(streams=[]), segments=[])
+    s = summarize(runtime, [result(2, 22), result(1, 11)], wall=2.0)
+    assert s["tpot_p50_ms"] == s["tpot_p99_ms"] == 100.0

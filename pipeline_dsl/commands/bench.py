@@ -27,7 +27,7 @@ HELP = "measure pipelines or OpenAI-compatible servers under a replayed workload
 
 
 def add_arguments(p) -> None:
-    from pipeline_dsl.cliargs import count, http_url, output_file, seconds
+    from pipeline_dsl.cliargs import count, http_url, output_file, output_file_of, seconds
     from pipeline_dsl.commands import add_allow_path
 
     p.add_argument("pipelines", nargs="*", metavar="PIPELINE",
@@ -51,7 +51,8 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default=None, help="model id for --url (default: its first model)")
     p.add_argument("--compare", action="store_true",
                    help="print all targets side by side and plot them (--plot, default agp-bench.png)")
-    p.add_argument("--plot", type=output_file, default=None, help="write throughput-vs-rate and latency CDFs here (PNG)")
+    p.add_argument("--plot", type=output_file_of("png", "svg", "pdf"), default=None,
+                   help="write throughput-vs-rate and latency CDFs here (.png, .svg or .pdf)")
     p.add_argument("--json", dest="json_out", type=output_file, default=None,
                    help="write the reports as JSON here (latencies in seconds; each report's 'units' names them)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=None,

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipeline_dsl.commands import batch_api
+from pipeline_dsl.engine.config import time_per_output_token
 from pipeline_dsl.requests_io import ParsedRequest, RequestError, load_json, parse_line_object
 
 
@@ -39,21 +40,19 @@ class BenchError(ValueError):
 def load_workload(path: str | Path) -> list[ParsedRequest]:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")   # a BOM is skipped, as agp run does
+        data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")   # a BOM is skipped, as agp run does
     except FileNotFoundError:
         raise BenchError(f"workload file not found: {path}") from None
-    except UnicodeDecodeError as e:
-        raise BenchError(f"{path} is not UTF-8 ({e.reason} at byte {e.start})") from None
     except IsADirectoryError:
         raise BenchError(f"the workload {path} is a folder, not a JSONL file") from None
     except OSError as e:
         raise BenchError(f"cannot read the workload {path}: {e.strerror or e}") from None
     items = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(data.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            obj = load_json(line, "the line")
+            obj = load_json(line, "the line")           # a line that is not UTF-8 is named as agp run names it
             if batch_api.is_batch_line(obj):        # an OpenAI batch-API line, as agp run takes it
                 items.append(batch_api.workload_request(obj, lineno))
             else:
@@ -67,7 +66,8 @@ def load_workload(path: str | Path) -> list[ParsedRequest]:
 
 def arrival_times(n: int | None, rate: float, *, duration: float | None = None,
                   seed: int = 0) -> list[float]:
-    """Send offsets in seconds: a Poisson process at `rate` (all 0.0 when rate is inf).
+    """Send offsets in seconds: a Poisson process at `rate` (all 0.0 when rate is inf), its first
+    request at 0.0 as `vllm bench serve` sends it (the measured duration holds no wait before it).
 
     Stops after `n` arrivals or at `duration` seconds, whichever comes first."""
     if rate <= 0:
@@ -82,10 +82,10 @@ def arrival_times(n: int | None, rate: float, *, duration: float | None = None,
     rng = np.random.default_rng(seed)
     times, t = [], 0.0
     while n is None or len(times) < n:
-        t += float(rng.exponential(1.0 / rate))
         if duration is not None and t > duration:
             break
         times.append(t)
+        t += float(rng.exponential(1.0 / rate))
     return times
 
 
@@ -95,7 +95,9 @@ def arrival_times(n: int | None, rate: float, *, duration: float | None = None,
 class RequestRecord:
     sent: float = 0.0                 # seconds since the run started
     first_token: float | None = None  # absolute (same clock as `sent`)
-    token_times: list[float] = field(default_factory=list)  # one per generated token
+    # choice index -> when each of its chunks that carried tokens arrived (a chunk of several
+    # tokens is one arrival, as `vllm bench serve` times a stream's chunks)
+    chunk_times: dict[int, list[float]] = field(default_factory=dict)
     done: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -104,10 +106,11 @@ class RequestRecord:
     error: str | None = None
     truncated: bool = False           # a stream that ended without its final chunk / [DONE]
 
-    def token(self, now: float, n: int = 1) -> None:
+    def chunk(self, now: float, index: int = 0) -> None:
+        """A chunk of choice `index` with tokens in it arrived."""
         if self.first_token is None:
             self.first_token = now
-        self.token_times.extend([now] * n)
+        self.chunk_times.setdefault(index, []).append(now)
 
 
 def _dist(values) -> dict[str, float | None]:
@@ -135,8 +138,8 @@ class Report:
     cached_tokens: int
     kv_hit_rate: float | None          # cached prompt tokens / prompt tokens
     ttft: dict                         # seconds: mean, p50, p90, p99
-    tpot: dict                         # (e2e - ttft) / (tokens - 1), per request
-    itl: dict                          # every gap between two tokens
+    tpot: dict                         # (e2e - ttft) / (tokens of one choice - 1), per request
+    itl: dict                          # every gap between two chunks of a choice's stream
     e2e: dict
     error_samples: list[str] = field(default_factory=list)
     first_error: str | None = None     # the error of the first request that failed (in send order)
@@ -165,9 +168,10 @@ def summarize(label: str, rate: float, records: list[RequestRecord], duration: f
     ok = [r for r in records if r.error is None and not r.truncated and r.done is not None]
     ttft = [r.first_token - r.sent for r in ok if r.first_token is not None]
     e2e = [r.done - r.sent for r in ok]
-    tpot = [(r.done - r.first_token) / (r.completion_tokens - 1) for r in ok
-            if r.first_token is not None and r.completion_tokens > 1]
-    itl = [b - a for r in ok for a, b in zip(r.token_times, r.token_times[1:])]
+    tpot = [t for r in ok if r.first_token is not None
+            and (t := time_per_output_token(r.done - r.first_token, r.completion_tokens,
+                                            len(r.chunk_times))) is not None]
+    itl = [b - a for r in ok for times in r.chunk_times.values() for a, b in zip(times, times[1:])]
     prompt = sum(r.prompt_tokens for r in ok)
     out = sum(r.completion_tokens for r in ok)
     cached = sum(r.cached_tokens for r in ok)
@@ -247,9 +251,8 @@ class EngineTarget:
         try:
             async for event in stream:
                 if event[0] == "delta":
-                    n = len(event[2].new_token_ids)
-                    if n:
-                        rec.token(clock(), n)
+                    if event[2].new_token_ids:
+                        rec.chunk(clock(), event[1])
                 else:
                     result = event[1]
         finally:
@@ -349,9 +352,8 @@ class HTTPTarget:
                     rec.error = str(chunk["error"].get("message", chunk["error"]))[:200]
                     return
                 for choice in chunk.get("choices") or ():
-                    text = choice.get("delta", {}).get("content") if chat else choice.get("text")
-                    if text:
-                        rec.token(clock())
+                    if _carries_tokens(choice, chat):
+                        rec.chunk(clock(), choice.get("index", 0))
                     if choice.get("finish_reason"):
                         finished, rec.finish_reason = True, choice["finish_reason"]
                 use = chunk.get("usage")
@@ -363,7 +365,17 @@ class HTTPTarget:
         if not (done and finished):
             rec.truncated = True
         elif rec.completion_tokens == 0:
-            rec.completion_tokens = len(rec.token_times)   # a server without usage
+            rec.completion_tokens = sum(map(len, rec.chunk_times.values()))   # a server without usage
+
+
+def _carries_tokens(choice: dict, chat: bool) -> bool:
+    """Whether a streamed choice brings some of the answer: text, or in a chat a tool call (an
+    answer of tool calls alone had no TTFT, TPOT nor ITL over HTTP) or a reasoning model's
+    thinking; not the opening role chunk nor the closing finish reason."""
+    if not chat:
+        return bool(choice.get("text"))
+    delta = choice.get("delta") or {}
+    return bool(delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content"))
 
 
 def _wire_format(spec: dict) -> dict:
@@ -520,6 +532,21 @@ async def run_load(target, items: list[ParsedRequest], *, rate: float = math.inf
     return records, wall
 
 
+def during(before: dict, after: dict) -> dict:
+    """The engines' counters over the measured load alone: the warm-up's steps (a request decoding
+    by itself, batch size 1) and preemptions left out. The peak memory stays the process's."""
+    out = dict(after)
+    steps = after.get("decode_steps", 0) - before.get("decode_steps", 0)
+    if after.get("mean_batch_size") is not None:
+        seqs = (after["mean_batch_size"] * after.get("decode_steps", 0)
+                - (before.get("mean_batch_size") or 0) * before.get("decode_steps", 0))
+        out["mean_batch_size"] = seqs / steps if steps > 0 else None
+    for key in ("decode_steps", "preemptions", "kv_evictions"):
+        if after.get(key) is not None:
+            out[key] = after[key] - (before.get(key) or 0)
+    return out
+
+
 def _progress(total, enabled: bool):
     if not enabled:
         return None
@@ -537,10 +564,11 @@ async def bench_one(target, items, *, rate: float, num=None, duration=None, conc
         if warmup:
             await run_load(target, items[:1] * warmup, rate=math.inf, num=warmup, progress=False,
                            request_timeout=request_timeout)
+        before = await target.stats()
         records, wall = await run_load(target, items, rate=rate, num=num, duration=duration,
                                        concurrency=concurrency, seed=seed, progress=progress,
                                        request_timeout=request_timeout)
-        stats = await target.stats()
+        stats = during(before, await target.stats())
     finally:
         await target.close()
     return summarize(target.label, rate, records, wall, stats)

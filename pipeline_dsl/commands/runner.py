@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pipeline_dsl.commands.batch_api import BatchLine
+from pipeline_dsl.engine.config import time_per_output_token
 from pipeline_dsl.engine.engine import percentile
 from pipeline_dsl.requests_io import ParsedRequest
 from pipeline_dsl.serve.protocol import TextOffsets, completion_logprobs
@@ -186,8 +187,9 @@ def _pin(runtime, parsed: ParsedRequest) -> str | None:
 def summarize(runtime, results: list, wall: float) -> dict:
     ok = [r for r in results if r.error is None]
     ttft = [r.metrics["ttft_s"] for r in ok if r.metrics.get("ttft_s") is not None]
-    tpot = [(r.metrics["latency_s"] - r.metrics["ttft_s"]) / (r.usage["completion_tokens"] - 1)
-            for r in ok if r.metrics.get("ttft_s") is not None and r.usage["completion_tokens"] > 1]
+    tpot = [t for r in ok if r.metrics.get("ttft_s") is not None
+            and (t := time_per_output_token(r.metrics["latency_s"] - r.metrics["ttft_s"],
+                                            r.usage["completion_tokens"], len(r.choices))) is not None]
     # the answered requests' tokens, as their output lines' usage adds up (a failed line has no usage)
     prompt = sum(r.usage.get("prompt_tokens", 0) for r in ok)
     completion = sum(r.usage.get("completion_tokens", 0) for r in ok)

@@ -208,3 +208,11 @@ class RequestOutput:                       # one per request touched by a step
     prompt_logprobs: list | None = None
     pooled: list | None = None             # SamplingParams.pooling = "mean": the prompt's mean hidden state
     stop_reason: int | str | None = None   # finished by a stop string (it) or a stop_token_ids id (it); vLLM's
+
+
+def time_per_output_token(decode_s: float, completion_tokens: int, choices: int = 1) -> float | None:
+    """vLLM's TPOT of one request: its seconds from first token to last over the tokens after the
+    first, the tokens of one choice (n choices are generated side by side: all their tokens would
+    give 1/n of each stream's time per token). None for a choice of at most one token."""
+    per_choice = completion_tokens / max(choices, 1)
+    return decode_s / (per_choice - 1) if per_choice > 1 else None

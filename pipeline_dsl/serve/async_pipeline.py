@@ -32,7 +32,7 @@ class RequestStream:
         self.started = False                     # a consumer began reading (the app sets it)
         self.arrival = time.monotonic()
         self.first_token_at: float | None = None
-        self.last_token_at: float | None = None
+        self.last_token_at: dict[int, float] = {}    # choice index -> when its latest tokens came
         self.prompt: tuple | None = None         # (prompt ids, their logprobs or None) when the answer shows them
         self.params: dict | None = None          # the request's n and max_tokens (metrics)
 
@@ -61,23 +61,26 @@ class RequestStream:
             self.prompt = (ids, logprobs)
 
     def on_delta(self, key, index, out) -> None:
+        """A chunk of choice `index`. The inter-token latency is the gap since the same choice's
+        last chunk (n choices are streams side by side), once per chunk however many tokens it
+        carries, as vLLM observes one per engine step and `vllm bench serve` one per chunk."""
         m = self._owner.metrics
         now = time.monotonic()
-        n_new = len(out.new_token_ids)
-        if n_new and m is not None:
-            if self.first_token_at is None:
-                m.ttft.observe(now - self.arrival)
-            elif self.last_token_at is not None:
-                m.itl.observe((now - self.last_token_at) / n_new)
-        if n_new:
+        if out.new_token_ids:
+            if m is not None:
+                if self.first_token_at is None:
+                    m.ttft.observe(now - self.arrival)
+                elif index in self.last_token_at:
+                    m.itl.observe(now - self.last_token_at[index])
             if self.first_token_at is None:
                 self.first_token_at = now
-            self.last_token_at = now
+            self.last_token_at[index] = now
         self._loop.call_soon_threadsafe(self.queue.put_nowait, ("delta", index, out))
 
     def on_done(self, result: Result) -> None:
         if self._owner.metrics is not None:
-            self._owner.metrics.observe_result(result, time.monotonic() - self.arrival, self.params)
+            self._owner.metrics.observe_result(result, time.monotonic() - self.arrival, self.params,
+                                               prefilled=self.first_token_at is not None)
         self._loop.call_soon_threadsafe(self.queue.put_nowait, ("done", result))
 
 

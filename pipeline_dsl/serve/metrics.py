@@ -34,6 +34,8 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                ProcessCollector, generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from pipeline_dsl.engine.config import time_per_output_token
+
 prometheus_client.disable_created_metrics()     # a `_created` series would double every counter
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
@@ -89,7 +91,8 @@ STAGE_SERIES = (  # (stats key, metric name, type, help)
 
 
 def engine_totals(stats: dict) -> dict:
-    """One flat dict of the engines' counters (summed; the hit rate over all their prompts)."""
+    """One flat dict of the engines' counters (summed; the hit rate over all their prompts, the
+    mean batch size over all their decode steps)."""
     engines = list((stats.get("engines") or {}).values())
     if not engines:
         return {k: v for k, v in stats.items() if not isinstance(v, dict)}
@@ -100,6 +103,10 @@ def engine_totals(stats: dict) -> dict:
                 out[k] = out.get(k, 0) + v
     queried = out.get("kv_queried_tokens", 0)
     out["kv_hit_rate"] = out.get("kv_hit_tokens", 0) / queried if queried else 0.0
+    steps = out.get("decode_steps", 0)
+    if "mean_batch_size" in out:          # over all their decode steps, not the sum of each one's mean
+        out["mean_batch_size"] = sum((e.get("mean_batch_size") or 0) * e.get("decode_steps", 0)
+                                     for e in engines) / steps if steps else 0.0
     return out
 
 
@@ -322,7 +329,8 @@ class ServerMetrics:
         self.requests = metric(Counter, "requests", None, "HTTP generation requests by status code", ("status",))
         self.finished = metric(Counter, "requests_finished", "request_success",
                                "Finished requests by finish reason", ("finished_reason",))
-        self.prompt_tokens = metric(Counter, "prompt_tokens", "prompt_tokens", "Prompt tokens of finished requests")
+        self.prompt_tokens = metric(Counter, "prompt_tokens", "prompt_tokens",
+                                    "Prompt tokens of finished requests and of prefilled ones that failed or were aborted")
         self.cached_tokens = metric(Counter, "prompt_tokens_cached", None,
                                     "Prompt tokens served from the prefix cache")
         for attr, name, doc, buckets in HISTOGRAMS:       # each under agp's and vLLM's (same) name
@@ -351,18 +359,22 @@ class ServerMetrics:
         return self.engine_of.get(gen, "0")
 
     # ---- observed as requests run (any thread) ----------------------------------------
-    def observe_result(self, result, latency_s: float, params: dict | None = None) -> None:
+    def observe_result(self, result, latency_s: float, params: dict | None = None,
+                       prefilled: bool = False) -> None:
         """A request finished: tokens, latencies, its engine's queue / prefill / decode times, and
         its n and max_tokens parameters (`params`). Its finish reasons are the serving layer's to
-        count (count_finished), but for a request aborted on the way."""
+        count (count_finished), but for a request aborted on the way. The prompt tokens of one
+        that failed or was aborted count when it was `prefilled` (its first token came), as vLLM
+        counts a prompt once prefilled and as its generated tokens count."""
+        usage, timings, engine = result.usage, result.metrics or {}, self.engine(result)
+        if result.error is None or prefilled:
+            self.prompt_tokens.labels(engine=engine).inc(usage.get("prompt_tokens", 0))
+            self.cached_tokens.labels(engine=engine).inc(usage.get("cached_tokens", 0))
         if result.error is not None:
             if result.error.kind == "aborted":
                 self.finished.labels("abort").inc()
             return
-        usage, timings, engine = result.usage, result.metrics or {}, self.engine(result)
         self.e2e.labels(engine=engine).observe(latency_s)
-        self.prompt_tokens.labels(engine=engine).inc(usage.get("prompt_tokens", 0))
-        self.cached_tokens.labels(engine=engine).inc(usage.get("cached_tokens", 0))
         self.request_prompt.labels(engine=engine).observe(usage.get("prompt_tokens", 0))
         self.request_generation.labels(engine=engine).observe(usage.get("completion_tokens", 0))
         for key, hist in (("queue_s", self.queue_time), ("prefill_s", self.prefill_time),
@@ -371,9 +383,9 @@ class ServerMetrics:
                 hist.labels(engine=engine).observe(max(float(timings[key]), 0.0))
         if timings.get("prefill_s") is not None and timings.get("decode_s") is not None:
             self.inference_time.labels(engine=engine).observe(max(timings["prefill_s"] + timings["decode_s"], 0.0))
-        generated = usage.get("completion_tokens", 0) // max(len(result.choices), 1)
-        if timings.get("decode_s") is not None and generated > 1:
-            self.tpot.labels(engine=engine).observe(max(timings["decode_s"], 0.0) / (generated - 1))
+        if timings.get("decode_s") is not None and (tpot := time_per_output_token(
+                max(timings["decode_s"], 0.0), usage.get("completion_tokens", 0), len(result.choices))) is not None:
+            self.tpot.labels(engine=engine).observe(tpot)
         params = params or {}
         self.params_n.labels(engine=engine).observe(int(params.get("n") or 1))
         if params.get("max_tokens") is not None:

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeline_dsl.requests_io import (ITEM_FIELDS, RequestError, check_min_tokens, load_json, parse_logit_bias,
-                                      parse_messages, parse_tools, request_item)
+from pipeline_dsl.requests_io import (ITEM_FIELDS, RequestError, check_min_tokens, json_type, load_json,
+                                      parse_logit_bias, parse_messages, parse_tools, request_item)
 from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
 
 from .api_error import APIError
@@ -97,25 +97,11 @@ def parse_json(raw: bytes) -> dict:
     except RequestError as e:
         raise APIError(str(e), param=e.param) from None
     if not isinstance(obj, dict):
-        raise APIError(f"the request body must be a JSON object, not {_json_type(obj)}")
+        raise APIError(f"the request body must be a JSON object, not {json_type(obj)}")
     return obj
 
 
 # ---------------------------------------------------------------- field checks
-
-def _json_type(v) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "a boolean"
-    if isinstance(v, (int, float)):
-        return "a number"
-    if isinstance(v, str):
-        return "a string"
-    if isinstance(v, list):
-        return "an array"
-    return "an object"
-
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
@@ -129,7 +115,7 @@ def _bad(param: str, expected: str, value) -> APIError:
     shown = json.dumps(value)
     shown = shown if len(shown) <= 40 else shown[:37] + "..."
     # a number is shown as itself: "an integer from 0 to 20, not 21" (not "not a number (21)")
-    what = shown if _json_type(value) == "a number" else f"{_json_type(value)} ({shown})"
+    what = shown if json_type(value) == "a number" else f"{json_type(value)} ({shown})"
     return APIError(f"'{param}' must be {expected}, not {what}", param=param)
 
 
