@@ -122,6 +122,18 @@ def test_the_serve_flag_tables_name_flags_that_exist(name):
     assert not flags - set(options), f"{name} names flags agp serve lacks: {sorted(flags - set(options))}"
 
 
+def test_every_serve_flag_is_in_a_flag_table():
+    # the reverse of the test above: a flag of `agp serve --help` that no table of serve.md or
+    # scale.md names is one a reader of the pages cannot find (aliases of a named flag aside)
+    parser = build_parser(["serve"]).commands["serve"]
+    rows = [re.split(r"(?<!\\)\|", ln)[1] for name in ("serve.md", "scale.md")      # `text\|json` is one cell
+            for ln in (ROOT / "docs" / name).read_text().splitlines() if ln.startswith("| `--")]
+    named = {f for row in rows for f in re.findall(r"`(--[a-z][a-z-]*)", row)}
+    missing = [a.option_strings[0] for a in parser._actions if a.option_strings and a.dest not in ("help", "version")
+               and not set(a.option_strings) & named]
+    assert not missing, f"no flag table of the serve pages names {missing}"
+
+
 def test_every_agp_variable_the_docs_name_is_read():
     from pipeline_dsl.serve.options import ENGINE_VARIABLES
 
