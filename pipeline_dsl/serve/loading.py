@@ -22,12 +22,12 @@ import threading
 import uuid
 
 from .access import CLIENT_ID
+from .config import PROBES
 
 log = logging.getLogger("agp.serve")
 
 HEAD_LIMIT = 16 << 10          # request line and headers (as serve/server.py's limit)
 READ_TIMEOUT_S = 5.0           # a client that sends no request line is closed after this
-PROBES = ("/health", "/ping")
 
 
 def request_id(head: bytes) -> str:
