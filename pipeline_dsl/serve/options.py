@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline_dsl.cliargs import output_file
+from pipeline_dsl.cliargs import output_file, switch
 from pipeline_dsl.loader import add_pipeline_arguments
 
 from .config import OPEN_PATHS
@@ -188,9 +188,7 @@ def env_defaults(p: argparse.ArgumentParser, environ=None) -> None:
             continue
         try:
             if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-                if raw.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
-                    raise ValueError("expected true or false")
-                value = raw.strip().lower() in ("1", "true", "yes", "on")
+                value = switch(raw) if raw.strip() else False
                 # --no-x's own variable (AGP_NO_ACCESS_LOG=1) as well as --x's (AGP_ACCESS_LOG=0)
                 value = value if isinstance(action, argparse._StoreTrueAction) else not value
             elif isinstance(action, argparse._ExtendAction):
