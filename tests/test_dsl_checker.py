@@ -197,7 +197,8 @@ def test_a_file_of_uses_alone_runs_what_its_include_runs(tmp_path):
     # the first pipeline loaded instead, one that common.agp itself includes ahead of its own
     (tmp_path / "base.agp").write_text(pipeline().replace("pipeline p", "pipeline base"))
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "common.agp").write_text('use "../base.agp"\n' + pipeline().replace("pipeline p", "pipeline common"))
+    (tmp_path / "sub" / "common.agp").write_text('use "../base.agp"\n'
+                                                 + pipeline().replace("pipeline p", "pipeline common"))
     (tmp_path / "sub" / "empty.agp").write_text("# nothing here\n")
     (tmp_path / "main.agp").write_text('use "sub/empty.agp"\nuse "sub/common.agp"\n')
     for root in ("sub/common.agp", "main.agp"):
