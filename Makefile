@@ -59,7 +59,7 @@ $(MSTAMP): $(TSTAMP)
 # Mutation testing (docs/testing.md), separate from `test`: a fresh mutmut run over FILES with the
 # fast tests, at the lowest CPU priority; then the numbers per file and every surviving mutant,
 # marked documented (equivalent, docs/testing.md says why) or NEW (exit status 1). All nine files
-# take 1-3 hours on 2 cores; one file: make mutate FILES=pipeline_dsl/engine/sampler.py
+# take many hours on 2 cores (docs/testing.md has the times); one file: make mutate FILES=pipeline_dsl/engine/sampler.py
 mutate: $(MSTAMP)
 	rm -rf mutants
 	@mkdir -p out

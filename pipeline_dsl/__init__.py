@@ -9,11 +9,12 @@ The API other layers use:
 
     g = pipeline_dsl.load_pipeline_graph("examples/chat.agp", pipeline_name=None)
     # networkx.DiGraph; raises pipeline_dsl.diagnostics.CheckFailed (with .diagnostics
-    # and .render()) when the file has errors. Without a name: the file's first pipeline.
+    # and .render()) when the file has errors. Without a name: the file's first pipeline
+    # (a file of `use`s alone: what its first include with one would give).
     g.graph["name"], g.graph["settings"]      # settings: model, mode, device, threads, dtype
     g.nodes["batch"]["kind"], g.nodes["batch"]["params"]["timeout"]   # 'dynamic_batch', 0.001
     g.nodes["gen"]["resource"], g.nodes["gen"]["placement"]           # 'compute', None
-    g.edges["batch", "encode"]["conditions"]                          # ['full', 'timeout']
+    g.edges["batch", "encode"]["conditions"]          # [('label', 'full'), ('label', 'timeout')]
 
     pipeline_dsl.load_pipeline_graphs(path)   # {name: DiGraph} for every pipeline (includes too)
     pipeline_dsl.graph.build_graph(pipeline)  # ast.Pipeline -> DiGraph (no checks)

@@ -9,6 +9,10 @@ as an internal error or as a silently odd measurement.
     p.add_argument("--warmup", type=count(0))             # an integer >= 0
     p.add_argument("--request-timeout", type=seconds)     # a finite number of seconds > 0
     p.add_argument("--url", type=http_url)                # http(s)://host[:port][/path]
+
+The AGP_* variables' switches take one vocabulary (`switch`, `env_switch`): a flag's variable
+(AGP_NO_ACCESS_LOG=1) as the engine's (AGP_BATCH_INVARIANT=1, AGP_NATIVE=0), so `false` is
+never read as on.
 """
 from __future__ import annotations
 
@@ -62,6 +66,29 @@ def output_file_or_folders(text: str) -> str:
                 raise argparse.ArgumentTypeError(f"cannot write '{text}': permission denied in {folder}")
             return text
     return output_file(text)
+
+
+SWITCH_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def switch(text: str) -> bool:
+    """A switch's value: 1, true, yes, on or 0, false, no, off (any case); else a ValueError."""
+    word = text.strip().lower()
+    if word not in SWITCH_WORDS:
+        raise ValueError("expected true or false (1 or 0)")
+    return SWITCH_WORDS[word]
+
+
+def env_switch(name: str, default: bool, environ=None) -> bool:
+    """The switch variable `name` (unset or empty: `default`); another word is a ValueError
+    that names the variable."""
+    raw = (os.environ if environ is None else environ).get(name, "")
+    if not raw.strip():
+        return default
+    try:
+        return switch(raw)
+    except ValueError as e:
+        raise ValueError(f"{name}={raw!r}: {e}") from None
 
 
 def count(low: int, high: int = MAX_COUNT):

@@ -41,11 +41,26 @@ class Program:
     allowed: tuple[str, ...] = ()     # folders (real paths) whose files `use` and json_schema may name
 
     def pipeline(self, name: str | None = None) -> ast.Pipeline | None:
-        """The named pipeline; without a name, the root file's first (else the first loaded)."""
+        """The named pipeline; without a name, the root file's first, else (a file of `use`s
+        alone) what its first include that has one would give by the same rule: a file that
+        only says `use "common.agp"` runs what `common.agp` runs."""
         if name is not None:
             return next((p for p in self.pipelines if p.name.text == name), None)
-        own = [p for p in self.pipelines if p.pos.file == self.root]
-        return (own or self.pipelines or [None])[0]
+        return self._first_of(self.root, set()) or (self.pipelines or [None])[0]
+
+    def _first_of(self, file: str, seen: set[str]) -> ast.Pipeline | None:
+        seen.add(file)
+        own = next((p for p in self.pipelines if p.pos.file == file), None)
+        module = self.modules.get(file)
+        if own is not None or module is None:
+            return own
+        for item in module.items:
+            target = _display(os.path.join(os.path.dirname(file), item.path.value)) \
+                if isinstance(item, ast.Use) else None
+            found = self._first_of(target, seen) if target is not None and target not in seen else None
+            if found is not None:
+                return found
+        return None
 
     def pipeline_names(self) -> list[str]:
         return [p.name.text for p in self.pipelines]

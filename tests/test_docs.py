@@ -4,8 +4,9 @@ they show checks clean and every one-line stage of their snippets too, a snippet
 names an example quotes it, the outputs they quote are what the commands print, the tables
 (built-in kinds, modes, condition fields, serve flags, limits and defaults, OpenAI fields,
 the planner's work) say what the code does, the request bodies they send parse, the engine's
-dataclasses list every field, and every file and test they point at is there. (The examples
-themselves run in tests/test_examples.py.)"""
+dataclasses list every field, every file and test they point at is there, the README tour's
+commands that need no model exit as it says, and the architecture page's stage kind checks and
+runs. (The examples themselves run in tests/test_examples.py.)"""
 from __future__ import annotations
 
 import json
@@ -119,6 +120,18 @@ def test_the_serve_flag_tables_name_flags_that_exist(name):
     flags = {f for row in rows for f in re.findall(r"`(--[a-z][a-z-]*)", row.split("|")[1])}
     assert len(flags) > 5
     assert not flags - set(options), f"{name} names flags agp serve lacks: {sorted(flags - set(options))}"
+
+
+def test_every_serve_flag_is_in_a_flag_table():
+    # the reverse of the test above: a flag of `agp serve --help` that no table of serve.md or
+    # scale.md names is one a reader of the pages cannot find (aliases of a named flag aside)
+    parser = build_parser(["serve"]).commands["serve"]
+    rows = [re.split(r"(?<!\\)\|", ln)[1] for name in ("serve.md", "scale.md")      # `text\|json` is one cell
+            for ln in (ROOT / "docs" / name).read_text().splitlines() if ln.startswith("| `--")]
+    named = {f for row in rows for f in re.findall(r"`(--[a-z][a-z-]*)", row)}
+    missing = [a.option_strings[0] for a in parser._actions if a.option_strings and a.dest not in ("help", "version")
+               and not set(a.option_strings) & named]
+    assert not missing, f"no flag table of the serve pages names {missing}"
 
 
 def test_every_agp_variable_the_docs_name_is_read():
@@ -456,3 +469,74 @@ def test_every_request_body_the_docs_send_is_one_agp_serve_takes():
                 sent.append(call)
                 parse[call[0]](json.loads(call[1]), max_model_len=8192, served=served)
     assert len(sent) >= 3
+
+
+def test_the_tours_commands_that_need_no_model_do_what_the_readme_says(tmp_path, monkeypatch, capsys):
+    # README.md, "A five-minute tour": `agp check examples/chat.agp  # exit 0: clean`, the error
+    # files exit 2, `fmt --check` finds every example in canonical layout, `render` writes its file,
+    # `plan` and `stages` print; run as shown, from the repository's root (globs expanded as a shell does)
+    import glob
+    import shutil
+
+    from pipeline_dsl.cli import main
+
+    monkeypatch.chdir(ROOT)
+    model_free = {"check", "fmt", "render", "plan", "stages"}
+    tour = [argv for argv in command_lines(ROOT / "README.md") if argv[0] in model_free]
+    assert {argv[0] for argv in tour} == model_free
+    for argv in tour:
+        if argv[0] == "render":
+            if shutil.which("dot") is None:
+                continue                                     # graphviz draws it (README: `make demo` installs it)
+            out = argv[argv.index("-o") + 1]
+            argv = [*argv[:argv.index("-o")], "-o", str(tmp_path / out)]
+        argv = [w for word in argv for w in (sorted(glob.glob(word)) if "*" in word else [word])]
+        code = main(argv)
+        printed = capsys.readouterr()
+        errors = any(w.startswith("examples/errors/") for w in argv)
+        assert code == (2 if errors else 0), f"agp {' '.join(argv)} exited {code}:\n{printed.err[-2000:]}"
+        if argv[0] == "render":
+            assert (tmp_path / out).stat().st_size > 0
+        elif argv[0] in ("plan", "stages"):
+            assert printed.out.strip()
+
+
+def test_the_stage_kind_the_architecture_page_writes_checks_and_runs(tmp_path, monkeypatch):
+    # docs/architecture.md, "writing a stage kind": its my_pkg/stages.py, registered by its
+    # `agp.stages` entry point, makes a kind that `check` accepts with its parameters and that
+    # treats an answer as the page says (cut to `words` words; one naming `banned` refused)
+    import importlib.metadata
+
+    from stages import registry
+
+    page = ROOT / "docs" / "architecture.md"
+    (tmp_path / "my_pkg").mkdir()
+    (tmp_path / "my_pkg" / "__init__.py").write_text("")
+    (tmp_path / "my_pkg" / "stages.py").write_text(
+        next(b for b in blocks(page, "python") if b.startswith("# my_pkg/stages.py")))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name, value = re.search(r'^(\w+) = "([\w.:]+)"$', next(b for b in blocks(page, "toml") if "agp.stages" in b),
+                            re.M).groups()
+
+    class EntryPoints(list):
+        def select(self, group):
+            return EntryPoints(e for e in self if e.group == group)
+
+    eps = EntryPoints([importlib.metadata.EntryPoint(name, value, registry.ENTRY_POINT_GROUP)])
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None, **kw: eps if group is None
+                        else eps.select(group))
+    registry.reset_default_registry()
+    try:
+        text = ("pipeline p {\n    stage request : requests {}\n    stage batch : dynamic_batch {}\n"
+                "    stage encode : encode {}\n    stage kv : kv_lookup {}\n    stage gen : generate {}\n"
+                f"    stage cut : {name} {{ words = 3  banned = \"zzz\" }}\n    stage out : respond {{}}\n"
+                "    request -> batch -> encode -> kv -> gen -> cut -> out\n}\n")
+        _, diags = pipeline_dsl.loads(text, file=str(tmp_path / "p.agp"))
+        assert [d.message for d in diags] == [] and not registry.default_registry().problems
+        module, _, cls = registry.get_kind(name).impl.partition(":")
+        stage = getattr(importlib.import_module(module), cls)("cut", {"words": 3, "banned": "zzz"}, None)
+    finally:
+        registry.reset_default_registry()
+    assert stage.process({"text": "one two three four"})["text"] == "one two three"
+    with pytest.raises(pipeline_dsl.Reject, match="zzz"):
+        stage.process({"text": "a zzz b"})

@@ -192,6 +192,23 @@ def test_include_brings_pipelines_and_reports_missing_files(tmp_path):
     assert d.message.startswith("include not found") and d.pos.line == 2
 
 
+def test_a_file_of_uses_alone_runs_what_its_include_runs(tmp_path):
+    # docs/language.md: `use "common.agp"` and nothing else runs common's first pipeline. It ran
+    # the first pipeline loaded instead, one that common.agp itself includes ahead of its own
+    (tmp_path / "base.agp").write_text(pipeline().replace("pipeline p", "pipeline base"))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "common.agp").write_text('use "../base.agp"\n'
+                                                 + pipeline().replace("pipeline p", "pipeline common"))
+    (tmp_path / "sub" / "empty.agp").write_text("# nothing here\n")
+    (tmp_path / "main.agp").write_text('use "sub/empty.agp"\nuse "sub/common.agp"\n')
+    for root in ("sub/common.agp", "main.agp"):
+        prog, diags = pipeline_dsl.load(str(tmp_path / root), allow_paths=[str(tmp_path)])
+        assert not has_errors(diags) and prog.pipeline_names() == ["base", "common"]
+        assert prog.pipeline().name.text == "common", root
+        assert pipeline_dsl.load_pipeline_graph(str(tmp_path / root), allow_paths=[str(tmp_path)]).graph["name"] \
+            == "common"
+
+
 def test_include_cycle_is_reported_once_with_the_chain(tmp_path):
     (tmp_path / "a.agp").write_text('use "b.agp"\n')
     (tmp_path / "b.agp").write_text('use "c.agp"\n')

@@ -59,3 +59,22 @@ def test_a_prompt_prefilled_in_chunks_answers_as_in_one_piece(soft_gguf, invaria
     whole = answer(tiny_engine(soft_gguf, prefill_chunk=512, max_tokens_per_step=512), "a", prompt, params)
     chunked = answer(tiny_engine(soft_gguf, prefill_chunk=16, max_tokens_per_step=512), "a", prompt, params)
     assert chunked[:2] == whole[:2]
+
+
+@pytest.mark.parametrize("word, on", [("1", True), ("yes", True), ("TRUE", True), ("0", False), ("false", False),
+                                      ("off", False), ("", False)])
+def test_the_switch_reads_false_as_off_like_every_agp_switch(tiny_gguf, monkeypatch, word, on):
+    # AGP_BATCH_INVARIANT=false turned the mode on (anything but "" and "0" did): several times
+    # slower, silently; the words are those of the serve flags' variables (docs/serve.md)
+    monkeypatch.setenv("AGP_BATCH_INVARIANT", word)
+    assert tiny_engine(tiny_gguf).runner.batch_invariant is on
+
+
+def test_a_switch_variable_that_is_no_switch_stops_the_load_naming_it(tiny_gguf, monkeypatch):
+    from pipeline_dsl.engine import InputError
+
+    for name in ("AGP_BATCH_INVARIANT", "AGP_NATIVE", "AGP_CUDA_GRAPHS"):
+        with monkeypatch.context() as m:
+            m.setenv(name, "maybe")
+            with pytest.raises(InputError, match=f"{name}='maybe': expected true or false"):
+                tiny_engine(tiny_gguf)

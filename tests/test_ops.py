@@ -485,6 +485,18 @@ def test_bad_serve_flags_exit_2_naming_the_flag(argv, message):
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_chat_template_that_does_not_parse_is_named_by_its_flag_and_line(tmp_path):
+    # it said "chat_template: the model's chat template does not parse", once the model had loaded
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}\n{{ m.content }\n")
+    r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "serve", "examples/chat.agp", "--port", "0",
+                        "--chat-template", str(tmp_path / "t.jinja")], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"agp serve: error: --chat-template {tmp_path / 't.jinja'}: the template does not parse (line 2): " \
+           "unexpected '}'" in r.stderr
+    assert "model's" not in r.stderr and "serving" not in r.stderr
+
+
 def test_environment_variables_set_serve_flags_and_flags_win():
     p = argparse.ArgumentParser(prog="agp serve")
     os_env = {"AGP_API_KEY": "k1,k2", "AGP_MAX_NUM_SEQS": "8", "AGP_ACCESS_LOG": "false", "AGP_SEED": "3", "AGP_LOG_FORMAT": "json"}

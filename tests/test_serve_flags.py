@@ -7,6 +7,8 @@ import argparse
 import os
 from unittest import mock
 
+import pytest
+
 from pipeline_dsl.commands import serve
 
 
@@ -84,3 +86,15 @@ def test_every_agp_variable_the_code_reads_is_known_to_the_warning():
     read = {v for f in [*(root / "pipeline_dsl").rglob("*.py"), *(root / "stages").rglob("*.py")]
             for v in re.findall(r"""["'](AGP_[A-Z_]+)["']""", f.read_text())}
     assert read and read <= set(ENGINE_VARIABLES)
+
+
+def test_a_variable_that_is_no_number_is_named_with_what_its_flag_takes(capsys):
+    # AGP_PORT=abc said "invalid literal for int() with base 10: 'abc'": Python's words, not agp's
+    for env, said in (({"AGP_PORT": "abc"}, "environment variable AGP_PORT='abc': --port takes an integer"),
+                      ({"AGP_DRAIN_TIMEOUT": "x"}, "environment variable AGP_DRAIN_TIMEOUT='x': --drain-timeout "
+                                                   "takes a number")):
+        with pytest.raises(SystemExit) as e:
+            parse(["x.agp"], env)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and said in err and "literal" not in err and "convert" not in err
+    assert parse(["x.agp"], {"AGP_PORT": "9000", "AGP_DRAIN_TIMEOUT": "2.5"}).port == 9000

@@ -175,6 +175,12 @@ def test_while_the_model_loads_probes_get_503_loading_and_the_port_stays_held():
             r = httpx.get(url + "/health", timeout=10)
             assert r.status_code == 503 and r.json() == {"status": "loading"}
             assert r.headers["retry-after"] == "7" and r.headers["connection"] == "close"
+            # every answer carries X-Request-Id (docs/serve.md), the loading ones too: the client's own
+            assert len(r.headers["x-request-id"]) == 32
+            r = httpx.get(url + "/health", headers={"X-Request-Id": "probe-7"}, timeout=10)
+            assert r.headers["x-request-id"] == "probe-7"
+            r = httpx.get(url + "/health", headers={"X-Request-Id": "a b"}, timeout=10)
+            assert r.headers["x-request-id"] != "a b"                   # not printable without spaces: a new one
             assert httpx.head(url + "/health", timeout=10).status_code == 503
             r = httpx.post(url + "/v1/chat/completions", json={"messages": []}, timeout=10)
             assert r.status_code == 503 and r.json()["error"]["code"] == "loading"

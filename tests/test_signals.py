@@ -102,6 +102,13 @@ def test_a_second_signal_cuts_what_is_in_flight_with_an_answer_each_and_exit_1(t
         held = InFlight(url, {"prompt": "hello", "max_tokens": 8, "ignore_eos": True}, streams=2, timeout=120)
         proc.send_signal(signal.SIGTERM)
         wait_for_health(url, 503, "draining", proc)           # the drain waits (up to 600 s) ...
+        # meanwhile every new request is refused (docs/serve.md, as under --ray), not only generation:
+        # /v1/models and /tokenize answered 200 from a server that was going away
+        for method, path, body in (("GET", "/v1/models", None), ("POST", "/tokenize", {"prompt": "hi"}),
+                                   ("GET", "/metrics", None), ("POST", "/v1/completions", {"prompt": "hi"})):
+            r = httpx.request(method, url + path, json=body, timeout=30)
+            assert r.status_code == 503 and r.headers["retry-after"], (path, r.status_code, r.text[:200])
+            assert r.json()["error"]["code"] == "unavailable", (path, r.text[:200])
         proc.send_signal(signal.SIGTERM)                      # ... until the second signal
         held.join()
         err = proc.communicate(timeout=60)[1]

@@ -27,6 +27,8 @@ from itertools import chain
 import numpy as np
 import torch
 
+from pipeline_dsl.cliargs import env_switch
+
 from .compute import on_compute
 from .config import EngineConfig, RequestOutput, SamplingParams
 from .errors import ContextLengthError, InputError, QueueFullError, prompt_over_limit
@@ -622,6 +624,12 @@ def load_runner(config: EngineConfig):
     from .models import load_model, resolve_model
 
     t0 = time.perf_counter()
+    try:                                # the engine's switches, before anything loads (docs/gpu.md)
+        invariant = env_switch("AGP_BATCH_INVARIANT", False)          # invariant.py
+        graphs = env_switch("AGP_CUDA_GRAPHS", True)
+        env_switch("AGP_NATIVE", True)                                # read by native.load()
+    except ValueError as e:
+        raise InputError(str(e)) from None
     device = resolve_device(config.device)
     source = resolve_model(config.model)
     model, tokenizer = load_model(source, dtype=config.dtype, device=device)
@@ -632,7 +640,6 @@ def load_runner(config: EngineConfig):
     if num_blocks < 1:
         raise InputError(f"KV budget of {config.kv_budget_bytes} bytes is less than one block "
                          f"({per_block} bytes); raise the budget")
-    invariant = os.environ.get("AGP_BATCH_INVARIANT", "0") not in ("", "0")   # invariant.py
     # attention: "auto" reads the pool in place with FlexAttention on CUDA (flex.py), gathers on CPU
     attention = os.environ.get("AGP_ATTENTION", "") or "auto"
     try:
@@ -644,7 +651,7 @@ def load_runner(config: EngineConfig):
     if runner.device.type == "cuda" and not invariant:
         # every mode: compile and capture happen here, at load, never inside a request's TTFT
         extra["warm_up_s"] = runner.warm_up()
-        if config.padding and os.environ.get("AGP_CUDA_GRAPHS", "1") != "0":
+        if config.padding and graphs:
             got = runner.capture_graphs(config.max_batch_size, config.max_model_len or c.max_position,
                                         max_tokens=max(config.max_tokens_per_step, config.max_batch_size))
             extra.update(cuda_graphs=got["graphs"], piece_graphs=got["piece_graphs"],

@@ -318,7 +318,7 @@ class Tokenizer:
 
     def set_chat_template(self, source: str) -> None:
         """Use `source` (Jinja) instead of the model's chat template; a syntax error is raised now."""
-        self.chat_template, self._template = source, _compile_template(source)
+        self.chat_template, self._template = source, compile_chat_template(source, "the chat template given")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tokenize: bool = False, **extra):
@@ -326,7 +326,7 @@ class Tokenizer:
         if not self.chat_template:
             raise TokenizerError("this model has no chat template: send a raw `prompt` instead")
         if self._template is None:
-            self._template = _compile_template(self.chat_template)
+            self._template = compile_chat_template(self.chat_template)
         try:
             with _deadline(TEMPLATE_SECONDS):
                 text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
@@ -479,7 +479,9 @@ def _generation_block():
     return Generation
 
 
-def _compile_template(source: str):
+def compile_chat_template(source: str, whose: str = "the model's chat template"):
+    """A Jinja chat template compiled in agp's sandbox; a syntax error is a TokenizerError that
+    names `whose` it is and the template's line."""
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -505,7 +507,8 @@ def _compile_template(source: str):
     try:
         return env.from_string(source)
     except TemplateError as e:
-        raise TokenizerError(f"the model's chat template does not parse: {e}") from e
+        line = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+        raise TokenizerError(f"{whose} does not parse{line}: {e.message}") from e
 
 
 def _read_json(path: Path) -> dict:

@@ -88,7 +88,7 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
     state.embeddings = Embeddings(state.generations)
     app.include_router(router)
     app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_middleware(Guard, config=config, metrics=metrics)
+    app.add_middleware(Guard, config=config, metrics=metrics, apipe=apipe)
     if config.allowed_origins:                  # outside the guard: preflights need no API key
         from starlette.middleware.cors import CORSMiddleware
 

@@ -68,6 +68,7 @@ def build(args, *, host: str | None = None) -> Serving:
     """The app for these flags (checked; raises SetupError or CheckFailed): also what each Ray
     Serve replica builds (pipeline_dsl.serve.ray)."""
     from pipeline_dsl.engine.errors import InputError
+    from pipeline_dsl.engine.tokenizer import compile_chat_template
     from pipeline_dsl.engine.trace import Trace
     from pipeline_dsl.flow import build_runtime
 
@@ -79,9 +80,10 @@ def build(args, *, host: str | None = None) -> Serving:
     check_args(args)
     template = None
     if args.chat_template:
-        try:
+        try:                                   # before the model loads: a template that does not parse stops the start
             template = Path(args.chat_template).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
+            compile_chat_template(template, "the template")
+        except (OSError, UnicodeDecodeError, InputError) as e:
             raise SetupError(f"--chat-template {args.chat_template}: {e}") from None
     try:
         runtime = build_runtime(args.pipeline, args.name, overlap=False if args.no_overlap else None, max_queue=args.max_queue,

@@ -2,7 +2,9 @@
 
 `Guard` answers before any route runs: 401 without a valid API key (whatever the request
 accepts, a stream included), 400 for a Host header the server does not answer for (DNS
-rebinding), 503 + Retry-After beyond --max-connections requests served at once. A refused
+rebinding), 503 + Retry-After from the drain's start on (a signal: every new request but the
+probes, which say "draining" themselves, as under --ray) and beyond --max-connections requests
+served at once. A refused
 generation request (POST to one of COUNTED_PATHS) is counted in the metrics by its status, as
 the routes count theirs: a client with a wrong key shows as 401s on the dashboard.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 import hmac
 
 from . import protocol as P
-from .config import COUNTED_PATHS, OPEN_PATHS, ServeConfig
+from .config import COUNTED_PATHS, OPEN_PATHS, PROBES, ServeConfig
 from .errors import current_request, send_error
 
 
@@ -26,9 +28,15 @@ def route_path(scope) -> str:
     return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
+def shutting_down(retry_after_s: int) -> P.APIError:
+    """The 503 of a request that arrives while the server drains (here and under --ray)."""
+    return P.APIError("the server is shutting down; retry on another", status=503, type="server_error",
+                      code="unavailable", headers={"Retry-After": str(retry_after_s)})
+
+
 class Guard:
-    def __init__(self, app, config: ServeConfig, metrics=None):
-        self.app, self.config, self.metrics = app, config, metrics
+    def __init__(self, app, config: ServeConfig, metrics=None, apipe=None):
+        self.app, self.config, self.metrics, self.apipe = app, config, metrics, apipe
         self.active = 0
         hosts = [h.lower() for h in config.allowed_hosts]
         self.any_host = "*" in hosts
@@ -60,6 +68,11 @@ class Guard:
         return scheme.lower() == "bearer" and any(hmac.compare_digest(token, key.encode())
                                                    for key in self.config.api_keys)
 
+    def draining(self) -> bool:
+        """Whether the pipeline stopped admitting for the drain (not because it failed: a failed
+        server still answers its other routes, /metrics and /stats among them)."""
+        return self.apipe is not None and not self.apipe.accepting and self.apipe.error is None
+
     def refusal(self, scope) -> P.APIError | None:
         """Why this request may not come in, or None."""
         if not self.key_ok(scope):
@@ -68,6 +81,8 @@ class Guard:
         if not self.host_ok(scope):
             return P.APIError("the Host header names a host this server does not answer for (see --allowed-hosts)",
                               status=400, code="invalid_host")
+        if self.draining() and route_path(scope) not in PROBES:
+            return shutting_down(self.config.retry_after_s)
         if self.active >= self.config.max_connections:
             return P.APIError(f"the server is serving {self.active} requests, its limit (--max-connections); "
                               "retry later", status=503, type="server_error", code="overloaded",

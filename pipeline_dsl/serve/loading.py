@@ -7,7 +7,8 @@
 The port is held from the start; without an answer, a probe made during the load waits until
 its own timeout. `Loading` answers every request on the socket, as llama.cpp's server does:
 `/health` (and `/ping`) `503 {"status": "loading"}`, anything else an OpenAI error object
-(`code: loading`); each with `Retry-After` and `Connection: close`. It serves a duplicate of
+(`code: loading`); each with `Retry-After`, `Connection: close` and `X-Request-Id` (the client's
+own, as serve/access.py keeps it, else a new one). It serves a duplicate of
 the socket on its own thread and event loop, so closing it leaves the socket listening and the
 connections not yet accepted waiting for uvicorn.
 """
@@ -18,17 +19,30 @@ import json
 import logging
 import socket
 import threading
+import uuid
+
+from .access import CLIENT_ID
+from .config import PROBES
 
 log = logging.getLogger("agp.serve")
 
 HEAD_LIMIT = 16 << 10          # request line and headers (as serve/server.py's limit)
 READ_TIMEOUT_S = 5.0           # a client that sends no request line is closed after this
-PROBES = ("/health", "/ping")
 
 
-def answer(request_line: bytes, retry_after_s: int) -> bytes:
-    """The 503 for one request line (`GET /health HTTP/1.1`)."""
-    parts = request_line.decode("latin-1").split()
+def request_id(head: bytes) -> str:
+    """The request's X-Request-Id when the client sends a usable one, else a new id."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"x-request-id":
+            given = value.strip().decode("latin-1")
+            return given if CLIENT_ID.fullmatch(given) else uuid.uuid4().hex
+    return uuid.uuid4().hex
+
+
+def answer(head: bytes, retry_after_s: int) -> bytes:
+    """The 503 for one request's line and headers (`GET /health HTTP/1.1\r\nHost: …`)."""
+    parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
     method, path = (parts[0], parts[1].split("?", 1)[0]) if len(parts) >= 2 else ("", "")
     if path.rstrip("/") in PROBES:
         body = {"status": "loading"}
@@ -36,9 +50,10 @@ def answer(request_line: bytes, retry_after_s: int) -> bytes:
         body = {"error": {"message": "the server is loading its model; retry later", "type": "server_error",
                           "param": None, "code": "loading"}}
     data = json.dumps(body).encode()
-    head = (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(data)}\r\nretry-after: {retry_after_s}\r\nconnection: close\r\n\r\n")
-    return head.encode() + (b"" if method == "HEAD" else data)
+    start = (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+             f"content-length: {len(data)}\r\nretry-after: {retry_after_s}\r\nconnection: close\r\n"
+             f"x-request-id: {request_id(head)}\r\n\r\n")
+    return start.encode() + (b"" if method == "HEAD" else data)
 
 
 class Loading:
@@ -83,7 +98,7 @@ class Loading:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
-            writer.write(answer(head.split(b"\r\n", 1)[0], self.retry_after_s))
+            writer.write(answer(head, self.retry_after_s))
             self.answered += 1
             await writer.drain()
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline_dsl.cliargs import output_file
+from pipeline_dsl.cliargs import output_file, switch
 from pipeline_dsl.loader import add_pipeline_arguments
 
 from .config import OPEN_PATHS
@@ -144,11 +144,15 @@ def add_ray_arguments(p) -> None:
                         "(prefix-cache affinity; 0: off; default: 256)")
 
 
+def long_flag(action: argparse.Action) -> str:
+    """The flag's first long spelling: --pipeline, not its --pipeline-name alias."""
+    return next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
+
+
 def env_name(action: argparse.Action) -> str:
-    """AGP_ and the flag's name (its first long spelling: --pipeline, not its --pipeline-name
-    alias) in capitals with _ for -, as docs/serve.md states the rule."""
-    long = next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
-    return ENV_PREFIX + long.lstrip("-").upper().replace("-", "_")
+    """AGP_ and the flag's name (its first long spelling) in capitals with _ for -, as
+    docs/serve.md states the rule."""
+    return ENV_PREFIX + long_flag(action).lstrip("-").upper().replace("-", "_")
 
 
 # variables below the flags: the engine's switches (docs/gpu.md, docs/architecture.md)
@@ -184,13 +188,17 @@ def env_defaults(p: argparse.ArgumentParser, environ=None) -> None:
             continue
         try:
             if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-                if raw.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
-                    raise ValueError("expected true or false")
-                value = raw.strip().lower() in ("1", "true", "yes", "on")
+                value = switch(raw) if raw.strip() else False
                 # --no-x's own variable (AGP_NO_ACCESS_LOG=1) as well as --x's (AGP_ACCESS_LOG=0)
                 value = value if isinstance(action, argparse._StoreTrueAction) else not value
             elif isinstance(action, argparse._ExtendAction):
                 value = _names(raw)
+            elif action.type in (int, float):
+                try:
+                    value = action.type(raw)
+                except ValueError:               # not Python's words: "invalid literal for int() with base 10"
+                    what = "an integer" if action.type is int else "a number"
+                    raise ValueError(f"{long_flag(action)} takes {what}") from None
             else:
                 value = action.type(raw) if action.type else raw
             if action.choices is not None and value not in action.choices:

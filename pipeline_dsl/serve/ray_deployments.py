@@ -35,6 +35,8 @@ from ray.exceptions import RayActorError
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from . import protocol as P
+from .config import PROBES
+from .guard import shutting_down
 from .ray_metrics import PUSH_S, merge
 
 log = logging.getLogger("agp.serve")
@@ -240,11 +242,9 @@ class AgpIngress:
             return
         path = self._path(scope)
         if self.draining:
-            if path in ("/health", "/ping"):
+            if path in PROBES:
                 return await _json(send, 503, {"status": "draining"}, {"Retry-After": str(self.retry_after_s)})
-            return await _answer(send, P.APIError("the server is shutting down; retry on another", status=503,
-                                                  type="server_error", code="unavailable",
-                                                  headers={"Retry-After": str(self.retry_after_s)}))
+            return await _answer(send, shutting_down(self.retry_after_s))
         if path == "/metrics" and scope.get("method") == "GET" and self.hub is not None:
             texts = await self.hub.collect.remote()
             return await _raw(send, 200, merge(texts), "text/plain; version=0.0.4; charset=utf-8")

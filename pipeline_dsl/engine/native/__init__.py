@@ -26,6 +26,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from pipeline_dsl.cliargs import env_switch
+
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "kernels.cpp"
 BUILD = HERE / "build"
@@ -84,7 +86,7 @@ def load():
     if _LIB:
         return _LIB[0]
     lib = None
-    if os.environ.get("AGP_NATIVE", "1") == "0":
+    if not env_switch("AGP_NATIVE", True):
         pass                      # switched off: the eager path, silently (tests, A/B)
     elif not cpu_supported():
         _warn_once("agp: this CPU has no AVX-512; the decode step runs eagerly (slower)")
