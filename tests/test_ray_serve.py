@@ -128,6 +128,7 @@ def test_sigterm_drains_with_503_and_retry_after_and_finishes_the_request_in_fli
                    json={"model": "tiny", "messages": [{"role": "user", "content": "late"}]})
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert r.json()["error"]["code"] == "unavailable" and "shutting down" in r.json()["error"]["message"]
+    assert queued()                                # /metrics still answers: the drain is watched
     t.join(120)
     assert result["status"] == 200 and result["body"]["usage"]["completion_tokens"] == 6
     assert proc.wait(120) == 0, (d / "serve.log").read_text()

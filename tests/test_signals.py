@@ -103,12 +103,16 @@ def test_a_second_signal_cuts_what_is_in_flight_with_an_answer_each_and_exit_1(t
         proc.send_signal(signal.SIGTERM)
         wait_for_health(url, 503, "draining", proc)           # the drain waits (up to 600 s) ...
         # meanwhile every new request is refused (docs/serve.md, as under --ray), not only generation:
-        # /v1/models and /tokenize answered 200 from a server that was going away
+        # /v1/models and /tokenize answered 200 from a server that was going away; the drain is
+        # watched through /metrics and /stats, which still answer
         for method, path, body in (("GET", "/v1/models", None), ("POST", "/tokenize", {"prompt": "hi"}),
-                                   ("GET", "/metrics", None), ("POST", "/v1/completions", {"prompt": "hi"})):
+                                   ("POST", "/v1/completions", {"prompt": "hi"})):
             r = httpx.request(method, url + path, json=body, timeout=30)
             assert r.status_code == 503 and r.headers["retry-after"], (path, r.status_code, r.text[:200])
             assert r.json()["error"]["code"] == "unavailable", (path, r.text[:200])
+        metrics = httpx.get(url + "/metrics", timeout=30)
+        assert metrics.status_code == 200 and "agp_num_requests_running" in metrics.text
+        assert httpx.get(url + "/stats", timeout=30).status_code == 200
         proc.send_signal(signal.SIGTERM)                      # ... until the second signal
         held.join()
         err = proc.communicate(timeout=60)[1]

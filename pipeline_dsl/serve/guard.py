@@ -3,8 +3,8 @@
 `Guard` answers before any route runs: 401 without a valid API key (whatever the request
 accepts, a stream included), 400 for a Host header the server does not answer for (DNS
 rebinding), 503 + Retry-After from the drain's start on (a signal: every new request but the
-probes, which say "draining" themselves, as under --ray) and beyond --max-connections requests
-served at once. A refused
+probes, which say "draining" themselves, and /metrics and /stats, through which the drain is
+watched; as under --ray) and beyond --max-connections requests served at once. A refused
 generation request (POST to one of COUNTED_PATHS) is counted in the metrics by its status, as
 the routes count theirs: a client with a wrong key shows as 401s on the dashboard.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import hmac
 
 from . import protocol as P
-from .config import COUNTED_PATHS, OPEN_PATHS, PROBES, ServeConfig
+from .config import COUNTED_PATHS, OPEN_PATHS, PROBES, WATCHED, ServeConfig
 from .errors import current_request, send_error
 
 
@@ -81,7 +81,7 @@ class Guard:
         if not self.host_ok(scope):
             return P.APIError("the Host header names a host this server does not answer for (see --allowed-hosts)",
                               status=400, code="invalid_host")
-        if self.draining() and route_path(scope) not in PROBES:
+        if self.draining() and route_path(scope) not in PROBES + WATCHED:
             return shutting_down(self.config.retry_after_s)
         if self.active >= self.config.max_connections:
             return P.APIError(f"the server is serving {self.active} requests, its limit (--max-connections); "

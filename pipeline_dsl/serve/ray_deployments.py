@@ -35,7 +35,7 @@ from ray.exceptions import RayActorError
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from . import protocol as P
-from .config import PROBES
+from .config import PROBES, WATCHED
 from .guard import shutting_down
 from .ray_metrics import PUSH_S, merge
 
@@ -241,7 +241,7 @@ class AgpIngress:
         if scope["type"] != "http":
             return
         path = self._path(scope)
-        if self.draining:
+        if self.draining and path not in WATCHED:
             if path in PROBES:
                 return await _json(send, 503, {"status": "draining"}, {"Retry-After": str(self.retry_after_s)})
             return await _answer(send, shutting_down(self.retry_after_s))
