@@ -108,8 +108,9 @@ EXCERPT_WINDOW = 160
 
 @functools.lru_cache(maxsize=8)
 def _lines(text: str) -> tuple[str, ...]:
-    """The lines of a source, split once however many diagnostics point into it."""
-    return tuple(text.splitlines())
+    """The lines of a source, split once however many diagnostics point into it: at "\\n" alone,
+    as the parser counts them (str.splitlines also splits at a form feed, U+2028, …)."""
+    return tuple(text.removesuffix("\n").split("\n")) if text else ()
 
 
 def _excerpt(text: str, pos: SourcePos) -> list[str]:

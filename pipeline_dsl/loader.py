@@ -21,6 +21,7 @@ MAX_PROGRAM_BYTES in all; a chain of uses is at most MAX_INCLUDE_DEPTH files lon
 
 from __future__ import annotations
 
+import codecs
 import os
 import stat
 import sys
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 
 from . import ast
 from .diagnostics import ERROR, Diagnostic, SourcePos
-from .parser import parse
+from .parser import newlines, parse
 
 
 @dataclass
@@ -128,8 +129,38 @@ def read_bytes(path: str, file: str | None = None, at: SourcePos | None = None, 
             os.close(fd)
 
 
+# the byte-order marks of the encodings an editor may save in instead of UTF-8 (UTF-32's first:
+# its little-endian mark starts with UTF-16's)
+_FOREIGN_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                 (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
+def _foreign_encoding(data: bytes) -> str | None:
+    """"UTF-16" or "UTF-32" when `data` is text in one of them (a byte-order mark, or the zero
+    bytes between ASCII characters that UTF-16 without a mark has), else None."""
+    for bom, name in _FOREIGN_BOMS:
+        if data.startswith(bom):
+            return name
+    head = data[:64]
+    if len(head) >= 2 and (head[0::2].count(0) == len(head[0::2]) or head[1::2].count(0) == len(head[1::2])):
+        return "UTF-16"
+    return None
+
+
+def shown_text(data: bytes) -> str:
+    """The text of a file that is not UTF-8, to show under its error: decoded as what it is."""
+    encoding = _foreign_encoding(data)
+    return data.decode(encoding.lower() if encoding else "utf-8", "replace")
+
+
 def decode(data: bytes, file: str) -> tuple[str | None, list[Diagnostic]]:
-    """UTF-8 text (a byte-order mark dropped), or None and an error at the first bad byte."""
+    """UTF-8 text (a byte-order mark dropped), or None and an error at the first bad byte (at
+    1:1 for a file in UTF-16 or UTF-32, which says so)."""
+    encoding = _foreign_encoding(data)
+    if encoding is not None:
+        return None, [Diagnostic(ERROR, f"file is {encoding}, not UTF-8", SourcePos.point(file, 1, 1),
+                                 expected="a text file encoded as UTF-8",
+                                 hint=f"re-save the file as UTF-8 (e.g. iconv -f {encoding.lower()} -t utf-8)")]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -246,9 +277,9 @@ def load_program(path: str, text: str | None = None, allow_paths=()) -> tuple[Pr
             source, ds = decode(data, disp)
             if ds:
                 diags.extend(ds)
-                prog.sources[disp] = data.decode("utf-8", "replace")   # for the caret of the error
+                prog.sources[disp] = shown_text(data)   # for the caret of the error
                 return
-        source = source.replace("\r\n", "\n")
+        source = newlines(source)
         prog.sources[disp] = source
         module, ds = parse(source, disp)
         diags.extend(ds)

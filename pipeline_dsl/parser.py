@@ -691,17 +691,23 @@ def quote(s: str) -> str:
     return '"' + "".join(out) + '"'
 
 
+def newlines(text: str) -> str:
+    """`text` with every line break a "\\n": CRLF and a lone CR (old Mac files) become "\\n", as an
+    editor shows them. Lines are counted at "\\n" alone everywhere (the lexer, the excerpts of
+    diagnostics), so a form feed or U+2028 inside a comment starts no line."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def parse(text: str, file: str = "<string>") -> tuple[ast.Module | None, list[Diagnostic]]:
     """Parse one file's text. Returns (module, []) or (None, [its syntax errors, up to
     MAX_SYNTAX_ERRORS])."""
     comments: list[ast.Comment] = []
 
     def on_comment(tok: Token):
-        comments.append(ast.Comment(str(tok).rstrip("\r"), SourcePos(file, tok.line, tok.column,
-                                                                     tok.end_line, tok.end_column)))
+        comments.append(ast.Comment(str(tok), SourcePos(file, tok.line, tok.column, tok.end_line, tok.end_column)))
         return tok
 
-    text = text.replace("\r\n", "\n")
+    text = newlines(text)
     refused = _prescan(text, file)
     if refused is not None:
         return None, [refused]

@@ -9,7 +9,7 @@ import pytest
 
 import pipeline_dsl
 from pipeline_dsl import ast, units
-from pipeline_dsl.diagnostics import CheckFailed, SourcePos, did_you_mean, has_errors
+from pipeline_dsl.diagnostics import CheckFailed, SourcePos, did_you_mean, has_errors, render_all
 from pipeline_dsl.graph import build_graph
 from pipeline_dsl.parser import parse
 from stages import registry as reg_mod
@@ -208,6 +208,42 @@ def test_file_that_is_not_utf8_is_an_error_at_the_bad_byte(tmp_path):
     _, diags = pipeline_dsl.load(str(f))
     (d,) = diags
     assert "not valid UTF-8" in d.message and (d.pos.line, d.pos.col) == (2, 15)
+
+
+@pytest.mark.parametrize("encoding, bom, name", [
+    ("utf-16-le", b"\xff\xfe", "UTF-16"), ("utf-16-be", b"\xfe\xff", "UTF-16"), ("utf-16-le", b"", "UTF-16"),
+    ("utf-32-le", b"\xff\xfe\x00\x00", "UTF-32"),
+])
+def test_a_file_saved_as_utf16_or_utf32_is_named_so(tmp_path, encoding, bom, name):
+    """Windows editors save "Unicode" as UTF-16: the error says which encoding it is and how to
+    convert it (not latin1), and shows the line as the editor does, without its zero bytes."""
+    f = tmp_path / "x.agp"
+    f.write_bytes(bom + pipeline().encode(encoding))
+    program, diags = pipeline_dsl.load(str(f))
+    (d,) = diags
+    assert (d.message, d.pos.line, d.pos.col) == (f"file is {name}, not UTF-8", 1, 1)
+    assert f"iconv -f {name.lower()} -t utf-8" in d.hint
+    assert "\x00" not in render_all(diags, program.sources)
+
+
+@pytest.mark.parametrize("separator", ["\x0c", "\u2028", "\x85", "\x1e"])
+def test_a_form_feed_or_unicode_separator_in_a_comment_starts_no_line(separator):
+    """Lines are counted at "\\n" by the parser: the excerpt under an error is the line it
+    names, not the one before it."""
+    text = f"# part one{separator} of two\n" + pipeline(gen="max_new_tokns = 4")
+    program, diags = pipeline_dsl.loads(text, "t.agp")
+    (d,) = diags
+    shown = render_all(diags, program.sources)
+    assert "max_new_tokns" in shown.splitlines()[1] and shown.splitlines()[1].startswith(f"{d.pos.line:5} |")
+
+
+def test_a_file_with_old_mac_line_breaks_is_read_line_by_line():
+    """A lone CR breaks a line, as editors show it: the error stands at its line and column."""
+    program, diags = pipeline_dsl.loads(pipeline(gen="max_new_tokns = 4").replace("\n", "\r"), "t.agp")
+    (d,) = diags
+    assert (d.pos.line, d.pos.col) == (9, 37)
+    assert render_all(diags, program.sources).splitlines()[1] == \
+        "    9 |     stage gen     : generate      { max_new_tokns = 4 }"
 
 
 def test_missing_root_file_is_an_error_not_an_exception(tmp_path):
