@@ -207,6 +207,12 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
             hint = "an edge is written '->'"
         elif ch == "-" and nxt.isspace():
             hint = "an edge is written '->' (no space between '-' and '>')"
+        elif ch == "-" and err.pos_in_stream and re.match(r"\w-\w", text[err.pos_in_stream - 1:]):   # my-stage
+            word = re.match(r"[\w-]*", text[err.pos_in_stream:]).group()
+            name = re.search(r"\w*$", text[:err.pos_in_stream]).group()
+            hint = f"names are letters, digits and '_', not '-': write {name}{word.replace('-', '_')}"
+        elif ch == "!":
+            hint = "a condition is negated with 'not' (when not stream == true); '!=' compares"
         elif ch == "'":
             hint = 'strings use double quotes: "…"'
         elif ch in "“”„«»":
@@ -233,6 +239,8 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
         nxt = text[at + 1:at + 2]
         hint = f"did you mean '{nxt}='?" if nxt in ("<", ">") else "did you mean '=='?"
     elif tok.type == "COMPARE" and tok.value == ">" and at and text[at - 1] == "=":   # src => batch
+        hint = "an edge is written '->'"
+    elif tok.type == "EQUAL" and text[at + 1:at + 2] == ">":                           # a -> b => c
         hint = "an edge is written '->'"
     prev = _previous(text, at)
     if "EQUAL" in wanted and (prev in units.all_units() or units.respelled(1, prev, units.DURATION)
@@ -294,6 +302,13 @@ def _open_blocks(text: str) -> list[tuple[str, int]] | None:
     return opened
 
 
+def _braces_balance(text: str) -> bool:
+    """Whether every '{' of `text` (strings and comments aside) has its '}', counted without
+    lexing, so a file with another error still counts."""
+    bare = re.sub(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*', "", text)
+    return bare.count("{") == bare.count("}")
+
+
 def _unclosed(text: str) -> str:
     """Which '{' is still open at the end of the file, in words."""
     opened = _open_blocks(text)
@@ -313,6 +328,13 @@ def _unclosed_before(text: str, at: int, tok: Token) -> tuple[str, str] | None:
     if not opened:
         return None
     what, line = opened[-1]
+    if tok.type in ("PIPELINE", "USE") and what.startswith("pipeline ") and _braces_balance(text):
+        # every '{' of the file is closed: the statement stands inside a pipeline, not after one
+        if tok.type == "USE":
+            return (f"a stage, setting or edge of {what}",
+                    f"`use` goes at the top level of a file, outside pipelines: move it before {what}")
+        return (f"a stage, setting or edge of {what}",
+                f"pipelines do not nest: close {what} with '}}' before this one starts")
     if what.startswith("stage ") or tok.type in ("PIPELINE", "USE"):
         return f"'}}' to close {what} first", f"the '{{' of {what} (line {line}) is not closed"
     return None

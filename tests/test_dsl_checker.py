@@ -551,6 +551,18 @@ def test_a_block_left_open_before_the_next_statement_is_named(text, line, col, f
     assert d.expected.startswith("'}' to close ")
 
 
+@pytest.mark.parametrize("line, hint", [
+    ('use "common.agp"', "`use` goes at the top level of a file, outside pipelines: move it before pipeline 'p'"),
+    ("pipeline q {}", "pipelines do not nest: close pipeline 'p' with '}' before this one starts"),
+])
+def test_use_or_pipeline_inside_a_closed_pipeline_is_misplaced_not_unclosed(line, hint):
+    """The pipeline's '}' comes later: saying it is not closed sends the user after a brace
+    that is there."""
+    _, (d,) = parse("pipeline p {\n    stage out : respond {}\n    " + line + "\n}\n", "t.agp")
+    assert (d.pos.line, d.pos.col, d.hint) == (3, 5, hint)
+    assert d.expected == "a stage, setting or edge of pipeline 'p'"
+
+
 @pytest.mark.parametrize("line, message, col, hint", [
     ("src -> out when prompt_tokens = 5", "unexpected '='", 35, "did you mean '=='?"),
     ("src -> out when prompt_tokens =< 5", "unexpected '='", 35, "did you mean '<='?"),
@@ -559,6 +571,11 @@ def test_a_block_left_open_before_the_next_statement_is_named(text, line, col, f
     ("src -> out when full || timeout", "unexpected character '|'", 26, "conditions are joined with 'or' (when a or b)"),
     ("stage g : generate { max_new_tokens = 0x10 }", "hexadecimal number '0x10' is not taken", 43, "write 16"),
     ("src => batch", "unexpected '>'", 10, "an edge is written '->'"),
+    ("src -> mid => batch", "unexpected '='", 16, "an edge is written '->'"),
+    ("stage my-out : respond {}", "unexpected character '-'", 13,
+     "names are letters, digits and '_', not '-': write my_out"),
+    ("src -> out when !full", "unexpected character '!'", 21,
+     "a condition is negated with 'not' (when not stream == true); '!=' compares"),
 ])
 def test_syntax_slips_from_other_languages_get_a_hint(line, message, col, hint):
     _, (d,) = parse("pipeline p {\n    " + line + "\n}\n", "t.agp")
