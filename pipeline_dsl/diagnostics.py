@@ -199,14 +199,19 @@ class Suggestions:
         self.budget = self.BUDGET if budget is None else budget   # read at each list, not at import
 
     def hint(self, name: str) -> str | None:
+        close = self.closest(name)
+        return f"did you mean '{close}'?" if close is not None else None
+
+    def closest(self, name: str) -> str | None:
+        """The candidate `hint` suggests, or None."""
         same = self.lower.get(name.lower())
         if same is not None and same != name:
-            return f"did you mean '{same}'?"
+            return same
         if len(self.cands) > self.budget:
             return None
         self.budget -= len(self.cands)
         close = difflib.get_close_matches(name, self.cands, n=1, cutoff=0.6)
-        return f"did you mean '{close[0]}'?" if close else None
+        return close[0] if close else None
 
 
 ONE_OF_MAX = 40                        # names listed in an `expected:` line; the rest counted

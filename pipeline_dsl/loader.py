@@ -29,7 +29,7 @@ import unicodedata
 from dataclasses import dataclass, field
 
 from . import ast
-from .diagnostics import ERROR, Diagnostic, SourcePos
+from .diagnostics import ERROR, Diagnostic, SourcePos, Suggestions
 from .parser import newlines, parse
 
 
@@ -78,6 +78,23 @@ def _size(n: int) -> str:
     return f"{round(n / 1024, 2):g} KiB" if n >= 1024 else f"{n} bytes"
 
 
+NEARBY_MAX = 1000     # files of a folder looked at for a did-you-mean on a missing file
+
+
+def nearby(real: str, shown: str | None = None) -> str | None:
+    """"did you mean 'sub/lib.agp'?" when a file of the missing `real` path's folder, with its
+    extension, has a close name (the first NEARBY_MAX entries looked at), spelt as `shown`."""
+    folder, name = os.path.split(real)
+    ext = os.path.splitext(name)[1]
+    try:
+        with os.scandir(folder or ".") as entries:
+            names = [e.name for e, _ in zip(entries, range(NEARBY_MAX)) if e.name.endswith(ext) and e.is_file()]
+    except OSError:
+        return None
+    close = Suggestions(names).closest(name)
+    return f"did you mean '{os.path.join(os.path.dirname(shown or real), close)}'?" if close else None
+
+
 def read_bytes(path: str, file: str | None = None, at: SourcePos | None = None, what: str = "file",
                limit: int | None = None) -> tuple[bytes | None, list[Diagnostic]]:
     """The bytes of `path`, or None and a diagnostic: missing, unreadable, not a regular file
@@ -119,7 +136,8 @@ def read_bytes(path: str, file: str | None = None, at: SourcePos | None = None, 
         return b"".join(chunks), []
     except FileNotFoundError:
         return bad(f"{what} not found: '{path}'",
-                   "the path of an existing .agp file" + (", relative to the including file" if at else ""))
+                   "the path of an existing .agp file" + (", relative to the including file" if at else ""),
+                   nearby(real, path))
     except ValueError:                    # a NUL in the path
         return bad(f"cannot read '{path}': the path holds a NUL character", "the path of an .agp file")
     except OSError as exc:

@@ -71,6 +71,18 @@ def test_json_schema_file_not_found_is_an_error_at_the_value(tmp_path, monkeypat
     assert render_file(f) == _schema_error(f, "nope.json", "json_schema file not found: 'nope.json'")
 
 
+def test_a_misspelt_json_schema_file_gets_a_did_you_mean_from_its_folder_only(tmp_path, monkeypatch):
+    """A close name beside the pipeline is suggested; a folder outside the pipeline's is never
+    listed (a suggestion would tell its file names)."""
+    monkeypatch.chdir(tmp_path)
+    f = _schema_pipeline(tmp_path, "shema.json", "{}", name="schema.json")
+    assert render_file(f) == _schema_error(f, "shema.json", "json_schema file not found: 'shema.json'",
+                                           "did you mean 'schema.json'?")
+    (tmp_path / "secret.json").write_text("{}")
+    f = _schema_pipeline(tmp_path, "../secrt.json")
+    assert "did you mean" not in render_file(f)
+
+
 def test_json_schema_file_that_is_not_json(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     f = _schema_pipeline(tmp_path, "s.json", "{not json")

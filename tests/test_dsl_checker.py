@@ -192,6 +192,24 @@ def test_include_brings_pipelines_and_reports_missing_files(tmp_path):
     assert d.message.startswith("include not found") and d.pos.line == 2
 
 
+@pytest.mark.parametrize("written", ["sub/lbi.agp", "sub/Lib.agp", "sub/libs.agp"])
+def test_an_include_not_found_suggests_a_close_file_of_its_folder(tmp_path, written):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "lib.agp").write_text(pipeline().replace("pipeline p", "pipeline lib"))
+    (tmp_path / "sub" / "notes.txt").write_text("lib")
+    (tmp_path / "main.agp").write_text(f'use "{written}"\n' + pipeline())
+    _, (d,) = pipeline_dsl.load(str(tmp_path / "main.agp"))
+    assert d.message == f"include not found: '{tmp_path / written}'"
+    assert d.hint == f"did you mean '{tmp_path / 'sub' / 'lib.agp'}'?"
+
+
+def test_a_root_file_not_found_suggests_a_close_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "chat.agp").write_text(pipeline())
+    _, (d,) = pipeline_dsl.load("caht.agp")
+    assert (d.message, d.hint) == ("file not found: 'caht.agp'", "did you mean 'chat.agp'?")
+
+
 def test_include_cycle_is_reported_once_with_the_chain(tmp_path):
     (tmp_path / "a.agp").write_text('use "b.agp"\n')
     (tmp_path / "b.agp").write_text('use "c.agp"\n')
