@@ -242,6 +242,16 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
         hint = "an edge is written '->'"
     elif tok.type == "EQUAL" and text[at + 1:at + 2] == ">":                           # a -> b => c
         hint = "an edge is written '->'"
+    elif tok.type == "ON" and _previous(text, at) == "}":                            # kv_lookup {} on copy
+        place = re.match(r"on[ \t]+(\w+)", text[at:])
+        kind = re.search(r":[ \t]*(\w+)[ \t]*\{[^{}]*\}[ \t]*$", text[:at])
+        hint = (f"a placement goes before the stage's {{ … }}: {kind.group(1) if kind else 'KIND'} "
+                f"on {place.group(1) if place else 'copy'} {{ … }}")
+    elif tok.type in ("NUMBER", "STRING") and _previous(text, at) in ("when", "and", "or", "not", "("):
+        flip = re.match(r'(\S+)[ \t]*(==|!=|<=|>=|<|>)[ \t]*([A-Za-z_][\w.]*)', text[at:])
+        if flip:                                                                    # when 5 < prompt_tokens
+            op = {"<": ">", ">": "<", "<=": ">=", ">=": "<="}.get(flip.group(2), flip.group(2))
+            hint = f"a comparison starts with its field: {flip.group(3)} {op} {flip.group(1)}"
     prev = _previous(text, at)
     if "EQUAL" in wanted and (prev in units.all_units() or units.respelled(1, prev, units.DURATION)
                               or units.respelled(1, prev, units.SIZE)):
@@ -264,6 +274,11 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
                               _point(file, text, m.start(), len(m.group(1))),
                               expected="a condition on the same line, e.g. when full or when prompt_tokens > 512",
                               hint=f"'{m.group(3)}' on the next line starts another edge, not the condition")
+    paren = _open_paren(text, at) if "RPAR" in wanted else None
+    if paren is not None and text.count("\n", paren, at):   # `when (a > 1` and the next line read on
+        return Diagnostic(ERROR, "'(' is not closed", _point(file, text, paren),
+                          expected="a ')' to close it, after the condition",
+                          hint=f"found {_found(tok)} on line {text.count(chr(10), 0, at) + 1} instead")
     msg = "unexpected end of file" if tok.type == "$END" else f"unexpected {_found(tok)}"
     expected = expected_words or _join(_describe_expected(wanted))
     if hint == "the value after '=' is missing":
@@ -277,6 +292,17 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
         if unclosed is not None:
             expected, hint = unclosed
     return Diagnostic(ERROR, msg, _tok_pos(file, tok, text), expected=expected, hint=hint)
+
+
+def _open_paren(text: str, at: int) -> int | None:
+    """The offset of the last '(' before `at` that no ')' closes (strings and comments aside)."""
+    opened: list[int] = []
+    for m in re.finditer(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*|[()]', text[:at]):
+        if m.group() == "(":
+            opened.append(m.start())
+        elif m.group() == ")" and opened:
+            opened.pop()
+    return opened[-1] if opened else None
 
 
 def _open_blocks(text: str) -> list[tuple[str, int]] | None:
@@ -321,21 +347,24 @@ def _unclosed(text: str) -> str:
 def _unclosed_before(text: str, at: int, tok: Token) -> tuple[str, str] | None:
     """(expected, hint) when `tok` starts a statement that cannot stand where it is because a
     '{' before it was left open: `stage` (or `->` after a name) inside a stage's { … },
-    `pipeline` or `use` inside any block. None otherwise."""
+    `pipeline` or `use` inside any block. Where every '{' of the file is closed, the block's '}'
+    comes later: the statement stands in the wrong place instead. None otherwise."""
     if tok.type not in ("STAGE", "PIPELINE", "USE", "__ANON_0"):
         return None
     opened = _open_blocks(text[:at])
     if not opened:
         return None
     what, line = opened[-1]
-    if tok.type in ("PIPELINE", "USE") and what.startswith("pipeline ") and _braces_balance(text):
-        # every '{' of the file is closed: the statement stands inside a pipeline, not after one
-        if tok.type == "USE":
-            return (f"a stage, setting or edge of {what}",
-                    f"`use` goes at the top level of a file, outside pipelines: move it before {what}")
-        return (f"a stage, setting or edge of {what}",
-                f"pipelines do not nest: close {what} with '}}' before this one starts")
-    if what.startswith("stage ") or tok.type in ("PIPELINE", "USE"):
+    misplaced = what.startswith("stage ") or tok.type in ("PIPELINE", "USE")
+    if misplaced and _braces_balance(text):
+        # every '{' of the file is closed: the statement stands inside a block, not after it
+        inside = f"a parameter of {what} (name = value)" if what.startswith("stage ") \
+            else f"a stage, setting or edge of {what}"
+        return inside, {"USE": f"`use` goes at the top level of a file, outside pipelines: move it before {what}",
+                        "PIPELINE": f"pipelines do not nest: close {what} with '}}' before this one starts",
+                        "STAGE": f"stages do not nest: declare this one after the '}}' of {what}"}.get(
+            tok.type, f"an edge goes in the pipeline, after the '}}' of {what}")
+    if misplaced:
         return f"'}}' to close {what} first", f"the '{{' of {what} (line {line}) is not closed"
     return None
 
@@ -792,12 +821,14 @@ def _offset(text: str, pos: SourcePos) -> int:
 
 def _statement_around(text: str, line: int) -> tuple[int, int] | None:
     """(start, end) of the lines holding the statement of an error found at `line` (1-based):
-    that line, and on through the line that closes a '{' or '[' it opens. None where the lines
+    that line, and on through the line that closes a '{', '[' or '(' it opens (a '}' closes the
+    '[' and '(' left open inside its block: `stop = ["a" }` is one line). None where the lines
     close more than they open (the error is a block's: blanking it would unbalance the file)."""
     start = 0
     for _ in range(line - 1):
         start = text.index("\n", start) + 1
-    depth, i, n = 0, start, len(text)
+    opened: list[str] = []
+    i, n = start, len(text)
     while i < n:
         c = text[i]
         if c == '"':
@@ -810,16 +841,21 @@ def _statement_around(text: str, line: int) -> tuple[int, int] | None:
             nl = text.find("\n", i)
             i = n if nl < 0 else nl
             continue
-        if c in "{[":
-            depth += 1
-        elif c in "}]":
-            depth -= 1
-            if depth < 0:
+        if c in "{[(":
+            opened.append(c)
+        elif c in "])":
+            if opened and opened[-1] == {"]": "[", ")": "("}[c]:
+                opened.pop()
+        elif c == "}":
+            while opened and opened[-1] != "{":
+                opened.pop()
+            if not opened:
                 return None
-        elif c == "\n" and depth == 0:
+            opened.pop()
+        elif c == "\n" and not opened:
             return start, i
         i += 1
-    return (start, n) if depth == 0 else None
+    return (start, n) if not opened else None
 
 
 def _too_deep(depth: int, what: str, pos: SourcePos) -> Diagnostic:

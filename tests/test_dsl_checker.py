@@ -581,6 +581,32 @@ def test_use_or_pipeline_inside_a_closed_pipeline_is_misplaced_not_unclosed(line
     assert d.expected == "a stage, setting or edge of pipeline 'p'"
 
 
+@pytest.mark.parametrize("line, col, hint", [
+    ("stage out : respond { gen -> out }", 31, "an edge goes in the pipeline, after the '}' of stage 'out'"),
+    ("stage gen : generate { stage out : respond {} }", 28,
+     "stages do not nest: declare this one after the '}' of stage 'gen'"),
+])
+def test_an_edge_or_stage_inside_a_closed_stage_block_is_misplaced_not_unclosed(line, col, hint):
+    _, (d,) = parse("pipeline p {\n    " + line + "\n}\n", "t.agp")
+    assert (d.pos.line, d.pos.col, d.hint) == (2, col, hint)
+    assert d.expected.startswith("a parameter of stage ")
+
+
+def test_a_parenthesis_left_open_in_a_condition_is_one_error_at_the_parenthesis():
+    """Newlines are free inside a condition: the lines after the '(' were each reported as an
+    unexpected name, none at the '(' that lacks its ')'."""
+    _, diags = parse("pipeline p {\n    a -> b when (n > 1\n    a -> c otherwise\n    c -> d\n}\n", "t.agp")
+    assert [(d.message, d.pos.line, d.pos.col, d.hint) for d in diags] == [
+        ("'(' is not closed", 2, 17, "found name 'a' on line 3 instead")]
+
+
+def test_a_list_left_open_before_the_stage_brace_is_one_error():
+    """The '}' after the list closes the stage: recovery blanks that line alone, not the rest of
+    the pipeline (which reported the pipeline as not closed)."""
+    _, diags = parse('pipeline p {\n    stage g : generate { stop = ["a" }\n    stage out : respond {}\n}\n', "t.agp")
+    assert [(d.message, d.pos.line) for d in diags] == [("unexpected '}'", 2)]
+
+
 @pytest.mark.parametrize("line, message, col, hint", [
     ("src -> out when prompt_tokens = 5", "unexpected '='", 35, "did you mean '=='?"),
     ("src -> out when prompt_tokens =< 5", "unexpected '='", 35, "did you mean '<='?"),
@@ -594,6 +620,11 @@ def test_use_or_pipeline_inside_a_closed_pipeline_is_misplaced_not_unclosed(line
      "names are letters, digits and '_', not '-': write my_out"),
     ("src -> out when !full", "unexpected character '!'", 21,
      "a condition is negated with 'not' (when not stream == true); '!=' compares"),
+    ("stage kv : kv_lookup {} on copy", "unexpected 'on'", 29,
+     "a placement goes before the stage's { … }: kv_lookup on copy { … }"),
+    ("src -> out when 5 <= prompt_tokens", "unexpected number '5'", 21,
+     "a comparison starts with its field: prompt_tokens >= 5"),
+    ('src -> out when "x" == model', "unexpected string \"x\"", 21, 'a comparison starts with its field: model == "x"'),
 ])
 def test_syntax_slips_from_other_languages_get_a_hint(line, message, col, hint):
     _, (d,) = parse("pipeline p {\n    " + line + "\n}\n", "t.agp")
