@@ -449,10 +449,11 @@ def _check_cycles(g: nx.DiGraph, r: Resolved) -> list[Diagnostic]:
 
 
 def _check_ports(r: Resolved, registry: Registry, g: nx.DiGraph, carry: dict, receives: dict) -> list[Diagnostic]:
-    """Each edge can carry something; whatever a stage sends has an out-edge that carries it
-    (`carry`, `receives`: flow_types' result)."""
+    """Each edge can carry something, and carries on some of what its source sends; whatever a
+    stage sends has an out-edge that carries it (`carry`, `receives`: flow_types' result)."""
     diags = []
     mismatched = set()                 # stages with a reported bad edge: their dead ends are that
+    reported = set()                   # the edges of a port type mismatch
     for e in r.edges:
         a, b = r.stages[e.src], r.stages[e.dst]
         if a.kind is None or b.kind is None:
@@ -485,9 +486,27 @@ def _check_ports(r: Resolved, registry: Registry, g: nx.DiGraph, carry: dict, re
                               f"gives {shown}, '{b.name}' ({b.kind.name}) takes {' | '.join(sorted(takes))}",
                               e.pos, expected=f"an edge into a stage that takes {shown}", hint=hint))
             mismatched.add(a.name)
-    reported = {e.src for e in r.edges if r.stages[e.src].kind is not None}  # only stages with edges out
+            reported.add(e)
+    for e in r.edges:                  # b takes what a sends, but carries none of it on (b -> batcher only)
+        a, b = r.stages[e.src], r.stages[e.dst]
+        if a.kind is None or b.kind is None or a.kind.is_source or not receives[a.name] or e in reported \
+                or b.name in mismatched or not a.kind.outputs or not b.kind.inputs:
+            continue                   # a source's own check, or the edge that brings nothing to a, says it
+        sent = outputs(a.kind, a.params, receives[a.name]) & ITEM_TYPES
+        onward = carry[b.name] & ITEM_TYPES
+        if sent and onward and not sent & onward:
+            shown, kept = " | ".join(sorted(sent)), " | ".join(sorted(onward))
+            hint = f"remove the edge, or give '{b.name}' an edge towards a respond stage that takes {shown}"
+            if a.kind.name == "python" and "returns" not in a.given:
+                hint = f"if '{a.name}' turns its items into {kept}, say so: " \
+                       f"returns = {'request' if 'Request' in onward else 'generated'} (or any); else {hint}"
+            diags.append(_err(f"edge {a.name} -> {b.name} never carries an item: '{a.name}' ({a.kind.name}) gives "
+                              f"{shown}, and '{b.name}' ({b.kind.name}) leads only {kept} items on to a respond "
+                              "stage", e.pos, expected=f"an edge into a stage that carries {shown} on", hint=hint))
+            mismatched.add(a.name)
+    with_edges = {e.src for e in r.edges if r.stages[e.src].kind is not None}  # only stages with edges out
     for n, s in r.stages.items():
-        if s.kind is None or s.kind.is_sink or s.kind.is_source or n not in reported or n in mismatched:
+        if s.kind is None or s.kind.is_sink or s.kind.is_source or n not in with_edges or n in mismatched:
             continue
         sent = outputs(s.kind, s.params, receives[n]) & ITEM_TYPES
         onward = set().union(*(carry[v] for v in g.successors(n)))
