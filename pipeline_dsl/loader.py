@@ -85,14 +85,15 @@ def nearby(real: str, shown: str | None = None) -> str | None:
     """"did you mean 'sub/lib.agp'?" when a file of the missing `real` path's folder, with its
     extension, has a close name (the first NEARBY_MAX entries looked at), spelt as `shown`."""
     folder, name = os.path.split(real)
-    ext = os.path.splitext(name)[1]
+    stem, ext = os.path.splitext(name)
     try:
         with os.scandir(folder or ".") as entries:
-            names = [e.name for e, _ in zip(entries, range(NEARBY_MAX)) if e.name.endswith(ext) and e.is_file()]
+            stems = [e.name[:len(e.name) - len(ext)] for e, _ in zip(entries, range(NEARBY_MAX))
+                     if e.name.endswith(ext) and e.is_file()]
     except OSError:
         return None
-    close = Suggestions(names).closest(name)
-    return f"did you mean '{os.path.join(os.path.dirname(shown or real), close)}'?" if close else None
+    close = Suggestions(stems).closest(stem)     # the names without the extension they all share
+    return f"did you mean '{os.path.join(os.path.dirname(shown or real), close + ext)}'?" if close else None
 
 
 def read_bytes(path: str, file: str | None = None, at: SourcePos | None = None, what: str = "file",

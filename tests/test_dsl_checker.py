@@ -206,8 +206,11 @@ def test_an_include_not_found_suggests_a_close_file_of_its_folder(tmp_path, writ
 def test_a_root_file_not_found_suggests_a_close_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "chat.agp").write_text(pipeline())
+    (tmp_path / "one_line.agp").write_text(pipeline())
     _, (d,) = pipeline_dsl.load("caht.agp")
     assert (d.message, d.hint) == ("file not found: 'caht.agp'", "did you mean 'chat.agp'?")
+    _, (d,) = pipeline_dsl.load("nonexist.agp")    # names compared without the '.agp' they share
+    assert d.hint is None
 
 
 def test_include_cycle_is_reported_once_with_the_chain(tmp_path):
