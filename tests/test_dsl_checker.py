@@ -155,6 +155,8 @@ def test_load_pipeline_graph_raises_check_failed_with_diagnostics(tmp_path):
     with pytest.raises(CheckFailed, match="no pipeline named 'q'"):
         f.write_text(pipeline())
         pipeline_dsl.load_pipeline_graph(str(f), "q")
+    with pytest.raises(CheckFailed, match="no pipeline named '' in"):     # not "defines no pipeline"
+        pipeline_dsl.load_pipeline_graph(str(f), "")
 
 
 def test_every_pipeline_of_a_file_and_its_includes_becomes_a_graph():
