@@ -91,10 +91,19 @@ class Diagnostic:
             lines.append(f"  = note: {_clip(msg)}" + (f" ({q})" if q else ""))
         if self.hint:
             lines.append(f"  = help: {_clip(self.hint)}")
-        return "\n".join(lines)
+        return "\n".join(_printable(ln) for ln in lines)
 
 
 TEXT_MAX = 1000                        # a rendered message quoting a 1 MB string is cut here
+
+
+def _printable(text: str) -> str:
+    """`text` with its control characters escaped (an ESC as \\x1b, a NUL as \\x00): a file's
+    strings and lines reach the terminal as text, never as escape sequences that clear it or
+    hide what follows."""
+    if text.isprintable():
+        return text
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" else c for c in text)
 
 
 def _clip(text: str) -> str:
@@ -131,8 +140,10 @@ def _excerpt(text: str, pos: SourcePos) -> list[str]:
         width = max(1, min(width, EXCERPT_WINDOW - (col - 1 - (1 if start else 0))))
     line = line.replace("\t", " ")
     gutter = f"{pos.line:>5}"
-    # the caret goes under the characters as a terminal shows them: wide ones (CJK) take two columns
-    caret = " " * _width(line[:col - 1]) + "^" * max(1, _width(line[col - 1:col - 1 + width]) or width)
+    # the caret goes under the characters as a terminal shows them: wide ones (CJK) take two columns,
+    # a control character the four of its escape (render prints it escaped)
+    before, under = _printable(line[:col - 1]), _printable(line[col - 1:col - 1 + width])
+    caret = " " * _width(before) + "^" * max(1, _width(under) or width)
     return [f"{gutter} | {line}".rstrip(), f"{' ' * len(gutter)} | {caret}"]
 
 

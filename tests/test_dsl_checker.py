@@ -674,3 +674,18 @@ def test_the_caret_is_placed_by_display_width_after_wide_characters():
     assert marks == " " * (col - 1 + 4) + "^^^^"
     d = Diagnostic(ERROR, "a wide span", SourcePos("t.agp", 1, line.index("你") + 1, 1, line.index("你") + 5))
     assert d.render({"t.agp": line}).splitlines()[2].split(" | ", 1)[1] == " " * line.index("你") + "^" * 8
+
+
+def test_control_characters_of_a_file_are_printed_escaped_never_sent_to_the_terminal():
+    """A comment holding an ESC sequence (clear the screen) or a string with \\u001b: the printed
+    diagnostic shows them as \\x1b, and the caret stays under what it marks; --json keeps them."""
+    text = 'pipeline p {\n    model = "\\u001b[2Jx"\n    stage x : respnd {}  # \x1b[2J\x07\n}\n'
+    program, diags = pipeline_dsl.loads(text, "t.agp")
+    shown = render_all(diags, program.sources)
+    assert "\x1b" not in shown and "\x07" not in shown
+    assert "    3 |     stage x : respnd {}  # \\x1b[2J\\x07\n      |               ^^^^^^\n" in shown
+    assert "model not found: '\\x1b[2Jx'" in shown
+    assert any(d.message == "model not found: '\x1b[2Jx'" for d in diags)      # the message itself is kept
+    program, diags = pipeline_dsl.loads('pipeline p {\n    stage \x00x : respond {}\n}\n', "t.agp")
+    assert render_all(diags, program.sources).splitlines()[1:3] == [
+        "    2 |     stage \\x00x : respond {}", "      |           ^^^^"]
