@@ -136,7 +136,8 @@ def _context_hint(expected: set[str], tok: Token, prev: str = "") -> tuple[str |
             hint = "names are written without quotes"
         return _AFTER_WORD[prev], hint
     if exp == {"NAME"} and prev == ":":
-        return "a stage kind (agp stages lists them)", None
+        hint = f"a kind is written without quotes: {tok.value[1:-1]}" if tok.type == "STRING" else None
+        return "a stage kind (agp stages lists them)", hint
     if exp == {"EQUAL"}:
         hint = f"a parameter is written '{prev} = value', not '{prev}: value'" if tok.type == "COLON" else None
         return "'=' and a value after a setting or parameter name", hint
@@ -262,6 +263,19 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
                               _point(file, text, m.start(), end - m.start()),
                               expected="a quantity written as one word: 10ms, 512MiB",
                               hint=f"write {m.group(1)}{prev}")
+    if "EQUAL" in wanted and re.fullmatch(r"_[\d_]*", prev):
+        end = _end_of_previous(text, at)
+        m = re.search(r"(?<![\w.])\d+$", text[:end - len(prev)])
+        if m:   # `max_new_tokens = 1_000`: the digits after the '_' were read as the next parameter's name
+            written = m.group() + prev
+            return Diagnostic(ERROR, f"digits grouped with '_' in '{written}'",
+                              _point(file, text, m.start(), len(written)),
+                              expected="a number written without separators", hint=f"write {written.replace('_', '')}")
+    if tok.type == "__ANON_0":
+        m = re.search(r"(\w+)[ \t]*->[ \t]*(\w+)[ \t]+when[ \t]+([^\n#]*?)[ \t]*$", text[:at])
+        if m:   # `a -> b when full -> c`: the condition ends the statement
+            hint = (f"a condition ends its edge statement: write `{m.group(1)} -> {m.group(2)} when {m.group(3)}`, "
+                    f"then `{m.group(2)} -> …` on a line of its own")
     if prev in ("when", "and", "or", "not") and tok.type in ("RBRACE", "$END", "STAGE", "PIPELINE", "USE"):
         w = _end_of_previous(text, at) - len(prev)       # point at the word that lacks its condition
         return Diagnostic(ERROR, f"missing condition after '{prev}'", _point(file, text, w, len(prev)),

@@ -630,6 +630,10 @@ def test_a_list_left_open_before_the_stage_brace_is_one_error():
     ("src -> out when 5 <= prompt_tokens", "unexpected number '5'", 21,
      "a comparison starts with its field: prompt_tokens >= 5"),
     ('src -> out when "x" == model', "unexpected string \"x\"", 21, 'a comparison starts with its field: model == "x"'),
+    ("src -> mid when full -> out", "unexpected '->'", 26, "a condition ends its edge statement: write "
+     "`src -> mid when full`, then `mid -> …` on a line of its own"),
+    ('stage out : "respond" {}', 'unexpected string "respond"', 17, "a kind is written without quotes: respond"),
+    ("stage g : generate { max_new_tokens = 1_000 }", "digits grouped with '_' in '1_000'", 43, "write 1000"),
 ])
 def test_syntax_slips_from_other_languages_get_a_hint(line, message, col, hint):
     _, (d,) = parse("pipeline p {\n    " + line + "\n}\n", "t.agp")
