@@ -212,6 +212,7 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
     diags += _check_type_routes(r, carry, emits)
     diags += _check_streams(r, receives)
     diags += _check_loop_exits(r, g, carry, receives)
+    diags += _check_join_fan_out(r, g)
     budget_diags = _check_kv_budget(r)
     diags += budget_diags
     if not budget_diags:
@@ -239,6 +240,37 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
                                  bounded_stages(r), sends)
     if not unknown and not any(d.is_error for d in diags):
         diags += _check_sources(r, g, carry, sources)
+    return diags
+
+
+def _check_join_fan_out(r: Resolved, g: nx.DiGraph) -> list[Diagnostic]:
+    """A warning at a join that can only ever get one item per request: walking back from it,
+    no generate stage (n answers) and no stage with two ways on (a fan-out) comes before another
+    join's merged result or the request source."""
+    diags = []
+    for n, s in r.stages.items():
+        if s.kind is None or s.kind.name != "join":
+            continue
+        seen, todo, barriers = {n}, list(g.predecessors(n)), set()
+        fans = False
+        while todo and not fans:
+            u = todo.pop()
+            if u in seen:
+                continue
+            seen.add(u)
+            k = r.stages[u].kind
+            if k is None or k.name == "generate" or g.out_degree(u) > 1:
+                fans = True            # an unknown kind may fan out: no warning
+            elif k.name == "join":
+                barriers.add(u)        # one merged result per request leaves it
+            else:
+                todo.extend(g.predecessors(u))
+        if not fans:
+            after = f"what reaches it has passed {', '.join(f'join {b!r}' for b in sorted(barriers))}" if barriers \
+                else "no generate stage or fan-out comes before it"
+            diags.append(_warn(f"join '{n}' gets one item per request, so it merges nothing: {after}", s.pos,
+                               hint=f"remove '{n}', or fan out before it (several edges out of a stage, or "
+                                    "a generate stage: its n answers)"))
     return diags
 
 

@@ -941,7 +941,7 @@ def label(item):
 def test_join_policy_and_fn_that_do_not_go_together_and_a_misspelt_function(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mymod.py").write_text(MYMOD)
-    text = pipeline().replace("gen -> out", "gen -> j1 -> j2 -> j3 -> out").replace(
+    text = pipeline().replace("gen -> out", "gen -> j1 -> out\n    gen -> j2 -> out\n    gen -> j3 -> out").replace(
         "stage out", 'stage j1 : join { policy = majority  fn = "mymod:merge" }\n    stage j2 : join { policy = fn }\n'
                      '    stage j3 : join { fn = "mymod:merj" }\n    stage out')
     assert render(text) == f"""\

@@ -1275,3 +1275,28 @@ def test_a_batcher_edge_when_not_full_leaves_only_full_batches_nowhere_to_go():
     (d,) = load(SEED.replace("    batch -> encode when full\n    batch -> encode when timeout\n",
                              "    batch -> encode when not full\n"))[1]
     assert d.message.startswith("full items of 'batch' have nowhere to go")
+
+
+def test_a_join_after_a_join_with_nothing_fanning_out_between_is_a_warning():
+    """gen -> vote -> vote2: vote2 gets vote's one result per request and merges nothing."""
+    assert check(chain("""\
+        stage vote : join { policy = majority }
+        stage guard : python { fn = "json:loads" }
+        stage vote2 : join {}
+        request -> batch
+        gen -> vote -> guard -> vote2 -> out
+        """)) == expect("""\
+        t.agp:14:11: warning: join 'vote2' gets one item per request, so it merges nothing: what reaches it has passed join 'vote'
+           14 |     stage vote2 : join {}
+              |           ^^^^^
+          = help: remove 'vote2', or fan out before it (several edges out of a stage, or a generate stage: its n answers)
+
+        1 warning
+        """)
+
+
+@pytest.mark.parametrize("edges", [["gen -> vote -> out", "gen -> log -> vote"], ["gen -> log -> vote -> out"]])
+def test_a_join_after_a_fan_out_or_a_generate_stage_is_not_warned(edges):
+    body = ["stage vote : join { policy = majority }", "stage log : python { fn = \"json:loads\" }",
+            "request -> batch"] + edges
+    assert check(chain("".join(line + "\n" for line in body))) == ""
