@@ -243,6 +243,8 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
         hint = "an edge is written '->'"
     elif tok.type == "EQUAL" and text[at + 1:at + 2] == ">":                           # a -> b => c
         hint = "an edge is written '->'"
+    elif tok.type == "NUMBER" and tok.value.startswith(".") and re.search(r"[A-Za-z_]\w*$", text[:at]):
+        hint = "a key after '.' is a name: letters, digits and '_', not starting with a digit"   # metadata.1
     elif tok.type == "ON" and _previous(text, at) == "}":                            # kv_lookup {} on copy
         place = re.match(r"on[ \t]+(\w+)", text[at:])
         kind = re.search(r":[ \t]*(\w+)[ \t]*\{[^{}]*\}[ \t]*$", text[:at])

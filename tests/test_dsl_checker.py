@@ -634,6 +634,8 @@ def test_a_list_left_open_before_the_stage_brace_is_one_error():
      "`src -> mid when full`, then `mid -> …` on a line of its own"),
     ('stage out : "respond" {}', 'unexpected string "respond"', 17, "a kind is written without quotes: respond"),
     ("stage g : generate { max_new_tokens = 1_000 }", "digits grouped with '_' in '1_000'", 43, "write 1000"),
+    ('src -> out when metadata.1 == "x"', "unexpected number '.1'", 29,
+     "a key after '.' is a name: letters, digits and '_', not starting with a digit"),
 ])
 def test_syntax_slips_from_other_languages_get_a_hint(line, message, col, hint):
     _, (d,) = parse("pipeline p {\n    " + line + "\n}\n", "t.agp")
