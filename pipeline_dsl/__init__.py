@@ -106,7 +106,7 @@ def load_pipeline_graph(path: str, pipeline_name: str | None = None, allow_paths
     if p is None:
         from .diagnostics import ERROR, did_you_mean
         names = program.pipeline_names()
-        msg = (f"no pipeline named '{pipeline_name}' in {path}" if pipeline_name
+        msg = (f"no pipeline named '{pipeline_name}' in {path}" if pipeline_name is not None
                else f"{path} defines no pipeline")
         raise CheckFailed([Diagnostic(ERROR, msg, None, expected="one of: " + (", ".join(names) or "(none)"),
                                       hint=did_you_mean(pipeline_name or "", names))], program.sources)

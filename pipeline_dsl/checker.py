@@ -681,7 +681,7 @@ def _json_schema_file(path: str, base: str | None, pos: SourcePos,
     error at the setting. No message quotes the file's text."""
     import json
 
-    from .loader import inside, read_bytes
+    from .loader import inside, nearby, read_bytes
 
     found = None
     for folder in ([base] if base else []) + [os.getcwd()]:
@@ -690,7 +690,9 @@ def _json_schema_file(path: str, base: str | None, pos: SourcePos,
             found = os.path.abspath(candidate)
             break
     if found is None:
-        return path, _err(f"json_schema file not found: '{path}'", pos, expected=SCHEMA_EXPECTED)
+        beside = os.path.join(base or os.getcwd(), os.path.expanduser(path))   # names of allowed folders only
+        return path, _err(f"json_schema file not found: '{path}'", pos, expected=SCHEMA_EXPECTED,
+                          hint=nearby(beside, path) if inside(beside, allowed) else None)
     if not inside(found, allowed):
         return path, _err(f"json_schema file '{path}' is outside the pipeline's folder", pos,
                           expected=SCHEMA_EXPECTED, hint="move it there, or allow its folder with --allow-path DIR")

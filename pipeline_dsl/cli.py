@@ -86,6 +86,7 @@ def cmd_fmt(args) -> int:
     from .diagnostics import render_all
     from .fmt import format_text
     from .loader import STDIN, STDIN_NAME, read_source, read_stdin
+    from .parser import newlines
 
     if args.write and STDIN in args.files:
         raise UserError("fmt --write rewrites files in place; '-' (stdin) has no file to rewrite: "
@@ -101,7 +102,7 @@ def cmd_fmt(args) -> int:
             sys.stderr.write(render_all(diags, {}))
             status = USER_ERROR
             continue
-        text = text.replace("\r\n", "\n")
+        text = newlines(text)
         out, diags = format_text(text, path)
         if out is None:
             sys.stderr.write(render_all(diags, {path: text}))

@@ -144,6 +144,19 @@ def known_fields(item_types) -> list[str]:
     return sorted(names) + ["metadata.KEY"]
 
 
+def _bare_word_hint(word: str, path: str, ftype: str) -> str:
+    """How to write the literal meant by a bare word compared with the field `path` of type `ftype`."""
+    if word in FIELDS[GENERATED] or word.split(".", 1)[0] == "metadata":
+        return f"'{word}' is a field: two fields cannot be compared; compare each with a literal"
+    if word.lower() in ("true", "false") and ftype in (BOOLEAN, ANY):
+        return f"write {word.lower()}"
+    if word.lower() in ("null", "none", "nil"):
+        return "there is no null: a field the item does not carry makes ==, <, <=, >, >= false and != true"
+    if ftype in (NUMBER, BOOLEAN):
+        return f"'{path}' is a {ftype}: compare it with " + ("a number" if ftype == NUMBER else "true or false")
+    return f'quote a string: "{word}"'
+
+
 def check_compare(c: ast.Compare, item_types) -> None:
     """Raise ConditionError when `c` cannot hold on items of these types."""
     path = c.path
@@ -162,7 +175,7 @@ def check_compare(c: ast.Compare, item_types) -> None:
     v = c.value
     if isinstance(v, ast.Word):
         raise ConditionError(f"'{v.value}' is a bare word; a condition compares a field with a literal",
-                             v, hint=f'quote a string: "{v.value}"')
+                             v, hint=_bare_word_hint(v.value, path, ftype))
     if isinstance(v, (ast.Quantity, ast.List)):
         raise ConditionError(f"a {'list' if isinstance(v, ast.List) else 'quantity with a unit'} cannot be "
                              "compared", v, expected="a number, a string or true/false")

@@ -91,10 +91,19 @@ class Diagnostic:
             lines.append(f"  = note: {_clip(msg)}" + (f" ({q})" if q else ""))
         if self.hint:
             lines.append(f"  = help: {_clip(self.hint)}")
-        return "\n".join(lines)
+        return "\n".join(_printable(ln) for ln in lines)
 
 
 TEXT_MAX = 1000                        # a rendered message quoting a 1 MB string is cut here
+
+
+def _printable(text: str) -> str:
+    """`text` with its control characters escaped (an ESC as \\x1b, a NUL as \\x00): a file's
+    strings and lines reach the terminal as text, never as escape sequences that clear it or
+    hide what follows."""
+    if text.isprintable():
+        return text
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" else c for c in text)
 
 
 def _clip(text: str) -> str:
@@ -108,8 +117,9 @@ EXCERPT_WINDOW = 160
 
 @functools.lru_cache(maxsize=8)
 def _lines(text: str) -> tuple[str, ...]:
-    """The lines of a source, split once however many diagnostics point into it."""
-    return tuple(text.splitlines())
+    """The lines of a source, split once however many diagnostics point into it: at "\\n" alone,
+    as the parser counts them (str.splitlines also splits at a form feed, U+2028, …)."""
+    return tuple(text.removesuffix("\n").split("\n")) if text else ()
 
 
 def _excerpt(text: str, pos: SourcePos) -> list[str]:
@@ -130,8 +140,10 @@ def _excerpt(text: str, pos: SourcePos) -> list[str]:
         width = max(1, min(width, EXCERPT_WINDOW - (col - 1 - (1 if start else 0))))
     line = line.replace("\t", " ")
     gutter = f"{pos.line:>5}"
-    # the caret goes under the characters as a terminal shows them: wide ones (CJK) take two columns
-    caret = " " * _width(line[:col - 1]) + "^" * max(1, _width(line[col - 1:col - 1 + width]) or width)
+    # the caret goes under the characters as a terminal shows them: wide ones (CJK) take two columns,
+    # a control character the four of its escape (render prints it escaped)
+    before, under = _printable(line[:col - 1]), _printable(line[col - 1:col - 1 + width])
+    caret = " " * _width(before) + "^" * max(1, _width(under) or width)
     return [f"{gutter} | {line}".rstrip(), f"{' ' * len(gutter)} | {caret}"]
 
 
@@ -198,14 +210,19 @@ class Suggestions:
         self.budget = self.BUDGET if budget is None else budget   # read at each list, not at import
 
     def hint(self, name: str) -> str | None:
+        close = self.closest(name)
+        return f"did you mean '{close}'?" if close is not None else None
+
+    def closest(self, name: str) -> str | None:
+        """The candidate `hint` suggests, or None."""
         same = self.lower.get(name.lower())
         if same is not None and same != name:
-            return f"did you mean '{same}'?"
+            return same
         if len(self.cands) > self.budget:
             return None
         self.budget -= len(self.cands)
         close = difflib.get_close_matches(name, self.cands, n=1, cutoff=0.6)
-        return f"did you mean '{close[0]}'?" if close else None
+        return close[0] if close else None
 
 
 ONE_OF_MAX = 40                        # names listed in an `expected:` line; the rest counted

@@ -212,6 +212,7 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
     diags += _check_type_routes(r, carry, emits)
     diags += _check_streams(r, receives)
     diags += _check_loop_exits(r, g, carry, receives)
+    diags += _check_join_fan_out(r, g)
     budget_diags = _check_kv_budget(r)
     diags += budget_diags
     if not budget_diags:
@@ -239,6 +240,37 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
                                  bounded_stages(r), sends)
     if not unknown and not any(d.is_error for d in diags):
         diags += _check_sources(r, g, carry, sources)
+    return diags
+
+
+def _check_join_fan_out(r: Resolved, g: nx.DiGraph) -> list[Diagnostic]:
+    """A warning at a join that can only ever get one item per request: walking back from it,
+    no generate stage (n answers) and no stage with two ways on (a fan-out) comes before another
+    join's merged result or the request source."""
+    diags = []
+    for n, s in r.stages.items():
+        if s.kind is None or s.kind.name != "join":
+            continue
+        seen, todo, barriers = {n}, list(g.predecessors(n)), set()
+        fans = False
+        while todo and not fans:
+            u = todo.pop()
+            if u in seen:
+                continue
+            seen.add(u)
+            k = r.stages[u].kind
+            if k is None or k.name == "generate" or g.out_degree(u) > 1:
+                fans = True            # an unknown kind may fan out: no warning
+            elif k.name == "join":
+                barriers.add(u)        # one merged result per request leaves it
+            else:
+                todo.extend(g.predecessors(u))
+        if not fans:
+            after = f"what reaches it has passed {', '.join(f'join {b!r}' for b in sorted(barriers))}" if barriers \
+                else "no generate stage or fan-out comes before it"
+            diags.append(_warn(f"join '{n}' gets one item per request, so it merges nothing: {after}", s.pos,
+                               hint=f"remove '{n}', or fan out before it (several edges out of a stage, or "
+                                    "a generate stage: its n answers)"))
     return diags
 
 
@@ -449,10 +481,11 @@ def _check_cycles(g: nx.DiGraph, r: Resolved) -> list[Diagnostic]:
 
 
 def _check_ports(r: Resolved, registry: Registry, g: nx.DiGraph, carry: dict, receives: dict) -> list[Diagnostic]:
-    """Each edge can carry something; whatever a stage sends has an out-edge that carries it
-    (`carry`, `receives`: flow_types' result)."""
+    """Each edge can carry something, and carries on some of what its source sends; whatever a
+    stage sends has an out-edge that carries it (`carry`, `receives`: flow_types' result)."""
     diags = []
     mismatched = set()                 # stages with a reported bad edge: their dead ends are that
+    reported = set()                   # the edges of a port type mismatch
     for e in r.edges:
         a, b = r.stages[e.src], r.stages[e.dst]
         if a.kind is None or b.kind is None:
@@ -485,9 +518,27 @@ def _check_ports(r: Resolved, registry: Registry, g: nx.DiGraph, carry: dict, re
                               f"gives {shown}, '{b.name}' ({b.kind.name}) takes {' | '.join(sorted(takes))}",
                               e.pos, expected=f"an edge into a stage that takes {shown}", hint=hint))
             mismatched.add(a.name)
-    reported = {e.src for e in r.edges if r.stages[e.src].kind is not None}  # only stages with edges out
+            reported.add(e)
+    for e in r.edges:                  # b takes what a sends, but carries none of it on (b -> batcher only)
+        a, b = r.stages[e.src], r.stages[e.dst]
+        if a.kind is None or b.kind is None or a.kind.is_source or not receives[a.name] or e in reported \
+                or b.name in mismatched or not a.kind.outputs or not b.kind.inputs:
+            continue                   # a source's own check, or the edge that brings nothing to a, says it
+        sent = outputs(a.kind, a.params, receives[a.name]) & ITEM_TYPES
+        onward = carry[b.name] & ITEM_TYPES
+        if sent and onward and not sent & onward:
+            shown, kept = " | ".join(sorted(sent)), " | ".join(sorted(onward))
+            hint = f"remove the edge, or give '{b.name}' an edge towards a respond stage that takes {shown}"
+            if a.kind.name == "python" and "returns" not in a.given:
+                hint = f"if '{a.name}' turns its items into {kept}, say so: " \
+                       f"returns = {'request' if 'Request' in onward else 'generated'} (or any); else {hint}"
+            diags.append(_err(f"edge {a.name} -> {b.name} never carries an item: '{a.name}' ({a.kind.name}) gives "
+                              f"{shown}, and '{b.name}' ({b.kind.name}) leads only {kept} items on to a respond "
+                              "stage", e.pos, expected=f"an edge into a stage that carries {shown} on", hint=hint))
+            mismatched.add(a.name)
+    with_edges = {e.src for e in r.edges if r.stages[e.src].kind is not None}  # only stages with edges out
     for n, s in r.stages.items():
-        if s.kind is None or s.kind.is_sink or s.kind.is_source or n not in reported or n in mismatched:
+        if s.kind is None or s.kind.is_sink or s.kind.is_source or n not in with_edges or n in mismatched:
             continue
         sent = outputs(s.kind, s.params, receives[n]) & ITEM_TYPES
         onward = set().union(*(carry[v] for v in g.successors(n)))

@@ -21,6 +21,7 @@ MAX_PROGRAM_BYTES in all; a chain of uses is at most MAX_INCLUDE_DEPTH files lon
 
 from __future__ import annotations
 
+import codecs
 import os
 import stat
 import sys
@@ -28,8 +29,8 @@ import unicodedata
 from dataclasses import dataclass, field
 
 from . import ast
-from .diagnostics import ERROR, Diagnostic, SourcePos
-from .parser import parse
+from .diagnostics import ERROR, Diagnostic, SourcePos, Suggestions
+from .parser import newlines, parse
 
 
 @dataclass
@@ -92,6 +93,24 @@ def _size(n: int) -> str:
     return f"{round(n / 1024, 2):g} KiB" if n >= 1024 else f"{n} bytes"
 
 
+NEARBY_MAX = 1000     # files of a folder looked at for a did-you-mean on a missing file
+
+
+def nearby(real: str, shown: str | None = None) -> str | None:
+    """"did you mean 'sub/lib.agp'?" when a file of the missing `real` path's folder, with its
+    extension, has a close name (the first NEARBY_MAX entries looked at), spelt as `shown`."""
+    folder, name = os.path.split(real)
+    stem, ext = os.path.splitext(name)
+    try:
+        with os.scandir(folder or ".") as entries:
+            stems = [e.name[:len(e.name) - len(ext)] for e, _ in zip(entries, range(NEARBY_MAX))
+                     if e.name.endswith(ext) and e.is_file()]
+    except OSError:
+        return None
+    close = Suggestions(stems).closest(stem)     # the names without the extension they all share
+    return f"did you mean '{os.path.join(os.path.dirname(shown or real), close + ext)}'?" if close else None
+
+
 def read_bytes(path: str, file: str | None = None, at: SourcePos | None = None, what: str = "file",
                limit: int | None = None) -> tuple[bytes | None, list[Diagnostic]]:
     """The bytes of `path`, or None and a diagnostic: missing, unreadable, not a regular file
@@ -133,7 +152,8 @@ def read_bytes(path: str, file: str | None = None, at: SourcePos | None = None, 
         return b"".join(chunks), []
     except FileNotFoundError:
         return bad(f"{what} not found: '{path}'",
-                   "the path of an existing .agp file" + (", relative to the including file" if at else ""))
+                   "the path of an existing .agp file" + (", relative to the including file" if at else ""),
+                   nearby(real, path))
     except ValueError:                    # a NUL in the path
         return bad(f"cannot read '{path}': the path holds a NUL character", "the path of an .agp file")
     except OSError as exc:
@@ -143,8 +163,38 @@ def read_bytes(path: str, file: str | None = None, at: SourcePos | None = None, 
             os.close(fd)
 
 
+# the byte-order marks of the encodings an editor may save in instead of UTF-8 (UTF-32's first:
+# its little-endian mark starts with UTF-16's)
+_FOREIGN_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                 (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
+def _foreign_encoding(data: bytes) -> str | None:
+    """"UTF-16" or "UTF-32" when `data` is text in one of them (a byte-order mark, or the zero
+    bytes between ASCII characters that UTF-16 without a mark has), else None."""
+    for bom, name in _FOREIGN_BOMS:
+        if data.startswith(bom):
+            return name
+    head = data[:64]
+    if len(head) >= 2 and (head[0::2].count(0) == len(head[0::2]) or head[1::2].count(0) == len(head[1::2])):
+        return "UTF-16"
+    return None
+
+
+def shown_text(data: bytes) -> str:
+    """The text of a file that is not UTF-8, to show under its error: decoded as what it is."""
+    encoding = _foreign_encoding(data)
+    return data.decode(encoding.lower() if encoding else "utf-8", "replace")
+
+
 def decode(data: bytes, file: str) -> tuple[str | None, list[Diagnostic]]:
-    """UTF-8 text (a byte-order mark dropped), or None and an error at the first bad byte."""
+    """UTF-8 text (a byte-order mark dropped), or None and an error at the first bad byte (at
+    1:1 for a file in UTF-16 or UTF-32, which says so)."""
+    encoding = _foreign_encoding(data)
+    if encoding is not None:
+        return None, [Diagnostic(ERROR, f"file is {encoding}, not UTF-8", SourcePos.point(file, 1, 1),
+                                 expected="a text file encoded as UTF-8",
+                                 hint=f"re-save the file as UTF-8 (e.g. iconv -f {encoding.lower()} -t utf-8)")]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -261,9 +311,9 @@ def load_program(path: str, text: str | None = None, allow_paths=()) -> tuple[Pr
             source, ds = decode(data, disp)
             if ds:
                 diags.extend(ds)
-                prog.sources[disp] = data.decode("utf-8", "replace")   # for the caret of the error
+                prog.sources[disp] = shown_text(data)   # for the caret of the error
                 return
-        source = source.replace("\r\n", "\n")
+        source = newlines(source)
         prog.sources[disp] = source
         module, ds = parse(source, disp)
         diags.extend(ds)

@@ -136,7 +136,8 @@ def _context_hint(expected: set[str], tok: Token, prev: str = "") -> tuple[str |
             hint = "names are written without quotes"
         return _AFTER_WORD[prev], hint
     if exp == {"NAME"} and prev == ":":
-        return "a stage kind (agp stages lists them)", None
+        hint = f"a kind is written without quotes: {tok.value[1:-1]}" if tok.type == "STRING" else None
+        return "a stage kind (agp stages lists them)", hint
     if exp == {"EQUAL"}:
         hint = f"a parameter is written '{prev} = value', not '{prev}: value'" if tok.type == "COLON" else None
         return "'=' and a value after a setting or parameter name", hint
@@ -207,6 +208,12 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
             hint = "an edge is written '->'"
         elif ch == "-" and nxt.isspace():
             hint = "an edge is written '->' (no space between '-' and '>')"
+        elif ch == "-" and err.pos_in_stream and re.match(r"\w-\w", text[err.pos_in_stream - 1:]):   # my-stage
+            word = re.match(r"[\w-]*", text[err.pos_in_stream:]).group()
+            name = re.search(r"\w*$", text[:err.pos_in_stream]).group()
+            hint = f"names are letters, digits and '_', not '-': write {name}{word.replace('-', '_')}"
+        elif ch == "!":
+            hint = "a condition is negated with 'not' (when not stream == true); '!=' compares"
         elif ch == "'":
             hint = 'strings use double quotes: "…"'
         elif ch in "“”„«»":
@@ -234,6 +241,20 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
         hint = f"did you mean '{nxt}='?" if nxt in ("<", ">") else "did you mean '=='?"
     elif tok.type == "COMPARE" and tok.value == ">" and at and text[at - 1] == "=":   # src => batch
         hint = "an edge is written '->'"
+    elif tok.type == "EQUAL" and text[at + 1:at + 2] == ">":                           # a -> b => c
+        hint = "an edge is written '->'"
+    elif tok.type == "NUMBER" and tok.value.startswith(".") and re.search(r"[A-Za-z_]\w*$", text[:at]):
+        hint = "a key after '.' is a name: letters, digits and '_', not starting with a digit"   # metadata.1
+    elif tok.type == "ON" and _previous(text, at) == "}":                            # kv_lookup {} on copy
+        place = re.match(r"on[ \t]+(\w+)", text[at:])
+        kind = re.search(r":[ \t]*(\w+)[ \t]*\{[^{}]*\}[ \t]*$", text[:at])
+        hint = (f"a placement goes before the stage's {{ … }}: {kind.group(1) if kind else 'KIND'} "
+                f"on {place.group(1) if place else 'copy'} {{ … }}")
+    elif tok.type in ("NUMBER", "STRING") and _previous(text, at) in ("when", "and", "or", "not", "("):
+        flip = re.match(r'(\S+)[ \t]*(==|!=|<=|>=|<|>)[ \t]*([A-Za-z_][\w.]*)', text[at:])
+        if flip:                                                                    # when 5 < prompt_tokens
+            op = {"<": ">", ">": "<", "<=": ">=", ">=": "<="}.get(flip.group(2), flip.group(2))
+            hint = f"a comparison starts with its field: {flip.group(3)} {op} {flip.group(1)}"
     prev = _previous(text, at)
     if "EQUAL" in wanted and (prev in units.all_units() or units.respelled(1, prev, units.DURATION)
                               or units.respelled(1, prev, units.SIZE)):
@@ -244,6 +265,19 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
                               _point(file, text, m.start(), end - m.start()),
                               expected="a quantity written as one word: 10ms, 512MiB",
                               hint=f"write {m.group(1)}{prev}")
+    if "EQUAL" in wanted and re.fullmatch(r"_[\d_]*", prev):
+        end = _end_of_previous(text, at)
+        m = re.search(r"(?<![\w.])\d+$", text[:end - len(prev)])
+        if m:   # `max_new_tokens = 1_000`: the digits after the '_' were read as the next parameter's name
+            written = m.group() + prev
+            return Diagnostic(ERROR, f"digits grouped with '_' in '{written}'",
+                              _point(file, text, m.start(), len(written)),
+                              expected="a number written without separators", hint=f"write {written.replace('_', '')}")
+    if tok.type == "__ANON_0":
+        m = re.search(r"(\w+)[ \t]*->[ \t]*(\w+)[ \t]+when[ \t]+([^\n#]*?)[ \t]*$", text[:at])
+        if m:   # `a -> b when full -> c`: the condition ends the statement
+            hint = (f"a condition ends its edge statement: write `{m.group(1)} -> {m.group(2)} when {m.group(3)}`, "
+                    f"then `{m.group(2)} -> …` on a line of its own")
     if prev in ("when", "and", "or", "not") and tok.type in ("RBRACE", "$END", "STAGE", "PIPELINE", "USE"):
         w = _end_of_previous(text, at) - len(prev)       # point at the word that lacks its condition
         return Diagnostic(ERROR, f"missing condition after '{prev}'", _point(file, text, w, len(prev)),
@@ -256,6 +290,11 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
                               _point(file, text, m.start(), len(m.group(1))),
                               expected="a condition on the same line, e.g. when full or when prompt_tokens > 512",
                               hint=f"'{m.group(3)}' on the next line starts another edge, not the condition")
+    paren = _open_paren(text, at) if "RPAR" in wanted else None
+    if paren is not None and text.count("\n", paren, at):   # `when (a > 1` and the next line read on
+        return Diagnostic(ERROR, "'(' is not closed", _point(file, text, paren),
+                          expected="a ')' to close it, after the condition",
+                          hint=f"found {_found(tok)} on line {text.count(chr(10), 0, at) + 1} instead")
     msg = "unexpected end of file" if tok.type == "$END" else f"unexpected {_found(tok)}"
     expected = expected_words or _join(_describe_expected(wanted))
     if hint == "the value after '=' is missing":
@@ -269,6 +308,17 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
         if unclosed is not None:
             expected, hint = unclosed
     return Diagnostic(ERROR, msg, _tok_pos(file, tok, text), expected=expected, hint=hint)
+
+
+def _open_paren(text: str, at: int) -> int | None:
+    """The offset of the last '(' before `at` that no ')' closes (strings and comments aside)."""
+    opened: list[int] = []
+    for m in re.finditer(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*|[()]', text[:at]):
+        if m.group() == "(":
+            opened.append(m.start())
+        elif m.group() == ")" and opened:
+            opened.pop()
+    return opened[-1] if opened else None
 
 
 def _open_blocks(text: str) -> list[tuple[str, int]] | None:
@@ -294,6 +344,13 @@ def _open_blocks(text: str) -> list[tuple[str, int]] | None:
     return opened
 
 
+def _braces_balance(text: str) -> bool:
+    """Whether every '{' of `text` (strings and comments aside) has its '}', counted without
+    lexing, so a file with another error still counts."""
+    bare = re.sub(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*', "", text)
+    return bare.count("{") == bare.count("}")
+
+
 def _unclosed(text: str) -> str:
     """Which '{' is still open at the end of the file, in words."""
     opened = _open_blocks(text)
@@ -306,14 +363,24 @@ def _unclosed(text: str) -> str:
 def _unclosed_before(text: str, at: int, tok: Token) -> tuple[str, str] | None:
     """(expected, hint) when `tok` starts a statement that cannot stand where it is because a
     '{' before it was left open: `stage` (or `->` after a name) inside a stage's { … },
-    `pipeline` or `use` inside any block. None otherwise."""
+    `pipeline` or `use` inside any block. Where every '{' of the file is closed, the block's '}'
+    comes later: the statement stands in the wrong place instead. None otherwise."""
     if tok.type not in ("STAGE", "PIPELINE", "USE", "__ANON_0"):
         return None
     opened = _open_blocks(text[:at])
     if not opened:
         return None
     what, line = opened[-1]
-    if what.startswith("stage ") or tok.type in ("PIPELINE", "USE"):
+    misplaced = what.startswith("stage ") or tok.type in ("PIPELINE", "USE")
+    if misplaced and _braces_balance(text):
+        # every '{' of the file is closed: the statement stands inside a block, not after it
+        inside = f"a parameter of {what} (name = value)" if what.startswith("stage ") \
+            else f"a stage, setting or edge of {what}"
+        return inside, {"USE": f"`use` goes at the top level of a file, outside pipelines: move it before {what}",
+                        "PIPELINE": f"pipelines do not nest: close {what} with '}}' before this one starts",
+                        "STAGE": f"stages do not nest: declare this one after the '}}' of {what}"}.get(
+            tok.type, f"an edge goes in the pipeline, after the '}}' of {what}")
+    if misplaced:
         return f"'}}' to close {what} first", f"the '{{' of {what} (line {line}) is not closed"
     return None
 
@@ -691,17 +758,23 @@ def quote(s: str) -> str:
     return '"' + "".join(out) + '"'
 
 
+def newlines(text: str) -> str:
+    """`text` with every line break a "\\n": CRLF and a lone CR (old Mac files) become "\\n", as an
+    editor shows them. Lines are counted at "\\n" alone everywhere (the lexer, the excerpts of
+    diagnostics), so a form feed or U+2028 inside a comment starts no line."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def parse(text: str, file: str = "<string>") -> tuple[ast.Module | None, list[Diagnostic]]:
     """Parse one file's text. Returns (module, []) or (None, [its syntax errors, up to
     MAX_SYNTAX_ERRORS])."""
     comments: list[ast.Comment] = []
 
     def on_comment(tok: Token):
-        comments.append(ast.Comment(str(tok).rstrip("\r"), SourcePos(file, tok.line, tok.column,
-                                                                     tok.end_line, tok.end_column)))
+        comments.append(ast.Comment(str(tok), SourcePos(file, tok.line, tok.column, tok.end_line, tok.end_column)))
         return tok
 
-    text = text.replace("\r\n", "\n")
+    text = newlines(text)
     refused = _prescan(text, file)
     if refused is not None:
         return None, [refused]
@@ -764,12 +837,14 @@ def _offset(text: str, pos: SourcePos) -> int:
 
 def _statement_around(text: str, line: int) -> tuple[int, int] | None:
     """(start, end) of the lines holding the statement of an error found at `line` (1-based):
-    that line, and on through the line that closes a '{' or '[' it opens. None where the lines
+    that line, and on through the line that closes a '{', '[' or '(' it opens (a '}' closes the
+    '[' and '(' left open inside its block: `stop = ["a" }` is one line). None where the lines
     close more than they open (the error is a block's: blanking it would unbalance the file)."""
     start = 0
     for _ in range(line - 1):
         start = text.index("\n", start) + 1
-    depth, i, n = 0, start, len(text)
+    opened: list[str] = []
+    i, n = start, len(text)
     while i < n:
         c = text[i]
         if c == '"':
@@ -782,16 +857,21 @@ def _statement_around(text: str, line: int) -> tuple[int, int] | None:
             nl = text.find("\n", i)
             i = n if nl < 0 else nl
             continue
-        if c in "{[":
-            depth += 1
-        elif c in "}]":
-            depth -= 1
-            if depth < 0:
+        if c in "{[(":
+            opened.append(c)
+        elif c in "])":
+            if opened and opened[-1] == {"]": "[", ")": "("}[c]:
+                opened.pop()
+        elif c == "}":
+            while opened and opened[-1] != "{":
+                opened.pop()
+            if not opened:
                 return None
-        elif c == "\n" and depth == 0:
+            opened.pop()
+        elif c == "\n" and not opened:
             return start, i
         i += 1
-    return (start, n) if depth == 0 else None
+    return (start, n) if not opened else None
 
 
 def _too_deep(depth: int, what: str, pos: SourcePos) -> Diagnostic:

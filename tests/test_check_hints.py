@@ -206,3 +206,26 @@ def test_a_label_the_python_stage_never_returns_is_a_warning_at_the_label(tmp_pa
     assert [d.message.split(": ", 1)[1] for d in got] == ([warned] if warned else [])
     if warned and "questions" in edge:
         assert got[0].hint == "did you mean 'question'?" and (got[0].pos.line, got[0].pos.col) == (12, 19)
+
+
+def _routed(cond: str) -> str:
+    return SEED.replace("request -> batch\n", f"request -> route\n    route -> batch when {cond}\n"
+                        "    route -> batch otherwise\n").replace("stage batch", "stage route : route {}\n    stage batch")
+
+
+@pytest.mark.parametrize("cond, hint", [
+    ("max_tokens > prompt_tokens", "'prompt_tokens' is a field: two fields cannot be compared; compare each "
+                                   "with a literal"),
+    ("stream == True", "write true"),
+    ("metadata.vip == False", "write false"),
+    ("model == null", "there is no null: a field the item does not carry makes ==, <, <=, >, >= false and != true"),
+    ("prompt_tokens > many", "'prompt_tokens' is a number: compare it with a number"),
+    ("stream == yes", "'stream' is a boolean: compare it with true or false"),
+    ("model == smollm", 'quote a string: "smollm"'),
+])
+def test_a_bare_word_in_a_comparison_gets_the_fix_its_field_takes(cond, hint):
+    """Quoting is the fix for a string field only: "True" for a boolean, or a quoted field name,
+    would be the next error."""
+    err = one(_routed(cond))
+    assert err.message.endswith("is a bare word; a condition compares a field with a literal")
+    assert err.hint == hint and at(err) == (11, 25 + cond.rindex(" ") + 1)

@@ -71,6 +71,18 @@ def test_json_schema_file_not_found_is_an_error_at_the_value(tmp_path, monkeypat
     assert render_file(f) == _schema_error(f, "nope.json", "json_schema file not found: 'nope.json'")
 
 
+def test_a_misspelt_json_schema_file_gets_a_did_you_mean_from_its_folder_only(tmp_path, monkeypatch):
+    """A close name beside the pipeline is suggested; a folder outside the pipeline's is never
+    listed (a suggestion would tell its file names)."""
+    monkeypatch.chdir(tmp_path)
+    f = _schema_pipeline(tmp_path, "shema.json", "{}", name="schema.json")
+    assert render_file(f) == _schema_error(f, "shema.json", "json_schema file not found: 'shema.json'",
+                                           "did you mean 'schema.json'?")
+    (tmp_path / "secret.json").write_text("{}")
+    f = _schema_pipeline(tmp_path, "../secrt.json")
+    assert "did you mean" not in render_file(f)
+
+
 def test_json_schema_file_that_is_not_json(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     f = _schema_pipeline(tmp_path, "s.json", "{not json")
@@ -929,7 +941,7 @@ def label(item):
 def test_join_policy_and_fn_that_do_not_go_together_and_a_misspelt_function(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mymod.py").write_text(MYMOD)
-    text = pipeline().replace("gen -> out", "gen -> j1 -> j2 -> j3 -> out").replace(
+    text = pipeline().replace("gen -> out", "gen -> j1 -> out\n    gen -> j2 -> out\n    gen -> j3 -> out").replace(
         "stage out", 'stage j1 : join { policy = majority  fn = "mymod:merge" }\n    stage j2 : join { policy = fn }\n'
                      '    stage j3 : join { fn = "mymod:merj" }\n    stage out')
     assert render(text) == f"""\

@@ -9,7 +9,7 @@ import pytest
 
 import pipeline_dsl
 from pipeline_dsl import ast, units
-from pipeline_dsl.diagnostics import CheckFailed, SourcePos, did_you_mean, has_errors
+from pipeline_dsl.diagnostics import CheckFailed, SourcePos, did_you_mean, has_errors, render_all
 from pipeline_dsl.graph import build_graph
 from pipeline_dsl.parser import parse
 from stages import registry as reg_mod
@@ -155,6 +155,8 @@ def test_load_pipeline_graph_raises_check_failed_with_diagnostics(tmp_path):
     with pytest.raises(CheckFailed, match="no pipeline named 'q'"):
         f.write_text(pipeline())
         pipeline_dsl.load_pipeline_graph(str(f), "q")
+    with pytest.raises(CheckFailed, match="no pipeline named '' in"):     # not "defines no pipeline"
+        pipeline_dsl.load_pipeline_graph(str(f), "")
 
 
 def test_every_pipeline_of_a_file_and_its_includes_becomes_a_graph():
@@ -209,6 +211,27 @@ def test_a_file_of_uses_alone_runs_what_its_include_runs(tmp_path):
             == "common"
 
 
+@pytest.mark.parametrize("written", ["sub/lbi.agp", "sub/Lib.agp", "sub/libs.agp"])
+def test_an_include_not_found_suggests_a_close_file_of_its_folder(tmp_path, written):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "lib.agp").write_text(pipeline().replace("pipeline p", "pipeline lib"))
+    (tmp_path / "sub" / "notes.txt").write_text("lib")
+    (tmp_path / "main.agp").write_text(f'use "{written}"\n' + pipeline())
+    _, (d,) = pipeline_dsl.load(str(tmp_path / "main.agp"))
+    assert d.message == f"include not found: '{tmp_path / written}'"
+    assert d.hint == f"did you mean '{tmp_path / 'sub' / 'lib.agp'}'?"
+
+
+def test_a_root_file_not_found_suggests_a_close_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "chat.agp").write_text(pipeline())
+    (tmp_path / "one_line.agp").write_text(pipeline())
+    _, (d,) = pipeline_dsl.load("caht.agp")
+    assert (d.message, d.hint) == ("file not found: 'caht.agp'", "did you mean 'chat.agp'?")
+    _, (d,) = pipeline_dsl.load("nonexist.agp")    # names compared without the '.agp' they share
+    assert d.hint is None
+
+
 def test_include_cycle_is_reported_once_with_the_chain(tmp_path):
     (tmp_path / "a.agp").write_text('use "b.agp"\n')
     (tmp_path / "b.agp").write_text('use "c.agp"\n')
@@ -225,6 +248,42 @@ def test_file_that_is_not_utf8_is_an_error_at_the_bad_byte(tmp_path):
     _, diags = pipeline_dsl.load(str(f))
     (d,) = diags
     assert "not valid UTF-8" in d.message and (d.pos.line, d.pos.col) == (2, 15)
+
+
+@pytest.mark.parametrize("encoding, bom, name", [
+    ("utf-16-le", b"\xff\xfe", "UTF-16"), ("utf-16-be", b"\xfe\xff", "UTF-16"), ("utf-16-le", b"", "UTF-16"),
+    ("utf-32-le", b"\xff\xfe\x00\x00", "UTF-32"),
+])
+def test_a_file_saved_as_utf16_or_utf32_is_named_so(tmp_path, encoding, bom, name):
+    """Windows editors save "Unicode" as UTF-16: the error says which encoding it is and how to
+    convert it (not latin1), and shows the line as the editor does, without its zero bytes."""
+    f = tmp_path / "x.agp"
+    f.write_bytes(bom + pipeline().encode(encoding))
+    program, diags = pipeline_dsl.load(str(f))
+    (d,) = diags
+    assert (d.message, d.pos.line, d.pos.col) == (f"file is {name}, not UTF-8", 1, 1)
+    assert f"iconv -f {name.lower()} -t utf-8" in d.hint
+    assert "\x00" not in render_all(diags, program.sources)
+
+
+@pytest.mark.parametrize("separator", ["\x0c", "\u2028", "\x85", "\x1e"])
+def test_a_form_feed_or_unicode_separator_in_a_comment_starts_no_line(separator):
+    """Lines are counted at "\\n" by the parser: the excerpt under an error is the line it
+    names, not the one before it."""
+    text = f"# part one{separator} of two\n" + pipeline(gen="max_new_tokns = 4")
+    program, diags = pipeline_dsl.loads(text, "t.agp")
+    (d,) = diags
+    shown = render_all(diags, program.sources)
+    assert "max_new_tokns" in shown.splitlines()[1] and shown.splitlines()[1].startswith(f"{d.pos.line:5} |")
+
+
+def test_a_file_with_old_mac_line_breaks_is_read_line_by_line():
+    """A lone CR breaks a line, as editors show it: the error stands at its line and column."""
+    program, diags = pipeline_dsl.loads(pipeline(gen="max_new_tokns = 4").replace("\n", "\r"), "t.agp")
+    (d,) = diags
+    assert (d.pos.line, d.pos.col) == (9, 37)
+    assert render_all(diags, program.sources).splitlines()[1] == \
+        "    9 |     stage gen     : generate      { max_new_tokns = 4 }"
 
 
 def test_missing_root_file_is_an_error_not_an_exception(tmp_path):
@@ -532,6 +591,44 @@ def test_a_block_left_open_before_the_next_statement_is_named(text, line, col, f
     assert d.expected.startswith("'}' to close ")
 
 
+@pytest.mark.parametrize("line, hint", [
+    ('use "common.agp"', "`use` goes at the top level of a file, outside pipelines: move it before pipeline 'p'"),
+    ("pipeline q {}", "pipelines do not nest: close pipeline 'p' with '}' before this one starts"),
+])
+def test_use_or_pipeline_inside_a_closed_pipeline_is_misplaced_not_unclosed(line, hint):
+    """The pipeline's '}' comes later: saying it is not closed sends the user after a brace
+    that is there."""
+    _, (d,) = parse("pipeline p {\n    stage out : respond {}\n    " + line + "\n}\n", "t.agp")
+    assert (d.pos.line, d.pos.col, d.hint) == (3, 5, hint)
+    assert d.expected == "a stage, setting or edge of pipeline 'p'"
+
+
+@pytest.mark.parametrize("line, col, hint", [
+    ("stage out : respond { gen -> out }", 31, "an edge goes in the pipeline, after the '}' of stage 'out'"),
+    ("stage gen : generate { stage out : respond {} }", 28,
+     "stages do not nest: declare this one after the '}' of stage 'gen'"),
+])
+def test_an_edge_or_stage_inside_a_closed_stage_block_is_misplaced_not_unclosed(line, col, hint):
+    _, (d,) = parse("pipeline p {\n    " + line + "\n}\n", "t.agp")
+    assert (d.pos.line, d.pos.col, d.hint) == (2, col, hint)
+    assert d.expected.startswith("a parameter of stage ")
+
+
+def test_a_parenthesis_left_open_in_a_condition_is_one_error_at_the_parenthesis():
+    """Newlines are free inside a condition: the lines after the '(' were each reported as an
+    unexpected name, none at the '(' that lacks its ')'."""
+    _, diags = parse("pipeline p {\n    a -> b when (n > 1\n    a -> c otherwise\n    c -> d\n}\n", "t.agp")
+    assert [(d.message, d.pos.line, d.pos.col, d.hint) for d in diags] == [
+        ("'(' is not closed", 2, 17, "found name 'a' on line 3 instead")]
+
+
+def test_a_list_left_open_before_the_stage_brace_is_one_error():
+    """The '}' after the list closes the stage: recovery blanks that line alone, not the rest of
+    the pipeline (which reported the pipeline as not closed)."""
+    _, diags = parse('pipeline p {\n    stage g : generate { stop = ["a" }\n    stage out : respond {}\n}\n', "t.agp")
+    assert [(d.message, d.pos.line) for d in diags] == [("unexpected '}'", 2)]
+
+
 @pytest.mark.parametrize("line, message, col, hint", [
     ("src -> out when prompt_tokens = 5", "unexpected '='", 35, "did you mean '=='?"),
     ("src -> out when prompt_tokens =< 5", "unexpected '='", 35, "did you mean '<='?"),
@@ -540,6 +637,22 @@ def test_a_block_left_open_before_the_next_statement_is_named(text, line, col, f
     ("src -> out when full || timeout", "unexpected character '|'", 26, "conditions are joined with 'or' (when a or b)"),
     ("stage g : generate { max_new_tokens = 0x10 }", "hexadecimal number '0x10' is not taken", 43, "write 16"),
     ("src => batch", "unexpected '>'", 10, "an edge is written '->'"),
+    ("src -> mid => batch", "unexpected '='", 16, "an edge is written '->'"),
+    ("stage my-out : respond {}", "unexpected character '-'", 13,
+     "names are letters, digits and '_', not '-': write my_out"),
+    ("src -> out when !full", "unexpected character '!'", 21,
+     "a condition is negated with 'not' (when not stream == true); '!=' compares"),
+    ("stage kv : kv_lookup {} on copy", "unexpected 'on'", 29,
+     "a placement goes before the stage's { … }: kv_lookup on copy { … }"),
+    ("src -> out when 5 <= prompt_tokens", "unexpected number '5'", 21,
+     "a comparison starts with its field: prompt_tokens >= 5"),
+    ('src -> out when "x" == model', "unexpected string \"x\"", 21, 'a comparison starts with its field: model == "x"'),
+    ("src -> mid when full -> out", "unexpected '->'", 26, "a condition ends its edge statement: write "
+     "`src -> mid when full`, then `mid -> …` on a line of its own"),
+    ('stage out : "respond" {}', 'unexpected string "respond"', 17, "a kind is written without quotes: respond"),
+    ("stage g : generate { max_new_tokens = 1_000 }", "digits grouped with '_' in '1_000'", 43, "write 1000"),
+    ('src -> out when metadata.1 == "x"', "unexpected number '.1'", 29,
+     "a key after '.' is a name: letters, digits and '_', not starting with a digit"),
 ])
 def test_syntax_slips_from_other_languages_get_a_hint(line, message, col, hint):
     _, (d,) = parse("pipeline p {\n    " + line + "\n}\n", "t.agp")
@@ -584,3 +697,18 @@ def test_the_caret_is_placed_by_display_width_after_wide_characters():
     assert marks == " " * (col - 1 + 4) + "^^^^"
     d = Diagnostic(ERROR, "a wide span", SourcePos("t.agp", 1, line.index("你") + 1, 1, line.index("你") + 5))
     assert d.render({"t.agp": line}).splitlines()[2].split(" | ", 1)[1] == " " * line.index("你") + "^" * 8
+
+
+def test_control_characters_of_a_file_are_printed_escaped_never_sent_to_the_terminal():
+    """A comment holding an ESC sequence (clear the screen) or a string with \\u001b: the printed
+    diagnostic shows them as \\x1b, and the caret stays under what it marks; --json keeps them."""
+    text = 'pipeline p {\n    model = "\\u001b[2Jx"\n    stage x : respnd {}  # \x1b[2J\x07\n}\n'
+    program, diags = pipeline_dsl.loads(text, "t.agp")
+    shown = render_all(diags, program.sources)
+    assert "\x1b" not in shown and "\x07" not in shown
+    assert "    3 |     stage x : respnd {}  # \\x1b[2J\\x07\n      |               ^^^^^^\n" in shown
+    assert "model not found: '\\x1b[2Jx'" in shown
+    assert any(d.message == "model not found: '\x1b[2Jx'" for d in diags)      # the message itself is kept
+    program, diags = pipeline_dsl.loads('pipeline p {\n    stage \x00x : respond {}\n}\n', "t.agp")
+    assert render_all(diags, program.sources).splitlines()[1:3] == [
+        "    2 |     stage \\x00x : respond {}", "      |           ^^^^"]

@@ -82,6 +82,19 @@ def test_no_traceback_on_bad_input(tmp_path):
         assert "Traceback" not in r.stderr and r.stderr.strip()
 
 
+@pytest.mark.parametrize("command", [["fmt"], ["render", "-o", "x.dot"], ["plan"], ["run", "-i", "in.jsonl"]])
+def test_every_command_refuses_a_bad_file_with_the_diagnostics_of_check(tmp_path, command):
+    """What check prints for a file (here an error fmt can see too), the other commands print
+    byte for byte, with its exit code 2."""
+    bad = tmp_path / "bad.agp"
+    bad.write_text("pipeline p {\n    stage out : respond {}\n    a -> b => c\n}\n")
+    (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
+    checked = agp("check", str(bad), cwd=tmp_path)
+    r = agp(command[0], str(bad), *command[1:], cwd=tmp_path)
+    assert (r.returncode, r.stderr) == (checked.returncode, checked.stderr) == (2, checked.stderr)
+    assert checked.stderr.endswith("1 error\n")
+
+
 def test_internal_errors_are_hidden_unless_debug(monkeypatch, capsys):
     def boom(args):
         raise RuntimeError("kaput")

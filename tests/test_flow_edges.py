@@ -75,6 +75,15 @@ def test_a_request_s_defaults_and_its_prompt_tokens_counted_only_when_asked():
     assert get("model") == ""
 
 
+@pytest.mark.parametrize("rid, value", [(2, "2"), ("r1", "r1"), (-7, "-7")])
+def test_the_id_field_is_a_string_also_for_agp_run_s_integer_ids(rid, value):
+    """`id` is a string field (check refuses `id == 2`), and agp run gives a line without an id
+    its line number, an integer: `when id == "2"` never held for line 2."""
+    assert fields({"id": rid, "prompt": "x"}, R, prompt_tokens=never)("id") == value
+    assert fields({"text": "t", "request": {"id": rid, "prompt": "x"}}, G, prompt_tokens=never)("id") == value
+    assert fields({"prompt": "x"}, R, prompt_tokens=never)("id") is C.MISSING
+
+
 GEN = {"text": "hello", "finish_reason": "length", "request": REQ,
        "usage": {"prompt_tokens": 9, "completion_tokens": 4, "cached_tokens": 8}}
 

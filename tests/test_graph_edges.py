@@ -840,6 +840,33 @@ def test_a_python_stage_that_says_returns_same_gets_no_returns_hint():
         """)
 
 
+def test_an_edge_into_a_route_that_can_carry_none_of_its_items_on_is_an_error():
+    """gen -> judge -> r -> b2: r takes the Generated results, but its only way on is a batcher,
+    so `judge -> r when bad` is never taken (each result falls to `otherwise`). It was accepted
+    in silence, while gen -> judge -> b2 and gen -> r -> b2 are port errors."""
+    assert check(chain("""\
+        stage judge : python { fn = "json:loads" }
+        stage r : route {}
+        stage b2 : dynamic_batch {}
+        stage e2 : encode {}
+        stage k2 : kv_lookup {}
+        stage g2 : generate {}
+        request -> batch
+        gen -> judge
+        judge -> r when bad
+        judge -> out otherwise
+        r -> b2 -> e2 -> k2 -> g2 -> out
+        """)) == expect("""\
+        t.agp:20:5: error: edge judge -> r never carries an item: 'judge' (python) gives Generated, and 'r' (route) leads only Request items on to a respond stage
+           20 |     judge -> r when bad
+              |     ^^^^^^^^^^
+          = expected: an edge into a stage that carries Generated on
+          = help: if 'judge' turns its items into Request, say so: returns = request (or any); else remove the edge, or give 'r' an edge towards a respond stage that takes Generated
+
+        1 error
+        """)
+
+
 def test_a_python_stage_given_results_into_the_batcher_is_told_to_say_returns_request():
     assert check(chain("""\
         stage q : python { fn = "json:loads"  max_turns = 2 }
@@ -1248,3 +1275,28 @@ def test_a_batcher_edge_when_not_full_leaves_only_full_batches_nowhere_to_go():
     (d,) = load(SEED.replace("    batch -> encode when full\n    batch -> encode when timeout\n",
                              "    batch -> encode when not full\n"))[1]
     assert d.message.startswith("full items of 'batch' have nowhere to go")
+
+
+def test_a_join_after_a_join_with_nothing_fanning_out_between_is_a_warning():
+    """gen -> vote -> vote2: vote2 gets vote's one result per request and merges nothing."""
+    assert check(chain("""\
+        stage vote : join { policy = majority }
+        stage guard : python { fn = "json:loads" }
+        stage vote2 : join {}
+        request -> batch
+        gen -> vote -> guard -> vote2 -> out
+        """)) == expect("""\
+        t.agp:14:11: warning: join 'vote2' gets one item per request, so it merges nothing: what reaches it has passed join 'vote'
+           14 |     stage vote2 : join {}
+              |           ^^^^^
+          = help: remove 'vote2', or fan out before it (several edges out of a stage, or a generate stage: its n answers)
+
+        1 warning
+        """)
+
+
+@pytest.mark.parametrize("edges", [["gen -> vote -> out", "gen -> log -> vote"], ["gen -> log -> vote -> out"]])
+def test_a_join_after_a_fan_out_or_a_generate_stage_is_not_warned(edges):
+    body = ["stage vote : join { policy = majority }", "stage log : python { fn = \"json:loads\" }",
+            "request -> batch"] + edges
+    assert check(chain("".join(line + "\n" for line in body))) == ""

@@ -32,7 +32,7 @@ def main(args) -> int:
         path, text = read_pipeline_source(args.pipeline)      # FILE '-': stdin, named <stdin>
         graph = load_pipeline_graph(path if text is not None else Path(path), args.name, args.allow_path, text=text)
     except CheckFailed as e:
-        print(e.render(), file=sys.stderr)
+        sys.stderr.write(e.render())
         return 2
     except (OSError, UnicodeDecodeError) as e:
         print(f"agp plan: error: cannot read {args.pipeline}: {e}", file=sys.stderr)

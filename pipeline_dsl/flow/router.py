@@ -106,6 +106,9 @@ def fields(data: dict, item_kind: str, *, prompt_tokens: Callable[[], int], turn
             return req.get("model") or served_name
         if path == "n":
             return req.get("n", 1)
+        if path == "id":                 # a string field: agp run's integer ids (a line's number) too
+            rid = req.get("id", C.MISSING)
+            return str(rid) if isinstance(rid, int) and not isinstance(rid, bool) else rid
         if path in ("completion_tokens", "cached_tokens"):
             return usage.get(path, C.MISSING) if item_kind == GENERATED else C.MISSING
         if path in ("text", "finish_reason"):
