@@ -172,6 +172,26 @@ def test_text_offsets_count_no_text_for_tokens_the_text_leaves_out(tmp_path, ski
         s.close()
 
 
+def test_text_offsets_of_an_echoed_sentencepiece_prompt_start_at_its_first_word(tmp_path):
+    """A SentencePiece prompt's first word reads " the" as a token but "the" at the start of the
+    echoed prompt: it begins at 0 and takes three characters, so every later offset (the
+    answer's too) points at its token's text, whole and streamed."""
+    s = LiveServer(write_tiny_gguf(tmp_path / "spm.gguf", tokenizer="spm"))
+    try:
+        kw = dict(model="tiny", prompt="the cat and the world", max_tokens=3, echo=True, logprobs=0,
+                  temperature=0, extra_body={"ignore_eos": True})
+        whole = s.client.completions.create(**kw).choices[0]
+        lp = whole.logprobs
+        assert lp.tokens[:3] == ["<s>", " the", " cat"] and lp.text_offset[:3] == [0, 0, 3]
+        assert whole.text.startswith("the cat and the world")
+        assert all(whole.text[o:o + len(t)] == t for o, t in zip(lp.text_offset[2:], lp.tokens[2:]))
+        chunks = list(s.client.completions.create(**kw, stream=True))
+        assert [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == \
+            lp.text_offset
+    finally:
+        s.close()
+
+
 def test_batched_prompts_are_scored_each_as_alone(server):
     prompts = [PROMPT, "hello world", tokenize(server, "the world and the cat")]
     alone = [server.client.completions.create(model="tiny", prompt=p, max_tokens=0, echo=True, logprobs=2)

@@ -462,8 +462,10 @@ class TextOffsets:
     have completed so far: a token that begins inside a character points at that character.
     A token of `special` the text leaves out takes no characters: a generated one when
     `skip_special_tokens` (the request's flag) drops it from the answer, a prompt's one that is
-    not in the echoed prompt (the start token the tokenizer put first). One instance follows one
-    choice's tokens in order (a stream's chunks too)."""
+    not in the echoed prompt (the start token the tokenizer put first). A prompt's token whose
+    text begins with a space the echoed prompt does not hold there (a SentencePiece prompt's
+    first word: its "▁" is a space inside a text, none at its start) begins after that space.
+    One instance follows one choice's tokens in order (a stream's chunks too)."""
 
     def __init__(self, bytes_of, start: int = 0, special=frozenset(), skip_special_tokens: bool = True):
         self.bytes_of = bytes_of                 # token id -> its own bytes (part of a character too)
@@ -474,12 +476,14 @@ class TextOffsets:
     def next(self, token_id: int, shown_in: str | None = None) -> int:
         """The offset of this token, then move past it; `shown_in`: the prompt text it is echoed in
         (a prompt's token), else it is a generated one."""
-        at = self.pos
+        at, data = self.pos, self.bytes_of(token_id)
         if token_id in self.special:
-            piece = self.bytes_of(token_id).decode("utf-8", "replace")
+            piece = data.decode("utf-8", "replace")
             if not (shown_in.startswith(piece, at) if shown_in is not None else not self.skip):
                 return at
-        self.pos += len(self._decoder.decode(self.bytes_of(token_id)))
+        if shown_in is not None and data.startswith(b" ") and not shown_in.startswith(" ", at):
+            data = data[1:]
+        self.pos += len(self._decoder.decode(data))
         return at
 
 
