@@ -112,7 +112,7 @@ ITEM_FIELDS = {
     "add_generation_prompt": (lambda v: isinstance(v, bool), "true or false"),
     "continue_final_message": (lambda v: isinstance(v, bool), "true or false"),
     "truncate_prompt_tokens": (lambda v: _is_int(v) and (v >= 1 or v == -1),
-                               "a positive integer (or -1: the model's context)"),
+                               "a positive integer (or -1: the context)"),
     "pooling": (lambda v: v == "mean", '"mean"'),
 }
 KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", "tools", "tool_choice", "logit_bias",

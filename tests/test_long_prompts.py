@@ -178,6 +178,26 @@ def test_the_server_serves_the_pools_context_and_cuts_a_left_out_max_tokens_to_i
         server.close()
 
 
+def test_the_servers_refusals_name_the_pools_context_not_as_the_models(spread_long):
+    """256 KiB of KV holds 512 tokens of a 4096-token model: a request beyond 512 tokens is a 400
+    that names the context of 512, never "the model's context of 512" (the model's is 4096)."""
+    server = LiveServer(spread_long, text=SMALL_POOL.format(model=spread_long))
+    try:
+        said = []
+        for path, body in (("/v1/completions", {"prompt": "hi", "max_tokens": 600}),
+                           ("/v1/completions", {"prompt": [5] * 600, "max_tokens": 1}),
+                           ("/v1/completions", {"prompt": "hi", "truncate_prompt_tokens": 600}),
+                           ("/v1/embeddings", {"input": [[5] * 600]}),
+                           ("/detokenize", {"tokens": [5] * 600})):
+            r = httpx.post(server.url + path, json={"model": "tiny", **body}, timeout=60)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+            said.append(r.json()["error"]["message"])
+        assert all("512" in m and "model's" not in m for m in said), said
+        assert "beyond the context of 512 tokens" in said[0]
+    finally:
+        server.close()
+
+
 RUN = SMALL_POOL.replace("256KiB", "4MiB").replace("max_new_tokens = 64", "max_new_tokens = 4")
 
 

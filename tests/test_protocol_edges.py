@@ -307,8 +307,8 @@ def small(obj):
     (["a", [1, 2], [5, -4]], "'prompt[2][1]' = -4 is not a token id (an integer from 0)", None),
     ({"a": 1}, "'prompt' must be a string, an array of token ids, or an array of those, not an object "
                "({\"a\": 1})", None),
-    ([1] * 9, "'prompt' holds 9 tokens, beyond the model's context of 8", "context_length_exceeded"),
-    (["a", [1] * 9], "'prompt[1]' holds 9 tokens, beyond the model's context of 8", "context_length_exceeded"),
+    ([1] * 9, "'prompt' holds 9 tokens, beyond the context of 8 tokens", "context_length_exceeded"),
+    (["a", [1] * 9], "'prompt[1]' holds 9 tokens, beyond the context of 8 tokens", "context_length_exceeded"),
     (["a"] * 257, "'prompt' holds 257 prompts; at most 256 a request", None),
     (None, "'prompt' is required", None),
 ])
@@ -346,11 +346,11 @@ def test_more_than_256_answers_a_request_is_refused(prompts, n, message, param):
 def test_max_tokens_beyond_the_context_names_the_field_the_client_wrote():
     e = refused(small, {"prompt": "a", "max_tokens": 9})
     assert (e.message, e.param, e.code) == (
-        "'max_tokens' = 9 is beyond the model's context of 8 tokens, which the prompt shares; "
+        "'max_tokens' = 9 is beyond the context of 8 tokens, which the prompt shares; "
         "ask for at most 8 less the prompt's tokens", "max_tokens", "context_length_exceeded")
     e = refused(chat, {"messages": HI, "max_completion_tokens": 9, "max_tokens": 2}, max_model_len=8)
     assert (e.message, e.param) == (
-        "'max_completion_tokens' = 9 is beyond the model's context of 8 tokens, which the prompt shares; "
+        "'max_completion_tokens' = 9 is beyond the context of 8 tokens, which the prompt shares; "
         "ask for at most 8 less the prompt's tokens", "max_completion_tokens")
     assert chat({"messages": HI, "max_tokens": 5}).fields == {"max_tokens": 5}
     assert chat({"messages": HI, "max_completion_tokens": 6, "max_tokens": 5}).fields == {"max_tokens": 6}
@@ -482,7 +482,7 @@ def test_detokenize_takes_token_ids_up_to_the_context():
     assert detokenize({"tokens": [0, 2], "model": "gen"}, max_model_len=2) == ([0, 2], "gen")
     assert detokenize({"tokens": []}) == ([], None)
     e = refused(detokenize, {"tokens": [1, 2, 3]}, max_model_len=2)
-    assert (e.message, e.param, e.code) == ("'tokens' holds 3 ids; at most 2 (the model's context)", "tokens",
+    assert (e.message, e.param, e.code) == ("'tokens' holds 3 ids; at most 2 (the context)", "tokens",
                                             "context_length_exceeded")
     for bad, message in (([1, -2], "'tokens[1]' = -2 is not a token id (an integer from 0)"),
                          ([True], "'tokens[0]' = true is not a token id (an integer from 0)"),

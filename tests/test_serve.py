@@ -91,7 +91,7 @@ def test_bad_message_role_and_content_are_named():
 
 
 def test_max_tokens_beyond_the_context_is_rejected():
-    with pytest.raises(P.APIError, match="beyond the model's context of 512 tokens") as e:
+    with pytest.raises(P.APIError, match="beyond the context of 512 tokens") as e:
         parse_chat({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 513})
     assert e.value.code == "context_length_exceeded"
     with pytest.raises(P.APIError, match="'max_completion_tokens' = 600"):
@@ -305,7 +305,7 @@ def test_raw_sse_stream_ends_with_done(server):
     ("/v1/completions", b'{"prompt": "hi", "max_tokens": "8"}', 400, "'max_tokens' must be an integer"),
     ("/v1/chat/completions", b'{"messages": []}', 400, "'messages' is empty"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}',
-     400, "beyond the model's context"),
+     400, "beyond the context of"),
     ("/v1/completions", json.dumps({"prompt": "the cat " * 300, "max_tokens": 8}).encode(), 400,
      "exceeds the model's context"),
     ("/v1/completions", json.dumps({"prompt": "the cat " * 50, "max_tokens": 450}).encode(), 400,

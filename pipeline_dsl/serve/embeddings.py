@@ -54,7 +54,7 @@ def _inputs(value, max_model_len: int) -> list:
         if isinstance(v, str) and not v:
             raise P.APIError(f"{where} is empty", param="input")
         if isinstance(v, list) and len(v) > max_model_len:
-            raise P.APIError(f"{where} holds {len(v)} tokens, beyond the model's context of {max_model_len}",
+            raise P.APIError(f"{where} holds {len(v)} tokens, beyond the context of {max_model_len} tokens",
                              param="input", code="context_length_exceeded")
     return batch
 

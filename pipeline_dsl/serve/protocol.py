@@ -200,12 +200,12 @@ def _check_identifiers(obj: dict) -> None:
 
 
 def _truncation(obj: dict, max_model_len: int) -> dict:
-    """vLLM's truncate_prompt_tokens: keep the prompt's last k tokens (-1: the model's context)."""
+    """vLLM's truncate_prompt_tokens: keep the prompt's last k tokens (-1: the context)."""
     k = _field(obj, "truncate_prompt_tokens", *ITEM_FIELDS["truncate_prompt_tokens"])
     if k is None:
         return {}
     if k > max_model_len:
-        raise APIError(f"'truncate_prompt_tokens' = {k} is beyond the model's context of {max_model_len} tokens",
+        raise APIError(f"'truncate_prompt_tokens' = {k} is beyond the context of {max_model_len} tokens",
                        param="truncate_prompt_tokens", code="context_length_exceeded")
     return {"truncate_prompt_tokens": max_model_len if k == -1 else k}
 
@@ -226,7 +226,7 @@ def _sampling(obj: dict, max_model_len: int, max_tokens_field: str = "max_tokens
         except ParamError as e:
             raise APIError(str(e), param=e.field) from None
     if values.get("max_tokens", 0) > max_model_len:
-        raise APIError(f"'{max_tokens_field}' = {values['max_tokens']} is beyond the model's context of "
+        raise APIError(f"'{max_tokens_field}' = {values['max_tokens']} is beyond the context of "
                        f"{max_model_len} tokens, which the prompt shares; ask for at most {max_model_len} "
                        "less the prompt's tokens",
                        param=max_tokens_field, code="context_length_exceeded")
@@ -388,7 +388,7 @@ def _prompts(prompt, max_model_len: int, keep: int | None = None) -> list:
         if isinstance(p, str) and not p:
             raise APIError(f"{where} is empty", param="prompt")
         if isinstance(p, list) and len(p) > max_model_len:
-            raise APIError(f"{where} holds {len(p)} tokens, beyond the model's context of {max_model_len}",
+            raise APIError(f"{where} holds {len(p)} tokens, beyond the context of {max_model_len} tokens",
                            param="prompt", code="context_length_exceeded")
     return batch
 
@@ -568,7 +568,7 @@ def parse_detokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, .
     if not isinstance(tokens, list) or not all(_is_int(t) and t >= 0 for t in tokens):
         raise _bad_ids("tokens", tokens) or _bad("tokens", "an array of token ids", tokens)
     if max_model_len is not None and len(tokens) > max_model_len:
-        raise APIError(f"'tokens' holds {len(tokens)} ids; at most {max_model_len} (the model's context)",
+        raise APIError(f"'tokens' holds {len(tokens)} ids; at most {max_model_len} (the context)",
                        param="tokens", code="context_length_exceeded")
     return tokens, pin
 
