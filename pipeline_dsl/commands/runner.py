@@ -20,7 +20,8 @@ from pipeline_dsl.commands.batch_api import BatchLine
 from pipeline_dsl.engine.config import time_per_output_token
 from pipeline_dsl.engine.engine import percentile
 from pipeline_dsl.requests_io import ParsedRequest
-from pipeline_dsl.serve.protocol import TextOffsets, completion_logprobs
+from pipeline_dsl.serve.answers import offsets
+from pipeline_dsl.serve.protocol import completion_logprobs
 from pipeline_dsl.serve.token_fields import prompt_logprobs_json
 
 
@@ -102,9 +103,8 @@ def _choice_parts(req: RunRequest, choice, runtime) -> dict:
         return out
     text_of = runtime.token_text(pin)
     if k is not None:
-        offsets = TextOffsets(runtime.token_bytes(pin), 0, runtime.special_token_ids(pin),
-                              asked.get("skip_special_tokens", True) is not False)
-        out["logprobs"] = completion_logprobs(choice.data, text_of, prompt, offsets, k=k)
+        out["logprobs"] = completion_logprobs(choice.data, text_of, prompt,
+                                              offsets(runtime, pin, asked, runtime.token_bytes(pin)), k=k)
     if prompt_k is not None:
         out["prompt_logprobs"] = prompt_logprobs_json(choice.data.get("prompt_logprobs"), prompt_k, text_of)
     return out

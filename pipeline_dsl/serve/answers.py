@@ -20,10 +20,12 @@ def prompt_text(runtime, data: dict, req: P.GenerationRequest) -> str:
     return runtime.detokenise(list(ids), req.pin) if ids else ""
 
 
-def offsets(runtime, req: P.GenerationRequest, bytes_of, start: int = 0) -> P.TextOffsets:
-    """The text_offset counter of one choice of `req` (its text from `start`)."""
-    return P.TextOffsets(bytes_of, start, runtime.special_token_ids(req.pin),
-                         req.fields.get("skip_special_tokens", True) is not False)
+def offsets(runtime, pin: str | None, fields: dict, bytes_of, start: int = 0) -> P.TextOffsets:
+    """The text_offset counter of one choice of a request (its text from `start`) answered by
+    generate stage `pin` with these per-request `fields` (its skip_special_tokens): agp serve's
+    and `agp run` lines' alike."""
+    return P.TextOffsets(bytes_of, start, runtime.special_token_ids(pin),
+                         fields.get("skip_special_tokens", True) is not False)
 
 
 def answer_body(runtime, res, req: P.GenerationRequest, rid: str,
@@ -49,8 +51,8 @@ def answer_body(runtime, res, req: P.GenerationRequest, rid: str,
     for c in res.choices:
         prompt = prompt_text(runtime, c.data, req) if echo else ""
         of_prompt, of_answer = answer_fields(c.data, req.prompt_logprobs, want_ids, text_of)
-        lp = (P.completion_logprobs(c.data, text_of, prompt if echo else None, offsets(runtime, req, bytes_of),
-                                    k=req.fields.get("logprobs"))
+        lp = (P.completion_logprobs(c.data, text_of, prompt if echo else None,
+                                    offsets(runtime, req.pin, req.fields, bytes_of), k=req.fields.get("logprobs"))
               if want else None)
         choices.append((c.index, prompt + c.text, c.finish_reason, lp,
                         {"stop_reason": c.data.get("stop_reason"), **of_prompt, **of_answer}))

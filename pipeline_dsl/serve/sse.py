@@ -183,7 +183,7 @@ class ChunkWriter(Relay):
 
     def _offsets(self, index: int) -> P.TextOffsets:
         """Choice `index`'s text_offset, carried from chunk to chunk (after its echoed prompt)."""
-        return self.offsets.setdefault(index, offsets(self.runtime, self.req, self.bytes_of))
+        return self.offsets.setdefault(index, offsets(self.runtime, self.req.pin, self.req.fields, self.bytes_of))
 
     def _prompt_of(self, index: int, data: dict | None) -> tuple[list | None, list | None]:
         """The prompt ids of choice `index` and their logprobs (None where not asked): from its
@@ -205,7 +205,8 @@ class ChunkWriter(Relay):
                 self.runtime.detokenise(list(part.prompt_token_ids), req.pin)
         ids, lps = self._prompt_of(index, data)
         lp = (P.completion_logprobs({"prompt_logprobs": lps, "prompt_token_ids": ids}, self.text_of, text,
-                                    offsets(self.runtime, req, self.bytes_of), k=req.fields.get("logprobs"))
+                                    offsets(self.runtime, req.pin, req.fields, self.bytes_of),
+                                    k=req.fields.get("logprobs"))
               if self.want_lp and lps else None)
         return text, lp
 
@@ -220,7 +221,7 @@ class ChunkWriter(Relay):
             out.append(self._chunk(index, delta={"role": "assistant", "content": ""}, opening=True))
         if self.echo and index not in self.opened:
             prompt, lp = self._echoed(index, data)
-            self.offsets[index] = offsets(self.runtime, self.req, self.bytes_of, len(prompt))
+            self.offsets[index] = offsets(self.runtime, self.req.pin, self.req.fields, self.bytes_of, len(prompt))
             out.append(self._chunk(index, prompt, logprobs=lp, opening=True))
         self.opened.add(index)
         calls = []
