@@ -7,7 +7,7 @@ builds its grammars with `GrammarBuilder` before it masks tokens with them.
 Specs accepted (by `check_spec` and ConstraintCompiler.compile) (GrammarError, a ValueError, for anything it cannot compile):
 
     {"type": "json_object"}                                   # any JSON object
-    {"type": "json_schema", "schema": {...}}                  # or OpenAI's nesting:
+    {"type": "json_schema", "schema": {...}}                  # (true: any JSON value) or OpenAI's nesting:
     {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}
                                                               # ("strict" is moot: always enforced)
     {"type": "regex", "pattern": "..."}
@@ -38,7 +38,10 @@ names the reason), not answered with an empty 200: a regular expression (a schem
 `patternProperties`, a regex spec) that expands to more than MAX_REGEX_SIZE characters
 (`(a{1000}){1000}`: llguidance's lexer gives up on it mid-answer, and its first mask alone
 costs seconds), a `$ref` that only refers to itself, and any grammar whose first step allows
-no output (the compiled grammar is probed once). Errors are never verbose (no grammar dump).
+no output (the compiled grammar is probed once). Errors are never verbose (no grammar dump);
+one in a schema says where, as the JSON pointer of the innermost subschema that fails by
+itself (`at #/properties/tags: Unimplemented keys: ["uniqueItems"]`; a tool's: `tool 'f': at
+#/properties/x: ...`), and an overlapping `oneOf` (enforceable only as anyOf) says so.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ JSON_WHITESPACE = r"[ ]?"
 MAX_REGEX_SIZE = 20_000    # a regex's size with its counted repetitions unrolled (a{20000}: 60 ms masks)
 PRETTY_WHITESPACE = r"(\r?\n)?[ \t]{0,20}"
 MAX_ERROR_CHARS = 400
+MAX_LOCATE_PROBES = 200    # subschemas compiled alone to say where a schema fails (~0.1 ms each)
 
 
 class GrammarError(ValueError):
@@ -211,11 +215,9 @@ class GrammarBuilder:
                 schema = body.get("schema") if isinstance(body, dict) else None
                 if not isinstance(schema, (dict, bool)):
                     raise GrammarError("json_schema needs a 'schema' object")
-                for pattern in _regexes(schema):
-                    _check_regex(pattern, "the pattern")
-                if _ref_loop(schema):
-                    raise GrammarError("its $ref refers only to itself, so no value can follow it")
-                return llg.LLMatcher.grammar_from_json_schema(self._prepare(schema), overrides=self.json_options)
+                if schema is False:
+                    raise GrammarError("the schema is false, which no value matches")
+                return self._json_grammar({} if schema is True else schema)
             if kind == "regex":
                 pattern = spec.get("pattern")
                 if not isinstance(pattern, str):
@@ -235,11 +237,54 @@ class GrammarBuilder:
         raise GrammarError(f"unknown constraint type {kind!r} (json_object, json_schema, regex, choice, grammar, "
                            "tool_call)")
 
+    def _json_grammar(self, schema: dict, prefix: str = "") -> str:
+        """A JSON Schema's grammar text, checked: GrammarError naming the innermost part of the
+        schema that fails by itself (`at #/properties/a: ...`), after `prefix` ("tool 'f': ")."""
+        for pattern in _regexes(schema):
+            _check_regex(pattern, f"{prefix}the pattern")
+        if _ref_loop(schema):
+            raise GrammarError(f"{prefix}its $ref refers only to itself, so no value can follow it")
+        schema = self._prepare(schema)
+        text, problem = self._schema_grammar(schema)
+        if problem is None:
+            return text
+        path = self._locate(schema, problem)
+        raise GrammarError(short(f"{prefix}{f'at {path}: ' if path else ''}{_reworded(problem)}"))
+
+    def _schema_grammar(self, schema) -> tuple[str, str | None]:
+        """(grammar text, llguidance's first error or None) of a prepared schema."""
+        try:
+            text = llg.LLMatcher.grammar_from_json_schema(schema, overrides=self.json_options)
+        except (ValueError, TypeError) as e:
+            return "", str(e)
+        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(text, limits=parser_limits())
+        return text, (messages[0] if messages else "invalid schema") if is_error else None
+
+    def _locate(self, schema: dict, problem: str) -> str:
+        """The JSON pointer ("#/properties/a/items") of the innermost subschema that fails with
+        `problem` by itself, trying at most MAX_LOCATE_PROBES subschemas; "" for the root. The
+        root's $defs are there as schemas that allow anything: a $ref still resolves, and the
+        problem is found where it is written, not at every $ref that leads to it."""
+        defs = {k: {name: {} for name in v} for k, v in schema.items()
+                if k in ("$defs", "definitions") and isinstance(v, dict)}
+        probes = MAX_LOCATE_PROBES
+
+        def fails(sub) -> bool:
+            nonlocal probes
+            probes -= 1
+            return probes >= 0 and self._schema_grammar({**defs, **sub})[1] == problem
+
+        path, node = "#", schema
+        while hit := next(((step, sub) for step, sub in _children(node)
+                           if isinstance(sub, dict) and sub and fails(sub)), None):
+            path, node = f"{path}/{hit[0]}", hit[1]
+        return "" if node is schema else path
+
     def _prepare(self, schema):
         if isinstance(schema, dict):
-            schema = {k: v for k, v in schema.items() if k != "x-guidance"}  # options are ours
+            schema = copy.deepcopy({k: v for k, v in schema.items() if k != "x-guidance"})  # options are ours
             if self.close_objects:
-                schema = _close_objects(copy.deepcopy(schema))
+                schema = _close_objects(schema)
         return schema
 
     def _tool_grammar(self, spec) -> str:
@@ -254,8 +299,7 @@ class GrammarBuilder:
             params = fn.get("parameters") or {"type": "object"}
             if not isinstance(params, dict):
                 raise GrammarError(f"tool {fn['name']!r}: parameters must be a JSON Schema object")
-            for pattern in _regexes(params):
-                _check_regex(pattern, f"tool {fn['name']!r}: the pattern")
+            self._json_grammar(params, f"tool {fn['name']!r}: ")
             fns[fn["name"]] = params
         choice = spec.get("choice", "required")
         if isinstance(choice, dict):            # OpenAI's {"type": "function", "function": {"name": ...}}
@@ -275,6 +319,37 @@ class GrammarBuilder:
         begin, end = spec.get("begin", "<tool_call>"), spec.get("end", "</tool_call>")
         lark = f'start: {json.dumps(begin)} "\\n"? %json {json.dumps(body)} "\\n"? {json.dumps(end)}'
         return llg.LLMatcher.grammar_from_lark(lark)
+
+
+# keys whose value is a subschema, a list of them, or an object of them (JSON Schema 2020-12, draft 4's items list)
+_ONE = ("items", "additionalProperties", "additionalItems", "not", "if", "then", "else", "contains",
+        "propertyNames", "unevaluatedProperties", "unevaluatedItems")
+_LIST = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_NAMED = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def _children(node: dict):
+    """(JSON pointer steps, subschema) of each schema directly inside `node`."""
+    for k, v in node.items():
+        if k in _ONE and isinstance(v, dict):
+            yield _escape(k), v
+        elif k in _LIST and isinstance(v, list):
+            yield from ((f"{k}/{i}", x) for i, x in enumerate(v))
+        elif k in _NAMED and isinstance(v, dict):
+            yield from ((f"{k}/{_escape(name)}", x) for name, x in v.items())
+
+
+def _escape(name: str) -> str:
+    """A key as a JSON pointer step (RFC 6901)."""
+    return name.replace("~", "~0").replace("/", "~1")
+
+
+def _reworded(problem: str) -> str:
+    """llguidance's message, where it names its own options (which a request cannot set)."""
+    if problem.startswith("oneOf constraints are not supported"):
+        return ("oneOf whose branches can match the same value cannot be enforced (exactly one must match): "
+                "use anyOf, or make the branches exclusive")
+    return problem
 
 
 def _choice_grammar(spec) -> str:

@@ -262,6 +262,35 @@ def test_grammar_errors(compiler, spec, words):
         compiler.compile(spec)
 
 
+@pytest.mark.parametrize("spec, message", [
+    ({"type": "json_schema", "schema": {"type": "object", "properties": {"a": {"type": "object", "properties": {
+        "b": {"type": 5}}}}}}, "at #/properties/a/properties/b: type must be a string or array of strings"),
+    ({"type": "json_schema", "schema": {"type": "object", "properties": {"x/y": {"anyOf": [
+        {"type": "integer"}, {"type": "string", "format": "nope"}]}}}}, "at #/properties/x~1y/anyOf/1: Unknown format: nope"),
+    ({"type": "json_schema", "schema": {"$defs": {"n": {"type": "object", "properties": {"k": {
+        "type": "array", "items": {"$ref": "#/$defs/n"}, "uniqueItems": True}}}}, "$ref": "#/$defs/n"}},
+     'at #/$defs/n/properties/k: Unimplemented keys: ["uniqueItems"]'),
+    ({"type": "json_schema", "schema": {"type": "array", "uniqueItems": True}}, 'Unimplemented keys: ["uniqueItems"]'),
+    ({"type": "json_schema", "schema": {"type": "object", "properties": {"v": {"oneOf": [
+        {"type": "integer"}, {"type": "number"}]}}}},
+     "at #/properties/v: oneOf whose branches can match the same value cannot be enforced (exactly one must "
+     "match): use anyOf, or make the branches exclusive"),
+    ({"type": "json_schema", "schema": False}, "the schema is false, which no value matches"),
+    ({"type": "tool_call", "tools": TOOLS + [{"type": "function", "function": {"name": "sort", "parameters": {
+        "type": "object", "properties": {"xs": {"type": "array", "uniqueItems": True}}}}}]},
+     "tool 'sort': at #/properties/xs: Unimplemented keys: [\"uniqueItems\"]"),
+])
+def test_a_schema_error_says_where_in_the_schema(compiler, spec, message):
+    with pytest.raises(GrammarError) as e:
+        compiler.compile(spec)
+    assert str(e.value) == message
+
+
+def test_schema_true_allows_any_value(engine, compiler):
+    m = compiler.compile({"type": "json_schema", "schema": True}).matcher()
+    assert all(m.accept(t) for t in ids_of(engine, '[1, "a"]')) and m.can_end()
+
+
 def test_supported_schema_features(engine, compiler):
     def accepts(spec, value):
         m = compiler.compile(spec).matcher()

@@ -106,3 +106,42 @@ def test_a_grammar_that_gives_up_mid_answer_fails_the_request_without_an_error_f
     monkeypatch.undo()
     ok = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)    # the server goes on
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in OPENAI_REASONS
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("guided_json", {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}},
+     "'guided_json' cannot be enforced: at #/properties/tags: Unimplemented keys: [\"uniqueItems\"]"),
+    ("response_format", schema_format({"type": "object", "properties": {"v": {"oneOf": [{"type": "integer"},
+                                                                                       {"type": "number"}]}}}),
+     "'response_format' cannot be enforced: at #/properties/v: oneOf whose branches can match the same value "
+     "cannot be enforced (exactly one must match): use anyOf, or make the branches exclusive"),
+    ("structured_outputs", {"json": False}, "'structured_outputs.json' cannot be enforced: the schema is false, "
+                                            "which no value matches"),
+])
+def test_a_schema_that_cannot_be_enforced_is_a_400_naming_where_in_it(server, field, value, message):
+    r = httpx.post(server.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, field: value}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == message
+
+
+def test_a_tool_whose_parameters_cannot_be_enforced_is_named_without_a_grammar_dump(server):
+    tools = [{"type": "function", "function": {"name": "ok", "parameters": {"type": "object"}}},
+             {"type": "function", "function": {"name": "tag", "parameters": {
+                 "type": "object", "properties": {"xs": {"type": "array", "uniqueItems": True}}}}}]
+    r = httpx.post(server.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "tools": tools,
+        "tool_choice": "required"}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == ("'tool_choice' cannot be enforced: tool 'tag': at #/properties/xs: "
+                                            "Unimplemented keys: [\"uniqueItems\"]")
+
+
+def test_schema_true_is_any_json_value(server):
+    r = httpx.post(server.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40, "temperature": 0,
+        "response_format": schema_format(True)}, timeout=60)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    if choice["finish_reason"] == "stop":
+        json.loads(choice["message"]["content"])
