@@ -30,6 +30,10 @@ for none, None for JSON's unbounded whitespace). An object schema with "properti
 OpenAI's strict mode requires and xgrammar does by default (`close_objects=False` keeps
 JSON Schema's open objects).
 
+Regular expressions (a schema's `pattern` and `patternProperties`, a regex spec) are read as
+ECMA-262's, as JSON Schema says and vLLM's backends do: `\\d` and `\\w` are ASCII ([0-9],
+[0-9A-Za-z_]), not llguidance's Unicode classes, which would allow "꯲" for a digit.
+
 EOS is allowed exactly when the grammar can end; once the grammar is complete only EOS is
 (`is_finished()`). A matcher that went wrong (a token it refused) allows only EOS from then on.
 
@@ -223,7 +227,7 @@ class GrammarBuilder:
                 if not isinstance(pattern, str):
                     raise GrammarError("regex needs a 'pattern' string")
                 _check_regex(pattern, "the regex")
-                return llg.LLMatcher.grammar_from_regex(pattern)
+                return llg.LLMatcher.grammar_from_regex(ascii_classes(pattern))
             if kind == "tool_call":
                 return self._tool_grammar(spec)
             if kind == "choice":
@@ -283,6 +287,7 @@ class GrammarBuilder:
     def _prepare(self, schema):
         if isinstance(schema, dict):
             schema = copy.deepcopy({k: v for k, v in schema.items() if k != "x-guidance"})  # options are ours
+            _ascii_patterns(schema)
             if self.close_objects:
                 schema = _close_objects(schema)
         return schema
@@ -342,6 +347,31 @@ def _children(node: dict):
 def _escape(name: str) -> str:
     """A key as a JSON pointer step (RFC 6901)."""
     return name.replace("~", "~0").replace("/", "~1")
+
+
+# JSON Schema's patterns are ECMA-262 regexes, whose \d and \w are ASCII (vLLM's backends read a
+# guided_regex so too); llguidance's (Rust's) are Unicode: \d would allow "꯲" and \w "日"
+_ASCII_CLASSES = {"d": "[0-9]", "D": "[^0-9]", "w": "[0-9A-Za-z_]", "W": "[^0-9A-Za-z_]"}
+
+
+def ascii_classes(pattern: str) -> str:
+    r"""`pattern` with \d, \D, \w, \W spelt as the ASCII classes they are in ECMA-262 (a nested
+    class inside [...]: Rust's syntax takes `[a[0-9]]`)."""
+    return re.sub(r"\\(.)", lambda m: _ASCII_CLASSES.get(m.group(1), m.group(0)), pattern, flags=re.S)
+
+
+def _ascii_patterns(schema) -> None:
+    """ascii_classes on every pattern and patternProperties key of `schema`'s subschemas, in place."""
+    todo = [schema]
+    while todo:
+        node = todo.pop()
+        if not isinstance(node, dict):
+            continue
+        if isinstance(node.get("pattern"), str):
+            node["pattern"] = ascii_classes(node["pattern"])
+        if isinstance(node.get("patternProperties"), dict):
+            node["patternProperties"] = {ascii_classes(k): v for k, v in node["patternProperties"].items()}
+        todo += [sub for _, sub in _children(node)]
 
 
 def _reworded(problem: str) -> str:

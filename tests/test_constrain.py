@@ -291,6 +291,25 @@ def test_schema_true_allows_any_value(engine, compiler):
     assert all(m.accept(t) for t in ids_of(engine, '[1, "a"]')) and m.can_end()
 
 
+def test_digit_and_word_classes_are_ascii_as_in_json_schema(engine, compiler):
+    """ECMA-262's \\d and \\w (JSON Schema's patterns; vLLM's guided_regex) are ASCII: no "꯲" (a
+    Meetei Mayek digit) for \\d, no "日" for \\w, inside a class or out."""
+    def accepts(spec, text):
+        m = compiler.compile(spec).matcher()
+        return all(m.accept(t) for t in ids_of(engine, text)) and m.can_end()
+
+    pattern = {"type": "json_schema", "schema": {"type": "string", "pattern": r"^\d+[\w-]$"}}
+    keys = {"type": "json_schema", "schema": {"type": "object", "patternProperties": {r"^\w$": {"type": "integer"}},
+                                              "additionalProperties": False}}
+    for spec, good, bad in [({"type": "regex", "pattern": r"\d{2}"}, "12", "1꯲"),
+                            ({"type": "regex", "pattern": r"\w+\W"}, "a_1!", "日!"),
+                            ({"type": "regex", "pattern": r"[^\D]\S"}, "1x", "꯲x"),
+                            (pattern, '"12a"', '"1꯲a"'), (pattern, '"1-"', '"1日"'),
+                            (keys, '{"k": 1}', '{"日": 1}')]:
+        assert accepts(spec, good), (spec, good)
+        assert not accepts(spec, bad), (spec, bad)
+
+
 def test_supported_schema_features(engine, compiler):
     def accepts(spec, value):
         m = compiler.compile(spec).matcher()
