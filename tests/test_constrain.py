@@ -266,7 +266,8 @@ def test_grammar_errors(compiler, spec, words):
     ({"type": "json_schema", "schema": {"type": "object", "properties": {"a": {"type": "object", "properties": {
         "b": {"type": 5}}}}}}, "at #/properties/a/properties/b: type must be a string or array of strings"),
     ({"type": "json_schema", "schema": {"type": "object", "properties": {"x/y": {"anyOf": [
-        {"type": "integer"}, {"type": "string", "format": "nope"}]}}}}, "at #/properties/x~1y/anyOf/1: Unknown format: nope"),
+        {"type": "integer"}, {"type": "string", "format": "nope"}]}}}},
+     "at #/properties/x~1y/anyOf/1: Unknown format: nope"),
     ({"type": "json_schema", "schema": {"$defs": {"n": {"type": "object", "properties": {"k": {
         "type": "array", "items": {"$ref": "#/$defs/n"}, "uniqueItems": True}}}}, "$ref": "#/$defs/n"}},
      'at #/$defs/n/properties/k: Unimplemented keys: ["uniqueItems"]'),
