@@ -42,7 +42,8 @@ names the reason), not answered with an empty 200: a regular expression (a schem
 `patternProperties`, a regex spec) that expands to more than MAX_REGEX_SIZE characters
 (`(a{1000}){1000}`: llguidance's lexer gives up on it mid-answer, and its first mask alone
 costs seconds), a `$ref` that only refers to itself, and any grammar whose first step allows
-no output (the compiled grammar is probed once). Errors are never verbose (no grammar dump);
+no output or that llguidance gives up on within its first few tokens (the compiled grammar is
+walked PROBE_STEPS tokens: an object of a thousand optional properties fails after its "{"). Errors are never verbose (no grammar dump);
 one in a schema says where, as the JSON pointer of the innermost subschema that fails by
 itself (`at #/properties/tags: Unimplemented keys: ["uniqueItems"]`; a tool's: `tool 'f': at
 #/properties/x: ...`), and an overlapping `oneOf` (enforceable only as anyOf) says so.

@@ -287,6 +287,16 @@ def test_a_schema_error_says_where_in_the_schema(compiler, spec, message):
     assert str(e.value) == message
 
 
+def test_a_grammar_the_engine_gives_up_on_after_its_first_token_is_refused_when_compiled(compiler):
+    """An object of a thousand optional properties compiles, but after its "{" llguidance's
+    parser gives up (a row of 3999 items, at most 2000): refused at once, not mid-answer."""
+    many = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}
+    with pytest.raises(GrammarError, match=r"^the grammar engine gives up on it at output token 1 \(.*items"):
+        compiler.compile({"type": "json_schema", "schema": many})
+    many["required"] = list(many["properties"])            # all required: one order, a small row
+    compiler.compile({"type": "json_schema", "schema": many})
+
+
 def test_schema_true_allows_any_value(engine, compiler):
     m = compiler.compile({"type": "json_schema", "schema": True}).matcher()
     assert all(m.accept(t) for t in ids_of(engine, '[1, "a"]')) and m.can_end()

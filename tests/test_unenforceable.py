@@ -145,3 +145,16 @@ def test_schema_true_is_any_json_value(server):
     choice = r.json()["choices"][0]
     if choice["finish_reason"] == "stop":
         json.loads(choice["message"]["content"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_schema_the_grammar_engine_gives_up_on_is_a_400_before_any_token(server, stream):
+    many = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}
+    r = httpx.post(server.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": stream,
+        "response_format": schema_format(many)}, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "response_format"
+    assert err["message"].startswith("'response_format' cannot be enforced: the grammar engine gives up on it at "
+                                     "output token 1 (")
