@@ -6,6 +6,7 @@ finish reasons ever appear."""
 from __future__ import annotations
 
 import json
+import threading
 
 import httpx
 import pytest
@@ -158,3 +159,25 @@ def test_a_schema_the_grammar_engine_gives_up_on_is_a_400_before_any_token(serve
     assert err["param"] == "response_format"
     assert err["message"].startswith("'response_format' cannot be enforced: the grammar engine gives up on it at "
                                      "output token 1 (")
+
+
+def test_a_schema_is_checked_off_the_event_loop(server, monkeypatch):
+    """Checking a response_format schema can take seconds of CPU (an object of thousands of
+    properties): done on the event loop it would stall every other stream for as long."""
+    from pipeline_dsl.serve import extras
+
+    threads = []
+
+    def check(spec, **kw):
+        threads.append(threading.current_thread())
+        return check_spec(spec, **kw)
+
+    monkeypatch.setattr(extras, "check_spec", check)
+    schema = {"type": "object", "properties": {"off_the_loop": {"type": "boolean"}}, "required": ["off_the_loop"]}
+    for route, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                        ("/v1/completions", {"prompt": "hi"})):
+        r = httpx.post(server.url + route, json={**body, "max_tokens": 12, "response_format": schema_format(schema)},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        schema["properties"]["x"] = {"type": "null"}       # a new schema: the check is cached
+    assert len(threads) == 2 and server.thread not in threads
