@@ -7,6 +7,9 @@ builds its grammars with `GrammarBuilder` before it masks tokens with them.
 Specs accepted (by `check_spec` and ConstraintCompiler.compile) (GrammarError, a ValueError, for anything it cannot compile):
 
     {"type": "json_object"}                                   # any JSON object
+    (either JSON spec may add "compact": true, no whitespace between tokens, and
+     "close_objects": false, objects as open as JSON Schema leaves them: vLLM's
+     disable_any_whitespace and disable_additional_properties)
     {"type": "json_schema", "schema": {...}}                  # (true: any JSON value) or OpenAI's nesting:
     {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}
                                                               # ("strict" is moot: always enforced)
@@ -202,10 +205,20 @@ class GrammarBuilder:
     """Spec -> llguidance grammar text: no tokenizer and no torch (`agp check` uses it)."""
 
     def __init__(self, close_objects: bool = True, whitespace: str | None = JSON_WHITESPACE):
-        self.close_objects = close_objects
+        self.close_objects, self.whitespace = close_objects, whitespace
         # whitespace between JSON tokens: a regex, "" for none (compact), None for JSON's any
         self.json_options = ({"whitespace_flexible": True} if whitespace is None else
                              {"whitespace_pattern": whitespace} if whitespace else {"whitespace_flexible": False})
+
+    def _for(self, spec: dict) -> "GrammarBuilder":
+        """The builder of a JSON spec's own options: "compact": true (no whitespace between
+        tokens), "close_objects": false (JSON Schema's open objects)."""
+        compact, close = spec.get("compact", False), spec.get("close_objects", self.close_objects)
+        if not isinstance(compact, bool) or not isinstance(close, bool):
+            raise GrammarError("'compact' and 'close_objects' must be true or false")
+        if not compact and close == self.close_objects:
+            return self
+        return GrammarBuilder(close, "" if compact else self.whitespace)
 
     # ---- spec -> llguidance grammar text ---------------------------------------------------
     def _build(self, spec) -> str:
@@ -214,7 +227,7 @@ class GrammarBuilder:
         kind = spec.get("type")
         try:
             if kind == "json_object":
-                return llg.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=self.json_options)
+                return llg.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=self._for(spec).json_options)
             if kind == "json_schema":
                 body = spec.get("json_schema", spec)
                 schema = body.get("schema") if isinstance(body, dict) else None
@@ -222,7 +235,7 @@ class GrammarBuilder:
                     raise GrammarError("json_schema needs a 'schema' object")
                 if schema is False:
                     raise GrammarError("the schema is false, which no value matches")
-                return self._json_grammar({} if schema is True else schema)
+                return self._for(spec)._json_grammar({} if schema is True else schema)
             if kind == "regex":
                 pattern = spec.get("pattern")
                 if not isinstance(pattern, str):

@@ -181,3 +181,52 @@ def test_a_schema_is_checked_off_the_event_loop(server, monkeypatch):
         assert r.status_code == 200, r.text
         schema["properties"]["x"] = {"type": "null"}       # a new schema: the check is cached
     assert len(threads) == 2 and server.thread not in threads
+
+
+def test_structured_outputs_options_are_followed(server):
+    """disable_any_whitespace: answers without whitespace (the same requests without it have
+    some); disable_additional_properties: objects as open as the schema leaves them (the
+    random model writes properties of its own); disable_fallback is taken (one backend)."""
+    schema = {"type": "object", "properties": {k: {"type": "boolean"} for k in "abcd"}, "required": list("abcd")}
+
+    def answers(**options) -> list[tuple[str, str]]:
+        r = httpx.post(server.url + "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "temperature": 1, "seed": 3, "n": 4,
+            "structured_outputs": {"json": schema, **options}}, timeout=60)
+        assert r.status_code == 200, r.text
+        return [(c["finish_reason"], c["message"]["content"]) for c in r.json()["choices"]]
+
+    closed, compact = answers(), answers(disable_any_whitespace=True)
+    for reason, text in closed + compact:
+        assert reason == "stop" and set(json.loads(text)) == set("abcd"), text
+    assert any(" " in text for _, text in closed) and not any(" " in text for _, text in compact)
+    opened = answers(disable_additional_properties=True, disable_fallback=True)
+    assert any(reason == "length" or set(json.loads(text)) - set("abcd") for reason, text in opened), opened
+
+
+def test_open_and_compact_objects_on_request(tiny_gguf):
+    """disable_additional_properties: true leaves objects as open as JSON Schema does (vLLM's
+    guidance backend), disable_any_whitespace: true writes no whitespace."""
+    from pipeline_dsl.engine import Engine, EngineConfig
+
+    engine = Engine(EngineConfig(model=str(tiny_gguf), dtype="fp32"))
+    compiler = ConstraintCompiler(engine.tokenizer, engine.vocab_size)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+
+    def accepts(spec, text):
+        m = compiler.compile(spec).matcher()
+        return all(m.accept(t) for t in engine.tokenizer.encode(text, add_special_tokens=False)) and m.can_end()
+
+    spec = {"type": "json_schema", "schema": schema}
+    assert not accepts(spec, '{"a": 1, "b": 2}') and accepts({**spec, "close_objects": False}, '{"a": 1, "b": 2}')
+    assert accepts(spec, '{"a": 1}') and not accepts({**spec, "compact": True}, '{"a": 1}')
+    assert accepts({**spec, "compact": True}, '{"a":1}') and not accepts({"type": "json_object", "compact": True}, "{ }")
+    with pytest.raises(GrammarError, match="true or false"):
+        compiler.compile({**spec, "compact": "yes"})
+
+
+def test_structured_outputs_whitespace_pattern_is_refused(server):
+    r = httpx.post(server.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+        "structured_outputs": {"json": {"type": "object"}, "whitespace_pattern": "x"}}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs.whitespace_pattern", r.text
