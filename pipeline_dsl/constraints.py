@@ -33,6 +33,8 @@ for none, None for JSON's unbounded whitespace). An object schema with "properti
 OpenAI's strict mode requires and xgrammar does by default (`close_objects=False` keeps
 JSON Schema's open objects).
 
+Keywords that constrain nothing are dropped before llguidance sees them (it refuses the
+keyword whatever its value): `uniqueItems: false`, `if` without `then` and `else`, ...
 Regular expressions (a schema's `pattern` and `patternProperties`, a regex spec) are read as
 ECMA-262's, as JSON Schema says and vLLM's backends do: `\\d` and `\\w` are ASCII ([0-9],
 [0-9A-Za-z_]), not llguidance's Unicode classes, which would allow "꯲" for a digit.
@@ -301,7 +303,7 @@ class GrammarBuilder:
     def _prepare(self, schema):
         if isinstance(schema, dict):
             schema = copy.deepcopy({k: v for k, v in schema.items() if k != "x-guidance"})  # options are ours
-            _ascii_patterns(schema)
+            _normalise(schema)
             if self.close_objects:
                 schema = _close_objects(schema)
         return schema
@@ -374,13 +376,28 @@ def ascii_classes(pattern: str) -> str:
     return re.sub(r"\\(.)", lambda m: _ASCII_CLASSES.get(m.group(1), m.group(0)), pattern, flags=re.S)
 
 
-def _ascii_patterns(schema) -> None:
-    """ascii_classes on every pattern and patternProperties key of `schema`'s subschemas, in place."""
+def _no_op(node: dict, key: str) -> bool:
+    """Whether `key` of schema `node` constrains nothing (llguidance refuses these keywords
+    whatever their value): uniqueItems false, an empty dependentRequired or dependentSchemas,
+    propertyNames {} or true, not false, if without then and else, then or else without if."""
+    v = node[key]
+    return ((key == "uniqueItems" and v is False) or (key in ("dependentRequired", "dependentSchemas") and v == {})
+            or (key == "propertyNames" and (v is True or v == {})) or (key == "not" and v is False)
+            or (key == "if" and "then" not in node and "else" not in node)
+            or (key in ("then", "else") and "if" not in node))
+
+
+def _normalise(schema) -> None:
+    """In place, on `schema` and its subschemas: keywords that constrain nothing dropped (_no_op),
+    ascii_classes on every pattern and patternProperties key."""
     todo = [schema]
     while todo:
         node = todo.pop()
         if not isinstance(node, dict):
             continue
+        for key in [k for k in ("uniqueItems", "dependentRequired", "dependentSchemas", "propertyNames", "not",
+                                "if", "then", "else") if k in node and _no_op(node, k)]:
+            del node[key]
         if isinstance(node.get("pattern"), str):
             node["pattern"] = ascii_classes(node["pattern"])
         if isinstance(node.get("patternProperties"), dict):
