@@ -7,7 +7,10 @@ builds its grammars with `GrammarBuilder` before it masks tokens with them.
 Specs accepted (by `check_spec` and ConstraintCompiler.compile) (GrammarError, a ValueError, for anything it cannot compile):
 
     {"type": "json_object"}                                   # any JSON object
-    {"type": "json_schema", "schema": {...}}                  # or OpenAI's nesting:
+    (either JSON spec may add "compact": true, no whitespace between tokens, and
+     "close_objects": false, objects as open as JSON Schema leaves them: vLLM's
+     disable_any_whitespace and disable_additional_properties)
+    {"type": "json_schema", "schema": {...}}                  # (true: any JSON value) or OpenAI's nesting:
     {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}
                                                               # ("strict" is moot: always enforced)
     {"type": "regex", "pattern": "..."}
@@ -30,6 +33,12 @@ for none, None for JSON's unbounded whitespace). An object schema with "properti
 OpenAI's strict mode requires and xgrammar does by default (`close_objects=False` keeps
 JSON Schema's open objects).
 
+Keywords that constrain nothing are dropped before llguidance sees them (it refuses the
+keyword whatever its value): `uniqueItems: false`, `if` without `then` and `else`, ...
+Regular expressions (a schema's `pattern` and `patternProperties`, a regex spec) are read as
+ECMA-262's, as JSON Schema says and vLLM's backends do: `\\d` and `\\w` are ASCII ([0-9],
+[0-9A-Za-z_]), not llguidance's Unicode classes, which would allow "꯲" for a digit.
+
 EOS is allowed exactly when the grammar can end; once the grammar is complete only EOS is
 (`is_finished()`). A matcher that went wrong (a token it refused) allows only EOS from then on.
 
@@ -38,7 +47,11 @@ names the reason), not answered with an empty 200: a regular expression (a schem
 `patternProperties`, a regex spec) that expands to more than MAX_REGEX_SIZE characters
 (`(a{1000}){1000}`: llguidance's lexer gives up on it mid-answer, and its first mask alone
 costs seconds), a `$ref` that only refers to itself, and any grammar whose first step allows
-no output (the compiled grammar is probed once). Errors are never verbose (no grammar dump).
+no output or that llguidance gives up on within its first few tokens (the compiled grammar is
+walked PROBE_STEPS tokens: an object of a thousand optional properties fails after its "{"). Errors are never verbose (no grammar dump);
+one in a schema says where, as the JSON pointer of the innermost subschema that fails by
+itself (`at #/properties/tags: Unimplemented keys: ["uniqueItems"]`; a tool's: `tool 'f': at
+#/properties/x: ...`), and an overlapping `oneOf` (enforceable only as anyOf) says so.
 """
 
 from __future__ import annotations
@@ -57,6 +70,7 @@ JSON_WHITESPACE = r"[ ]?"
 MAX_REGEX_SIZE = 20_000    # a regex's size with its counted repetitions unrolled (a{20000}: 60 ms masks)
 PRETTY_WHITESPACE = r"(\r?\n)?[ \t]{0,20}"
 MAX_ERROR_CHARS = 400
+MAX_LOCATE_PROBES = 200    # subschemas compiled alone to say where a schema fails (~0.1 ms each)
 
 
 class GrammarError(ValueError):
@@ -193,10 +207,20 @@ class GrammarBuilder:
     """Spec -> llguidance grammar text: no tokenizer and no torch (`agp check` uses it)."""
 
     def __init__(self, close_objects: bool = True, whitespace: str | None = JSON_WHITESPACE):
-        self.close_objects = close_objects
+        self.close_objects, self.whitespace = close_objects, whitespace
         # whitespace between JSON tokens: a regex, "" for none (compact), None for JSON's any
         self.json_options = ({"whitespace_flexible": True} if whitespace is None else
                              {"whitespace_pattern": whitespace} if whitespace else {"whitespace_flexible": False})
+
+    def _for(self, spec: dict) -> "GrammarBuilder":
+        """The builder of a JSON spec's own options: "compact": true (no whitespace between
+        tokens), "close_objects": false (JSON Schema's open objects)."""
+        compact, close = spec.get("compact", False), spec.get("close_objects", self.close_objects)
+        if not isinstance(compact, bool) or not isinstance(close, bool):
+            raise GrammarError("'compact' and 'close_objects' must be true or false")
+        if not compact and close == self.close_objects:
+            return self
+        return GrammarBuilder(close, "" if compact else self.whitespace)
 
     # ---- spec -> llguidance grammar text ---------------------------------------------------
     def _build(self, spec) -> str:
@@ -205,23 +229,21 @@ class GrammarBuilder:
         kind = spec.get("type")
         try:
             if kind == "json_object":
-                return llg.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=self.json_options)
+                return llg.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=self._for(spec).json_options)
             if kind == "json_schema":
                 body = spec.get("json_schema", spec)
                 schema = body.get("schema") if isinstance(body, dict) else None
                 if not isinstance(schema, (dict, bool)):
                     raise GrammarError("json_schema needs a 'schema' object")
-                for pattern in _regexes(schema):
-                    _check_regex(pattern, "the pattern")
-                if _ref_loop(schema):
-                    raise GrammarError("its $ref refers only to itself, so no value can follow it")
-                return llg.LLMatcher.grammar_from_json_schema(self._prepare(schema), overrides=self.json_options)
+                if schema is False:
+                    raise GrammarError("the schema is false, which no value matches")
+                return self._for(spec)._json_grammar({} if schema is True else schema)
             if kind == "regex":
                 pattern = spec.get("pattern")
                 if not isinstance(pattern, str):
                     raise GrammarError("regex needs a 'pattern' string")
                 _check_regex(pattern, "the regex")
-                return llg.LLMatcher.grammar_from_regex(pattern)
+                return llg.LLMatcher.grammar_from_regex(ascii_classes(pattern))
             if kind == "tool_call":
                 return self._tool_grammar(spec)
             if kind == "choice":
@@ -235,11 +257,55 @@ class GrammarBuilder:
         raise GrammarError(f"unknown constraint type {kind!r} (json_object, json_schema, regex, choice, grammar, "
                            "tool_call)")
 
+    def _json_grammar(self, schema: dict, prefix: str = "") -> str:
+        """A JSON Schema's grammar text, checked: GrammarError naming the innermost part of the
+        schema that fails by itself (`at #/properties/a: ...`), after `prefix` ("tool 'f': ")."""
+        for pattern in _regexes(schema):
+            _check_regex(pattern, f"{prefix}the pattern")
+        if _ref_loop(schema):
+            raise GrammarError(f"{prefix}its $ref refers only to itself, so no value can follow it")
+        schema = self._prepare(schema)
+        text, problem = self._schema_grammar(schema)
+        if problem is None:
+            return text
+        path = self._locate(schema, problem)
+        raise GrammarError(short(f"{prefix}{f'at {path}: ' if path else ''}{_reworded(problem)}"))
+
+    def _schema_grammar(self, schema) -> tuple[str, str | None]:
+        """(grammar text, llguidance's first error or None) of a prepared schema."""
+        try:
+            text = llg.LLMatcher.grammar_from_json_schema(schema, overrides=self.json_options)
+        except (ValueError, TypeError) as e:
+            return "", str(e)
+        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(text, limits=parser_limits())
+        return text, (messages[0] if messages else "invalid schema") if is_error else None
+
+    def _locate(self, schema: dict, problem: str) -> str:
+        """The JSON pointer ("#/properties/a/items") of the innermost subschema that fails with
+        `problem` by itself, trying at most MAX_LOCATE_PROBES subschemas; "" for the root. The
+        root's $defs are there as schemas that allow anything: a $ref still resolves, and the
+        problem is found where it is written, not at every $ref that leads to it."""
+        defs = {k: {name: {} for name in v} for k, v in schema.items()
+                if k in ("$defs", "definitions") and isinstance(v, dict)}
+        probes = MAX_LOCATE_PROBES
+
+        def fails(sub) -> bool:
+            nonlocal probes
+            probes -= 1
+            return probes >= 0 and self._schema_grammar({**defs, **sub})[1] == problem
+
+        path, node = "#", schema
+        while hit := next(((step, sub) for step, sub in _children(node)
+                           if isinstance(sub, dict) and sub and fails(sub)), None):
+            path, node = f"{path}/{hit[0]}", hit[1]
+        return "" if node is schema else path
+
     def _prepare(self, schema):
         if isinstance(schema, dict):
-            schema = {k: v for k, v in schema.items() if k != "x-guidance"}  # options are ours
+            schema = copy.deepcopy({k: v for k, v in schema.items() if k != "x-guidance"})  # options are ours
+            _normalise(schema)
             if self.close_objects:
-                schema = _close_objects(copy.deepcopy(schema))
+                schema = _close_objects(schema)
         return schema
 
     def _tool_grammar(self, spec) -> str:
@@ -254,8 +320,7 @@ class GrammarBuilder:
             params = fn.get("parameters") or {"type": "object"}
             if not isinstance(params, dict):
                 raise GrammarError(f"tool {fn['name']!r}: parameters must be a JSON Schema object")
-            for pattern in _regexes(params):
-                _check_regex(pattern, f"tool {fn['name']!r}: the pattern")
+            self._json_grammar(params, f"tool {fn['name']!r}: ")
             fns[fn["name"]] = params
         choice = spec.get("choice", "required")
         if isinstance(choice, dict):            # OpenAI's {"type": "function", "function": {"name": ...}}
@@ -275,6 +340,77 @@ class GrammarBuilder:
         begin, end = spec.get("begin", "<tool_call>"), spec.get("end", "</tool_call>")
         lark = f'start: {json.dumps(begin)} "\\n"? %json {json.dumps(body)} "\\n"? {json.dumps(end)}'
         return llg.LLMatcher.grammar_from_lark(lark)
+
+
+# keys whose value is a subschema, a list of them, or an object of them (JSON Schema 2020-12, draft 4's items list)
+_ONE = ("items", "additionalProperties", "additionalItems", "not", "if", "then", "else", "contains",
+        "propertyNames", "unevaluatedProperties", "unevaluatedItems")
+_LIST = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_NAMED = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def _children(node: dict):
+    """(JSON pointer steps, subschema) of each schema directly inside `node`."""
+    for k, v in node.items():
+        if k in _ONE and isinstance(v, dict):
+            yield _escape(k), v
+        elif k in _LIST and isinstance(v, list):
+            yield from ((f"{k}/{i}", x) for i, x in enumerate(v))
+        elif k in _NAMED and isinstance(v, dict):
+            yield from ((f"{k}/{_escape(name)}", x) for name, x in v.items())
+
+
+def _escape(name: str) -> str:
+    """A key as a JSON pointer step (RFC 6901)."""
+    return name.replace("~", "~0").replace("/", "~1")
+
+
+# JSON Schema's patterns are ECMA-262 regexes, whose \d and \w are ASCII (vLLM's backends read a
+# guided_regex so too); llguidance's (Rust's) are Unicode: \d would allow "꯲" and \w "日"
+_ASCII_CLASSES = {"d": "[0-9]", "D": "[^0-9]", "w": "[0-9A-Za-z_]", "W": "[^0-9A-Za-z_]"}
+
+
+def ascii_classes(pattern: str) -> str:
+    r"""`pattern` with \d, \D, \w, \W spelt as the ASCII classes they are in ECMA-262 (a nested
+    class inside [...]: Rust's syntax takes `[a[0-9]]`)."""
+    return re.sub(r"\\(.)", lambda m: _ASCII_CLASSES.get(m.group(1), m.group(0)), pattern, flags=re.S)
+
+
+def _no_op(node: dict, key: str) -> bool:
+    """Whether `key` of schema `node` constrains nothing (llguidance refuses these keywords
+    whatever their value): uniqueItems false, an empty dependentRequired or dependentSchemas,
+    propertyNames {} or true, not false, if without then and else, then or else without if."""
+    v = node[key]
+    return ((key == "uniqueItems" and v is False) or (key in ("dependentRequired", "dependentSchemas") and v == {})
+            or (key == "propertyNames" and (v is True or v == {})) or (key == "not" and v is False)
+            or (key == "if" and "then" not in node and "else" not in node)
+            or (key in ("then", "else") and "if" not in node))
+
+
+def _normalise(schema) -> None:
+    """In place, on `schema` and its subschemas: keywords that constrain nothing dropped (_no_op),
+    ascii_classes on every pattern and patternProperties key."""
+    todo = [schema]
+    while todo:
+        node = todo.pop()
+        if not isinstance(node, dict):
+            continue
+        for key in [k for k in ("uniqueItems", "dependentRequired", "dependentSchemas", "propertyNames", "not",
+                                "if", "then", "else") if k in node and _no_op(node, k)]:
+            del node[key]
+        if isinstance(node.get("pattern"), str):
+            node["pattern"] = ascii_classes(node["pattern"])
+        if isinstance(node.get("patternProperties"), dict):
+            node["patternProperties"] = {ascii_classes(k): v for k, v in node["patternProperties"].items()}
+        todo += [sub for _, sub in _children(node)]
+
+
+def _reworded(problem: str) -> str:
+    """llguidance's message, where it names its own options (which a request cannot set)."""
+    if problem.startswith("oneOf constraints are not supported"):
+        return ("oneOf whose branches can match the same value cannot be enforced (exactly one must match): "
+                "use anyOf, or make the branches exclusive")
+    return problem
 
 
 def _choice_grammar(spec) -> str:

@@ -116,13 +116,26 @@ def test_json_schema_that_cannot_be_enforced_gets_a_hint(tmp_path, monkeypatch):
         "constrained decoding supports most of JSON Schema; not, e.g., uniqueItems or not")
 
 
-def test_a_boolean_json_schema_passes_the_type_check_and_is_left_to_the_compiler(tmp_path, monkeypatch):
+def test_a_boolean_json_schema_true_allows_any_value_and_false_is_refused(tmp_path, monkeypatch):
     pytest.importorskip("llguidance")
     monkeypatch.chdir(tmp_path)
     f = _schema_pipeline(tmp_path, "s.json", "true")
+    program, diags = pipeline_dsl.load(str(f))
+    assert diags == []
+    f = _schema_pipeline(tmp_path, "s.json", "false")
     assert render_file(f) == _schema_error(
-        f, "s.json", "json_schema file 's.json' cannot be enforced: cannot compile the json_schema: Expecting "
-                     "object schema to apply options",
+        f, "s.json", "json_schema file 's.json' cannot be enforced: the schema is false, which no value matches",
+        "constrained decoding supports most of JSON Schema; not, e.g., uniqueItems or not")
+
+
+def test_a_json_schema_error_says_where_in_the_schema(tmp_path, monkeypatch):
+    pytest.importorskip("llguidance")
+    monkeypatch.chdir(tmp_path)
+    f = _schema_pipeline(tmp_path, "s.json", '{"type": "object", "properties": {"a": {"type": "object", '
+                                             '"properties": {"b": {"type": "array", "uniqueItems": true}}}}}')
+    assert render_file(f) == _schema_error(
+        f, "s.json", "json_schema file 's.json' cannot be enforced: at #/properties/a/properties/b: "
+                     "Unimplemented keys: [\"uniqueItems\"]",
         "constrained decoding supports most of JSON Schema; not, e.g., uniqueItems or not")
 
 

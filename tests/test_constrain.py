@@ -262,6 +262,83 @@ def test_grammar_errors(compiler, spec, words):
         compiler.compile(spec)
 
 
+@pytest.mark.parametrize("spec, message", [
+    ({"type": "json_schema", "schema": {"type": "object", "properties": {"a": {"type": "object", "properties": {
+        "b": {"type": 5}}}}}}, "at #/properties/a/properties/b: type must be a string or array of strings"),
+    ({"type": "json_schema", "schema": {"type": "object", "properties": {"x/y": {"anyOf": [
+        {"type": "integer"}, {"type": "string", "format": "nope"}]}}}},
+     "at #/properties/x~1y/anyOf/1: Unknown format: nope"),
+    ({"type": "json_schema", "schema": {"$defs": {"n": {"type": "object", "properties": {"k": {
+        "type": "array", "items": {"$ref": "#/$defs/n"}, "uniqueItems": True}}}}, "$ref": "#/$defs/n"}},
+     'at #/$defs/n/properties/k: Unimplemented keys: ["uniqueItems"]'),
+    ({"type": "json_schema", "schema": {"type": "array", "uniqueItems": True}}, 'Unimplemented keys: ["uniqueItems"]'),
+    ({"type": "json_schema", "schema": {"type": "object", "properties": {"v": {"oneOf": [
+        {"type": "integer"}, {"type": "number"}]}}}},
+     "at #/properties/v: oneOf whose branches can match the same value cannot be enforced (exactly one must "
+     "match): use anyOf, or make the branches exclusive"),
+    ({"type": "json_schema", "schema": False}, "the schema is false, which no value matches"),
+    ({"type": "tool_call", "tools": TOOLS + [{"type": "function", "function": {"name": "sort", "parameters": {
+        "type": "object", "properties": {"xs": {"type": "array", "uniqueItems": True}}}}}]},
+     "tool 'sort': at #/properties/xs: Unimplemented keys: [\"uniqueItems\"]"),
+])
+def test_a_schema_error_says_where_in_the_schema(compiler, spec, message):
+    with pytest.raises(GrammarError) as e:
+        compiler.compile(spec)
+    assert str(e.value) == message
+
+
+def test_a_grammar_the_engine_gives_up_on_after_its_first_token_is_refused_when_compiled(compiler):
+    """An object of a thousand optional properties compiles, but after its "{" llguidance's
+    parser gives up (a row of 3999 items, at most 2000): refused at once, not mid-answer."""
+    many = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}
+    with pytest.raises(GrammarError, match=r"^the grammar engine gives up on it at output token 1 \(.*items"):
+        compiler.compile({"type": "json_schema", "schema": many})
+    many["required"] = list(many["properties"])            # all required: one order, a small row
+    compiler.compile({"type": "json_schema", "schema": many})
+
+
+@pytest.mark.parametrize("schema, good, bad", [
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": False}, [1, 1], ["a"]),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "dependentRequired": {}, "dependentSchemas": {},
+      "propertyNames": True}, {"a": 1}, {"a": "x"}),
+    ({"type": "integer", "if": {"minimum": 5}}, 3, "x"),
+    ({"type": "integer", "then": {"minimum": 5}, "else": {"maximum": 0}}, 3, "x"),
+    ({"type": "object", "properties": {"n": {"type": "integer", "not": False}}}, {"n": 2}, {"n": "2"}),
+])
+def test_keywords_that_constrain_nothing_are_taken(engine, compiler, schema, good, bad):
+    """uniqueItems false, empty dependentRequired, if without then/else, ...: JSON Schema's
+    no-ops (generators write them) are not refused as keywords the grammar engine lacks."""
+    def accepts(value):
+        m = compiler.compile({"type": "json_schema", "schema": schema}).matcher()
+        return all(m.accept(t) for t in ids_of(engine, json.dumps(value))) and m.can_end()
+
+    assert accepts(good) and not accepts(bad)
+
+
+def test_schema_true_allows_any_value(engine, compiler):
+    m = compiler.compile({"type": "json_schema", "schema": True}).matcher()
+    assert all(m.accept(t) for t in ids_of(engine, '[1, "a"]')) and m.can_end()
+
+
+def test_digit_and_word_classes_are_ascii_as_in_json_schema(engine, compiler):
+    """ECMA-262's \\d and \\w (JSON Schema's patterns; vLLM's guided_regex) are ASCII: no "꯲" (a
+    Meetei Mayek digit) for \\d, no "日" for \\w, inside a class or out."""
+    def accepts(spec, text):
+        m = compiler.compile(spec).matcher()
+        return all(m.accept(t) for t in ids_of(engine, text)) and m.can_end()
+
+    pattern = {"type": "json_schema", "schema": {"type": "string", "pattern": r"^\d+[\w-]$"}}
+    keys = {"type": "json_schema", "schema": {"type": "object", "patternProperties": {r"^\w$": {"type": "integer"}},
+                                              "additionalProperties": False}}
+    for spec, good, bad in [({"type": "regex", "pattern": r"\d{2}"}, "12", "1꯲"),
+                            ({"type": "regex", "pattern": r"\w+\W"}, "a_1!", "日!"),
+                            ({"type": "regex", "pattern": r"[^\D]\S"}, "1x", "꯲x"),
+                            (pattern, '"12a"', '"1꯲a"'), (pattern, '"1-"', '"1日"'),
+                            (keys, '{"k": 1}', '{"日": 1}')]:
+        assert accepts(spec, good), (spec, good)
+        assert not accepts(spec, bad), (spec, bad)
+
+
 def test_supported_schema_features(engine, compiler):
     def accepts(spec, value):
         m = compiler.compile(spec).matcher()

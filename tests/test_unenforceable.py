@@ -6,6 +6,7 @@ finish reasons ever appear."""
 from __future__ import annotations
 
 import json
+import threading
 
 import httpx
 import pytest
@@ -106,3 +107,126 @@ def test_a_grammar_that_gives_up_mid_answer_fails_the_request_without_an_error_f
     monkeypatch.undo()
     ok = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)    # the server goes on
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in OPENAI_REASONS
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("guided_json", {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}},
+     "'guided_json' cannot be enforced: at #/properties/tags: Unimplemented keys: [\"uniqueItems\"]"),
+    ("response_format", schema_format({"type": "object", "properties": {"v": {"oneOf": [{"type": "integer"},
+                                                                                       {"type": "number"}]}}}),
+     "'response_format' cannot be enforced: at #/properties/v: oneOf whose branches can match the same value "
+     "cannot be enforced (exactly one must match): use anyOf, or make the branches exclusive"),
+    ("structured_outputs", {"json": False}, "'structured_outputs.json' cannot be enforced: the schema is false, "
+                                            "which no value matches"),
+])
+def test_a_schema_that_cannot_be_enforced_is_a_400_naming_where_in_it(server, field, value, message):
+    r = httpx.post(server.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, field: value}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == message
+
+
+def test_a_tool_whose_parameters_cannot_be_enforced_is_named_without_a_grammar_dump(server):
+    tools = [{"type": "function", "function": {"name": "ok", "parameters": {"type": "object"}}},
+             {"type": "function", "function": {"name": "tag", "parameters": {
+                 "type": "object", "properties": {"xs": {"type": "array", "uniqueItems": True}}}}}]
+    r = httpx.post(server.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "tools": tools,
+        "tool_choice": "required"}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == ("'tool_choice' cannot be enforced: tool 'tag': at #/properties/xs: "
+                                            "Unimplemented keys: [\"uniqueItems\"]")
+
+
+def test_schema_true_is_any_json_value(server):
+    r = httpx.post(server.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40, "temperature": 0,
+        "response_format": schema_format(True)}, timeout=60)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    if choice["finish_reason"] == "stop":
+        json.loads(choice["message"]["content"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_schema_the_grammar_engine_gives_up_on_is_a_400_before_any_token(server, stream):
+    many = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}
+    r = httpx.post(server.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": stream,
+        "response_format": schema_format(many)}, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "response_format"
+    assert err["message"].startswith("'response_format' cannot be enforced: the grammar engine gives up on it at "
+                                     "output token 1 (")
+
+
+def test_a_schema_is_checked_off_the_event_loop(server, monkeypatch):
+    """Checking a response_format schema can take seconds of CPU (an object of thousands of
+    properties): done on the event loop it would stall every other stream for as long."""
+    from pipeline_dsl.serve import extras
+
+    threads = []
+
+    def check(spec, **kw):
+        threads.append(threading.current_thread())
+        return check_spec(spec, **kw)
+
+    monkeypatch.setattr(extras, "check_spec", check)
+    schema = {"type": "object", "properties": {"off_the_loop": {"type": "boolean"}}, "required": ["off_the_loop"]}
+    for route, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                        ("/v1/completions", {"prompt": "hi"})):
+        r = httpx.post(server.url + route, json={**body, "max_tokens": 12, "response_format": schema_format(schema)},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        schema["properties"]["x"] = {"type": "null"}       # a new schema: the check is cached
+    assert len(threads) == 2 and server.thread not in threads
+
+
+def test_structured_outputs_options_are_followed(server):
+    """disable_any_whitespace: answers without whitespace (the same requests without it have
+    some); disable_additional_properties: objects as open as the schema leaves them (the
+    random model writes properties of its own); disable_fallback is taken (one backend)."""
+    schema = {"type": "object", "properties": {k: {"type": "boolean"} for k in "abcd"}, "required": list("abcd")}
+
+    def answers(**options) -> list[tuple[str, str]]:
+        r = httpx.post(server.url + "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "temperature": 1, "seed": 3, "n": 4,
+            "structured_outputs": {"json": schema, **options}}, timeout=60)
+        assert r.status_code == 200, r.text
+        return [(c["finish_reason"], c["message"]["content"]) for c in r.json()["choices"]]
+
+    closed, compact = answers(), answers(disable_any_whitespace=True)
+    for reason, text in closed + compact:
+        assert reason == "stop" and set(json.loads(text)) == set("abcd"), text
+    assert any(" " in text for _, text in closed) and not any(" " in text for _, text in compact)
+    opened = answers(disable_additional_properties=True, disable_fallback=True)
+    assert any(reason == "length" or set(json.loads(text)) - set("abcd") for reason, text in opened), opened
+
+
+def test_open_and_compact_objects_on_request(tiny_gguf):
+    """disable_additional_properties: true leaves objects as open as JSON Schema does (vLLM's
+    guidance backend), disable_any_whitespace: true writes no whitespace."""
+    from pipeline_dsl.engine import Engine, EngineConfig
+
+    engine = Engine(EngineConfig(model=str(tiny_gguf), dtype="fp32"))
+    compiler = ConstraintCompiler(engine.tokenizer, engine.vocab_size)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+
+    def accepts(spec, text):
+        m = compiler.compile(spec).matcher()
+        return all(m.accept(t) for t in engine.tokenizer.encode(text, add_special_tokens=False)) and m.can_end()
+
+    spec = {"type": "json_schema", "schema": schema}
+    assert not accepts(spec, '{"a": 1, "b": 2}') and accepts({**spec, "close_objects": False}, '{"a": 1, "b": 2}')
+    assert accepts(spec, '{"a": 1}') and not accepts({**spec, "compact": True}, '{"a": 1}')
+    assert accepts({**spec, "compact": True}, '{"a":1}') and not accepts({"type": "json_object", "compact": True}, "{ }")
+    with pytest.raises(GrammarError, match="true or false"):
+        compiler.compile({**spec, "compact": "yes"})
+
+
+def test_structured_outputs_whitespace_pattern_is_refused(server):
+    r = httpx.post(server.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+        "structured_outputs": {"json": {"type": "object"}, "whitespace_pattern": "x"}}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs.whitespace_pattern", r.text

@@ -94,19 +94,37 @@ class Grammar:
         self._probe(compiler)
 
     def _probe(self, compiler: ConstraintCompiler) -> None:
-        """The first step of a fresh matcher: a grammar that fails there, or that allows nothing
-        but the end before it can end, can produce no answer (GrammarError)."""
+        """The first PROBE_STEPS steps of a fresh matcher, each taking the lowest allowed token: a
+        grammar that fails there (llguidance gives up on a row of too many items, as after the
+        "{" of an object with a thousand optional properties), or that allows nothing but the
+        end before it can end, can produce no answer (GrammarError), and is refused when it is
+        compiled rather than in the middle of an answer."""
         import torch
 
         m = self._template.deep_copy()
         row = torch.zeros(compiler.words, dtype=torch.int32)
-        m.unsafe_compute_mask_ptr(row.data_ptr(), compiler.words * 4)
+        taken = 0
+        while True:
+            m.unsafe_compute_mask_ptr(row.data_ptr(), compiler.words * 4)
+            if m.is_error():
+                break
+            allowed = _unpack(row.view(1, -1), compiler.vocab_size)[0]       # [V] bool
+            allowed[list(compiler.eos_token_ids)] = False
+            ids = allowed.nonzero().view(-1)
+            if not len(ids):
+                if m.is_accepting():
+                    break
+                raise GrammarError("no output can follow it")
+            if taken == PROBE_STEPS:
+                break
+            m.consume_token(int(ids[0]))
+            taken += 1
+            if m.is_error():
+                break
         if m.is_error():
-            raise GrammarError(short(f"no output can follow it ({first_line(m.get_error())})"))
-        allowed = _unpack(row.view(1, -1), compiler.vocab_size)[0]
-        allowed[list(compiler.eos_token_ids)] = False
-        if not bool(allowed.any()) and not m.is_accepting():
-            raise GrammarError("no output can follow it")
+            why = first_line(m.get_error())
+            raise GrammarError(short(f"the grammar engine gives up on it at output token {taken} ({why})"
+                                     if taken else f"no output can follow it ({why})"))
         self._lock = threading.Lock()
 
     def matcher(self) -> "Matcher":
@@ -160,6 +178,7 @@ class Matcher:
         return short(first_line(self.m.get_error())) if self.m.is_error() else ""
 
 
+PROBE_STEPS = 8          # steps a new grammar is walked when compiled (a mask each: tens of µs)
 _SHIFTS: dict = {}
 _EXECUTOR = None
 

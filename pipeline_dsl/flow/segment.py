@@ -219,7 +219,7 @@ class EngineSegment:
             return self._compiler.compile(spec)
         except GrammarError as e:
             what = "tool_choice" if spec.get("type") == "tool_call" else "response_format"
-            raise InputError(f"'{what}' cannot be enforced: {e}") from None
+            raise InputError(f"'{what}' cannot be enforced: {e}", param=what) from None
 
     def copies(self, gen: str, data: dict) -> int:
         n = data.get("n")

@@ -30,6 +30,11 @@ CHAT_FIELDS = ("chat_template_kwargs",)
 TEMPLATE_OWN = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
 STRUCTURED_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
                    "json_object": "json_object"}
+# vLLM's options beside them, when true: (the key it sets on a JSON spec, its value); disable_fallback
+# only keeps vLLM from trying a second backend, and agp has one
+STRUCTURED_OPTIONS = {"disable_any_whitespace": ("compact", True),
+                      "disable_additional_properties": ("close_objects", False),
+                      "disable_fallback": (None, None)}
 
 
 def bad(param: str, expected: str, value) -> APIError:
@@ -101,16 +106,22 @@ def _constraint(obj: dict) -> tuple[dict | None, str | None]:
         if not isinstance(so, dict):
             raise bad(name, "an object", so)
         keys = [k for k in so if so[k] is not None and k in STRUCTURED_KEYS]
-        unknown = [k for k in so if k not in STRUCTURED_KEYS and k not in ("disable_fallback", "whitespace_pattern",
-                                                                             "disable_any_whitespace",
-                                                                             "disable_additional_properties")]
+        unknown = [k for k in so if k not in STRUCTURED_KEYS and k not in STRUCTURED_OPTIONS and so[k] is not None]
         if unknown:
             raise APIError(f"'structured_outputs.{unknown[0]}' is not supported: give one of "
-                           f"{', '.join(STRUCTURED_KEYS)}", param=f"structured_outputs.{unknown[0]}")
+                           f"{', '.join(STRUCTURED_KEYS)} (and {', '.join(STRUCTURED_OPTIONS)})",
+                           param=f"structured_outputs.{unknown[0]}")
         if len(keys) != 1:
             raise APIError(f"'structured_outputs' must set exactly one of {', '.join(STRUCTURED_KEYS)}",
                            param=name)
-        return _spec(STRUCTURED_KEYS[keys[0]], so[keys[0]], f"{name}.{keys[0]}"), f"{name}.{keys[0]}"
+        spec = _spec(STRUCTURED_KEYS[keys[0]], so[keys[0]], f"{name}.{keys[0]}")
+        for option, (key, value) in STRUCTURED_OPTIONS.items():
+            if so.get(option) is not None:
+                if not isinstance(so[option], bool):
+                    raise bad(f"{name}.{option}", "true or false", so[option])
+                if so[option] and spec["type"] in ("json_schema", "json_object") and key:
+                    spec[key] = value
+        return spec, f"{name}.{keys[0]}"
     kind = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
             "guided_grammar": "grammar"}[name]
     return _spec(kind, obj[name], name), name

@@ -62,8 +62,8 @@ class Generations:
         return error_response(err)
 
     async def handle(self, request: Request, parse) -> Response:
-        try:
-            req = self.parse(await read_json(request, self.config), parse)
+        try:       # off the event loop: checking a large response_format schema takes seconds of CPU
+            req = await asyncio.to_thread(self.parse, await read_json(request, self.config), parse)
         except P.APIError as err:
             return self.refused(err)
         rid = f"{'chatcmpl' if req.kind == 'chat' else 'cmpl'}-{request_info(request.scope).adopt(req.request_id)}"

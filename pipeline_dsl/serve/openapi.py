@@ -84,7 +84,11 @@ SAMPLING = {
     "return_token_ids": {"type": "boolean", "description": "the prompt's and the answer's token ids too"},
     "structured_outputs": {"type": "object", "properties": {
         "json": {"type": "object"}, "regex": {"type": "string"}, "grammar": {"type": "string"},
-        "choice": {"type": "array", "items": {"type": "string"}}, "json_object": {"type": "boolean"}}},
+        "choice": {"type": "array", "items": {"type": "string"}}, "json_object": {"type": "boolean"},
+        "disable_any_whitespace": {"type": "boolean", "description": "JSON without whitespace between tokens"},
+        "disable_additional_properties": {"type": "boolean",
+                                          "description": "objects as open as the schema leaves them"},
+        "disable_fallback": {"type": "boolean", "description": "taken: one backend"}}},
 }
 
 TEXT_PART = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
