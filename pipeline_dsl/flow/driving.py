@@ -112,15 +112,21 @@ class Driving:
             try:
                 for i, req in enumerate(requests):
                     data, pin = req if isinstance(req, tuple) else (req, None)
-                    with cond:
-                        while self.full and not stopping.is_set():
-                            cond.wait(0.05)
+                    while not stopping.is_set():
+                        with cond:
+                            while self.full and not stopping.is_set():
+                                cond.wait(0.05)
+                        if stopping.is_set():
+                            break
+                        try:
+                            self.submit(data, _One(i), pin=pin)
+                        except PipelineError as e:
+                            if e.kind == "queue_full":   # filled since the check (a sequence left its
+                                continue                 # engine, still in flight): wait, never an answer
+                            _One(i).on_done(Result("", data.get("id"), [], e, no_usage(), {}))
+                        break
                     if stopping.is_set():
                         break
-                    try:
-                        self.submit(data, _One(i), pin=pin)
-                    except PipelineError as e:
-                        _One(i).on_done(Result("", data.get("id"), [], e, no_usage(), {}))
                 while not self.wait_idle(0.1) and not stopping.is_set():
                     pass
             except BaseException as e:           # noqa: BLE001 - raised on the calling thread
