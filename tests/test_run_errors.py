@@ -350,3 +350,30 @@ def test_agp_run_in_process_writes_its_answers_to_a_stdout_with_no_file_behind_i
     monkeypatch.setattr(sys, "stdout", buf)
     assert cli.main(["run", str(pipeline), "-i", str(inp), "--no-progress", "--threads", "1"]) == 0
     assert not buf.closed and [json.loads(line)["id"] for line in buf.getvalue().splitlines()] == ["a"]
+
+
+@pytest.mark.parametrize("change", ["input", "pipeline"])
+def test_resume_refuses_an_output_made_from_a_changed_input_or_pipeline(tmp_path, pipeline, change):
+    """The same ids are no proof of the same requests: a prompt or the pipeline changed since the
+    output was begun makes --resume exit 2 before the model loads, the output left as it is."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n')
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    kept = out.read_text().splitlines()[0] + "\n"
+    out.write_text(kept)                                  # as a kill after the first answer leaves it
+    same = run(pipeline, "-i", inp, "-o", out, "--resume")
+    assert same.returncode == 0, same.stderr
+    assert [g["id"] for g in records(out)] == ["a", "b"]
+    out.write_text(kept)
+    if change == "input":
+        inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "another prompt"}\n')
+    else:
+        pipeline.write_text(pipeline.read_text().replace("max_new_tokens = 4", "max_new_tokens = 3"))
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")
+    assert r.returncode == 2, r.stderr
+    assert f"{out} was made from another {change} than this run's" in r.stderr and "--overwrite" in r.stderr
+    assert "run summary" not in r.stderr and out.read_text() == kept
+    r = run(pipeline, "-i", inp, "-o", out, "--overwrite")          # starting afresh takes the new one
+    assert r.returncode == 0, r.stderr
+    assert run(pipeline, "-i", inp, "-o", out, "--resume").returncode == 0

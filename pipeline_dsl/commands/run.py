@@ -17,7 +17,9 @@ text file) is refused before the model loads, exit 2. An existing output file is
 overwritten silently: `--overwrite` replaces it, `--resume` (with `-o` only) keeps it and runs only the lines
 it holds no record of yet (counted per id, so a repeated id is answered by its error record);
 an output holding a line that is no record of this input (another file's answers, a line that is
-not an agp record) is refused before the model loads, exit 2: appending would mix two runs.
+not an agp record) is refused before the model loads, exit 2: appending would mix two runs; so
+is an output whose fingerprint (OUT.agp-run, written beside it: the input's lines, the pipeline
+file, --pipeline, --dtype) says another input or pipeline made it.
 Ctrl-C (SIGINT), SIGTERM or SIGHUP stops admitting, aborts what is in flight (those requests are
 not written, so `--resume` runs them again), writes the summary and `--stats`, and exits
 130, 143 or 129; while the model loads, one stops the load at once with a line saying so (same
@@ -263,6 +265,11 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
                             f"{'are' if n > 1 else 'is'} no answer to its lines (the first: line {foreign[0]}), "
                             "another input's answers or not agp records; --resume would append to them. "
                             "Pass --overwrite to start afresh")
+            changed = _changed_since(args, lines)
+            if changed:
+                return _err(f"{args.output} was made from another {changed} than this run's: --resume would "
+                            f"append answers of this {changed} to those of the other. Pass --overwrite to start "
+                            f"afresh (or run the {changed} it was made from)")
             if whole < os.path.getsize(args.output):
                 print(f"agp run: {args.output}: dropping an incomplete last line", file=sys.stderr)
                 os.truncate(args.output, whole)
@@ -279,6 +286,9 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
             if (getattr(out, "encoding", None) or "utf-8").lower().replace("-", "") != "utf8" and \
                     hasattr(out, "reconfigure"):
                 out.reconfigure(encoding="utf-8")      # JSONL is UTF-8, as -o FILE writes it, whatever the locale
+        if to_file and os.path.isfile(args.output) and not (
+                args.resume and os.path.exists(_fingerprint_path(args.output))):
+            _write_fingerprint(args, lines)          # what a later --resume checks it continues
     except OSError as e:
         return _err(f"cannot write {args.output}: {e.strerror}")
 
@@ -443,6 +453,42 @@ def _load(args):
                          allow_paths=args.allow_path,
                          overlap=True if args.overlap else False if args.no_overlap else None,
                          trace=Trace() if args.trace else None)
+
+
+def _fingerprint(args, lines: list[bytes]) -> dict:
+    """What an output file's answers were made from: the input's lines (as read: a BOM and CRLF
+    endings do not count), the pipeline file, the pipeline chosen in it and --dtype."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for line in lines:
+        digest.update(line + b"\n")
+    with open(args.pipeline, "rb") as f:
+        pipeline = hashlib.sha256(f.read()).hexdigest()
+    return {"input": digest.hexdigest(), "pipeline": [pipeline, args.name, args.dtype]}
+
+
+def _fingerprint_path(output: str) -> str:
+    return output + ".agp-run"
+
+
+def _write_fingerprint(args, lines: list[bytes]) -> None:
+    """Beside a fresh output file: what --resume checks it continues."""
+    with open(_fingerprint_path(args.output), "w", encoding="utf-8") as f:
+        json.dump(_fingerprint(args, lines), f)
+
+
+def _changed_since(args, lines: list[bytes]) -> str | None:
+    """'input' or 'pipeline' when the output file's answers were made from another one than this
+    run's; None when the same, or when the output has no fingerprint beside it (it was not
+    written by agp run -o)."""
+    try:
+        with open(_fingerprint_path(args.output), encoding="utf-8") as f:
+            was = json.load(f)
+    except (OSError, ValueError):
+        return None
+    now = _fingerprint(args, lines)
+    return next((what for what in ("input", "pipeline") if was.get(what) != now[what]), None)
 
 
 def _same_file(a: str, b: str) -> bool:
