@@ -377,3 +377,22 @@ def test_resume_refuses_an_output_made_from_a_changed_input_or_pipeline(tmp_path
     r = run(pipeline, "-i", inp, "-o", out, "--overwrite")          # starting afresh takes the new one
     assert r.returncode == 0, r.stderr
     assert run(pipeline, "-i", inp, "-o", out, "--resume").returncode == 0
+
+
+def test_a_gzip_compressed_input_is_read_decompressed_and_a_cut_one_is_a_clear_error(tmp_path, pipeline):
+    import gzip
+
+    lines = b'{"id": "a", "prompt": "x", "max_tokens": 1}\n{"id": "b", "prompt": "y", "max_tokens": 1}\n'
+    packed = gzip.compress(lines)
+    inp = tmp_path / "in.jsonl.gz"
+    inp.write_bytes(packed)
+    r = run(pipeline, "-i", inp)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x)["id"] for x in r.stdout.splitlines()] == ["a", "b"]
+    r = run(pipeline, "-i", "-", input=packed.decode("latin-1"), encoding="latin-1")      # on stdin too
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x)["id"] for x in r.stdout.splitlines()] == ["a", "b"]
+    inp.write_bytes(packed[:len(packed) // 2])
+    r = run(pipeline, "-i", inp)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"cannot read {inp}: it is gzip-compressed and cannot be decompressed" in r.stderr

@@ -13,7 +13,8 @@ as from /dev/zero, the input is read no further), or whose id an earlier line ha
 an id takes its line number as id; ids are unique). A file of OpenAI batch-API lines
 (`custom_id`, `method`, `url`, `body`) is answered in the Batch API's output shape, one line per
 input line, in input order (commands/batch_api.py). A file none of whose lines is JSON (a CSV, a
-text file) is refused before the model loads, exit 2. An existing output file is never
+text file) is refused before the model loads, exit 2. A gzip-compressed input (a file or stdin)
+is read decompressed. An existing output file is never
 overwritten silently: `--overwrite` replaces it, `--resume` (with `-o` only) keeps it and runs only the lines
 it holds no record of yet (counted per id, so a repeated id is answered by its error record);
 an output holding a line that is no record of this input (another file's answers, a line that is
@@ -32,6 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gzip
+import io
 import json
 import os
 import signal
@@ -39,6 +42,7 @@ import stat
 import sys
 import threading
 import time
+import zlib
 from collections import Counter
 
 from pipeline_dsl.cliargs import output_file
@@ -88,11 +92,28 @@ def _read_lines(path: str, limit: int = MAX_LINE_BYTES) -> list[bytes]:
     """The input's lines, each read to at most `limit` bytes: a longer one comes back as TooLong
     (memory stays bounded by the lines kept; -i /dev/zero is one endless line)."""
     if path == "-":
-        return _lines(sys.stdin.buffer, limit)
+        return _lines(_unzipped(sys.stdin.buffer), limit)
     if stat.S_ISDIR(os.stat(path).st_mode):
         raise IsADirectoryError(21, "it is a folder")
     with open(path, "rb") as f:
-        return _lines(f, limit)
+        return _lines(_unzipped(f), limit)
+
+
+def _unzipped(f):
+    """`f`, or what it holds when it is gzip-compressed (its first bytes say so, whatever its name)."""
+    if isinstance(f, io.BufferedReader) and f.peek(2)[:2] == b"\x1f\x8b":   # another stream: read as it is
+        return _Gunzipped(fileobj=f, mode="rb")
+    return f
+
+
+class _Gunzipped(gzip.GzipFile):
+    """A gzip'd input; one cut short or corrupt is an OSError saying so (`cannot read IN: ...`)."""
+
+    def readline(self, size=-1):
+        try:
+            return super().readline(size)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise OSError(errno.EIO, f"it is gzip-compressed and cannot be decompressed ({e})") from None
 
 
 def _lines(f, limit: int) -> list[bytes]:
