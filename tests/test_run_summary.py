@@ -43,7 +43,7 @@ def test_the_time_per_token_of_a_request_with_n_choices_is_per_choice():
     fast as it did); each choice took 100 ms a token, as agp serve's request_time_per_output_token."""
     from types import SimpleNamespace as NS
 
-    from pipeline_dsl.commands.runner import summarize
+    from pipeline_dsl.commands.runner import Tally, summarize
     from pipeline_dsl.flow import Choice, Result
 
     def result(choices, tokens):
@@ -53,5 +53,8 @@ def test_the_time_per_token_of_a_request_with_n_choices_is_per_choice():
 
     runtime = NS(stats=lambda: {"engines": {}, "stages": {}, "edges": {}}, trace=NS(measured_overlap=lambda: 0.0),
                  plan=NS(streams=[]), segments=[])
-    s = summarize(runtime, [result(2, 22), result(1, 11)], wall=2.0)
+    tally = Tally()
+    for r in (result(2, 22), result(1, 11)):
+        tally.add(r)
+    s = summarize(runtime, tally, wall=2.0)
     assert s["tpot_p50_ms"] == s["tpot_p99_ms"] == 100.0

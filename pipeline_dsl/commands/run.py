@@ -389,7 +389,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
         nonlocal next_to_write, written
         with write_lock:
             while not write_error and next_to_write < len(results) and results[next_to_write] is not None:
-                if results[next_to_write] is not False:         # False: interrupted, not written
+                if results[next_to_write] is not False:         # False: written, or interrupted (not written)
                     try:
                         out.write(dump(results[next_to_write]) + "\n")
                         out.flush()
@@ -401,6 +401,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
                         write_error.append(e)
                         stop.set()
                         return
+                results[next_to_write] = False          # written: the record is not kept
                 next_to_write += 1
 
     def on_done(slot: int, record: dict) -> None:
