@@ -142,7 +142,8 @@ def test_an_output_file_deleted_mid_run_stops_the_run_saying_the_answers_are_los
         while not (out.exists() and out.read_text().count("\n") >= 2):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
             time.sleep(0.05)
-        out.unlink()
+        for f in out.parent.iterdir():                     # the answers and their fingerprint
+            f.unlink()
         out.parent.rmdir()
         err = proc.communicate(timeout=120)[1]
     finally:
