@@ -540,7 +540,7 @@ def test_a_batch_keeps_no_answer_once_it_is_handed_on(tmp_path):
         records.append(record)
         if len(records) == len(lines):
             gc.collect()
-            alive.append(sum(isinstance(o, Result) for o in gc.get_objects()))
+            alive.append(sum(type(o) is Result for o in gc.get_objects()))
 
     summary = run_pipeline(rt, lines, on_done=on_done, progress=False)
     rt.shutdown()
