@@ -378,6 +378,17 @@ def test_resume_refuses_an_output_made_from_a_changed_input_or_pipeline(tmp_path
     r = run(pipeline, "-i", inp, "-o", out, "--overwrite")          # starting afresh takes the new one
     assert r.returncode == 0, r.stderr
     assert run(pipeline, "-i", inp, "-o", out, "--resume").returncode == 0
+    out.write_text("")                    # killed before its first answer: nothing to mix, the next run's
+    inp.write_text('{"id": "a", "prompt": "x"}\n')
+    assert run(pipeline, "-i", inp, "-o", out, "--resume").returncode == 0
+    out.write_text("")
+    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n')
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")            # the empty output took this input
+    assert r.returncode == 0, r.stderr
+    out.write_text(out.read_text().splitlines()[0] + "\n")
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert [g["id"] for g in records(out)] == ["a", "b"]
 
 
 def test_a_gzip_compressed_input_is_read_decompressed_and_a_cut_one_is_a_clear_error(tmp_path, pipeline):

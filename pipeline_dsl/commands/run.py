@@ -308,8 +308,9 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
                     hasattr(out, "reconfigure"):
                 out.reconfigure(encoding="utf-8")      # JSONL is UTF-8, as -o FILE writes it, whatever the locale
         if to_file and os.path.isfile(args.output) and not (
-                args.resume and os.path.exists(_fingerprint_path(args.output))):
-            _write_fingerprint(args, lines)          # what a later --resume checks it continues
+                args.resume and os.path.getsize(args.output) and os.path.exists(_fingerprint_path(args.output))):
+            _write_fingerprint(args, lines)          # what a later --resume checks it continues (no answer yet:
+                                                     # whatever made an empty output, this run's)
     except OSError as e:
         return _err(f"cannot write {args.output}: {e.strerror}")
 
