@@ -53,8 +53,5 @@ def test_the_time_per_token_of_a_request_with_n_choices_is_per_choice():
 
     runtime = NS(stats=lambda: {"engines": {}, "stages": {}, "edges": {}}, trace=NS(measured_overlap=lambda: 0.0),
                  plan=NS(streams=[]), segments=[])
-    tally = Tally()
-    for r in (result(2, 22), result(1, 11)):
-        tally.add(r)
-    s = summarize(runtime, tally, wall=2.0)
+    s = summarize(runtime, Tally.of([result(2, 22), result(1, 11)]), wall=2.0)
     assert s["tpot_p50_ms"] == s["tpot_p99_ms"] == 100.0

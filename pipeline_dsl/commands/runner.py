@@ -198,6 +198,13 @@ class Tally:
         # the answered requests' tokens, as their output lines' usage adds up (a failed line has no usage)
         self.tokens = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
 
+    @classmethod
+    def of(cls, results) -> "Tally":
+        tally = cls()
+        for r in results:
+            tally.add(r)
+        return tally
+
     def add(self, r) -> None:
         self.requests += 1
         if r.error is not None:
