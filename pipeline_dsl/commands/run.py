@@ -4,7 +4,8 @@
     agp run examples/chat.agp -i big.jsonl -o answers.jsonl --resume     # after an interruption
 
 Input: one request a line (`id`, `prompt` or `messages`, optional sampling fields).
-Output: one JSON line per input line, in input order, each written whole and flushed as
+Output: one JSON line per input line (a blank line gets none; a UTF-8 BOM and CRLF endings are
+read), in input order, each written whole and flushed as
 soon as the lines before it are: `id`, `text`, `finish_reason`, `usage` (and `stop_reason`, `logprobs`,
 `prompt_logprobs`, `choices` where asked, as agp serve's completions choices); a line that
 cannot be run gives `{"id", "error": {"line", "message", "type"}}` and every other line
