@@ -408,3 +408,14 @@ def test_a_gzip_compressed_input_is_read_decompressed_and_a_cut_one_is_a_clear_e
     r = run(pipeline, "-i", inp)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"cannot read {inp}: it is gzip-compressed and cannot be decompressed" in r.stderr
+
+
+def test_a_bom_crlf_endings_and_blank_lines_are_read_as_a_plain_files(tmp_path, pipeline):
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(b'\xef\xbb\xbf{"id": "a", "prompt": "x", "max_tokens": 1}\r\n\r\n   \r\n'
+                    b'{"id": "b", "prmpt": "y"}\r\n{"prompt": "z", "max_tokens": 1}')     # no end of line last
+    r = run(pipeline, "-i", inp)
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [g["id"] for g in got] == ["a", "b", 5] and "text" in got[0] and "text" in got[2]
+    assert got[1]["error"]["line"] == 4
