@@ -442,6 +442,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     if write_error:
         e = write_error[0]
         summary["write_error"] = f"{e.strerror or e}"
+        summary["unwritten"] = summary["requests"] - written      # answered after the failed write: lost
         _err(f"cannot write {args.output if to_file else 'the output'}: {e.strerror or e}; the run stopped there "
              "(the requests in flight were aborted; --resume runs them)")
     print(format_summary(summary), file=sys.stderr)

@@ -279,7 +279,8 @@ def format_summary(s: dict) -> str:
         f"requests        {s['requests']} ({s.get('errors', 0)} failed"
         + (f", {s['interrupted']} interrupted, not written" if s.get("interrupted") else "")
         + (f"; {s['written']} written before the output failed: {s['write_error']}" if s.get("write_error")
-           else "") + ")"
+           else "")
+        + (f"; {s['unwritten']} answered after it, not written" if s.get("unwritten") else "") + ")"
         + (f"; {s['resumed_skipped']} more already answered in the output (--resume)" if s.get("resumed_skipped")
            else ""),
         f"tokens          {s['prompt_tokens']} in ({s['cached_tokens']} cached), {s['completion_tokens']} out",
