@@ -379,6 +379,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
             continue
         requests.append(RunRequest(slot=slot, line=lineno, parsed=None if is_batch else req,
                                    batch=req if is_batch else None))
+    del lines, parsed                          # the requests hold what runs: the raw lines are not kept
 
     next_to_write = 0
     write_lock = threading.Lock()

@@ -168,8 +168,7 @@ def run_pipeline(runtime, requests: list[RunRequest], *, on_done: Callable[[int,
                 bar.update(1)
                 bar.set_postfix_str(f"{completion / max(time.perf_counter() - t0, 1e-9):.0f} tok/s")
 
-    runtime.run_all(items, on_result=done, stop=stop, keep_results=False)
-    del items
+    runtime.run_all(_handed(items), on_result=done, stop=stop, keep_results=False)
     wall = time.perf_counter() - t0
     if bar:
         bar.close()
@@ -180,6 +179,14 @@ def run_pipeline(runtime, requests: list[RunRequest], *, on_done: Callable[[int,
     summary = summarize(runtime, tally, wall)
     summary["interrupted"] = interrupted + len(never)
     return summary
+
+
+def _handed(items: list):
+    """`items`, emptied as they are taken: run_all's own list then holds the only reference to
+    each, and drops it once submitted."""
+    items.reverse()
+    while items:
+        yield items.pop()
 
 
 def _pin(runtime, parsed: ParsedRequest) -> str | None:
