@@ -155,13 +155,13 @@ def agp_executor(runtime, work: list[dict]) -> dict:
     """W32 through the pipeline as `agp run` runs it (the plan's executor); a warm-up request
     first, same runtime."""
     from pipeline_dsl.requests_io import parse_request
-    from pipeline_dsl.commands.runner import summarize
+    from pipeline_dsl.commands.runner import Tally, summarize
 
     runtime.run_all([{"id": "warm", "prompt": "Hello", "max_tokens": 4}], keep_open=True)
     items = [parse_request(obj, default_id=i).item() for i, obj in enumerate(work)]
     t0 = time.perf_counter()
     results = runtime.run_all(items, keep_open=True)
-    summary = summarize(runtime, results, time.perf_counter() - t0)
+    summary = summarize(runtime, Tally.of(results), time.perf_counter() - t0)
     ok = [r for r in results if r.error is None and r.metrics.get("ttft_s") is not None]
     rates = [(r.usage["completion_tokens"] - 1) / (r.metrics["latency_s"] - r.metrics["ttft_s"])
              for r in ok if r.usage["completion_tokens"] > 1 and r.metrics["latency_s"] > r.metrics["ttft_s"]]

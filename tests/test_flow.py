@@ -496,6 +496,58 @@ def test_every_planned_piece_of_work_runs_and_is_traced(tmp_path):
     assert item_spans and all("request" in e["args"] for e in item_spans)
 
 
+def test_run_all_waits_when_the_queue_fills_between_its_check_and_the_submit(tmp_path):
+    """A batch never answers a line 'queue full': the queue can fill after the feeder saw room
+    (a sequence leaves its engine, still in flight), and then the feeder waits and submits again."""
+    from pipeline_dsl.flow.items import PipelineError
+
+    body = "stage request : requests {}\nstage gen : generate { max_new_tokens = 2 }\nstage out : respond {}\n" \
+           "request -> batch\n" + chain() + "gen -> out\n"
+    rt = PipelineRuntime(load_graph(write(tmp_path, body)), overrides={"threads": 1})
+    submit, refused = rt.submit, []
+
+    def racing(data, listener, **kw):
+        if len(refused) < 3:                   # as if the queue filled just after the check
+            refused.append(data["id"])
+            raise PipelineError("the queue is full", "queue_full")
+        return submit(data, listener, **kw)
+
+    rt.submit = racing
+    results = rt.run_all([chat(f"r{i}", "hello there") for i in range(4)])
+    rt.shutdown()
+    assert refused == ["r0", "r0", "r0"]
+    assert [r.error for r in results] == [None] * 4
+
+
+def test_a_batch_keeps_no_answer_once_it_is_handed_on(tmp_path):
+    """A long batch's memory does not grow with its answers: run_all(keep_results=False) hands each
+    result to on_result and keeps none, and agp run's runner keeps of each only what its summary
+    needs, so while the last line is answered the earlier lines' results are gone."""
+    import gc
+
+    from pipeline_dsl.commands.runner import RunRequest, run_pipeline
+    from pipeline_dsl.flow.items import Result
+    from pipeline_dsl.requests_io import parse_line_object
+
+    body = "stage request : requests {}\nstage gen : generate { max_new_tokens = 2 }\nstage out : respond {}\n" \
+           "request -> batch\n" + chain() + "gen -> out\n"
+    rt = PipelineRuntime(load_graph(write(tmp_path, body)), overrides={"threads": 1})
+    lines = [RunRequest(slot=i, line=i + 1, parsed=parse_line_object(chat(f"r{i}", "hello"), i + 1))
+             for i in range(40)]
+    alive, records = [], []
+
+    def on_done(slot, record):
+        records.append(record)
+        if len(records) == len(lines):
+            gc.collect()
+            alive.append(sum(type(o) is Result for o in gc.get_objects()))
+
+    summary = run_pipeline(rt, lines, on_done=on_done, progress=False)
+    rt.shutdown()
+    assert summary["requests"] == 40 and summary["errors"] == 0 and len(records) == 40
+    assert alive[0] <= 8, alive                 # the last few in flight, not the 40 answered
+
+
 def test_agp_run_summary_and_stats_report_every_stage(tmp_path):
     import subprocess
     import sys

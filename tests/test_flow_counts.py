@@ -76,7 +76,7 @@ def test_the_first_engines_encode_counts_only_what_entered_its_engine(tmp_path, 
 
 
 def test_the_run_summary_reports_weights_and_dtype_per_engine(tmp_path, soft_gguf):
-    from pipeline_dsl.commands.runner import summarize
+    from pipeline_dsl.commands.runner import Tally, summarize
 
     body = ("stage request : requests {}\nstage route : route {}\n"
             "stage a : generate { max_new_tokens = 2  dtype = int8 }\nstage b : generate { max_new_tokens = 2 }\n"
@@ -84,7 +84,7 @@ def test_the_run_summary_reports_weights_and_dtype_per_engine(tmp_path, soft_ggu
             "route -> batch_a otherwise\n" + chain("a", "batch_a", "enc_a", "kv_a")
             + chain("b", "batch_b", "enc_b", "kv_b") + "a -> out\nb -> out\n")
     results, rt = run(write(tmp_path, soft_gguf, body), [chat("x", "hi")])
-    summary = summarize(rt, results, 1.0)
+    summary = summarize(rt, Tally.of(results), 1.0)
     assert summary["weights"] == {"a": "int8", "b": "dense"}
     assert summary["dtype"]["b"] == "float32"
 

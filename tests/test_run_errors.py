@@ -109,6 +109,8 @@ def test_a_failed_write_stops_the_run_at_once_with_the_summary_and_exit_1(tmp_pa
     assert "Traceback" not in r.stderr and "internal error" not in r.stderr
     s = json.loads(stats.read_text())
     assert s["written"] == 0 and s["requests"] < 200 and s["interrupted"] > 0   # stopped, not run to the end
+    # every line is counted once: written, answered after the failure (lost), or interrupted
+    assert s["written"] + s["unwritten"] == s["requests"] and s["requests"] + s["interrupted"] == 200
 
 
 WAIT_FOR_DELETE = """import os, time
@@ -142,7 +144,8 @@ def test_an_output_file_deleted_mid_run_stops_the_run_saying_the_answers_are_los
         while not (out.exists() and out.read_text().count("\n") >= 2):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
             time.sleep(0.05)
-        out.unlink()
+        for f in out.parent.iterdir():                     # the answers and their fingerprint
+            f.unlink()
         out.parent.rmdir()
         err = proc.communicate(timeout=120)[1]
     finally:
@@ -350,3 +353,71 @@ def test_agp_run_in_process_writes_its_answers_to_a_stdout_with_no_file_behind_i
     monkeypatch.setattr(sys, "stdout", buf)
     assert cli.main(["run", str(pipeline), "-i", str(inp), "--no-progress", "--threads", "1"]) == 0
     assert not buf.closed and [json.loads(line)["id"] for line in buf.getvalue().splitlines()] == ["a"]
+
+
+@pytest.mark.parametrize("change", ["input", "pipeline"])
+def test_resume_refuses_an_output_made_from_a_changed_input_or_pipeline(tmp_path, pipeline, change):
+    """The same ids are no proof of the same requests: a prompt or the pipeline changed since the
+    output was begun makes --resume exit 2 before the model loads, the output left as it is."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n')
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    kept = out.read_text().splitlines()[0] + "\n"
+    out.write_text(kept)                                  # as a kill after the first answer leaves it
+    same = run(pipeline, "-i", inp, "-o", out, "--resume")
+    assert same.returncode == 0, same.stderr
+    assert [g["id"] for g in records(out)] == ["a", "b"]
+    out.write_text(kept)
+    if change == "input":
+        inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "another prompt"}\n')
+    else:
+        pipeline.write_text(pipeline.read_text().replace("max_new_tokens = 4", "max_new_tokens = 3"))
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")
+    assert r.returncode == 2, r.stderr
+    assert f"{out} was made from another {change} than this run's" in r.stderr and "--overwrite" in r.stderr
+    assert "run summary" not in r.stderr and out.read_text() == kept
+    r = run(pipeline, "-i", inp, "-o", out, "--overwrite")          # starting afresh takes the new one
+    assert r.returncode == 0, r.stderr
+    assert run(pipeline, "-i", inp, "-o", out, "--resume").returncode == 0
+    out.write_text("")                    # killed before its first answer: nothing to mix, the next run's
+    inp.write_text('{"id": "a", "prompt": "x"}\n')
+    assert run(pipeline, "-i", inp, "-o", out, "--resume").returncode == 0
+    out.write_text("")
+    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n')
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")            # the empty output took this input
+    assert r.returncode == 0, r.stderr
+    out.write_text(out.read_text().splitlines()[0] + "\n")
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert [g["id"] for g in records(out)] == ["a", "b"]
+
+
+def test_a_gzip_compressed_input_is_read_decompressed_and_a_cut_one_is_a_clear_error(tmp_path, pipeline):
+    import gzip
+
+    lines = b'{"id": "a", "prompt": "x", "max_tokens": 1}\n{"id": "b", "prompt": "y", "max_tokens": 1}\n'
+    packed = gzip.compress(lines)
+    inp = tmp_path / "in.jsonl.gz"
+    inp.write_bytes(packed)
+    r = run(pipeline, "-i", inp)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x)["id"] for x in r.stdout.splitlines()] == ["a", "b"]
+    r = run(pipeline, "-i", "-", input=packed.decode("latin-1"), encoding="latin-1")      # on stdin too
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x)["id"] for x in r.stdout.splitlines()] == ["a", "b"]
+    inp.write_bytes(packed[:len(packed) // 2])
+    r = run(pipeline, "-i", inp)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"cannot read {inp}: it is gzip-compressed and cannot be decompressed" in r.stderr
+
+
+def test_a_bom_crlf_endings_and_blank_lines_are_read_as_a_plain_files(tmp_path, pipeline):
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(b'\xef\xbb\xbf{"id": "a", "prompt": "x", "max_tokens": 1}\r\n\r\n   \r\n'
+                    b'{"id": "b", "prmpt": "y"}\r\n{"prompt": "z", "max_tokens": 1}')     # no end of line last
+    r = run(pipeline, "-i", inp)
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [g["id"] for g in got] == ["a", "b", 5] and "text" in got[0] and "text" in got[2]
+    assert got[1]["error"]["line"] == 4

@@ -43,7 +43,7 @@ def test_the_time_per_token_of_a_request_with_n_choices_is_per_choice():
     fast as it did); each choice took 100 ms a token, as agp serve's request_time_per_output_token."""
     from types import SimpleNamespace as NS
 
-    from pipeline_dsl.commands.runner import summarize
+    from pipeline_dsl.commands.runner import Tally, summarize
     from pipeline_dsl.flow import Choice, Result
 
     def result(choices, tokens):
@@ -53,5 +53,17 @@ def test_the_time_per_token_of_a_request_with_n_choices_is_per_choice():
 
     runtime = NS(stats=lambda: {"engines": {}, "stages": {}, "edges": {}}, trace=NS(measured_overlap=lambda: 0.0),
                  plan=NS(streams=[]), segments=[])
-    s = summarize(runtime, [result(2, 22), result(1, 11)], wall=2.0)
+    s = summarize(runtime, Tally.of([result(2, 22), result(1, 11)]), wall=2.0)
     assert s["tpot_p50_ms"] == s["tpot_p99_ms"] == 100.0
+
+
+def test_a_run_whose_output_failed_says_how_many_answers_came_too_late_to_be_written():
+    """A full disk: 1642 lines answered, 1540 written; the summary gave no word of the other 102."""
+    s = {"requests": 1642, "errors": 0, "interrupted": 8358, "written": 1540, "unwritten": 102,
+         "write_error": "No space left on device", "prompt_tokens": 0, "cached_tokens": 0,
+         "completion_tokens": 0, "output_tokens_per_s": None, "generation_s": 0, "ttft_p50_ms": None,
+         "ttft_p99_ms": None, "tpot_p50_ms": None, "tpot_p99_ms": None, "mean_batch_size": None,
+         "kv_hit_rate": None}
+    assert format_summary(s).splitlines()[1] == (
+        "requests        1642 (0 failed, 8358 interrupted, not written; 1540 written before the output "
+        "failed: No space left on device; 102 answered after it, not written)")

@@ -4,7 +4,8 @@
     agp run examples/chat.agp -i big.jsonl -o answers.jsonl --resume     # after an interruption
 
 Input: one request a line (`id`, `prompt` or `messages`, optional sampling fields).
-Output: one JSON line per input line, in input order, each written whole and flushed as
+Output: one JSON line per input line (a blank line gets none; a UTF-8 BOM and CRLF endings are
+read), in input order, each written whole and flushed as
 soon as the lines before it are: `id`, `text`, `finish_reason`, `usage` (and `stop_reason`, `logprobs`,
 `prompt_logprobs`, `choices` where asked, as agp serve's completions choices); a line that
 cannot be run gives `{"id", "error": {"line", "message", "type"}}` and every other line
@@ -13,11 +14,14 @@ as from /dev/zero, the input is read no further), or whose id an earlier line ha
 an id takes its line number as id; ids are unique). A file of OpenAI batch-API lines
 (`custom_id`, `method`, `url`, `body`) is answered in the Batch API's output shape, one line per
 input line, in input order (commands/batch_api.py). A file none of whose lines is JSON (a CSV, a
-text file) is refused before the model loads, exit 2. An existing output file is never
+text file) is refused before the model loads, exit 2. A gzip-compressed input (a file or stdin)
+is read decompressed. An existing output file is never
 overwritten silently: `--overwrite` replaces it, `--resume` (with `-o` only) keeps it and runs only the lines
 it holds no record of yet (counted per id, so a repeated id is answered by its error record);
 an output holding a line that is no record of this input (another file's answers, a line that is
-not an agp record) is refused before the model loads, exit 2: appending would mix two runs.
+not an agp record) is refused before the model loads, exit 2: appending would mix two runs; so
+is an output whose fingerprint (OUT.agp-run, written beside it: the input's lines, the pipeline
+file, --pipeline, --dtype) says another input or pipeline made it.
 Ctrl-C (SIGINT), SIGTERM or SIGHUP stops admitting, aborts what is in flight (those requests are
 not written, so `--resume` runs them again), writes the summary and `--stats`, and exits
 130, 143 or 129; while the model loads, one stops the load at once with a line saying so (same
@@ -30,6 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gzip
+import io
 import json
 import os
 import signal
@@ -37,6 +43,7 @@ import stat
 import sys
 import threading
 import time
+import zlib
 from collections import Counter
 
 from pipeline_dsl.cliargs import output_file
@@ -86,11 +93,28 @@ def _read_lines(path: str, limit: int = MAX_LINE_BYTES) -> list[bytes]:
     """The input's lines, each read to at most `limit` bytes: a longer one comes back as TooLong
     (memory stays bounded by the lines kept; -i /dev/zero is one endless line)."""
     if path == "-":
-        return _lines(sys.stdin.buffer, limit)
+        return _lines(_unzipped(sys.stdin.buffer), limit)
     if stat.S_ISDIR(os.stat(path).st_mode):
         raise IsADirectoryError(21, "it is a folder")
     with open(path, "rb") as f:
-        return _lines(f, limit)
+        return _lines(_unzipped(f), limit)
+
+
+def _unzipped(f):
+    """`f`, or what it holds when it is gzip-compressed (its first bytes say so, whatever its name)."""
+    if isinstance(f, io.BufferedReader) and f.peek(2)[:2] == b"\x1f\x8b":   # another stream: read as it is
+        return _Gunzipped(fileobj=f, mode="rb")
+    return f
+
+
+class _Gunzipped(gzip.GzipFile):
+    """A gzip'd input; one cut short or corrupt is an OSError saying so (`cannot read IN: ...`)."""
+
+    def readline(self, size=-1):
+        try:
+            return super().readline(size)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise OSError(errno.EIO, f"it is gzip-compressed and cannot be decompressed ({e})") from None
 
 
 def _lines(f, limit: int) -> list[bytes]:
@@ -263,6 +287,11 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
                             f"{'are' if n > 1 else 'is'} no answer to its lines (the first: line {foreign[0]}), "
                             "another input's answers or not agp records; --resume would append to them. "
                             "Pass --overwrite to start afresh")
+            changed = _changed_since(args, lines)
+            if changed:
+                return _err(f"{args.output} was made from another {changed} than this run's: --resume would "
+                            f"append answers of this {changed} to those of the other. Pass --overwrite to start "
+                            f"afresh (or run the {changed} it was made from)")
             if whole < os.path.getsize(args.output):
                 print(f"agp run: {args.output}: dropping an incomplete last line", file=sys.stderr)
                 os.truncate(args.output, whole)
@@ -279,6 +308,10 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
             if (getattr(out, "encoding", None) or "utf-8").lower().replace("-", "") != "utf8" and \
                     hasattr(out, "reconfigure"):
                 out.reconfigure(encoding="utf-8")      # JSONL is UTF-8, as -o FILE writes it, whatever the locale
+        if to_file and os.path.isfile(args.output) and not (
+                args.resume and os.path.getsize(args.output) and os.path.exists(_fingerprint_path(args.output))):
+            _write_fingerprint(args, lines)          # what a later --resume checks it continues (no answer yet:
+                                                     # whatever made an empty output, this run's)
     except OSError as e:
         return _err(f"cannot write {args.output}: {e.strerror}")
 
@@ -346,6 +379,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
             continue
         requests.append(RunRequest(slot=slot, line=lineno, parsed=None if is_batch else req,
                                    batch=req if is_batch else None))
+    del lines, parsed                          # the requests hold what runs: the raw lines are not kept
 
     next_to_write = 0
     write_lock = threading.Lock()
@@ -358,7 +392,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
         nonlocal next_to_write, written
         with write_lock:
             while not write_error and next_to_write < len(results) and results[next_to_write] is not None:
-                if results[next_to_write] is not False:         # False: interrupted, not written
+                if results[next_to_write] is not False:         # False: written, or interrupted (not written)
                     try:
                         out.write(dump(results[next_to_write]) + "\n")
                         out.flush()
@@ -370,6 +404,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
                         write_error.append(e)
                         stop.set()
                         return
+                results[next_to_write] = False          # written: the record is not kept
                 next_to_write += 1
 
     def on_done(slot: int, record: dict) -> None:
@@ -408,6 +443,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     if write_error:
         e = write_error[0]
         summary["write_error"] = f"{e.strerror or e}"
+        summary["unwritten"] = summary["requests"] - written      # answered after the failed write: lost
         _err(f"cannot write {args.output if to_file else 'the output'}: {e.strerror or e}; the run stopped there "
              "(the requests in flight were aborted; --resume runs them)")
     print(format_summary(summary), file=sys.stderr)
@@ -443,6 +479,42 @@ def _load(args):
                          allow_paths=args.allow_path,
                          overlap=True if args.overlap else False if args.no_overlap else None,
                          trace=Trace() if args.trace else None)
+
+
+def _fingerprint(args, lines: list[bytes]) -> dict:
+    """What an output file's answers were made from: the input's lines (as read: a BOM and CRLF
+    endings do not count), the pipeline file, the pipeline chosen in it and --dtype."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for line in lines:
+        digest.update(line + b"\n")
+    with open(args.pipeline, "rb") as f:
+        pipeline = hashlib.sha256(f.read()).hexdigest()
+    return {"input": digest.hexdigest(), "pipeline": [pipeline, args.name, args.dtype]}
+
+
+def _fingerprint_path(output: str) -> str:
+    return output + ".agp-run"
+
+
+def _write_fingerprint(args, lines: list[bytes]) -> None:
+    """Beside a fresh output file: what --resume checks it continues."""
+    with open(_fingerprint_path(args.output), "w", encoding="utf-8") as f:
+        json.dump(_fingerprint(args, lines), f)
+
+
+def _changed_since(args, lines: list[bytes]) -> str | None:
+    """'input' or 'pipeline' when the output file's answers were made from another one than this
+    run's; None when the same, or when the output has no fingerprint beside it (it was not
+    written by agp run -o)."""
+    try:
+        with open(_fingerprint_path(args.output), encoding="utf-8") as f:
+            was = json.load(f)
+    except (OSError, ValueError):
+        return None
+    now = _fingerprint(args, lines)
+    return next((what for what in ("input", "pipeline") if was.get(what) != now[what]), None)
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -135,8 +135,9 @@ def run_pipeline(runtime, requests: list[RunRequest], *, on_done: Callable[[int,
         owner += [(i, j) for j in range(len(parts))]
         parts_of.append([None] * len(parts))
     left = [len(p) for p in parts_of]
-    answered: list = [None] * len(requests)            # each line's result, once all its items are in
+    answered = [False] * len(requests)                 # each line's result is in (and was handed on)
     cut = [False] * len(requests)                      # interrupted
+    tally = Tally()                                    # what the summary needs of each result, no more
 
     def interrupted_by(result) -> bool:
         return stop is not None and stop.is_set() and result.error is not None and result.error.kind == "unavailable"
@@ -149,7 +150,7 @@ def run_pipeline(runtime, requests: list[RunRequest], *, on_done: Callable[[int,
             left[i] -= 1
             if left[i]:
                 return
-        results = parts_of[i]
+        results, parts_of[i] = parts_of[i], None       # handed on: an answer is not kept after its line
         req = requests[i]
         if any(interrupted_by(res) for res in results):
             cut[i] = True
@@ -157,7 +158,9 @@ def run_pipeline(runtime, requests: list[RunRequest], *, on_done: Callable[[int,
             if on_interrupted is not None:
                 on_interrupted(req.slot)
             return
-        answered[i] = result = req.result(results)
+        result = req.result(results)
+        answered[i] = True
+        tally.add(result)
         on_done(req.slot, req.answer(result, runtime))
         if bar:
             with lock:
@@ -165,18 +168,25 @@ def run_pipeline(runtime, requests: list[RunRequest], *, on_done: Callable[[int,
                 bar.update(1)
                 bar.set_postfix_str(f"{completion / max(time.perf_counter() - t0, 1e-9):.0f} tok/s")
 
-    runtime.run_all(items, on_result=done, stop=stop)
+    runtime.run_all(_handed(items), on_result=done, stop=stop, keep_results=False)
     wall = time.perf_counter() - t0
     if bar:
         bar.close()
-    never = [r for i, r in enumerate(requests) if answered[i] is None and not cut[i]]
+    never = [r for i, r in enumerate(requests) if not answered[i] and not cut[i]]
     for r in never:
         if on_interrupted is not None:
             on_interrupted(r.slot)
-    finished = [res for res in answered if res is not None]
-    summary = summarize(runtime, finished, wall)
+    summary = summarize(runtime, tally, wall)
     summary["interrupted"] = interrupted + len(never)
     return summary
+
+
+def _handed(items: list):
+    """`items`, emptied as they are taken: run_all's own list then holds the only reference to
+    each, and drops it once submitted."""
+    items.reverse()
+    while items:
+        yield items.pop()
 
 
 def _pin(runtime, parsed: ParsedRequest) -> str | None:
@@ -184,24 +194,51 @@ def _pin(runtime, parsed: ParsedRequest) -> str | None:
     return parsed.model if parsed.model in runtime.seg_of_gen else None
 
 
-def summarize(runtime, results: list, wall: float) -> dict:
-    ok = [r for r in results if r.error is None]
-    ttft = [r.metrics["ttft_s"] for r in ok if r.metrics.get("ttft_s") is not None]
-    tpot = [t for r in ok if r.metrics.get("ttft_s") is not None
-            and (t := time_per_output_token(r.metrics["latency_s"] - r.metrics["ttft_s"],
-                                            r.usage["completion_tokens"], len(r.choices))) is not None]
-    # the answered requests' tokens, as their output lines' usage adds up (a failed line has no usage)
-    prompt = sum(r.usage.get("prompt_tokens", 0) for r in ok)
-    completion = sum(r.usage.get("completion_tokens", 0) for r in ok)
-    cached = sum(r.usage.get("cached_tokens", 0) for r in ok)
+class Tally:
+    """What the run summary needs of the answered requests' results, taken as each comes (the
+    results themselves are not kept: a run's memory does not grow with its answers)."""
+
+    def __init__(self) -> None:
+        self.requests = self.errors = 0
+        self.ttft: list[float] = []
+        self.tpot: list[float] = []
+        # the answered requests' tokens, as their output lines' usage adds up (a failed line has no usage)
+        self.tokens = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
+
+    @classmethod
+    def of(cls, results) -> "Tally":
+        tally = cls()
+        for r in results:
+            tally.add(r)
+        return tally
+
+    def add(self, r) -> None:
+        self.requests += 1
+        if r.error is not None:
+            self.errors += 1
+            return
+        for k in self.tokens:
+            self.tokens[k] += r.usage.get(k, 0)
+        if r.metrics.get("ttft_s") is None:
+            return
+        self.ttft.append(r.metrics["ttft_s"])
+        t = time_per_output_token(r.metrics["latency_s"] - r.metrics["ttft_s"], r.usage["completion_tokens"],
+                                  len(r.choices))
+        if t is not None:
+            self.tpot.append(t)
+
+
+def summarize(runtime, tally: Tally, wall: float) -> dict:
+    ttft, tpot = tally.ttft, tally.tpot
+    prompt, completion, cached = (tally.tokens[k] for k in ("prompt_tokens", "completion_tokens", "cached_tokens"))
     stats = runtime.stats()
     engines = list(stats["engines"].values())
     first = engines[0] if engines else {}
     steps = sum(e.get("decode_steps", 0) for e in engines)
     queried = sum(e.get("kv_queried_tokens", 0) for e in engines)
     summary = {
-        "requests": len(results),
-        "errors": len(results) - len(ok),
+        "requests": tally.requests,
+        "errors": tally.errors,
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "cached_tokens": cached,
@@ -249,7 +286,8 @@ def format_summary(s: dict) -> str:
         f"requests        {s['requests']} ({s.get('errors', 0)} failed"
         + (f", {s['interrupted']} interrupted, not written" if s.get("interrupted") else "")
         + (f"; {s['written']} written before the output failed: {s['write_error']}" if s.get("write_error")
-           else "") + ")"
+           else "")
+        + (f"; {s['unwritten']} answered after it, not written" if s.get("unwritten") else "") + ")"
         + (f"; {s['resumed_skipped']} more already answered in the output (--resume)" if s.get("resumed_skipped")
            else ""),
         f"tokens          {s['prompt_tokens']} in ({s['cached_tokens']} cached), {s['completion_tokens']} out",

@@ -80,14 +80,16 @@ class Driving:
             es.join()
 
     def run_all(self, requests, on_result: Callable | None = None, keep_open: bool = False,
-                stop: threading.Event | None = None) -> list[Result]:
+                stop: threading.Event | None = None, keep_results: bool = True) -> list[Result]:
         """Answer every request (item dicts, or (item, pin) pairs) and close: the first engine is
         driven from this thread from the start (it steps as soon as a request reaches it), a
         feeder keeps the queue at most `max_queue` deep. Returns the results in input order;
         `on_result(i, result)` hears of each as it comes. keep_open: the runtime can run again
         afterwards (a warm-up, then the measured run). stop: once set, no more requests are
         admitted and those in flight are aborted (their results are errors of kind
-        "unavailable"; requests never admitted stay None)."""
+        "unavailable"; requests never admitted stay None). keep_results=False: each result goes to
+        `on_result` only, none is kept (a long batch's memory does not grow with its answers),
+        and the list returned holds None throughout."""
         requests = list(requests)
         results: list[Result | None] = [None] * len(requests)
         cond = threading.Condition()
@@ -102,7 +104,8 @@ class Driving:
                 pass
 
             def on_done(self, result):
-                results[self.i] = result
+                if keep_results:
+                    results[self.i] = result
                 if on_result is not None:
                     on_result(self.i, result)
                 with cond:
@@ -111,16 +114,23 @@ class Driving:
         def feed():
             try:
                 for i, req in enumerate(requests):
+                    requests[i] = None               # in flight, the runtime holds it; then none does
                     data, pin = req if isinstance(req, tuple) else (req, None)
-                    with cond:
-                        while self.full and not stopping.is_set():
-                            cond.wait(0.05)
+                    while not stopping.is_set():
+                        with cond:
+                            while self.full and not stopping.is_set():
+                                cond.wait(0.05)
+                        if stopping.is_set():
+                            break
+                        try:
+                            self.submit(data, _One(i), pin=pin)
+                        except PipelineError as e:
+                            if e.kind == "queue_full":   # filled since the check (a sequence left its
+                                continue                 # engine, still in flight): wait, never an answer
+                            _One(i).on_done(Result("", data.get("id"), [], e, no_usage(), {}))
+                        break
                     if stopping.is_set():
                         break
-                    try:
-                        self.submit(data, _One(i), pin=pin)
-                    except PipelineError as e:
-                        _One(i).on_done(Result("", data.get("id"), [], e, no_usage(), {}))
                 while not self.wait_idle(0.1) and not stopping.is_set():
                     pass
             except BaseException as e:           # noqa: BLE001 - raised on the calling thread
