@@ -180,7 +180,10 @@ def test_a_schema_is_checked_off_the_event_loop(server, monkeypatch):
                        timeout=60)
         assert r.status_code == 200, r.text
         schema["properties"]["x"] = {"type": "null"}       # a new schema: the check is cached
-    assert len(threads) == 2 and server.thread not in threads
+    r = httpx.post(server.url + "/v1/responses", timeout=60, json={
+        "input": "hi", "max_output_tokens": 12, "text": {"format": {"type": "json_schema", "name": "s", "schema": schema}}})
+    assert r.status_code == 200, r.text
+    assert len(threads) == 3 and server.thread not in threads
 
 
 def test_structured_outputs_options_are_followed(server):

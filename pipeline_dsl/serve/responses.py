@@ -13,6 +13,8 @@ Streamed, it is the Responses events (serve/responses_events.py). Answers are ke
 """
 from __future__ import annotations
 
+import asyncio
+import functools
 import threading
 import time
 from collections import OrderedDict
@@ -255,10 +257,10 @@ class Responses:
 
     async def create(self, request: Request) -> Response:
         g = self.g
-        try:
-            call = parse_responses(await read_json(request, g.config), max_model_len=g.config.max_model_len,
-                                   served=g.config.model_names, stages=g.stage_names, lenient=g.config.lenient,
-                                   store=self.store)
+        try:       # off the event loop, as chat's: checking a large text.format schema takes seconds
+            call = await asyncio.to_thread(functools.partial(
+                parse_responses, await read_json(request, g.config), max_model_len=g.config.max_model_len,
+                served=g.config.model_names, stages=g.stage_names, lenient=g.config.lenient, store=self.store))
         except APIError as err:
             return g.refused(err)
         # the response repeats the sampling it runs with, as OpenAI's does: what the client left
