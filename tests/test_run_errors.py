@@ -393,6 +393,22 @@ def test_resume_refuses_an_output_made_from_a_changed_input_or_pipeline(tmp_path
     assert [g["id"] for g in records(out)] == ["a", "b"]
 
 
+def test_resume_takes_an_input_with_lines_appended_and_runs_only_those(tmp_path, pipeline):
+    """A batch file grown by lines added at its end is the same input, more of it: --resume answers
+    the new lines alone; the grown file is then the one a later --resume holds the output to."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n')
+    assert run(pipeline, "-i", inp, "-o", out).returncode == 0
+    before = out.read_text()
+    inp.write_text(inp.read_text() + '{"id": "c", "prompt": "z"}\n')
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert out.read_text().startswith(before) and [g["id"] for g in records(out)] == ["a", "b", "c"]
+    inp.write_text(inp.read_text().replace('"y"', '"changed"') + '{"id": "d", "prompt": "w"}\n')
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")          # a line changed before those appended
+    assert r.returncode == 2 and f"{out} was made from another input" in r.stderr
+
+
 def test_a_gzip_compressed_input_is_read_decompressed_and_a_cut_one_is_a_clear_error(tmp_path, pipeline):
     import gzip
 

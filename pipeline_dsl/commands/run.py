@@ -21,7 +21,8 @@ it holds no record of yet (counted per id, so a repeated id is answered by its e
 an output holding a line that is no record of this input (another file's answers, a line that is
 not an agp record) is refused before the model loads, exit 2: appending would mix two runs; so
 is an output whose fingerprint (OUT.agp-run, written beside it: the input's lines, the pipeline
-file, --pipeline, --dtype) says another input or pipeline made it.
+file, --pipeline, --dtype) says another input or pipeline made it (lines appended to the input
+are not another: --resume answers them).
 Ctrl-C (SIGINT), SIGTERM or SIGHUP stops admitting, aborts what is in flight (those requests are
 not written, so `--resume` runs them again), writes the summary and `--stats`, and exits
 130, 143 or 129; while the model loads, one stops the load at once with a line saying so (same
@@ -308,10 +309,10 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
             if (getattr(out, "encoding", None) or "utf-8").lower().replace("-", "") != "utf8" and \
                     hasattr(out, "reconfigure"):
                 out.reconfigure(encoding="utf-8")      # JSONL is UTF-8, as -o FILE writes it, whatever the locale
-        if to_file and os.path.isfile(args.output) and not (
-                args.resume and os.path.getsize(args.output) and os.path.exists(_fingerprint_path(args.output))):
-            _write_fingerprint(args, lines)          # what a later --resume checks it continues (no answer yet:
-                                                     # whatever made an empty output, this run's)
+        if to_file and os.path.isfile(args.output):
+            _write_fingerprint(args, lines)          # what a later --resume checks it continues: this run's
+                                                     # input (checked above to be the one the answers come
+                                                     # from, or it with lines appended), pipeline and dtype
     except OSError as e:
         return _err(f"cannot write {args.output}: {e.strerror}")
 
@@ -481,17 +482,23 @@ def _load(args):
                          trace=Trace() if args.trace else None)
 
 
-def _fingerprint(args, lines: list[bytes]) -> dict:
-    """What an output file's answers were made from: the input's lines (as read: a BOM and CRLF
-    endings do not count), the pipeline file, the pipeline chosen in it and --dtype."""
+def _digest(lines: list[bytes]) -> str:
     import hashlib
 
     digest = hashlib.sha256()
     for line in lines:
         digest.update(line + b"\n")
+    return digest.hexdigest()
+
+
+def _fingerprint(args, lines: list[bytes]) -> dict:
+    """What an output file's answers were made from: the input's lines (as read: a BOM and CRLF
+    endings do not count) and how many, the pipeline file, the pipeline chosen in it and --dtype."""
+    import hashlib
+
     with open(args.pipeline, "rb") as f:
         pipeline = hashlib.sha256(f.read()).hexdigest()
-    return {"input": digest.hexdigest(), "pipeline": [pipeline, args.name, args.dtype]}
+    return {"input": _digest(lines), "input_lines": len(lines), "pipeline": [pipeline, args.name, args.dtype]}
 
 
 def _fingerprint_path(output: str) -> str:
@@ -506,15 +513,20 @@ def _write_fingerprint(args, lines: list[bytes]) -> None:
 
 def _changed_since(args, lines: list[bytes]) -> str | None:
     """'input' or 'pipeline' when the output file's answers were made from another one than this
-    run's; None when the same, or when the output has no fingerprint beside it (it was not
-    written by agp run -o)."""
+    run's; None when the same (an input with lines appended after those it was made from is the
+    same: --resume answers the new lines), or when the output has no fingerprint beside it (it
+    was not written by agp run -o)."""
     try:
         with open(_fingerprint_path(args.output), encoding="utf-8") as f:
             was = json.load(f)
     except (OSError, ValueError):
         return None
     now = _fingerprint(args, lines)
-    return next((what for what in ("input", "pipeline") if was.get(what) != now[what]), None)
+    n = was.get("input_lines")
+    grown = isinstance(n, int) and 0 < n < len(lines) and was.get("input") == _digest(lines[:n])
+    if was.get("input") != now["input"] and not grown:   # lines appended to it: the same input, more of it
+        return "input"
+    return "pipeline" if was.get("pipeline") != now["pipeline"] else None
 
 
 def _same_file(a: str, b: str) -> bool:
