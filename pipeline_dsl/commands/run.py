@@ -278,6 +278,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     if to_file and os.path.isdir(args.output):
         return _err(f"cannot write {args.output}: it is a folder")
     # a device or a pipe (/dev/null, a FIFO a reader drains) is written as a stream
+    fingerprint = _fingerprint(args, lines) if to_file else None      # what the answers are made from
     if to_file and os.path.isfile(args.output) and os.path.getsize(args.output) > 0:
         if args.resume:
             done_ids, whole, foreign = answered_ids(args.output, Counter(_key(p[4]) for p in parsed))
@@ -288,7 +289,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
                             f"{'are' if n > 1 else 'is'} no answer to its lines (the first: line {foreign[0]}), "
                             "another input's answers or not agp records; --resume would append to them. "
                             "Pass --overwrite to start afresh")
-            changed = _changed_since(args, lines)
+            changed = _changed_since(args.output, fingerprint, lines)
             if changed:
                 return _err(f"{args.output} was made from another {changed} than this run's: --resume would "
                             f"append answers of this {changed} to those of the other. Pass --overwrite to start "
@@ -310,7 +311,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
                     hasattr(out, "reconfigure"):
                 out.reconfigure(encoding="utf-8")      # JSONL is UTF-8, as -o FILE writes it, whatever the locale
         if to_file and os.path.isfile(args.output):
-            _write_fingerprint(args, lines)          # what a later --resume checks it continues: this run's
+            _write_fingerprint(args.output, fingerprint)   # what a later --resume checks it continues: this run's
                                                      # input (checked above to be the one the answers come
                                                      # from, or it with lines appended), pipeline and dtype
     except OSError as e:
@@ -505,23 +506,22 @@ def _fingerprint_path(output: str) -> str:
     return output + ".agp-run"
 
 
-def _write_fingerprint(args, lines: list[bytes]) -> None:
-    """Beside a fresh output file: what --resume checks it continues."""
-    with open(_fingerprint_path(args.output), "w", encoding="utf-8") as f:
-        json.dump(_fingerprint(args, lines), f)
+def _write_fingerprint(output: str, fingerprint: dict) -> None:
+    """Beside the output file: what --resume checks it continues."""
+    with open(_fingerprint_path(output), "w", encoding="utf-8") as f:
+        json.dump(fingerprint, f)
 
 
-def _changed_since(args, lines: list[bytes]) -> str | None:
+def _changed_since(output: str, now: dict, lines: list[bytes]) -> str | None:
     """'input' or 'pipeline' when the output file's answers were made from another one than this
-    run's; None when the same (an input with lines appended after those it was made from is the
+    run's (`now`, its fingerprint of `lines`); None when the same (an input with lines appended after those it was made from is the
     same: --resume answers the new lines), or when the output has no fingerprint beside it (it
     was not written by agp run -o)."""
     try:
-        with open(_fingerprint_path(args.output), encoding="utf-8") as f:
+        with open(_fingerprint_path(output), encoding="utf-8") as f:
             was = json.load(f)
     except (OSError, ValueError):
         return None
-    now = _fingerprint(args, lines)
     n = was.get("input_lines")
     grown = isinstance(n, int) and 0 < n < len(lines) and was.get("input") == _digest(lines[:n])
     if was.get("input") != now["input"] and not grown:   # lines appended to it: the same input, more of it
