@@ -393,6 +393,15 @@ def test_resume_refuses_an_output_made_from_a_changed_input_or_pipeline(tmp_path
     assert [g["id"] for g in records(out)] == ["a", "b"]
 
 
+def test_a_missing_pipeline_with_an_output_file_is_check_s_error_not_a_write_error(tmp_path):
+    """The output's fingerprint reads the pipeline file: one that is not there is reported as
+    check reports it, exit 2, not as a failure to write the output."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"id": "a", "prompt": "x"}\n')
+    r = run(tmp_path / "nope.agp", "-i", inp, "-o", out)
+    assert r.returncode == 2 and "file not found" in r.stderr and "cannot write" not in r.stderr, r.stderr
+
+
 def test_resume_takes_an_input_with_lines_appended_and_runs_only_those(tmp_path, pipeline):
     """A batch file grown by lines added at its end is the same input, more of it: --resume answers
     the new lines alone; the grown file is then the one a later --resume holds the output to."""

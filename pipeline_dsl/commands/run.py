@@ -497,8 +497,11 @@ def _fingerprint(args, lines: list[bytes]) -> dict:
     endings do not count) and how many, the pipeline file, the pipeline chosen in it and --dtype."""
     import hashlib
 
-    with open(args.pipeline, "rb") as f:
-        pipeline = hashlib.sha256(f.read()).hexdigest()
+    try:
+        with open(args.pipeline, "rb") as f:
+            pipeline = hashlib.sha256(f.read()).hexdigest()
+    except OSError:                 # no pipeline to read: its load says so, in check's words (exit 2)
+        pipeline = None
     return {"input": _digest(lines), "input_lines": len(lines), "pipeline": [pipeline, args.name, args.dtype]}
 
 
