@@ -102,10 +102,11 @@ def tls(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ops(tmp_path_factory, tiny_gguf, tls):
     d = tmp_path_factory.mktemp("ops")
-    (d / "ops.agp").write_text(PIPELINE.format(model=tiny_gguf))
+    (d / "ops.agp").write_text(PIPELINE.format(model=tiny_gguf).replace("max_queue = 256",
+                                                                         "max_queue = 256  max_prompt_tokens = 40"))
     (d / "template.jinja").write_text(TEMPLATE)
     server = Proc([str(d / "ops.agp"), "--threads", "1", "--served-model-name", "alpha", "beta",
-                   "--max-model-len", "200", "--chat-template", str(d / "template.jinja"), "--seed", "11",
+                   "--max-model-len", "200", "--max-input-tokens", "150", "--chat-template", str(d / "template.jinja"), "--seed", "11",
                    "--root-path", "/llm", "--allowed-origins", "https://app.example",
                    "--ssl-keyfile", str(tls.dir / "key.pem"), "--ssl-certfile", str(tls.dir / "cert.pem"),
                    "--log-format", "json", "--stats-interval", "0.5", "--trace", str(d / "serve.trace.json")],
@@ -177,6 +178,23 @@ def test_served_names_context_and_template_take_effect(ops):
                           json={"messages": [{"role": "user", "content": "hey"}]}).json()["tokens"]
     text = ops.client.post(ops.url + "/detokenize", headers=ops.auth, json={"tokens": ids}).json()["prompt"]
     assert text == "<<hey>>=>"                                   # --chat-template's rendering
+
+
+def test_max_input_tokens_overrides_the_pipelines_prompt_limit_and_refusals_name_the_flag(ops):
+    """--max-input-tokens 150 over the file's requests.max_prompt_tokens = 40: a prompt of 100
+    tokens is answered; one of 160 is refused in the flag's name (it named the pipeline's
+    setting, which said 40), whether counted from ids or from text."""
+    def complete(prompt):
+        return ops.client.post(ops.url + "/v1/completions", headers=ops.auth,
+                               json={"prompt": prompt, "max_tokens": 1})
+
+    assert complete([5] * 100).status_code == 200
+    for prompt in ([5] * 160, "a " * 400):
+        r = complete(prompt)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "context_length_exceeded" and "(--max-input-tokens 150)" in err["message"], err
+        assert "max_prompt_tokens" not in err["message"]
 
 
 def test_the_conversation_ends_as_the_request_asks_on_tokenize_and_chat(ops):

@@ -43,6 +43,7 @@ class EngineConfig:
     compile: bool = False                  # torch.compile the model's forward
     max_model_len: int | None = None       # default: the model's context length, at most the KV pool's tokens
     max_prompt_tokens: int = 0             # longest prompt accepted (0 = the model's context)
+    prompt_limit_by: str = "requests.max_prompt_tokens"  # what set max_prompt_tokens, as refusals name it
     seed: int | None = None                # seeds the generator of requests without a seed of their own
     chat_template: str | None = None       # a Jinja chat template used instead of the model's
 

@@ -31,7 +31,7 @@ from pipeline_dsl.cliargs import env_switch
 
 from .compute import on_compute
 from .config import EngineConfig, RequestOutput, SamplingParams
-from .errors import ContextLengthError, InputError, QueueFullError, prompt_over_limit
+from .errors import ContextLengthError, InputError, QueueFullError, limit_setting, prompt_over_limit
 from .kv_cache import BlockManager, bytes_per_block, num_blocks_for_budget
 from .batch import ItemsRunner, StepBatch
 from .processors import Features
@@ -135,7 +135,7 @@ class Engine:
         ids = self.prompt_ids(prompt, messages, prompt_token_ids, chat_template, add_special_tokens)
         limit = self.config.max_prompt_tokens
         if limit and len(ids) > limit:
-            raise prompt_over_limit(len(ids), limit)
+            raise prompt_over_limit(len(ids), limit, self.config.prompt_limit_by)
         if self.vocab_size:
             for name, given in (("logit_bias", [t for t, _ in params.logit_bias]),
                                 ("stop_token_ids", params.stop_token_ids),
@@ -208,12 +208,13 @@ class Engine:
 
     @property
     def prompt_limit(self) -> int:
-        """The most prompt tokens a request may have (requests.max_prompt_tokens, else the context)."""
+        """The most prompt tokens a request may have (max_prompt_tokens, else the context)."""
         return int(self.config.max_prompt_tokens or self.max_model_len)
 
     def _limit_words(self) -> str:
         if self.config.max_prompt_tokens:
-            return f"is longer than this pipeline accepts (requests.max_prompt_tokens = {self.prompt_limit})"
+            return (f"is longer than this pipeline accepts "
+                    f"({limit_setting(self.prompt_limit, self.config.prompt_limit_by)})")
         return f"exceeds {self.context_words}"
 
     @property

@@ -27,11 +27,18 @@ class ContextLengthError(InputError):
     code = "context_length_exceeded"
 
 
-def prompt_over_limit(tokens: int, limit: int) -> ContextLengthError:
-    """A prompt of `tokens` tokens past the pipeline's requests.max_prompt_tokens = `limit` (the
-    engine and the flow runtime refuse it in the same words)."""
+def prompt_over_limit(tokens: int, limit: int, by: str = "requests.max_prompt_tokens") -> ContextLengthError:
+    """A prompt of `tokens` tokens past the prompt limit `limit` that `by` set (the pipeline's
+    requests.max_prompt_tokens, or a flag such as serve's --max-input-tokens); the engine and the
+    flow runtime refuse it in the same words."""
     return ContextLengthError(f"prompt of {tokens} tokens is longer than this pipeline accepts "
-                              f"(requests.max_prompt_tokens = {limit})")
+                              f"({limit_setting(limit, by)})")
+
+
+def limit_setting(limit: int, by: str) -> str:
+    """The setting of a prompt limit as its user wrote it: `requests.max_prompt_tokens = 10`, a
+    flag as `--max-input-tokens 10`."""
+    return f"{by} {limit}" if by.startswith("-") else f"{by} = {limit}"
 
 
 class QueueFullError(InputError):

@@ -119,7 +119,7 @@ class EngineSide:
             if not d.get("truncate_prompt_tokens"):
                 es.check_prompt_length(d)
         except InputError as e:
-            raise PipelineError(str(e), "invalid", self._length_stage(stage), getattr(e, "code", None)) from None
+            raise PipelineError(str(e), "invalid", self._length_stage(es, stage), getattr(e, "code", None)) from None
         fingerprint = (id(es), repr(d.get("messages") if d.get("messages") is not None
                                     else d.get("prompt_token_ids") if d.get("prompt_token_ids") is not None
                                     else d.get("prompt")), repr(d.get("tools")), repr(d.get("tool_choice")),
@@ -137,14 +137,11 @@ class EngineSide:
         item.ids = (fingerprint, ids)
         return ids
 
-    def _prompt_limit(self) -> int:
-        """The request source's max_prompt_tokens (0: none; the model's context then)."""
-        return int(self.params[self.source].get("max_prompt_tokens") or 0) if self.source else 0
-
-    def _length_stage(self, stage: str) -> str:
-        """Where a prompt too long is refused: the request source when its max_prompt_tokens is
-        the limit, else `stage` (the model's context is the limit)."""
-        return self.source if self._prompt_limit() else stage
+    def _length_stage(self, es, stage: str) -> str:
+        """Where a prompt too long is refused: the request source when a prompt limit
+        (requests.max_prompt_tokens, or the flag that overrides it) is the limit, else `stage`
+        (the model's context is the limit)."""
+        return (self.source or stage) if es.config.max_prompt_tokens else stage
 
     # ---- engine segments -----------------------------------------------------------------
     def _enter_segment(self, item: Item, es) -> None:
@@ -159,12 +156,12 @@ class EngineSide:
             item.at = seg.encode
         t0 = time.perf_counter()
         ids = self._ids(item, es, seg.encode)
-        limit = self._prompt_limit()
-        if limit and len(ids) > limit:          # the request source's limit: refused in its name
+        limit = es.config.max_prompt_tokens
+        if limit and len(ids) > limit:          # the prompt limit: refused at the request source, in its name
             from pipeline_dsl.engine.errors import prompt_over_limit
 
-            err = prompt_over_limit(len(ids), limit)
-            raise PipelineError(str(err), "invalid", self.source, err.code)
+            err = prompt_over_limit(len(ids), limit, es.config.prompt_limit_by)
+            raise PipelineError(str(err), "invalid", self._length_stage(es, seg.encode), err.code)
         self._observe(seg.encode, t0, item, span=False)
         with self._lock:
             if req.done:                      # it ended while tokenised (unlocked): dropped at encode

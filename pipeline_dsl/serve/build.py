@@ -92,6 +92,7 @@ def build(args, *, host: str | None = None) -> Serving:
                                 trace=Trace(limit=1_000_000) if args.trace else None,
                                 overrides={"dtype": args.dtype, "threads": args.threads,
                                            "max_prompt_tokens": args.max_input_tokens,
+                                           "prompt_limit_by": "--max-input-tokens" if args.max_input_tokens else None,
                                            "max_model_len": args.max_model_len,
                                            "max_batch_size": args.max_num_seqs,
                                            "seed": args.seed, "chat_template": template,
