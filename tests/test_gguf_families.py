@@ -64,6 +64,16 @@ def test_a_sentencepiece_gguf_encodes_and_decodes_as_transformers_does(spm):
     assert tok.eos_token_ids == frozenset({2}) and tok.bos_token == "<s>"
 
 
+def test_a_sentencepiece_text_keeps_its_spaces_after_special_tokens_written_without_spaces(spm):
+    """spaces_between_special_tokens=False puts nothing beside a special token, and takes nothing
+    from the text after it: `<s> Hello world</s> next` (its pieces `▁Hello`, `▁next`), as
+    transformers' tokenizer gives it either way; the first word after `<s>` lost its space."""
+    tok, ref = spm
+    for text in TEXTS + ["Hello world</s> next", "a <s> b"]:
+        ids = tok.encode(text)
+        assert tok.decode(ids, skip_special_tokens=False, spaces_between_special_tokens=False) == ref.decode(ids), text
+
+
 def continued(ref, prompt: list, answer: list) -> str:
     """The text `answer` adds after `prompt` (vLLM's detokenizer: the prompt's tokens as context)."""
     return ref.decode(prompt + answer, skip_special_tokens=True)[len(ref.decode(prompt, skip_special_tokens=True)):]

@@ -256,23 +256,28 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True) -> str:
         """The text of `ids`. spaces_between_special_tokens=False (vLLM's field) writes each added
         token as its text with nothing put beside it, whatever the decoder would add (a byte-level
-        BPE adds nothing: both give the same text)."""
+        BPE adds nothing: both give the same text); the text between added tokens keeps its own
+        spaces (a SentencePiece "▁next" after "</s>" is " next", as in the whole text)."""
         ids = list(ids)
         if spaces_between_special_tokens or not any(i in self.added for i in ids):
             return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
         parts, run = [], []
+
+        def flush():
+            if run:                            # text after an added token goes on after it
+                parts.append(self.decode_continued(run, skip_special_tokens) if parts
+                             else self.tk.decode(run, skip_special_tokens=skip_special_tokens))
+                run.clear()
+
         for i in ids:
             if skip_special_tokens and i in self.special_ids:
                 continue                       # left out, as if it were not there
             if i not in self.added:
                 run.append(i)
                 continue
-            if run:
-                parts.append(self.tk.decode(run, skip_special_tokens=skip_special_tokens))
-                run = []
+            flush()
             parts.append(self.added[i])
-        if run:
-            parts.append(self.tk.decode(run, skip_special_tokens=skip_special_tokens))
+        flush()
         return "".join(parts)
 
     def token_to_id(self, token: str) -> int | None:
