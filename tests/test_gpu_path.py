@@ -276,6 +276,16 @@ def test_graphs_are_captured_largest_first_so_smaller_ones_reuse_the_pool(model)
     assert set(keys) == {(B, n) for B in (1, 2, 4, 8) for n in (1, 2, 4, 8, 12, 16, 24) if B * n <= 80}
 
 
+def test_no_graph_is_captured_for_a_context_longer_than_the_kv_pool_holds():
+    # a pool of 40 blocks under a model context of 8,192 tokens (a small KV budget): graphs
+    # stop at the bucket that holds the pool's 40 blocks (a context of 8,192 could not exist)
+    from pipeline_dsl.engine.cuda_graphs import capture_order
+
+    contexts = {n for _, n in capture_order(8, 8192 // 16, 40)}
+    assert max(contexts) == bucket_of(40) and bucket_of(40) >= 40
+    assert {n for _, n in capture_order(1, 8192 // 16, 4096)} >= {512}          # a big pool: all of it
+
+
 def test_warm_up_compiles_every_version_of_the_fused_pieces_a_step_needs(tiny_gguf):
     # performance mode compiles RMSNorm, RoPE and the SwiGLU gate with dynamic shapes; a size of
     # 1 is specialised, so one request's eager decode step (graphs off) would compile in-request

@@ -80,7 +80,9 @@ def capture_order(max_batch: int, max_blocks: int, num_blocks: int) -> list[tupl
     earlier captures freed into it: the largest step first leaves blocks that every smaller one
     fits in, where smallest first makes each larger capture grow the pool again (vLLM captures
     its batch sizes in reverse for this reason). Pairs whose context could not exist in the
-    pool (batch x context > 2 x its blocks) are left out."""
+    pool (batch x context > 2 x its blocks; one sequence longer than the pool, when the model's
+    context is longer than the pool holds) are left out."""
+    max_blocks = min(max_blocks, num_blocks)       # a sequence holds at most the pool's blocks
     pairs = [(B, nblk) for B in batch_buckets(max_batch) for nblk in context_buckets(max_blocks)
              if B * nblk <= 2 * num_blocks]
     return sorted(pairs, reverse=True)
