@@ -205,7 +205,7 @@ def decode(data: bytes, file: str) -> tuple[str | None, list[Diagnostic]]:
         return None, [Diagnostic(ERROR, f"file is not valid UTF-8: byte 0x{data[exc.start]:02x} cannot be decoded",
                                  pos, expected="a text file encoded as UTF-8",
                                  hint="re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")]
-    return text.lstrip("\ufeff"), []
+    return text.removeprefix("\ufeff"), []           # one BOM, as utf-8-sig reads it
 
 
 def read_source(path: str, file: str | None = None, at: SourcePos | None = None,

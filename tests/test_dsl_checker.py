@@ -266,6 +266,18 @@ def test_a_file_saved_as_utf16_or_utf32_is_named_so(tmp_path, encoding, bom, nam
     assert "\x00" not in render_all(diags, program.sources)
 
 
+def test_one_utf8_bom_is_skipped_and_a_second_is_an_unexpected_character(tmp_path):
+    """An editor's BOM starts the file unseen and is skipped, as Python's utf-8-sig skips it; a
+    second (files joined with cat) is a character of the text, named where it is, as one
+    anywhere else in the file is."""
+    f = tmp_path / "x.agp"
+    f.write_bytes(b"\xef\xbb\xbf" + pipeline().encode())
+    assert not [d for d in pipeline_dsl.load(str(f))[1] if d.severity == "error"]
+    f.write_bytes(b"\xef\xbb\xbf" * 2 + pipeline().encode())
+    (d,) = [d for d in pipeline_dsl.load(str(f))[1] if d.severity == "error"]
+    assert (d.message, d.pos.line, d.pos.col) == ("unexpected character '\\ufeff'", 1, 1)
+
+
 @pytest.mark.parametrize("separator", ["\x0c", "\u2028", "\x85", "\x1e"])
 def test_a_form_feed_or_unicode_separator_in_a_comment_starts_no_line(separator):
     """Lines are counted at "\\n" by the parser: the excerpt under an error is the line it
