@@ -12,6 +12,7 @@ that tells the truth.
 | answered with an error, or before the body was all read | `Connection: close`, closed after the answer |
 | closed with the client still sending (a refused body, headers too long) | half-closed: what it sends is read and dropped for up to `LINGER_S` (2 s), then closed |
 | the answer being written, the client not reading it | `send_timeout` with the socket's buffer full: cut |
+| the kernel's buffer of the answer | `SEND_BUFFER` (128 KiB; Linux doubles it), not Linux's autotuned 4 MiB |
 | idle between requests (keep-alive) | uvicorn's keep-alive timeout (5 s) |
 
 So no client holds a connection (and its file descriptor) longer than one of these limits by
@@ -20,6 +21,12 @@ half-read for ever. The close is a lingering one, as nginx's: closing a socket w
 bytes sends a reset, and a reset can destroy the 413 or 431 before the client has read it
 (a client still uploading its body sees "connection reset" or a broken pipe instead of the
 answer); so the answer and a FIN go first, and the client's remaining bytes are dropped.
+
+The kernel's send buffer of a connection is fixed at `SEND_BUFFER`: left to itself Linux grows it
+to 4 MiB for a client that reads nothing, which hides a stalled stream for thousands of tokens
+(the server keeps writing, the engine keeps generating) and costs 4 MiB of kernel memory per such
+connection. A full buffer is where the app sees the stall: its writes wait, its stream's tokens
+queue up to `--max-unread-tokens` (serve/async_pipeline.py), and `send_timeout` runs.
 
 `AgpServer` on SIGTERM / SIGINT / SIGHUP stops admitting (new requests get 503), waits up to the
 drain timeout for the requests in flight, then fails the rest — an SSE error event and `[DONE]`
@@ -37,6 +44,7 @@ import json
 import logging
 import re
 import signal
+import socket
 import threading
 import time
 
@@ -49,6 +57,8 @@ log = logging.getLogger("agp.serve")
 MAX_HEADER_BYTES = 16 << 10    # request line + headers; uvicorn (h11) reads 16 KiB, nginx 8-32 KB
 LINGER_S = 2.0                 # a closed connection's unread request bytes are dropped this long (nginx: 5 s)
 CLOSE = (b"connection", b"close")
+# the kernel's buffer of a connection's unread answer: ~1,000 streamed tokens; 2 MB/s to a client 100 ms away
+SEND_BUFFER = 128 << 10
 
 
 class _ClosingConnection(h11.Connection):
@@ -119,6 +129,9 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
             self.conn = _ClosingConnection(h11.SERVER, max_incomplete_event_size=max_header_bytes + 1)
 
         def connection_made(self, transport):
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             super().connection_made(_LingeringTransport(transport, self))
             self._header_timer = self._send_timer = None
             self._arm()
