@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 from dataclasses import dataclass, field
 
@@ -145,3 +146,28 @@ def test_a_backlog_of_deltas_holds_the_answer_text_once():
         assert stream.unread == 500
     finally:
         loop.close()
+
+
+def test_a_shutdown_cuts_the_connections_of_clients_that_read_nothing_without_a_traceback(long_gguf, tmp_path):
+    """SIGTERM with two stalled streams (their requests already cut): the server closes their
+    connections and exits 0 at once. (Before: uvicorn waited its graceful 5 s on the writes that
+    could not go, then cancelled them and logged an ERROR with a traceback per connection.)"""
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1).replace("1MiB", "8MiB"))
+    proc, url = start_agp_serve(str(path), "--threads", "1", "--send-timeout", "600",
+                                "--max-unread-tokens", str(UNREAD))
+    port = int(url.rsplit(":", 1)[1])
+    stalled = [stalled_stream(port, "hello world") for _ in range(2)]
+    try:
+        assert wait_for(lambda: scrape(url)["agp_streams_cut_unread_total"] == 2, 120)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-2000:]
+        assert "Traceback" not in err and "Exception in ASGI application" not in err, err[-3000:]
+        assert "timeout graceful shutdown exceeded" not in err, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for c in stalled:
+            c.close()

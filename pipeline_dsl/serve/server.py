@@ -12,6 +12,7 @@ that tells the truth.
 | answered with an error, or before the body was all read | `Connection: close`, closed after the answer |
 | closed with the client still sending (a refused body, headers too long) | half-closed: what it sends is read and dropped for up to `LINGER_S` (2 s), then closed |
 | the answer being written, the client not reading it | `send_timeout` with the socket's buffer full: cut |
+| the same at shutdown (after the drain) | cut at once |
 | the kernel's buffer of the answer | `SEND_BUFFER` (128 KiB; Linux doubles it), not Linux's autotuned 4 MiB |
 | idle between requests (keep-alive) | uvicorn's keep-alive timeout (5 s) |
 
@@ -214,6 +215,16 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
             if not self.transport.is_closing():
                 log.info("cutting a connection whose client read nothing of its answer for %gs", send_timeout)
                 self.transport.abort()            # connection_lost: the app hears a disconnect
+
+        def shutdown(self) -> None:
+            """uvicorn's graceful shutdown waits for the answer being written; one whose client
+            reads nothing (the socket's buffer full) would wait out uvicorn's 5 s and then be
+            cancelled with an ERROR and a traceback: after the drain it is cut at once."""
+            if self._send_timer is not None and not self.transport.is_closing():
+                log.info("shutting down: cutting a connection whose client is not reading its answer")
+                self.transport.abort()
+                return
+            super().shutdown()
 
         def connection_lost(self, exc) -> None:
             self._disarm()
