@@ -1,7 +1,8 @@
 """Clients that stop reading their streams, or go mid-stream, cost the others nothing lasting
 (serve/async_pipeline.py, serve/server.py): past --max-unread-tokens a stalled stream's request
 is aborted and its KV blocks freed while its client still holds the connection; a client gone
-mid-stream frees its sequence at once. Probed with raw sockets that read nothing, against an
+mid-stream frees its sequence at once; hundreds of idle connections leave room for a request
+whatever the open-files limit the server was started with. Probed with raw sockets that read nothing, against an
 `agp serve` child on the tiny model with a 4096-token context."""
 from __future__ import annotations
 
@@ -171,3 +172,32 @@ def test_a_shutdown_cuts_the_connections_of_clients_that_read_nothing_without_a_
             proc.communicate()
         for c in stalled:
             c.close()
+
+
+def test_hundreds_of_idle_connections_leave_room_for_a_request_under_a_low_open_files_limit(long_gguf, tmp_path):
+    """Started under a soft limit of 256 open files (the hard one higher), the server raises its
+    own: 400 connections that send nothing, and a request still gets its answer. (Before: the
+    server ran out of descriptors, and the request was dropped unanswered.)"""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"the hard open-files limit is {hard}")
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))        # the child inherits it
+    try:
+        proc, url = start_agp_serve(str(path), "--threads", "1", "--no-access-log")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    idle = []
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(400)]
+        r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"]
+    finally:
+        for c in idle:
+            c.close()
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert "open files" in err and "too few" not in err

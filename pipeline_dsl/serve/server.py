@@ -242,6 +242,30 @@ def header_timeout_protocol(seconds: float):
     return agp_protocol(header_timeout=seconds)
 
 
+OPEN_FILES = 65536              # the soft limit of open files `agp serve` asks for (vLLM's set_ulimit: 65535)
+
+
+def raise_open_files(want: int = OPEN_FILES) -> int | None:
+    """Raise this process's soft limit of open files toward `want` (at most its hard limit), as
+    vLLM's server does at start: each connection holds a descriptor, and under a soft limit of
+    1024 (a common default) a thousand idle connections, each within its header timeout, leave
+    none to accept another client with, whom the kernel then drops unanswered. Returns the
+    limit now (None where the platform has none)."""
+    try:
+        import resource
+    except ImportError:                      # not POSIX
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, target, e)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 class AgpServer(uvicorn.Server):
     """uvicorn.Server whose first exit signal drains the pipeline (see the module docstring)."""
 
