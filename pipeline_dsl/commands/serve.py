@@ -30,6 +30,7 @@ from pipeline_dsl.serve.options import SetupError, add_arguments, check_args, re
 
 HELP = "serve a pipeline behind an OpenAI-compatible HTTP API"
 log = logging.getLogger("agp.serve")
+FILES_BESIDE_CONNECTIONS = 256  # descriptors the server holds besides its connections (model files, pipes, logs)
 BACKLOG = 2048                  # uvicorn's default: connections the kernel queues before they are accepted
 
 __all__ = ["HELP", "add_arguments", "listening_socket", "main"]
@@ -73,8 +74,23 @@ def banner(serving: Serving, url: str, args) -> list[str]:
                      + (f"; chat template {Path(args.chat_template).name}" if args.chat_template else ""))
     lines.append(f"  api key {'required' if cfg.api_keys else 'off'}; CORS "
                  f"{', '.join(cfg.allowed_origins) if cfg.allowed_origins else 'off'}; max connections "
-                 f"{cfg.max_connections}; queue {serving.runtime.max_queue}; trace {args.trace or 'off'}")
+                 f"{cfg.max_connections}; queue {serving.runtime.max_queue}"
+                 + (f"; open files {args.open_files}" if getattr(args, "open_files", None) else "")
+                 + f"; trace {args.trace or 'off'}")
     return lines
+
+
+def open_files(max_connections: int) -> int | None:
+    """The open-files limit, raised (serve/server.py); a warning when it leaves too few for
+    --max-connections, whose clients past it the kernel would drop rather than the server answer."""
+    from pipeline_dsl.serve.server import raise_open_files
+
+    limit = raise_open_files()
+    if limit is not None and limit < max_connections + FILES_BESIDE_CONNECTIONS:
+        log.warning("the open-files limit is %d, too few for --max-connections %d (and the server's own "
+                    "files): clients past it go unanswered; raise it (ulimit -n) or lower --max-connections",
+                    limit, max_connections)
+    return limit
 
 
 def main(args) -> int:
@@ -90,6 +106,7 @@ def main(args) -> int:
     try:
         check_args(args)
         sock = listening_socket(args.host, args.port)
+        args.open_files = open_files(args.max_connections)
     except SetupError as e:
         report(str(e))
         return 2

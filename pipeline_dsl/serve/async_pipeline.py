@@ -8,6 +8,12 @@ batchers exactly as `agp run` requests do.
     stream = await apipe.add(item_dict, pin=None, stream=True)
     async for event in stream:       # ("delta", index, RequestOutput) ..., then ("done", Result)
         ...
+
+A stream whose consumer falls behind (an SSE client that stops reading: the socket's buffer
+fills, the writer waits) keeps its events queued here; past `max_unread_tokens` tokens queued
+its request is aborted, its engine sequences and KV blocks freed at once, and its last event is
+the error saying why (what a client reads if it ever reads again). The engine never waits for a
+reader, so a stalled client costs the others nothing but the tokens generated before the cut.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import replace
 
 from pipeline_dsl.flow import PipelineError, Result
 
@@ -22,12 +29,17 @@ log = logging.getLogger("agp.serve")
 
 
 class RequestStream:
-    """Async iterator over one request's events: ("delta", index, out) then ("done", result)."""
+    """Async iterator over one request's events: ("delta", index, out) then ("done", result).
+    A queued delta's `out.text` (the whole text so far) is dropped: the consumer reads
+    `delta_text`, and n queued deltas would otherwise hold n copies of the text, n² characters.
+    Past `max_unread_tokens` tokens queued and not taken, the request is cut (module docstring)."""
 
-    def __init__(self, owner: "AsyncPipeline", loop: asyncio.AbstractEventLoop):
+    def __init__(self, owner: "AsyncPipeline", loop: asyncio.AbstractEventLoop, max_unread_tokens: int | None = None):
         self._owner, self._loop = owner, loop
+        self.max_unread_tokens = max_unread_tokens
         self.queue: asyncio.Queue = asyncio.Queue()
         self.key: str | None = None
+        self.id: str | None = None               # the answer's id (cmpl-..., chatcmpl-...), for the log
         self.finished = False
         self.started = False                     # a consumer began reading (the app sets it)
         self.arrival = time.monotonic()
@@ -35,6 +47,8 @@ class RequestStream:
         self.last_token_at: dict[int, float] = {}    # choice index -> when its latest tokens came
         self.prompt: tuple | None = None         # (prompt ids, their logprobs or None) when the answer shows them
         self.params: dict | None = None          # the request's n and max_tokens (metrics)
+        self.unread = 0                          # tokens queued, not yet taken by the consumer
+        self.cut = False                         # aborted for its unread tokens
 
     def __aiter__(self):
         return self
@@ -45,6 +59,8 @@ class RequestStream:
         event = await self.queue.get()
         if event[0] == "done":
             self.finished = True
+        else:
+            self.unread -= len(event[2].new_token_ids or ())
         return event
 
     def abort(self) -> None:
@@ -75,13 +91,30 @@ class RequestStream:
             if self.first_token_at is None:
                 self.first_token_at = now
             self.last_token_at[index] = now
-        self._loop.call_soon_threadsafe(self.queue.put_nowait, ("delta", index, out))
+        self._loop.call_soon_threadsafe(self._queued, ("delta", index, out))
 
     def on_done(self, result: Result) -> None:
         if self._owner.metrics is not None:
             self._owner.metrics.observe_result(result, time.monotonic() - self.arrival, self.params,
                                                prefilled=self.first_token_at is not None)
         self._loop.call_soon_threadsafe(self.queue.put_nowait, ("done", result))
+
+    # ---- on the event loop ------------------------------------------------------------
+    def _queued(self, event) -> None:
+        """A delta for the consumer (without its whole text); past max_unread_tokens unread
+        tokens the request is cut."""
+        _, index, out = event
+        self.queue.put_nowait(("delta", index, replace(out, text="")))
+        self.unread += len(out.new_token_ids or ())
+        limit = self.max_unread_tokens
+        if limit is not None and self.unread > limit and not (self.finished or self.cut) and self.key is not None:
+            self.cut = True
+            log.info("aborting %s: its client left more than %d tokens of its stream unread", self.id or self.key,
+                     limit)
+            if self._owner.metrics is not None:
+                self._owner.metrics.unread_cuts.inc()
+            self._owner.runtime.abort(self.key, f"the stream was cut: its client left more than {limit} "
+                                                f"generated tokens unread (--max-unread-tokens)")
 
 
 class StreamGroup:
@@ -112,7 +145,8 @@ class StreamGroup:
             async for event in self.streams[0]:
                 yield event
             return
-        queue: asyncio.Queue = asyncio.Queue()
+        # one event at a time: the rest wait in their own stream, where its unread bound sees them
+        queue: asyncio.Queue = asyncio.Queue(maxsize=1)
 
         async def pump(k, stream):
             async for event in stream:
@@ -137,8 +171,6 @@ class StreamGroup:
 
 def combine(results: list[Result], per: int) -> Result:
     """One Result for several: choices renumbered, usage summed, the first error wins."""
-    from dataclasses import replace
-
     error = next((r.error for r in results if r.error is not None), None)
     choices = [replace(c, index=k * per + c.index) for k, r in enumerate(results) for c in r.choices]
     usage = {key: sum(r.usage.get(key, 0) for r in results) for key in results[0].usage}
@@ -146,9 +178,10 @@ def combine(results: list[Result], per: int) -> Result:
 
 
 class AsyncPipeline:
-    def __init__(self, runtime, *, metrics=None):
+    def __init__(self, runtime, *, metrics=None, max_unread_tokens: int | None = None):
         self.runtime = runtime
         self.metrics = metrics
+        self.max_unread_tokens = max_unread_tokens   # a stream's tokens its client has not taken: past it, cut
         self._started = False
 
     def start(self) -> None:
@@ -172,8 +205,8 @@ class AsyncPipeline:
                   params: dict | None = None) -> RequestStream:
         """Submit a request; raises PipelineError (queue_full, unavailable, invalid) at once.
         `params` (its n and max_tokens) go to the metrics when it finishes."""
-        rs = RequestStream(self, asyncio.get_running_loop())
-        rs.params = params
+        rs = RequestStream(self, asyncio.get_running_loop(), self.max_unread_tokens)
+        rs.params, rs.id = params, data.get("id")
         rs.key = self.runtime.submit(data, rs, pin=pin, stream=stream)
         return rs
 

@@ -117,5 +117,5 @@ def build(args, *, host: str | None = None) -> Serving:
                          exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none)
     metrics = ServerMetrics(model_name=names[0], engine_of={g: str(i) for i, es in enumerate(runtime.segments)
                                                             for g in es.segment.generates})
-    apipe = AsyncPipeline(runtime, metrics=metrics)
+    apipe = AsyncPipeline(runtime, metrics=metrics, max_unread_tokens=args.max_unread_tokens)
     return Serving(runtime, apipe, create_app(apipe, config, metrics), config, metrics)

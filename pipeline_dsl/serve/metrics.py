@@ -336,6 +336,8 @@ class ServerMetrics:
         for attr, name, doc, buckets in HISTOGRAMS:       # each under agp's and vLLM's (same) name
             setattr(self, attr, metric(Histogram, name, name, doc, buckets=buckets, older=OLDER_NAMES.get(name, ())))
         self.in_flight = metric(Gauge, "requests_in_flight", None, "HTTP generation requests being served")
+        self.unread_cuts = metric(Counter, "streams_cut_unread", None,
+                                  "Streams aborted because their client left more than --max-unread-tokens unread")
         # every HTTP request by route, as prometheus-fastapi-instrumentator's series (vLLM's
         # http_requests_total): `handler` is the route's path template, "none" for no route
         self.http = metric(Counter, "http_requests", None, "HTTP requests by route, method and status",

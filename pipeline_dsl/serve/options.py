@@ -96,6 +96,9 @@ def add_arguments(p) -> None:
     p.add_argument("--send-timeout", type=float, default=30.0,
                    help="seconds a client may leave its answer unread (the socket's buffer full) before "
                         "the connection is cut (default: 30)")
+    p.add_argument("--max-unread-tokens", type=int, default=1024,
+                   help="tokens a stream may have waiting for its client (the socket's buffer full); more: "
+                        "the request is aborted and its KV cache freed (default: 1024)")
     p.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
                    help="leave a request's tools out of its prompt when its tool_choice is \"none\" (as vLLM's "
                         "flag; by default the model sees them, and no tool call is parsed from its answer)")
@@ -216,7 +219,7 @@ def check_args(args) -> None:
     """The flags' own ranges, before anything is loaded."""
     positive = ("drain_timeout", "header_timeout", "body_timeout", "send_timeout")
     at_least = {"max_queue": 1, "max_body_bytes": 1024, "max_input_tokens": 1, "max_connections": 1,
-                "max_model_len": 1, "max_num_seqs": 1, "threads": 1}
+                "max_model_len": 1, "max_num_seqs": 1, "threads": 1, "max_unread_tokens": 1}
     if not 0 <= args.port <= 65535:
         raise SetupError(f"--port must be between 0 and 65535, not {args.port}")
     for name, low in at_least.items():

@@ -12,6 +12,8 @@ that tells the truth.
 | answered with an error, or before the body was all read | `Connection: close`, closed after the answer |
 | closed with the client still sending (a refused body, headers too long) | half-closed: what it sends is read and dropped for up to `LINGER_S` (2 s), then closed |
 | the answer being written, the client not reading it | `send_timeout` with the socket's buffer full: cut |
+| the same at shutdown (after the drain) | cut at once |
+| the kernel's buffer of the answer | `SEND_BUFFER` (128 KiB; Linux doubles it), not Linux's autotuned 4 MiB |
 | idle between requests (keep-alive) | uvicorn's keep-alive timeout (5 s) |
 
 So no client holds a connection (and its file descriptor) longer than one of these limits by
@@ -20,6 +22,12 @@ half-read for ever. The close is a lingering one, as nginx's: closing a socket w
 bytes sends a reset, and a reset can destroy the 413 or 431 before the client has read it
 (a client still uploading its body sees "connection reset" or a broken pipe instead of the
 answer); so the answer and a FIN go first, and the client's remaining bytes are dropped.
+
+The kernel's send buffer of a connection is fixed at `SEND_BUFFER`: left to itself Linux grows it
+to 4 MiB for a client that reads nothing, which hides a stalled stream for thousands of tokens
+(the server keeps writing, the engine keeps generating) and costs 4 MiB of kernel memory per such
+connection. A full buffer is where the app sees the stall: its writes wait, its stream's tokens
+queue up to `--max-unread-tokens` (serve/async_pipeline.py), and `send_timeout` runs.
 
 `AgpServer` on SIGTERM / SIGINT / SIGHUP stops admitting (new requests get 503), waits up to the
 drain timeout for the requests in flight, then fails the rest — an SSE error event and `[DONE]`
@@ -37,6 +45,7 @@ import json
 import logging
 import re
 import signal
+import socket
 import threading
 import time
 
@@ -49,6 +58,8 @@ log = logging.getLogger("agp.serve")
 MAX_HEADER_BYTES = 16 << 10    # request line + headers; uvicorn (h11) reads 16 KiB, nginx 8-32 KB
 LINGER_S = 2.0                 # a closed connection's unread request bytes are dropped this long (nginx: 5 s)
 CLOSE = (b"connection", b"close")
+# the kernel's buffer of a connection's unread answer: ~1,000 streamed tokens; 2 MB/s to a client 100 ms away
+SEND_BUFFER = 128 << 10
 
 
 class _ClosingConnection(h11.Connection):
@@ -119,6 +130,9 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
             self.conn = _ClosingConnection(h11.SERVER, max_incomplete_event_size=max_header_bytes + 1)
 
         def connection_made(self, transport):
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             super().connection_made(_LingeringTransport(transport, self))
             self._header_timer = self._send_timer = None
             self._arm()
@@ -202,6 +216,16 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
                 log.info("cutting a connection whose client read nothing of its answer for %gs", send_timeout)
                 self.transport.abort()            # connection_lost: the app hears a disconnect
 
+        def shutdown(self) -> None:
+            """uvicorn's graceful shutdown waits for the answer being written; one whose client
+            reads nothing (the socket's buffer full) would wait out uvicorn's 5 s and then be
+            cancelled with an ERROR and a traceback: after the drain it is cut at once."""
+            if self._send_timer is not None and not self.transport.is_closing():
+                log.info("shutting down: cutting a connection whose client is not reading its answer")
+                self.transport.abort()
+                return
+            super().shutdown()
+
         def connection_lost(self, exc) -> None:
             self._disarm()
             self.transport.stop()
@@ -216,6 +240,30 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
 def header_timeout_protocol(seconds: float):
     """agp_protocol with this header timeout and the other limits' defaults."""
     return agp_protocol(header_timeout=seconds)
+
+
+OPEN_FILES = 65536              # the soft limit of open files `agp serve` asks for (vLLM's set_ulimit: 65535)
+
+
+def raise_open_files(want: int = OPEN_FILES) -> int | None:
+    """Raise this process's soft limit of open files toward `want` (at most its hard limit), as
+    vLLM's server does at start: each connection holds a descriptor, and under a soft limit of
+    1024 (a common default) a thousand idle connections, each within its header timeout, leave
+    none to accept another client with, whom the kernel then drops unanswered. Returns the
+    limit now (None where the platform has none)."""
+    try:
+        import resource
+    except ImportError:                      # not POSIX
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, target, e)
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 class AgpServer(uvicorn.Server):

@@ -1,0 +1,203 @@
+"""Clients that stop reading their streams, or go mid-stream, cost the others nothing lasting
+(serve/async_pipeline.py, serve/server.py): past --max-unread-tokens a stalled stream's request
+is aborted and its KV blocks freed while its client still holds the connection; a client gone
+mid-stream frees its sequence at once; hundreds of idle connections leave room for a request
+whatever the open-files limit the server was started with. Probed with raw sockets that read nothing, against an
+`agp serve` child on the tiny model with a 4096-token context."""
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline_dsl.serve.async_pipeline import RequestStream
+from test_connections import wait_for
+from test_serve import TINY, start_agp_serve
+
+UNREAD = 64            # --max-unread-tokens of the server under test
+MAX_TOKENS = 3000      # each stalled stream's: far more than its socket's buffers hold
+
+
+@pytest.fixture(scope="module")
+def serve(long_gguf, tmp_path_factory):
+    """`agp serve` (batch of 4, KV for 16k tokens) that cuts only for unread tokens: (process, url, port)."""
+    path = tmp_path_factory.mktemp("slow") / "tiny.agp"
+    path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1).replace("1MiB", "8MiB"))
+    proc, url = start_agp_serve(str(path), "--threads", "1", "--no-access-log", "--send-timeout", "600",
+                                "--max-unread-tokens", str(UNREAD))
+    try:
+        yield proc, url, int(url.rsplit(":", 1)[1])
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+
+
+def scrape(url: str) -> dict[str, float]:
+    """agp's unlabelled-but-model_name series: name -> value."""
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
+        for s in fam.samples:
+            if s.name.startswith("agp_") and set(s.labels) == {"model_name"}:
+                out[s.name] = s.value
+    return out
+
+
+def stalled_stream(port: int, prompt) -> socket.socket:
+    """A streamed completions request whose client then reads nothing (a small receive buffer)."""
+    body = json.dumps({"prompt": prompt, "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True,
+                       "logprobs": 5}).encode()
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c.connect(("127.0.0.1", port))
+    c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    return c
+
+
+def read_to_end(c: socket.socket) -> bytes:
+    """The rest of a chunked answer, to its last (empty) chunk."""
+    c.settimeout(60)
+    data = b""
+    while not data.endswith(b"\r\n0\r\n\r\n") and (chunk := c.recv(1 << 16)):
+        data += chunk
+    return data
+
+
+def test_stalled_readers_are_cut_and_free_their_kv_while_others_stream(serve):
+    """Seven streams (one a completions batch of two prompts) whose clients read nothing: each is
+    aborted once more than --max-unread-tokens of its tokens wait, its KV blocks freed while the
+    client still holds the connection; another client's stream meanwhile is answered whole. The
+    stalled ones, reading at last, find the error event that says why. (Before: the engine
+    generated every stalled stream to its max_tokens, the kernel buffering 4 MiB a connection.)"""
+    _, url, port = serve
+    before = scrape(url)
+    stalled = [stalled_stream(port, "hello world") for _ in range(5)] + [stalled_stream(port, ["one", "two"])]
+    try:
+        with httpx.stream("POST", url + "/v1/completions", timeout=120,
+                          json={"prompt": "hi", "max_tokens": 20, "ignore_eos": True, "stream": True}) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+        assert not any('"error"' in line for line in lines)
+
+        def idle():
+            m = scrape(url)
+            return m["agp_num_requests_running"] == 0 and m["agp_kv_blocks_used"] == 0
+        assert wait_for(idle, 120)                            # the stalled clients still read nothing
+        after = scrape(url)
+        assert after["agp_streams_cut_unread_total"] - before.get("agp_streams_cut_unread_total", 0) == 7
+        generated = after["agp_generation_tokens_total"] - before["agp_generation_tokens_total"]
+        assert generated < 7 * MAX_TOKENS / 2                  # cut, not generated to the end
+        for c in stalled:
+            tail = read_to_end(c)[-2000:]
+            error, done = tail.split(b"data: ")[-2:]
+            assert b"--max-unread-tokens" in error and done.startswith(b"[DONE]"), tail[-300:]
+    finally:
+        for c in stalled:
+            c.close()
+
+
+def test_clients_gone_mid_stream_give_the_kv_pool_back_at_once(serve):
+    """Streams whose clients close their connections unread: their sequences end at once (the
+    engine idle, every KV block back) though each had thousands of tokens to go."""
+    _, url, port = serve
+    before = scrape(url)
+    gone = [stalled_stream(port, "hello world") for _ in range(4)]
+    assert wait_for(lambda: scrape(url)["agp_num_requests_running"] == 4, 60)
+    for c in gone:
+        c.close()
+
+    def idle():
+        m = scrape(url)
+        return m["agp_num_requests_running"] == 0 and m["agp_kv_blocks_used"] == 0 \
+            and m["agp_requests_in_flight"] == 0
+    assert wait_for(idle, 60)
+    generated = scrape(url)["agp_generation_tokens_total"] - before["agp_generation_tokens_total"]
+    assert generated < 4 * MAX_TOKENS / 2
+
+
+@dataclass
+class _Out:
+    new_token_ids: list
+    delta_text: str
+    text: str
+    logprobs: list | None = field(default=None)
+
+
+def test_a_backlog_of_deltas_holds_the_answer_text_once():
+    """Deltas queued for a consumer that does not take them keep their own text, not the whole
+    text so far each (n of them held n copies: n² characters for a stalled stream)."""
+    loop = asyncio.new_event_loop()
+    try:
+        owner = type("Owner", (), {"metrics": None})()
+        stream = RequestStream(owner, loop)
+        text = ""
+        for i in range(500):
+            text += f"tok{i} "
+            stream.on_delta("k", 0, _Out([i], f"tok{i} ", text))
+        loop.run_until_complete(asyncio.sleep(0))       # the queued callbacks run
+        queued = [stream.queue.get_nowait() for _ in range(stream.queue.qsize())]
+        assert len(queued) == 500 and "".join(e[2].delta_text for e in queued) == text
+        assert sum(len(e[2].text) for e in queued) <= len(text)
+        assert stream.unread == 500
+    finally:
+        loop.close()
+
+
+def test_a_shutdown_cuts_the_connections_of_clients_that_read_nothing_without_a_traceback(long_gguf, tmp_path):
+    """SIGTERM with two stalled streams (their requests already cut): the server closes their
+    connections and exits 0 at once. (Before: uvicorn waited its graceful 5 s on the writes that
+    could not go, then cancelled them and logged an ERROR with a traceback per connection.)"""
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1).replace("1MiB", "8MiB"))
+    proc, url = start_agp_serve(str(path), "--threads", "1", "--send-timeout", "600",
+                                "--max-unread-tokens", str(UNREAD))
+    port = int(url.rsplit(":", 1)[1])
+    stalled = [stalled_stream(port, "hello world") for _ in range(2)]
+    try:
+        assert wait_for(lambda: scrape(url)["agp_streams_cut_unread_total"] == 2, 120)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-2000:]
+        assert "Traceback" not in err and "Exception in ASGI application" not in err, err[-3000:]
+        assert "timeout graceful shutdown exceeded" not in err, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for c in stalled:
+            c.close()
+
+
+def test_hundreds_of_idle_connections_leave_room_for_a_request_under_a_low_open_files_limit(long_gguf, tmp_path):
+    """Started under a soft limit of 256 open files (the hard one higher), the server raises its
+    own: 400 connections that send nothing, and a request still gets its answer. (Before: the
+    server ran out of descriptors, and the request was dropped unanswered.)"""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"the hard open-files limit is {hard}")
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))        # the child inherits it
+    try:
+        proc, url = start_agp_serve(str(path), "--threads", "1", "--no-access-log")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    idle = []
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(400)]
+        r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"]
+    finally:
+        for c in idle:
+            c.close()
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert "open files" in err and "too few" not in err
