@@ -1,16 +1,28 @@
 """Priority scheduling (vLLM's --scheduling-policy priority): dynamic_batch's scheduling_policy
 admits waiting requests by their `priority` (lower first, ties by arrival), preempts the running
-sequence of the highest value when blocks run out, and leaves fcfs as it was; a non-zero
-priority is refused where the engine schedules fcfs."""
+sequence of the highest value when blocks run out, and leaves fcfs as it was; a request's
+priority reaches the engine from `agp run` lines and `agp serve`'s chat, completions and
+responses, and a non-zero one is refused where the engine schedules fcfs."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import openai
 import pytest
 
 from pipeline_dsl.engine import EngineConfig, InputError, SamplingParams
 from pipeline_dsl.engine.kv_cache import BlockManager
 from pipeline_dsl.engine.scheduler import Scheduler, Sequence
+from pipeline_dsl.requests_io import RequestError, parse_request
+from pipeline_dsl.serve import protocol as P
 from test_engine import run_all, toy_engine
 from test_scheduler import Clock, run_step
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make(policy="priority", num_blocks=64, block_size=4, **cfg):
@@ -172,3 +184,138 @@ def test_the_engine_refuses_a_priority_it_cannot_honour():
 def test_scheduling_policy_is_checked_by_its_stage_parameter():
     with pytest.raises(InputError, match="'scheduling_policy' must be one of fcfs, priority, not \"static\""):
         EngineConfig(scheduling_policy="static")
+
+
+# ---------------------------------------------------------------- request lines and serve's fields
+
+def test_a_request_line_carries_its_priority_checked():
+    assert parse_request({"prompt": "hi", "priority": -4}).item()["priority"] == -4
+    with pytest.raises(RequestError, match="field 'priority' must be an integer from"):
+        parse_request({"prompt": "hi", "priority": "urgent"})
+
+
+@pytest.mark.parametrize("parse, body", [
+    (P.parse_chat, {"messages": [{"role": "user", "content": "hi"}]}),
+    (P.parse_completion, {"prompt": "hi"}),
+])
+def test_serve_takes_priority_as_a_field_of_the_request(parse, body):
+    req = parse({**body, "priority": 2}, max_model_len=64, served=("tiny",))
+    assert req.item("r")["priority"] == 2
+    with pytest.raises(P.APIError, match="'priority' must be an integer from") as e:
+        parse({**body, "priority": 0.5}, max_model_len=64, served=("tiny",))
+    assert e.value.param == "priority" and e.value.status == 400
+
+
+PIPELINE = """pipeline tiny {{
+    model  = "{model}"
+    device = cpu
+    dtype  = fp32
+    stage request : requests {{}}
+    stage batch   : dynamic_batch {{ max_batch_size = 2  timeout = 1ms {extra} }}
+    stage encode  : encode {{}}
+    stage kv      : kv_lookup {{ block_size = 8  budget = 1MiB }}
+    stage gen     : generate {{ max_new_tokens = 6 }}
+    stage out     : respond {{}}
+    request -> batch
+    batch -> encode when full
+    batch -> encode when timeout
+    encode -> kv -> gen -> out
+}}
+"""
+
+
+def agp_run(tmp_path, model, extra, lines):
+    pipeline, inp, out = tmp_path / "p.agp", tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    pipeline.write_text(PIPELINE.format(model=model, extra=extra))
+    inp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "-i", str(inp), "-o",
+                        str(out), "--overwrite", "--no-progress", "--threads", "1"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    return r, {rec["id"]: rec for rec in map(json.loads, out.read_text().splitlines())}
+
+
+def test_agp_run_answers_lines_by_priority_with_the_same_greedy_text(tmp_path, tiny_gguf):
+    lines = [{"id": i, "prompt": f"tell me about {w}", "priority": p}
+             for i, (w, p) in enumerate(zip(["cats", "dogs", "tea", "rain", "maps", "jazz"], [4, 0, 9, -3, 1, 4]))]
+    r, by_priority = agp_run(tmp_path, tiny_gguf, "scheduling_policy = priority", lines)
+    assert r.returncode == 0, r.stderr
+    r, fcfs = agp_run(tmp_path, tiny_gguf, "", [{k: v for k, v in line.items() if k != "priority"}
+                                               for line in lines])
+    assert r.returncode == 0, r.stderr
+    assert {i: rec["text"] for i, rec in by_priority.items()} == {i: rec["text"] for i, rec in fcfs.items()}
+    # where the batcher schedules fcfs, a line's non-zero priority is that line's error, named
+    r, got = agp_run(tmp_path, tiny_gguf, "", [{"id": "a", "prompt": "hi", "priority": 2},
+                                               {"id": "b", "prompt": "hi", "priority": 0}])
+    assert r.returncode == 0, r.stderr
+    err = got["a"]["error"]
+    assert "'priority' = 2 needs priority scheduling" in err["message"] and err["stage"] == "batch"
+    assert "text" in got["b"]
+
+
+# ---------------------------------------------------------------- agp serve
+
+@pytest.fixture(scope="module")
+def servers(tiny_gguf):
+    from test_serve import LiveServer
+
+    fcfs = LiveServer(tiny_gguf, max_batch_size=2)
+    by_priority = LiveServer(tiny_gguf, max_batch_size=2, overrides={"scheduling_policy": "priority"})
+    yield fcfs, by_priority
+    fcfs.close()
+    by_priority.close()
+
+
+USER = [{"role": "user", "content": "hello"}]
+
+
+def test_serve_answers_prioritised_chat_completions_and_responses_alike(servers):
+    fcfs, by_priority = servers
+    chat = dict(model="tiny", messages=USER, max_tokens=6, temperature=0)
+    want = fcfs.client.chat.completions.create(**chat).choices[0].message.content
+    for p in (-5, 0, 7):
+        got = by_priority.client.chat.completions.create(**chat, extra_body={"priority": p})
+        assert got.choices[0].message.content == want
+    text = fcfs.client.completions.create(model="tiny", prompt="hello", max_tokens=6, temperature=0).choices[0].text
+    got = by_priority.client.completions.create(model="tiny", prompt="hello", max_tokens=6, temperature=0,
+                                                extra_body={"priority": 3})
+    assert got.choices[0].text == text
+    body = {"model": "tiny", "input": "hello", "max_output_tokens": 6, "temperature": 0}
+    plain = httpx.post(fcfs.url + "/v1/responses", json=body, timeout=60)
+    r = httpx.post(by_priority.url + "/v1/responses", json={**body, "priority": 3}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["output"][0]["content"] == plain.json()["output"][0]["content"]
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": USER}),
+    ("/v1/completions", {"prompt": "hello"}),
+    ("/v1/responses", {"input": "hello"}),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_serve_refuses_a_non_zero_priority_when_it_schedules_fcfs(servers, path, body, stream):
+    fcfs, _ = servers
+    r = httpx.post(fcfs.url + path, json={"model": "tiny", **body, "priority": 1, "stream": stream}, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "priority" and "'priority' = 1 needs priority scheduling" in error["message"]
+    assert "--scheduling-policy priority" in error["message"]
+
+
+def test_the_serve_flag_sets_the_scheduling_policy_over_the_pipelines(tmp_path, tiny_gguf):
+    import argparse
+
+    from pipeline_dsl.serve.build import build
+    from pipeline_dsl.serve.options import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    path = tmp_path / "p.agp"
+    path.write_text(PIPELINE.format(model=tiny_gguf, extra=""))
+    assert p.parse_args([str(path)]).scheduling_policy is None            # the pipeline's, else fcfs
+    with pytest.raises(SystemExit):
+        p.parse_args([str(path), "--scheduling-policy", "static"])
+    serving = build(p.parse_args([str(path), "--threads", "1", "--scheduling-policy", "priority"]))
+    assert serving.runtime.segments[0].config.scheduling_policy == "priority"
+    path.write_text(PIPELINE.format(model=tiny_gguf, extra="scheduling_policy = priority"))
+    serving = build(p.parse_args([str(path), "--threads", "1", "--scheduling-policy", "fcfs"]))
+    assert serving.runtime.segments[0].config.scheduling_policy == "fcfs"

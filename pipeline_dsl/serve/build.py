@@ -94,6 +94,7 @@ def build(args, *, host: str | None = None) -> Serving:
                                            "max_prompt_tokens": args.max_input_tokens,
                                            "max_model_len": args.max_model_len,
                                            "max_batch_size": args.max_num_seqs,
+                                           "scheduling_policy": args.scheduling_policy,
                                            "seed": args.seed, "chat_template": template,
                                            "prefix_reuse": False if args.no_prefix_reuse else None})
     except InputError as e:
