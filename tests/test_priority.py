@@ -304,6 +304,7 @@ def test_serve_refuses_a_non_zero_priority_when_it_schedules_fcfs(servers, path,
 def test_the_serve_flag_sets_the_scheduling_policy_over_the_pipelines(tmp_path, tiny_gguf):
     import argparse
 
+    from pipeline_dsl.commands.serve import banner
     from pipeline_dsl.serve.build import build
     from pipeline_dsl.serve.options import add_arguments
 
@@ -314,8 +315,12 @@ def test_the_serve_flag_sets_the_scheduling_policy_over_the_pipelines(tmp_path, 
     assert p.parse_args([str(path)]).scheduling_policy is None            # the pipeline's, else fcfs
     with pytest.raises(SystemExit):
         p.parse_args([str(path), "--scheduling-policy", "static"])
-    serving = build(p.parse_args([str(path), "--threads", "1", "--scheduling-policy", "priority"]))
+    args = p.parse_args([str(path), "--threads", "1", "--scheduling-policy", "priority"])
+    serving = build(args)
     assert serving.runtime.segments[0].config.scheduling_policy == "priority"
+    assert "; priority scheduling" in banner(serving, "http://x/v1", args)[1]     # what the server runs with
     path.write_text(PIPELINE.format(model=tiny_gguf, extra="scheduling_policy = priority"))
-    serving = build(p.parse_args([str(path), "--threads", "1", "--scheduling-policy", "fcfs"]))
+    args = p.parse_args([str(path), "--threads", "1", "--scheduling-policy", "fcfs"])
+    serving = build(args)
     assert serving.runtime.segments[0].config.scheduling_policy == "fcfs"
+    assert "scheduling" not in banner(serving, "http://x/v1", args)[1]            # the default goes unsaid
