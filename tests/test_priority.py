@@ -324,3 +324,20 @@ def test_the_serve_flag_sets_the_scheduling_policy_over_the_pipelines(tmp_path, 
     serving = build(args)
     assert serving.runtime.segments[0].config.scheduling_policy == "fcfs"
     assert "scheduling" not in banner(serving, "http://x/v1", args)[1]            # the default goes unsaid
+
+
+# ---------------------------------------------------------------- agp check
+
+@pytest.mark.parametrize("given, hint", [
+    ("policy = priority", "'priority' is a value of scheduling_policy: write scheduling_policy = priority"),
+    ("scheduling_policy = static", "'static' is a value of policy: write policy = static"),
+])
+def test_a_value_of_the_other_batching_parameter_is_named_with_where_it_goes(given, hint):
+    import pipeline_dsl
+    from test_dsl_checker import pipeline
+
+    _, diags = pipeline_dsl.loads(pipeline(batch=given).removeprefix("\n"), "t.agp")
+    (d,) = [d for d in diags if d.is_error]
+    assert d.message.startswith(f"'{given.split()[-1]}' is not a valid value for") and d.hint == hint
+    _, diags = pipeline_dsl.loads(pipeline(batch="policy = lifo").removeprefix("\n"), "t.agp")
+    assert [d.hint for d in diags if d.is_error] == [None]              # a value of no parameter: no hint
