@@ -224,9 +224,9 @@ PIPELINE = """pipeline tiny {{
 """
 
 
-def agp_run(tmp_path, model, extra, lines):
+def agp_run(tmp_path, model, extra, lines, text=PIPELINE):
     pipeline, inp, out = tmp_path / "p.agp", tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    pipeline.write_text(PIPELINE.format(model=model, extra=extra))
+    pipeline.write_text(text.format(model=model, extra=extra))
     inp.write_text("".join(json.dumps(line) + "\n" for line in lines))
     r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "-i", str(inp), "-o",
                         str(out), "--overwrite", "--no-progress", "--threads", "1"], capture_output=True, text=True, cwd=ROOT,
@@ -250,6 +250,22 @@ def test_agp_run_answers_lines_by_priority_with_the_same_greedy_text(tmp_path, t
     err = got["a"]["error"]
     assert "'priority' = 2 needs priority scheduling" in err["message"] and err["stage"] == "batch"
     assert "text" in got["b"]
+
+
+def test_a_python_stage_before_the_batcher_may_set_a_requests_priority(tmp_path, tiny_gguf):
+    (tmp_path / "tiers.py").write_text('def tier(request):\n'
+                                       '    request["priority"] = 0 if request["metadata"].get("tier") == "gold" '
+                                       'else 10\n    return request\n')
+    text = PIPELINE.replace("stage batch ", 'stage rank    : python {{ fn = "tiers:tier" }}\n    stage batch ') \
+                   .replace("request -> batch", "request -> rank -> batch")
+    lines = [{"id": "bulk", "prompt": "hi", "metadata": {"tier": "bulk"}},
+             {"id": "gold", "prompt": "hi", "metadata": {"tier": "gold"}}]
+    r, got = agp_run(tmp_path, tiny_gguf, "scheduling_policy = priority", lines, text)
+    assert r.returncode == 0, r.stderr
+    assert "text" in got["bulk"] and "text" in got["gold"]
+    r, got = agp_run(tmp_path, tiny_gguf, "", lines, text)             # fcfs: the stage's 10 reaches the batcher
+    assert "'priority' = 10 needs priority scheduling" in got["bulk"]["error"]["message"]
+    assert "text" in got["gold"]
 
 
 # ---------------------------------------------------------------- agp serve
