@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from stages.registry import (BOOL, DURATION, ENUM, FLOAT, FROM_MODE, INT, LIST_STR, RESOURCES, SIZE, STR,
@@ -407,6 +407,16 @@ RETIRED = {
 }
 
 
+def _sibling_value(kind: StageKind, schema: Param, value: ast.Value, d: Diagnostic) -> Diagnostic:
+    """An enum value refused by one parameter that is a value of another of the same kind
+    (dynamic_batch's `policy = priority`, meant for scheduling_policy): the hint names that one."""
+    word = getattr(value, "value", None)
+    owner = next((q.name for q in kind.params if q is not schema and q.type == ENUM and word in q.choices), None)
+    if owner is None:
+        return d
+    return replace(d, hint=f"'{word}' is a value of {owner}: write {owner} = {word}")
+
+
 def resolve_params(kind: StageKind, stage: ast.Stage, mode: str,
                    settings: dict | None = None) -> tuple[dict, list[Diagnostic]]:
     """Effective parameter values: kind default -> mode preset -> the pipeline's setting of the
@@ -435,6 +445,8 @@ def resolve_params(kind: StageKind, stage: ast.Stage, mode: str,
             out, d = check_device(prm.value)
         else:
             out, d = convert(prm.value, schema, f"'{name}'")
+        if d and schema.type == ENUM:
+            d = _sibling_value(kind, schema, prm.value, d)
         if d:
             diags.append(d)
         else:

@@ -94,7 +94,8 @@ def _check(name: str, value, ok: bool, expected: str):
 
 
 # one schema per field: the stage parameters' (and the token-id lists') checks
-from stages.fields import REQUEST_FIELDS, TOKEN_ID_FIELDS, ParamError, check_field, check_token_ids  # noqa: E402
+from stages.fields import (PRIORITY, REQUEST_FIELDS, TOKEN_ID_FIELDS, ParamError, check_field,  # noqa: E402
+                           check_token_ids, expected)
 
 SAMPLING_FIELDS = tuple(f for f in REQUEST_FIELDS if f != "n")     # SamplingParams overrides
 # per-request fields no stage parameter sets (agp serve puts them on its items; a request line may
@@ -114,6 +115,9 @@ ITEM_FIELDS = {
     "truncate_prompt_tokens": (lambda v: _is_int(v) and (v >= 1 or v == -1),
                                "a positive integer (or -1: the context)"),
     "pooling": (lambda v: v == "mean", '"mean"'),
+    # vLLM's: lower is admitted first when the engine schedules by priority (a non-zero value is refused
+    # by one that schedules fcfs)
+    "priority": (lambda v: _is_int(v) and PRIORITY.in_range(v), expected(PRIORITY)),
 }
 KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", "tools", "tool_choice", "logit_bias",
          "parallel_tool_calls", "response_format", *REQUEST_FIELDS, *ITEM_FIELDS, *TOKEN_ID_FIELDS}

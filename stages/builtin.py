@@ -56,6 +56,9 @@ DYNAMIC_BATCH = StageKind(
         Param("padding", BOOL, True, "pad the batch to a bucket size so shapes stay static"),
         Param("policy", ENUM, "continuous", "continuous: sequences join and leave between steps; "
               "static: a batch runs to completion", choices=("continuous", "static")),
+        Param("scheduling_policy", ENUM, "fcfs", "which waiting request is admitted first: fcfs: in order of "
+              "arrival; priority: by the request's `priority` (lower first, ties by arrival), and out of KV "
+              "blocks the lowest-priority running sequence is preempted", choices=("fcfs", "priority")),
         Param("max_tokens_per_step", INT, 512, "token budget of one step (decodes + prefill chunks)",
               min=1, max=1 << 20),
         Param("itl_target", DURATION, 0.5, "while sequences decode, a step's prefill is cut to what the "

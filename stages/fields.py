@@ -38,12 +38,18 @@ REQUEST_FIELDS: dict[str, tuple[str, str]] = {
 # field -> the most ids it may hold (262,144: the largest vocabularies served today)
 TOKEN_ID_FIELDS: dict[str, int] = {"allowed_token_ids": 1 << 18}
 
+# a request's own scheduling priority (vLLM's `priority`), which no stage parameter sets: lower is
+# admitted first under dynamic_batch's scheduling_policy = priority; a signed 64-bit integer
+PRIORITY = Param("priority", INT, 0, "lower is admitted first (dynamic_batch.scheduling_policy = priority)",
+                 min=-(1 << 63), max=(1 << 63) - 1)
+
 # EngineConfig field -> (stage kind, parameter)
 ENGINE_FIELDS: dict[str, tuple[str, str]] = {
     "max_batch_size": ("dynamic_batch", "max_batch_size"),
     "batch_timeout_s": ("dynamic_batch", "timeout"),
     "padding": ("dynamic_batch", "padding"),
     "policy": ("dynamic_batch", "policy"),
+    "scheduling_policy": ("dynamic_batch", "scheduling_policy"),
     "max_tokens_per_step": ("dynamic_batch", "max_tokens_per_step"),
     "itl_target_s": ("dynamic_batch", "itl_target"),
     "block_size": ("kv_lookup", "block_size"),

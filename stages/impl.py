@@ -215,6 +215,7 @@ class DynamicBatch:
             "timeout": "batch_timeout_s",        # normalised to seconds by the checker
             "padding": "padding",
             "policy": "policy",
+            "scheduling_policy": "scheduling_policy",
             "max_tokens_per_step": "max_tokens_per_step",
             "itl_target": "itl_target_s",          # seconds, as timeout
         })

@@ -420,7 +420,7 @@ def test_builtin_kinds_match_the_contract():
     b = reg.get("dynamic_batch")
     assert [(p.name, p.type, p.default) for p in b.params] == [
         ("max_batch_size", "int", 32), ("timeout", "duration", 0.001), ("padding", "bool", True),
-        ("policy", "enum", "continuous"), ("max_tokens_per_step", "int", 512),
+        ("policy", "enum", "continuous"), ("scheduling_policy", "enum", "fcfs"), ("max_tokens_per_step", "int", 512),
         ("itl_target", "duration", 0.5)]
     assert {k.name: k.resource for k in reg.kinds()} == {
         "requests": "host", "dynamic_batch": "host", "encode": "host", "kv_lookup": "copy",

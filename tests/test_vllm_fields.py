@@ -247,7 +247,7 @@ def test_what_vllm_clients_send_by_default_is_taken_and_anything_else_named(clie
                                                             "function_call")}
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=1, extra_body=plain).usage
     for field, value, words in [("use_beam_search", True, "(leave it out or use false)"),
-                                ("priority", 3, "(leave it out or use 0)"),
+                                ("priority", 3, "fcfs (set dynamic_batch's scheduling_policy = priority"),
                                 ("functions", [{"name": "f"}], "(leave it out or use 'tools')")]:
         with pytest.raises(openai.BadRequestError, match=re.escape(f"'{field}' = ")) as e:
             client.chat.completions.create(model="tiny", messages=USER, max_tokens=1, extra_body={field: value})

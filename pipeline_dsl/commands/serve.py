@@ -70,6 +70,7 @@ def banner(serving: Serving, url: str, args) -> list[str]:
                      + (f" (all the KV cache holds; the model's {e.model_context})" if e.pool_bound else "")
                      + f"; batch {c.max_batch_size} sequences; KV {e.blocks.num_blocks} blocks x {c.block_size} "
                      f"tokens; prefix reuse {'on' if c.prefix_reuse else 'off'}"
+                     + (f"; {c.scheduling_policy} scheduling" if c.scheduling_policy != "fcfs" else "")
                      + (f"; seed {c.seed}" if c.seed is not None else "")
                      + (f"; chat template {Path(args.chat_template).name}" if args.chat_template else ""))
     lines.append(f"  api key {'required' if cfg.api_keys else 'off'}; CORS "

@@ -36,6 +36,7 @@ class EngineConfig:
     batch_timeout_s: float = 0.001         # dynamic batcher window
     padding: bool = True                   # pad the decode batch to a bucket size (static shapes)
     policy: str = "continuous"             # continuous | static
+    scheduling_policy: str = "fcfs"        # fcfs | priority: which waiting request goes first (vLLM's)
     max_tokens_per_step: int = 512         # token budget of one step (decodes + prefill chunks)
     prefill_chunk: int = 256               # longest prefill piece of one sequence in one step
     itl_target_s: float = 0.5              # while others decode, prefill per step cut to this long (measured)

@@ -114,16 +114,18 @@ class Engine:
     # ---- requests ----------------------------------------------------------------------
     def add_request(self, request_id, *, prompt=None, messages=None, prompt_token_ids=None,
                     params: SamplingParams | None = None, chat_template: bool = True,
-                    add_special_tokens: bool = True) -> None:
+                    add_special_tokens: bool = True, priority: int = 0) -> None:
         """Queue a request; raises InputError (never a hang) for input it cannot serve.
 
         `chat_template=False` sends messages as their contents joined by newlines;
         `add_special_tokens` lets the tokenizer add its BOS to a raw prompt (the encode stage's
-        switches)."""
+        switches); `priority` (vLLM's): lower is admitted first when the engine schedules by
+        priority (check_priority)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InputError(f"params must be SamplingParams, not {type(params).__name__}")
         params.check()
+        self.check_priority(priority)
         request_id = str(request_id)
         if request_id in self.seqs:
             raise InputError(f"request id {request_id!r} is already in use")
@@ -156,7 +158,7 @@ class Engine:
         if len(self.scheduler.waiting) >= self.config.max_queue:
             raise QueueFullError(f"the queue is full ({self.config.max_queue} waiting requests)")
         now = self.clock()
-        seq = Sequence(request_id, ids, len(ids), params, now)
+        seq = Sequence(request_id, ids, len(ids), params, now, priority)
         st = seq.state
         st.detok, st.stops = self._detokenizer(ids, params), StopStrings(params.stop)
         st.generator = make_generator(params.seed)
@@ -165,6 +167,21 @@ class Engine:
         self.features.start(seq)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
+
+    def check_priority(self, priority) -> None:
+        """InputError for a request's `priority` this engine cannot honour: not a signed 64-bit
+        integer, or non-zero while it schedules fcfs (as vLLM refuses it without priority
+        scheduling: the value would silently change nothing)."""
+        from stages.fields import PRIORITY, ParamError, check_value
+
+        try:
+            check_value(PRIORITY, priority)
+        except ParamError as e:
+            raise InputError(str(e), param="priority") from None
+        if priority and self.config.scheduling_policy != "priority":
+            raise InputError(f"'priority' = {priority} needs priority scheduling, and this engine schedules "
+                             f"{self.config.scheduling_policy} (set dynamic_batch's scheduling_policy = priority; "
+                             "agp serve: --scheduling-policy priority); leave it out or give 0", param="priority")
 
     def prompt_ids(self, prompt=None, messages=None, prompt_token_ids=None, chat_template=True,
                    add_special_tokens=True, tools=None, tool_choice="auto", template_kwargs=None,

@@ -20,6 +20,13 @@ The dynamic batcher of the seed and iteration-level continuous batching, over th
   blocks freed, itself put back at the head of the queue to be recomputed), never a
   deadlock; it is admitted again once all its tokens fit (as vLLM's can_allocate asks), not
   on one chunk's room only to be preempted again.
+- `scheduling_policy` (vLLM's): `fcfs` admits waiting sequences in order of arrival, as above;
+  `priority` keeps them ordered by (`priority`, arrival), lower first, so a later request of a
+  lower value is admitted before earlier ones of a higher; a preempted sequence goes back in
+  that order, not at the head; running sequences take the step's budget in that order (decodes
+  still first); and out of blocks the running sequence of the highest value (the latest
+  arrival among those) is preempted, which may be the one that asked. As in vLLM's v1
+  scheduler, a waiting request never preempts a running one: it waits for a free slot.
 
 One step is `schedule() -> SchedulerOutput`, then the engine executes it, then
 `update(output, sampled)` advances the sequences.
@@ -27,6 +34,7 @@ One step is `schedule() -> SchedulerOutput`, then the engine executes it, then
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -47,6 +55,7 @@ class Sequence:
     num_prompt: int
     params: SamplingParams
     arrival: float
+    priority: int = 0                     # scheduling_policy = priority: lower is admitted first
     status: str = WAITING
     num_computed: int = 0                 # leading tokens whose K/V are in the cache
     cached_tokens: int = 0                # prompt tokens the prefix cache served (first admission)
@@ -128,9 +137,21 @@ class Scheduler:
         self._prefill_left: int | None = None    # this step's prefill tokens still allowed (None: no cut)
 
     # ---- queue -------------------------------------------------------------------------
+    @property
+    def by_priority(self) -> bool:
+        return self.config.scheduling_policy == "priority"
+
+    @staticmethod
+    def _rank(seq: Sequence) -> tuple:
+        """A sequence's place under scheduling_policy = priority: lower value, then earlier arrival."""
+        return seq.priority, seq.arrival
+
     def add(self, seq: Sequence) -> None:
         seq.status = WAITING
-        self.waiting.append(seq)
+        if self.by_priority:                  # after those of its rank: ties keep their order
+            self.waiting.insert(bisect.bisect_right(self.waiting, self._rank(seq), key=self._rank), seq)
+        else:
+            self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -164,13 +185,20 @@ class Scheduler:
         if len(self.waiting) >= self.config.max_batch_size:
             return True  # "full"
         now = self.clock() if now is None else now
-        return now - self.waiting[0].arrival >= self.config.batch_timeout_s  # "timeout"
+        return now - self._first_arrival() >= self.config.batch_timeout_s  # "timeout"
 
     def next_deadline(self) -> float | None:
         """Clock time at which the batch window closes; None if a step can run now (or never)."""
         if self.running or not self.waiting or len(self.waiting) >= self.config.max_batch_size:
             return None
-        return self.waiting[0].arrival + self.config.batch_timeout_s
+        return self._first_arrival() + self.config.batch_timeout_s
+
+    def _first_arrival(self) -> float:
+        """When the window opened: the first waiting request's arrival (in priority order the
+        queue's head may have come later)."""
+        if self.by_priority:
+            return min(s.arrival for s in self.waiting)
+        return self.waiting[0].arrival
 
     # ---- prefill sized by time ------------------------------------------------------------
     def observe(self, prefill_tokens: int, seconds: float) -> None:
@@ -221,7 +249,10 @@ class Scheduler:
 
         # decodes first (one token each), then prefill chunks: a long prompt never delays them
         scheduled: dict[Sequence, ScheduledItem] = {}
-        order = sorted(self.running, key=lambda s: len(s.token_ids) - s.num_computed > 1)
+        if self.by_priority:                  # then the budget goes to the lower values first
+            order = sorted(self.running, key=lambda s: (len(s.token_ids) - s.num_computed > 1, *self._rank(s)))
+        else:
+            order = sorted(self.running, key=lambda s: len(s.token_ids) - s.num_computed > 1)
         for seq in order:
             if budget <= 0:
                 break
@@ -231,7 +262,7 @@ class Scheduler:
             if n <= 0:
                 continue                          # this step's prefill room is spent
             while not self.blocks.allocate(seq.request_id, seq.num_computed + n):
-                victim = self.running[-1]  # the most recently admitted sequence
+                victim = self._victim()
                 self._preempt(victim)
                 preempted.append(victim.request_id)
                 dropped = scheduled.pop(victim, None)
@@ -256,7 +287,8 @@ class Scheduler:
         return SchedulerOutput(tuple(items), decodes, prefill_tokens, pad_to, tuple(preempted))
 
     def _admit(self, items: list[ScheduledItem], budget: int) -> int:
-        """Move waiting sequences to running (FIFO) while there is room; returns the budget left.
+        """Move waiting sequences to running (in queue order: FIFO, or by priority) while there is
+        room; returns the budget left.
 
         static: the whole batch is admitted at once (its prefill spreads over the next steps'
         budgets); continuous: admission stops when this step's budget is spent. Waiting
@@ -325,6 +357,14 @@ class Scheduler:
             keys = self._prompt_keys_of[seq] = self.blocks.block_keys(seq.token_ids[:usable])
         return keys
 
+    def _victim(self) -> Sequence:
+        """The running sequence to preempt for want of blocks: the most recently admitted, or
+        under scheduling_policy = priority the one of the highest value, the latest arrival
+        among those (vLLM's choice); of equals, the most recently admitted."""
+        if self.by_priority:
+            return max(reversed(self.running), key=self._rank)
+        return self.running[-1]
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free_seq(seq.request_id)
@@ -334,7 +374,10 @@ class Scheduler:
         seq.status = WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        if self.by_priority:
+            self.add(seq)                     # back in its rank (vLLM: a priority queue has no head)
+        else:
+            self.waiting.appendleft(seq)
 
     def update(self, output: SchedulerOutput, sampled: list[int]) -> list[tuple[Sequence, int | None]]:
         """Advance the scheduled sequences; returns (seq, new token or None) per item still running."""

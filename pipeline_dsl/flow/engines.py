@@ -149,6 +149,11 @@ class EngineSide:
         from pipeline_dsl.engine.errors import InputError
 
         seg, req = es.segment, item.req
+        priority = item.data.get("priority") or 0
+        try:                                  # the batcher's to honour: refused there, before tokenising
+            es.check_priority(priority)
+        except InputError as e:
+            raise PipelineError(str(e), "invalid", seg.batch, param=e.param) from None
         with self._lock:
             if req.done:
                 return
@@ -219,7 +224,7 @@ class EngineSide:
                 submits.append((seq_id, params, (req.number, len(submits))))
             req.items.discard(item)
         for seq_id, params, order in submits:
-            es.submit(seq_id, ids, params, order)
+            es.submit(seq_id, ids, params, order, priority)
 
     def _answer_without_engine(self, item: Item, es, targets: list, ids: list, entry: dict) -> None:
         """max_tokens = 0 (an echo of the prompt, e.g. to score it): each target answers at once."""

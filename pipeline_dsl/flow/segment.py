@@ -225,8 +225,12 @@ class EngineSegment:
         n = data.get("n")
         return int(n) if n is not None else self.n.get(gen, 1)
 
-    def submit(self, seq_id: str, ids: list[int], params, order=None) -> None:
-        self.executor.submit(seq_id, order=order, prompt_token_ids=ids, params=params)
+    def check_priority(self, priority) -> None:
+        """InputError for a request's priority this segment's batcher cannot honour."""
+        self.engine.check_priority(priority)
+
+    def submit(self, seq_id: str, ids: list[int], params, order=None, priority: int = 0) -> None:
+        self.executor.submit(seq_id, order=order, prompt_token_ids=ids, params=params, priority=priority)
 
     def abort(self, seq_id: str) -> None:
         self.executor.abort(seq_id)

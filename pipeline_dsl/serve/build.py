@@ -95,6 +95,7 @@ def build(args, *, host: str | None = None) -> Serving:
                                            "prompt_limit_by": "--max-input-tokens" if args.max_input_tokens else None,
                                            "max_model_len": args.max_model_len,
                                            "max_batch_size": args.max_num_seqs,
+                                           "scheduling_policy": args.scheduling_policy,
                                            "seed": args.seed, "chat_template": template,
                                            "prefix_reuse": False if args.no_prefix_reuse else None})
     except InputError as e:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pipeline_dsl.engine.config import MAX_LOGPROBS
 from pipeline_dsl.requests_io import MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS, MAX_STOP_LEN, ROLES
-from stages.fields import REQUEST_FIELDS, TOKEN_ID_FIELDS, param_of
+from stages.fields import PRIORITY, REQUEST_FIELDS, TOKEN_ID_FIELDS, param_of
 
 from .embeddings import MAX_INPUTS
 from .protocol import CHAT_LACKING, CHAT_NEUTRAL, IDENTIFIERS, MAX_PROMPTS, NEUTRAL
@@ -77,6 +77,8 @@ SAMPLING = {
     "guided_grammar": {"type": "string"},
     "guided_decoding_backend": {"type": "string", "description": "taken and ignored: llguidance serves all"},
     "truncate_prompt_tokens": {"type": "integer", "minimum": -1, "description": "keep the prompt's last k tokens"},
+    "priority": {"type": "integer", "minimum": PRIORITY.min, "maximum": PRIORITY.max,
+                 "description": "lower is admitted first under --scheduling-policy priority (fcfs: 0 alone)"},
     "prompt_logprobs": {"type": "integer", "minimum": 0, "maximum": 20,
                         "description": "each prompt token's logprob and this many alternatives (0 alone on a stream)"},
     "allowed_token_ids": {"type": "array", "minItems": 1, "maxItems": TOKEN_ID_FIELDS["allowed_token_ids"],
@@ -224,7 +226,7 @@ RESPONSES_REQUEST = {"type": "object", "required": ["input"], "additionalPropert
     "max_tool_calls": {"type": ["integer", "null"], "minimum": 1},
     **{name: SAMPLING[name] for name in ("request_id", "top_k", "min_p", "repetition_penalty", "seed", "stop",
                                          "ignore_eos", "structured_outputs", "guided_json", "guided_regex",
-                                         "guided_choice", "guided_grammar")}}}
+                                         "guided_choice", "guided_grammar", "priority")}}}
 
 RESPONSES_RESPONSE = {"type": "object", "required": ["id", "object", "created_at", "status", "model", "output"],
                       "properties": {"id": {"type": "string"}, "object": {"const": "response"},

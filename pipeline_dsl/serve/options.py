@@ -69,6 +69,9 @@ def add_arguments(p) -> None:
                    help="context length in tokens (prompt + answer); at most the model's")
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help="sequences batched at once (overrides the pipeline's max_batch_size)")
+    p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default=None,
+                   help="which waiting request is admitted first (overrides dynamic_batch's scheduling_policy): "
+                        "fcfs, in order of arrival; priority, by the request's 'priority' field, lower first")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template file used instead of the model's")
     p.add_argument("--seed", type=int, default=None,

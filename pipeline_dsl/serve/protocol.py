@@ -132,11 +132,11 @@ COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop"
           "min_p", "response_format"}
 VLLM = {"skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output", "request_id",
         "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",  # serve/extras.py
-        "guided_decoding_backend", "truncate_prompt_tokens"}
+        "guided_decoding_backend", "truncate_prompt_tokens", "priority"}
 # fields agp serves only at the value that changes nothing (what clients send by default):
 # name -> (the values taken, the hint otherwise); a null is always taken
 NEUTRAL = {"best_of": ((1,), None), "suffix": (("",), None),
-           "use_beam_search": ((False,), None), "length_penalty": ((1.0,), None), "priority": ((0,), None),
+           "use_beam_search": ((False,), None), "length_penalty": ((1.0,), None),
            "return_tokens_as_token_ids": ((False,), None), "bad_words": (([],), None),
            "vllm_xargs": (({},), None)}
 CHAT_NEUTRAL = {"echo": ((False,), None), "add_special_tokens": ((False,), None), "documents": ((), None),
@@ -209,6 +209,13 @@ def _truncation(obj: dict, max_model_len: int) -> dict:
                        param="truncate_prompt_tokens", code="context_length_exceeded")
     return {"truncate_prompt_tokens": max_model_len if k == -1 else k}
 
+
+
+def _priority(obj: dict) -> dict:
+    """vLLM's priority (lower first): checked here for its type and range; whether the engine
+    schedules by priority, the batcher it reaches says (a 400 when it schedules fcfs)."""
+    value = _field(obj, "priority", *ITEM_FIELDS["priority"])
+    return {} if value is None else {"priority": value}
 
 
 def _sampling(obj: dict, max_model_len: int, max_tokens_field: str = "max_tokens") -> dict:
@@ -325,6 +332,7 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     extras = parse_extras(obj, chat=False)
     fields.update(extras.fields)
     fields.update(truncation)
+    fields.update(_priority(obj))
     check_choices(len(prompts), int(fields.get("n") or 1))
     first, rest = prompts[0], prompts[1:]
     return GenerationRequest("completion", model, fields, prompt=first if isinstance(first, str) else None,
@@ -431,6 +439,7 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     fields.update(extras.fields)
     fields.update(_render_flags(obj))
     fields.update(truncation)
+    fields.update(_priority(obj))
     return GenerationRequest("chat", model, fields, messages=messages, **flags, pin=pin, metadata=metadata,
                              tools=tuple(tools) if tools else None, tool_choice=choice,
                              parallel_tool_calls=parallel, response_format=extras.constraint,
