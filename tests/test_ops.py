@@ -332,6 +332,34 @@ def _value(families, name, sample=None, **labels) -> float:
     return sum(s.value for s in fam.samples if s.name == want and labels.items() <= s.labels.items())
 
 
+def test_warnings_and_other_libraries_records_are_log_records_too():
+    """A collector reads `--log-format json` line by line: a Python warning (agp's own "native
+    kernels unavailable", a library's deprecation) went to bare stderr as two lines (the file and
+    line, then the source line), and another library's logger.warning as a bare line; each is
+    now one record in the server's format (a library's INFO stays out)."""
+    code = ("import logging, warnings\n"
+            "from pipeline_dsl.serve.logs import configure\n"
+            "configure({fmt!r}, 'info')\n"
+            "warnings.warn('agp: native kernels unavailable (x)\\nsecond line', RuntimeWarning)\n"
+            "logging.getLogger('transformers.tokenization').warning('a library says %s', 'so')\n"
+            "logging.getLogger('transformers.tokenization').info('a library chats')\n")
+    for fmt in ("json", "text"):
+        r = subprocess.run([sys.executable, "-c", code.format(fmt=fmt)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        lines = r.stderr.splitlines()
+        assert len(lines) == 2, r.stderr
+        if fmt == "json":
+            warned, said = (json.loads(line) for line in lines)
+            assert warned["level"] == "WARNING" and warned["logger"] == "py.warnings"
+            assert warned["message"] == "RuntimeWarning: agp: native kernels unavailable (x) second line"
+            assert said["logger"] == "transformers.tokenization" and said["message"] == "a library says so"
+        else:
+            assert lines[0].endswith("Z WARNING py.warnings: RuntimeWarning: agp: native kernels unavailable (x) "
+                                     "second line")
+            assert lines[1].endswith("Z WARNING transformers.tokenization: a library says so")
+
+
 def test_log_lines_go_to_the_stderr_of_the_moment_not_the_one_at_configure(monkeypatch):
     import io
     import logging

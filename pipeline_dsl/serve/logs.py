@@ -2,8 +2,10 @@
 
     configure("json", "info")        # before uvicorn starts; returns uvicorn's log_config
 
-Every logger (agp's, uvicorn's server and access loggers) writes to stderr through one
-formatter. Text lines read `2026-11-30T13:00:00.123Z INFO agp.serve: message`; JSON lines
+Every logger (agp's, uvicorn's server and access loggers, and at WARNING and above any
+other library's) writes to stderr through one formatter, and so do Python warnings (one record
+each, logger `py.warnings`): a collector reading `--log-format json` gets one JSON object a
+line, never a library's bare line. Text lines read `2026-11-30T13:00:00.123Z INFO agp.serve: message`; JSON lines
 carry `ts`, `level`, `logger`, `message` and the record's structured fields (an access
 line: `client`, `method`, `path`, `status`, `latency_ms`, `request_id`; a stats line: its
 numbers). The access lines are agp's own (logger `agp.access`, serve/access.py).
@@ -14,6 +16,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 
 # the fields a record may carry (logger.info(..., extra={...})) that JSON lines keep
 STRUCTURED = ("client", "method", "path", "status", "latency_ms", "reason", "request_id", "stats")
@@ -70,6 +73,14 @@ def formatter(log_format: str) -> logging.Formatter:
     return JSONFormatter() if log_format == "json" else TextFormatter()
 
 
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning: a warning as one record (logger py.warnings, as logging.captureWarnings
+    names it), its category and its text on one line; Python's own shows the file, the line and
+    the source line on two or three lines of bare stderr."""
+    text = " ".join(str(message).split())
+    logging.getLogger("py.warnings").warning("%s: %s", category.__name__, text)
+
+
 def configure(log_format: str = "text", level: str = "info", access_log: bool = True) -> dict:
     """Route agp's and uvicorn's loggers to stderr in `log_format`; returns the log_config to
     give uvicorn (so it keeps these handlers instead of installing its own). The access log is
@@ -83,6 +94,11 @@ def configure(log_format: str = "text", level: str = "info", access_log: bool = 
         logger.handlers[:] = [handler] if name in ("agp", "uvicorn") else []
         logger.setLevel(lvl)
         logger.propagate = name == "uvicorn.error"
+    # the rest (torch, transformers, a python stage's library) through the root logger, and warnings
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, StderrHandler)] + [handler]
+    root.setLevel(max(lvl, logging.WARNING))
+    warnings.showwarning = _log_warning
     logging.getLogger("agp.access").setLevel(logging.INFO if access_log else logging.WARNING)
     uvicorn_access = logging.getLogger("uvicorn.access")
     uvicorn_access.handlers[:] = []
