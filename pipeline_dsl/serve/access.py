@@ -115,7 +115,8 @@ class Access:
         if not access_log.isEnabledFor(logging.INFO):
             return
         client = scope.get("client")
-        who = f"{client[0]}:{client[1]}" if client else "-"
+        # an IPv6 address in brackets, as in a URL: "[::1]:50412" (its own colons would hide the port)
+        who = (f"[{client[0]}]:{client[1]}" if ":" in client[0] else f"{client[0]}:{client[1]}") if client else "-"
         raw = scope.get("raw_path") or scope.get("path", "").encode()
         path = raw.decode("latin-1") + (f"?{scope['query_string'].decode('latin-1')}"
                                         if scope.get("query_string") else "")
