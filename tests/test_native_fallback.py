@@ -83,6 +83,10 @@ def test_a_read_only_install_builds_the_library_in_the_users_cache_then_the_temp
     out = native.build()
     assert out.parent == tmp_path / "tmp" / f"agp-native-{os.getuid()}" and out.exists()
     assert stat.S_IMODE(out.parent.stat().st_mode) == 0o700
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")          # ignored, as the XDG spec says
+    monkeypatch.delenv("HOME")
+    monkeypatch.setattr(native.os.path, "expanduser", lambda p: p)    # a uid with no home: "~" stays "~"
+    assert native.folders() == [native.BUILD, out.parent]
     out.parent.chmod(0o777)                        # a folder anyone may write in: never loaded from
     with pytest.raises(RuntimeError, match="no writable folder.*XDG_CACHE_HOME"):
         native.build()

@@ -71,8 +71,12 @@ def library_path(cxx: str | None = None, folder: Path | None = None) -> Path:
 def folders() -> list[Path]:
     """Where the library is looked for, and built in the first that can be written: build/ beside
     this file, the user's cache, then the temporary folder's own (module docstring)."""
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return [BUILD, Path(xdg) / "agp" / "native", Path(tempfile.gettempdir()) / f"agp-native-{os.getuid()}"]
+    # a relative XDG_CACHE_HOME is ignored (the XDG spec); "~" stays "~" for a user with no home
+    # (a container's arbitrary uid and no HOME): then there is no user's cache, not a folder "~"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    cache = xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache")
+    user = [Path(cache) / "agp" / "native"] if os.path.isabs(cache) else []
+    return [BUILD, *user, Path(tempfile.gettempdir()) / f"agp-native-{os.getuid()}"]
 
 
 def _usable(folder: Path, make: bool = False) -> bool:
