@@ -46,14 +46,15 @@ def test_the_library_name_follows_the_source(monkeypatch, tmp_path):
     assert native.library_path("g++") != a                 # a changed source is rebuilt, never reused
 
 
-def _fake_compiler(monkeypatch):
-    """build()'s compiler call writes its output file at once (the real one takes ~30 s)."""
+def _fake_compiler(monkeypatch, seconds: float = 0.0):
+    """build()'s compiler call writes its output file after `seconds` (the real one takes ~30 s)."""
     import subprocess
 
     calls = []
 
     def run(cmd, **kw):
         calls.append(cmd)
+        time.sleep(seconds)
         Path(cmd[-1]).write_bytes(b"\x7fELF")
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
@@ -112,4 +113,20 @@ def test_replicas_sharing_a_cache_build_under_unique_names_and_clear_only_stale_
     out = native.build(force=True)
     native.build(force=True)
     assert calls[0][-1] != calls[1][-1] and all(f"{os.getpid()}-" in c[-1] for c in calls)
-    assert sorted(p.name for p in folder.iterdir()) == sorted([out.name, running.name])
+    assert sorted(p.name for p in folder.glob("libagp_native-*")) == sorted([out.name, running.name])
+
+
+def test_replicas_starting_together_compile_the_shared_library_once(monkeypatch, tmp_path):
+    """Replicas started at once on a shared cache each compiled the library (~30 s of a core
+    each, side by side): one builds it, the others wait on the folder's lock and load it."""
+    import threading
+
+    calls = _fake_compiler(monkeypatch, seconds=0.5)
+    monkeypatch.setattr(native, "BUILD", tmp_path / "build")
+    got = []
+    replicas = [threading.Thread(target=lambda: got.append(native.build())) for _ in range(3)]
+    for t in replicas:
+        t.start()
+    for t in replicas:
+        t.join(30)
+    assert len(calls) == 1 and len(got) == 3 and len(set(got)) == 1 and got[0].exists()

@@ -9,7 +9,8 @@ changed source is rebuilt and a stale one is never loaded. Where that folder can
 (a read-only install: a container's image) it is built into the user's cache,
 $XDG_CACHE_HOME/agp/native (else ~/.cache/agp/native), else the temporary folder's
 agp-native-<uid> (TMPDIR; used only while this user owns it and no one else may write there);
-processes sharing a folder share the library (each build lands by an atomic rename). It links libgomp by its soname,
+processes sharing a folder share the library: one builds it (a lock in the folder), the others
+wait and load it, and it lands by an atomic rename. It links libgomp by its soname,
 which resolves to the copy torch has already loaded: the kernels share torch's one OpenMP
 pool. Without a compiler, without AVX-512, or with AGP_NATIVE=0, `load()` returns None
 after a one-line warning and the runner keeps its eager path (same tokens, slower).
@@ -21,7 +22,9 @@ place) and `agp_linear` (int4 / int8 / bf16 / fp32 weights, a few rows).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import hashlib
 import logging
 import os
@@ -110,6 +113,32 @@ def build(force: bool = False, quiet: bool = True) -> Path:
         raise RuntimeError("no writable folder to build them in: build them into the image "
                            "(python -m pipeline_dsl.engine.native) or set XDG_CACHE_HOME")
     out = library_path(cxx, folder)
+    with _one_build(folder):
+        if out.exists() and not force:
+            return out                    # another process built it while this one waited
+        return _compile(cxx, out, quiet)
+
+
+@contextlib.contextmanager
+def _one_build(folder: Path):
+    """One build at a time in a folder: replicas starting together (a shared cache) compile once,
+    the others wait for it and load its library. Without the lock (a file system that has none)
+    each builds, which is still safe."""
+    fd = None
+    try:
+        fd = os.open(folder / ".build.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _compile(cxx: str, out: Path, quiet: bool) -> Path:
+    folder = out.parent
     tmp = out.with_suffix(f".tmp{os.getpid()}-{os.urandom(4).hex()}")    # replicas sharing the folder may share a pid
     cmd = [cxx, *FLAGS, str(SOURCE), "-o", str(tmp)]
     started = time.monotonic()
