@@ -360,6 +360,33 @@ def test_warnings_and_other_libraries_records_are_log_records_too():
             assert lines[1].endswith("Z WARNING transformers.tokenization: a library says so")
 
 
+def test_with_json_logs_a_start_that_fails_says_why_in_a_json_record(tmp_path):
+    """Under --log-format json the one line saying why the server did not start (a port in use, a
+    pipeline that does not check) was bare text, the only line a JSON collector could not parse,
+    and the one that mattered. It is a JSON record at ERROR; text logs keep the bare line."""
+    import socket
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    (tmp_path / "bad.agp").write_text("pipeline p {\n    stage a : nosuchkind {}\n}\n")
+    try:
+        for argv, said in ((["examples/chat.agp", "--port", str(port)], f"cannot listen on 127.0.0.1:{port}"),
+                           ([str(tmp_path / "bad.agp"), "--port", "0"], "nosuchkind")):
+            for fmt in ("json", "text"):
+                r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "serve", *argv, "--log-format", fmt],
+                                   capture_output=True, text=True, cwd=ROOT, timeout=120)
+                assert r.returncode == 2 and said in r.stderr, r.stderr
+                if fmt == "text":
+                    assert not r.stderr.startswith("{") and "Traceback" not in r.stderr
+                    continue
+                records = [json.loads(line) for line in r.stderr.splitlines()]     # every line, none bare
+                assert records[-1]["level"] == "ERROR" and said in records[-1]["message"]
+    finally:
+        held.close()
+
+
 def test_log_lines_go_to_the_stderr_of_the_moment_not_the_one_at_configure(monkeypatch):
     import io
     import logging

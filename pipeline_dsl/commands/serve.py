@@ -139,12 +139,13 @@ def _start(args, sock):
     import uvicorn
 
     from pipeline_dsl.diagnostics import CheckFailed
+    from pipeline_dsl.serve.logs import fatal
     from pipeline_dsl.serve.server import AgpServer, agp_protocol
 
     try:
         serving = _build_or_stop(args, sock)
     except CheckFailed as e:
-        sys.stderr.write(e.render())
+        fatal(e.render())
         return 2
     except SetupError as e:
         report(str(e))

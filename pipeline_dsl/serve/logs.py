@@ -81,11 +81,25 @@ def _log_warning(message, category, filename, lineno, file=None, line=None) -> N
     logging.getLogger("py.warnings").warning("%s: %s", category.__name__, text)
 
 
+_FORMAT = ["text"]                 # the format configure() chose (fatal() writes in it)
+
+
+def fatal(text: str) -> None:
+    """What stops `agp serve` (`agp serve: error: …`, a pipeline's check errors): bare on stderr,
+    as the CLI's other errors, or one JSON record at ERROR (logger agp.serve) when the logs are
+    JSON, so a collector parsing JSON lines reads why the server did not start."""
+    if _FORMAT[0] == "json":
+        logging.getLogger("agp.serve").error(text.rstrip("\n"))
+    else:
+        sys.stderr.write(text if text.endswith("\n") else text + "\n")
+
+
 def configure(log_format: str = "text", level: str = "info", access_log: bool = True) -> dict:
     """Route agp's and uvicorn's loggers to stderr in `log_format`; returns the log_config to
     give uvicorn (so it keeps these handlers instead of installing its own). The access log is
     agp's (`agp.access`, serve/access.py): uvicorn's own is never written."""
     fmt = formatter(log_format)
+    _FORMAT[0] = log_format
     handler = StderrHandler()
     handler.setFormatter(fmt)
     lvl = getattr(logging, level.upper())

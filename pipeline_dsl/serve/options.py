@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 from pathlib import Path
 
 from pipeline_dsl.cliargs import output_file, switch
@@ -272,5 +271,8 @@ def check_ray_args(args) -> None:
 
 
 def report(message: str) -> None:
-    """The one-line error of `agp serve` (on stderr): what cannot start, and why."""
-    print(f"agp serve: error: {message}", file=sys.stderr)
+    """The one-line error of `agp serve` (on stderr, a JSON record under --log-format json): what
+    cannot start, and why."""
+    from .logs import fatal
+
+    fatal(f"agp serve: error: {message}")

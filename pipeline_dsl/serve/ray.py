@@ -20,7 +20,6 @@ import argparse
 import logging
 import signal
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -166,12 +165,13 @@ def main(args) -> int:
     """`agp serve … --ray`: deploy, serve until SIGINT / SIGTERM, then drain and stop."""
     from pipeline_dsl.diagnostics import CheckFailed
 
+    from .logs import fatal
     from .options import report
 
     try:
         device = pipeline_device(args)
     except CheckFailed as e:
-        sys.stderr.write(e.render())
+        fatal(e.render())
         return 2
     started_here = not ray.is_initialized()
     if started_here:
