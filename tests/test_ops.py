@@ -387,6 +387,25 @@ def test_with_json_logs_a_start_that_fails_says_why_in_a_json_record(tmp_path):
         held.close()
 
 
+def test_a_text_log_line_is_one_line_whatever_a_client_put_in_its_reason(monkeypatch):
+    """A 404's reason quotes the request's `model`: `"model": "m\\nFORGED INFO agp.access: …"`
+    wrote a second line to the text log, one the client chose (an escape sequence reached the
+    operator's terminal the same way). A message's control characters are escaped in text lines."""
+    import io
+    import logging
+
+    from pipeline_dsl.serve.logs import configure
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    configure("text", "info")
+    logging.getLogger("agp.serve").info("POST /v1/completions -> 404 the model '%s' does not exist",
+                                        "m\n2026-12-05T00:00:00.000Z INFO agp.access: forged\x1b[2J\r\x7f\tz")
+    lines = sys.stderr.getvalue().splitlines()
+    assert len(lines) == 1 and "\x1b" not in lines[0] and "\r" not in lines[0]
+    assert lines[0].endswith("the model 'm\\n2026-12-05T00:00:00.000Z INFO agp.access: forged\\x1b[2J\\r"
+                             "\\x7f\tz' does not exist")
+
+
 def test_log_lines_go_to_the_stderr_of_the_moment_not_the_one_at_configure(monkeypatch):
     import io
     import logging

@@ -5,7 +5,8 @@
 Every logger (agp's, uvicorn's server and access loggers, and at WARNING and above any
 other library's) writes to stderr through one formatter, and so do Python warnings (one record
 each, logger `py.warnings`): a collector reading `--log-format json` gets one JSON object a
-line, never a library's bare line. Text lines read `2026-11-30T13:00:00.123Z INFO agp.serve: message`; JSON lines
+line, never a library's bare line. Text lines read `2026-11-30T13:00:00.123Z INFO agp.serve:
+message` (the message's control characters escaped, `\\n`, `\\x1b`: a line is a record); JSON lines
 carry `ts`, `level`, `logger`, `message` and the record's structured fields (an access
 line: `client`, `method`, `path`, `status`, `latency_ms`, `request_id`; a stats line: its
 numbers). The access lines are agp's own (logger `agp.access`, serve/access.py).
@@ -26,9 +27,14 @@ def _timestamp(record: logging.LogRecord) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
 
 
+# a message's control characters, escaped in text lines: a request's own text in an error's reason
+# (a model name with a newline) would otherwise start a forged line of its own
+ESCAPED = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7f) if c != 0x09} | {0x0a: "\\n", 0x0d: "\\r"}
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{_timestamp(record)} {record.levelname} {record.name}: {record.getMessage()}"
+        line = f"{_timestamp(record)} {record.levelname} {record.name}: {record.getMessage().translate(ESCAPED)}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
