@@ -370,9 +370,15 @@ def test_with_json_logs_a_start_that_fails_says_why_in_a_json_record(tmp_path):
     held.bind(("127.0.0.1", 0))
     held.listen()
     port = held.getsockname()[1]
+    held6 = socket.socket(socket.AF_INET6)             # on IPv6 the address is bracketed: which colon is the port's?
+    held6.bind(("::1", 0))
+    held6.listen()
+    port6 = held6.getsockname()[1]
     (tmp_path / "bad.agp").write_text("pipeline p {\n    stage a : nosuchkind {}\n}\n")
     try:
         for argv, said in ((["examples/chat.agp", "--port", str(port)], f"cannot listen on 127.0.0.1:{port}"),
+                           (["examples/chat.agp", "--host", "::1", "--port", str(port6)],
+                            f"cannot listen on [::1]:{port6}"),
                            ([str(tmp_path / "bad.agp"), "--port", "0"], "nosuchkind")):
             for fmt in ("json", "text"):
                 r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "serve", *argv, "--log-format", fmt],
@@ -385,6 +391,7 @@ def test_with_json_logs_a_start_that_fails_says_why_in_a_json_record(tmp_path):
                 assert records[-1]["level"] == "ERROR" and said in records[-1]["message"]
     finally:
         held.close()
+        held6.close()
 
 
 def test_a_text_log_line_is_one_line_whatever_a_client_put_in_its_reason(monkeypatch):

@@ -78,7 +78,7 @@ def banner(serving: Serving, url: str, args) -> list[str]:
 
 
 def main(args) -> int:
-    from pipeline_dsl.serve.logs import configure
+    from pipeline_dsl.serve.logs import configure, endpoint
 
     configure(args.log_format, args.log_level, args.access_log)
     flags = argparse.ArgumentParser(prog="agp serve")
@@ -94,7 +94,7 @@ def main(args) -> int:
         report(str(e))
         return 2
     except OSError as e:
-        report(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+        report(f"cannot listen on {endpoint(args.host, args.port)}: {e.strerror or e}")
         return 2
 
     started = _start(args, sock)
@@ -139,7 +139,7 @@ def _start(args, sock):
     import uvicorn
 
     from pipeline_dsl.diagnostics import CheckFailed
-    from pipeline_dsl.serve.logs import fatal
+    from pipeline_dsl.serve.logs import endpoint, fatal
     from pipeline_dsl.serve.server import AgpServer, agp_protocol
 
     try:
@@ -165,8 +165,7 @@ def _start(args, sock):
     except (OSError, ValueError) as e:
         report(f"cannot start: {e}")
         return 2
-    shown = f"[{host}]" if ":" in host else host
-    url = f"{'https' if tls else 'http'}://{shown}:{port}{args.root_path}/v1"
+    url = f"{'https' if tls else 'http'}://{endpoint(host, port)}{args.root_path}/v1"
     for line in banner(serving, url, args):
         log.info(line)
     return serving, server

@@ -23,6 +23,12 @@ import warnings
 STRUCTURED = ("client", "method", "path", "status", "latency_ms", "reason", "request_id", "stats")
 
 
+def endpoint(host: str, port: int) -> str:
+    """HOST:PORT as the logs and URLs write it: an IPv6 address in brackets ([::1]:8000), whose
+    own colons would hide the port."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _timestamp(record: logging.LogRecord) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
 
