@@ -130,3 +130,20 @@ def test_replicas_starting_together_compile_the_shared_library_once(monkeypatch,
     for t in replicas:
         t.join(30)
     assert len(calls) == 1 and len(got) == 3 and len(set(got)) == 1 and got[0].exists()
+
+
+def test_a_container_with_no_writable_temporary_folder_still_loads_the_built_library(monkeypatch, tmp_path):
+    """A wholly read-only container (no TMPDIR, /tmp read-only): looking for the temporary
+    folder's build raised "No usable temporary directory", and the library built into the
+    image was not loaded either."""
+    import tempfile
+
+    calls = _fake_compiler(monkeypatch)
+    monkeypatch.setattr(native, "BUILD", tmp_path / "build")
+    built = native.build()
+
+    def none():
+        raise FileNotFoundError(2, "No usable temporary directory found")
+
+    monkeypatch.setattr(tempfile, "gettempdir", none)
+    assert native.build() == built and len(calls) == 1

@@ -79,14 +79,18 @@ def folders() -> list[Path]:
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     cache = xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache")
     user = [Path(cache) / "agp" / "native"] if os.path.isabs(cache) else []
-    return [BUILD, *user, Path(tempfile.gettempdir()) / f"agp-native-{os.getuid()}"]
+    try:
+        tmp = [Path(tempfile.gettempdir()) / f"agp-native-{os.getuid()}"]
+    except OSError:               # no writable temporary folder at all (a wholly read-only container)
+        tmp = []
+    return [BUILD, *user, *tmp]
 
 
 def _usable(folder: Path, make: bool = False) -> bool:
     """Whether the library may be loaded from (or, with `make`, built in: the folder made when
     missing, and writable) this folder. The temporary folder is everyone's: a folder of it is
     used only when it is this user's and no one else may write in it."""
-    shared = folder.parent == Path(tempfile.gettempdir())
+    shared = folder.name == f"agp-native-{os.getuid()}"   # the temporary folder's (folders())
     try:
         if make:
             folder.mkdir(mode=0o700 if shared else 0o777, parents=True, exist_ok=True)
