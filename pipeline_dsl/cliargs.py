@@ -35,8 +35,18 @@ def output_file(text: str) -> str:
         raise argparse.ArgumentTypeError(f"cannot write '{text}': the folder {folder} does not exist")
     writable = os.access(text, os.W_OK) if os.path.exists(text) else os.access(folder, os.W_OK | os.X_OK)
     if not writable:
-        raise argparse.ArgumentTypeError(f"cannot write '{text}': permission denied")
+        raise argparse.ArgumentTypeError(f"cannot write '{text}': {_why_not(folder)}")
     return text
+
+
+def _why_not(folder: str) -> str:
+    """Why a folder (or a file in it) cannot be written: a read-only file system (a container's
+    image: chmod would not help, a volume would) or permissions."""
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    return f"{folder} is on a read-only file system" if read_only else "permission denied"
 
 
 def output_file_of(*formats: str):
@@ -63,7 +73,9 @@ def output_file_or_folders(text: str) -> str:
             raise argparse.ArgumentTypeError(f"cannot write '{text}': {folder} is a file, not a folder")
         if not os.path.isdir(os.path.dirname(os.path.abspath(text))):
             if not os.access(folder, os.W_OK | os.X_OK):
-                raise argparse.ArgumentTypeError(f"cannot write '{text}': permission denied in {folder}")
+                why = _why_not(folder)
+                raise argparse.ArgumentTypeError(f"cannot write '{text}': {why}"
+                                                 + (f" in {folder}" if why == "permission denied" else ""))
             return text
     return output_file(text)
 

@@ -215,6 +215,29 @@ def test_a_bad_flag_value_is_refused_while_parsing_before_any_work(tmp_path, arg
     assert "Traceback" not in r.stderr and "internal error" not in r.stderr
 
 
+def test_an_output_on_a_read_only_file_system_says_so_not_permission_denied(tmp_path, monkeypatch):
+    """In a container with a read-only root an output outside the writable volumes was refused
+    with "permission denied", which sends the deployer to chmod; a read-only file system is now
+    named as such (permissions still say permission denied)."""
+    import argparse
+    import os
+    import types
+
+    from pipeline_dsl import cliargs
+
+    flags = {"f_flag": os.ST_RDONLY}
+    monkeypatch.setattr(cliargs.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(cliargs.os, "statvfs", lambda path: types.SimpleNamespace(**flags))
+    out = str(tmp_path / "stats.json")
+    with pytest.raises(argparse.ArgumentTypeError, match=f"cannot write '{out}': {tmp_path} is on a read-only file"):
+        cliargs.output_file(out)
+    with pytest.raises(argparse.ArgumentTypeError, match=f"{tmp_path} is on a read-only file system$"):
+        cliargs.output_file_or_folders(str(tmp_path / "new" / "graph.svg"))
+    flags["f_flag"] = 0
+    with pytest.raises(argparse.ArgumentTypeError, match=f"cannot write '{out}': permission denied$"):
+        cliargs.output_file(out)
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 @pytest.mark.parametrize("args", [["check", CHAT], ["stages"], ["fmt", CHAT]])
 def test_a_full_disk_on_standard_output_is_said_with_exit_1(args):

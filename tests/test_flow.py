@@ -519,21 +519,28 @@ def test_run_all_waits_when_the_queue_fills_between_its_check_and_the_submit(tmp
     assert [r.error for r in results] == [None] * 4
 
 
+def _forty_runs(tmp_path):
+    """A two-token pipeline's runtime and 40 `agp run` request lines for it."""
+    from pipeline_dsl.commands.runner import RunRequest
+    from pipeline_dsl.requests_io import parse_line_object
+
+    body = "stage request : requests {}\nstage gen : generate { max_new_tokens = 2 }\nstage out : respond {}\n" \
+           "request -> batch\n" + chain() + "gen -> out\n"
+    rt = PipelineRuntime(load_graph(write(tmp_path, body)), overrides={"threads": 1})
+    return rt, [RunRequest(slot=i, line=i + 1, parsed=parse_line_object(chat(f"r{i}", "hello"), i + 1))
+                for i in range(40)]
+
+
 def test_a_batch_keeps_no_answer_once_it_is_handed_on(tmp_path):
     """A long batch's memory does not grow with its answers: run_all(keep_results=False) hands each
     result to on_result and keeps none, and agp run's runner keeps of each only what its summary
     needs, so while the last line is answered the earlier lines' results are gone."""
     import gc
 
-    from pipeline_dsl.commands.runner import RunRequest, run_pipeline
+    from pipeline_dsl.commands.runner import run_pipeline
     from pipeline_dsl.flow.items import Result
-    from pipeline_dsl.requests_io import parse_line_object
 
-    body = "stage request : requests {}\nstage gen : generate { max_new_tokens = 2 }\nstage out : respond {}\n" \
-           "request -> batch\n" + chain() + "gen -> out\n"
-    rt = PipelineRuntime(load_graph(write(tmp_path, body)), overrides={"threads": 1})
-    lines = [RunRequest(slot=i, line=i + 1, parsed=parse_line_object(chat(f"r{i}", "hello"), i + 1))
-             for i in range(40)]
+    rt, lines = _forty_runs(tmp_path)
     alive, records = [], []
 
     def on_done(slot, record):
@@ -546,6 +553,24 @@ def test_a_batch_keeps_no_answer_once_it_is_handed_on(tmp_path):
     rt.shutdown()
     assert summary["requests"] == 40 and summary["errors"] == 0 and len(records) == 40
     assert alive[0] <= 8, alive                 # the last few in flight, not the 40 answered
+
+
+def test_agp_runs_progress_off_a_terminal_is_a_line_now_and_then_not_one_per_answer(tmp_path, monkeypatch):
+    """An `agp run` job's log (standard error, no terminal) got a progress line per answer: the
+    runner refreshed the bar with each answer's tok/s, past the bar's interval. Now the first
+    line, one at most every LOG_INTERVAL seconds, and the last."""
+    import io
+    import sys
+
+    from pipeline_dsl.commands.runner import run_pipeline
+
+    rt, lines = _forty_runs(tmp_path)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    summary = run_pipeline(rt, lines, on_done=lambda slot, record: None, progress=True)
+    rt.shutdown()
+    shown = sys.stderr.getvalue().splitlines()
+    assert summary["requests"] == 40 and 2 <= len(shown) <= 3, shown
+    assert "0/40" in shown[0] and "40/40" in shown[-1] and "tok/s" in shown[-1]
 
 
 def test_agp_run_summary_and_stats_report_every_stage(tmp_path):

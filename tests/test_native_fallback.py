@@ -1,7 +1,13 @@
 """Without a C++ compiler (or AVX-512) the native kernels are not built: one warning line,
 and the runner runs its eager path."""
 
+import os
+import stat
+import time
 import warnings
+from pathlib import Path
+
+import pytest
 
 from pipeline_dsl.engine import native
 from pipeline_dsl.engine.gguf_loader import load_gguf
@@ -38,3 +44,106 @@ def test_the_library_name_follows_the_source(monkeypatch, tmp_path):
     a = native.library_path("g++")
     src.write_text("int y;")
     assert native.library_path("g++") != a                 # a changed source is rebuilt, never reused
+
+
+def _fake_compiler(monkeypatch, seconds: float = 0.0):
+    """build()'s compiler call writes its output file after `seconds` (the real one takes ~30 s)."""
+    import subprocess
+
+    calls = []
+
+    def run(cmd, **kw):
+        calls.append(cmd)
+        time.sleep(seconds)
+        Path(cmd[-1]).write_bytes(b"\x7fELF")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(native, "compiler", lambda: "g++")
+    monkeypatch.setattr(native.subprocess, "run", run)
+    return calls
+
+
+def test_a_read_only_install_builds_the_library_in_the_users_cache_then_the_temporary_folder(monkeypatch, tmp_path):
+    """In a container whose image is read-only the build folder beside the package cannot be
+    made: the kernels were given up (the decode step ran eagerly, several times slower). They
+    are built in $XDG_CACHE_HOME/agp/native, else in a private folder of TMPDIR; a second
+    process finds the library there and builds nothing."""
+    import tempfile
+
+    calls = _fake_compiler(monkeypatch)
+    (tmp_path / "image").write_text("a file: nothing can be made under it")
+    monkeypatch.setattr(native, "BUILD", tmp_path / "image" / "build")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = native.build()
+    assert out.parent == tmp_path / "cache" / "agp" / "native" and out.exists()
+    assert native.build() == out and len(calls) == 1                       # found, not built again
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "image" / "cache"))   # no writable home either
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    out = native.build()
+    assert out.parent == tmp_path / "tmp" / f"agp-native-{os.getuid()}" and out.exists()
+    assert stat.S_IMODE(out.parent.stat().st_mode) == 0o700
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")          # ignored, as the XDG spec says
+    monkeypatch.delenv("HOME")
+    monkeypatch.setattr(native.os.path, "expanduser", lambda p: p)    # a uid with no home: "~" stays "~"
+    assert native.folders() == [native.BUILD, out.parent]
+    out.parent.chmod(0o777)                        # a folder anyone may write in: never loaded from
+    with pytest.raises(RuntimeError, match="no writable folder.*XDG_CACHE_HOME"):
+        native.build()
+
+
+def test_replicas_sharing_a_cache_build_under_unique_names_and_clear_only_stale_leftovers(monkeypatch, tmp_path):
+    """Replicas in containers share a cache volume and often a pid (1): each build's partial file
+    was named by the pid alone, and the first to finish removed only older libraries, leaving
+    what a killed build wrote forever. Partial files are unique; one older than STALE_BUILD_S
+    (a killed build's) and an older source's library are cleared, a younger one (a build in
+    progress elsewhere) is left."""
+    calls = _fake_compiler(monkeypatch)
+    folder = tmp_path / "build"
+    folder.mkdir()
+    monkeypatch.setattr(native, "BUILD", folder)
+    old_lib = folder / "libagp_native-000000000000.so"
+    killed = folder / "libagp_native-000000000000.tmp1"
+    running = folder / "libagp_native-000000000000.tmp1-abcd"
+    for f in (old_lib, killed, running):
+        f.write_bytes(b"x")
+    stale = time.time() - native.STALE_BUILD_S - 60
+    os.utime(killed, (stale, stale))
+    out = native.build(force=True)
+    native.build(force=True)
+    assert calls[0][-1] != calls[1][-1] and all(f"{os.getpid()}-" in c[-1] for c in calls)
+    assert sorted(p.name for p in folder.glob("libagp_native-*")) == sorted([out.name, running.name])
+
+
+def test_replicas_starting_together_compile_the_shared_library_once(monkeypatch, tmp_path):
+    """Replicas started at once on a shared cache each compiled the library (~30 s of a core
+    each, side by side): one builds it, the others wait on the folder's lock and load it."""
+    import threading
+
+    calls = _fake_compiler(monkeypatch, seconds=0.5)
+    monkeypatch.setattr(native, "BUILD", tmp_path / "build")
+    got = []
+    replicas = [threading.Thread(target=lambda: got.append(native.build())) for _ in range(3)]
+    for t in replicas:
+        t.start()
+    for t in replicas:
+        t.join(30)
+    assert len(calls) == 1 and len(got) == 3 and len(set(got)) == 1 and got[0].exists()
+
+
+def test_a_container_with_no_writable_temporary_folder_still_loads_the_built_library(monkeypatch, tmp_path):
+    """A wholly read-only container (no TMPDIR, /tmp read-only): looking for the temporary
+    folder's build raised "No usable temporary directory", and the library built into the
+    image was not loaded either."""
+    import tempfile
+
+    calls = _fake_compiler(monkeypatch)
+    monkeypatch.setattr(native, "BUILD", tmp_path / "build")
+    built = native.build()
+
+    def none():
+        raise FileNotFoundError(2, "No usable temporary directory found")
+
+    monkeypatch.setattr(tempfile, "gettempdir", none)
+    assert native.build() == built and len(calls) == 1

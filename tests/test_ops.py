@@ -350,6 +350,87 @@ def _value(families, name, sample=None, **labels) -> float:
     return sum(s.value for s in fam.samples if s.name == want and labels.items() <= s.labels.items())
 
 
+def test_warnings_and_other_libraries_records_are_log_records_too():
+    """A collector reads `--log-format json` line by line: a Python warning (agp's own "native
+    kernels unavailable", a library's deprecation) went to bare stderr as two lines (the file and
+    line, then the source line), and another library's logger.warning as a bare line; each is
+    now one record in the server's format (a library's INFO stays out)."""
+    code = ("import logging, warnings\n"
+            "from pipeline_dsl.serve.logs import configure\n"
+            "configure({fmt!r}, 'info')\n"
+            "warnings.warn('agp: native kernels unavailable (x)\\nsecond line', RuntimeWarning)\n"
+            "logging.getLogger('transformers.tokenization').warning('a library says %s', 'so')\n"
+            "logging.getLogger('transformers.tokenization').info('a library chats')\n")
+    for fmt in ("json", "text"):
+        r = subprocess.run([sys.executable, "-c", code.format(fmt=fmt)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        lines = r.stderr.splitlines()
+        assert len(lines) == 2, r.stderr
+        if fmt == "json":
+            warned, said = (json.loads(line) for line in lines)
+            assert warned["level"] == "WARNING" and warned["logger"] == "py.warnings"
+            assert warned["message"] == "RuntimeWarning: agp: native kernels unavailable (x) second line"
+            assert said["logger"] == "transformers.tokenization" and said["message"] == "a library says so"
+        else:
+            assert lines[0].endswith("Z WARNING py.warnings: RuntimeWarning: agp: native kernels unavailable (x) "
+                                     "second line")
+            assert lines[1].endswith("Z WARNING transformers.tokenization: a library says so")
+
+
+def test_with_json_logs_a_start_that_fails_says_why_in_a_json_record(tmp_path):
+    """Under --log-format json the one line saying why the server did not start (a port in use, a
+    pipeline that does not check) was bare text, the only line a JSON collector could not parse,
+    and the one that mattered. It is a JSON record at ERROR; text logs keep the bare line."""
+    import socket
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    held6 = socket.socket(socket.AF_INET6)             # on IPv6 the address is bracketed: which colon is the port's?
+    held6.bind(("::1", 0))
+    held6.listen()
+    port6 = held6.getsockname()[1]
+    (tmp_path / "bad.agp").write_text("pipeline p {\n    stage a : nosuchkind {}\n}\n")
+    try:
+        for argv, said in ((["examples/chat.agp", "--port", str(port)], f"cannot listen on 127.0.0.1:{port}"),
+                           (["examples/chat.agp", "--host", "::1", "--port", str(port6)],
+                            f"cannot listen on [::1]:{port6}"),
+                           ([str(tmp_path / "bad.agp"), "--port", "0"], "nosuchkind")):
+            for fmt in ("json", "text"):
+                r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "serve", *argv, "--log-format", fmt],
+                                   capture_output=True, text=True, cwd=ROOT, timeout=120)
+                assert r.returncode == 2 and said in r.stderr, r.stderr
+                if fmt == "text":
+                    assert not r.stderr.startswith("{") and "Traceback" not in r.stderr
+                    continue
+                records = [json.loads(line) for line in r.stderr.splitlines()]     # every line, none bare
+                assert records[-1]["level"] == "ERROR" and said in records[-1]["message"]
+    finally:
+        held.close()
+        held6.close()
+
+
+def test_a_text_log_line_is_one_line_whatever_a_client_put_in_its_reason(monkeypatch):
+    """A 404's reason quotes the request's `model`: `"model": "m\\nFORGED INFO agp.access: …"`
+    wrote a second line to the text log, one the client chose (an escape sequence reached the
+    operator's terminal the same way). A message's control characters are escaped in text lines."""
+    import io
+    import logging
+
+    from pipeline_dsl.serve.logs import configure
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    configure("text", "info")
+    logging.getLogger("agp.serve").info("POST /v1/completions -> 404 the model '%s' does not exist",
+                                        "m\n2026-12-05T00:00:00.000Z INFO agp.access: forged\x1b[2J\r\x7f\tz")
+    lines = sys.stderr.getvalue().splitlines()
+    assert len(lines) == 1 and "\x1b" not in lines[0] and "\r" not in lines[0]
+    assert lines[0].endswith("the model 'm\\n2026-12-05T00:00:00.000Z INFO agp.access: forged\\x1b[2J\\r"
+                             "\\x7f\tz' does not exist")
+
+
 def test_log_lines_go_to_the_stderr_of_the_moment_not_the_one_at_configure(monkeypatch):
     import io
     import logging

@@ -324,6 +324,40 @@ def test_a_progress_bar_whose_stream_breaks_goes_silent_and_never_blocks_the_run
     bar.close()
 
 
+def test_a_progress_bar_off_a_terminal_writes_whole_lines_not_carriage_return_redraws(monkeypatch):
+    """`agp run` as a container's job: its standard error is a log read line by line, and the bar
+    wrote its redraws separated by carriage returns only, one line growing for the whole run (a
+    collector keeps it as one record, or cuts it at its size limit). Off a terminal each redraw
+    is a line of its own, at most every LOG_INTERVAL seconds, and the last says the count; on a
+    terminal the bar is still redrawn in place."""
+    import io
+
+    from pipeline_dsl.commands import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream in (io.StringIO(), Terminal()):
+        monkeypatch.setattr(sys, "stderr", stream)
+        bar = progress.progress_bar(5, mininterval=0)
+        for _ in range(5):
+            bar.update(1)
+            bar.set_postfix_str("9 tok/s")
+        bar.close()
+        text = stream.getvalue()
+        if isinstance(stream, Terminal):
+            assert "\r" in text
+            continue
+        lines = text.splitlines()
+        assert "\r" not in text and text.endswith("\n") and len(lines) == len(set(lines)) >= 2
+        assert lines[0].startswith("  0%") and "5/5" in lines[-1] and "9 tok/s" in lines[-1]
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    bar = progress.progress_bar(1)
+    bar.close()
+    assert bar.mininterval == progress.LOG_INTERVAL                          # off a terminal: seldom
+
+
 def test_answers_on_a_pipe_whose_reader_has_gone_stop_the_run_with_exit_1_and_no_traceback(tmp_path, pipeline):
     """`agp run … | head -0`: the first answer cannot be written; the run stops there, says so
     and writes its summary (stderr), exit 1, and nothing at exit complains of the closed pipe."""

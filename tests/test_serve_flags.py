@@ -98,3 +98,17 @@ def test_a_variable_that_is_no_number_is_named_with_what_its_flag_takes(capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and said in err and "literal" not in err and "convert" not in err
     assert parse(["x.agp"], {"AGP_PORT": "9000", "AGP_DRAIN_TIMEOUT": "2.5"}).port == 9000
+
+
+@pytest.mark.parametrize("flag, value", [("--header-timeout", "nan"), ("--drain-timeout", "inf"),
+                                         ("--body-timeout", "nan"), ("--send-timeout", "inf"),
+                                         ("--stats-interval", "nan"), ("--stats-interval", "inf")])
+def test_a_timeout_that_is_not_a_finite_number_of_seconds_stops_the_start(flag, value):
+    """AGP_HEADER_TIMEOUT=nan started a server whose every connection failed with a traceback
+    in the log (a timer of nan seconds) and hung its client; --drain-timeout nan said "0 in
+    flight get up to nans". Each is refused at start, naming the flag."""
+    from pipeline_dsl.serve.options import SetupError, check_args
+
+    with pytest.raises(SetupError, match=f"^{flag} must be .*a positive number of seconds, not {value}$"):
+        check_args(parse(["x.agp", flag, value], {}))
+    check_args(parse(["x.agp", flag, "2.5"], {}))

@@ -129,6 +129,38 @@ def test_an_error_answer_is_logged_with_its_request_id(live):
     assert reasons["op-nokey-1"].status == 401
 
 
+def test_the_access_line_brackets_an_ipv6_client_so_its_port_can_be_told_apart():
+    """Served on `--host ::` the access line read `::1:50412` (and `::ffff:10.0.0.7:50412`): which
+    colon starts the port? An IPv6 client is written as in a URL, `[::1]:50412`."""
+    import asyncio
+
+    from pipeline_dsl.serve.access import Access
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def ignore(message):
+        pass
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("agp.access")
+    log.addHandler(handler)
+    level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        for client in (("::1", 50412), ("::ffff:10.0.0.7", 50413), ("10.0.0.7", 50414)):
+            scope = {"type": "http", "method": "GET", "path": "/health", "headers": [], "client": client}
+            asyncio.run(Access(app)(scope, None, ignore))
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert [r.client for r in records] == ["[::1]:50412", "[::ffff:10.0.0.7]:50413", "10.0.0.7:50414"]
+    assert records[0].getMessage().startswith('[::1]:50412 "GET /health HTTP/1.1" 204')
+
+
 def test_quiet_paths_log_no_success_but_every_other_request(tiny_gguf):
     """--disable-access-log-for-endpoints /health,/metrics (vLLM's flag): a load balancer's probes
     and a scraper's polls write no access line, other requests do, as under --root-path."""

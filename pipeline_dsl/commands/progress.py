@@ -5,11 +5,18 @@ piped into a reader that has gone, `agp run … 2>&1 | head`) leaves the lock he
 update on any thread waits for it forever, the run with it. So the bar writes through
 `Quiet`, which turns silent at the first failed write instead of raising.
 
-    bar = progress_bar(total)          # tqdm on Quiet(sys.stderr)
+On a terminal the bar is redrawn in place (carriage returns). Anywhere else (a container's log,
+a file, a CI job) that made one ever-growing line of redraws, which a log collector keeps as one
+record (or splits at its limit): there the bar is written through `Lines` instead, one line
+per update at most every LOG_INTERVAL seconds, and the final count.
+
+    bar = progress_bar(total)          # tqdm on Quiet(sys.stderr) or Lines(sys.stderr)
 """
 from __future__ import annotations
 
 import sys
+
+LOG_INTERVAL = 30.0             # seconds between two progress lines when standard error is no terminal
 
 
 class Quiet:
@@ -37,9 +44,30 @@ class Quiet:
         return getattr(self.stream, name)
 
 
+class Lines(Quiet):
+    """A Quiet stream for a bar that is not on a terminal: each redraw (`\\r` and the bar) is
+    written as a line of its own, a repeated or empty one left out."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.last = ""
+
+    def write(self, text: str) -> int:
+        line = text.replace("\r", "").rstrip()
+        if line and line != self.last:
+            self.last = line
+            super().write(line + "\n")
+        return len(text)
+
+
 def progress_bar(total: int, **kw):
     """A tqdm bar of `total` requests on standard error."""
     from tqdm import tqdm
 
-    return tqdm(total=total, **{"unit": "req", "file": Quiet(sys.stderr), "dynamic_ncols": True,
-                                "mininterval": 0.5, **kw})
+    try:
+        terminal = sys.stderr.isatty()
+    except (AttributeError, ValueError):            # a replaced or closed stream
+        terminal = False
+    shown = {"file": Quiet(sys.stderr), "dynamic_ncols": True, "mininterval": 0.5} if terminal else \
+        {"file": Lines(sys.stderr), "ncols": 80, "ascii": True, "mininterval": LOG_INTERVAL, "maxinterval": LOG_INTERVAL}
+    return tqdm(total=total, **{"unit": "req", **shown, **kw})

@@ -165,8 +165,9 @@ def run_pipeline(runtime, requests: list[RunRequest], *, on_done: Callable[[int,
         if bar:
             with lock:
                 completion += result.usage.get("completion_tokens", 0)
+                # shown with the count, at the bar's pace (a refresh per answer filled a log)
+                bar.set_postfix_str(f"{completion / max(time.perf_counter() - t0, 1e-9):.0f} tok/s", refresh=False)
                 bar.update(1)
-                bar.set_postfix_str(f"{completion / max(time.perf_counter() - t0, 1e-9):.0f} tok/s")
 
     runtime.run_all(_handed(items), on_result=done, stop=stop, keep_results=False)
     wall = time.perf_counter() - t0

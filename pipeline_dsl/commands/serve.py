@@ -95,7 +95,7 @@ def open_files(max_connections: int) -> int | None:
 
 
 def main(args) -> int:
-    from pipeline_dsl.serve.logs import configure
+    from pipeline_dsl.serve.logs import configure, endpoint
 
     configure(args.log_format, args.log_level, args.access_log)
     flags = argparse.ArgumentParser(prog="agp serve")
@@ -112,7 +112,7 @@ def main(args) -> int:
         report(str(e))
         return 2
     except OSError as e:
-        report(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+        report(f"cannot listen on {endpoint(args.host, args.port)}: {e.strerror or e}")
         return 2
 
     started = _start(args, sock)
@@ -157,12 +157,13 @@ def _start(args, sock):
     import uvicorn
 
     from pipeline_dsl.diagnostics import CheckFailed
+    from pipeline_dsl.serve.logs import endpoint, fatal
     from pipeline_dsl.serve.server import AgpServer, agp_protocol
 
     try:
         serving = _build_or_stop(args, sock)
     except CheckFailed as e:
-        sys.stderr.write(e.render())
+        fatal(e.render())
         return 2
     except SetupError as e:
         report(str(e))
@@ -182,8 +183,7 @@ def _start(args, sock):
     except (OSError, ValueError) as e:
         report(f"cannot start: {e}")
         return 2
-    shown = f"[{host}]" if ":" in host else host
-    url = f"{'https' if tls else 'http'}://{shown}:{port}{args.root_path}/v1"
+    url = f"{'https' if tls else 'http'}://{endpoint(host, port)}{args.root_path}/v1"
     for line in banner(serving, url, args):
         log.info(line)
     return serving, server

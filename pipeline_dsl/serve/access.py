@@ -28,6 +28,7 @@ from starlette.routing import Match
 
 from .errors import current_info
 from .guard import header
+from .logs import endpoint
 
 access_log = logging.getLogger("agp.access")
 # an id the client sends is kept when it is short and printable (it is echoed in a header and logs)
@@ -115,7 +116,7 @@ class Access:
         if not access_log.isEnabledFor(logging.INFO):
             return
         client = scope.get("client")
-        who = f"{client[0]}:{client[1]}" if client else "-"
+        who = endpoint(*client[:2]) if client else "-"          # [::1]:50412 for an IPv6 client
         raw = scope.get("raw_path") or scope.get("path", "").encode()
         path = raw.decode("latin-1") + (f"?{scope['query_string'].decode('latin-1')}"
                                         if scope.get("query_string") else "")

@@ -23,6 +23,7 @@ import uuid
 
 from .access import CLIENT_ID
 from .config import PROBES
+from .logs import endpoint
 
 log = logging.getLogger("agp.serve")
 
@@ -71,7 +72,7 @@ class Loading:
         self.thread.start()
         self.ready.wait()
         host, port = self.sock.getsockname()[:2]
-        log.info("listening on %s:%d; loading the pipeline (requests get 503 until it is up)", host, port)
+        log.info("listening on %s; loading the pipeline (requests get 503 until it is up)", endpoint(host, port))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -2,8 +2,11 @@
 
     configure("json", "info")        # before uvicorn starts; returns uvicorn's log_config
 
-Every logger (agp's, uvicorn's server and access loggers) writes to stderr through one
-formatter. Text lines read `2026-11-30T13:00:00.123Z INFO agp.serve: message`; JSON lines
+Every logger (agp's, uvicorn's server and access loggers, and at WARNING and above any
+other library's) writes to stderr through one formatter, and so do Python warnings (one record
+each, logger `py.warnings`): a collector reading `--log-format json` gets one JSON object a
+line, never a library's bare line. Text lines read `2026-11-30T13:00:00.123Z INFO agp.serve:
+message` (the message's control characters escaped, `\\n`, `\\x1b`: a line is a record); JSON lines
 carry `ts`, `level`, `logger`, `message` and the record's structured fields (an access
 line: `client`, `method`, `path`, `status`, `latency_ms`, `request_id`; a stats line: its
 numbers). The access lines are agp's own (logger `agp.access`, serve/access.py).
@@ -14,18 +17,30 @@ import json
 import logging
 import sys
 import time
+import warnings
 
 # the fields a record may carry (logger.info(..., extra={...})) that JSON lines keep
 STRUCTURED = ("client", "method", "path", "status", "latency_ms", "reason", "request_id", "stats")
+
+
+def endpoint(host: str, port: int) -> str:
+    """HOST:PORT as the logs and URLs write it: an IPv6 address in brackets ([::1]:8000), whose
+    own colons would hide the port."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _timestamp(record: logging.LogRecord) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
 
 
+# a message's control characters, escaped in text lines: a request's own text in an error's reason
+# (a model name with a newline) would otherwise start a forged line of its own
+ESCAPED = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7f) if c != 0x09} | {0x0a: "\\n", 0x0d: "\\r"}
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{_timestamp(record)} {record.levelname} {record.name}: {record.getMessage()}"
+        line = f"{_timestamp(record)} {record.levelname} {record.name}: {record.getMessage().translate(ESCAPED)}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -70,11 +85,33 @@ def formatter(log_format: str) -> logging.Formatter:
     return JSONFormatter() if log_format == "json" else TextFormatter()
 
 
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning: a warning as one record (logger py.warnings, as logging.captureWarnings
+    names it), its category and its text on one line; Python's own shows the file, the line and
+    the source line on two or three lines of bare stderr."""
+    text = " ".join(str(message).split())
+    logging.getLogger("py.warnings").warning("%s: %s", category.__name__, text)
+
+
+_FORMAT = ["text"]                 # the format configure() chose (fatal() writes in it)
+
+
+def fatal(text: str) -> None:
+    """What stops `agp serve` (`agp serve: error: …`, a pipeline's check errors): bare on stderr,
+    as the CLI's other errors, or one JSON record at ERROR (logger agp.serve) when the logs are
+    JSON, so a collector parsing JSON lines reads why the server did not start."""
+    if _FORMAT[0] == "json":
+        logging.getLogger("agp.serve").error(text.rstrip("\n"))
+    else:
+        sys.stderr.write(text if text.endswith("\n") else text + "\n")
+
+
 def configure(log_format: str = "text", level: str = "info", access_log: bool = True) -> dict:
     """Route agp's and uvicorn's loggers to stderr in `log_format`; returns the log_config to
     give uvicorn (so it keeps these handlers instead of installing its own). The access log is
     agp's (`agp.access`, serve/access.py): uvicorn's own is never written."""
     fmt = formatter(log_format)
+    _FORMAT[0] = log_format
     handler = StderrHandler()
     handler.setFormatter(fmt)
     lvl = getattr(logging, level.upper())
@@ -83,6 +120,11 @@ def configure(log_format: str = "text", level: str = "info", access_log: bool = 
         logger.handlers[:] = [handler] if name in ("agp", "uvicorn") else []
         logger.setLevel(lvl)
         logger.propagate = name == "uvicorn.error"
+    # the rest (torch, transformers, a python stage's library) through the root logger, and warnings
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, StderrHandler)] + [handler]
+    root.setLevel(max(lvl, logging.WARNING))
+    warnings.showwarning = _log_warning
     logging.getLogger("agp.access").setLevel(logging.INFO if access_log else logging.WARNING)
     uvicorn_access = logging.getLogger("uvicorn.access")
     uvicorn_access.handlers[:] = []

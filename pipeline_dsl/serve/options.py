@@ -10,8 +10,8 @@ live here, below both.
 from __future__ import annotations
 
 import argparse
+import math
 import os
-import sys
 from pathlib import Path
 
 from pipeline_dsl.cliargs import output_file, switch
@@ -229,11 +229,11 @@ def check_args(args) -> None:
         value = getattr(args, name, None)
         if value is not None and value < low:
             raise SetupError(f"--{name.replace('_', '-')} must be at least {low}, not {value}")
-    for name in positive:
-        if getattr(args, name) <= 0:
-            raise SetupError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
-    if args.stats_interval < 0:
-        raise SetupError(f"--stats-interval must be 0 (off) or positive, not {args.stats_interval}")
+    for name in positive:               # nan and inf too: a timer of either failed every connection
+        if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
+            raise SetupError(f"--{name.replace('_', '-')} must be a positive number of seconds, not {getattr(args, name)}")
+    if not (args.stats_interval >= 0 and math.isfinite(args.stats_interval)):
+        raise SetupError(f"--stats-interval must be 0 (off) or a positive number of seconds, not {args.stats_interval}")
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
         raise SetupError("--ssl-keyfile and --ssl-certfile go together")
     for flag, path in (("--ssl-keyfile", args.ssl_keyfile), ("--ssl-certfile", args.ssl_certfile),
@@ -259,7 +259,8 @@ def check_ray_args(args) -> None:
         value = getattr(args, name)
         if value is not None and value < low:
             raise SetupError(f"--{name.replace('_', '-')} must be at least {low}, not {value}")
-    if args.target_ongoing_requests is not None and args.target_ongoing_requests <= 0:
+    if args.target_ongoing_requests is not None and not (args.target_ongoing_requests > 0
+                                                         and math.isfinite(args.target_ongoing_requests)):
         raise SetupError(f"--target-ongoing-requests must be positive, not {args.target_ongoing_requests:g}")
     if args.max_replicas is None:
         if args.min_replicas is not None or args.target_ongoing_requests is not None:
@@ -276,5 +277,8 @@ def check_ray_args(args) -> None:
 
 
 def report(message: str) -> None:
-    """The one-line error of `agp serve` (on stderr): what cannot start, and why."""
-    print(f"agp serve: error: {message}", file=sys.stderr)
+    """The one-line error of `agp serve` (on stderr, a JSON record under --log-format json): what
+    cannot start, and why."""
+    from .logs import fatal
+
+    fatal(f"agp serve: error: {message}")

@@ -20,7 +20,6 @@ import argparse
 import logging
 import signal
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -166,12 +165,13 @@ def main(args) -> int:
     """`agp serve … --ray`: deploy, serve until SIGINT / SIGTERM, then drain and stop."""
     from pipeline_dsl.diagnostics import CheckFailed
 
+    from .logs import endpoint, fatal
     from .options import report
 
     try:
         device = pipeline_device(args)
     except CheckFailed as e:
-        sys.stderr.write(e.render())
+        fatal(e.render())
         return 2
     started_here = not ray.is_initialized()
     if started_here:
@@ -191,12 +191,11 @@ def main(args) -> int:
             ray.shutdown()
         return code
     scheme = "https" if args.ssl_certfile else "http"
-    shown = f"[{args.host}]" if ":" in args.host else args.host
     count = (f"{args.replicas or 1} replica(s)" if args.max_replicas is None else
              f"{1 if args.min_replicas is None else args.min_replicas}-{args.max_replicas} replicas "
              f"(autoscaling towards {args.target_ongoing_requests or DEFAULT_TARGET:g} requests in flight each)")
-    log.info("agp serving pipeline %s on Ray Serve as %s at %s://%s:%d%s/v1; prefix affinity %s",
-             Path(args.pipeline).name, count, scheme, shown, port, args.root_path,
+    log.info("agp serving pipeline %s on Ray Serve as %s at %s://%s%s/v1; prefix affinity %s",
+             Path(args.pipeline).name, count, scheme, endpoint(args.host, port), args.root_path,
              f"on the first {args.affinity_chars} characters" if args.affinity_chars else "off")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -5,7 +5,12 @@
 
 The library is compiled once per machine with the system's C++ compiler (`-O3 -march=native
 -fopenmp`) into build/ beside this file, named by a hash of the source and flags, so a
-changed source is rebuilt and a stale one is never loaded. It links libgomp by its soname,
+changed source is rebuilt and a stale one is never loaded. Where that folder cannot be written
+(a read-only install: a container's image) it is built into the user's cache,
+$XDG_CACHE_HOME/agp/native (else ~/.cache/agp/native), else the temporary folder's
+agp-native-<uid> (TMPDIR; used only while this user owns it and no one else may write there);
+processes sharing a folder share the library: one builds it (a lock in the folder), the others
+wait and load it, and it lands by an atomic rename. It links libgomp by its soname,
 which resolves to the copy torch has already loaded: the kernels share torch's one OpenMP
 pool. Without a compiler, without AVX-512, or with AGP_NATIVE=0, `load()` returns None
 after a one-line warning and the runner keeps its eager path (same tokens, slower).
@@ -17,12 +22,18 @@ place) and `agp_linear` (int4 / int8 / bf16 / fp32 weights, a few rows).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import hashlib
+import logging
 import os
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -32,6 +43,8 @@ HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "kernels.cpp"
 BUILD = HERE / "build"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+STALE_BUILD_S = 600               # a partial build (.tmp…) older than this was left by a killed one; another
+                                  # process's build in progress (maybe in another container: its pid unseen) is younger
 VERSION = 5                       # agp_native_version() of a library this module can drive
 
 _LIB: list = []                   # [lib or None] once tried
@@ -53,9 +66,40 @@ def cpu_supported() -> bool:
     return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
 
 
-def library_path(cxx: str | None = None) -> Path:
+def library_path(cxx: str | None = None, folder: Path | None = None) -> Path:
     h = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + str(cxx).encode()).hexdigest()[:12]
-    return BUILD / f"libagp_native-{h}.so"
+    return (BUILD if folder is None else folder) / f"libagp_native-{h}.so"
+
+
+def folders() -> list[Path]:
+    """Where the library is looked for, and built in the first that can be written: build/ beside
+    this file, the user's cache, then the temporary folder's own (module docstring)."""
+    # a relative XDG_CACHE_HOME is ignored (the XDG spec); "~" stays "~" for a user with no home
+    # (a container's arbitrary uid and no HOME): then there is no user's cache, not a folder "~"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    cache = xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache")
+    user = [Path(cache) / "agp" / "native"] if os.path.isabs(cache) else []
+    try:
+        tmp = [Path(tempfile.gettempdir()) / f"agp-native-{os.getuid()}"]
+    except OSError:               # no writable temporary folder at all (a wholly read-only container)
+        tmp = []
+    return [BUILD, *user, *tmp]
+
+
+def _usable(folder: Path, make: bool = False) -> bool:
+    """Whether the library may be loaded from (or, with `make`, built in: the folder made when
+    missing, and writable) this folder. The temporary folder is everyone's: a folder of it is
+    used only when it is this user's and no one else may write in it."""
+    shared = folder.name == f"agp-native-{os.getuid()}"   # the temporary folder's (folders())
+    try:
+        if make:
+            folder.mkdir(mode=0o700 if shared else 0o777, parents=True, exist_ok=True)
+        st = folder.lstat()
+    except OSError:
+        return False
+    if shared and (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022):
+        return False
+    return not make or os.access(folder, os.W_OK | os.X_OK)
 
 
 def build(force: bool = False, quiet: bool = True) -> Path:
@@ -63,22 +107,64 @@ def build(force: bool = False, quiet: bool = True) -> Path:
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++, c++ or clang++) on PATH")
-    out = library_path(cxx)
-    if out.exists() and not force:
-        return out
-    BUILD.mkdir(exist_ok=True)
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    places = folders()
+    if not force:
+        for folder in places:
+            if library_path(cxx, folder).exists() and _usable(folder):
+                return library_path(cxx, folder)
+    folder = next((f for f in places if _usable(f, make=True)), None)
+    if folder is None:
+        raise RuntimeError("no writable folder to build them in: build them into the image "
+                           "(python -m pipeline_dsl.engine.native) or set XDG_CACHE_HOME")
+    out = library_path(cxx, folder)
+    with _one_build(folder):
+        if out.exists() and not force:
+            return out                    # another process built it while this one waited
+        return _compile(cxx, out, quiet)
+
+
+@contextlib.contextmanager
+def _one_build(folder: Path):
+    """One build at a time in a folder: replicas starting together (a shared cache) compile once,
+    the others wait for it and load its library. Without the lock (a file system that has none)
+    each builds, which is still safe."""
+    fd = None
+    try:
+        fd = os.open(folder / ".build.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _compile(cxx: str, out: Path, quiet: bool) -> Path:
+    folder = out.parent
+    tmp = out.with_suffix(f".tmp{os.getpid()}-{os.urandom(4).hex()}")    # replicas sharing the folder may share a pid
     cmd = [cxx, *FLAGS, str(SOURCE), "-o", str(tmp)]
+    started = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
+        tmp.unlink(missing_ok=True)
         raise RuntimeError(f"building the native kernels failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
     tmp.replace(out)              # atomic: a concurrent loader never sees half a file
-    for old in BUILD.glob("libagp_native-*.so"):
-        if old != out:
-            old.unlink(missing_ok=True)
+    for old in folder.glob("libagp_native-*"):
+        if old != out and (old.suffix == ".so" or _age(old) > STALE_BUILD_S):
+            old.unlink(missing_ok=True)   # an older source's library, or what a killed build left
+    logging.getLogger("agp.native").info("built the native kernels in %.0f s: %s", time.monotonic() - started, out)
     if not quiet:
         print(f"built {out}")
     return out
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def load():
