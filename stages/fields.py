@@ -32,6 +32,7 @@ REQUEST_FIELDS: dict[str, tuple[str, str]] = {
     "repetition_penalty": ("generate", "repetition_penalty"),
     "min_p": ("generate", "min_p"),
     "min_tokens": ("generate", "min_tokens"),
+    "bad_words": ("generate", "bad_words"),
 }
 
 # per-request token-id lists no stage parameter sets (the request's own: vLLM's allowed_token_ids):
@@ -200,3 +201,10 @@ def check_token_ids(field: str, value: Any) -> tuple[int, ...]:
             raise ParamError(f"'{field}[{i}]' must be a token id (an integer of at least 0), not {_shown(t)}",
                              field)
     return tuple(value)
+
+
+def check_cache_salt(value: Any) -> str:
+    """A request's cache_salt (vLLM's): a non-empty string, or ParamError naming the field."""
+    if not isinstance(value, str) or not value:
+        raise ParamError(f"'cache_salt' must be a non-empty string, not {_shown(value)}", "cache_salt")
+    return value

@@ -260,8 +260,9 @@ class Generate:
             "min_p": "min_p",
             "min_tokens": "min_tokens",
         })
-        if params.get("stop"):
-            sampling["stop"] = tuple(params["stop"])
+        for name in ("stop", "bad_words"):
+            if params.get(name):
+                sampling[name] = tuple(params[name])
         if params.get("json_schema"):           # checked and made absolute by agp check
             import json
             from pathlib import Path

@@ -83,6 +83,8 @@ class SamplingParams:
     min_tokens: int = 0                    # EOS and stop_token_ids are masked until this many tokens
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, -100..100) added to the logits
     allowed_token_ids: tuple[int, ...] | None = None  # (vLLM) only these may be sampled; None: every token
+    bad_words: tuple[str, ...] = ()        # (vLLM) words never generated (the engine bans their token sequences)
+    cache_salt: str | None = None          # (vLLM) prefix-cache blocks are shared only with the same salt
     logprobs: int | None = None            # 0..20: the sampled token's logprob + this many alternatives
     prompt_logprobs: int | None = None     # 0..20: each prompt token's logprob + alternatives (prompt_outputs.py)
     pooling: str | None = None             # "mean": the mean of the prompt's final normed hidden states
@@ -95,9 +97,9 @@ class SamplingParams:
         if isinstance(self.allowed_token_ids, list):
             object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
         # accept lists (JSON) and a bare string for `stop`; store tuples (hashable, frozen)
-        for name in ("stop", "stop_token_ids"):
+        for name in ("stop", "stop_token_ids", "bad_words"):
             value = getattr(self, name)
-            if isinstance(value, str) and name == "stop":
+            if isinstance(value, str) and name != "stop_token_ids":
                 value = (value,)
             elif isinstance(value, (list, tuple)) or value is None:
                 value = tuple(value or ())
@@ -124,11 +126,11 @@ class SamplingParams:
     @property
     def plain(self) -> bool:
         """Uses none of the per-sequence features (penalties, logit_bias, allowed_token_ids,
-        min_tokens, logprobs, a constraint): such a request takes the sampler's fast path. min_p is
+        bad_words, min_tokens, logprobs, a constraint): such a request takes the sampler's fast path. min_p is
         a plain sampler setting (it never changes the argmax)."""
         return (self.presence_penalty == 0.0 and self.frequency_penalty == 0.0
                 and self.repetition_penalty == 1.0 and not self.logit_bias and self.allowed_token_ids is None
-                and self.min_tokens == 0 and self.logprobs is None and self.constraint is None)
+                and not self.bad_words and self.min_tokens == 0 and self.logprobs is None and self.constraint is None)
 
     def check(self) -> None:
         """Raise InputError naming the first bad value."""
@@ -138,7 +140,7 @@ class SamplingParams:
         def is_num(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        from stages.fields import ParamError, check_field, check_token_ids
+        from stages.fields import ParamError, check_cache_salt, check_field, check_token_ids
 
         prompt_only = self.max_tokens == 0 and (self.prompt_logprobs is not None or self.pooling is not None)
         for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "presence_penalty",
@@ -149,13 +151,20 @@ class SamplingParams:
                 check_field(name, getattr(self, name))
             except ParamError as e:
                 raise InputError(str(e)) from None
-        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
-            raise InputError(f"stop must be a list of strings, not {self.stop!r}")
-        if self.stop:
+        for name in ("stop", "bad_words"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(isinstance(s, str) for s in value):
+                raise InputError(f"{name} must be a list of strings, not {value!r}", param=name)
+            if value:
+                try:
+                    check_field(name, list(value))
+                except ParamError as e:
+                    raise InputError(str(e), param=e.field) from None
+        if self.cache_salt is not None:
             try:
-                check_field("stop", list(self.stop))
+                check_cache_salt(self.cache_salt)
             except ParamError as e:
-                raise InputError(str(e)) from None
+                raise InputError(str(e), param=e.field) from None
         if not isinstance(self.stop_token_ids, tuple) or not all(
                 is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise InputError(f"stop_token_ids must be a list of token ids, not {self.stop_token_ids!r}")

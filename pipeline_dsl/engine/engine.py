@@ -16,6 +16,7 @@ again.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import resource
@@ -160,11 +161,33 @@ class Engine:
         st = seq.state
         st.detok, st.stops = self._detokenizer(ids, params), StopStrings(params.stop)
         st.generator = make_generator(params.seed)
+        st.bad_words = self.bad_words_ids(params.bad_words)
         if rows_wanted(params):
             seq.prompt_out = PromptOutputs(len(ids), params.prompt_logprobs, params.pooling)
         self.features.start(seq)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
+
+    def bad_words_ids(self, words) -> tuple[tuple[int, ...], ...]:
+        """The token sequences `bad_words` bans, as vLLM makes them: each word (its leading spaces
+        stripped) tokenised alone, then with one space before it, the latter kept only when it
+        tokenises to as many tokens as the former and starts with another token (the word in the
+        middle of a text). InputError (param bad_words) for a word that tokenises to nothing or
+        to a token outside the vocabulary."""
+        out: list[tuple[int, ...]] = []
+        for word in words:
+            plain = tuple(self.tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            if not plain:
+                raise InputError(f"'bad_words' holds {json.dumps(word)[:40]}, which tokenises to no token "
+                                 "(give words of at least one character besides spaces)", param="bad_words")
+            spaced = tuple(self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+            out.append(plain)
+            if len(spaced) == len(plain) and spaced[0] != plain[0]:
+                out.append(spaced)
+        if self.vocab_size and out and max(max(ids) for ids in out) >= self.vocab_size:
+            raise InputError(f"'bad_words' tokenises to token id {max(max(ids) for ids in out)}, outside the "
+                             f"model's vocabulary (0..{self.vocab_size - 1})", param="bad_words")
+        return tuple(out)
 
     def prompt_ids(self, prompt=None, messages=None, prompt_token_ids=None, chat_template=True,
                    add_special_tokens=True, tools=None, tool_choice="auto", template_kwargs=None,
