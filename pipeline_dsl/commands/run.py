@@ -47,7 +47,7 @@ import time
 import zlib
 from collections import Counter
 
-from pipeline_dsl.cliargs import output_file
+from pipeline_dsl.cliargs import GENERATION_CONFIG_HELP, generation_config, output_file
 from pipeline_dsl.commands import add_pipeline_arguments
 from pipeline_dsl.commands.stdout import answers_on_stdout
 
@@ -68,6 +68,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=None,
                    help="override the pipeline's precision")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--generation-config", type=generation_config, default="auto", metavar="auto|vllm|FOLDER",
+                   help=GENERATION_CONFIG_HELP)
     p.add_argument("--stats", type=output_file, default=None, help="write the run summary as JSON to this file")
     streams = p.add_mutually_exclusive_group()
     streams.add_argument("--no-overlap", action="store_true",
@@ -477,7 +479,8 @@ def _load(args):
     from pipeline_dsl.engine.trace import Trace
     from pipeline_dsl.flow import build_runtime
 
-    return build_runtime(args.pipeline, args.name, overrides={"dtype": args.dtype, "threads": args.threads},
+    return build_runtime(args.pipeline, args.name, overrides={"dtype": args.dtype, "threads": args.threads,
+                                                               "generation_config": args.generation_config},
                          allow_paths=args.allow_path,
                          overlap=True if args.overlap else False if args.no_overlap else None,
                          trace=Trace() if args.trace else None)

@@ -45,6 +45,9 @@ class EngineConfig:
     max_prompt_tokens: int = 0             # longest prompt accepted (0 = the model's context)
     seed: int | None = None                # seeds the generator of requests without a seed of their own
     chat_template: str | None = None       # a Jinja chat template used instead of the model's
+    # vLLM's --generation-config: "auto" (an HF folder's generation_config.json gives the sampling
+    # defaults of requests and stages that set none), "vllm" (it does not), or a folder holding one
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
         from stages.fields import ENGINE_FIELDS, ParamError, check_engine_field
@@ -59,6 +62,10 @@ class EngineConfig:
                              f"cores), not {self.threads!r}")
         if self.max_model_len is not None and int(self.max_model_len) < 1:
             raise InputError(f"max_model_len must be at least 1, not {self.max_model_len!r}")
+        if not isinstance(self.generation_config, str) or not (
+                self.generation_config in ("auto", "vllm") or os.path.isdir(self.generation_config)):
+            raise InputError(f"generation_config must be auto, vllm or a folder holding generation_config.json, "
+                             f"not {self.generation_config!r}")
         if self.batch_timeout_s < 0:
             raise InputError(f"batch_timeout_s must be >= 0, not {self.batch_timeout_s!r}")
         if self.max_tokens_per_step < self.max_batch_size:

@@ -74,6 +74,9 @@ class Engine:
         self.device = torch.device(getattr(runner, "device", "cpu"))
         self._cpu = self.device.type == "cpu"
         self.model_info = info
+        # the model's recommended sampling defaults (generation_config.json, as vLLM reads it): what a
+        # request and its generate stage leave unset takes them (flow/segment.py)
+        self.generation_defaults = dict(info.get("generation_config") or {})
         self.vocab_size = int(getattr(runner, "vocab_size", 0) or info.get("vocab_size", 0))
         context = int(getattr(runner, "max_model_len", 0) or info.get("context_length", 0) or 2048)
         if config.max_model_len is not None and not 0 < config.max_model_len <= context:
@@ -644,7 +647,7 @@ def resolve_device(device: str) -> str:
 def load_runner(config: EngineConfig):
     """(ModelRunner, Tokenizer, info dict) for config.model, its KV pool sized to the budget."""
     from .model import ModelRunner
-    from .models import load_model, resolve_model
+    from .models import generation_defaults, load_model, resolve_model
 
     t0 = time.perf_counter()
     try:                                # the engine's switches, before anything loads (docs/gpu.md)
@@ -655,6 +658,7 @@ def load_runner(config: EngineConfig):
         raise InputError(str(e)) from None
     device = resolve_device(config.device)
     source = resolve_model(config.model)
+    sampling = generation_defaults(source, config.generation_config)     # before the weights: a bad file stops it
     model, tokenizer = load_model(source, dtype=config.dtype, device=device)
     c = model.config
     elem = torch.empty((), dtype=model.dtype).element_size()
@@ -684,7 +688,7 @@ def load_runner(config: EngineConfig):
         extra["attention_fallback"] = runner.attention_fallback
     info = {"model": str(source.path), "dtype": str(model.dtype).replace("torch.", ""),
             "weights": model.weight_kind, "device": device, "vocab_size": c.vocab_size,
-            "context_length": c.max_position, "kv_bytes_per_block": per_block,
+            "context_length": c.max_position, "kv_bytes_per_block": per_block, "generation_config": sampling,
             **extra, "load_s": time.perf_counter() - t0}
     return runner, tokenizer, info
 

@@ -95,6 +95,7 @@ def build(args, *, host: str | None = None) -> Serving:
                                            "max_model_len": args.max_model_len,
                                            "max_batch_size": args.max_num_seqs,
                                            "seed": args.seed, "chat_template": template,
+                                           "generation_config": args.generation_config,
                                            "prefix_reuse": False if args.no_prefix_reuse else None})
     except InputError as e:
         raise SetupError(str(e)) from None
