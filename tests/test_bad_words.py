@@ -121,3 +121,22 @@ def test_bad_words_that_are_no_tokens_are_an_input_error(tiny_gguf):
     with pytest.raises(ParamError, match="'bad_words' must be a string or an array of strings"):
         check_field("bad_words", ["", "x"])
     assert check_field("bad_words", []) == [] and SamplingParams(bad_words=[]).plain
+
+
+def test_bad_words_that_leave_no_allowed_token_end_the_answer_with_an_error(tiny_gguf):
+    """As a grammar that allows none of allowed_token_ids: finish "error" saying why, never a token
+    outside the allowed ones passed off as an answer."""
+    eng = make(tiny_gguf)
+    word = eng.bad_words_ids(["ab"])[0]                     # two tokens: the second is banned after the first
+    free = {"greedy": SamplingParams(max_tokens=5, allowed_token_ids=[word[0]], bad_words=["ab"]),
+            "seeded": SamplingParams(max_tokens=5, allowed_token_ids=[word[0]], bad_words=["ab"], temperature=1.0,
+                                     seed=1)}
+    outs = stepped(eng, free)
+    for rid in free:                                        # word[0] alone is never banned: it is sampled
+        assert tokens(outs[rid]) == [word[0]] * 5 and final(outs[rid]).finish_reason == "length"
+    alone = eng.tokenizer.decode([word[1]])                 # the second token as a word of its own
+    for extra in ({}, {"temperature": 1.0, "seed": 2}):
+        params = SamplingParams(max_tokens=5, allowed_token_ids=[word[1]], bad_words=[alone], **extra)
+        out = final(stepped(make(tiny_gguf), {"x": params})["x"])
+        assert out.finish_reason == "error" and "'bad_words' bans every token" in out.metrics["error"]
+        assert out.text == ""

@@ -186,3 +186,13 @@ def test_agp_run_lines_take_the_same_fields(tmp_path, soft_gguf):
     banned = vllm_sequences(tok, words)
     assert any(holds(rows["free"]["token_ids"], w) for w in banned)
     assert not any(holds(rows["bad"]["token_ids"], w) for w in banned)
+
+
+def test_bad_words_that_leave_no_allowed_token_are_a_400_naming_bad_words(server):
+    word = server.engine.tokenizer.decode([100])                    # token 100 is the byte "a"
+    body = {"messages": USER, "max_tokens": 4, "allowed_token_ids": [100], "bad_words": [word]}
+    r = post(server, "/v1/chat/completions", body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "bad_words", r.text
+    assert r.json()["error"]["message"].startswith("'bad_words' bans every token 'allowed_token_ids' leaves")
+    assert post(server, "/v1/chat/completions", {**body, "bad_words": ["b"]}).json()["choices"][0]["message"][
+        "content"] == "a" * 4

@@ -214,7 +214,8 @@ class RequestOutput:                       # one per request touched by a step
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int                     # prompt tokens served from the prefix cache
-    metrics: dict = field(default_factory=dict, compare=False)  # ttft_s, ... once finished; "error": why
+    # once finished: ttft_s, ...; "error": why, "error_param": the request field at fault when not the grammar
+    metrics: dict = field(default_factory=dict, compare=False)
     # per new token (params.logprobs set): {"token_id", "logprob", "top": [(id, logprob), ...]},
     # logprobs of the model's raw distribution (log_softmax of the logits before temperature,
     # penalties, bias and masks: vLLM's default), top most likely first

@@ -576,6 +576,8 @@ class Engine:
                        "decode_s": now - st.first, "preemptions": seq.num_preemptions}
             if reason == "error":
                 metrics["error"] = st.error
+                if st.error_param:
+                    metrics["error_param"] = st.error_param
         prompt_lp, pooled = seq.prompt_out.take() if seq.prompt_out is not None else (None, None)
         return RequestOutput(seq.request_id, [token], delta, text, reason is not None, reason,
                              seq.num_prompt, seq.num_output, seq.cached_tokens, metrics, logprobs,

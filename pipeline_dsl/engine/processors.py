@@ -254,12 +254,15 @@ class Features:
             if not st.bad_words:
                 continue
             tail = list(st.tail) if st.tail is not None else []      # [-(longest - 1):] of the output
-            for word in st.bad_words:
-                k = len(word) - 1
-                if k > st.sampled or (k and tail[len(tail) - k:] != list(word[:-1])):
-                    continue
-                r_idx.append(i)
-                t_idx.append(word[-1])
+            banned = {word[-1] for word in st.bad_words
+                      if len(word) - 1 <= st.sampled and tail[len(tail) - len(word) + 1:] == list(word[:-1])}
+            r_idx += [i] * len(banned)
+            t_idx += banned
+            allowed = seqs[i].params.allowed_token_ids
+            if allowed is not None and banned.issuperset(allowed) and st.error_at is None:
+                st.error_at = st.sampled      # nothing is left to sample: accept_token ends it with "error"
+                st.error = "'bad_words' bans every token 'allowed_token_ids' leaves at this point of the answer"
+                st.error_param = "bad_words"
         if r_idx:
             logits[_to(r_idx, logits.device), _to(t_idx, logits.device)] = float("-inf")
 

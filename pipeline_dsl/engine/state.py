@@ -41,5 +41,6 @@ class DecodeState:
     lp: deque | None = None               # FIFO of (StepLogprobs, row, k) per sampled token
     error_at: int | None = None           # output index of a token the grammar refused
     error: str | None = None              # ... and why
+    error_param: str | None = None        # ... and the request field at fault, when not the grammar (bad_words)
     # executor: output position -> (micro-batch, sample index) of a token still in flight
     pending: dict[int, tuple[int, int]] = field(default_factory=dict)
