@@ -147,6 +147,11 @@ def test_cache_salt_shares_prefix_blocks_only_within_one_salt(server):
     out = server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
                                                 max_tokens=1, extra_body={"cache_salt": "tenant-c"})
     assert out.usage.prompt_tokens_details.cached_tokens == 0
+    first = server.client.responses.create(model="tiny", input=prompt + "!", max_output_tokens=1,
+                                           extra_body={"cache_salt": "tenant-d"})
+    again = server.client.responses.create(model="tiny", input=prompt + "!", max_output_tokens=1,
+                                           extra_body={"cache_salt": "tenant-d"})
+    assert first.usage.input_tokens_details.cached_tokens == 0 < again.usage.input_tokens_details.cached_tokens
     for value in ("", 7):
         with pytest.raises(openai.BadRequestError, match="'cache_salt' must be a non-empty string") as e:
             server.client.completions.create(model="tiny", prompt="hi", max_tokens=1, extra_body={"cache_salt": value})
