@@ -232,7 +232,7 @@ RESPONSES_REQUEST = {"type": "object", "required": ["input"], "additionalPropert
     "max_tool_calls": {"type": ["integer", "null"], "minimum": 1},
     **{name: SAMPLING[name] for name in ("request_id", "top_k", "min_p", "repetition_penalty", "seed", "stop",
                                          "ignore_eos", "structured_outputs", "guided_json", "guided_regex",
-                                         "guided_choice", "guided_grammar")}}}
+                                         "guided_choice", "guided_grammar", "cache_salt")}}}
 
 RESPONSES_RESPONSE = {"type": "object", "required": ["id", "object", "created_at", "status", "model", "output"],
                       "properties": {"id": {"type": "string"}, "object": {"const": "response"},
