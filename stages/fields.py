@@ -161,6 +161,10 @@ def check_value(p: Param, value: Any, field: str | None = None) -> Any:
             raise bad()
         if p.max_items is not None and len(items) > p.max_items:
             raise ParamError(f"'{field}' holds {len(items)} strings; at most {p.max_items} are allowed", field)
+        if p.nonblank and not all(s.strip() for s in items):
+            blank = next(s for s in items if not s.strip())
+            raise ParamError(f"'{field}' holds {_shown(blank)}, whitespace alone: give words with a character "
+                             "besides whitespace", field)
         if p.max_length is not None and any(len(s) > p.max_length for s in items):
             longest = max(len(s) for s in items)
             raise ParamError(f"a '{field}' string has {longest} characters; at most {p.max_length} are allowed",

@@ -113,8 +113,11 @@ def test_no_bad_word_is_in_a_sampled_answer(soft_gguf, overlap):
 
 def test_bad_words_that_are_no_tokens_are_an_input_error(tiny_gguf):
     eng = make(tiny_gguf)
-    with pytest.raises(InputError, match="tokenises to no token") as e:
-        eng.add_request("r", prompt="hi", params=SamplingParams(max_tokens=2, bad_words=["ok", "   "]))
+    with pytest.raises(InputError, match="whitespace alone") as e:          # the schema's, as agp check's
+        eng.add_request("r", prompt="hi", params=SamplingParams(max_tokens=2, bad_words=["ok", " \t "]))
+    assert e.value.param == "bad_words"
+    with pytest.raises(InputError, match="tokenises to no token") as e:     # the engine's, whatever the schema
+        eng.bad_words_ids(["ok", "  "])
     assert e.value.param == "bad_words"
     with pytest.raises(ParamError, match="at most 128"):
         check_field("bad_words", ["w"] * 129)

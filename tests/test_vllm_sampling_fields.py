@@ -80,7 +80,7 @@ def test_bad_words_never_appear_in_chat_or_completions_answers(server):
                                      extra_body={"bad_words": []}).choices     # vLLM clients' default
 
 
-@pytest.mark.parametrize("value, said", [(["ok", "  "], "tokenises to no token"),
+@pytest.mark.parametrize("value, said", [(["ok", "  "], "'bad_words' holds \"  \", whitespace alone"),
                                          (["w"] * 129, "at most 128"),
                                          ([""], "'bad_words' must be a string or an array of strings"),
                                          (5, "'bad_words' must be a string or an array of strings")])
@@ -183,7 +183,7 @@ def test_agp_run_lines_take_the_same_fields(tmp_path, soft_gguf):
              if w.isalnum() and len(tok.encode(w, add_special_tokens=False)) == 1][:4]
     assert words
     assert rows["named"]["logprobs"]["tokens"] == [f"token_id:{t}" for t in rows["named"]["token_ids"]]
-    assert "'bad_words' holds" in rows["blank"]["error"]["message"]
+    assert "'bad_words' holds \"  \", whitespace alone" in rows["blank"]["error"]["message"]
     assert "'cache_salt' must be a non-empty string" in rows["salt"]["error"]["message"]
     lines.append({"id": "bad", "prompt": "the cat", **SEEDED, "ignore_eos": True, "return_token_ids": True,
                   "bad_words": words})
