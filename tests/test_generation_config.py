@@ -72,6 +72,7 @@ def test_a_request_without_sampling_fields_takes_the_models_recommended_ones(tmp
     try:
         assert rt.segments[0].engine.generation_defaults == AS_FIELDS
         assert fields(params_of(rt, {}), AS_FIELDS) == AS_FIELDS
+        assert rt.sampling_defaults() == {"temperature": 0.7, "top_p": 0.9}      # what a response repeats
         own = params_of(rt, {"temperature": 0.0, "top_k": 2, "max_tokens": 3})      # the request's own win
         assert fields(own, AS_FIELDS) == {**AS_FIELDS, "temperature": 0.0, "top_k": 2, "max_tokens": 3}
     finally:
