@@ -21,7 +21,7 @@ it holds no record of yet (counted per id, so a repeated id is answered by its e
 an output holding a line that is no record of this input (another file's answers, a line that is
 not an agp record) is refused before the model loads, exit 2: appending would mix two runs; so
 is an output whose fingerprint (OUT.agp-run, written beside it: the input's lines, the pipeline
-file, --pipeline, --dtype) says another input or pipeline made it (lines appended to the input
+file, --pipeline, --dtype, --generation-config) says another input or pipeline made it (lines appended to the input
 are not another: --resume answers them).
 Ctrl-C (SIGINT), SIGTERM or SIGHUP stops admitting, aborts what is in flight (those requests are
 not written, so `--resume` runs them again), writes the summary and `--stats`, and exits
@@ -497,7 +497,9 @@ def _digest(lines: list[bytes]) -> str:
 
 def _fingerprint(args, lines: list[bytes]) -> dict:
     """What an output file's answers were made from: the input's lines (as read: a BOM and CRLF
-    endings do not count) and how many, the pipeline file, the pipeline chosen in it and --dtype."""
+    endings do not count) and how many, the pipeline file, the pipeline chosen in it, --dtype and
+    --generation-config (when not the default auto: a fingerprint written before the flag stays
+    the same run's)."""
     import hashlib
 
     try:
@@ -505,7 +507,9 @@ def _fingerprint(args, lines: list[bytes]) -> dict:
             pipeline = hashlib.sha256(f.read()).hexdigest()
     except OSError:                 # no pipeline to read: its load says so, in check's words (exit 2)
         pipeline = None
-    return {"input": _digest(lines), "input_lines": len(lines), "pipeline": [pipeline, args.name, args.dtype]}
+    sampling = [args.generation_config] if args.generation_config != "auto" else []
+    return {"input": _digest(lines), "input_lines": len(lines),
+            "pipeline": [pipeline, args.name, args.dtype, *sampling]}
 
 
 def _fingerprint_path(output: str) -> str:
