@@ -131,7 +131,7 @@ GENERATE = StageKind(
               min=0.0, max=1.0),
         Param("min_tokens", INT, 0, "tokens generated before end-of-sequence or a stop token id may be "
               "sampled", min=0, max=1 << 20),
-        # vLLM's bad_words (and its limit of 128 words); the engine bans each word's token sequences
+        # vLLM's bad_words (at most 128 words); the engine bans each word's token sequences
         # (processors.py). A word of whitespace alone is no word for any tokenizer (vLLM strips it)
         Param("bad_words", LIST_STR, (), "words never generated: each word's tokens, with and without a "
               "leading space, as vLLM bans them (at most 128, each up to 256 characters)", max_items=128,
