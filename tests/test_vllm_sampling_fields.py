@@ -201,3 +201,17 @@ def test_bad_words_that_leave_no_allowed_token_are_a_400_naming_bad_words(server
     assert r.json()["error"]["message"].startswith("'bad_words' bans every token 'allowed_token_ids' leaves")
     assert post(server, "/v1/chat/completions", {**body, "bad_words": ["b"]}).json()["choices"][0]["message"][
         "content"] == "a" * 4
+
+
+def test_the_servers_return_tokens_as_token_ids_flag_is_the_default_a_request_may_turn_off(soft_gguf):
+    s = LiveServer(soft_gguf, return_tokens_as_token_ids=True)      # agp serve --return-tokens-as-token-ids
+    try:
+        body = {"messages": USER, **SEEDED, "logprobs": True, "return_token_ids": True}
+        named = post(s, "/v1/chat/completions", body).json()["choices"][0]
+        assert [e["token"] for e in named["logprobs"]["content"]] == [f"token_id:{t}" for t in named["token_ids"]]
+        plain = post(s, "/v1/chat/completions", {**body, "return_tokens_as_token_ids": False}).json()["choices"][0]
+        assert not any(e["token"].startswith("token_id:") for e in plain["logprobs"]["content"])
+        done = s.client.completions.create(model="tiny", prompt="the cat", max_tokens=3, logprobs=0)
+        assert all(t.startswith("token_id:") for t in done.choices[0].logprobs.tokens)
+    finally:
+        s.close()

@@ -98,6 +98,9 @@ def add_arguments(p) -> None:
     p.add_argument("--send-timeout", type=float, default=30.0,
                    help="seconds a client may leave its answer unread (the socket's buffer full) before "
                         "the connection is cut (default: 30)")
+    p.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help="logprobs name each token \"token_id:N\" instead of its text, for requests that do not "
+                        "set return_tokens_as_token_ids themselves (vLLM's flag)")
     p.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
                    help="leave a request's tools out of its prompt when its tool_choice is \"none\" (as vLLM's "
                         "flag; by default the model sees them, and no tool call is parsed from its answer)")
