@@ -212,6 +212,8 @@ def convert(value: ast.Value, p: Param, what: str) -> tuple[Any, Diagnostic | No
                                   f"{p.max_length}", item.pos, expected)
             if item.value == "":
                 return None, _err(f"an empty string in {what}", item.pos, expected, "remove it")
+            if p.nonblank and not item.value.strip():
+                return None, _err(f"a string of whitespace alone in {what}", item.pos, expected, "remove it")
         if p.max_items is not None and len(value.items) > p.max_items:
             return None, _err(f"{what} holds {len(value.items)} strings; at most {p.max_items} are allowed",
                               value.pos, expected)

@@ -148,3 +148,20 @@ def http_url(text: str) -> str:
     if parts.query or parts.fragment:
         raise argparse.ArgumentTypeError(f"'{text}': a server's base URL has no ?query or #fragment; {example}")
     return text
+
+
+GENERATION_CONFIG_HELP = ("the requests' sampling defaults: auto (a Hugging Face folder's generation_config.json "
+                          "sets temperature, top_p, top_k, min_p, repetition_penalty and max_new_tokens where the "
+                          "request and its generate stage set none, as vLLM's default), vllm (it does not), or a "
+                          "folder whose generation_config.json does (default: auto)")
+
+
+def generation_config(text: str) -> str:
+    """vLLM's --generation-config: auto, vllm, or a folder holding a generation_config.json."""
+    if text in ("auto", "vllm"):
+        return text
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"'{text}' is neither auto, vllm nor a folder")
+    if not os.path.isfile(os.path.join(text, "generation_config.json")):
+        raise argparse.ArgumentTypeError(f"the folder '{text}' holds no generation_config.json")
+    return text

@@ -94,8 +94,8 @@ def _check(name: str, value, ok: bool, expected: str):
 
 
 # one schema per field: the stage parameters' (and the token-id lists') checks
-from stages.fields import (PRIORITY, REQUEST_FIELDS, TOKEN_ID_FIELDS, ParamError, check_field,  # noqa: E402
-                           check_token_ids, expected)
+from stages.fields import (PRIORITY, REQUEST_FIELDS, TOKEN_ID_FIELDS, ParamError, check_cache_salt,  # noqa: E402
+                           check_field, check_token_ids, expected)
 
 SAMPLING_FIELDS = tuple(f for f in REQUEST_FIELDS if f != "n")     # SamplingParams overrides
 # per-request fields no stage parameter sets (agp serve puts them on its items; a request line may
@@ -106,6 +106,7 @@ ITEM_FIELDS = {
     "prompt_logprobs": (lambda v: _is_int(v) and 0 <= v <= 20, "an integer from 0 to 20"),
     "echo": (lambda v: isinstance(v, bool), "true or false"),
     "return_token_ids": (lambda v: isinstance(v, bool), "true or false"),
+    "return_tokens_as_token_ids": (lambda v: isinstance(v, bool), "true or false"),
     "skip_special_tokens": (lambda v: isinstance(v, bool), "true or false"),
     "spaces_between_special_tokens": (lambda v: isinstance(v, bool), "true or false"),
     "include_stop_str_in_output": (lambda v: isinstance(v, bool), "true or false"),
@@ -120,7 +121,7 @@ ITEM_FIELDS = {
     "priority": (lambda v: _is_int(v) and PRIORITY.in_range(v), expected(PRIORITY)),
 }
 KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", "tools", "tool_choice", "logit_bias",
-         "parallel_tool_calls", "response_format", *REQUEST_FIELDS, *ITEM_FIELDS, *TOKEN_ID_FIELDS}
+         "parallel_tool_calls", "response_format", "cache_salt", *REQUEST_FIELDS, *ITEM_FIELDS, *TOKEN_ID_FIELDS}
 
 
 def parse_messages(value) -> list[dict]:
@@ -288,6 +289,14 @@ def json_type(v) -> str:
     return "an object"
 
 
+def cache_salt(value) -> str:
+    """A request's cache_salt (vLLM's), through its one schema (stages/fields.py)."""
+    try:
+        return check_cache_salt(value)
+    except ParamError as e:
+        raise RequestError(str(e), param=e.field) from None
+
+
 def parse_request(obj, default_id=None) -> ParsedRequest:
     """Validate one request object (already decoded from JSON)."""
     if not isinstance(obj, dict):
@@ -352,6 +361,8 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     for name, (ok, expected) in ITEM_FIELDS.items():
         if obj.get(name) is not None:
             req.extras[name] = _check(name, obj[name], ok(obj[name]), expected)
+    if obj.get("cache_salt") is not None:
+        req.extras["cache_salt"] = cache_salt(obj["cache_salt"])
     if req.extras.get("echo") and req.messages is not None:       # as agp serve's chat refuses it
         raise RequestError("'echo' repeats a 'prompt' before its answer; a 'messages' line has no prompt "
                            "to repeat (leave 'echo' out)", param="echo")

@@ -134,6 +134,11 @@ GENERATE = StageKind(
               min=0.0, max=1.0),
         Param("min_tokens", INT, 0, "tokens generated before end-of-sequence or a stop token id may be "
               "sampled", min=0, max=1 << 20),
+        # vLLM's bad_words (at most 128 words); the engine bans each word's token sequences
+        # (processors.py). A word of whitespace alone is no word for any tokenizer (vLLM strips it)
+        Param("bad_words", LIST_STR, (), "words never generated: each word's tokens, with and without a "
+              "leading space, as vLLM bans them (at most 128, each up to 256 characters)", max_items=128,
+              max_length=256, nonblank=True),
         Param("json_schema", STR, None, "a JSON Schema file, relative to the .agp file, that every answer "
               "of this stage must follow (constrained decoding)", optional=True),
         Param("model", STR, None, "this stage's model (default: the pipeline's `model`)", optional=True,

@@ -32,6 +32,7 @@ REQUEST_FIELDS: dict[str, tuple[str, str]] = {
     "repetition_penalty": ("generate", "repetition_penalty"),
     "min_p": ("generate", "min_p"),
     "min_tokens": ("generate", "min_tokens"),
+    "bad_words": ("generate", "bad_words"),
 }
 
 # per-request token-id lists no stage parameter sets (the request's own: vLLM's allowed_token_ids):
@@ -166,6 +167,10 @@ def check_value(p: Param, value: Any, field: str | None = None) -> Any:
             raise bad()
         if p.max_items is not None and len(items) > p.max_items:
             raise ParamError(f"'{field}' holds {len(items)} strings; at most {p.max_items} are allowed", field)
+        if p.nonblank and not all(s.strip() for s in items):
+            blank = next(s for s in items if not s.strip())
+            raise ParamError(f"'{field}' holds {_shown(blank)}, whitespace alone: give words with a character "
+                             "besides whitespace", field)
         if p.max_length is not None and any(len(s) > p.max_length for s in items):
             longest = max(len(s) for s in items)
             raise ParamError(f"a '{field}' string has {longest} characters; at most {p.max_length} are allowed",
@@ -206,3 +211,10 @@ def check_token_ids(field: str, value: Any) -> tuple[int, ...]:
             raise ParamError(f"'{field}[{i}]' must be a token id (an integer of at least 0), not {_shown(t)}",
                              field)
     return tuple(value)
+
+
+def check_cache_salt(value: Any) -> str:
+    """A request's cache_salt (vLLM's): a non-empty string, or ParamError naming the field."""
+    if not isinstance(value, str) or not value:
+        raise ParamError(f"'cache_salt' must be a non-empty string, not {_shown(value)}", "cache_salt")
+    return value

@@ -244,31 +244,29 @@ class Generate:
     """The model and the sampler: model, device, dtype, compilation, chunked prefill (the
     engine's, the same for every generate stage of one segment); sampling defaults and n (its own)."""
 
-    def configure(self, params, spec, stage: str | None = None):
+    # stage parameter -> the SamplingParams field it sets (stop and bad_words: below, as tuples)
+    SAMPLING = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                "seed": "seed", "ignore_eos": "ignore_eos", "presence_penalty": "presence_penalty",
+                "frequency_penalty": "frequency_penalty", "repetition_penalty": "repetition_penalty",
+                "min_p": "min_p", "min_tokens": "min_tokens"}
+
+    def configure(self, params, spec, stage: str | None = None, given=()):
+        """`given`: the parameters the file sets (the model's generation config fills the others'
+        sampling defaults, flow/segment.py)."""
         _copy(params, spec.engine, {"model": "model", "device": "device", "dtype": "dtype",
                                     "compile": "compile", "prefill_chunk": "prefill_chunk"})
         sampling: dict[str, Any] = {}
-        _copy(params, sampling, {
-            "max_new_tokens": "max_tokens",
-            "temperature": "temperature",
-            "top_p": "top_p",
-            "top_k": "top_k",
-            "seed": "seed",
-            "ignore_eos": "ignore_eos",
-            "presence_penalty": "presence_penalty",
-            "frequency_penalty": "frequency_penalty",
-            "repetition_penalty": "repetition_penalty",
-            "min_p": "min_p",
-            "min_tokens": "min_tokens",
-        })
-        if params.get("stop"):
-            sampling["stop"] = tuple(params["stop"])
+        _copy(params, sampling, self.SAMPLING)
+        for name in ("stop", "bad_words"):
+            if params.get(name):
+                sampling[name] = tuple(params[name])
         if params.get("json_schema"):           # checked and made absolute by agp check
             import json
             from pathlib import Path
 
             spec.json_schema[stage or "generate"] = json.loads(Path(params["json_schema"]).read_text("utf-8"))
         spec.sampling[stage or "generate"] = sampling
+        spec.given_sampling[stage or "generate"] = {self.SAMPLING[p] for p in given if p in self.SAMPLING}
         spec.n[stage or "generate"] = int(params.get("n") or 1)
 
 

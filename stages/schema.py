@@ -43,6 +43,7 @@ class Param:
     max_items: int | None = None               # list[str]: at most this many strings
     max_length: int | None = None              # str / list[str]: each at most this many characters
     max_total: int | None = None               # list[str]: all together at most this many characters
+    nonblank: bool = False                     # list[str]: each string holds a character besides whitespace
 
     def in_range(self, value) -> bool:
         """Whether a number lies within [min, max] (or (min, max] with min_exclusive)."""

@@ -368,18 +368,18 @@ t.agp:5:77: error: unknown parameter 'threads' for stage kind 'dynamic_batch'
 t.agp:8:37: error: unknown parameter 'precision' for stage kind 'generate'
     8 |     stage gen     : generate      { precision = fp32  frobnicate = 1  temperatur = 1.0 }
       |                                     ^^^^^^^^^
-  = expected: a parameter of generate: compile, device, dtype, frequency_penalty, ignore_eos, json_schema, max_new_tokens, min_p, min_tokens, model, n, prefill_chunk, presence_penalty, repetition_penalty, seed, stop, temperature, top_k, top_p
+  = expected: a parameter of generate: bad_words, compile, device, dtype, frequency_penalty, ignore_eos, json_schema, max_new_tokens, min_p, min_tokens, model, n, prefill_chunk, presence_penalty, repetition_penalty, seed, stop, temperature, top_k, top_p
   = help: it is called dtype now: dtype = …
 
 t.agp:8:55: error: unknown parameter 'frobnicate' for stage kind 'generate'
     8 |     stage gen     : generate      { precision = fp32  frobnicate = 1  temperatur = 1.0 }
       |                                                       ^^^^^^^^^^
-  = expected: a parameter of generate: compile, device, dtype, frequency_penalty, ignore_eos, json_schema, max_new_tokens, min_p, min_tokens, model, n, prefill_chunk, presence_penalty, repetition_penalty, seed, stop, temperature, top_k, top_p
+  = expected: a parameter of generate: bad_words, compile, device, dtype, frequency_penalty, ignore_eos, json_schema, max_new_tokens, min_p, min_tokens, model, n, prefill_chunk, presence_penalty, repetition_penalty, seed, stop, temperature, top_k, top_p
 
 t.agp:8:71: error: unknown parameter 'temperatur' for stage kind 'generate'
     8 |     stage gen     : generate      { precision = fp32  frobnicate = 1  temperatur = 1.0 }
       |                                                                       ^^^^^^^^^^
-  = expected: a parameter of generate: compile, device, dtype, frequency_penalty, ignore_eos, json_schema, max_new_tokens, min_p, min_tokens, model, n, prefill_chunk, presence_penalty, repetition_penalty, seed, stop, temperature, top_k, top_p
+  = expected: a parameter of generate: bad_words, compile, device, dtype, frequency_penalty, ignore_eos, json_schema, max_new_tokens, min_p, min_tokens, model, n, prefill_chunk, presence_penalty, repetition_penalty, seed, stop, temperature, top_k, top_p
   = help: did you mean 'temperature'?
 
 5 errors
@@ -615,6 +615,20 @@ t.agp:8:50: error: an empty string in 'stop'
 
 1 error
 """
+
+
+def test_bad_words_of_whitespace_alone_are_a_check_error():
+    # vLLM's bad_words strips a word's leading whitespace: one of whitespace alone bans nothing
+    assert render(pipeline(gen='bad_words = ["red", "  "]')) == """\
+t.agp:8:57: error: a string of whitespace alone in 'bad_words'
+    8 |     stage gen     : generate      { bad_words = ["red", "  "] }
+      |                                                         ^^^^
+  = expected: a list of strings, e.g. ["\\n\\n", "END"]
+  = help: remove it
+
+1 error
+"""
+    assert render(pipeline(gen='stop = ["  "]')) == ""     # a stop string of spaces is a stop string
 
 
 def test_a_string_list_given_a_word():

@@ -389,7 +389,7 @@ def test_agp_run_in_process_writes_its_answers_to_a_stdout_with_no_file_behind_i
     assert not buf.closed and [json.loads(line)["id"] for line in buf.getvalue().splitlines()] == ["a"]
 
 
-@pytest.mark.parametrize("change", ["input", "pipeline"])
+@pytest.mark.parametrize("change", ["input", "pipeline", "generation_config"])
 def test_resume_refuses_an_output_made_from_a_changed_input_or_pipeline(tmp_path, pipeline, change):
     """The same ids are no proof of the same requests: a prompt or the pipeline changed since the
     output was begun makes --resume exit 2 before the model loads, the output left as it is."""
@@ -403,17 +403,21 @@ def test_resume_refuses_an_output_made_from_a_changed_input_or_pipeline(tmp_path
     assert same.returncode == 0, same.stderr
     assert [g["id"] for g in records(out)] == ["a", "b"]
     out.write_text(kept)
+    flags = []
     if change == "input":
         inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "another prompt"}\n')
-    else:
+    elif change == "pipeline":
         pipeline.write_text(pipeline.read_text().replace("max_new_tokens = 4", "max_new_tokens = 3"))
-    r = run(pipeline, "-i", inp, "-o", out, "--resume")
+    else:                                                 # the model's sampling defaults left out
+        flags = ["--generation-config", "vllm"]
+    r = run(pipeline, "-i", inp, "-o", out, "--resume", *flags)
     assert r.returncode == 2, r.stderr
-    assert f"{out} was made from another {change} than this run's" in r.stderr and "--overwrite" in r.stderr
+    said = "input" if change == "input" else "pipeline"
+    assert f"{out} was made from another {said} than this run's" in r.stderr and "--overwrite" in r.stderr
     assert "run summary" not in r.stderr and out.read_text() == kept
-    r = run(pipeline, "-i", inp, "-o", out, "--overwrite")          # starting afresh takes the new one
+    r = run(pipeline, "-i", inp, "-o", out, "--overwrite", *flags)  # starting afresh takes the new one
     assert r.returncode == 0, r.stderr
-    assert run(pipeline, "-i", inp, "-o", out, "--resume").returncode == 0
+    assert run(pipeline, "-i", inp, "-o", out, "--resume", *flags).returncode == 0
     out.write_text("")                    # killed before its first answer: nothing to mix, the next run's
     inp.write_text('{"id": "a", "prompt": "x"}\n')
     assert run(pipeline, "-i", inp, "-o", out, "--resume").returncode == 0

@@ -21,7 +21,7 @@ it holds no record of yet (counted per id, so a repeated id is answered by its e
 an output holding a line that is no record of this input (another file's answers, a line that is
 not an agp record) is refused before the model loads, exit 2: appending would mix two runs; so
 is an output whose fingerprint (OUT.agp-run, written beside it: the input's lines, the pipeline
-file, --pipeline, --dtype) says another input or pipeline made it (lines appended to the input
+file, --pipeline, --dtype, --generation-config) says another input or pipeline made it (lines appended to the input
 are not another: --resume answers them).
 Ctrl-C (SIGINT), SIGTERM or SIGHUP stops admitting, aborts what is in flight (those requests are
 not written, so `--resume` runs them again), writes the summary and `--stats`, and exits
@@ -47,7 +47,7 @@ import time
 import zlib
 from collections import Counter
 
-from pipeline_dsl.cliargs import output_file
+from pipeline_dsl.cliargs import GENERATION_CONFIG_HELP, generation_config, output_file
 from pipeline_dsl.commands import add_pipeline_arguments
 from pipeline_dsl.commands.stdout import answers_on_stdout
 
@@ -68,6 +68,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=None,
                    help="override the pipeline's precision")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--generation-config", type=generation_config, default="auto", metavar="auto|vllm|FOLDER",
+                   help=GENERATION_CONFIG_HELP)
     p.add_argument("--stats", type=output_file, default=None, help="write the run summary as JSON to this file")
     streams = p.add_mutually_exclusive_group()
     streams.add_argument("--no-overlap", action="store_true",
@@ -477,7 +479,8 @@ def _load(args):
     from pipeline_dsl.engine.trace import Trace
     from pipeline_dsl.flow import build_runtime
 
-    return build_runtime(args.pipeline, args.name, overrides={"dtype": args.dtype, "threads": args.threads},
+    return build_runtime(args.pipeline, args.name, overrides={"dtype": args.dtype, "threads": args.threads,
+                                                               "generation_config": args.generation_config},
                          allow_paths=args.allow_path,
                          overlap=True if args.overlap else False if args.no_overlap else None,
                          trace=Trace() if args.trace else None)
@@ -494,7 +497,9 @@ def _digest(lines: list[bytes]) -> str:
 
 def _fingerprint(args, lines: list[bytes]) -> dict:
     """What an output file's answers were made from: the input's lines (as read: a BOM and CRLF
-    endings do not count) and how many, the pipeline file, the pipeline chosen in it and --dtype."""
+    endings do not count) and how many, the pipeline file, the pipeline chosen in it, --dtype and
+    --generation-config (when not the default auto: a fingerprint written before the flag stays
+    the same run's)."""
     import hashlib
 
     try:
@@ -502,7 +507,9 @@ def _fingerprint(args, lines: list[bytes]) -> dict:
             pipeline = hashlib.sha256(f.read()).hexdigest()
     except OSError:                 # no pipeline to read: its load says so, in check's words (exit 2)
         pipeline = None
-    return {"input": _digest(lines), "input_lines": len(lines), "pipeline": [pipeline, args.name, args.dtype]}
+    sampling = [args.generation_config] if args.generation_config != "auto" else []
+    return {"input": _digest(lines), "input_lines": len(lines),
+            "pipeline": [pipeline, args.name, args.dtype, *sampling]}
 
 
 def _fingerprint_path(output: str) -> str:

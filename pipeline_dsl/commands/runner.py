@@ -22,7 +22,7 @@ from pipeline_dsl.engine.engine import percentile
 from pipeline_dsl.requests_io import ParsedRequest
 from pipeline_dsl.serve.answers import offsets
 from pipeline_dsl.serve.protocol import completion_logprobs
-from pipeline_dsl.serve.token_fields import prompt_logprobs_json
+from pipeline_dsl.serve.token_fields import logprob_names, prompt_logprobs_json
 
 
 @dataclass
@@ -103,7 +103,7 @@ def _choice_parts(req: RunRequest, choice, runtime) -> dict:
         return out
     text_of = runtime.token_text(pin)
     if k is not None:
-        out["logprobs"] = completion_logprobs(choice.data, text_of, prompt,
+        out["logprobs"] = completion_logprobs(choice.data, logprob_names(text_of, asked), prompt,
                                               offsets(runtime, pin, asked, runtime.token_bytes(pin)), k=k)
     if prompt_k is not None:
         out["prompt_logprobs"] = prompt_logprobs_json(choice.data.get("prompt_logprobs"), prompt_k, text_of)

@@ -72,7 +72,10 @@ def banner(serving: Serving, url: str, args) -> list[str]:
                      f"tokens; prefix reuse {'on' if c.prefix_reuse else 'off'}"
                      + (f"; {c.scheduling_policy} scheduling" if c.scheduling_policy != "fcfs" else "")
                      + (f"; seed {c.seed}" if c.seed is not None else "")
-                     + (f"; chat template {Path(args.chat_template).name}" if args.chat_template else ""))
+                     + (f"; chat template {Path(args.chat_template).name}" if args.chat_template else "")
+                     + (f"; sampling defaults of generation_config.json: "
+                        f"{', '.join(f'{k}={v:g}' for k, v in e.generation_defaults.items())}"
+                        if e.generation_defaults else ""))
     lines.append(f"  api key {'required' if cfg.api_keys else 'off'}; CORS "
                  f"{', '.join(cfg.allowed_origins) if cfg.allowed_origins else 'off'}; max connections "
                  f"{cfg.max_connections}; queue {serving.runtime.max_queue}"

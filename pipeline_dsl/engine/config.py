@@ -47,6 +47,9 @@ class EngineConfig:
     prompt_limit_by: str = "requests.max_prompt_tokens"  # what set max_prompt_tokens, as refusals name it
     seed: int | None = None                # seeds the generator of requests without a seed of their own
     chat_template: str | None = None       # a Jinja chat template used instead of the model's
+    # vLLM's --generation-config: "auto" (an HF folder's generation_config.json gives the sampling
+    # defaults of requests and stages that set none), "vllm" (it does not), or a folder holding one
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
         from stages.fields import ENGINE_FIELDS, ParamError, check_engine_field
@@ -61,6 +64,10 @@ class EngineConfig:
                              f"cores), not {self.threads!r}")
         if self.max_model_len is not None and int(self.max_model_len) < 1:
             raise InputError(f"max_model_len must be at least 1, not {self.max_model_len!r}")
+        if not isinstance(self.generation_config, str) or not (
+                self.generation_config in ("auto", "vllm") or os.path.isdir(self.generation_config)):
+            raise InputError(f"generation_config must be auto, vllm or a folder holding generation_config.json, "
+                             f"not {self.generation_config!r}")
         if self.batch_timeout_s < 0:
             raise InputError(f"batch_timeout_s must be >= 0, not {self.batch_timeout_s!r}")
         if self.max_tokens_per_step < self.max_batch_size:
@@ -85,6 +92,8 @@ class SamplingParams:
     min_tokens: int = 0                    # EOS and stop_token_ids are masked until this many tokens
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, -100..100) added to the logits
     allowed_token_ids: tuple[int, ...] | None = None  # (vLLM) only these may be sampled; None: every token
+    bad_words: tuple[str, ...] = ()        # (vLLM) words never generated (the engine bans their token sequences)
+    cache_salt: str | None = None          # (vLLM) prefix-cache blocks are shared only with the same salt
     logprobs: int | None = None            # 0..20: the sampled token's logprob + this many alternatives
     prompt_logprobs: int | None = None     # 0..20: each prompt token's logprob + alternatives (prompt_outputs.py)
     pooling: str | None = None             # "mean": the mean of the prompt's final normed hidden states
@@ -97,9 +106,9 @@ class SamplingParams:
         if isinstance(self.allowed_token_ids, list):
             object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
         # accept lists (JSON) and a bare string for `stop`; store tuples (hashable, frozen)
-        for name in ("stop", "stop_token_ids"):
+        for name in ("stop", "stop_token_ids", "bad_words"):
             value = getattr(self, name)
-            if isinstance(value, str) and name == "stop":
+            if isinstance(value, str) and name != "stop_token_ids":
                 value = (value,)
             elif isinstance(value, (list, tuple)) or value is None:
                 value = tuple(value or ())
@@ -126,11 +135,11 @@ class SamplingParams:
     @property
     def plain(self) -> bool:
         """Uses none of the per-sequence features (penalties, logit_bias, allowed_token_ids,
-        min_tokens, logprobs, a constraint): such a request takes the sampler's fast path. min_p is
+        bad_words, min_tokens, logprobs, a constraint): such a request takes the sampler's fast path. min_p is
         a plain sampler setting (it never changes the argmax)."""
         return (self.presence_penalty == 0.0 and self.frequency_penalty == 0.0
                 and self.repetition_penalty == 1.0 and not self.logit_bias and self.allowed_token_ids is None
-                and self.min_tokens == 0 and self.logprobs is None and self.constraint is None)
+                and not self.bad_words and self.min_tokens == 0 and self.logprobs is None and self.constraint is None)
 
     def check(self) -> None:
         """Raise InputError naming the first bad value."""
@@ -140,7 +149,7 @@ class SamplingParams:
         def is_num(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        from stages.fields import ParamError, check_field, check_token_ids
+        from stages.fields import ParamError, check_cache_salt, check_field, check_token_ids
 
         prompt_only = self.max_tokens == 0 and (self.prompt_logprobs is not None or self.pooling is not None)
         for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "presence_penalty",
@@ -151,13 +160,20 @@ class SamplingParams:
                 check_field(name, getattr(self, name))
             except ParamError as e:
                 raise InputError(str(e)) from None
-        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
-            raise InputError(f"stop must be a list of strings, not {self.stop!r}")
-        if self.stop:
+        for name in ("stop", "bad_words"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(isinstance(s, str) for s in value):
+                raise InputError(f"{name} must be a list of strings, not {value!r}", param=name)
+            if value:
+                try:
+                    check_field(name, list(value))
+                except ParamError as e:
+                    raise InputError(str(e), param=e.field) from None
+        if self.cache_salt is not None:
             try:
-                check_field("stop", list(self.stop))
+                check_cache_salt(self.cache_salt)
             except ParamError as e:
-                raise InputError(str(e)) from None
+                raise InputError(str(e), param=e.field) from None
         if not isinstance(self.stop_token_ids, tuple) or not all(
                 is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise InputError(f"stop_token_ids must be a list of token ids, not {self.stop_token_ids!r}")
@@ -200,7 +216,8 @@ class RequestOutput:                       # one per request touched by a step
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int                     # prompt tokens served from the prefix cache
-    metrics: dict = field(default_factory=dict, compare=False)  # ttft_s, ... once finished; "error": why
+    # once finished: ttft_s, ...; "error": why, "error_param": the request field at fault when not the grammar
+    metrics: dict = field(default_factory=dict, compare=False)
     # per new token (params.logprobs set): {"token_id", "logprob", "top": [(id, logprob), ...]},
     # logprobs of the model's raw distribution (log_softmax of the logits before temperature,
     # penalties, bias and masks: vLLM's default), top most likely first

@@ -16,6 +16,7 @@ again.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import resource
@@ -73,6 +74,9 @@ class Engine:
         self.device = torch.device(getattr(runner, "device", "cpu"))
         self._cpu = self.device.type == "cpu"
         self.model_info = info
+        # the model's recommended sampling defaults (generation_config.json, as vLLM reads it): what a
+        # request and its generate stage leave unset takes them (flow/segment.py)
+        self.generation_defaults = dict(info.get("generation_config") or {})
         self.vocab_size = int(getattr(runner, "vocab_size", 0) or info.get("vocab_size", 0))
         context = int(getattr(runner, "max_model_len", 0) or info.get("context_length", 0) or 2048)
         if config.max_model_len is not None and not 0 < config.max_model_len <= context:
@@ -162,6 +166,7 @@ class Engine:
         st = seq.state
         st.detok, st.stops = self._detokenizer(ids, params), StopStrings(params.stop)
         st.generator = make_generator(params.seed)
+        st.bad_words = self.bad_words_ids(params.bad_words)
         if rows_wanted(params):
             seq.prompt_out = PromptOutputs(len(ids), params.prompt_logprobs, params.pooling)
         self.features.start(seq)
@@ -182,6 +187,27 @@ class Engine:
             raise InputError(f"'priority' = {priority} needs priority scheduling, and this engine schedules "
                              f"{self.config.scheduling_policy} (set dynamic_batch's scheduling_policy = priority; "
                              "agp serve: --scheduling-policy priority); leave it out or give 0", param="priority")
+
+    def bad_words_ids(self, words) -> tuple[tuple[int, ...], ...]:
+        """The token sequences `bad_words` bans, as vLLM makes them: each word (its leading spaces
+        stripped) tokenised alone, then with one space before it, the latter kept only when it
+        tokenises to as many tokens as the former and starts with another token (the word in the
+        middle of a text). InputError (param bad_words) for a word that tokenises to nothing or
+        to a token outside the vocabulary."""
+        out: list[tuple[int, ...]] = []
+        for word in words:
+            plain = tuple(self.tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            if not plain:
+                raise InputError(f"'bad_words' holds {json.dumps(word)[:40]}, which tokenises to no token "
+                                 "(give words of at least one character besides spaces)", param="bad_words")
+            spaced = tuple(self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+            out.append(plain)
+            if len(spaced) == len(plain) and spaced[0] != plain[0]:
+                out.append(spaced)
+        if self.vocab_size and out and max(max(ids) for ids in out) >= self.vocab_size:
+            raise InputError(f"'bad_words' tokenises to token id {max(max(ids) for ids in out)}, outside the "
+                             f"model's vocabulary (0..{self.vocab_size - 1})", param="bad_words")
+        return tuple(out)
 
     def prompt_ids(self, prompt=None, messages=None, prompt_token_ids=None, chat_template=True,
                    add_special_tokens=True, tools=None, tool_choice="auto", template_kwargs=None,
@@ -568,6 +594,8 @@ class Engine:
                        "decode_s": now - st.first, "preemptions": seq.num_preemptions}
             if reason == "error":
                 metrics["error"] = st.error
+                if st.error_param:
+                    metrics["error_param"] = st.error_param
         prompt_lp, pooled = seq.prompt_out.take() if seq.prompt_out is not None else (None, None)
         return RequestOutput(seq.request_id, [token], delta, text, reason is not None, reason,
                              seq.num_prompt, seq.num_output, seq.cached_tokens, metrics, logprobs,
@@ -639,7 +667,7 @@ def resolve_device(device: str) -> str:
 def load_runner(config: EngineConfig):
     """(ModelRunner, Tokenizer, info dict) for config.model, its KV pool sized to the budget."""
     from .model import ModelRunner
-    from .models import load_model, resolve_model
+    from .models import generation_defaults, load_model, resolve_model
 
     t0 = time.perf_counter()
     try:                                # the engine's switches, before anything loads (docs/gpu.md)
@@ -650,6 +678,7 @@ def load_runner(config: EngineConfig):
         raise InputError(str(e)) from None
     device = resolve_device(config.device)
     source = resolve_model(config.model)
+    sampling = generation_defaults(source, config.generation_config)     # before the weights: a bad file stops it
     model, tokenizer = load_model(source, dtype=config.dtype, device=device)
     c = model.config
     elem = torch.empty((), dtype=model.dtype).element_size()
@@ -679,7 +708,7 @@ def load_runner(config: EngineConfig):
         extra["attention_fallback"] = runner.attention_fallback
     info = {"model": str(source.path), "dtype": str(model.dtype).replace("torch.", ""),
             "weights": model.weight_kind, "device": device, "vocab_size": c.vocab_size,
-            "context_length": c.max_position, "kv_bytes_per_block": per_block,
+            "context_length": c.max_position, "kv_bytes_per_block": per_block, "generation_config": sampling,
             **extra, "load_s": time.perf_counter() - t0}
     return runner, tokenizer, info
 

@@ -12,7 +12,9 @@ block ids a sequence uses. Shape of the design (vLLM v1's block pool):
   blocks match cached keys shares those blocks instead of recomputing them. A 64-bit
   `hash()` of the parent would make serving another prompt's KV a matter of chance
   (tests/test_kv_cache.py forces such a collision). Partly filled blocks are never
-  shared, so no sequence ever writes into a block another one reads;
+  shared, so no sequence ever writes into a block another one reads. A sequence with a
+  cache salt (vLLM's cache_salt) chains its keys from a root digest of the salt instead
+  of the empty root, so its blocks are shared only with sequences of the same salt;
 - reference counts; a block whose count drops to 0 goes to the free queue but keeps its
   key, so a later request can still hit it. The free queue is in eviction order (front
   = least recently used; blocks without a key go to the front, they are worth nothing);
@@ -32,7 +34,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 BlockKey = bytes  # 16 bytes: blake2b(parent key + the block's token ids)
-ROOT_KEY = b""     # the parent of a sequence's first block
+ROOT_KEY = b""     # the parent of a sequence's first block (one without a cache salt)
+
+
+def root_key(salt: str | None = None) -> BlockKey:
+    """The parent of a sequence's first block: ROOT_KEY, or a digest of its cache salt."""
+    if salt is None:
+        return ROOT_KEY
+    return hashlib.blake2b(b"cache_salt\0" + salt.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
@@ -50,6 +59,7 @@ class _SeqBlocks:
     row: int                                          # its row of BlockTables.array
     table: list[int] = field(default_factory=list)  # physical block ids, in position order
     keys: list[BlockKey] = field(default_factory=list)  # keys of the leading full blocks
+    root: BlockKey = ROOT_KEY                         # the parent of its first block (root_key of its salt)
 
 
 class BlockTables:
@@ -145,10 +155,10 @@ class BlockManager:
         """The sequence's row of `tables.array` (while it holds blocks)."""
         return self.seqs[seq_id].row
 
-    def _seq(self, seq_id: str) -> _SeqBlocks:
+    def _seq(self, seq_id: str, salt: str | None = None) -> _SeqBlocks:
         seq = self.seqs.get(seq_id)
         if seq is None:
-            seq = self.seqs[seq_id] = _SeqBlocks(self.tables.take_row())
+            seq = self.seqs[seq_id] = _SeqBlocks(self.tables.take_row(), root=root_key(salt))
         return seq
 
     # ---- prefix reuse ------------------------------------------------------------------
@@ -164,8 +174,9 @@ class BlockManager:
             keys.append(parent)
         return keys
 
-    def lookup(self, token_ids: list[int]) -> list[int]:
-        """Cached blocks covering the longest full-block prefix (no side effects).
+    def lookup(self, token_ids: list[int], salt: str | None = None) -> list[int]:
+        """Cached blocks covering the longest full-block prefix (no side effects), among those
+        of sequences with the same cache `salt`.
 
         The last token is never covered: the model must compute it to give logits.
         """
@@ -173,7 +184,7 @@ class BlockManager:
             return []
         usable = (len(token_ids) - 1) // self.block_size  # full blocks before the last token
         blocks = []
-        for key in self.block_keys(token_ids[:usable * self.block_size]):
+        for key in self.block_keys(token_ids[:usable * self.block_size], root_key(salt)):
             block = self.cached.get(key)
             if block is None:
                 break
@@ -190,16 +201,16 @@ class BlockManager:
         from_free = sum(1 for b in hit if self.ref[b] == 0)  # cached but unused: they leave the free queue
         return self.blocks_for(num_tokens) - len(hit) + from_free
 
-    def match_prefix(self, seq_id: str, token_ids: list[int], count: bool = True) -> int:
-        """Start a sequence: share its longest cached prefix of full blocks.
+    def match_prefix(self, seq_id: str, token_ids: list[int], count: bool = True, salt: str | None = None) -> int:
+        """Start a sequence: share its longest cached prefix of full blocks (of its cache `salt`).
 
         Returns the number of prompt tokens served from the cache. `count=False` keeps a
         re-admission (after preemption) out of the hit statistics.
         """
         if seq_id in self.seqs and self.seqs[seq_id].table:
             raise ValueError(f"sequence {seq_id!r} already holds blocks")
-        seq = self._seq(seq_id)
-        hit = self.lookup(token_ids)
+        seq = self._seq(seq_id, salt)
+        hit = self.lookup(token_ids, salt)
         for block in hit:
             self._acquire(block)
             seq.table.append(block)
@@ -218,7 +229,7 @@ class BlockManager:
         full = min(num_computed // self.block_size, len(seq.table))
         if full <= len(seq.keys):
             return
-        parent = seq.keys[-1] if seq.keys else None
+        parent = seq.keys[-1] if seq.keys else seq.root
         start = len(seq.keys) * self.block_size
         for key in self.block_keys(token_ids[:full * self.block_size], parent, start):
             block = seq.table[len(seq.keys)]
@@ -228,11 +239,12 @@ class BlockManager:
                 self.key[block] = key
 
     # ---- allocation --------------------------------------------------------------------
-    def allocate(self, seq_id: str, num_tokens: int) -> bool:
-        """Grow the sequence's table to cover positions [0, num_tokens). All or nothing."""
+    def allocate(self, seq_id: str, num_tokens: int, salt: str | None = None) -> bool:
+        """Grow the sequence's table to cover positions [0, num_tokens). All or nothing. A
+        sequence it starts (one match_prefix did not) publishes its blocks under `salt`."""
         seq = self.seqs.get(seq_id)
         if seq is None:
-            seq = self._seq(seq_id)
+            seq = self._seq(seq_id, salt)
         need = -(-num_tokens // self.block_size) - len(seq.table)
         if need <= 0:                      # the common decode step: the last block has room
             return True

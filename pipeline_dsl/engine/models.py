@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline_dsl.model_files import EMBEDDED_FILES as EMBEDDED
-from pipeline_dsl.model_files import ModelFileProblem, embedded_file
+from pipeline_dsl.model_files import ModelFileProblem, embedded_file, read_json_object
 
 from .errors import ModelFileError, ModelNotFoundError
 
@@ -89,3 +89,37 @@ def load_model(model: str | ModelSource | None = None, dtype: str = "auto", devi
     source = model if isinstance(model, ModelSource) else resolve_model(model)
     config, weights, tokenizer = load_weights(source)
     return LlamaModel(config, weights, dtype=dtype, device=device), tokenizer
+
+
+# generation_config.json keys vLLM takes as a request's sampling defaults -> the request field each sets
+GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                   "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(source: ModelSource, setting: str = "auto") -> dict:
+    """The sampling defaults a model's generation_config.json recommends, as vLLM's
+    `--generation-config` takes them: "auto" reads the Hugging Face folder's (a GGUF file has
+    none), "vllm" none, a folder path that folder's. {request field: value} of the keys it sets
+    (GENERATION_KEYS), each checked by the field's one schema; a value outside it is a
+    ModelFileError naming the file and the key."""
+    from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
+
+    if setting == "vllm" or (setting == "auto" and source.kind != "hf"):
+        return {}
+    path = (source.path if setting == "auto" else Path(setting)) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = read_json_object(path, path.name)
+    except ModelFileProblem as e:
+        raise ModelFileError(" ".join(str(e).split())) from e
+    out = {}
+    for key, field in GENERATION_KEYS.items():
+        if config.get(key) is None:
+            continue
+        try:
+            out[field] = check_value(param_of(*REQUEST_FIELDS[field]), config[key], key)
+        except ParamError as e:
+            raise ModelFileError(f"{path}: {e}; give --generation-config vllm to leave its sampling "
+                                 "defaults out") from None
+    return out

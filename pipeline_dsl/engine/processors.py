@@ -11,6 +11,8 @@ vectorised over those rows:
     allowed ids   in the same row: -inf at every token outside allowed_token_ids (vLLM's mask),
                   so the restriction costs nothing per step beyond the bias add
     repetition    tokens of the prompt or the output: logit > 0: / r, else * r
+    bad words     -inf at the last token of each bad word whose other tokens end the output
+                  (vLLM's bad_words: a one-token word always, a longer one after its prefix)
     freq/presence + the request's penalty row: -(frequency * count + presence) at tokens
                   of the output, kept up to date as tokens are sampled (no pass over counts)
     min_tokens    EOS and stop_token_ids -> -inf until min_tokens were generated
@@ -18,8 +20,8 @@ vectorised over those rows:
     draw          greedy argmax, or temperature / top-k / top-p / min_p (Sampler)
 
 and after the draw: the penalised rows' counts, penalty and seen entries at their tokens
-(index_put of r elements), each matcher advanced by its token, the logprob rows kept for
-the host.
+(index_put of r elements), each matcher advanced by its token, each bad-word tail by its
+token, the logprob rows kept for the host.
 
 State. Per sequence in `seq.state` (state.DecodeState) (set by `start` at add_request on the host): `plain`,
 the number of tokens sampled so far, the grammar matcher, a FIFO of logprob entries. The
@@ -36,7 +38,9 @@ a preempted sequence keeps its state and re-prefills, it does not sample again w
 
 What is not vectorised: a per-step Python loop over the rows that use a feature (their
 slot, min_tokens progress, building index lists) and one `Matcher.accept` per constrained
-row (llguidance is a CPU state machine: constrained rows cost one host sync on CUDA).
+row (llguidance is a CPU state machine: constrained rows cost one host sync on CUDA), and
+the tails of rows with a bad word of several tokens (the same host sync: which word's prefix
+ends the output is known on the host).
 """
 from __future__ import annotations
 
@@ -112,6 +116,9 @@ class Features:
             st.banned = tuple(sorted(t for t in banned if t < self.vocab or not self.vocab))
         if p.logprobs is not None:
             st.lp = deque()
+        longest = max((len(w) for w in st.bad_words), default=0)
+        if longest > 1:                   # the output's last tokens, as many as a word's prefix
+            st.tail = deque(maxlen=longest - 1)
 
     def release(self, seq) -> None:
         if not seq.state.plain:
@@ -145,6 +152,7 @@ class Features:
         if slotted:
             pen = self._penalise(logits, [seqs[i] for i in slotted], slotted)
         self._min_tokens(logits, seqs, rows)
+        self._bad_words(logits, seqs, rows)
         matchers = [None] * len(seqs)
         for i in rows:
             matchers[i] = seqs[i].state.matcher
@@ -154,9 +162,12 @@ class Features:
         tokens = draw(sampler, logits, seqs)                                    # [n]
         if slotted:
             self._count(tokens, *pen)
-        host = tokens.tolist() if constrained else None                         # llguidance is on the CPU
+        tailed = any(seqs[i].state.tail is not None for i in rows)
+        host = tokens.tolist() if constrained or tailed else None               # llguidance is on the CPU
         for i in rows:
             st = seqs[i].state
+            if st.tail is not None:
+                st.tail.append(host[i])
             n = st.sampled
             st.sampled = n + 1
             m = st.matcher
@@ -230,6 +241,28 @@ class Features:
                 continue
             r_idx += [i] * len(banned)
             t_idx += banned
+        if r_idx:
+            logits[_to(r_idx, logits.device), _to(t_idx, logits.device)] = float("-inf")
+
+    def _bad_words(self, logits, seqs, rows) -> None:
+        """-inf at the last token of each bad word whose other tokens are the output's last ones
+        (vLLM's: the output alone, never the prompt, and a word longer than the output so far and
+        one token is not looked at)."""
+        r_idx, t_idx = [], []
+        for i in rows:
+            st = seqs[i].state
+            if not st.bad_words:
+                continue
+            tail = list(st.tail) if st.tail is not None else []      # [-(longest - 1):] of the output
+            banned = {word[-1] for word in st.bad_words
+                      if len(word) - 1 <= st.sampled and tail[len(tail) - len(word) + 1:] == list(word[:-1])}
+            r_idx += [i] * len(banned)
+            t_idx += banned
+            allowed = seqs[i].params.allowed_token_ids
+            if allowed is not None and banned.issuperset(allowed) and st.error_at is None:
+                st.error_at = st.sampled      # nothing is left to sample: accept_token ends it with "error"
+                st.error = "'bad_words' bans every token 'allowed_token_ids' leaves at this point of the answer"
+                st.error_param = "bad_words"
         if r_idx:
             logits[_to(r_idx, logits.device), _to(t_idx, logits.device)] = float("-inf")
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import EngineConfig, SamplingParams
-from .kv_cache import BlockManager
+from .kv_cache import BlockManager, root_key
 from .state import DecodeState
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
@@ -310,7 +310,8 @@ class Scheduler:
             if self._prefill_left is not None and self._prefill_left <= 0 and not static:
                 break                             # the prefill room of this step is spent
             fresh = seq.prompt_out is not None   # every prompt row computed: no prefix cache read
-            hit = [] if fresh else bm.lookup(seq.token_ids)
+            salt = seq.params.cache_salt
+            hit = [] if fresh else bm.lookup(seq.token_ids, salt)
             if in_flight and not fresh:
                 keys = self._prompt_keys(seq)
                 if len(hit) < len(keys) and keys[len(hit)] in in_flight:
@@ -327,11 +328,11 @@ class Scheduler:
             if bm.admission_cost(hit, need) + spare > bm.num_free:
                 break  # wait for running sequences to finish and free blocks
             seq.num_computed = 0 if fresh else bm.match_prefix(seq.request_id, seq.token_ids,
-                                                               count=not seq.admitted)
+                                                               count=not seq.admitted, salt=salt)
             if not seq.admitted:
                 seq.cached_tokens, seq.admitted = seq.num_computed, True
                 seq.scheduled = self.clock()
-            if not bm.allocate(seq.request_id, seq.num_computed + n):
+            if not bm.allocate(seq.request_id, seq.num_computed + n, salt):
                 raise AssertionError("admission check and allocation disagree")
             self.waiting.remove(seq)
             seq.status = RUNNING
@@ -354,7 +355,8 @@ class Scheduler:
         keys = self._prompt_keys_of.get(seq)
         if keys is None:
             usable = (seq.num_prompt - 1) // self.blocks.block_size * self.blocks.block_size
-            keys = self._prompt_keys_of[seq] = self.blocks.block_keys(seq.token_ids[:usable])
+            keys = self._prompt_keys_of[seq] = self.blocks.block_keys(seq.token_ids[:usable],
+                                                                      root_key(seq.params.cache_salt))
         return keys
 
     def _victim(self) -> Sequence:

@@ -36,8 +36,11 @@ class DecodeState:
     slotted: bool = False                 # has a row of the penalty / bias tensors
     slot: int | None = None               # ... that row, once taken (the sampling thread)
     banned: tuple[int, ...] = ()          # EOS and stop ids masked until min_tokens
+    bad_words: tuple = ()                 # bad_words' token sequences (the engine, at add_request)
+    tail: deque | None = None             # the last tokens sampled, as long as the longest bad word less one
     lp: deque | None = None               # FIFO of (StepLogprobs, row, k) per sampled token
     error_at: int | None = None           # output index of a token the grammar refused
     error: str | None = None              # ... and why
+    error_param: str | None = None        # ... and the request field at fault, when not the grammar (bad_words)
     # executor: output position -> (micro-batch, sample index) of a token still in flight
     pending: dict[int, tuple[int, int]] = field(default_factory=dict)

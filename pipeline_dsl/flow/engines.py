@@ -311,10 +311,11 @@ class EngineSide:
                     heard(req, item.index, out)
             if out.finished:
                 finished.append((item, out))
-        for item, out in unenforceable:
+        for item, out in unenforceable:            # the grammar, or a field (error_param) left no token
             why = (out.metrics or {}).get("error") or "the grammar refused a token"
-            self._fail(item.req, PipelineError(f"the answer's constraint cannot be enforced: {why}", "invalid",
-                                               item.at), item)
+            param = (out.metrics or {}).get("error_param")
+            self._fail(item.req, PipelineError(why if param else f"the answer's constraint cannot be enforced: {why}",
+                                               "invalid", item.at, param=param), item)
         if not finished:
             return
         with self._lock:

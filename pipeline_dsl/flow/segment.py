@@ -25,7 +25,7 @@ from stages.fields import REQUEST_FIELDS
 # request may set (stages/fields.py), and the per-request ones no stage sets
 SAMPLING_FIELDS = tuple(f for f in REQUEST_FIELDS if f != "n") + (
     "stop_token_ids", "logit_bias", "allowed_token_ids", "logprobs", "prompt_logprobs", "skip_special_tokens",
-    "spaces_between_special_tokens", "include_stop_str_in_output", "pooling")
+    "spaces_between_special_tokens", "include_stop_str_in_output", "pooling", "cache_salt")
 # constraints a request may bring (response_format, or agp serve's mapping of vLLM's guided fields)
 CONSTRAINTS = ("json_object", "json_schema", "regex", "choice", "grammar")
 
@@ -36,6 +36,7 @@ class SegmentSpec:
     segment: Segment
     engine: dict[str, Any] = field(default_factory=dict)          # EngineConfig fields
     sampling: dict[str, dict] = field(default_factory=dict)       # generate stage -> SamplingParams defaults
+    given_sampling: dict[str, set] = field(default_factory=dict)  # generate stage -> those its file sets
     n: dict[str, int] = field(default_factory=dict)               # generate stage -> answers per request
     json_schema: dict[str, dict] = field(default_factory=dict)    # generate stage -> schema every answer follows
     chat_template: bool = True                                    # encode: render messages with the template
@@ -55,7 +56,8 @@ def segment_spec(graph: nx.DiGraph, segment: Segment) -> SegmentSpec:
         data = graph.nodes[stage]
         implementation(data["kind"])().configure(dict(data["params"]), spec)
     for gen in segment.generates:
-        implementation("generate")().configure(dict(graph.nodes[gen]["params"]), spec, stage=gen)
+        implementation("generate")().configure(dict(graph.nodes[gen]["params"]), spec, stage=gen,
+                                               given=graph.nodes[gen].get("given", ()))
     for node in graph:                         # the request source's prompt limit applies to every engine
         if graph.nodes[node].get("kind") == "requests":
             limit = graph.nodes[node]["params"].get("max_prompt_tokens")
@@ -100,7 +102,12 @@ class EngineSegment:
         self.config = EngineConfig(**values)
         self.engine = engine if engine is not None else Engine(self.config)
         self.executor = Executor(self.engine, plan, overlap=overlap, trace=trace)
-        self.defaults = {g: SamplingParams(**spec.sampling.get(g, {})) for g in spec.segment.generates}
+        # a stage's sampling defaults: what its file sets, over the model's generation config (vLLM's
+        # --generation-config auto), over the stage parameters' own defaults
+        model = getattr(self.engine, "generation_defaults", None) or {}
+        self.defaults = {g: SamplingParams(**{**spec.sampling.get(g, {}), **{
+            k: v for k, v in model.items() if k not in spec.given_sampling.get(g, ())}})
+            for g in spec.segment.generates}
         self.n = dict(spec.n)
         self._compiler = None                    # constrain.ConstraintCompiler, built at first use
         self._compiler_lock = threading.Lock()

@@ -8,7 +8,7 @@ No HTTP here: the runtime only lends the tokens' text (logprobs) and detokenises
 from __future__ import annotations
 
 from . import protocol as P
-from .token_fields import answer_fields
+from .token_fields import answer_fields, logprob_names
 
 
 def prompt_text(runtime, data: dict, req: P.GenerationRequest) -> str:
@@ -37,9 +37,10 @@ def answer_body(runtime, res, req: P.GenerationRequest, rid: str,
     text_of = runtime.token_text(req.pin) if want or req.prompt_logprobs is not None else None
     want_ids = bool(req.fields.get("return_token_ids"))
     bytes_of = runtime.token_bytes(req.pin) if want else None
+    name_of = logprob_names(text_of, req.fields)
     if req.kind == "chat":
         choices = [(c.index, c.text, c.finish_reason,
-                    P.chat_logprobs(c.data.get("logprobs") or [], text_of, bytes_of) if want else None,
+                    P.chat_logprobs(c.data.get("logprobs") or [], name_of, bytes_of) if want else None,
                     {"stop_reason": c.data.get("stop_reason"), **answer_fields(c.data, None, want_ids, text_of)[1]})
                    for c in res.choices]
         top = answer_fields(res.choices[0].data, req.prompt_logprobs, want_ids, text_of)[0]
@@ -51,7 +52,7 @@ def answer_body(runtime, res, req: P.GenerationRequest, rid: str,
     for c in res.choices:
         prompt = prompt_text(runtime, c.data, req) if echo else ""
         of_prompt, of_answer = answer_fields(c.data, req.prompt_logprobs, want_ids, text_of)
-        lp = (P.completion_logprobs(c.data, text_of, prompt if echo else None,
+        lp = (P.completion_logprobs(c.data, name_of, prompt if echo else None,
                                     offsets(runtime, req.pin, req.fields, bytes_of), k=req.fields.get("logprobs"))
               if want else None)
         choices.append((c.index, prompt + c.text, c.finish_reason, lp,

@@ -97,6 +97,7 @@ def build(args, *, host: str | None = None) -> Serving:
                                            "max_batch_size": args.max_num_seqs,
                                            "scheduling_policy": args.scheduling_policy,
                                            "seed": args.seed, "chat_template": template,
+                                           "generation_config": args.generation_config,
                                            "prefix_reuse": False if args.no_prefix_reuse else None})
     except InputError as e:
         raise SetupError(str(e)) from None
@@ -115,7 +116,8 @@ def build(args, *, host: str | None = None) -> Serving:
                          stats_interval_s=args.stats_interval, trace_path=args.trace,
                          root_path=args.root_path, system_fingerprint=system_fingerprint(runtime, template),
                          quiet_paths=tuple(args.disable_access_log_for_endpoints or ()),
-                         exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none)
+                         exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
+                         return_tokens_as_token_ids=args.return_tokens_as_token_ids)
     metrics = ServerMetrics(model_name=names[0], engine_of={g: str(i) for i, es in enumerate(runtime.segments)
                                                             for g in es.segment.generates})
     apipe = AsyncPipeline(runtime, metrics=metrics, max_unread_tokens=args.max_unread_tokens)

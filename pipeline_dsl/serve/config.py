@@ -30,6 +30,7 @@ class ServeConfig:
     stats_interval_s: float = 10.0         # a stats log line this often while busy (0: none)
     trace_path: str | None = None          # the Chrome trace is written here (flush, shutdown)
     exclude_tools_when_tool_choice_none: bool = False   # vLLM's flag: such a request's tools stay out of its prompt
+    return_tokens_as_token_ids: bool = False   # vLLM's flag: logprobs name tokens "token_id:N" unless a request says false
     root_path: str = ""                    # the prefix a proxy serves under: routes answer with and without it
     system_fingerprint: str | None = None  # OpenAI's: the configuration answers come from (build.system_fingerprint)
     quiet_paths: tuple[str, ...] = ()      # their successful answers write no access line (probes, scrapes)

@@ -1,7 +1,8 @@
 """vLLM's request fields beyond OpenAI's, with the meaning vLLM gives them.
 
     extras = parse_extras(body, chat=True)     # APIError (400) naming the field
-    extras.fields        # skip_special_tokens, spaces_between_special_tokens, include_stop_str_in_output
+    extras.fields        # skip_special_tokens, spaces_between_special_tokens, include_stop_str_in_output,
+                         # cache_salt (prefix-cache blocks shared only among requests of one salt)
     extras.constraint    # structured_outputs / guided_* / response_format as one constraint spec
     extras.template_kwargs, extras.request_id
 
@@ -18,13 +19,13 @@ import json
 from dataclasses import dataclass, field
 
 from pipeline_dsl.constraints import GrammarError, check_spec
-from pipeline_dsl.requests_io import RequestError, parse_response_format
+from pipeline_dsl.requests_io import RequestError, cache_salt, parse_response_format
 
 from .api_error import APIError
 
 FLAGS = ("skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output")
 GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
-FIELDS = (*FLAGS, *GUIDED, "structured_outputs", "request_id")
+FIELDS = (*FLAGS, *GUIDED, "structured_outputs", "request_id", "cache_salt")
 CHAT_FIELDS = ("chat_template_kwargs",)
 # variables the template gets from agp itself: a request may not set them through chat_template_kwargs
 TEMPLATE_OWN = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
@@ -135,6 +136,11 @@ def parse_extras(obj: dict, *, chat: bool) -> Extras:
             if not isinstance(value, bool):
                 raise bad(name, "true or false", value)
             out.fields[name] = value
+    if obj.get("cache_salt") is not None:
+        try:
+            out.fields["cache_salt"] = cache_salt(obj["cache_salt"])
+        except RequestError as e:
+            raise APIError(str(e), param=e.param) from None
     rid = obj.get("request_id")
     if rid is not None:
         if not (isinstance(rid, str) and 0 < len(rid) <= 128 and rid.isascii() and rid.isprintable()

@@ -7,6 +7,7 @@ error, for streams too; a client that goes away aborts its request (its KV block
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -55,6 +56,8 @@ class Generations:
                     lenient=c.lenient)
         if "n" not in req.fields:           # the generate stage's n answers each prompt
             P.check_choices(1 + len(req.more_prompts), c.max_stage_n)
+        if c.return_tokens_as_token_ids and body.get("return_tokens_as_token_ids") is None:   # the server's default
+            req = replace(req, fields={**req.fields, "return_tokens_as_token_ids": True})
         return req
 
     def refused(self, err: P.APIError) -> Response:

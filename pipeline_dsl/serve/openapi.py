@@ -16,6 +16,7 @@ from .embeddings import MAX_INPUTS
 from .protocol import CHAT_LACKING, CHAT_NEUTRAL, IDENTIFIERS, MAX_PROMPTS, NEUTRAL
 
 _SEED = param_of("generate", "seed")                # one schema: the range `agp check` takes
+_BAD_WORDS = param_of("generate", "bad_words")
 
 
 def _number(field: str) -> dict:
@@ -84,6 +85,13 @@ SAMPLING = {
     "allowed_token_ids": {"type": "array", "minItems": 1, "maxItems": TOKEN_ID_FIELDS["allowed_token_ids"],
                           "items": {"type": "integer", "minimum": 0}, "description": "only these may be sampled"},
     "return_token_ids": {"type": "boolean", "description": "the prompt's and the answer's token ids too"},
+    "return_tokens_as_token_ids": {"type": "boolean", "description": "logprobs name tokens 'token_id:N'"},
+    "bad_words": {"oneOf": [{"type": "string", "minLength": 1, "maxLength": _BAD_WORDS.max_length},
+                            {"type": "array", "maxItems": _BAD_WORDS.max_items,
+                             "items": {"type": "string", "minLength": 1, "maxLength": _BAD_WORDS.max_length}},
+                            {"type": "null"}], "description": "words never generated"},
+    "cache_salt": {"type": "string", "minLength": 1,
+                   "description": "prefix-cache blocks are shared only among requests of the same salt"},
     "structured_outputs": {"type": "object", "properties": {
         "json": {"type": "object"}, "regex": {"type": "string"}, "grammar": {"type": "string"},
         "choice": {"type": "array", "items": {"type": "string"}}, "json_object": {"type": "boolean"},
@@ -226,7 +234,7 @@ RESPONSES_REQUEST = {"type": "object", "required": ["input"], "additionalPropert
     "max_tool_calls": {"type": ["integer", "null"], "minimum": 1},
     **{name: SAMPLING[name] for name in ("request_id", "top_k", "min_p", "repetition_penalty", "seed", "stop",
                                          "ignore_eos", "structured_outputs", "guided_json", "guided_regex",
-                                         "guided_choice", "guided_grammar", "priority")}}}
+                                         "guided_choice", "guided_grammar", "priority", "cache_salt")}}}
 
 RESPONSES_RESPONSE = {"type": "object", "required": ["id", "object", "created_at", "status", "model", "output"],
                       "properties": {"id": {"type": "string"}, "object": {"const": "response"},

@@ -14,7 +14,7 @@ import math
 import os
 from pathlib import Path
 
-from pipeline_dsl.cliargs import output_file, switch
+from pipeline_dsl.cliargs import GENERATION_CONFIG_HELP, generation_config, output_file, switch
 from pipeline_dsl.loader import add_pipeline_arguments
 
 from .config import OPEN_PATHS
@@ -76,6 +76,8 @@ def add_arguments(p) -> None:
                    help="a Jinja chat template file used instead of the model's")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the sampling of requests that bring no seed of their own")
+    p.add_argument("--generation-config", type=generation_config, default="auto", metavar="auto|vllm|FOLDER",
+                   help=GENERATION_CONFIG_HELP)
     p.add_argument("--root-path", default="",
                    help="the path prefix a proxy serves this server under (e.g. /llm)")
     p.add_argument("--allowed-origins", type=_names, default=None, metavar="ORIGINS",
@@ -102,6 +104,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-unread-tokens", type=int, default=1024,
                    help="tokens a stream may have waiting for its client (the socket's buffer full); more: "
                         "the request is aborted and its KV cache freed (default: 1024)")
+    p.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help="logprobs name each token \"token_id:N\" instead of its text, for requests that do not "
+                        "set return_tokens_as_token_ids themselves (vLLM's flag)")
     p.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
                    help="leave a request's tools out of its prompt when its tool_choice is \"none\" (as vLLM's "
                         "flag; by default the model sees them, and no tool call is parsed from its answer)")

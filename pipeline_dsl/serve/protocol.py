@@ -132,12 +132,11 @@ COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop"
           "min_p", "response_format"}
 VLLM = {"skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output", "request_id",
         "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",  # serve/extras.py
-        "guided_decoding_backend", "truncate_prompt_tokens", "priority"}
+        "guided_decoding_backend", "truncate_prompt_tokens", "priority", "bad_words", "cache_salt"}
 # fields agp serves only at the value that changes nothing (what clients send by default):
 # name -> (the values taken, the hint otherwise); a null is always taken
 NEUTRAL = {"best_of": ((1,), None), "suffix": (("",), None),
            "use_beam_search": ((False,), None), "length_penalty": ((1.0,), None),
-           "return_tokens_as_token_ids": ((False,), None), "bad_words": (([],), None),
            "vllm_xargs": (({},), None)}
 CHAT_NEUTRAL = {"echo": ((False,), None), "add_special_tokens": ((False,), None), "documents": ((), None),
                 "functions": ((), "use 'tools'"), "function_call": ((), "use 'tool_choice'")}

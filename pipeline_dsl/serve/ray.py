@@ -65,6 +65,8 @@ def build_app(args, gpus: float = 0):
     for name in ("pipeline", "chat_template"):
         if options.get(name):
             options[name] = str(Path(options[name]).resolve())
+    if options.get("generation_config") not in (None, "auto", "vllm"):       # a folder
+        options["generation_config"] = str(Path(options["generation_config"]).resolve())
     options.pop("func", None)
     hub = AgpMetrics.bind()
     pipeline = AgpPipeline.options(**pipeline_options(args, gpus)).bind(options, hub)

@@ -21,7 +21,7 @@ from .access import request_info
 from .answers import offsets, prompt_text
 from .async_pipeline import RequestStream, StreamGroup
 from .errors import api_error, log_error
-from .token_fields import answer_fields
+from .token_fields import answer_fields, logprob_names
 
 
 class EventStream(StreamingResponse):
@@ -149,6 +149,7 @@ class ChunkWriter(Relay):
         self.want_ids = bool(req.fields.get("return_token_ids"))
         self.text_of = runtime.token_text(req.pin) if self.want_lp or req.prompt_logprobs is not None else None
         self.bytes_of = runtime.token_bytes(req.pin) if self.want_lp else None
+        self.name_of = logprob_names(self.text_of, req.fields)     # what the logprobs call each token
         self.opening: dict[int, dict] = {}             # per choice: what its first chunk carries of the prompt
         self.echo = not self.chat and bool(req.fields.get("echo"))
         self.parts = req.split() if self.echo else []
@@ -204,7 +205,7 @@ class ChunkWriter(Relay):
             text = part.prompt if part.prompt is not None else \
                 self.runtime.detokenise(list(part.prompt_token_ids), req.pin)
         ids, lps = self._prompt_of(index, data)
-        lp = (P.completion_logprobs({"prompt_logprobs": lps, "prompt_token_ids": ids}, self.text_of, text,
+        lp = (P.completion_logprobs({"prompt_logprobs": lps, "prompt_token_ids": ids}, self.name_of, text,
                                     offsets(self.runtime, req.pin, req.fields, self.bytes_of),
                                     k=req.fields.get("logprobs"))
               if self.want_lp and lps else None)
@@ -231,8 +232,8 @@ class ChunkWriter(Relay):
             text, calls = self.tool_streams.setdefault(index, ToolStream(self.req.call_limit)).feed(text)
         lp = None
         if self.want_lp and step_lp:                   # these tokens' logprobs, with their text
-            lp = (P.chat_logprobs(step_lp, self.text_of, self.bytes_of) if self.chat
-                  else P.completion_logprobs({"logprobs": step_lp}, self.text_of, None, self._offsets(index)))
+            lp = (P.chat_logprobs(step_lp, self.name_of, self.bytes_of) if self.chat
+                  else P.completion_logprobs({"logprobs": step_lp}, self.name_of, None, self._offsets(index)))
         if text or lp is not None or (self.want_ids and ids):
             out.append(self._chunk(index, text, logprobs=lp, ids=ids))
         return out + self._calls(index, calls)

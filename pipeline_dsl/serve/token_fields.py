@@ -14,6 +14,9 @@
   vocabulary) is a 400 here, as it is in vLLM past its max_logprobs (20 by default); so is a value
   above 0 on a stream (vLLM's rule); 0 on a stream comes on the first chunk of each choice.
 - `allowed_token_ids`: only these tokens may be sampled (the engine's mask, processors.py).
+- `return_tokens_as_token_ids`: the logprobs name each token "token_id:N" instead of its text
+  (`token_text`), in chat and completions, streamed and whole, so a token that is no text of its
+  own (part of a character) is still told apart.
 - `return_token_ids` (vLLM >= 0.10.2): completions choices carry `prompt_token_ids` and
   `token_ids`; chat answers `prompt_token_ids`, their choices `token_ids`. Streamed: the prompt's
   ids on the first chunk of each choice (chat: at the top of the chunk that opens it), each later
@@ -29,7 +32,7 @@ from stages.fields import TOKEN_ID_FIELDS, ParamError, check_token_ids
 
 from .api_error import APIError
 
-FIELDS = ("prompt_logprobs", "return_token_ids", *TOKEN_ID_FIELDS)
+FIELDS = ("prompt_logprobs", "return_token_ids", "return_tokens_as_token_ids", *TOKEN_ID_FIELDS)
 FLOOR = -9999.0            # what a logprob of -inf is sent as (JSON has no infinity; vLLM's value)
 
 
@@ -66,12 +69,24 @@ def parse_token_fields(obj: dict, *, stream: bool) -> TokenFields:
                 out.fields[name] = list(check_token_ids(name, obj[name]))
             except ParamError as e:
                 raise APIError(str(e), param=e.field) from None
-    want = obj.get("return_token_ids")
-    if want is not None and not isinstance(want, bool):
-        raise APIError(f"'return_token_ids' must be true or false, not {_shown(want)}", param="return_token_ids")
-    if want:
-        out.fields["return_token_ids"] = True
+    for name in ("return_token_ids", "return_tokens_as_token_ids"):
+        want = obj.get(name)
+        if want is not None and not isinstance(want, bool):
+            raise APIError(f"'{name}' must be true or false, not {_shown(want)}", param=name)
+        if want:
+            out.fields[name] = True
     return out
+
+
+def logprob_names(text_of, fields: dict):
+    """How a request's logprobs name each token: its text (`text_of`), or "token_id:N" when it asked
+    for return_tokens_as_token_ids (vLLM's names; a chat entry's `bytes` stay the token's own,
+    and text_offset still counts the answer's characters)."""
+    return _as_token_id if fields.get("return_tokens_as_token_ids") else text_of
+
+
+def _as_token_id(token_id: int) -> str:
+    return f"token_id:{token_id}"
 
 
 def _logprob(value: float, rank: int | None, text: str) -> dict:

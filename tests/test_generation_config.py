@@ -1,0 +1,139 @@
+"""A Hugging Face folder's generation_config.json as the requests' sampling defaults, as vLLM's
+default `--generation-config auto` takes them: temperature, top_p, top_k, min_p,
+repetition_penalty and max_new_tokens (max_tokens) where the request and its generate stage set
+none; a field the request sets, or the .agp file sets on the stage, wins; `--generation-config
+vllm` leaves the file out, a folder takes that folder's file. A value outside the field's schema
+stops the load with the file and key named."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipeline_dsl.engine.errors import ModelFileError
+from pipeline_dsl.engine.models import generation_defaults, resolve_model
+from pipeline_dsl.flow import build_runtime
+from test_model_families import gguf_as_hf_folder
+from test_run import ROOT
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+RECOMMENDED = {"temperature": 0.7, "top_p": 0.9, "top_k": 5, "min_p": 0.05, "repetition_penalty": 1.3,
+               "max_new_tokens": 7}
+AS_FIELDS = {**{k: v for k, v in RECOMMENDED.items() if k != "max_new_tokens"}, "max_tokens": 7}
+STAGE = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "max_tokens": 128}
+
+PIPELINE = """
+pipeline hf {{
+    model = "{model}"
+    device = cpu
+    stage request : requests      {{}}
+    stage batch   : dynamic_batch {{ max_batch_size = 4 }}
+    stage encode  : encode        {{}}
+    stage kv      : kv_lookup     {{ block_size = 8  budget = 1MiB }}
+    stage gen     : generate      {{ {gen} }}
+    stage out     : respond       {{}}
+    request -> batch -> encode -> kv -> gen -> out
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, soft_gguf):
+    from pipeline_dsl.engine.models import load_model
+
+    path = tmp_path_factory.mktemp("hf")
+    _, tok = load_model(str(soft_gguf), dtype="fp32")
+    gguf_as_hf_folder(soft_gguf, path, tok)
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2,
+                                                             "do_sample": True, **RECOMMENDED}))
+    return path
+
+
+def pipeline(tmp_path, folder, gen: str = "") -> str:
+    path = tmp_path / "hf.agp"
+    path.write_text(PIPELINE.format(model=folder, gen=gen))
+    return str(path)
+
+
+def params_of(runtime, data: dict):
+    seg = runtime.segments[0]
+    return seg.sampling("gen", {"prompt": "hi", **data}, 3)
+
+
+def fields(params, names) -> dict:
+    return {k: getattr(params, k) for k in names}
+
+
+def test_a_request_without_sampling_fields_takes_the_models_recommended_ones(tmp_path, folder):
+    rt = build_runtime(pipeline(tmp_path, folder), overrides={"threads": 1})
+    try:
+        assert rt.segments[0].engine.generation_defaults == AS_FIELDS
+        assert fields(params_of(rt, {}), AS_FIELDS) == AS_FIELDS
+        assert rt.sampling_defaults() == {"temperature": 0.7, "top_p": 0.9}      # what a response repeats
+        own = params_of(rt, {"temperature": 0.0, "top_k": 2, "max_tokens": 3})      # the request's own win
+        assert fields(own, AS_FIELDS) == {**AS_FIELDS, "temperature": 0.0, "top_k": 2, "max_tokens": 3}
+    finally:
+        rt.close()
+
+
+def test_what_the_pipeline_file_sets_on_the_stage_wins_over_the_model(tmp_path, folder):
+    rt = build_runtime(pipeline(tmp_path, folder, "temperature = 0  max_new_tokens = 4"), overrides={"threads": 1})
+    try:
+        assert fields(params_of(rt, {}), AS_FIELDS) == {**AS_FIELDS, "temperature": 0.0, "max_tokens": 4}
+    finally:
+        rt.close()
+
+
+def test_generation_config_vllm_leaves_the_models_file_out_and_a_folder_brings_its_own(tmp_path, folder):
+    rt = build_runtime(pipeline(tmp_path, folder), overrides={"threads": 1, "generation_config": "vllm"})
+    try:
+        assert rt.segments[0].engine.generation_defaults == {}
+        assert fields(params_of(rt, {}), STAGE) == STAGE
+    finally:
+        rt.close()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "generation_config.json").write_text(json.dumps({"temperature": 0.3}))
+    assert generation_defaults(resolve_model(str(folder)), str(other)) == {"temperature": 0.3}
+    assert generation_defaults(resolve_model(str(folder)), "vllm") == {}
+
+
+@pytest.mark.parametrize("config, said", [({"temperature": 5}, "'temperature' must be a number from 0 to 2"),
+                                          ({"top_p": 0}, "'top_p' must be a number above 0 up to 1")])
+def test_a_recommended_value_outside_its_field_names_the_file_and_the_key(tmp_path, folder, config, said):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in folder.iterdir():
+        (bad / f.name).symlink_to(f)
+    (bad / "generation_config.json").unlink()
+    (bad / "generation_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFileError, match="generation_config.json") as e:
+        generation_defaults(resolve_model(str(bad)))
+    assert said in str(e.value)
+    assert "--generation-config vllm" in str(e.value)
+
+
+def test_agp_run_lines_take_the_defaults_and_the_flag(tmp_path, folder):
+    agp = pipeline(tmp_path, folder)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join(json.dumps(x) for x in (
+        {"id": "model", "prompt": "the cat", "ignore_eos": True},
+        {"id": "own", "prompt": "the cat", "ignore_eos": True, "max_tokens": 2})) + "\n")
+
+    def run(*flags):
+        proc = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", agp, "-i", str(inp), "-o", str(out),
+                               "--overwrite", "--threads", "1", "--no-progress", *flags],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300)
+        return proc, {r["id"]: r for r in map(json.loads, out.read_text().splitlines())} if proc.returncode == 0 \
+            else None
+
+    proc, rows = run()
+    assert proc.returncode == 0, proc.stderr
+    assert rows["model"]["usage"]["completion_tokens"] == 7 and rows["own"]["usage"]["completion_tokens"] == 2
+    proc, rows = run("--generation-config", "vllm")
+    assert rows["model"]["usage"]["completion_tokens"] == 128
+    proc, _ = run("--generation-config", str(tmp_path / "nowhere"))
+    assert proc.returncode == 2 and "neither auto, vllm nor a folder" in proc.stderr
