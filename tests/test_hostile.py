@@ -474,3 +474,26 @@ def test_too_many_requests_at_once_get_503_with_retry_after(tiny_gguf):
     finally:
         flowkit.gate("hold").set()
         s.close()
+
+
+def test_a_client_gone_while_sending_its_body_is_a_499_not_a_500(server):
+    # the body's read raised starlette's ClientDisconnect out of the handler: a traceback in the
+    # server's log and a 500 in the metrics for what a client did
+    def count(status: str) -> float:
+        try:
+            return server.metric("agp_http_requests_total", f'{{handler="/v1/completions",status="{status}"}}')
+        except AssertionError:              # no such series yet
+            return 0.0
+
+    before = count("499")
+    c = socket.create_connection(("127.0.0.1", server.port))
+    c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+    time.sleep(0.2)
+    c.close()
+    deadline = time.monotonic() + 30
+    while count("499") == before:
+        assert count("500") == 0, "a client that went away was counted a server error"
+        assert time.monotonic() < deadline, "the request was never counted"
+        time.sleep(0.05)
+    assert count("500") == 0

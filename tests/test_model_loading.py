@@ -24,6 +24,15 @@ def test_non_gguf_file_and_folder_without_config_are_refused(tmp_path):
         resolve_model(str(tmp_path))
 
 
+def test_a_model_given_as_a_path_object_resolves_as_its_string(tiny_gguf):
+    # EngineConfig(model=Path(...)) stopped with AttributeError: 'PosixPath' object has no attribute 'strip'
+    from pathlib import Path
+
+    assert resolve_model(Path(tiny_gguf)) == resolve_model(str(tiny_gguf))
+    with pytest.raises(ModelNotFoundError, match="model must be a name or a path, not int 7"):
+        resolve_model(7)
+
+
 def test_corrupt_gguf_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file at all")

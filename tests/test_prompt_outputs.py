@@ -154,3 +154,27 @@ def test_a_preempted_scoring_request_starts_its_outputs_over(tiny_gguf):
     logp, _ = reference(eng.runner.model, PROMPT)
     assert [e["logprob"] for e in s.prompt_logprobs[1:]] == pytest.approx(
         [logp[p - 1, PROMPT[p]].item() for p in range(1, len(PROMPT))], abs=1e-4)
+
+
+def test_a_scorer_preempted_while_its_last_chunk_runs_keeps_its_prompt_logprobs(tiny_gguf):
+    """The executor schedules step k+1 before step k's tokens come back: a scorer whose last prompt
+    chunk runs in step k can be preempted in k+1. Its token of step k still counts, and so do the
+    rows of that chunk: the prompt logprobs came with no output at all (lost when max_tokens ended
+    the answer before a recomputation finished) and the answer had none."""
+    eng = engine(tiny_gguf, kv_budget_bytes=16 * 4096)
+    ids = [(7 * i + 3) % 200 + 3 for i in range(50)]
+    reqs = [(f"g{i}", dict(prompt_token_ids=ids[i:i + n], params=SamplingParams(max_tokens=m, ignore_eos=True)))
+            for i, (n, m) in enumerate([(13, 54), (16, 14), (23, 23), (25, 7)])]
+    reqs += [(f"s{i}", dict(prompt_token_ids=ids[:n], params=SamplingParams(max_tokens=m, prompt_logprobs=0,
+                                                                           ignore_eos=True)))
+             for i, (n, m) in enumerate([(28, 2), (44, 2), (45, 1)])]
+    got = []
+    run_requests(eng, reqs, on_output=got.extend, overlap=True)
+    logp, _ = reference(eng.runner.model, ids)
+    for rid, kw in reqs[4:]:
+        n = len(kw["prompt_token_ids"])
+        (lps,) = [o.prompt_logprobs for o in got if o.request_id == rid and o.prompt_logprobs is not None]
+        assert [e["logprob"] for e in lps[1:]] == pytest.approx([logp[p - 1, ids[p]].item() for p in range(1, n)],
+                                                                abs=1e-4)
+    assert eng.stats()["preemptions"] >= 1
+    assert eng.stats()["kv_blocks_used"] == 0

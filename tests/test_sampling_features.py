@@ -155,6 +155,20 @@ def test_min_tokens_holds_eos_and_stop_token_ids_back(soft_gguf):
     assert 70 not in toks[:3] and toks[3:] == [70] and final(outs["stop_id"]).finish_reason == "stop"
 
 
+def test_min_tokens_holds_stop_strings_back_as_vllm_does(soft_gguf):
+    # a stop string among the first min_tokens tokens ended the answer there (1 token, text ""):
+    # vLLM matches stop strings only in the text of token min_tokens + 1 on, as agp holds EOS
+    eng = make(soft_gguf)
+    c = eng.tokenizer.decode([70])                      # token 70 is one character
+    outs = stepped(eng, {
+        "min3": SamplingParams(max_tokens=20, logit_bias={70: 10.0}, stop=[c], min_tokens=3),
+        "free": SamplingParams(max_tokens=20, logit_bias={70: 10.0}, stop=[c])})
+    assert tokens(outs["min3"]) == [70] * 4
+    assert final(outs["min3"]).text == c * 3 and final(outs["min3"]).finish_reason == "stop"
+    assert final(outs["min3"]).stop_reason == c
+    assert tokens(outs["free"]) == [70] and final(outs["free"]).text == ""
+
+
 # ---- penalties ------------------------------------------------------------------------------------
 def fake_seq(rid, prompt, **kw) -> Sequence:
     return Sequence(rid, list(prompt), len(prompt), SamplingParams(**kw), 0.0)

@@ -25,7 +25,7 @@ MAX_LOGPROBS = 20                          # alternatives per token at most (Ope
 
 @dataclass
 class EngineConfig:
-    model: str = "smollm2-135m-instruct"   # name of the embedded model, a .gguf path or an HF folder
+    model: str = "smollm2-135m-instruct"   # name of the embedded model, a .gguf path or an HF folder (str or Path)
     device: str = "cpu"                    # cpu | cuda | cuda:N | auto
     dtype: str = "auto"                    # auto|fp32|bf16|fp16 ; int8 = weight-only int8 with bf16/fp32 compute
     threads: int | None = None             # torch intra-op threads; None leaves torch's default
@@ -89,7 +89,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0         # -2..2: subtracted per occurrence in the output so far
     repetition_penalty: float = 1.0        # (0, 2] (vLLM/HF): prompt + output tokens: logit > 0: / r, else * r
     min_p: float = 0.0                     # 0..1: drop tokens less likely than min_p * the likeliest
-    min_tokens: int = 0                    # EOS and stop_token_ids are masked until this many tokens
+    min_tokens: int = 0                    # EOS, stop_token_ids masked, stop strings unmatched until this many
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, -100..100) added to the logits
     allowed_token_ids: tuple[int, ...] | None = None  # (vLLM) only these may be sampled; None: every token
     bad_words: tuple[str, ...] = ()        # (vLLM) words never generated (the engine bans their token sequences)

@@ -572,7 +572,9 @@ class Engine:
             # cut by a length limit: a character whose bytes had not all come is not emitted
             # (flushing would show its bytes as U+FFFD); an EOS or a stop keeps what the model made
             st.text += piece.rstrip("\ufffd") if last else piece
-            cut = st.stops.find(st.text, text_from)
+            # no stop string ends the answer before min_tokens tokens (vLLM: those completing in
+            # the text of token min_tokens + 1 or later, however early they begin)
+            cut = st.stops.find(st.text, text_from, report=seq.num_output > p.min_tokens)
             if cut >= 0:
                 end = cut + st.stops.matched if p.include_stop_str_in_output else cut
                 stop_reason = st.text[cut:cut + st.stops.matched]        # which stop string (vLLM's stop_reason)

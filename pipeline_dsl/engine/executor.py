@@ -409,8 +409,8 @@ class Executor:
                     seq.state.pending.pop(pos, None)
                 if seq.num_preemptions == pre:
                     eng.commit(seq, it.start + it.num_tokens)
-                    if L.rows and index in L.rows:
-                        eng.accept_rows(seq, L.rows[index])
+                if L.rows and index in L.rows:        # computed before any preemption since: still the prompt's
+                    eng.accept_rows(seq, L.rows[index])
                 if tok is None:
                     done = (eng.finish_prefilled(seq, it.start + it.num_tokens, now)
                             if seq.num_preemptions == pre else None)

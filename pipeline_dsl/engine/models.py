@@ -15,6 +15,7 @@ truncated or corrupt file, a malformed config.json, a missing tokenizer) a
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +43,10 @@ def embedded_path(name: str) -> Path:
         f"(or `make demo`), or set `model` to a .gguf file or a Hugging Face folder")
 
 
-def resolve_model(name: str | None) -> ModelSource:
-    name = name or DEFAULT_MODEL
+def resolve_model(name: str | os.PathLike | None) -> ModelSource:
+    name = os.fspath(name) if isinstance(name, os.PathLike) else name or DEFAULT_MODEL
+    if not isinstance(name, str):
+        raise ModelNotFoundError(f"model must be a name or a path, not {type(name).__name__} {name!r}")
     key = name.strip().lower()
     if key in EMBEDDED:
         return ModelSource(name, "gguf", embedded_path(key))

@@ -11,8 +11,10 @@ memory is bounded by the chunk, never [T, V] for the whole prompt), and `PromptO
 accumulates them on the sequence on the host. A request with `max_tokens = 0` finishes right after
 its prefill without sampling (the engine's `finish_prefilled`).
 
-Such a request never reads the prefix cache (every row must be computed), and a preempted one
-starts its outputs over with its recomputation.
+Such a request never reads the prefix cache (every row must be computed). A preempted one keeps
+the rows it has: a chunk computed before the preemption (an executor that schedules ahead emits it
+after) still counts, and outputs already complete are not recomputed; outputs still incomplete start
+over when its recomputation's first chunk comes.
 """
 from __future__ import annotations
 
@@ -92,13 +94,14 @@ class PromptOutputs:
     def complete(self) -> bool:
         return self.next >= self.num_prompt
 
-    def reset(self) -> None:
-        """Preempted: its prompt is computed again from the start, and so are its outputs."""
-        self.next, self.logprobs, self.hidden_sum = 0, [], None
-
     def add(self, chunk: ChunkRows, prompt_ids: list[int]) -> None:
-        """Accumulate a chunk (in order; a chunk that does not continue the last is ignored)."""
-        if chunk.start != self.next or self.complete:
+        """Accumulate a chunk (in order; a chunk that does not continue the last is ignored, but a
+        first chunk: the prompt recomputed after a preemption starts incomplete outputs over)."""
+        if self.complete:
+            return
+        if chunk.start == 0:
+            self.next, self.logprobs, self.hidden_sum = 0, [], None
+        elif chunk.start != self.next:
             return
         if self.top is not None:
             if chunk.start == 0:

@@ -208,10 +208,11 @@ class StopStrings:
         self._state = 0
         self.matched = 0                    # the length of the stop string find() found
 
-    def find(self, text: str, new_from: int) -> int:
+    def find(self, text: str, new_from: int, report: bool = True) -> int:
         """Consume text[new_from:]; the index in `text` where the first stop string to complete
         begins (the longest of those completing at the same character; its length: `matched`),
-        or -1."""
+        or -1. `report=False` consumes the text and reports nothing that completes in it (a
+        request's min_tokens not reached yet)."""
         if not self.stops:
             return -1
         goto, fail, match = self._goto, self._fail, self._match
@@ -221,7 +222,7 @@ class StopStrings:
             while state and ch not in goto[state]:
                 state = fail[state]
             state = goto[state].get(ch, 0)
-            if match[state]:
+            if match[state] and report:
                 self._state = state
                 self.matched = match[state]
                 return i - match[state] + 1

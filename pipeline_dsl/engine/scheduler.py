@@ -370,9 +370,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free_seq(seq.request_id)
-        seq.num_computed = 0
-        if seq.prompt_out is not None:
-            seq.prompt_out.reset()            # recomputed from the start, outputs too
+        seq.num_computed = 0                  # its prompt outputs stay (prompt_outputs.py)
         seq.status = WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1

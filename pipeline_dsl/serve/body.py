@@ -1,6 +1,6 @@
 """Reading a request body: bounded in size and time, JSON only.
 
-    raw = await read_body(request, config)     # APIError 413 / 408 / 415
+    raw = await read_body(request, config)     # APIError 413 / 408 / 415 (499: the client went away)
     body = await read_json(request, config)    # and 400 for JSON that is not an object
 """
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
 from . import protocol as P
 from .config import ServeConfig
@@ -35,12 +36,16 @@ async def read_body(request: Request, config: ServeConfig) -> bytes:
 
     async def collect() -> bytes:
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise P.APIError(f"the request body has more than {limit} bytes {why}", status=413,
-                                 code="body_too_large")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise P.APIError(f"the request body has more than {limit} bytes {why}", status=413,
+                                     code="body_too_large")
+                chunks.append(chunk)
+        except ClientDisconnect:          # the client's doing: a 499 as any client gone, not a 500
+            raise P.APIError("the client went away before the request's body had arrived", status=499,
+                             code="aborted") from None
         return b"".join(chunks)
 
     # the body in time; a server that begins to shut down meanwhile refuses it at once (it would
