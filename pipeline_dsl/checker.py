@@ -491,13 +491,13 @@ def check_pipeline(p: ast.Pipeline, registry: Registry | None = None,
                               hint=did_you_mean(st.kind.text, registry.names()),
                               notes=[(problem, None) for problem in registry.problems]))
         else:
+            if kind.name in registry.shadowed:
+                which = "the built-in kind" if kind.source == "builtin" else f"the kind of {kind.source}"
+                diags.append(_warn(f"'{kind.name}' here is {which}: {registry.shadowed[kind.name]}",
+                                   st.kind.pos, hint="give the plug-in's kind a name of its own"))
             params, ds = resolve_params(kind, st, mode, {**settings, "_given": given_settings})
             diags += ds
-            if not kind.impl:
-                diags.append(_err(f"stage kind '{kind.name}' ({kind.source}) has no runtime implementation",
-                                  st.kind.pos, expected="a kind whose registry entry names its impl "
-                                                        "(\"module:Class\" with a process(item) method)",
-                                  hint="see docs/architecture.md, 'Stage implementations'"))
+            diags += _check_impl(kind, st.kind.pos)
             param_pos = {prm.name.text: prm.value.pos for prm in st.params}
             given = {n for n in param_pos if kind.param(n) is not None}
             diags += _check_kind_params(kind, st, params, given, param_pos, allowed)
@@ -519,6 +519,29 @@ def check_pipeline(p: ast.Pipeline, registry: Registry | None = None,
 
 
 # ---------------------------------------------------------------- kind-specific checks
+
+def _check_impl(kind: StageKind, pos: SourcePos) -> list[Diagnostic]:
+    """A kind needs a runtime implementation; a plug-in's `impl` must name something its module
+    defines, found by reading the source as a `fn` is (nothing imported; a compiled module cannot
+    be read, and is left to the run)."""
+    from .userfn import FunctionNotFound, NoSource, function_info
+
+    expected = "a kind whose registry entry names its impl (\"module:Class\" with a process(item) method)"
+    hint = "see docs/architecture.md, 'Stage implementations'"
+    if not kind.impl:
+        return [_err(f"stage kind '{kind.name}' ({kind.source}) has no runtime implementation", pos,
+                     expected=expected, hint=hint)]
+    if kind.source == "builtin":
+        return []
+    try:
+        function_info(kind.impl, None)
+    except NoSource:
+        return []
+    except FunctionNotFound as e:
+        return [_err(f"stage kind '{kind.name}' ({kind.source}) cannot load its implementation "
+                     f"{kind.impl!r}: {e}", pos, expected=expected, hint=hint)]
+    return []
+
 
 def _check_signature(what: str, ref: str, n: int, call: str, pos: SourcePos, base) -> list[Diagnostic]:
     """What the source says of how `ref` is called with `n` positional arguments (docs: a python

@@ -42,6 +42,10 @@ class FunctionNotFound(LookupError):
         self.names = names or []          # the module's top-level names, for did-you-mean
 
 
+class NoSource(FunctionNotFound):
+    """The module is there but has no Python source to read (a compiled extension)."""
+
+
 @dataclass(frozen=True)
 class FunctionInfo:
     """Where a `fn` reference's function is defined, found without running anything."""
@@ -119,7 +123,7 @@ def module_source(module: str, base_dir: str | None) -> str | None:
     if not origin or not origin.endswith(".py") or not os.path.isfile(origin):
         if _stdlib_c_module(module, spec):
             return None
-        raise FunctionNotFound(f"module '{module}' has no Python source to read (agp check imports nothing); "
+        raise NoSource(f"module '{module}' has no Python source to read (agp check imports nothing); "
                                "put the function in a .py module beside the pipeline")
     return origin
 

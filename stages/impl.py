@@ -287,4 +287,5 @@ def implementation(kind: str):
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
-        raise NoImplementation(f"stage kind '{kind}': cannot load its implementation {target!r}: {e}") from None
+        raise NoImplementation(f"stage kind '{kind}' ({entry.source}) cannot load its implementation "
+                               f"{target!r}: {e}") from None

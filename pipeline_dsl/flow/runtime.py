@@ -70,6 +70,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                  trace=None, workers: int = ITEM_WORKERS, max_queue: int | None = None,
                  served_name: str | None = None, clock: Callable[[], float] = time.monotonic):
         from stages.impl import StageContext, implementation
+        from stages.registry import get_kind
 
         from pipeline_dsl.engine.trace import Trace
 
@@ -96,9 +97,10 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             if k not in ENGINE_KINDS:
                 try:
                     self.impls[n] = implementation(k)(n, dict(self.params[n]), StageContext(self.name, n, k, base))
-                except (Exception, SystemExit) as exc:   # noqa: BLE001 - the user's module, said where (its
-                    # sys.exit() at import too, which would end `agp run` with no word); a real Ctrl-C goes on
-                    if not self.params[n].get("fn"):
+                except (Exception, SystemExit) as exc:   # noqa: BLE001 - the user's module or a plug-in's
+                    # kind, said where (its sys.exit() at import too, which would end `agp run` with no
+                    # word); a real Ctrl-C goes on
+                    if not self.params[n].get("fn") and get_kind(k).source == "builtin":
                         raise
                     raise _load_failed(graph, n, exc) from exc
         joins = [n for n, k in self.kind.items() if k == "join"]
@@ -707,19 +709,26 @@ def _raised_at(exc: BaseException) -> str:
 
 
 def _load_failed(graph: nx.DiGraph, stage: str, exc: BaseException):
-    """A stage whose `fn` could not be loaded (not callable, its module failing on import), as a
-    CheckFailed at the `fn` setting: check reads the source and imports nothing, so some of this
-    is only found here, and it is the pipeline's error (exit 2), not an internal one."""
+    """A stage whose `fn` could not be loaded (not callable, its module failing on import), or whose
+    plug-in kind could not start (its `impl` not found, its module or `__init__` raising), as a
+    CheckFailed at the `fn` setting or the stage: check reads the source and imports nothing, so
+    some of this is only found here, and it is the pipeline's error (exit 2), not an internal one."""
     from pipeline_dsl.diagnostics import ERROR, Diagnostic
     from pipeline_dsl.userfn import FunctionNotFound
+    from stages.impl import NoImplementation
 
     node = graph.nodes[stage]
-    ref = node["params"]["fn"]
+    ref = node["params"].get("fn")
+    raised = f"{_raised_at(exc)}: {type(exc).__name__}" + (f": {exc}" if str(exc) else "")
+    if ref is None:                                   # a plug-in kind
+        why = str(exc) if isinstance(exc, NoImplementation) else \
+            f"stage kind '{node.get('kind')}' failed to start{raised}"
+        diag = Diagnostic(ERROR, f"stage '{stage}': {why}", node.get("pos"),
+                          expected="a kind whose impl names a class that its parameters can start",
+                          hint="see docs/architecture.md, 'Stage implementations'")
+        return _check_failed(diag, node.get("pos"))
     pos = (node.get("param_pos") or {}).get("fn") or node.get("pos")
-    if isinstance(exc, FunctionNotFound):
-        why = str(exc)
-    else:
-        why = f"importing its module failed{_raised_at(exc)}: {type(exc).__name__}" + (f": {exc}" if str(exc) else "")
+    why = str(exc) if isinstance(exc, FunctionNotFound) else f"importing its module failed{raised}"
     what = "join" if node.get("kind") == "join" else "stage"
     diag = Diagnostic(ERROR, f"{what} '{stage}': cannot load fn \"{ref}\": {why}", pos,
                       expected='"module:function" naming a function (def or async def)')

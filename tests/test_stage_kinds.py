@@ -1,0 +1,190 @@
+"""A third-party stage kind as its author meets it: installed as a package with an `agp.stages`
+entry point (a dist-info with entry_points.txt on sys.path), checked before the model loads
+(its `impl` found without importing it), started once per stage (a failure there is the
+pipeline's error at the stage, exit 2), and run as a python stage's function is (its own
+workers, and the same call policy: a `timeout` bounds a process that hangs)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import pipeline_dsl
+from flowkit import errors, run, write
+from stages import registry
+
+ROOT = Path(__file__).resolve().parents[1]
+
+KINDS = '''
+from stages.registry import Param, Port, StageKind, INT
+
+G = (Port("generated", "Generated"),)
+
+def kind(name, impl, params=()):
+    return StageKind(name=name, doc=name, params=params, inputs=G, outputs=G, impl=impl)
+
+KINDS = [
+    kind("tag", "myplug.impls:Tag", (Param("n", INT, 1, "a number", min=0),)),
+    kind("nowhere", "myplug.missing:Tag"),
+    kind("misnamed", "myplug.impls:Tagg"),
+    kind("grumpy", "myplug.impls:Grumpy"),
+    kind("stall", "myplug.impls:Stall"),
+]
+'''
+
+IMPLS = '''
+import threading
+
+RELEASE = threading.Event()
+
+class Tag:
+    def __init__(self, name, params, context):
+        self.n = params["n"]
+
+    def process(self, item):
+        item["text"] = f"tag{self.n}"
+        return item
+
+class Grumpy:
+    def __init__(self, name, params, context):
+        raise RuntimeError("grumpy refuses to start")
+
+class Stall:
+    def __init__(self, name, params, context):
+        pass
+
+    def process(self, item):
+        if item["request"]["id"] == "stuck":
+            RELEASE.wait(60)
+        return item
+'''
+
+
+def plugin(root: Path, dist: str, entry_points: dict[str, str], modules: dict[str, str]) -> Path:
+    """An installed package: its modules and a dist-info whose entry_points.txt names them."""
+    info = root / f"{dist}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[agp.stages]\n" + "".join(f"{k} = {v}\n" for k, v in entry_points.items()))
+    for rel, text in modules.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    return root
+
+
+@pytest.fixture
+def installed(tmp_path, monkeypatch):
+    """myplug's kinds, installed on sys.path (for this process, and for a CLI run through PYTHONPATH)."""
+    root = plugin(tmp_path / "site", "myplug", {"kinds": "myplug.kinds:KINDS"},
+                  {"myplug/__init__.py": "", "myplug/kinds.py": KINDS, "myplug/impls.py": IMPLS})
+    monkeypatch.syspath_prepend(str(root))
+    for name in [m for m in sys.modules if m == "myplug" or m.startswith("myplug.")]:
+        monkeypatch.delitem(sys.modules, name)
+    registry.reset_default_registry()
+    yield root
+    registry.reset_default_registry()
+
+
+def body(kind: str) -> str:
+    return f"""
+    stage request : requests {{}}
+    stage batch : dynamic_batch {{}}
+    stage encode : encode {{}}
+    stage kv : kv_lookup {{ block_size = 8  budget = 2MiB }}
+    stage gen : generate {{ max_new_tokens = 2 }}
+    stage x : {kind}
+    stage out : respond {{}}
+    request -> batch -> encode -> kv -> gen -> x -> out
+"""
+
+
+def cli(root: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def test_check_finds_a_kinds_impl_that_its_package_does_not_have(installed, tmp_path, tiny_gguf):
+    """A misspelt module or class in a kind's `impl` is a check error at the stage's kind, found
+    by reading the package's source (nothing is imported), before any model loads."""
+    path = write(tmp_path, tiny_gguf, body("nowhere"))
+    (d,) = errors(path)
+    assert d.message == ("stage kind 'nowhere' (entry point kinds) cannot load its implementation "
+                         "'myplug.missing:Tag': module 'myplug.missing' not found on sys.path")
+    assert (d.pos.line, d.pos.col) == (11, 11)
+    path.write_text(path.read_text().replace(": nowhere", ": misnamed"))
+    (d,) = errors(path)
+    assert "cannot load its implementation 'myplug.impls:Tagg'" in d.message and "'Tagg'" in d.message
+    path.write_text(path.read_text().replace(": misnamed", ": tag"))
+    assert errors(path) == [] and "myplug.impls" not in sys.modules
+
+
+def test_a_kind_that_cannot_start_fails_the_run_at_its_stage_with_exit_2(installed, tmp_path, tiny_gguf):
+    """An `__init__` that raises (or an impl that cannot be imported) is the pipeline's error, at
+    the stage, with the plug-in's file and line: exit 2, not an internal error."""
+    path = write(tmp_path, tiny_gguf, body("grumpy"))
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
+    r = cli(installed, "run", str(path), "-i", "in.jsonl", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    impls = installed / "myplug" / "impls.py"
+    line = impls.read_text().splitlines().index('        raise RuntimeError("grumpy refuses to start")') + 1
+    assert (f"p.agp:11:7: error: stage 'x': stage kind 'grumpy' failed to start at {impls}:{line}: "
+            "RuntimeError: grumpy refuses to start") in r.stderr
+    assert "internal error" not in r.stderr and r.stdout == ""
+
+
+def test_a_kind_takes_the_call_policy_of_a_stage_that_runs_user_code(installed, tmp_path, tiny_gguf):
+    """A kind's process runs on workers of its own, as a python stage's function does, so it takes
+    `workers`, `timeout`, `retries` and `backoff` too: a hung call fails its own request on time,
+    the others are answered."""
+    assert [p.name for p in registry.get_kind("stall").params] == ["workers", "timeout", "retries", "backoff"]
+    assert [p.name for p in registry.get_kind("tag").params] == ["n", "workers", "timeout", "retries", "backoff"]
+    path = write(tmp_path, tiny_gguf, body("stall { timeout = 200ms  workers = 2 }"))
+    assert errors(path) == []
+    try:
+        out, rt = run(path, [{"id": i, "prompt": "hi", "max_tokens": 2} for i in ("a", "stuck", "b")], hang_s=60)
+    finally:
+        sys.modules["myplug.impls"].RELEASE.set()
+    by_id = {r.id: r for r in out}
+    assert by_id["a"].ok and by_id["b"].ok
+    assert by_id["stuck"].error.kind == "timeout" and by_id["stuck"].error.stage == "x"
+
+
+def test_a_kind_named_as_another_is_refused_alone_and_check_says_which_runs(tmp_path, monkeypatch):
+    """A plug-in kind named `python` never replaces the built-in one, nor one named as another
+    entry point's kind that one: only that kind is refused (the entry point's others register),
+    and a stage of that name is warned that it gets the kind that was there first."""
+    root = plugin(tmp_path / "site", "clash", {"clash": "clashing:KINDS"}, {"clashing.py": '''
+        from stages.registry import Port, StageKind
+        G = (Port("generated", "Generated"),)
+        KINDS = [StageKind("python", "mine", inputs=G, outputs=G, impl="clashing:X"),
+                 StageKind("fresh", "mine", inputs=G, outputs=G, impl="clashing:X"),
+                 StageKind("fresh", "again", inputs=G, outputs=G, impl="clashing:Y")]
+        class X:
+            pass
+        Y = X
+    '''})
+    monkeypatch.syspath_prepend(str(root))
+    registry.reset_default_registry()
+    try:
+        reg = registry.default_registry()
+        assert reg.get("python").source == "builtin"
+        assert reg.get("fresh").source == "entry point clash" and reg.get("fresh").doc == "mine"
+        assert reg.problems == [
+            "stage entry point 'clash' (clashing:KINDS): its kind 'python' is not registered: 'python' is "
+            "already a built-in kind",
+            "stage entry point 'clash' (clashing:KINDS): its kind 'fresh' is not registered: 'fresh' is "
+            "already the kind of entry point clash"]
+        text = ('pipeline p {\n    stage request : requests {}\n    stage x : python { fn = "math:sqrt" }\n'
+                "    stage out : respond {}\n    request -> x -> out\n}\n")
+        _, diags = pipeline_dsl.loads(text, file=str(tmp_path / "p.agp"))
+        warning = next(d for d in diags if not d.is_error)
+        assert warning.message.startswith("'python' here is the built-in kind: stage entry point 'clash'")
+        assert (warning.pos.line, warning.pos.col) == (3, 15)
+    finally:
+        registry.reset_default_registry()
