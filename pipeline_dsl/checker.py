@@ -151,6 +151,8 @@ def convert(value: ast.Value, p: Param, what: str) -> tuple[Any, Diagnostic | No
             if kind != t:
                 return bad(f"wrong unit: {what} is a {t}, but '{show(value)}' is a {kind}")
             out = units.normalise(value.number, value.unit)
+            if out < 0:                     # whatever the kind's bounds: no wait or size is negative
+                return bad(f"{what} is a {t}, never negative: '{show(value)}'")
         elif isinstance(value, (ast.Int, ast.Float)) and value.value == 0:
             out = 0.0 if t == DURATION else 0
         elif isinstance(value, (ast.Int, ast.Float)):
@@ -185,6 +187,8 @@ def convert(value: ast.Value, p: Param, what: str) -> tuple[Any, Diagnostic | No
     elif t == STR:
         if isinstance(value, ast.Str):
             out = value.value
+            if p.max_length is not None and len(out) > p.max_length:
+                return bad(f"{what} has {len(out)} characters; at most {p.max_length} are allowed")
         elif isinstance(value, ast.Word):
             return bad(f"{what} is a string, not the word '{value.value}'", f'quote it: "{value.value}"')
         else:

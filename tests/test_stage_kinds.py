@@ -20,7 +20,7 @@ from stages import registry
 ROOT = Path(__file__).resolve().parents[1]
 
 KINDS = '''
-from stages.registry import Param, Port, StageKind, INT
+from stages.registry import BOOL, DURATION, ENUM, FLOAT, INT, LIST_STR, SIZE, STR, Param, Port, StageKind
 
 G = (Port("generated", "Generated"),)
 
@@ -33,6 +33,11 @@ KINDS = [
     kind("misnamed", "myplug.impls:Tagg"),
     kind("grumpy", "myplug.impls:Grumpy"),
     kind("stall", "myplug.impls:Stall"),
+    kind("knobs", "myplug.impls:Tag", (           # a parameter of every type, bounds left to the types
+        Param("n", INT, 1, "an int", min=0, max=10), Param("f", FLOAT, 0.5, "a number"),
+        Param("b", BOOL, False, "a switch"), Param("s", STR, None, "a name", optional=True, max_length=5),
+        Param("e", ENUM, "a", "a choice", choices=("a", "b")), Param("d", DURATION, 1.0, "a wait"),
+        Param("z", SIZE, 1024, "a size"), Param("l", LIST_STR, (), "words", max_items=2))),
 ]
 '''
 
@@ -188,3 +193,25 @@ def test_a_kind_named_as_another_is_refused_alone_and_check_says_which_runs(tmp_
         assert (warning.pos.line, warning.pos.col) == (3, 15)
     finally:
         registry.reset_default_registry()
+
+
+@pytest.mark.parametrize("value, message", [
+    ("n = 11", "value out of range: 'n' = 11"),
+    ("n = 1.5", "'n' is an integer, not the number '1.5'"),
+    ("f = \"x\"", "'f' is a number, not the string \"x\""),
+    ("b = 1", "'b' is true or false, not the integer '1'"),
+    ("s = \"toolong\"", "'s' has 7 characters; at most 5 are allowed"),
+    ("e = c", "'c' is not a valid value for 'e'"),
+    ("d = 5", "missing unit: 'd' is a duration; '5' has no unit"),
+    ("d = -1s", "'d' is a duration, never negative: '-1s'"),
+    ("z = -5B", "'z' is a size, never negative: '-5B'"),
+    ("z = 1s", "wrong unit: 'z' is a size, but '1s' is a duration"),
+    ("l = [\"a\", \"b\", \"c\"]", "'l' holds 3 strings; at most 2 are allowed"),
+])
+def test_a_kinds_parameters_are_held_to_their_types_and_bounds(installed, tmp_path, tiny_gguf, value, message):
+    """What a kind declares is what check holds the file to: a string's max_length too, and no
+    duration or size below zero even where the kind gives no lower bound."""
+    path = write(tmp_path, tiny_gguf, body(f"knobs {{ {value} }}"))
+    assert [d.message for d in errors(path)] == [message]
+    path.write_text(path.read_text().replace(f"{{ {value} }}", '{ s = "ok"  d = 2ms  z = 0  l = "one" }'))
+    assert errors(path) == []
