@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import pipeline_dsl
-from flowkit import errors, run, write
+from flowkit import errors, run, runtime, write
 from stages import registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +33,9 @@ KINDS = [
     kind("misnamed", "myplug.impls:Tagg"),
     kind("grumpy", "myplug.impls:Grumpy"),
     kind("stall", "myplug.impls:Stall"),
+    kind("idle", "myplug.impls:Idle"),
+    kind("yielder", "myplug.impls:Yielder"),
+    kind("greedy", "myplug.impls:Greedy"),
     kind("knobs", "myplug.impls:Tag", (           # a parameter of every type, bounds left to the types
         Param("n", INT, 1, "an int", min=0, max=10), Param("f", FLOAT, 0.5, "a number"),
         Param("b", BOOL, False, "a switch"), Param("s", STR, None, "a name", optional=True, max_length=5),
@@ -57,6 +60,18 @@ class Tag:
 class Grumpy:
     def __init__(self, name, params, context):
         raise RuntimeError("grumpy refuses to start")
+
+class Idle:                      # forgot process
+    def __init__(self, name, params, context):
+        pass
+
+class Yielder(Idle):
+    def process(self, item):
+        yield item
+
+class Greedy(Idle):
+    def process(self, item, extra):
+        return item
 
 class Stall:
     def __init__(self, name, params, context):
@@ -141,6 +156,28 @@ def test_a_kind_that_cannot_start_fails_the_run_at_its_stage_with_exit_2(install
     assert (f"p.agp:11:7: error: stage 'x': stage kind 'grumpy' failed to start at {impls}:{line}: "
             "RuntimeError: grumpy refuses to start") in r.stderr
     assert "internal error" not in r.stderr and r.stdout == ""
+
+
+@pytest.mark.parametrize("kind, why", [
+    ("idle", "its implementation Idle has no process(item) method"),
+    ("yielder", "its implementation Yielder has a process that yields; it must return the item's dict, a "
+                "label string or None"),
+    ("greedy", "its implementation Greedy: it is called as process(item), but its signature (item, extra) "
+               "cannot take that: missing a required argument: 'extra'"),
+])
+def test_a_kind_whose_process_could_only_fail_every_item_is_refused_as_it_starts(installed, tmp_path, tiny_gguf,
+                                                                                kind, why):
+    """No process, a generator process, or one that cannot be called with the item: every request
+    would fail alike, so the stage is refused when the run starts (exit 2), as a fn that cannot
+    take its call is."""
+    from pipeline_dsl.diagnostics import CheckFailed
+
+    path = write(tmp_path, tiny_gguf, body(kind))
+    assert errors(path) == []
+    with pytest.raises(CheckFailed) as e:
+        runtime(path)
+    (d,) = e.value.diagnostics
+    assert d.message == f"stage 'x': stage kind '{kind}': {why}"
 
 
 def test_a_kind_takes_the_call_policy_of_a_stage_that_runs_user_code(installed, tmp_path, tiny_gguf):

@@ -69,7 +69,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
     def __init__(self, graph: nx.DiGraph, *, overrides: dict | None = None, overlap: bool | None = None,
                  trace=None, workers: int = ITEM_WORKERS, max_queue: int | None = None,
                  served_name: str | None = None, clock: Callable[[], float] = time.monotonic):
-        from stages.impl import StageContext, implementation
+        from stages.impl import StageContext, check_item_stage, implementation
         from stages.registry import get_kind
 
         from pipeline_dsl.engine.trace import Trace
@@ -97,6 +97,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             if k not in ENGINE_KINDS:
                 try:
                     self.impls[n] = implementation(k)(n, dict(self.params[n]), StageContext(self.name, n, k, base))
+                    if get_kind(k).source != "builtin":
+                        check_item_stage(k, self.impls[n])
                 except (Exception, SystemExit) as exc:   # noqa: BLE001 - the user's module or a plug-in's
                     # kind, said where (its sys.exit() at import too, which would end `agp run` with no
                     # word); a real Ctrl-C goes on
