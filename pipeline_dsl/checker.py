@@ -572,6 +572,8 @@ def _check_signature(what: str, ref: str, n: int, call: str, pos: SourcePos, bas
             "str" if isinstance(value, pyast.JoinedStr) else type(value).__name__.lower()
         return [_err(f"{what}: {ref} is not a function: the module binds it to a value of type {shown} (line {node.lineno})",
                      pos, expected=f"a function called as fn{call}")]
+    if isinstance(value, pyast.Lambda):          # `f = lambda a, b: …`: its parameters are in the source too
+        node = value
     if takes(node, n) is False:
         least, most = positional_arity(node)
         if most == 0 and least:
@@ -579,8 +581,12 @@ def _check_signature(what: str, ref: str, n: int, call: str, pos: SourcePos, bas
         else:
             takes_words = (f"{least} positional argument{'s' if least != 1 else ''}" if most == least
                            else f"{least} to {'any number of' if most is None else most} positional arguments")
-        return [_err(f"{what}: {ref} takes {takes_words}, but it is called with {n} ({call[1:-1]})", pos,
-                     expected=f"def {node.name}{call}", hint=f"give {node.name} the parameters {call}")]
+        name = ref.partition(":")[2]
+        lam = isinstance(node, pyast.Lambda)
+        return [_err(f"{what}: {ref} {'is a lambda that ' if lam else ''}takes {takes_words}, but it is called "
+                     f"with {n} ({call[1:-1]})", pos,
+                     expected=f"lambda {call[1:-1]}: …" if lam else f"def {name}{call}",
+                     hint=f"give {'the lambda' if lam else name} the parameters {call}")]
     return []
 
 def _check_python_shape(name: str, params: dict, given: set, where, base) -> list[Diagnostic]:

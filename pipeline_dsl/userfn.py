@@ -250,10 +250,11 @@ def load_function(ref: str, base_dir: str | None) -> Callable:
 
 
 def positional_arity(node: pyast.AST | None) -> tuple[int, int | None] | None:
-    """(the positional arguments a top-level `def` needs, the most it takes: None for *args), or
-    None when the source does not say (not a def, or a decorated one). A keyword-only argument
-    without a default fails every positional call: (positional + 1, 0)."""
-    if not isinstance(node, (pyast.FunctionDef, pyast.AsyncFunctionDef)) or node.decorator_list:
+    """(the positional arguments a top-level `def` or a lambda needs, the most it takes: None for
+    *args), or None when the source does not say (not a def, or a decorated one). A keyword-only
+    argument without a default fails every positional call: (positional + 1, 0)."""
+    if not isinstance(node, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.Lambda)) or \
+            getattr(node, "decorator_list", None):
         return None
     a = node.args
     positional = len(a.posonlyargs) + len(a.args)
