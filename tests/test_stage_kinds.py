@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ KINDS = [
     kind("idle", "myplug.impls:Idle"),
     kind("yielder", "myplug.impls:Yielder"),
     kind("greedy", "myplug.impls:Greedy"),
+    kind("drowsy", "myplug.impls:Drowsy"),
     kind("knobs", "myplug.impls:Tag", (           # a parameter of every type, bounds left to the types
         Param("n", INT, 1, "an int", min=0, max=10), Param("f", FLOAT, 0.5, "a number"),
         Param("b", BOOL, False, "a switch"), Param("s", STR, None, "a name", optional=True, max_length=5),
@@ -45,6 +47,7 @@ KINDS = [
 '''
 
 IMPLS = '''
+import asyncio
 import threading
 
 RELEASE = threading.Event()
@@ -71,6 +74,13 @@ class Yielder(Idle):
 
 class Greedy(Idle):
     def process(self, item, extra):
+        return item
+
+class Drowsy(Idle):
+    async def process(self, item):
+        if item["request"]["id"] == "stuck":
+            await asyncio.sleep(60)
+        item["text"] = "awake"
         return item
 
 class Stall:
@@ -195,6 +205,25 @@ def test_a_kind_takes_the_call_policy_of_a_stage_that_runs_user_code(installed, 
     by_id = {r.id: r for r in out}
     assert by_id["a"].ok and by_id["b"].ok
     assert by_id["stuck"].error.kind == "timeout" and by_id["stuck"].error.stage == "x"
+
+
+def test_a_kinds_async_process_runs_on_its_stages_loop_and_is_cancelled_at_its_timeout(installed, tmp_path,
+                                                                                       tiny_gguf):
+    """An `async def process` is awaited on the stage's own event loop, as a python stage's
+    coroutine is: past its timeout it is cancelled, so it does not stay stuck (a stage with
+    `workers` stuck calls refuses every request)."""
+    path = write(tmp_path, tiny_gguf, body("drowsy { timeout = 200ms  workers = 1 }"))
+    out, rt = run(path, [{"id": i, "prompt": "hi", "max_tokens": 2} for i in ("a", "stuck", "b")], hang_s=60)
+    by_id = {r.id: r for r in out}
+    assert [c.text for c in by_id["a"].choices] == ["awake"] and by_id["b"].ok
+    assert by_id["stuck"].error.kind == "timeout"
+    stats = rt.stats()["stages"]["x"]
+    for _ in range(50):
+        if stats["stuck"] == 0:
+            break
+        time.sleep(0.1)
+        stats = rt.stats()["stages"]["x"]
+    assert stats["timeouts"] == 1 and stats["stuck"] == 0
 
 
 def test_a_kind_named_as_another_is_refused_alone_and_check_says_which_runs(tmp_path, monkeypatch):

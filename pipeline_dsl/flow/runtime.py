@@ -73,6 +73,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         from stages.registry import get_kind
 
         from pipeline_dsl.engine.trace import Trace
+        from pipeline_dsl.userfn import callable_shape
 
         from .segment import DeviceUnavailable, EngineSegment, segment_spec
 
@@ -105,6 +106,10 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                     if not self.params[n].get("fn") and get_kind(k).source == "builtin":
                         raise
                     raise _load_failed(graph, n, exc) from exc
+        # plug-in kinds whose process is an `async def`: awaited on their stage's own loop, as a
+        # python stage's coroutine is (and cancelled at its timeout)
+        self.async_process = {n for n, impl in self.impls.items() if get_kind(self.kind[n]).source != "builtin"
+                              and callable_shape(impl.process) == "coroutine"}
         joins = [n for n, k in self.kind.items() if k == "join"]
         self.joins = Joins(self.router.reach, {j: self.impls[j] for j in joins},
                            {j: self.params[j].get("on_reject") or "fail" for j in joins})
@@ -290,6 +295,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             return (lambda: run_filter(impl.fn, view, [text] if text else [], _ignore)), False
         if getattr(impl, "shape", None) == "coroutine":
             return (lambda: impl.fn(view)), True
+        if stage in self.async_process:
+            return (lambda: impl.process(view)), True
         return (lambda: self._awaited(impl.process(view))), False
 
     def _awaited(self, value):
