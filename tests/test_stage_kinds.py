@@ -25,8 +25,10 @@ from stages.registry import BOOL, DURATION, ENUM, FLOAT, INT, LIST_STR, SIZE, ST
 
 G = (Port("generated", "Generated"),)
 
-def kind(name, impl, params=()):
-    return StageKind(name=name, doc=name, params=params, inputs=G, outputs=G, impl=impl)
+R = (Port("requests", "Request"),)
+
+def kind(name, impl, params=(), inputs=G, outputs=G):
+    return StageKind(name=name, doc=name, params=params, inputs=inputs, outputs=outputs, impl=impl)
 
 KINDS = [
     kind("tag", "myplug.impls:Tag", (Param("n", INT, 1, "a number", min=0),)),
@@ -38,6 +40,7 @@ KINDS = [
     kind("yielder", "myplug.impls:Yielder"),
     kind("greedy", "myplug.impls:Greedy"),
     kind("drowsy", "myplug.impls:Drowsy"),
+    kind("answerer", "myplug.impls:Answerer", inputs=R),
     kind("knobs", "myplug.impls:Tag", (           # a parameter of every type, bounds left to the types
         Param("n", INT, 1, "an int", min=0, max=10), Param("f", FLOAT, 0.5, "a number"),
         Param("b", BOOL, False, "a switch"), Param("s", STR, None, "a name", optional=True, max_length=5),
@@ -82,6 +85,12 @@ class Drowsy(Idle):
             await asyncio.sleep(60)
         item["text"] = "awake"
         return item
+
+class Answerer(Idle):             # Request -> Generated: answers without the model
+    def process(self, item):
+        if (item.get("metadata") or {}).get("ask"):
+            return {"prompt": "a request, where its outputs give results"}
+        return {"text": "answered by " + item["prompt"]}
 
 class Stall:
     def __init__(self, name, params, context):
@@ -224,6 +233,23 @@ def test_a_kinds_async_process_runs_on_its_stages_loop_and_is_cancelled_at_its_t
         time.sleep(0.1)
         stats = rt.stats()["stages"]["x"]
     assert stats["timeouts"] == 1 and stats["stuck"] == 0
+
+
+def test_a_kind_returns_what_its_output_ports_give(installed, tmp_path, tiny_gguf):
+    """A kind whose ports turn a Request into a Generated result (or the reverse) returns that: the
+    runtime holds it to its outputs, not to a python stage's `returns = same`, which it cannot set."""
+    path = write(tmp_path, tiny_gguf, """
+    stage request : requests {}
+    stage x : answerer
+    stage out : respond {}
+    request -> x -> out
+""")
+    assert errors(path) == []
+    out, _ = run(path, [{"id": "a", "prompt": "the kind"}, {"id": "b", "prompt": "x", "metadata": {"ask": True}}])
+    by_id = {r.id: r for r in out}
+    assert [c.text for c in by_id["a"].choices] == ["answered by the kind"]
+    assert by_id["b"].error.message == "stage 'x' returned a Request, but its kind 'answerer' gives Generated " \
+                                       "items (its outputs)"
 
 
 def test_a_kind_named_as_another_is_refused_alone_and_check_says_which_runs(tmp_path, monkeypatch):

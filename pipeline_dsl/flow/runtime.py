@@ -87,6 +87,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         self.router = Router.from_graph(graph)
         self.loops = Loops.from_graph(graph, self.router.routes)
         self.returns = {n: p.get("returns", "same") for n, p in self.params.items() if self.kind[n] == "python"}
+        self.returns.update({n: _returns_of(get_kind(k)) for n, k in self.kind.items()
+                             if get_kind(k) is not None and get_kind(k).source != "builtin"})
         sources = [n for n, k in self.kind.items() if k == "requests"]
         self.source = sources[0] if sources else None
         self.max_queue = max_queue or (self.params[self.source].get("max_queue", 1024) if self.source else 1024)
@@ -367,6 +369,10 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             declared = self.returns.get(stage, "same")
             if declared != "any" and kind != {"same": item.kind, "request": REQUEST,
                                               "generated": GENERATED}[declared]:
+                if self.kind[stage] != "python":      # a plug-in kind: its output ports say
+                    raise PipelineError(f"stage '{stage}' returned a {kind}, but its kind '{self.kind[stage]}' "
+                                        f"gives {item.kind if declared == 'same' else declared.capitalize()} "
+                                        "items (its outputs)", "failed", stage)
                 raise PipelineError(f"stage '{stage}' returned a {kind} but declares returns = {declared} "
                                     f"(it got a {item.kind}); set returns = any if it may do both",
                                     "failed", stage)
@@ -612,6 +618,15 @@ def _error_of(stage: str, exc: BaseException, what: str = "stage") -> PipelineEr
         return PipelineError(f"{what} '{stage}' is unavailable: {exc}", "unavailable", stage)
     detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return PipelineError(f"{what} '{stage}' failed: {detail}", "failed", stage)
+
+
+def _returns_of(kind) -> str:
+    """What a plug-in kind's process may return, in a python stage's `returns` words: what its
+    output ports give (a passthrough kind: the type it got)."""
+    emits = kind.emits & {REQUEST, GENERATED}
+    if kind.passthrough or not emits:
+        return "same"
+    return "any" if len(emits) == 2 else "request" if REQUEST in emits else "generated"
 
 
 def _kind_of(d: dict) -> str | None:
