@@ -149,3 +149,18 @@ def test_a_function_importing_its_neighbour_when_called_finds_it_wherever_agp_ru
     (r,), _ = run(path, [chat("a", "hi")])
     assert r.ok, r.error.message
     assert r.choices[0].data["request"]["messages"][0]["content"] == "hi!"
+
+
+def test_check_finds_a_function_a_module_star_imports(tmp_path):
+    """`from .impl import *` in a package's __init__ (or `from posix import *` in os) binds the
+    names of the module it names: check follows it, reading source, instead of saying the package
+    has no such function; a name no module has is still an error."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("from .impl import *\n")
+    (tmp_path / "pkg" / "impl.py").write_text("from os import *\n\ndef handler(item):\n    return item\n")
+    info = function_info("pkg:handler", str(tmp_path))
+    assert info.path == str(tmp_path / "pkg" / "impl.py") and info.node.name == "handler"
+    assert function_info("pkg:getcwd", str(tmp_path)).node is None        # os's, from the C module posix
+    assert function_info("os:getcwd", None).module == "posix"
+    with pytest.raises(FunctionNotFound, match="module 'pkg' .* has no function 'nothere'"):
+        function_info("pkg:nothere", str(tmp_path))
