@@ -641,9 +641,11 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
             find_function(ref, base)
         except FunctionNotFound as e:
             hint = None
+            module, _, attr = ref.partition(":")
             if e.names:
-                attr = ref.partition(":")[2]
                 hint = did_you_mean(attr, e.names)
+            elif module.endswith(".py") and attr:     # a file name where the module's name goes
+                hint = f'write the module\'s name, without .py: "{module[:-3]}:{attr}"'
             diags.append(_err(f"{e} (stage '{st.name.text}')", where(param),
                               expected='"module:function": a module beside this file or on sys.path '
                                        "and a function in it", hint=hint))

@@ -164,3 +164,17 @@ def test_check_finds_a_function_a_module_star_imports(tmp_path):
     assert function_info("os:getcwd", None).module == "posix"
     with pytest.raises(FunctionNotFound, match="module 'pkg' .* has no function 'nothere'"):
         function_info("pkg:nothere", str(tmp_path))
+
+
+def test_a_file_name_where_the_module_name_goes_gets_a_hint(tmp_path, tiny_gguf):
+    path = write(tmp_path, tiny_gguf, chain() + '''
+    stage request : requests {}
+    stage gen : generate {}
+    stage x : python { fn = "hooks.py:after" }
+    stage out : respond {}
+    request -> batch
+    gen -> x -> out
+''', hooks=HOOKS)
+    (d,) = errors(path)
+    assert d.message.startswith("module 'hooks' ")
+    assert d.hint == 'write the module\'s name, without .py: "hooks:after"'
