@@ -16,7 +16,8 @@ entry point names a `StageKind`, a list of them, or a function returning either:
 Such a kind runs its `process` on workers of its own, as a python stage runs its function, so it
 takes the same call policy (`workers`, `timeout`, `retries`, `backoff`: builtin.POLICY_PARAMS)
 unless it declares a parameter of that name itself. A kind named as a built-in one, or as a kind
-another entry point registered first, is refused alone (the entry point's other kinds register).
+another entry point registered first, is refused alone (the entry point's other kinds register),
+as is one whose schema no pipeline can use (_schema_problem).
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ class Registry:
                 self.problems.append(f"stage entry point '{ep.name}' ({ep.value}) failed to load: {exc}")
                 continue
             for k in kinds:
+                wrong = _schema_problem(k)
+                if wrong is not None:
+                    self.problems.append(f"stage entry point '{ep.name}' ({ep.value}): its kind '{k.name}' is not "
+                                         f"registered: {wrong}")
+                    continue
                 taken = self._kinds.get(k.name)
                 if taken is not None:           # the first stays: a plug-in never replaces a kind
                     by = "a built-in kind" if taken.source == "builtin" else f"the kind of {taken.source}"
@@ -93,6 +99,29 @@ class Registry:
 
     def kinds(self) -> list[StageKind]:
         return [self._kinds[n] for n in self.names()]
+
+
+def _schema_problem(kind: StageKind) -> str | None:
+    """What makes a plug-in's kind unusable, in words: a name no pipeline can write, a resource
+    the planner does not know, a default its own parameter refuses. None when it is sound."""
+    import re
+
+    from pipeline_dsl.parser import keywords
+
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", kind.name) or kind.name in keywords():
+        return f"'{kind.name}' is not a name a pipeline can write (a word of letters, digits and _, not a keyword)"
+    if kind.resource not in RESOURCES:
+        return f"its resource '{kind.resource}' is none of {', '.join(RESOURCES)}"
+    for p in kind.params:
+        d = p.default
+        if p.type == ENUM and not p.choices:
+            return f"its enum parameter '{p.name}' has no choices"
+        if p.type == ENUM and isinstance(d, str) and d not in p.choices and d != FROM_MODE:
+            return f"the default of its parameter '{p.name}', {d!r}, is not one of its choices"
+        if p.type in (INT, FLOAT, DURATION, SIZE) and isinstance(d, (int, float)) and not isinstance(d, bool) \
+                and not p.in_range(d):
+            return f"the default of its parameter '{p.name}', {d!r}, is outside its own range"
+    return None
 
 
 def _third_party(kind: StageKind, source: str) -> StageKind:

@@ -307,3 +307,41 @@ def test_a_kinds_parameters_are_held_to_their_types_and_bounds(installed, tmp_pa
     assert [d.message for d in errors(path)] == [message]
     path.write_text(path.read_text().replace(f"{{ {value} }}", '{ s = "ok"  d = 2ms  z = 0  l = "one" }'))
     assert errors(path) == []
+
+
+def test_a_kind_whose_schema_no_pipeline_can_use_is_refused_with_the_reason(tmp_path, monkeypatch):
+    """A name no pipeline can write (a space, a keyword), a resource the planner does not know, a
+    default its own parameter refuses: such a kind is not registered, and `agp stages` says why;
+    the entry point's sound kinds are."""
+    root = plugin(tmp_path / "site", "sloppy", {"sloppy": "sloppy:KINDS"}, {"sloppy.py": '''
+        from stages.registry import ENUM, INT, Param, Port, StageKind
+        G = (Port("generated", "Generated"),)
+        def kind(name, resource="host", params=()):
+            return StageKind(name, "doc", params=params, inputs=G, outputs=G, resource=resource, impl="sloppy:X")
+        KINDS = [kind("two words"), kind("when"), kind("fast", resource="gpu"),
+                 kind("pick", params=(Param("how", ENUM, "a"),)),
+                 kind("many", params=(Param("n", INT, 50, "a count", min=0, max=10),)),
+                 kind("sound", params=(Param("n", INT, 5, "a count", min=0, max=10),))]
+        class X:
+            def __init__(self, name, params, context):
+                pass
+            def process(self, item):
+                return item
+    '''})
+    monkeypatch.syspath_prepend(str(root))
+    registry.reset_default_registry()
+    try:
+        reg = registry.default_registry()
+        assert "sound" in reg.names()
+        assert not {"two words", "when", "fast", "pick", "many"} & set(reg.names())
+        said = "stage entry point 'sloppy' (sloppy:KINDS): its kind"
+        assert reg.problems == [
+            f"{said} 'two words' is not registered: 'two words' is not a name a pipeline can write (a word of "
+            "letters, digits and _, not a keyword)",
+            f"{said} 'when' is not registered: 'when' is not a name a pipeline can write (a word of letters, "
+            "digits and _, not a keyword)",
+            f"{said} 'fast' is not registered: its resource 'gpu' is none of host, copy, compute",
+            f"{said} 'pick' is not registered: its enum parameter 'how' has no choices",
+            f"{said} 'many' is not registered: the default of its parameter 'n', 50, is outside its own range"]
+    finally:
+        registry.reset_default_registry()
