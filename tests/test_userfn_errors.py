@@ -39,6 +39,13 @@ def text_of_type(item):
 def finish_int(item):
     item["finish_reason"] = 7
     return item
+
+def unwritable(item):                    # fields an answer carries as they are
+    if item["request"].get("metadata", {}).get("nan"):
+        item["stop_reason"] = float("nan")
+    else:
+        item["branches"] = [object()]
+    return item
 '''
 
 
@@ -92,6 +99,11 @@ def test_a_request_a_stage_answers_itself_finishes_with_stop_and_keeps_its_reque
     ("text_of_type", {"dict": True}, "stage 'g' returned a result whose text is a dict, not a string"),
     ("text_of_type", {}, "stage 'g' returned a result whose text is bytes, not a string"),
     ("finish_int", {}, "stage 'g' returned a result whose finish_reason is an int; expected a string or null"),
+    ("unwritable", {}, "stage 'g' returned a result whose branches is not plain JSON (TypeError: Object of type "
+                       "object is not JSON serializable), and an answer carries it as it is"),
+    ("unwritable", {"nan": True}, "stage 'g' returned a result whose stop_reason is not plain JSON (ValueError: "
+                                  "Out of range float values are not JSON compliant), and an answer carries it "
+                                  "as it is"),
 ])
 def test_a_result_of_the_wrong_type_names_the_type_it_got(tmp_path, soft_gguf, fn, meta, words):
     path = write(tmp_path, soft_gguf, 'stage request : requests {}\nstage gen : generate { max_new_tokens = 3 }\n'

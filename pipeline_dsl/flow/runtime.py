@@ -33,6 +33,7 @@ flow/driving.py starts, drives and closes it all.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import threading
 import time
@@ -60,6 +61,7 @@ from .streams import StreamPlan, arun_filter, one_chunk, run_filter
 from .workers import EventLoop, Skipped, StageStuck, StageTimeout, StageWorkers, Timer
 
 ENGINE_KINDS = ("dynamic_batch", "encode", "kv_lookup", "generate")
+WRITTEN_AS_IS = ("stop_reason", "generated_by", "branches")   # result fields an answer carries unformatted
 INLINE = ("requests", "system_prompt", "route", "respond", "join", "dynamic_batch")   # no user code
 TRUSTED = ("requests", "system_prompt", "route")      # built-in stages: their dicts stay valid requests
 _PART = {"requests": "admit", "system_prompt": "apply", "python": "call", "route": "route"}
@@ -679,6 +681,16 @@ def _valid_result(d: dict, stage: str) -> None:
     if reason is not None and not isinstance(reason, str):
         raise PipelineError(f"stage '{stage}' returned a result whose finish_reason is {_a(reason)}; "
                             "expected a string or null", "failed", stage)
+    for field in WRITTEN_AS_IS:
+        value = d.get(field)
+        if value is None:
+            continue
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise PipelineError(f"stage '{stage}' returned a result whose {field} is not plain JSON "
+                                f"({type(e).__name__}: {e}), and an answer carries it as it is", "failed",
+                                stage) from None
 
 
 def _a(value) -> str:
