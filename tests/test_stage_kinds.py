@@ -35,6 +35,7 @@ KINDS = [
     kind("nowhere", "myplug.missing:Tag"),
     kind("misnamed", "myplug.impls:Tagg"),
     kind("grumpy", "myplug.impls:Grumpy"),
+    kind("grumpyfn", "myplug.impls:Grumpy", (Param("fn", STR, "x:y", "a function of its own"),)),
     kind("stall", "myplug.impls:Stall"),
     kind("idle", "myplug.impls:Idle"),
     kind("yielder", "myplug.impls:Yielder"),
@@ -175,6 +176,14 @@ def test_a_kind_that_cannot_start_fails_the_run_at_its_stage_with_exit_2(install
     assert (f"p.agp:11:7: error: stage 'x': stage kind 'grumpy' failed to start at {impls}:{line}: "
             "RuntimeError: grumpy refuses to start") in r.stderr
     assert "internal error" not in r.stderr and r.stdout == ""
+    # a kind with an `fn` parameter of its own is still a kind that failed to start, not a python stage's fn
+    from pipeline_dsl.diagnostics import CheckFailed
+
+    path.write_text(path.read_text().replace(": grumpy", ": grumpyfn"))
+    with pytest.raises(CheckFailed) as e:
+        runtime(path)
+    (d,) = e.value.diagnostics
+    assert d.message.startswith("stage 'x': stage kind 'grumpyfn' failed to start at ")
 
 
 @pytest.mark.parametrize("kind, why", [

@@ -107,8 +107,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                 except (Exception, SystemExit) as exc:   # noqa: BLE001 - the user's module or a plug-in's
                     # kind, said where (its sys.exit() at import too, which would end `agp run` with no
                     # word); a real Ctrl-C goes on
-                    if not self.params[n].get("fn") and get_kind(k).source == "builtin":
-                        raise
+                    if not self.params[n].get("fn") and getattr(get_kind(k), "source", "builtin") == "builtin":
+                        raise                                     # a built-in kind's own failure: agp's
                     raise _load_failed(graph, n, exc) from exc
         # plug-in kinds whose process is an `async def`: awaited on their stage's own loop, as a
         # python stage's coroutine is (and cancelled at its timeout)
@@ -754,7 +754,7 @@ def _load_failed(graph: nx.DiGraph, stage: str, exc: BaseException):
     from stages.impl import NoImplementation
 
     node = graph.nodes[stage]
-    ref = node["params"].get("fn")
+    ref = node["params"].get("fn") if node.get("kind") in ("python", "join") else None   # a plug-in's fn: its own
     raised = f"{_raised_at(exc)}: {type(exc).__name__}" + (f": {exc}" if str(exc) else "")
     if ref is None:                                   # a plug-in kind
         why = str(exc) if isinstance(exc, NoImplementation) else \
