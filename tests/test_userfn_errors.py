@@ -40,6 +40,15 @@ def finish_int(item):
     item["finish_reason"] = 7
     return item
 
+class Unspeakable(Exception):
+    def __str__(self):
+        raise RuntimeError("no words")
+
+def unspeakable(item):
+    if item["request"].get("metadata", {}).get("bad"):
+        raise Unspeakable()
+    return item
+
 def unwritable(item):                    # fields an answer carries as they are
     if item["request"].get("metadata", {}).get("nan"):
         item["stop_reason"] = float("nan")
@@ -190,3 +199,16 @@ def test_a_file_name_where_the_module_name_goes_gets_a_hint(tmp_path, tiny_gguf)
     (d,) = errors(path)
     assert d.message.startswith("module 'hooks' ")
     assert d.hint == 'write the module\'s name, without .py: "hooks:after"'
+
+
+def test_an_exception_whose_message_cannot_be_read_still_fails_only_its_request(tmp_path, soft_gguf):
+    """str() of the exception raised too: the request hung for good (its error could not be made),
+    and with it every answer agp run writes after it. It fails, saying its message is unreadable."""
+    path = write(tmp_path, soft_gguf, 'stage request : requests {}\nstage gen : generate { max_new_tokens = 3 }\n'
+                 'stage g : python { fn = "hooks:unspeakable" }\nstage out : respond {}\n'
+                 "request -> batch\ngen -> g -> out\n" + chain(), hooks=HOOKS)
+    results, _ = run(path, [chat("bad", "hi", metadata={"bad": True}), chat("ok", "yo")], hang_s=30)
+    by = {r.id: r for r in results}
+    assert by["ok"].ok
+    assert by["bad"].error.message == ("stage 'g' failed: Unspeakable: (its message cannot be read: str() raised "
+                                       "RuntimeError)")

@@ -613,13 +613,23 @@ def _error_of(stage: str, exc: BaseException, what: str = "stage") -> PipelineEr
     if isinstance(exc, PipelineError):
         return exc if exc.stage else PipelineError(exc.message, exc.kind, stage)
     if isinstance(exc, Reject):
-        return PipelineError(str(exc) or "rejected", "rejected", stage)
+        return PipelineError(_said(exc) or "rejected", "rejected", stage)
     if isinstance(exc, StageTimeout):
         return PipelineError(f"{what} '{stage}' timed out: {exc}", "timeout", stage)
     if isinstance(exc, StageStuck):
         return PipelineError(f"{what} '{stage}' is unavailable: {exc}", "unavailable", stage)
-    detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    said = _said(exc)
+    detail = f"{type(exc).__name__}: {said}" if said else type(exc).__name__
     return PipelineError(f"{what} '{stage}' failed: {detail}", "failed", stage)
+
+
+def _said(exc: BaseException) -> str:
+    """An exception's message; one whose __str__ itself raises is said to be unreadable (its
+    request must still fail, not hang with the error that its message raised)."""
+    try:
+        return str(exc)
+    except BaseException as e:                   # noqa: BLE001 - the user's __str__, whatever it raises
+        return f"(its message cannot be read: str() raised {type(e).__name__})"
 
 
 def _returns_of(kind) -> str:
@@ -755,7 +765,8 @@ def _load_failed(graph: nx.DiGraph, stage: str, exc: BaseException):
 
     node = graph.nodes[stage]
     ref = node["params"].get("fn") if node.get("kind") in ("python", "join") else None   # a plug-in's fn: its own
-    raised = f"{_raised_at(exc)}: {type(exc).__name__}" + (f": {exc}" if str(exc) else "")
+    said = _said(exc)
+    raised = f"{_raised_at(exc)}: {type(exc).__name__}" + (f": {said}" if said else "")
     if ref is None:                                   # a plug-in kind
         why = str(exc) if isinstance(exc, NoImplementation) else \
             f"stage kind '{node.get('kind')}' failed to start{raised}"
