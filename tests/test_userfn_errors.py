@@ -49,6 +49,16 @@ def unspeakable(item):
         raise Unspeakable()
     return item
 
+class NoStatusYet(Exception):
+    @property
+    def status_code(self):               # as a client's error whose response never came
+        raise ValueError("no response")
+
+def statusless(item):
+    if item["request"].get("metadata", {}).get("bad"):
+        raise NoStatusYet("the call failed")
+    return item
+
 def unwritable(item):                    # fields an answer carries as they are
     if item["request"].get("metadata", {}).get("nan"):
         item["stop_reason"] = float("nan")
@@ -212,3 +222,15 @@ def test_an_exception_whose_message_cannot_be_read_still_fails_only_its_request(
     assert by["ok"].ok
     assert by["bad"].error.message == ("stage 'g' failed: Unspeakable: (its message cannot be read: str() raised "
                                        "RuntimeError)")
+
+
+def test_an_exception_whose_status_property_raises_is_not_retried_and_fails_only_its_request(tmp_path, soft_gguf):
+    """With `retries`, a failed call's exception is asked for its HTTP status; a property that raised
+    there killed the stage's worker thread and the request hung. It is simply not transient."""
+    path = write(tmp_path, soft_gguf, 'stage request : requests {}\nstage gen : generate { max_new_tokens = 3 }\n'
+                 'stage g : python { fn = "hooks:statusless"  retries = 2  backoff = 0 }\nstage out : respond {}\n'
+                 "request -> batch\ngen -> g -> out\n" + chain(), hooks=HOOKS)
+    results, rt = run(path, [chat("bad", "hi", metadata={"bad": True}), chat("ok", "yo")], hang_s=30)
+    by = {r.id: r for r in results}
+    assert by["ok"].ok and by["bad"].error.message == "stage 'g' failed: NoStatusYet: the call failed"
+    assert rt.stats()["stages"]["g"]["retries"] == 0
