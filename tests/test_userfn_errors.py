@@ -234,3 +234,40 @@ def test_an_exception_whose_status_property_raises_is_not_retried_and_fails_only
     by = {r.id: r for r in results}
     assert by["ok"].ok and by["bad"].error.message == "stage 'g' failed: NoStatusYet: the call failed"
     assert rt.stats()["stages"]["g"]["retries"] == 0
+
+
+DECORATED_ASYNC = '''
+import asyncio
+import functools
+
+def logged(f):
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):        # a sync wrapper: it hands back f's coroutine
+        return f(*args, **kwargs)
+    return wrapper
+
+@logged
+async def slow(item):
+    if item["request"].get("metadata", {}).get("slow"):
+        await asyncio.sleep(60)
+    return item
+'''
+
+
+def test_a_decorated_async_fn_is_cancelled_at_its_timeout(tmp_path, soft_gguf):
+    """A sync wrapper around an `async def` returns a coroutine, awaited for it: past the stage's
+    timeout the coroutine is cancelled, as a plain `async def` is, so it is not left stuck for good
+    (a stage with `workers` stuck calls refuses every request)."""
+    import time
+
+    path = write(tmp_path, soft_gguf, 'stage request : requests {}\nstage gen : generate { max_new_tokens = 3 }\n'
+                 'stage g : python { fn = "hooks:slow"  timeout = 200ms  workers = 2 }\nstage out : respond {}\n'
+                 "request -> batch\ngen -> g -> out\n" + chain(), hooks=DECORATED_ASYNC)
+    results, rt = run(path, [chat("bad", "hi", metadata={"slow": True}), chat("ok", "yo")], hang_s=30)
+    by = {r.id: r for r in results}
+    assert by["bad"].error.kind == "timeout" and by["ok"].ok
+    for _ in range(50):
+        if rt.stats()["stages"]["g"]["stuck"] == 0:
+            break
+        time.sleep(0.1)
+    assert rt.stats()["stages"]["g"]["stuck"] == 0

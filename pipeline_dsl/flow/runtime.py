@@ -301,13 +301,19 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             return (lambda: impl.fn(view)), True
         if stage in self.async_process:
             return (lambda: impl.process(view)), True
-        return (lambda: self._awaited(impl.process(view))), False
+        return (lambda: self._awaited(stage, impl.process(view))), False
 
-    def _awaited(self, value):
-        """A sync function that returned an awaitable: await it on the event loop."""
+    def _awaited(self, stage: str, value):
+        """A sync function that returned an awaitable (a decorated `async def`): awaited on its
+        stage's own loop, so that it stalls no other stage's, and cancelled at the stage's
+        timeout, as a coroutine the stage calls itself is (its thread is written off then)."""
         import inspect
 
-        return self.loop.wait(value) if inspect.isawaitable(value) else value
+        if not inspect.isawaitable(value):
+            return value
+        w = self.workers[stage]
+        return w.loop.wait(value, w.timeout or None,
+                           lambda: StageTimeout(f"it took longer than its timeout ({w.timeout:g}s)"))
 
     def _called(self, item: Item, stage: str, view: dict, ok: bool, value, key, t0: float) -> None:
         """A call of a stage's user code ended (on the host pool): the item goes on, or fails;
