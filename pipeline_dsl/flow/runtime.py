@@ -135,7 +135,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
 
         self.flow = FlowStats(graph, self.kind)
         self.ledger = RequestLedger(clock)
-        self.timer, self.loop = Timer(), EventLoop()
+        self.timer = Timer()
         self.workers: dict[str, StageWorkers] = {}      # stages that run user code: their own workers
         self.caches: dict[str, ResultCache] = {}
         self._pending: dict[tuple, list] = {}        # (stage, cache key) -> items waiting for that call

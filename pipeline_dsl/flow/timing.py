@@ -113,7 +113,7 @@ class Timer:
 
 
 class EventLoop:
-    """The runtime's event loop, on a thread of its own, started at first use."""
+    """A stage's event loop, on a thread of its own, started at first use."""
 
     def __init__(self):
         self._loop: asyncio.AbstractEventLoop | None = None
