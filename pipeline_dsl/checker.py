@@ -151,6 +151,8 @@ def convert(value: ast.Value, p: Param, what: str) -> tuple[Any, Diagnostic | No
             if kind != t:
                 return bad(f"wrong unit: {what} is a {t}, but '{show(value)}' is a {kind}")
             out = units.normalise(value.number, value.unit)
+            if out < 0:                     # whatever the kind's bounds: no wait or size is negative
+                return bad(f"{what} is a {t}, never negative: '{show(value)}'")
         elif isinstance(value, (ast.Int, ast.Float)) and value.value == 0:
             out = 0.0 if t == DURATION else 0
         elif isinstance(value, (ast.Int, ast.Float)):
@@ -185,6 +187,8 @@ def convert(value: ast.Value, p: Param, what: str) -> tuple[Any, Diagnostic | No
     elif t == STR:
         if isinstance(value, ast.Str):
             out = value.value
+            if p.max_length is not None and len(out) > p.max_length:
+                return bad(f"{what} has {len(out)} characters; at most {p.max_length} are allowed")
         elif isinstance(value, ast.Word):
             return bad(f"{what} is a string, not the word '{value.value}'", f'quote it: "{value.value}"')
         else:
@@ -505,13 +509,13 @@ def check_pipeline(p: ast.Pipeline, registry: Registry | None = None,
                               hint=did_you_mean(st.kind.text, registry.names()),
                               notes=[(problem, None) for problem in registry.problems]))
         else:
+            if kind.name in registry.shadowed:
+                which = "the built-in kind" if kind.source == "builtin" else f"the kind of {kind.source}"
+                diags.append(_warn(f"'{kind.name}' here is {which}: {registry.shadowed[kind.name]}",
+                                   st.kind.pos, hint="give the plug-in's kind a name of its own"))
             params, ds = resolve_params(kind, st, mode, {**settings, "_given": given_settings})
             diags += ds
-            if not kind.impl:
-                diags.append(_err(f"stage kind '{kind.name}' ({kind.source}) has no runtime implementation",
-                                  st.kind.pos, expected="a kind whose registry entry names its impl "
-                                                        "(\"module:Class\" with a process(item) method)",
-                                  hint="see docs/architecture.md, 'Stage implementations'"))
+            diags += _check_impl(kind, st.kind.pos)
             param_pos = {prm.name.text: prm.value.pos for prm in st.params}
             given = {n for n in param_pos if kind.param(n) is not None}
             diags += _check_kind_params(kind, st, params, given, param_pos, allowed)
@@ -533,6 +537,29 @@ def check_pipeline(p: ast.Pipeline, registry: Registry | None = None,
 
 
 # ---------------------------------------------------------------- kind-specific checks
+
+def _check_impl(kind: StageKind, pos: SourcePos) -> list[Diagnostic]:
+    """A kind needs a runtime implementation; a plug-in's `impl` must name something its module
+    defines, found by reading the source as a `fn` is (nothing imported; a compiled module cannot
+    be read, and is left to the run)."""
+    from .userfn import FunctionNotFound, NoSource, function_info
+
+    expected = "a kind whose registry entry names its impl (\"module:Class\" with a process(item) method)"
+    hint = "see docs/architecture.md, 'Stage implementations'"
+    if not kind.impl:
+        return [_err(f"stage kind '{kind.name}' ({kind.source}) has no runtime implementation", pos,
+                     expected=expected, hint=hint)]
+    if kind.source == "builtin":
+        return []
+    try:
+        function_info(kind.impl, None)
+    except NoSource:
+        return []
+    except FunctionNotFound as e:
+        return [_err(f"stage kind '{kind.name}' ({kind.source}) cannot load its implementation "
+                     f"{kind.impl!r}: {e}", pos, expected=expected, hint=hint)]
+    return []
+
 
 def _check_signature(what: str, ref: str, n: int, call: str, pos: SourcePos, base) -> list[Diagnostic]:
     """What the source says of how `ref` is called with `n` positional arguments (docs: a python
@@ -559,6 +586,8 @@ def _check_signature(what: str, ref: str, n: int, call: str, pos: SourcePos, bas
             "str" if isinstance(value, pyast.JoinedStr) else type(value).__name__.lower()
         return [_err(f"{what}: {ref} is not a function: the module binds it to a value of type {shown} (line {node.lineno})",
                      pos, expected=f"a function called as fn{call}")]
+    if isinstance(value, pyast.Lambda):          # `f = lambda a, b: …`: its parameters are in the source too
+        node = value
     if takes(node, n) is False:
         least, most = positional_arity(node)
         if most == 0 and least:
@@ -566,8 +595,12 @@ def _check_signature(what: str, ref: str, n: int, call: str, pos: SourcePos, bas
         else:
             takes_words = (f"{least} positional argument{'s' if least != 1 else ''}" if most == least
                            else f"{least} to {'any number of' if most is None else most} positional arguments")
-        return [_err(f"{what}: {ref} takes {takes_words}, but it is called with {n} ({call[1:-1]})", pos,
-                     expected=f"def {node.name}{call}", hint=f"give {node.name} the parameters {call}")]
+        name = ref.partition(":")[2]
+        lam = isinstance(node, pyast.Lambda)
+        return [_err(f"{what}: {ref} {'is a lambda that ' if lam else ''}takes {takes_words}, but it is called "
+                     f"with {n} ({call[1:-1]})", pos,
+                     expected=f"lambda {call[1:-1]}: …" if lam else f"def {name}{call}",
+                     hint=f"give {'the lambda' if lam else name} the parameters {call}")]
     return []
 
 def _check_python_shape(name: str, params: dict, given: set, where, base) -> list[Diagnostic]:
@@ -622,9 +655,11 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
             find_function(ref, base)
         except FunctionNotFound as e:
             hint = None
+            module, _, attr = ref.partition(":")
             if e.names:
-                attr = ref.partition(":")[2]
                 hint = did_you_mean(attr, e.names)
+            elif module.endswith(".py") and attr:     # a file name where the module's name goes
+                hint = f'write the module\'s name, without .py: "{module[:-3]}:{attr}"'
             diags.append(_err(f"{e} (stage '{st.name.text}')", where(param),
                               expected='"module:function": a module beside this file or on sys.path '
                                        "and a function in it", hint=hint))

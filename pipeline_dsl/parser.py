@@ -61,6 +61,13 @@ def _lark() -> Lark:
                      maybe_placeholders=True)
 
 
+@functools.lru_cache(maxsize=None)
+def keywords() -> frozenset[str]:
+    """The grammar's reserved words (`stage`, `when`, …): never a name in a pipeline."""
+    return frozenset(t.pattern.value for t in _lark().terminals
+                     if t.pattern.type == "str" and t.pattern.value.isalpha())
+
+
 def _describe_expected(expected) -> list[str]:
     words = []
     for name in sorted(expected):

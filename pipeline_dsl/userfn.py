@@ -4,7 +4,8 @@ The module is looked up beside the .agp file first, then on sys.path. `agp check
 imports or runs anything: it finds the module's file as the import system would (the
 finders' `find_spec`, a dotted name one package at a time from its parent's search path,
 so no parent package is executed either), reads the source and looks for a top-level
-`def`, class, assignment or import of that name with `ast`. A module without Python source
+`def`, class, assignment or import of that name with `ast` (else in the modules it
+star-imports). A module without Python source
 cannot be read: one of the standard library's own C modules (`math`) is imported, as no
 Python code runs then; any other (a third-party compiled extension) is an error. The runtime
 imports the module for real.
@@ -40,6 +41,10 @@ class FunctionNotFound(LookupError):
     def __init__(self, message: str, names: list[str] | None = None):
         super().__init__(message)
         self.names = names or []          # the module's top-level names, for did-you-mean
+
+
+class NoSource(FunctionNotFound):
+    """The module is there but has no Python source to read (a compiled extension)."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,7 @@ def module_source(module: str, base_dir: str | None) -> str | None:
     if not origin or not origin.endswith(".py") or not os.path.isfile(origin):
         if _stdlib_c_module(module, spec):
             return None
-        raise FunctionNotFound(f"module '{module}' has no Python source to read (agp check imports nothing); "
+        raise NoSource(f"module '{module}' has no Python source to read (agp check imports nothing); "
                                "put the function in a .py module beside the pipeline")
     return origin
 
@@ -177,9 +182,27 @@ def _parse(path: str) -> pyast.Module:
         raise FunctionNotFound(f"{path} is nested too deeply to check") from None
 
 
-def function_info(ref: str, base_dir: str | None) -> FunctionInfo:
+def _star_imports(tree: pyast.Module, module: str, path: str) -> list[str]:
+    """The modules a module's `from M import *` statements name (relative ones made absolute), in order."""
+    package = module if os.path.basename(path) == "__init__.py" else module.rpartition(".")[0]
+    out = []
+    for node in tree.body:
+        for n in ([node] if not isinstance(node, (pyast.If, pyast.Try)) else pyast.walk(node)):
+            if isinstance(n, pyast.ImportFrom) and any(a.name == "*" for a in n.names):
+                if n.level:
+                    base = package.split(".") if package else []
+                    base = base[:len(base) - (n.level - 1)] if n.level > 1 else base
+                    out.append(".".join([*base, *([n.module] if n.module else [])]))
+                elif n.module:
+                    out.append(n.module)
+    return [m for m in out if m]
+
+
+def function_info(ref: str, base_dir: str | None, _depth: int = 0) -> FunctionInfo:
     """Where `ref`'s function is defined (FunctionNotFound with the reason otherwise), found by
-    reading source: nothing is imported or run."""
+    reading source: nothing is imported or run. A name the module does not bind itself is looked
+    for in the modules it star-imports (`from .impl import *`); one of those without source
+    (a compiled module) leaves it unknown: a FunctionInfo without a node."""
     module, attr = split_ref(ref)
     path = module_source(module, base_dir)
     if path is None:                           # a stdlib C module: no Python code runs on import
@@ -191,9 +214,18 @@ def function_info(ref: str, base_dir: str | None) -> FunctionInfo:
             raise FunctionNotFound(f"module '{module}' has no function '{attr}'",
                                    [n for n in dir(mod) if not n.startswith("_")])
         return FunctionInfo(module, attr, None, None)
-    defined = _definitions(_parse(path))
+    tree = _parse(path)
+    defined = _definitions(tree)
     if attr not in defined:
-        raise FunctionNotFound(f"module '{module}' ({path}) has no function '{attr}'", sorted(defined))
+        for star in _star_imports(tree, module, path) if _depth < 8 else ():
+            try:
+                return function_info(f"{star}:{attr}", base_dir, _depth + 1)
+            except NoSource:
+                return FunctionInfo(module, attr, path, None)
+            except FunctionNotFound:
+                continue
+        raise FunctionNotFound(f"module '{module}' ({path}) has no function '{attr}'",
+                               sorted(n for n in defined if n != "*"))
     return FunctionInfo(module, attr, path, defined[attr])
 
 
@@ -246,10 +278,11 @@ def load_function(ref: str, base_dir: str | None) -> Callable:
 
 
 def positional_arity(node: pyast.AST | None) -> tuple[int, int | None] | None:
-    """(the positional arguments a top-level `def` needs, the most it takes: None for *args), or
-    None when the source does not say (not a def, or a decorated one). A keyword-only argument
-    without a default fails every positional call: (positional + 1, 0)."""
-    if not isinstance(node, (pyast.FunctionDef, pyast.AsyncFunctionDef)) or node.decorator_list:
+    """(the positional arguments a top-level `def` or a lambda needs, the most it takes: None for
+    *args), or None when the source does not say (not a def, or a decorated one). A keyword-only
+    argument without a default fails every positional call: (positional + 1, 0)."""
+    if not isinstance(node, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.Lambda)) or \
+            getattr(node, "decorator_list", None):
         return None
     a = node.args
     positional = len(a.posonlyargs) + len(a.args)

@@ -192,7 +192,7 @@ PYTHON = StageKind(
         "`when LABEL` edges match, or raises pipeline_dsl.Reject(\"why\") to refuse the request. A "
         "returned Request goes on along the out-edges that lead where Requests are taken, a Generated "
         "result along those that lead to a respond stage; `returns` says which it may give. An `async "
-        "def` runs on the runtime's event loop; each stage has its own workers, and may set a timeout, "
+        "def` runs on an event loop of its stage's own; each stage has its own workers, and may set a timeout, "
         "retries and a result cache. With stream = true the function is a generator that filters the "
         "text as it is generated.",
     params=(

@@ -274,6 +274,27 @@ class NoImplementation(LookupError):
     pass
 
 
+def check_item_stage(kind: str, stage) -> None:
+    """Refuse, as a plug-in kind's stage starts, an instance that could only fail every item: one
+    without a `process` method, with a generator `process` (it hands back a generator, never the
+    item), or with one whose signature cannot take process(item)."""
+    import inspect
+
+    from pipeline_dsl.userfn import FunctionNotFound
+
+    what = f"stage kind '{kind}': its implementation {type(stage).__name__}"
+    process = getattr(stage, "process", None)
+    if not callable(process):
+        raise NoImplementation(f"{what} has no process(item) method")
+    if inspect.isgeneratorfunction(process) or inspect.isasyncgenfunction(process):
+        raise NoImplementation(f"{what} has a process that yields; it must return the item's dict, a "
+                               "label string or None")
+    try:
+        takes_call(process, "process(item)")
+    except FunctionNotFound as e:
+        raise NoImplementation(f"{what}: {e}") from None
+
+
 def implementation(kind: str):
     """The runtime implementation of a stage kind (the registry entry's `impl`): a class or object."""
     from stages.registry import get_kind  # registry: schemas, entry points
@@ -286,4 +307,5 @@ def implementation(kind: str):
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
-        raise NoImplementation(f"stage kind '{kind}': cannot load its implementation {target!r}: {e}") from None
+        raise NoImplementation(f"stage kind '{kind}' ({entry.source}) cannot load its implementation "
+                               f"{target!r}: {e}") from None

@@ -12,6 +12,12 @@ entry point names a `StageKind`, a list of them, or a function returning either:
 
     [project.entry-points."agp.stages"]
     my_kind = "my_pkg.stages:MY_KIND"
+
+Such a kind runs its `process` on workers of its own, as a python stage runs its function, so it
+takes the same call policy (`workers`, `timeout`, `retries`, `backoff`: builtin.POLICY_PARAMS)
+unless it declares a parameter of that name itself. A kind named as a built-in one, or as a kind
+another entry point registered first, is refused alone (the entry point's other kinds register),
+as is one whose schema no pipeline can use (_schema_problem).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import importlib.metadata
 from typing import Iterable
 
-from .builtin import BUILTIN_KINDS
+from .builtin import BUILTIN_KINDS, POLICY_PARAMS
 # the schema's names, importable from here as third-party kinds always have (docs/architecture.md)
 from .schema import (ANY_LABEL, BOOL, DURATION, ENUM, FLOAT, FROM_MODE, INT, LIST_STR, REQUIRED,  # noqa: F401
                      RESOURCES, SIZE, STR, Param, Port, StageKind)
@@ -39,6 +45,7 @@ class Registry:
         self._load_entry_points = load_entry_points
         self._loaded = False
         self.problems: list[str] = []          # entry points that failed to load, in words
+        self.shadowed: dict[str, str] = {}     # a kind name an entry point gave again -> that problem
         for k in kinds:
             self.register(k)
 
@@ -60,11 +67,24 @@ class Registry:
                 for k in kinds:
                     if not isinstance(k, StageKind):
                         raise TypeError(f"{k!r} is not a StageKind")
-                    if k.name in self._kinds and self._kinds[k.name].source == "builtin":
-                        raise ValueError(f"kind '{k.name}' is already built in")
-                    self.register(_with_source(k, f"entry point {ep.name}"))
             except Exception as exc:           # noqa: BLE001 - a broken plug-in must not break agp
                 self.problems.append(f"stage entry point '{ep.name}' ({ep.value}) failed to load: {exc}")
+                continue
+            for k in kinds:
+                wrong = _schema_problem(k)
+                if wrong is not None:
+                    self.problems.append(f"stage entry point '{ep.name}' ({ep.value}): its kind '{k.name}' is not "
+                                         f"registered: {wrong}")
+                    continue
+                taken = self._kinds.get(k.name)
+                if taken is not None:           # the first stays: a plug-in never replaces a kind
+                    by = "a built-in kind" if taken.source == "builtin" else f"the kind of {taken.source}"
+                    problem = (f"stage entry point '{ep.name}' ({ep.value}): its kind '{k.name}' is not "
+                               f"registered: '{k.name}' is already {by}")
+                    self.problems.append(problem)
+                    self.shadowed.setdefault(k.name, problem)
+                    continue
+                self.register(_third_party(k, f"entry point {ep.name}"))
 
     def get(self, name: str) -> StageKind | None:
         self._ensure_loaded()
@@ -81,9 +101,35 @@ class Registry:
         return [self._kinds[n] for n in self.names()]
 
 
-def _with_source(kind: StageKind, source: str) -> StageKind:
+def _schema_problem(kind: StageKind) -> str | None:
+    """What makes a plug-in's kind unusable, in words: a name no pipeline can write, a resource
+    the planner does not know, a default its own parameter refuses. None when it is sound."""
+    import re
+
+    from pipeline_dsl.parser import keywords
+
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", kind.name) or kind.name in keywords():
+        return f"'{kind.name}' is not a name a pipeline can write (a word of letters, digits and _, not a keyword)"
+    if kind.resource not in RESOURCES:
+        return f"its resource '{kind.resource}' is none of {', '.join(RESOURCES)}"
+    for p in kind.params:
+        d = p.default
+        if p.type == ENUM and not p.choices:
+            return f"its enum parameter '{p.name}' has no choices"
+        if p.type == ENUM and isinstance(d, str) and d not in p.choices and d != FROM_MODE:
+            return f"the default of its parameter '{p.name}', {d!r}, is not one of its choices"
+        if p.type in (INT, FLOAT, DURATION, SIZE) and isinstance(d, (int, float)) and not isinstance(d, bool) \
+                and not p.in_range(d):
+            return f"the default of its parameter '{p.name}', {d!r}, is outside its own range"
+    return None
+
+
+def _third_party(kind: StageKind, source: str) -> StageKind:
+    """An entry point's kind: its source, and the call policy of a stage that runs user code
+    (workers, timeout, retries, backoff) where it declares no parameter of that name."""
     from dataclasses import replace
-    return replace(kind, source=source)
+    policy = tuple(p for p in POLICY_PARAMS if kind.param(p.name) is None)
+    return replace(kind, source=source, params=(*kind.params, *policy))
 
 
 def _entry_points():

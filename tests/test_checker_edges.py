@@ -1381,6 +1381,10 @@ def chunked(item, chunks):
 
 def merge(results, how):
     return results[0]
+
+
+pair = lambda a, b: a
+one = lambda item, *rest: item
 '''
 
 
@@ -1409,6 +1413,10 @@ def _python_stage_diagnostics(tmp_path, monkeypatch, ref: str, params: str = "",
                                     "with 1 (results)")),
     ("Klass", "", "python", ("warning", "stage 'py': shapes:Klass is a class; calling it makes an instance, "
                                         "not the dict or label the stage returns")),
+    ("pair", "", "python", ("error", "stage 'py': shapes:pair is a lambda that takes 2 positional arguments, "
+                                     "but it is called with 1 (item)")),
+    ("one", "", "python", None),
+    ("pair", "stream = true", "python", None),        # fn(item, chunks): a lambda may return a generator
 ])
 def test_check_reads_whether_a_python_fn_can_be_called_with_the_item(tmp_path, monkeypatch, ref, params, kind,
                                                                      want):

@@ -347,8 +347,19 @@ class _FakeEP:
         return self._obj
 
 
+SHORTEN_MODULE = ("class Shorten:\n"
+                  "    def __init__(self, name, params, context):\n"
+                  "        self.words = params['words']\n"
+                  "    def process(self, item):\n"
+                  "        item['text'] = ' '.join(item['text'].split()[:self.words])\n"
+                  "        return item\n")
+
+
 @pytest.fixture
-def fake_entry_points(monkeypatch):
+def fake_entry_points(monkeypatch, tmp_path):
+    (tmp_path / "stage_plugin.py").write_text(SHORTEN_MODULE)      # SHORTEN's impl
+    monkeypatch.syspath_prepend(str(tmp_path))
+
     class EPs(list):
         def select(self, group):
             return EPs(e for e in self if group == reg_mod.ENTRY_POINT_GROUP)
@@ -383,15 +394,7 @@ def test_a_third_party_kind_inside_an_engine_segment_or_without_impl_is_an_error
     assert d.message == "stage kind 'dreamer' (entry point dreamer) has no runtime implementation"
 
 
-def test_a_third_party_kind_runs_its_process_on_each_item(fake_entry_points, tmp_path, monkeypatch, tiny_gguf):
-    (tmp_path / "stage_plugin.py").write_text(
-        "class Shorten:\n"
-        "    def __init__(self, name, params, context):\n"
-        "        self.words = params['words']\n"
-        "    def process(self, item):\n"
-        "        item['text'] = ' '.join(item['text'].split()[:self.words])\n"
-        "        return item\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+def test_a_third_party_kind_runs_its_process_on_each_item(fake_entry_points, tmp_path, tiny_gguf):
     text = pipeline().replace("gen -> out", "gen -> short -> out").replace(
         "stage out", "stage short : shorten { words = 2 }\n    stage out")
     text = text.replace('model = "smollm2-135m-instruct"', f'model = "{tiny_gguf}"\n    dtype = fp32')

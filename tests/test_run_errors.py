@@ -179,7 +179,7 @@ def test_input_lines_are_bounded_even_an_endless_one(tmp_path, pipeline):
     ("raise ValueError('no config')\nNOT_FN = len('a')\n",
      "importing its module failed at {hooks}:1: ValueError: no config"),
     ("import os\n\nraise SystemExit\nNOT_FN = len('a')\n", "importing its module failed at {hooks}:3: SystemExit"),
-    ("NOT_FN = lambda item, chunks: item\n",
+    ("NOT_FN = (lambda: lambda item, chunks: item)()\n",             # a function a factory made
      "it is called as fn(item), but its signature (item, chunks) cannot take that: missing a required argument: "
      "'chunks'"),
 ])

@@ -39,6 +39,32 @@ def text_of_type(item):
 def finish_int(item):
     item["finish_reason"] = 7
     return item
+
+class Unspeakable(Exception):
+    def __str__(self):
+        raise RuntimeError("no words")
+
+def unspeakable(item):
+    if item["request"].get("metadata", {}).get("bad"):
+        raise Unspeakable()
+    return item
+
+class NoStatusYet(Exception):
+    @property
+    def status_code(self):               # as a client's error whose response never came
+        raise ValueError("no response")
+
+def statusless(item):
+    if item["request"].get("metadata", {}).get("bad"):
+        raise NoStatusYet("the call failed")
+    return item
+
+def unwritable(item):                    # fields an answer carries as they are
+    if item["request"].get("metadata", {}).get("nan"):
+        item["stop_reason"] = float("nan")
+    else:
+        item["branches"] = [object()]
+    return item
 '''
 
 
@@ -92,6 +118,11 @@ def test_a_request_a_stage_answers_itself_finishes_with_stop_and_keeps_its_reque
     ("text_of_type", {"dict": True}, "stage 'g' returned a result whose text is a dict, not a string"),
     ("text_of_type", {}, "stage 'g' returned a result whose text is bytes, not a string"),
     ("finish_int", {}, "stage 'g' returned a result whose finish_reason is an int; expected a string or null"),
+    ("unwritable", {}, "stage 'g' returned a result whose branches is not plain JSON (TypeError: Object of type "
+                       "object is not JSON serializable), and an answer carries it as it is"),
+    ("unwritable", {"nan": True}, "stage 'g' returned a result whose stop_reason is not plain JSON (ValueError: "
+                                  "Out of range float values are not JSON compliant), and an answer carries it "
+                                  "as it is"),
 ])
 def test_a_result_of_the_wrong_type_names_the_type_it_got(tmp_path, soft_gguf, fn, meta, words):
     path = write(tmp_path, soft_gguf, 'stage request : requests {}\nstage gen : generate { max_new_tokens = 3 }\n'
@@ -149,3 +180,94 @@ def test_a_function_importing_its_neighbour_when_called_finds_it_wherever_agp_ru
     (r,), _ = run(path, [chat("a", "hi")])
     assert r.ok, r.error.message
     assert r.choices[0].data["request"]["messages"][0]["content"] == "hi!"
+
+
+def test_check_finds_a_function_a_module_star_imports(tmp_path):
+    """`from .impl import *` in a package's __init__ (or `from posix import *` in os) binds the
+    names of the module it names: check follows it, reading source, instead of saying the package
+    has no such function; a name no module has is still an error."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("from .impl import *\n")
+    (tmp_path / "pkg" / "impl.py").write_text("from os import *\n\ndef handler(item):\n    return item\n")
+    info = function_info("pkg:handler", str(tmp_path))
+    assert info.path == str(tmp_path / "pkg" / "impl.py") and info.node.name == "handler"
+    assert function_info("pkg:getcwd", str(tmp_path)).node is None        # os's, from the C module posix
+    assert function_info("os:getcwd", None).module == "posix"
+    with pytest.raises(FunctionNotFound, match="module 'pkg' .* has no function 'nothere'"):
+        function_info("pkg:nothere", str(tmp_path))
+
+
+def test_a_file_name_where_the_module_name_goes_gets_a_hint(tmp_path, tiny_gguf):
+    path = write(tmp_path, tiny_gguf, chain() + '''
+    stage request : requests {}
+    stage gen : generate {}
+    stage x : python { fn = "hooks.py:after" }
+    stage out : respond {}
+    request -> batch
+    gen -> x -> out
+''', hooks=HOOKS)
+    (d,) = errors(path)
+    assert d.message.startswith("module 'hooks' ")
+    assert d.hint == 'write the module\'s name, without .py: "hooks:after"'
+
+
+def test_an_exception_whose_message_cannot_be_read_still_fails_only_its_request(tmp_path, soft_gguf):
+    """str() of the exception raised too: the request hung for good (its error could not be made),
+    and with it every answer agp run writes after it. It fails, saying its message is unreadable."""
+    path = write(tmp_path, soft_gguf, 'stage request : requests {}\nstage gen : generate { max_new_tokens = 3 }\n'
+                 'stage g : python { fn = "hooks:unspeakable" }\nstage out : respond {}\n'
+                 "request -> batch\ngen -> g -> out\n" + chain(), hooks=HOOKS)
+    results, _ = run(path, [chat("bad", "hi", metadata={"bad": True}), chat("ok", "yo")], hang_s=30)
+    by = {r.id: r for r in results}
+    assert by["ok"].ok
+    assert by["bad"].error.message == ("stage 'g' failed: Unspeakable: (its message cannot be read: str() raised "
+                                       "RuntimeError)")
+
+
+def test_an_exception_whose_status_property_raises_is_not_retried_and_fails_only_its_request(tmp_path, soft_gguf):
+    """With `retries`, a failed call's exception is asked for its HTTP status; a property that raised
+    there killed the stage's worker thread and the request hung. It is simply not transient."""
+    path = write(tmp_path, soft_gguf, 'stage request : requests {}\nstage gen : generate { max_new_tokens = 3 }\n'
+                 'stage g : python { fn = "hooks:statusless"  retries = 2  backoff = 0 }\nstage out : respond {}\n'
+                 "request -> batch\ngen -> g -> out\n" + chain(), hooks=HOOKS)
+    results, rt = run(path, [chat("bad", "hi", metadata={"bad": True}), chat("ok", "yo")], hang_s=30)
+    by = {r.id: r for r in results}
+    assert by["ok"].ok and by["bad"].error.message == "stage 'g' failed: NoStatusYet: the call failed"
+    assert rt.stats()["stages"]["g"]["retries"] == 0
+
+
+DECORATED_ASYNC = '''
+import asyncio
+import functools
+
+def logged(f):
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):        # a sync wrapper: it hands back f's coroutine
+        return f(*args, **kwargs)
+    return wrapper
+
+@logged
+async def slow(item):
+    if item["request"].get("metadata", {}).get("slow"):
+        await asyncio.sleep(60)
+    return item
+'''
+
+
+def test_a_decorated_async_fn_is_cancelled_at_its_timeout(tmp_path, soft_gguf):
+    """A sync wrapper around an `async def` returns a coroutine, awaited for it: past the stage's
+    timeout the coroutine is cancelled, as a plain `async def` is, so it is not left stuck for good
+    (a stage with `workers` stuck calls refuses every request)."""
+    import time
+
+    path = write(tmp_path, soft_gguf, 'stage request : requests {}\nstage gen : generate { max_new_tokens = 3 }\n'
+                 'stage g : python { fn = "hooks:slow"  timeout = 200ms  workers = 2 }\nstage out : respond {}\n'
+                 "request -> batch\ngen -> g -> out\n" + chain(), hooks=DECORATED_ASYNC)
+    results, rt = run(path, [chat("bad", "hi", metadata={"slow": True}), chat("ok", "yo")], hang_s=30)
+    by = {r.id: r for r in results}
+    assert by["bad"].error.kind == "timeout" and by["ok"].ok
+    for _ in range(50):
+        if rt.stats()["stages"]["g"]["stuck"] == 0:
+            break
+        time.sleep(0.1)
+    assert rt.stats()["stages"]["g"]["stuck"] == 0

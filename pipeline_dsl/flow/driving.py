@@ -195,6 +195,5 @@ class Driving:
             w.close()
             w.loop.close()
         self.timer.close()
-        self.loop.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 

@@ -33,6 +33,7 @@ flow/driving.py starts, drives and closes it all.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import threading
 import time
@@ -60,6 +61,7 @@ from .streams import StreamPlan, arun_filter, one_chunk, run_filter
 from .workers import EventLoop, Skipped, StageStuck, StageTimeout, StageWorkers, Timer
 
 ENGINE_KINDS = ("dynamic_batch", "encode", "kv_lookup", "generate")
+WRITTEN_AS_IS = ("stop_reason", "generated_by", "branches")   # result fields an answer carries unformatted
 INLINE = ("requests", "system_prompt", "route", "respond", "join", "dynamic_batch")   # no user code
 TRUSTED = ("requests", "system_prompt", "route")      # built-in stages: their dicts stay valid requests
 _PART = {"requests": "admit", "system_prompt": "apply", "python": "call", "route": "route"}
@@ -69,9 +71,11 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
     def __init__(self, graph: nx.DiGraph, *, overrides: dict | None = None, overlap: bool | None = None,
                  trace=None, workers: int = ITEM_WORKERS, max_queue: int | None = None,
                  served_name: str | None = None, clock: Callable[[], float] = time.monotonic):
-        from stages.impl import StageContext, implementation
+        from stages.impl import StageContext, check_item_stage, implementation
+        from stages.registry import get_kind
 
         from pipeline_dsl.engine.trace import Trace
+        from pipeline_dsl.userfn import callable_shape
 
         from .segment import DeviceUnavailable, EngineSegment, segment_spec
 
@@ -85,6 +89,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         self.router = Router.from_graph(graph)
         self.loops = Loops.from_graph(graph, self.router.routes)
         self.returns = {n: p.get("returns", "same") for n, p in self.params.items() if self.kind[n] == "python"}
+        self.returns.update({n: _returns_of(get_kind(k)) for n, k in self.kind.items()
+                             if get_kind(k) is not None and get_kind(k).source != "builtin"})
         sources = [n for n, k in self.kind.items() if k == "requests"]
         self.source = sources[0] if sources else None
         self.max_queue = max_queue or (self.params[self.source].get("max_queue", 1024) if self.source else 1024)
@@ -96,11 +102,18 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             if k not in ENGINE_KINDS:
                 try:
                     self.impls[n] = implementation(k)(n, dict(self.params[n]), StageContext(self.name, n, k, base))
-                except (Exception, SystemExit) as exc:   # noqa: BLE001 - the user's module, said where (its
-                    # sys.exit() at import too, which would end `agp run` with no word); a real Ctrl-C goes on
-                    if not self.params[n].get("fn"):
-                        raise
+                    if get_kind(k).source != "builtin":
+                        check_item_stage(k, self.impls[n])
+                except (Exception, SystemExit) as exc:   # noqa: BLE001 - the user's module or a plug-in's
+                    # kind, said where (its sys.exit() at import too, which would end `agp run` with no
+                    # word); a real Ctrl-C goes on
+                    if not self.params[n].get("fn") and getattr(get_kind(k), "source", "builtin") == "builtin":
+                        raise                                     # a built-in kind's own failure: agp's
                     raise _load_failed(graph, n, exc) from exc
+        # plug-in kinds whose process is an `async def`: awaited on their stage's own loop, as a
+        # python stage's coroutine is (and cancelled at its timeout)
+        self.async_process = {n for n, impl in self.impls.items() if get_kind(self.kind[n]).source != "builtin"
+                              and callable_shape(impl.process) == "coroutine"}
         joins = [n for n, k in self.kind.items() if k == "join"]
         self.joins = Joins(self.router.reach, {j: self.impls[j] for j in joins},
                            {j: self.params[j].get("on_reject") or "fail" for j in joins})
@@ -122,7 +135,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
 
         self.flow = FlowStats(graph, self.kind)
         self.ledger = RequestLedger(clock)
-        self.timer, self.loop = Timer(), EventLoop()
+        self.timer = Timer()
         self.workers: dict[str, StageWorkers] = {}      # stages that run user code: their own workers
         self.caches: dict[str, ResultCache] = {}
         self._pending: dict[tuple, list] = {}        # (stage, cache key) -> items waiting for that call
@@ -286,13 +299,21 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             return (lambda: run_filter(impl.fn, view, [text] if text else [], _ignore)), False
         if getattr(impl, "shape", None) == "coroutine":
             return (lambda: impl.fn(view)), True
-        return (lambda: self._awaited(impl.process(view))), False
+        if stage in self.async_process:
+            return (lambda: impl.process(view)), True
+        return (lambda: self._awaited(stage, impl.process(view))), False
 
-    def _awaited(self, value):
-        """A sync function that returned an awaitable: await it on the event loop."""
+    def _awaited(self, stage: str, value):
+        """A sync function that returned an awaitable (a decorated `async def`): awaited on its
+        stage's own loop, so that it stalls no other stage's, and cancelled at the stage's
+        timeout, as a coroutine the stage calls itself is (its thread is written off then)."""
         import inspect
 
-        return self.loop.wait(value) if inspect.isawaitable(value) else value
+        if not inspect.isawaitable(value):
+            return value
+        w = self.workers[stage]
+        return w.loop.wait(value, w.timeout or None,
+                           lambda: StageTimeout(f"it took longer than its timeout ({w.timeout:g}s)"))
 
     def _called(self, item: Item, stage: str, view: dict, ok: bool, value, key, t0: float) -> None:
         """A call of a stage's user code ended (on the host pool): the item goes on, or fails;
@@ -356,6 +377,10 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             declared = self.returns.get(stage, "same")
             if declared != "any" and kind != {"same": item.kind, "request": REQUEST,
                                               "generated": GENERATED}[declared]:
+                if self.kind[stage] != "python":      # a plug-in kind: its output ports say
+                    raise PipelineError(f"stage '{stage}' returned a {kind}, but its kind '{self.kind[stage]}' "
+                                        f"gives {item.kind if declared == 'same' else declared.capitalize()} "
+                                        "items (its outputs)", "failed", stage)
                 raise PipelineError(f"stage '{stage}' returned a {kind} but declares returns = {declared} "
                                     f"(it got a {item.kind}); set returns = any if it may do both",
                                     "failed", stage)
@@ -594,13 +619,32 @@ def _error_of(stage: str, exc: BaseException, what: str = "stage") -> PipelineEr
     if isinstance(exc, PipelineError):
         return exc if exc.stage else PipelineError(exc.message, exc.kind, stage)
     if isinstance(exc, Reject):
-        return PipelineError(str(exc) or "rejected", "rejected", stage)
+        return PipelineError(_said(exc) or "rejected", "rejected", stage)
     if isinstance(exc, StageTimeout):
         return PipelineError(f"{what} '{stage}' timed out: {exc}", "timeout", stage)
     if isinstance(exc, StageStuck):
         return PipelineError(f"{what} '{stage}' is unavailable: {exc}", "unavailable", stage)
-    detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    said = _said(exc)
+    detail = f"{type(exc).__name__}: {said}" if said else type(exc).__name__
     return PipelineError(f"{what} '{stage}' failed: {detail}", "failed", stage)
+
+
+def _said(exc: BaseException) -> str:
+    """An exception's message; one whose __str__ itself raises is said to be unreadable (its
+    request must still fail, not hang with the error that its message raised)."""
+    try:
+        return str(exc)
+    except BaseException as e:                   # noqa: BLE001 - the user's __str__, whatever it raises
+        return f"(its message cannot be read: str() raised {type(e).__name__})"
+
+
+def _returns_of(kind) -> str:
+    """What a plug-in kind's process may return, in a python stage's `returns` words: what its
+    output ports give (a passthrough kind: the type it got)."""
+    emits = kind.emits & {REQUEST, GENERATED}
+    if kind.passthrough or not emits:
+        return "same"
+    return "any" if len(emits) == 2 else "request" if REQUEST in emits else "generated"
 
 
 def _kind_of(d: dict) -> str | None:
@@ -653,6 +697,16 @@ def _valid_result(d: dict, stage: str) -> None:
     if reason is not None and not isinstance(reason, str):
         raise PipelineError(f"stage '{stage}' returned a result whose finish_reason is {_a(reason)}; "
                             "expected a string or null", "failed", stage)
+    for field in WRITTEN_AS_IS:
+        value = d.get(field)
+        if value is None:
+            continue
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise PipelineError(f"stage '{stage}' returned a result whose {field} is not plain JSON "
+                                f"({type(e).__name__}: {e}), and an answer carries it as it is", "failed",
+                                stage) from None
 
 
 def _a(value) -> str:
@@ -707,19 +761,27 @@ def _raised_at(exc: BaseException) -> str:
 
 
 def _load_failed(graph: nx.DiGraph, stage: str, exc: BaseException):
-    """A stage whose `fn` could not be loaded (not callable, its module failing on import), as a
-    CheckFailed at the `fn` setting: check reads the source and imports nothing, so some of this
-    is only found here, and it is the pipeline's error (exit 2), not an internal one."""
+    """A stage whose `fn` could not be loaded (not callable, its module failing on import), or whose
+    plug-in kind could not start (its `impl` not found, its module or `__init__` raising), as a
+    CheckFailed at the `fn` setting or the stage: check reads the source and imports nothing, so
+    some of this is only found here, and it is the pipeline's error (exit 2), not an internal one."""
     from pipeline_dsl.diagnostics import ERROR, Diagnostic
     from pipeline_dsl.userfn import FunctionNotFound
+    from stages.impl import NoImplementation
 
     node = graph.nodes[stage]
-    ref = node["params"]["fn"]
+    ref = node["params"].get("fn") if node.get("kind") in ("python", "join") else None   # a plug-in's fn: its own
+    said = _said(exc)
+    raised = f"{_raised_at(exc)}: {type(exc).__name__}" + (f": {said}" if said else "")
+    if ref is None:                                   # a plug-in kind
+        why = str(exc) if isinstance(exc, NoImplementation) else \
+            f"stage kind '{node.get('kind')}' failed to start{raised}"
+        diag = Diagnostic(ERROR, f"stage '{stage}': {why}", node.get("pos"),
+                          expected="a kind whose impl names a class that its parameters can start",
+                          hint="see docs/architecture.md, 'Stage implementations'")
+        return _check_failed(diag, node.get("pos"))
     pos = (node.get("param_pos") or {}).get("fn") or node.get("pos")
-    if isinstance(exc, FunctionNotFound):
-        why = str(exc)
-    else:
-        why = f"importing its module failed{_raised_at(exc)}: {type(exc).__name__}" + (f": {exc}" if str(exc) else "")
+    why = str(exc) if isinstance(exc, FunctionNotFound) else f"importing its module failed{raised}"
     what = "join" if node.get("kind") == "join" else "stage"
     diag = Diagnostic(ERROR, f"{what} '{stage}': cannot load fn \"{ref}\": {why}", pos,
                       expected='"module:function" naming a function (def or async def)')

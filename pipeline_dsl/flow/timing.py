@@ -113,7 +113,7 @@ class Timer:
 
 
 class EventLoop:
-    """The runtime's event loop, on a thread of its own, started at first use."""
+    """A stage's event loop, on a thread of its own, started at first use."""
 
     def __init__(self):
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -133,11 +133,19 @@ class EventLoop:
         """Schedule a coroutine; returns a concurrent.futures.Future."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
-    def wait(self, awaitable) -> Any:
-        """Await on the loop from a worker thread (a sync function that returned an awaitable)."""
+    def wait(self, awaitable, timeout: float | None = None, late: Callable[[], BaseException] | None = None) -> Any:
+        """Await on the loop from a worker thread (a sync function that returned an awaitable);
+        past `timeout` seconds the awaitable is cancelled and `late()` raised."""
+        import concurrent.futures
+
         async def one():
             return await awaitable
-        return self.submit(one()).result()
+        future = self.submit(one())
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise (late() if late is not None else TimeoutError(f"not done in {timeout:g}s")) from None
 
     def close(self) -> None:
         with self._lock:

@@ -77,12 +77,23 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if not isinstance(exc, Exception):
         return False
-    for status in (getattr(exc, "status_code", None), getattr(exc, "status", None),
-                   getattr(getattr(exc, "response", None), "status_code", None)):
+    for path in (("status_code",), ("status",), ("response", "status_code")):
+        status = _attribute(exc, path)
         if isinstance(status, int) and not isinstance(status, bool) and (
                 status in TRANSIENT_STATUS or 500 <= status <= 599):
             return True
     return False
+
+
+def _attribute(obj, path: tuple[str, ...]):
+    """obj.a.b, or None: the user's exception may compute an attribute that raises (a property
+    of a response not yet set), and its call must still fail as its own error."""
+    for name in path:
+        try:
+            obj = getattr(obj, name, None)
+        except Exception:                          # noqa: BLE001 - the user's property: no status there
+            return None
+    return obj
 
 
 def backoff_delay(backoff: float, attempt: int) -> float:
