@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import select
 import subprocess
 import sys
 import time
@@ -59,7 +60,9 @@ def test_answers_on_stdout_come_before_the_input_pipe_is_closed(tmp_path, pipeli
     try:
         proc.stdin.write(b'{"id": "a", "prompt": "hello", "max_tokens": 2}\n')
         proc.stdin.flush()
-        assert json.loads(proc.stdout.readline())["id"] == "a"     # read while the input is still open
+        ready, _, _ = select.select([proc.stdout], [], [], 120)    # the input is still open meanwhile
+        assert ready, "no answer on stdout within 120 s"
+        assert json.loads(proc.stdout.readline())["id"] == "a"
         err = finish(proc, b"")
     finally:
         if proc.poll() is None:

@@ -6,8 +6,8 @@
 
 Input: one request a line (`id`, `prompt` or `messages`, optional sampling fields), read as a
 stream (commands/run_input.py): a line is answered while the lines after it are not written yet,
-and a line is not kept once its request is made (memory does not grow with the input's length;
-the ids do stay known, a few dozen bytes a line, for ids are unique).
+and a line is not kept once its request is made (memory does not grow with the input's length
+but for the ids, which stay known, about 140 bytes a line: ids are unique).
 Output: one JSON line per input line (a blank line gets none; a UTF-8 BOM and CRLF endings are
 read), in input order, each written whole and flushed as
 soon as the lines before it are: `id`, `text`, `finish_reason`, `usage` (and `stop_reason`, `logprobs`,
@@ -370,11 +370,11 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     if to_file and os.path.isdir(args.output):
         return _err(f"cannot write {args.output}: it is a folder")
     # a device or a pipe (/dev/null, a FIFO a reader drains) is written as a stream
-    resuming = to_file and os.path.isfile(args.output) and os.path.getsize(args.output) > 0
-    if resuming and not args.resume and not args.overwrite:
+    kept = to_file and os.path.isfile(args.output) and os.path.getsize(args.output) > 0   # an earlier run's
+    if kept and not args.resume and not args.overwrite:
         return _err(f"{args.output} exists: pass --resume to run only the requests it does not "
                     "answer yet, or --overwrite to replace it")
-    resuming = resuming and args.resume
+    resuming = kept and args.resume
     try:
         source = InputLines(open_input(args.input))
     except FileNotFoundError:
@@ -386,11 +386,11 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
         done_ids, whole, not_records = answered_ids(args.output)
         was = _read_fingerprint(args.output)
     n = was.get("input_lines") if was is not None else 0
-    n = n if isinstance(n, int) and n >= 0 else None       # None: the whole input (a fingerprint without its count)
-    lines = _Lines(source, done_ids, mark=n if was is not None else 0)
+    covered = n if isinstance(n, int) and n >= 0 else None    # the lines OUT's fingerprint covers; None: all
+    lines = _Lines(source, done_ids, mark=covered)
     # before anything loads: the first line to run and the input's shape, and for --resume the lines
     # its fingerprint covers and those its records answer (the rest is read as the run goes)
-    lines.read_ahead(float("inf") if n is None else n)
+    lines.read_ahead(float("inf") if covered is None else covered)
     source_name = "stdin" if args.input == "-" else args.input
     if source.error is not None:
         return _err(f"cannot read {args.input}: {source.error.strerror or source.error}")
@@ -532,10 +532,8 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
         return 128 + interrupt.signum                 # 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP
     if read_error is not None:                        # the lines before it are answered; the rest unread
         return _err(f"cannot read {args.input} after line {source.count}: {read_error.strerror or read_error}; "
-                    f"the {source.count} line(s) before it are answered (mend the input and --resume the rest)"
-                    if to_file else
-                    f"cannot read {args.input} after line {source.count}: {read_error.strerror or read_error}; "
-                    f"the {source.count} line(s) before it are answered")
+                    f"the {source.count} line(s) before it are answered"
+                    + (" (mend the input and --resume the rest)" if to_file else ""))
     if summary["requests"] and summary["errors"] == summary["requests"]:
         # the run did not do its job: say so, or exit 1 after an ordinary summary reads as a crash
         n = summary["requests"]
