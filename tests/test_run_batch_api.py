@@ -160,3 +160,18 @@ def test_a_completions_line_with_several_prompts_is_answered_in_one_body_as_serv
     assert body["usage"]["completion_tokens"] == 2 * (use[0]["completion_tokens"] + use[1]["completion_tokens"])
     assert big["response"]["status_code"] == 400 and "asks for 16384 answers" in big["error"]["message"]
     assert "1 answered" not in r.stderr and "requests        4 (1 failed)" in r.stderr
+
+
+def test_the_first_request_line_says_the_inputs_shape_and_a_line_of_the_other_is_an_error_record(tmp_path, pipeline):
+    """The input is read as a stream: its first JSON object line says whether it is a batch-API
+    file; a batch line after agp request lines is an error record of its line, as a plain line
+    in a batch file is."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("not json\n" + json.dumps({"id": "p", "prompt": "hi", "max_tokens": 1}) + "\n"
+                   + batch_line("c1", CHAT, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}))
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    bad, plain, batch = records(out)
+    assert bad["error"]["line"] == 1 and "text" in plain
+    assert batch["id"] == "c1" and batch["error"]["line"] == 3
+    assert "a batch request line (with a custom_id) while the input's first request (line 2)" in batch["error"]["message"]

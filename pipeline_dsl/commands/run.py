@@ -2,8 +2,12 @@
 
     agp run examples/chat.agp --input examples/prompts.jsonl --output answers.jsonl --stats s.json
     agp run examples/chat.agp -i big.jsonl -o answers.jsonl --resume     # after an interruption
+    producer | agp run examples/chat.agp -i - -o answers.jsonl           # answered as the lines come
 
-Input: one request a line (`id`, `prompt` or `messages`, optional sampling fields).
+Input: one request a line (`id`, `prompt` or `messages`, optional sampling fields), read as a
+stream (commands/run_input.py): a line is answered while the lines after it are not written yet,
+and a line is not kept once its request is made (memory does not grow with the input's length
+but for the ids, which stay known, about 140 bytes a line: ids are unique).
 Output: one JSON line per input line (a blank line gets none; a UTF-8 BOM and CRLF endings are
 read), in input order, each written whole and flushed as
 soon as the lines before it are: `id`, `text`, `finish_reason`, `usage` (and `stop_reason`, `logprobs`,
@@ -13,47 +17,51 @@ still runs: one longer than MAX_LINE_BYTES (if no end of line follows within MAX
 as from /dev/zero, the input is read no further), or whose id an earlier line has (a line without
 an id takes its line number as id; ids are unique). A file of OpenAI batch-API lines
 (`custom_id`, `method`, `url`, `body`) is answered in the Batch API's output shape, one line per
-input line, in input order (commands/batch_api.py). A file none of whose lines is JSON (a CSV, a
-text file) is refused before the model loads, exit 2. A gzip-compressed input (a file or stdin)
-is read decompressed. An existing output file is never
+input line, in input order (commands/batch_api.py); the first line that is a JSON object says
+which shape the input is, and a line of the other shape is an error record. A file none of whose
+lines is JSON (a CSV, a text file) is refused before the model loads, exit 2 (the model loads
+once a line to run has come). A gzip-compressed input (a file or stdin) is read decompressed; an
+input that cannot be read to its end (a gzip'd one cut short) has the lines before answered,
+then the run says after which line it failed, exit 2. An existing output file is never
 overwritten silently: `--overwrite` replaces it, `--resume` (with `-o` only) keeps it and runs only the lines
 it holds no record of yet (counted per id, so a repeated id is answered by its error record);
 an output holding a line that is no record of this input (another file's answers, a line that is
 not an agp record) is refused before the model loads, exit 2: appending would mix two runs; so
-is an output whose fingerprint (OUT.agp-run, written beside it: the input's lines, the pipeline
-file, --pipeline, --dtype, --generation-config) says another input or pipeline made it (lines appended to the input
-are not another: --resume answers them).
-Ctrl-C (SIGINT), SIGTERM or SIGHUP stops admitting, aborts what is in flight (those requests are
-not written, so `--resume` runs them again), writes the summary and `--stats`, and exits
+is an output whose fingerprint (OUT.agp-run, written beside it: the input's lines read, how many,
+the pipeline file, --pipeline, --dtype, --generation-config) says another input or pipeline made it (lines appended
+to the input are not another: --resume answers them). The fingerprint is the lines' as they
+stream past: before an answer to a line it does not cover is written, it is written anew, so it
+covers every answer in OUT however the run ends; --resume reads the lines it covers and those
+OUT answers before the model loads, and checks them.
+Ctrl-C (SIGINT), SIGTERM or SIGHUP stops admitting and reading, aborts what is in flight (those
+requests are not written, so `--resume` runs them again), writes the summary and `--stats`, and exits
 130, 143 or 129; while the model loads, one stops the load at once with a line saying so (same
 exit status, nothing written). A write that fails (a full disk, a closed pipe, an output file
 deleted meanwhile) stops the run the same way at once, says why, writes the summary and exits 1.
-Exit 1 when every request failed. A progress bar and the summary go to stderr, and so does
+The summary counts the lines read (`lines_read`: requests, interrupted and resumed_skipped) and
+says when the input was not read to its end. Exit 1 when every request failed. A progress bar and
+the summary go to stderr, and so does
 whatever the pipeline's own code prints while the answers go to stdout (commands/stdout.py).
 """
 from __future__ import annotations
 
 import contextlib
 import errno
-import gzip
-import io
 import json
 import os
 import signal
-import stat
 import sys
 import threading
 import time
-import zlib
-from collections import Counter
+from collections import Counter, deque
+from typing import Callable
 
 from pipeline_dsl.cliargs import GENERATION_CONFIG_HELP, generation_config, output_file
 from pipeline_dsl.commands import add_pipeline_arguments
+from pipeline_dsl.commands.run_input import MAX_LINE_BYTES, MAX_SKIP_BYTES, InputLines, TooLong, open_input
 from pipeline_dsl.commands.stdout import answers_on_stdout
 
 HELP = "run a pipeline over a JSONL file of requests on a real model"
-MAX_LINE_BYTES = 16 << 20      # one request line; a longer one is an error record (serve's bodies: 4 MiB)
-MAX_SKIP_BYTES = 256 << 20     # read past a too-long line's limit looking for its end; then stop reading
 
 
 def add_arguments(p) -> None:
@@ -86,64 +94,6 @@ def _err(message: str) -> int:
     return 2
 
 
-class TooLong(bytes):
-    """A line past MAX_LINE_BYTES: its first bytes only (the rest was read and dropped); `endless`:
-    no end of line came within MAX_SKIP_BYTES, so the input was not read further."""
-    endless = False
-
-
-def _read_lines(path: str, limit: int = MAX_LINE_BYTES) -> list[bytes]:
-    """The input's lines, each read to at most `limit` bytes: a longer one comes back as TooLong
-    (memory stays bounded by the lines kept; -i /dev/zero is one endless line)."""
-    if path == "-":
-        return _lines(_unzipped(sys.stdin.buffer), limit)
-    if stat.S_ISDIR(os.stat(path).st_mode):
-        raise IsADirectoryError(21, "it is a folder")
-    with open(path, "rb") as f:
-        return _lines(_unzipped(f), limit)
-
-
-def _unzipped(f):
-    """`f`, or what it holds when it is gzip-compressed (its first bytes say so, whatever its name)."""
-    if isinstance(f, io.BufferedReader) and f.peek(2)[:2] == b"\x1f\x8b":   # another stream: read as it is
-        return _Gunzipped(fileobj=f, mode="rb")
-    return f
-
-
-class _Gunzipped(gzip.GzipFile):
-    """A gzip'd input; one cut short or corrupt is an OSError saying so (`cannot read IN: ...`)."""
-
-    def readline(self, size=-1):
-        try:
-            return super().readline(size)
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise OSError(errno.EIO, f"it is gzip-compressed and cannot be decompressed ({e})") from None
-
-
-def _lines(f, limit: int) -> list[bytes]:
-    out: list[bytes] = []
-    first = True
-    while True:
-        line = f.readline(limit + 1)
-        if not line:
-            return out
-        if first and line.startswith(b"\xef\xbb\xbf"):
-            line = line[3:]
-        first = False
-        if len(line) > limit and not line.endswith(b"\n"):
-            head, skipped = TooLong(line[:200]), 0
-            while line and not line.endswith(b"\n"):      # the rest of the line: read, not kept
-                if skipped > MAX_SKIP_BYTES:
-                    head.endless = True                    # no end in sight: stop reading the input
-                    out.append(head)
-                    return out
-                line = f.readline(1 << 20)
-                skipped += len(line)
-            out.append(head)
-            continue
-        out.append(line.rstrip(b"\r\n") if line.endswith(b"\n") else line)
-
-
 def dump(record: dict) -> str:
     """One output line; text that is not valid Unicode is written escaped rather than failing."""
     try:
@@ -158,13 +108,13 @@ def _key(value) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=True)
 
 
-def answered_ids(path: str, input_ids: Counter) -> tuple[Counter, int, list[int]]:
+def answered_ids(path: str, input_ids: Counter | None = None) -> tuple[Counter, int, list[int]]:
     """What --resume keeps of an output file: how many records of each id it holds (ids as JSON
     keys), the byte length of its whole lines (a last line cut short by a kill is not a record),
     and the numbers of the lines that are no record of this input: not a JSON object with an
     `id` and a `text`, `choices` or `error` (or a batch-API output line's `custom_id` and
-    `response`), or an id that no input line has (or more records of an id than input lines
-    have it)."""
+    `response`), or, given `input_ids` (how many input lines have each id), an id that no input
+    line has (or more records of an id than input lines have it)."""
     ids: Counter = Counter()
     keep, lineno, foreign = 0, 0, []
     with open(path, "rb") as f:
@@ -183,7 +133,7 @@ def answered_ids(path: str, input_ids: Counter) -> tuple[Counter, int, list[int]
             ok = batch or (isinstance(rec, dict) and "id" in rec
                            and any(k in rec for k in ("text", "choices", "error")))
             key = _key(rec["custom_id"] if batch else rec["id"]) if ok else None
-            if not ok or ids[key] >= input_ids[key]:
+            if not ok or (input_ids is not None and ids[key] >= input_ids[key]):
                 foreign.append(lineno)
                 continue
             ids[key] += 1
@@ -193,7 +143,7 @@ def answered_ids(path: str, input_ids: Counter) -> tuple[Counter, int, list[int]
 def _line_id(raw: bytes, lineno: int):
     """(request, error, id, batch) of one input line, its JSON decoded once: the id its record
     carries, answered or not; `batch`: an OpenAI batch-API line (its request a BatchLine, its id
-    the custom_id)."""
+    the custom_id), False for any other JSON object, None for a line that is no JSON object."""
     from pipeline_dsl.commands import batch_api
     from pipeline_dsl.requests_io import RequestError, is_id, load_json, parse_line_object
 
@@ -201,7 +151,7 @@ def _line_id(raw: bytes, lineno: int):
         error = f"the line is longer than {MAX_LINE_BYTES >> 20} MiB"
         if raw.endless:
             error += f" (no end of line in {MAX_SKIP_BYTES >> 20} MiB more: the input is not read further)"
-        return None, error, lineno, False
+        return None, error, lineno, None
     obj = None
     try:
         obj = load_json(raw, "the line")               # not UTF-8, not JSON: a RequestError saying so
@@ -212,10 +162,168 @@ def _line_id(raw: bytes, lineno: int):
     except RequestError as e:
         error = str(e)
     if obj is None:
-        return None, error, _guess_id(raw, lineno), False
-    batch = batch_api.is_batch_line(obj)
+        return None, error, _guess_id(raw, lineno), None
+    batch = batch_api.is_batch_line(obj) if isinstance(obj, dict) else None
     rid = obj.get("custom_id" if batch else "id") if isinstance(obj, dict) else None
     return None, error, rid if is_id(rid) else lineno, batch
+
+
+class _Lines:
+    """The input's lines as the run takes them, each parsed once: those --resume finds answered
+    in the output are counted and passed over (the first ones of each id), the others are held
+    until the run takes them (`entries`). Ids stay known (ids are unique); a line does not."""
+
+    def __init__(self, source: InputLines, done: Counter, mark: int | None = None) -> None:
+        self.source = source
+        self.done, self.seen = done, Counter()     # --resume: the output's records of each id; those matched
+        self.unmatched = sum(done.values())        # records no input line taken has yet
+        self.first_line: dict[str, int] = {}       # id -> the line that has it
+        self.held: deque = deque()                 # (lineno, raw, request, error, id, batch), to run
+        self.batch_file: bool | None = None        # the shape of the first JSON object line: None before it
+        self.shape_line = 0
+        self.requests = self.skipped = self.bad_lines = 0    # lines not blank; answered (--resume); bad
+        self.mark = mark                           # the line count whose digest --resume compares
+        self.marked = source.digest()[0] if mark == 0 else None
+
+    def take(self, stop: threading.Event | None = None) -> bool:
+        """Take the next line; False at the end of the input (or once `stop` is set)."""
+        raw = self.source.take(stop)
+        if raw is None:
+            if self.source.ended and self.mark is None:
+                self.marked = self.source.digest()[0]
+            return False
+        lineno = self.source.count
+        if lineno == self.mark:
+            self.marked = self.source.digest()[0]
+        if not raw.strip():
+            return True
+        self.requests += 1
+        req, error, rid, batch = _line_id(raw, lineno)
+        if self.batch_file is None and batch is not None:
+            self.batch_file, self.shape_line = batch, lineno
+        key = _key(rid)
+        if self.seen[key] < self.done[key]:        # --resume: this line's record is in the output
+            self.seen[key] += 1
+            self.unmatched -= 1
+            self.skipped += 1
+            self.first_line.setdefault(key, lineno)
+            return True
+        # the raw line is kept only while the input's shape is not known (_not_json_lines reads it)
+        self.held.append((lineno, raw if self.batch_file is None else b"", req, error, rid, batch))
+        return True
+
+    def read_ahead(self, lines: float = 0) -> None:
+        """Take lines until one is to run and the input's shape is known, at least `lines` are
+        taken, and each of the output's records (--resume) has its input line; or the input ends."""
+        while not (self.held and self.batch_file is not None and self.source.count >= lines
+                   and not self.unmatched):
+            if not self.take():
+                return
+
+    def entries(self, stop: threading.Event):
+        """The lines to run, those held first, then each as it is read, until the input ends or
+        `stop` is set."""
+        while True:
+            while self.held and not stop.is_set():
+                yield self.held.popleft()
+            if stop.is_set() or not self.take(stop):
+                return
+
+    def runnable(self, entry, check: Callable):
+        """(the request, whether a batch-API line's, None) of a held line, or (None, _, its error
+        record) when it cannot run; `check(batch_line)` checks a batch line's body (APIError)."""
+        from pipeline_dsl.commands import batch_api
+        from pipeline_dsl.serve.api_error import APIError
+
+        lineno, _, req, error, rid, is_batch = entry
+        key = _key(rid)
+        if key in self.first_line and req is not None:
+            what = "custom_id" if is_batch else "id"
+            req, error = None, (f"{what} {json.dumps(rid)[:60]} is also the {what} of line {self.first_line[key]}: "
+                                f"{what}s must be unique" + ("" if is_batch else
+                                                             " (a line without an id takes its line number)"))
+        elif self.batch_file and req is not None and not is_batch:
+            req, error = None, ("not a batch request line ({\"custom_id\", \"method\", \"url\", \"body\"}) "
+                                f"while the input's first request (line {self.shape_line}) is one: give every "
+                                "line that shape")
+        elif not self.batch_file and req is not None and is_batch:
+            req, error = None, (f"a batch request line (with a custom_id) while the input's first request "
+                                f"(line {self.shape_line}) is an agp request line: give every line one shape")
+        self.first_line.setdefault(key, lineno)
+        if req is not None and is_batch:
+            try:                               # the body, as agp serve checks it (the model's context known now)
+                check(req)
+            except APIError as e:
+                self.bad_lines += 1
+                return None, True, batch_api.error_record(rid, lineno, e)
+        if req is None:
+            self.bad_lines += 1
+            return None, is_batch, (batch_api.error_record(rid, lineno, APIError(error)) if self.batch_file else
+                                    {"id": rid, "error": {"line": lineno, "message": error, "type": "invalid"}})
+        return req, is_batch, None
+
+
+class _Answers:
+    """The output lines in input order, each written whole and flushed as soon as those before it
+    are, then forgotten. To a file, the fingerprint beside it (`fingerprint()`: what the lines
+    taken so far are) is written anew before an answer to a line it does not cover yet: whenever
+    the run ends, a kill included, it covers every answer in the file."""
+
+    def __init__(self, out, path: str | None, stop: threading.Event, fingerprint: Callable | None) -> None:
+        self.out, self.path, self.stop = out, path, stop
+        self.fingerprint = fingerprint
+        self.covered = self.write_fingerprint() if fingerprint is not None else 0
+        self.written = 0
+        self.errors: list[OSError] = []
+        self._pending: dict[int, list] = {}        # slot -> [its line, its record: None (running), False (not written)]
+        self._slots = self._next = 0
+        self._lock = threading.Lock()
+
+    def write_fingerprint(self) -> int:
+        """Write the fingerprint; the lines it covers."""
+        now = self.fingerprint()
+        part = _fingerprint_path(self.path) + ".part"
+        with open(part, "w", encoding="utf-8") as f:
+            json.dump(now, f)
+        os.replace(part, _fingerprint_path(self.path))     # whole, or the earlier one
+        return now["input_lines"]
+
+    def slot(self, line: int, record: dict | None = None) -> int:
+        """The next place in the output, for `line`; with its record when it is one already."""
+        with self._lock:
+            slot = self._slots
+            self._slots += 1
+            self._pending[slot] = [line, record]
+        if record is not None:
+            self.flush()
+        return slot
+
+    def put(self, slot: int, record: dict | bool) -> None:
+        """A slot's record; False: it is not written (an interrupted request)."""
+        with self._lock:
+            self._pending[slot][1] = record
+        self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            while not self.errors and self._next in self._pending and self._pending[self._next][1] is not None:
+                line, record = self._pending.pop(self._next)
+                self._next += 1
+                if record is False:
+                    continue
+                try:
+                    if self.fingerprint is not None and line > self.covered:
+                        self.covered = self.write_fingerprint()
+                    self.out.write(dump(record) + "\n")
+                    self.out.flush()
+                    self.written += 1
+                    if self.path is not None and os.fstat(self.out.fileno()).st_nlink == 0:
+                        raise OSError(errno.ENOENT, "the file (or its folder) was deleted while the run "
+                                                    f"wrote it: the {self.written} answer(s) written are lost")
+                except OSError as e:          # a full disk, a closed pipe: stop at the first failed write
+                    self.errors.append(e)
+                    self.stop.set()
+                    return
 
 
 class Interrupt:
@@ -252,9 +360,7 @@ def main(args) -> int:
 
 
 def _run(args, cleanup: contextlib.ExitStack) -> int:
-    from pipeline_dsl.commands import batch_api
     from pipeline_dsl.commands.runner import RunRequest, format_summary, run_pipeline
-    from pipeline_dsl.serve.api_error import APIError
 
     if args.resume and args.output == "-":
         return _err("--resume continues an output file: give it with --output FILE (the answers go to "
@@ -262,46 +368,56 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     if args.input != "-" and args.output != "-" and _same_file(args.input, args.output):
         return _err(f"the output {args.output} is the input file: its answers would replace the requests "
                     "(give another --output)")
-    try:
-        lines = _read_lines(args.input)
-    except FileNotFoundError:
-        return _err(f"input file not found: {args.input}")
-    except OSError as e:
-        return _err(f"cannot read {args.input}: {e.strerror}")
-    # each line's request (or why it cannot run) and id, before anything loads: --resume needs the ids
-    parsed = [(lineno, raw, *_line_id(raw, lineno))
-              for lineno, raw in enumerate(lines, 1) if raw.strip()]
-    not_jsonl = _not_json_lines(parsed)
-    if not_jsonl:
-        return _err(f"{'stdin' if args.input == '-' else args.input} is not JSON Lines: {not_jsonl}")
-    batch_file = any(p[5] for p in parsed)      # OpenAI batch-API lines: every line answered in that shape
-    done_ids: Counter = Counter()
     to_file = args.output != "-"
     if to_file and os.path.isdir(args.output):
         return _err(f"cannot write {args.output}: it is a folder")
     # a device or a pipe (/dev/null, a FIFO a reader drains) is written as a stream
-    fingerprint = _fingerprint(args, lines) if to_file else None      # what the answers are made from
-    if to_file and os.path.isfile(args.output) and os.path.getsize(args.output) > 0:
-        if args.resume:
-            done_ids, whole, foreign = answered_ids(args.output, Counter(_key(p[4]) for p in parsed))
-            if foreign:
-                n = len(foreign)
-                source = "stdin" if args.input == "-" else args.input
-                return _err(f"{args.output} is not the output of {source}: {n} line{'s' if n > 1 else ''} "
-                            f"{'are' if n > 1 else 'is'} no answer to its lines (the first: line {foreign[0]}), "
-                            "another input's answers or not agp records; --resume would append to them. "
-                            "Pass --overwrite to start afresh")
-            changed = _changed_since(args.output, fingerprint, lines)
-            if changed:
-                return _err(f"{args.output} was made from another {changed} than this run's: --resume would "
-                            f"append answers of this {changed} to those of the other. Pass --overwrite to start "
-                            f"afresh (or run the {changed} it was made from)")
-            if whole < os.path.getsize(args.output):
-                print(f"agp run: {args.output}: dropping an incomplete last line", file=sys.stderr)
-                os.truncate(args.output, whole)
-        elif not args.overwrite:
-            return _err(f"{args.output} exists: pass --resume to run only the requests it does not "
-                        "answer yet, or --overwrite to replace it")
+    kept = to_file and os.path.isfile(args.output) and os.path.getsize(args.output) > 0   # an earlier run's
+    if kept and not args.resume and not args.overwrite:
+        return _err(f"{args.output} exists: pass --resume to run only the requests it does not "
+                    "answer yet, or --overwrite to replace it")
+    resuming = kept and args.resume
+    try:
+        source = InputLines(open_input(args.input))
+    except FileNotFoundError:
+        return _err(f"input file not found: {args.input}")
+    except OSError as e:
+        return _err(f"cannot read {args.input}: {e.strerror}")
+    done_ids, whole, not_records, was = Counter(), 0, [], None
+    if resuming:       # the records it holds; each is matched to its input line as the lines are read
+        done_ids, whole, not_records = answered_ids(args.output)
+        was = _read_fingerprint(args.output)
+    n = was.get("input_lines") if was is not None else 0
+    covered = n if isinstance(n, int) and n >= 0 else None    # the lines OUT's fingerprint covers; None: all
+    lines = _Lines(source, done_ids, mark=covered)
+    # before anything loads: the first line to run and the input's shape, and for --resume the lines
+    # its fingerprint covers and those its records answer (the rest is read as the run goes)
+    lines.read_ahead(float("inf") if covered is None else covered)
+    source_name = "stdin" if args.input == "-" else args.input
+    if source.error is not None:
+        return _err(f"cannot read {args.input}: {source.error.strerror or source.error}")
+    if lines.batch_file is None and source.ended:
+        not_jsonl = _not_json_lines(list(lines.held))
+        if not_jsonl:
+            return _err(f"{source_name} is not JSON Lines: {not_jsonl}")
+    pipeline = _pipeline_fingerprint(args) if to_file else None       # what the answers are made from
+    if resuming:
+        if not_records or lines.unmatched:
+            _, _, foreign = answered_ids(args.output, lines.seen)
+            k = len(foreign)
+            return _err(f"{args.output} is not the output of {source_name}: {k} line{'s' if k > 1 else ''} "
+                        f"{'are' if k > 1 else 'is'} no answer to its lines (the first: line {foreign[0]}), "
+                        "another input's answers or not agp records; --resume would append to them. "
+                        "Pass --overwrite to start afresh")
+        changed = _changed_since(was, lines.marked, pipeline)
+        if changed:
+            return _err(f"{args.output} was made from another {changed} than this run's: --resume would "
+                        f"append answers of this {changed} to those of the other. Pass --overwrite to start "
+                        f"afresh (or run the {changed} it was made from)")
+        if whole < os.path.getsize(args.output):
+            print(f"agp run: {args.output}: dropping an incomplete last line", file=sys.stderr)
+            os.truncate(args.output, whole)
+    stop = threading.Event()
     try:  # before the model loads: a bad output path fails at once
         if to_file:
             out = open(args.output, "a" if args.resume else "w", encoding="utf-8")
@@ -312,22 +428,22 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
             if (getattr(out, "encoding", None) or "utf-8").lower().replace("-", "") != "utf8" and \
                     hasattr(out, "reconfigure"):
                 out.reconfigure(encoding="utf-8")      # JSONL is UTF-8, as -o FILE writes it, whatever the locale
-        if to_file and os.path.isfile(args.output):
-            _write_fingerprint(args.output, fingerprint)   # what a later --resume checks it continues: this run's
-                                                     # input (checked above to be the one the answers come
-                                                     # from, or it with lines appended), pipeline and dtype
+        # what a later --resume checks it continues (the input, checked above to be the one the
+        # answers come from, or it with lines appended; the pipeline and dtype): a file's only
+        fingerprint = (lambda: _fingerprint(source, pipeline)) if to_file and os.path.isfile(args.output) else None
+        answers = _Answers(out, args.output if to_file else None, stop, fingerprint)
     except OSError as e:
         return _err(f"cannot write {args.output}: {e.strerror}")
 
-    source = "stdin" if args.input == "-" else args.input
-    if not parsed or sum(done_ids.values()) >= len(parsed):
+    if source.ended and not lines.held:
         # nothing to answer: the pipeline is checked (a broken one still exits 2), no model loads
         from pipeline_dsl.flow import load_graph
 
         load_graph(args.pipeline, args.name, args.allow_path)
         out.close()
-        print(f"agp run: nothing to run: {source} has no requests" if not parsed else
-              f"agp run: nothing to run: {args.output} answers every line of {source} already", file=sys.stderr)
+        print(f"agp run: nothing to run: {source_name} has no requests" if not lines.requests else
+              f"agp run: nothing to run: {args.output} answers every line of {source_name} already",
+              file=sys.stderr)
         return 0
 
     from pipeline_dsl.commands.stopping import load_unless_stopped
@@ -344,92 +460,35 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
         os._exit(128 + sig)                    # the load thread may be anywhere (an import, a C call)
     load_s = time.perf_counter() - t_load
 
-    results: list[dict | None] = []
-    requests: list[RunRequest] = []
-    bad_lines = skipped = 0
-    first_line: dict[str, int] = {}        # id -> the line that has it (ids are unique)
     stages = tuple(runtime.seg_of_gen)
     max_model_len = int(min((es.max_model_len for es in runtime.segments), default=1 << 20))
     max_stage_n = max((n for es in runtime.segments for n in es.n.values()), default=1)
-    for lineno, raw, req, error, rid, is_batch in parsed:
-        key = _key(rid)
-        if done_ids[key] > 0:                  # --resume: this line's record is in the output
-            done_ids[key] -= 1
-            first_line.setdefault(key, lineno)
-            skipped += 1
-            continue
-        if key in first_line and req is not None:
-            what = "custom_id" if is_batch else "id"
-            req, error = None, (f"{what} {json.dumps(rid)[:60]} is also the {what} of line {first_line[key]}: "
-                                f"{what}s must be unique" + ("" if is_batch else
-                                                             " (a line without an id takes its line number)"))
-        elif batch_file and req is not None and not is_batch:
-            req, error = None, ("not a batch request line ({\"custom_id\", \"method\", \"url\", \"body\"}) "
-                                "while the file's other lines are: give every line that shape")
-        first_line.setdefault(key, lineno)
-        slot = len(results)
-        results.append(None)
-        if req is not None and is_batch:
-            try:                               # the body, as agp serve checks it (the model's context known now)
-                req.parse(max_model_len, stages, runtime.name, max_stage_n)
-            except APIError as e:
-                bad_lines += 1
-                results[slot] = batch_api.error_record(rid, lineno, e)
-                continue
-        if req is None:
-            bad_lines += 1
-            results[slot] = (batch_api.error_record(rid, lineno, APIError(error)) if batch_file else
-                             {"id": rid, "error": {"line": lineno, "message": error, "type": "invalid"}})
-            continue
-        requests.append(RunRequest(slot=slot, line=lineno, parsed=None if is_batch else req,
-                                   batch=req if is_batch else None))
-    del lines, parsed                          # the requests hold what runs: the raw lines are not kept
 
-    next_to_write = 0
-    write_lock = threading.Lock()
-    write_error: list[OSError] = []
-    stop = threading.Event()
+    def check(batch_line) -> None:
+        batch_line.parse(max_model_len, stages, runtime.name, max_stage_n)
 
-    written = 0
+    def requests():
+        """The lines to run as the run takes them; a line that cannot run has its record at once."""
+        for entry in lines.entries(stop):
+            req, is_batch, record = lines.runnable(entry, check)
+            slot = answers.slot(entry[0], record)
+            if req is not None:
+                yield RunRequest(slot=slot, line=entry[0], parsed=None if is_batch else req,
+                                 batch=req if is_batch else None)
 
-    def flush() -> None:
-        nonlocal next_to_write, written
-        with write_lock:
-            while not write_error and next_to_write < len(results) and results[next_to_write] is not None:
-                if results[next_to_write] is not False:         # False: written, or interrupted (not written)
-                    try:
-                        out.write(dump(results[next_to_write]) + "\n")
-                        out.flush()
-                        written += 1
-                        if to_file and os.fstat(out.fileno()).st_nlink == 0:
-                            raise OSError(errno.ENOENT, "the file (or its folder) was deleted while the run "
-                                                        f"wrote it: the {written} answer(s) written are lost")
-                    except OSError as e:      # a full disk, a closed pipe: stop at the first failed write
-                        write_error.append(e)
-                        stop.set()
-                        return
-                results[next_to_write] = False          # written: the record is not kept
-                next_to_write += 1
-
-    def on_done(slot: int, record: dict) -> None:
-        results[slot] = record
-        flush()
-
-    def on_interrupted(slot: int) -> None:
-        results[slot] = False
-        flush()
-
-    flush()  # leading bad lines
     with Interrupt(stop) as interrupt:
         try:
-            summary = run_pipeline(runtime, requests if not write_error else [], on_done=on_done,
-                                   progress=not args.no_progress, stop=stop, on_interrupted=on_interrupted)
+            summary = run_pipeline(runtime, requests(), on_done=answers.put, progress=not args.no_progress,
+                                   stop=stop, on_interrupted=lambda slot: answers.put(slot, False))
         finally:
-            flush()
+            answers.flush()
+            if fingerprint is not None and not answers.errors:
+                with contextlib.suppress(OSError):       # it covers every answer already; now every line read
+                    answers.write_fingerprint()
             try:
                 out.close()                   # a file, or the answers' own stdout (commands/stdout.py)
             except OSError as e:              # what the last flush could not write
-                write_error.append(e)
+                answers.errors.append(e)
             runtime.shutdown()
     trace_error = None
     if args.trace:
@@ -439,17 +498,25 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
         except OSError as e:                  # said after the summary; the answers are written
             trace_error = f"cannot write the trace to {args.trace}: {e.strerror or e}"
     summary["model_load_s"] = round(load_s, 3)
-    summary["bad_lines"] = bad_lines
-    summary["resumed_skipped"] = skipped
-    summary["requests"] += bad_lines
-    summary["errors"] += bad_lines
-    summary["written"] = written
+    summary["bad_lines"] = lines.bad_lines
+    summary["resumed_skipped"] = lines.skipped
+    summary["interrupted"] += len(lines.held)         # read, never taken by the run
+    # the lines read (not blank) are requests, interrupted or resumed_skipped; those after them unread
+    summary["lines_read"] = lines.requests
+    summary["input_lines"], summary["input_ended"] = source.count, source.ended
+    summary["requests"] += lines.bad_lines
+    summary["errors"] += lines.bad_lines
+    summary["written"] = answers.written
+    write_error = answers.errors
+    read_error = source.error if not write_error and interrupt.signum is None else None
     if write_error:
         e = write_error[0]
         summary["write_error"] = f"{e.strerror or e}"
-        summary["unwritten"] = summary["requests"] - written      # answered after the failed write: lost
+        summary["unwritten"] = summary["requests"] - answers.written      # answered after the failed write: lost
         _err(f"cannot write {args.output if to_file else 'the output'}: {e.strerror or e}; the run stopped there "
              "(the requests in flight were aborted; --resume runs them)")
+    if read_error is not None:
+        summary["read_error"] = f"{read_error.strerror or read_error}"
     print(format_summary(summary), file=sys.stderr)
     if args.stats:
         try:
@@ -465,6 +532,10 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
         return 1
     if interrupt.signum is not None:
         return 128 + interrupt.signum                 # 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP
+    if read_error is not None:                        # the lines before it are answered; the rest unread
+        return _err(f"cannot read {args.input} after line {source.count}: {read_error.strerror or read_error}; "
+                    f"the {source.count} line(s) before it are answered"
+                    + (" (mend the input and --resume the rest)" if to_file else ""))
     if summary["requests"] and summary["errors"] == summary["requests"]:
         # the run did not do its job: say so, or exit 1 after an ordinary summary reads as a crash
         n = summary["requests"]
@@ -486,20 +557,10 @@ def _load(args):
                          trace=Trace() if args.trace else None)
 
 
-def _digest(lines: list[bytes]) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for line in lines:
-        digest.update(line + b"\n")
-    return digest.hexdigest()
-
-
-def _fingerprint(args, lines: list[bytes]) -> dict:
-    """What an output file's answers were made from: the input's lines (as read: a BOM and CRLF
-    endings do not count) and how many, the pipeline file, the pipeline chosen in it, --dtype and
-    --generation-config (when not the default auto: a fingerprint written before the flag stays
-    the same run's)."""
+def _pipeline_fingerprint(args) -> list:
+    """The pipeline an output's answers are made from: its file, the pipeline chosen in it, --dtype and
+    --generation-config (when not the default auto: a fingerprint written before the flag stays the
+    same run's)."""
     import hashlib
 
     try:
@@ -508,35 +569,41 @@ def _fingerprint(args, lines: list[bytes]) -> dict:
     except OSError:                 # no pipeline to read: its load says so, in check's words (exit 2)
         pipeline = None
     sampling = [args.generation_config] if args.generation_config != "auto" else []
-    return {"input": _digest(lines), "input_lines": len(lines),
-            "pipeline": [pipeline, args.name, args.dtype, *sampling]}
+    return [pipeline, args.name, args.dtype, *sampling]
+
+
+def _fingerprint(source: InputLines, pipeline: list) -> dict:
+    """What an output file's answers are made from: the input's lines taken so far (as read: a BOM
+    and CRLF endings do not count) and how many, and the pipeline."""
+    digest, count = source.digest()
+    return {"input": digest, "input_lines": count, "pipeline": pipeline}
 
 
 def _fingerprint_path(output: str) -> str:
     return output + ".agp-run"
 
 
-def _write_fingerprint(output: str, fingerprint: dict) -> None:
-    """Beside the output file: what --resume checks it continues."""
-    with open(_fingerprint_path(output), "w", encoding="utf-8") as f:
-        json.dump(fingerprint, f)
-
-
-def _changed_since(output: str, now: dict, lines: list[bytes]) -> str | None:
-    """'input' or 'pipeline' when the output file's answers were made from another one than this
-    run's (`now`, its fingerprint of `lines`); None when the same (an input with lines appended after those it was made from is the
-    same: --resume answers the new lines), or when the output has no fingerprint beside it (it
-    was not written by agp run -o)."""
+def _read_fingerprint(output: str) -> dict | None:
+    """The fingerprint beside an output file; None when it has none (it was not written by agp run -o)."""
     try:
         with open(_fingerprint_path(output), encoding="utf-8") as f:
             was = json.load(f)
     except (OSError, ValueError):
         return None
-    n = was.get("input_lines")
-    grown = isinstance(n, int) and 0 < n < len(lines) and was.get("input") == _digest(lines[:n])
-    if was.get("input") != now["input"] and not grown:   # lines appended to it: the same input, more of it
+    return was if isinstance(was, dict) else None
+
+
+def _changed_since(was: dict | None, input_digest: str | None, pipeline: list) -> str | None:
+    """'input' or 'pipeline' when an output file's answers (`was`: its fingerprint) were made from
+    another one than this run's: `input_digest` is the digest of as many of this input's lines as
+    the fingerprint covers (None: the input has fewer), so an input with lines appended after
+    those is the same (--resume answers the new lines). None when the same, or when the output has
+    no fingerprint."""
+    if was is None:
+        return None
+    if was.get("input") != input_digest:
         return "input"
-    return "pipeline" if was.get("pipeline") != now["pipeline"] else None
+    return "pipeline" if was.get("pipeline") != pipeline else None
 
 
 def _same_file(a: str, b: str) -> bool:

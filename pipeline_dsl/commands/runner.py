@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass
 from typing import Callable
 
@@ -110,56 +111,62 @@ def _choice_parts(req: RunRequest, choice, runtime) -> dict:
     return out
 
 
-def run_pipeline(runtime, requests: list[RunRequest], *, on_done: Callable[[int, dict], None],
+def run_pipeline(runtime, requests: Iterable[RunRequest], *, on_done: Callable[[int, dict], None],
                  progress: bool = True, stop: threading.Event | None = None,
                  on_interrupted: Callable[[int], None] | None = None) -> dict:
     """Answer every request through `runtime` (PipelineRuntime.run_all); returns the run summary.
-    Once `stop` is set, the requests in flight are aborted and those never started are left:
-    `on_interrupted(slot)` hears of each instead of `on_done`."""
+    `requests` is taken as the runtime admits them (an iterator may still be reading its input),
+    and a request is forgotten once answered. Once `stop` is set, the requests in flight are
+    aborted and those taken but never started are left: `on_interrupted(slot)` hears of each
+    instead of `on_done`."""
     bar = None
     if progress:
         from pipeline_dsl.commands.progress import progress_bar
 
-        bar = progress_bar(len(requests))
+        bar = progress_bar(len(requests) if isinstance(requests, Sized) else None)
     t0 = time.perf_counter()
     lock = threading.Lock()
     completion = 0
 
     interrupted = 0
+    taken: dict[int, RunRequest] = {}       # each line taken and not answered yet
+    owner: dict[int, tuple[int, int]] = {}   # each pipeline request in flight -> (its line, its place there)
+    parts_of: dict[int, list] = {}          # each line's results, by its items' order (None: not in yet)
+    left: dict[int, int] = {}
+    tally = Tally()                         # what the summary needs of each result, no more
 
-    items, owner = [], []                 # every pipeline request, and (its line, its place there)
-    parts_of: list[list] = []             # each line's results, by its items' order (None: not in yet)
-    for i, r in enumerate(requests):
-        parts = r.items(runtime)
-        items += parts
-        owner += [(i, j) for j in range(len(parts))]
-        parts_of.append([None] * len(parts))
-    left = [len(p) for p in parts_of]
-    answered = [False] * len(requests)                 # each line's result is in (and was handed on)
-    cut = [False] * len(requests)                      # interrupted
-    tally = Tally()                                    # what the summary needs of each result, no more
+    def items():
+        """The pipeline requests of the lines, in order, each line's registered as it is taken."""
+        k = 0
+        for i, r in enumerate(requests):
+            parts = r.items(runtime)
+            with lock:
+                taken[i] = r
+                parts_of[i], left[i] = [None] * len(parts), len(parts)
+                for j in range(len(parts)):
+                    owner[k + j] = (i, j)
+            k += len(parts)
+            yield from parts
 
     def interrupted_by(result) -> bool:
         return stop is not None and stop.is_set() and result.error is not None and result.error.kind == "unavailable"
 
     def done(k: int, result) -> None:
         nonlocal completion, interrupted
-        i, j = owner[k]
         with lock:                        # a line of several prompts is answered once all are in
+            i, j = owner.pop(k)
             parts_of[i][j] = result
             left[i] -= 1
             if left[i]:
                 return
-        results, parts_of[i] = parts_of[i], None       # handed on: an answer is not kept after its line
-        req = requests[i]
+            results, req = parts_of.pop(i), taken.pop(i)   # handed on: an answer is not kept after its line
+            del left[i]
         if any(interrupted_by(res) for res in results):
-            cut[i] = True
             interrupted += 1
             if on_interrupted is not None:
                 on_interrupted(req.slot)
             return
         result = req.result(results)
-        answered[i] = True
         tally.add(result)
         on_done(req.slot, req.answer(result, runtime))
         if bar:
@@ -169,25 +176,17 @@ def run_pipeline(runtime, requests: list[RunRequest], *, on_done: Callable[[int,
                 bar.set_postfix_str(f"{completion / max(time.perf_counter() - t0, 1e-9):.0f} tok/s", refresh=False)
                 bar.update(1)
 
-    runtime.run_all(_handed(items), on_result=done, stop=stop, keep_results=False)
+    runtime.run_all(items(), on_result=done, stop=stop, keep_results=False)
     wall = time.perf_counter() - t0
     if bar:
         bar.close()
-    never = [r for i, r in enumerate(requests) if not answered[i] and not cut[i]]
+    never = list(taken.values())            # taken, never answered nor cut (a line's prompts not all started)
     for r in never:
         if on_interrupted is not None:
             on_interrupted(r.slot)
     summary = summarize(runtime, tally, wall)
     summary["interrupted"] = interrupted + len(never)
     return summary
-
-
-def _handed(items: list):
-    """`items`, emptied as they are taken: run_all's own list then holds the only reference to
-    each, and drops it once submitted."""
-    items.reverse()
-    while items:
-        yield items.pop()
 
 
 def _pin(runtime, parsed: ParsedRequest) -> str | None:
@@ -290,6 +289,8 @@ def format_summary(s: dict) -> str:
            else "")
         + (f"; {s['unwritten']} answered after it, not written" if s.get("unwritten") else "") + ")"
         + (f"; {s['resumed_skipped']} more already answered in the output (--resume)" if s.get("resumed_skipped")
+           else "")
+        + (f"; the input was read to line {s['input_lines']}, not to its end" if s.get("input_ended") is False
            else ""),
         f"tokens          {s['prompt_tokens']} in ({s['cached_tokens']} cached), {s['completion_tokens']} out",
         f"throughput      {f(s['output_tokens_per_s'])} output tok/s over {s['generation_s']} s "

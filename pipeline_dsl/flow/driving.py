@@ -89,9 +89,11 @@ class Driving:
         admitted and those in flight are aborted (their results are errors of kind
         "unavailable"; requests never admitted stay None). keep_results=False: each result goes to
         `on_result` only, none is kept (a long batch's memory does not grow with its answers),
-        and the list returned holds None throughout."""
-        requests = list(requests)
-        results: list[Result | None] = [None] * len(requests)
+        and the list returned is empty; then `requests` may be any iterable, taken
+        one at a time as the queue has room (a generator reading its input as the run goes)."""
+        if keep_results:
+            requests = list(requests)
+        results: list[Result | None] = [None] * len(requests) if keep_results else []
         cond = threading.Condition()
         failure: list[BaseException] = []
         stopping = stop if stop is not None else threading.Event()
@@ -114,7 +116,8 @@ class Driving:
         def feed():
             try:
                 for i, req in enumerate(requests):
-                    requests[i] = None               # in flight, the runtime holds it; then none does
+                    if keep_results:
+                        requests[i] = None           # in flight, the runtime holds it; then none does
                     data, pin = req if isinstance(req, tuple) else (req, None)
                     while not stopping.is_set():
                         with cond:

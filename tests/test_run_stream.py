@@ -1,0 +1,152 @@
+"""`agp run` reads its input as a stream: a producer piped into it (`producer | agp run P -`) has
+its first lines answered while it has not written the later ones, a bad line later in the stream
+is an error record with its line number and loses no answer before it, a gzip'd stream is
+answered as it comes too, and an input that cannot be read to its end keeps the answers to the
+lines before the failure (exit 2, saying after which line)."""
+from __future__ import annotations
+
+import gzip
+import json
+import select
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+from test_run_errors import ROOT, pipeline, records, run  # noqa: F401  (pipeline: a fixture)
+
+
+def start(pipeline: Path, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "--no-progress",
+                             "--threads", "1", "-i", "-", *map(str, args)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+
+
+def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> list[dict]:
+    """The output's first n records, once written; the run must still be going meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_text().count("\n") >= n):
+        assert proc.poll() is None, proc.communicate()[1].decode()
+        assert time.monotonic() < deadline, f"no {n} answer(s) within {timeout} s"
+        time.sleep(0.05)
+    return records(path)
+
+
+def finish(proc: subprocess.Popen, last: bytes) -> str:
+    """Write the input's last bytes and close it; the run's standard error once it has ended."""
+    return proc.communicate(last, timeout=120)[1].decode()
+
+
+def test_an_answer_is_written_before_the_input_pipe_is_closed(tmp_path, pipeline):
+    out = tmp_path / "out.jsonl"
+    proc = start(pipeline, "-o", out)
+    try:
+        proc.stdin.write(b'{"id": "first", "prompt": "hello", "max_tokens": 2}\n')
+        proc.stdin.flush()
+        (got,) = wait_for_lines(out, 1, proc)            # the pipe is still open: more may come
+        assert got["id"] == "first" and "text" in got
+        err = finish(proc, b'{"id": "second", "prompt": "again", "max_tokens": 2}\n')
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert [g["id"] for g in records(out)] == ["first", "second"]
+
+
+def test_answers_on_stdout_come_before_the_input_pipe_is_closed(tmp_path, pipeline):
+    proc = start(pipeline)
+    try:
+        proc.stdin.write(b'{"id": "a", "prompt": "hello", "max_tokens": 2}\n')
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], 120)    # the input is still open meanwhile
+        assert ready, "no answer on stdout within 120 s"
+        assert json.loads(proc.stdout.readline())["id"] == "a"
+        err = finish(proc, b"")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+
+
+def test_a_malformed_line_later_in_a_stream_is_an_error_record_with_its_line_number(tmp_path, pipeline):
+    out = tmp_path / "out.jsonl"
+    proc = start(pipeline, "-o", out)
+    try:
+        proc.stdin.write(b'{"id": "a", "prompt": "one", "max_tokens": 2}\n\n{"id": "b", "prompt": "two", '
+                         b'"max_tokens": 2}\n')
+        proc.stdin.flush()
+        wait_for_lines(out, 2, proc)                      # the answers so far, written
+        err = finish(proc, b'{"id": "c", "prompt": \n{"id": "d", "prompt": "four", "max_tokens": 2}\n')
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    got = records(out)
+    assert [g["id"] for g in got] == ["a", "b", 4, "d"]
+    assert "text" in got[0] and "text" in got[1] and "text" in got[3]
+    assert got[2]["error"]["line"] == 4 and "not valid JSON" in got[2]["error"]["message"]
+    assert "1 failed" in err
+
+
+def test_a_gzip_compressed_stream_is_answered_as_it_comes(tmp_path, pipeline):
+    out = tmp_path / "out.jsonl"
+    proc = start(pipeline, "-o", out)
+    packer = zlib.compressobj(wbits=31)                  # gzip
+    try:
+        proc.stdin.write(packer.compress(b'{"id": "z1", "prompt": "hello", "max_tokens": 2}\n')
+                         + packer.flush(zlib.Z_SYNC_FLUSH))
+        proc.stdin.flush()
+        assert [g["id"] for g in wait_for_lines(out, 1, proc)] == ["z1"]
+        err = finish(proc, packer.compress(b'{"id": "z2", "prompt": "again", "max_tokens": 2}\n') + packer.flush())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert [g["id"] for g in records(out)] == ["z1", "z2"]
+
+
+def test_an_input_cut_short_keeps_the_answers_before_it_and_says_after_which_line(tmp_path, pipeline):
+    lines = "".join(json.dumps({"id": f"r{i}", "prompt": f"p{i} " + "x" * 4000, "max_tokens": 1}) + "\n"
+                    for i in range(60))
+    packed = gzip.compress(lines.encode(), compresslevel=0)   # stored: each line's bytes come out as read
+    inp, out = tmp_path / "in.jsonl.gz", tmp_path / "out.jsonl"
+    inp.write_bytes(packed[:len(packed) // 2])
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    got = records(out)
+    assert 0 < len(got) < 60 and [g["id"] for g in got] == [f"r{i}" for i in range(len(got))]
+    assert (f"cannot read {inp} after line {len(got)}: it is gzip-compressed and cannot be decompressed"
+            in r.stderr) and "run summary" in r.stderr
+
+
+def test_a_stream_killed_midway_is_resumed_from_a_file_of_the_same_lines(tmp_path, pipeline):
+    """OUT.agp-run covers the lines read when each answer is written: after a kill -9 mid-stream,
+    --resume over the whole input checks those lines and answers only the rest."""
+    lines = [json.dumps({"id": f"q{i}", "prompt": f"hello {i}", "max_tokens": 2}) + "\n" for i in range(5)]
+    out = tmp_path / "out.jsonl"
+    proc = start(pipeline, "-o", out)
+    try:
+        proc.stdin.write("".join(lines[:2]).encode())
+        proc.stdin.flush()
+        wait_for_lines(out, 2, proc)
+        proc.kill()
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert json.loads((tmp_path / "out.jsonl.agp-run").read_text())["input_lines"] == 2
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(lines))
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert [g["id"] for g in records(out)] == [f"q{i}" for i in range(5)]
+    assert "2 more already answered in the output (--resume)" in r.stderr
+    inp.write_text("".join(lines).replace("hello 1", "edited"))
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")
+    assert r.returncode == 2 and f"{out} was made from another input" in r.stderr
