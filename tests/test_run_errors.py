@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from clikit import AGP, ROOT, agp, agp_child, reaped
+
 
 PIPELINE = """pipeline tiny {{
     model  = "{model}"
@@ -41,9 +42,7 @@ def pipeline(tmp_path, tiny_gguf):
 
 
 def run(pipeline, *args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "--no-progress",
-                           "--threads", "1", *map(str, args)], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300, **kw)
+    return agp("run", pipeline, "--no-progress", "--threads", "1", *args, **kw)
 
 
 def records(path: Path) -> list[dict]:
@@ -136,10 +135,8 @@ def test_an_output_file_deleted_mid_run_stops_the_run_saying_the_answers_are_los
     inp, out = tmp_path / "in.jsonl", tmp_path / "outdir" / "out.jsonl"
     out.parent.mkdir()
     inp.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"hello {i}"}) + "\n" for i in range(12)))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "-i", str(inp), "-o",
-                             str(out), "--no-progress", "--threads", "1"], stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env={**os.environ, "AGP_TEST_OUT": str(out)})
-    try:
+    with reaped(agp_child("run", pipeline, "-i", inp, "-o", out, "--no-progress", "--threads", "1",
+                          env={**os.environ, "AGP_TEST_OUT": str(out)})) as proc:
         deadline = time.monotonic() + 120
         while not (out.exists() and out.read_text().count("\n") >= 2):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
@@ -148,10 +145,6 @@ def test_an_output_file_deleted_mid_run_stops_the_run_saying_the_answers_are_los
             f.unlink()
         out.parent.rmdir()
         err = proc.communicate(timeout=120)[1]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 1, err
     assert f"cannot write {out}: the file (or its folder) was deleted while the run wrote it" in err
     assert "run summary" in err and "Traceback" not in err
@@ -241,9 +234,7 @@ def test_a_thread_count_past_the_bound_is_an_error_not_a_crash(pipeline, tmp_pat
     """torch starts every asked thread at once: --threads 100000 ended the process with a
     segmentation fault (exit 139) after an internal error."""
     (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
-    r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "--no-progress",
-                        "--threads", "100000", "-i", str(tmp_path / "in.jsonl")],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = agp("run", pipeline, "--no-progress", "--threads", "100000", "-i", tmp_path / "in.jsonl")
     assert r.returncode == 2, r.stderr
     assert "threads must be between 1 and 1024" in r.stderr and "100000" in r.stderr
     assert r.stdout == ""
@@ -255,9 +246,8 @@ def test_answers_on_stdout_are_utf8_whatever_the_locale(pipeline, tmp_path):
     (tmp_path / "in.jsonl").write_text('{"id": "ü✓", "prompt": "héllo"}\n', encoding="utf-8")
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}
     env.pop("PYTHONIOENCODING", None)
-    r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "--no-progress",
-                        "--threads", "1", "-i", str(tmp_path / "in.jsonl")], capture_output=True, cwd=ROOT,
-                       timeout=300, env=env)
+    r = subprocess.run([*AGP, "run", str(pipeline), "--no-progress", "--threads", "1", "-i",
+                        str(tmp_path / "in.jsonl")], capture_output=True, cwd=ROOT, timeout=300, env=env)   # bytes
     assert r.returncode == 0, r.stderr.decode("utf-8", "replace")
     assert json.loads(r.stdout.decode("utf-8"))["id"] == "ü✓"
 
@@ -329,11 +319,10 @@ def test_answers_on_a_pipe_whose_reader_has_gone_stop_the_run_with_exit_1_and_no
     and writes its summary (stderr), exit 1, and nothing at exit complains of the closed pipe."""
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"id": i, "prompt": "hello", "max_tokens": 2}) + "\n" for i in range(20)))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "-i", str(inp),
-                             "--no-progress", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=ROOT)
-    proc.stdout.close()                                  # the reader is gone before the first answer
-    err = proc.communicate(timeout=300)[1]
+    with reaped(agp_child("run", pipeline, "-i", inp, "--no-progress", "--threads", "1",
+                          stdout=subprocess.PIPE)) as proc:
+        proc.stdout.close()                              # the reader is gone before the first answer
+        err = proc.communicate(timeout=300)[1]
     assert proc.returncode == 1, err
     assert "cannot write the output: Broken pipe" in err and "run summary" in err
     assert "Traceback" not in err and "Exception ignored" not in err
