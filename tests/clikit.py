@@ -27,13 +27,18 @@ def agp_child(*args, cwd=ROOT, **kw) -> subprocess.Popen:
     return subprocess.Popen([*AGP, *map(str, args)], stderr=subprocess.PIPE, text=True, cwd=cwd, **kw)
 
 
+def reap(proc: subprocess.Popen) -> None:
+    """Kill `proc` if it is still running, and wait for it."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
 @contextmanager
 def reaped(proc: subprocess.Popen):
-    """`proc` for the block; killed and waited for if it is still running when the block ends (an
-    assertion failed, a timeout), so that no child outlives its test."""
+    """`proc` for the block; reaped when the block ends however it ends (an assertion failed, a
+    timeout), so that no child outlives its test."""
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        reap(proc)
