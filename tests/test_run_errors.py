@@ -84,6 +84,19 @@ def test_resume_refuses_an_output_that_is_not_this_inputs_answers(tmp_path, pipe
     assert out.read_text() == kept
 
 
+def test_a_refused_resume_loads_no_torch(tmp_path, pipeline):
+    """The output is held to the input before the engine's libraries load: the refusal comes at
+    once (it waited for torch to import, seconds on a busy machine)."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"prompt": "a"}\n')
+    out.write_text("not json at all\n")
+    code = ("import sys; from pipeline_dsl.cli import main; rc = main(sys.argv[1:]);"
+            "assert 'torch' not in sys.modules, 'agp run imported torch'; sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, "run", str(pipeline), "-i", str(inp), "-o", str(out), "--resume"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and f"is not the output of {inp}" in r.stderr, r.stderr
+
+
 def test_resume_keeps_error_records_and_drops_a_cut_last_line(tmp_path, pipeline):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text('{"id": "a", "prompt": "x"}\nnot json\n{"id": "b", "prmpt": "y"}\n{"id": "c", "prompt": "z"}\n')
