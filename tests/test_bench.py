@@ -16,7 +16,7 @@ from pipeline_dsl.commands import loadgen as B
 from pipeline_dsl.cli import main as agp
 from pipeline_dsl.requests_io import parse_line
 
-from test_serve import LiveServer
+from test_serve import LiveServer, _pipeline_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -302,16 +302,9 @@ def _workload(tmp_path, n=6) -> Path:
     return path
 
 
-def _pipeline(tmp_path, model) -> Path:
-    text = (ROOT / "examples" / "chat.agp").read_text()
-    path = tmp_path / "tiny.agp"
-    path.write_text(re.sub(r'model\s*=\s*"[^"]*"', f'model = "{model}"', text, count=1))
-    return path
-
-
 def test_in_process_and_http_targets_measure_the_same_work(tmp_path, tiny_gguf):
     items = B.load_workload(_workload(tmp_path))
-    local = asyncio.run(B.bench_one(B.EngineTarget.from_pipeline(str(_pipeline(tmp_path, tiny_gguf))),
+    local = asyncio.run(B.bench_one(B.EngineTarget.from_pipeline(str(_pipeline_file(tmp_path, tiny_gguf))),
                                     items, rate=math.inf, num=6, progress=False))
     server = LiveServer(tiny_gguf)
     try:
@@ -368,7 +361,7 @@ def test_http_target_counts_refused_requests_as_errors(tiny_gguf):
 
 
 def test_bench_command_compares_targets_and_writes_a_plot(tmp_path, tiny_gguf, capsys):
-    pipeline = _pipeline(tmp_path, tiny_gguf)
+    pipeline = _pipeline_file(tmp_path, tiny_gguf)
     png, js = tmp_path / "cmp.png", tmp_path / "cmp.json"
     code = agp(["bench", str(pipeline), f"{pipeline},prefix_reuse=false", "--workload",
                 str(_workload(tmp_path)), "--rate", "40,inf", "--num", "6", "--compare",
@@ -392,7 +385,7 @@ def test_bench_command_compares_targets_and_writes_a_plot(tmp_path, tiny_gguf, c
     (["{p}", "--workload", "{d}"], "is a folder, not a JSONL file"),
 ])
 def test_bench_command_rejects_bad_input_with_exit_2(tmp_path, tiny_gguf, capsys, argv, message):
-    w, p = _workload(tmp_path), _pipeline(tmp_path, tiny_gguf)
+    w, p = _workload(tmp_path), _pipeline_file(tmp_path, tiny_gguf)
     code = agp(["bench"] + [a.format(w=w, p=p, d=tmp_path) for a in argv])
     assert code == 2
     assert message in capsys.readouterr().err
@@ -486,8 +479,8 @@ def test_bench_exits_1_only_when_no_request_of_a_target_succeeded(tmp_path, caps
 def test_bench_url_is_checked_before_anything_is_measured(tmp_path, tiny_gguf, capsys, url, message):
     code = -1
     try:
-        code = agp(["bench", str(_pipeline(tmp_path, tiny_gguf)), "--url", url, "--workload", str(_workload(tmp_path)),
-                    "--no-progress"])
+        code = agp(["bench", str(_pipeline_file(tmp_path, tiny_gguf)), "--url", url,
+                    "--workload", str(_workload(tmp_path)), "--no-progress"])
     except SystemExit as e:                 # argparse refuses it while parsing
         code = e.code
     captured = capsys.readouterr()
@@ -499,7 +492,7 @@ def test_a_plot_file_of_a_format_it_cannot_have_is_refused_before_measuring(tmp_
     matplotlib, which takes the format from the extension."""
     code = -1
     try:
-        code = agp(["bench", str(_pipeline(tmp_path, tiny_gguf)), "--workload", str(_workload(tmp_path)),
+        code = agp(["bench", str(_pipeline_file(tmp_path, tiny_gguf)), "--workload", str(_workload(tmp_path)),
                     "--plot", str(tmp_path / "plot.txt"), "--no-progress"])
     except SystemExit as e:                 # argparse refuses it while parsing
         code = e.code
@@ -517,7 +510,7 @@ def test_a_target_that_cannot_be_measured_loses_none_of_the_others(tmp_path, tin
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     js = tmp_path / "cmp.json"
-    code = agp(["bench", str(_pipeline(tmp_path, tiny_gguf)), "--url", f"http://127.0.0.1:{port}",
+    code = agp(["bench", str(_pipeline_file(tmp_path, tiny_gguf)), "--url", f"http://127.0.0.1:{port}",
                 "--workload", str(_workload(tmp_path)), "--num", "3", "--compare", "--json", str(js),
                 "--plot", str(tmp_path / "cmp.png"), "--no-progress"])
     captured = capsys.readouterr()

@@ -10,15 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from clikit import AGP, agp
 from pipeline_dsl import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = str(ROOT / "examples" / "chat.agp")
-
-
-def agp(*args, cwd=ROOT, stdin=None):
-    return subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120, input=stdin)
 
 
 def test_check_exit_codes():
@@ -54,21 +50,21 @@ BAD_ON_LINE_3 = "pipeline p {\n    stage r : requests {}\n    stage x : genrate 
 @pytest.mark.parametrize("command", [["check"], ["fmt"], ["plan"], ["render", "-o", "{tmp}/p.dot"]])
 def test_file_dash_reads_the_pipeline_from_stdin_with_positions_at_stdin(tmp_path, command):
     argv = [a.format(tmp=tmp_path) for a in command]
-    good = agp(*argv, "-", stdin=(ROOT / "examples" / "chat.agp").read_text())
+    good = agp(*argv, "-", input=(ROOT / "examples" / "chat.agp").read_text())
     assert good.returncode == 0, good.stderr
     assert {"check": "<stdin>: ok (1 pipeline)", "fmt": "pipeline chat {", "plan": "pipeline chat:",
             "render": "wrote"}[argv[0]] in good.stdout
     if argv[0] != "fmt":                       # fmt formats what parses; the kind is check's to judge
-        bad = agp(*argv, "-", stdin=BAD_ON_LINE_3)
+        bad = agp(*argv, "-", input=BAD_ON_LINE_3)
         assert bad.returncode == 2 and "<stdin>:3:15: error: unknown stage kind 'genrate'" in bad.stderr
         assert "did you mean 'generate'?" in bad.stderr and "not found" not in bad.stderr
 
 
 def test_fmt_of_stdin_checks_but_cannot_write_back(tmp_path):
-    assert agp("fmt", "--check", "-", stdin='pipeline p {model="m"}\n').stdout == "<stdin>: would reformat\n"
-    r = agp("fmt", "--write", "-", stdin='pipeline p {model="m"}\n')
+    assert agp("fmt", "--check", "-", input='pipeline p {model="m"}\n').stdout == "<stdin>: would reformat\n"
+    r = agp("fmt", "--write", "-", input='pipeline p {model="m"}\n')
     assert r.returncode == 2 and "'-' (stdin) has no file to rewrite" in r.stderr
-    r = agp("fmt", "-", stdin="pipeline p {\n  model = \n}\n")
+    r = agp("fmt", "-", input="pipeline p {\n  model = \n}\n")
     assert r.returncode == 2 and r.stderr.startswith("<stdin>:2:9: error: missing value after '='\n    2 |   model =")
 
 
@@ -244,15 +240,14 @@ def test_a_full_disk_on_standard_output_is_said_with_exit_1(args):
     """Short output fails only at the interpreter's last flush: that was exit 1 with no word at
     all (check), or an 'internal error' (stages, fmt)."""
     with open("/dev/full", "w") as full:
-        r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", *args], cwd=ROOT, stdout=full,
-                           stderr=subprocess.PIPE, text=True, timeout=120)
+        r = subprocess.run([*AGP, *args], cwd=ROOT, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
     assert r.returncode == 1
     assert r.stderr == "agp: error: cannot write the output: No space left on device\n"
 
 
 @pytest.mark.parametrize("command", ["run", "serve"])
 def test_commands_that_run_a_pipeline_say_that_dash_is_not_read_from_stdin(command):
-    r = agp(command, "-", stdin=(ROOT / "examples" / "chat.agp").read_text())
+    r = agp(command, "-", input=(ROOT / "examples" / "chat.agp").read_text())
     assert r.returncode == 2 and "not found" not in r.stderr
     assert f"agp {command}: error: argument FILE: '-' (standard input) is read as a pipeline by check, fmt, plan " \
            "and render only: give the .agp file's path" in r.stderr

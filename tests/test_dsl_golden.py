@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import pipeline_dsl
+from clikit import agp
 from pipeline_dsl.diagnostics import has_errors, render_all
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +63,6 @@ def test_examples_are_clean(path):
 
 def test_cli_check_stderr_equals_the_golden_file():
     rel = "examples/errors/unknown_kind.agp"
-    proc = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "check", rel], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    proc = agp("check", rel)
     assert proc.returncode == 2
     assert proc.stderr == (ROOT / "examples/errors/unknown_kind.expected").read_text(encoding="utf-8")

@@ -574,8 +574,7 @@ def test_agp_runs_progress_off_a_terminal_is_a_line_now_and_then_not_one_per_ans
 
 
 def test_agp_run_summary_and_stats_report_every_stage(tmp_path):
-    import subprocess
-    import sys
+    from clikit import agp
 
     body = ("stage request : requests {}\nstage up : python { fn = \"hooks:upper\" }\n"
             "stage gen : generate { max_new_tokens = 3 }\nstage out : respond {}\n"
@@ -584,9 +583,7 @@ def test_agp_run_summary_and_stats_report_every_stage(tmp_path):
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(json.dumps(chat(f"r{i}", "hi")) for i in range(3)) + "\n")
     stats = tmp_path / "stats.json"
-    proc = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", str(path), "-i", str(inp), "-o",
-                           str(tmp_path / "out.jsonl"), "--stats", str(stats), "--no-progress"],
-                          capture_output=True, text=True, timeout=300)
+    proc = agp("run", path, "-i", inp, "-o", tmp_path / "out.jsonl", "--stats", stats, "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "up " in proc.stderr and "rejected" in proc.stderr
     s = json.loads(stats.read_text())

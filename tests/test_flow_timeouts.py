@@ -3,13 +3,11 @@ call is (timeout, retries; `check` reads the unit, `agp stages` shows it), and a
 stage's timeout bounds the function's own time per chunk, not the generation it waits on."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 import pipeline_dsl
 import flowkit
+from clikit import agp
 from flowkit import chain, chat, errors, run, runtime, write
 
 HOOKS = '''
@@ -82,8 +80,7 @@ def test_check_reads_a_join_timeouts_unit_and_warns_without_fn(tmp_path, soft_gg
 
 
 def test_agp_stages_shows_a_joins_timeout(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "stages", "join"], capture_output=True,
-                         text=True, timeout=120)
+    out = agp("stages", "join")
     assert out.returncode == 0 and "timeout" in out.stdout and "retries" in out.stdout
 
 

@@ -18,11 +18,10 @@ import flowkit
 import httpx
 import pytest
 
+from clikit import agp, agp_child, reaped
 from pipeline_dsl.engine.tokenizer import TEMPLATE_SECONDS
 from test_serve import LiveServer, TINY, start_agp_serve
 from tiny_model import write_tiny_gguf
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -169,13 +168,10 @@ def while_a_stream_runs(url: str, body_file: Path, route: str) -> tuple[int, str
 
 def test_a_10mb_prompt_does_not_stall_a_running_stream(tmp_path, mid_gguf):
     proc, url = start_serve(tmp_path, mid_gguf, budget="64MiB")       # 4000 tokens of KV: 48 MiB
-    try:
+    with reaped(proc):
         big = tmp_path / "big.json"
         big.write_text(json.dumps({"prompt": "word " * 2_000_000, "max_tokens": 4}))        # 10 MB
         status, text, gaps = while_a_stream_runs(url, big, "/v1/completions")
-    finally:
-        proc.terminate()
-        proc.wait(60)
     assert status == 413 and "body_too_large" in text
     assert gaps and max(gaps) < STALL, gaps
 
@@ -185,14 +181,11 @@ def test_a_chat_template_that_never_ends_fails_its_request_only(tmp_path):
     model = write_tiny_gguf(tmp_path / "loop.gguf", chat_template=loop, hidden=768, ffn=2048, layers=6,
                             heads=12, kv_heads=4, context=4096)
     proc, url = start_serve(tmp_path, model, budget="64MiB")
-    try:
+    with reaped(proc):
         chat = tmp_path / "chat.json"
         chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}))
         # raw prompts need no template: the victim goes on while the template runs its 2 s
         status, text, gaps = while_a_stream_runs(url, chat, "/v1/chat/completions")
-    finally:
-        proc.terminate()
-        proc.wait(60)
     assert status == 400 and "did not finish within" in text
     assert TEMPLATE_SECONDS > STALL
     assert len(gaps) >= 5 and max(gaps) < STALL, gaps
@@ -215,11 +208,6 @@ def write_pipeline(tmp_path, model, budget="1MiB") -> Path:
     path.write_text(TINY.format(model=model, max_queue=64, max_batch_size=4, timeout=1)
                     .replace("budget = 1MiB", f"budget = {budget}"))
     return path
-
-
-def agp(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300, **kw)
 
 
 def test_agp_run_turns_every_bad_line_into_an_error_record(tmp_path, tiny_gguf):
@@ -289,19 +277,14 @@ def test_ctrl_c_stops_agp_run_cleanly_and_resume_finishes_the_job(tmp_path, tiny
     pipeline = write_pipeline(tmp_path, tiny_gguf)
     with_python_stage(pipeline, "hold", 'fn = "holdhook:hold"  workers = 64', "request -> batch")
     pipeline = str(pipeline)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "run", pipeline, "-i", str(inp), "-o",
-                             str(out), "--stats", str(stats), "--no-progress", "--threads", "1"],
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "AGP_TEST_HOLD": "1"})
     deadline = time.monotonic() + 120
-    try:
+    with reaped(agp_child("run", pipeline, "-i", inp, "-o", out, "--stats", stats, "--no-progress", "--threads", "1",
+                          env={**os.environ, "AGP_TEST_HOLD": "1"})) as proc:
         while not (out.exists() and out.read_text().count("\n") >= 2):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
             time.sleep(0.05)
         proc.send_signal(sig)
         err = proc.communicate(timeout=120)[1]      # the held calls do not keep the process alive
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == code, err
     if sig != signal.SIGKILL:                              # SIGKILL leaves no time for a summary
         assert "Traceback" not in err and "terminate called" not in err and "run summary" in err
@@ -367,14 +350,11 @@ def test_a_drain_that_times_out_says_so_to_every_client_and_in_the_exit_status(t
     # here; a faster machine could finish them inside the drain)
     pipeline = held_pipeline(tmp_path, mid_gguf, budget="32MiB")
     proc, url = start_serve(tmp_path, mid_gguf, "--drain-timeout", "1", pipeline=pipeline)
-    try:
+    with reaped(proc):
         held = InFlight(url, {"prompt": "hello", "max_tokens": 480, "ignore_eos": True}, streams=3)
         proc.send_signal(signal.SIGTERM)
         held.join()
         err = proc.communicate(timeout=60)[1]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 1 and "cut 4 request(s)" in err, err
     for lines in held.streams:
         assert lines[-1] == "data: [DONE]"

@@ -9,21 +9,18 @@ there); tests/test_model_parity.py holds the embedded model to transformers."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
 
+from clikit import agp
 from pipeline_dsl.engine import SamplingParams
 from pipeline_dsl.engine.errors import ContextLengthError, InputError
 from test_serve import LiveServer
 from tiny_model import tiny_engine, tiny_vocab, write_tiny_gguf
 
-ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 4096
 KV_TOKEN_BYTES = 2 * 2 * 16 * 2 * 4   # the tiny model: layers x kv heads x head size x (k, v) x fp32
 
@@ -214,9 +211,7 @@ def test_truncate_prompt_tokens_takes_minus_one_in_run_lines_as_serve_does(tmp_p
               "truncate_prompt_tokens": 1000},
              {"id": "beyond", "prompt": "the cat", "max_tokens": 2, "truncate_prompt_tokens": CONTEXT + 1}]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "--no-progress",
-                        "--threads", "1", "-i", str(tmp_path / "in.jsonl")], capture_output=True, text=True,
-                       cwd=ROOT, timeout=300)
+    r = agp("run", pipeline, "--no-progress", "--threads", "1", "-i", tmp_path / "in.jsonl")
     got = {x["id"]: x for x in map(json.loads, r.stdout.splitlines())}
     assert got["minus"].get("usage", {}).get("prompt_tokens") == 3000, got["minus"]       # all of it
     assert f"prompt of {CONTEXT} tokens fills the model's context" in got["full"]["error"]["message"]  # its last 4096

@@ -21,6 +21,7 @@ import pytest
 from gguf import GGUFReader
 
 import pipeline_dsl
+from clikit import agp
 from pipeline_dsl import cli
 from pipeline_dsl.diagnostics import ERROR
 from pipeline_dsl.engine.errors import InputError, ModelFileError
@@ -252,11 +253,6 @@ def test_agp_run_on_a_broken_gguf_exits_2_without_a_traceback(tmp_path, layout, 
     # caught by the check: a positioned diagnostic; else the engine's one line
     first = f"{pipeline}:2:13: error: bad model file '{path}': " if probe.checked else f"agp: error: {path}: "
     assert err.startswith(first), err
-
-
-def agp(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
 
 
 def test_agp_run_and_check_in_a_fresh_process(tmp_path, layout):

@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 
+from clikit import agp
 from test_serve import LiveServer
 from tiny_model import write_tiny_gguf
 
@@ -391,10 +392,6 @@ def test_langchain_bind_tools_round_trip(server):
 # ---------------------------------------------------------------- agp run and the pipeline's default
 
 def test_agp_run_lines_and_a_generate_stage_schema_constrain_answers(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
     model = write_tiny_gguf(tmp_path / "m.gguf", context=4096, embed_scale=0.3)
     (tmp_path / "person.json").write_text(json.dumps(PERSON))
     (tmp_path / "p.agp").write_text(f"""pipeline p {{
@@ -415,9 +412,7 @@ def test_agp_run_lines_and_a_generate_stage_schema_constrain_answers(tmp_path):
     lines.append({"id": "own", "prompt": "a point", "seed": 1,
                   "response_format": {"type": "json_schema", "json_schema": {"name": "pt", "schema": point}}})
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", str(tmp_path / "p.agp"), "-i",
-                        str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"), "--threads", "1"],
-                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    r = agp("run", tmp_path / "p.agp", "-i", tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--threads", "1")
     assert r.returncode == 0, r.stderr
     out = {rec["id"]: rec for rec in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
     for i in range(4):                                 # the stage's schema, for every answer

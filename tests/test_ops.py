@@ -12,15 +12,15 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from clikit import agp, agp_child
 from test_serve import TINY, _free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-7f3a"
 
 PIPELINE = TINY.replace("{max_queue}", "256").replace("{max_batch_size}", "16").replace("{timeout}", "5")
@@ -52,9 +52,7 @@ class Proc:
         self.port = _free_port()
         self.url = f"{scheme}://127.0.0.1:{self.port}{root}"
         self.lines: list[str] = []
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "serve", *args,
-                                      "--port", str(self.port)], stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                                     env={**os.environ, **(env or {})})
+        self.proc = agp_child("serve", *args, "--port", self.port, env={**os.environ, **(env or {})})
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
         self.client = httpx.Client(verify=verify, timeout=60)
@@ -559,15 +557,12 @@ def test_the_trace_is_written_at_shutdown(tmp_path, tiny_gguf):
 # ---------------------------------------------------------------- the command line
 
 def test_agp_version_and_the_usage_of_an_unknown_serve_flag():
-    v = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "--version"], capture_output=True, text=True,
-                       cwd=ROOT, timeout=60)
+    v = agp("--version")
     assert v.returncode == 0 and v.stdout.strip() == "agp 0.1.0"
     for command in ("serve", "run"):                 # as `vllm serve --version` answers
-        sv = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", command, "--version"], capture_output=True,
-                            text=True, cwd=ROOT, timeout=60)
+        sv = agp(command, "--version")
         assert (sv.returncode, sv.stdout) == (0, v.stdout)
-    bad = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "serve", "examples/chat.agp", "--max-num-seq",
-                          "4", "--bogus"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    bad = agp("serve", "examples/chat.agp", "--max-num-seq", "4", "--bogus")
     assert bad.returncode == 2
     assert "usage: agp serve" in bad.stderr and "unrecognized arguments: --bogus" in bad.stderr
 
@@ -579,17 +574,14 @@ def test_agp_version_and_the_usage_of_an_unknown_serve_flag():
     (["--root-path", "llm"], "--root-path must start with '/'"),
 ])
 def test_bad_serve_flags_exit_2_naming_the_flag(argv, message):
-    r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "serve", "examples/chat.agp", "--port", "0",
-                        *argv], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = agp("serve", "examples/chat.agp", "--port", "0", *argv)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
 def test_a_chat_template_that_does_not_parse_is_named_by_its_flag_and_line(tmp_path):
     # it said "chat_template: the model's chat template does not parse", once the model had loaded
     (tmp_path / "t.jinja").write_text("{% for m in messages %}\n{{ m.content }\n")
-    r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "serve", "examples/chat.agp", "--port", "0",
-                        "--chat-template", str(tmp_path / "t.jinja")], capture_output=True, text=True, cwd=ROOT,
-                       timeout=120)
+    r = agp("serve", "examples/chat.agp", "--port", "0", "--chat-template", tmp_path / "t.jinja")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"agp serve: error: --chat-template {tmp_path / 't.jinja'}: the template does not parse (line 2): " \
            "unexpected '}'" in r.stderr

@@ -1,7 +1,7 @@
-"""`agp run`'s error paths: ids are unique (a repeated id is an error record, and `--resume`
-answers every line exactly once), a failed write stops the run at once with a clear message,
-the summary and exit 1 (an output file deleted meanwhile too), and the input is read line by line with a length limit (a device such
-as /dev/zero is refused; an over-long line is an error record)."""
+"""`agp run`'s error paths: a failed write stops the run at once with a clear message, the
+summary and exit 1 (an output file deleted meanwhile too); the input is read line by line with a
+length limit (a device such as /dev/zero is refused; an over-long line is an error record).
+`--resume` and repeated ids: test_run_resume.py."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from clikit import AGP, ROOT, agp, agp_child, reaped
+
 
 PIPELINE = """pipeline tiny {{
     model  = "{model}"
@@ -41,62 +42,11 @@ def pipeline(tmp_path, tiny_gguf):
 
 
 def run(pipeline, *args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "--no-progress",
-                           "--threads", "1", *map(str, args)], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300, **kw)
+    return agp("run", pipeline, "--no-progress", "--threads", "1", *args, **kw)
 
 
 def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def test_a_repeated_id_is_an_error_record_and_resume_answers_every_line_once(tmp_path, pipeline):
-    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    inp.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"id": 2, "prompt": "c"}\n{"id": "x", "prompt": "d"}\n'
-                   '{"id": "x", "prompt": "e"}\n')
-    r = run(pipeline, "-i", inp, "-o", out)
-    assert r.returncode == 0, r.stderr
-    got = records(out)
-    assert [g["id"] for g in got] == [1, 2, 2, "x", "x"]
-    assert "text" in got[1] and "also the id of line 2" in got[2]["error"]["message"]
-    assert "text" in got[3] and "also the id of line 4" in got[4]["error"]["message"]
-    # cut after the second record (as a kill would): --resume answers lines 3-5 again, none skipped
-    out.write_text("".join(line + "\n" for line in out.read_text().splitlines()[:2]))
-    r = run(pipeline, "-i", inp, "-o", out, "--resume")
-    assert r.returncode == 0, r.stderr
-    assert [g["id"] for g in records(out)] == [1, 2, 2, "x", "x"] and "error" in records(out)[2]
-
-
-@pytest.mark.parametrize("kept, foreign, first", [
-    ('{"id": 1, "text": "a"}\nnot json at all\n', 1, 2),                              # a line of garbage
-    ('{"id": "other-1", "text": "x"}\n{"id": "other-2", "error": {"line": 2}}\n', 2, 1),  # another input's answers
-    ('{"id": 1, "text": "a"}\n{"id": 1, "text": "a"}\n{"id": 1, "text": "a"}\n', 1, 3),  # more records than lines
-    ('{"id": 3}\n', 1, 1),                                                            # an object, not a record
-])
-def test_resume_refuses_an_output_that_is_not_this_inputs_answers(tmp_path, pipeline, kept, foreign, first):
-    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    inp.write_text('{"prompt": "a"}\n{"id": 1, "prompt": "b"}\n{"prompt": "c"}\n')   # ids 1, 1 (an error), 3
-    out.write_text(kept)
-    r = run(pipeline, "-i", inp, "-o", out, "--resume")
-    assert r.returncode == 2, r.stderr
-    lines = "line is" if foreign == 1 else "lines are"
-    assert f"is not the output of {inp}: {foreign} {lines} no answer to its lines (the first: line {first})" in r.stderr
-    assert "--overwrite to start afresh" in r.stderr and "run summary" not in r.stderr   # before the model loads
-    assert out.read_text() == kept
-
-
-def test_resume_keeps_error_records_and_drops_a_cut_last_line(tmp_path, pipeline):
-    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    inp.write_text('{"id": "a", "prompt": "x"}\nnot json\n{"id": "b", "prmpt": "y"}\n{"id": "c", "prompt": "z"}\n')
-    r = run(pipeline, "-i", inp, "-o", out)
-    assert r.returncode == 0, r.stderr
-    first = records(out)
-    assert [g["id"] for g in first] == ["a", 2, "b", "c"] and "error" in first[1] and "error" in first[2]
-    out.write_text(out.read_text()[:-5])                # a kill while the last record was written
-    r = run(pipeline, "-i", inp, "-o", out, "--resume")
-    assert r.returncode == 0, r.stderr
-    assert "dropping an incomplete last line" in r.stderr
-    assert [g["id"] for g in records(out)] == ["a", 2, "b", "c"] and records(out)[:3] == first[:3]
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
@@ -138,10 +88,8 @@ def test_an_output_file_deleted_mid_run_stops_the_run_saying_the_answers_are_los
     inp, out = tmp_path / "in.jsonl", tmp_path / "outdir" / "out.jsonl"
     out.parent.mkdir()
     inp.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"hello {i}"}) + "\n" for i in range(12)))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "-i", str(inp), "-o",
-                             str(out), "--no-progress", "--threads", "1"], stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env={**os.environ, "AGP_TEST_OUT": str(out)})
-    try:
+    with reaped(agp_child("run", pipeline, "-i", inp, "-o", out, "--no-progress", "--threads", "1",
+                          env={**os.environ, "AGP_TEST_OUT": str(out)})) as proc:
         deadline = time.monotonic() + 120
         while not (out.exists() and out.read_text().count("\n") >= 2):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
@@ -150,10 +98,6 @@ def test_an_output_file_deleted_mid_run_stops_the_run_saying_the_answers_are_los
             f.unlink()
         out.parent.rmdir()
         err = proc.communicate(timeout=120)[1]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 1, err
     assert f"cannot write {out}: the file (or its folder) was deleted while the run wrote it" in err
     assert "run summary" in err and "Traceback" not in err
@@ -243,9 +187,7 @@ def test_a_thread_count_past_the_bound_is_an_error_not_a_crash(pipeline, tmp_pat
     """torch starts every asked thread at once: --threads 100000 ended the process with a
     segmentation fault (exit 139) after an internal error."""
     (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
-    r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "--no-progress",
-                        "--threads", "100000", "-i", str(tmp_path / "in.jsonl")],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = agp("run", pipeline, "--no-progress", "--threads", "100000", "-i", tmp_path / "in.jsonl")
     assert r.returncode == 2, r.stderr
     assert "threads must be between 1 and 1024" in r.stderr and "100000" in r.stderr
     assert r.stdout == ""
@@ -257,9 +199,8 @@ def test_answers_on_stdout_are_utf8_whatever_the_locale(pipeline, tmp_path):
     (tmp_path / "in.jsonl").write_text('{"id": "ü✓", "prompt": "héllo"}\n', encoding="utf-8")
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}
     env.pop("PYTHONIOENCODING", None)
-    r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "--no-progress",
-                        "--threads", "1", "-i", str(tmp_path / "in.jsonl")], capture_output=True, cwd=ROOT,
-                       timeout=300, env=env)
+    r = subprocess.run([*AGP, "run", str(pipeline), "--no-progress", "--threads", "1", "-i",
+                        str(tmp_path / "in.jsonl")], capture_output=True, cwd=ROOT, timeout=300, env=env)   # bytes
     assert r.returncode == 0, r.stderr.decode("utf-8", "replace")
     assert json.loads(r.stdout.decode("utf-8"))["id"] == "ü✓"
 
@@ -365,11 +306,10 @@ def test_answers_on_a_pipe_whose_reader_has_gone_stop_the_run_with_exit_1_and_no
     and writes its summary (stderr), exit 1, and nothing at exit complains of the closed pipe."""
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"id": i, "prompt": "hello", "max_tokens": 2}) + "\n" for i in range(20)))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "-i", str(inp),
-                             "--no-progress", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=ROOT)
-    proc.stdout.close()                                  # the reader is gone before the first answer
-    err = proc.communicate(timeout=300)[1]
+    with reaped(agp_child("run", pipeline, "-i", inp, "--no-progress", "--threads", "1",
+                          stdout=subprocess.PIPE)) as proc:
+        proc.stdout.close()                              # the reader is gone before the first answer
+        err = proc.communicate(timeout=300)[1]
     assert proc.returncode == 1, err
     assert "cannot write the output: Broken pipe" in err and "run summary" in err
     assert "Traceback" not in err and "Exception ignored" not in err
@@ -391,48 +331,6 @@ def test_agp_run_in_process_writes_its_answers_to_a_stdout_with_no_file_behind_i
     assert not buf.closed and [json.loads(line)["id"] for line in buf.getvalue().splitlines()] == ["a"]
 
 
-@pytest.mark.parametrize("change", ["input", "pipeline", "generation_config"])
-def test_resume_refuses_an_output_made_from_a_changed_input_or_pipeline(tmp_path, pipeline, change):
-    """The same ids are no proof of the same requests: a prompt or the pipeline changed since the
-    output was begun makes --resume exit 2 before the model loads, the output left as it is."""
-    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n')
-    r = run(pipeline, "-i", inp, "-o", out)
-    assert r.returncode == 0, r.stderr
-    kept = out.read_text().splitlines()[0] + "\n"
-    out.write_text(kept)                                  # as a kill after the first answer leaves it
-    same = run(pipeline, "-i", inp, "-o", out, "--resume")
-    assert same.returncode == 0, same.stderr
-    assert [g["id"] for g in records(out)] == ["a", "b"]
-    out.write_text(kept)
-    flags = []
-    if change == "input":
-        inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "another prompt"}\n')
-    elif change == "pipeline":
-        pipeline.write_text(pipeline.read_text().replace("max_new_tokens = 4", "max_new_tokens = 3"))
-    else:                                                 # the model's sampling defaults left out
-        flags = ["--generation-config", "vllm"]
-    r = run(pipeline, "-i", inp, "-o", out, "--resume", *flags)
-    assert r.returncode == 2, r.stderr
-    said = "input" if change == "input" else "pipeline"
-    assert f"{out} was made from another {said} than this run's" in r.stderr and "--overwrite" in r.stderr
-    assert "run summary" not in r.stderr and out.read_text() == kept
-    r = run(pipeline, "-i", inp, "-o", out, "--overwrite", *flags)  # starting afresh takes the new one
-    assert r.returncode == 0, r.stderr
-    assert run(pipeline, "-i", inp, "-o", out, "--resume", *flags).returncode == 0
-    out.write_text("")                    # killed before its first answer: nothing to mix, the next run's
-    inp.write_text('{"id": "a", "prompt": "x"}\n')
-    assert run(pipeline, "-i", inp, "-o", out, "--resume").returncode == 0
-    out.write_text("")
-    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n')
-    r = run(pipeline, "-i", inp, "-o", out, "--resume")            # the empty output took this input
-    assert r.returncode == 0, r.stderr
-    out.write_text(out.read_text().splitlines()[0] + "\n")
-    r = run(pipeline, "-i", inp, "-o", out, "--resume")
-    assert r.returncode == 0, r.stderr
-    assert [g["id"] for g in records(out)] == ["a", "b"]
-
-
 def test_a_missing_pipeline_with_an_output_file_is_check_s_error_not_a_write_error(tmp_path):
     """The output's fingerprint reads the pipeline file: one that is not there is reported as
     check reports it, exit 2, not as a failure to write the output."""
@@ -440,22 +338,6 @@ def test_a_missing_pipeline_with_an_output_file_is_check_s_error_not_a_write_err
     inp.write_text('{"id": "a", "prompt": "x"}\n')
     r = run(tmp_path / "nope.agp", "-i", inp, "-o", out)
     assert r.returncode == 2 and "file not found" in r.stderr and "cannot write" not in r.stderr, r.stderr
-
-
-def test_resume_takes_an_input_with_lines_appended_and_runs_only_those(tmp_path, pipeline):
-    """A batch file grown by lines added at its end is the same input, more of it: --resume answers
-    the new lines alone; the grown file is then the one a later --resume holds the output to."""
-    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n')
-    assert run(pipeline, "-i", inp, "-o", out).returncode == 0
-    before = out.read_text()
-    inp.write_text(inp.read_text() + '{"id": "c", "prompt": "z"}\n')
-    r = run(pipeline, "-i", inp, "-o", out, "--resume")
-    assert r.returncode == 0, r.stderr
-    assert out.read_text().startswith(before) and [g["id"] for g in records(out)] == ["a", "b", "c"]
-    inp.write_text(inp.read_text().replace('"y"', '"changed"') + '{"id": "d", "prompt": "w"}\n')
-    r = run(pipeline, "-i", inp, "-o", out, "--resume")          # a line changed before those appended
-    assert r.returncode == 2 and f"{out} was made from another input" in r.stderr
 
 
 def test_a_gzip_compressed_input_is_read_decompressed_and_a_cut_one_is_a_clear_error(tmp_path, pipeline):

@@ -7,7 +7,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import openai
 import pytest
 import uvicorn
 
+from clikit import agp, agp_child, reap, reaped
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
 from pipeline_dsl.flow import build_runtime
 from pipeline_dsl.serve import protocol as P
@@ -584,16 +584,13 @@ def start_agp_serve(*args: str, env: dict | None = None, tries: int = 5) -> tupl
     exits 2 ("cannot listen on"), and a fresh port is tried."""
     for attempt in range(tries):
         port = _free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "serve", *args, "--port", str(port)],
-                                stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+        proc = agp_child("serve", *args, "--port", port, env=env)
         url = f"http://127.0.0.1:{port}"
         try:
             wait_until_healthy(proc, url)
             return proc, url
         except AssertionError as e:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            reap(proc)
             if proc.returncode != 2 or "cannot listen on" not in str(e) or attempt == tries - 1:
                 raise
     raise AssertionError("unreachable")
@@ -603,7 +600,7 @@ def start_agp_serve(*args: str, env: dict | None = None, tries: int = 5) -> tupl
 def test_sigterm_finishes_in_flight_streams_and_exits_zero(tmp_path, tiny_gguf, sig):
     """SIGHUP too (uvicorn leaves it to its default action: the server died with 6 streams in flight)."""
     proc, url = start_agp_serve(str(_pipeline_file(tmp_path, tiny_gguf)))
-    try:
+    with reaped(proc):
         body = {"prompt": "hello", "max_tokens": 300, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
@@ -618,19 +615,13 @@ def test_sigterm_finishes_in_flight_streams_and_exits_zero(tmp_path, tiny_gguf, 
         assert proc.returncode == 0 and f"draining ({signal.Signals(sig).name})" in err, err
         with pytest.raises(httpx.TransportError):
             httpx.get(url + "/health", timeout=2)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_serve_command_reports_bad_input_without_traceback(tmp_path):
-    missing = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "serve", str(tmp_path / "nope.agp"),
-                              "--port", "0"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    missing = agp("serve", tmp_path / "nope.agp", "--port", "0")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "nope.agp" in missing.stderr
-    bad_port = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "serve", "examples/chat.agp",
-                               "--port", "70000"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    bad_port = agp("serve", "examples/chat.agp", "--port", "70000")
     assert bad_port.returncode == 2 and "--port must be between 0 and 65535" in bad_port.stderr
 
 

@@ -10,14 +10,14 @@ import json
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
+from clikit import agp_child, reaped
 from test_hostile import InFlight, held_pipeline, with_python_stage, write_pipeline
-from test_serve import ROOT, _free_port, _pipeline_file, start_agp_serve
+from test_serve import _free_port, _pipeline_file, start_agp_serve
 
 SLOW_IMPORT = """import pathlib, threading
 pathlib.Path(__file__).with_suffix(".loading").touch()     # the load has come this far
@@ -47,18 +47,12 @@ def test_a_signal_while_the_model_loads_stops_the_load_with_a_line_and_exit_0(tm
     pipeline = slow_loading_pipeline(tmp_path, tiny_gguf)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "serve", str(pipeline), "--port", str(port)],
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    try:
+    with reaped(agp_child("serve", pipeline, "--port", port)) as proc:
         wait_for_health(url, 503, "loading", proc)
         proc.send_signal(sig)
         time.sleep(0.2)
         proc.send_signal(sig)                  # a second one while it stops: no death by signal
         err = proc.communicate(timeout=60)[1]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 0, err
     assert f"{signal.Signals(sig).name} while loading the pipeline: stopped before serving" in err
     assert "Traceback" not in err
@@ -77,19 +71,13 @@ def test_agp_run_stopped_while_the_model_loads_says_so_and_exits_128_plus_the_si
     pipeline = slow_loading_pipeline(tmp_path, tiny_gguf)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text(json.dumps({"id": "a", "prompt": "hello", "max_tokens": 4}) + "\n")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "-i", str(inp),
-                             "-o", str(out), "--no-progress"], stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    try:
+    with reaped(agp_child("run", pipeline, "-i", inp, "-o", out, "--no-progress")) as proc:
         deadline = time.monotonic() + 120
         while not (tmp_path / "slowload.loading").exists():
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
             time.sleep(0.05)
         proc.send_signal(sig)
         err = proc.communicate(timeout=60)[1]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 128 + sig, err
     assert f"agp run: {signal.Signals(sig).name} while loading the pipeline: stopped before running" in err
     assert "Traceback" not in err and out.read_text() == ""
@@ -98,7 +86,7 @@ def test_agp_run_stopped_while_the_model_loads_says_so_and_exits_128_plus_the_si
 def test_a_second_signal_cuts_what_is_in_flight_with_an_answer_each_and_exit_1(tmp_path, tiny_gguf):
     # held answers (test_hostile.held_pipeline): all three are in flight when the signals come
     proc, url = start_agp_serve(str(held_pipeline(tmp_path, tiny_gguf)), "--threads", "1", "--drain-timeout", "600")
-    try:
+    with reaped(proc):
         held = InFlight(url, {"prompt": "hello", "max_tokens": 8, "ignore_eos": True}, streams=2, timeout=120)
         proc.send_signal(signal.SIGTERM)
         wait_for_health(url, 503, "draining", proc)           # the drain waits (up to 600 s) ...
@@ -116,10 +104,6 @@ def test_a_second_signal_cuts_what_is_in_flight_with_an_answer_each_and_exit_1(t
         proc.send_signal(signal.SIGTERM)                      # ... until the second signal
         held.join()
         err = proc.communicate(timeout=60)[1]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 1 and "cut 3 request(s)" in err, err
     assert "Traceback" not in err
     for lines in held.streams:
@@ -134,8 +118,7 @@ def test_a_body_still_arriving_at_sigterm_gets_a_json_503_at_once(tmp_path, tiny
     # 500 and a traceback in the log
     proc, url = start_agp_serve(str(_pipeline_file(tmp_path, tiny_gguf)), "--max-connections", "1")
     port = int(url.rsplit(":", 1)[1])
-    c = socket.create_connection(("127.0.0.1", port))
-    try:
+    with reaped(proc), socket.create_connection(("127.0.0.1", port)) as c:
         c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 100\r\n\r\n{\"prompt\": ")          # the rest never comes
         deadline = time.monotonic() + 60               # the request is in its handler: it takes the one slot
@@ -148,11 +131,6 @@ def test_a_body_still_arriving_at_sigterm_gets_a_json_503_at_once(tmp_path, tiny
         while chunk := c.recv(65536):
             answer += chunk
         err = proc.communicate(timeout=60)[1]
-    finally:
-        c.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503 ") and b"application/json" in head, answer[:300]
     assert "body was still arriving" in json.loads(body)["error"]["message"]

@@ -5,17 +5,15 @@ into `agp run`'s answers on stdout."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import flowkit
+from clikit import agp
 from flowkit import chain, chat, errors, run, write
 from pipeline_dsl.userfn import FunctionNotFound, function_info
 
-ROOT = Path(__file__).resolve().parents[1]
 
 HOOKS = '''
 CANNED = {"text": "I cannot help with that."}
@@ -157,8 +155,7 @@ def test_what_a_function_prints_goes_to_stderr_not_among_the_answers_on_stdout(t
                     '    request -> say -> batch -> encode -> kv -> gen -> out\n}\n')
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": "yo"}\n')
-    r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", str(path), "-i", str(inp), "--no-progress",
-                        "--threads", "1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = agp("run", path, "-i", inp, "--no-progress", "--threads", "1")
     assert r.returncode == 0, r.stderr
     records = [json.loads(line) for line in r.stdout.splitlines()]
     assert [rec["id"] for rec in records] == ["a", "b"] and all("text" in rec for rec in records)

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pipeline_dsl.commands.batch_api import BatchLine
-from pipeline_dsl.engine.config import time_per_output_token
-from pipeline_dsl.engine.engine import percentile
+from pipeline_dsl.engine.config import percentile, time_per_output_token
 from pipeline_dsl.requests_io import ParsedRequest
 from pipeline_dsl.serve.answers import offsets
 from pipeline_dsl.serve.protocol import completion_logprobs

@@ -229,6 +229,16 @@ class RequestOutput:                       # one per request touched by a step
     stop_reason: int | str | None = None   # finished by a stop string (it) or a stop_token_ids id (it); vLLM's
 
 
+def percentile(values, q: float) -> float | None:
+    """q-th percentile (0..100) by linear interpolation; None for no values."""
+    xs = sorted(values)
+    if not xs:
+        return None
+    k = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
 def time_per_output_token(decode_s: float, completion_tokens: int, choices: int = 1) -> float | None:
     """vLLM's TPOT of one request: its seconds from first token to last over the tokens after the
     first, the tokens of one choice (n choices are generated side by side: all their tokens would

@@ -17,7 +17,6 @@ again.
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import sys
@@ -31,7 +30,7 @@ import torch
 from pipeline_dsl.cliargs import env_switch
 
 from .compute import on_compute
-from .config import EngineConfig, RequestOutput, SamplingParams
+from .config import EngineConfig, RequestOutput, SamplingParams, percentile
 from .errors import ContextLengthError, InputError, QueueFullError, limit_setting, prompt_over_limit
 from .kv_cache import BlockManager, bytes_per_block, num_blocks_for_budget
 from .batch import ItemsRunner, StepBatch
@@ -42,16 +41,6 @@ from .scheduler import Scheduler, SchedulerOutput, Sequence
 from .tokenizer import open_final_message
 
 LATENCY_SAMPLES = 200_000  # most recent TTFT / per-token latencies kept for percentiles
-
-
-def percentile(values, q: float) -> float | None:
-    """q-th percentile (0..100) by linear interpolation; None for no values."""
-    xs = sorted(values)
-    if not xs:
-        return None
-    k = (len(xs) - 1) * q / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 class Engine:

@@ -1,0 +1,133 @@
+"""`agp run --resume`: an output is held to the input and pipeline it was made from (a repeated
+id, a cut last line, error records, lines appended to the input) and answers every line exactly
+once; an output that is not this input's answers is refused before the model loads."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from clikit import ROOT
+from test_run_errors import pipeline, records, run  # noqa: F401  (pipeline: a fixture)
+
+
+def test_a_repeated_id_is_an_error_record_and_resume_answers_every_line_once(tmp_path, pipeline):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"id": 2, "prompt": "c"}\n{"id": "x", "prompt": "d"}\n'
+                   '{"id": "x", "prompt": "e"}\n')
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    got = records(out)
+    assert [g["id"] for g in got] == [1, 2, 2, "x", "x"]
+    assert "text" in got[1] and "also the id of line 2" in got[2]["error"]["message"]
+    assert "text" in got[3] and "also the id of line 4" in got[4]["error"]["message"]
+    # cut after the second record (as a kill would): --resume answers lines 3-5 again, none skipped
+    out.write_text("".join(line + "\n" for line in out.read_text().splitlines()[:2]))
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert [g["id"] for g in records(out)] == [1, 2, 2, "x", "x"] and "error" in records(out)[2]
+
+
+@pytest.mark.parametrize("kept, foreign, first", [
+    ('{"id": 1, "text": "a"}\nnot json at all\n', 1, 2),                              # a line of garbage
+    ('{"id": "other-1", "text": "x"}\n{"id": "other-2", "error": {"line": 2}}\n', 2, 1),  # another input's answers
+    ('{"id": 1, "text": "a"}\n{"id": 1, "text": "a"}\n{"id": 1, "text": "a"}\n', 1, 3),  # more records than lines
+    ('{"id": 3}\n', 1, 1),                                                            # an object, not a record
+])
+def test_resume_refuses_an_output_that_is_not_this_inputs_answers(tmp_path, pipeline, kept, foreign, first):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"prompt": "a"}\n{"id": 1, "prompt": "b"}\n{"prompt": "c"}\n')   # ids 1, 1 (an error), 3
+    out.write_text(kept)
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")
+    assert r.returncode == 2, r.stderr
+    lines = "line is" if foreign == 1 else "lines are"
+    assert f"is not the output of {inp}: {foreign} {lines} no answer to its lines (the first: line {first})" in r.stderr
+    assert "--overwrite to start afresh" in r.stderr and "run summary" not in r.stderr   # before the model loads
+    assert out.read_text() == kept
+
+
+def test_a_refused_resume_loads_no_torch(tmp_path, pipeline):
+    """The output is held to the input before the engine's libraries load: the refusal comes at
+    once (it waited for torch to import, seconds on a busy machine)."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"prompt": "a"}\n')
+    out.write_text("not json at all\n")
+    code = ("import sys; from pipeline_dsl.cli import main; rc = main(sys.argv[1:]);"
+            "assert 'torch' not in sys.modules, 'agp run imported torch'; sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, "run", str(pipeline), "-i", str(inp), "-o", str(out), "--resume"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and f"is not the output of {inp}" in r.stderr, r.stderr
+
+
+def test_resume_keeps_error_records_and_drops_a_cut_last_line(tmp_path, pipeline):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"id": "a", "prompt": "x"}\nnot json\n{"id": "b", "prmpt": "y"}\n{"id": "c", "prompt": "z"}\n')
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    first = records(out)
+    assert [g["id"] for g in first] == ["a", 2, "b", "c"] and "error" in first[1] and "error" in first[2]
+    out.write_text(out.read_text()[:-5])                # a kill while the last record was written
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "dropping an incomplete last line" in r.stderr
+    assert [g["id"] for g in records(out)] == ["a", 2, "b", "c"] and records(out)[:3] == first[:3]
+
+
+@pytest.mark.parametrize("change", ["input", "pipeline", "generation_config"])
+def test_resume_refuses_an_output_made_from_a_changed_input_or_pipeline(tmp_path, pipeline, change):
+    """The same ids are no proof of the same requests: a prompt or the pipeline changed since the
+    output was begun makes --resume exit 2 before the model loads, the output left as it is."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n')
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    kept = out.read_text().splitlines()[0] + "\n"
+    out.write_text(kept)                                  # as a kill after the first answer leaves it
+    same = run(pipeline, "-i", inp, "-o", out, "--resume")
+    assert same.returncode == 0, same.stderr
+    assert [g["id"] for g in records(out)] == ["a", "b"]
+    out.write_text(kept)
+    flags = []
+    if change == "input":
+        inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "another prompt"}\n')
+    elif change == "pipeline":
+        pipeline.write_text(pipeline.read_text().replace("max_new_tokens = 4", "max_new_tokens = 3"))
+    else:                                                 # the model's sampling defaults left out
+        flags = ["--generation-config", "vllm"]
+    r = run(pipeline, "-i", inp, "-o", out, "--resume", *flags)
+    assert r.returncode == 2, r.stderr
+    said = "input" if change == "input" else "pipeline"
+    assert f"{out} was made from another {said} than this run's" in r.stderr and "--overwrite" in r.stderr
+    assert "run summary" not in r.stderr and out.read_text() == kept
+    r = run(pipeline, "-i", inp, "-o", out, "--overwrite", *flags)  # starting afresh takes the new one
+    assert r.returncode == 0, r.stderr
+    assert run(pipeline, "-i", inp, "-o", out, "--resume", *flags).returncode == 0
+    out.write_text("")                    # killed before its first answer: nothing to mix, the next run's
+    inp.write_text('{"id": "a", "prompt": "x"}\n')
+    assert run(pipeline, "-i", inp, "-o", out, "--resume").returncode == 0
+    out.write_text("")
+    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n')
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")            # the empty output took this input
+    assert r.returncode == 0, r.stderr
+    out.write_text(out.read_text().splitlines()[0] + "\n")
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert [g["id"] for g in records(out)] == ["a", "b"]
+
+
+def test_resume_takes_an_input_with_lines_appended_and_runs_only_those(tmp_path, pipeline):
+    """A batch file grown by lines added at its end is the same input, more of it: --resume answers
+    the new lines alone; the grown file is then the one a later --resume holds the output to."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n')
+    assert run(pipeline, "-i", inp, "-o", out).returncode == 0
+    before = out.read_text()
+    inp.write_text(inp.read_text() + '{"id": "c", "prompt": "z"}\n')
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert out.read_text().startswith(before) and [g["id"] for g in records(out)] == ["a", "b", "c"]
+    inp.write_text(inp.read_text().replace('"y"', '"changed"') + '{"id": "d", "prompt": "w"}\n')
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")          # a line changed before those appended
+    assert r.returncode == 2 and f"{out} was made from another input" in r.stderr
+
