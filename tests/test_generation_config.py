@@ -7,16 +7,14 @@ stops the load with the file and key named."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from pipeline_dsl.engine.errors import ModelFileError
 from pipeline_dsl.engine.models import generation_defaults, resolve_model
 from pipeline_dsl.flow import build_runtime
+import clikit
 from test_model_families import gguf_as_hf_folder
-from test_run import ROOT
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -124,9 +122,7 @@ def test_agp_run_lines_take_the_defaults_and_the_flag(tmp_path, folder):
         {"id": "own", "prompt": "the cat", "ignore_eos": True, "max_tokens": 2})) + "\n")
 
     def run(*flags):
-        proc = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", agp, "-i", str(inp), "-o", str(out),
-                               "--overwrite", "--threads", "1", "--no-progress", *flags],
-                              capture_output=True, text=True, cwd=ROOT, timeout=300)
+        proc = clikit.agp("run", agp, "-i", inp, "-o", out, "--overwrite", "--threads", "1", "--no-progress", *flags)
         return proc, {r["id"]: r for r in map(json.loads, out.read_text().splitlines())} if proc.returncode == 0 \
             else None
 

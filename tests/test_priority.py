@@ -6,12 +6,8 @@ responses, and a non-zero one is refused where the engine schedules fcfs."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
-import openai
 import pytest
 
 from pipeline_dsl.engine import EngineConfig, InputError, SamplingParams
@@ -19,10 +15,10 @@ from pipeline_dsl.engine.kv_cache import BlockManager
 from pipeline_dsl.engine.scheduler import Scheduler, Sequence
 from pipeline_dsl.requests_io import RequestError, parse_request
 from pipeline_dsl.serve import protocol as P
+from clikit import agp
 from test_engine import run_all, toy_engine
 from test_scheduler import Clock, run_step
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def make(policy="priority", num_blocks=64, block_size=4, **cfg):
@@ -228,9 +224,7 @@ def agp_run(tmp_path, model, extra, lines, text=PIPELINE):
     pipeline, inp, out = tmp_path / "p.agp", tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     pipeline.write_text(text.format(model=model, extra=extra))
     inp.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "-i", str(inp), "-o",
-                        str(out), "--overwrite", "--no-progress", "--threads", "1"], capture_output=True, text=True, cwd=ROOT,
-                       timeout=300)
+    r = agp("run", pipeline, "-i", inp, "-o", out, "--overwrite", "--no-progress", "--threads", "1")
     return r, {rec["id"]: rec for rec in map(json.loads, out.read_text().splitlines())}
 
 

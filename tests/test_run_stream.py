@@ -14,6 +14,7 @@ import time
 import zlib
 from pathlib import Path
 
+from clikit import reaped
 from test_run_errors import ROOT, pipeline, records, run  # noqa: F401  (pipeline: a fixture)
 
 
@@ -40,50 +41,35 @@ def finish(proc: subprocess.Popen, last: bytes) -> str:
 
 def test_an_answer_is_written_before_the_input_pipe_is_closed(tmp_path, pipeline):
     out = tmp_path / "out.jsonl"
-    proc = start(pipeline, "-o", out)
-    try:
+    with reaped(start(pipeline, "-o", out)) as proc:
         proc.stdin.write(b'{"id": "first", "prompt": "hello", "max_tokens": 2}\n')
         proc.stdin.flush()
         (got,) = wait_for_lines(out, 1, proc)            # the pipe is still open: more may come
         assert got["id"] == "first" and "text" in got
         err = finish(proc, b'{"id": "second", "prompt": "again", "max_tokens": 2}\n')
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     assert [g["id"] for g in records(out)] == ["first", "second"]
 
 
 def test_answers_on_stdout_come_before_the_input_pipe_is_closed(tmp_path, pipeline):
-    proc = start(pipeline)
-    try:
+    with reaped(start(pipeline)) as proc:
         proc.stdin.write(b'{"id": "a", "prompt": "hello", "max_tokens": 2}\n')
         proc.stdin.flush()
         ready, _, _ = select.select([proc.stdout], [], [], 120)    # the input is still open meanwhile
         assert ready, "no answer on stdout within 120 s"
         assert json.loads(proc.stdout.readline())["id"] == "a"
         err = finish(proc, b"")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
 
 
 def test_a_malformed_line_later_in_a_stream_is_an_error_record_with_its_line_number(tmp_path, pipeline):
     out = tmp_path / "out.jsonl"
-    proc = start(pipeline, "-o", out)
-    try:
+    with reaped(start(pipeline, "-o", out)) as proc:
         proc.stdin.write(b'{"id": "a", "prompt": "one", "max_tokens": 2}\n\n{"id": "b", "prompt": "two", '
                          b'"max_tokens": 2}\n')
         proc.stdin.flush()
         wait_for_lines(out, 2, proc)                      # the answers so far, written
         err = finish(proc, b'{"id": "c", "prompt": \n{"id": "d", "prompt": "four", "max_tokens": 2}\n')
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     got = records(out)
     assert [g["id"] for g in got] == ["a", "b", 4, "d"]
@@ -94,18 +80,13 @@ def test_a_malformed_line_later_in_a_stream_is_an_error_record_with_its_line_num
 
 def test_a_gzip_compressed_stream_is_answered_as_it_comes(tmp_path, pipeline):
     out = tmp_path / "out.jsonl"
-    proc = start(pipeline, "-o", out)
     packer = zlib.compressobj(wbits=31)                  # gzip
-    try:
+    with reaped(start(pipeline, "-o", out)) as proc:
         proc.stdin.write(packer.compress(b'{"id": "z1", "prompt": "hello", "max_tokens": 2}\n')
                          + packer.flush(zlib.Z_SYNC_FLUSH))
         proc.stdin.flush()
         assert [g["id"] for g in wait_for_lines(out, 1, proc)] == ["z1"]
         err = finish(proc, packer.compress(b'{"id": "z2", "prompt": "again", "max_tokens": 2}\n') + packer.flush())
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err
     assert [g["id"] for g in records(out)] == ["z1", "z2"]
 
@@ -129,17 +110,12 @@ def test_a_stream_killed_midway_is_resumed_from_a_file_of_the_same_lines(tmp_pat
     --resume over the whole input checks those lines and answers only the rest."""
     lines = [json.dumps({"id": f"q{i}", "prompt": f"hello {i}", "max_tokens": 2}) + "\n" for i in range(5)]
     out = tmp_path / "out.jsonl"
-    proc = start(pipeline, "-o", out)
-    try:
+    with reaped(start(pipeline, "-o", out)) as proc:
         proc.stdin.write("".join(lines[:2]).encode())
         proc.stdin.flush()
         wait_for_lines(out, 2, proc)
         proc.kill()
         proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert json.loads((tmp_path / "out.jsonl.agp-run").read_text())["input_lines"] == 2
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(lines))

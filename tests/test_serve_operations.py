@@ -2,7 +2,6 @@
 probes. Each test drives a real server (tiny model) and asserts what it logs, counts or answers."""
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import sys
@@ -21,14 +20,17 @@ def live(tiny_gguf):
     s.close()
 
 
-class AccessLines:
-    """The agp.access records while in use."""
+class LogRecords:
+    """The records of one logger (agp.access unless told) while in use, at INFO and up."""
+
+    def __init__(self, name: str = "agp.access"):
+        self.name = name
 
     def __enter__(self):
         self.records = []
         self.handler = logging.Handler()
         self.handler.emit = self.records.append
-        self.logger = logging.getLogger("agp.access")
+        self.logger = logging.getLogger(self.name)
         self.logger.addHandler(self.handler)
         self.level = self.logger.level
         self.logger.setLevel(logging.INFO)          # setLevel: it clears the loggers' cached levels
@@ -57,7 +59,7 @@ KEY = {"Authorization": "Bearer k1"}
     ("/v1/responses", {"input": "hello"}),
 ])
 def test_a_stream_read_to_its_end_is_logged_200_not_499(live, path, fields):
-    with AccessLines() as lines:
+    with LogRecords() as lines:
         for _ in range(3):
             with httpx.stream("POST", live.url + path, headers=KEY, timeout=60,
                               json={"model": "tiny", **fields, "stream": True}) as r:
@@ -106,23 +108,14 @@ def test_requests_the_guard_refuses_are_counted_by_status(live):
 def test_an_error_answer_is_logged_with_its_request_id(live):
     """The line that gives an error's reason carries the request's id, as its access line does,
     so the id a client reports finds why it was refused."""
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    log = logging.getLogger("agp.serve")
-    log.addHandler(handler)
-    level = log.level
-    log.setLevel(logging.INFO)
-    try:
+    with LogRecords("agp.serve") as log:
         r = httpx.post(live.url + "/v1/completions", headers={**KEY, "X-Request-Id": "op-bad-1"},
                        json={"model": "tiny", "prompt": "hi", "max_tokens": "ten"})
         assert r.status_code == 400 and r.headers["x-request-id"] == "op-bad-1"
         r = httpx.post(live.url + "/v1/chat/completions", headers={"X-Request-Id": "op-nokey-1"},
                        json={"model": "tiny", "messages": []})
         assert r.status_code == 401
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
+    records = log.records
     reasons = {r.request_id: r for r in records if getattr(r, "reason", None)}
     assert reasons["op-bad-1"].status == 400 and "max_tokens" in reasons["op-bad-1"].getMessage()
     assert reasons["op-bad-1"].getMessage().endswith("id=op-bad-1")
@@ -143,20 +136,11 @@ def test_the_access_line_brackets_an_ipv6_client_so_its_port_can_be_told_apart()
     async def ignore(message):
         pass
 
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    log = logging.getLogger("agp.access")
-    log.addHandler(handler)
-    level = log.level
-    log.setLevel(logging.INFO)
-    try:
+    with LogRecords() as log:
         for client in (("::1", 50412), ("::ffff:10.0.0.7", 50413), ("10.0.0.7", 50414)):
             scope = {"type": "http", "method": "GET", "path": "/health", "headers": [], "client": client}
             asyncio.run(Access(app)(scope, None, ignore))
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
+    records = log.records
     assert [r.client for r in records] == ["[::1]:50412", "[::ffff:10.0.0.7]:50413", "10.0.0.7:50414"]
     assert records[0].getMessage().startswith('[::1]:50412 "GET /health HTTP/1.1" 204')
 
@@ -166,7 +150,7 @@ def test_quiet_paths_log_no_success_but_every_other_request(tiny_gguf):
     and a scraper's polls write no access line, other requests do, as under --root-path."""
     s = LiveServer(tiny_gguf, quiet_paths=("/health", "/metrics"), root_path="/llm")
     try:
-        with AccessLines() as lines:
+        with LogRecords() as lines:
             for path in ("/health", "/metrics", "/llm/health", "/health?probe=1", "/v1/models", "/version"):
                 assert httpx.get(s.url + path).status_code == 200
             assert lines.statuses("/version", 1) == [200]

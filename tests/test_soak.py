@@ -25,7 +25,7 @@ import threading
 import httpx
 import pytest
 
-from test_serve import LiveServer
+from test_serve import TINY, LiveServer
 from tiny_model import write_tiny_gguf
 
 SEED = 3
@@ -33,22 +33,8 @@ REQUESTS = 90
 CONCURRENCY = 16
 CONTEXT = 512
 
-PIPELINE = """pipeline tiny {{
-    model  = "{model}"
-    device = cpu
-    dtype  = fp32
-    stage request : requests      {{}}
-    stage batch   : dynamic_batch {{ max_batch_size = 8  timeout = 5ms }}
-    stage encode  : encode        {{}}
-    stage kv      : kv_lookup     {{ block_size = 8  budget = 256KiB }}
-    stage gen     : generate      {{ max_new_tokens = 16 }}
-    stage out     : respond       {{}}
-    request -> batch
-    batch -> encode when full
-    batch -> encode when timeout
-    encode -> kv -> gen -> out
-}}
-"""
+# the live server's pipeline (test_serve.TINY) on a KV pool of 64 blocks (CONTEXT tokens): preemption
+PIPELINE = TINY.replace("budget = 1MiB", "budget = 256KiB")
 
 WORDS = "the cat sat on the mat and hello world is of us at it in an".split()
 PREFIXES = ("You are a careful assistant. Answer briefly. ", "the cat and the world and the sea " * 3, "")
@@ -61,7 +47,7 @@ def server(tmp_path_factory):
     model = write_tiny_gguf(tmp_path_factory.mktemp("models") / "soft.gguf", embed_scale=0.2)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AGP_BATCH_INVARIANT", "1")
-        s = LiveServer(model, text=PIPELINE.format(model=model))
+        s = LiveServer(model, text=PIPELINE.format(model=model, max_queue=1024, max_batch_size=8, timeout=5))
     yield s
     s.close()
 

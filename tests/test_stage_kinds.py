@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import pipeline_dsl
+from clikit import agp
 from flowkit import errors, run, runtime, write
 from stages import registry
 
@@ -145,8 +146,7 @@ def body(kind: str) -> str:
 
 def cli(root: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(ROOT)]), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=300)
+    return agp(*args, env=env, cwd=cwd)
 
 
 def test_check_finds_a_kinds_impl_that_its_package_does_not_have(installed, tmp_path, tiny_gguf):

@@ -11,30 +11,24 @@ client and raw HTTP) and `agp run` request lines, on the tiny model with spread 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import httpx
 import openai
 import pytest
 
+import clikit
+import test_vllm_token_fields as token_fields
 from test_bad_words import holds, vllm_sequences
-from test_run import ROOT, write_pipeline
+from test_run import write_pipeline
 from test_serve import LiveServer
+from test_vllm_token_fields import server  # noqa: F401  (a fixture: the live server on the soft model)
 
 USER = [{"role": "user", "content": "the cat and the world"}]
 SEEDED = dict(max_tokens=30, temperature=1.0, seed=1)
 
 
-@pytest.fixture(scope="module")
-def server(soft_gguf):
-    s = LiveServer(soft_gguf)
-    yield s
-    s.close()
-
-
 def post(server, route: str, body: dict) -> httpx.Response:
-    return httpx.post(server.url + route, json={"model": "tiny", **body}, timeout=120)
+    return token_fields.post(server, route, {"model": "tiny", **body})
 
 
 def events(server, route: str, body: dict) -> list[dict]:
@@ -169,9 +163,7 @@ def test_agp_run_lines_take_the_same_fields(tmp_path, soft_gguf):
 
     def run():
         inp.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-        proc = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "run", str(agp), "-i", str(inp), "-o",
-                               str(out), "--overwrite", "--threads", "1", "--no-progress"],
-                              capture_output=True, text=True, cwd=ROOT, timeout=300)
+        proc = clikit.agp("run", agp, "-i", inp, "-o", out, "--overwrite", "--threads", "1", "--no-progress")
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
         return {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
 
