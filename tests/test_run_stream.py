@@ -14,7 +14,7 @@ import time
 import zlib
 from pathlib import Path
 
-from clikit import reaped
+from clikit import agp, reaped
 from test_run_errors import ROOT, pipeline, records, run  # noqa: F401  (pipeline: a fixture)
 
 
@@ -126,3 +126,14 @@ def test_a_stream_killed_midway_is_resumed_from_a_file_of_the_same_lines(tmp_pat
     inp.write_text("".join(lines).replace("hello 1", "edited"))
     r = run(pipeline, "-i", inp, "-o", out, "--resume")
     assert r.returncode == 2 and f"{out} was made from another input" in r.stderr
+
+
+def test_the_progress_of_a_streamed_input_counts_answers_without_a_total(tmp_path, pipeline):
+    """A streamed input's length is unknown: the progress line counts the answers with no total
+    (tqdm refuses bool() of such a bar: every run with progress on failed as an internal error)."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": "hi", "max_tokens": 1}) + "\n" for i in range(3)))
+    r = agp("run", pipeline, "--threads", "1", "-i", inp, "-o", out)         # progress on, off a terminal
+    assert r.returncode == 0, r.stderr
+    assert [g["id"] for g in records(out)] == [0, 1, 2]
+    assert "3req" in r.stderr.replace(" ", "") and "internal error" not in r.stderr

@@ -168,7 +168,7 @@ def run_pipeline(runtime, requests: Iterable[RunRequest], *, on_done: Callable[[
         result = req.result(results)
         tally.add(result)
         on_done(req.slot, req.answer(result, runtime))
-        if bar:
+        if bar is not None:
             with lock:
                 completion += result.usage.get("completion_tokens", 0)
                 # shown with the count, at the bar's pace (a refresh per answer filled a log)
@@ -177,7 +177,7 @@ def run_pipeline(runtime, requests: Iterable[RunRequest], *, on_done: Callable[[
 
     runtime.run_all(items(), on_result=done, stop=stop, keep_results=False)
     wall = time.perf_counter() - t0
-    if bar:
+    if bar is not None:
         bar.close()
     never = list(taken.values())            # taken, never answered nor cut (a line's prompts not all started)
     for r in never:
