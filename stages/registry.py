@@ -101,14 +101,17 @@ class Registry:
         return [self._kinds[n] for n in self.names()]
 
 
+# the language's reserved words, never a name in a pipeline: the grammar's (pipeline_dsl.parser.keywords(),
+# a layer above this one; tests/test_stage_kinds.py holds the two equal)
+RESERVED_WORDS = frozenset({"and", "false", "not", "on", "or", "otherwise", "pipeline", "stage", "true", "use", "when"})
+
+
 def _schema_problem(kind: StageKind) -> str | None:
     """What makes a plug-in's kind unusable, in words: a name no pipeline can write, a resource
     the planner does not know, a default its own parameter refuses. None when it is sound."""
     import re
 
-    from pipeline_dsl.parser import keywords
-
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", kind.name) or kind.name in keywords():
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", kind.name) or kind.name in RESERVED_WORDS:
         return f"'{kind.name}' is not a name a pipeline can write (a word of letters, digits and _, not a keyword)"
     if kind.resource not in RESOURCES:
         return f"its resource '{kind.resource}' is none of {', '.join(RESOURCES)}"

@@ -318,6 +318,14 @@ def test_a_kinds_parameters_are_held_to_their_types_and_bounds(installed, tmp_pa
     assert errors(path) == []
 
 
+def test_the_registry_knows_the_grammars_reserved_words():
+    """The registry refuses a kind named as a reserved word without importing the parser (a layer
+    above it): its copy of the words is the grammar's."""
+    from pipeline_dsl.parser import keywords
+
+    assert registry.RESERVED_WORDS == keywords()
+
+
 def test_a_kind_whose_schema_no_pipeline_can_use_is_refused_with_the_reason(tmp_path, monkeypatch):
     """A name no pipeline can write (a space, a keyword), a resource the planner does not know, a
     default its own parameter refuses: such a kind is not registered, and `agp stages` says why;
