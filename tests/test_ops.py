@@ -18,7 +18,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from clikit import agp, agp_child
+from clikit import ROOT, agp, agp_child
 from test_serve import TINY, _free_port
 
 KEY = "sk-test-7f3a"
@@ -397,8 +397,7 @@ def test_with_json_logs_a_start_that_fails_says_why_in_a_json_record(tmp_path):
                             f"cannot listen on [::1]:{port6}"),
                            ([str(tmp_path / "bad.agp"), "--port", "0"], "nosuchkind")):
             for fmt in ("json", "text"):
-                r = subprocess.run([sys.executable, "-m", "pipeline_dsl.cli", "serve", *argv, "--log-format", fmt],
-                                   capture_output=True, text=True, cwd=ROOT, timeout=120)
+                r = agp("serve", *argv, "--log-format", fmt, timeout=120)
                 assert r.returncode == 2 and said in r.stderr, r.stderr
                 if fmt == "text":
                     assert not r.stderr.startswith("{") and "Traceback" not in r.stderr
