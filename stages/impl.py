@@ -174,10 +174,13 @@ class Join:
             self.is_async = callable_shape(self.fn) == "coroutine"
             self.policy = "fn"
 
-    def merge(self, items: list[dict]) -> dict:
-        """`items`: in arrival order for `first`, else in branch order; returns the merged result."""
+    def merge(self, items: list[dict], awaited=None) -> dict:
+        """`items`: in arrival order for `first`, else in branch order; returns the merged result.
+        `awaited(value)`: what a plain fn returned, awaited where it is an awaitable (a decorated
+        `async def`'s coroutine), as the runtime awaits a python stage's."""
         if self.policy == "fn":
-            return self._picked(items, self.fn([dict(i) for i in items]))
+            out = self.fn([dict(i) for i in items])
+            return self._picked(items, awaited(out) if awaited is not None else out)
         if self.policy == "longest":
             return max(items, key=lambda i: len(i.get("text") or ""))      # ties: the earliest branch
         if self.policy == "majority":

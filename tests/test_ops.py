@@ -409,6 +409,20 @@ def test_with_json_logs_a_start_that_fails_says_why_in_a_json_record(tmp_path):
         held6.close()
 
 
+def test_why_a_start_failed_is_written_whatever_the_log_level(tmp_path):
+    """--log-level critical keeps the ERROR records out, but not the one saying why the server
+    did not start: exit 2 with nothing on stderr left the operator guessing. Text logs write it
+    as a bare line at any level; JSON logs as their ERROR record."""
+    (tmp_path / "bad.agp").write_text("pipeline p {\n    stage a : nosuchkind {}\n}\n")
+    for fmt in ("json", "text"):
+        r = agp("serve", tmp_path / "bad.agp", "--port", "0", "--log-format", fmt, "--log-level", "critical",
+                timeout=120)
+        assert r.returncode == 2 and "nosuchkind" in r.stderr, (fmt, r.stderr)
+        if fmt == "json":
+            record = json.loads(r.stderr.splitlines()[-1])
+            assert record["level"] == "ERROR" and "nosuchkind" in record["message"]
+
+
 def test_a_text_log_line_is_one_line_whatever_a_client_put_in_its_reason(monkeypatch):
     """A 404's reason quotes the request's `model`: `"model": "m\\nFORGED INFO agp.access: …"`
     wrote a second line to the text log, one the client chose (an escape sequence reached the

@@ -2,7 +2,7 @@
 admits waiting requests by their `priority` (lower first, ties by arrival), preempts the running
 sequence of the highest value when blocks run out, and leaves fcfs as it was; a request's
 priority reaches the engine from `agp run` lines and `agp serve`'s chat, completions and
-responses, and a non-zero one is refused where the engine schedules fcfs."""
+responses (and embeddings), and a non-zero one is refused where the engine schedules fcfs."""
 from __future__ import annotations
 
 import json
@@ -296,15 +296,36 @@ def test_serve_answers_prioritised_chat_completions_and_responses_alike(servers)
     assert r.json()["output"][0]["content"] == plain.json()["output"][0]["content"]
 
 
+def test_serve_takes_priority_on_embeddings_as_vllm_does(servers):
+    """vLLM's embeddings requests carry `priority` too: a batch job's embeddings wait behind chat."""
+    fcfs, by_priority = servers
+    body = {"model": "tiny", "input": ["hello", "the cat sat"]}
+    plain = httpx.post(fcfs.url + "/v1/embeddings", json=body, timeout=60)
+    assert plain.status_code == 200, plain.text
+    for p in (-5, 0, 7):
+        r = httpx.post(by_priority.url + "/v1/embeddings", json={**body, "priority": p}, timeout=60)
+        assert r.status_code == 200, r.text
+        for got, want in zip(r.json()["data"], plain.json()["data"], strict=True):
+            assert got["embedding"] == pytest.approx(want["embedding"], abs=1e-5)
+    r = httpx.post(fcfs.url + "/v1/embeddings", json={**body, "priority": 0}, timeout=60)
+    assert r.status_code == 200, r.text
+    r = httpx.post(by_priority.url + "/v1/embeddings", json={**body, "priority": "high"}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "priority", r.text
+
+
 @pytest.mark.parametrize("path, body", [
     ("/v1/chat/completions", {"messages": USER}),
     ("/v1/completions", {"prompt": "hello"}),
     ("/v1/responses", {"input": "hello"}),
+    ("/v1/embeddings", {"input": "hello"}),
 ])
 @pytest.mark.parametrize("stream", [False, True])
 def test_serve_refuses_a_non_zero_priority_when_it_schedules_fcfs(servers, path, body, stream):
     fcfs, _ = servers
-    r = httpx.post(fcfs.url + path, json={"model": "tiny", **body, "priority": 1, "stream": stream}, timeout=60)
+    if path == "/v1/embeddings" and stream:
+        pytest.skip("embeddings are not streamed")
+    r = httpx.post(fcfs.url + path, json={"model": "tiny", **body, "priority": 1,
+                                          **({"stream": stream} if path != "/v1/embeddings" else {})}, timeout=60)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == "priority" and "'priority' = 1 needs priority scheduling" in error["message"]

@@ -91,6 +91,21 @@ def test_a_gzip_compressed_stream_is_answered_as_it_comes(tmp_path, pipeline):
     assert [g["id"] for g in records(out)] == ["z1", "z2"]
 
 
+def test_a_gzip_stream_whose_first_write_is_one_byte_is_still_read_decompressed(tmp_path, pipeline):
+    """The gzip magic is two bytes; a pipe's first read may hold only the first (a producer that
+    writes byte by byte, a network stream split there): the stream was then taken for text and
+    refused as not JSON Lines."""
+    packed = gzip.compress(b'{"id": "z1", "prompt": "hello", "max_tokens": 2}\n')
+    out = tmp_path / "out.jsonl"
+    with reaped(start(pipeline, "-o", out)) as proc:
+        proc.stdin.write(packed[:1])
+        proc.stdin.flush()
+        time.sleep(1.0)                                   # read alone, before the rest is written
+        err = finish(proc, packed[1:])
+    assert proc.returncode == 0, err
+    assert [g["id"] for g in records(out)] == ["z1"]
+
+
 def test_an_input_cut_short_keeps_the_answers_before_it_and_says_after_which_line(tmp_path, pipeline):
     lines = "".join(json.dumps({"id": f"r{i}", "prompt": f"p{i} " + "x" * 4000, "max_tokens": 1}) + "\n"
                     for i in range(60))

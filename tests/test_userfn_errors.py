@@ -268,3 +268,25 @@ def test_a_decorated_async_fn_is_cancelled_at_its_timeout(tmp_path, soft_gguf):
             break
         time.sleep(0.1)
     assert rt.stats()["stages"]["g"]["stuck"] == 0
+
+
+DECORATED_ASYNC_JOIN = DECORATED_ASYNC + '''
+@logged
+async def pick(results):
+    if results[0]["request"].get("metadata", {}).get("slow"):
+        await asyncio.sleep(60)
+    return len(results) - 1
+'''
+
+
+def test_a_decorated_async_join_fn_is_awaited_as_a_python_stages_is(tmp_path, soft_gguf):
+    """A join's fn wrapped by a sync decorator hands back a coroutine: it is awaited on the join's
+    own loop (not taken for the result) and cancelled at the join's timeout, as a python stage's."""
+    path = write(tmp_path, soft_gguf, 'stage request : requests {}\n'
+                 'stage gen : generate { max_new_tokens = 3  n = 2 }\n'
+                 'stage pick : join { fn = "hooks:pick"  timeout = 200ms }\nstage out : respond {}\n'
+                 "request -> batch\ngen -> pick -> out\n" + chain(), hooks=DECORATED_ASYNC_JOIN)
+    results, _ = run(path, [chat("ok", "yo"), chat("slow", "hi", metadata={"slow": True})], hang_s=30)
+    by = {r.id: r for r in results}
+    assert by["ok"].ok, by["ok"].error
+    assert by["slow"].error.kind == "timeout" and by["slow"].error.stage == "pick"

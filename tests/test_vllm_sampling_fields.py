@@ -205,5 +205,17 @@ def test_the_servers_return_tokens_as_token_ids_flag_is_the_default_a_request_ma
         assert not any(e["token"].startswith("token_id:") for e in plain["logprobs"]["content"])
         done = s.client.completions.create(model="tiny", prompt="the cat", max_tokens=3, logprobs=0)
         assert all(t.startswith("token_id:") for t in done.choices[0].logprobs.tokens)
+        # the Responses API has no field for it: the flag names its logprobs, whole and streamed
+        asked = {"input": "the cat", "max_output_tokens": 3, "include": ["message.output_text.logprobs"],
+                 "top_logprobs": 2}
+        whole = post(s, "/v1/responses", asked).json()["output"][0]["content"][0]["logprobs"]
+        r = post(s, "/v1/responses", {**asked, "stream": True})
+        streamed = [e for x in r.text.splitlines() if x.startswith("data: ")
+                    for d in [json.loads(x[len("data: "):])] if d["type"] == "response.output_text.delta"
+                    for e in d["logprobs"]]
+        for entries in (whole, streamed):
+            assert len(entries) == 3
+            assert all(e["token"].startswith("token_id:") for e in entries)
+            assert all(t["token"].startswith("token_id:") for e in entries for t in e["top_logprobs"])
     finally:
         s.close()

@@ -57,9 +57,36 @@ def _stdin():
 
 def _unzipped(f):
     """`f`, or what it holds when it is gzip-compressed (its first bytes say so, whatever its name)."""
-    if isinstance(f, io.BufferedReader) and f.peek(2)[:2] == b"\x1f\x8b":   # another stream: read as it is
+    if not isinstance(f, io.BufferedReader):                 # another stream: read as it is
+        return f
+    head = f.peek(2)[:2]
+    if len(head) == 1:            # a pipe whose first write held one byte: wait for the second (or the end)
+        head = f.read(2)
+        f = io.BufferedReader(_Prefixed(head, f))
+    if head == b"\x1f\x8b":
         return _Gunzipped(fileobj=_Available(f), mode="rb")
     return f
+
+
+class _Prefixed(io.RawIOBase):
+    """The bytes `head`, already read from the buffered stream `f`, then the rest of `f`, each
+    read returning what has come."""
+
+    def __init__(self, head: bytes, f) -> None:
+        self._head, self._f = head, f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data, self._head = (self._head, b"") if self._head else (self._f.read1(len(b)), b"")
+        data = data[:len(b)]
+        b[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
 
 
 class _Available:

@@ -304,9 +304,10 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         return (lambda: self._awaited(stage, impl.process(view))), False
 
     def _awaited(self, stage: str, value):
-        """A sync function that returned an awaitable (a decorated `async def`): awaited on its
-        stage's own loop, so that it stalls no other stage's, and cancelled at the stage's
-        timeout, as a coroutine the stage calls itself is (its thread is written off then)."""
+        """A sync function (a python stage's, a join's) that returned an awaitable (a decorated
+        `async def`): awaited on its stage's own loop, so that it stalls no other stage's, and
+        cancelled at the stage's timeout, as a coroutine the stage calls itself is (its thread
+        is written off then)."""
         import inspect
 
         if not inspect.isawaitable(value):
@@ -499,7 +500,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         t0 = time.perf_counter()
         if self.joins.user_code(stage):               # the user's fn: on the join's own workers
             views = [copy.deepcopy(it.data) for it in inputs]
-            call = (lambda: impl.amerge(views)) if impl.is_async else (lambda: impl.merge(views))
+            call = (lambda: impl.amerge(views)) if impl.is_async else \
+                (lambda: impl.merge(views, awaited=lambda value: self._awaited(stage, value)))
 
             def done(ok, value):
                 self._task(self._merged_later, req, stage, waiting, ok, value, t0)

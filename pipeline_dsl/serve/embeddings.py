@@ -9,7 +9,10 @@ sampled, no prefix-cache read (engine/prompt_outputs.py). It is not a model trai
 retrieval: similar texts land near each other only as far as the language model's states say.
 
     {"model": "chat", "input": "text" | ["a", "b"] | [1, 2, 3] | [[1, 2], [3]],
-     "encoding_format": "float" | "base64", "dimensions": H}
+     "encoding_format": "float" | "base64", "dimensions": H, "priority": 0}
+
+`priority` (vLLM's) is a generation request's: lower is admitted first where the engine
+schedules by priority, and a non-zero value is a 400 where it schedules fcfs.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from .errors import api_error, error_response
 from .extras import bad
 from .generation import wait_or_disconnect
 
-FIELDS = {"model", "input", "encoding_format", "dimensions", "user", "normalize", "request_id"}
+FIELDS = {"model", "input", "encoding_format", "dimensions", "user", "normalize", "request_id", "priority"}
 MAX_INPUTS = 256           # inputs one request may embed
 
 
@@ -94,7 +97,8 @@ class Embeddings:
             raise bad("normalize", "true or false", normalize)
         extras = P.parse_extras({"request_id": body.get("request_id")}, chat=False)
         return {"model": model, "pin": pin, "inputs": _inputs(body["input"], c.max_model_len), "format": fmt,
-                "dimensions": dims, "normalize": normalize, "request_id": extras.request_id}
+                "dimensions": dims, "normalize": normalize, "request_id": extras.request_id,
+                "fields": {"max_tokens": 0, "pooling": "mean", **P.priority_field(body)}}
 
     async def create(self, request: Request) -> Response:
         g = self.g
@@ -108,7 +112,7 @@ class Embeddings:
             for i, v in enumerate(req["inputs"]):
                 item = request_item(f"{rid}-{i}", messages=None, prompt=v if isinstance(v, str) else None,
                                     prompt_token_ids=v if isinstance(v, list) else None,
-                                    fields={"max_tokens": 0, "pooling": "mean"}, model=req["model"])
+                                    fields=req["fields"], model=req["model"])
                 streams.append(await g.apipe.add(item, pin=req["pin"]))
         except PipelineError as e:
             for st in streams:

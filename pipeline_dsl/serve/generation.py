@@ -56,7 +56,12 @@ class Generations:
                     lenient=c.lenient)
         if "n" not in req.fields:           # the generate stage's n answers each prompt
             P.check_choices(1 + len(req.more_prompts), c.max_stage_n)
-        if c.return_tokens_as_token_ids and body.get("return_tokens_as_token_ids") is None:   # the server's default
+        return self.token_names(req, body)
+
+    def token_names(self, req: P.GenerationRequest, body: dict) -> P.GenerationRequest:
+        """`req` with the server's --return-tokens-as-token-ids where its body does not say
+        (chat, completions and responses alike)."""
+        if self.config.return_tokens_as_token_ids and body.get("return_tokens_as_token_ids") is None:
             req = replace(req, fields={**req.fields, "return_tokens_as_token_ids": True})
         return req
 

@@ -99,9 +99,11 @@ _FORMAT = ["text"]                 # the format configure() chose (fatal() write
 def fatal(text: str) -> None:
     """What stops `agp serve` (`agp serve: error: …`, a pipeline's check errors): bare on stderr,
     as the CLI's other errors, or one JSON record at ERROR (logger agp.serve) when the logs are
-    JSON, so a collector parsing JSON lines reads why the server did not start."""
+    JSON, so a collector parsing JSON lines reads why the server did not start. Written whatever
+    --log-level says (`critical` too), as the bare line is."""
     if _FORMAT[0] == "json":
-        logging.getLogger("agp.serve").error(text.rstrip("\n"))
+        log = logging.getLogger("agp.serve")
+        log.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, text.rstrip("\n"), None, None))
     else:
         sys.stderr.write(text if text.endswith("\n") else text + "\n")
 

@@ -368,7 +368,7 @@ EMBEDDINGS = {
                                     {"type": "string", "minLength": 1}, TOKEN_IDS]}}]},
             "encoding_format": {"enum": ["float", "base64"]}, "normalize": {"type": "boolean"},
             "dimensions": {"type": "integer", "description": "only the model's own"},
-            "user": {"type": "string"}, "request_id": SAMPLING["request_id"]}}}}},
+            "user": {"type": "string"}, "request_id": SAMPLING["request_id"], "priority": SAMPLING["priority"]}}}}},
     "responses": {"200": {"description": "one embedding per input", "content": {"application/json": {"schema": {
         "type": "object", "required": ["object", "data", "model", "usage"], "properties": {
             "object": {"const": "list"},

@@ -210,9 +210,10 @@ def _truncation(obj: dict, max_model_len: int) -> dict:
 
 
 
-def _priority(obj: dict) -> dict:
-    """vLLM's priority (lower first): checked here for its type and range; whether the engine
-    schedules by priority, the batcher it reaches says (a 400 when it schedules fcfs)."""
+def priority_field(obj: dict) -> dict:
+    """vLLM's priority (lower first) of a generation or embeddings request: checked here for its type
+    and range; whether the engine schedules by priority, the batcher it reaches says (a 400 when it
+    schedules fcfs)."""
     value = _field(obj, "priority", *ITEM_FIELDS["priority"])
     return {} if value is None else {"priority": value}
 
@@ -331,7 +332,7 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     extras = parse_extras(obj, chat=False)
     fields.update(extras.fields)
     fields.update(truncation)
-    fields.update(_priority(obj))
+    fields.update(priority_field(obj))
     check_choices(len(prompts), int(fields.get("n") or 1))
     first, rest = prompts[0], prompts[1:]
     return GenerationRequest("completion", model, fields, prompt=first if isinstance(first, str) else None,
@@ -438,7 +439,7 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     fields.update(extras.fields)
     fields.update(_render_flags(obj))
     fields.update(truncation)
-    fields.update(_priority(obj))
+    fields.update(priority_field(obj))
     return GenerationRequest("chat", model, fields, messages=messages, **flags, pin=pin, metadata=metadata,
                              tools=tuple(tools) if tools else None, tool_choice=choice,
                              parallel_tool_calls=parallel, response_format=extras.constraint,

@@ -31,6 +31,7 @@ from .generation import Generations
 from .responses_events import ResponseEvents
 from .responses_output import call_item, message_item, output_messages, response_object, usage
 from .sse import EventStream
+from .token_fields import logprob_names
 
 STORED = 1024              # responses kept for previous_response_id / GET (the oldest go first)
 FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "tools", "tool_choice",
@@ -263,6 +264,7 @@ class Responses:
                 served=g.config.model_names, stages=g.stage_names, lenient=g.config.lenient, store=self.store))
         except APIError as err:
             return g.refused(err)
+        call = replace(call, req=g.token_names(call.req, {}))     # the route has no field of its own for it
         # the response repeats the sampling it runs with, as OpenAI's does: what the client left
         # out comes from the generate stage (unknown, null, when several could answer it)
         used = g.apipe.runtime.sampling_defaults(call.req.pin) or {}
@@ -282,6 +284,10 @@ class Responses:
     def text_of(self, call: ResponsesCall):
         return self.g.apipe.runtime.token_text(call.req.pin) if call.req.fields.get("logprobs") is not None else None
 
+    def name_of(self, call: ResponsesCall):
+        """What the logprobs call each token: its text, or "token_id:N" (--return-tokens-as-token-ids)."""
+        return logprob_names(self.text_of(call), call.req.fields)
+
     def bytes_of(self, call: ResponsesCall):
         return self.g.apipe.runtime.token_bytes(call.req.pin) if call.req.fields.get("logprobs") is not None else None
 
@@ -289,7 +295,7 @@ class Responses:
         """The response object of a finished request (its first choice), and its finish reason."""
         choice = res.choices[0]
         text_of = self.text_of(call)
-        lps = (P.chat_logprobs(choice.data.get("logprobs") or [], text_of, self.bytes_of(call))["content"]
+        lps = (P.chat_logprobs(choice.data.get("logprobs") or [], self.name_of(call), self.bytes_of(call))["content"]
                if text_of else None)
         message, reason = P.chat_message(choice.text, choice.finish_reason, call.req.tools_active,
                                          call.req.call_limit)

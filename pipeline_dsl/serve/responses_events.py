@@ -33,6 +33,7 @@ class ResponseEvents(Relay):
         self.msg: dict | None = None            # the open message item
         self.text = ""
         self.text_of = owner.text_of(call)
+        self.name_of = owner.name_of(call)         # what the logprobs call each token
         self.lps: list | None = [] if self.text_of else None
         self.bytes_of = owner.bytes_of(call)
         self.tools = None
@@ -96,7 +97,7 @@ class ResponseEvents(Relay):
                       self.event("response.output_item.done", output_index=index, item=item)]
 
     def content(self, text: str, step_lp: list | None) -> list[bytes]:
-        lps = P.chat_logprobs(step_lp, self.text_of, self.bytes_of)["content"] if self.text_of and step_lp else None
+        lps = P.chat_logprobs(step_lp, self.name_of, self.bytes_of)["content"] if self.text_of and step_lp else None
         out, calls = [], []
         if self.tools is not None:
             text, calls = self.tools.feed(text)
