@@ -390,6 +390,10 @@ def test_the_built_in_kinds_table_names_every_parameter_with_its_default():
                 normalise(float(m.group(1)), m.group(2)) if m else float(value)
             if said != default:
                 bad.append(f"{kind.name}.{name}: the table says {value}, the kind {default!r}")
+        for name, value in re.findall(r"`(\w+)` \w+(?:\\\|\w+)+ \((\w+)[;:)]", row[2]):   # `reuse` prefix\|none (prefix)
+            default = next(p.default for p in kind.params if p.name == name)
+            if value != default:
+                bad.append(f"{kind.name}.{name}: the table says {value}, the kind {default!r}")
     assert not bad, "\n".join(bad)
 
 
