@@ -134,6 +134,21 @@ def test_every_serve_flag_is_in_a_flag_table():
     assert not missing, f"no flag table of the serve pages names {missing}"
 
 
+def test_the_values_a_serve_flag_table_lists_are_the_flags_choices():
+    # docs/serve.md: | `--scheduling-policy fcfs\|priority` | ... — the words a row lists are what
+    # the flag takes (its argparse choices), no more and no fewer
+    parser = build_parser(["serve"]).commands["serve"]
+    choices = {f: set(a.choices) for a in parser._actions if a.choices for f in a.option_strings}
+    rows = [re.split(r"(?<!\\)\|", ln)[1] for ln in (ROOT / "docs" / "serve.md").read_text().splitlines()
+            if ln.startswith("| `--")]
+    listed = {flag: set(values.split("\\|")) for row in rows
+              for flag, values in re.findall(r"`(--[a-z-]+) ([a-z]+(?:\\\|[a-z]+)+)`", row)}
+    assert len(listed) >= 2
+    bad = [f"{flag}: the table lists {sorted(v)}, agp serve takes {sorted(choices.get(flag, ()))}"
+           for flag, v in listed.items() if v != choices.get(flag)]
+    assert not bad, "\n".join(bad)
+
+
 def test_every_agp_variable_the_docs_name_is_read():
     from pipeline_dsl.serve.options import ENGINE_VARIABLES
 
