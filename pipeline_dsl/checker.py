@@ -105,8 +105,9 @@ def _type_expected(p: Param) -> str:
         return f"a duration with a unit ({units.UNIT_NAMES[units.DURATION]}){_range_text(p)}, e.g. 1ms"
     if p.type == SIZE:
         return f"a size with a unit ({units.UNIT_NAMES[units.SIZE]}){_range_text(p)}, e.g. 256MiB"
-    if p.type == LIST_STR:
-        return 'a list of strings, e.g. ["\\n\\n", "END"]'
+    if p.type == LIST_STR:            # a nonblank list's example holds no string of whitespace alone
+        return 'a list of strings, e.g. ["END", "Observation:"]' if p.nonblank else \
+            'a list of strings, e.g. ["\\n\\n", "END"]'
     return p.type
 
 

@@ -623,7 +623,7 @@ def test_bad_words_of_whitespace_alone_are_a_check_error():
 t.agp:8:57: error: a string of whitespace alone in 'bad_words'
     8 |     stage gen     : generate      { bad_words = ["red", "  "] }
       |                                                         ^^^^
-  = expected: a list of strings, e.g. ["\\n\\n", "END"]
+  = expected: a list of strings, e.g. ["END", "Observation:"]
   = help: remove it
 
 1 error

@@ -134,6 +134,21 @@ def test_every_serve_flag_is_in_a_flag_table():
     assert not missing, f"no flag table of the serve pages names {missing}"
 
 
+def test_the_values_a_serve_flag_table_lists_are_the_flags_choices():
+    # docs/serve.md: | `--scheduling-policy fcfs\|priority` | ... — the words a row lists are what
+    # the flag takes (its argparse choices), no more and no fewer
+    parser = build_parser(["serve"]).commands["serve"]
+    choices = {f: set(a.choices) for a in parser._actions if a.choices for f in a.option_strings}
+    rows = [re.split(r"(?<!\\)\|", ln)[1] for ln in (ROOT / "docs" / "serve.md").read_text().splitlines()
+            if ln.startswith("| `--")]
+    listed = {flag: set(values.split("\\|")) for row in rows
+              for flag, values in re.findall(r"`(--[a-z-]+) ([a-z]+(?:\\\|[a-z]+)+)`", row)}
+    assert len(listed) >= 2
+    bad = [f"{flag}: the table lists {sorted(v)}, agp serve takes {sorted(choices.get(flag, ()))}"
+           for flag, v in listed.items() if v != choices.get(flag)]
+    assert not bad, "\n".join(bad)
+
+
 def test_every_agp_variable_the_docs_name_is_read():
     from pipeline_dsl.serve.options import ENGINE_VARIABLES
 
@@ -389,6 +404,10 @@ def test_the_built_in_kinds_table_names_every_parameter_with_its_default():
             said = {"true": True, "false": False}.get(value) if value in ("true", "false") else \
                 normalise(float(m.group(1)), m.group(2)) if m else float(value)
             if said != default:
+                bad.append(f"{kind.name}.{name}: the table says {value}, the kind {default!r}")
+        for name, value in re.findall(r"`(\w+)` \w+(?:\\\|\w+)+ \((\w+)[;:)]", row[2]):   # `reuse` prefix\|none (prefix)
+            default = next(p.default for p in kind.params if p.name == name)
+            if value != default:
                 bad.append(f"{kind.name}.{name}: the table says {value}, the kind {default!r}")
     assert not bad, "\n".join(bad)
 

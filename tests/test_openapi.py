@@ -90,6 +90,21 @@ def test_the_described_request_bodies_name_every_field_the_server_takes(live):
     assert described("/v1/embeddings") == embeddings.FIELDS
 
 
+def test_the_described_64_bit_bounds_are_the_integers_the_server_takes(live):
+    """`seed` and `priority` are signed 64-bit integers: the description's bounds are those
+    integers (2**63 - 1 as a float is 2**63, which the server refuses)."""
+    import httpx
+
+    spec = httpx.get(live.url + "/openapi.json", timeout=30).json()
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        fields = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+        for name in ("seed", "priority"):
+            assert (fields[name]["minimum"], fields[name]["maximum"]) == (-(1 << 63), (1 << 63) - 1), (path, name)
+            assert isinstance(fields[name]["maximum"], int)
+    body = {"prompt": "hi", "max_tokens": 1, "seed": 1 << 63}
+    assert httpx.post(live.url + "/v1/completions", json=body, timeout=60).status_code == 400
+
+
 def test_the_described_embeddings_input_is_every_shape_the_server_takes(live):
     import httpx
     import jsonschema

@@ -201,3 +201,19 @@ def test_hundreds_of_idle_connections_leave_room_for_a_request_under_a_low_open_
         proc.terminate()
         _, err = proc.communicate(timeout=60)
     assert "open files" in err and "too few" not in err
+
+
+def test_a_client_that_half_closes_after_its_request_is_taken_as_gone(serve):
+    """A client that shuts its sending side after the request (`nc -N`) gets no answer: the EOF
+    is its going away, as uvicorn takes it; its long answer is aborted and its KV freed."""
+    _, url, port = serve
+    c = stalled_stream(port, "hello world")
+    with c:
+        c.shutdown(socket.SHUT_WR)
+        c.settimeout(60)
+        assert read_to_end(c) == b""
+
+        def idle():
+            m = scrape(url)
+            return m["agp_num_requests_running"] == 0 and m["agp_kv_blocks_used"] == 0
+        assert wait_for(idle, 60)

@@ -67,8 +67,9 @@ def test_template_errors_and_sandbox_become_tokenizer_errors(tok):
     with pytest.raises(TokenizerError):
         unsafe.apply_chat_template([])
     none = Tokenizer(tok.tk, bos_token=None, eos_token=None, eos_token_ids=[], chat_template=None)
-    with pytest.raises(TokenizerError, match="no chat template"):
+    with pytest.raises(TokenizerError, match="no chat template") as err:   # what to do instead, where
         none.apply_chat_template([{"role": "user", "content": "x"}])
+    assert "/v1/completions" in str(err.value) and "--chat-template FILE" in str(err.value)
 
 
 def test_incremental_decoder_never_splits_a_character(tok):

@@ -329,7 +329,8 @@ class Tokenizer:
                             tokenize: bool = False, **extra):
         """Render the model's chat template (str), or its token ids when tokenize=True."""
         if not self.chat_template:
-            raise TokenizerError("this model has no chat template: send a raw `prompt` instead")
+            raise TokenizerError("this model has no chat template: send a raw `prompt` instead (agp serve: "
+                                 "POST /v1/completions), or give one (agp serve --chat-template FILE)")
         if self._template is None:
             self._template = compile_chat_template(self.chat_template)
         try:

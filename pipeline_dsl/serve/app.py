@@ -19,6 +19,7 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import protocol as P
@@ -75,6 +76,29 @@ async def http_error(request: Request, exc: StarletteHTTPException):
     return error_response(P.APIError(message, status=exc.status_code, type=kind, headers=dict(exc.headers or {})))
 
 
+def _as_written(doc: dict, extra: dict) -> None:
+    """Put `extra`'s values back into `doc` where FastAPI merged them (a dict key by key)."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(doc.get(key), dict):
+            _as_written(doc[key], value)
+        else:
+            doc[key] = value
+
+
+def openapi_document(app: FastAPI) -> dict:
+    """FastAPI's OpenAPI document, each route's own description (serve/openapi.py) as written:
+    FastAPI's model of a schema holds `minimum` and `maximum` as floats, which made the 64-bit
+    bounds of `seed` and `priority` (2**63 - 1) 9.223372036854776e+18, that is 2**63, a value the
+    server refuses."""
+    if app.openapi_schema is None:
+        doc = FastAPI.openapi(app)
+        for route in router.routes:
+            if isinstance(route, APIRoute) and route.openapi_extra:
+                for method in route.methods:
+                    _as_written(doc["paths"][route.path_format][method.lower()], route.openapi_extra)
+    return app.openapi_schema
+
+
 def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics | None = None) -> FastAPI:
     metrics = metrics or apipe.metrics or ServerMetrics()
     apipe.metrics = metrics
@@ -87,6 +111,7 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
     state.responses = Responses(state.generations)
     state.embeddings = Embeddings(state.generations)
     app.include_router(router)
+    app.openapi = lambda: openapi_document(app)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_middleware(Guard, config=config, metrics=metrics, apipe=apipe)
     if config.allowed_origins:                  # outside the guard: preflights need no API key
