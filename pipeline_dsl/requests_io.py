@@ -358,9 +358,9 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     for name in TOKEN_ID_FIELDS:
         if obj.get(name) is not None:
             req.sampling[name] = list(token_ids(name, obj[name]))
-    for name, (ok, expected) in ITEM_FIELDS.items():
+    for name, (ok, wanted) in ITEM_FIELDS.items():
         if obj.get(name) is not None:
-            req.extras[name] = _check(name, obj[name], ok(obj[name]), expected)
+            req.extras[name] = _check(name, obj[name], ok(obj[name]), wanted)
     if obj.get("cache_salt") is not None:
         req.extras["cache_salt"] = cache_salt(obj["cache_salt"])
     if req.extras.get("echo") and req.messages is not None:       # as agp serve's chat refuses it

@@ -10,7 +10,6 @@ spent and call latency, and per edge the items sent along it (they add up: flow/
 """
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections.abc import Iterable, Sized
