@@ -89,8 +89,10 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         self.router = Router.from_graph(graph)
         self.loops = Loops.from_graph(graph, self.router.routes)
         self.returns = {n: p.get("returns", "same") for n, p in self.params.items() if self.kind[n] == "python"}
-        self.returns.update({n: _returns_of(get_kind(k)) for n, k in self.kind.items()
-                             if get_kind(k) is not None and get_kind(k).source != "builtin"})
+        # stages of plug-in kinds (the agp.stages entry points): what they return, how they start
+        plugins = {n: kind for n, k in self.kind.items()
+                   if (kind := get_kind(k)) is not None and kind.source != "builtin"}
+        self.returns.update({n: _returns_of(kind) for n, kind in plugins.items()})
         sources = [n for n, k in self.kind.items() if k == "requests"]
         self.source = sources[0] if sources else None
         self.max_queue = max_queue or (self.params[self.source].get("max_queue", 1024) if self.source else 1024)
@@ -102,18 +104,17 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             if k not in ENGINE_KINDS:
                 try:
                     self.impls[n] = implementation(k)(n, dict(self.params[n]), StageContext(self.name, n, k, base))
-                    if get_kind(k).source != "builtin":
+                    if n in plugins:
                         check_item_stage(k, self.impls[n])
                 except (Exception, SystemExit) as exc:   # noqa: BLE001 - the user's module or a plug-in's
                     # kind, said where (its sys.exit() at import too, which would end `agp run` with no
                     # word); a real Ctrl-C goes on
-                    if not self.params[n].get("fn") and getattr(get_kind(k), "source", "builtin") == "builtin":
+                    if not self.params[n].get("fn") and n not in plugins:
                         raise                                     # a built-in kind's own failure: agp's
                     raise _load_failed(graph, n, exc) from exc
         # plug-in kinds whose process is an `async def`: awaited on their stage's own loop, as a
         # python stage's coroutine is (and cancelled at its timeout)
-        self.async_process = {n for n, impl in self.impls.items() if get_kind(self.kind[n]).source != "builtin"
-                              and callable_shape(impl.process) == "coroutine"}
+        self.async_process = {n for n in plugins if callable_shape(self.impls[n].process) == "coroutine"}
         joins = [n for n, k in self.kind.items() if k == "join"]
         self.joins = Joins(self.router.reach, {j: self.impls[j] for j in joins},
                            {j: self.params[j].get("on_reject") or "fail" for j in joins})
