@@ -143,12 +143,38 @@ def test_a_stream_killed_midway_is_resumed_from_a_file_of_the_same_lines(tmp_pat
     assert r.returncode == 2 and f"{out} was made from another input" in r.stderr
 
 
-def test_the_progress_of_a_streamed_input_counts_answers_without_a_total(tmp_path, pipeline):
-    """A streamed input's length is unknown: the progress line counts the answers with no total
-    (tqdm refuses bool() of such a bar: every run with progress on failed as an internal error)."""
+def test_the_progress_of_a_file_counts_to_its_lines_to_answer(tmp_path, pipeline):
+    """A file's lines are counted beside the run: the progress counts to those to answer (not the
+    blank one, not the bad one, answered by an error record). It was a count with no total; before
+    that, tqdm refusing bool() of a bar without a total failed every run with progress on."""
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    inp.write_text("".join(json.dumps({"id": i, "prompt": "hi", "max_tokens": 1}) + "\n" for i in range(3)))
+    lines = [json.dumps({"id": i, "prompt": "hi", "max_tokens": 1}) for i in range(3)]
+    inp.write_text("\n".join([lines[0], "", "{not json", *lines[1:]]) + "\n")
     r = agp("run", pipeline, "--threads", "1", "-i", inp, "-o", out)         # progress on, off a terminal
     assert r.returncode == 0, r.stderr
-    assert [g["id"] for g in records(out)] == [0, 1, 2]
-    assert "3req" in r.stderr.replace(" ", "") and "internal error" not in r.stderr
+    got = records(out)
+    assert [g["id"] for g in got] == [0, 3, 1, 2] and "error" in got[1]    # a bad line's id: its number
+    assert "3/3" in r.stderr.replace(" ", "") and "internal error" not in r.stderr
+
+
+def test_the_lines_of_a_file_are_known_before_they_are_read_those_of_a_pipe_at_its_end(tmp_path):
+    import os
+
+    from pipeline_dsl.commands.run_input import InputLines, open_input
+
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"a": 1}\n\n  \n{"b": 2}\r\n{"c": 3}')
+    lines = InputLines(open_input(str(path)))
+    deadline = time.monotonic() + 30
+    while lines.request_lines is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lines.request_lines == 3 and lines.count == 0          # counted, none taken
+    r, w = os.pipe()
+    with open(r, "rb") as rf:
+        lines = InputLines(rf)
+        os.write(w, b'{"a": 1}\n\n{"b": 2}\n')
+        assert lines.take() == b'{"a": 1}' and lines.request_lines is None    # a pipe's length: unknown
+        os.close(w)
+        while lines.take() is not None:
+            pass
+        assert lines.request_lines == 2

@@ -476,10 +476,17 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
                 yield RunRequest(slot=slot, line=entry[0], parsed=None if is_batch else req,
                                  batch=req if is_batch else None)
 
+    def total() -> int | None:
+        """The lines to answer, once the input's are known: those not blank, less those --resume
+        found answered and those answered by an error record."""
+        n = source.request_lines
+        return None if n is None else max(n - lines.skipped - lines.bad_lines, 0)
+
     with Interrupt(stop) as interrupt:
         try:
             summary = run_pipeline(runtime, requests(), on_done=answers.put, progress=not args.no_progress,
-                                   stop=stop, on_interrupted=lambda slot: answers.put(slot, False))
+                                   stop=stop, on_interrupted=lambda slot: answers.put(slot, False),
+                                   total=total)
         finally:
             answers.flush()
             if fingerprint is not None and not answers.errors:

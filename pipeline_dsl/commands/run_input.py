@@ -4,12 +4,17 @@ written yet (`producer | agp run pipe.agp -`), and memory does not grow with the
     lines = InputLines(open_input(path))      # FileNotFoundError, IsADirectoryError, OSError
     raw = lines.take(stop)                     # the next line, or None: the end, a read error, `stop`
     lines.count, lines.digest()                # lines taken so far, the sha256 of them (the fingerprint's)
+    lines.request_lines                        # the input's lines that are not blank, once known (else None)
 
 A thread of its own reads the lines, at most AHEAD of those taken: a producer that pauses (or a
 pipe nobody closes) never holds whoever takes them past a stop signal. Each line is read to at
 most MAX_LINE_BYTES (a longer one comes back as TooLong, its head only); a UTF-8 BOM and the
 line's end (LF, CRLF) are not part of it. A gzip-compressed input (its first bytes say so) is
 read decompressed; one cut short or corrupt is an OSError saying so, as any read that fails.
+
+How many lines the input holds is known once it is read to its end; a plain file's are counted
+at once, on another thread and another file handle (the progress bar's total), a stream's
+(standard input, a gzip'd file) only at its end.
 """
 from __future__ import annotations
 
@@ -43,6 +48,14 @@ def open_input(path: str):
     if stat.S_ISDIR(os.stat(path).st_mode):
         raise IsADirectoryError(21, "it is a folder")
     return _unzipped(open(path, "rb"))
+
+
+def _plain_file(f) -> bool:
+    """Whether `f` reads a regular file (not a pipe, a device, standard input)."""
+    try:
+        return stat.S_ISREG(os.fstat(f.fileno()).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 def _stdin():
@@ -152,7 +165,28 @@ class InputLines:
         self.count = 0                     # lines taken, blank ones too (the line numbers)
         self.ended = False                 # the end of the input was taken (or a read error)
         self.error: OSError | None = None  # why the input could not be read to its end
+        self._counted: int | None = None   # a plain file's lines that are not blank, counted ahead
+        self._taken = 0                    # lines taken that are not blank
         threading.Thread(target=self._read, name="agp-input", daemon=True).start()
+        name = getattr(f, "name", None)
+        if isinstance(f, io.BufferedReader) and isinstance(name, str) and _plain_file(f):
+            threading.Thread(target=self._count, args=(name,), name="agp-input-count", daemon=True).start()
+
+    def _count(self, name: str) -> None:
+        try:
+            with open(name, "rb") as f:
+                n = sum(1 for line in _lines(f, MAX_LINE_BYTES) if line.strip())
+        except (OSError, ValueError):        # the file went: the total is known at the end only
+            return
+        self._counted = n
+
+    @property
+    def request_lines(self) -> int | None:
+        """How many of the input's lines are not blank: known once the input was read to its end,
+        or, for a plain file, once it was counted (a file appended to meanwhile: the larger count)."""
+        if self.ended and self.error is None:
+            return self._taken
+        return None if self._counted is None else max(self._counted, self._taken)
 
     def _read(self) -> None:
         try:
@@ -181,6 +215,7 @@ class InputLines:
             with self._lock:
                 self._digest.update(got + b"\n")
                 self.count += 1
+                self._taken += bool(got.strip())
             return got
         return None
 

@@ -111,17 +111,22 @@ def _choice_parts(req: RunRequest, choice, runtime) -> dict:
 
 def run_pipeline(runtime, requests: Iterable[RunRequest], *, on_done: Callable[[int, dict], None],
                  progress: bool = True, stop: threading.Event | None = None,
-                 on_interrupted: Callable[[int], None] | None = None) -> dict:
+                 on_interrupted: Callable[[int], None] | None = None,
+                 total: Callable[[], int | None] | None = None) -> dict:
     """Answer every request through `runtime` (PipelineRuntime.run_all); returns the run summary.
     `requests` is taken as the runtime admits them (an iterator may still be reading its input),
     and a request is forgotten once answered. Once `stop` is set, the requests in flight are
     aborted and those taken but never started are left: `on_interrupted(slot)` hears of each
-    instead of `on_done`."""
+    instead of `on_done`. `total()`: how many requests the bar counts to, once known (None: not
+    yet; a list's length by default)."""
     bar = None
+    if total is None and isinstance(requests, Sized):
+        n = len(requests)
+        total = lambda: n                  # noqa: E731
     if progress:
         from pipeline_dsl.commands.progress import progress_bar
 
-        bar = progress_bar(len(requests) if isinstance(requests, Sized) else None)
+        bar = progress_bar(total() if total is not None else None)
     t0 = time.perf_counter()
     lock = threading.Lock()
     completion = 0
@@ -172,6 +177,8 @@ def run_pipeline(runtime, requests: Iterable[RunRequest], *, on_done: Callable[[
                 completion += result.usage.get("completion_tokens", 0)
                 # shown with the count, at the bar's pace (a refresh per answer filled a log)
                 bar.set_postfix_str(f"{completion / max(time.perf_counter() - t0, 1e-9):.0f} tok/s", refresh=False)
+                if total is not None and (n := total()) is not None and n != bar.total:
+                    bar.total = n              # a streamed input's, known once counted or read to its end
                 bar.update(1)
 
     runtime.run_all(items(), on_result=done, stop=stop, keep_results=False)
