@@ -447,7 +447,8 @@ def test_an_answer_of_tool_calls_has_a_time_to_first_token_over_http():
         server.shutdown()
         server.server_close()
     assert (r.completed, r.completion_tokens) == (2, 18)
-    assert r.ttft["p50"] is not None and r.tpot["p50"] is not None and r.ttft["p50"] <= r.e2e["p50"]
+    assert r.ttft["p50"] is not None and r.ttft["p50"] <= r.e2e["p50"]
+    assert r.tpot["p50"] is None            # the call came in one chunk: no token after the first seen
 
 
 @pytest.mark.parametrize("refuse, code", [(1, 1), (2, 0)])
@@ -518,3 +519,55 @@ def test_a_target_that_cannot_be_measured_loses_none_of_the_others(tmp_path, tin
     assert f"127.0.0.1:{port}" in captured.err and "tiny" in captured.out.splitlines()[0]
     (report,) = json.loads(js.read_text())
     assert report["completed"] == 3 and report["errors"] == 0
+
+
+def _in_process(events, ticks):
+    """Run EngineTarget.send over a stream of `events` with a clock reading `ticks`; the record."""
+    from types import SimpleNamespace as NS
+
+    async def add(data, stream):
+        return _Stream(events)
+
+    target = B.EngineTarget.__new__(B.EngineTarget)
+    target.apipe, target._n = NS(add=add), 0
+    rec = B.RequestRecord(sent=0.0)
+    clock = iter(ticks)
+    asyncio.run(target.send(parse_line(json.dumps({"prompt": "hi"}), 1), rec, lambda: next(clock)))
+    return rec
+
+
+def test_an_answer_handed_over_whole_has_a_ttft_in_process_as_over_http_and_no_tpot():
+    """A vote pipeline answers after its join: no delta carries tokens, the text comes with the
+    result. In process the report had no TTFT, TPOT nor ITL at all; over HTTP the same answer
+    arrives in one chunk, TTFT = E2E, and TPOT came out 0.0 ms (the microseconds before [DONE]
+    over 23 tokens). Now both have TTFT and neither a TPOT: the client saw no token after the first."""
+    from pipeline_dsl.flow import Choice, Result
+
+    done = Result("k", 1, [Choice(0, "the answer", "length", {"usage": {"completion_tokens": 8}})], None,
+                  {"prompt_tokens": 4, "completion_tokens": 24, "cached_tokens": 0}, {})
+    rec = _in_process([("done", done)], [1.5])
+    rec.done = 1.5
+    over_http = _record(0.0, [1.5])                         # one chunk of 24 tokens, as agp serve streams it
+    over_http.completion_tokens, over_http.done = 24, 1.5001
+    for r in (rec, over_http):
+        s = B.summarize("x", 1.0, [r], duration=2.0)
+        assert s.ttft["p50"] == pytest.approx(1.5) and s.tpot["p50"] is None and s.itl["p50"] is None
+        assert s.completion_tokens == 24                    # output tok/s: every token generated
+
+
+def test_tpot_is_per_token_of_the_answer_not_of_every_generation():
+    """A pipeline that drafts 10 tokens with one generate stage and streams a 5-token answer from a
+    second: usage counts all 15, and TPOT divided the answer's 0.4 s by 14 gaps (29 ms) instead of
+    its 4 (100 ms a token, as the client saw)."""
+    from types import SimpleNamespace as NS
+
+    from pipeline_dsl.flow import Choice, Result
+
+    done = Result("k", 1, [Choice(0, "abcde", "stop", {"usage": {"completion_tokens": 5}})], None,
+                  {"prompt_tokens": 4, "completion_tokens": 15, "cached_tokens": 0}, {})
+    events = [("delta", 0, NS(new_token_ids=[7])) for _ in range(5)] + [("done", done)]
+    rec = _in_process(events, [0.2, 0.3, 0.4, 0.5, 0.6])
+    rec.done = 0.6
+    s = B.summarize("x", 1.0, [rec], duration=1.0)
+    assert rec.answer_tokens == 5 and s.completion_tokens == 15
+    assert s.tpot["p50"] == pytest.approx(0.1) and s.itl["p50"] == pytest.approx(0.1)

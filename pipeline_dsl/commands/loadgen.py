@@ -102,6 +102,9 @@ class RequestRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    # the tokens of its longest choice, where the target counts each choice's own (in process: a
+    # vote's other candidates and a draft left out); a server's usage gives only the total
+    answer_tokens: int | None = None
     finish_reason: str | None = None
     error: str | None = None
     truncated: bool = False           # a stream that ended without its final chunk / [DONE]
@@ -138,7 +141,7 @@ class Report:
     cached_tokens: int
     kv_hit_rate: float | None          # cached prompt tokens / prompt tokens
     ttft: dict                         # seconds: mean, p50, p90, p99
-    tpot: dict                         # (e2e - ttft) / (tokens of one choice - 1), per request
+    tpot: dict                         # (e2e - ttft) / (tokens of its longest choice - 1), per request
     itl: dict                          # every gap between two chunks of a choice's stream
     e2e: dict
     error_samples: list[str] = field(default_factory=list)
@@ -163,14 +166,26 @@ UNITS = {"rate": "requests/s", "duration_s": "s", "request_throughput": "request
          "e2e": "s", "kv_hit_rate": "fraction", "peak_memory_bytes": "bytes"}
 
 
+def _tpot(r: RequestRecord) -> float | None:
+    """vLLM's TPOT of one request: (E2E - TTFT) / (its output tokens - 1), the tokens of its
+    longest choice (n choices decode side by side), or the usage shared by the choices that
+    streamed when the target reports only the total. None for an answer of at most one token, and
+    for one whose every choice arrived in a single chunk (an answer handed over after a join or a
+    vote): its client saw no token after the first, and the microseconds before [DONE] over its
+    tokens gave a TPOT of 0.0 ms."""
+    if r.first_token is None or max(map(len, r.chunk_times.values())) < 2:
+        return None
+    if r.answer_tokens is not None:
+        return time_per_output_token(r.done - r.first_token, r.answer_tokens)
+    return time_per_output_token(r.done - r.first_token, r.completion_tokens, len(r.chunk_times))
+
+
 def summarize(label: str, rate: float, records: list[RequestRecord], duration: float,
               engine_stats: dict | None = None) -> Report:
     ok = [r for r in records if r.error is None and not r.truncated and r.done is not None]
     ttft = [r.first_token - r.sent for r in ok if r.first_token is not None]
     e2e = [r.done - r.sent for r in ok]
-    tpot = [t for r in ok if r.first_token is not None
-            and (t := time_per_output_token(r.done - r.first_token, r.completion_tokens,
-                                            len(r.chunk_times))) is not None]
+    tpot = [t for r in ok if (t := _tpot(r)) is not None]
     itl = [b - a for r in ok for times in r.chunk_times.values() for a, b in zip(times, times[1:])]
     prompt = sum(r.prompt_tokens for r in ok)
     out = sum(r.completion_tokens for r in ok)
@@ -264,9 +279,15 @@ class EngineTarget:
         if result.error is not None:
             rec.error = result.error.message
             return
+        whole = [c.index for c in result.choices if c.text and c.index not in rec.chunk_times]
+        if whole:                     # an answer handed over whole (after a join, a vote): one arrival
+            now = clock()             # for each choice, as a server streams it
+            for index in whole:
+                rec.chunk(now, index)
         rec.prompt_tokens = result.usage["prompt_tokens"]
         rec.completion_tokens = result.usage["completion_tokens"]
         rec.cached_tokens = result.usage["cached_tokens"]
+        rec.answer_tokens = result.longest_choice_tokens()
         rec.finish_reason = result.choices[0].finish_reason if result.choices else None
 
 
