@@ -571,3 +571,63 @@ def test_tpot_is_per_token_of_the_answer_not_of_every_generation():
     s = B.summarize("x", 1.0, [rec], duration=1.0)
     assert rec.answer_tokens == 5 and s.completion_tokens == 15
     assert s.tpot["p50"] == pytest.approx(0.1) and s.itl["p50"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("burstiness, cv", [(0.25, 2.0), (4.0, 0.5)])
+def test_bursty_arrivals_are_gamma_gaps_of_the_asked_rate(burstiness, cv):
+    """`vllm bench serve --burstiness`: gaps of shape b and mean 1/rate (coefficient of variation
+    1/sqrt(b)); 1 stays the seeded Poisson process, inf is evenly spaced."""
+    a = B.arrival_times(8000, 20.0, seed=1, burstiness=burstiness)
+    gaps = np.diff(a)
+    assert a[0] == 0.0 and abs(gaps.mean() - 1 / 20) < 0.05 / 20 * 2
+    assert abs(gaps.std() / gaps.mean() - cv) < 0.1 * cv
+    assert B.arrival_times(50, 20.0, seed=1, burstiness=1.0) == B.arrival_times(50, 20.0, seed=1)
+    assert np.allclose(np.diff(B.arrival_times(5, 4.0, burstiness=math.inf)), 0.25)
+    with pytest.raises(B.BenchError, match="burstiness must be positive"):
+        B.arrival_times(5, 4.0, burstiness=0.0)
+
+
+def test_goodput_counts_the_completed_requests_within_every_slo():
+    """vLLM's request goodput: completed requests whose TTFT, TPOT and E2E are all within the
+    limits, over the duration; a request without a TPOT (one chunk) counts 0 for it."""
+    records = [_record(0.0, [0.1, 0.2, 0.3]),                 # TTFT 100 ms, TPOT 100 ms, E2E 300 ms
+               _record(0.0, [0.4, 0.5, 0.6]),                 # TTFT 400 ms
+               _record(0.0, [0.1, 0.4, 0.7]),                 # TPOT 300 ms
+               _record(0.0, [0.2]),                           # one chunk: no TPOT
+               B.RequestRecord(sent=0.0, done=0.1, error="HTTP 503: busy")]
+    slo = {"ttft": 0.25, "tpot": 0.15}
+    r = B.summarize("x", 1.0, records, duration=2.0, slo=slo, concurrency=4, burstiness=0.5)
+    assert r.goodput == pytest.approx(2 / 2.0) and r.request_throughput == pytest.approx(4 / 2.0)
+    assert B.summarize("x", 1.0, records, duration=2.0, slo={"e2e": 0.35}).goodput == pytest.approx(2 / 2.0)
+    assert B.summarize("x", 1.0, records, duration=2.0).goodput is None
+    d = json.loads(json.dumps(r.to_dict()))
+    assert (d["slo"], d["goodput"], d["concurrency"], d["burstiness"]) == (slo, 1.0, 4, 0.5)
+    assert d["units"]["goodput"] == "requests/s" and d["units"]["slo"] == "s"
+    table = B.format_table([r])
+    assert re.search(r"goodput \(req/s\)\s+1\.00", table) and re.search(r"max concurrency\s+4", table)
+    assert re.search(r"burstiness\s+0\.5", table)
+    assert B.summarize("x", 1.0, records, duration=2.0, burstiness=math.inf).to_dict()["burstiness"] == "inf"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--goodput", "ttfb:500"], "'ttfb:500' is not METRIC:MS with a metric of ttft, tpot, e2el"),
+    (["--goodput", "ttft:soon"], "'soon' is not a number of milliseconds"),
+    (["--goodput", "tpot:-5"], "the limit must be a positive number of milliseconds"),
+    (["--burstiness", "0"], "must be positive (1 = Poisson), not 0"),
+])
+def test_bad_goodput_and_burstiness_are_refused_while_parsing(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        agp(["bench", "--url", "http://127.0.0.1:1", "--workload", str(_workload(tmp_path))] + argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_vllm_bench_serve_option_names_are_taken(tmp_path):
+    """`--request-rate`, `--num-prompts`, `--max-concurrency` and `--goodput ttft:… e2el:…` as a
+    `vllm bench serve` command line writes them."""
+    from pipeline_dsl.cli import build_parser
+
+    args = build_parser(["bench"]).parse_args(["bench", "--url", "http://h:1", "-w", "w.jsonl", "--request-rate", "4",
+                                      "--num-prompts", "9", "--max-concurrency", "2",
+                                      "--goodput", "ttft:500", "e2el:2000", "--burstiness", "inf"])
+    assert (args.rate, args.num, args.concurrency) == ("4", 9, 2)
+    assert dict(args.goodput) == {"ttft": 0.5, "e2e": 2.0} and math.isinf(args.burstiness)

@@ -35,17 +35,23 @@ def add_arguments(p) -> None:
     p.add_argument("--workload", "-w", required=True,
                    help="JSONL requests (agp run's format: agp's lines or OpenAI batch-API lines)")
     add_allow_path(p)
-    p.add_argument("--rate", default="inf",
+    p.add_argument("--rate", "--request-rate", default="inf",
                    help="requests/s of the Poisson arrivals, 'inf' = all at once; "
                         "a comma list (1,2,inf) measures each (default: inf)")
+    p.add_argument("--burstiness", type=burstiness, default=1.0,
+                   help="shape of the gamma-distributed gaps between arrivals, their mean 1/rate: "
+                        "1 = Poisson, below 1 burstier, above 1 more even, inf evenly spaced (default: 1)")
     amount = p.add_mutually_exclusive_group()
-    amount.add_argument("--num", "-n", type=count(1), default=None,
+    amount.add_argument("--num", "--num-prompts", "-n", type=count(1), default=None,
                         help="requests to send (default: one pass over the workload)")
     amount.add_argument("--duration", "-d", type=seconds, default=None,
                         help="send for this many seconds (workload cycled)")
-    p.add_argument("--concurrency", "-c", type=count(1), default=None,
+    p.add_argument("--concurrency", "--max-concurrency", "-c", type=count(1), default=None,
                    help="at most this many requests in flight; with --rate inf and --duration, "
                         "a closed loop of this many clients")
+    p.add_argument("--goodput", nargs="+", metavar="METRIC:MS", type=slo_limit, default=None,
+                   help="service-level objectives (ttft, tpot, e2el or e2e, in ms: --goodput ttft:500 tpot:50): "
+                        "also report the completed requests/s that met all of them")
     p.add_argument("--url", action="append", default=[], type=http_url,
                    help="an OpenAI-compatible server to measure (repeatable)")
     p.add_argument("--model", default=None, help="model id for --url (default: its first model)")
@@ -66,6 +72,38 @@ def add_arguments(p) -> None:
     p.add_argument("--request-timeout", type=seconds, default=600.0,
                    help="seconds before one request counts as an error (default: 600)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def burstiness(text: str) -> float:
+    """A positive number or inf: the shape of the arrivals' gamma gaps."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive (1 = Poisson), not {text}")
+    return value
+
+
+def slo_limit(text: str) -> tuple[str, float]:
+    """`ttft:500` -> ("ttft", 0.5): a metric of --goodput and its limit in ms, as seconds."""
+    import argparse
+
+    from pipeline_dsl.commands.loadgen import SLO_METRICS
+
+    name, colon, ms = text.partition(":")
+    name = {"e2el": "e2e"}.get(name.strip().lower(), name.strip().lower())
+    if not colon or name not in SLO_METRICS:
+        raise argparse.ArgumentTypeError(f"'{text}' is not METRIC:MS with a metric of ttft, tpot, e2el")
+    try:
+        limit = float(ms)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': '{ms}' is not a number of milliseconds") from None
+    if not (limit > 0 and math.isfinite(limit)):
+        raise argparse.ArgumentTypeError(f"'{text}': the limit must be a positive number of milliseconds")
+    return name, limit / 1000
 
 
 def _err(message: str) -> int:
@@ -132,7 +170,8 @@ def main(args) -> int:
                 report = asyncio.run(bench_one(
                     target, items, rate=rate, num=num, duration=args.duration,
                     concurrency=args.concurrency, seed=args.seed, progress=not args.no_progress,
-                    warmup=args.warmup, request_timeout=args.request_timeout))
+                    warmup=args.warmup, request_timeout=args.request_timeout, burstiness=args.burstiness,
+                    slo=dict(args.goodput or ())))
             except BenchError as e:          # this target cannot be measured: the others still are
                 print(f"agp bench: error: {e}", file=sys.stderr)
                 codes.append(1)

@@ -65,13 +65,18 @@ def load_workload(path: str | Path) -> list[ParsedRequest]:
 
 
 def arrival_times(n: int | None, rate: float, *, duration: float | None = None,
-                  seed: int = 0) -> list[float]:
+                  seed: int = 0, burstiness: float = 1.0) -> list[float]:
     """Send offsets in seconds: a Poisson process at `rate` (all 0.0 when rate is inf), its first
     request at 0.0 as `vllm bench serve` sends it (the measured duration holds no wait before it).
+    With `burstiness` other than 1 the gaps are `vllm bench serve`'s gamma-distributed ones, of
+    shape `burstiness` and the same mean 1/rate: below 1 burstier, above 1 more even, inf evenly
+    spaced.
 
     Stops after `n` arrivals or at `duration` seconds, whichever comes first."""
     if rate <= 0:
         raise BenchError(f"the rate must be positive, not {rate}")
+    if not burstiness > 0:
+        raise BenchError(f"the burstiness must be positive, not {burstiness}")
     if n is None and duration is None:
         raise BenchError("give a number of requests or a duration")
     if math.isinf(rate):
@@ -85,7 +90,12 @@ def arrival_times(n: int | None, rate: float, *, duration: float | None = None,
         if duration is not None and t > duration:
             break
         times.append(t)
-        t += float(rng.exponential(1.0 / rate))
+        if burstiness == 1.0:
+            t += float(rng.exponential(1.0 / rate))
+        elif math.isinf(burstiness):
+            t += 1.0 / rate
+        else:
+            t += float(rng.gamma(burstiness, 1.0 / (rate * burstiness)))
     return times
 
 
@@ -147,6 +157,10 @@ class Report:
     error_samples: list[str] = field(default_factory=list)
     first_error: str | None = None     # the error of the first request that failed (in send order)
     engine: dict = field(default_factory=dict)   # in-process: mean batch size, preemptions, …
+    concurrency: int | None = None     # at most this many requests in flight (None: no limit)
+    burstiness: float = 1.0            # the shape of the arrivals' gamma gaps (1: Poisson)
+    slo: dict = field(default_factory=dict)   # seconds: ttft, tpot, e2e limits of a good request
+    goodput: float | None = None       # completed requests within every `slo` / s (None: no slo)
     ttft_samples: list[float] = field(default_factory=list, repr=False)
     e2e_samples: list[float] = field(default_factory=list, repr=False)
 
@@ -155,7 +169,8 @@ class Report:
         if not samples:
             d.pop("ttft_samples")
             d.pop("e2e_samples")
-        d["rate"] = "inf" if math.isinf(self.rate) else self.rate
+        for key in ("rate", "burstiness"):     # JSON has no infinity
+            d[key] = "inf" if math.isinf(d[key]) else d[key]
         d["units"] = UNITS
         return d
 
@@ -163,7 +178,10 @@ class Report:
 # what the numbers of a report's JSON are in (the printed table shows latencies in ms)
 UNITS = {"rate": "requests/s", "duration_s": "s", "request_throughput": "requests/s",
          "output_throughput": "tokens/s", "total_throughput": "tokens/s", "ttft": "s", "tpot": "s", "itl": "s",
-         "e2e": "s", "kv_hit_rate": "fraction", "peak_memory_bytes": "bytes"}
+         "e2e": "s", "kv_hit_rate": "fraction", "peak_memory_bytes": "bytes", "slo": "s", "goodput": "requests/s"}
+
+# the limits --goodput takes (vLLM's names; e2e is agp's for e2el)
+SLO_METRICS = ("ttft", "tpot", "e2e")
 
 
 def _tpot(r: RequestRecord) -> float | None:
@@ -180,9 +198,20 @@ def _tpot(r: RequestRecord) -> float | None:
     return time_per_output_token(r.done - r.first_token, r.completion_tokens, len(r.chunk_times))
 
 
+def _good(r: RequestRecord, slo: dict) -> bool:
+    """Whether a completed request meets every limit of `slo`, as `vllm bench serve`'s goodput
+    judges it: a request without a TPOT (one token, one chunk) counts 0 for it; one without a
+    first token waited its whole E2E for it."""
+    e2e = r.done - r.sent
+    seen = {"ttft": e2e if r.first_token is None else r.first_token - r.sent, "tpot": _tpot(r) or 0.0, "e2e": e2e}
+    return all(seen[key] <= limit for key, limit in slo.items())
+
+
 def summarize(label: str, rate: float, records: list[RequestRecord], duration: float,
-              engine_stats: dict | None = None) -> Report:
+              engine_stats: dict | None = None, *, concurrency: int | None = None,
+              burstiness: float = 1.0, slo: dict | None = None) -> Report:
     ok = [r for r in records if r.error is None and not r.truncated and r.done is not None]
+    slo = dict(slo or {})
     ttft = [r.first_token - r.sent for r in ok if r.first_token is not None]
     e2e = [r.done - r.sent for r in ok]
     tpot = [t for r in ok if (t := _tpot(r)) is not None]
@@ -204,6 +233,8 @@ def summarize(label: str, rate: float, records: list[RequestRecord], duration: f
         kv_hit_rate=cached / prompt if prompt else None,
         ttft=_dist(ttft), tpot=_dist(tpot), itl=_dist(itl), e2e=_dist(e2e),
         error_samples=sorted(set(errors))[:5], first_error=errors[0] if errors else None, engine=engine,
+        concurrency=concurrency, burstiness=burstiness, slo=slo,
+        goodput=sum(_good(r, slo) for r in ok) / duration if slo else None,
         ttft_samples=ttft, e2e_samples=e2e)
 
 
@@ -492,7 +523,7 @@ def _typed(value: str):
 async def run_load(target, items: list[ParsedRequest], *, rate: float = math.inf,
                    num: int | None = None, duration: float | None = None,
                    concurrency: int | None = None, seed: int = 0, progress: bool = True,
-                   request_timeout: float = 600.0) -> tuple[list[RequestRecord], float]:
+                   request_timeout: float = 600.0, burstiness: float = 1.0) -> tuple[list[RequestRecord], float]:
     """Send the workload (cycled) and wait for every answer; returns (records, wall seconds).
 
     Open loop: arrivals at `rate` (Poisson) or all at once (inf). With `concurrency`, at
@@ -501,7 +532,7 @@ async def run_load(target, items: list[ParsedRequest], *, rate: float = math.inf
     if concurrency is not None and math.isinf(rate) and num is None:
         offsets = None                      # closed loop until `duration`
     else:
-        offsets = arrival_times(num, rate, duration=duration, seed=seed)
+        offsets = arrival_times(num, rate, duration=duration, seed=seed, burstiness=burstiness)
     bar = _progress(len(offsets) if offsets is not None else None, progress)
     limit = asyncio.Semaphore(concurrency) if concurrency else None
     records: list[RequestRecord] = []
@@ -578,7 +609,7 @@ def _progress(total, enabled: bool):
 
 async def bench_one(target, items, *, rate: float, num=None, duration=None, concurrency=None,
                     seed: int = 0, progress: bool = True, warmup: int = 1,
-                    request_timeout: float = 600.0) -> Report:
+                    request_timeout: float = 600.0, burstiness: float = 1.0, slo: dict | None = None) -> Report:
     """Start the target, warm it up, run the load, summarise."""
     await target.start()
     try:
@@ -588,11 +619,12 @@ async def bench_one(target, items, *, rate: float, num=None, duration=None, conc
         before = await target.stats()
         records, wall = await run_load(target, items, rate=rate, num=num, duration=duration,
                                        concurrency=concurrency, seed=seed, progress=progress,
-                                       request_timeout=request_timeout)
+                                       request_timeout=request_timeout, burstiness=burstiness)
         stats = during(before, await target.stats())
     finally:
         await target.close()
-    return summarize(target.label, rate, records, wall, stats)
+    return summarize(target.label, rate, records, wall, stats, concurrency=concurrency,
+                     burstiness=burstiness, slo=slo)
 
 
 # ---------------------------------------------------------------- output
@@ -604,11 +636,20 @@ def _ms(v) -> str:
 def _rows(reports: list[Report]) -> list[tuple[str, list[str]]]:
     rows: list[tuple[str, list[str]]] = [
         ("rate (req/s)", ["inf" if math.isinf(r.rate) else f"{r.rate:g}" for r in reports]),
+        ("max concurrency", [str(r.concurrency) if r.concurrency else "-" for r in reports]),
+    ]
+    if any(r.burstiness != 1.0 for r in reports):
+        rows.append(("burstiness", [f"{r.burstiness:g}" for r in reports]))
+    rows += [
         ("requests ok/sent", [f"{r.completed}/{r.requests}" for r in reports]),
         ("errors", [str(r.errors) for r in reports]),
         ("truncated streams", [str(r.truncated) for r in reports]),
         ("duration (s)", [f"{r.duration_s:.1f}" for r in reports]),
         ("requests/s", [f"{r.request_throughput:.2f}" for r in reports]),
+    ]
+    if any(r.slo for r in reports):
+        rows.append(("goodput (req/s)", ["-" if r.goodput is None else f"{r.goodput:.2f}" for r in reports]))
+    rows += [
         ("output tok/s", [f"{r.output_throughput:.1f}" for r in reports]),
         ("total tok/s", [f"{r.total_throughput:.1f}" for r in reports]),
         ("KV hit rate", ["-" if r.kv_hit_rate is None else f"{r.kv_hit_rate:.1%}" for r in reports]),
