@@ -476,6 +476,9 @@ def test_bench_exits_1_only_when_no_request_of_a_target_succeeded(tmp_path, caps
     ("ftp://host", "its scheme is 'ftp'"),
     ("http://", "names no host"),
     ("http://host:70000", "is not a valid URL"),
+    # vLLM's --base-url beside --endpoint: the endpoint in the URL was sent /v1/models after it
+    ("http://127.0.0.1:8000/v1/chat/completions", "is an endpoint, not a server's base URL"),
+    ("http://127.0.0.1:8000/v1/completions/", "is an endpoint, not a server's base URL"),
 ])
 def test_bench_url_is_checked_before_anything_is_measured(tmp_path, tiny_gguf, capsys, url, message):
     code = -1
@@ -614,6 +617,7 @@ def test_goodput_counts_the_completed_requests_within_every_slo():
     (["--goodput", "ttft:soon"], "'soon' is not a number of milliseconds"),
     (["--goodput", "tpot:-5"], "the limit must be a positive number of milliseconds"),
     (["--burstiness", "0"], "must be positive (1 = Poisson), not 0"),
+    (["--seed", "-1"], "argument --seed: must be between 0 and"),     # numpy's ValueError, an internal error
 ])
 def test_bad_goodput_and_burstiness_are_refused_while_parsing(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as e:

@@ -67,7 +67,7 @@ def add_arguments(p) -> None:
     p.add_argument("--no-overlap", action="store_true",
                    help="in-process: run the plan's streams serially (A/B against overlap; by default CUDA overlaps them, "
                         "CPU only with a core to spare beside the forward's threads)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the arrival times (default: 0)")
+    p.add_argument("--seed", type=count(0, 2**64 - 1), default=0, help="seed of the arrival times (default: 0)")
     p.add_argument("--warmup", type=count(0), default=1, help="requests sent before measuring (default: 1)")
     p.add_argument("--request-timeout", type=seconds, default=600.0,
                    help="seconds before one request counts as an error (default: 600)")
