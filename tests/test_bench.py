@@ -635,3 +635,13 @@ def test_vllm_bench_serve_option_names_are_taken(tmp_path):
                                       "--goodput", "ttft:500", "e2el:2000", "--burstiness", "inf"])
     assert (args.rate, args.num, args.concurrency) == ("4", 9, 2)
     assert dict(args.goodput) == {"ttft": 0.5, "e2e": 2.0} and math.isinf(args.burstiness)
+
+
+def test_a_sharegpt_line_is_named_as_such(tmp_path):
+    """vLLM's ShareGPT records as lines: the error was "unknown field 'conversations'"."""
+    path = tmp_path / "sharegpt.jsonl"
+    path.write_text(json.dumps({"id": "x", "conversations": [{"from": "human", "value": "hi"},
+                                                             {"from": "gpt", "value": "hello"}]}) + "\n")
+    with pytest.raises(B.BenchError, match=r"sharegpt\.jsonl:1: a ShareGPT conversation, not a request: "
+                                           r"turn the file into chat lines first"):
+        B.load_workload(path)

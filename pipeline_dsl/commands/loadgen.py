@@ -53,6 +53,9 @@ def load_workload(path: str | Path) -> list[ParsedRequest]:
             continue
         try:
             obj = load_json(line, "the line")           # a line that is not UTF-8 is named as agp run names it
+            if isinstance(obj, dict) and "conversations" in obj and "messages" not in obj:
+                raise BenchError(f"{path}:{lineno}: a ShareGPT conversation, not a request: turn the file into "
+                                 f"chat lines first (a jq command for it is in docs/benchmarks.md)")
             if batch_api.is_batch_line(obj):        # an OpenAI batch-API line, as agp run takes it
                 items.append(batch_api.workload_request(obj, lineno))
             else:
