@@ -69,11 +69,11 @@ def load_workload(path: str | Path) -> list[ParsedRequest]:
 
 def arrival_times(n: int | None, rate: float, *, duration: float | None = None,
                   seed: int = 0, burstiness: float = 1.0) -> list[float]:
-    """Send offsets in seconds: a Poisson process at `rate` (all 0.0 when rate is inf), its first
-    request at 0.0 as `vllm bench serve` sends it (the measured duration holds no wait before it).
-    With `burstiness` other than 1 the gaps are `vllm bench serve`'s gamma-distributed ones, of
-    shape `burstiness` and the same mean 1/rate: below 1 burstier, above 1 more even, inf evenly
-    spaced.
+    """Send offsets in seconds, as `vllm bench serve` schedules them: the i-th request after the
+    sum of i gaps of a Poisson process at `rate` (all 0.0 when rate is inf). With `burstiness`
+    other than 1 the gaps are gamma-distributed, of shape `burstiness` and the same mean 1/rate:
+    below 1 burstier, above 1 more even, inf evenly spaced. `n` requests are scaled to end at
+    n / rate exactly, so that the offered rate is the asked one whatever the seed.
 
     Stops after `n` arrivals or at `duration` seconds, whichever comes first."""
     if rate <= 0:
@@ -88,17 +88,23 @@ def arrival_times(n: int | None, rate: float, *, duration: float | None = None,
                              "or --concurrency for a closed loop over --duration")
         return [0.0] * n
     rng = np.random.default_rng(seed)
-    times, t = [], 0.0
-    while n is None or len(times) < n:
-        if duration is not None and t > duration:
-            break
-        times.append(t)
+
+    def gap() -> float:
         if burstiness == 1.0:
-            t += float(rng.exponential(1.0 / rate))
-        elif math.isinf(burstiness):
-            t += 1.0 / rate
-        else:
-            t += float(rng.gamma(burstiness, 1.0 / (rate * burstiness)))
+            return float(rng.exponential(1.0 / rate))
+        if math.isinf(burstiness):
+            return 1.0 / rate
+        return float(rng.gamma(burstiness, 1.0 / (rate * burstiness)))
+
+    if n is not None:
+        times = np.cumsum([gap() for _ in range(n)])
+        if n and times[-1] > 0:
+            times *= n / rate / times[-1]
+        return [float(t) for t in times if duration is None or t <= duration]
+    times, t = [], gap()
+    while t <= duration:
+        times.append(t)
+        t += gap()
     return times
 
 
