@@ -649,3 +649,34 @@ def test_a_sharegpt_line_is_named_as_such(tmp_path):
     with pytest.raises(B.BenchError, match=r"sharegpt\.jsonl:1: a ShareGPT conversation, not a request: "
                                            r"turn the file into chat lines first"):
         B.load_workload(path)
+
+
+class _Garbling(_Refusing):
+    """Streams a chunk, then an event that is not JSON (a proxy's page, a cut write), then [DONE]."""
+    event = b"<html>502 Bad Gateway</html>"
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        chunk = {"choices": [{"index": 0, "text": "hi", "finish_reason": None}]}
+        body = f"data: {json.dumps(chunk)}\n\n".encode() + b"data: " + self.event + b"\n\ndata: [DONE]\n\n"
+        self._send(200, body, "text/event-stream")
+
+
+@pytest.mark.parametrize("event, message", [
+    (b"<html>502 Bad Gateway</html>", "an event of the stream is not JSON: '<html>502 Bad Gateway</html>'"),
+    (b"[1, 2]", "an event of the stream is not a JSON object: '[1, 2]'"),
+])
+def test_a_stream_event_that_is_not_json_is_a_failed_request_that_says_so(event, message):
+    """Said "JSONDecodeError: Expecting value: line 1 column 1 (char 0)" (and "AttributeError: 'list'
+    object has no attribute 'get'" for a JSON array): which event, of what?"""
+    handler = type("Handler", (_Garbling,), {"event": event})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    items = [parse_line(json.dumps({"prompt": "hi", "max_tokens": 4}), 1)]
+    try:
+        r = asyncio.run(B.bench_one(B.HTTPTarget(f"http://127.0.0.1:{server.server_address[1]}"), items,
+                                    rate=math.inf, num=2, progress=False, warmup=0))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (r.errors, r.completed) == (2, 0) and r.error_samples == [message]

@@ -408,7 +408,14 @@ class HTTPTarget:
                 if data == "[DONE]":
                     done = True
                     break
-                chunk = json.loads(data)
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    rec.error = f"an event of the stream is not JSON: {data[:80]!r}"
+                    return
+                if not isinstance(chunk, dict):
+                    rec.error = f"an event of the stream is not a JSON object: {data[:80]!r}"
+                    return
                 if "error" in chunk:
                     rec.error = str(chunk["error"].get("message", chunk["error"]))[:200]
                     return
