@@ -680,3 +680,35 @@ def test_a_stream_event_that_is_not_json_is_a_failed_request_that_says_so(event,
         server.shutdown()
         server.server_close()
     assert (r.errors, r.completed) == (2, 0) and r.error_samples == [message]
+
+
+def test_the_progress_bar_counts_the_tokens_and_errors_of_the_ended_requests(monkeypatch):
+    class Bar:
+        def __init__(self):
+            self.n, self.postfix = 0, []
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix_str(self, text, refresh=True):
+            self.postfix.append(text)
+
+        def close(self):
+            pass
+
+    class Target:
+        sent = 0
+
+        async def send(self, item, rec, clock):
+            Target.sent += 1
+            if Target.sent % 3 == 0:
+                raise ConnectionError("reset")
+            rec.chunk(clock())
+            rec.completion_tokens = 5
+
+    bar = Bar()
+    monkeypatch.setattr(B, "_progress", lambda total, enabled: bar)
+    items = [parse_line(json.dumps({"prompt": "hi"}), 1)]
+    records, _ = asyncio.run(B.run_load(Target(), items, rate=math.inf, num=6))
+    assert bar.n == 6 and re.fullmatch(r"\d+ tok/s 2 err", bar.postfix[-1])
+    assert sum(r.completion_tokens for r in records) == 20
