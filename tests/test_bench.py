@@ -712,3 +712,39 @@ def test_the_progress_bar_counts_the_tokens_and_errors_of_the_ended_requests(mon
     records, _ = asyncio.run(B.run_load(Target(), items, rate=math.inf, num=6))
     assert bar.n == 6 and re.fullmatch(r"\d+ tok/s 2 err", bar.postfix[-1])
     assert sum(r.completion_tokens for r in records) == 20
+
+
+def test_an_earlier_runs_reports_are_shown_beside_this_ones(tmp_path, capsys):
+    """Comparing two runs (before and after a change) took both targets in one invocation: a run
+    saved with --json could not be set beside another. --baseline reads it back, labelled with
+    its file's name."""
+    before = B.summarize("chat", math.inf, [_record(0.0, [0.2, 0.3, 0.4])], duration=1.0, concurrency=4,
+                         slo={"ttft": 0.5}, burstiness=math.inf)
+    after = B.summarize("chat", 2.0, [_record(0.0, [0.1, 0.15, 0.2])], duration=1.0)
+    for name, r in (("before.json", before), ("after.json", after)):
+        (tmp_path / name).write_text(json.dumps([r.to_dict()]))
+    back = B.load_reports(tmp_path / "before.json")[0]
+    assert (back.rate, back.burstiness, back.concurrency, back.slo, back.ttft) == \
+        (math.inf, math.inf, 4, {"ttft": 0.5}, before.ttft)
+    code = agp(["bench", "--baseline", str(tmp_path / "before.json"), "--baseline", str(tmp_path / "after.json")])
+    out = capsys.readouterr().out
+    assert code == 0
+    header = out.splitlines()[0]
+    assert "chat (before.json)" in header and "chat (after.json)" in header
+    assert re.search(r"TTFT p50 \(ms\)\s+200\.0\s+100\.0", out) and re.search(r"goodput \(req/s\)\s+1\.00\s+-", out)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "cannot read the reports of"),
+    ('[{"label": "x"}]', "is not a report file of agp bench --json"),
+    ('[1, 2]', "is not a report file of agp bench --json"),
+])
+def test_a_baseline_that_is_no_report_file_is_refused_before_measuring(tmp_path, capsys, text, message):
+    path = tmp_path / "old.json"
+    path.write_text(text)
+    code = agp(["bench", "--url", "http://127.0.0.1:1", "--workload", str(_workload(tmp_path)),
+                "--baseline", str(path)])
+    captured = capsys.readouterr()
+    assert code == 2 and message in captured.err and captured.out == ""
+    assert agp(["bench", "--url", "http://127.0.0.1:1"]) == 2
+    assert "the following arguments are required: --workload/-w" in capsys.readouterr().err

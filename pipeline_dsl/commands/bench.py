@@ -4,12 +4,14 @@
     agp bench examples/chat.agp examples/chat.agp,prefix_reuse=false \\
         --workload bench/workloads/shared_prefix.jsonl --rate 1,2,inf --num 64 --compare --plot out/b.png
     agp bench --url http://127.0.0.1:8000 --workload bench/workloads/short_chat.jsonl --duration 30
+    agp bench examples/chat.agp -w bench/workloads/short_chat.jsonl --rate 4 --baseline before.json
 
 A PIPELINE runs in this process (its engine driven as `agp serve` drives it); append
 `,key=value` EngineConfig settings to measure a variant. `--url` (repeatable) measures any
 OpenAI-compatible server over streaming HTTP. Arrivals are Poisson at each `--rate`
 (`inf`: all at once). Reports request and token throughput, TTFT, TPOT, inter-token and
-end-to-end latency (mean, p50, p90, p99), errors and the KV hit rate.
+end-to-end latency (mean, p50, p90, p99), errors and the KV hit rate; `--baseline` sets an
+earlier run's `--json` reports beside them.
 
 Exit status: 0 when every measurement had a request succeed (failed requests under load are
 part of the result, its errors row); 1 when some target at some rate had none succeed (every
@@ -32,7 +34,7 @@ def add_arguments(p) -> None:
 
     p.add_argument("pipelines", nargs="*", metavar="PIPELINE",
                    help="a .agp file, optionally followed by ,key=value engine settings")
-    p.add_argument("--workload", "-w", required=True,
+    p.add_argument("--workload", "-w",
                    help="JSONL requests (agp run's format: agp's lines or OpenAI batch-API lines)")
     add_allow_path(p)
     p.add_argument("--rate", "--request-rate", default="inf",
@@ -61,6 +63,9 @@ def add_arguments(p) -> None:
                    help="write throughput-vs-rate and latency CDFs here (.png, .svg or .pdf)")
     p.add_argument("--json", dest="json_out", type=output_file, default=None,
                    help="write the reports as JSON here (latencies in seconds; each report's 'units' names them)")
+    p.add_argument("--baseline", action="append", default=[], metavar="JSON",
+                   help="the reports an earlier run wrote with --json, shown beside this run's as --compare "
+                        "shows them (repeatable; without a PIPELINE or --url, only they are shown)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=None,
                    help="override the pipelines' precision")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -127,16 +132,22 @@ def parse_rates(text: str) -> list[float]:
 
 def main(args) -> int:
     from pipeline_dsl.commands.loadgen import (BenchError, EngineTarget, HTTPTarget, bench_one, failure,
-                                        format_table, load_workload, parse_target, plot)
+                                        format_table, load_reports, load_workload, parse_target)
     from pipeline_dsl.diagnostics import CheckFailed
     from pipeline_dsl.engine.errors import InputError
 
-    if not args.pipelines and not args.url:
-        return _err("give at least one PIPELINE or --url")
+    measured = bool(args.pipelines or args.url)
+    if not measured and not args.baseline:
+        return _err("give at least one PIPELINE or --url (or --baseline reports to show)")
+    if measured and args.workload is None:
+        return _err("the following arguments are required: --workload/-w")
     if args.threads is not None and args.threads < 1:
         return _err(f"--threads must be at least 1, not {args.threads}")
     try:
+        saved = [r for path in args.baseline for r in load_reports(path)]
         rates = parse_rates(args.rate)
+        if not measured:
+            return _show(saved, args)
         items = load_workload(args.workload)
         for spec in args.pipelines:
             parse_target(spec)               # bad paths / settings before any model loads
@@ -184,19 +195,28 @@ def main(args) -> int:
     if not reports:
         return max(codes)
     _dedupe_labels(reports)
-    if args.compare:
-        print(format_table(reports))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps([r.to_dict() for r in reports], indent=2))
-    plot_path = args.plot or ("agp-bench.png" if args.compare else None)
-    if plot_path:
-        plot(reports, plot_path)
-        print(f"plot: {plot_path}", file=sys.stderr)
+    _show(saved + reports, args, table=args.compare or bool(saved))
     failed = [(r, why) for r in reports if (why := failure(r))]
     for r, why in failed:                    # the other targets' measurements are printed above
         rate = "inf" if math.isinf(r.rate) else f"{r.rate:g}"
         print(f"agp bench: error: {r.label} at rate {rate}: {why}", file=sys.stderr)
     return max([*codes, 1 if failed else 0])
+
+
+def _show(reports, args, table: bool = True) -> int:
+    """Reports side by side (a table when `table`) and plotted (--plot; --compare's default file)."""
+    from pipeline_dsl.commands.loadgen import format_table, plot
+
+    _dedupe_labels(reports)
+    if table:
+        print(format_table(reports))
+    plot_path = args.plot or ("agp-bench.png" if args.compare else None)
+    if plot_path:
+        plot(reports, plot_path)
+        print(f"plot: {plot_path}", file=sys.stderr)
+    return 0
 
 
 def _dedupe_labels(reports) -> None:

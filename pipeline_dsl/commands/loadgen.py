@@ -183,6 +183,41 @@ class Report:
         d["units"] = UNITS
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Report":
+        """A report as to_dict wrote it (a --json file of an earlier run)."""
+        from dataclasses import fields
+
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        for key in ("rate", "burstiness"):
+            if d.get(key) == "inf":
+                d[key] = math.inf
+        return cls(**d)
+
+
+def load_reports(path: str | Path) -> list[Report]:
+    """The reports of an earlier run's `--json` file, labelled with the file's name."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BenchError(f"report file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise BenchError(f"cannot read the reports of {path}: {e}") from None
+    if isinstance(data, dict):
+        data = [data]
+    try:
+        if not data or not all(isinstance(d, dict) for d in data):
+            raise TypeError
+        reports = [Report.from_dict(d) for d in data]
+    except TypeError:
+        raise BenchError(f"{path} is not a report file of agp bench --json (a list of reports, each with "
+                         f"its label, rate, counts and latencies)") from None
+    for r in reports:
+        r.label = f"{r.label} ({path.name})"
+    return reports
+
 
 # what the numbers of a report's JSON are in (the printed table shows latencies in ms)
 UNITS = {"rate": "requests/s", "duration_s": "s", "request_throughput": "requests/s",
