@@ -665,6 +665,8 @@ class _Garbling(_Refusing):
 @pytest.mark.parametrize("event, message", [
     (b"<html>502 Bad Gateway</html>", "an event of the stream is not JSON: '<html>502 Bad Gateway</html>'"),
     (b"[1, 2]", "an event of the stream is not a JSON object: '[1, 2]'"),
+    (b'{"error": "the engine is overloaded"}', "the engine is overloaded"),    # was "AttributeError: 'str' …"
+    (b'{"error": {"message": "the engine died", "code": 500}}', "the engine died"),
 ])
 def test_a_stream_event_that_is_not_json_is_a_failed_request_that_says_so(event, message):
     """Said "JSONDecodeError: Expecting value: line 1 column 1 (char 0)" (and "AttributeError: 'list'

@@ -452,7 +452,8 @@ class HTTPTarget:
                     rec.error = f"an event of the stream is not a JSON object: {data[:80]!r}"
                     return
                 if "error" in chunk:
-                    rec.error = str(chunk["error"].get("message", chunk["error"]))[:200]
+                    error = chunk["error"]
+                    rec.error = str(error.get("message", error) if isinstance(error, dict) else error)[:200]
                     return
                 for choice in chunk.get("choices") or ():
                     if _carries_tokens(choice, chat):
