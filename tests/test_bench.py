@@ -7,6 +7,7 @@ import json
 import math
 import re
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -750,3 +751,87 @@ def test_a_baseline_that_is_no_report_file_is_refused_before_measuring(tmp_path,
     assert code == 2 and message in captured.err and captured.out == ""
     assert agp(["bench", "--url", "http://127.0.0.1:1"]) == 2
     assert "the following arguments are required: --workload/-w" in capsys.readouterr().err
+
+
+class _Stalling(_Refusing):
+    """Answers the first `answered` completions with one token; the later ones never finish."""
+    answered, seen = 2, 0
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        cls = type(self)
+        cls.seen += 1
+        if cls.seen > cls.answered:
+            time.sleep(60)
+            return
+        chunk = {"choices": [{"index": 0, "text": "hi", "finish_reason": "length"}],
+                 "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+        self._send(200, f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode(), "text/event-stream")
+
+
+def _stalling_server():
+    handler = type("Handler", (_Stalling,), {"seen": 0})
+    server = type("Server", (http.server.ThreadingHTTPServer,), {"daemon_threads": True, "block_on_close": False})(
+        ("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, handler
+
+
+def test_a_stopped_load_reports_the_requests_that_had_ended():
+    """Ctrl-C (asyncio.run cancels the load): the requests that ended are the result, those cut are
+    not counted; before, nothing was reported."""
+    server, handler = _stalling_server()
+    target = B.HTTPTarget(f"http://127.0.0.1:{server.server_address[1]}", model="m")
+    items = [parse_line(json.dumps({"prompt": "hi", "max_tokens": 1}), 1)]
+
+    async def go():
+        await target.start()
+        load = asyncio.create_task(B.run_load(target, items, rate=math.inf, num=5, concurrency=3, progress=False))
+        while handler.seen < 5:
+            await asyncio.sleep(0.01)
+        load.cancel()
+        try:
+            await load
+        finally:
+            await target.close()
+
+    try:
+        with pytest.raises(B.Interrupted) as stop:
+            asyncio.run(go())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(stop.value.records) == 2 and all(r.error is None and r.done for r in stop.value.records)
+    r = B.summarize("x", math.inf, stop.value.records, stop.value.wall)
+    assert (r.requests, r.completed, r.errors) == (2, 2, 0)
+
+
+def test_ctrl_c_prints_and_writes_what_was_measured_and_exits_130(tmp_path):
+    """agp bench exited 130 in silence on Ctrl-C, every measurement lost, a long --duration run's too."""
+    import signal
+    import subprocess
+    import sys
+
+    server, handler = _stalling_server()
+    js = tmp_path / "r.json"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "bench", "--url",
+                             f"http://127.0.0.1:{server.server_address[1]}", "-w", str(_workload(tmp_path)),
+                             "--warmup", "0", "--no-progress", "--json", str(js)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        while handler.seen < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 130
+    assert re.search(r"requests ok/sent\s+2/2", out)
+    assert "agp bench: interrupted while measuring http://127.0.0.1:" in err
+    assert "its report holds the 2 requests that had ended" in err
+    (report,) = json.loads(js.read_text())
+    assert (report["requests"], report["completed"]) == (2, 2)

@@ -15,7 +15,8 @@ earlier run's `--json` reports beside them.
 
 Exit status: 0 when every measurement had a request succeed (failed requests under load are
 part of the result, its errors row); 1 when some target at some rate had none succeed (every
-measurement is still reported, then one line each naming the first error); 2 for bad options.
+measurement is still reported, then one line each naming the first error); 2 for bad options;
+130 on Ctrl-C, the measurement it cut reported with the requests that had ended.
 """
 from __future__ import annotations
 
@@ -131,8 +132,8 @@ def parse_rates(text: str) -> list[float]:
 
 
 def main(args) -> int:
-    from pipeline_dsl.commands.loadgen import (BenchError, EngineTarget, HTTPTarget, bench_one, failure,
-                                        format_table, load_reports, load_workload, parse_target)
+    from pipeline_dsl.commands.loadgen import (BenchError, EngineTarget, HTTPTarget, Interrupted, bench_one,
+                                        failure, format_table, load_reports, load_workload, parse_target)
     from pipeline_dsl.diagnostics import CheckFailed
     from pipeline_dsl.engine.errors import InputError
 
@@ -166,10 +167,16 @@ def main(args) -> int:
             yield lambda url=url: HTTPTarget(url, args.model, timeout=args.request_timeout)
 
     reports, codes = [], []      # codes: the exit code of each target that could not be measured
+    stopped = None               # Ctrl-C: why the measurements stopped there
     for make in targets():
+        if stopped is not None:
+            break
         for rate in rates:
             try:
                 target = make()              # a fresh engine (cold KV cache) per measurement
+            except KeyboardInterrupt:
+                stopped = "while a pipeline loaded"
+                break
             except CheckFailed as e:
                 sys.stderr.write(e.render())
                 codes.append(2)
@@ -187,21 +194,35 @@ def main(args) -> int:
                 print(f"agp bench: error: {e}", file=sys.stderr)
                 codes.append(1)
                 break
+            except Interrupted as e:
+                report = e.report
+                stopped = (f"while measuring {report.label} at rate {_rate(rate)}: its report holds the "
+                           f"{report.requests} requests that had ended in its first {report.duration_s:.1f} s")
+            except KeyboardInterrupt:        # before the load began (its warm-up, a server's models)
+                stopped = "before a measurement began"
+                break
             del target
             reports.append(report)
             if not args.compare:
                 print(format_table([report]), flush=True)
                 print()
+            if stopped is not None:
+                break
     if not reports:
+        if stopped is not None:
+            print(f"agp bench: interrupted {stopped}", file=sys.stderr)
+            return 130
         return max(codes)
     _dedupe_labels(reports)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps([r.to_dict() for r in reports], indent=2))
     _show(saved + reports, args, table=args.compare or bool(saved))
+    if stopped is not None:
+        print(f"agp bench: interrupted {stopped}", file=sys.stderr)
+        return 130
     failed = [(r, why) for r in reports if (why := failure(r))]
     for r, why in failed:                    # the other targets' measurements are printed above
-        rate = "inf" if math.isinf(r.rate) else f"{r.rate:g}"
-        print(f"agp bench: error: {r.label} at rate {rate}: {why}", file=sys.stderr)
+        print(f"agp bench: error: {r.label} at rate {_rate(r.rate)}: {why}", file=sys.stderr)
     return max([*codes, 1 if failed else 0])
 
 
@@ -217,6 +238,10 @@ def _show(reports, args, table: bool = True) -> int:
         plot(reports, plot_path)
         print(f"plot: {plot_path}", file=sys.stderr)
     return 0
+
+
+def _rate(rate: float) -> str:
+    return "inf" if math.isinf(rate) else f"{rate:g}"
 
 
 def _dedupe_labels(reports) -> None:

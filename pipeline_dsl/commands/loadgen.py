@@ -35,6 +35,15 @@ class BenchError(ValueError):
     """Bad benchmark input (workload file, target, option): a clean error, exit 2."""
 
 
+class Interrupted(Exception):
+    """The load was stopped (Ctrl-C) before its end: `records` are the requests that had ended,
+    `wall` the seconds until the stop; bench_one sets `report`, their summary."""
+
+    def __init__(self, records: list, wall: float):
+        super().__init__("interrupted")
+        self.records, self.wall, self.report = records, wall, None
+
+
 # ---------------------------------------------------------------- workload
 
 def load_workload(path: str | Path) -> list[ParsedRequest]:
@@ -592,12 +601,17 @@ async def run_load(target, items: list[ParsedRequest], *, rate: float = math.inf
     clock = time.perf_counter              # every record at each end, they cost the loop n² / 2 steps)
     t0 = clock()
 
+    cut: set[int] = set()                  # the records of requests a stop left unanswered
+
     async def one(i: int, sent: float) -> None:
         rec = RequestRecord(sent=sent)             # when the load sent it, not when the task ran
         records.append(rec)
         try:
             await asyncio.wait_for(target.send(items[i % len(items)], rec, clock),
                                    request_timeout)
+        except asyncio.CancelledError:
+            cut.add(id(rec))
+            raise
         except asyncio.TimeoutError:
             rec.error = f"timed out after {request_timeout:g} s"
         except Exception as e:               # noqa: BLE001 - one failed request, counted
@@ -615,28 +629,35 @@ async def run_load(target, items: list[ParsedRequest], *, rate: float = math.inf
 
     tasks = []
     i = 0
-    while True:
-        if offsets is not None:
-            if i >= len(offsets):
+    try:
+        while True:
+            if offsets is not None:
+                if i >= len(offsets):
+                    break
+                delay = t0 + offsets[i] - clock()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            elif clock() - t0 >= duration:
                 break
-            delay = t0 + offsets[i] - clock()
-            if delay > 0:
-                await asyncio.sleep(delay)
-        elif clock() - t0 >= duration:
-            break
-        if limit:
-            await limit.acquire()
-            if offsets is None and clock() - t0 >= duration:
-                limit.release()
-                break
-        tasks.append(asyncio.create_task(one(i, clock())))
-        i += 1
-    if tasks:
-        await asyncio.gather(*tasks)
-    wall = clock() - t0
-    if bar is not None:
-        bar.close()
-    return records, wall
+            if limit:
+                await limit.acquire()
+                if offsets is None and clock() - t0 >= duration:
+                    limit.release()
+                    break
+            tasks.append(asyncio.create_task(one(i, clock())))
+            i += 1
+        if tasks:
+            await asyncio.gather(*tasks)
+    except asyncio.CancelledError:         # Ctrl-C (asyncio.run cancels the load): what ended is the result
+        wall = clock() - t0
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise Interrupted([r for r in records if id(r) not in cut], wall) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    return records, clock() - t0
 
 
 def during(before: dict, after: dict) -> dict:
@@ -667,19 +688,30 @@ async def bench_one(target, items, *, rate: float, num=None, duration=None, conc
                     request_timeout: float = 600.0, burstiness: float = 1.0, slo: dict | None = None) -> Report:
     """Start the target, warm it up, run the load, summarise."""
     await target.start()
+    stopped = None
     try:
         if warmup:
-            await run_load(target, items[:1] * warmup, rate=math.inf, num=warmup, progress=False,
-                           request_timeout=request_timeout)
+            try:
+                await run_load(target, items[:1] * warmup, rate=math.inf, num=warmup, progress=False,
+                               request_timeout=request_timeout)
+            except Interrupted:
+                raise KeyboardInterrupt from None          # nothing measured yet
         before = await target.stats()
-        records, wall = await run_load(target, items, rate=rate, num=num, duration=duration,
-                                       concurrency=concurrency, seed=seed, progress=progress,
-                                       request_timeout=request_timeout, burstiness=burstiness)
+        try:
+            records, wall = await run_load(target, items, rate=rate, num=num, duration=duration,
+                                           concurrency=concurrency, seed=seed, progress=progress,
+                                           request_timeout=request_timeout, burstiness=burstiness)
+        except Interrupted as e:
+            stopped, records, wall = e, e.records, e.wall
         stats = during(before, await target.stats())
     finally:
         await target.close()
-    return summarize(target.label, rate, records, wall, stats, concurrency=concurrency,
-                     burstiness=burstiness, slo=slo)
+    report = summarize(target.label, rate, records, wall, stats, concurrency=concurrency,
+                       burstiness=burstiness, slo=slo)
+    if stopped is not None:
+        stopped.report = report
+        raise stopped
+    return report
 
 
 # ---------------------------------------------------------------- output
