@@ -737,10 +737,18 @@ def test_an_earlier_runs_reports_are_shown_beside_this_ones(tmp_path, capsys):
     assert re.search(r"TTFT p50 \(ms\)\s+200\.0\s+100\.0", out) and re.search(r"goodput \(req/s\)\s+1\.00\s+-", out)
 
 
+_SAVED = B.summarize("x", 2.0, [_record(0.0, [0.2, 0.3])], duration=1.0).to_dict()
+
+
 @pytest.mark.parametrize("text, message", [
     ("{not json", "cannot read the reports of"),
-    ('[{"label": "x"}]', "is not a report file of agp bench --json"),
     ('[1, 2]', "is not a report file of agp bench --json"),
+    ('[{"label": "x"}]', "report 1 is not one agp bench --json writes: it has no 'rate'"),
+    # an edited file: an internal error (KeyError: 'mean', TypeError: must be real number) once measured
+    (json.dumps([_SAVED, {**_SAVED, "ttft": {}}]), "report 2 is not one agp bench --json writes: 'ttft' must be "
+                                                  "an object of mean, p50, p90, p99"),
+    (json.dumps([{**_SAVED, "rate": "fast"}]), "'rate' must be a number"),
+    (json.dumps([{**_SAVED, "completed": "six"}]), "'completed' must be an integer"),
 ])
 def test_a_baseline_that_is_no_report_file_is_refused_before_measuring(tmp_path, capsys, text, message):
     path = tmp_path / "old.json"
@@ -835,3 +843,11 @@ def test_ctrl_c_prints_and_writes_what_was_measured_and_exits_130(tmp_path):
     assert "its report holds the 2 requests that had ended" in err
     (report,) = json.loads(js.read_text())
     assert (report["requests"], report["completed"]) == (2, 2)
+
+
+def test_a_report_saved_before_the_newer_fields_is_read_with_their_defaults(tmp_path):
+    """A --json file written before reports held burstiness, concurrency, slo and goodput."""
+    old = {k: v for k, v in _SAVED.items() if k not in ("burstiness", "concurrency", "slo", "goodput")}
+    (tmp_path / "old.json").write_text(json.dumps([old]))
+    (r,) = B.load_reports(tmp_path / "old.json")
+    assert (r.burstiness, r.concurrency, r.slo, r.goodput, r.label) == (1.0, None, {}, None, "x (old.json)")

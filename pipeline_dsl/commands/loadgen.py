@@ -194,7 +194,8 @@ class Report:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Report":
-        """A report as to_dict wrote it (a --json file of an earlier run)."""
+        """A report as to_dict wrote it (a --json file of an earlier run); ValueError names a field
+        that is missing or not of its kind."""
         from dataclasses import fields
 
         known = {f.name for f in fields(cls)}
@@ -202,7 +203,30 @@ class Report:
         for key in ("rate", "burstiness"):
             if d.get(key) == "inf":
                 d[key] = math.inf
+
+        def number(v, optional=False):
+            return (v is None and optional) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+        for key, ok, kind in (
+                *((k, isinstance(d.get(k), str), "a string") for k in ("label",)),
+                *((k, number(d.get(k)), "a number") for k in _NUMBERS if k in d or k != "burstiness"),
+                *((k, isinstance(d.get(k), int) and not isinstance(d.get(k), bool), "an integer") for k in _COUNTS),
+                *((k, number(d.get(k), optional=True), "a number or null") for k in _OPTIONAL if k in d),
+                *((k, isinstance(d.get(k), dict) and all(number(d[k].get(q), optional=True) and q in d[k]
+                                                         for q in _QUANTILES),
+                   f"an object of {', '.join(_QUANTILES)}") for k in _DISTS)):
+            if not ok:
+                raise ValueError(f"'{key}' must be {kind}" if key in d else f"it has no '{key}'")
         return cls(**d)
+
+
+# the fields of a saved report, by kind (Report.from_dict checks them; burstiness and the optional ones may
+# be missing, in a file written before they were)
+_NUMBERS = ("rate", "burstiness", "duration_s", "request_throughput", "output_throughput", "total_throughput")
+_COUNTS = ("requests", "completed", "errors", "truncated", "prompt_tokens", "completion_tokens", "cached_tokens")
+_OPTIONAL = ("kv_hit_rate", "goodput", "concurrency")
+_DISTS = ("ttft", "tpot", "itl", "e2e")
+_QUANTILES = ("mean", "p50", "p90", "p99")
 
 
 def load_reports(path: str | Path) -> list[Report]:
@@ -216,13 +240,15 @@ def load_reports(path: str | Path) -> list[Report]:
         raise BenchError(f"cannot read the reports of {path}: {e}") from None
     if isinstance(data, dict):
         data = [data]
-    try:
-        if not data or not all(isinstance(d, dict) for d in data):
-            raise TypeError
-        reports = [Report.from_dict(d) for d in data]
-    except TypeError:
+    if not isinstance(data, list) or not data or not all(isinstance(d, dict) for d in data):
         raise BenchError(f"{path} is not a report file of agp bench --json (a list of reports, each with "
-                         f"its label, rate, counts and latencies)") from None
+                         f"its label, rate, counts and latencies)")
+    reports = []
+    for i, d in enumerate(data, 1):
+        try:
+            reports.append(Report.from_dict(d))
+        except (ValueError, TypeError) as e:
+            raise BenchError(f"{path}: report {i} is not one agp bench --json writes: {e}") from None
     for r in reports:
         r.label = f"{r.label} ({path.name})"
     return reports
