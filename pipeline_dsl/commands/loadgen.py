@@ -195,38 +195,42 @@ class Report:
     @classmethod
     def from_dict(cls, d: dict) -> "Report":
         """A report as to_dict wrote it (a --json file of an earlier run); ValueError names a field
-        that is missing or not of its kind."""
-        from dataclasses import fields
+        that is missing or not of its kind. A field with a default may be missing (a file written
+        before it was)."""
+        from dataclasses import MISSING, fields
 
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
+        defaulted = {f.name for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING}
+        d = {k: v for k, v in d.items() if k in {f.name for f in fields(cls)}}
         for key in ("rate", "burstiness"):
             if d.get(key) == "inf":
                 d[key] = math.inf
-
-        def number(v, optional=False):
-            return (v is None and optional) or (isinstance(v, (int, float)) and not isinstance(v, bool))
-
-        for key, ok, kind in (
-                *((k, isinstance(d.get(k), str), "a string") for k in ("label",)),
-                *((k, number(d.get(k)), "a number") for k in _NUMBERS if k in d or k != "burstiness"),
-                *((k, isinstance(d.get(k), int) and not isinstance(d.get(k), bool), "an integer") for k in _COUNTS),
-                *((k, number(d.get(k), optional=True), "a number or null") for k in _OPTIONAL if k in d),
-                *((k, isinstance(d.get(k), dict) and all(number(d[k].get(q), optional=True) and q in d[k]
-                                                         for q in _QUANTILES),
-                   f"an object of {', '.join(_QUANTILES)}") for k in _DISTS)):
-            if not ok:
-                raise ValueError(f"'{key}' must be {kind}" if key in d else f"it has no '{key}'")
+        for key, (ok, kind) in _SAVED_FIELDS.items():
+            if key not in d:
+                if key in defaulted:
+                    continue
+                raise ValueError(f"it has no '{key}'")
+            if not ok(d[key]):
+                raise ValueError(f"'{key}' must be {kind}")
         return cls(**d)
 
 
-# the fields of a saved report, by kind (Report.from_dict checks them; burstiness and the optional ones may
-# be missing, in a file written before they were)
-_NUMBERS = ("rate", "burstiness", "duration_s", "request_throughput", "output_throughput", "total_throughput")
-_COUNTS = ("requests", "completed", "errors", "truncated", "prompt_tokens", "completion_tokens", "cached_tokens")
-_OPTIONAL = ("kv_hit_rate", "goodput", "concurrency")
-_DISTS = ("ttft", "tpot", "itl", "e2e")
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 _QUANTILES = ("mean", "p50", "p90", "p99")
+# the fields of a saved report Report.from_dict checks: (whether a value is of the kind, the kind)
+_SAVED_FIELDS = {
+    "label": (lambda v: isinstance(v, str), "a string"),
+    **{k: (_number, "a number") for k in ("rate", "burstiness", "duration_s", "request_throughput",
+                                          "output_throughput", "total_throughput")},
+    **{k: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
+       for k in ("requests", "completed", "errors", "truncated", "prompt_tokens", "completion_tokens",
+                 "cached_tokens")},
+    **{k: (lambda v: v is None or _number(v), "a number or null") for k in ("kv_hit_rate", "goodput", "concurrency")},
+    **{k: (lambda v: isinstance(v, dict) and all(q in v and (v[q] is None or _number(v[q])) for q in _QUANTILES),
+           f"an object of {', '.join(_QUANTILES)}") for k in ("ttft", "tpot", "itl", "e2e")},
+}
 
 
 def load_reports(path: str | Path) -> list[Report]:
