@@ -851,3 +851,18 @@ def test_a_report_saved_before_the_newer_fields_is_read_with_their_defaults(tmp_
     (tmp_path / "old.json").write_text(json.dumps([old]))
     (r,) = B.load_reports(tmp_path / "old.json")
     assert (r.burstiness, r.concurrency, r.slo, r.goodput, r.label) == (1.0, None, {}, None, "x (old.json)")
+
+
+def test_ignore_eos_makes_every_request_run_to_its_max_tokens(tmp_path, monkeypatch):
+    """vllm bench serve's --ignore-eos: each workload line asks for ignore_eos, over HTTP as in process."""
+    seen = []
+
+    async def fake_bench_one(target, items, **kw):
+        seen.append([B.HTTPTarget("http://h:1", model="m").body(item)[1] for item in items])
+        return B.summarize("x", math.inf, [_record(0.0, [0.1])], duration=1.0)
+
+    monkeypatch.setattr(B, "bench_one", fake_bench_one)
+    w = tmp_path / "w.jsonl"
+    w.write_text('{"prompt": "a", "max_tokens": 4}\n{"prompt": "b", "max_tokens": 4, "ignore_eos": false}\n')
+    assert agp(["bench", "--url", "http://127.0.0.1:1", "-w", str(w), "--ignore-eos", "--no-progress"]) == 0
+    assert [body["ignore_eos"] for body in seen[0]] == [True, True]

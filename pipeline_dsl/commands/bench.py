@@ -52,6 +52,9 @@ def add_arguments(p) -> None:
     p.add_argument("--concurrency", "--max-concurrency", "-c", type=count(1), default=None,
                    help="at most this many requests in flight; with --rate inf and --duration, "
                         "a closed loop of this many clients")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="every request runs to its max_tokens (sets each line's ignore_eos, as vllm bench serve's "
+                        "--ignore-eos): output lengths that do not depend on the model")
     p.add_argument("--goodput", nargs="+", metavar="METRIC:MS", type=slo_limit, default=None,
                    help="service-level objectives (ttft, tpot, e2el or e2e, in ms: --goodput ttft:500 tpot:50): "
                         "also report the completed requests/s that met all of them")
@@ -150,6 +153,9 @@ def main(args) -> int:
         if not measured:
             return _show(saved, args)
         items = load_workload(args.workload)
+        if args.ignore_eos:
+            for item in items:
+                item.sampling["ignore_eos"] = True
         for spec in args.pipelines:
             parse_target(spec)               # bad paths / settings before any model loads
     except (ValueError, BenchError) as e:
