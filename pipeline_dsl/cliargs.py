@@ -147,6 +147,12 @@ def http_url(text: str) -> str:
         raise argparse.ArgumentTypeError(f"'{text}': port 0 cannot be connected to; {example}")
     if parts.query or parts.fragment:
         raise argparse.ArgumentTypeError(f"'{text}': a server's base URL has no ?query or #fragment; {example}")
+    endpoint = parts.path.rstrip("/").lower()
+    if endpoint.endswith(("/completions", "/models", "/embeddings", "/responses")):
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is an endpoint, not a server's base URL: give http://HOST:PORT or http://HOST:PORT/v1 "
+            "(each request goes to /v1/chat/completions or /v1/completions, as its workload line is a chat "
+            "or a prompt)")
     return text
 
 

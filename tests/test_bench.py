@@ -7,6 +7,7 @@ import json
 import math
 import re
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +31,18 @@ def test_poisson_arrivals_are_seeded_and_have_the_asked_rate():
     assert abs(gaps.std() / gaps.mean() - 1) < 0.1             # exponential: std = mean
 
 
-def test_the_first_poisson_arrival_is_sent_at_once_as_vllm_bench_sends_it():
-    """The first request waited one random gap (mean 1/rate) before it was sent, and that idle
-    wait counted in the duration: at --rate 1 with 10 requests the request throughput came out
-    about a tenth lower than `vllm bench serve`'s for the same arrivals."""
+def test_poisson_arrivals_are_scheduled_as_vllm_bench_serve_schedules_them():
+    """`vllm bench serve` sends the i-th request after i gaps, scaled so that n requests end at
+    n / rate: the offered rate is the asked one whatever the seed. agp sent the first at once and
+    the rest after n - 1 unscaled gaps: at --rate 1 with 10 requests the sending took from 5.1 s
+    (seed 2) to 12.2 s (seed 4) instead of vLLM's 10 s, and the request throughput moved with the
+    seed."""
     for seed in range(5):
         a = B.arrival_times(10, 1.0, seed=seed)
-        assert a[0] == 0.0 and len(a) == 10 and all(g > 0 for g in np.diff(a))
-    assert B.arrival_times(None, 2.0, duration=5.0, seed=3)[0] == 0.0
+        assert len(a) == 10 and a[0] > 0.0 and all(g > 0 for g in np.diff(a))
+        assert a[-1] == pytest.approx(10.0)
+    assert B.arrival_times(4, 2.0, burstiness=math.inf) == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    assert B.arrival_times(None, 2.0, duration=5.0, seed=3)[0] > 0.0
 
 
 def test_arrivals_all_at_once_and_cut_at_the_duration():
@@ -447,7 +452,8 @@ def test_an_answer_of_tool_calls_has_a_time_to_first_token_over_http():
         server.shutdown()
         server.server_close()
     assert (r.completed, r.completion_tokens) == (2, 18)
-    assert r.ttft["p50"] is not None and r.tpot["p50"] is not None and r.ttft["p50"] <= r.e2e["p50"]
+    assert r.ttft["p50"] is not None and r.ttft["p50"] <= r.e2e["p50"]
+    assert r.tpot["p50"] is None            # the call came in one chunk: no token after the first seen
 
 
 @pytest.mark.parametrize("refuse, code", [(1, 1), (2, 0)])
@@ -475,6 +481,9 @@ def test_bench_exits_1_only_when_no_request_of_a_target_succeeded(tmp_path, caps
     ("ftp://host", "its scheme is 'ftp'"),
     ("http://", "names no host"),
     ("http://host:70000", "is not a valid URL"),
+    # vLLM's --base-url beside --endpoint: the endpoint in the URL was sent /v1/models after it
+    ("http://127.0.0.1:8000/v1/chat/completions", "is an endpoint, not a server's base URL"),
+    ("http://127.0.0.1:8000/v1/completions/", "is an endpoint, not a server's base URL"),
 ])
 def test_bench_url_is_checked_before_anything_is_measured(tmp_path, tiny_gguf, capsys, url, message):
     code = -1
@@ -518,3 +527,342 @@ def test_a_target_that_cannot_be_measured_loses_none_of_the_others(tmp_path, tin
     assert f"127.0.0.1:{port}" in captured.err and "tiny" in captured.out.splitlines()[0]
     (report,) = json.loads(js.read_text())
     assert report["completed"] == 3 and report["errors"] == 0
+
+
+def _in_process(events, ticks):
+    """Run EngineTarget.send over a stream of `events` with a clock reading `ticks`; the record."""
+    from types import SimpleNamespace as NS
+
+    async def add(data, stream):
+        return _Stream(events)
+
+    target = B.EngineTarget.__new__(B.EngineTarget)
+    target.apipe, target._n = NS(add=add), 0
+    rec = B.RequestRecord(sent=0.0)
+    clock = iter(ticks)
+    asyncio.run(target.send(parse_line(json.dumps({"prompt": "hi"}), 1), rec, lambda: next(clock)))
+    return rec
+
+
+def test_an_answer_handed_over_whole_has_a_ttft_in_process_as_over_http_and_no_tpot():
+    """A vote pipeline answers after its join: no delta carries tokens, the text comes with the
+    result. In process the report had no TTFT, TPOT nor ITL at all; over HTTP the same answer
+    arrives in one chunk, TTFT = E2E, and TPOT came out 0.0 ms (the microseconds before [DONE]
+    over 23 tokens). Now both have TTFT and neither a TPOT: the client saw no token after the first."""
+    from pipeline_dsl.flow import Choice, Result
+
+    done = Result("k", 1, [Choice(0, "the answer", "length", {"usage": {"completion_tokens": 8}})], None,
+                  {"prompt_tokens": 4, "completion_tokens": 24, "cached_tokens": 0}, {})
+    rec = _in_process([("done", done)], [1.5])
+    rec.done = 1.5
+    over_http = _record(0.0, [1.5])                         # one chunk of 24 tokens, as agp serve streams it
+    over_http.completion_tokens, over_http.done = 24, 1.5001
+    for r in (rec, over_http):
+        s = B.summarize("x", 1.0, [r], duration=2.0)
+        assert s.ttft["p50"] == pytest.approx(1.5) and s.tpot["p50"] is None and s.itl["p50"] is None
+        assert s.completion_tokens == 24                    # output tok/s: every token generated
+
+
+def test_tpot_is_per_token_of_the_answer_not_of_every_generation():
+    """A pipeline that drafts 10 tokens with one generate stage and streams a 5-token answer from a
+    second: usage counts all 15, and TPOT divided the answer's 0.4 s by 14 gaps (29 ms) instead of
+    its 4 (100 ms a token, as the client saw)."""
+    from types import SimpleNamespace as NS
+
+    from pipeline_dsl.flow import Choice, Result
+
+    done = Result("k", 1, [Choice(0, "abcde", "stop", {"usage": {"completion_tokens": 5}})], None,
+                  {"prompt_tokens": 4, "completion_tokens": 15, "cached_tokens": 0}, {})
+    events = [("delta", 0, NS(new_token_ids=[7])) for _ in range(5)] + [("done", done)]
+    rec = _in_process(events, [0.2, 0.3, 0.4, 0.5, 0.6])
+    rec.done = 0.6
+    s = B.summarize("x", 1.0, [rec], duration=1.0)
+    assert rec.answer_tokens == 5 and s.completion_tokens == 15
+    assert s.tpot["p50"] == pytest.approx(0.1) and s.itl["p50"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("burstiness, cv", [(0.25, 2.0), (4.0, 0.5)])
+def test_bursty_arrivals_are_gamma_gaps_of_the_asked_rate(burstiness, cv):
+    """`vllm bench serve --burstiness`: gaps of shape b and mean 1/rate (coefficient of variation
+    1/sqrt(b)); 1 stays the seeded Poisson process, inf is evenly spaced."""
+    a = B.arrival_times(8000, 20.0, seed=1, burstiness=burstiness)
+    gaps = np.diff(a)
+    assert a[0] > 0.0 and abs(gaps.mean() - 1 / 20) < 0.05 / 20 * 2
+    assert abs(gaps.std() / gaps.mean() - cv) < 0.1 * cv
+    assert B.arrival_times(50, 20.0, seed=1, burstiness=1.0) == B.arrival_times(50, 20.0, seed=1)
+    assert np.allclose(np.diff(B.arrival_times(5, 4.0, burstiness=math.inf)), 0.25)
+    with pytest.raises(B.BenchError, match="burstiness must be positive"):
+        B.arrival_times(5, 4.0, burstiness=0.0)
+
+
+def test_goodput_counts_the_completed_requests_within_every_slo():
+    """vLLM's request goodput: completed requests whose TTFT, TPOT and E2E are all within the
+    limits, over the duration; a request without a TPOT (one chunk) counts 0 for it."""
+    records = [_record(0.0, [0.1, 0.2, 0.3]),                 # TTFT 100 ms, TPOT 100 ms, E2E 300 ms
+               _record(0.0, [0.4, 0.5, 0.6]),                 # TTFT 400 ms
+               _record(0.0, [0.1, 0.4, 0.7]),                 # TPOT 300 ms
+               _record(0.0, [0.2]),                           # one chunk: no TPOT
+               B.RequestRecord(sent=0.0, done=0.1, error="HTTP 503: busy")]
+    slo = {"ttft": 0.25, "tpot": 0.15}
+    r = B.summarize("x", 1.0, records, duration=2.0, slo=slo, concurrency=4, burstiness=0.5)
+    assert r.goodput == pytest.approx(2 / 2.0) and r.request_throughput == pytest.approx(4 / 2.0)
+    assert B.summarize("x", 1.0, records, duration=2.0, slo={"e2e": 0.35}).goodput == pytest.approx(2 / 2.0)
+    assert B.summarize("x", 1.0, records, duration=2.0).goodput is None
+    d = json.loads(json.dumps(r.to_dict()))
+    assert (d["slo"], d["goodput"], d["concurrency"], d["burstiness"]) == (slo, 1.0, 4, 0.5)
+    assert d["units"]["goodput"] == "requests/s" and d["units"]["slo"] == "s"
+    table = B.format_table([r])
+    assert re.search(r"goodput \(req/s\)\s+1\.00", table) and re.search(r"max concurrency\s+4", table)
+    assert re.search(r"burstiness\s+0\.5", table)
+    assert B.summarize("x", 1.0, records, duration=2.0, burstiness=math.inf).to_dict()["burstiness"] == "inf"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--goodput", "ttfb:500"], "'ttfb:500' is not METRIC:MS with a metric of ttft, tpot, e2el"),
+    (["--goodput", "ttft:soon"], "'soon' is not a number of milliseconds"),
+    (["--goodput", "tpot:-5"], "the limit must be a positive number of milliseconds"),
+    (["--burstiness", "0"], "must be positive (1 = Poisson), not 0"),
+    (["--seed", "-1"], "argument --seed: must be between 0 and"),     # numpy's ValueError, an internal error
+])
+def test_bad_goodput_and_burstiness_are_refused_while_parsing(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        agp(["bench", "--url", "http://127.0.0.1:1", "--workload", str(_workload(tmp_path))] + argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_vllm_bench_serve_option_names_are_taken(tmp_path):
+    """`--request-rate`, `--num-prompts`, `--max-concurrency` and `--goodput ttft:… e2el:…` as a
+    `vllm bench serve` command line writes them."""
+    from pipeline_dsl.cli import build_parser
+
+    args = build_parser(["bench"]).parse_args(["bench", "--url", "http://h:1", "-w", "w.jsonl", "--request-rate", "4",
+                                      "--num-prompts", "9", "--max-concurrency", "2",
+                                      "--goodput", "ttft:500", "e2el:2000", "--burstiness", "inf"])
+    assert (args.rate, args.num, args.concurrency) == ("4", 9, 2)
+    assert dict(args.goodput) == {"ttft": 0.5, "e2e": 2.0} and math.isinf(args.burstiness)
+
+
+def test_a_sharegpt_line_is_named_as_such(tmp_path):
+    """vLLM's ShareGPT records as lines: the error was "unknown field 'conversations'"."""
+    path = tmp_path / "sharegpt.jsonl"
+    path.write_text(json.dumps({"id": "x", "conversations": [{"from": "human", "value": "hi"},
+                                                             {"from": "gpt", "value": "hello"}]}) + "\n")
+    with pytest.raises(B.BenchError, match=r"sharegpt\.jsonl:1: a ShareGPT conversation, not a request: "
+                                           r"turn the file into chat lines first"):
+        B.load_workload(path)
+
+
+class _Garbling(_Refusing):
+    """Streams a chunk, then an event that is not JSON (a proxy's page, a cut write), then [DONE]."""
+    event = b"<html>502 Bad Gateway</html>"
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        chunk = {"choices": [{"index": 0, "text": "hi", "finish_reason": None}]}
+        body = f"data: {json.dumps(chunk)}\n\n".encode() + b"data: " + self.event + b"\n\ndata: [DONE]\n\n"
+        self._send(200, body, "text/event-stream")
+
+
+@pytest.mark.parametrize("event, message", [
+    (b"<html>502 Bad Gateway</html>", "an event of the stream is not JSON: '<html>502 Bad Gateway</html>'"),
+    (b"[1, 2]", "an event of the stream is not a JSON object: '[1, 2]'"),
+    (b'{"error": "the engine is overloaded"}', "the engine is overloaded"),    # was "AttributeError: 'str' …"
+    (b'{"error": {"message": "the engine died", "code": 500}}', "the engine died"),
+])
+def test_a_stream_event_that_is_not_json_is_a_failed_request_that_says_so(event, message):
+    """Said "JSONDecodeError: Expecting value: line 1 column 1 (char 0)" (and "AttributeError: 'list'
+    object has no attribute 'get'" for a JSON array): which event, of what?"""
+    handler = type("Handler", (_Garbling,), {"event": event})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    items = [parse_line(json.dumps({"prompt": "hi", "max_tokens": 4}), 1)]
+    try:
+        r = asyncio.run(B.bench_one(B.HTTPTarget(f"http://127.0.0.1:{server.server_address[1]}"), items,
+                                    rate=math.inf, num=2, progress=False, warmup=0))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (r.errors, r.completed) == (2, 0) and r.error_samples == [message]
+
+
+def test_the_progress_bar_counts_the_tokens_and_errors_of_the_ended_requests(monkeypatch):
+    class Bar:
+        def __init__(self):
+            self.n, self.postfix = 0, []
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix_str(self, text, refresh=True):
+            self.postfix.append(text)
+
+        def close(self):
+            pass
+
+    class Target:
+        sent = 0
+
+        async def send(self, item, rec, clock):
+            Target.sent += 1
+            if Target.sent % 3 == 0:
+                raise ConnectionError("reset")
+            rec.chunk(clock())
+            rec.completion_tokens = 5
+
+    bar = Bar()
+    monkeypatch.setattr(B, "_progress", lambda total, enabled: bar)
+    items = [parse_line(json.dumps({"prompt": "hi"}), 1)]
+    records, _ = asyncio.run(B.run_load(Target(), items, rate=math.inf, num=6))
+    assert bar.n == 6 and re.fullmatch(r"\d+ tok/s 2 err", bar.postfix[-1])
+    assert sum(r.completion_tokens for r in records) == 20
+
+
+def test_an_earlier_runs_reports_are_shown_beside_this_ones(tmp_path, capsys):
+    """Comparing two runs (before and after a change) took both targets in one invocation: a run
+    saved with --json could not be set beside another. --baseline reads it back, labelled with
+    its file's name."""
+    before = B.summarize("chat", math.inf, [_record(0.0, [0.2, 0.3, 0.4])], duration=1.0, concurrency=4,
+                         slo={"ttft": 0.5}, burstiness=math.inf)
+    after = B.summarize("chat", 2.0, [_record(0.0, [0.1, 0.15, 0.2])], duration=1.0)
+    for name, r in (("before.json", before), ("after.json", after)):
+        (tmp_path / name).write_text(json.dumps([r.to_dict()]))
+    back = B.load_reports(tmp_path / "before.json")[0]
+    assert (back.rate, back.burstiness, back.concurrency, back.slo, back.ttft) == \
+        (math.inf, math.inf, 4, {"ttft": 0.5}, before.ttft)
+    code = agp(["bench", "--baseline", str(tmp_path / "before.json"), "--baseline", str(tmp_path / "after.json")])
+    out = capsys.readouterr().out
+    assert code == 0
+    header = out.splitlines()[0]
+    assert "chat (before.json)" in header and "chat (after.json)" in header
+    assert re.search(r"TTFT p50 \(ms\)\s+200\.0\s+100\.0", out) and re.search(r"goodput \(req/s\)\s+1\.00\s+-", out)
+
+
+_SAVED = B.summarize("x", 2.0, [_record(0.0, [0.2, 0.3])], duration=1.0).to_dict()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "cannot read the reports of"),
+    ('[1, 2]', "is not a report file of agp bench --json"),
+    ('[{"label": "x"}]', "report 1 is not one agp bench --json writes: it has no 'rate'"),
+    # an edited file: an internal error (KeyError: 'mean', TypeError: must be real number) once measured
+    (json.dumps([_SAVED, {**_SAVED, "ttft": {}}]), "report 2 is not one agp bench --json writes: 'ttft' must be "
+                                                  "an object of mean, p50, p90, p99"),
+    (json.dumps([{**_SAVED, "rate": "fast"}]), "'rate' must be a number"),
+    (json.dumps([{**_SAVED, "completed": "six"}]), "'completed' must be an integer"),
+])
+def test_a_baseline_that_is_no_report_file_is_refused_before_measuring(tmp_path, capsys, text, message):
+    path = tmp_path / "old.json"
+    path.write_text(text)
+    code = agp(["bench", "--url", "http://127.0.0.1:1", "--workload", str(_workload(tmp_path)),
+                "--baseline", str(path)])
+    captured = capsys.readouterr()
+    assert code == 2 and message in captured.err and captured.out == ""
+    assert agp(["bench", "--url", "http://127.0.0.1:1"]) == 2
+    assert "the following arguments are required: --workload/-w" in capsys.readouterr().err
+
+
+class _Stalling(_Refusing):
+    """Answers the first `answered` completions with one token; the later ones never finish."""
+    answered, seen = 2, 0
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        cls = type(self)
+        cls.seen += 1
+        if cls.seen > cls.answered:
+            time.sleep(60)
+            return
+        chunk = {"choices": [{"index": 0, "text": "hi", "finish_reason": "length"}],
+                 "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+        self._send(200, f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode(), "text/event-stream")
+
+
+def _stalling_server():
+    handler = type("Handler", (_Stalling,), {"seen": 0})
+    server = type("Server", (http.server.ThreadingHTTPServer,), {"daemon_threads": True, "block_on_close": False})(
+        ("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, handler
+
+
+def test_a_stopped_load_reports_the_requests_that_had_ended():
+    """Ctrl-C (asyncio.run cancels the load): the requests that ended are the result, those cut are
+    not counted; before, nothing was reported."""
+    server, handler = _stalling_server()
+    target = B.HTTPTarget(f"http://127.0.0.1:{server.server_address[1]}", model="m")
+    items = [parse_line(json.dumps({"prompt": "hi", "max_tokens": 1}), 1)]
+
+    async def go():
+        await target.start()
+        load = asyncio.create_task(B.run_load(target, items, rate=math.inf, num=5, concurrency=3, progress=False))
+        while handler.seen < 5:
+            await asyncio.sleep(0.01)
+        load.cancel()
+        try:
+            await load
+        finally:
+            await target.close()
+
+    try:
+        with pytest.raises(B.Interrupted) as stop:
+            asyncio.run(go())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(stop.value.records) == 2 and all(r.error is None and r.done for r in stop.value.records)
+    r = B.summarize("x", math.inf, stop.value.records, stop.value.wall)
+    assert (r.requests, r.completed, r.errors) == (2, 2, 0)
+
+
+def test_ctrl_c_prints_and_writes_what_was_measured_and_exits_130(tmp_path):
+    """agp bench exited 130 in silence on Ctrl-C, every measurement lost, a long --duration run's too."""
+    import signal
+    import subprocess
+    import sys
+
+    server, handler = _stalling_server()
+    js = tmp_path / "r.json"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "bench", "--url",
+                             f"http://127.0.0.1:{server.server_address[1]}", "-w", str(_workload(tmp_path)),
+                             "--warmup", "0", "--no-progress", "--json", str(js)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        while handler.seen < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 130
+    assert re.search(r"requests ok/sent\s+2/2", out)
+    assert "agp bench: interrupted while measuring http://127.0.0.1:" in err
+    assert "its report holds the 2 requests that had ended" in err
+    (report,) = json.loads(js.read_text())
+    assert (report["requests"], report["completed"]) == (2, 2)
+
+
+def test_a_report_saved_before_the_newer_fields_is_read_with_their_defaults(tmp_path):
+    """A --json file written before reports held burstiness, concurrency, slo and goodput."""
+    old = {k: v for k, v in _SAVED.items() if k not in ("burstiness", "concurrency", "slo", "goodput")}
+    (tmp_path / "old.json").write_text(json.dumps([old]))
+    (r,) = B.load_reports(tmp_path / "old.json")
+    assert (r.burstiness, r.concurrency, r.slo, r.goodput, r.label) == (1.0, None, {}, None, "x (old.json)")
+
+
+def test_ignore_eos_makes_every_request_run_to_its_max_tokens(tmp_path, monkeypatch):
+    """vllm bench serve's --ignore-eos: each workload line asks for ignore_eos, over HTTP as in process."""
+    seen = []
+
+    async def fake_bench_one(target, items, **kw):
+        seen.append([B.HTTPTarget("http://h:1", model="m").body(item)[1] for item in items])
+        return B.summarize("x", math.inf, [_record(0.0, [0.1])], duration=1.0)
+
+    monkeypatch.setattr(B, "bench_one", fake_bench_one)
+    w = tmp_path / "w.jsonl"
+    w.write_text('{"prompt": "a", "max_tokens": 4}\n{"prompt": "b", "max_tokens": 4, "ignore_eos": false}\n')
+    assert agp(["bench", "--url", "http://127.0.0.1:1", "-w", str(w), "--ignore-eos", "--no-progress"]) == 0
+    assert [body["ignore_eos"] for body in seen[0]] == [True, True]

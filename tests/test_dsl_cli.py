@@ -198,8 +198,8 @@ def test_lazy_command_is_imported_only_when_invoked(monkeypatch, tmp_path, capsy
     (["bench", CHAT, "-w", "w.jsonl", "--request-timeout", "0"], "argument --request-timeout: must be a positive"),
     (["bench", CHAT, "-w", "w.jsonl", "--request-timeout", "nan"], "argument --request-timeout: must be a positive"),
     (["bench", CHAT, "-w", "w.jsonl", "--duration", "nan"], "argument --duration/-d: must be a positive"),
-    (["bench", CHAT, "-w", "w.jsonl", "-n", "100000000000"], "argument --num/-n: must be between 1 and 10,000,000"),
-    (["bench", CHAT, "-w", "w.jsonl", "-c", "x"], "argument --concurrency/-c: 'x' is not a whole number"),
+    (["bench", CHAT, "-w", "w.jsonl", "-n", "100000000000"], "argument --num/--num-prompts/-n: must be between 1 and 10,000,000"),
+    (["bench", CHAT, "-w", "w.jsonl", "-c", "x"], "argument --concurrency/--max-concurrency/-c: 'x' is not a whole number"),
 ])
 def test_a_bad_flag_value_is_refused_while_parsing_before_any_work(tmp_path, args, message):
     """A --stats that names a folder used to fail after the whole run, as an internal error; a

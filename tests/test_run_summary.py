@@ -1,5 +1,7 @@
 """`agp run --stats`'s printed summary: a stage's timeouts, retries and cache hits appear on its
 row, from the counters the runtime keeps, only where they are non-zero."""
+import pytest
+
 from pipeline_dsl.commands.runner import format_summary
 from pipeline_dsl.flow.stats import StageCounter
 
@@ -67,3 +69,27 @@ def test_a_run_whose_output_failed_says_how_many_answers_came_too_late_to_be_wri
     assert format_summary(s).splitlines()[1] == (
         "requests        1642 (0 failed, 8358 interrupted, not written; 1540 written before the output "
         "failed: No space left on device; 102 answered after it, not written)")
+
+
+def test_the_time_per_token_of_a_vote_is_per_token_of_its_answer():
+    """A vote of 3 candidates of 24 tokens generated side by side: usage counts 72 tokens, the
+    answer (the winning candidate) holds 24; TPOT divided the decode second by 71 (14 ms) instead
+    of 23 (43 ms), in agp run and in agp serve's request_time_per_output_token."""
+    from types import SimpleNamespace as NS
+
+    from pipeline_dsl.commands.runner import Tally, summarize
+    from pipeline_dsl.flow import Choice, Result
+    from pipeline_dsl.serve.metrics import ServerMetrics
+
+    voted = Result("k", 1, [Choice(0, "yes", "length", {"usage": {"prompt_tokens": 5, "completion_tokens": 24}})],
+                   None, {"prompt_tokens": 5, "completion_tokens": 72, "cached_tokens": 0},
+                   {"ttft_s": 0.5, "latency_s": 1.5, "decode_s": 1.0})
+    runtime = NS(stats=lambda: {"engines": {}, "stages": {}, "edges": {}}, trace=NS(measured_overlap=lambda: 0.0),
+                 plan=NS(streams=[]), segments=[])
+    s = summarize(runtime, Tally.of([voted]), wall=2.0)
+    assert s["tpot_p50_ms"] == pytest.approx(1000 / 23, abs=0.1)
+    metrics = ServerMetrics(process=False)
+    metrics.observe_result(voted, 1.5)
+    observed = {s.name: s.value for m in metrics.registry.collect() for s in m.samples
+                if s.name.startswith("vllm:request_time_per_output_token_seconds")}
+    assert observed["vllm:request_time_per_output_token_seconds_sum"] == pytest.approx(1 / 23)

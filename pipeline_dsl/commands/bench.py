@@ -4,16 +4,19 @@
     agp bench examples/chat.agp examples/chat.agp,prefix_reuse=false \\
         --workload bench/workloads/shared_prefix.jsonl --rate 1,2,inf --num 64 --compare --plot out/b.png
     agp bench --url http://127.0.0.1:8000 --workload bench/workloads/short_chat.jsonl --duration 30
+    agp bench examples/chat.agp -w bench/workloads/short_chat.jsonl --rate 4 --baseline before.json
 
 A PIPELINE runs in this process (its engine driven as `agp serve` drives it); append
 `,key=value` EngineConfig settings to measure a variant. `--url` (repeatable) measures any
 OpenAI-compatible server over streaming HTTP. Arrivals are Poisson at each `--rate`
 (`inf`: all at once). Reports request and token throughput, TTFT, TPOT, inter-token and
-end-to-end latency (mean, p50, p90, p99), errors and the KV hit rate.
+end-to-end latency (mean, p50, p90, p99), errors and the KV hit rate; `--baseline` sets an
+earlier run's `--json` reports beside them.
 
 Exit status: 0 when every measurement had a request succeed (failed requests under load are
 part of the result, its errors row); 1 when some target at some rate had none succeed (every
-measurement is still reported, then one line each naming the first error); 2 for bad options.
+measurement is still reported, then one line each naming the first error); 2 for bad options;
+130 on Ctrl-C, the measurement it cut reported with the requests that had ended.
 """
 from __future__ import annotations
 
@@ -32,20 +35,29 @@ def add_arguments(p) -> None:
 
     p.add_argument("pipelines", nargs="*", metavar="PIPELINE",
                    help="a .agp file, optionally followed by ,key=value engine settings")
-    p.add_argument("--workload", "-w", required=True,
+    p.add_argument("--workload", "-w",
                    help="JSONL requests (agp run's format: agp's lines or OpenAI batch-API lines)")
     add_allow_path(p)
-    p.add_argument("--rate", default="inf",
+    p.add_argument("--rate", "--request-rate", default="inf",
                    help="requests/s of the Poisson arrivals, 'inf' = all at once; "
                         "a comma list (1,2,inf) measures each (default: inf)")
+    p.add_argument("--burstiness", type=burstiness, default=1.0,
+                   help="shape of the gamma-distributed gaps between arrivals, their mean 1/rate: "
+                        "1 = Poisson, below 1 burstier, above 1 more even, inf evenly spaced (default: 1)")
     amount = p.add_mutually_exclusive_group()
-    amount.add_argument("--num", "-n", type=count(1), default=None,
+    amount.add_argument("--num", "--num-prompts", "-n", type=count(1), default=None,
                         help="requests to send (default: one pass over the workload)")
     amount.add_argument("--duration", "-d", type=seconds, default=None,
                         help="send for this many seconds (workload cycled)")
-    p.add_argument("--concurrency", "-c", type=count(1), default=None,
+    p.add_argument("--concurrency", "--max-concurrency", "-c", type=count(1), default=None,
                    help="at most this many requests in flight; with --rate inf and --duration, "
                         "a closed loop of this many clients")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="every request runs to its max_tokens (sets each line's ignore_eos, as vllm bench serve's "
+                        "--ignore-eos): output lengths that do not depend on the model")
+    p.add_argument("--goodput", nargs="+", metavar="METRIC:MS", type=slo_limit, default=None,
+                   help="service-level objectives (ttft, tpot, e2el or e2e, in ms: --goodput ttft:500 tpot:50): "
+                        "also report the completed requests/s that met all of them")
     p.add_argument("--url", action="append", default=[], type=http_url,
                    help="an OpenAI-compatible server to measure (repeatable)")
     p.add_argument("--model", default=None, help="model id for --url (default: its first model)")
@@ -55,17 +67,52 @@ def add_arguments(p) -> None:
                    help="write throughput-vs-rate and latency CDFs here (.png, .svg or .pdf)")
     p.add_argument("--json", dest="json_out", type=output_file, default=None,
                    help="write the reports as JSON here (latencies in seconds; each report's 'units' names them)")
+    p.add_argument("--baseline", action="append", default=[], metavar="JSON",
+                   help="the reports an earlier run wrote with --json, shown beside this run's as --compare "
+                        "shows them (repeatable; without a PIPELINE or --url, only they are shown)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=None,
                    help="override the pipelines' precision")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-overlap", action="store_true",
                    help="in-process: run the plan's streams serially (A/B against overlap; by default CUDA overlaps them, "
                         "CPU only with a core to spare beside the forward's threads)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the arrival times (default: 0)")
+    p.add_argument("--seed", type=count(0, 2**64 - 1), default=0, help="seed of the arrival times (default: 0)")
     p.add_argument("--warmup", type=count(0), default=1, help="requests sent before measuring (default: 1)")
     p.add_argument("--request-timeout", type=seconds, default=600.0,
                    help="seconds before one request counts as an error (default: 600)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def burstiness(text: str) -> float:
+    """A positive number or inf: the shape of the arrivals' gamma gaps."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive (1 = Poisson), not {text}")
+    return value
+
+
+def slo_limit(text: str) -> tuple[str, float]:
+    """`ttft:500` -> ("ttft", 0.5): a metric of --goodput and its limit in ms, as seconds."""
+    import argparse
+
+    from pipeline_dsl.commands.loadgen import SLO_METRICS
+
+    name, colon, ms = text.partition(":")
+    name = {"e2el": "e2e"}.get(name.strip().lower(), name.strip().lower())
+    if not colon or name not in SLO_METRICS:
+        raise argparse.ArgumentTypeError(f"'{text}' is not METRIC:MS with a metric of ttft, tpot, e2el")
+    try:
+        limit = float(ms)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': '{ms}' is not a number of milliseconds") from None
+    if not (limit > 0 and math.isfinite(limit)):
+        raise argparse.ArgumentTypeError(f"'{text}': the limit must be a positive number of milliseconds")
+    return name, limit / 1000
 
 
 def _err(message: str) -> int:
@@ -88,18 +135,27 @@ def parse_rates(text: str) -> list[float]:
 
 
 def main(args) -> int:
-    from pipeline_dsl.commands.loadgen import (BenchError, EngineTarget, HTTPTarget, bench_one, failure,
-                                        format_table, load_workload, parse_target, plot)
+    from pipeline_dsl.commands.loadgen import (BenchError, EngineTarget, HTTPTarget, Interrupted, bench_one,
+                                        failure, format_table, load_reports, load_workload, parse_target)
     from pipeline_dsl.diagnostics import CheckFailed
     from pipeline_dsl.engine.errors import InputError
 
-    if not args.pipelines and not args.url:
-        return _err("give at least one PIPELINE or --url")
+    measured = bool(args.pipelines or args.url)
+    if not measured and not args.baseline:
+        return _err("give at least one PIPELINE or --url (or --baseline reports to show)")
+    if measured and args.workload is None:
+        return _err("the following arguments are required: --workload/-w")
     if args.threads is not None and args.threads < 1:
         return _err(f"--threads must be at least 1, not {args.threads}")
     try:
+        saved = [r for path in args.baseline for r in load_reports(path)]
         rates = parse_rates(args.rate)
+        if not measured:
+            return _show(saved, args)
         items = load_workload(args.workload)
+        if args.ignore_eos:
+            for item in items:
+                item.sampling["ignore_eos"] = True
         for spec in args.pipelines:
             parse_target(spec)               # bad paths / settings before any model loads
     except (ValueError, BenchError) as e:
@@ -117,10 +173,16 @@ def main(args) -> int:
             yield lambda url=url: HTTPTarget(url, args.model, timeout=args.request_timeout)
 
     reports, codes = [], []      # codes: the exit code of each target that could not be measured
+    stopped = None               # Ctrl-C: why the measurements stopped there
     for make in targets():
+        if stopped is not None:
+            break
         for rate in rates:
             try:
                 target = make()              # a fresh engine (cold KV cache) per measurement
+            except KeyboardInterrupt:
+                stopped = "while a pipeline loaded"
+                break
             except CheckFailed as e:
                 sys.stderr.write(e.render())
                 codes.append(2)
@@ -132,32 +194,60 @@ def main(args) -> int:
                 report = asyncio.run(bench_one(
                     target, items, rate=rate, num=num, duration=args.duration,
                     concurrency=args.concurrency, seed=args.seed, progress=not args.no_progress,
-                    warmup=args.warmup, request_timeout=args.request_timeout))
+                    warmup=args.warmup, request_timeout=args.request_timeout, burstiness=args.burstiness,
+                    slo=dict(args.goodput or ())))
             except BenchError as e:          # this target cannot be measured: the others still are
                 print(f"agp bench: error: {e}", file=sys.stderr)
                 codes.append(1)
+                break
+            except Interrupted as e:
+                report = e.report
+                stopped = (f"while measuring {report.label} at rate {_rate(rate)}: its report holds the "
+                           f"{report.requests} requests that had ended in its first {report.duration_s:.1f} s")
+            except KeyboardInterrupt:        # before the load began (its warm-up, a server's models)
+                stopped = "before a measurement began"
                 break
             del target
             reports.append(report)
             if not args.compare:
                 print(format_table([report]), flush=True)
                 print()
+            if stopped is not None:
+                break
     if not reports:
+        if stopped is not None:
+            print(f"agp bench: interrupted {stopped}", file=sys.stderr)
+            return 130
         return max(codes)
     _dedupe_labels(reports)
-    if args.compare:
-        print(format_table(reports))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps([r.to_dict() for r in reports], indent=2))
+    _show(saved + reports, args, table=args.compare or bool(saved))
+    if stopped is not None:
+        print(f"agp bench: interrupted {stopped}", file=sys.stderr)
+        return 130
+    failed = [(r, why) for r in reports if (why := failure(r))]
+    for r, why in failed:                    # the other targets' measurements are printed above
+        print(f"agp bench: error: {r.label} at rate {_rate(r.rate)}: {why}", file=sys.stderr)
+    return max([*codes, 1 if failed else 0])
+
+
+def _show(reports, args, table: bool = True) -> int:
+    """Reports side by side (a table when `table`) and plotted (--plot; --compare's default file)."""
+    from pipeline_dsl.commands.loadgen import format_table, plot
+
+    _dedupe_labels(reports)
+    if table:
+        print(format_table(reports))
     plot_path = args.plot or ("agp-bench.png" if args.compare else None)
     if plot_path:
         plot(reports, plot_path)
         print(f"plot: {plot_path}", file=sys.stderr)
-    failed = [(r, why) for r in reports if (why := failure(r))]
-    for r, why in failed:                    # the other targets' measurements are printed above
-        rate = "inf" if math.isinf(r.rate) else f"{r.rate:g}"
-        print(f"agp bench: error: {r.label} at rate {rate}: {why}", file=sys.stderr)
-    return max([*codes, 1 if failed else 0])
+    return 0
+
+
+def _rate(rate: float) -> str:
+    return "inf" if math.isinf(rate) else f"{rate:g}"
 
 
 def _dedupe_labels(reports) -> None:

@@ -35,6 +35,15 @@ class BenchError(ValueError):
     """Bad benchmark input (workload file, target, option): a clean error, exit 2."""
 
 
+class Interrupted(Exception):
+    """The load was stopped (Ctrl-C) before its end: `records` are the requests that had ended,
+    `wall` the seconds until the stop; bench_one sets `report`, their summary."""
+
+    def __init__(self, records: list, wall: float):
+        super().__init__("interrupted")
+        self.records, self.wall, self.report = records, wall, None
+
+
 # ---------------------------------------------------------------- workload
 
 def load_workload(path: str | Path) -> list[ParsedRequest]:
@@ -53,6 +62,9 @@ def load_workload(path: str | Path) -> list[ParsedRequest]:
             continue
         try:
             obj = load_json(line, "the line")           # a line that is not UTF-8 is named as agp run names it
+            if isinstance(obj, dict) and "conversations" in obj and "messages" not in obj:
+                raise BenchError(f"{path}:{lineno}: a ShareGPT conversation, not a request: turn the file into "
+                                 f"chat lines first (a jq command for it is in docs/benchmarks.md)")
             if batch_api.is_batch_line(obj):        # an OpenAI batch-API line, as agp run takes it
                 items.append(batch_api.workload_request(obj, lineno))
             else:
@@ -65,13 +77,18 @@ def load_workload(path: str | Path) -> list[ParsedRequest]:
 
 
 def arrival_times(n: int | None, rate: float, *, duration: float | None = None,
-                  seed: int = 0) -> list[float]:
-    """Send offsets in seconds: a Poisson process at `rate` (all 0.0 when rate is inf), its first
-    request at 0.0 as `vllm bench serve` sends it (the measured duration holds no wait before it).
+                  seed: int = 0, burstiness: float = 1.0) -> list[float]:
+    """Send offsets in seconds, as `vllm bench serve` schedules them: the i-th request after the
+    sum of i gaps of a Poisson process at `rate` (all 0.0 when rate is inf). With `burstiness`
+    other than 1 the gaps are gamma-distributed, of shape `burstiness` and the same mean 1/rate:
+    below 1 burstier, above 1 more even, inf evenly spaced. `n` requests are scaled to end at
+    n / rate exactly, so that the offered rate is the asked one whatever the seed.
 
     Stops after `n` arrivals or at `duration` seconds, whichever comes first."""
     if rate <= 0:
         raise BenchError(f"the rate must be positive, not {rate}")
+    if not burstiness > 0:
+        raise BenchError(f"the burstiness must be positive, not {burstiness}")
     if n is None and duration is None:
         raise BenchError("give a number of requests or a duration")
     if math.isinf(rate):
@@ -80,12 +97,23 @@ def arrival_times(n: int | None, rate: float, *, duration: float | None = None,
                              "or --concurrency for a closed loop over --duration")
         return [0.0] * n
     rng = np.random.default_rng(seed)
-    times, t = [], 0.0
-    while n is None or len(times) < n:
-        if duration is not None and t > duration:
-            break
+
+    def gap() -> float:
+        if burstiness == 1.0:
+            return float(rng.exponential(1.0 / rate))
+        if math.isinf(burstiness):
+            return 1.0 / rate
+        return float(rng.gamma(burstiness, 1.0 / (rate * burstiness)))
+
+    if n is not None:
+        times = np.cumsum([gap() for _ in range(n)])
+        if n and times[-1] > 0:
+            times *= n / rate / times[-1]
+        return [float(t) for t in times if duration is None or t <= duration]
+    times, t = [], gap()
+    while t <= duration:
         times.append(t)
-        t += float(rng.exponential(1.0 / rate))
+        t += gap()
     return times
 
 
@@ -102,6 +130,9 @@ class RequestRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    # the tokens of its longest choice, where the target counts each choice's own (in process: a
+    # vote's other candidates and a draft left out); a server's usage gives only the total
+    answer_tokens: int | None = None
     finish_reason: str | None = None
     error: str | None = None
     truncated: bool = False           # a stream that ended without its final chunk / [DONE]
@@ -138,12 +169,16 @@ class Report:
     cached_tokens: int
     kv_hit_rate: float | None          # cached prompt tokens / prompt tokens
     ttft: dict                         # seconds: mean, p50, p90, p99
-    tpot: dict                         # (e2e - ttft) / (tokens of one choice - 1), per request
+    tpot: dict                         # (e2e - ttft) / (tokens of its longest choice - 1), per request
     itl: dict                          # every gap between two chunks of a choice's stream
     e2e: dict
     error_samples: list[str] = field(default_factory=list)
     first_error: str | None = None     # the error of the first request that failed (in send order)
     engine: dict = field(default_factory=dict)   # in-process: mean batch size, preemptions, …
+    concurrency: int | None = None     # at most this many requests in flight (None: no limit)
+    burstiness: float = 1.0            # the shape of the arrivals' gamma gaps (1: Poisson)
+    slo: dict = field(default_factory=dict)   # seconds: ttft, tpot, e2e limits of a good request
+    goodput: float | None = None       # completed requests within every `slo` / s (None: no slo)
     ttft_samples: list[float] = field(default_factory=list, repr=False)
     e2e_samples: list[float] = field(default_factory=list, repr=False)
 
@@ -152,25 +187,117 @@ class Report:
         if not samples:
             d.pop("ttft_samples")
             d.pop("e2e_samples")
-        d["rate"] = "inf" if math.isinf(self.rate) else self.rate
+        for key in ("rate", "burstiness"):     # JSON has no infinity
+            d[key] = "inf" if math.isinf(d[key]) else d[key]
         d["units"] = UNITS
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Report":
+        """A report as to_dict wrote it (a --json file of an earlier run); ValueError names a field
+        that is missing or not of its kind. A field with a default may be missing (a file written
+        before it was)."""
+        from dataclasses import MISSING, fields
+
+        defaulted = {f.name for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING}
+        d = {k: v for k, v in d.items() if k in {f.name for f in fields(cls)}}
+        for key in ("rate", "burstiness"):
+            if d.get(key) == "inf":
+                d[key] = math.inf
+        for key, (ok, kind) in _SAVED_FIELDS.items():
+            if key not in d:
+                if key in defaulted:
+                    continue
+                raise ValueError(f"it has no '{key}'")
+            if not ok(d[key]):
+                raise ValueError(f"'{key}' must be {kind}")
+        return cls(**d)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_QUANTILES = ("mean", "p50", "p90", "p99")
+# the fields of a saved report Report.from_dict checks: (whether a value is of the kind, the kind)
+_SAVED_FIELDS = {
+    "label": (lambda v: isinstance(v, str), "a string"),
+    **{k: (_number, "a number") for k in ("rate", "burstiness", "duration_s", "request_throughput",
+                                          "output_throughput", "total_throughput")},
+    **{k: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
+       for k in ("requests", "completed", "errors", "truncated", "prompt_tokens", "completion_tokens",
+                 "cached_tokens")},
+    **{k: (lambda v: v is None or _number(v), "a number or null") for k in ("kv_hit_rate", "goodput", "concurrency")},
+    **{k: (lambda v: isinstance(v, dict) and all(q in v and (v[q] is None or _number(v[q])) for q in _QUANTILES),
+           f"an object of {', '.join(_QUANTILES)}") for k in ("ttft", "tpot", "itl", "e2e")},
+}
+
+
+def load_reports(path: str | Path) -> list[Report]:
+    """The reports of an earlier run's `--json` file, labelled with the file's name."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BenchError(f"report file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise BenchError(f"cannot read the reports of {path}: {e}") from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or not data or not all(isinstance(d, dict) for d in data):
+        raise BenchError(f"{path} is not a report file of agp bench --json (a list of reports, each with "
+                         f"its label, rate, counts and latencies)")
+    reports = []
+    for i, d in enumerate(data, 1):
+        try:
+            reports.append(Report.from_dict(d))
+        except (ValueError, TypeError) as e:
+            raise BenchError(f"{path}: report {i} is not one agp bench --json writes: {e}") from None
+    for r in reports:
+        r.label = f"{r.label} ({path.name})"
+    return reports
 
 
 # what the numbers of a report's JSON are in (the printed table shows latencies in ms)
 UNITS = {"rate": "requests/s", "duration_s": "s", "request_throughput": "requests/s",
          "output_throughput": "tokens/s", "total_throughput": "tokens/s", "ttft": "s", "tpot": "s", "itl": "s",
-         "e2e": "s", "kv_hit_rate": "fraction", "peak_memory_bytes": "bytes"}
+         "e2e": "s", "kv_hit_rate": "fraction", "peak_memory_bytes": "bytes", "slo": "s", "goodput": "requests/s"}
+
+# the limits --goodput takes (vLLM's names; e2e is agp's for e2el)
+SLO_METRICS = ("ttft", "tpot", "e2e")
+
+
+def _tpot(r: RequestRecord) -> float | None:
+    """vLLM's TPOT of one request: (E2E - TTFT) / (its output tokens - 1), the tokens of its
+    longest choice (n choices decode side by side), or the usage shared by the choices that
+    streamed when the target reports only the total. None for an answer of at most one token, and
+    for one whose every choice arrived in a single chunk (an answer handed over after a join or a
+    vote): its client saw no token after the first, and the microseconds before [DONE] over its
+    tokens gave a TPOT of 0.0 ms."""
+    if r.first_token is None or max(map(len, r.chunk_times.values())) < 2:
+        return None
+    if r.answer_tokens is not None:
+        return time_per_output_token(r.done - r.first_token, r.answer_tokens)
+    return time_per_output_token(r.done - r.first_token, r.completion_tokens, len(r.chunk_times))
+
+
+def _good(r: RequestRecord, slo: dict) -> bool:
+    """Whether a completed request meets every limit of `slo`, as `vllm bench serve`'s goodput
+    judges it: a request without a TPOT (one token, one chunk) counts 0 for it; one without a
+    first token waited its whole E2E for it."""
+    e2e = r.done - r.sent
+    seen = {"ttft": e2e if r.first_token is None else r.first_token - r.sent, "tpot": _tpot(r) or 0.0, "e2e": e2e}
+    return all(seen[key] <= limit for key, limit in slo.items())
 
 
 def summarize(label: str, rate: float, records: list[RequestRecord], duration: float,
-              engine_stats: dict | None = None) -> Report:
+              engine_stats: dict | None = None, *, concurrency: int | None = None,
+              burstiness: float = 1.0, slo: dict | None = None) -> Report:
     ok = [r for r in records if r.error is None and not r.truncated and r.done is not None]
+    slo = dict(slo or {})
     ttft = [r.first_token - r.sent for r in ok if r.first_token is not None]
     e2e = [r.done - r.sent for r in ok]
-    tpot = [t for r in ok if r.first_token is not None
-            and (t := time_per_output_token(r.done - r.first_token, r.completion_tokens,
-                                            len(r.chunk_times))) is not None]
+    tpot = [t for r in ok if (t := _tpot(r)) is not None]
     itl = [b - a for r in ok for times in r.chunk_times.values() for a, b in zip(times, times[1:])]
     prompt = sum(r.prompt_tokens for r in ok)
     out = sum(r.completion_tokens for r in ok)
@@ -189,6 +316,8 @@ def summarize(label: str, rate: float, records: list[RequestRecord], duration: f
         kv_hit_rate=cached / prompt if prompt else None,
         ttft=_dist(ttft), tpot=_dist(tpot), itl=_dist(itl), e2e=_dist(e2e),
         error_samples=sorted(set(errors))[:5], first_error=errors[0] if errors else None, engine=engine,
+        concurrency=concurrency, burstiness=burstiness, slo=slo,
+        goodput=sum(_good(r, slo) for r in ok) / duration if slo else None,
         ttft_samples=ttft, e2e_samples=e2e)
 
 
@@ -264,9 +393,15 @@ class EngineTarget:
         if result.error is not None:
             rec.error = result.error.message
             return
+        whole = [c.index for c in result.choices if c.text and c.index not in rec.chunk_times]
+        if whole:                     # an answer handed over whole (after a join, a vote): one arrival
+            now = clock()             # for each choice, as a server streams it
+            for index in whole:
+                rec.chunk(now, index)
         rec.prompt_tokens = result.usage["prompt_tokens"]
         rec.completion_tokens = result.usage["completion_tokens"]
         rec.cached_tokens = result.usage["cached_tokens"]
+        rec.answer_tokens = result.longest_choice_tokens()
         rec.finish_reason = result.choices[0].finish_reason if result.choices else None
 
 
@@ -347,9 +482,17 @@ class HTTPTarget:
                 if data == "[DONE]":
                     done = True
                     break
-                chunk = json.loads(data)
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    rec.error = f"an event of the stream is not JSON: {data[:80]!r}"
+                    return
+                if not isinstance(chunk, dict):
+                    rec.error = f"an event of the stream is not a JSON object: {data[:80]!r}"
+                    return
                 if "error" in chunk:
-                    rec.error = str(chunk["error"].get("message", chunk["error"]))[:200]
+                    error = chunk["error"]
+                    rec.error = str(error.get("message", error) if isinstance(error, dict) else error)[:200]
                     return
                 for choice in chunk.get("choices") or ():
                     if _carries_tokens(choice, chat):
@@ -471,7 +614,7 @@ def _typed(value: str):
 async def run_load(target, items: list[ParsedRequest], *, rate: float = math.inf,
                    num: int | None = None, duration: float | None = None,
                    concurrency: int | None = None, seed: int = 0, progress: bool = True,
-                   request_timeout: float = 600.0) -> tuple[list[RequestRecord], float]:
+                   request_timeout: float = 600.0, burstiness: float = 1.0) -> tuple[list[RequestRecord], float]:
     """Send the workload (cycled) and wait for every answer; returns (records, wall seconds).
 
     Open loop: arrivals at `rate` (Poisson) or all at once (inf). With `concurrency`, at
@@ -480,12 +623,15 @@ async def run_load(target, items: list[ParsedRequest], *, rate: float = math.inf
     if concurrency is not None and math.isinf(rate) and num is None:
         offsets = None                      # closed loop until `duration`
     else:
-        offsets = arrival_times(num, rate, duration=duration, seed=seed)
+        offsets = arrival_times(num, rate, duration=duration, seed=seed, burstiness=burstiness)
     bar = _progress(len(offsets) if offsets is not None else None, progress)
     limit = asyncio.Semaphore(concurrency) if concurrency else None
     records: list[RequestRecord] = []
-    clock = time.perf_counter
+    ended = {"tokens": 0, "errors": 0}     # the bar's figures, added to as requests end (summed over
+    clock = time.perf_counter              # every record at each end, they cost the loop n² / 2 steps)
     t0 = clock()
+
+    cut: set[int] = set()                  # the records of requests a stop left unanswered
 
     async def one(i: int, sent: float) -> None:
         rec = RequestRecord(sent=sent)             # when the load sent it, not when the task ran
@@ -493,6 +639,9 @@ async def run_load(target, items: list[ParsedRequest], *, rate: float = math.inf
         try:
             await asyncio.wait_for(target.send(items[i % len(items)], rec, clock),
                                    request_timeout)
+        except asyncio.CancelledError:
+            cut.add(id(rec))
+            raise
         except asyncio.TimeoutError:
             rec.error = f"timed out after {request_timeout:g} s"
         except Exception as e:               # noqa: BLE001 - one failed request, counted
@@ -502,34 +651,43 @@ async def run_load(target, items: list[ParsedRequest], *, rate: float = math.inf
             if limit:
                 limit.release()
             if bar is not None:
+                ended["tokens"] += rec.completion_tokens
+                ended["errors"] += rec.error is not None
                 bar.update(1)
-                bar.set_postfix_str(f"{sum(r.completion_tokens for r in records) / (clock() - t0):.0f} tok/s "
-                                    f"{sum(r.error is not None for r in records)} err", refresh=False)
+                bar.set_postfix_str(f"{ended['tokens'] / (clock() - t0):.0f} tok/s {ended['errors']} err",
+                                    refresh=False)
 
     tasks = []
     i = 0
-    while True:
-        if offsets is not None:
-            if i >= len(offsets):
+    try:
+        while True:
+            if offsets is not None:
+                if i >= len(offsets):
+                    break
+                delay = t0 + offsets[i] - clock()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            elif clock() - t0 >= duration:
                 break
-            delay = t0 + offsets[i] - clock()
-            if delay > 0:
-                await asyncio.sleep(delay)
-        elif clock() - t0 >= duration:
-            break
-        if limit:
-            await limit.acquire()
-            if offsets is None and clock() - t0 >= duration:
-                limit.release()
-                break
-        tasks.append(asyncio.create_task(one(i, clock())))
-        i += 1
-    if tasks:
-        await asyncio.gather(*tasks)
-    wall = clock() - t0
-    if bar is not None:
-        bar.close()
-    return records, wall
+            if limit:
+                await limit.acquire()
+                if offsets is None and clock() - t0 >= duration:
+                    limit.release()
+                    break
+            tasks.append(asyncio.create_task(one(i, clock())))
+            i += 1
+        if tasks:
+            await asyncio.gather(*tasks)
+    except asyncio.CancelledError:         # Ctrl-C (asyncio.run cancels the load): what ended is the result
+        wall = clock() - t0
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise Interrupted([r for r in records if id(r) not in cut], wall) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    return records, clock() - t0
 
 
 def during(before: dict, after: dict) -> dict:
@@ -557,21 +715,33 @@ def _progress(total, enabled: bool):
 
 async def bench_one(target, items, *, rate: float, num=None, duration=None, concurrency=None,
                     seed: int = 0, progress: bool = True, warmup: int = 1,
-                    request_timeout: float = 600.0) -> Report:
+                    request_timeout: float = 600.0, burstiness: float = 1.0, slo: dict | None = None) -> Report:
     """Start the target, warm it up, run the load, summarise."""
     await target.start()
+    stopped = None
     try:
         if warmup:
-            await run_load(target, items[:1] * warmup, rate=math.inf, num=warmup, progress=False,
-                           request_timeout=request_timeout)
+            try:
+                await run_load(target, items[:1] * warmup, rate=math.inf, num=warmup, progress=False,
+                               request_timeout=request_timeout)
+            except Interrupted:
+                raise KeyboardInterrupt from None          # nothing measured yet
         before = await target.stats()
-        records, wall = await run_load(target, items, rate=rate, num=num, duration=duration,
-                                       concurrency=concurrency, seed=seed, progress=progress,
-                                       request_timeout=request_timeout)
+        try:
+            records, wall = await run_load(target, items, rate=rate, num=num, duration=duration,
+                                           concurrency=concurrency, seed=seed, progress=progress,
+                                           request_timeout=request_timeout, burstiness=burstiness)
+        except Interrupted as e:
+            stopped, records, wall = e, e.records, e.wall
         stats = during(before, await target.stats())
     finally:
         await target.close()
-    return summarize(target.label, rate, records, wall, stats)
+    report = summarize(target.label, rate, records, wall, stats, concurrency=concurrency,
+                       burstiness=burstiness, slo=slo)
+    if stopped is not None:
+        stopped.report = report
+        raise stopped
+    return report
 
 
 # ---------------------------------------------------------------- output
@@ -583,11 +753,20 @@ def _ms(v) -> str:
 def _rows(reports: list[Report]) -> list[tuple[str, list[str]]]:
     rows: list[tuple[str, list[str]]] = [
         ("rate (req/s)", ["inf" if math.isinf(r.rate) else f"{r.rate:g}" for r in reports]),
+        ("max concurrency", [str(r.concurrency) if r.concurrency else "-" for r in reports]),
+    ]
+    if any(r.burstiness != 1.0 for r in reports):
+        rows.append(("burstiness", [f"{r.burstiness:g}" for r in reports]))
+    rows += [
         ("requests ok/sent", [f"{r.completed}/{r.requests}" for r in reports]),
         ("errors", [str(r.errors) for r in reports]),
         ("truncated streams", [str(r.truncated) for r in reports]),
         ("duration (s)", [f"{r.duration_s:.1f}" for r in reports]),
         ("requests/s", [f"{r.request_throughput:.2f}" for r in reports]),
+    ]
+    if any(r.slo for r in reports):
+        rows.append(("goodput (req/s)", ["-" if r.goodput is None else f"{r.goodput:.2f}" for r in reports]))
+    rows += [
         ("output tok/s", [f"{r.output_throughput:.1f}" for r in reports]),
         ("total tok/s", [f"{r.total_throughput:.1f}" for r in reports]),
         ("KV hit rate", ["-" if r.kv_hit_rate is None else f"{r.kv_hit_rate:.1%}" for r in reports]),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pipeline_dsl.commands.batch_api import BatchLine
-from pipeline_dsl.engine.config import percentile, time_per_output_token
+from pipeline_dsl.engine.config import percentile
 from pipeline_dsl.requests_io import ParsedRequest
 from pipeline_dsl.serve.answers import offsets
 from pipeline_dsl.serve.protocol import completion_logprobs
@@ -227,8 +227,7 @@ class Tally:
         if r.metrics.get("ttft_s") is None:
             return
         self.ttft.append(r.metrics["ttft_s"])
-        t = time_per_output_token(r.metrics["latency_s"] - r.metrics["ttft_s"], r.usage["completion_tokens"],
-                                  len(r.choices))
+        t = r.time_per_output_token(r.metrics["latency_s"] - r.metrics["ttft_s"])
         if t is not None:
             self.tpot.append(t)
 

@@ -52,6 +52,26 @@ class Result:
     def ok(self) -> bool:
         return self.error is None
 
+    def longest_choice_tokens(self) -> int | None:
+        """The tokens generated for its longest choice, each choice counting its own generation
+        (its `usage`): a vote's other candidates and an earlier stage's draft, which `usage`
+        counts too, are not in the answer. None when a choice does not say (text a python stage
+        wrote)."""
+        counts = [(c.data.get("usage") or {}).get("completion_tokens") if isinstance(c.data, dict) else None
+                  for c in self.choices]
+        return max(counts) if counts and None not in counts else None
+
+    def time_per_output_token(self, decode_s: float) -> float | None:
+        """vLLM's TPOT of this answer over `decode_s` (first token to last): per token of its
+        longest choice after the first; where a choice does not count its tokens, the usage shared
+        by the choices. None for an answer of at most one token."""
+        from pipeline_dsl.engine.config import time_per_output_token
+
+        longest = self.longest_choice_tokens()
+        if longest is not None:
+            return time_per_output_token(decode_s, longest)
+        return time_per_output_token(decode_s, self.usage.get("completion_tokens", 0), len(self.choices))
+
 
 def no_usage() -> dict:
     return {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}

@@ -34,7 +34,6 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                ProcessCollector, generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from pipeline_dsl.engine.config import time_per_output_token
 
 prometheus_client.disable_created_metrics()     # a `_created` series would double every counter
 
@@ -385,8 +384,8 @@ class ServerMetrics:
                 hist.labels(engine=engine).observe(max(float(timings[key]), 0.0))
         if timings.get("prefill_s") is not None and timings.get("decode_s") is not None:
             self.inference_time.labels(engine=engine).observe(max(timings["prefill_s"] + timings["decode_s"], 0.0))
-        if timings.get("decode_s") is not None and (tpot := time_per_output_token(
-                max(timings["decode_s"], 0.0), usage.get("completion_tokens", 0), len(result.choices))) is not None:
+        if timings.get("decode_s") is not None and (
+                tpot := result.time_per_output_token(max(timings["decode_s"], 0.0))) is not None:
             self.tpot.labels(engine=engine).observe(tpot)
         params = params or {}
         self.params_n.labels(engine=engine).observe(int(params.get("n") or 1))
