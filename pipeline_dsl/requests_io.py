@@ -121,6 +121,7 @@ ITEM_FIELDS = {
     "priority": (lambda v: _is_int(v) and PRIORITY.in_range(v), expected(PRIORITY)),
 }
 KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", "tools", "tool_choice", "logit_bias",
+         "max_completion_tokens",
          "parallel_tool_calls", "response_format", "cache_salt", *REQUEST_FIELDS, *ITEM_FIELDS, *TOKEN_ID_FIELDS}
 
 
@@ -242,10 +243,10 @@ def _shown(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def checked(name: str, value):
+def checked(name: str, value, given_as: str | None = None):
     """A sampling field through the schema of the stage parameter it sets (stages/fields.py)."""
     try:
-        return check_field(name, value)
+        return check_field(name, value, given_as)
     except ParamError as e:
         raise RequestError(str(e), param=e.field) from None
 
@@ -333,12 +334,15 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     # echo with max_tokens 0 scores the prompt without generating (lm-eval's loglikelihood), as
     # agp serve's completions take it
     scoring = obj.get("echo") is True and _is_int(obj.get("max_tokens")) and obj["max_tokens"] == 0
+    # chat's newer name for max_tokens, as OpenAI's chat clients send it; it wins when both are given
+    limit = "max_completion_tokens" if obj.get("max_completion_tokens") is not None else "max_tokens"
     for name in SAMPLING_FIELDS:
-        if obj.get(name) is not None and not (scoring and name == "max_tokens"):
-            req.sampling[name] = checked(name, obj[name])
+        key = limit if name == "max_tokens" else name
+        if obj.get(key) is not None and not (scoring and name == "max_tokens"):
+            req.sampling[name] = checked(name, obj[key], key)
     if scoring:
         req.sampling["max_tokens"] = 0
-    check_min_tokens(req.sampling)
+    check_min_tokens(req.sampling, limit)
     if obj.get("model") is not None:
         req.model = _check("model", obj["model"], isinstance(obj["model"], str), "a string")
     if obj.get("metadata") is not None:

@@ -184,10 +184,11 @@ def check_value(p: Param, value: Any, field: str | None = None) -> Any:
     return value
 
 
-def check_field(field: str, value: Any) -> Any:
-    """A request's sampling field, checked against the generate parameter it sets."""
+def check_field(field: str, value: Any, given_as: str | None = None) -> Any:
+    """A request's sampling field, checked against the generate parameter it sets; an error names
+    it as the request gave it (`given_as`: max_completion_tokens for max_tokens)."""
     kind, name = REQUEST_FIELDS[field]
-    return check_value(param_of(kind, name), value, field)
+    return check_value(param_of(kind, name), value, given_as or field)
 
 
 def check_engine_field(field: str, value: Any) -> Any:

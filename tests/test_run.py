@@ -93,6 +93,18 @@ def test_request_lines_are_validated_field_by_field():
     assert parse_request({"prompt": "x", "stop": "END"}).sampling["stop"] == ["END"]
 
 
+def test_a_request_line_takes_max_completion_tokens_as_chat_clients_send_it():
+    """OpenAI's chat clients send max_completion_tokens (it wins over max_tokens, as agp serve's
+    chat takes it); it was refused as an unknown field, with a hint at min_tokens."""
+    chat = [{"role": "user", "content": "x"}]
+    assert parse_request({"messages": chat, "max_completion_tokens": 5}).sampling == {"max_tokens": 5}
+    assert parse_request({"prompt": "x", "max_completion_tokens": 5, "max_tokens": 9}).sampling == {"max_tokens": 5}
+    for fields, words in [({"max_completion_tokens": 0}, "'max_completion_tokens' must be"),
+                          ({"max_completion_tokens": 2, "min_tokens": 3}, "above 'max_completion_tokens' = 2")]:
+        with pytest.raises(RequestError, match=words):
+            parse_request({"messages": chat, **fields})
+
+
 @pytest.mark.parametrize("line", ['{"prompt": [1, 2, 3]}', '{"prompt": ["a", "b"]}'])
 def test_a_prompt_array_in_a_request_line_says_where_ids_and_batches_go(line):
     # OpenAI's completions take token ids or a batch in 'prompt'; a request line holds one request
