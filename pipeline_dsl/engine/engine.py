@@ -166,10 +166,10 @@ class Engine:
         """InputError for a request's `priority` this engine cannot honour: not a signed 64-bit
         integer, or non-zero while it schedules fcfs (as vLLM refuses it without priority
         scheduling: the value would silently change nothing)."""
-        from stages.fields import PRIORITY, ParamError, check_value
+        from stages.fields import ParamError, check_priority
 
         try:
-            check_value(PRIORITY, priority)
+            check_priority(priority)
         except ParamError as e:
             raise InputError(str(e), param="priority") from None
         if priority and self.config.scheduling_policy != "priority":
