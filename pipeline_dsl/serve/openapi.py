@@ -89,7 +89,8 @@ SAMPLING = {
     "bad_words": {"oneOf": [{"type": "string", "minLength": 1, "maxLength": _BAD_WORDS.max_length},
                             {"type": "array", "maxItems": _BAD_WORDS.max_items,
                              "items": {"type": "string", "minLength": 1, "maxLength": _BAD_WORDS.max_length}},
-                            {"type": "null"}], "description": "words never generated"},
+                            {"type": "null"}],
+                  "description": "words never generated, beside the generate stage's bad_words"},
     "cache_salt": {"type": "string", "minLength": 1,
                    "description": "prefix-cache blocks are shared only among requests of the same salt"},
     "structured_outputs": {"type": "object", "properties": {
