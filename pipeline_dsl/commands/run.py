@@ -28,7 +28,8 @@ it holds no record of yet (counted per id, so a repeated id is answered by its e
 an output holding a line that is no record of this input (another file's answers, a line that is
 not an agp record) is refused before the model loads, exit 2: appending would mix two runs; so
 is an output whose fingerprint (OUT.agp-run, written beside it: the input's lines read, how many,
-the pipeline file, --pipeline, --dtype, --generation-config) says another input or pipeline made it (lines appended
+the pipeline file, --pipeline, --dtype, the sampling defaults --generation-config and --override-generation-config
+give) says another input or pipeline made it (lines appended
 to the input are not another: --resume answers them). The fingerprint is the lines' as they
 stream past: before an answer to a line it does not cover is written, it is written anew, so it
 covers every answer in OUT however the run ends; --resume reads the lines it covers and those
@@ -56,7 +57,8 @@ import time
 from collections import Counter, deque
 from typing import Callable
 
-from pipeline_dsl.cliargs import GENERATION_CONFIG_HELP, generation_config, output_file
+from pipeline_dsl.cliargs import (GENERATION_CONFIG_HELP, OVERRIDE_GENERATION_CONFIG_HELP, generation_config,
+                                  output_file, override_generation_config)
 from pipeline_dsl.commands import add_pipeline_arguments
 from pipeline_dsl.commands.run_input import MAX_LINE_BYTES, MAX_SKIP_BYTES, InputLines, TooLong, open_input
 from pipeline_dsl.commands.stdout import answers_on_stdout
@@ -78,6 +80,8 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--generation-config", type=generation_config, default="auto", metavar="auto|vllm|FOLDER",
                    help=GENERATION_CONFIG_HELP)
+    p.add_argument("--override-generation-config", type=override_generation_config, default=None, metavar="JSON",
+                   help=OVERRIDE_GENERATION_CONFIG_HELP)
     p.add_argument("--stats", type=output_file, default=None, help="write the run summary as JSON to this file")
     streams = p.add_mutually_exclusive_group()
     streams.add_argument("--no-overlap", action="store_true",
@@ -551,7 +555,9 @@ def _load(args):
     from pipeline_dsl.flow import build_runtime
 
     return build_runtime(args.pipeline, args.name, overrides={"dtype": args.dtype, "threads": args.threads,
-                                                               "generation_config": args.generation_config},
+                                                               "generation_config": args.generation_config,
+                                                               "override_generation_config":
+                                                                   args.override_generation_config},
                          allow_paths=args.allow_path,
                          overlap=True if args.overlap else False if args.no_overlap else None,
                          trace=Trace() if args.trace else None)
@@ -559,16 +565,30 @@ def _load(args):
 
 def _pipeline_fingerprint(args) -> list:
     """The pipeline an output's answers are made from: its file, the pipeline chosen in it, --dtype and
-    --generation-config (when not the default auto: a fingerprint written before the flag stays the
-    same run's)."""
+    the sampling defaults --generation-config and --override-generation-config give, by what they
+    are, not by the folder's path: a changed generation_config.json is another pipeline, the same
+    content elsewhere the same one. Under the default auto (the model's own file, which the pipeline
+    names) only the override counts, so a fingerprint written before these flags stays the same run's;
+    vllm and a folder of no sampling defaults are "vllm"."""
     import hashlib
+
+    from pipeline_dsl.engine.errors import InputError
+    from pipeline_dsl.engine.models import generation_defaults
 
     try:
         with open(args.pipeline, "rb") as f:
             pipeline = hashlib.sha256(f.read()).hexdigest()
     except OSError:                 # no pipeline to read: its load says so, in check's words (exit 2)
         pipeline = None
-    sampling = [args.generation_config] if args.generation_config != "auto" else []
+    override = args.override_generation_config
+    if args.generation_config == "auto":
+        sampling = [{"override_generation_config": override}] if override else []
+    else:
+        try:                        # the folder's file read as the engine reads it (no model needed)
+            defaults = generation_defaults(None, args.generation_config, override=override)
+        except InputError:          # a broken file: the load says so (exit 2)
+            defaults = None
+        sampling = [{"generation_config": defaults} if defaults != {} else "vllm"]
     return [pipeline, args.name, args.dtype, *sampling]
 
 

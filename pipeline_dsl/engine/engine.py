@@ -658,7 +658,7 @@ def resolve_device(device: str) -> str:
 def load_runner(config: EngineConfig):
     """(ModelRunner, Tokenizer, info dict) for config.model, its KV pool sized to the budget."""
     from .model import ModelRunner
-    from .models import generation_defaults, load_model, resolve_model
+    from .models import generation_defaults, load_model, read_generation_config, resolve_model
 
     t0 = time.perf_counter()
     try:                                # the engine's switches, before anything loads (docs/gpu.md)
@@ -669,8 +669,11 @@ def load_runner(config: EngineConfig):
         raise InputError(str(e)) from None
     device = resolve_device(config.device)
     source = resolve_model(config.model)
-    sampling = generation_defaults(source, config.generation_config)     # before the weights: a bad file stops it
-    model, tokenizer = load_model(source, dtype=config.dtype, device=device)
+    # an HF folder's generation_config.json, read once: the sampling defaults and the tokenizer's eos ids
+    own = read_generation_config(source.path) if source.kind == "hf" else None
+    sampling = generation_defaults(source, config.generation_config, own,        # before the weights: a bad
+                                   config.override_generation_config)          # file stops it
+    model, tokenizer = load_model(source, dtype=config.dtype, device=device, generation_config=own)
     c = model.config
     elem = torch.empty((), dtype=model.dtype).element_size()
     per_block = bytes_per_block(c.num_layers, c.num_kv_heads, c.head_dim, config.block_size, elem)

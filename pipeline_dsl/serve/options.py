@@ -14,7 +14,8 @@ import math
 import os
 from pathlib import Path
 
-from pipeline_dsl.cliargs import GENERATION_CONFIG_HELP, generation_config, output_file, switch
+from pipeline_dsl.cliargs import (GENERATION_CONFIG_HELP, OVERRIDE_GENERATION_CONFIG_HELP, generation_config,
+                                  output_file, override_generation_config, switch)
 from pipeline_dsl.loader import add_pipeline_arguments
 
 from .config import OPEN_PATHS
@@ -78,6 +79,8 @@ def add_arguments(p) -> None:
                    help="seed of the sampling of requests that bring no seed of their own")
     p.add_argument("--generation-config", type=generation_config, default="auto", metavar="auto|vllm|FOLDER",
                    help=GENERATION_CONFIG_HELP)
+    p.add_argument("--override-generation-config", type=override_generation_config, default=None, metavar="JSON",
+                   help=OVERRIDE_GENERATION_CONFIG_HELP)
     p.add_argument("--root-path", default="",
                    help="the path prefix a proxy serves this server under (e.g. /llm)")
     p.add_argument("--allowed-origins", type=_names, default=None, metavar="ORIGINS",
