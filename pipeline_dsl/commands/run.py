@@ -36,8 +36,9 @@ covers every answer in OUT however the run ends; --resume reads the lines it cov
 OUT answers before the model loads, and checks them.
 Ctrl-C (SIGINT), SIGTERM or SIGHUP stops admitting and reading, aborts what is in flight (those
 requests are not written, so `--resume` runs them again), writes the summary and `--stats`, and exits
-130, 143 or 129; while the model loads, one stops the load at once with a line saying so (same
-exit status, nothing written). A write that fails (a full disk, a closed pipe, an output file
+130, 143 or 129; while the model loads, or while the run waits for the input's first lines (a
+pipe that has sent nothing yet), one stops it at once with a line saying so (same exit status,
+nothing written). A write that fails (a full disk, a closed pipe, an output file
 deleted meanwhile) stops the run the same way at once, says why, writes the summary and exits 1.
 The summary counts the lines read (`lines_read`: requests, interrupted and resumed_skipped) and
 says when the input was not read to its end. Exit 1 when every request failed. A progress bar and
@@ -381,22 +382,34 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
         return _err(f"{args.output} exists: pass --resume to run only the requests it does not "
                     "answer yet, or --overwrite to replace it")
     resuming = kept and args.resume
-    try:
-        source = InputLines(open_input(args.input))
-    except FileNotFoundError:
-        return _err(f"input file not found: {args.input}")
-    except OSError as e:
-        return _err(f"cannot read {args.input}: {e.strerror}")
     done_ids, whole, not_records, was = Counter(), 0, [], None
     if resuming:       # the records it holds; each is matched to its input line as the lines are read
         done_ids, whole, not_records = answered_ids(args.output)
         was = _read_fingerprint(args.output)
     n = was.get("input_lines") if was is not None else 0
     covered = n if isinstance(n, int) and n >= 0 else None    # the lines OUT's fingerprint covers; None: all
-    lines = _Lines(source, done_ids, mark=covered)
-    # before anything loads: the first line to run and the input's shape, and for --resume the lines
-    # its fingerprint covers and those its records answer (the rest is read as the run goes)
-    lines.read_ahead(float("inf") if covered is None else covered)
+
+    def first_lines():
+        """The input opened and read before anything loads: the first line to run and the input's
+        shape, and for --resume the lines its fingerprint covers and those its records answer (the
+        rest is read as the run goes). A pipe (stdin) may hold it waiting for its first line."""
+        read = _Lines(InputLines(open_input(args.input)), done_ids, mark=covered)
+        read.read_ahead(float("inf") if covered is None else covered)
+        return read
+
+    from pipeline_dsl.commands.stopping import load_unless_stopped
+
+    try:               # a stop signal ends the wait at once, as it ends the load (commands/stopping.py)
+        lines, sig = load_unless_stopped(first_lines)
+    except FileNotFoundError:
+        return _err(f"input file not found: {args.input}")
+    except OSError as e:
+        return _err(f"cannot read {args.input}: {e.strerror}")
+    if sig is not None:                        # nothing ran, nothing was written
+        print(f"agp run: {signal.Signals(sig).name} while waiting for the input's first lines: stopped before "
+              "running any request", file=sys.stderr, flush=True)
+        os._exit(128 + sig)                    # the reading thread may be blocked in a read
+    source = lines.source
     source_name = "stdin" if args.input == "-" else args.input
     if source.error is not None:
         return _err(f"cannot read {args.input}: {source.error.strerror or source.error}")
@@ -449,8 +462,6 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
               f"agp run: nothing to run: {args.output} answers every line of {source_name} already",
               file=sys.stderr)
         return 0
-
-    from pipeline_dsl.commands.stopping import load_unless_stopped
 
     t_load = time.perf_counter()
     runtime, sig = load_unless_stopped(lambda: _load(args))     # torch's import counts as loading
