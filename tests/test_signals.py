@@ -164,3 +164,26 @@ def test_a_body_still_arriving_at_sigterm_gets_a_json_503_at_once(tmp_path, tiny
     assert head.startswith(b"HTTP/1.1 503 ") and b"application/json" in head, answer[:300]
     assert "body was still arriving" in json.loads(body)["error"]["message"]
     assert proc.returncode == 0 and "Traceback" not in err, err
+
+
+def test_ctrl_c_while_agp_imports_its_version_lookup_is_a_keyboard_interrupt_not_a_name_error():
+    """A Ctrl-C that landed in the import of importlib.metadata (agp's version) raised NameError
+    ('PackageNotFoundError' is not defined) from the except clause around that import."""
+    import sys
+
+    code = """import sys
+class Interrupted:
+    def find_spec(self, name, path=None, target=None):
+        if name == "importlib.metadata":
+            raise KeyboardInterrupt
+sys.modules.pop("importlib.metadata", None)
+sys.meta_path.insert(0, Interrupted())
+try:
+    import pipeline_dsl
+except KeyboardInterrupt:
+    print("KeyboardInterrupt")
+"""
+    from clikit import ROOT
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.stdout.strip() == "KeyboardInterrupt" and "NameError" not in r.stderr, r.stderr
