@@ -657,6 +657,7 @@ def resolve_device(device: str) -> str:
 
 def load_runner(config: EngineConfig):
     """(ModelRunner, Tokenizer, info dict) for config.model, its KV pool sized to the budget."""
+    from . import native
     from .model import ModelRunner
     from .models import generation_defaults, load_model, read_generation_config, resolve_model
 
@@ -665,6 +666,7 @@ def load_runner(config: EngineConfig):
         invariant = env_switch("AGP_BATCH_INVARIANT", False)          # invariant.py
         graphs = env_switch("AGP_CUDA_GRAPHS", True)
         env_switch("AGP_NATIVE", True)                                # read by native.load()
+        native.activation_choice()                                    # AGP_NATIVE_ACT, read as layers are built
     except ValueError as e:
         raise InputError(str(e)) from None
     device = resolve_device(config.device)
