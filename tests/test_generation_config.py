@@ -207,3 +207,25 @@ def test_resume_fingerprints_what_the_generation_config_folder_holds_not_its_pat
     assert changed.returncode == 2 and "was made from another pipeline than this run's" in changed.stderr
     overridden = run("--resume", "--generation-config", moved, "--override-generation-config", '{"top_k": 3}')
     assert overridden.returncode == 2 and "another pipeline" in overridden.stderr
+
+
+def test_agp_serve_runs_with_the_override_and_its_banner_says_so(tmp_path, folder):
+    import argparse
+
+    from pipeline_dsl.commands.serve import banner
+    from pipeline_dsl.serve.build import build
+    from pipeline_dsl.serve.options import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args([pipeline(tmp_path, folder), "--threads", "1",
+                         "--override-generation-config", '{"temperature": 0.5, "max_new_tokens": null}'])
+    serving = build(args)
+    try:
+        engine = serving.runtime.segments[0].engine
+        assert engine.generation_defaults == {**{k: v for k, v in AS_FIELDS.items() if k != "max_tokens"},
+                                              "temperature": 0.5}
+        assert "; sampling defaults of generation_config.json and --override-generation-config: temperature=0.5" \
+            in banner(serving, "http://x/v1", args)[1]
+    finally:
+        serving.runtime.close()
