@@ -82,8 +82,7 @@ def load_weights(source: ModelSource, generation_config: dict | None = None):
             return g.config, g.weights, tokenizer
         from .hf_loader import load_hf_folder
         h = load_hf_folder(source.path)
-        # its errors name the file
-        return h.config, h.weights, Tokenizer.from_hf_folder(source.path, generation_config)
+        return h.config, h.weights, Tokenizer.from_hf_folder(source.path, generation_config)  # its errors name the file
     except (ModelFileProblem, TokenizerError) as e:
         raise ModelFileError(" ".join(str(e).split())) from e
 
@@ -154,10 +153,11 @@ def generation_defaults(source: ModelSource | None, setting: str = "auto", own: 
     """The sampling defaults a model's generation_config.json recommends, as vLLM's
     `--generation-config` takes them: "auto" reads the Hugging Face folder's (a GGUF file has
     none; `own`: that file as read_generation_config read it, else it is read here), "vllm" none,
-    a folder path that folder's (`source` None: no model, for a setting other than auto); `override` (vLLM's --override-generation-config, check_override)
-    is set over the file's keys (null: a key left unset). {request field: value} of the keys it
-    sets (GENERATION_KEYS), each checked by the field's one schema; a value outside it is a
-    ModelFileError naming the file and the key."""
+    a folder path that folder's (`source` None: no model, for a setting other than auto).
+    `override` (vLLM's --override-generation-config, check_override) is set over the file's keys
+    (null: a key left unset). {request field: value} of the keys it sets (GENERATION_KEYS), each
+    checked by the field's one schema; a value outside it is a ModelFileError naming the file and
+    the key."""
     from stages.fields import ParamError
 
     if setting == "auto":
