@@ -28,9 +28,9 @@ it holds no record of yet (counted per id, so a repeated id is answered by its e
 an output holding a line that is no record of this input (another file's answers, a line that is
 not an agp record) is refused before the model loads, exit 2: appending would mix two runs; so
 is an output whose fingerprint (OUT.agp-run, written beside it: the input's lines read, how many,
-the pipeline file, --pipeline, --dtype, the sampling defaults --generation-config and --override-generation-config
-give) says another input or pipeline made it (lines appended
-to the input are not another: --resume answers them). The fingerprint is the lines' as they
+the pipeline file, --pipeline, --dtype, the sampling defaults --generation-config and
+--override-generation-config give) says another input or pipeline made it (lines appended to the
+input are not another: --resume answers them). The fingerprint is the lines' as they
 stream past: before an answer to a line it does not cover is written, it is written anew, so it
 covers every answer in OUT however the run ends; --resume reads the lines it covers and those
 OUT answers before the model loads, and checks them.
