@@ -33,8 +33,9 @@ import os
 
 from .diagnostics import CheckFailed, Diagnostic, SourcePos, has_errors, sort_diagnostics
 
-try:
-    from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError, version as _version  # noqa: E402
+
+try:                                  # (the import outside: a Ctrl-C inside it is a KeyboardInterrupt, not a NameError)
     __version__ = _version("agp")
 except PackageNotFoundError:          # running from a source tree that is not installed
     __version__ = "0.1.0"

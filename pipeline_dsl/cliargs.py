@@ -9,6 +9,7 @@ as an internal error or as a silently odd measurement.
     p.add_argument("--warmup", type=count(0))             # an integer >= 0
     p.add_argument("--request-timeout", type=seconds)     # a finite number of seconds > 0
     p.add_argument("--url", type=http_url)                # http(s)://host[:port][/path]
+    p.add_argument("--override-generation-config", type=override_generation_config)   # a JSON object
 
 The AGP_* variables' switches take one vocabulary (`switch`, `env_switch`): a flag's variable
 (AGP_NO_ACCESS_LOG=1) as the engine's (AGP_BATCH_INVARIANT=1, AGP_NATIVE=0), so `false` is
@@ -171,3 +172,25 @@ def generation_config(text: str) -> str:
     if not os.path.isfile(os.path.join(text, "generation_config.json")):
         raise argparse.ArgumentTypeError(f"the folder '{text}' holds no generation_config.json")
     return text
+
+
+OVERRIDE_GENERATION_CONFIG_HELP = ("JSON object of generation_config.json keys (temperature, top_p, top_k, min_p, "
+                                   "repetition_penalty, max_new_tokens) set over the defaults --generation-config "
+                                   "gives, e.g. '{\"temperature\": 0.5}'; null unsets one (vLLM's flag)")
+
+
+def override_generation_config(text: str) -> dict:
+    """vLLM's --override-generation-config: a JSON object of generation_config.json sampling keys,
+    each value in its field's range (engine.models.check_override)."""
+    import json
+
+    from pipeline_dsl.engine.models import check_override
+
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
+    try:
+        return check_override(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -94,8 +94,8 @@ def _check(name: str, value, ok: bool, expected: str):
 
 
 # one schema per field: the stage parameters' (and the token-id lists') checks
-from stages.fields import (PRIORITY, REQUEST_FIELDS, TOKEN_ID_FIELDS, ParamError, check_cache_salt,  # noqa: E402
-                           check_field, check_token_ids, expected)
+from stages.fields import (REQUEST_FIELDS, TOKEN_ID_FIELDS, ParamError, check_cache_salt,  # noqa: E402
+                           check_field, check_priority, check_token_ids)
 
 SAMPLING_FIELDS = tuple(f for f in REQUEST_FIELDS if f != "n")     # SamplingParams overrides
 # per-request fields no stage parameter sets (agp serve puts them on its items; a request line may
@@ -116,13 +116,10 @@ ITEM_FIELDS = {
     "truncate_prompt_tokens": (lambda v: _is_int(v) and (v >= 1 or v == -1),
                                "a positive integer (or -1: the context)"),
     "pooling": (lambda v: v == "mean", '"mean"'),
-    # vLLM's: lower is admitted first when the engine schedules by priority (a non-zero value is refused
-    # by one that schedules fcfs)
-    "priority": (lambda v: _is_int(v) and PRIORITY.in_range(v), expected(PRIORITY)),
 }
 KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", "tools", "tool_choice", "logit_bias",
-         "max_completion_tokens",
-         "parallel_tool_calls", "response_format", "cache_salt", *REQUEST_FIELDS, *ITEM_FIELDS, *TOKEN_ID_FIELDS}
+         "max_completion_tokens", "parallel_tool_calls", "response_format", "cache_salt", "priority",
+         *REQUEST_FIELDS, *ITEM_FIELDS, *TOKEN_ID_FIELDS}
 
 
 def parse_messages(value) -> list[dict]:
@@ -298,6 +295,15 @@ def cache_salt(value) -> str:
         raise RequestError(str(e), param=e.field) from None
 
 
+def priority(value) -> int:
+    """A request's priority (vLLM's: lower is admitted first when the engine schedules by priority; a
+    non-zero value is refused by one that schedules fcfs), through its one schema (stages/fields.py)."""
+    try:
+        return check_priority(value)
+    except ParamError as e:
+        raise RequestError(str(e), param=e.field) from None
+
+
 def parse_request(obj, default_id=None) -> ParsedRequest:
     """Validate one request object (already decoded from JSON)."""
     if not isinstance(obj, dict):
@@ -365,6 +371,8 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     for name, (ok, wanted) in ITEM_FIELDS.items():
         if obj.get(name) is not None:
             req.extras[name] = _check(name, obj[name], ok(obj[name]), wanted)
+    if obj.get("priority") is not None:
+        req.extras["priority"] = priority(obj["priority"])
     if obj.get("cache_salt") is not None:
         req.extras["cache_salt"] = cache_salt(obj["cache_salt"])
     if req.extras.get("echo") and req.messages is not None:       # as agp serve's chat refuses it

@@ -214,6 +214,15 @@ def check_token_ids(field: str, value: Any) -> tuple[int, ...]:
     return tuple(value)
 
 
+def check_priority(value: Any) -> int:
+    """A request's priority (PRIORITY) as an int, or ParamError naming the field. A number with no
+    fractional part is that integer (0.0, as JSON clients often send it), as vLLM's `int` field takes
+    it; 0.5 is refused."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return check_value(PRIORITY, value)
+
+
 def check_cache_salt(value: Any) -> str:
     """A request's cache_salt (vLLM's): a non-empty string, or ParamError naming the field."""
     if not isinstance(value, str) or not value:

@@ -143,3 +143,43 @@ def test_bad_words_that_leave_no_allowed_token_end_the_answer_with_an_error(tiny
         out = final(stepped(make(tiny_gguf), {"x": params})["x"])
         assert out.finish_reason == "error" and "'bad_words' bans every token" in out.metrics["error"]
         assert out.text == ""
+
+
+STAGE_PIPELINE = """pipeline p {{
+    model = "{model}"
+    device = cpu
+    stage request : requests      {{}}
+    stage batch   : dynamic_batch {{ max_batch_size = 2 }}
+    stage encode  : encode        {{}}
+    stage kv      : kv_lookup     {{ block_size = 8  budget = 1MiB }}
+    stage gen     : generate      {{ max_new_tokens = 4  {gen} }}
+    stage out     : respond       {{}}
+    request -> batch -> encode -> kv -> gen -> out
+}}
+"""
+
+
+def test_a_requests_bad_words_add_to_its_stages_which_an_empty_list_keeps(tmp_path, tiny_gguf):
+    """The stage's bad_words stay banned whatever a request sends: its `[]` (vLLM clients' default)
+    and null add none, its own words are banned beside them, and the two together stay within the
+    parameter's 128 words (an InputError naming bad_words beyond)."""
+    from pipeline_dsl.flow import build_runtime
+
+    path = tmp_path / "p.agp"
+    path.write_text(STAGE_PIPELINE.format(model=tiny_gguf, gen='bad_words = ["cat", "dog"]'))
+    rt = build_runtime(str(path), overrides={"threads": 1})
+    try:
+        seg = rt.segments[0]
+
+        def words(data):
+            return seg.sampling("gen", {"prompt": "hi", **data}, 3).bad_words
+
+        assert words({}) == words({"bad_words": []}) == words({"bad_words": None}) == ("cat", "dog")
+        assert words({"bad_words": ["fish", "cat"]}) == ("cat", "dog", "fish")
+        assert words({"bad_words": "fish"}) == ("cat", "dog", "fish")
+        with pytest.raises(InputError, match="'bad_words' adds 127 words to the 2 generate stage 'gen' bans: "
+                                             "at most 128 in all") as e:
+            words({"bad_words": [f"w{i}" for i in range(127)]})
+        assert e.value.param == "bad_words"
+    finally:
+        rt.close()

@@ -1,8 +1,12 @@
 """The runtime's timer thread: cancelled deadlines do not pile up in its heap, and the live
-ones still fire, in deadline order."""
+ones still fire, in deadline order. A stage's event loop, closed at shutdown, cancels the calls
+still on it."""
+import asyncio
+import gc
+import logging
 import threading
 
-from pipeline_dsl.flow.timing import Timer
+from pipeline_dsl.flow.timing import EventLoop, Timer
 
 
 def test_cancelled_long_timers_do_not_pile_up_in_the_heap():
@@ -55,3 +59,28 @@ def test_cancel_after_firing_or_twice_is_harmless():
         assert timer.pending() == 1            # the cancelled entry waits for a compaction
     finally:
         timer.close()
+
+
+def test_closing_a_stages_event_loop_cancels_its_calls_and_leaves_no_pending_task(caplog):
+    """An async python stage's call still running at shutdown (one the drain cut) was left pending
+    on a loop that was stopped, not closed: "Task was destroyed but it is pending!" once the loop
+    was collected, at agp serve's exit in some runs. close() cancels it, lets it end, closes the loop."""
+    loop = EventLoop()
+    running, cancelled = threading.Event(), threading.Event()
+
+    async def slow():
+        running.set()
+        try:
+            await asyncio.sleep(300)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    future = loop.submit(slow())
+    assert running.wait(30)
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        loop.close()
+        assert cancelled.is_set() and future.cancelled()
+        del future
+        gc.collect()
+    assert "Task was destroyed but it is pending" not in caplog.text

@@ -133,3 +133,99 @@ def test_agp_run_lines_take_the_defaults_and_the_flag(tmp_path, folder):
     assert rows["model"]["usage"]["completion_tokens"] == 128
     proc, _ = run("--generation-config", str(tmp_path / "nowhere"))
     assert proc.returncode == 2 and "neither auto, vllm nor a folder" in proc.stderr
+
+
+def test_the_models_generation_config_is_read_once_for_the_defaults_and_the_tokenizer(tmp_path, folder, monkeypatch):
+    """It was read twice at start: once for the sampling defaults, once more by the tokenizer (its
+    eos_token_id); one read serves both."""
+    from pathlib import Path
+
+    reads = []
+    read_bytes = Path.read_bytes
+
+    def spy(self):
+        if self.name == "generation_config.json":
+            reads.append(self)
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", spy)
+    rt = build_runtime(pipeline(tmp_path, folder), overrides={"threads": 1})
+    try:
+        assert rt.segments[0].engine.generation_defaults == AS_FIELDS
+        assert 2 in rt.segments[0].tokenizer.eos_token_ids                  # the file's eos_token_id
+    finally:
+        rt.close()
+    assert len(reads) == 1, reads
+
+
+def test_override_generation_config_sets_keys_over_the_defaults_and_null_unsets_one(tmp_path, folder):
+    model = resolve_model(str(folder))
+    assert generation_defaults(model, "auto", override={"temperature": 0.5, "top_k": None}) == \
+        {**{k: v for k, v in AS_FIELDS.items() if k != "top_k"}, "temperature": 0.5}
+    assert generation_defaults(model, "vllm", override={"max_new_tokens": 3}) == {"max_tokens": 3}  # the override alone
+    rt = build_runtime(pipeline(tmp_path, folder), overrides={"threads": 1, "generation_config": "vllm",
+                                                             "override_generation_config": {"top_p": 0.5}})
+    try:
+        assert rt.segments[0].engine.generation_defaults == {"top_p": 0.5}
+        assert params_of(rt, {}).top_p == 0.5 and params_of(rt, {"top_p": 0.25}).top_p == 0.25   # the request's wins
+    finally:
+        rt.close()
+
+
+@pytest.mark.parametrize("value, said", [
+    ('{"temperature": 0.5', "not JSON (Expecting ',' delimiter"),
+    ("[0.5]", "must be a JSON object of generation_config.json keys"),
+    ('{"temprature": 0.5}', "unknown key 'temprature' (did you mean 'temperature'?): it takes temperature, top_p"),
+    ('{"top_p": 0}', "'top_p' must be a number above 0 up to 1"),
+])
+def test_a_bad_override_generation_config_exits_2_naming_the_flag(tmp_path, value, said):
+    for command in ("run", "serve"):
+        proc = clikit.agp(command, "examples/chat.agp", "--override-generation-config", value)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"agp {command}: error: argument --override-generation-config: {said}" in proc.stderr, proc.stderr
+
+
+def test_resume_fingerprints_what_the_generation_config_folder_holds_not_its_path(tmp_path, folder):
+    """--generation-config FOLDER was fingerprinted by its path: a changed file under the same path
+    was not noticed, and the same file at another path was refused."""
+    agp = pipeline(tmp_path, folder)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps({"id": 1, "prompt": "the cat", "max_tokens": 2}) + "\n")
+    mine, moved = tmp_path / "mine", tmp_path / "moved"
+    for d in (mine, moved):
+        d.mkdir()
+        (d / "generation_config.json").write_text(json.dumps({"temperature": 0.3}))
+
+    def run(*flags):
+        return clikit.agp("run", agp, "-i", inp, "-o", out, "--threads", "1", "--no-progress", *flags)
+
+    assert run("--overwrite", "--generation-config", mine).returncode == 0
+    same = run("--resume", "--generation-config", moved)               # the same defaults elsewhere
+    assert same.returncode == 0, same.stderr
+    (mine / "generation_config.json").write_text(json.dumps({"temperature": 0.9}))
+    changed = run("--resume", "--generation-config", mine)
+    assert changed.returncode == 2 and "was made from another pipeline than this run's" in changed.stderr
+    overridden = run("--resume", "--generation-config", moved, "--override-generation-config", '{"top_k": 3}')
+    assert overridden.returncode == 2 and "another pipeline" in overridden.stderr
+
+
+def test_agp_serve_runs_with_the_override_and_its_banner_says_so(tmp_path, folder):
+    import argparse
+
+    from pipeline_dsl.commands.serve import banner
+    from pipeline_dsl.serve.build import build
+    from pipeline_dsl.serve.options import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args([pipeline(tmp_path, folder), "--threads", "1",
+                         "--override-generation-config", '{"temperature": 0.5, "max_new_tokens": null}'])
+    serving = build(args)
+    try:
+        engine = serving.runtime.segments[0].engine
+        assert engine.generation_defaults == {**{k: v for k, v in AS_FIELDS.items() if k != "max_tokens"},
+                                              "temperature": 0.5}
+        assert "; sampling defaults of generation_config.json and --override-generation-config: temperature=0.5" \
+            in banner(serving, "http://x/v1", args)[1]
+    finally:
+        serving.runtime.close()

@@ -78,3 +78,14 @@ def test_a_switch_variable_that_is_no_switch_stops_the_load_naming_it(tiny_gguf,
             m.setenv(name, "maybe")
             with pytest.raises(InputError, match=f"{name}='maybe': expected true or false"):
                 tiny_engine(tiny_gguf)
+
+
+def test_an_activation_variable_of_another_word_stops_the_load_naming_it(tiny_gguf, monkeypatch):
+    # AGP_NATIVE_ACT=int4 (or a typo) was taken for int8x2 without a word
+    from pipeline_dsl.engine import InputError
+
+    monkeypatch.setenv("AGP_NATIVE_ACT", "int4")
+    with pytest.raises(InputError, match="AGP_NATIVE_ACT='int4': expected one of int8x2, int8, f32"):
+        tiny_engine(tiny_gguf)
+    monkeypatch.setenv("AGP_NATIVE_ACT", "f32")
+    tiny_engine(tiny_gguf)

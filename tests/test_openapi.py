@@ -105,6 +105,27 @@ def test_the_described_64_bit_bounds_are_the_integers_the_server_takes(live):
     assert httpx.post(live.url + "/v1/completions", json=body, timeout=60).status_code == 400
 
 
+def test_a_null_cache_salt_is_described_as_the_server_takes_it(live):
+    """vLLM's cache_salt is optional (null: no salt) and the server takes null; the description
+    said a string alone. Null is described and served, on every route that takes the field; an
+    empty string stays a 400 and is described as refused."""
+    import httpx
+    import jsonschema
+
+    spec = httpx.get(live.url + "/openapi.json", timeout=30).json()
+    bodies = {"/v1/completions": {"prompt": "hi", "max_tokens": 1},
+              "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+              "/v1/responses": {"input": "hi", "max_output_tokens": 1}}
+    for path, body in bodies.items():
+        schema = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        jsonschema.validate({**body, "cache_salt": None}, schema)
+        jsonschema.validate({**body, "cache_salt": "s"}, schema)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**body, "cache_salt": ""}, schema)
+        assert httpx.post(live.url + path, json={**body, "cache_salt": None}, timeout=60).status_code == 200, path
+        assert httpx.post(live.url + path, json={**body, "cache_salt": ""}, timeout=60).status_code == 400, path
+
+
 def test_the_described_embeddings_input_is_every_shape_the_server_takes(live):
     import httpx
     import jsonschema

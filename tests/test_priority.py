@@ -186,8 +186,23 @@ def test_scheduling_policy_is_checked_by_its_stage_parameter():
 
 def test_a_request_line_carries_its_priority_checked():
     assert parse_request({"prompt": "hi", "priority": -4}).item()["priority"] == -4
-    with pytest.raises(RequestError, match="field 'priority' must be an integer from"):
+    with pytest.raises(RequestError, match="'priority' must be an integer from"):
         parse_request({"prompt": "hi", "priority": "urgent"})
+
+
+def test_a_priority_given_as_a_whole_float_is_that_integer_as_vllm_takes_it():
+    # JSON clients often send 0.0; vLLM's pydantic int field takes a number with no fractional part
+    item = parse_request({"prompt": "hi", "priority": 0.0}).item()
+    assert item["priority"] == 0 and type(item["priority"]) is int
+    assert parse_request({"prompt": "hi", "priority": -3.0}).item()["priority"] == -3
+    for bad in (0.5, float(1 << 63), float("inf")):
+        with pytest.raises(RequestError, match="'priority' must be an integer from") as e:
+            parse_request({"prompt": "hi", "priority": bad})
+        assert e.value.param == "priority"
+    for parse, body in ((P.parse_chat, {"messages": [{"role": "user", "content": "hi"}]}),
+                        (P.parse_completion, {"prompt": "hi"})):
+        fields = parse({**body, "priority": 0.0}, max_model_len=64, served=("tiny",)).item("r")
+        assert fields["priority"] == 0 and type(fields["priority"]) is int
 
 
 @pytest.mark.parametrize("parse, body", [

@@ -100,6 +100,37 @@ def test_a_variable_that_is_no_number_is_named_with_what_its_flag_takes(capsys):
     assert parse(["x.agp"], {"AGP_PORT": "9000", "AGP_DRAIN_TIMEOUT": "2.5"}).port == 9000
 
 
+@pytest.mark.parametrize("env, said", [
+    ({"AGP_MAX_NUM_SEQS": "0"}, "environment variable AGP_MAX_NUM_SEQS='0': must be at least 1, not 0"),
+    ({"AGP_PORT": "70000"}, "environment variable AGP_PORT='70000': must be between 0 and 65535, not 70000"),
+    ({"AGP_DRAIN_TIMEOUT": "nan"}, "environment variable AGP_DRAIN_TIMEOUT='nan': must be a positive number of "
+                                   "seconds, not nan"),
+    ({"AGP_STATS_INTERVAL": "-1"}, "environment variable AGP_STATS_INTERVAL='-1': must be 0 (off) or a positive"),
+    ({"AGP_MAX_BODY_BYTES": "10"}, "environment variable AGP_MAX_BODY_BYTES='10': must be at least 1024, not 10"),
+    ({"AGP_ROOT_PATH": "llm"}, "environment variable AGP_ROOT_PATH='llm': must start with '/', not 'llm'"),
+    ({"AGP_CHAT_TEMPLATE": "missing.jinja"}, "environment variable AGP_CHAT_TEMPLATE='missing.jinja': "
+                                             "missing.jinja: no such file"),
+    ({"AGP_SEED": str(1 << 64)}, f"environment variable AGP_SEED='{1 << 64}': must be an integer from "
+                                 f"{-(1 << 63)} to {(1 << 63) - 1}, not {1 << 64}"),
+    ({"AGP_REPLICAS": "0"}, "environment variable AGP_REPLICAS='0': must be at least 1, not 0"),
+    ({"AGP_TARGET_ONGOING_REQUESTS": "-2"}, "environment variable AGP_TARGET_ONGOING_REQUESTS='-2': must be "
+                                            "positive, not -2"),
+])
+def test_a_variable_out_of_its_flags_range_is_named_by_the_variable(capsys, env, said):
+    """AGP_MAX_NUM_SEQS=0 said "--max-num-seqs must be at least 1, not 0": a flag the user never gave."""
+    with pytest.raises(SystemExit) as e:
+        parse(["x.agp"], env)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and said in err, err
+    assert " --" not in err.split("error:", 1)[1]
+    from pipeline_dsl.serve.options import SetupError, check_args
+
+    name, bad = next(iter(env.items()))             # the same value as the flag: named by the flag
+    flag = "--" + name[len("AGP_"):].lower().replace("_", "-")
+    with pytest.raises(SetupError, match=f"^{flag} "):
+        check_args(parse(["x.agp", flag, bad, *(["--ray"] if "replicas" in flag or "ongoing" in flag else [])], {}))
+
+
 @pytest.mark.parametrize("flag, value", [("--header-timeout", "nan"), ("--drain-timeout", "inf"),
                                          ("--body-timeout", "nan"), ("--send-timeout", "inf"),
                                          ("--stats-interval", "nan"), ("--stats-interval", "inf")])

@@ -83,6 +83,35 @@ def test_agp_run_stopped_while_the_model_loads_says_so_and_exits_128_plus_the_si
     assert "Traceback" not in err and out.read_text() == ""
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_agp_run_stopped_while_waiting_for_stdins_first_line_says_so_and_exits_128_plus_the_signal(
+        tmp_path, tiny_gguf, sig):
+    """Ctrl-C while `agp run P.agp` waited on a pipe that had sent no whole line yet exited 130 without
+    a word (SIGTERM and SIGHUP: killed by the signal); it says why, as an interrupted load does."""
+    import fcntl
+    import termios
+
+    pipeline = write_pipeline(tmp_path, tiny_gguf)
+    with reaped(agp_child("run", pipeline, "--no-progress", stdin=subprocess.PIPE, stdout=subprocess.PIPE)) as proc:
+        proc.stdin.write('{"id": "a", ')        # half a line
+        proc.stdin.flush()
+        deadline = time.monotonic() + 120
+        while True:                              # the pipe is empty once the run has read the half line
+            waiting = bytearray(4)
+            fcntl.ioctl(proc.stdin.fileno(), termios.FIONREAD, waiting)
+            if int.from_bytes(waiting, "little") == 0:
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+            time.sleep(0.05)
+        time.sleep(0.2)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert err.strip() == (f"agp run: {signal.Signals(sig).name} while waiting for the input's first lines: "
+                           "stopped before running any request")
+    assert out == ""
+
+
 def test_a_second_signal_cuts_what_is_in_flight_with_an_answer_each_and_exit_1(tmp_path, tiny_gguf):
     # held answers (test_hostile.held_pipeline): all three are in flight when the signals come
     proc, url = start_agp_serve(str(held_pipeline(tmp_path, tiny_gguf)), "--threads", "1", "--drain-timeout", "600")
@@ -135,3 +164,26 @@ def test_a_body_still_arriving_at_sigterm_gets_a_json_503_at_once(tmp_path, tiny
     assert head.startswith(b"HTTP/1.1 503 ") and b"application/json" in head, answer[:300]
     assert "body was still arriving" in json.loads(body)["error"]["message"]
     assert proc.returncode == 0 and "Traceback" not in err, err
+
+
+def test_ctrl_c_while_agp_imports_its_version_lookup_is_a_keyboard_interrupt_not_a_name_error():
+    """A Ctrl-C that landed in the import of importlib.metadata (agp's version) raised NameError
+    ('PackageNotFoundError' is not defined) from the except clause around that import."""
+    import sys
+
+    code = """import sys
+class Interrupted:
+    def find_spec(self, name, path=None, target=None):
+        if name == "importlib.metadata":
+            raise KeyboardInterrupt
+sys.modules.pop("importlib.metadata", None)
+sys.meta_path.insert(0, Interrupted())
+try:
+    import pipeline_dsl
+except KeyboardInterrupt:
+    print("KeyboardInterrupt")
+"""
+    from clikit import ROOT
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.stdout.strip() == "KeyboardInterrupt" and "NameError" not in r.stderr, r.stderr

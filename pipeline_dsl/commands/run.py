@@ -28,15 +28,17 @@ it holds no record of yet (counted per id, so a repeated id is answered by its e
 an output holding a line that is no record of this input (another file's answers, a line that is
 not an agp record) is refused before the model loads, exit 2: appending would mix two runs; so
 is an output whose fingerprint (OUT.agp-run, written beside it: the input's lines read, how many,
-the pipeline file, --pipeline, --dtype, --generation-config) says another input or pipeline made it (lines appended
-to the input are not another: --resume answers them). The fingerprint is the lines' as they
+the pipeline file, --pipeline, --dtype, the sampling defaults --generation-config and
+--override-generation-config give) says another input or pipeline made it (lines appended to the
+input are not another: --resume answers them). The fingerprint is the lines' as they
 stream past: before an answer to a line it does not cover is written, it is written anew, so it
 covers every answer in OUT however the run ends; --resume reads the lines it covers and those
 OUT answers before the model loads, and checks them.
 Ctrl-C (SIGINT), SIGTERM or SIGHUP stops admitting and reading, aborts what is in flight (those
 requests are not written, so `--resume` runs them again), writes the summary and `--stats`, and exits
-130, 143 or 129; while the model loads, one stops the load at once with a line saying so (same
-exit status, nothing written). A write that fails (a full disk, a closed pipe, an output file
+130, 143 or 129; while the model loads, or while the run waits for the input's first lines (a
+pipe that has sent nothing yet), one stops it at once with a line saying so (same exit status,
+nothing written). A write that fails (a full disk, a closed pipe, an output file
 deleted meanwhile) stops the run the same way at once, says why, writes the summary and exits 1.
 The summary counts the lines read (`lines_read`: requests, interrupted and resumed_skipped) and
 says when the input was not read to its end. Exit 1 when every request failed. A progress bar and
@@ -56,7 +58,8 @@ import time
 from collections import Counter, deque
 from typing import Callable
 
-from pipeline_dsl.cliargs import GENERATION_CONFIG_HELP, generation_config, output_file
+from pipeline_dsl.cliargs import (GENERATION_CONFIG_HELP, OVERRIDE_GENERATION_CONFIG_HELP, generation_config,
+                                  output_file, override_generation_config)
 from pipeline_dsl.commands import add_pipeline_arguments
 from pipeline_dsl.commands.run_input import MAX_LINE_BYTES, MAX_SKIP_BYTES, InputLines, TooLong, open_input
 from pipeline_dsl.commands.stdout import answers_on_stdout
@@ -78,6 +81,8 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--generation-config", type=generation_config, default="auto", metavar="auto|vllm|FOLDER",
                    help=GENERATION_CONFIG_HELP)
+    p.add_argument("--override-generation-config", type=override_generation_config, default=None, metavar="JSON",
+                   help=OVERRIDE_GENERATION_CONFIG_HELP)
     p.add_argument("--stats", type=output_file, default=None, help="write the run summary as JSON to this file")
     streams = p.add_mutually_exclusive_group()
     streams.add_argument("--no-overlap", action="store_true",
@@ -377,22 +382,34 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
         return _err(f"{args.output} exists: pass --resume to run only the requests it does not "
                     "answer yet, or --overwrite to replace it")
     resuming = kept and args.resume
-    try:
-        source = InputLines(open_input(args.input))
-    except FileNotFoundError:
-        return _err(f"input file not found: {args.input}")
-    except OSError as e:
-        return _err(f"cannot read {args.input}: {e.strerror}")
     done_ids, whole, not_records, was = Counter(), 0, [], None
     if resuming:       # the records it holds; each is matched to its input line as the lines are read
         done_ids, whole, not_records = answered_ids(args.output)
         was = _read_fingerprint(args.output)
     n = was.get("input_lines") if was is not None else 0
     covered = n if isinstance(n, int) and n >= 0 else None    # the lines OUT's fingerprint covers; None: all
-    lines = _Lines(source, done_ids, mark=covered)
-    # before anything loads: the first line to run and the input's shape, and for --resume the lines
-    # its fingerprint covers and those its records answer (the rest is read as the run goes)
-    lines.read_ahead(float("inf") if covered is None else covered)
+
+    def first_lines():
+        """The input opened and read before anything loads: the first line to run and the input's
+        shape, and for --resume the lines its fingerprint covers and those its records answer (the
+        rest is read as the run goes). A pipe (stdin) may hold it waiting for its first line."""
+        read = _Lines(InputLines(open_input(args.input)), done_ids, mark=covered)
+        read.read_ahead(float("inf") if covered is None else covered)
+        return read
+
+    from pipeline_dsl.commands.stopping import load_unless_stopped
+
+    try:               # a stop signal ends the wait at once, as it ends the load (commands/stopping.py)
+        lines, sig = load_unless_stopped(first_lines)
+    except FileNotFoundError:
+        return _err(f"input file not found: {args.input}")
+    except OSError as e:
+        return _err(f"cannot read {args.input}: {e.strerror}")
+    if sig is not None:                        # nothing ran, nothing was written
+        print(f"agp run: {signal.Signals(sig).name} while waiting for the input's first lines: stopped before "
+              "running any request", file=sys.stderr, flush=True)
+        os._exit(128 + sig)                    # the reading thread may be blocked in a read
+    source = lines.source
     source_name = "stdin" if args.input == "-" else args.input
     if source.error is not None:
         return _err(f"cannot read {args.input}: {source.error.strerror or source.error}")
@@ -445,8 +462,6 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
               f"agp run: nothing to run: {args.output} answers every line of {source_name} already",
               file=sys.stderr)
         return 0
-
-    from pipeline_dsl.commands.stopping import load_unless_stopped
 
     t_load = time.perf_counter()
     runtime, sig = load_unless_stopped(lambda: _load(args))     # torch's import counts as loading
@@ -558,7 +573,9 @@ def _load(args):
     from pipeline_dsl.flow import build_runtime
 
     return build_runtime(args.pipeline, args.name, overrides={"dtype": args.dtype, "threads": args.threads,
-                                                               "generation_config": args.generation_config},
+                                                               "generation_config": args.generation_config,
+                                                               "override_generation_config":
+                                                                   args.override_generation_config},
                          allow_paths=args.allow_path,
                          overlap=True if args.overlap else False if args.no_overlap else None,
                          trace=Trace() if args.trace else None)
@@ -566,16 +583,30 @@ def _load(args):
 
 def _pipeline_fingerprint(args) -> list:
     """The pipeline an output's answers are made from: its file, the pipeline chosen in it, --dtype and
-    --generation-config (when not the default auto: a fingerprint written before the flag stays the
-    same run's)."""
+    the sampling defaults --generation-config and --override-generation-config give, by what they
+    are, not by the folder's path: a changed generation_config.json is another pipeline, the same
+    content elsewhere the same one. Under the default auto (the model's own file, which the pipeline
+    names) only the override counts, so a fingerprint written before these flags stays the same run's;
+    vllm and a folder of no sampling defaults are "vllm"."""
     import hashlib
+
+    from pipeline_dsl.engine.errors import InputError
+    from pipeline_dsl.engine.models import generation_defaults
 
     try:
         with open(args.pipeline, "rb") as f:
             pipeline = hashlib.sha256(f.read()).hexdigest()
     except OSError:                 # no pipeline to read: its load says so, in check's words (exit 2)
         pipeline = None
-    sampling = [args.generation_config] if args.generation_config != "auto" else []
+    override = args.override_generation_config
+    if args.generation_config == "auto":
+        sampling = [{"override_generation_config": override}] if override else []
+    else:
+        try:                        # the folder's file read as the engine reads it (no model needed)
+            defaults = generation_defaults(None, args.generation_config, override=override)
+        except InputError:          # a broken file: the load says so (exit 2)
+            defaults = None
+        sampling = [{"generation_config": defaults} if defaults != {} else "vllm"]
     return [pipeline, args.name, args.dtype, *sampling]
 
 

@@ -73,7 +73,8 @@ def banner(serving: Serving, url: str, args) -> list[str]:
                      + (f"; {c.scheduling_policy} scheduling" if c.scheduling_policy != "fcfs" else "")
                      + (f"; seed {c.seed}" if c.seed is not None else "")
                      + (f"; chat template {Path(args.chat_template).name}" if args.chat_template else "")
-                     + (f"; sampling defaults of generation_config.json: "
+                     + (f"; sampling defaults of generation_config.json"
+                        f"{' and --override-generation-config' if c.override_generation_config else ''}: "
                         f"{', '.join(f'{k}={v:g}' for k, v in e.generation_defaults.items())}"
                         if e.generation_defaults else ""))
     lines.append(f"  api key {'required' if cfg.api_keys else 'off'}; CORS "

@@ -11,7 +11,8 @@ exception a handler raises into the load can be swallowed by a finaliser, leavin
 So the load runs on a daemon thread and the main thread only waits: it hears the signal
 wherever the load is (an import that blocks, a long C call). The caller then exits with
 os._exit: the load thread cannot be stopped, and an interpreter shutdown would wait on it or
-tear it down mid-call.
+tear it down mid-call. `agp run` waits for its input's first lines the same way (a pipe that
+has sent nothing yet blocks a read as a load does).
 """
 from __future__ import annotations
 

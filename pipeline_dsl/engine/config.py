@@ -50,6 +50,8 @@ class EngineConfig:
     # vLLM's --generation-config: "auto" (an HF folder's generation_config.json gives the sampling
     # defaults of requests and stages that set none), "vllm" (it does not), or a folder holding one
     generation_config: str = "auto"
+    # vLLM's --override-generation-config: generation_config.json keys set over those defaults
+    override_generation_config: dict | None = None
 
     def __post_init__(self) -> None:
         from stages.fields import ENGINE_FIELDS, ParamError, check_engine_field
@@ -68,6 +70,13 @@ class EngineConfig:
                 self.generation_config in ("auto", "vllm") or os.path.isdir(self.generation_config)):
             raise InputError(f"generation_config must be auto, vllm or a folder holding generation_config.json, "
                              f"not {self.generation_config!r}")
+        if self.override_generation_config is not None:
+            from .models import check_override
+
+            try:
+                self.override_generation_config = check_override(self.override_generation_config)
+            except ValueError as e:
+                raise InputError(f"override_generation_config: {e}") from None
         if self.batch_timeout_s < 0:
             raise InputError(f"batch_timeout_s must be >= 0, not {self.batch_timeout_s!r}")
         if self.max_tokens_per_step < self.max_batch_size:

@@ -166,10 +166,10 @@ class Engine:
         """InputError for a request's `priority` this engine cannot honour: not a signed 64-bit
         integer, or non-zero while it schedules fcfs (as vLLM refuses it without priority
         scheduling: the value would silently change nothing)."""
-        from stages.fields import PRIORITY, ParamError, check_value
+        from stages.fields import ParamError, check_priority
 
         try:
-            check_value(PRIORITY, priority)
+            check_priority(priority)
         except ParamError as e:
             raise InputError(str(e), param="priority") from None
         if priority and self.config.scheduling_policy != "priority":
@@ -657,20 +657,25 @@ def resolve_device(device: str) -> str:
 
 def load_runner(config: EngineConfig):
     """(ModelRunner, Tokenizer, info dict) for config.model, its KV pool sized to the budget."""
+    from . import native
     from .model import ModelRunner
-    from .models import generation_defaults, load_model, resolve_model
+    from .models import generation_defaults, load_model, read_generation_config, resolve_model
 
     t0 = time.perf_counter()
     try:                                # the engine's switches, before anything loads (docs/gpu.md)
         invariant = env_switch("AGP_BATCH_INVARIANT", False)          # invariant.py
         graphs = env_switch("AGP_CUDA_GRAPHS", True)
         env_switch("AGP_NATIVE", True)                                # read by native.load()
+        native.activation_choice()                                    # AGP_NATIVE_ACT, read as layers are built
     except ValueError as e:
         raise InputError(str(e)) from None
     device = resolve_device(config.device)
     source = resolve_model(config.model)
-    sampling = generation_defaults(source, config.generation_config)     # before the weights: a bad file stops it
-    model, tokenizer = load_model(source, dtype=config.dtype, device=device)
+    # an HF folder's generation_config.json, read once: the sampling defaults and the tokenizer's eos ids
+    own = read_generation_config(source.path) if source.kind == "hf" else None
+    sampling = generation_defaults(source, config.generation_config, own,        # before the weights: a bad
+                                   config.override_generation_config)          # file stops it
+    model, tokenizer = load_model(source, dtype=config.dtype, device=device, generation_config=own)
     c = model.config
     elem = torch.empty((), dtype=model.dtype).element_size()
     per_block = bytes_per_block(c.num_layers, c.num_kv_heads, c.head_dim, config.block_size, elem)

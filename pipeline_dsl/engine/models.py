@@ -15,6 +15,7 @@ truncated or corrupt file, a malformed config.json, a missing tokenizer) a
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,9 +65,10 @@ def resolve_model(name: str | os.PathLike | None) -> ModelSource:
         f"unknown model {name!r}: not an embedded model ({known}), and no such .gguf file or folder")
 
 
-def load_weights(source: ModelSource):
+def load_weights(source: ModelSource, generation_config: dict | None = None):
     """(LlamaConfig, float32 weights, Tokenizer) of a resolved source; a broken model is a
-    ModelFileError."""
+    ModelFileError. `generation_config`: a folder's generation_config.json already read
+    (read_generation_config), else the tokenizer reads it."""
     from .tokenizer import Tokenizer, TokenizerError
 
     try:
@@ -80,17 +82,19 @@ def load_weights(source: ModelSource):
             return g.config, g.weights, tokenizer
         from .hf_loader import load_hf_folder
         h = load_hf_folder(source.path)
-        return h.config, h.weights, Tokenizer.from_hf_folder(source.path)  # its errors name the file
+        return h.config, h.weights, Tokenizer.from_hf_folder(source.path, generation_config)  # its errors name the file
     except (ModelFileProblem, TokenizerError) as e:
         raise ModelFileError(" ".join(str(e).split())) from e
 
 
-def load_model(model: str | ModelSource | None = None, dtype: str = "auto", device: str = "cpu"):
-    """(LlamaModel, Tokenizer) for a model name/path, dequantised to `dtype`."""
+def load_model(model: str | ModelSource | None = None, dtype: str = "auto", device: str = "cpu",
+               generation_config: dict | None = None):
+    """(LlamaModel, Tokenizer) for a model name/path, dequantised to `dtype` (`generation_config`:
+    as load_weights takes it)."""
     from .model import LlamaModel
 
     source = model if isinstance(model, ModelSource) else resolve_model(model)
-    config, weights, tokenizer = load_weights(source)
+    config, weights, tokenizer = load_weights(source, generation_config)
     return LlamaModel(config, weights, dtype=dtype, device=device), tokenizer
 
 
@@ -99,30 +103,71 @@ GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top
                    "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
 
 
-def generation_defaults(source: ModelSource, setting: str = "auto") -> dict:
-    """The sampling defaults a model's generation_config.json recommends, as vLLM's
-    `--generation-config` takes them: "auto" reads the Hugging Face folder's (a GGUF file has
-    none), "vllm" none, a folder path that folder's. {request field: value} of the keys it sets
-    (GENERATION_KEYS), each checked by the field's one schema; a value outside it is a
-    ModelFileError naming the file and the key."""
-    from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
-
-    if setting == "vllm" or (setting == "auto" and source.kind != "hf"):
-        return {}
-    path = (source.path if setting == "auto" else Path(setting)) / "generation_config.json"
+def read_generation_config(folder) -> dict:
+    """A folder's generation_config.json as it is (a JSON object; {} where the folder has none); a
+    file that is no JSON object is a ModelFileError naming it. Read once per load: the sampling
+    defaults (generation_defaults) and the tokenizer's eos ids (Tokenizer.from_hf_folder) take it."""
+    path = Path(folder) / "generation_config.json"
     if not path.is_file():
         return {}
     try:
-        config = read_json_object(path, path.name)
+        return read_json_object(path, path.name)
     except ModelFileProblem as e:
         raise ModelFileError(" ".join(str(e).split())) from e
-    out = {}
-    for key, field in GENERATION_KEYS.items():
-        if config.get(key) is None:
-            continue
-        try:
-            out[field] = check_value(param_of(*REQUEST_FIELDS[field]), config[key], key)
-        except ParamError as e:
-            raise ModelFileError(f"{path}: {e}; give --generation-config vllm to leave its sampling "
-                                 "defaults out") from None
-    return out
+
+
+def sampling_of(config: dict) -> dict:
+    """{request field: value} of the GENERATION_KEYS a generation config sets, each checked by the
+    field's one schema (stages/fields.py): ParamError names the key."""
+    from stages.fields import REQUEST_FIELDS, check_value, param_of
+
+    return {field: check_value(param_of(*REQUEST_FIELDS[field]), config[key], key)
+            for key, field in GENERATION_KEYS.items() if config.get(key) is not None}
+
+
+def check_override(value) -> dict:
+    """vLLM's --override-generation-config: a JSON object of generation_config.json keys
+    (GENERATION_KEYS) set over the defaults --generation-config gives (null: left unset), each
+    value checked by its field's schema; a ValueError saying what is wrong otherwise."""
+    import difflib
+
+    from stages.fields import ParamError
+
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON object of generation_config.json keys, e.g. '{\"temperature\": 0.5}', "
+                         f"not {json.dumps(value, default=repr)[:40]}")
+    for key in value:
+        if key not in GENERATION_KEYS:
+            close = difflib.get_close_matches(key, list(GENERATION_KEYS), n=1)
+            raise ValueError(f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+                             + f": it takes {', '.join(GENERATION_KEYS)}")
+    try:
+        sampling_of(value)
+    except ParamError as e:
+        raise ValueError(str(e)) from None
+    return dict(value)
+
+
+def generation_defaults(source: ModelSource | None, setting: str = "auto", own: dict | None = None,
+                        override: dict | None = None) -> dict:
+    """The sampling defaults a model's generation_config.json recommends, as vLLM's
+    `--generation-config` takes them: "auto" reads the Hugging Face folder's (a GGUF file has
+    none; `own`: that file as read_generation_config read it, else it is read here), "vllm" none,
+    a folder path that folder's (`source` None: no model, for a setting other than auto).
+    `override` (vLLM's --override-generation-config, check_override) is set over the file's keys
+    (null: a key left unset). {request field: value} of the keys it sets (GENERATION_KEYS), each
+    checked by the field's one schema; a value outside it is a ModelFileError naming the file and
+    the key."""
+    from stages.fields import ParamError
+
+    if setting == "auto":
+        config = {} if source.kind != "hf" else own if own is not None else read_generation_config(source.path)
+    else:
+        config = {} if setting == "vllm" else read_generation_config(setting)
+    config = {**config, **(override or {})}      # as vLLM merges them: the override's keys win, null unsets
+    try:
+        return sampling_of(config)
+    except ParamError as e:                      # the file's (the override is checked before)
+        folder = source.path if setting == "auto" else Path(setting)
+        raise ModelFileError(f"{folder / 'generation_config.json'}: {e}; give --generation-config vllm to leave "
+                             "its sampling defaults out") from None

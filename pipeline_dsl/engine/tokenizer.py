@@ -206,7 +206,9 @@ class Tokenizer:
                    add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)))
 
     @classmethod
-    def from_hf_folder(cls, folder: str | Path) -> "Tokenizer":
+    def from_hf_folder(cls, folder: str | Path, generation_config: dict | None = None) -> "Tokenizer":
+        """The tokenizer of a Hugging Face folder; `generation_config`: its generation_config.json
+        already read (the engine reads it once for the sampling defaults too), else read here."""
         folder = Path(folder)
         path = folder / "tokenizer.json"
         if not path.is_file():
@@ -216,7 +218,7 @@ class Tokenizer:
         except Exception as e:  # the tokenizers library raises a bare Exception for any bad file
             raise TokenizerError(f"{path}: not a tokenizer the `tokenizers` library can read ({e})") from e
         cfg = _read_json(folder / "tokenizer_config.json")
-        gen = _read_json(folder / "generation_config.json")
+        gen = _read_json(folder / "generation_config.json") if generation_config is None else generation_config
         model_cfg = _read_json(folder / "config.json")
 
         def name(v):

@@ -181,6 +181,8 @@ class EngineSegment:
         given = {k: data[k] for k in SAMPLING_FIELDS if data.get(k) is not None}
         if "stop" in given:
             given["stop"] = tuple(given["stop"])
+        if "bad_words" in given:
+            given["bad_words"] = self._bad_words(gen, given["bad_words"])
         constraint = self.constraint_spec(gen, data)
         if constraint is not None:
             given["constraint"] = self.compile(constraint)
@@ -193,6 +195,23 @@ class EngineSegment:
             params = replace(params, seed=(params.seed + copy) & ((1 << 63) - 1))
         params.check()
         return params
+
+    def _bad_words(self, gen: str, own):
+        """A request's bad_words added to its generate stage's, which stay banned (a request's `[]`,
+        vLLM clients' default, adds none); InputError when together they are more than the
+        parameter allows."""
+        from pipeline_dsl.engine.errors import InputError
+        from stages.fields import param_of
+
+        if not isinstance(own, (str, list, tuple)):
+            return own                           # SamplingParams.check names it
+        stage = self.defaults[gen].bad_words
+        words = tuple(dict.fromkeys((*stage, *([own] if isinstance(own, str) else own))))
+        most = param_of("generate", "bad_words").max_items
+        if stage and len(words) > most:
+            raise InputError(f"'bad_words' adds {len(words) - len(stage)} words to the {len(stage)} generate stage "
+                             f"'{gen}' bans: at most {most} in all", param="bad_words")
+        return words
 
     def constraint_spec(self, gen: str, data: dict) -> dict | None:
         """What the request's answer must follow: a forced tool call (tool_choice "required" or

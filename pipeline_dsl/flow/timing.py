@@ -10,6 +10,7 @@ backoffs, event-loop probes), an event loop on a thread of its own (one per stag
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -147,11 +148,30 @@ class EventLoop:
             future.cancel()
             raise (late() if late is not None else TimeoutError(f"not done in {timeout:g}s")) from None
 
-    def close(self) -> None:
+    def close(self, timeout: float = 1.0) -> None:
+        """Cancel what still runs on the loop and let it end (up to `timeout` seconds), then stop
+        and close the loop. Stopping it alone left a call in flight (one cut at shutdown) pending
+        on a dropped loop: "Task was destroyed but it is pending!" once collected. A coroutine that
+        ignores its cancellation, or blocks the loop, past `timeout` is left as it is."""
         with self._lock:
-            loop, self._loop = self._loop, None
-        if loop is not None:
-            loop.call_soon_threadsafe(loop.stop)
+            loop, thread, self._loop = self._loop, self._thread, None
+        if loop is None:
+            return
+
+        async def finish() -> None:
+            tasks = asyncio.all_tasks() - {asyncio.current_task()}
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=timeout)
+            await loop.shutdown_asyncgens()
+
+        with contextlib.suppress(Exception):       # a loop blocked past the timeout: stopped all the same
+            asyncio.run_coroutine_threadsafe(finish(), loop).result(timeout + 1)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout)
+        if not thread.is_alive():
+            loop.close()
 
 
 class Stretch:

@@ -98,6 +98,7 @@ def build(args, *, host: str | None = None) -> Serving:
                                            "scheduling_policy": args.scheduling_policy,
                                            "seed": args.seed, "chat_template": template,
                                            "generation_config": args.generation_config,
+                                           "override_generation_config": args.override_generation_config,
                                            "prefix_reuse": False if args.no_prefix_reuse else None})
     except InputError as e:
         raise SetupError(str(e)) from None

@@ -89,9 +89,11 @@ SAMPLING = {
     "bad_words": {"oneOf": [{"type": "string", "minLength": 1, "maxLength": _BAD_WORDS.max_length},
                             {"type": "array", "maxItems": _BAD_WORDS.max_items,
                              "items": {"type": "string", "minLength": 1, "maxLength": _BAD_WORDS.max_length}},
-                            {"type": "null"}], "description": "words never generated"},
-    "cache_salt": {"type": "string", "minLength": 1,
-                   "description": "prefix-cache blocks are shared only among requests of the same salt"},
+                            {"type": "null"}],
+                  "description": "words never generated, beside the generate stage's bad_words"},
+    "cache_salt": {"type": ["string", "null"], "minLength": 1,
+                   "description": "prefix-cache blocks are shared only among requests of the same salt (null: none, "
+                                  "as vLLM's optional field)"},
     "structured_outputs": {"type": "object", "properties": {
         "json": {"type": "object"}, "regex": {"type": "string"}, "grammar": {"type": "string"},
         "choice": {"type": "array", "items": {"type": "string"}}, "json_object": {"type": "boolean"},

@@ -14,7 +14,8 @@ import math
 import os
 from pathlib import Path
 
-from pipeline_dsl.cliargs import GENERATION_CONFIG_HELP, generation_config, output_file, switch
+from pipeline_dsl.cliargs import (GENERATION_CONFIG_HELP, OVERRIDE_GENERATION_CONFIG_HELP, generation_config,
+                                  output_file, override_generation_config, switch)
 from pipeline_dsl.loader import add_pipeline_arguments
 
 from .config import OPEN_PATHS
@@ -78,6 +79,8 @@ def add_arguments(p) -> None:
                    help="seed of the sampling of requests that bring no seed of their own")
     p.add_argument("--generation-config", type=generation_config, default="auto", metavar="auto|vllm|FOLDER",
                    help=GENERATION_CONFIG_HELP)
+    p.add_argument("--override-generation-config", type=override_generation_config, default=None, metavar="JSON",
+                   help=OVERRIDE_GENERATION_CONFIG_HELP)
     p.add_argument("--root-path", default="",
                    help="the path prefix a proxy serves this server under (e.g. /llm)")
     p.add_argument("--allowed-origins", type=_names, default=None, metavar="ORIGINS",
@@ -214,6 +217,9 @@ def env_defaults(p: argparse.ArgumentParser, environ=None) -> None:
                 value = action.type(raw) if action.type else raw
             if action.choices is not None and value not in action.choices:
                 raise ValueError(f"expected one of {', '.join(map(str, action.choices))}")
+            problem = value_problem(action.dest, value)
+            if problem:                      # its range: named by the variable the user set, not by the flag
+                raise ValueError(problem)
         except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
             p.error(f"environment variable {name}={raw!r}: {e}")
         p.set_defaults(**{action.dest: value})
@@ -223,30 +229,60 @@ class SetupError(Exception):
     """A flag or file the server cannot start with (exit status 2); the message says which."""
 
 
+# each flag's own range (dest -> the least value), whether given as the flag or as its AGP_* variable
+AT_LEAST = {"max_queue": 1, "max_body_bytes": 1024, "max_input_tokens": 1, "max_connections": 1, "max_model_len": 1,
+            "max_num_seqs": 1, "threads": 1, "max_unread_tokens": 1, "replicas": 1, "min_replicas": 0,
+            "max_replicas": 1, "max_ongoing_requests": 1, "affinity_chars": 0}
+POSITIVE_SECONDS = ("drain_timeout", "header_timeout", "body_timeout", "send_timeout")
+FILES = ("ssl_keyfile", "ssl_certfile", "chat_template")
+RAY_DESTS = ("replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "max_ongoing_requests",
+             "affinity_chars")                 # checked with --ray alone (without it, their use is the error)
+
+
+def value_problem(dest: str, value) -> str | None:
+    """What is wrong with one flag's value on its own (out of its range, a file that is not there),
+    in words that follow the flag's name or its variable's; None when nothing."""
+    if value is None:
+        return None
+    if dest == "port" and not 0 <= value <= 65535:
+        return f"must be between 0 and 65535, not {value}"
+    if dest in AT_LEAST and value < AT_LEAST[dest]:
+        return f"must be at least {AT_LEAST[dest]}, not {value}"
+    if dest in POSITIVE_SECONDS and not (value > 0 and math.isfinite(value)):
+        # nan and inf too: a timer of either failed every connection
+        return f"must be a positive number of seconds, not {value}"
+    if dest == "stats_interval" and not (value >= 0 and math.isfinite(value)):
+        return f"must be 0 (off) or a positive number of seconds, not {value}"
+    if dest == "target_ongoing_requests" and not (value > 0 and math.isfinite(value)):
+        return f"must be positive, not {value:g}"
+    if dest == "seed":                  # the requests' range (stages/fields.py), as the engine checks it
+        from stages.fields import ENGINE_FIELDS, ParamError, check_engine_field, expected, param_of
+
+        try:
+            check_engine_field("seed", value)
+        except ParamError:
+            return f"must be {expected(param_of(*ENGINE_FIELDS['seed']))}, not {value}"
+    if dest in FILES and value and not Path(value).is_file():
+        return f"{value}: no such file"
+    if dest == "root_path" and value and not value.startswith("/"):
+        return f"must start with '/', not {value!r}"
+    return None
+
+
+def _check_values(args, dests) -> None:
+    for dest in dests:
+        problem = value_problem(dest, getattr(args, dest, None))
+        if problem:
+            raise SetupError(f"--{dest.replace('_', '-')} {problem}")
+
+
 def check_args(args) -> None:
     """The flags' own ranges, before anything is loaded."""
-    positive = ("drain_timeout", "header_timeout", "body_timeout", "send_timeout")
-    at_least = {"max_queue": 1, "max_body_bytes": 1024, "max_input_tokens": 1, "max_connections": 1,
-                "max_model_len": 1, "max_num_seqs": 1, "threads": 1, "max_unread_tokens": 1}
-    if not 0 <= args.port <= 65535:
-        raise SetupError(f"--port must be between 0 and 65535, not {args.port}")
-    for name, low in at_least.items():
-        value = getattr(args, name, None)
-        if value is not None and value < low:
-            raise SetupError(f"--{name.replace('_', '-')} must be at least {low}, not {value}")
-    for name in positive:               # nan and inf too: a timer of either failed every connection
-        if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
-            raise SetupError(f"--{name.replace('_', '-')} must be a positive number of seconds, not {getattr(args, name)}")
-    if not (args.stats_interval >= 0 and math.isfinite(args.stats_interval)):
-        raise SetupError(f"--stats-interval must be 0 (off) or a positive number of seconds, not {args.stats_interval}")
+    _check_values(args, ("port", *(d for d in AT_LEAST if d not in RAY_DESTS), *POSITIVE_SECONDS, "stats_interval",
+                         "seed"))
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
         raise SetupError("--ssl-keyfile and --ssl-certfile go together")
-    for flag, path in (("--ssl-keyfile", args.ssl_keyfile), ("--ssl-certfile", args.ssl_certfile),
-                       ("--chat-template", args.chat_template)):
-        if path and not Path(path).is_file():
-            raise SetupError(f"{flag} {path}: no such file")
-    if args.root_path and not args.root_path.startswith("/"):
-        raise SetupError(f"--root-path must start with '/', not {args.root_path!r}")
+    _check_values(args, (*FILES, "root_path"))
     if any(not k for k in args.api_key or ()):
         raise SetupError("--api-key must not be empty")
     check_ray_args(args)
@@ -259,14 +295,7 @@ def check_ray_args(args) -> None:
         if given:
             raise SetupError(f"--{given[0].replace('_', '-')} needs --ray")
         return
-    for name, low in (("replicas", 1), ("min_replicas", 0), ("max_replicas", 1), ("max_ongoing_requests", 1),
-                      ("affinity_chars", 0)):
-        value = getattr(args, name)
-        if value is not None and value < low:
-            raise SetupError(f"--{name.replace('_', '-')} must be at least {low}, not {value}")
-    if args.target_ongoing_requests is not None and not (args.target_ongoing_requests > 0
-                                                         and math.isfinite(args.target_ongoing_requests)):
-        raise SetupError(f"--target-ongoing-requests must be positive, not {args.target_ongoing_requests:g}")
+    _check_values(args, RAY_DESTS)
     if args.max_replicas is None:
         if args.min_replicas is not None or args.target_ongoing_requests is not None:
             raise SetupError("autoscaling needs --max-replicas")

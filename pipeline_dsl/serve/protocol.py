@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pipeline_dsl.requests_io import (ITEM_FIELDS, RequestError, check_min_tokens, json_type, load_json,
-                                      parse_logit_bias, parse_messages, parse_tools, request_item)
+                                      parse_logit_bias, parse_messages, parse_tools, priority, request_item)
 from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
 
 from .api_error import APIError
@@ -214,8 +214,12 @@ def priority_field(obj: dict) -> dict:
     """vLLM's priority (lower first) of a generation or embeddings request: checked here for its type
     and range; whether the engine schedules by priority, the batcher it reaches says (a 400 when it
     schedules fcfs)."""
-    value = _field(obj, "priority", *ITEM_FIELDS["priority"])
-    return {} if value is None else {"priority": value}
+    if obj.get("priority") is None:
+        return {}
+    try:
+        return {"priority": priority(obj["priority"])}
+    except RequestError as e:
+        raise APIError(str(e), param=e.param) from None
 
 
 def _sampling(obj: dict, max_model_len: int, max_tokens_field: str = "max_tokens") -> dict:

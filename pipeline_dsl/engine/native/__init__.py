@@ -200,10 +200,21 @@ def activation_parts() -> int:
     1: int8 in one part (llama.cpp's numerics: greedy text parts from the float path sooner),
     0: float (the eager path's numerics; the kernels are bound by converting weights).
     AGP_NATIVE_ACT=int8x2 | int8 | f32 picks; without AVX512-VNNI it is 0."""
-    if "avx512_vnni" not in _cpu_flags():
-        return 0
-    choice = os.environ.get("AGP_NATIVE_ACT", "int8x2")
-    return {"int8x2": 2, "int8": 1, "f32": 0}.get(choice, 2)
+    parts = activation_choice()
+    return parts if "avx512_vnni" in _cpu_flags() else 0
+
+
+ACTIVATIONS = {"int8x2": 2, "int8": 1, "f32": 0}     # AGP_NATIVE_ACT's words -> activation_parts()
+
+
+def activation_choice() -> int:
+    """What AGP_NATIVE_ACT asks for (unset or empty: int8x2); another word is a ValueError naming
+    the variable (it was taken for int8x2 without a word)."""
+    raw = os.environ.get("AGP_NATIVE_ACT", "")
+    choice = raw.strip().lower() or "int8x2"
+    if choice not in ACTIVATIONS:
+        raise ValueError(f"AGP_NATIVE_ACT={raw!r}: expected one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[choice]
 
 
 def int8_activations() -> bool:
