@@ -299,6 +299,11 @@ def format_summary(s: dict) -> str:
         f"KV hit rate     {f(s['kv_hit_rate'])}",
         f"peak memory     {mem / 2**20:.0f} MiB" if mem else "peak memory     -",
     ]
+    cpu = {name: e for name, e in (s.get("engines") or {}).items() if e.get("threads")}
+    if cpu:
+        cpus = max(e.get("cpus") or 0 for e in cpu.values())     # the process's: the same for each
+        lines.append("threads         " + ", ".join(f"{name} {e['threads']}" for name, e in cpu.items())
+                     + f" (of the {cpus} CPUs this process may use)")
     for name, e in (s.get("engines") or {}).items():
         if e.get("compile_fallbacks"):
             lines.append(f"compile         {name}: {e['compile_fallbacks']} piece(s) fell back to eager: "

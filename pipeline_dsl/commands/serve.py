@@ -66,7 +66,10 @@ def banner(serving: Serving, url: str, args) -> list[str]:
         e, c = es.engine, es.config
         info = e.model_info
         lines.append(f"  engine {es.name}: model {Path(str(c.model)).name} ({info.get('weights', '?')} weights, "
-                     f"{info.get('dtype', c.dtype)} compute) on {c.device}; context {e.max_model_len} tokens"
+                     f"{info.get('dtype', c.dtype)} compute) on {c.device}"
+                     + (f" ({e.threads} thread{'s' * (e.threads != 1)} of the {e.cpus} CPUs this process may use)"
+                        if e.threads else "")
+                     + f"; context {e.max_model_len} tokens"
                      + (f" (all the KV cache holds; the model's {e.model_context})" if e.pool_bound else "")
                      + f"; batch {c.max_batch_size} sequences; KV {e.blocks.num_blocks} blocks x {c.block_size} "
                      f"tokens; prefix reuse {'on' if c.prefix_reuse else 'off'}"
