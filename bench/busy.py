@@ -1,0 +1,87 @@
+"""One answer on a busy machine: the same request with 0 and N CPU hogs beside agp.
+
+Each measurement is a fresh process (the model loaded while the hogs already run, as when a user
+starts agp on a busy machine) answering one chat request of `--tokens` tokens (ignore_eos) through
+the pipeline runtime, as `agp run` does. The hogs are `yes > /dev/null` processes started before the
+child and killed (by their pid) when it ends; a child that runs past `--timeout` is killed too and
+reported as such. Prints per measurement the generation wall time, the per-token p50, the engine's
+threads and the steps its contention guard ran on one thread, then the busy / quiet ratio.
+
+    .venv/bin/python bench/busy.py [--hogs 2] [--rounds 1] [--tokens 64] [--threads N] [--timeout 150]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHILD = r"""
+import json, sys
+sys.path.insert(0, {root!r})
+from pipeline_dsl.commands.runner import RunRequest, run_pipeline
+from pipeline_dsl.flow import build_runtime
+from pipeline_dsl.requests_io import parse_line
+
+rt = build_runtime({root!r} + "/examples/chat.agp", overrides={{"threads": {threads}}})
+line = json.dumps({{"id": "a", "max_tokens": {tokens}, "ignore_eos": True,
+                   "messages": [{{"role": "user", "content": "Write a short story about a robot who paints."}}]}})
+s = run_pipeline(rt, [RunRequest(0, 1, parse_line(line, 1))], on_done=lambda slot, rec: None, progress=False)
+seg = rt.segments[0]
+guard = getattr(seg.engine.runner, "guard", None)
+print(json.dumps({{"wall_s": s["generation_s"], "ttft_ms": s["ttft_p50_ms"], "tpot_p50_ms": s["tpot_p50_ms"],
+                  "threads": s["engines"][seg.name].get("threads"),
+                  "one_thread_steps": None if guard is None else guard.solo_steps}}))
+rt.shutdown()
+"""
+
+
+def measure(hogs: int, args) -> dict:
+    procs = []
+    try:
+        for _ in range(hogs):
+            procs.append(subprocess.Popen(["yes"], stdout=subprocess.DEVNULL))
+        code = CHILD.format(root=str(ROOT), threads=args.threads, tokens=args.tokens)
+        try:
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            return {"wall_s": None, "note": f"killed after {args.timeout} s"}
+        if r.returncode != 0:
+            return {"wall_s": None, "note": r.stderr.strip().splitlines()[-1:]}
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--hogs", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="default: agp's choice")
+    ap.add_argument("--timeout", type=float, default=150.0, help="seconds before a measurement is killed")
+    args = ap.parse_args()
+    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}  load {os.getloadavg()[0]:.2f}  "
+          f"{args.tokens} tokens, threads {args.threads or 'default'}, {os.cpu_count()} cpus", flush=True)
+    walls: dict[int, list[float]] = {0: [], args.hogs: []}
+    for r in range(args.rounds):
+        for hogs in (0, args.hogs):              # alternate: the machine's speed drifts
+            res = measure(hogs, args)
+            if res.get("wall_s") is not None:
+                walls[hogs].append(res["wall_s"])
+            print(f"round {r + 1} hogs {hogs}: {json.dumps(res)}  load {os.getloadavg()[0]:.2f}", flush=True)
+    if walls[0] and walls[args.hogs]:
+        quiet, busy = statistics.median(walls[0]), statistics.median(walls[args.hogs])
+        print(f"median wall: quiet {quiet:.2f} s, {args.hogs} hogs {busy:.2f} s, ratio {busy / quiet:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
