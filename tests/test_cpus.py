@@ -3,8 +3,12 @@
 cpu.cfs_quota_us), whichever allows fewer; read from a fake cgroup tree here."""
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,7 +102,7 @@ def test_an_engine_in_a_container_takes_the_quota_s_threads_and_says_so(tiny_ggu
     eng = Engine(EngineConfig(model=str(tiny_gguf), dtype="fp32", kv_budget_bytes=4 << 20, max_batch_size=4))
     assert eng.threads == 1 and torch.get_num_threads() == 1
     stats = eng.stats(latencies=False)
-    assert stats["threads"] == 1 and stats["cpus"] == 1
+    assert stats["threads"] == 1 and stats["cpus"] == 1 and stats["one_thread_steps"] == 0
     assert not cpu_overlap_pays(1)                                  # no core to spare beside the forward
 
 
@@ -119,3 +123,61 @@ def test_the_run_summary_names_the_threads():
     assert "threads         gen 2 (of the 4 CPUs this process may use)" in format_summary(s).splitlines()
     s["engines"] = {"gen": {"device": "cuda"}}                       # a GPU engine: no line
     assert not any(line.startswith("threads") for line in format_summary(s).splitlines())
+
+
+PROBE = """
+import json, os, sys
+from pipeline_dsl.engine import cpus
+if len(sys.argv) > 2:
+    import torch  # noqa: F401  (libgomp already read its policy)
+why = cpus.passive_waits(load=float(sys.argv[1]))
+print(json.dumps([why, os.environ.get("OMP_WAIT_POLICY")]))
+"""
+
+
+def probe(load: float, *, env: dict | None = None, torch_first: bool = False) -> list:
+    """passive_waits in a fresh process (before torch is imported, as the CLI calls it)."""
+    e = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    e.update(env or {}, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", PROBE, str(load), *(["torch"] if torch_first else [])],
+                         capture_output=True, text=True, env=e, check=True).stdout
+    return json.loads(out)
+
+
+def test_openmp_threads_sleep_while_they_wait_on_a_busy_machine_unless_the_user_chose():
+    cpus_here = os.cpu_count()
+    why, policy = probe(10.0 * cpus_here)
+    assert policy == "PASSIVE" and why == f"load average {10.0 * cpus_here:.1f} on {cpus_here} CPUs"
+    assert probe(10.0 * cpus_here, env={"OMP_WAIT_POLICY": "active"}) == [None, "active"]
+    assert probe(10.0 * cpus_here, env={"GOMP_SPINCOUNT": "100000"}) == [None, None]
+    assert probe(10.0 * cpus_here, torch_first=True) == [None, None]      # too late: libgomp has read it
+
+
+def test_the_model_commands_choose_the_wait_policy_before_anything_loads(monkeypatch, tmp_path):
+    from pipeline_dsl import cli
+
+    called = []
+    monkeypatch.setattr(cpus, "passive_waits", lambda: called.append(True))
+    assert cli.main(["run", str(tmp_path / "missing.agp")]) == 2
+    assert called == [True]
+    assert cli.main(["check", str(tmp_path / "missing.agp")]) == 2               # no model: not asked
+    assert called == [True]
+
+
+def test_the_run_summary_says_when_openmp_threads_wait_passively():
+    s = {"requests": 1, "errors": 0, "prompt_tokens": 1, "cached_tokens": 0, "completion_tokens": 1,
+         "output_tokens_per_s": 1.0, "generation_s": 1.0, "ttft_p50_ms": 1.0, "ttft_p99_ms": 1.0,
+         "tpot_p50_ms": 1.0, "tpot_p99_ms": 1.0, "mean_batch_size": 1.0, "kv_hit_rate": 0.0,
+         "engines": {"gen": {"threads": 2, "cpus": 2, "omp_wait_policy": "passive"}}}
+    assert ("threads         gen 2 (of the 2 CPUs this process may use); OpenMP waits passive"
+            in format_summary(s).splitlines())
+
+
+def test_a_cpu_quota_below_the_mask_or_a_loaded_machine_is_a_reason_to_sleep(tmp_path, monkeypatch):
+    contained(tmp_path, monkeypatch, "150000 100000")
+    assert cpus.busy_reason(load=0.0) == "a CPU quota of 1.5 CPUs"     # spinning would spend the quota
+    contained(tmp_path / "b", monkeypatch, "800000 100000")             # the quota allows every CPU
+    assert cpus.busy_reason(load=0.0) is None
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert cpus.busy_reason(load=7.9) is None
+    assert cpus.busy_reason(load=8.0) == "load average 8.0 on 8 CPUs"

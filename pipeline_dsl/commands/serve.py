@@ -67,7 +67,8 @@ def banner(serving: Serving, url: str, args) -> list[str]:
         info = e.model_info
         lines.append(f"  engine {es.name}: model {Path(str(c.model)).name} ({info.get('weights', '?')} weights, "
                      f"{info.get('dtype', c.dtype)} compute) on {c.device}"
-                     + (f" ({e.threads} thread{'s' * (e.threads != 1)} of the {e.cpus} CPUs this process may use)"
+                     + (f" ({e.threads} thread{'s' * (e.threads != 1)} of the {e.cpus} CPUs this process may use"
+                        + (f"; OpenMP waits {e.omp_wait}" if e.omp_wait != "default" else "") + ")"
                         if e.threads else "")
                      + f"; context {e.max_model_len} tokens"
                      + (f" (all the KV cache holds; the model's {e.model_context})" if e.pool_bound else "")

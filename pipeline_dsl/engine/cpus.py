@@ -2,6 +2,7 @@
 
     available_cpus()       # the fewest of: os.cpu_count(), the affinity mask, the cgroup CPU quota
     default_threads()      # the forward's threads when the pipeline sets none
+    passive_waits()        # before torch loads: OpenMP threads that sleep, on a busy or limited machine
 
 A container limited with `--cpus 2` (cgroup v2 `cpu.max` "200000 100000", v1 `cpu.cfs_quota_us`)
 still sees every core of the host in os.cpu_count(), and libgomp (torch's OpenMP) starts one
@@ -10,11 +11,22 @@ by turns: its barriers wait for a thread that the quota has stopped, and a 6 ms 
 tens of milliseconds. The quota is read along the process's cgroup up to the hierarchy's root
 (a parent's limit holds for its children), rounded up as other runtimes do (Go, the JVM):
 1.5 CPUs give 2 threads. `taskset -c 0` (the affinity mask) torch already follows.
+
+libgomp's threads spin for milliseconds at each barrier and between parallel regions before they
+sleep. On a quiet machine that is the fastest; when other processes hold the cores, a spinning
+thread takes the time slice the thread it waits for needs, and under a CPU quota it spends the
+quota: beside two `yes` hogs on 2 cores a 20-token prefill (torch's kernels) took 1.8-6.6 s on 2
+threads against 0.26-0.36 s on one, and 0.26-0.28 s on 2 with OMP_WAIT_POLICY=PASSIVE. libgomp
+reads the policy once, when torch loads it, so `agp run`, `serve` and `bench` choose it first:
+PASSIVE when the machine is busy as they start (its load average at least its CPUs) or a CPU
+quota allows fewer CPUs than the affinity mask; libgomp's default otherwise (measured a few per
+cent faster on a quiet machine) and whenever OMP_WAIT_POLICY or GOMP_SPINCOUNT is set.
 """
 from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -97,3 +109,31 @@ def default_threads(current: int, root: Path | None = None, proc_cgroup: Path | 
     if os.environ.get("OMP_NUM_THREADS", "").strip():
         return current
     return max(1, min(current, available_cpus(root, proc_cgroup)))
+
+
+def busy_reason(load: float | None = None) -> str | None:
+    """Why this process's OpenMP threads should sleep rather than spin while they wait: a CPU quota
+    below the affinity mask's CPUs, or a machine whose load average (`load`, else the 1-minute one)
+    is at least its CPUs; None when neither holds."""
+    cpus, quota = affinity_cpus(), cgroup_cpu_limit()
+    if quota is not None and quota < cpus:
+        return f"a CPU quota of {quota:g} CPUs"
+    try:
+        load = os.getloadavg()[0] if load is None else load
+    except OSError:
+        return None
+    host = os.cpu_count() or 1                  # the load average counts the whole machine's
+    return f"load average {load:.1f} on {host} CPUs" if load >= host else None
+
+
+def passive_waits(environ: dict | None = None, load: float | None = None) -> str | None:
+    """Set OMP_WAIT_POLICY=PASSIVE in `environ` (os.environ) when busy_reason() gives a reason and
+    the user chose no wait policy (module docstring); only before torch is imported (libgomp reads
+    it once). Returns the reason it was set for, or None when it was not."""
+    env = os.environ if environ is None else environ
+    if "torch" in sys.modules or any(env.get(k, "").strip() for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")):
+        return None
+    why = busy_reason(load)
+    if why is not None:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return why

@@ -68,6 +68,8 @@ class Engine:
         self._cpu = self.device.type == "cpu"
         self.threads = threads if self._cpu else None   # the CPU forward's (stats, the serve banner)
         self.cpus = available_cpus()                     # those this process may use
+        # how libgomp's threads wait (read when torch loaded it; cpus.passive_waits may have chosen it)
+        self.omp_wait = os.environ.get("OMP_WAIT_POLICY", "").strip().lower() or "default"
         if self._cpu and threads > self.cpus:
             logging.getLogger("agp.engine").warning(
                 "threads = %d is more than the %d CPUs this process may use (its affinity, its cgroup's "
@@ -636,7 +638,9 @@ class Engine:
                 c[f"{name}_p99_s"] = percentile(xs, 99)
         c["peak_memory_bytes"] = peak_memory_bytes(self.config.device)
         if self.threads is not None:
-            c["threads"], c["cpus"] = self.threads, self.cpus
+            c["threads"], c["cpus"], c["omp_wait_policy"] = self.threads, self.cpus, self.omp_wait
+            guard = getattr(self.runner, "guard", None)    # steps sent to one thread while contended
+            c["one_thread_steps"] = guard.solo_steps if guard is not None else 0
         c.update({k: v for k, v in self.model_info.items() if isinstance(v, (int, float, str))})
         fallbacks = getattr(getattr(self.runner, "model", None), "compile_fallbacks", None)
         failed = fallbacks() if callable(fallbacks) else []
