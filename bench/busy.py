@@ -1,11 +1,12 @@
 """One answer on a busy machine: the same request with 0 and N CPU hogs beside agp.
 
-Each measurement is a fresh process (the model loaded while the hogs already run, as when a user
-starts agp on a busy machine) answering one chat request of `--tokens` tokens (ignore_eos) through
-the pipeline runtime, as `agp run` does. The hogs are `yes > /dev/null` processes started before the
+Each measurement is one `agp run` (a fresh process: the model loaded while the hogs already run,
+as when a user starts agp on a busy machine) answering one chat request of `--tokens` tokens
+(ignore_eos) with examples/chat.agp. The hogs are `yes > /dev/null` processes started before the
 child and killed (by their pid) when it ends; a child that runs past `--timeout` is killed too and
-reported as such. Prints per measurement the generation wall time, the per-token p50, the engine's
-threads and the steps its contention guard ran on one thread, then the busy / quiet ratio.
+reported as such. Prints per measurement, from the run's --stats, the generation wall time, TTFT,
+the per-token p50, the engine's threads, OpenMP wait policy and the steps its contention guard ran
+on one thread, then the busy / quiet ratio.
 
     .venv/bin/python bench/busy.py [--hogs 2] [--rounds 1] [--tokens 64] [--threads N] [--timeout 150]
 """
@@ -17,48 +18,42 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CHILD = r"""
-import json, sys
-sys.path.insert(0, {root!r})
-from pipeline_dsl.commands.runner import RunRequest, run_pipeline
-from pipeline_dsl.flow import build_runtime
-from pipeline_dsl.requests_io import parse_line
-
-rt = build_runtime({root!r} + "/examples/chat.agp", overrides={{"threads": {threads}}})
-line = json.dumps({{"id": "a", "max_tokens": {tokens}, "ignore_eos": True,
-                   "messages": [{{"role": "user", "content": "Write a short story about a robot who paints."}}]}})
-s = run_pipeline(rt, [RunRequest(0, 1, parse_line(line, 1))], on_done=lambda slot, rec: None, progress=False)
-seg = rt.segments[0]
-guard = getattr(seg.engine.runner, "guard", None)
-print(json.dumps({{"wall_s": s["generation_s"], "ttft_ms": s["ttft_p50_ms"], "tpot_p50_ms": s["tpot_p50_ms"],
-                  "threads": s["engines"][seg.name].get("threads"),
-                  "one_thread_steps": None if guard is None else guard.solo_steps}}))
-rt.shutdown()
-"""
-
-
-def measure(hogs: int, args) -> dict:
+def measure(hogs: int, args, folder: Path) -> dict:
+    """One `agp run` of the request in a fresh process, `hogs` yes processes beside it."""
+    request = {"id": "a", "max_tokens": args.tokens, "ignore_eos": True,
+               "messages": [{"role": "user", "content": "Write a short story about a robot who paints."}]}
+    (folder / "in.jsonl").write_text(json.dumps(request) + "\n")
+    stats = folder / "stats.json"
+    stats.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "pipeline_dsl.cli", "run", str(ROOT / "examples" / "chat.agp"),
+           "-i", str(folder / "in.jsonl"), "-o", str(folder / "out.jsonl"), "--overwrite",
+           "--stats", str(stats), "--no-progress", *(["--threads", str(args.threads)] if args.threads else [])]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     procs = []
     try:
         for _ in range(hogs):
             procs.append(subprocess.Popen(["yes"], stdout=subprocess.DEVNULL))
-        code = CHILD.format(root=str(ROOT), threads=args.threads, tokens=args.tokens)
         try:
-            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=args.timeout)
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
         except subprocess.TimeoutExpired:
             return {"wall_s": None, "note": f"killed after {args.timeout} s"}
-        if r.returncode != 0:
-            return {"wall_s": None, "note": r.stderr.strip().splitlines()[-1:]}
-        return json.loads(r.stdout.strip().splitlines()[-1])
     finally:
         for p in procs:
             p.kill()
             p.wait()
+    if r.returncode != 0:
+        return {"wall_s": None, "note": r.stderr.strip().splitlines()[-1:]}
+    s = json.loads(stats.read_text())
+    gen = next(iter(s["engines"].values()))
+    return {"wall_s": s["generation_s"], "ttft_ms": s["ttft_p50_ms"], "tpot_p50_ms": s["tpot_p50_ms"],
+            "threads": gen.get("threads"), "omp_wait_policy": gen.get("omp_wait_policy"),
+            "one_thread_steps": gen.get("one_thread_steps")}
 
 
 def main() -> None:
@@ -71,10 +66,11 @@ def main() -> None:
     args = ap.parse_args()
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}  load {os.getloadavg()[0]:.2f}  "
           f"{args.tokens} tokens, threads {args.threads or 'default'}, {os.cpu_count()} cpus", flush=True)
+    folder = Path(tempfile.mkdtemp(prefix="agp-busy-"))
     walls: dict[int, list[float]] = {0: [], args.hogs: []}
     for r in range(args.rounds):
         for hogs in (0, args.hogs):              # alternate: the machine's speed drifts
-            res = measure(hogs, args)
+            res = measure(hogs, args, folder)
             if res.get("wall_s") is not None:
                 walls[hogs].append(res["wall_s"])
             print(f"round {r + 1} hogs {hogs}: {json.dumps(res)}  load {os.getloadavg()[0]:.2f}", flush=True)
