@@ -112,7 +112,7 @@ def test_threads_above_the_cpus_are_kept_with_a_warning(tiny_gguf, tmp_path, mon
         eng = Engine(EngineConfig(model=str(tiny_gguf), dtype="fp32", kv_budget_bytes=4 << 20, max_batch_size=4,
                                   threads=2))
     assert eng.threads == 2 and torch.get_num_threads() == 2
-    assert "threads = 2 is more than the 1 CPUs this process may use" in caplog.text
+    assert "threads = 2 is more than the 1 CPU this process may use" in caplog.text
 
 
 def test_the_run_summary_names_the_threads():

@@ -57,6 +57,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
 def banner(serving: Serving, url: str, args) -> list[str]:
     """The startup lines: what this server really runs with (after flags, variables and file)."""
     from pipeline_dsl import __version__
+    from pipeline_dsl.engine.cpus import cpus_text
 
     cfg = serving.config
     lines = [f"agp {__version__} serving pipeline '{serving.runtime.name}' as "
@@ -67,7 +68,7 @@ def banner(serving: Serving, url: str, args) -> list[str]:
         info = e.model_info
         lines.append(f"  engine {es.name}: model {Path(str(c.model)).name} ({info.get('weights', '?')} weights, "
                      f"{info.get('dtype', c.dtype)} compute) on {c.device}"
-                     + (f" ({e.threads} thread{'s' * (e.threads != 1)} of the {e.cpus} CPUs this process may use"
+                     + (f" ({e.threads} thread{'s' * (e.threads != 1)} of the {cpus_text(e.cpus)} this process may use"
                         + (f"; OpenMP waits {e.omp_wait}" if e.omp_wait != "default" else "") + ")"
                         if e.threads else "")
                      + f"; context {e.max_model_len} tokens"

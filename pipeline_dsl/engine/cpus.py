@@ -33,6 +33,11 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
 
 
+def cpus_text(n: int) -> str:
+    """`n` CPUs in words: "1 CPU", "2 CPUs" (the summary, the banner, warnings)."""
+    return f"{n} CPU" + ("s" if n != 1 else "")
+
+
 def affinity_cpus() -> int:
     """The CPUs of this process's affinity mask (`taskset`, a cpuset), else os.cpu_count()."""
     try:

@@ -32,7 +32,7 @@ from pipeline_dsl.cliargs import env_switch
 
 from .compute import on_compute
 from .config import EngineConfig, RequestOutput, SamplingParams, percentile
-from .cpus import available_cpus, default_threads
+from .cpus import available_cpus, cpus_text, default_threads
 from .errors import ContextLengthError, InputError, QueueFullError, limit_setting, prompt_over_limit
 from .kv_cache import BlockManager, bytes_per_block, num_blocks_for_budget
 from .batch import ItemsRunner, StepBatch
@@ -72,9 +72,9 @@ class Engine:
         self.omp_wait = os.environ.get("OMP_WAIT_POLICY", "").strip().lower() or "default"
         if self._cpu and threads > self.cpus:
             logging.getLogger("agp.engine").warning(
-                "threads = %d is more than the %d CPUs this process may use (its affinity, its cgroup's "
+                "threads = %d is more than the %s this process may use (its affinity, its cgroup's "
                 "CPU quota): the forward's threads will wait for each other; set threads = %d or fewer",
-                threads, self.cpus, self.cpus)
+                threads, cpus_text(self.cpus), self.cpus)
         self.model_info = info
         # the model's recommended sampling defaults (generation_config.json, as vLLM reads it): what a
         # request and its generate stage leave unset takes them (flow/segment.py)
