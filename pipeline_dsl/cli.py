@@ -31,6 +31,8 @@ LAZY_COMMANDS = {
     "serve": "serve a pipeline behind an OpenAI-compatible HTTP API",
 }
 
+MODEL_COMMANDS = ("run", "bench", "serve")       # those that load torch and run a model
+
 OK, FAILED, USER_ERROR = 0, 1, 2
 
 
@@ -348,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return USER_ERROR
+        if args.command in MODEL_COMMANDS:
+            from pipeline_dsl.engine.cpus import passive_waits
+
+            passive_waits()                        # before torch loads libgomp (engine/cpus.py)
         code = int(args.func(args) or 0)
         sys.stdout.flush()      # a full disk fails here, with a message, not at exit in silence
         return code

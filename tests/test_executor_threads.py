@@ -15,7 +15,7 @@ import torch
 
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
 from pipeline_dsl.engine import engine as engine_module
-from pipeline_dsl.engine.compute import ContentionGuard, compute_thread, on_compute, on_compute_thread
+from pipeline_dsl.engine.compute import Contention, ContentionGuard, compute_thread, on_compute, on_compute_thread
 from pipeline_dsl.engine.executor import Executor, cpu_overlap_pays, run_requests
 from pipeline_dsl.engine.model import ModelRunner
 
@@ -168,16 +168,20 @@ def test_a_slowed_step_sends_the_next_ones_to_one_thread_then_all_are_tried_agai
         ran.append(torch.get_num_threads())
         now[0] += seconds
 
+    guard.TRIAL_STEPS = 1
     for seconds in (0.010, 0.011, 0.050):           # the third: 5x the best
         guard.run("decode", step, seconds)
-    assert ran == [2, 2, 2] and guard.contention.solo == 2
-    for _ in range(2):
-        guard.run("decode", step, 0.5)              # on one thread, untimed
-    assert ran[3:] == [1, 1] and torch.get_num_threads() == 2 and guard.solo_steps == 2
+    assert ran == [2, 2, 2] and guard.contention.solo == 1     # one step to time it on one thread
+    guard.run("decode", step, 0.030)                # on one thread: faster than 0.050 on all
+    assert ran[3:] == [1] and torch.get_num_threads() == 2 and guard.solo_steps == 1
     guard.run("decode", step, 0.050)                # tried on all threads again: still slow
-    assert guard.contention.solo == 4                          # a longer stretch on one thread
+    assert guard.contention.solo == 2 and guard.contention.period == 4     # a stretch on one thread
+    for _ in range(2):
+        guard.run("decode", step, 0.030)
+    guard.run("decode", step, 0.050)                # still slow: a longer stretch
+    assert guard.contention.solo == 4
     for _ in range(4):
-        guard.run("decode", step, 0.5)
+        guard.run("decode", step, 0.030)
     guard.run("decode", step, 0.010)                # fast again: stays on all threads
     guard.run("decode", step, 0.010)
     assert ran[-2:] == [2, 2] and guard.contention.solo == 0 and guard.contention.period == 2
@@ -186,6 +190,35 @@ def test_a_slowed_step_sends_the_next_ones_to_one_thread_then_all_are_tried_agai
     torch.set_num_threads(1)
     guard.run("decode", step, 0.5)                  # one thread anyway: nothing to guard
     assert guard.contention.solo == 0 and ran[-1] == 1
+
+
+def test_a_slowed_step_stays_on_all_threads_when_one_thread_was_slower_still():
+    """Beside other processes' busy threads each of the step's threads gets a share of the cores:
+    with barriers that sleep (the native step), the step on two threads was ~2x faster than on
+    one. A stretch on one thread that turns out slower than the slowed steps on all threads is
+    not repeated: the guard runs the step however it was faster."""
+    now = [0.0]
+    guard = ContentionGuard(clock=lambda: now[0], contention=Contention(2))
+    torch.set_num_threads(2)
+    ran = []
+
+    def step(seconds_on_all, seconds_on_one):
+        n = torch.get_num_threads()
+        ran.append(n)
+        now[0] += seconds_on_all if n > 1 else seconds_on_one
+
+    guard.SOLO_STEPS, guard.MAX_SOLO = 64, 1024
+    guard.contention.period = 64
+    guard.run("decode", step, 0.010, 0.016)
+    guard.run("decode", step, 0.040, 0.090)         # 4x the best: tried on one thread, a few steps
+    assert guard.contention.solo == guard.TRIAL_STEPS < 64
+    for _ in range(guard.TRIAL_STEPS):
+        guard.run("decode", step, 0.040, 0.090)     # one thread: slower still
+    for _ in range(3):
+        guard.run("decode", step, 0.040, 0.090)     # so the steps stay on all threads
+    assert ran == [2, 2] + [1] * guard.TRIAL_STEPS + [2, 2, 2] and guard.contention.solo == 0
+    guard.run("decode", step, 0.200, 0.090)         # slower than one thread now: one thread again
+    assert guard.contention.solo > 0
 
 
 def test_a_serial_cpu_run_computes_no_step_past_a_sequence_end(tiny_gguf):

@@ -7,6 +7,7 @@ says and answers.
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -135,6 +136,7 @@ def test_the_banner_shows_the_effective_values_of_flags_and_variables(ops):
     assert "context 200 tokens" in banner                        # --max-model-len over the model's 512
     assert "batch 4 sequences" in banner                         # AGP_MAX_NUM_SEQS over the file's 16
     assert "KV 256 blocks x 8 tokens" in banner and "on cpu" in banner and "seed 11" in banner
+    assert re.search(r"on cpu \(\d+ threads? of the \d+ CPUs? this process may use", banner)
     assert "chat template template.jinja" in banner                # --chat-template over the model's own
     assert "api key required" in banner and "CORS https://app.example" in banner
 

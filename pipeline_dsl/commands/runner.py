@@ -305,6 +305,15 @@ def format_summary(s: dict) -> str:
         f"KV hit rate     {f(s['kv_hit_rate'])}",
         f"peak memory     {mem / 2**20:.0f} MiB" if mem else "peak memory     -",
     ]
+    cpu = {name: e for name, e in (s.get("engines") or {}).items() if e.get("threads")}
+    if cpu:
+        from pipeline_dsl.engine.cpus import cpus_text
+
+        cpus = max(e.get("cpus") or 0 for e in cpu.values())     # the process's: the same for each
+        wait = next(iter(cpu.values())).get("omp_wait_policy")               # the process's
+        lines.append("threads         " + ", ".join(f"{name} {e['threads']}" for name, e in cpu.items())
+                     + f" (of the {cpus_text(cpus)} this process may use)"
+                     + (f"; OpenMP waits {wait}" if wait and wait != "default" else ""))
     for name, e in (s.get("engines") or {}).items():
         if e.get("compile_fallbacks"):
             lines.append(f"compile         {name}: {e['compile_fallbacks']} piece(s) fell back to eager: "

@@ -57,6 +57,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
 def banner(serving: Serving, url: str, args) -> list[str]:
     """The startup lines: what this server really runs with (after flags, variables and file)."""
     from pipeline_dsl import __version__
+    from pipeline_dsl.engine.cpus import cpus_text
 
     cfg = serving.config
     lines = [f"agp {__version__} serving pipeline '{serving.runtime.name}' as "
@@ -66,7 +67,11 @@ def banner(serving: Serving, url: str, args) -> list[str]:
         e, c = es.engine, es.config
         info = e.model_info
         lines.append(f"  engine {es.name}: model {Path(str(c.model)).name} ({info.get('weights', '?')} weights, "
-                     f"{info.get('dtype', c.dtype)} compute) on {c.device}; context {e.max_model_len} tokens"
+                     f"{info.get('dtype', c.dtype)} compute) on {c.device}"
+                     + (f" ({e.threads} thread{'s' * (e.threads != 1)} of the {cpus_text(e.cpus)} this process may use"
+                        + (f"; OpenMP waits {e.omp_wait}" if e.omp_wait != "default" else "") + ")"
+                        if e.threads else "")
+                     + f"; context {e.max_model_len} tokens"
                      + (f" (all the KV cache holds; the model's {e.model_context})" if e.pool_bound else "")
                      + f"; batch {c.max_batch_size} sequences; KV {e.blocks.num_blocks} blocks x {c.block_size} "
                      f"tokens; prefix reuse {'on' if c.prefix_reuse else 'off'}"

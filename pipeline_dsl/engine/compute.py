@@ -116,7 +116,12 @@ class ContentionGuard:
     waits for a descheduled thread: a 40 ms step took 1-3 s. So every step is timed against
     the fastest seen for its kind and size; one `SLOW` times slower makes the next steps run on
     one thread (no barriers: ~1.6x slower when quiet, many times faster when busy), `SOLO_STEPS`
-    of them, doubling up to `MAX_SOLO` while the steps in between stay slow.
+    of them (`TRIAL_STEPS` the first time, which times the step on one thread), doubling up to
+    `MAX_SOLO` while the steps in between stay slow, and slower than the same step's latest time
+    on one thread: the native step's barriers sleep rather than spin
+    (native/kernels.cpp), and with other processes' threads holding the cores its steps on all
+    threads were ~2x faster than on one (they get a share of the cores per thread: 25-56 ms
+    against 71-92 ms beside two `yes` hogs on 2 cores, docs/engine_benchmarks.md).
 
         guard = ContentionGuard()
         out = guard.run(("decode", 32), fn, *args)     # fn(*args) on all threads, or on one
@@ -128,6 +133,7 @@ class ContentionGuard:
     """
 
     SOLO_STEPS = 64
+    TRIAL_STEPS = 4                # the first stretch of a step not yet timed on one thread
     MAX_SOLO = 1024
     SLOW = 3.0
 
@@ -136,6 +142,7 @@ class ContentionGuard:
 
         self.clock = clock or time.perf_counter
         self.best: dict = {}           # key -> fastest step seen with all threads
+        self.solo_time: dict = {}      # key -> its latest step on one thread
         self.contention = contention if contention is not None else Contention(self.SOLO_STEPS)
         self.solo_steps = 0            # steps this guard ran on one thread (stats)
 
@@ -149,14 +156,20 @@ class ContentionGuard:
             self.solo_steps += 1
             torch.set_num_threads(1)
             try:
-                return fn(*args)
+                t = self.clock()
+                out = fn(*args)
+                self.solo_time[key] = self.clock() - t
+                return out
             finally:
                 torch.set_num_threads(threads)
         t = self.clock()
         out = fn(*args)
         dt = self.clock() - t
         best = self.best.get(key)
-        if best is not None and dt > self.SLOW * best:
+        solo = self.solo_time.get(key)
+        if best is not None and dt > self.SLOW * best and solo is None:
+            c.solo = max(c.solo, min(self.TRIAL_STEPS, c.period))    # a few, to learn its time on one
+        elif best is not None and dt > self.SLOW * best and dt > solo:
             c.solo, c.period = c.period, min(2 * c.period, self.MAX_SOLO)
         elif best is not None:
             c.period = self.SOLO_STEPS

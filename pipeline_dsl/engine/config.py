@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .cpus import available_cpus
 from .errors import InputError
 
 DTYPES = ("auto", "fp32", "bf16", "fp16", "int8")
@@ -62,8 +63,8 @@ class EngineConfig:
             except ParamError as e:
                 raise InputError(str(e)) from None
         if self.threads is not None and not 1 <= int(self.threads) <= MAX_THREADS:
-            raise InputError(f"threads must be between 1 and {MAX_THREADS} (this machine has {os.cpu_count()} "
-                             f"cores), not {self.threads!r}")
+            raise InputError(f"threads must be between 1 and {MAX_THREADS} (this process may use "
+                             f"{available_cpus()} CPUs), not {self.threads!r}")
         if self.max_model_len is not None and int(self.max_model_len) < 1:
             raise InputError(f"max_model_len must be at least 1, not {self.max_model_len!r}")
         if not isinstance(self.generation_config, str) or not (

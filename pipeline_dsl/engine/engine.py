@@ -17,6 +17,7 @@ again.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import sys
@@ -31,6 +32,7 @@ from pipeline_dsl.cliargs import env_switch
 
 from .compute import on_compute
 from .config import EngineConfig, RequestOutput, SamplingParams, percentile
+from .cpus import available_cpus, cpus_text, default_threads
 from .errors import ContextLengthError, InputError, QueueFullError, limit_setting, prompt_over_limit
 from .kv_cache import BlockManager, bytes_per_block, num_blocks_for_budget
 from .batch import ItemsRunner, StepBatch
@@ -49,8 +51,10 @@ class Engine:
         """Load the model named by `config` (or use an injected runner + tokenizer)."""
         self.config = config = config or EngineConfig()
         self.clock = clock
-        if config.threads:
-            torch.set_num_threads(int(config.threads))
+        # the forward's threads: the pipeline's, else torch's lowered to the CPUs a cgroup quota allows
+        threads = int(config.threads) if config.threads else default_threads(torch.get_num_threads())
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
         if runner is None:
             if resolve_device(config.device) == "cpu":   # its OpenMP pool on the thread that runs the forward
                 runner, tokenizer, info = on_compute(load_runner, config)
@@ -62,6 +66,15 @@ class Engine:
         # on CPU every forward and sampling runs on the compute thread (engine/compute.py)
         self.device = torch.device(getattr(runner, "device", "cpu"))
         self._cpu = self.device.type == "cpu"
+        self.threads = threads if self._cpu else None   # the CPU forward's (stats, the serve banner)
+        self.cpus = available_cpus()                     # those this process may use
+        # how libgomp's threads wait (read when torch loaded it; cpus.passive_waits may have chosen it)
+        self.omp_wait = os.environ.get("OMP_WAIT_POLICY", "").strip().lower() or "default"
+        if self._cpu and threads > self.cpus:
+            logging.getLogger("agp.engine").warning(
+                "threads = %d is more than the %s this process may use (its affinity, its cgroup's "
+                "CPU quota): the forward's threads will wait for each other; set threads = %d or fewer",
+                threads, cpus_text(self.cpus), self.cpus)
         self.model_info = info
         # the model's recommended sampling defaults (generation_config.json, as vLLM reads it): what a
         # request and its generate stage leave unset takes them (flow/segment.py)
@@ -624,6 +637,10 @@ class Engine:
                 c[f"{name}_p50_s"] = percentile(xs, 50)
                 c[f"{name}_p99_s"] = percentile(xs, 99)
         c["peak_memory_bytes"] = peak_memory_bytes(self.config.device)
+        if self.threads is not None:
+            c["threads"], c["cpus"], c["omp_wait_policy"] = self.threads, self.cpus, self.omp_wait
+            guard = getattr(self.runner, "guard", None)    # steps sent to one thread while contended
+            c["one_thread_steps"] = guard.solo_steps if guard is not None else 0
         c.update({k: v for k, v in self.model_info.items() if isinstance(v, (int, float, str))})
         fallbacks = getattr(getattr(self.runner, "model", None), "compile_fallbacks", None)
         failed = fallbacks() if callable(fallbacks) else []

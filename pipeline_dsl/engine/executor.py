@@ -41,7 +41,6 @@ that step k finishes was already scheduled in k+1: its extra token is discarded.
 from __future__ import annotations
 
 import functools
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ from pipeline_dsl.plan import Plan, make_plan
 
 from .batch import PLACEHOLDER
 from .compute import on_compute
+from .cpus import available_cpus
 from .trace import Trace
 
 AHEAD = 32                # no stream runs more than this many micro-batches ahead of emit
@@ -605,13 +605,9 @@ def cpu_overlap_pays(threads: int, cores: int | None = None) -> bool:
     `threads`. Without one, the host threads' Python takes a core from the forward, whose
     barriers then wait for the descheduled thread, and the compute thread waits for the GIL
     after each kernel: on 2 cores with a 2-thread forward the overlapped run was slower than
-    the serial one (docs/engine_benchmarks.md)."""
-    if cores is None:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            cores = os.cpu_count() or 1
-    return cores > threads
+    the serial one (docs/engine_benchmarks.md). The cores are those the process may use: its
+    affinity mask's, at most its cgroup CPU quota (cpus.available_cpus)."""
+    return (available_cpus() if cores is None else cores) > threads
 
 
 def drive(engine, handle: Callable, *, overlap: bool | None = None, trace_path: str | None = None,

@@ -44,7 +44,7 @@ BUILD = HERE / "build"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 STALE_BUILD_S = 600               # a partial build (.tmp…) older than this was left by a killed one; another
                                   # process's build in progress (maybe in another container: its pid unseen) is younger
-VERSION = 5                       # agp_native_version() of a library this module can drive
+VERSION = 6                       # agp_native_version() of a library this module can drive
 
 _LIB: list = []                   # [lib or None] once tried
 _WARNED: set = set()
@@ -265,7 +265,7 @@ class Model(ctypes.Structure):
 
 class Step(ctypes.Structure):
     _fields_ = [("B", ctypes.c_int32), ("nblk", ctypes.c_int32), ("n_out", ctypes.c_int32),
-                ("pad_", ctypes.c_int32), ("tokens", ctypes.c_void_p), ("pos", ctypes.c_void_p),
+                ("spin_us", ctypes.c_int32), ("tokens", ctypes.c_void_p), ("pos", ctypes.c_void_p),
                 ("slots", ctypes.c_void_p), ("tables", ctypes.c_void_p), ("out_rows", ctypes.c_void_p),
                 ("prof", ctypes.c_void_p)]
 
@@ -293,4 +293,6 @@ def _declare(lib) -> None:
     lib.agp_silu_mul.restype = None
     lib.agp_decode_attention_block.argtypes = [P, I, I, P, I, P, P, P, I, P, I]
     lib.agp_decode_attention_block.restype = None
+    lib.agp_barrier_check.argtypes = [I, I, I, I, P]
+    lib.agp_barrier_check.restype = I
 

@@ -25,10 +25,15 @@
 // 5: llama.cpp's numerics), 1/254 of that in two (kinds 6, 7: finer than bf16, twice the
 // multiplies, still bound by memory at a few rows).
 #include <immintrin.h>
+#include <linux/futex.h>
 #include <omp.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -67,7 +72,8 @@ struct Model {
 };
 
 struct Step {
-    int32_t B, nblk, n_out, pad_;
+    int32_t B, nblk, n_out;
+    int32_t spin_us;             // the step's barriers: spin this long, then sleep (Barrier); < 0: libgomp's
     const int64_t* tokens;       // [B]
     const int64_t* pos;          // [B] position of the token
     const int64_t* slots;        // [B] where its K/V is written
@@ -79,7 +85,7 @@ struct Step {
 // Where a thread's time in agp_decode_step goes, when Step.prof asks (bench/roofline.py).
 enum Phase { P_GLUE, P_QKV, P_ATTENTION, P_O, P_GATE_UP, P_DOWN, P_HEAD, P_BARRIER, PHASES };
 
-int agp_native_version() { return 5; }
+int agp_native_version() { return 6; }
 int agp_phases() { return PHASES; }
 
 }  // extern "C"
@@ -496,6 +502,58 @@ struct InBuf {
     }
 };
 
+// The barrier between a decode step's phases (~150 a step). libgomp's spins up to GOMP_SPINCOUNT
+// (300,000 pauses: milliseconds) before it sleeps; while another process holds a core, a thread
+// that arrived early spins through the time slice that the descheduled thread it waits for needs,
+// and a 6 ms step took 0.1-1 s. This one spins at most spin_us microseconds (a quiet step's waits
+// are shorter), then sleeps on a futex until the last thread to arrive wakes it. A thread whose
+// recent waits mostly outlasted the spin (the others are descheduled, not slower) stops spinning
+// and sleeps at once, until its waits are short again.
+struct alignas(64) Barrier {
+    std::atomic<int> arrived{0};
+    std::atomic<int> gen{0};        // the futex word: +1 each time every thread has arrived
+    std::atomic<int> sleepers{0};
+};
+
+inline double now_us() {
+    timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e6 + ts.tv_nsec * 1e-3;
+}
+
+inline long futex(std::atomic<int>* word, int op, int val) {
+    return syscall(SYS_futex, reinterpret_cast<int*>(word), op, val, nullptr, nullptr, 0);
+}
+
+// the share of this thread's recent barrier waits that outlasted the spin (a moving average of
+// the last ~16); above SLEEP_AT the thread sleeps at once. Pool threads live on: it carries over.
+thread_local float long_waits = 0.0f;
+constexpr float SLEEP_AT = 0.25f;
+
+// All n threads of the team call it; none returns before the last has arrived.
+void barrier_wait(Barrier& b, int n, int spin_us) {
+    const int g = b.gen.load(std::memory_order_acquire);
+    if (b.arrived.fetch_add(1, std::memory_order_acq_rel) == n - 1) {   // the last: release the others
+        b.arrived.store(0, std::memory_order_relaxed);
+        b.gen.store(g + 1, std::memory_order_seq_cst);
+        if (b.sleepers.load(std::memory_order_seq_cst) > 0) futex(&b.gen, FUTEX_WAKE_PRIVATE, INT_MAX);
+        return;
+    }
+    const double t0 = now_us(), until = long_waits < SLEEP_AT ? t0 + spin_us : t0;
+    for (int i = 0; b.gen.load(std::memory_order_acquire) == g; ++i) {
+        if (i % 64 == 0 && now_us() >= until) {
+            // seq_cst with the releaser's store and load: either it sees this sleeper and wakes it,
+            // or the futex finds gen changed and returns at once
+            b.sleepers.fetch_add(1, std::memory_order_seq_cst);
+            while (b.gen.load(std::memory_order_seq_cst) == g) futex(&b.gen, FUTEX_WAIT_PRIVATE, g);
+            b.sleepers.fetch_sub(1, std::memory_order_relaxed);
+            break;
+        }
+        _mm_pause();
+    }
+    long_waits += ((now_us() - t0 > spin_us ? 1.0f : 0.0f) - long_waits) * (1.0f / 16);
+}
+
 // A linear's work queue inside one parallel region (one per call; zero before the region).
 struct alignas(64) Queue {
     std::atomic<int> taken{0};
@@ -887,6 +945,7 @@ void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthread
     std::vector<float> tmp((size_t)B * H), qkv((size_t)B * QKV), gu((size_t)B * 2 * I),
         parts((size_t)B * nkv * nparts * g * pstride);
     std::vector<Queue> queues((size_t)4 * m.n_layers + 1);   // one per linear of the step
+    Barrier bar;
     const size_t esz = m.kv_bf16 ? 2 : 4;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -902,9 +961,14 @@ void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthread
             prof[ph] += now - t_mark;
             t_mark = now;
         };
+        const int team = omp_get_num_threads();
         auto barrier = [&]() {
             mark(P_GLUE);
+            if (s.spin_us < 0) {
 #pragma omp barrier
+            } else {
+                barrier_wait(bar, team, s.spin_us);
+            }
             mark(P_BARRIER);
         };
         for (int b = 0; b < B; ++b)   // the embedding rows
@@ -1007,6 +1071,39 @@ void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthread
         linear_par(m.lm_head, in_head, s.n_out, logits, &queues[4 * m.n_layers]);
         mark(P_HEAD);
     }
+}
+
+// The step's barrier on its own (tests/test_native_barrier.py): `rounds` barriers on nthreads
+// threads; before each, thread (round % team) sleeps hold_us, as a thread another process holds
+// off its core; after each, every thread checks that every other one reached this round. Returns
+// the reads that saw an earlier round (0 when the barrier holds); *cpu_s: the most CPU seconds one
+// thread used (waiting threads that sleep use next to none; spinning ones, the holds' time).
+int agp_barrier_check(int nthreads, int rounds, int spin_us, int hold_us, double* cpu_s) {
+    Barrier bar;
+    std::vector<std::atomic<int>> seen(nthreads > 0 ? nthreads : 1);
+    for (auto& x : seen) x.store(-1);
+    int bad = 0;
+    double most = 0.0;
+#pragma omp parallel num_threads(nthreads) reduction(+ : bad) reduction(max : most)
+    {
+        const int team = omp_get_num_threads(), tid = omp_get_thread_num();
+        timespec a, z;
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &a);
+        for (int r = 0; r < rounds; ++r) {
+            if (tid == r % team && hold_us > 0) usleep(hold_us);
+            seen[tid].store(r, std::memory_order_relaxed);
+            if (spin_us < 0) {
+#pragma omp barrier
+            } else {
+                barrier_wait(bar, team, spin_us);
+            }
+            for (int j = 0; j < team; ++j) bad += seen[j].load(std::memory_order_relaxed) < r;
+        }
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &z);
+        most = std::max(most, (z.tv_sec - a.tv_sec) + (z.tv_nsec - a.tv_nsec) * 1e-9);
+    }
+    if (cpu_s) *cpu_s = most;
+    return bad;
 }
 
 }  // extern "C"

@@ -9,9 +9,13 @@ kept here (`self._keep`) and the pools are preallocated for the runner's lifetim
 
 A step is one parallel region with a barrier after each phase (~150 a step), on
 torch.get_num_threads() threads. When another process competes for the cores, a barrier
-waits for a descheduled thread, and a step that takes 6 ms alone took 100-600 ms here
-(measured on 2 shared cores): the runner's ContentionGuard (engine/compute.py) then runs
-the next steps on one thread.
+waits for a descheduled thread. With libgomp's barrier, which spins for milliseconds before
+it sleeps, the thread that arrived first spun through the time slice the other one needed,
+and a step that takes 6 ms alone took 100-600 ms (measured on 2 shared cores). The step's own
+barrier (kernels.cpp: Barrier) spins at most `spin_us` (BARRIER_SPIN_US) and then sleeps on a
+futex, and a thread whose waits mostly outlast the spin sleeps at once (docs/engine_benchmarks.md
+has the measurements); the runner's ContentionGuard (engine/compute.py) still runs the next
+steps on one thread when one is far slower than the best seen.
 """
 
 from __future__ import annotations
@@ -22,8 +26,12 @@ import torch
 
 from . import Layer, Model, Step, load
 
+BARRIER_SPIN_US = 50     # a quiet step's barrier waits are shorter (its phases split their work finely)
+
 
 class NativeDecoder:
+    spin_us = BARRIER_SPIN_US       # the step's barriers: spin this long, then sleep; -1: libgomp's
+
     def __init__(self, lib, model, k_pool: torch.Tensor, v_pool: torch.Tensor, block_size: int):
         c = model.config
         bf16 = model.dtype == torch.bfloat16
@@ -87,7 +95,7 @@ class NativeDecoder:
         if prof is not None and (prof.dtype != torch.float64 or prof.shape[0] < torch.get_num_threads()
                                  or not prof.is_contiguous()):
             raise ValueError("prof: a contiguous float64 tensor [threads, len(PHASES)]")
-        step = Step(B, nblk, n, 0, tokens.data_ptr(), positions.data_ptr(), slots.data_ptr(),
+        step = Step(B, nblk, n, self.spin_us, tokens.data_ptr(), positions.data_ptr(), slots.data_ptr(),
                     tables.data_ptr(), out_rows.data_ptr() if n else None,
                     prof.data_ptr() if prof is not None else None)
         self.lib.agp_decode_step(ctypes.byref(self.model), ctypes.byref(step), logits.data_ptr(),
