@@ -3,6 +3,7 @@ probes. Each test drives a real server (tiny model) and asserts what it logs, co
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -212,12 +213,55 @@ def test_while_the_model_loads_probes_get_503_loading_and_the_port_stays_held():
 
 def test_a_browser_may_read_the_request_id_and_retry_after(tiny_gguf):
     """CORS answers expose X-Request-Id and Retry-After: without Access-Control-Expose-Headers a
-    browser hides them from the page's script (its error report could not name the request)."""
-    s = LiveServer(tiny_gguf, allowed_origins=("http://app.example",))
+    browser hides them from the page's script (its error report could not name the request).
+    The guard's refusals carry them too (CORS sits outside it), and a preflight needs no key."""
+    s = LiveServer(tiny_gguf, allowed_origins=("http://app.example",), api_keys=("k1",))
+    origin = {"Origin": "http://app.example"}
     try:
-        r = httpx.get(s.url + "/v1/models", headers={"Origin": "http://app.example", "X-Request-Id": "cors-1"})
-        assert r.headers["access-control-allow-origin"] == "http://app.example"
-        exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
-        assert {"x-request-id", "retry-after"} <= exposed and r.headers["x-request-id"] == "cors-1"
+        for headers, status in (({**KEY, "X-Request-Id": "cors-1"}, 200), ({"X-Request-Id": "cors-1"}, 401)):
+            r = httpx.get(s.url + "/v1/models", headers={**origin, **headers})
+            assert r.status_code == status
+            assert r.headers["access-control-allow-origin"] == "http://app.example"
+            exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
+            assert {"x-request-id", "retry-after"} <= exposed and r.headers["x-request-id"] == "cors-1"
+        r = httpx.options(s.url + "/v1/chat/completions", headers={
+            **origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
     finally:
         s.close()
+
+
+def test_every_route_but_the_documented_open_ones_wants_the_key(live):
+    """docs/serve.md, --api-key: every route answers 401 without a valid key but /health, /ping,
+    /metrics, /version and /openapi.json. Walked over the app's own routes, so a route added
+    later (or one left open by mistake: /tokenizer_info, /v1/embeddings) is checked too."""
+    from pipeline_dsl.serve.routes import router
+
+    open_paths = {"/health", "/ping", "/metrics", "/version", "/openapi.json"}
+    seen = set()
+    for route in router.routes:
+        path = re.sub(r"\{[^}]*\}", "x", route.path)
+        seen.add(route.path)
+        for method in sorted(route.methods):
+            for headers in ({}, {"Authorization": "Bearer wrong"}):
+                r = httpx.request(method, live.url + path, json={}, headers=headers, timeout=30)
+                if route.path in open_paths:
+                    assert r.status_code != 401, (method, path)
+                else:
+                    assert r.status_code == 401, (method, path, r.status_code)
+                    if method != "HEAD":
+                        assert r.json()["error"]["code"] == "invalid_api_key"
+                    assert r.headers["www-authenticate"] == "Bearer"
+    assert {"/v1/embeddings", "/tokenizer_info", "/detokenize", "/v1/responses/{response_id}"} <= seen
+    assert httpx.get(live.url + "/openapi.json", timeout=30).status_code == 200
+
+
+def test_a_client_request_id_of_up_to_128_printable_characters_is_kept(live):
+    """docs/serve.md, "Request ids": the client's X-Request-Id, at most 128 printable characters,
+    comes back and names the answer; a longer one is replaced by a new id."""
+    longest = "r" * 127 + "~"
+    r = httpx.post(live.url + "/v1/completions", headers={**KEY, "X-Request-Id": longest},
+                   json={"model": "tiny", "prompt": "hi", "max_tokens": 1}, timeout=60)
+    assert r.status_code == 200 and r.headers["x-request-id"] == longest and r.json()["id"] == f"cmpl-{longest}"
+    r = httpx.get(live.url + "/health", headers={"X-Request-Id": longest + "r"}, timeout=30)
+    assert r.headers["x-request-id"] not in ("", longest, longest + "r")
