@@ -148,7 +148,8 @@ def test_the_access_line_brackets_an_ipv6_client_so_its_port_can_be_told_apart()
 
 def test_quiet_paths_log_no_success_but_every_other_request(tiny_gguf):
     """--disable-access-log-for-endpoints /health,/metrics (vLLM's flag): a load balancer's probes
-    and a scraper's polls write no access line, other requests do, as under --root-path."""
+    and a scraper's polls write no access line, other requests do, as under --root-path; an error
+    answer on a quiet path is still logged."""
     s = LiveServer(tiny_gguf, quiet_paths=("/health", "/metrics"), root_path="/llm")
     try:
         with LogRecords() as lines:
@@ -157,6 +158,8 @@ def test_quiet_paths_log_no_success_but_every_other_request(tiny_gguf):
             assert lines.statuses("/version", 1) == [200]
             assert lines.statuses("/v1/models", 1) == [200]
             assert {r.path for r in lines.records} == {"/v1/models", "/version"}
+            assert httpx.delete(s.url + "/metrics").status_code == 405
+            assert lines.statuses("/metrics", 1) == [405]
     finally:
         s.close()
 
