@@ -229,3 +229,16 @@ def test_vllms_extras_run_on_responses_as_on_chat(extra):
                         max_model_len=512, served=("tiny",))
     assert (call.req.fields, call.req.response_format, call.req.request_id) == \
         (chat.fields, chat.response_format, chat.request_id)
+
+
+def test_include_alone_asks_for_logprobs_and_metadata_reaches_the_conditions(client):
+    """docs/openai.md: `include: ["message.output_text.logprobs"]` puts the logprobs on the
+    output_text part (no alternatives without `top_logprobs`), and `metadata` reaches the
+    pipeline's conditions as on chat (the request item carries it)."""
+    r = client.responses.create(model="tiny", input="hi", max_output_tokens=3, include=["message.output_text.logprobs"],
+                                extra_body={"ignore_eos": True})
+    lps = r.output[0].content[0].logprobs
+    assert len(lps) == 3 and all(lp.top_logprobs == [] for lp in lps)
+    call = parse_responses({"model": "tiny", "input": "hi", "metadata": {"tier": "gold"}}, max_model_len=512,
+                           served=("tiny",))
+    assert call.req.item("r")["metadata"] == {"tier": "gold"} and call.settings["metadata"] == {"tier": "gold"}
