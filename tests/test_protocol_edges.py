@@ -669,3 +669,23 @@ def test_a_request_id_of_1_to_128_printable_characters_is_taken():
     assert completion({"prompt": "hi", "request_id": "~"}).request_id == "~"
     for bad in ("r" * 129, "", "a b", "é"):
         assert refused(chat, {"messages": HI, "request_id": bad}).param == "request_id"
+
+
+@pytest.mark.parametrize("field, neutral, other", [
+    ("echo", False, True), ("add_special_tokens", False, True), ("documents", None, [{"text": "x"}]),
+])
+def test_a_chat_field_served_only_at_its_neutral_value_refuses_any_other(field, neutral, other):
+    """docs/openai.md, chat: `echo: false`, `add_special_tokens: false` (the chat template writes
+    the special tokens), `documents: null`; any other value is a 400 naming the field."""
+    assert chat({"messages": HI, field: neutral}) == chat({"messages": HI})
+    e = refused(chat, {"messages": HI, field: other})
+    assert (e.status, e.param) == (400, field) and "is not supported by agp" in e.message
+
+
+def test_truncate_prompt_tokens_minus_one_keeps_the_whole_context():
+    """docs/openai.md: truncate_prompt_tokens keeps the prompt's last k tokens, -1 the context's
+    worth: a prompt within the context keeps every token."""
+    req = completion({"prompt": [5, 6, 7], "truncate_prompt_tokens": -1})
+    assert req.fields["truncate_prompt_tokens"] == 512 and req.prompt_token_ids == (5, 6, 7)
+    assert completion({"prompt": [5, 6, 7], "truncate_prompt_tokens": 2}).prompt_token_ids == (6, 7)
+    assert chat({"messages": HI, "truncate_prompt_tokens": -1}).fields["truncate_prompt_tokens"] == 512
