@@ -70,6 +70,7 @@ def test_streamed_events_assemble_to_the_same_answer(client):
                           "response.incomplete"]                     # 12 tokens, ignore_eos: the budget ends it
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == whole.output_text
+    assert events[-4].text == events[-3].part.text == events[-2].item.content[0].text == whole.output_text
     final = events[-1].response
     assert final.output_text == whole.output_text and final.usage.output_tokens == 12
     with client.responses.stream(model="tiny", input="the cat", max_output_tokens=12,    # the SDK's helper
