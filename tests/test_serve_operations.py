@@ -268,3 +268,41 @@ def test_a_client_request_id_of_up_to_128_printable_characters_is_kept(live):
     assert r.status_code == 200 and r.headers["x-request-id"] == longest and r.json()["id"] == f"cmpl-{longest}"
     r = httpx.get(live.url + "/health", headers={"X-Request-Id": longest + "r"}, timeout=30)
     assert r.headers["x-request-id"] not in ("", longest, longest + "r")
+
+
+def test_a_failed_pipeline_says_so_on_its_probes_and_still_answers_its_other_routes():
+    """docs/serve.md: /health (and /ping) answer 503 `{"status": "failed"}` once the engine
+    failed, so a readiness probe takes the pod out, while /version and /metrics still answer."""
+    from starlette.testclient import TestClient
+
+    from pipeline_dsl.serve.app import create_app
+    from pipeline_dsl.serve.config import ServeConfig
+    from pipeline_dsl.serve.metrics import ServerMetrics
+
+    class Failed:                          # what the app reads of a pipeline whose engine failed
+        error, accepting, metrics = RuntimeError("the engine failed"), False, None
+
+        async def stats(self):
+            return {}
+
+    client = TestClient(create_app(Failed(), ServeConfig(model_names=("tiny",), max_model_len=64),
+                                   ServerMetrics(process=False)))
+    for probe in (client.get("/health"), client.head("/health"), client.get("/ping"), client.post("/ping")):
+        assert probe.status_code == 503
+    assert client.get("/health").json()["status"] == "failed"
+    assert client.get("/version").status_code == 200 and client.get("/metrics").status_code == 200
+
+
+def test_an_error_answer_is_logged_at_info_when_4xx_and_at_warning_when_5xx():
+    """docs/serve.md, "Logs": each error answer is logged with its reason, 4xx at INFO (the
+    client's doing), 5xx at WARNING (an alert on the server's warnings sees them)."""
+    from pipeline_dsl.serve.api_error import APIError
+    from pipeline_dsl.serve.errors import log_error
+
+    with LogRecords("agp.serve") as log:
+        log_error(APIError("'max_tokens' must be an integer", status=400))
+        log_error(APIError("stage 'g' failed", status=500, type="server_error"))
+        log_error(APIError("the server is shutting down", status=503, type="server_error"))
+    assert [(r.levelname, r.status, r.reason) for r in log.records] == [
+        ("INFO", 400, "'max_tokens' must be an integer"), ("WARNING", 500, "stage 'g' failed"),
+        ("WARNING", 503, "the server is shutting down")]
