@@ -243,3 +243,14 @@ def test_include_alone_asks_for_logprobs_and_metadata_reaches_the_conditions(cli
     call = parse_responses({"model": "tiny", "input": "hi", "metadata": {"tier": "gold"}}, max_model_len=512,
                            served=("tiny",))
     assert call.req.item("r")["metadata"] == {"tier": "gold"} and call.settings["metadata"] == {"tier": "gold"}
+
+
+def test_the_store_keeps_the_latest_1024_responses():
+    """docs/openai.md: answers are kept in memory, the latest 1024; the oldest goes first."""
+    from pipeline_dsl.serve.responses import ResponseStore
+
+    store = ResponseStore()
+    for i in range(1025):
+        store.put(f"resp_{i}", {"id": f"resp_{i}"}, [])
+    assert store.get("resp_0") is None and store.get("resp_1") is not None and store.get("resp_1024") is not None
+    assert len(store.items) == 1024
