@@ -81,8 +81,17 @@ def test_litellm_embeds_too(server):
     ({"input": "x", "truncate": True}, 400, "truncate"),
     ({"input": "x", "model": "nope"}, 404, "model"),
     ({"input": [[1] * 600]}, 400, "input"),
+    ({"input": ["x"] * 257}, 400, "input"),
 ])
 def test_bad_input_is_an_error_naming_the_field(server, body, status, param):
     r = httpx.post(server.url + "/v1/embeddings", json=body, timeout=30)
     assert r.status_code == status, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_up_to_256_inputs_are_embedded_and_the_answer_names_the_model_asked_for(server, client):
+    """docs/openai.md, /v1/embeddings: up to 256 inputs a request (257 is a 400, above), one
+    embedding each in order; the answer carries the model name the request asked for."""
+    r = client.embeddings.create(model="tiny-model", input=["a", "b c"] * 128)
+    assert r.model == "tiny-model" and [d.index for d in r.data] == list(range(256))
+    assert r.data[1].embedding == r.data[3].embedding != r.data[0].embedding

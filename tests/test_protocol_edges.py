@@ -640,3 +640,52 @@ def test_min_tokens_above_max_tokens_is_refused_naming_min_tokens():
     with pytest.raises(RequestError) as err:
         parse_request({"prompt": "hi", "max_tokens": 2, "min_tokens": 3})
     assert err.value.param == "min_tokens"
+
+
+@pytest.mark.parametrize("kind, status, code, retry_after", [
+    ("invalid", 400, None, False),
+    ("rejected", 400, "rejected", False),            # a python stage's Reject
+    ("queue_full", 429, "queue_full", True),
+    ("unavailable", 503, "unavailable", True),
+    ("aborted", 499, "aborted", False),
+    ("timeout", 504, "stage_timeout", False),        # a stage's own timeout passed
+    ("failed", 500, "stage_failed", False),          # a user function raised
+])
+def test_each_way_the_pipeline_fails_a_request_is_the_documented_http_answer(kind, status, code, retry_after):
+    """docs/serve.md, "Errors": the status, code and Retry-After of each PipelineError kind;
+    a Reject and a failure name the stage (`param`), an input error the prompt or the field."""
+    from pipeline_dsl.flow import PipelineError
+    from pipeline_dsl.serve.errors import api_error
+
+    err = api_error(PipelineError("why", kind, stage="guard"), "chat", retry_after_s=3)
+    assert (err.status, err.code, err.message) == (status, code, "why")
+    assert err.headers == ({"Retry-After": "3"} if retry_after else {})
+    assert err.param == {"invalid": "messages", "rejected": "guard", "failed": "guard"}.get(kind)
+
+
+def test_a_request_id_of_1_to_128_printable_characters_is_taken():
+    """docs/openai.md, request_id: 1 to 128 printable ASCII characters without spaces."""
+    assert chat({"messages": HI, "request_id": "r" * 128}).request_id == "r" * 128
+    assert completion({"prompt": "hi", "request_id": "~"}).request_id == "~"
+    for bad in ("r" * 129, "", "a b", "é"):
+        assert refused(chat, {"messages": HI, "request_id": bad}).param == "request_id"
+
+
+@pytest.mark.parametrize("field, neutral, other", [
+    ("echo", False, True), ("add_special_tokens", False, True), ("documents", None, [{"text": "x"}]),
+])
+def test_a_chat_field_served_only_at_its_neutral_value_refuses_any_other(field, neutral, other):
+    """docs/openai.md, chat: `echo: false`, `add_special_tokens: false` (the chat template writes
+    the special tokens), `documents: null`; any other value is a 400 naming the field."""
+    assert chat({"messages": HI, field: neutral}) == chat({"messages": HI})
+    e = refused(chat, {"messages": HI, field: other})
+    assert (e.status, e.param) == (400, field) and "is not supported by agp" in e.message
+
+
+def test_truncate_prompt_tokens_minus_one_keeps_the_whole_context():
+    """docs/openai.md: truncate_prompt_tokens keeps the prompt's last k tokens, -1 the context's
+    worth: a prompt within the context keeps every token."""
+    req = completion({"prompt": [5, 6, 7], "truncate_prompt_tokens": -1})
+    assert req.fields["truncate_prompt_tokens"] == 512 and req.prompt_token_ids == (5, 6, 7)
+    assert completion({"prompt": [5, 6, 7], "truncate_prompt_tokens": 2}).prompt_token_ids == (6, 7)
+    assert chat({"messages": HI, "truncate_prompt_tokens": -1}).fields["truncate_prompt_tokens"] == 512

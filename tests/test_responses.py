@@ -13,6 +13,8 @@ import openai
 import pydantic
 import pytest
 
+from pipeline_dsl.serve import protocol as P
+from pipeline_dsl.serve.responses import parse_responses
 from test_serve import LiveServer
 
 pytest.importorskip("llguidance")
@@ -68,6 +70,7 @@ def test_streamed_events_assemble_to_the_same_answer(client):
                           "response.incomplete"]                     # 12 tokens, ignore_eos: the budget ends it
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == whole.output_text
+    assert events[-4].text == events[-3].part.text == events[-2].item.content[0].text == whole.output_text
     final = events[-1].response
     assert final.output_text == whole.output_text and final.usage.output_tokens == 12
     with client.responses.stream(model="tiny", input="the cat", max_output_tokens=12,    # the SDK's helper
@@ -185,3 +188,69 @@ def test_the_answer_repeats_the_sampling_it_ran_with(tiny_gguf):
             ("response.created", 0.7, 0.9)
     finally:
         s.close()
+
+
+def test_instructions_are_not_carried_on_by_previous_response_id(client):
+    """docs/openai.md: `instructions` is a system message before the input, not carried on by
+    previous_response_id (as in OpenAI's API): the next turn runs without it."""
+    first = client.responses.create(model="tiny", input="remember the dog", instructions="Be terse.",
+                                    max_output_tokens=4)
+    second = client.responses.create(model="tiny", input="and now?", previous_response_id=first.id,
+                                     max_output_tokens=4)
+    chat = client.chat.completions.create(model="tiny", max_tokens=4, messages=[
+        {"role": "user", "content": "remember the dog"}, {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "and now?"}])
+    assert second.usage.input_tokens == chat.usage.prompt_tokens
+    assert second.output_text == chat.choices[0].message.content and second.instructions is None
+
+
+def test_what_the_request_leaves_out_is_repeated_at_openais_defaults_and_delete_says_deleted(client, server):
+    """docs/openai.md: the response object repeats the settings (OpenAI's defaults where the request
+    gives none; `service_tier` answers `default` whatever was asked), and DELETE answers OpenAI's
+    deletion object."""
+    r = client.responses.create(model="tiny", input="hi", max_output_tokens=2, service_tier="flex")
+    assert (r.tool_choice, r.parallel_tool_calls, r.tools, r.text.format.type) == ("auto", True, [], "text")
+    assert (r.truncation, r.store, r.service_tier, r.metadata, r.background) == ("disabled", True, "default", {}, False)
+    gone = httpx.delete(f"{server.url}/v1/responses/{r.id}", timeout=30)
+    assert gone.status_code == 200 and gone.json() == {"id": r.id, "object": "response", "deleted": True}
+    assert httpx.delete(f"{server.url}/v1/responses/{r.id}", timeout=30).status_code == 404
+
+
+@pytest.mark.parametrize("extra", [
+    {"seed": 3, "temperature": 1.0}, {"stop": ["x", "y"]}, {"top_k": 5}, {"min_p": 0.1}, {"repetition_penalty": 1.2},
+    {"ignore_eos": True}, {"priority": 0}, {"cache_salt": "salt"}, {"request_id": "r-1"}, {"guided_regex": "a+"},
+    {"guided_choice": ["yes", "no"]}, {"structured_outputs": {"regex": "b+"}}, {"user": "u"},
+])
+def test_vllms_extras_run_on_responses_as_on_chat(extra):
+    """docs/openai.md, /v1/responses: vLLM's request_id, top_k, min_p, repetition_penalty, seed,
+    stop, ignore_eos, structured_outputs, guided_*, priority and cache_salt are taken as on chat:
+    the request runs with what the same chat request would."""
+    call = parse_responses({"model": "tiny", "input": "hi", **extra}, max_model_len=512, served=("tiny",))
+    chat = P.parse_chat({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **extra},
+                        max_model_len=512, served=("tiny",))
+    assert (call.req.fields, call.req.response_format, call.req.request_id) == \
+        (chat.fields, chat.response_format, chat.request_id)
+
+
+def test_include_alone_asks_for_logprobs_and_metadata_reaches_the_conditions(client):
+    """docs/openai.md: `include: ["message.output_text.logprobs"]` puts the logprobs on the
+    output_text part (no alternatives without `top_logprobs`), and `metadata` reaches the
+    pipeline's conditions as on chat (the request item carries it)."""
+    r = client.responses.create(model="tiny", input="hi", max_output_tokens=3, include=["message.output_text.logprobs"],
+                                extra_body={"ignore_eos": True})
+    lps = r.output[0].content[0].logprobs
+    assert len(lps) == 3 and all(lp.top_logprobs == [] for lp in lps)
+    call = parse_responses({"model": "tiny", "input": "hi", "metadata": {"tier": "gold"}}, max_model_len=512,
+                           served=("tiny",))
+    assert call.req.item("r")["metadata"] == {"tier": "gold"} and call.settings["metadata"] == {"tier": "gold"}
+
+
+def test_the_store_keeps_the_latest_1024_responses():
+    """docs/openai.md: answers are kept in memory, the latest 1024; the oldest goes first."""
+    from pipeline_dsl.serve.responses import ResponseStore
+
+    store = ResponseStore()
+    for i in range(1025):
+        store.put(f"resp_{i}", {"id": f"resp_{i}"}, [])
+    assert store.get("resp_0") is None and store.get("resp_1") is not None and store.get("resp_1024") is not None
+    assert len(store.items) == 1024

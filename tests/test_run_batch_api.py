@@ -175,3 +175,42 @@ def test_the_first_request_line_says_the_inputs_shape_and_a_line_of_the_other_is
     assert bad["error"]["line"] == 1 and "text" in plain
     assert batch["id"] == "c1" and batch["error"]["line"] == 3
     assert "a batch request line (with a custom_id) while the input's first request (line 2)" in batch["error"]["message"]
+
+
+def test_a_batch_line_is_numbered_by_the_stages_n_and_its_stream_fields_are_ignored(tmp_path, tiny_gguf):
+    """A completions line of several prompts that gives no n, to a pipeline whose generate stage
+    answers n = 2: choice i of prompt k is numbered k * 2 + i (each echoes its own prompt), as POST
+    /v1/completions numbers them. A line's `stream` and `stream_options` are ignored (a batch
+    answer is one body), so a field a stream refuses (prompt_logprobs above 0) is still taken."""
+    from test_run_errors import PIPELINE
+
+    path = tmp_path / "n2.agp"
+    path.write_text(PIPELINE.format(model=tiny_gguf).replace("generate { max_new_tokens = 4 }",
+                                                             "generate { max_new_tokens = 3  n = 2 }"))
+    inp, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
+    prompts = ["once upon", "the end"]
+    inp.write_text(batch_line("two", COMP, {"prompt": prompts, "max_tokens": 2, "echo": True})
+                   + batch_line("s", COMP, {"prompt": "hi", "max_tokens": 2, "stream": True, "prompt_logprobs": 1,
+                                            "stream_options": {"include_usage": True}}))
+    r = run(path, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    two, streamed = records(out)
+    choices = two["response"]["body"]["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3], choices
+    assert all(c["text"].startswith(prompts[c["index"] // 2]) for c in choices), choices
+    assert streamed["error"] is None and streamed["response"]["status_code"] == 200, streamed
+    assert len(streamed["response"]["body"]["choices"][0]["prompt_logprobs"]) > 1
+
+
+def test_an_error_record_carries_the_status_and_body_serve_would_have_answered():
+    """A line that fails in a stage is the 5xx agp serve answers (a refused one its 4xx): the
+    record's response.status_code and body are that answer's, its error the code and message."""
+    from pipeline_dsl.commands.batch_api import error_record
+    from pipeline_dsl.serve.api_error import APIError
+
+    for status, code in ((500, "stage_failed"), (429, "queue_full"), (400, None)):
+        err = APIError("why", status=status, type="server_error", code=code, param="g")
+        assert error_record("c1", 3, err, "cmpl-3") == {
+            "id": "batch_req_3", "custom_id": "c1",
+            "response": {"status_code": status, "request_id": "cmpl-3", "body": err.body()},
+            "error": {"code": code or "server_error", "message": "why", "line": 3}}

@@ -246,7 +246,7 @@ def test_chat_stream_concatenates_to_the_non_streaming_answer(server):
     whole = server.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10)
     chunks = list(server.client.chat.completions.create(
         model="tiny", messages=msgs, max_tokens=10, stream=True, stream_options={"include_usage": True}))
-    assert chunks[0].choices[0].delta.role == "assistant"
+    assert (chunks[0].choices[0].delta.role, chunks[0].choices[0].delta.content) == ("assistant", "")  # OpenAI's
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -270,6 +270,58 @@ def test_chat_with_n_answers_exactly_n_choices_streamed_and_not(server):
         texts = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
                  for i in range(n)}
         assert texts == {c.index: c.message.content for c in whole.choices}   # the same seeds, the same answers
+
+
+def test_a_model_is_looked_up_by_its_id_and_an_unknown_one_is_404(server):
+    """GET /v1/models/{id} (vLLM's): a served name or a generate stage answers its entry, anything
+    else a 404 model_not_found, as a request whose `model` names nothing."""
+    r = httpx.get(server.url + "/v1/models/tiny-model", timeout=30)
+    assert r.status_code == 200 and (r.json()["id"], r.json()["object"]) == ("tiny-model", "model")
+    stage = httpx.get(server.url + "/v1/models/gen", timeout=30).json()
+    assert (stage["id"], stage["parent"]) == ("gen", "tiny")
+    r = httpx.get(server.url + "/v1/models/nope", timeout=30)
+    assert r.status_code == 404, r.text
+    assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("model_not_found", "model")
+
+
+def _echoed_choices(url: str, body: dict) -> tuple[dict, dict]:
+    """({index: text} of the answer, {index: text} its stream assembles) of a completions request;
+    each streamed choice finishes once."""
+    whole = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+    streamed: dict = {}
+    finished: list = []
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for c in json.loads(line[len("data: "):])["choices"]:
+                    streamed[c["index"]] = streamed.get(c["index"], "") + c["text"]
+                    finished += [c["index"]] if c["finish_reason"] else []
+    assert sorted(finished) == sorted(streamed), finished
+    return {c["index"]: c["text"] for c in whole["choices"]}, streamed
+
+
+@pytest.mark.parametrize("stage_n", [None, 2])
+def test_a_batch_of_prompts_numbers_its_choices_prompt_times_n_streamed_and_not(server, tiny_gguf, stage_n):
+    """docs/openai.md, `prompt`: a batch's answers are numbered prompt × n + choice, n the
+    request's or, when it gives none, the generate stage's; each choice echoes its own prompt and
+    its stream assembles to the same answer (greedy: n answers of a prompt are alike)."""
+    prompts = ["once upon", "the end", "hello"]
+    body = {"model": "tiny", "prompt": prompts, "max_tokens": 3, "echo": True, "temperature": 0}
+    s = server
+    if stage_n is None:
+        body["n"] = 2
+    else:
+        s = LiveServer(tiny_gguf, max_stage_n=stage_n, text=TINY.format(
+            model=tiny_gguf, max_queue=64, max_batch_size=8, timeout=20).replace(
+            "generate      { max_new_tokens = 16 }", f"generate {{ max_new_tokens = 4  n = {stage_n} }}"))
+    try:
+        whole, streamed = _echoed_choices(s.url, body)
+        assert sorted(whole) == list(range(6)), whole
+        assert all(text.startswith(prompts[i // 2]) for i, text in whole.items()), whole
+        assert streamed == whole
+    finally:
+        if s is not server:
+            s.close()
 
 
 def test_total_tokens_is_prompt_plus_completion_also_when_the_prompt_was_cached(server):

@@ -3,6 +3,7 @@ probes. Each test drives a real server (tiny model) and asserts what it logs, co
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -147,7 +148,8 @@ def test_the_access_line_brackets_an_ipv6_client_so_its_port_can_be_told_apart()
 
 def test_quiet_paths_log_no_success_but_every_other_request(tiny_gguf):
     """--disable-access-log-for-endpoints /health,/metrics (vLLM's flag): a load balancer's probes
-    and a scraper's polls write no access line, other requests do, as under --root-path."""
+    and a scraper's polls write no access line, other requests do, as under --root-path; an error
+    answer on a quiet path is still logged."""
     s = LiveServer(tiny_gguf, quiet_paths=("/health", "/metrics"), root_path="/llm")
     try:
         with LogRecords() as lines:
@@ -156,6 +158,8 @@ def test_quiet_paths_log_no_success_but_every_other_request(tiny_gguf):
             assert lines.statuses("/version", 1) == [200]
             assert lines.statuses("/v1/models", 1) == [200]
             assert {r.path for r in lines.records} == {"/v1/models", "/version"}
+            assert httpx.delete(s.url + "/metrics").status_code == 405
+            assert lines.statuses("/metrics", 1) == [405]
     finally:
         s.close()
 
@@ -212,12 +216,93 @@ def test_while_the_model_loads_probes_get_503_loading_and_the_port_stays_held():
 
 def test_a_browser_may_read_the_request_id_and_retry_after(tiny_gguf):
     """CORS answers expose X-Request-Id and Retry-After: without Access-Control-Expose-Headers a
-    browser hides them from the page's script (its error report could not name the request)."""
-    s = LiveServer(tiny_gguf, allowed_origins=("http://app.example",))
+    browser hides them from the page's script (its error report could not name the request).
+    The guard's refusals carry them too (CORS sits outside it), and a preflight needs no key."""
+    s = LiveServer(tiny_gguf, allowed_origins=("http://app.example",), api_keys=("k1",))
+    origin = {"Origin": "http://app.example"}
     try:
-        r = httpx.get(s.url + "/v1/models", headers={"Origin": "http://app.example", "X-Request-Id": "cors-1"})
-        assert r.headers["access-control-allow-origin"] == "http://app.example"
-        exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
-        assert {"x-request-id", "retry-after"} <= exposed and r.headers["x-request-id"] == "cors-1"
+        for headers, status in (({**KEY, "X-Request-Id": "cors-1"}, 200), ({"X-Request-Id": "cors-1"}, 401)):
+            r = httpx.get(s.url + "/v1/models", headers={**origin, **headers})
+            assert r.status_code == status
+            assert r.headers["access-control-allow-origin"] == "http://app.example"
+            exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
+            assert {"x-request-id", "retry-after"} <= exposed and r.headers["x-request-id"] == "cors-1"
+        r = httpx.options(s.url + "/v1/chat/completions", headers={
+            **origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
     finally:
         s.close()
+
+
+def test_every_route_but_the_documented_open_ones_wants_the_key(live):
+    """docs/serve.md, --api-key: every route answers 401 without a valid key but /health, /ping,
+    /metrics, /version and /openapi.json. Walked over the app's own routes, so a route added
+    later (or one left open by mistake: /tokenizer_info, /v1/embeddings) is checked too."""
+    from pipeline_dsl.serve.routes import router
+
+    open_paths = {"/health", "/ping", "/metrics", "/version", "/openapi.json"}
+    seen = set()
+    for route in router.routes:
+        path = re.sub(r"\{[^}]*\}", "x", route.path)
+        seen.add(route.path)
+        for method in sorted(route.methods):
+            for headers in ({}, {"Authorization": "Bearer wrong"}):
+                r = httpx.request(method, live.url + path, json={}, headers=headers, timeout=30)
+                if route.path in open_paths:
+                    assert r.status_code != 401, (method, path)
+                else:
+                    assert r.status_code == 401, (method, path, r.status_code)
+                    if method != "HEAD":
+                        assert r.json()["error"]["code"] == "invalid_api_key"
+                    assert r.headers["www-authenticate"] == "Bearer"
+    assert {"/v1/embeddings", "/tokenizer_info", "/detokenize", "/v1/responses/{response_id}"} <= seen
+    assert httpx.get(live.url + "/openapi.json", timeout=30).status_code == 200
+
+
+def test_a_client_request_id_of_up_to_128_printable_characters_is_kept(live):
+    """docs/serve.md, "Request ids": the client's X-Request-Id, at most 128 printable characters,
+    comes back and names the answer; a longer one is replaced by a new id."""
+    longest = "r" * 127 + "~"
+    r = httpx.post(live.url + "/v1/completions", headers={**KEY, "X-Request-Id": longest},
+                   json={"model": "tiny", "prompt": "hi", "max_tokens": 1}, timeout=60)
+    assert r.status_code == 200 and r.headers["x-request-id"] == longest and r.json()["id"] == f"cmpl-{longest}"
+    r = httpx.get(live.url + "/health", headers={"X-Request-Id": longest + "r"}, timeout=30)
+    assert r.headers["x-request-id"] not in ("", longest, longest + "r")
+
+
+def test_a_failed_pipeline_says_so_on_its_probes_and_still_answers_its_other_routes():
+    """docs/serve.md: /health (and /ping) answer 503 `{"status": "failed"}` once the engine
+    failed, so a readiness probe takes the pod out, while /version and /metrics still answer."""
+    from starlette.testclient import TestClient
+
+    from pipeline_dsl.serve.app import create_app
+    from pipeline_dsl.serve.config import ServeConfig
+    from pipeline_dsl.serve.metrics import ServerMetrics
+
+    class Failed:                          # what the app reads of a pipeline whose engine failed
+        error, accepting, metrics = RuntimeError("the engine failed"), False, None
+
+        async def stats(self):
+            return {}
+
+    client = TestClient(create_app(Failed(), ServeConfig(model_names=("tiny",), max_model_len=64),
+                                   ServerMetrics(process=False)))
+    for probe in (client.get("/health"), client.head("/health"), client.get("/ping"), client.post("/ping")):
+        assert probe.status_code == 503
+    assert client.get("/health").json()["status"] == "failed"
+    assert client.get("/version").status_code == 200 and client.get("/metrics").status_code == 200
+
+
+def test_an_error_answer_is_logged_at_info_when_4xx_and_at_warning_when_5xx():
+    """docs/serve.md, "Logs": each error answer is logged with its reason, 4xx at INFO (the
+    client's doing), 5xx at WARNING (an alert on the server's warnings sees them)."""
+    from pipeline_dsl.serve.api_error import APIError
+    from pipeline_dsl.serve.errors import log_error
+
+    with LogRecords("agp.serve") as log:
+        log_error(APIError("'max_tokens' must be an integer", status=400))
+        log_error(APIError("stage 'g' failed", status=500, type="server_error"))
+        log_error(APIError("the server is shutting down", status=503, type="server_error"))
+    assert [(r.levelname, r.status, r.reason) for r in log.records] == [
+        ("INFO", 400, "'max_tokens' must be an integer"), ("WARNING", 500, "stage 'g' failed"),
+        ("WARNING", 503, "the server is shutting down")]
