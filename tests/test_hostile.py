@@ -187,8 +187,9 @@ def test_a_chat_template_that_never_ends_fails_its_request_only(tmp_path):
         # raw prompts need no template: the victim goes on while the template runs its 2 s
         status, text, gaps = while_a_stream_runs(url, chat, "/v1/chat/completions")
     assert status == 400 and "did not finish within" in text
-    assert TEMPLATE_SECONDS > STALL
-    assert len(gaps) >= 5 and max(gaps) < STALL, gaps
+    # the template runs to its limit: had it run on the engine's loop, one gap would be as long as
+    # that; a busy machine's hiccups are shorter (1.4 s seen at load 11: above STALL)
+    assert len(gaps) >= 5 and max(gaps) < 0.9 * TEMPLATE_SECONDS, gaps
 
 
 # ---------------------------------------------------------------- agp run: one bad line loses nothing
