@@ -94,6 +94,16 @@ def test_fmt_writes_every_string_back_exactly(value):
     assert format_text(once)[0] == once and "\n" not in quote(value)
 
 
+def test_an_unprintable_character_stays_an_escape_a_surrogate_pair_past_the_bmp():
+    """A control character, a line separator or an invisible tag character (U+E0001, past the
+    BMP: a surrogate pair, as JSON writes it) is written as its escape, never as itself."""
+    from pipeline_dsl.parser import quote
+
+    assert quote("\x01\u2028\U000E0001\U0001F600") == '"\\u0001\\u2028\\udb40\\udc01\U0001F600"'
+    text = 'pipeline p {\n    x = "tag \\udb40\\udc01"\n}\n'
+    assert format_text(text) == (text, [])
+
+
 def test_fmt_refuses_an_unknown_escape_rather_than_drop_its_backslash():
     once, (d,) = format_text('pipeline p {\n    x = "Use \\d"\n}\n')
     assert once is None and d.message.startswith("unknown escape '\\d'")
