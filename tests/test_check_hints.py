@@ -249,3 +249,13 @@ def test_each_call_setting_of_a_join_without_fn_is_a_warning_at_it():
         ((8, 32), "join 'j' sets timeout"), ((8, 46), "join 'j' sets backoff"),
         ((8, 60), "join 'j' sets workers"), ((8, 73), "join 'j' sets retries")]
     assert diags[1].message.endswith("the built-in policy first runs no user code, so backoff does nothing")
+
+
+@pytest.mark.parametrize("old, new, at_, words", [
+    ("timeout = 2ms", "timeout = -1ms", (4, 45), "'timeout' is a duration, never negative: '-1ms'"),
+    ("timeout = 2ms", "timeout = -0.5s", (4, 45), "'timeout' is a duration, never negative: '-0.5s'"),
+    ("kv_lookup {}", "kv_lookup { budget = -1B }", (6, 37), "'budget' is a size, never negative: '-1B'"),
+])
+def test_a_negative_duration_or_size_is_an_error_however_small(old, new, at_, words):
+    err = one(SEED.replace(old, new))
+    assert at(err) == at_ and err.message == words
