@@ -171,6 +171,8 @@ def test_on_reject_decides_what_a_rejected_branch_does(tmp_path, soft_gguf, poli
     else:
         assert res.error.kind == "rejected" and res.error.stage == "guard"
     assert_counts_add_up(rt.stats())
+    row = rt.stats()["stages"]["guard"]                 # a Reject counts as rejected, dropped branch or not
+    assert row["rejected"] == {"refuse_second": 1, "refuse_all": 2}[hook] and row["failed"] == 0
 
 
 def test_stage_latencies_reach_metrics(tmp_path, soft_gguf):
