@@ -229,3 +229,33 @@ def test_a_bare_word_in_a_comparison_gets_the_fix_its_field_takes(cond, hint):
     err = one(_routed(cond))
     assert err.message.endswith("is a bare word; a condition compares a field with a literal")
     assert err.hint == hint and at(err) == (11, 25 + cond.rindex(" ") + 1)
+
+
+def test_min_tokens_equal_to_max_new_tokens_is_no_warning():
+    _, diags = pipeline_dsl.loads(SEED.replace("generate {}", "generate { max_new_tokens = 4  min_tokens = 4 }"),
+                                  "t.agp")
+    assert diags == []
+
+
+def test_each_call_setting_of_a_join_without_fn_is_a_warning_at_it():
+    """docs/language.md, `join`: on a join without `fn`, workers, timeout, retries and backoff do
+    nothing (`check` warns)."""
+    text = SEED.replace("stage gen : generate {}", "stage gen : generate { n = 2 }\n"
+                        "    stage j : join { timeout = 2s  backoff = 1s  workers = 4  retries = 1 }") \
+        .replace("gen -> out", "gen -> j -> out")
+    diags = pipeline_dsl.loads(text, "t.agp")[1]
+    assert not any(d.is_error for d in diags)
+    assert [(at(d), d.message.split(" but ")[0]) for d in diags] == [
+        ((8, 32), "join 'j' sets timeout"), ((8, 46), "join 'j' sets backoff"),
+        ((8, 60), "join 'j' sets workers"), ((8, 73), "join 'j' sets retries")]
+    assert diags[1].message.endswith("the built-in policy first runs no user code, so backoff does nothing")
+
+
+@pytest.mark.parametrize("old, new, at_, words", [
+    ("timeout = 2ms", "timeout = -1ms", (4, 45), "'timeout' is a duration, never negative: '-1ms'"),
+    ("timeout = 2ms", "timeout = -0.5s", (4, 45), "'timeout' is a duration, never negative: '-0.5s'"),
+    ("kv_lookup {}", "kv_lookup { budget = -1B }", (6, 37), "'budget' is a size, never negative: '-1B'"),
+])
+def test_a_negative_duration_or_size_is_an_error_however_small(old, new, at_, words):
+    err = one(SEED.replace(old, new))
+    assert at(err) == at_ and err.message == words

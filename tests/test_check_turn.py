@@ -64,3 +64,21 @@ def test_turn_inside_a_loop_and_after_it_is_silent():
         guard -> late otherwise
         """)
     assert [d.message for d in diags] == []
+
+
+def test_turn_on_an_edge_into_a_loop_from_before_it_is_a_warning():
+    """The edge leads into the loop, but no loop comes before it: turn is still always 0 there."""
+    diags = _diags("""\
+        stage route : route {}
+        stage tool  : python { fn = "json:loads"  max_turns = 3  returns = any }
+        request -> route
+        route -> batch when turn > 0
+        route -> batch otherwise
+        gen -> tool
+        tool -> batch
+        tool -> out
+        tool -> late
+        """)
+    assert [(d.severity, d.pos.line, d.pos.col) for d in diags] == [(WARNING, 15, 25)]
+    assert "no loop comes before route -> batch" in diags[0].message
+    assert "`turn > 0` never holds" in diags[0].message

@@ -70,6 +70,55 @@ def test_comment_inside_a_stage_puts_its_parameters_on_lines():
                    "}\n")
 
 
+def test_a_comment_after_the_last_statement_of_a_block_stays_at_its_end():
+    """docs/language.md: comments are kept by `agp fmt`; one with no statement after it in its
+    block (a stage's braces, a pipeline, the file) stays at the end of that block."""
+    src = ("pipeline p {\n"
+           "    stage gen : generate {\n"
+           "        max_new_tokens = 4\n"
+           "        # the rest of gen's settings: later\n"
+           "    }\n"
+           "    # more stages here\n"
+           "}\n"
+           "\n"
+           "# the end of the file\n")
+    assert format_text(src) == (src, [])
+
+
+def test_conditions_keep_the_parentheses_their_meaning_needs():
+    """`not` binds tightest, then `and`, then `or`: fmt writes parentheses where the AST needs them
+    and the parser reads `a or b and c` as `a or (b and c)`."""
+    from pipeline_dsl import conditions as C
+
+    src = ("pipeline p {\n"
+           "    r -> a when not (prompt_tokens > 1 or n > 2)\n"
+           "    r -> b when (prompt_tokens > 1 or n > 2) and n < 5\n"
+           "    r -> c when prompt_tokens > 1 or (n > 2 and not n > 3)\n"
+           "}\n")
+    assert format_text(src) == (src, [])
+    a, b, c = (C.compile_condition(ch.condition) for ch in parse(src)[0].items[0].body)
+    bare = parse(src.replace("(n > 2 and not n > 3)", "n > 2 and not n > 3"))[0].items[0].body[2]
+    assert C.compile_condition(bare.condition) == c
+    p1, n2 = ("cmp", "prompt_tokens", ">", 1), ("cmp", "n", ">", 2)
+    assert a == ("not", ("or", p1, n2))
+    assert b == ("and", ("or", p1, n2), ("cmp", "n", "<", 5))
+    assert c == ("or", p1, ("and", n2, ("not", ("cmp", "n", ">", 3))))
+
+
+def test_blank_lines_between_parameters_stay_and_pipelines_get_one():
+    src = ("pipeline a {\n"
+           "    stage gen : generate {\n"
+           "        max_new_tokens = 4\n"
+           "\n"
+           "        # sampling\n"
+           "        temperature    = 0.5\n"
+           "    }\n"
+           "}\n"
+           "pipeline b {}\n")
+    out, _ = format_text(src)
+    assert out == src.replace("}\npipeline b", "}\n\npipeline b")
+
+
 def test_values_print_back_exactly():
     src = 'pipeline p {\n    x = [1, 2.5, "a\\"b", true, cuda:1, 250us, 1.5GiB, -3, 1e-05]\n}\n'
     out, _ = format_text(src)
@@ -92,6 +141,16 @@ def test_fmt_writes_every_string_back_exactly(value):
     assert diags == []
     assert parse(once)[0].items[0].body[0].value.value == value
     assert format_text(once)[0] == once and "\n" not in quote(value)
+
+
+def test_an_unprintable_character_stays_an_escape_a_surrogate_pair_past_the_bmp():
+    """A control character, a line separator or an invisible tag character (U+E0001, past the
+    BMP: a surrogate pair, as JSON writes it) is written as its escape, never as itself."""
+    from pipeline_dsl.parser import quote
+
+    assert quote("\x01\u2028\U000E0001\U0001F600") == '"\\u0001\\u2028\\udb40\\udc01\U0001F600"'
+    text = 'pipeline p {\n    x = "tag \\udb40\\udc01"\n}\n'
+    assert format_text(text) == (text, [])
 
 
 def test_fmt_refuses_an_unknown_escape_rather_than_drop_its_backslash():

@@ -328,6 +328,35 @@ def test_majority_vote_returns_the_most_common_normalised_answer():
     assert Join("v", {"policy": "first"}, StageContext("p", "v", "join", None)).merge(items) is items[0]
 
 
+def test_a_vote_drops_trailing_punctuation_and_ties_go_to_the_earliest_branch():
+    """docs/language.md, `join`: answers are compared after lower-casing, collapsing spaces and
+    dropping trailing punctuation; a tie (majority or longest) goes to the earliest branch."""
+    from stages.impl import Join, StageContext
+
+    def join(policy):
+        return Join("v", {"policy": policy}, StageContext("p", "v", "join", None))
+    items = [{"text": "Lyon"}, {"text": "Paris."}, {"text": "paris"}, {"text": "Paris!?"}]
+    assert join("majority").merge(items) is items[1]           # three Paris against one Lyon
+    tie = [{"text": "b"}, {"text": "a"}, {"text": "a!"}, {"text": "B"}]
+    assert join("majority").merge(tie) is tie[0]
+    same = [{"text": "ab"}, {"text": "abc"}, {"text": "xyz"}, {"text": "x"}]
+    assert join("longest").merge(same) is same[1]
+
+
+def test_a_join_fn_index_names_one_of_the_results_never_one_from_the_end(tmp_path):
+    """docs/language.md, `join`: fn returns one of the results, its index, or a new dict; an index
+    out of range fails the request and says so (-1 is not Python's last element)."""
+    from stages.impl import Join, StageContext
+
+    (tmp_path / "pick_from_end.py").write_text("def last(results):\n    return -1\n\n"
+                                               "def second(results):\n    return 1\n", encoding="utf-8")
+    items = [{"text": "a"}, {"text": "b"}]
+    ctx = StageContext("p", "j", "join", str(tmp_path))
+    assert Join("j", {"fn": "pick_from_end:second"}, ctx).merge(items) is items[1]
+    with pytest.raises(IndexError, match=r"returned index -1, but there are 2 results \(0\.\.1\)"):
+        Join("j", {"fn": "pick_from_end:last"}, ctx).merge(items)
+
+
 def test_n_samples_go_on_as_branches_into_a_join(tmp_path):
     body = ("stage request : requests {}\nstage gen : generate { n = 3  temperature = 1.0  seed = 4  max_new_tokens = 5 }\n"
             "stage vote : join { fn = \"hooks:pick_last\" }\nstage out : respond {}\n"

@@ -171,6 +171,8 @@ def test_on_reject_decides_what_a_rejected_branch_does(tmp_path, soft_gguf, poli
     else:
         assert res.error.kind == "rejected" and res.error.stage == "guard"
     assert_counts_add_up(rt.stats())
+    row = rt.stats()["stages"]["guard"]                 # a Reject counts as rejected, dropped branch or not
+    assert row["rejected"] == {"refuse_second": 1, "refuse_all": 2}[hook] and row["failed"] == 0
 
 
 def test_stage_latencies_reach_metrics(tmp_path, soft_gguf):
@@ -227,3 +229,17 @@ def test_a_request_that_ends_while_its_prompt_is_tokenised_is_counted_where_it_w
     finally:
         ended.set()
         rt.shutdown()
+
+
+def test_a_request_its_engine_cannot_serve_counts_as_rejected_where_it_was_refused(tmp_path, soft_gguf):
+    """A prompt longer than the context is the request's fault (HTTP 400, kind invalid): the stage
+    that refused it counts it as rejected, not failed, and the other requests are answered."""
+    path = write(tmp_path, soft_gguf, "stage request : requests {}\nstage gen : generate { max_new_tokens = 2 }\n"
+                 "stage out : respond {}\nrequest -> batch\n" + chain() + "gen -> out\n")
+    ok, long_ = chat("ok", "hi"), chat("long", "word " * 5000)
+    (a, b), rt = run(path, [ok, long_])
+    assert a.ok and not b.ok and b.error.kind == "invalid"
+    rows = rt.stats()["stages"]
+    assert rows[b.error.stage]["rejected"] == 1
+    assert sum(r["failed"] for r in rows.values()) == 0
+    assert_counts_add_up(rt.stats())

@@ -105,6 +105,23 @@ def test_a_generated_item_without_usage_counts_its_prompt_and_misses_the_rest():
     assert get("prompt") == "x"                                  # no `request`: the item is its own
 
 
+@pytest.mark.parametrize("op, missing, other_type", [
+    ("==", False, False), ("<", False, False), ("<=", False, False), (">", False, False), (">=", False, False),
+    ("!=", True, True),
+])
+def test_a_field_the_item_lacks_or_of_another_type_holds_only_for_not_equal(op, missing, other_type):
+    """docs/language.md, Conditions: an absent field (a metadata key, max_tokens not sent) makes
+    ==, <, <=, >, >= false and != true, as does a metadata value of another type than the
+    literal — a boolean is not a number (true == 1 does not hold)."""
+    get = fields({"prompt": "x", "metadata": {"flag": True, "count": 1, "word": "1"}}, R, prompt_tokens=never)
+    assert C.evaluate(("cmp", "metadata.absent", op, 1), get) is missing
+    assert C.evaluate(("cmp", "max_tokens", op, 1), get) is missing
+    assert C.evaluate(("cmp", "metadata.flag", op, 1), get) is other_type       # a bool against a number
+    assert C.evaluate(("cmp", "metadata.count", op, True), get) is other_type   # a number against a bool
+    assert C.evaluate(("cmp", "metadata.word", op, 1), get) is other_type       # a string against a number
+    assert C.evaluate(("cmp", "metadata.count", op, 1.0), get) is (op in ("==", "<=", ">="))   # 1 and 1.0: numbers
+
+
 def test_an_edge_takes_the_types_its_destination_carries_and_kv_lookup_passes_requests_on():
     router = Router({}, {"kv": "kv_lookup", "r": "route"}, {"gen": frozenset({R}), "out": frozenset({G})}, {})
     assert router.takes("r", "gen", R) and not router.takes("r", "gen", G)

@@ -24,6 +24,8 @@ def answer(item):
 def ask(item):
     if item.get("metadata", {}).get("bad") == "request":
         item["messages"][0]["content"] = "half a pair \\ud800 here"
+    if item.get("metadata", {}).get("bad") == "answer":
+        return {"text": "an answer, not a request"}
     return item
 
 def stream(item, chunks):
@@ -87,6 +89,20 @@ def test_a_request_hook_returning_invalid_unicode_fails_at_the_hook_not_at_encod
     assert r.error.kind == "failed" and r.error.stage == "a"
     assert r.error.message == ("stage 'a' returned an invalid request: the request holds a lone UTF-16 "
                                "surrogate (invalid Unicode) in 'messages[0].content'")
+
+
+@pytest.mark.parametrize("returns", ["same", "request"])
+def test_a_request_hook_answering_against_its_returns_fails_its_request(tmp_path, soft_gguf, returns):
+    """docs/language.md, `returns`: check types the graph by it, and the runtime holds the
+    function to it (only `returns = any` may turn a Request into an answer)."""
+    path = pipeline(tmp_path, soft_gguf, f'stage a : python {{ fn = "hooks:ask"  returns = {returns} }}',
+                    "request -> a -> batch\ngen -> out\n")
+    results, rt = run(path, [chat("ok", "hi"), chat("bad", "hi", metadata={"bad": "answer"})])
+    r = answered_except(results, "bad")
+    assert r.error.kind == "failed" and r.error.stage == "a"
+    assert r.error.message == (f"stage 'a' returned a Generated but declares returns = {returns} (it got a "
+                               "Request); set returns = any if it may do both")
+    assert rt.stats()["stages"]["a"]["failed"] == 1
 
 
 def test_a_stream_stage_yielding_invalid_unicode_fails_its_request(tmp_path, soft_gguf):

@@ -74,7 +74,8 @@ def test_system_prompt_stage_puts_its_message_first():
     assert stage.process({"messages": list(own)})["messages"] == own   # a request's own system message wins
     assert "messages" not in stage.process({"prompt": "raw text"})
     override = SystemPrompt("s", {"text": "Be brief.", "override": True}, StageContext("p", "s", "s", None))
-    assert override.process({"messages": list(own)})["messages"][0]["content"] == "Be brief."
+    assert override.process({"messages": list(own)})["messages"] == [  # its message instead of the request's
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
 
 
 def test_request_lines_are_validated_field_by_field():
