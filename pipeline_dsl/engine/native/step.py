@@ -11,7 +11,8 @@ A step is one parallel region with a barrier after each phase (~150 a step), on
 torch.get_num_threads() threads. When another process competes for the cores, a barrier
 waits for a descheduled thread, and a step that takes 6 ms alone took 100-600 ms here
 (measured on 2 shared cores): the runner's ContentionGuard (engine/compute.py) then runs
-the next steps on one thread.
+the next steps on one thread. The work is split by the batch and its contexts alone, never by
+the thread count, so a step gives the same logits bit for bit on any number of threads.
 """
 
 from __future__ import annotations
