@@ -139,12 +139,14 @@ class ContentionGuard:
         self.contention = contention if contention is not None else Contention(self.SOLO_STEPS)
         self.solo_steps = 0            # steps this guard ran on one thread (stats)
 
-    def run(self, key, fn: Callable, *args):
+    def run(self, key, fn: Callable, *args, solo: bool = True):
+        """fn(*args), on one thread while a stretch lasts; solo=False: on every thread anyway (a
+        step whose arithmetic would change on one thread), timed as any other."""
         threads = torch.get_num_threads()
         if threads == 1:
             return fn(*args)
         c = self.contention
-        if c.solo > 0:
+        if c.solo > 0 and solo:
             c.solo -= 1
             self.solo_steps += 1
             torch.set_num_threads(1)
