@@ -221,6 +221,38 @@ def test_a_slowed_step_stays_on_all_threads_when_one_thread_was_slower_still():
     assert guard.contention.solo > 0
 
 
+def test_a_contention_stretch_keeps_a_lone_sequences_eager_step_on_every_thread(tiny_gguf, monkeypatch):
+    """torch's GEMMs split a row's sum by the thread count for some shapes, so during a stretch
+    on one thread the eager step of one sequence (a lone request's prefill) keeps every thread:
+    a lone request's answer never follows the load. The native step (the same bits on any
+    number of threads) and a step of several sequences go to one thread."""
+    from pipeline_dsl.engine.compute import CPU_CONTENTION
+    from pipeline_dsl.engine.model import SeqBatchItem
+
+    runner = make_engine(tiny_gguf).runner
+    ran = []
+    forward = runner._forward_step
+
+    def recorded(step, want_logits):
+        ran.append((step.native, torch.get_num_threads()))
+        return forward(step, want_logits)
+
+    monkeypatch.setattr(runner, "_forward_step", recorded)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        CPU_CONTENTION.solo = 10
+        runner.execute([SeqBatchItem([5, 6, 7, 8], 0, [0], True)])                          # a lone prefill
+        runner.execute([SeqBatchItem([5, 6, 7], 0, [1], True), SeqBatchItem([9, 4], 0, [2], True)])
+        runner.execute([SeqBatchItem([9], 4, [0], True)])                                   # a lone decode
+        native = ran[2][0]
+        assert ran == [(False, 2), (False, 1), (native, 1 if native else 2)]
+        assert CPU_CONTENTION.solo == 10 - 1 - native
+    finally:
+        torch.set_num_threads(before)
+        CPU_CONTENTION.solo, CPU_CONTENTION.period = 0, ContentionGuard.SOLO_STEPS
+
+
 def test_a_serial_cpu_run_computes_no_step_past_a_sequence_end(tiny_gguf):
     """Serial on CPU, each micro-batch is emitted before the next is scheduled: a sequence that
     a stop string ends is not computed once more (overlapped, its extra token is discarded)."""

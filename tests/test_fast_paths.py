@@ -209,7 +209,7 @@ def test_native_logits_match_eager_fp32_closely(f32, seed):
 @pytest.mark.parametrize("threads", [1, 3, 4])
 def test_one_sequence_attention_in_parts_matches_eager(f32, threads):
     """One sequence alone: the native step splits its context into parts of whole blocks so
-    every thread has work (more parts with more threads), and merges their softmax states."""
+    every thread has work (as many parts whatever the threads), and merges their softmax states."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -225,6 +225,78 @@ def test_one_sequence_attention_in_parts_matches_eager(f32, threads):
             assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), p
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_native_steps_logits_are_the_same_bits_on_any_number_of_threads(f32, dtype):
+    """The contention guard runs a stretch of steps on one thread when another process slows
+    them down (engine/compute.py): a native step's arithmetic must not follow the thread count,
+    or a lone greedy request's text follows the machine's load. Its attention is split into
+    parts by the batch and the context alone (it was once split into as many parts as the
+    threads wanted: one part on one thread, two on two)."""
+    model = LlamaModel(f32.config, f32.weights, dtype)
+    runner = ModelRunner(model, num_blocks=64, block_size=BS)
+    runner.guard = None                                                # the threads asked for, whatever the load
+    table = random.Random(3).sample(range(64), 40)
+    ids = [random.Random(8).randrange(3, 250) for _ in range(80)]
+    runner.execute([SeqBatchItem(ids[:9], 0, table, False)])
+    for p in range(9, 80):                                             # contexts of 10..80 tokens
+        got = []
+        for threads in (1, 2, 3, 4):
+            with torch_threads(threads):
+                got.append(runner.execute([SeqBatchItem([ids[p]], p, table, True)]))
+        assert all(torch.equal(got[0], g) for g in got[1:]), p
+
+
+def test_a_contention_stretch_leaves_a_lone_greedy_request_as_it_was(soft_gguf):
+    """A lone greedy request on two threads, then again with steps that look 100x slower on two
+    threads from the middle on (the guard's clock: deterministic): the steps after it run on one
+    thread, and every
+    token and logprob is the same bit for bit (the soft model: logprobs far from 0)."""
+    from pipeline_dsl.engine.compute import CPU_CONTENTION, ContentionGuard
+    from pipeline_dsl.engine.executor import run_requests
+
+    soft = load_gguf(soft_gguf)
+    model = LlamaModel(soft.config, soft.weights, "fp32")
+    ids = [random.Random(9).randrange(3, 250) for _ in range(11)]
+
+    def answer(slow_step: int):
+        runner = ModelRunner(model, num_blocks=64, block_size=BS)
+        ticks = [0, 0.0]
+
+        def clock():     # a step takes 10 ms; from step `slow_step` on (0: none) 1 s, but on one thread
+            ticks[0] += 1
+            slow = slow_step and ticks[0] >= 2 * slow_step and torch.get_num_threads() > 1
+            ticks[1] += 1.0 if slow else 0.01
+            return ticks[1]
+
+        runner.guard.clock = clock
+        engine = Engine(EngineConfig(batch_timeout_s=0.0), runner=runner, tokenizer=IdTokenizer())
+        got = []
+        params = SamplingParams(max_tokens=60, ignore_eos=True, logprobs=3)
+        run_requests(engine, [("r", dict(prompt_token_ids=ids, params=params))],
+                     on_output=lambda outs: got.extend((o.new_token_ids, o.logprobs) for o in outs))
+        return got, runner.guard.solo_steps
+
+    CPU_CONTENTION.solo = 0
+    try:
+        with torch_threads(2):
+            calm, calm_solo = answer(0)
+            busy, busy_solo = answer(8)
+    finally:
+        CPU_CONTENTION.solo, CPU_CONTENTION.period = 0, ContentionGuard.SOLO_STEPS
+    assert calm_solo == 0 and busy_solo > 40                          # most of the decode on one thread
+    assert busy == calm
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -89,6 +89,7 @@ class Step:
     dec_tables: torch.Tensor | None = None  # [B, nblk] block ids (native attention reads them in place)
     dec_lens: torch.Tensor | None = None    # [B] context length of each decode sequence
     native: bool = False               # the whole step runs as one native call
+    items: int = 0                     # sequences in the step
     fills: torch.Tensor | None = None  # [F] rows whose token is still in flight (PLACEHOLDER), or None
     fill_from: torch.Tensor | None = None   # [F] where each comes from (StepBatch.fill_from)
     invariant: tuple | None = None     # batch-invariant mode: (key slots [n, Lp], item of each row [T])
@@ -205,7 +206,7 @@ def prepare_step(runner, batch: StepBatch) -> Step:
     step = Step(tokens=tok_t, slots=slot_t, cos=cos, sin=sin,
                 sample_rows=rows_t if len(sample_rows) else None, all_decode=all_decode,
                 dec_rows=None, dec_gather=None, dec_mask=None, prefills=[], positions=pos_t,
-                native=use_native, fills=fills_t if fills.size else None,
+                native=use_native, items=n, fills=fills_t if fills.size else None,
                 fill_from=from_t if fills.size else None)
     if wants.any():
         step.row_items = [(i, int(offs[i]), int(counts[i]), tuple(batch.rows[i])) for i in np.nonzero(wants)[0].tolist()]

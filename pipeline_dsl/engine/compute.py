@@ -146,12 +146,14 @@ class ContentionGuard:
         self.contention = contention if contention is not None else Contention(self.SOLO_STEPS)
         self.solo_steps = 0            # steps this guard ran on one thread (stats)
 
-    def run(self, key, fn: Callable, *args):
+    def run(self, key, fn: Callable, *args, solo: bool = True):
+        """fn(*args), on one thread while a stretch lasts; solo=False: on every thread anyway (a
+        step whose arithmetic would change on one thread), timed as any other."""
         threads = torch.get_num_threads()
         if threads == 1:
             return fn(*args)
         c = self.contention
-        if c.solo > 0:
+        if c.solo > 0 and solo:
             c.solo -= 1
             self.solo_steps += 1
             torch.set_num_threads(1)
@@ -166,10 +168,10 @@ class ContentionGuard:
         out = fn(*args)
         dt = self.clock() - t
         best = self.best.get(key)
-        solo = self.solo_time.get(key)
-        if best is not None and dt > self.SLOW * best and solo is None:
+        on_one = self.solo_time.get(key)
+        if best is not None and dt > self.SLOW * best and on_one is None:
             c.solo = max(c.solo, min(self.TRIAL_STEPS, c.period))    # a few, to learn its time on one
-        elif best is not None and dt > self.SLOW * best and dt > solo:
+        elif best is not None and dt > self.SLOW * best and dt > on_one:
             c.solo, c.period = c.period, min(2 * c.period, self.MAX_SOLO)
         elif best is not None:
             c.period = self.SOLO_STEPS

@@ -490,8 +490,14 @@ class ModelRunner:
                 return self.model.logits(x.index_select(0, step.sample_rows)) if want_logits else None
         if self.guard is None or self.compiled():
             return self._forward_step(step, want_logits)
+        # A stretch on one thread must leave a row's arithmetic as it was: the native step's is the
+        # same on any number of threads; torch's GEMMs split a row's sum by the threads for some
+        # shapes (measured: bf16 256 x 1536 -> 576, fp32 4-15 x 576 -> 960), so the eager step of
+        # one sequence (a lone request's prefill; its decode without the native kernels) keeps
+        # every thread. With several sequences the rows already follow which requests share the
+        # step, which timing decides (reproducible answers: AGP_BATCH_INVARIANT=1).
         key = (step.all_decode, step.tokens.shape[0])
-        return self.guard.run(key, self._forward_step, step, want_logits)
+        return self.guard.run(key, self._forward_step, step, want_logits, solo=step.native or step.items > 1)
 
     def compiled(self) -> bool:
         """Whether steps run torch.compile'd code (fused pieces forced on CPU, a compiled flex

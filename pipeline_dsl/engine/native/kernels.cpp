@@ -923,6 +923,9 @@ void agp_decode_attention_block(const Model* mp, int layer, int B, const void* q
     }
 }
 
+// Items a decode step's attention is cut into at most (below): two for each of 16 threads.
+constexpr int PART_ITEMS = 32;
+
 // One all-decode step of B sequences (one token each): logits [n_out, V] float.
 //
 // One parallel region, five barriers a layer (after qkv, attention, o, gate_up, down): every
@@ -938,9 +941,13 @@ void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthread
     for (int b = 0; b < B; ++b) Lmax = s.pos[b] + 1 > Lmax ? (int)s.pos[b] + 1 : Lmax;
     // shared: the outputs of the parallel phases
     // attention in parts of a sequence's context, so that even one sequence's few KV heads give
-    // every thread work: nparts parts of whole blocks, each (sequence, KV head, part) one item
+    // every thread work: nparts parts of at least two whole blocks, each (sequence, KV head, part)
+    // one item, up to PART_ITEMS items. The split follows the batch and its contexts, never
+    // nthreads: the parts' softmax states are merged in another order than one pass sums, so a
+    // split by the threads at hand made a row's logits change when the contention guard ran a
+    // step on one thread (engine/compute.py), and a lone greedy request's text with the load.
     int nparts = 1;
-    while (B * nkv * nparts < 2 * nthreads && Lmax >= 2 * (nparts + 1) * m.block_size) ++nparts;
+    while (B * nkv * nparts < PART_ITEMS && Lmax >= 2 * (nparts + 1) * m.block_size) ++nparts;
     const int pstride = hd + 2;
     std::vector<float> tmp((size_t)B * H), qkv((size_t)B * QKV), gu((size_t)B * 2 * I),
         parts((size_t)B * nkv * nparts * g * pstride);

@@ -15,7 +15,9 @@ and a step that takes 6 ms alone took 100-600 ms (measured on 2 shared cores). T
 barrier (kernels.cpp: Barrier) spins at most `spin_us` (BARRIER_SPIN_US) and then sleeps on a
 futex, and a thread whose waits mostly outlast the spin sleeps at once (docs/engine_benchmarks.md
 has the measurements); the runner's ContentionGuard (engine/compute.py) still runs the next
-steps on one thread when one is far slower than the best seen.
+steps on one thread when one is far slower than the best seen. The work is split by the batch
+and its contexts alone, never by the thread count, so a step gives the same logits bit for bit
+on any number of threads.
 """
 
 from __future__ import annotations
