@@ -34,8 +34,8 @@ def agp_in(*args, cwd=ROOT, input: str | None = None, encoding: str = "utf-8") -
     main(argv), in `cwd`: as agp(), a CompletedProcess with the exit status and what it wrote on
     stdout and stderr as text. Standard input holds `input` (nothing when None); the three
     streams are files, as a shell's redirections make them (each has a descriptor), and
-    sys.stdin/stdout/stderr, the folder and torch's thread count (`--threads N` sets it for the
-    process) are put back after it."""
+    sys.stdin/stdout/stderr, the folder, sys.path (a python stage's folder is added to it) and
+    torch's thread count (`--threads N` sets it for the process) are put back after it."""
     from pipeline_dsl import cli
 
     argv = [*map(str, args)]
@@ -45,7 +45,7 @@ def agp_in(*args, cwd=ROOT, input: str | None = None, encoding: str = "utf-8") -
         stdin.write(input or "")
         stdin.seek(0)
         stack.enter_context(chdir(cwd))
-        saved = sys.stdin, sys.stdout, sys.stderr
+        saved, path = (sys.stdin, sys.stdout, sys.stderr), list(sys.path)
         torch = sys.modules.get("torch")
         threads = torch.get_num_threads() if torch is not None else None
         sys.stdin, sys.stdout, sys.stderr = stdin, stdout, stderr
@@ -57,6 +57,7 @@ def agp_in(*args, cwd=ROOT, input: str | None = None, encoding: str = "utf-8") -
                 print(exc.code, file=stderr)
         finally:
             sys.stdin, sys.stdout, sys.stderr = saved
+            sys.path[:] = path
             if threads is not None:
                 torch.set_num_threads(threads)
         texts = []
