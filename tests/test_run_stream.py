@@ -14,7 +14,7 @@ import time
 import zlib
 from pathlib import Path
 
-from clikit import agp, reaped
+from clikit import agp_in, reaped
 from test_run_errors import ROOT, pipeline, records, run  # noqa: F401  (pipeline: a fixture)
 
 
@@ -148,7 +148,7 @@ def test_the_progress_of_a_streamed_input_counts_answers_without_a_total(tmp_pat
     (tqdm refuses bool() of such a bar: every run with progress on failed as an internal error)."""
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps({"id": i, "prompt": "hi", "max_tokens": 1}) + "\n" for i in range(3)))
-    r = agp("run", pipeline, "--threads", "1", "-i", inp, "-o", out)         # progress on, off a terminal
+    r = agp_in("run", pipeline, "--threads", "1", "-i", inp, "-o", out)         # progress on, off a terminal
     assert r.returncode == 0, r.stderr
     assert [g["id"] for g in records(out)] == [0, 1, 2]
     assert "3req" in r.stderr.replace(" ", "") and "internal error" not in r.stderr
