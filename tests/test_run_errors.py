@@ -42,8 +42,9 @@ def pipeline(tmp_path, tiny_gguf):
 
 
 def run(pipeline, *args, child=False, **kw) -> subprocess.CompletedProcess:
-    """`agp run PIPELINE ARGS` in this process, or in a child (`child=True`: a hook module imported
-    afresh, an environment read at an import)."""
+    """`agp run PIPELINE ARGS` in this process, or in a child (`child=True`: an environment read at
+    an import). A python stage's module is imported afresh in this process too: agp loads a module
+    beside a pipeline by its path, and another folder's hooks.py is another module."""
     return (agp if child else agp_in)("run", pipeline, "--no-progress", "--threads", "1", *args, **kw)
 
 
@@ -140,7 +141,7 @@ def test_a_fn_that_turns_out_not_callable_as_called_at_load_is_an_error_at_the_s
         "stage out", 'stage p : python { fn = "hooks:NOT_FN" }\n    stage out'))
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"prompt": "a"}\n')
-    r = run(path, "-i", inp, "-o", tmp_path / "out.jsonl", child=True)
+    r = run(path, "-i", inp, "-o", tmp_path / "out.jsonl")
     assert r.returncode == 2, r.stderr
     why = why.format(hooks=tmp_path / "hooks.py")
     assert f'{path}:10:29: error: stage \'p\': cannot load fn "hooks:NOT_FN": {why}' in r.stderr
