@@ -23,9 +23,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # and the short modules fill in around them, where in the order of names one of them could start
 # last and run alone while the other worker sits idle. test_ray_serve waits on test_ray's
 # cluster (`ray_turn`): it is left in its place among the short ones, far from test_ray.
-LONG_FIRST = ("test_model_parity.py", "test_gpu_suite.py", "test_flex_attention.py", "test_run_stream.py",
-              "test_dsl_limits.py", "test_ray.py", "test_signals.py", "test_fast_paths.py", "test_dsl_fuzz.py",
-              "test_examples.py", "test_hostile.py")
+LONG_FIRST = ("test_model_parity.py", "test_gpu_suite.py", "test_examples.py", "test_dsl_limits.py", "test_ray.py",
+              "test_dsl_fuzz.py", "test_flex_attention.py", "test_signals.py", "test_fast_paths.py", "test_hostile.py",
+              "test_run_stream.py")
 
 
 def pytest_collection_modifyitems(items):
