@@ -50,7 +50,7 @@ demo: $(STAMP)
 	$(BIN)/agp run examples/chat.agp --input examples/prompts.jsonl --output -
 
 test: $(TSTAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests   # two workers (tests/conftest.py); the slowest 15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests   # two workers, the longest modules first (tests/conftest.py); the slowest 15
 
 $(MSTAMP): $(TSTAMP)
 	$(BIN)/pip install -q -e '.[test,mutate]'

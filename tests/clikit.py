@@ -1,14 +1,21 @@
-"""The `agp` command in a child process, as a user runs it:
+"""The `agp` command as a user runs it, in a child process or in this one:
 
-    r = agp("check", "examples/chat.agp")                 # run to its end: a CompletedProcess (text)
+    r = agp("check", "examples/chat.agp")                 # a child process, run to its end: a CompletedProcess (text)
+    r = agp_in("run", path, "-i", inp)                    # the same, through cli.main in this process
     with reaped(agp_child("run", path, "-i", inp)) as proc:   # started; killed if the block leaves it running
         ...
+
+A child costs a Python start and torch's import (seconds each): `agp_in` is for what needs no
+fresh process. A child stays what a test needs where the process itself is the point: signals,
+a kill, the environment it starts with (read at an import), a hook module imported afresh,
+file descriptors 0-2 themselves (a pipe, a locale, /dev/full), what the interpreter does at exit.
 """
 from __future__ import annotations
 
 import subprocess
 import sys
-from contextlib import contextmanager
+import tempfile
+from contextlib import ExitStack, chdir, contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +27,45 @@ def agp(*args, cwd=ROOT, timeout: float = 300, **kw) -> subprocess.CompletedProc
     `kw` goes to subprocess.run (input=, env=, ...)."""
     return subprocess.run([*AGP, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout,
                           **kw)
+
+
+def agp_in(*args, cwd=ROOT, input: str | None = None, encoding: str = "utf-8") -> subprocess.CompletedProcess:
+    """`agp ARGS` (each str()-ed) run to its end in this process, through the command line's
+    main(argv), in `cwd`: as agp(), a CompletedProcess with the exit status and what it wrote on
+    stdout and stderr as text. Standard input holds `input` (nothing when None); the three
+    streams are files, as a shell's redirections make them (each has a descriptor), and
+    sys.stdin/stdout/stderr, the folder, sys.path (a python stage's folder is added to it) and
+    torch's thread count (`--threads N` sets it for the process) are put back after it."""
+    from pipeline_dsl import cli
+
+    argv = [*map(str, args)]
+    with ExitStack() as stack:
+        stdin, stdout, stderr = (stack.enter_context(tempfile.TemporaryFile("w+", encoding=encoding, errors=errors))
+                                 for errors in ("strict", "strict", "backslashreplace"))
+        stdin.write(input or "")
+        stdin.seek(0)
+        stack.enter_context(chdir(cwd))
+        saved, path = (sys.stdin, sys.stdout, sys.stderr), list(sys.path)
+        torch = sys.modules.get("torch")
+        threads = torch.get_num_threads() if torch is not None else None
+        sys.stdin, sys.stdout, sys.stderr = stdin, stdout, stderr
+        try:
+            code = cli.main(argv)
+        except SystemExit as exc:                  # argparse's usage errors, --help, --version
+            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+            if isinstance(exc.code, str):
+                print(exc.code, file=stderr)
+        finally:
+            sys.stdin, sys.stdout, sys.stderr = saved
+            sys.path[:] = path
+            if threads is not None:
+                torch.set_num_threads(threads)
+        texts = []
+        for stream in (stdout, stderr):
+            stream.flush()
+            stream.seek(0)
+            texts.append(stream.read())
+    return subprocess.CompletedProcess([*AGP, *argv], code, *texts)
 
 
 def agp_child(*args, cwd=ROOT, **kw) -> subprocess.Popen:

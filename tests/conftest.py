@@ -3,7 +3,8 @@
 `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadfile`): a module's
 tests stay together on one worker (its module fixtures — servers, clusters — start once), a
 worker's torch runs on one thread (two processes of two threads each on two cores would wait at
-every barrier), and the modules that start a local Ray cluster take turns (`ray_turn`)."""
+every barrier), the modules that start a local Ray cluster take turns (`ray_turn`), and the
+longest modules are collected first (`LONG_FIRST`)."""
 
 import fcntl
 import os
@@ -16,6 +17,21 @@ from tiny_model import write_tiny_gguf
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
+# The modules that take longest (each minutes of a run), longest first. `make test` gives each
+# worker a module at a time in the order collected (--no-loadscope-reorder): these start first
+# and the short modules fill in around them, where in the order of names one of them could start
+# last and run alone while the other worker sits idle. test_ray_serve waits on test_ray's
+# cluster (`ray_turn`): it is left in its place among the short ones, far from test_ray.
+LONG_FIRST = ("test_model_parity.py", "test_gpu_suite.py", "test_examples.py", "test_dsl_limits.py", "test_ray.py",
+              "test_dsl_fuzz.py", "test_flex_attention.py", "test_signals.py", "test_fast_paths.py", "test_hostile.py",
+              "test_run_stream.py")
+
+
+def pytest_collection_modifyitems(items):
+    """LONG_FIRST's modules first, in its order; the rest after them as collected."""
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope="module")

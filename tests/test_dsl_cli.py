@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from clikit import AGP, agp
+from clikit import AGP, agp_in
 from pipeline_dsl import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,16 +18,16 @@ CHAT = str(ROOT / "examples" / "chat.agp")
 
 
 def test_check_exit_codes():
-    ok = agp("check", "examples/chat.agp")
+    ok = agp_in("check", "examples/chat.agp")
     assert ok.returncode == 0 and ok.stderr == "" and "ok (1 pipeline)" in ok.stdout
-    bad = agp("check", "examples/chat.agp", "examples/errors/cycle.agp")
+    bad = agp_in("check", "examples/chat.agp", "examples/errors/cycle.agp")
     assert bad.returncode == 2
     assert bad.stderr.startswith("examples/errors/cycle.agp:14:11: error: cycle: kv -> gen2 -> kv")
     assert "Traceback" not in bad.stderr
 
 
 def test_check_json_is_machine_readable():
-    out = agp("check", "--json", "examples/errors/wrong_unit.agp")
+    out = agp_in("check", "--json", "examples/errors/wrong_unit.agp")
     assert out.returncode == 2
     data = json.loads(out.stdout)
     assert data["ok"] is False
@@ -38,10 +38,10 @@ def test_check_json_is_machine_readable():
 def test_fmt_check_exits_1_when_a_file_would_change(tmp_path):
     f = tmp_path / "p.agp"
     f.write_text("pipeline p {model=\"m\"}\n")
-    assert agp("fmt", "--check", str(f)).returncode == 1
-    assert agp("fmt", "--write", str(f)).returncode == 0
+    assert agp_in("fmt", "--check", str(f)).returncode == 1
+    assert agp_in("fmt", "--write", str(f)).returncode == 0
     assert f.read_text() == 'pipeline p {\n    model = "m"\n}\n'
-    assert agp("fmt", "--check", str(f)).returncode == 0
+    assert agp_in("fmt", "--check", str(f)).returncode == 0
 
 
 BAD_ON_LINE_3 = "pipeline p {\n    stage r : requests {}\n    stage x : genrate {}\n}\n"
@@ -50,21 +50,21 @@ BAD_ON_LINE_3 = "pipeline p {\n    stage r : requests {}\n    stage x : genrate 
 @pytest.mark.parametrize("command", [["check"], ["fmt"], ["plan"], ["render", "-o", "{tmp}/p.dot"]])
 def test_file_dash_reads_the_pipeline_from_stdin_with_positions_at_stdin(tmp_path, command):
     argv = [a.format(tmp=tmp_path) for a in command]
-    good = agp(*argv, "-", input=(ROOT / "examples" / "chat.agp").read_text())
+    good = agp_in(*argv, "-", input=(ROOT / "examples" / "chat.agp").read_text())
     assert good.returncode == 0, good.stderr
     assert {"check": "<stdin>: ok (1 pipeline)", "fmt": "pipeline chat {", "plan": "pipeline chat:",
             "render": "wrote"}[argv[0]] in good.stdout
     if argv[0] != "fmt":                       # fmt formats what parses; the kind is check's to judge
-        bad = agp(*argv, "-", input=BAD_ON_LINE_3)
+        bad = agp_in(*argv, "-", input=BAD_ON_LINE_3)
         assert bad.returncode == 2 and "<stdin>:3:15: error: unknown stage kind 'genrate'" in bad.stderr
         assert "did you mean 'generate'?" in bad.stderr and "not found" not in bad.stderr
 
 
 def test_fmt_of_stdin_checks_but_cannot_write_back(tmp_path):
-    assert agp("fmt", "--check", "-", input='pipeline p {model="m"}\n').stdout == "<stdin>: would reformat\n"
-    r = agp("fmt", "--write", "-", input='pipeline p {model="m"}\n')
+    assert agp_in("fmt", "--check", "-", input='pipeline p {model="m"}\n').stdout == "<stdin>: would reformat\n"
+    r = agp_in("fmt", "--write", "-", input='pipeline p {model="m"}\n')
     assert r.returncode == 2 and "'-' (stdin) has no file to rewrite" in r.stderr
-    r = agp("fmt", "-", input="pipeline p {\n  model = \n}\n")
+    r = agp_in("fmt", "-", input="pipeline p {\n  model = \n}\n")
     assert r.returncode == 2 and r.stderr.startswith("<stdin>:2:9: error: missing value after '='\n    2 |   model =")
 
 
@@ -73,7 +73,7 @@ def test_no_traceback_on_bad_input(tmp_path):
     bad.write_bytes(b"\xff\xfe pipeline {{{")
     for args in (["check", str(bad)], ["fmt", str(bad)], ["render", str(bad)], ["check", "missing.agp"],
                  ["render", CHAT, "-o", str(tmp_path / "x.gif")], ["stages", "genrate"], ["nonsense"]):
-        r = agp(*args)
+        r = agp_in(*args)
         assert r.returncode == 2, (args, r.stderr)
         assert "Traceback" not in r.stderr and r.stderr.strip()
 
@@ -85,8 +85,8 @@ def test_every_command_refuses_a_bad_file_with_the_diagnostics_of_check(tmp_path
     bad = tmp_path / "bad.agp"
     bad.write_text("pipeline p {\n    stage out : respond {}\n    a -> b => c\n}\n")
     (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
-    checked = agp("check", str(bad), cwd=tmp_path)
-    r = agp(command[0], str(bad), *command[1:], cwd=tmp_path)
+    checked = agp_in("check", str(bad), cwd=tmp_path)
+    r = agp_in(command[0], str(bad), *command[1:], cwd=tmp_path)
     assert (r.returncode, r.stderr) == (checked.returncode, checked.stderr) == (2, checked.stderr)
     assert checked.stderr.endswith("1 error\n")
 
@@ -104,7 +104,7 @@ def test_internal_errors_are_hidden_unless_debug(monkeypatch, capsys):
 @pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz's dot is not installed")
 def test_render_svg_contains_every_stage_name(tmp_path):
     out = tmp_path / "sub" / "chat.svg"
-    r = agp("render", CHAT, "-o", str(out))
+    r = agp_in("render", CHAT, "-o", str(out))
     assert r.returncode == 0, r.stderr
     svg = out.read_text(encoding="utf-8")
     assert svg.lstrip().startswith("<?xml") and "<svg" in svg
@@ -160,7 +160,7 @@ def test_language_commands_import_no_torch(tmp_path):
 
 
 def test_help_lists_every_command():
-    help_text = agp("--help").stdout
+    help_text = agp_in("--help").stdout
     for name in ("check", "fmt", "render", "stages", "run", "plan", "bench", "serve"):
         assert name in help_text
 
@@ -205,7 +205,7 @@ def test_a_bad_flag_value_is_refused_while_parsing_before_any_work(tmp_path, arg
     """A --stats that names a folder used to fail after the whole run, as an internal error; a
     --warmup -1 or --request-timeout 0 was measured as if it made sense (every request an error,
     exit 0); -n 1e11 ran out of memory building the arrivals."""
-    r = agp(*[a.format(tmp=tmp_path) for a in args])
+    r = agp_in(*[a.format(tmp=tmp_path) for a in args])
     assert r.returncode == 2, r.stderr
     assert message.format(tmp=tmp_path) in r.stderr
     assert "Traceback" not in r.stderr and "internal error" not in r.stderr
@@ -247,7 +247,7 @@ def test_a_full_disk_on_standard_output_is_said_with_exit_1(args):
 
 @pytest.mark.parametrize("command", ["run", "serve"])
 def test_commands_that_run_a_pipeline_say_that_dash_is_not_read_from_stdin(command):
-    r = agp(command, "-", input=(ROOT / "examples" / "chat.agp").read_text())
+    r = agp_in(command, "-", input=(ROOT / "examples" / "chat.agp").read_text())
     assert r.returncode == 2 and "not found" not in r.stderr
     assert f"agp {command}: error: argument FILE: '-' (standard input) is read as a pipeline by check, fmt, plan " \
            "and render only: give the .agp file's path" in r.stderr

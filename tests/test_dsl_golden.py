@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import pipeline_dsl
-from clikit import agp
+from clikit import agp_in
 from pipeline_dsl.diagnostics import has_errors, render_all
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +63,6 @@ def test_examples_are_clean(path):
 
 def test_cli_check_stderr_equals_the_golden_file():
     rel = "examples/errors/unknown_kind.agp"
-    proc = agp("check", rel)
+    proc = agp_in("check", rel)
     assert proc.returncode == 2
     assert proc.stderr == (ROOT / "examples/errors/unknown_kind.expected").read_text(encoding="utf-8")

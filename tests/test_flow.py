@@ -603,7 +603,7 @@ def test_agp_runs_progress_off_a_terminal_is_a_line_now_and_then_not_one_per_ans
 
 
 def test_agp_run_summary_and_stats_report_every_stage(tmp_path):
-    from clikit import agp
+    from clikit import agp_in
 
     body = ("stage request : requests {}\nstage up : python { fn = \"hooks:upper\" }\n"
             "stage gen : generate { max_new_tokens = 3 }\nstage out : respond {}\n"
@@ -612,7 +612,7 @@ def test_agp_run_summary_and_stats_report_every_stage(tmp_path):
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(json.dumps(chat(f"r{i}", "hi")) for i in range(3)) + "\n")
     stats = tmp_path / "stats.json"
-    proc = agp("run", path, "-i", inp, "-o", tmp_path / "out.jsonl", "--stats", stats, "--no-progress")
+    proc = agp_in("run", path, "-i", inp, "-o", tmp_path / "out.jsonl", "--stats", stats, "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "up " in proc.stderr and "rejected" in proc.stderr
     s = json.loads(stats.read_text())

@@ -7,7 +7,7 @@ import pytest
 
 import pipeline_dsl
 import flowkit
-from clikit import agp
+from clikit import agp_in
 from flowkit import chain, chat, errors, run, runtime, write
 
 HOOKS = '''
@@ -80,7 +80,7 @@ def test_check_reads_a_join_timeouts_unit_and_warns_without_fn(tmp_path, soft_gg
 
 
 def test_agp_stages_shows_a_joins_timeout(tmp_path):
-    out = agp("stages", "join")
+    out = agp_in("stages", "join")
     assert out.returncode == 0 and "timeout" in out.stdout and "retries" in out.stdout
 
 

@@ -122,7 +122,7 @@ def test_agp_run_lines_take_the_defaults_and_the_flag(tmp_path, folder):
         {"id": "own", "prompt": "the cat", "ignore_eos": True, "max_tokens": 2})) + "\n")
 
     def run(*flags):
-        proc = clikit.agp("run", agp, "-i", inp, "-o", out, "--overwrite", "--threads", "1", "--no-progress", *flags)
+        proc = clikit.agp_in("run", agp, "-i", inp, "-o", out, "--overwrite", "--threads", "1", "--no-progress", *flags)
         return proc, {r["id"]: r for r in map(json.loads, out.read_text().splitlines())} if proc.returncode == 0 \
             else None
 

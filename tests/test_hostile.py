@@ -18,7 +18,7 @@ import flowkit
 import httpx
 import pytest
 
-from clikit import agp, agp_child, reaped
+from clikit import agp_child, agp_in, reaped
 from pipeline_dsl.engine.tokenizer import TEMPLATE_SECONDS
 from test_serve import LiveServer, TINY, start_agp_serve
 from tiny_model import write_tiny_gguf
@@ -221,7 +221,7 @@ def test_agp_run_turns_every_bad_line_into_an_error_record(tmp_path, tiny_gguf):
     inp = tmp_path / "in.jsonl"
     inp.write_bytes(b"\n".join(lines) + b"\n")
     out = tmp_path / "out.jsonl"
-    r = agp("run", str(write_pipeline(tmp_path, tiny_gguf)), "-i", str(inp), "-o", str(out), "--no-progress")
+    r = agp_in("run", str(write_pipeline(tmp_path, tiny_gguf)), "-i", str(inp), "-o", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr and "internal error" not in r.stderr
     rows = [json.loads(x) for x in out.read_text().splitlines()]
@@ -237,7 +237,7 @@ def test_agp_run_never_overwrites_answers_silently(tmp_path, tiny_gguf):
     inp.write_text('{"id": "a", "prompt": "hello", "max_tokens": 2}\n')
     out = tmp_path / "out.jsonl"
     out.write_text('{"id": "old", "text": "keep me"}\n')
-    r = agp("run", str(write_pipeline(tmp_path, tiny_gguf)), "-i", str(inp), "-o", str(out), "--no-progress")
+    r = agp_in("run", str(write_pipeline(tmp_path, tiny_gguf)), "-i", str(inp), "-o", str(out), "--no-progress")
     assert r.returncode == 2 and "--resume" in r.stderr and "--overwrite" in r.stderr
     assert out.read_text() == '{"id": "old", "text": "keep me"}\n'
 
@@ -293,7 +293,7 @@ def test_ctrl_c_stops_agp_run_cleanly_and_resume_finishes_the_job(tmp_path, tiny
     text = out.read_text()
     first = [json.loads(x) for x in text[:text.rfind("\n") + 1].splitlines()]   # whole lines
     assert 0 < len(first) < n
-    r = agp("run", pipeline, "-i", str(inp), "-o", str(out), "--resume", "--no-progress", "--threads", "1")
+    r = agp_in("run", pipeline, "-i", str(inp), "-o", str(out), "--resume", "--no-progress", "--threads", "1")
     assert r.returncode == 0, r.stderr
     ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
     assert sorted(ids) == sorted(f"q{i}" for i in range(n))                 # each answered exactly once

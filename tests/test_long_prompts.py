@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from clikit import agp
+from clikit import agp_in
 from pipeline_dsl.engine import SamplingParams
 from pipeline_dsl.engine.errors import ContextLengthError, InputError
 from test_serve import LiveServer
@@ -211,7 +211,7 @@ def test_truncate_prompt_tokens_takes_minus_one_in_run_lines_as_serve_does(tmp_p
               "truncate_prompt_tokens": 1000},
              {"id": "beyond", "prompt": "the cat", "max_tokens": 2, "truncate_prompt_tokens": CONTEXT + 1}]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    r = agp("run", pipeline, "--no-progress", "--threads", "1", "-i", tmp_path / "in.jsonl")
+    r = agp_in("run", pipeline, "--no-progress", "--threads", "1", "-i", tmp_path / "in.jsonl")
     got = {x["id"]: x for x in map(json.loads, r.stdout.splitlines())}
     assert got["minus"].get("usage", {}).get("prompt_tokens") == 3000, got["minus"]       # all of it
     assert f"prompt of {CONTEXT} tokens fills the model's context" in got["full"]["error"]["message"]  # its last 4096

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from clikit import agp
+from clikit import agp_in
 from test_serve import LiveServer
 from tiny_model import write_tiny_gguf
 
@@ -412,7 +412,7 @@ def test_agp_run_lines_and_a_generate_stage_schema_constrain_answers(tmp_path):
     lines.append({"id": "own", "prompt": "a point", "seed": 1,
                   "response_format": {"type": "json_schema", "json_schema": {"name": "pt", "schema": point}}})
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    r = agp("run", tmp_path / "p.agp", "-i", tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--threads", "1")
+    r = agp_in("run", tmp_path / "p.agp", "-i", tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--threads", "1")
     assert r.returncode == 0, r.stderr
     out = {rec["id"]: rec for rec in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
     for i in range(4):                                 # the stage's schema, for every answer

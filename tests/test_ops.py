@@ -19,7 +19,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from clikit import ROOT, agp, agp_child
+from clikit import ROOT, agp, agp_child, agp_in
 from test_serve import TINY, _free_port
 
 KEY = "sk-test-7f3a"
@@ -572,12 +572,12 @@ def test_the_trace_is_written_at_shutdown(tmp_path, tiny_gguf):
 # ---------------------------------------------------------------- the command line
 
 def test_agp_version_and_the_usage_of_an_unknown_serve_flag():
-    v = agp("--version")
+    v = agp_in("--version")
     assert v.returncode == 0 and v.stdout.strip() == "agp 0.1.0"
     for command in ("serve", "run"):                 # as `vllm serve --version` answers
-        sv = agp(command, "--version")
+        sv = agp_in(command, "--version")
         assert (sv.returncode, sv.stdout) == (0, v.stdout)
-    bad = agp("serve", "examples/chat.agp", "--max-num-seq", "4", "--bogus")
+    bad = agp_in("serve", "examples/chat.agp", "--max-num-seq", "4", "--bogus")
     assert bad.returncode == 2
     assert "usage: agp serve" in bad.stderr and "unrecognized arguments: --bogus" in bad.stderr
 

@@ -15,7 +15,7 @@ from pipeline_dsl.engine.kv_cache import BlockManager
 from pipeline_dsl.engine.scheduler import Scheduler, Sequence
 from pipeline_dsl.requests_io import RequestError, parse_request
 from pipeline_dsl.serve import protocol as P
-from clikit import agp
+from clikit import agp_in
 from test_engine import run_all, toy_engine
 from test_scheduler import Clock, run_step
 
@@ -239,7 +239,7 @@ def agp_run(tmp_path, model, extra, lines, text=PIPELINE):
     pipeline, inp, out = tmp_path / "p.agp", tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     pipeline.write_text(text.format(model=model, extra=extra))
     inp.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    r = agp("run", pipeline, "-i", inp, "-o", out, "--overwrite", "--no-progress", "--threads", "1")
+    r = agp_in("run", pipeline, "-i", inp, "-o", out, "--overwrite", "--no-progress", "--threads", "1")
     return r, {rec["id"]: rec for rec in map(json.loads, out.read_text().splitlines())}
 
 

@@ -158,7 +158,7 @@ def test_agp_run_answers_in_input_order_and_reports_bad_lines(tmp_path, tiny_ggu
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
-    proc = clikit.agp("run", agp, "-i", inp, "-o", out, "--stats", stats, "--threads", "1", "--no-progress")
+    proc = clikit.agp_in("run", agp, "-i", inp, "-o", out, "--stats", stats, "--threads", "1", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "run summary" in proc.stderr
     rows = [json.loads(x) for x in out.read_text().splitlines()]
@@ -200,7 +200,7 @@ def test_agp_run_bad_pipeline_and_missing_input_exit_2(tmp_path):
     bad.write_text("pipeline p { stage a : genrate {} }\n", encoding="utf-8")
     for args in (["run", str(bad), "-i", "/dev/null"],
                  ["run", str(ROOT / "examples" / "chat.agp"), "-i", str(tmp_path / "missing.jsonl")]):
-        proc = clikit.agp(*args)
+        proc = clikit.agp_in(*args)
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr and "error" in proc.stderr
 
@@ -229,7 +229,7 @@ def test_agp_run_writes_to_dev_null_and_refuses_a_folder_as_output(tmp_path, tin
     inp.write_text(json.dumps({"id": "a", "prompt": "hello", "max_tokens": 3}) + "\n", encoding="utf-8")
 
     def run(output):
-        return clikit.agp("run", agp, "-i", inp, "-o", output, "--threads", "1", "--no-progress")
+        return clikit.agp_in("run", agp, "-i", inp, "-o", output, "--threads", "1", "--no-progress")
 
     proc = run("/dev/null")                        # benchmarks discard the answers
     assert proc.returncode == 0 and "run summary" in proc.stderr, proc.stderr
@@ -246,8 +246,8 @@ def test_a_cpu_runs_trace_shows_the_next_steps_host_work_before_the_current_forw
     reqs.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"hello {i} " * (i % 4 + 1)}) + "\n"
                             for i in range(12)))
     trace = tmp_path / "run.trace.json"
-    out = clikit.agp("run", pipeline, "-i", reqs, "-o", tmp_path / "out.jsonl", "--threads", "1", "--overlap",
-                     "--trace", trace, "--no-progress", timeout=600)
+    out = clikit.agp_in("run", pipeline, "-i", reqs, "-o", tmp_path / "out.jsonl", "--threads", "1", "--overlap",
+                        "--trace", trace, "--no-progress")
     assert out.returncode == 0, out.stderr[-2000:]
     spans = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X" and "micro_batch" in e["args"]]
     forward = {e["args"]["micro_batch"]: e for e in spans if e["name"] == "gen.forward"}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from clikit import AGP, ROOT, agp, agp_child, reaped
+from clikit import AGP, ROOT, agp, agp_child, agp_in, reaped
 
 
 PIPELINE = """pipeline tiny {{
@@ -41,8 +41,11 @@ def pipeline(tmp_path, tiny_gguf):
     return path
 
 
-def run(pipeline, *args, **kw) -> subprocess.CompletedProcess:
-    return agp("run", pipeline, "--no-progress", "--threads", "1", *args, **kw)
+def run(pipeline, *args, child=False, **kw) -> subprocess.CompletedProcess:
+    """`agp run PIPELINE ARGS` in this process, or in a child (`child=True`: an environment read at
+    an import). A python stage's module is imported afresh in this process too: agp loads a module
+    beside a pipeline by its path, and another folder's hooks.py is another module."""
+    return (agp if child else agp_in)("run", pipeline, "--no-progress", "--threads", "1", *args, **kw)
 
 
 def records(path: Path) -> list[dict]:
@@ -156,7 +159,7 @@ def test_device_cuda_without_cuda_is_an_error_at_the_device_setting(tmp_path, ti
     path.write_text(PIPELINE.format(model=tiny_gguf).replace(old, new, 1))
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"prompt": "a"}\n')
-    r = run(path, "-i", inp, "-o", tmp_path / "out.jsonl", env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    r = run(path, "-i", inp, "-o", tmp_path / "out.jsonl", child=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert r.returncode == 2, r.stderr
     assert (f"{path}:{at}: error: device 'cuda' asked for, but no CUDA device is available; "
             "use device = cpu") in r.stderr
@@ -187,7 +190,7 @@ def test_a_thread_count_past_the_bound_is_an_error_not_a_crash(pipeline, tmp_pat
     """torch starts every asked thread at once: --threads 100000 ended the process with a
     segmentation fault (exit 139) after an internal error."""
     (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
-    r = agp("run", pipeline, "--no-progress", "--threads", "100000", "-i", tmp_path / "in.jsonl")
+    r = agp_in("run", pipeline, "--no-progress", "--threads", "100000", "-i", tmp_path / "in.jsonl")
     assert r.returncode == 2, r.stderr
     assert "threads must be between 1 and 1024" in r.stderr and "100000" in r.stderr
     assert r.stdout == ""

@@ -14,7 +14,7 @@ import time
 import zlib
 from pathlib import Path
 
-from clikit import agp, reaped
+from clikit import agp_in, reaped
 from test_run_errors import ROOT, pipeline, records, run  # noqa: F401  (pipeline: a fixture)
 
 
@@ -150,7 +150,7 @@ def test_the_progress_of_a_file_counts_to_its_lines_to_answer(tmp_path, pipeline
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     lines = [json.dumps({"id": i, "prompt": "hi", "max_tokens": 1}) for i in range(3)]
     inp.write_text("\n".join([lines[0], "", "{not json", *lines[1:]]) + "\n")
-    r = agp("run", pipeline, "--threads", "1", "-i", inp, "-o", out)         # progress on, off a terminal
+    r = agp_in("run", pipeline, "--threads", "1", "-i", inp, "-o", out)         # progress on, off a terminal
     assert r.returncode == 0, r.stderr
     got = records(out)
     assert [g["id"] for g in got] == [0, 3, 1, 2] and "error" in got[1]    # a bad line's id: its number

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import pipeline_dsl
+from clikit import agp_in
 from pipeline_dsl.userfn import FunctionNotFound, function_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,11 +131,11 @@ def test_json_schema_files_stay_inside_the_folder_are_bounded_and_never_quoted(t
     (app / "bad.json").write_text(f"{{{SECRET}: 1}}")
     for path, words in cases.items():
         (app / "p.agp").write_text(pipeline(gen=f'json_schema = "{path}"'))
-        r = check(app / "p.agp")
+        r = agp_in("check", app / "p.agp", cwd=app)
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (path, r.stderr)
         assert SECRET not in r.stderr and "p.agp:6:" in r.stderr
     (app / "p.agp").write_text(pipeline(gen='json_schema = "../outside/s.json"'))
-    assert check(app / "p.agp", "--allow-path", str(outside)).returncode == 0
+    assert agp_in("check", app / "p.agp", "--allow-path", outside, cwd=app).returncode == 0
 
 
 def test_agp_run_reads_json_schema_outside_the_folder_only_when_allowed(tree, tiny_gguf):
@@ -145,9 +146,8 @@ def test_agp_run_reads_json_schema_outside_the_folder_only_when_allowed(tree, ti
     (app / "p.agp").write_text(pipeline(gen=f'json_schema = "../outside/s.json"  model = "{tiny_gguf}"  '
                                             'max_new_tokens = 8'))
     (app / "in.jsonl").write_text('{"prompt": "hi"}\n')
-    base = [sys.executable, "-m", "pipeline_dsl.cli", "run", str(app / "p.agp"), "-i", str(app / "in.jsonl"),
-            "--no-progress", "--threads", "1"]
-    r = subprocess.run(base, capture_output=True, text=True, cwd=app, timeout=300)
+    base = ["run", app / "p.agp", "-i", app / "in.jsonl", "--no-progress", "--threads", "1"]
+    r = agp_in(*base, cwd=app)
     assert r.returncode == 2 and "outside the pipeline's folder" in r.stderr
-    r = subprocess.run(base + ["--allow-path", str(outside)], capture_output=True, text=True, cwd=app, timeout=300)
+    r = agp_in(*base, "--allow-path", outside, cwd=app)
     assert r.returncode == 0, r.stderr

@@ -163,7 +163,7 @@ def test_agp_run_lines_take_the_same_fields(tmp_path, soft_gguf):
 
     def run():
         inp.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-        proc = clikit.agp("run", agp, "-i", inp, "-o", out, "--overwrite", "--threads", "1", "--no-progress")
+        proc = clikit.agp_in("run", agp, "-i", inp, "-o", out, "--overwrite", "--threads", "1", "--no-progress")
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
         return {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
 
