@@ -4,6 +4,7 @@ runs on the event loop; timeout, retries and a result cache work as documented; 
 starts on the first request that reaches it."""
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -119,10 +120,18 @@ def test_a_slow_stage_costs_only_its_own_requests(tmp_path, soft_gguf):
              routes="request -> r\nr -> f when metadata.slow == true\nr -> g otherwise\nf -> batch\ng -> batch\n")
     order = []
 
+    def release():
+        """Once all six slow calls are in (the fast one may be answered before the last of them
+        has reached its stage on a busy machine), they go on."""
+        deadline = time.monotonic() + 25          # within their own wait (30 s)
+        while flowkit.RUNNING["slow"] < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        flowkit.gate("slow").set()
+
     def heard(i, result):
         order.append(result.id)
-        if result.id == "fast":
-            flowkit.gate("slow").set()            # only now do the slow ones go on
+        if result.id == "fast":                   # only now do the slow ones go on
+            threading.Thread(target=release, daemon=True).start()
 
     reqs = [chat(f"slow{i}", "hi", metadata={"slow": True}) for i in range(6)] + [chat("fast", "hello")]
     results, _ = run(tmp_path / "p.agp", reqs, on_result=heard)
