@@ -439,18 +439,23 @@ class _Calling(_Refusing):
         self._send(200, body.encode(), "text/event-stream")
 
 
-def test_an_answer_of_tool_calls_has_a_time_to_first_token_over_http():
-    """Only a chunk with content counted as an arrival: a tool-calling workload measured over HTTP
-    had its E2E but no TTFT, TPOT nor ITL (the in-process target beside it had them)."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Calling)
+def _bench_against(handler, line: dict):
+    """Two requests of `line` at once against a local server of `handler`: the bench result."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    items = [parse_line(json.dumps({"messages": [{"role": "user", "content": "add"}], "max_tokens": 9}), 1)]
     try:
-        r = asyncio.run(B.bench_one(B.HTTPTarget(f"http://127.0.0.1:{server.server_address[1]}"), items,
-                                    rate=math.inf, num=2, progress=False, warmup=0))
+        return asyncio.run(B.bench_one(B.HTTPTarget(f"http://127.0.0.1:{server.server_address[1]}"),
+                                       [parse_line(json.dumps(line), 1)], rate=math.inf, num=2, progress=False,
+                                       warmup=0))
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_an_answer_of_tool_calls_has_a_time_to_first_token_over_http():
+    """Only a chunk with content counted as an arrival: a tool-calling workload measured over HTTP
+    had its E2E but no TTFT, TPOT nor ITL (the in-process target beside it had them)."""
+    r = _bench_against(_Calling, {"messages": [{"role": "user", "content": "add"}], "max_tokens": 9})
     assert (r.completed, r.completion_tokens) == (2, 18)
     assert r.ttft["p50"] is not None and r.ttft["p50"] <= r.e2e["p50"]
     assert r.tpot["p50"] is None            # the call came in one chunk: no token after the first seen
@@ -673,15 +678,7 @@ def test_a_stream_event_that_is_not_json_is_a_failed_request_that_says_so(event,
     """Said "JSONDecodeError: Expecting value: line 1 column 1 (char 0)" (and "AttributeError: 'list'
     object has no attribute 'get'" for a JSON array): which event, of what?"""
     handler = type("Handler", (_Garbling,), {"event": event})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    items = [parse_line(json.dumps({"prompt": "hi", "max_tokens": 4}), 1)]
-    try:
-        r = asyncio.run(B.bench_one(B.HTTPTarget(f"http://127.0.0.1:{server.server_address[1]}"), items,
-                                    rate=math.inf, num=2, progress=False, warmup=0))
-    finally:
-        server.shutdown()
-        server.server_close()
+    r = _bench_against(handler, {"prompt": "hi", "max_tokens": 4})
     assert (r.errors, r.completed) == (2, 0) and r.error_samples == [message]
 
 
