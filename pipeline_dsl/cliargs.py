@@ -181,16 +181,16 @@ OVERRIDE_GENERATION_CONFIG_HELP = ("JSON object of generation_config.json keys (
 
 def override_generation_config(text: str) -> dict:
     """vLLM's --override-generation-config: a JSON object of generation_config.json sampling keys,
-    each value in its field's range (engine.models.check_override)."""
+    each value in its field's range (stages.fields.check_generation_override)."""
     import json
 
-    from pipeline_dsl.engine.models import check_override
+    from stages.fields import check_generation_override
 
     try:
         value = json.loads(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
     try:
-        return check_override(value)
+        return check_generation_override(value)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None

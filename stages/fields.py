@@ -228,3 +228,36 @@ def check_cache_salt(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ParamError(f"'cache_salt' must be a non-empty string, not {_shown(value)}", "cache_salt")
     return value
+
+
+# generation_config.json keys vLLM takes as a request's sampling defaults -> the request field each sets
+GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                   "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_sampling(config: dict) -> dict:
+    """{request field: value} of the GENERATION_KEYS a generation config sets, each checked by the
+    field's one schema: ParamError names the key."""
+    return {field: check_value(param_of(*REQUEST_FIELDS[field]), config[key], key)
+            for key, field in GENERATION_KEYS.items() if config.get(key) is not None}
+
+
+def check_generation_override(value: Any) -> dict:
+    """vLLM's --override-generation-config: a JSON object of generation_config.json keys
+    (GENERATION_KEYS) set over the defaults --generation-config gives (null: left unset), each
+    value checked by its field's schema; a ValueError saying what is wrong otherwise."""
+    import difflib
+
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON object of generation_config.json keys, e.g. '{\"temperature\": 0.5}', "
+                         f"not {json.dumps(value, default=repr)[:40]}")
+    for key in value:
+        if key not in GENERATION_KEYS:
+            close = difflib.get_close_matches(key, list(GENERATION_KEYS), n=1)
+            raise ValueError(f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+                             + f": it takes {', '.join(GENERATION_KEYS)}")
+    try:
+        generation_sampling(value)
+    except ParamError as e:
+        raise ValueError(str(e)) from None
+    return dict(value)

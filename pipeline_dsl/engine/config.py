@@ -72,10 +72,10 @@ class EngineConfig:
             raise InputError(f"generation_config must be auto, vllm or a folder holding generation_config.json, "
                              f"not {self.generation_config!r}")
         if self.override_generation_config is not None:
-            from .models import check_override
+            from stages.fields import check_generation_override
 
             try:
-                self.override_generation_config = check_override(self.override_generation_config)
+                self.override_generation_config = check_generation_override(self.override_generation_config)
             except ValueError as e:
                 raise InputError(f"override_generation_config: {e}") from None
         if self.batch_timeout_s < 0:

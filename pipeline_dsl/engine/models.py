@@ -15,7 +15,6 @@ truncated or corrupt file, a malformed config.json, a missing tokenizer) a
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,11 +97,6 @@ def load_model(model: str | ModelSource | None = None, dtype: str = "auto", devi
     return LlamaModel(config, weights, dtype=dtype, device=device), tokenizer
 
 
-# generation_config.json keys vLLM takes as a request's sampling defaults -> the request field each sets
-GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-                   "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
-
-
 def read_generation_config(folder) -> dict:
     """A folder's generation_config.json as it is (a JSON object; {} where the folder has none); a
     file that is no JSON object is a ModelFileError naming it. Read once per load: the sampling
@@ -116,49 +110,17 @@ def read_generation_config(folder) -> dict:
         raise ModelFileError(" ".join(str(e).split())) from e
 
 
-def sampling_of(config: dict) -> dict:
-    """{request field: value} of the GENERATION_KEYS a generation config sets, each checked by the
-    field's one schema (stages/fields.py): ParamError names the key."""
-    from stages.fields import REQUEST_FIELDS, check_value, param_of
-
-    return {field: check_value(param_of(*REQUEST_FIELDS[field]), config[key], key)
-            for key, field in GENERATION_KEYS.items() if config.get(key) is not None}
-
-
-def check_override(value) -> dict:
-    """vLLM's --override-generation-config: a JSON object of generation_config.json keys
-    (GENERATION_KEYS) set over the defaults --generation-config gives (null: left unset), each
-    value checked by its field's schema; a ValueError saying what is wrong otherwise."""
-    import difflib
-
-    from stages.fields import ParamError
-
-    if not isinstance(value, dict):
-        raise ValueError("must be a JSON object of generation_config.json keys, e.g. '{\"temperature\": 0.5}', "
-                         f"not {json.dumps(value, default=repr)[:40]}")
-    for key in value:
-        if key not in GENERATION_KEYS:
-            close = difflib.get_close_matches(key, list(GENERATION_KEYS), n=1)
-            raise ValueError(f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
-                             + f": it takes {', '.join(GENERATION_KEYS)}")
-    try:
-        sampling_of(value)
-    except ParamError as e:
-        raise ValueError(str(e)) from None
-    return dict(value)
-
-
 def generation_defaults(source: ModelSource | None, setting: str = "auto", own: dict | None = None,
                         override: dict | None = None) -> dict:
     """The sampling defaults a model's generation_config.json recommends, as vLLM's
     `--generation-config` takes them: "auto" reads the Hugging Face folder's (a GGUF file has
     none; `own`: that file as read_generation_config read it, else it is read here), "vllm" none,
     a folder path that folder's (`source` None: no model, for a setting other than auto).
-    `override` (vLLM's --override-generation-config, check_override) is set over the file's keys
-    (null: a key left unset). {request field: value} of the keys it sets (GENERATION_KEYS), each
-    checked by the field's one schema; a value outside it is a ModelFileError naming the file and
-    the key."""
-    from stages.fields import ParamError
+    `override` (vLLM's --override-generation-config, stages.fields.check_generation_override) is
+    set over the file's keys (null: a key left unset). {request field: value} of the keys it sets
+    (stages.fields.GENERATION_KEYS), each checked by the field's one schema; a value outside it is
+    a ModelFileError naming the file and the key."""
+    from stages.fields import ParamError, generation_sampling
 
     if setting == "auto":
         config = {} if source.kind != "hf" else own if own is not None else read_generation_config(source.path)
@@ -166,7 +128,7 @@ def generation_defaults(source: ModelSource | None, setting: str = "auto", own: 
         config = {} if setting == "vllm" else read_generation_config(setting)
     config = {**config, **(override or {})}      # as vLLM merges them: the override's keys win, null unsets
     try:
-        return sampling_of(config)
+        return generation_sampling(config)
     except ParamError as e:                      # the file's (the override is checked before)
         folder = source.path if setting == "auto" else Path(setting)
         raise ModelFileError(f"{folder / 'generation_config.json'}: {e}; give --generation-config vllm to leave "
