@@ -746,6 +746,12 @@ _SAVED = B.summarize("x", 2.0, [_record(0.0, [0.2, 0.3])], duration=1.0).to_dict
                                                   "an object of mean, p50, p90, p99"),
     (json.dumps([{**_SAVED, "rate": "fast"}]), "'rate' must be a number"),
     (json.dumps([{**_SAVED, "completed": "six"}]), "'completed' must be an integer"),
+    # fields the table and the plot read: an internal error there (AttributeError, a TypeError)
+    (json.dumps([{**_SAVED, "engine": None}]), "'engine' must be an object of the engines' counters"),
+    (json.dumps([{**_SAVED, "engine": {"mean_batch_size": "4"}}]), "'engine' must be an object"),
+    (json.dumps([{**_SAVED, "error_samples": "oops"}]), "'error_samples' must be a list of strings"),
+    (json.dumps([{**_SAVED, "slo": {"ttft": "fast"}}]), "'slo' must be an object of ttft, tpot, e2e limits"),
+    (json.dumps([{**_SAVED, "ttft_samples": ["a"]}]), "'ttft_samples' must be a list of numbers"),
 ])
 def test_a_baseline_that_is_no_report_file_is_refused_before_measuring(tmp_path, capsys, text, message):
     path = tmp_path / "old.json"

@@ -219,6 +219,10 @@ def _number(v) -> bool:
 
 
 _QUANTILES = ("mean", "p50", "p90", "p99")
+
+# the limits --goodput takes (vLLM's names; e2e is agp's for e2el)
+SLO_METRICS = ("ttft", "tpot", "e2e")
+
 # the fields of a saved report Report.from_dict checks: (whether a value is of the kind, the kind)
 _SAVED_FIELDS = {
     "label": (lambda v: isinstance(v, str), "a string"),
@@ -230,6 +234,15 @@ _SAVED_FIELDS = {
     **{k: (lambda v: v is None or _number(v), "a number or null") for k in ("kv_hit_rate", "goodput", "concurrency")},
     **{k: (lambda v: isinstance(v, dict) and all(q in v and (v[q] is None or _number(v[q])) for q in _QUANTILES),
            f"an object of {', '.join(_QUANTILES)}") for k in ("ttft", "tpot", "itl", "e2e")},
+    # the table and the plot read these too (an edited one was an internal error there)
+    "first_error": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "error_samples": (lambda v: isinstance(v, list) and all(isinstance(e, str) for e in v), "a list of strings"),
+    "engine": (lambda v: isinstance(v, dict) and (v.get("mean_batch_size") is None or _number(v["mean_batch_size"])),
+               "an object of the engines' counters (mean_batch_size a number or null)"),
+    "slo": (lambda v: isinstance(v, dict) and all(k in SLO_METRICS and _number(x) for k, x in v.items()),
+            f"an object of {', '.join(SLO_METRICS)} limits in seconds"),
+    **{k: (lambda v: isinstance(v, list) and all(_number(x) for x in v), "a list of numbers")
+       for k in ("ttft_samples", "e2e_samples")},
 }
 
 
@@ -262,9 +275,6 @@ def load_reports(path: str | Path) -> list[Report]:
 UNITS = {"rate": "requests/s", "duration_s": "s", "request_throughput": "requests/s",
          "output_throughput": "tokens/s", "total_throughput": "tokens/s", "ttft": "s", "tpot": "s", "itl": "s",
          "e2e": "s", "kv_hit_rate": "fraction", "peak_memory_bytes": "bytes", "slo": "s", "goodput": "requests/s"}
-
-# the limits --goodput takes (vLLM's names; e2e is agp's for e2el)
-SLO_METRICS = ("ttft", "tpot", "e2e")
 
 
 def _tpot(r: RequestRecord) -> float | None:
