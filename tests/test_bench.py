@@ -298,6 +298,24 @@ def test_a_setting_of_the_wrong_type_is_an_error_not_a_label_that_lies(tmp_path,
         "policy": "static", "model": "7", "seed": None, "batch_timeout_s": 1}
 
 
+
+def test_an_object_setting_is_a_json_object_commas_and_all(tmp_path):
+    """override_generation_config, an EngineConfig field listed among the known settings, could not
+    be given: the spec was split at every comma and any value was refused as 'dict or none'."""
+    agp_file = tmp_path / "p.agp"
+    agp_file.write_text("pipeline p {}")
+    spec = f'{agp_file},override_generation_config={{"temperature": 0.5, "top_p": 0.9}},prefix_reuse=false'
+    assert B.parse_target(spec)[1] == {"override_generation_config": {"temperature": 0.5, "top_p": 0.9},
+                                       "prefix_reuse": False}
+    assert B.target_label(spec) == 'p (override_generation_config={"temperature": 0.5, "top_p": 0.9}, prefix_reuse=false)'
+    with pytest.raises(B.BenchError, match="'override_generation_config' in .*: unknown key 'temp'"):
+        B.parse_target(f'{agp_file},override_generation_config={{"temp": 0.5}}')      # before any model loads
+    with pytest.raises(B.BenchError, match="'override_generation_config' in .* is not JSON"):
+        B.parse_target(f"{agp_file},override_generation_config={{temperature}}")
+    with pytest.raises(B.BenchError, match="must be a JSON object or none, not '5'"):
+        B.parse_target(f"{agp_file},override_generation_config=5")
+
+
 # ---------------------------------------------------------------- against the tiny model
 
 def _workload(tmp_path, n=6) -> Path:

@@ -29,6 +29,7 @@ import numpy as np
 from pipeline_dsl.commands import batch_api
 from pipeline_dsl.engine.config import time_per_output_token
 from pipeline_dsl.requests_io import ParsedRequest, RequestError, load_json, parse_line_object
+from stages.fields import check_generation_override
 
 
 class BenchError(ValueError):
@@ -551,7 +552,7 @@ def parse_target(spec: str) -> tuple[str, dict]:
 
     from pipeline_dsl.engine.config import EngineConfig
 
-    path, *pairs = spec.split(",")
+    path, *pairs = _spec_parts(spec)
     types = {f.name: str(f.type) for f in fields(EngineConfig)}
     known = set(types)
     settings = {}
@@ -573,19 +574,38 @@ def parse_target(spec: str) -> tuple[str, dict]:
 
 
 def target_label(spec: str) -> str:
-    path, *pairs = spec.split(",")
+    path, *pairs = _spec_parts(spec)
     stem = Path(path).stem
     return f"{stem} ({', '.join(pairs)})" if pairs else stem
 
 
+def _spec_parts(spec: str) -> list[str]:
+    """`path.agp,key=value,...` split at its commas, but not at those inside a JSON object or list
+    (`override_generation_config={"temperature": 0.5, "top_p": 0.9}`)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(spec):
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth = max(depth - 1, 0)
+        elif ch == "," and depth == 0:
+            parts.append(spec[start:i])
+            start = i + 1
+    return parts + [spec[start:]]
+
+
 _EXPECTED = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
-             "None": "none"}
+             "None": "none", "dict": "a JSON object"}
+# the object settings' checks (the engine's own, before any model loads)
+_OBJECT_CHECKS = {"override_generation_config": check_generation_override}
 
 
 def _of_type(key: str, value: str, annotation: str, spec: str):
     """A setting's value typed and checked against its EngineConfig field (`bool`, `int | None`…):
     `prefix_reuse=flase` is an error, not a string that reads as true while the label says false."""
     kinds = [t.strip() for t in annotation.split("|")]
+    if "dict" in kinds and value.lstrip().startswith("{"):
+        return _json_setting(key, value, spec)
     typed = _typed(value)
     if typed is None:
         ok = "None" in kinds
@@ -603,6 +623,20 @@ def _of_type(key: str, value: str, annotation: str, spec: str):
         return value
     expected = " or ".join(_EXPECTED.get(k, k) for k in kinds)
     raise BenchError(f"engine setting '{key}' in '{spec}' must be {expected}, not '{value}'")
+
+
+def _json_setting(key: str, value: str, spec: str) -> dict:
+    """A setting whose field is an object (override_generation_config): a JSON object, checked
+    as the engine checks it."""
+    try:
+        obj = json.loads(value)
+    except ValueError as e:
+        raise BenchError(f"engine setting '{key}' in '{spec}' is not JSON ({e})") from None
+    check = _OBJECT_CHECKS.get(key)
+    try:
+        return check(obj) if check is not None else obj
+    except ValueError as e:
+        raise BenchError(f"engine setting '{key}' in '{spec}': {e}") from None
 
 
 def _typed(value: str):
