@@ -298,6 +298,24 @@ def test_a_setting_of_the_wrong_type_is_an_error_not_a_label_that_lies(tmp_path,
         "policy": "static", "model": "7", "seed": None, "batch_timeout_s": 1}
 
 
+
+def test_an_object_setting_is_a_json_object_commas_and_all(tmp_path):
+    """override_generation_config, an EngineConfig field listed among the known settings, could not
+    be given: the spec was split at every comma and any value was refused as 'dict or none'."""
+    agp_file = tmp_path / "p.agp"
+    agp_file.write_text("pipeline p {}")
+    spec = f'{agp_file},override_generation_config={{"temperature": 0.5, "top_p": 0.9}},prefix_reuse=false'
+    assert B.parse_target(spec)[1] == {"override_generation_config": {"temperature": 0.5, "top_p": 0.9},
+                                       "prefix_reuse": False}
+    assert B.target_label(spec) == 'p (override_generation_config={"temperature": 0.5, "top_p": 0.9}, prefix_reuse=false)'
+    with pytest.raises(B.BenchError, match="'override_generation_config' in .*: unknown key 'temp'"):
+        B.parse_target(f'{agp_file},override_generation_config={{"temp": 0.5}}')      # before any model loads
+    with pytest.raises(B.BenchError, match="'override_generation_config' in .* is not JSON"):
+        B.parse_target(f"{agp_file},override_generation_config={{temperature}}")
+    with pytest.raises(B.BenchError, match="must be a JSON object or none, not '5'"):
+        B.parse_target(f"{agp_file},override_generation_config=5")
+
+
 # ---------------------------------------------------------------- against the tiny model
 
 def _workload(tmp_path, n=6) -> Path:
@@ -746,6 +764,12 @@ _SAVED = B.summarize("x", 2.0, [_record(0.0, [0.2, 0.3])], duration=1.0).to_dict
                                                   "an object of mean, p50, p90, p99"),
     (json.dumps([{**_SAVED, "rate": "fast"}]), "'rate' must be a number"),
     (json.dumps([{**_SAVED, "completed": "six"}]), "'completed' must be an integer"),
+    # fields the table and the plot read: an internal error there (AttributeError, a TypeError)
+    (json.dumps([{**_SAVED, "engine": None}]), "'engine' must be an object of the engines' counters"),
+    (json.dumps([{**_SAVED, "engine": {"mean_batch_size": "4"}}]), "'engine' must be an object"),
+    (json.dumps([{**_SAVED, "error_samples": "oops"}]), "'error_samples' must be a list of strings"),
+    (json.dumps([{**_SAVED, "slo": {"ttft": "fast"}}]), "'slo' must be an object of ttft, tpot, e2e limits"),
+    (json.dumps([{**_SAVED, "ttft_samples": ["a"]}]), "'ttft_samples' must be a list of numbers"),
 ])
 def test_a_baseline_that_is_no_report_file_is_refused_before_measuring(tmp_path, capsys, text, message):
     path = tmp_path / "old.json"

@@ -7,7 +7,8 @@
     agp bench examples/chat.agp -w bench/workloads/short_chat.jsonl --rate 4 --baseline before.json
 
 A PIPELINE runs in this process (its engine driven as `agp serve` drives it); append
-`,key=value` EngineConfig settings to measure a variant. `--url` (repeatable) measures any
+`,key=value` EngineConfig settings to measure a variant (an object's value is JSON:
+`,override_generation_config={"temperature": 0.5}`). `--url` (repeatable) measures any
 OpenAI-compatible server over streaming HTTP. Arrivals are Poisson at each `--rate`
 (`inf`: all at once). Reports request and token throughput, TTFT, TPOT, inter-token and
 end-to-end latency (mean, p50, p90, p99), errors and the KV hit rate; `--baseline` sets an

@@ -29,6 +29,7 @@ import numpy as np
 from pipeline_dsl.commands import batch_api
 from pipeline_dsl.engine.config import time_per_output_token
 from pipeline_dsl.requests_io import ParsedRequest, RequestError, load_json, parse_line_object
+from stages.fields import check_generation_override
 
 
 class BenchError(ValueError):
@@ -219,6 +220,10 @@ def _number(v) -> bool:
 
 
 _QUANTILES = ("mean", "p50", "p90", "p99")
+
+# the limits --goodput takes (vLLM's names; e2e is agp's for e2el)
+SLO_METRICS = ("ttft", "tpot", "e2e")
+
 # the fields of a saved report Report.from_dict checks: (whether a value is of the kind, the kind)
 _SAVED_FIELDS = {
     "label": (lambda v: isinstance(v, str), "a string"),
@@ -230,6 +235,15 @@ _SAVED_FIELDS = {
     **{k: (lambda v: v is None or _number(v), "a number or null") for k in ("kv_hit_rate", "goodput", "concurrency")},
     **{k: (lambda v: isinstance(v, dict) and all(q in v and (v[q] is None or _number(v[q])) for q in _QUANTILES),
            f"an object of {', '.join(_QUANTILES)}") for k in ("ttft", "tpot", "itl", "e2e")},
+    # the table and the plot read these too (an edited one was an internal error there)
+    "first_error": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "error_samples": (lambda v: isinstance(v, list) and all(isinstance(e, str) for e in v), "a list of strings"),
+    "engine": (lambda v: isinstance(v, dict) and (v.get("mean_batch_size") is None or _number(v["mean_batch_size"])),
+               "an object of the engines' counters (mean_batch_size a number or null)"),
+    "slo": (lambda v: isinstance(v, dict) and all(k in SLO_METRICS and _number(x) for k, x in v.items()),
+            f"an object of {', '.join(SLO_METRICS)} limits in seconds"),
+    **{k: (lambda v: isinstance(v, list) and all(_number(x) for x in v), "a list of numbers")
+       for k in ("ttft_samples", "e2e_samples")},
 }
 
 
@@ -262,9 +276,6 @@ def load_reports(path: str | Path) -> list[Report]:
 UNITS = {"rate": "requests/s", "duration_s": "s", "request_throughput": "requests/s",
          "output_throughput": "tokens/s", "total_throughput": "tokens/s", "ttft": "s", "tpot": "s", "itl": "s",
          "e2e": "s", "kv_hit_rate": "fraction", "peak_memory_bytes": "bytes", "slo": "s", "goodput": "requests/s"}
-
-# the limits --goodput takes (vLLM's names; e2e is agp's for e2el)
-SLO_METRICS = ("ttft", "tpot", "e2e")
 
 
 def _tpot(r: RequestRecord) -> float | None:
@@ -541,7 +552,7 @@ def parse_target(spec: str) -> tuple[str, dict]:
 
     from pipeline_dsl.engine.config import EngineConfig
 
-    path, *pairs = spec.split(",")
+    path, *pairs = _spec_parts(spec)
     types = {f.name: str(f.type) for f in fields(EngineConfig)}
     known = set(types)
     settings = {}
@@ -563,19 +574,38 @@ def parse_target(spec: str) -> tuple[str, dict]:
 
 
 def target_label(spec: str) -> str:
-    path, *pairs = spec.split(",")
+    path, *pairs = _spec_parts(spec)
     stem = Path(path).stem
     return f"{stem} ({', '.join(pairs)})" if pairs else stem
 
 
+def _spec_parts(spec: str) -> list[str]:
+    """`path.agp,key=value,...` split at its commas, but not at those inside a JSON object or list
+    (`override_generation_config={"temperature": 0.5, "top_p": 0.9}`)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(spec):
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth = max(depth - 1, 0)
+        elif ch == "," and depth == 0:
+            parts.append(spec[start:i])
+            start = i + 1
+    return parts + [spec[start:]]
+
+
 _EXPECTED = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
-             "None": "none"}
+             "None": "none", "dict": "a JSON object"}
+# the object settings' checks (the engine's own, before any model loads)
+_OBJECT_CHECKS = {"override_generation_config": check_generation_override}
 
 
 def _of_type(key: str, value: str, annotation: str, spec: str):
     """A setting's value typed and checked against its EngineConfig field (`bool`, `int | None`…):
     `prefix_reuse=flase` is an error, not a string that reads as true while the label says false."""
     kinds = [t.strip() for t in annotation.split("|")]
+    if "dict" in kinds and value.lstrip().startswith("{"):
+        return _json_setting(key, value, spec)
     typed = _typed(value)
     if typed is None:
         ok = "None" in kinds
@@ -593,6 +623,20 @@ def _of_type(key: str, value: str, annotation: str, spec: str):
         return value
     expected = " or ".join(_EXPECTED.get(k, k) for k in kinds)
     raise BenchError(f"engine setting '{key}' in '{spec}' must be {expected}, not '{value}'")
+
+
+def _json_setting(key: str, value: str, spec: str) -> dict:
+    """A setting whose field is an object (override_generation_config): a JSON object, checked
+    as the engine checks it."""
+    try:
+        obj = json.loads(value)
+    except ValueError as e:
+        raise BenchError(f"engine setting '{key}' in '{spec}' is not JSON ({e})") from None
+    check = _OBJECT_CHECKS.get(key)
+    try:
+        return check(obj) if check is not None else obj
+    except ValueError as e:
+        raise BenchError(f"engine setting '{key}' in '{spec}': {e}") from None
 
 
 def _typed(value: str):
