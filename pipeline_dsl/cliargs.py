@@ -117,15 +117,20 @@ def count(low: int, high: int = MAX_COUNT):
     return parse
 
 
-def seconds(text: str) -> float:
-    """A finite, positive number of seconds."""
+def positive_number(text: str, unit: str) -> float:
+    """A finite, positive number of `unit` (seconds, milliseconds)."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds") from None
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of {unit}") from None
     if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive number of {unit}, not {text}")
     return value
+
+
+def seconds(text: str) -> float:
+    """A finite, positive number of seconds."""
+    return positive_number(text, "seconds")
 
 
 def http_url(text: str) -> str:

@@ -643,7 +643,7 @@ def test_goodput_counts_the_completed_requests_within_every_slo():
 @pytest.mark.parametrize("argv, message", [
     (["--goodput", "ttfb:500"], "'ttfb:500' is not METRIC:MS with a metric of ttft, tpot, e2el"),
     (["--goodput", "ttft:soon"], "'soon' is not a number of milliseconds"),
-    (["--goodput", "tpot:-5"], "the limit must be a positive number of milliseconds"),
+    (["--goodput", "tpot:-5"], "the limit must be a positive number of milliseconds, not -5"),
     (["--burstiness", "0"], "must be positive (1 = Poisson), not 0"),
     (["--seed", "-1"], "argument --seed: must be between 0 and"),     # numpy's ValueError, an internal error
 ])

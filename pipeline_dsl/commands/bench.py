@@ -101,6 +101,7 @@ def slo_limit(text: str) -> tuple[str, float]:
     """`ttft:500` -> ("ttft", 0.5): a metric of --goodput and its limit in ms, as seconds."""
     import argparse
 
+    from pipeline_dsl.cliargs import positive_number
     from pipeline_dsl.commands.loadgen import SLO_METRICS
 
     name, colon, ms = text.partition(":")
@@ -108,11 +109,9 @@ def slo_limit(text: str) -> tuple[str, float]:
     if not colon or name not in SLO_METRICS:
         raise argparse.ArgumentTypeError(f"'{text}' is not METRIC:MS with a metric of ttft, tpot, e2el")
     try:
-        limit = float(ms)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}': '{ms}' is not a number of milliseconds") from None
-    if not (limit > 0 and math.isfinite(limit)):
-        raise argparse.ArgumentTypeError(f"'{text}': the limit must be a positive number of milliseconds")
+        limit = positive_number(ms.strip(), "milliseconds")
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"'{text}': the limit {e}") from None
     return name, limit / 1000
 
 
