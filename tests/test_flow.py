@@ -560,6 +560,27 @@ def _forty_runs(tmp_path):
                 for i in range(40)]
 
 
+def test_the_progress_ends_at_the_total_known_only_after_the_last_answer(tmp_path, monkeypatch):
+    """A stream's length is known at its end, which may come after the last answer (a line
+    refused there): the bar's last line shows the total then."""
+    import io
+    import sys
+
+    from pipeline_dsl.commands.runner import run_pipeline
+
+    rt, lines = _forty_runs(tmp_path)
+    asked = []
+
+    def total():                  # unknown when the bar starts and at each of the 3 answers
+        asked.append(1)
+        return 3 if len(asked) > 4 else None
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    run_pipeline(rt, iter(lines[:3]), on_done=lambda slot, record: None, progress=True, total=total)
+    rt.shutdown()
+    assert "3/3" in sys.stderr.getvalue().splitlines()[-1]
+
+
 def test_a_batch_keeps_no_answer_once_it_is_handed_on(tmp_path):
     """A long batch's memory does not grow with its answers: run_all(keep_results=False) hands each
     result to on_result and keeps none, and agp run's runner keeps of each only what its summary

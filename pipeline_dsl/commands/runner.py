@@ -184,6 +184,8 @@ def run_pipeline(runtime, requests: Iterable[RunRequest], *, on_done: Callable[[
     runtime.run_all(items(), on_result=done, stop=stop, keep_results=False)
     wall = time.perf_counter() - t0
     if bar is not None:
+        if total is not None and (n := total()) is not None and n != bar.total:
+            bar.total = n                  # the input's end came after the last answer (a line refused there)
         bar.close()
     never = list(taken.values())            # taken, never answered nor cut (a line's prompts not all started)
     for r in never:
