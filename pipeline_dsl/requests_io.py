@@ -240,12 +240,18 @@ def _shown(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def checked(name: str, value, given_as: str | None = None):
-    """A sampling field through the schema of the stage parameter it sets (stages/fields.py)."""
+def through_schema(check, *args):
+    """`check(*args)`, one of the fields' schemas (stages/fields.py); its ParamError is a
+    RequestError naming the field."""
     try:
-        return check_field(name, value, given_as)
+        return check(*args)
     except ParamError as e:
         raise RequestError(str(e), param=e.field) from None
+
+
+def checked(name: str, value, given_as: str | None = None):
+    """A sampling field through the schema of the stage parameter it sets (stages/fields.py)."""
+    return through_schema(check_field, name, value, given_as)
 
 
 def check_min_tokens(sampling: dict, max_tokens_field: str = "max_tokens") -> None:
@@ -260,10 +266,7 @@ def check_min_tokens(sampling: dict, max_tokens_field: str = "max_tokens") -> No
 
 def token_ids(name: str, value) -> tuple[int, ...]:
     """A request's list of token ids (allowed_token_ids), through its one schema (stages/fields.py)."""
-    try:
-        return check_token_ids(name, value)
-    except ParamError as e:
-        raise RequestError(str(e), param=e.field) from None
+    return through_schema(check_token_ids, name, value)
 
 
 def is_id(value) -> bool:
@@ -289,19 +292,13 @@ def json_type(v) -> str:
 
 def cache_salt(value) -> str:
     """A request's cache_salt (vLLM's), through its one schema (stages/fields.py)."""
-    try:
-        return check_cache_salt(value)
-    except ParamError as e:
-        raise RequestError(str(e), param=e.field) from None
+    return through_schema(check_cache_salt, value)
 
 
 def priority(value) -> int:
     """A request's priority (vLLM's: lower is admitted first when the engine schedules by priority; a
     non-zero value is refused by one that schedules fcfs), through its one schema (stages/fields.py)."""
-    try:
-        return check_priority(value)
-    except ParamError as e:
-        raise RequestError(str(e), param=e.field) from None
+    return through_schema(check_priority, value)
 
 
 def parse_request(obj, default_id=None) -> ParsedRequest:
