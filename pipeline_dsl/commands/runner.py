@@ -131,6 +131,11 @@ def run_pipeline(runtime, requests: Iterable[RunRequest], *, on_done: Callable[[
     lock = threading.Lock()
     completion = 0
 
+    def known_total() -> None:
+        """The bar's total once `total()` knows it (a streamed input's: counted, or read to its end)."""
+        if total is not None and (n := total()) is not None and n != bar.total:
+            bar.total = n
+
     interrupted = 0
     taken: dict[int, RunRequest] = {}       # each line taken and not answered yet
     owner: dict[int, tuple[int, int]] = {}   # each pipeline request in flight -> (its line, its place there)
@@ -177,15 +182,13 @@ def run_pipeline(runtime, requests: Iterable[RunRequest], *, on_done: Callable[[
                 completion += result.usage.get("completion_tokens", 0)
                 # shown with the count, at the bar's pace (a refresh per answer filled a log)
                 bar.set_postfix_str(f"{completion / max(time.perf_counter() - t0, 1e-9):.0f} tok/s", refresh=False)
-                if total is not None and (n := total()) is not None and n != bar.total:
-                    bar.total = n              # a streamed input's, known once counted or read to its end
+                known_total()
                 bar.update(1)
 
     runtime.run_all(items(), on_result=done, stop=stop, keep_results=False)
     wall = time.perf_counter() - t0
     if bar is not None:
-        if total is not None and (n := total()) is not None and n != bar.total:
-            bar.total = n                  # the input's end came after the last answer (a line refused there)
+        known_total()                      # the input's end may come after the last answer (a line refused there)
         bar.close()
     never = list(taken.values())            # taken, never answered nor cut (a line's prompts not all started)
     for r in never:
