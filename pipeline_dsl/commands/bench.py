@@ -136,7 +136,8 @@ def parse_rates(text: str) -> list[float]:
 
 def main(args) -> int:
     from pipeline_dsl.commands.loadgen import (BenchError, EngineTarget, HTTPTarget, Interrupted, bench_one,
-                                        failure, format_table, load_reports, load_workload, parse_target)
+                                        failure, format_table, load_reports, load_workload, parse_target,
+                                        rate_text)
     from pipeline_dsl.diagnostics import CheckFailed
     from pipeline_dsl.engine.errors import InputError
 
@@ -202,7 +203,7 @@ def main(args) -> int:
                 break
             except Interrupted as e:
                 report = e.report
-                stopped = (f"while measuring {report.label} at rate {_rate(rate)}: its report holds the "
+                stopped = (f"while measuring {report.label} at rate {rate_text(rate)}: its report holds the "
                            f"{report.requests} requests that had ended in its first {report.duration_s:.1f} s")
             except KeyboardInterrupt:        # before the load began (its warm-up, a server's models)
                 stopped = "before a measurement began"
@@ -228,7 +229,7 @@ def main(args) -> int:
         return 130
     failed = [(r, why) for r in reports if (why := failure(r))]
     for r, why in failed:                    # the other targets' measurements are printed above
-        print(f"agp bench: error: {r.label} at rate {_rate(r.rate)}: {why}", file=sys.stderr)
+        print(f"agp bench: error: {r.label} at rate {rate_text(r.rate)}: {why}", file=sys.stderr)
     return max([*codes, 1 if failed else 0])
 
 
@@ -244,10 +245,6 @@ def _show(reports, args, table: bool = True) -> int:
         plot(reports, plot_path)
         print(f"plot: {plot_path}", file=sys.stderr)
     return 0
-
-
-def _rate(rate: float) -> str:
-    return "inf" if math.isinf(rate) else f"{rate:g}"
 
 
 def _dedupe_labels(reports) -> None:

@@ -292,12 +292,12 @@ def _tpot(r: RequestRecord) -> float | None:
     return time_per_output_token(r.done - r.first_token, r.completion_tokens, len(r.chunk_times))
 
 
-def _good(r: RequestRecord, slo: dict) -> bool:
-    """Whether a completed request meets every limit of `slo`, as `vllm bench serve`'s goodput
-    judges it: a request without a TPOT (one token, one chunk) counts 0 for it; one without a
-    first token waited its whole E2E for it."""
+def _good(r: RequestRecord, tpot: float | None, slo: dict) -> bool:
+    """Whether a completed request (its TPOT `tpot`, _tpot's) meets every limit of `slo`, as
+    `vllm bench serve`'s goodput judges it: a request without a TPOT (one token, one chunk) counts
+    0 for it; one without a first token waited its whole E2E for it."""
     e2e = r.done - r.sent
-    seen = {"ttft": e2e if r.first_token is None else r.first_token - r.sent, "tpot": _tpot(r) or 0.0, "e2e": e2e}
+    seen = {"ttft": e2e if r.first_token is None else r.first_token - r.sent, "tpot": tpot or 0.0, "e2e": e2e}
     return all(seen[key] <= limit for key, limit in slo.items())
 
 
@@ -308,7 +308,8 @@ def summarize(label: str, rate: float, records: list[RequestRecord], duration: f
     slo = dict(slo or {})
     ttft = [r.first_token - r.sent for r in ok if r.first_token is not None]
     e2e = [r.done - r.sent for r in ok]
-    tpot = [t for r in ok if (t := _tpot(r)) is not None]
+    tpots = [_tpot(r) for r in ok]
+    tpot = [t for t in tpots if t is not None]
     itl = [b - a for r in ok for times in r.chunk_times.values() for a, b in zip(times, times[1:])]
     prompt = sum(r.prompt_tokens for r in ok)
     out = sum(r.completion_tokens for r in ok)
@@ -328,7 +329,7 @@ def summarize(label: str, rate: float, records: list[RequestRecord], duration: f
         ttft=_dist(ttft), tpot=_dist(tpot), itl=_dist(itl), e2e=_dist(e2e),
         error_samples=sorted(set(errors))[:5], first_error=errors[0] if errors else None, engine=engine,
         concurrency=concurrency, burstiness=burstiness, slo=slo,
-        goodput=sum(_good(r, slo) for r in ok) / duration if slo else None,
+        goodput=sum(_good(r, t, slo) for r, t in zip(ok, tpots)) / duration if slo else None,
         ttft_samples=ttft, e2e_samples=e2e)
 
 
@@ -794,9 +795,14 @@ def _ms(v) -> str:
     return "-" if v is None else f"{v * 1000:.1f}"
 
 
+def rate_text(rate: float) -> str:
+    """A request rate as the table and the messages show it: `inf`, or 2, 0.5."""
+    return "inf" if math.isinf(rate) else f"{rate:g}"
+
+
 def _rows(reports: list[Report]) -> list[tuple[str, list[str]]]:
     rows: list[tuple[str, list[str]]] = [
-        ("rate (req/s)", ["inf" if math.isinf(r.rate) else f"{r.rate:g}" for r in reports]),
+        ("rate (req/s)", [rate_text(r.rate) for r in reports]),
         ("max concurrency", [str(r.concurrency) if r.concurrency else "-" for r in reports]),
     ]
     if any(r.burstiness != 1.0 for r in reports):
