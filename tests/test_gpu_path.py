@@ -96,6 +96,28 @@ def test_decode_graphs_replayed_from_static_buffers_give_the_eager_tokens(model,
     assert runner.k_cache[:, :].isfinite().all()
 
 
+def test_a_capture_that_fails_at_load_leaves_every_step_eager_and_says_why(model, caplog):
+    # a capture CUDA refuses (an operation a stream capture does not allow) must cost the graphs,
+    # not the load: the first device run would otherwise have no figure at all
+    ref, _ = run_engine(eager(model), 0, True)
+
+    class Refused(EagerGraphs):
+        def capture(self, fn):
+            if self.captured == 3:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            return super().capture(fn)
+
+    runner = eager(model)
+    with caplog.at_level("WARNING", logger="agp.model"):
+        got = runner.capture_graphs(max_batch=8, max_len=96, graph_factory=Refused(), max_tokens=24)
+    assert got["graphs"] == got["piece_graphs"] == 0 and runner.graphs is None
+    assert got["fallback"] == runner.graphs_fallback == \
+        "RuntimeError: operation not permitted when stream is capturing"
+    assert "capture failed" in caplog.text
+    out, _ = run_engine(runner, 0, True)
+    assert same_answers(out, ref) and len(out) == 12
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "flex"])
 @pytest.mark.parametrize("executor", [False, True], ids=["engine.step", "executor"])
 def test_mixed_steps_replay_piecewise_graphs_and_give_the_eager_tokens(model, attention, executor):

@@ -716,6 +716,8 @@ def load_runner(config: EngineConfig):
                                         max_tokens=max(config.max_tokens_per_step, config.max_batch_size))
             extra.update(cuda_graphs=got["graphs"], piece_graphs=got["piece_graphs"],
                          graph_capture_s=got["capture_s"])
+            if got.get("fallback"):         # the capture failed: steps run eagerly, and this says why
+                extra["graphs_fallback"] = got["fallback"]
     extra["attention"] = runner.attention
     if runner.attention_fallback:
         extra["attention_fallback"] = runner.attention_fallback

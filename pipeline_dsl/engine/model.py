@@ -344,6 +344,7 @@ class ModelRunner:
             make_invariant(model)
             self.native, self.pad_decode = None, False
         self.graphs = None                    # cuda_graphs.DecodeGraphs once captured (capture_graphs)
+        self.graphs_fallback: str | None = None   # why the capture failed at load, if it did
         # attention: "sdpa" gathers each sequence's keys and runs SDPA (the native kernels on CPU);
         # "flex" reads the pool in place, every row of a step in one FlexAttention call (flex.py);
         # "auto": flex on CUDA where it can serve, sdpa elsewhere
@@ -385,12 +386,27 @@ class ModelRunner:
         max_tokens the piecewise graphs of steps of up to that many rows (mixed prefill + decode:
         dense parts captured, attention eager); steps that fit no graph run eagerly. Returns
         {"graphs": n, "piece_graphs": n, "capture_s": seconds}. CUDA only unless a graph_factory
-        is given (tests run the same bookkeeping with an eager stand-in)."""
+        is given (tests run the same bookkeeping with an eager stand-in). A capture that fails
+        leaves no graph at all: every step runs eagerly, and `graphs_fallback` (also in the
+        returned dict as "fallback") says why, as a flex compile that fails at load does."""
+        import time
+
         from .cuda_graphs import DecodeGraphs   # CUDA-only code: imported only here
 
         self.pad_decode = True                  # static shapes: the decode batch padded to a bucket
         self.graphs = DecodeGraphs(self, graph_factory)
-        return self.graphs.capture_all(max_batch, max_len, max_tokens)
+        t0 = time.perf_counter()
+        try:
+            return self.graphs.capture_all(max_batch, max_len, max_tokens)
+        except Exception as e:  # noqa: BLE001 - graphs are an optimisation, never a failure
+            import logging
+
+            self.graphs = None                  # the graphs captured so far go with it (and their pool)
+            self.graphs_fallback = f"{type(e).__name__}: {str(e)[:200]}"
+            logging.getLogger("agp.model").warning("CUDA graph capture failed at load (%s); every step runs "
+                                                   "eagerly", self.graphs_fallback)
+            return {"graphs": 0, "piece_graphs": 0, "capture_s": time.perf_counter() - t0,
+                    "fallback": self.graphs_fallback}
 
     @torch.inference_mode()
     def warm_up(self) -> float:
