@@ -2,11 +2,14 @@
 # What a bare GPU machine lacks for bench/gpu_suite.py, made here (a machine with network and the
 # embedded model): the real tokenizer folder and the wheels of ../shared/GPU-NOTES.md, pinned to
 # the versions this checkout's tests run with (pydantic and pydantic-core must match each other).
+# typing_extensions too: the image has one (torch needs it), but pydantic-core imports names
+# (Sentinel) that only recent versions have, and without them fastapi, so `agp serve`, fails.
 #     sh bench/gpu_prepare.sh [python]     # writes bench/tok and .whl/gpu; both travel with the tree
 set -eu
 cd "$(dirname "$0")/.."
 PY=${1:-python3}
-PKGS="lark graphviz gguf fastapi starlette pydantic pydantic_core annotated-types typing-inspection annotated-doc opentelemetry-api uvicorn"
+PKGS="lark graphviz gguf fastapi starlette pydantic pydantic_core annotated-types typing-inspection annotated-doc
+      opentelemetry-api uvicorn typing_extensions"
 [ -f bench/tok/tokenizer.json ] || PYTHONPATH=$PWD "$PY" bench/gpu_suite.py --make-tokenizer bench/tok
 pins=""
 for p in $PKGS; do
