@@ -11,24 +11,29 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/agp-gpu}
 LIMIT=${LIMIT:-575}                          # seconds from this script's start; the device stops it at 600
+STEP=${STEP:-60}                             # seconds each step around the suite may take: none hangs it
 start=$(date +%s)
 mkdir -p "$OUT" /tmp/site
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/gpu/*.whl >"$OUT/pip.log" 2>&1 \
-    || echo "wheels: install failed ($OUT/pip.log)"
+timeout -k 5 "$STEP" python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/gpu/*.whl \
+    >"$OUT/pip.log" 2>&1 || echo "wheels: install failed ($OUT/pip.log)"
 export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -n 2
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1 | tail -n 1
+timeout -k 5 "$STEP" nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -n 2
+timeout -k 5 "$STEP" python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+    2>&1 | tail -n 1
 left=$((LIMIT - ($(date +%s) - start) - 15))  # 15 s for the tables after it
 [ "$left" -lt 30 ] && left=30
+budget=$((left - 70))                        # a row may end a minute past the budget: 10 s before the cut
+[ "$budget" -gt "${BUDGET:-480}" ] && budget=${BUDGET:-480}   # (less when the steps above were slow)
 rm -f "$OUT/gpu.json"                        # only this run's rows make the tables
 timeout -s INT -k 10 "$left" python3 bench/gpu_suite.py --tokenizer bench/tok --json "$OUT/gpu.json" \
-    --budget "${BUDGET:-480}" ${ONLY:+--only "$ONLY"} >"$OUT/gpu.log" 2>"$OUT/gpu.stderr"
+    --budget "$budget" ${ONLY:+--only "$ONLY"} >"$OUT/gpu.log" 2>"$OUT/gpu.stderr"
 rc=$?
 [ $rc -eq 124 ] && echo "suite stopped at $left s: the rows it finished are below"
 grep -m 3 -E "^preflight|Error|Traceback" "$OUT/gpu.stderr" "$OUT/gpu.log" | cut -c1-200
 echo "suite exit $rc; rows as they ran: $OUT/gpu.log; stderr: $OUT/gpu.stderr"
 if [ -s "$OUT/gpu.json" ]; then
-    python3 bench/gpu_suite.py --table "$OUT/gpu.json" 2>>"$OUT/gpu.stderr" || tail -n 40 "$OUT/gpu.log"
+    timeout -k 5 "$STEP" python3 bench/gpu_suite.py --table "$OUT/gpu.json" 2>>"$OUT/gpu.stderr" \
+        || tail -n 40 "$OUT/gpu.log"
 else
     tail -n 20 "$OUT/gpu.log"; tail -n 5 "$OUT/gpu.stderr" | cut -c1-300
 fi

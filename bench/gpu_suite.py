@@ -45,8 +45,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -71,6 +69,7 @@ def make_tokenizer(out: Path) -> None:
 
 def make_model(shape: str, tokenizer: Path, out: Path, device: str) -> Path:
     """A random-weight Llama folder of the shape, the tokenizer files beside it."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
@@ -164,6 +163,8 @@ def loaded(cfg, attention: str | None):
 
 def release(keep: Path | None = None) -> None:
     """Free every loaded runner but keep's (the KV pool and the graphs' memory)."""
+    import torch
+
     for key in [k for k in RUNNERS if k[0] != str(keep)]:
         del RUNNERS[key]
     gc.collect()                # the runner and its graphs refer to each other: only the cycle
@@ -223,6 +224,7 @@ def engine_alone(folder: Path, device: str, ps, new: int, *, overlap=None, graph
 
 
 def transformers_generate(folder: Path, device: str, ps, new: int) -> dict:
+    import torch
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(str(folder), torch_dtype=torch.bfloat16,
@@ -457,9 +459,11 @@ def main(argv=None) -> int:
         make_tokenizer(args.make_tokenizer)
         print(f"wrote {args.make_tokenizer}")
         return 0
-    if args.table:
+    if args.table:                  # without torch: the tables print even where importing it hangs
         print_tables(json.loads(args.table.read_text()))
         return 0
+    import torch
+
     smoke = args.smoke
     device = "cpu" if smoke else "cuda"
     if smoke:

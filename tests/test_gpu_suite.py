@@ -192,3 +192,34 @@ else:
     assert out.stdout.rstrip().endswith("| agp serve 512 streams, streamed tok/s / engine alone (same prompts) "
                                         "| 75% | >= 70 % | yes |")
     assert "W1205" in (tmp_path / "out" / "gpu.stderr").read_text()
+
+
+def test_gpu_device_script_goes_on_when_a_setup_step_hangs(tmp_path):
+    # a wedged nvidia-smi or a python that hangs importing torch must not take the command's 600 s:
+    # each step around the suite has its own limit, and the tables still come last
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\nexec sleep 1000\n")
+    (fake / "python3").write_text(f"""#!{sys.executable}
+import os, sys, time
+args = sys.argv[1:]
+if args[:1] == ["-c"]:
+    time.sleep(1000)                                  # the version line: hangs
+elif "--tokenizer" in args:
+    open(args[args.index("--json") + 1], "w").write({json.dumps(json.dumps(
+        {"device": "x", "torch": "t", "date": "d", "wall_s": 1, "complete": True, "rows": {},
+         "table": [["a row", "1 tok/s"]], "workload": {"n": 256, "new": 128, "shapes": ["s", "l"],
+                                                        "streams": [256, 512]}}))})
+elif args[:2] == ["-m", "pip"]:
+    pass
+else:
+    os.execv({sys.executable!r}, [{sys.executable!r}] + args)
+""")
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", OUT=str(tmp_path / "out"), PYTHONPATH=str(ROOT),
+               STEP="5")
+    out = subprocess.run(["sh", str(ROOT / "bench" / "gpu_device.sh")], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "| a row | 1 tok/s |" in out.stdout and "| done when" in out.stdout
