@@ -429,13 +429,22 @@ def print_tables(saved: dict) -> None:
         print("| " + " | ".join(row) + " |")
 
 
-def preflight(tok: Path | None) -> list[str]:
-    """What the device lacks for some rows, said before the first row rather than inside it."""
-    import importlib.util
+PREFLIGHT_MODULES = ("transformers", "gguf", "lark", "pydantic", "fastapi", "uvicorn", "httpx")
 
-    missing = [m for m in ("transformers", "gguf", "lark", "fastapi", "uvicorn", "httpx")
-               if importlib.util.find_spec(m) is None]
-    problems = [f"no module {m} (GPU-NOTES.md: bring its wheel)" for m in missing]
+
+def preflight(tok: Path | None) -> list[str]:
+    """What the device lacks for some rows, said before the first row rather than inside it. Each
+    module is imported, not only found: a wheel can be there and still fail to import against the
+    image's own packages (pydantic-core wants a newer typing_extensions than an image may have)."""
+    import importlib
+
+    problems = []
+    for m in PREFLIGHT_MODULES:
+        try:
+            importlib.import_module(m)
+        except Exception as e:  # noqa: BLE001 - any failure to import is what the rows would meet
+            problems.append(f"module {m} does not import ({type(e).__name__}: {str(e)[:160]}; "
+                            f"GPU-NOTES.md: bring its wheel)")
     if tok is None or not (tok / "tokenizer.json").is_file():
         problems.append(f"no tokenizer folder at {tok} (make it with --make-tokenizer on a machine with "
                         f"the embedded model)")

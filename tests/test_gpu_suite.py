@@ -223,3 +223,19 @@ else:
                          timeout=120)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "| a row | 1 tok/s |" in out.stdout and "| done when" in out.stdout
+
+
+def test_gpu_suite_preflight_names_a_module_that_is_there_but_does_not_import(tmp_path, monkeypatch):
+    # a carried wheel can be found and still fail against the image's packages (pydantic-core and an
+    # older typing_extensions): the preflight says so before the first row, not the serve row later
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu_suite
+
+    (tmp_path / "agp_broken_wheel.py").write_text(
+        "raise ImportError(\"cannot import name 'Sentinel' from 'typing_extensions'\")\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(gpu_suite, "PREFLIGHT_MODULES", ("json", "agp_broken_wheel"))
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    problems = gpu_suite.preflight(tmp_path / "tok")
+    assert len(problems) == 1 and "agp_broken_wheel does not import" in problems[0] and "Sentinel" in problems[0]
