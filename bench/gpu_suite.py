@@ -135,11 +135,13 @@ ESTIMATE_S = {
 PIPELINE_STEP = {"max_tokens_per_step": 512, "prefill_chunk": 256}
 
 RUNNERS: dict = {}         # (folder, attention) -> (runner, load info): one load serves every row of it
+LOAD_FAILED: dict = {}     # (folder, attention) -> why its load failed: the rows after it fail at once
 
 
 def loaded(cfg, attention: str | None):
     """The runner of cfg.model with that attention, loaded (warm-up, graphs) once for the suite:
-    each load compiles and captures, which alone would take most of a device command's time."""
+    each load compiles and captures, which alone would take most of a device command's time, so
+    a load that failed is not tried again by every row of that runner."""
     from pipeline_dsl.engine.engine import load_runner
 
     key = (cfg.model, attention)
@@ -147,12 +149,17 @@ def loaded(cfg, attention: str | None):
             and info.get("attention") == attention and not info.get("attention_fallback")]
     if same:                                # the default load already runs this attention
         return RUNNERS[same[0]]
+    if key in LOAD_FAILED:
+        raise RuntimeError(f"its model's load failed in an earlier row: {LOAD_FAILED[key]}")
     if key not in RUNNERS:
         before = os.environ.get("AGP_ATTENTION")
         if attention:                       # flex (reads the pool in place) or sdpa (gathers): A/B
             os.environ["AGP_ATTENTION"] = attention
         try:
             RUNNERS[key] = load_runner(cfg)[::2]
+        except Exception as e:
+            LOAD_FAILED[key] = f"{type(e).__name__}: {str(e)[:200]}"
+            raise
         finally:
             if before is None:
                 os.environ.pop("AGP_ATTENTION", None)

@@ -239,3 +239,29 @@ def test_gpu_suite_preflight_names_a_module_that_is_there_but_does_not_import(tm
     (tmp_path / "tok" / "tokenizer.json").write_text("{}")
     problems = gpu_suite.preflight(tmp_path / "tok")
     assert len(problems) == 1 and "agp_broken_wheel does not import" in problems[0] and "Sentinel" in problems[0]
+
+
+def test_gpu_suite_tries_a_failed_load_once_and_fails_the_rows_after_it_at_once(tmp_path, monkeypatch):
+    # every engine row of a model shares its load (minutes of compile and capture on a device): one
+    # that failed is not tried again by each row, which would spend the budget failing
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu_suite
+    from pipeline_dsl.engine import engine
+
+    loads = []
+
+    def load_runner(cfg):
+        loads.append(cfg.model)
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(engine, "load_runner", load_runner)
+    monkeypatch.setattr(gpu_suite, "make_model", lambda shape, tok, folder, device: folder)
+    monkeypatch.setattr(gpu_suite, "RUNNERS", {})
+    monkeypatch.setattr(gpu_suite, "LOAD_FAILED", {})
+    out = tmp_path / "rows.json"
+    assert gpu_suite.main(["--smoke", "--tokenizer", str(tmp_path), "--json", str(out), "--only", "batch sweep"]) == 1
+    rows = json.loads(out.read_text())["rows"]
+    assert len(loads) == 1
+    assert rows["batch sweep 1"]["error"] == "RuntimeError: CUDA error: out of memory"
+    assert rows["batch sweep 4"]["error"] == ("RuntimeError: its model's load failed in an earlier row: "
+                                              "RuntimeError: CUDA error: out of memory")
