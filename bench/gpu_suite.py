@@ -84,6 +84,7 @@ def make_model(shape: str, tokenizer: Path, out: Path, device: str) -> Path:
 
 
 DEADLINE: list = [None]    # perf_counter() by which a subprocess row must end (the budget, and a minute)
+ROW_MIN_S = 30             # what a subprocess row is given at least, however late it starts
 KV_BUDGET = [4 << 30]      # the engine-alone rows' KV pool: 4 GiB on a device, small in --smoke (CPU RAM)
 
 
@@ -286,14 +287,18 @@ def chat_requests(n: int, new: int) -> list[dict]:
              "max_tokens": new, "ignore_eos": True, "return_token_ids": True} for i in range(n)]
 
 
+def time_left(most: float = 300) -> float:
+    """Seconds a subprocess row may run: well inside a device command's 600 s, and never past the
+    suite's time budget (DEADLINE), though at least ROW_MIN_S."""
+    return most if DEADLINE[0] is None else max(ROW_MIN_S, min(most, DEADLINE[0] - time.perf_counter()))
+
+
 def agp_run(pipeline: Path, reqs: list[dict], tmp: Path) -> dict:
     inp, out, st = tmp / "req.jsonl", tmp / "out.jsonl", tmp / "stats.json"
     inp.write_text("".join(json.dumps(r) + "\n" for r in reqs))
     cmd = [sys.executable, "-m", "pipeline_dsl.cli", "run", str(pipeline), "-i", str(inp), "-o", str(out),
            "--stats", str(st), "--no-progress", "--overwrite"]
-    # a row, well inside a device command's 600 s, and never past the suite's time budget
-    limit = 300 if DEADLINE[0] is None else max(30, min(300, DEADLINE[0] - time.perf_counter()))
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=time_left())
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
     s = json.loads(st.read_text())
@@ -341,13 +346,24 @@ async def _streams(port: int, n: int, new: int) -> dict:
 
 
 def agp_serve(pipeline: Path, counts, new: int) -> list[dict]:
+    """The streams against `agp serve`, the server's start and every wave within time_left(): a
+    server that never answers ends the row, not the suite."""
     from serve_load import Server                    # bench/serve_load.py (this script's folder)
 
-    srv = Server(str(pipeline))
+    limit = time_left()
+    end = time.perf_counter() + limit
+    srv = Server(str(pipeline), startup_s=limit)
     try:
-        return [asyncio.run(_streams(srv.port, n, new)) for n in counts]
+        out = []
+        for n in counts:
+            try:
+                out.append(asyncio.run(asyncio.wait_for(_streams(srv.port, n, new),
+                                                        max(end - time.perf_counter(), 1))))
+            except TimeoutError:
+                raise RuntimeError(f"{n} streams not answered within the row's {limit:.0f} s") from None
+        return out
     finally:
-        srv.terminate()
+        srv.terminate(timeout=10)
 
 
 def names(n: int, new: int, shapes, streams) -> dict:
@@ -537,8 +553,8 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001 - one row's failure is reported, the suite goes on
                 results[name] = r = {"error": f"{type(e).__name__}: {e}"}
                 rows.append((name, f"failed: {type(e).__name__}: {str(e)[:120]}"))
-            if isinstance(r, dict):                  # the row's own seconds: to check ESTIMATE_S against
-                r["row_s"] = round(time.perf_counter() - t0, 3)
+            for part in r if isinstance(r, list) else [r]:   # the row's own seconds: to check ESTIMATE_S
+                part["row_s"] = round(time.perf_counter() - t0, 3)   # against (a serve row: each wave)
         print(f"{name:48s} {rows[-1][1]}", flush=True)
         save(False)
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -46,10 +48,12 @@ def test_gpu_suite_smoke_prints_every_figure_on_cpu(tmp_path):
     assert run["ids_digest"] == run_base["ids_digest"] != rows["engine alone, tiny, 8 x 8"]["ids_digest"]
     assert run["tokens"] == run_base["tokens"] == 8 * 8 and run["answered"] == 8
     assert (run_base["step_tokens"], run_base["prefill_chunk"]) == (512, 256)      # the pipeline file's
-    serve = rows["agp serve balanced, 4 / 8 streams x 8"][-1]
+    serve_row = rows["agp serve balanced, 4 / 8 streams x 8"]
+    serve = serve_row[-1]
     serve_base = rows["engine alone, tiny, agp serve's 8 chat prompts x 8"]
     assert serve["ids_digest"] == serve_base["ids_digest"] and serve["tokens"] == serve_base["tokens"] == 8 * 8
     assert all(r["row_s"] >= 0 for r in rows.values() if isinstance(r, dict))     # recorded (a tiny row takes ~0 s)
+    assert all(wave["row_s"] > 0 for wave in serve_row)                               # a serve row's, in each wave
 
 
 def test_gpu_suite_saves_each_row_as_it_finishes_and_runs_only_the_rows_asked(tmp_path, monkeypatch):
@@ -265,3 +269,37 @@ def test_gpu_suite_tries_a_failed_load_once_and_fails_the_rows_after_it_at_once(
     assert rows["batch sweep 1"]["error"] == "RuntimeError: CUDA error: out of memory"
     assert rows["batch sweep 4"]["error"] == ("RuntimeError: its model's load failed in an earlier row: "
                                               "RuntimeError: CUDA error: out of memory")
+
+
+def test_gpu_suite_serve_row_ends_within_its_time_when_the_streams_do_not(tmp_path, monkeypatch):
+    # a server that never answers its streams ends the row at the suite's deadline, not the suite
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import asyncio
+    import time
+
+    import gpu_suite
+    import serve_load
+
+    seen = {}
+
+    class Server:
+        port = 1
+
+        def __init__(self, pipeline, startup_s=300):
+            seen["startup_s"] = startup_s
+
+        def terminate(self, timeout=120):
+            seen["terminate_s"] = timeout
+
+    async def streams(port, n, new):
+        await asyncio.sleep(5)
+        return {"streams": n}
+
+    monkeypatch.setattr(serve_load, "Server", Server)
+    monkeypatch.setattr(gpu_suite, "_streams", streams)
+    monkeypatch.setattr(gpu_suite, "ROW_MIN_S", 0.5)
+    monkeypatch.setattr(gpu_suite, "DEADLINE", [time.perf_counter() + 1])
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="4 streams not answered within the row's 1 s"):
+        gpu_suite.agp_serve(tmp_path / "p.agp", (4, 8), 8)
+    assert time.perf_counter() - t0 < 4 and seen["startup_s"] <= 1 and seen["terminate_s"] <= 10
