@@ -226,6 +226,7 @@ def engine_alone(folder: Path, device: str, ps, new: int, *, overlap=None, graph
             "load_s": info.get("load_s"), "graphs": info.get("cuda_graphs"), "piece_graphs": info.get("piece_graphs"),
             "capture_s": info.get("graph_capture_s"), "warm_up_s": info.get("warm_up_s"),
             "attention": info.get("attention"), "attention_fallback": info.get("attention_fallback"),
+            "graphs_fallback": info.get("graphs_fallback"),
             "overlap": stats["overlap"], "measured_overlap": stats["measured_overlap"],
             "copy_hidden": trace.hidden_fraction("copy", "compute"),
             "host_hidden": trace.hidden_fraction("host", "compute")}
@@ -589,7 +590,8 @@ def main(argv=None) -> int:
             return (f"{r['tok_s']:,.0f} tok/s, {r['ms_per_step']:.1f} ms a step ({r['attention']} attention, graphs "
                     f"{r['graphs']} + {r['piece_graphs']} pieces, load {r['load_s'] or 0:.0f} s: warm-up "
                     f"{r['warm_up_s'] or 0:.1f} s, capture {r['capture_s'] or 0:.1f} s"
-                    f"{', flex fell back: ' + r['attention_fallback'] if r['attention_fallback'] else ''})")
+                    f"{', flex fell back: ' + r['attention_fallback'] if r['attention_fallback'] else ''}"
+                    f"{', no graphs: ' + r['graphs_fallback'] if r['graphs_fallback'] else ''})")
 
         def tok_s(r):
             return f"{r['tok_s']:,.0f} tok/s, {r['ms_per_step']:.2f} ms a step"
