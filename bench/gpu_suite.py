@@ -53,6 +53,8 @@ SHAPES = {
                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True),
+    "tiny-mha": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=4, vocab_size=49152, tie_word_embeddings=True),
 }
 
 
@@ -514,7 +516,7 @@ def main(argv=None) -> int:
     n, new, lo, hi = (8, 8, 6, 12) if smoke else (256, 128, 24, 64)
     sweep = (1, 4) if smoke else (1, 16, 64, 256)
     streams = (4, 8) if smoke else (256, 512)
-    shapes = ("tiny",) if smoke else ("smollm2-135m", "llama-3.2-1b")
+    shapes = ("tiny", "tiny-mha") if smoke else ("smollm2-135m", "llama-3.2-1b")   # the second: its rows too
     rows: list[tuple[str, str]] = []
     results: dict = {}
     t_start = time.perf_counter()

@@ -23,13 +23,17 @@ def test_gpu_suite_smoke_prints_every_figure_on_cpu(tmp_path):
                 "ratio engine / transformers", "batch sweep 1", "batch sweep 4", "streams overlapped",
                 "streams serial", "ratio overlap on / off", "attention flex", "attention sdpa",
                 "ratio attention flex / sdpa", "agp run balanced", "ratio agp run balanced / engine alone (same prompts)",
-                "agp run performance", "agp serve balanced", "agp serve performance"):
+                "agp run performance", "agp serve balanced", "agp serve performance",
+                # the second shape's rows (the Llama-3.2-1B shape's on a device), after the release
+                "engine alone, tiny-mha, 8 x 8", "transformers generate, tiny-mha",
+                "ratio engine / transformers, tiny-mha"):
         assert f"| {row}" in table, row
     assert "failed" not in table and "skipped" not in table
     done = out.stdout[out.stdout.index("| done when"):]
     figures = [line.strip("|").split(" | ") for line in done.splitlines()[2:] if line.startswith("| ")]
     assert [f[0].strip() for f in figures] == [
         "engine alone, tiny, tok/s", "engine alone / transformers, tiny",
+        "engine alone, tiny-mha, tok/s", "engine alone / transformers, tiny-mha",
         "agp run balanced / engine alone (same prompts)", "agp run balanced, TTFT p50 ms",
         "agp run performance, TTFT p50 ms (no compile inside TTFT)", "one request alone, tok/s",
         "overlap on / off (graphs on both)", "copy time hidden under compute", "host time hidden under compute",
