@@ -556,6 +556,12 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001 - one row's failure is reported, the suite goes on
                 results[name] = r = {"error": f"{type(e).__name__}: {e}"}
                 rows.append((name, f"failed: {type(e).__name__}: {str(e)[:120]}"))
+            except KeyboardInterrupt:   # the device script's cut (SIGINT): the tables name the row it stopped
+                spent = time.perf_counter() - t0
+                results[name] = {"error": f"stopped by the time limit after {spent:.0f} s", "row_s": round(spent, 3)}
+                rows.append((name, f"failed: stopped by the time limit after {spent:.0f} s"))
+                save(False)
+                raise
             for part in r if isinstance(r, list) else [r]:   # the row's own seconds: to check ESTIMATE_S
                 part["row_s"] = round(time.perf_counter() - t0, 3)   # against (a serve row: each wave)
         print(f"{name:48s} {rows[-1][1]}", flush=True)

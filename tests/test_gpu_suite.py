@@ -307,3 +307,25 @@ def test_gpu_suite_serve_row_ends_within_its_time_when_the_streams_do_not(tmp_pa
     with pytest.raises(RuntimeError, match="4 streams not answered within the row's 1 s"):
         gpu_suite.agp_serve(tmp_path / "p.agp", (4, 8), 8)
     assert time.perf_counter() - t0 < 4 and seen["startup_s"] <= 1 and seen["terminate_s"] <= 10
+
+
+def test_gpu_suite_cut_by_the_device_scripts_limit_names_the_row_it_stopped(tmp_path, monkeypatch):
+    # gpu_device.sh stops the suite with SIGINT at its limit: the saved rows, and so the tables printed
+    # after, say which row was running then, instead of leaving it out as if it had never started
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu_suite
+
+    def engine_alone(folder, device, ps, new, **kw):
+        if kw.get("batch") == 4:
+            raise KeyboardInterrupt
+        return {"tok_s": 1.0, "ms_per_step": 1.0}
+
+    monkeypatch.setattr(gpu_suite, "engine_alone", engine_alone)
+    monkeypatch.setattr(gpu_suite, "make_model", lambda shape, tok, folder, device: folder)
+    out = tmp_path / "rows.json"
+    with pytest.raises(KeyboardInterrupt):
+        gpu_suite.main(["--smoke", "--tokenizer", str(tmp_path), "--json", str(out), "--only", "batch sweep"])
+    saved = json.loads(out.read_text())
+    assert not saved["complete"] and saved["rows"]["batch sweep 1"]["tok_s"] == 1.0
+    assert saved["rows"]["batch sweep 4"]["error"].startswith("stopped by the time limit after")
+    assert ["batch sweep 4", "failed: stopped by the time limit after 0 s"] in saved["table"]
