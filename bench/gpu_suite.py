@@ -450,7 +450,7 @@ def print_tables(saved: dict) -> None:
         value = value if len(value) <= 150 else value[:147] + "..."
         print(f"| {name.strip()} | {value} |")
     w = saved["workload"]
-    print(f"\n| done when (issue 17) | measured | target | met |\n|---|---|---|---|")
+    print("\n| done when (issue 17) | measured | target | met |\n|---|---|---|---|")
     for row in done_when(saved["rows"], w["n"], w["new"], w["shapes"], w["streams"]):
         print("| " + " | ".join(row) + " |")
 

@@ -523,7 +523,7 @@ class ModelRunner:
         return self.model.compiled() or (self.flex is not None and self.flex.compiled)
 
     def _forward_step(self, step: Step, want_logits: bool) -> torch.Tensor | None:
-        m, c = self.model, self.model.config
+        m = self.model
         if step.native:
             logits = self.native.decode(step.tokens, step.positions, step.slots, step.dec_tables,
                                         step.sample_rows if want_logits else None)  # [n_sample, V]
