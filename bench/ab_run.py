@@ -3,10 +3,11 @@
 Runs `python -m pipeline_dsl.cli run PIPELINE -i WORKLOAD` from tree A and tree B in turns
 (A, B, B, A, A, B, ...: the machine's speed drifts, so rounds interleave and each goes first
 as often), in fresh processes with the same Python environment, and prints each round's output
-tokens/s, the medians, the ratio B/A, and whether both trees gave the same answers. Greedy
-answers in bf16 depend on which requests shared a batch, which timing decides: with
-AGP_BATCH_INVARIANT=1 in the environment (slower) they must be the same, and a difference is
-exit 1; without it a difference is reported, not an error.
+tokens/s and time per output token after the first (p50 of the run's requests: the decode alone,
+without the prefill's TTFT), the medians, the ratios, and whether both trees gave the same
+answers. Greedy answers in bf16 depend on which requests shared a batch, which timing decides:
+with AGP_BATCH_INVARIANT=1 in the environment (slower) they must be the same, and a difference
+is exit 1; without it a difference is reported, not an error.
 
     git worktree add /tmp/base <commit>
     .venv/bin/python bench/ab_run.py --a /tmp/base --b . --rounds 3
@@ -26,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def one(tree: Path, pipeline: str, workload: str, threads: int, extra: list[str]) -> tuple[float, dict]:
+def one(tree: Path, pipeline: str, workload: str, threads: int, extra: list[str]) -> tuple[float, float, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out, stats = Path(tmp) / "out.jsonl", Path(tmp) / "stats.json"
         env = dict(os.environ, PYTHONPATH=str(tree.resolve()))
@@ -37,7 +38,7 @@ def one(tree: Path, pipeline: str, workload: str, threads: int, extra: list[str]
             raise SystemExit(f"{tree}: agp run failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
         s = json.loads(stats.read_text())
         answers = {r["id"]: r.get("text") for r in map(json.loads, out.read_text().splitlines())}
-        return float(s["output_tokens_per_s"]), answers
+        return float(s["output_tokens_per_s"]), float(s["tpot_p50_ms"] or "nan"), answers
 
 
 def main() -> int:
@@ -52,16 +53,21 @@ def main() -> int:
     args = ap.parse_args()
     a, b = Path(args.a), Path(args.b)
     rates: dict[str, list[float]] = {"A": [], "B": []}
+    tpots: dict[str, list[float]] = {"A": [], "B": []}
     answers: dict[str, dict] = {}
     for r in range(args.rounds):
         for name, tree in (("A", a), ("B", b))[::1 if r % 2 == 0 else -1]:
-            rate, ans = one(tree, args.pipeline, args.workload, args.threads, args.extra)
+            rate, tpot, ans = one(tree, args.pipeline, args.workload, args.threads, args.extra)
             rates[name].append(rate)
+            tpots[name].append(tpot)
             answers.setdefault(name, ans)
-            print(f"round {r + 1} {name} ({tree}): {rate:.1f} output tok/s", flush=True)
+            print(f"round {r + 1} {name} ({tree}): {rate:.1f} output tok/s, {tpot:.2f} ms per output token",
+                  flush=True)
     ma, mb = statistics.median(rates["A"]), statistics.median(rates["B"])
+    ta, tb = statistics.median(tpots["A"]), statistics.median(tpots["B"])
     same = answers["A"] == answers["B"]
     print(f"\nmedian A {ma:.1f} tok/s, B {mb:.1f} tok/s: B/A = {mb / ma:.3f}")
+    print(f"median per output token A {ta:.2f} ms, B {tb:.2f} ms: A/B = {ta / tb:.3f} (above 1: B is faster)")
     invariant = os.environ.get("AGP_BATCH_INVARIANT", "0").lower() in ("1", "true", "yes", "on")
     print(f"answers identical: {same}")
     if not same:
