@@ -295,9 +295,16 @@ def cache_salt(value) -> str:
     return through_schema(check_cache_salt, value)
 
 
+# a request's optional fields take null as left out (as vLLM's Optional fields do), except these,
+# which vLLM declares as a plain type with a default and so refuses null: priority (`int = 0`; a
+# null priority is no scheduling order)
+NOT_NULL = ("priority",)
+
+
 def priority(value) -> int:
     """A request's priority (vLLM's: lower is admitted first when the engine schedules by priority; a
-    non-zero value is refused by one that schedules fcfs), through its one schema (stages/fields.py)."""
+    non-zero value is refused by one that schedules fcfs), through its one schema (stages/fields.py);
+    null is refused (NOT_NULL)."""
     return through_schema(check_priority, value)
 
 
@@ -368,7 +375,7 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     for name, (ok, wanted) in ITEM_FIELDS.items():
         if obj.get(name) is not None:
             req.extras[name] = _check(name, obj[name], ok(obj[name]), wanted)
-    if obj.get("priority") is not None:
+    if "priority" in obj:                                       # null too: NOT_NULL
         req.extras["priority"] = priority(obj["priority"])
     if obj.get("cache_salt") is not None:
         req.extras["cache_salt"] = cache_salt(obj["cache_salt"])

@@ -123,15 +123,23 @@ class Python:
 def takes_call(fn, call: str) -> None:
     """Refuse, as the module is loaded, a callable whose signature cannot take `call`'s positional
     arguments (`fn(item)`: one) — what check could not read in the source (a lambda, a function a
-    factory made) and that would otherwise fail every request alike. A decorator's wrapper is
-    judged by its own signature, not the function it wraps: it may supply arguments itself."""
+    factory made, a decorated def) and that would otherwise fail every request alike. A decorator's
+    wrapper is judged by its own signature, which may supply arguments itself; a wrapper that only
+    passes its arguments on (`(*args, **kwargs)`) says nothing, and the function it wraps
+    (`__wrapped__`, which functools.wraps sets) is judged instead. A bare pass-through wrapper
+    without `__wrapped__` takes any call."""
     import inspect
 
     from pipeline_dsl.userfn import FunctionNotFound
 
+    def passes_on(f) -> bool:                 # (*args) or (*args, **kwargs)
+        kinds = {p.kind for p in inspect.signature(f, follow_wrapped=False).parameters.values()}
+        return inspect.Parameter.VAR_POSITIONAL in kinds and kinds <= {inspect.Parameter.VAR_POSITIONAL,
+                                                                       inspect.Parameter.VAR_KEYWORD}
+
     try:
-        signature = inspect.signature(fn, follow_wrapped=False)
-    except (TypeError, ValueError):           # a builtin without one: its calls say
+        signature = inspect.signature(inspect.unwrap(fn, stop=lambda f: not passes_on(f)), follow_wrapped=False)
+    except (TypeError, ValueError):           # a builtin without one (its calls say), a cycle of __wrapped__
         return
     try:
         signature.bind(*range(call.count(",") + 1))

@@ -130,7 +130,7 @@ def test_a_kv_pool_smaller_than_the_context_is_the_context(spread_long):
                                                  r"of 512 tokens, all the KV cache holds \(.* the model's 4096\)"):
         engine.add_request("a", prompt_token_ids=[5] * 500, params=SamplingParams(max_tokens=13))
     engine.add_request("b", prompt_token_ids=[5] * 500, params=SamplingParams(max_tokens=12, ignore_eos=True))
-    with pytest.raises(InputError, match=r"max_model_len 1024 does not fit the KV cache \(512 tokens\)"):
+    with pytest.raises(InputError, match=r"^max_model_len = 1024 does not fit the KV cache \(512 tokens\)"):
         tiny_engine(spread_long, kv_budget_bytes=512 * KV_TOKEN_BYTES, max_model_len=1024)
     assert tiny_engine(spread_long, kv_budget_bytes=512 * KV_TOKEN_BYTES, max_model_len=300).max_model_len == 300
 

@@ -217,6 +217,24 @@ def test_serve_takes_priority_as_a_field_of_the_request(parse, body):
     assert e.value.param == "priority" and e.value.status == 400
 
 
+def test_a_null_priority_is_refused_as_vllm_refuses_it():
+    """vLLM's priority is `int = 0`, not Optional: its pydantic model refuses null (a 400). agp took
+    null as 0, in a request line and on every route; the description (/openapi.json) says not null."""
+    from pipeline_dsl.serve.responses import parse_responses
+
+    with pytest.raises(RequestError, match="^'priority' must be an integer from .*, not null$") as e:
+        parse_request({"prompt": "hi", "priority": None})
+    assert e.value.param == "priority"
+    for parse, body in ((P.parse_chat, {"messages": [{"role": "user", "content": "hi"}]}),
+                        (P.parse_completion, {"prompt": "hi"}), (parse_responses, {"input": "hi"})):
+        with pytest.raises(P.APIError, match="^'priority' must be an integer from .*, not null$") as e:
+            parse({**body, "priority": None}, max_model_len=64, served=("tiny",))
+        assert e.value.param == "priority" and e.value.status == 400
+    with pytest.raises(P.APIError, match="not null$"):              # the embeddings route's check
+        P.priority_field({"input": "hi", "priority": None})
+    assert P.priority_field({"input": "hi"}) == {}
+
+
 PIPELINE = """pipeline tiny {{
     model  = "{model}"
     device = cpu

@@ -275,6 +275,6 @@ def test_a_flag_the_replicas_cannot_start_with_is_named(cluster, tmp_path, tiny_
         serve.run(on_ray.build_app(args), name="agp-bad", route_prefix="/bad")
     try:
         assert on_ray.start_failure(e.value, app="agp-bad") == (
-            2, "max_model_len must be between 1 and the model's context (512), not 100000")
+            2, "--max-model-len 100000 is beyond the model's context of 512 tokens; set at most 512 or leave it out")
     finally:
         serve.delete("agp-bad")

@@ -122,6 +122,48 @@ def test_input_lines_are_bounded_even_an_endless_one(tmp_path, pipeline):
     assert second["id"] == 2 and "text" in second
 
 
+DECORATORS = """import functools
+
+def logged(fn):                     # passes the call on (functools.wraps)
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+    return wrapper
+
+def bare(fn):                       # passes the call on, without functools.wraps
+    def wrapper(*args):
+        return fn(*args)
+    return wrapper
+
+def with_tag(fn):                   # supplies an argument itself
+    @functools.wraps(fn)
+    def wrapper(item):
+        return fn(item, "tag")
+    return wrapper
+
+"""
+
+
+def test_decorated_fns_that_take_the_call_run(tmp_path, tiny_gguf):
+    """A decorator's wrapper: one that passes the call on to a def that takes it, with or without
+    functools.wraps, and one whose own signature takes the call and supplies the def's other
+    argument. Each loads and runs."""
+    (tmp_path / "hooks.py").write_text(DECORATORS + "@logged\ndef a(item):\n    return item\n\n"
+                                       "@bare\ndef b(item):\n    return item\n\n"
+                                       "@with_tag\ndef c(item, tag):\n    item['metadata'] = {'tag': tag}\n"
+                                       "    return item\n")
+    path = tmp_path / "tiny.agp"
+    path.write_text(PIPELINE.format(model=tiny_gguf).replace("request -> batch", "request -> a -> b -> c -> batch")
+                    .replace("stage out", 'stage a : python { fn = "hooks:a" }\n    stage b : python { fn = "hooks:b" }'
+                             '\n    stage c : python { fn = "hooks:c" }\n    stage out'))
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"prompt": "a"}\n')
+    r = run(path, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    (rec,) = records(out)
+    assert "text" in rec, rec
+
+
 @pytest.mark.parametrize("module, why", [
     ("NOT_FN = len('ab')\n", "'NOT_FN' in module 'hooks' is not callable (of type int)"),
     ("import os\nNOT_FN = getattr(os, 'sep')\n", "'NOT_FN' in module 'hooks' is not callable (of type str)"),
@@ -131,6 +173,11 @@ def test_input_lines_are_bounded_even_an_endless_one(tmp_path, pipeline):
     ("NOT_FN = (lambda: lambda item, chunks: item)()\n",             # a function a factory made
      "it is called as fn(item), but its signature (item, chunks) cannot take that: missing a required argument: "
      "'chunks'"),
+    # a decorator's (*args, **kwargs) wrapper passes the call on: the def it wraps (functools.wraps)
+    # is judged; it passed, and every request failed
+    (DECORATORS + "@logged\ndef NOT_FN(item, extra):\n    return item\n",
+     "it is called as fn(item), but its signature (item, extra) cannot take that: missing a required argument: "
+     "'extra'"),
 ])
 def test_a_fn_that_turns_out_not_callable_as_called_at_load_is_an_error_at_the_setting(tmp_path, tiny_gguf, module, why):
     """check reads source and passes these (a value it cannot see, a module failing on import);

@@ -131,3 +131,31 @@ def test_resume_takes_an_input_with_lines_appended_and_runs_only_those(tmp_path,
     r = run(pipeline, "-i", inp, "-o", out, "--resume")          # a line changed before those appended
     assert r.returncode == 2 and f"{out} was made from another input" in r.stderr
 
+
+
+def test_resume_lets_the_answered_ids_go_as_it_matches_them_to_the_input(tmp_path):
+    """--resume over an output of 20000 answered lines: each record's id is let go once an input
+    line matches it. It was kept, with a second count of the matched ones, beside each input id's
+    first line (the duplicate-id check every run keeps): after reading the input the run held 3.2
+    times what the output's ids take (264 bytes a line here; about 280 MB for a million lines), now
+    2.2 times (181 bytes a line). Memory is measured with tracemalloc, never time."""
+    import tracemalloc
+
+    from pipeline_dsl.commands.run import _Lines, answered_ids
+    from pipeline_dsl.commands.run_input import InputLines, open_input
+
+    n = 20000
+    out, inp = tmp_path / "out.jsonl", tmp_path / "in.jsonl"
+    out.write_text("".join('{"id": "req-%07d", "text": "x"}\n' % i for i in range(n)))
+    inp.write_text("".join('{"id": "req-%07d", "prompt": "x"}\n' % i for i in range(n)))
+    tracemalloc.start()
+    try:
+        done = answered_ids(str(out))[0]
+        ids = tracemalloc.get_traced_memory()[0]            # the output's ids
+        lines = _Lines(InputLines(open_input(str(inp))), done)
+        lines.read_ahead(float("inf"))
+        kept = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert lines.skipped == n and not lines.held and not lines.unmatched
+    assert kept < 2.7 * ids, (kept / n, ids / n)

@@ -143,3 +143,47 @@ def test_a_timeout_that_is_not_a_finite_number_of_seconds_stops_the_start(flag, 
     with pytest.raises(SetupError, match=f"^{flag} must be .*a positive number of seconds, not {value}$"):
         check_args(parse(["x.agp", flag, value], {}))
     check_args(parse(["x.agp", flag, "2.5"], {}))
+
+
+@pytest.mark.parametrize("argv, env, said", [
+    (["--max-model-len", "100000"], {}, "--max-model-len 100000 is beyond the model's context of 512 tokens"),
+    ([], {"AGP_MAX_MODEL_LEN": "100000"}, "AGP_MAX_MODEL_LEN=100000 is beyond the model's context of 512 tokens"),
+    (["--max-model-len", "9000"], {"AGP_MAX_MODEL_LEN": "100000"},        # the flag wins, and is named
+     "--max-model-len 9000 is beyond the model's context of 512 tokens"),
+])
+def test_a_max_model_len_beyond_the_models_context_names_the_flag_or_the_variable(
+        tmp_path, tiny_gguf, capsys, monkeypatch, argv, env, said):
+    """It said "max_model_len must be between 1 and the model's context (512), not 100000",
+    naming neither --max-model-len nor AGP_MAX_MODEL_LEN, whichever the user set."""
+    from pipeline_dsl import cli
+    from test_serve import TINY
+
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=tiny_gguf, max_queue=8, max_batch_size=2, timeout=20))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["serve", str(path), "--port", "0", "--threads", "1", *argv]) == 2
+    err = capsys.readouterr().err
+    assert said in err, err
+    assert "Traceback" not in err
+
+
+def test_a_prompt_limit_set_by_the_variable_is_named_by_the_variable(tmp_path, tiny_gguf, monkeypatch):
+    """AGP_MAX_INPUT_TOKENS=8: a longer prompt was refused as over "--max-input-tokens 8"."""
+    from pipeline_dsl.engine import SamplingParams
+    from pipeline_dsl.engine.errors import ContextLengthError
+    from pipeline_dsl.serve.build import build
+    from test_serve import TINY
+
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=tiny_gguf, max_queue=8, max_batch_size=2, timeout=20))
+    for argv, env, said in ((["--max-input-tokens", "8"], {}, "(--max-input-tokens 8)"),
+                            ([], {"AGP_MAX_INPUT_TOKENS": "8"}, "(AGP_MAX_INPUT_TOKENS=8)")):
+        serving = build(parse([str(path), "--threads", "1", *argv], env))
+        try:
+            with pytest.raises(ContextLengthError) as e:
+                serving.runtime.segments[0].engine.add_request("a", prompt_token_ids=[5] * 9,
+                                                               params=SamplingParams(max_tokens=1))
+            assert said in str(e.value)
+        finally:
+            serving.runtime.close()

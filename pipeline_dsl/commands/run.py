@@ -180,7 +180,9 @@ class _Lines:
 
     def __init__(self, source: InputLines, done: Counter, mark: int | None = None) -> None:
         self.source = source
-        self.done, self.seen = done, Counter()     # --resume: the output's records of each id; those matched
+        # --resume: the output's records of each id that no input line taken has matched yet; an id
+        # leaves it once its records are matched (a million answered lines' ids are not kept twice)
+        self.done = done
         self.unmatched = sum(done.values())        # records no input line taken has yet
         self.first_line: dict[str, int] = {}       # id -> the line that has it
         self.held: deque = deque()                 # (lineno, raw, request, error, id, batch), to run
@@ -207,8 +209,10 @@ class _Lines:
         if self.batch_file is None and batch is not None:
             self.batch_file, self.shape_line = batch, lineno
         key = _key(rid)
-        if self.seen[key] < self.done[key]:        # --resume: this line's record is in the output
-            self.seen[key] += 1
+        if self.done.get(key):                     # --resume: this line's record is in the output
+            self.done[key] -= 1
+            if not self.done[key]:
+                del self.done[key]
             self.unmatched -= 1
             self.skipped += 1
             self.first_line.setdefault(key, lineno)
@@ -420,7 +424,8 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     pipeline = _pipeline_fingerprint(args) if to_file else None       # what the answers are made from
     if resuming:
         if not_records or lines.unmatched:
-            _, _, foreign = answered_ids(args.output, lines.seen)
+            matched = answered_ids(args.output)[0] - lines.done      # each id's records an input line has
+            _, _, foreign = answered_ids(args.output, matched)
             k = len(foreign)
             return _err(f"{args.output} is not the output of {source_name}: {k} line{'s' if k > 1 else ''} "
                         f"{'are' if k > 1 else 'is'} no answer to its lines (the first: line {foreign[0]}), "

@@ -44,6 +44,7 @@ class EngineConfig:
     max_queue: int = 1024                  # waiting requests beyond this are refused (QueueFullError)
     compile: bool = False                  # torch.compile the model's forward
     max_model_len: int | None = None       # default: the model's context length, at most the KV pool's tokens
+    max_model_len_by: str = "max_model_len"  # what set max_model_len, as its refusal at load names it
     max_prompt_tokens: int = 0             # longest prompt accepted (0 = the model's context)
     prompt_limit_by: str = "requests.max_prompt_tokens"  # what set max_prompt_tokens, as refusals name it
     seed: int | None = None                # seeds the generator of requests without a seed of their own
@@ -66,7 +67,7 @@ class EngineConfig:
             raise InputError(f"threads must be between 1 and {MAX_THREADS} (this process may use "
                              f"{available_cpus()} CPUs), not {self.threads!r}")
         if self.max_model_len is not None and int(self.max_model_len) < 1:
-            raise InputError(f"max_model_len must be at least 1, not {self.max_model_len!r}")
+            raise InputError(f"{self.max_model_len_by} must be at least 1, not {self.max_model_len!r}")
         if not isinstance(self.generation_config, str) or not (
                 self.generation_config in ("auto", "vllm") or os.path.isdir(self.generation_config)):
             raise InputError(f"generation_config must be auto, vllm or a folder holding generation_config.json, "

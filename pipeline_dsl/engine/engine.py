@@ -81,14 +81,16 @@ class Engine:
         self.generation_defaults = dict(info.get("generation_config") or {})
         self.vocab_size = int(getattr(runner, "vocab_size", 0) or info.get("vocab_size", 0))
         context = int(getattr(runner, "max_model_len", 0) or info.get("context_length", 0) or 2048)
-        if config.max_model_len is not None and not 0 < config.max_model_len <= context:
-            raise InputError(f"max_model_len must be between 1 and the model's context ({context}), "
-                             f"not {config.max_model_len}")
+        # a refusal names what set max_model_len (serve: --max-model-len or AGP_MAX_MODEL_LEN) and its value
+        setting = limit_setting(config.max_model_len, config.max_model_len_by)
+        if config.max_model_len is not None and config.max_model_len > context:
+            raise InputError(f"{setting} is beyond the model's context of {context} tokens; "
+                             f"set at most {context} or leave it out")
         # one sequence holds at most the whole KV pool: a context beyond it could never be served
         pool = int(runner.num_blocks) * int(runner.block_size)
         if config.max_model_len is not None and config.max_model_len > pool:
-            raise InputError(f"max_model_len {config.max_model_len} does not fit the KV cache ({pool} tokens); "
-                             "raise the KV budget (kv_lookup's budget) or lower max_model_len")
+            raise InputError(f"{setting} does not fit the KV cache ({pool} tokens); "
+                             f"raise the KV budget (kv_lookup's budget) or lower {config.max_model_len_by}")
         self.model_context = context
         self.max_model_len = min(int(config.max_model_len or context), pool)
         self.blocks = BlockManager(runner.num_blocks, runner.block_size, config.prefix_reuse)

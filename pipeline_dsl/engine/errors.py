@@ -36,9 +36,12 @@ def prompt_over_limit(tokens: int, limit: int, by: str = "requests.max_prompt_to
 
 
 def limit_setting(limit: int, by: str) -> str:
-    """The setting of a prompt limit as its user wrote it: `requests.max_prompt_tokens = 10`, a
-    flag as `--max-input-tokens 10`."""
-    return f"{by} {limit}" if by.startswith("-") else f"{by} = {limit}"
+    """The setting of a limit as its user wrote it: a pipeline's `requests.max_prompt_tokens = 10`
+    (or an EngineConfig field's `max_model_len = 10`), a flag as `--max-input-tokens 10`, an
+    environment variable (in capitals) as `AGP_MAX_INPUT_TOKENS=10`."""
+    if by.startswith("-"):
+        return f"{by} {limit}"
+    return f"{by}={limit}" if by.isupper() else f"{by} = {limit}"
 
 
 class QueueFullError(InputError):

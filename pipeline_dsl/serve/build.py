@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .options import ENGINE_VARIABLES, SetupError, check_args
+from .options import ENGINE_VARIABLES, SetupError, check_args, given_as
 
 
 def model_names(runtime, served: list[str] | None) -> tuple[str, ...]:
@@ -92,8 +92,10 @@ def build(args, *, host: str | None = None) -> Serving:
                                 trace=Trace(limit=1_000_000) if args.trace else None,
                                 overrides={"dtype": args.dtype, "threads": args.threads,
                                            "max_prompt_tokens": args.max_input_tokens,
-                                           "prompt_limit_by": "--max-input-tokens" if args.max_input_tokens else None,
+                                           "prompt_limit_by": given_as(args, "max_input_tokens")
+                                           if args.max_input_tokens else None,
                                            "max_model_len": args.max_model_len,
+                                           "max_model_len_by": given_as(args, "max_model_len"),
                                            "max_batch_size": args.max_num_seqs,
                                            "scheduling_policy": args.scheduling_policy,
                                            "seed": args.seed, "chat_template": template,

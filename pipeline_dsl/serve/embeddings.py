@@ -92,7 +92,7 @@ class Embeddings:
         dims = body.get("dimensions")
         if dims is not None and not (isinstance(dims, int) and not isinstance(dims, bool) and dims > 0):
             raise bad("dimensions", "a positive integer", dims)
-        normalize = body.get("normalize", True)
+        normalize = True if body.get("normalize") is None else body["normalize"]     # null: left out
         if not isinstance(normalize, bool):
             raise bad("normalize", "true or false", normalize)
         extras = P.parse_extras({"request_id": body.get("request_id")}, chat=False)

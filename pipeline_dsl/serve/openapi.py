@@ -9,7 +9,7 @@ tester (schemathesis, in tests/test_openapi.py) checks the server against.
 from __future__ import annotations
 
 from pipeline_dsl.engine.config import MAX_LOGPROBS
-from pipeline_dsl.requests_io import MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS, MAX_STOP_LEN, ROLES
+from pipeline_dsl.requests_io import MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS, MAX_STOP_LEN, NOT_NULL, ROLES
 from stages.fields import PRIORITY, REQUEST_FIELDS, TOKEN_ID_FIELDS, param_of
 
 from .embeddings import MAX_INPUTS
@@ -34,6 +34,26 @@ def _neutral(table: dict) -> dict:
     """Fields served only at their neutral value (protocol.NEUTRAL): that value, or null."""
     return {name: {"enum": [*allowed, None], "description": "only the value that changes nothing"}
             for name, (allowed, _) in table.items()}
+
+def _or_null(schema: dict) -> dict:
+    """`schema`, or null."""
+    if "enum" in schema:
+        return schema if None in schema["enum"] else {**schema, "enum": [*schema["enum"], None]}
+    if "oneOf" in schema:
+        return schema if {"type": "null"} in schema["oneOf"] else {**schema, "oneOf": [*schema["oneOf"],
+                                                                                       {"type": "null"}]}
+    types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+    return schema if "null" in types else {**schema, "type": [*types, "null"]}
+
+
+def _request(required: str, properties: dict) -> dict:
+    """A request body's schema as the server reads it: each field but the required one may be null,
+    which is the field left out (clients send null for what they leave unset, as vLLM's Optional
+    fields take it), except requests_io.NOT_NULL (priority), refused as vLLM refuses it."""
+    return {"type": "object", "required": [required], "additionalProperties": False,
+            "properties": {name: field if name == required or name in NOT_NULL else _or_null(field)
+                           for name, field in properties.items()}}
+
 
 STOP = {"oneOf": [
     {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LEN},
@@ -137,7 +157,7 @@ TOOL_CHOICE = {"oneOf": [{"enum": ["none", "auto", "required"]},
                              "function": {"type": "object", "required": ["name"],
                                           "properties": {"name": {"type": "string"}}}}}]}
 
-CHAT_REQUEST = {"type": "object", "required": ["messages"], "additionalProperties": False, "properties": {
+CHAT_REQUEST = _request("messages", {
     "messages": {"type": "array", "minItems": 1, "items": MESSAGE},
     "max_completion_tokens": {"type": "integer", "minimum": 1},
     "metadata": {"type": "object"},
@@ -157,9 +177,9 @@ CHAT_REQUEST = {"type": "object", "required": ["messages"], "additionalPropertie
     **SAMPLING,
     **_neutral(CHAT_NEUTRAL),
     **_neutral(CHAT_LACKING),
-}}
+})
 
-COMPLETION_REQUEST = {"type": "object", "required": ["prompt"], "additionalProperties": False, "properties": {
+COMPLETION_REQUEST = _request("prompt", {
     "prompt": {"oneOf": [
         {"type": "string", "minLength": 1},
         {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
@@ -172,7 +192,7 @@ COMPLETION_REQUEST = {"type": "object", "required": ["prompt"], "additionalPrope
     "logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS},
     **SAMPLING,
     "max_tokens": {"type": "integer", "minimum": 0, "description": "0 only with echo: score the prompt"},
-}}
+})
 
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"],
@@ -211,7 +231,7 @@ COMPLETION_RESPONSE = {"type": "object", "required": ["id", "object", "created",
                                               "finish_reason": FINISH, "stop_reason": STOP_REASON}}}}}
 
 
-RESPONSES_REQUEST = {"type": "object", "required": ["input"], "additionalProperties": False, "properties": {
+RESPONSES_REQUEST = _request("input", {
     "model": SAMPLING["model"],
     "input": {"oneOf": [{"type": "string", "minLength": 1},
                         {"type": "array", "minItems": 1, "items": {"type": "object"}}]},
@@ -236,7 +256,7 @@ RESPONSES_REQUEST = {"type": "object", "required": ["input"], "additionalPropert
     "max_tool_calls": {"type": ["integer", "null"], "minimum": 1},
     **{name: SAMPLING[name] for name in ("request_id", "top_k", "min_p", "repetition_penalty", "seed", "stop",
                                          "ignore_eos", "structured_outputs", "guided_json", "guided_regex",
-                                         "guided_choice", "guided_grammar", "priority", "cache_salt")}}}
+                                         "guided_choice", "guided_grammar", "priority", "cache_salt")}})
 
 RESPONSES_RESPONSE = {"type": "object", "required": ["id", "object", "created_at", "status", "model", "output"],
                       "properties": {"id": {"type": "string"}, "object": {"const": "response"},
@@ -362,15 +382,14 @@ TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minim
 
 EMBEDDINGS = {
     "summary": "OpenAI embeddings: the mean of the model's final hidden states (serve/embeddings.py)",
-    "requestBody": {"required": True, "content": {"application/json": {"schema": {
-        "type": "object", "required": ["input"], "additionalProperties": False, "properties": {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": _request("input", {
             "model": {"type": "string"},
             "input": {"oneOf": [{"type": "string", "minLength": 1}, TOKEN_IDS,
                                 {"type": "array", "minItems": 1, "maxItems": MAX_INPUTS, "items": {"oneOf": [
                                     {"type": "string", "minLength": 1}, TOKEN_IDS]}}]},
             "encoding_format": {"enum": ["float", "base64"]}, "normalize": {"type": "boolean"},
             "dimensions": {"type": "integer", "description": "only the model's own"},
-            "user": {"type": "string"}, "request_id": SAMPLING["request_id"], "priority": SAMPLING["priority"]}}}}},
+            "user": {"type": "string"}, "request_id": SAMPLING["request_id"], "priority": SAMPLING["priority"]})}}},
     "responses": {"200": {"description": "one embedding per input", "content": {"application/json": {"schema": {
         "type": "object", "required": ["object", "data", "model", "usage"], "properties": {
             "object": {"const": "list"},

@@ -192,6 +192,7 @@ def env_defaults(p: argparse.ArgumentParser, environ=None) -> None:
     """Each option's default from AGP_<OPTION> when that is set (the flag still wins); the
     variable is named in the option's help. A bad value is an error naming the variable."""
     environ = os.environ if environ is None else environ
+    from_variables = {}                  # dest -> (variable, value): what given_as reads
     for action in list(p._actions):
         if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
             continue
@@ -223,6 +224,15 @@ def env_defaults(p: argparse.ArgumentParser, environ=None) -> None:
         except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
             p.error(f"environment variable {name}={raw!r}: {e}")
         p.set_defaults(**{action.dest: value})
+        from_variables[action.dest] = (name, value)
+    p.set_defaults(from_variables=from_variables)
+
+
+def given_as(args, dest: str) -> str:
+    """How the user gave a flag's value, as an error found after parsing names it: its AGP_*
+    variable when the value is the variable's (no flag replaced it), else the flag."""
+    name, value = getattr(args, "from_variables", {}).get(dest, (None, None))
+    return name if name is not None and getattr(args, dest, None) == value else f"--{dest.replace('_', '-')}"
 
 
 class SetupError(Exception):

@@ -213,8 +213,8 @@ def _truncation(obj: dict, max_model_len: int) -> dict:
 def priority_field(obj: dict) -> dict:
     """vLLM's priority (lower first) of a generation or embeddings request: checked here for its type
     and range; whether the engine schedules by priority, the batcher it reaches says (a 400 when it
-    schedules fcfs)."""
-    if obj.get("priority") is None:
+    schedules fcfs). Null is refused, as vLLM's `int` field refuses it (requests_io.NOT_NULL)."""
+    if "priority" not in obj:
         return {}
     try:
         return {"priority": priority(obj["priority"])}

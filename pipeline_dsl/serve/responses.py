@@ -205,6 +205,7 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
     """POST /v1/responses: the chat request it runs as, and what its answer repeats."""
     obj = P.check_unknown(obj, FIELDS, lenient)
     _checked(obj)
+    P.priority_field(obj)                      # a null priority too, which the chat request below would not see
     if "input" not in obj or obj["input"] is None:
         raise APIError("'input' is required", param="input")
     before: list[dict] = []
