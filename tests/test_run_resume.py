@@ -141,7 +141,7 @@ def test_resume_lets_the_answered_ids_go_as_it_matches_them_to_the_input(tmp_pat
     2.2 times (181 bytes a line). Memory is measured with tracemalloc, never time."""
     import tracemalloc
 
-    from pipeline_dsl.commands.run import _Lines, answered_ids
+    from pipeline_dsl.commands.run import RunLines, answered_ids
     from pipeline_dsl.commands.run_input import InputLines, open_input
 
     n = 20000
@@ -152,7 +152,7 @@ def test_resume_lets_the_answered_ids_go_as_it_matches_them_to_the_input(tmp_pat
     try:
         done = answered_ids(str(out))[0]
         ids = tracemalloc.get_traced_memory()[0]            # the output's ids
-        lines = _Lines(InputLines(open_input(str(inp))), done)
+        lines = RunLines(InputLines(open_input(str(inp))), done)
         lines.read_ahead(float("inf"))
         kept = tracemalloc.get_traced_memory()[0]
     finally:

@@ -173,7 +173,7 @@ def _line_id(raw: bytes, lineno: int):
     return None, error, rid if is_id(rid) else lineno, batch
 
 
-class _Lines:
+class RunLines:
     """The input's lines as the run takes them, each parsed once: those --resume finds answered
     in the output are counted and passed over (the first ones of each id), the others are held
     until the run takes them (`entries`). Ids stay known (ids are unique); a line does not."""
@@ -397,7 +397,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
         """The input opened and read before anything loads: the first line to run and the input's
         shape, and for --resume the lines its fingerprint covers and those its records answer (the
         rest is read as the run goes). A pipe (stdin) may hold it waiting for its first line."""
-        read = _Lines(InputLines(open_input(args.input)), done_ids, mark=covered)
+        read = RunLines(InputLines(open_input(args.input)), done_ids, mark=covered)
         read.read_ahead(float("inf") if covered is None else covered)
         return read
 
