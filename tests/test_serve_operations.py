@@ -312,7 +312,7 @@ def test_an_error_answer_is_logged_at_info_when_4xx_and_at_warning_when_5xx():
 def test_a_server_without_trace_keeps_no_spans_and_one_with_it_keeps_them(tmp_path, tiny_gguf, trace):
     """docs/serve.md, "Tracing a server": spans are kept for `--trace` only. Without it a server
     that answers all day holds none (they would grow its memory by a span per stage, request and
-    engine step, tens of MB before any bound), and answers the same."""
+    engine step, some 20 MB before their bound), and answers the same."""
     import argparse
 
     from starlette.testclient import TestClient
