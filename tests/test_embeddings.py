@@ -95,3 +95,28 @@ def test_up_to_256_inputs_are_embedded_and_the_answer_names_the_model_asked_for(
     r = client.embeddings.create(model="tiny-model", input=["a", "b c"] * 128)
     assert r.model == "tiny-model" and [d.index for d in r.data] == list(range(256))
     assert r.data[1].embedding == r.data[3].embedding != r.data[0].embedding
+
+
+def test_a_client_gone_before_its_embeddings_aborts_them_and_logs_no_unretrieved_error(tiny_gguf, caplog):
+    """An embeddings client that hangs up while its inputs wait: every input's request is aborted,
+    nothing is left in flight, and the server logs no asyncio 'exception was never retrieved'
+    (one per disconnect, with a traceback, would fill a day's log)."""
+    import gc
+    import logging
+    import time
+
+    s = LiveServer(tiny_gguf, batch_timeout_s=30.0)            # the inputs wait in the batch window
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(s.url + "/v1/embeddings", json={"input": ["a b", "c d", "e f"]}, timeout=0.5)
+        st = s.stats_when(lambda st: st["requests_aborted"] == 3 and st["in_flight"] == 0)
+        assert st["kv_blocks_used"] == 0 and st["waiting"] == 0
+        assert s.metric("agp_requests_total", '{status="499"}') == 1
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not caplog.records:
+            gc.collect()                       # an unretrieved exception is reported when collected
+            time.sleep(0.1)
+        assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+    finally:
+        s.close()

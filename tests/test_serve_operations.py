@@ -306,3 +306,28 @@ def test_an_error_answer_is_logged_at_info_when_4xx_and_at_warning_when_5xx():
     assert [(r.levelname, r.status, r.reason) for r in log.records] == [
         ("INFO", 400, "'max_tokens' must be an integer"), ("WARNING", 500, "stage 'g' failed"),
         ("WARNING", 503, "the server is shutting down")]
+
+
+@pytest.mark.parametrize("trace", [False, True])
+def test_a_server_without_trace_keeps_no_spans_and_one_with_it_keeps_them(tmp_path, tiny_gguf, trace):
+    """docs/serve.md, "Tracing a server": spans are kept for `--trace` only. Without it a server
+    that answers all day holds none (they would grow its memory by a span per stage, request and
+    engine step, some 20 MB before their bound), and answers the same."""
+    import argparse
+
+    from starlette.testclient import TestClient
+
+    from pipeline_dsl.serve.build import build
+    from pipeline_dsl.serve.options import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args([str(_pipeline_file(tmp_path, tiny_gguf)), "--threads", "1"]
+                        + (["--trace", str(tmp_path / "t.json")] if trace else []))
+    serving = build(args)
+    with TestClient(serving.app, base_url="http://127.0.0.1") as client:
+        for i in range(3):
+            r = client.post("/v1/completions", json={"prompt": f"hello {i}", "max_tokens": 4})
+            assert r.status_code == 200, r.text
+        kept = len(serving.runtime.trace.spans)
+    assert kept > 0 if trace else kept == 0

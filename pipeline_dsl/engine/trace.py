@@ -35,11 +35,13 @@ class Span:
 
 class Trace:
     def __init__(self, limit: int | None = None) -> None:
-        self.spans: deque[Span] = deque(maxlen=limit)   # limit: keep only the latest spans
+        self.spans: deque[Span] = deque(maxlen=limit)   # limit: keep only the latest spans (0: none)
         self._lock = threading.Lock()
 
     def add(self, stream: str, name: str, start: float, end: float, micro_batch: int = -1,
             args: dict | None = None, lane: bool = False) -> None:
+        if self.spans.maxlen == 0:
+            return
         with self._lock:
             self.spans.append(Span(stream, name, start, end, micro_batch, args, lane))
 

@@ -89,7 +89,7 @@ def build(args, *, host: str | None = None) -> Serving:
         runtime = build_runtime(args.pipeline, args.name, overlap=False if args.no_overlap else None, max_queue=args.max_queue,
                                 allow_paths=getattr(args, "allow_path", ()),
                                 served_name=(args.served_model_name or [None])[0],
-                                trace=Trace(limit=1_000_000) if args.trace else None,
+                                trace=Trace(limit=1_000_000 if args.trace else 0),   # spans only for --trace
                                 overrides={"dtype": args.dtype, "threads": args.threads,
                                            "max_prompt_tokens": args.max_input_tokens,
                                            "prompt_limit_by": given_as(args, "max_input_tokens")

@@ -26,7 +26,9 @@ from .sse import ChunkWriter, EventStream
 
 
 async def wait_or_disconnect(request: Request, work):
-    """`await work`, unless the client disconnects first: then (False, None) and `work` cancelled."""
+    """`await work`, unless the client disconnects first: then (False, None) and `work` cancelled.
+    A cancelled future's outcome is taken when it ends (a cancelled `asyncio.gather` ends with
+    a CancelledError that asyncio would otherwise log as never retrieved, one per disconnect)."""
     async def disconnected():
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -40,7 +42,13 @@ async def wait_or_disconnect(request: Request, work):
     finally:
         for t in (task, watch):
             if not t.done():
+                t.add_done_callback(_outcome_taken)
                 t.cancel()
+
+
+def _outcome_taken(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class Generations:
