@@ -118,7 +118,7 @@ ITEM_FIELDS = {
     "pooling": (lambda v: v == "mean", '"mean"'),
 }
 KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", "tools", "tool_choice", "logit_bias",
-         "max_completion_tokens", "parallel_tool_calls", "response_format", "cache_salt", "priority",
+         "max_completion_tokens", "top_logprobs", "parallel_tool_calls", "response_format", "cache_salt", "priority",
          *REQUEST_FIELDS, *ITEM_FIELDS, *TOKEN_ID_FIELDS}
 
 
@@ -366,8 +366,9 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
         if obj.get(name) is not None:
             req.sampling[name] = list(token_ids(name, obj[name]))
     for name, (ok, wanted) in ITEM_FIELDS.items():
-        if obj.get(name) is not None:
+        if obj.get(name) is not None and not (name == "logprobs" and isinstance(obj[name], bool)):
             req.extras[name] = _check(name, obj[name], ok(obj[name]), wanted)
+    chat_logprobs(obj, req.extras)
     if obj.get("priority") is not None:
         req.extras["priority"] = priority(obj["priority"])
     if obj.get("cache_salt") is not None:
@@ -376,6 +377,21 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
         raise RequestError("'echo' repeats a 'prompt' before its answer; a 'messages' line has no prompt "
                            "to repeat (leave 'echo' out)", param="echo")
     return req
+
+
+def chat_logprobs(obj: dict, extras: dict) -> None:
+    """Chat's spelling of logprobs, as a chat body (and a chat line of a batch-API file) gives them:
+    `"logprobs": true` with `top_logprobs` alternatives a token (0 when left out) is a line's
+    `"logprobs": top_logprobs`; `false` asks for none. `top_logprobs` needs `"logprobs": true`."""
+    want, top = obj.get("logprobs"), obj.get("top_logprobs")
+    if top is not None:
+        ok, wanted = ITEM_FIELDS["logprobs"]
+        _check("top_logprobs", top, ok(top), wanted)
+        if want is not True:
+            raise RequestError("'top_logprobs' needs \"logprobs\": true (or give the alternatives a token as "
+                               "\"logprobs\": N alone)", param="top_logprobs")
+    if want is True:
+        extras["logprobs"] = top or 0
 
 
 CONSTRAINTS = ("regex", "choice", "grammar")    # constraint specs beyond OpenAI's response_format types
