@@ -767,7 +767,8 @@ def _json_schema_file(path: str, base: str | None, pos: SourcePos,
         constraints.check_spec({"type": "json_schema", "schema": schema})
     except constraints.GrammarError as e:
         return path, _err(f"json_schema file '{path}' cannot be enforced: {e}", pos, expected=SCHEMA_EXPECTED,
-                          hint="constrained decoding supports most of JSON Schema; not, e.g., uniqueItems or not")
+                          hint=None if constraints.CLOSED in str(e) else
+                          "constrained decoding supports most of JSON Schema; not, e.g., uniqueItems or not")
     except RecursionError:
         return path, _err(f"json_schema file '{path}' is nested too deeply", pos, expected=SCHEMA_EXPECTED)
     return found, None

@@ -116,6 +116,20 @@ def test_json_schema_that_cannot_be_enforced_gets_a_hint(tmp_path, monkeypatch):
         "constrained decoding supports most of JSON Schema; not, e.g., uniqueItems or not")
 
 
+def test_a_json_schema_that_fails_because_its_objects_are_closed_says_so_without_the_general_hint(
+        tmp_path, monkeypatch):
+    """A required key missing from `properties` fails only because agp closes objects: the error
+    says so and what to write, and the hint about unsupported keywords, which misled, is left out."""
+    pytest.importorskip("llguidance")
+    from pipeline_dsl.constraints import CLOSED
+
+    monkeypatch.chdir(tmp_path)
+    f = _schema_pipeline(tmp_path, "s.json", '{"type": "object", "properties": {"a": {}}, "required": ["b"]}')
+    assert render_file(f) == _schema_error(
+        f, "s.json", "json_schema file 's.json' cannot be enforced: Unsatisfiable schema: required property 'b' "
+                     "is unsatisfiable" + CLOSED)
+
+
 def test_a_boolean_json_schema_true_allows_any_value_and_false_is_refused(tmp_path, monkeypatch):
     pytest.importorskip("llguidance")
     monkeypatch.chdir(tmp_path)
