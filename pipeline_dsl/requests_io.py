@@ -335,8 +335,10 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
         req.prompt_token_ids = _check("prompt_token_ids", ids, isinstance(ids, list) and bool(ids) and all(
             _is_int(t) and t >= 0 for t in ids), "a non-empty array of token ids")
     # echo with max_tokens 0 scores the prompt without generating (lm-eval's loglikelihood), as
-    # agp serve's completions take it
-    scoring = obj.get("echo") is True and _is_int(obj.get("max_tokens")) and obj["max_tokens"] == 0
+    # agp serve's completions take it; pooling with max_tokens 0 is an embeddings request's item
+    # (agp serve's /v1/embeddings), which a python stage hands back
+    scoring = ((obj.get("echo") is True or obj.get("pooling") is not None)
+               and _is_int(obj.get("max_tokens")) and obj["max_tokens"] == 0)
     # chat's newer name for max_tokens, as OpenAI's chat clients send it; it wins when both are given
     limit = "max_completion_tokens" if obj.get("max_completion_tokens") is not None else "max_tokens"
     for name in SAMPLING_FIELDS:
@@ -431,6 +433,8 @@ def parse_response_format(value) -> dict | None:
     if value["type"] == "json_object":
         return {"type": "json_object"}
     spec = value.get("json_schema")
+    if spec is None and "schema" in value:     # the form a request item carries it in, handed back by a python stage
+        spec = value
     if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
         raise RequestError("'response_format.json_schema' must be {\"name\", \"schema\": {...}, \"strict\"}",
                            param="response_format")
