@@ -819,6 +819,22 @@ def test_a_model_name_close_to_the_embedded_one_gets_a_hint(tmp_path, monkeypatc
         "did you mean 'smollm2-135m-instruct'?")
 
 
+@pytest.mark.parametrize("model, hint", [
+    ("HuggingFaceTB/SmolLM2-135M-Instruct",
+     'a Hugging Face hub id; this model is the embedded one: model = "smollm2-135m-instruct"'),
+    ("Qwen/Qwen2.5-0.5B-Instruct", "a Hugging Face hub id? agp downloads nothing: download it (huggingface-cli "
+                                   "download Qwen/Qwen2.5-0.5B-Instruct --local-dir DIR) and name that folder, or a "
+                                   ".gguf file"),
+    ("models/x.gguf", None), ("./x", None),
+])
+def test_a_hugging_face_hub_id_says_agp_downloads_nothing_and_what_to_write(tmp_path, monkeypatch, model, hint):
+    """A vLLM user names a model by its hub id; agp reads only local files: the error says so, and
+    the embedded model's own id gets its name (it was a bare 'model not found')."""
+    monkeypatch.chdir(tmp_path)
+    assert render(pipeline(model=model)) == _model_line("t.agp", model, f"model not found: '{model}'",
+                                                        MODEL_EXPECTED, hint)
+
+
 def test_a_gguf_suffix_in_capitals_is_a_gguf_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "M.GGUF").write_bytes(b"")
