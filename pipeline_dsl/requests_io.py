@@ -370,7 +370,12 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     for name, (ok, wanted) in ITEM_FIELDS.items():
         if obj.get(name) is not None and not (name == "logprobs" and isinstance(obj[name], bool)):
             req.extras[name] = _check(name, obj[name], ok(obj[name]), wanted)
-    chat_logprobs(obj, req.extras)
+    if isinstance(obj.get("logprobs"), bool) or obj.get("top_logprobs") is not None:   # a line in chat's spelling
+        top = obj.get("top_logprobs")
+        if top is not None:
+            _check("top_logprobs", top, ITEM_FIELDS["logprobs"][0](top), ITEM_FIELDS["logprobs"][1])
+        if (k := logprobs_of_chat(obj.get("logprobs"), top)) is not None:
+            req.extras["logprobs"] = k
     if obj.get("priority") is not None:
         req.extras["priority"] = priority(obj["priority"])
     if obj.get("cache_salt") is not None:
@@ -381,19 +386,14 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     return req
 
 
-def chat_logprobs(obj: dict, extras: dict) -> None:
-    """Chat's spelling of logprobs, as a chat body (and a chat line of a batch-API file) gives them:
-    `"logprobs": true` with `top_logprobs` alternatives a token (0 when left out) is a line's
-    `"logprobs": top_logprobs`; `false` asks for none. `top_logprobs` needs `"logprobs": true`."""
-    want, top = obj.get("logprobs"), obj.get("top_logprobs")
-    if top is not None:
-        ok, wanted = ITEM_FIELDS["logprobs"]
-        _check("top_logprobs", top, ok(top), wanted)
-        if want is not True:
-            raise RequestError("'top_logprobs' needs \"logprobs\": true (or give the alternatives a token as "
-                               "\"logprobs\": N alone)", param="top_logprobs")
-    if want is True:
-        extras["logprobs"] = top or 0
+def logprobs_of_chat(want, top) -> int | None:
+    """Chat's spelling of logprobs (each value checked by its caller), as agp serve's chat bodies
+    and `agp run`'s lines take it: `"logprobs": true` with `top_logprobs` alternatives a token (0
+    when left out) asks for them, `false` or nothing for none (None); `top_logprobs` needs
+    `"logprobs": true`."""
+    if top is not None and want is not True:
+        raise RequestError("'top_logprobs' needs \"logprobs\": true", param="top_logprobs")
+    return (top or 0) if want is True else None
 
 
 CONSTRAINTS = ("regex", "choice", "grammar")    # constraint specs beyond OpenAI's response_format types
