@@ -288,7 +288,18 @@ def _model_location(model: str, pos: SourcePos) -> tuple[str, Diagnostic | None]
             why = f"the folder '{model}' has no config.json"
     what = why or f"'{model}'"
     return model, _err(f"model not found: {what}", pos, expected=_MODEL_EXPECTED,
-                       hint=did_you_mean(model, (EMBEDDED_MODEL,)))
+                       hint=(why is None and _hub_hint(model)) or did_you_mean(model, (EMBEDDED_MODEL,)))
+
+
+def _hub_hint(model: str) -> str | None:
+    """What to write for a Hugging Face hub id (`org/name`, as vLLM takes a model), which agp
+    never downloads: the embedded model's own name, or a folder the user downloads it to."""
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", model.strip()) or model.lower().endswith(".gguf"):
+        return None
+    if model.strip().rsplit("/", 1)[1].lower() == EMBEDDED_MODEL:
+        return f'a Hugging Face hub id; this model is the embedded one: model = "{EMBEDDED_MODEL}"'
+    return (f"a Hugging Face hub id? agp downloads nothing: download it (huggingface-cli download {model.strip()} "
+            "--local-dir DIR) and name that folder, or a .gguf file")
 
 
 def _checked_model(model: str, path: str, pos: SourcePos) -> tuple[str, Diagnostic | None]:
@@ -767,7 +778,8 @@ def _json_schema_file(path: str, base: str | None, pos: SourcePos,
         constraints.check_spec({"type": "json_schema", "schema": schema})
     except constraints.GrammarError as e:
         return path, _err(f"json_schema file '{path}' cannot be enforced: {e}", pos, expected=SCHEMA_EXPECTED,
-                          hint="constrained decoding supports most of JSON Schema; not, e.g., uniqueItems or not")
+                          hint=None if constraints.CLOSED in str(e) else
+                          "constrained decoding supports most of JSON Schema; not, e.g., uniqueItems or not")
     except RecursionError:
         return path, _err(f"json_schema file '{path}' is nested too deeply", pos, expected=SCHEMA_EXPECTED)
     return found, None

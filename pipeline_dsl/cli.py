@@ -338,6 +338,35 @@ def _missing_command(name: str):
 _INPUT_ERRORS = {"InputError", "ModelNotFoundError", "ModelFileError", "QueueFullError"}
 
 
+# vLLM's flags that agp has no flag of that name for: where its setting is instead
+VLLM_FLAGS = {
+    "--model": "the model is the pipeline's `model` setting (or a generate stage's)",
+    "--gpu-memory-utilization": "the KV cache's size is the pipeline's `kv_budget` (or a kv_lookup stage's `budget`)",
+    "--tensor-parallel-size": "an engine runs on one device; more of them: agp serve --ray --replicas N (docs/scale.md)",
+    "--pipeline-parallel-size": "an engine runs on one device; more of them: agp serve --ray --replicas N (docs/scale.md)",
+    "--data-parallel-size": "replicas are agp serve --ray --replicas N (docs/scale.md)",
+    "--enable-prefix-caching": "prefix caching is on by default (kv_lookup's reuse = prefix)",
+    "--no-enable-prefix-caching": "agp's name is --no-prefix-reuse",
+    "--max-num-batched-tokens": "a step's tokens are dynamic_batch's `max_tokens_per_step`",
+    "--block-size": "the KV block size is kv_lookup's `block_size`",
+    "--enforce-eager": "only the performance mode compiles; generate's `compile = false` turns it off",
+    "--trust-remote-code": "agp runs no code of a model folder, so there is nothing to trust",
+    "--kv-cache-dtype": "the KV cache has the engine's compute dtype (--dtype)",
+    "--quantization": "--dtype int8 (weight-only int8), or a quantized .gguf file",
+    "--tokenizer": "the tokenizer is the model's own (its .gguf file or folder)",
+}
+
+
+def vllm_equivalents(extra: list[str]) -> str:
+    """For each of vLLM's flags among unrecognized arguments, agp's way to say it."""
+    said = []
+    for arg in extra:
+        flag = arg.split("=", 1)[0]
+        if flag in VLLM_FLAGS and flag not in said:
+            said.append(flag)
+    return "".join(f"; {flag} is vLLM's: {VLLM_FLAGS[flag]}" for flag in said)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -346,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = parser.parse_known_args(argv)
         if extra:                                  # the command's usage, not the top level's
             command = parser.commands.get(getattr(args, "command", None) or "")
-            (command or parser).error(f"unrecognized arguments: {' '.join(extra)}")
+            (command or parser).error(f"unrecognized arguments: {' '.join(extra)}{vllm_equivalents(extra)}")
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return USER_ERROR

@@ -264,12 +264,21 @@ class GrammarBuilder:
             _check_regex(pattern, f"{prefix}the pattern")
         if _ref_loop(schema):
             raise GrammarError(f"{prefix}its $ref refers only to itself, so no value can follow it")
-        schema = self._prepare(schema)
+        given, schema = schema, self._prepare(schema)
         text, problem = self._schema_grammar(schema)
         if problem is None:
             return text
         path = self._locate(schema, problem)
-        raise GrammarError(short(f"{prefix}{f'at {path}: ' if path else ''}{_reworded(problem)}"))
+        raise GrammarError(short(f"{prefix}{f'at {path}: ' if path else ''}{_reworded(problem)}")
+                           + (CLOSED if self._closing_fails(given) else ""))
+
+    def _closing_fails(self, schema) -> bool:
+        """Whether `schema` fails only because its objects were closed (a required key that its
+        `properties` do not list): it compiles as JSON Schema leaves objects open."""
+        if not self.close_objects:
+            return False
+        open_objects = GrammarBuilder(False, self.whitespace)
+        return open_objects._schema_grammar(open_objects._prepare(schema))[1] is None
 
     def _schema_grammar(self, schema) -> tuple[str, str | None]:
         """(grammar text, llguidance's first error or None) of a prepared schema."""
@@ -403,6 +412,10 @@ def _normalise(schema) -> None:
         if isinstance(node.get("patternProperties"), dict):
             node["patternProperties"] = {ascii_classes(k): v for k, v in node["patternProperties"].items()}
         todo += [sub for _, sub in _children(node)]
+
+
+CLOSED = ("; objects that list 'properties' are closed (additionalProperties: false, as OpenAI's strict mode "
+          "closes them): list every required key in 'properties', or set 'additionalProperties' yourself")
 
 
 def _reworded(problem: str) -> str:

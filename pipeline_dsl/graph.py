@@ -212,7 +212,7 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
     diags += _check_type_routes(r, carry, emits)
     diags += _check_streams(r, receives)
     diags += _check_loop_exits(r, g, carry, receives)
-    diags += _check_join_fan_out(r, g)
+    diags += _check_join_fan_out(r, g, reachable(g.successors, maybe_sources))
     budget_diags = _check_kv_budget(r)
     diags += budget_diags
     if not budget_diags:
@@ -243,13 +243,15 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
     return diags
 
 
-def _check_join_fan_out(r: Resolved, g: nx.DiGraph) -> list[Diagnostic]:
+def _check_join_fan_out(r: Resolved, g: nx.DiGraph, reached: set) -> list[Diagnostic]:
     """A warning at a join that can only ever get one item per request: walking back from it,
     no generate stage (n answers) and no stage with two ways on (a fan-out) comes before another
-    join's merged result or the request source."""
+    join's merged result or the request source. A join no request reaches (`reached`: what the
+    sources lead to) gets none: it gets no item at all, which its unreachable or not-connected
+    error says."""
     diags = []
     for n, s in r.stages.items():
-        if s.kind is None or s.kind.name != "join":
+        if s.kind is None or s.kind.name != "join" or n not in reached:
             continue
         seen, todo, barriers = {n}, list(g.predecessors(n)), set()
         fans = False

@@ -297,6 +297,14 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
                               _point(file, text, m.start(), len(m.group(1))),
                               expected="a condition on the same line, e.g. when full or when prompt_tokens > 512",
                               hint=f"'{m.group(3)}' on the next line starts another edge, not the condition")
+    if "EQUAL" in wanted and tok.type in ("STRING", "NUMBER", "LSQB", "NAME", "TRUE", "FALSE"):
+        m = re.search(r"\bwhen[ \t]+[^\n#]*?[A-Za-z_][\w.]*[ \t]+([A-Za-z_]\w*)[ \t]*$", text[:at])
+        if m and m.group(1) == prev:   # `when text contains "x"`: the word was read as the next statement's name
+            w = _end_of_previous(text, at) - len(prev)
+            return Diagnostic(ERROR, f"'{prev}' is not a comparison", _point(file, text, w, len(prev)),
+                              expected="a comparison FIELD OP VALUE with == != < <= > >=, joined with and, or, not",
+                              hint="for a test no comparison makes, let a python stage return a label and "
+                                   "write `when LABEL`")
     paren = _open_paren(text, at) if "RPAR" in wanted else None
     if paren is not None and text.count("\n", paren, at):   # `when (a > 1` and the next line read on
         return Diagnostic(ERROR, "'(' is not closed", _point(file, text, paren),

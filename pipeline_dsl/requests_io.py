@@ -118,7 +118,7 @@ ITEM_FIELDS = {
     "pooling": (lambda v: v == "mean", '"mean"'),
 }
 KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", "tools", "tool_choice", "logit_bias",
-         "max_completion_tokens", "parallel_tool_calls", "response_format", "cache_salt", "priority",
+         "max_completion_tokens", "top_logprobs", "parallel_tool_calls", "response_format", "cache_salt", "priority",
          *REQUEST_FIELDS, *ITEM_FIELDS, *TOKEN_ID_FIELDS}
 
 
@@ -342,8 +342,10 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
         req.prompt_token_ids = _check("prompt_token_ids", ids, isinstance(ids, list) and bool(ids) and all(
             _is_int(t) and t >= 0 for t in ids), "a non-empty array of token ids")
     # echo with max_tokens 0 scores the prompt without generating (lm-eval's loglikelihood), as
-    # agp serve's completions take it
-    scoring = obj.get("echo") is True and _is_int(obj.get("max_tokens")) and obj["max_tokens"] == 0
+    # agp serve's completions take it; pooling with max_tokens 0 is an embeddings request's item
+    # (agp serve's /v1/embeddings), which a python stage hands back
+    scoring = ((obj.get("echo") is True or obj.get("pooling") is not None)
+               and _is_int(obj.get("max_tokens")) and obj["max_tokens"] == 0)
     # chat's newer name for max_tokens, as OpenAI's chat clients send it; it wins when both are given
     limit = "max_completion_tokens" if obj.get("max_completion_tokens") is not None else "max_tokens"
     for name in SAMPLING_FIELDS:
@@ -373,8 +375,14 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
         if obj.get(name) is not None:
             req.sampling[name] = list(token_ids(name, obj[name]))
     for name, (ok, wanted) in ITEM_FIELDS.items():
-        if obj.get(name) is not None:
+        if obj.get(name) is not None and not (name == "logprobs" and isinstance(obj[name], bool)):
             req.extras[name] = _check(name, obj[name], ok(obj[name]), wanted)
+    if isinstance(obj.get("logprobs"), bool) or obj.get("top_logprobs") is not None:   # a line in chat's spelling
+        top = obj.get("top_logprobs")
+        if top is not None:
+            _check("top_logprobs", top, ITEM_FIELDS["logprobs"][0](top), ITEM_FIELDS["logprobs"][1])
+        if (k := logprobs_of_chat(obj.get("logprobs"), top)) is not None:
+            req.extras["logprobs"] = k
     if "priority" in obj:                                       # null too: NOT_NULL
         req.extras["priority"] = priority(obj["priority"])
     if obj.get("cache_salt") is not None:
@@ -383,6 +391,16 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
         raise RequestError("'echo' repeats a 'prompt' before its answer; a 'messages' line has no prompt "
                            "to repeat (leave 'echo' out)", param="echo")
     return req
+
+
+def logprobs_of_chat(want, top) -> int | None:
+    """Chat's spelling of logprobs (each value checked by its caller), as agp serve's chat bodies
+    and `agp run`'s lines take it: `"logprobs": true` with `top_logprobs` alternatives a token (0
+    when left out) asks for them, `false` or nothing for none (None); `top_logprobs` needs
+    `"logprobs": true`."""
+    if top is not None and want is not True:
+        raise RequestError("'top_logprobs' needs \"logprobs\": true", param="top_logprobs")
+    return (top or 0) if want is True else None
 
 
 CONSTRAINTS = ("regex", "choice", "grammar")    # constraint specs beyond OpenAI's response_format types
@@ -422,6 +440,8 @@ def parse_response_format(value) -> dict | None:
     if value["type"] == "json_object":
         return {"type": "json_object"}
     spec = value.get("json_schema")
+    if spec is None and "schema" in value:     # the form a request item carries it in, handed back by a python stage
+        spec = value
     if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
         raise RequestError("'response_format.json_schema' must be {\"name\", \"schema\": {...}, \"strict\"}",
                            param="response_format")

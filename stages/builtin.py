@@ -140,7 +140,8 @@ GENERATE = StageKind(
               "leading space, as vLLM bans them (at most 128, each up to 256 characters)", max_items=128,
               max_length=256, nonblank=True),
         Param("json_schema", STR, None, "a JSON Schema file, relative to the .agp file, that every answer "
-              "of this stage must follow (constrained decoding)", optional=True),
+              "of this stage must follow (constrained decoding), but one whose request brings its own "
+              "response_format or forced tool call", optional=True),
         Param("model", STR, None, "this stage's model (default: the pipeline's `model`)", optional=True,
               inherits="model"),
         Param("device", STR, None, "this stage's device: auto | cpu | cuda | cuda:N, a word or a string "

@@ -62,6 +62,21 @@ def test_a_when_without_its_condition_is_reported_at_the_when():
     assert (err.message, at(err)) == ("missing condition after 'or'", (10, 31))
 
 
+@pytest.mark.parametrize("cond, word, col", [('text contains "no"', "contains", 26),
+                                             ('finish_reason is "length"', "is", 35),
+                                             ('full and text in ["a"]', "in", 35),
+                                             ("text matches refusal", "matches", 26)])
+def test_a_word_where_a_comparison_goes_is_named_not_the_value_after_it(cond, word, col):
+    """`when text contains "no"` read `when text` as a label and `contains` as the next statement,
+    and the error stood at the value ("unexpected string; expected '=' or '->'"): it is at the word,
+    which is not a comparison, with what to write instead."""
+    err = one(SEED.replace("encode -> kv -> gen -> out\n", f"encode -> kv -> gen\n    gen -> out when {cond}\n"
+                           "    gen -> out otherwise\n"))
+    assert (err.message, at(err)) == (f"'{word}' is not a comparison", (13, col))
+    assert err.expected == "a comparison FIELD OP VALUE with == != < <= > >=, joined with and, or, not"
+    assert "python stage return a label" in err.hint
+
+
 @pytest.mark.parametrize("written, fix", [("10 ms", "10ms"), ("1.5 s", "1.5s")])
 def test_a_space_before_a_unit_is_named_with_the_quantity_to_write(written, fix):
     err = one(SEED.replace("timeout = 2ms", f"timeout = {written}"))

@@ -116,6 +116,20 @@ def test_json_schema_that_cannot_be_enforced_gets_a_hint(tmp_path, monkeypatch):
         "constrained decoding supports most of JSON Schema; not, e.g., uniqueItems or not")
 
 
+def test_a_json_schema_that_fails_because_its_objects_are_closed_says_so_without_the_general_hint(
+        tmp_path, monkeypatch):
+    """A required key missing from `properties` fails only because agp closes objects: the error
+    says so and what to write, and the hint about unsupported keywords, which misled, is left out."""
+    pytest.importorskip("llguidance")
+    from pipeline_dsl.constraints import CLOSED
+
+    monkeypatch.chdir(tmp_path)
+    f = _schema_pipeline(tmp_path, "s.json", '{"type": "object", "properties": {"a": {}}, "required": ["b"]}')
+    assert render_file(f) == _schema_error(
+        f, "s.json", "json_schema file 's.json' cannot be enforced: Unsatisfiable schema: required property 'b' "
+                     "is unsatisfiable" + CLOSED)
+
+
 def test_a_boolean_json_schema_true_allows_any_value_and_false_is_refused(tmp_path, monkeypatch):
     pytest.importorskip("llguidance")
     monkeypatch.chdir(tmp_path)
@@ -803,6 +817,22 @@ def test_a_model_name_close_to_the_embedded_one_gets_a_hint(tmp_path, monkeypatc
     assert render(pipeline(model="smollm2-135m-instruc")) == _model_line(
         "t.agp", "smollm2-135m-instruc", "model not found: 'smollm2-135m-instruc'", MODEL_EXPECTED,
         "did you mean 'smollm2-135m-instruct'?")
+
+
+@pytest.mark.parametrize("model, hint", [
+    ("HuggingFaceTB/SmolLM2-135M-Instruct",
+     'a Hugging Face hub id; this model is the embedded one: model = "smollm2-135m-instruct"'),
+    ("Qwen/Qwen2.5-0.5B-Instruct", "a Hugging Face hub id? agp downloads nothing: download it (huggingface-cli "
+                                   "download Qwen/Qwen2.5-0.5B-Instruct --local-dir DIR) and name that folder, or a "
+                                   ".gguf file"),
+    ("models/x.gguf", None), ("./x", None),
+])
+def test_a_hugging_face_hub_id_says_agp_downloads_nothing_and_what_to_write(tmp_path, monkeypatch, model, hint):
+    """A vLLM user names a model by its hub id; agp reads only local files: the error says so, and
+    the embedded model's own id gets its name (it was a bare 'model not found')."""
+    monkeypatch.chdir(tmp_path)
+    assert render(pipeline(model=model)) == _model_line("t.agp", model, f"model not found: '{model}'",
+                                                        MODEL_EXPECTED, hint)
 
 
 def test_a_gguf_suffix_in_capitals_is_a_gguf_file(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ import torch
 pytest.importorskip("llguidance")
 
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+from pipeline_dsl import constraints  # noqa: E402
 from pipeline_dsl.engine import constrain  # noqa: E402
 from pipeline_dsl.engine.constrain import ConstraintCompiler, GrammarError, apply_masks  # noqa: E402
 from tiny_model import BOUNDED_SCHEMA  # noqa: E402
@@ -285,6 +286,25 @@ def test_a_schema_error_says_where_in_the_schema(compiler, spec, message):
     with pytest.raises(GrammarError) as e:
         compiler.compile(spec)
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]},
+    {"type": "object", "properties": {"p": {"type": "object", "properties": {"a": {"type": "integer"}},
+                                            "required": ["a", "id"]}}, "required": ["p"]},
+])
+def test_a_schema_that_fails_only_because_its_objects_are_closed_says_so(compiler, schema):
+    """A required key its `properties` leave out is allowed by JSON Schema's open objects, but
+    not once agp closes them: the error says that is why, and what to write (it said only
+    "required property 'b' is unsatisfiable")."""
+    with pytest.raises(GrammarError) as e:
+        compiler.compile({"type": "json_schema", "schema": schema})
+    assert str(e.value).endswith(constraints.CLOSED) and "unsatisfiable" in str(e.value)
+    compiler.compile({"type": "json_schema", "schema": schema, "close_objects": False})
+    for other in ({"type": "array", "uniqueItems": True}, {"type": "integer", "minimum": 5, "maximum": 1}):
+        with pytest.raises(GrammarError) as e:      # not for a schema that fails open too
+            compiler.compile({"type": "json_schema", "schema": other})
+        assert constraints.CLOSED not in str(e.value)
 
 
 def test_a_grammar_the_engine_gives_up_on_after_its_first_token_is_refused_when_compiled(compiler):

@@ -101,6 +101,20 @@ def test_internal_errors_are_hidden_unless_debug(monkeypatch, capsys):
         cli.main(["--debug", "stages"])
 
 
+@pytest.mark.parametrize("command", ["serve", "run"])
+def test_a_vllm_flag_is_refused_with_where_agp_sets_it(command, capsys):
+    """vLLM's flags that agp has no flag of that name for are still unknown (exit 2, the usage),
+    and the message says where agp sets the same thing; another unknown flag gets nothing."""
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "examples/chat.agp", "--gpu-memory-utilization=0.9", "--enable-prefix-caching", "--frob"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --gpu-memory-utilization=0.9 --enable-prefix-caching --frob; " in err
+    assert ("--gpu-memory-utilization is vLLM's: the KV cache's size is the pipeline's `kv_budget`" in err
+            and "--enable-prefix-caching is vLLM's: prefix caching is on by default" in err)
+    assert "--frob is" not in err
+
+
 @pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz's dot is not installed")
 def test_render_svg_contains_every_stage_name(tmp_path):
     out = tmp_path / "sub" / "chat.svg"

@@ -91,6 +91,28 @@ def test_a_request_hook_returning_invalid_unicode_fails_at_the_hook_not_at_encod
                                "surrogate (invalid Unicode) in 'messages[0].content'")
 
 
+def test_a_request_hook_handing_back_the_request_it_got_keeps_its_schema_and_an_embeddings_request(
+        tmp_path, soft_gguf):
+    """A request stage that returns what it got (every guard and redactor does) has it checked as
+    a request line, and the forms agp itself puts on items pass: a json_schema response_format
+    (the item carries {"type", "schema", "name"}, not OpenAI's {"json_schema": {...}}) and an
+    embeddings request (max_tokens 0 with pooling, /v1/embeddings' item). Both failed with
+    "stage 'a' returned an invalid request"."""
+    from pipeline_dsl.requests_io import parse_request, request_item
+
+    path = pipeline(tmp_path, soft_gguf, 'stage a : python { fn = "hooks:ask" }', "request -> a -> batch\ngen -> out\n")
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    shaped = parse_request(chat("json", "hi", max_tokens=12, ignore_eos=False, response_format={
+        "type": "json_schema", "json_schema": {"name": "s", "schema": schema}})).item()
+    pooled = request_item("emb", messages=None, prompt="hello world", prompt_token_ids=None,
+                          fields={"max_tokens": 0, "pooling": "mean"})
+    results, _ = run(path, [shaped, pooled, chat("ok", "hi")])
+    for r in results:
+        assert r.ok, (r.id, r.error and r.error.message)
+    (answer,) = [r for r in results if r.id == "json"]
+    assert answer.choices[0].text.startswith("{")                      # the schema held
+
+
 @pytest.mark.parametrize("returns", ["same", "request"])
 def test_a_request_hook_answering_against_its_returns_fails_its_request(tmp_path, soft_gguf, returns):
     """docs/language.md, `returns`: check types the graph by it, and the runtime holds the

@@ -1295,6 +1295,20 @@ def test_a_join_after_a_join_with_nothing_fanning_out_between_is_a_warning():
         """)
 
 
+@pytest.mark.parametrize("extra", ["", "stage r2 : route {}\n        r2 -> pick -> out\n"])
+def test_a_join_no_request_reaches_gets_its_error_not_the_one_item_warning(extra):
+    """A join left out of the graph (or after stages nothing leads to) gets no item at all: its
+    not-connected or unreachable error says so, and no warning that it gets one item per request
+    because no generate stage comes before it."""
+    out = check(chain("""\
+        stage pick : join { policy = longest }
+        request -> batch
+        gen -> out
+        """ + extra))
+    assert "error: stage 'pick'" in out or "error: stage 'r2'" in out, out
+    assert "merges nothing" not in out
+
+
 @pytest.mark.parametrize("edges", [["gen -> vote -> out", "gen -> log -> vote"], ["gen -> log -> vote -> out"]])
 def test_a_join_after_a_fan_out_or_a_generate_stage_is_not_warned(edges):
     body = ["stage vote : join { policy = majority }", "stage log : python { fn = \"json:loads\" }",

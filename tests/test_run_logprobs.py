@@ -107,6 +107,28 @@ def test_each_choice_of_a_run_line_carries_its_own_logprobs(run_lines):
     assert row["logprobs"] == row["choices"][0]["logprobs"]
 
 
+def test_a_messages_line_takes_chats_spelling_of_logprobs(run_lines):
+    """A chat line asks for logprobs as a chat body does, `"logprobs": true` with `top_logprobs`:
+    the same lists as the line's own `"logprobs": N` (`top_logprobs` was an unknown field, and
+    `true` not an integer)."""
+    chat = {"messages": [{"role": "user", "content": "the cat"}], "max_tokens": 3, "temperature": 0,
+            "ignore_eos": True}
+    plain, spelled, alone = run_lines({**chat, "logprobs": 2}, {**chat, "logprobs": True, "top_logprobs": 2},
+                                      {**chat, "logprobs": True})
+    assert "error" not in spelled, spelled
+    same(spelled["logprobs"], plain["logprobs"])
+    assert len(alone["logprobs"]["tokens"]) == 3 and alone["logprobs"]["tokens"] == plain["logprobs"]["tokens"]
+    assert "logprobs" not in run_lines({**chat, "logprobs": False})[0]
+
+
+@pytest.mark.parametrize("extra, param", [({"top_logprobs": 2}, "top_logprobs"),
+                                          ({"logprobs": False, "top_logprobs": 2}, "top_logprobs")])
+def test_top_logprobs_without_logprobs_true_names_the_field(extra, param):
+    with pytest.raises(RequestError) as e:
+        parse_request({"messages": [{"role": "user", "content": "hi"}], **extra})
+    assert e.value.param == param and str(e.value) == "'top_logprobs' needs \"logprobs\": true"
+
+
 def test_a_messages_line_with_echo_names_the_field():
     with pytest.raises(RequestError) as e:
         parse_request({"messages": [{"role": "user", "content": "hi"}], "echo": True})

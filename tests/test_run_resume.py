@@ -116,6 +116,22 @@ def test_resume_refuses_an_output_made_from_a_changed_input_or_pipeline(tmp_path
     assert [g["id"] for g in records(out)] == ["a", "b"]
 
 
+def test_resume_refuses_an_output_made_before_an_included_file_changed(tmp_path, pipeline):
+    """The pipeline run may live in a file the named one includes (`use "tiny.agp"`): an edit
+    there is another pipeline too (only the named file counted, and --resume mixed the answers
+    of two pipelines in one output)."""
+    main, inp, out = tmp_path / "main.agp", tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    main.write_text('use "tiny.agp"\n')
+    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n')
+    assert run(main, "-i", inp, "-o", out).returncode == 0
+    kept = out.read_text().splitlines()[0] + "\n"
+    out.write_text(kept)
+    pipeline.write_text(pipeline.read_text().replace("max_new_tokens = 4", "max_new_tokens = 3"))
+    r = run(main, "-i", inp, "-o", out, "--resume")
+    assert r.returncode == 2, r.stderr
+    assert f"{out} was made from another pipeline than this run's" in r.stderr and out.read_text() == kept
+
+
 def test_resume_takes_an_input_with_lines_appended_and_runs_only_those(tmp_path, pipeline):
     """A batch file grown by lines added at its end is the same input, more of it: --resume answers
     the new lines alone; the grown file is then the one a later --resume holds the output to."""

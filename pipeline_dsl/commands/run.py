@@ -587,10 +587,10 @@ def _load(args):
 
 
 def _pipeline_fingerprint(args) -> list:
-    """The pipeline an output's answers are made from: its file, the pipeline chosen in it, --dtype and
-    the sampling defaults --generation-config and --override-generation-config give, by what they
-    are, not by the folder's path: a changed generation_config.json is another pipeline, the same
-    content elsewhere the same one. Under the default auto (the model's own file, which the pipeline
+    """The pipeline an output's answers are made from: its file and the files it includes, the
+    pipeline chosen in it, --dtype and the sampling defaults --generation-config and
+    --override-generation-config give, by what they are, not by the folder's path: a changed
+    generation_config.json is another pipeline, the same content elsewhere the same one. Under the default auto (the model's own file, which the pipeline
     names) only the override counts, so a fingerprint written before these flags stays the same run's;
     vllm and a folder of no sampling defaults are "vllm"."""
     import hashlib
@@ -598,9 +598,17 @@ def _pipeline_fingerprint(args) -> list:
     from pipeline_dsl.engine.errors import InputError
     from pipeline_dsl.engine.models import generation_defaults
 
+    from pipeline_dsl.loader import load_program
+
     try:
         with open(args.pipeline, "rb") as f:
-            pipeline = hashlib.sha256(f.read()).hexdigest()
+            digest = hashlib.sha256(f.read())
+        program, _ = load_program(args.pipeline, allow_paths=args.allow_path or ())
+        root = program.root
+        for name, text in sorted(program.sources.items()):     # the files it includes: a pipeline may live there
+            if name != root:
+                digest.update(f"\0{name}\0{text}".encode("utf-8", "surrogatepass"))
+        pipeline = digest.hexdigest()
     except OSError:                 # no pipeline to read: its load says so, in check's words (exit 2)
         pipeline = None
     override = args.override_generation_config

@@ -19,7 +19,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pipeline_dsl.requests_io import (ITEM_FIELDS, RequestError, check_min_tokens, json_type, load_json,
-                                      parse_logit_bias, parse_messages, parse_tools, priority, request_item)
+                                      logprobs_of_chat, parse_logit_bias, parse_messages, parse_tools, priority,
+                                      request_item)
 from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
 
 from .api_error import APIError
@@ -428,10 +429,12 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     want = _field(obj, "logprobs", lambda v: isinstance(v, bool), "true or false")
     top = _field(obj, "top_logprobs", lambda v: _is_int(v) and 0 <= v <= MAX_LOGPROBS,
                  f"an integer from 0 to {MAX_LOGPROBS}")
-    if top is not None and not want:
-        raise APIError("'top_logprobs' needs \"logprobs\": true", param="top_logprobs")
-    if want:
-        fields["logprobs"] = top or 0
+    try:
+        k = logprobs_of_chat(want, top)
+    except RequestError as e:
+        raise APIError(str(e), param=e.param) from None
+    if k is not None:
+        fields["logprobs"] = k
     tokens = parse_token_fields(obj, stream=flags["stream"])
     fields.update(tokens.fields)
     metadata = _field(obj, "metadata", lambda v: isinstance(v, dict), "an object")
