@@ -451,3 +451,12 @@ def test_logits_wider_than_the_grammars_mask_are_minus_inf_past_it(engine):
     apply_masks(logits, [m, None])
     assert torch.isinf(logits[0, c.vocab_size:]).all() and torch.isfinite(logits[1]).all()
     assert torch.isfinite(logits[0]).nonzero().view(-1).tolist() == m.allowed()
+
+
+def test_the_grammar_cache_evicts_the_least_recently_used_not_the_first_compiled(engine):
+    c = ConstraintCompiler(engine.tokenizer, engine.vocab_size, cache_size=2)
+    spec = {n: {"type": "regex", "pattern": n} for n in ("a+", "b+", "c+")}
+    a, b = c.compile(spec["a+"]), c.compile(spec["b+"])
+    assert c.compile(spec["a+"]) is a                         # used again: now the most recent
+    c.compile(spec["c+"])                                       # evicts b, the least recently used
+    assert c.compile(spec["a+"]) is a and c.compile(spec["b+"]) is not b
