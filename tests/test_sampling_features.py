@@ -169,6 +169,17 @@ def test_stop_reason_is_the_listed_token_id_unless_the_eos_ended_the_answer(soft
         ([eos], "stop", None), ([eos], "stop", eos), ([70], "stop", 70)]
 
 
+def test_include_stop_str_in_output_keeps_the_stop_string_and_holds_nothing_back(soft_gguf):
+    eng = make(soft_gguf)
+    c = eng.tokenizer.decode([70])                      # token 70 is one character
+    outs = stepped(eng, {
+        "shown": SamplingParams(max_tokens=5, logit_bias={70: 10.0}, stop=[c * 2], include_stop_str_in_output=True),
+        "hidden": SamplingParams(max_tokens=5, logit_bias={70: 10.0}, stop=[c * 2])})
+    assert [o.delta_text for o in outs["shown"]] == [c, c] and final(outs["shown"]).text == c * 2
+    assert final(outs["shown"]).stop_reason == c * 2
+    assert [o.delta_text for o in outs["hidden"]] == ["", ""] and final(outs["hidden"]).text == ""
+
+
 def test_min_tokens_holds_stop_strings_back_as_vllm_does(soft_gguf):
     # a stop string among the first min_tokens tokens ended the answer there (1 token, text ""):
     # vLLM matches stop strings only in the text of token min_tokens + 1 on, as agp holds EOS
