@@ -180,6 +180,17 @@ def test_include_stop_str_in_output_keeps_the_stop_string_and_holds_nothing_back
     assert [o.delta_text for o in outs["hidden"]] == ["", ""] and final(outs["hidden"]).text == ""
 
 
+def test_an_answer_cut_by_max_tokens_inside_a_character_leaves_its_bytes_out(soft_gguf):
+    # the first byte of "€" (0xE2) alone, then max_tokens: no U+FFFD in the text
+    from tiny_model import byte_alphabet
+
+    eng = make(soft_gguf)
+    lead = eng.tokenizer.token_to_id(byte_alphabet()[0xE2])
+    outs = stepped(eng, {"cut": SamplingParams(max_tokens=1, logit_bias={lead: 100.0})})
+    assert tokens(outs["cut"]) == [lead] and final(outs["cut"]).finish_reason == "length"
+    assert final(outs["cut"]).text == ""
+
+
 def test_min_tokens_holds_stop_strings_back_as_vllm_does(soft_gguf):
     # a stop string among the first min_tokens tokens ended the answer there (1 token, text ""):
     # vLLM matches stop strings only in the text of token min_tokens + 1 on, as agp holds EOS
