@@ -460,3 +460,23 @@ def test_real_model_schema_and_tool_call():
     assert done["tool"].finish_reason == "stop", text
     calls = json.loads(re.fullmatch(r"<tool_call>\n?(.*?)\n?</tool_call>", text, re.S).group(1))
     assert calls[0]["name"] in ("get_weather", "add")
+
+
+def test_logits_wider_than_the_grammars_mask_are_minus_inf_past_it(engine):
+    # a compiler made for the tokenizer alone: its mask's words end before the logits do
+    c = ConstraintCompiler(engine.tokenizer)
+    V = c.words * 32 + 40
+    m = c.compile({"type": "json_object"}).matcher()
+    logits = torch.zeros(2, V)
+    apply_masks(logits, [m, None])
+    assert torch.isinf(logits[0, c.vocab_size:]).all() and torch.isfinite(logits[1]).all()
+    assert torch.isfinite(logits[0]).nonzero().view(-1).tolist() == m.allowed()
+
+
+def test_the_grammar_cache_evicts_the_least_recently_used_not_the_first_compiled(engine):
+    c = ConstraintCompiler(engine.tokenizer, engine.vocab_size, cache_size=2)
+    spec = {n: {"type": "regex", "pattern": n} for n in ("a+", "b+", "c+")}
+    a, b = c.compile(spec["a+"]), c.compile(spec["b+"])
+    assert c.compile(spec["a+"]) is a                         # used again: now the most recent
+    c.compile(spec["c+"])                                       # evicts b, the least recently used
+    assert c.compile(spec["a+"]) is a and c.compile(spec["b+"]) is not b

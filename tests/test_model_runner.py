@@ -145,6 +145,19 @@ def test_block_table_too_short_is_a_clear_error(model):
         runner.execute([SeqBatchItem(seq(9, 41), 0, [0, 1], True)])
 
 
+def test_a_batch_reaching_exactly_the_context_passes_and_one_position_more_is_refused():
+    from pipeline_dsl.engine.batch import StepBatch, check_batch
+
+    def batch(start, n):
+        return StepBatch.from_items([SeqBatchItem(list(range(n)), start, [0, 1, 2], True)])
+
+    check_batch(batch(7, 1), block_size=4, max_position=8)          # positions 0..7: the whole context
+    check_batch(batch(0, 8), block_size=4, max_position=8)
+    for start, n in ((8, 1), (1, 8)):
+        with pytest.raises(ValueError, match="position 9 exceeds the model's context 8"):
+            check_batch(batch(start, n), block_size=4, max_position=8)
+
+
 @pytest.mark.parametrize("dtype,tol", [("bf16", 0.15), ("int8", 0.15)])
 def test_low_precision_logits_stay_close_to_fp32(tiny, model, dtype, tol):
     ids = seq(12, 50)

@@ -88,6 +88,16 @@ def test_the_cut_keeps_at_least_a_block_and_few_rows_are_not_a_measurement():
     assert sched.schedule().num_prefill_tokens == 4
 
 
+def test_a_dearer_latest_piece_sets_the_cut_over_the_median_of_cheaper_ones():
+    # a long prompt's later pieces attend to more context: the latest cost per token, when above
+    # the median of the last ones, is the one the cut is sized by
+    sched = make(itl_target_s=0.5)
+    measured(sched, fixed=0.1, per_token=0.001)              # 0.4 s of room: 400 tokens at this cost
+    assert 390 <= sched.prefill_cap() <= 400
+    sched.observe(64, 0.1 + 64 * 0.004)                      # the latest piece: four times the cost
+    assert 95 <= sched.prefill_cap() <= 100
+
+
 def test_a_bad_target_is_an_input_error():
     with pytest.raises(InputError, match="itl_target"):
         EngineConfig(itl_target_s=-1)

@@ -109,6 +109,21 @@ def test_out_of_blocks_the_lowest_priority_running_sequence_is_preempted():
     assert first_preempted("priority", (4, 4, 4)) == "c"       # of equals, the latest arrival
 
 
+def test_requests_of_the_same_priority_arriving_at_the_same_instant_keep_their_order():
+    # a clock too coarse to tell them apart: equal ranks, so the queue and the choice of victim
+    # fall back on the order of arrival and of admission
+    sched, clock = make(num_blocks=7)
+    seqs = [Sequence(rid, list(range(1000 * i, 1000 * i + 5)), 5, SamplingParams(max_tokens=6), clock.t, 4)
+            for i, rid in enumerate("abc", 1)]
+    for seq in seqs:
+        sched.add(seq)
+    assert [s.request_id for s in sched.waiting] == ["a", "b", "c"]
+    preempted = []
+    while not preempted:
+        preempted = list(run_step(sched).preempted)
+    assert preempted == ["c"]                                  # of equals, the most recently admitted
+
+
 def test_a_preempted_sequence_waits_in_its_rank_not_at_the_head():
     sched, clock = make(num_blocks=7, max_batch_size=3)
     seqs = {rid: add(sched, clock, rid, priority=p, max_tokens=6) for rid, p in zip("abc", (0, 9, 1))}

@@ -178,3 +178,42 @@ def test_a_scorer_preempted_while_its_last_chunk_runs_keeps_its_prompt_logprobs(
                                                                 abs=1e-4)
     assert eng.stats()["preemptions"] >= 1
     assert eng.stats()["kv_blocks_used"] == 0
+
+
+def test_a_prompt_tokens_rank_counts_only_the_tokens_strictly_more_likely():
+    # vLLM's rank: 1 + the tokens whose logprob is greater; a token tied with the likeliest is 1
+    from pipeline_dsl.engine.prompt_outputs import reduce_chunk
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, 1.0], [1.0, 3.0, 3.0, 0.0]])       # [2 rows, V]
+    for targets, ranks in (([0, 1], [1, 1]), ([2, 2], [4, 1]), ([3, 3], [2, 4]), ([1, 0], [2, 3])):
+        out = reduce_chunk(0, {"logits": logits}, targets, 0)
+        assert out.ranks.tolist() == ranks, targets
+
+
+def test_a_chunk_that_does_not_continue_the_rows_so_far_is_ignored():
+    # a chunk computed before a preemption may come after the recomputation's own chunks: only the
+    # chunk that starts where the rows so far end is added (and a first chunk starts them over)
+    from pipeline_dsl.engine.prompt_outputs import ChunkRows, PromptOutputs
+
+    out = PromptOutputs(8, None, "mean")
+    out.add(ChunkRows(0, 4, hidden_sum=torch.full((2,), 4.0)), list(range(8)))
+    out.add(ChunkRows(2, 4, hidden_sum=torch.full((2,), 100.0)), list(range(8)))   # not at row 4
+    assert out.next == 4 and not out.complete
+    out.add(ChunkRows(4, 4, hidden_sum=torch.full((2,), 12.0)), list(range(8)))
+    assert out.complete and out.take() == (None, [2.0, 2.0])
+    assert out.take() == (None, None)                                            # handed out once
+
+
+def test_a_first_chunk_again_starts_incomplete_outputs_over_and_leaves_complete_ones_alone():
+    # a preempted request's prompt is recomputed from row 0: what it had of an incomplete prompt
+    # is dropped (the hidden states' sum too); a prompt already complete keeps its outputs
+    from pipeline_dsl.engine.prompt_outputs import ChunkRows, PromptOutputs
+
+    ids = list(range(8))
+    out = PromptOutputs(8, None, "mean")
+    out.add(ChunkRows(0, 4, hidden_sum=torch.full((2,), 4.0)), ids)
+    out.add(ChunkRows(0, 4, hidden_sum=torch.full((2,), 4.0)), ids)              # recomputed
+    out.add(ChunkRows(4, 4, hidden_sum=torch.full((2,), 12.0)), ids)
+    assert out.complete
+    out.add(ChunkRows(0, 4, hidden_sum=torch.full((2,), 100.0)), ids)            # complete: kept
+    assert out.complete and out.take() == (None, [2.0, 2.0])

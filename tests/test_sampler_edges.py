@@ -130,6 +130,16 @@ def test_top_k_zero_is_off_and_top_k_vocab_cuts_nothing_in_a_batch_that_sorts():
     _assert_follows(counts[2], _renorm([0.1, 0.2, 0.3, 0.4], [0, 0, 1, 1]))
 
 
+def test_top_p_is_a_share_of_the_mass_top_k_keeps_not_of_the_whole_vocabulary():
+    # top_k 2 keeps 0.5 + 0.25 = 0.75, renormalised [2/3, 1/3]; top_p 0.6 of that (0.45) is
+    # reached by the first token alone (the second's preceding mass 0.5 >= 0.45): only token 0.
+    # Taken over top_k + 1 tokens (0.875 -> 0.525 > 0.5) the second token would stay.
+    logits = _exact_logits(P5)
+    gen, sampler = make_generator(11), Sampler(seed=11)
+    p = SamplingParams(temperature=1.0, top_k=2, top_p=0.6)
+    assert set(sampler.sample(logits.repeat(2000, 1), [p] * 2000, [gen] * 2000)) == {0}
+
+
 def test_top_k_one_is_the_argmax_of_every_row_even_among_sampled_rows():
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(8, 30, generator=g)

@@ -155,6 +155,42 @@ def test_min_tokens_holds_eos_and_stop_token_ids_back(soft_gguf):
     assert 70 not in toks[:3] and toks[3:] == [70] and final(outs["stop_id"]).finish_reason == "stop"
 
 
+def test_stop_reason_is_the_listed_token_id_unless_the_eos_ended_the_answer(soft_gguf):
+    # vLLM checks the EOS first: an EOS that ends the answer has stop_reason None even when
+    # stop_token_ids lists it too; with ignore_eos it ends the answer as a listed stop token
+    eng = make(soft_gguf)
+    eos = min(eng.eos_token_ids)
+    likes_eos = {eos: 10.0}
+    outs = stepped(eng, {
+        "eos": SamplingParams(max_tokens=5, logit_bias=likes_eos, stop_token_ids=[eos]),
+        "listed": SamplingParams(max_tokens=5, logit_bias=likes_eos, stop_token_ids=[eos], ignore_eos=True),
+        "other": SamplingParams(max_tokens=5, logit_bias={70: 10.0}, stop_token_ids=[70])})
+    assert [(tokens(outs[r]), final(outs[r]).finish_reason, final(outs[r]).stop_reason) for r in outs] == [
+        ([eos], "stop", None), ([eos], "stop", eos), ([70], "stop", 70)]
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string_and_holds_nothing_back(soft_gguf):
+    eng = make(soft_gguf)
+    c = eng.tokenizer.decode([70])                      # token 70 is one character
+    outs = stepped(eng, {
+        "shown": SamplingParams(max_tokens=5, logit_bias={70: 10.0}, stop=[c * 2], include_stop_str_in_output=True),
+        "hidden": SamplingParams(max_tokens=5, logit_bias={70: 10.0}, stop=[c * 2])})
+    assert [o.delta_text for o in outs["shown"]] == [c, c] and final(outs["shown"]).text == c * 2
+    assert final(outs["shown"]).stop_reason == c * 2
+    assert [o.delta_text for o in outs["hidden"]] == ["", ""] and final(outs["hidden"]).text == ""
+
+
+def test_an_answer_cut_by_max_tokens_inside_a_character_leaves_its_bytes_out(soft_gguf):
+    # the first byte of "€" (0xE2) alone, then max_tokens: no U+FFFD in the text
+    from tiny_model import byte_alphabet
+
+    eng = make(soft_gguf)
+    lead = eng.tokenizer.token_to_id(byte_alphabet()[0xE2])
+    outs = stepped(eng, {"cut": SamplingParams(max_tokens=1, logit_bias={lead: 100.0})})
+    assert tokens(outs["cut"]) == [lead] and final(outs["cut"]).finish_reason == "length"
+    assert final(outs["cut"]).text == ""
+
+
 def test_min_tokens_holds_stop_strings_back_as_vllm_does(soft_gguf):
     # a stop string among the first min_tokens tokens ended the answer there (1 token, text ""):
     # vLLM matches stop strings only in the text of token min_tokens + 1 on, as agp holds EOS
@@ -232,6 +268,38 @@ def test_a_finished_sequence_in_a_step_already_scheduled_touches_no_state():
     assert logits[0].tolist() == [-1.0] + [0.0] * (V - 1)       # b sampled token 0 once: only its own counts
     feats.release(b)
     assert feats.all_free() and feats.capacity == 8
+
+
+def test_min_tokens_holds_back_eos_only_when_eos_would_end_the_answer():
+    # vLLM: with ignore_eos the EOS is no stop token, so min_tokens leaves it alone; the request's
+    # own stop_token_ids are still held back
+    V = 6
+    feats = Features(V, eos_token_ids=(0,))
+    keeps = fake_seq("ignore", [1], min_tokens=3, ignore_eos=True, stop_token_ids=[4])
+    holds = fake_seq("holds", [1], min_tokens=3)
+    for s in (keeps, holds):
+        feats.start(s)
+    got = feats.sample(force(V, [0, 0]), [keeps, holds], Sampler(seed=0), lambda s: True).tolist()
+    assert got[0] == 0 and got[1] != 0
+    assert int(feats.sample(force(V, [4]), [keeps], Sampler(seed=0), lambda s: True)[0]) != 4
+
+
+def test_a_reused_slot_starts_from_no_counts_no_penalty_and_no_bias():
+    """A slot a finished sequence gave back holds nothing of it for the next: that one's
+    frequency penalty counts its own output alone, and the old bias and prompt are gone."""
+    V = 8
+    feats = Features(V)
+    old = fake_seq("old", [3], frequency_penalty=1.0, repetition_penalty=2.0, logit_bias={6: 5.0})
+    feats.start(old)
+    for _ in range(3):
+        feats.sample(force(V, [5]), [old], Sampler(seed=0), lambda s: True)
+    feats.release(old)
+    new = fake_seq("new", [1], frequency_penalty=1.0)
+    feats.start(new)
+    feats.sample(force(V, [5]), [new], Sampler(seed=0), lambda s: True)    # takes old's slot
+    logits = torch.ones(1, V)
+    feats.sample(logits, [new], Sampler(seed=0), lambda s: True)
+    assert logits[0].tolist() == [1.0] * 5 + [0.0] + [1.0] * 2               # token 5 once: 1 - 1
 
 
 def test_a_greedy_request_with_a_penalty_gets_the_argmax_of_the_penalised_logits():

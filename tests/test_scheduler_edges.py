@@ -135,6 +135,17 @@ def test_token_budget_is_used_to_the_last_token_and_not_beyond():
     assert p.output_ids == expected_output(5, 3) and d.num_output == 1
 
 
+def test_a_token_budget_below_max_batch_size_still_decodes_every_running_sequence_each_step():
+    sched, clock = make(max_batch_size=4, max_tokens_per_step=2)
+    assert sched.config.max_tokens_per_step == 4           # raised to one decode per sequence
+    for rid in "abcd":
+        add(sched, clock, rid, 1, max_tokens=3)
+    decodes = []
+    while sched.running or sched.waiting:
+        decodes.append(step(sched, clock).num_decodes)
+    assert decodes == [0, 4, 4]                             # 1-token prompts in one step, then all decode
+
+
 def test_prefill_chunk_caps_a_prompt_to_exactly_its_size_per_step():
     sched, clock = make(prefill_chunk=3, max_tokens_per_step=64)
     add(sched, clock, "a", 7, max_tokens=1)

@@ -49,6 +49,8 @@ def test_continue_final_message_cuts_after_the_last_text_whatever_the_template_d
     assert open_final_message(text, "Sure, ").endswith("<|im_start|>assistant\nSure, ")   # its space kept
     trimmed = "<user>hi</user><assistant>Sure,</assistant>"                # a template that trims
     assert open_final_message(trimmed, "  Sure, ") == "<user>hi</user><assistant>Sure,"
+    lstripped = "<user>hi</user><assistant>Sure, </assistant>"             # leading spaces trimmed only
+    assert open_final_message(lstripped, "  Sure, ") == "<user>hi</user><assistant>Sure, "
     echoed = "<user>ok</user><assistant>ok</assistant>"                     # the last occurrence
     assert open_final_message(echoed, "ok") == "<user>ok</user><assistant>ok"
     with pytest.raises(InputError, match="does not write the last message's text"):
