@@ -319,7 +319,7 @@ def agp_run(pipeline: Path, reqs: list[dict], tmp: Path) -> dict:
             "ids_digest": digest(ids)}
 
 
-async def _streams(port: int, n: int, new: int) -> dict:
+async def serve_streams(port: int, n: int, new: int) -> dict:
     import httpx
 
     reqs = chat_requests(n, new)
@@ -364,7 +364,7 @@ def agp_serve(pipeline: Path, counts, new: int) -> list[dict]:
         out = []
         for n in counts:
             try:
-                out.append(asyncio.run(asyncio.wait_for(_streams(srv.port, n, new),
+                out.append(asyncio.run(asyncio.wait_for(serve_streams(srv.port, n, new),
                                                         max(end - time.perf_counter(), 1))))
             except TimeoutError:
                 raise RuntimeError(f"{n} streams not answered within the row's {limit:.0f} s") from None
