@@ -22,7 +22,8 @@ batch size and KV budget, the Llama-3.2-1B shape, `agp run` in performance mode;
 of the batch sweep (16 / 64 / 256), attention reading the pool in place (flex) vs gathering it
 (sdpa), and `agp serve` in performance mode. Each model is loaded (warm-up, compile, capture)
 once for all its engine rows. A row that fails says why and the suite goes on; with --json the
-rows so far are written after each one, and --budget starts no row after its seconds nor one
+rows so far are written after each one, and --budget (counted from the process's start, as a
+device command's limit is) starts no row after its seconds nor one
 whose estimate (ESTIMATE_S) would end it more than a minute past them, so a device command's
 time limit still leaves the figures and the tables: every figure, then issue 17's "done when"
 figures with targets and whether each is met.
@@ -85,6 +86,9 @@ def make_model(shape: str, tokenizer: Path, out: Path, device: str) -> Path:
     return out
 
 
+# the process's start: --budget counts from it, as the device script's cut does (torch's import and the
+# preflight's, some seconds on a bare device, come before the first row)
+STARTED = time.perf_counter()
 DEADLINE: list = [None]    # perf_counter() by which a subprocess row must end (the budget, and a minute)
 ROW_MIN_S = 30             # what a subprocess row is given at least, however late it starts
 KV_BUDGET = [4 << 30]      # the engine-alone rows' KV pool: 4 GiB on a device, small in --smoke (CPU RAM)
@@ -315,7 +319,7 @@ def agp_run(pipeline: Path, reqs: list[dict], tmp: Path) -> dict:
             "ids_digest": digest(ids)}
 
 
-async def _streams(port: int, n: int, new: int) -> dict:
+async def serve_streams(port: int, n: int, new: int) -> dict:
     import httpx
 
     reqs = chat_requests(n, new)
@@ -360,7 +364,7 @@ def agp_serve(pipeline: Path, counts, new: int) -> list[dict]:
         out = []
         for n in counts:
             try:
-                out.append(asyncio.run(asyncio.wait_for(_streams(srv.port, n, new),
+                out.append(asyncio.run(asyncio.wait_for(serve_streams(srv.port, n, new),
                                                         max(end - time.perf_counter(), 1))))
             except TimeoutError:
                 raise RuntimeError(f"{n} streams not answered within the row's {limit:.0f} s") from None
@@ -477,7 +481,10 @@ def preflight(tok: Path | None) -> list[str]:
     return problems
 
 
-def main(argv=None) -> int:
+def main(argv=None, started: float | None = None) -> int:
+    """`started`: the perf_counter() the budget counts from (the process's start when run as a
+    script; this call's start by default)."""
+    t_start = time.perf_counter() if started is None else started
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokenizer", type=Path, help="folder from --make-tokenizer (the real tokenizer)")
     ap.add_argument("--make-tokenizer", type=Path, help="write the embedded model's tokenizer folder here and stop")
@@ -486,7 +493,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", action="append", default=[], metavar="TEXT",
                     help="run only the rows whose name contains TEXT (repeatable)")
     ap.add_argument("--budget", type=float, default=None, metavar="S",
-                    help="start no row after S seconds (default 480 on a device: one command runs at most 600 s); "
+                    help="start no row after S seconds from the process's start (default 480 on a device: "
+                         "one command runs at most 600 s); "
                          "the rows left are marked skipped and the tables are still printed")
     ap.add_argument("--table", type=Path, metavar="JSON", help="print the tables of a saved run and stop")
     args = ap.parse_args(argv)
@@ -512,14 +520,13 @@ def main(argv=None) -> int:
             raise SystemExit("no tokenizer folder: pass --tokenizer bench/tok (docs/gpu.md)")
     budget = args.budget if args.budget is not None else (None if smoke else 480.0)
     if budget is not None:
-        DEADLINE[0] = time.perf_counter() + budget + 60
+        DEADLINE[0] = t_start + budget + 60
     n, new, lo, hi = (8, 8, 6, 12) if smoke else (256, 128, 24, 64)
     sweep = (1, 4) if smoke else (1, 16, 64, 256)
     streams = (4, 8) if smoke else (256, 512)
     shapes = ("tiny", "tiny-mha") if smoke else ("smollm2-135m", "llama-3.2-1b")   # the second: its rows too
     rows: list[tuple[str, str]] = []
     results: dict = {}
-    t_start = time.perf_counter()
     dev = "cpu (smoke)" if smoke else torch.cuda.get_device_name()
 
     def saved(done: bool) -> dict:
@@ -666,4 +673,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(started=STARTED))

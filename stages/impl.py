@@ -127,7 +127,9 @@ def takes_call(fn, call: str) -> None:
     wrapper is judged by its own signature, which may supply arguments itself; a wrapper that only
     passes its arguments on (`(*args, **kwargs)`) says nothing, and the function it wraps
     (`__wrapped__`, which functools.wraps sets) is judged instead. A bare pass-through wrapper
-    without `__wrapped__` takes any call."""
+    without `__wrapped__` takes any call. A bound method's wrapped function is judged with the
+    method's instance (or class) as its first argument, as the method passes it."""
+    import functools
     import inspect
 
     from pipeline_dsl.userfn import FunctionNotFound
@@ -137,8 +139,11 @@ def takes_call(fn, call: str) -> None:
         return inspect.Parameter.VAR_POSITIONAL in kinds and kinds <= {inspect.Parameter.VAR_POSITIONAL,
                                                                        inspect.Parameter.VAR_KEYWORD}
 
+    bound = inspect.ismethod(fn)              # its __wrapped__ is the plain function, which takes self too
     try:
-        signature = inspect.signature(inspect.unwrap(fn, stop=lambda f: not passes_on(f)), follow_wrapped=False)
+        target = inspect.unwrap(fn.__func__ if bound else fn, stop=lambda f: not passes_on(f))
+        signature = inspect.signature(functools.partial(target, fn.__self__) if bound else target,
+                                      follow_wrapped=False)
     except (TypeError, ValueError):           # a builtin without one (its calls say), a cycle of __wrapped__
         return
     try:

@@ -454,6 +454,27 @@ def test_tokenize_takes_a_prompt_or_messages_and_the_stage_the_model_names():
         **chat, "pin": "gen", "chat_template_kwargs": {"x": 1}, "tools": [TOOL], "tool_choice": "auto"}
 
 
+def test_tokenize_and_detokenize_take_null_as_left_out_as_they_are_described():
+    """A client sends null for the fields it leaves unset: {"prompt": "hi", "messages": null} was a 400
+    ("give exactly one of 'prompt' or 'messages'"), and /openapi.json described no field of either
+    route as nullable, where every generation route's optional fields are."""
+    import jsonschema
+
+    from pipeline_dsl.serve import openapi as OA
+
+    assert tokenize({"prompt": "hi", "messages": None}) == tokenize({"prompt": "hi"})
+    assert tokenize({"messages": HI, "prompt": None}) == tokenize({"messages": HI})
+    assert refused(tokenize, {"prompt": None, "messages": None}).message == "give exactly one of 'prompt' or 'messages'"
+    for body in ({"prompt": "hi", "messages": None, "model": None, "add_special_tokens": None},
+                 {"messages": HI, "prompt": None, "tools": None, "add_generation_prompt": None}):
+        jsonschema.validate(body, OA.TOKENIZE_REQUEST)
+    detokenize_schema = OA.DETOKENIZE["requestBody"]["content"]["application/json"]["schema"]
+    jsonschema.validate({"tokens": [1, 2], "model": None}, detokenize_schema)
+    assert detokenize({"tokens": [1, 2], "model": None}) == detokenize({"tokens": [1, 2]})
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"tokens": None}, detokenize_schema)
+
+
 @pytest.mark.parametrize("obj, message, param", [
     ({"prompt": 5}, "'prompt' must be a string, not 5", "prompt"),
     ({}, "give exactly one of 'prompt' or 'messages'", "prompt"),

@@ -146,16 +146,19 @@ def with_tag(fn):                   # supplies an argument itself
 
 def test_decorated_fns_that_take_the_call_run(tmp_path, tiny_gguf):
     """A decorator's wrapper: one that passes the call on to a def that takes it, with or without
-    functools.wraps, and one whose own signature takes the call and supplies the def's other
-    argument. Each loads and runs."""
+    functools.wraps, one whose own signature takes the call and supplies the def's other
+    argument, and a decorated method of an instance (its wrapped def takes self too: it was refused
+    at load). Each loads and runs."""
     (tmp_path / "hooks.py").write_text(DECORATORS + "@logged\ndef a(item):\n    return item\n\n"
                                        "@bare\ndef b(item):\n    return item\n\n"
                                        "@with_tag\ndef c(item, tag):\n    item['metadata'] = {'tag': tag}\n"
-                                       "    return item\n")
+                                       "    return item\n\n"
+                                       "class Hooks:\n    @logged\n    def d(self, item):\n        return item\n\n"
+                                       "d = Hooks().d\n")
     path = tmp_path / "tiny.agp"
-    path.write_text(PIPELINE.format(model=tiny_gguf).replace("request -> batch", "request -> a -> b -> c -> batch")
-                    .replace("stage out", 'stage a : python { fn = "hooks:a" }\n    stage b : python { fn = "hooks:b" }'
-                             '\n    stage c : python { fn = "hooks:c" }\n    stage out'))
+    stages = "".join(f'stage {s} : python {{ fn = "hooks:{s}" }}\n    ' for s in "abcd")
+    path.write_text(PIPELINE.format(model=tiny_gguf).replace("request -> batch", "request -> a -> b -> c -> d -> batch")
+                    .replace("stage out", stages + "stage out"))
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text('{"prompt": "a"}\n')
     r = run(path, "-i", inp, "-o", out)

@@ -46,11 +46,11 @@ def _or_null(schema: dict) -> dict:
     return schema if "null" in types else {**schema, "type": [*types, "null"]}
 
 
-def _request(required: str, properties: dict) -> dict:
+def _request(required: str | None, properties: dict) -> dict:
     """A request body's schema as the server reads it: each field but the required one may be null,
     which is the field left out (clients send null for what they leave unset, as vLLM's Optional
     fields take it), except requests_io.NOT_NULL (priority), refused as vLLM refuses it."""
-    return {"type": "object", "required": [required], "additionalProperties": False,
+    return {"type": "object", **({"required": [required]} if required else {}), "additionalProperties": False,
             "properties": {name: field if name == required or name in NOT_NULL else _or_null(field)
                            for name, field in properties.items()}}
 
@@ -333,13 +333,13 @@ TRACE_FLUSH = {"responses": {
 VERSION = {"responses": {"200": {"description": "agp's version", "content": {"application/json": {"schema": {
     "type": "object", "required": ["version"], "properties": {"version": {"type": "string"}}}}}}}}
 
-TOKENIZE_REQUEST = {"type": "object", "additionalProperties": False, "properties": {
+TOKENIZE_REQUEST = _request(None, {      # a prompt or messages (the other left out or null)
     "model": {"type": "string"}, "prompt": {"type": "string"},
     "messages": {"type": "array", "minItems": 1, "items": MESSAGE},
     "add_special_tokens": {"type": "boolean"}, "add_generation_prompt": {"type": "boolean"},
     "continue_final_message": {"type": "boolean"}, "return_token_strs": {"type": "boolean"},
     "tools": {"type": "array", "items": {"type": "object"}},
-    "chat_template_kwargs": {"type": "object", "description": "extra variables of the chat template"}}}
+    "chat_template_kwargs": {"type": "object", "description": "extra variables of the chat template"}})
 
 TOKENIZE = {"requestBody": {"required": True, "content": {"application/json": {"schema": TOKENIZE_REQUEST}}},
             "responses": {"200": {"description": "the prompt's token ids", "content": {"application/json": {
@@ -350,10 +350,8 @@ TOKENIZE = {"requestBody": {"required": True, "content": {"application/json": {"
                                    "description": "each id's vocabulary string, with return_token_strs"}}}}}},
                 **{k: ERRORS[k] for k in ("400", "404", "408", "413", "415", "503")}}}
 
-DETOKENIZE = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-    "type": "object", "required": ["tokens"], "additionalProperties": False,
-    "properties": {"model": {"type": "string"}, "tokens": {"type": "array", "items": {"type": "integer",
-                                                                                      "minimum": 0}}}}}}},
+DETOKENIZE = {"requestBody": {"required": True, "content": {"application/json": {"schema": _request("tokens", {
+    "model": {"type": "string"}, "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}}})}}},
               "responses": {"200": {"description": "the text of the tokens", "content": {"application/json": {
                   "schema": {"type": "object", "required": ["prompt"],
                              "properties": {"prompt": {"type": "string"}}}}}},

@@ -558,6 +558,8 @@ def parse_tokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...
     _, pin = model_of(obj, served, stages)
     special = _field(obj, "add_special_tokens", lambda v: isinstance(v, bool), "true or false")
     strs = bool(_field(obj, "return_token_strs", lambda v: isinstance(v, bool), "true or false"))
+    if "prompt" in obj and "messages" in obj:      # the one given null is left out, as a client sends it
+        obj = {k: v for k, v in obj.items() if v is not None or k not in ("prompt", "messages")}
     if ("prompt" in obj) == ("messages" in obj):
         raise APIError("give exactly one of 'prompt' or 'messages'", param="prompt")
     if "prompt" in obj:
