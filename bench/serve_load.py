@@ -48,13 +48,13 @@ def free_port() -> int:
 class Server:
     """`agp serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, pipeline: str, *extra: str, startup_s: float = 300):
+    def __init__(self, pipeline: str, *extra: str, startup_s: float = 300, python: tuple = ("-m", "pipeline_dsl.cli")):
         import httpx
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline_dsl.cli", "serve", pipeline,
+        self.proc = subprocess.Popen([sys.executable, *python, "serve", pipeline,
                                       "--port", str(self.port), *extra],
                                      cwd=ROOT, stderr=self.log, stdout=self.log)
         deadline = time.monotonic() + startup_s
