@@ -1288,6 +1288,14 @@ def test_a_zero_quantity_with_its_unit_is_zero_not_negative(value, param, want):
     assert convert(value, param, "'x'") == (want, None)
 
 
+def test_a_list_may_hold_exactly_max_items_strings():
+    p = Param("tags", reg_mod.LIST_STR, (), max_items=2)
+    two = ast.List((ast.Str("a", AT), ast.Str("b", AT)), AT)
+    assert convert(two, p, "'tags'") == (["a", "b"], None)
+    out, d = convert(ast.List((*two.items, ast.Str("c", AT)), AT), p, "'tags'")
+    assert out is None and d.message == "'tags' holds 3 strings; at most 2 are allowed"
+
+
 def test_one_string_for_a_list_of_none_allowed_is_reported_at_the_string():
     p = Param("tags", reg_mod.LIST_STR, (), max_items=0)
     out, d = convert(ast.Str("a", AT), p, "'tags'")
