@@ -118,6 +118,12 @@ def test_the_stream_count_does_not_grow_with_the_window():
     assert big.baseline.streams >= small.baseline.streams
 
 
+def test_the_window_needs_at_least_four_micro_batches():
+    assert make_plan(graph(), window=4).segments
+    with pytest.raises(PlanError, match="the window needs at least 4 micro-batches"):
+        make_plan(graph(), window=3)
+
+
 def test_instance_graph_links_each_work_to_its_previous_micro_batch():
     g = graph()
     step = step_graph(g, stage_work(g, SEG))
