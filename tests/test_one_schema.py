@@ -160,3 +160,9 @@ def test_a_size_is_a_whole_number_of_bytes():
     EngineConfig(kv_budget_bytes=float(1 << 20))
     with pytest.raises(InputError, match="'kv_budget_bytes' must be a number of bytes"):
         EngineConfig(kv_budget_bytes=(1 << 20) + 0.5)
+
+
+def test_allowed_token_ids_may_hold_exactly_its_most_ids():
+    most = 1 << 18
+    assert accepts_run("allowed_token_ids", list(range(most)))
+    assert not accepts_run("allowed_token_ids", [1] * (most + 1))
