@@ -268,3 +268,11 @@ def test_a_request_lines_logprobs_and_logit_bias_take_their_bounds_themselves():
     parse_request({"prompt": "x", "logit_bias": {str(i): 1 for i in range(MAX_LOGIT_BIAS)}})
     with pytest.raises(RequestError, match=f"at most {MAX_LOGIT_BIAS} are accepted"):
         parse_request({"prompt": "x", "logit_bias": {str(i): 1 for i in range(MAX_LOGIT_BIAS + 1)}})
+
+
+def test_a_request_lines_empty_prompt_is_refused_and_a_bias_of_minus_100_taken():
+    with pytest.raises(RequestError, match="field 'prompt' is empty"):
+        parse_request({"prompt": ""})
+    assert parse_request({"prompt": "x", "logit_bias": {"5": -100}}).item()
+    with pytest.raises(RequestError, match="must be a number from -100 to 100"):
+        parse_request({"prompt": "x", "logit_bias": {"5": -100.5}})
