@@ -1308,6 +1308,24 @@ def test_a_size_of_zero_without_a_unit_is_the_integer_zero():
     assert (out, d) == (0.0, None) and type(out) is float
 
 
+@pytest.mark.parametrize("value, param, want", [
+    (ast.Quantity(0, "ms", AT), Param("t", reg_mod.DURATION, min=0.0), 0.0),
+    (ast.Quantity(0.0, "s", AT), Param("t", reg_mod.DURATION, min=0.0), 0.0),
+    (ast.Quantity(0, "B", AT), Param("s", reg_mod.SIZE, min=0), 0),
+])
+def test_a_zero_quantity_with_its_unit_is_zero_not_negative(value, param, want):
+    """Only a negative wait or size is refused whatever the bounds: `timeout = 0ms` is no wait."""
+    assert convert(value, param, "'x'") == (want, None)
+
+
+def test_a_list_may_hold_exactly_max_items_strings():
+    p = Param("tags", reg_mod.LIST_STR, (), max_items=2)
+    two = ast.List((ast.Str("a", AT), ast.Str("b", AT)), AT)
+    assert convert(two, p, "'tags'") == (["a", "b"], None)
+    out, d = convert(ast.List((*two.items, ast.Str("c", AT)), AT), p, "'tags'")
+    assert out is None and d.message == "'tags' holds 3 strings; at most 2 are allowed"
+
+
 def test_one_string_for_a_list_of_none_allowed_is_reported_at_the_string():
     p = Param("tags", reg_mod.LIST_STR, (), max_items=0)
     out, d = convert(ast.Str("a", AT), p, "'tags'")

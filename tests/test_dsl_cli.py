@@ -265,3 +265,24 @@ def test_commands_that_run_a_pipeline_say_that_dash_is_not_read_from_stdin(comma
     assert r.returncode == 2 and "not found" not in r.stderr
     assert f"agp {command}: error: argument FILE: '-' (standard input) is read as a pipeline by check, fmt, plan " \
            "and render only: give the .agp file's path" in r.stderr
+
+
+def test_check_and_fmt_exit_2_for_a_bad_file_whatever_the_files_after_it(tmp_path):
+    """agp check A B: an error in A is exit 2 though B is clean; agp fmt --check: a file that does
+    not parse is exit 2 though another only needs reformatting (1); agp fmt --write leaves a file
+    already in canonical layout untouched and unmentioned."""
+
+    good = tmp_path / "good.agp"
+    good.write_text((ROOT / "examples" / "chat.agp").read_text())
+    bad, messy = tmp_path / "bad.agp", tmp_path / "messy.agp"
+    bad.write_text("pipeline p {\n")
+    messy.write_text(good.read_text().replace("    stage", "  stage", 1))
+    r = agp_in("check", bad, good)
+    assert r.returncode == 2 and f"{good}: ok" in r.stdout
+    assert agp_in("fmt", "--check", bad, messy).returncode == 2
+    assert agp_in("fmt", "--check", messy).returncode == 1
+    formatted = agp_in("fmt", good).stdout
+    good.write_text(formatted)
+    before = good.stat().st_mtime_ns
+    r = agp_in("fmt", "--write", good)
+    assert (r.returncode, r.stdout, good.stat().st_mtime_ns) == (0, "", before)

@@ -253,6 +253,10 @@ def test_a_stream_stage_may_return_a_label(tmp_path, soft_gguf):
     ('stage f : python { fn = "hooks:aupper" }', "is a generator function"),
     ('stage f : python { fn = "hooks:labelled"  stream = true  retries = 1 }',
      "retries cannot be used with stream = true"),
+    ('stage f : python { fn = "hooks:labelled"  stream = true  cache = 4 }',
+     "cache cannot be used with stream = true"),
+    ('stage f : python { fn = "hooks:labelled"  stream = true  max_turns = 2 }',
+     "max_turns cannot be used with stream = true"),
 ])
 def test_check_rejects_what_a_stream_stage_cannot_do(tmp_path, soft_gguf, stage, words):
     body = (f"stage request : requests {{}}\nstage gen : generate {{}}\nstage out : respond {{}}\n{stage}\n"

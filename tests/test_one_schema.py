@@ -152,3 +152,17 @@ def test_run_serve_and_the_engine_agree_on_allowed_token_ids(value):
     verdicts = {"run": accepts_run("allowed_token_ids", value), "serve": accepts_serve("allowed_token_ids", value),
                 "engine": accepts_engine("allowed_token_ids", value)}
     assert len(set(verdicts.values())) == 1, verdicts
+
+
+def test_a_size_is_a_whole_number_of_bytes():
+    """A size field (kv_budget_bytes) takes a whole number of bytes, 1048576.0 as 1048576; half a
+    byte is refused with the field's words, not passed on to the KV pool's arithmetic."""
+    EngineConfig(kv_budget_bytes=float(1 << 20))
+    with pytest.raises(InputError, match="'kv_budget_bytes' must be a number of bytes"):
+        EngineConfig(kv_budget_bytes=(1 << 20) + 0.5)
+
+
+def test_allowed_token_ids_may_hold_exactly_its_most_ids():
+    most = 1 << 18
+    assert accepts_run("allowed_token_ids", list(range(most)))
+    assert not accepts_run("allowed_token_ids", [1] * (most + 1))

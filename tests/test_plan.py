@@ -118,6 +118,27 @@ def test_the_stream_count_does_not_grow_with_the_window():
     assert big.baseline.streams >= small.baseline.streams
 
 
+def test_the_window_needs_at_least_four_micro_batches():
+    assert make_plan(graph(), window=4).segments
+    with pytest.raises(PlanError, match="the window needs at least 4 micro-batches"):
+        make_plan(graph(), window=3)
+
+
+def test_the_report_shows_an_event_on_the_previous_micro_batch_as_k_minus_1():
+    """An event of lag 1 (the waiter of micro-batch k waits on the recorder of k-1) reads [k-1]."""
+    from dataclasses import replace
+
+    from pipeline_dsl.plan import PipelinePlan
+
+    plan = make_plan(graph())
+    seg = plan.segments[0]
+    lagged = replace(seg, events=(replace(seg.events[0], lag=1), *seg.events[1:]))
+    text = format_plan(PipelinePlan(plan.pipeline, plan.items, (lagged,)))
+    first = seg.events[0]
+    assert f"  {first.src_work}[k-1] -> {first.dst_work}[k]   (stream waits)" in text.splitlines()
+    assert f"  {first.src_work}[k] -> {first.dst_work}[k]" in format_plan(plan)
+
+
 def test_instance_graph_links_each_work_to_its_previous_micro_batch():
     g = graph()
     step = step_graph(g, stage_work(g, SEG))

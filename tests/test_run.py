@@ -255,3 +255,24 @@ def test_a_cpu_runs_trace_shows_the_next_steps_host_work_before_the_current_forw
     ahead = [e for e in host if e["args"]["micro_batch"] - 1 in forward
              and e["ts"] < forward[e["args"]["micro_batch"] - 1]["ts"] + forward[e["args"]["micro_batch"] - 1]["dur"]]
     assert len(forward) >= 6 and ahead, "no step's host work started before the previous forward ended"
+
+
+def test_a_request_lines_logprobs_and_logit_bias_take_their_bounds_themselves():
+    """logprobs up to 20 (vLLM's default max_logprobs), logit_bias up to 1024 tokens: the bound is
+    accepted, one past it refused."""
+    from pipeline_dsl.requests_io import MAX_LOGIT_BIAS
+
+    assert parse_request({"prompt": "x", "logprobs": 20}).extras["logprobs"] == 20
+    with pytest.raises(RequestError, match="'logprobs' must be an integer from 0 to 20"):
+        parse_request({"prompt": "x", "logprobs": 21})
+    parse_request({"prompt": "x", "logit_bias": {str(i): 1 for i in range(MAX_LOGIT_BIAS)}})
+    with pytest.raises(RequestError, match=f"at most {MAX_LOGIT_BIAS} are accepted"):
+        parse_request({"prompt": "x", "logit_bias": {str(i): 1 for i in range(MAX_LOGIT_BIAS + 1)}})
+
+
+def test_a_request_lines_empty_prompt_is_refused_and_a_bias_of_minus_100_taken():
+    with pytest.raises(RequestError, match="field 'prompt' is empty"):
+        parse_request({"prompt": ""})
+    assert parse_request({"prompt": "x", "logit_bias": {"5": -100}}).item()
+    with pytest.raises(RequestError, match="must be a number from -100 to 100"):
+        parse_request({"prompt": "x", "logit_bias": {"5": -100.5}})

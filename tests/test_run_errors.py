@@ -223,13 +223,14 @@ def test_a_prompt_over_max_prompt_tokens_is_an_error_record_of_the_requests_stag
     path.write_text(PIPELINE.format(model=tiny_gguf).replace("stage request : requests {}",
                                                              "stage request : requests { max_prompt_tokens = 10 }"))
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    inp.write_text(json.dumps({"prompt": "word " * 50}) + "\n" +
+    inp.write_text(json.dumps({"prompt": "word " * 50}) + "\n\n" +                 # a blank line: no record
                    json.dumps({"prompt": " ".join("abcdefghijklmnopqrst")}) + "\n" +
                    json.dumps({"prompt": "hi", "max_tokens": 1}) + "\n")
     r = run(path, "-i", inp, "-o", out)
     assert r.returncode == 0, r.stderr
     long_chars, long_tokens, fine = records(out)
     assert long_chars["error"]["stage"] == long_tokens["error"]["stage"] == "request"
+    assert (long_chars["error"]["line"], long_tokens["error"]["line"]) == (1, 3)     # the input's line numbers
     assert "(requests.max_prompt_tokens = 10)" in long_chars["error"]["message"]
     assert long_tokens["error"]["message"].endswith("tokens is longer than this pipeline accepts "
                                                     "(requests.max_prompt_tokens = 10)")

@@ -3,6 +3,7 @@ id, a cut last line, error records, lines appended to the input) and answers eve
 once; an output that is not this input's answers is refused before the model loads."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -140,9 +141,12 @@ def test_resume_takes_an_input_with_lines_appended_and_runs_only_those(tmp_path,
     assert run(pipeline, "-i", inp, "-o", out).returncode == 0
     before = out.read_text()
     inp.write_text(inp.read_text() + '{"id": "c", "prompt": "z"}\n')
-    r = run(pipeline, "-i", inp, "-o", out, "--resume")
+    stats = tmp_path / "stats.json"
+    r = run(pipeline, "-i", inp, "-o", out, "--resume", "--stats", stats)
     assert r.returncode == 0, r.stderr
     assert out.read_text().startswith(before) and [g["id"] for g in records(out)] == ["a", "b", "c"]
+    s = json.loads(stats.read_text())         # the lines read: those answered now and those kept
+    assert (s["requests"], s["resumed_skipped"], s["interrupted"], s["lines_read"]) == (1, 2, 0, 3)
     inp.write_text(inp.read_text().replace('"y"', '"changed"') + '{"id": "d", "prompt": "w"}\n')
     r = run(pipeline, "-i", inp, "-o", out, "--resume")          # a line changed before those appended
     assert r.returncode == 2 and f"{out} was made from another input" in r.stderr

@@ -93,3 +93,33 @@ def test_the_time_per_token_of_a_vote_is_per_token_of_its_answer():
     observed = {s.name: s.value for m in metrics.registry.collect() for s in m.samples
                 if s.name.startswith("vllm:request_time_per_output_token_seconds")}
     assert observed["vllm:request_time_per_output_token_seconds_sum"] == pytest.approx(1 / 23)
+
+
+def test_a_line_taken_but_never_started_counts_as_interrupted_and_is_not_written():
+    """A stop while the runtime has taken two lines and answered one: the other is handed to
+    on_interrupted (not written, so --resume runs it) and the summary counts it as interrupted,
+    as the run's 'N interrupted, not written' says."""
+    import itertools
+    import threading
+    from types import SimpleNamespace as NS
+
+    from pipeline_dsl.commands.runner import RunRequest, run_pipeline
+    from pipeline_dsl.flow import Choice, Result
+    from pipeline_dsl.requests_io import parse_line
+
+    stop = threading.Event()
+
+    def run_all(items, on_result, stop, keep_results):
+        taken = [item for item, _pin in itertools.islice(items, 2)]
+        stop.set()                                  # the second line never starts
+        on_result(0, Result("k", taken[0]["id"], [Choice(0, "hi", "length", {})], None,
+                            {"prompt_tokens": 2, "completion_tokens": 1, "cached_tokens": 0}, {}))
+
+    runtime = NS(run_all=run_all, seg_of_gen={}, stats=lambda: {"engines": {}, "stages": {}, "edges": {}},
+                 trace=NS(measured_overlap=lambda: 0.0), plan=NS(streams=[]), segments=[])
+    requests = [RunRequest(slot=i, line=i + 1, parsed=parse_line(f'{{"prompt": "p{i}"}}', i + 1)) for i in range(3)]
+    done, cut = [], []
+    summary = run_pipeline(runtime, requests, on_done=lambda slot, rec: done.append(slot), progress=False,
+                           stop=stop, on_interrupted=cut.append)
+    assert (done, cut) == ([0], [1])
+    assert (summary["requests"], summary["interrupted"]) == (1, 1)

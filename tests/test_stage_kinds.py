@@ -362,3 +362,24 @@ def test_a_kind_whose_schema_no_pipeline_can_use_is_refused_with_the_reason(tmp_
             f"{said} 'many' is not registered: the default of its parameter 'n', 50, is outside its own range"]
     finally:
         registry.reset_default_registry()
+
+
+def test_the_language_pages_table_of_kinds_gives_the_registrys_integer_and_boolean_defaults():
+    """docs/language.md's table of the built-in kinds states each parameter's default: an int's or a
+    bool's there is the one the registry gives a stage that leaves it out."""
+    import re
+    from pathlib import Path
+
+    from stages.registry import default_registry
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "language.md").read_text(encoding="utf-8")
+    checked = 0
+    for row in re.findall(r"^\| `(\w+)` \| (.*)$", page, flags=re.M):
+        kind = default_registry().get(row[0])
+        if kind is None:
+            continue
+        for name, typ, value in re.findall(r"`(\w+)` (int|bool) (\d+|true|false)\b", row[1]):
+            want = int(value) if typ == "int" else value == "true"
+            assert kind.param(name).default == want, (row[0], name, value)
+            checked += 1
+    assert checked >= 15

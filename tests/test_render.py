@@ -1,0 +1,72 @@
+"""agp render's DOT text (render.dot_source): what each box and edge says, as docs/language.md's
+`agp render` describes it, without graphviz."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from pipeline_dsl import load_pipeline_graph
+from pipeline_dsl.plan import make_plan
+from pipeline_dsl.render import dot_source
+
+PIPELINE = """
+pipeline p {{
+    model = "smollm2-135m-instruct"
+    stage request : requests {{}}
+    stage batch : dynamic_batch {{ padding = false }}
+    stage encode : encode {{}}
+    stage kv : kv_lookup {{}}
+    stage gen : generate {{ {gen} }}
+    stage out : respond {{}}
+    request -> batch
+    batch -> encode when full
+    batch -> encode when timeout
+    encode -> kv -> gen -> out
+}}
+"""
+
+
+def dot(gen: str = "", plan: bool = False) -> str:
+    graph = load_pipeline_graph("<test>", text=PIPELINE.format(gen=gen))
+    return dot_source(graph, make_plan(graph) if plan else None)
+
+
+def test_a_box_shows_booleans_as_the_file_writes_them_and_leaves_out_empty_default_lists():
+    text = dot('stop = []')
+    assert "padding = false" in text and "padding = False" not in text
+    assert "stop = " not in text                         # [] is the default: nothing to see
+    assert "stop = [&#x27;END&#x27;]<BR/>" in dot('stop = ["END"]')                # one set is shown
+
+
+def test_a_condition_label_escapes_its_backslashes_then_its_quotes():
+    """The string of a condition is quoted in the DOT text: a backslash doubled, a quote escaped."""
+    text = PIPELINE.format(gen="").replace(
+        "request -> batch", 'request -> batch when metadata.k == "a\\"b\\\\c"\n    request -> batch otherwise')
+    lines = dot_source(load_pipeline_graph("<test>", text=text)).splitlines()
+    assert '  "request" -> "batch" [label="when metadata.k == \\"a\\\\\\"b\\\\\\\\c\\""];' in lines
+
+
+def test_a_single_condition_of_a_python_stage_is_not_numbered():
+    hooks = "def pick(item):\n    return 'a'\n"
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "hooks.py"), "w") as f:
+            f.write(hooks)
+        path = os.path.join(d, "p.agp")
+        with open(path, "w") as f:
+            f.write(PIPELINE.format(gen="").replace(
+                "request -> batch",
+                'stage pick : python { fn = "hooks:pick" }\n    request -> pick\n    pick -> batch when a\n'
+                "    pick -> batch otherwise"))
+        one = dot_source(load_pipeline_graph(path))
+    assert '"pick" -> "batch" [label="when a"];' in one
+    assert '"pick" -> "batch" [label="otherwise", style=dashed];' in one
+
+
+def test_a_plans_events_between_two_stages_are_drawn_once():
+    graph = load_pipeline_graph("<test>", text=PIPELINE.format(gen=""))
+    plan = make_plan(graph)
+    seg = plan.segments[0]
+    twice = replace(plan, segments=(replace(seg, events=(*seg.events, *seg.events)),))
+    assert dot_source(graph, twice).count('label="event"') == dot_source(graph, plan).count('label="event"') > 0
