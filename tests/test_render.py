@@ -45,21 +45,14 @@ def test_a_condition_label_escapes_its_backslashes_then_its_quotes():
     assert '  "request" -> "batch" [label="when metadata.k == \\"a\\\\\\"b\\\\\\\\c\\""];' in lines
 
 
-def test_a_single_condition_of_a_python_stage_is_not_numbered():
-    hooks = "def pick(item):\n    return 'a'\n"
-    import os
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        with open(os.path.join(d, "hooks.py"), "w") as f:
-            f.write(hooks)
-        path = os.path.join(d, "p.agp")
-        with open(path, "w") as f:
-            f.write(PIPELINE.format(gen="").replace(
-                "request -> batch",
-                'stage pick : python { fn = "hooks:pick" }\n    request -> pick\n    pick -> batch when a\n'
-                "    pick -> batch otherwise"))
-        one = dot_source(load_pipeline_graph(path))
+def test_a_single_condition_of_a_python_stage_is_not_numbered(tmp_path):
+    (tmp_path / "hooks.py").write_text("def pick(item):\n    return 'a'\n")
+    path = tmp_path / "p.agp"
+    path.write_text(PIPELINE.format(gen="").replace(
+        "request -> batch",
+        'stage pick : python { fn = "hooks:pick" }\n    request -> pick\n    pick -> batch when a\n'
+        "    pick -> batch otherwise"))
+    one = dot_source(load_pipeline_graph(str(path)))
     assert '"pick" -> "batch" [label="when a"];' in one
     assert '"pick" -> "batch" [label="otherwise", style=dashed];' in one
 
