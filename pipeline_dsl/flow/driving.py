@@ -11,7 +11,6 @@ import threading
 import time
 from typing import Callable
 
-from . import heap
 from .items import PipelineError, Result, no_usage
 
 
@@ -56,27 +55,14 @@ class Driving:
         return name
 
     # ---- driving -------------------------------------------------------------------------
-    def _freeze_heap(self) -> None:
-        """The loaded heap frozen from the first start on, until shutdown (flow/heap.py)."""
-        if not self._frozen:
-            self._frozen = True
-            heap.freeze()
-
-    def _thaw_heap(self) -> None:
-        if self._frozen:
-            self._frozen = False
-            heap.thaw()
-
     def start(self) -> None:
         """Every segment's batching loop on a thread of its own (agp serve)."""
-        self._freeze_heap()
         for es in self.segments:
             es.start(*self._callbacks(es), self._on_segment_failure)
 
     def drive(self) -> None:
         """The first segment's loop driven from this thread, the others from threads of their
         own; returns after close() once the engines are idle."""
-        self._freeze_heap()
         if not self.segments:
             with self._lock:
                 while not (self._closing and not len(self.ledger)):
@@ -167,7 +153,6 @@ class Driving:
                 es.reopen()
         else:
             self.pool.shutdown(wait=True)
-            self._thaw_heap()
         if failure:
             raise failure[0]
         return results
@@ -207,7 +192,6 @@ class Driving:
         return finished
 
     def shutdown(self) -> None:
-        self._thaw_heap()
         for es in self.segments:
             es.join(5.0)
         for w in self.workers.values():

@@ -159,7 +159,6 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         self.cut = 0                                  # requests close() had to fail
         self.error: BaseException | None = None
         self._tracks: dict[int, str] = {}
-        self._frozen = False                          # holds the heap's freeze (flow/heap.py)
 
     def _workers_of(self, stage: str) -> int:
         """A stage's calls at once: its `workers`. A stream stage's call lasts its answer's whole

@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import replace
 
-from pipeline_dsl.flow import PipelineError, Result
+from pipeline_dsl.flow import PipelineError, Result, heap
 
 log = logging.getLogger("agp.serve")
 
@@ -185,9 +185,12 @@ class AsyncPipeline:
         self._started = False
 
     def start(self) -> None:
+        """The runtime's loops started, and the loaded heap frozen until stop() (flow/heap.py):
+        a long-lived server's full collections no longer walk the model's objects mid-stream."""
         if not self._started:
             self._started = True
             self.runtime.start()
+            heap.freeze()
 
     @property
     def error(self) -> BaseException | None:
@@ -220,6 +223,8 @@ class AsyncPipeline:
         whether every request finished."""
         finished = self.runtime.close(drain=drain, timeout=timeout)
         self.runtime.shutdown()
+        if self._started:
+            heap.thaw()
         return finished
 
 
