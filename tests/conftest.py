@@ -3,12 +3,14 @@
 `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadfile`): a module's
 tests stay together on one worker (its module fixtures — servers, clusters — start once), a
 worker's torch runs on one thread (two processes of two threads each on two cores would wait at
-every barrier), the modules that start a local Ray cluster take turns (`ray_turn`), and the
-longest modules are collected first (`LONG_FIRST`)."""
+every barrier), a worker reads the embedded model's file once (`embedded_model_read_once`), the
+modules that start a local Ray cluster take turns (`ray_turn`), and the longest modules are
+collected first (`LONG_FIRST`)."""
 
 import fcntl
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +45,38 @@ def ray_turn():
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def embedded_model_read_once():
+    """The embedded model's file read and dequantised once per worker process: reading it is
+    most of a load (header, 4-bit blocks to float32: tens of seconds on a busy machine), and
+    engines, runtimes and servers in a dozen modules load it in process. Each load still gets
+    its own copy of the weights (nothing a test does to one model reaches another), its own
+    tokenizer and its own model, in whatever dtype it asks for; the loader's own tests call
+    `load_gguf` as they imported it, and a child process (`agp(...)`) reads the file itself."""
+    from dataclasses import replace
+
+    from pipeline_dsl.engine import gguf_loader
+    from pipeline_dsl.model_files import EMBEDDED_FILES, embedded_file
+
+    embedded = {path.resolve() for path in map(embedded_file, EMBEDDED_FILES) if path is not None}
+    read, first = gguf_loader.load_gguf, {}
+
+    def load_gguf(path):
+        key = Path(path).resolve()
+        if key not in embedded:
+            return read(path)
+        if key not in first:
+            first[key] = read(path)
+        g = first[key]
+        weights = gguf_loader.Weights({name: w.clone() for name, w in g.weights.items()})
+        weights.int4.update(g.weights.int4)           # blocks are only read (Int4Linear packs copies)
+        return replace(g, weights=weights, metadata=dict(g.metadata))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf_loader, "load_gguf", load_gguf)
+        yield
 
 
 @pytest.fixture(scope="session")

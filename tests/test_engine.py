@@ -501,3 +501,18 @@ def test_embedded_model_answers_a_chat_message():
     out = run_all(e)[0]["q"]
     assert "Paris" in out.text
     assert out.finish_reason in ("stop", "length") and out.completion_tokens <= 24
+
+
+@pytest.mark.slow
+def test_each_load_of_the_embedded_model_has_weights_of_its_own():
+    # the suite reads the embedded file once per process (tests/conftest.py): a model changed
+    # in place (an fp32 model holds the very tensors it was given) leaves the next load as it was
+    from pipeline_dsl.engine.models import load_model
+
+    first, _ = load_model(None, dtype="fp32")
+    embed, o = first.embed.clone(), first.layers[0].o.weight.clone()
+    first.embed.zero_()
+    first.layers[0].o.weight.zero_()
+    second, _ = load_model(None, dtype="fp32")
+    assert torch.equal(second.embed, embed) and torch.equal(second.layers[0].o.weight, o)
+    assert embed.abs().sum() > 0 and o.abs().sum() > 0

@@ -7,6 +7,8 @@ on a corpus with unicode, whitespace runs, code and special tokens, and the prom
 logprobs `agp serve` answers (echo) agree to 1e-3.
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -55,10 +57,19 @@ CORPUS = [
 @pytest.fixture(scope="module")
 def reference():
     transformers = pytest.importorskip("transformers")
+    import gguf
+
     src = resolve_model(None)
     kw = dict(gguf_file=src.path.name, local_files_only=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(src.path.parent), dtype=torch.float32, **kw)
-    tok = transformers.AutoTokenizer.from_pretrained(str(src.path.parent), **kw)
+    # transformers parses the file's header anew for the config, the weights and the tokenizer,
+    # and builds gguf's tensor-name table once per submodule: most of its load, none of it the
+    # weights' values. Each is made once here (same arguments, same result); its reader and
+    # dequantiser still read every weight.
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("GGUFReader", "get_tensor_name_map"):
+            mp.setattr(gguf, name, functools.cache(getattr(gguf, name)))
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(src.path.parent), dtype=torch.float32, **kw)
+        tok = transformers.AutoTokenizer.from_pretrained(str(src.path.parent), **kw)
     return model.eval(), tok
 
 
