@@ -196,6 +196,26 @@ def test_a_scorer_preempted_while_its_last_chunk_runs_keeps_its_prompt_logprobs(
     assert eng.stats()["kv_blocks_used"] == 0
 
 
+def test_a_scorer_aborted_and_replaced_while_its_prompt_computes_is_not_finished_by_that_step(tiny_gguf):
+    """An executor that runs the phases itself learns of a step's results after an abort may
+    have come, and a new request may have taken the id: finish_prefilled of the old sequence is
+    None and leaves the new one (and the counters) alone."""
+    eng = engine(tiny_gguf)
+    params = SamplingParams(max_tokens=0, prompt_logprobs=0)
+    eng.add_request("s", prompt_token_ids=PROMPT[:10], params=params)
+    plan = eng.schedule()
+    (old,) = [it.seq for it in plan.items]
+    tokens = eng.execute(plan)
+    eng.abort("s")
+    eng.add_request("s", prompt_token_ids=PROMPT[:10], params=params)
+    assert eng.update(plan, tokens) == []
+    assert eng.finish_prefilled(old, old.num_prompt, eng.clock()) is None
+    assert eng.stats(latencies=False)["requests_done"] == 0 and old.finish_reason == "abort"
+    (out,) = finish(eng)
+    assert out.request_id == "s" and out.finished and len(out.prompt_logprobs) == 10
+    assert eng.stats(latencies=False)["requests_done"] == 1 and eng.blocks.num_used == 0
+
+
 def test_a_prompt_tokens_rank_counts_only_the_tokens_strictly_more_likely():
     # vLLM's rank: 1 + the tokens whose logprob is greater; a token tied with the likeliest is 1
     from pipeline_dsl.engine.prompt_outputs import reduce_chunk
