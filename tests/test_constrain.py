@@ -317,6 +317,18 @@ def test_a_grammar_the_engine_gives_up_on_after_its_first_token_is_refused_when_
     compiler.compile({"type": "json_schema", "schema": many})
 
 
+def test_a_grammar_that_may_end_before_the_engine_gives_up_is_still_refused_when_compiled(engine, compiler):
+    """The compile-time walk takes the lowest allowed token other than the end: a grammar that may
+    stop after "a" (the end-of-sequence token has the lowest id of all it allows there) but may
+    also go on into an object llguidance gives up on is refused, not accepted because the walk
+    ended early."""
+    many = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}
+    lark = 'start: "a" | "a" obj\nobj: %json ' + json.dumps(many)
+    assert min(compiler.eos_token_ids) < min(ids_of(engine, "a{"))
+    with pytest.raises(GrammarError, match=r"^the grammar engine gives up on it at output token 2 \(.*items"):
+        compiler.compile({"type": "grammar", "grammar": lark})
+
+
 @pytest.mark.parametrize("schema, good, bad", [
     ({"type": "array", "items": {"type": "integer"}, "uniqueItems": False}, [1, 1], ["a"]),
     ({"type": "object", "properties": {"a": {"type": "integer"}}, "dependentRequired": {}, "dependentSchemas": {},

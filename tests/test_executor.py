@@ -275,3 +275,37 @@ def test_the_engines_busy_time_counts_the_forwards_an_executor_runs(tiny_gguf, o
     Executor(eng, overlap=overlap, trace=trace).run()
     forward = sum(s.end - s.start for s in trace.spans if s.name == "gen.forward")
     assert 0 < eng.stats()["busy_s"] <= forward
+
+
+def test_a_refusal_sampled_ahead_ends_the_answer_at_the_refused_token_not_before(tiny_gguf):
+    """The forward of step k+1 may sample (and find its token refused: bad_words leave none of
+    allowed_token_ids) before step k's token is emitted. Step k's token is still the answer's:
+    the error ends the answer at the refused token, as a plain step loop does. The emit of the
+    token before it is held until the refusal is sampled, so the order is the racy one."""
+    import threading
+
+    eng = engine(tiny_gguf)
+    t = eng.tokenizer.encode("c", add_special_tokens=False)[0]
+    word = eng.tokenizer.decode([t] * 4)                   # the 4th t in a row is banned: nothing left
+    params = SamplingParams(max_tokens=8, allowed_token_ids=[t], bad_words=[word], ignore_eos=True)
+    reference = stepped(engine(tiny_gguf), [("r", dict(prompt="hello", params=params))])
+    assert reference["r"][1:] == ("error", 4)
+
+    refused = threading.Event()
+    sample, accept = eng.sample, eng.accept_token
+
+    def sample_then_say(logits, seqs):
+        tokens = sample(logits, seqs)
+        if any(s.state.error_at is not None for s in seqs):
+            refused.set()
+        return tokens
+
+    def accept_after_refusal(seq, token, now):
+        if seq.num_output == 3:                            # the token before the refused one
+            assert refused.wait(10), "the next step was not sampled while this one waited to be emitted"
+        return accept(seq, token, now)
+
+    eng.sample, eng.accept_token = sample_then_say, accept_after_refusal
+    got: dict = {}
+    run_requests(eng, [("r", dict(prompt="hello", params=params))], overlap=True, on_output=finished(got))
+    assert refused.is_set() and got == reference

@@ -87,6 +87,22 @@ def test_mean_pooling_is_the_mean_of_the_final_normed_hidden_states(tiny_gguf):
     assert torch.allclose(torch.tensor(out.pooled), hidden.mean(0), atol=1e-4)
 
 
+@pytest.mark.parametrize("n", [1, 17])
+def test_a_one_token_chunk_still_returns_its_prompt_rows(tiny_gguf, n):
+    """A prompt of one token, or one whose last chunk is one token (17 = 16 + 1), makes a step
+    of one-row items that looks like a decode: its rows (logprobs, the pooled state) still come
+    back, and equal a whole-prompt forward's."""
+    eng = engine(tiny_gguf)
+    ids = PROMPT[:n]
+    eng.add_request("s", prompt_token_ids=ids, params=SamplingParams(max_tokens=0, prompt_logprobs=1, pooling="mean"))
+    (out,) = finish(eng)
+    logp, hidden = reference(eng.runner.model, ids)
+    assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == n
+    assert [e["logprob"] for e in out.prompt_logprobs[1:]] == pytest.approx(
+        [logp[p - 1, ids[p]].item() for p in range(1, n)], abs=1e-4)
+    assert out.pooled is not None and torch.allclose(torch.tensor(out.pooled), hidden.mean(0), atol=1e-4)
+
+
 def test_prompt_rows_interleave_with_other_requests_decodes(tiny_gguf):
     """The scorer's 70-token prompt takes 5 chunks of 16; the running stream gets a token in
     every one of those steps instead of waiting for the whole prompt."""
@@ -178,6 +194,26 @@ def test_a_scorer_preempted_while_its_last_chunk_runs_keeps_its_prompt_logprobs(
                                                                 abs=1e-4)
     assert eng.stats()["preemptions"] >= 1
     assert eng.stats()["kv_blocks_used"] == 0
+
+
+def test_a_scorer_aborted_and_replaced_while_its_prompt_computes_is_not_finished_by_that_step(tiny_gguf):
+    """An executor that runs the phases itself learns of a step's results after an abort may
+    have come, and a new request may have taken the id: finish_prefilled of the old sequence is
+    None and leaves the new one (and the counters) alone."""
+    eng = engine(tiny_gguf)
+    params = SamplingParams(max_tokens=0, prompt_logprobs=0)
+    eng.add_request("s", prompt_token_ids=PROMPT[:10], params=params)
+    plan = eng.schedule()
+    (old,) = [it.seq for it in plan.items]
+    tokens = eng.execute(plan)
+    eng.abort("s")
+    eng.add_request("s", prompt_token_ids=PROMPT[:10], params=params)
+    assert eng.update(plan, tokens) == []
+    assert eng.finish_prefilled(old, old.num_prompt, eng.clock()) is None
+    assert eng.stats(latencies=False)["requests_done"] == 0 and old.finish_reason == "abort"
+    (out,) = finish(eng)
+    assert out.request_id == "s" and out.finished and len(out.prompt_logprobs) == 10
+    assert eng.stats(latencies=False)["requests_done"] == 1 and eng.blocks.num_used == 0
 
 
 def test_a_prompt_tokens_rank_counts_only_the_tokens_strictly_more_likely():

@@ -322,6 +322,30 @@ def test_a_preempted_sequence_comes_back_once_all_its_tokens_fit_not_on_one_chun
     assert a.output_ids == expected_output(2, 12) and b.output_ids == expected_output(12, 2)
 
 
+def test_a_step_that_preempts_admits_no_waiting_request():
+    # priority scheduling, 4 blocks of 4: a (priority 0) and b (5) hold 1 + 2 blocks; z
+    # (priority 0, one block) arrives. Next step a takes the last free block and b, needing
+    # one, preempts itself: its 2 blocks are free, enough for z and the watermark, but as in
+    # vLLM's v1 scheduler nothing is admitted in a step that preempted (the blocks were
+    # freed for the running sequences); z is admitted the step after
+    sched, clock = make(num_blocks=4, block_size=4, scheduling_policy="priority", prefix_reuse=False)
+    seqs = {}
+    for rid, n, priority in (("a", 4, 0), ("b", 8, 5)):
+        seqs[rid] = Sequence(rid, list(range(100 * n, 101 * n)), n, SamplingParams(max_tokens=8), clock.t, priority)
+        sched.add(seqs[rid])
+    assert [it[0] for it in items(step(sched, clock))] == ["a", "b"] and sched.blocks.num_free == 1
+    z = Sequence("z", [7, 8, 9], 3, SamplingParams(max_tokens=2), clock.t, 0)
+    sched.add(z)
+    out = step(sched, clock)
+    assert out.preempted == ("b",) and sched.blocks.num_free == 2
+    assert items(out) == [("a", 4, 1, True)] and z.status == "waiting"
+    out = step(sched, clock)
+    assert ("z", 0, 3, True) in items(out) and not out.preempted
+    while sched.has_unfinished():
+        step(sched, clock)
+    assert seqs["a"].output_ids == expected_output(4, 8) and z.output_ids == expected_output(3, 2)
+
+
 def test_readmission_after_preemption_keeps_first_admission_facts():
     # b is re-admitted on its own cached blocks; its cached_tokens, admission time and the
     # cache's query statistics still describe its first admission only

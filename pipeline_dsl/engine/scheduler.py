@@ -277,6 +277,8 @@ class Scheduler:
         items = list(scheduled.values())
         decodes = sum(1 for it in items if it.num_tokens == 1 and it.sample)
 
+        # a step that preempted admits nobody (vLLM's v1 scheduler): the blocks it freed are the
+        # running sequences', and a request admitted on them would only cause the next preemption
         if not preempted and self.window_open():
             budget = self._admit(items, budget)
 
