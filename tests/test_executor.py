@@ -302,7 +302,7 @@ def test_a_refusal_sampled_ahead_ends_the_answer_at_the_refused_token_not_before
 
     def accept_after_refusal(seq, token, now):
         if seq.num_output == 3:                            # the token before the refused one
-            assert refused.wait(10), "the next step was not sampled while this one waited to be emitted"
+            assert refused.wait(60), "the next step was not sampled while this one waited to be emitted"
         return accept(seq, token, now)
 
     eng.sample, eng.accept_token = sample_then_say, accept_after_refusal
