@@ -50,7 +50,7 @@ BAD_ON_LINE_3 = "pipeline p {\n    stage r : requests {}\n    stage x : genrate 
 @pytest.mark.parametrize("command", [["check"], ["fmt"], ["plan"], ["render", "-o", "{tmp}/p.dot"]])
 def test_file_dash_reads_the_pipeline_from_stdin_with_positions_at_stdin(tmp_path, command):
     argv = [a.format(tmp=tmp_path) for a in command]
-    good = agp_in(*argv, "-", input=(ROOT / "examples" / "chat.agp").read_text())
+    good = agp_in(*argv, "-", input=(ROOT / "examples" / "chat.agp").read_text(), cwd=tmp_path)
     assert good.returncode == 0, good.stderr
     assert {"check": "<stdin>: ok (1 pipeline)", "fmt": "pipeline chat {", "plan": "pipeline chat:",
             "render": "wrote"}[argv[0]] in good.stdout
