@@ -268,12 +268,7 @@ def _group(group, notes: _Notes, indent: str) -> list[str]:
         if blank:
             out.append("")
         out += [indent + c.text for c in notes.leading.get(id(it), [])]
-        t = notes.trailing.get(id(it))
-        if t is not None:
-            last = body[-1]
-            pad = width if len(body) == 1 else len(last)
-            body = body[:-1] + [f"{last:<{pad}}  {t.text}"]
-        out += body
+        out += _trail(body, notes.trailing.get(id(it)), width)
     return out
 
 

@@ -68,6 +68,13 @@ def test_summary_statistics_are_computed_from_the_records():
                B.RequestRecord(sent=0.5, done=0.9, truncated=True)]
     r = B.summarize("x", 2.0, records, duration=2.0)
     assert (r.requests, r.completed, r.errors, r.truncated) == (4, 2, 1, 1)
+    # a failed request counts in errors alone, though its stream also ended early
+    both = B.summarize("x", 2.0, records + [B.RequestRecord(sent=0.5, done=0.9, error="timeout", truncated=True)],
+                       duration=2.0)
+    assert (both.requests, both.errors, both.truncated) == (5, 2, 1)
+    # a measurement that sent no request (a --duration over before the first) failed no request
+    assert B.failure(B.summarize("x", 2.0, [], duration=2.0)) is None
+    assert "none of its 1 requests succeeded" in B.failure(B.summarize("x", 2.0, records[2:3], duration=2.0))
     assert r.ttft["mean"] == pytest.approx(0.2) and r.ttft["p50"] == pytest.approx(0.2)
     assert r.e2e["mean"] == pytest.approx((0.3 + 0.7) / 2)
     assert r.tpot["mean"] == pytest.approx((0.1 + 0.2) / 2)       # (e2e - ttft) / (n - 1)
@@ -405,6 +412,7 @@ def test_bench_command_compares_targets_and_writes_a_plot(tmp_path, tiny_gguf, c
     (["x.agp", "--workload", "{w}", "--rate", "fast"], "'fast' is not a number"),
     (["{p},max_batch=4", "--workload", "{w}"], "did you mean 'max_batch_size'"),
     (["{p}", "--workload", "{w}", "--duration", "5"], "needs --concurrency"),
+    (["{p}", "--workload", "{w}", "--rate", "2,0"], "--rate: 0 must be positive"),
     (["{p}", "--workload", "{d}"], "is a folder, not a JSONL file"),
 ])
 def test_bench_command_rejects_bad_input_with_exit_2(tmp_path, tiny_gguf, capsys, argv, message):
@@ -507,6 +515,10 @@ def test_bench_exits_1_only_when_no_request_of_a_target_succeeded(tmp_path, caps
     # vLLM's --base-url beside --endpoint: the endpoint in the URL was sent /v1/models after it
     ("http://127.0.0.1:8000/v1/chat/completions", "is an endpoint, not a server's base URL"),
     ("http://127.0.0.1:8000/v1/completions/", "is an endpoint, not a server's base URL"),
+    ("http://127.0.0.1:8000/v1/embeddings", "is an endpoint, not a server's base URL"),
+    ("http://127.0.0.1:8000/v1/responses", "is an endpoint, not a server's base URL"),
+    ("http://127.0.0.1:0", "port 0 cannot be connected to"),
+    ("http://127.0.0.1:8000/v1#top", "a server's base URL has no ?query or #fragment"),
 ])
 def test_bench_url_is_checked_before_anything_is_measured(tmp_path, tiny_gguf, capsys, url, message):
     code = -1
@@ -531,6 +543,14 @@ def test_a_plot_file_of_a_format_it_cannot_have_is_refused_before_measuring(tmp_
     captured = capsys.readouterr()
     assert code == 2 and captured.out == ""
     assert "plot.txt' must end in .png, .svg or .pdf" in captured.err
+
+
+def test_a_plot_files_format_is_read_from_its_extension_in_any_case(tmp_path):
+    from pipeline_dsl.cli import build_parser
+
+    out = str(tmp_path / "plot.PNG")
+    assert build_parser(["bench"]).parse_args(["bench", "--url", "http://h:1", "-w", "w.jsonl",
+                                               "--plot", out]).plot == out
 
 
 def test_a_target_that_cannot_be_measured_loses_none_of_the_others(tmp_path, tiny_gguf, capsys):
@@ -638,6 +658,12 @@ def test_goodput_counts_the_completed_requests_within_every_slo():
     assert re.search(r"goodput \(req/s\)\s+1\.00", table) and re.search(r"max concurrency\s+4", table)
     assert re.search(r"burstiness\s+0\.5", table)
     assert B.summarize("x", 1.0, records, duration=2.0, burstiness=math.inf).to_dict()["burstiness"] == "inf"
+    at_limit = [_record(0.0, [0.25, 0.5])]                  # TTFT 250 ms: within a 250 ms limit
+    assert B.summarize("x", 1.0, at_limit, duration=1.0, slo={"ttft": 0.25}).goodput == pytest.approx(1.0)
+    # docs/benchmarks.md: a request that never streamed a token waited its whole E2E for its first one
+    silent = [B.RequestRecord(sent=0.0, done=0.5, finish_reason="stop")]
+    assert B.summarize("x", 1.0, silent, duration=1.0, slo={"ttft": 0.25}).goodput == 0.0
+    assert B.summarize("x", 1.0, silent, duration=1.0, slo={"ttft": 0.5}).goodput == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -645,6 +671,8 @@ def test_goodput_counts_the_completed_requests_within_every_slo():
     (["--goodput", "ttft:soon"], "'soon' is not a number of milliseconds"),
     (["--goodput", "tpot:-5"], "the limit must be a positive number of milliseconds, not -5"),
     (["--burstiness", "0"], "must be positive (1 = Poisson), not 0"),
+    (["--duration", "inf", "--concurrency", "2"], "must be a positive number of seconds, not inf"),
+    (["--request-timeout", "nan"], "must be a positive number of seconds, not nan"),
     (["--seed", "-1"], "argument --seed: must be between 0 and"),     # numpy's ValueError, an internal error
 ])
 def test_bad_goodput_and_burstiness_are_refused_while_parsing(tmp_path, capsys, argv, message):
@@ -750,6 +778,33 @@ def test_an_earlier_runs_reports_are_shown_beside_this_ones(tmp_path, capsys):
     header = out.splitlines()[0]
     assert "chat (before.json)" in header and "chat (after.json)" in header
     assert re.search(r"TTFT p50 \(ms\)\s+200\.0\s+100\.0", out) and re.search(r"goodput \(req/s\)\s+1\.00\s+-", out)
+
+
+def test_only_measurements_of_one_label_at_one_rate_are_numbered_apart(tmp_path, capsys):
+    """One target at two rates (--rate 2,4) is one label with a rate row each; the same label at
+    the same rate twice (two saved runs) gets #2 so the columns can be told apart."""
+    runs = [B.summarize("chat", rate, [_record(0.0, [0.2, 0.3])], duration=1.0) for rate in (2.0, 4.0, 2.0)]
+    (tmp_path / "runs.json").write_text(json.dumps([r.to_dict() for r in runs]))
+    assert agp(["bench", "--baseline", str(tmp_path / "runs.json")]) == 0
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header.count("#2") == 1 and "#3" not in header
+
+
+def test_rate_inf_for_a_duration_runs_a_closed_loop_of_clients(tmp_path, capsys):
+    """docs/benchmarks.md: --rate inf --concurrency N --duration S keeps N clients busy for S seconds."""
+    handler = type("Handler", (_Refusing,), {"refuse": 1 << 30, "seen": 0})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        code = agp(["bench", "--url", f"http://127.0.0.1:{server.server_address[1]}", "--workload",
+                    str(_workload(tmp_path)), "--rate", "inf", "--concurrency", "2", "--duration", "0.3",
+                    "--warmup", "0", "--no-progress"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert handler.seen >= 2 and "requests" in captured.out
 
 
 _SAVED = B.summarize("x", 2.0, [_record(0.0, [0.2, 0.3])], duration=1.0).to_dict()

@@ -1535,3 +1535,14 @@ def test_context_length_is_read_from_a_gguf_header_and_caps_a_file_models_prompt
     text = pipeline(model=str(model)).replace("stage request : requests      {}",
                                               "stage request : requests      { max_prompt_tokens = 301 }")
     assert "max_prompt_tokens = 301 is more than the context of m.gguf (300 tokens)" in render(text)
+
+
+def test_a_python_stages_retries_are_bounded_at_ten():
+    """`agp stages python` gives retries the range [0..10]: agp check refuses 11."""
+    def checked(retries):
+        return render(pipeline().replace("gen -> out", "gen -> py -> out").replace(
+            "stage out", f'stage py : python {{ fn = "json:dumps"  retries = {retries} }}\n    stage out'))
+
+    assert checked(10) == ""
+    assert checked(11).startswith("t.agp:9:54: error: value out of range: 'retries' = 11\n")
+    assert "  = expected: an integer from 0 to 10\n" in checked(11)

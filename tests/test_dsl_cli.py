@@ -50,10 +50,12 @@ BAD_ON_LINE_3 = "pipeline p {\n    stage r : requests {}\n    stage x : genrate 
 @pytest.mark.parametrize("command", [["check"], ["fmt"], ["plan"], ["render", "-o", "{tmp}/p.dot"]])
 def test_file_dash_reads_the_pipeline_from_stdin_with_positions_at_stdin(tmp_path, command):
     argv = [a.format(tmp=tmp_path) for a in command]
-    good = agp_in(*argv, "-", input=(ROOT / "examples" / "chat.agp").read_text())
+    good = agp_in(*argv, "-", input=(ROOT / "examples" / "chat.agp").read_text(), cwd=tmp_path)
     assert good.returncode == 0, good.stderr
     assert {"check": "<stdin>: ok (1 pipeline)", "fmt": "pipeline chat {", "plan": "pipeline chat:",
             "render": "wrote"}[argv[0]] in good.stdout
+    if argv[0] == "render":                    # -o names the output, as it does for a file
+        assert (tmp_path / "p.dot").read_text().startswith("digraph")
     if argv[0] != "fmt":                       # fmt formats what parses; the kind is check's to judge
         bad = agp_in(*argv, "-", input=BAD_ON_LINE_3)
         assert bad.returncode == 2 and "<stdin>:3:15: error: unknown stage kind 'genrate'" in bad.stderr
@@ -133,6 +135,13 @@ def test_render_dot_needs_no_graphviz(tmp_path, monkeypatch):
     text = out.read_text()
     assert "rankdir=LR" in text and '"batch" -> "encode" [label="when full"]' in text
     assert cli.main(["render", CHAT, "-o", str(tmp_path / "chat.svg")]) == 1
+
+
+def test_render_takes_the_output_format_from_an_upper_case_extension_too(tmp_path):
+    out = tmp_path / "CHAT.DOT"
+    r = agp_in("render", CHAT, "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert out.read_text().startswith("digraph") and '"batch" -> "encode" [label="when full"]' in out.read_text()
 
 
 def test_render_picks_a_pipeline_by_name(tmp_path):

@@ -105,6 +105,34 @@ def test_conditions_keep_the_parentheses_their_meaning_needs():
     assert c == ("or", p1, ("and", n2, ("not", ("cmp", "n", ">", 3))))
 
 
+def test_an_and_inside_an_and_needs_no_parentheses():
+    src = "pipeline p {\n    r -> a when (n > 1 and n > 2) and n > 3\n    r -> b when n > 1 or (n > 2 or n > 3)\n}\n"
+    assert format_text(src)[0] == ("pipeline p {\n"
+                                   "    r -> a when n > 1 and n > 2 and n > 3\n"
+                                   "    r -> b when n > 1 or n > 2 or n > 3\n"
+                                   "}\n")
+
+
+def test_a_stage_of_100_columns_stays_on_its_line_and_one_of_101_is_wrapped():
+    """docs/language.md: a stage's parameters stay on its line unless that passes 100 columns."""
+    line = '    stage g : generate {{ max_new_tokens = 4  stop = ["{}"] }}'
+    fits = line.format("x" * (100 - len(line.format(""))))
+    assert len(fits) == 100 and format_text(f"pipeline p {{\n{fits}\n}}\n")[0] == f"pipeline p {{\n{fits}\n}}\n"
+    wrapped = format_text(f"pipeline p {{\n{fits.replace('xx', 'xxx', 1)}\n}}\n")[0].splitlines()
+    assert wrapped[1:4] == ["    stage g : generate {", "        max_new_tokens = 4", '        stop           = ["x' +
+                            "x" * (100 - len(line.format(""))) + '"]']
+
+
+def test_a_comment_right_after_a_statement_gets_no_blank_line_before_it():
+    src = 'pipeline p {\n    model = "m"\n    # the stages\n    stage a : requests {}\n}\n'
+    assert format_text(src) == (src, [])
+
+
+def test_the_comments_of_a_lists_one_line_elements_line_up():
+    src = 'pipeline p {\n    stage g : generate {\n        stop = [\n "a", # one\n "bbbb", # two\n ]\n    }\n}\n'
+    assert format_text(src)[0].splitlines()[3:5] == ['            "a",     # one', '            "bbbb",  # two']
+
+
 def test_blank_lines_between_parameters_stay_and_pipelines_get_one():
     src = ("pipeline a {\n"
            "    stage gen : generate {\n"

@@ -50,6 +50,8 @@ def test_every_engine_stage_is_listed_on_exactly_one_stream_the_others_per_item(
     plan = make_plan(graph())
     listed = [s for st in plan.streams for s in st.stages]
     assert sorted(listed) == ["batch", "encode", "gen", "kv"]
+    # docs/plan.md: a stream lists its stages in step order, encode riding right after its batcher
+    assert plan.streams[0].stages == ("batch", "encode", "kv")
     assert plan.stream_of("gen") == "compute" and plan.stream_of("kv") == "host"
     assert {w.stage for w in plan.items} == {"request", "encode", "out"}
     assert plan.segments[0].stages == ("batch", "encode", "kv", "gen")
@@ -167,6 +169,10 @@ def test_two_engine_segments_get_streams_of_their_own():
              ("b2", "e2"), ("e2", "k2"), ("k2", "g2"), ("g1", "out"), ("g2", "out")]
     plan = make_plan(graph(stages, edges))
     assert [p.segment for p in plan.segments] == ["g1", "g2"]
+    # the report's header counts the events of every segment, not the first's alone
+    assert len(plan.events) == sum(len(p.events) for p in plan.segments) > len(plan.segments[0].events)
+    assert format_plan(plan).splitlines()[0] == \
+        f"pipeline chat: 2 engine segments, 6 streams, {len(plan.events)} events per micro-batch"
     assert [s.name for s in plan.segments[1].streams] == ["g2/host", "g2/copy", "g2/compute"]
     assert [w.name for w in plan.items] == ["request.admit", "route.route", "e1.tokenise", "e2.tokenise",
                                             "out.respond"]

@@ -164,6 +164,7 @@ def test_agp_run_answers_in_input_order_and_reports_bad_lines(tmp_path, tiny_ggu
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", 2, "b", "long", "c", "both", "goes-on", "only-a", "none", "far"]
     assert rows[0]["usage"]["completion_tokens"] == 5 and rows[0]["finish_reason"] == "length"
+    assert not any("generated_by" in r for r in rows)   # named only in a pipeline of several generate stages
     assert rows[1]["error"]["line"] == 2 and "JSON" in rows[1]["error"]["message"]
     assert rows[2]["usage"]["completion_tokens"] == 3
     assert rows[3]["error"]["line"] == 4 and "max_prompt_tokens" in rows[3]["error"]["message"]
