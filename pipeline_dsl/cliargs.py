@@ -199,3 +199,21 @@ def override_generation_config(text: str) -> dict:
         return check_generation_override(value)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+# --dtype: agp's names and vLLM's (`--dtype bfloat16`, `half`, `float`), each to agp's
+DTYPE_NAMES = {"auto": "auto", "fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16",
+               "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16", "int8": "int8"}
+
+
+def dtype(text: str) -> str:
+    """A precision as agp names it (auto, fp32, bf16, fp16, int8) or as vLLM's --dtype does."""
+    if text not in DTYPE_NAMES:
+        raise argparse.ArgumentTypeError(f"'{text}' is none of auto, fp32, bf16, fp16, int8 (or vLLM's "
+                                         "float32, float, bfloat16, float16, half)")
+    return DTYPE_NAMES[text]
+
+
+def add_dtype_argument(p: argparse.ArgumentParser, whose: str = "the pipeline's") -> None:
+    p.add_argument("--dtype", type=dtype, default=None, metavar="auto|fp32|bf16|fp16|int8",
+                   help=f"override {whose} precision (vLLM's bfloat16, float16, half, float32 are taken too)")

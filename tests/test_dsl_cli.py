@@ -117,6 +117,20 @@ def test_a_vllm_flag_is_refused_with_where_agp_sets_it(command, capsys):
     assert "--frob is" not in err
 
 
+@pytest.mark.parametrize("command", ["run", "serve", "bench"])
+def test_dtype_takes_vllms_names_as_agps_and_refuses_another_naming_both(command, capsys):
+    """--dtype bfloat16 (vLLM's spelling, as its users write it) is agp's bf16, half and float16
+    fp16, float and float32 fp32; another name is exit 2 listing both spellings."""
+    for given, meant in (("bfloat16", "bf16"), ("half", "fp16"), ("float16", "fp16"), ("float", "fp32"),
+                         ("float32", "fp32"), ("bf16", "bf16"), ("int8", "int8"), ("auto", "auto")):
+        args = cli.build_parser([command]).parse_args([command, "examples/chat.agp", "--dtype", given])
+        assert args.dtype == meant, given
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser([command]).parse_args([command, "examples/chat.agp", "--dtype", "double"])
+    assert e.value.code == 2
+    assert "'double' is none of auto, fp32, bf16, fp16, int8 (or vLLM's float32, float, bfloat16" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz's dot is not installed")
 def test_render_svg_contains_every_stage_name(tmp_path):
     out = tmp_path / "sub" / "chat.svg"

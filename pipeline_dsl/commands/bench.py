@@ -31,7 +31,7 @@ HELP = "measure pipelines or OpenAI-compatible servers under a replayed workload
 
 
 def add_arguments(p) -> None:
-    from pipeline_dsl.cliargs import count, http_url, output_file, output_file_of, seconds
+    from pipeline_dsl.cliargs import add_dtype_argument, count, http_url, output_file, output_file_of, seconds
     from pipeline_dsl.commands import add_allow_path
 
     p.add_argument("pipelines", nargs="*", metavar="PIPELINE",
@@ -71,8 +71,7 @@ def add_arguments(p) -> None:
     p.add_argument("--baseline", action="append", default=[], metavar="JSON",
                    help="the reports an earlier run wrote with --json, shown beside this run's as --compare "
                         "shows them (repeatable; without a PIPELINE or --url, only they are shown)")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=None,
-                   help="override the pipelines' precision")
+    add_dtype_argument(p, "the pipelines'")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-overlap", action="store_true",
                    help="in-process: run the plan's streams serially (A/B against overlap; by default CUDA overlaps them, "

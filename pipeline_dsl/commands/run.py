@@ -59,7 +59,7 @@ from collections import Counter, deque
 from typing import Callable
 
 from pipeline_dsl.cliargs import (GENERATION_CONFIG_HELP, OVERRIDE_GENERATION_CONFIG_HELP, generation_config,
-                                  output_file, override_generation_config)
+                                  add_dtype_argument, output_file, override_generation_config)
 from pipeline_dsl.commands import add_pipeline_arguments
 from pipeline_dsl.commands.run_input import MAX_LINE_BYTES, MAX_SKIP_BYTES, InputLines, TooLong, open_input
 from pipeline_dsl.commands.stdout import answers_on_stdout
@@ -76,8 +76,7 @@ def add_arguments(p) -> None:
     how.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     how.add_argument("--resume", action="store_true",
                      help="keep the output file and run only the requests whose id it does not hold")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=None,
-                   help="override the pipeline's precision")
+    add_dtype_argument(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--generation-config", type=generation_config, default="auto", metavar="auto|vllm|FOLDER",
                    help=GENERATION_CONFIG_HELP)

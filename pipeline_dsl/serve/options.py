@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from pipeline_dsl.cliargs import (GENERATION_CONFIG_HELP, OVERRIDE_GENERATION_CONFIG_HELP, generation_config,
-                                  output_file, override_generation_config, switch)
+                                  add_dtype_argument, output_file, override_generation_config, switch)
 from pipeline_dsl.loader import add_pipeline_arguments
 
 from .config import OPEN_PATHS
@@ -50,8 +50,7 @@ def add_arguments(p) -> None:
     add_pipeline_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16", "int8"], default=None,
-                   help="override the pipeline's precision")
+    add_dtype_argument(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--max-queue", type=int, default=None,
                    help="override the requests stage's max_queue (full queue -> HTTP 429)")
