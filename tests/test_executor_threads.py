@@ -20,12 +20,7 @@ from pipeline_dsl.engine.executor import Executor, cpu_overlap_pays, run_request
 from pipeline_dsl.engine.model import ModelRunner
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # each test sets its own threads from 1; put back after
 
 
 class Seen:
@@ -238,9 +233,8 @@ def test_a_contention_stretch_keeps_a_lone_sequences_eager_step_on_every_thread(
         return forward(step, want_logits)
 
     monkeypatch.setattr(runner, "_forward_step", recorded)
-    before = torch.get_num_threads()
+    torch.set_num_threads(2)                 # one_torch_thread puts the count back
     try:
-        torch.set_num_threads(2)
         CPU_CONTENTION.solo = 10
         runner.execute([SeqBatchItem([5, 6, 7, 8], 0, [0], True)])                          # a lone prefill
         runner.execute([SeqBatchItem([5, 6, 7], 0, [1], True), SeqBatchItem([9, 4], 0, [2], True)])
@@ -249,7 +243,6 @@ def test_a_contention_stretch_keeps_a_lone_sequences_eager_step_on_every_thread(
         assert ran == [(False, 2), (False, 1), (native, 1 if native else 2)]
         assert CPU_CONTENTION.solo == 10 - 1 - native
     finally:
-        torch.set_num_threads(before)
         CPU_CONTENTION.solo, CPU_CONTENTION.period = 0, ContentionGuard.SOLO_STEPS
 
 

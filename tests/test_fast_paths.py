@@ -206,13 +206,21 @@ def test_native_logits_match_eager_fp32_closely(f32, seed):
     sim.run(steps=40)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("threads", [1, 3, 4])
 def test_one_sequence_attention_in_parts_matches_eager(f32, threads):
     """One sequence alone: the native step splits its context into parts of whole blocks so
     every thread has work (as many parts whatever the threads), and merges their softmax states."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         model = LlamaModel(f32.config, f32.weights, "fp32")
         fast, ref = ModelRunner(model, num_blocks=64, block_size=BS), eager_runner(model, 64)
         table = random.Random(threads).sample(range(64), 40)            # scattered blocks
@@ -223,18 +231,6 @@ def test_one_sequence_attention_in_parts_matches_eager(f32, threads):
             a = fast.execute([SeqBatchItem([ids[p]], p, table, True)])
             b = ref.execute([SeqBatchItem([ids[p]], p, table, True)])
             assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), p
-    finally:
-        torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
