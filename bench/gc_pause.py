@@ -1,4 +1,4 @@
-"""`agp serve`'s inter-token latency with the loaded heap frozen (flow/heap.py) or not, in
+"""`agp serve`'s inter-token latency with the loaded heap frozen (serve/heap.py) or not, in
 alternating rounds, and the full collections the server ran meanwhile.
 
     python bench/gc_pause.py                                   # 3 rounds, 16 streams, 200 x 64 tokens
@@ -47,7 +47,7 @@ def on_gc(phase, info):
         runs.append((time.time(), time.perf_counter() - t[0], gc.get_freeze_count()))
 gc.callbacks.append(on_gc)
 if os.environ["AGP_GC_VARIANT"] == "thawed":
-    import pipeline_dsl.flow.heap as heap
+    import pipeline_dsl.serve.heap as heap
     heap.freeze = lambda: None
 def report():
     with open(os.environ["AGP_GC_OUT"], "w") as f:

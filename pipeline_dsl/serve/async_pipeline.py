@@ -23,7 +23,9 @@ import os
 import time
 from dataclasses import replace
 
-from pipeline_dsl.flow import PipelineError, Result, heap
+from pipeline_dsl.flow import PipelineError, Result
+
+from . import heap
 
 log = logging.getLogger("agp.serve")
 
@@ -185,7 +187,7 @@ class AsyncPipeline:
         self._started = False
 
     def start(self) -> None:
-        """The runtime's loops started, and the loaded heap frozen until stop() (flow/heap.py):
+        """The runtime's loops started, and the loaded heap frozen until stop() (serve/heap.py):
         a long-lived server's full collections no longer walk the model's objects mid-stream."""
         if not self._started:
             self._started = True
