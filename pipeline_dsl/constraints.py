@@ -326,7 +326,9 @@ class GrammarBuilder:
             fn = t.get("function", t) if isinstance(t, dict) else None
             if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
                 raise GrammarError("every tool needs a function with a 'name'")
-            params = fn.get("parameters") or {"type": "object"}
+            # no parameters (left out, null or {}): an empty parameter list, as OpenAI defines it;
+            # the call's arguments are {} (vLLM's too)
+            params = fn.get("parameters") or NO_PARAMETERS
             if not isinstance(params, dict):
                 raise GrammarError(f"tool {fn['name']!r}: parameters must be a JSON Schema object")
             self._json_grammar(params, f"tool {fn['name']!r}: ")
@@ -350,6 +352,8 @@ class GrammarBuilder:
         lark = f'start: {json.dumps(begin)} "\\n"? %json {json.dumps(body)} "\\n"? {json.dumps(end)}'
         return llg.LLMatcher.grammar_from_lark(lark)
 
+
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 # keys whose value is a subschema, a list of them, or an object of them (JSON Schema 2020-12, draft 4's items list)
 _ONE = ("items", "additionalProperties", "additionalItems", "not", "if", "then", "else", "contains",

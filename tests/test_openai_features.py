@@ -153,6 +153,18 @@ def test_a_named_tool_choice_calls_that_function_once(client):
     assert set(args) == {"a", "b"} and all(0 <= v <= 99 for v in args.values())
 
 
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "now"}}])
+@pytest.mark.parametrize("params", [{}, {"parameters": None}, {"parameters": {}}])
+def test_a_forced_call_of_a_function_without_parameters_has_no_arguments(client, choice, params):
+    # OpenAI: leaving `parameters` out defines a function with an empty parameter list; vLLM writes '{}'
+    now = {"type": "function", "function": {"name": "now", "description": "The time", **params}}
+    for seed in range(3):
+        out = _chat(client, max_tokens=300, temperature=1.0, seed=seed, tools=[now], tool_choice=choice)
+        calls = out.choices[0].message.tool_calls
+        assert out.choices[0].finish_reason == "tool_calls" and calls
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("now", {})] * len(calls)
+
+
 def test_streamed_tool_calls_arrive_as_deltas_that_assemble(client):
     stream = _chat(client, max_tokens=300, stream=True, tools=[WEATHER],
                    tool_choice={"type": "function", "function": {"name": "get_weather"}})
