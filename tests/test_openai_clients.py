@@ -31,6 +31,37 @@ def test_chat_takes_openais_end_user_and_cache_identifiers(server):
     assert tagged.usage == plain.usage or tagged.usage.completion_tokens == plain.usage.completion_tokens
 
 
+CACHE_SETTINGS = [dict(prompt_cache_retention="24h"), dict(prompt_cache_retention=None, prompt_cache_options=None),
+                  dict(prompt_cache_retention="in_memory", prompt_cache_options={"mode": "explicit", "ttl": "30m"}),
+                  dict(prompt_cache_options={})]
+
+
+@pytest.mark.parametrize("settings", CACHE_SETTINGS)
+def test_openais_prompt_cache_settings_are_taken_and_change_nothing(server, settings):
+    # the SDK's own parameters of chat and responses; agp's prefix cache reuses prompts by their tokens
+    kw = dict(model="tiny", messages=USER, max_tokens=3, temperature=0)
+    plain = server.client.chat.completions.create(**kw)
+    assert server.client.chat.completions.create(**kw, **settings).choices[0].message.content \
+        == plain.choices[0].message.content
+    plain = server.client.responses.create(model="tiny", input="hello world", max_output_tokens=3, temperature=0)
+    resp = server.client.responses.create(model="tiny", input="hello world", max_output_tokens=3, temperature=0,
+                                          **settings)
+    assert resp.output_text == plain.output_text
+
+
+@pytest.mark.parametrize("field, value", [("prompt_cache_retention", "1h"), ("prompt_cache_retention", 24),
+                                          ("prompt_cache_options", "30m"), ("prompt_cache_options", {"mode": "off"}),
+                                          ("prompt_cache_options", {"ttl": 30})])
+def test_a_bad_prompt_cache_setting_is_a_400_naming_it(server, field, value):
+    for call in (lambda: server.client.chat.completions.create(model="tiny", messages=USER, max_tokens=2,
+                                                                extra_body={field: value}),
+                 lambda: server.client.responses.create(model="tiny", input="hello", max_output_tokens=2,
+                                                        extra_body={field: value})):
+        with pytest.raises(openai.BadRequestError) as e:
+            call()
+        assert e.value.param == field and "unrecognized" not in e.value.message
+
+
 @pytest.mark.parametrize("field", ["safety_identifier", "prompt_cache_key", "user"])
 def test_an_identifier_that_is_not_a_string_is_a_400_naming_it(server, field):
     with pytest.raises(openai.BadRequestError) as e:

@@ -13,7 +13,7 @@ from pipeline_dsl.requests_io import MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS, M
 from stages.fields import PRIORITY, REQUEST_FIELDS, TOKEN_ID_FIELDS, param_of
 
 from .embeddings import MAX_INPUTS
-from .protocol import CHAT_LACKING, CHAT_NEUTRAL, IDENTIFIERS, MAX_PROMPTS, NEUTRAL
+from .protocol import CACHE_SETTINGS, CHAT_LACKING, CHAT_NEUTRAL, IDENTIFIERS, MAX_PROMPTS, NEUTRAL
 
 _SEED = param_of("generate", "seed")                # one schema: the range `agp check` takes
 _BAD_WORDS = param_of("generate", "bad_words")
@@ -157,6 +157,11 @@ TOOL_CHOICE = {"oneOf": [{"enum": ["none", "auto", "required"]},
                              "function": {"type": "object", "required": ["name"],
                                           "properties": {"name": {"type": "string"}}}}}]}
 
+# OpenAI's prompt-cache settings (protocol.CACHE_SETTINGS)
+CACHE = {"prompt_cache_retention": {"enum": ["in_memory", "24h", None], "description": "taken and ignored"},
+         "prompt_cache_options": {"type": ["object", "null"], "description": "taken and ignored", "properties": {
+             "mode": {"enum": ["implicit", "explicit", None]}, "ttl": {"type": ["string", "null"]}}}}
+
 CHAT_REQUEST = _request("messages", {
     "messages": {"type": "array", "minItems": 1, "items": MESSAGE},
     "max_completion_tokens": {"type": "integer", "minimum": 1},
@@ -174,6 +179,7 @@ CHAT_REQUEST = _request("messages", {
     "store": {"type": ["boolean", "null"], "description": "taken and ignored"},
     "service_tier": {"type": ["string", "null"], "description": "taken and ignored"},
     **{name: {"type": "string", "description": "taken and ignored"} for name in IDENTIFIERS},
+    **CACHE,
     **SAMPLING,
     **_neutral(CHAT_NEUTRAL),
     **_neutral(CHAT_LACKING),
@@ -254,6 +260,7 @@ RESPONSES_REQUEST = _request("input", {
        for name in ("user", "truncation", "service_tier", "prompt_cache_key", "safety_identifier")},
     "reasoning": {"type": ["object", "null"], "description": "repeated in the answer"},
     "max_tool_calls": {"type": ["integer", "null"], "minimum": 1},
+    **{name: {**schema, "description": "repeated in the answer"} for name, schema in CACHE.items()},
     **{name: SAMPLING[name] for name in ("request_id", "top_k", "min_p", "repetition_penalty", "seed", "stop",
                                          "ignore_eos", "structured_outputs", "guided_json", "guided_regex",
                                          "guided_choice", "guided_grammar", "priority", "cache_salt")}})

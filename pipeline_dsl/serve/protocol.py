@@ -152,7 +152,15 @@ COMPLETION_FIELDS = COMMON | VLLM | set(TOKEN_FIELDS) | set(NEUTRAL) | {"prompt"
 # strings that name the end user or a cache group for OpenAI's own use: taken (checked) and ignored;
 # chat also takes safety_identifier (OpenAI's successor of `user`) and prompt_cache_key
 IDENTIFIERS = ("user", "safety_identifier", "prompt_cache_key")
-CHAT_FIELDS = COMMON | VLLM | set(TOKEN_FIELDS) | set(NEUTRAL) | set(CHAT_NEUTRAL) | set(IDENTIFIERS) | {
+# OpenAI's prompt-cache settings (chat and responses): taken (checked) and ignored, as prompt_cache_key
+# is: agp's prefix cache reuses a prompt's KV blocks by their tokens and keeps them until it needs the room
+CACHE_SETTINGS = {
+    "prompt_cache_retention": (lambda v: v in ("in_memory", "24h"), '"in_memory" or "24h"'),
+    "prompt_cache_options": (lambda v: isinstance(v, dict) and v.get("mode") in (None, "implicit", "explicit")
+                             and (v.get("ttl") is None or isinstance(v["ttl"], str)),
+                             'an object {"mode": "implicit" or "explicit", "ttl": a string}'),
+}
+CHAT_FIELDS = COMMON | VLLM | set(TOKEN_FIELDS) | set(NEUTRAL) | set(CHAT_NEUTRAL) | set(IDENTIFIERS) | set(CACHE_SETTINGS) | {
     *CHAT_LACKING, "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
     "parallel_tool_calls", "metadata", "store", "service_tier", "chat_template_kwargs", "add_generation_prompt",
     "continue_final_message"}
@@ -197,6 +205,12 @@ def _check_unsupported(obj: dict, chat: bool = False) -> None:
 def _check_identifiers(obj: dict) -> None:
     for name in IDENTIFIERS:
         _field(obj, name, lambda v: isinstance(v, str), "a string")
+
+
+def check_cache_settings(obj: dict) -> None:
+    """OpenAI's prompt-cache settings of a chat or responses request, checked (CACHE_SETTINGS)."""
+    for name, (ok, expected) in CACHE_SETTINGS.items():
+        _field(obj, name, ok, expected)
 
 
 def _truncation(obj: dict, max_model_len: int) -> dict:
@@ -422,6 +436,7 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     model, pin = model_of(obj, served, stages)
     _check_unsupported(obj, chat=True)
     _check_identifiers(obj)
+    check_cache_settings(obj)
     truncation = _truncation(obj, max_model_len)
     messages = _messages(obj.get("messages"))
     flags = _stream_flags(obj)

@@ -37,7 +37,7 @@ STORED = 1024              # responses kept for previous_response_id / GET (the 
 FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "tools", "tool_choice",
           "parallel_tool_calls", "text", "stream", "store", "metadata", "previous_response_id", "user",
           "truncation", "reasoning", "include", "top_logprobs", "service_tier", "background", "stream_options",
-          "prompt_cache_key", "safety_identifier", "max_tool_calls",
+          "prompt_cache_key", "safety_identifier", "max_tool_calls", *P.CACHE_SETTINGS,
           # vLLM's extras on this route
           "request_id", "top_k", "min_p", "repetition_penalty", "seed", "stop", "ignore_eos", "structured_outputs",
           "guided_json", "guided_regex", "guided_choice", "guided_grammar", "priority", "cache_salt"}
@@ -205,6 +205,7 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
     """POST /v1/responses: the chat request it runs as, and what its answer repeats."""
     obj = P.check_unknown(obj, FIELDS, lenient)
     _checked(obj)
+    P.check_cache_settings(obj)
     P.priority_field(obj)                      # a null priority too, which the chat request below would not see
     if "input" not in obj or obj["input"] is None:
         raise APIError("'input' is required", param="input")
@@ -246,7 +247,8 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
                 "truncation": obj.get("truncation") or "disabled", "reasoning": obj.get("reasoning"),
                 "user": obj.get("user"), "background": False, "top_logprobs": obj.get("top_logprobs"),
                 "service_tier": "default", "prompt_cache_key": obj.get("prompt_cache_key"),
-                "safety_identifier": obj.get("safety_identifier"), "max_tool_calls": obj.get("max_tool_calls")}
+                "safety_identifier": obj.get("safety_identifier"), "max_tool_calls": obj.get("max_tool_calls"),
+                **{name: obj.get(name) for name in P.CACHE_SETTINGS}}
     return ResponsesCall(replace(req, kind="responses", max_tokens_field="max_output_tokens"), settings,
                          before + turn, settings["store"])
 
