@@ -89,7 +89,7 @@ def _is_int(v) -> bool:
 
 def _check(name: str, value, ok: bool, expected: str):
     if not ok:
-        raise RequestError(f"field '{name}' must be {expected}, got {json.dumps(value)[:60]}")
+        raise RequestError(f"field '{name}' must be {expected}, got {json.dumps(value)[:60]}", param=name)
     return value
 
 

@@ -253,6 +253,14 @@ def test_chat_logprobs_top_logprobs_from_0_to_20_and_only_with_logprobs():
      "tool_choice"),
     ({"chat_template_kwargs": {"messages": []}},
      "'chat_template_kwargs.messages' is set by agp itself; send it as its own field", "chat_template_kwargs"),
+    ({"stream": True, "stream_options": {"include_usage": "yes"}},
+     "'stream_options.include_usage' must be true or false, not a string (\"yes\")", "stream_options.include_usage"),
+    ({"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": 1}},
+     "'stream_options.continuous_usage_stats' must be true or false, not 1", "stream_options.continuous_usage_stats"),
+    ({"messages": [{"role": "user", "content": "hi", "name": 5}]},
+     "field 'messages[0].name' must be a string, got 5", "messages[0].name"),
+    ({"messages": [*HI, {"role": "tool", "tool_call_id": 7, "content": "x"}]},
+     "field 'messages[1].tool_call_id' must be a string, got 7", "messages[1].tool_call_id"),
 ])
 def test_a_bad_chat_field_is_a_400_naming_it(extra, message, param):
     e = refused(chat, {"messages": HI, **extra})
@@ -367,7 +375,7 @@ def test_max_tokens_beyond_the_context_names_the_field_the_client_wrote():
     ({"stream_options": {"include_usage": True}}, "'stream_options' is only allowed with \"stream\": true",
      "stream_options"),
     ({"stream": True, "stream_options": {"include_usage": "y"}},
-     "'include_usage' must be true or false, not a string (\"y\")", "include_usage"),
+     "'stream_options.include_usage' must be true or false, not a string (\"y\")", "stream_options.include_usage"),
     ({"echo": 1}, "'echo' must be true or false, not 1", "echo"),
     ({"logprobs": 21}, "'logprobs' must be an integer from 0 to 20, not 21", "logprobs"),
     ({"logprobs": -1}, "'logprobs' must be an integer from 0 to 20, not -1", "logprobs"),

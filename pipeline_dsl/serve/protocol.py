@@ -285,10 +285,11 @@ def _stream_flags(obj: dict) -> dict:
         if not stream:
             raise APIError("'stream_options' is only allowed with \"stream\": true",
                            param="stream_options")
-        flags["include_usage"] = _field(options, "include_usage", lambda v: isinstance(v, bool),
-                                        "true or false") or False
-        continuous = _field(options, "continuous_usage_stats", lambda v: isinstance(v, bool), "true or false")
-        flags["continuous_usage"] = bool(continuous and flags["include_usage"])
+        for key in ("include_usage", "continuous_usage_stats"):
+            if options.get(key) is not None and not isinstance(options[key], bool):
+                raise _bad(f"stream_options.{key}", "true or false", options[key])
+        flags["include_usage"] = bool(options.get("include_usage"))
+        flags["continuous_usage"] = bool(options.get("continuous_usage_stats") and flags["include_usage"])
     return flags
 
 
