@@ -113,6 +113,7 @@ ITEM_FIELDS = {
     "chat_template_kwargs": (lambda v: isinstance(v, dict), "an object of template variables"),
     "add_generation_prompt": (lambda v: isinstance(v, bool), "true or false"),
     "continue_final_message": (lambda v: isinstance(v, bool), "true or false"),
+    "add_special_tokens": (lambda v: isinstance(v, bool), "true or false"),   # a text prompt's start token
     "truncate_prompt_tokens": (lambda v: _is_int(v) and (v >= 1 or v == -1),
                                "a positive integer (or -1: the context)"),
     "pooling": (lambda v: v == "mean", '"mean"'),
@@ -387,6 +388,9 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
         req.extras["priority"] = priority(obj["priority"])
     if obj.get("cache_salt") is not None:
         req.extras["cache_salt"] = cache_salt(obj["cache_salt"])
+    if req.extras.get("add_special_tokens") and req.messages is not None:     # as agp serve's chat refuses it
+        raise RequestError("'add_special_tokens' puts the start token before a 'prompt'; a 'messages' line's chat "
+                           "template writes its own (leave it out or use false)", param="add_special_tokens")
     if req.extras.get("echo") and req.messages is not None:       # as agp serve's chat refuses it
         raise RequestError("'echo' repeats a 'prompt' before its answer; a 'messages' line has no prompt "
                            "to repeat (leave 'echo' out)", param="echo")

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from pipeline_dsl.commands.runner import RunRequest, run_pipeline
+from pipeline_dsl.flow import build_runtime
+from pipeline_dsl.requests_io import RequestError, parse_request
 from test_serve import LiveServer
+from tiny_model import write_tiny_gguf
 
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("llguidance")
@@ -340,5 +345,43 @@ def test_the_fields_keep_their_meaning_through_a_python_stage(tiny_gguf):
         text = client.chat.completions.create(model="tiny", messages=USER, max_tokens=8,
                                               extra_body={"guided_choice": ["yes", "no"]}).choices[0].message.content
         assert text in ("yes", "no")
+    finally:
+        s.close()
+
+
+def test_completions_add_special_tokens_false_leaves_the_start_token_off(tmp_path):
+    """vLLM's completions field (default true): false tokenises a text prompt as it is, with no
+    start token before it (a prompt rendered by the client, its start token written), as
+    /tokenize counts it; token-id prompts are taken as they are either way. `agp run` lines the same."""
+    s = LiveServer(write_tiny_gguf(tmp_path / "bos.gguf", add_bos=True))
+    try:
+        def ids(prompt="the cat", **extra):
+            out = s.client.completions.create(model="tiny", prompt=prompt, max_tokens=1,
+                                              extra_body={"return_token_ids": True, **extra})
+            assert out.usage.prompt_tokens == len(out.choices[0].model_extra["prompt_token_ids"])
+            return out.choices[0].model_extra["prompt_token_ids"]
+
+        def tokenize(**extra):
+            return httpx.post(s.url + "/tokenize", json={"prompt": "the cat", **extra}, timeout=30).json()["tokens"]
+
+        start = s.engine.tokenizer.bos_token_id
+        assert ids() == ids(add_special_tokens=True) == tokenize() and ids()[0] == start
+        assert ids(add_special_tokens=False) == tokenize(add_special_tokens=False) == ids()[1:]
+        assert ids(prompt=[5, 6], add_special_tokens=True) == ids(prompt=[5, 6], add_special_tokens=False) == [5, 6]
+        with pytest.raises(openai.BadRequestError) as e:
+            ids(add_special_tokens="no")
+        assert e.value.param == "add_special_tokens"
+        runtime = build_runtime(Path(s.dir) / "tiny.agp", overrides={"threads": 1})
+        out: dict = {}
+        try:
+            line = {"prompt": "the cat", "max_tokens": 1, "return_token_ids": True, "add_special_tokens": False}
+            run_pipeline(runtime, [RunRequest(slot=0, line=1, parsed=parse_request(line, default_id=0))],
+                         on_done=out.__setitem__, progress=False)
+        finally:
+            runtime.shutdown()
+        assert out[0]["prompt_token_ids"] == ids()[1:]
+        with pytest.raises(RequestError) as e:           # the chat template writes a conversation's own
+            parse_request({"messages": [{"role": "user", "content": "hi"}], "add_special_tokens": True}, default_id=0)
+        assert e.value.param == "add_special_tokens"
     finally:
         s.close()

@@ -124,7 +124,7 @@ class EngineSide:
                                     else d.get("prompt_token_ids") if d.get("prompt_token_ids") is not None
                                     else d.get("prompt")), repr(d.get("tools")), repr(d.get("tool_choice")),
                        repr(d.get("chat_template_kwargs")), d.get("add_generation_prompt"),
-                       d.get("continue_final_message"), d.get("truncate_prompt_tokens"))
+                       d.get("continue_final_message"), d.get("truncate_prompt_tokens"), d.get("add_special_tokens"))
         if item.ids is not None and item.ids[0] == fingerprint:
             return item.ids[1]
         t0 = time.perf_counter()

@@ -171,7 +171,8 @@ class EngineSegment:
                                           **prompt_options(data))
         if data.get("prompt_token_ids") is not None:
             return self.engine.prompt_ids(prompt_token_ids=data["prompt_token_ids"], **prompt_options(data))
-        return self.engine.prompt_ids(prompt=data.get("prompt"), add_special_tokens=self.spec.add_special_tokens,
+        return self.engine.prompt_ids(prompt=data.get("prompt"),
+                                      add_special_tokens=data.get("add_special_tokens", self.spec.add_special_tokens),
                                       **prompt_options(data))
 
     def sampling(self, gen: str, data: dict, prompt_len: int, copy: int = 0):

@@ -186,6 +186,8 @@ CHAT_REQUEST = _request("messages", {
 })
 
 COMPLETION_REQUEST = _request("prompt", {
+    "add_special_tokens": {"type": ["boolean", "null"],
+                           "description": "a text prompt's start token (default true; vLLM's)"},
     "prompt": {"oneOf": [
         {"type": "string", "minLength": 1},
         {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},

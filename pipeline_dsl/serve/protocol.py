@@ -148,7 +148,8 @@ CHAT_LACKING = {"reasoning_effort": ((), "its models do not reason"), "verbosity
                 "prediction": ((), "predicted outputs are not served"),
                 "web_search_options": ((), "it searches nothing")}
 # metadata: read by the pipeline's conditions (`when metadata.tier == "gold"`), on either endpoint
-COMPLETION_FIELDS = COMMON | VLLM | set(TOKEN_FIELDS) | set(NEUTRAL) | {"prompt", "echo", "metadata"}
+COMPLETION_FIELDS = COMMON | VLLM | set(TOKEN_FIELDS) | set(NEUTRAL) | {"prompt", "echo", "metadata",
+                                                                        "add_special_tokens"}
 # strings that name the end user or a cache group for OpenAI's own use: taken (checked) and ignored;
 # chat also takes safety_identifier (OpenAI's successor of `user`) and prompt_cache_key
 IDENTIFIERS = ("user", "safety_identifier", "prompt_cache_key")
@@ -349,6 +350,9 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
         fields["max_tokens"] = 0
     if echo:
         fields["echo"] = True
+    special = _field(obj, "add_special_tokens", *ITEM_FIELDS["add_special_tokens"])
+    if special is not None:             # vLLM's: a text prompt's start token (default true)
+        fields["add_special_tokens"] = special
     extras = parse_extras(obj, chat=False)
     fields.update(extras.fields)
     fields.update(truncation)
