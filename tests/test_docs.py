@@ -5,8 +5,9 @@ names an example quotes it, the outputs they quote are what the commands print, 
 (built-in kinds, modes, condition fields, serve flags, limits and defaults, OpenAI fields,
 the planner's work) say what the code does, the request bodies they send parse, the engine's
 dataclasses list every field, every file and test they point at is there, the README tour's
-commands that need no model exit as it says, and the architecture page's stage kind checks and
-runs. (The examples themselves run in tests/test_examples.py.)"""
+commands that need no model exit as it says, the architecture page's stage kind checks and
+runs, and the startup banner the serve page quotes has the clauses `agp serve` prints (built on the
+tiny model, none loaded otherwise). (The examples themselves run in tests/test_examples.py.)"""
 from __future__ import annotations
 
 import json
@@ -559,3 +560,37 @@ def test_the_stage_kind_the_architecture_page_writes_checks_and_runs(tmp_path, m
     assert stage.process({"text": "one two three four"})["text"] == "one two three"
     with pytest.raises(pipeline_dsl.Reject, match="zzz"):
         stage.process({"text": "a zzz b"})
+
+
+def banner_shape(line: str) -> str:
+    """A startup line with its values left out: numbers, names, the model's file, the weights and
+    compute dtype, whether OpenMP waits passively (it depends on the machine's load)."""
+    line = re.sub(r"^\S+ INFO agp\.serve: ", "", line)
+    line = re.sub(r"; OpenMP waits \w+", "", line)
+    line = re.sub(r"model \S+ \(\w+ weights, \w+ compute\)", "model M (W weights, D compute)", line)
+    line = re.sub(r"'[^']*'", "'NAME'", re.sub(r"https?://\S+", "URL", line))
+    return re.sub(r"\b(thread|CPU)s\b", r"\1", re.sub(r"\d+", "N", line))
+
+
+def test_the_startup_banner_the_serve_page_quotes_is_the_one_agp_serve_prints(tmp_path, tiny_gguf):
+    # docs/serve.md, "Running it like vLLM": the three lines, here for examples/chat.agp on the
+    # tiny model; every clause the page shows is printed, in its order, and no other
+    import argparse
+
+    from pipeline_dsl.commands.serve import banner
+    from pipeline_dsl.serve.build import build
+    from pipeline_dsl.serve.options import add_arguments
+
+    quoted = next(b for b in blocks(ROOT / "docs" / "serve.md", "") if "INFO agp.serve: agp " in b).splitlines()
+    path = tmp_path / "chat.agp"
+    path.write_text((ROOT / "examples" / "chat.agp").read_text().replace('"smollm2-135m-instruct"', f'"{tiny_gguf}"'))
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args([str(path), "--threads", "1", "--dtype", "fp32"])
+    args.open_files = 65536                                  # what `agp serve` raised the limit to
+    serving = build(args)
+    try:
+        printed = banner(serving, "http://127.0.0.1:8000/v1", args)
+    finally:
+        serving.runtime.close()
+    assert [banner_shape(line) for line in quoted] == [banner_shape(line) for line in printed]
