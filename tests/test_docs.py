@@ -1,13 +1,13 @@
-"""The documentation's examples stay true (README.md and docs/*.md), without loading a model:
-every `agp` command line they show parses with the flags that exist, every whole pipeline
-they show checks clean and every one-line stage of their snippets too, a snippet line that
-names an example quotes it, the outputs they quote are what the commands print, the tables
-(built-in kinds, modes, condition fields, serve flags, limits and defaults, OpenAI fields,
-the planner's work) say what the code does, the request bodies they send parse, the engine's
-dataclasses list every field, every file and test they point at is there, the README tour's
-commands that need no model exit as it says, the architecture page's stage kind checks and
-runs, and the startup banner the serve page quotes has the clauses `agp serve` prints (built on the
-tiny model, none loaded otherwise). (The examples themselves run in tests/test_examples.py.)"""
+"""The documentation's examples stay true (README.md and docs/*.md), without loading a model: every
+`agp` command line they show parses with the flags that exist, every whole pipeline they show checks
+clean and every one-line stage of their snippets too, a snippet line that names an example quotes
+it, the outputs they quote are what the commands print, the tables (built-in kinds with their
+parameters, item types and resources, modes, condition fields, serve flags, limits and defaults,
+OpenAI fields, the planner's work) say what the code does, the request bodies they send parse, the
+engine's dataclasses list every field, every file and test they point at is there, the README tour's
+commands that need no model exit as it says, the architecture page's stage kind checks and runs, and
+the startup banner the serve page quotes has the clauses `agp serve` prints (built on the tiny
+model, none loaded otherwise). (The examples themselves run in tests/test_examples.py.)"""
 from __future__ import annotations
 
 import json
@@ -411,6 +411,31 @@ def test_the_built_in_kinds_table_names_every_parameter_with_its_default():
             if value != default:
                 bad.append(f"{kind.name}.{name}: the table says {value}, the kind {default!r}")
     assert not bad, "\n".join(bad)
+
+
+def test_the_built_in_kinds_table_gives_each_kinds_item_types_and_resource():
+    # docs/language.md, "Built-in kinds": | `kv_lookup` | … | Tokens → CachedTokens | copy |, as
+    # `agp stages` lists them (a route's outputs: "the same" as what it received)
+    from stages.registry import get_kind
+
+    text = (ROOT / "docs" / "language.md").read_text().split("### Built-in kinds", 1)[1]
+    rows = [[c.strip() for c in re.split(r"(?<!\\)\|", r)] for r in text.split("\n\n", 2)[1].splitlines()[2:]]
+
+    def ports(ports) -> set[str]:
+        return {t for port in ports for t in port.types} or {"–"}
+
+    bad = []
+    for row in rows:
+        kind = get_kind(row[1].strip("`"))
+        said_in, _, said_out = row[3].replace("\\|", "|").partition(" → ")
+        said_in = {t.strip() for t in said_in.split("|")}
+        said_out = said_in if said_out == "the same" else {t.strip() for t in said_out.split("|")}
+        if (said_in, said_out) != (ports(kind.inputs), ports(kind.outputs)):
+            bad.append(f"{kind.name}: the table says {row[3]}, the kind "
+                       f"{'|'.join(sorted(ports(kind.inputs)))} → {'|'.join(sorted(ports(kind.outputs)))}")
+        if row[4] != kind.resource:
+            bad.append(f"{kind.name}: the table says {row[4]}, the kind's resource is {kind.resource}")
+    assert len(rows) >= 10 and not bad, "\n".join(bad)
 
 
 def test_the_modes_table_is_the_presets():
