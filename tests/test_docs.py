@@ -341,10 +341,13 @@ def openai_fields() -> list[tuple[str, str, str]]:
 
 
 def test_every_field_the_openai_page_supports_is_a_field_of_its_endpoint():
+    from pipeline_dsl.serve.embeddings import FIELDS as EMBEDDING_FIELDS
     from pipeline_dsl.serve.protocol import CHAT_FIELDS, COMPLETION_FIELDS
+    from pipeline_dsl.serve.responses import FIELDS as RESPONSE_FIELDS
 
     endpoints = {"Both endpoints": [CHAT_FIELDS, COMPLETION_FIELDS], "vLLM's extras": [CHAT_FIELDS, COMPLETION_FIELDS],
-                 "`/v1/chat/completions`": [CHAT_FIELDS], "`/v1/completions`": [COMPLETION_FIELDS]}
+                 "`/v1/chat/completions`": [CHAT_FIELDS], "`/v1/completions`": [COMPLETION_FIELDS],
+                 "`/v1/responses`": [RESPONSE_FIELDS], "`/v1/embeddings`": [EMBEDDING_FIELDS]}
     rows = [(s, f, st) for s, f, st in openai_fields() if any(s.startswith(f"## {e}") for e in endpoints)]
     assert len(rows) > 40
     bad = []
