@@ -942,3 +942,24 @@ def test_ignore_eos_makes_every_request_run_to_its_max_tokens(tmp_path, monkeypa
     w.write_text('{"prompt": "a", "max_tokens": 4}\n{"prompt": "b", "max_tokens": 4, "ignore_eos": false}\n')
     assert agp(["bench", "--url", "http://127.0.0.1:1", "-w", str(w), "--ignore-eos", "--no-progress"]) == 0
     assert [body["ignore_eos"] for body in seen[0]] == [True, True]
+
+
+def test_a_target_names_which_pipeline_of_its_file_to_measure(tmp_path, tiny_gguf, capsys):
+    """`FILE,pipeline=NAME` measures that pipeline of a file of several (examples/compare.agp's);
+    without it, the file's first, as `agp run` and `agp serve` take it."""
+    one = _pipeline_file(tmp_path, tiny_gguf).read_text()
+    text = (re.sub(r"max_new_tokens = \d+", "max_new_tokens = 5  ignore_eos = true", one)
+            + re.sub(r"max_new_tokens = \d+", "max_new_tokens = 2  ignore_eos = true", one).replace(
+                "pipeline chat {", "pipeline short {"))
+    path = tmp_path / "two.agp"
+    path.write_text(text)
+    work = tmp_path / "w.jsonl"
+    work.write_text('{"prompt": "hello"}\n{"prompt": "world"}\n')
+    js = tmp_path / "r.json"
+    code = agp(["bench", str(path), f"{path},pipeline=short", "--workload", str(work), "--compare",
+                "--plot", str(tmp_path / "r.png"), "--json", str(js), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    reports = json.loads(js.read_text())
+    assert [(r["label"], r["completion_tokens"]) for r in reports] == [("two", 10), ("two (pipeline=short)", 4)]
+    code = agp(["bench", f"{path},pipeline=shrt", "--workload", str(work), "--no-progress"])
+    assert code == 2 and "no pipeline named 'shrt'" in capsys.readouterr().err

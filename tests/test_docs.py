@@ -1,12 +1,13 @@
-"""The documentation's examples stay true (README.md and docs/*.md), without loading a model:
-every `agp` command line they show parses with the flags that exist, every whole pipeline
-they show checks clean and every one-line stage of their snippets too, a snippet line that
-names an example quotes it, the outputs they quote are what the commands print, the tables
-(built-in kinds, modes, condition fields, serve flags, limits and defaults, OpenAI fields,
-the planner's work) say what the code does, the request bodies they send parse, the engine's
-dataclasses list every field, every file and test they point at is there, the README tour's
-commands that need no model exit as it says, and the architecture page's stage kind checks and
-runs. (The examples themselves run in tests/test_examples.py.)"""
+"""The documentation's examples stay true (README.md and docs/*.md), without loading a model: every
+`agp` command line they show parses with the flags that exist, every whole pipeline they show checks
+clean and every one-line stage of their snippets too, a snippet line that names an example quotes
+it, the outputs they quote are what the commands print, the tables (built-in kinds with their
+parameters, item types and resources, modes, condition fields, serve flags, limits and defaults,
+OpenAI fields, the planner's work) say what the code does, the request bodies they send parse, the
+engine's dataclasses list every field, every file and test they point at is there, the README tour's
+commands that need no model exit as it says, the architecture page's stage kind checks and runs, and
+the startup banner the serve page quotes has the clauses `agp serve` prints (built on the tiny
+model, none loaded otherwise). (The examples themselves run in tests/test_examples.py.)"""
 from __future__ import annotations
 
 import json
@@ -340,10 +341,13 @@ def openai_fields() -> list[tuple[str, str, str]]:
 
 
 def test_every_field_the_openai_page_supports_is_a_field_of_its_endpoint():
+    from pipeline_dsl.serve.embeddings import FIELDS as EMBEDDING_FIELDS
     from pipeline_dsl.serve.protocol import CHAT_FIELDS, COMPLETION_FIELDS
+    from pipeline_dsl.serve.responses import FIELDS as RESPONSE_FIELDS
 
     endpoints = {"Both endpoints": [CHAT_FIELDS, COMPLETION_FIELDS], "vLLM's extras": [CHAT_FIELDS, COMPLETION_FIELDS],
-                 "`/v1/chat/completions`": [CHAT_FIELDS], "`/v1/completions`": [COMPLETION_FIELDS]}
+                 "`/v1/chat/completions`": [CHAT_FIELDS], "`/v1/completions`": [COMPLETION_FIELDS],
+                 "`/v1/responses`": [RESPONSE_FIELDS], "`/v1/embeddings`": [EMBEDDING_FIELDS]}
     rows = [(s, f, st) for s, f, st in openai_fields() if any(s.startswith(f"## {e}") for e in endpoints)]
     assert len(rows) > 40
     bad = []
@@ -410,6 +414,31 @@ def test_the_built_in_kinds_table_names_every_parameter_with_its_default():
             if value != default:
                 bad.append(f"{kind.name}.{name}: the table says {value}, the kind {default!r}")
     assert not bad, "\n".join(bad)
+
+
+def test_the_built_in_kinds_table_gives_each_kinds_item_types_and_resource():
+    # docs/language.md, "Built-in kinds": | `kv_lookup` | … | Tokens → CachedTokens | copy |, as
+    # `agp stages` lists them (a route's outputs: "the same" as what it received)
+    from stages.registry import get_kind
+
+    text = (ROOT / "docs" / "language.md").read_text().split("### Built-in kinds", 1)[1]
+    rows = [[c.strip() for c in re.split(r"(?<!\\)\|", r)] for r in text.split("\n\n", 2)[1].splitlines()[2:]]
+
+    def ports(ports) -> set[str]:
+        return {t for port in ports for t in port.types} or {"–"}
+
+    bad = []
+    for row in rows:
+        kind = get_kind(row[1].strip("`"))
+        said_in, _, said_out = row[3].replace("\\|", "|").partition(" → ")
+        said_in = {t.strip() for t in said_in.split("|")}
+        said_out = said_in if said_out == "the same" else {t.strip() for t in said_out.split("|")}
+        if (said_in, said_out) != (ports(kind.inputs), ports(kind.outputs)):
+            bad.append(f"{kind.name}: the table says {row[3]}, the kind "
+                       f"{'|'.join(sorted(ports(kind.inputs)))} → {'|'.join(sorted(ports(kind.outputs)))}")
+        if row[4] != kind.resource:
+            bad.append(f"{kind.name}: the table says {row[4]}, the kind's resource is {kind.resource}")
+    assert len(rows) >= 10 and not bad, "\n".join(bad)
 
 
 def test_the_modes_table_is_the_presets():
@@ -559,3 +588,37 @@ def test_the_stage_kind_the_architecture_page_writes_checks_and_runs(tmp_path, m
     assert stage.process({"text": "one two three four"})["text"] == "one two three"
     with pytest.raises(pipeline_dsl.Reject, match="zzz"):
         stage.process({"text": "a zzz b"})
+
+
+def banner_shape(line: str) -> str:
+    """A startup line with its values left out: numbers, names, the model's file, the weights and
+    compute dtype, whether OpenMP waits passively (it depends on the machine's load)."""
+    line = re.sub(r"^\S+ INFO agp\.serve: ", "", line)
+    line = re.sub(r"; OpenMP waits \w+", "", line)
+    line = re.sub(r"model \S+ \(\w+ weights, \w+ compute\)", "model M (W weights, D compute)", line)
+    line = re.sub(r"'[^']*'", "'NAME'", re.sub(r"https?://\S+", "URL", line))
+    return re.sub(r"\b(thread|CPU)s\b", r"\1", re.sub(r"\d+", "N", line))
+
+
+def test_the_startup_banner_the_serve_page_quotes_is_the_one_agp_serve_prints(tmp_path, tiny_gguf):
+    # docs/serve.md, "Running it like vLLM": the three lines, here for examples/chat.agp on the
+    # tiny model; every clause the page shows is printed, in its order, and no other
+    import argparse
+
+    from pipeline_dsl.commands.serve import banner
+    from pipeline_dsl.serve.build import build
+    from pipeline_dsl.serve.options import add_arguments
+
+    quoted = next(b for b in blocks(ROOT / "docs" / "serve.md", "") if "INFO agp.serve: agp " in b).splitlines()
+    path = tmp_path / "chat.agp"
+    path.write_text((ROOT / "examples" / "chat.agp").read_text().replace('"smollm2-135m-instruct"', f'"{tiny_gguf}"'))
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args([str(path), "--threads", "1", "--dtype", "fp32"])
+    args.open_files = 65536                                  # what `agp serve` raised the limit to
+    serving = build(args)
+    try:
+        printed = banner(serving, "http://127.0.0.1:8000/v1", args)
+    finally:
+        serving.runtime.close()
+    assert [banner_shape(line) for line in quoted] == [banner_shape(line) for line in printed]

@@ -1,8 +1,9 @@
 """The vLLM metrics dashboards and gateways read, scraped with prometheus-client's parser from an
 `agp serve` app driven by the `openai` client and httpx: the older KV-usage name, the cache's
 configuration, the `engine` label, tokens per engine step, the n and max_tokens parameters,
-inference time and time per output token, tool-call finishes counted as tool_calls, and the
-tokens of aborted requests counted as generated.
+inference time and time per output token, tool-call finishes counted as tool_calls, the
+tokens of aborted requests counted as generated, and every metric the docs name exported with
+the type they give it.
 """
 from __future__ import annotations
 
@@ -206,3 +207,48 @@ def test_every_http_request_is_counted_by_its_route_template_method_and_status(s
     assert any(h.startswith("/v1/responses/{") for h in handlers)
     lat = "agp_http_request_duration_seconds"
     assert value(after, lat, lat + "_count", **key) - value(before, lat, lat + "_count", **key) == 2
+
+
+def documented_metrics() -> list[tuple[str, str, str | None]]:
+    """(page, name, type or None) of each metric the pages that describe agp name (not the test
+    and benchmark pages): the rows of docs/serve.md's metrics table with their type column (a
+    `_suffix` cell entry stands for the cell's first name with as many last words replaced), and
+    every other `agp_…`, `vllm:…` or `process_…` name in backquotes, labels (`{reason}`) cut."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    pages = [root / "README.md", *(p for p in sorted((root / "docs").glob("*.md"))
+                                   if p.name not in ("testing.md", "benchmarks.md", "engine_benchmarks.md"))]
+    found = []
+    for page in pages:
+        text = page.read_text()
+        for row in (ln for ln in text.splitlines() if ln.startswith("| `agp_") or ln.startswith("| — | `vllm:")):
+            cells = [c.strip() for c in row.split("|")[1:-1]]
+            kind = cells[2].split()[0]
+            for cell in cells[:2]:
+                names = re.findall(r"`([\w:]+)(?:\{\w+\})?`", cell)
+                for name in names:
+                    if name.startswith("_"):
+                        words = names[0].split("_")
+                        name = "_".join(words[:len(words) - len(name.strip("_").split("_"))]) + name
+                    found.append((page.name, name, kind))
+        found += [(page.name, name, None) for name in
+                  re.findall(r"`((?:agp_|vllm:|process_)[a-z_:]*[a-z])(?:\{[^}`]*\})?`(?!\()", text)]
+    return found
+
+
+def test_every_metric_the_docs_name_is_exported_with_its_type(server, client):
+    # docs/serve.md, "Metrics": a dashboard or an alert written from the page's names finds them
+    client.completions.create(model="tiny", prompt="a metric of every kind", max_tokens=2)
+    fams = scrape(server)
+    documented = documented_metrics()
+    assert len({n for _, n, k in documented if k}) > 40
+    bad = []
+    for page, name, kind in documented:
+        family = fams.get(name) or fams.get(name.removesuffix("_total"))
+        if family is None:
+            bad.append(f"{page}: {name} is not in /metrics")
+        elif kind and family.type != kind:
+            bad.append(f"{page}: {name} is a {family.type}, the page says {kind}")
+    assert not bad, "\n".join(bad)

@@ -34,8 +34,18 @@ def test_without_ray_the_flag_is_a_clean_error(monkeypatch, capsys, tmp_path, ti
     path = tiny_pipeline(tmp_path / "tiny.agp", tiny_gguf)
     assert cli.main(["serve", str(path), "--ray", "--replicas", "2"]) == 2
     err = capsys.readouterr().err
-    assert "agp serve: error: Ray Serve is not installed" in err and "pip install 'agp[ray]'" in err
+    assert "agp serve: error: Ray Serve is not installed" in err
+    # the command installs Ray Serve itself (agp's `ray` extra): `pip install 'agp[ray]'` would
+    # fetch PyPI's package named agp, another project, and not this one's extra
+    assert "pip install 'ray[serve]" in err and "agp[ray]" not in err
     assert "Traceback" not in err
+
+
+def test_serve_help_names_the_install_command_of_ray_serve(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "scaling out on Ray Serve (pip install 'ray[serve]" in out and "agp[ray]" not in out
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -35,7 +35,8 @@ def add_arguments(p) -> None:
     from pipeline_dsl.commands import add_allow_path
 
     p.add_argument("pipelines", nargs="*", metavar="PIPELINE",
-                   help="a .agp file, optionally followed by ,key=value engine settings")
+                   help="a .agp file, optionally followed by ,pipeline=NAME (which of its pipelines; "
+                        "default: the first) and ,key=value engine settings")
     p.add_argument("--workload", "-w",
                    help="JSONL requests (agp run's format: agp's lines or OpenAI batch-API lines)")
     add_allow_path(p)

@@ -362,7 +362,8 @@ class EngineTarget:
         from pipeline_dsl.flow import build_runtime
 
         path, settings = parse_target(spec)
-        runtime = build_runtime(path, overlap=overlap, allow_paths=allow_paths,
+        name = settings.pop("pipeline", None)
+        runtime = build_runtime(path, name, overlap=overlap, allow_paths=allow_paths,
                                 overrides={**settings, **{k: v for k, v in overrides.items() if v is not None}})
         return cls(target_label(spec), runtime)
 
@@ -548,19 +549,24 @@ def _wire_format(spec: dict) -> dict:
 
 
 def parse_target(spec: str) -> tuple[str, dict]:
-    """`path.agp[,key=value...]` -> (path, EngineConfig overrides), values typed."""
+    """`path.agp[,pipeline=NAME][,key=value...]` -> (path, settings): EngineConfig overrides,
+    values typed, and `pipeline`, which of the file's pipelines to build (as `--pipeline` picks
+    one for agp run and serve; without it, the file's first)."""
     from dataclasses import fields
 
     from pipeline_dsl.engine.config import EngineConfig
 
     path, *pairs = _spec_parts(spec)
     types = {f.name: str(f.type) for f in fields(EngineConfig)}
-    known = set(types)
+    known = set(types) | {"pipeline"}
     settings = {}
     for pair in pairs:
         key, eq, value = pair.partition("=")
         if not eq or not key:
             raise BenchError(f"'{pair}' in '{spec}' is not key=value")
+        if key == "pipeline":
+            settings[key] = value
+            continue
         if key not in known:
             import difflib
 

@@ -26,7 +26,8 @@ import sys
 from pathlib import Path
 
 from pipeline_dsl.serve.build import Serving, build
-from pipeline_dsl.serve.options import SetupError, add_arguments, check_args, report, unknown_variables
+from pipeline_dsl.serve.options import (SetupError, add_arguments, check_args, ray_install_command, report,
+                                        unknown_variables)
 
 HELP = "serve a pipeline behind an OpenAI-compatible HTTP API"
 log = logging.getLogger("agp.serve")
@@ -207,6 +208,6 @@ def _main_on_ray(args) -> int:
     try:
         from pipeline_dsl.serve import ray as on_ray
     except ImportError as e:
-        report(f"Ray Serve is not installed ({e}): pip install 'agp[ray]'")
+        report(f"Ray Serve is not installed ({e}): {ray_install_command()}")
         return 2
     return on_ray.main(args)

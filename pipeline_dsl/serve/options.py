@@ -136,9 +136,23 @@ def add_arguments(p) -> None:
     env_defaults(p)
 
 
+def ray_install_command() -> str:
+    """The command that installs what `--ray` needs: the requirement of agp's `ray` extra
+    (pyproject.toml), read from agp's installed metadata. Not `pip install 'agp[ray]'`: agp is
+    installed from its source folder, and the package named agp on PyPI is another project."""
+    from importlib import metadata
+
+    try:
+        requires = metadata.requires("agp") or []
+    except metadata.PackageNotFoundError:
+        requires = []
+    extra = [r.split(";", 1)[0].strip() for r in requires if r.replace(" ", "").endswith('extra=="ray"')]
+    return f"pip install '{extra[0] if extra else 'ray[serve]'}'"
+
+
 def add_ray_arguments(p) -> None:
     """Flags of `--ray` (pipeline_dsl.serve.ray; docs/scale.md)."""
-    g = p.add_argument_group("scaling out on Ray Serve (pip install 'agp[ray]'; see docs/scale.md)")
+    g = p.add_argument_group(f"scaling out on Ray Serve ({ray_install_command()}; see docs/scale.md)")
     g.add_argument("--ray", action="store_true",
                    help="run the pipeline as Ray Serve replicas behind Ray's HTTP proxy (a running cluster "
                         "when RAY_ADDRESS is set, else a local one)")
