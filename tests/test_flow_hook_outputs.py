@@ -5,6 +5,8 @@ Each bad output fails its own request at the stage that made it, with a message 
 what; every other request is answered."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 import flowkit
@@ -167,3 +169,21 @@ def test_a_join_fn_making_a_result_that_cannot_be_answered_fails_its_request(tmp
     results, _ = run(path, [chat("ok", "hi"), chat("bad", "hi", metadata={"bad": bad})])
     r = answered_except(results, "bad")
     assert r.error.stage == "j" and r.error.message.startswith(words)
+
+
+def test_a_listener_that_fails_on_a_result_is_logged_and_the_others_are_heard(tmp_path, soft_gguf, caplog):
+    path = pipeline(tmp_path, soft_gguf, 'stage a : python { fn = "hooks:answer" }',
+                    "request -> batch\ngen -> a -> out\n")
+    heard = []
+
+    def on_result(i, result):
+        if result.id == "boom":
+            raise RuntimeError("the listener broke")
+        heard.append(result.id)
+
+    caplog.set_level(logging.ERROR, logger="agp.flow")
+    run(path, [chat("ok", "hi"), chat("boom", "hi"), chat("ok2", "hello")], on_result=on_result)
+    assert sorted(heard) == ["ok", "ok2"]
+    lost = [r for r in caplog.records if r.name == "agp.flow" and r.levelno == logging.ERROR]
+    assert len(lost) == 1 and "'boom'" in lost[0].getMessage() and "answer is lost" in lost[0].getMessage()
+    assert "the listener broke" in caplog.text

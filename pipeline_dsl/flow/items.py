@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline_dsl import conditions as C
 
 REQUEST, GENERATED = C.REQUEST, C.GENERATED
+log = logging.getLogger("agp.flow")
 
 
 class PipelineError(Exception):
@@ -201,8 +203,9 @@ def tell_prompt(req: RequestState, ids: list, logprobs: list | None) -> None:
 
 
 def deliver(listener, result: Result) -> None:
-    """Tell a listener its request's result."""
+    """Tell a listener its request's result. A listener that fails (a bug: its answer is lost,
+    the other requests go on) is logged with its traceback, never passed over in silence."""
     try:
         listener.on_done(result)
     except Exception:                            # noqa: BLE001 - a listener's failure is its own
-        pass
+        log.exception("the result of request %r could not be handed over; its answer is lost", result.id)
