@@ -121,10 +121,12 @@ class Item:
     live: Any = None                   # streams.Live while stream stages filter its text as it comes
     sampled: frozenset = frozenset()   # generate stages that made this branch's `n` copies already
     split: bool = False                # one of several copies a generate stage made: never split again
+    copy: int = 0                      # which of those copies: sampled again elsewhere with seed + copy
 
     def fork(self, branch: tuple) -> "Item":
         return Item(self.kind, copy.deepcopy(self.data), self.req, self.at, branch, dict(self.turns),
-                    self.label, None, self.ids, self.entry, sampled=self.sampled, split=self.split)
+                    self.label, None, self.ids, self.entry, sampled=self.sampled, split=self.split,
+                    copy=self.copy)
 
 
 def unicode_problem(text: str) -> str | None:
