@@ -151,8 +151,9 @@ def read_bytes(path: str, file: str | None = None, at: SourcePos | None = None, 
             return bad(f"{what} '{path}' is too large (more than {_size(limit)})", too_large, _SPLIT)
         return b"".join(chunks), []
     except FileNotFoundError:
-        return bad(f"{what} not found: '{path}'",
-                   "the path of an existing .agp file" + (", relative to the including file" if at else ""),
+        relative = ("" if not at else ", relative to the current folder (the including pipeline came on "
+                    "standard input)" if at.file == STDIN_NAME else ", relative to the including file")
+        return bad(f"{what} not found: '{path}'", "the path of an existing .agp file" + relative,
                    nearby(real, path))
     except ValueError:                    # a NUL in the path
         return bad(f"cannot read '{path}': the path holds a NUL character", "the path of an .agp file")

@@ -62,6 +62,17 @@ def test_file_dash_reads_the_pipeline_from_stdin_with_positions_at_stdin(tmp_pat
         assert "did you mean 'generate'?" in bad.stderr and "not found" not in bad.stderr
 
 
+def test_an_include_missing_from_stdin_says_it_was_looked_for_in_the_current_folder(tmp_path):
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "chat.agp").write_text((ROOT / "examples" / "chat.agp").read_text())
+    found = agp_in("check", "-", input='use "parts/chat.agp"\n', cwd=tmp_path)
+    assert found.returncode == 0, found.stderr
+    missing = agp_in("check", "-", input='use "parts/chat.agp"\n', cwd=tmp_path / "parts")
+    assert missing.returncode == 2 and "<stdin>:1:5: error: include not found: 'parts/chat.agp'" in missing.stderr
+    assert "relative to the current folder (the including pipeline came on standard input)" in missing.stderr
+    assert "relative to the including file" not in missing.stderr
+
+
 def test_fmt_of_stdin_checks_but_cannot_write_back(tmp_path):
     assert agp_in("fmt", "--check", "-", input='pipeline p {model="m"}\n').stdout == "<stdin>: would reformat\n"
     r = agp_in("fmt", "--write", "-", input='pipeline p {model="m"}\n')

@@ -443,6 +443,25 @@ def test_a_choice_that_falls_back_to_a_second_model_is_answered_once_there(tmp_p
     assert rt.stats()["stages"]["second"]["items_in"] == 2
 
 
+def test_the_choices_that_fall_back_together_are_still_n_samples_of_the_second_model(tmp_path):
+    """A seeded request with n = 2 whose two drafts both fall back: copy i is sampled there with
+    seed + i, as the second model samples its own n copies, so the two answers are two samples
+    (copy 0 and copy 1 with the one seed were the same answer twice)."""
+    n2 = {"n": 2, "temperature": 1.0, "seed": 3}
+    path = write(tmp_path, CASCADE.replace("GEN1", "").replace("GEN2", ""))
+    (fell,), _ = run(path, [chat("fall", "hello", max_tokens=None, **n2)])
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    direct_path = write(alone, "stage request : requests {}\nstage second : generate { max_new_tokens = 4 }\n"
+                        "stage out : respond {}\nrequest -> batch2\n" + chain("second", "batch2", "enc2", "kv2")
+                        + "second -> out\n")
+    (direct,), _ = run(direct_path, [chat("direct", "hello", max_tokens=None, **n2)])
+    assert fell.ok and direct.ok
+    texts = [c.text for c in fell.choices]
+    assert texts[0] != texts[1]
+    assert texts == [c.text for c in direct.choices]
+
+
 def test_a_second_model_after_a_single_answer_still_makes_its_own_n_copies(tmp_path):
     """A draft answered once, then a second stage with n = 3 into a vote: the three copies are
     the second stage's own, as without the first (only a branch already split is not split again)."""

@@ -5,6 +5,8 @@ Each bad output fails its own request at the stage that made it, with a message 
 what; every other request is answered."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 import flowkit
@@ -17,6 +19,10 @@ def answer(item):
         item["text"] = "half a pair \\ud800 here"
     elif bad == "finish":
         item["finish_reason"] = {"why": "no"}
+    elif bad == "usage":
+        item["usage"] = "lots"
+    elif bad == "count":
+        item["usage"] = {**item["usage"], "completion_tokens": "3"}
     elif bad == "filtered":
         item["finish_reason"] = "content_filter"   # a guard may say why it ended the answer
     return item
@@ -35,8 +41,13 @@ def stream(item, chunks):
         yield "\\udfff"
 
 def merge(results):
-    if results[0]["request"].get("metadata", {}).get("bad") == "merge":
+    bad = results[0]["request"].get("metadata", {}).get("bad")
+    if bad == "merge":
         return {"text": "\\ud800"}
+    if bad == "merge_usage":
+        return {"text": "merged", "usage": ["lots"]}
+    if bad == "merge_reason":
+        return {"text": "merged", "finish_reason": 7}
     return 0
 '''
 
@@ -65,6 +76,9 @@ def answered_except(results, bad_id):
 @pytest.mark.parametrize("bad, words", [
     ("text", "stage 'a' returned a result whose text is not valid Unicode (a lone UTF-16 surrogate at 12)"),
     ("finish", "stage 'a' returned a result whose finish_reason is a dict; expected a string or null"),
+    ("usage", "stage 'a' returned a result whose usage is a str; expected an object of token counts "
+              "(prompt_tokens, completion_tokens, cached_tokens) or null"),
+    ("count", "stage 'a' returned a result whose usage.completion_tokens is '3'; expected a non-negative integer"),
 ])
 def test_a_result_hook_returning_text_that_cannot_be_sent_fails_its_request_there(tmp_path, soft_gguf, bad, words):
     path = pipeline(tmp_path, soft_gguf, 'stage a : python { fn = "hooks:answer" }',
@@ -142,3 +156,34 @@ def test_a_join_fn_making_invalid_unicode_fails_its_request(tmp_path, soft_gguf)
     results, _ = run(path, [chat("ok", "hi"), chat("bad", "hi", metadata={"bad": "merge"})])
     r = answered_except(results, "bad")
     assert r.error.stage == "j" and "not valid Unicode" in r.error.message
+
+
+@pytest.mark.parametrize("bad, words", [
+    ("merge_usage", "join 'j' produced a result whose usage is a list; expected an object of token counts"),
+    ("merge_reason", "join 'j' produced a result whose finish_reason is an int; expected a string or null"),
+])
+def test_a_join_fn_making_a_result_that_cannot_be_answered_fails_its_request(tmp_path, soft_gguf, bad, words):
+    path = pipeline(tmp_path, soft_gguf, 'stage g2 : generate { max_new_tokens = 2 }\n'
+                    'stage j : join { fn = "hooks:merge" }',
+                    "request -> batch\nkv -> g2\ngen -> j\ng2 -> j\nj -> out\n")
+    results, _ = run(path, [chat("ok", "hi"), chat("bad", "hi", metadata={"bad": bad})])
+    r = answered_except(results, "bad")
+    assert r.error.stage == "j" and r.error.message.startswith(words)
+
+
+def test_a_listener_that_fails_on_a_result_is_logged_and_the_others_are_heard(tmp_path, soft_gguf, caplog):
+    path = pipeline(tmp_path, soft_gguf, 'stage a : python { fn = "hooks:answer" }',
+                    "request -> batch\ngen -> a -> out\n")
+    heard = []
+
+    def on_result(i, result):
+        if result.id == "boom":
+            raise RuntimeError("the listener broke")
+        heard.append(result.id)
+
+    caplog.set_level(logging.ERROR, logger="agp.flow")
+    run(path, [chat("ok", "hi"), chat("boom", "hi"), chat("ok2", "hello")], on_result=on_result)
+    assert sorted(heard) == ["ok", "ok2"]
+    lost = [r for r in caplog.records if r.name == "agp.flow" and r.levelno == logging.ERROR]
+    assert len(lost) == 1 and "'boom'" in lost[0].getMessage() and "answer is lost" in lost[0].getMessage()
+    assert "the listener broke" in caplog.text

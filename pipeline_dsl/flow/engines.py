@@ -189,9 +189,10 @@ class EngineSide:
         for g_i, gen in enumerate(targets):
             # a Request looping back to a generate stage, or one copy of n going on to another
             # generate stage (a fallback model), continues its own branch: sampled once, not n
-            # times again (n on every pass would be n ** turns sequences of one request)
+            # times again (n on every pass would be n ** turns sequences of one request); copy i
+            # of n keeps its seed + i there, so n copies falling back together stay n samples
             once = gen in item.sampled or item.split
-            for i in range(1 if once else es.copies(gen, item.data)):
+            for i in ([item.copy] if once else range(es.copies(gen, item.data))):
                 data = item.data if not copies else copy.deepcopy(item.data)
                 try:
                     copies.append((g_i, gen, i, data, es.sampling(gen, data, len(ids), copy=i)))
@@ -213,7 +214,7 @@ class EngineSide:
                 branch = item.branch + ((g_i,) if len(targets) > 1 else ()) + ((i,) if several else ())
                 split = item.split or several
                 child = Item(REQUEST, data, req, gen, branch, dict(item.turns), None, None, item.ids, entry,
-                             sampled=item.sampled | {gen}, split=split)
+                             sampled=item.sampled | {gen}, split=split, copy=i)
                 if self.streams.direct[gen]:
                     child.index = req.next_index
                     req.next_index += 1

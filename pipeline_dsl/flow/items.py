@@ -8,12 +8,15 @@ a `Result` is what its listener hears once, at the end.
 from __future__ import annotations
 
 import copy
+import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline_dsl import conditions as C
 
 REQUEST, GENERATED = C.REQUEST, C.GENERATED
+log = logging.getLogger("agp.flow")
 
 
 class PipelineError(Exception):
@@ -118,10 +121,12 @@ class Item:
     live: Any = None                   # streams.Live while stream stages filter its text as it comes
     sampled: frozenset = frozenset()   # generate stages that made this branch's `n` copies already
     split: bool = False                # one of several copies a generate stage made: never split again
+    copy: int = 0                      # which of those copies: sampled again elsewhere with seed + copy
 
     def fork(self, branch: tuple) -> "Item":
         return Item(self.kind, copy.deepcopy(self.data), self.req, self.at, branch, dict(self.turns),
-                    self.label, None, self.ids, self.entry, sampled=self.sampled, split=self.split)
+                    self.label, None, self.ids, self.entry, sampled=self.sampled, split=self.split,
+                    copy=self.copy)
 
 
 def unicode_problem(text: str) -> str | None:
@@ -132,6 +137,51 @@ def unicode_problem(text: str) -> str | None:
     except UnicodeEncodeError as e:
         return f"a lone UTF-16 surrogate at {e.start}"
     return None
+
+
+WRITTEN_AS_IS = ("stop_reason", "generated_by", "branches")   # result fields an answer carries unformatted
+COUNTED = ("prompt_tokens", "completion_tokens", "cached_tokens")  # a result's usage: what the run adds up
+
+
+def check_result(d: dict, stage: str, made: str) -> None:
+    """A result dict user code made (`made`: "stage 'a' returned", "join 'j' produced"), held to
+    what an answer needs: its text a string that can be sent, its finish_reason a string (a guard
+    may set its own, e.g. content_filter) or null, its usage an object whose token counts are
+    non-negative integers (the run's counts and TPOT add them up), and what an answer carries as
+    it is plain JSON. Else a PipelineError that fails its request at `stage`."""
+    text, reason, usage = d.get("text"), d.get("finish_reason"), d.get("usage")
+    if not isinstance(text, str):
+        raise PipelineError(f"{made} a result whose text is {a_type(text)}, not a string", "failed", stage)
+    problem = unicode_problem(text)
+    if problem is not None:
+        raise PipelineError(f"{made} a result whose text is not valid Unicode ({problem})", "failed", stage)
+    if reason is not None and not isinstance(reason, str):
+        raise PipelineError(f"{made} a result whose finish_reason is {a_type(reason)}; expected a string or null",
+                            "failed", stage)
+    if usage is not None:
+        if not isinstance(usage, dict):
+            raise PipelineError(f"{made} a result whose usage is {a_type(usage)}; expected an object of token "
+                                f"counts ({', '.join(COUNTED)}) or null", "failed", stage)
+        for key in COUNTED:
+            n = usage.get(key)
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+                raise PipelineError(f"{made} a result whose usage.{key} is {n!r}; expected a non-negative "
+                                    "integer", "failed", stage)
+    for key in WRITTEN_AS_IS:
+        value = d.get(key)
+        if value is None:
+            continue
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise PipelineError(f"{made} a result whose {key} is not plain JSON ({type(e).__name__}: {e}), "
+                                "and an answer carries it as it is", "failed", stage) from None
+
+
+def a_type(value) -> str:
+    """'a dict', 'an int', 'bytes': a value's type in a sentence."""
+    name = type(value).__name__
+    return name if name == "bytes" else ("an " if name[0] in "aeiou" else "a ") + name
 
 
 def heard(req: RequestState, index: int, out) -> None:
@@ -155,8 +205,9 @@ def tell_prompt(req: RequestState, ids: list, logprobs: list | None) -> None:
 
 
 def deliver(listener, result: Result) -> None:
-    """Tell a listener its request's result."""
+    """Tell a listener its request's result. A listener that fails (a bug: its answer is lost,
+    the other requests go on) is logged with its traceback, never passed over in silence."""
     try:
         listener.on_done(result)
     except Exception:                            # noqa: BLE001 - a listener's failure is its own
-        pass
+        log.exception("the result of request %r could not be handed over; its answer is lost", result.id)

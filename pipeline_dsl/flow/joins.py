@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .items import PipelineError, unicode_problem
+from .items import PipelineError, check_result
 
 FILLED = ("finish_reason", "usage", "generated_by", "request", "id")   # from the first branch
 
@@ -57,21 +57,19 @@ class Joins:
         return self.impls[stage].policy == "fn"
 
     def result(self, stage: str, waiting: list, merged: Any) -> dict:
-        """The merged item's dict: checked, completed from the first branch, with `branches`."""
+        """The merged item's dict: completed from the first branch, checked as a python stage's result
+        is (items.check_result), with `branches`."""
         ordered = sorted(waiting, key=lambda it: it.branch)
         if not isinstance(merged, dict) or not isinstance(merged.get("text"), str):
             got = type(merged).__name__ if not isinstance(merged, dict) else "a dict without a text string"
             raise PipelineError(f"join '{stage}' produced no result: its merge gave {got}", "failed", stage)
-        problem = unicode_problem(merged["text"])
-        if problem is not None:
-            raise PipelineError(f"join '{stage}' produced a result whose text is not valid Unicode ({problem})",
-                                "failed", stage)
         if any(merged is it.data or merged == it.data for it in waiting):
             merged = dict(merged)
         else:
             for key in FILLED:
                 if merged.get(key) is None and ordered[0].data.get(key) is not None:
                     merged[key] = ordered[0].data[key]
+            check_result(merged, stage, f"join '{stage}' produced")
         merged["branches"] = [{"text": it.data.get("text"), "finish_reason": it.data.get("finish_reason")}
                               for it in ordered]
         return merged

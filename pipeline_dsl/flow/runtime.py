@@ -33,7 +33,6 @@ flow/driving.py starts, drives and closes it all.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import threading
 import time
@@ -50,7 +49,7 @@ from pipeline_dsl.plan import ITEM_WORKERS, make_plan
 from .cache import ResultCache, cache_key
 from .driving import Driving
 from .engines import EngineSide
-from .items import GENERATED, REQUEST, Item, PipelineError, RequestState, deliver, unicode_problem
+from .items import GENERATED, REQUEST, Item, PipelineError, RequestState, check_result, deliver
 from .joins import FILLED, Joins
 from .ledger import RequestLedger
 from .live import LiveStages
@@ -61,7 +60,6 @@ from .streams import StreamPlan, arun_filter, one_chunk, run_filter
 from .workers import EventLoop, Skipped, StageStuck, StageTimeout, StageWorkers, Timer
 
 ENGINE_KINDS = ("dynamic_batch", "encode", "kv_lookup", "generate")
-WRITTEN_AS_IS = ("stop_reason", "generated_by", "branches")   # result fields an answer carries unformatted
 INLINE = ("requests", "system_prompt", "route", "respond", "join", "dynamic_batch")   # no user code
 TRUSTED = ("requests", "system_prompt", "route")      # built-in stages: their dicts stay valid requests
 _PART = {"requests": "admit", "system_prompt": "apply", "python": "call", "route": "route"}
@@ -390,7 +388,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                 out = _valid_request(out, stage)
             elif kind == GENERATED:
                 out = _completed(out, view, item.kind)
-                _valid_result(out, stage)
+                check_result(out, stage, f"stage '{stage}' returned")
             item.kind, item.data = kind, out
 
     def _send(self, item: Item, stage: str, only: list[str] | None = None) -> list[tuple[Item, str]]:
@@ -684,38 +682,6 @@ def _completed(out: dict, got: dict, got_kind: str) -> dict:
         fill = {"id": got.get("id"), "request": got, "finish_reason": "stop"}
     missing = {k: v for k, v in fill.items() if out.get(k) is None and v is not None}
     return {**out, **missing} if missing else out
-
-
-def _valid_result(d: dict, stage: str) -> None:
-    """A result dict a stage returned: its text a string that can be sent, its finish_reason a
-    string (a guard may set its own, e.g. content_filter) or null."""
-    text, reason = d.get("text"), d.get("finish_reason")
-    if not isinstance(text, str):
-        raise PipelineError(f"stage '{stage}' returned a result whose text is {_a(text)}, not a string",
-                            "failed", stage)
-    problem = unicode_problem(text)
-    if problem is not None:
-        raise PipelineError(f"stage '{stage}' returned a result whose text is not valid Unicode ({problem})",
-                            "failed", stage)
-    if reason is not None and not isinstance(reason, str):
-        raise PipelineError(f"stage '{stage}' returned a result whose finish_reason is {_a(reason)}; "
-                            "expected a string or null", "failed", stage)
-    for field in WRITTEN_AS_IS:
-        value = d.get(field)
-        if value is None:
-            continue
-        try:
-            json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError, RecursionError) as e:
-            raise PipelineError(f"stage '{stage}' returned a result whose {field} is not plain JSON "
-                                f"({type(e).__name__}: {e}), and an answer carries it as it is", "failed",
-                                stage) from None
-
-
-def _a(value) -> str:
-    """'a dict', 'an int', 'bytes': a value's type in a sentence."""
-    name = type(value).__name__
-    return name if name == "bytes" else ("an " if name[0] in "aeiou" else "a ") + name
 
 
 def _device_failed(graph: nx.DiGraph, generates, exc) -> BaseException:
