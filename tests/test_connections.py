@@ -262,8 +262,9 @@ class _Clock:
 
 
 def test_a_client_that_reads_none_of_its_answer_is_cut_after_the_send_timeout():
-    """The socket's buffer full (pause_writing) for --send-timeout: the connection is cut, and
-    the app hears a disconnect; a client that drains it in time keeps its connection."""
+    """Where the transport shows no TCP socket to ask what its client took (TCP_INFO), the
+    socket's buffer full (pause_writing) for --send-timeout: the connection is cut, and the app
+    hears a disconnect; a client that drains it in time keeps its connection."""
     loop = asyncio.new_event_loop()
     clock = _Clock(loop)
     try:

@@ -38,20 +38,23 @@ def serve(long_gguf, tmp_path_factory):
         proc.communicate(timeout=60)
 
 
-def scrape(url: str) -> dict[str, float]:
-    """agp's unlabelled-but-model_name series: name -> value."""
+def scrape(url: str, labelled: bool = False) -> dict:
+    """agp's unlabelled-but-model_name series: name -> value; `labelled` adds agp_requests_total
+    by status: (name, status) -> value."""
     out = {}
     for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
         for s in fam.samples:
             if s.name.startswith("agp_") and set(s.labels) == {"model_name"}:
                 out[s.name] = s.value
+            elif labelled and s.name == "agp_requests_total":
+                out[(s.name, s.labels["status"])] = s.value
     return out
 
 
-def stalled_stream(port: int, prompt) -> socket.socket:
+def stalled_stream(port: int, prompt, max_tokens: int = MAX_TOKENS, logprobs: int | None = 5) -> socket.socket:
     """A streamed completions request whose client then reads nothing (a small receive buffer)."""
-    body = json.dumps({"prompt": prompt, "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True,
-                       "logprobs": 5}).encode()
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+                       "logprobs": logprobs}).encode()
     c = socket.socket()
     c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     c.connect(("127.0.0.1", port))
@@ -100,6 +103,44 @@ def test_stalled_readers_are_cut_and_free_their_kv_while_others_stream(serve):
     finally:
         for c in stalled:
             c.close()
+
+
+def test_a_stalled_stream_that_fits_in_the_buffers_is_cut_after_the_send_timeout(long_gguf, tmp_path):
+    """A client that reads nothing of an 800-token stream (some 190 KB: less than the server's
+    socket and asyncio buffers hold) while another client reads its own: the stalled request is
+    aborted --send-timeout after its client's receive buffer filled, counted as a 499 like a
+    client gone, its sequence out of the batch and its KV blocks freed while its client still
+    holds its end of the connection; the other stream is answered whole. (Before: nothing was cut
+    until the server's buffers were full too, so this answer was generated to its end, a 200.)"""
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1).replace("1MiB", "8MiB"))
+    proc, url = start_agp_serve(str(path), "--threads", "1", "--no-access-log", "--send-timeout", "0.1",
+                                "--max-unread-tokens", "100000")
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        before = scrape(url)
+        stalled = stalled_stream(port, "hello world", max_tokens=800, logprobs=None)
+        with stalled:
+            with httpx.stream("POST", url + "/v1/completions", timeout=120,
+                              json={"prompt": "hi", "max_tokens": 200, "ignore_eos": True, "stream": True}) as r:
+                lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+            assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+            assert not any('"error"' in line for line in lines)
+            assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+            def idle():
+                m = scrape(url)
+                return m["agp_num_requests_running"] == 0 and m["agp_kv_blocks_used"] == 0 \
+                    and m["agp_requests_in_flight"] == 0
+            assert wait_for(idle, 120)
+            after = scrape(url, labelled=True)
+            assert after[("agp_requests_total", "499")] - before.get(("agp_requests_total", "499"), 0) == 1
+            assert after[("agp_requests_total", "200")] - before.get(("agp_requests_total", "200"), 0) == 1
+            generated = after["agp_generation_tokens_total"] - before["agp_generation_tokens_total"]
+            assert generated < 200 + 800                          # cut, not generated to its end
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
 
 
 def test_clients_gone_mid_stream_give_the_kv_pool_back_at_once(serve):

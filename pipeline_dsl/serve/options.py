@@ -101,8 +101,8 @@ def add_arguments(p) -> None:
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a client has to send its request body; later: 408 (default: 30)")
     p.add_argument("--send-timeout", type=float, default=30.0,
-                   help="seconds a client may leave its answer unread (the socket's buffer full) before "
-                        "the connection is cut (default: 30)")
+                   help="seconds a client may take none of its answer while some waits for it (its TCP "
+                        "acknowledges nothing) before the connection is cut and its request aborted (default: 30)")
     p.add_argument("--max-unread-tokens", type=int, default=1024,
                    help="tokens a stream may have waiting for its client (the socket's buffer full); more: "
                         "the request is aborted and its KV cache freed (default: 1024)")

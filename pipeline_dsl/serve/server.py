@@ -11,7 +11,7 @@ that tells the truth.
 | the body arriving | the app's `--body-timeout` (408) |
 | answered with an error, or before the body was all read | `Connection: close`, closed after the answer |
 | closed with the client still sending (a refused body, headers too long) | half-closed: what it sends is read and dropped for up to `LINGER_S` (2 s), then closed |
-| the answer being written, the client not reading it | `send_timeout` with the socket's buffer full: cut |
+| the answer being written, the client not reading it | `send_timeout` with none of it taken (below): cut |
 | the same at shutdown (after the drain) | cut at once |
 | the kernel's buffer of the answer | `SEND_BUFFER` (128 KiB; Linux doubles it), not Linux's autotuned 4 MiB |
 | idle between requests (keep-alive) | uvicorn's keep-alive timeout (5 s) |
@@ -23,11 +23,22 @@ bytes sends a reset, and a reset can destroy the 413 or 431 before the client ha
 (a client still uploading its body sees "connection reset" or a broken pipe instead of the
 answer); so the answer and a FIN go first, and the client's remaining bytes are dropped.
 
+A client that stops reading is seen by its TCP: its receive window closes, so the bytes written
+to it stay in this kernel, unacknowledged. While an answer's bytes wait for their client, the
+connection is checked every `min(1 s, send_timeout / 4)` (Linux's TCP_INFO: the bytes the client
+has acknowledged, and whether more wait); `send_timeout` without one more byte taken and the
+connection is cut (`transport.abort()`: the app hears a disconnect, the request is aborted and
+counted as a 499). So a stalled stream is cut `send_timeout` after its client's own receive
+buffer filled, whether or not the server's buffers (256 KiB in the kernel, 64 KiB in asyncio,
+some 1,100 streamed tokens) have filled: a shorter answer would otherwise be generated to its
+end for a client that reads none of it. Where TCP_INFO is missing (not Linux), the clock runs
+while asyncio's buffer is over its high-water mark (the kernel's full) and restarts when it drains.
+
 The kernel's send buffer of a connection is fixed at `SEND_BUFFER`: left to itself Linux grows it
-to 4 MiB for a client that reads nothing, which hides a stalled stream for thousands of tokens
-(the server keeps writing, the engine keeps generating) and costs 4 MiB of kernel memory per such
-connection. A full buffer is where the app sees the stall: its writes wait, its stream's tokens
-queue up to `--max-unread-tokens` (serve/async_pipeline.py), and `send_timeout` runs.
+to 4 MiB for a client that reads nothing, which costs 4 MiB of kernel memory per such connection
+until it is cut and hides a stalled stream from `--max-unread-tokens` (serve/async_pipeline.py:
+tokens queue in the server only once the kernel's and asyncio's buffers are full) for thousands of
+tokens.
 
 `AgpServer` on SIGTERM / SIGINT / SIGHUP stops admitting (new requests get 503), waits up to the
 drain timeout for the requests in flight, then fails the rest — an SSE error event and `[DONE]`
@@ -46,6 +57,7 @@ import logging
 import re
 import signal
 import socket
+import struct
 import threading
 import time
 
@@ -60,6 +72,27 @@ LINGER_S = 2.0                 # a closed connection's unread request bytes are 
 CLOSE = (b"connection", b"close")
 # the kernel's buffer of a connection's unread answer: ~1,000 streamed tokens; 2 MB/s to a client 100 ms away
 SEND_BUFFER = 128 << 10
+TCP_INFO_BYTES = 148            # Linux's struct tcp_info up to tcpi_notsent_bytes (Linux 4.6)
+
+
+def tcp_progress(sock) -> tuple[int, bool] | None:
+    """(the bytes a TCP connection's peer has acknowledged, whether more of what was written to
+    it wait in this kernel: unacknowledged or not yet sent) from Linux's TCP_INFO; None where the
+    platform has none. A client that stops reading closes its receive window: what was written to
+    it then waits here and the first number stops moving."""
+    option = getattr(socket, "TCP_INFO", None)
+    if option is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, option, TCP_INFO_BYTES)
+    except OSError:
+        return None
+    if len(info) < TCP_INFO_BYTES:
+        return None
+    unacked, = struct.unpack_from("=I", info, 24)            # tcpi_unacked: segments in flight
+    acked, = struct.unpack_from("=Q", info, 120)             # tcpi_bytes_acked
+    not_sent, = struct.unpack_from("=I", info, 144)          # tcpi_notsent_bytes
+    return acked, bool(unacked or not_sent)
 
 
 class _ClosingConnection(h11.Connection):
@@ -108,6 +141,10 @@ class _LingeringTransport:
         t.resume_reading()
         self._timer = self._protocol.loop.call_later(LINGER_S, t.close)
 
+    def write(self, data) -> None:
+        self._transport.write(data)
+        self._protocol.watch_sending()
+
     def is_closing(self) -> bool:
         return self.lingering or self._transport.is_closing()
 
@@ -123,6 +160,7 @@ class _LingeringTransport:
 def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
                  max_header_bytes: int = MAX_HEADER_BYTES):
     """An H11Protocol class with the limits of the module docstring."""
+    tick = min(1.0, send_timeout / 4)     # how often a connection whose answer waits is checked
 
     class AgpH11(H11Protocol):
         def __init__(self, *args, **kwargs):
@@ -131,10 +169,14 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
 
         def connection_made(self, transport):
             sock = transport.get_extra_info("socket")
+            self._tcp = None                      # the socket whose TCP_INFO says what its client took
             if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-            super().connection_made(_LingeringTransport(transport, self))
+                self._tcp = sock if tcp_progress(sock) is not None else None
             self._header_timer = self._send_timer = None
+            self._paused, self._drained = False, 0    # asyncio's buffer over its high-water mark; times it drained
+            self._taken = self._taken_at = None        # the client's progress at the last check, and when it moved
+            super().connection_made(_LingeringTransport(transport, self))
             self._arm()
 
         # ---- the request line and headers: in time, and not too long -----------------
@@ -198,29 +240,54 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
                 log.info("closing a connection whose request headers took more than %gs", header_timeout)
                 self.transport.close()
 
-        # ---- the answer: a client that reads none of it is cut -----------------------
+        # ---- the answer: a client that takes none of it for send_timeout is cut --------
         def pause_writing(self) -> None:
             super().pause_writing()
-            if self._send_timer is None:
-                self._send_timer = self.loop.call_later(send_timeout, self._send_stalled)
+            self._paused = True
+            self.watch_sending()
 
         def resume_writing(self) -> None:
             super().resume_writing()
-            if self._send_timer is not None:
-                self._send_timer.cancel()
-                self._send_timer = None
+            self._paused = False
+            self._drained += 1
 
-        def _send_stalled(self) -> None:
+        def _progress(self) -> tuple[int, bool]:
+            """(a mark that moves whenever the client takes bytes of its answer, whether bytes of
+            it wait for the client): its TCP's acknowledged bytes, else (no TCP_INFO) how often
+            asyncio's buffer drained and whether it is over its high-water mark."""
+            tcp = tcp_progress(self._tcp) if self._tcp is not None else None
+            if tcp is None:
+                return self._drained, self._paused
+            return tcp[0], tcp[1] or self.transport.get_write_buffer_size() > 0
+
+        def watch_sending(self) -> None:
+            """Bytes were written to the client (or writing paused): check that it takes them,
+            every `tick` while some wait (the module docstring)."""
+            if self._send_timer is None and not self.transport.is_closing():
+                self._taken, self._taken_at = self._progress()[0], self.loop.time()
+                self._send_timer = self.loop.call_later(tick, self._check_sending)
+
+        def _check_sending(self) -> None:
             self._send_timer = None
-            if not self.transport.is_closing():
-                log.info("cutting a connection whose client read nothing of its answer for %gs", send_timeout)
+            if self.transport.is_closing():
+                return
+            taken, waiting = self._progress()
+            if not waiting:                       # all taken: watched again from the next write
+                return
+            now = self.loop.time()
+            if taken != self._taken:
+                self._taken, self._taken_at = taken, now
+            elif now - self._taken_at >= send_timeout:
+                log.info("cutting a connection whose client took nothing of its answer for %gs", send_timeout)
                 self.transport.abort()            # connection_lost: the app hears a disconnect
+                return
+            self._send_timer = self.loop.call_later(tick, self._check_sending)
 
         def shutdown(self) -> None:
             """uvicorn's graceful shutdown waits for the answer being written; one whose client
             reads nothing (the socket's buffer full) would wait out uvicorn's 5 s and then be
             cancelled with an ERROR and a traceback: after the drain it is cut at once."""
-            if self._send_timer is not None and not self.transport.is_closing():
+            if self._paused and not self.transport.is_closing():
                 log.info("shutting down: cutting a connection whose client is not reading its answer")
                 self.transport.abort()
                 return
