@@ -201,12 +201,16 @@ def test_retries_try_transient_failures_again(tmp_path, soft_gguf, fail, retries
 
 
 def test_the_cache_serves_the_same_content_once_whatever_the_request_id(tmp_path, soft_gguf):
-    path = pipeline(tmp_path, soft_gguf, 'stage f : python { fn = "hooks:counted"  cache = 8 }',
-                    routes="request -> f\nf -> batch when tagged\nf -> batch otherwise\n")
+    """A hit is what the call made: the item's dict, and its label, which routes it (b goes
+    along `when tagged` as a did, not along `otherwise`)."""
+    path = pipeline(tmp_path, soft_gguf, 'stage f : python { fn = "hooks:counted"  cache = 8 }\n'
+                                         'stage g : python { fn = "hooks:fast" }',
+                    routes="request -> f\nf -> batch when tagged\nf -> g otherwise\ng -> batch\n")
     reqs = [chat("a", "same words"), chat("b", "same words"), chat("c", "other words")]
     (a, b, c), rt = run(path, reqs)
     assert flowkit.COUNTS["counted"] == 2          # a and c called it; b was served from the cache
     assert rt.stats()["stages"]["f"]["cache_hits"] == 1
+    assert rt.stats()["stages"]["g"]["items_in"] == 0
     assert [r.id for r in (a, b, c)] == ["a", "b", "c"]
     assert b.choices[0].data["request"]["id"] == "b"                     # its own id, not a's
     assert b.choices[0].data["request"]["messages"][0]["content"] == "same words (seen)"

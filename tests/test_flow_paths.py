@@ -1,0 +1,50 @@
+"""Whole pipelines on the tiny model, each holding a promise of the runtime that the table tests
+(test_flow_edges.py) cannot: a join after a bounded loop keeps the turns its branches took, and
+the prompt a condition counted is re-read once a later stage changes it."""
+from __future__ import annotations
+
+from flowkit import chain, chat, errors, run, write
+
+HOOKS = '''
+def again(item):
+    req = dict(item["request"])
+    req["messages"] = req["messages"] + [{"role": "assistant", "content": item["text"]},
+                                         {"role": "user", "content": "again"}]
+    return req
+'''
+
+
+def test_a_join_after_a_loop_keeps_the_turns_its_branches_took(tmp_path, soft_gguf):
+    """gen (n = 2) -> tool (max_turns = 1, back to gen once) -> vote: the merged result has
+    taken one turn, as each of its branches had, and a `turn` condition after the join reads it."""
+    body = ("stage request : requests {}\n"
+            "stage gen : generate { n = 2  temperature = 1.0  seed = 5  max_new_tokens = 2 }\n"
+            "stage tool : python { fn = \"hooks:again\"  returns = any  max_turns = 1 }\n"
+            "stage vote : join { policy = first }\n"
+            "stage looped : respond {}\nstage straight : respond {}\n"
+            "request -> batch\n" + chain() + "gen -> tool\ntool -> batch\ntool -> vote\n"
+            "vote -> looped when turn == 1\nvote -> straight otherwise\n")
+    path = write(tmp_path, soft_gguf, body, hooks=HOOKS)
+    assert errors(path) == []
+    (res,), rt = run(path, [chat("a", "hello", max_tokens=None)])
+    assert res.ok, res.error
+    stages = rt.stats()["stages"]
+    assert stages["gen"]["items_in"] == 4 and stages["vote"]["items_in"] == 2
+    assert stages["looped"]["items_in"] == 1 and stages["straight"]["items_in"] == 0
+
+
+def test_the_model_gets_the_prompt_as_changed_after_a_condition_counted_it(tmp_path, soft_gguf):
+    """route reads prompt_tokens (the prompt is tokenised then), system_prompt then puts a
+    message first: the engine tokenises the changed prompt, not the one the route counted."""
+    body = ("stage request : requests {}\nstage r : route {}\n"
+            "stage system : system_prompt { text = \"Answer in one short sentence, please.\" }\n"
+            "stage gen : generate { max_new_tokens = 2 }\nstage out : respond {}\n"
+            "request -> r\nr -> system when prompt_tokens > 0\nr -> batch otherwise\nsystem -> batch\n"
+            "gen -> out\n" + chain())
+    path = write(tmp_path, soft_gguf, body)
+    assert errors(path) == []
+    (res,), rt = run(path, [chat("a", "hello")])
+    assert res.ok, res.error
+    request = res.choices[0].data["request"]
+    assert request["messages"][0]["role"] == "system"
+    assert res.usage["prompt_tokens"] == len(rt.tokenise(request))
