@@ -233,3 +233,31 @@ def test_the_engine_starts_on_the_first_request_that_reaches_it(tmp_path, soft_g
     results, _ = run(path, reqs, on_result=heard)
     assert all(r.ok for r in results)
     assert order[-1] == "slow" and sorted(order[:4]) == [f"fast{i}" for i in range(4)]
+
+
+def test_the_request_source_admits_max_queue_requests_and_refuses_the_next(tmp_path, soft_gguf):
+    """requests.max_queue = 2: two requests held before the engine fill the queue; a third is
+    refused at once (queue_full), and once they are answered a new one is admitted."""
+    from pipeline_dsl.flow import PipelineError
+
+    path = write(tmp_path, soft_gguf, "stage request : requests { max_queue = 2 }\n"
+                 "stage f : python { fn = \"flowkit:hold\" }\nstage gen : generate { max_new_tokens = 3 }\n"
+                 "stage out : respond {}\nrequest -> f -> batch\n" + chain() + "gen -> out\n")
+    assert errors(path) == []
+    rt = flowkit.runtime(path)
+    rt.start()
+    try:
+        heard = {rid: flowkit.Heard() for rid in ("a", "b", "c", "d")}
+        for rid in ("a", "b"):
+            rt.submit(chat(rid, "hi"), heard[rid])
+        with pytest.raises(PipelineError) as refused:
+            rt.submit(chat("c", "hi"), heard["c"])
+        assert refused.value.kind == "queue_full" and "requests.max_queue" in refused.value.message
+        flowkit.gate("hold").set()
+        assert heard["a"].done.wait(60) and heard["b"].done.wait(60)
+        assert heard["a"].result.ok and heard["b"].result.ok
+        rt.submit(chat("d", "hi"), heard["d"])
+        assert heard["d"].done.wait(60) and heard["d"].result.ok
+    finally:
+        rt.close(drain=True, timeout=30)
+        rt.shutdown()

@@ -141,6 +141,21 @@ def test_a_request_line_takes_max_completion_tokens_as_chat_clients_send_it():
             parse_request({"messages": chat, **fields})
 
 
+def test_a_tool_choice_the_request_cannot_meet_is_refused_naming_tool_choice():
+    """tool_choice "required" without tools, or naming a function the tools lack, asks for a call
+    no answer can make: refused (a request line: exit 2; agp serve: 400), not run as free text."""
+    chat = [{"role": "user", "content": "x"}]
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    assert parse_request({"messages": chat, "tools": tools, "tool_choice": "required"}).tool_choice == "required"
+    for fields, words in [({"tool_choice": "required"}, "'tool_choice' is required but no 'tools' are given"),
+                          ({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "mul"}}},
+                           "'tool_choice' names \"mul\", which is not among the tools"),
+                          ({"tools": [], "tool_choice": "required"}, "no 'tools' are given")]:
+        with pytest.raises(RequestError, match=words) as refused:
+            parse_request({"messages": chat, **fields})
+        assert refused.value.param == "tool_choice"
+
+
 @pytest.mark.parametrize("line", ['{"prompt": [1, 2, 3]}', '{"prompt": ["a", "b"]}'])
 def test_a_prompt_array_in_a_request_line_says_where_ids_and_batches_go(line):
     # OpenAI's completions take token ids or a batch in 'prompt'; a request line holds one request
