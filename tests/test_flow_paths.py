@@ -1,16 +1,33 @@
 """Whole pipelines on the tiny model, each holding a promise of the runtime that the table tests
-(test_flow_edges.py) cannot: a join after a bounded loop keeps the turns its branches took, and
-the prompt a condition counted is re-read once a later stage changes it."""
+(test_flow_edges.py) cannot: a join after a bounded loop keeps the turns its branches took, the
+prompt a condition counted is read again once a later stage changes it, and the choices of a
+fan-out inside a fan-out come in branch order whatever order they arrive in."""
 from __future__ import annotations
+
+import pytest
 
 from flowkit import chain, chat, errors, run, write
 
 HOOKS = '''
+import flowkit
+
 def again(item):
     req = dict(item["request"])
     req["messages"] = req["messages"] + [{"role": "assistant", "content": item["text"]},
                                          {"role": "user", "content": "again"}]
     return req
+
+def mark(letter):
+    def fn(item):
+        if letter == "P":                 # the first branch goes on after the second has answered
+            flowkit.gate("t").wait(30)
+        item["text"] += letter
+        if letter == "T":
+            flowkit.gate("t").set()
+        return item
+    return fn
+
+p, q, r, t = (mark(x) for x in "PQRT")
 '''
 
 
@@ -48,3 +65,20 @@ def test_the_model_gets_the_prompt_as_changed_after_a_condition_counted_it(tmp_p
     request = res.choices[0].data["request"]
     assert request["messages"][0]["role"] == "system"
     assert res.usage["prompt_tokens"] == len(rt.tokenise(request))
+
+
+@pytest.mark.usefixtures("fresh_flowkit")
+def test_choices_of_a_fan_out_inside_a_fan_out_come_in_branch_order(tmp_path, soft_gguf):
+    """gen -> p and gen -> t; p -> q and p -> r: the answer's choices are q's, r's, t's, in the
+    order of the edges that made them, whichever reached respond first (t's does, here)."""
+    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 2 }\n"
+            + "".join(f"stage {x} : python {{ fn = \"hooks:{x}\" }}\n" for x in "pqrt")
+            + "stage out : respond {}\nrequest -> batch\n" + chain()
+            + "gen -> p\ngen -> t\np -> q\np -> r\nq -> out\nr -> out\nt -> out\n")
+    path = write(tmp_path, soft_gguf, body, hooks=HOOKS)
+    assert errors(path) == []
+    (res,), _ = run(path, [chat("a", "hello")])
+    assert res.ok, res.error
+    assert [c.index for c in res.choices] == [0, 1, 2]
+    tails = [c.text[-2:] for c in res.choices]
+    assert tails[:2] == ["PQ", "PR"] and tails[2][-1] == "T"
