@@ -243,3 +243,27 @@ def test_a_request_its_engine_cannot_serve_counts_as_rejected_where_it_was_refus
     assert rows[b.error.stage]["rejected"] == 1
     assert sum(r["failed"] for r in rows.values()) == 0
     assert_counts_add_up(rt.stats())
+
+
+def test_an_answer_whose_request_then_fails_counts_as_dropped_at_respond(tmp_path, soft_gguf):
+    """gen -> out and gen -> late -> out, late failing after the first copy was answered: the
+    request fails, and respond counts the answer it had taken in as dropped (in = choices +
+    rejected + failed + dropped, as everywhere)."""
+    hooks = HOOKS + '''
+import time
+
+def late(item):
+    time.sleep(1.0)                        # the other copy reaches respond first
+    raise ValueError("too late")
+'''
+    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 2 }\n"
+            "stage late : python { fn = \"hooks:late\" }\nstage out : respond {}\n"
+            "request -> batch\n" + chain() + "gen -> out\ngen -> late\nlate -> out\n")
+    path = write(tmp_path, soft_gguf, body, hooks=hooks)
+    assert errors(path) == []
+    (res,), rt = run(path, [chat("a", "hello")])
+    assert res.error.kind == "failed" and res.error.stage == "late"
+    stages = rt.stats()["stages"]
+    assert stages["late"]["failed"] == 1
+    assert stages["out"]["items_in"] == 1 and stages["out"]["dropped"] == 1
+    assert_counts_add_up(rt.stats())
