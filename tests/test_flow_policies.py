@@ -196,6 +196,7 @@ def test_retries_try_transient_failures_again(tmp_path, soft_gguf, fail, retries
     assert flowkit.COUNTS["flaky/a"] == calls
     row = rt.stats()["stages"]["f"]
     assert row["retries"] == calls - 1 and row["calls"] == calls
+    assert row["errors"] == (calls - 1 if ok else calls)          # every call that raised, retried or not
     if not ok:
         assert res.error.stage == "f" and "stage 'f' failed" in res.error.message
 

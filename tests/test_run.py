@@ -141,6 +141,18 @@ def test_a_request_line_takes_max_completion_tokens_as_chat_clients_send_it():
             parse_request({"messages": chat, **fields})
 
 
+def test_an_assistant_message_with_null_content_and_tool_calls_is_taken():
+    """OpenAI's clients send an assistant turn that only called a tool as content null: it is
+    taken as empty text with its calls (any other role's null content is refused)."""
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{}"}}
+    chat = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": "3", "tool_call_id": "c1"}]
+    got = parse_request({"messages": chat}).messages[1]
+    assert got == {"role": "assistant", "content": "", "tool_calls": [call]}
+    with pytest.raises(RequestError, match=r"'messages\[0\].content' must be a string"):
+        parse_request({"messages": [{"role": "user", "content": None}]})
+
+
 def test_a_tool_choice_the_request_cannot_meet_is_refused_naming_tool_choice():
     """tool_choice "required" without tools, or naming a function the tools lack, asks for a call
     no answer can make: refused (a request line: exit 2; agp serve: 400), not run as free text."""
