@@ -1,7 +1,8 @@
 """Whole pipelines on the tiny model, each holding a promise of the runtime that the table tests
 (test_flow_edges.py) cannot: a join after a bounded loop keeps the turns its branches took, the
-prompt a condition counted is read again once a later stage changes it, and the choices of a
-fan-out inside a fan-out come in branch order whatever order they arrive in."""
+prompt a condition counted is read again once a later stage changes it, the choices of a fan-out
+inside a fan-out come in branch order whatever order they arrive in, an echo that generates
+nothing still counts its prompt, and a join without a policy takes the first result."""
 from __future__ import annotations
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from flowkit import chain, chat, errors, run, write
 
 HOOKS = '''
+import time
 import flowkit
 
 def again(item):
@@ -28,6 +30,17 @@ def mark(letter):
     return fn
 
 p, q, r, t = (mark(x) for x in "PQRT")
+
+def odd_one_first(item):
+    # the first call answers "odd" at once; the others wait for it, then all answer "even"
+    if flowkit.bump("odd") == 1:
+        item["text"] = "odd"
+        flowkit.gate("odd").set()
+    else:
+        flowkit.gate("odd").wait(30)
+        time.sleep(0.5)                   # the odd one reaches the join first
+        item["text"] = "even"
+    return item
 '''
 
 
@@ -82,3 +95,33 @@ def test_choices_of_a_fan_out_inside_a_fan_out_come_in_branch_order(tmp_path, so
     assert [c.index for c in res.choices] == [0, 1, 2]
     tails = [c.text[-2:] for c in res.choices]
     assert tails[:2] == ["PQ", "PR"] and tails[2][-1] == "T"
+
+
+def test_an_echo_without_tokens_to_generate_counts_its_prompt(tmp_path, soft_gguf):
+    """echo with max_tokens = 0 (a prompt scored, not continued) is answered without the engine
+    stepping: its usage still counts the prompt's tokens, and nothing generated."""
+    from pipeline_dsl.requests_io import parse_request
+
+    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 2 }\nstage out : respond {}\n"
+            "request -> batch\n" + chain() + "gen -> out\n")
+    path = write(tmp_path, soft_gguf, body)
+    item = parse_request({"id": "a", "prompt": "hello world", "echo": True, "max_tokens": 0}).item()
+    (res,), rt = run(path, [item])
+    assert res.ok, res.error
+    assert res.usage["prompt_tokens"] == len(rt.tokenise(item)) > 0
+    assert res.usage["completion_tokens"] == 0 and res.choices[0].finish_reason == "length"
+
+
+@pytest.mark.usefixtures("fresh_flowkit")
+def test_a_join_without_a_policy_takes_the_first_result_to_arrive(tmp_path, soft_gguf):
+    """join {} is policy = first (docs/language.md): of "odd", "even", "even", odd arrived first
+    and is the answer, where a majority would have been "even"."""
+    body = ("stage request : requests {}\nstage gen : generate { n = 3  max_new_tokens = 2 }\n"
+            "stage f : python { fn = \"hooks:odd_one_first\" }\nstage vote : join {}\nstage out : respond {}\n"
+            "request -> batch\n" + chain() + "gen -> f -> vote -> out\n")
+    path = write(tmp_path, soft_gguf, body, hooks=HOOKS)
+    assert errors(path) == []
+    (res,), _ = run(path, [chat("a", "hello")])
+    assert res.ok, res.error
+    assert res.choices[0].text == "odd"
+    assert sorted(b["text"] for b in res.choices[0].data["branches"]) == ["even", "even", "odd"]
