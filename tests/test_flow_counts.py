@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+import flowkit
 from flowkit import chain, chat, errors, run, write
 
 HOOKS = '''
@@ -267,3 +268,23 @@ def late(item):
     assert stages["late"]["failed"] == 1
     assert stages["out"]["items_in"] == 1 and stages["out"]["dropped"] == 1
     assert_counts_add_up(rt.stats())
+
+
+def test_a_prompt_shared_by_n_copies_counts_its_cached_tokens_once(tmp_path, soft_gguf):
+    """A prompt served from the prefix cache, asked for with n = 3: the three copies share one
+    prompt, so the request's cached_tokens are the prompt's cached tokens once, as with n = 1."""
+    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 2  temperature = 1.0  seed = 1 }\n"
+            "stage out : respond {}\nrequest -> batch\n" + chain() + "gen -> out\n")
+    path = write(tmp_path, soft_gguf, body)
+    rt = flowkit.runtime(path)
+    try:
+        text = "the same long prompt, served from the prefix cache the second time " * 2
+        (warm,) = rt.run_all([chat("warm", text)], keep_open=True)
+        (three,) = rt.run_all([chat("three", text, n=3)], keep_open=True)
+        (one,) = rt.run_all([chat("one", text)], keep_open=True)
+    finally:
+        rt.shutdown()
+    assert warm.ok and three.ok and one.ok and len(three.choices) == 3
+    assert 0 < one.usage["cached_tokens"] <= one.usage["prompt_tokens"]
+    assert three.usage["cached_tokens"] == one.usage["cached_tokens"]
+    assert three.usage["prompt_tokens"] == one.usage["prompt_tokens"]
