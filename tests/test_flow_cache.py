@@ -11,6 +11,9 @@ def test_the_key_is_the_content_without_the_ids():
     assert cache_key(a) == cache_key(b)
     assert cache_key(a) != cache_key({**b, "text": "u"})
     assert cache_key({"prompt": "p", "metadata": {"x": object()}}) is None     # not plain JSON: never cached
+    # canonical: the same content whatever order its keys came in (a request line's, a stage's dict)
+    assert cache_key({"prompt": "p", "metadata": {"a": 1, "b": 2}, "max_tokens": 3}) == \
+        cache_key({"max_tokens": 3, "metadata": {"b": 2, "a": 1}, "prompt": "p"})
 
 
 def test_the_least_recently_used_entry_goes_first():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+import flowkit
 from flowkit import chain, chat, errors, run, write
 
 HOOKS = '''
@@ -243,3 +244,47 @@ def test_a_request_its_engine_cannot_serve_counts_as_rejected_where_it_was_refus
     assert rows[b.error.stage]["rejected"] == 1
     assert sum(r["failed"] for r in rows.values()) == 0
     assert_counts_add_up(rt.stats())
+
+
+def test_an_answer_whose_request_then_fails_counts_as_dropped_at_respond(tmp_path, soft_gguf):
+    """gen -> out and gen -> late -> out, late failing after the first copy was answered: the
+    request fails, and respond counts the answer it had taken in as dropped (in = choices +
+    rejected + failed + dropped, as everywhere)."""
+    hooks = HOOKS + '''
+import time
+
+def late(item):
+    time.sleep(1.0)                        # the other copy reaches respond first
+    raise ValueError("too late")
+'''
+    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 2 }\n"
+            "stage late : python { fn = \"hooks:late\" }\nstage out : respond {}\n"
+            "request -> batch\n" + chain() + "gen -> out\ngen -> late\nlate -> out\n")
+    path = write(tmp_path, soft_gguf, body, hooks=hooks)
+    assert errors(path) == []
+    (res,), rt = run(path, [chat("a", "hello")])
+    assert res.error.kind == "failed" and res.error.stage == "late"
+    stages = rt.stats()["stages"]
+    assert stages["late"]["failed"] == 1
+    assert stages["out"]["items_in"] == 1 and stages["out"]["dropped"] == 1
+    assert_counts_add_up(rt.stats())
+
+
+def test_a_prompt_shared_by_n_copies_counts_its_cached_tokens_once(tmp_path, soft_gguf):
+    """A prompt served from the prefix cache, asked for with n = 3: the three copies share one
+    prompt, so the request's cached_tokens are the prompt's cached tokens once, as with n = 1."""
+    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 2  temperature = 1.0  seed = 1 }\n"
+            "stage out : respond {}\nrequest -> batch\n" + chain() + "gen -> out\n")
+    path = write(tmp_path, soft_gguf, body)
+    rt = flowkit.runtime(path)
+    try:
+        text = "the same long prompt, served from the prefix cache the second time " * 2
+        (warm,) = rt.run_all([chat("warm", text)], keep_open=True)
+        (three,) = rt.run_all([chat("three", text, n=3)], keep_open=True)
+        (one,) = rt.run_all([chat("one", text)], keep_open=True)
+    finally:
+        rt.shutdown()
+    assert warm.ok and three.ok and one.ok and len(three.choices) == 3
+    assert 0 < one.usage["cached_tokens"] <= one.usage["prompt_tokens"]
+    assert three.usage["cached_tokens"] == one.usage["cached_tokens"]
+    assert three.usage["prompt_tokens"] == one.usage["prompt_tokens"]

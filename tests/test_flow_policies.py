@@ -196,17 +196,22 @@ def test_retries_try_transient_failures_again(tmp_path, soft_gguf, fail, retries
     assert flowkit.COUNTS["flaky/a"] == calls
     row = rt.stats()["stages"]["f"]
     assert row["retries"] == calls - 1 and row["calls"] == calls
+    assert row["errors"] == (calls - 1 if ok else calls)          # every call that raised, retried or not
     if not ok:
         assert res.error.stage == "f" and "stage 'f' failed" in res.error.message
 
 
 def test_the_cache_serves_the_same_content_once_whatever_the_request_id(tmp_path, soft_gguf):
-    path = pipeline(tmp_path, soft_gguf, 'stage f : python { fn = "hooks:counted"  cache = 8 }',
-                    routes="request -> f\nf -> batch when tagged\nf -> batch otherwise\n")
+    """A hit is what the call made: the item's dict, and its label, which routes it (b goes
+    along `when tagged` as a did, not along `otherwise`)."""
+    path = pipeline(tmp_path, soft_gguf, 'stage f : python { fn = "hooks:counted"  cache = 8 }\n'
+                                         'stage g : python { fn = "hooks:fast" }',
+                    routes="request -> f\nf -> batch when tagged\nf -> g otherwise\ng -> batch\n")
     reqs = [chat("a", "same words"), chat("b", "same words"), chat("c", "other words")]
     (a, b, c), rt = run(path, reqs)
     assert flowkit.COUNTS["counted"] == 2          # a and c called it; b was served from the cache
     assert rt.stats()["stages"]["f"]["cache_hits"] == 1
+    assert rt.stats()["stages"]["g"]["items_in"] == 0
     assert [r.id for r in (a, b, c)] == ["a", "b", "c"]
     assert b.choices[0].data["request"]["id"] == "b"                     # its own id, not a's
     assert b.choices[0].data["request"]["messages"][0]["content"] == "same words (seen)"
@@ -229,3 +234,31 @@ def test_the_engine_starts_on_the_first_request_that_reaches_it(tmp_path, soft_g
     results, _ = run(path, reqs, on_result=heard)
     assert all(r.ok for r in results)
     assert order[-1] == "slow" and sorted(order[:4]) == [f"fast{i}" for i in range(4)]
+
+
+def test_the_request_source_admits_max_queue_requests_and_refuses_the_next(tmp_path, soft_gguf):
+    """requests.max_queue = 2: two requests held before the engine fill the queue; a third is
+    refused at once (queue_full), and once they are answered a new one is admitted."""
+    from pipeline_dsl.flow import PipelineError
+
+    path = write(tmp_path, soft_gguf, "stage request : requests { max_queue = 2 }\n"
+                 "stage f : python { fn = \"flowkit:hold\" }\nstage gen : generate { max_new_tokens = 3 }\n"
+                 "stage out : respond {}\nrequest -> f -> batch\n" + chain() + "gen -> out\n")
+    assert errors(path) == []
+    rt = flowkit.runtime(path)
+    rt.start()
+    try:
+        heard = {rid: flowkit.Heard() for rid in ("a", "b", "c", "d")}
+        for rid in ("a", "b"):
+            rt.submit(chat(rid, "hi"), heard[rid])
+        with pytest.raises(PipelineError) as refused:
+            rt.submit(chat("c", "hi"), heard["c"])
+        assert refused.value.kind == "queue_full" and "requests.max_queue" in refused.value.message
+        flowkit.gate("hold").set()
+        assert heard["a"].done.wait(60) and heard["b"].done.wait(60)
+        assert heard["a"].result.ok and heard["b"].result.ok
+        rt.submit(chat("d", "hi"), heard["d"])
+        assert heard["d"].done.wait(60) and heard["d"].result.ok
+    finally:
+        rt.close(drain=True, timeout=30)
+        rt.shutdown()

@@ -59,6 +59,41 @@ def test_pipeline_settings_reach_the_engine_config(tmp_path, tiny_gguf):
     rt.shutdown()
 
 
+def test_every_engine_stage_option_reaches_the_segment(tmp_path, tiny_gguf):
+    """Each option of dynamic_batch, encode, kv_lookup and generate set away from its default in
+    the file reaches what the engine is built from (its config fields, the encode switches, the
+    generate stage's sampling defaults): an option dropped on the way would be ignored silently."""
+    from stages.impl import Generate
+
+    sampling = {"max_new_tokens": ("max_tokens", "6"), "temperature": ("temperature", "0.5"),
+                "top_p": ("top_p", "0.9"), "top_k": ("top_k", "7"), "seed": ("seed", "11"),
+                "ignore_eos": ("ignore_eos", "true"), "presence_penalty": ("presence_penalty", "0.5"),
+                "frequency_penalty": ("frequency_penalty", "0.25"),
+                "repetition_penalty": ("repetition_penalty", "1.5"), "min_p": ("min_p", "0.05"),
+                "min_tokens": ("min_tokens", "2")}
+    assert {k: v[0] for k, v in sampling.items()} == Generate.SAMPLING      # a new option joins this table
+    gen = "  ".join(f"{k} = {v}" for k, (_, v) in sampling.items())
+    text = (PIPELINE.format(model=tiny_gguf, mode="balanced", system="", first="")
+            .replace("{ max_batch_size = 4  timeout = 2ms }",
+                     "{ max_batch_size = 4  timeout = 2ms  padding = false  policy = static  "
+                     "scheduling_policy = priority  max_tokens_per_step = 64  itl_target = 20ms }")
+            .replace("encode        {}", "encode { chat_template = false  add_special_tokens = false }")
+            .replace("{ block_size = 8  budget = 1MiB }", "{ block_size = 8  budget = 1MiB  reuse = none }")
+            .replace("{ max_new_tokens = 6  temperature = 0 }", "{ " + gen + "  n = 3 }"))
+    path = tmp_path / "options.agp"
+    path.write_text(text, encoding="utf-8")
+    spec = spec_of(path)
+    assert {k: spec.engine.get(k) for k in ("max_batch_size", "batch_timeout_s", "padding", "policy",
+                                             "scheduling_policy", "max_tokens_per_step", "itl_target_s",
+                                             "block_size", "kv_budget_bytes", "prefix_reuse")} == {
+        "max_batch_size": 4, "batch_timeout_s": 0.002, "padding": False, "policy": "static",
+        "scheduling_policy": "priority", "max_tokens_per_step": 64, "itl_target_s": 0.02, "block_size": 8,
+        "kv_budget_bytes": 1 << 20, "prefix_reuse": False}
+    assert (spec.chat_template, spec.add_special_tokens) == (False, False)
+    assert spec.sampling["gen"] == {field: json.loads(v) for field, v in sampling.values()}
+    assert spec.n["gen"] == 3
+
+
 def test_efficient_mode_chooses_int8_weights(tmp_path, tiny_gguf):
     assert spec_of(write_pipeline(tmp_path, tiny_gguf, mode="efficient")).engine["dtype"] == "int8"
     assert spec_of(write_pipeline(tmp_path, tiny_gguf, mode="performance")).engine["compile"] is True
@@ -104,6 +139,33 @@ def test_a_request_line_takes_max_completion_tokens_as_chat_clients_send_it():
                           ({"max_completion_tokens": 2, "min_tokens": 3}, "above 'max_completion_tokens' = 2")]:
         with pytest.raises(RequestError, match=words):
             parse_request({"messages": chat, **fields})
+
+
+def test_an_assistant_message_with_null_content_and_tool_calls_is_taken():
+    """OpenAI's clients send an assistant turn that only called a tool as content null: it is
+    taken as empty text with its calls (any other role's null content is refused)."""
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{}"}}
+    chat = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": "3", "tool_call_id": "c1"}]
+    got = parse_request({"messages": chat}).messages[1]
+    assert got == {"role": "assistant", "content": "", "tool_calls": [call]}
+    with pytest.raises(RequestError, match=r"'messages\[0\].content' must be a string"):
+        parse_request({"messages": [{"role": "user", "content": None}]})
+
+
+def test_a_tool_choice_the_request_cannot_meet_is_refused_naming_tool_choice():
+    """tool_choice "required" without tools, or naming a function the tools lack, asks for a call
+    no answer can make: refused (a request line: exit 2; agp serve: 400), not run as free text."""
+    chat = [{"role": "user", "content": "x"}]
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    assert parse_request({"messages": chat, "tools": tools, "tool_choice": "required"}).tool_choice == "required"
+    for fields, words in [({"tool_choice": "required"}, "'tool_choice' is required but no 'tools' are given"),
+                          ({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "mul"}}},
+                           "'tool_choice' names \"mul\", which is not among the tools"),
+                          ({"tools": [], "tool_choice": "required"}, "no 'tools' are given")]:
+        with pytest.raises(RequestError, match=words) as refused:
+            parse_request({"messages": chat, **fields})
+        assert refused.value.param == "tool_choice"
 
 
 @pytest.mark.parametrize("line", ['{"prompt": [1, 2, 3]}', '{"prompt": ["a", "b"]}'])
