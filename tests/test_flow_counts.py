@@ -5,6 +5,8 @@ character; a join fn's new dict keeps its finish reason; a bad index says so; a 
 branch is the join's choice (on_reject)."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 import flowkit
@@ -251,10 +253,10 @@ def test_an_answer_whose_request_then_fails_counts_as_dropped_at_respond(tmp_pat
     request fails, and respond counts the answer it had taken in as dropped (in = choices +
     rejected + failed + dropped, as everywhere)."""
     hooks = HOOKS + '''
-import time
+import flowkit
 
 def late(item):
-    time.sleep(1.0)                        # the other copy reaches respond first
+    flowkit.gate("late").wait(60)          # set once the other copy has reached respond
     raise ValueError("too late")
 '''
     body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 2 }\n"
@@ -262,7 +264,20 @@ def late(item):
             "request -> batch\n" + chain() + "gen -> out\ngen -> late\nlate -> out\n")
     path = write(tmp_path, soft_gguf, body, hooks=hooks)
     assert errors(path) == []
-    (res,), rt = run(path, [chat("a", "hello")])
+    rt = flowkit.runtime(path)
+
+    def release():                         # late fails only after respond took the answer in
+        for _ in range(6000):
+            if rt.stats()["stages"]["out"]["items_in"] >= 1:
+                break
+            threading.Event().wait(0.01)
+        flowkit.gate("late").set()
+
+    threading.Thread(target=release, daemon=True).start()
+    try:
+        (res,) = rt.run_all([chat("a", "hello")])
+    finally:
+        rt.shutdown()
     assert res.error.kind == "failed" and res.error.stage == "late"
     stages = rt.stats()["stages"]
     assert stages["late"]["failed"] == 1

@@ -5,12 +5,14 @@ inside a fan-out come in branch order whatever order they arrive in, an echo tha
 nothing still counts its prompt, and a join without a policy takes the first result."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 
+import flowkit
 from flowkit import chain, chat, errors, run, write
 
 HOOKS = '''
-import time
 import flowkit
 
 def again(item):
@@ -32,13 +34,11 @@ def mark(letter):
 p, q, r, t = (mark(x) for x in "PQRT")
 
 def odd_one_first(item):
-    # the first call answers "odd" at once; the others wait for it, then all answer "even"
+    # the first call answers "odd" at once; the others answer "even" once it reached the join
     if flowkit.bump("odd") == 1:
         item["text"] = "odd"
-        flowkit.gate("odd").set()
     else:
-        flowkit.gate("odd").wait(30)
-        time.sleep(0.5)                   # the odd one reaches the join first
+        flowkit.gate("even").wait(60)
         item["text"] = "even"
     return item
 '''
@@ -121,7 +121,20 @@ def test_a_join_without_a_policy_takes_the_first_result_to_arrive(tmp_path, soft
             "request -> batch\n" + chain() + "gen -> f -> vote -> out\n")
     path = write(tmp_path, soft_gguf, body, hooks=HOOKS)
     assert errors(path) == []
-    (res,), _ = run(path, [chat("a", "hello")])
+    rt = flowkit.runtime(path)
+
+    def release():                         # the evens go on once the odd one is in the join
+        for _ in range(6000):
+            if rt.stats()["stages"]["vote"]["items_in"] >= 1:
+                break
+            threading.Event().wait(0.01)
+        flowkit.gate("even").set()
+
+    threading.Thread(target=release, daemon=True).start()
+    try:
+        (res,) = rt.run_all([chat("a", "hello")])
+    finally:
+        rt.shutdown()
     assert res.ok, res.error
     assert res.choices[0].text == "odd"
     assert sorted(b["text"] for b in res.choices[0].data["branches"]) == ["even", "even", "odd"]
