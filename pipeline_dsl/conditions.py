@@ -249,13 +249,3 @@ def _compare(value, op: str, literal) -> bool:
         return value > literal
     return value >= literal
 
-
-def needs(ir, name: str) -> bool:
-    """Whether the condition reads field `name` (the runtime computes prompt_tokens lazily)."""
-    if ir is None:
-        return False
-    if ir[0] == "cmp":
-        return ir[1] == name
-    if ir[0] in ("and", "or", "not"):
-        return any(needs(i, name) for i in ir[1:])
-    return False
