@@ -33,7 +33,9 @@ the pipeline file, --pipeline, --dtype, the sampling defaults --generation-confi
 input are not another: --resume answers them). The fingerprint is the lines' as they
 stream past: before an answer to a line it does not cover is written, it is written anew, so it
 covers every answer in OUT however the run ends; --resume reads the lines it covers and those
-OUT answers before the model loads, and checks them.
+OUT answers before the model loads, and checks them. A file the run writes (the output, --stats,
+--trace) that is one it reads (the input, also on stdin; the pipeline) or another it writes is
+refused before it starts, exit 2.
 Ctrl-C (SIGINT), SIGTERM or SIGHUP stops admitting and reading, aborts what is in flight (those
 requests are not written, so `--resume` runs them again), writes the summary and `--stats`, and exits
 130, 143 or 129; while the model loads, or while the run waits for the input's first lines (a
@@ -52,6 +54,7 @@ import errno
 import json
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -373,9 +376,9 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     if args.resume and args.output == "-":
         return _err("--resume continues an output file: give it with --output FILE (the answers go to "
                     "standard output, which holds no earlier answers to keep)")
-    if args.input != "-" and args.output != "-" and _same_file(args.input, args.output):
-        return _err(f"the output {args.output} is the input file: its answers would replace the requests "
-                    "(give another --output)")
+    clash = _clashing_files(args)
+    if clash:
+        return _err(clash)
     to_file = args.output != "-"
     if to_file and os.path.isdir(args.output):
         return _err(f"cannot write {args.output}: it is a folder")
@@ -656,12 +659,55 @@ def _changed_since(was: dict | None, input_digest: str | None, pipeline: list) -
     return "pipeline" if was.get("pipeline") != pipeline else None
 
 
-def _same_file(a: str, b: str) -> bool:
-    """Both paths name one file (the same path, a link to it)."""
+def _file_key(where: str | int | None):
+    """What identifies the file a path (or a descriptor: standard input or output) names: its
+    device and inode when it exists, else its resolved path; None for no file, and for what is no
+    regular file (a pipe, a terminal, /dev/null: writing it twice replaces nothing)."""
+    if where is None:
+        return None
     try:
-        return os.path.samefile(a, b)
-    except OSError:                           # one of them does not exist (yet): not the same
-        return False
+        st = os.fstat(where) if isinstance(where, int) else os.stat(where)
+    except FileNotFoundError:
+        return None if isinstance(where, int) else ("path", os.path.realpath(where))
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
+
+def _std_fd(stream) -> int | None:
+    try:
+        return stream.fileno()
+    except (OSError, ValueError, AttributeError):   # no descriptor behind it (a caller's capture)
+        return None
+
+
+def _clashing_files(args) -> str | None:
+    """Why the run cannot go on when two of the files it reads and writes are one (by any path or
+    link, standard input and output included): its answers, --stats or --trace would replace the
+    requests, the pipeline or one another (`-i a.jsonl --stats a.jsonl` wrote the summary over
+    the requests; `agp run P -o a.jsonl --overwrite < a.jsonl` emptied the input it was reading,
+    answered what it had read ahead and exited 0). None when they are apart."""
+    stdin, stdout = "the input file (standard input)", "standard output"
+    reads = [("the input file", args.input, _std_fd(sys.stdin) if args.input == "-" else args.input),
+             ("the pipeline file", args.pipeline, args.pipeline)]
+    writes = [("the output", args.output, _std_fd(sys.stdout) if args.output == "-" else args.output),
+              ("the --stats file", args.stats, args.stats), ("the --trace file", args.trace, args.trace)]
+    seen = [(what, key) for what, _, where in reads if (key := _file_key(where)) is not None]
+    for what, name, where in writes:
+        key = _file_key(where)
+        if key is None:
+            continue
+        for other, other_key in seen:
+            if key == other_key:
+                if other == "the input file" and args.input == "-":
+                    other = stdin
+                if name == "-":
+                    return (f"{stdout} is {other}: the answers would be written into it (give another "
+                            "--output, or another redirection)")
+                return (f"{what} {name} is {other}: writing it would replace what it holds (give another "
+                        f"{'--output' if what == 'the output' else 'file'})")
+        seen.append((what.replace("the output", "the output file"), key))
+    return None
 
 
 def _not_json_lines(parsed: list) -> str | None:
