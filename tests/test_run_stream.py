@@ -51,6 +51,23 @@ def test_an_answer_is_written_before_the_input_pipe_is_closed(tmp_path, pipeline
     assert [g["id"] for g in records(out)] == ["first", "second"]
 
 
+def test_a_second_run_writing_the_same_output_is_refused_while_the_first_writes_it(tmp_path, pipeline):
+    """Two `agp run -o out.jsonl` at once: the second's --overwrite emptied the file under the
+    first, both wrote at their own offsets (a hole of NULs, lines cut and lost) and both exited 0."""
+    out, other = tmp_path / "out.jsonl", tmp_path / "other.jsonl"
+    other.write_text('{"id": "x", "prompt": "other", "max_tokens": 2}\n')
+    with reaped(start(pipeline, "-o", out)) as proc:
+        proc.stdin.write(b'{"id": "first", "prompt": "hello", "max_tokens": 2}\n')
+        proc.stdin.flush()
+        wait_for_lines(out, 1, proc)                     # the first run writes out.jsonl, its input open
+        for how in ("--overwrite", "--resume"):
+            r = run(pipeline, "-i", other, "-o", out, how)
+            assert r.returncode == 2 and f"{out} is being written by another agp run" in r.stderr, r.stderr
+        err = finish(proc, b'{"id": "second", "prompt": "again", "max_tokens": 2}\n')
+    assert proc.returncode == 0, err
+    assert [g["id"] for g in records(out)] == ["first", "second"]
+
+
 def test_answers_on_stdout_come_before_the_input_pipe_is_closed(tmp_path, pipeline):
     with reaped(start(pipeline)) as proc:
         proc.stdin.write(b'{"id": "a", "prompt": "hello", "max_tokens": 2}\n')

@@ -35,7 +35,8 @@ stream past: before an answer to a line it does not cover is written, it is writ
 covers every answer in OUT however the run ends; --resume reads the lines it covers and those
 OUT answers before the model loads, and checks them. A file the run writes (the output, --stats,
 --trace) that is one it reads (the input, also on stdin; the pipeline) or another it writes is
-refused before it starts, exit 2.
+refused before it starts, exit 2; so is a run whose output file another agp run is writing (a
+lock on it, held while a run lasts).
 Ctrl-C (SIGINT), SIGTERM or SIGHUP stops admitting and reading, aborts what is in flight (those
 requests are not written, so `--resume` runs them again), writes the summary and `--stats`, and exits
 130, 143 or 129; while the model loads, or while the run waits for the input's first lines (a
@@ -382,11 +383,20 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     to_file = args.output != "-"
     if to_file and os.path.isdir(args.output):
         return _err(f"cannot write {args.output}: it is a folder")
+    # another agp run writing OUT: refused before OUT is read or changed (a file that exists now;
+    # one that does not is locked as it is created, below)
+    locked = False
+    if to_file and os.path.isfile(args.output):
+        with contextlib.suppress(OSError):           # unreadable: the open below says what it can
+            fd = os.open(args.output, os.O_RDONLY)
+            cleanup.callback(os.close, fd)
+            if not _lock_output(fd):
+                return _err(_BUSY.format(output=args.output))
+            locked = True
     # a device or a pipe (/dev/null, a FIFO a reader drains) is written as a stream
     kept = to_file and os.path.isfile(args.output) and os.path.getsize(args.output) > 0   # an earlier run's
     if kept and not args.resume and not args.overwrite:
-        return _err(f"{args.output} exists: pass --resume to run only the requests it does not "
-                    "answer yet, or --overwrite to replace it")
+        return _err(_EXISTS.format(output=args.output))
     resuming = kept and args.resume
     done_ids, whole, not_records, was = Counter(), 0, [], None
     if resuming:       # the records it holds; each is matched to its input line as the lines are read
@@ -444,7 +454,19 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     stop = threading.Event()
     try:  # before the model loads: a bad output path fails at once
         if to_file:
-            out = open(args.output, "a" if args.resume else "w", encoding="utf-8")
+            if locked or os.path.exists(args.output):     # locked above, or a device or a pipe: a stream
+                out = open(args.output, "a" if args.resume else "w", encoding="utf-8")
+            else:           # created now: locked before anything is written, and emptied only then
+                fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if args.resume else 0), 0o666)
+                out = open(fd, "a" if args.resume else "w", encoding="utf-8")
+                if not _lock_output(fd):
+                    out.close()
+                    return _err(_BUSY.format(output=args.output))
+                if os.fstat(fd).st_size and not args.resume and not args.overwrite:   # another run's, since
+                    out.close()
+                    return _err(_EXISTS.format(output=args.output))
+                if not args.resume:
+                    os.ftruncate(fd, 0)
         elif sys.stdout is None:
             return _err("cannot write the answers: standard output is closed (give --output FILE)")
         else:   # the answers alone: what the pipeline's code prints goes to stderr (commands/stdout.py)
@@ -657,6 +679,27 @@ def _changed_since(was: dict | None, input_digest: str | None, pipeline: list) -
     if was.get("input") != input_digest:
         return "input"
     return "pipeline" if was.get("pipeline") != pipeline else None
+
+
+_EXISTS = "{output} exists: pass --resume to run only the requests it does not answer yet, or --overwrite to replace it"
+_BUSY = ("{output} is being written by another agp run (it holds the file's lock): wait for that run to "
+         "end, or give another --output")
+
+
+def _lock_output(fd: int) -> bool:
+    """Take the exclusive lock on the output file open at `fd`, held while `fd` stays open (the
+    run's length): two agp runs writing one OUT at once cut and interleaved each other's answers
+    and fingerprints. False when another process holds it. A file system without locks leaves
+    the file unguarded."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:                          # no locks here (some network file systems)
+        pass
+    return True
 
 
 def _file_key(where: str | int | None):
