@@ -68,6 +68,26 @@ def test_a_failed_write_stops_the_run_at_once_with_the_summary_and_exit_1(tmp_pa
     assert s["lines_read"] == 200 or not s["input_ended"]
 
 
+def test_a_write_cut_short_by_a_full_disk_leaves_the_output_whole_lines(tmp_path, pipeline):
+    """The output's file system fills midway through a line (a file size limit stands in for a
+    full disk): the file ended in a piece of a line, `{"id": 16,`; now it is cut back to the
+    last whole line, and the run still stops with the summary and exit 1."""
+    import resource
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": f"p{i}", "max_tokens": 4}) + "\n" for i in range(100)))
+    limit = 1000                                      # bytes: a few answers, then a write cut midway
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    r = run(pipeline, "-i", inp, "-o", out, child=True, preexec_fn=small_files)
+    assert r.returncode == 1 and f"cannot write {out}: File too large" in r.stderr, r.stderr
+    data = out.read_bytes()
+    assert 0 < len(data) < limit and data.endswith(b"\n")
+    assert [rec["id"] for rec in records(out)] == list(range(data.count(b"\n")))
+
+
 WAIT_FOR_DELETE = """import os, time
 
 def hold(item):

@@ -42,7 +42,8 @@ requests are not written, so `--resume` runs them again), writes the summary and
 130, 143 or 129; while the model loads, or while the run waits for the input's first lines (a
 pipe that has sent nothing yet), one stops it at once with a line saying so (same exit status,
 nothing written). A write that fails (a full disk, a closed pipe, an output file
-deleted meanwhile) stops the run the same way at once, says why, writes the summary and exits 1.
+deleted meanwhile) stops the run the same way at once, says why, writes the summary and exits 1;
+the output file keeps whole lines (a line a full disk cut midway is taken back).
 The summary counts the lines read (`lines_read`: requests, interrupted and resumed_skipped) and
 says when the input was not read to its end. Exit 1 when every request failed. A progress bar and
 the summary go to stderr, and so does
@@ -287,6 +288,8 @@ class _Answers:
         self.covered = self.write_fingerprint() if fingerprint is not None else 0
         self.written = 0
         self.errors: list[OSError] = []
+        self.fd = _fd_of(out)                      # None: a caller's capture, written through its stream
+        self.whole = self._length()                # a regular file's length up to its last whole line
         self._pending: dict[int, list] = {}        # slot -> [its line, its record: None (running), False (not written)]
         self._slots = self._next = 0
         self._lock = threading.Lock()
@@ -299,6 +302,34 @@ class _Answers:
             json.dump(now, f)
         os.replace(part, _fingerprint_path(self.path))     # whole, or the earlier one
         return now["input_lines"]
+
+    def _length(self) -> int | None:
+        """The output's length when it is a regular file (None for a pipe, a device, a capture)."""
+        try:
+            st = os.fstat(self.fd) if self.fd is not None else None
+        except OSError:
+            return None
+        return st.st_size if st is not None and stat.S_ISREG(st.st_mode) else None
+
+    def _write(self, text: str) -> None:
+        """Write one line whole, straight to the descriptor (no buffer holds a piece of it to be
+        written later, as a close would); when a write fails midway (a full disk), a regular file
+        is cut back to its last whole line: what was written stays whole lines."""
+        if self.fd is None:
+            self.out.write(text)
+            self.out.flush()
+            return
+        data = memoryview(text.encode("utf-8"))
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError:
+            if self.whole is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self.fd, self.whole)
+            raise
+        if self.whole is not None:
+            self.whole += len(data.obj)
 
     def slot(self, line: int, record: dict | None = None) -> int:
         """The next place in the output, for `line`; with its record when it is one already."""
@@ -326,10 +357,9 @@ class _Answers:
                 try:
                     if self.fingerprint is not None and line > self.covered:
                         self.covered = self.write_fingerprint()
-                    self.out.write(dump(record) + "\n")
-                    self.out.flush()
+                    self._write(dump(record) + "\n")
                     self.written += 1
-                    if self.path is not None and os.fstat(self.out.fileno()).st_nlink == 0:
+                    if self.path is not None and os.fstat(self.fd).st_nlink == 0:
                         raise OSError(errno.ENOENT, "the file (or its folder) was deleted while the run "
                                                     f"wrote it: the {self.written} answer(s) written are lost")
                 except OSError as e:          # a full disk, a closed pipe: stop at the first failed write
@@ -717,7 +747,7 @@ def _file_key(where: str | int | None):
     return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
 
-def _std_fd(stream) -> int | None:
+def _fd_of(stream) -> int | None:
     try:
         return stream.fileno()
     except (OSError, ValueError, AttributeError):   # no descriptor behind it (a caller's capture)
@@ -731,9 +761,9 @@ def _clashing_files(args) -> str | None:
     the requests; `agp run P -o a.jsonl --overwrite < a.jsonl` emptied the input it was reading,
     answered what it had read ahead and exited 0). None when they are apart."""
     stdin, stdout = "the input file (standard input)", "standard output"
-    reads = [("the input file", args.input, _std_fd(sys.stdin) if args.input == "-" else args.input),
+    reads = [("the input file", args.input, _fd_of(sys.stdin) if args.input == "-" else args.input),
              ("the pipeline file", args.pipeline, args.pipeline)]
-    writes = [("the output", args.output, _std_fd(sys.stdout) if args.output == "-" else args.output),
+    writes = [("the output", args.output, _fd_of(sys.stdout) if args.output == "-" else args.output),
               ("the --stats file", args.stats, args.stats), ("the --trace file", args.trace, args.trace)]
     seen = [(what, key) for what, _, where in reads if (key := _file_key(where)) is not None]
     for what, name, where in writes:
