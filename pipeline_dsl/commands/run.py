@@ -43,7 +43,9 @@ requests are not written, so `--resume` runs them again), writes the summary and
 pipe that has sent nothing yet), one stops it at once with a line saying so (same exit status,
 nothing written). A write that fails (a full disk, a closed pipe, an output file
 deleted meanwhile) stops the run the same way at once, says why, writes the summary and exits 1;
-the output file keeps whole lines (a line a full disk cut midway is taken back).
+the output file keeps whole lines (a line a full disk cut midway is taken back). A pipe whose reader
+has gone (`agp run P -i in.jsonl | head -1`) stops it the same way, with no error, exit 141
+(128 + SIGPIPE, as a tool the signal ends: `yes | head -1`).
 The summary counts the lines read (`lines_read`: requests, interrupted and resumed_skipped) and
 says when the input was not read to its end. Exit 1 when every request failed. A progress bar and
 the summary go to stderr, and so does
@@ -594,8 +596,13 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
         e = write_error[0]
         summary["write_error"] = f"{e.strerror or e}"
         summary["unwritten"] = summary["requests"] - answers.written      # answered after the failed write: lost
-        _err(f"cannot write {args.output if to_file else 'the output'}: {e.strerror or e}; the run stopped there "
-             "(the requests in flight were aborted; --resume runs them)")
+        where = args.output if to_file else "the output"
+        if e.errno == errno.EPIPE:    # `agp run … | head -1`: the reader took what it wanted; no error
+            print(f"agp run: {args.output if to_file else 'standard output'}: the reader closed the pipe (Broken pipe): stopped after {answers.written} "
+                  "answer(s)", file=sys.stderr)
+        else:
+            _err(f"cannot write {where}: {e.strerror or e}; the run stopped there (the requests in flight were "
+                 "aborted" + ("; --resume runs them)" if to_file else ")"))
     if read_error is not None:
         summary["read_error"] = f"{read_error.strerror or read_error}"
     print(format_summary(summary), file=sys.stderr)
@@ -609,8 +616,8 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     if trace_error:
         _err(trace_error)
         return 1
-    if write_error:
-        return 1
+    if write_error:                                   # a closed pipe as tools killed by SIGPIPE: 141
+        return 128 + signal.SIGPIPE if write_error[0].errno == errno.EPIPE else 1
     if interrupt.signum is not None:
         return 128 + interrupt.signum                 # 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP
     if read_error is not None:                        # the lines before it are answered; the rest unread
