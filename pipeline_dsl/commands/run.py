@@ -15,7 +15,8 @@ soon as the lines before it are: `id`, `text`, `finish_reason`, `usage` (and `st
 cannot be run gives `{"id", "error": {"line", "message", "type"}}` and every other line
 still runs: one longer than MAX_LINE_BYTES (if no end of line follows within MAX_SKIP_BYTES,
 as from /dev/zero, the input is read no further), or whose id an earlier line has (a line without
-an id takes its line number as id; ids are unique). A file of OpenAI batch-API lines
+an id takes its line number as id; ids are unique, but a line that cannot run takes no id from a
+later one). A file of OpenAI batch-API lines
 (`custom_id`, `method`, `url`, `body`) is answered in the Batch API's output shape, one line per
 input line, in input order (commands/batch_api.py); the first line that is a JSON object says
 which shape the input is, and a line of the other shape is an error record. A file none of whose
@@ -151,6 +152,13 @@ def answered_ids(path: str, input_ids: Counter | None = None) -> tuple[Counter, 
     return ids, keep, foreign
 
 
+class LineNumber(int):
+    """The id of a line that cannot run and has no id of its own to give (not JSON, not UTF-8,
+    too long, an object without one): its line number, written as that integer. Unlike a
+    request's id it claims nothing: a later line whose id is that number still runs (with ids
+    0, 1, 2, … on lines 1, 2, 3, … one broken line took the next line's id and failed it too)."""
+
+
 def _line_id(raw: bytes, lineno: int):
     """(request, error, id, batch) of one input line, its JSON decoded once: the id its record
     carries, answered or not; `batch`: an OpenAI batch-API line (its request a BatchLine, its id
@@ -162,7 +170,7 @@ def _line_id(raw: bytes, lineno: int):
         error = f"the line is longer than {MAX_LINE_BYTES >> 20} MiB"
         if raw.endless:
             error += f" (no end of line in {MAX_SKIP_BYTES >> 20} MiB more: the input is not read further)"
-        return None, error, lineno, None
+        return None, error, LineNumber(lineno), None
     obj = None
     try:
         obj = load_json(raw, "the line")               # not UTF-8, not JSON: a RequestError saying so
@@ -176,7 +184,7 @@ def _line_id(raw: bytes, lineno: int):
         return None, error, _guess_id(raw, lineno), None
     batch = batch_api.is_batch_line(obj) if isinstance(obj, dict) else None
     rid = obj.get("custom_id" if batch else "id") if isinstance(obj, dict) else None
-    return None, error, rid if is_id(rid) else lineno, batch
+    return None, error, rid if is_id(rid) else LineNumber(lineno), batch
 
 
 class RunLines:
@@ -221,11 +229,16 @@ class RunLines:
                 del self.done[key]
             self.unmatched -= 1
             self.skipped += 1
-            self.first_line.setdefault(key, lineno)
+            self._claim(key, rid, lineno)
             return True
         # the raw line is kept only while the input's shape is not known (_not_json_lines reads it)
         self.held.append((lineno, raw if self.batch_file is None else b"", req, error, rid, batch))
         return True
+
+    def _claim(self, key: str, rid, lineno: int) -> None:
+        """The id is taken: a later line with it is refused (ids are unique); a LineNumber is not."""
+        if not isinstance(rid, LineNumber):
+            self.first_line.setdefault(key, lineno)
 
     def read_ahead(self, lines: float = 0) -> None:
         """Take lines until one is to run and the input's shape is known, at least `lines` are
@@ -264,7 +277,7 @@ class RunLines:
         elif not self.batch_file and req is not None and is_batch:
             req, error = None, (f"a batch request line (with a custom_id) while the input's first request "
                                 f"(line {self.shape_line}) is an agp request line: give every line one shape")
-        self.first_line.setdefault(key, lineno)
+        self._claim(key, rid, lineno)
         if req is not None and is_batch:
             try:                               # the body, as agp serve checks it (the model's context known now)
                 check(req)
@@ -822,5 +835,5 @@ def _guess_id(raw: bytes, lineno: int):
     try:
         obj = json.loads(raw.decode("utf-8", "replace"))
     except (ValueError, RecursionError):
-        return lineno
-    return obj["id"] if isinstance(obj, dict) and is_id(obj.get("id")) else lineno
+        return LineNumber(lineno)
+    return obj["id"] if isinstance(obj, dict) and is_id(obj.get("id")) else LineNumber(lineno)
