@@ -39,7 +39,8 @@ OUT answers before the model loads, and checks them. A file the run writes (the 
 refused before it starts, exit 2; so is a run whose output file another agp run is writing (a
 lock on it, held while a run lasts).
 Ctrl-C (SIGINT), SIGTERM or SIGHUP stops admitting and reading, aborts what is in flight (those
-requests are not written, so `--resume` runs them again), writes the summary and `--stats`, and exits
+requests are not written, so `--resume` runs them again, after the answers kept: a resumed output is
+in input order but for those), writes the summary and `--stats`, and exits
 130, 143 or 129; while the model loads, or while the run waits for the input's first lines (a
 pipe that has sent nothing yet), one stops it at once with a line saying so (same exit status,
 nothing written). A write that fails (a full disk, a closed pipe, an output file
