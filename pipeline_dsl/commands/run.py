@@ -442,7 +442,8 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     # a device or a pipe (/dev/null, a FIFO a reader drains) is written as a stream
     kept = to_file and os.path.isfile(args.output) and os.path.getsize(args.output) > 0   # an earlier run's
     if kept and not args.resume and not args.overwrite:
-        return _err(_EXISTS.format(output=args.output))
+        return _err(f"{args.output} exists: pass --resume to run only the requests it does not "
+                    "answer yet, or --overwrite to replace it")
     resuming = kept and args.resume
     done_ids, whole, not_records, was = Counter(), 0, [], None
     if resuming:       # the records it holds; each is matched to its input line as the lines are read
@@ -500,17 +501,18 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     stop = threading.Event()
     try:  # before the model loads: a bad output path fails at once
         if to_file:
-            if locked or os.path.exists(args.output):     # locked above, or a device or a pipe: a stream
-                out = open(args.output, "a" if args.resume else "w", encoding="utf-8")
-            else:           # created now: locked before anything is written, and emptied only then
+            if locked or (os.path.exists(args.output) and not os.path.isfile(args.output)):
+                out = open(args.output, "a" if args.resume else "w", encoding="utf-8")   # or a device, a pipe
+            else:           # created now (or by a run started meanwhile): locked before anything is written
                 fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if args.resume else 0), 0o666)
                 out = open(fd, "a" if args.resume else "w", encoding="utf-8")
                 if not _lock_output(fd):
                     out.close()
                     return _err(_BUSY.format(output=args.output))
-                if os.fstat(fd).st_size and not args.resume and not args.overwrite:   # another run's, since
+                if os.fstat(fd).st_size and not args.overwrite:     # a run started meanwhile wrote it
                     out.close()
-                    return _err(_EXISTS.format(output=args.output))
+                    return _err(f"{args.output} was written by another run while this one started: run this one "
+                                "again (--resume continues it, --overwrite replaces it)")
                 if not args.resume:
                     os.ftruncate(fd, 0)
         elif sys.stdout is None:
@@ -732,7 +734,6 @@ def _changed_since(was: dict | None, input_digest: str | None, pipeline: list) -
     return "pipeline" if was.get("pipeline") != pipeline else None
 
 
-_EXISTS = "{output} exists: pass --resume to run only the requests it does not answer yet, or --overwrite to replace it"
 _BUSY = ("{output} is being written by another agp run (it holds the file's lock): wait for that run to "
          "end, or give another --output")
 
