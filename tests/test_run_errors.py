@@ -68,6 +68,26 @@ def test_a_failed_write_stops_the_run_at_once_with_the_summary_and_exit_1(tmp_pa
     assert s["lines_read"] == 200 or not s["input_ended"]
 
 
+def test_a_write_cut_short_by_a_full_disk_leaves_the_output_whole_lines(tmp_path, pipeline):
+    """The output's file system fills midway through a line (a file size limit stands in for a
+    full disk): the file ended in a piece of a line, `{"id": 16,`; now it is cut back to the
+    last whole line, and the run still stops with the summary and exit 1."""
+    import resource
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": f"p{i}", "max_tokens": 4}) + "\n" for i in range(100)))
+    limit = 1000                                      # bytes: a few answers, then a write cut midway
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    r = run(pipeline, "-i", inp, "-o", out, child=True, preexec_fn=small_files)
+    assert r.returncode == 1 and f"cannot write {out}: File too large" in r.stderr, r.stderr
+    data = out.read_bytes()
+    assert 0 < len(data) < limit and data.endswith(b"\n")
+    assert [rec["id"] for rec in records(out)] == list(range(data.count(b"\n")))
+
+
 WAIT_FOR_DELETE = """import os, time
 
 def hold(item):
@@ -355,17 +375,20 @@ def test_a_progress_bar_off_a_terminal_writes_whole_lines_not_carriage_return_re
     assert bar.mininterval == progress.LOG_INTERVAL                          # off a terminal: seldom
 
 
-def test_answers_on_a_pipe_whose_reader_has_gone_stop_the_run_with_exit_1_and_no_traceback(tmp_path, pipeline):
+def test_answers_on_a_pipe_whose_reader_has_gone_stop_the_run_with_exit_141_and_no_traceback(tmp_path, pipeline):
     """`agp run … | head -0`: the first answer cannot be written; the run stops there, says so
-    and writes its summary (stderr), exit 1, and nothing at exit complains of the closed pipe."""
+    (no error: the reader took what it wanted) and writes its summary (stderr), and nothing at
+    exit complains of the closed pipe. It exits 141, 128 + SIGPIPE, as `yes | head -1`'s yes
+    does (it exited 1, an error, where `set -o pipefail` scripts test for 141)."""
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"id": i, "prompt": "hello", "max_tokens": 2}) + "\n" for i in range(20)))
     with reaped(agp_child("run", pipeline, "-i", inp, "--no-progress", "--threads", "1",
                           stdout=subprocess.PIPE)) as proc:
         proc.stdout.close()                              # the reader is gone before the first answer
         err = proc.communicate(timeout=300)[1]
-    assert proc.returncode == 1, err
-    assert "cannot write the output: Broken pipe" in err and "run summary" in err
+    assert proc.returncode == 141, err
+    assert "agp run: standard output: the reader closed the pipe (Broken pipe): stopped after 0 answer(s)" in err
+    assert "run summary" in err and "error" not in err.lower()
     assert "Traceback" not in err and "Exception ignored" not in err
 
 
@@ -422,3 +445,27 @@ def test_a_bom_crlf_endings_and_blank_lines_are_read_as_a_plain_files(tmp_path, 
     got = [json.loads(x) for x in r.stdout.splitlines()]
     assert [g["id"] for g in got] == ["a", "b", 5] and "text" in got[0] and "text" in got[2]
     assert got[1]["error"]["line"] == 4
+
+
+def test_a_run_whose_writes_would_replace_its_input_or_one_another_is_refused_before_it_starts(tmp_path, pipeline):
+    """`agp run P -o a.jsonl --overwrite < a.jsonl` emptied the input it was reading, answered the
+    lines it had read ahead and exited 0; `--stats a.jsonl` wrote the summary over the requests
+    (or over the answers, given the output's name); `-i a.jsonl >> a.jsonl` fed it its own answers."""
+    inp, out = tmp_path / "a.jsonl", tmp_path / "out.jsonl"
+    text = "".join(json.dumps({"prompt": f"p{i}", "max_tokens": 1}) + "\n" for i in range(3))
+    inp.write_text(text)
+    with open(inp) as stdin:
+        r = run(pipeline, "-o", inp, "--overwrite", child=True, stdin=stdin)
+    assert r.returncode == 2 and f"the output {inp} is the input file (standard input)" in r.stderr, r.stderr
+    for args, said in ((("-i", inp, "-o", out, "--stats", inp), f"the --stats file {inp} is the input file"),
+                       (("-i", inp, "-o", out, "--trace", out), f"the --trace file {out} is the output file"),
+                       (("-i", inp, "-o", pipeline, "--overwrite"), f"the output {pipeline} is the pipeline file")):
+        r = run(pipeline, *args)
+        assert r.returncode == 2 and said in r.stderr, r.stderr
+    with open(inp, "a") as stdout:
+        r = subprocess.run([*AGP, "run", pipeline, "-i", inp, "--no-progress"], stdout=stdout,
+                           stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "standard output is the input file" in r.stderr, r.stderr
+    assert inp.read_text() == text and not out.exists()
+    r = run(pipeline, "-i", inp, "-o", "/dev/null", "--stats", "/dev/null")      # no file to replace
+    assert r.returncode == 0, r.stderr

@@ -30,6 +30,25 @@ def test_a_repeated_id_is_an_error_record_and_resume_answers_every_line_once(tmp
     assert [g["id"] for g in records(out)] == [1, 2, 2, "x", "x"] and "error" in records(out)[2]
 
 
+def test_a_broken_line_does_not_take_the_id_of_a_later_line(tmp_path, pipeline):
+    """Ids 0, 1, 2 on lines 1, 2, 3 and line 2 broken: its error record takes its line number, 2,
+    as id, and the good line 3 (id 2) was refused as a repeated id: one bad line lost two."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"id": 0, "prompt": "a", "max_tokens": 1}\n{"id": 1, "prompt": "b\n'
+                   '{"id": 2, "prompt": "c", "max_tokens": 1}\n{"prompt": 5}\n{"id": 4, "prompt": "d", "max_tokens": 1}\n')
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    got = records(out)
+    assert [g["id"] for g in got] == [0, 2, 2, 4, 4]
+    assert [g["error"]["line"] if "error" in g else None for g in got] == [None, 2, None, 4, None]
+    assert ["text" in g for g in got] == [True, False, True, False, True]
+    # cut after the broken line's record: --resume runs lines 3-5 again, each once
+    out.write_text("".join(line + "\n" for line in out.read_text().splitlines()[:2]))
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert records(out) == got
+
+
 @pytest.mark.parametrize("kept, foreign, first", [
     ('{"id": 1, "text": "a"}\nnot json at all\n', 1, 2),                              # a line of garbage
     ('{"id": "other-1", "text": "x"}\n{"id": "other-2", "error": {"line": 2}}\n', 2, 1),  # another input's answers

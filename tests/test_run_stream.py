@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import select
 import subprocess
 import sys
@@ -49,6 +50,50 @@ def test_an_answer_is_written_before_the_input_pipe_is_closed(tmp_path, pipeline
         err = finish(proc, b'{"id": "second", "prompt": "again", "max_tokens": 2}\n')
     assert proc.returncode == 0, err
     assert [g["id"] for g in records(out)] == ["first", "second"]
+
+
+def test_a_second_run_writing_the_same_output_is_refused_while_the_first_writes_it(tmp_path, pipeline):
+    """Two `agp run -o out.jsonl` at once: the second's --overwrite emptied the file under the
+    first, both wrote at their own offsets (a hole of NULs, lines cut and lost) and both exited 0."""
+    out, other = tmp_path / "out.jsonl", tmp_path / "other.jsonl"
+    other.write_text('{"id": "x", "prompt": "other", "max_tokens": 2}\n')
+    with reaped(start(pipeline, "-o", out)) as proc:
+        proc.stdin.write(b'{"id": "first", "prompt": "hello", "max_tokens": 2}\n')
+        proc.stdin.flush()
+        wait_for_lines(out, 1, proc)                     # the first run writes out.jsonl, its input open
+        for how in ("--overwrite", "--resume"):
+            r = run(pipeline, "-i", other, "-o", out, how)
+            assert r.returncode == 2 and f"{out} is being written by another agp run" in r.stderr, r.stderr
+        err = finish(proc, b'{"id": "second", "prompt": "again", "max_tokens": 2}\n')
+    assert proc.returncode == 0, err
+    assert [g["id"] for g in records(out)] == ["first", "second"]
+
+
+def test_of_two_runs_started_before_their_output_existed_the_second_to_open_it_is_refused(tmp_path, pipeline):
+    """Both found no out.jsonl (each reads its input's first line before opening it); the second
+    to open it then emptied the first's answers and wrote over them, and both exited 0."""
+    out, fifo = tmp_path / "out.jsonl", tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    with reaped(start(pipeline, "-o", out, "--overwrite", "-i", fifo)) as second:
+        deadline = time.monotonic() + 120
+        while True:                        # it opens its input once it has found no out.jsonl
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError:                # ENXIO: no reader yet
+                assert second.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+        with reaped(start(pipeline, "-o", out)) as first:
+            first.stdin.write(b'{"id": "first", "prompt": "hello", "max_tokens": 2}\n')
+            first.stdin.flush()
+            wait_for_lines(out, 1, first)                # the first run created out.jsonl and writes it
+            os.write(fd, b'{"id": "second", "prompt": "again", "max_tokens": 2}\n')
+            os.close(fd)
+            err = second.communicate(timeout=120)[1].decode()
+            assert second.returncode == 2 and f"{out} is being written by another agp run" in err, err
+            err = finish(first, b"")
+    assert first.returncode == 0, err
+    assert [g["id"] for g in records(out)] == ["first"]
 
 
 def test_answers_on_stdout_come_before_the_input_pipe_is_closed(tmp_path, pipeline):

@@ -15,7 +15,8 @@ soon as the lines before it are: `id`, `text`, `finish_reason`, `usage` (and `st
 cannot be run gives `{"id", "error": {"line", "message", "type"}}` and every other line
 still runs: one longer than MAX_LINE_BYTES (if no end of line follows within MAX_SKIP_BYTES,
 as from /dev/zero, the input is read no further), or whose id an earlier line has (a line without
-an id takes its line number as id; ids are unique). A file of OpenAI batch-API lines
+an id takes its line number as id; ids are unique, but a line that cannot run takes no id from a
+later one). A file of OpenAI batch-API lines
 (`custom_id`, `method`, `url`, `body`) is answered in the Batch API's output shape, one line per
 input line, in input order (commands/batch_api.py); the first line that is a JSON object says
 which shape the input is, and a line of the other shape is an error record. A file none of whose
@@ -33,13 +34,20 @@ the pipeline file, --pipeline, --dtype, the sampling defaults --generation-confi
 input are not another: --resume answers them). The fingerprint is the lines' as they
 stream past: before an answer to a line it does not cover is written, it is written anew, so it
 covers every answer in OUT however the run ends; --resume reads the lines it covers and those
-OUT answers before the model loads, and checks them.
+OUT answers before the model loads, and checks them. A file the run writes (the output, --stats,
+--trace) that is one it reads (the input, also on stdin; the pipeline) or another it writes is
+refused before it starts, exit 2; so is a run whose output file another agp run is writing (a
+lock on it, held while a run lasts).
 Ctrl-C (SIGINT), SIGTERM or SIGHUP stops admitting and reading, aborts what is in flight (those
-requests are not written, so `--resume` runs them again), writes the summary and `--stats`, and exits
+requests are not written, so `--resume` runs them again, after the answers kept: a resumed output is
+in input order but for those), writes the summary and `--stats`, and exits
 130, 143 or 129; while the model loads, or while the run waits for the input's first lines (a
 pipe that has sent nothing yet), one stops it at once with a line saying so (same exit status,
 nothing written). A write that fails (a full disk, a closed pipe, an output file
-deleted meanwhile) stops the run the same way at once, says why, writes the summary and exits 1.
+deleted meanwhile) stops the run the same way at once, says why, writes the summary and exits 1;
+the output file keeps whole lines (a line a full disk cut midway is taken back). A pipe whose reader
+has gone (`agp run P -i in.jsonl | head -1`) stops it the same way, with no error, exit 141
+(128 + SIGPIPE, as a tool the signal ends: `yes | head -1`).
 The summary counts the lines read (`lines_read`: requests, interrupted and resumed_skipped) and
 says when the input was not read to its end. Exit 1 when every request failed. A progress bar and
 the summary go to stderr, and so does
@@ -52,6 +60,7 @@ import errno
 import json
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -144,6 +153,13 @@ def answered_ids(path: str, input_ids: Counter | None = None) -> tuple[Counter, 
     return ids, keep, foreign
 
 
+class LineNumber(int):
+    """The id of a line that cannot run and has no id of its own to give (not JSON, not UTF-8,
+    too long, an object without one): its line number, written as that integer. Unlike a
+    request's id it claims nothing: a later line whose id is that number still runs (with ids
+    0, 1, 2, … on lines 1, 2, 3, … one broken line took the next line's id and failed it too)."""
+
+
 def _line_id(raw: bytes, lineno: int):
     """(request, error, id, batch) of one input line, its JSON decoded once: the id its record
     carries, answered or not; `batch`: an OpenAI batch-API line (its request a BatchLine, its id
@@ -155,7 +171,7 @@ def _line_id(raw: bytes, lineno: int):
         error = f"the line is longer than {MAX_LINE_BYTES >> 20} MiB"
         if raw.endless:
             error += f" (no end of line in {MAX_SKIP_BYTES >> 20} MiB more: the input is not read further)"
-        return None, error, lineno, None
+        return None, error, LineNumber(lineno), None
     obj = None
     try:
         obj = load_json(raw, "the line")               # not UTF-8, not JSON: a RequestError saying so
@@ -169,7 +185,7 @@ def _line_id(raw: bytes, lineno: int):
         return None, error, _guess_id(raw, lineno), None
     batch = batch_api.is_batch_line(obj) if isinstance(obj, dict) else None
     rid = obj.get("custom_id" if batch else "id") if isinstance(obj, dict) else None
-    return None, error, rid if is_id(rid) else lineno, batch
+    return None, error, rid if is_id(rid) else LineNumber(lineno), batch
 
 
 class RunLines:
@@ -214,11 +230,16 @@ class RunLines:
                 del self.done[key]
             self.unmatched -= 1
             self.skipped += 1
-            self.first_line.setdefault(key, lineno)
+            self._claim(key, rid, lineno)
             return True
         # the raw line is kept only while the input's shape is not known (_not_json_lines reads it)
         self.held.append((lineno, raw if self.batch_file is None else b"", req, error, rid, batch))
         return True
+
+    def _claim(self, key: str, rid, lineno: int) -> None:
+        """The id is taken: a later line with it is refused (ids are unique); a LineNumber is not."""
+        if not isinstance(rid, LineNumber):
+            self.first_line.setdefault(key, lineno)
 
     def read_ahead(self, lines: float = 0) -> None:
         """Take lines until one is to run and the input's shape is known, at least `lines` are
@@ -257,7 +278,7 @@ class RunLines:
         elif not self.batch_file and req is not None and is_batch:
             req, error = None, (f"a batch request line (with a custom_id) while the input's first request "
                                 f"(line {self.shape_line}) is an agp request line: give every line one shape")
-        self.first_line.setdefault(key, lineno)
+        self._claim(key, rid, lineno)
         if req is not None and is_batch:
             try:                               # the body, as agp serve checks it (the model's context known now)
                 check(req)
@@ -283,6 +304,8 @@ class _Answers:
         self.covered = self.write_fingerprint() if fingerprint is not None else 0
         self.written = 0
         self.errors: list[OSError] = []
+        self.fd = _fd_of(out)                      # None: a caller's capture, written through its stream
+        self.whole = self._length()                # a regular file's length up to its last whole line
         self._pending: dict[int, list] = {}        # slot -> [its line, its record: None (running), False (not written)]
         self._slots = self._next = 0
         self._lock = threading.Lock()
@@ -295,6 +318,34 @@ class _Answers:
             json.dump(now, f)
         os.replace(part, _fingerprint_path(self.path))     # whole, or the earlier one
         return now["input_lines"]
+
+    def _length(self) -> int | None:
+        """The output's length when it is a regular file (None for a pipe, a device, a capture)."""
+        try:
+            st = os.fstat(self.fd) if self.fd is not None else None
+        except OSError:
+            return None
+        return st.st_size if st is not None and stat.S_ISREG(st.st_mode) else None
+
+    def _write(self, text: str) -> None:
+        """Write one line whole, straight to the descriptor (no buffer holds a piece of it to be
+        written later, as a close would); when a write fails midway (a full disk), a regular file
+        is cut back to its last whole line: what was written stays whole lines."""
+        if self.fd is None:
+            self.out.write(text)
+            self.out.flush()
+            return
+        data = memoryview(text.encode("utf-8"))
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError:
+            if self.whole is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self.fd, self.whole)
+            raise
+        if self.whole is not None:
+            self.whole += len(data.obj)
 
     def slot(self, line: int, record: dict | None = None) -> int:
         """The next place in the output, for `line`; with its record when it is one already."""
@@ -322,10 +373,9 @@ class _Answers:
                 try:
                     if self.fingerprint is not None and line > self.covered:
                         self.covered = self.write_fingerprint()
-                    self.out.write(dump(record) + "\n")
-                    self.out.flush()
+                    self._write(dump(record) + "\n")
                     self.written += 1
-                    if self.path is not None and os.fstat(self.out.fileno()).st_nlink == 0:
+                    if self.path is not None and os.fstat(self.fd).st_nlink == 0:
                         raise OSError(errno.ENOENT, "the file (or its folder) was deleted while the run "
                                                     f"wrote it: the {self.written} answer(s) written are lost")
                 except OSError as e:          # a full disk, a closed pipe: stop at the first failed write
@@ -373,12 +423,22 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     if args.resume and args.output == "-":
         return _err("--resume continues an output file: give it with --output FILE (the answers go to "
                     "standard output, which holds no earlier answers to keep)")
-    if args.input != "-" and args.output != "-" and _same_file(args.input, args.output):
-        return _err(f"the output {args.output} is the input file: its answers would replace the requests "
-                    "(give another --output)")
+    clash = _clashing_files(args)
+    if clash:
+        return _err(clash)
     to_file = args.output != "-"
     if to_file and os.path.isdir(args.output):
         return _err(f"cannot write {args.output}: it is a folder")
+    # another agp run writing OUT: refused before OUT is read or changed (a file that exists now;
+    # one that does not is locked as it is created, below)
+    locked = False
+    if to_file and os.path.isfile(args.output):
+        with contextlib.suppress(OSError):           # unreadable: the open below says what it can
+            fd = os.open(args.output, os.O_RDONLY)
+            cleanup.callback(os.close, fd)
+            if not _lock_output(fd):
+                return _err(_BUSY.format(output=args.output))
+            locked = True
     # a device or a pipe (/dev/null, a FIFO a reader drains) is written as a stream
     kept = to_file and os.path.isfile(args.output) and os.path.getsize(args.output) > 0   # an earlier run's
     if kept and not args.resume and not args.overwrite:
@@ -441,7 +501,20 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     stop = threading.Event()
     try:  # before the model loads: a bad output path fails at once
         if to_file:
-            out = open(args.output, "a" if args.resume else "w", encoding="utf-8")
+            if locked or (os.path.exists(args.output) and not os.path.isfile(args.output)):
+                out = open(args.output, "a" if args.resume else "w", encoding="utf-8")   # or a device, a pipe
+            else:           # created now (or by a run started meanwhile): locked before anything is written
+                fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if args.resume else 0), 0o666)
+                out = open(fd, "a" if args.resume else "w", encoding="utf-8")
+                if not _lock_output(fd):
+                    out.close()
+                    return _err(_BUSY.format(output=args.output))
+                if os.fstat(fd).st_size and not args.overwrite:     # a run started meanwhile wrote it
+                    out.close()
+                    return _err(f"{args.output} was written by another run while this one started: run this one "
+                                "again (--resume continues it, --overwrite replaces it)")
+                if not args.resume:
+                    os.ftruncate(fd, 0)
         elif sys.stdout is None:
             return _err("cannot write the answers: standard output is closed (give --output FILE)")
         else:   # the answers alone: what the pipeline's code prints goes to stderr (commands/stdout.py)
@@ -539,8 +612,13 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
         e = write_error[0]
         summary["write_error"] = f"{e.strerror or e}"
         summary["unwritten"] = summary["requests"] - answers.written      # answered after the failed write: lost
-        _err(f"cannot write {args.output if to_file else 'the output'}: {e.strerror or e}; the run stopped there "
-             "(the requests in flight were aborted; --resume runs them)")
+        where = args.output if to_file else "the output"
+        if e.errno == errno.EPIPE:    # `agp run … | head -1`: the reader took what it wanted; no error
+            print(f"agp run: {args.output if to_file else 'standard output'}: the reader closed the pipe (Broken pipe): stopped after {answers.written} "
+                  "answer(s)", file=sys.stderr)
+        else:
+            _err(f"cannot write {where}: {e.strerror or e}; the run stopped there (the requests in flight were "
+                 "aborted" + ("; --resume runs them)" if to_file else ")"))
     if read_error is not None:
         summary["read_error"] = f"{read_error.strerror or read_error}"
     print(format_summary(summary), file=sys.stderr)
@@ -554,8 +632,8 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     if trace_error:
         _err(trace_error)
         return 1
-    if write_error:
-        return 1
+    if write_error:                                   # a closed pipe as tools killed by SIGPIPE: 141
+        return 128 + signal.SIGPIPE if write_error[0].errno == errno.EPIPE else 1
     if interrupt.signum is not None:
         return 128 + interrupt.signum                 # 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP
     if read_error is not None:                        # the lines before it are answered; the rest unread
@@ -656,12 +734,75 @@ def _changed_since(was: dict | None, input_digest: str | None, pipeline: list) -
     return "pipeline" if was.get("pipeline") != pipeline else None
 
 
-def _same_file(a: str, b: str) -> bool:
-    """Both paths name one file (the same path, a link to it)."""
+_BUSY = ("{output} is being written by another agp run (it holds the file's lock): wait for that run to "
+         "end, or give another --output")
+
+
+def _lock_output(fd: int) -> bool:
+    """Take the exclusive lock on the output file open at `fd`, held while `fd` stays open (the
+    run's length): two agp runs writing one OUT at once cut and interleaved each other's answers
+    and fingerprints. False when another process holds it. A file system without locks leaves
+    the file unguarded."""
+    import fcntl
+
     try:
-        return os.path.samefile(a, b)
-    except OSError:                           # one of them does not exist (yet): not the same
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return False
+    except OSError:                          # no locks here (some network file systems)
+        pass
+    return True
+
+
+def _file_key(where: str | int | None):
+    """What identifies the file a path (or a descriptor: standard input or output) names: its
+    device and inode when it exists, else its resolved path; None for no file, and for what is no
+    regular file (a pipe, a terminal, /dev/null: writing it twice replaces nothing)."""
+    if where is None:
+        return None
+    try:
+        st = os.fstat(where) if isinstance(where, int) else os.stat(where)
+    except FileNotFoundError:
+        return None if isinstance(where, int) else ("path", os.path.realpath(where))
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
+
+def _fd_of(stream) -> int | None:
+    try:
+        return stream.fileno()
+    except (OSError, ValueError, AttributeError):   # no descriptor behind it (a caller's capture)
+        return None
+
+
+def _clashing_files(args) -> str | None:
+    """Why the run cannot go on when two of the files it reads and writes are one (by any path or
+    link, standard input and output included): its answers, --stats or --trace would replace the
+    requests, the pipeline or one another (`-i a.jsonl --stats a.jsonl` wrote the summary over
+    the requests; `agp run P -o a.jsonl --overwrite < a.jsonl` emptied the input it was reading,
+    answered what it had read ahead and exited 0). None when they are apart."""
+    stdin, stdout = "the input file (standard input)", "standard output"
+    reads = [("the input file", args.input, _fd_of(sys.stdin) if args.input == "-" else args.input),
+             ("the pipeline file", args.pipeline, args.pipeline)]
+    writes = [("the output", args.output, _fd_of(sys.stdout) if args.output == "-" else args.output),
+              ("the --stats file", args.stats, args.stats), ("the --trace file", args.trace, args.trace)]
+    seen = [(what, key) for what, _, where in reads if (key := _file_key(where)) is not None]
+    for what, name, where in writes:
+        key = _file_key(where)
+        if key is None:
+            continue
+        for other, other_key in seen:
+            if key == other_key:
+                if other == "the input file" and args.input == "-":
+                    other = stdin
+                if name == "-":
+                    return (f"{stdout} is {other}: the answers would be written into it (give another "
+                            "--output, or another redirection)")
+                return (f"{what} {name} is {other}: writing it would replace what it holds (give another "
+                        f"{'--output' if what == 'the output' else 'file'})")
+        seen.append((what.replace("the output", "the output file"), key))
+    return None
 
 
 def _not_json_lines(parsed: list) -> str | None:
@@ -696,5 +837,5 @@ def _guess_id(raw: bytes, lineno: int):
     try:
         obj = json.loads(raw.decode("utf-8", "replace"))
     except (ValueError, RecursionError):
-        return lineno
-    return obj["id"] if isinstance(obj, dict) and is_id(obj.get("id")) else lineno
+        return LineNumber(lineno)
+    return obj["id"] if isinstance(obj, dict) and is_id(obj.get("id")) else LineNumber(lineno)
