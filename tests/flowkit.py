@@ -148,6 +148,13 @@ def hold(item: dict) -> dict:
     return item
 
 
+def ask_again(item: dict) -> dict:
+    """A python stage's fn (`fn = "flowkit:ask_again"  returns = request`) between two generate
+    stages, a cascade: the first one's answer (a draft) is dropped, its request asked again of
+    the second."""
+    return item["request"]
+
+
 async def ahang(item: dict) -> dict:
     """An `async def` python stage's fn that never returns (60 s): counts the call under "ahung",
     and under "cancelled" when its timeout cancels it."""

@@ -34,6 +34,14 @@ def ask(item):
         return {"text": "an answer, not a request"}
     return item
 
+def canned(item):
+    how = item.get("metadata", {}).get("canned")
+    if how == "plain":
+        return {"text": "a canned answer"}
+    if how == "counted":
+        return {"text": "an answer from elsewhere", "usage": {"completion_tokens": 7}}
+    return item
+
 def stream(item, chunks):
     for text in chunks:
         yield text
@@ -187,3 +195,21 @@ def test_a_listener_that_fails_on_a_result_is_logged_and_the_others_are_heard(tm
     lost = [r for r in caplog.records if r.name == "agp.flow" and r.levelno == logging.ERROR]
     assert len(lost) == 1 and "'boom'" in lost[0].getMessage() and "answer is lost" in lost[0].getMessage()
     assert "the listener broke" in caplog.text
+
+
+def test_a_request_a_stage_answers_itself_reports_its_prompt_tokens(tmp_path, soft_gguf):
+    """No model read the prompt of a request a python stage answers (`returns = any`), yet its
+    usage counts it as the pipeline's model tokenises it, the count the engine gives the same
+    request: prompt_tokens, no completion or cached tokens; what the result gives of its usage
+    (a function that asked another service knows its counts) is reported instead."""
+    path = pipeline(tmp_path, soft_gguf, 'stage a : python { fn = "hooks:canned"  returns = any }',
+                    "request -> a\na -> batch\na -> out\ngen -> out\n")
+    results, _ = run(path, [chat("gen", "hello there"), chat("plain", "hello there", metadata={"canned": "plain"}),
+                            chat("counted", "hello there", metadata={"canned": "counted"})])
+    by_id = {r.id: r for r in results}
+    assert all(r.ok for r in results), [r.error.message for r in results if not r.ok]
+    prompt = by_id["gen"].usage["prompt_tokens"]
+    assert prompt > 3 and by_id["gen"].usage["completion_tokens"] == 4
+    assert by_id["plain"].choices[0].text == "a canned answer"
+    assert by_id["plain"].usage == {"prompt_tokens": prompt, "completion_tokens": 0, "cached_tokens": 0}
+    assert by_id["counted"].usage == {"prompt_tokens": prompt, "completion_tokens": 7, "cached_tokens": 0}

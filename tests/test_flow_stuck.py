@@ -59,7 +59,7 @@ def test_a_stage_full_of_stuck_calls_fails_new_ones_at_once_and_recovers(tmp_pat
         (h2, ok) = rt.run_all([dict(hung, id="h2"), chat("ok", "hello")], keep_open=True)
         for r in (h2, ok):                       # refused without a call
             assert r.error.kind == "unavailable" and r.error.stage == "f"
-            assert r.error.message.startswith("stage 'f' is unavailable: 1 of its calls are still stuck")
+            assert r.error.message.startswith("stage 'f' is unavailable: 1 of its calls is still stuck")
         assert flowkit.COUNTS["hung"] == 1
         flowkit.gate("hang").set()               # the stuck call returns: the stage recovers
         wait_for(lambda: rt.stats()["stages"]["f"]["stuck"] == 0)
@@ -80,6 +80,8 @@ def test_a_hook_that_always_hangs_keeps_its_threads_bounded(tmp_path, soft_gguf)
     results, rt = run(path, [chat(f"h{i}", "hi", metadata={"hang": True}) for i in range(12)])
     kinds = sorted(r.error.kind for r in results)
     assert kinds.count("timeout") <= 3 and kinds.count("unavailable") >= 9
+    refused = {r.error.message.split(" (")[0] for r in results if r.error.kind == "unavailable"}
+    assert refused <= {f"stage 'f' is unavailable: {n} of its calls are still stuck" for n in (2, 3)}
     assert flowkit.COUNTS["hung"] <= 3
     assert stage_threads() - before <= 4
     assert rt.stats()["stages"]["f"]["stuck"] == flowkit.COUNTS["hung"]

@@ -142,6 +142,32 @@ def test_input_lines_are_bounded_even_an_endless_one(tmp_path, pipeline):
     assert second["id"] == 2 and "text" in second
 
 
+def test_a_line_whose_model_names_nothing_served_is_an_error_record_as_agp_serve_answers_it(tmp_path, pipeline,
+                                                                                             tiny_gguf):
+    """`model` may name the pipeline, its model (the file's name or stem) or a generate stage, as
+    on agp serve; anything else is that line's error record with agp serve's 404 message, and
+    the other lines run."""
+    from pipeline_dsl.serve.api_error import APIError
+    from pipeline_dsl.serve.protocol import model_of
+
+    model = Path(tiny_gguf)
+    served = tuple(dict.fromkeys(("tiny", model.name, model.stem)))
+    names = ["tiny", model.name, model.stem, "gen", "nope", "gne"]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"prompt": "hi", "max_tokens": 2, "model": m}) + "\n" for m in names))
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    recs = records(out)
+    assert all("text" in rec for rec in recs[:4]), recs[:4]
+    for rec, name in zip(recs[4:], names[4:]):
+        with pytest.raises(APIError) as served_answer:          # what agp serve answers it
+            model_of({"model": name}, served, ("gen",))
+        assert served_answer.value.status == 404
+        assert rec["error"] == {"line": names.index(name) + 1, "message": served_answer.value.message,
+                                "type": "invalid"}
+    assert recs[5]["error"]["message"] == "the model 'gne' does not exist; did you mean 'gen'?"
+
+
 DECORATORS = """import functools
 
 def logged(fn):                     # passes the call on (functools.wraps)

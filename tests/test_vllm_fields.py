@@ -205,6 +205,58 @@ def test_continuous_usage_counts_only_the_tokens_already_sent(client, kind):
     assert sent == 8
 
 
+CASCADE = """pipeline tiny {{
+    model  = "{model}"
+    device = cpu
+    dtype  = fp32
+    stage request : requests {{}}
+    stage batch   : dynamic_batch {{ max_batch_size = 8  timeout = 1ms }}
+    stage encode  : encode {{}}
+    stage kv      : kv_lookup {{ block_size = 8  budget = 1MiB }}
+    stage draft   : generate {{ max_new_tokens = 6 }}
+    stage again   : python {{ fn = "flowkit:ask_again"  returns = request }}
+    stage batch2  : dynamic_batch {{ max_batch_size = 8  timeout = 1ms }}
+    stage encode2 : encode {{}}
+    stage kv2     : kv_lookup {{ block_size = 8  budget = 1MiB }}
+    stage gen     : generate {{ max_new_tokens = 16 }}
+    stage out     : respond {{}}
+    request -> batch
+    batch -> encode when full
+    batch -> encode when timeout
+    encode -> kv -> draft -> again -> batch2
+    batch2 -> encode2 when full
+    batch2 -> encode2 when timeout
+    encode2 -> kv2 -> gen -> out
+}}
+"""
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_continuous_usage_of_a_stream_from_a_second_stage_counts_the_draft_too(tiny_gguf, n):
+    """A cascade streams the second generate stage's answer while the request's usage also counts
+    the first's draft: each chunk carries the request's usage so far, draft included, so the
+    counts never go down and the last chunk's are the final usage chunk's (they counted the
+    second stage's sequence alone, far below the totals)."""
+    s = LiveServer(tiny_gguf, text=CASCADE.format(model=tiny_gguf))
+    try:
+        chunks = list(s.client.chat.completions.create(
+            model="tiny", messages=USER, max_tokens=5, n=n, stream=True, extra_body={"ignore_eos": True},
+            stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    finally:
+        s.close()
+    *streamed, final = chunks
+    assert not final.choices and final.usage.completion_tokens == 2 * 5 * n    # the drafts and the answers
+    usages = [(c.usage.prompt_tokens, c.usage.completion_tokens,
+               c.usage.prompt_tokens_details.cached_tokens if c.usage.prompt_tokens_details else 0) for c in streamed]
+    for key in range(3):
+        seen = [u[key] for u in usages]
+        assert seen == sorted(seen), (key, usages)
+    last = streamed[-1].usage
+    assert (last.prompt_tokens, last.completion_tokens, last.total_tokens) == \
+        (final.usage.prompt_tokens, final.usage.completion_tokens, final.usage.total_tokens)
+    assert streamed[0].usage.completion_tokens >= 5                            # a draft, before any answer token
+
+
 def test_detokenize_names_tokens_for_an_id_outside_the_vocabulary(server):
     r = httpx.post(server.url + "/detokenize", json={"tokens": [5, 10 ** 6]}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"

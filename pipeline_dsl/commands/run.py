@@ -260,7 +260,8 @@ class RunLines:
 
     def runnable(self, entry, check: Callable):
         """(the request, whether a batch-API line's, None) of a held line, or (None, _, its error
-        record) when it cannot run; `check(batch_line)` checks a batch line's body (APIError)."""
+        record) when it cannot run; `check(request)` checks a batch line's body, or a plain
+        line's `model`, as agp serve would (APIError)."""
         from pipeline_dsl.commands import batch_api
         from pipeline_dsl.serve.api_error import APIError
 
@@ -279,12 +280,13 @@ class RunLines:
             req, error = None, (f"a batch request line (with a custom_id) while the input's first request "
                                 f"(line {self.shape_line}) is an agp request line: give every line one shape")
         self._claim(key, rid, lineno)
-        if req is not None and is_batch:
-            try:                               # the body, as agp serve checks it (the model's context known now)
+        if req is not None:
+            try:                               # as agp serve checks it (the model's context known now)
                 check(req)
             except APIError as e:
                 self.bad_lines += 1
-                return None, True, batch_api.error_record(rid, lineno, e)
+                return None, is_batch, (batch_api.error_record(rid, lineno, e) if is_batch else
+                                        {"id": rid, "error": {"line": lineno, "message": e.message, "type": "invalid"}})
         if req is None:
             self.bad_lines += 1
             return None, is_batch, (batch_api.error_record(rid, lineno, APIError(error)) if self.batch_file else
@@ -418,7 +420,10 @@ def main(args) -> int:
 
 
 def _run(args, cleanup: contextlib.ExitStack) -> int:
+    from pipeline_dsl.commands import batch_api
     from pipeline_dsl.commands.runner import RunRequest, format_summary, run_pipeline
+    from pipeline_dsl.serve.build import model_names
+    from pipeline_dsl.serve.protocol import model_of
 
     if args.resume and args.output == "-":
         return _err("--resume continues an output file: give it with --output FILE (the answers go to "
@@ -556,8 +561,15 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     max_model_len = int(min((es.max_model_len for es in runtime.segments), default=1 << 20))
     max_stage_n = max((n for es in runtime.segments for n in es.n.values()), default=1)
 
-    def check(batch_line) -> None:
-        batch_line.parse(max_model_len, stages, runtime.name, max_stage_n)
+    served = model_names(runtime, None)
+
+    def check(req) -> None:
+        """A batch line's body as agp serve checks it; a plain line's `model` as agp serve takes
+        it (a name it serves, or a generate stage's: else the same 404 message)."""
+        if isinstance(req, batch_api.BatchLine):
+            req.parse(max_model_len, stages, runtime.name, max_stage_n)
+        elif req.model is not None:
+            model_of({"model": req.model}, served, stages)
 
     def requests():
         """The lines to run as the run takes them; a line that cannot run has its record at once."""

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import networkx as nx
 
-from .items import Choice, PipelineError, Result
+from .items import Choice, Delta, PipelineError, Result
 from .runtime import PipelineRuntime
 from .stats import StageCounter
 
-__all__ = ["Choice", "PipelineError", "PipelineRuntime", "Result", "StageCounter", "build_runtime", "load_graph"]
+__all__ = ["Choice", "Delta", "PipelineError", "PipelineRuntime", "Result", "StageCounter", "build_runtime",
+           "load_graph"]
 
 
 def load_graph(pipeline: str | os.PathLike | nx.DiGraph, name: str | None = None, allow_paths=()) -> nx.DiGraph:

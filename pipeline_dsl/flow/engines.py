@@ -265,6 +265,12 @@ class EngineSide:
                 data["prompt_logprobs"] = item.entry["prompt_logprobs"]
         return data
 
+    def _heard(self, item: Item, out) -> None:
+        """Tell the item's listener a delta of its streamed choice, with its request's usage so far."""
+        with self._lock:
+            usage = self.ledger.usage_so_far(item, out)
+        heard(item.req, item.index, out, usage)
+
     def _heard_prompt(self, item: Item, logprobs: list) -> None:
         """A sequence's prompt logprobs, with its first output: kept for the answer, and a stream
         sends them before its tokens (once per request, whichever copy came first)."""
@@ -309,7 +315,7 @@ class EngineSide:
                 # reaches a client that asked for the ids
                 if item.index is not None and (out.delta_text or out.finished or step_logprobs
                                                or (want_ids and out.new_token_ids)):
-                    heard(req, item.index, out)
+                    self._heard(item, out)
             if out.finished:
                 finished.append((item, out))
         for item, out in unenforceable:            # the grammar, or a field (error_param) left no token

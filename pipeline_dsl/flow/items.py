@@ -10,10 +10,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pipeline_dsl import conditions as C
+from pipeline_dsl.engine.config import RequestOutput
 
 REQUEST, GENERATED = C.REQUEST, C.GENERATED
 log = logging.getLogger("agp.flow")
@@ -97,6 +98,9 @@ class RequestState:
     done: bool = False
     next_index: int = 0
     usage: dict = field(default_factory=no_usage)
+    # streamed choice index -> (its completion tokens as last heard, its prompt's entry, cached
+    # tokens) while its sequence generates; None once it ended (its tokens are in `usage`)
+    streaming: dict = field(default_factory=dict)
     first_token: float | None = None
     timings: dict = field(default_factory=dict)        # its first generation's queue / prefill / decode s
     rejection: PipelineError | None = None             # a branch dropped by a join's on_reject = drop
@@ -184,10 +188,23 @@ def a_type(value) -> str:
     return name if name == "bytes" else ("an " if name[0] in "aeiou" else "a ") + name
 
 
-def heard(req: RequestState, index: int, out) -> None:
-    """Tell a request's listener about a delta of its choice `index`."""
+@dataclass(frozen=True)
+class Delta(RequestOutput):
+    """A delta as a request's listener hears it (`on_delta(key, index, delta)`): the engine's
+    RequestOutput of the choice's sequence (its prompt_tokens, completion_tokens and
+    cached_tokens are that sequence's), and `usage`, the request's usage so far
+    (RequestLedger.usage_so_far): its prompts, the tokens of its generations that ended (an
+    earlier generate stage's draft too) and of its streamed choices as heard so far, this
+    one's included. It never goes down, and the last delta's is the result's usage."""
+    usage: dict = field(default_factory=no_usage)
+
+
+def heard(req: RequestState, index: int, out, usage: dict) -> None:
+    """Tell a request's listener about a delta of its choice `index`, with the request's usage
+    so far."""
+    delta = Delta(**{f.name: getattr(out, f.name) for f in fields(RequestOutput)}, usage=usage)
     try:
-        req.listener.on_delta(req.key, index, out)
+        req.listener.on_delta(req.key, index, delta)
     except Exception:                            # noqa: BLE001 - a listener's failure is its own
         pass
 

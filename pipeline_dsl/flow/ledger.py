@@ -71,6 +71,26 @@ class RequestLedger:
         if item.entry is not None and item.entry["cached_tokens"] is None:
             item.entry["cached_tokens"] = out.cached_tokens       # a prompt shared by n copies counts once
             req.usage["cached_tokens"] += out.cached_tokens
+        if item.index is not None:
+            req.streaming[item.index] = None                      # counted above from now on
+
+    def usage_so_far(self, item: Item, out) -> dict:
+        """The usage of `item`'s request as a delta of its streamed choice (`out`) is heard: every
+        prompt its sequences took, the tokens of those that ended, and of each streamed choice
+        still generating those heard so far (this one's now). Never less than before, and the
+        request's usage once every sequence ended."""
+        req = item.req
+        if req.streaming.get(item.index, ()) is not None:
+            req.streaming[item.index] = (out.completion_tokens, item.entry, out.cached_tokens)
+        usage = dict(req.usage)
+        entries = {}
+        for running in req.streaming.values():
+            if running is not None:
+                usage["completion_tokens"] += running[0]
+                if running[1] is not None and running[1]["cached_tokens"] is None:
+                    entries[id(running[1])] = running[2]          # a prompt shared by n copies counts once
+        usage["cached_tokens"] += sum(entries.values())
+        return usage
 
     # ---- endings -------------------------------------------------------------------------
     def close(self, req: RequestState, failed: bool) -> list[tuple[str, Any]]:

@@ -11,7 +11,7 @@ import copy
 import time
 from typing import Callable
 
-from .items import Item, heard
+from .items import Item
 from .streams import Live, arun_filter, run_filter
 from .timing import Stretch
 
@@ -60,7 +60,7 @@ class LiveStages:
     def _live_delta(self, item: Item, out) -> None:
         if out.new_token_ids or out.delta_text:
             self.ledger.first_token(item.req, self.clock())
-        heard(item.req, item.index, out)
+        self._heard(item, out)
 
     def _live_ended(self, item: Item, i: int, stage: str, ok: bool, value, t0: float) -> None:
         """A stream stage's call for a live item ended (its worker or the event loop)."""

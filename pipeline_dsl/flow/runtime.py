@@ -49,7 +49,7 @@ from pipeline_dsl.plan import ITEM_WORKERS, make_plan
 from .cache import ResultCache, cache_key
 from .driving import Driving
 from .engines import EngineSide
-from .items import GENERATED, REQUEST, Item, PipelineError, RequestState, check_result, deliver
+from .items import COUNTED, GENERATED, REQUEST, Item, PipelineError, RequestState, check_result, deliver
 from .joins import FILLED, Joins
 from .ledger import RequestLedger
 from .live import LiveStages
@@ -389,7 +389,28 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             elif kind == GENERATED:
                 out = _completed(out, view, item.kind)
                 check_result(out, stage, f"stage '{stage}' returned")
+                if item.kind == REQUEST:
+                    out = self._answered_here(item, stage, out)
             item.kind, item.data = kind, out
+
+    def _answered_here(self, item: Item, stage: str, out: dict) -> dict:
+        """A Request the stage answered itself: the answer's usage, counted in its request's. What
+        the result gives of it (a function that asked another service knows its counts); else no
+        tokens generated, none cached, and the request's prompt as the pipeline's model tokenises
+        it (what `prompt_tokens` conditions read) where no model counted a prompt of the request
+        yet; 0 where the pipeline has no model, or the prompt is one it cannot take."""
+        given = out.get("usage") or {}
+        usage = {k: given.get(k) or 0 for k in COUNTED}
+        counted = item.req.usage["prompt_tokens"] > 0
+        if given.get("prompt_tokens") is None and self.prompt_segment is not None and not counted:
+            try:
+                usage["prompt_tokens"] = len(self._ids(item, self.prompt_segment, stage, "prompt_tokens"))
+            except PipelineError:
+                pass                               # no count the model can give: none reported
+        with self._lock:
+            for k in COUNTED:
+                item.req.usage[k] += usage[k]
+        return {**out, "usage": usage}
 
     def _send(self, item: Item, stage: str, only: list[str] | None = None) -> list[tuple[Item, str]]:
         """Route an item out of `stage`: a copy along every edge the router takes."""

@@ -171,9 +171,10 @@ class StageWorkers:
         n = len(self._overdue)
         if n < self.max_stuck:
             return False
-        job.done(False, StageStuck(f"{n} of its calls are still stuck (past their timeout, their code "
-                                   f"still running; at most {self.max_stuck}, its workers); it takes calls "
-                                   "again as they return"))
+        calls = ("calls is still stuck (past its timeout, its" if n == 1 else
+                 "calls are still stuck (past their timeout, their")
+        job.done(False, StageStuck(f"{n} of its {calls} code still running; at most {self.max_stuck}, its workers); "
+                                   "it takes calls again as they return"))
         return True
 
     def _start(self, job: _Job) -> None:

@@ -155,8 +155,10 @@ class ChunkWriter(Relay):
         self.parts = req.split() if self.echo else []
         self.per = getattr(stream, "per", 1)
         self.offsets: dict[int, P.TextOffsets] = {}   # per choice: the text_offset of its tokens
-        self.prompt_tokens: dict[int, tuple] = {}      # per prompt (continuous usage): (its tokens, cached)
-        self.completion_tokens: dict[int, int] = {}    # per choice (continuous usage): its tokens so far
+        # continuous usage: per prompt (a request of the pipeline), its usage so far as its last
+        # delta said (flow's Delta.usage); per streamed choice, its own tokens so far
+        self.usage_so_far: dict[int, dict] = {}
+        self.own_tokens: dict[int, int] = {}
 
     # ---- chunk bodies ------------------------------------------------------------------
     def _chunk(self, index: int, text: str | None = None, *, delta: dict | None = None,
@@ -175,11 +177,12 @@ class ChunkWriter(Relay):
             body = P.completion_chunk(self.rid, self.req.model, self.now, text or "", reason, index, logprobs,
                                       extra={**prompt_part, **extra}, fingerprint=self.fingerprint)
         if self.req.continuous_usage:                  # the usage so far on every chunk (vLLM's)
-            prompts = self.prompt_tokens.values()
+            so_far = {k: sum(u[k] for u in self.usage_so_far.values())
+                      for k in ("prompt_tokens", "completion_tokens", "cached_tokens")}
             # a choice's opening chunks (chat's role, an echoed prompt) come before any of its tokens:
             # they count none of them, as vLLM's role chunk says completion_tokens 0
-            done = sum(n for i, n in self.completion_tokens.items() if not (opening and i == index))
-            body["usage"] = P.usage(sum(p for p, _ in prompts), done, sum(c for _, c in prompts))
+            done = so_far["completion_tokens"] - (self.own_tokens.get(index, 0) if opening else 0)
+            body["usage"] = P.usage(so_far["prompt_tokens"], done, so_far["cached_tokens"])
         return P.sse(body)
 
     def _offsets(self, index: int) -> P.TextOffsets:
@@ -263,8 +266,7 @@ class ChunkWriter(Relay):
         """The request's result: whole choices, the finishing chunks left, usage, [DONE]."""
         out = []
         total = result.usage                                              # the totals, for the last chunks
-        self.prompt_tokens = {0: (total["prompt_tokens"], total["cached_tokens"])}
-        self.completion_tokens = {0: total["completion_tokens"]}
+        self.usage_so_far, self.own_tokens = {0: total}, {}
         for c in result.choices:
             if c.index not in self.closed:
                 whole = c.index not in self.opened           # it came whole (no deltas)
@@ -280,8 +282,8 @@ class ChunkWriter(Relay):
     # ---- the stream ----------------------------------------------------------------------
     def on_delta(self, index: int, out) -> list[bytes]:
         prompt = index // self.per if isinstance(self.stream, StreamGroup) else 0   # n choices share a prompt
-        self.prompt_tokens[prompt] = (getattr(out, "prompt_tokens", 0), getattr(out, "cached_tokens", 0))
-        self.completion_tokens[index] = getattr(out, "completion_tokens", 0)
+        self.usage_so_far[prompt] = out.usage          # the request's: an earlier stage's draft counted too
+        self.own_tokens[index] = out.completion_tokens
         chunks = self.content(index, out.delta_text, getattr(out, "logprobs", None), ids=out.new_token_ids)
         if out.finished and index not in self.closed:
             return [*chunks, *self.finish(index, out.finish_reason, getattr(out, "stop_reason", None))]
