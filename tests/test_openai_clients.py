@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import httpx
+
 import openai
 import pytest
 
@@ -188,3 +190,53 @@ def test_a_context_overflow_names_the_length_field_the_client_sent(server):
             call()
         assert e.value.code == "context_length_exceeded"
         assert f"{field} 4090" in e.value.message and (field == "max_tokens" or "max_tokens" not in e.value.message)
+
+
+SDK_CALLS = {"/v1/chat/completions": ("chat.completions", {"messages": USER, "max_tokens": 2}),
+             "/v1/completions": ("completions", {"prompt": "hello", "max_tokens": 2}),
+             "/v1/responses": ("responses", {"input": "hello", "max_output_tokens": 2}),
+             "/v1/embeddings": ("embeddings", {"input": "hello"})}
+
+
+def sdk_parameters(resource: str) -> list[str]:
+    """The request parameters of the installed openai SDK's `create` of a resource."""
+    import inspect
+
+    owner = openai.OpenAI(api_key="unused")
+    for part in resource.split("."):
+        owner = getattr(owner, part)
+    return [name for name, p in inspect.signature(owner.create).parameters.items()
+            if p.kind is p.KEYWORD_ONLY and not name.startswith("extra_") and name != "timeout"]
+
+
+@pytest.mark.parametrize("path", SDK_CALLS)
+def test_every_parameter_of_the_installed_sdk_is_taken_as_left_out_when_null(server, path):
+    # a client that sends null for what it leaves unset (as the SDK sends an explicit None) gets its answer
+    resource, needed = SDK_CALLS[path]
+    body = {name: None for name in sdk_parameters(resource) if name not in needed}
+    r = httpx.post(server.url + path, json={**body, **needed}, timeout=60)
+    assert r.status_code == 200, (sorted(body), r.text)
+
+
+@pytest.mark.parametrize("path, field, value", [
+    ("/v1/chat/completions", "moderation", {"model": "omni-moderation-latest"}),
+    ("/v1/responses", "moderation", {"model": "omni-moderation-latest"}),
+    ("/v1/responses", "conversation", "conv_1"), ("/v1/responses", "prompt", {"id": "pmpt_1"}),
+    ("/v1/responses", "context_management", [{"type": "compaction", "compact_threshold": 1000}]),
+    ("/v1/responses", "access_programs", {"cyber": "standard"}),
+    ("/v1/responses", "background_options", {"completion_window": "2h"})])
+def test_an_sdk_parameter_agp_cannot_honour_is_a_400_naming_it(server, path, field, value):
+    r = httpx.post(server.url + path, json={**SDK_CALLS[path][1], field: value}, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"]) == (field, "unsupported_parameter") and "not supported by agp" in error["message"]
+
+
+def test_the_responses_values_that_ask_for_nothing_are_taken(server):
+    r = server.client.responses.create(model="tiny", input="hello", max_output_tokens=2, context_management=[],
+                                       access_programs={}, background_options={},
+                                       image={"context_compression": "auto"})
+    assert r.status in ("completed", "incomplete")
+    bad = httpx.post(server.url + "/v1/responses", json={"input": "x", "image": {"context_compression": "max"}},
+                     timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "image"

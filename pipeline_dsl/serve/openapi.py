@@ -13,7 +13,9 @@ from pipeline_dsl.requests_io import MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS, M
 from stages.fields import PRIORITY, REQUEST_FIELDS, TOKEN_ID_FIELDS, param_of
 
 from .embeddings import MAX_INPUTS
-from .protocol import CACHE_SETTINGS, CHAT_LACKING, CHAT_NEUTRAL, IDENTIFIERS, MAX_PROMPTS, NEUTRAL
+from .protocol import (CACHE_SETTINGS, CHAT_LACKING, CHAT_NEUTRAL, IDENTIFIERS, MAX_PROMPTS, NEUTRAL,
+                       RESPONSES_LACKING)
+from .responses import IMAGE_COMPRESSION
 
 _SEED = param_of("generate", "seed")                # one schema: the range `agp check` takes
 _BAD_WORDS = param_of("generate", "bad_words")
@@ -263,6 +265,9 @@ RESPONSES_REQUEST = _request("input", {
     "reasoning": {"type": ["object", "null"], "description": "repeated in the answer"},
     "max_tool_calls": {"type": ["integer", "null"], "minimum": 1},
     **{name: {**schema, "description": "repeated in the answer"} for name, schema in CACHE.items()},
+    "image": {"type": "object", "additionalProperties": False, "description": "taken and ignored (text only)",
+              "properties": {"context_compression": {"enum": [*IMAGE_COMPRESSION, None]}}},
+    **_neutral(RESPONSES_LACKING),
     **{name: SAMPLING[name] for name in ("request_id", "top_k", "min_p", "repetition_penalty", "seed", "stop",
                                          "ignore_eos", "structured_outputs", "guided_json", "guided_regex",
                                          "guided_choice", "guided_grammar", "priority", "cache_salt")}})

@@ -146,7 +146,16 @@ CHAT_NEUTRAL = {"echo": ((False,), None), "add_special_tokens": ((False,), None)
 CHAT_LACKING = {"reasoning_effort": ((), "its models do not reason"), "verbosity": ((), "its models do not reason"),
                 "audio": ((), "it serves text only"), "modalities": ((["text"],), "it serves text only"),
                 "prediction": ((), "predicted outputs are not served"),
-                "web_search_options": ((), "it searches nothing")}
+                "web_search_options": ((), "it searches nothing"),
+                "moderation": ((), "it runs no moderation model")}
+# the same for the Responses API's fields (serve/responses.py): what OpenAI keeps or runs for a
+# response that agp has not; ignoring them would answer another request than the one sent
+RESPONSES_LACKING = {"moderation": CHAT_LACKING["moderation"],
+                     "conversation": ((), "it keeps no conversations (use 'previous_response_id')"),
+                     "prompt": ((), "it stores no prompt templates (send the 'input')"),
+                     "context_management": (([],), "it compacts no context"),
+                     "access_programs": (({},), "it has no access programs"),
+                     "background_options": (({},), "it answers in the foreground")}
 # metadata: read by the pipeline's conditions (`when metadata.tier == "gold"`), on either endpoint
 COMPLETION_FIELDS = COMMON | VLLM | set(TOKEN_FIELDS) | set(NEUTRAL) | {"prompt", "echo", "metadata",
                                                                         "add_special_tokens"}
@@ -196,9 +205,16 @@ def _check_unsupported(obj: dict, chat: bool = False) -> None:
             raise APIError(f"'{name}' = {json.dumps(value)[:40]} is not supported by agp "
                            f"(leave it out{' or ' + other if other else ''})", param=name)
     _field(obj, "guided_decoding_backend", lambda v: isinstance(v, str), "a string")
-    for name, (allowed, why) in (CHAT_LACKING if chat else {}).items():
+    if chat:
+        check_lacking(obj, CHAT_LACKING)
+
+
+def check_lacking(obj: dict, table: dict) -> None:
+    """Fields of features agp lacks (CHAT_LACKING, RESPONSES_LACKING): null or the value that asks
+    for nothing is taken, anything else is a 400 saying why, with OpenAI's code for it."""
+    for name, (allowed, why) in table.items():
         value = obj.get(name)
-        if value is not None and value not in allowed:
+        if value is not None and not any(value == a and type(value) is type(a) for a in allowed):
             raise APIError(f"'{name}' = {json.dumps(value)[:40]} is not supported by agp: {why} (leave it out)",
                            param=name, code="unsupported_parameter")
 
