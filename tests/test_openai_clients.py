@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from pipeline_dsl.serve import protocol as P
 from test_serve import LiveServer
 
 USER = [{"role": "user", "content": "hello world"}]
@@ -240,3 +241,29 @@ def test_the_responses_values_that_ask_for_nothing_are_taken(server):
     bad = httpx.post(server.url + "/v1/responses", json={"input": "x", "image": {"context_compression": "max"}},
                      timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "image"
+
+
+def test_stream_options_take_include_obfuscation_and_refuse_an_unknown_key_as_a_top_level_field(server):
+    # OpenAI's include_obfuscation: taken (agp's chunks carry no obfuscation field), on chat, completions, responses
+    chunks = list(server.client.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=2, stream=True,
+        stream_options={"include_usage": True, "include_obfuscation": True}))
+    assert chunks[-1].usage.completion_tokens >= 1 and not any("obfuscation" in c.model_extra for c in chunks)
+    assert list(server.client.completions.create(model="tiny", prompt="hello", max_tokens=2, stream=True,
+                                                 stream_options={"include_obfuscation": False}))
+    events = list(server.client.responses.create(model="tiny", input="hello", max_output_tokens=2, stream=True,
+                                                 stream_options={"include_obfuscation": True}))
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    for path, (_, body) in SDK_CALLS.items():
+        if path == "/v1/embeddings":
+            continue
+        r = httpx.post(server.url + path, json={**body, "stream": True, "stream_options": {"include_usgae": True}},
+                       timeout=30)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert (error["param"], error["code"]) == ("stream_options.include_usgae", "unknown_parameter")
+        assert error["message"].startswith('unrecognized request argument "stream_options.include_usgae"')
+    # --lenient ignores it, as it ignores an unknown top-level field
+    lenient = P.parse_chat({"messages": USER, "stream": True, "stream_options": {"include_usage": True, "x": 1}},
+                           max_model_len=64, served=("tiny",), lenient=True)
+    assert lenient.include_usage

@@ -64,6 +64,10 @@ STOP = {"oneOf": [
     {"type": "null"},
 ]}
 
+# stream_options.include_obfuscation (OpenAI's; chat, completions and responses): agp adds no obfuscation
+OBFUSCATION = {"include_obfuscation": {"type": ["boolean", "null"],
+                                       "description": "taken; agp's chunks carry no obfuscation field"}}
+
 SAMPLING = {
     "model": {"type": "string", "description": "the pipeline (its name), or one of its generate stages"},
     "max_tokens": {"type": "integer", "minimum": 1},
@@ -76,8 +80,9 @@ SAMPLING = {
     "ignore_eos": {"type": "boolean"},
     "n": {"type": "integer", "minimum": 1, "maximum": 64},
     "stream": {"type": "boolean"},
-    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"},
-                                                        "continuous_usage_stats": {"type": "boolean"}},
+    "stream_options": {"type": "object", "properties": {"include_usage": {"type": ["boolean", "null"]},
+                                                        "continuous_usage_stats": {"type": ["boolean", "null"]},
+                                                        **OBFUSCATION},
                        "additionalProperties": False},
     "user": {"type": "string"},
     **{name: _number(name) for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
@@ -259,7 +264,7 @@ RESPONSES_REQUEST = _request("input", {
     "include": {"type": "array", "items": {"type": "string"}},
     "top_logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS},
     "background": {"enum": [False, None], "description": "agp answers in the foreground"},
-    "stream_options": {"type": ["object", "null"]},
+    "stream_options": {"type": ["object", "null"], "properties": OBFUSCATION, "additionalProperties": False},
     **{name: {"type": ["string", "null"], "description": "repeated in the answer"}
        for name in ("user", "truncation", "service_tier", "prompt_cache_key", "safety_identifier")},
     "reasoning": {"type": ["object", "null"], "description": "repeated in the answer"},

@@ -211,6 +211,7 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
     obj = P.check_unknown(obj, FIELDS, lenient)
     _checked(obj)
     P.check_lacking(obj, P.RESPONSES_LACKING)
+    P.stream_options(obj, P.RESPONSES_STREAM_OPTIONS, lenient)
     P.check_cache_settings(obj)
     P.priority_field(obj)                      # a null priority too, which the chat request below would not see
     if "input" not in obj or obj["input"] is None:
