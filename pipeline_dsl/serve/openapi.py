@@ -192,9 +192,11 @@ CHAT_REQUEST = _request("messages", {
     **_neutral(CHAT_LACKING),
 })
 
+# vLLM's add_special_tokens of completions and embeddings (protocol.add_special_tokens)
+ADD_SPECIAL_TOKENS = {"type": ["boolean", "null"], "description": "a text prompt's start token (default true; vLLM's)"}
+
 COMPLETION_REQUEST = _request("prompt", {
-    "add_special_tokens": {"type": ["boolean", "null"],
-                           "description": "a text prompt's start token (default true; vLLM's)"},
+    "add_special_tokens": ADD_SPECIAL_TOKENS,
     "prompt": {"oneOf": [
         {"type": "string", "minLength": 1},
         {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
@@ -406,7 +408,8 @@ EMBEDDINGS = {
                                     {"type": "string", "minLength": 1}, TOKEN_IDS]}}]},
             "encoding_format": {"enum": ["float", "base64"]}, "normalize": {"type": "boolean"},
             "dimensions": {"type": "integer", "description": "only the model's own"},
-            "user": {"type": "string"}, "request_id": SAMPLING["request_id"], "priority": SAMPLING["priority"]})}}},
+            "user": {"type": "string"}, "request_id": SAMPLING["request_id"], "priority": SAMPLING["priority"],
+            "add_special_tokens": ADD_SPECIAL_TOKENS})}}},
     "responses": {"200": {"description": "one embedding per input", "content": {"application/json": {"schema": {
         "type": "object", "required": ["object", "data", "model", "usage"], "properties": {
             "object": {"const": "list"},

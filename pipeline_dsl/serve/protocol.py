@@ -242,6 +242,13 @@ def _truncation(obj: dict, max_model_len: int) -> dict:
 
 
 
+def add_special_tokens(obj: dict) -> dict:
+    """vLLM's add_special_tokens of a completions or embeddings request: a text prompt's start token
+    (default true: the encode stage's); {} when left out or null."""
+    special = _field(obj, "add_special_tokens", *ITEM_FIELDS["add_special_tokens"])
+    return {} if special is None else {"add_special_tokens": special}
+
+
 def priority_field(obj: dict) -> dict:
     """vLLM's priority (lower first) of a generation or embeddings request: checked here for its type
     and range; whether the engine schedules by priority, the batcher it reaches says (a 400 when it
@@ -381,9 +388,7 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
         fields["max_tokens"] = 0
     if echo:
         fields["echo"] = True
-    special = _field(obj, "add_special_tokens", *ITEM_FIELDS["add_special_tokens"])
-    if special is not None:             # vLLM's: a text prompt's start token (default true)
-        fields["add_special_tokens"] = special
+    fields.update(add_special_tokens(obj))
     extras = parse_extras(obj, chat=False)
     fields.update(extras.fields)
     fields.update(truncation)
