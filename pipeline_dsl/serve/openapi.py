@@ -321,12 +321,19 @@ def generation(request_schema: dict, response_schema: dict, summary: str) -> dic
     }
 
 
+# vLLM's model card (serve/routes.py, model_entry)
+MODEL_CARD = {"type": "object", "required": ["id", "object", "created", "owned_by", "root", "parent", "max_model_len",
+                                             "permission"], "properties": {
+    "id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
+    "owned_by": {"type": "string"},
+    "root": {"type": ["string", "null"], "description": "the model that answers (null: several do)"},
+    "parent": {"type": ["string", "null"], "description": "a generate stage's: the served name it belongs to"},
+    "max_model_len": {"type": "integer"},
+    "permission": {"type": "array", "items": {"type": "object", "required": ["id", "object"]}}}}
+
 MODELS = {"responses": {"200": {"description": "the pipeline and its generate stages", "content": {
     "application/json": {"schema": {"type": "object", "required": ["object", "data"], "properties": {
-        "object": {"const": "list"},
-        "data": {"type": "array", "items": {"type": "object", "required": ["id", "object"],
-                                             "properties": {"id": {"type": "string"},
-                                                            "object": {"const": "model"}}}}}}}}}}}
+        "object": {"const": "list"}, "data": {"type": "array", "items": MODEL_CARD}}}}}}}}
 
 HEALTH = {"responses": {
     "200": {"description": "serving", "content": {"application/json": {"schema": {
@@ -340,10 +347,8 @@ METRICS = {"responses": {"200": {"description": "Prometheus text format",
 STATS = {"responses": {"200": {"description": "per stage, per engine and request counters",
                                "content": {"application/json": {"schema": {"type": "object"}}}}}}
 
-MODEL = {"responses": {"200": {"description": "the model", "content": {"application/json": {"schema": {
-    "type": "object", "required": ["id", "object"], "properties": {"id": {"type": "string"},
-                                                                   "object": {"const": "model"}}}}}},
-    "404": _error("no such model")}}
+MODEL = {"responses": {"200": {"description": "the model", "content": {"application/json": {"schema": MODEL_CARD}}},
+                       "404": _error("no such model")}}
 
 TRACE_FLUSH = {"responses": {
     "200": {"description": "the trace so far was written to the --trace file", "content": {"application/json": {
