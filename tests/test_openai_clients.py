@@ -230,7 +230,8 @@ def test_an_sdk_parameter_agp_cannot_honour_is_a_400_naming_it(server, path, fie
     r = httpx.post(server.url + path, json={**SDK_CALLS[path][1], field: value}, timeout=60)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
-    assert (error["param"], error["code"]) == (field, "unsupported_parameter") and "not supported by agp" in error["message"]
+    assert (error["param"], error["code"]) == (field, "unsupported_parameter")
+    assert "not supported by agp" in error["message"]
 
 
 def test_the_responses_values_that_ask_for_nothing_are_taken(server):

@@ -12,8 +12,9 @@ retrieval: similar texts land near each other only as far as the language model'
      "encoding_format": "float" | "base64", "dimensions": H, "priority": 0, "add_special_tokens": true}
 
 `add_special_tokens` (vLLM's) is a completions request's: false embeds a text input without the
-start token its tokenizer would put first. `priority` (vLLM's) is a generation request's: lower is admitted first where the engine
-schedules by priority, and a non-zero value is a 400 where it schedules fcfs.
+start token its tokenizer would put first. `priority` (vLLM's) is a generation request's: lower
+is admitted first where the engine schedules by priority, and a non-zero value is a 400 where it
+schedules fcfs.
 """
 from __future__ import annotations
 
