@@ -120,3 +120,30 @@ def test_a_client_gone_before_its_embeddings_aborts_them_and_logs_no_unretrieved
         assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
     finally:
         s.close()
+
+
+def test_add_special_tokens_false_embeds_a_text_input_without_the_start_token(tmp_path):
+    """vLLM's embeddings field, as on completions (default true): false leaves the tokenizer's
+    start token off a text input; token-id inputs are taken as they are either way."""
+    from tiny_model import write_tiny_gguf
+
+    s = LiveServer(write_tiny_gguf(tmp_path / "bos.gguf", add_bos=True))
+    try:
+        def embed(**extra):
+            r = httpx.post(s.url + "/v1/embeddings", json={"model": "tiny", "input": "the cat sat", **extra},
+                           timeout=60)
+            assert r.status_code == 200, r.text
+            return torch.tensor(r.json()["data"][0]["embedding"]), r.json()["usage"]["prompt_tokens"]
+
+        ids = httpx.post(s.url + "/tokenize", json={"prompt": "the cat sat"}, timeout=30).json()["tokens"]
+        assert ids[0] == s.engine.tokenizer.bos_token_id
+        (with_start, n), (left_out, _) = embed(), embed(add_special_tokens=True)
+        without, m = embed(add_special_tokens=False)
+        assert (n, m) == (len(ids), len(ids) - 1) and torch.equal(with_start, left_out)
+        assert torch.allclose(with_start, expected(s, ids), atol=1e-4)
+        assert torch.allclose(without, expected(s, ids[1:]), atol=1e-4)
+        assert torch.allclose(embed(input=ids[1:], add_special_tokens=True)[0], without, atol=1e-5)
+        r = httpx.post(s.url + "/v1/embeddings", json={"input": "x", "add_special_tokens": "no"}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "add_special_tokens"
+    finally:
+        s.close()

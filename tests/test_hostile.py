@@ -71,6 +71,41 @@ def test_wrong_content_type_and_oversized_bodies_are_415_and_413(server):
         small.close()
 
 
+def test_a_gzip_or_deflate_body_is_decoded_within_the_body_limit_and_another_coding_is_a_415(server):
+    import gzip
+    import zlib
+
+    body = json.dumps({"prompt": "hello there", "max_tokens": 4, "temperature": 0}).encode()
+
+    def send(data: bytes, coding: str):
+        return httpx.post(server.url + "/v1/completions", content=data, timeout=60,
+                          headers={"content-type": "application/json", "content-encoding": coding})
+
+    plain = post(server, body)
+    assert plain.status_code == 200, plain.text
+    raw = zlib.compressobj(wbits=-15)
+    for data, coding in [(gzip.compress(body), "gzip"), (gzip.compress(body), "x-gzip"),
+                         (gzip.compress(body[:9]) + gzip.compress(body[9:]), "gzip"),     # two members
+                         (zlib.compress(body), "deflate"), (raw.compress(body) + raw.flush(), "deflate"),
+                         (body, "identity")]:
+        r = send(data, coding)
+        assert r.status_code == 200, (coding, r.text)
+        assert r.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
+    # a bomb: 64 KiB that inflate to 64 MiB, past the server's 16 MiB: a 413 once 16 MiB are out, not 64 MiB held
+    bomb = gzip.compress(b'{"prompt": "' + b" " * (64 << 20), compresslevel=9)
+    assert len(bomb) < 1 << 20
+    r = send(bomb, "gzip")
+    assert_openai_error(r, 413, f"decodes to more than {16 << 20} bytes")
+    assert r.json()["error"]["code"] == "body_too_large"
+    for data in (b"not gzip at all", gzip.compress(body)[:-12]):      # garbage, and a stream cut short
+        r = send(data, "gzip")
+        assert_openai_error(r, 400, "is not gzip data (Content-Encoding: gzip)")
+    r = send(body, "br")
+    assert_openai_error(r, 415, "Content-Encoding is br")
+    assert r.headers["accept-encoding"] == "gzip, deflate"
+    assert post(server, body).status_code == 200                       # and nothing else noticed
+
+
 def test_stop_strings_are_bounded_by_count_length_and_characters_in_all(server):
     """vLLM sets no count; agp bounds what the matcher's automaton may hold (a state a character),
     so 64 stop strings pass and the per-token cost does not grow with them."""

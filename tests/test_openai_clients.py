@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 
+import httpx
+
 import openai
 import pytest
 
+from pipeline_dsl.serve import protocol as P
 from test_serve import LiveServer
 
 USER = [{"role": "user", "content": "hello world"}]
@@ -188,3 +191,80 @@ def test_a_context_overflow_names_the_length_field_the_client_sent(server):
             call()
         assert e.value.code == "context_length_exceeded"
         assert f"{field} 4090" in e.value.message and (field == "max_tokens" or "max_tokens" not in e.value.message)
+
+
+SDK_CALLS = {"/v1/chat/completions": ("chat.completions", {"messages": USER, "max_tokens": 2}),
+             "/v1/completions": ("completions", {"prompt": "hello", "max_tokens": 2}),
+             "/v1/responses": ("responses", {"input": "hello", "max_output_tokens": 2}),
+             "/v1/embeddings": ("embeddings", {"input": "hello"})}
+
+
+def sdk_parameters(resource: str) -> list[str]:
+    """The request parameters of the installed openai SDK's `create` of a resource."""
+    import inspect
+
+    owner = openai.OpenAI(api_key="unused")
+    for part in resource.split("."):
+        owner = getattr(owner, part)
+    return [name for name, p in inspect.signature(owner.create).parameters.items()
+            if p.kind is p.KEYWORD_ONLY and not name.startswith("extra_") and name != "timeout"]
+
+
+@pytest.mark.parametrize("path", SDK_CALLS)
+def test_every_parameter_of_the_installed_sdk_is_taken_as_left_out_when_null(server, path):
+    # a client that sends null for what it leaves unset (as the SDK sends an explicit None) gets its answer
+    resource, needed = SDK_CALLS[path]
+    body = {name: None for name in sdk_parameters(resource) if name not in needed}
+    r = httpx.post(server.url + path, json={**body, **needed}, timeout=60)
+    assert r.status_code == 200, (sorted(body), r.text)
+
+
+@pytest.mark.parametrize("path, field, value", [
+    ("/v1/chat/completions", "moderation", {"model": "omni-moderation-latest"}),
+    ("/v1/responses", "moderation", {"model": "omni-moderation-latest"}),
+    ("/v1/responses", "conversation", "conv_1"), ("/v1/responses", "prompt", {"id": "pmpt_1"}),
+    ("/v1/responses", "context_management", [{"type": "compaction", "compact_threshold": 1000}]),
+    ("/v1/responses", "access_programs", {"cyber": "standard"}),
+    ("/v1/responses", "background_options", {"completion_window": "2h"})])
+def test_an_sdk_parameter_agp_cannot_honour_is_a_400_naming_it(server, path, field, value):
+    r = httpx.post(server.url + path, json={**SDK_CALLS[path][1], field: value}, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"]) == (field, "unsupported_parameter")
+    assert "not supported by agp" in error["message"]
+
+
+def test_the_responses_values_that_ask_for_nothing_are_taken(server):
+    r = server.client.responses.create(model="tiny", input="hello", max_output_tokens=2, context_management=[],
+                                       access_programs={}, background_options={},
+                                       image={"context_compression": "auto"})
+    assert r.status in ("completed", "incomplete")
+    bad = httpx.post(server.url + "/v1/responses", json={"input": "x", "image": {"context_compression": "max"}},
+                     timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "image"
+
+
+def test_stream_options_take_include_obfuscation_and_refuse_an_unknown_key_as_a_top_level_field(server):
+    # OpenAI's include_obfuscation: taken (agp's chunks carry no obfuscation field), on chat, completions, responses
+    chunks = list(server.client.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=2, stream=True,
+        stream_options={"include_usage": True, "include_obfuscation": True}))
+    assert chunks[-1].usage.completion_tokens >= 1 and not any("obfuscation" in c.model_extra for c in chunks)
+    assert list(server.client.completions.create(model="tiny", prompt="hello", max_tokens=2, stream=True,
+                                                 stream_options={"include_obfuscation": False}))
+    events = list(server.client.responses.create(model="tiny", input="hello", max_output_tokens=2, stream=True,
+                                                 stream_options={"include_obfuscation": True}))
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    for path, (_, body) in SDK_CALLS.items():
+        if path == "/v1/embeddings":
+            continue
+        r = httpx.post(server.url + path, json={**body, "stream": True, "stream_options": {"include_usgae": True}},
+                       timeout=30)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert (error["param"], error["code"]) == ("stream_options.include_usgae", "unknown_parameter")
+        assert error["message"].startswith('unrecognized request argument "stream_options.include_usgae"')
+    # --lenient ignores it, as it ignores an unknown top-level field
+    lenient = P.parse_chat({"messages": USER, "stream": True, "stream_options": {"include_usage": True, "x": 1}},
+                           max_model_len=64, served=("tiny",), lenient=True)
+    assert lenient.include_usage

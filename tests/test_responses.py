@@ -254,3 +254,37 @@ def test_the_store_keeps_the_latest_1024_responses():
         store.put(f"resp_{i}", {"id": f"resp_{i}"}, [])
     assert store.get("resp_0") is None and store.get("resp_1") is not None and store.get("resp_1024") is not None
     assert len(store.items) == 1024
+
+
+def sdk_required_missing(model, data: dict, where: str = "") -> list[str]:
+    """The fields the installed openai SDK's pydantic `model` marks required that `data` lacks,
+    nested objects included."""
+    import typing
+
+    out = []
+    for name, field in model.model_fields.items():
+        if name not in data:
+            out += [where + name] if field.is_required() else []
+            continue
+        for inner in (field.annotation, *typing.get_args(field.annotation)):
+            if isinstance(inner, type) and issubclass(inner, pydantic.BaseModel) and isinstance(data[name], dict):
+                out += sdk_required_missing(inner, data[name], f"{where}{name}.")
+    return out
+
+
+def test_usage_gives_every_field_the_sdk_requires(server):
+    from openai.types.completion_usage import CompletionUsage
+    from openai.types.responses import ResponseUsage
+
+    body = {"model": "tiny", "input": "the cat", "max_output_tokens": 3}
+    whole = httpx.post(server.url + "/v1/responses", json=body, timeout=60).json()
+    with httpx.stream("POST", server.url + "/v1/responses", json={**body, "stream": True}, timeout=60) as r:
+        last = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")][-1]
+    for use in (whole["usage"], last["response"]["usage"]):
+        assert sdk_required_missing(ResponseUsage, use) == []
+        assert use["input_tokens_details"]["cache_write_tokens"] == 0
+        assert use["input_tokens_details"]["cached_tokens"] <= use["input_tokens"]
+    chat = httpx.post(server.url + "/v1/chat/completions",
+                      json={"model": "tiny", "messages": [{"role": "user", "content": "the cat"}], "max_tokens": 3},
+                      timeout=60).json()
+    assert sdk_required_missing(CompletionUsage, chat["usage"]) == []

@@ -284,6 +284,21 @@ def test_a_model_is_looked_up_by_its_id_and_an_unknown_one_is_404(server):
     assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("model_not_found", "model")
 
 
+def test_every_model_entry_is_vllms_model_card(server, tiny_gguf):
+    """vLLM's card: root (the model that answers), parent (a generate stage's served name; null for
+    a served name, as vLLM's base model), max_model_len and one permission object."""
+    entries = httpx.get(server.url + "/v1/models", timeout=30).json()["data"]
+    model = Path(str(tiny_gguf)).name
+    assert [(e["id"], e["root"], e["parent"]) for e in entries] == [("tiny", model, None), ("tiny-model", model, None),
+                                                                    ("gen", model, "tiny")]
+    for e in entries + [httpx.get(server.url + "/v1/models/gen", timeout=30).json()]:
+        assert e["max_model_len"] == server.engine.max_model_len and e["owned_by"] == "agp"
+        [permission] = e["permission"]
+        assert permission["object"] == "model_permission" and permission["id"].startswith("modelperm-")
+        assert (permission["allow_sampling"], permission["allow_logprobs"], permission["organization"]) == \
+            (True, True, "*")
+
+
 def _echoed_choices(url: str, body: dict) -> tuple[dict, dict]:
     """({index: text} of the answer, {index: text} its stream assembles) of a completions request;
     each streamed choice finishes once."""

@@ -2,10 +2,16 @@
 
     raw = await read_body(request, config)     # APIError 413 / 408 / 415 (499: the client went away)
     body = await read_json(request, config)    # and 400 for JSON that is not an object
+
+A body sent with `Content-Encoding: gzip` or `deflate` is decoded as it arrives, bounded by the
+same limit after decoding as before (a small body that inflates past it is a 413, never a
+buffer of its inflated size); another coding (br, zstd, ...) is a 415 naming the header, with
+`Accept-Encoding` saying what is taken (RFC 7694).
 """
 from __future__ import annotations
 
 import asyncio
+import zlib
 
 from fastapi import Request
 from starlette.requests import ClientDisconnect
@@ -14,6 +20,65 @@ from . import protocol as P
 from .config import ServeConfig
 
 JSON_TYPES = ("application/json",)
+CODINGS = ("gzip", "deflate")              # Content-Encoding a body may have (identity: none)
+
+
+class Inflater:
+    """A gzip or deflate body decoded chunk by chunk, never to more than `limit` bytes (413).
+    deflate is the zlib format (RFC 9110), or raw deflate as some clients send it; gzip may hold
+    several members, one after another."""
+
+    def __init__(self, coding: str, limit: int, why: str):
+        self.coding, self.limit, self.why, self.size = coding, limit, why, 0
+        self.head = b""                           # deflate: the first bytes, until its format is known
+        self.z = zlib.decompressobj(16 + zlib.MAX_WBITS) if coding == "gzip" else None
+
+    def _bad(self, why: str) -> P.APIError:
+        return P.APIError(f"the request body is not {self.coding} data (Content-Encoding: {self.coding}): {why}",
+                          code="invalid_content_encoding")
+
+    def feed(self, data: bytes) -> bytes:
+        if self.z is None:                        # deflate: zlib's header (RFC 1950), else raw deflate
+            self.head += data
+            if len(self.head) < 2:
+                return b""
+            zlib_format = self.head[0] & 0x0F == 8 and (self.head[0] << 8 | self.head[1]) % 31 == 0
+            self.z = zlib.decompressobj(zlib.MAX_WBITS if zlib_format else -zlib.MAX_WBITS)
+            data, self.head = self.head, b""
+        out = []
+        while data:
+            if self.z.eof:                        # the next gzip member (deflate ends with its stream)
+                if self.coding != "gzip":
+                    raise self._bad("data after the end of its stream")
+                self.z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            try:
+                piece = self.z.decompress(data, self.limit - self.size + 1)
+            except zlib.error as e:
+                raise self._bad(str(e)) from None
+            self.size += len(piece)
+            if self.size > self.limit:
+                raise P.APIError(f"the request body decodes to more than {self.limit} bytes {self.why}", status=413,
+                                 code="body_too_large")
+            out.append(piece)
+            data = self.z.unconsumed_tail or self.z.unused_data
+        return b"".join(out)
+
+    def end(self) -> None:
+        if self.z is None and self.head or self.z is not None and not self.z.eof:
+            raise self._bad("it ends before its stream does")
+
+
+def content_coding(request: Request) -> str | None:
+    """The body's Content-Encoding: None (identity), gzip or deflate; anything else a 415."""
+    value = request.headers.get("content-encoding", "").strip().lower()
+    if value in ("", "identity"):
+        return None
+    value = "gzip" if value == "x-gzip" else value
+    if value not in CODINGS:
+        raise P.APIError(f"the request body's Content-Encoding is {value}; agp decodes {', '.join(CODINGS)} or none "
+                         "(send the body as it is, or gzip it)", status=415, code="unsupported_content_encoding",
+                         headers={"Accept-Encoding": ", ".join(CODINGS)})
+    return value
 BODY_POLL_S = 0.25       # how often a body still arriving looks whether the server is shutting down
 
 
@@ -29,6 +94,7 @@ async def read_body(request: Request, config: ServeConfig) -> bytes:
         need = 8 * config.max_prompt_chars + (256 << 10)
         if need < limit:
             limit, why = need, "(more than the longest prompt this pipeline takes can need)"
+    coding = content_coding(request)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise P.APIError(f"the request body has {int(declared)} bytes; at most {limit} are accepted {why}",
@@ -36,16 +102,19 @@ async def read_body(request: Request, config: ServeConfig) -> bytes:
 
     async def collect() -> bytes:
         chunks, size = [], 0
+        inflater = Inflater(coding, limit, why) if coding else None
         try:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
                     raise P.APIError(f"the request body has more than {limit} bytes {why}", status=413,
                                      code="body_too_large")
-                chunks.append(chunk)
+                chunks.append(inflater.feed(chunk) if inflater else chunk)
         except ClientDisconnect:          # the client's doing: a 499 as any client gone, not a 500
             raise P.APIError("the client went away before the request's body had arrived", status=499,
                              code="aborted") from None
+        if inflater:
+            inflater.end()
         return b"".join(chunks)
 
     # the body in time; a server that begins to shut down meanwhile refuses it at once (it would

@@ -9,10 +9,12 @@ sampled, no prefix-cache read (engine/prompt_outputs.py). It is not a model trai
 retrieval: similar texts land near each other only as far as the language model's states say.
 
     {"model": "chat", "input": "text" | ["a", "b"] | [1, 2, 3] | [[1, 2], [3]],
-     "encoding_format": "float" | "base64", "dimensions": H, "priority": 0}
+     "encoding_format": "float" | "base64", "dimensions": H, "priority": 0, "add_special_tokens": true}
 
-`priority` (vLLM's) is a generation request's: lower is admitted first where the engine
-schedules by priority, and a non-zero value is a 400 where it schedules fcfs.
+`add_special_tokens` (vLLM's) is a completions request's: false embeds a text input without the
+start token its tokenizer would put first. `priority` (vLLM's) is a generation request's: lower
+is admitted first where the engine schedules by priority, and a non-zero value is a 400 where it
+schedules fcfs.
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ from .errors import api_error, error_response
 from .extras import bad
 from .generation import wait_or_disconnect
 
-FIELDS = {"model", "input", "encoding_format", "dimensions", "user", "normalize", "request_id", "priority"}
+FIELDS = {"model", "input", "encoding_format", "dimensions", "user", "normalize", "request_id", "priority",
+          "add_special_tokens"}
 MAX_INPUTS = 256           # inputs one request may embed
 
 
@@ -98,7 +101,7 @@ class Embeddings:
         extras = P.parse_extras({"request_id": body.get("request_id")}, chat=False)
         return {"model": model, "pin": pin, "inputs": _inputs(body["input"], c.max_model_len), "format": fmt,
                 "dimensions": dims, "normalize": normalize, "request_id": extras.request_id,
-                "fields": {"max_tokens": 0, "pooling": "mean", **P.priority_field(body)}}
+                "fields": {"max_tokens": 0, "pooling": "mean", **P.priority_field(body), **P.add_special_tokens(body)}}
 
     async def create(self, request: Request) -> Response:
         g = self.g

@@ -13,7 +13,9 @@ from pipeline_dsl.requests_io import MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS, M
 from stages.fields import PRIORITY, REQUEST_FIELDS, TOKEN_ID_FIELDS, param_of
 
 from .embeddings import MAX_INPUTS
-from .protocol import CACHE_SETTINGS, CHAT_LACKING, CHAT_NEUTRAL, IDENTIFIERS, MAX_PROMPTS, NEUTRAL
+from .protocol import (CACHE_SETTINGS, CHAT_LACKING, CHAT_NEUTRAL, IDENTIFIERS, MAX_PROMPTS, NEUTRAL,
+                       RESPONSES_LACKING)
+from .responses import IMAGE_COMPRESSION
 
 _SEED = param_of("generate", "seed")                # one schema: the range `agp check` takes
 _BAD_WORDS = param_of("generate", "bad_words")
@@ -62,6 +64,10 @@ STOP = {"oneOf": [
     {"type": "null"},
 ]}
 
+# stream_options.include_obfuscation (OpenAI's; chat, completions and responses): agp adds no obfuscation
+OBFUSCATION = {"include_obfuscation": {"type": ["boolean", "null"],
+                                       "description": "taken; agp's chunks carry no obfuscation field"}}
+
 SAMPLING = {
     "model": {"type": "string", "description": "the pipeline (its name), or one of its generate stages"},
     "max_tokens": {"type": "integer", "minimum": 1},
@@ -74,8 +80,9 @@ SAMPLING = {
     "ignore_eos": {"type": "boolean"},
     "n": {"type": "integer", "minimum": 1, "maximum": 64},
     "stream": {"type": "boolean"},
-    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"},
-                                                        "continuous_usage_stats": {"type": "boolean"}},
+    "stream_options": {"type": "object", "properties": {"include_usage": {"type": ["boolean", "null"]},
+                                                        "continuous_usage_stats": {"type": ["boolean", "null"]},
+                                                        **OBFUSCATION},
                        "additionalProperties": False},
     "user": {"type": "string"},
     **{name: _number(name) for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p",
@@ -185,9 +192,11 @@ CHAT_REQUEST = _request("messages", {
     **_neutral(CHAT_LACKING),
 })
 
+# vLLM's add_special_tokens of completions and embeddings (protocol.add_special_tokens)
+ADD_SPECIAL_TOKENS = {"type": ["boolean", "null"], "description": "a text prompt's start token (default true; vLLM's)"}
+
 COMPLETION_REQUEST = _request("prompt", {
-    "add_special_tokens": {"type": ["boolean", "null"],
-                           "description": "a text prompt's start token (default true; vLLM's)"},
+    "add_special_tokens": ADD_SPECIAL_TOKENS,
     "prompt": {"oneOf": [
         {"type": "string", "minLength": 1},
         {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
@@ -257,12 +266,15 @@ RESPONSES_REQUEST = _request("input", {
     "include": {"type": "array", "items": {"type": "string"}},
     "top_logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS},
     "background": {"enum": [False, None], "description": "agp answers in the foreground"},
-    "stream_options": {"type": ["object", "null"]},
+    "stream_options": {"type": ["object", "null"], "properties": OBFUSCATION, "additionalProperties": False},
     **{name: {"type": ["string", "null"], "description": "repeated in the answer"}
        for name in ("user", "truncation", "service_tier", "prompt_cache_key", "safety_identifier")},
     "reasoning": {"type": ["object", "null"], "description": "repeated in the answer"},
     "max_tool_calls": {"type": ["integer", "null"], "minimum": 1},
     **{name: {**schema, "description": "repeated in the answer"} for name, schema in CACHE.items()},
+    "image": {"type": "object", "additionalProperties": False, "description": "taken and ignored (text only)",
+              "properties": {"context_compression": {"enum": [*IMAGE_COMPRESSION, None]}}},
+    **_neutral(RESPONSES_LACKING),
     **{name: SAMPLING[name] for name in ("request_id", "top_k", "min_p", "repetition_penalty", "seed", "stop",
                                          "ignore_eos", "structured_outputs", "guided_json", "guided_regex",
                                          "guided_choice", "guided_grammar", "priority", "cache_salt")}})
@@ -286,8 +298,9 @@ ERRORS = {
                   "of the pipeline refused the request (code rejected); invalid JSON or Unicode"),
     "404": _error("the model names neither this pipeline nor one of its generate stages"),
     "408": _error("the request body did not arrive within --body-timeout"),
-    "413": _error("the request body is larger than --max-body-bytes, or than any prompt the pipeline takes"),
-    "415": _error("the request body is not application/json"),
+    "413": _error("the request body is larger than --max-body-bytes, or than any prompt the pipeline takes "
+                  "(a gzip or deflate body: as sent or once decoded)"),
+    "415": _error("the request body is not application/json, or its Content-Encoding is neither gzip nor deflate"),
     "429": _error("requests.max_queue requests are waiting: retry after Retry-After seconds"),
     "500": _error("a stage of the pipeline (a user function) failed on this request"),
     "503": _error("the server is shutting down, is overloaded (--max-connections) or its engine failed"),
@@ -309,12 +322,19 @@ def generation(request_schema: dict, response_schema: dict, summary: str) -> dic
     }
 
 
+# vLLM's model card (serve/routes.py, model_entry)
+MODEL_CARD = {"type": "object", "required": ["id", "object", "created", "owned_by", "root", "parent", "max_model_len",
+                                             "permission"], "properties": {
+    "id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
+    "owned_by": {"type": "string"},
+    "root": {"type": ["string", "null"], "description": "the model that answers (null: several do)"},
+    "parent": {"type": ["string", "null"], "description": "a generate stage's: the served name it belongs to"},
+    "max_model_len": {"type": "integer"},
+    "permission": {"type": "array", "items": {"type": "object", "required": ["id", "object"]}}}}
+
 MODELS = {"responses": {"200": {"description": "the pipeline and its generate stages", "content": {
     "application/json": {"schema": {"type": "object", "required": ["object", "data"], "properties": {
-        "object": {"const": "list"},
-        "data": {"type": "array", "items": {"type": "object", "required": ["id", "object"],
-                                             "properties": {"id": {"type": "string"},
-                                                            "object": {"const": "model"}}}}}}}}}}}
+        "object": {"const": "list"}, "data": {"type": "array", "items": MODEL_CARD}}}}}}}}
 
 HEALTH = {"responses": {
     "200": {"description": "serving", "content": {"application/json": {"schema": {
@@ -328,10 +348,8 @@ METRICS = {"responses": {"200": {"description": "Prometheus text format",
 STATS = {"responses": {"200": {"description": "per stage, per engine and request counters",
                                "content": {"application/json": {"schema": {"type": "object"}}}}}}
 
-MODEL = {"responses": {"200": {"description": "the model", "content": {"application/json": {"schema": {
-    "type": "object", "required": ["id", "object"], "properties": {"id": {"type": "string"},
-                                                                   "object": {"const": "model"}}}}}},
-    "404": _error("no such model")}}
+MODEL = {"responses": {"200": {"description": "the model", "content": {"application/json": {"schema": MODEL_CARD}}},
+                       "404": _error("no such model")}}
 
 TRACE_FLUSH = {"responses": {
     "200": {"description": "the trace so far was written to the --trace file", "content": {"application/json": {
@@ -396,7 +414,8 @@ EMBEDDINGS = {
                                     {"type": "string", "minLength": 1}, TOKEN_IDS]}}]},
             "encoding_format": {"enum": ["float", "base64"]}, "normalize": {"type": "boolean"},
             "dimensions": {"type": "integer", "description": "only the model's own"},
-            "user": {"type": "string"}, "request_id": SAMPLING["request_id"], "priority": SAMPLING["priority"]})}}},
+            "user": {"type": "string"}, "request_id": SAMPLING["request_id"], "priority": SAMPLING["priority"],
+            "add_special_tokens": ADD_SPECIAL_TOKENS})}}},
     "responses": {"200": {"description": "one embedding per input", "content": {"application/json": {"schema": {
         "type": "object", "required": ["object", "data", "model", "usage"], "properties": {
             "object": {"const": "list"},

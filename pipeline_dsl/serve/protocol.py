@@ -146,7 +146,16 @@ CHAT_NEUTRAL = {"echo": ((False,), None), "add_special_tokens": ((False,), None)
 CHAT_LACKING = {"reasoning_effort": ((), "its models do not reason"), "verbosity": ((), "its models do not reason"),
                 "audio": ((), "it serves text only"), "modalities": ((["text"],), "it serves text only"),
                 "prediction": ((), "predicted outputs are not served"),
-                "web_search_options": ((), "it searches nothing")}
+                "web_search_options": ((), "it searches nothing"),
+                "moderation": ((), "it runs no moderation model")}
+# the same for the Responses API's fields (serve/responses.py): what OpenAI keeps or runs for a
+# response that agp has not; ignoring them would answer another request than the one sent
+RESPONSES_LACKING = {"moderation": CHAT_LACKING["moderation"],
+                     "conversation": ((), "it keeps no conversations (use 'previous_response_id')"),
+                     "prompt": ((), "it stores no prompt templates (send the 'input')"),
+                     "context_management": (([],), "it compacts no context"),
+                     "access_programs": (({},), "it has no access programs"),
+                     "background_options": (({},), "it answers in the foreground")}
 # metadata: read by the pipeline's conditions (`when metadata.tier == "gold"`), on either endpoint
 COMPLETION_FIELDS = COMMON | VLLM | set(TOKEN_FIELDS) | set(NEUTRAL) | {"prompt", "echo", "metadata",
                                                                         "add_special_tokens"}
@@ -167,18 +176,18 @@ CHAT_FIELDS = COMMON | VLLM | set(TOKEN_FIELDS) | set(NEUTRAL) | set(CHAT_NEUTRA
     "continue_final_message"}
 
 
-def check_unknown(obj: dict, known: set[str], lenient: bool = False) -> dict:
-    """The body without unknown fields: a 400 naming the first, or with `lenient` (vLLM's
-    behaviour) a log line and the field ignored."""
+def check_unknown(obj: dict, known: set[str], lenient: bool = False, where: str = "") -> dict:
+    """The body (or the object of the body at `where`, "stream_options.") without unknown fields: a
+    400 naming the first, or with `lenient` (vLLM's behaviour) a log line and the field ignored."""
     unknown = [key for key in obj if key not in known]
     if unknown and lenient:
-        log.info("ignoring unrecognized request arguments: %s", ", ".join(map(repr, unknown)))
+        log.info("ignoring unrecognized request arguments: %s", ", ".join(repr(where + k) for k in unknown))
         return {k: v for k, v in obj.items() if k in known}
     for key in unknown:
         # only a close name is offered: a typo (0.8 and up), not another field that shares letters (0.65)
         close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise APIError(f"unrecognized request argument {json.dumps(key)}{hint}", param=key,
+        hint = f"; did you mean '{where}{close[0]}'?" if close else ""
+        raise APIError(f"unrecognized request argument {json.dumps(where + key)}{hint}", param=where + key,
                        code="unknown_parameter")         # OpenAI's code for it
     return obj
 
@@ -196,9 +205,16 @@ def _check_unsupported(obj: dict, chat: bool = False) -> None:
             raise APIError(f"'{name}' = {json.dumps(value)[:40]} is not supported by agp "
                            f"(leave it out{' or ' + other if other else ''})", param=name)
     _field(obj, "guided_decoding_backend", lambda v: isinstance(v, str), "a string")
-    for name, (allowed, why) in (CHAT_LACKING if chat else {}).items():
+    if chat:
+        check_lacking(obj, CHAT_LACKING)
+
+
+def check_lacking(obj: dict, table: dict) -> None:
+    """Fields of features agp lacks (CHAT_LACKING, RESPONSES_LACKING): null or the value that asks
+    for nothing is taken, anything else is a 400 saying why, with OpenAI's code for it."""
+    for name, (allowed, why) in table.items():
         value = obj.get(name)
-        if value is not None and value not in allowed:
+        if value is not None and not any(value == a and type(value) is type(a) for a in allowed):
             raise APIError(f"'{name}' = {json.dumps(value)[:40]} is not supported by agp: {why} (leave it out)",
                            param=name, code="unsupported_parameter")
 
@@ -224,6 +240,13 @@ def _truncation(obj: dict, max_model_len: int) -> dict:
                        param="truncate_prompt_tokens", code="context_length_exceeded")
     return {"truncate_prompt_tokens": max_model_len if k == -1 else k}
 
+
+
+def add_special_tokens(obj: dict) -> dict:
+    """vLLM's add_special_tokens of a completions or embeddings request: a text prompt's start token
+    (default true: the encode stage's); {} when left out or null."""
+    special = _field(obj, "add_special_tokens", *ITEM_FIELDS["add_special_tokens"])
+    return {} if special is None else {"add_special_tokens": special}
 
 
 def priority_field(obj: dict) -> dict:
@@ -276,19 +299,34 @@ def _sampling(obj: dict, max_model_len: int, max_tokens_field: str = "max_tokens
 
 
 
-def _stream_flags(obj: dict) -> dict:
+# stream_options' keys: include_obfuscation (OpenAI's) is taken and changes nothing, as agp's chunks
+# carry no obfuscation field; an unknown key is refused as an unknown top-level field is
+STREAM_OPTIONS = ("include_usage", "continuous_usage_stats", "include_obfuscation")
+RESPONSES_STREAM_OPTIONS = ("include_obfuscation",)
+
+
+def stream_options(obj: dict, keys: tuple[str, ...], lenient: bool = False) -> dict | None:
+    """The request's stream_options: an object of `keys`, each true, false or null."""
+    options = _field(obj, "stream_options", lambda v: isinstance(v, dict), "an object")
+    if options is None:
+        return None
+    options = check_unknown(options, set(keys), lenient, where="stream_options.")
+    for key in keys:
+        if options.get(key) is not None and not isinstance(options[key], bool):
+            raise _bad(f"stream_options.{key}", "true or false", options[key])
+    return options
+
+
+def _stream_flags(obj: dict, lenient: bool = False) -> dict:
     """stream, and stream_options' include_usage and continuous_usage_stats (vLLM's: every chunk
     carries the usage so far; with include_usage, as vLLM takes it)."""
     stream = _field(obj, "stream", lambda v: isinstance(v, bool), "true or false") or False
-    options = _field(obj, "stream_options", lambda v: isinstance(v, dict), "an object")
+    options = stream_options(obj, STREAM_OPTIONS, lenient)
     flags = {"stream": stream, "include_usage": False, "continuous_usage": False}
     if options:
         if not stream:
             raise APIError("'stream_options' is only allowed with \"stream\": true",
                            param="stream_options")
-        for key in ("include_usage", "continuous_usage_stats"):
-            if options.get(key) is not None and not isinstance(options[key], bool):
-                raise _bad(f"stream_options.{key}", "true or false", options[key])
         flags["include_usage"] = bool(options.get("include_usage"))
         flags["continuous_usage"] = bool(options.get("continuous_usage_stats") and flags["include_usage"])
     return flags
@@ -326,7 +364,7 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     if "prompt" not in obj or obj["prompt"] is None:
         raise APIError("'prompt' is required", param="prompt")
     prompts = _prompts(obj["prompt"], max_model_len, truncation.get("truncate_prompt_tokens"))
-    flags = _stream_flags(obj)
+    flags = _stream_flags(obj, lenient)
     echo = _field(obj, "echo", lambda v: isinstance(v, bool), "true or false") or False
     metadata = _field(obj, "metadata", lambda v: isinstance(v, dict), "an object")
     # max_tokens 0 (an integer: false and 0.0 are no more a token count here than anywhere) scores
@@ -350,9 +388,7 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
         fields["max_tokens"] = 0
     if echo:
         fields["echo"] = True
-    special = _field(obj, "add_special_tokens", *ITEM_FIELDS["add_special_tokens"])
-    if special is not None:             # vLLM's: a text prompt's start token (default true)
-        fields["add_special_tokens"] = special
+    fields.update(add_special_tokens(obj))
     extras = parse_extras(obj, chat=False)
     fields.update(extras.fields)
     fields.update(truncation)
@@ -444,7 +480,7 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     check_cache_settings(obj)
     truncation = _truncation(obj, max_model_len)
     messages = _messages(obj.get("messages"))
-    flags = _stream_flags(obj)
+    flags = _stream_flags(obj, lenient)
     fields = _sampling(obj, max_model_len, max_tokens_field="max_completion_tokens")
     want = _field(obj, "logprobs", lambda v: isinstance(v, bool), "true or false")
     top = _field(obj, "top_logprobs", lambda v: _is_int(v) and 0 <= v <= MAX_LOGPROBS,

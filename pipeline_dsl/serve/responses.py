@@ -37,7 +37,7 @@ STORED = 1024              # responses kept for previous_response_id / GET (the 
 FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "tools", "tool_choice",
           "parallel_tool_calls", "text", "stream", "store", "metadata", "previous_response_id", "user",
           "truncation", "reasoning", "include", "top_logprobs", "service_tier", "background", "stream_options",
-          "prompt_cache_key", "safety_identifier", "max_tool_calls", *P.CACHE_SETTINGS,
+          "prompt_cache_key", "safety_identifier", "max_tool_calls", "image", *P.CACHE_SETTINGS, *P.RESPONSES_LACKING,
           # vLLM's extras on this route
           "request_id", "top_k", "min_p", "repetition_penalty", "seed", "stop", "ignore_eos", "structured_outputs",
           "guided_json", "guided_regex", "guided_choice", "guided_grammar", "priority", "cache_salt"}
@@ -47,6 +47,7 @@ PASSED = ("model", "temperature", "top_p", "parallel_tool_calls", "stream", "req
 RENAMED = {"max_tokens": "max_output_tokens", "response_format": "text.format", "messages": "input",
            "logprobs": "include"}
 LOGPROBS = "message.output_text.logprobs"
+IMAGE_COMPRESSION = ("auto", "enabled", "disabled")      # image.context_compression: taken and ignored
 APIError = P.APIError
 
 
@@ -195,7 +196,11 @@ def _checked(obj: dict) -> None:
             ("prompt_cache_key", lambda v: isinstance(v, str), "a string"),
             ("safety_identifier", lambda v: isinstance(v, str), "a string"),
             ("max_tool_calls", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-             "a positive integer")):
+             "a positive integer"),
+            # image options: moot, as an image in the input is a 400 (text only)
+            ("image", lambda v: isinstance(v, dict) and set(v) <= {"context_compression"}
+             and v.get("context_compression") in (None, *IMAGE_COMPRESSION),
+             'an object {"context_compression": "auto", "enabled" or "disabled"}')):
         if obj.get(name) is not None and not ok(obj[name]):
             raise bad(name, expected, obj[name])
 
@@ -205,6 +210,8 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
     """POST /v1/responses: the chat request it runs as, and what its answer repeats."""
     obj = P.check_unknown(obj, FIELDS, lenient)
     _checked(obj)
+    P.check_lacking(obj, P.RESPONSES_LACKING)
+    P.stream_options(obj, P.RESPONSES_STREAM_OPTIONS, lenient)
     P.check_cache_settings(obj)
     P.priority_field(obj)                      # a null priority too, which the chat request below would not see
     if "input" not in obj or obj["input"] is None:

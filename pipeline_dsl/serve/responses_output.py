@@ -6,7 +6,11 @@ import uuid
 
 
 def usage(u: dict) -> dict:
-    return {"input_tokens": u["prompt_tokens"], "input_tokens_details": {"cached_tokens": u["cached_tokens"]},
+    """OpenAI's ResponseUsage, every field its SDK requires: cache_write_tokens is 0, as agp writes no
+    explicit cache entries (its prefix cache keeps a prompt's KV blocks by their tokens, unasked and
+    unbilled); reasoning_tokens 0, as its models do not reason."""
+    return {"input_tokens": u["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": u["cached_tokens"], "cache_write_tokens": 0},
             "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": u["prompt_tokens"] + u["completion_tokens"]}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -88,14 +89,27 @@ async def embeddings(request: Request):
 # ---------------------------------------------------------------- models, tokenizer
 
 def model_entry(state, name: str) -> dict | None:
+    """vLLM's model card: `root` the model that answers (its file's or folder's name; null for a
+    served name that several models answer: each of its generate stages has an entry naming
+    its own), `parent` the served name a generate stage's entry belongs to (null for a served
+    name), and vLLM's one `permission` object."""
     config = state.config
+
+    def card(root: str | None, parent: str | None) -> dict:
+        return {"id": name, "object": "model", "created": state.created, "owned_by": "agp", "root": root,
+                "parent": parent, "max_model_len": config.max_model_len,
+                "permission": [{"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission",
+                                "created": state.created, "allow_create_engine": False, "allow_sampling": True,
+                                "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
+                                "allow_fine_tuning": False, "organization": "*", "group": None,
+                                "is_blocking": False}]}
+
     if name in config.model_names:
-        return {"id": name, "object": "model", "created": state.created, "owned_by": "agp",
-                "max_model_len": config.max_model_len}
+        models = {model for _, model in config.stages}
+        return card(models.pop() if len(models) == 1 else None, None)
     for stage, model in config.stages:
         if stage == name:
-            return {"id": stage, "object": "model", "created": state.created, "owned_by": "agp", "root": model,
-                    "parent": config.model_names[0], "max_model_len": config.max_model_len}
+            return card(model, config.model_names[0])
     return None
 
 
