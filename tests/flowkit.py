@@ -116,6 +116,20 @@ def gate(name: str) -> threading.Event:
         return GATES.setdefault(name, threading.Event())
 
 
+def open_once_taken_in(rt, stage: str, name: str) -> None:
+    """Set gate `name` once stage `stage` of runtime `rt` has taken an item in (its own count,
+    polled on a thread): a hook waiting on the gate goes on only after that, however busy the
+    machine is. After a minute it is set anyway (the test's assertion then says what went wrong)."""
+    def watch():
+        for _ in range(6000):
+            if rt.stats()["stages"][stage]["items_in"] >= 1:
+                break
+            threading.Event().wait(0.01)
+        gate(name).set()
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def bump(name: str) -> int:
     """Count a call of `name`; returns its number (1, 2, ...)."""
     with _LOCK:

@@ -5,8 +5,6 @@ character; a join fn's new dict keeps its finish reason; a bad index says so; a 
 branch is the join's choice (on_reject)."""
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 import flowkit
@@ -265,15 +263,7 @@ def late(item):
     path = write(tmp_path, soft_gguf, body, hooks=hooks)
     assert errors(path) == []
     rt = flowkit.runtime(path)
-
-    def release():                         # late fails only after respond took the answer in
-        for _ in range(6000):
-            if rt.stats()["stages"]["out"]["items_in"] >= 1:
-                break
-            threading.Event().wait(0.01)
-        flowkit.gate("late").set()
-
-    threading.Thread(target=release, daemon=True).start()
+    flowkit.open_once_taken_in(rt, "out", "late")   # the other branch goes on after
     try:
         (res,) = rt.run_all([chat("a", "hello")])
     finally:

@@ -5,8 +5,6 @@ inside a fan-out come in branch order whatever order they arrive in, an echo tha
 nothing still counts its prompt, and a join without a policy takes the first result."""
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 import flowkit
@@ -122,15 +120,7 @@ def test_a_join_without_a_policy_takes_the_first_result_to_arrive(tmp_path, soft
     path = write(tmp_path, soft_gguf, body, hooks=HOOKS)
     assert errors(path) == []
     rt = flowkit.runtime(path)
-
-    def release():                         # the evens go on once the odd one is in the join
-        for _ in range(6000):
-            if rt.stats()["stages"]["vote"]["items_in"] >= 1:
-                break
-            threading.Event().wait(0.01)
-        flowkit.gate("even").set()
-
-    threading.Thread(target=release, daemon=True).start()
+    flowkit.open_once_taken_in(rt, "vote", "even")   # the other branch goes on after
     try:
         (res,) = rt.run_all([chat("a", "hello")])
     finally:
