@@ -404,6 +404,20 @@ def test_a_foreign_host_header_is_refused(tiny_gguf):
         s.close()
 
 
+def test_an_ipv6_host_header_in_brackets_is_answered(tiny_gguf):
+    # a server on ::1 (`agp serve --host ::1` allows "::1") is called as http://[::1]:PORT/, so its
+    # Host header is "[::1]:PORT" (RFC 3986 brackets), with or without the port
+    s = LiveServer(tiny_gguf, allowed_hosts=("::1", "localhost"))
+    try:
+        for host in (f"[::1]:{s.port}", "[::1]", "[::1]:8000"):
+            r = httpx.get(s.url + "/health", headers={"host": host})
+            assert r.status_code == 200, (host, r.text[:200])
+        r = httpx.get(s.url + "/health", headers={"host": "[::2]:8000"})
+        assert_openai_error(r, 400, "Host header")
+    finally:
+        s.close()
+
+
 def test_an_http_1_0_request_without_a_host_header_is_answered(tiny_gguf):
     # HTTP/1.0 lets a client leave Host out (HAProxy's default health check: OPTIONS / HTTP/1.0);
     # it was refused as a foreign host, 400, so such a probe marked the server down

@@ -259,6 +259,16 @@ def test_every_route_but_the_documented_open_ones_wants_the_key(live):
     assert httpx.get(live.url + "/openapi.json", timeout=30).status_code == 200
 
 
+def test_the_authorization_scheme_is_read_whatever_its_case(live):
+    """RFC 9110: the scheme of an Authorization header is case-insensitive; a client that sends
+    `bearer KEY` (or `BEARER KEY`) with the right key is let in, and a wrong key is still a 401."""
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        r = httpx.get(live.url + "/v1/models", headers={"Authorization": f"{scheme} k1"}, timeout=30)
+        assert r.status_code == 200, (scheme, r.text[:200])
+    r = httpx.get(live.url + "/v1/models", headers={"Authorization": "bearer k2"}, timeout=30)
+    assert r.status_code == 401
+
+
 def test_a_client_request_id_of_up_to_128_printable_characters_is_kept(live):
     """docs/serve.md, "Request ids": the client's X-Request-Id, at most 128 printable characters,
     comes back and names the answer; a longer one is replaced by a new id."""
