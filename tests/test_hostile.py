@@ -71,6 +71,30 @@ def test_wrong_content_type_and_oversized_bodies_are_415_and_413(server):
         small.close()
 
 
+def test_a_body_without_a_content_type_is_415(server):
+    # a browser's cross-site fetch may send a body with no Content-Type at all (an ArrayBuffer, a
+    # no-cors request) without a preflight: it is refused as text/plain is, not read as JSON
+    r = httpx.post(server.url + "/v1/completions", content=b'{"prompt": "hi", "max_tokens": 1}', timeout=30)
+    assert "content-type" not in r.request.headers
+    assert_openai_error(r, 415, "not unspecified")
+
+
+def test_a_body_of_exactly_max_body_bytes_is_taken_and_one_byte_more_is_413(server):
+    small = LiveServer(server.runtime.segments[0].config.model, max_body_bytes=2048)
+    try:
+        body = '{"prompt": "hi", "max_tokens": 1}'
+        exact = body[:-1] + " " * (2048 - len(body)) + "}"          # JSON whitespace up to the limit
+        assert len(exact) == 2048
+        r = post(small, exact)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1, r.text[:300]
+        assert_openai_error(post(small, exact[:-1] + " }"), 413, "at most 2048 are accepted")
+        for data, status in ((exact, 200), (exact[:-1] + " }", 413)):       # chunked: no Content-Length
+            r = post(small, (part.encode() for part in (data[:1000], data[1000:])))
+            assert "content-length" not in r.request.headers and r.status_code == status, r.text[:300]
+    finally:
+        small.close()
+
+
 def test_stop_strings_are_bounded_by_count_length_and_characters_in_all(server):
     """vLLM sets no count; agp bounds what the matcher's automaton may hold (a state a character),
     so 64 stop strings pass and the per-token cost does not grow with them."""
