@@ -95,6 +95,20 @@ def test_a_body_of_exactly_max_body_bytes_is_taken_and_one_byte_more_is_413(serv
         small.close()
 
 
+def test_a_body_larger_than_the_longest_prompt_can_need_is_413_before_it_is_read(server):
+    # a pipeline whose engines take at most 1,000 characters of prompt needs no 4 MiB body: past
+    # 8 bytes a character and 256 KiB of other fields, the body is refused by its Content-Length
+    small = LiveServer(server.runtime.segments[0].config.model, max_prompt_chars=1000)
+    try:
+        limit = 8 * 1000 + (256 << 10)
+        body = '{"prompt": "hi", "max_tokens": 1}'
+        r = post(small, body[:-1] + " " * (limit + 1 - len(body)) + "}")
+        assert_openai_error(r, 413, f"at most {limit} are accepted (more than the longest prompt")
+        assert post(small, body).status_code == 200
+    finally:
+        small.close()
+
+
 def test_stop_strings_are_bounded_by_count_length_and_characters_in_all(server):
     """vLLM sets no count; agp bounds what the matcher's automaton may hold (a state a character),
     so 64 stop strings pass and the per-token cost does not grow with them."""
