@@ -106,6 +106,40 @@ def test_requests_the_guard_refuses_are_counted_by_status(live):
     assert count("401") == before + 4
 
 
+def test_a_request_failed_after_its_first_tokens_is_counted_by_its_status_not_as_gone(tiny_gguf):
+    """A stream stage fails every answer after its first chunk: the client, streamed or not, gets
+    the 500 (a JSON error, or an error event and [DONE] after the first chunk) and
+    agp_requests_total counts a 500 each, not a 499 (a client that went away)."""
+    from test_serve import TINY
+
+    text = (TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=8, timeout=20)
+            .replace("kv -> gen -> out", "kv -> gen -> p -> out")
+            .replace("stage out", 'stage p       : python        { fn = "flowkit:fail_after_first_chunk"  stream = true }\n    stage out'))
+    s = LiveServer(tiny_gguf, text=text)
+
+    def count(status: str) -> float:
+        try:
+            return s.metric("agp_requests_total", f'{{status="{status}"}}')
+        except AssertionError:
+            return 0.0
+
+    try:
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 4, "ignore_eos": True}
+        r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "stage_failed", r.text[:300]
+        with httpx.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            assert r.status_code == 200
+            text = b"".join(r.iter_bytes()).decode()
+        assert '"code":"stage_failed"' in text and text.rstrip().endswith("data: [DONE]"), text[-300:]
+        deadline = time.monotonic() + 30
+        while count("500") < 2:
+            assert time.monotonic() < deadline, (count("500"), count("499"))
+            time.sleep(0.05)
+        assert (count("500"), count("499")) == (2, 0)
+    finally:
+        s.close()
+
+
 def test_an_error_answer_is_logged_with_its_request_id(live):
     """The line that gives an error's reason carries the request's id, as its access line does,
     so the id a client reports finds why it was refused."""
