@@ -70,6 +70,7 @@ def test_step_tokens_params_and_request_times_move(server, client):
     assert grew("vllm:request_params_n", "vllm:request_params_n_count") == 2
     assert value(after, "vllm:request_params_n", "vllm:request_params_n_bucket", le="1.0") - \
         value(before, "vllm:request_params_n", "vllm:request_params_n_bucket", le="1.0") == 1      # the chat: n = 1
+    assert grew("vllm:request_params_n", "vllm:request_params_n_sum") == 2 + 1                # a request without n: 1
     assert grew("vllm:request_params_max_tokens", "vllm:request_params_max_tokens_sum") == 7 + 5
     assert grew("vllm:request_inference_time_seconds", "vllm:request_inference_time_seconds_count") == 2
     assert grew("vllm:request_time_per_output_token_seconds",

@@ -345,6 +345,8 @@ def test_raw_sse_stream_ends_with_done(server):
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
+        # nor a cache nor a buffering proxy (nginx reads X-Accel-Buffering) holds the chunks back
+        assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
         events = [line for line in r.iter_lines() if line]
     assert events[-1] == "data: [DONE]"
     payloads = [json.loads(e[len("data: "):]) for e in events[:-1]]
