@@ -236,6 +236,14 @@ def test_while_the_model_loads_probes_get_503_loading_and_the_port_stays_held():
             r = httpx.get(url + "/health", headers={"X-Request-Id": "a b"}, timeout=10)
             assert r.headers["x-request-id"] != "a b"                   # not printable without spaces: a new one
             assert httpx.head(url + "/health", timeout=10).status_code == 503
+            c = socket.create_connection(sock.getsockname()[:2], timeout=10)     # a HEAD answer has no body
+            c.sendall(b"HEAD /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            raw = b""
+            while chunk := c.recv(65536):
+                raw += chunk
+            c.close()
+            head, _, rest = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503 ") and rest == b"", raw
             r = httpx.post(url + "/v1/chat/completions", json={"messages": []}, timeout=10)
             assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
         late = socket.create_connection(sock.getsockname()[:2], timeout=10)   # queued, not refused
