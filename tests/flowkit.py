@@ -169,6 +169,15 @@ def ask_again(item: dict) -> dict:
     return item["request"]
 
 
+def fail_after_first_chunk(item: dict, chunks):
+    """A stream stage's fn (`fn = "flowkit:fail_after_first_chunk"  stream = true`): it lets the
+    answer's first chunk through, then fails the request."""
+    for i, text in enumerate(chunks):
+        if i == 1:
+            raise RuntimeError("failed by the test")
+        yield text
+
+
 async def ahang(item: dict) -> dict:
     """An `async def` python stage's fn that never returns (60 s): counts the call under "ahung",
     and under "cancelled" when its timeout cancels it."""

@@ -97,6 +97,23 @@ def test_up_to_256_inputs_are_embedded_and_the_answer_names_the_model_asked_for(
     assert r.data[1].embedding == r.data[3].embedding != r.data[0].embedding
 
 
+def test_embeddings_are_counted_by_status_and_leave_nothing_in_flight(server, client):
+    """An embeddings request answered, or failed by the engine (an input beyond the context), is
+    counted in agp_requests_total by its status and leaves agp_requests_in_flight at 0."""
+    def count(status: str) -> float:
+        try:
+            return server.metric("agp_requests_total", f'{{status="{status}"}}')
+        except AssertionError:              # no such series yet
+            return 0.0
+
+    ok, refused = count("200"), count("400")
+    client.embeddings.create(model="tiny", input=["a b", "c"])
+    r = httpx.post(server.url + "/v1/embeddings", json={"model": "tiny", "input": "a b c d " * 600}, timeout=60)
+    assert r.status_code == 400, r.text[:300]
+    assert (count("200"), count("400")) == (ok + 1, refused + 1)
+    assert server.metric("agp_requests_in_flight") == 0
+
+
 def test_a_client_gone_before_its_embeddings_aborts_them_and_logs_no_unretrieved_error(tiny_gguf, caplog):
     """An embeddings client that hangs up while its inputs wait: every input's request is aborted,
     nothing is left in flight, and the server logs no asyncio 'exception was never retrieved'

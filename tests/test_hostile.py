@@ -106,6 +106,44 @@ def test_a_gzip_or_deflate_body_is_decoded_within_the_body_limit_and_another_cod
     assert post(server, body).status_code == 200                       # and nothing else noticed
 
 
+def test_a_body_without_a_content_type_is_415(server):
+    # a browser's cross-site fetch may send a body with no Content-Type at all (an ArrayBuffer, a
+    # no-cors request) without a preflight: it is refused as text/plain is, not read as JSON
+    r = httpx.post(server.url + "/v1/completions", content=b'{"prompt": "hi", "max_tokens": 1}', timeout=30)
+    assert "content-type" not in r.request.headers
+    assert_openai_error(r, 415, "not unspecified")
+
+
+def test_a_body_of_exactly_max_body_bytes_is_taken_and_one_byte_more_is_413(server):
+    small = LiveServer(server.runtime.segments[0].config.model, max_body_bytes=2048)
+    try:
+        body = '{"prompt": "hi", "max_tokens": 1}'
+        exact = body[:-1] + " " * (2048 - len(body)) + "}"          # JSON whitespace up to the limit
+        assert len(exact) == 2048
+        r = post(small, exact)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1, r.text[:300]
+        assert_openai_error(post(small, exact[:-1] + " }"), 413, "at most 2048 are accepted")
+        for data, status in ((exact, 200), (exact[:-1] + " }", 413)):       # chunked: no Content-Length
+            r = post(small, (part.encode() for part in (data[:1000], data[1000:])))
+            assert "content-length" not in r.request.headers and r.status_code == status, r.text[:300]
+    finally:
+        small.close()
+
+
+def test_a_body_larger_than_the_longest_prompt_can_need_is_413_before_it_is_read(server):
+    # a pipeline whose engines take at most 1,000 characters of prompt needs no 4 MiB body: past
+    # 8 bytes a character and 256 KiB of other fields, the body is refused by its Content-Length
+    small = LiveServer(server.runtime.segments[0].config.model, max_prompt_chars=1000)
+    try:
+        limit = 8 * 1000 + (256 << 10)
+        body = '{"prompt": "hi", "max_tokens": 1}'
+        r = post(small, body[:-1] + " " * (limit + 1 - len(body)) + "}")
+        assert_openai_error(r, 413, f"at most {limit} are accepted (more than the longest prompt")
+        assert post(small, body).status_code == 200
+    finally:
+        small.close()
+
+
 def test_stop_strings_are_bounded_by_count_length_and_characters_in_all(server):
     """vLLM sets no count; agp bounds what the matcher's automaton may hold (a state a character),
     so 64 stop strings pass and the per-token cost does not grow with them."""
@@ -434,6 +472,20 @@ def test_a_foreign_host_header_is_refused(tiny_gguf):
         ok = httpx.get(s.url + "/health")
         assert ok.status_code == 200
         r = httpx.get(s.url + "/health", headers={"host": "attacker.example"})
+        assert_openai_error(r, 400, "Host header")
+    finally:
+        s.close()
+
+
+def test_an_ipv6_host_header_in_brackets_is_answered(tiny_gguf):
+    # a server on ::1 (`agp serve --host ::1` allows "::1") is called as http://[::1]:PORT/, so its
+    # Host header is "[::1]:PORT" (RFC 3986 brackets), with or without the port
+    s = LiveServer(tiny_gguf, allowed_hosts=("::1", "localhost"))
+    try:
+        for host in (f"[::1]:{s.port}", "[::1]", "[::1]:8000"):
+            r = httpx.get(s.url + "/health", headers={"host": host})
+            assert r.status_code == 200, (host, r.text[:200])
+        r = httpx.get(s.url + "/health", headers={"host": "[::2]:8000"})
         assert_openai_error(r, 400, "Host header")
     finally:
         s.close()

@@ -71,6 +71,7 @@ def test_step_tokens_params_and_request_times_move(server, client):
     assert grew("vllm:request_params_n", "vllm:request_params_n_count") == 2
     assert value(after, "vllm:request_params_n", "vllm:request_params_n_bucket", le="1.0") - \
         value(before, "vllm:request_params_n", "vllm:request_params_n_bucket", le="1.0") == 1      # the chat: n = 1
+    assert grew("vllm:request_params_n", "vllm:request_params_n_sum") == 2 + 1                # a request without n: 1
     assert grew("vllm:request_params_max_tokens", "vllm:request_params_max_tokens_sum") == 7 + 5
     assert grew("vllm:request_inference_time_seconds", "vllm:request_inference_time_seconds_count") == 2
     assert grew("vllm:request_time_per_output_token_seconds",
@@ -141,6 +142,32 @@ def test_the_prompt_of_a_request_aborted_after_its_first_token_is_counted(server
     while prompts() == before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert [after - b for after, b in zip(prompts(), before)] == [size, size]
+
+
+def test_requests_the_pipeline_refuses_leave_nothing_in_flight(server):
+    """A request the engine refuses after it was submitted (a prompt beyond the context, streamed
+    or not) answers a 400 and leaves agp_requests_in_flight where it was (the gauge counted each
+    such request as in flight for good), and its prompt, never prefilled, is no prompt token."""
+    def in_flight() -> float:
+        return value(scrape(server), "agp_requests_in_flight", "agp_requests_in_flight")
+
+    def prompts() -> tuple:
+        fams = scrape(server)
+        return (value(fams, "vllm:prompt_tokens", "vllm:prompt_tokens_total"),
+                value(fams, "agp_prompt_tokens", "agp_prompt_tokens_total"))
+
+    deadline = time.monotonic() + 30
+    while in_flight() != 0:                       # an earlier test's hung-up stream, still ending
+        assert time.monotonic() < deadline, in_flight()
+        time.sleep(0.05)
+    before = prompts()
+    long = "a b c d " * server.engine.max_model_len
+    for stream in (False, True, False):
+        r = httpx.post(server.url + "/v1/completions", timeout=60,
+                       json={"model": "tiny", "prompt": long, "max_tokens": 1, "stream": stream})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text[:300]
+    assert in_flight() == 0
+    assert prompts() == before
 
 
 def test_inter_token_latency_is_per_choice_and_once_per_chunk(monkeypatch):

@@ -150,7 +150,7 @@ class LiveServer:
     """An `agp serve` app on 127.0.0.1:<free port>, in a uvicorn thread of this process."""
 
     def __init__(self, model_path, *, max_batch_size=8, max_queue=1024, batch_timeout_s=0.02, text=None,
-                 header_timeout=None, overrides=None, **config_kw):
+                 header_timeout=None, overrides=None, max_unread_tokens=None, **config_kw):
         import tempfile
 
         from pipeline_dsl.serve.server import header_timeout_protocol
@@ -162,7 +162,7 @@ class LiveServer:
         self.runtime = build_runtime(path, overrides={"threads": 1, **(overrides or {})})
         self.engine = self.runtime.segments[0].engine
         self.metrics = ServerMetrics()
-        self.apipe = AsyncPipeline(self.runtime, metrics=self.metrics)
+        self.apipe = AsyncPipeline(self.runtime, metrics=self.metrics, max_unread_tokens=max_unread_tokens)
         self.app = create_app(self.apipe,
                               ServeConfig(model_names=SERVED, max_model_len=self.engine.max_model_len,
                                           stages=(("gen", Path(str(model_path)).name),), **config_kw),
@@ -355,11 +355,31 @@ def test_total_tokens_is_prompt_plus_completion_also_when_the_prompt_was_cached(
     assert use.prompt_tokens_details.cached_tokens > 0 and use.total_tokens == use.prompt_tokens + use.completion_tokens
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_usage_of_a_batch_of_prompts_sums_its_prompts(server, stream):
+    """A completions request with several prompts answers one usage: every prompt's tokens and
+    every choice's, whole or on the stream's usage chunk."""
+    prompts = ["the cat sat", "on a mat today", "hi"]
+    sizes = [httpx.post(server.url + "/tokenize", json={"prompt": p}, timeout=30).json()["count"] for p in prompts]
+    body = {"model": "tiny", "prompt": prompts, "max_tokens": 3, "ignore_eos": True, "n": 2, "stream": stream,
+            **({"stream_options": {"include_usage": True}} if stream else {})}
+    if stream:
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        usage = chunks[-1]["usage"]
+    else:
+        usage = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["usage"]
+    assert usage["prompt_tokens"] == sum(sizes) and usage["completion_tokens"] == 3 * 3 * 2
+    assert usage["total_tokens"] == sum(sizes) + 18
+
+
 def test_raw_sse_stream_ends_with_done(server):
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 5, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
+        # nor a cache nor a buffering proxy (nginx reads X-Accel-Buffering) holds the chunks back
+        assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
         events = [line for line in r.iter_lines() if line]
     assert events[-1] == "data: [DONE]"
     payloads = [json.loads(e[len("data: "):]) for e in events[:-1]]

@@ -187,3 +187,28 @@ def test_a_prompt_limit_set_by_the_variable_is_named_by_the_variable(tmp_path, t
             assert said in str(e.value)
         finally:
             serving.runtime.close()
+
+
+def test_a_server_on_a_loopback_address_answers_for_localhost_and_its_address_only(tmp_path, tiny_gguf):
+    """docs/serve.md, --allowed-hosts: a server listening on 127.0.0.1 answers a Host header of
+    localhost (a browser's http://localhost:8000) and of its addresses, and refuses any other
+    name (DNS rebinding); one listening on every address answers any."""
+    from starlette.testclient import TestClient
+
+    from pipeline_dsl.serve.build import build
+    from test_serve import TINY
+
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=tiny_gguf, max_queue=8, max_batch_size=2, timeout=20))
+    for host, answered, refused in (("127.0.0.1", ["localhost:8000", "LOCALHOST", "127.0.0.1:8000", "[::1]:8000"],
+                                     ["rebind.example:8000"]),
+                                    ("0.0.0.0", ["rebind.example:8000", "localhost"], [])):
+        serving = build(parse([str(path), "--threads", "1", "--host", host], {}))
+        try:
+            client = TestClient(serving.app)
+            for name in answered:
+                assert client.get("/version", headers={"host": name}).status_code == 200, (host, name)
+            for name in refused:
+                assert client.get("/version", headers={"host": name}).status_code == 400, (host, name)
+        finally:
+            serving.runtime.close()

@@ -106,6 +106,40 @@ def test_requests_the_guard_refuses_are_counted_by_status(live):
     assert count("401") == before + 4
 
 
+def test_a_request_failed_after_its_first_tokens_is_counted_by_its_status_not_as_gone(tiny_gguf):
+    """A stream stage fails every answer after its first chunk: the client, streamed or not, gets
+    the 500 (a JSON error, or an error event and [DONE] after the first chunk) and
+    agp_requests_total counts a 500 each, not a 499 (a client that went away)."""
+    from test_serve import TINY
+
+    text = (TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=8, timeout=20)
+            .replace("kv -> gen -> out", "kv -> gen -> p -> out")
+            .replace("stage out", 'stage p       : python        { fn = "flowkit:fail_after_first_chunk"  stream = true }\n    stage out'))
+    s = LiveServer(tiny_gguf, text=text)
+
+    def count(status: str) -> float:
+        try:
+            return s.metric("agp_requests_total", f'{{status="{status}"}}')
+        except AssertionError:
+            return 0.0
+
+    try:
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 4, "ignore_eos": True}
+        r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "stage_failed", r.text[:300]
+        with httpx.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            assert r.status_code == 200
+            text = b"".join(r.iter_bytes()).decode()
+        assert '"code":"stage_failed"' in text and text.rstrip().endswith("data: [DONE]"), text[-300:]
+        deadline = time.monotonic() + 30
+        while count("500") < 2:
+            assert time.monotonic() < deadline, (count("500"), count("499"))
+            time.sleep(0.05)
+        assert (count("500"), count("499")) == (2, 0)
+    finally:
+        s.close()
+
+
 def test_an_error_answer_is_logged_with_its_request_id(live):
     """The line that gives an error's reason carries the request's id, as its access line does,
     so the id a client reports finds why it was refused."""
@@ -202,6 +236,14 @@ def test_while_the_model_loads_probes_get_503_loading_and_the_port_stays_held():
             r = httpx.get(url + "/health", headers={"X-Request-Id": "a b"}, timeout=10)
             assert r.headers["x-request-id"] != "a b"                   # not printable without spaces: a new one
             assert httpx.head(url + "/health", timeout=10).status_code == 503
+            c = socket.create_connection(sock.getsockname()[:2], timeout=10)     # a HEAD answer has no body
+            c.sendall(b"HEAD /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            raw = b""
+            while chunk := c.recv(65536):
+                raw += chunk
+            c.close()
+            head, _, rest = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503 ") and rest == b"", raw
             r = httpx.post(url + "/v1/chat/completions", json={"messages": []}, timeout=10)
             assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
         late = socket.create_connection(sock.getsockname()[:2], timeout=10)   # queued, not refused
@@ -257,6 +299,16 @@ def test_every_route_but_the_documented_open_ones_wants_the_key(live):
                     assert r.headers["www-authenticate"] == "Bearer"
     assert {"/v1/embeddings", "/tokenizer_info", "/detokenize", "/v1/responses/{response_id}"} <= seen
     assert httpx.get(live.url + "/openapi.json", timeout=30).status_code == 200
+
+
+def test_the_authorization_scheme_is_read_whatever_its_case(live):
+    """RFC 9110: the scheme of an Authorization header is case-insensitive; a client that sends
+    `bearer KEY` (or `BEARER KEY`) with the right key is let in, and a wrong key is still a 401."""
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        r = httpx.get(live.url + "/v1/models", headers={"Authorization": f"{scheme} k1"}, timeout=30)
+        assert r.status_code == 200, (scheme, r.text[:200])
+    r = httpx.get(live.url + "/v1/models", headers={"Authorization": "bearer k2"}, timeout=30)
+    assert r.status_code == 401
 
 
 def test_a_client_request_id_of_up_to_128_printable_characters_is_kept(live):

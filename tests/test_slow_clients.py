@@ -143,6 +143,25 @@ def test_a_stalled_stream_that_fits_in_the_buffers_is_cut_after_the_send_timeout
         proc.communicate(timeout=60)
 
 
+def test_a_client_that_reads_its_stream_is_never_cut_however_long_the_answer(long_gguf):
+    """--max-unread-tokens counts the tokens waiting for the client, not those it has read: a
+    stream read as it comes runs to its max_tokens, far past the bound, with no error."""
+    from test_serve import LiveServer
+
+    s = LiveServer(long_gguf, max_unread_tokens=200)
+    try:
+        body = {"prompt": "hi", "max_tokens": 1000, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=120) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+        assert not any('"error"' in line for line in lines), [line for line in lines if '"error"' in line]
+        assert json.loads(lines[-2][6:])["usage"]["completion_tokens"] == 1000
+        assert s.metric("agp_streams_cut_unread_total") == 0
+    finally:
+        s.close()
+
+
 def test_clients_gone_mid_stream_give_the_kv_pool_back_at_once(serve):
     """Streams whose clients close their connections unread: their sequences end at once (the
     engine idle, every KV block back) though each had thousands of tokens to go."""
