@@ -547,8 +547,8 @@ def _wire_format(spec: dict) -> dict:
     """A parsed structured-output spec back as request fields: OpenAI's response_format for JSON,
     vLLM's guided_* fields (which agp serve takes too) for a regex, a choice or a grammar."""
     kind = spec["type"]
-    if kind == "json_object":
-        return {"response_format": {"type": "json_object"}}
+    if kind in ("text", "json_object"):
+        return {"response_format": {"type": kind}}
     if kind == "json_schema":
         return {"response_format": {"type": "json_schema", "json_schema": {
             "name": spec.get("name") or "schema", "schema": spec.get("schema", {})}}}
