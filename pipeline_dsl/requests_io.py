@@ -434,15 +434,17 @@ def parse_logit_bias(bias) -> dict[int, float]:
     return out
 
 
+FREE_TEXT = {"type": "text"}     # a response_format that asks for no constraint
+
+
 def parse_response_format(value) -> dict | None:
-    """OpenAI's response_format: text (None: no constraint), json_object, or json_schema."""
+    """OpenAI's response_format: text (`{"type": "text"}`: free text, which a generate stage's
+    json_schema gives way to as to any format the request asks for), json_object, or json_schema."""
     if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
         raise RequestError("'response_format' must be {\"type\": \"text\" | \"json_object\" | \"json_schema\"}",
                            param="response_format")
-    if value["type"] == "text":
-        return None
-    if value["type"] == "json_object":
-        return {"type": "json_object"}
+    if value["type"] in ("text", "json_object"):
+        return {"type": value["type"]}
     spec = value.get("json_schema")
     if spec is None and "schema" in value:     # the form a request item carries it in, handed back by a python stage
         spec = value

@@ -963,3 +963,25 @@ def test_a_target_names_which_pipeline_of_its_file_to_measure(tmp_path, tiny_ggu
     assert [(r["label"], r["completion_tokens"]) for r in reports] == [("two", 10), ("two (pipeline=short)", 4)]
     code = agp(["bench", f"{path},pipeline=shrt", "--workload", str(work), "--no-progress"])
     assert code == 2 and "no pipeline named 'shrt'" in capsys.readouterr().err
+
+
+def test_a_server_with_an_api_key_is_measured_with_the_key_and_without_it_the_error_says_how(
+        tmp_path, tiny_gguf, capsys, monkeypatch):
+    """`agp serve --api-key` answers 401 to a request without the key: `agp bench --url` sends it
+    from --api-key or OPENAI_API_KEY (as vllm bench serve reads it), and without it says so."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    server = LiveServer(tiny_gguf, api_keys=("sekrit",))
+    argv = ["bench", "--url", server.url, "--workload", str(_workload(tmp_path, n=2)), "--warmup", "0",
+            "--no-progress", "--json", str(tmp_path / "r.json")]
+    try:
+        assert agp(argv) == 1
+        err = capsys.readouterr().err
+        assert "wants an API key (none was given): give it with --api-key KEY" in err, err
+        assert agp(argv + ["--api-key", "wrong"]) == 1
+        assert "the one given was refused" in capsys.readouterr().err
+        assert agp(argv + ["--api-key", "sekrit"]) == 0
+        assert json.loads((tmp_path / "r.json").read_text())[0]["completed"] == 2
+        monkeypatch.setenv("OPENAI_API_KEY", "sekrit")
+        assert agp(argv) == 0
+    finally:
+        server.close()

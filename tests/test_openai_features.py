@@ -423,6 +423,7 @@ def test_agp_run_lines_and_a_generate_stage_schema_constrain_answers(tmp_path):
     lines = [{"id": i, "prompt": f"q{i}", "seed": i} for i in range(4)]
     lines.append({"id": "own", "prompt": "a point", "seed": 1,
                   "response_format": {"type": "json_schema", "json_schema": {"name": "pt", "schema": point}}})
+    lines.append({"id": "text", "prompt": "q0", "seed": 0, "response_format": {"type": "text"}})
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     r = agp_in("run", tmp_path / "p.agp", "-i", tmp_path / "in.jsonl", "-o", tmp_path / "out.jsonl", "--threads", "1")
     assert r.returncode == 0, r.stderr
@@ -430,3 +431,4 @@ def test_agp_run_lines_and_a_generate_stage_schema_constrain_answers(tmp_path):
     for i in range(4):                                 # the stage's schema, for every answer
         jsonschema.validate(json.loads(out[i]["text"]), PERSON)
     jsonschema.validate(json.loads(out["own"]["text"]), point)   # a request's own schema wins
+    assert out["text"]["text"] != out[0]["text"] and not out["text"]["text"].startswith("{")   # so does its free text

@@ -724,3 +724,47 @@ def test_the_model_ids_name_a_model_file_never_its_path():
     assert model_names(runtime("/srv/models/tiny.gguf"), None) == ("chat", "tiny.gguf", "tiny")
     assert model_names(runtime("/srv/models/SmolLM2"), ["a"]) == ("a", "chat", "SmolLM2")
     assert model_names(runtime("smollm2-135m-instruct"), None) == ("chat", "smollm2-135m-instruct")
+
+
+ROUTED = """pipeline routed {{
+    model  = "{model}"
+    device = cpu
+    dtype  = fp32
+    stage request : requests      {{}}
+    stage pick    : route         {{}}
+    stage bg      : dynamic_batch {{}}
+    stage eg      : encode        {{}}
+    stage kg      : kv_lookup     {{ block_size = 8  budget = 1MiB }}
+    stage gold    : generate      {{ max_new_tokens = 2 }}
+    stage bf      : dynamic_batch {{}}
+    stage ef      : encode        {{}}
+    stage kf      : kv_lookup     {{ block_size = 8  budget = 1MiB }}
+    stage free    : generate      {{ max_new_tokens = 2 }}
+    stage out     : respond       {{}}
+    request -> pick
+    pick -> bg when metadata.tier == "gold"
+    pick -> bf otherwise
+    bg -> eg -> kg -> gold -> out
+    bf -> ef -> kf -> free -> out
+}}
+"""
+
+
+def test_metrics_count_items_per_edge_and_every_stage_counter_stats_has(tiny_gguf):
+    """/metrics counts what /stats counts: the items sent along each edge (how a router split its
+    requests) and each stage's dropped items, timeouts, retries, cache hits and stalls."""
+    s = LiveServer(tiny_gguf, text=ROUTED.format(model=tiny_gguf))
+    try:
+        for tier in ("gold", "gold", "free"):
+            s.client.completions.create(model="tiny", prompt="hello", max_tokens=2,
+                                     extra_body={"metadata": {"tier": tier}})
+        stats = httpx.get(s.url + "/stats", timeout=10).json()
+        sent = {(e["from"], e["to"]): e["items"] for e in stats["edges"]}
+        assert sent[("pick", "bg")] == 2 and sent[("pick", "bf")] == 1
+        for (src, dst), items in sent.items():
+            assert s.metric("agp_edge_items_total", f'{{from="{src}",to="{dst}"}}') == items, (src, dst)
+        for key in ("dropped", "timeouts", "retries", "cache_hits", "stalls"):
+            for stage, row in stats["stages"].items():
+                assert s.metric(f"agp_stage_{key}_total", f'{{stage="{stage}"}}') == row[key], (key, stage)
+    finally:
+        s.close()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -63,6 +64,9 @@ def add_arguments(p) -> None:
     p.add_argument("--url", action="append", default=[], type=http_url,
                    help="an OpenAI-compatible server to measure (repeatable)")
     p.add_argument("--model", default=None, help="model id for --url (default: its first model)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="sent to --url as 'Authorization: Bearer KEY' (a server started with --api-key; "
+                        "default: $OPENAI_API_KEY, as vllm bench serve reads it)")
     p.add_argument("--compare", action="store_true",
                    help="print all targets side by side and plot them (--plot, default agp-bench.png)")
     p.add_argument("--plot", type=output_file_of("png", "svg", "pdf"), default=None,
@@ -171,7 +175,8 @@ def main(args) -> int:
                 spec, overlap=False if args.no_overlap else None, allow_paths=args.allow_path, dtype=args.dtype,
                 threads=args.threads)
         for url in args.url:
-            yield lambda url=url: HTTPTarget(url, args.model, timeout=args.request_timeout)
+            yield lambda url=url: HTTPTarget(url, args.model, timeout=args.request_timeout,
+                                                    api_key=args.api_key or os.environ.get("OPENAI_API_KEY"))
 
     reports, codes = [], []      # codes: the exit code of each target that could not be measured
     stopped = None               # Ctrl-C: why the measurements stopped there

@@ -421,8 +421,9 @@ class EngineTarget:
 class HTTPTarget:
     """Any OpenAI-compatible server: streaming POSTs with httpx, usage from the last chunk."""
 
-    def __init__(self, url: str, model: str | None = None, timeout: float = 600.0):
+    def __init__(self, url: str, model: str | None = None, timeout: float = 600.0, api_key: str | None = None):
         self.label = url
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base = url.rstrip("/")
         if not self.base.endswith("/v1"):
             self.base += "/v1"
@@ -434,15 +435,23 @@ class HTTPTarget:
 
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout, connect=10.0),
                                         limits=httpx.Limits(max_connections=None,
-                                                            max_keepalive_connections=256))
+                                                            max_keepalive_connections=256),
+                                        headers=self.headers)
         if self.model is None:
             try:
                 r = await self.client.get(f"{self.base}/models")
-                r.raise_for_status()
-                self.model = r.json()["data"][0]["id"]
+                refused = r.status_code == 401
+                if not refused:
+                    r.raise_for_status()
+                    self.model = r.json()["data"][0]["id"]
             except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
                 await self.client.aclose()
                 raise BenchError(f"cannot list the models of {self.base}: {e}") from None
+            if refused:
+                await self.client.aclose()
+                given = "the one given was refused" if self.headers else "none was given"
+                raise BenchError(f"{self.base} wants an API key ({given}): give it with --api-key KEY "
+                                 "or the environment variable OPENAI_API_KEY")
 
     async def close(self) -> None:
         if self.client is not None:
@@ -538,8 +547,8 @@ def _wire_format(spec: dict) -> dict:
     """A parsed structured-output spec back as request fields: OpenAI's response_format for JSON,
     vLLM's guided_* fields (which agp serve takes too) for a regex, a choice or a grammar."""
     kind = spec["type"]
-    if kind == "json_object":
-        return {"response_format": {"type": "json_object"}}
+    if kind in ("text", "json_object"):
+        return {"response_format": {"type": kind}}
     if kind == "json_schema":
         return {"response_format": {"type": "json_schema", "json_schema": {
             "name": spec.get("name") or "schema", "schema": spec.get("schema", {})}}}

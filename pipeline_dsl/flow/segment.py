@@ -217,7 +217,7 @@ class EngineSegment:
     def constraint_spec(self, gen: str, data: dict) -> dict | None:
         """What the request's answer must follow: a forced tool call (tool_choice "required" or
         a named function), the request's response_format, else the stage's json_schema; None
-        when the answer is free text."""
+        when the answer is free text (a request's `{"type": "text"}` too, over the stage's schema)."""
         from pipeline_dsl.tools import tool_call_spec
 
         if data.get("tools") and data.get("tool_choice") not in (None, "auto", "none"):
@@ -227,6 +227,8 @@ class EngineSegment:
         fmt = data.get("response_format")
         if isinstance(fmt, dict) and fmt.get("type") in CONSTRAINTS:
             return fmt
+        if isinstance(fmt, dict) and fmt.get("type") == "text":     # the request's own: free text
+            return None
         if gen in self.spec.json_schema:
             return {"type": "json_schema", "schema": self.spec.json_schema[gen]}
         return None

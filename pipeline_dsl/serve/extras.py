@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass, field
 
 from pipeline_dsl.constraints import GrammarError, check_spec
-from pipeline_dsl.requests_io import RequestError, cache_salt, parse_response_format
+from pipeline_dsl.requests_io import FREE_TEXT, RequestError, cache_salt, parse_response_format
 
 from .api_error import APIError
 
@@ -89,8 +89,8 @@ def _constraint(obj: dict) -> tuple[dict | None, str | None]:
     """(the spec, the field it came from) of the request's structured-output field, if any."""
     given = [k for k in ("response_format", "structured_outputs", *GUIDED) if obj.get(k) is not None]
     if obj.get("response_format") is not None:
-        try:                                     # {"type": "text"} constrains nothing
-            if parse_response_format(obj["response_format"]) is None:
+        try:                                     # {"type": "text"} gives way to a guided_* field
+            if parse_response_format(obj["response_format"]) == FREE_TEXT and len(given) > 1:
                 given.remove("response_format")
         except RequestError as e:
             raise APIError(str(e), param=e.param) from None
@@ -157,7 +157,7 @@ def parse_extras(obj: dict, *, chat: bool) -> Extras:
                            param="chat_template_kwargs")
         out.template_kwargs = dict(kwargs)
     out.constraint, where = _constraint(obj)
-    if out.constraint is not None and out.constraint.get("type") != "json_object":
+    if out.constraint is not None and out.constraint.get("type") not in ("json_object", "text"):
         problem = _problem(json.dumps(out.constraint, sort_keys=True))
         if problem:
             raise APIError(f"'{where}' cannot be enforced: {problem}", param=where)

@@ -83,6 +83,11 @@ STAGE_SERIES = (  # (stats key, metric name, type, help)
     ("items_out", "stage_items_out", "counter", "Items the stage sent on"),
     ("rejected", "stage_rejected", "counter", "Requests the stage refused (bad input, Reject)"),
     ("failed", "stage_failed", "counter", "Requests that failed in the stage"),
+    ("dropped", "stage_dropped", "counter", "Items dropped because their request ended elsewhere first"),
+    ("timeouts", "stage_timeouts", "counter", "Calls past the stage's timeout"),
+    ("retries", "stage_retries", "counter", "Calls tried again after a transient error"),
+    ("cache_hits", "stage_cache_hits", "counter", "Calls answered from the stage's cache"),
+    ("stalls", "stage_stalls", "counter", "Times an async function blocked its stage's event loop for a second or more"),
     ("queued", "stage_queue_depth", "gauge", "Items waiting for the stage"),
     ("busy_s", "stage_busy_seconds", "counter", "Seconds the stage spent working"),
     ("stuck", "stage_stuck_calls", "gauge", "Calls written off (timed out, request ended) whose code still runs"),
@@ -264,6 +269,11 @@ class _Snapshot:
             for stage, row in stages.items():
                 fam.add_metric([model, stage, str(row.get("kind"))], float(row.get(key, 0) or 0))
             yield fam
+        edges = CounterMetricFamily("agp_edge_items", "Items sent along an edge of the pipeline",
+                                    labels=["model_name", "from", "to"])
+        for edge in stats.get("edges") or ():
+            edges.add_metric([model, str(edge.get("from")), str(edge.get("to"))], float(edge.get("items", 0) or 0))
+        yield edges
 
     @staticmethod
     def series(e: dict, waiting_now: int, usage: float):

@@ -174,12 +174,12 @@ def _format(obj: dict):
     if not isinstance(text, dict):
         raise bad("text", "an object {\"format\": ...}", text)
     fmt = text.get("format")
-    if fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text"):
+    if fmt is None:
         return None
-    if not isinstance(fmt, dict) or fmt.get("type") not in ("json_object", "json_schema"):
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
         raise bad("text.format", "{\"type\": \"text\" | \"json_object\" | \"json_schema\", ...}", fmt)
-    if fmt["type"] == "json_object":
-        return {"type": "json_object"}
+    if fmt["type"] in ("text", "json_object"):
+        return {"type": fmt["type"]}
     return {"type": "json_schema", "json_schema": {"name": fmt.get("name"), "schema": fmt.get("schema", {}),
                                                    "strict": fmt.get("strict")}}
 
