@@ -243,3 +243,20 @@ def test_a_request_its_engine_cannot_serve_counts_as_rejected_where_it_was_refus
     assert rows[b.error.stage]["rejected"] == 1
     assert sum(r["failed"] for r in rows.values()) == 0
     assert_counts_add_up(rt.stats())
+
+
+def test_a_prompt_over_max_prompt_tokens_counts_where_it_was_refused(tmp_path, soft_gguf):
+    """The prompt limit is the source's (the error names it), but the prompt is counted at the
+    engine's encode, which the request had reached: the refusal counts there, so every stage's
+    items in are its items out plus what it refused (the source sent the request on)."""
+    import flowkit
+
+    path = write(tmp_path, soft_gguf, "stage request : requests { max_prompt_tokens = 80 }\n"
+                 "stage gen : generate { max_new_tokens = 2 }\nstage out : respond {}\nrequest -> batch\n"
+                 + chain() + "gen -> out\n")
+    (a, b), rt = run(path, [chat("ok", "hi"), chat("long", "word " * 60)])
+    assert a.ok and not b.ok and b.error.kind == "invalid" and b.error.stage == "request"
+    assert "max_prompt_tokens" in b.error.message
+    rows = rt.stats()["stages"]
+    assert rows["request"]["rejected"] == 0 and rows["encode"]["rejected"] == 1
+    flowkit.check_counts(rt, 1)

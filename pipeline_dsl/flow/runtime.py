@@ -431,15 +431,18 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             self._fail(item.req, err, item)
 
     def _fail(self, req: RequestState, err: PipelineError, item: Item | None = None) -> None:
-        """The request ends with `err`: counted at its stage (the failing item there), every other
-        live item dropped where it is, its engine sequences aborted, its listener told."""
+        """The request ends with `err`: counted at the stage where the failing item is (where it
+        was refused, which the error may name otherwise: a prompt over requests.max_prompt_tokens
+        is refused in the source's name once the engine's encode has counted its tokens), every
+        other live item dropped where it is, its engine sequences aborted, its listener told."""
         with self._lock:
             if req.done:
                 return
             if item is not None:
                 req.items.discard(item)
-            if item is not None and err.stage in self.flow.stage:
-                row = self.flow.stage[err.stage]
+            at = item.at if item is not None and item.at in self.flow.stage else err.stage
+            if item is not None and at in self.flow.stage:
+                row = self.flow.stage[at]
                 if err.kind in ("rejected", "invalid"):
                     row.rejected += 1
                 else:
