@@ -374,8 +374,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         if out is not item.data:
             kind = _kind_of(out)
             if kind is None:
-                raise PipelineError(f"stage '{stage}' returned a dict that is neither a request (messages or "
-                                    "prompt) nor a result (text)", "failed", stage)
+                raise PipelineError(f"stage '{stage}' returned a dict that is neither a request (messages, "
+                                    "prompt or prompt_token_ids) nor a result (text)", "failed", stage)
             declared = self.returns.get(stage, "same")
             if declared != "any" and kind != {"same": item.kind, "request": REQUEST,
                                               "generated": GENERATED}[declared]:
@@ -658,6 +658,8 @@ def _kind_of(d: dict) -> str | None:
         return REQUEST
     if "text" in d:
         return GENERATED
+    if "prompt_token_ids" in d:       # a request line's third prompt form (a result may carry it too)
+        return REQUEST
     return None
 
 
