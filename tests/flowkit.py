@@ -188,3 +188,36 @@ async def ahang(item: dict) -> dict:
         bump("cancelled")
         raise
     return item
+
+
+def edges_add_up(stats: dict) -> None:
+    """Every stage's in and out (of a runtime's stats()) are the sums of its edges, a requests
+    stage's in also what it admitted; nothing is left queued."""
+    stages, edges = stats["stages"], stats["edges"]
+    for name, row in stages.items():
+        into = sum(e["items"] for e in edges if e["to"] == name)
+        out = sum(e["items"] for e in edges if e["from"] == name)
+        admitted = stats["requests"]["requests"] if row["kind"] == "requests" else 0
+        assert row["items_in"] == into + admitted, (name, row, edges)
+        assert row["items_out"] == out, (name, row, edges)
+        assert row["queued"] == 0, (name, row)
+
+
+def check_counts(rt, choices: int) -> None:
+    """A run's per-stage counts add up: edges_add_up; a stage that sends each item along one edge
+    sends on what it neither refused, failed nor dropped; the respond stages together took in
+    exactly the `choices` answered (and what was dropped there)."""
+    stats = rt.stats()
+    edges_add_up(stats)
+    stages = stats["stages"]
+    responded = 0
+    for name, row in stages.items():
+        ended = row["rejected"] + row["failed"] + row["dropped"]
+        routes = rt.router.routes[name]
+        plain = [v for v, c in routes if c is None]
+        single = len(plain) <= 1 and not (plain and len(routes) > 1)
+        if row["kind"] == "respond":
+            responded += row["items_in"] - ended
+        elif row["kind"] not in ("join", "kv_lookup") and single and name not in rt.loops.bounds:
+            assert row["items_in"] == row["items_out"] + ended, (name, row)
+    assert responded == choices, (responded, choices, stages)

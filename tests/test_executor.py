@@ -309,3 +309,32 @@ def test_a_refusal_sampled_ahead_ends_the_answer_at_the_refused_token_not_before
     got: dict = {}
     run_requests(eng, [("r", dict(prompt="hello", params=params))], overlap=True, on_output=finished(got))
     assert refused.is_set() and got == reference
+
+
+@pytest.mark.parametrize("placed", ["batch on copy", "batch on compute", "kv on copy", "encode on compute"])
+def test_a_placement_that_splits_a_step_over_streams_gives_the_same_answers(tmp_path, tiny_gguf, placed):
+    """`on copy` on the batcher put its schedule on another stream than kv_lookup's lookup and
+    generate's emit: a sequence that a stop string finished in emit between its next step's
+    schedule and lookup had its blocks freed, and the lookup failed the engine (KeyError: every
+    request in flight failed). Any placement answers as the planner's own does."""
+    from flowkit import chain, run, write
+
+    stop_first = {"id": "s", "prompt": "a cat", "stop": ["a"], "max_tokens": 4}
+    reqs = [stop_first] + [{"id": f"r{i}", "prompt": " ".join(WORDS[i:i + 3]), "max_tokens": 4, "ignore_eos": True}
+                           for i in range(6)]
+    kinds = {"batch": "dynamic_batch", "kv": "kv_lookup", "encode": "encode"}
+    answers = {}
+    for where in ("", placed):
+        segment = chain()
+        if where:
+            stage, on = where.split(" on ")
+            segment = segment.replace(f"stage {stage} : {kinds[stage]} ", f"stage {stage} : {kinds[stage]} on {on} ")
+            assert f" on {on} " in segment
+        path = write(tmp_path, tiny_gguf, "stage request : requests {}\nstage gen : generate { max_new_tokens = 4 }\n"
+                     "stage out : respond {}\nrequest -> batch\n" + segment + "gen -> out\n")
+        results, _ = run(path, reqs)
+        for r in results:
+            assert r.ok, (where, r.id, r.error and r.error.message)
+        answers[where] = [(r.id, r.choices[0].text, r.choices[0].finish_reason) for r in results]
+    assert answers[placed] == answers[""]
+    assert answers[""][0][2] == "stop"

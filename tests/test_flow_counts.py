@@ -32,18 +32,6 @@ def refuse_all(item):
 '''
 
 
-def assert_counts_add_up(stats: dict, source: str = "request") -> None:
-    """Every stage's in and out are the sums of its edges; nothing is left queued."""
-    stages, edges = stats["stages"], stats["edges"]
-    for name, row in stages.items():
-        into = sum(e["items"] for e in edges if e["to"] == name)
-        out = sum(e["items"] for e in edges if e["from"] == name)
-        admitted = stats["requests"]["requests"] if name == source else 0
-        assert row["items_in"] == into + admitted, (name, row, into)
-        assert row["items_out"] == out, (name, row, out)
-        assert row["queued"] == 0, (name, row)
-
-
 VOTE = ("stage request : requests {}\nstage gen : generate { n = 3  temperature = 1.0  seed = 4  max_new_tokens = 4 }\n"
         "stage vote : join { policy = majority }\nstage out : respond {}\n"
         "request -> batch\n" + chain() + "gen -> vote -> out\n")
@@ -56,7 +44,7 @@ def test_a_join_counts_each_result_that_reached_it_once(tmp_path, soft_gguf):
     stats = rt.stats()
     assert stats["stages"]["vote"]["items_in"] == 15 and stats["stages"]["vote"]["items_out"] == 5
     assert stats["stages"]["gen"]["items_in"] == 15 and stats["stages"]["out"]["items_in"] == 5
-    assert_counts_add_up(stats)
+    flowkit.edges_add_up(stats)
 
 
 def test_the_first_engines_encode_counts_only_what_entered_its_engine(tmp_path, soft_gguf):
@@ -73,7 +61,7 @@ def test_the_first_engines_encode_counts_only_what_entered_its_engine(tmp_path, 
     stages = rt.stats()["stages"]
     assert stages["batch_s"]["items_in"] == 3 and stages["enc_s"]["items_in"] == 3
     assert stages["batch_l"]["items_in"] == 2 and stages["enc_l"]["items_in"] == 2
-    assert_counts_add_up(rt.stats())
+    flowkit.edges_add_up(rt.stats())
 
 
 def test_the_run_summary_reports_weights_and_dtype_per_engine(tmp_path, soft_gguf):
@@ -114,7 +102,7 @@ def test_the_fixed_graph_runs_every_result_to_an_end(tmp_path, soft_gguf):
     assert errors(path) == []
     results, rt = run(path, [chat(f"q{i}", "hello " * i) for i in range(6)])
     assert all(r.ok for r in results)
-    assert_counts_add_up(rt.stats())
+    flowkit.edges_add_up(rt.stats())
 
 
 def test_an_answer_cut_by_max_tokens_never_ends_in_half_a_character(tmp_path, soft_gguf):
@@ -152,7 +140,7 @@ def test_a_join_index_out_of_range_says_so(tmp_path, soft_gguf):
     assert res.error.kind == "failed" and res.error.stage == "j"
     assert res.error.message == ("join 'j' failed: IndexError: the join function returned index 5, "
                                  "but there are 2 results (0..1)")
-    assert_counts_add_up(rt.stats())
+    flowkit.edges_add_up(rt.stats())
     assert rt.stats()["stages"]["j"]["failed"] == 1 and rt.stats()["stages"]["j"]["dropped"] == 1
 
 
@@ -171,7 +159,7 @@ def test_on_reject_decides_what_a_rejected_branch_does(tmp_path, soft_gguf, poli
         assert res.choices[0].data["generated_by"] == "cold"
     else:
         assert res.error.kind == "rejected" and res.error.stage == "guard"
-    assert_counts_add_up(rt.stats())
+    flowkit.edges_add_up(rt.stats())
     row = rt.stats()["stages"]["guard"]                 # a Reject counts as rejected, dropped branch or not
     assert row["rejected"] == {"refuse_second": 1, "refuse_all": 2}[hook] and row["failed"] == 0
 
@@ -226,7 +214,7 @@ def test_a_request_that_ends_while_its_prompt_is_tokenised_is_counted_where_it_w
         enc = stats["stages"]["encode"]
         assert enc["items_in"] == enc["items_out"] + enc["dropped"] == 2 and enc["dropped"] == 1, enc
         assert stats["stages"]["kv"]["items_in"] == 1
-        assert_counts_add_up(stats)
+        flowkit.edges_add_up(stats)
     finally:
         ended.set()
         rt.shutdown()
@@ -243,7 +231,7 @@ def test_a_request_its_engine_cannot_serve_counts_as_rejected_where_it_was_refus
     rows = rt.stats()["stages"]
     assert rows[b.error.stage]["rejected"] == 1
     assert sum(r["failed"] for r in rows.values()) == 0
-    assert_counts_add_up(rt.stats())
+    flowkit.edges_add_up(rt.stats())
 
 
 def test_an_answer_whose_request_then_fails_counts_as_dropped_at_respond(tmp_path, soft_gguf):
@@ -272,7 +260,7 @@ def late(item):
     stages = rt.stats()["stages"]
     assert stages["late"]["failed"] == 1
     assert stages["out"]["items_in"] == 1 and stages["out"]["dropped"] == 1
-    assert_counts_add_up(rt.stats())
+    flowkit.edges_add_up(rt.stats())
 
 
 def test_a_prompt_shared_by_n_copies_counts_its_cached_tokens_once(tmp_path, soft_gguf):
@@ -293,3 +281,18 @@ def test_a_prompt_shared_by_n_copies_counts_its_cached_tokens_once(tmp_path, sof
     assert 0 < one.usage["cached_tokens"] <= one.usage["prompt_tokens"]
     assert three.usage["cached_tokens"] == one.usage["cached_tokens"]
     assert three.usage["prompt_tokens"] == one.usage["prompt_tokens"]
+
+
+def test_a_prompt_over_max_prompt_tokens_counts_where_it_was_refused(tmp_path, soft_gguf):
+    """The prompt limit is the source's (the error names it), but the prompt is counted at the
+    engine's encode, which the request had reached: the refusal counts there, so every stage's
+    items in are its items out plus what it refused (the source sent the request on)."""
+    path = write(tmp_path, soft_gguf, "stage request : requests { max_prompt_tokens = 80 }\n"
+                 "stage gen : generate { max_new_tokens = 2 }\nstage out : respond {}\nrequest -> batch\n"
+                 + chain() + "gen -> out\n")
+    (a, b), rt = run(path, [chat("ok", "hi"), chat("long", "word " * 60)])
+    assert a.ok and not b.ok and b.error.kind == "invalid" and b.error.stage == "request"
+    assert "max_prompt_tokens" in b.error.message
+    rows = rt.stats()["stages"]
+    assert rows["request"]["rejected"] == 0 and rows["encode"]["rejected"] == 1
+    flowkit.check_counts(rt, 1)

@@ -135,6 +135,24 @@ def test_a_request_hook_handing_back_the_request_it_got_keeps_its_schema_and_an_
     assert answer.choices[0].text.startswith("{")                      # the schema held
 
 
+def test_a_request_of_token_ids_goes_through_a_request_hook(tmp_path, soft_gguf):
+    """A request line may give its prompt as `prompt_token_ids`; a python stage that hands it back
+    (or returns None) kept it a request, but the runtime knew a request only by `messages` or
+    `prompt` and failed it: "stage 'a' returned a dict that is neither a request ... nor a result"."""
+    from pipeline_dsl.requests_io import parse_request
+
+    path = pipeline(tmp_path, soft_gguf, 'stage a : python { fn = "hooks:ask" }\n'
+                    'stage b : python { fn = "hooks:answer" }', "request -> a -> batch\ngen -> b -> out\n")
+    ids = parse_request({"id": "ids", "prompt_token_ids": [5, 6, 7], "max_tokens": 2, "ignore_eos": True,
+                         "return_token_ids": True}).item()        # its answer carries prompt_token_ids too
+    results, rt = run(path, [ids, chat("ok", "hi")])
+    for r in results:
+        assert r.ok, (r.id, r.error and r.error.message)
+    assert results[0].usage["prompt_tokens"] == 3 and results[0].usage["completion_tokens"] == 2
+    assert results[0].choices[0].data["prompt_token_ids"] == [5, 6, 7]
+    assert rt.stats()["stages"]["a"]["failed"] == rt.stats()["stages"]["b"]["failed"] == 0
+
+
 @pytest.mark.parametrize("returns", ["same", "request"])
 def test_a_request_hook_answering_against_its_returns_fails_its_request(tmp_path, soft_gguf, returns):
     """docs/language.md, `returns`: check types the graph by it, and the runtime holds the

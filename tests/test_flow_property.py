@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+import flowkit
 import pipeline_dsl
 from pipeline_dsl.flow import PipelineRuntime, load_graph
 
@@ -259,30 +260,6 @@ REQUESTS = [
 KINDS = {"rejected", "invalid", "failed"}
 
 
-def check_counts(rt, results) -> None:
-    """Per stage, in and out are the sums of its edges; nothing is left queued; a stage that
-    sends each item along one edge sends on what it neither refused, failed nor dropped; a
-    respond stage took in exactly the choices answered (and what was dropped there)."""
-    stats = rt.stats()
-    stages, edges = stats["stages"], stats["edges"]
-    for name, row in stages.items():
-        into = sum(e["items"] for e in edges if e["to"] == name)
-        out = sum(e["items"] for e in edges if e["from"] == name)
-        admitted = stats["requests"]["requests"] if row["kind"] == "requests" else 0
-        assert row["items_in"] == into + admitted, (name, row, edges)
-        assert row["items_out"] == out, (name, row, edges)
-        assert row["queued"] == 0, (name, row)
-        ended = row["rejected"] + row["failed"] + row["dropped"]
-        routes = rt.router.routes[name]
-        plain = [v for v, c in routes if c is None]
-        single = len(plain) <= 1 and not (plain and len(routes) > 1)
-        if row["kind"] == "respond":
-            choices = sum(len(r.choices) for r in results if r.ok)
-            assert row["items_in"] == choices + ended, (name, row, choices)
-        elif row["kind"] not in ("join", "kv_lookup") and single and name not in rt.loops.bounds:
-            assert row["items_in"] == row["items_out"] + ended, (name, row)
-
-
 @pytest.fixture(autouse=True)
 def _env(soft_gguf, tmp_path_factory):
     global MODEL
@@ -332,4 +309,4 @@ def test_every_pipeline_check_accepts_runs(text, tmp_path_factory):
             if r.error.kind == "failed":          # only the SystemExit of boom, for request dz
                 assert req["id"] == "dz" and "failed: SystemExit" in r.error.message, \
                     f"{r.error.message}\n{text}"
-    check_counts(rt, out)
+    flowkit.check_counts(rt, sum(len(r.choices) for r in out if r.ok))

@@ -193,6 +193,12 @@ class Executor:
         unknown = sorted({w.part for w in self.plan.work} - set(self._handlers))
         if unknown:
             raise ValueError(f"the executor has no work called {', '.join(unknown)}")
+        # A step's lookup reads the block tables of the sequences its schedule chose; admit (aborts),
+        # schedule (preemptions) and emit (finished sequences) free them. On one stream (the default
+        # plan) nothing frees between a step's schedule and its lookup; where a placement (`on copy`)
+        # splits them over streams, the lookup is made with the schedule, under the same lock.
+        self._lookup_with_schedule = len({w.stream for w in self.plan.work
+                                          if w.part in ("admit", "schedule", "lookup", "emit")}) > 1
         self.work_s: dict[str, float] = {w.name: 0.0 for w in self.plan.work}   # time spent per work
         self.work_n: dict[str, int] = {w.name: 0 for w in self.plan.work}       # runs that did something
 
@@ -283,6 +289,8 @@ class Executor:
                     pos.append(None)
             self._launches[m] = _Launch(m, so, pos, pre, seqs)
             self._n_sample[m] = len(seqs)
+            if self._lookup_with_schedule:
+                self._lookup(m)
             self._n_sample.pop(m - 2 * AHEAD, None)
             self.steps += 1
             if so.num_prefill_tokens:

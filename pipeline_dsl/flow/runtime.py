@@ -372,8 +372,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         if out is not item.data:
             kind = _kind_of(out)
             if kind is None:
-                raise PipelineError(f"stage '{stage}' returned a dict that is neither a request (messages or "
-                                    "prompt) nor a result (text)", "failed", stage)
+                raise PipelineError(f"stage '{stage}' returned a dict that is neither a request (messages, "
+                                    "prompt or prompt_token_ids) nor a result (text)", "failed", stage)
             declared = self.returns.get(stage, "same")
             if declared != "any" and kind != {"same": item.kind, "request": REQUEST,
                                               "generated": GENERATED}[declared]:
@@ -450,15 +450,18 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             self._fail(item.req, err, item)
 
     def _fail(self, req: RequestState, err: PipelineError, item: Item | None = None) -> None:
-        """The request ends with `err`: counted at its stage (the failing item there), every other
-        live item dropped where it is, its engine sequences aborted, its listener told."""
+        """The request ends with `err`: counted at the stage where the failing item is (where it
+        was refused, which the error may name otherwise: a prompt over requests.max_prompt_tokens
+        is refused in the source's name once the engine's encode has counted its tokens), every
+        other live item dropped where it is, its engine sequences aborted, its listener told."""
         with self._lock:
             if req.done:
                 return
             if item is not None:
                 req.items.discard(item)
-            if item is not None and err.stage in self.flow.stage:
-                row = self.flow.stage[err.stage]
+            at = item.at if item is not None and item.at in self.flow.stage else err.stage
+            if item is not None and at in self.flow.stage:
+                row = self.flow.stage[at]
                 if err.kind in ("rejected", "invalid"):
                     row.rejected += 1
                 else:
@@ -674,6 +677,8 @@ def _kind_of(d: dict) -> str | None:
         return REQUEST
     if "text" in d:
         return GENERATED
+    if "prompt_token_ids" in d:       # a request line's third prompt form (a result may carry it too)
+        return REQUEST
     return None
 
 
