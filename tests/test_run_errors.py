@@ -168,6 +168,34 @@ def test_a_line_whose_model_names_nothing_served_is_an_error_record_as_agp_serve
     assert recs[5]["error"]["message"] == "the model 'gne' does not exist; did you mean 'gen'?"
 
 
+def test_an_output_another_run_writes_is_refused_where_locks_need_the_file_open_for_writing(tmp_path, pipeline,
+                                                                                            monkeypatch):
+    """NFS and CIFS take flock as a whole-file lock that needs the file open for writing: one open
+    read-only is refused (EBADF). The run locked an existing output through a read-only descriptor,
+    took that refusal for a file system without locks and wrote the file another run was writing
+    (exit 0); now it locks it open for writing and is refused, exit 2, the file untouched."""
+    import errno
+    import fcntl
+
+    flock = fcntl.flock
+
+    def nfs_flock(fd, operation):                   # Linux's NFS client: an exclusive lock needs write access
+        if operation & fcntl.LOCK_EX and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", nfs_flock)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps({"id": "a", "prompt": "hello", "max_tokens": 2}) + "\n")
+    out.write_text('{"id": "other", "text": "an answer of the run writing it"}\n')
+    with open(out, "r+") as other_run:              # another agp run holds its output's lock
+        flock(other_run.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for how in ("--overwrite", "--resume"):
+            r = run(pipeline, "-i", inp, "-o", out, how)
+            assert r.returncode == 2 and f"{out} is being written by another agp run" in r.stderr, r.stderr
+    assert out.read_text() == '{"id": "other", "text": "an answer of the run writing it"}\n'
+
+
 DECORATORS = """import functools
 
 def logged(fn):                     # passes the call on (functools.wraps)

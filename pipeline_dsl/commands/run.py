@@ -438,8 +438,8 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     # one that does not is locked as it is created, below)
     locked = False
     if to_file and os.path.isfile(args.output):
-        with contextlib.suppress(OSError):           # unreadable: the open below says what it can
-            fd = os.open(args.output, os.O_RDONLY)
+        with contextlib.suppress(OSError):           # not writable: the open below says what it can
+            fd = os.open(args.output, os.O_RDWR)        # for writing: NFS locks no file open read-only
             cleanup.callback(os.close, fd)
             if not _lock_output(fd):
                 return _err(_BUSY.format(output=args.output))
@@ -753,8 +753,9 @@ _BUSY = ("{output} is being written by another agp run (it holds the file's lock
 def _lock_output(fd: int) -> bool:
     """Take the exclusive lock on the output file open at `fd`, held while `fd` stays open (the
     run's length): two agp runs writing one OUT at once cut and interleaved each other's answers
-    and fingerprints. False when another process holds it. A file system without locks leaves
-    the file unguarded."""
+    and fingerprints. False when another process holds it. `fd` is open for writing: NFS (and
+    CIFS) take flock as a lock of the whole file that needs it, and refused one open read-only
+    (EBADF), which left the file unguarded there. A file system without locks leaves it unguarded."""
     import fcntl
 
     try:
