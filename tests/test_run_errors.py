@@ -446,6 +446,23 @@ def test_answers_on_a_pipe_whose_reader_has_gone_stop_the_run_with_exit_141_and_
     assert "Traceback" not in err and "Exception ignored" not in err
 
 
+def test_a_run_whose_messages_go_to_a_pipe_whose_reader_has_gone_exits_141(tmp_path, pipeline):
+    """`agp run … 2>&1 | head -0`: its first message cannot be written either, and the run stops
+    there. It exited 0, as if every line had been answered (none was); now 141, as a closed pipe
+    for the answers alone does."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": "hello", "max_tokens": 2}) + "\n" for i in range(20)))
+    read_end, write_end = os.pipe()
+    os.close(read_end)                                   # the reader is gone before the first message
+    try:
+        for output in ("-", out):
+            proc = subprocess.run([*AGP, "run", str(pipeline), "-i", str(inp), "-o", str(output), "--threads", "1"],
+                                  stdout=write_end, stderr=write_end, cwd=ROOT, timeout=300)
+            assert proc.returncode == 141, (output, proc.returncode)
+    finally:
+        os.close(write_end)
+
+
 def test_agp_run_in_process_writes_its_answers_to_a_stdout_with_no_file_behind_it(tmp_path, pipeline, monkeypatch):
     """cli.main from Python with sys.stdout a StringIO (a notebook, a test's capture): the answers
     go to it and it stays open. It failed ('NoneType' has no attribute 'lower': a StringIO has no
