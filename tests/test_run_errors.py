@@ -88,6 +88,30 @@ def test_a_write_cut_short_by_a_full_disk_leaves_the_output_whole_lines(tmp_path
     assert [rec["id"] for rec in records(out)] == list(range(data.count(b"\n")))
 
 
+def test_a_full_disk_leaves_whole_lines_in_a_file_that_standard_error_writes_too(tmp_path, pipeline):
+    """`agp run P -i in.jsonl > log 2>&1` on a file system that fills: the answer cut midway was
+    taken back to a length counted from the answers alone, which the progress bar's lines (in the
+    same file) made too short: the file ended in a piece of an answer. Now it is cut back to its
+    length as that answer's write began."""
+    import resource
+
+    inp, log = tmp_path / "in.jsonl", tmp_path / "log"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": f"p{i}", "max_tokens": 4}) + "\n" for i in range(100)))
+    limit = 3000                                      # bytes: a few answers, then a write cut midway
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    with open(log, "wb") as both:
+        r = subprocess.run([*AGP, "run", str(pipeline), "-i", str(inp), "--threads", "1"], stdout=both,
+                           stderr=both, cwd=ROOT, preexec_fn=small_files, timeout=300)
+    assert r.returncode == 1
+    data = log.read_bytes()
+    assert 0 < len(data) < limit and data.endswith(b"\n"), data[-200:]
+    answers = [json.loads(line) for line in data.decode().splitlines() if line.startswith("{")]
+    assert answers and [a["id"] for a in answers] == list(range(len(answers)))
+
+
 WAIT_FOR_DELETE = """import os, time
 
 def hold(item):

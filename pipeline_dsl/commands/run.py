@@ -307,7 +307,7 @@ class _Answers:
         self.written = 0
         self.errors: list[OSError] = []
         self.fd = _fd_of(out)                      # None: a caller's capture, written through its stream
-        self.whole = self._length()                # a regular file's length up to its last whole line
+        self.regular = self._length() is not None   # a regular file: a write cut midway is taken back
         self._pending: dict[int, list] = {}        # slot -> [its line, its record: None (running), False (not written)]
         self._slots = self._next = 0
         self._lock = threading.Lock()
@@ -332,22 +332,23 @@ class _Answers:
     def _write(self, text: str) -> None:
         """Write one line whole, straight to the descriptor (no buffer holds a piece of it to be
         written later, as a close would); when a write fails midway (a full disk), a regular file
-        is cut back to its last whole line: what was written stays whole lines."""
+        is cut back to its length before the line: what was written stays whole lines. That length
+        is the file's as the write begins, not a count of the answers' bytes: standard output may be
+        a file that standard error writes too (`agp run … > log 2>&1`)."""
         if self.fd is None:
             self.out.write(text)
             self.out.flush()
             return
         data = memoryview(text.encode("utf-8"))
+        whole = self._length() if self.regular else None
         try:
             while data:
                 data = data[os.write(self.fd, data):]
         except OSError:
-            if self.whole is not None:
+            if whole is not None:
                 with contextlib.suppress(OSError):
-                    os.ftruncate(self.fd, self.whole)
+                    os.ftruncate(self.fd, whole)
             raise
-        if self.whole is not None:
-            self.whole += len(data.obj)
 
     def slot(self, line: int, record: dict | None = None) -> int:
         """The next place in the output, for `line`; with its record when it is one already."""
