@@ -7,7 +7,8 @@
     agp run | plan | bench | serve ...         from pipeline_dsl.commands.<name>, imported on use
 
 Exit status: 0 ok, 1 runtime failure (or fmt --check would change a file), 2 user
-errors. No input produces a traceback unless `--debug` is given.
+errors, 141 (128 + SIGPIPE) when the reader of its output (standard output or error) has gone,
+as a tool the signal ends. No input produces a traceback unless `--debug` is given.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import importlib
 import importlib.util
 import json
 import os
+import signal
 import sys
 
 from .diagnostics import CheckFailed
@@ -34,6 +36,7 @@ LAZY_COMMANDS = {
 MODEL_COMMANDS = ("run", "bench", "serve")       # those that load torch and run a model
 
 OK, FAILED, USER_ERROR = 0, 1, 2
+CLOSED_PIPE = 128 + signal.SIGPIPE              # 141, as `yes | head -1`'s yes
 
 
 class UserError(Exception):
@@ -398,9 +401,9 @@ def main(argv: list[str] | None = None) -> int:
         return USER_ERROR
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:                        # `agp … 2>&1 | head -1`: the reader has gone
         _drop_stdout()
-        return OK
+        return CLOSED_PIPE
     except SystemExit:
         raise
     except OSError as exc:                         # the system's reason (a full disk, a file gone), no traceback

@@ -2,10 +2,12 @@
 replicas of the tiny model driven by the official `openai` client (skipped only when Ray is
 not installed: `pip install -e '.[ray]'`)."""
 
+import gzip
 import os
 import socket
 import sys
 import threading
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -76,6 +78,13 @@ def test_the_routing_key_is_the_prompt_prefix():
     assert key(chat, 100) == "system\nBe brief.\nuser\nHi\n"
     assert key(chat, 100) == key(chat.replace(b'"Hi"', b'[{"type": "text", "text": "Hi"}]'), 100)
     assert key(b'{"prompt": ', 100) is None and key(b'[1]', 100) is None and key(b'{"prompt": "a"}', 0) is None
+    # a compressed body (Content-Encoding) has the key of its JSON, as the replica reads it; one
+    # it refuses (another coding, a corrupt body, more than the limit decoded) has none
+    plain = b'{"prompt": "abcdef", "max_tokens": 3}'
+    assert key(gzip.compress(plain), 4, "gzip") == key(zlib.compress(plain), 4, "deflate") == "abcd"
+    assert key(gzip.compress(plain), 4, "GZIP", limit=len(plain)) == "abcd"
+    assert key(gzip.compress(plain), 4, "gzip", limit=len(plain) - 1) is None
+    assert key(plain, 4, "br") is None and key(plain, 4, "gzip") is None and key(plain, 4, "identity") == "abcd"
     # rendezvous hashing: a key keeps its replica when another replica comes or goes
     ids = ["r1", "r2", "r3", "r4"]
     for k in ("a", "b", "c", "d", "e", "f"):

@@ -88,6 +88,30 @@ def test_a_write_cut_short_by_a_full_disk_leaves_the_output_whole_lines(tmp_path
     assert [rec["id"] for rec in records(out)] == list(range(data.count(b"\n")))
 
 
+def test_a_full_disk_leaves_whole_lines_in_a_file_that_standard_error_writes_too(tmp_path, pipeline):
+    """`agp run P -i in.jsonl > log 2>&1` on a file system that fills: the answer cut midway was
+    taken back to a length counted from the answers alone, which the progress bar's lines (in the
+    same file) made too short: the file ended in a piece of an answer. Now it is cut back to its
+    length as that answer's write began."""
+    import resource
+
+    inp, log = tmp_path / "in.jsonl", tmp_path / "log"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": f"p{i}", "max_tokens": 4}) + "\n" for i in range(100)))
+    limit = 3000                                      # bytes: a few answers, then a write cut midway
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    with open(log, "wb") as both:
+        r = subprocess.run([*AGP, "run", str(pipeline), "-i", str(inp), "--threads", "1"], stdout=both,
+                           stderr=both, cwd=ROOT, preexec_fn=small_files, timeout=300)
+    assert r.returncode == 1
+    data = log.read_bytes()
+    assert 0 < len(data) < limit and data.endswith(b"\n"), data[-200:]
+    answers = [json.loads(line) for line in data.decode().splitlines() if line.startswith("{")]
+    assert answers and [a["id"] for a in answers] == list(range(len(answers)))
+
+
 WAIT_FOR_DELETE = """import os, time
 
 def hold(item):
@@ -166,6 +190,34 @@ def test_a_line_whose_model_names_nothing_served_is_an_error_record_as_agp_serve
         assert rec["error"] == {"line": names.index(name) + 1, "message": served_answer.value.message,
                                 "type": "invalid"}
     assert recs[5]["error"]["message"] == "the model 'gne' does not exist; did you mean 'gen'?"
+
+
+def test_an_output_another_run_writes_is_refused_where_locks_need_the_file_open_for_writing(tmp_path, pipeline,
+                                                                                            monkeypatch):
+    """NFS and CIFS take flock as a whole-file lock that needs the file open for writing: one open
+    read-only is refused (EBADF). The run locked an existing output through a read-only descriptor,
+    took that refusal for a file system without locks and wrote the file another run was writing
+    (exit 0); now it locks it open for writing and is refused, exit 2, the file untouched."""
+    import errno
+    import fcntl
+
+    flock = fcntl.flock
+
+    def nfs_flock(fd, operation):                   # Linux's NFS client: an exclusive lock needs write access
+        if operation & fcntl.LOCK_EX and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", nfs_flock)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps({"id": "a", "prompt": "hello", "max_tokens": 2}) + "\n")
+    out.write_text('{"id": "other", "text": "an answer of the run writing it"}\n')
+    with open(out, "r+") as other_run:              # another agp run holds its output's lock
+        flock(other_run.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for how in ("--overwrite", "--resume"):
+            r = run(pipeline, "-i", inp, "-o", out, how)
+            assert r.returncode == 2 and f"{out} is being written by another agp run" in r.stderr, r.stderr
+    assert out.read_text() == '{"id": "other", "text": "an answer of the run writing it"}\n'
 
 
 DECORATORS = """import functools
@@ -416,6 +468,23 @@ def test_answers_on_a_pipe_whose_reader_has_gone_stop_the_run_with_exit_141_and_
     assert "agp run: standard output: the reader closed the pipe (Broken pipe): stopped after 0 answer(s)" in err
     assert "run summary" in err and "error" not in err.lower()
     assert "Traceback" not in err and "Exception ignored" not in err
+
+
+def test_a_run_whose_messages_go_to_a_pipe_whose_reader_has_gone_exits_141(tmp_path, pipeline):
+    """`agp run … 2>&1 | head -0`: its first message cannot be written either, and the run stops
+    there. It exited 0, as if every line had been answered (none was); now 141, as a closed pipe
+    for the answers alone does."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": "hello", "max_tokens": 2}) + "\n" for i in range(20)))
+    read_end, write_end = os.pipe()
+    os.close(read_end)                                   # the reader is gone before the first message
+    try:
+        for output in ("-", out):
+            proc = subprocess.run([*AGP, "run", str(pipeline), "-i", str(inp), "-o", str(output), "--threads", "1"],
+                                  stdout=write_end, stderr=write_end, cwd=ROOT, timeout=300)
+            assert proc.returncode == 141, (output, proc.returncode)
+    finally:
+        os.close(write_end)
 
 
 def test_agp_run_in_process_writes_its_answers_to_a_stdout_with_no_file_behind_it(tmp_path, pipeline, monkeypatch):

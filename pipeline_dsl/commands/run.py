@@ -307,7 +307,7 @@ class _Answers:
         self.written = 0
         self.errors: list[OSError] = []
         self.fd = _fd_of(out)                      # None: a caller's capture, written through its stream
-        self.whole = self._length()                # a regular file's length up to its last whole line
+        self.regular = self._length() is not None   # a regular file: a write cut midway is taken back
         self._pending: dict[int, list] = {}        # slot -> [its line, its record: None (running), False (not written)]
         self._slots = self._next = 0
         self._lock = threading.Lock()
@@ -332,22 +332,23 @@ class _Answers:
     def _write(self, text: str) -> None:
         """Write one line whole, straight to the descriptor (no buffer holds a piece of it to be
         written later, as a close would); when a write fails midway (a full disk), a regular file
-        is cut back to its last whole line: what was written stays whole lines."""
+        is cut back to its length before the line: what was written stays whole lines. That length
+        is the file's as the write begins, not a count of the answers' bytes: standard output may be
+        a file that standard error writes too (`agp run … > log 2>&1`)."""
         if self.fd is None:
             self.out.write(text)
             self.out.flush()
             return
         data = memoryview(text.encode("utf-8"))
+        whole = self._length() if self.regular else None
         try:
             while data:
                 data = data[os.write(self.fd, data):]
         except OSError:
-            if self.whole is not None:
+            if whole is not None:
                 with contextlib.suppress(OSError):
-                    os.ftruncate(self.fd, self.whole)
+                    os.ftruncate(self.fd, whole)
             raise
-        if self.whole is not None:
-            self.whole += len(data.obj)
 
     def slot(self, line: int, record: dict | None = None) -> int:
         """The next place in the output, for `line`; with its record when it is one already."""
@@ -438,8 +439,8 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     # one that does not is locked as it is created, below)
     locked = False
     if to_file and os.path.isfile(args.output):
-        with contextlib.suppress(OSError):           # unreadable: the open below says what it can
-            fd = os.open(args.output, os.O_RDONLY)
+        with contextlib.suppress(OSError):           # not writable: the open below says what it can
+            fd = os.open(args.output, os.O_RDWR)        # for writing: NFS locks no file open read-only
             cleanup.callback(os.close, fd)
             if not _lock_output(fd):
                 return _err(_BUSY.format(output=args.output))
@@ -753,8 +754,9 @@ _BUSY = ("{output} is being written by another agp run (it holds the file's lock
 def _lock_output(fd: int) -> bool:
     """Take the exclusive lock on the output file open at `fd`, held while `fd` stays open (the
     run's length): two agp runs writing one OUT at once cut and interleaved each other's answers
-    and fingerprints. False when another process holds it. A file system without locks leaves
-    the file unguarded."""
+    and fingerprints. False when another process holds it. `fd` is open for writing: NFS (and
+    CIFS) take flock as a lock of the whole file that needs it, and refused one open read-only
+    (EBADF), which left the file unguarded there. A file system without locks leaves it unguarded."""
     import fcntl
 
     try:

@@ -68,9 +68,10 @@ class Inflater:
             raise self._bad("it ends before its stream does")
 
 
-def content_coding(request: Request) -> str | None:
-    """The body's Content-Encoding: None (identity), gzip or deflate; anything else a 415."""
-    value = request.headers.get("content-encoding", "").strip().lower()
+def content_coding(header: str | None) -> str | None:
+    """The coding a Content-Encoding header value names: None (identity), gzip or deflate;
+    anything else a 415."""
+    value = (header or "").strip().lower()
     if value in ("", "identity"):
         return None
     value = "gzip" if value == "x-gzip" else value
@@ -79,6 +80,21 @@ def content_coding(request: Request) -> str | None:
                          "(send the body as it is, or gzip it)", status=415, code="unsupported_content_encoding",
                          headers={"Accept-Encoding": ", ".join(CODINGS)})
     return value
+
+
+def decoded(body: bytes, header: str | None, limit: int) -> bytes:
+    """A whole body as its Content-Encoding header value (`header`) says, decoded to at most `limit`
+    bytes: the APIError read_body answers for a coding it does not take, a corrupt or a cut body
+    or one that decodes past the limit."""
+    coding = content_coding(header)
+    if coding is None:
+        return body
+    inflater = Inflater(coding, limit, "")
+    data = inflater.feed(body)
+    inflater.end()
+    return data
+
+
 BODY_POLL_S = 0.25       # how often a body still arriving looks whether the server is shutting down
 
 
@@ -94,7 +110,7 @@ async def read_body(request: Request, config: ServeConfig) -> bytes:
         need = 8 * config.max_prompt_chars + (256 << 10)
         if need < limit:
             limit, why = need, "(more than the longest prompt this pipeline takes can need)"
-    coding = content_coding(request)
+    coding = content_coding(request.headers.get("content-encoding"))
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise P.APIError(f"the request body has {int(declared)} bytes; at most {limit} are accepted {why}",

@@ -35,7 +35,8 @@ from ray.exceptions import RayActorError
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from . import protocol as P
-from .config import PROBES, WATCHED
+from .body import decoded
+from .config import PROBES, WATCHED, ServeConfig
 from .guard import shutting_down
 from .ray_metrics import PUSH_S, merge
 
@@ -49,15 +50,18 @@ SCOPE_KEYS = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_p
 
 # ---------------------------------------------------------------- routing
 
-def affinity_key(body: bytes, chars: int) -> str | None:
+def affinity_key(body: bytes, chars: int, encoding: str | None = None, limit: int = ServeConfig.max_body_bytes
+                 ) -> str | None:
     """The first `chars` characters of a request's prompt (completions: the first prompt; token
     ids as numbers) or of its messages (chat: each one's role and text, in order); None when
-    the body has neither (it is then routed by load alone)."""
+    the body has neither (it is then routed by load alone). `encoding`: the request's
+    Content-Encoding (a gzip or deflate body is read as the replica reads it, decoded to at most
+    `limit` bytes; one it refuses has no key)."""
     if chars <= 0:
         return None
     try:
-        obj = json.loads(body)
-    except ValueError:
+        obj = json.loads(decoded(body, encoding, limit))
+    except (ValueError, P.APIError):
         return None
     if not isinstance(obj, dict):
         return None
@@ -261,7 +265,9 @@ class AgpIngress:
         if body is None:
             return await _answer(send, P.APIError(f"the request body did not arrive within "
                                                   f"{self.body_timeout_s:g} s", status=408, code="body_timeout"))
-        key = affinity_key(body, self.chars)
+        encoding = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == b"content-encoding"),
+                        None)
+        key = affinity_key(body, self.chars, encoding, self.limit)
         request = {k: scope[k] for k in SCOPE_KEYS if k in scope}
         failure = None
         for attempt in range(1, ATTEMPTS + 1):
