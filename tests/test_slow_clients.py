@@ -114,7 +114,7 @@ def test_a_stalled_stream_that_fits_in_the_buffers_is_cut_after_the_send_timeout
     until the server's buffers were full too, so this answer was generated to its end, a 200.)"""
     path = tmp_path / "tiny.agp"
     path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1).replace("1MiB", "8MiB"))
-    proc, url = start_agp_serve(str(path), "--threads", "1", "--no-access-log", "--send-timeout", "0.1",
+    proc, url = start_agp_serve(str(path), "--threads", "1", "--no-access-log", "--send-timeout", "0.05",
                                 "--max-unread-tokens", "100000")
     port = int(url.rsplit(":", 1)[1])
     try:
