@@ -279,3 +279,56 @@ def test_every_metric_the_docs_name_is_exported_with_its_type(server, client):
         elif kind and family.type != kind:
             bad.append(f"{page}: {name} is a {family.type}, the page says {kind}")
     assert not bad, "\n".join(bad)
+
+
+def test_each_engine_of_a_cascade_counts_the_tokens_it_computed(tmp_path, tiny_gguf):
+    """A cascade (a draft generate stage, a python stage asking again, a second generate stage
+    on an engine of its own): vllm:prompt_tokens_total{engine} put both engines' prompts on the
+    engine that answered (engine 0: 0, engine 1: twice the prompt); each engine now counts the
+    prompt it took and the tokens it generated, and agp_prompt_tokens stays the request's (two
+    prompts in one request: each engine's share of both)."""
+    import argparse
+
+    from starlette.testclient import TestClient
+
+    from pipeline_dsl.serve.build import build
+    from pipeline_dsl.serve.options import add_arguments
+    from test_vllm_fields import CASCADE
+
+    path = tmp_path / "cascade.agp"
+    path.write_text(CASCADE.format(model=tiny_gguf))
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    serving = build(p.parse_args([str(path), "--threads", "1"]))
+    try:
+        with TestClient(serving.app, base_url="http://localhost") as client:
+            r = client.post("/v1/completions", json={"model": "tiny", "prompt": ["the world is"] * 2, "max_tokens": 5,
+                                                     "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            usage = r.json()["usage"]
+            fams = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    finally:
+        serving.runtime.close()
+    prompt = usage["prompt_tokens"] // 2                  # the drafts' prompts, then the same asked again
+    assert usage["prompt_tokens"] == 2 * prompt > 0 and usage["completion_tokens"] == 2 * 2 * 5
+    for name in ("prompt_tokens", "generation_tokens"):
+        per_engine = {e: value(fams, f"vllm:{name}", f"vllm:{name}_total", engine=e) for e in ("0", "1")}
+        assert per_engine == ({"0": prompt, "1": prompt} if name == "prompt_tokens" else {"0": 10, "1": 10}), name
+    assert value(fams, "agp_prompt_tokens", "agp_prompt_tokens_total") == usage["prompt_tokens"]
+    assert value(fams, "agp_generation_tokens", "agp_generation_tokens_total") == usage["completion_tokens"]
+
+
+def test_a_result_of_several_prompts_adds_up_each_engines_share():
+    from pipeline_dsl.flow import Result
+    from pipeline_dsl.serve.async_pipeline import combine
+
+    def one(draft, answer):
+        return Result("r", None, [], None, {"prompt_tokens": draft + answer, "completion_tokens": 2,
+                                            "cached_tokens": 0}, {},
+                      {"draft": {"prompt_tokens": draft, "completion_tokens": 1, "cached_tokens": 0},
+                       "gen": {"prompt_tokens": answer, "completion_tokens": 1, "cached_tokens": 0}})
+
+    both = combine([one(3, 3), one(5, 5)], 1)
+    assert both.usage["prompt_tokens"] == 16
+    assert both.engine_usage == {"draft": {"prompt_tokens": 8, "completion_tokens": 2, "cached_tokens": 0},
+                                 "gen": {"prompt_tokens": 8, "completion_tokens": 2, "cached_tokens": 0}}
