@@ -332,3 +332,77 @@ def test_a_result_of_several_prompts_adds_up_each_engines_share():
     assert both.usage["prompt_tokens"] == 16
     assert both.engine_usage == {"draft": {"prompt_tokens": 8, "completion_tokens": 2, "cached_tokens": 0},
                                  "gen": {"prompt_tokens": 8, "completion_tokens": 2, "cached_tokens": 0}}
+
+
+TWO_ENGINES = """pipeline tiny {{
+    model  = "{model}"
+    device = cpu
+    dtype  = fp32
+    stage request    : requests {{}}
+    stage route      : route {{}}
+    stage batch_fast : dynamic_batch {{ max_batch_size = 8  timeout = 1ms }}
+    stage enc_fast   : encode {{}}
+    stage kv_fast    : kv_lookup {{ block_size = 8  budget = 1MiB }}
+    stage fast       : generate {{}}
+    stage batch_slow : dynamic_batch {{ max_batch_size = 1  timeout = 1ms }}
+    stage enc_slow   : encode {{}}
+    stage kv_slow    : kv_lookup {{ block_size = 8  budget = 8MiB }}
+    stage slow       : generate {{}}
+    stage out        : respond {{}}
+    request -> route
+    route -> batch_slow when prompt_tokens > 8
+    route -> batch_fast otherwise
+    batch_fast -> enc_fast when full
+    batch_fast -> enc_fast when timeout
+    enc_fast -> kv_fast -> fast -> out
+    batch_slow -> enc_slow when full
+    batch_slow -> enc_slow when timeout
+    enc_slow -> kv_slow -> slow -> out
+}}
+"""
+
+
+def test_a_backlog_waits_on_the_engine_it_waits_for(long_gguf):
+    """Two engines, one of them a sequence at a time: three long requests routed to it, one runs
+    and the others wait. vllm:num_requests_waiting counts them on that engine alone (0 on the
+    other, which has nothing to do), as many as agp_num_requests_waiting says in all."""
+    import threading
+
+    s = LiveServer(long_gguf, text=TWO_ENGINES.format(model=long_gguf))
+    stop, started = threading.Event(), []
+    body = {"model": "tiny", "prompt": "a long prompt for the slow engine to take its time over",
+            "max_tokens": 1900, "ignore_eos": True, "stream": True}
+
+    def hold():
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=120) as r:
+            started.append(r.status_code)
+            for _ in r.iter_lines():
+                if stop.is_set():
+                    break                                 # hang up: the request is aborted
+
+    threads = [threading.Thread(target=hold, daemon=True) for _ in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        engines = list(httpx.get(s.url + "/stats", timeout=10).json()["engines"])
+        slow, fast = str(engines.index("slow")), str(engines.index("fast"))
+        deadline = time.monotonic() + 60
+        while True:
+            st = httpx.get(s.url + "/stats", timeout=10).json()["engines"]["slow"]
+            if (st["running"], st["waiting"]) == (1, 2):
+                break
+            assert time.monotonic() < deadline and all(code == 200 for code in started), (st, started)
+            time.sleep(0.02)
+        fams = scrape(s)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+        s.close()
+    assert started == [200] * 3
+    # one snapshot: the first request may have ended since the wait above (then one waits, not two)
+    waiting = {e: value(fams, "vllm:num_requests_waiting", "vllm:num_requests_waiting", engine=e) for e in (slow, fast)}
+    assert waiting[fast] == 0 and waiting[slow] in (1, 2), waiting
+    assert value(fams, "agp_num_requests_waiting", "agp_num_requests_waiting") == waiting[slow]
+    running = {e: value(fams, "vllm:num_requests_running", "vllm:num_requests_running", engine=e) for e in (slow, fast)}
+    assert running == {slow: 1, fast: 0}
