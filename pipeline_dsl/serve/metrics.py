@@ -97,7 +97,8 @@ STAGE_SERIES = (  # (stats key, metric name, type, help)
 
 def engine_totals(stats: dict) -> dict:
     """One flat dict of the engines' counters (summed; the hit rate over all their prompts, the
-    mean batch size over all their decode steps)."""
+    mean batch size over all their decode steps, the peak memory the process's: each engine
+    reports the same)."""
     engines = list((stats.get("engines") or {}).values())
     if not engines:
         return {k: v for k, v in stats.items() if not isinstance(v, dict)}
@@ -112,6 +113,8 @@ def engine_totals(stats: dict) -> dict:
     if "mean_batch_size" in out:          # over all their decode steps, not the sum of each one's mean
         out["mean_batch_size"] = sum((e.get("mean_batch_size") or 0) * e.get("decode_steps", 0)
                                      for e in engines) / steps if steps else 0.0
+    if "peak_memory_bytes" in out:        # the process's (or its device's), not one per engine
+        out["peak_memory_bytes"] = max(e.get("peak_memory_bytes") or 0 for e in engines)
     return out
 
 
