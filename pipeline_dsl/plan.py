@@ -81,6 +81,12 @@ class Stream:
     stages: tuple[str, ...]   # stages whose main work runs here (each stage on one stream)
     work: tuple[str, ...]     # the FIFO order of one iteration (see Work.skew)
 
+    @property
+    def stage_list(self) -> str:
+        """Its stages as `agp plan` and `agp render --plan` list them: "none" for a stream that
+        only carries other stages' work (a copy stream's h2d and d2h copies)."""
+        return ", ".join(self.stages) or "none"
+
 
 @dataclass(frozen=True)
 class Event:
@@ -510,7 +516,7 @@ def format_plan(plan: PipelinePlan) -> str:
     for seg in segs:
         lines.append(f"\nengine segment {seg.segment} ({' -> '.join(seg.stages)}), per step:")
         for s in seg.streams:
-            lines.append(f"stream {s.name} ({s.resource}): stages {', '.join(s.stages) or '-'}")
+            lines.append(f"stream {s.name} ({s.resource}): stages {s.stage_list}")
             for name in s.work:
                 w = seg.work_named(name)
                 lag = f"   (micro-batch k-{w.skew})" if w.skew else ""

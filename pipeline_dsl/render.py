@@ -152,7 +152,7 @@ def dot_source(graph, plan=None) -> str:
             seen.add(key)
             lines.append(f'  {_q(ev.src)} -> {_q(ev.dst)} [style=dashed, color="#b45309", '
                          f'fontcolor="#b45309", label="event", constraint=false];')
-        legend = " | ".join(f"{s.name}: {', '.join(s.stages)}" for s in plan.streams)
+        legend = " | ".join(f"{s.name}: {s.stage_list}" for s in plan.streams)
         lines.append(f"  label={_q(title + '  —  streams: ' + legend)};")
     lines.append("}")
     return "\n".join(lines) + "\n"

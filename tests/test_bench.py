@@ -188,6 +188,16 @@ def test_the_mean_batch_size_of_several_engines_is_over_all_their_steps():
     assert totals["mean_batch_size"] == pytest.approx((30 * 2 + 10 * 6) / 40)       # not 2 + 6
 
 
+def test_the_peak_memory_of_several_engines_is_the_process_s_not_their_sum():
+    """Each engine reports its process's peak memory: agp bench's 'peak memory' of a pipeline with
+    two engines said twice the process's."""
+    from pipeline_dsl.serve.metrics import engine_totals
+
+    totals = engine_totals({"engines": {"a": {"peak_memory_bytes": 300 << 20, "preemptions": 1},
+                                        "b": {"peak_memory_bytes": 300 << 20, "preemptions": 2}}})
+    assert totals["peak_memory_bytes"] == 300 << 20 and totals["preemptions"] == 3
+
+
 def test_a_reports_json_says_its_latencies_are_in_seconds():
     """The table shows TTFT in ms and the --json file held the same TTFT in seconds under a bare
     'ttft' key: 0.2 read as 0.2 ms by a script comparing the two."""

@@ -622,3 +622,22 @@ def test_the_startup_banner_the_serve_page_quotes_is_the_one_agp_serve_prints(tm
     finally:
         serving.runtime.close()
     assert [banner_shape(line) for line in quoted] == [banner_shape(line) for line in printed]
+
+
+def test_the_serve_limits_table_names_every_host_answered_by_default():
+    # docs/serve.md, "Limits": | `--allowed-hosts` | the address listened on, `localhost`, ... (any
+    # when listening on `0.0.0.0` or `::`); ... | — it said "the address listened on and localhost"
+    # while 127.0.0.1 and ::1 are answered too; --help says the same names
+    from pipeline_dsl.serve.build import allowed_hosts
+
+    row = next(ln for ln in (ROOT / "docs" / "serve.md").read_text().splitlines()
+               if ln.startswith("| `--allowed-hosts` |"))
+    named, anywhere = row.split("|")[2].split(";", 1)[0].split("(any when listening on")
+    address = "10.1.2.3"
+    assert set(allowed_hosts(address, None)) == {address, *re.findall(r"`([^`]+)`", named)}, row
+    listening_anywhere = re.findall(r"`([^`]+)`", anywhere)
+    assert listening_anywhere and all(allowed_hosts(h, None) == ("*",) for h in listening_anywhere), row
+    parser = build_parser(["serve"]).commands["serve"]
+    said = next(a.help for a in parser._actions if "--allowed-hosts" in a.option_strings)
+    for host in (*allowed_hosts(address, None)[1:], *listening_anywhere):
+        assert re.search(rf"(?<![\w:.]){re.escape(host)}(?![\w:.])", said), (host, said)

@@ -279,3 +279,130 @@ def test_every_metric_the_docs_name_is_exported_with_its_type(server, client):
         elif kind and family.type != kind:
             bad.append(f"{page}: {name} is a {family.type}, the page says {kind}")
     assert not bad, "\n".join(bad)
+
+
+def test_each_engine_of_a_cascade_counts_the_tokens_it_computed(tmp_path, tiny_gguf):
+    """A cascade (a draft generate stage, a python stage asking again, a second generate stage
+    on an engine of its own): vllm:prompt_tokens_total{engine} put both engines' prompts on the
+    engine that answered (engine 0: 0, engine 1: twice the prompt); each engine now counts the
+    prompt it took and the tokens it generated, and agp_prompt_tokens stays the request's (two
+    prompts in one request: each engine's share of both)."""
+    import argparse
+
+    from starlette.testclient import TestClient
+
+    from pipeline_dsl.serve.build import build
+    from pipeline_dsl.serve.options import add_arguments
+    from test_vllm_fields import CASCADE
+
+    path = tmp_path / "cascade.agp"
+    path.write_text(CASCADE.format(model=tiny_gguf))
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    serving = build(p.parse_args([str(path), "--threads", "1"]))
+    try:
+        with TestClient(serving.app, base_url="http://localhost") as client:
+            r = client.post("/v1/completions", json={"model": "tiny", "prompt": ["the world is"] * 2, "max_tokens": 5,
+                                                     "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            usage = r.json()["usage"]
+            fams = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    finally:
+        serving.runtime.close()
+    prompt = usage["prompt_tokens"] // 2                  # the drafts' prompts, then the same asked again
+    assert usage["prompt_tokens"] == 2 * prompt > 0 and usage["completion_tokens"] == 2 * 2 * 5
+    for name in ("prompt_tokens", "generation_tokens"):
+        per_engine = {e: value(fams, f"vllm:{name}", f"vllm:{name}_total", engine=e) for e in ("0", "1")}
+        assert per_engine == ({"0": prompt, "1": prompt} if name == "prompt_tokens" else {"0": 10, "1": 10}), name
+    assert value(fams, "agp_prompt_tokens", "agp_prompt_tokens_total") == usage["prompt_tokens"]
+    assert value(fams, "agp_generation_tokens", "agp_generation_tokens_total") == usage["completion_tokens"]
+
+
+def test_a_result_of_several_prompts_adds_up_each_engines_share():
+    from pipeline_dsl.flow import Result
+    from pipeline_dsl.serve.async_pipeline import combine
+
+    def one(draft, answer):
+        return Result("r", None, [], None, {"prompt_tokens": draft + answer, "completion_tokens": 2,
+                                            "cached_tokens": 0}, {},
+                      {"draft": {"prompt_tokens": draft, "completion_tokens": 1, "cached_tokens": 0},
+                       "gen": {"prompt_tokens": answer, "completion_tokens": 1, "cached_tokens": 0}})
+
+    both = combine([one(3, 3), one(5, 5)], 1)
+    assert both.usage["prompt_tokens"] == 16
+    assert both.engine_usage == {"draft": {"prompt_tokens": 8, "completion_tokens": 2, "cached_tokens": 0},
+                                 "gen": {"prompt_tokens": 8, "completion_tokens": 2, "cached_tokens": 0}}
+
+
+TWO_ENGINES = """pipeline tiny {{
+    model  = "{model}"
+    device = cpu
+    dtype  = fp32
+    stage request    : requests {{}}
+    stage route      : route {{}}
+    stage batch_fast : dynamic_batch {{ max_batch_size = 8  timeout = 1ms }}
+    stage enc_fast   : encode {{}}
+    stage kv_fast    : kv_lookup {{ block_size = 8  budget = 1MiB }}
+    stage fast       : generate {{}}
+    stage batch_slow : dynamic_batch {{ max_batch_size = 1  timeout = 1ms }}
+    stage enc_slow   : encode {{}}
+    stage kv_slow    : kv_lookup {{ block_size = 8  budget = 8MiB }}
+    stage slow       : generate {{}}
+    stage out        : respond {{}}
+    request -> route
+    route -> batch_slow when prompt_tokens > 8
+    route -> batch_fast otherwise
+    batch_fast -> enc_fast when full
+    batch_fast -> enc_fast when timeout
+    enc_fast -> kv_fast -> fast -> out
+    batch_slow -> enc_slow when full
+    batch_slow -> enc_slow when timeout
+    enc_slow -> kv_slow -> slow -> out
+}}
+"""
+
+
+def test_a_backlog_waits_on_the_engine_it_waits_for(long_gguf):
+    """Two engines, one of them a sequence at a time: three long requests routed to it, one runs
+    and the others wait. vllm:num_requests_waiting counts them on that engine alone (0 on the
+    other, which has nothing to do), as many as agp_num_requests_waiting says in all."""
+    import threading
+
+    s = LiveServer(long_gguf, text=TWO_ENGINES.format(model=long_gguf))
+    stop, started = threading.Event(), []
+    body = {"model": "tiny", "prompt": "a long prompt for the slow engine to take its time over",
+            "max_tokens": 1900, "ignore_eos": True, "stream": True}
+
+    def hold():
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=120) as r:
+            started.append(r.status_code)
+            for _ in r.iter_lines():
+                if stop.is_set():
+                    break                                 # hang up: the request is aborted
+
+    threads = [threading.Thread(target=hold, daemon=True) for _ in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        engines = list(httpx.get(s.url + "/stats", timeout=10).json()["engines"])
+        slow, fast = str(engines.index("slow")), str(engines.index("fast"))
+        deadline = time.monotonic() + 60
+        while True:
+            st = httpx.get(s.url + "/stats", timeout=10).json()["engines"]["slow"]
+            if (st["running"], st["waiting"]) == (1, 2):
+                break
+            assert time.monotonic() < deadline and all(code == 200 for code in started), (st, started)
+            time.sleep(0.02)
+        fams = scrape(s)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+        s.close()
+    assert started == [200] * 3
+    # one snapshot: the first request may have ended since the wait above (then one waits, not two)
+    waiting = {e: value(fams, "vllm:num_requests_waiting", "vllm:num_requests_waiting", engine=e) for e in (slow, fast)}
+    assert waiting[fast] == 0 and waiting[slow] in (1, 2), waiting
+    assert value(fams, "agp_num_requests_waiting", "agp_num_requests_waiting") == waiting[slow]
+    running = {e: value(fams, "vllm:num_requests_running", "vllm:num_requests_running", engine=e) for e in (slow, fast)}
+    assert running == {slow: 1, fast: 0}

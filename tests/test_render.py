@@ -2,6 +2,7 @@
 `agp render` describes it, without graphviz."""
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 from pipeline_dsl import load_pipeline_graph
@@ -63,3 +64,24 @@ def test_a_plans_events_between_two_stages_are_drawn_once():
     seg = plan.segments[0]
     twice = replace(plan, segments=(replace(seg, events=(*seg.events, *seg.events)),))
     assert dot_source(graph, twice).count('label="event"') == dot_source(graph, plan).count('label="event"') > 0
+
+
+def test_plan_and_render_titles_say_none_for_a_stream_that_carries_no_stage(tmp_path):
+    """A copy stream carries generate's h2d and d2h copies but no stage of its own: `agp plan`
+    listed its stages as '-' and `agp render --plan`'s title as 'short_gen/copy:  |' (nothing
+    after the colon); both now say "none", and list the stages of the others alike."""
+    from clikit import ROOT, agp_in
+
+    example = ROOT / "examples" / "router.agp"
+    plan = agp_in("plan", example)
+    assert plan.returncode == 0, plan.stderr
+    dot = tmp_path / "router.dot"
+    drawn = agp_in("render", "--plan", example, "-o", dot)
+    assert drawn.returncode == 0, drawn.stderr
+    title = re.search(r'label="pipeline router  —  streams: ([^"]*)";', dot.read_text()).group(1)
+    legend = dict(part.split(": ", 1) for part in title.split(" | "))
+    listed = dict(re.findall(r"^stream (\S+) \(\w+\): stages (.*)$", plan.stdout, re.M))
+    assert legend == listed and len(listed) == 6
+    assert legend["short_gen/copy"] == legend["long_gen/copy"] == "none"
+    assert legend["short_gen/compute"] == "short_gen"
+    assert all(v.strip() and v != "-" for v in legend.values()), legend

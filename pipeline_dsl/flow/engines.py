@@ -207,7 +207,7 @@ class EngineSide:
         with self._lock:
             if req.done:
                 return
-            req.usage["prompt_tokens"] += len(ids)
+            self.ledger.count(req, es.name, "prompt_tokens", len(ids))
             per_target = collections.Counter(c[0] for c in copies)     # copies each target makes
             for g_i, gen, i, data, params in copies:
                 several = per_target[g_i] > 1
@@ -234,7 +234,7 @@ class EngineSide:
         with self._lock:
             if req.done:
                 return
-            req.usage["prompt_tokens"] += len(ids)
+            self.ledger.count(req, es.name, "prompt_tokens", len(ids))
             entry["cached_tokens"] = 0
             for g_i, gen in enumerate(targets):
                 child = Item(GENERATED, {}, req, gen, item.branch + ((g_i,) if len(targets) > 1 else ()),
@@ -336,7 +336,7 @@ class EngineSide:
                     self.trace.add("requests", f"{gen}.generate", item.submitted, time.perf_counter(), -1,
                                    {"request": req.key, "id": str(req.id), "tokens": out.completion_tokens,
                                     "finish": out.finish_reason}, lane=True)
-                self.ledger.finished_sequence(item, out)
+                self.ledger.finished_sequence(item, out, es.name)
                 item.kind = GENERATED
                 item.data = self._generated(item, item.data, gen, out.text, out.finish_reason, out.prompt_tokens,
                                             out.completion_tokens, out.cached_tokens)

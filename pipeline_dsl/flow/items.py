@@ -51,6 +51,10 @@ class Result:
     error: PipelineError | None
     usage: dict                       # prompt_tokens, completion_tokens, cached_tokens
     metrics: dict                     # arrival, ttft_s, latency_s
+    # each engine's share of `usage` (keyed by engine name, as stats()["engines"]): the prompts it
+    # took, the tokens it generated, the cached tokens it served. A cascade's draft counts on the
+    # engine that drafted; what a python stage answered itself counts on none
+    engine_usage: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -98,6 +102,7 @@ class RequestState:
     done: bool = False
     next_index: int = 0
     usage: dict = field(default_factory=no_usage)
+    engine_usage: dict = field(default_factory=dict)   # engine name -> its share of usage (Result.engine_usage)
     # streamed choice index -> (its completion tokens as last heard, its prompt's entry, cached
     # tokens) while its sequence generates; None once it ended (its tokens are in `usage`)
     streaming: dict = field(default_factory=dict)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable
 
-from .items import Choice, Item, PipelineError, RequestState, Result
+from .items import Choice, Item, PipelineError, RequestState, Result, no_usage
 
 
 class RequestLedger:
@@ -61,16 +61,23 @@ class RequestLedger:
         if req.first_token is None:
             req.first_token = now
 
-    def finished_sequence(self, item: Item, out) -> None:
-        """A sequence of `item` finished: its tokens and (the request's first) timings."""
+    @staticmethod
+    def count(req: RequestState, engine: str, key: str, n: int) -> None:
+        """`n` tokens of kind `key` (prompt_tokens, completion_tokens, cached_tokens) that engine
+        `engine` computed for `req`: in its usage and in that engine's share of it."""
+        req.usage[key] += n
+        req.engine_usage.setdefault(engine, no_usage())[key] += n
+
+    def finished_sequence(self, item: Item, out, engine: str) -> None:
+        """A sequence of `item` finished on `engine`: its tokens and (the request's first) timings."""
         req = item.req
         for key in ("queue_s", "prefill_s", "decode_s"):
             if key in (out.metrics or {}) and key not in req.timings:
                 req.timings[key] = out.metrics[key]
-        req.usage["completion_tokens"] += out.completion_tokens
+        self.count(req, engine, "completion_tokens", out.completion_tokens)
         if item.entry is not None and item.entry["cached_tokens"] is None:
             item.entry["cached_tokens"] = out.cached_tokens       # a prompt shared by n copies counts once
-            req.usage["cached_tokens"] += out.cached_tokens
+            self.count(req, engine, "cached_tokens", out.cached_tokens)
         if item.index is not None:
             req.streaming[item.index] = None                      # counted above from now on
 
@@ -123,10 +130,16 @@ class RequestLedger:
         if not choices:
             error = req.rejection or PipelineError("no answer: none of the request's items reached a respond "
                                                    "stage", "failed")
-        return Result(req.key, req.id, choices, error, dict(req.usage), self.metrics(req))
+        return Result(req.key, req.id, choices, error, dict(req.usage), self.metrics(req),
+                      self.engine_usage(req))
 
     def failure(self, req: RequestState, err: PipelineError) -> Result:
-        return Result(req.key, req.id, [], err, dict(req.usage), self.metrics(req))
+        return Result(req.key, req.id, [], err, dict(req.usage), self.metrics(req),
+                      self.engine_usage(req))
+
+    @staticmethod
+    def engine_usage(req: RequestState) -> dict:
+        return {engine: dict(u) for engine, u in req.engine_usage.items()}
 
     def metrics(self, req: RequestState) -> dict:
         now = self.clock()

@@ -172,11 +172,18 @@ class StreamGroup:
 
 
 def combine(results: list[Result], per: int) -> Result:
-    """One Result for several: choices renumbered, usage summed, the first error wins."""
+    """One Result for several: choices renumbered, usage (and each engine's) summed, the first error wins."""
     error = next((r.error for r in results if r.error is not None), None)
     choices = [replace(c, index=k * per + c.index) for k, r in enumerate(results) for c in r.choices]
     usage = {key: sum(r.usage.get(key, 0) for r in results) for key in results[0].usage}
-    return Result(results[0].key, results[0].id, [] if error else choices, error, usage, results[0].metrics)
+    engines: dict = {}
+    for r in results:
+        for engine, u in r.engine_usage.items():
+            mine = engines.setdefault(engine, dict.fromkeys(u, 0))
+            for key, n in u.items():
+                mine[key] = mine.get(key, 0) + n
+    return Result(results[0].key, results[0].id, [] if error else choices, error, usage, results[0].metrics,
+                  engines)
 
 
 class AsyncPipeline:

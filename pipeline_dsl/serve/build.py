@@ -122,6 +122,6 @@ def build(args, *, host: str | None = None) -> Serving:
                          exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
                          return_tokens_as_token_ids=args.return_tokens_as_token_ids)
     metrics = ServerMetrics(model_name=names[0], engine_of={g: str(i) for i, es in enumerate(runtime.segments)
-                                                            for g in es.segment.generates})
+                                                            for g in (es.name, *es.segment.generates)})
     apipe = AsyncPipeline(runtime, metrics=metrics, max_unread_tokens=args.max_unread_tokens)
     return Serving(runtime, apipe, create_app(apipe, config, metrics), config, metrics)

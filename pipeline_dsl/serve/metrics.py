@@ -8,7 +8,8 @@ dashboard or a gateway written for vLLM reads agp unchanged:
     vllm:num_requests_running / _waiting     gauges (waiting: every pipeline queue before generation)
     vllm:kv_cache_usage_perc, gpu_cache_usage_perc   gauges, KV blocks in use / blocks in the pool (0..1)
     vllm:cache_config_info                   gauge 1 with the KV cache's block_size, blocks, prefix caching
-    vllm:prompt_tokens_total / generation_tokens_total, num_preemptions_total,
+    vllm:prompt_tokens_total / generation_tokens_total (each engine's own: a cascade's draft counts
+        on the engine that drafted it), num_preemptions_total,
     vllm:prefix_cache_queries_total / _hits_total (tokens), request_success_total{finished_reason}
     vllm:time_to_first_token_seconds, inter_token_latency_seconds, e2e_request_latency_seconds,
     vllm:request_queue_time_seconds, request_prefill_time_seconds, request_decode_time_seconds,
@@ -96,7 +97,8 @@ STAGE_SERIES = (  # (stats key, metric name, type, help)
 
 def engine_totals(stats: dict) -> dict:
     """One flat dict of the engines' counters (summed; the hit rate over all their prompts, the
-    mean batch size over all their decode steps)."""
+    mean batch size over all their decode steps, the peak memory the process's: each engine
+    reports the same)."""
     engines = list((stats.get("engines") or {}).values())
     if not engines:
         return {k: v for k, v in stats.items() if not isinstance(v, dict)}
@@ -111,6 +113,8 @@ def engine_totals(stats: dict) -> dict:
     if "mean_batch_size" in out:          # over all their decode steps, not the sum of each one's mean
         out["mean_batch_size"] = sum((e.get("mean_batch_size") or 0) * e.get("decode_steps", 0)
                                      for e in engines) / steps if steps else 0.0
+    if "peak_memory_bytes" in out:        # the process's (or its device's), not one per engine
+        out["peak_memory_bytes"] = max(e.get("peak_memory_bytes") or 0 for e in engines)
     return out
 
 
@@ -208,6 +212,13 @@ class _Metric:
         values = tuple(map(str, values))
         return _Children([self.agp.labels(self.model_name, *values),
                           *(m.labels(self.model_name, engine, *values) for m in self.vllm)])
+
+    def inc_by_engine(self, total: float, shares: dict[str, float]) -> None:
+        """agp's series by `total` (the request's), vLLM's by each engine's share ({index: amount})."""
+        self.agp.labels(self.model_name).inc(total)
+        for m in self.vllm:
+            for engine, n in shares.items():
+                m.labels(self.model_name, engine).inc(n)
 
     def __getattr__(self, name):                 # inc / observe / set / dec without extra labels
         return getattr(self.labels(), name)
@@ -329,7 +340,7 @@ class ServerMetrics:
     def __init__(self, model_name: str = "agp", window_s: float = 60.0, process: bool = True,
                  engine_of: dict[str, str] | None = None):
         self.model_name = model_name
-        self.engine_of = dict(engine_of or {})          # generate stage -> the index of its engine
+        self.engine_of = dict(engine_of or {})    # generate stage or engine name -> the index of its engine
         self.registry = r = CollectorRegistry()
 
         def metric(kind, agp, vllm, doc, labels=(), **kw):
@@ -369,6 +380,15 @@ class ServerMetrics:
         gen = next((c.data.get("generated_by") for c in result.choices if isinstance(c.data, dict)), None)
         return self.engine_of.get(gen, "0")
 
+    def engine_shares(self, result, key: str) -> dict[str, int]:
+        """{engine index: its tokens of kind `key`} of the request (Result.engine_usage): a
+        cascade's draft on the engine that drafted it, its answer on the one that answered."""
+        shares: dict[str, int] = {}
+        for name, usage in result.engine_usage.items():
+            index = self.engine_of.get(name, "0")
+            shares[index] = shares.get(index, 0) + usage.get(key, 0)
+        return shares
+
     # ---- observed as requests run (any thread) ----------------------------------------
     def observe_result(self, result, latency_s: float, params: dict | None = None,
                        prefilled: bool = False) -> None:
@@ -376,10 +396,13 @@ class ServerMetrics:
         its n and max_tokens parameters (`params`). Its finish reasons are the serving layer's to
         count (count_finished), but for a request aborted on the way. The prompt tokens of one
         that failed or was aborted count when it was `prefilled` (its first token came), as vLLM
-        counts a prompt once prefilled and as its generated tokens count."""
+        counts a prompt once prefilled and as its generated tokens count: agp_prompt_tokens the
+        request's, vllm:prompt_tokens{engine} each engine's (a cascade's draft prompt on the engine
+        that drafted; a prompt a python stage answered without an engine on none)."""
         usage, timings, engine = result.usage, result.metrics or {}, self.engine(result)
-        if result.error is None or prefilled:
-            self.prompt_tokens.labels(engine=engine).inc(usage.get("prompt_tokens", 0))
+        if result.error is None or prefilled:      # vLLM's per engine: what each engine took of it
+            self.prompt_tokens.inc_by_engine(usage.get("prompt_tokens", 0),
+                                             self.engine_shares(result, "prompt_tokens"))
             self.cached_tokens.labels(engine=engine).inc(usage.get("cached_tokens", 0))
         if result.error is not None:
             if result.error.kind == "aborted":

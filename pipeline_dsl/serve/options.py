@@ -116,7 +116,7 @@ def add_arguments(p) -> None:
                    help="log and ignore request fields agp does not know, as vLLM does (default: a 400)")
     p.add_argument("--allowed-hosts", default=None,
                    help="comma-separated Host header values accepted, '*' for any (default: the address "
-                        "listened on and localhost; any when listening on all addresses)")
+                        "listened on, localhost, 127.0.0.1 and ::1; any when listening on 0.0.0.0 or ::)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="default: info")
     p.add_argument("--log-format", default="text", choices=["text", "json"],
