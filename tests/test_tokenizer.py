@@ -33,6 +33,15 @@ def test_special_tokens_are_matched_whole_and_skipped_in_text(tok):
     assert tok.encode("hi") == tok.encode("hi", add_special_tokens=False)  # add_bos_token is false
 
 
+@pytest.mark.parametrize("key", ["eot", "eom"])
+def test_a_gguf_end_of_turn_token_ends_generation_as_eos_does(tiny_gguf, key):
+    """tokenizer.ggml.eot_token_id / eom_token_id (Llama 3's <|eot_id|>, <|eom_id|>) end an answer
+    as eos does: an instruct model that ends its turn with one stops there."""
+    meta = dict(load_gguf(tiny_gguf).metadata)
+    meta[f"tokenizer.ggml.{key}_token_id"] = 0
+    assert Tokenizer.from_gguf_metadata(meta).eos_token_ids == frozenset({0, 2})
+
+
 def test_chat_template_renders_with_generation_prompt(tok):
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}])
     assert text == ("<|im_start|>system\nYou are a tiny test model.<|im_end|>\n"
