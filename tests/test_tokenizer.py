@@ -127,3 +127,16 @@ def test_chat_templates_render_in_the_environment_transformers_gives_them(tok, t
     tok.set_chat_template(template)
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     assert tok.apply_chat_template(msgs, add_generation_prompt=False) == rendered
+
+
+def test_a_folder_with_named_chat_templates_renders_the_default_one(tmp_path, tok):
+    """tokenizer_config.json may hold a list of named templates (Hermes, Command R: "tool_use",
+    "rag", "default"): a chat renders the one named default, wherever it stands in the list."""
+    import json
+
+    tok.tk.save(str(tmp_path / "tokenizer.json"))
+    named = [{"name": "tool_use", "template": "TOOLS{{ messages[0].content }}"},
+             {"name": "default", "template": "DEFAULT{{ messages[0].content }}"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": named}))
+    ours = Tokenizer.from_hf_folder(tmp_path)
+    assert ours.apply_chat_template([{"role": "user", "content": "hi"}]) == "DEFAULThi"
