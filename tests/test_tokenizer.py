@@ -120,10 +120,13 @@ def test_a_folder_whose_post_processor_adds_bos_starts_raw_prompts_with_it(tmp_p
     ("{{ messages[0] | tojson(indent=1, sort_keys=True) }}", '{\n "content": "S",\n "role": "system"\n}'),
     ("{{ {'b': 1, 'a': 2} | tojson(separators=(',', ':')) }}", '{"b":1,"a":2}'),
     ("{% for m in messages %}{% generation %}[{{ m.content }}]{% endgeneration %}{% endfor %}", "[S][hi][yo]"),
-], ids=["break", "continue", "tojson-sort-keys", "tojson-separators", "generation-block"])
+    ("{% for m in messages %}\n    {% if m.role != 'system' %}\n{{ m.content }}\n    {% endif %}\n{% endfor %}",
+     "hi\nyo\n"),
+], ids=["break", "continue", "tojson-sort-keys", "tojson-separators", "generation-block", "trimmed-block-lines"])
 def test_chat_templates_render_in_the_environment_transformers_gives_them(tok, template, rendered):
     """Templates use jinja's loop controls, tojson's json.dumps arguments and transformers'
-    {% generation %} blocks; each failed to parse or render before."""
+    {% generation %} blocks; each failed to parse or render before. A line holding only a block
+    tag writes nothing, neither its indent nor its newline (trim_blocks, lstrip_blocks)."""
     tok.set_chat_template(template)
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     assert tok.apply_chat_template(msgs, add_generation_prompt=False) == rendered
