@@ -143,3 +143,21 @@ def test_a_folder_with_named_chat_templates_renders_the_default_one(tmp_path, to
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": named}))
     ours = Tokenizer.from_hf_folder(tmp_path)
     assert ours.apply_chat_template([{"role": "user", "content": "hi"}]) == "DEFAULThi"
+
+
+def test_a_user_defined_token_is_text_that_skipping_special_tokens_keeps(tiny_gguf):
+    """A GGUF token typed USER_DEFINED is an added token, not a special one: matched whole in
+    text and kept in the text when special tokens are skipped, whether or not spaces are put
+    between added tokens (vLLM's spaces_between_special_tokens)."""
+    meta = dict(load_gguf(tiny_gguf).metadata)
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    types = list(meta["tokenizer.ggml.token_type"])
+    types[tokens.index("hello")] = 4                     # USER_DEFINED
+    meta["tokenizer.ggml.token_type"] = types
+    user = Tokenizer.from_gguf_metadata(meta)
+    ids = user.encode("<|im_start|>hello the")
+    assert ids[:2] == [1, tokens.index("hello")]
+    for spaces in (True, False):
+        assert user.decode(ids, spaces_between_special_tokens=spaces) == "hello the"
+        assert user.decode(ids, skip_special_tokens=False, spaces_between_special_tokens=spaces) == \
+            "<|im_start|>hello the"
