@@ -516,3 +516,15 @@ def test_each_load_of_the_embedded_model_has_weights_of_its_own():
     second, _ = load_model(None, dtype="fp32")
     assert torch.equal(second.embed, embed) and torch.equal(second.layers[0].o.weight, o)
     assert embed.abs().sum() > 0 and o.abs().sum() > 0
+
+
+def test_an_answer_cut_by_max_tokens_inside_a_character_ends_before_it(tiny_gguf):
+    """max_tokens that cuts a UTF-8 character between its bytes: the text ends before the
+    character, never with U+FFFD for the bytes of it that came."""
+    engine = tiny_engine(tiny_gguf)
+    lead = engine.tokenizer.token_to_id("Ã")        # byte C3, the first of "é" in gpt2's alphabet
+    engine.add_request("0", prompt="the cat", params=SamplingParams(
+        max_tokens=1, ignore_eos=True, logit_bias={lead: 100.0}, temperature=0.0))
+    finals, deltas = run_all(engine)
+    assert finals["0"].new_token_ids == [lead] and finals["0"].finish_reason == "length"
+    assert (finals["0"].text, deltas["0"]) == ("", "")
