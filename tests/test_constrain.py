@@ -105,6 +105,16 @@ def test_json_object_and_regex(engine, compiler):
             assert re.fullmatch(r"(hello|world) [0-9]{2}", out.text), out.text
 
 
+def test_a_grammar_ends_its_answer_at_eos_even_with_ignore_eos(engine, compiler):
+    """A complete grammar allows only EOS: that EOS ends the answer whatever ignore_eos says
+    (ignoring it would leave the answer nothing it may go on with)."""
+    rx = compiler.compile({"type": "regex", "pattern": r"(hello|world) [0-9]{2}"})
+    reqs = {f"r{s}": (rx, SamplingParams(max_tokens=60, temperature=1.0, seed=s, ignore_eos=True)) for s in range(2)}
+    for rid, out in run(engine, reqs).items():
+        assert out.finish_reason == "stop", (rid, out.finish_reason, out.text)
+        assert re.fullmatch(r"(hello|world) [0-9]{2}", out.text), out.text
+
+
 def test_tool_calls(engine, compiler):
     required = compiler.compile({"type": "tool_call", "tools": TOOLS, "choice": "required"})
     named = compiler.compile({"type": "tool_call", "tools": TOOLS,

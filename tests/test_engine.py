@@ -516,3 +516,30 @@ def test_each_load_of_the_embedded_model_has_weights_of_its_own():
     second, _ = load_model(None, dtype="fp32")
     assert torch.equal(second.embed, embed) and torch.equal(second.layers[0].o.weight, o)
     assert embed.abs().sum() > 0 and o.abs().sum() > 0
+
+
+def test_an_answer_cut_by_max_tokens_inside_a_character_ends_before_it(tiny_gguf):
+    """max_tokens that cuts a UTF-8 character between its bytes: the text ends before the
+    character, never with U+FFFD for the bytes of it that came."""
+    engine = tiny_engine(tiny_gguf)
+    lead = engine.tokenizer.token_to_id("Ã")        # byte C3, the first of "é" in gpt2's alphabet
+    engine.add_request("0", prompt="the cat", params=SamplingParams(
+        max_tokens=1, ignore_eos=True, logit_bias={lead: 100.0}, temperature=0.0))
+    finals, deltas = run_all(engine)
+    assert finals["0"].new_token_ids == [lead] and finals["0"].finish_reason == "length"
+    assert (finals["0"].text, deltas["0"]) == ("", "")
+
+
+def test_a_stop_token_writes_its_text_only_where_include_stop_str_in_output_asks(tiny_gguf):
+    """A stop_token_ids token ends the answer; its own text is in the answer only with
+    include_stop_str_in_output (vLLM's), as a stop string's is."""
+    engine = tiny_engine(tiny_gguf)
+    the = engine.tokenizer.token_to_id("Ġthe")
+    for keep in (False, True):
+        engine.add_request(str(keep), prompt="hello", params=SamplingParams(
+            max_tokens=5, logit_bias={the: 100.0}, stop_token_ids=[the], include_stop_str_in_output=keep))
+    finals, deltas = run_all(engine)
+    for keep, text in ((False, ""), (True, " the")):
+        out = finals[str(keep)]
+        assert (out.finish_reason, out.stop_reason, out.completion_tokens) == ("stop", the, 1)
+        assert (out.text, deltas[str(keep)]) == (text, text)

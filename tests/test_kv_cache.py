@@ -282,3 +282,19 @@ def test_a_freed_keyless_block_is_reused_before_any_cached_block_is_evicted():
     assert bm.evictions == 0 and bm.num_cached == 2
     assert bm.match_prefix("d", prompt + [99]) == 8
     bm.check_invariants()
+
+
+def test_a_freed_sequence_loses_its_last_blocks_to_eviction_before_its_first():
+    """A prefix is only found from its first block on: evicting a freed sequence's head would
+    leave the rest unreachable, so its tail blocks go first and the head stays reusable."""
+    bm = BlockManager(num_blocks=3, block_size=4)
+    prompt = list(range(12))
+    bm.match_prefix("a", prompt + [99])
+    assert bm.allocate("a", 12)
+    bm.commit("a", prompt + [99], 12)
+    bm.free_seq("a")
+    assert bm.num_cached == 3
+    assert bm.allocate("b", 4)                    # one block: an eviction
+    assert bm.evictions == 1
+    assert bm.match_prefix("c", prompt + [99]) == 8
+    bm.check_invariants()

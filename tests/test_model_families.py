@@ -143,6 +143,15 @@ def test_an_untied_config_without_its_lm_head_is_refused_where_it_says_untied(tm
         check_model_path(tmp_path)
 
 
+def test_rope_parameters_win_over_rope_scaling_where_a_config_has_both():
+    """transformers 5 writes rope_parameters, and reads it before a rope_scaling left beside it."""
+    from pipeline_dsl.model_files.rope import hf_rope
+
+    cfg = {"rope_theta": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+           "rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 500000.0}}
+    assert hf_rope(cfg, pytest.fail) == (500000.0, (("rope_type", "linear"), ("factor", 4.0)))
+
+
 def test_the_llama3_rotary_frequencies_follow_transformers():
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 

@@ -355,6 +355,14 @@ def test_the_embedded_model_header_checks_out():
     assert (c["num_layers"], c["hidden_size"], c["vocab_size"]) == (30, 576, 49152)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_gguf_rotary_base_is_read_under_its_architectures_key(tmp_path, arch):
+    """{arch}.rope.freq_base (Llama 3's 500000, Qwen2's 1000000) sets the rotary base; 10000
+    is only the default of a file without it."""
+    path = write_tiny_gguf(tmp_path / "m.gguf", arch=arch, theta=500000.0)
+    assert gguf_llama_config(read_gguf_header(path, arrays=False))["rope_theta"] == 500000.0
+
+
 # ------------------------------------------------------------------ Hugging Face folders
 
 @pytest.fixture(scope="module")

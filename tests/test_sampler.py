@@ -44,6 +44,20 @@ def test_different_seeds_differ():
     assert a != b
 
 
+@pytest.mark.parametrize("bit", [8, 16, 24, 31])
+def test_seeds_that_differ_in_a_high_bit_differ(bit):
+    """Two seeds that differ only in a high bit of the 32 that torch's CPU generator is seeded
+    with are two streams, not the same draws (a seed cut to fewer bits would make them collide)."""
+    logits = _logits(n=1, vocab=1000) * 0  # uniform
+
+    def draws(seed):
+        gen = make_generator(seed)
+        return [Sampler().sample(logits, [SamplingParams(temperature=1, seed=seed)], [gen])[0] for _ in range(4)]
+
+    for low in (1, -5):
+        assert draws(low) != draws(low + (1 << bit))
+
+
 def test_top_k_one_and_tiny_top_p_are_greedy():
     logits = _logits(n=3)
     params = [SamplingParams(temperature=1.5, top_k=1, seed=3),

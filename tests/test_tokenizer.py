@@ -33,6 +33,15 @@ def test_special_tokens_are_matched_whole_and_skipped_in_text(tok):
     assert tok.encode("hi") == tok.encode("hi", add_special_tokens=False)  # add_bos_token is false
 
 
+@pytest.mark.parametrize("key", ["eot", "eom"])
+def test_a_gguf_end_of_turn_token_ends_generation_as_eos_does(tiny_gguf, key):
+    """tokenizer.ggml.eot_token_id / eom_token_id (Llama 3's <|eot_id|>, <|eom_id|>) end an answer
+    as eos does: an instruct model that ends its turn with one stops there."""
+    meta = dict(load_gguf(tiny_gguf).metadata)
+    meta[f"tokenizer.ggml.{key}_token_id"] = 0
+    assert Tokenizer.from_gguf_metadata(meta).eos_token_ids == frozenset({0, 2})
+
+
 def test_chat_template_renders_with_generation_prompt(tok):
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}])
     assert text == ("<|im_start|>system\nYou are a tiny test model.<|im_end|>\n"
@@ -111,10 +120,44 @@ def test_a_folder_whose_post_processor_adds_bos_starts_raw_prompts_with_it(tmp_p
     ("{{ messages[0] | tojson(indent=1, sort_keys=True) }}", '{\n "content": "S",\n "role": "system"\n}'),
     ("{{ {'b': 1, 'a': 2} | tojson(separators=(',', ':')) }}", '{"b":1,"a":2}'),
     ("{% for m in messages %}{% generation %}[{{ m.content }}]{% endgeneration %}{% endfor %}", "[S][hi][yo]"),
-], ids=["break", "continue", "tojson-sort-keys", "tojson-separators", "generation-block"])
+    ("{% for m in messages %}\n    {% if m.role != 'system' %}\n{{ m.content }}\n    {% endif %}\n{% endfor %}",
+     "hi\nyo\n"),
+], ids=["break", "continue", "tojson-sort-keys", "tojson-separators", "generation-block", "trimmed-block-lines"])
 def test_chat_templates_render_in_the_environment_transformers_gives_them(tok, template, rendered):
     """Templates use jinja's loop controls, tojson's json.dumps arguments and transformers'
-    {% generation %} blocks; each failed to parse or render before."""
+    {% generation %} blocks; each failed to parse or render before. A line holding only a block
+    tag writes nothing, neither its indent nor its newline (trim_blocks, lstrip_blocks)."""
     tok.set_chat_template(template)
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     assert tok.apply_chat_template(msgs, add_generation_prompt=False) == rendered
+
+
+def test_a_folder_with_named_chat_templates_renders_the_default_one(tmp_path, tok):
+    """tokenizer_config.json may hold a list of named templates (Hermes, Command R: "tool_use",
+    "rag", "default"): a chat renders the one named default, wherever it stands in the list."""
+    import json
+
+    tok.tk.save(str(tmp_path / "tokenizer.json"))
+    named = [{"name": "tool_use", "template": "TOOLS{{ messages[0].content }}"},
+             {"name": "default", "template": "DEFAULT{{ messages[0].content }}"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": named}))
+    ours = Tokenizer.from_hf_folder(tmp_path)
+    assert ours.apply_chat_template([{"role": "user", "content": "hi"}]) == "DEFAULThi"
+
+
+def test_a_user_defined_token_is_text_that_skipping_special_tokens_keeps(tiny_gguf):
+    """A GGUF token typed USER_DEFINED is an added token, not a special one: matched whole in
+    text and kept in the text when special tokens are skipped, whether or not spaces are put
+    between added tokens (vLLM's spaces_between_special_tokens)."""
+    meta = dict(load_gguf(tiny_gguf).metadata)
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    types = list(meta["tokenizer.ggml.token_type"])
+    types[tokens.index("hello")] = 4                     # USER_DEFINED
+    meta["tokenizer.ggml.token_type"] = types
+    user = Tokenizer.from_gguf_metadata(meta)
+    ids = user.encode("<|im_start|>hello the")
+    assert ids[:2] == [1, tokens.index("hello")]
+    for spaces in (True, False):
+        assert user.decode(ids, spaces_between_special_tokens=spaces) == "hello the"
+        assert user.decode(ids, skip_special_tokens=False, spaces_between_special_tokens=spaces) == \
+            "<|im_start|>hello the"
