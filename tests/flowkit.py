@@ -54,21 +54,33 @@ def runtime(path, **kw) -> PipelineRuntime:
     return PipelineRuntime(load_graph(path), overrides={"threads": 1}, **kw)
 
 
-def run(path, requests, on_result=None, hang_s: float = 120.0):
-    """run_all on a thread of its own: a hang fails the test instead of stalling the suite."""
-    rt = runtime(path)
-    out, failure = [], []
+def on_a_thread(fn, hang_s: float) -> list:
+    """fn() on a thread of its own: a hang fails the test instead of stalling the suite; returns
+    what it raised ([] or [the exception]) for the caller to assert once it has tidied up."""
+    failure: list = []
 
     def go():
         try:
-            out.extend(rt.run_all([dict(r) if isinstance(r, dict) else r for r in requests], on_result=on_result))
-        except BaseException as e:              # noqa: BLE001 - shown by the assertion below
+            fn()
+        except BaseException as e:              # noqa: BLE001 - the caller's assertion shows it
             failure.append(e)
 
     t = threading.Thread(target=go, daemon=True)
     t.start()
     t.join(hang_s)
     assert not t.is_alive(), "the pipeline hung"
+    return failure
+
+
+def run(path, requests, on_result=None, hang_s: float = 120.0, open_when: tuple[str, str] | None = None):
+    """run_all on a thread of its own (on_a_thread). open_when=(stage, gate): gate `gate` opens
+    once `stage` has taken an item in (open_once_taken_in), for a hook that waits on it."""
+    rt = runtime(path)
+    if open_when is not None:
+        open_once_taken_in(rt, *open_when)
+    out: list = []
+    failure = on_a_thread(lambda: out.extend(rt.run_all([dict(r) if isinstance(r, dict) else r for r in requests],
+                                                        on_result=on_result)), hang_s)
     rt.shutdown()
     assert not failure, repr(failure[0])
     return out, rt

@@ -250,12 +250,7 @@ def late(item):
             "request -> batch\n" + chain() + "gen -> out\ngen -> late\nlate -> out\n")
     path = write(tmp_path, soft_gguf, body, hooks=hooks)
     assert errors(path) == []
-    rt = flowkit.runtime(path)
-    flowkit.open_once_taken_in(rt, "out", "late")   # the other branch goes on after
-    try:
-        (res,) = rt.run_all([chat("a", "hello")])
-    finally:
-        rt.shutdown()
+    (res,), rt = run(path, [chat("a", "hello")], open_when=("out", "late"))   # the other branch goes on after
     assert res.error.kind == "failed" and res.error.stage == "late"
     stages = rt.stats()["stages"]
     assert stages["late"]["failed"] == 1

@@ -119,12 +119,7 @@ def test_a_join_without_a_policy_takes_the_first_result_to_arrive(tmp_path, soft
             "request -> batch\n" + chain() + "gen -> f -> vote -> out\n")
     path = write(tmp_path, soft_gguf, body, hooks=HOOKS)
     assert errors(path) == []
-    rt = flowkit.runtime(path)
-    flowkit.open_once_taken_in(rt, "vote", "even")   # the other branch goes on after
-    try:
-        (res,) = rt.run_all([chat("a", "hello")])
-    finally:
-        rt.shutdown()
+    (res,), rt = run(path, [chat("a", "hello")], open_when=("vote", "even"))   # the other branch goes on after
     assert res.ok, res.error
     assert res.choices[0].text == "odd"
     assert sorted(b["text"] for b in res.choices[0].data["branches"]) == ["even", "even", "odd"]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 
 import pytest
 from hypothesis import HealthCheck, event, given, note, settings
@@ -572,18 +571,8 @@ def _run(rt, lines) -> list[dict]:
     """The lines through `rt` as `agp run` runs them; one record per line, in slot order."""
     requests = [RunRequest(i, i + 1, parse_line_object(dict(obj), i + 1)) for i, obj in enumerate(lines)]
     records: dict[int, dict] = {}
-    failure: list = []
-
-    def go():
-        try:
-            run_pipeline(rt, requests, on_done=lambda slot, rec: records.__setitem__(slot, rec), progress=False)
-        except BaseException as e:              # noqa: BLE001 - shown by the assertion below
-            failure.append(e)
-
-    t = threading.Thread(target=go, daemon=True)
-    t.start()
-    t.join(HANG_S)
-    assert not t.is_alive(), "the pipeline hung"
+    failure = flowkit.on_a_thread(lambda: run_pipeline(rt, requests, on_done=lambda slot, rec: records.__setitem__(slot, rec),
+                                                       progress=False), HANG_S)
     assert not failure, repr(failure[0])
     assert sorted(records) == list(range(len(lines))), f"records for {sorted(records)} of {len(lines)} lines"
     return [records[i] for i in range(len(lines))]
