@@ -8,9 +8,13 @@ the engine.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from pipeline_dsl.constraints import GrammarError, check_spec
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 1024            # stop strings a request may give (generate.stop's max_items)
@@ -21,9 +25,9 @@ MAX_STOP_CHARS = 4096      # characters of all its stop strings (generate.stop's
 class RequestError(ValueError):
     """A request that cannot be run; the message says which field (`param`) and why."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code      # code: OpenAI's error code, where it has one
 
 
 @dataclass
@@ -118,9 +122,120 @@ ITEM_FIELDS = {
                                "a positive integer (or -1: the context)"),
     "pooling": (lambda v: v == "mean", '"mean"'),
 }
+
+# ---------------------------------------------------------------- the fields of agp serve's bodies
+# One table of the fields agp serve's completions and chat bodies take (serve/protocol.py reads it
+# from here): a request line takes every one of them too, with the same meaning where it has one
+# in a file, and ignores (after checking its type) what only concerns an HTTP exchange (IGNORED).
+COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
+          "stream_options", "n", "presence_penalty", "frequency_penalty", "logit_bias",
+          "user", "ignore_eos", "stop_token_ids", "logprobs", "min_tokens", "repetition_penalty",
+          "min_p", "response_format"}
+VLLM = {"skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output", "request_id",
+        "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",  # parse_constraint
+        "guided_decoding_backend", "truncate_prompt_tokens", "priority", "bad_words", "cache_salt", "prompt_logprobs",
+        "return_token_ids", "return_tokens_as_token_ids", *TOKEN_ID_FIELDS}
+# fields agp serves only at the value that changes nothing (what clients send by default):
+# name -> (the values taken, the hint otherwise); a null is always taken
+NEUTRAL = {"best_of": ((1,), None), "suffix": (("",), None),
+           "use_beam_search": ((False,), None), "length_penalty": ((1.0,), None),
+           "vllm_xargs": (({},), None)}
+CHAT_NEUTRAL = {"echo": ((False,), None), "add_special_tokens": ((False,), None), "documents": ((), None),
+                "functions": ((), "use 'tools'"), "function_call": ((), "use 'tool_choice'")}
+# OpenAI chat fields of features agp's models lack: taken at the value that asks for nothing (null;
+# modalities ["text"]), else an error saying why, with OpenAI's code for a parameter a model lacks
+CHAT_LACKING = {"verbosity": ((), "its models do not reason"),
+                "audio": ((), "it serves text only"), "modalities": ((["text"],), "it serves text only"),
+                "prediction": ((), "predicted outputs are not served"),
+                "web_search_options": ((), "it searches nothing"),
+                "moderation": ((), "it runs no moderation model")}
+# the same for the Responses API's fields (serve/responses.py): what OpenAI keeps or runs for a
+# response that agp has not; ignoring them would answer another request than the one sent
+RESPONSES_LACKING = {"moderation": CHAT_LACKING["moderation"],
+                     "conversation": ((), "it keeps no conversations (use 'previous_response_id')"),
+                     "prompt": ((), "it stores no prompt templates (send the 'input')"),
+                     "context_management": (([],), "it compacts no context"),
+                     "access_programs": (({},), "it has no access programs"),
+                     "background_options": (({},), "it answers in the foreground")}
+# strings that name the end user or a cache group for OpenAI's own use: taken (checked) and ignored;
+# chat also takes safety_identifier (OpenAI's successor of `user`) and prompt_cache_key
+IDENTIFIERS = ("user", "safety_identifier", "prompt_cache_key")
+# OpenAI's prompt-cache settings (chat and responses): taken (checked) and ignored, as prompt_cache_key
+# is: agp's prefix cache reuses a prompt's KV blocks by their tokens and keeps them until it needs the room
+CACHE_SETTINGS = {
+    "prompt_cache_retention": (lambda v: v in ("in_memory", "24h"), '"in_memory" or "24h"'),
+    "prompt_cache_options": (lambda v: isinstance(v, dict) and v.get("mode") in (None, "implicit", "explicit")
+                             and (v.get("ttl") is None or isinstance(v["ttl"], str)),
+                             'an object {"mode": "implicit" or "explicit", "ttl": a string}'),
+}
+# a reasoning model's effort (chat's reasoning_effort, the Responses API's reasoning.effort), as vLLM
+# and OpenAI take it: checked, and changes nothing, as agp's models do not reason
+REASONING_EFFORTS = ("minimal", "low", "medium", "high")
+COMPLETION_FIELDS = COMMON | VLLM | set(NEUTRAL) | {"prompt", "echo", "metadata", "add_special_tokens"}
+CHAT_FIELDS = COMMON | VLLM | set(NEUTRAL) | set(CHAT_NEUTRAL) | set(IDENTIFIERS) | set(CACHE_SETTINGS) | {
+    *CHAT_LACKING, "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "reasoning_effort",
+    "parallel_tool_calls", "metadata", "store", "service_tier", "chat_template_kwargs", "add_generation_prompt",
+    "continue_final_message"}
+# what a request line takes and ignores, checked as agp serve checks it: how an answer travels over
+# HTTP (stream, stream_options: a line's answer is one record), who sent it and OpenAI's own
+# bookkeeping (user, store, ...), vLLM's request_id (a line's `id` names its answer) and the
+# one structured-output backend's name
+IGNORED = {"stream": (lambda v: isinstance(v, bool), "true or false"),
+           "stream_options": (lambda v: isinstance(v, dict), "an object"),
+           **{name: (lambda v: isinstance(v, str), "a string") for name in IDENTIFIERS},
+           "store": (lambda v: isinstance(v, bool), "true or false"),
+           "service_tier": (lambda v: isinstance(v, str), "a string"),
+           "request_id": (lambda v: isinstance(v, str) and 0 < len(v) <= 128 and v.isascii() and v.isprintable()
+                          and " " not in v, "a string of 1 to 128 printable ASCII characters without spaces"),
+           "guided_decoding_backend": (lambda v: isinstance(v, str), "a string"),
+           "reasoning_effort": (lambda v: v in REASONING_EFFORTS, '"minimal", "low", "medium" or "high"'),
+           **CACHE_SETTINGS}
 KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", "tools", "tool_choice", "logit_bias",
          "max_completion_tokens", "top_logprobs", "parallel_tool_calls", "response_format", "cache_salt", "priority",
-         *REQUEST_FIELDS, *ITEM_FIELDS, *TOKEN_ID_FIELDS}
+         *REQUEST_FIELDS, *ITEM_FIELDS, *TOKEN_ID_FIELDS, *COMPLETION_FIELDS, *CHAT_FIELDS}
+
+
+def check_neutral(obj: dict, table: dict) -> None:
+    """Fields agp takes only at their neutral value (NEUTRAL, CHAT_NEUTRAL): a RequestError naming
+    the first given another value."""
+    for name, (allowed, hint) in table.items():
+        value = obj.get(name)
+        if value is not None and not any(value == a and type(value) is type(a)
+                                         or (_is_num(value) and _is_num(a) and value == a)
+                                         for a in allowed):
+            other = " or ".join(filter(None, [f"use {json.dumps(allowed[0])}" if allowed else None, hint]))
+            raise RequestError(f"'{name}' = {json.dumps(value)[:40]} is not supported by agp "
+                               f"(leave it out{' or ' + other if other else ''})", param=name)
+
+
+def check_lacking(obj: dict, table: dict) -> None:
+    """Fields of features agp lacks (CHAT_LACKING, RESPONSES_LACKING): null or the value that asks
+    for nothing is taken, anything else is a RequestError saying why, with OpenAI's code for it."""
+    for name, (allowed, why) in table.items():
+        value = obj.get(name)
+        if value is not None and not any(value == a and type(value) is type(a) for a in allowed):
+            raise RequestError(f"'{name}' = {json.dumps(value)[:40]} is not supported by agp: {why} (leave it out)",
+                               param=name, code="unsupported_parameter")
+
+
+def check_fields(obj: dict, table: dict) -> None:
+    """Each field of `table` (name -> (is it valid, what it must be)) that `obj` gives (null is left
+    out), checked: a RequestError naming the first that is not valid."""
+    for name, (ok, expected) in table.items():
+        if obj.get(name) is not None and not ok(obj[name]):
+            raise must_be(name, expected, obj[name])
+
+
+def must_be(param: str, expected: str, value) -> RequestError:
+    """The error of a field whose value is not what it must be: "'top_logprobs' must be an integer
+    from 0 to 20, not 21" (a number shown as itself, anything else by its JSON type and text)."""
+    shown = _shown(value)
+    what = shown if json_type(value) == "a number" else f"{json_type(value)} ({shown})"
+    return RequestError(f"'{param}' must be {expected}, not {what}", param=param)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def parse_messages(value) -> list[dict]:
@@ -318,6 +433,9 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
             close = difflib.get_close_matches(key, sorted(KNOWN), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise RequestError(f"unknown field '{key}'{hint}")
+    check_fields(obj, IGNORED)                 # agp serve's fields a line takes and ignores
+    check_neutral(obj, NEUTRAL | {k: v for k, v in CHAT_NEUTRAL.items() if k not in ITEM_FIELDS})
+    check_lacking(obj, CHAT_LACKING)
     rid = obj.get("id")
     if rid is None:                            # "id": null is no id: the line number stands in
         rid = default_id
@@ -368,8 +486,8 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
         req.tools, req.tool_choice, req.parallel_tool_calls = parse_tools(obj)
     if isinstance(obj.get("response_format"), dict) and obj["response_format"].get("type") in CONSTRAINTS:
         req.response_format = dict(obj["response_format"])     # a constraint agp serve made (guided_*)
-    elif obj.get("response_format") is not None:
-        req.response_format = parse_response_format(obj["response_format"])
+    else:                                    # response_format, structured_outputs or guided_*, as agp serve's
+        req.response_format = parse_constraint(obj)
     if obj.get("logit_bias") is not None:
         req.sampling["logit_bias"] = parse_logit_bias(obj["logit_bias"])
     for name in TOKEN_ID_FIELDS:
@@ -559,3 +677,117 @@ def parse_line_object(obj, lineno: int) -> ParsedRequest:
         raise RequestError("a request must be a JSON object, got an array: the input is JSON Lines, one request "
                            "object per line, not a JSON array (jq -c '.[]' FILE turns an array into lines)")
     return parse_request(obj, default_id=lineno)
+
+# ---------------------------------------------------------------- structured output
+# `response_format` (OpenAI), `structured_outputs` (vLLM >= 0.11: one of `json`, `regex`, `choice`,
+# `grammar`, `json_object`) and the older `guided_json`, `guided_regex`, `guided_choice`,
+# `guided_grammar` all become one spec of the constraint compiler (engine/constrain.py), for agp
+# serve's bodies and agp run's lines alike; a request gives at most one of them.
+GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+STRUCTURED_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
+                   "json_object": "json_object"}
+# vLLM's options beside them, when true: (the key it sets on a JSON spec, its value); disable_fallback
+# only keeps vLLM from trying a second backend, and agp has one
+STRUCTURED_OPTIONS = {"disable_any_whitespace": ("compact", True),
+                      "disable_additional_properties": ("close_objects", False),
+                      "disable_fallback": (None, None)}
+
+
+def bad(param: str, expected: str, value) -> RequestError:
+    """"'PARAM' must be EXPECTED, not VALUE" (the value as JSON, cut at 40 characters)."""
+    return RequestError(f"'{param}' must be {expected}, not {_shown(value)}", param=param)
+
+
+def _schema(value, param: str):
+    """A JSON Schema given as an object or as JSON text (vLLM takes both)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise RequestError(f"'{param}' is not a JSON Schema: {e}", param=param) from None
+    if not isinstance(value, (dict, bool)):
+        raise bad(param, "a JSON Schema object", value)
+    return value
+
+
+def _spec(kind: str, value, param: str) -> dict:
+    """One constraint spec of the compiler from a guided field's value."""
+    if kind == "json_schema":
+        return {"type": "json_schema", "schema": _schema(value, param)}
+    if kind == "json_object":
+        if value is not True:
+            raise bad(param, "true", value)
+        return {"type": "json_object"}
+    if kind == "regex":
+        if not isinstance(value, str) or not value:
+            raise bad(param, "a regular expression", value)
+        return {"type": "regex", "pattern": value}
+    if kind == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+            raise bad(param, "a non-empty array of non-empty strings", value)
+        return {"type": "choice", "choices": list(value)}
+    if not isinstance(value, str) or not value.strip():
+        raise bad(param, "a grammar (Lark, or GBNF with a root rule)", value)
+    return {"type": "grammar", "grammar": value}
+
+
+def _given_constraint(obj: dict) -> tuple[dict | None, str | None]:
+    """(the spec, the field it came from) of the request's structured-output field, if any."""
+    given = [k for k in ("response_format", "structured_outputs", *GUIDED) if obj.get(k) is not None]
+    if obj.get("response_format") is not None:   # {"type": "text"} gives way to a guided_* field
+        if parse_response_format(obj["response_format"]) == FREE_TEXT and len(given) > 1:
+            given.remove("response_format")
+    if len(given) > 1:
+        raise RequestError(f"give at most one of {', '.join(repr(g) for g in given)}: each sets the answer's "
+                           "format", param=given[1])
+    if not given:
+        return None, None
+    name = given[0]
+    if name == "response_format":
+        return parse_response_format(obj[name]), name
+    if name == "structured_outputs":
+        so = obj[name]
+        if not isinstance(so, dict):
+            raise bad(name, "an object", so)
+        keys = [k for k in so if so[k] is not None and k in STRUCTURED_KEYS]
+        unknown = [k for k in so if k not in STRUCTURED_KEYS and k not in STRUCTURED_OPTIONS and so[k] is not None]
+        if unknown:
+            raise RequestError(f"'structured_outputs.{unknown[0]}' is not supported: give one of "
+                               f"{', '.join(STRUCTURED_KEYS)} (and {', '.join(STRUCTURED_OPTIONS)})",
+                               param=f"structured_outputs.{unknown[0]}")
+        if len(keys) != 1:
+            raise RequestError(f"'structured_outputs' must set exactly one of {', '.join(STRUCTURED_KEYS)}",
+                               param=name)
+        spec = _spec(STRUCTURED_KEYS[keys[0]], so[keys[0]], f"{name}.{keys[0]}")
+        for option, (key, value) in STRUCTURED_OPTIONS.items():
+            if so.get(option) is not None:
+                if not isinstance(so[option], bool):
+                    raise bad(f"{name}.{option}", "true or false", so[option])
+                if so[option] and spec["type"] in ("json_schema", "json_object") and key:
+                    spec[key] = value
+        return spec, f"{name}.{keys[0]}"
+    kind = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
+            "guided_grammar": "grammar"}[name]
+    return _spec(kind, obj[name], name), name
+
+
+def parse_constraint(obj: dict) -> dict | None:
+    """The one constraint spec a request's response_format, structured_outputs or guided_* field
+    asks for (None when none does), checked so a spec the compiler cannot enforce is a
+    RequestError naming the field the request wrote."""
+    spec, where = _given_constraint(obj)
+    if spec is not None and spec.get("type") not in ("json_object", "text"):
+        problem = _problem(json.dumps(spec, sort_keys=True))
+        if problem:
+            raise RequestError(f"'{where}' cannot be enforced: {problem}", param=where)
+    return spec
+
+
+@functools.lru_cache(maxsize=256)
+def _problem(spec_json: str) -> str | None:
+    """Why the constraint cannot compile, or None (cached: clients repeat their schemas)."""
+    try:
+        check_spec(json.loads(spec_json))
+    except GrammarError as e:
+        return str(e)
+    return None

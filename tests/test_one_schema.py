@@ -11,7 +11,7 @@ import pipeline_dsl
 from pipeline_dsl.engine.config import EngineConfig, SamplingParams
 from pipeline_dsl.engine.errors import InputError
 from pipeline_dsl.parser import quote
-from pipeline_dsl.requests_io import RequestError, parse_request
+from pipeline_dsl.requests_io import NOT_NULL, RequestError, parse_request
 from pipeline_dsl.serve import protocol as P
 from stages.fields import ENGINE_FIELDS, REQUEST_FIELDS, param_of
 from stages.registry import BOOL, DURATION, ENUM, FLOAT, INT, LIST_STR, SIZE, STR
@@ -166,3 +166,67 @@ def test_allowed_token_ids_may_hold_exactly_its_most_ids():
     most = 1 << 18
     assert accepts_run("allowed_token_ids", list(range(most)))
     assert not accepts_run("allowed_token_ids", [1] * (most + 1))
+
+
+# agp serve's chat and completions bodies and agp run's lines: one table of fields (requests_io)
+SERVE_FIELDS = sorted((P.CHAT_FIELDS | P.COMPLETION_FIELDS) - {"prompt", "messages"})
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("field", SERVE_FIELDS)
+def test_a_run_line_takes_every_field_an_agp_serve_body_takes(field):
+    """A field agp serve's bodies know is never an 'unknown field' of a request line (null is a
+    field left out; a priority is never null)."""
+    base = CHAT if field in P.CHAT_FIELDS - P.COMPLETION_FIELDS else {"prompt": "x"}
+    parse_request({**base, field: 0 if field in NOT_NULL else None})
+
+
+def accepts_serve_chat(fields: dict) -> bool:
+    try:
+        P.parse_chat({**CHAT, **fields}, max_model_len=1 << 21, served=("p",))
+        return True
+    except P.APIError:
+        return False
+
+
+def accepts_run_chat(fields: dict) -> bool:
+    try:
+        parse_request(json.loads(json.dumps({**CHAT, **fields})))
+        return True
+    except RequestError:
+        return False
+
+
+# fields a line ignores, takes only at a neutral value (null, for a feature agp lacks), or turns into
+# a constraint: a value agp serve's chat bodies take, then values each refuses
+SERVED_ALIKE = {
+    "user": ["u", 5], "safety_identifier": ["s", []], "prompt_cache_key": ["k", 1.5], "store": [False, "no"],
+    "service_tier": ["auto", 1], "request_id": ["req-1", "", "a b", "x" * 129], "stream": [True, False, "yes"],
+    "guided_decoding_backend": ["xgrammar", 1], "reasoning_effort": ["low", "minimal", "max", 3],
+    "prompt_cache_retention": ["24h", "1h"], "prompt_cache_options": [{"mode": "implicit"}, {"mode": "x"}],
+    "best_of": [1, 2], "suffix": ["", "x"], "use_beam_search": [False, True], "length_penalty": [1, 1.0, 2],
+    "vllm_xargs": [{}, {"a": 1}], "documents": [None, [{"text": "x"}]], "functions": [None, [{"name": "f"}]],
+    "function_call": [None, "auto"], "audio": [None, {}], "modalities": [["text"], ["audio"]],
+    "verbosity": [None, "low"],
+    "guided_json": [{"type": "object"}, '{"type": "string"}', 5, "{bad", False],
+    "guided_regex": ["[0-9]+", "", 5], "guided_choice": [["a", "b"], [], ["a", ""], "a"],
+    "guided_grammar": ['root ::= "a"', " ", 5],
+    "structured_outputs": [{"choice": ["a"]}, {"json": {"type": "object"}, "disable_any_whitespace": True},
+                           {"nope": 1}, {}, {"choice": ["a"], "regex": "a"}, "x"],
+}
+ALIKE_CASES = [(f, v) for f, values in SERVED_ALIKE.items() for v in values]
+
+
+@pytest.mark.parametrize("field, value", ALIKE_CASES, ids=[f"{f}={json.dumps(v)[:24]}" for f, v in ALIKE_CASES])
+def test_run_lines_and_serve_bodies_agree_on_the_fields_a_line_ignores_or_constrains_with(field, value):
+    assert accepts_run_chat({field: value}) == accepts_serve_chat({field: value}), (field, value)
+    assert accepts_serve_chat({field: SERVED_ALIKE[field][0]})          # each field's first value is taken
+
+
+def test_a_run_line_gives_at_most_one_structured_output_field_as_a_body_does():
+    both = {"guided_json": {"type": "object"}, "response_format": {"type": "json_object"}}
+    with pytest.raises(RequestError, match="give at most one of 'response_format', 'guided_json'"):
+        parse_request({**CHAT, **both})
+    assert not accepts_serve_chat(both)
+    assert parse_request({**CHAT, "guided_choice": ["yes", "no"]}).response_format == {
+        "type": "choice", "choices": ["yes", "no"]}

@@ -72,7 +72,7 @@ def test_an_identifier_that_is_not_a_string_is_a_400_naming_it(server, field):
     assert e.value.param == field and "must be a string" in e.value.message
 
 
-@pytest.mark.parametrize("field, value", [("reasoning_effort", "low"), ("verbosity", "low"),
+@pytest.mark.parametrize("field, value", [("verbosity", "low"),
                                           ("modalities", ["text", "audio"]), ("web_search_options", {}),
                                           ("prediction", {"type": "content", "content": "x"})])
 def test_an_openai_feature_the_models_lack_is_a_400_that_says_so(server, field, value):
@@ -81,6 +81,27 @@ def test_an_openai_feature_the_models_lack_is_a_400_that_says_so(server, field, 
         server.client.chat.completions.create(model="tiny", messages=USER, max_tokens=2, extra_body={field: value})
     assert e.value.param == field and e.value.code == "unsupported_parameter"
     assert "not supported by agp" in e.value.message and "did you mean" not in e.value.message
+
+
+def test_a_reasoning_effort_is_taken_on_chat_as_on_responses_and_checked_alike(server):
+    """vLLM's chat takes reasoning_effort and its Responses reasoning.effort: both are checked against
+    one list of efforts and change nothing (agp's models do not reason); Responses repeats its own."""
+    out = server.client.chat.completions.create(model="tiny", messages=USER, max_tokens=2, reasoning_effort="low")
+    assert out.choices[0].finish_reason in ("stop", "length")
+    got = server.client.responses.create(model="tiny", input="hello", max_output_tokens=2, reasoning={"effort": "low"})
+    assert got.reasoning.effort == "low"
+    for call, param in ((lambda: server.client.chat.completions.create(
+                            model="tiny", messages=USER, max_tokens=2, extra_body={"reasoning_effort": "max"}),
+                         "reasoning_effort"),
+                        (lambda: server.client.responses.create(
+                            model="tiny", input="hello", max_output_tokens=2,
+                            extra_body={"reasoning": {"effort": "max"}}),
+                         "reasoning.effort")):
+        with pytest.raises(openai.BadRequestError) as e:
+            call()
+        assert e.value.param == param
+        assert e.value.message.endswith(
+            f"'{param}' must be \"minimal\", \"low\", \"medium\" or \"high\", not a string (\"max\")")
 
 
 def test_the_values_of_those_features_that_ask_for_nothing_are_taken(server):

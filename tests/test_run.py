@@ -242,6 +242,36 @@ def test_agp_run_answers_in_input_order_and_reports_bad_lines(tmp_path, tiny_ggu
     assert s["peak_memory_bytes"] > 0 and s["errors"] == 5 and s["bad_lines"] == 2
 
 
+def test_agp_run_takes_a_logged_api_request_with_the_fields_agp_serve_takes(tmp_path, tiny_gguf):
+    """A line copied from an API log: what concerns the HTTP exchange (stream, stream_options, user,
+    store, ...) is checked and ignored, guided_* constrain the answer as agp serve's do, and a value
+    agp serve refuses is the line's error record, naming the field."""
+    agp = write_pipeline(tmp_path, tiny_gguf)
+    chat = [{"role": "user", "content": "yes or no?"}]
+    lines = [
+        {"id": "logged", "messages": chat, "max_tokens": 4, "user": "u-1", "store": False, "stream": True,
+         "stream_options": {"include_usage": True}, "service_tier": "auto", "request_id": "req-1",
+         "safety_identifier": "s", "prompt_cache_key": "k", "prompt_cache_retention": "24h",
+         "reasoning_effort": "low", "guided_decoding_backend": "xgrammar", "guided_choice": ["yes", "no"]},
+        {"id": "digits", "prompt": "x", "max_tokens": 8, "guided_regex": "[0-9]{2}", "best_of": 1},
+        {"id": "json", "prompt": "x", "max_tokens": 12, "structured_outputs": {"choice": ["on", "off"]}},
+        {"id": "beam", "prompt": "x", "best_of": 2},
+        {"id": "two", "prompt": "x", "guided_json": {}, "response_format": {"type": "json_object"}},
+        {"id": "bad-user", "prompt": "x", "user": 5},
+    ]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    proc = clikit.agp_in("run", agp, "-i", inp, "-o", out, "--threads", "1", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows["logged"]["text"] in ("yes", "no"), rows["logged"]
+    assert rows["digits"]["text"].isdigit() and len(rows["digits"]["text"]) == 2, rows["digits"]
+    assert rows["json"]["text"] in ("on", "off"), rows["json"]
+    assert "'best_of' = 2 is not supported by agp" in rows["beam"]["error"]["message"]
+    assert "give at most one of 'response_format', 'guided_json'" in rows["two"]["error"]["message"]
+    assert "'user' must be a string" in rows["bad-user"]["error"]["message"]
+
+
 def test_agp_run_is_deterministic_with_and_without_overlap(tmp_path, tiny_gguf):
     agp = write_pipeline(tmp_path, tiny_gguf)
     from pipeline_dsl.commands.runner import RunRequest, run_pipeline

@@ -164,7 +164,7 @@ def test_a_schema_the_grammar_engine_gives_up_on_is_a_400_before_any_token(serve
 def test_a_schema_is_checked_off_the_event_loop(server, monkeypatch):
     """Checking a response_format schema can take seconds of CPU (an object of thousands of
     properties): done on the event loop it would stall every other stream for as long."""
-    from pipeline_dsl.serve import extras
+    from pipeline_dsl import requests_io
 
     threads = []
 
@@ -172,7 +172,7 @@ def test_a_schema_is_checked_off_the_event_loop(server, monkeypatch):
         threads.append(threading.current_thread())
         return check_spec(spec, **kw)
 
-    monkeypatch.setattr(extras, "check_spec", check)
+    monkeypatch.setattr(requests_io, "check_spec", check)
     schema = {"type": "object", "properties": {"off_the_loop": {"type": "boolean"}}, "required": ["off_the_loop"]}
     for route, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
                         ("/v1/completions", {"prompt": "hi"})):

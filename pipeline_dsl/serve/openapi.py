@@ -14,7 +14,7 @@ from stages.fields import PRIORITY, REQUEST_FIELDS, TOKEN_ID_FIELDS, param_of
 
 from .embeddings import MAX_INPUTS
 from .protocol import (CACHE_SETTINGS, CHAT_LACKING, CHAT_NEUTRAL, IDENTIFIERS, MAX_PROMPTS, NEUTRAL,
-                       RESPONSES_LACKING)
+                       REASONING_EFFORTS, RESPONSES_LACKING)
 from .responses import IMAGE_COMPRESSION
 
 _SEED = param_of("generate", "seed")                # one schema: the range `agp check` takes
@@ -185,6 +185,7 @@ CHAT_REQUEST = _request("messages", {
     "tool_choice": TOOL_CHOICE,
     "store": {"type": ["boolean", "null"], "description": "taken and ignored"},
     "service_tier": {"type": ["string", "null"], "description": "taken and ignored"},
+    "reasoning_effort": {"enum": [*REASONING_EFFORTS, None], "description": "taken and ignored (no reasoning models)"},
     **{name: {"type": "string", "description": "taken and ignored"} for name in IDENTIFIERS},
     **CACHE,
     **SAMPLING,
@@ -269,7 +270,8 @@ RESPONSES_REQUEST = _request("input", {
     "stream_options": {"type": ["object", "null"], "properties": OBFUSCATION, "additionalProperties": False},
     **{name: {"type": ["string", "null"], "description": "repeated in the answer"}
        for name in ("user", "truncation", "service_tier", "prompt_cache_key", "safety_identifier")},
-    "reasoning": {"type": ["object", "null"], "description": "repeated in the answer"},
+    "reasoning": {"type": ["object", "null"], "description": "repeated in the answer",
+                  "properties": {"effort": {"enum": [*REASONING_EFFORTS, None]}}},
     "max_tool_calls": {"type": ["integer", "null"], "minimum": 1},
     **{name: {**schema, "description": "repeated in the answer"} for name, schema in CACHE.items()},
     "image": {"type": "object", "additionalProperties": False, "description": "taken and ignored (text only)",

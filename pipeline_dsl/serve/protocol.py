@@ -13,19 +13,20 @@ import codecs
 import difflib
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeline_dsl.requests_io import (ITEM_FIELDS, RequestError, check_min_tokens, json_type, load_json,
-                                      logprobs_of_chat, parse_logit_bias, parse_messages, parse_tools, priority,
-                                      request_item)
+from pipeline_dsl.requests_io import (CACHE_SETTINGS, CHAT_FIELDS, CHAT_LACKING, CHAT_NEUTRAL,  # noqa: F401
+                                      COMPLETION_FIELDS, IDENTIFIERS, IGNORED, ITEM_FIELDS, NEUTRAL, REASONING_EFFORTS,
+                                      RESPONSES_LACKING, RequestError, check_fields, check_min_tokens, check_neutral,
+                                      json_type, load_json, logprobs_of_chat, must_be, parse_logit_bias,
+                                      parse_messages, parse_tools, priority, request_item)
+from pipeline_dsl.requests_io import check_lacking as request_check_lacking
 from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
 
 from .api_error import APIError
-from .extras import parse_extras
-from .token_fields import FIELDS as TOKEN_FIELDS
+from .extras import api_error, parse_extras
 from .token_fields import MAX_LOGPROBS, parse_token_fields
 
 log = logging.getLogger("agp.serve")
@@ -108,16 +109,8 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _bad(param: str, expected: str, value) -> APIError:
-    shown = json.dumps(value)
-    shown = shown if len(shown) <= 40 else shown[:37] + "..."
-    # a number is shown as itself: "an integer from 0 to 20, not 21" (not "not a number (21)")
-    what = shown if json_type(value) == "a number" else f"{json_type(value)} ({shown})"
-    return APIError(f"'{param}' must be {expected}, not {what}", param=param)
+    return api_error(must_be(param, expected, value))
 
 
 def _field(obj: dict, name: str, ok, expected: str):
@@ -125,55 +118,6 @@ def _field(obj: dict, name: str, ok, expected: str):
     if value is not None and not ok(value):
         raise _bad(name, expected, value)
     return value
-
-
-COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
-          "stream_options", "n", "presence_penalty", "frequency_penalty", "logit_bias",
-          "user", "ignore_eos", "stop_token_ids", "logprobs", "min_tokens", "repetition_penalty",
-          "min_p", "response_format"}
-VLLM = {"skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output", "request_id",
-        "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",  # serve/extras.py
-        "guided_decoding_backend", "truncate_prompt_tokens", "priority", "bad_words", "cache_salt"}
-# fields agp serves only at the value that changes nothing (what clients send by default):
-# name -> (the values taken, the hint otherwise); a null is always taken
-NEUTRAL = {"best_of": ((1,), None), "suffix": (("",), None),
-           "use_beam_search": ((False,), None), "length_penalty": ((1.0,), None),
-           "vllm_xargs": (({},), None)}
-CHAT_NEUTRAL = {"echo": ((False,), None), "add_special_tokens": ((False,), None), "documents": ((), None),
-                "functions": ((), "use 'tools'"), "function_call": ((), "use 'tool_choice'")}
-# OpenAI chat fields of features agp's models lack: taken at the value that asks for nothing (null;
-# modalities ["text"]), else a 400 saying why, with OpenAI's code for a parameter a model lacks
-CHAT_LACKING = {"reasoning_effort": ((), "its models do not reason"), "verbosity": ((), "its models do not reason"),
-                "audio": ((), "it serves text only"), "modalities": ((["text"],), "it serves text only"),
-                "prediction": ((), "predicted outputs are not served"),
-                "web_search_options": ((), "it searches nothing"),
-                "moderation": ((), "it runs no moderation model")}
-# the same for the Responses API's fields (serve/responses.py): what OpenAI keeps or runs for a
-# response that agp has not; ignoring them would answer another request than the one sent
-RESPONSES_LACKING = {"moderation": CHAT_LACKING["moderation"],
-                     "conversation": ((), "it keeps no conversations (use 'previous_response_id')"),
-                     "prompt": ((), "it stores no prompt templates (send the 'input')"),
-                     "context_management": (([],), "it compacts no context"),
-                     "access_programs": (({},), "it has no access programs"),
-                     "background_options": (({},), "it answers in the foreground")}
-# metadata: read by the pipeline's conditions (`when metadata.tier == "gold"`), on either endpoint
-COMPLETION_FIELDS = COMMON | VLLM | set(TOKEN_FIELDS) | set(NEUTRAL) | {"prompt", "echo", "metadata",
-                                                                        "add_special_tokens"}
-# strings that name the end user or a cache group for OpenAI's own use: taken (checked) and ignored;
-# chat also takes safety_identifier (OpenAI's successor of `user`) and prompt_cache_key
-IDENTIFIERS = ("user", "safety_identifier", "prompt_cache_key")
-# OpenAI's prompt-cache settings (chat and responses): taken (checked) and ignored, as prompt_cache_key
-# is: agp's prefix cache reuses a prompt's KV blocks by their tokens and keeps them until it needs the room
-CACHE_SETTINGS = {
-    "prompt_cache_retention": (lambda v: v in ("in_memory", "24h"), '"in_memory" or "24h"'),
-    "prompt_cache_options": (lambda v: isinstance(v, dict) and v.get("mode") in (None, "implicit", "explicit")
-                             and (v.get("ttl") is None or isinstance(v["ttl"], str)),
-                             'an object {"mode": "implicit" or "explicit", "ttl": a string}'),
-}
-CHAT_FIELDS = COMMON | VLLM | set(TOKEN_FIELDS) | set(NEUTRAL) | set(CHAT_NEUTRAL) | set(IDENTIFIERS) | set(CACHE_SETTINGS) | {
-    *CHAT_LACKING, "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
-    "parallel_tool_calls", "metadata", "store", "service_tier", "chat_template_kwargs", "add_generation_prompt",
-    "continue_final_message"}
 
 
 def check_unknown(obj: dict, known: set[str], lenient: bool = False, where: str = "") -> dict:
@@ -193,41 +137,41 @@ def check_unknown(obj: dict, known: set[str], lenient: bool = False, where: str 
 
 
 def _check_unsupported(obj: dict, chat: bool = False) -> None:
-    """Fields agp knows but only serves at their neutral value (NEUTRAL), and the vLLM fields
-    that are only checked here (guided_decoding_backend: one backend, llguidance, serves every
-    structured output)."""
-    for name, (allowed, hint) in (NEUTRAL | CHAT_NEUTRAL if chat else NEUTRAL).items():
-        value = obj.get(name)
-        if value is not None and not any(value == a and type(value) is type(a)
-                                         or (_is_num(value) and _is_num(a) and value == a)
-                                         for a in allowed):
-            other = " or ".join(filter(None, [f"use {json.dumps(allowed[0])}" if allowed else None, hint]))
-            raise APIError(f"'{name}' = {json.dumps(value)[:40]} is not supported by agp "
-                           f"(leave it out{' or ' + other if other else ''})", param=name)
-    _field(obj, "guided_decoding_backend", lambda v: isinstance(v, str), "a string")
-    if chat:
-        check_lacking(obj, CHAT_LACKING)
+    """Fields agp knows but only serves at their neutral value (NEUTRAL), those of features it
+    lacks (CHAT_LACKING), and the ones only checked here (IGNORED: guided_decoding_backend, as one
+    backend, llguidance, serves every structured output; chat's reasoning_effort, store and
+    service_tier)."""
+    try:
+        check_neutral(obj, NEUTRAL | CHAT_NEUTRAL if chat else NEUTRAL)
+        check_fields(obj, {name: IGNORED[name] for name in ("guided_decoding_backend", *(
+            ("reasoning_effort", "store", "service_tier") if chat else ()))})
+        if chat:
+            request_check_lacking(obj, CHAT_LACKING)
+    except RequestError as e:
+        raise api_error(e) from None
 
 
 def check_lacking(obj: dict, table: dict) -> None:
-    """Fields of features agp lacks (CHAT_LACKING, RESPONSES_LACKING): null or the value that asks
-    for nothing is taken, anything else is a 400 saying why, with OpenAI's code for it."""
-    for name, (allowed, why) in table.items():
-        value = obj.get(name)
-        if value is not None and not any(value == a and type(value) is type(a) for a in allowed):
-            raise APIError(f"'{name}' = {json.dumps(value)[:40]} is not supported by agp: {why} (leave it out)",
-                           param=name, code="unsupported_parameter")
+    """Fields of features agp lacks (CHAT_LACKING, RESPONSES_LACKING), as a 400 (requests_io.check_lacking)."""
+    try:
+        request_check_lacking(obj, table)
+    except RequestError as e:
+        raise api_error(e) from None
 
 
 def _check_identifiers(obj: dict) -> None:
-    for name in IDENTIFIERS:
-        _field(obj, name, lambda v: isinstance(v, str), "a string")
+    try:
+        check_fields(obj, {name: IGNORED[name] for name in IDENTIFIERS})
+    except RequestError as e:
+        raise api_error(e) from None
 
 
 def check_cache_settings(obj: dict) -> None:
     """OpenAI's prompt-cache settings of a chat or responses request, checked (CACHE_SETTINGS)."""
-    for name, (ok, expected) in CACHE_SETTINGS.items():
-        _field(obj, name, ok, expected)
+    try:
+        check_fields(obj, CACHE_SETTINGS)
+    except RequestError as e:
+        raise api_error(e) from None
 
 
 def _truncation(obj: dict, max_model_len: int) -> dict:

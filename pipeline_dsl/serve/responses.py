@@ -197,12 +197,17 @@ def _checked(obj: dict) -> None:
             ("safety_identifier", lambda v: isinstance(v, str), "a string"),
             ("max_tool_calls", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
              "a positive integer"),
+            ("reasoning", lambda v: isinstance(v, dict), 'an object {"effort", "summary"}'),
             # image options: moot, as an image in the input is a 400 (text only)
             ("image", lambda v: isinstance(v, dict) and set(v) <= {"context_compression"}
              and v.get("context_compression") in (None, *IMAGE_COMPRESSION),
              'an object {"context_compression": "auto", "enabled" or "disabled"}')):
         if obj.get(name) is not None and not ok(obj[name]):
             raise bad(name, expected, obj[name])
+    effort = (obj.get("reasoning") or {}).get("effort")   # chat's reasoning_effort, one schema
+    ok, expected = P.IGNORED["reasoning_effort"]
+    if effort is not None and not ok(effort):
+        raise P.api_error(P.must_be("reasoning.effort", expected, effort))
 
 
 def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tuple = (), lenient: bool = False,
