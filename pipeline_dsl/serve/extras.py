@@ -23,7 +23,6 @@ from pipeline_dsl.requests_io import bad as request_bad
 from .api_error import APIError
 
 FLAGS = ("skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output")
-CHAT_FIELDS = ("chat_template_kwargs",)
 # variables the template gets from agp itself: a request may not set them through chat_template_kwargs
 TEMPLATE_OWN = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
 
