@@ -49,6 +49,8 @@ def test_arrivals_all_at_once_and_cut_at_the_duration():
     assert B.arrival_times(5, math.inf) == [0.0] * 5
     cut = B.arrival_times(None, 10.0, duration=3.0, seed=0)
     assert cut and max(cut) <= 3.0 and 15 <= len(cut) <= 45
+    # --burstiness inf over --duration: evenly spaced at 1 / rate (no count to scale the gaps to)
+    assert B.arrival_times(None, 2.0, duration=5.0, burstiness=math.inf) == pytest.approx([0.5 * k for k in range(1, 11)])
     with pytest.raises(B.BenchError, match="give --num"):
         B.arrival_times(None, math.inf, duration=3.0)
 

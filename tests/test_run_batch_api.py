@@ -52,6 +52,23 @@ def test_a_batch_api_file_is_answered_in_the_batch_output_shape_in_input_order(t
     assert len({g["id"] for g in got}) == len(got)
 
 
+def test_a_batch_lines_envelope_is_checked_field_by_field_and_method_defaults_to_post(tmp_path, pipeline):
+    """A field beside `body` (max_tokens put next to it) is that line's error record naming where
+    it belongs, not dropped in silence; a line without `method` is a POST; another method is refused."""
+    inp, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
+    body = {"prompt": "once", "max_tokens": 2}
+    inp.write_text(json.dumps({"custom_id": "beside", "method": "POST", "url": COMP, "body": body, "max_tokens": 5})
+                   + "\n" + json.dumps({"custom_id": "no-method", "url": COMP, "body": body}) + "\n"
+                   + json.dumps({"custom_id": "get", "method": "GET", "url": COMP, "body": body}) + "\n")
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    beside, no_method, get = records(out)
+    assert beside["response"]["status_code"] == 400 and beside["error"]["line"] == 1
+    assert "'max_tokens' belongs inside 'body'" in beside["error"]["message"]
+    assert no_method["error"] is None and no_method["response"]["status_code"] == 200
+    assert get["response"]["status_code"] == 400 and "'method' must be \"POST\"" in get["error"]["message"]
+
+
 def test_resume_of_a_batch_file_answers_each_custom_id_once(tmp_path, pipeline):
     inp, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(batch_line(f"r{i}", COMP, {"prompt": f"p{i}", "max_tokens": 2}) for i in range(4)))

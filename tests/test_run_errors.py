@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -85,7 +86,13 @@ def test_a_write_cut_short_by_a_full_disk_leaves_the_output_whole_lines(tmp_path
     assert r.returncode == 1 and f"cannot write {out}: File too large" in r.stderr, r.stderr
     data = out.read_bytes()
     assert 0 < len(data) < limit and data.endswith(b"\n")
-    assert [rec["id"] for rec in records(out)] == list(range(data.count(b"\n")))
+    written = data.count(b"\n")
+    assert [rec["id"] for rec in records(out)] == list(range(written))
+    # the summary counts the answers written and those answered after the failed write apart
+    requests = int(re.search(r"requests +(\d+) \(", r.stderr).group(1))
+    after = re.search(r"; (\d+) answered after it, not written", r.stderr)
+    assert f"{written} written before the output failed" in r.stderr, r.stderr
+    assert requests == written + (int(after.group(1)) if after else 0), r.stderr
 
 
 def test_a_full_disk_leaves_whole_lines_in_a_file_that_standard_error_writes_too(tmp_path, pipeline):
@@ -158,12 +165,13 @@ def test_input_lines_are_bounded_even_an_endless_one(tmp_path, pipeline):
     assert rec["id"] == 1 and rec["error"]["message"].startswith("the line is longer than 16 MiB (no end of line")
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     with open(inp, "wb") as f:
-        f.write(b'{"prompt": "' + b"a" * (17 << 20) + b'"}\n{"prompt": "ok"}\n')
+        f.write(b'{"prompt": "' + b"a" * (17 << 20) + b'"}\n{"prompt": "ok"}\n{"id": 1, "prompt": "ok"}\n')
     r = run(pipeline, "-i", inp, "-o", out)
     assert r.returncode == 0, r.stderr
-    first, second = records(out)
+    first, second, third = records(out)
     assert first == {"id": 1, "error": {"line": 1, "message": "the line is longer than 16 MiB", "type": "invalid"}}
     assert second["id"] == 2 and "text" in second
+    assert third["id"] == 1 and "text" in third          # the long line's number claims no id
 
 
 def test_a_line_whose_model_names_nothing_served_is_an_error_record_as_agp_serve_answers_it(tmp_path, pipeline,
@@ -179,8 +187,11 @@ def test_a_line_whose_model_names_nothing_served_is_an_error_record_as_agp_serve
     names = ["tiny", model.name, model.stem, "gen", "nope", "gne"]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps({"prompt": "hi", "max_tokens": 2, "model": m}) + "\n" for m in names))
-    r = run(pipeline, "-i", inp, "-o", out)
+    stats = tmp_path / "stats.json"
+    r = run(pipeline, "-i", inp, "-o", out, "--stats", stats)
     assert r.returncode == 0, r.stderr
+    s = json.loads(stats.read_text())
+    assert (s["requests"], s["errors"], s["bad_lines"]) == (6, 2, 2)          # the refused lines are counted
     recs = records(out)
     assert all("text" in rec for rec in recs[:4]), recs[:4]
     for rec, name in zip(recs[4:], names[4:]):

@@ -96,6 +96,31 @@ def test_of_two_runs_started_before_their_output_existed_the_second_to_open_it_i
     assert [g["id"] for g in records(out)] == ["first"]
 
 
+def test_a_run_whose_output_another_run_created_and_finished_meanwhile_is_refused_and_keeps_it(tmp_path, pipeline):
+    """This run found no out.jsonl, then waited for its input's first line; another run wrote
+    out.jsonl whole and ended meanwhile (its lock let go). Without --overwrite or --resume this
+    run must not empty those answers: it is refused, exit 2, and the file is left as it was."""
+    out, fifo, other = tmp_path / "out.jsonl", tmp_path / "in.fifo", tmp_path / "other.jsonl"
+    other.write_text('{"id": "first", "prompt": "hello", "max_tokens": 2}\n')
+    os.mkfifo(fifo)
+    with reaped(start(pipeline, "-o", out, "-i", fifo)) as second:
+        deadline = time.monotonic() + 120
+        while True:                        # it opens its input once it has found no out.jsonl
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError:                # ENXIO: no reader yet
+                assert second.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+        r = run(pipeline, "-i", other, "-o", out)
+        assert r.returncode == 0, r.stderr
+        os.write(fd, b'{"id": "second", "prompt": "again", "max_tokens": 2}\n')
+        os.close(fd)
+        err = second.communicate(timeout=120)[1].decode()
+    assert second.returncode == 2 and f"{out} was written by another run while this one started" in err, err
+    assert [g["id"] for g in records(out)] == ["first"]
+
+
 def test_answers_on_stdout_come_before_the_input_pipe_is_closed(tmp_path, pipeline):
     with reaped(start(pipeline)) as proc:
         proc.stdin.write(b'{"id": "a", "prompt": "hello", "max_tokens": 2}\n')
