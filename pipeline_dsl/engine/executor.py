@@ -164,7 +164,14 @@ class Executor:
         self._submitted = 0
         self._aborts: list[str] = []
         self._launches: dict[int, _Launch | None] = {}
-        self._sampled: dict[int, Any] = {}
+        self._sampled: dict[int, Any] = {}    # micro-batch -> its sampled tokens, while a step may read them
+        # A step's samples are kept until it is emitted (its placeholders filled) and every step whose
+        # lookup found one of its tokens in flight has read them: a sequence left out of some steps
+        # (chunk budget, preemption) may wait on a token of a step many micro-batches back when the
+        # batcher's stream runs ahead of the emit (a placement that puts generate on another stream)
+        self._sampled_readers: dict[int, int] = {}   # micro-batch -> steps looked up, not yet forwarded, reading it
+        self._emitted: set[int] = set()              # emitted micro-batches whose samples are still kept
+        self._samples_lock = threading.Lock()        # the three above (the compute thread takes no other)
         self._n_sample: dict[int, int] = {}   # micro-batch -> tokens it samples
         self._closing = True
         self._close_called = False
@@ -312,6 +319,9 @@ class Executor:
                 pos = batch.starts[item] + rows - (ends - batch.counts)[item]  # [F] its position
                 src = [L.so.items[i].seq.state.pending[p] for i, p in zip(item.tolist(), pos.tolist())]
                 L.fill_srcs = sorted({s_m for s_m, _ in src})
+                with self._samples_lock:
+                    for s_m in L.fill_srcs:
+                        self._sampled_readers[s_m] = self._sampled_readers.get(s_m, 0) + 1
                 base, at = {}, 0
                 for s_m in L.fill_srcs:
                     base[s_m] = at
@@ -346,10 +356,19 @@ class Executor:
                          else torch.empty(0, dtype=torch.long, device=self.device))
             if rows:                                      # prompt outputs, reduced per chunk
                 L.rows = self.engine.reduce_rows(L.so, rows)
-        self._sampled[m] = L.sampled
-        for k in [k for k in self._sampled if k < m - 4]:
-            del self._sampled[k]
+        with self._samples_lock:
+            self._sampled[m] = L.sampled
+            for s_m in L.fill_srcs:
+                self._sampled_readers[s_m] -= 1
+                self._drop_sampled(s_m)
         return True
+
+    def _drop_sampled(self, m: int) -> None:
+        """Forget micro-batch m's samples once it is emitted and no step still to run reads them."""
+        if m in self._emitted and not self._sampled_readers.get(m):
+            self._sampled.pop(m, None)
+            self._sampled_readers.pop(m, None)
+            self._emitted.discard(m)
 
     def _sample(self, logits, seqs) -> torch.Tensor:
         return self.engine.sample(logits, seqs)                        # [n_sample] on the device
@@ -385,6 +404,9 @@ class Executor:
         else:
             tokens = L.host_tokens
         outputs = self._update(L, tokens)
+        with self._samples_lock:
+            self._emitted.add(m)
+            self._drop_sampled(m)
         if outputs and self._on_output is not None:
             self._on_output(outputs)
         return True
