@@ -348,7 +348,7 @@ def test_a_placement_that_splits_a_step_over_streams_gives_the_same_answers(tmp_
 @pytest.mark.parametrize("placement", [{"gen": "copy"}, {"gen": "compute"}, {"batch": "compute", "gen": "host"}])
 def test_generate_placed_apart_from_the_batcher_gives_the_same_answers_under_preemption(tiny_gguf, placement):
     """`generate on copy` (or compute, or the batcher on compute) puts emit on another stream
-    than the batcher's schedule, which then runs up to AHEAD micro-batches ahead. A sequence left
+    than the batcher's schedule, which could run up to AHEAD micro-batches ahead. A sequence left
     out of several steps (chunked prefills take the token budget, a small KV pool preempts) waits on
     a token sampled many steps back: the forward found that step's samples already dropped
     (KeyError, every request in flight failed). Any placement answers as Engine.step() does."""
@@ -366,3 +366,21 @@ def test_generate_placed_apart_from_the_batcher_gives_the_same_answers_under_pre
     assert got == reference
     assert eng.blocks.num_used == 0
     eng.blocks.check_invariants()
+
+
+@pytest.mark.parametrize("placement", [{"gen": "copy"}, {"batch": "compute", "gen": "host"}])
+def test_a_placed_batcher_schedules_at_most_two_steps_past_a_stop(tiny_gguf, placement):
+    """With the batcher's schedule on another stream than generate's emit, the schedule ran up to
+    AHEAD micro-batches ahead of the emit: a sequence a stop string finished was computed in as
+    many further steps, its tokens discarded. The schedule waits for the emit two steps back, so
+    a finished sequence is computed in at most two more steps, as docs/plan.md says."""
+    reqs = [(f"s{i}", dict(prompt=" ".join(WORDS[i % 7:]) * (1 + i % 3),
+                           params=SamplingParams(max_tokens=30, stop=("a", "e", "t"), ignore_eos=True)))
+            for i in range(16)]
+    eng = engine(tiny_gguf, max_batch_size=4)
+    got: dict = {}
+    stats = run_requests(eng, reqs, plan=placed_plan(**placement), overlap=True, on_output=finished(got))
+    stopped = sum(reason == "stop" for _, reason, _ in got.values())
+    assert stopped >= 8
+    assert stats["discarded_tokens"] <= 2 * stopped
+    assert got == stepped(engine(tiny_gguf, max_batch_size=4), reqs)

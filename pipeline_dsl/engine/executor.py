@@ -58,6 +58,7 @@ from .cpus import available_cpus
 from .trace import Trace
 
 AHEAD = 32                # no stream runs more than this many micro-batches ahead of emit
+SCHEDULE_AHEAD = 2        # nor the batcher's schedule more than this many (the plan's own: k+1 beside emit k-1)
 GPU_PARTS = ("h2d", "forward", "d2h")
 CPU_TORCH_PARTS = ("h2d", "forward")   # CPU: the works that run torch ops, on the compute thread
 _GRAPHS: dict[str, Plan] = {}
@@ -609,6 +610,11 @@ class Executor:
                                 self._signals.wait(e.src_work, m - e.lag)
                         if m >= AHEAD:               # back-pressure: bounded look-ahead
                             self._signals.wait(self._last_work, m - AHEAD)
+                        if w.part == "schedule" and m >= SCHEDULE_AHEAD:
+                            # a step scheduled before the emit of the step two back would compute the
+                            # sequences that emit finishes (a stop string): on another stream than emit
+                            # (a placement) the schedule ran up to AHEAD steps ahead, discarding as many
+                            self._signals.wait(self._last_work, m - SCHEDULE_AHEAD)
                         if self._signals.failed:
                             return
                         self._run_one(w, m, stream.name)
