@@ -345,16 +345,18 @@ def test_a_placement_that_splits_a_step_over_streams_gives_the_same_answers(tmp_
     assert answers[""][0][2] == "stop"
 
 
-@pytest.mark.parametrize("placement", [{"gen": "copy"}, {"gen": "compute"}, {"batch": "compute", "gen": "host"}])
+@pytest.mark.parametrize("placement", [{"gen": "copy"}, {"gen": "compute"}, {"batch": "compute", "gen": "host"},
+                                       {"kv": "compute"}])
 def test_generate_placed_apart_from_the_batcher_gives_the_same_answers_under_preemption(tiny_gguf, placement):
     """`generate on copy` (or compute, or the batcher on compute) puts emit on another stream
     than the batcher's schedule, which could run up to AHEAD micro-batches ahead. A sequence left
     out of several steps (chunked prefills take the token budget, a small KV pool preempts) waits on
     a token sampled many steps back: the forward found that step's samples already dropped
-    (KeyError, every request in flight failed). Any placement answers as Engine.step() does."""
+    (KeyError, every request in flight failed). With `kv_lookup on compute` emit shares the
+    schedule's stream two steps behind it: a schedule waiting for that emit never ran (a hang).
+    Any placement answers as Engine.step() does."""
     plan = placed_plan(**placement)
-    emit = plan.work_named("gen.emit").stream
-    assert plan.work_named("batch.schedule").stream != emit
+    assert len({plan.work_named(w).stream for w in ("batch.schedule", "kv.lookup", "gen.emit")}) > 1
     cfg = dict(kv_budget_bytes=1 << 18, max_tokens_per_step=64, prefill_chunk=32, max_batch_size=6)
     reqs = [(f"p{i}", dict(prompt=" ".join(WORDS[i % 5:]) * (1 + 4 * (i % 3)),
                            params=SamplingParams(max_tokens=6 + i % 13, ignore_eos=True, stop=("a",) * (i % 2))))

@@ -594,6 +594,12 @@ class Executor:
                 raise errors[0]
             return
 
+        # On one stream, the stream's order bounds how far the schedule runs ahead of the emit;
+        # on two, the schedule waits for the emit SCHEDULE_AHEAD steps back (or the plan's skew)
+        sched, emit = (next(w for w in self.plan.work if w.part == p) for p in ("schedule", "emit"))
+        ahead = (None if sched.stream == emit.stream
+                 else max(SCHEDULE_AHEAD, emit.skew - sched.skew + 1))
+
         def loop(stream) -> None:
             works = self._order([self.plan.work_named(n) for n in stream.work])
             top = max(w.skew for w in works)
@@ -610,11 +616,11 @@ class Executor:
                                 self._signals.wait(e.src_work, m - e.lag)
                         if m >= AHEAD:               # back-pressure: bounded look-ahead
                             self._signals.wait(self._last_work, m - AHEAD)
-                        if w.part == "schedule" and m >= SCHEDULE_AHEAD:
-                            # a step scheduled before the emit of the step two back would compute the
-                            # sequences that emit finishes (a stop string): on another stream than emit
-                            # (a placement) the schedule ran up to AHEAD steps ahead, discarding as many
-                            self._signals.wait(self._last_work, m - SCHEDULE_AHEAD)
+                        if w.part == "schedule" and ahead is not None and m >= ahead:
+                            # a step scheduled before that emit computes the sequences it finishes
+                            # (a stop string): on another stream than emit (a placement) the schedule
+                            # ran up to AHEAD steps ahead, discarding as many tokens
+                            self._signals.wait(self._last_work, m - ahead)
                         if self._signals.failed:
                             return
                         self._run_one(w, m, stream.name)
