@@ -202,14 +202,19 @@ def test_a_serial_run_never_overlaps_and_its_costs_feed_the_planner(tiny_gguf):
     assert predicted.speedup >= 1.0
 
 
-def test_a_plan_with_everything_on_one_stream_gives_the_same_answers(tiny_gguf):
-    g = nx.DiGraph(name="onehost", settings={})
+def placed_plan(**placement):
+    """The seed pipeline's plan with `on <resource>` placements, e.g. placed_plan(gen="copy")."""
+    g = nx.DiGraph(name="placed", settings={})
     stages = [("request", "requests"), ("batch", "dynamic_batch"), ("encode", "encode"),
               ("kv", "kv_lookup"), ("gen", "generate"), ("out", "respond")]
     for name, kind in stages:
-        g.add_node(name, kind=kind, params={}, resource="host", placement="host", pos=None)
+        g.add_node(name, kind=kind, params={}, resource=None, placement=placement.get(name), pos=None)
     nx.add_path(g, [s for s, _ in stages])
-    plan = make_plan(g)
+    return make_plan(g)
+
+
+def test_a_plan_with_everything_on_one_stream_gives_the_same_answers(tiny_gguf):
+    plan = placed_plan(**dict.fromkeys(("request", "batch", "encode", "kv", "gen", "out"), "host"))
     assert len(plan.streams) == 1
     reqs = greedy_requests(6)
     got: dict = {}
@@ -338,3 +343,46 @@ def test_a_placement_that_splits_a_step_over_streams_gives_the_same_answers(tmp_
         answers[where] = [(r.id, r.choices[0].text, r.choices[0].finish_reason) for r in results]
     assert answers[placed] == answers[""]
     assert answers[""][0][2] == "stop"
+
+
+@pytest.mark.parametrize("placement", [{"gen": "copy"}, {"gen": "compute"}, {"batch": "compute", "gen": "host"},
+                                       {"kv": "compute"}])
+def test_generate_placed_apart_from_the_batcher_gives_the_same_answers_under_preemption(tiny_gguf, placement):
+    """`generate on copy` (or compute, or the batcher on compute) puts emit on another stream
+    than the batcher's schedule, which could run up to AHEAD micro-batches ahead. A sequence left
+    out of several steps (chunked prefills take the token budget, a small KV pool preempts) waits on
+    a token sampled many steps back: the forward found that step's samples already dropped
+    (KeyError, every request in flight failed). With `kv_lookup on compute` emit shares the
+    schedule's stream two steps behind it: a schedule waiting for that emit never ran (a hang).
+    Any placement answers as Engine.step() does."""
+    plan = placed_plan(**placement)
+    assert len({plan.work_named(w).stream for w in ("batch.schedule", "kv.lookup", "gen.emit")}) > 1
+    cfg = dict(kv_budget_bytes=1 << 18, max_tokens_per_step=64, prefill_chunk=32, max_batch_size=6)
+    reqs = [(f"p{i}", dict(prompt=" ".join(WORDS[i % 5:]) * (1 + 4 * (i % 3)),
+                           params=SamplingParams(max_tokens=6 + i % 13, ignore_eos=True, stop=("a",) * (i % 2))))
+            for i in range(24)]
+    reference = stepped(engine(tiny_gguf, **cfg), reqs)
+    eng = engine(tiny_gguf, **cfg)
+    got: dict = {}
+    run_requests(eng, reqs, plan=plan, overlap=True, on_output=finished(got))
+    assert got == reference
+    assert eng.blocks.num_used == 0
+    eng.blocks.check_invariants()
+
+
+@pytest.mark.parametrize("placement", [{"gen": "copy"}, {"batch": "compute", "gen": "host"}])
+def test_a_placed_batcher_schedules_at_most_two_steps_past_a_stop(tiny_gguf, placement):
+    """With the batcher's schedule on another stream than generate's emit, the schedule ran up to
+    AHEAD micro-batches ahead of the emit: a sequence a stop string finished was computed in as
+    many further steps, its tokens discarded. The schedule waits for the emit two steps back, so
+    a finished sequence is computed in at most two more steps, as docs/plan.md says."""
+    reqs = [(f"s{i}", dict(prompt=" ".join(WORDS[i % 7:]) * (1 + i % 3),
+                           params=SamplingParams(max_tokens=30, stop=("a", "e", "t"), ignore_eos=True)))
+            for i in range(16)]
+    eng = engine(tiny_gguf, max_batch_size=4)
+    got: dict = {}
+    stats = run_requests(eng, reqs, plan=placed_plan(**placement), overlap=True, on_output=finished(got))
+    stopped = sum(reason == "stop" for _, reason, _ in got.values())
+    assert stopped >= 8
+    assert stats["discarded_tokens"] <= 2 * stopped
+    assert got == stepped(engine(tiny_gguf, max_batch_size=4), reqs)

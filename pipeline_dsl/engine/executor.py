@@ -58,6 +58,7 @@ from .cpus import available_cpus
 from .trace import Trace
 
 AHEAD = 32                # no stream runs more than this many micro-batches ahead of emit
+SCHEDULE_AHEAD = 2        # nor the batcher's schedule more than this many (the plan's own: k+1 beside emit k-1)
 GPU_PARTS = ("h2d", "forward", "d2h")
 CPU_TORCH_PARTS = ("h2d", "forward")   # CPU: the works that run torch ops, on the compute thread
 _GRAPHS: dict[str, Plan] = {}
@@ -164,7 +165,14 @@ class Executor:
         self._submitted = 0
         self._aborts: list[str] = []
         self._launches: dict[int, _Launch | None] = {}
-        self._sampled: dict[int, Any] = {}
+        self._sampled: dict[int, Any] = {}    # micro-batch -> its sampled tokens, while a step may read them
+        # A step's samples are kept until it is emitted (its placeholders filled) and every step whose
+        # lookup found one of its tokens in flight has read them: a sequence left out of some steps
+        # (chunk budget, preemption) may wait on a token of a step many micro-batches back when the
+        # batcher's stream runs ahead of the emit (a placement that puts generate on another stream)
+        self._sampled_readers: dict[int, int] = {}   # micro-batch -> steps looked up, not yet forwarded, reading it
+        self._emitted: set[int] = set()              # emitted micro-batches whose samples are still kept
+        self._samples_lock = threading.Lock()        # the three above (the compute thread takes no other)
         self._n_sample: dict[int, int] = {}   # micro-batch -> tokens it samples
         self._closing = True
         self._close_called = False
@@ -312,6 +320,9 @@ class Executor:
                 pos = batch.starts[item] + rows - (ends - batch.counts)[item]  # [F] its position
                 src = [L.so.items[i].seq.state.pending[p] for i, p in zip(item.tolist(), pos.tolist())]
                 L.fill_srcs = sorted({s_m for s_m, _ in src})
+                with self._samples_lock:
+                    for s_m in L.fill_srcs:
+                        self._sampled_readers[s_m] = self._sampled_readers.get(s_m, 0) + 1
                 base, at = {}, 0
                 for s_m in L.fill_srcs:
                     base[s_m] = at
@@ -346,10 +357,19 @@ class Executor:
                          else torch.empty(0, dtype=torch.long, device=self.device))
             if rows:                                      # prompt outputs, reduced per chunk
                 L.rows = self.engine.reduce_rows(L.so, rows)
-        self._sampled[m] = L.sampled
-        for k in [k for k in self._sampled if k < m - 4]:
-            del self._sampled[k]
+        with self._samples_lock:
+            self._sampled[m] = L.sampled
+            for s_m in L.fill_srcs:
+                self._sampled_readers[s_m] -= 1
+                self._drop_sampled(s_m)
         return True
+
+    def _drop_sampled(self, m: int) -> None:
+        """Forget micro-batch m's samples once it is emitted and no step still to run reads them."""
+        if m in self._emitted and not self._sampled_readers.get(m):
+            self._sampled.pop(m, None)
+            self._sampled_readers.pop(m, None)
+            self._emitted.discard(m)
 
     def _sample(self, logits, seqs) -> torch.Tensor:
         return self.engine.sample(logits, seqs)                        # [n_sample] on the device
@@ -385,6 +405,9 @@ class Executor:
         else:
             tokens = L.host_tokens
         outputs = self._update(L, tokens)
+        with self._samples_lock:
+            self._emitted.add(m)
+            self._drop_sampled(m)
         if outputs and self._on_output is not None:
             self._on_output(outputs)
         return True
@@ -571,6 +594,12 @@ class Executor:
                 raise errors[0]
             return
 
+        # On one stream, the stream's order bounds how far the schedule runs ahead of the emit;
+        # on two, the schedule waits for the emit SCHEDULE_AHEAD steps back (or the plan's skew)
+        sched, emit = (next(w for w in self.plan.work if w.part == p) for p in ("schedule", "emit"))
+        ahead = (None if sched.stream == emit.stream
+                 else max(SCHEDULE_AHEAD, emit.skew - sched.skew + 1))
+
         def loop(stream) -> None:
             works = self._order([self.plan.work_named(n) for n in stream.work])
             top = max(w.skew for w in works)
@@ -587,6 +616,11 @@ class Executor:
                                 self._signals.wait(e.src_work, m - e.lag)
                         if m >= AHEAD:               # back-pressure: bounded look-ahead
                             self._signals.wait(self._last_work, m - AHEAD)
+                        if w.part == "schedule" and ahead is not None and m >= ahead:
+                            # a step scheduled before that emit computes the sequences it finishes
+                            # (a stop string): on another stream than emit (a placement) the schedule
+                            # ran up to AHEAD steps ahead, discarding as many tokens
+                            self._signals.wait(self._last_work, m - ahead)
                         if self._signals.failed:
                             return
                         self._run_one(w, m, stream.name)
