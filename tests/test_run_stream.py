@@ -69,20 +69,24 @@ def test_a_second_run_writing_the_same_output_is_refused_while_the_first_writes_
     assert [g["id"] for g in records(out)] == ["first", "second"]
 
 
+def fifo_writer(fifo, proc) -> int:
+    """A write end of `fifo` once `proc` has opened its read end (polled, up to two minutes)."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:                    # ENXIO: no reader yet
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+
+
 def test_of_two_runs_started_before_their_output_existed_the_second_to_open_it_is_refused(tmp_path, pipeline):
     """Both found no out.jsonl (each reads its input's first line before opening it); the second
     to open it then emptied the first's answers and wrote over them, and both exited 0."""
     out, fifo = tmp_path / "out.jsonl", tmp_path / "in.fifo"
     os.mkfifo(fifo)
     with reaped(start(pipeline, "-o", out, "--overwrite", "-i", fifo)) as second:
-        deadline = time.monotonic() + 120
-        while True:                        # it opens its input once it has found no out.jsonl
-            try:
-                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-                break
-            except OSError:                # ENXIO: no reader yet
-                assert second.poll() is None and time.monotonic() < deadline
-                time.sleep(0.05)
+        fd = fifo_writer(fifo, second)     # it opens its input once it has found no out.jsonl
         with reaped(start(pipeline, "-o", out)) as first:
             first.stdin.write(b'{"id": "first", "prompt": "hello", "max_tokens": 2}\n')
             first.stdin.flush()
@@ -104,14 +108,7 @@ def test_a_run_whose_output_another_run_created_and_finished_meanwhile_is_refuse
     other.write_text('{"id": "first", "prompt": "hello", "max_tokens": 2}\n')
     os.mkfifo(fifo)
     with reaped(start(pipeline, "-o", out, "-i", fifo)) as second:
-        deadline = time.monotonic() + 120
-        while True:                        # it opens its input once it has found no out.jsonl
-            try:
-                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-                break
-            except OSError:                # ENXIO: no reader yet
-                assert second.poll() is None and time.monotonic() < deadline
-                time.sleep(0.05)
+        fd = fifo_writer(fifo, second)     # it opens its input once it has found no out.jsonl
         r = run(pipeline, "-i", other, "-o", out)
         assert r.returncode == 0, r.stderr
         os.write(fd, b'{"id": "second", "prompt": "again", "max_tokens": 2}\n')
