@@ -204,10 +204,13 @@ class Delta(RequestOutput):
     usage: dict = field(default_factory=no_usage)
 
 
+_OUTPUT_FIELDS = tuple(f.name for f in fields(RequestOutput))   # what a Delta copies of the engine's output
+
+
 def heard(req: RequestState, index: int, out, usage: dict) -> None:
     """Tell a request's listener about a delta of its choice `index`, with the request's usage
-    so far."""
-    delta = Delta(**{f.name: getattr(out, f.name) for f in fields(RequestOutput)}, usage=usage)
+    so far (every streamed token of every stream: the field names are read once, at import)."""
+    delta = Delta(**{name: getattr(out, name) for name in _OUTPUT_FIELDS}, usage=usage)
     try:
         req.listener.on_delta(req.key, index, delta)
     except Exception:                            # noqa: BLE001 - a listener's failure is its own
