@@ -424,6 +424,10 @@ def priority(value) -> int:
     return through_schema(check_priority, value)
 
 
+# a line's fields served only at their neutral value: chat's too, but for those a line takes (ITEM_FIELDS)
+LINE_NEUTRAL = NEUTRAL | {k: v for k, v in CHAT_NEUTRAL.items() if k not in ITEM_FIELDS}
+
+
 def parse_request(obj, default_id=None) -> ParsedRequest:
     """Validate one request object (already decoded from JSON)."""
     if not isinstance(obj, dict):
@@ -434,7 +438,7 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise RequestError(f"unknown field '{key}'{hint}")
     check_fields(obj, IGNORED)                 # agp serve's fields a line takes and ignores
-    check_neutral(obj, NEUTRAL | {k: v for k, v in CHAT_NEUTRAL.items() if k not in ITEM_FIELDS})
+    check_neutral(obj, LINE_NEUTRAL)
     check_lacking(obj, CHAT_LACKING)
     rid = obj.get("id")
     if rid is None:                            # "id": null is no id: the line number stands in
@@ -734,9 +738,9 @@ def _spec(kind: str, value, param: str) -> dict:
 def _given_constraint(obj: dict) -> tuple[dict | None, str | None]:
     """(the spec, the field it came from) of the request's structured-output field, if any."""
     given = [k for k in ("response_format", "structured_outputs", *GUIDED) if obj.get(k) is not None]
-    if obj.get("response_format") is not None:   # {"type": "text"} gives way to a guided_* field
-        if parse_response_format(obj["response_format"]) == FREE_TEXT and len(given) > 1:
-            given.remove("response_format")
+    fmt = parse_response_format(obj["response_format"]) if obj.get("response_format") is not None else None
+    if fmt == FREE_TEXT and len(given) > 1:      # {"type": "text"} gives way to a guided_* field
+        given.remove("response_format")
     if len(given) > 1:
         raise RequestError(f"give at most one of {', '.join(repr(g) for g in given)}: each sets the answer's "
                            "format", param=given[1])
@@ -744,7 +748,7 @@ def _given_constraint(obj: dict) -> tuple[dict | None, str | None]:
         return None, None
     name = given[0]
     if name == "response_format":
-        return parse_response_format(obj[name]), name
+        return fmt, name
     if name == "structured_outputs":
         so = obj[name]
         if not isinstance(so, dict):

@@ -136,15 +136,20 @@ def check_unknown(obj: dict, known: set[str], lenient: bool = False, where: str 
     return obj
 
 
+_CHAT_NEUTRAL = NEUTRAL | CHAT_NEUTRAL
+_COMPLETION_CHECKED = {"guided_decoding_backend": IGNORED["guided_decoding_backend"]}
+_CHAT_CHECKED = _COMPLETION_CHECKED | {name: IGNORED[name] for name in ("reasoning_effort", "store", "service_tier")}
+_IDENTIFIER_RULES = {name: IGNORED[name] for name in IDENTIFIERS}
+
+
 def _check_unsupported(obj: dict, chat: bool = False) -> None:
     """Fields agp knows but only serves at their neutral value (NEUTRAL), those of features it
     lacks (CHAT_LACKING), and the ones only checked here (IGNORED: guided_decoding_backend, as one
     backend, llguidance, serves every structured output; chat's reasoning_effort, store and
     service_tier)."""
     try:
-        check_neutral(obj, NEUTRAL | CHAT_NEUTRAL if chat else NEUTRAL)
-        check_fields(obj, {name: IGNORED[name] for name in ("guided_decoding_backend", *(
-            ("reasoning_effort", "store", "service_tier") if chat else ()))})
+        check_neutral(obj, _CHAT_NEUTRAL if chat else NEUTRAL)
+        check_fields(obj, _CHAT_CHECKED if chat else _COMPLETION_CHECKED)
         if chat:
             request_check_lacking(obj, CHAT_LACKING)
     except RequestError as e:
@@ -161,7 +166,7 @@ def check_lacking(obj: dict, table: dict) -> None:
 
 def _check_identifiers(obj: dict) -> None:
     try:
-        check_fields(obj, {name: IGNORED[name] for name in IDENTIFIERS})
+        check_fields(obj, _IDENTIFIER_RULES)
     except RequestError as e:
         raise api_error(e) from None
 
