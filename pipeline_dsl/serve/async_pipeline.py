@@ -179,7 +179,7 @@ def combine(results: list[Result], per: int) -> Result:
     engines: dict = {}
     for r in results:
         for engine, u in r.engine_usage.items():
-            mine = engines.setdefault(engine, dict.fromkeys(u, 0))
+            mine = engines.setdefault(engine, {})
             for key, n in u.items():
                 mine[key] = mine.get(key, 0) + n
     return Result(results[0].key, results[0].id, [] if error else choices, error, usage, results[0].metrics,
