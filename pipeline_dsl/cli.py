@@ -19,9 +19,9 @@ import importlib
 import importlib.util
 import json
 import os
-import signal
 import sys
 
+from .cliargs import CLOSED_PIPE
 from .diagnostics import CheckFailed
 
 # commands living in pipeline_dsl/commands/<name>.py (HELP, add_arguments(parser), main(args) -> int);
@@ -36,7 +36,6 @@ LAZY_COMMANDS = {
 MODEL_COMMANDS = ("run", "bench", "serve")       # those that load torch and run a model
 
 OK, FAILED, USER_ERROR = 0, 1, 2
-CLOSED_PIPE = 128 + signal.SIGPIPE              # 141, as `yes | head -1`'s yes
 
 
 class UserError(Exception):

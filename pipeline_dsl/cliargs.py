@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 
+CLOSED_PIPE = 128 + signal.SIGPIPE              # 141: the exit of a command whose reader went, as `yes | head -1`'s yes
 MAX_COUNT = 10_000_000        # requests, clients: more cannot be held in memory as a list of arrivals
 
 

@@ -67,7 +67,7 @@ import time
 from collections import Counter, deque
 from typing import Callable
 
-from pipeline_dsl.cliargs import (GENERATION_CONFIG_HELP, OVERRIDE_GENERATION_CONFIG_HELP, generation_config,
+from pipeline_dsl.cliargs import (CLOSED_PIPE, GENERATION_CONFIG_HELP, OVERRIDE_GENERATION_CONFIG_HELP, generation_config,
                                   add_dtype_argument, output_file, override_generation_config)
 from pipeline_dsl.commands import add_pipeline_arguments
 from pipeline_dsl.commands.run_input import MAX_LINE_BYTES, MAX_SKIP_BYTES, InputLines, TooLong, open_input
@@ -625,13 +625,12 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
         e = write_error[0]
         summary["write_error"] = f"{e.strerror or e}"
         summary["unwritten"] = summary["requests"] - answers.written      # answered after the failed write: lost
-        where = args.output if to_file else "the output"
         if e.errno == errno.EPIPE:    # `agp run … | head -1`: the reader took what it wanted; no error
             print(f"agp run: {args.output if to_file else 'standard output'}: the reader closed the pipe (Broken pipe): stopped after {answers.written} "
                   "answer(s)", file=sys.stderr)
         else:
-            _err(f"cannot write {where}: {e.strerror or e}; the run stopped there (the requests in flight were "
-                 "aborted" + ("; --resume runs them)" if to_file else ")"))
+            _err(f"cannot write {args.output if to_file else 'the output'}: {e.strerror or e}; the run stopped "
+                 "there (the requests in flight were aborted" + ("; --resume runs them)" if to_file else ")"))
     if read_error is not None:
         summary["read_error"] = f"{read_error.strerror or read_error}"
     print(format_summary(summary), file=sys.stderr)
@@ -646,7 +645,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
         _err(trace_error)
         return 1
     if write_error:                                   # a closed pipe as tools killed by SIGPIPE: 141
-        return 128 + signal.SIGPIPE if write_error[0].errno == errno.EPIPE else 1
+        return CLOSED_PIPE if write_error[0].errno == errno.EPIPE else 1
     if interrupt.signum is not None:
         return 128 + interrupt.signum                 # 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP
     if read_error is not None:                        # the lines before it are answered; the rest unread
