@@ -6,6 +6,9 @@
     extras.constraint    # structured_outputs / guided_* / response_format as one constraint spec
     extras.template_kwargs, extras.request_id
 
+    with request_errors:                       # a requests_io check's RequestError -> its APIError (400)
+        check_min_tokens(values, "max_tokens")
+
 Structured output: `response_format` (OpenAI), `structured_outputs` (vLLM ≥ 0.11: one of `json`,
 `regex`, `choice`, `grammar`, `json_object`) and the older `guided_json`, `guided_regex`,
 `guided_choice`, `guided_grammar` all become one spec of the constraint compiler
@@ -32,6 +35,25 @@ def api_error(e: RequestError) -> APIError:
     return APIError(str(e), param=e.param, code=e.code)
 
 
+class _RequestErrorsAnswered:
+    """`with request_errors:` turns a RequestError raised inside (a requests_io check) into the
+    APIError answering it (api_error: its message, param and code); any other exception passes
+    unchanged. It keeps no state: one instance serves every request, on any thread."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, e, tb) -> bool:
+        if isinstance(e, RequestError):
+            raise api_error(e) from None
+        return False
+
+
+request_errors = _RequestErrorsAnswered()
+
+
 def bad(param: str, expected: str, value) -> APIError:
     return api_error(request_bad(param, expected, value))
 
@@ -53,10 +75,8 @@ def parse_extras(obj: dict, *, chat: bool) -> Extras:
                 raise bad(name, "true or false", value)
             out.fields[name] = value
     if obj.get("cache_salt") is not None:
-        try:
+        with request_errors:
             out.fields["cache_salt"] = cache_salt(obj["cache_salt"])
-        except RequestError as e:
-            raise APIError(str(e), param=e.param) from None
     rid = obj.get("request_id")
     if rid is not None:
         ok, expected = IGNORED["request_id"]
@@ -72,8 +92,6 @@ def parse_extras(obj: dict, *, chat: bool) -> Extras:
             raise APIError(f"'chat_template_kwargs.{own[0]}' is set by agp itself; send it as its own field",
                            param="chat_template_kwargs")
         out.template_kwargs = dict(kwargs)
-    try:
+    with request_errors:
         out.constraint = parse_constraint(obj)
-    except RequestError as e:
-        raise api_error(e) from None
     return out

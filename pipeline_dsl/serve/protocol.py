@@ -19,14 +19,14 @@ from typing import Any
 
 from pipeline_dsl.requests_io import (CACHE_SETTINGS, CHAT_FIELDS, CHAT_LACKING, CHAT_NEUTRAL,  # noqa: F401
                                       COMPLETION_FIELDS, IDENTIFIERS, IGNORED, ITEM_FIELDS, NEUTRAL, REASONING_EFFORTS,
-                                      RESPONSES_LACKING, RequestError, check_fields, check_min_tokens, check_neutral,
+                                      RESPONSES_LACKING, check_fields, check_min_tokens, check_neutral,
                                       json_type, load_json, logprobs_of_chat, must_be, parse_logit_bias,
                                       parse_messages, parse_tools, priority, request_item)
 from pipeline_dsl.requests_io import check_lacking as request_check_lacking
 from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
 
 from .api_error import APIError
-from .extras import api_error, parse_extras
+from .extras import api_error, parse_extras, request_errors
 from .token_fields import MAX_LOGPROBS, parse_token_fields
 
 log = logging.getLogger("agp.serve")
@@ -94,10 +94,8 @@ class GenerationRequest:
 def parse_json(raw: bytes) -> dict:
     """The request body as a JSON object, or a 400 saying why not (requests_io.load_json: not
     UTF-8, not JSON, too deep, unreadable numbers, lone surrogates)."""
-    try:
+    with request_errors:
         obj = load_json(raw, "the request body")
-    except RequestError as e:
-        raise APIError(str(e), param=e.param) from None
     if not isinstance(obj, dict):
         raise APIError(f"the request body must be a JSON object, not {json_type(obj)}")
     return obj
@@ -147,36 +145,28 @@ def _check_unsupported(obj: dict, chat: bool = False) -> None:
     lacks (CHAT_LACKING), and the ones only checked here (IGNORED: guided_decoding_backend, as one
     backend, llguidance, serves every structured output; chat's reasoning_effort, store and
     service_tier)."""
-    try:
+    with request_errors:
         check_neutral(obj, _CHAT_NEUTRAL if chat else NEUTRAL)
         check_fields(obj, _CHAT_CHECKED if chat else _COMPLETION_CHECKED)
         if chat:
             request_check_lacking(obj, CHAT_LACKING)
-    except RequestError as e:
-        raise api_error(e) from None
 
 
 def check_lacking(obj: dict, table: dict) -> None:
     """Fields of features agp lacks (CHAT_LACKING, RESPONSES_LACKING), as a 400 (requests_io.check_lacking)."""
-    try:
+    with request_errors:
         request_check_lacking(obj, table)
-    except RequestError as e:
-        raise api_error(e) from None
 
 
 def _check_identifiers(obj: dict) -> None:
-    try:
-        check_fields(obj, _IDENTIFIER_RULES)
-    except RequestError as e:
-        raise api_error(e) from None
+    for name, rule in _IDENTIFIER_RULES.items():
+        _field(obj, name, *rule)
 
 
 def check_cache_settings(obj: dict) -> None:
     """OpenAI's prompt-cache settings of a chat or responses request, checked (CACHE_SETTINGS)."""
-    try:
-        check_fields(obj, CACHE_SETTINGS)
-    except RequestError as e:
-        raise api_error(e) from None
+    for name, rule in CACHE_SETTINGS.items():
+        _field(obj, name, *rule)
 
 
 def _truncation(obj: dict, max_model_len: int) -> dict:
@@ -204,10 +194,8 @@ def priority_field(obj: dict) -> dict:
     schedules fcfs). Null is refused, as vLLM's `int` field refuses it (requests_io.NOT_NULL)."""
     if "priority" not in obj:
         return {}
-    try:
+    with request_errors:
         return {"priority": priority(obj["priority"])}
-    except RequestError as e:
-        raise APIError(str(e), param=e.param) from None
 
 
 def _sampling(obj: dict, max_model_len: int, max_tokens_field: str = "max_tokens") -> dict:
@@ -229,20 +217,16 @@ def _sampling(obj: dict, max_model_len: int, max_tokens_field: str = "max_tokens
                        f"{max_model_len} tokens, which the prompt shares; ask for at most {max_model_len} "
                        "less the prompt's tokens",
                        param=max_tokens_field, code="context_length_exceeded")
-    try:
+    with request_errors:
         check_min_tokens(values, max_tokens_field)
-    except RequestError as e:
-        raise APIError(str(e), param=e.param) from None
     stop_ids = obj.get("stop_token_ids")
     if stop_ids is not None:
         if not isinstance(stop_ids, list) or not all(_is_int(t) and t >= 0 for t in stop_ids):
             raise _bad_ids("stop_token_ids", stop_ids) or _bad("stop_token_ids", "an array of token ids", stop_ids)
         values["stop_token_ids"] = list(stop_ids)
     if obj.get("logit_bias") is not None:
-        try:
+        with request_errors:
             values["logit_bias"] = parse_logit_bias(obj["logit_bias"])
-        except RequestError as e:
-            raise APIError(str(e), param=e.param) from None
     return values
 
 
@@ -413,10 +397,8 @@ def _prompts(prompt, max_model_len: int, keep: int | None = None) -> list:
 def _messages(value) -> tuple[dict, ...]:
     if value is None:
         raise APIError("'messages' is required", param="messages")
-    try:
+    with request_errors:
         return tuple(parse_messages(value))   # the one validation of chat messages (agp run's too)
-    except RequestError as e:
-        raise APIError(str(e), param=e.param) from None
 
 
 def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
@@ -434,19 +416,15 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     want = _field(obj, "logprobs", lambda v: isinstance(v, bool), "true or false")
     top = _field(obj, "top_logprobs", lambda v: _is_int(v) and 0 <= v <= MAX_LOGPROBS,
                  f"an integer from 0 to {MAX_LOGPROBS}")
-    try:
+    with request_errors:
         k = logprobs_of_chat(want, top)
-    except RequestError as e:
-        raise APIError(str(e), param=e.param) from None
     if k is not None:
         fields["logprobs"] = k
     tokens = parse_token_fields(obj, stream=flags["stream"])
     fields.update(tokens.fields)
     metadata = _field(obj, "metadata", lambda v: isinstance(v, dict), "an object")
-    try:
+    with request_errors:
         tools, choice, parallel = parse_tools(obj)
-    except RequestError as e:
-        raise APIError(str(e), param=e.param) from None
     extras = parse_extras(obj, chat=True)
     fields.update(extras.fields)
     fields.update(_render_flags(obj))
@@ -575,10 +553,8 @@ def parse_tokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...
     out = {"messages": list(_messages(obj["messages"])), "pin": pin, "return_token_strs": strs,
            "chat_template_kwargs": parse_extras(obj, chat=True).template_kwargs, **_render_flags(obj)}
     if obj.get("tools") is not None:
-        try:
+        with request_errors:
             out["tools"], out["tool_choice"], _ = parse_tools(obj)
-        except RequestError as e:
-            raise APIError(str(e), param=e.param) from None
     return out
 
 
