@@ -50,7 +50,7 @@ import networkx as nx
 import numpy as np
 import torch
 
-from pipeline_dsl.plan import Plan, make_plan
+from pipeline_dsl.plan import Event, Plan, make_plan
 
 from .batch import PLACEHOLDER
 from .compute import on_compute
@@ -510,7 +510,16 @@ class Executor:
         self._signals = _Signals()
         self._waits = {w.name: [e for e in self.plan.events if e.dst_work == w.name]
                        for w in self.plan.work}
-        self._last_work = next(w.name for w in self.plan.work if w.part == "emit")
+        sched, emit = (next(w for w in self.plan.work if w.part == p) for p in ("schedule", "emit"))
+        self._last_work = emit.name
+        if sched.stream != emit.stream:
+            # On one stream, the stream's order bounds how far the schedule runs ahead of the emit. On
+            # two (a placement), the schedule could run up to AHEAD steps ahead, and each step scheduled
+            # before an emit computes the sequences that emit finishes (a stop string), discarding as
+            # many tokens: it waits for the emit SCHEDULE_AHEAD steps back (or the plan's skew)
+            self._waits[sched.name].append(Event(src=emit.stage, dst=sched.stage, src_work=emit.name,
+                                                 dst_work=sched.name, host_sync=True,
+                                                 lag=max(SCHEDULE_AHEAD, emit.skew - sched.skew + 1)))
         if self.cuda:
             self._cuda_base = torch.cuda.Event(enable_timing=True)
             self._cuda_base.record()
@@ -594,12 +603,6 @@ class Executor:
                 raise errors[0]
             return
 
-        # On one stream, the stream's order bounds how far the schedule runs ahead of the emit;
-        # on two, the schedule waits for the emit SCHEDULE_AHEAD steps back (or the plan's skew)
-        sched, emit = (next(w for w in self.plan.work if w.part == p) for p in ("schedule", "emit"))
-        ahead = (None if sched.stream == emit.stream
-                 else max(SCHEDULE_AHEAD, emit.skew - sched.skew + 1))
-
         def loop(stream) -> None:
             works = self._order([self.plan.work_named(n) for n in stream.work])
             top = max(w.skew for w in works)
@@ -611,16 +614,11 @@ class Executor:
                         m = j - w.skew
                         if m < 0:
                             continue
-                        for e in self._waits[w.name]:
+                        for e in self._waits[w.name]:    # the plan's edges, the schedule's on emit (run())
                             if m - e.lag >= 0:
                                 self._signals.wait(e.src_work, m - e.lag)
                         if m >= AHEAD:               # back-pressure: bounded look-ahead
                             self._signals.wait(self._last_work, m - AHEAD)
-                        if w.part == "schedule" and ahead is not None and m >= ahead:
-                            # a step scheduled before that emit computes the sequences it finishes
-                            # (a stop string): on another stream than emit (a placement) the schedule
-                            # ran up to AHEAD steps ahead, discarding as many tokens
-                            self._signals.wait(self._last_work, m - ahead)
                         if self._signals.failed:
                             return
                         self._run_one(w, m, stream.name)
