@@ -340,13 +340,18 @@ class GrammarBuilder:
             if choice not in fns:
                 raise GrammarError(f"tool_choice names {choice!r}, which is not among the tools")
             fns = {choice: fns[choice]}
-        call = [{"type": "object", "properties": {"name": {"const": n}, "arguments": self._prepare(p)},
+        # each tool's parameters sit inside the call's schema: a local $ref ("#/$defs/City", what
+        # pydantic writes for a nested model; "#" for a recursive one) is rebased onto that place
+        array = spec.get("array", True)
+        where = ("#/items" if array else "#") + ("" if len(fns) == 1 else "/anyOf/{}") + "/properties/arguments"
+        call = [{"type": "object", "properties": {"name": {"const": n},
+                                                  "arguments": _rebase_refs(self._prepare(p), where.format(i))},
                  "required": ["name", "arguments"], "additionalProperties": False}
-                for n, p in fns.items()]
+                for i, (n, p) in enumerate(fns.items())]
         one = call[0] if len(call) == 1 else {"anyOf": call}
         parallel = bool(spec.get("parallel", True)) and choice == "required"
         body = ({"type": "array", "items": one, "minItems": 1, **({} if parallel else {"maxItems": 1})}
-                if spec.get("array", True) else dict(one))
+                if array else dict(one))
         body["x-guidance"] = self.json_options
         begin, end = spec.get("begin", "<tool_call>"), spec.get("end", "</tool_call>")
         lark = f'start: {json.dumps(begin)} "\\n"? %json {json.dumps(body)} "\\n"? {json.dumps(end)}'
@@ -371,6 +376,25 @@ def _children(node: dict):
             yield from ((f"{k}/{i}", x) for i, x in enumerate(v))
         elif k in _NAMED and isinstance(v, dict):
             yield from ((f"{k}/{_escape(name)}", x) for name, x in v.items())
+
+
+def _rebase_refs(schema, base: str):
+    """`schema` (a prepared copy, changed in place) with each local `$ref` ("#", "#/...") made
+    relative to `base`, the JSON pointer of the place it is put at inside a larger schema. A
+    subschema with its own "$id" is a resource of its own, whose local refs resolve against it:
+    left as it is. A subschema met twice (one object in two places of a schema built in Python)
+    is rebased once."""
+    todo, seen = [schema], set()
+    while todo:
+        node = todo.pop()
+        if not isinstance(node, dict) or "$id" in node or id(node) in seen:
+            continue
+        seen.add(id(node))
+        ref = node.get("$ref")
+        if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+            node["$ref"] = base + ref[1:]
+        todo += [sub for _, sub in _children(node)]
+    return schema
 
 
 def _escape(name: str) -> str:

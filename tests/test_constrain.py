@@ -147,6 +147,49 @@ def test_tool_call_in_another_format(engine, compiler):
     assert not all(m.accept(t) for t in ids_of(engine, '<call>[{"name": "add"'))
 
 
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]}
+# parameters as pydantic writes a nested model (a local $ref into $defs), a recursive one ("#"),
+# a resource with its own $id, whose refs resolve against it wherever it is put, and one $ref
+# object in two places (parameters built in Python)
+TRIP = {"type": "function", "function": {"name": "trip", "parameters": {
+    "$defs": {"City": CITY}, "type": "object",
+    "properties": {"stops": {"type": "array", "items": {"$ref": "#/$defs/City"}, "maxItems": 2}},
+    "required": ["stops"]}}}
+TREE = {"type": "function", "function": {"name": "tree", "parameters": {
+    "type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9},
+                                     "kids": {"type": "array", "items": {"$ref": "#"}, "maxItems": 2}},
+    "required": ["n"]}}}
+PLACE = {"type": "function", "function": {"name": "place", "parameters": {
+    "$id": "https://example.com/place.json", "$defs": {"City": CITY}, "type": "object",
+    "properties": {"at": {"$ref": "#/$defs/City"}}, "required": ["at"]}}}
+TO_CITY = {"$ref": "#/$defs/City"}
+HOP = {"type": "function", "function": {"name": "hop", "parameters": {
+    "$defs": {"City": CITY}, "type": "object", "properties": {"a": TO_CITY, "b": TO_CITY}, "required": ["a", "b"]}}}
+
+
+@pytest.mark.parametrize("choice", ["trip", "tree", "place", "hop", "required"])
+@pytest.mark.parametrize("array", [True, False])
+def test_a_forced_call_enforces_parameters_that_refer_within_themselves(engine, compiler, choice, array):
+    """A tool's parameters are put inside the call's grammar; their local $refs still mean the
+    subschemas they name in the parameters, so the call validates as the parameters say."""
+    g = compiler.compile({"type": "tool_call", "tools": TOOLS + [TRIP, TREE, PLACE, HOP], "choice": choice,
+                          "array": array, "parallel": False})
+
+    def takes(call) -> bool:
+        m = g.matcher()
+        text = "<tool_call>" + json.dumps([call] if array else call) + "</tool_call>"
+        return all(m.accept(t) for t in ids_of(engine, text)) and m.is_finished()
+
+    good = {"trip": {"stops": [{"city": "Paris"}, {"city": "Rome"}]},
+            "tree": {"n": 1, "kids": [{"n": 2, "kids": [{"n": 3}]}, {"n": 4}]},
+            "place": {"at": {"city": "Oslo"}}, "hop": {"a": {"city": "Oslo"}, "b": {"city": "Rome"}}}
+    bad = {"trip": {"stops": [{"town": "Paris"}]}, "tree": {"n": 1, "kids": [{"kids": []}]},
+           "place": {"at": {"city": 5}}, "hop": {"a": {"city": "Oslo"}, "b": {}}}
+    for name in (good if choice == "required" else [choice]):
+        assert takes({"name": name, "arguments": good[name]}), name
+        assert not takes({"name": name, "arguments": bad[name]}), name
+
+
 def test_unconstrained_requests_are_unaffected(tiny_gguf, compiler):
     plain = {f"p{s}": (None, SamplingParams(max_tokens=20, temperature=0.9, seed=s)) for s in range(3)}
     plain["g"] = (None, SamplingParams(max_tokens=20))

@@ -1,7 +1,8 @@
 """What an OpenAI client sends today, against `agp serve` on the tiny model: the request fields
 current SDKs and agent frameworks set on chat (`safety_identifier`, `prompt_cache_key`, `user`)
 are taken as OpenAI takes them, a field agp does not serve is named without a misleading
-suggestion, and `parallel_tool_calls: false` gives at most one call however many the model writes."""
+suggestion, `parallel_tool_calls: false` gives at most one call however many the model writes, and
+request bodies recorded from client libraries (pydantic-ai, instructor) are answered as vLLM answers them."""
 from __future__ import annotations
 
 import json
@@ -289,3 +290,65 @@ def test_stream_options_take_include_obfuscation_and_refuse_an_unknown_key_as_a_
     lenient = P.parse_chat({"messages": USER, "stream": True, "stream_options": {"include_usage": True, "x": 1}},
                            max_model_len=64, served=("tiny",), lenient=True)
     assert lenient.include_usage
+
+
+# Bodies recorded from client libraries that turn a pydantic model with a nested model into a
+# forced tool call: its parameters refer to the nested model through "#/$defs/...", as pydantic
+# writes it (pydantic-ai 2.31's default structured output, on chat and on the Responses API;
+# instructor 1.16's Iterable in TOOLS mode, streamed under a named tool_choice). vLLM takes them.
+TRIP_PARAMETERS = {"properties": {"stops": {"items": {"$ref": "#/$defs/City"}, "type": "array"}},
+                   "required": ["stops"], "type": "object", "additionalProperties": False,
+                   "$defs": {"City": {"properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+                                      "required": ["city", "country"], "type": "object",
+                                      "additionalProperties": False}}}
+USERS_PARAMETERS = {"$defs": {"User": {"properties": {"name": {"title": "Name", "type": "string"},
+                                                      "age": {"title": "Age", "type": "integer"}},
+                                       "required": ["name", "age"], "title": "User", "type": "object"}},
+                    "properties": {"tasks": {"description": "Correctly segmented list of `User` tasks",
+                                             "items": {"$ref": "#/$defs/User"}, "title": "Tasks", "type": "array"}},
+                    "type": "object", "required": []}
+PYDANTIC_AI_CHAT = {
+    "messages": [{"role": "user", "content": "Plan a trip: Paris then Rome."}], "model": "tiny",
+    "max_completion_tokens": 300, "stream": False, "temperature": 0, "tool_choice": "required",
+    "tools": [{"type": "function", "function": {
+        "name": "final_result", "description": "The final response which ends this conversation",
+        "parameters": TRIP_PARAMETERS, "strict": True}}]}
+PYDANTIC_AI_RESPONSES = {
+    "input": [{"role": "user", "content": "Plan a trip: Paris then Rome."}], "max_output_tokens": 300,
+    "model": "tiny", "stream": False, "temperature": 0, "tool_choice": "required",
+    "tools": [{"name": "final_result", "parameters": TRIP_PARAMETERS, "type": "function",
+               "description": "The final response which ends this conversation", "strict": True}]}
+INSTRUCTOR_ITERABLE = {
+    "messages": [{"role": "user", "content": "Extract: Jason is 25 years old."}], "model": "tiny",
+    "max_tokens": 300, "stream": True, "tool_choice": {"type": "function", "function": {"name": "IterableUser"}},
+    "tools": [{"type": "function", "function": {"name": "IterableUser",
+                                                "description": "Correct segmentation of `User` tasks",
+                                                "parameters": USERS_PARAMETERS}}]}
+
+
+def test_a_forced_call_whose_parameters_refer_to_their_own_defs_is_made_and_validates(server):
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    r = httpx.post(server.url + "/v1/chat/completions", json=PYDANTIC_AI_CHAT, timeout=120)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    [call] = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "final_result"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), TRIP_PARAMETERS)
+
+    r = httpx.post(server.url + "/v1/responses", json=PYDANTIC_AI_RESPONSES, timeout=120)
+    assert r.status_code == 200, r.text
+    calls = [o for o in r.json()["output"] if o["type"] == "function_call"]
+    assert calls and r.json()["status"] == "completed", r.json()
+    for call in calls:
+        assert call["name"] == "final_result"
+        jsonschema.validate(json.loads(call["arguments"]), TRIP_PARAMETERS)
+
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=INSTRUCTOR_ITERABLE, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    deltas = [d for ch in chunks for c in ch["choices"] for d in c["delta"].get("tool_calls") or []]
+    assert [d["function"]["name"] for d in deltas if d["function"].get("name")] == ["IterableUser"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    jsonschema.validate(json.loads("".join(d["function"].get("arguments") or "" for d in deltas)), USERS_PARAMETERS)
