@@ -144,12 +144,23 @@ def test_logprobs_are_included_when_asked(client):
      "text.format"),
     ({"input": "x", "background": True}, "background"),
     ({"input": "x", "conversation": "c1"}, "conversation"),
+    # `text`'s keys as chat's fields: verbosity null only, an unknown key refused
+    ({"input": "x", "text": {"verbosity": "low"}}, "text.verbosity"),
+    ({"input": "x", "text": {"format": {"type": "text"}, "verbosty": "low"}}, "text.verbosty"),
 ])
 def test_bad_input_is_a_400_naming_the_responses_field(server, body, param):
     r = httpx.post(server.url + "/v1/responses", json={"model": "tiny", **body}, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param and r.json()["error"]["message"]
 
+
+
+def test_text_takes_a_null_verbosity_and_its_unknown_keys_are_ignored_only_when_lenient():
+    body = {"model": "tiny", "input": "x", "text": {"format": {"type": "json_object"}, "verbosity": None}}
+    assert parse_responses(body, max_model_len=64, served=("tiny",)).req.response_format == {"type": "json_object"}
+    odd = {"model": "tiny", "input": "x", "text": {"format": {"type": "json_object"}, "tone": "dry"}}
+    assert parse_responses(odd, max_model_len=64, served=("tiny",), lenient=True).req.response_format == \
+        {"type": "json_object"}
 
 
 def test_the_answer_repeats_the_identifiers_and_settings_it_was_sent(client):

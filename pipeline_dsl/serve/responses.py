@@ -166,13 +166,16 @@ def _tools(obj: dict) -> tuple[list | None, object]:
     return chat_tools or None, choice
 
 
-def _format(obj: dict):
-    """`text.format` as a response_format (None: free text)."""
+def _format(obj: dict, lenient: bool = False):
+    """`text.format` as a response_format (None: free text). `text`'s other keys as the body's own:
+    an unknown one refused (or ignored with `lenient`), `verbosity` as chat's (null only)."""
     text = obj.get("text")
     if text is None:
         return None
     if not isinstance(text, dict):
         raise bad("text", "an object {\"format\": ...}", text)
+    text = P.check_unknown(text, {"format", "verbosity"}, lenient, where="text.")
+    P.check_lacking({"text.verbosity": text.get("verbosity")}, {"text.verbosity": P.CHAT_LACKING["verbosity"]})
     fmt = text.get("format")
     if fmt is None:
         return None
@@ -236,7 +239,7 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
     tools, choice = _tools(obj)
     include = obj.get("include") or []
     chat = {k: obj[k] for k in PASSED if obj.get(k) is not None}
-    chat.update(messages=messages, tools=tools, tool_choice=choice, response_format=_format(obj),
+    chat.update(messages=messages, tools=tools, tool_choice=choice, response_format=_format(obj, lenient),
                 max_tokens=obj.get("max_output_tokens"))
     if obj.get("metadata"):
         chat["metadata"] = obj["metadata"]
