@@ -274,3 +274,45 @@ def test_check_rejects_a_stream_stage_on_requests_and_a_stream_of_a_plain_functi
     msgs = sorted(e.message for e in errs)
     assert any("stage 'f' has stream = true, but Request items reach it" in m for m in msgs)
     assert any("stage 'p' has stream = true, but hooks:plain does not yield" in m for m in msgs)
+
+
+class Deaf:
+    """A listener without on_delta (agp run's): its result alone. It counts how often the
+    runtime looks for an on_delta."""
+
+    def __init__(self):
+        self.result, self.done, self.asked = None, threading.Event(), 0
+
+    def __getattr__(self, name):
+        if name == "on_delta":
+            self.asked += 1
+        raise AttributeError(name)
+
+    def on_done(self, result):
+        self.result = result
+        self.done.set()
+
+
+@pytest.mark.parametrize("stages, edges", [("", "gen -> out\n"),
+                                           ('stage up : python { fn = "hooks:upper"  stream = true }',
+                                            "gen -> up -> out\n")])
+def test_a_listener_without_on_delta_is_looked_up_once_and_no_delta_is_made_per_token(tmp_path, soft_gguf,
+                                                                                       stages, edges):
+    """A listener that hears no deltas costs the runtime nothing per token: it looks for an
+    on_delta once, as the request is admitted, not for each of its tokens (where it made each
+    token's Delta and usage so far for nobody). Beside it, a listener with one hears every token."""
+    path = pipeline(tmp_path, soft_gguf, stages, edges)
+    rt = runtime(path)
+    rt.start()
+    deaf, hearing = Deaf(), Listener()
+    try:
+        rt.submit(said("deaf", 8), deaf, stream=True)
+        rt.submit(said("hearing", 8), hearing, stream=True)
+        assert deaf.done.wait(120) and hearing.done.wait(120)
+    finally:
+        rt.close(drain=True, timeout=30)
+        rt.shutdown()
+    assert deaf.result.ok and deaf.result.usage["completion_tokens"] == 8
+    assert deaf.result.choices[0].text == hearing.result.choices[0].text     # the same answer
+    assert deaf.asked == 1
+    assert hearing.finished == 1 and "".join(hearing.deltas) == hearing.result.choices[0].text

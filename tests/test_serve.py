@@ -387,6 +387,34 @@ def test_raw_sse_stream_ends_with_done(server):
     assert all(p["object"] == "text_completion" for p in payloads)
 
 
+def test_an_answer_not_streamed_has_its_result_as_only_event_and_its_ttft_still_taken(tiny_gguf, tmp_path):
+    """A request added with stream=False is waited on for its result: none of its tokens is
+    queued for a consumer that would pass it over (a copy of each and a wake-up of the event
+    loop); a stream's consumer has every one. Both take their first token's time (TTFT)."""
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=tiny_gguf, max_queue=8, max_batch_size=2, timeout=1))
+    apipe = AsyncPipeline(build_runtime(path, overrides={"threads": 1}))
+    apipe.start()
+
+    async def answer(rid: str, stream: bool):
+        rs = await apipe.add({"id": rid, "prompt": "hello there", "max_tokens": 6, "ignore_eos": True},
+                             stream=stream)
+        return rs, [event async for event in rs]
+
+    async def both():
+        return await asyncio.gather(answer("whole", False), answer("streamed", True))
+
+    try:
+        (whole, whole_events), (streamed, streamed_events) = asyncio.run(both())
+    finally:
+        apipe.stop()
+    assert [e[0] for e in whole_events] == ["done"] and whole_events[0][1].ok
+    assert whole_events[0][1].usage["completion_tokens"] == 6
+    deltas = [e for e in streamed_events if e[0] == "delta"]
+    assert sum(len(e[2].new_token_ids) for e in deltas) == 6 and streamed_events[-1][0] == "done"
+    assert whole.first_token_at is not None and streamed.first_token_at is not None
+
+
 @pytest.mark.parametrize("route, body, status, fragment", [
     ("/v1/completions", b'{"prompt": ', 400, "not valid JSON"),
     ("/v1/completions", b'{"prompt": "hi", "max_tokens": "8"}', 400, "'max_tokens' must be an integer"),

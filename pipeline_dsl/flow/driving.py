@@ -102,9 +102,6 @@ class Driving:
             def __init__(self, i):
                 self.i = i
 
-            def on_delta(self, key, index, out):
-                pass
-
             def on_done(self, result):
                 if keep_results:
                     results[self.i] = result

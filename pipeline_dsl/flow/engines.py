@@ -313,8 +313,8 @@ class EngineSide:
                     self.ledger.first_token(req, now)
                 # a token with no text yet (held back for a stop string, half a character) still
                 # reaches a client that asked for the ids
-                if item.index is not None and (out.delta_text or out.finished or step_logprobs
-                                               or (want_ids and out.new_token_ids)):
+                if item.index is not None and req.hears_deltas and (out.delta_text or out.finished or step_logprobs
+                                                                    or (want_ids and out.new_token_ids)):
                     self._heard(item, out)
             if out.finished:
                 finished.append((item, out))

@@ -95,6 +95,9 @@ class RequestState:
     number: int = 0                   # admission order: engines admit what arrives together in it
     pin: str | None = None            # a generate stage the request asked for (agp serve's `model`)
     stream: bool = False
+    # whether its listener hears deltas (it has an on_delta), read once as it is admitted: for
+    # one that does not (agp run's), no Delta is made, nor its usage so far, token after token
+    hears_deltas: bool = False
     items: set = field(default_factory=set)            # its live items, wherever they are
     results: list = field(default_factory=list)        # Generated items that reached a respond stage
     joins: dict = field(default_factory=dict)          # join stage -> waiting items (arrival order)
@@ -209,7 +212,8 @@ _OUTPUT_FIELDS = tuple(f.name for f in fields(RequestOutput))   # what a Delta c
 
 def heard(req: RequestState, index: int, out, usage: dict) -> None:
     """Tell a request's listener about a delta of its choice `index`, with the request's usage
-    so far (every streamed token of every stream: the field names are read once, at import)."""
+    so far (every streamed token of every stream: the field names are read once, at import).
+    Its caller skips a request whose listener hears no deltas (`req.hears_deltas`)."""
     delta = Delta(**{name: getattr(out, name) for name in _OUTPUT_FIELDS}, usage=usage)
     try:
         req.listener.on_delta(req.key, index, delta)

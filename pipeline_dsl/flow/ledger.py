@@ -29,7 +29,7 @@ class RequestLedger:
     def admit(self, data: dict, listener: Any, pin: str | None, stream: bool) -> RequestState:
         number = next(self._numbers)
         req = RequestState(f"r{number}", data.get("id"), listener, self.clock(), number=number, pin=pin,
-                           stream=stream)
+                           stream=stream, hears_deltas=getattr(listener, "on_delta", None) is not None)
         self.requests[req.key] = req
         self.totals["requests"] += 1
         return req

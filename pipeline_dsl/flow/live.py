@@ -60,7 +60,8 @@ class LiveStages:
     def _live_delta(self, item: Item, out) -> None:
         if out.new_token_ids or out.delta_text:
             self.ledger.first_token(item.req, self.clock())
-        self._heard(item, out)
+        if item.req.hears_deltas:
+            self._heard(item, out)
 
     def _live_ended(self, item: Item, i: int, stage: str, ok: bool, value, t0: float) -> None:
         """A stream stage's call for a live item ended (its worker or the event loop)."""

@@ -2,8 +2,8 @@
 
     rt = PipelineRuntime(graph, overrides={"threads": 2})
     rt.start()                                # one batching loop per engine segment
-    key = rt.submit(request_dict, listener)   # listener.on_delta(key, index, out), .on_done(result)
-                                              # (and .on_prompt(key, ids, logprobs) if it has one)
+    key = rt.submit(request_dict, listener)   # listener.on_done(result), and if it has them
+                                              # .on_delta(key, index, out), .on_prompt(key, ids, logprobs)
     rt.close(drain=True)
 
 An item is a Request or a Generated result (flow/items.py). A stage receives the items on

@@ -9,6 +9,11 @@ batchers exactly as `agp run` requests do.
     async for event in stream:       # ("delta", index, RequestOutput) ..., then ("done", Result)
         ...
 
+A request added with stream=False (an answer sent whole) has one event, ("done", Result): its
+tokens are observed for the metrics (TTFT, inter-token latency) as they come, but none is
+queued for a consumer that would only pass it over (a copy and a wake-up of the event loop per
+token).
+
 A stream whose consumer falls behind (an SSE client that stops reading: the socket's buffer
 fills, the writer waits) keeps its events queued here; past `max_unread_tokens` tokens queued
 its request is aborted, its engine sequences and KV blocks freed at once, and its last event is
@@ -36,9 +41,11 @@ class RequestStream:
     `delta_text`, and n queued deltas would otherwise hold n copies of the text, n² characters.
     Past `max_unread_tokens` tokens queued and not taken, the request is cut (module docstring)."""
 
-    def __init__(self, owner: "AsyncPipeline", loop: asyncio.AbstractEventLoop, max_unread_tokens: int | None = None):
+    def __init__(self, owner: "AsyncPipeline", loop: asyncio.AbstractEventLoop, max_unread_tokens: int | None = None,
+                 deltas: bool = True):
         self._owner, self._loop = owner, loop
         self.max_unread_tokens = max_unread_tokens
+        self.deltas = deltas                     # its deltas are queued (a stream); else its result alone
         self.queue: asyncio.Queue = asyncio.Queue()
         self.key: str | None = None
         self.id: str | None = None               # the answer's id (cmpl-..., chatcmpl-...), for the log
@@ -93,7 +100,8 @@ class RequestStream:
             if self.first_token_at is None:
                 self.first_token_at = now
             self.last_token_at[index] = now
-        self._loop.call_soon_threadsafe(self._queued, ("delta", index, out))
+        if self.deltas:
+            self._loop.call_soon_threadsafe(self._queued, ("delta", index, out))
 
     def on_done(self, result: Result) -> None:
         if self._owner.metrics is not None:
@@ -216,8 +224,9 @@ class AsyncPipeline:
     async def add(self, data: dict, *, pin: str | None = None, stream: bool = False,
                   params: dict | None = None) -> RequestStream:
         """Submit a request; raises PipelineError (queue_full, unavailable, invalid) at once.
-        `params` (its n and max_tokens) go to the metrics when it finishes."""
-        rs = RequestStream(self, asyncio.get_running_loop(), self.max_unread_tokens)
+        `params` (its n and max_tokens) go to the metrics when it finishes. Not a stream: its
+        only event is the result."""
+        rs = RequestStream(self, asyncio.get_running_loop(), self.max_unread_tokens, deltas=stream)
         rs.params, rs.id = params, data.get("id")
         rs.key = self.runtime.submit(data, rs, pin=pin, stream=stream)
         return rs
