@@ -344,7 +344,9 @@ async def serve_streams(port: int, n: int, new: int) -> dict:
         ttft.append((first or time.perf_counter()) - t0)
 
     t0 = time.perf_counter()
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=n + 8)) as client:
+    # trust_env=False: the server is on loopback, and httpx would send it through a proxy the
+    # machine's environment names (HTTP_PROXY, ALL_PROXY): no stream would be answered
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=n + 8), trust_env=False) as client:
         done = await asyncio.gather(*(one(client, i, r) for i, r in enumerate(reqs)), return_exceptions=True)
     wall = time.perf_counter() - t0
     failed = [d for d in done if isinstance(d, BaseException)]

@@ -46,7 +46,8 @@ def free_port() -> int:
 
 
 class Server:
-    """`agp serve` in a subprocess on a free loopback port."""
+    """`agp serve` in a subprocess on a free loopback port. Its clients ignore the environment's
+    proxy settings (trust_env=False): httpx would send even 127.0.0.1 through HTTP_PROXY / ALL_PROXY."""
 
     def __init__(self, pipeline: str, *extra: str, startup_s: float = 300, python: tuple = ("-m", "pipeline_dsl.cli")):
         import httpx
@@ -62,7 +63,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"agp serve exited with {self.proc.returncode}: {self.output()}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=2, trust_env=False).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
@@ -78,7 +79,7 @@ class Server:
     def get(self, path: str):
         import httpx
 
-        return httpx.get(self.url + path, timeout=30)
+        return httpx.get(self.url + path, timeout=30, trust_env=False)
 
     def terminate(self, timeout: float = 120) -> int:
         self.proc.send_signal(signal.SIGTERM)

@@ -350,3 +350,68 @@ def test_gpu_suite_cut_by_the_device_scripts_limit_names_the_row_it_stopped(tmp_
     assert not saved["complete"] and saved["rows"]["batch sweep 1"]["tok_s"] == 1.0
     assert saved["rows"]["batch sweep 4"]["error"].startswith("stopped by the time limit after")
     assert ["batch sweep 4", "failed: stopped by the time limit after 0 s"] in saved["table"]
+
+
+PROXIES = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _proxy_nowhere(monkeypatch) -> None:
+    """A machine whose environment names a proxy (nothing listens there) and no NO_PROXY."""
+    for var in PROXIES:
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_gpu_suite_streams_reach_the_loopback_server_whatever_proxy_the_machine_names(monkeypatch):
+    # httpx sends even 127.0.0.1 through a proxy the environment names: on a device whose image
+    # sets one, every stream of the serve rows failed to connect and none was answered
+    import asyncio
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu_suite
+
+    class Streams(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for i in range(body["max_tokens"]):
+                chunk = {"choices": [{"delta": {"content": "a"}, "token_ids": [i]}], "prompt_token_ids": [1, 2]}
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Streams)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _proxy_nowhere(monkeypatch)
+    try:
+        got = asyncio.run(gpu_suite.serve_streams(server.server_port, 3, 4))
+    finally:
+        server.shutdown()
+    assert (got["answered"], got["tokens"]) == (3, 12)
+
+
+def test_serve_load_server_is_reached_on_loopback_whatever_proxy_the_machine_names(monkeypatch):
+    # the suite's serve rows wait for `agp serve` through Server's health check: through a proxy it
+    # never answered, and each row waited its whole start-up time before failing
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import serve_load
+
+    _proxy_nowhere(monkeypatch)
+    health = ("import http.server, sys\n"
+              "class H(http.server.BaseHTTPRequestHandler):\n"
+              "    def do_GET(self):\n"
+              "        self.send_response(200); self.end_headers(); self.wfile.write(b'{}')\n"
+              "    def log_message(self, *args): pass\n"
+              "http.server.HTTPServer(('127.0.0.1', int(sys.argv[-1])), H).serve_forever()\n")
+    server = serve_load.Server("unused.agp", startup_s=20, python=("-c", health))   # argv: serve, file, --port N
+    try:
+        assert server.get("/health").status_code == 200
+    finally:
+        server.terminate(timeout=5)
