@@ -149,6 +149,25 @@ def test_parallel_tool_calls_false_gives_at_most_one_call_streamed_or_not(server
     assert [json.loads(o.arguments)["city"] for o in resp.output if o.type == "function_call"] == cities
 
 
+def test_a_vllm_reasoning_client_reads_null_reasoning_and_carries_the_message_on(server):
+    """vLLM's reasoning examples read `message.reasoning_content` (0.10 and before) or `message.reasoning`
+    unguarded, on a model that does not reason too: both are null, on a plain answer and on a tool
+    call, and the message sent back as the SDK gave it goes on with the conversation."""
+    pytest.importorskip("llguidance")
+    messages = [{"role": "user", "content": "9.11 and 9.8, which is greater?"}]
+    first = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=3)
+    called = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=60, tools=[CITY],
+                                                   tool_choice="required")
+    for out in (first, called):
+        message = out.choices[0].message
+        assert message.reasoning_content is None and message.reasoning is None
+    assert called.choices[0].message.tool_calls
+    messages += [first.choices[0].message, {"role": "user", "content": "How many Rs are in 'strawberry'?"}]
+    second = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=3)
+    assert second.choices[0].message.reasoning_content is None
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+
+
 def test_an_assistant_refusal_part_is_its_text_in_the_conversation(server):
     # OpenAI's assistant content parts are text and refusal: a client replaying a refused turn sends one
     import httpx

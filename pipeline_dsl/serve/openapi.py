@@ -222,6 +222,7 @@ USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "t
     "total_tokens": {"type": "integer"}}}
 
 FINISH = {"type": ["string", "null"]}
+NO_REASONING = "vLLM's reasoning field: null, as agp's models do not reason (reasoning_content up to vLLM 0.10)"
 STOP_REASON = {"type": ["string", "integer", "null"],
                "description": "vLLM's: the stop string or stop_token_ids id that ended the answer, else null"}
 
@@ -236,7 +237,9 @@ CHAT_RESPONSE = {"type": "object", "required": ["id", "object", "created", "mode
                                         "stop_reason": STOP_REASON,
                                         "message": {"type": "object", "required": ["role", "content"],
                                                     "properties": {"role": {"const": "assistant"},
-                                                                   "content": {"type": ["string", "null"]}}}}}}}}
+                                                                   "content": {"type": ["string", "null"]},
+                                                                   **{name: {"type": "null", "description": NO_REASONING}
+                                                                      for name in ("reasoning", "reasoning_content")}}}}}}}}
 
 COMPLETION_RESPONSE = {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
                        "properties": {

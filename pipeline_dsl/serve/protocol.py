@@ -628,14 +628,22 @@ def chat_message(text: str, finish_reason: str | None, tools_active: bool,
     return {"role": "assistant", "content": text}, finish_reason
 
 
+# vLLM's answer to a model without a reasoning parser: its message's reasoning fields, null. Clients
+# of vLLM read them without a guard (`message.reasoning_content`: an AttributeError in the openai SDK
+# where the key is missing); `reasoning_content` is vLLM's name up to 0.10, `reasoning` its later one
+NO_REASONING = {"reasoning": None, "reasoning_content": None}
+
+
 def chat_response(rid: str, model: str, choices: list[tuple], use: dict, created: int | None = None,
                   tools_active: bool = False, top: dict | None = None, call_limit: int | None = None,
                   fingerprint: str | None = None) -> dict:
     """choices: (index, text, finish_reason[, logprobs[, what else the choice carries]]) each;
-    `top`: what the answer carries beside its choices (vLLM's prompt_logprobs, prompt_token_ids)."""
+    `top`: what the answer carries beside its choices (vLLM's prompt_logprobs, prompt_token_ids).
+    Each message carries NO_REASONING: agp's models do not reason."""
     out = []
     for c in choices:
         message, reason = chat_message(c[1], c[2], tools_active, call_limit)
+        message.update(NO_REASONING)
         out.append({"index": c[0], "message": message, "logprobs": c[3] if len(c) > 3 else None,
                     "finish_reason": reason, **(c[4] if len(c) > 4 else {})})
     return {"id": rid, "object": "chat.completion", "created": created or int(time.time()),
