@@ -561,12 +561,16 @@ FREE_TEXT = {"type": "text"}     # a response_format that asks for no constraint
 
 def parse_response_format(value) -> dict | None:
     """OpenAI's response_format: text (`{"type": "text"}`: free text, which a generate stage's
-    json_schema gives way to as to any format the request asks for), json_object, or json_schema."""
-    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
-        raise RequestError("'response_format' must be {\"type\": \"text\" | \"json_object\" | \"json_schema\"}",
-                           param="response_format")
+    json_schema gives way to as to any format the request asks for), json_object, or json_schema;
+    or vLLM's structural_tag (structural_tag_spec)."""
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema",
+                                                                 "structural_tag"):
+        raise RequestError("'response_format' must be {\"type\": \"text\" | \"json_object\" | \"json_schema\" | "
+                           "\"structural_tag\"}", param="response_format")
     if value["type"] in ("text", "json_object"):
         return {"type": value["type"]}
+    if value["type"] == "structural_tag":
+        return structural_tag_spec(value, "response_format")
     spec = value.get("json_schema")
     if spec is None and "schema" in value:     # the form a request item carries it in, handed back by a python stage
         spec = value
@@ -684,12 +688,12 @@ def parse_line_object(obj, lineno: int) -> ParsedRequest:
 
 # ---------------------------------------------------------------- structured output
 # `response_format` (OpenAI), `structured_outputs` (vLLM >= 0.11: one of `json`, `regex`, `choice`,
-# `grammar`, `json_object`) and the older `guided_json`, `guided_regex`, `guided_choice`,
+# `grammar`, `json_object`, `structural_tag`) and the older `guided_json`, `guided_regex`, `guided_choice`,
 # `guided_grammar` all become one spec of the constraint compiler (engine/constrain.py), for agp
 # serve's bodies and agp run's lines alike; a request gives at most one of them.
 GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 STRUCTURED_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
-                   "json_object": "json_object"}
+                   "json_object": "json_object", "structural_tag": "structural_tag"}
 # vLLM's options beside them, when true: (the key it sets on a JSON spec, its value); disable_fallback
 # only keeps vLLM from trying a second backend, and agp has one
 STRUCTURED_OPTIONS = {"disable_any_whitespace": ("compact", True),
@@ -730,9 +734,35 @@ def _spec(kind: str, value, param: str) -> dict:
         if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
             raise bad(param, "a non-empty array of non-empty strings", value)
         return {"type": "choice", "choices": list(value)}
+    if kind == "structural_tag":
+        return structural_tag_spec(value, param)
     if not isinstance(value, str) or not value.strip():
         raise bad(param, "a grammar (Lark, or GBNF with a root rule)", value)
     return {"type": "grammar", "grammar": value}
+
+
+def structural_tag_spec(value, param: str) -> dict:
+    """vLLM's structural tag, {"structures": [{"begin", "schema", "end"}], "triggers": [...]} (its
+    response_format of "type": "structural_tag", or structured_outputs.structural_tag, an object or
+    its JSON text, "type" there or not): the constraint spec (constraints.py checks the rest). The
+    form of xgrammar's newer structural tags, {"type": "structural_tag", "format": {...}}, is
+    refused: it needs xgrammar, and agp's one backend is llguidance."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise RequestError(f"'{param}' is not JSON: {e}", param=param) from None
+    if not isinstance(value, dict) or value.get("type", "structural_tag") != "structural_tag":
+        raise bad(param, 'a structural tag {"structures": [...], "triggers": [...]}', value)
+    if value.get("format") is not None:
+        raise RequestError(f"'{param}.format' (xgrammar's structural tag format) is not supported by agp: give "
+                           "\"structures\": [{\"begin\", \"schema\", \"end\"}] and \"triggers\"",
+                           param=f"{param}.format", code="unsupported_parameter")
+    extra = sorted(set(value) - {"type", "structures", "triggers", "format"})
+    if extra:
+        raise RequestError(f"'{param}.{extra[0]}' is not a field of a structural tag (structures, triggers)",
+                           param=f"{param}.{extra[0]}")
+    return {"type": "structural_tag", "structures": value.get("structures"), "triggers": value.get("triggers")}
 
 
 def _given_constraint(obj: dict) -> tuple[dict | None, str | None]:
@@ -767,7 +797,7 @@ def _given_constraint(obj: dict) -> tuple[dict | None, str | None]:
             if so.get(option) is not None:
                 if not isinstance(so[option], bool):
                     raise bad(f"{name}.{option}", "true or false", so[option])
-                if so[option] and spec["type"] in ("json_schema", "json_object") and key:
+                if so[option] and spec["type"] in ("json_schema", "json_object", "structural_tag") and key:
                     spec[key] = value
         return spec, f"{name}.{keys[0]}"
     kind = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",

@@ -17,6 +17,13 @@ from .protocol import (CACHE_SETTINGS, CHAT_LACKING, CHAT_NEUTRAL, IDENTIFIERS, 
                        REASONING_EFFORTS, RESPONSES_LACKING)
 from .responses import IMAGE_COMPRESSION
 
+# vLLM's structural tag (response_format of type "structural_tag"): free text, and after each trigger
+# the structure whose begin starts with it
+STRUCTURAL_TAG = {
+    "structures": {"type": "array", "minItems": 1, "items": {
+        "type": "object", "required": ["begin", "end"], "properties": {
+            "begin": {"type": "string"}, "schema": {"type": "object"}, "end": {"type": "string"}}}},
+    "triggers": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}}}
 _SEED = param_of("generate", "seed")                # one schema: the range `agp check` takes
 _BAD_WORDS = param_of("generate", "bad_words")
 
@@ -90,9 +97,10 @@ SAMPLING = {
     "logit_bias": {"type": "object", "maxProperties": MAX_LOGIT_BIAS, "description": "token id -> bias",
                    "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
     "response_format": {"type": "object", "required": ["type"], "properties": {
-        "type": {"enum": ["text", "json_object", "json_schema"]},
+        "type": {"enum": ["text", "json_object", "json_schema", "structural_tag"]},
         "json_schema": {"type": "object", "required": ["schema"], "properties": {
-            "name": {"type": "string"}, "schema": {"type": "object"}, "strict": {"type": ["boolean", "null"]}}}}},
+            "name": {"type": "string"}, "schema": {"type": "object"}, "strict": {"type": ["boolean", "null"]}}},
+        **STRUCTURAL_TAG}},
     **_neutral(NEUTRAL),
     # vLLM's extras (serve/extras.py)
     "skip_special_tokens": {"type": "boolean"},
@@ -124,6 +132,8 @@ SAMPLING = {
     "structured_outputs": {"type": "object", "properties": {
         "json": {"type": "object"}, "regex": {"type": "string"}, "grammar": {"type": "string"},
         "choice": {"type": "array", "items": {"type": "string"}}, "json_object": {"type": "boolean"},
+        "structural_tag": {"type": ["string", "object"],
+                           "description": "vLLM's structural tag ({\"structures\", \"triggers\"}), or its JSON text"},
         "disable_any_whitespace": {"type": "boolean", "description": "JSON without whitespace between tokens"},
         "disable_additional_properties": {"type": "boolean",
                                           "description": "objects as open as the schema leaves them"},
