@@ -149,6 +149,9 @@ CHAT_LACKING = {"verbosity": ((), "its models do not reason"),
                 "prediction": ((), "predicted outputs are not served"),
                 "web_search_options": ((), "it searches nothing"),
                 "moderation": ((), "it runs no moderation model")}
+# the same for completions: vLLM's prompt_embeds (base64 tensors of the prompt's input embeddings, which
+# vLLM takes only under --enable-prompt-embeds); ignoring it would answer the text prompt beside it instead
+COMPLETION_LACKING = {"prompt_embeds": ((), "it takes a prompt as text or token ids, not as embeddings")}
 # the same for the Responses API's fields (serve/responses.py): what OpenAI keeps or runs for a
 # response that agp has not; ignoring them would answer another request than the one sent
 RESPONSES_LACKING = {"moderation": CHAT_LACKING["moderation"],
@@ -171,7 +174,8 @@ CACHE_SETTINGS = {
 # a reasoning model's effort (chat's reasoning_effort, the Responses API's reasoning.effort), as vLLM
 # and OpenAI take it: checked, and changes nothing, as agp's models do not reason
 REASONING_EFFORTS = ("minimal", "low", "medium", "high")
-COMPLETION_FIELDS = COMMON | VLLM | set(NEUTRAL) | {"prompt", "echo", "metadata", "add_special_tokens"}
+COMPLETION_FIELDS = COMMON | VLLM | set(NEUTRAL) | set(COMPLETION_LACKING) | {"prompt", "echo", "metadata",
+                                                                             "add_special_tokens"}
 CHAT_FIELDS = COMMON | VLLM | set(NEUTRAL) | set(CHAT_NEUTRAL) | set(IDENTIFIERS) | set(CACHE_SETTINGS) | {
     *CHAT_LACKING, "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "reasoning_effort",
     "parallel_tool_calls", "metadata", "store", "service_tier", "chat_template_kwargs", "add_generation_prompt",
@@ -440,6 +444,7 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     check_fields(obj, IGNORED)                 # agp serve's fields a line takes and ignores
     check_neutral(obj, LINE_NEUTRAL)
     check_lacking(obj, CHAT_LACKING)
+    check_lacking(obj, COMPLETION_LACKING)
     rid = obj.get("id")
     if rid is None:                            # "id": null is no id: the line number stands in
         rid = default_id

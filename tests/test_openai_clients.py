@@ -83,6 +83,31 @@ def test_an_openai_feature_the_models_lack_is_a_400_that_says_so(server, field, 
     assert "not supported by agp" in e.value.message and "did you mean" not in e.value.message
 
 
+def test_vllms_prompt_embeds_is_a_400_that_says_so_even_when_lenient(server):
+    """vLLM's prompt-embeds client sends prompt "" and the prompt's input embeddings (base64 of a
+    tensor): agp takes prompts as text or token ids and says so, naming prompt_embeds, rather than
+    "'prompt' is empty" or, under --lenient, an answer to the text prompt beside them."""
+    import base64
+
+    from pipeline_dsl.requests_io import RequestError, parse_request
+
+    embeds = base64.b64encode(bytes(64)).decode()
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.completions.create(model="tiny", prompt="", max_tokens=5, temperature=0.0,
+                                         extra_body={"prompt_embeds": embeds})
+    assert (e.value.param, e.value.code) == ("prompt_embeds", "unsupported_parameter")
+    assert "not supported by agp: it takes a prompt as text or token ids" in e.value.message
+    with pytest.raises(P.APIError) as lenient:
+        P.parse_completion({"prompt": "hello", "prompt_embeds": embeds}, max_model_len=64, served=("tiny",),
+                           lenient=True)
+    assert lenient.value.param == "prompt_embeds"
+    with pytest.raises(RequestError) as line:                 # an agp run request line, the same
+        parse_request({"prompt": "hello", "prompt_embeds": embeds})
+    assert line.value.param == "prompt_embeds"
+    assert server.client.completions.create(model="tiny", prompt="hello", max_tokens=2,
+                                            extra_body={"prompt_embeds": None}).choices
+
+
 def test_a_reasoning_effort_is_taken_on_chat_as_on_responses_and_checked_alike(server):
     """vLLM's chat takes reasoning_effort and its Responses reasoning.effort: both are checked against
     one list of efforts and change nothing (agp's models do not reason); Responses repeats its own."""

@@ -13,8 +13,8 @@ from pipeline_dsl.requests_io import MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS, M
 from stages.fields import PRIORITY, REQUEST_FIELDS, TOKEN_ID_FIELDS, param_of
 
 from .embeddings import MAX_INPUTS
-from .protocol import (CACHE_SETTINGS, CHAT_LACKING, CHAT_NEUTRAL, IDENTIFIERS, MAX_PROMPTS, NEUTRAL,
-                       REASONING_EFFORTS, RESPONSES_LACKING)
+from .protocol import (CACHE_SETTINGS, CHAT_LACKING, CHAT_NEUTRAL, COMPLETION_LACKING, IDENTIFIERS, MAX_PROMPTS,
+                       NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING)
 from .responses import IMAGE_COMPRESSION
 
 # vLLM's structural tag (response_format of type "structural_tag"): free text, and after each trigger
@@ -220,6 +220,7 @@ COMPLETION_REQUEST = _request("prompt", {
     "logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS},
     **SAMPLING,
     "max_tokens": {"type": "integer", "minimum": 0, "description": "0 only with echo: score the prompt"},
+    **_neutral(COMPLETION_LACKING),
 })
 
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {

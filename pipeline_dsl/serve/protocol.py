@@ -18,10 +18,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pipeline_dsl.requests_io import (CACHE_SETTINGS, CHAT_FIELDS, CHAT_LACKING, CHAT_NEUTRAL,  # noqa: F401
-                                      COMPLETION_FIELDS, IDENTIFIERS, IGNORED, ITEM_FIELDS, NEUTRAL, REASONING_EFFORTS,
-                                      RESPONSES_LACKING, RequestError, check_fields, check_min_tokens, check_neutral,
-                                      json_type, load_json, logprobs_of_chat, must_be, parse_logit_bias,
-                                      parse_messages, parse_tools, priority, request_item)
+                                      COMPLETION_FIELDS, COMPLETION_LACKING, IDENTIFIERS, IGNORED, ITEM_FIELDS,
+                                      NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING, RequestError, check_fields,
+                                      check_min_tokens, check_neutral, json_type, load_json, logprobs_of_chat,
+                                      must_be, parse_logit_bias, parse_messages, parse_tools, priority,
+                                      request_item)
 from pipeline_dsl.requests_io import check_lacking as request_check_lacking
 from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
 
@@ -144,14 +145,13 @@ _IDENTIFIER_RULES = {name: IGNORED[name] for name in IDENTIFIERS}
 
 def _check_unsupported(obj: dict, chat: bool = False) -> None:
     """Fields agp knows but only serves at their neutral value (NEUTRAL), those of features it
-    lacks (CHAT_LACKING), and the ones only checked here (IGNORED: guided_decoding_backend, as one
-    backend, llguidance, serves every structured output; chat's reasoning_effort, store and
-    service_tier)."""
+    lacks (CHAT_LACKING, COMPLETION_LACKING), and the ones only checked here (IGNORED:
+    guided_decoding_backend, as one backend, llguidance, serves every structured output; chat's
+    reasoning_effort, store and service_tier)."""
     try:
         check_neutral(obj, _CHAT_NEUTRAL if chat else NEUTRAL)
         check_fields(obj, _CHAT_CHECKED if chat else _COMPLETION_CHECKED)
-        if chat:
-            request_check_lacking(obj, CHAT_LACKING)
+        request_check_lacking(obj, CHAT_LACKING if chat else COMPLETION_LACKING)
     except RequestError as e:
         raise api_error(e) from None
 
