@@ -73,8 +73,37 @@ def test_litellm_embeds_too(server):
     assert torch.allclose(got, expected(server, ids_of(server, "hello world")), atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("endianness", ["native", "big", "little"])
+def test_a_base64_embedding_is_written_in_the_dtype_and_byte_order_asked(server, dtype, endianness):
+    """vLLM's embed_dtype and endianness (its base64 client sends each pair): the numbers of the float
+    embedding, rounded to that dtype, each in that byte order ("native": the server's own)."""
+    import base64
+    import sys
+
+    import numpy
+
+    body = {"model": "tiny", "input": "hello world"}
+    floats = httpx.post(server.url + "/v1/embeddings", json={**body, "encoding_format": "float"},
+                        timeout=30).json()["data"][0]["embedding"]
+    r = httpx.post(server.url + "/v1/embeddings", json={**body, "encoding_format": "base64", "embed_dtype": dtype,
+                                                        "endianness": endianness}, timeout=30)
+    assert r.status_code == 200, r.text
+    raw = base64.b64decode(r.json()["data"][0]["embedding"])
+    real = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}.get(dtype) or getattr(torch, dtype)
+    width = torch.tensor([], dtype=real).element_size()
+    bits = {1: numpy.uint8, 2: numpy.int16, 4: numpy.int32}[width]
+    order = sys.byteorder if endianness == "native" else endianness
+    words = numpy.frombuffer(raw, dtype=numpy.dtype(bits).newbyteorder("<" if order == "little" else ">"))
+    got = torch.from_numpy(words.astype(bits)).view(real)
+    assert len(raw) == width * len(floats)
+    assert torch.equal(got.float(), torch.tensor(floats).to(real).float())
+
+
 @pytest.mark.parametrize("body, status, param", [
     ({"input": ""}, 400, "input"),
+    ({"input": "x", "encoding_format": "base64", "embed_dtype": "int8"}, 400, "embed_dtype"),
+    ({"input": "x", "encoding_format": "base64", "endianness": "middle"}, 400, "endianness"),
     ({"input": []}, 400, "input"),
     ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
     ({"input": "x", "dimensions": 3}, 400, "dimensions"),

@@ -9,7 +9,12 @@ sampled, no prefix-cache read (engine/prompt_outputs.py). It is not a model trai
 retrieval: similar texts land near each other only as far as the language model's states say.
 
     {"model": "chat", "input": "text" | ["a", "b"] | [1, 2, 3] | [[1, 2], [3]],
-     "encoding_format": "float" | "base64", "dimensions": H, "priority": 0, "add_special_tokens": true}
+     "encoding_format": "float" | "base64", "dimensions": H, "priority": 0, "add_special_tokens": true,
+     "embed_dtype": "float32", "endianness": "native"}
+
+`embed_dtype` and `endianness` (vLLM's) say how a base64 embedding's numbers are written: float32
+(OpenAI's), float16, bfloat16 or fp8 (e4m3, e5m2), in the server's own byte order ("native", vLLM's
+default) or in the one named; a float embedding is a list of numbers whatever they say.
 
 `add_special_tokens` (vLLM's) is a completions request's: false embeds a text input without the
 start token its tokenizer would put first. `priority` (vLLM's) is a generation request's: lower
@@ -22,6 +27,7 @@ import asyncio
 import base64
 import math
 import struct
+import sys
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -37,7 +43,12 @@ from .extras import bad
 from .generation import wait_or_disconnect
 
 FIELDS = {"model", "input", "encoding_format", "dimensions", "user", "normalize", "request_id", "priority",
-          "add_special_tokens"}
+          "add_special_tokens", "embed_dtype", "endianness"}
+# vLLM's embed_dtype of a base64 embedding: its torch dtype, and the integer dtype of the same width
+# whose bytes are written (bfloat16 and fp8 are their bit patterns)
+EMBED_DTYPES = {"float32": ("float32", "int32"), "float16": ("float16", "int16"), "bfloat16": ("bfloat16", "int16"),
+                "fp8_e4m3": ("float8_e4m3fn", "uint8"), "fp8_e5m2": ("float8_e5m2", "uint8")}
+ENDIANNESS = ("native", "big", "little")
 MAX_INPUTS = 256           # inputs one request may embed
 
 
@@ -65,11 +76,24 @@ def _inputs(value, max_model_len: int) -> list:
     return batch
 
 
-def encode(vector: list[float], fmt: str):
-    """The embedding as a list of floats, or base64 of little-endian float32 (OpenAI's)."""
+def encode(vector: list[float], fmt: str, dtype: str = "float32", endianness: str = "native"):
+    """The embedding as a list of floats, or base64 of its numbers as `dtype` in the byte order
+    `endianness` (float32 little-endian: OpenAI's)."""
     if fmt == "base64":
-        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+        return base64.b64encode(binary(vector, dtype, endianness)).decode("ascii")
     return vector
+
+
+def binary(vector: list[float], dtype: str, endianness: str) -> bytes:
+    """The numbers of `vector` as `dtype` (EMBED_DTYPES), in the byte order `endianness` (ENDIANNESS)."""
+    order = sys.byteorder if endianness == "native" else endianness
+    if dtype == "float32":
+        return struct.pack(f"{'<' if order == 'little' else '>'}{len(vector)}f", *vector)
+    import torch
+
+    real, bits = (getattr(torch, name) for name in EMBED_DTYPES[dtype])
+    out = torch.tensor(vector, dtype=torch.float32).to(real).view(bits).numpy()
+    return (out if order == sys.byteorder else out.byteswap()).tobytes()
 
 
 def normalised(vector: list[float]) -> list[float]:
@@ -98,9 +122,15 @@ class Embeddings:
         normalize = True if body.get("normalize") is None else body["normalize"]     # null: left out
         if not isinstance(normalize, bool):
             raise bad("normalize", "true or false", normalize)
+        dtype, endianness = body.get("embed_dtype") or "float32", body.get("endianness") or "native"
+        if dtype not in EMBED_DTYPES:
+            raise bad("embed_dtype", "one of " + ", ".join(EMBED_DTYPES), dtype)
+        if endianness not in ENDIANNESS:
+            raise bad("endianness", "one of " + ", ".join(ENDIANNESS), endianness)
         extras = P.parse_extras({"request_id": body.get("request_id")}, chat=False)
         return {"model": model, "pin": pin, "inputs": _inputs(body["input"], c.max_model_len), "format": fmt,
                 "dimensions": dims, "normalize": normalize, "request_id": extras.request_id,
+                "dtype": dtype, "endianness": endianness,
                 "fields": {"max_tokens": 0, "pooling": "mean", **P.priority_field(body), **P.add_special_tokens(body)}}
 
     async def create(self, request: Request) -> Response:
@@ -164,7 +194,8 @@ class Embeddings:
                 raise P.APIError(f"'dimensions' = {req['dimensions']}: this model's embeddings have {len(pooled)}",
                                  param="dimensions")
             vector = normalised(pooled) if req["normalize"] else pooled
-            data.append({"object": "embedding", "index": i, "embedding": encode(vector, req["format"])})
+            data.append({"object": "embedding", "index": i, "embedding": encode(vector, req["format"], req["dtype"],
+                                                                              req["endianness"])})
             tokens += res.usage.get("prompt_tokens", 0)
         return {"object": "list", "data": data, "model": req["model"],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

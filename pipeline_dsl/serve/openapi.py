@@ -12,7 +12,7 @@ from pipeline_dsl.engine.config import MAX_LOGPROBS
 from pipeline_dsl.requests_io import MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS, MAX_STOP_LEN, NOT_NULL, ROLES
 from stages.fields import PRIORITY, REQUEST_FIELDS, TOKEN_ID_FIELDS, param_of
 
-from .embeddings import MAX_INPUTS
+from .embeddings import EMBED_DTYPES, ENDIANNESS, MAX_INPUTS
 from .protocol import (CACHE_SETTINGS, CHAT_LACKING, CHAT_NEUTRAL, COMPLETION_LACKING, IDENTIFIERS, MAX_PROMPTS,
                        NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING)
 from .responses import IMAGE_COMPRESSION
@@ -431,7 +431,9 @@ EMBEDDINGS = {
             "encoding_format": {"enum": ["float", "base64"]}, "normalize": {"type": "boolean"},
             "dimensions": {"type": "integer", "description": "only the model's own"},
             "user": {"type": "string"}, "request_id": SAMPLING["request_id"], "priority": SAMPLING["priority"],
-            "add_special_tokens": ADD_SPECIAL_TOKENS})}}},
+            "add_special_tokens": ADD_SPECIAL_TOKENS,
+            "embed_dtype": {"enum": list(EMBED_DTYPES), "description": "a base64 embedding's numbers (vLLM's)"},
+            "endianness": {"enum": list(ENDIANNESS), "description": "a base64 embedding's byte order (vLLM's)"}})}}},
     "responses": {"200": {"description": "one embedding per input", "content": {"application/json": {"schema": {
         "type": "object", "required": ["object", "data", "model", "usage"], "properties": {
             "object": {"const": "list"},
