@@ -421,19 +421,37 @@ RESPONSE_DELETE = {"responses": {"200": {"description": "the response was forgot
 
 TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
 
+EMBEDDINGS_INPUT = {"oneOf": [{"type": "string", "minLength": 1}, TOKEN_IDS,
+                             {"type": "array", "minItems": 1, "maxItems": MAX_INPUTS, "items": {"oneOf": [
+                                 {"type": "string", "minLength": 1}, TOKEN_IDS]}}]}
+
+
+def _embeddings_request() -> dict:
+    """The body of /v1/embeddings: `input`, or vLLM's chat form (`messages`); `input` is never null
+    (it is what the request embeds)."""
+    schema = _request(None, {
+        "model": {"type": "string"},
+        "input": EMBEDDINGS_INPUT,
+        "encoding_format": {"enum": ["float", "base64"]}, "normalize": {"type": "boolean"},
+        "dimensions": {"type": "integer", "description": "only the model's own"},
+        "user": {"type": "string"}, "request_id": SAMPLING["request_id"], "priority": SAMPLING["priority"],
+        "add_special_tokens": ADD_SPECIAL_TOKENS,
+        "embed_dtype": {"enum": list(EMBED_DTYPES), "description": "a base64 embedding's numbers (vLLM's)"},
+        "endianness": {"enum": list(ENDIANNESS), "description": "a base64 embedding's byte order (vLLM's)"},
+        # vLLM's chat form: one conversation, rendered by the chat template, instead of `input`
+        "messages": {"type": "array", "minItems": 1, "items": MESSAGE},
+        "add_generation_prompt": {"type": "boolean", "description": "the chat form: open the assistant's turn "
+                                                                      "after the messages (default false)"},
+        "continue_final_message": {"type": "boolean", "description": "the chat form: leave the last message "
+                                                                       "open"},
+        "chat_template_kwargs": {"type": "object", "description": "the chat form: extra template variables"}})
+    schema["properties"]["input"] = EMBEDDINGS_INPUT
+    return {**schema, "anyOf": [{"required": ["input"]}, {"required": ["messages"]}]}
+
+
 EMBEDDINGS = {
     "summary": "OpenAI embeddings: the mean of the model's final hidden states (serve/embeddings.py)",
-    "requestBody": {"required": True, "content": {"application/json": {"schema": _request("input", {
-            "model": {"type": "string"},
-            "input": {"oneOf": [{"type": "string", "minLength": 1}, TOKEN_IDS,
-                                {"type": "array", "minItems": 1, "maxItems": MAX_INPUTS, "items": {"oneOf": [
-                                    {"type": "string", "minLength": 1}, TOKEN_IDS]}}]},
-            "encoding_format": {"enum": ["float", "base64"]}, "normalize": {"type": "boolean"},
-            "dimensions": {"type": "integer", "description": "only the model's own"},
-            "user": {"type": "string"}, "request_id": SAMPLING["request_id"], "priority": SAMPLING["priority"],
-            "add_special_tokens": ADD_SPECIAL_TOKENS,
-            "embed_dtype": {"enum": list(EMBED_DTYPES), "description": "a base64 embedding's numbers (vLLM's)"},
-            "endianness": {"enum": list(ENDIANNESS), "description": "a base64 embedding's byte order (vLLM's)"}})}}},
+    "requestBody": {"required": True, "content": {"application/json": {"schema": _embeddings_request()}}},
     "responses": {"200": {"description": "one embedding per input", "content": {"application/json": {"schema": {
         "type": "object", "required": ["object", "data", "model", "usage"], "properties": {
             "object": {"const": "list"},

@@ -472,6 +472,13 @@ def _render_flags(obj: dict) -> dict:
     return {k: v for k, v in flags.items() if v is not None}
 
 
+def conversation(obj: dict) -> tuple[tuple[dict, ...], dict, dict | None]:
+    """A conversation to render as chat does, outside a chat request (vLLM's chat-form embeddings):
+    its messages, its rendering flags (add_generation_prompt, continue_final_message; both true is
+    a 400) and its chat_template_kwargs."""
+    return _messages(obj.get("messages")), _render_flags(obj), parse_extras(obj, chat=True).template_kwargs
+
+
 # ---------------------------------------------------------------- logprobs (OpenAI's two shapes)
 
 class TextOffsets:
