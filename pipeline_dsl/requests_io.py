@@ -178,6 +178,7 @@ COMPLETION_FIELDS = COMMON | VLLM | set(NEUTRAL) | set(COMPLETION_LACKING) | {"p
                                                                              "add_special_tokens"}
 CHAT_FIELDS = COMMON | VLLM | set(NEUTRAL) | set(CHAT_NEUTRAL) | set(IDENTIFIERS) | set(CACHE_SETTINGS) | {
     *CHAT_LACKING, "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "reasoning_effort",
+    "include_reasoning",
     "parallel_tool_calls", "metadata", "store", "service_tier", "chat_template_kwargs", "add_generation_prompt",
     "continue_final_message"}
 # what a request line takes and ignores, checked as agp serve checks it: how an answer travels over
@@ -193,6 +194,8 @@ IGNORED = {"stream": (lambda v: isinstance(v, bool), "true or false"),
                           and " " not in v, "a string of 1 to 128 printable ASCII characters without spaces"),
            "guided_decoding_backend": (lambda v: isinstance(v, str), "a string"),
            "reasoning_effort": (lambda v: v in REASONING_EFFORTS, '"minimal", "low", "medium" or "high"'),
+           # vLLM's: whether a reasoning model's reasoning is split from its answer (agp's do not reason)
+           "include_reasoning": (lambda v: isinstance(v, bool), "true or false"),
            **CACHE_SETTINGS}
 KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", "tools", "tool_choice", "logit_bias",
          "max_completion_tokens", "top_logprobs", "parallel_tool_calls", "response_format", "cache_salt", "priority",

@@ -129,6 +129,24 @@ def test_a_reasoning_effort_is_taken_on_chat_as_on_responses_and_checked_alike(s
             f"'{param}' must be \"minimal\", \"low\", \"medium\" or \"high\", not a string (\"max\")")
 
 
+def test_vllms_include_reasoning_is_taken_on_chat_and_changes_nothing(server):
+    """vLLM's chat field include_reasoning (its gpt-oss clients send it): true or false, taken and
+    checked, as reasoning_effort is; the answer is the same (agp's models do not reason)."""
+    from pipeline_dsl.requests_io import RequestError, parse_request
+
+    kw = dict(model="tiny", messages=USER, max_tokens=3, temperature=0)
+    plain = server.client.chat.completions.create(**kw).choices[0].message.content
+    for value in (True, False, None):
+        got = server.client.chat.completions.create(**kw, extra_body={"include_reasoning": value})
+        assert got.choices[0].message.content == plain
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.chat.completions.create(**kw, extra_body={"include_reasoning": "yes"})
+    assert e.value.param == "include_reasoning" and "must be true or false" in e.value.message
+    assert parse_request({"messages": USER, "include_reasoning": True}).messages    # an agp run line takes it too
+    with pytest.raises(RequestError):
+        parse_request({"messages": USER, "include_reasoning": 1})
+
+
 def test_the_values_of_those_features_that_ask_for_nothing_are_taken(server):
     out = server.client.chat.completions.create(model="tiny", messages=USER, max_tokens=2, modalities=["text"],
                                                 extra_body={"prediction": None, "reasoning_effort": None})
@@ -175,7 +193,7 @@ def test_parallel_tool_calls_false_gives_at_most_one_call_streamed_or_not(server
 
 
 def test_a_vllm_reasoning_client_reads_null_reasoning_and_carries_the_message_on(server):
-    """vLLM's reasoning examples read `message.reasoning_content` (0.10 and before) or `message.reasoning`
+    """vLLM's reasoning examples read `message.reasoning_content` (its older name) or `message.reasoning`
     unguarded, on a model that does not reason too: both are null, on a plain answer and on a tool
     call, and the message sent back as the SDK gave it goes on with the conversation."""
     pytest.importorskip("llguidance")

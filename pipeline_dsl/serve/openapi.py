@@ -196,6 +196,7 @@ CHAT_REQUEST = _request("messages", {
     "store": {"type": ["boolean", "null"], "description": "taken and ignored"},
     "service_tier": {"type": ["string", "null"], "description": "taken and ignored"},
     "reasoning_effort": {"enum": [*REASONING_EFFORTS, None], "description": "taken and ignored (no reasoning models)"},
+    "include_reasoning": {"type": "boolean", "description": "vLLM's; taken and ignored (no reasoning models)"},
     **{name: {"type": "string", "description": "taken and ignored"} for name in IDENTIFIERS},
     **CACHE,
     **SAMPLING,
@@ -233,7 +234,7 @@ USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "t
     "total_tokens": {"type": "integer"}}}
 
 FINISH = {"type": ["string", "null"]}
-NO_REASONING = "vLLM's reasoning field: null, as agp's models do not reason (reasoning_content up to vLLM 0.10)"
+NO_REASONING = "vLLM's reasoning field: null, as agp's models do not reason (reasoning_content: its older name)"
 STOP_REASON = {"type": ["string", "integer", "null"],
                "description": "vLLM's: the stop string or stop_token_ids id that ended the answer, else null"}
 

@@ -139,7 +139,8 @@ def check_unknown(obj: dict, known: set[str], lenient: bool = False, where: str 
 
 _CHAT_NEUTRAL = NEUTRAL | CHAT_NEUTRAL
 _COMPLETION_CHECKED = {"guided_decoding_backend": IGNORED["guided_decoding_backend"]}
-_CHAT_CHECKED = _COMPLETION_CHECKED | {name: IGNORED[name] for name in ("reasoning_effort", "store", "service_tier")}
+_CHAT_CHECKED = _COMPLETION_CHECKED | {name: IGNORED[name]
+                                       for name in ("reasoning_effort", "include_reasoning", "store", "service_tier")}
 _IDENTIFIER_RULES = {name: IGNORED[name] for name in IDENTIFIERS}
 
 
@@ -147,7 +148,7 @@ def _check_unsupported(obj: dict, chat: bool = False) -> None:
     """Fields agp knows but only serves at their neutral value (NEUTRAL), those of features it
     lacks (CHAT_LACKING, COMPLETION_LACKING), and the ones only checked here (IGNORED:
     guided_decoding_backend, as one backend, llguidance, serves every structured output; chat's
-    reasoning_effort, store and service_tier)."""
+    reasoning_effort, include_reasoning, store and service_tier)."""
     try:
         check_neutral(obj, _CHAT_NEUTRAL if chat else NEUTRAL)
         check_fields(obj, _CHAT_CHECKED if chat else _COMPLETION_CHECKED)
@@ -637,7 +638,7 @@ def chat_message(text: str, finish_reason: str | None, tools_active: bool,
 
 # vLLM's answer to a model without a reasoning parser: its message's reasoning fields, null. Clients
 # of vLLM read them without a guard (`message.reasoning_content`: an AttributeError in the openai SDK
-# where the key is missing); `reasoning_content` is vLLM's name up to 0.10, `reasoning` its later one
+# where the key is missing); `reasoning` is vLLM's name, `reasoning_content` its older one, still answered
 NO_REASONING = {"reasoning": None, "reasoning_content": None}
 
 
