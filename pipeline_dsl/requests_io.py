@@ -575,8 +575,10 @@ def parse_response_format(value) -> dict | None:
                                                                  "structural_tag"):
         raise RequestError("'response_format' must be {\"type\": \"text\" | \"json_object\" | \"json_schema\" | "
                            "\"structural_tag\"}", param="response_format")
-    if value["type"] in ("text", "json_object"):
-        return {"type": value["type"]}
+    if value["type"] == "text":
+        return {"type": "text"}
+    if value["type"] == "json_object":
+        return {"type": "json_object", **spec_options(value)}
     if value["type"] == "structural_tag":
         return structural_tag_spec(value, "response_format")
     spec = value.get("json_schema")
@@ -585,7 +587,14 @@ def parse_response_format(value) -> dict | None:
     if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
         raise RequestError("'response_format.json_schema' must be {\"name\", \"schema\": {...}, \"strict\"}",
                            param="response_format")
-    return {"type": "json_schema", "schema": spec.get("schema", {}), "name": spec.get("name")}
+    return {"type": "json_schema", "schema": spec.get("schema", {}), "name": spec.get("name"), **spec_options(value)}
+
+
+def spec_options(value: dict) -> dict:
+    """A JSON spec's own options (constraints.py: "compact", "close_objects"), which structured_outputs'
+    disable_any_whitespace and disable_additional_properties set and a request item handed back by a
+    python stage carries: kept where they are true or false."""
+    return {k: value[k] for k in ("compact", "close_objects") if isinstance(value.get(k), bool)}
 
 
 MAX_DEPTH = 64            # JSON nesting a request may have (messages sit at depth 3)
@@ -766,11 +775,13 @@ def structural_tag_spec(value, param: str) -> dict:
         raise RequestError(f"'{param}.format' (xgrammar's structural tag format) is not supported by agp: give "
                            "\"structures\": [{\"begin\", \"schema\", \"end\"}] and \"triggers\"",
                            param=f"{param}.format", code="unsupported_parameter")
-    extra = sorted(set(value) - {"type", "structures", "triggers", "format"})
+    options = spec_options(value)               # an item handed back by a python stage carries them
+    extra = sorted(set(value) - {"type", "structures", "triggers", "format", *options})
     if extra:
         raise RequestError(f"'{param}.{extra[0]}' is not a field of a structural tag (structures, triggers)",
                            param=f"{param}.{extra[0]}")
-    return {"type": "structural_tag", "structures": value.get("structures"), "triggers": value.get("triggers")}
+    return {"type": "structural_tag", "structures": value.get("structures"), "triggers": value.get("triggers"),
+            **options}
 
 
 def _given_constraint(obj: dict) -> tuple[dict | None, str | None]:

@@ -425,6 +425,21 @@ def test_the_fields_keep_their_meaning_through_a_python_stage(tiny_gguf):
         text = client.chat.completions.create(model="tiny", messages=USER, max_tokens=8,
                                               extra_body={"guided_choice": ["yes", "no"]}).choices[0].message.content
         assert text in ("yes", "no")
+        # vLLM's disable_any_whitespace is kept on the way through the stage: JSON without a space
+        schema = {"type": "object", "properties": {"a": {"enum": [1, 2]}, "b": {"enum": [3, 4]}}, "required": ["a", "b"]}
+        text = client.chat.completions.create(model="tiny", messages=USER, max_tokens=24, temperature=1.0, seed=1,
+                                              extra_body={"structured_outputs": {"json": schema,
+                                                                                 "disable_any_whitespace": True}}
+                                              ).choices[0].message.content
+        assert " " not in text and json.loads(text)["a"] in (1, 2), text
+        # a structural tag with vLLM's disable_any_whitespace: each "@" followed by f({"n":D}), no space
+        [at] = httpx.post(s.url + "/tokenize", json={"prompt": "@", "add_special_tokens": False},
+                          timeout=30).json()["tokens"]
+        out = client.chat.completions.create(
+            model="tiny", messages=USER, max_tokens=16, temperature=1.0, seed=5, logit_bias={str(at): 100},
+            extra_body={"structured_outputs": {"structural_tag": AT_TAG, "disable_any_whitespace": True}})
+        text, *_ = out.choices[0].message.content.rpartition("@")          # the last tag may be cut
+        assert re.fullmatch(r'(@f\(\{"n":[0-9]\}\))+', text), out.choices[0].message.content
     finally:
         s.close()
 
