@@ -18,6 +18,11 @@ Specs accepted (by `check_spec` and ConstraintCompiler.compile) (GrammarError, a
     {"type": "grammar", "grammar": "start: ..."}              # Lark, or GBNF ("root ::= ...")
     {"type": "tool_call", "tools": [OpenAI tools], "choice": "required" | "<function name>",
      "parallel": True}
+    {"type": "structural_tag", "triggers": ["<function="],    # vLLM's structural tag: free text in
+     "structures": [{"begin": "<function=f>", "schema": {...}, "end": "</function>"}]}
+                                                              # which, once a trigger is written, the
+                                                              # structure whose begin follows it runs:
+                                                              # begin, JSON by its schema, end
 
 A tool call is written in SmolLM2's format, `<tool_call>[{"name": ..., "arguments": {...}}]
 </tool_call>` (its model card's function-calling prompt; the GGUF's own chat template ignores
@@ -246,6 +251,8 @@ class GrammarBuilder:
                 return llg.LLMatcher.grammar_from_regex(ascii_classes(pattern))
             if kind == "tool_call":
                 return self._tool_grammar(spec)
+            if kind == "structural_tag":
+                return self._structural_tag_grammar(spec)
             if kind == "choice":
                 return _choice_grammar(spec)
             if kind == "grammar":
@@ -255,7 +262,7 @@ class GrammarBuilder:
         except (ValueError, TypeError) as e:
             raise GrammarError(short(f"cannot compile the {kind}: {e}")) from None
         raise GrammarError(f"unknown constraint type {kind!r} (json_object, json_schema, regex, choice, grammar, "
-                           "tool_call)")
+                           "tool_call, structural_tag)")
 
     def _json_grammar(self, schema: dict, prefix: str = "") -> str:
         """A JSON Schema's grammar text, checked: GrammarError naming the innermost part of the
@@ -356,6 +363,53 @@ class GrammarBuilder:
         begin, end = spec.get("begin", "<tool_call>"), spec.get("end", "</tool_call>")
         lark = f'start: {json.dumps(begin)} "\\n"? %json {json.dumps(body)} "\\n"? {json.dumps(end)}'
         return llg.LLMatcher.grammar_from_lark(lark)
+
+    def _structural_tag_grammar(self, spec) -> str:
+        """vLLM's structural tag (its response_format {"type": "structural_tag", "structures",
+        "triggers"}): the answer is free text until it writes a trigger; from there the structure
+        whose `begin` starts with that trigger runs to its `end`, its JSON between them valid by its
+        `schema` (objects closed and whitespace bounded as any JSON spec's), then free text again.
+        Each structure's trigger is the first of `triggers` its begin starts with (vLLM's rule); a
+        trigger that is one special token of the tokenizer is that token (the model writes it
+        whole), any other is text."""
+        structures, triggers = spec.get("structures"), spec.get("triggers")
+        if not isinstance(triggers, list) or not triggers or not all(isinstance(t, str) and t for t in triggers):
+            raise GrammarError("structural_tag needs 'triggers', a non-empty list of non-empty strings")
+        if not isinstance(structures, list) or not structures:
+            raise GrammarError("structural_tag needs 'structures', a non-empty list of {\"begin\", \"schema\", "
+                               "\"end\"}")
+        json_of = self._for(spec)                  # vLLM's disable_any_whitespace, disable_additional_properties
+        lark = ["%llguidance {}", "start: (" + " | ".join(f"tag_{i}" for i in range(len(structures))) + ")* TEXT",
+                r"TEXT: /(.|\n)*/"]
+        for i, st in enumerate(structures):
+            where = f"structures[{i}]"
+            if not isinstance(st, dict) or not isinstance(st.get("begin"), str) or not isinstance(st.get("end"), str):
+                raise GrammarError(f"{where} must be {{\"begin\": a string, \"schema\": a JSON Schema, "
+                                   "\"end\": a string}")
+            trigger = next((t for t in triggers if st["begin"].startswith(t)), None)
+            if trigger is None:
+                raise GrammarError(f"{where}.begin {st['begin']!r} starts with none of the triggers")
+            schema = st.get("schema", True)
+            if schema is False or not isinstance(schema, (dict, bool)):
+                raise GrammarError(f"{where}.schema must be a JSON Schema object" + (", not false, which no value "
+                                   "matches" if schema is False else ""))
+            schema = {} if schema is True else schema
+            json_of._json_grammar(schema, f"{where}: ")              # refused here, saying where
+            body = json_of._prepare(schema)
+            body["x-guidance"] = json_of.json_options
+            rest = st["begin"][len(trigger):]
+            tail = " ".join(filter(None, [json.dumps(rest) if rest else "", "%json " + json.dumps(body),
+                                          json.dumps(st["end"]) if st["end"] else ""]))
+            token = self._special_token(trigger)
+            if token is not None:
+                lark.append(f"tag_{i}: TEXT <[{token}]> {tail}")
+            else:
+                lark += [f"tag_{i}_trigger[lazy]: TEXT {json.dumps(trigger)}", f"tag_{i}: tag_{i}_trigger {tail}"]
+        return llg.LLMatcher.grammar_from_lark("\n".join(lark) + "\n")
+
+    def _special_token(self, text: str) -> int | None:
+        """The id of the special token whose text is `text`, or None (here: no tokenizer, none is)."""
+        return None
 
 
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}

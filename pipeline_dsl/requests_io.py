@@ -149,6 +149,9 @@ CHAT_LACKING = {"verbosity": ((), "its models do not reason"),
                 "prediction": ((), "predicted outputs are not served"),
                 "web_search_options": ((), "it searches nothing"),
                 "moderation": ((), "it runs no moderation model")}
+# the same for completions: vLLM's prompt_embeds (base64 tensors of the prompt's input embeddings, which
+# vLLM takes only under --enable-prompt-embeds); ignoring it would answer the text prompt beside it instead
+COMPLETION_LACKING = {"prompt_embeds": ((), "it takes a prompt as text or token ids, not as embeddings")}
 # the same for the Responses API's fields (serve/responses.py): what OpenAI keeps or runs for a
 # response that agp has not; ignoring them would answer another request than the one sent
 RESPONSES_LACKING = {"moderation": CHAT_LACKING["moderation"],
@@ -171,9 +174,11 @@ CACHE_SETTINGS = {
 # a reasoning model's effort (chat's reasoning_effort, the Responses API's reasoning.effort), as vLLM
 # and OpenAI take it: checked, and changes nothing, as agp's models do not reason
 REASONING_EFFORTS = ("minimal", "low", "medium", "high")
-COMPLETION_FIELDS = COMMON | VLLM | set(NEUTRAL) | {"prompt", "echo", "metadata", "add_special_tokens"}
+COMPLETION_FIELDS = COMMON | VLLM | set(NEUTRAL) | set(COMPLETION_LACKING) | {"prompt", "echo", "metadata",
+                                                                             "add_special_tokens"}
 CHAT_FIELDS = COMMON | VLLM | set(NEUTRAL) | set(CHAT_NEUTRAL) | set(IDENTIFIERS) | set(CACHE_SETTINGS) | {
     *CHAT_LACKING, "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "reasoning_effort",
+    "include_reasoning",
     "parallel_tool_calls", "metadata", "store", "service_tier", "chat_template_kwargs", "add_generation_prompt",
     "continue_final_message"}
 # what a request line takes and ignores, checked as agp serve checks it: how an answer travels over
@@ -189,6 +194,8 @@ IGNORED = {"stream": (lambda v: isinstance(v, bool), "true or false"),
                           and " " not in v, "a string of 1 to 128 printable ASCII characters without spaces"),
            "guided_decoding_backend": (lambda v: isinstance(v, str), "a string"),
            "reasoning_effort": (lambda v: v in REASONING_EFFORTS, '"minimal", "low", "medium" or "high"'),
+           # vLLM's: whether a reasoning model's reasoning is split from its answer (agp's do not reason)
+           "include_reasoning": (lambda v: isinstance(v, bool), "true or false"),
            **CACHE_SETTINGS}
 KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", "tools", "tool_choice", "logit_bias",
          "max_completion_tokens", "top_logprobs", "parallel_tool_calls", "response_format", "cache_salt", "priority",
@@ -440,6 +447,7 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     check_fields(obj, IGNORED)                 # agp serve's fields a line takes and ignores
     check_neutral(obj, LINE_NEUTRAL)
     check_lacking(obj, CHAT_LACKING)
+    check_lacking(obj, COMPLETION_LACKING)
     rid = obj.get("id")
     if rid is None:                            # "id": null is no id: the line number stands in
         rid = default_id
@@ -561,19 +569,32 @@ FREE_TEXT = {"type": "text"}     # a response_format that asks for no constraint
 
 def parse_response_format(value) -> dict | None:
     """OpenAI's response_format: text (`{"type": "text"}`: free text, which a generate stage's
-    json_schema gives way to as to any format the request asks for), json_object, or json_schema."""
-    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
-        raise RequestError("'response_format' must be {\"type\": \"text\" | \"json_object\" | \"json_schema\"}",
-                           param="response_format")
-    if value["type"] in ("text", "json_object"):
-        return {"type": value["type"]}
+    json_schema gives way to as to any format the request asks for), json_object, or json_schema;
+    or vLLM's structural_tag (structural_tag_spec)."""
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema",
+                                                                 "structural_tag"):
+        raise RequestError("'response_format' must be {\"type\": \"text\" | \"json_object\" | \"json_schema\" | "
+                           "\"structural_tag\"}", param="response_format")
+    if value["type"] == "text":
+        return {"type": "text"}
+    if value["type"] == "json_object":
+        return {"type": "json_object", **spec_options(value)}
+    if value["type"] == "structural_tag":
+        return structural_tag_spec(value, "response_format")
     spec = value.get("json_schema")
     if spec is None and "schema" in value:     # the form a request item carries it in, handed back by a python stage
         spec = value
     if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
         raise RequestError("'response_format.json_schema' must be {\"name\", \"schema\": {...}, \"strict\"}",
                            param="response_format")
-    return {"type": "json_schema", "schema": spec.get("schema", {}), "name": spec.get("name")}
+    return {"type": "json_schema", "schema": spec.get("schema", {}), "name": spec.get("name"), **spec_options(value)}
+
+
+def spec_options(value: dict) -> dict:
+    """A JSON spec's own options (constraints.py: "compact", "close_objects"), which structured_outputs'
+    disable_any_whitespace and disable_additional_properties set and a request item handed back by a
+    python stage carries: kept where they are true or false."""
+    return {k: value[k] for k in ("compact", "close_objects") if isinstance(value.get(k), bool)}
 
 
 MAX_DEPTH = 64            # JSON nesting a request may have (messages sit at depth 3)
@@ -684,12 +705,12 @@ def parse_line_object(obj, lineno: int) -> ParsedRequest:
 
 # ---------------------------------------------------------------- structured output
 # `response_format` (OpenAI), `structured_outputs` (vLLM >= 0.11: one of `json`, `regex`, `choice`,
-# `grammar`, `json_object`) and the older `guided_json`, `guided_regex`, `guided_choice`,
+# `grammar`, `json_object`, `structural_tag`) and the older `guided_json`, `guided_regex`, `guided_choice`,
 # `guided_grammar` all become one spec of the constraint compiler (engine/constrain.py), for agp
 # serve's bodies and agp run's lines alike; a request gives at most one of them.
 GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 STRUCTURED_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
-                   "json_object": "json_object"}
+                   "json_object": "json_object", "structural_tag": "structural_tag"}
 # vLLM's options beside them, when true: (the key it sets on a JSON spec, its value); disable_fallback
 # only keeps vLLM from trying a second backend, and agp has one
 STRUCTURED_OPTIONS = {"disable_any_whitespace": ("compact", True),
@@ -730,9 +751,37 @@ def _spec(kind: str, value, param: str) -> dict:
         if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
             raise bad(param, "a non-empty array of non-empty strings", value)
         return {"type": "choice", "choices": list(value)}
+    if kind == "structural_tag":
+        return structural_tag_spec(value, param)
     if not isinstance(value, str) or not value.strip():
         raise bad(param, "a grammar (Lark, or GBNF with a root rule)", value)
     return {"type": "grammar", "grammar": value}
+
+
+def structural_tag_spec(value, param: str) -> dict:
+    """vLLM's structural tag, {"structures": [{"begin", "schema", "end"}], "triggers": [...]} (its
+    response_format of "type": "structural_tag", or structured_outputs.structural_tag, an object or
+    its JSON text, "type" there or not): the constraint spec (constraints.py checks the rest). The
+    form of xgrammar's newer structural tags, {"type": "structural_tag", "format": {...}}, is
+    refused: it needs xgrammar, and agp's one backend is llguidance."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise RequestError(f"'{param}' is not JSON: {e}", param=param) from None
+    if not isinstance(value, dict) or value.get("type", "structural_tag") != "structural_tag":
+        raise bad(param, 'a structural tag {"structures": [...], "triggers": [...]}', value)
+    if value.get("format") is not None:
+        raise RequestError(f"'{param}.format' (xgrammar's structural tag format) is not supported by agp: give "
+                           "\"structures\": [{\"begin\", \"schema\", \"end\"}] and \"triggers\"",
+                           param=f"{param}.format", code="unsupported_parameter")
+    options = spec_options(value)               # an item handed back by a python stage carries them
+    extra = sorted(set(value) - {"type", "structures", "triggers", "format", *options})
+    if extra:
+        raise RequestError(f"'{param}.{extra[0]}' is not a field of a structural tag (structures, triggers)",
+                           param=f"{param}.{extra[0]}")
+    return {"type": "structural_tag", "structures": value.get("structures"), "triggers": value.get("triggers"),
+            **options}
 
 
 def _given_constraint(obj: dict) -> tuple[dict | None, str | None]:
@@ -767,7 +816,7 @@ def _given_constraint(obj: dict) -> tuple[dict | None, str | None]:
             if so.get(option) is not None:
                 if not isinstance(so[option], bool):
                     raise bad(f"{name}.{option}", "true or false", so[option])
-                if so[option] and spec["type"] in ("json_schema", "json_object") and key:
+                if so[option] and spec["type"] in ("json_schema", "json_object", "structural_tag") and key:
                     spec[key] = value
         return spec, f"{name}.{keys[0]}"
     kind = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",

@@ -190,6 +190,62 @@ def test_a_forced_call_enforces_parameters_that_refer_within_themselves(engine, 
         assert not takes({"name": name, "arguments": bad[name]}), name
 
 
+STRUCTURAL_TAG = {"type": "structural_tag", "triggers": ["<f="],
+                  "structures": [{"begin": "<f=weather>", "end": "</f>", "schema": {
+                      "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]}
+
+
+def test_a_structural_tag_leaves_text_free_and_holds_what_follows_its_trigger(engine, compiler):
+    """vLLM's structural tag: free text (which may end anywhere) until a trigger is written; then
+    the structure whose begin follows it, its JSON by the schema, its end; then free text again."""
+    eos = min(engine.tokenizer.eos_token_ids)
+    g = compiler.compile(STRUCTURAL_TAG)
+
+    def takes(text):
+        m = g.matcher()
+        return all(m.accept(t) for t in ids_of(engine, text)), m
+
+    ok, m = takes("no call here, ")
+    assert ok and m.can_end() and eos in m.allowed()
+    ok, m = takes('Let me look. <f=weather>{"city": "Paris"}</f> and again <f=weather>{"city": "Rome"}</f> done')
+    assert ok and m.can_end()
+    ok, m = takes('<f=weather>{"city": "Pa')
+    assert ok and not m.can_end()                         # inside the structure: no end
+    for broken in ('<f=time>{"city": "Paris"}</f>',        # a begin no structure has
+                   '<f=weather>{"town": "Paris"}</f>',      # JSON the schema refuses (objects closed)
+                   '<f=weather>{"city": "Paris"} and text'):  # no end
+        assert not takes(broken)[0], broken
+
+
+def test_a_structural_tag_trigger_that_is_a_special_token_is_that_token(engine, compiler):
+    """A trigger the tokenizer has as one special token (Llama 3.1's <|python_tag|>) is matched as that
+    token, as vLLM's backend reads it: the model writes it whole, then the structure follows."""
+    start = engine.tokenizer.encode("<|im_start|>", add_special_tokens=False)
+    assert len(start) == 1
+    g = compiler.compile({**STRUCTURAL_TAG, "triggers": ["<|im_start|>"],
+                          "structures": [{**STRUCTURAL_TAG["structures"][0], "begin": "<|im_start|>weather"}]})
+    m = g.matcher()
+    assert all(m.accept(t) for t in ids_of(engine, "hi ") + start + ids_of(engine, 'weather{"city": "Oslo"}</f>'))
+    assert m.can_end()
+    m = g.matcher()
+    assert m.accept(start[0]) and not m.accept(ids_of(engine, "x")[0])
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({**STRUCTURAL_TAG, "triggers": ["<g="]}, "structures[0].begin '<f=weather>' starts with none of the triggers"),
+    ({**STRUCTURAL_TAG, "triggers": []}, "'triggers', a non-empty list"),
+    ({**STRUCTURAL_TAG, "structures": [{"begin": "<f=x>", "end": "</f>", "schema": {
+        "type": "object", "properties": {"xs": {"type": "array", "uniqueItems": True}}}}]},
+     "structures[0]: at #/properties/xs: "),
+])
+def test_a_structural_tag_that_cannot_be_enforced_says_where(compiler, spec, message):
+    with pytest.raises(GrammarError) as e:
+        compiler.compile(spec)
+    assert message in str(e.value)
+    with pytest.raises(GrammarError):
+        constraints.check_spec(spec)                       # agp serve refuses it before the engine sees it
+
+
 def test_unconstrained_requests_are_unaffected(tiny_gguf, compiler):
     plain = {f"p{s}": (None, SamplingParams(max_tokens=20, temperature=0.9, seed=s)) for s in range(3)}
     plain["g"] = (None, SamplingParams(max_tokens=20))

@@ -73,8 +73,65 @@ def test_litellm_embeds_too(server):
     assert torch.allclose(got, expected(server, ids_of(server, "hello world")), atol=1e-4)
 
 
+def test_vllms_chat_form_embeds_the_rendered_conversation(server):
+    """vLLM's chat-form embeddings request: `messages` instead of `input`, rendered by the chat
+    template without the assistant's turn opened after them (vLLM's default for embeddings) unless
+    add_generation_prompt is true; the embedding is that of the rendered tokens."""
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat is here"}]
+    for opened in (None, True):
+        flag = {} if opened is None else {"add_generation_prompt": opened}
+        r = httpx.post(server.url + "/v1/embeddings", json={"model": "tiny", "messages": messages,
+                                                            "encoding_format": "float", **flag}, timeout=30)
+        assert r.status_code == 200, r.text
+        ids = httpx.post(server.url + "/tokenize", json={"messages": messages, "add_generation_prompt": bool(opened)},
+                         timeout=30).json()["tokens"]
+        assert torch.allclose(torch.tensor(r.json()["data"][0]["embedding"]), expected(server, ids), atol=1e-4)
+        assert r.json()["usage"]["prompt_tokens"] == len(ids)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": "x", "messages": [{"role": "user", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.jpg"}}]}]},
+     "messages[0].content"),
+    ({"input": "x", "add_generation_prompt": True}, "add_generation_prompt"),
+    ({"messages": [{"role": "user", "content": "x"}], "add_special_tokens": True}, "add_special_tokens"),
+])
+def test_a_chat_form_embedding_request_that_cannot_be_embedded_is_a_400_naming_the_field(server, body, param):
+    r = httpx.post(server.url + "/v1/embeddings", json={"model": "tiny", **body}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("endianness", ["native", "big", "little"])
+def test_a_base64_embedding_is_written_in_the_dtype_and_byte_order_asked(server, dtype, endianness):
+    """vLLM's embed_dtype and endianness (its base64 client sends each pair): the numbers of the float
+    embedding, rounded to that dtype, each in that byte order ("native": the server's own)."""
+    import base64
+    import sys
+
+    import numpy
+
+    body = {"model": "tiny", "input": "hello world"}
+    floats = httpx.post(server.url + "/v1/embeddings", json={**body, "encoding_format": "float"},
+                        timeout=30).json()["data"][0]["embedding"]
+    r = httpx.post(server.url + "/v1/embeddings", json={**body, "encoding_format": "base64", "embed_dtype": dtype,
+                                                        "endianness": endianness}, timeout=30)
+    assert r.status_code == 200, r.text
+    raw = base64.b64decode(r.json()["data"][0]["embedding"])
+    real = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}.get(dtype) or getattr(torch, dtype)
+    width = torch.tensor([], dtype=real).element_size()
+    bits = {1: numpy.uint8, 2: numpy.int16, 4: numpy.int32}[width]
+    order = sys.byteorder if endianness == "native" else endianness
+    words = numpy.frombuffer(raw, dtype=numpy.dtype(bits).newbyteorder("<" if order == "little" else ">"))
+    got = torch.from_numpy(words.astype(bits)).view(real)
+    assert len(raw) == width * len(floats)
+    assert torch.equal(got.float(), torch.tensor(floats).to(real).float())
+
+
 @pytest.mark.parametrize("body, status, param", [
     ({"input": ""}, 400, "input"),
+    ({"input": "x", "encoding_format": "base64", "embed_dtype": "int8"}, 400, "embed_dtype"),
+    ({"input": "x", "encoding_format": "base64", "endianness": "middle"}, 400, "endianness"),
     ({"input": []}, 400, "input"),
     ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
     ({"input": "x", "dimensions": 3}, 400, "dimensions"),

@@ -84,6 +84,31 @@ def test_an_openai_feature_the_models_lack_is_a_400_that_says_so(server, field, 
     assert "not supported by agp" in e.value.message and "did you mean" not in e.value.message
 
 
+def test_vllms_prompt_embeds_is_a_400_that_says_so_even_when_lenient(server):
+    """vLLM's prompt-embeds client sends prompt "" and the prompt's input embeddings (base64 of a
+    tensor): agp takes prompts as text or token ids and says so, naming prompt_embeds, rather than
+    "'prompt' is empty" or, under --lenient, an answer to the text prompt beside them."""
+    import base64
+
+    from pipeline_dsl.requests_io import RequestError, parse_request
+
+    embeds = base64.b64encode(bytes(64)).decode()
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.completions.create(model="tiny", prompt="", max_tokens=5, temperature=0.0,
+                                         extra_body={"prompt_embeds": embeds})
+    assert (e.value.param, e.value.code) == ("prompt_embeds", "unsupported_parameter")
+    assert "not supported by agp: it takes a prompt as text or token ids" in e.value.message
+    with pytest.raises(P.APIError) as lenient:
+        P.parse_completion({"prompt": "hello", "prompt_embeds": embeds}, max_model_len=64, served=("tiny",),
+                           lenient=True)
+    assert lenient.value.param == "prompt_embeds"
+    with pytest.raises(RequestError) as line:                 # an agp run request line, the same
+        parse_request({"prompt": "hello", "prompt_embeds": embeds})
+    assert line.value.param == "prompt_embeds"
+    assert server.client.completions.create(model="tiny", prompt="hello", max_tokens=2,
+                                            extra_body={"prompt_embeds": None}).choices
+
+
 def test_a_reasoning_effort_is_taken_on_chat_as_on_responses_and_checked_alike(server):
     """vLLM's chat takes reasoning_effort and its Responses reasoning.effort: both are checked against
     one list of efforts and change nothing (agp's models do not reason); Responses repeats its own."""
@@ -103,6 +128,24 @@ def test_a_reasoning_effort_is_taken_on_chat_as_on_responses_and_checked_alike(s
         assert e.value.param == param
         assert e.value.message.endswith(
             f"'{param}' must be \"minimal\", \"low\", \"medium\" or \"high\", not a string (\"max\")")
+
+
+def test_vllms_include_reasoning_is_taken_on_chat_and_changes_nothing(server):
+    """vLLM's chat field include_reasoning (its gpt-oss clients send it): true or false, taken and
+    checked, as reasoning_effort is; the answer is the same (agp's models do not reason)."""
+    from pipeline_dsl.requests_io import RequestError, parse_request
+
+    kw = dict(model="tiny", messages=USER, max_tokens=3, temperature=0)
+    plain = server.client.chat.completions.create(**kw).choices[0].message.content
+    for value in (True, False, None):
+        got = server.client.chat.completions.create(**kw, extra_body={"include_reasoning": value})
+        assert got.choices[0].message.content == plain
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.chat.completions.create(**kw, extra_body={"include_reasoning": "yes"})
+    assert e.value.param == "include_reasoning" and "must be true or false" in e.value.message
+    assert parse_request({"messages": USER, "include_reasoning": True}).messages    # an agp run line takes it too
+    with pytest.raises(RequestError):
+        parse_request({"messages": USER, "include_reasoning": 1})
 
 
 def test_the_values_of_those_features_that_ask_for_nothing_are_taken(server):
@@ -148,6 +191,25 @@ def test_parallel_tool_calls_false_gives_at_most_one_call_streamed_or_not(server
                                           extra_body={"guided_choice": [TWO_CALLS],
                                                       "parallel_tool_calls": parallel})
     assert [json.loads(o.arguments)["city"] for o in resp.output if o.type == "function_call"] == cities
+
+
+def test_a_vllm_reasoning_client_reads_null_reasoning_and_carries_the_message_on(server):
+    """vLLM's reasoning examples read `message.reasoning_content` (its older name) or `message.reasoning`
+    unguarded, on a model that does not reason too: both are null, on a plain answer and on a tool
+    call, and the message sent back as the SDK gave it goes on with the conversation."""
+    pytest.importorskip("llguidance")
+    messages = [{"role": "user", "content": "9.11 and 9.8, which is greater?"}]
+    first = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=3)
+    called = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=60, tools=[CITY],
+                                                   tool_choice="required")
+    for out in (first, called):
+        message = out.choices[0].message
+        assert message.reasoning_content is None and message.reasoning is None
+    assert called.choices[0].message.tool_calls
+    messages += [first.choices[0].message, {"role": "user", "content": "How many Rs are in 'strawberry'?"}]
+    second = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=3)
+    assert second.choices[0].message.reasoning_content is None
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
 
 
 def test_an_assistant_refusal_part_is_its_text_in_the_conversation(server):

@@ -100,7 +100,7 @@ def test_a_chat_answer_with_tools_turns_a_call_into_tool_calls():
     [choice] = body["choices"]
     assert choice["finish_reason"] == "tool_calls" and choice["index"] == 0 and choice["logprobs"] is None
     message = choice["message"]
-    assert set(message) == {"role", "content", "tool_calls"}
+    assert set(message) == {"role", "content", "tool_calls", "reasoning", "reasoning_content"}
     assert message["role"] == "assistant" and message["content"] == "Let me look. "   # as written: what a stream sends
     [call] = message["tool_calls"]
     assert call["type"] == "function"
@@ -111,7 +111,7 @@ def test_a_chat_answer_with_tools_turns_a_call_into_tool_calls():
 
 def test_a_chat_answer_without_tools_keeps_a_call_as_text():
     body = P.chat_response("r1", "tiny", [(0, CALL, "length")], P.usage(1, 2, 0), created=3)
-    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": CALL},
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": CALL, **P.NO_REASONING},
                                 "logprobs": None, "finish_reason": "length"}]
     message, reason = P.chat_message("plain text", "stop", tools_active=True)
     assert (message, reason) == ({"role": "assistant", "content": "plain text"}, "stop")

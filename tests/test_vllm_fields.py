@@ -340,6 +340,31 @@ def test_guided_fields_and_structured_outputs_constrain_the_answer(client):
     assert re.fullmatch("a{1,3}b", comp.choices[0].text)
 
 
+# one structure after each "@": f( then {"n": a digit} then )
+AT_TAG = {"type": "structural_tag", "triggers": ["@"], "structures": [{"begin": "@f(", "end": ")", "schema": {
+    "type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"]}}]}
+
+
+@pytest.mark.parametrize("extra", [{"response_format": AT_TAG},
+                                   {"structured_outputs": {"structural_tag": json.dumps(AT_TAG)}}])
+def test_a_structural_tag_holds_what_follows_each_trigger(server, client, extra):
+    """vLLM's structural tag, as its clients send it (response_format, or structured_outputs'
+    structural_tag as JSON text): free text, and after each trigger the whole structure. A bias
+    on the trigger's token makes the random model write it wherever the text is free."""
+    [at] = httpx.post(server.url + "/tokenize", json={"prompt": "@", "add_special_tokens": False},
+                      timeout=30).json()["tokens"]
+    out = client.chat.completions.create(model="tiny", messages=USER, max_tokens=40, temperature=1.0, seed=5,
+                                         logit_bias={str(at): 100}, extra_body=extra)
+    text, reason = out.choices[0].message.content, out.choices[0].finish_reason
+    free, *tags = text.split("@")
+    whole = tags if reason == "stop" else tags[:-1]          # max_tokens may cut the last one
+    assert len(whole) >= 2, text
+    for tag in whole:
+        m = re.fullmatch(r"f\((\{[^)]*\})\)(.*)", tag, flags=re.S)
+        assert m, text
+        jsonschema.validate(json.loads(m.group(1)), AT_TAG["structures"][0]["schema"])
+
+
 @pytest.mark.parametrize("extra, param", [
     ({"guided_regex": "("}, "guided_regex"),
     ({"guided_choice": []}, "guided_choice"),
@@ -348,6 +373,9 @@ def test_guided_fields_and_structured_outputs_constrain_the_answer(client):
     ({"guided_grammar": "root ::= ("}, "guided_grammar"),
     ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex"),
     ({"guided_jsn": {}}, "guided_jsn"),                         # still unknown: a 400 naming it
+    ({"response_format": {**AT_TAG, "triggers": ["#"]}}, "response_format"),      # a begin without its trigger
+    ({"structured_outputs": {"structural_tag": "{"}}, "structured_outputs.structural_tag"),
+    ({"response_format": {"type": "structural_tag", "format": {"type": "triggered_tags"}}}, "response_format.format"),
 ])
 def test_a_guided_field_that_cannot_be_enforced_is_a_400_naming_it(client, extra, param):
     with pytest.raises(openai.BadRequestError) as e:
@@ -397,6 +425,21 @@ def test_the_fields_keep_their_meaning_through_a_python_stage(tiny_gguf):
         text = client.chat.completions.create(model="tiny", messages=USER, max_tokens=8,
                                               extra_body={"guided_choice": ["yes", "no"]}).choices[0].message.content
         assert text in ("yes", "no")
+        # vLLM's disable_any_whitespace is kept on the way through the stage: JSON without a space
+        schema = {"type": "object", "properties": {"a": {"enum": [1, 2]}, "b": {"enum": [3, 4]}}, "required": ["a", "b"]}
+        text = client.chat.completions.create(model="tiny", messages=USER, max_tokens=24, temperature=1.0, seed=1,
+                                              extra_body={"structured_outputs": {"json": schema,
+                                                                                 "disable_any_whitespace": True}}
+                                              ).choices[0].message.content
+        assert " " not in text and json.loads(text)["a"] in (1, 2), text
+        # a structural tag with vLLM's disable_any_whitespace: each "@" followed by f({"n":D}), no space
+        [at] = httpx.post(s.url + "/tokenize", json={"prompt": "@", "add_special_tokens": False},
+                          timeout=30).json()["tokens"]
+        out = client.chat.completions.create(
+            model="tiny", messages=USER, max_tokens=16, temperature=1.0, seed=5, logit_bias={str(at): 100},
+            extra_body={"structured_outputs": {"structural_tag": AT_TAG, "disable_any_whitespace": True}})
+        text, *_ = out.choices[0].message.content.rpartition("@")          # the last tag may be cut
+        assert re.fullmatch(r'(@f\(\{"n":[0-9]\}\))+', text), out.choices[0].message.content
     finally:
         s.close()
 

@@ -55,10 +55,16 @@ class ConstraintCompiler(GrammarBuilder):
         # empty tokens that are never allowed
         self.tokenizer = llg.LLTokenizer(tk.to_str(), n_vocab=max(self.vocab_size, n_tok),
                                           eos_token=list(eos))
+        self._tk = tk
         self.words = (self.tokenizer.vocab_size + 31) // 32  # int32 words of one row's bitmask
         self.cache_size = cache_size
         self._cache: OrderedDict[str, Grammar] = OrderedDict()
         self._lock = threading.Lock()
+
+    def _special_token(self, text: str) -> int | None:
+        """A structural tag's trigger that is one special token of this tokenizer: its id."""
+        i = self._tk.token_to_id(text)
+        return i if i is not None and i < self.tokenizer.vocab_size and self.tokenizer.is_special_token(i) else None
 
     def compile(self, spec: dict) -> "Grammar":
         try:

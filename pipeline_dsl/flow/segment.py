@@ -27,7 +27,7 @@ SAMPLING_FIELDS = tuple(f for f in REQUEST_FIELDS if f != "n") + (
     "stop_token_ids", "logit_bias", "allowed_token_ids", "logprobs", "prompt_logprobs", "skip_special_tokens",
     "spaces_between_special_tokens", "include_stop_str_in_output", "pooling", "cache_salt")
 # constraints a request may bring (response_format, or agp serve's mapping of vLLM's guided fields)
-CONSTRAINTS = ("json_object", "json_schema", "regex", "choice", "grammar")
+CONSTRAINTS = ("json_object", "json_schema", "regex", "choice", "grammar", "structural_tag")
 
 
 @dataclass

@@ -9,7 +9,17 @@ sampled, no prefix-cache read (engine/prompt_outputs.py). It is not a model trai
 retrieval: similar texts land near each other only as far as the language model's states say.
 
     {"model": "chat", "input": "text" | ["a", "b"] | [1, 2, 3] | [[1, 2], [3]],
-     "encoding_format": "float" | "base64", "dimensions": H, "priority": 0, "add_special_tokens": true}
+     "encoding_format": "float" | "base64", "dimensions": H, "priority": 0, "add_special_tokens": true,
+     "embed_dtype": "float32", "endianness": "native"}
+
+vLLM's chat form embeds one conversation instead of `input`: `{"messages": [...],
+"add_generation_prompt": false, "continue_final_message": false, "chat_template_kwargs": {...}}`,
+rendered by the chat template as a chat request's messages are, but without the assistant's turn
+opened after them unless `add_generation_prompt` is true (vLLM's default for embeddings).
+
+`embed_dtype` and `endianness` (vLLM's) say how a base64 embedding's numbers are written: float32
+(OpenAI's), float16, bfloat16 or fp8 (e4m3, e5m2), in the server's own byte order ("native", vLLM's
+default) or in the one named; a float embedding is a list of numbers whatever they say.
 
 `add_special_tokens` (vLLM's) is a completions request's: false embeds a text input without the
 start token its tokenizer would put first. `priority` (vLLM's) is a generation request's: lower
@@ -22,6 +32,7 @@ import asyncio
 import base64
 import math
 import struct
+import sys
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -37,7 +48,13 @@ from .extras import bad
 from .generation import wait_or_disconnect
 
 FIELDS = {"model", "input", "encoding_format", "dimensions", "user", "normalize", "request_id", "priority",
-          "add_special_tokens"}
+          "add_special_tokens", "embed_dtype", "endianness",
+          "messages", "add_generation_prompt", "continue_final_message", "chat_template_kwargs"}   # the chat form
+# vLLM's embed_dtype of a base64 embedding: its torch dtype, and the integer dtype of the same width
+# whose bytes are written (bfloat16 and fp8 are their bit patterns)
+EMBED_DTYPES = {"float32": ("float32", "int32"), "float16": ("float16", "int16"), "bfloat16": ("bfloat16", "int16"),
+                "fp8_e4m3": ("float8_e4m3fn", "uint8"), "fp8_e5m2": ("float8_e5m2", "uint8")}
+ENDIANNESS = ("native", "big", "little")
 MAX_INPUTS = 256           # inputs one request may embed
 
 
@@ -65,11 +82,24 @@ def _inputs(value, max_model_len: int) -> list:
     return batch
 
 
-def encode(vector: list[float], fmt: str):
-    """The embedding as a list of floats, or base64 of little-endian float32 (OpenAI's)."""
+def encode(vector: list[float], fmt: str, dtype: str = "float32", endianness: str = "native"):
+    """The embedding as a list of floats, or base64 of its numbers as `dtype` in the byte order
+    `endianness` (float32 little-endian: OpenAI's)."""
     if fmt == "base64":
-        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+        return base64.b64encode(binary(vector, dtype, endianness)).decode("ascii")
     return vector
+
+
+def binary(vector: list[float], dtype: str, endianness: str) -> bytes:
+    """The numbers of `vector` as `dtype` (EMBED_DTYPES), in the byte order `endianness` (ENDIANNESS)."""
+    order = sys.byteorder if endianness == "native" else endianness
+    if dtype == "float32":
+        return struct.pack(f"{'<' if order == 'little' else '>'}{len(vector)}f", *vector)
+    import torch
+
+    real, bits = (getattr(torch, name) for name in EMBED_DTYPES[dtype])
+    out = torch.tensor(vector, dtype=torch.float32).to(real).view(bits).numpy()
+    return (out if order == sys.byteorder else out.byteswap()).tobytes()
 
 
 def normalised(vector: list[float]) -> list[float]:
@@ -87,8 +117,20 @@ class Embeddings:
         c = self.g.config
         body = P.check_unknown(body, FIELDS, c.lenient)
         model, pin = P.model_of(body, c.model_names, self.g.stage_names)
-        if body.get("input") is None:
-            raise P.APIError("'input' is required", param="input")
+        chat = body.get("messages") is not None
+        if chat and body.get("input") is not None:
+            raise P.APIError("give 'input' or 'messages', not both", param="messages")
+        if not chat and body.get("input") is None:
+            raise P.APIError("'input' is required (or 'messages', vLLM's chat form)", param="input")
+        rendering = [k for k in ("add_generation_prompt", "continue_final_message", "chat_template_kwargs")
+                     if body.get(k) is not None]
+        if rendering and not chat:
+            raise P.APIError(f"'{rendering[0]}' renders 'messages', and this request embeds an 'input'",
+                             param=rendering[0])
+        if chat and body.get("add_special_tokens"):
+            raise P.APIError("'add_special_tokens' = true is not supported with 'messages': the chat template writes "
+                             "the special tokens (leave it out or use false)", param="add_special_tokens")
+        messages, render, template_kwargs = P.conversation(body) if chat else (None, {}, None)
         fmt = body.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
             raise bad("encoding_format", "float or base64", fmt)
@@ -98,10 +140,19 @@ class Embeddings:
         normalize = True if body.get("normalize") is None else body["normalize"]     # null: left out
         if not isinstance(normalize, bool):
             raise bad("normalize", "true or false", normalize)
+        dtype, endianness = body.get("embed_dtype") or "float32", body.get("endianness") or "native"
+        if dtype not in EMBED_DTYPES:
+            raise bad("embed_dtype", "one of " + ", ".join(EMBED_DTYPES), dtype)
+        if endianness not in ENDIANNESS:
+            raise bad("endianness", "one of " + ", ".join(ENDIANNESS), endianness)
         extras = P.parse_extras({"request_id": body.get("request_id")}, chat=False)
-        return {"model": model, "pin": pin, "inputs": _inputs(body["input"], c.max_model_len), "format": fmt,
+        return {"model": model, "pin": pin, "format": fmt,
+                "inputs": [messages] if chat else _inputs(body["input"], c.max_model_len),
+                "chat_template_kwargs": template_kwargs,
                 "dimensions": dims, "normalize": normalize, "request_id": extras.request_id,
-                "fields": {"max_tokens": 0, "pooling": "mean", **P.priority_field(body), **P.add_special_tokens(body)}}
+                "dtype": dtype, "endianness": endianness,
+                "fields": {"max_tokens": 0, "pooling": "mean", **P.priority_field(body),
+                           **({"add_generation_prompt": False, **render} if chat else P.add_special_tokens(body))}}
 
     async def create(self, request: Request) -> Response:
         g = self.g
@@ -113,9 +164,11 @@ class Embeddings:
         streams = []
         try:
             for i, v in enumerate(req["inputs"]):
-                item = request_item(f"{rid}-{i}", messages=None, prompt=v if isinstance(v, str) else None,
+                item = request_item(f"{rid}-{i}", messages=v if isinstance(v, tuple) else None,
+                                    prompt=v if isinstance(v, str) else None,
                                     prompt_token_ids=v if isinstance(v, list) else None,
-                                    fields=req["fields"], model=req["model"])
+                                    fields=req["fields"], model=req["model"],
+                                    chat_template_kwargs=req["chat_template_kwargs"])
                 streams.append(await g.apipe.add(item, pin=req["pin"]))
         except PipelineError as e:
             for st in streams:
@@ -164,7 +217,8 @@ class Embeddings:
                 raise P.APIError(f"'dimensions' = {req['dimensions']}: this model's embeddings have {len(pooled)}",
                                  param="dimensions")
             vector = normalised(pooled) if req["normalize"] else pooled
-            data.append({"object": "embedding", "index": i, "embedding": encode(vector, req["format"])})
+            data.append({"object": "embedding", "index": i, "embedding": encode(vector, req["format"], req["dtype"],
+                                                                              req["endianness"])})
             tokens += res.usage.get("prompt_tokens", 0)
         return {"object": "list", "data": data, "model": req["model"],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

@@ -10,7 +10,7 @@
         check_min_tokens(values, "max_tokens")
 
 Structured output: `response_format` (OpenAI), `structured_outputs` (vLLM ≥ 0.11: one of `json`,
-`regex`, `choice`, `grammar`, `json_object`) and the older `guided_json`, `guided_regex`,
+`regex`, `choice`, `grammar`, `json_object`, `structural_tag`) and the older `guided_json`, `guided_regex`,
 `guided_choice`, `guided_grammar` all become one spec of the constraint compiler
 (engine/constrain.py), checked here so a spec it cannot enforce is a 400 naming the field the
 client wrote (requests_io.parse_constraint, which `agp run`'s lines share). A request gives at most

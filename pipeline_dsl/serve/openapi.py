@@ -12,11 +12,18 @@ from pipeline_dsl.engine.config import MAX_LOGPROBS
 from pipeline_dsl.requests_io import MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS, MAX_STOP_LEN, NOT_NULL, ROLES
 from stages.fields import PRIORITY, REQUEST_FIELDS, TOKEN_ID_FIELDS, param_of
 
-from .embeddings import MAX_INPUTS
-from .protocol import (CACHE_SETTINGS, CHAT_LACKING, CHAT_NEUTRAL, IDENTIFIERS, MAX_PROMPTS, NEUTRAL,
-                       REASONING_EFFORTS, RESPONSES_LACKING)
+from .embeddings import EMBED_DTYPES, ENDIANNESS, MAX_INPUTS
+from .protocol import (CACHE_SETTINGS, CHAT_LACKING, CHAT_NEUTRAL, COMPLETION_LACKING, IDENTIFIERS, MAX_PROMPTS,
+                       NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING)
 from .responses import IMAGE_COMPRESSION
 
+# vLLM's structural tag (response_format of type "structural_tag"): free text, and after each trigger
+# the structure whose begin starts with it
+STRUCTURAL_TAG = {
+    "structures": {"type": "array", "minItems": 1, "items": {
+        "type": "object", "required": ["begin", "end"], "properties": {
+            "begin": {"type": "string"}, "schema": {"type": "object"}, "end": {"type": "string"}}}},
+    "triggers": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}}}
 _SEED = param_of("generate", "seed")                # one schema: the range `agp check` takes
 _BAD_WORDS = param_of("generate", "bad_words")
 
@@ -90,9 +97,10 @@ SAMPLING = {
     "logit_bias": {"type": "object", "maxProperties": MAX_LOGIT_BIAS, "description": "token id -> bias",
                    "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
     "response_format": {"type": "object", "required": ["type"], "properties": {
-        "type": {"enum": ["text", "json_object", "json_schema"]},
+        "type": {"enum": ["text", "json_object", "json_schema", "structural_tag"]},
         "json_schema": {"type": "object", "required": ["schema"], "properties": {
-            "name": {"type": "string"}, "schema": {"type": "object"}, "strict": {"type": ["boolean", "null"]}}}}},
+            "name": {"type": "string"}, "schema": {"type": "object"}, "strict": {"type": ["boolean", "null"]}}},
+        **STRUCTURAL_TAG}},
     **_neutral(NEUTRAL),
     # vLLM's extras (serve/extras.py)
     "skip_special_tokens": {"type": "boolean"},
@@ -124,6 +132,8 @@ SAMPLING = {
     "structured_outputs": {"type": "object", "properties": {
         "json": {"type": "object"}, "regex": {"type": "string"}, "grammar": {"type": "string"},
         "choice": {"type": "array", "items": {"type": "string"}}, "json_object": {"type": "boolean"},
+        "structural_tag": {"type": ["string", "object"],
+                           "description": "vLLM's structural tag ({\"structures\", \"triggers\"}), or its JSON text"},
         "disable_any_whitespace": {"type": "boolean", "description": "JSON without whitespace between tokens"},
         "disable_additional_properties": {"type": "boolean",
                                           "description": "objects as open as the schema leaves them"},
@@ -186,6 +196,7 @@ CHAT_REQUEST = _request("messages", {
     "store": {"type": ["boolean", "null"], "description": "taken and ignored"},
     "service_tier": {"type": ["string", "null"], "description": "taken and ignored"},
     "reasoning_effort": {"enum": [*REASONING_EFFORTS, None], "description": "taken and ignored (no reasoning models)"},
+    "include_reasoning": {"type": "boolean", "description": "vLLM's; taken and ignored (no reasoning models)"},
     **{name: {"type": "string", "description": "taken and ignored"} for name in IDENTIFIERS},
     **CACHE,
     **SAMPLING,
@@ -210,6 +221,7 @@ COMPLETION_REQUEST = _request("prompt", {
     "logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS},
     **SAMPLING,
     "max_tokens": {"type": "integer", "minimum": 0, "description": "0 only with echo: score the prompt"},
+    **_neutral(COMPLETION_LACKING),
 })
 
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
@@ -222,6 +234,7 @@ USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "t
     "total_tokens": {"type": "integer"}}}
 
 FINISH = {"type": ["string", "null"]}
+NO_REASONING = "vLLM's reasoning field: null, as agp's models do not reason (reasoning_content: its older name)"
 STOP_REASON = {"type": ["string", "integer", "null"],
                "description": "vLLM's: the stop string or stop_token_ids id that ended the answer, else null"}
 
@@ -236,7 +249,9 @@ CHAT_RESPONSE = {"type": "object", "required": ["id", "object", "created", "mode
                                         "stop_reason": STOP_REASON,
                                         "message": {"type": "object", "required": ["role", "content"],
                                                     "properties": {"role": {"const": "assistant"},
-                                                                   "content": {"type": ["string", "null"]}}}}}}}}
+                                                                   "content": {"type": ["string", "null"]},
+                                                                   **{name: {"type": "null", "description": NO_REASONING}
+                                                                      for name in ("reasoning", "reasoning_content")}}}}}}}}
 
 COMPLETION_RESPONSE = {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
                        "properties": {
@@ -407,17 +422,37 @@ RESPONSE_DELETE = {"responses": {"200": {"description": "the response was forgot
 
 TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
 
+EMBEDDINGS_INPUT = {"oneOf": [{"type": "string", "minLength": 1}, TOKEN_IDS,
+                             {"type": "array", "minItems": 1, "maxItems": MAX_INPUTS, "items": {"oneOf": [
+                                 {"type": "string", "minLength": 1}, TOKEN_IDS]}}]}
+
+
+def _embeddings_request() -> dict:
+    """The body of /v1/embeddings: `input`, or vLLM's chat form (`messages`); `input` is never null
+    (it is what the request embeds)."""
+    schema = _request(None, {
+        "model": {"type": "string"},
+        "input": EMBEDDINGS_INPUT,
+        "encoding_format": {"enum": ["float", "base64"]}, "normalize": {"type": "boolean"},
+        "dimensions": {"type": "integer", "description": "only the model's own"},
+        "user": {"type": "string"}, "request_id": SAMPLING["request_id"], "priority": SAMPLING["priority"],
+        "add_special_tokens": ADD_SPECIAL_TOKENS,
+        "embed_dtype": {"enum": list(EMBED_DTYPES), "description": "a base64 embedding's numbers (vLLM's)"},
+        "endianness": {"enum": list(ENDIANNESS), "description": "a base64 embedding's byte order (vLLM's)"},
+        # vLLM's chat form: one conversation, rendered by the chat template, instead of `input`
+        "messages": {"type": "array", "minItems": 1, "items": MESSAGE},
+        "add_generation_prompt": {"type": "boolean", "description": "the chat form: open the assistant's turn "
+                                                                      "after the messages (default false)"},
+        "continue_final_message": {"type": "boolean", "description": "the chat form: leave the last message "
+                                                                       "open"},
+        "chat_template_kwargs": {"type": "object", "description": "the chat form: extra template variables"}})
+    schema["properties"]["input"] = EMBEDDINGS_INPUT
+    return {**schema, "anyOf": [{"required": ["input"]}, {"required": ["messages"]}]}
+
+
 EMBEDDINGS = {
     "summary": "OpenAI embeddings: the mean of the model's final hidden states (serve/embeddings.py)",
-    "requestBody": {"required": True, "content": {"application/json": {"schema": _request("input", {
-            "model": {"type": "string"},
-            "input": {"oneOf": [{"type": "string", "minLength": 1}, TOKEN_IDS,
-                                {"type": "array", "minItems": 1, "maxItems": MAX_INPUTS, "items": {"oneOf": [
-                                    {"type": "string", "minLength": 1}, TOKEN_IDS]}}]},
-            "encoding_format": {"enum": ["float", "base64"]}, "normalize": {"type": "boolean"},
-            "dimensions": {"type": "integer", "description": "only the model's own"},
-            "user": {"type": "string"}, "request_id": SAMPLING["request_id"], "priority": SAMPLING["priority"],
-            "add_special_tokens": ADD_SPECIAL_TOKENS})}}},
+    "requestBody": {"required": True, "content": {"application/json": {"schema": _embeddings_request()}}},
     "responses": {"200": {"description": "one embedding per input", "content": {"application/json": {"schema": {
         "type": "object", "required": ["object", "data", "model", "usage"], "properties": {
             "object": {"const": "list"},

@@ -18,10 +18,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pipeline_dsl.requests_io import (CACHE_SETTINGS, CHAT_FIELDS, CHAT_LACKING, CHAT_NEUTRAL,  # noqa: F401
-                                      COMPLETION_FIELDS, IDENTIFIERS, IGNORED, ITEM_FIELDS, NEUTRAL, REASONING_EFFORTS,
-                                      RESPONSES_LACKING, check_fields, check_min_tokens, check_neutral,
-                                      json_type, load_json, logprobs_of_chat, must_be, parse_logit_bias,
-                                      parse_messages, parse_tools, priority, request_item)
+                                      COMPLETION_FIELDS, COMPLETION_LACKING, IDENTIFIERS, IGNORED, ITEM_FIELDS,
+                                      NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING, check_fields,
+                                      check_min_tokens, check_neutral, json_type, load_json, logprobs_of_chat,
+                                      must_be, parse_logit_bias, parse_messages, parse_tools, priority,
+                                      request_item)
 from pipeline_dsl.requests_io import check_lacking as request_check_lacking
 from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
 
@@ -136,20 +137,20 @@ def check_unknown(obj: dict, known: set[str], lenient: bool = False, where: str 
 
 _CHAT_NEUTRAL = NEUTRAL | CHAT_NEUTRAL
 _COMPLETION_CHECKED = {"guided_decoding_backend": IGNORED["guided_decoding_backend"]}
-_CHAT_CHECKED = _COMPLETION_CHECKED | {name: IGNORED[name] for name in ("reasoning_effort", "store", "service_tier")}
+_CHAT_CHECKED = _COMPLETION_CHECKED | {name: IGNORED[name]
+                                       for name in ("reasoning_effort", "include_reasoning", "store", "service_tier")}
 _IDENTIFIER_RULES = {name: IGNORED[name] for name in IDENTIFIERS}
 
 
 def _check_unsupported(obj: dict, chat: bool = False) -> None:
     """Fields agp knows but only serves at their neutral value (NEUTRAL), those of features it
-    lacks (CHAT_LACKING), and the ones only checked here (IGNORED: guided_decoding_backend, as one
-    backend, llguidance, serves every structured output; chat's reasoning_effort, store and
-    service_tier)."""
+    lacks (CHAT_LACKING, COMPLETION_LACKING), and the ones only checked here (IGNORED:
+    guided_decoding_backend, as one backend, llguidance, serves every structured output; chat's
+    reasoning_effort, include_reasoning, store and service_tier)."""
     with request_errors:
         check_neutral(obj, _CHAT_NEUTRAL if chat else NEUTRAL)
         check_fields(obj, _CHAT_CHECKED if chat else _COMPLETION_CHECKED)
-        if chat:
-            request_check_lacking(obj, CHAT_LACKING)
+        request_check_lacking(obj, CHAT_LACKING if chat else COMPLETION_LACKING)
 
 
 def check_lacking(obj: dict, table: dict) -> None:
@@ -450,6 +451,13 @@ def _render_flags(obj: dict) -> dict:
     return {k: v for k, v in flags.items() if v is not None}
 
 
+def conversation(obj: dict) -> tuple[tuple[dict, ...], dict, dict | None]:
+    """A conversation to render as chat does, outside a chat request (vLLM's chat-form embeddings):
+    its messages, its rendering flags (add_generation_prompt, continue_final_message; both true is
+    a 400) and its chat_template_kwargs."""
+    return _messages(obj.get("messages")), _render_flags(obj), parse_extras(obj, chat=True).template_kwargs
+
+
 # ---------------------------------------------------------------- logprobs (OpenAI's two shapes)
 
 class TextOffsets:
@@ -604,14 +612,22 @@ def chat_message(text: str, finish_reason: str | None, tools_active: bool,
     return {"role": "assistant", "content": text}, finish_reason
 
 
+# vLLM's answer to a model without a reasoning parser: its message's reasoning fields, null. Clients
+# of vLLM read them without a guard (`message.reasoning_content`: an AttributeError in the openai SDK
+# where the key is missing); `reasoning` is vLLM's name, `reasoning_content` its older one, still answered
+NO_REASONING = {"reasoning": None, "reasoning_content": None}
+
+
 def chat_response(rid: str, model: str, choices: list[tuple], use: dict, created: int | None = None,
                   tools_active: bool = False, top: dict | None = None, call_limit: int | None = None,
                   fingerprint: str | None = None) -> dict:
     """choices: (index, text, finish_reason[, logprobs[, what else the choice carries]]) each;
-    `top`: what the answer carries beside its choices (vLLM's prompt_logprobs, prompt_token_ids)."""
+    `top`: what the answer carries beside its choices (vLLM's prompt_logprobs, prompt_token_ids).
+    Each message carries NO_REASONING: agp's models do not reason."""
     out = []
     for c in choices:
         message, reason = chat_message(c[1], c[2], tools_active, call_limit)
+        message.update(NO_REASONING)
         out.append({"index": c[0], "message": message, "logprobs": c[3] if len(c) > 3 else None,
                     "finish_reason": reason, **(c[4] if len(c) > 4 else {})})
     return {"id": rid, "object": "chat.completion", "created": created or int(time.time()),
