@@ -207,6 +207,24 @@ def test_every_unlabelled_series_exists_at_zero_before_the_first_request():
     assert {s.labels["engine"] for s in fams["vllm:prompt_tokens"].samples} == {"0"}
 
 
+def test_each_finish_reason_of_vllm_exists_at_zero_on_every_engine_before_the_first_request():
+    """As vLLM's request_success_total: a dashboard's model variable
+    (label_values(vllm:request_success_total, model_name)) has the model before a request
+    finishes, and increase() counts the first request of each finish reason."""
+    from prometheus_client import generate_latest
+
+    from pipeline_dsl.serve.metrics import ServerMetrics
+
+    m = ServerMetrics("m", process=False, engine_of={"draft": "0", "answer": "1"})
+    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(m.registry).decode())}
+    done = [s for s in fams["vllm:request_success"].samples if s.name == "vllm:request_success_total"]
+    assert {(s.labels["finished_reason"], s.labels["engine"]) for s in done} == \
+        {(r, e) for r in ("stop", "length", "abort") for e in ("0", "1")}
+    assert all(s.value == 0 and s.labels["model_name"] == "m" for s in done)
+    assert {s.labels["finished_reason"] for s in fams["agp_requests_finished"].samples} == {"stop", "length", "abort"}
+    assert {s.labels["engine"] for s in fams["vllm:prompt_tokens"].samples} == {"0", "1"}
+
+
 def test_every_http_request_is_counted_by_its_route_template_method_and_status(server, client):
     """Per-route series an operator alerts on (a rising 4xx rate of one route): handler is the
     route's template, so random paths (a scanner) fall into "none" and add no series."""

@@ -18,6 +18,11 @@ dashboard or a gateway written for vLLM reads agp unchanged:
     vllm:request_prompt_tokens, request_generation_tokens, request_params_n, request_params_max_tokens,
     vllm:iteration_tokens_total                       histograms
 
+Every series without labels of its own, and request_success_total for each of vLLM's finish reasons
+(stop, length, abort), exists at 0 from the start, on every engine, as vLLM's do: a dashboard's
+`label_values(vllm:request_success_total, model_name)` finds the model before the first request
+finishes, and rate() counts a series' first increase.
+
 Request-level series are observed as requests finish (finish reasons by the serving layer, which
 knows a tool call from a stop); the gauges, the engines' cumulative counters (generated tokens,
 aborted requests' too; preemptions; prefix-cache queries and hits; tokens per step) and the
@@ -47,6 +52,7 @@ STEP_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 1
 N_BUCKETS = (1, 2, 5, 10, 20)
 TOKEN_BUCKETS = tuple(m * 10 ** e for e in range(6) for m in (1, 2, 5))   # 1 .. 500000
 
+FINISH_REASONS = ("stop", "length", "abort")      # vLLM's; agp adds tool_calls when one is parsed
 OLDER_NAMES = {"inter_token_latency_seconds": ("time_per_output_token_seconds",)}   # vLLM before 0.11
 
 HISTOGRAMS = (  # (attribute, name, help, buckets)
@@ -200,13 +206,15 @@ class _Metric:
     vLLM series also `engine` (the index of the engine it is about, "0" by default)."""
 
     def __init__(self, kind, registry, model_name: str, agp: str, vllm: str | None, doc: str,
-                 labels: tuple[str, ...] = (), older: tuple[str, ...] = (), **kw):
+                 labels: tuple[str, ...] = (), older: tuple[str, ...] = (), engines: tuple[str, ...] = ("0",),
+                 **kw):
         self.agp = kind(f"agp_{agp}", doc, ["model_name", *labels], registry=registry, **kw)
         self.vllm = [kind(f"vllm:{name}", doc, ["model_name", "engine", *labels], registry=registry, **kw)
                      for name in ((vllm, *older) if vllm else ())]       # vLLM's name, then its older ones
         self.model_name = model_name
         if not labels:       # its series exist from the start, at 0 (as vLLM's): rate() works from the first scrape
-            self.labels()
+            for engine in engines:
+                self.labels(engine=engine)
 
     def labels(self, *values, engine: str = "0") -> "_Children":
         values = tuple(map(str, values))
@@ -342,13 +350,17 @@ class ServerMetrics:
         self.model_name = model_name
         self.engine_of = dict(engine_of or {})    # generate stage or engine name -> the index of its engine
         self.registry = r = CollectorRegistry()
+        engines = tuple(sorted({"0", *self.engine_of.values()}, key=lambda e: (len(e), e)))
 
         def metric(kind, agp, vllm, doc, labels=(), **kw):
-            return _Metric(kind, r, model_name, agp, vllm, doc, labels, **kw)
+            return _Metric(kind, r, model_name, agp, vllm, doc, labels, engines=engines, **kw)
 
         self.requests = metric(Counter, "requests", None, "HTTP generation requests by status code", ("status",))
         self.finished = metric(Counter, "requests_finished", "request_success",
                                "Finished requests by finish reason", ("finished_reason",))
+        for engine in engines:                  # vLLM's finish reasons, at 0 from the start
+            for reason in FINISH_REASONS:
+                self.finished.labels(reason, engine=engine)
         self.prompt_tokens = metric(Counter, "prompt_tokens", "prompt_tokens",
                                     "Prompt tokens of finished requests and of prefilled ones that failed or were aborted")
         self.cached_tokens = metric(Counter, "prompt_tokens_cached", None,
