@@ -79,6 +79,38 @@ def test_step_tokens_params_and_request_times_move(server, client):
     assert grew("vllm:request_time_per_output_token_seconds", "vllm:request_time_per_output_token_seconds_sum") > 0
 
 
+def test_max_num_generation_tokens_is_a_requests_longest_choice(server, client):
+    """vLLM's dashboard panel "Max Generation Token in Sequence Group" (rate of the histogram's
+    _sum): one observation per request, its longest choice's tokens, not all its choices' tokens."""
+    name = "vllm:request_max_num_generation_tokens"
+    before = scrape(server)
+    client.completions.create(model="tiny", prompt="hello world", max_tokens=6, n=3, extra_body={"ignore_eos": True})
+    after = scrape(server)
+    assert after[name].type == "histogram"
+    assert value(after, name, name + "_count") - value(before, name, name + "_count") == 1
+    assert value(after, name, name + "_sum") - value(before, name, name + "_sum") == 6
+    assert value(after, name, name + "_bucket", le="5.0") == value(before, name, name + "_bucket", le="5.0")
+    assert value(after, name, name + "_bucket", le="10.0") - value(before, name, name + "_bucket", le="10.0") == 1
+    generated = "vllm:request_generation_tokens"
+    assert value(after, generated, generated + "_sum") - value(before, generated, generated + "_sum") == 18
+
+
+def test_a_choices_longest_count_is_observed_when_choices_differ():
+    from prometheus_client import generate_latest
+
+    from pipeline_dsl.flow import Choice, Result
+    from pipeline_dsl.serve.metrics import ServerMetrics
+
+    m = ServerMetrics("m", process=False)
+    choices = [Choice(i, "x", "stop", {"usage": {"completion_tokens": k}}) for i, k in enumerate((3, 9, 4))]
+    m.observe_result(Result("r", None, choices, None, {"prompt_tokens": 5, "completion_tokens": 16,
+                                                      "cached_tokens": 0}, {}), 0.5, {"n": 3})
+    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(m.registry).decode())}
+    name = "vllm:request_max_num_generation_tokens"
+    assert value(fams, name, name + "_sum") == 9 and value(fams, name, name + "_count") == 1
+    assert value(fams, "agp_request_max_num_generation_tokens", "agp_request_max_num_generation_tokens_sum") == 9
+
+
 def test_a_tool_call_finish_is_counted_as_tool_calls(server, client):
     def tool_calls():
         return value(scrape(server), "vllm:request_success", "vllm:request_success_total", finished_reason="tool_calls")

@@ -15,8 +15,8 @@ dashboard or a gateway written for vLLM reads agp unchanged:
     vllm:request_queue_time_seconds, request_prefill_time_seconds, request_decode_time_seconds,
     vllm:request_inference_time_seconds, request_time_per_output_token_seconds,
     vllm:time_per_output_token_seconds (vLLM's older name of inter_token_latency_seconds),
-    vllm:request_prompt_tokens, request_generation_tokens, request_params_n, request_params_max_tokens,
-    vllm:iteration_tokens_total                       histograms
+    vllm:request_prompt_tokens, request_generation_tokens, request_max_num_generation_tokens,
+    vllm:request_params_n, request_params_max_tokens, iteration_tokens_total     histograms
 
 Every series without labels of its own, and request_success_total for each of vLLM's finish reasons
 (stop, length, abort), exists at 0 from the start, on every engine, as vLLM's do: a dashboard's
@@ -68,6 +68,8 @@ HISTOGRAMS = (  # (attribute, name, help, buckets)
      ITL_BUCKETS),
     ("request_prompt", "request_prompt_tokens", "Prompt tokens per request", TOKEN_BUCKETS),
     ("request_generation", "request_generation_tokens", "Generated tokens per request", TOKEN_BUCKETS),
+    ("max_generation", "request_max_num_generation_tokens",
+     "The tokens of a request's longest choice (of its n; with one choice its generated tokens)", TOKEN_BUCKETS),
     ("params_n", "request_params_n", "The n request parameter", N_BUCKETS),
     ("params_max_tokens", "request_params_max_tokens", "The max_tokens request parameter (when given)",
      TOKEN_BUCKETS),
@@ -423,6 +425,10 @@ class ServerMetrics:
         self.e2e.labels(engine=engine).observe(latency_s)
         self.request_prompt.labels(engine=engine).observe(usage.get("prompt_tokens", 0))
         self.request_generation.labels(engine=engine).observe(usage.get("completion_tokens", 0))
+        longest = result.longest_choice_tokens()
+        if longest is None:                   # choices that do not count their own: their shared usage
+            longest = -(-usage.get("completion_tokens", 0) // max(len(result.choices), 1))
+        self.max_generation.labels(engine=engine).observe(longest)
         for key, hist in (("queue_s", self.queue_time), ("prefill_s", self.prefill_time),
                           ("decode_s", self.decode_time)):
             if timings.get(key) is not None:
