@@ -95,6 +95,41 @@ def test_max_num_generation_tokens_is_a_requests_longest_choice(server, client):
     assert value(after, generated, generated + "_sum") - value(before, generated, generated + "_sum") == 18
 
 
+# vLLM's histogram boundaries (vllm/v1/metrics/loggers.py), which its dashboards and alerts select
+VLLM_BOUNDS = {
+    "vllm:e2e_request_latency_seconds": (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
+                                         50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0),
+    "vllm:time_to_first_token_seconds": (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                                         2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0),
+    "vllm:inter_token_latency_seconds": (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+                                         5.0, 7.5, 10.0, 20.0, 40.0, 80.0),
+}
+for _name in ("request_queue_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds",
+              "request_inference_time_seconds"):
+    VLLM_BOUNDS[f"vllm:{_name}"] = VLLM_BOUNDS["vllm:e2e_request_latency_seconds"]
+VLLM_BOUNDS["vllm:request_time_per_output_token_seconds"] = VLLM_BOUNDS["vllm:inter_token_latency_seconds"]
+
+
+def test_latency_histograms_have_every_bucket_of_vllms_so_its_alerts_fire():
+    """vLLM's example alert rules: p99 E2E latency > 120 s, and
+    increase(vllm:e2e_request_latency_seconds_bucket{le="120"}[5m]) < increase(..._count[5m]) for
+    a request slower than two minutes. With a top bucket below 120 s the quantile could never pass
+    120 and the le="120" series did not exist: neither alert could fire."""
+    from prometheus_client import generate_latest
+
+    from pipeline_dsl.serve.metrics import ServerMetrics
+
+    m = ServerMetrics("m", process=False)
+    m.e2e.observe(150.0)
+    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(m.registry).decode())}
+    for name, bounds in VLLM_BOUNDS.items():
+        have = {float(s.labels["le"]) for s in fams[name].samples if s.name == name + "_bucket"}
+        assert set(bounds) <= have, (name, sorted(set(bounds) - have))
+    e2e = "vllm:e2e_request_latency_seconds"
+    assert value(fams, e2e, e2e + "_bucket", le="120.0") == 0 and value(fams, e2e, e2e + "_count") == 1
+    assert value(fams, e2e, e2e + "_bucket", le="240.0") == 1     # p99 lies in (120, 240]: above 120
+
+
 def test_a_choices_longest_count_is_observed_when_choices_differ():
     from prometheus_client import generate_latest
 

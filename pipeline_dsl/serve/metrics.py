@@ -47,6 +47,23 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5
                    1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
                0.75, 1.0, 2.0, 5.0)
+# vLLM's own boundaries (vllm/v1/metrics/loggers.py), merged into agp's: a selector written for vLLM
+# (`_bucket{le="120"}`) finds its bucket, and a quantile above agp's finer top bucket is not cut at it
+VLLM_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                     10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+VLLM_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                    20.0, 40.0, 80.0)
+VLLM_REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                        120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+def merged(*bounds) -> tuple[float, ...]:
+    return tuple(sorted({float(b) for bs in bounds for b in bs}))
+
+
+TTFT_BUCKETS = merged(LATENCY_BUCKETS, VLLM_TTFT_BUCKETS)
+STEP_BUCKETS = merged(ITL_BUCKETS, VLLM_ITL_BUCKETS)
+REQUEST_BUCKETS = merged(LATENCY_BUCKETS, VLLM_REQUEST_BUCKETS)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 STEP_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)   # vLLM's
 N_BUCKETS = (1, 2, 5, 10, 20)
@@ -56,16 +73,16 @@ FINISH_REASONS = ("stop", "length", "abort")      # vLLM's; agp adds tool_calls 
 OLDER_NAMES = {"inter_token_latency_seconds": ("time_per_output_token_seconds",)}   # vLLM before 0.11
 
 HISTOGRAMS = (  # (attribute, name, help, buckets)
-    ("ttft", "time_to_first_token_seconds", "Time to first token", LATENCY_BUCKETS),
-    ("itl", "inter_token_latency_seconds", "Time between generated tokens", ITL_BUCKETS),
-    ("e2e", "e2e_request_latency_seconds", "Request arrival to its answer", LATENCY_BUCKETS),
-    ("queue_time", "request_queue_time_seconds", "Arrival at the engine to first scheduled", LATENCY_BUCKETS),
-    ("prefill_time", "request_prefill_time_seconds", "First scheduled to first token", LATENCY_BUCKETS),
-    ("decode_time", "request_decode_time_seconds", "First token to last token", LATENCY_BUCKETS),
+    ("ttft", "time_to_first_token_seconds", "Time to first token", TTFT_BUCKETS),
+    ("itl", "inter_token_latency_seconds", "Time between generated tokens", STEP_BUCKETS),
+    ("e2e", "e2e_request_latency_seconds", "Request arrival to its answer", REQUEST_BUCKETS),
+    ("queue_time", "request_queue_time_seconds", "Arrival at the engine to first scheduled", REQUEST_BUCKETS),
+    ("prefill_time", "request_prefill_time_seconds", "First scheduled to first token", REQUEST_BUCKETS),
+    ("decode_time", "request_decode_time_seconds", "First token to last token", REQUEST_BUCKETS),
     ("inference_time", "request_inference_time_seconds", "First scheduled to last token (running)",
-     LATENCY_BUCKETS),
+     REQUEST_BUCKETS),
     ("tpot", "request_time_per_output_token_seconds", "A request's decode time per token after its first",
-     ITL_BUCKETS),
+     STEP_BUCKETS),
     ("request_prompt", "request_prompt_tokens", "Prompt tokens per request", TOKEN_BUCKETS),
     ("request_generation", "request_generation_tokens", "Generated tokens per request", TOKEN_BUCKETS),
     ("max_generation", "request_max_num_generation_tokens",
