@@ -146,6 +146,20 @@ def test_a_choices_longest_count_is_observed_when_choices_differ():
     assert value(fams, "agp_request_max_num_generation_tokens", "agp_request_max_num_generation_tokens_sum") == 9
 
 
+def test_a_scraper_asking_for_openmetrics_gets_text_with_the_names_vllm_documents(server):
+    """Prometheus' default Accept prefers OpenMetrics; prometheus-client's OpenMetrics writer would
+    turn each vllm: sample into vllm_ (under a `# TYPE vllm:` line), and every dashboard and alert
+    written against vLLM's documented names would be empty."""
+    accept = ("application/openmetrics-text;version=1.0.0;escaping=underscores,application/openmetrics-text;"
+              "version=0.0.1;q=0.75,text/plain;version=1.0.0;escaping=underscores;q=0.5,text/plain;"
+              "version=0.0.4;q=0.4,*/*;q=0.1")
+    r = httpx.get(server.url + "/metrics", headers={"accept": accept}, timeout=30)
+    assert r.headers["content-type"].startswith("text/plain")
+    fams = {f.name: f for f in text_string_to_metric_families(r.text)}
+    assert [s.name for s in fams["vllm:prompt_tokens"].samples] == ["vllm:prompt_tokens_total"]
+    assert not any(line.startswith("vllm_") for line in r.text.splitlines())
+
+
 def test_a_tool_call_finish_is_counted_as_tool_calls(server, client):
     def tool_calls():
         return value(scrape(server), "vllm:request_success", "vllm:request_success_total", finished_reason="tool_calls")
