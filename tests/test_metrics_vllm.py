@@ -79,6 +79,87 @@ def test_step_tokens_params_and_request_times_move(server, client):
     assert grew("vllm:request_time_per_output_token_seconds", "vllm:request_time_per_output_token_seconds_sum") > 0
 
 
+def test_max_num_generation_tokens_is_a_requests_longest_choice(server, client):
+    """vLLM's dashboard panel "Max Generation Token in Sequence Group" (rate of the histogram's
+    _sum): one observation per request, its longest choice's tokens, not all its choices' tokens."""
+    name = "vllm:request_max_num_generation_tokens"
+    before = scrape(server)
+    client.completions.create(model="tiny", prompt="hello world", max_tokens=6, n=3, extra_body={"ignore_eos": True})
+    after = scrape(server)
+    assert after[name].type == "histogram"
+    assert value(after, name, name + "_count") - value(before, name, name + "_count") == 1
+    assert value(after, name, name + "_sum") - value(before, name, name + "_sum") == 6
+    assert value(after, name, name + "_bucket", le="5.0") == value(before, name, name + "_bucket", le="5.0")
+    assert value(after, name, name + "_bucket", le="10.0") - value(before, name, name + "_bucket", le="10.0") == 1
+    generated = "vllm:request_generation_tokens"
+    assert value(after, generated, generated + "_sum") - value(before, generated, generated + "_sum") == 18
+
+
+# vLLM's histogram boundaries (vllm/v1/metrics/loggers.py), which its dashboards and alerts select
+VLLM_BOUNDS = {
+    "vllm:e2e_request_latency_seconds": (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
+                                         50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0),
+    "vllm:time_to_first_token_seconds": (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                                         2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0),
+    "vllm:inter_token_latency_seconds": (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+                                         5.0, 7.5, 10.0, 20.0, 40.0, 80.0),
+}
+for _name in ("request_queue_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds",
+              "request_inference_time_seconds"):
+    VLLM_BOUNDS[f"vllm:{_name}"] = VLLM_BOUNDS["vllm:e2e_request_latency_seconds"]
+VLLM_BOUNDS["vllm:request_time_per_output_token_seconds"] = VLLM_BOUNDS["vllm:inter_token_latency_seconds"]
+
+
+def test_latency_histograms_have_every_bucket_of_vllms_so_its_alerts_fire():
+    """vLLM's example alert rules: p99 E2E latency > 120 s, and
+    increase(vllm:e2e_request_latency_seconds_bucket{le="120"}[5m]) < increase(..._count[5m]) for
+    a request slower than two minutes. With a top bucket below 120 s the quantile could never pass
+    120 and the le="120" series did not exist: neither alert could fire."""
+    from prometheus_client import generate_latest
+
+    from pipeline_dsl.serve.metrics import ServerMetrics
+
+    m = ServerMetrics("m", process=False)
+    m.e2e.observe(150.0)
+    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(m.registry).decode())}
+    for name, bounds in VLLM_BOUNDS.items():
+        have = {float(s.labels["le"]) for s in fams[name].samples if s.name == name + "_bucket"}
+        assert set(bounds) <= have, (name, sorted(set(bounds) - have))
+    e2e = "vllm:e2e_request_latency_seconds"
+    assert value(fams, e2e, e2e + "_bucket", le="120.0") == 0 and value(fams, e2e, e2e + "_count") == 1
+    assert value(fams, e2e, e2e + "_bucket", le="240.0") == 1     # p99 lies in (120, 240]: above 120
+
+
+def test_a_choices_longest_count_is_observed_when_choices_differ():
+    from prometheus_client import generate_latest
+
+    from pipeline_dsl.flow import Choice, Result
+    from pipeline_dsl.serve.metrics import ServerMetrics
+
+    m = ServerMetrics("m", process=False)
+    choices = [Choice(i, "x", "stop", {"usage": {"completion_tokens": k}}) for i, k in enumerate((3, 9, 4))]
+    m.observe_result(Result("r", None, choices, None, {"prompt_tokens": 5, "completion_tokens": 16,
+                                                      "cached_tokens": 0}, {}), 0.5, {"n": 3})
+    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(m.registry).decode())}
+    name = "vllm:request_max_num_generation_tokens"
+    assert value(fams, name, name + "_sum") == 9 and value(fams, name, name + "_count") == 1
+    assert value(fams, "agp_request_max_num_generation_tokens", "agp_request_max_num_generation_tokens_sum") == 9
+
+
+def test_a_scraper_asking_for_openmetrics_gets_text_with_the_names_vllm_documents(server):
+    """Prometheus' default Accept prefers OpenMetrics; prometheus-client's OpenMetrics writer would
+    turn each vllm: sample into vllm_ (under a `# TYPE vllm:` line), and every dashboard and alert
+    written against vLLM's documented names would be empty."""
+    accept = ("application/openmetrics-text;version=1.0.0;escaping=underscores,application/openmetrics-text;"
+              "version=0.0.1;q=0.75,text/plain;version=1.0.0;escaping=underscores;q=0.5,text/plain;"
+              "version=0.0.4;q=0.4,*/*;q=0.1")
+    r = httpx.get(server.url + "/metrics", headers={"accept": accept}, timeout=30)
+    assert r.headers["content-type"].startswith("text/plain")
+    fams = {f.name: f for f in text_string_to_metric_families(r.text)}
+    assert [s.name for s in fams["vllm:prompt_tokens"].samples] == ["vllm:prompt_tokens_total"]
+    assert not any(line.startswith("vllm_") for line in r.text.splitlines())
+
+
 def test_a_tool_call_finish_is_counted_as_tool_calls(server, client):
     def tool_calls():
         return value(scrape(server), "vllm:request_success", "vllm:request_success_total", finished_reason="tool_calls")
@@ -205,6 +286,24 @@ def test_every_unlabelled_series_exists_at_zero_before_the_first_request():
         samples = fams[name].samples
         assert samples and all(s.value == 0 and s.labels["model_name"] == "m" for s in samples), name
     assert {s.labels["engine"] for s in fams["vllm:prompt_tokens"].samples} == {"0"}
+
+
+def test_each_finish_reason_of_vllm_exists_at_zero_on_every_engine_before_the_first_request():
+    """As vLLM's request_success_total: a dashboard's model variable
+    (label_values(vllm:request_success_total, model_name)) has the model before a request
+    finishes, and increase() counts the first request of each finish reason."""
+    from prometheus_client import generate_latest
+
+    from pipeline_dsl.serve.metrics import ServerMetrics
+
+    m = ServerMetrics("m", process=False, engine_of={"draft": "0", "answer": "1"})
+    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(m.registry).decode())}
+    done = [s for s in fams["vllm:request_success"].samples if s.name == "vllm:request_success_total"]
+    assert {(s.labels["finished_reason"], s.labels["engine"]) for s in done} == \
+        {(r, e) for r in ("stop", "length", "abort") for e in ("0", "1")}
+    assert all(s.value == 0 and s.labels["model_name"] == "m" for s in done)
+    assert {s.labels["finished_reason"] for s in fams["agp_requests_finished"].samples} == {"stop", "length", "abort"}
+    assert {s.labels["engine"] for s in fams["vllm:prompt_tokens"].samples} == {"0", "1"}
 
 
 def test_every_http_request_is_counted_by_its_route_template_method_and_status(server, client):

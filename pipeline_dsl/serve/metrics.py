@@ -15,8 +15,13 @@ dashboard or a gateway written for vLLM reads agp unchanged:
     vllm:request_queue_time_seconds, request_prefill_time_seconds, request_decode_time_seconds,
     vllm:request_inference_time_seconds, request_time_per_output_token_seconds,
     vllm:time_per_output_token_seconds (vLLM's older name of inter_token_latency_seconds),
-    vllm:request_prompt_tokens, request_generation_tokens, request_params_n, request_params_max_tokens,
-    vllm:iteration_tokens_total                       histograms
+    vllm:request_prompt_tokens, request_generation_tokens, request_max_num_generation_tokens,
+    vllm:request_params_n, request_params_max_tokens, iteration_tokens_total     histograms
+
+Every series without labels of its own, and request_success_total for each of vLLM's finish reasons
+(stop, length, abort), exists at 0 from the start, on every engine, as vLLM's do: a dashboard's
+`label_values(vllm:request_success_total, model_name)` finds the model before the first request
+finishes, and rate() counts a series' first increase.
 
 Request-level series are observed as requests finish (finish reasons by the serving layer, which
 knows a tool call from a stop); the gauges, the engines' cumulative counters (generated tokens,
@@ -42,26 +47,46 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5
                    1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
                0.75, 1.0, 2.0, 5.0)
+# vLLM's own boundaries (vllm/v1/metrics/loggers.py), merged into agp's: a selector written for vLLM
+# (`_bucket{le="120"}`) finds its bucket, and a quantile above agp's finer top bucket is not cut at it
+VLLM_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                     10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+VLLM_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                    20.0, 40.0, 80.0)
+VLLM_REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                        120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+def merged(*bounds) -> tuple[float, ...]:
+    return tuple(sorted({float(b) for bs in bounds for b in bs}))
+
+
+TTFT_BUCKETS = merged(LATENCY_BUCKETS, VLLM_TTFT_BUCKETS)
+STEP_BUCKETS = merged(ITL_BUCKETS, VLLM_ITL_BUCKETS)
+REQUEST_BUCKETS = merged(LATENCY_BUCKETS, VLLM_REQUEST_BUCKETS)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 STEP_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)   # vLLM's
 N_BUCKETS = (1, 2, 5, 10, 20)
 TOKEN_BUCKETS = tuple(m * 10 ** e for e in range(6) for m in (1, 2, 5))   # 1 .. 500000
 
+FINISH_REASONS = ("stop", "length", "abort")      # vLLM's; agp adds tool_calls when one is parsed
 OLDER_NAMES = {"inter_token_latency_seconds": ("time_per_output_token_seconds",)}   # vLLM before 0.11
 
 HISTOGRAMS = (  # (attribute, name, help, buckets)
-    ("ttft", "time_to_first_token_seconds", "Time to first token", LATENCY_BUCKETS),
-    ("itl", "inter_token_latency_seconds", "Time between generated tokens", ITL_BUCKETS),
-    ("e2e", "e2e_request_latency_seconds", "Request arrival to its answer", LATENCY_BUCKETS),
-    ("queue_time", "request_queue_time_seconds", "Arrival at the engine to first scheduled", LATENCY_BUCKETS),
-    ("prefill_time", "request_prefill_time_seconds", "First scheduled to first token", LATENCY_BUCKETS),
-    ("decode_time", "request_decode_time_seconds", "First token to last token", LATENCY_BUCKETS),
+    ("ttft", "time_to_first_token_seconds", "Time to first token", TTFT_BUCKETS),
+    ("itl", "inter_token_latency_seconds", "Time between generated tokens", STEP_BUCKETS),
+    ("e2e", "e2e_request_latency_seconds", "Request arrival to its answer", REQUEST_BUCKETS),
+    ("queue_time", "request_queue_time_seconds", "Arrival at the engine to first scheduled", REQUEST_BUCKETS),
+    ("prefill_time", "request_prefill_time_seconds", "First scheduled to first token", REQUEST_BUCKETS),
+    ("decode_time", "request_decode_time_seconds", "First token to last token", REQUEST_BUCKETS),
     ("inference_time", "request_inference_time_seconds", "First scheduled to last token (running)",
-     LATENCY_BUCKETS),
+     REQUEST_BUCKETS),
     ("tpot", "request_time_per_output_token_seconds", "A request's decode time per token after its first",
-     ITL_BUCKETS),
+     STEP_BUCKETS),
     ("request_prompt", "request_prompt_tokens", "Prompt tokens per request", TOKEN_BUCKETS),
     ("request_generation", "request_generation_tokens", "Generated tokens per request", TOKEN_BUCKETS),
+    ("max_generation", "request_max_num_generation_tokens",
+     "The tokens of a request's longest choice (of its n; with one choice its generated tokens)", TOKEN_BUCKETS),
     ("params_n", "request_params_n", "The n request parameter", N_BUCKETS),
     ("params_max_tokens", "request_params_max_tokens", "The max_tokens request parameter (when given)",
      TOKEN_BUCKETS),
@@ -200,13 +225,15 @@ class _Metric:
     vLLM series also `engine` (the index of the engine it is about, "0" by default)."""
 
     def __init__(self, kind, registry, model_name: str, agp: str, vllm: str | None, doc: str,
-                 labels: tuple[str, ...] = (), older: tuple[str, ...] = (), **kw):
+                 labels: tuple[str, ...] = (), older: tuple[str, ...] = (), engines: tuple[str, ...] = ("0",),
+                 **kw):
         self.agp = kind(f"agp_{agp}", doc, ["model_name", *labels], registry=registry, **kw)
         self.vllm = [kind(f"vllm:{name}", doc, ["model_name", "engine", *labels], registry=registry, **kw)
                      for name in ((vllm, *older) if vllm else ())]       # vLLM's name, then its older ones
         self.model_name = model_name
         if not labels:       # its series exist from the start, at 0 (as vLLM's): rate() works from the first scrape
-            self.labels()
+            for engine in engines:
+                self.labels(engine=engine)
 
     def labels(self, *values, engine: str = "0") -> "_Children":
         values = tuple(map(str, values))
@@ -342,13 +369,17 @@ class ServerMetrics:
         self.model_name = model_name
         self.engine_of = dict(engine_of or {})    # generate stage or engine name -> the index of its engine
         self.registry = r = CollectorRegistry()
+        engines = tuple(sorted({"0", *self.engine_of.values()}, key=lambda e: (len(e), e)))
 
         def metric(kind, agp, vllm, doc, labels=(), **kw):
-            return _Metric(kind, r, model_name, agp, vllm, doc, labels, **kw)
+            return _Metric(kind, r, model_name, agp, vllm, doc, labels, engines=engines, **kw)
 
         self.requests = metric(Counter, "requests", None, "HTTP generation requests by status code", ("status",))
         self.finished = metric(Counter, "requests_finished", "request_success",
                                "Finished requests by finish reason", ("finished_reason",))
+        for engine in engines:                  # vLLM's finish reasons, at 0 from the start
+            for reason in FINISH_REASONS:
+                self.finished.labels(reason, engine=engine)
         self.prompt_tokens = metric(Counter, "prompt_tokens", "prompt_tokens",
                                     "Prompt tokens of finished requests and of prefilled ones that failed or were aborted")
         self.cached_tokens = metric(Counter, "prompt_tokens_cached", None,
@@ -411,6 +442,10 @@ class ServerMetrics:
         self.e2e.labels(engine=engine).observe(latency_s)
         self.request_prompt.labels(engine=engine).observe(usage.get("prompt_tokens", 0))
         self.request_generation.labels(engine=engine).observe(usage.get("completion_tokens", 0))
+        longest = result.longest_choice_tokens()
+        if longest is None:                   # choices that do not count their own: their shared usage
+            longest = -(-usage.get("completion_tokens", 0) // max(len(result.choices), 1))
+        self.max_generation.labels(engine=engine).observe(longest)
         for key, hist in (("queue_s", self.queue_time), ("prefill_s", self.prefill_time),
                           ("decode_s", self.decode_time)):
             if timings.get(key) is not None:
