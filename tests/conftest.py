@@ -3,9 +3,10 @@
 `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadfile`): a module's
 tests stay together on one worker (its module fixtures — servers, clusters — start once), a
 worker's torch runs on one thread (two processes of two threads each on two cores would wait at
-every barrier), a worker reads the embedded model's file once (`embedded_model_read_once`), the
-modules that start a local Ray cluster take turns (`ray_turn`), and the longest modules are
-collected first (`LONG_FIRST`)."""
+every barrier; `torch_threads_put_back` restores it after a test that changed it), a worker
+reads the embedded model's file once (`embedded_model_read_once`), the modules that start a
+local Ray cluster take turns (`ray_turn`), and the longest modules are collected first
+(`LONG_FIRST`)."""
 
 import fcntl
 import os
@@ -19,6 +20,7 @@ from tiny_model import write_tiny_gguf
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+TORCH_THREADS = torch.get_num_threads()       # the process's count: one on a worker
 
 # The modules that take longest (each minutes of a run), longest first. `make test` gives each
 # worker a module at a time in the order collected (--no-loadscope-reorder): these start first
@@ -34,6 +36,16 @@ def pytest_collection_modifyitems(items):
     """LONG_FIRST's modules first, in its order; the rest after them as collected."""
     rank = {name: i for i, name in enumerate(LONG_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_put_back():
+    """torch's thread count is the process's again after every test: an engine built with
+    `threads = 2` (or a test that sets the count) would otherwise leave every later test of the
+    worker on two threads, each forward waiting at a barrier for the core the other worker holds."""
+    yield
+    if torch.get_num_threads() != TORCH_THREADS:
+        torch.set_num_threads(TORCH_THREADS)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def run(name: str, requests, **overrides):
-    rt = PipelineRuntime(load_graph(EXAMPLES / name), overrides={"threads": 2, **overrides})
+    rt = PipelineRuntime(load_graph(EXAMPLES / name), overrides=overrides)     # torch's threads: one a worker
     results = rt.run_all(requests)
     stats = rt.stats()
     rt.shutdown()

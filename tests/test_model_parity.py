@@ -90,28 +90,38 @@ def test_fp32_logits_match_transformers(reference, ours):
         assert ref.abs().max() > 10  # the logits are real, not near zero
 
 
-def greedy_with_runner(model, ids, new_tokens, eos):
-    runner = ModelRunner(model, num_blocks=(len(ids) + new_tokens) // 16 + 2, block_size=16)
-    table = list(range(runner.num_blocks))
-    out, feed, pos = [], ids, 0
+def greedy_with_runner(model, prompts, new_tokens, eos):
+    """Each prompt's greedy continuation (up to new_tokens, ending at an eos) from the engine's
+    runner: every prompt is a sequence of one batch, with blocks of its own, a decode step feeding
+    each unfinished one its last token (one forward a step for all of them, as the engine runs)."""
+    block = 16
+    need = [(len(ids) + new_tokens) // block + 2 for ids in prompts]
+    runner = ModelRunner(model, num_blocks=sum(need), block_size=block)
+    firsts = [sum(need[:i]) for i in range(len(prompts))]
+    tables = [list(range(first, first + n)) for first, n in zip(firsts, need)]
+    outs = [[] for _ in prompts]
+    feeds, pos = [list(ids) for ids in prompts], [0] * len(prompts)
+    live = list(range(len(prompts)))
     for _ in range(new_tokens):
-        logits = runner.execute([SeqBatchItem(feed, pos, table, True)])
-        pos += len(feed)
-        nxt = int(logits[0].argmax())
-        out.append(nxt)
-        if nxt in eos:
+        logits = runner.execute([SeqBatchItem(feeds[i], pos[i], tables[i], True) for i in live])
+        for row, i in enumerate(live):
+            pos[i] += len(feeds[i])
+            nxt = int(logits[row].argmax())
+            outs[i].append(nxt)
+            feeds[i] = [nxt]
+        live = [i for i in live if outs[i][-1] not in eos]
+        if not live:
             break
-        feed = [nxt]
-    return out
+    return outs
 
 
 def test_greedy_tokens_match_transformers_on_chat_prompts(reference, ours):
     ref_model, _ = reference
     model, tok = ours
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True)
+               for q in CHAT[::2]]          # 8 chat prompts x 32 tokens
     same = 0
-    for question in CHAT[::2]:            # 8 chat prompts x 32 tokens
-        ids = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=True)
-        got = greedy_with_runner(model, ids, 32, tok.eos_token_ids)
+    for ids, got in zip(prompts, greedy_with_runner(model, prompts, 32, tok.eos_token_ids)):
         # transformers' greedy choice at every step of our continuation, in one forward:
         # identical argmaxes all along <=> transformers' greedy decode yields the same tokens
         with torch.no_grad():
