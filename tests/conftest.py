@@ -2,8 +2,9 @@
 
 `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadfile`): a module's
 tests stay together on one worker (its module fixtures — servers, clusters — start once), a
-worker's torch runs on one thread (two processes of two threads each on two cores would wait at
-every barrier; `torch_threads_put_back` restores it after a test that changed it), a worker
+worker's torch, and each `agp` process a test starts, runs on one thread (two processes of two
+threads each on two cores would wait at every barrier; `torch_threads_put_back` restores it
+after a test that changed it), a worker
 reads the embedded model's file once (`embedded_model_read_once`), the modules that start a
 local Ray cluster take turns (`ray_turn`), and the longest modules are collected first
 (`LONG_FIRST`)."""
@@ -20,6 +21,9 @@ from tiny_model import write_tiny_gguf
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+    # and so do the `agp` processes its tests start (cpus.default_threads keeps OMP_NUM_THREADS):
+    # two of two threads each beside the two workers would wait at every barrier as well
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 TORCH_THREADS = torch.get_num_threads()       # the process's count: one on a worker
 
 # The modules that take longest (each minutes of a run), longest first. `make test` gives each
