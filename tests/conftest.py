@@ -4,10 +4,9 @@
 tests stay together on one worker (its module fixtures — servers, clusters — start once), a
 worker's torch, and each `agp` process a test starts, runs on one thread (two processes of two
 threads each on two cores would wait at every barrier; `torch_threads_put_back` restores it
-after a test that changed it), a worker
-reads the embedded model's file once (`embedded_model_read_once`), the modules that start a
-local Ray cluster take turns (`ray_turn`), and the longest modules are collected first
-(`LONG_FIRST`)."""
+after a test that changed it), a worker reads the embedded model's file once
+(`embedded_model_read_once`), the modules that start a local Ray cluster take turns
+(`ray_turn`), and the longest modules are collected first (`LONG_FIRST`)."""
 
 import fcntl
 import os
