@@ -85,14 +85,16 @@ def test_a_space_before_a_unit_is_named_with_the_quantity_to_write(written, fix)
     assert err.hint == f"write {fix}"
 
 
-@pytest.mark.parametrize("written, fix", [("2min", "120s"), ("1h", "3600s"), ("5sec", "5s"), ("3m", "180s")])
+@pytest.mark.parametrize("written, fix", [("2min", "120s"), ("1h", "3600s"), ("5sec", "5s"), ("3m", "180s"),
+                                         ("500ns", "0.5us"), ("2000ns", "2us")])
 def test_a_duration_in_other_units_is_respelled_in_seconds(written, fix):
     err = one(SEED.replace("timeout = 2ms", f"timeout = {written}"))
     assert err.message == f"unknown unit '{written.lstrip('0123456789')}' in '{written}'"
     assert err.hint == f"write {fix}"
 
 
-@pytest.mark.parametrize("written, fix", [("512MB", "512MiB"), ("64kb", "64KiB"), ("512m", "512MiB")])
+@pytest.mark.parametrize("written, fix", [("512MB", "512MiB"), ("64kb", "64KiB"), ("512m", "512MiB"),
+                                         ("2tb", "2048GiB"), ("1TiB", "1024GiB")])
 def test_a_size_in_other_units_is_respelled_in_binary_units(written, fix):
     err = one(SEED.replace("stage kv : kv_lookup {}", f"stage kv : kv_lookup {{ budget = {written} }}"))
     assert err.hint == f"write {fix}"

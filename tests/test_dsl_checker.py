@@ -211,6 +211,20 @@ def test_a_file_of_uses_alone_runs_what_its_include_runs(tmp_path):
             == "common"
 
 
+def test_a_file_of_uses_alone_in_a_subfolder_follows_its_uses_from_its_own_folder(tmp_path):
+    # main.agp -> sub/relay.agp (uses alone) -> sub/own.agp, whose own pipeline is what runs; the
+    # pipeline own.agp includes ahead of its own (sub/extra.agp) is loaded first, so a relay's
+    # use resolved against the root's folder (nothing there) would fall back to it
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "extra.agp").write_text(pipeline().replace("pipeline p", "pipeline extra"))
+    (tmp_path / "sub" / "own.agp").write_text('use "extra.agp"\n' + pipeline().replace("pipeline p", "pipeline own"))
+    (tmp_path / "sub" / "relay.agp").write_text('use "own.agp"\n')
+    (tmp_path / "main.agp").write_text('use "sub/relay.agp"\n')
+    prog, diags = pipeline_dsl.load(str(tmp_path / "main.agp"))
+    assert not has_errors(diags) and prog.pipeline_names() == ["extra", "own"]
+    assert prog.pipeline().name.text == "own"
+
+
 @pytest.mark.parametrize("written", ["sub/lbi.agp", "sub/Lib.agp", "sub/libs.agp"])
 def test_an_include_not_found_suggests_a_close_file_of_its_folder(tmp_path, written):
     (tmp_path / "sub").mkdir()
