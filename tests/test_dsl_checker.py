@@ -256,6 +256,25 @@ def test_include_cycle_is_reported_once_with_the_chain(tmp_path):
     assert d.pos.file.endswith("c.agp")
 
 
+def test_a_pipeline_name_defined_twice_is_an_error_at_the_second_with_a_note_at_the_first(tmp_path):
+    (tmp_path / "lib.agp").write_text(pipeline())
+    (tmp_path / "main.agp").write_text('use "lib.agp"\n' + pipeline())
+    _, diags = pipeline_dsl.load(str(tmp_path / "main.agp"))
+    (d,) = diags
+    assert d.message == "duplicate pipeline 'p'"
+    assert (d.pos.file, d.pos.line, d.pos.col) == (str(tmp_path / "main.agp"), 3, 10)
+    ((note, first),) = d.notes
+    assert note == "first defined here" and (first.file, first.line, first.col) == (str(tmp_path / "lib.agp"), 2, 10)
+
+
+def test_a_file_that_uses_itself_is_an_include_cycle_at_its_use(tmp_path):
+    (tmp_path / "a.agp").write_text(pipeline() + 'use "a.agp"\n')
+    _, diags = pipeline_dsl.load(str(tmp_path / "a.agp"))
+    (d,) = diags
+    assert d.message == f"include cycle: {tmp_path / 'a.agp'} -> {tmp_path / 'a.agp'}"
+    assert (d.pos.file, d.pos.line) == (str(tmp_path / "a.agp"), pipeline().count("\n") + 1)
+
+
 def test_file_that_is_not_utf8_is_an_error_at_the_bad_byte(tmp_path):
     f = tmp_path / "x.agp"
     f.write_bytes(b'pipeline p {\n  model = "caf\xe9"\n}\n')
