@@ -55,9 +55,13 @@ def test_a_when_without_its_condition_is_reported_at_the_when():
     err = one(SEED.replace("batch -> encode when full", "batch -> encode when"))
     assert (err.message, at(err)) == ("missing condition after 'when'", (10, 21))
     assert err.hint == "'batch' on the next line starts another edge, not the condition"
-    err = one(SEED.replace("encode -> kv -> gen -> out\n", "encode -> kv -> gen -> out when\n"))
+    text = SEED.replace("encode -> kv -> gen -> out\n", "encode -> kv -> gen -> out when\n")
+    err = one(text)
     assert (err.message, at(err)) == ("missing condition after 'when'", (12, 32))
     assert err.hint == "found '}' instead"
+    assert (err.pos.end_line, err.pos.end_col) == (12, 36)           # the span is the word 'when'
+    assert err.render({"t.agp": text}).splitlines()[1:3] == ["   12 |     encode -> kv -> gen -> out when",
+                                                             "      | " + " " * 31 + "^^^^"]
     err = one(SEED.replace("batch -> encode when full", "batch -> encode when full or"))
     assert (err.message, at(err)) == ("missing condition after 'or'", (10, 31))
 
