@@ -46,6 +46,16 @@ def test_a_condition_label_escapes_its_backslashes_then_its_quotes():
     assert '  "request" -> "batch" [label="when metadata.k == \\"a\\\\\\"b\\\\\\\\c\\""];' in lines
 
 
+def test_a_condition_label_keeps_the_parentheses_its_meaning_needs():
+    """`not (a and b)` is drawn so, not as `not a and b`, which reads as another condition."""
+    text = PIPELINE.format(gen="").replace(
+        "request -> batch", 'request -> batch when not (prompt_tokens > 5 and metadata.k == "a") or n > 1\n'
+                            "    request -> batch otherwise")
+    lines = dot_source(load_pipeline_graph("<test>", text=text)).splitlines()
+    assert '  "request" -> "batch" [label="when not (prompt_tokens > 5 and metadata.k == \\"a\\") or n > 1"];' \
+        in lines
+
+
 def test_a_single_condition_of_a_python_stage_is_not_numbered(tmp_path):
     (tmp_path / "hooks.py").write_text("def pick(item):\n    return 'a'\n")
     path = tmp_path / "p.agp"
