@@ -55,9 +55,13 @@ def test_a_when_without_its_condition_is_reported_at_the_when():
     err = one(SEED.replace("batch -> encode when full", "batch -> encode when"))
     assert (err.message, at(err)) == ("missing condition after 'when'", (10, 21))
     assert err.hint == "'batch' on the next line starts another edge, not the condition"
-    err = one(SEED.replace("encode -> kv -> gen -> out\n", "encode -> kv -> gen -> out when\n"))
+    text = SEED.replace("encode -> kv -> gen -> out\n", "encode -> kv -> gen -> out when\n")
+    err = one(text)
     assert (err.message, at(err)) == ("missing condition after 'when'", (12, 32))
     assert err.hint == "found '}' instead"
+    assert (err.pos.end_line, err.pos.end_col) == (12, 36)           # the span is the word 'when'
+    assert err.render({"t.agp": text}).splitlines()[1:3] == ["   12 |     encode -> kv -> gen -> out when",
+                                                             "      | " + " " * 31 + "^^^^"]
     err = one(SEED.replace("batch -> encode when full", "batch -> encode when full or"))
     assert (err.message, at(err)) == ("missing condition after 'or'", (10, 31))
 
@@ -85,14 +89,16 @@ def test_a_space_before_a_unit_is_named_with_the_quantity_to_write(written, fix)
     assert err.hint == f"write {fix}"
 
 
-@pytest.mark.parametrize("written, fix", [("2min", "120s"), ("1h", "3600s"), ("5sec", "5s"), ("3m", "180s")])
+@pytest.mark.parametrize("written, fix", [("2min", "120s"), ("1h", "3600s"), ("5sec", "5s"), ("3m", "180s"),
+                                         ("500ns", "0.5us"), ("2000ns", "2us")])
 def test_a_duration_in_other_units_is_respelled_in_seconds(written, fix):
     err = one(SEED.replace("timeout = 2ms", f"timeout = {written}"))
     assert err.message == f"unknown unit '{written.lstrip('0123456789')}' in '{written}'"
     assert err.hint == f"write {fix}"
 
 
-@pytest.mark.parametrize("written, fix", [("512MB", "512MiB"), ("64kb", "64KiB"), ("512m", "512MiB")])
+@pytest.mark.parametrize("written, fix", [("512MB", "512MiB"), ("64kb", "64KiB"), ("512m", "512MiB"),
+                                         ("2tb", "2048GiB"), ("1TiB", "1024GiB")])
 def test_a_size_in_other_units_is_respelled_in_binary_units(written, fix):
     err = one(SEED.replace("stage kv : kv_lookup {}", f"stage kv : kv_lookup {{ budget = {written} }}"))
     assert err.hint == f"write {fix}"

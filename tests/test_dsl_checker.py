@@ -211,6 +211,20 @@ def test_a_file_of_uses_alone_runs_what_its_include_runs(tmp_path):
             == "common"
 
 
+def test_a_file_of_uses_alone_in_a_subfolder_follows_its_uses_from_its_own_folder(tmp_path):
+    # main.agp -> sub/relay.agp (uses alone) -> sub/own.agp, whose own pipeline is what runs; the
+    # pipeline own.agp includes ahead of its own (sub/extra.agp) is loaded first, so a relay's
+    # use resolved against the root's folder (nothing there) would fall back to it
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "extra.agp").write_text(pipeline().replace("pipeline p", "pipeline extra"))
+    (tmp_path / "sub" / "own.agp").write_text('use "extra.agp"\n' + pipeline().replace("pipeline p", "pipeline own"))
+    (tmp_path / "sub" / "relay.agp").write_text('use "own.agp"\n')
+    (tmp_path / "main.agp").write_text('use "sub/relay.agp"\n')
+    prog, diags = pipeline_dsl.load(str(tmp_path / "main.agp"))
+    assert not has_errors(diags) and prog.pipeline_names() == ["extra", "own"]
+    assert prog.pipeline().name.text == "own"
+
+
 @pytest.mark.parametrize("written", ["sub/lbi.agp", "sub/Lib.agp", "sub/libs.agp"])
 def test_an_include_not_found_suggests_a_close_file_of_its_folder(tmp_path, written):
     (tmp_path / "sub").mkdir()
@@ -240,6 +254,25 @@ def test_include_cycle_is_reported_once_with_the_chain(tmp_path):
     (d,) = diags
     assert d.message.startswith("include cycle:") and d.message.count("->") == 3
     assert d.pos.file.endswith("c.agp")
+
+
+def test_a_pipeline_name_defined_twice_is_an_error_at_the_second_with_a_note_at_the_first(tmp_path):
+    (tmp_path / "lib.agp").write_text(pipeline())
+    (tmp_path / "main.agp").write_text('use "lib.agp"\n' + pipeline())
+    _, diags = pipeline_dsl.load(str(tmp_path / "main.agp"))
+    (d,) = diags
+    assert d.message == "duplicate pipeline 'p'"
+    assert (d.pos.file, d.pos.line, d.pos.col) == (str(tmp_path / "main.agp"), 3, 10)
+    ((note, first),) = d.notes
+    assert note == "first defined here" and (first.file, first.line, first.col) == (str(tmp_path / "lib.agp"), 2, 10)
+
+
+def test_a_file_that_uses_itself_is_an_include_cycle_at_its_use(tmp_path):
+    (tmp_path / "a.agp").write_text(pipeline() + 'use "a.agp"\n')
+    _, diags = pipeline_dsl.load(str(tmp_path / "a.agp"))
+    (d,) = diags
+    assert d.message == f"include cycle: {tmp_path / 'a.agp'} -> {tmp_path / 'a.agp'}"
+    assert (d.pos.file, d.pos.line) == (str(tmp_path / "a.agp"), pipeline().count("\n") + 1)
 
 
 def test_file_that_is_not_utf8_is_an_error_at_the_bad_byte(tmp_path):

@@ -38,12 +38,39 @@ def test_a_box_shows_booleans_as_the_file_writes_them_and_leaves_out_empty_defau
     assert "stop = [&#x27;END&#x27;]<BR/>" in dot('stop = ["END"]')                # one set is shown
 
 
+def test_every_edge_is_drawn_once_from_its_source_to_its_destination():
+    graph = load_pipeline_graph("<test>", text=PIPELINE.format(gen=""))
+    drawn = re.findall(r'^  "(\w+)" -> "(\w+)"', dot_source(graph), re.M)
+    assert sorted(drawn) == sorted([("request", "batch"), ("batch", "encode"), ("batch", "encode"),
+                                    ("encode", "kv"), ("kv", "gen"), ("gen", "out")])
+
+
+def test_a_stage_placed_on_a_resource_is_filled_with_that_resources_colour():
+    """`on host` moves generate's work to the host: its box says so and takes the host colour."""
+    text = PIPELINE.format(gen="").replace("stage gen : generate", "stage gen : generate on host")
+    box = next(ln for ln in dot_source(load_pipeline_graph("<test>", text=text)).splitlines()
+               if ln.startswith('  "gen" ['))
+    assert "generate on host" in box and 'fillcolor="#dbeafe"' in box
+    plain = next(ln for ln in dot().splitlines() if ln.startswith('  "gen" ['))
+    assert 'fillcolor="#fde2e2"' in plain                  # generate's own resource: compute
+
+
 def test_a_condition_label_escapes_its_backslashes_then_its_quotes():
     """The string of a condition is quoted in the DOT text: a backslash doubled, a quote escaped."""
     text = PIPELINE.format(gen="").replace(
         "request -> batch", 'request -> batch when metadata.k == "a\\"b\\\\c"\n    request -> batch otherwise')
     lines = dot_source(load_pipeline_graph("<test>", text=text)).splitlines()
     assert '  "request" -> "batch" [label="when metadata.k == \\"a\\\\\\"b\\\\\\\\c\\""];' in lines
+
+
+def test_a_condition_label_keeps_the_parentheses_its_meaning_needs():
+    """`not (a and b)` is drawn so, not as `not a and b`, which reads as another condition."""
+    text = PIPELINE.format(gen="").replace(
+        "request -> batch", 'request -> batch when not (prompt_tokens > 5 and metadata.k == "a") or n > 1\n'
+                            "    request -> batch otherwise")
+    lines = dot_source(load_pipeline_graph("<test>", text=text)).splitlines()
+    assert '  "request" -> "batch" [label="when not (prompt_tokens > 5 and metadata.k == \\"a\\") or n > 1"];' \
+        in lines
 
 
 def test_a_single_condition_of_a_python_stage_is_not_numbered(tmp_path):

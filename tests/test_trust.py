@@ -71,6 +71,29 @@ def test_use_never_reads_a_file_outside_the_folder_or_one_that_is_not_agp(tree):
     assert "p.agp:1:5: error" in r.stderr and "p.agp:5:5: error" in r.stderr      # at each use
 
 
+def test_a_folder_whose_name_starts_with_the_pipelines_folder_name_is_outside_it(tree):
+    app, outside = tree
+    beside = app.parent / (app.name + "2")          # tmp/app2 is not inside tmp/app
+    beside.mkdir()
+    (beside / "lib.agp").write_text(f"{SECRET} is not a pipeline\n")
+    (app / "p.agp").write_text(pipeline(uses='use "../app2/lib.agp"\n'))
+    program, diags = pipeline_dsl.load(app / "p.agp")
+    (d,) = diags
+    assert d.message == "include '../app2/lib.agp' is outside the pipeline's folder" and d.pos.line == 1
+    assert program.pipeline_names() == ["p"] and SECRET not in "".join(program.sources.values())
+
+
+def test_a_link_named_agp_to_a_file_that_is_not_agp_is_refused_before_it_is_read(tree):
+    app, _ = tree
+    (app / "notes.txt").write_text(f"{SECRET}\n")
+    os.symlink(app / "notes.txt", app / "notes.agp")
+    (app / "p.agp").write_text(pipeline(uses='use "notes.agp"\n'))
+    program, diags = pipeline_dsl.load(app / "p.agp")
+    (d,) = diags
+    assert d.message == "include 'notes.agp' is not an .agp file" and d.pos.line == 1
+    assert SECRET not in "".join(program.sources.values())
+
+
 def test_allow_path_lets_use_read_another_folder(tree):
     app, outside = tree
     (app / "p.agp").write_text(pipeline(uses='use "../outside/lib.agp"\n'))
