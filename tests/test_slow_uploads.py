@@ -169,3 +169,33 @@ def test_a_body_that_pauses_longer_than_the_body_timeout_is_a_408(tiny_gguf):
         if c is not None:
             c.close()
         s.close()
+
+
+def test_a_compressed_body_still_arriving_holds_its_bytes_as_sent_not_decoded(tiny_gguf):
+    # each body inflated piece by piece as it came: 3 KB sent held 3 MiB decoded per upload,
+    # outside --max-body-bytes-arriving (20 uploads: 60 MiB, which the budget counted as 60 KB)
+    import gzip
+    import tracemalloc
+
+    s = LiveServer(tiny_gguf, header_timeout=30, body_timeout_s=600)
+    socks = []
+    data = gzip.compress(BODY + b" " * (3 << 20))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(20):
+            c = socket.create_connection(("127.0.0.1", s.port))
+            c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(data) + data[:-8])
+            socks.append(c)
+        assert wait_for(lambda: arriving(s, 20, 20 * (len(data) - 8)), WAIT_S)
+        held = tracemalloc.get_traced_memory()[0] - before
+        assert held < 16 << 20, f"{held >> 20} MiB held by 20 bodies of {len(data)} bytes still arriving"
+        socks[0].sendall(data[-8:])                # a body complete is decoded whole
+        status, _, text = answer(socks[0])
+        assert status == 200, text
+    finally:
+        tracemalloc.stop()
+        for c in socks:
+            c.close()
+        s.close()

@@ -154,6 +154,9 @@ async def read_body(request: Request, config: ServeConfig) -> bytes:
     clock = BodyClock(config.body_timeout_s, config.body_min_rate, loop.time())
 
     async def collect() -> bytes:
+        # a compressed body is held as it came while it arrives (the bytes --max-body-bytes-arriving
+        # counts), its decoded size checked piece by piece (413 at once) and the pieces dropped;
+        # it is decoded whole once complete
         chunks, size = [], 0
         inflater = Inflater(coding, limit, why) if coding else None
         try:
@@ -163,12 +166,15 @@ async def read_body(request: Request, config: ServeConfig) -> bytes:
                 if size > limit:
                     raise P.APIError(f"the request body has more than {limit} bytes {why}", status=413,
                                      code="body_too_large")
-                chunks.append(inflater.feed(chunk) if inflater else chunk)
+                if inflater:
+                    inflater.feed(chunk)
+                chunks.append(chunk)
         except ClientDisconnect:          # the client's doing: a 499 as any client gone, not a 500
             raise P.APIError("the client went away before the request's body had arrived", status=499,
                              code="aborted") from None
         if inflater:
             inflater.end()
+            return Inflater(coding, limit, why).feed(b"".join(chunks))
         return b"".join(chunks)
 
     # the body in time; a server that begins to shut down meanwhile refuses it at once (it would
