@@ -212,3 +212,22 @@ def test_a_server_on_a_loopback_address_answers_for_localhost_and_its_address_on
                 assert client.get("/version", headers={"host": name}).status_code == 400, (host, name)
         finally:
             serving.runtime.close()
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--body-min-rate", "-1"], "--body-min-rate must be 0 (off) or a positive number of bytes per second, not -1.0"),
+    (["--body-min-rate", "nan"], "--body-min-rate must be 0 (off) or a positive number of bytes per second, not nan"),
+    (["--max-body-bytes-arriving", "2048", "--max-body-bytes", "4096"],
+     "--max-body-bytes-arriving (2048) must be at least --max-body-bytes (4096)"),
+])
+def test_the_limits_of_bodies_still_arriving_are_checked_at_start(argv, said):
+    """Refused at start, naming the flag: a negative or nan minimum rate would make every body
+    late at once (or never), and a budget for the bodies arriving below --max-body-bytes would
+    refuse every body of the largest size accepted with a 503 that no retry cures."""
+    from pipeline_dsl.serve.options import SetupError, check_args
+
+    with pytest.raises(SetupError) as e:
+        check_args(parse(["x.agp", *argv], {}))
+    assert str(e.value) == said
+    check_args(parse(["x.agp", "--body-min-rate", "0", "--max-body-bytes-arriving", "4096",
+                      "--max-body-bytes", "4096"], {}))

@@ -1,6 +1,7 @@
 """Reading a request body: bounded in size and time, JSON only.
 
     raw = await read_body(request, config)     # APIError 413 / 408 / 415 (499: the client went away)
+                                               # (503 from the guard: serve/guard.py)
     body = await read_json(request, config)    # and 400 for JSON that is not an object
 
 A body sent with `Content-Encoding: gzip` or `deflate` is decoded as it arrives, bounded by the
@@ -95,11 +96,45 @@ def decoded(body: bytes, header: str | None, limit: int) -> bytes:
     return data
 
 
-BODY_POLL_S = 0.25       # how often a body still arriving looks whether the server is shutting down
+BODY_POLL_S = 0.25       # how often a body still arriving looks at its clock and whether the server is shutting down
+
+
+class BodyClock:
+    """When a body still arriving is late (408), as Apache's mod_reqtimeout (body=T,MinRate=R)
+    and nginx's client_body_timeout (T between two reads) bound it: `timeout_s` of grace from
+    the headers on, plus 1/`min_rate` s for each byte received (a steady upload of any size at
+    `min_rate` bytes/s or faster is never late), and never `timeout_s` without a byte (a client
+    that sent half its body fast and stops is not kept for the time its bytes bought). min_rate
+    0: `timeout_s` for the whole body."""
+
+    def __init__(self, timeout_s: float, min_rate: float, now: float):
+        self.timeout_s, self.min_rate = timeout_s, min_rate
+        self.start = self.last = now
+        self.got = 0
+
+    def received(self, n: int, now: float) -> None:
+        if n:
+            self.got, self.last = self.got + n, now
+
+    def deadline(self) -> float:
+        bought = self.got / self.min_rate if self.min_rate > 0 else 0.0
+        return min(self.start + self.timeout_s + bought, self.last + self.timeout_s)
+
+    def late(self, now: float) -> str | None:
+        """Why the body is late at `now` (the 408's message), or None."""
+        if now < self.deadline():
+            return None
+        if self.min_rate <= 0:
+            return f"the request body did not arrive within {self.timeout_s:g} s (--body-timeout)"
+        if now >= self.last + self.timeout_s:
+            return (f"no byte of the request body arrived for {self.timeout_s:g} s (--body-timeout; "
+                    f"{self.got} bytes had)")
+        return (f"the request body arrived slower than {self.min_rate:g} bytes/s (--body-min-rate) after its "
+                f"first {self.timeout_s:g} s (--body-timeout): {self.got} bytes in {now - self.start:.1f} s")
 
 
 async def read_body(request: Request, config: ServeConfig) -> bytes:
-    """The request body, at most max_body_bytes (413), received within body_timeout_s (408), of
+    """The request body, at most max_body_bytes (413), arriving in time (408: BodyClock), of
     type application/json (415: browsers send cross-site "simple" POSTs as text/plain)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype not in JSON_TYPES:
@@ -115,22 +150,31 @@ async def read_body(request: Request, config: ServeConfig) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise P.APIError(f"the request body has {int(declared)} bytes; at most {limit} are accepted {why}",
                          status=413, code="body_too_large")
+    loop = asyncio.get_running_loop()
+    clock = BodyClock(config.body_timeout_s, config.body_min_rate, loop.time())
 
     async def collect() -> bytes:
+        # a compressed body is held as it came while it arrives (the bytes --max-body-bytes-arriving
+        # counts), its decoded size checked piece by piece (413 at once) and the pieces dropped;
+        # it is decoded whole once complete
         chunks, size = [], 0
         inflater = Inflater(coding, limit, why) if coding else None
         try:
             async for chunk in request.stream():
                 size += len(chunk)
+                clock.received(len(chunk), loop.time())
                 if size > limit:
                     raise P.APIError(f"the request body has more than {limit} bytes {why}", status=413,
                                      code="body_too_large")
-                chunks.append(inflater.feed(chunk) if inflater else chunk)
+                if inflater:
+                    inflater.feed(chunk)
+                chunks.append(chunk)
         except ClientDisconnect:          # the client's doing: a 499 as any client gone, not a 500
             raise P.APIError("the client went away before the request's body had arrived", status=499,
                              code="aborted") from None
         if inflater:
             inflater.end()
+            return Inflater(coding, limit, why).feed(b"".join(chunks))
         return b"".join(chunks)
 
     # the body in time; a server that begins to shut down meanwhile refuses it at once (it would
@@ -138,19 +182,18 @@ async def read_body(request: Request, config: ServeConfig) -> bytes:
     # cancelled the handler, 5 s into the shutdown, with a text/plain 500 and a traceback)
     apipe = getattr(request.app.state, "apipe", None)
     task = asyncio.ensure_future(collect())
-    deadline = asyncio.get_running_loop().time() + config.body_timeout_s
     try:
         while True:
-            left = deadline - asyncio.get_running_loop().time()
+            left = clock.deadline() - loop.time()
             done, _ = await asyncio.wait({task}, timeout=max(0.0, min(BODY_POLL_S, left)))
             if done:
                 return task.result()
             if apipe is not None and not apipe.accepting:
                 raise P.APIError("the server is shutting down; this request's body was still arriving",
                                  status=503, type="server_error", code="unavailable", headers={"Retry-After": "1"})
-            if left <= 0:
-                raise P.APIError(f"the request body did not arrive within {config.body_timeout_s:g} s", status=408,
-                                 code="body_timeout")
+            late = clock.late(loop.time())
+            if late:
+                raise P.APIError(late, status=408, code="body_timeout")
     finally:
         task.cancel()
 

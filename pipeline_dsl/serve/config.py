@@ -20,8 +20,10 @@ class ServeConfig:
     drain_timeout_s: float = 60.0          # at shutdown: how long in-flight requests may take
     max_body_bytes: int = 4 << 20          # a longer request body is a 413
     max_prompt_chars: int | None = None    # the longest prompt any engine can take, in characters
-    body_timeout_s: float = 30.0           # a body not fully received by then is a 408
-    max_connections: int = 1024            # requests served at once; more get a 503
+    body_timeout_s: float = 30.0           # a body's grace, and the longest pause in it (408); see body_min_rate
+    body_min_rate: float = 500.0           # bytes/s: each buys a body 1/rate s more past its grace (0: none)
+    max_connections: int = 1024            # requests served at once (their bodies complete); more get a 503
+    max_body_bytes_arriving: int = 256 << 20   # bytes of bodies still arriving, all together; more: 503
     allowed_hosts: tuple[str, ...] = ("*",)  # Host header values accepted (a 400 otherwise); "*": any
     max_stage_n: int = 1                   # the largest n of the pipeline's generate stages
     lenient: bool = False                  # unknown request fields: logged and ignored, not a 400

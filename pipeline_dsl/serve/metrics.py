@@ -387,6 +387,10 @@ class ServerMetrics:
         for attr, name, doc, buckets in HISTOGRAMS:       # each under agp's and vLLM's (same) name
             setattr(self, attr, metric(Histogram, name, name, doc, buckets=buckets, older=OLDER_NAMES.get(name, ())))
         self.in_flight = metric(Gauge, "requests_in_flight", None, "HTTP generation requests being served")
+        self.bodies_arriving = metric(Gauge, "http_bodies_arriving", None,
+                                      "HTTP requests whose body is still arriving (they hold no --max-connections slot)")
+        self.body_bytes_arriving = metric(Gauge, "http_body_bytes_arriving", None,
+                                          "Bytes held by request bodies still arriving (--max-body-bytes-arriving)")
         self.unread_cuts = metric(Counter, "streams_cut_unread", None,
                                   "Streams aborted because their client left more than --max-unread-tokens unread")
         # every HTTP request by route, as prometheus-fastapi-instrumentator's series (vLLM's

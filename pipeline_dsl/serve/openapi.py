@@ -314,13 +314,14 @@ ERRORS = {
     "400": _error("a field is missing, of the wrong type or out of range; the prompt is too long; a stage "
                   "of the pipeline refused the request (code rejected); invalid JSON or Unicode"),
     "404": _error("the model names neither this pipeline nor one of its generate stages"),
-    "408": _error("the request body did not arrive within --body-timeout"),
+    "408": _error("the request body did not arrive in time (--body-timeout, --body-min-rate)"),
     "413": _error("the request body is larger than --max-body-bytes, or than any prompt the pipeline takes "
                   "(a gzip or deflate body: as sent or once decoded)"),
     "415": _error("the request body is not application/json, or its Content-Encoding is neither gzip nor deflate"),
     "429": _error("requests.max_queue requests are waiting: retry after Retry-After seconds"),
     "500": _error("a stage of the pipeline (a user function) failed on this request"),
-    "503": _error("the server is shutting down, is overloaded (--max-connections) or its engine failed"),
+    "503": _error("the server is shutting down, is overloaded (--max-connections, --max-body-bytes-arriving) "
+                  "or its engine failed"),
 }
 
 

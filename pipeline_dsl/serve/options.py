@@ -95,11 +95,21 @@ def add_arguments(p) -> None:
                    help="longest prompt accepted, in tokens; longer: 400 (default: requests.max_prompt_tokens, "
                         "else the model's context)")
     p.add_argument("--max-connections", type=int, default=1024,
-                   help="requests served at once; more: 503 with Retry-After (default: 1024)")
+                   help="requests served at once, counted once their body has arrived; more: 503 with "
+                        "Retry-After (default: 1024)")
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a client has to send its request line and headers (default: 10)")
     p.add_argument("--body-timeout", type=float, default=30.0,
-                   help="seconds a client has to send its request body; later: 408 (default: 30)")
+                   help="seconds a client has to send its request body, more for each --body-min-rate bytes "
+                        "it sends, and the longest it may pause; later: 408 (default: 30)")
+    p.add_argument("--body-min-rate", type=float, default=500.0,
+                   help="bytes/s a request body must arrive at after its first --body-timeout seconds (each "
+                        "byte buys 1/rate s more; a steady upload this fast is never cut); slower: 408; "
+                        "0: --body-timeout bounds the whole body (default: 500)")
+    p.add_argument("--max-body-bytes-arriving", type=int, default=256 << 20,
+                   help="bytes that request bodies still arriving may hold, all together (at least "
+                        "--max-body-bytes); more: 503 with Retry-After to the request that passes it "
+                        "(default: 256 MiB)")
     p.add_argument("--send-timeout", type=float, default=30.0,
                    help="seconds a client may take none of its answer while some waits for it (its TCP "
                         "acknowledges nothing) before the connection is cut and its request aborted (default: 30)")
@@ -254,6 +264,7 @@ class SetupError(Exception):
 
 # each flag's own range (dest -> the least value), whether given as the flag or as its AGP_* variable
 AT_LEAST = {"max_queue": 1, "max_body_bytes": 1024, "max_input_tokens": 1, "max_connections": 1, "max_model_len": 1,
+            "max_body_bytes_arriving": 1024,
             "max_num_seqs": 1, "threads": 1, "max_unread_tokens": 1, "replicas": 1, "min_replicas": 0,
             "max_replicas": 1, "max_ongoing_requests": 1, "affinity_chars": 0}
 POSITIVE_SECONDS = ("drain_timeout", "header_timeout", "body_timeout", "send_timeout")
@@ -276,6 +287,8 @@ def value_problem(dest: str, value) -> str | None:
         return f"must be a positive number of seconds, not {value}"
     if dest == "stats_interval" and not (value >= 0 and math.isfinite(value)):
         return f"must be 0 (off) or a positive number of seconds, not {value}"
+    if dest == "body_min_rate" and not (value >= 0 and math.isfinite(value)):
+        return f"must be 0 (off) or a positive number of bytes per second, not {value}"
     if dest == "target_ongoing_requests" and not (value > 0 and math.isfinite(value)):
         return f"must be positive, not {value:g}"
     if dest == "seed":                  # the requests' range (stages/fields.py), as the engine checks it
@@ -302,7 +315,10 @@ def _check_values(args, dests) -> None:
 def check_args(args) -> None:
     """The flags' own ranges, before anything is loaded."""
     _check_values(args, ("port", *(d for d in AT_LEAST if d not in RAY_DESTS), *POSITIVE_SECONDS, "stats_interval",
-                         "seed"))
+                         "body_min_rate", "seed"))
+    if args.max_body_bytes_arriving < args.max_body_bytes:     # a body of the largest size could never arrive
+        raise SetupError(f"--max-body-bytes-arriving ({args.max_body_bytes_arriving}) must be at least "
+                         f"--max-body-bytes ({args.max_body_bytes})")
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
         raise SetupError("--ssl-keyfile and --ssl-certfile go together")
     _check_values(args, (*FILES, "root_path"))

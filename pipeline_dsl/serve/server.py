@@ -8,7 +8,7 @@ that tells the truth.
 | opened, or a request line and headers arriving | `header_timeout` from the first byte (or the open): closed |
 | headers longer than `max_header_bytes` (16 KiB) | 431 at once, closed (nginx refuses 64 KB headers too) |
 | bytes that are not HTTP (no Host, a bad Content-Length) | 400 naming what is wrong, closed |
-| the body arriving | the app's `--body-timeout` (408) |
+| the body arriving | the app's `--body-timeout` and `--body-min-rate` (408); no `--max-connections` slot until it is complete (serve/guard.py) |
 | answered with an error, or before the body was all read | `Connection: close`, closed after the answer |
 | closed with the client still sending (a refused body, headers too long) | half-closed: what it sends is read and dropped for up to `LINGER_S` (2 s), then closed |
 | the answer being written, the client not reading it | `send_timeout` with none of it taken (below): cut |
