@@ -114,7 +114,8 @@ def mutant(draw) -> tuple[str, bytes]:
         op = draw(st.sampled_from(["del_tok", "dup_tok", "swap_tok", "del_line", "dup_line", "swap_line", "near",
                                    "keyword", "number", "string", "nest", "use", "bom", "crlf", "tabs", "nonutf8",
                                    "nul", "empty", "comments", "truncate"] if syntax else
-                                  ["param", "param", "param", "setting", "edge", "kind", "placement"]))
+                                  ["param", "param", "param", "escape", "escape", "setting", "edge", "kind",
+                                   "placement"]))
         toks, lines = TOKEN.findall(text), text.split("\n")
         idx = [i for i, t in enumerate(toks) if not t.isspace()]
         stages = STAGE.findall(text)
@@ -180,6 +181,18 @@ def mutant(draw) -> tuple[str, bytes]:
             m = re.search(r"stage\s+" + stage + r"\s*:\s*\w+(\s+on\s+\w+)?\s*(\{)?", text)
             setting = f" {p.name} = {_edge_value(draw, p)} "
             text = text[:m.end()] + (setting if m.group(2) else " {" + setting + "}") + text[m.end():]
+        elif op == "escape":                   # a string of the file given an escape: a control character …
+            strings = [m for m in re.finditer(r'"(?:[^"\\\n]|\\.)*"', text) if "model" not in text[:m.start()][-12:]]
+            prompts = [m for m in strings if re.search(r"\btext\s*=\s*$", text[:m.start()])]   # drawn in a box
+            strings = prompts if prompts and draw(st.integers(0, 2)) else strings
+            m = pick(strings) if strings else None
+            if m is not None:
+                at = m.start() + 1 + draw(st.integers(0, len(m.group()) - 2))
+                if text[at - 1] != "\\":
+                    text = text[:at] + pick(["\\u0001", "\\u0008", "\\uffff", "\\ufffe", "\\0", "\\t", "\\n",
+                                             "\\u001b[2J", "\\\\", '\\"', "<&>"]) + text[at:]
+            if "when full" in text:
+                text = text.replace("when full", pick(['when metadata.k == "\\u0001" or full', "when full"]), 1)
         elif op == "setting" and "{" in text:
             i = text.index("{") + 1
             text = text[:i] + "\n    " + pick(["mode = efficient", "mode = performance", "dtype = bf16",
