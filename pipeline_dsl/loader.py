@@ -26,7 +26,7 @@ import os
 import stat
 import sys
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import ast
 from .diagnostics import ERROR, Diagnostic, SourcePos, Suggestions
@@ -311,13 +311,13 @@ def load_program(path: str, text: str | None = None, allow_paths=()) -> tuple[Pr
         if source is None:
             source, ds = decode(data, disp)
             if ds:
-                diags.extend(ds)
+                diags.extend(_included(ds, at))
                 prog.sources[disp] = shown_text(data)   # for the caret of the error
                 return
         source = newlines(source)
         prog.sources[disp] = source
         module, ds = parse(source, disp)
-        diags.extend(ds)
+        diags.extend(_included(ds, at))
         if module is None:
             return
         prog.modules[disp] = module
@@ -361,6 +361,15 @@ def load_program(path: str, text: str | None = None, allow_paths=()) -> tuple[Pr
 
     visit(path, [], None, text)
     return prog, diags
+
+
+def _included(diags: list[Diagnostic], at: SourcePos | None) -> list[Diagnostic]:
+    """An included file's own errors (its bytes, its syntax), each with a note of the `use` that
+    read it: `agp check main.agp` names main.agp's line even where the fault is in the other file
+    (a `use` of the wrong file, say)."""
+    if at is None:
+        return diags
+    return [replace(d, notes=d.notes + (("included here", at),)) for d in diags]
 
 
 def _refused_include(named: str, target: str, allowed) -> tuple[str, str, str] | None:

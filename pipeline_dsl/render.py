@@ -16,6 +16,7 @@ import html
 import os
 import shutil
 import subprocess
+import unicodedata
 
 from stages.registry import default_registry
 
@@ -81,8 +82,23 @@ def key_settings(node: dict) -> list[tuple[str, str]]:
     return [(k, _show(kind, k, params[k])) for k in keys if k in params]
 
 
+_ESCAPES = {"\0": "\\0", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _visible(text: str) -> str:
+    """`text` as a drawing shows it: a control character (a NUL, an ESC, a backspace …) or a
+    noncharacter U+FFFE / U+FFFF spelt as the file spells it (\\0, \\t, \\u0001, \\uffff), since
+    neither DOT nor the XML of a label can hold one (`dot` would fail on the file's string)."""
+    if text.isprintable():
+        return text
+    return "".join(_ESCAPES.get(c, f"\\u{ord(c):04x}")
+                   if unicodedata.category(c) in ("Cc", "Cs") or c in "\ufffe\uffff" else c for c in text)
+
+
 def _label(name: str, node: dict, streams: list[str]) -> str:
-    e = html.escape
+    def e(text: str) -> str:
+        return html.escape(_visible(text))
+
     kind = node.get("kind") or "?"
     where = f" on {node['placement']}" if node.get("placement") else ""
     rows = [f'<B>{e(name)}</B>', f'<FONT POINT-SIZE="10">{e(kind)}{e(where)}</FONT>']
@@ -95,7 +111,7 @@ def _label(name: str, node: dict, streams: list[str]) -> str:
 
 
 def _q(s: str) -> str:
-    return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return '"' + _visible(str(s)).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def dot_source(graph, plan=None) -> str:

@@ -275,6 +275,25 @@ def test_a_file_that_uses_itself_is_an_include_cycle_at_its_use(tmp_path):
     assert (d.pos.file, d.pos.line) == (str(tmp_path / "a.agp"), pipeline().count("\n") + 1)
 
 
+@pytest.mark.parametrize("included, message", [
+    (b"\x00\xff\xfe binary", "file is not valid UTF-8"),
+    (b"pipeline x {\n  stage a : requests {\n", "unexpected end of file"),
+])
+def test_an_included_files_own_error_notes_the_use_that_read_it(tmp_path, included, message):
+    """The error stands in the included file, and a note names the `use` of the file given to
+    agp, so that `agp check main.agp` says how main.agp came to read the file at fault."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "lib.agp").write_bytes(included)
+    (tmp_path / "main.agp").write_text(pipeline() + '\nuse "sub/lib.agp"\n')
+    prog, diags = pipeline_dsl.load(str(tmp_path / "main.agp"))
+    (d,) = diags
+    assert d.message.startswith(message) and d.pos.file == str(tmp_path / "sub" / "lib.agp")
+    ((note, at),) = d.notes
+    assert note == "included here" and (at.file, at.col) == (str(tmp_path / "main.agp"), 5)
+    assert prog.sources[at.file].splitlines()[at.line - 1] == 'use "sub/lib.agp"'
+    assert f"= note: included here ({tmp_path / 'main.agp'}:{at.line}:5)" in render_all(diags, prog.sources)
+
+
 def test_file_that_is_not_utf8_is_an_error_at_the_bad_byte(tmp_path):
     f = tmp_path / "x.agp"
     f.write_bytes(b'pipeline p {\n  model = "caf\xe9"\n}\n')

@@ -153,6 +153,21 @@ def test_render_svg_contains_every_stage_name(tmp_path):
         assert f">{name}<" in svg
 
 
+@pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz's dot is not installed")
+def test_render_svg_of_strings_with_control_characters_and_noncharacters(tmp_path):
+    """Whatever check accepts, render draws: a string escape such as \\u0001 or \\uffff in the
+    file is drawn as written, not handed raw to `dot` (which failed on it)."""
+    src = Path(CHAT).read_text(encoding="utf-8").replace(
+        "    request -> batch\n", '    stage sys : system_prompt { text = "a\\u0001\\u0008\\uffff\\u0000b" }\n'
+                              '    request -> sys -> batch\n')
+    path = tmp_path / "odd.agp"
+    path.write_text(src, encoding="utf-8")
+    assert agp_in("check", str(path)).returncode == 0
+    r = agp_in("render", str(path), "-o", str(tmp_path / "odd.svg"))
+    assert r.returncode == 0, r.stderr
+    assert "text = a\\u0001\\u0008\\uffff\\0b" in (tmp_path / "odd.svg").read_text(encoding="utf-8")
+
+
 def test_render_dot_needs_no_graphviz(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     out = tmp_path / "chat.dot"

@@ -112,3 +112,25 @@ def test_plan_and_render_titles_say_none_for_a_stream_that_carries_no_stage(tmp_
     assert legend["short_gen/copy"] == legend["long_gen/copy"] == "none"
     assert legend["short_gen/compute"] == "short_gen"
     assert all(v.strip() and v != "-" for v in legend.values()), legend
+
+
+ODD = ["\x00", "\x01", "\x08", "\x1b", "\x7f", "\ufffe", "\uffff", "\t"]   # what a file's escapes can put in a string
+
+
+def test_control_characters_and_noncharacters_of_a_files_strings_are_drawn_escaped():
+    """A string of the file (a system prompt, a condition's literal) may hold any character
+    its escapes spell; the DOT text shows each one neither DOT nor a label's XML can hold as the file
+    spells it, so that `dot` draws it instead of failing."""
+    for ch in ODD:
+        esc = {"\x00": "\\0", "\t": "\\t"}.get(ch, f"\\u{ord(ch):04x}")     # the file's own spelling
+        text = PIPELINE.format(gen="").replace(
+            "request -> batch",
+            f'stage sys : system_prompt {{ text = "be{esc}brief" }}\n'
+            f'    request -> sys\n    sys -> batch when metadata.k == "a{esc}b"\n    sys -> batch otherwise')
+        graph = load_pipeline_graph("<test>", text=text)
+        assert graph.nodes["sys"]["params"]["text"] == f"be{ch}brief"    # the value itself keeps it
+        out = dot_source(graph)
+        assert ch not in out.replace("\n", ""), repr(ch)
+        shown = esc.replace("\\", "\\\\")                               # inside a DOT quoted string
+        assert f"text = be{esc}brief" in out                             # a box: HTML, no DOT escaping
+        assert f'label="when metadata.k == \\"a{shown}b\\""' in out

@@ -325,6 +325,42 @@ def test_device_cuda_without_cuda_is_an_error_at_the_device_setting(tmp_path, ti
     assert "internal error" not in r.stderr
 
 
+def _refuses_a_terabyte() -> bool:
+    """Whether this machine refuses a 512 GiB allocation at once (a KV pool of 1024GiB is two),
+    rather than overcommitting it: the kernel's heuristic does, unless RAM and swap hold it."""
+    try:
+        with open("/proc/sys/vm/overcommit_memory") as f:
+            mode = f.read().strip()
+        with open("/proc/meminfo") as f:
+            kib = sum(int(ln.split()[1]) for ln in f if ln.startswith(("MemTotal:", "SwapTotal:")))
+    except OSError:
+        return False
+    return mode != "1" and kib < 256 << 20
+
+
+@pytest.mark.skipif(not _refuses_a_terabyte(), reason="this machine would overcommit a 1024GiB KV pool")
+@pytest.mark.parametrize("old, new, at", [
+    ("budget = 1MiB", "budget = 1024GiB", "8:58"),                                  # the stage's own budget
+    ("budget = 1MiB", "", "5:17"),                                                  # the pipeline's kv_budget
+])
+def test_a_kv_pool_past_the_machines_memory_is_an_error_at_its_budget(tmp_path, tiny_gguf, old, new, at):
+    """check does not probe the memory, so run finds a KV pool that cannot be allocated: it says so
+    at the setting that asked for it (the kv_lookup stage's budget, else the pipeline's kv_budget),
+    exit 2, not an internal error."""
+    path = tmp_path / "tiny.agp"
+    text = PIPELINE.format(model=tiny_gguf).replace(old, new, 1)
+    if not new:
+        text = text.replace("dtype  = fp32\n", "dtype  = fp32\n    kv_budget = 1024GiB\n")
+    path.write_text(text)
+    assert agp_in("check", path).returncode == 0
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "a"}\n')
+    r = run(path, "-i", inp, "-o", tmp_path / "out.jsonl")
+    assert r.returncode == 2, r.stderr
+    assert f"{path}:{at}: error: the KV pool of 1024GiB (" in r.stderr
+    assert "cannot be allocated on cpu" in r.stderr and "internal error" not in r.stderr
+
+
 def test_a_prompt_over_max_prompt_tokens_is_an_error_record_of_the_requests_stage(tmp_path, tiny_gguf):
     """The limit is the request source's setting: its record names that stage, whether the
     prompt is refused on its length in characters or once tokenised."""

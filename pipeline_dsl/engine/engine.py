@@ -33,7 +33,7 @@ from pipeline_dsl.cliargs import env_switch
 from .compute import on_compute
 from .config import EngineConfig, RequestOutput, SamplingParams, percentile
 from .cpus import available_cpus, cpus_text, default_threads
-from .errors import ContextLengthError, InputError, QueueFullError, limit_setting, prompt_over_limit
+from .errors import ContextLengthError, InputError, KVPoolError, QueueFullError, limit_setting, prompt_over_limit
 from .kv_cache import BlockManager, bytes_per_block, num_blocks_for_budget
 from .batch import ItemsRunner, StepBatch
 from .processors import Features
@@ -709,6 +709,13 @@ def load_runner(config: EngineConfig):
                              compile=config.compile, batch_invariant=invariant, attention=attention)
     except ValueError as e:             # a backend that was asked for and cannot serve
         raise InputError(f"AGP_ATTENTION={attention}: {e}") from None
+    except (MemoryError, RuntimeError) as e:      # torch.OutOfMemoryError is a RuntimeError
+        if not _out_of_memory(e):
+            raise
+        from pipeline_dsl.units import format_size
+        raise KVPoolError(f"the KV pool of {format_size(config.kv_budget_bytes)} ({num_blocks} blocks of "
+                          f"{format_size(per_block)}) cannot be allocated on {device}: more memory than it "
+                          f"can give; lower the budget") from None
     extra = {}
     if runner.device.type == "cuda" and not invariant:
         # every mode: compile and capture happen here, at load, never inside a request's TTFT
@@ -728,6 +735,14 @@ def load_runner(config: EngineConfig):
             "context_length": c.max_position, "kv_bytes_per_block": per_block, "generation_config": sampling,
             **extra, "load_s": time.perf_counter() - t0}
     return runner, tokenizer, info
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether an allocation failed for want of memory (CPU: "can't allocate memory"; CUDA: out of memory)."""
+    if isinstance(e, MemoryError) or isinstance(e, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    text = str(e).lower()
+    return "can't allocate memory" in text or "out of memory" in text
 
 
 def peak_memory_bytes(device: str = "cpu") -> int:

@@ -44,6 +44,10 @@ def limit_setting(limit: int, by: str) -> str:
     return f"{by}={limit}" if by.isupper() else f"{by} = {limit}"
 
 
+class KVPoolError(InputError):
+    """The KV pool its budget asks for cannot be allocated: more memory than the device has."""
+
+
 class QueueFullError(InputError):
     """The engine's waiting queue is at `max_queue`; retry later (HTTP 429/503)."""
 

@@ -72,6 +72,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         from stages.impl import StageContext, check_item_stage, implementation
         from stages.registry import get_kind
 
+        from pipeline_dsl.engine.errors import KVPoolError
         from pipeline_dsl.engine.trace import Trace
         from pipeline_dsl.userfn import callable_shape
 
@@ -125,6 +126,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                                    trace=self.trace)
             except DeviceUnavailable as exc:
                 raise _device_failed(graph, seg.generates, exc) from exc.error
+            except KVPoolError as exc:
+                raise _pool_failed(graph, seg.kv, exc, overrides) from exc
             self.segments.append(es)
             self.seg_by_batch[seg.batch] = es
         self.seg_of_gen = {g: es for es in self.segments for g in es.segment.generates}
@@ -727,6 +730,27 @@ def _device_failed(graph: nx.DiGraph, generates, exc) -> BaseException:
     if pos is None:
         return exc.error
     diag = Diagnostic(ERROR, str(exc.error), pos, expected="a device this machine has: cpu, or auto")
+    return _check_failed(diag, pos)
+
+
+def _pool_failed(graph: nx.DiGraph, kv: str, exc: BaseException, overrides: dict | None) -> BaseException:
+    """A KV pool the machine cannot hold (a budget past its memory), as a CheckFailed at what set the
+    budget: the kv_lookup stage's own `budget`, else the pipeline's `kv_budget`, else the stage (the
+    mode's budget). check does not probe the memory, so this is only found here. The engine's error
+    as it is when the caller's overrides set the budget."""
+    from pipeline_dsl.diagnostics import ERROR, Diagnostic
+
+    if (overrides or {}).get("kv_budget_bytes") is not None:
+        return exc
+    node = graph.nodes[kv]
+    if "budget" in node.get("given", ()):
+        pos, what = node["param_pos"].get("budget"), f"a smaller budget for '{kv}'"
+    elif "kv_budget" in graph.graph.get("given_settings", ()):
+        pos, what = (graph.graph.get("setting_pos") or {}).get("kv_budget"), "a smaller kv_budget"
+    else:
+        pos, what = None, f"a budget for '{kv}' (budget = …) or the pipeline (kv_budget = …)"
+    pos = pos or node.get("pos")
+    diag = Diagnostic(ERROR, str(exc), pos, expected=f"{what} that this machine's memory holds")
     return _check_failed(diag, pos)
 
 
