@@ -1,0 +1,78 @@
+"""Races between a request's end and its streamed deltas, forced with events: whatever thread
+ends a request (its client's abort, a failure) and whatever thread is about to tell its
+listener a delta, the listener hears its result last. After `on_done` a listener hears
+nothing more of that request."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import flowkit
+from flowkit import chain, chat, errors, write
+from pipeline_dsl.flow import PipelineRuntime, load_graph
+
+HOOKS = '''
+import threading
+import flowkit
+
+def marked(item, chunks):
+    # each chunk is yielded from a thread the test's clock knows: it holds the first chunk's
+    # delta on its way to the client
+    flowkit.bump(f"marked/{threading.get_ident()}")
+    for text in chunks:
+        yield text
+    flowkit.gate("filter ended").set()
+'''
+
+pytestmark = pytest.mark.usefixtures("fresh_flowkit")
+
+
+class Told:
+    """A listener that records what it heard, in order."""
+
+    def __init__(self):
+        self.heard: list[str] = []
+        self.done = threading.Event()
+
+    def on_delta(self, key, index, out):
+        self.heard.append("delta")
+
+    def on_done(self, result):
+        self.heard.append("done:" + (result.error.kind if result.error else "ok"))
+        self.done.set()
+
+
+def held_clock():
+    """time.monotonic, except on the stream stage's thread the first time it asks after its
+    function started: it says "in the window" and waits for gate "go" (the delta it is about to
+    tell the client is then held between the runtime's checks and the listener)."""
+    window, go = flowkit.gate("in the window"), flowkit.gate("go")
+    if flowkit.COUNTS[f"marked/{threading.get_ident()}"] and not window.is_set():
+        window.set()
+        go.wait(60)
+    return time.monotonic()
+
+
+def test_a_delta_on_its_way_when_the_request_is_aborted_is_not_heard_after_the_result(tmp_path, tiny_gguf):
+    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 8 }\n"
+            "stage f : python { fn = \"hooks:marked\"  stream = true }\nstage out : respond {}\n"
+            "request -> batch\ngen -> f -> out\n" + chain())
+    path = write(tmp_path, tiny_gguf, body, hooks=HOOKS)
+    assert errors(path) == []
+    rt = PipelineRuntime(load_graph(path), overrides={"threads": 1}, clock=held_clock)
+    rt.start()
+    try:
+        told = Told()
+        key = rt.submit(chat("a", "hello", max_tokens=8), told, stream=True)
+        assert flowkit.gate("in the window").wait(60)   # the first chunk is on its way to the client
+        rt.abort(key)                                   # the client goes away meanwhile
+        assert told.done.wait(60)
+        flowkit.gate("go").set()
+        assert flowkit.gate("filter ended").wait(60)    # the held chunk went wherever it goes
+        assert told.heard == ["done:aborted"]
+    finally:
+        flowkit.open_gates()
+        rt.close(drain=True, timeout=30)
+        rt.shutdown()
