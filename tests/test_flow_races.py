@@ -76,3 +76,39 @@ def test_a_delta_on_its_way_when_the_request_is_aborted_is_not_heard_after_the_r
         flowkit.open_gates()
         rt.close(drain=True, timeout=30)
         rt.shutdown()
+
+
+def test_a_request_aborted_while_its_sequence_is_handed_to_the_engine_never_runs(tmp_path, tiny_gguf):
+    """The request is aborted after its sequence was made and before the engine was handed it:
+    the engine never runs it (it used to generate all its tokens for no one)."""
+    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 40 }\nstage out : respond {}\n"
+            "request -> batch\ngen -> out\n" + chain())
+    path = write(tmp_path, tiny_gguf, body)
+    assert errors(path) == []
+    rt = PipelineRuntime(load_graph(path), overrides={"threads": 1})
+    es = rt.segments[0]
+    handed, go = flowkit.gate("handing over"), flowkit.gate("go")
+    submit = es.submit
+
+    def held_submit(*args, **kwargs):
+        handed.set()
+        go.wait(60)
+        submit(*args, **kwargs)
+        flowkit.gate("handed over").set()
+
+    es.submit = held_submit
+    rt.start()
+    try:
+        told = Told()
+        key = rt.submit(chat("a", "hello", max_tokens=40, ignore_eos=True), told)
+        assert handed.wait(60)
+        rt.abort(key)
+        assert told.done.wait(60) and told.heard == ["done:aborted"]
+        go.set()
+        assert flowkit.gate("handed over").wait(60)
+    finally:
+        flowkit.open_gates()
+        rt.close(drain=True, timeout=30)
+        es.join()
+        rt.shutdown()
+    assert es.stats()["generated_tokens"] == 0
