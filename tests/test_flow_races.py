@@ -112,3 +112,59 @@ def test_a_request_aborted_while_its_sequence_is_handed_to_the_engine_never_runs
         es.join()
         rt.shutdown()
     assert es.stats()["generated_tokens"] == 0
+
+
+UPPER = '''
+def upper(item, chunks):
+    for text in chunks:
+        yield text.upper()
+'''
+
+
+def test_the_usage_n_streams_hear_never_goes_down_whichever_thread_tells_first(tmp_path, tiny_gguf):
+    """n = 2 through a stream stage: each copy's chunks reach the client from a thread of its
+    own. Copy 0's first delta has its usage counted and is held on its way (a tracer pauses that
+    thread as it enters items.heard); copy 1's delta, counted later and so counting more, is heard
+    meanwhile. Copy 0's delta then comes with no less usage than copy 1's did."""
+    from pipeline_dsl.flow import items
+
+    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 6 }\n"
+            "stage f : python { fn = \"hooks:upper\"  stream = true }\nstage out : respond {}\n"
+            "request -> batch\ngen -> f -> out\n" + chain())
+    path = write(tmp_path, tiny_gguf, body, hooks=UPPER)
+    assert errors(path) == []
+    held, other = flowkit.gate("copy 0 held"), flowkit.gate("copy 1 heard")
+
+    def tracer(frame, event, arg):
+        # copy 0's first delta, on its way to the listener: wait until copy 1's was heard
+        if event == "call" and frame.f_code is items.heard.__code__ and frame.f_locals["index"] == 0 \
+                and not held.is_set():
+            held.set()
+            other.wait(60)
+        return None
+
+    class Heard(Told):
+        def __init__(self):
+            super().__init__()
+            self.usages = []
+
+        def on_delta(self, key, index, out):
+            self.usages.append(dict(out.usage))
+            if index == 1 and held.is_set():
+                other.set()
+
+    rt = PipelineRuntime(load_graph(path), overrides={"threads": 1})
+    threading.settrace(tracer)                   # the threads started from here on: the stage's
+    try:
+        rt.start()
+        told = Heard()
+        rt.submit(chat("a", "hello", max_tokens=6, ignore_eos=True, n=2, temperature=1.0, seed=1), told, stream=True)
+        assert told.done.wait(120)
+    finally:
+        threading.settrace(None)
+        flowkit.open_gates()
+        rt.close(drain=True, timeout=30)
+        rt.shutdown()
+    assert told.heard[-1] == "done:ok" and held.is_set() and other.is_set()
+    for before, after in zip(told.usages, told.usages[1:]):
+        assert all(after[k] >= before[k] for k in before), told.usages

@@ -114,6 +114,7 @@ class RequestState:
     # while the listener hears a delta or its prompt, so what is on its way when the request
     # ends (an abort from another thread) is heard before the result or not at all
     told: bool = False
+    usage_told: dict | None = None                     # the usage of the last delta its listener heard
     telling: Any = field(default_factory=threading.RLock, repr=False)
 
 
@@ -216,10 +217,13 @@ _OUTPUT_FIELDS = tuple(f.name for f in fields(RequestOutput))   # what a Delta c
 def heard(req: RequestState, index: int, out, usage: dict) -> None:
     """Tell a request's listener about a delta of its choice `index`, with the request's usage
     so far (every streamed token of every stream: the field names are read once, at import)."""
-    delta = Delta(**{name: getattr(out, name) for name in _OUTPUT_FIELDS}, usage=usage)
     with req.telling:
         if req.told:                             # the request ended meanwhile: its result was the last word
             return
+        if req.usage_told is not None:           # counted before the delta told last (n choices' stream
+            usage = {k: max(n, req.usage_told.get(k, 0)) for k, n in usage.items()}   # stages: threads of
+        req.usage_told = usage                   # their own): the usage heard never goes down
+        delta = Delta(**{name: getattr(out, name) for name in _OUTPUT_FIELDS}, usage=usage)
         try:
             req.listener.on_delta(req.key, index, delta)
         except Exception:                        # noqa: BLE001 - a listener's failure is its own
