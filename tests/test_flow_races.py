@@ -1,7 +1,8 @@
-"""Races between a request's end and its streamed deltas, forced with events: whatever thread
-ends a request (its client's abort, a failure) and whatever thread is about to tell its
-listener a delta, the listener hears its result last. After `on_done` a listener hears
-nothing more of that request."""
+"""Races between the threads of the runtime, each forced with events: whatever thread ends a
+request (its client's abort) and whatever thread is telling its listener a delta or handing its
+sequences to the engine, the listener hears its result last and nothing after it, the engine
+never runs a sequence of a request that already ended, and the usage n streams hear never
+goes down whichever of their threads tells first."""
 from __future__ import annotations
 
 import threading
@@ -154,6 +155,7 @@ def test_the_usage_n_streams_hear_never_goes_down_whichever_thread_tells_first(t
                 other.set()
 
     rt = PipelineRuntime(load_graph(path), overrides={"threads": 1})
+    before = threading.gettrace()
     threading.settrace(tracer)                   # the threads started from here on: the stage's
     try:
         rt.start()
@@ -161,7 +163,7 @@ def test_the_usage_n_streams_hear_never_goes_down_whichever_thread_tells_first(t
         rt.submit(chat("a", "hello", max_tokens=6, ignore_eos=True, n=2, temperature=1.0, seed=1), told, stream=True)
         assert told.done.wait(120)
     finally:
-        threading.settrace(None)
+        threading.settrace(before)
         flowkit.open_gates()
         rt.close(drain=True, timeout=30)
         rt.shutdown()
