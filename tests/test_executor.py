@@ -124,6 +124,21 @@ def test_cancelling_mid_generation_frees_its_blocks(tiny_gguf):
     eng.blocks.check_invariants()
 
 
+def test_a_request_aborted_before_its_admit_is_never_run(tiny_gguf):
+    """submit, then abort before the executor admitted it (a client gone at once): the abort is
+    not lost to the admit that handles aborts before new requests; the request never runs."""
+    eng = engine(tiny_gguf)
+    ex = Executor(eng, overlap=True)
+    ex.submit("gone", prompt="hello world", params=SamplingParams(max_tokens=50, ignore_eos=True))
+    ex.submit("kept", prompt="the cat", params=SamplingParams(max_tokens=5, ignore_eos=True))
+    ex.abort("gone")
+    heard: list = []
+    ex.run(on_output=lambda outputs: heard.extend(o.request_id for o in outputs))
+    assert "gone" not in heard and "kept" in heard
+    assert eng.stats(latencies=False)["generated_tokens"] == 5
+    assert eng.blocks.num_used == 0
+
+
 def test_requests_submitted_while_running_are_all_answered(tiny_gguf):
     import threading
     import time

@@ -291,3 +291,37 @@ def test_a_prompt_over_max_prompt_tokens_counts_where_it_was_refused(tmp_path, s
     rows = rt.stats()["stages"]
     assert rows["request"]["rejected"] == 0 and rows["encode"]["rejected"] == 1
     flowkit.check_counts(rt, 1)
+
+
+def test_the_usage_a_stream_hears_never_goes_down_when_n_copies_hit_the_cache_differently(tmp_path, tiny_gguf):
+    """n = 2 on a step budget of one prompt: the second copy is admitted after the first one's
+    prefill and hits its blocks, so the copies' cached tokens differ. The shared prompt counts
+    once, with the cached tokens of the copy heard of first: every delta's usage is at least the
+    one before (the first copy's end used to put the second's cached tokens back to its own)."""
+    body = ("stage request : requests {}\n"
+            "stage batch : dynamic_batch { max_batch_size = 2  timeout = 1ms  max_tokens_per_step = 24 }\n"
+            "stage encode : encode {}\nstage kv : kv_lookup { block_size = 8  budget = 2MiB }\n"
+            "stage gen : generate { max_new_tokens = 4 }\nstage out : respond {}\n"
+            "request -> batch\nbatch -> encode when full\nbatch -> encode when timeout\nencode -> kv -> gen -> out\n")
+    path = write(tmp_path, tiny_gguf, body)
+    assert errors(path) == []
+    rt = flowkit.runtime(path)
+    rt.start()
+    try:
+        heard = flowkit.Heard()
+        deltas = []
+        heard.on_delta = lambda key, index, out: deltas.append((index, out.cached_tokens, dict(out.usage)))
+        rt.submit({"id": "a", "prompt_token_ids": list(range(5, 29)), "n": 2, "max_tokens": 4, "ignore_eos": True,
+                   "temperature": 0}, heard, stream=True)
+        assert heard.done.wait(120)
+    finally:
+        rt.close(drain=True, timeout=30)
+        rt.shutdown()
+    assert heard.result.ok and len(heard.result.choices) == 2
+    cached = {index: c for index, c, _ in deltas}
+    assert cached[0] != cached[1], cached                       # the copies hit the cache differently
+    usages = [u for _, _, u in deltas]
+    for before, after in zip(usages, usages[1:]):
+        assert all(after[k] >= before[k] for k in before), usages
+    assert usages[-1] == heard.result.usage
+    assert heard.result.usage["cached_tokens"] == cached[deltas[0][0]]   # the copy heard of first

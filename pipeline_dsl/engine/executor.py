@@ -224,9 +224,13 @@ class Executor:
         return (order, self._submitted) if order is not None else ((self._submitted,), self._submitted)
 
     def abort(self, request_id) -> None:
-        """Cancel a request: its KV blocks are freed at the next admit (in flight or not)."""
+        """Cancel a request: its KV blocks are freed at the next admit (in flight or not); one
+        submitted and not yet admitted is never added (the admit handles aborts before new
+        requests, so its abort would come too early)."""
+        rid = str(request_id)
         with self.lock:
-            self._aborts.append(str(request_id))
+            self._pending = [p for p in self._pending if p[0] != rid]
+            self._aborts.append(rid)
             self._wake.notify_all()
 
     def close(self) -> None:

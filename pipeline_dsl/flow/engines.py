@@ -226,6 +226,11 @@ class EngineSide:
             req.items.discard(item)
         for seq_id, params, order in submits:
             es.submit(seq_id, ids, params, order, priority)
+        with self._lock:
+            ended = req.done
+        if ended:           # it ended while its sequences were handed over: its abort came first
+            for seq_id, _, _ in submits:
+                es.abort(seq_id)
 
     def _answer_without_engine(self, item: Item, es, targets: list, ids: list, entry: dict) -> None:
         """max_tokens = 0 (an echo of the prompt, e.g. to score it): each target answers at once."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import threading
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -112,6 +113,12 @@ class RequestState:
     first_token: float | None = None
     timings: dict = field(default_factory=dict)        # its first generation's queue / prefill / decode s
     rejection: PipelineError | None = None             # a branch dropped by a join's on_reject = drop
+    # its listener has its result (tell_result) and hears nothing more of it; `telling` is held
+    # while the listener hears a delta or its prompt, so what is on its way when the request
+    # ends (an abort from another thread) is heard before the result or not at all
+    told: bool = False
+    usage_told: dict | None = None                     # the usage of the last delta its listener heard
+    telling: Any = field(default_factory=threading.RLock, repr=False)
 
 
 @dataclass(eq=False)
@@ -214,11 +221,17 @@ def heard(req: RequestState, index: int, out, usage: dict) -> None:
     """Tell a request's listener about a delta of its choice `index`, with the request's usage
     so far (every streamed token of every stream: the field names are read once, at import).
     Its caller skips a request whose listener hears no deltas (`req.hears_deltas`)."""
-    delta = Delta(**{name: getattr(out, name) for name in _OUTPUT_FIELDS}, usage=usage)
-    try:
-        req.listener.on_delta(req.key, index, delta)
-    except Exception:                            # noqa: BLE001 - a listener's failure is its own
-        pass
+    with req.telling:
+        if req.told:                             # the request ended meanwhile: its result was the last word
+            return
+        if req.usage_told is not None:           # counted before the delta told last (n choices' stream
+            usage = {k: max(n, req.usage_told.get(k, 0)) for k, n in usage.items()}   # stages: threads of
+        req.usage_told = usage                   # their own): the usage heard never goes down
+        delta = Delta(**{name: getattr(out, name) for name in _OUTPUT_FIELDS}, usage=usage)
+        try:
+            req.listener.on_delta(req.key, index, delta)
+        except Exception:                        # noqa: BLE001 - a listener's failure is its own
+            pass
 
 
 def tell_prompt(req: RequestState, ids: list, logprobs: list | None) -> None:
@@ -227,10 +240,23 @@ def tell_prompt(req: RequestState, ids: list, logprobs: list | None) -> None:
     without `on_prompt` does not hear them (agp run's: the answer carries them)."""
     tell = getattr(req.listener, "on_prompt", None)
     if tell is not None:
-        try:
-            tell(req.key, ids, logprobs)
-        except Exception:                        # noqa: BLE001 - a listener's failure is its own
-            pass
+        with req.telling:
+            if req.told:
+                return
+            try:
+                tell(req.key, ids, logprobs)
+            except Exception:                    # noqa: BLE001 - a listener's failure is its own
+                pass
+
+
+def tell_result(req: RequestState, result: Result) -> None:
+    """Tell a request's listener its result, once; a delta being heard (on another thread) is
+    heard first, and none after it."""
+    with req.telling:
+        if req.told:
+            return
+        req.told = True
+    deliver(req.listener, result)
 
 
 def deliver(listener, result: Result) -> None:

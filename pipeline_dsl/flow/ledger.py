@@ -75,9 +75,14 @@ class RequestLedger:
             if key in (out.metrics or {}) and key not in req.timings:
                 req.timings[key] = out.metrics[key]
         self.count(req, engine, "completion_tokens", out.completion_tokens)
-        if item.entry is not None and item.entry["cached_tokens"] is None:
-            item.entry["cached_tokens"] = out.cached_tokens       # a prompt shared by n copies counts once
-            self.count(req, engine, "cached_tokens", out.cached_tokens)
+        entry = item.entry
+        if entry is not None and entry["cached_tokens"] is None:
+            # a prompt shared by n copies counts once, with the cached tokens of the copy heard of
+            # first (the copies' differ: one admitted after another's prefill hits its blocks), as
+            # a stream already told them
+            cached = entry.setdefault("cached_first", out.cached_tokens)
+            entry["cached_tokens"] = cached
+            self.count(req, engine, "cached_tokens", cached)
         if item.index is not None:
             req.streaming[item.index] = None                      # counted above from now on
 
@@ -89,13 +94,17 @@ class RequestLedger:
         req = item.req
         if req.streaming.get(item.index, ()) is not None:
             req.streaming[item.index] = (out.completion_tokens, item.entry, out.cached_tokens)
+            if item.entry is not None:
+                item.entry.setdefault("cached_first", out.cached_tokens)
         usage = dict(req.usage)
         entries = {}
         for running in req.streaming.values():
             if running is not None:
                 usage["completion_tokens"] += running[0]
-                if running[1] is not None and running[1]["cached_tokens"] is None:
-                    entries[id(running[1])] = running[2]          # a prompt shared by n copies counts once
+                if running[1] is None:
+                    entries[id(running)] = running[2]
+                elif running[1]["cached_tokens"] is None:           # a prompt shared by n copies counts
+                    entries[id(running[1])] = running[1]["cached_first"]   # once, as its first copy heard
         usage["cached_tokens"] += sum(entries.values())
         return usage
 

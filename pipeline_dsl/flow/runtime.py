@@ -49,7 +49,8 @@ from pipeline_dsl.plan import ITEM_WORKERS, make_plan
 from .cache import ResultCache, cache_key
 from .driving import Driving
 from .engines import EngineSide
-from .items import COUNTED, GENERATED, REQUEST, Item, PipelineError, RequestState, check_result, deliver
+from .items import (COUNTED, GENERATED, REQUEST, Item, PipelineError, RequestState, check_result,
+                    tell_result)
 from .joins import FILLED, Joins
 from .ledger import RequestLedger
 from .live import LiveStages
@@ -475,7 +476,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         for seq_id, es in seqs:
             es.abort(seq_id)
         self._abandon()
-        deliver(req.listener, self.ledger.failure(req, err))
+        tell_result(req, self.ledger.failure(req, err))
 
     def _abandon(self) -> None:
         """A request failed: the calls still running for it give their workers back (each
@@ -585,7 +586,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         result = self.ledger.answer(req)
         self.ledger.close(req, failed=result.error is not None)
         self._idle.notify_all()
-        self._task(deliver, req.listener, result)
+        self._task(tell_result, req, result)
 
     # ---- measuring and tracing -------------------------------------------------------------
     def _worker_event(self, stage: str, event: str, seconds: float, ok: bool) -> None:
