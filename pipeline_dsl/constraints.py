@@ -76,6 +76,10 @@ MAX_REGEX_SIZE = 20_000    # a regex's size with its counted repetitions unrolle
 PRETTY_WHITESPACE = r"(\r?\n)?[ \t]{0,20}"
 MAX_ERROR_CHARS = 400
 MAX_LOCATE_PROBES = 200    # subschemas compiled alone to say where a schema fails (~0.1 ms each)
+# structures, and triggers, of one structural tag: each structure is a branch of one grammar row,
+# which llguidance caps at 2,000 items, and is checked and compiled on its own (1,024: ~1 s); each
+# looks its trigger up among the triggers
+MAX_STRUCTURES = 1024
 
 
 class GrammarError(ValueError):
@@ -378,6 +382,9 @@ class GrammarBuilder:
         if not isinstance(structures, list) or not structures:
             raise GrammarError("structural_tag needs 'structures', a non-empty list of {\"begin\", \"schema\", "
                                "\"end\"}")
+        for what, items in (("structures", structures), ("triggers", triggers)):
+            if len(items) > MAX_STRUCTURES:
+                raise GrammarError(f"structural_tag has {len(items):,} {what}: at most {MAX_STRUCTURES:,}")
         json_of = self._for(spec)                  # vLLM's disable_any_whitespace, disable_additional_properties
         lark = ["%llguidance {}", "start: (" + " | ".join(f"tag_{i}" for i in range(len(structures))) + ")* TEXT",
                 r"TEXT: /(.|\n)*/"]

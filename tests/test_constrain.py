@@ -237,6 +237,12 @@ def test_a_structural_tag_trigger_that_is_a_special_token_is_that_token(engine, 
     ({**STRUCTURAL_TAG, "structures": [{"begin": "<f=x>", "end": "</f>", "schema": {
         "type": "object", "properties": {"xs": {"type": "array", "uniqueItems": True}}}}]},
      "structures[0]: at #/properties/xs: "),
+    # bounded before any structure is compiled (each costs about a millisecond, and each looks
+    # its trigger up among all the triggers)
+    ({**STRUCTURAL_TAG, "structures": STRUCTURAL_TAG["structures"] * (constraints.MAX_STRUCTURES + 1)},
+     f"structural_tag has {constraints.MAX_STRUCTURES + 1:,} structures: at most {constraints.MAX_STRUCTURES:,}"),
+    ({**STRUCTURAL_TAG, "triggers": [f"<{i}" for i in range(constraints.MAX_STRUCTURES)] + ["<f="]},
+     f"structural_tag has {constraints.MAX_STRUCTURES + 1:,} triggers: at most {constraints.MAX_STRUCTURES:,}"),
 ])
 def test_a_structural_tag_that_cannot_be_enforced_says_where(compiler, spec, message):
     with pytest.raises(GrammarError) as e:

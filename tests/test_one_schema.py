@@ -222,7 +222,8 @@ SERVED_ALIKE = {
                            {"structural_tag": {**AT_TAG, "type": "x"}}, {"structural_tag": 5}],
     "response_format": [AT_TAG, {"type": "json_object"}, {**AT_TAG, "format": {"type": "triggered_tags"}},
                         {**AT_TAG, "triggers": []}, {**AT_TAG, "extra": 1}, json.dumps(AT_TAG),
-                        {**AT_TAG, "structures": [{"begin": "@f(", "end": ")", "schema": {"$ref": "#"}}]}],
+                        {**AT_TAG, "structures": [{"begin": "@f(", "end": ")", "schema": {"$ref": "#"}}]},
+                        {**AT_TAG, "triggers": ["@"] * 1025}],
     "include_reasoning": [True, False, "yes", 1],
 }
 ALIKE_CASES = [(f, v) for f, values in SERVED_ALIKE.items() for v in values]

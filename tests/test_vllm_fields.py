@@ -383,6 +383,8 @@ DEEP = "[" * 5000 + "]" * 5000               # JSON text nested past the request
     ({"structured_outputs": {"structural_tag": DEEP}}, "structured_outputs.structural_tag"),
     ({"structured_outputs": {"json": DEEP}}, "structured_outputs.json"),
     ({"guided_json": DEEP}, "guided_json"),
+    # each structure looks its trigger up among the triggers: their number is bounded
+    ({"response_format": {**AT_TAG, "triggers": [f"#{i}" for i in range(1024)] + ["@"]}}, "response_format"),
 ])
 def test_a_guided_field_that_cannot_be_enforced_is_a_400_naming_it(client, extra, param):
     with pytest.raises(openai.BadRequestError) as e:
