@@ -76,6 +76,9 @@ MAX_REGEX_SIZE = 20_000    # a regex's size with its counted repetitions unrolle
 PRETTY_WHITESPACE = r"(\r?\n)?[ \t]{0,20}"
 MAX_ERROR_CHARS = 400
 MAX_LOCATE_PROBES = 200    # subschemas compiled alone to say where a schema fails (~0.1 ms each)
+# ... and their JSON text in all: a subschema costs up to ~7 us a character to compile (an object of
+# a thousand optional properties, 27 KB: 0.19 s), so 200 of them could take 40 s; this is ~2 s at most
+MAX_LOCATE_CHARS = 1 << 18
 # structures, and triggers, of one structural tag: each structure is a branch of one grammar row,
 # which llguidance caps at 2,000 items, and is checked and compiled on its own (1,024: ~1 s); each
 # looks its trigger up among the triggers
@@ -302,17 +305,22 @@ class GrammarBuilder:
 
     def _locate(self, schema: dict, problem: str) -> str:
         """The JSON pointer ("#/properties/a/items") of the innermost subschema that fails with
-        `problem` by itself, trying at most MAX_LOCATE_PROBES subschemas; "" for the root. The
+        `problem` by itself, trying at most MAX_LOCATE_PROBES subschemas of MAX_LOCATE_CHARS
+        characters of JSON in all (then the deepest found so far); "" for the root. The
         root's $defs are there as schemas that allow anything: a $ref still resolves, and the
         problem is found where it is written, not at every $ref that leads to it."""
         defs = {k: {name: {} for name in v} for k, v in schema.items()
                 if k in ("$defs", "definitions") and isinstance(v, dict)}
-        probes = MAX_LOCATE_PROBES
+        probes, chars = MAX_LOCATE_PROBES, MAX_LOCATE_CHARS
 
         def fails(sub) -> bool:
-            nonlocal probes
+            nonlocal probes, chars
             probes -= 1
-            return probes >= 0 and self._schema_grammar({**defs, **sub})[1] == problem
+            if probes < 0 or chars < 0:
+                return False
+            probe = {**defs, **sub}
+            chars -= len(json.dumps(probe, separators=(",", ":")))
+            return chars >= 0 and self._schema_grammar(probe)[1] == problem
 
         path, node = "#", schema
         while hit := next(((step, sub) for step, sub in _children(node)

@@ -252,6 +252,36 @@ def test_a_structural_tag_that_cannot_be_enforced_says_where(compiler, spec, mes
         constraints.check_spec(spec)                       # agp serve refuses it before the engine sees it
 
 
+def test_saying_where_a_schema_fails_compiles_a_bounded_part_of_it(monkeypatch):
+    """A schema that fails as a whole (here: a required key its closed object lacks) is located by
+    compiling its subschemas alone; they are compiled up to MAX_LOCATE_CHARS of JSON in all, not
+    each of them (a subschema can cost 0.2 s to compile: a 4 MB schema of such took 38 s to refuse)."""
+    import llguidance
+    from types import SimpleNamespace
+
+    compiled = []
+
+    class Counting:                       # llguidance's LLMatcher, counting the grammars it validates
+        grammar_from_json_schema = staticmethod(llguidance.LLMatcher.grammar_from_json_schema)
+        grammar_from_lark = staticmethod(llguidance.LLMatcher.grammar_from_lark)
+
+        @staticmethod
+        def validate_grammar_with_warnings(text, *args, **kwargs):
+            compiled.append(text)
+            return llguidance.LLMatcher.validate_grammar_with_warnings(text, *args, **kwargs)
+
+    monkeypatch.setattr(constraints, "llg", SimpleNamespace(LLMatcher=Counting,
+                                                            LLParserLimits=llguidance.LLParserLimits))
+    child = {"type": "object", "properties": {"v": {"enum": [f"value-{i:05d}" for i in range(600)]}}}
+    size = len(json.dumps(child, separators=(",", ":")))
+    n = 2 * constraints.MAX_LOCATE_CHARS // size                # twice what the bound lets through
+    schema = {"type": "object", "properties": {f"p{i}": child for i in range(n)}, "required": ["missing"]}
+    with pytest.raises(GrammarError, match="required property 'missing' is unsatisfiable"):
+        constraints.check_spec({"type": "json_schema", "schema": schema})
+    probes = [t for t in compiled if len(t) < size * 2]        # the subschemas (the rest: the whole schema)
+    assert probes and len(probes) * size <= constraints.MAX_LOCATE_CHARS < n * size
+
+
 def test_unconstrained_requests_are_unaffected(tiny_gguf, compiler):
     plain = {f"p{s}": (None, SamplingParams(max_tokens=20, temperature=0.9, seed=s)) for s in range(3)}
     plain["g"] = (None, SamplingParams(max_tokens=20))
