@@ -426,6 +426,30 @@ class GrammarBuilder:
         """The id of the special token whose text is `text`, or None (here: no tokenizer, none is)."""
         return None
 
+    def _json_parts(self, spec) -> list[tuple[str, str]]:
+        """(where, grammar text) of each JSON a compiled tool_call or structural_tag spec holds, alone:
+        each structure's, each tool's arguments. The engine walks each as a JSON spec's grammar is
+        walked (engine/constrain.py), since a JSON the model reaches only after a trigger or a tool's
+        name is out of reach of the walk of the whole grammar."""
+        parts = {}
+        if spec.get("type") == "structural_tag":
+            json_of = self._for(spec)
+            for i, st in enumerate(spec["structures"]):
+                schema = st.get("schema", True)
+                parts.setdefault(json.dumps(json_of._prepare({} if schema is True else schema), sort_keys=True),
+                                 (f"structures[{i}]: ", json_of.json_options))
+        elif spec.get("type") == "tool_call":
+            choice = spec.get("choice", "required")
+            choice = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else choice
+            for t in spec["tools"]:
+                fn = t.get("function", t)
+                if choice != "required" and fn["name"] != choice:
+                    continue
+                parts.setdefault(json.dumps(self._prepare(fn.get("parameters") or NO_PARAMETERS), sort_keys=True),
+                                 (f"tool {fn['name']!r}: ", self.json_options))
+        return [(where, llg.LLMatcher.grammar_from_json_schema(json.loads(body), overrides=options))
+                for body, (where, options) in parts.items()]
+
 
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 

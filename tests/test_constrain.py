@@ -462,6 +462,31 @@ def test_a_grammar_the_engine_gives_up_on_after_its_first_token_is_refused_when_
     compiler.compile({"type": "json_schema", "schema": many})
 
 
+def test_a_structure_or_tool_the_engine_gives_up_on_is_refused_when_compiled(engine, compiler):
+    """The JSON of a structural tag's structure (reached after free text and a trigger) and of a
+    forced tool call's arguments (after its name) lies past the walk of the whole grammar: each is
+    walked alone, so an object of a thousand optional properties there is refused when compiled,
+    naming the structure or tool, and not left to fail when the model writes the trigger."""
+    many = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}
+    tag = {**STRUCTURAL_TAG, "structures": [*STRUCTURAL_TAG["structures"],
+                                            {"begin": "<f=many>", "end": "</f>", "schema": many}]}
+    with pytest.raises(GrammarError, match=r"^structures\[1\]: the grammar engine gives up on it at output token 1"):
+        compiler.compile(tag)
+    tools = [*TOOLS, {"type": "function", "function": {"name": "many", "parameters": many}}]
+    for choice in ("required", "many"):
+        with pytest.raises(GrammarError, match=r"^tool 'many': the grammar engine gives up on it at output token 1"):
+            compiler.compile({"type": "tool_call", "tools": tools, "choice": choice})
+    compiler.compile({"type": "tool_call", "tools": tools, "choice": "add"})    # a call of another tool: made
+    endless = {"anyOf": [{"$ref": "#"}]}                    # recursion with no way out: no value at all
+    with pytest.raises(GrammarError, match=r"^structures\[0\]: no output can follow it"):
+        compiler.compile({**STRUCTURAL_TAG, "structures": [{**STRUCTURAL_TAG["structures"][0], "schema": endless}]})
+    with pytest.raises(GrammarError, match=r"^tool 'f': no output can follow it"):
+        compiler.compile({"type": "tool_call", "tools": [{"type": "function", "function": {
+            "name": "f", "parameters": endless}}], "choice": "required"})
+    many["required"] = list(many["properties"])            # all required: one order, a small row
+    compiler.compile({**tag, "structures": [*tag["structures"][:1], {**tag["structures"][1], "schema": many}]})
+
+
 def test_a_grammar_that_may_end_before_the_engine_gives_up_is_still_refused_when_compiled(engine, compiler):
     """The compile-time walk takes the lowest allowed token other than the end: a grammar that may
     stop after "a" (the end-of-sequence token has the lowest id of all it allows there) but may
