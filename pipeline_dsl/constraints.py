@@ -76,6 +76,13 @@ MAX_REGEX_SIZE = 20_000    # a regex's size with its counted repetitions unrolle
 PRETTY_WHITESPACE = r"(\r?\n)?[ \t]{0,20}"
 MAX_ERROR_CHARS = 400
 MAX_LOCATE_PROBES = 200    # subschemas compiled alone to say where a schema fails (~0.1 ms each)
+# ... and their JSON text in all: a subschema costs up to ~7 us a character to compile (an object of
+# a thousand optional properties, 27 KB: 0.19 s), so 200 of them could take 40 s; this is ~2 s at most
+MAX_LOCATE_CHARS = 1 << 18
+# structures, and triggers, of one structural tag: each structure is a branch of one grammar row,
+# which llguidance caps at 2,000 items, and is checked and compiled on its own (1,024: ~1 s); each
+# looks its trigger up among the triggers
+MAX_STRUCTURES = 1024
 
 
 class GrammarError(ValueError):
@@ -298,17 +305,22 @@ class GrammarBuilder:
 
     def _locate(self, schema: dict, problem: str) -> str:
         """The JSON pointer ("#/properties/a/items") of the innermost subschema that fails with
-        `problem` by itself, trying at most MAX_LOCATE_PROBES subschemas; "" for the root. The
+        `problem` by itself, trying at most MAX_LOCATE_PROBES subschemas of MAX_LOCATE_CHARS
+        characters of JSON in all (then the deepest found so far); "" for the root. The
         root's $defs are there as schemas that allow anything: a $ref still resolves, and the
         problem is found where it is written, not at every $ref that leads to it."""
         defs = {k: {name: {} for name in v} for k, v in schema.items()
                 if k in ("$defs", "definitions") and isinstance(v, dict)}
-        probes = MAX_LOCATE_PROBES
+        probes, chars = MAX_LOCATE_PROBES, MAX_LOCATE_CHARS
 
         def fails(sub) -> bool:
-            nonlocal probes
+            nonlocal probes, chars
             probes -= 1
-            return probes >= 0 and self._schema_grammar({**defs, **sub})[1] == problem
+            if probes < 0 or chars < 0:
+                return False
+            probe = {**defs, **sub}
+            chars -= len(json.dumps(probe, separators=(",", ":")))
+            return chars >= 0 and self._schema_grammar(probe)[1] == problem
 
         path, node = "#", schema
         while hit := next(((step, sub) for step, sub in _children(node)
@@ -378,6 +390,9 @@ class GrammarBuilder:
         if not isinstance(structures, list) or not structures:
             raise GrammarError("structural_tag needs 'structures', a non-empty list of {\"begin\", \"schema\", "
                                "\"end\"}")
+        for what, items in (("structures", structures), ("triggers", triggers)):
+            if len(items) > MAX_STRUCTURES:
+                raise GrammarError(f"structural_tag has {len(items):,} {what}: at most {MAX_STRUCTURES:,}")
         json_of = self._for(spec)                  # vLLM's disable_any_whitespace, disable_additional_properties
         lark = ["%llguidance {}", "start: (" + " | ".join(f"tag_{i}" for i in range(len(structures))) + ")* TEXT",
                 r"TEXT: /(.|\n)*/"]
@@ -410,6 +425,30 @@ class GrammarBuilder:
     def _special_token(self, text: str) -> int | None:
         """The id of the special token whose text is `text`, or None (here: no tokenizer, none is)."""
         return None
+
+    def _json_parts(self, spec) -> list[tuple[str, str]]:
+        """(where, grammar text) of each JSON a compiled tool_call or structural_tag spec holds, alone:
+        each structure's, each tool's arguments. The engine walks each as a JSON spec's grammar is
+        walked (engine/constrain.py), since a JSON the model reaches only after a trigger or a tool's
+        name is out of reach of the walk of the whole grammar."""
+        parts = {}
+        if spec.get("type") == "structural_tag":
+            json_of = self._for(spec)
+            for i, st in enumerate(spec["structures"]):
+                schema = st.get("schema", True)
+                parts.setdefault(json.dumps(json_of._prepare({} if schema is True else schema), sort_keys=True),
+                                 (f"structures[{i}]: ", json_of.json_options))
+        elif spec.get("type") == "tool_call":
+            choice = spec.get("choice", "required")
+            choice = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else choice
+            for t in spec["tools"]:
+                fn = t.get("function", t)
+                if choice != "required" and fn["name"] != choice:
+                    continue
+                parts.setdefault(json.dumps(self._prepare(fn.get("parameters") or NO_PARAMETERS), sort_keys=True),
+                                 (f"tool {fn['name']!r}: ", self.json_options))
+        return [(where, llg.LLMatcher.grammar_from_json_schema(json.loads(body), overrides=options))
+                for body, (where, options) in parts.items()]
 
 
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}

@@ -723,13 +723,20 @@ def bad(param: str, expected: str, value) -> RequestError:
     return RequestError(f"'{param}' must be {expected}, not {_shown(value)}", param=param)
 
 
+def _json_text(text: str, param: str):
+    """A field's value given as JSON text (a guided_json schema, a structural tag), read as the
+    request itself is (load_json): nested at most MAX_DEPTH deep, no lone surrogate; RequestError
+    naming the field."""
+    try:
+        return load_json(text, f"'{param}'")
+    except RequestError as e:
+        raise RequestError(str(e), param=param) from None
+
+
 def _schema(value, param: str):
     """A JSON Schema given as an object or as JSON text (vLLM takes both)."""
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as e:
-            raise RequestError(f"'{param}' is not a JSON Schema: {e}", param=param) from None
+        value = _json_text(value, param)
     if not isinstance(value, (dict, bool)):
         raise bad(param, "a JSON Schema object", value)
     return value
@@ -765,10 +772,7 @@ def structural_tag_spec(value, param: str) -> dict:
     form of xgrammar's newer structural tags, {"type": "structural_tag", "format": {...}}, is
     refused: it needs xgrammar, and agp's one backend is llguidance."""
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as e:
-            raise RequestError(f"'{param}' is not JSON: {e}", param=param) from None
+        value = _json_text(value, param)
     if not isinstance(value, dict) or value.get("type", "structural_tag") != "structural_tag":
         raise bad(param, 'a structural tag {"structures": [...], "triggers": [...]}', value)
     if value.get("format") is not None:

@@ -237,6 +237,12 @@ def test_a_structural_tag_trigger_that_is_a_special_token_is_that_token(engine, 
     ({**STRUCTURAL_TAG, "structures": [{"begin": "<f=x>", "end": "</f>", "schema": {
         "type": "object", "properties": {"xs": {"type": "array", "uniqueItems": True}}}}]},
      "structures[0]: at #/properties/xs: "),
+    # bounded before any structure is compiled (each costs about a millisecond, and each looks
+    # its trigger up among all the triggers)
+    ({**STRUCTURAL_TAG, "structures": STRUCTURAL_TAG["structures"] * (constraints.MAX_STRUCTURES + 1)},
+     f"structural_tag has {constraints.MAX_STRUCTURES + 1:,} structures: at most {constraints.MAX_STRUCTURES:,}"),
+    ({**STRUCTURAL_TAG, "triggers": [f"<{i}" for i in range(constraints.MAX_STRUCTURES)] + ["<f="]},
+     f"structural_tag has {constraints.MAX_STRUCTURES + 1:,} triggers: at most {constraints.MAX_STRUCTURES:,}"),
 ])
 def test_a_structural_tag_that_cannot_be_enforced_says_where(compiler, spec, message):
     with pytest.raises(GrammarError) as e:
@@ -244,6 +250,36 @@ def test_a_structural_tag_that_cannot_be_enforced_says_where(compiler, spec, mes
     assert message in str(e.value)
     with pytest.raises(GrammarError):
         constraints.check_spec(spec)                       # agp serve refuses it before the engine sees it
+
+
+def test_saying_where_a_schema_fails_compiles_a_bounded_part_of_it(monkeypatch):
+    """A schema that fails as a whole (here: a required key its closed object lacks) is located by
+    compiling its subschemas alone; they are compiled up to MAX_LOCATE_CHARS of JSON in all, not
+    each of them (a subschema can cost 0.2 s to compile: a 4 MB schema of such took 38 s to refuse)."""
+    import llguidance
+    from types import SimpleNamespace
+
+    compiled = []
+
+    class Counting:                       # llguidance's LLMatcher, counting the grammars it validates
+        grammar_from_json_schema = staticmethod(llguidance.LLMatcher.grammar_from_json_schema)
+        grammar_from_lark = staticmethod(llguidance.LLMatcher.grammar_from_lark)
+
+        @staticmethod
+        def validate_grammar_with_warnings(text, *args, **kwargs):
+            compiled.append(text)
+            return llguidance.LLMatcher.validate_grammar_with_warnings(text, *args, **kwargs)
+
+    monkeypatch.setattr(constraints, "llg", SimpleNamespace(LLMatcher=Counting,
+                                                            LLParserLimits=llguidance.LLParserLimits))
+    child = {"type": "object", "properties": {"v": {"enum": [f"value-{i:05d}" for i in range(600)]}}}
+    size = len(json.dumps(child, separators=(",", ":")))
+    n = 2 * constraints.MAX_LOCATE_CHARS // size                # twice what the bound lets through
+    schema = {"type": "object", "properties": {f"p{i}": child for i in range(n)}, "required": ["missing"]}
+    with pytest.raises(GrammarError, match="required property 'missing' is unsatisfiable"):
+        constraints.check_spec({"type": "json_schema", "schema": schema})
+    probes = [t for t in compiled if len(t) < size * 2]        # the subschemas (the rest: the whole schema)
+    assert probes and len(probes) * size <= constraints.MAX_LOCATE_CHARS < n * size
 
 
 def test_unconstrained_requests_are_unaffected(tiny_gguf, compiler):
@@ -424,6 +460,31 @@ def test_a_grammar_the_engine_gives_up_on_after_its_first_token_is_refused_when_
         compiler.compile({"type": "json_schema", "schema": many})
     many["required"] = list(many["properties"])            # all required: one order, a small row
     compiler.compile({"type": "json_schema", "schema": many})
+
+
+def test_a_structure_or_tool_the_engine_gives_up_on_is_refused_when_compiled(engine, compiler):
+    """The JSON of a structural tag's structure (reached after free text and a trigger) and of a
+    forced tool call's arguments (after its name) lies past the walk of the whole grammar: each is
+    walked alone, so an object of a thousand optional properties there is refused when compiled,
+    naming the structure or tool, and not left to fail when the model writes the trigger."""
+    many = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}
+    tag = {**STRUCTURAL_TAG, "structures": [*STRUCTURAL_TAG["structures"],
+                                            {"begin": "<f=many>", "end": "</f>", "schema": many}]}
+    with pytest.raises(GrammarError, match=r"^structures\[1\]: the grammar engine gives up on it at output token 1"):
+        compiler.compile(tag)
+    tools = [*TOOLS, {"type": "function", "function": {"name": "many", "parameters": many}}]
+    for choice in ("required", "many"):
+        with pytest.raises(GrammarError, match=r"^tool 'many': the grammar engine gives up on it at output token 1"):
+            compiler.compile({"type": "tool_call", "tools": tools, "choice": choice})
+    compiler.compile({"type": "tool_call", "tools": tools, "choice": "add"})    # a call of another tool: made
+    endless = {"anyOf": [{"$ref": "#"}]}                    # recursion with no way out: no value at all
+    with pytest.raises(GrammarError, match=r"^structures\[0\]: no output can follow it"):
+        compiler.compile({**STRUCTURAL_TAG, "structures": [{**STRUCTURAL_TAG["structures"][0], "schema": endless}]})
+    with pytest.raises(GrammarError, match=r"^tool 'f': no output can follow it"):
+        compiler.compile({"type": "tool_call", "tools": [{"type": "function", "function": {
+            "name": "f", "parameters": endless}}], "choice": "required"})
+    many["required"] = list(many["properties"])            # all required: one order, a small row
+    compiler.compile({**tag, "structures": [*tag["structures"][:1], {**tag["structures"][1], "schema": many}]})
 
 
 def test_a_grammar_that_may_end_before_the_engine_gives_up_is_still_refused_when_compiled(engine, compiler):

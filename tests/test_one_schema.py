@@ -197,6 +197,9 @@ def accepts_run_chat(fields: dict) -> bool:
         return False
 
 
+# vLLM's structural tag: after each "@", f( then a JSON object then )
+AT_TAG = {"type": "structural_tag", "triggers": ["@"],
+          "structures": [{"begin": "@f(", "end": ")", "schema": {"type": "object"}}]}
 # fields a line ignores, takes only at a neutral value (null, for a feature agp lacks), or turns into
 # a constraint: a value agp serve's chat bodies take, then values each refuses
 SERVED_ALIKE = {
@@ -208,11 +211,20 @@ SERVED_ALIKE = {
     "vllm_xargs": [{}, {"a": 1}], "documents": [None, [{"text": "x"}]], "functions": [None, [{"name": "f"}]],
     "function_call": [None, "auto"], "audio": [None, {}], "modalities": [["text"], ["audio"]],
     "verbosity": [None, "low"],
-    "guided_json": [{"type": "object"}, '{"type": "string"}', 5, "{bad", False],
+    "guided_json": [{"type": "object"}, '{"type": "string"}', 5, "{bad", False, "[" * 5000 + "]" * 5000],
     "guided_regex": ["[0-9]+", "", 5], "guided_choice": [["a", "b"], [], ["a", ""], "a"],
     "guided_grammar": ['root ::= "a"', " ", 5],
     "structured_outputs": [{"choice": ["a"]}, {"json": {"type": "object"}, "disable_any_whitespace": True},
-                           {"nope": 1}, {}, {"choice": ["a"], "regex": "a"}, "x"],
+                           {"nope": 1}, {}, {"choice": ["a"], "regex": "a"}, "x",
+                           {"structural_tag": json.dumps(AT_TAG)},
+                           {"structural_tag": AT_TAG, "disable_any_whitespace": True},
+                           {"structural_tag": "[" * 5000 + "]" * 5000}, {"json": "[" * 5000 + "]" * 5000},
+                           {"structural_tag": {**AT_TAG, "type": "x"}}, {"structural_tag": 5}],
+    "response_format": [AT_TAG, {"type": "json_object"}, {**AT_TAG, "format": {"type": "triggered_tags"}},
+                        {**AT_TAG, "triggers": []}, {**AT_TAG, "extra": 1}, json.dumps(AT_TAG),
+                        {**AT_TAG, "structures": [{"begin": "@f(", "end": ")", "schema": {"$ref": "#"}}]},
+                        {**AT_TAG, "triggers": ["@"] * 1025}],
+    "include_reasoning": [True, False, "yes", 1],
 }
 ALIKE_CASES = [(f, v) for f, values in SERVED_ALIKE.items() for v in values]
 

@@ -365,6 +365,9 @@ def test_a_structural_tag_holds_what_follows_each_trigger(server, client, extra)
         jsonschema.validate(json.loads(m.group(1)), AT_TAG["structures"][0]["schema"])
 
 
+DEEP = "[" * 5000 + "]" * 5000               # JSON text nested past the request's own limit (and Python's)
+
+
 @pytest.mark.parametrize("extra, param", [
     ({"guided_regex": "("}, "guided_regex"),
     ({"guided_choice": []}, "guided_choice"),
@@ -376,6 +379,12 @@ def test_a_structural_tag_holds_what_follows_each_trigger(server, client, extra)
     ({"response_format": {**AT_TAG, "triggers": ["#"]}}, "response_format"),      # a begin without its trigger
     ({"structured_outputs": {"structural_tag": "{"}}, "structured_outputs.structural_tag"),
     ({"response_format": {"type": "structural_tag", "format": {"type": "triggered_tags"}}}, "response_format.format"),
+    # JSON text is read as a body is: too deep is a 400 naming the field, not a RecursionError's 500
+    ({"structured_outputs": {"structural_tag": DEEP}}, "structured_outputs.structural_tag"),
+    ({"structured_outputs": {"json": DEEP}}, "structured_outputs.json"),
+    ({"guided_json": DEEP}, "guided_json"),
+    # each structure looks its trigger up among the triggers: their number is bounded
+    ({"response_format": {**AT_TAG, "triggers": [f"#{i}" for i in range(1024)] + ["@"]}}, "response_format"),
 ])
 def test_a_guided_field_that_cannot_be_enforced_is_a_400_naming_it(client, extra, param):
     with pytest.raises(openai.BadRequestError) as e:

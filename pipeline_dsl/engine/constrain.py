@@ -77,6 +77,11 @@ class ConstraintCompiler(GrammarBuilder):
                 self._cache.move_to_end(key)
                 return g
         g = Grammar(self, self._build(spec))               # llguidance drops the GIL here
+        for where, text in self._json_parts(spec):         # each structure's, each tool's JSON, walked alone
+            try:
+                Grammar(self, text)
+            except GrammarError as e:
+                raise GrammarError(short(f"{where}{e}")) from None
         with self._lock:
             self._cache[key] = g
             while len(self._cache) > self.cache_size:

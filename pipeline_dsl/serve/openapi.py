@@ -8,6 +8,7 @@ tester (schemathesis, in tests/test_openapi.py) checks the server against.
 """
 from __future__ import annotations
 
+from pipeline_dsl.constraints import MAX_STRUCTURES
 from pipeline_dsl.engine.config import MAX_LOGPROBS
 from pipeline_dsl.requests_io import MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS, MAX_STOP_LEN, NOT_NULL, ROLES
 from stages.fields import PRIORITY, REQUEST_FIELDS, TOKEN_ID_FIELDS, param_of
@@ -20,10 +21,11 @@ from .responses import IMAGE_COMPRESSION
 # vLLM's structural tag (response_format of type "structural_tag"): free text, and after each trigger
 # the structure whose begin starts with it
 STRUCTURAL_TAG = {
-    "structures": {"type": "array", "minItems": 1, "items": {
+    "structures": {"type": "array", "minItems": 1, "maxItems": MAX_STRUCTURES, "items": {
         "type": "object", "required": ["begin", "end"], "properties": {
             "begin": {"type": "string"}, "schema": {"type": "object"}, "end": {"type": "string"}}}},
-    "triggers": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}}}
+    "triggers": {"type": "array", "minItems": 1, "maxItems": MAX_STRUCTURES,
+                 "items": {"type": "string", "minLength": 1}}}
 _SEED = param_of("generate", "seed")                # one schema: the range `agp check` takes
 _BAD_WORDS = param_of("generate", "bad_words")
 
