@@ -170,3 +170,40 @@ def test_the_usage_n_streams_hear_never_goes_down_whichever_thread_tells_first(t
     assert told.heard[-1] == "done:ok" and held.is_set() and other.is_set()
     for before, after in zip(told.usages, told.usages[1:]):
         assert all(after[k] >= before[k] for k in before), told.usages
+
+
+class HeldDone(Told):
+    """Told, whose on_done says it started and waits for gate "hand over" before it records."""
+
+    def on_done(self, result):
+        flowkit.gate("handing over").set()
+        flowkit.gate("hand over").wait(60)
+        super().on_done(result)
+
+
+def test_close_returns_once_every_ended_requests_result_is_handed_over(tmp_path, tiny_gguf):
+    """A request ends and its result is on its way to the listener (on the host pool) when the
+    server closes: close() waits for it, so shutdown() — which drops the pool's queued work — never
+    loses an answer whose request is no longer in flight (close used to return at once)."""
+    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 4 }\nstage out : respond {}\n"
+            "request -> batch\ngen -> out\n" + chain())
+    path = write(tmp_path, tiny_gguf, body)
+    assert errors(path) == []
+    rt = PipelineRuntime(load_graph(path), overrides={"threads": 1})
+    rt.start()
+    closed = threading.Event()
+    try:
+        told = HeldDone()
+        rt.submit(chat("a", "hello", max_tokens=4), told)
+        assert flowkit.gate("handing over").wait(60)      # ended: its result is being handed over
+        closing = threading.Thread(target=lambda: (rt.close(drain=True, timeout=30), closed.set()))
+        closing.start()
+        closing.join(0.5)
+        assert not closed.is_set()                        # still handing over: close waits
+        flowkit.gate("hand over").set()
+        closing.join(60)
+        assert closed.is_set() and told.heard[-1] == "done:ok"
+    finally:
+        flowkit.open_gates()
+        rt.close(drain=True, timeout=30)
+        rt.shutdown()

@@ -155,10 +155,11 @@ class Driving:
         return results
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Block until no request is in flight (True) or the timeout passes (False)."""
+        """Block until no request is in flight and every result is handed over (True) or the
+        timeout passes (False)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            while len(self.ledger):
+            while len(self.ledger) or self._telling:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -184,6 +185,9 @@ class Driving:
             self.cut = len(reqs)
             for req in reqs:
                 self._fail(req, PipelineError(reason, "unavailable"))
+        # results of requests that ended just before are on their way to their listeners (the
+        # host pool): handed over before shutdown() drops what the pool has not started
+        self.wait_idle(5.0)
         for es in self.segments:
             es.close()
         return finished

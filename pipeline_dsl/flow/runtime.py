@@ -49,8 +49,8 @@ from pipeline_dsl.plan import ITEM_WORKERS, make_plan
 from .cache import ResultCache, cache_key
 from .driving import Driving
 from .engines import EngineSide
-from .items import (COUNTED, GENERATED, REQUEST, Item, PipelineError, RequestState, check_result,
-                    tell_result)
+from .items import (COUNTED, GENERATED, REQUEST, Item, PipelineError, RequestState, Result,
+                    check_result, tell_result)
 from .joins import FILLED, Joins
 from .ledger import RequestLedger
 from .live import LiveStages
@@ -158,6 +158,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         self._idle = threading.Condition(self._lock)
         self._closing = False
         self._tasks = 0                               # host-pool tasks queued or running
+        self._telling = 0                             # results ended requests still hand over (pool)
         self.cut = 0                                  # requests close() had to fail
         self.error: BaseException | None = None
         self._tracks: dict[int, str] = {}
@@ -585,8 +586,16 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         """(under the lock) Every item of the request is done: answer it."""
         result = self.ledger.answer(req)
         self.ledger.close(req, failed=result.error is not None)
-        self._idle.notify_all()
-        self._task(tell_result, req, result)
+        self._telling += 1                  # idle (wait_idle, close) only once it is handed over
+        self._task(self._tell_result, req, result)
+
+    def _tell_result(self, req: RequestState, result: Result) -> None:
+        try:
+            tell_result(req, result)
+        finally:
+            with self._lock:
+                self._telling -= 1
+                self._idle.notify_all()
 
     # ---- measuring and tracing -------------------------------------------------------------
     def _worker_event(self, stage: str, event: str, seconds: float, ok: bool) -> None:
