@@ -202,6 +202,28 @@ def test_a_serial_run_never_overlaps_and_its_costs_feed_the_planner(tiny_gguf):
     assert predicted.speedup >= 1.0
 
 
+def test_a_serial_cpu_run_hands_each_steps_torch_work_to_the_compute_thread_in_one_call(tiny_gguf, monkeypatch):
+    # the step's index tensors and its forward go over together; inside that call they run as
+    # they are (no second hand-off apiece, each finding it is on the compute thread already)
+    import pipeline_dsl.engine.executor as executor
+
+    calls = []
+    real = executor.on_compute
+    monkeypatch.setattr(executor, "on_compute", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
+    eng = engine(tiny_gguf)
+    reqs = greedy_requests(3)
+    got: dict = {}
+    for rid, kw in reqs:
+        eng.add_request(rid, **kw)
+    trace = Trace()
+    ex = Executor(eng, overlap=False, trace=trace)
+    ex.run(on_output=finished(got))
+    assert got == stepped(engine(tiny_gguf), reqs)
+    assert ex.steps > 3 and len(calls) == ex.steps
+    forwards = [s for s in trace.spans if s.name == "gen.forward"]
+    assert len(forwards) == ex.steps                      # every forward still timed and traced
+
+
 def placed_plan(**placement):
     """The seed pipeline's plan with `on <resource>` placements, e.g. placed_plan(gen="copy")."""
     g = nx.DiGraph(name="placed", settings={})
