@@ -217,6 +217,57 @@ def test_a_serial_run_never_overlaps_and_its_costs_feed_the_planner(tiny_gguf):
     assert predicted.speedup >= 1.0
 
 
+def test_a_serial_cpu_run_hands_each_steps_torch_work_to_the_compute_thread_in_one_call(tiny_gguf, monkeypatch):
+    # the step's index tensors and its forward go over together; inside that call they run as
+    # they are (no second hand-off apiece, each finding it is on the compute thread already)
+    import pipeline_dsl.engine.executor as executor
+
+    calls = []
+    real = executor.on_compute
+    monkeypatch.setattr(executor, "on_compute", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
+    eng = engine(tiny_gguf)
+    reqs = greedy_requests(3)
+    got: dict = {}
+    for rid, kw in reqs:
+        eng.add_request(rid, **kw)
+    trace = Trace()
+    ex = Executor(eng, overlap=False, trace=trace)
+    ex.run(on_output=finished(got))
+    assert got == stepped(engine(tiny_gguf), reqs)
+    assert ex.steps > 3 and len(calls) == ex.steps
+    forwards = [s for s in trace.spans if s.name == "gen.forward"]
+    assert len(forwards) == ex.steps                      # every forward still timed and traced
+
+
+def test_spans_added_from_several_threads_while_the_trace_is_read_are_all_kept():
+    # threads add spans without a lock (a deque's append is atomic); readers take snapshots
+    import threading
+
+    trace = Trace()
+    done = threading.Event()
+
+    def add(k):
+        for i in range(2000):
+            trace.add(f"s{k}", "gen.forward", i, i + 0.5, i)
+
+    def read():
+        while not done.is_set():
+            trace.work()
+            trace.to_chrome()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    writers = [threading.Thread(target=add, args=(k,)) for k in range(4)]
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join()
+    done.set()
+    reader.join()
+    assert len(trace.work()) == 8000 and sorted(trace.streams()) == ["s0", "s1", "s2", "s3"]
+    assert trace.busy_s() == {f"s{k}": pytest.approx(1000.0) for k in range(4)}
+
+
 def placed_plan(**placement):
     """The seed pipeline's plan with `on <resource>` placements, e.g. placed_plan(gen="copy")."""
     g = nx.DiGraph(name="placed", settings={})

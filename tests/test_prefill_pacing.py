@@ -98,6 +98,25 @@ def test_a_dearer_latest_piece_sets_the_cut_over_the_median_of_cheaper_ones():
     assert 95 <= sched.prefill_cap() <= 100
 
 
+def test_a_step_of_decodes_alone_never_works_out_the_cap_and_one_with_a_prompt_does():
+    # the cap (medians of recent steps) matters only to a prompt piece: a lone request's decode
+    # steps do not pay for it, a prompt arriving beside them is cut as before
+    sched = make(itl_target_s=0.5)
+    decoding(sched)
+    measured(sched)
+    asked = []
+    cap = sched.prefill_cap
+    sched.prefill_cap = lambda: asked.append(1) or cap()
+    for _ in range(3):
+        out = sched.schedule()
+        assert out.num_decodes == 1 and out.num_prefill_tokens == 0
+        sched.update(out, [7] * out.num_sample)
+    assert asked == []
+    sched.add(seq("long", 1000))
+    out = sched.schedule()
+    assert out.num_decodes == 1 and out.num_prefill_tokens == 40 and asked == [1]   # once a step
+
+
 def test_a_bad_target_is_an_input_error():
     with pytest.raises(InputError, match="itl_target"):
         EngineConfig(itl_target_s=-1)

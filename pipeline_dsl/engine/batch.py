@@ -146,7 +146,7 @@ def check_batch(batch: StepBatch, block_size: int, max_position: int) -> None:
     ends = batch.starts + batch.counts
     if int(batch.counts.min()) <= 0:
         raise ValueError("a batch item has no tokens")
-    short = np.nonzero(-(-ends // block_size) > batch.table_lens)[0]
+    short = (-(-ends // block_size) > batch.table_lens).nonzero()[0]
     if short.size:
         i = int(short[0])
         raise ValueError(f"block table of {int(batch.table_lens[i])} blocks cannot hold {int(ends[i])} tokens")
@@ -161,16 +161,16 @@ def prepare_step(runner, batch: StepBatch) -> Step:
     check_batch(batch, bs, c.max_position)
     counts, starts, tables = batch.counts, batch.starts, batch.tables
     n, T = len(counts), int(counts.sum())
-    ends = np.cumsum(counts)                                       # [n] row after each item
+    ends = counts.cumsum()                                         # [n] row after each item
     offs = ends - counts                                           # [n] first row of each item
-    item_of = np.repeat(np.arange(n), counts)                      # [T] item of each row
+    item_of = np.arange(n).repeat(counts)                          # [T] item of each row
     positions = starts[item_of] + np.arange(T) - offs[item_of]     # [T]
     slots = tables[item_of, positions // bs] * bs + positions % bs  # [T]
     sample_rows = (ends - 1)[batch.sample]                         # [n_sample]
     wants = np.zeros(n, bool) if batch.rows is None else np.fromiter(map(bool, batch.rows), bool, n)
     dec = (counts == 1) & ~wants       # a row-wanting chunk of one token takes the prefill path
-    dec_idx = np.nonzero(dec)[0]                                   # items that decode one token
-    pre_idx = np.nonzero(~dec)[0]
+    dec_idx = dec.nonzero()[0]                                     # items that decode one token
+    pre_idx = (~dec).nonzero()[0]
     B = len(dec_idx)
     all_decode = not len(pre_idx)
     use_native = runner.native is not None and all_decode and B <= runner.native_max_batch
@@ -196,7 +196,7 @@ def prepare_step(runner, batch: StepBatch) -> Step:
         w = min(nblk, tables.shape[1])
         dec_tab[:B, :w] = tables[dec_idx, :w]
         dec_tab[:B, :w] *= np.arange(w)[None, :] < batch.table_lens[dec_idx, None]   # past a table's end: 0
-    fills = np.nonzero(tokens == PLACEHOLDER)[0]
+    fills = (tokens == PLACEHOLDER).nonzero()[0]
     fill_from = batch.fill_from if batch.fill_from is not None else np.zeros(0, np.int64)
     if len(fill_from) != len(fills):
         raise ValueError(f"{len(fills)} tokens in flight but {len(fill_from)} sources for them")
@@ -303,7 +303,7 @@ class ItemsRunner:
         self.returns_rows = "rows" in inspect.signature(runner.execute).parameters
 
     def prepare(self, batch: StepBatch) -> _ItemsStep:
-        fills = np.nonzero(batch.tokens == PLACEHOLDER)[0]
+        fills = (batch.tokens == PLACEHOLDER).nonzero()[0]
         if not fills.size:
             return _ItemsStep(batch, torch.from_numpy(batch.tokens.copy()).to(self.device), None, None)
         return _ItemsStep(batch, torch.from_numpy(batch.tokens.copy()).to(self.device),
@@ -312,7 +312,7 @@ class ItemsRunner:
     def run(self, step: _ItemsStep, want_logits: bool = True, graphs: bool = True):
         b = step.batch
         toks = step.tokens.tolist()
-        ends = np.cumsum(b.counts).tolist()
+        ends = b.counts.cumsum().tolist()
         items = [_Item(toks[e - n:e], int(s), b.tables[i, :b.table_lens[i]].tolist(), bool(b.sample[i]),
                        tuple(b.rows[i]) if b.rows is not None else ())
                  for i, (e, n, s) in enumerate(zip(ends, b.counts.tolist(), b.starts.tolist()))]

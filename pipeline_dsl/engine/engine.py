@@ -501,6 +501,8 @@ class Engine:
         did (all greedy: an argmax without a host sync); the others get logit_bias, penalties,
         min_tokens and their grammar's mask, and have their state advanced (processors.py).
         Called once per step, in step order, from one thread (the executor's compute thread)."""
+        if torch.is_inference_mode_enabled():          # the executor's forward is already in it
+            return self.features.sample(logits, seqs, self.sampler, self.is_live)
         with torch.inference_mode():
             return self.features.sample(logits, seqs, self.sampler, self.is_live)
 

@@ -317,9 +317,9 @@ class Executor:
             return False
         with self.lock:
             batch = self.engine.step_batch(L.so)
-            rows = np.nonzero(batch.tokens == PLACEHOLDER)[0]                # [F]
+            rows = (batch.tokens == PLACEHOLDER).nonzero()[0]                # [F]
             if rows.size:
-                ends = np.cumsum(batch.counts)
+                ends = batch.counts.cumsum()
                 item = np.searchsorted(ends, rows, side="right")             # [F] item of each row
                 pos = batch.starts[item] + rows - (ends - batch.counts)[item]  # [F] its position
                 src = [L.so.items[i].seq.state.pending[p] for i, p in zip(item.tolist(), pos.tolist())]
@@ -467,7 +467,9 @@ class Executor:
     def _stream_of(self, part: str) -> str:
         return next(w.stream for w in self.plan.work if w.part == part)
 
-    def _run_one(self, work, m: int, stream_name: str) -> None:
+    def _run_one(self, work, m: int, stream_name: str, computing: bool = False) -> None:
+        """One work of micro-batch m, timed and traced. computing: the caller already runs on the
+        compute thread (the serial loop hands a step's torch works over together)."""
         fn = self._handlers[work.part]
         stop = self._signals.stop_at
         if stop is not None and m > stop:
@@ -475,7 +477,7 @@ class Executor:
         if self.cuda and work.part in GPU_PARTS:
             self._run_cuda(fn, work, m)
             return
-        if not self.cuda and work.part in CPU_TORCH_PARTS:   # on the compute thread (engine/compute.py)
+        if not (self.cuda or computing) and work.part in CPU_TORCH_PARTS:   # on the compute thread (engine/compute.py)
             fn = functools.partial(on_compute, fn)
         t0 = time.perf_counter()
         if fn(m):                                  # traced and timed only when it did something
@@ -579,15 +581,16 @@ class Executor:
         while self._signals.stop_at is None or j - top <= self._signals.stop_at:
             for torch_work, group in groups:
                 todo = [(w, j - skew[w.name]) for w in group if j - skew[w.name] >= 0]
-                if torch_work and any(self._launches.get(m) is not None for _, m in todo):
-                    on_compute(self._run_each, todo)
-                else:
+                if not torch_work:
                     self._run_each(todo)
+                elif any(self._launches.get(m) is not None for _, m in todo):
+                    on_compute(self._run_each, todo, True)
+                # else: nothing scheduled (a batch window's wait): no torch work to hand over
             j += 1
 
-    def _run_each(self, todo) -> None:
+    def _run_each(self, todo, computing: bool = False) -> None:
         for w, m in todo:
-            self._run_one(w, m, w.stream)
+            self._run_one(w, m, w.stream, computing)
 
     def _run_threads(self, serial: bool = False) -> None:
         errors: list[BaseException] = []

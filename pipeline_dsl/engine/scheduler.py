@@ -105,6 +105,9 @@ class SchedulerOutput:
         return sum(1 for it in self.items if it.sample)
 
 
+_CAP_UNKNOWN = object()                       # a step's prefill room, not worked out yet
+
+
 def _median(values) -> float | None:
     v = sorted(tuple(values))                 # a snapshot: an executor's compute thread appends
     return v[len(v) // 2] if v else None
@@ -233,11 +236,18 @@ class Scheduler:
 
     def _prefill_room(self, n: int) -> int:
         """A prefill piece of n tokens cut to this step's room left (decodes are never cut)."""
-        if n <= 1 or self._prefill_left is None:
+        if n <= 1 or self._room_left() is None:
             return n
         n = min(n, self._prefill_left)
         self._prefill_left -= n
         return n
+
+    def _room_left(self) -> int | None:
+        """This step's prefill tokens still allowed (None: no cut). The cap is worked out (the
+        medians of recent steps) the first time a step asks: a step of decodes alone never does."""
+        if self._prefill_left is _CAP_UNKNOWN:
+            self._prefill_left = self.prefill_cap()
+        return self._prefill_left
 
     # ---- one step ----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -245,7 +255,7 @@ class Scheduler:
         budget = cfg.max_tokens_per_step
         preempted: list[str] = []
         decoding = any(len(s.token_ids) - s.num_computed == 1 for s in self.running)
-        self._prefill_left = self.prefill_cap() if decoding else None
+        self._prefill_left = _CAP_UNKNOWN if decoding else None   # worked out when a prefill piece asks
 
         # decodes first (one token each), then prefill chunks: a long prompt never delays them
         scheduled: dict[Sequence, ScheduledItem] = {}
@@ -309,7 +319,7 @@ class Scheduler:
         for seq in list(self.waiting):
             if not (budget > 0 or static) or len(self.running) >= cfg.max_batch_size:
                 break
-            if self._prefill_left is not None and self._prefill_left <= 0 and not static:
+            if not static and (left := self._room_left()) is not None and left <= 0:
                 break                             # the prefill room of this step is spent
             fresh = seq.prompt_out is not None   # every prompt row computed: no prefix cache read
             salt = seq.params.cache_salt

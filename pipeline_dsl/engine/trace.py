@@ -15,15 +15,13 @@ they count as no stream's work in the overlap and cost figures.
 from __future__ import annotations
 
 import json
-import threading
 from collections import deque
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pipeline_dsl.plan import busy_overlap
 
 
-@dataclass(frozen=True)
-class Span:
+class Span(NamedTuple):                  # a tuple: made in one call, several a step
     stream: str
     name: str
     start: float
@@ -35,20 +33,18 @@ class Span:
 
 class Trace:
     def __init__(self, limit: int | None = None) -> None:
-        self.spans: deque[Span] = deque(maxlen=limit)   # limit: keep only the latest spans (0: none)
-        self._lock = threading.Lock()
+        # limit: keep only the latest spans (0: none). Threads add spans without a lock: a deque's
+        # append is atomic, and readers take a snapshot (list() copies a deque in one step)
+        self.spans: deque[Span] = deque(maxlen=limit)
 
     def add(self, stream: str, name: str, start: float, end: float, micro_batch: int = -1,
             args: dict | None = None, lane: bool = False) -> None:
-        if self.spans.maxlen == 0:
-            return
-        with self._lock:
+        if self.spans.maxlen != 0:
             self.spans.append(Span(stream, name, start, end, micro_batch, args, lane))
 
     def work(self) -> list[Span]:
         """The spans of work (lane spans left out)."""
-        with self._lock:
-            return [s for s in self.spans if not s.lane]
+        return [s for s in list(self.spans) if not s.lane]
 
     def streams(self) -> list[str]:
         return list(dict.fromkeys(s.stream for s in self.work()))
@@ -100,8 +96,7 @@ class Trace:
         return {name: sum(v) / len(v) for name, v in total.items()}
 
     def to_chrome(self) -> dict:
-        with self._lock:
-            spans = sorted(self.spans, key=lambda s: s.start)
+        spans = sorted(list(self.spans), key=lambda s: s.start)
         t0, _ = self.bounds(spans)
         track = _lanes(spans)                            # span -> its track's name
         tids = {name: i + 1 for i, name in enumerate(dict.fromkeys(track[id(s)] for s in spans))}
