@@ -205,8 +205,9 @@ class _Metric:
         self.vllm = [kind(f"vllm:{name}", doc, ["model_name", "engine", *labels], registry=registry, **kw)
                      for name in ((vllm, *older) if vllm else ())]       # vLLM's name, then its older ones
         self.model_name = model_name
-        if not labels:       # its series exist from the start, at 0 (as vLLM's): rate() works from the first scrape
-            self.labels()
+        # its series exist from the start, at 0 (as vLLM's): rate() works from the first scrape; a
+        # metric without labels keeps them, not looked up again per observation (per streamed token)
+        self.plain = self.labels() if not labels else None
 
     def labels(self, *values, engine: str = "0") -> "_Children":
         values = tuple(map(str, values))
@@ -221,7 +222,8 @@ class _Metric:
                 m.labels(self.model_name, engine).inc(n)
 
     def __getattr__(self, name):                 # inc / observe / set / dec without extra labels
-        return getattr(self.labels(), name)
+        plain = self.__dict__.get("plain")
+        return getattr(plain if plain is not None else self.labels(), name)
 
 
 class _Children:
