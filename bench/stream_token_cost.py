@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import re
@@ -108,6 +109,8 @@ def path(tokens: int, through: int, part: str, kind: str, continuous: bool, n: i
                             sent = line
         return sent
 
+    gc.collect()
+    gc.freeze()                                      # as agp serve does: the loaded heap is not walked again
     sent = loop.run_until_complete(drive())
     loop.close()
     return sent
