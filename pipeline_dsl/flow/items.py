@@ -213,13 +213,23 @@ class Delta(RequestOutput):
     one's included. It never goes down, and the last delta's is the result's usage."""
     usage: dict = field(default_factory=no_usage)
 
+    def without_text(self) -> "Delta":
+        """The same delta with `text` (the whole text so far) "": what a listener that queues its
+        deltas keeps, each one's delta_text alone. A dict copy, as cheap as the delta was to make."""
+        delta = object.__new__(type(self))
+        fields_of = self.__dict__.copy()
+        fields_of["text"] = ""
+        object.__setattr__(delta, "__dict__", fields_of)
+        return delta
+
 
 _OUTPUT_FIELDS = tuple(f.name for f in fields(RequestOutput))   # what a Delta copies of the engine's output
 
 
 def heard(req: RequestState, index: int, out, usage: dict) -> None:
     """Tell a request's listener about a delta of its choice `index`, with the request's usage
-    so far (every streamed token of every stream: the field names are read once, at import).
+    so far (every streamed token of every stream: an engine's RequestOutput is copied whole, a
+    dict copy, not field by field through the frozen dataclass's __init__).
     Its caller skips a request whose listener hears no deltas (`req.hears_deltas`)."""
     with req.telling:
         if req.told:                             # the request ended meanwhile: its result was the last word
@@ -227,7 +237,13 @@ def heard(req: RequestState, index: int, out, usage: dict) -> None:
         if req.usage_told is not None:           # counted before the delta told last (n choices' stream
             usage = {k: max(n, req.usage_told.get(k, 0)) for k, n in usage.items()}   # stages: threads of
         req.usage_told = usage                   # their own): the usage heard never goes down
-        delta = Delta(**{name: getattr(out, name) for name in _OUTPUT_FIELDS}, usage=usage)
+        if type(out) is RequestOutput:           # the engine's (or a stream stage's): its fields, copied at once
+            delta = object.__new__(Delta)
+            fields_of = out.__dict__.copy()
+            fields_of["usage"] = usage
+            object.__setattr__(delta, "__dict__", fields_of)
+        else:
+            delta = Delta(**{name: getattr(out, name) for name in _OUTPUT_FIELDS}, usage=usage)
         try:
             req.listener.on_delta(req.key, index, delta)
         except Exception:                        # noqa: BLE001 - a listener's failure is its own

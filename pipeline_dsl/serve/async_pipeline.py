@@ -28,7 +28,7 @@ import os
 import time
 from dataclasses import replace
 
-from pipeline_dsl.flow import PipelineError, Result
+from pipeline_dsl.flow import Delta, PipelineError, Result
 
 from . import heap
 
@@ -114,7 +114,7 @@ class RequestStream:
         """A delta for the consumer (without its whole text); past max_unread_tokens unread
         tokens the request is cut."""
         _, index, out = event
-        self.queue.put_nowait(("delta", index, replace(out, text="")))
+        self.queue.put_nowait(("delta", index, out.without_text() if isinstance(out, Delta) else replace(out, text="")))
         self.unread += len(out.new_token_ids or ())
         limit = self.max_unread_tokens
         if limit is not None and self.unread > limit and not (self.finished or self.cut) and self.key is not None:

@@ -234,6 +234,9 @@ class _Metric:
         if not labels:       # its series exist from the start, at 0 (as vLLM's): rate() works from the first scrape
             for engine in engines:
                 self.labels(engine=engine)
+        # a metric without labels keeps engine 0's series, not looked up again per observation
+        # (per streamed token)
+        self.plain = self.labels() if not labels else None
 
     def labels(self, *values, engine: str = "0") -> "_Children":
         values = tuple(map(str, values))
@@ -248,7 +251,8 @@ class _Metric:
                 m.labels(self.model_name, engine).inc(n)
 
     def __getattr__(self, name):                 # inc / observe / set / dec without extra labels
-        return getattr(self.labels(), name)
+        plain = self.__dict__.get("plain")
+        return getattr(plain if plain is not None else self.labels(), name)
 
 
 class _Children:

@@ -11,6 +11,7 @@ role chunk none) and the choice's first chunk the prompt's ids (chat: at the chu
 from __future__ import annotations
 
 import time
+from json.encoder import encode_basestring
 
 import anyio
 from fastapi.responses import StreamingResponse
@@ -159,11 +160,38 @@ class ChunkWriter(Relay):
         # delta said (flow's Delta.usage); per streamed choice, its own tokens so far
         self.usage_so_far: dict[int, dict] = {}
         self.own_tokens: dict[int, int] = {}
+        self.text_line = self._text_template()
+
+    def _text_template(self) -> tuple[str, str, str] | None:
+        """The `data:` line of a chunk that carries text alone (most of a stream's chunks), cut
+        where its choice index and its JSON string go: the same bytes as P.sse of the chunk's
+        body, without building and encoding the body anew per token. None where the chunk
+        carries more (continuous usage, token ids)."""
+        if self.req.continuous_usage or self.want_ids:
+            return None
+        index, text = 7_340_032_118, "\ue000agp-text\ue001"
+        if self.chat:
+            body = P.chat_chunk(self.rid, self.req.model, self.now, {"content": text}, None, index,
+                                fingerprint=self.fingerprint)
+        else:
+            body = P.completion_chunk(self.rid, self.req.model, self.now, text, None, index,
+                                      fingerprint=self.fingerprint)
+        line = P.sse(body).decode()
+        at_index, at_text = str(index), encode_basestring(text)
+        if line.count(at_index) != 1 or line.count(at_text) != 1 or line.index(at_index) > line.index(at_text):
+            return None
+        head, rest = line.split(at_index)
+        middle, tail = rest.split(at_text)
+        return head, middle, tail
 
     # ---- chunk bodies ------------------------------------------------------------------
     def _chunk(self, index: int, text: str | None = None, *, delta: dict | None = None,
                reason: str | None = None, logprobs: dict | None = None, ids: list | None = None,
                opening: bool = False, stop_reason: int | str | None = None) -> bytes:
+        if (self.text_line is not None and delta is None and reason is None and logprobs is None
+                and not self.opening and type(text) is str):
+            head, middle, tail = self.text_line
+            return f"{head}{index}{middle}{encode_basestring(text)}{tail}".encode()
         prompt_part = self.opening.pop(index, None) or {}
         role = delta is not None and "role" in delta
         extra = {"token_ids": list(ids or ())} if self.want_ids and not role else {}

@@ -1,0 +1,90 @@
+"""The bytes of a streamed answer's text chunks, and the Delta a listener hears, made cheaply per
+token, are the ones the general path makes (no model: made-up engine outputs)."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import fields, replace
+
+import pytest
+
+from pipeline_dsl.engine.config import RequestOutput
+from pipeline_dsl.flow import Delta
+from pipeline_dsl.flow.items import RequestState, heard
+from pipeline_dsl.serve import protocol as P
+from pipeline_dsl.serve.async_pipeline import RequestStream
+from pipeline_dsl.serve.sse import ChunkWriter
+
+TEXTS = ["", "plain", " \"quoted\" \\ back", "tab\tnew\nline\r", "".join(map(chr, range(32))) + "\x7f",
+         "é 日本 😀 \u2028\u2029", "</script>", "{\"index\":1}"]
+
+
+class _Runtime:
+    def token_text(self, pin):
+        return None
+
+    def token_bytes(self, pin):
+        return None
+
+    def abort(self, key, why=None):
+        pass
+
+
+def _request(kind: str, **extra) -> P.GenerationRequest:
+    body = {"model": "m", "stream": True, "max_tokens": 8, **extra}
+    if kind == "chat":
+        return P.parse_chat({**body, "messages": [{"role": "user", "content": "hi"}]}, max_model_len=4096,
+                            served=("m",))
+    return P.parse_completion({**body, "prompt": "hi"}, max_model_len=4096, served=("m",))
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+@pytest.mark.parametrize("fingerprint", [None, "fp_\"x\""])
+def test_a_text_chunk_has_the_bytes_of_the_general_chunk(kind, fingerprint):
+    """Chunks that carry text alone are written from a template of the writer's own chunk: byte
+    for byte what P.sse of the chunk body is, for any text (quotes, control characters,
+    non-ASCII, line separators) and choice index."""
+    req = _request(kind)
+    writer = ChunkWriter(_Runtime(), None, None, req, "cmpl-\"id\"", 1, lambda *a: None, fingerprint=fingerprint)
+    assert writer.text_line is not None
+    for index in (0, 3, 12):
+        writer.content(index, "")                     # a chat choice opens with its role chunk
+        for text in TEXTS:
+            got = writer.content(index, text)
+            if kind == "chat":
+                body = P.chat_chunk(writer.rid, "m", writer.now, {"content": text}, None, index,
+                                    fingerprint=fingerprint)
+            else:
+                body = P.completion_chunk(writer.rid, "m", writer.now, text, None, index, fingerprint=fingerprint)
+            assert got == ([P.sse(body)] if text else [])
+
+
+def test_a_delta_is_the_engine_output_with_the_usage_so_far():
+    """The Delta a listener hears has every field of the engine's RequestOutput and `usage`; it is
+    frozen, and its without_text() drops the whole text only."""
+    out = RequestOutput("r1/1", [5, 6], "ab", "xxab", False, None, 3, 4, 1, logprobs=[{"token_id": 5}],
+                        stop_reason=None)
+    heard_deltas = []
+    listener = type("L", (), {"on_delta": lambda self, key, index, d: heard_deltas.append((key, index, d))})()
+    req = RequestState("r1", "x", listener, 0.0)
+    usage = {"prompt_tokens": 3, "completion_tokens": 4, "cached_tokens": 1}
+    heard(req, 2, out, usage)
+    (key, index, delta), = heard_deltas
+    assert (key, index) == ("r1", 2) and isinstance(delta, Delta)
+    assert delta == Delta(**{f.name: getattr(out, f.name) for f in fields(RequestOutput)}, usage=usage)
+    with pytest.raises(Exception):
+        delta.text = "changed"
+    assert delta.without_text() == replace(delta, text="") and delta.text == "xxab"
+
+
+def test_a_queued_delta_keeps_every_field_but_the_whole_text():
+    loop = asyncio.new_event_loop()
+    try:
+        stream = RequestStream(type("Owner", (), {"metrics": None})(), loop)
+        out = RequestOutput("r1/1", [5], "ab", "xxab", True, "stop", 3, 4, 1, stop_reason="x")
+        delta = Delta(**{f.name: getattr(out, f.name) for f in fields(RequestOutput)}, usage={"completion_tokens": 4})
+        stream.on_delta("r1", 0, delta)
+        loop.run_until_complete(asyncio.sleep(0))
+        _, index, queued = stream.queue.get_nowait()
+        assert index == 0 and queued == replace(delta, text="")
+    finally:
+        loop.close()
