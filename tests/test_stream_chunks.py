@@ -58,6 +58,24 @@ def test_a_text_chunk_has_the_bytes_of_the_general_chunk(kind, fingerprint):
             assert got == ([P.sse(body)] if text else [])
 
 
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_an_event_splits_into_its_lines_only_where_the_stream_breaks_them(kind):
+    """A model's text with U+0085, U+2028 or U+2029 (which JSON may leave raw, and which
+    str.splitlines — httpx's iter_lines, so the SDKs on it — takes for line breaks): each event is
+    still one `data:` line and a blank one to such a reader, and its JSON reads back the text."""
+    import json
+
+    text = "a\x85b\u2028c\u2029d"
+    writer = ChunkWriter(_Runtime(), None, None, _request(kind), "cmpl-1", 1, lambda *a: None)
+    writer.content(0, "")
+    events = [*writer.content(0, text),                                   # the text-only template
+              P.sse({"choices": [{"index": 0, "text": text, "logprobs": {"tokens": [text]}}]})]
+    for event in events:
+        lines = event.decode().splitlines()
+        assert len(lines) == 2 and lines[0].startswith("data: ") and lines[1] == "", lines
+        assert text in json.dumps(json.loads(lines[0][len("data: "):]), ensure_ascii=False)
+
+
 def test_a_delta_is_the_engine_output_with_the_usage_so_far():
     """The Delta a listener hears has every field of the engine's RequestOutput and `usage`; it is
     frozen, and its without_text() drops the whole text only."""

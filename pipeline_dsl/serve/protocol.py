@@ -660,8 +660,27 @@ def usage_chunk(rid: str, model: str, created: int, kind: str, use: dict, finger
             "usage": use}
 
 
+# Characters that JSON leaves as they are and that clients splitting an event stream with Python's
+# str.splitlines (httpx's iter_lines/aiter_lines, and so SDKs built on them) take for line breaks,
+# cutting an event's JSON in two: escaped (\u2028), which every JSON reader reads back the same.
+_LINE_BREAKS = "\x85\u2028\u2029"
+_ESCAPED_BREAKS = str.maketrans({c: f"\\u{ord(c):04x}" for c in _LINE_BREAKS})
+
+
+def one_line(json_text: str) -> str:
+    """JSON text (ensure_ascii=False) with the line breaks str.splitlines knows beyond JSON's own
+    escaped: safe for a `data:` line whatever splits it."""
+    if "\x85" in json_text or "\u2028" in json_text or "\u2029" in json_text:
+        return json_text.translate(_ESCAPED_BREAKS)
+    return json_text
+
+
+def sse_json(data) -> str:
+    """`data` as the JSON of one `data:` line (compact, UTF-8 kept, one_line)."""
+    return one_line(json.dumps(data, separators=(",", ":"), ensure_ascii=False))
+
+
 def sse(data: dict | str) -> bytes:
     """One server-sent event: `data: <json>` and a blank line."""
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"),
-                                                           ensure_ascii=False)
+    payload = data if isinstance(data, str) else sse_json(data)
     return f"data: {payload}\n\n".encode()

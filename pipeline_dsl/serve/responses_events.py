@@ -14,7 +14,6 @@ ToolStream), as on the chat stream. There is no `[DONE]`: the final event ends t
 """
 from __future__ import annotations
 
-import json
 import time
 
 from . import protocol as P
@@ -47,7 +46,7 @@ class ResponseEvents(Relay):
     def event(self, kind: str, **body) -> bytes:
         data = {"type": kind, "sequence_number": self.seq, **body}
         self.seq += 1
-        return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'), ensure_ascii=False)}\n\n".encode()
+        return f"event: {kind}\ndata: {P.sse_json(data)}\n\n".encode()
 
     def snapshot(self, status: str, use=None, error=None) -> dict:
         return response_object(self.rid, self.call, self.created, status, list(self.output), use, error)

@@ -191,7 +191,7 @@ class ChunkWriter(Relay):
         if (self.text_line is not None and delta is None and reason is None and logprobs is None
                 and not self.opening and type(text) is str):
             head, middle, tail = self.text_line
-            return f"{head}{index}{middle}{encode_basestring(text)}{tail}".encode()
+            return f"{head}{index}{middle}{P.one_line(encode_basestring(text))}{tail}".encode()
         prompt_part = self.opening.pop(index, None) or {}
         role = delta is not None and "role" in delta
         extra = {"token_ids": list(ids or ())} if self.want_ids and not role else {}
