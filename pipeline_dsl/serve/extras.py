@@ -30,14 +30,14 @@ FLAGS = ("skip_special_tokens", "spaces_between_special_tokens", "include_stop_s
 TEMPLATE_OWN = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
 
 
-def api_error(e: RequestError) -> APIError:
+def refused(e: RequestError) -> APIError:
     """A request's RequestError (requests_io) as the 400 answering it: its message, param and code."""
     return APIError(str(e), param=e.param, code=e.code)
 
 
 class _RequestErrorsAnswered:
     """`with request_errors:` turns a RequestError raised inside (a requests_io check) into the
-    APIError answering it (api_error: its message, param and code); any other exception passes
+    APIError answering it (refused: its message, param and code); any other exception passes
     unchanged. It keeps no state: one instance serves every request, on any thread."""
 
     __slots__ = ()
@@ -47,7 +47,7 @@ class _RequestErrorsAnswered:
 
     def __exit__(self, kind, e, tb) -> bool:
         if isinstance(e, RequestError):
-            raise api_error(e) from None
+            raise refused(e) from None
         return False
 
 
@@ -55,7 +55,7 @@ request_errors = _RequestErrorsAnswered()
 
 
 def bad(param: str, expected: str, value) -> APIError:
-    return api_error(request_bad(param, expected, value))
+    return refused(request_bad(param, expected, value))
 
 
 @dataclass

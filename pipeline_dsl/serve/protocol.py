@@ -27,7 +27,7 @@ from pipeline_dsl.requests_io import check_lacking as request_check_lacking
 from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
 
 from .api_error import APIError
-from .extras import api_error, parse_extras, request_errors
+from .extras import parse_extras, refused, request_errors
 from .token_fields import MAX_LOGPROBS, parse_token_fields
 
 log = logging.getLogger("agp.serve")
@@ -109,7 +109,7 @@ def _is_int(v) -> bool:
 
 
 def _bad(param: str, expected: str, value) -> APIError:
-    return api_error(must_be(param, expected, value))
+    return refused(must_be(param, expected, value))
 
 
 def _field(obj: dict, name: str, ok, expected: str):

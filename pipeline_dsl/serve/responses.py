@@ -210,7 +210,7 @@ def _checked(obj: dict) -> None:
     effort = (obj.get("reasoning") or {}).get("effort")   # chat's reasoning_effort, one schema
     ok, expected = P.IGNORED["reasoning_effort"]
     if effort is not None and not ok(effort):
-        raise P.api_error(P.must_be("reasoning.effort", expected, effort))
+        raise P.refused(P.must_be("reasoning.effort", expected, effort))
 
 
 def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tuple = (), lenient: bool = False,
