@@ -264,7 +264,7 @@ def test_inter_token_latency_is_per_choice_and_once_per_chunk(monkeypatch):
     now = [0.0]
     monkeypatch.setattr(async_pipeline.time, "monotonic", lambda: now[0])
     loop = NS(call_soon_threadsafe=lambda *a: None)
-    stream = async_pipeline.RequestStream(NS(metrics=metrics), loop)
+    stream = async_pipeline.RequestStream(NS(metrics=metrics), async_pipeline.LoopMail(loop))
     for t, index, tokens in ((0.100, 0, 1), (0.101, 1, 1), (0.200, 0, 1), (0.201, 1, 1),
                              (0.500, 0, 3), (0.501, 1, 1)):
         now[0] = t

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline_dsl.serve.async_pipeline import RequestStream
+from pipeline_dsl.serve.async_pipeline import LoopMail, RequestStream
 from test_connections import wait_for
 from test_serve import TINY, start_agp_serve
 
@@ -195,7 +195,7 @@ def test_a_backlog_of_deltas_holds_the_answer_text_once():
     loop = asyncio.new_event_loop()
     try:
         owner = type("Owner", (), {"metrics": None})()
-        stream = RequestStream(owner, loop)
+        stream = RequestStream(owner, LoopMail(loop))
         text = ""
         for i in range(500):
             text += f"tok{i} "

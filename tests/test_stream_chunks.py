@@ -11,7 +11,7 @@ from pipeline_dsl.engine.config import RequestOutput
 from pipeline_dsl.flow import Delta
 from pipeline_dsl.flow.items import RequestState, heard
 from pipeline_dsl.serve import protocol as P
-from pipeline_dsl.serve.async_pipeline import RequestStream
+from pipeline_dsl.serve.async_pipeline import LoopMail, RequestStream
 from pipeline_dsl.serve.sse import ChunkWriter
 
 TEXTS = ["", "plain", " \"quoted\" \\ back", "tab\tnew\nline\r", "".join(map(chr, range(32))) + "\x7f",
@@ -97,12 +97,53 @@ def test_a_delta_is_the_engine_output_with_the_usage_so_far():
 def test_a_queued_delta_keeps_every_field_but_the_whole_text():
     loop = asyncio.new_event_loop()
     try:
-        stream = RequestStream(type("Owner", (), {"metrics": None})(), loop)
+        stream = RequestStream(type("Owner", (), {"metrics": None})(), LoopMail(loop))
         out = RequestOutput("r1/1", [5], "ab", "xxab", True, "stop", 3, 4, 1, stop_reason="x")
         delta = Delta(**{f.name: getattr(out, f.name) for f in fields(RequestOutput)}, usage={"completion_tokens": 4})
         stream.on_delta("r1", 0, delta)
         loop.run_until_complete(asyncio.sleep(0))
         _, index, queued = stream.queue.get_nowait()
         assert index == 0 and queued == replace(delta, text="")
+    finally:
+        loop.close()
+
+
+def test_calls_handed_to_the_loop_before_it_runs_wake_it_once_and_run_in_order():
+    """Deltas of many streams in one engine step reach the event loop with one wake-up (one
+    call_soon_threadsafe), run in the order handed, from any thread; a failing call is reported
+    to the loop's exception handler and the others still run; after a drain the next call wakes
+    the loop again."""
+    import threading
+
+    loop = asyncio.new_event_loop()
+    wakeups, reported = [], []
+    handed = loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda *a: (wakeups.append(a), handed(*a))
+    loop.set_exception_handler(lambda _loop, context: reported.append(context["exception"]))
+    try:
+        mail, ran = LoopMail(loop), []
+
+        def fail(_):
+            raise ValueError("one listener's bug")
+
+        def hand(k):
+            for i in range(50):
+                mail.post(ran.append, (k, i))
+                if k == 0 and i == 10:
+                    mail.post(fail, None)
+
+        threads = [threading.Thread(target=hand, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(wakeups) == 1                       # the loop has not run: one wake-up for all 201
+        loop.run_until_complete(asyncio.sleep(0))
+        assert len(ran) == 200 and [type(e) for e in reported] == [ValueError]
+        for k in range(4):
+            assert [i for kk, i in ran if kk == k] == list(range(50))      # each thread's order kept
+        mail.post(ran.append, "later")
+        loop.run_until_complete(asyncio.sleep(0))
+        assert len(wakeups) == 2 and ran[-1] == "later"
     finally:
         loop.close()

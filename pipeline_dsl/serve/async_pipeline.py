@@ -2,7 +2,7 @@
 
 The runtime (pipeline_dsl.flow) runs each engine segment's batching loop on a thread of
 its own and request-level stages on its worker pool; its callbacks reach the asyncio
-loop through `call_soon_threadsafe`. Concurrent HTTP requests meet in the engines'
+loop through a LoopMail (`call_soon_threadsafe` once for all that arrive before the loop runs). Concurrent HTTP requests meet in the engines'
 batchers exactly as `agp run` requests do.
 
     stream = await apipe.add(item_dict, pin=None, stream=True)
@@ -25,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
+from collections import deque
 from dataclasses import replace
 
 from pipeline_dsl.flow import Delta, PipelineError, Result
@@ -35,15 +37,51 @@ from . import heap
 log = logging.getLogger("agp.serve")
 
 
+class LoopMail:
+    """Calls the runtime's threads hand to one event loop, in the order handed, with one wake-up
+    of the loop for all that arrive before it runs them (not one per call: 512 streams make 512
+    chunks an engine step, and each call_soon_threadsafe writes to the loop's wake-up pipe)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._calls: deque = deque()
+        self._lock = threading.Lock()
+        self._posted = False                     # a drain is on its way to the loop
+
+    def post(self, fn, arg) -> None:
+        with self._lock:
+            self._calls.append((fn, arg))
+            if self._posted:
+                return
+            self._posted = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:                     # the loop is closed: nobody hears these
+            with self._lock:
+                self._posted = False
+                self._calls.clear()
+            raise
+
+    def _drain(self) -> None:
+        with self._lock:
+            calls, self._calls = self._calls, deque()
+            self._posted = False
+        for fn, arg in calls:
+            try:
+                fn(arg)
+            except Exception as e:               # noqa: BLE001 - as the loop treats a failing callback
+                self.loop.call_exception_handler({"message": f"exception in {fn!r}", "exception": e})
+
+
 class RequestStream:
     """Async iterator over one request's events: ("delta", index, out) then ("done", result).
     A queued delta's `out.text` (the whole text so far) is dropped: the consumer reads
     `delta_text`, and n queued deltas would otherwise hold n copies of the text, n² characters.
     Past `max_unread_tokens` tokens queued and not taken, the request is cut (module docstring)."""
 
-    def __init__(self, owner: "AsyncPipeline", loop: asyncio.AbstractEventLoop, max_unread_tokens: int | None = None,
+    def __init__(self, owner: "AsyncPipeline", mail: LoopMail, max_unread_tokens: int | None = None,
                  deltas: bool = True):
-        self._owner, self._loop = owner, loop
+        self._owner, self._mail = owner, mail
         self.max_unread_tokens = max_unread_tokens
         self.deltas = deltas                     # its deltas are queued (a stream); else its result alone
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -101,13 +139,13 @@ class RequestStream:
                 self.first_token_at = now
             self.last_token_at[index] = now
         if self.deltas:
-            self._loop.call_soon_threadsafe(self._queued, ("delta", index, out))
+            self._mail.post(self._queued, ("delta", index, out))
 
     def on_done(self, result: Result) -> None:
         if self._owner.metrics is not None:
             self._owner.metrics.observe_result(result, time.monotonic() - self.arrival, self.params,
                                                prefilled=self.first_token_at is not None)
-        self._loop.call_soon_threadsafe(self.queue.put_nowait, ("done", result))
+        self._mail.post(self.queue.put_nowait, ("done", result))
 
     # ---- on the event loop ------------------------------------------------------------
     def _queued(self, event) -> None:
@@ -200,6 +238,7 @@ class AsyncPipeline:
         self.metrics = metrics
         self.max_unread_tokens = max_unread_tokens   # a stream's tokens its client has not taken: past it, cut
         self._started = False
+        self._mails: dict[asyncio.AbstractEventLoop, LoopMail] = {}   # one per event loop requests come from
 
     def start(self) -> None:
         """The runtime's loops started, and the loaded heap frozen until stop() (serve/heap.py):
@@ -226,7 +265,11 @@ class AsyncPipeline:
         """Submit a request; raises PipelineError (queue_full, unavailable, invalid) at once.
         `params` (its n and max_tokens) go to the metrics when it finishes. Not a stream: its
         only event is the result."""
-        rs = RequestStream(self, asyncio.get_running_loop(), self.max_unread_tokens, deltas=stream)
+        loop = asyncio.get_running_loop()
+        mail = self._mails.get(loop)
+        if mail is None:
+            mail = self._mails.setdefault(loop, LoopMail(loop))
+        rs = RequestStream(self, mail, self.max_unread_tokens, deltas=stream)
         rs.params, rs.id = params, data.get("id")
         rs.key = self.runtime.submit(data, rs, pin=pin, stream=stream)
         return rs
