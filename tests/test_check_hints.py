@@ -280,3 +280,9 @@ def test_each_call_setting_of_a_join_without_fn_is_a_warning_at_it():
 def test_a_negative_duration_or_size_is_an_error_however_small(old, new, at_, words):
     err = one(SEED.replace(old, new))
     assert at(err) == at_ and err.message == words
+
+
+def test_a_name_in_other_capitals_suggests_its_spelling():
+    """difflib compares case-sensitively: 'GENERATE' is near nothing, but it is generate."""
+    err = one(SEED.replace("gen : generate", "gen : GENERATE"))
+    assert err.message == "unknown stage kind 'GENERATE'" and err.hint == "did you mean 'generate'?"

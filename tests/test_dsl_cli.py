@@ -35,6 +35,15 @@ def test_check_json_is_machine_readable():
                                                                                     (8, 46, "error")]
 
 
+def test_check_json_gives_each_diagnostics_span_from_col_to_end_col():
+    """end_line/end_col close the span (exclusive): an editor underlines exactly the bad value."""
+    data = json.loads(agp_in("check", "--json", "examples/errors/wrong_unit.agp").stdout)
+    lines = (ROOT / "examples/errors/wrong_unit.agp").read_text().splitlines()
+    spans = [(d["line"], d["end_line"], lines[d["line"] - 1][d["col"] - 1:d["end_col"] - 1])
+             for d in data["diagnostics"]]
+    assert spans == [(6, 6, "5MiB"), (8, 8, "100ms")]
+
+
 def test_fmt_check_exits_1_when_a_file_would_change(tmp_path):
     f = tmp_path / "p.agp"
     f.write_text("pipeline p {model=\"m\"}\n")

@@ -186,6 +186,20 @@ def test_a_file_over_the_size_cap_is_an_error_at_the_use_or_at_its_first_line(tm
     assert "too large" in d.message and (d.pos.line, d.pos.col) == (1, 1)
 
 
+def test_a_file_of_exactly_the_size_cap_is_read(tmp_path):
+    """The cap is the largest size allowed: MAX_FILE_BYTES bytes load, one byte more does not."""
+    text = small_pipeline("p")
+    pad = loader.MAX_FILE_BYTES - len(text.encode()) - 1
+    exact = tmp_path / "exact.agp"
+    exact.write_text(text + "#" * pad + "\n")
+    assert exact.stat().st_size == loader.MAX_FILE_BYTES and load(exact) == []
+    (tmp_path / "m.agp").write_text('use "exact.agp"\n')
+    assert load(tmp_path / "m.agp") == []
+    exact.write_text(text + "#" * (pad + 1) + "\n")
+    (d,) = load(exact)
+    assert "too large" in d.message
+
+
 def test_a_program_over_the_total_size_cap_is_one_error(tmp_path, monkeypatch):
     monkeypatch.setattr(loader, "MAX_PROGRAM_BYTES", 4000)
     for i in range(10):

@@ -93,6 +93,15 @@ def test_a_plans_events_between_two_stages_are_drawn_once():
     assert dot_source(graph, twice).count('label="event"') == dot_source(graph, plan).count('label="event"') > 0
 
 
+def test_a_plans_events_inside_one_stage_draw_no_loop_on_its_box():
+    """generate's h2d -> forward -> d2h events stay within the stage: only kv -> gen joins two boxes."""
+    graph = load_pipeline_graph("<test>", text=PIPELINE.format(gen=""))
+    plan = make_plan(graph)
+    assert any(e.src == e.dst == "gen" for e in plan.events)
+    drawn = re.findall(r'^  "(\w+)" -> "(\w+)" \[style=dashed, color="#b45309"', dot_source(graph, plan), re.M)
+    assert drawn == [("kv", "gen")]
+
+
 def test_plan_and_render_titles_say_none_for_a_stream_that_carries_no_stage(tmp_path):
     """A copy stream carries generate's h2d and d2h copies but no stage of its own: `agp plan`
     listed its stages as '-' and `agp render --plan`'s title as 'short_gen/copy:  |' (nothing

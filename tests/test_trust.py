@@ -174,3 +174,29 @@ def test_agp_run_reads_json_schema_outside_the_folder_only_when_allowed(tree, ti
     assert r.returncode == 2 and "outside the pipeline's folder" in r.stderr
     r = agp_in(*base, "--allow-path", outside, cwd=app)
     assert r.returncode == 0, r.stderr
+
+
+def test_json_schema_through_a_link_a_sibling_folder_or_an_absolute_path_is_refused_unread(tree):
+    """The same rule as `use`: a link resolved out of the folder, a folder whose name merely
+    starts with the pipeline folder's, an absolute path and `..` are outside it; a directory or a
+    FIFO is no file (never opened: a FIFO would block the read)."""
+    pytest.importorskip("llguidance")
+    app, outside = tree
+    beside = app.parent / (app.name + "2")
+    beside.mkdir()
+    for folder in (outside, beside):
+        (folder / "s.json").write_text(f'{{"type": "object", "description": "{SECRET}"}}')
+    os.symlink(outside / "s.json", app / "link.json")
+    os.symlink(beside, app / "sub")
+    (app / "dir.json").mkdir()
+    os.mkfifo(app / "fifo.json")
+    out = "is outside the pipeline's folder"
+    cases = {"link.json": out, "sub/s.json": out, "../app2/s.json": out, "./../outside/s.json": out,
+             str(outside / "s.json"): out, "dir.json": "'dir.json'", "fifo.json": "'fifo.json'"}
+    for path, words in cases.items():
+        (app / "p.agp").write_text(pipeline(gen=f'json_schema = "{path}"'))
+        program, diags = pipeline_dsl.load(app / "p.agp")
+        assert [d.pos.line for d in diags] == [6] and words in diags[0].message, (path, diags)
+        assert SECRET not in diags[0].message + str(diags[0].hint), path
+    (app / "p.agp").write_text(pipeline(gen='json_schema = "link.json"'))
+    assert pipeline_dsl.load(app / "p.agp", allow_paths=[outside])[1] == []
