@@ -608,3 +608,15 @@ def test_a_request_carries_at_most_128_tools_on_chat_responses_and_run_lines(ser
         "model": "tiny", "input": "hey", "max_output_tokens": 2,
         "tools": [{"type": "function", "name": f"f{i}"} for i in range(most + 1)]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
+    spec = httpx.get(server.url + "/openapi.json", timeout=30).json()
+    found = []
+    todo = [spec]
+    while todo:                                           # every request schema's "tools" says so
+        node = todo.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("properties"), dict) and isinstance(node["properties"].get("tools"), dict):
+                found.append(node["properties"]["tools"].get("maxItems"))
+            todo += list(node.values())
+        elif isinstance(node, list):
+            todo += node
+    assert found and set(found) == {most}
