@@ -8,9 +8,11 @@ the engine.
 from __future__ import annotations
 
 import difflib
-import functools
+import hashlib
 import json
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +22,7 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 1024            # stop strings a request may give (generate.stop's max_items)
 MAX_STOP_LEN = 256         # characters in one stop string (its max_length)
 MAX_STOP_CHARS = 4096      # characters of all its stop strings (generate.stop's max_total)
+MAX_TOOLS = 128            # tools a request may carry (OpenAI's limit): chat, Responses and agp run's lines
 
 
 class RequestError(ValueError):
@@ -28,6 +31,11 @@ class RequestError(ValueError):
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.param, self.code = param, code      # code: OpenAI's error code, where it has one
+
+
+class ChecksBusy(RequestError):
+    """A request whose structured-output spec would need a grammar check while MAX_GRAMMAR_CHECKS
+    others run (agp serve: a 503 with Retry-After; the same request is fine a moment later)."""
 
 
 @dataclass
@@ -327,6 +335,8 @@ def parse_tools(obj: dict) -> tuple[list | None, Any, bool]:
     if tools is not None:
         if not isinstance(tools, list):
             raise RequestError(f"'tools' must be an array of tools, not {_shown(tools)}", param="tools")
+        if len(tools) > MAX_TOOLS:
+            raise RequestError(f"'tools' holds {len(tools):,} tools; at most {MAX_TOOLS} a request", param="tools")
         for i, t in enumerate(tools):
             fn = t.get("function") if isinstance(t, dict) else None
             if not (isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(fn, dict)
@@ -828,23 +838,73 @@ def _given_constraint(obj: dict) -> tuple[dict | None, str | None]:
     return _spec(kind, obj[name], name), name
 
 
-def parse_constraint(obj: dict) -> dict | None:
+def parse_constraint(obj: dict, *, wait: bool = True) -> dict | None:
     """The one constraint spec a request's response_format, structured_outputs or guided_* field
     asks for (None when none does), checked so a spec the compiler cannot enforce is a
-    RequestError naming the field the request wrote."""
+    RequestError naming the field the request wrote. The check (seconds of CPU for a large
+    schema) runs only when the spec is not in the check cache, and then as one of at most
+    MAX_GRAMMAR_CHECKS at once in the process: `wait` (agp run's lines) waits for its turn,
+    otherwise (agp serve, whose request threads parse every other request too) ChecksBusy."""
     spec, where = _given_constraint(obj)
     if spec is not None and spec.get("type") not in ("json_object", "text"):
-        problem = _problem(json.dumps(spec, sort_keys=True))
+        problem = spec_problem(spec, wait=wait, where=where)
         if problem:
             raise RequestError(f"'{where}' cannot be enforced: {problem}", param=where)
     return spec
 
 
-@functools.lru_cache(maxsize=256)
-def _problem(spec_json: str) -> str | None:
-    """Why the constraint cannot compile, or None (cached: clients repeat their schemas)."""
+MAX_GRAMMAR_CHECKS = 2          # grammar checks running at once (on 2 cores, 2 leave agp serve's other threads free)
+CHECK_CACHE_ENTRIES = 4096      # specs whose check is remembered, keyed by a digest of their canonical
+CHECK_CACHE_BYTES = 4 << 20     # JSON text: an entry holds the digest and the problem (at most ~400 characters)
+_checks = threading.BoundedSemaphore(MAX_GRAMMAR_CHECKS)
+_checked: OrderedDict[bytes, str | None] = OrderedDict()
+_checked_bytes = 0
+_checked_lock = threading.Lock()
+ENTRY_BYTES = 128               # what one entry costs beside its problem's text (digest, dict slot, links)
+
+
+def spec_digest(spec) -> bytes:
+    """The SHA-256 of a spec's canonical JSON text (keys sorted): equal specs, equal digests."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":"))
+                          .encode("utf-8", "surrogatepass")).digest()
+
+
+def spec_problem(spec: dict, *, wait: bool = True, where: str = "response_format") -> str | None:
+    """Why the constraint spec cannot compile (check_spec), or None. Remembered by the spec's digest
+    (clients repeat their schemas), at most CHECK_CACHE_ENTRIES and CHECK_CACHE_BYTES (least recently
+    used first out): what the cache holds does not grow with the specs' size. A spec not remembered
+    is checked as one of at most MAX_GRAMMAR_CHECKS at once: `wait` False raises ChecksBusy when
+    that many run."""
+    global _checked_bytes
+    key = spec_digest(spec)
+    with _checked_lock:
+        if key in _checked:
+            _checked.move_to_end(key)
+            return _checked[key]
+    if not _checks.acquire(blocking=wait):
+        raise ChecksBusy(f"'{where}' needs a grammar check and {MAX_GRAMMAR_CHECKS} are running: try again shortly",
+                         param=where, code="grammar_checks_busy")
     try:
-        check_spec(json.loads(spec_json))
-    except GrammarError as e:
-        return str(e)
-    return None
+        try:
+            check_spec(spec)
+            problem = None
+        except GrammarError as e:
+            problem = str(e)
+    finally:
+        _checks.release()
+    with _checked_lock:
+        if key not in _checked:
+            _checked[key] = problem
+            _checked_bytes += ENTRY_BYTES + len(problem or "")
+            while len(_checked) > CHECK_CACHE_ENTRIES or _checked_bytes > CHECK_CACHE_BYTES:
+                _, old = _checked.popitem(last=False)
+                _checked_bytes -= ENTRY_BYTES + len(old or "")
+    return problem
+
+
+def check_cache_info() -> dict:
+    """What the check cache holds: {"entries": n, "bytes": b} (b: its own accounting, ENTRY_BYTES an entry
+    and its problem's text), and its bounds ("max_entries", "max_bytes")."""
+    with _checked_lock:
+        return {"entries": len(_checked), "bytes": _checked_bytes, "max_entries": CHECK_CACHE_ENTRIES,
+                "max_bytes": CHECK_CACHE_BYTES}

@@ -662,3 +662,27 @@ def test_the_grammar_cache_evicts_the_least_recently_used_not_the_first_compiled
     assert c.compile(spec["a+"]) is a                         # used again: now the most recent
     c.compile(spec["c+"])                                       # evicts b, the least recently used
     assert c.compile(spec["a+"]) is a and c.compile(spec["b+"]) is not b
+
+
+def _wide_schema(i: int, props: int) -> dict:
+    """A schema of `props` optional string properties; `i` makes each one different."""
+    return {"type": "object", "properties": {f"p{i}_{k}": {"type": "string"} for k in range(props)}}
+
+
+def test_the_compile_cache_keeps_grammars_within_its_bytes_and_a_repeated_spec_hits(engine):
+    c = ConstraintCompiler(engine.tokenizer, engine.vocab_size, cache_bytes=500_000)
+    small = {"type": "json_schema", "schema": BOUNDED_SCHEMA}
+    first = c.compile(small)
+    assert c.compile(json.loads(json.dumps(small))) is first          # the same spec: compiled once
+    assert c.cache_info()["entries"] == 1
+    for i in range(12):                                               # grammars of ~1.4 KB of text each
+        c.compile({"type": "json_schema", "schema": _wide_schema(i, 40)})
+        info = c.cache_info()
+        assert 0 < info["bytes"] <= 500_000
+    assert info["entries"] < 12                                       # the oldest went out
+    assert c.compile(small) is not first                              # ... the first one too
+    big = {"type": "json_schema", "schema": _wide_schema(99, 400)}   # larger than the cache alone
+    g = c.compile(big)
+    assert g.size > 500_000 and c.compile(big) is not g                # compiled, never kept
+    assert c.cache_info()["bytes"] <= 500_000
+

@@ -8,7 +8,10 @@ guided_regex / guided_choice / guided_grammar constrain the answer.
 from __future__ import annotations
 
 import json
+import os
 import re
+import threading
+import uuid
 from pathlib import Path
 
 import httpx
@@ -17,6 +20,7 @@ import pytest
 
 from pipeline_dsl.commands.runner import RunRequest, run_pipeline
 from pipeline_dsl.flow import build_runtime
+from pipeline_dsl import requests_io
 from pipeline_dsl.requests_io import RequestError, parse_request
 from test_serve import LiveServer
 from tiny_model import write_tiny_gguf
@@ -489,3 +493,130 @@ def test_completions_add_special_tokens_false_leaves_the_start_token_off(tmp_pat
         assert e.value.param == "add_special_tokens"
     finally:
         s.close()
+
+
+# ---------------------------------------------------------------- one request's spec does not hurt others
+
+def _unique_schema(tag: str) -> dict:
+    """A schema no other test checks (the check cache is the process's)."""
+    return {"type": "object", "properties": {f"{tag}_{uuid.uuid4().hex}": {"type": "string"}}}
+
+
+def test_the_check_cache_holds_a_digest_a_spec_whatever_its_size_and_a_repeated_spec_is_checked_once(monkeypatch):
+    checked = []
+    real = requests_io.check_spec
+    monkeypatch.setattr(requests_io, "check_spec", lambda spec, **kw: (checked.append(1), real(spec, **kw))[1])
+    before = requests_io.check_cache_info()
+    specs = [{**_unique_schema("big"), "description": "x" * (1 << 20)} for _ in range(4)]   # 1 MiB each
+    for schema in specs:
+        assert requests_io.parse_constraint({"guided_json": schema})["schema"] is schema
+    info = requests_io.check_cache_info()
+    assert len(checked) == 4
+    assert info["bytes"] - before["bytes"] <= 4 * requests_io.ENTRY_BYTES      # not the 4 MiB of text
+    assert info["bytes"] <= info["max_bytes"] and info["entries"] <= info["max_entries"]
+    requests_io.parse_constraint({"guided_json": json.loads(json.dumps(specs[0]))})   # an equal spec: a hit
+    assert len(checked) == 4
+
+
+def test_a_plain_request_is_answered_while_grammar_checks_hold_their_threads(server, monkeypatch):
+    """More requests needing a grammar check than the server has request threads arrive, and each
+    check is held (a gate in check_spec): MAX_GRAMMAR_CHECKS of them run, the others are a 503
+    with Retry-After at once, and a request without structured output is answered meanwhile."""
+    entered, gate = threading.Semaphore(0), threading.Event()
+    real = requests_io.check_spec
+
+    def held(spec, **kw):
+        entered.release()
+        gate.wait()
+        return real(spec, **kw)
+
+    monkeypatch.setattr(requests_io, "check_spec", held)
+    heavy = min(32, (os.cpu_count() or 1) + 4) + 2       # more than asyncio's default executor has threads
+    answers: list = [None] * heavy
+
+    def ask(i):
+        answers[i] = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+            "model": "tiny", "messages": USER, "max_tokens": 2, "guided_json": _unique_schema("held")})
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(heavy)]
+    try:
+        for t in threads:
+            t.start()
+        for _ in range(requests_io.MAX_GRAMMAR_CHECKS):
+            entered.acquire()
+        plain = httpx.post(server.url + "/v1/chat/completions", timeout=120,
+                           json={"model": "tiny", "messages": USER, "max_tokens": 2})
+        assert plain.status_code == 200, plain.text
+        while sum(a is not None for a in answers) < heavy - requests_io.MAX_GRAMMAR_CHECKS:
+            threads[[a is None for a in answers].index(True)].join(0.05)
+        busy = [a for a in answers if a is not None]
+        assert all(a.status_code == 503 and a.headers["Retry-After"] == "1" for a in busy)
+        assert {a.json()["error"]["code"] for a in busy} == {"grammar_checks_busy"}
+        assert busy[0].json()["error"]["param"] == "guided_json"
+    finally:
+        gate.set()
+        for t in threads:
+            t.join()
+    assert sorted(a.status_code for a in answers) == [200] * requests_io.MAX_GRAMMAR_CHECKS + [503] * (
+        heavy - requests_io.MAX_GRAMMAR_CHECKS)
+
+
+def test_agp_run_lines_wait_for_their_turn_at_the_grammar_checks(monkeypatch):
+    """A line's check is bounded by the same MAX_GRAMMAR_CHECKS, but waits for its turn."""
+    entered, gate = threading.Semaphore(0), threading.Event()
+    real = requests_io.check_spec
+
+    def held(spec, **kw):
+        entered.release()
+        gate.wait()
+        return real(spec, **kw)
+
+    monkeypatch.setattr(requests_io, "check_spec", held)
+    n = requests_io.MAX_GRAMMAR_CHECKS + 1
+    parsed: list = [None] * n
+
+    def line(i):
+        parsed[i] = parse_request({"prompt": "hi", "guided_json": _unique_schema("line")}, default_id=i)
+
+    threads = [threading.Thread(target=line, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for _ in range(requests_io.MAX_GRAMMAR_CHECKS):
+        entered.acquire()
+    assert not entered.acquire(blocking=False)            # the last one waits, not refused
+    gate.set()
+    for t in threads:
+        t.join()
+    assert all(p.response_format["type"] == "json_schema" for p in parsed)
+
+
+def _tools(k: int) -> list:
+    return [{"type": "function", "function": {"name": f"f{i}"}} for i in range(k)]
+
+
+def test_a_request_carries_at_most_128_tools_on_chat_responses_and_run_lines(server, client):
+    most = requests_io.MAX_TOOLS
+    assert most == 128                                    # OpenAI's limit
+    assert len(parse_request({"messages": USER, "tools": _tools(most)}).tools) == most
+    with pytest.raises(RequestError) as e:
+        parse_request({"messages": USER, "tools": _tools(most + 1)})
+    assert e.value.param == "tools" and "at most 128" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=USER, max_tokens=2, tools=_tools(most + 1))
+    assert e.value.body["param"] == "tools" and "129 tools" in e.value.body["message"]
+    r = httpx.post(server.url + "/v1/responses", timeout=120, json={
+        "model": "tiny", "input": "hey", "max_output_tokens": 2,
+        "tools": [{"type": "function", "name": f"f{i}"} for i in range(most + 1)]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
+    spec = httpx.get(server.url + "/openapi.json", timeout=30).json()
+    found = []
+    todo = [spec]
+    while todo:                                           # every request schema's "tools" says so
+        node = todo.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("properties"), dict) and isinstance(node["properties"].get("tools"), dict):
+                found.append(node["properties"]["tools"].get("maxItems"))
+            todo += list(node.values())
+        elif isinstance(node, list):
+            todo += node
+    assert found and set(found) == {most}

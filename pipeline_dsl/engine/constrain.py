@@ -9,6 +9,7 @@ Schema keywords it cannot enforce instead of silently ignoring them.
 
     compiler = ConstraintCompiler(tokenizer, vocab_size)      # once per model (~0.3 s)
     grammar = compiler.compile({"type": "json_schema", "schema": {...}})   # cached, thread-safe
+    compiler.cache_info()      # {"entries", "bytes", ...}: at most cache_size grammars, cache_bytes of them
     matcher = grammar.matcher()                               # one per request
     # each step, before sampling (rows without a matcher are not touched):
     apply_masks(logits, [matcher_or_None for each row])
@@ -22,6 +23,7 @@ that `agp check` can compile a schema).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections import OrderedDict
@@ -36,11 +38,22 @@ if TYPE_CHECKING:  # torch is imported where masks are made
     import torch
 
 
+# what a compiled grammar holds, estimated from its grammar text: llguidance's matcher of a schema of
+# required string properties measured 77-86 bytes of memory a character of grammar text (100 to 2,000
+# properties; a schema's long "description", kept in the text, costs nearly nothing: an overcount)
+BYTES_PER_GRAMMAR_CHAR = 100
+CACHE_BYTES = 512 << 20    # the grammars a compiler keeps, by Grammar.size (~5 MB of grammar text)
+
+
 class ConstraintCompiler(GrammarBuilder):
-    """Compiles specs into Grammars for one tokenizer; keeps the last `cache_size` (LRU)."""
+    """Compiles specs into Grammars for one tokenizer; keeps the most recently used (LRU), at most
+    `cache_size` of them and `cache_bytes` of their sizes (Grammar.size), keyed by the digest of
+    the spec's canonical JSON: what the cache holds is bounded whatever specs clients send (4 MB
+    schemas too), and a spec sent again is compiled once. A grammar larger than `cache_bytes`
+    alone is not kept."""
 
     def __init__(self, tokenizer, vocab_size: int | None = None, *, eos_token_ids=None,
-                 cache_size: int = 256, close_objects: bool = True,
+                 cache_size: int = 256, cache_bytes: int = CACHE_BYTES, close_objects: bool = True,
                  whitespace: str | None = JSON_WHITESPACE):
         need_llguidance()
         super().__init__(close_objects, whitespace)
@@ -57,9 +70,16 @@ class ConstraintCompiler(GrammarBuilder):
                                           eos_token=list(eos))
         self._tk = tk
         self.words = (self.tokenizer.vocab_size + 31) // 32  # int32 words of one row's bitmask
-        self.cache_size = cache_size
-        self._cache: OrderedDict[str, Grammar] = OrderedDict()
+        self.cache_size, self.cache_bytes = cache_size, cache_bytes
+        self._cache: OrderedDict[bytes, Grammar] = OrderedDict()
+        self._cached_bytes = 0
         self._lock = threading.Lock()
+
+    def cache_info(self) -> dict:
+        """{"entries": grammars kept, "bytes": their sizes in all, "max_entries", "max_bytes"}."""
+        with self._lock:
+            return {"entries": len(self._cache), "bytes": self._cached_bytes, "max_entries": self.cache_size,
+                    "max_bytes": self.cache_bytes}
 
     def _special_token(self, text: str) -> int | None:
         """A structural tag's trigger that is one special token of this tokenizer: its id."""
@@ -68,7 +88,8 @@ class ConstraintCompiler(GrammarBuilder):
 
     def compile(self, spec: dict) -> "Grammar":
         try:
-            key = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+            key = hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":"))
+                                 .encode("utf-8", "surrogatepass")).digest()
         except (TypeError, ValueError) as e:
             raise GrammarError(f"the constraint is not JSON: {e}") from None
         with self._lock:
@@ -83,9 +104,11 @@ class ConstraintCompiler(GrammarBuilder):
             except GrammarError as e:
                 raise GrammarError(short(f"{where}{e}")) from None
         with self._lock:
-            self._cache[key] = g
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+            if key not in self._cache and g.size <= self.cache_bytes:
+                self._cache[key] = g
+                self._cached_bytes += g.size
+                while len(self._cache) > self.cache_size or self._cached_bytes > self.cache_bytes:
+                    self._cached_bytes -= self._cache.popitem(last=False)[1].size
         return g
 
 
@@ -94,6 +117,8 @@ class Grammar:
 
     def __init__(self, compiler: ConstraintCompiler, text: str):
         self.compiler = compiler
+        # what the compiler's cache counts it as: the memory it is estimated to hold
+        self.size = len(text) * BYTES_PER_GRAMMAR_CHAR
         is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(text, compiler.tokenizer,
                                                                            limits=parser_limits())
         if is_error:

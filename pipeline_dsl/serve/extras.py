@@ -14,13 +14,15 @@ Structured output: `response_format` (OpenAI), `structured_outputs` (vLLM ≥ 0.
 `guided_choice`, `guided_grammar` all become one spec of the constraint compiler
 (engine/constrain.py), checked here so a spec it cannot enforce is a 400 naming the field the
 client wrote (requests_io.parse_constraint, which `agp run`'s lines share). A request gives at most
-one of them.
+one of them. A spec not checked before is checked as one of at most MAX_GRAMMAR_CHECKS at once (a
+large schema takes seconds): while that many run, a request needing another is a 503 with
+Retry-After (code grammar_checks_busy), and every other request is parsed on the threads left.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline_dsl.requests_io import IGNORED, RequestError, cache_salt, parse_constraint
+from pipeline_dsl.requests_io import IGNORED, ChecksBusy, RequestError, cache_salt, parse_constraint
 from pipeline_dsl.requests_io import bad as request_bad
 
 from .api_error import APIError
@@ -31,7 +33,12 @@ TEMPLATE_OWN = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_
 
 
 def refused(e: RequestError) -> APIError:
-    """A request's RequestError (requests_io) as the 400 answering it: its message, param and code."""
+    """A request's RequestError (requests_io) as the 400 answering it: its message, param and code;
+    ChecksBusy (its spec's grammar check would wait behind MAX_GRAMMAR_CHECKS others) as a 503
+    with Retry-After, which the server's --retry-after-s sets (Generations.refused)."""
+    if isinstance(e, ChecksBusy):
+        return APIError(str(e), status=503, type="server_error", param=e.param, code=e.code,
+                        headers={"Retry-After": "1"})
     return APIError(str(e), param=e.param, code=e.code)
 
 
@@ -93,5 +100,5 @@ def parse_extras(obj: dict, *, chat: bool) -> Extras:
                            param="chat_template_kwargs")
         out.template_kwargs = dict(kwargs)
     with request_errors:
-        out.constraint = parse_constraint(obj)
+        out.constraint = parse_constraint(obj, wait=False)   # a request thread never waits for a check's turn
     return out

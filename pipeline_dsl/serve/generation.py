@@ -74,6 +74,8 @@ class Generations:
         return req
 
     def refused(self, err: P.APIError) -> Response:
+        if "Retry-After" in err.headers:
+            err.headers["Retry-After"] = str(self.config.retry_after_s)
         self.metrics.requests.labels(str(err.status)).inc()
         return error_response(err)
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pipeline_dsl.constraints import MAX_STRUCTURES
 from pipeline_dsl.engine.config import MAX_LOGPROBS
-from pipeline_dsl.requests_io import MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS, MAX_STOP_LEN, NOT_NULL, ROLES
+from pipeline_dsl.requests_io import (MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS, MAX_STOP_LEN, MAX_TOOLS, NOT_NULL,
+                                      ROLES)
 from stages.fields import PRIORITY, REQUEST_FIELDS, TOKEN_ID_FIELDS, param_of
 
 from .embeddings import EMBED_DTYPES, ENDIANNESS, MAX_INPUTS
@@ -193,7 +194,7 @@ CHAT_REQUEST = _request("messages", {
     "parallel_tool_calls": {"type": ["boolean", "null"]},
     "logprobs": {"type": ["boolean", "null"]},
     "top_logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS, "description": "with logprobs"},
-    "tools": {"type": "array", "items": TOOL},
+    "tools": {"type": "array", "maxItems": MAX_TOOLS, "items": TOOL},
     "tool_choice": TOOL_CHOICE,
     "store": {"type": ["boolean", "null"], "description": "taken and ignored"},
     "service_tier": {"type": ["string", "null"], "description": "taken and ignored"},
@@ -274,7 +275,7 @@ RESPONSES_REQUEST = _request("input", {
     "max_output_tokens": {"type": "integer", "minimum": 1},
     "temperature": SAMPLING["temperature"], "top_p": SAMPLING["top_p"], "stream": {"type": "boolean"},
     "store": {"type": "boolean"}, "previous_response_id": {"type": "string"},
-    "tools": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+    "tools": {"type": "array", "maxItems": MAX_TOOLS, "items": {"type": "object", "required": ["name"], "properties": {
         "type": {"const": "function"}, "name": {"type": "string"}, "description": {"type": "string"},
         "parameters": {"type": "object"}}}},
     "tool_choice": {"oneOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}]},
@@ -385,7 +386,7 @@ TOKENIZE_REQUEST = _request(None, {      # a prompt or messages (the other left 
     "messages": {"type": "array", "minItems": 1, "items": MESSAGE},
     "add_special_tokens": {"type": "boolean"}, "add_generation_prompt": {"type": "boolean"},
     "continue_final_message": {"type": "boolean"}, "return_token_strs": {"type": "boolean"},
-    "tools": {"type": "array", "items": {"type": "object"}},
+    "tools": {"type": "array", "maxItems": MAX_TOOLS, "items": {"type": "object"}},
     "chat_template_kwargs": {"type": "object", "description": "extra variables of the chat template"}})
 
 TOKENIZE = {"requestBody": {"required": True, "content": {"application/json": {"schema": TOKENIZE_REQUEST}}},
