@@ -245,15 +245,19 @@ def test_spans_added_from_several_threads_while_the_trace_is_read_are_all_kept()
 
     trace = Trace()
     done = threading.Event()
+    failures = []                              # a reader's error fails the test (a thread's is only a warning)
 
     def add(k):
         for i in range(2000):
             trace.add(f"s{k}", "gen.forward", i, i + 0.5, i)
 
     def read():
-        while not done.is_set():
-            trace.work()
-            trace.to_chrome()
+        try:
+            while not done.is_set():
+                trace.work()
+                trace.to_chrome()
+        except Exception as e:                 # noqa: BLE001 - the assert below reports it
+            failures.append(e)
 
     reader = threading.Thread(target=read)
     reader.start()
@@ -264,8 +268,41 @@ def test_spans_added_from_several_threads_while_the_trace_is_read_are_all_kept()
         t.join()
     done.set()
     reader.join()
+    assert failures == []
     assert len(trace.work()) == 8000 and sorted(trace.streams()) == ["s0", "s1", "s2", "s3"]
     assert trace.busy_s() == {f"s{k}": pytest.approx(1000.0) for k in range(4)}
+
+
+def test_a_span_added_at_any_point_of_a_read_of_the_trace_neither_breaks_it_nor_is_lost():
+    # the interleaving the threads above may or may not hit, forced: a span is added (as another
+    # thread could) between any two lines the trace's readers run; each reads a snapshot
+    import sys
+
+    from pipeline_dsl.engine import trace as trace_module
+
+    trace = Trace()
+    for i in range(50):
+        trace.add("s0", "gen.forward", i, i + 0.5, i)
+    added = []
+
+    def between_lines(frame, event, arg):
+        if event == "line" and len(added) < 500:
+            added.append(len(added))
+            trace.add("s1", "gen.forward", len(added), len(added) + 0.5, len(added))
+        return between_lines
+
+    before = sys.gettrace()
+    sys.settrace(lambda frame, event, arg: between_lines if frame.f_code.co_filename == trace_module.__file__
+                 else None)
+    try:
+        trace.work()
+        trace.streams()
+        trace.busy_s()
+        trace.to_chrome()
+    finally:
+        sys.settrace(before)
+    assert added                               # spans did arrive while the readers ran
+    assert len(trace.work()) == 50 + len(added) and trace.streams() == ["s0", "s1"]
 
 
 def placed_plan(**placement):

@@ -207,3 +207,30 @@ def test_close_returns_once_every_ended_requests_result_is_handed_over(tmp_path,
         flowkit.open_gates()
         rt.close(drain=True, timeout=30)
         rt.shutdown()
+
+
+def test_close_says_every_request_finished_while_a_result_is_still_being_handed_over(tmp_path, tiny_gguf):
+    """close(drain=True, timeout) returns whether every request finished: a request that ended and
+    whose listener is still taking its result (a slow on_done) is finished, not cut — close says
+    True and cuts none, whatever the timeout left for the hand-over."""
+    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 4 }\nstage out : respond {}\n"
+            "request -> batch\ngen -> out\n" + chain())
+    path = write(tmp_path, tiny_gguf, body)
+    assert errors(path) == []
+    rt = PipelineRuntime(load_graph(path), overrides={"threads": 1})
+    rt.start()
+    said = []
+    try:
+        told = HeldDone()
+        rt.submit(chat("a", "hello", max_tokens=4), told)
+        assert flowkit.gate("handing over").wait(60)      # ended: its result is being handed over
+        closing = threading.Thread(target=lambda: said.append(rt.close(drain=True, timeout=0.1)))
+        closing.start()
+        closing.join(1.0)                                 # its drain timeout passes meanwhile
+        flowkit.gate("hand over").set()
+        closing.join(60)
+        assert said == [True] and rt.cut == 0 and told.heard[-1] == "done:ok"
+    finally:
+        flowkit.open_gates()
+        rt.close(drain=True, timeout=30)
+        rt.shutdown()

@@ -178,7 +178,10 @@ class Driving:
         """Stop admitting; let what runs finish (drain) or abort it; end the loops. Returns
         whether every request finished (False: some were cut, each failed with `reason`)."""
         self.stop_admitting()
-        finished = self.wait_idle(timeout) if drain else not len(self.ledger)
+        if drain:
+            self.wait_idle(timeout)
+        with self._lock:       # finished: none in flight (a result still being handed over is finished)
+            finished = not len(self.ledger)
         if not finished:
             with self._lock:
                 reqs = self.ledger.live()
