@@ -35,7 +35,9 @@ class RequestError(ValueError):
 
 class ChecksBusy(RequestError):
     """A request whose structured-output spec would need a grammar check while MAX_GRAMMAR_CHECKS
-    others run (agp serve: a 503 with Retry-After; the same request is fine a moment later)."""
+    others run (agp serve: parsed again when its turn comes; a 503 with Retry-After when too many
+    wait already)."""
+    CODE = "grammar_checks_busy"
 
 
 @dataclass
@@ -883,7 +885,7 @@ def spec_problem(spec: dict, *, wait: bool = True, where: str = "response_format
             return _checked[key]
     if not _checks.acquire(blocking=wait):
         raise ChecksBusy(f"'{where}' needs a grammar check and {MAX_GRAMMAR_CHECKS} are running: try again shortly",
-                         param=where, code="grammar_checks_busy")
+                         param=where, code=ChecksBusy.CODE)
     try:
         try:
             check_spec(spec)

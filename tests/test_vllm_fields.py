@@ -520,8 +520,12 @@ def test_the_check_cache_holds_a_digest_a_spec_whatever_its_size_and_a_repeated_
 
 def test_a_plain_request_is_answered_while_grammar_checks_hold_their_threads(server, monkeypatch):
     """More requests needing a grammar check than the server has request threads arrive, and each
-    check is held (a gate in check_spec): MAX_GRAMMAR_CHECKS of them run, the others are a 503
-    with Retry-After at once, and a request without structured output is answered meanwhile."""
+    check is held (a gate in check_spec): MAX_GRAMMAR_CHECKS of them run, GRAMMAR_WAITING wait for
+    their turn without holding a request thread, the rest are a 503 with Retry-After at once; a
+    request without structured output is answered meanwhile, and those that waited are answered
+    once the checks go on."""
+    from pipeline_dsl.serve import extras
+
     entered, gate = threading.Semaphore(0), threading.Event()
     real = requests_io.check_spec
 
@@ -531,6 +535,8 @@ def test_a_plain_request_is_answered_while_grammar_checks_hold_their_threads(ser
         return real(spec, **kw)
 
     monkeypatch.setattr(requests_io, "check_spec", held)
+    monkeypatch.setattr(extras, "GRAMMAR_WAITING", 3)
+    running, waiting = requests_io.MAX_GRAMMAR_CHECKS, extras.GRAMMAR_WAITING
     heavy = min(32, (os.cpu_count() or 1) + 4) + 2       # more than asyncio's default executor has threads
     answers: list = [None] * heavy
 
@@ -542,13 +548,13 @@ def test_a_plain_request_is_answered_while_grammar_checks_hold_their_threads(ser
     try:
         for t in threads:
             t.start()
-        for _ in range(requests_io.MAX_GRAMMAR_CHECKS):
+        for _ in range(running):
             entered.acquire()
+        while sum(a is not None for a in answers) < heavy - running - waiting:
+            threads[[a is None for a in answers].index(True)].join(0.05)
         plain = httpx.post(server.url + "/v1/chat/completions", timeout=120,
                            json={"model": "tiny", "messages": USER, "max_tokens": 2})
         assert plain.status_code == 200, plain.text
-        while sum(a is not None for a in answers) < heavy - requests_io.MAX_GRAMMAR_CHECKS:
-            threads[[a is None for a in answers].index(True)].join(0.05)
         busy = [a for a in answers if a is not None]
         assert all(a.status_code == 503 and a.headers["Retry-After"] == "1" for a in busy)
         assert {a.json()["error"]["code"] for a in busy} == {"grammar_checks_busy"}
@@ -557,8 +563,8 @@ def test_a_plain_request_is_answered_while_grammar_checks_hold_their_threads(ser
         gate.set()
         for t in threads:
             t.join()
-    assert sorted(a.status_code for a in answers) == [200] * requests_io.MAX_GRAMMAR_CHECKS + [503] * (
-        heavy - requests_io.MAX_GRAMMAR_CHECKS)
+    assert sorted(a.status_code for a in answers) == [200] * (running + waiting) + [503] * (
+        heavy - running - waiting)
 
 
 def test_agp_run_lines_wait_for_their_turn_at_the_grammar_checks(monkeypatch):

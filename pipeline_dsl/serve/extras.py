@@ -15,14 +15,22 @@ Structured output: `response_format` (OpenAI), `structured_outputs` (vLLM ≥ 0.
 (engine/constrain.py), checked here so a spec it cannot enforce is a 400 naming the field the
 client wrote (requests_io.parse_constraint, which `agp run`'s lines share). A request gives at most
 one of them. A spec not checked before is checked as one of at most MAX_GRAMMAR_CHECKS at once (a
-large schema takes seconds): while that many run, a request needing another is a 503 with
-Retry-After (code grammar_checks_busy), and every other request is parsed on the threads left.
+large schema takes seconds): `parsed_off_loop` parses a request on a request thread, where a
+check whose turn has not come is not waited for; such a request is parsed again on the grammar
+threads (MAX_GRAMMAR_CHECKS of them), in its turn, while every other request is parsed on the
+request threads. Past GRAMMAR_WAITING requests waiting their turn, one more is a 503 with
+Retry-After (code grammar_checks_busy).
 """
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from pipeline_dsl.requests_io import IGNORED, ChecksBusy, RequestError, cache_salt, parse_constraint
+from pipeline_dsl.requests_io import (IGNORED, MAX_GRAMMAR_CHECKS, ChecksBusy, RequestError, cache_salt,
+                                      parse_constraint)
 from pipeline_dsl.requests_io import bad as request_bad
 
 from .api_error import APIError
@@ -34,8 +42,9 @@ TEMPLATE_OWN = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_
 
 def refused(e: RequestError) -> APIError:
     """A request's RequestError (requests_io) as the 400 answering it: its message, param and code;
-    ChecksBusy (its spec's grammar check would wait behind MAX_GRAMMAR_CHECKS others) as a 503
-    with Retry-After, which the server's --retry-after-s sets (Generations.refused)."""
+    ChecksBusy (its spec's grammar check would wait behind MAX_GRAMMAR_CHECKS others: parsed_off_loop
+    waits its turn, unless GRAMMAR_WAITING others wait) as a 503 with Retry-After, which the
+    server's --retry-after-s sets (Generations.refused)."""
     if isinstance(e, ChecksBusy):
         return APIError(str(e), status=503, type="server_error", param=e.param, code=e.code,
                         headers={"Retry-After": "1"})
@@ -99,6 +108,43 @@ def parse_extras(obj: dict, *, chat: bool) -> Extras:
             raise APIError(f"'chat_template_kwargs.{own[0]}' is set by agp itself; send it as its own field",
                            param="chat_template_kwargs")
         out.template_kwargs = dict(kwargs)
-    with request_errors:
-        out.constraint = parse_constraint(obj, wait=False)   # a request thread never waits for a check's turn
+    with request_errors:             # a request thread never waits for a check's turn; a grammar thread does
+        out.constraint = parse_constraint(obj, wait=getattr(_grammar_thread, "waits", False))
     return out
+
+
+GRAMMAR_WAITING = 256                # requests waiting for a grammar check's turn; one more is a 503
+_grammar_thread = threading.local()
+_grammar_pool: ThreadPoolExecutor | None = None
+_waiting = 0
+_waiting_lock = threading.Lock()
+
+
+def _waits() -> None:
+    _grammar_thread.waits = True
+
+
+async def parsed_off_loop(parse):
+    """parse() (a request's parsing: a large schema's check takes seconds of CPU) off the event
+    loop, on a request thread; if it needed a grammar check while MAX_GRAMMAR_CHECKS others run,
+    again on the grammar threads, where it waits for its turn without holding a request thread
+    (a plain request is never parsed behind it). Past GRAMMAR_WAITING waiting, its 503."""
+    global _grammar_pool, _waiting
+    try:
+        return await asyncio.to_thread(parse)
+    except APIError as err:
+        if err.code != ChecksBusy.CODE:
+            raise
+        busy = err
+    with _waiting_lock:
+        if _waiting >= GRAMMAR_WAITING:
+            raise busy
+        _waiting += 1
+        if _grammar_pool is None:
+            _grammar_pool = ThreadPoolExecutor(MAX_GRAMMAR_CHECKS, thread_name_prefix="agp-grammar",
+                                               initializer=_waits)
+    try:
+        return await asyncio.get_running_loop().run_in_executor(_grammar_pool, contextvars.copy_context().run, parse)
+    finally:
+        with _waiting_lock:
+            _waiting -= 1

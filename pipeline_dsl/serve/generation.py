@@ -7,6 +7,7 @@ error, for streams too; a client that goes away aborts its request (its KV block
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import replace
 
 from fastapi import Request
@@ -21,6 +22,7 @@ from .async_pipeline import AsyncPipeline, RequestStream, StreamGroup
 from .body import read_json
 from .config import ServeConfig
 from .errors import api_error, error_response
+from .extras import parsed_off_loop
 from .metrics import ServerMetrics
 from .sse import ChunkWriter, EventStream
 
@@ -81,7 +83,8 @@ class Generations:
 
     async def handle(self, request: Request, parse) -> Response:
         try:       # off the event loop: checking a large response_format schema takes seconds of CPU
-            req = await asyncio.to_thread(self.parse, await read_json(request, self.config), parse)
+            body = await read_json(request, self.config)
+            req = await parsed_off_loop(functools.partial(self.parse, body, parse))
         except P.APIError as err:
             return self.refused(err)
         rid = f"{'chatcmpl' if req.kind == 'chat' else 'cmpl'}-{request_info(request.scope).adopt(req.request_id)}"

@@ -13,7 +13,6 @@ Streamed, it is the Responses events (serve/responses_events.py). Answers are ke
 """
 from __future__ import annotations
 
-import asyncio
 import functools
 import threading
 import time
@@ -26,7 +25,7 @@ from fastapi.responses import Response
 from . import protocol as P
 from .access import request_info
 from .body import read_json
-from .extras import bad
+from .extras import bad, parsed_off_loop
 from .generation import Generations
 from .responses_events import ResponseEvents
 from .responses_output import call_item, message_item, output_messages, response_object, usage
@@ -277,7 +276,7 @@ class Responses:
     async def create(self, request: Request) -> Response:
         g = self.g
         try:       # off the event loop, as chat's: checking a large text.format schema takes seconds
-            call = await asyncio.to_thread(functools.partial(
+            call = await parsed_off_loop(functools.partial(
                 parse_responses, await read_json(request, g.config), max_model_len=g.config.max_model_len,
                 served=g.config.model_names, stages=g.stage_names, lenient=g.config.lenient, store=self.store))
         except APIError as err:
