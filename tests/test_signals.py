@@ -7,6 +7,7 @@ is in test_hostile's Ctrl-C test. Each test runs agp on the tiny model as a chil
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -145,13 +146,14 @@ def test_a_second_signal_cuts_what_is_in_flight_with_an_answer_each_and_exit_1(t
 def test_a_body_still_arriving_at_sigterm_gets_a_json_503_at_once(tmp_path, tiny_gguf):
     # the handler waited on the body until uvicorn cancelled it 5 s into the shutdown: a text/plain
     # 500 and a traceback in the log
-    proc, url = start_agp_serve(str(_pipeline_file(tmp_path, tiny_gguf)), "--max-connections", "1")
+    proc, url = start_agp_serve(str(_pipeline_file(tmp_path, tiny_gguf)))
     port = int(url.rsplit(":", 1)[1])
     with reaped(proc), socket.create_connection(("127.0.0.1", port)) as c:
         c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 100\r\n\r\n{\"prompt\": ")          # the rest never comes
-        deadline = time.monotonic() + 60               # the request is in its handler: it takes the one slot
-        while "--max-connections" not in httpx.get(url + "/health", timeout=30).text:
+        deadline = time.monotonic() + 60               # the request is in its handler, its body arriving
+        while not re.search(r"^agp_http_bodies_arriving(\{[^}]*\})? 1\.0$", httpx.get(url + "/metrics", timeout=30).text,
+                            re.M):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
