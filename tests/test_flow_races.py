@@ -181,16 +181,22 @@ class HeldDone(Told):
         super().on_done(result)
 
 
-def test_close_returns_once_every_ended_requests_result_is_handed_over(tmp_path, tiny_gguf):
-    """A request ends and its result is on its way to the listener (on the host pool) when the
-    server closes: close() waits for it, so shutdown() — which drops the pool's queued work — never
-    loses an answer whose request is no longer in flight (close used to return at once)."""
+def _ending_with_a_held_hand_over(tmp_path, tiny_gguf) -> PipelineRuntime:
+    """A started runtime of a short answer (4 tokens), for a HeldDone listener."""
     body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 4 }\nstage out : respond {}\n"
             "request -> batch\ngen -> out\n" + chain())
     path = write(tmp_path, tiny_gguf, body)
     assert errors(path) == []
     rt = PipelineRuntime(load_graph(path), overrides={"threads": 1})
     rt.start()
+    return rt
+
+
+def test_close_returns_once_every_ended_requests_result_is_handed_over(tmp_path, tiny_gguf):
+    """A request ends and its result is on its way to the listener (on the host pool) when the
+    server closes: close() waits for it, so shutdown() — which drops the pool's queued work — never
+    loses an answer whose request is no longer in flight (close used to return at once)."""
+    rt = _ending_with_a_held_hand_over(tmp_path, tiny_gguf)
     closed = threading.Event()
     try:
         told = HeldDone()
@@ -213,12 +219,7 @@ def test_close_says_every_request_finished_while_a_result_is_still_being_handed_
     """close(drain=True, timeout) returns whether every request finished: a request that ended and
     whose listener is still taking its result (a slow on_done) is finished, not cut — close says
     True and cuts none, whatever the timeout left for the hand-over."""
-    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 4 }\nstage out : respond {}\n"
-            "request -> batch\ngen -> out\n" + chain())
-    path = write(tmp_path, tiny_gguf, body)
-    assert errors(path) == []
-    rt = PipelineRuntime(load_graph(path), overrides={"threads": 1})
-    rt.start()
+    rt = _ending_with_a_held_hand_over(tmp_path, tiny_gguf)
     said = []
     try:
         told = HeldDone()

@@ -518,14 +518,8 @@ def test_the_check_cache_holds_a_digest_a_spec_whatever_its_size_and_a_repeated_
     assert len(checked) == 4
 
 
-def test_a_plain_request_is_answered_while_grammar_checks_hold_their_threads(server, monkeypatch):
-    """More requests needing a grammar check than the server has request threads arrive, and each
-    check is held (a gate in check_spec): MAX_GRAMMAR_CHECKS of them run, GRAMMAR_WAITING wait for
-    their turn without holding a request thread, the rest are a 503 with Retry-After at once; a
-    request without structured output is answered meanwhile, and those that waited are answered
-    once the checks go on."""
-    from pipeline_dsl.serve import extras
-
+def _held_checks(monkeypatch) -> tuple[threading.Semaphore, threading.Event]:
+    """Each grammar check (requests_io.check_spec) says it began (`entered`) and waits for `gate`."""
     entered, gate = threading.Semaphore(0), threading.Event()
     real = requests_io.check_spec
 
@@ -535,6 +529,18 @@ def test_a_plain_request_is_answered_while_grammar_checks_hold_their_threads(ser
         return real(spec, **kw)
 
     monkeypatch.setattr(requests_io, "check_spec", held)
+    return entered, gate
+
+
+def test_a_plain_request_is_answered_while_grammar_checks_hold_their_threads(server, monkeypatch):
+    """More requests needing a grammar check than the server has request threads arrive, and each
+    check is held (a gate in check_spec): MAX_GRAMMAR_CHECKS of them run, GRAMMAR_WAITING wait for
+    their turn without holding a request thread, the rest are a 503 with Retry-After at once; a
+    request without structured output is answered meanwhile, and those that waited are answered
+    once the checks go on."""
+    from pipeline_dsl.serve import extras
+
+    entered, gate = _held_checks(monkeypatch)
     monkeypatch.setattr(extras, "GRAMMAR_WAITING", 3)
     running, waiting = requests_io.MAX_GRAMMAR_CHECKS, extras.GRAMMAR_WAITING
     heavy = min(32, (os.cpu_count() or 1) + 4) + 2       # more than asyncio's default executor has threads
@@ -569,15 +575,7 @@ def test_a_plain_request_is_answered_while_grammar_checks_hold_their_threads(ser
 
 def test_agp_run_lines_wait_for_their_turn_at_the_grammar_checks(monkeypatch):
     """A line's check is bounded by the same MAX_GRAMMAR_CHECKS, but waits for its turn."""
-    entered, gate = threading.Semaphore(0), threading.Event()
-    real = requests_io.check_spec
-
-    def held(spec, **kw):
-        entered.release()
-        gate.wait()
-        return real(spec, **kw)
-
-    monkeypatch.setattr(requests_io, "check_spec", held)
+    entered, gate = _held_checks(monkeypatch)
     n = requests_io.MAX_GRAMMAR_CHECKS + 1
     parsed: list = [None] * n
 
