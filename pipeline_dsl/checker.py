@@ -744,12 +744,16 @@ def _json_schema_file(path: str, base: str | None, pos: SourcePos,
 
     from .loader import inside, nearby, read_bytes
 
-    found = None
+    found = not_a_file = None
     for folder in ([base] if base else []) + [os.getcwd()]:
         candidate = os.path.join(folder, os.path.expanduser(path))
         if os.path.isfile(candidate):
             found = os.path.abspath(candidate)
             break
+        if not_a_file is None and os.path.exists(candidate) and inside(os.path.abspath(candidate), allowed):
+            not_a_file = "a directory" if os.path.isdir(candidate) else "not a regular file"   # stat, never opened
+    if found is None and not_a_file:
+        return path, _err(f"json_schema '{path}' is {not_a_file}", pos, expected=SCHEMA_EXPECTED)
     if found is None:
         beside = os.path.join(base or os.getcwd(), os.path.expanduser(path))   # names of allowed folders only
         return path, _err(f"json_schema file not found: '{path}'", pos, expected=SCHEMA_EXPECTED,

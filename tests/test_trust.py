@@ -192,7 +192,7 @@ def test_json_schema_through_a_link_a_sibling_folder_or_an_absolute_path_is_refu
     os.mkfifo(app / "fifo.json")
     out = "is outside the pipeline's folder"
     cases = {"link.json": out, "sub/s.json": out, "../app2/s.json": out, "./../outside/s.json": out,
-             str(outside / "s.json"): out, "dir.json": "'dir.json'", "fifo.json": "'fifo.json'"}
+             str(outside / "s.json"): out, "dir.json": "'dir.json' is a directory", "fifo.json": "'fifo.json' is not a regular file"}
     for path, words in cases.items():
         (app / "p.agp").write_text(pipeline(gen=f'json_schema = "{path}"'))
         program, diags = pipeline_dsl.load(app / "p.agp")
