@@ -62,6 +62,7 @@ itself (`at #/properties/tags: Unimplemented keys: ["uniqueItems"]`; a tool's: `
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import re
 try:
@@ -568,6 +569,13 @@ def _cfg_grammar(spec) -> str:
     except Exception as e:  # noqa: BLE001 - the converter raises bare errors for text it cannot read
         raise GrammarError(short(f"the grammar does not parse as Lark or GBNF: {e}")) from None
     return llg.LLMatcher.grammar_from_lark(lark)
+
+
+def spec_digest(spec) -> bytes:
+    """The SHA-256 of a spec's canonical JSON text (keys sorted): equal specs, equal digests; what
+    the caches of checked and compiled specs are keyed by (TypeError/ValueError: not JSON)."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":"))
+                          .encode("utf-8", "surrogatepass")).digest()
 
 
 def check_spec(spec, *, close_objects: bool = True, whitespace: str | None = JSON_WHITESPACE) -> list[str]:

@@ -8,7 +8,6 @@ the engine.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import math
 import threading
@@ -16,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline_dsl.constraints import GrammarError, check_spec
+from pipeline_dsl.constraints import GrammarError, check_spec, spec_digest
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 1024            # stop strings a request may give (generate.stop's max_items)
@@ -863,12 +862,6 @@ _checked: OrderedDict[bytes, str | None] = OrderedDict()
 _checked_bytes = 0
 _checked_lock = threading.Lock()
 ENTRY_BYTES = 128               # what one entry costs beside its problem's text (digest, dict slot, links)
-
-
-def spec_digest(spec) -> bytes:
-    """The SHA-256 of a spec's canonical JSON text (keys sorted): equal specs, equal digests."""
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":"))
-                          .encode("utf-8", "surrogatepass")).digest()
 
 
 def spec_problem(spec: dict, *, wait: bool = True, where: str = "response_format") -> str | None:

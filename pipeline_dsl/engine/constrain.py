@@ -23,8 +23,6 @@ that `agp check` can compile a schema).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING
@@ -32,7 +30,7 @@ from typing import TYPE_CHECKING
 # the torch-free half (specs -> grammar text); the names users of this module read are kept here
 from pipeline_dsl.constraints import (JSON_WHITESPACE, PRETTY_WHITESPACE, GrammarBuilder, GrammarError,  # noqa: F401
                                       check_spec, first_line, llg, need_llguidance, parser_limits, regex_size,
-                                      short)
+                                      short, spec_digest)
 
 if TYPE_CHECKING:  # torch is imported where masks are made
     import torch
@@ -88,8 +86,7 @@ class ConstraintCompiler(GrammarBuilder):
 
     def compile(self, spec: dict) -> "Grammar":
         try:
-            key = hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":"))
-                                 .encode("utf-8", "surrogatepass")).digest()
+            key = spec_digest(spec)
         except (TypeError, ValueError) as e:
             raise GrammarError(f"the constraint is not JSON: {e}") from None
         with self._lock:
