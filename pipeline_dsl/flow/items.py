@@ -216,11 +216,17 @@ class Delta(RequestOutput):
     def without_text(self) -> "Delta":
         """The same delta with `text` (the whole text so far) "": what a listener that queues its
         deltas keeps, each one's delta_text alone. A dict copy, as cheap as the delta was to make."""
-        delta = object.__new__(type(self))
-        fields_of = self.__dict__.copy()
-        fields_of["text"] = ""
-        object.__setattr__(delta, "__dict__", fields_of)
-        return delta
+        return _copied(self, type(self), "text", "")
+
+
+def _copied(source, cls, name: str, value):
+    """A `cls` (a frozen dataclass) with `source`'s fields and `name` set to `value`: one dict copy,
+    not a getattr per field through the frozen dataclass's __init__ (a Delta per streamed token)."""
+    made = object.__new__(cls)
+    fields_of = source.__dict__.copy()
+    fields_of[name] = value
+    object.__setattr__(made, "__dict__", fields_of)
+    return made
 
 
 _OUTPUT_FIELDS = tuple(f.name for f in fields(RequestOutput))   # what a Delta copies of the engine's output
@@ -238,10 +244,7 @@ def heard(req: RequestState, index: int, out, usage: dict) -> None:
             usage = {k: max(n, req.usage_told.get(k, 0)) for k, n in usage.items()}   # stages: threads of
         req.usage_told = usage                   # their own): the usage heard never goes down
         if type(out) is RequestOutput:           # the engine's (or a stream stage's): its fields, copied at once
-            delta = object.__new__(Delta)
-            fields_of = out.__dict__.copy()
-            fields_of["usage"] = usage
-            object.__setattr__(delta, "__dict__", fields_of)
+            delta = _copied(out, Delta, "usage", usage)
         else:
             delta = Delta(**{name: getattr(out, name) for name in _OUTPUT_FIELDS}, usage=usage)
         try:
