@@ -137,7 +137,8 @@ class Scheduler:
         # recent forwards' seconds: steps without prefill, and per prefill token beyond those
         self._fixed_s: deque[float] = deque(maxlen=8)
         self._per_token_s: deque[float] = deque(maxlen=8)
-        self._prefill_left: int | None = None    # this step's prefill tokens still allowed (None: no cut)
+        # this step's prefill tokens still allowed (None: no cut; _CAP_UNKNOWN: not worked out yet, _room_left)
+        self._prefill_left: int | None | object = None
 
     # ---- queue -------------------------------------------------------------------------
     @property
