@@ -160,14 +160,14 @@ def check_lacking(obj: dict, table: dict) -> None:
 
 
 def _check_identifiers(obj: dict) -> None:
-    for name, rule in _IDENTIFIER_RULES.items():
-        _field(obj, name, *rule)
+    with request_errors:
+        check_fields(obj, _IDENTIFIER_RULES)
 
 
 def check_cache_settings(obj: dict) -> None:
     """OpenAI's prompt-cache settings of a chat or responses request, checked (CACHE_SETTINGS)."""
-    for name, rule in CACHE_SETTINGS.items():
-        _field(obj, name, *rule)
+    with request_errors:
+        check_fields(obj, CACHE_SETTINGS)
 
 
 def _truncation(obj: dict, max_model_len: int) -> dict:
