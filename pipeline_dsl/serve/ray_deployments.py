@@ -37,7 +37,7 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 from . import protocol as P
 from .body import decoded
 from .config import PROBES, WATCHED, ServeConfig
-from .guard import shutting_down
+from .guard import header, shutting_down
 from .ray_metrics import PUSH_S, merge
 
 log = logging.getLogger("agp.serve")
@@ -265,9 +265,7 @@ class AgpIngress:
         if body is None:
             return await _answer(send, P.APIError(f"the request body did not arrive within "
                                                   f"{self.body_timeout_s:g} s", status=408, code="body_timeout"))
-        encoding = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == b"content-encoding"),
-                        None)
-        key = affinity_key(body, self.chars, encoding, self.limit)
+        key = affinity_key(body, self.chars, header(scope, b"content-encoding"), self.limit)
         request = {k: scope[k] for k in SCOPE_KEYS if k in scope}
         failure = None
         for attempt in range(1, ATTEMPTS + 1):
