@@ -25,6 +25,29 @@ SEGMENT = """
 """
 
 
+
+# hook functions the generated-pipeline tests (test_flow_property, test_program_property) both
+# write into their hooks.py: a stream stage's pass and its async twin, a join's two fn shapes
+STREAM_AND_JOIN_HOOKS = '''
+def upper_stream(item, chunks):
+    for text in chunks:
+        yield text.upper()
+
+
+async def astream(item, chunks):
+    async for text in chunks:
+        yield text
+
+
+def merge_new(items):
+    return {"text": "+".join(i["text"] for i in items)}
+
+
+def merge_index(items):
+    return len(items) - 1
+'''
+
+
 def chain(gen="gen", b="batch", e="encode", k="kv") -> str:
     """An engine segment's stages and edges, ending at generate stage `gen`."""
     return (SEGMENT.format(b=b, e=e, k=k) +

@@ -46,22 +46,8 @@ def boom(item):
 def judge(item):
     return "accept" if len(item.get("text", "")) % 2 == 0 else None
 
-def upper_stream(item, chunks):
-    for text in chunks:
-        yield text.upper()
-
-async def astream(item, chunks):
-    async for text in chunks:
-        yield text
-
 def yields(item):
     yield item
-
-def merge_new(items):
-    return {"text": "+".join(i["text"] for i in items)}
-
-def merge_index(items):
-    return len(items) - 1
 
 def tag(item):
     return "even" if len(item.get("id", "")) % 2 == 0 else "odd"
@@ -83,7 +69,7 @@ def again(item):
     req["messages"] = list(req["messages"]) + [{"role": "assistant", "content": item["text"]},
                                                {"role": "user", "content": "more"}]
     return req
-'''
+''' + flowkit.STREAM_AND_JOIN_HOOKS
 
 EXAMPLES = 100         # random pipelines a run (derandomized: the same ones every run); ~25 s
 

@@ -144,27 +144,9 @@ def again_some(item):
     return _back(item)
 
 
-def upper_stream(item, chunks):
-    for text in chunks:
-        yield text.upper()
-
-
-async def astream(item, chunks):
-    async for text in chunks:
-        yield text
-
-
-def merge_new(items):
-    return {"text": "+".join(i["text"] for i in items)}
-
-
-def merge_index(items):
-    return len(items) - 1
-
-
 def merge_pick(items):
     return items[0]
-'''
+''' + flowkit.STREAM_AND_JOIN_HOOKS
 
 SCHEMA = '{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}'
 
