@@ -277,6 +277,20 @@ def test_seeded_sampling_is_reproducible_in_any_batch():
     assert run_all(e3)[0]["x"].text != alone
 
 
+def test_seeds_that_differ_only_above_bit_31_sample_different_text():
+    """A 64-bit seed (as vLLM's clients send them) is a stream of its own: seeds equal in their
+    low 32 bits do not give the same answer."""
+    def text(seed):
+        e = toy_engine()
+        e.add_request("x", prompt="seeded", params=SamplingParams(max_tokens=15, temperature=1.0, seed=seed))
+        return run_all(e)[0]["x"].text
+
+    assert text(1) != text(1 + 2**32)
+    assert text(2**40) != text(2**40 + 2**33)
+    assert text(-1) != text(2**32 - 1)
+    assert text(2**40) == text(2**40)
+
+
 def test_messages_use_the_chat_template():
     e = toy_engine()
     e.add_request("m", messages=[{"role": "user", "content": "hi"}], params=SamplingParams(max_tokens=2))

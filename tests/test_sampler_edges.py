@@ -232,6 +232,24 @@ def test_seeds_same_gives_same_different_gives_different_and_any_int_is_taken_mo
     assert draws(2**70 + 2**63) == draws(2**63)
 
 
+@pytest.mark.parametrize("draws", [_shared_draws, _request_draws], ids=["Sampler", "make_generator"])
+@pytest.mark.parametrize("a, b", [(1, 1 + 2**32), (2**40, 2**40 + 2**33), (-1, 2**32 - 1), (-2**63, 0),
+                                  (2**63 - 1, 2**32 - 1), (-5, -5 - 2**40)])
+def test_seeds_that_differ_only_above_bit_31_are_streams_of_their_own(draws, a, b):
+    """torch's CPU generator keeps 32 bits of what manual_seed gets: the whole signed 64-bit range
+    a request's seed may take must still give every seed its own draws, each time the same."""
+    assert draws(a) != draws(b)
+    assert draws(a) == draws(a) and draws(b) == draws(b)
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**31 - 1, 2**31, 2**32 - 1])
+def test_a_seed_of_32_bits_draws_what_torchs_manual_seed_draws(seed):
+    """Seeds below 2**32 keep the draws they always had: answers pinned to a seed stay the same."""
+    theirs = torch.rand(64, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    assert torch.equal(torch.rand(64, generator=make_generator(seed), dtype=torch.float64), theirs)
+    assert torch.equal(torch.rand(64, generator=Sampler(seed=seed).shared, dtype=torch.float64), theirs)
+
+
 def test_a_sampler_without_a_seed_differs_from_run_to_run():
     assert _shared_draws(None) != _shared_draws(None)
 

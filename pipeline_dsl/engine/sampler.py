@@ -15,6 +15,9 @@ until it is clear that it does not start one.
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
 
 from .config import SamplingParams
@@ -24,8 +27,41 @@ def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torc
     """A per-request generator for a seeded request (None: use the shared one)."""
     if seed is None:
         return None
+    if torch.device(device).type == "cpu":
+        return seeded_cpu_generator(seed)
     g = torch.Generator(device=device)
-    g.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    g.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)   # CUDA's Philox keeps all 64 bits
+    return g
+
+
+_MT_WORDS = 624        # mt19937's state: 624 32-bit words
+_MT_AT = 24            # where torch's CPU generator state holds them (one uint64 each), after
+                       # the initial seed (uint64), left and seeded (int32 each) and next (uint64)
+
+
+def seeded_cpu_generator(seed: int) -> torch.Generator:
+    """torch's CPU generator (mt19937) seeded so that every 64-bit seed is a stream of its own.
+
+    torch's `manual_seed` keeps the seed's low 32 bits alone (mt19937's init_genrand takes one
+    32-bit word), so 1 and 1 + 2**32, or -1 and 2**32 - 1, would draw the same numbers. A seed in
+    [0, 2**32) is seeded as `manual_seed` seeds it, so its draws stay what they always were; any
+    other (a negative seed as its 64-bit two's complement) fills the state by mt19937's
+    init_by_array over the seed's two 32-bit halves, as Python's `random` seeds an int of more
+    than 32 bits (and numpy's RandomState a longer key)."""
+    u = int(seed) & 0xFFFF_FFFF_FFFF_FFFF
+    g = torch.Generator()
+    g.manual_seed(u)
+    if u < 1 << 32:
+        return g
+    words = random.Random(u).getstate()[1][:_MT_WORDS]   # init_by_array([low, high])
+    state = g.get_state()                                # manual_seed's, with mt19937's words at _MT_AT
+    raw = state.numpy()                                  # the same bytes
+    head, mt = raw[8:16].view(np.int32), raw[_MT_AT:_MT_AT + 8 * _MT_WORDS].view(np.uint64)
+    if head.tolist() != [1, 1] or int(mt[0]) != u & 0xFFFF_FFFF:   # left = 1, seeded; init_genrand's first word
+        raise RuntimeError("torch's CPU generator state is not laid out as agp's seeding expects "
+                           f"(torch {torch.__version__})")
+    mt[:] = words                                        # left = 1, next = 0: a fresh twist first, as after manual_seed
+    g.set_state(state)
     return g
 
 
@@ -41,8 +77,7 @@ def to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
 
 class Sampler:
     def __init__(self, seed: int | None = None):
-        self.shared = torch.Generator()
-        self.shared.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF if seed is not None else torch.seed())
+        self.shared = seeded_cpu_generator(seed if seed is not None else torch.seed())
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
                generators: list[torch.Generator | None]) -> list[int]:
