@@ -204,6 +204,16 @@ def ask_again(item: dict) -> dict:
     return item["request"]
 
 
+def refuse_blocked(item: dict):
+    """A guard's fn (`fn = "flowkit:refuse_blocked"`, with `returns = any` before the model) before
+    or after the model: an item whose request's prompt mentions "blocked" is answered with the
+    guard's own words (a new result in place of the model's); any other goes on as it is."""
+    request = item.get("request", item)
+    if "blocked" in str(request.get("prompt") or request.get("messages")):
+        return {"text": "I can't help with that.", "finish_reason": "content_filter"}
+    return item
+
+
 def fail_after_first_chunk(item: dict, chunks):
     """A stream stage's fn (`fn = "flowkit:fail_after_first_chunk"  stream = true`): it lets the
     answer's first chunk through, then fails the request."""

@@ -171,6 +171,37 @@ def test_embeddings_are_counted_by_status_and_leave_nothing_in_flight(server, cl
     assert server.metric("agp_requests_in_flight") == 0
 
 
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_an_input_a_guard_answers_itself_is_a_400_with_its_words_and_the_others_are_embedded(tiny_gguf, where):
+    """A python stage (a guard) that answers a request with words of its own, in the model's place
+    or over the model's result, leaves that input with no embedding: the client gets a 400 with
+    the guard's words, as a Reject's (was a 500, a server error); inputs it lets through, and other
+    requests, are embedded."""
+    from test_serve import TINY
+
+    returns = "  returns = any" if where == "before" else ""            # a request in, an answer out
+    guard = f'stage guard   : python        {{ fn = "flowkit:refuse_blocked"{returns} }}\n    stage out'
+    text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=8, timeout=20).replace("stage out", guard)
+    text = (text.replace("request -> batch", "request -> guard -> batch\n    guard -> out")
+            if where == "before" else text.replace("kv -> gen -> out", "kv -> gen -> guard -> out"))
+    s = LiveServer(tiny_gguf, text=text)
+    try:
+        for body, field in [({"input": "a blocked topic"}, "'input'"), ({"input": ["fine", "blocked"]}, "'input[1]'"),
+                            ({"messages": [{"role": "user", "content": "blocked"}]}, "'messages'")]:
+            r = httpx.post(s.url + "/v1/embeddings", json=body, timeout=60)
+            assert r.status_code == 400, r.text[:300]
+            err = r.json()["error"]
+            assert err["code"] == "rejected" and err["type"] == "invalid_request_error", err
+            assert err["param"] == ("messages" if "messages" in body else "input")
+            assert field in err["message"] and "I can't help with that." in err["message"], err
+        ok = httpx.post(s.url + "/v1/embeddings", json={"input": ["fine", "also fine"]}, timeout=60)
+        assert ok.status_code == 200 and len(ok.json()["data"]) == 2, ok.text[:300]
+        assert s.metric("agp_requests_total", '{status="400"}') == 3
+        assert s.metric("agp_requests_in_flight") == 0
+    finally:
+        s.close()
+
+
 def test_a_client_gone_before_its_embeddings_aborts_them_and_logs_no_unretrieved_error(tiny_gguf, caplog):
     """An embeddings client that hangs up while its inputs wait: every input's request is aborted,
     nothing is left in flight, and the server logs no asyncio 'exception was never retrieved'

@@ -107,6 +107,20 @@ def normalised(vector: list[float]) -> list[float]:
     return [x / norm for x in vector] if norm > 0 else list(vector)
 
 
+def answered_in_words(req: dict, i: int, res) -> P.APIError:
+    """The 400 of an input the pipeline answered with words instead of its embedding: a python
+    stage (a guard) answered the request itself, or put a result of its own in the place of the
+    generate stage's. The pipeline's word on the request, as a `Reject` is: the client gets it (and
+    the stage's text), and the server did nothing wrong."""
+    chat = isinstance(req["inputs"][i], tuple)
+    field = "messages" if chat else "input" if len(req["inputs"]) == 1 else f"input[{i}]"
+    text = res.choices[0].text if res.choices else ""
+    said = f": {text[:200]!r}" if text else ""
+    return P.APIError(f"the pipeline answered '{field}' with text of its own, not an embedding (a python stage "
+                      f"answered it in the generate stage's place){said}", param="messages" if chat else "input",
+                      code="rejected")
+
+
 class Embeddings:
     """The serving object of /v1/embeddings, on the app's AsyncPipeline."""
 
@@ -210,9 +224,7 @@ class Embeddings:
         for i, res in enumerate(results):
             pooled = res.choices[0].data.get("pooled") if res.choices else None
             if pooled is None:
-                raise P.APIError("this pipeline's answer carries no embedding (its generate stage's result was "
-                                 "replaced on the way to respond)", status=500, type="server_error",
-                                 code="no_embedding")
+                raise answered_in_words(req, i, res)
             if req["dimensions"] is not None and req["dimensions"] != len(pooled):
                 raise P.APIError(f"'dimensions' = {req['dimensions']}: this model's embeddings have {len(pooled)}",
                                  param="dimensions")
