@@ -69,6 +69,28 @@ def test_a_batch_lines_envelope_is_checked_field_by_field_and_method_defaults_to
     assert get["response"]["status_code"] == 400 and "'method' must be \"POST\"" in get["error"]["message"]
 
 
+def test_a_batch_lines_envelope_error_names_its_field_as_a_body_fields_error_does(tmp_path, pipeline):
+    """The error body of a line refused for custom_id, method, url, body, a field beside them, or
+    a custom_id taken already names that field in `param`, as an error in the body names its own."""
+    inp, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
+    body = {"prompt": "once", "max_tokens": 2}
+    lines = [{"custom_id": "get", "method": "GET", "url": COMP, "body": body},
+             {"custom_id": "where", "method": "POST", "url": "/v1/nowhere", "body": body},
+             {"custom_id": "text", "method": "POST", "url": COMP, "body": "once"},
+             {"custom_id": "beside", "method": "POST", "url": COMP, "body": body, "max_tokens": 5},
+             {"custom_id": 7, "method": "POST", "url": COMP, "body": body},
+             {"custom_id": "get", "method": "POST", "url": COMP, "body": body},
+             {"custom_id": "typo", "method": "POST", "url": COMP, "body": {"prompt": "once", "max_tokenz": 2}},
+             {"custom_id": "fine", "method": "POST", "url": COMP, "body": body}]
+    inp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    *got, fine = records(out)
+    assert [g["response"]["status_code"] for g in got] == [400] * 7 and fine["response"]["status_code"] == 200
+    assert [g["response"]["body"]["error"]["param"] for g in got] == [
+        "method", "url", "body", "max_tokens", "custom_id", "custom_id", "max_tokenz"]
+
+
 def test_resume_of_a_batch_file_answers_each_custom_id_once(tmp_path, pipeline):
     inp, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(batch_line(f"r{i}", COMP, {"prompt": f"p{i}", "max_tokens": 2}) for i in range(4)))

@@ -161,9 +161,10 @@ class LineNumber(int):
 
 
 def _line_id(raw: bytes, lineno: int):
-    """(request, error, id, batch) of one input line, its JSON decoded once: the id its record
-    carries, answered or not; `batch`: an OpenAI batch-API line (its request a BatchLine, its id
-    the custom_id), False for any other JSON object, None for a line that is no JSON object."""
+    """(request, error, id, batch) of one input line, its JSON decoded once: the RequestError that
+    says why it cannot run (its `param`: the field at fault), the id its record carries, answered
+    or not; `batch`: an OpenAI batch-API line (its request a BatchLine, its id the custom_id),
+    False for any other JSON object, None for a line that is no JSON object."""
     from pipeline_dsl.commands import batch_api
     from pipeline_dsl.requests_io import RequestError, is_id, load_json, parse_line_object
 
@@ -171,7 +172,7 @@ def _line_id(raw: bytes, lineno: int):
         error = f"the line is longer than {MAX_LINE_BYTES >> 20} MiB"
         if raw.endless:
             error += f" (no end of line in {MAX_SKIP_BYTES >> 20} MiB more: the input is not read further)"
-        return None, error, LineNumber(lineno), None
+        return None, RequestError(error), LineNumber(lineno), None
     obj = None
     try:
         obj = load_json(raw, "the line")               # not UTF-8, not JSON: a RequestError saying so
@@ -180,7 +181,7 @@ def _line_id(raw: bytes, lineno: int):
         req = parse_line_object(obj, lineno)
         return req, None, req.id, False
     except RequestError as e:
-        error = str(e)
+        error = e
     if obj is None:
         return None, error, _guess_id(raw, lineno), None
     batch = batch_api.is_batch_line(obj) if isinstance(obj, dict) else None
@@ -263,22 +264,24 @@ class RunLines:
         record) when it cannot run; `check(request)` checks a batch line's body, or a plain
         line's `model`, as agp serve would (APIError)."""
         from pipeline_dsl.commands import batch_api
+        from pipeline_dsl.requests_io import RequestError
         from pipeline_dsl.serve.api_error import APIError
 
         lineno, _, req, error, rid, is_batch = entry
         key = _key(rid)
         if key in self.first_line and req is not None:
             what = "custom_id" if is_batch else "id"
-            req, error = None, (f"{what} {json.dumps(rid)[:60]} is also the {what} of line {self.first_line[key]}: "
-                                f"{what}s must be unique" + ("" if is_batch else
-                                                             " (a line without an id takes its line number)"))
+            req, error = None, RequestError(
+                f"{what} {json.dumps(rid)[:60]} is also the {what} of line {self.first_line[key]}: {what}s must be "
+                "unique" + ("" if is_batch else " (a line without an id takes its line number)"), param=what)
         elif self.batch_file and req is not None and not is_batch:
-            req, error = None, ("not a batch request line ({\"custom_id\", \"method\", \"url\", \"body\"}) "
-                                f"while the input's first request (line {self.shape_line}) is one: give every "
-                                "line that shape")
+            req, error = None, RequestError("not a batch request line ({\"custom_id\", \"method\", \"url\", \"body\"}) "
+                                            f"while the input's first request (line {self.shape_line}) is one: "
+                                            "give every line that shape")
         elif not self.batch_file and req is not None and is_batch:
-            req, error = None, (f"a batch request line (with a custom_id) while the input's first request "
-                                f"(line {self.shape_line}) is an agp request line: give every line one shape")
+            req, error = None, RequestError(f"a batch request line (with a custom_id) while the input's first "
+                                            f"request (line {self.shape_line}) is an agp request line: give every "
+                                            "line one shape")
         self._claim(key, rid, lineno)
         if req is not None:
             try:                               # as agp serve checks it (the model's context known now)
@@ -289,8 +292,10 @@ class RunLines:
                                         {"id": rid, "error": {"line": lineno, "message": e.message, "type": "invalid"}})
         if req is None:
             self.bad_lines += 1
-            return None, is_batch, (batch_api.error_record(rid, lineno, APIError(error)) if self.batch_file else
-                                    {"id": rid, "error": {"line": lineno, "message": error, "type": "invalid"}})
+            return None, is_batch, (batch_api.error_record(rid, lineno, APIError(str(error), param=error.param,
+                                                                                 code=error.code))
+                                    if self.batch_file else
+                                    {"id": rid, "error": {"line": lineno, "message": str(error), "type": "invalid"}})
         return req, is_batch, None
 
 
