@@ -160,6 +160,29 @@ def test_a_scraper_asking_for_openmetrics_gets_text_with_the_names_vllm_document
     assert not any(line.startswith("vllm_") for line in r.text.splitlines())
 
 
+@pytest.mark.parametrize("accept, content_type", [
+    (None, "text/plain; version=0.0.4; charset=utf-8"),                          # a plain scrape (curl, a probe)
+    ("*/*", "text/plain; version=0.0.4; charset=utf-8"),
+    ("text/plain", "text/plain; version=0.0.4; charset=utf-8"),
+    ("application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,"
+     "text/plain;version=0.0.4;q=0.3,*/*;q=0.2", "text/plain; version=0.0.4; charset=utf-8"),   # Prometheus 2
+    ("application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,application/openmetrics-text;"
+     "version=0.0.1;q=0.5,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,"
+     "*/*;q=0.2", "text/plain; version=1.0.0; charset=utf-8; escaping=allow-utf-8"),          # Prometheus 3
+])
+def test_a_scrape_is_answered_in_the_text_format_version_it_asks_for(server, accept, content_type):
+    """The Content-Type names the text format's version the body is in, as prometheus-client
+    negotiates it for vLLM: 0.0.4 unless the scraper lists 1.0.0 (a plain scrape got `version=1.0.0`,
+    which a scraper that knows only 0.0.4 may refuse); the names keep their colons either way."""
+    with httpx.Client(timeout=30) as scraper:
+        del scraper.headers["accept"]                                # httpx's own */*
+        r = scraper.get(server.url + "/metrics", headers={"accept": accept} if accept is not None else {})
+        assert r.request.headers.get("accept") == accept
+    assert r.status_code == 200 and r.headers["content-type"] == content_type
+    fams = {f.name: f for f in text_string_to_metric_families(r.text)}
+    assert [s.name for s in fams["vllm:prompt_tokens"].samples] == ["vllm:prompt_tokens_total"]
+
+
 def test_a_tool_call_finish_is_counted_as_tool_calls(server, client):
     def tool_calls():
         return value(scrape(server), "vllm:request_success", "vllm:request_success_total", finished_reason="tool_calls")

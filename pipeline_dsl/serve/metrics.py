@@ -36,8 +36,8 @@ import time
 from collections import deque
 
 import prometheus_client
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
-                               ProcessCollector, generate_latest)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 
@@ -478,9 +478,21 @@ class ServerMetrics:
         self.snapshot.stats = stats
         self.window.add(engine_totals(stats))
 
-    def render(self, stats: dict) -> tuple[bytes, str]:
+    def render(self, stats: dict, accept: str = "") -> tuple[bytes, str]:
+        """(the scrape's body, its Content-Type) for a scraper whose Accept header is `accept`."""
         self.update_engine(stats)
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        encode, content_type = text_exposition(accept)
+        return encode(self.registry), content_type
+
+
+def text_exposition(accept: str) -> tuple:
+    """(encoder, Content-Type) of Prometheus' text format in the version a scraper's Accept header
+    asks for, by prometheus-client's own negotiation: 0.0.4 (`text/plain; version=0.0.4;
+    charset=utf-8`, what a plain scrape gets, as vLLM's) unless it names text/plain version 1.0.0
+    (Prometheus 3 does, after OpenMetrics). Never OpenMetrics, whatever it prefers: prometheus-client
+    writes each sample of a `vllm:` metric there as `vllm_…` (docs/serve.md)."""
+    text = [a for a in (accept or "").split(",") if a.split(";")[0].strip().lower() != "application/openmetrics-text"]
+    return choose_encoder(",".join(text))
 
 
 class StatsLine:

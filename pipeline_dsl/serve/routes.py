@@ -197,7 +197,7 @@ async def version():
 @router.get("/metrics", openapi_extra=OA.METRICS)
 async def prometheus(request: Request):
     state = _state(request)
-    body, content_type = state.metrics.render(await pipeline_stats(state))
+    body, content_type = state.metrics.render(await pipeline_stats(state), request.headers.get("accept", ""))
     return Response(body, media_type=content_type)
 
 
