@@ -1,8 +1,10 @@
 """What an OpenAI client sends today, against `agp serve` on the tiny model: the request fields
 current SDKs and agent frameworks set on chat (`safety_identifier`, `prompt_cache_key`, `user`)
 are taken as OpenAI takes them, a field agp does not serve is named without a misleading
-suggestion, `parallel_tool_calls: false` gives at most one call however many the model writes, and
-request bodies recorded from client libraries (pydantic-ai, instructor) are answered as vLLM answers them."""
+suggestion, `parallel_tool_calls: false` gives at most one call however many the model writes,
+request bodies recorded from client libraries (pydantic-ai, instructor) are answered as vLLM answers them,
+and a tool turn of each agent framework (openai-agents, autogen, haystack, smolagents, llm) is answered
+in the shape it reads."""
 from __future__ import annotations
 
 import json
@@ -414,3 +416,117 @@ def test_a_forced_call_whose_parameters_refer_to_their_own_defs_is_made_and_vali
     assert [d["function"]["name"] for d in deltas if d["function"].get("name")] == ["IterableUser"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
     jsonschema.validate(json.loads("".join(d["function"].get("arguments") or "" for d in deltas)), USERS_PARAMETERS)
+
+
+# One turn of each agent framework's tool loop, as recorded against `agp serve` (model renamed; room
+# for the tiny model's call: max tokens 300, temperature 0 where the turn must make a call): the first turn forces the call, the next carries the
+# call and its result back in the framework's own shape, with the fields that framework adds.
+WEATHER = {"name": "get_weather", "description": "Get the weather of a city.",
+           "parameters": {"properties": {"city": {"title": "City", "type": "string"}}, "required": ["city"],
+                          "title": "get_weather_args", "type": "object", "additionalProperties": False},
+           "strict": True}
+ASKED = {"role": "user", "content": "What is the weather in Paris?"}
+CALL_ID = "call_35f927dcc93542cb813a464f"
+AGENTS_SDK = {"include": ["message.output_text.logprobs"], "instructions": "Use the tool.", "max_output_tokens": 300,
+              "metadata": {"k": "v"}, "parallel_tool_calls": False, "prompt_cache_retention": "24h", "store": True,
+              "temperature": 0, "tools": [{**WEATHER, "type": "function"}], "top_logprobs": 2, "top_p": 0.9,
+              "truncation": "auto"}
+AGENTS_SDK_CHAT = {"logprobs": True, "max_tokens": 300, "metadata": {"k": "v"}, "parallel_tool_calls": False,
+                   "prompt_cache_retention": "24h", "store": True, "temperature": 0, "top_logprobs": 2, "top_p": 0.9,
+                   "tools": [{"type": "function", "function": WEATHER}]}
+ASSISTANT_CALL = {"role": "assistant", "content": None, "tool_calls": [{"id": CALL_ID, "type": "function", "function": {
+    "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]}
+TOOL_RESULT = {"role": "tool", "tool_call_id": CALL_ID, "content": "sunny in Paris"}
+HAYSTACK_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the weather of a city.\n\n    :param city: the city's name\n    ",
+    "parameters": {"properties": {"city": {"type": "string"}}, "required": ["city"], "type": "object"}}}
+SMOL_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Get the weather of a city.",
+                                                "parameters": {"type": "object", "properties": {"city": {
+                                                    "type": "string", "description": "the city's name"}},
+                                                    "required": ["city"]}}},
+              {"type": "function", "function": {"name": "final_answer",
+                                                "description": "Provides a final answer to the given problem.",
+                                                "parameters": {"type": "object", "properties": {"answer": {
+                                                    "type": "string", "description": "The final answer to the problem"}},
+                                                    "required": ["answer"]}}}]
+FRAMEWORK_TURNS = {
+    # openai-agents 0.24, OpenAIResponsesModel, ModelSettings with every field it maps
+    "openai-agents responses, forced": ("/v1/responses", {**AGENTS_SDK, "input": [ASKED], "tool_choice": "required"}),
+    "openai-agents responses, result": ("/v1/responses", {**AGENTS_SDK, "input": [
+        ASKED, {"arguments": "{\"city\": \"Paris\"}", "call_id": CALL_ID, "name": "get_weather",
+                "type": "function_call", "id": "fc_f362360b33e24aa1b8e083d1b2fded23", "status": "completed"},
+        {"call_id": CALL_ID, "output": "sunny in Paris", "type": "function_call_output"}]}),
+    # openai-agents 0.24, OpenAIChatCompletionsModel
+    "openai-agents chat, forced": ("/v1/chat/completions", {**AGENTS_SDK_CHAT, "tool_choice": "required", "messages": [
+        {"content": "Use the tool.", "role": "system"}, ASKED]}),
+    "openai-agents chat, result": ("/v1/chat/completions", {**AGENTS_SDK_CHAT, "messages": [
+        {"content": "Use the tool.", "role": "system"}, ASKED, ASSISTANT_CALL, TOOL_RESULT]}),
+    # autogen-ext 0.7.5 OpenAIChatCompletionClient: the speaker's name, its create arguments
+    "autogen": ("/v1/chat/completions", {
+        "stream": False, "messages": [{"content": "Be brief.", "role": "system"},
+                                      {"role": "user", "name": "alice", "content": "Say hello."}],
+        "frequency_penalty": 0.1, "logit_bias": {"28": -5}, "max_tokens": 300, "parallel_tool_calls": False,
+        "presence_penalty": 0.1, "reasoning_effort": "low", "seed": 3, "stop": ["\n\n"], "temperature": 0.7,
+        "top_p": 0.9, "user": "u1", "tool_choice": "required",
+        "tools": [{"type": "function", "function": {**WEATHER, "strict": False}}]}),
+    # haystack-ai 3.4 OpenAIChatGenerator: an assistant turn of calls alone has no content key
+    "haystack, result": ("/v1/chat/completions", {
+        "stream": False, "max_tokens": 60, "n": 1, "tools": [HAYSTACK_TOOL], "messages": [
+            ASKED, {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+                "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}, "id": CALL_ID}]},
+            {"role": "tool", "content": "sunny in Paris", "tool_call_id": CALL_ID}]}),
+    # smolagents 1.26 ToolCallingAgent: text parts, its stop strings, a call required every step, streamed
+    "smolagents, forced": ("/v1/chat/completions", {
+        "stream": True, "stream_options": {"include_usage": True}, "stop": ["Observation:", "Calling tools:"],
+        "max_tokens": 300,
+        "tool_choice": "required", "tools": SMOL_TOOLS, "temperature": 0, "messages": [
+            {"role": "system", "content": [{"type": "text", "text": "You are an expert assistant who can solve any "
+                                                                    "task using tool calls."}]},
+            {"role": "user", "content": [{"type": "text", "text": "New task:\nWhat is the weather in Paris?"}]}]}),
+    # llm 0.36 with a `responses: true` model of extra-openai-models.yaml: `--functions`, a call's result
+    "llm responses, result": ("/v1/responses", {
+        "stream": True, "max_output_tokens": 60, "store": False, "temperature": 0.0,
+        "tools": [{"type": "function", "name": "get_weather", "description": "Get the weather of a city.",
+                   "parameters": {"properties": {"city": {"type": "string"}}, "required": ["city"], "type": "object"}}],
+        "input": [{"role": "user", "content": "What is the weather in Paris?"},
+                  {"type": "function_call", "call_id": CALL_ID, "name": "get_weather",
+                   "arguments": "{\"city\": \"Paris\"}"},
+                  {"type": "function_call_output", "call_id": CALL_ID, "output": "sunny in Paris"}]}),
+}
+
+
+def _answer(server, path, body):
+    """The answer as one JSON object: a stream's chunks put back together as the frameworks read them."""
+    if not body.get("stream"):
+        r = httpx.post(server.url + path, json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()
+    with httpx.stream("POST", server.url + path, json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    if path == "/v1/responses":
+        assert events[-1]["type"] in ("response.completed", "response.incomplete")
+        return events[-1]["response"]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] >= 1   # include_usage
+    calls = [d for e in events for c in e["choices"] for d in c["delta"].get("tool_calls") or []]
+    finish = [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]]
+    return {"choices": [{"finish_reason": finish[-1], "message": {"tool_calls": calls or None}}]}
+
+
+@pytest.mark.parametrize("turn", list(FRAMEWORK_TURNS))
+def test_an_agent_frameworks_tool_turn_is_answered_as_it_reads_it(server, turn):
+    pytest.importorskip("llguidance")
+    path, body = FRAMEWORK_TURNS[turn]
+    out = _answer(server, path, {"model": "tiny", **body})
+    forced = body.get("tool_choice") == "required"
+    if path == "/v1/responses":
+        assert out["metadata"] == body.get("metadata", {}) and out["store"] == body["store"]
+        calls = [o for o in out["output"] if o["type"] == "function_call"]
+    else:
+        choice = out["choices"][0]
+        calls = [c["function"] for c in choice["message"].get("tool_calls") or []]
+        assert not forced or choice["finish_reason"] == "tool_calls", choice
+    if forced:      # one call (parallel_tool_calls false, or one call a step) of a tool it offered, arguments in full
+        tools = {t.get("function", t)["name"]: t.get("function", t)["parameters"]["required"] for t in body["tools"]}
+        assert len(calls) == 1 and calls[0]["name"] in tools, calls
+        assert set(json.loads(calls[0]["arguments"])) == set(tools[calls[0]["name"]])
