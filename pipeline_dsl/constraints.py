@@ -65,6 +65,7 @@ import copy
 import hashlib
 import json
 import re
+import threading
 try:
     import llguidance as llg
 except ImportError:  # without it the engine still runs; compile() raises GrammarError
@@ -84,6 +85,11 @@ MAX_LOCATE_CHARS = 1 << 18
 # which llguidance caps at 2,000 items, and is checked and compiled on its own (1,024: ~1 s); each
 # looks its trigger up among the triggers
 MAX_STRUCTURES = 1024
+# grammar work running at once in the process: a request's check (requests_io.spec_problem) and the
+# engine's compile of a new spec (engine/constrain.py) each take one of these slots (a large schema
+# takes seconds of CPU; on 2 cores, 2 leave the engine's step and agp serve's threads free)
+MAX_GRAMMAR_WORK = 2
+grammar_slots = threading.BoundedSemaphore(MAX_GRAMMAR_WORK)
 
 
 class GrammarError(ValueError):

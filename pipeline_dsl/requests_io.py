@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline_dsl.constraints import GrammarError, check_spec, spec_digest
+from pipeline_dsl.constraints import MAX_GRAMMAR_WORK, GrammarError, check_spec, grammar_slots, spec_digest
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 1024            # stop strings a request may give (generate.stop's max_items)
@@ -854,13 +854,13 @@ def parse_constraint(obj: dict, *, wait: bool = True) -> dict | None:
     return spec
 
 
-MAX_GRAMMAR_CHECKS = 2          # grammar checks running at once (on 2 cores, 2 leave agp serve's other threads free)
+MAX_GRAMMAR_CHECKS = MAX_GRAMMAR_WORK   # grammar checks running at once (slots shared with the engine's compiles)
 CHECK_CACHE_ENTRIES = 4096      # specs whose check is remembered, keyed by a digest of their canonical
 CHECK_CACHE_BYTES = 4 << 20     # JSON text: an entry holds the digest and the problem (at most ~400 characters)
-_checks = threading.BoundedSemaphore(MAX_GRAMMAR_CHECKS)
 _checked: OrderedDict[bytes, str | None] = OrderedDict()
 _checked_bytes = 0
 _checked_lock = threading.Lock()
+_checking: dict[bytes, threading.Event] = {}     # digest -> set when the check running for it ends
 ENTRY_BYTES = 128               # what one entry costs beside its problem's text (digest, dict slot, links)
 
 
@@ -869,32 +869,50 @@ def spec_problem(spec: dict, *, wait: bool = True, where: str = "response_format
     (clients repeat their schemas), at most CHECK_CACHE_ENTRIES and CHECK_CACHE_BYTES (least recently
     used first out): what the cache holds does not grow with the specs' size. A spec not remembered
     is checked as one of at most MAX_GRAMMAR_CHECKS at once: `wait` False raises ChecksBusy when
-    that many run."""
+    that many run. Equal specs arriving together are checked once: while one's check runs, the
+    others wait for its result (`wait` False: ChecksBusy, as for a turn)."""
     global _checked_bytes
     key = spec_digest(spec)
-    with _checked_lock:
-        if key in _checked:
-            _checked.move_to_end(key)
-            return _checked[key]
-    if not _checks.acquire(blocking=wait):
-        raise ChecksBusy(f"'{where}' needs a grammar check and {MAX_GRAMMAR_CHECKS} are running: try again shortly",
-                         param=where, code=ChecksBusy.CODE)
+    while True:
+        with _checked_lock:
+            if key in _checked:
+                _checked.move_to_end(key)
+                return _checked[key]
+            running = _checking.get(key)
+            if running is None:
+                running = _checking[key] = threading.Event()
+                break
+        if not wait:
+            raise _busy(where, "the check of an equal spec is running")
+        running.wait()          # then its result is remembered (or it was not run: this one checks)
     try:
+        if not grammar_slots.acquire(blocking=wait):
+            raise _busy(where, f"{MAX_GRAMMAR_CHECKS} are running")
         try:
-            check_spec(spec)
-            problem = None
-        except GrammarError as e:
-            problem = str(e)
+            try:
+                check_spec(spec)
+                problem = None
+            except GrammarError as e:
+                problem = str(e)
+        finally:
+            grammar_slots.release()
+        with _checked_lock:
+            if key not in _checked:
+                _checked[key] = problem
+                _checked_bytes += ENTRY_BYTES + len(problem or "")
+                while len(_checked) > CHECK_CACHE_ENTRIES or _checked_bytes > CHECK_CACHE_BYTES:
+                    _, old = _checked.popitem(last=False)
+                    _checked_bytes -= ENTRY_BYTES + len(old or "")
     finally:
-        _checks.release()
-    with _checked_lock:
-        if key not in _checked:
-            _checked[key] = problem
-            _checked_bytes += ENTRY_BYTES + len(problem or "")
-            while len(_checked) > CHECK_CACHE_ENTRIES or _checked_bytes > CHECK_CACHE_BYTES:
-                _, old = _checked.popitem(last=False)
-                _checked_bytes -= ENTRY_BYTES + len(old or "")
+        with _checked_lock:
+            del _checking[key]
+        running.set()
     return problem
+
+
+def _busy(where: str, why: str) -> ChecksBusy:
+    return ChecksBusy(f"'{where}' needs a grammar check and {why}: try again shortly",
+                      param=where, code=ChecksBusy.CODE)
 
 
 def check_cache_info() -> dict:

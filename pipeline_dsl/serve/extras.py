@@ -18,7 +18,8 @@ one of them. A spec not checked before is checked as one of at most MAX_GRAMMAR_
 large schema takes seconds): `parsed_off_loop` parses a request on a request thread, where a
 check whose turn has not come is not waited for; such a request is parsed again on the grammar
 threads (MAX_GRAMMAR_CHECKS of them), in its turn, while every other request is parsed on the
-request threads. Past GRAMMAR_WAITING requests waiting their turn, one more is a 503 with
+request threads. A spec equal to one being checked waits for that check's result there too (one
+check for any number of equal specs). Past GRAMMAR_WAITING requests waiting their turn, one more is a 503 with
 Retry-After (code grammar_checks_busy).
 """
 from __future__ import annotations
