@@ -233,3 +233,63 @@ def test_structured_outputs_whitespace_pattern_is_refused(server):
         "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
         "structured_outputs": {"json": {"type": "object"}, "whitespace_pattern": "x"}}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs.whitespace_pattern", r.text
+
+
+def test_new_specs_compile_at_most_the_grammar_slots_at_once_off_the_threads_other_requests_need(server, monkeypatch):
+    """Many distinct new specs arrive together and each engine compile is held (a gate in Grammar):
+    at most MAX_GRAMMAR_WORK compile at once, none on the host pool that tokenises the other
+    requests or on the engine's loop, so a plain request is answered while they are held; two
+    equal specs among them are compiled once; all are answered once the compiles go on."""
+    import uuid
+
+    from pipeline_dsl import constraints
+
+    lock, entered, gate = threading.Lock(), threading.Semaphore(0), threading.Event()
+    inside, most, threads, built = [0], [0], set(), []
+
+    class Held(constrain.Grammar):
+        def __init__(self, compiler, text):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+                threads.add(threading.current_thread().name)
+                built.append(text)
+            entered.release()
+            gate.wait()
+            try:
+                super().__init__(compiler, text)
+            finally:
+                with lock:
+                    inside[0] -= 1
+
+    monkeypatch.setattr(constrain, "Grammar", Held)
+    slots = constraints.MAX_GRAMMAR_WORK
+    same = {"type": "object", "properties": {f"same_{uuid.uuid4().hex}": {"type": "integer"}}}
+    schemas = [same, json.loads(json.dumps(same))] + [
+        {"type": "object", "properties": {f"k_{uuid.uuid4().hex}": {"type": "string"}}} for _ in range(slots + 4)]
+    answers: list = [None] * len(schemas)
+
+    def ask(i):
+        answers[i] = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            "response_format": schema_format(schemas[i])})
+
+    asking = [threading.Thread(target=ask, args=(i,)) for i in range(len(schemas))]
+    try:
+        for t in asking:
+            t.start()
+        for _ in range(slots):
+            entered.acquire()
+        plain = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert plain.status_code == 200, plain.text
+        with lock:
+            assert inside[0] == slots
+    finally:
+        gate.set()
+        for t in asking:
+            t.join()
+    assert [a.status_code for a in answers] == [200] * len(schemas)
+    assert most[0] == slots
+    assert not any(name.startswith(("agp-items", "agp-engine", "agp-serial")) for name in threads), threads
+    assert len(built) == len(set(built)) == len(schemas) - 1        # the equal pair: one compile

@@ -233,6 +233,16 @@ class EngineSegment:
             return {"type": "json_schema", "schema": self.spec.json_schema[gen]}
         return None
 
+    def needs_compile(self, data: dict) -> bool:
+        """Whether entering the request builds a grammar (its forced tool call's, its
+        response_format's or a generate stage's json_schema, not compiled before: seconds of CPU
+        for a large spec), which the runtime does on its compile threads, not the host pool's."""
+        specs = [spec for gen in self.segment.generates if (spec := self.constraint_spec(gen, data)) is not None]
+        if not specs:
+            return False
+        compiler = self._compiler             # not under its lock, which its first build holds for a while
+        return compiler is None or not all(compiler.cached(spec) for spec in specs)
+
     def compile(self, spec: dict):
         """A compiled constraint (cached by the compiler); InputError when it cannot compile."""
         from pipeline_dsl.engine.constrain import ConstraintCompiler, GrammarError
