@@ -15,7 +15,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline_dsl.constraints import MAX_GRAMMAR_WORK, GrammarError, check_spec, grammar_slots, spec_digest
+from pipeline_dsl.constraints import (MAX_GRAMMAR_WORK, GrammarError, check_spec, grammar_slots, spec_digest,
+                                      tool_param)
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 1024            # stop strings a request may give (generate.stop's max_items)
@@ -345,7 +346,8 @@ def parse_tools(obj: dict) -> tuple[list | None, Any, bool]:
                 raise RequestError(f"'tools[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\", "
                                    "\"description\", \"parameters\"}}}}", param="tools")
             if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
-                raise RequestError(f"'tools[{i}].function.parameters' must be a JSON Schema object", param="tools")
+                raise RequestError(f"'{tool_param(i)}' must be a JSON Schema object", param=tool_param(i),
+                                   code=INVALID_PARAMETERS)
         tools = tools or None
     choice = obj.get("tool_choice")
     names = [t["function"]["name"] for t in tools or []]
@@ -367,6 +369,27 @@ def parse_tools(obj: dict) -> tuple[list | None, Any, bool]:
     if not isinstance(parallel, bool):
         raise RequestError("'parallel_tool_calls' must be true or false", param="parallel_tool_calls")
     return tools, choice, parallel
+
+
+INVALID_PARAMETERS = "invalid_function_parameters"     # OpenAI's code for a tool's parameters it refuses
+
+
+def check_tool_parameters(tools: list | None, choice, *, wait: bool = True) -> None:
+    """A call the request forces (tool_choice "required" or a named function) is written by its
+    tools' parameters schemas, which the engine enforces: each tool's parameters checked as a
+    response_format's schema is (spec_problem: cached, at most MAX_GRAMMAR_CHECKS at once, `wait`
+    as there), so one that cannot be enforced is a RequestError naming `tools[i].function.parameters`
+    when the request is read, not when it reaches the engine. With tool_choice auto or none the
+    parameters only describe the tools in the prompt: not checked."""
+    if not tools or choice in ("none", "auto"):
+        return
+    for i, t in enumerate(tools):
+        fn = t["function"]
+        if fn.get("parameters"):
+            problem = spec_problem({"type": "json_schema", "schema": fn["parameters"]}, wait=wait, where=tool_param(i))
+            if problem:
+                raise RequestError(f"'{tool_param(i)}' cannot be enforced: tool {fn['name']!r}: {problem}",
+                                   param=tool_param(i), code=INVALID_PARAMETERS)
 
 
 def _shown(value) -> str:
@@ -507,6 +530,7 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
         if req.messages is None:
             raise RequestError("'tools' need 'messages' (a chat request)", param="tools")
         req.tools, req.tool_choice, req.parallel_tool_calls = parse_tools(obj)
+        check_tool_parameters(req.tools, req.tool_choice)
     if isinstance(obj.get("response_format"), dict) and obj["response_format"].get("type") in CONSTRAINTS:
         req.response_format = dict(obj["response_format"])     # a constraint agp serve made (guided_*)
     else:                                    # response_format, structured_outputs or guided_*, as agp serve's

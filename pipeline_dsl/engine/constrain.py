@@ -119,17 +119,17 @@ class ConstraintCompiler(GrammarBuilder):
                     break
             flight.done.wait()
             if flight.error is not None:
-                raise GrammarError(str(flight.error))
+                raise GrammarError(str(flight.error), flight.error.param)
             if flight.grammar is not None:
                 return flight.grammar
         try:
             with grammar_slots:
                 g = Grammar(self, self._build(spec))               # llguidance drops the GIL here
-                for where, text in self._json_parts(spec):         # each structure's, each tool's JSON, walked alone
+                for where, param, text in self._json_parts(spec):  # each structure's, each tool's JSON, walked alone
                     try:
                         Grammar(self, text)
                     except GrammarError as e:
-                        raise GrammarError(short(f"{where}{e}")) from None
+                        raise GrammarError(short(f"{where}{e}"), param) from None
             flight.grammar = g
         except GrammarError as e:
             flight.error = e

@@ -256,8 +256,8 @@ class EngineSegment:
                     raise InputError(f"constrained output is not available with this model: {e}") from None
         try:
             return self._compiler.compile(spec)
-        except GrammarError as e:
-            what = "tool_choice" if spec.get("type") == "tool_call" else "response_format"
+        except GrammarError as e:      # a forced call's tool names its parameters (tools[i].function.parameters)
+            what = e.param or ("tool_choice" if spec.get("type") == "tool_call" else "response_format")
             raise InputError(f"'{what}' cannot be enforced: {e}", param=what) from None
 
     def copies(self, gen: str, data: dict) -> int:
