@@ -65,6 +65,7 @@ import copy
 import hashlib
 import json
 import re
+import threading
 try:
     import llguidance as llg
 except ImportError:  # without it the engine still runs; compile() raises GrammarError
@@ -84,10 +85,20 @@ MAX_LOCATE_CHARS = 1 << 18
 # which llguidance caps at 2,000 items, and is checked and compiled on its own (1,024: ~1 s); each
 # looks its trigger up among the triggers
 MAX_STRUCTURES = 1024
+# grammar work running at once in the process: a request's check (requests_io.spec_problem) and the
+# engine's compile of a new spec (engine/constrain.py) each take one of these slots (a large schema
+# takes seconds of CPU; on 2 cores, 2 leave the engine's step and agp serve's threads free)
+MAX_GRAMMAR_WORK = 2
+grammar_slots = threading.BoundedSemaphore(MAX_GRAMMAR_WORK)
 
 
 class GrammarError(ValueError):
-    """A response_format / tool spec this engine cannot compile (an HTTP 400)."""
+    """A response_format / tool spec this engine cannot compile (an HTTP 400); `param`, where set,
+    the request field at fault inside the spec (a forced call's `tools[i].function.parameters`)."""
+
+    def __init__(self, message: str = "", param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 def available() -> bool:
@@ -342,7 +353,7 @@ class GrammarBuilder:
         if not isinstance(tools, list) or not tools:
             raise GrammarError("tool_call needs a non-empty 'tools' list")
         fns = {}
-        for t in tools:
+        for i, t in enumerate(tools):
             fn = t.get("function", t) if isinstance(t, dict) else None
             if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
                 raise GrammarError("every tool needs a function with a 'name'")
@@ -350,8 +361,12 @@ class GrammarBuilder:
             # the call's arguments are {} (vLLM's too)
             params = fn.get("parameters") or NO_PARAMETERS
             if not isinstance(params, dict):
-                raise GrammarError(f"tool {fn['name']!r}: parameters must be a JSON Schema object")
-            self._json_grammar(params, f"tool {fn['name']!r}: ")
+                raise GrammarError(f"tool {fn['name']!r}: parameters must be a JSON Schema object", tool_param(i))
+            try:
+                self._json_grammar(params, f"tool {fn['name']!r}: ")
+            except GrammarError as e:
+                e.param = tool_param(i)
+                raise
             fns[fn["name"]] = params
         choice = spec.get("choice", "required")
         if isinstance(choice, dict):            # OpenAI's {"type": "function", "function": {"name": ...}}
@@ -427,8 +442,9 @@ class GrammarBuilder:
         """The id of the special token whose text is `text`, or None (here: no tokenizer, none is)."""
         return None
 
-    def _json_parts(self, spec) -> list[tuple[str, str]]:
-        """(where, grammar text) of each JSON a compiled tool_call or structural_tag spec holds, alone:
+    def _json_parts(self, spec) -> list[tuple[str, str | None, str]]:
+        """(where, its request field or None, grammar text) of each JSON a compiled tool_call or
+        structural_tag spec holds, alone:
         each structure's, each tool's arguments. The engine walks each as a JSON spec's grammar is
         walked (engine/constrain.py), since a JSON the model reaches only after a trigger or a tool's
         name is out of reach of the walk of the whole grammar."""
@@ -438,18 +454,23 @@ class GrammarBuilder:
             for i, st in enumerate(spec["structures"]):
                 schema = st.get("schema", True)
                 parts.setdefault(json.dumps(json_of._prepare({} if schema is True else schema), sort_keys=True),
-                                 (f"structures[{i}]: ", json_of.json_options))
+                                 (f"structures[{i}]: ", None, json_of.json_options))
         elif spec.get("type") == "tool_call":
             choice = spec.get("choice", "required")
             choice = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else choice
-            for t in spec["tools"]:
+            for i, t in enumerate(spec["tools"]):
                 fn = t.get("function", t)
                 if choice != "required" and fn["name"] != choice:
                     continue
                 parts.setdefault(json.dumps(self._prepare(fn.get("parameters") or NO_PARAMETERS), sort_keys=True),
-                                 (f"tool {fn['name']!r}: ", self.json_options))
-        return [(where, llg.LLMatcher.grammar_from_json_schema(json.loads(body), overrides=options))
-                for body, (where, options) in parts.items()]
+                                 (f"tool {fn['name']!r}: ", tool_param(i), self.json_options))
+        return [(where, param, llg.LLMatcher.grammar_from_json_schema(json.loads(body), overrides=options))
+                for body, (where, param, options) in parts.items()]
+
+
+def tool_param(i: int) -> str:
+    """The request field of tool i's parameters (OpenAI's name for it in its errors)."""
+    return f"tools[{i}].function.parameters"
 
 
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}

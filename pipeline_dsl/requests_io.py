@@ -15,7 +15,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline_dsl.constraints import GrammarError, check_spec, spec_digest
+from pipeline_dsl.constraints import (MAX_GRAMMAR_WORK, GrammarError, check_spec, grammar_slots, spec_digest,
+                                      tool_param)
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 1024            # stop strings a request may give (generate.stop's max_items)
@@ -345,7 +346,8 @@ def parse_tools(obj: dict) -> tuple[list | None, Any, bool]:
                 raise RequestError(f"'tools[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\", "
                                    "\"description\", \"parameters\"}}}}", param="tools")
             if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
-                raise RequestError(f"'tools[{i}].function.parameters' must be a JSON Schema object", param="tools")
+                raise RequestError(f"'{tool_param(i)}' must be a JSON Schema object", param=tool_param(i),
+                                   code=INVALID_PARAMETERS)
         tools = tools or None
     choice = obj.get("tool_choice")
     names = [t["function"]["name"] for t in tools or []]
@@ -367,6 +369,27 @@ def parse_tools(obj: dict) -> tuple[list | None, Any, bool]:
     if not isinstance(parallel, bool):
         raise RequestError("'parallel_tool_calls' must be true or false", param="parallel_tool_calls")
     return tools, choice, parallel
+
+
+INVALID_PARAMETERS = "invalid_function_parameters"     # OpenAI's code for a tool's parameters it refuses
+
+
+def check_tool_parameters(tools: list | None, choice, *, wait: bool = True) -> None:
+    """A call the request forces (tool_choice "required" or a named function) is written by its
+    tools' parameters schemas, which the engine enforces: each tool's parameters checked as a
+    response_format's schema is (spec_problem: cached, at most MAX_GRAMMAR_CHECKS at once, `wait`
+    as there), so one that cannot be enforced is a RequestError naming `tools[i].function.parameters`
+    when the request is read, not when it reaches the engine. With tool_choice auto or none the
+    parameters only describe the tools in the prompt: not checked."""
+    if not tools or choice in ("none", "auto"):
+        return
+    for i, t in enumerate(tools):
+        fn = t["function"]
+        if fn.get("parameters"):
+            problem = spec_problem({"type": "json_schema", "schema": fn["parameters"]}, wait=wait, where=tool_param(i))
+            if problem:
+                raise RequestError(f"'{tool_param(i)}' cannot be enforced: tool {fn['name']!r}: {problem}",
+                                   param=tool_param(i), code=INVALID_PARAMETERS)
 
 
 def _shown(value) -> str:
@@ -507,6 +530,7 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
         if req.messages is None:
             raise RequestError("'tools' need 'messages' (a chat request)", param="tools")
         req.tools, req.tool_choice, req.parallel_tool_calls = parse_tools(obj)
+        check_tool_parameters(req.tools, req.tool_choice)
     if isinstance(obj.get("response_format"), dict) and obj["response_format"].get("type") in CONSTRAINTS:
         req.response_format = dict(obj["response_format"])     # a constraint agp serve made (guided_*)
     else:                                    # response_format, structured_outputs or guided_*, as agp serve's
@@ -854,13 +878,13 @@ def parse_constraint(obj: dict, *, wait: bool = True) -> dict | None:
     return spec
 
 
-MAX_GRAMMAR_CHECKS = 2          # grammar checks running at once (on 2 cores, 2 leave agp serve's other threads free)
+MAX_GRAMMAR_CHECKS = MAX_GRAMMAR_WORK   # grammar checks running at once (slots shared with the engine's compiles)
 CHECK_CACHE_ENTRIES = 4096      # specs whose check is remembered, keyed by a digest of their canonical
 CHECK_CACHE_BYTES = 4 << 20     # JSON text: an entry holds the digest and the problem (at most ~400 characters)
-_checks = threading.BoundedSemaphore(MAX_GRAMMAR_CHECKS)
 _checked: OrderedDict[bytes, str | None] = OrderedDict()
 _checked_bytes = 0
 _checked_lock = threading.Lock()
+_checking: dict[bytes, threading.Event] = {}     # digest -> set when the check running for it ends
 ENTRY_BYTES = 128               # what one entry costs beside its problem's text (digest, dict slot, links)
 
 
@@ -869,32 +893,50 @@ def spec_problem(spec: dict, *, wait: bool = True, where: str = "response_format
     (clients repeat their schemas), at most CHECK_CACHE_ENTRIES and CHECK_CACHE_BYTES (least recently
     used first out): what the cache holds does not grow with the specs' size. A spec not remembered
     is checked as one of at most MAX_GRAMMAR_CHECKS at once: `wait` False raises ChecksBusy when
-    that many run."""
+    that many run. Equal specs arriving together are checked once: while one's check runs, the
+    others wait for its result (`wait` False: ChecksBusy, as for a turn)."""
     global _checked_bytes
     key = spec_digest(spec)
-    with _checked_lock:
-        if key in _checked:
-            _checked.move_to_end(key)
-            return _checked[key]
-    if not _checks.acquire(blocking=wait):
-        raise ChecksBusy(f"'{where}' needs a grammar check and {MAX_GRAMMAR_CHECKS} are running: try again shortly",
-                         param=where, code=ChecksBusy.CODE)
+    while True:
+        with _checked_lock:
+            if key in _checked:
+                _checked.move_to_end(key)
+                return _checked[key]
+            running = _checking.get(key)
+            if running is None:
+                running = _checking[key] = threading.Event()
+                break
+        if not wait:
+            raise _busy(where, "the check of an equal spec is running")
+        running.wait()          # then its result is remembered (or it was not run: this one checks)
     try:
+        if not grammar_slots.acquire(blocking=wait):
+            raise _busy(where, f"{MAX_GRAMMAR_CHECKS} are running")
         try:
-            check_spec(spec)
-            problem = None
-        except GrammarError as e:
-            problem = str(e)
+            try:
+                check_spec(spec)
+                problem = None
+            except GrammarError as e:
+                problem = str(e)
+        finally:
+            grammar_slots.release()
+        with _checked_lock:
+            if key not in _checked:
+                _checked[key] = problem
+                _checked_bytes += ENTRY_BYTES + len(problem or "")
+                while len(_checked) > CHECK_CACHE_ENTRIES or _checked_bytes > CHECK_CACHE_BYTES:
+                    _, old = _checked.popitem(last=False)
+                    _checked_bytes -= ENTRY_BYTES + len(old or "")
     finally:
-        _checks.release()
-    with _checked_lock:
-        if key not in _checked:
-            _checked[key] = problem
-            _checked_bytes += ENTRY_BYTES + len(problem or "")
-            while len(_checked) > CHECK_CACHE_ENTRIES or _checked_bytes > CHECK_CACHE_BYTES:
-                _, old = _checked.popitem(last=False)
-                _checked_bytes -= ENTRY_BYTES + len(old or "")
+        with _checked_lock:
+            del _checking[key]
+        running.set()
     return problem
+
+
+def _busy(where: str, why: str) -> ChecksBusy:
+    return ChecksBusy(f"'{where}' needs a grammar check and {why}: try again shortly",
+                      param=where, code=ChecksBusy.CODE)
 
 
 def check_cache_info() -> dict:

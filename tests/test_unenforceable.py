@@ -126,16 +126,63 @@ def test_a_schema_that_cannot_be_enforced_is_a_400_naming_where_in_it(server, fi
     assert r.json()["error"]["message"] == message
 
 
-def test_a_tool_whose_parameters_cannot_be_enforced_is_named_without_a_grammar_dump(server):
-    tools = [{"type": "function", "function": {"name": "ok", "parameters": {"type": "object"}}},
-             {"type": "function", "function": {"name": "tag", "parameters": {
-                 "type": "object", "properties": {"xs": {"type": "array", "uniqueItems": True}}}}}]
+UNIQUE_TAGS = [{"type": "function", "function": {"name": "ok", "parameters": {"type": "object"}}},
+               {"type": "function", "function": {"name": "tag", "parameters": {
+                   "type": "object", "properties": {"xs": {"type": "array", "uniqueItems": True}}}}}]
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "ok"}}])
+def test_a_forced_call_whose_tool_parameters_cannot_be_enforced_is_a_400_naming_them(server, choice):
+    """Any tool of a forced call (required, or named: the other tools too) whose parameters cannot be
+    enforced: a 400 naming tools[i].function.parameters (OpenAI's param and code), without a grammar
+    dump; with tool_choice auto the parameters only describe the tool in the prompt: not refused."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "tools": UNIQUE_TAGS}
+    r = httpx.post(server.url + "/v1/chat/completions", json={**body, "tool_choice": choice}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == {
+        "message": "'tools[1].function.parameters' cannot be enforced: tool 'tag': at #/properties/xs: "
+                   "Unimplemented keys: [\"uniqueItems\"]",
+        "type": "invalid_request_error", "param": "tools[1].function.parameters", "code": "invalid_function_parameters"}
+    auto = httpx.post(server.url + "/v1/chat/completions", json={**body, "tool_choice": "auto"}, timeout=60).json()
+    assert "error" not in auto or auto["error"]["param"] != "tools[1].function.parameters"   # (the tiny model's
+    # context may not hold the tools' prompt)
+    r = httpx.post(server.url + "/v1/responses", timeout=60, json={
+        "input": "hi", "max_output_tokens": 8, "tool_choice": "required",
+        "tools": [{"type": "function", **t["function"]} for t in UNIQUE_TAGS]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools[1].parameters", r.text
+    assert r.json()["error"]["message"].startswith("'tools[1].parameters' cannot be enforced: tool 'tag': ")
+
+
+def test_a_forced_calls_tool_parameters_are_refused_when_the_request_is_read():
+    """agp run's lines and agp serve's bodies alike: the check runs when the request is parsed,
+    before it reaches any engine."""
+    from pipeline_dsl.requests_io import RequestError, parse_request
+
+    line = {"messages": [{"role": "user", "content": "hi"}], "tools": UNIQUE_TAGS, "tool_choice": "required"}
+    with pytest.raises(RequestError) as e:
+        parse_request(line, default_id=0)
+    assert e.value.param == "tools[1].function.parameters" and e.value.code == "invalid_function_parameters"
+    assert "uniqueItems" in str(e.value)
+    assert parse_request({**line, "tool_choice": "auto"}, default_id=0).tools == UNIQUE_TAGS
+    with pytest.raises(RequestError) as e:
+        parse_request({**line, "tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]},
+                      default_id=0)
+    assert e.value.param == "tools[0].function.parameters"
+
+
+def test_a_forced_calls_tool_the_engine_gives_up_on_names_its_parameters(server):
+    """A tool's parameters that only the engine's walk with the model's tokens refuses (an object
+    of a thousand optional properties: llguidance gives up after its "{"): the 400 names them."""
+    many = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}
+    tools = [UNIQUE_TAGS[0], {"type": "function", "function": {"name": "many", "parameters": many}}]
     r = httpx.post(server.url + "/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "tools": tools,
         "tool_choice": "required"}, timeout=60)
     assert r.status_code == 400, r.text
-    assert r.json()["error"]["message"] == ("'tool_choice' cannot be enforced: tool 'tag': at #/properties/xs: "
-                                            "Unimplemented keys: [\"uniqueItems\"]")
+    err = r.json()["error"]
+    assert err["param"] == "tools[1].function.parameters"
+    assert err["message"].startswith("'tools[1].function.parameters' cannot be enforced: tool 'many': the grammar "
+                                     "engine gives up on it at output token 1")
 
 
 def test_schema_true_is_any_json_value(server):
@@ -233,3 +280,63 @@ def test_structured_outputs_whitespace_pattern_is_refused(server):
         "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
         "structured_outputs": {"json": {"type": "object"}, "whitespace_pattern": "x"}}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs.whitespace_pattern", r.text
+
+
+def test_new_specs_compile_at_most_the_grammar_slots_at_once_off_the_threads_other_requests_need(server, monkeypatch):
+    """Many distinct new specs arrive together and each engine compile is held (a gate in Grammar):
+    at most MAX_GRAMMAR_WORK compile at once, none on the host pool that tokenises the other
+    requests or on the engine's loop, so a plain request is answered while they are held; two
+    equal specs among them are compiled once; all are answered once the compiles go on."""
+    import uuid
+
+    from pipeline_dsl import constraints
+
+    lock, entered, gate = threading.Lock(), threading.Semaphore(0), threading.Event()
+    inside, most, threads, built = [0], [0], set(), []
+
+    class Held(constrain.Grammar):
+        def __init__(self, compiler, text):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+                threads.add(threading.current_thread().name)
+                built.append(text)
+            entered.release()
+            gate.wait()
+            try:
+                super().__init__(compiler, text)
+            finally:
+                with lock:
+                    inside[0] -= 1
+
+    monkeypatch.setattr(constrain, "Grammar", Held)
+    slots = constraints.MAX_GRAMMAR_WORK
+    same = {"type": "object", "properties": {f"same_{uuid.uuid4().hex}": {"type": "integer"}}}
+    schemas = [same, json.loads(json.dumps(same))] + [
+        {"type": "object", "properties": {f"k_{uuid.uuid4().hex}": {"type": "string"}}} for _ in range(slots + 4)]
+    answers: list = [None] * len(schemas)
+
+    def ask(i):
+        answers[i] = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            "response_format": schema_format(schemas[i])})
+
+    asking = [threading.Thread(target=ask, args=(i,)) for i in range(len(schemas))]
+    try:
+        for t in asking:
+            t.start()
+        for _ in range(slots):
+            entered.acquire()
+        plain = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert plain.status_code == 200, plain.text
+        with lock:
+            assert inside[0] == slots
+    finally:
+        gate.set()
+        for t in asking:
+            t.join()
+    assert [a.status_code for a in answers] == [200] * len(schemas)
+    assert most[0] == slots
+    assert not any(name.startswith(("agp-items", "agp-engine", "agp-serial")) for name in threads), threads
+    assert len(built) == len(set(built)) == len(schemas) - 1        # the equal pair: one compile

@@ -594,6 +594,40 @@ def test_agp_run_lines_wait_for_their_turn_at_the_grammar_checks(monkeypatch):
     assert all(p.response_format["type"] == "json_schema" for p in parsed)
 
 
+def test_equal_specs_arriving_together_are_checked_once(monkeypatch):
+    """While one spec's check runs (held at a gate), an equal spec is not checked again: on a
+    request thread (wait False) it is a ChecksBusy, to wait on the grammar threads; there (wait
+    True) it waits for the running check's result. N equal specs: one check, one answer."""
+    calls, entered, gate = [], threading.Semaphore(0), threading.Event()
+    real = requests_io.check_spec
+
+    def counted(spec, **kw):
+        calls.append(1)
+        if len(calls) == 1:                    # the first check is held until the gate opens
+            entered.release()
+            gate.wait()
+        return real(spec, **kw)
+
+    monkeypatch.setattr(requests_io, "check_spec", counted)
+    spec = {"type": "json_schema", "schema": {**_unique_schema("same"), "uniqueItems": True, "type": "array"}}
+    answers: list = []
+    first = threading.Thread(target=lambda: answers.append(requests_io.spec_problem(spec)))
+    first.start()
+    entered.acquire()
+    for _ in range(3):                         # a slot is free, but the equal spec's check runs
+        with pytest.raises(requests_io.ChecksBusy):
+            requests_io.spec_problem(json.loads(json.dumps(spec)), wait=False)
+    waiting = [threading.Thread(target=lambda: answers.append(requests_io.spec_problem(json.loads(json.dumps(spec)))))
+               for _ in range(4)]
+    for t in waiting:
+        t.start()
+    gate.set()
+    for t in [first, *waiting]:
+        t.join()
+    assert len(calls) == 1
+    assert len(answers) == 5 and len(set(answers)) == 1 and "uniqueItems" in answers[0]
+
+
 def _tools(k: int) -> list:
     return [{"type": "function", "function": {"name": f"f{i}"}} for i in range(k)]
 

@@ -8,7 +8,8 @@ millisecond to compile a schema, tens of microseconds per mask on CPU, and it re
 Schema keywords it cannot enforce instead of silently ignoring them.
 
     compiler = ConstraintCompiler(tokenizer, vocab_size)      # once per model (~0.3 s)
-    grammar = compiler.compile({"type": "json_schema", "schema": {...}})   # cached, thread-safe
+    grammar = compiler.compile({"type": "json_schema", "schema": {...}})   # cached, thread-safe; at most
+                                                              # MAX_GRAMMAR_WORK at once (equal specs: one)
     compiler.cache_info()      # {"entries", "bytes", ...}: at most cache_size grammars, cache_bytes of them
     matcher = grammar.matcher()                               # one per request
     # each step, before sampling (rows without a matcher are not touched):
@@ -29,8 +30,8 @@ from typing import TYPE_CHECKING
 
 # the torch-free half (specs -> grammar text); the names users of this module read are kept here
 from pipeline_dsl.constraints import (JSON_WHITESPACE, PRETTY_WHITESPACE, GrammarBuilder, GrammarError,  # noqa: F401
-                                      check_spec, first_line, llg, need_llguidance, parser_limits, regex_size,
-                                      short, spec_digest)
+                                      check_spec, first_line, grammar_slots, llg, need_llguidance, parser_limits,
+                                      regex_size, short, spec_digest)
 
 if TYPE_CHECKING:  # torch is imported where masks are made
     import torch
@@ -71,6 +72,7 @@ class ConstraintCompiler(GrammarBuilder):
         self.cache_size, self.cache_bytes = cache_size, cache_bytes
         self._cache: OrderedDict[bytes, Grammar] = OrderedDict()
         self._cached_bytes = 0
+        self._compiling: dict[bytes, _Flight] = {}        # digest -> its compile, while it runs
         self._lock = threading.Lock()
 
     def cache_info(self) -> dict:
@@ -84,29 +86,73 @@ class ConstraintCompiler(GrammarBuilder):
         i = self._tk.token_to_id(text)
         return i if i is not None and i < self.tokenizer.vocab_size and self.tokenizer.is_special_token(i) else None
 
-    def compile(self, spec: dict) -> "Grammar":
+    def _key(self, spec) -> bytes:
         try:
-            key = spec_digest(spec)
+            return spec_digest(spec)
         except (TypeError, ValueError) as e:
             raise GrammarError(f"the constraint is not JSON: {e}") from None
+
+    def cached(self, spec) -> bool:
+        """Whether compile(spec) would find it compiled (no grammar work); False for a spec that is not JSON."""
+        try:
+            key = self._key(spec)
+        except GrammarError:
+            return False
         with self._lock:
-            g = self._cache.get(key)
-            if g is not None:
-                self._cache.move_to_end(key)
-                return g
-        g = Grammar(self, self._build(spec))               # llguidance drops the GIL here
-        for where, text in self._json_parts(spec):         # each structure's, each tool's JSON, walked alone
-            try:
-                Grammar(self, text)
-            except GrammarError as e:
-                raise GrammarError(short(f"{where}{e}")) from None
-        with self._lock:
-            if key not in self._cache and g.size <= self.cache_bytes:
-                self._cache[key] = g
-                self._cached_bytes += g.size
-                while len(self._cache) > self.cache_size or self._cached_bytes > self.cache_bytes:
-                    self._cached_bytes -= self._cache.popitem(last=False)[1].size
+            return key in self._cache
+
+    def compile(self, spec: dict) -> "Grammar":
+        """The spec's Grammar: from the cache, or compiled (GrammarError when it cannot be). A compile
+        takes one of the process's grammar slots (constraints.grammar_slots, which the requests'
+        checks share), so at most MAX_GRAMMAR_WORK grammars are built at once whatever specs arrive;
+        equal specs arriving together are compiled once, the others waiting for its result."""
+        key = self._key(spec)
+        while True:
+            with self._lock:
+                g = self._cache.get(key)
+                if g is not None:
+                    self._cache.move_to_end(key)
+                    return g
+                flight = self._compiling.get(key)
+                if flight is None:
+                    flight = self._compiling[key] = _Flight()
+                    break
+            flight.done.wait()
+            if flight.error is not None:
+                raise GrammarError(str(flight.error), flight.error.param)
+            if flight.grammar is not None:
+                return flight.grammar
+        try:
+            with grammar_slots:
+                g = Grammar(self, self._build(spec))               # llguidance drops the GIL here
+                for where, param, text in self._json_parts(spec):  # each structure's, each tool's JSON, walked alone
+                    try:
+                        Grammar(self, text)
+                    except GrammarError as e:
+                        raise GrammarError(short(f"{where}{e}"), param) from None
+            flight.grammar = g
+        except GrammarError as e:
+            flight.error = e
+            raise
+        finally:
+            with self._lock:
+                del self._compiling[key]
+                if flight.grammar is not None and key not in self._cache and g.size <= self.cache_bytes:
+                    self._cache[key] = g
+                    self._cached_bytes += g.size
+                    while len(self._cache) > self.cache_size or self._cached_bytes > self.cache_bytes:
+                        self._cached_bytes -= self._cache.popitem(last=False)[1].size
+            flight.done.set()
         return g
+
+
+class _Flight:
+    """One spec's compile while it runs: what the others that need it wait for."""
+
+    __slots__ = ("done", "grammar", "error")
+
+    def __init__(self):
+        self.done, self.grammar, self.error = threading.Event(), None, None
 
 
 class Grammar:

@@ -18,8 +18,8 @@ class Driving:
     """PipelineRuntime's host pool, its loops and its end (mixed into it)."""
 
     # ---- the host pool ---------------------------------------------------------------
-    def _task(self, fn, *args) -> None:
-        """Run fn(*args) on the host pool, counted (see settle())."""
+    def _task(self, fn, *args, pool=None) -> None:
+        """Run fn(*args) on the host pool (or `pool`: the compile threads), counted (see settle())."""
         with self._lock:
             self._tasks += 1
 
@@ -32,7 +32,7 @@ class Driving:
                     if not self._tasks:
                         self._idle.notify_all()
         try:
-            self.pool.submit(run)
+            (pool or self.pool).submit(run)
         except RuntimeError:                       # the pool is shut down: a late callback ends here
             run()
 
@@ -149,6 +149,7 @@ class Driving:
             for es in self.segments:
                 es.reopen()
         else:
+            self.compile_pool.shutdown(wait=True)
             self.pool.shutdown(wait=True)
         if failure:
             raise failure[0]
@@ -202,5 +203,6 @@ class Driving:
             w.close()
             w.loop.close()
         self.timer.close()
+        self.compile_pool.shutdown(wait=False, cancel_futures=True)
         self.pool.shutdown(wait=False, cancel_futures=True)
 

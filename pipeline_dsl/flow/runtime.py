@@ -21,7 +21,8 @@ flow/driving.py starts, drives and closes it all.
 - A stage that runs user code (python, a join's fn, third-party kinds) runs it on its own
   workers (flow/workers.py): a slow or hung function holds up only its own stage's items.
 - An engine segment (batch -> encode -> kv_lookup -> generate...) takes a Request in at its
-  batcher: tokenised on the host pool (encode), routed among the segment's generate stages,
+  batcher: tokenised on the host pool (encode) (on the compile threads when its constraint
+  is not compiled yet: a large schema's compile holds no host thread), routed among the segment's generate stages,
   copied `n` times and submitted to the segment's executor; the engine steps as soon as the
   first one arrives. Each finished sequence goes on from its generate stage as a Generated
   item; stream stages right after it filter its text while it is generated.
@@ -43,6 +44,7 @@ from typing import Any, Callable
 import networkx as nx
 
 from pipeline_dsl import Reject
+from pipeline_dsl.constraints import MAX_GRAMMAR_WORK
 from pipeline_dsl.graph import segments_of
 from pipeline_dsl.plan import ITEM_WORKERS, make_plan
 
@@ -64,6 +66,13 @@ ENGINE_KINDS = ("dynamic_batch", "encode", "kv_lookup", "generate")
 INLINE = ("requests", "system_prompt", "route", "respond", "join", "dynamic_batch")   # no user code
 TRUSTED = ("requests", "system_prompt", "route")      # built-in stages: their dicts stay valid requests
 _PART = {"requests": "admit", "system_prompt": "apply", "python": "call", "route": "route"}
+
+
+_compile_thread = threading.local()      # .here: a thread of a runtime's compile_pool
+
+
+def _compiles_here() -> None:
+    _compile_thread.here = True
 
 
 class PipelineRuntime(EngineSide, LiveStages, Driving):
@@ -154,6 +163,11 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                 self.caches[n] = ResultCache(p["cache"], p.get("cache_ttl", 0.0))
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agp-items")
         self.pool_size = workers
+        # a request whose constraint is not compiled yet enters its batcher here, off the host pool:
+        # the compile (seconds for a large schema) holds none of the threads that tokenise the other
+        # requests and hand over their answers, and never the engine's loop
+        self.compile_pool = ThreadPoolExecutor(max_workers=MAX_GRAMMAR_WORK, thread_name_prefix="agp-compile",
+                                               initializer=_compiles_here)
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._closing = False
@@ -252,7 +266,11 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                 fired = self.joins.arrive(item.req, stage, item)
             return [x for j, waiting in fired for x in self._fire(item.req, j, waiting)]
         if kind == "dynamic_batch":
-            self._enter_segment(item, self.seg_by_batch[stage])
+            es = self.seg_by_batch[stage]
+            if not getattr(_compile_thread, "here", False) and es.needs_compile(item.data):
+                self._task(self._go, [(item, stage)], pool=self.compile_pool)
+                return []
+            self._enter_segment(item, es)
             return []
         if stage in self.loops and self.loops.leaves(stage, item.turns):
             return self._send(item, stage, only=self.loops.exits[stage])   # max_turns reached: leave

@@ -233,6 +233,16 @@ class EngineSegment:
             return {"type": "json_schema", "schema": self.spec.json_schema[gen]}
         return None
 
+    def needs_compile(self, data: dict) -> bool:
+        """Whether entering the request builds a grammar (its forced tool call's, its
+        response_format's or a generate stage's json_schema, not compiled before: seconds of CPU
+        for a large spec), which the runtime does on its compile threads, not the host pool's."""
+        specs = [spec for gen in self.segment.generates if (spec := self.constraint_spec(gen, data)) is not None]
+        if not specs:
+            return False
+        compiler = self._compiler             # not under its lock, which its first build holds for a while
+        return compiler is None or not all(compiler.cached(spec) for spec in specs)
+
     def compile(self, spec: dict):
         """A compiled constraint (cached by the compiler); InputError when it cannot compile."""
         from pipeline_dsl.engine.constrain import ConstraintCompiler, GrammarError
@@ -246,8 +256,8 @@ class EngineSegment:
                     raise InputError(f"constrained output is not available with this model: {e}") from None
         try:
             return self._compiler.compile(spec)
-        except GrammarError as e:
-            what = "tool_choice" if spec.get("type") == "tool_call" else "response_format"
+        except GrammarError as e:      # a forced call's tool names its parameters (tools[i].function.parameters)
+            what = e.param or ("tool_choice" if spec.get("type") == "tool_call" else "response_format")
             raise InputError(f"'{what}' cannot be enforced: {e}", param=what) from None
 
     def copies(self, gen: str, data: dict) -> int:

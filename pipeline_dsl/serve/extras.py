@@ -18,7 +18,8 @@ one of them. A spec not checked before is checked as one of at most MAX_GRAMMAR_
 large schema takes seconds): `parsed_off_loop` parses a request on a request thread, where a
 check whose turn has not come is not waited for; such a request is parsed again on the grammar
 threads (MAX_GRAMMAR_CHECKS of them), in its turn, while every other request is parsed on the
-request threads. Past GRAMMAR_WAITING requests waiting their turn, one more is a 503 with
+request threads. A spec equal to one being checked waits for that check's result there too (one
+check for any number of equal specs). Past GRAMMAR_WAITING requests waiting their turn, one more is a 503 with
 Retry-After (code grammar_checks_busy).
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pipeline_dsl.requests_io import (IGNORED, MAX_GRAMMAR_CHECKS, ChecksBusy, RequestError, cache_salt,
-                                      parse_constraint)
+                                      check_tool_parameters, parse_constraint)
 from pipeline_dsl.requests_io import bad as request_bad
 
 from .api_error import APIError
@@ -111,6 +112,15 @@ def parse_extras(obj: dict, *, chat: bool) -> Extras:
     with request_errors:             # a request thread never waits for a check's turn; a grammar thread does
         out.constraint = parse_constraint(obj, wait=getattr(_grammar_thread, "waits", False))
     return out
+
+
+def check_tools(tools, choice) -> None:
+    """A forced call's tools' parameters checked (requests_io.check_tool_parameters) as
+    parse_extras checks a response_format: on a request thread, a check whose turn has not come is
+    ChecksBusy (parsed_off_loop parses the request again on the grammar threads); an APIError (400)
+    naming tools[i].function.parameters."""
+    with request_errors:
+        check_tool_parameters(tools, choice, wait=getattr(_grammar_thread, "waits", False))
 
 
 GRAMMAR_WAITING = 256                # requests waiting for a grammar check's turn; one more is a 503

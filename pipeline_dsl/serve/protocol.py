@@ -27,7 +27,7 @@ from pipeline_dsl.requests_io import check_lacking as request_check_lacking
 from stages.fields import REQUEST_FIELDS, ParamError, check_value, param_of
 
 from .api_error import APIError
-from .extras import parse_extras, refused, request_errors
+from .extras import check_tools, parse_extras, refused, request_errors
 from .token_fields import MAX_LOGPROBS, parse_token_fields
 
 log = logging.getLogger("agp.serve")
@@ -426,6 +426,7 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     metadata = _field(obj, "metadata", lambda v: isinstance(v, dict), "an object")
     with request_errors:
         tools, choice, parallel = parse_tools(obj)
+    check_tools(tools, choice)
     extras = parse_extras(obj, chat=True)
     fields.update(extras.fields)
     fields.update(_render_flags(obj))

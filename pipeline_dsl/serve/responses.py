@@ -248,9 +248,11 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
         req = P.parse_chat({k: v for k, v in chat.items() if v is not None}, max_model_len=max_model_len,
                            served=served, stages=stages)
     except APIError as e:                       # name the field as the client wrote it
-        if e.param in RENAMED:
-            e.message = e.message.replace(f"'{e.param}'", f"'{RENAMED[e.param]}'")
-            e.param = RENAMED[e.param]
+        named = RENAMED.get(e.param) or (e.param.replace(".function.", ".", 1)
+                                         if (e.param or "").startswith("tools[") else None)
+        if named:
+            e.message = e.message.replace(f"'{e.param}'", f"'{named}'")
+            e.param = named
         raise
     settings = {"instructions": obj.get("instructions"), "max_output_tokens": obj.get("max_output_tokens"),
                 "temperature": obj.get("temperature"), "top_p": obj.get("top_p"),
