@@ -11,6 +11,8 @@ from __future__ import annotations
 import ast
 import operator
 import re
+import threading
+import time
 
 from pipeline_dsl import Reject
 
@@ -129,3 +131,47 @@ def calculator(item: dict):
     ]
     request.setdefault("metadata", {})["tool_result"] = str(value)
     return request
+
+
+# ---------------------------------------------------------------- per-tenant rate limits
+
+# tier -> (burst, requests per second): a token bucket per tenant (metadata.tenant)
+RATE_LIMITS = {"free": (2, 0.5), "pro": (20, 10.0)}
+PRIORITY = {"pro": 0, "free": 10}          # lower is admitted first (scheduling_policy = priority)
+_buckets: dict = {}                        # tenant -> (tokens left, when counted)
+_buckets_lock = threading.Lock()           # calls run on several worker threads at once
+
+
+def rate_limit(item: dict) -> dict:
+    """Before the batcher: refuse a tenant over its rate with a 429 and the seconds until its
+    next request would pass (Retry-After); give the request its tier's priority."""
+    metadata = item.get("metadata") or {}
+    tenant = str(metadata.get("tenant", "anonymous"))
+    tier = metadata.get("tier") if metadata.get("tier") in RATE_LIMITS else "free"
+    burst, per_second = RATE_LIMITS[tier]
+    now = time.monotonic()
+    with _buckets_lock:
+        tokens, then = _buckets.get(tenant, (burst, now))
+        tokens = min(burst, tokens + (now - then) * per_second)
+        if tokens < 1:
+            _buckets[tenant] = (tokens, now)
+            raise Reject(f"tenant {tenant!r} is over its rate limit of {per_second:g} requests a second",
+                         status=429, retry_after=(1 - tokens) / per_second)
+        _buckets[tenant] = (tokens - 1, now)
+    item["priority"] = PRIORITY[tier]
+    return item
+
+
+# ---------------------------------------------------------------- a cascade of two engines
+
+def finished(item: dict) -> str:
+    """After the first engine: "unfinished" (to the second engine) when the answer was cut at
+    max_new_tokens or is empty, else "finished" (the `otherwise` edge: the answer as it is)."""
+    if item["finish_reason"] == "length" or not item["text"].strip():
+        return "unfinished"
+    return "finished"
+
+
+def ask_again(item: dict) -> dict:
+    """The request of an answer the first engine could not finish, for the second engine."""
+    return item["request"]

@@ -46,13 +46,28 @@ __all__ = ["CheckFailed", "Diagnostic", "SourcePos", "Reject", "Retry", "load", 
 
 class Reject(Exception):
     """Raised by a python stage's function to refuse the request it is looking at: that request
-    gets this message as its error (HTTP 400 in agp serve); every other request goes on.
+    gets this message as its error (HTTP 400 in agp serve, or the 4xx `status` given, with a
+    `Retry-After` header of `retry_after` seconds when given); every other request goes on.
 
         def guard(item):
             if "password" in item["text"]:
                 raise pipeline_dsl.Reject("the answer would disclose a password")
             return item
+
+        def rate_limit(item):
+            if over_limit(item["metadata"]["tenant"]):
+                raise pipeline_dsl.Reject("over the tenant's rate limit", status=429, retry_after=2)
+            return item
     """
+
+    def __init__(self, message: str = "", *, status: int = 400, retry_after: float | None = None):
+        if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 499:
+            raise ValueError(f"Reject's status must be a 4xx HTTP status (400 to 499), got {status!r}")
+        if retry_after is not None and (isinstance(retry_after, bool) or not isinstance(retry_after, (int, float))
+                                        or not 0 <= retry_after < float("inf")):
+            raise ValueError(f"Reject's retry_after must be a number of seconds >= 0, got {retry_after!r}")
+        super().__init__(message)
+        self.status, self.retry_after = status, retry_after
 
 
 class Retry(Exception):

@@ -76,3 +76,40 @@ def test_tool_loop_puts_the_calculators_result_in_the_answer():
     messages = res.choices[0].data["request"]["messages"]
     assert any(m["role"] == "tool" and m["content"] == "37 * 12 = 444" for m in messages)
     assert stats["stages"]["gen"]["items_in"] == 2 and stats["stages"]["tool"]["items_in"] == 2
+
+
+def test_extract_answers_json_that_follows_the_schema():
+    import json
+
+    reqs = [user("alice", "Alice Smith is 34 and lives in Paris."), user("bob", "Bob Jones, 51, from Oslo.")]
+    results, _ = run("extract.agp", reqs)
+    for res in results:
+        person = json.loads(res.choices[0].text)
+        assert set(person) == {"name", "age", "city"}
+        assert isinstance(person["name"], str) and isinstance(person["city"], str)
+        assert isinstance(person["age"], int) and person["age"] >= 0
+
+
+def test_tenants_refuses_a_tenant_over_its_rate_with_a_429_and_admits_pro_tenants_first():
+    # a free tenant's burst is 2: of three requests at once exactly one is refused, with the
+    # seconds until the next would pass; a pro tenant's three all run, at priority 0
+    reqs = ([user(f"free{i}", "Hi!", max_tokens=2, metadata={"tenant": "t-free", "tier": "free"}) for i in range(3)]
+            + [user(f"pro{i}", "Hi!", max_tokens=2, metadata={"tenant": "t-pro", "tier": "pro"}) for i in range(3)])
+    results, stats = run("tenants.agp", reqs)
+    by_id = {r.id: r for r in results}
+    refused = [r for r in results if not r.ok]
+    assert len(refused) == 1 and refused[0].id.startswith("free")
+    err = refused[0].error
+    assert (err.kind, err.stage, err.status) == ("rejected", "gate", 429) and 0 < err.retry_after <= 2
+    assert "over its rate limit" in err.message
+    assert all(by_id[f"pro{i}"].choices[0].data["request"]["priority"] == 0 for i in range(3))
+    assert stats["stages"]["gate"]["rejected"] == 1 and stats["stages"]["gen"]["items_in"] == 5
+
+
+def test_fallback_asks_the_second_engine_only_for_answers_the_first_could_not_finish():
+    reqs = [user("short", "What is 2+3? Answer with a number."),
+            user("long", "Write a long story about a dragon who learns to bake bread.")]
+    (short, long_), stats = run("fallback.agp", reqs)
+    assert short.choices[0].data["generated_by"] == "fast"
+    assert long_.choices[0].data["generated_by"] == "strong"
+    assert stats["stages"]["strong"]["items_in"] == 1 and stats["stages"]["fast"]["items_in"] == 2

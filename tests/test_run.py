@@ -369,3 +369,55 @@ def test_a_request_lines_empty_prompt_is_refused_and_a_bias_of_minus_100_taken()
     assert parse_request({"prompt": "x", "logit_bias": {"5": -100}}).item()
     with pytest.raises(RequestError, match="must be a number from -100 to 100"):
         parse_request({"prompt": "x", "logit_bias": {"5": -100.5}})
+
+
+CASCADE = """
+pipeline cascade {{
+    model = "{model}"
+    device = cpu
+    stage request : requests      {{}}
+    stage batch   : dynamic_batch {{ max_batch_size = 4  timeout = 2ms }}
+    stage encode  : encode        {{}}
+    stage kv      : kv_lookup     {{ block_size = 8  budget = 1MiB }}
+    stage first   : generate      {{ max_new_tokens = 3 }}
+    stage check   : python        {{ fn = "cascade_hooks:second_copy_again"  returns = any }}
+    stage batch2  : dynamic_batch {{ max_batch_size = 4  timeout = 2ms }}
+    stage encode2 : encode        {{}}
+    stage kv2     : kv_lookup     {{ block_size = 8  budget = 1MiB }}
+    stage second  : generate      {{ max_new_tokens = 3 }}
+    stage out     : respond       {{}}
+    request -> batch -> encode -> kv -> first -> check
+    check -> out
+    check -> batch2 -> encode2 -> kv2 -> second -> out
+}}
+"""
+
+CASCADE_HOOKS = '''
+import threading
+
+_seen, _lock = set(), threading.Lock()
+
+def second_copy_again(item):
+    """The first copy of a request to get here is its answer; the next is asked again of 'second'."""
+    with _lock:
+        again = item["id"] in _seen
+        _seen.add(item["id"])
+    return item["request"] if again else item
+'''
+
+
+def test_each_choice_of_a_run_record_names_the_generate_stage_that_made_it(tmp_path, tiny_gguf):
+    """docs/language.md: `generated_by` names the stage that made the answer in a pipeline with
+    several; with n = 2 through a cascade one choice comes from each stage, and each choice
+    says which (the record's own generated_by is its first choice's)."""
+    (tmp_path / "cascade_hooks.py").write_text(CASCADE_HOOKS, encoding="utf-8")
+    agp = tmp_path / "cascade.agp"
+    agp.write_text(CASCADE.format(model=tiny_gguf), encoding="utf-8")
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": "q", "prompt": "hello", "n": 2, "ignore_eos": True}) + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    proc = clikit.agp_in("run", agp, "-i", inp, "-o", out, "--threads", "1", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    (row,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(c["generated_by"] for c in row["choices"]) == ["first", "second"]
+    assert row["generated_by"] == row["choices"][0]["generated_by"]

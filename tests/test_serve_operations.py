@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from test_serve import ROOT, LiveServer, _pipeline_file
+from test_serve import ROOT, TINY, LiveServer, _pipeline_file
 
 
 @pytest.fixture(scope="module")
@@ -383,3 +383,50 @@ def test_a_server_without_trace_keeps_no_spans_and_one_with_it_keeps_them(tmp_pa
             assert r.status_code == 200, r.text
         kept = len(serving.runtime.trace.spans)
     assert kept > 0 if trace else kept == 0
+
+
+GATE = '''
+import pipeline_dsl
+
+def gate(item):
+    tier = item.get("metadata", {}).get("tier")
+    if tier == "over":
+        raise pipeline_dsl.Reject("over the tenant's rate limit", status=429, retry_after=2.5)
+    if tier == "banned":
+        raise pipeline_dsl.Reject("this key may not use the model", status=403)
+    if tier == "plain":
+        raise pipeline_dsl.Reject("refused")
+    if tier == "bad":
+        raise pipeline_dsl.Reject("refused", status=500)
+    return item
+'''
+
+
+def test_a_reject_answers_the_4xx_status_and_retry_after_it_names(tmp_path, tiny_gguf, monkeypatch):
+    """docs/language.md, python stages: Reject(..., status=429, retry_after=2.5) is a 429
+    rate_limit_error with Retry-After: 3 (a rate limiter in the pipeline); a plain Reject stays a
+    400; a status that is not a 4xx fails the request as the stage's bug (500); other requests go on."""
+    (tmp_path / "gate_hooks.py").write_text(GATE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=8, timeout=20).replace(
+        "request -> batch", 'stage gate : python { fn = "gate_hooks:gate" }\n    request -> gate -> batch')
+    s = LiveServer(tiny_gguf, text=text)
+    try:
+        def post(tier):
+            return httpx.post(s.url + "/v1/chat/completions", timeout=60,
+                              json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                    "metadata": {"tier": tier}})
+        r = post("over")
+        assert r.status_code == 429 and r.headers["retry-after"] == "3"
+        assert r.json()["error"] == {"message": "over the tenant's rate limit", "type": "rate_limit_error",
+                                     "param": "gate", "code": "rejected"}
+        r = post("banned")
+        assert r.status_code == 403 and "retry-after" not in r.headers
+        assert r.json()["error"]["type"] == "permission_error"
+        r = post("plain")
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+        r = post("bad")
+        assert r.status_code == 500 and "status must be a 4xx" in r.json()["error"]["message"]
+        assert post("fine").status_code == 200
+    finally:
+        s.close()

@@ -77,8 +77,10 @@ def record(req: RunRequest, result, several: bool = False, runtime=None) -> dict
     ids = (first.data.get("request") or {}).get("return_token_ids")     # vLLM's return_token_ids
     if ids:
         out["prompt_token_ids"], out["token_ids"] = first.data.get("prompt_token_ids"), first.data.get("token_ids")
-    if len(result.choices) > 1:
+    if len(result.choices) > 1:       # each choice names its own stage: a cascade may answer them on two
         out["choices"] = [{"index": c.index, "text": p.pop("text"), "finish_reason": c.finish_reason,
+                           **({"generated_by": c.data["generated_by"]}
+                              if several and c.data.get("generated_by") else {}),
                            **({"token_ids": c.data.get("token_ids")} if ids else {}), **p}
                           for c, p in zip(result.choices, parts)]
     return out

@@ -673,9 +673,11 @@ def _ignore(_chunk) -> None:
 def _error_of(stage: str, exc: BaseException, what: str = "stage") -> PipelineError:
     """Any exception of a stage (BaseException included) as its request's error."""
     if isinstance(exc, PipelineError):
-        return exc if exc.stage else PipelineError(exc.message, exc.kind, stage)
+        return exc if exc.stage else PipelineError(exc.message, exc.kind, stage, exc.code, exc.param,
+                                                   exc.status, exc.retry_after)
     if isinstance(exc, Reject):
-        return PipelineError(_said(exc) or "rejected", "rejected", stage)
+        return PipelineError(_said(exc) or "rejected", "rejected", stage,
+                             status=getattr(exc, "status", None), retry_after=getattr(exc, "retry_after", None))
     if isinstance(exc, StageTimeout):
         return PipelineError(f"{what} '{stage}' timed out: {exc}", "timeout", stage)
     if isinstance(exc, StageStuck):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import math
 import re
 
 from fastapi.responses import JSONResponse
@@ -36,6 +37,9 @@ FAILURES: dict[str, tuple[int, str, str | None, bool]] = {
     "timeout": (504, "server_error", "stage_timeout", False),         # a stage's own timeout passed
     "failed": (500, "server_error", "stage_failed", False),           # a user function or the engine
 }
+# the OpenAI error type of a Reject's own 4xx status (others: invalid_request_error)
+REJECT_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                429: "rate_limit_error"}
 
 
 def api_error(e: PipelineError, kind: str, retry_after_s: int = 1, max_tokens_field: str = "max_tokens") -> APIError:
@@ -53,8 +57,15 @@ def api_error(e: PipelineError, kind: str, retry_after_s: int = 1, max_tokens_fi
             else "tokens" if kind == "detokenize" else "prompt")
     else:
         param = e.stage if e.kind in ("rejected", "failed") else None
+    headers = {"Retry-After": str(retry_after_s)} if retry else None
+    if e.kind == "rejected":            # a Reject may name its 4xx and a Retry-After of its own
+        status = getattr(e, "status", None) or status
+        type_ = REJECT_TYPES.get(status, type_)
+        wait = getattr(e, "retry_after", None)
+        if wait is not None:
+            headers = {"Retry-After": str(math.ceil(wait))}
     return APIError(message, status=status, type=type_, code=getattr(e, "code", None) or code, param=param,
-                    headers={"Retry-After": str(retry_after_s)} if retry else None)
+                    headers=headers)
 
 
 def log_error(err: APIError) -> None:

@@ -76,7 +76,7 @@ class Generations:
         return req
 
     def refused(self, err: P.APIError) -> Response:
-        if "Retry-After" in err.headers:
+        if "Retry-After" in err.headers and err.code != "rejected":   # a Reject's retry_after is its own
             err.headers["Retry-After"] = str(self.config.retry_after_s)
         self.metrics.requests.labels(str(err.status)).inc()
         return error_response(err)

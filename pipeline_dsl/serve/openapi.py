@@ -321,7 +321,8 @@ ERRORS = {
     "413": _error("the request body is larger than --max-body-bytes, or than any prompt the pipeline takes "
                   "(a gzip or deflate body: as sent or once decoded)"),
     "415": _error("the request body is not application/json, or its Content-Encoding is neither gzip nor deflate"),
-    "429": _error("requests.max_queue requests are waiting: retry after Retry-After seconds"),
+    "429": _error("requests.max_queue requests are waiting, or a python stage's Reject(status=429): retry after "
+                  "Retry-After seconds"),
     "500": _error("a stage of the pipeline (a user function) failed on this request"),
     "503": _error("the server is shutting down, is overloaded (--max-connections, --max-body-bytes-arriving) "
                   "or its engine failed"),
