@@ -508,8 +508,11 @@ class Executor:
             torch.cuda.synchronize(self.device)
 
     def run(self, on_output: Callable | None = None, *, on_error: Callable | None = None,
-            until_idle: bool = True) -> dict:
-        """Run until every request is done (or, with until_idle=False, until close())."""
+            until_idle: bool = True, measure: bool = True) -> dict:
+        """Run until every request is done (or, with until_idle=False, until close()).
+        The stats' measured_overlap is the trace's, over every span it keeps (up to 100,000 by
+        default: a walk of them all at the end of each run); measure=False leaves it out, for a
+        caller that measures the trace itself once (the pipeline runtime's summary)."""
         self._on_output, self._on_error = on_output, on_error
         with self.lock:
             self._closing = until_idle or self._close_called
@@ -541,10 +544,12 @@ class Executor:
         wall = time.perf_counter() - t0
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        return {"overlap": overlap, "measured_overlap": round(self.trace.measured_overlap(), 4),
-                "executor_wall_s": round(wall, 4), "steps": self.steps,
-                "discarded_tokens": self.discarded_tokens, "last_prefill_step": self.last_prefill,
-                "streams": [s.name for s in self.plan.streams]}
+        stats = {"overlap": overlap, "executor_wall_s": round(wall, 4), "steps": self.steps,
+                 "discarded_tokens": self.discarded_tokens, "last_prefill_step": self.last_prefill,
+                 "streams": [s.name for s in self.plan.streams]}
+        if measure:
+            stats["measured_overlap"] = round(self.trace.measured_overlap(), 4)
+        return stats
 
     def _same_threads(self) -> None:
         """A loop thread takes the torch thread count of the thread that called run() (it is per
