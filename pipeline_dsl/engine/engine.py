@@ -406,19 +406,23 @@ class Engine:
         """The step's inputs as arrays: tokens (PLACEHOLDER where a token is still in flight),
         starts, counts, sample flags, and the block tables as rows of the block manager's array."""
         items = plan.items
-        n = len(items)
-        starts = np.fromiter((it.start for it in items), np.int64, n)
-        counts = np.fromiter((it.num_tokens for it in items), np.int64, n)
-        sample = np.fromiter((it.sample for it in items), bool, n)
-        rows = np.fromiter((self.blocks.row(it.seq.request_id) for it in items), np.int64, n)
+        decodes = not plan.num_prefill_tokens                               # decodes: one token each
+        # one pass over the items, its columns split by zip (per item no call: a step of 32
+        # sequences took ~230 Python calls here as generator expressions)
+        cols = [(it.start, it.num_tokens, it.sample, it.seq.request_id,
+                 it.seq.token_ids[it.start] if decodes else 0, it.seq.prompt_out is not None)
+                for it in items]
+        starts, counts, sample, ids, first, outs = zip(*cols) if cols else ((),) * 6
+        starts, counts = np.array(starts, np.int64), np.array(counts, np.int64)
+        rows = np.array(self.blocks.rows(ids), np.int64)
         tables, lens = self.blocks.tables.rows(rows)                        # [n, W], [n]
-        if plan.num_prefill_tokens:
+        if decodes:
+            tokens = np.array(first, np.int64)
+        else:
             toks = chain.from_iterable(it.seq.token_ids[it.start:it.start + it.num_tokens] for it in items)
             tokens = np.fromiter(toks, np.int64, int(counts.sum()))
-        else:                                                               # decodes: one token each
-            tokens = np.fromiter((it.seq.token_ids[it.start] for it in items), np.int64, n)
-        wanted = [self.rows_of(it) for it in items]                         # prompt outputs, per item
-        return StepBatch(tokens, starts, counts, sample, tables, lens, plan.pad_to,
+        wanted = [self.rows_of(it) for it in items] if any(outs) else ()    # prompt outputs, per item
+        return StepBatch(tokens, starts, counts, np.array(sample, bool), tables, lens, plan.pad_to,
                          rows=wanted if any(wanted) else None)
 
     def prepare(self, batch: StepBatch):
