@@ -566,8 +566,9 @@ class Engine:
         st.last = now
         text_from = len(st.text)
         reason = stop_reason = None
+        num_output = seq.num_output            # the token is in seq.token_ids: fixed from here on
         logprobs = self.features.logprobs_of(seq, token) if p.logprobs is not None else None
-        if st.error_at is not None and seq.num_output > st.error_at:
+        if st.error_at is not None and num_output > st.error_at:
             reason = "error"                   # the grammar refused a token: see metrics["error"]
             st.text += st.detok.flush()
         elif token in p.stop_token_ids or (token in self.eos_token_ids and (
@@ -577,14 +578,14 @@ class Engine:
                 stop_reason = token   # vLLM's stop_reason: the listed id (an EOS that ends the answer: None)
             st.text += st.detok.add(token, final=True) if p.include_stop_str_in_output else st.detok.flush()
         else:
-            last = seq.num_output >= p.max_tokens or len(seq.token_ids) >= self.max_model_len
+            last = num_output >= p.max_tokens or num_output + seq.num_prompt >= self.max_model_len
             piece = st.detok.add(token, final=last)
             # cut by a length limit: a character whose bytes had not all come is not emitted
             # (flushing would show its bytes as U+FFFD); an EOS or a stop keeps what the model made
             st.text += piece.rstrip("\ufffd") if last else piece
             # no stop string ends the answer before min_tokens tokens (vLLM: those completing in
             # the text of token min_tokens + 1 or later, however early they begin)
-            cut = st.stops.find(st.text, text_from, report=seq.num_output > p.min_tokens)
+            cut = st.stops.find(st.text, text_from, report=num_output > p.min_tokens)
             if cut >= 0:
                 end = cut + st.stops.matched if p.include_stop_str_in_output else cut
                 stop_reason = st.text[cut:cut + st.stops.matched]        # which stop string (vLLM's stop_reason)
@@ -610,7 +611,7 @@ class Engine:
                     metrics["error_param"] = st.error_param
         prompt_lp, pooled = seq.prompt_out.take() if seq.prompt_out is not None else (None, None)
         return RequestOutput(seq.request_id, [token], delta, text, reason is not None, reason,
-                             seq.num_prompt, seq.num_output, seq.cached_tokens, metrics, logprobs,
+                             seq.num_prompt, num_output, seq.cached_tokens, metrics, logprobs,
                              prompt_lp, pooled, stop_reason)
 
     def _finish(self, seq: Sequence, reason: str) -> None:

@@ -287,15 +287,17 @@ class Executor:
                         wait = 0.005 if self._idle() else 0.002   # direct adds do not notify
                     self._wake.wait(wait)
                 return False
-            pos, pre, seqs = [], [], []
+            pre = [it.seq.num_preemptions for it in so.items]
+            pos, seqs = [], []
             for it in so.items:       # advance as if the step were done (its token unknown)
                 seq = it.seq
                 seq.num_computed = it.start + it.num_tokens
-                pre.append(seq.num_preemptions)
                 if it.sample:
-                    seq.state.pending[len(seq.token_ids)] = (m, len(seqs))
-                    pos.append(len(seq.token_ids))
-                    seq.token_ids.append(PLACEHOLDER)
+                    ids = seq.token_ids
+                    at = len(ids)
+                    seq.state.pending[at] = (m, len(seqs))
+                    pos.append(at)
+                    ids.append(PLACEHOLDER)
                     seqs.append(seq)
                 else:
                     pos.append(None)
