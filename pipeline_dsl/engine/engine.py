@@ -585,7 +585,7 @@ class Engine:
             st.text += piece.rstrip("\ufffd") if last else piece
             # no stop string ends the answer before min_tokens tokens (vLLM: those completing in
             # the text of token min_tokens + 1 or later, however early they begin)
-            cut = st.stops.find(st.text, text_from, report=num_output > p.min_tokens)
+            cut = st.stops.find(st.text, text_from, report=num_output > p.min_tokens) if st.stops.stops else -1
             if cut >= 0:
                 end = cut + st.stops.matched if p.include_stop_str_in_output else cut
                 stop_reason = st.text[cut:cut + st.stops.matched]        # which stop string (vLLM's stop_reason)
@@ -594,7 +594,7 @@ class Engine:
                 reason = "length"
         text = st.text
         # nothing is held back when the stop string is shown anyway (vLLM does the same)
-        held = 0 if p.include_stop_str_in_output else st.stops.hold_back()
+        held = 0 if p.include_stop_str_in_output or not st.stops.stops else st.stops.hold_back()
         visible = len(text) if reason else len(text) - held
         visible = max(visible, st.emitted)
         delta, st.emitted = text[st.emitted:visible], visible
