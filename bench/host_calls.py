@@ -9,6 +9,10 @@ more decode step costs, with the request's admission, prefill and finish cancell
     .venv/bin/python bench/host_calls.py                  # agp run's path: examples/chat.agp
     .venv/bin/python bench/host_calls.py --engine         # the engine alone (Engine.step)
     .venv/bin/python bench/host_calls.py --top 40         # the functions, most calls first
+    .venv/bin/python bench/host_calls.py --workload bench/w32.jsonl --batch   # W32: 32 at once
+
+With `--batch` every line of the workload runs at once (W32: a decode step of 32 sequences);
+the figure is still per decode step (divide by the batch for per token).
 
 Parts are the module a function lives in (pipeline_dsl.engine.scheduler, ...flow.segment);
 torch's and the standard library's calls are counted under `torch` / `stdlib` / `builtins`.
@@ -90,6 +94,7 @@ def main() -> int:
     ap.add_argument("--engine", action="store_true", help="drive the Engine alone, not the pipeline")
     ap.add_argument("--short", type=int, default=16)
     ap.add_argument("--long", type=int, default=80)
+    ap.add_argument("--batch", action="store_true", help="every line of the workload at once, not the first")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--no-profile", action="store_true", help="run --long only, unprofiled (callgrind)")
     ap.add_argument("--json", help="write the per-step counts here")
@@ -104,7 +109,8 @@ def main() -> int:
         prof.start()
     from pipeline_dsl.requests_io import parse_request
 
-    request = json.loads(Path(args.workload).read_text().splitlines()[0])
+    lines = [json.loads(line) for line in Path(args.workload).read_text().splitlines() if line.strip()]
+    requests = lines if args.batch else lines[:1]
     if args.engine:
         from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
 
@@ -112,8 +118,9 @@ def main() -> int:
         engine = Engine(EngineConfig(threads=args.threads, batch_timeout_s=0.0))
 
         def run(n: int, rid: str) -> list[int]:
-            engine.add_request(rid, messages=request["messages"],
-                               params=SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+            for i, request in enumerate(requests):
+                engine.add_request(f"{rid}{i}", messages=request["messages"],
+                                   params=SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
             toks: list[int] = []
             while engine.has_unfinished():
                 for o in engine.step():
@@ -124,12 +131,15 @@ def main() -> int:
 
         rt = build_runtime(Path(args.pipeline), overrides={"threads": args.threads})
 
-        def run(n: int, rid: str) -> list[int]:
-            item = parse_request(dict(request, id=rid, max_tokens=n), default_id=0).item()
-            out = rt.run_all([item], keep_open=True)[0]
-            if out.error is not None:
-                raise SystemExit(f"the request failed: {out.error}")
-            return [out.choices[0].text]
+        def run(n: int, rid: str) -> list[str]:
+            items = [parse_request(dict(request, id=f"{rid}{i}", max_tokens=n), default_id=0).item()
+                     for i, request in enumerate(requests)]
+            texts = []
+            for out in rt.run_all(items, keep_open=True):
+                if out.error is not None:
+                    raise SystemExit(f"the request failed: {out.error}")
+                texts.append(out.choices[0].text)
+            return texts
 
     run(4, "warm")
     if args.no_profile:
@@ -151,8 +161,9 @@ def main() -> int:
         by_part[part(k)] += v
     total = sum(per.values())
     mine = sum(v for k, v in per.items() if k.startswith("pipeline_dsl"))
+    out = "tokens" if args.engine else "texts"
     print(f"{'engine alone' if args.engine else 'pipeline ' + Path(args.pipeline).name}: "
-          f"{len(toks)} tokens out; per decode step: {total:.1f} Python calls "
+          f"{len(requests)} request(s), {len(toks)} {out} out; per decode step: {total:.1f} Python calls "
           f"({mine:.1f} in pipeline_dsl's own functions)")
     print("\nby part (calls a decode step):")
     for k, v in by_part.most_common():

@@ -6,6 +6,7 @@ import random
 
 import networkx as nx
 import pytest
+import torch
 
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
 from pipeline_dsl.engine.executor import AHEAD, Executor, _Signals, default_plan, run_requests
@@ -55,6 +56,28 @@ def test_greedy_outputs_are_identical_with_and_without_overlap(tiny_gguf):
         got: dict = {}
         run_requests(engine(tiny_gguf), reqs, overlap=overlap, on_output=finished(got))
         assert got == reference
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_steps_torch_work_runs_in_inference_mode_and_the_host_work_outside_it(tiny_gguf, overlap):
+    """The index tensors and the forward (and sampling) of every step run in inference mode,
+    handed over together or one by one; the host's work (admission, emit) does not."""
+    eng = engine(tiny_gguf)
+    modes: dict = {"prepare": set(), "forward": set(), "accept": set()}
+
+    def seen(name, fn):
+        def wrapped(*args, **kwargs):
+            modes[name].add(torch.is_inference_mode_enabled())
+            return fn(*args, **kwargs)
+        return wrapped
+
+    eng.prepare, eng.forward = seen("prepare", eng.prepare), seen("forward", eng.forward)
+    eng.accept_token = seen("accept", eng.accept_token)
+    reqs = greedy_requests(4)
+    got: dict = {}
+    run_requests(eng, reqs, overlap=overlap, on_output=finished(got))
+    assert got == stepped(engine(tiny_gguf), reqs)
+    assert modes == {"prepare": {True}, "forward": {True}, "accept": {False}}
 
 
 def mixed_requests(n: int, seed: int = 0):

@@ -136,6 +136,20 @@ def test_on_compute_returns_raises_and_nests():
     assert not on_compute(torch.is_inference_mode_enabled)
 
 
+def test_a_call_that_leaves_a_mode_changed_on_the_compute_thread_does_not_pass_it_on():
+    """Each call runs in its caller's grad and inference modes, whatever a call before it left
+    set on the compute thread (torch.set_grad_enabled(False) called as a function)."""
+    assert on_compute(torch.is_grad_enabled)
+    on_compute(torch.set_grad_enabled, False)
+    try:
+        assert on_compute(torch.is_grad_enabled) and not on_compute(torch.is_inference_mode_enabled)
+        with torch.no_grad():
+            assert not on_compute(torch.is_grad_enabled)
+        assert on_compute(torch.is_grad_enabled)
+    finally:
+        on_compute(torch.set_grad_enabled, True)
+
+
 def test_cpu_overlaps_the_streams_only_with_a_core_to_spare(tiny_gguf):
     assert not cpu_overlap_pays(2, cores=2) and not cpu_overlap_pays(4, cores=2)
     assert cpu_overlap_pays(1, cores=2) and cpu_overlap_pays(2, cores=4)

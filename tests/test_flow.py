@@ -544,6 +544,29 @@ def test_every_planned_piece_of_work_runs_and_is_traced(tmp_path):
     assert item_spans and all("request" in e["args"] for e in item_spans)
 
 
+def test_the_runtime_walks_its_trace_for_the_overlap_only_when_asked(tmp_path):
+    """The trace keeps up to 100,000 spans across runs: the engine's run does not walk them all
+    at its end (the run summary measures the overlap once, from the runtime's trace)."""
+    from pipeline_dsl.engine.trace import Trace
+
+    class Counted(Trace):
+        walks = 0
+
+        def measured_overlap(self) -> float:
+            Counted.walks += 1
+            return super().measured_overlap()
+
+    body = "stage request : requests {}\nstage gen : generate { max_new_tokens = 2 }\nstage out : respond {}\n" \
+           "request -> batch\n" + chain() + "gen -> out\n"
+    trace = Counted()
+    rt = PipelineRuntime(load_graph(write(tmp_path, body)), overrides={"threads": 1}, trace=trace)
+    for n in range(3):
+        assert all(r.ok for r in rt.run_all([chat(f"r{n}", "hello")], keep_open=True))
+    rt.shutdown()
+    assert trace.spans and Counted.walks == 0
+    assert 0.0 <= trace.measured_overlap() <= 1.0 and Counted.walks == 1
+
+
 def test_run_all_waits_when_the_queue_fills_between_its_check_and_the_submit(tmp_path):
     """A batch never answers a line 'queue full': the queue can fill after the feeder saw room
     (a sequence leaves its engine, still in flight), and then the feeder waits and submits again."""

@@ -128,6 +128,24 @@ def test_a_sentencepiece_gguf_without_the_space_prefix_puts_none_before_the_text
     assert tok.decode(tok.encode("  two spaces first")) == "  two spaces first"
 
 
+@pytest.mark.parametrize("space_prefix", [True, False], ids=["space-prefix", "no-space-prefix"])
+def test_a_stream_decoded_token_by_token_reads_as_its_ids_decoded_after_a_prompt(tmp_path, space_prefix):
+    """Whatever the options (special tokens skipped or kept, spaces between them or not) and
+    whether the tokenizer decodes after an anchor token (a SentencePiece "▁") or not, the deltas
+    of an incremental decoder add up to decode_continued of the ids: special tokens amid text."""
+    from tiny_model import write_tiny_gguf
+
+    _, tok = ours(write_tiny_gguf(tmp_path / "m.gguf", tokenizer="spm", add_space_prefix=space_prefix))
+    for text in ["Hello world</s> next", "a <s> b</s></s> 東京 🙂", "</s>after eos<s> and bos"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert any(i in tok.added for i in ids), text
+        for skip in (True, False):
+            for spaces in (True, False):
+                dec = tok.incremental_decoder(skip_special_tokens=skip, spaces_between_special_tokens=spaces)
+                streamed = "".join(dec.add([i]) for i in ids) + dec.flush()
+                assert streamed == tok.decode_continued(ids, skip, spaces), (text, skip, spaces)
+
+
 @pytest.mark.parametrize("change", [
     lambda m: m.pop("tokenizer.ggml.add_bos_token") and None,                # older files: bos all the same
     lambda m: m.update({"tokenizer.ggml.add_eos_token": (True,) + m["tokenizer.ggml.add_eos_token"][1:]}),

@@ -52,8 +52,12 @@ def _loop() -> None:
         try:
             if torch.get_num_threads() != call.threads:
                 torch.set_num_threads(call.threads)
-            with torch.inference_mode(call.inference), torch.set_grad_enabled(call.grad):
-                call.result = call.fn(*call.args, **call.kwargs)
+            if call.grad and not call.inference and torch.is_grad_enabled() and \
+                    not torch.is_inference_mode_enabled():
+                call.result = call.fn(*call.args, **call.kwargs)   # the modes asked are this thread's
+            else:
+                with torch.inference_mode(call.inference), torch.set_grad_enabled(call.grad):
+                    call.result = call.fn(*call.args, **call.kwargs)
         except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
             call.error = e
         finally:

@@ -287,15 +287,17 @@ class Executor:
                         wait = 0.005 if self._idle() else 0.002   # direct adds do not notify
                     self._wake.wait(wait)
                 return False
-            pos, pre, seqs = [], [], []
+            pre = [it.seq.num_preemptions for it in so.items]
+            pos, seqs = [], []
             for it in so.items:       # advance as if the step were done (its token unknown)
                 seq = it.seq
                 seq.num_computed = it.start + it.num_tokens
-                pre.append(seq.num_preemptions)
                 if it.sample:
-                    seq.state.pending[len(seq.token_ids)] = (m, len(seqs))
-                    pos.append(len(seq.token_ids))
-                    seq.token_ids.append(PLACEHOLDER)
+                    ids = seq.token_ids
+                    at = len(ids)
+                    seq.state.pending[at] = (m, len(seqs))
+                    pos.append(at)
+                    ids.append(PLACEHOLDER)
                     seqs.append(seq)
                 else:
                     pos.append(None)
@@ -343,8 +345,7 @@ class Executor:
             return False
         if L.batch is None:
             self._lookup(m)
-        with torch.inference_mode():
-            L.step = self.engine.prepare(L.batch)
+        L.step = self.engine.prepare(L.batch)          # in inference mode, as every torch work (_run_one)
         return True
 
     def _forward(self, m: int) -> bool:
@@ -353,14 +354,13 @@ class Executor:
             return False
         if L.step is None:
             self._h2d(m)
-        with torch.inference_mode():
-            self.engine.fill(L.step, [self._sampled[s_m] for s_m in L.fill_srcs])   # tokens of earlier steps
-            logits = self.engine.forward(L.step, graphs=self.graphs, plan=L.so)  # [n_sample, V] or None
-            rows = L.step.rows
-            L.sampled = (self._sample(logits, L.sample_seqs) if logits is not None
-                         else torch.empty(0, dtype=torch.long, device=self.device))
-            if rows:                                      # prompt outputs, reduced per chunk
-                L.rows = self.engine.reduce_rows(L.so, rows)
+        self.engine.fill(L.step, [self._sampled[s_m] for s_m in L.fill_srcs])   # tokens of earlier steps
+        logits = self.engine.forward(L.step, graphs=self.graphs, plan=L.so)  # [n_sample, V] or None
+        rows = L.step.rows
+        L.sampled = (self._sample(logits, L.sample_seqs) if logits is not None
+                     else torch.empty(0, dtype=torch.long, device=self.device))
+        if rows:                                      # prompt outputs, reduced per chunk
+            L.rows = self.engine.reduce_rows(L.so, rows)
         with self._samples_lock:
             self._sampled[m] = L.sampled
             for s_m in L.fill_srcs:
@@ -469,7 +469,9 @@ class Executor:
 
     def _run_one(self, work, m: int, stream_name: str, computing: bool = False) -> None:
         """One work of micro-batch m, timed and traced. computing: the caller already runs on the
-        compute thread (the serial loop hands a step's torch works over together)."""
+        compute thread, in inference mode (the serial loop hands a step's torch works over
+        together: _run_torch). The torch works (h2d, forward) run in inference mode, entered here
+        once a hand-off, not once a work."""
         fn = self._handlers[work.part]
         stop = self._signals.stop_at
         if stop is not None and m > stop:
@@ -478,7 +480,7 @@ class Executor:
             self._run_cuda(fn, work, m)
             return
         if not (self.cuda or computing) and work.part in CPU_TORCH_PARTS:   # on the compute thread (engine/compute.py)
-            fn = functools.partial(on_compute, fn)
+            fn = functools.partial(on_compute, _in_inference_mode, fn)
         t0 = time.perf_counter()
         if fn(m):                                  # traced and timed only when it did something
             t1 = time.perf_counter()
@@ -496,7 +498,7 @@ class Executor:
             part = e.src_work.rsplit(".", 1)[1]
             if src is not None and part in src.cuda and self._overlap:
                 stream.wait_event(src.cuda[part][1])
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), torch.inference_mode():
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record(stream)
@@ -508,8 +510,11 @@ class Executor:
             torch.cuda.synchronize(self.device)
 
     def run(self, on_output: Callable | None = None, *, on_error: Callable | None = None,
-            until_idle: bool = True) -> dict:
-        """Run until every request is done (or, with until_idle=False, until close())."""
+            until_idle: bool = True, measure: bool = True) -> dict:
+        """Run until every request is done (or, with until_idle=False, until close()).
+        The stats' measured_overlap is the trace's, over every span it keeps (up to 100,000 by
+        default: a walk of them all at the end of each run); measure=False leaves it out, for a
+        caller that measures the trace itself once (the pipeline runtime's summary)."""
         self._on_output, self._on_error = on_output, on_error
         with self.lock:
             self._closing = until_idle or self._close_called
@@ -541,10 +546,12 @@ class Executor:
         wall = time.perf_counter() - t0
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        return {"overlap": overlap, "measured_overlap": round(self.trace.measured_overlap(), 4),
-                "executor_wall_s": round(wall, 4), "steps": self.steps,
-                "discarded_tokens": self.discarded_tokens, "last_prefill_step": self.last_prefill,
-                "streams": [s.name for s in self.plan.streams]}
+        stats = {"overlap": overlap, "executor_wall_s": round(wall, 4), "steps": self.steps,
+                 "discarded_tokens": self.discarded_tokens, "last_prefill_step": self.last_prefill,
+                 "streams": [s.name for s in self.plan.streams]}
+        if measure:
+            stats["measured_overlap"] = round(self.trace.measured_overlap(), 4)
+        return stats
 
     def _same_threads(self) -> None:
         """A loop thread takes the torch thread count of the thread that called run() (it is per
@@ -584,13 +591,18 @@ class Executor:
                 if not torch_work:
                     self._run_each(todo)
                 elif any(self._launches.get(m) is not None for _, m in todo):
-                    on_compute(self._run_each, todo, True)
+                    on_compute(self._run_torch, todo)
                 # else: nothing scheduled (a batch window's wait): no torch work to hand over
             j += 1
 
     def _run_each(self, todo, computing: bool = False) -> None:
         for w, m in todo:
             self._run_one(w, m, w.stream, computing)
+
+    def _run_torch(self, todo) -> None:
+        """A step's torch works, handed to the compute thread together: in one inference mode."""
+        with torch.inference_mode():
+            self._run_each(todo, True)
 
     def _run_threads(self, serial: bool = False) -> None:
         errors: list[BaseException] = []
@@ -645,6 +657,11 @@ class Executor:
             t.join()
         if errors:
             raise errors[0]
+
+
+def _in_inference_mode(fn, m: int):
+    with torch.inference_mode():
+        return fn(m)
 
 
 def cpu_overlap_pays(threads: int, cores: int | None = None) -> bool:

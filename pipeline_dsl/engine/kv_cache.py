@@ -155,6 +155,11 @@ class BlockManager:
         """The sequence's row of `tables.array` (while it holds blocks)."""
         return self.seqs[seq_id].row
 
+    def rows(self, seq_ids) -> list[int]:
+        """The sequences' rows of `tables.array`, in order (a step's: one call, not one a sequence)."""
+        seqs = self.seqs
+        return [seqs[s].row for s in seq_ids]
+
     def _seq(self, seq_id: str, salt: str | None = None) -> _SeqBlocks:
         seq = self.seqs.get(seq_id)
         if seq is None:

@@ -258,7 +258,8 @@ class LlamaModel:
 
     def compiled(self) -> bool:
         """Whether any piece runs through torch.compile (enable_compile took effect)."""
-        return any(isinstance(getattr(self, name, None), _Fallback) for name in ("rope", "silu_mul", "rms_fn"))
+        return isinstance(self.rope, _Fallback) or isinstance(self.silu_mul, _Fallback) or \
+            isinstance(self.rms_fn, _Fallback)                  # asked every step: no generator
 
     def compile_fallbacks(self) -> list[str]:
         """The compiled pieces that failed and run eagerly, with the reasons."""
@@ -575,15 +576,16 @@ class ModelRunner:
         """A large all-decode batch: the GEMMs on oneDNN/int4 as eager, everything between
         them one native call each (add+RMSNorm, RoPE+KV write+paged attention, SwiGLU)."""
         m, nat = self.model, self.native
+        threads = torch.get_num_threads()                       # the step's, read once (not per call)
+        indices = nat.step_indices(step.positions, step.slots, step.dec_tables)   # step holds the tensors
         x = F.embedding(step.tokens, m.embed).contiguous()     # [B, H], updated in place
-        h = nat.add_rmsnorm(x, None, 0, "attn")
+        h = nat.add_rmsnorm(x, None, 0, "attn", threads)
+        last = len(m.layers) - 1
         for li, layer in enumerate(m.layers):
-            a = nat.attention_block(li, layer.qkv(h).contiguous(), step.positions, step.slots,
-                                    step.dec_tables)             # [B, nh*hd]
-            h = nat.add_rmsnorm(x, layer.o(a).contiguous(), li, "ffn")
-            d = layer.down(nat.silu_mul(layer.gate_up(h).contiguous())).contiguous()
-            last = li == len(m.layers) - 1
-            h = nat.add_rmsnorm(x, d, li + 1, "final" if last else "attn")
+            a = nat.attention_block(li, layer.qkv(h).contiguous(), indices, threads)   # [B, nh*hd]
+            h = nat.add_rmsnorm(x, layer.o(a).contiguous(), li, "ffn", threads)
+            d = layer.down(nat.silu_mul(layer.gate_up(h).contiguous(), threads)).contiguous()
+            h = nat.add_rmsnorm(x, d, li + 1, "final" if li == last else "attn", threads)
         if not want_logits:
             return None
         h = h.index_select(0, step.sample_rows)                 # [n_sample, H], normed

@@ -178,7 +178,8 @@ class Scheduler:
         that token is known (an executor that schedules ahead keeps it in flight meanwhile)."""
         if seq.params.max_tokens == 0:        # prompt outputs only: done once the prompt is computed
             return seq.num_computed >= seq.num_prompt
-        return seq.num_output >= seq.params.max_tokens or len(seq.token_ids) >= self.max_len
+        n = len(seq.token_ids)
+        return n - seq.num_prompt >= seq.params.max_tokens or n >= self.max_len
 
     def window_open(self, now: float | None = None) -> bool:
         """May waiting requests be admitted now?"""
@@ -286,14 +287,14 @@ class Scheduler:
             scheduled[seq] = ScheduledItem(seq, seq.num_computed, n, seq.samples_after(seq.num_computed, n))
             budget -= n
         items = list(scheduled.values())
-        decodes = sum(1 for it in items if it.num_tokens == 1 and it.sample)
+        decodes = len([it for it in items if it.num_tokens == 1 and it.sample])   # lists: no call an item
 
         # a step that preempted admits nobody (vLLM's v1 scheduler): the blocks it freed are the
         # running sequences', and a request admitted on them would only cause the next preemption
         if not preempted and self.window_open():
             budget = self._admit(items, budget)
 
-        prefill_tokens = sum(it.num_tokens for it in items) - decodes
+        prefill_tokens = sum([it.num_tokens for it in items]) - decodes
         pad_to = None
         if cfg.padding and items and decodes == len(items):
             pad_to = bucket(decodes, cfg.max_batch_size)

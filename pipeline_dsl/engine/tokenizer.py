@@ -22,6 +22,7 @@ are matched whole in text.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import sys
@@ -300,6 +301,15 @@ class Tokenizer:
         lead = self.decode([self._anchor], skip_special_tokens, spaces_between_special_tokens)
         return self.decode([self._anchor, *ids], skip_special_tokens, spaces_between_special_tokens)[len(lead):]
 
+    def continued_decoder(self, skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True):
+        """decode_continued with these options as one callable, ids (a list) -> text. Where that is
+        the decoder's own decode (no anchor, added tokens spaced as the decoder spaces them), it is
+        the decoder's decode itself: an incremental decoder calls it twice a generated token."""
+        if self._anchor is None and (spaces_between_special_tokens or not self.added):
+            return functools.partial(self.tk.decode, skip_special_tokens=skip_special_tokens)
+        return functools.partial(self.decode_continued, skip_special_tokens=skip_special_tokens,
+                                 spaces_between_special_tokens=spaces_between_special_tokens)
+
     def token_text(self, token_id: int) -> str:
         """The text of one token (logprobs' `token`) as it reads inside a text: a SentencePiece
         piece keeps the space its "▁" stands for, and a byte piece <0x20> its space (vLLM
@@ -399,6 +409,7 @@ class IncrementalDecoder:
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True,
                  spaces_between_special_tokens: bool = True):
         self.tok, self.skip, self.spaces = tokenizer, skip_special_tokens, spaces_between_special_tokens
+        self._decode = tokenizer.continued_decoder(skip_special_tokens, spaces_between_special_tokens)
         self.ids: list[int] = []
         self.text = ""
         self._prefix = 0      # ids before this are settled; decoding restarts here for context
@@ -406,18 +417,17 @@ class IncrementalDecoder:
 
     def add(self, new_ids) -> str:
         """Append ids; return the text they complete (may be '' while a char is unfinished)."""
-        self.ids.extend(new_ids)
-        before = self._decode(self.ids[self._prefix:self._read])
-        after = self._decode(self.ids[self._prefix:])
-        if after.endswith("\ufffd") or len(after) <= len(before):
+        ids = self.ids
+        ids.extend(new_ids)
+        before = self._decode(ids[self._prefix:self._read])
+        after = self._decode(ids[self._prefix:])
+        n = len(before)
+        if after.endswith("\ufffd") or len(after) <= n:
             return ""  # an unfinished multi-byte character: wait for more ids
-        delta = after[len(before):]
+        delta = after[n:]
         self.text += delta
-        self._prefix, self._read = self._read, len(self.ids)
+        self._prefix, self._read = self._read, len(ids)
         return delta
-
-    def _decode(self, ids) -> str:
-        return self.tok.decode_continued(ids, self.skip, self.spaces)
 
     def flush(self) -> str:
         """At the end: whatever remains, replacement characters included."""

@@ -276,9 +276,11 @@ class EngineSegment:
 
     # ---- driving -----------------------------------------------------------------------
     def drive(self, on_output, on_error) -> dict:
-        """Run the executor on this thread until close() and idle."""
+        """Run the executor on this thread until close() and idle. The trace's overlap is left to
+        whoever reads the trace (the runtime's summary, once): not walked at the end of every run."""
         try:
-            self.run_stats = self.executor.run(on_output=on_output, on_error=on_error, until_idle=False)
+            self.run_stats = self.executor.run(on_output=on_output, on_error=on_error, until_idle=False,
+                                               measure=False)
             return self.run_stats
         except BaseException as e:              # noqa: BLE001 - the runtime reports it to every waiter
             self.error = e

@@ -116,28 +116,39 @@ class NativeDecoder:
         return out
 
     # ---- glue between the eager GEMMs of a large all-decode batch (one call each) ---------
-    def add_rmsnorm(self, x: torch.Tensor, r: torch.Tensor | None, layer: int, which: str) -> torch.Tensor:
+    # The glued step's pieces (ModelRunner._forward_glued), called once or three times a layer:
+    # `threads` (torch.get_num_threads() when None) and the step's index pointers (step_indices)
+    # are read once a step by the caller, not once a call.
+    def add_rmsnorm(self, x: torch.Tensor, r: torch.Tensor | None, layer: int, which: str,
+                    threads: int | None = None) -> torch.Tensor:
         """x [T, H] += r (in place, when given); returns rmsnorm(x) with layer's attn|ffn|final norm."""
         w = self._final_norm if which == "final" else self._norms[layer][which == "ffn"]
         h = torch.empty_like(x)
         T, H = x.shape
         self.lib.agp_add_rmsnorm(r.data_ptr() if r is not None else None, x.data_ptr(), w, h.data_ptr(), T, H,
-                                 self.config.rms_eps, self._bf, torch.get_num_threads())
+                                 self.config.rms_eps, self._bf, threads or torch.get_num_threads())
         return h
 
-    def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+    def silu_mul(self, gu: torch.Tensor, threads: int | None = None) -> torch.Tensor:
         """gu [T, 2I] -> silu(gate) * up [T, I]."""
         T, I2 = gu.shape
         out = torch.empty(T, I2 // 2, dtype=gu.dtype)
-        self.lib.agp_silu_mul(gu.data_ptr(), out.data_ptr(), T, I2 // 2, self._bf, torch.get_num_threads())
+        self.lib.agp_silu_mul(gu.data_ptr(), out.data_ptr(), T, I2 // 2, self._bf, threads or torch.get_num_threads())
         return out
 
-    def attention_block(self, layer: int, qkv: torch.Tensor, positions, slots, tables) -> torch.Tensor:
-        """qkv [B, (nh+2kv)*hd] -> RoPE, K/V written at slots, paged attention -> [B, nh*hd]."""
+    def step_indices(self, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor) -> tuple:
+        """A step's positions, KV slots and block tables as attention_block reads them (pointers:
+        the tensors must outlive the step's layers)."""
+        return ctypes.byref(self.model), positions.data_ptr(), slots.data_ptr(), tables.data_ptr(), tables.shape[1]
+
+    def attention_block(self, layer: int, qkv: torch.Tensor, indices: tuple,
+                        threads: int | None = None) -> torch.Tensor:
+        """qkv [B, (nh+2kv)*hd] -> RoPE, K/V written at slots, paged attention -> [B, nh*hd].
+        indices: step_indices(positions, slots, tables)."""
         c = self.config
         B = qkv.shape[0]
         att = torch.empty(B, c.num_heads * c.head_dim, dtype=qkv.dtype)
-        self.lib.agp_decode_attention_block(ctypes.byref(self.model), layer, B, qkv.data_ptr(), self._bf,
-                                            positions.data_ptr(), slots.data_ptr(), tables.data_ptr(),
-                                            tables.shape[1], att.data_ptr(), torch.get_num_threads())
+        model, positions, slots, tables, width = indices
+        self.lib.agp_decode_attention_block(model, layer, B, qkv.data_ptr(), self._bf, positions, slots, tables,
+                                            width, att.data_ptr(), threads or torch.get_num_threads())
         return att
