@@ -7,6 +7,7 @@ the type they give it.
 """
 from __future__ import annotations
 
+import gzip
 import time
 
 import httpx
@@ -181,6 +182,34 @@ def test_a_scrape_is_answered_in_the_text_format_version_it_asks_for(server, acc
     assert r.status_code == 200 and r.headers["content-type"] == content_type
     fams = {f.name: f for f in text_string_to_metric_families(r.text)}
     assert [s.name for s in fams["vllm:prompt_tokens"].samples] == ["vllm:prompt_tokens_total"]
+
+
+@pytest.mark.parametrize("accept_encoding, gzipped", [
+    ("gzip", True),                              # what Prometheus sends on every scrape
+    ("deflate, gzip;q=0.8, br", True),
+    ("identity", False), (None, False),          # curl, a probe
+    ("gzip;q=0, identity", False),               # gzip refused
+])
+def test_a_scrape_is_gzipped_when_the_scraper_takes_gzip_and_plain_otherwise(server, client, accept_encoding,
+                                                                               gzipped):
+    """A server's hundreds of series (a thousand lines, ~90 KB here) go out gzipped (a tenth of
+    that) to a scraper that asks for it, as vLLM's prometheus-client endpoint answers; the text is
+    the same either way."""
+    client.completions.create(model="tiny", prompt="count me", max_tokens=2)
+    with httpx.Client(timeout=30) as scraper:
+        del scraper.headers["accept-encoding"]                      # httpx's own gzip, deflate
+        headers = {"accept-encoding": accept_encoding} if accept_encoding is not None else {}
+        with scraper.stream("GET", server.url + "/metrics", headers=headers) as r:
+            raw = b"".join(r.iter_raw())
+        assert r.request.headers.get("accept-encoding") == accept_encoding
+    assert r.status_code == 200 and "accept-encoding" in r.headers["vary"].lower()
+    assert r.headers.get("content-encoding") == ("gzip" if gzipped else None)
+    assert int(r.headers["content-length"]) == len(raw)
+    text = (gzip.decompress(raw) if gzipped else raw).decode()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    assert value(fams, "vllm:prompt_tokens", "vllm:prompt_tokens_total") > 0
+    if gzipped:
+        assert len(raw) * 4 < len(text)
 
 
 def test_a_tool_call_finish_is_counted_as_tool_calls(server, client):

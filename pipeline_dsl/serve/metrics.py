@@ -37,7 +37,7 @@ from collections import deque
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 
@@ -493,6 +493,23 @@ def text_exposition(accept: str) -> tuple:
     writes each sample of a `vllm:` metric there as `vllm_…` (docs/serve.md)."""
     text = [a for a in (accept or "").split(",") if a.split(";")[0].strip().lower() != "application/openmetrics-text"]
     return choose_encoder(",".join(text))
+
+
+def gzip_wanted(accept_encoding: str) -> bool:
+    """Whether a scrape's Accept-Encoding takes gzip, as prometheus-client's exposition decides it
+    (vLLM's /metrics answers gzip then; Prometheus asks for it on every scrape), save that
+    `gzip;q=0` refuses it (RFC 9110)."""
+    if not gzip_accepted(accept_encoding):
+        return False
+    for coding in accept_encoding.split(","):
+        name, *params = (part.strip().lower() for part in coding.split(";"))
+        if name == "gzip":
+            q = next((p[2:].strip() for p in params if p.startswith("q=")), "1")
+            try:
+                return float(q) > 0
+            except ValueError:
+                return True
+    return True
 
 
 class StatsLine:
