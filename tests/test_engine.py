@@ -291,6 +291,19 @@ def test_seeds_that_differ_only_above_bit_31_sample_different_text():
     assert text(2**40) == text(2**40)
 
 
+def test_an_engine_sampling_leaves_torchs_global_generator_alone():
+    """Building an engine and sampling seeded and unseeded requests draws nothing from (and
+    reseeds nothing of) torch's global generator, which a user's stage may have seeded."""
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    e = toy_engine()
+    e.add_request("a", prompt="unseeded", params=SamplingParams(max_tokens=8, temperature=1.0))
+    e.add_request("b", prompt="seeded", params=SamplingParams(max_tokens=8, temperature=1.0, seed=3))
+    run_all(e)
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_messages_use_the_chat_template():
     e = toy_engine()
     e.add_request("m", messages=[{"role": "user", "content": "hi"}], params=SamplingParams(max_tokens=2))

@@ -7,6 +7,7 @@ the type they give it.
 """
 from __future__ import annotations
 
+import gzip
 import time
 
 import httpx
@@ -72,11 +73,48 @@ def test_step_tokens_params_and_request_times_move(server, client):
     assert value(after, "vllm:request_params_n", "vllm:request_params_n_bucket", le="1.0") - \
         value(before, "vllm:request_params_n", "vllm:request_params_n_bucket", le="1.0") == 1      # the chat: n = 1
     assert grew("vllm:request_params_n", "vllm:request_params_n_sum") == 2 + 1                # a request without n: 1
-    assert grew("vllm:request_params_max_tokens", "vllm:request_params_max_tokens_sum") == 7 + 5
-    assert grew("vllm:request_inference_time_seconds", "vllm:request_inference_time_seconds_count") == 2
+    assert grew("vllm:request_params_max_tokens", "vllm:request_params_max_tokens_sum") == 7 * 2 + 5   # a choice's
+    assert grew("vllm:request_inference_time_seconds", "vllm:request_inference_time_seconds_count") == 2 + 1
     assert grew("vllm:request_time_per_output_token_seconds",
-                "vllm:request_time_per_output_token_seconds_count") == 2
+                "vllm:request_time_per_output_token_seconds_count") == 2 + 1
     assert grew("vllm:request_time_per_output_token_seconds", "vllm:request_time_per_output_token_seconds_sum") > 0
+
+
+def test_each_of_n_choices_counts_as_a_request_of_vllms_as_vllm_v1s_child_requests_do(server, client):
+    """vLLM v1 runs a request of n as n child requests (parallel_sampling.py), each recorded as a
+    finished request of its own (loggers.py): its finish reason, latencies and queue / prefill /
+    decode / inference times, prompt and generation tokens per request, max_tokens, and its prompt
+    in vllm:prompt_tokens_total once prefilled; only the request's n and its longest choice are
+    observed once. A dashboard dividing one by another (mean generation length: the histogram's
+    sum over its count; requests per second from e2e's count next to request_success) reads the
+    same from agp."""
+    before = scrape(server)
+    r = client.completions.create(model="tiny", prompt="count each choice", max_tokens=5, n=3,
+                                  extra_body={"ignore_eos": True})
+    prompt = r.usage.prompt_tokens
+    assert r.usage.completion_tokens == 15
+    after = scrape(server)
+
+    def grew(name, sample, **labels):
+        return value(after, name, sample, **labels) - value(before, name, sample, **labels)
+
+    assert grew("vllm:request_success", "vllm:request_success_total", finished_reason="length") == 3
+    for name in ("e2e_request_latency_seconds", "time_to_first_token_seconds", "request_queue_time_seconds",
+                 "request_prefill_time_seconds", "request_decode_time_seconds", "request_inference_time_seconds",
+                 "request_time_per_output_token_seconds", "request_prompt_tokens", "request_generation_tokens",
+                 "request_params_max_tokens"):
+        assert grew(f"vllm:{name}", f"vllm:{name}_count") == 3, name
+    assert grew("vllm:request_generation_tokens", "vllm:request_generation_tokens_sum") == 15      # 5 each
+    assert grew("vllm:request_generation_tokens", "vllm:request_generation_tokens_bucket", le="5.0") == 3
+    assert grew("vllm:request_prompt_tokens", "vllm:request_prompt_tokens_sum") == 3 * prompt
+    assert grew("vllm:request_params_max_tokens", "vllm:request_params_max_tokens_sum") == 3 * 5
+    assert grew("vllm:prompt_tokens", "vllm:prompt_tokens_total") == 3 * prompt
+    assert grew("vllm:generation_tokens", "vllm:generation_tokens_total") == 15
+    assert grew("vllm:request_params_n", "vllm:request_params_n_count") == 1
+    assert grew("vllm:request_params_n", "vllm:request_params_n_sum") == 3
+    assert grew("vllm:request_max_num_generation_tokens", "vllm:request_max_num_generation_tokens_count") == 1
+    assert grew("vllm:request_max_num_generation_tokens", "vllm:request_max_num_generation_tokens_sum") == 5
+    assert grew("agp_prompt_tokens", "agp_prompt_tokens_total") == prompt      # agp's own: the request's usage
 
 
 def test_max_num_generation_tokens_is_a_requests_longest_choice(server, client):
@@ -139,11 +177,17 @@ def test_a_choices_longest_count_is_observed_when_choices_differ():
     m = ServerMetrics("m", process=False)
     choices = [Choice(i, "x", "stop", {"usage": {"completion_tokens": k}}) for i, k in enumerate((3, 9, 4))]
     m.observe_result(Result("r", None, choices, None, {"prompt_tokens": 5, "completion_tokens": 16,
-                                                      "cached_tokens": 0}, {}), 0.5, {"n": 3})
+                                                      "cached_tokens": 0}, {}), 0.5, {"n": 3},
+                     choice_latency={0: 0.125, 1: 0.5, 2: 0.25})
     fams = {f.name: f for f in text_string_to_metric_families(generate_latest(m.registry).decode())}
     name = "vllm:request_max_num_generation_tokens"
     assert value(fams, name, name + "_sum") == 9 and value(fams, name, name + "_count") == 1
     assert value(fams, "agp_request_max_num_generation_tokens", "agp_request_max_num_generation_tokens_sum") == 9
+    name = "vllm:request_generation_tokens"                       # each choice its own, as vLLM's children
+    assert value(fams, name, name + "_sum") == 16 and value(fams, name, name + "_count") == 3
+    assert value(fams, name, name + "_bucket", le="5.0") == 2
+    name = "vllm:e2e_request_latency_seconds"                     # each choice's own end
+    assert value(fams, name, name + "_sum") == 0.875 and value(fams, name, name + "_count") == 3
 
 
 def test_a_scraper_asking_for_openmetrics_gets_text_with_the_names_vllm_documents(server):
@@ -181,6 +225,34 @@ def test_a_scrape_is_answered_in_the_text_format_version_it_asks_for(server, acc
     assert r.status_code == 200 and r.headers["content-type"] == content_type
     fams = {f.name: f for f in text_string_to_metric_families(r.text)}
     assert [s.name for s in fams["vllm:prompt_tokens"].samples] == ["vllm:prompt_tokens_total"]
+
+
+@pytest.mark.parametrize("accept_encoding, gzipped", [
+    ("gzip", True),                              # what Prometheus sends on every scrape
+    ("deflate, gzip;q=0.8, br", True),
+    ("identity", False), (None, False),          # curl, a probe
+    ("gzip;q=0, identity", False),               # gzip refused
+])
+def test_a_scrape_is_gzipped_when_the_scraper_takes_gzip_and_plain_otherwise(server, client, accept_encoding,
+                                                                               gzipped):
+    """A server's hundreds of series (a thousand lines, ~90 KB here) go out gzipped (a tenth of
+    that) to a scraper that asks for it, as vLLM's prometheus-client endpoint answers; the text is
+    the same either way."""
+    client.completions.create(model="tiny", prompt="count me", max_tokens=2)
+    with httpx.Client(timeout=30) as scraper:
+        del scraper.headers["accept-encoding"]                      # httpx's own gzip, deflate
+        headers = {"accept-encoding": accept_encoding} if accept_encoding is not None else {}
+        with scraper.stream("GET", server.url + "/metrics", headers=headers) as r:
+            raw = b"".join(r.iter_raw())
+        assert r.request.headers.get("accept-encoding") == accept_encoding
+    assert r.status_code == 200 and "accept-encoding" in r.headers["vary"].lower()
+    assert r.headers.get("content-encoding") == ("gzip" if gzipped else None)
+    assert int(r.headers["content-length"]) == len(raw)
+    text = (gzip.decompress(raw) if gzipped else raw).decode()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    assert value(fams, "vllm:prompt_tokens", "vllm:prompt_tokens_total") > 0
+    if gzipped:
+        assert len(raw) * 4 < len(text)
 
 
 def test_a_tool_call_finish_is_counted_as_tool_calls(server, client):

@@ -6,6 +6,7 @@ Skipped when Ray is not installed.
 """
 from __future__ import annotations
 
+import gzip
 import os
 import signal
 import subprocess
@@ -103,6 +104,12 @@ def test_routes_answer_with_and_without_the_root_path_and_metrics_cover_every_re
     running = fams["vllm:num_requests_running"].samples
     assert {s.labels["replica"] for s in running} == replicas and all(s.labels["engine"] == "0" for s in running)
     assert httpx.get(url + "/metrics", timeout=30).status_code == 200             # the bare path too
+    for accept_encoding, coding in [("gzip", "gzip"), ("identity", None)]:       # Prometheus sends gzip
+        with httpx.stream("GET", url + "/metrics", headers={"accept-encoding": accept_encoding}, timeout=30) as r:
+            raw = b"".join(r.iter_raw())
+        assert r.headers.get("content-encoding") == coding and "accept-encoding" in r.headers["vary"].lower()
+        text = (gzip.decompress(raw) if coding else raw).decode()
+        assert {f.name for f in text_string_to_metric_families(text)} >= {"vllm:request_success"}
 
 
 def test_sigterm_drains_with_503_and_retry_after_and_finishes_the_request_in_flight(ray_server):

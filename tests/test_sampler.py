@@ -212,3 +212,29 @@ def test_sampled_token_frequencies_follow_the_intended_distribution(params, expe
         wrong[0] += 0.07
         wrong = wrong / wrong.sum()
         assert not _chi_square_ok(counts, wrong)[0]
+
+
+def test_an_unseeded_sampler_leaves_torchs_global_generator_alone():
+    """A stage that seeded torch for its own draws keeps its stream when agp builds a sampler
+    and samples unseeded rows: the sampler's stream is its own generator's."""
+    logits = _logits(n=2, vocab=1000) * 0  # uniform
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    sampler = Sampler()
+    sampler.sample(logits, [SamplingParams(temperature=1.0)] * 2, [None, None])
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_unseeded_samplers_draw_streams_of_their_own():
+    logits = _logits(n=1, vocab=1 << 16) * 0  # uniform over 65536 tokens
+    params = [SamplingParams(temperature=1.0)]
+
+    def draws(sampler):
+        return [sampler.sample(logits, params, [None])[0] for _ in range(4)]
+
+    torch.manual_seed(0)
+    a = draws(Sampler())
+    torch.manual_seed(0)
+    assert draws(Sampler()) != a      # not a stream fixed by the global seed
+    assert draws(Sampler(seed=5)) == draws(Sampler(seed=5))

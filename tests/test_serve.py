@@ -529,6 +529,59 @@ def test_full_queue_is_429_with_retry_after(tiny_gguf):
         s.close()
 
 
+def test_a_request_of_more_inputs_than_the_queue_holds_is_400_not_a_429_forever(tiny_gguf):
+    """An embeddings request's inputs and a completions batch's prompts are each a request in the
+    queue: more of them than requests.max_queue could never be admitted, even on an idle server,
+    so the answer is a 400 naming the limit (a 429 would send a client's retries round forever).
+    n answers of one prompt are one request in the queue, admitted as any other."""
+    s = LiveServer(tiny_gguf, max_queue=2)
+    try:
+        for path, body, param in [("/v1/embeddings", {"model": "tiny", "input": ["a", "b", "c"]}, "input"),
+                                  ("/v1/completions", {"model": "tiny", "prompt": ["a", "b", "c"], "max_tokens": 2},
+                                   "prompt"),
+                                  ("/v1/completions", {"model": "tiny", "prompt": [[5, 6], [7], [8], [9]],
+                                                       "max_tokens": 2}, "prompt")]:
+            r = httpx.post(s.url + path, json=body, timeout=60)
+            assert r.status_code == 400, (path, r.text)
+            assert "retry-after" not in r.headers
+            err = r.json()["error"]
+            assert err["param"] == param and err["type"] == "invalid_request_error"
+            assert "max_queue" in err["message"] and "at most 2" in err["message"], err
+        r = httpx.post(s.url + "/v1/embeddings", json={"model": "tiny", "input": ["a", "b"]}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["data"]) == 2
+        r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": ["a", "b"], "max_tokens": 2},
+                       timeout=60)
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2
+        for path, body in [("/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2, "n": 5}),
+                           ("/v1/chat/completions", {"model": "tiny", "max_tokens": 2, "n": 5,
+                                                     "messages": [{"role": "user", "content": "hi"}]})]:
+            r = httpx.post(s.url + path, json=body, timeout=60)
+            assert r.status_code == 200 and len(r.json()["choices"]) == 5, r.text
+        assert s.metric("agp_requests_total", '{status="400"}') == 3
+    finally:
+        s.close()
+
+
+def test_inputs_the_queue_could_hold_later_are_429_while_it_is_full(tiny_gguf):
+    s = LiveServer(tiny_gguf, max_batch_size=8, max_queue=2, batch_timeout_s=5.0)
+    try:
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
+        waiting = [threading.Thread(target=httpx.post, args=(s.url + "/v1/completions",),
+                                    kwargs={"json": body, "timeout": 30}) for _ in range(2)]
+        for t in waiting:
+            t.start()
+        s.stats_when(lambda st: st["waiting"] == 2)
+        for path, more in [("/v1/embeddings", {"input": ["a", "b"]}),
+                           ("/v1/completions", {"prompt": ["a", "b"], "max_tokens": 2})]:
+            r = httpx.post(s.url + path, json={"model": "tiny", **more}, timeout=30)
+            assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+            assert r.json()["error"]["code"] == "queue_full"
+        for t in waiting:
+            t.join(30)
+    finally:
+        s.close()
+
+
 def test_a_non_streaming_client_that_hangs_up_aborts_its_request(tiny_gguf):
     s = LiveServer(tiny_gguf, max_batch_size=8, batch_timeout_s=30.0)   # it waits in the window
     try:

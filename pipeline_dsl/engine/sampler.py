@@ -77,7 +77,14 @@ def to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
 
 class Sampler:
     def __init__(self, seed: int | None = None):
-        self.shared = seeded_cpu_generator(seed if seed is not None else torch.seed())
+        """`seed`: the stream of unseeded requests (None: a fresh one from the OS's entropy).
+        Either way the generator is the sampler's own: torch's global generator (which a
+        user's stage may have seeded for its own draws) is neither read nor reseeded."""
+        if seed is None:
+            self.shared = torch.Generator()
+            self.shared.seed()            # this generator's own nondeterministic seed, not torch.seed()
+        else:
+            self.shared = seeded_cpu_generator(seed)
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
                generators: list[torch.Generator | None]) -> list[int]:

@@ -131,9 +131,9 @@ class RequestStream:
         now = time.monotonic()
         if out.new_token_ids:
             if m is not None:
-                if self.first_token_at is None:
+                if index not in self.last_token_at:     # each choice's first token (vLLM: each child's)
                     m.ttft.observe(now - self.arrival)
-                elif index in self.last_token_at:
+                else:
                     m.itl.observe(now - self.last_token_at[index])
             if self.first_token_at is None:
                 self.first_token_at = now
@@ -144,7 +144,10 @@ class RequestStream:
     def on_done(self, result: Result) -> None:
         if self._owner.metrics is not None:
             self._owner.metrics.observe_result(result, time.monotonic() - self.arrival, self.params,
-                                               prefilled=self.first_token_at is not None)
+                                               prefilled=self.first_token_at is not None,
+                                               choice_latency={i: at - self.arrival
+                                                               for i, at in self.last_token_at.items()},
+                                               choices_prefilled=len(self.last_token_at))
         self._mail.post(self.queue.put_nowait, ("done", result))
 
     # ---- on the event loop ------------------------------------------------------------

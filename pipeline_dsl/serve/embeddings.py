@@ -160,8 +160,10 @@ class Embeddings:
         if endianness not in ENDIANNESS:
             raise bad("endianness", "one of " + ", ".join(ENDIANNESS), endianness)
         extras = P.parse_extras({"request_id": body.get("request_id")}, chat=False)
+        inputs = [messages] if chat else _inputs(body["input"], c.max_model_len)
+        P.check_queue_room(len(inputs), self.g.apipe.runtime.max_queue, "input")
         return {"model": model, "pin": pin, "format": fmt,
-                "inputs": [messages] if chat else _inputs(body["input"], c.max_model_len),
+                "inputs": inputs,
                 "chat_template_kwargs": template_kwargs,
                 "dimensions": dims, "normalize": normalize, "request_id": extras.request_id,
                 "dtype": dtype, "endianness": endianness,

@@ -66,6 +66,7 @@ class Generations:
                     lenient=c.lenient)
         if "n" not in req.fields:           # the generate stage's n answers each prompt
             P.check_choices(1 + len(req.more_prompts), c.max_stage_n)
+        P.check_queue_room(1 + len(req.more_prompts), self.apipe.runtime.max_queue, "prompt")
         return self.token_names(req, body)
 
     def token_names(self, req: P.GenerationRequest, body: dict) -> P.GenerationRequest:

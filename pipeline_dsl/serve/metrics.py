@@ -37,7 +37,7 @@ from collections import deque
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 
@@ -430,43 +430,65 @@ class ServerMetrics:
 
     # ---- observed as requests run (any thread) ----------------------------------------
     def observe_result(self, result, latency_s: float, params: dict | None = None,
-                       prefilled: bool = False) -> None:
+                       prefilled: bool = False, choice_latency: dict | None = None,
+                       choices_prefilled: int = 1) -> None:
         """A request finished: tokens, latencies, its engine's queue / prefill / decode times, and
         its n and max_tokens parameters (`params`). Its finish reasons are the serving layer's to
         count (count_finished), but for a request aborted on the way. The prompt tokens of one
         that failed or was aborted count when it was `prefilled` (its first token came), as vLLM
         counts a prompt once prefilled and as its generated tokens count: agp_prompt_tokens the
         request's, vllm:prompt_tokens{engine} each engine's (a cascade's draft prompt on the engine
-        that drafted; a prompt a python stage answered without an engine on none)."""
+        that drafted; a prompt a python stage answered without an engine on none).
+
+        Each of its n choices is one request to vLLM's metrics, as vLLM v1 runs a request of n as n
+        child requests (vllm/v1/engine/parallel_sampling.py): vllm:prompt_tokens counts the prompt
+        once a choice (`choices_prefilled` of a failed one), and the per-request histograms (latency,
+        queue / prefill / decode / inference times, time per output token, prompt and generation
+        tokens, max_tokens) take one observation a choice, the end-to-end latency the choice's own
+        (`choice_latency`: {choice index: seconds to its last token}), its generation tokens its
+        own; the request's n and its longest choice are observed once, as vLLM observes them on the
+        parent request."""
         usage, timings, engine = result.usage, result.metrics or {}, self.engine(result)
+        choices = len(result.choices) if result.error is None else choices_prefilled
+        choices = max(choices, 1)
         if result.error is None or prefilled:      # vLLM's per engine: what each engine took of it
             self.prompt_tokens.inc_by_engine(usage.get("prompt_tokens", 0),
-                                             self.engine_shares(result, "prompt_tokens"))
+                                             {e: n * choices for e, n in
+                                              self.engine_shares(result, "prompt_tokens").items()})
             self.cached_tokens.labels(engine=engine).inc(usage.get("cached_tokens", 0))
         if result.error is not None:
             if result.error.kind == "aborted":
                 self.finished.labels("abort").inc()
             return
-        self.e2e.labels(engine=engine).observe(latency_s)
-        self.request_prompt.labels(engine=engine).observe(usage.get("prompt_tokens", 0))
-        self.request_generation.labels(engine=engine).observe(usage.get("completion_tokens", 0))
         longest = result.longest_choice_tokens()
         if longest is None:                   # choices that do not count their own: their shared usage
             longest = -(-usage.get("completion_tokens", 0) // max(len(result.choices), 1))
-        self.max_generation.labels(engine=engine).observe(longest)
-        for key, hist in (("queue_s", self.queue_time), ("prefill_s", self.prefill_time),
-                          ("decode_s", self.decode_time)):
-            if timings.get(key) is not None:
-                hist.labels(engine=engine).observe(max(float(timings[key]), 0.0))
-        if timings.get("prefill_s") is not None and timings.get("decode_s") is not None:
-            self.inference_time.labels(engine=engine).observe(max(timings["prefill_s"] + timings["decode_s"], 0.0))
-        if timings.get("decode_s") is not None and (
-                tpot := result.time_per_output_token(max(timings["decode_s"], 0.0))) is not None:
-            self.tpot.labels(engine=engine).observe(tpot)
+        generated = [usage.get("completion_tokens", 0)]   # one choice: all the request generated
+        if len(result.choices) > 1:
+            own = [(c.data.get("usage") or {}).get("completion_tokens") if isinstance(c.data, dict) else None
+                   for c in result.choices]
+            generated = own if None not in own else [longest] * len(own)
+        ends = [(choice_latency or {}).get(c.index, latency_s) for c in result.choices] or [latency_s]
+        tpot = (result.time_per_output_token(max(timings["decode_s"], 0.0))
+                if timings.get("decode_s") is not None else None)
         params = params or {}
+        for k in range(choices):
+            self.e2e.labels(engine=engine).observe(ends[k] if k < len(ends) else latency_s)
+            self.request_prompt.labels(engine=engine).observe(usage.get("prompt_tokens", 0))
+            self.request_generation.labels(engine=engine).observe(generated[k] if k < len(generated) else longest)
+            for key, hist in (("queue_s", self.queue_time), ("prefill_s", self.prefill_time),
+                              ("decode_s", self.decode_time)):
+                if timings.get(key) is not None:
+                    hist.labels(engine=engine).observe(max(float(timings[key]), 0.0))
+            if timings.get("prefill_s") is not None and timings.get("decode_s") is not None:
+                self.inference_time.labels(engine=engine).observe(max(timings["prefill_s"] + timings["decode_s"],
+                                                                      0.0))
+            if tpot is not None:
+                self.tpot.labels(engine=engine).observe(tpot)
+            if params.get("max_tokens") is not None:
+                self.params_max_tokens.labels(engine=engine).observe(int(params["max_tokens"]))
+        self.max_generation.labels(engine=engine).observe(longest)
         self.params_n.labels(engine=engine).observe(int(params.get("n") or 1))
-        if params.get("max_tokens") is not None:
-            self.params_max_tokens.labels(engine=engine).observe(int(params["max_tokens"]))
 
     def count_finished(self, reasons, engine: str = "0") -> None:
         """Finished choices by the finish reason their answer gave (stop, length, tool_calls)."""
@@ -493,6 +515,23 @@ def text_exposition(accept: str) -> tuple:
     writes each sample of a `vllm:` metric there as `vllm_…` (docs/serve.md)."""
     text = [a for a in (accept or "").split(",") if a.split(";")[0].strip().lower() != "application/openmetrics-text"]
     return choose_encoder(",".join(text))
+
+
+def gzip_wanted(accept_encoding: str) -> bool:
+    """Whether a scrape's Accept-Encoding takes gzip, as prometheus-client's exposition decides it
+    (vLLM's /metrics answers gzip then; Prometheus asks for it on every scrape), save that
+    `gzip;q=0` refuses it (RFC 9110)."""
+    if not gzip_accepted(accept_encoding):
+        return False
+    for coding in accept_encoding.split(","):
+        name, *params = (part.strip().lower() for part in coding.split(";"))
+        if name == "gzip":
+            q = next((p[2:].strip() for p in params if p.startswith("q=")), "1")
+            try:
+                return float(q) > 0
+            except ValueError:
+                return True
+    return True
 
 
 class StatsLine:

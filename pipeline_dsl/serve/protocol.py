@@ -348,6 +348,16 @@ def check_choices(prompts: int, n: int) -> None:
                        "request (send fewer prompts or a smaller n)", param="n" if prompts == 1 else "prompt")
 
 
+def check_queue_room(requests: int, max_queue: int, param: str) -> None:
+    """A request answered as `requests` requests of the pipeline (a completions batch's prompts,
+    an embeddings request's inputs), all admitted at once or none: more than the queue ever holds
+    could never be admitted, so it is a 400 naming the limit, not a 429 a client retries forever."""
+    if requests > max_queue:
+        raise APIError(f"'{param}' has {requests} entries, each a request of its own in the pipeline's queue, "
+                       f"which holds at most {max_queue} (requests.max_queue, or --max-queue): this request "
+                       f"could never be admitted; send at most {max_queue} a request", param=param)
+
+
 def _bad_ids(name: str, value) -> APIError | None:
     """The first element that is no token id in an array of ids (or a batch of such arrays and
     strings), named by its place: a prompt of thousands of ids shown cut at 40 characters would

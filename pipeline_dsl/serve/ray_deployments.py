@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import hashlib
 import json
 import logging
@@ -38,6 +39,7 @@ from . import protocol as P
 from .body import decoded
 from .config import PROBES, WATCHED, ServeConfig
 from .guard import header, shutting_down
+from .metrics import gzip_wanted
 from .ray_metrics import PUSH_S, merge
 
 log = logging.getLogger("agp.serve")
@@ -251,7 +253,10 @@ class AgpIngress:
             return await _answer(send, shutting_down(self.retry_after_s))
         if path == "/metrics" and scope.get("method") == "GET" and self.hub is not None:
             texts = await self.hub.collect.remote()
-            return await _raw(send, 200, merge(texts), "text/plain; version=0.0.4; charset=utf-8")
+            body, headers = merge(texts), {"Vary": "Accept-Encoding"}
+            if gzip_wanted(header(scope, b"accept-encoding")):    # Prometheus asks for it on every scrape
+                body, headers["Content-Encoding"] = gzip.compress(body), "gzip"
+            return await _raw(send, 200, body, "text/plain; version=0.0.4; charset=utf-8", headers)
         self.active += 1
         try:
             await self._forward(scope, receive, send)

@@ -11,6 +11,7 @@ DELETE /v1/responses/{id}: serve/responses.py), /v1/embeddings (serve/embeddings
 from __future__ import annotations
 
 import asyncio
+import gzip
 import os
 import uuid
 
@@ -23,6 +24,7 @@ from . import openapi as OA
 from . import protocol as P
 from .body import read_json
 from .errors import api_error, error_response
+from .metrics import gzip_wanted
 
 router = APIRouter()
 
@@ -198,7 +200,10 @@ async def version():
 async def prometheus(request: Request):
     state = _state(request)
     body, content_type = state.metrics.render(await pipeline_stats(state), request.headers.get("accept", ""))
-    return Response(body, media_type=content_type)
+    headers = {"Vary": "Accept-Encoding"}
+    if gzip_wanted(request.headers.get("accept-encoding", "")):   # Prometheus asks for it on every scrape
+        body, headers["Content-Encoding"] = gzip.compress(body), "gzip"
+    return Response(body, media_type=content_type, headers=headers)
 
 
 @router.get("/stats", openapi_extra=OA.STATS)
