@@ -137,6 +137,7 @@ def test_a_base64_embedding_is_written_in_the_dtype_and_byte_order_asked(server,
     ({"input": "x", "dimensions": 3}, 400, "dimensions"),
     ({"input": "x", "truncate": True}, 400, "truncate"),
     ({"input": "x", "model": "nope"}, 404, "model"),
+    ({"input": "x", "user": 5}, 400, "user"),
     ({"input": [[1] * 600]}, 400, "input"),
     ({"input": ["x"] * 257}, 400, "input"),
 ])
