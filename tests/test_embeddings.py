@@ -132,6 +132,8 @@ def test_a_base64_embedding_is_written_in_the_dtype_and_byte_order_asked(server,
     ({"input": ""}, 400, "input"),
     ({"input": "x", "encoding_format": "base64", "embed_dtype": "int8"}, 400, "embed_dtype"),
     ({"input": "x", "encoding_format": "base64", "endianness": "middle"}, 400, "endianness"),
+    ({"input": "x", "encoding_format": "base64", "embed_dtype": ["float16"]}, 400, "embed_dtype"),   # was a 500
+    ({"input": "x", "encoding_format": "base64", "embed_dtype": {"float16": 1}}, 400, "embed_dtype"),
     ({"input": []}, 400, "input"),
     ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
     ({"input": "x", "dimensions": 3}, 400, "dimensions"),

@@ -143,7 +143,7 @@ class Embeddings:
         if not isinstance(normalize, bool):
             raise bad("normalize", "true or false", normalize)
         dtype, endianness = body.get("embed_dtype") or "float32", body.get("endianness") or "native"
-        if dtype not in EMBED_DTYPES:
+        if not isinstance(dtype, str) or dtype not in EMBED_DTYPES:      # a list or an object is no key
             raise bad("embed_dtype", "one of " + ", ".join(EMBED_DTYPES), dtype)
         if endianness not in ENDIANNESS:
             raise bad("endianness", "one of " + ", ".join(ENDIANNESS), endianness)
