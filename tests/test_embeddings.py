@@ -157,6 +157,14 @@ def test_up_to_256_inputs_are_embedded_and_the_answer_names_the_model_asked_for(
     assert r.data[1].embedding == r.data[3].embedding != r.data[0].embedding
 
 
+def test_request_id_is_the_answers_x_request_id(server):
+    """docs/openai.md, /v1/embeddings: vLLM's request_id is the answer's X-Request-Id, as on chat."""
+    r = httpx.post(server.url + "/v1/embeddings", json={"input": "x", "request_id": "emb-7"}, timeout=30)
+    assert r.status_code == 200 and r.headers["x-request-id"] == "emb-7", dict(r.headers)
+    other = httpx.post(server.url + "/v1/embeddings", json={"input": "x"}, timeout=30)
+    assert other.headers["x-request-id"] not in ("", "emb-7")
+
+
 def test_embeddings_are_counted_by_status_and_leave_nothing_in_flight(server, client):
     """An embeddings request answered, or failed by the engine (an input beyond the context), is
     counted in agp_requests_total by its status and leaves agp_requests_in_flight at 0."""
