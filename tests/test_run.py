@@ -369,3 +369,27 @@ def test_a_request_lines_empty_prompt_is_refused_and_a_bias_of_minus_100_taken()
     assert parse_request({"prompt": "x", "logit_bias": {"5": -100}}).item()
     with pytest.raises(RequestError, match="must be a number from -100 to 100"):
         parse_request({"prompt": "x", "logit_bias": {"5": -100.5}})
+
+
+def test_a_request_lines_logit_bias_forces_and_bans_tokens(tmp_path, tiny_gguf):
+    """A line's logit_bias reaches its answer, as agp serve's does: +100 makes every token the
+    biased one, -100 keeps out the token the unbiased answer begins with."""
+    from pipeline_dsl.commands.runner import RunRequest, run_pipeline
+
+    agp = write_pipeline(tmp_path, tiny_gguf)
+
+    def token_ids(*biases):
+        got = {}
+        rt = build_runtime(agp, overrides={"threads": 1})
+        lines = [{"prompt": "the cat", "max_tokens": 6, "ignore_eos": True, "return_token_ids": True,
+                  **({"logit_bias": bias} if bias else {})} for bias in biases]
+        run_pipeline(rt, [RunRequest(i, i + 1, parse_request(line)) for i, line in enumerate(lines)],
+                     on_done=lambda slot, rec: got.__setitem__(slot, rec["token_ids"]), progress=False)
+        rt.shutdown()
+        return [got[i] for i in range(len(lines))]
+
+    (plain,) = token_ids(None)
+    other = next(t for t in range(100, 200) if t not in plain)
+    forced, banned = token_ids({str(other): 100}, {str(plain[0]): -100})
+    assert forced == [other] * 6
+    assert banned[0] != plain[0] and plain[0] not in banned
