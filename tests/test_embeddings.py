@@ -132,11 +132,14 @@ def test_a_base64_embedding_is_written_in_the_dtype_and_byte_order_asked(server,
     ({"input": ""}, 400, "input"),
     ({"input": "x", "encoding_format": "base64", "embed_dtype": "int8"}, 400, "embed_dtype"),
     ({"input": "x", "encoding_format": "base64", "endianness": "middle"}, 400, "endianness"),
+    ({"input": "x", "encoding_format": "base64", "embed_dtype": ["float16"]}, 400, "embed_dtype"),   # was a 500
+    ({"input": "x", "encoding_format": "base64", "embed_dtype": {"float16": 1}}, 400, "embed_dtype"),
     ({"input": []}, 400, "input"),
     ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
     ({"input": "x", "dimensions": 3}, 400, "dimensions"),
     ({"input": "x", "truncate": True}, 400, "truncate"),
     ({"input": "x", "model": "nope"}, 404, "model"),
+    ({"input": "x", "user": 5}, 400, "user"),
     ({"input": [[1] * 600]}, 400, "input"),
     ({"input": ["x"] * 257}, 400, "input"),
 ])
@@ -152,6 +155,14 @@ def test_up_to_256_inputs_are_embedded_and_the_answer_names_the_model_asked_for(
     r = client.embeddings.create(model="tiny-model", input=["a", "b c"] * 128)
     assert r.model == "tiny-model" and [d.index for d in r.data] == list(range(256))
     assert r.data[1].embedding == r.data[3].embedding != r.data[0].embedding
+
+
+def test_request_id_is_the_answers_x_request_id(server):
+    """docs/openai.md, /v1/embeddings: vLLM's request_id is the answer's X-Request-Id, as on chat."""
+    r = httpx.post(server.url + "/v1/embeddings", json={"input": "x", "request_id": "emb-7"}, timeout=30)
+    assert r.status_code == 200 and r.headers["x-request-id"] == "emb-7", dict(r.headers)
+    other = httpx.post(server.url + "/v1/embeddings", json={"input": "x"}, timeout=30)
+    assert other.headers["x-request-id"] not in ("", "emb-7")
 
 
 def test_embeddings_are_counted_by_status_and_leave_nothing_in_flight(server, client):

@@ -500,6 +500,17 @@ def test_tokenize_and_detokenize_take_null_as_left_out_as_they_are_described():
     ({"prompt": "a", "return_token_strs": "yes"},
      "'return_token_strs' must be true or false, not a string (\"yes\")", "return_token_strs"),
     ({"prompt": "a", "model": 1}, "'model' must be a string, not 1", "model"),
+    # what renders a conversation, beside a prompt (once taken unchecked, a value of any type), and the
+    # start token beside messages (once ignored): refused as /v1/embeddings refuses them
+    ({"prompt": "a", "add_generation_prompt": 12345},
+     "'add_generation_prompt' renders 'messages', and this request tokenizes a 'prompt'", "add_generation_prompt"),
+    ({"prompt": "a", "continue_final_message": True},
+     "'continue_final_message' renders 'messages', and this request tokenizes a 'prompt'", "continue_final_message"),
+    ({"prompt": "a", "chat_template_kwargs": "x"},
+     "'chat_template_kwargs' renders 'messages', and this request tokenizes a 'prompt'", "chat_template_kwargs"),
+    ({"prompt": "a", "tools": [TOOL]}, "'tools' renders 'messages', and this request tokenizes a 'prompt'", "tools"),
+    ({"messages": HI, "add_special_tokens": True}, "'add_special_tokens' = true is not supported with 'messages': the "
+     "chat template writes the special tokens (leave it out or use false)", "add_special_tokens"),
 ])
 def test_a_bad_tokenize_request_is_a_400_naming_its_field(obj, message, param):
     e = refused(tokenize, obj)

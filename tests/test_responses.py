@@ -173,7 +173,7 @@ def test_the_answer_repeats_the_identifiers_and_settings_it_was_sent(client):
 
 
 @pytest.mark.parametrize("field, value", [("prompt_cache_key", 5), ("safety_identifier", ["x"]),
-                                          ("max_tool_calls", 0), ("max_tool_calls", "3")])
+                                          ("max_tool_calls", 0), ("max_tool_calls", "3"), ("service_tier", 5)])
 def test_an_identifier_or_call_limit_of_the_wrong_type_is_a_400_naming_it(server, field, value):
     r = httpx.post(server.url + "/v1/responses", json={"model": "tiny", "input": "x", field: value}, timeout=30)
     assert r.status_code == 400, r.text

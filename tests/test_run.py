@@ -421,3 +421,27 @@ def test_each_choice_of_a_run_record_names_the_generate_stage_that_made_it(tmp_p
     (row,) = [json.loads(x) for x in out.read_text().splitlines()]
     assert sorted(c["generated_by"] for c in row["choices"]) == ["first", "second"]
     assert row["generated_by"] == row["choices"][0]["generated_by"]
+
+
+def test_a_request_lines_logit_bias_forces_and_bans_tokens(tmp_path, tiny_gguf):
+    """A line's logit_bias reaches its answer, as agp serve's does: +100 makes every token the
+    biased one, -100 keeps out the token the unbiased answer begins with."""
+    from pipeline_dsl.commands.runner import RunRequest, run_pipeline
+
+    agp = write_pipeline(tmp_path, tiny_gguf)
+
+    def token_ids(*biases):
+        got = {}
+        rt = build_runtime(agp, overrides={"threads": 1})
+        lines = [{"prompt": "the cat", "max_tokens": 6, "ignore_eos": True, "return_token_ids": True,
+                  **({"logit_bias": bias} if bias else {})} for bias in biases]
+        run_pipeline(rt, [RunRequest(i, i + 1, parse_request(line)) for i, line in enumerate(lines)],
+                     on_done=lambda slot, rec: got.__setitem__(slot, rec["token_ids"]), progress=False)
+        rt.shutdown()
+        return [got[i] for i in range(len(lines))]
+
+    (plain,) = token_ids(None)
+    other = next(t for t in range(100, 200) if t not in plain)
+    forced, banned = token_ids({str(other): 100}, {str(plain[0]): -100})
+    assert forced == [other] * 6
+    assert banned[0] != plain[0] and plain[0] not in banned

@@ -150,7 +150,7 @@ class LiveServer:
     """An `agp serve` app on 127.0.0.1:<free port>, in a uvicorn thread of this process."""
 
     def __init__(self, model_path, *, max_batch_size=8, max_queue=1024, batch_timeout_s=0.02, text=None,
-                 header_timeout=None, overrides=None, max_unread_tokens=None, **config_kw):
+                 header_timeout=None, overrides=None, max_unread_tokens=None, stages=("gen",), **config_kw):
         import tempfile
 
         from pipeline_dsl.serve.server import header_timeout_protocol
@@ -165,7 +165,8 @@ class LiveServer:
         self.apipe = AsyncPipeline(self.runtime, metrics=self.metrics, max_unread_tokens=max_unread_tokens)
         self.app = create_app(self.apipe,
                               ServeConfig(model_names=SERVED, max_model_len=self.engine.max_model_len,
-                                          stages=(("gen", Path(str(model_path)).name),), **config_kw),
+                                          stages=tuple((g, Path(str(model_path)).name) for g in stages),
+                                          **config_kw),
                               self.metrics)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
@@ -282,6 +283,37 @@ def test_a_model_is_looked_up_by_its_id_and_an_unknown_one_is_404(server):
     r = httpx.get(server.url + "/v1/models/nope", timeout=30)
     assert r.status_code == 404, r.text
     assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("model_not_found", "model")
+
+
+def test_a_request_naming_a_generate_stage_is_answered_by_that_stage(tmp_path, tiny_gguf):
+    """docs/openai.md, `model`: a generate stage's name sends the request the way that leads there,
+    whatever the conditions before it would choose (here the first way, to short_gen, which the
+    served name takes); the answer names the stage. Completions and chat, streamed and not."""
+    from flowkit import chain, write
+
+    body = ("stage request : requests {}\nstage route : route {}\n"
+            "stage short_gen : generate { max_new_tokens = 3 }\nstage long_gen : generate { max_new_tokens = 5 }\n"
+            "stage out : respond {}\nrequest -> route\n"
+            "route -> batch_s otherwise\nroute -> batch_l when prompt_tokens > 1000\n"
+            + chain("short_gen", "batch_s", "enc_s", "kv_s") + chain("long_gen", "batch_l", "enc_l", "kv_l")
+            + "short_gen -> out\nlong_gen -> out\n")
+    s = LiveServer(tiny_gguf, text=write(tmp_path, tiny_gguf, body).read_text(), stages=("short_gen", "long_gen"))
+    try:
+        def answered(model, kind, stream):
+            kw = dict(model=model, stream=stream, extra_body={"ignore_eos": True},
+                      **({"stream_options": {"include_usage": True}} if stream else {}))
+            out = (s.client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], **kw)
+                   if kind == "chat" else s.client.completions.create(prompt="hi", **kw))
+            chunks = list(out) if stream else [out]
+            return {c.model for c in chunks}, chunks[-1].usage.completion_tokens
+
+        for kind in ("completion", "chat"):
+            for stream in (False, True):
+                assert answered("tiny", kind, stream) == ({"tiny"}, 3)
+                assert answered("long_gen", kind, stream) == ({"long_gen"}, 5)
+                assert answered("short_gen", kind, stream) == ({"short_gen"}, 3)
+    finally:
+        s.close()
 
 
 def test_every_model_entry_is_vllms_model_card(server, tiny_gguf):

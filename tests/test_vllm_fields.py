@@ -23,7 +23,7 @@ from pipeline_dsl.flow import build_runtime
 from pipeline_dsl import requests_io
 from pipeline_dsl.requests_io import RequestError, parse_request
 from test_serve import LiveServer
-from tiny_model import write_tiny_gguf
+from tiny_model import write_tiny_gguf, write_tiny_hf_folder
 
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("llguidance")
@@ -95,6 +95,46 @@ def test_skip_special_tokens_false_keeps_their_text_streamed_and_not(client):
     chunks = client.completions.create(model="tiny", prompt="hi", stream=True, **forced,
                                        extra_body={"ignore_eos": True, "skip_special_tokens": False})
     assert "".join(c.choices[0].text for c in chunks) == "<|im_start|>" * 3
+
+
+def test_spaces_between_special_tokens_false_writes_each_with_nothing_beside_it(tmp_path, tiny_gguf):
+    """A tokenizer whose decoder puts a space between tokens (WordPiece's, in a Hugging Face
+    folder): by default the special tokens an answer keeps are written as that decoder writes
+    them, spaced; spaces_between_special_tokens false writes each with nothing beside it, on
+    completions and chat, whole and streamed."""
+    from tokenizers import decoders
+
+    s = LiveServer(write_tiny_hf_folder(tmp_path / "spaced", tiny_gguf, decoder=decoders.WordPiece()))
+    try:
+        def text(kind, stream, **extra):
+            body = {"model": "tiny", "max_tokens": 3, "logit_bias": {str(IM_START): 100}, "stream": stream,
+                    "extra_body": {"ignore_eos": True, "skip_special_tokens": False, **extra}}
+            if kind == "chat":
+                out = s.client.chat.completions.create(messages=USER, **body)
+                return "".join(c.choices[0].delta.content or "" for c in out) if stream else \
+                    out.choices[0].message.content
+            out = s.client.completions.create(prompt="hi", **body)
+            return "".join(c.choices[0].text for c in out) if stream else out.choices[0].text
+
+        for kind in ("completion", "chat"):
+            for stream in (False, True):
+                spaced = text(kind, stream)
+                assert spaced == text(kind, stream, spaces_between_special_tokens=True)
+                assert spaced.split() == ["<|im_start|>"] * 3 and "<|im_start|> <|im_start|>" in spaced, spaced
+                assert text(kind, stream, spaces_between_special_tokens=False) == "<|im_start|>" * 3
+        runtime = build_runtime(Path(s.dir) / "tiny.agp", overrides={"threads": 1})
+        out: dict = {}
+        try:                               # an `agp run` line the same
+            lines = [{"prompt": "hi", "max_tokens": 3, "logit_bias": {str(IM_START): 100}, "ignore_eos": True,
+                      "skip_special_tokens": False, "spaces_between_special_tokens": spaced}
+                     for spaced in (True, False)]
+            run_pipeline(runtime, [RunRequest(slot=i, line=i + 1, parsed=parse_request(line, default_id=i))
+                                   for i, line in enumerate(lines)], on_done=out.__setitem__, progress=False)
+        finally:
+            runtime.shutdown()
+        assert out[0]["text"] == text("completion", False) and out[1]["text"] == "<|im_start|>" * 3
+    finally:
+        s.close()
 
 
 def test_include_stop_str_in_output_keeps_the_stop_string(client):
@@ -185,6 +225,10 @@ def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client, kind
     plain = list(client.completions.create(model="tiny", prompt="hey", max_tokens=3, stream=True,
                                            stream_options={"include_usage": True}))
     assert [c.usage is not None for c in plain] == [False] * (len(plain) - 1) + [True]   # the last alone
+    alone = {"stream": True, "stream_options": {"continuous_usage_stats": True}, "max_tokens": 3}
+    chunks = list(client.chat.completions.create(model="tiny", messages=USER, **alone) if kind == "chat"
+                  else client.completions.create(model="tiny", prompt="hey", **alone))
+    assert len(chunks) > 1 and all(c.usage is None for c in chunks)   # only with include_usage, as vLLM takes it
 
 
 

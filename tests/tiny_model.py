@@ -242,3 +242,42 @@ def tiny_engine(path, **kw):
     cfg = dict(model=str(path), dtype="fp32", kv_budget_bytes=4 << 20, max_batch_size=8)
     cfg.update(kw)
     return Engine(EngineConfig(**cfg))
+
+
+def write_tiny_hf_folder(folder, gguf, decoder=None) -> Path:
+    """The tiny GGUF model `gguf` as a Hugging Face folder (config.json, model.safetensors,
+    tokenizer.json, tokenizer_config.json) at `folder`, the same weights and tokenizer;
+    `decoder` (a `tokenizers` decoder) replaces the tokenizer's own, for a tokenizer that
+    writes its text another way (WordPiece's puts a space between tokens)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from pipeline_dsl.engine.gguf_loader import load_gguf
+    from pipeline_dsl.engine.models import load_model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    g = load_gguf(gguf)
+    c = g.config
+    parts = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+             "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+             "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    hf = {"model.embed_tokens.weight": g.weights["embed"], "model.norm.weight": g.weights["norm"]}
+    for i in range(c.num_layers):
+        for ours, theirs in parts.items():
+            hf[f"model.layers.{i}.{theirs}.weight"] = g.weights[f"layers.{i}.{ours}"].contiguous()
+    save_file(hf, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
+        "rope_theta": c.rope_theta, "rms_norm_eps": c.rms_eps, "max_position_embeddings": c.max_position,
+        "tie_word_embeddings": True}))
+    _, tok = load_model(str(gguf), dtype="fp32")
+    if decoder is not None:
+        tok.tk.decoder = decoder
+    tok.tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|im_end|>", "chat_template": tok.chat_template}))
+    return folder

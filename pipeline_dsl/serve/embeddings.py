@@ -38,13 +38,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from pipeline_dsl.flow import PipelineError
-from pipeline_dsl.requests_io import request_item
+from pipeline_dsl.requests_io import IGNORED, check_fields, request_item
 
 from . import protocol as P
 from .access import request_info
 from .body import read_json
 from .errors import api_error, error_response
-from .extras import bad
+from .extras import bad, request_errors
 from .generation import wait_or_disconnect
 
 FIELDS = {"model", "input", "encoding_format", "dimensions", "user", "normalize", "request_id", "priority",
@@ -131,6 +131,8 @@ class Embeddings:
         c = self.g.config
         body = P.check_unknown(body, FIELDS, c.lenient)
         model, pin = P.model_of(body, c.model_names, self.g.stage_names)
+        with request_errors:                   # a string, as chat's and completions' `user`
+            check_fields(body, {"user": IGNORED["user"]})
         chat = body.get("messages") is not None
         if chat and body.get("input") is not None:
             raise P.APIError("give 'input' or 'messages', not both", param="messages")
@@ -155,7 +157,7 @@ class Embeddings:
         if not isinstance(normalize, bool):
             raise bad("normalize", "true or false", normalize)
         dtype, endianness = body.get("embed_dtype") or "float32", body.get("endianness") or "native"
-        if dtype not in EMBED_DTYPES:
+        if not isinstance(dtype, str) or dtype not in EMBED_DTYPES:      # a list or an object is no key
             raise bad("embed_dtype", "one of " + ", ".join(EMBED_DTYPES), dtype)
         if endianness not in ENDIANNESS:
             raise bad("endianness", "one of " + ", ".join(ENDIANNESS), endianness)

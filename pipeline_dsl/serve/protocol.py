@@ -551,6 +551,10 @@ def chat_logprobs(entries: list, text_of, bytes_of=None) -> dict:
 
 # ---------------------------------------------------------------- /tokenize, /detokenize (vLLM's shapes)
 
+# what only a conversation's rendering takes: a 400 beside a 'prompt' on /tokenize
+TOKENIZE_RENDERING = ("add_generation_prompt", "continue_final_message", "chat_template_kwargs", "tools")
+
+
 def parse_tokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...] = ()) -> dict:
     """POST /tokenize: {"prompt": str, "add_special_tokens": true} or {"messages": [...],
     "add_generation_prompt": true, "continue_final_message": false}; `model` may name a generate
@@ -567,8 +571,15 @@ def parse_tokenize(obj: dict, *, served: tuple[str, ...], stages: tuple[str, ...
     if "prompt" in obj:
         if not isinstance(obj["prompt"], str):       # "" is counted (vLLM: none, or the start token)
             raise _bad("prompt", "a string", obj["prompt"])
+        rendering = [k for k in TOKENIZE_RENDERING if obj.get(k) is not None]
+        if rendering:                                # as /v1/embeddings refuses them beside an 'input'
+            raise APIError(f"'{rendering[0]}' renders 'messages', and this request tokenizes a 'prompt'",
+                           param=rendering[0])
         return {"prompt": obj["prompt"], "add_special_tokens": True if special is None else special, "pin": pin,
                 "return_token_strs": strs}
+    if special:                                      # as chat and /v1/embeddings refuse it beside 'messages'
+        raise APIError("'add_special_tokens' = true is not supported with 'messages': the chat template writes "
+                       "the special tokens (leave it out or use false)", param="add_special_tokens")
     out = {"messages": list(_messages(obj["messages"])), "pin": pin, "return_token_strs": strs,
            "chat_template_kwargs": parse_extras(obj, chat=True).template_kwargs, **_render_flags(obj)}
     if obj.get("tools") is not None:

@@ -195,6 +195,7 @@ def _checked(obj: dict) -> None:
             ("truncation", lambda v: v in ("disabled", "auto"), "disabled or auto"),
             ("previous_response_id", lambda v: isinstance(v, str), "a string"),
             ("metadata", lambda v: isinstance(v, dict), "an object"),
+            ("service_tier", *P.IGNORED["service_tier"]),          # chat's check: a string
             ("prompt_cache_key", lambda v: isinstance(v, str), "a string"),
             ("safety_identifier", lambda v: isinstance(v, str), "a string"),
             ("max_tool_calls", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
