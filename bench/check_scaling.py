@@ -13,6 +13,8 @@ Shapes (each a valid pipeline, so every check runs to its end):
   undefined  a chain of names no stage has, among n stages (did-you-mean over n names each)
   params  one stage with N parameters (unknown ones: N errors, each did-you-mean'd)
   pipes   N small pipelines in one file
+  longname  a syntax error after a name of 40*N characters (hints once searched from every offset)
+  whenline  a syntax error on the line after N edges with a condition on one line
 
 Prints one line per (shape, size): stages, seconds, diagnostics. Linear means the seconds
 per 1k stages stay flat as N grows.
@@ -66,6 +68,10 @@ def make(shape: str, n: int) -> str:
                "stage out : respond {{}} request -> batch batch -> encode when full "
                "batch -> encode when timeout encode -> kv -> gen -> out }}\n")
         return "".join(one.format(i=i) for i in range(max(1, n // 6)))
+    if shape == "longname":            # one error; the hint reads the text around it
+        return f"pipeline p {{\n stage {'x' * (40 * n)} : route {{ }} -> c\n}}\n"
+    if shape == "whenline":
+        return "pipeline p {\n" + "a -> b when full " * n + "\na -> b when full -> c\n}\n"
     raise ValueError(f"unknown shape {shape!r}")
 
 

@@ -110,13 +110,38 @@ _AFTER_WORD = {
 }
 
 
+_ASCII_WORD = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_"
+_NAME_START = re.compile(r"[A-Za-z_]")
+
+
 def _previous(text: str, at: int) -> str:
-    """The token before offset `at` (comments skipped), roughly: enough to name the context."""
-    lines = text[:at].split("\n")
-    lines = [ln.split("#", 1)[0] if '"' not in ln else ln for ln in lines]
-    before = "\n".join(lines).rstrip()
-    m = re.search(r'(->|[A-Za-z_][A-Za-z0-9_]*|"[^"\n]*"|\S)$', before)
-    return m.group(1) if m else ""
+    """The token before offset `at` (comments skipped), roughly: enough to name the context:
+    '->', a name, a string on one line, or else its last character. Found from the end of the
+    last line that has one, in time linear in that line (a search for the token ending there
+    would try every offset of the line, and a long name made that quadratic)."""
+    end = _end_of_previous(text, at)
+    line = text[text.rfind("\n", 0, end) + 1:end]
+    if not line:
+        return ""
+    n = len(line)
+    starts = [n - 1]                                   # any other character: the last one
+    if line.endswith("->"):
+        starts.append(n - 2)
+    word = n - len(line.rstrip(_ASCII_WORD))           # a name: from its first letter or '_'
+    first = _NAME_START.search(line, n - word) if word else None
+    if first is not None:
+        starts.append(first.start())
+    quote = line.rfind('"', 0, n - 1) if line.endswith('"') else -1
+    if quote >= 0:                                     # a string, from its opening quote
+        starts.append(quote)
+    return line[min(starts):]
+
+
+def _line_of_end(text: str, at: int) -> int:
+    """The offset of the line where a pattern ending in `$` matches `text[:at]`: the last line,
+    or the one before where `text[:at]` ends with a newline. Patterns that match within a line
+    search from there, not the whole text before `at` (from every line: quadratic)."""
+    return text.rfind("\n", 0, max(0, at - 1)) + 1
 
 
 def _end_of_previous(text: str, at: int) -> int:
@@ -281,7 +306,8 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
                               _point(file, text, m.start(), len(written)),
                               expected="a number written without separators", hint=f"write {written.replace('_', '')}")
     if tok.type == "__ANON_0":
-        m = re.search(r"(\w+)[ \t]*->[ \t]*(\w+)[ \t]+when[ \t]+([^\n#]*?)[ \t]*$", text[:at])
+        m = re.search(r"(?<!\w)(\w+)[ \t]*->[ \t]*(\w+)[ \t]+when[ \t]+([^\n#]*?)[ \t]*$",
+                      text[_line_of_end(text, at):at])
         if m:   # `a -> b when full -> c`: the condition ends the statement
             hint = (f"a condition ends its edge statement: write `{m.group(1)} -> {m.group(2)} when {m.group(3)}`, "
                     f"then `{m.group(2)} -> …` on a line of its own")
@@ -298,7 +324,8 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
                               expected="a condition on the same line, e.g. when full or when prompt_tokens > 512",
                               hint=f"'{m.group(3)}' on the next line starts another edge, not the condition")
     if "EQUAL" in wanted and tok.type in ("STRING", "NUMBER", "LSQB", "NAME", "TRUE", "FALSE"):
-        m = re.search(r"\bwhen[ \t]+[^\n#]*?[A-Za-z_][\w.]*[ \t]+([A-Za-z_]\w*)[ \t]*$", text[:at])
+        m = re.search(r"\bwhen[ \t]+[^\n#]*?[A-Za-z_][\w.]*[ \t]+([A-Za-z_]\w*)[ \t]*$",
+                      text[_line_of_end(text, at):at])
         if m and m.group(1) == prev:   # `when text contains "x"`: the word was read as the next statement's name
             w = _end_of_previous(text, at) - len(prev)
             return Diagnostic(ERROR, f"'{prev}' is not a comparison", _point(file, text, w, len(prev)),

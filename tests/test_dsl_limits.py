@@ -209,6 +209,33 @@ def test_a_program_over_the_total_size_cap_is_one_error(tmp_path, monkeypatch):
     assert d.message.startswith("the program is too large") and d.pos.line == 4
 
 
+LONG_NAME = "x" * 900_000
+EDGES = "a -> b when full " * 20_000          # 20,000 edges with a condition on one line
+
+
+@pytest.mark.parametrize("text, message, where", [
+    # a syntax error after a 900,000-character name: the token before the error was searched for
+    # from every offset of the text, each reading the name to its end (hours)
+    (f"pipeline p {{\n stage {LONG_NAME} : route }}\n stage = 1\n}}\n", "unexpected 'stage'", (3, 2)),
+    (f"pipeline p {{\n stage {LONG_NAME} : route {{ }} -> c\n}}\n", "unexpected '->'", (2, 900_021)),
+    # an error on the line after a long line of conditions: a hint's pattern was tried from each
+    # 'when' of the earlier line, each reading to that line's end (minutes)
+    (f"pipeline p {{\n{EDGES}\na -> b when full -> c\n}}\n", "unexpected '->'", (3, 18)),
+    (f"pipeline p {{\n{EDGES}\n x \"s\"\n}}\n", "unexpected string", (3, 4)),
+])
+def test_a_syntax_error_after_a_long_name_or_line_is_reported(tmp_path, text, message, where):
+    """Each file is under the size cap and its syntax error is found in one parse; working out
+    the hint around it reads the text a bounded number of times (each was quadratic in the
+    long name or line). In a subprocess: a hang is a timeout, not a stuck run."""
+    f = tmp_path / "long.agp"
+    f.write_text(text)
+    assert f.stat().st_size < loader.MAX_FILE_BYTES
+    out = cli_check(f)
+    head = out.splitlines()[0]
+    assert head.startswith(f"{f}:{where[0]}:{where[1]}: error: {message}"), head[:300]
+    assert len(out) < 5000
+
+
 def test_huge_list_long_string_and_long_line_are_checked_and_rendered_briefly(tmp_path):
     diags = loads(small_pipeline("p").replace("stage gen : generate",
                                               "stage gen : generate { stop = [" + ", ".join(['"a"'] * 50_000) + "] }"))
