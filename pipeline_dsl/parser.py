@@ -837,17 +837,23 @@ def parse(text: str, file: str = "<string>") -> tuple[ast.Module | None, list[Di
     return ast.Module(file, items, tuple(comments)), []
 
 
-# a file with several mistakes reports up to this many syntax errors at once
+# a file with several mistakes reports up to this many syntax errors at once, re-parsing at most
+# this many characters to find those after the first (each is found by a parse of the whole text:
+# a 1 MiB file of mistakes reports its first two or three, not ten parses of it)
 MAX_SYNTAX_ERRORS = 10
+RECOVERY_CHARS = 2 * 1024 * 1024
 
 
 def _syntax_errors(err: UnexpectedInput, text: str, file: str) -> list[Diagnostic]:
     """The syntax error `err` and those after it: the statement holding each error is blanked
     (spaces, so every position stays) and the text parsed again, as a compiler reports a file's
     mistakes in one pass. Recovery stops where a blank could invent errors: at the end of the
-    file, at a '{' left open, or when the next error is not past the statement blanked."""
+    file, at a '{' left open, or when the next error is not past the statement blanked; and
+    when another parse would pass RECOVERY_CHARS re-parsed."""
     diags = [_syntax_diagnostic(err, text, file)]
-    while len(diags) < MAX_SYNTAX_ERRORS:
+    reparsed = 0
+    while len(diags) < MAX_SYNTAX_ERRORS and reparsed + len(text) <= RECOVERY_CHARS:
+        reparsed += len(text)
         if isinstance(err, UnexpectedEOF) or isinstance(err, UnexpectedToken) and err.token.type == "$END" \
                 or "is not closed" in (diags[-1].hint or ""):
             break

@@ -393,3 +393,26 @@ def test_fmt_of_20000_commented_stages_is_linear():
     out, diags = format_text(text(20_000))
     assert_linear_work(format_text, text, 500, "fmt")     # comments were attached in quadratic time
     assert diags == [] and out.count("# own") == 20_000 and "stage s19999 : route {}  # c19999" in out
+
+
+def _bad_settings_after(stages: int) -> str:
+    lines = ["pipeline p {"] + [f"    stage s{i} : respond {{}}" for i in range(stages)]
+    return "\n".join(lines + [f"    bad{i} = = {i}" for i in range(12)] + ["}"]) + "\n"
+
+
+def test_a_big_file_of_mistakes_reports_as_many_as_its_reparse_budget_finds(monkeypatch):
+    """Each syntax error after the first costs a parse of the whole file: a small file gets the
+    first MAX_SYNTAX_ERRORS of its twelve, a big one only as many as RECOVERY_CHARS of re-parsing
+    finds (10 parses of a file near the 1 MiB cap took half a minute), the first always. The
+    budget is scaled down here with the file, so the test parses kilobytes, not megabytes."""
+    small = _bad_settings_after(10)
+    _, diags = parser.parse(small, "small.agp")
+    assert len(diags) == parser.MAX_SYNTAX_ERRORS
+    assert [d.pos.line for d in diags] == list(range(12, 12 + parser.MAX_SYNTAX_ERRORS))
+    big = _bad_settings_after(1_000)
+    monkeypatch.setattr(parser, "RECOVERY_CHARS", 3 * len(big) + 10)
+    _, diags = parser.parse(big, "big.agp")
+    assert [d.pos.line for d in diags] == [1_002, 1_003, 1_004, 1_005]     # the first, then 3 re-parses
+    assert all(d.message == "unexpected '='" for d in diags)
+    monkeypatch.setattr(parser, "RECOVERY_CHARS", len(big) - 1)
+    assert [d.pos.line for d in parser.parse(big, "big.agp")[1]] == [1_002]
