@@ -4,7 +4,7 @@ The API other layers use:
 
     import pipeline_dsl
     program, diags = pipeline_dsl.load("examples/chat.agp")    # never raises on bad input
-    # program.pipelines: [ast.Pipeline]; program.sources: {file: text}
+    # program.pipelines: [ast.Pipeline] (derived ones expanded); program.sources: {file: text}
     # diags: [diagnostics.Diagnostic] sorted by position (errors and warnings)
 
     g = pipeline_dsl.load_pipeline_graph("examples/chat.agp", pipeline_name=None)

@@ -5,7 +5,8 @@ the tree of its formatted text compare equal when they mean the same thing.
 Comments are kept on the `Module` (for `agp fmt`), also outside equality.
 
     Module(file, items=(Use | Pipeline, ...))
-    Pipeline(name: Name, body=(Setting | Stage | Chain, ...))
+    Pipeline(name: Name, body=(Setting | Stage | Chain | Override, ...), base: Name | None)
+    Override(stage: Name, name: Name, value)             # gen.max_new_tokens = 16 (derived pipelines)
     Stage(name: Name, kind: Name, placement: Name | None, params=(Param, ...))
     Chain(stages=(Name, ...), condition: Cond | None)      # a -> b -> c when full
     conditions: Label(name), Compare(field, op, value), BoolOp(op, items), Not(item), Otherwise
@@ -101,6 +102,16 @@ class Param:
 
 
 @dataclass(frozen=True)
+class Override:
+    """`gen.max_new_tokens = 16` in a derived pipeline: a parameter of the base's stage `gen`."""
+
+    stage: Name
+    name: Name
+    value: Value
+    pos: SourcePos = _pos()
+
+
+@dataclass(frozen=True)
 class Stage:
     name: Name
     kind: Name
@@ -171,14 +182,19 @@ class Chain:
         return list(zip(self.stages, self.stages[1:]))
 
 
-BodyItem = Union[Setting, Stage, Chain]
+BodyItem = Union[Setting, Stage, Chain, Override]
 
 
 @dataclass(frozen=True)
 class Pipeline:
+    """`pipeline NAME { … }`, or with `base` (`pipeline short : chat { … }`) a derived one whose
+    body holds only settings and overrides. The loader's Program holds derived pipelines
+    expanded (loader.derive): the base's stages and edges with the overrides applied."""
+
     name: Name
     body: tuple[BodyItem, ...]
     pos: SourcePos = _pos()
+    base: Name | None = None
 
     @property
     def settings(self) -> list[Setting]:
@@ -191,6 +207,10 @@ class Pipeline:
     @property
     def chains(self) -> list[Chain]:
         return [b for b in self.body if isinstance(b, Chain)]
+
+    @property
+    def overrides(self) -> list[Override]:
+        return [b for b in self.body if isinstance(b, Override)]
 
 
 @dataclass(frozen=True)

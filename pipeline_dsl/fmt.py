@@ -116,7 +116,7 @@ def _attach(module: ast.Module) -> _Notes:
         kids[id(node)] = (children, [_start(c) for c in children])
         for c in children:
             by_end_line.setdefault(c.pos.end_line, []).append(c)
-            if isinstance(c, (ast.Setting, ast.Param)) and isinstance(c.value, ast.List):
+            if isinstance(c, (ast.Setting, ast.Param, ast.Override)) and isinstance(c.value, ast.List):
                 lists.append(c.value)
             walk(c)
     walk(module)
@@ -276,6 +276,10 @@ def _aligned_heads(items, notes: _Notes, indent: str) -> list[list[str]]:
     if items and isinstance(items[0], ast.Setting):
         w = max(len(s.name.text) for s in items)
         return [_assignment(f"{s.name.text:<{w}}", s.value, notes, indent) for s in items]
+    if items and isinstance(items[0], ast.Override):
+        heads = [f"{o.stage.text}.{o.name.text}" for o in items]
+        w = max(len(h) for h in heads)
+        return [_assignment(f"{h:<{w}}", o.value, notes, indent) for h, o in zip(heads, items)]
     if items and isinstance(items[0], ast.Stage):
         # align runs of one-line stages; a stage on several lines stands alone
         out, run = [], []
@@ -339,9 +343,10 @@ def _statement(it, notes: _Notes, indent: str) -> list[str]:
         return [indent + " -> ".join(n.text for n in it.stages) + format_edge_condition(it.condition)]
     if isinstance(it, ast.Pipeline):
         body = _block(it.body, it, notes, indent + INDENT)
+        head = f"{indent}pipeline {it.name.text}" + (f" : {it.base.text}" if it.base is not None else "")
         if not body:
-            return [f"{indent}pipeline {it.name.text} {{}}"]
-        return [f"{indent}pipeline {it.name.text} {{"] + body + [indent + "}"]
+            return [f"{head} {{}}"]
+        return [f"{head} {{"] + body + [indent + "}"]
     if isinstance(it, ast.Setting):
         return _assignment(it.name.text, it.value, notes, indent)
     raise TypeError(f"not a statement: {it!r}")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import networkx as nx
 
@@ -837,13 +837,31 @@ def segments_of(graph: nx.DiGraph) -> list[Segment]:
 
 
 def check_program(program, registry: Registry | None = None) -> list[Diagnostic]:
-    """Every check of every pipeline of a loaded program (see loader.Program)."""
-    diags: list[Diagnostic] = []
+    """Every check of every pipeline of a loaded program (see loader.Program). A derived
+    pipeline's diagnostics that its base has too (a fault in the copied text) are said once, for
+    the base; one only the derived pipeline has, in text it copied (an override that breaks a
+    base's stage), gets a note at the derivation."""
+    found: dict[str, list[Diagnostic]] = {}
     for p in program.pipelines:
         resolved, ds = check_pipeline(p, registry, getattr(program, "allowed", None) or None)
+        found[p.name.text] = ds + validate(resolved, registry)
+    diags: list[Diagnostic] = []
+    for p in program.pipelines:
+        ds = found[p.name.text]
+        if p.base is not None:
+            said = {_key(d) for d in found.get(p.base.text, ())}
+            note = (f"in pipeline '{p.name.text}', which copies it from '{p.base.text}' here", p.base.pos)
+            ds = [d if _within(d.pos, p.pos) else replace(d, notes=d.notes + (note,))
+                  for d in ds if _key(d) not in said]
         diags += ds
-        diags += validate(resolved, registry)
     return sort_diagnostics(diags)
 
 
+def _key(d: Diagnostic) -> tuple:
+    return d.severity, d.message, d.pos
 
+
+def _within(pos, span) -> bool:
+    """Whether `pos` lies inside `span` (same file)."""
+    return (pos is not None and span is not None and pos.file == span.file
+            and (span.line, span.col) <= (pos.line, pos.col) <= (span.end_line, span.end_col))

@@ -29,7 +29,7 @@ import unicodedata
 from dataclasses import dataclass, field, replace
 
 from . import ast
-from .diagnostics import ERROR, Diagnostic, SourcePos, Suggestions
+from .diagnostics import ERROR, Diagnostic, SourcePos, Suggestions, one_of
 from .parser import newlines, parse
 
 
@@ -360,7 +360,120 @@ def load_program(path: str, text: str | None = None, allow_paths=()) -> tuple[Pr
                 prog.pipelines.append(item)
 
     visit(path, [], None, text)
+    prog.pipelines = derive(prog.pipelines, diags)
     return prog, diags
+
+
+# settings, stages and edges that derived pipelines copy from their bases, all together: each copy
+# is checked as the base is, so without a bound a few bytes (`pipeline p2 : big {}`, many times)
+# would make agp check work through millions of stages; with it a program's copies cost at most
+# what one full-size file (about 25,000 stages) costs
+MAX_DERIVED_STATEMENTS = 20_000
+
+
+def derive(pipelines: list[ast.Pipeline], diags: list[Diagnostic]) -> list[ast.Pipeline]:
+    """The program's pipelines with each derived one (`pipeline short : chat { … }`) expanded:
+    its base's stages and edges (the base expanded first when it is derived itself), the base's
+    settings with the derived body's settings in place of those of the same name, and each
+    override `stage.param = value` in place of that stage's parameter (or added to it). The
+    copied statements keep the base's positions; the derived body's own keep theirs. Errors go
+    to `diags`, at the statement: an unknown base, a cycle of derivations, an override of a
+    stage the base lacks, a stage or edge in a derived body, an override in a pipeline without
+    a base, copies past MAX_DERIVED_STATEMENTS. A derived pipeline whose base cannot be had is
+    left out (its error said why), as is one derived from it."""
+    by_name = {p.name.text: p for p in pipelines}
+    names = Suggestions(by_name)
+    done: dict[str, ast.Pipeline | None] = {}     # name -> expanded pipeline; None: cannot be had
+    copied, told = 0, False                       # statements copied from bases so far
+    for p in pipelines:
+        if p.base is None:
+            done[p.name.text] = p
+            for o in p.overrides:
+                diags.append(Diagnostic(
+                    ERROR, f"'{o.stage.text}.{o.name.text}' overrides a stage of a base pipeline, "
+                           f"but '{p.name.text}' has no base", o.pos,
+                    expected=f"a setting, stage or edge of pipeline '{p.name.text}'",
+                    hint=f"set {o.name.text} inside stage {o.stage.text}'s {{ … }}; a derived pipeline "
+                         f"(pipeline NAME : BASE {{ … }}) overrides its base's stages this way"))
+    for p in pipelines:
+        chain: list[ast.Pipeline] = []            # p, its base, its base's base … until one is done
+        on_chain: set[int] = set()
+        q = p
+        while q.name.text not in done:
+            if id(q) in on_chain:                 # a cycle: reported at each of its pipelines
+                cycle = chain[next(i for i, c in enumerate(chain) if c is q):]
+                for i, c in enumerate(cycle):
+                    turn = cycle[i:] + cycle[:i]
+                    shown = " : ".join(t.name.text for t in turn + [c])
+                    msg = (f"pipeline '{q.name.text}' derives from itself" if len(cycle) == 1
+                           else f"pipelines derive from each other: {shown}")
+                    diags.append(Diagnostic(ERROR, msg, c.base.pos,
+                                            expected="a base that does not derive from this pipeline, "
+                                                     "directly or not",
+                                            hint=f"derive '{c.name.text}' from a pipeline with stages of its own"))
+                    done[c.name.text] = None
+                break
+            chain.append(q)
+            on_chain.add(id(q))
+            base = by_name.get(q.base.text)
+            if base is None:
+                diags.append(Diagnostic(ERROR, f"unknown base pipeline '{q.base.text}'", q.base.pos,
+                                        expected="a pipeline of this program (this file or a file it uses)",
+                                        hint=names.hint(q.base.text)))
+                done[q.name.text] = None
+                break
+            q = base
+        for c in reversed(chain):
+            if c.name.text not in done:
+                base = done[c.base.text]
+                if base is not None and (told or copied + len(base.body) > MAX_DERIVED_STATEMENTS):
+                    if not told:                  # said once: the derivations after it are left out too
+                        diags.append(Diagnostic(
+                            ERROR, f"derived pipelines copy too much: with '{c.name.text}' they copy more than "
+                                   f"{MAX_DERIVED_STATEMENTS:,} statements", c.base.pos,
+                            expected=f"derived pipelines that copy at most {MAX_DERIVED_STATEMENTS:,} settings, "
+                                     f"stages and edges in all",
+                            hint="derive fewer pipelines from large ones"))
+                    told, base = True, None
+                if base is not None:
+                    copied += len(base.body)
+                done[c.name.text] = None if base is None else _expand(c, base, diags)
+    return [done[p.name.text] for p in pipelines if done[p.name.text] is not None]
+
+
+def _expand(p: ast.Pipeline, base: ast.Pipeline, diags: list[Diagnostic]) -> ast.Pipeline:
+    """Derived `p` over its expanded `base` (see derive)."""
+    for item in p.body:
+        if isinstance(item, (ast.Stage, ast.Chain)):
+            what = f"stage '{item.name.text}'" if isinstance(item, ast.Stage) else "an edge"
+            diags.append(Diagnostic(
+                ERROR, f"{what} in derived pipeline '{p.name.text}'", item.pos,
+                expected=f"settings (mode = efficient) and overrides of the stages of '{base.name.text}' "
+                         f"(gen.max_new_tokens = 16)",
+                hint=f"a derived pipeline keeps the stages and edges of '{base.name.text}'; to change "
+                     f"the graph, write a pipeline of its own"))
+    own = {s.name.text for s in p.settings}
+    settings = [s for s in base.settings if s.name.text not in own] + p.settings
+    stages = {st.name.text: st for st in base.stages}
+    stage_names = Suggestions(stages)
+    changed: dict[str, list[ast.Param]] = {}
+    for o in p.overrides:
+        st = stages.get(o.stage.text)
+        if st is None:
+            diags.append(Diagnostic(ERROR, f"unknown stage '{o.stage.text}' in base pipeline '{base.name.text}'",
+                                    o.stage.pos, expected=f"a stage of '{base.name.text}': " + one_of(stages),
+                                    hint=stage_names.hint(o.stage.text)))
+            continue
+        changed.setdefault(st.name.text, []).append(ast.Param(o.name, o.value, o.pos))
+    body: list = list(settings)
+    for st in base.stages:
+        new = changed.get(st.name.text)
+        if new:
+            replaced = {prm.name.text for prm in new}
+            st = replace(st, params=tuple(prm for prm in st.params if prm.name.text not in replaced) + tuple(new))
+        body.append(st)
+    body += base.chains
+    return replace(p, body=tuple(body))
 
 
 def _included(diags: list[Diagnostic], at: SourcePos | None) -> list[Diagnostic]:

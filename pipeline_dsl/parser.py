@@ -287,6 +287,14 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
         if flip:                                                                    # when 5 < prompt_tokens
             op = {"<": ">", ">": "<", "<=": ">=", ">=": "<="}.get(flip.group(2), flip.group(2))
             hint = f"a comparison starts with its field: {flip.group(3)} {op} {flip.group(1)}"
+    head = re.search(r"\bpipeline[ \t]+([A-Za-z_]\w*)[ \t]*(:)?[ \t]*$", text[:at])
+    if head and head.group(2) and wanted == {"NAME"}:          # pipeline short : "chat" {
+        expected_words = "the name of the base pipeline (pipeline NAME : BASE { … })"
+        hint = ("names are written without quotes" if tok.type == "STRING" else
+                f"'{tok.value}' is a keyword and cannot be used as a name" if tok.type in _KEYWORD_TOKENS else hint)
+    elif head and not head.group(2) and "COLON" in wanted and tok.type == "NAME":   # pipeline short from chat {
+        expected_words = "'{', or ':' and a base pipeline to derive from"
+        hint = f"a pipeline derived from another is written `pipeline {head.group(1)} : BASE {{ … }}`"
     prev = _previous(text, at)
     if "EQUAL" in wanted and (prev in units.all_units() or units.respelled(1, prev, units.DURATION)
                               or units.respelled(1, prev, units.SIZE)):
@@ -373,7 +381,9 @@ def _open_blocks(text: str) -> list[tuple[str, int]] | None:
             if tok.type == "LBRACE":
                 what = (f"pipeline '{words[-1]}'" if len(words) >= 2 and words[-2] == "pipeline"
                         else f"stage '{words[-1]}'" if words else "block")
-                if len(words) >= 4 and words[-4] == "stage":
+                if len(words) >= 4 and words[-4] == "pipeline" and words[-2] == ":":   # pipeline a : b {
+                    what = f"pipeline '{words[-3]}'"
+                elif len(words) >= 4 and words[-4] == "stage":
                     what = f"stage '{words[-3]}'"
                 elif len(words) >= 6 and words[-6] == "stage" and words[-2] == "on":
                     what = f"stage '{words[-5]}'"
@@ -596,13 +606,19 @@ class _Builder(Transformer_NonRecursive):
 
     @v_args(meta=True)
     def pipeline(self, meta, children):
-        name, *body = children
-        return ast.Pipeline(self._name(name), tuple(body), self._pos(meta))
+        name, base, *body = children
+        return ast.Pipeline(self._name(name), tuple(body), self._pos(meta),
+                            self._name(base) if base is not None else None)
 
     @v_args(meta=True)
     def setting(self, meta, children):
         name, value = children
         return ast.Setting(self._name(name), value, self._pos(meta))
+
+    @v_args(meta=True)
+    def override(self, meta, children):
+        stage, name, value = children
+        return ast.Override(self._name(stage), self._name(name), value, self._pos(meta))
 
     @v_args(meta=True)
     def param(self, meta, children):

@@ -31,7 +31,7 @@ def test_every_error_class_has_an_example():
     for cls in ("syntax_error", "unknown_kind", "unknown_parameter", "missing_parameter", "ill_typed_parameter",
                 "out_of_range", "wrong_unit", "duplicate_stage", "undefined_stage", "cycle", "unreachable_stage",
                 "no_path_to_respond", "port_mismatch", "no_request_source", "include_not_found",
-                "include_cycle", "not_utf8", "unused_setting"):
+                "include_cycle", "not_utf8", "unused_setting", "derived"):
         assert cls in names
 
 
