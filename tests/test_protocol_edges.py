@@ -718,3 +718,27 @@ def test_truncate_prompt_tokens_minus_one_keeps_the_whole_context():
     assert req.fields["truncate_prompt_tokens"] == 512 and req.prompt_token_ids == (5, 6, 7)
     assert completion({"prompt": [5, 6, 7], "truncate_prompt_tokens": 2}).prompt_token_ids == (6, 7)
     assert chat({"messages": HI, "truncate_prompt_tokens": -1}).fields["truncate_prompt_tokens"] == 512
+
+
+# ---------------------------------------------------------------- the end user's ids reach the item
+
+def test_user_and_safety_identifier_reach_the_request_a_stage_sees():
+    """docs/openai.md: `user` and `safety_identifier` are the end user's ids a pipeline splits
+    traffic or routes by: chat, completions, the Responses API and an `agp run` line all put them
+    on the request item (python stages and conditions read it); left out, the item has neither."""
+    from pipeline_dsl.requests_io import parse_request
+    from pipeline_dsl.serve.responses import parse_responses
+
+    ids = {"user": "alice", "safety_identifier": "s-9"}
+    item = chat({"model": "tiny", "messages": HI, **ids}).item("r")
+    assert (item["user"], item["safety_identifier"]) == ("alice", "s-9")
+    assert completion({"model": "tiny", "prompt": "hi", "user": "bob"}).item("r")["user"] == "bob"
+    assert [r.item("r")["user"] for r in completion({"model": "tiny", "prompt": ["a", "b"], "user": "bob"}).split()] \
+        == ["bob", "bob"]
+    call = parse_responses({"model": "tiny", "input": "hi", **ids}, max_model_len=512, served=SERVED)
+    assert {k: call.req.item("r")[k] for k in ids} == ids
+    line = parse_request({"id": 1, "prompt": "hi", **ids}).item()
+    assert {k: line[k] for k in ids} == ids
+    assert not {"user", "safety_identifier"} & set(chat({"model": "tiny", "messages": HI}).item("r"))
+    assert not {"user", "safety_identifier"} & set(parse_request({"prompt": "hi"}).item())
+    assert refused(chat, {"model": "tiny", "messages": HI, "user": 5}).param == "user"
