@@ -46,6 +46,9 @@ def upper(item):
     item["text"] = item["text"].upper()
     return item
 
+def ab(item):
+    return "b" if item.get("user") == "bob" else "a"
+
 def arm(item):
     item.setdefault("metadata", {})["arm"] = "b" if item.get("safety_identifier") == "s-9" else "a"
     return item
@@ -239,6 +242,20 @@ def test_user_and_safety_identifier_reach_python_stages_and_conditions(tmp_path)
     assert [by_id[i]["request"]["metadata"]["arm"] for i in ("ab", "a", "b", "none")] == ["b", "a", "b", "a"]
     assert by_id["ab"]["text"] == by_id["ab"]["text"].upper()
     assert rt.stats()["stages"]["up"]["items_in"] == 1
+
+
+def test_a_python_stage_returning_an_edged_label_on_every_path_routes_without_otherwise(tmp_path):
+    body = ("stage request : requests {}\nstage split : python { fn = \"hooks:ab\" }\n"
+            "stage ra : route {}\nstage rb : route {}\n"
+            "stage gen : generate { max_new_tokens = 4 }\nstage out : respond {}\n"
+            "request -> split\nsplit -> ra when a\nsplit -> rb when b\nra -> batch\nrb -> batch\n"
+            + chain() + "gen -> out\n")
+    path = write(tmp_path, body)
+    assert check(path) == []
+    results, rt = run(path, [chat("1", "hi", user="bob"), chat("2", "hi", user="alice"), chat("3", "hi")])
+    assert all(r.choices for r in results)
+    stages = rt.stats()["stages"]
+    assert (stages["ra"]["items_in"], stages["rb"]["items_in"]) == (2, 1)
 
 
 def test_a_model_field_naming_a_generate_stage_pins_the_request_there(tmp_path):
