@@ -607,13 +607,14 @@ def test_the_request_item_carries_what_the_client_set():
     req = chat({"model": "tiny", "messages": HI, "n": 2, "metadata": {"k": "v"}, "tools": [TOOL],
                 "response_format": {"type": "json_object"}, "chat_template_kwargs": {"x": 1}, "seed": 4})
     assert req.item("r7") == {
-        "id": "r7", "messages": HI, "n": 2, "seed": 4, "model": "tiny", "metadata": {"k": "v"},
+        "id": "r7", "messages": HI, "n": 2, "seed": 4, "model": "tiny", "metadata": {"k": "v"}, "headers": {},
         "tools": [TOOL], "tool_choice": "auto", "parallel_tool_calls": True,
         "response_format": {"type": "json_object"}, "chat_template_kwargs": {"x": 1}}
     assert req.choices_per_prompt == 2 and req.tools_active
-    assert completion({"prompt": "hi"}).item("c") == {"id": "c", "prompt": "hi", "model": "tiny", "metadata": {}}
+    assert completion({"prompt": "hi"}).item("c") == {"id": "c", "prompt": "hi", "model": "tiny", "metadata": {},
+                                                      "headers": {}}
     assert completion({"prompt": [3, 4]}).item("c") == {"id": "c", "prompt_token_ids": [3, 4], "model": "tiny",
-                                                        "metadata": {}}
+                                                        "metadata": {}, "headers": {}}
 
 
 def test_answers_without_a_creation_time_get_the_current_one():
@@ -647,7 +648,7 @@ def test_a_lenient_server_logs_the_fields_it_ignores(caplog):
 def test_a_batch_of_string_prompts_splits_into_string_prompts():
     _, second, third = completion({"prompt": ["a", "b", [5]]}).split()
     assert (second.prompt, second.prompt_token_ids) == ("b", None)
-    assert second.item("i") == {"id": "i", "prompt": "b", "model": "tiny", "metadata": {}}
+    assert second.item("i") == {"id": "i", "prompt": "b", "model": "tiny", "metadata": {}, "headers": {}}
     assert (third.prompt, third.prompt_token_ids) == (None, (5,))
 
 
@@ -742,3 +743,19 @@ def test_user_and_safety_identifier_reach_the_request_a_stage_sees():
     assert not {"user", "safety_identifier"} & set(chat({"model": "tiny", "messages": HI}).item("r"))
     assert not {"user", "safety_identifier"} & set(parse_request({"prompt": "hi"}).item())
     assert refused(chat, {"model": "tiny", "messages": HI, "user": 5}).param == "user"
+
+
+def test_a_request_line_carries_headers_as_agp_serve_copies_them():
+    """docs/language.md: the request a python stage sees has `headers` ({} on a line that gives
+    none), so a stage reads item["headers"].get("x-tenant") under agp run and agp serve alike;
+    a line (or a request a stage hands back) may give them, checked as agp serve bounds them."""
+    from pipeline_dsl.requests_io import MAX_HEADER_VALUE, MAX_HEADERS, RequestError, parse_request
+
+    assert parse_request({"prompt": "hi"}).item()["headers"] == {}
+    assert parse_request({"prompt": "hi", "headers": {"x-tenant": "acme"}}).item()["headers"] == {"x-tenant": "acme"}
+    for bad, words in [([1], "'headers' must be an object"), ({"X-Tenant": "a"}, "lower-case HTTP token"),
+                       ({"x-tenant": 5}, "'headers.x-tenant' must be a string"),
+                       ({"x-tenant": "t" * (MAX_HEADER_VALUE + 1)}, f"at most {MAX_HEADER_VALUE} characters"),
+                       ({f"h{i}": "v" for i in range(MAX_HEADERS + 1)}, f"at most {MAX_HEADERS}")]:
+        with pytest.raises(RequestError, match=words):
+            parse_request({"prompt": "hi", "headers": bad})

@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline_dsl.requests_io import (CACHE_SETTINGS, CHAT_FIELDS, CHAT_LACKING, CHAT_NEUTRAL,  # noqa: F401
                                       COMPLETION_FIELDS, COMPLETION_LACKING, IDENTIFIERS, IDENTITY, IGNORED,
-                                      ITEM_FIELDS, NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING, check_fields,
+                                      ITEM_FIELDS, MAX_HEADER_VALUE, NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING, check_fields,
                                       check_min_tokens, check_neutral, json_type, load_json, logprobs_of_chat,
                                       must_be, parse_logit_bias, parse_messages, parse_tools, priority,
                                       request_item)
@@ -80,17 +80,40 @@ class GenerationRequest:
         """Tool calls an answer may carry: one with parallel_tool_calls false, else any."""
         return None if self.parallel_tool_calls else 1
 
-    def item(self, request_id: str, exclude_tools_when_none: bool = False) -> dict[str, Any]:
+    def item(self, request_id: str, exclude_tools_when_none: bool = False,
+             headers: dict | None = None) -> dict[str, Any]:
         """The request as the pipeline's items carry it (what a python stage sees). Its tools reach
         the prompt whatever tool_choice says, as in vLLM (tool_choice "none" only leaves the answer
         unparsed); `exclude_tools_when_none` (vLLM's --exclude-tools-when-tool-choice-none) leaves
-        them out of a request whose tool_choice is "none"."""
+        them out of a request whose tool_choice is "none". `headers`: the HTTP headers
+        --request-headers copies in (request_headers)."""
         drop = exclude_tools_when_none and self.tool_choice == "none"
         return request_item(request_id, messages=self.messages, prompt_token_ids=self.prompt_token_ids,
                             prompt=self.prompt, fields=self.fields, model=self.model, metadata=self.metadata,
                             tools=None if drop else self.tools, tool_choice=self.tool_choice,
                             parallel_tool_calls=self.parallel_tool_calls, response_format=self.response_format,
-                            chat_template_kwargs=self.chat_template_kwargs, identity=self.identity)
+                            chat_template_kwargs=self.chat_template_kwargs, identity=self.identity,
+                            headers=headers)
+
+
+def request_headers(raw, names) -> dict[str, str]:
+    """The HTTP headers `agp serve --request-headers` names, as the request item carries them:
+    {lower-case name: value} (a header sent twice: its values joined by ", "), from the request's
+    raw (name, value) byte pairs. Only the named ones: Authorization or a cookie reaches a
+    pipeline only when named. A value over MAX_HEADER_VALUE characters is a 400 naming it."""
+    out: dict[str, str] = {}
+    if not names:
+        return out
+    for key, value in raw:
+        name = key.decode("latin-1").lower()
+        if name in names:
+            text = value.decode("latin-1")
+            out[name] = f"{out[name]}, {text}" if name in out else text
+    for name, text in out.items():
+        if len(text) > MAX_HEADER_VALUE:
+            raise APIError(f"the '{name}' header has {len(text)} characters; the pipeline takes at most "
+                           f"{MAX_HEADER_VALUE} (agp serve --request-headers copies it into the request)")
+    return out
 
 
 def parse_json(raw: bytes) -> dict:
