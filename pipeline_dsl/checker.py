@@ -795,6 +795,20 @@ def _base_dir(pos: SourcePos | None) -> str | None:
     return os.path.dirname(os.path.abspath(pos.file))
 
 
+def python_stage_labels(stage: ResolvedStage) -> set[str] | None:
+    """The labels a python stage's function returns on every path, read from its source
+    (userfn.always_labels): its every item leaves it carrying one of them. None when the source
+    does not settle that (or the function is not found)."""
+    from .userfn import FunctionNotFound, always_labels, function_info
+
+    if stage.kind is None or stage.kind.name != "python" or not isinstance(stage.params.get("fn"), str):
+        return None
+    try:
+        return always_labels(function_info(stage.params["fn"], _base_dir(stage.pos)).node)
+    except FunctionNotFound:
+        return None
+
+
 def _check_python_labels(edges: list[ResolvedEdge], stages: dict[str, ResolvedStage]) -> list[Diagnostic]:
     """A `when LABEL` edge of a python stage whose function, by its source, never returns that
     label is a warning: a misspelt label (`when maths`) would otherwise send every item to

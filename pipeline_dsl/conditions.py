@@ -39,6 +39,8 @@ REQUEST_FIELDS: dict[str, tuple[str, str]] = {
     "turn": (NUMBER, "loops taken so far through stages with max_turns"),
     "stream": (BOOLEAN, "the client asked for a stream (agp serve)"),
     "id": (STRING, "the request's id"),
+    "user": (STRING, "the request's user (OpenAI's end-user id), when it gives one"),
+    "safety_identifier": (STRING, "the request's safety_identifier, when it gives one"),
 }
 GENERATED_FIELDS: dict[str, tuple[str, str]] = {
     **REQUEST_FIELDS,

@@ -35,7 +35,7 @@ import networkx as nx
 from stages.registry import Registry, default_registry
 
 from . import ast
-from .checker import EMBEDDED_MODEL, Resolved, check_pipeline
+from .checker import EMBEDDED_MODEL, Resolved, check_pipeline, python_stage_labels
 from .diagnostics import ERROR, WARNING, Diagnostic, sort_diagnostics
 from .reachability import check_dead_ends, check_islands, check_turn, check_unreachable, reachable
 
@@ -207,7 +207,7 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
                           hint=f"remove '{extra}' or route from '{sources[0]}' instead",
                           notes=[(f"the first is '{sources[0]}'", r.stages[sources[0]].pos)]))
     diags += _check_cycles(g, r)
-    diags += _check_routes(r, g, emits)
+    diags += _check_routes(r, g, emits, carry)
     diags += check_turn(r, g, bounded_stages(r))
     diags += _check_type_routes(r, carry, emits)
     diags += _check_streams(r, receives)
@@ -582,9 +582,11 @@ def _route_types(kind, emits_n: frozenset) -> list[str]:
     return got or [REQUEST]
 
 
-def _check_routes(r: Resolved, g: nx.DiGraph, emits: dict) -> list[Diagnostic]:
+def _check_routes(r: Resolved, g: nx.DiGraph, emits: dict, carry: dict) -> list[Diagnostic]:
     """Comparisons type-check; a stage whose conditional edges may all fail needs `otherwise`
-    (or an unconditional edge); at most one `otherwise` per stage."""
+    (or an unconditional edge), unless it is a python stage whose function returns a label on
+    every path and each such label has an edge for each item type it sends; at most one
+    `otherwise` per stage."""
     from stages.registry import ANY_LABEL
 
     from .conditions import ConditionError, check_compare, compares, holds_for_label
@@ -622,6 +624,8 @@ def _check_routes(r: Resolved, g: nx.DiGraph, emits: dict) -> list[Diagnostic]:
             used = {c for c in fixed if any(holds_for_label(e.condition, c) is True for e in conditional)}
             if fixed and set(fixed) <= used:
                 continue               # the batcher's full + timeout cover every batch
+            if not fixed and _labels_covered(s, n, conditional, emits, carry):
+                continue               # `return "b" if h < 50 else "a"` with `when a` and `when b` edges
             dst = conditional[0].dst
             if fixed:
                 missing = [c for c in fixed if c not in used]
@@ -635,6 +639,21 @@ def _check_routes(r: Resolved, g: nx.DiGraph, emits: dict) -> list[Diagnostic]:
                 hint = f"add `{n} -> {dst} otherwise` (or to another stage)"
             diags.append(_err(msg, conditional[0].pos, hint=hint))
     return diags
+
+
+def _labels_covered(s, n: str, conditional: list, emits: dict, carry: dict) -> bool:
+    """Whether a python stage's every item takes one of its conditional edges: its function
+    returns a label on every path (checker.python_stage_labels), and for each label and each item
+    type the stage sends, an edge whose condition holds for that label leads to a stage taking it."""
+    from .conditions import holds_for_label
+
+    labels = python_stage_labels(s)
+    if not labels:
+        return False
+    types = emits.get(n, set()) & ITEM_TYPES
+    return bool(types) and all(any(holds_for_label(e.condition, lab) is True and t in carry.get(e.dst, ())
+                                   for e in conditional)
+               for lab in labels for t in types)
 
 
 ENGINE_INSIDE = ("dynamic_batch", "encode", "kv_lookup")   # their edges carry Batch, Tokens, CachedTokens

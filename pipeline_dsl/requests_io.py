@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -55,6 +56,8 @@ class ParsedRequest:
     parallel_tool_calls: bool = True
     response_format: dict | None = None                     # json_object / json_schema: constrained output
     extras: dict = field(default_factory=dict)              # the per-request fields of ITEM_FIELDS
+    identity: dict = field(default_factory=dict)            # user / safety_identifier, as given (IDENTITY)
+    headers: dict = field(default_factory=dict)             # HTTP headers agp serve copied in (a line's own)
 
     def item(self) -> dict:
         """The request as the pipeline's items carry it (what a python stage sees). `echo` with
@@ -66,15 +69,18 @@ class ParsedRequest:
         return request_item(self.id, messages=self.messages, prompt_token_ids=self.prompt_token_ids,
                             prompt=self.prompt, fields=fields, model=self.model, n=self.n,
                             metadata=self.metadata, tools=self.tools, tool_choice=self.tool_choice,
-                            parallel_tool_calls=self.parallel_tool_calls, response_format=self.response_format)
+                            parallel_tool_calls=self.parallel_tool_calls, response_format=self.response_format,
+                            identity=self.identity, headers=self.headers)
 
 
 def request_item(request_id: str, *, messages, prompt_token_ids, prompt, fields: dict, model=None, n=None,
                  metadata=None, tools=None, tool_choice="none", parallel_tool_calls=True,
-                 response_format=None, chat_template_kwargs=None) -> dict[str, Any]:
+                 response_format=None, chat_template_kwargs=None, identity=None, headers=None) -> dict[str, Any]:
     """A request as the pipeline's items carry it, for `agp run` and `agp serve` alike: its id,
     one of messages / prompt_token_ids / prompt, its sampling fields, and what is set of model,
-    n, tools (with tool_choice and parallel_tool_calls), response_format; metadata always."""
+    n, tools (with tool_choice and parallel_tool_calls), response_format, user and
+    safety_identifier (`identity`, IDENTITY); metadata and headers (the HTTP headers `agp serve
+    --request-headers` names, {lower-case name: value}; empty otherwise) always."""
     out: dict[str, Any] = {"id": request_id}
     if messages is not None:
         out["messages"] = [dict(m) for m in messages]
@@ -88,6 +94,7 @@ def request_item(request_id: str, *, messages, prompt_token_ids, prompt, fields:
     if n is not None:
         out["n"] = n
     out["metadata"] = dict(metadata or {})
+    out["headers"] = dict(headers or {})
     if tools:
         out["tools"] = [dict(t) for t in tools]
         out["tool_choice"], out["parallel_tool_calls"] = tool_choice, parallel_tool_calls
@@ -95,6 +102,7 @@ def request_item(request_id: str, *, messages, prompt_token_ids, prompt, fields:
         out["response_format"] = dict(response_format)
     if chat_template_kwargs:
         out["chat_template_kwargs"] = dict(chat_template_kwargs)
+    out.update({k: v for k, v in (identity or {}).items() if k in IDENTITY and v is not None})
     return out
 
 def _is_int(v) -> bool:
@@ -170,9 +178,12 @@ RESPONSES_LACKING = {"moderation": CHAT_LACKING["moderation"],
                      "context_management": (([],), "it compacts no context"),
                      "access_programs": (({},), "it has no access programs"),
                      "background_options": (({},), "it answers in the foreground")}
-# strings that name the end user or a cache group for OpenAI's own use: taken (checked) and ignored;
-# chat also takes safety_identifier (OpenAI's successor of `user`) and prompt_cache_key
+# strings that name the end user or a cache group: taken (checked); chat also takes safety_identifier
+# (OpenAI's successor of `user`) and prompt_cache_key. The end user's (IDENTITY) reach the request a
+# pipeline's stages and conditions see (an A/B split or per-user route by `user`); prompt_cache_key
+# changes nothing (agp's prefix cache reuses a prompt's KV blocks by their tokens)
 IDENTIFIERS = ("user", "safety_identifier", "prompt_cache_key")
+IDENTITY = ("user", "safety_identifier")
 # OpenAI's prompt-cache settings (chat and responses): taken (checked) and ignored, as prompt_cache_key
 # is: agp's prefix cache reuses a prompt's KV blocks by their tokens and keeps them until it needs the room
 CACHE_SETTINGS = {
@@ -192,9 +203,9 @@ CHAT_FIELDS = COMMON | VLLM | set(NEUTRAL) | set(CHAT_NEUTRAL) | set(IDENTIFIERS
     "parallel_tool_calls", "metadata", "store", "service_tier", "chat_template_kwargs", "add_generation_prompt",
     "continue_final_message"}
 # what a request line takes and ignores, checked as agp serve checks it: how an answer travels over
-# HTTP (stream, stream_options: a line's answer is one record), who sent it and OpenAI's own
-# bookkeeping (user, store, ...), vLLM's request_id (a line's `id` names its answer) and the
-# one structured-output backend's name
+# HTTP (stream, stream_options: a line's answer is one record), OpenAI's own bookkeeping (store,
+# prompt_cache_key, ...; user and safety_identifier are checked here and reach the item), vLLM's
+# request_id (a line's `id` names its answer) and the one structured-output backend's name
 IGNORED = {"stream": (lambda v: isinstance(v, bool), "true or false"),
            "stream_options": (lambda v: isinstance(v, dict), "an object"),
            **{name: (lambda v: isinstance(v, str), "a string") for name in IDENTIFIERS},
@@ -207,9 +218,33 @@ IGNORED = {"stream": (lambda v: isinstance(v, bool), "true or false"),
            # vLLM's: whether a reasoning model's reasoning is split from its answer (agp's do not reason)
            "include_reasoning": (lambda v: isinstance(v, bool), "true or false"),
            **CACHE_SETTINGS}
-KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", "tools", "tool_choice", "logit_bias",
+KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", "headers", "tools", "tool_choice", "logit_bias",
          "max_completion_tokens", "top_logprobs", "parallel_tool_calls", "response_format", "cache_salt", "priority",
          *REQUEST_FIELDS, *ITEM_FIELDS, *TOKEN_ID_FIELDS, *COMPLETION_FIELDS, *CHAT_FIELDS}
+
+
+# the HTTP headers a request carries to its pipeline (agp serve --request-headers; a request line's
+# `headers`, as a python stage that returns a request hands them back): {lower-case name: value}
+MAX_HEADERS = 32               # headers one request may carry
+MAX_HEADER_VALUE = 1024        # characters of one header's value
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]{1,64}")     # an HTTP token, lower-case
+
+
+def check_headers(value) -> dict[str, str]:
+    """A request's `headers`: an object of at most MAX_HEADERS lower-case header names (HTTP
+    tokens of up to 64 characters), each a string of at most MAX_HEADER_VALUE characters; a
+    RequestError naming the first that is not."""
+    if not isinstance(value, dict):
+        raise must_be("headers", "an object {lower-case header name: value}", value)
+    if len(value) > MAX_HEADERS:
+        raise RequestError(f"'headers' has {len(value)} headers; at most {MAX_HEADERS}", param="headers")
+    for name, v in value.items():
+        if not HEADER_NAME.fullmatch(name):
+            raise RequestError(f"'headers' names {json.dumps(name)[:70]}: a header name is a lower-case HTTP token "
+                               "(letters, digits, '-', at most 64 characters)", param="headers")
+        if not isinstance(v, str) or len(v) > MAX_HEADER_VALUE:
+            raise must_be(f"headers.{name}", f"a string of at most {MAX_HEADER_VALUE} characters", v)
+    return dict(value)
 
 
 def check_neutral(obj: dict, table: dict) -> None:
@@ -524,6 +559,9 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
         req.model = _check("model", obj["model"], isinstance(obj["model"], str), "a string")
     if obj.get("metadata") is not None:
         req.metadata = _check("metadata", obj["metadata"], isinstance(obj["metadata"], dict), "an object")
+    req.identity = {k: obj[k] for k in IDENTITY if obj.get(k) is not None}    # strings (IGNORED checked them)
+    if obj.get("headers") is not None:
+        req.headers = check_headers(obj["headers"])
     if obj.get("n") is not None:
         req.n = checked("n", obj["n"])
     if obj.get("tools") is not None or obj.get("tool_choice") is not None:

@@ -14,6 +14,7 @@ imports the module for real.
     info = function_info("hooks:redact", base_dir)   # FunctionInfo: path, the defining ast node
     function_shape("hooks:redact", base_dir)  # "function" | "coroutine" | "generator" | ... | None
     returned_labels(info.node)                # {"math", "chat"}: the labels its returns spell; None: unknown
+    always_labels(info.node)                  # {"a", "b"}: every path returns one of these; None: not sure
     fn = load_function("hooks:redact", base_dir)
     callable_shape(fn)                        # the same, of the loaded function
 """
@@ -363,6 +364,53 @@ def returned_labels(node: pyast.AST | None) -> set[str] | None:
         if not isinstance(n, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.Lambda, pyast.ClassDef)):
             todo.extend(pyast.iter_child_nodes(n))
     return labels
+
+
+def always_labels(node: pyast.AST | None) -> set[str] | None:
+    """The labels a plain `def` (or `async def`) returns when its source shows it returns a label
+    on every path: each `return` gives a string literal or a choice of them (`"b" if h < 50 else
+    "a"`), and no path ends without a return or a raise (that would return None: the item with
+    no label). None for anything less certain (a return of a variable, a call, the item or None;
+    a body that may run off its end; a generator; a decorated def, whose wrapper may return
+    anything), so callers keep their stricter rule."""
+    if shape_of_def(node) not in ("function", "coroutine") or node.decorator_list:
+        return None
+    labels: set[str] = set()
+
+    def literal(value) -> bool:
+        if isinstance(value, pyast.Constant) and isinstance(value.value, str):
+            labels.add(value.value)
+            return True
+        if isinstance(value, pyast.IfExp):
+            return literal(value.body) and literal(value.orelse)
+        return False
+
+    todo = list(pyast.iter_child_nodes(node))
+    while todo:
+        n = todo.pop()
+        if isinstance(n, pyast.Return) and not literal(n.value):
+            return None
+        if not isinstance(n, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.Lambda, pyast.ClassDef)):
+            todo.extend(pyast.iter_child_nodes(n))
+    return labels if labels and _always_leaves(node.body) else None
+
+
+def _always_leaves(body: list) -> bool:
+    """Whether every path through these statements ends in a `return` or a `raise` (judged
+    conservatively: only a final return or raise, or an if/else, with or try whose branches all end so)."""
+    if not body:
+        return False
+    last = body[-1]
+    if isinstance(last, (pyast.Return, pyast.Raise)):
+        return True
+    if isinstance(last, pyast.If):
+        return _always_leaves(last.body) and _always_leaves(last.orelse)
+    if isinstance(last, (pyast.With, pyast.AsyncWith)):
+        return _always_leaves(last.body)
+    if isinstance(last, pyast.Try) and not last.finalbody:
+        return (_always_leaves(last.body) or _always_leaves(last.orelse)) \
+            and all(_always_leaves(h.body) for h in last.handlers)
+    return False
 
 
 def function_shape(ref: str, base_dir: str | None) -> str | None:

@@ -229,6 +229,47 @@ def test_a_label_the_python_stage_never_returns_is_a_warning_at_the_label(tmp_pa
         assert got[0].hint == "did you mean 'question'?" and (got[0].pos.line, got[0].pos.col) == (12, 19)
 
 
+SPLITS = {
+    "ternary": 'def split(item):\n    return "b" if len(item.get("prompt", "")) < 50 else "a"\n',
+    "branches": ('def split(item):\n    if item.get("user"):\n        return "a"\n    elif item.get("metadata"):\n'
+                 '        return "b"\n    else:\n        raise ValueError("no user")\n'),
+    "fall_through": 'def split(item):\n    if item.get("user"):\n        return "a"\n    return "b"\n',
+    "async": 'async def split(item):\n    return "a" if item.get("user") else "b"\n',
+    "try": ('def split(item):\n    try:\n        return "a" if item["user"] else "b"\n'
+            '    except KeyError:\n        return "b"\n'),
+    # anything not provably a label keeps the rule
+    "variable": 'def split(item):\n    label = "a" if item.get("user") else "b"\n    return label\n',
+    "may_end": 'def split(item):\n    if item.get("user"):\n        return "a"\n',
+    "item_too": 'def split(item):\n    if item.get("user"):\n        return "a"\n    return item\n',
+    "none_too": 'def split(item):\n    return "a" if item.get("user") else None\n',
+    "unedged": 'def split(item):\n    return "a" if item.get("user") else "c"\n',
+    "decorated": ('import functools\n\n@functools.lru_cache\ndef split(item):\n'
+                  '    return "a" if item.get("user") else "b"\n'),
+    "loop": 'def split(item):\n    while True:\n        return "a"\n',
+}
+
+
+@pytest.mark.parametrize("fn, edge_a, nowhere", [
+    ("ternary", "when a", False), ("branches", "when a", False), ("fall_through", "when a", False),
+    ("async", "when a", False), ("try", "when a", False), ("ternary", "when a or prompt_tokens > 9", False),
+    ("variable", "when a", True), ("may_end", "when a", True), ("item_too", "when a", True),
+    ("none_too", "when a", True), ("unedged", "when a", True), ("decorated", "when a", True),
+    ("loop", "when a", True), ("ternary", "when a and prompt_tokens > 9", True),
+])
+def test_a_python_stage_whose_every_return_is_an_edged_label_needs_no_otherwise(tmp_path, fn, edge_a, nowhere):
+    # `return "b" if h < 50 else "a"` with `when a` and `when b` edges leaves no item without an edge;
+    # a return the source does not prove a label (or a label without an edge) keeps the rule
+    (tmp_path / "hooks.py").write_text(SPLITS[fn])
+    path = tmp_path / "p.agp"
+    path.write_text(SEED.replace("stage out : respond {}", 'stage out : respond {}\n    stage split : python '
+                                 '{ fn = "hooks:split" }\n    stage ra : route {}\n    stage rb : route {}').replace(
+        "request -> batch", f"request -> split\n    split -> ra {edge_a}\n    split -> rb when b\n"
+                            "    ra -> batch\n    rb -> batch"))
+    errs = [d.message for d in pipeline_dsl.load(str(path))[1] if d.is_error]
+    assert errs == (["an item of 'split' that matches none of its conditions has nowhere to go (no unconditional "
+                     "edge and no `otherwise`)"] if nowhere else [])
+
+
 def _routed(cond: str) -> str:
     return SEED.replace("request -> batch\n", f"request -> route\n    route -> batch when {cond}\n"
                         "    route -> batch otherwise\n").replace("stage batch", "stage route : route {}\n    stage batch")

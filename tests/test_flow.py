@@ -46,6 +46,13 @@ def upper(item):
     item["text"] = item["text"].upper()
     return item
 
+def ab(item):
+    return "b" if item.get("user") == "bob" else "a"
+
+def arm(item):
+    item.setdefault("metadata", {})["arm"] = "b" if item.get("safety_identifier") == "s-9" else "a"
+    return item
+
 def loop(item):
     req = dict(item["request"])
     req["messages"] = req["messages"] + [{"role": "assistant", "content": item["text"]},
@@ -214,6 +221,41 @@ def test_conditions_on_metadata_and_labels_route_each_item(tmp_path):
     (vip, plain), rt = run(path, [chat("v", "hello", metadata={"vip": True}), chat("p", "hello")])
     assert vip.choices[0].text == vip.choices[0].text.upper()
     assert rt.stats()["stages"]["up"]["items_in"] == 1
+
+
+def test_user_and_safety_identifier_reach_python_stages_and_conditions(tmp_path):
+    # an A/B split by the request's safety_identifier (a python stage) and a per-user route (a condition)
+    body = ("stage request : requests {}\nstage split : python { fn = \"hooks:arm\" }\n"
+            "stage up : python { fn = \"hooks:upper\" }\n"
+            "stage gen : generate { max_new_tokens = 4 }\nstage out : respond {}\n"
+            "request -> split -> batch\n" + chain() +
+            "stage pick : route {}\ngen -> pick\npick -> up when user == \"alice\" and metadata.arm == \"b\"\n"
+            "pick -> out otherwise\nup -> out\n")
+    path = write(tmp_path, body)
+    assert check(path) == []
+    reqs = [chat("ab", "hello", user="alice", safety_identifier="s-9"), chat("a", "hello", user="alice"),
+            chat("b", "hello", user="bob", safety_identifier="s-9"), chat("none", "hello")]
+    results, rt = run(path, reqs)
+    assert all(r.choices for r in results), [r.error for r in results]
+    by_id = {r.id: r.choices[0].data for r in results}
+    assert [by_id[i]["request"].get("user") for i in ("ab", "a", "b", "none")] == ["alice", "alice", "bob", None]
+    assert [by_id[i]["request"]["metadata"]["arm"] for i in ("ab", "a", "b", "none")] == ["b", "a", "b", "a"]
+    assert by_id["ab"]["text"] == by_id["ab"]["text"].upper()
+    assert rt.stats()["stages"]["up"]["items_in"] == 1
+
+
+def test_a_python_stage_returning_an_edged_label_on_every_path_routes_without_otherwise(tmp_path):
+    body = ("stage request : requests {}\nstage split : python { fn = \"hooks:ab\" }\n"
+            "stage ra : route {}\nstage rb : route {}\n"
+            "stage gen : generate { max_new_tokens = 4 }\nstage out : respond {}\n"
+            "request -> split\nsplit -> ra when a\nsplit -> rb when b\nra -> batch\nrb -> batch\n"
+            + chain() + "gen -> out\n")
+    path = write(tmp_path, body)
+    assert check(path) == []
+    results, rt = run(path, [chat("1", "hi", user="bob"), chat("2", "hi", user="alice"), chat("3", "hi")])
+    assert all(r.choices for r in results)
+    stages = rt.stats()["stages"]
+    assert (stages["ra"]["items_in"], stages["rb"]["items_in"]) == (2, 1)
 
 
 def test_a_model_field_naming_a_generate_stage_pins_the_request_there(tmp_path):

@@ -261,6 +261,59 @@ def test_exclude_tools_when_tool_choice_none_leaves_them_out_of_the_prompt(tmp_p
         excluding.close()
 
 
+SHOW_REQUEST = """
+import json
+
+def show(item):
+    req = item["request"]
+    item["text"] = json.dumps([req["headers"], req.get("user"), req.get("safety_identifier")])
+    return item
+"""
+
+
+def test_request_headers_copies_the_named_headers_into_the_request_a_python_stage_sees(tmp_path, monkeypatch,
+                                                                                         tiny_gguf):
+    """`agp serve --request-headers x-tenant,x-user-id`: the request item's `headers` holds those
+    two (lower-case names) and no other (Authorization stays out); `user` and `safety_identifier`
+    reach the stage too. A value over MAX_HEADER_VALUE is a 400 that costs no other request."""
+    from pipeline_dsl.requests_io import MAX_HEADER_VALUE
+    from pipeline_dsl.serve.options import add_arguments
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args(["x.agp", "--request-headers", "X-Tenant, x-user-id"]).request_headers == ["x-tenant",
+                                                                                                     "x-user-id"]
+    assert p.parse_args(["x.agp"]).request_headers is None
+    with pytest.raises(SystemExit):
+        p.parse_args(["x.agp", "--request-headers", "x tenant"])
+    (tmp_path / "showhooks.py").write_text(SHOW_REQUEST)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from test_serve import TINY
+
+    text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=20).replace(
+        "stage out     : respond       {}", 'stage out     : respond       {}\n    stage show : python { fn = '
+        '"showhooks:show" }').replace("encode -> kv -> gen -> out", "encode -> kv -> gen -> show -> out")
+    server = LiveServer(tiny_gguf, text=text, request_headers=("x-tenant", "x-user-id"))
+    try:
+        def seen(headers: dict, **kw) -> list:
+            r = httpx.post(server.url + "/v1/chat/completions", headers=headers, timeout=60,
+                           json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                 **kw})
+            assert r.status_code == 200, r.text
+            return json.loads(r.json()["choices"][0]["message"]["content"])
+
+        assert seen({"X-Tenant": "acme", "x-user-id": "u7", "Authorization": "Bearer k", "X-Other": "1"},
+                    user="alice", safety_identifier="s-9") == [{"x-tenant": "acme", "x-user-id": "u7"}, "alice", "s-9"]
+        assert seen({}) == [{}, None, None]
+        big = httpx.post(server.url + "/v1/completions", headers={"x-tenant": "t" * (MAX_HEADER_VALUE + 1)},
+                         json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=60)
+        assert big.status_code == 400 and "'x-tenant' header" in big.json()["error"]["message"]
+        assert seen({"x-tenant": "t" * MAX_HEADER_VALUE})[0] == {"x-tenant": "t" * MAX_HEADER_VALUE}
+    finally:
+        server.close()
+
+
 # ---------------------------------------------------------------- sampling parameters
 
 def _tokens(client, **kw):

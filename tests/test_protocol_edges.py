@@ -618,13 +618,14 @@ def test_the_request_item_carries_what_the_client_set():
     req = chat({"model": "tiny", "messages": HI, "n": 2, "metadata": {"k": "v"}, "tools": [TOOL],
                 "response_format": {"type": "json_object"}, "chat_template_kwargs": {"x": 1}, "seed": 4})
     assert req.item("r7") == {
-        "id": "r7", "messages": HI, "n": 2, "seed": 4, "model": "tiny", "metadata": {"k": "v"},
+        "id": "r7", "messages": HI, "n": 2, "seed": 4, "model": "tiny", "metadata": {"k": "v"}, "headers": {},
         "tools": [TOOL], "tool_choice": "auto", "parallel_tool_calls": True,
         "response_format": {"type": "json_object"}, "chat_template_kwargs": {"x": 1}}
     assert req.choices_per_prompt == 2 and req.tools_active
-    assert completion({"prompt": "hi"}).item("c") == {"id": "c", "prompt": "hi", "model": "tiny", "metadata": {}}
+    assert completion({"prompt": "hi"}).item("c") == {"id": "c", "prompt": "hi", "model": "tiny", "metadata": {},
+                                                      "headers": {}}
     assert completion({"prompt": [3, 4]}).item("c") == {"id": "c", "prompt_token_ids": [3, 4], "model": "tiny",
-                                                        "metadata": {}}
+                                                        "metadata": {}, "headers": {}}
 
 
 def test_answers_without_a_creation_time_get_the_current_one():
@@ -658,7 +659,7 @@ def test_a_lenient_server_logs_the_fields_it_ignores(caplog):
 def test_a_batch_of_string_prompts_splits_into_string_prompts():
     _, second, third = completion({"prompt": ["a", "b", [5]]}).split()
     assert (second.prompt, second.prompt_token_ids) == ("b", None)
-    assert second.item("i") == {"id": "i", "prompt": "b", "model": "tiny", "metadata": {}}
+    assert second.item("i") == {"id": "i", "prompt": "b", "model": "tiny", "metadata": {}, "headers": {}}
     assert (third.prompt, third.prompt_token_ids) == (None, (5,))
 
 
@@ -729,3 +730,43 @@ def test_truncate_prompt_tokens_minus_one_keeps_the_whole_context():
     assert req.fields["truncate_prompt_tokens"] == 512 and req.prompt_token_ids == (5, 6, 7)
     assert completion({"prompt": [5, 6, 7], "truncate_prompt_tokens": 2}).prompt_token_ids == (6, 7)
     assert chat({"messages": HI, "truncate_prompt_tokens": -1}).fields["truncate_prompt_tokens"] == 512
+
+
+# ---------------------------------------------------------------- the end user's ids reach the item
+
+def test_user_and_safety_identifier_reach_the_request_a_stage_sees():
+    """docs/openai.md: `user` and `safety_identifier` are the end user's ids a pipeline splits
+    traffic or routes by: chat, completions, the Responses API and an `agp run` line all put them
+    on the request item (python stages and conditions read it); left out, the item has neither."""
+    from pipeline_dsl.requests_io import parse_request
+    from pipeline_dsl.serve.responses import parse_responses
+
+    ids = {"user": "alice", "safety_identifier": "s-9"}
+    item = chat({"model": "tiny", "messages": HI, **ids}).item("r")
+    assert (item["user"], item["safety_identifier"]) == ("alice", "s-9")
+    assert completion({"model": "tiny", "prompt": "hi", "user": "bob"}).item("r")["user"] == "bob"
+    assert [r.item("r")["user"] for r in completion({"model": "tiny", "prompt": ["a", "b"], "user": "bob"}).split()] \
+        == ["bob", "bob"]
+    call = parse_responses({"model": "tiny", "input": "hi", **ids}, max_model_len=512, served=SERVED)
+    assert {k: call.req.item("r")[k] for k in ids} == ids
+    line = parse_request({"id": 1, "prompt": "hi", **ids}).item()
+    assert {k: line[k] for k in ids} == ids
+    assert not {"user", "safety_identifier"} & set(chat({"model": "tiny", "messages": HI}).item("r"))
+    assert not {"user", "safety_identifier"} & set(parse_request({"prompt": "hi"}).item())
+    assert refused(chat, {"model": "tiny", "messages": HI, "user": 5}).param == "user"
+
+
+def test_a_request_line_carries_headers_as_agp_serve_copies_them():
+    """docs/language.md: the request a python stage sees has `headers` ({} on a line that gives
+    none), so a stage reads item["headers"].get("x-tenant") under agp run and agp serve alike;
+    a line (or a request a stage hands back) may give them, checked as agp serve bounds them."""
+    from pipeline_dsl.requests_io import MAX_HEADER_VALUE, MAX_HEADERS, RequestError, parse_request
+
+    assert parse_request({"prompt": "hi"}).item()["headers"] == {}
+    assert parse_request({"prompt": "hi", "headers": {"x-tenant": "acme"}}).item()["headers"] == {"x-tenant": "acme"}
+    for bad, words in [([1], "'headers' must be an object"), ({"X-Tenant": "a"}, "lower-case HTTP token"),
+                       ({"x-tenant": 5}, "'headers.x-tenant' must be a string"),
+                       ({"x-tenant": "t" * (MAX_HEADER_VALUE + 1)}, f"at most {MAX_HEADER_VALUE} characters"),
+                       ({f"h{i}": "v" for i in range(MAX_HEADERS + 1)}, f"at most {MAX_HEADERS}")]:
+        with pytest.raises(RequestError, match=words):
+            parse_request({"prompt": "hi", "headers": bad})

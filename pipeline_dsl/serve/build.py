@@ -120,6 +120,7 @@ def build(args, *, host: str | None = None) -> Serving:
                          stats_interval_s=args.stats_interval, trace_path=args.trace,
                          root_path=args.root_path, system_fingerprint=system_fingerprint(runtime, template),
                          quiet_paths=tuple(args.disable_access_log_for_endpoints or ()),
+                         request_headers=tuple(args.request_headers or ()),
                          exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
                          return_tokens_as_token_ids=args.return_tokens_as_token_ids)
     metrics = ServerMetrics(model_name=names[0], engine_of={g: str(i) for i, es in enumerate(runtime.segments)

@@ -105,9 +105,14 @@ class Generations:
         streams: list[RequestStream] = []
         params = {"n": req.fields.get("n"), "max_tokens": req.fields.get("max_tokens")}
         try:
+            headers = P.request_headers(request.headers.raw, self.config.request_headers)
+        except P.APIError as err:
+            return self.refused(err)
+        try:
             for k, part in enumerate(parts):
                 item = part.item(rid if k == 0 else f"{rid}-{k}",
-                                 exclude_tools_when_none=self.config.exclude_tools_when_tool_choice_none)
+                                 exclude_tools_when_none=self.config.exclude_tools_when_tool_choice_none,
+                                 headers=headers)
                 streams.append(await self.apipe.add(item, pin=req.pin,
                                                     stream=req.stream, params=params))
         except PipelineError as e:

@@ -15,8 +15,8 @@ from pipeline_dsl.requests_io import (MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS, 
 from stages.fields import PRIORITY, REQUEST_FIELDS, TOKEN_ID_FIELDS, param_of
 
 from .embeddings import EMBED_DTYPES, ENDIANNESS, MAX_INPUTS
-from .protocol import (CACHE_SETTINGS, CHAT_LACKING, CHAT_NEUTRAL, COMPLETION_LACKING, IDENTIFIERS, MAX_PROMPTS,
-                       NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING)
+from .protocol import (CACHE_SETTINGS, CHAT_LACKING, CHAT_NEUTRAL, COMPLETION_LACKING, IDENTIFIERS, IDENTITY,
+                       MAX_PROMPTS, NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING)
 from .responses import IMAGE_COMPRESSION
 
 # vLLM's structural tag (response_format of type "structural_tag"): free text, and after each trigger
@@ -200,7 +200,8 @@ CHAT_REQUEST = _request("messages", {
     "service_tier": {"type": ["string", "null"], "description": "taken and ignored"},
     "reasoning_effort": {"enum": [*REASONING_EFFORTS, None], "description": "taken and ignored (no reasoning models)"},
     "include_reasoning": {"type": "boolean", "description": "vLLM's; taken and ignored (no reasoning models)"},
-    **{name: {"type": "string", "description": "taken and ignored"} for name in IDENTIFIERS},
+    **{name: {"type": "string", "description": "the end user's id: python stages and conditions read it"
+              if name in IDENTITY else "taken and ignored"} for name in IDENTIFIERS},
     **CACHE,
     **SAMPLING,
     **_neutral(CHAT_NEUTRAL),

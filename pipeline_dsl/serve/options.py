@@ -27,6 +27,19 @@ def _names(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _header_names(value: str) -> list[str]:
+    """--request-headers: comma-separated HTTP header names, lower-cased (HTTP's are case-blind)."""
+    from pipeline_dsl.requests_io import HEADER_NAME, MAX_HEADERS
+
+    names = list(dict.fromkeys(n.lower() for n in _names(value)))
+    for name in names:
+        if not HEADER_NAME.fullmatch(name):
+            raise argparse.ArgumentTypeError(f"{name!r} is not an HTTP header name (letters, digits, '-')")
+    if len(names) > MAX_HEADERS:
+        raise argparse.ArgumentTypeError(f"{len(names)} headers; a request carries at most {MAX_HEADERS}")
+    return names
+
+
 def _paths(value: str) -> list[str]:
     paths = _names(value)
     for path in paths:
@@ -84,6 +97,10 @@ def add_arguments(p) -> None:
                    help="the path prefix a proxy serves this server under (e.g. /llm)")
     p.add_argument("--allowed-origins", type=_names, default=None, metavar="ORIGINS",
                    help="comma-separated origins browsers may call from (CORS), '*' for any (default: none)")
+    p.add_argument("--request-headers", type=_header_names, default=None, metavar="NAMES",
+                   help="comma-separated HTTP headers copied into each request's `headers` {name: value} that "
+                        "python stages read (x-tenant,x-user-id; lower-case names; only those named, so "
+                        "Authorization and cookies only when named; default: none)")
     p.add_argument("--ssl-keyfile", default=None, help="serve HTTPS: the private key (PEM)")
     p.add_argument("--ssl-certfile", default=None, help="serve HTTPS: the certificate chain (PEM)")
     p.add_argument("--drain-timeout", type=float, default=60.0,

@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pipeline_dsl.requests_io import (CACHE_SETTINGS, CHAT_FIELDS, CHAT_LACKING, CHAT_NEUTRAL,  # noqa: F401
-                                      COMPLETION_FIELDS, COMPLETION_LACKING, IDENTIFIERS, IGNORED, ITEM_FIELDS,
-                                      NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING, check_fields,
+                                      COMPLETION_FIELDS, COMPLETION_LACKING, IDENTIFIERS, IDENTITY, IGNORED,
+                                      ITEM_FIELDS, MAX_HEADER_VALUE, NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING, check_fields,
                                       check_min_tokens, check_neutral, json_type, load_json, logprobs_of_chat,
                                       must_be, parse_logit_bias, parse_messages, parse_tools, priority,
                                       request_item)
@@ -55,6 +55,7 @@ class GenerationRequest:
     chat_template_kwargs: dict | None = None   # extra variables of the chat template (chat)
     prompt_logprobs: int | None = None         # vLLM's prompt_logprobs: alternatives the answer lists
     max_tokens_field: str = "max_tokens"       # what the client called it (max_completion_tokens, ...)
+    identity: dict | None = None               # user / safety_identifier, as the client sent them
 
     def split(self) -> list["GenerationRequest"]:
         """One request per prompt of a batched completions request (choice indexes: i * n + j)."""
@@ -79,17 +80,40 @@ class GenerationRequest:
         """Tool calls an answer may carry: one with parallel_tool_calls false, else any."""
         return None if self.parallel_tool_calls else 1
 
-    def item(self, request_id: str, exclude_tools_when_none: bool = False) -> dict[str, Any]:
+    def item(self, request_id: str, exclude_tools_when_none: bool = False,
+             headers: dict | None = None) -> dict[str, Any]:
         """The request as the pipeline's items carry it (what a python stage sees). Its tools reach
         the prompt whatever tool_choice says, as in vLLM (tool_choice "none" only leaves the answer
         unparsed); `exclude_tools_when_none` (vLLM's --exclude-tools-when-tool-choice-none) leaves
-        them out of a request whose tool_choice is "none"."""
+        them out of a request whose tool_choice is "none". `headers`: the HTTP headers
+        --request-headers copies in (request_headers)."""
         drop = exclude_tools_when_none and self.tool_choice == "none"
         return request_item(request_id, messages=self.messages, prompt_token_ids=self.prompt_token_ids,
                             prompt=self.prompt, fields=self.fields, model=self.model, metadata=self.metadata,
                             tools=None if drop else self.tools, tool_choice=self.tool_choice,
                             parallel_tool_calls=self.parallel_tool_calls, response_format=self.response_format,
-                            chat_template_kwargs=self.chat_template_kwargs)
+                            chat_template_kwargs=self.chat_template_kwargs, identity=self.identity,
+                            headers=headers)
+
+
+def request_headers(raw, names) -> dict[str, str]:
+    """The HTTP headers `agp serve --request-headers` names, as the request item carries them:
+    {lower-case name: value} (a header sent twice: its values joined by ", "), from the request's
+    raw (name, value) byte pairs. Only the named ones: Authorization or a cookie reaches a
+    pipeline only when named. A value over MAX_HEADER_VALUE characters is a 400 naming it."""
+    out: dict[str, str] = {}
+    if not names:
+        return out
+    for key, value in raw:
+        name = key.decode("latin-1").lower()
+        if name in names:
+            text = value.decode("latin-1")
+            out[name] = f"{out[name]}, {text}" if name in out else text
+    for name, text in out.items():
+        if len(text) > MAX_HEADER_VALUE:
+            raise APIError(f"the '{name}' header has {len(text)} characters; the pipeline takes at most "
+                           f"{MAX_HEADER_VALUE} (agp serve --request-headers copies it into the request)")
+    return out
 
 
 def parse_json(raw: bytes) -> dict:
@@ -159,9 +183,12 @@ def check_lacking(obj: dict, table: dict) -> None:
         request_check_lacking(obj, table)
 
 
-def _check_identifiers(obj: dict) -> None:
+def _check_identifiers(obj: dict) -> dict:
+    """The request's identifiers checked (strings); the end user's (IDENTITY: user, safety_identifier)
+    returned, for the item a pipeline's stages and conditions see."""
     with request_errors:
         check_fields(obj, _IDENTIFIER_RULES)
+    return {k: obj[k] for k in IDENTITY if obj.get(k) is not None} or None
 
 
 def check_cache_settings(obj: dict) -> None:
@@ -293,7 +320,7 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     obj = check_unknown(obj, COMPLETION_FIELDS, lenient)
     model, pin = model_of(obj, served, stages)
     _check_unsupported(obj)
-    _check_identifiers(obj)
+    identity = _check_identifiers(obj)
     truncation = _truncation(obj, max_model_len)
     if "prompt" not in obj or obj["prompt"] is None:
         raise APIError("'prompt' is required", param="prompt")
@@ -333,7 +360,7 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
                              prompt_token_ids=tuple(first) if not isinstance(first, str) else None,
                              **flags, pin=pin, more_prompts=tuple(rest), metadata=metadata,
                              response_format=extras.constraint, request_id=extras.request_id,
-                             prompt_logprobs=tokens.prompt_logprobs)
+                             prompt_logprobs=tokens.prompt_logprobs, identity=identity)
 
 
 MAX_PROMPTS = 256          # prompts one completions request may batch
@@ -418,7 +445,7 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     obj = check_unknown(obj, CHAT_FIELDS, lenient)
     model, pin = model_of(obj, served, stages)
     _check_unsupported(obj, chat=True)
-    _check_identifiers(obj)
+    identity = _check_identifiers(obj)
     check_cache_settings(obj)
     truncation = _truncation(obj, max_model_len)
     messages = _messages(obj.get("messages"))
@@ -446,7 +473,7 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
                              tools=tuple(tools) if tools else None, tool_choice=choice,
                              parallel_tool_calls=parallel, response_format=extras.constraint,
                              request_id=extras.request_id, chat_template_kwargs=extras.template_kwargs,
-                             prompt_logprobs=tokens.prompt_logprobs,
+                             prompt_logprobs=tokens.prompt_logprobs, identity=identity,
                              max_tokens_field="max_completion_tokens" if obj.get("max_completion_tokens") is not None
                              else "max_tokens")
 

@@ -41,8 +41,8 @@ FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", 
           "request_id", "top_k", "min_p", "repetition_penalty", "seed", "stop", "ignore_eos", "structured_outputs",
           "guided_json", "guided_regex", "guided_choice", "guided_grammar", "priority", "cache_salt"}
 PASSED = ("model", "temperature", "top_p", "parallel_tool_calls", "stream", "request_id", "top_k", "min_p",
-          "repetition_penalty", "seed", "stop", "ignore_eos", "user", "structured_outputs", "guided_json",
-          "guided_regex", "guided_choice", "guided_grammar", "priority", "cache_salt")
+          "repetition_penalty", "seed", "stop", "ignore_eos", "user", "safety_identifier", "structured_outputs",
+          "guided_json", "guided_regex", "guided_choice", "guided_grammar", "priority", "cache_salt")
 RENAMED = {"max_tokens": "max_output_tokens", "response_format": "text.format", "messages": "input",
            "logprobs": "include"}
 LOGPROBS = "message.output_text.logprobs"
