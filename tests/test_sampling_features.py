@@ -302,6 +302,20 @@ def test_a_reused_slot_starts_from_no_counts_no_penalty_and_no_bias():
     assert logits[0].tolist() == [1.0] * 5 + [0.0] + [1.0] * 2               # token 5 once: 1 - 1
 
 
+def test_an_aborted_request_gives_its_penalty_row_back():
+    """Abort lets a request's row of the penalty and bias tensors go as finishing does: requests
+    aborted one after another reuse the same rows, the tensors do not grow with them."""
+    eng = toy_engine()
+    for i in range(12):
+        eng.add_request(str(i), prompt="abort me", params=SamplingParams(max_tokens=50, ignore_eos=True,
+                                                                         frequency_penalty=0.5))
+        eng.step()
+        eng.step()                                  # it sampled: it holds a row
+        eng.abort(str(i))
+    assert not eng.has_unfinished()
+    assert eng.features.all_free() and eng.features.capacity == 8
+
+
 def test_a_greedy_request_with_a_penalty_gets_the_argmax_of_the_penalised_logits():
     V = 6
     feats = Features(V)
