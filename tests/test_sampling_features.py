@@ -437,6 +437,22 @@ def test_constrained_answers_validate_and_their_neighbours_are_unaffected(soft_g
     assert eng.features.steps > 0 and eng.blocks.num_used == 0
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_grammar_complete_before_min_tokens_ends_with_its_eos(soft_gguf, temperature):
+    """min_tokens holds EOS back only while the grammar allows more: once the grammar is complete
+    EOS is all it allows, and the answer ends there ("stop") rather than on a refused token."""
+    pytest.importorskip("llguidance")
+    from pipeline_dsl.engine.constrain import ConstraintCompiler
+
+    eng = make(soft_gguf)
+    choice = ConstraintCompiler(eng.tokenizer, eng.vocab_size).compile({"type": "choice", "choices": ["ab"]})
+    outs = stepped(eng, {"c": SamplingParams(max_tokens=20, min_tokens=10, temperature=temperature, seed=1,
+                                             constraint=choice)})
+    out = final(outs["c"])
+    assert (out.text, out.finish_reason) == ("ab", "stop"), out.metrics
+    assert tokens(outs["c"])[-1] in eng.eos_token_ids
+
+
 def test_a_grammar_that_refuses_a_token_ends_the_request_with_an_error(soft_gguf, grammar):
     from pipeline_dsl.engine.constrain import Matcher
 
