@@ -169,6 +169,22 @@ def test_stop_reason_is_the_listed_token_id_unless_the_eos_ended_the_answer(soft
         ([eos], "stop", None), ([eos], "stop", eos), ([70], "stop", 70)]
 
 
+def test_stop_reason_is_the_stop_string_that_matched_not_the_text_after_it(tiny_gguf):
+    """A stop string that ends inside a token of several characters: stop_reason is that string
+    alone, even beside a longer stop string in the list."""
+    eng = make(tiny_gguf)
+    plain = SamplingParams(max_tokens=16, ignore_eos=True)
+    prompt = dict(prompt="the cat and the hat")
+    outs = stepped(eng, {"p": (plain, prompt)})
+    pieces = [o.delta_text for o in outs["p"]]
+    at = next(i for i, piece in enumerate(pieces) if len(piece) >= 2 and i > 0)
+    stop = "".join(pieces[:at]) + pieces[at][0]             # ends at the first character of a longer piece
+    longer = "a stop string longer than this answer " * 2
+    outs = stepped(eng, {"s": (SamplingParams(max_tokens=16, ignore_eos=True, stop=[stop, longer]), prompt)})
+    out = final(outs["s"])
+    assert (out.text, out.finish_reason, out.stop_reason) == ("", "stop", stop)
+
+
 def test_include_stop_str_in_output_keeps_the_stop_string_and_holds_nothing_back(soft_gguf):
     eng = make(soft_gguf)
     c = eng.tokenizer.decode([70])                      # token 70 is one character
