@@ -422,6 +422,21 @@ def test_stats_report_counters_and_latency_percentiles():
     assert s["mean_batch_size"] == pytest.approx(4.0)
 
 
+def test_a_finished_requests_times_add_up_queue_then_prefill_then_decode():
+    now = [0.0]
+    e = toy_engine(clock=lambda: now[0], batch_timeout_s=2.0)
+    e.add_request("a", prompt="time me", params=SamplingParams(max_tokens=3, ignore_eos=True))
+    now[0] = 5.0                                         # waits in the window until the step at 5
+    finals = {}
+    while e.has_unfinished():
+        for out in e.step():
+            finals[out.request_id] = out
+        now[0] += 1.0
+    m = finals["a"].metrics
+    assert m["queue_s"] == 5.0 and m["prefill_s"] == 0.0 and m["ttft_s"] == 5.0
+    assert m["decode_s"] == 2.0 and m["latency_s"] == m["queue_s"] + m["prefill_s"] + m["decode_s"]
+
+
 # ---- the real ModelRunner on the tiny random GGUF model -----------------------------------
 
 TINY_PROMPTS = ["hello world", "the cat and the hat", "is it", "hello hello hello world of the cat",

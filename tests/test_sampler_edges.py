@@ -502,3 +502,15 @@ def test_no_stop_strings_hold_back_nothing():
 def test_longest_is_the_longest_stop_string():
     assert StopStrings(("ab", "abcd", "x")).longest == 4
     assert StopStrings(("", "z")).longest == 1
+
+
+def test_a_stop_string_completed_while_not_reporting_is_consumed_not_reported():
+    """find(report=False) (min_tokens not reached yet) reads the text and reports nothing that
+    completes in it, nor later; a stop string completing after it is reported where it begins."""
+    s = StopStrings(("ab", "b!"))
+    assert s.find("xab", 0, report=False) == -1
+    assert s.find("xabc", 3) == -1                         # "ab" completed earlier: not now either
+    assert s.find("xabcab", 4) == 4 and s.matched == 2
+    s = StopStrings(("ab",))
+    assert s.find("a", 0, report=False) == -1 and s.hold_back() == 1   # a prefix still held back
+    assert s.find("ab", 1) == 0                            # completing once reporting: found

@@ -169,6 +169,22 @@ def test_stop_reason_is_the_listed_token_id_unless_the_eos_ended_the_answer(soft
         ([eos], "stop", None), ([eos], "stop", eos), ([70], "stop", 70)]
 
 
+def test_stop_reason_is_the_stop_string_that_matched_not_the_text_after_it(tiny_gguf):
+    """A stop string that ends inside a token of several characters: stop_reason is that string
+    alone, even beside a longer stop string in the list."""
+    eng = make(tiny_gguf)
+    plain = SamplingParams(max_tokens=16, ignore_eos=True)
+    prompt = dict(prompt="the cat and the hat")
+    outs = stepped(eng, {"p": (plain, prompt)})
+    pieces = [o.delta_text for o in outs["p"]]
+    at = next(i for i, piece in enumerate(pieces) if len(piece) >= 2 and i > 0)
+    stop = "".join(pieces[:at]) + pieces[at][0]             # ends at the first character of a longer piece
+    longer = "a stop string longer than this answer " * 2
+    outs = stepped(eng, {"s": (SamplingParams(max_tokens=16, ignore_eos=True, stop=[stop, longer]), prompt)})
+    out = final(outs["s"])
+    assert (out.text, out.finish_reason, out.stop_reason) == ("", "stop", stop)
+
+
 def test_include_stop_str_in_output_keeps_the_stop_string_and_holds_nothing_back(soft_gguf):
     eng = make(soft_gguf)
     c = eng.tokenizer.decode([70])                      # token 70 is one character
@@ -302,6 +318,20 @@ def test_a_reused_slot_starts_from_no_counts_no_penalty_and_no_bias():
     assert logits[0].tolist() == [1.0] * 5 + [0.0] + [1.0] * 2               # token 5 once: 1 - 1
 
 
+def test_an_aborted_request_gives_its_penalty_row_back():
+    """Abort lets a request's row of the penalty and bias tensors go as finishing does: requests
+    aborted one after another reuse the same rows, the tensors do not grow with them."""
+    eng = toy_engine()
+    for i in range(12):
+        eng.add_request(str(i), prompt="abort me", params=SamplingParams(max_tokens=50, ignore_eos=True,
+                                                                         frequency_penalty=0.5))
+        eng.step()
+        eng.step()                                  # it sampled: it holds a row
+        eng.abort(str(i))
+    assert not eng.has_unfinished()
+    assert eng.features.all_free() and eng.features.capacity == 8
+
+
 def test_a_greedy_request_with_a_penalty_gets_the_argmax_of_the_penalised_logits():
     V = 6
     feats = Features(V)
@@ -421,6 +451,22 @@ def test_constrained_answers_validate_and_their_neighbours_are_unaffected(soft_g
         assert out.finish_reason == "stop", (rid, out.text)
         jsonschema.validate(json.loads(out.text), BOUNDED)
     assert eng.features.steps > 0 and eng.blocks.num_used == 0
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_grammar_complete_before_min_tokens_ends_with_its_eos(soft_gguf, temperature):
+    """min_tokens holds EOS back only while the grammar allows more: once the grammar is complete
+    EOS is all it allows, and the answer ends there ("stop") rather than on a refused token."""
+    pytest.importorskip("llguidance")
+    from pipeline_dsl.engine.constrain import ConstraintCompiler
+
+    eng = make(soft_gguf)
+    choice = ConstraintCompiler(eng.tokenizer, eng.vocab_size).compile({"type": "choice", "choices": ["ab"]})
+    outs = stepped(eng, {"c": SamplingParams(max_tokens=20, min_tokens=10, temperature=temperature, seed=1,
+                                             constraint=choice)})
+    out = final(outs["c"])
+    assert (out.text, out.finish_reason) == ("ab", "stop"), out.metrics
+    assert tokens(outs["c"])[-1] in eng.eos_token_ids
 
 
 def test_a_grammar_that_refuses_a_token_ends_the_request_with_an_error(soft_gguf, grammar):

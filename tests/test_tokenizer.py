@@ -93,6 +93,20 @@ def test_incremental_decoder_never_splits_a_character(tok):
     assert dec.flush() == ""
 
 
+def test_flush_returns_the_bytes_of_an_unfinished_character_as_replacement_characters(tok):
+    """An answer that ends (EOS, stop) inside a multi-byte character: flush hands out what is left,
+    its bytes shown as U+FFFD, as decoding the whole answer would; nothing is dropped."""
+    ids = tok.encode("ok 日")
+    cut = ids[:-1]                                  # the last byte of 日 never comes
+    whole = tok.decode(cut)
+    assert whole.endswith("\ufffd")
+    dec = tok.incremental_decoder()
+    held = "".join(dec.add([i]) for i in cut)
+    assert "\ufffd" not in held
+    assert held + dec.flush() == whole
+    assert dec.flush() == ""
+
+
 def test_a_folder_whose_post_processor_adds_bos_starts_raw_prompts_with_it(tmp_path, tok):
     """Llama 3's folders say nothing of add_bos_token: tokenizer.json's post-processor puts
     <|begin_of_text|> first, and transformers' and vLLM's prompts start with it."""
