@@ -804,7 +804,7 @@ def python_stage_labels(stage: ResolvedStage) -> set[str] | None:
     if stage.kind is None or stage.kind.name != "python" or not isinstance(stage.params.get("fn"), str):
         return None
     try:
-        return always_labels(function_info(stage.params["fn"], _base_dir(stage.pos)).node)
+        return always_labels(function_info(stage.params["fn"], _base_dir(stage.pos)))
     except FunctionNotFound:
         return None
 

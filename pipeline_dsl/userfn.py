@@ -14,7 +14,7 @@ imports the module for real.
     info = function_info("hooks:redact", base_dir)   # FunctionInfo: path, the defining ast node
     function_shape("hooks:redact", base_dir)  # "function" | "coroutine" | "generator" | ... | None
     returned_labels(info.node)                # {"math", "chat"}: the labels its returns spell; None: unknown
-    always_labels(info.node)                  # {"a", "b"}: every path returns one of these; None: not sure
+    always_labels(info)                       # {"a", "b"}: every path returns one of these; None: not sure
     fn = load_function("hooks:redact", base_dir)
     callable_shape(fn)                        # the same, of the loaded function
 """
@@ -57,6 +57,8 @@ class FunctionInfo:
     node: pyast.AST | None                # the top-level statement that defines it: FunctionDef,
                                           # AsyncFunctionDef, ClassDef, Assign, Import, If, Try, ...
                                           # (None: a C module's function)
+    settled: bool = False                 # node is a top-level def that nothing else in the module
+                                          # binds the name to (no conditional def, no reassignment)
 
 
 def split_ref(ref: str) -> tuple[str, str]:
@@ -227,7 +229,39 @@ def function_info(ref: str, base_dir: str | None, _depth: int = 0) -> FunctionIn
                 continue
         raise FunctionNotFound(f"module '{module}' ({path}) has no function '{attr}'",
                                sorted(n for n in defined if n != "*"))
-    return FunctionInfo(module, attr, path, defined[attr])
+    return FunctionInfo(module, attr, path, defined[attr], _sole_binding(tree, defined[attr], attr))
+
+
+def _sole_binding(tree: pyast.Module, node: pyast.AST, name: str) -> bool:
+    """Whether `node` is a def directly in the module's body and the module binds `name` nowhere
+    else: no other def or class of that name outside a function, no assignment, loop or with
+    target, import, walrus or del of it at module level (or under a `global`), no star import after
+    the def. Judged conservatively: a name the module may rebind is not settled."""
+    if not isinstance(node, (pyast.FunctionDef, pyast.AsyncFunctionDef)) \
+            or not any(n is node for n in tree.body):
+        return False
+    at = next(i for i, n in enumerate(tree.body) if n is node)
+    if any(isinstance(n, pyast.ImportFrom) and any(a.name == "*" for a in n.names)
+           for stmt in tree.body[at + 1:] for n in pyast.walk(stmt)):
+        return False
+    todo: list[tuple[pyast.AST, bool]] = [(n, True) for n in tree.body]
+    while todo:
+        n, module_level = todo.pop()
+        if isinstance(n, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.ClassDef)) \
+                and module_level and n.name == name and n is not node:
+            return False
+        if isinstance(n, pyast.Global) and name in n.names:
+            return False
+        if module_level and isinstance(n, pyast.Name) and n.id == name and not isinstance(n.ctx, pyast.Load):
+            return False
+        if module_level and isinstance(n, (pyast.Import, pyast.ImportFrom)) and any(
+                (a.asname or a.name).split(".")[0] == name for a in n.names):
+            return False
+        if isinstance(n, pyast.NamedExpr) and n.target.id == name:
+            return False
+        inside = isinstance(n, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.Lambda, pyast.ClassDef))
+        todo.extend((c, module_level and not inside) for c in pyast.iter_child_nodes(n))
+    return True
 
 
 def find_function(ref: str, base_dir: str | None) -> None:
@@ -366,13 +400,15 @@ def returned_labels(node: pyast.AST | None) -> set[str] | None:
     return labels
 
 
-def always_labels(node: pyast.AST | None) -> set[str] | None:
+def always_labels(info: FunctionInfo | None) -> set[str] | None:
     """The labels a plain `def` (or `async def`) returns when its source shows it returns a label
     on every path: each `return` gives a string literal or a choice of them (`"b" if h < 50 else
     "a"`), and no path ends without a return or a raise (that would return None: the item with
     no label). None for anything less certain (a return of a variable, a call, the item or None;
     a body that may run off its end; a generator; a decorated def, whose wrapper may return
-    anything), so callers keep their stricter rule."""
+    anything; a def the module may bind the name past, as a conditional def or a reassignment:
+    FunctionInfo.settled), so callers keep their stricter rule."""
+    node = info.node if info is not None and info.settled else None
     if shape_of_def(node) not in ("function", "coroutine") or node.decorator_list:
         return None
     labels: set[str] = set()
@@ -397,7 +433,9 @@ def always_labels(node: pyast.AST | None) -> set[str] | None:
 
 def _always_leaves(body: list) -> bool:
     """Whether every path through these statements ends in a `return` or a `raise` (judged
-    conservatively: only a final return or raise, or an if/else, with or try whose branches all end so)."""
+    conservatively: only a final return or raise, or an if/else or try whose branches all end so;
+    not a `with`, whose context manager may swallow an exception raised before the body's return
+    (`contextlib.suppress`), so that the function runs on past it)."""
     if not body:
         return False
     last = body[-1]
@@ -405,8 +443,6 @@ def _always_leaves(body: list) -> bool:
         return True
     if isinstance(last, pyast.If):
         return _always_leaves(last.body) and _always_leaves(last.orelse)
-    if isinstance(last, (pyast.With, pyast.AsyncWith)):
-        return _always_leaves(last.body)
     if isinstance(last, pyast.Try) and not last.finalbody:
         return (_always_leaves(last.body) or _always_leaves(last.orelse)) \
             and all(_always_leaves(h.body) for h in last.handlers)

@@ -246,6 +246,19 @@ SPLITS = {
     "decorated": ('import functools\n\n@functools.lru_cache\ndef split(item):\n'
                   '    return "a" if item.get("user") else "b"\n'),
     "loop": 'def split(item):\n    while True:\n        return "a"\n',
+    # a context manager may swallow the exception that skipped the return: the function returns None
+    "suppressed": ('import contextlib\n\ndef split(item):\n    with contextlib.suppress(KeyError):\n'
+                   '        return "a" if item["user"] else "b"\n'),
+    "suppressed_then_raise": ('import contextlib\n\ndef split(item):\n    with contextlib.suppress(KeyError):\n'
+                              '        return "a" if item["user"] else "b"\n    raise ValueError("no user")\n'),
+    # the def that runs is not the one read: a conditional def, a name bound again by a loop
+    "conditional_def": ('import os\n\nif os.environ.get("SPLIT_BY_LABEL"):\n    def split(item):\n'
+                        '        return item.get("label")\nelse:\n    def split(item):\n'
+                        '        return "a" if item.get("user") else "b"\n'),
+    "rebound": ('def by_label(item):\n    return item.get("label")\n\n\ndef split(item):\n'
+                '    return "a" if item.get("user") else "b"\n\n\nfor split in [by_label]:\n    pass\n'),
+    "global": ('def split(item):\n    return "a" if item.get("user") else "b"\n\n\ndef by_label(fn):\n'
+               '    global split\n    split = fn\n'),
 }
 
 
@@ -255,6 +268,8 @@ SPLITS = {
     ("variable", "when a", True), ("may_end", "when a", True), ("item_too", "when a", True),
     ("none_too", "when a", True), ("unedged", "when a", True), ("decorated", "when a", True),
     ("loop", "when a", True), ("ternary", "when a and prompt_tokens > 9", True),
+    ("suppressed", "when a", True), ("suppressed_then_raise", "when a", False),
+    ("conditional_def", "when a", True), ("rebound", "when a", True), ("global", "when a", True),
 ])
 def test_a_python_stage_whose_every_return_is_an_edged_label_needs_no_otherwise(tmp_path, fn, edge_a, nowhere):
     # `return "b" if h < 50 else "a"` with `when a` and `when b` edges leaves no item without an edge;

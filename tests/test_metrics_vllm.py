@@ -223,6 +223,8 @@ def test_a_scrape_is_answered_in_the_text_format_version_it_asks_for(server, acc
         r = scraper.get(server.url + "/metrics", headers={"accept": accept} if accept is not None else {})
         assert r.request.headers.get("accept") == accept
     assert r.status_code == 200 and r.headers["content-type"] == content_type
+    # a cache between scraper and server keeps one answer per Accept (and Accept-Encoding)
+    assert {v.strip().lower() for v in r.headers["vary"].split(",")} >= {"accept", "accept-encoding"}
     fams = {f.name: f for f in text_string_to_metric_families(r.text)}
     assert [s.name for s in fams["vllm:prompt_tokens"].samples] == ["vllm:prompt_tokens_total"]
 

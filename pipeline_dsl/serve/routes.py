@@ -200,7 +200,7 @@ async def version():
 async def prometheus(request: Request):
     state = _state(request)
     body, content_type = state.metrics.render(await pipeline_stats(state), request.headers.get("accept", ""))
-    headers = {"Vary": "Accept-Encoding"}
+    headers = {"Vary": "Accept, Accept-Encoding"}   # the text format's version follows Accept
     if gzip_wanted(request.headers.get("accept-encoding", "")):   # Prometheus asks for it on every scrape
         body, headers["Content-Encoding"] = gzip.compress(body), "gzip"
     return Response(body, media_type=content_type, headers=headers)
