@@ -235,3 +235,25 @@ def test_close_says_every_request_finished_while_a_result_is_still_being_handed_
         flowkit.open_gates()
         rt.close(drain=True, timeout=30)
         rt.shutdown()
+
+
+def test_a_request_needing_a_compile_after_the_compile_pool_closed_is_answered(tmp_path, tiny_gguf):
+    """A request whose grammar is not compiled yet enters its batcher on the compile pool; once
+    that pool is shut down (a late request at a close) it enters on the caller's thread and is
+    answered, where it used to ask the closed pool again and again (a RecursionError)."""
+    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 4 }\nstage out : respond {}\n"
+            "request -> batch\ngen -> out\n" + chain())
+    path = write(tmp_path, tiny_gguf, body)
+    rt = PipelineRuntime(load_graph(path), overrides={"threads": 1})
+    rt.start()
+    try:
+        rt.compile_pool.shutdown(wait=True)
+        told = Told()
+        schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+        rt.submit(chat("c", "hello", response_format={"type": "json_schema",
+                                                       "json_schema": {"name": "n", "schema": schema}}), told)
+        assert told.done.wait(60)
+        assert told.heard[-1] == "done:ok", told.heard
+    finally:
+        rt.close(drain=True, timeout=30)
+        rt.shutdown()

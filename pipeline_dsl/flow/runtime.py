@@ -68,11 +68,7 @@ TRUSTED = ("requests", "system_prompt", "route")      # built-in stages: their d
 _PART = {"requests": "admit", "system_prompt": "apply", "python": "call", "route": "route"}
 
 
-_compile_thread = threading.local()      # .here: a thread of a runtime's compile_pool
-
-
-def _compiles_here() -> None:
-    _compile_thread.here = True
+_compile_thread = threading.local()      # .here: a thread running _go_compiling
 
 
 class PipelineRuntime(EngineSide, LiveStages, Driving):
@@ -166,8 +162,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         # a request whose constraint is not compiled yet enters its batcher here, off the host pool:
         # the compile (seconds for a large schema) holds none of the threads that tokenise the other
         # requests and hand over their answers, and never the engine's loop
-        self.compile_pool = ThreadPoolExecutor(max_workers=MAX_GRAMMAR_WORK, thread_name_prefix="agp-compile",
-                                               initializer=_compiles_here)
+        self.compile_pool = ThreadPoolExecutor(max_workers=MAX_GRAMMAR_WORK, thread_name_prefix="agp-compile")
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._closing = False
@@ -234,6 +229,17 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             self._fail(req, PipelineError(message, "aborted"))
 
     # ---- items through stages ----------------------------------------------------------
+    def _go_compiling(self, batch) -> None:
+        """_go on a compile thread: its batcher builds the grammar here. Also where the compile
+        pool is shut down and _task runs this inline (a late request at a close): marked a compile
+        thread for the call, so it enters its batcher rather than asks the pool again."""
+        was = getattr(_compile_thread, "here", False)
+        _compile_thread.here = True
+        try:
+            self._go(batch)
+        finally:
+            _compile_thread.here = was
+
     def _go(self, pairs) -> None:
         """Carry items (and what they become) as far as they go on this thread; a stage that
         runs user code takes them off to its own workers."""
@@ -268,7 +274,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         if kind == "dynamic_batch":
             es = self.seg_by_batch[stage]
             if not getattr(_compile_thread, "here", False) and es.needs_compile(item.data):
-                self._task(self._go, [(item, stage)], pool=self.compile_pool)
+                self._task(self._go_compiling, [(item, stage)], pool=self.compile_pool)
                 return []
             self._enter_segment(item, es)
             return []
