@@ -396,6 +396,8 @@ def gate(item):
         raise pipeline_dsl.Reject("this key may not use the model", status=403)
     if tier == "plain":
         raise pipeline_dsl.Reject("refused")
+    if tier == "nokey":
+        raise pipeline_dsl.Reject("a key of this tenant is needed", status=401)
     if tier == "bad":
         raise pipeline_dsl.Reject("refused", status=500)
     return item
@@ -422,7 +424,10 @@ def test_a_reject_answers_the_4xx_status_and_retry_after_it_names(tmp_path, tiny
                                      "param": "gate", "code": "rejected"}
         r = post("banned")
         assert r.status_code == 403 and "retry-after" not in r.headers
-        assert r.json()["error"]["type"] == "permission_error"
+        assert r.json()["error"]["type"] == "permission_error" and "www-authenticate" not in r.headers
+        r = post("nokey")                  # HTTP's 401 names its scheme, as the --api-key guard's does
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert r.json()["error"]["type"] == "authentication_error"
         r = post("plain")
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
         r = post("bad")

@@ -64,6 +64,8 @@ def api_error(e: PipelineError, kind: str, retry_after_s: int = 1, max_tokens_fi
         wait = getattr(e, "retry_after", None)
         if wait is not None:
             headers = {"Retry-After": str(math.ceil(wait))}
+        if status == 401:               # HTTP's 401 names its scheme, as the --api-key guard's does
+            headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return APIError(message, status=status, type=type_, code=getattr(e, "code", None) or code, param=param,
                     headers=headers)
 
