@@ -3,14 +3,19 @@ model runs): edge conditions (`and`, `or`, `not`, the comparisons over a request
 docs/language.md "How a pipeline runs") route each request by its own fields, and
 `system_prompt` puts its text first, replacing the client's system message only with
 `override = true`; a stage's unconditional out-edges copy the item into branches in the
-order the file lists the edges (the choices, and the branches a join lists, come in that order)."""
+order the file lists the edges (the choices, and the branches a join lists, come in that order);
+a python stage's function works on its own copy of the item, so a retry never sees what a failed
+try wrote on it."""
 from __future__ import annotations
 
 import pytest
 
+import flowkit
 from flowkit import chat, errors, run, write
 
 HOOKS = '''
+import flowkit
+
 def vip(item):
     return {"text": "vip"}
 
@@ -30,6 +35,13 @@ def two(item):
 
 def three(item):
     item["metadata"]["name"] = "three"
+    return item
+
+def scribbles(item):
+    """Writes on the item, then fails its first try with a transient error."""
+    item["messages"][-1]["content"] += " (seen)"
+    if flowkit.bump("scribbles") == 1:
+        raise ConnectionError("reset by peer")
     return item
 
 def said(item):
@@ -108,3 +120,15 @@ def test_fan_out_branches_come_in_the_order_of_the_edges(tmp_path, tiny_gguf, or
     (res,), _ = run(path, [chat("a", "hi", metadata={})])
     assert res.ok, res.error
     assert [b["text"] for b in res.choices[0].data["branches"]] == list(order)
+
+
+def test_a_retry_gets_the_item_as_it_was_not_as_the_failed_try_left_it(tmp_path, tiny_gguf, fresh_flowkit):
+    body = ('stage request : requests {}\nstage f : python { fn = "hooks:scribbles"  retries = 1  backoff = 1ms }\n'
+            'stage said : python { fn = "hooks:said"  returns = generated }\nstage out : respond {}\n'
+            "request -> f -> said -> out\n")
+    path = write(tmp_path, tiny_gguf, body, hooks=HOOKS)
+    assert errors(path) == []
+    (res,), rt = run(path, [chat("a", "hi")])
+    assert res.ok, res.error
+    assert flowkit.COUNTS["scribbles"] == 2 and rt.stats()["stages"]["f"]["retries"] == 1
+    assert res.choices[0].text == "user: hi (seen)"
