@@ -5,7 +5,7 @@ docs/language.md "How a pipeline runs") route each request by its own fields, an
 `override = true`; a stage's unconditional out-edges copy the item into branches in the
 order the file lists the edges (the choices, and the branches a join lists, come in that order);
 a python stage's function works on its own copy of the item, so a retry never sees what a failed
-try wrote on it."""
+try wrote on it; a result a stage makes keeps the finish_reason it sets."""
 from __future__ import annotations
 
 import pytest
@@ -43,6 +43,9 @@ def scribbles(item):
     if flowkit.bump("scribbles") == 1:
         raise ConnectionError("reset by peer")
     return item
+
+def refuses(item):
+    return {"text": "I cannot help with that.", "finish_reason": "content_filter"}
 
 def said(item):
     return {"text": " | ".join(m["role"] + ": " + m["content"] for m in item["messages"])}
@@ -132,3 +135,18 @@ def test_a_retry_gets_the_item_as_it_was_not_as_the_failed_try_left_it(tmp_path,
     assert res.ok, res.error
     assert flowkit.COUNTS["scribbles"] == 2 and rt.stats()["stages"]["f"]["retries"] == 1
     assert res.choices[0].text == "user: hi (seen)"
+
+
+def test_a_stage_answering_a_request_keeps_the_finish_reason_it_set(tmp_path, tiny_gguf):
+    """What a new result dict leaves out is filled in (finish_reason "stop" for a Request the stage
+    answered); what it sets stays."""
+    body = ('stage request : requests {}\nstage guard : python { fn = "hooks:refuses"  returns = generated }\n'
+            'stage plain : python { fn = "hooks:vip"  returns = generated }\nstage route : route {}\n'
+            "stage out : respond {}\nrequest -> route\nroute -> guard when metadata.refuse == true\n"
+            "route -> plain otherwise\nguard -> out\nplain -> out\n")
+    path = write(tmp_path, tiny_gguf, body, hooks=HOOKS)
+    assert errors(path) == []
+    (refused, answered), _ = run(path, [chat("a", "hi", metadata={"refuse": True}), chat("b", "hi")])
+    assert refused.ok and refused.choices[0].finish_reason == "content_filter"
+    assert refused.choices[0].text == "I cannot help with that."
+    assert answered.ok and answered.choices[0].finish_reason == "stop"
