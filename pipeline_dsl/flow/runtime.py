@@ -310,26 +310,35 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                     waiting.append(item)
                     return []
                 self._pending[(stage, key)] = []
-        fn, is_async = self._callable(stage, view)
+        tries = _Tries(view, self.workers[stage].retries)
+        fn, is_async = self._callable(stage, tries.take)
         t0 = time.perf_counter()
-        self.workers[stage].submit(fn, lambda ok, value: self._task(self._called, item, stage, view, ok, value,
+        self.workers[stage].submit(fn, lambda ok, value: self._task(self._called, item, stage, tries, ok, value,
                                                                    key, t0), is_async,
                                    alive=lambda: not item.req.done and item in item.req.items)
         return []
 
-    def _callable(self, stage: str, view: dict) -> tuple[Callable, bool]:
-        """(the call, whether to await it) for one item at a stage that runs user code."""
+    def _callable(self, stage: str, take: Callable[[], dict]) -> tuple[Callable, bool]:
+        """(the call, whether to await it) for one item at a stage that runs user code; each try
+        works on the copy `take()` gives it."""
         impl = self.impls[stage]
         if stage in self.streaming:                # reached without a live stream: filtered whole
-            text = view.get("text") or ""
             if impl.shape == "async_generator":
-                return (lambda: arun_filter(impl.fn, view, one_chunk(text), _ignore)), True
-            return (lambda: run_filter(impl.fn, view, [text] if text else [], _ignore)), False
+                def afilter():
+                    view = take()
+                    return arun_filter(impl.fn, view, one_chunk(view.get("text") or ""), _ignore)
+                return afilter, True
+
+            def sfilter():
+                view = take()
+                text = view.get("text") or ""
+                return run_filter(impl.fn, view, [text] if text else [], _ignore)
+            return sfilter, False
         if getattr(impl, "shape", None) == "coroutine":
-            return (lambda: impl.fn(view)), True
+            return (lambda: impl.fn(take())), True
         if stage in self.async_process:
-            return (lambda: impl.process(view)), True
-        return (lambda: self._awaited(stage, impl.process(view))), False
+            return (lambda: impl.process(take())), True
+        return (lambda: self._awaited(stage, impl.process(take()))), False
 
     def _awaited(self, stage: str, value):
         """A sync function (a python stage's, a join's) that returned an awaitable (a decorated
@@ -344,13 +353,13 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         return w.loop.wait(value, w.timeout or None,
                            lambda: StageTimeout(f"it took longer than its timeout ({w.timeout:g}s)"))
 
-    def _called(self, item: Item, stage: str, view: dict, ok: bool, value, key, t0: float) -> None:
+    def _called(self, item: Item, stage: str, tries: "_Tries", ok: bool, value, key, t0: float) -> None:
         """A call of a stage's user code ended (on the host pool): the item goes on, or fails;
         items that waited for the same content look in the cache again."""
         if not isinstance(value, Skipped):
             self._span(stage, _PART.get(self.kind[stage], "run"), t0, item)
         try:
-            self._after_call(item, stage, view, ok, value, key)
+            self._after_call(item, stage, tries.view, ok, value, key)
         finally:
             if key is not None:
                 with self._lock:
@@ -674,6 +683,23 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
 
 def _ignore(_chunk) -> None:
     pass
+
+
+class _Tries:
+    """The item's copy each try of one call works on: the first try's is `view`; a retry gets a
+    fresh copy of the item as it came, never what a failed try wrote on its own copy (a message
+    it appended before its connection broke would be there twice). `view`: the latest try's."""
+    __slots__ = ("pristine", "view", "count")
+
+    def __init__(self, view: dict, retries: int):
+        self.pristine = copy.deepcopy(view) if retries else None
+        self.view, self.count = view, 0
+
+    def take(self) -> dict:
+        self.count += 1
+        if self.count > 1 and self.pristine is not None:
+            self.view = copy.deepcopy(self.pristine)
+        return self.view
 
 
 def _error_of(stage: str, exc: BaseException, what: str = "stage") -> PipelineError:
