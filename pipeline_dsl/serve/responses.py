@@ -25,6 +25,7 @@ from fastapi.responses import Response
 from . import protocol as P
 from .access import request_info
 from .body import read_json
+from .errors import responses_name
 from .extras import bad, parsed_off_loop
 from .generation import Generations
 from .responses_events import ResponseEvents
@@ -43,8 +44,6 @@ FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", 
 PASSED = ("model", "temperature", "top_p", "parallel_tool_calls", "stream", "request_id", "top_k", "min_p",
           "repetition_penalty", "seed", "stop", "ignore_eos", "user", "structured_outputs", "guided_json",
           "guided_regex", "guided_choice", "guided_grammar", "priority", "cache_salt")
-RENAMED = {"max_tokens": "max_output_tokens", "response_format": "text.format", "messages": "input",
-           "logprobs": "include"}
 LOGPROBS = "message.output_text.logprobs"
 IMAGE_COMPRESSION = ("auto", "enabled", "disabled")      # image.context_compression: taken and ignored
 SUMMARIES = ("auto", "concise", "detailed")
@@ -267,8 +266,7 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
         req = P.parse_chat({k: v for k, v in chat.items() if v is not None}, max_model_len=max_model_len,
                            served=served, stages=stages)
     except APIError as e:                       # name the field as the client wrote it
-        named = RENAMED.get(e.param) or (e.param.replace(".function.", ".", 1)
-                                         if (e.param or "").startswith("tools[") else None)
+        named = responses_name(e.param)
         if named:
             e.message = e.message.replace(f"'{e.param}'", f"'{named}'")
             e.param = named
