@@ -136,7 +136,7 @@ class Case:
 
     def gemm_only(self):
         """The step's linear layers alone, inputs of the right shapes (in the step's own kernels)."""
-        B, c = self.batch, self.config
+        B = self.batch
         xs = {}
         for lin in self.linears():
             xs.setdefault(self.in_features(lin), torch.randn(B, self.in_features(lin)).bfloat16())

@@ -2,7 +2,6 @@
 several engines, fan-out and join, bounded loops), and `check` rejects what cannot run."""
 from __future__ import annotations
 
-import collections
 import json
 import textwrap
 

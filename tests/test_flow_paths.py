@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 
-import flowkit
 from flowkit import chain, chat, errors, run, write
 
 HOOKS = '''

@@ -56,6 +56,20 @@ def test_cache_gauges_config_info_and_the_engine_label(server, client):
     assert vllm and all(s.labels.get("engine") == "0" and s.labels.get("model_name") for s in vllm)
 
 
+def test_iteration_tokens_count_as_vllm_v1_counts_them(server, client):
+    """vLLM v1's tokens of a step: those sampled plus each prompt whose prefill ends in it; a
+    6-token prompt with 5 tokens generated is 6 + 1 in its first step and 1 in each of 4 more: 11
+    (not the 10 fed through the model: the last token sampled is never fed)."""
+    before = scrape(server)
+    out = client.completions.create(model="tiny", prompt=[5, 6, 7, 8, 9, 10], max_tokens=5, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (6, 5)
+    after = scrape(server)
+    name = "vllm:iteration_tokens_total"
+    assert value(after, name, name + "_sum") - value(before, name, name + "_sum") == 11
+    assert value(after, name, name + "_count") - value(before, name, name + "_count") == 5
+
+
 def test_step_tokens_params_and_request_times_move(server, client):
     before = scrape(server)
     client.completions.create(model="tiny", prompt="hello world", max_tokens=7, n=2, extra_body={"ignore_eos": True})

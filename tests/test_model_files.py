@@ -29,7 +29,7 @@ from pipeline_dsl.engine.gguf_loader import GGUFError, load_gguf, read_metadata
 from pipeline_dsl.engine.models import ModelNotFoundError, embedded_path, load_model, resolve_model
 from pipeline_dsl.model_files import (DEQUANTIZABLE, GGML_TYPES, ModelFileProblem, check_model_path,
                                       gguf_llama_config, read_gguf_header)
-from tiny_model import write_tiny_gguf
+from tiny_model import write_tiny_gguf, write_tiny_hf_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -368,29 +368,9 @@ def test_a_gguf_rotary_base_is_read_under_its_architectures_key(tmp_path, arch):
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory, layout) -> Path:
     """A valid HF folder with the tiny model's weights and tokenizer."""
-    from safetensors.torch import save_file
-
     folder = tmp_path_factory.mktemp("hf") / "tiny_hf"
     folder.mkdir()
-    gguf = write_probe(folder.parent, layout.data)
-    g = load_gguf(gguf)
-    _, tok = load_model(str(gguf), dtype="fp32")
-    c = g.config
-    parts = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-             "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-             "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-    hf = {"model.embed_tokens.weight": g.weights["embed"], "model.norm.weight": g.weights["norm"]}
-    for i in range(c.num_layers):
-        for ours, theirs in parts.items():
-            hf[f"model.layers.{i}.{theirs}.weight"] = g.weights[f"layers.{i}.{ours}"].contiguous()
-    save_file(hf, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "llama", "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
-        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
-        "max_position_embeddings": 512, "tie_word_embeddings": True}))
-    tok.tk.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    write_tiny_hf_folder(folder, write_probe(folder.parent, layout.data))
     return folder
 
 

@@ -1,13 +1,10 @@
 """Finding and loading models: names, .gguf paths, HF folders, and clear errors."""
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import save_file
+from tiny_model import write_tiny_hf_folder
 
 from pipeline_dsl.engine.errors import InputError
-from pipeline_dsl.engine.gguf_loader import load_gguf
 from pipeline_dsl.engine.models import ModelNotFoundError, load_model, resolve_model
 
 
@@ -53,27 +50,8 @@ def test_gguf_path_loads_model_and_tokenizer(tiny_gguf):
 
 
 def test_hf_folder_gives_the_same_logits_as_the_gguf(tmp_path, tiny_gguf):
-    g = load_gguf(tiny_gguf)
-    c = g.config
-    hf = {"model.embed_tokens.weight": g.weights["embed"], "model.norm.weight": g.weights["norm"]}
-    parts = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-             "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-             "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-    for i in range(c.num_layers):
-        for ours, theirs in parts.items():
-            hf[f"model.layers.{i}.{theirs}.weight"] = g.weights[f"layers.{i}.{ours}"].contiguous()
-    save_file(hf, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "llama", "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
-        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
-        "rope_theta": c.rope_theta, "rms_norm_eps": c.rms_eps, "max_position_embeddings": 512,
-        "tie_word_embeddings": True}))
+    write_tiny_hf_folder(tmp_path, tiny_gguf)
     _, gguf_tok = load_model(str(tiny_gguf), dtype="fp32")
-    gguf_tok.tk.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
-        "eos_token": "<|im_end|>", "bos_token": "<|im_start|>", "chat_template": gguf_tok.chat_template}))
-
     hf_model, hf_tok = load_model(str(tmp_path), dtype="fp32")
     gguf_model, _ = load_model(str(tiny_gguf), dtype="fp32")
     msgs = [{"role": "user", "content": "the cat"}]

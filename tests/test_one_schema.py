@@ -14,7 +14,7 @@ from pipeline_dsl.parser import quote
 from pipeline_dsl.requests_io import NOT_NULL, RequestError, parse_request
 from pipeline_dsl.serve import protocol as P
 from stages.fields import ENGINE_FIELDS, REQUEST_FIELDS, param_of
-from stages.registry import BOOL, DURATION, ENUM, FLOAT, INT, LIST_STR, SIZE, STR
+from stages.registry import BOOL, DURATION, ENUM, INT, LIST_STR, SIZE, STR
 
 PIPELINE = """
 pipeline p {{

@@ -3,8 +3,6 @@ the value it got (the JSON type, at most 40 characters of it), and the answer bo
 exact objects OpenAI clients parse (chat and completion answers, stream chunks, usage)."""
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from pipeline_dsl.serve import protocol as P

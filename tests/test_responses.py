@@ -147,6 +147,11 @@ def test_logprobs_are_included_when_asked(client):
     # `text`'s keys as chat's fields: verbosity null only, an unknown key refused
     ({"input": "x", "text": {"verbosity": "low"}}, "text.verbosity"),
     ({"input": "x", "text": {"format": {"type": "text"}, "verbosty": "low"}}, "text.verbosty"),
+    # `reasoning`'s keys, each with its schema, an unknown key refused as OpenAI refuses it
+    ({"input": "x", "reasoning": {"efort": "low"}}, "reasoning.efort"),
+    ({"input": "x", "reasoning": {"effort": "max"}}, "reasoning.effort"),
+    ({"input": "x", "reasoning": {"summary": "short"}}, "reasoning.summary"),
+    ({"input": "x", "reasoning": {"generate_summary": True}}, "reasoning.generate_summary"),
 ])
 def test_bad_input_is_a_400_naming_the_responses_field(server, body, param):
     r = httpx.post(server.url + "/v1/responses", json={"model": "tiny", **body}, timeout=30)
@@ -161,6 +166,20 @@ def test_text_takes_a_null_verbosity_and_its_unknown_keys_are_ignored_only_when_
     odd = {"model": "tiny", "input": "x", "text": {"format": {"type": "json_object"}, "tone": "dry"}}
     assert parse_responses(odd, max_model_len=64, served=("tiny",), lenient=True).req.response_format == \
         {"type": "json_object"}
+
+
+def test_reasoning_takes_openais_keys_and_drops_unknown_ones_only_when_lenient():
+    for reasoning in ({"effort": "low", "summary": "auto"}, {"generate_summary": "concise"},
+                      {"summary": "detailed", "context": "all_turns", "mode": "standard"}, {"summary": None}):
+        body = {"model": "tiny", "input": "x", "reasoning": reasoning}
+        assert parse_responses(body, max_model_len=64, served=("tiny",)).settings["reasoning"] == reasoning
+    odd = {"model": "tiny", "input": "x", "reasoning": {"effort": "high", "efort": "low"}}
+    assert parse_responses(odd, max_model_len=64, served=("tiny",), lenient=True).settings["reasoning"] == \
+        {"effort": "high"}
+    with pytest.raises(P.APIError) as e:
+        parse_responses(odd, max_model_len=64, served=("tiny",))
+    assert (e.value.param, e.value.code) == ("reasoning.efort", "unknown_parameter")
+    assert "did you mean 'reasoning.effort'" in e.value.message
 
 
 def test_the_answer_repeats_the_identifiers_and_settings_it_was_sent(client):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import clikit
-from pipeline_dsl.flow.segment import EngineSegment, segment_spec
+from pipeline_dsl.flow.segment import segment_spec
 from pipeline_dsl.graph import segments_of
 from pipeline_dsl.requests_io import RequestError, parse_line, parse_request
 from pipeline_dsl.flow import build_runtime, load_graph

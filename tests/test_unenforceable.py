@@ -172,7 +172,8 @@ def test_a_forced_calls_tool_parameters_are_refused_when_the_request_is_read():
 
 def test_a_forced_calls_tool_the_engine_gives_up_on_names_its_parameters(server):
     """A tool's parameters that only the engine's walk with the model's tokens refuses (an object
-    of a thousand optional properties: llguidance gives up after its "{"): the 400 names them."""
+    of a thousand optional properties: llguidance gives up after its "{"): the 400 names them, with
+    OpenAI's code for them, as the check when the request is read gives it."""
     many = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}
     tools = [UNIQUE_TAGS[0], {"type": "function", "function": {"name": "many", "parameters": many}}]
     r = httpx.post(server.url + "/v1/chat/completions", json={
@@ -180,9 +181,15 @@ def test_a_forced_calls_tool_the_engine_gives_up_on_names_its_parameters(server)
         "tool_choice": "required"}, timeout=60)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
-    assert err["param"] == "tools[1].function.parameters"
+    assert (err["param"], err["code"]) == ("tools[1].function.parameters", "invalid_function_parameters")
     assert err["message"].startswith("'tools[1].function.parameters' cannot be enforced: tool 'many': the grammar "
                                      "engine gives up on it at output token 1")
+    r = httpx.post(server.url + "/v1/responses", timeout=60, json={
+        "input": "hi", "max_output_tokens": 8, "tool_choice": "required",
+        "tools": [{"type": "function", **t["function"]} for t in tools]})
+    assert r.status_code == 400, r.text
+    assert (r.json()["error"]["param"], r.json()["error"]["code"]) == ("tools[1].parameters",
+                                                                       "invalid_function_parameters")
 
 
 def test_schema_true_is_any_json_value(server):

@@ -116,7 +116,8 @@ class Engine:
         self._ttft = deque(maxlen=LATENCY_SAMPLES)
         self._itl = deque(maxlen=LATENCY_SAMPLES)
         self._batch_hist: dict[int, int] = {}
-        self._step_tokens: dict[int, int] = {}      # tokens per step -> steps (vllm:iteration_tokens_total)
+        self._step_tokens: dict[int, int] = {}      # tokens through the model per step -> steps
+        self._iteration_tokens: dict[int, int] = {}  # vLLM's tokens per step -> steps (vllm:iteration_tokens_total)
         self._busy_s = 0.0
 
     # ---- requests ----------------------------------------------------------------------
@@ -539,6 +540,12 @@ class Engine:
         self._batch_hist[len(plan.items)] = self._batch_hist.get(len(plan.items), 0) + 1
         tokens = plan.num_prefill_tokens + plan.num_decodes      # through the model in this step
         self._step_tokens[tokens] = self._step_tokens.get(tokens, 0) + 1
+        # vLLM v1's count of a step's tokens: those sampled, plus the whole prompt of each sequence
+        # whose prompt's prefill ends in it (a chunk before that counts none; a recompute after a
+        # preemption, which ends past the prompt, counts only its token)
+        counted = sum(it.sample + (it.seq.num_prompt if it.start + it.num_tokens == it.seq.num_prompt else 0)
+                      for it in plan.items)
+        self._iteration_tokens[counted] = self._iteration_tokens.get(counted, 0) + 1
 
     def block_table(self, seq: Sequence) -> list[int]:
         """The physical KV blocks of a running sequence, in position order."""
@@ -638,6 +645,7 @@ class Engine:
         c["busy_s"] = self._busy_s
         c["batch_size_hist"] = dict(sorted(self._batch_hist.items()))
         c["step_tokens_hist"] = dict(sorted(self._step_tokens.items()))
+        c["iteration_tokens_hist"] = dict(sorted(self._iteration_tokens.items()))
         c.update(self.blocks.stats())
         if latencies:
             c["ttft_s"] = list(self._ttft)

@@ -16,9 +16,11 @@ class InputError(ValueError):
 
     code: str | None = None
 
-    def __init__(self, message: str = "", param: str | None = None):
+    def __init__(self, message: str = "", param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.param = param
+        if code is not None:                   # else the class's own (ContextLengthError's)
+            self.code = code
 
 
 class ContextLengthError(InputError):

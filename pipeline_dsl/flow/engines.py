@@ -45,7 +45,7 @@ class EngineSide:
         try:
             return es.prompt_ids(request)
         except InputError as e:
-            raise PipelineError(str(e), "invalid", code=getattr(e, "code", None)) from None
+            raise PipelineError(str(e), "invalid", code=e.code, param=e.param) from None
 
     def token_strings(self, ids: list[int], pin: str | None = None) -> list[str]:
         """The vocabulary's string of each id (agp serve's /tokenize `return_token_strs`)."""
@@ -119,7 +119,7 @@ class EngineSide:
             if not d.get("truncate_prompt_tokens"):
                 es.check_prompt_length(d)
         except InputError as e:
-            raise PipelineError(str(e), "invalid", self._length_stage(es, stage), getattr(e, "code", None)) from None
+            raise PipelineError(str(e), "invalid", self._length_stage(es, stage), e.code, e.param) from None
         fingerprint = (id(es), repr(d.get("messages") if d.get("messages") is not None
                                     else d.get("prompt_token_ids") if d.get("prompt_token_ids") is not None
                                     else d.get("prompt")), repr(d.get("tools")), repr(d.get("tool_choice")),
@@ -131,8 +131,7 @@ class EngineSide:
         try:
             ids = es.tokenise(item.data)
         except InputError as e:               # the engine's word for bad input (tokenizer, template, length)
-            raise PipelineError(f"cannot tokenise the request: {e}", "invalid", stage,
-                                getattr(e, "code", None)) from None
+            raise PipelineError(f"cannot tokenise the request: {e}", "invalid", stage, e.code, e.param) from None
         self._span(stage, part, t0, item)
         item.ids = (fingerprint, ids)
         return ids
@@ -153,7 +152,7 @@ class EngineSide:
         try:                                  # the batcher's to honour: refused there, before tokenising
             es.check_priority(priority)
         except InputError as e:
-            raise PipelineError(str(e), "invalid", seg.batch, param=e.param) from None
+            raise PipelineError(str(e), "invalid", seg.batch, e.code, e.param) from None
         with self._lock:
             if req.done:
                 return
@@ -202,7 +201,7 @@ class EngineSide:
                             return
                         self.flow.edge(seg.kv, gen, queue=False)
                         item.at = gen
-                    raise PipelineError(str(e), "invalid", gen, param=e.param) from None
+                    raise PipelineError(str(e), "invalid", gen, e.code, e.param) from None
         submits = []
         with self._lock:
             if req.done:

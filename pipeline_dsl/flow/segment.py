@@ -247,6 +247,7 @@ class EngineSegment:
         """A compiled constraint (cached by the compiler); InputError when it cannot compile."""
         from pipeline_dsl.engine.constrain import ConstraintCompiler, GrammarError
         from pipeline_dsl.engine.errors import InputError
+        from pipeline_dsl.requests_io import INVALID_PARAMETERS
 
         with self._compiler_lock:
             if self._compiler is None:
@@ -256,9 +257,11 @@ class EngineSegment:
                     raise InputError(f"constrained output is not available with this model: {e}") from None
         try:
             return self._compiler.compile(spec)
-        except GrammarError as e:      # a forced call's tool names its parameters (tools[i].function.parameters)
+        except GrammarError as e:      # a forced call's tool names its parameters (tools[i].function.parameters),
+            # with OpenAI's code for a tool's parameters it refuses, as the request's own check gives it
             what = e.param or ("tool_choice" if spec.get("type") == "tool_call" else "response_format")
-            raise InputError(f"'{what}' cannot be enforced: {e}", param=what) from None
+            raise InputError(f"'{what}' cannot be enforced: {e}", param=what,
+                             code=INVALID_PARAMETERS if e.param else None) from None
 
     def copies(self, gen: str, data: dict) -> int:
         n = data.get("n")

@@ -27,6 +27,19 @@ current_request = contextvars.ContextVar("agp_request", default="")
 # have become the id by then)
 current_info = contextvars.ContextVar("agp_request_info", default=None)
 
+# the Responses API's names of the chat request's fields a Responses request runs as
+RESPONSES_NAMES = {"max_tokens": "max_output_tokens", "response_format": "text.format", "messages": "input",
+                   "logprobs": "include"}
+
+
+def responses_name(param: str | None) -> str | None:
+    """The field a Responses request wrote for the chat field `param` (tools[1].function.parameters:
+    tools[1].parameters, its function's keys being the tool's own there), or None when it is the same."""
+    if param in RESPONSES_NAMES:
+        return RESPONSES_NAMES[param]
+    return param.replace(".function.", ".", 1) if (param or "").startswith("tools[") else None
+
+
 # PipelineError.kind -> (HTTP status, OpenAI error type, code, Retry-After sent)
 FAILURES: dict[str, tuple[int, str, str | None, bool]] = {
     "invalid": (400, "invalid_request_error", None, False),           # its input (param: the prompt)
@@ -55,6 +68,9 @@ def api_error(e: PipelineError, kind: str, retry_after_s: int = 1, max_tokens_fi
         param = getattr(e, "param", None) or (
             "messages" if kind == "chat" else "input" if kind in ("responses", "embeddings")
             else "tokens" if kind == "detokenize" else "prompt")
+        named = responses_name(param) if kind == "responses" else None
+        if named:                       # the engine names the chat field it runs as: the client's own
+            message, param = message.replace(f"'{param}'", f"'{named}'"), named
     else:
         param = e.stage if e.kind in ("rejected", "failed") else None
     headers = {"Retry-After": str(retry_after_s)} if retry else None

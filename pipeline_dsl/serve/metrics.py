@@ -361,8 +361,8 @@ class _Snapshot:
                 fams[name] = GaugeMetricFamily("vllm:cache_config_info", "The KV cache's configuration (value 1)",
                                                labels=list(info))
             fams[name].add_metric(list(info.values()), 1.0)
-            yield counts_histogram("vllm:iteration_tokens_total", "Tokens per engine step (prefill + decode)",
-                                   e.get("step_tokens_hist") or {}, STEP_TOKEN_BUCKETS,
+            yield counts_histogram("vllm:iteration_tokens_total", "Number of tokens per engine_step (prompt tokens of prefills that end in it + tokens sampled)",
+                                   e.get("iteration_tokens_hist") or {}, STEP_TOKEN_BUCKETS,
                                    {"model_name": model, "engine": str(i)})
         yield from fams.values()
 

@@ -25,6 +25,7 @@ from fastapi.responses import Response
 from . import protocol as P
 from .access import request_info
 from .body import read_json
+from .errors import responses_name
 from .extras import bad, parsed_off_loop
 from .generation import Generations
 from .responses_events import ResponseEvents
@@ -43,10 +44,16 @@ FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", 
 PASSED = ("model", "temperature", "top_p", "parallel_tool_calls", "stream", "request_id", "top_k", "min_p",
           "repetition_penalty", "seed", "stop", "ignore_eos", "user", "safety_identifier", "structured_outputs",
           "guided_json", "guided_regex", "guided_choice", "guided_grammar", "priority", "cache_salt")
-RENAMED = {"max_tokens": "max_output_tokens", "response_format": "text.format", "messages": "input",
-           "logprobs": "include"}
 LOGPROBS = "message.output_text.logprobs"
 IMAGE_COMPRESSION = ("auto", "enabled", "disabled")      # image.context_compression: taken and ignored
+SUMMARIES = ("auto", "concise", "detailed")
+# OpenAI's `reasoning` object, one schema per key: taken, checked and ignored (agp's models do not
+# reason); `effort` is chat's reasoning_effort, `generate_summary` the deprecated name of `summary`
+REASONING = {"effort": P.IGNORED["reasoning_effort"],
+             "summary": (lambda v: v in SUMMARIES, '"auto", "concise" or "detailed"'),
+             "generate_summary": (lambda v: v in SUMMARIES, '"auto", "concise" or "detailed"'),
+             "context": (lambda v: v in ("auto", "current_turn", "all_turns"), '"auto", "current_turn" or "all_turns"'),
+             "mode": (lambda v: isinstance(v, str), "a string")}
 APIError = P.APIError
 
 
@@ -200,17 +207,26 @@ def _checked(obj: dict) -> None:
             ("safety_identifier", lambda v: isinstance(v, str), "a string"),
             ("max_tool_calls", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
              "a positive integer"),
-            ("reasoning", lambda v: isinstance(v, dict), 'an object {"effort", "summary"}'),
+            ("reasoning", lambda v: isinstance(v, dict), 'an object {"effort", "summary"}'),    # keys: _reasoning
             # image options: moot, as an image in the input is a 400 (text only)
             ("image", lambda v: isinstance(v, dict) and set(v) <= {"context_compression"}
              and v.get("context_compression") in (None, *IMAGE_COMPRESSION),
              'an object {"context_compression": "auto", "enabled" or "disabled"}')):
         if obj.get(name) is not None and not ok(obj[name]):
             raise bad(name, expected, obj[name])
-    effort = (obj.get("reasoning") or {}).get("effort")   # chat's reasoning_effort, one schema
-    ok, expected = P.IGNORED["reasoning_effort"]
-    if effort is not None and not ok(effort):
-        raise P.refused(P.must_be("reasoning.effort", expected, effort))
+
+
+def _reasoning(obj: dict, lenient: bool) -> dict | None:
+    """`reasoning` with each key checked against its schema (REASONING): an unknown key refused (or
+    dropped with `lenient`), as `text`'s are."""
+    reasoning = obj.get("reasoning")
+    if reasoning is None:
+        return None
+    reasoning = P.check_unknown(reasoning, set(REASONING), lenient, where="reasoning.")
+    with P.request_errors:
+        P.check_fields({f"reasoning.{k}": v for k, v in reasoning.items()},
+                       {f"reasoning.{k}": rule for k, rule in REASONING.items()})
+    return reasoning
 
 
 def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tuple = (), lenient: bool = False,
@@ -218,6 +234,7 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
     """POST /v1/responses: the chat request it runs as, and what its answer repeats."""
     obj = P.check_unknown(obj, FIELDS, lenient)
     _checked(obj)
+    reasoning = _reasoning(obj, lenient)
     P.check_lacking(obj, P.RESPONSES_LACKING)
     P.stream_options(obj, P.RESPONSES_STREAM_OPTIONS, lenient)
     P.check_cache_settings(obj)
@@ -249,8 +266,7 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
         req = P.parse_chat({k: v for k, v in chat.items() if v is not None}, max_model_len=max_model_len,
                            served=served, stages=stages)
     except APIError as e:                       # name the field as the client wrote it
-        named = RENAMED.get(e.param) or (e.param.replace(".function.", ".", 1)
-                                         if (e.param or "").startswith("tools[") else None)
+        named = responses_name(e.param)
         if named:
             e.message = e.message.replace(f"'{e.param}'", f"'{named}'")
             e.param = named
@@ -261,7 +277,7 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
                 "parallel_tool_calls": obj.get("parallel_tool_calls", True) is not False,
                 "text": obj.get("text") or {"format": {"type": "text"}}, "metadata": obj.get("metadata") or {},
                 "previous_response_id": prev, "store": obj.get("store", True) is not False,
-                "truncation": obj.get("truncation") or "disabled", "reasoning": obj.get("reasoning"),
+                "truncation": obj.get("truncation") or "disabled", "reasoning": reasoning,
                 "user": obj.get("user"), "background": False, "top_logprobs": obj.get("top_logprobs"),
                 "service_tier": "default", "prompt_cache_key": obj.get("prompt_cache_key"),
                 "safety_identifier": obj.get("safety_identifier"), "max_tool_calls": obj.get("max_tool_calls"),
