@@ -347,3 +347,50 @@ def test_new_specs_compile_at_most_the_grammar_slots_at_once_off_the_threads_oth
     assert most[0] == slots
     assert not any(name.startswith(("agp-items", "agp-engine", "agp-serial")) for name in threads), threads
     assert len(built) == len(set(built)) == len(schemas) - 1        # the equal pair: one compile
+
+
+def test_requests_waiting_on_one_specs_compile_leave_threads_for_other_new_specs(server, monkeypatch):
+    """One new spec's compile is held and four more requests of the same spec arrive: they wait
+    for its result, and while they wait a request of another new spec still takes a grammar slot
+    and compiles (the waiters once held every compile thread, and every other new spec queued
+    behind one slow compile)."""
+    import uuid
+
+    held_text, entered, gate = [], threading.Semaphore(0), threading.Event()
+
+    class Held(constrain.Grammar):
+        def __init__(self, compiler, text):
+            entered.release()
+            if not held_text:
+                held_text.append(text)
+            if text == held_text[0]:
+                gate.wait()
+            super().__init__(compiler, text)
+
+    monkeypatch.setattr(constrain, "Grammar", Held)
+    slow = {"type": "object", "properties": {f"slow_{uuid.uuid4().hex}": {"type": "integer"}}}
+    other = {"type": "object", "properties": {f"other_{uuid.uuid4().hex}": {"type": "string"}}}
+    answers: dict = {}
+
+    def ask(name, schema):
+        answers[name] = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            "response_format": schema_format(schema)})
+
+    asking = [threading.Thread(target=ask, args=("slow", slow))]
+    try:
+        asking[0].start()
+        assert entered.acquire(timeout=60)                  # the slow spec compiles, held
+        for i in range(4):
+            asking.append(threading.Thread(target=ask, args=(f"same{i}", slow)))
+            asking[-1].start()
+        asking.append(threading.Thread(target=ask, args=("other", other)))
+        asking[-1].start()
+        asking[-1].join(60)
+        assert answers.get("other") is not None and answers["other"].status_code == 200
+        assert "slow" not in answers
+    finally:
+        gate.set()
+        for t in asking:
+            t.join()
+    assert {name: a.status_code for name, a in answers.items()} == dict.fromkeys(answers, 200)

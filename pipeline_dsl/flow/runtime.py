@@ -68,6 +68,7 @@ TRUSTED = ("requests", "system_prompt", "route")      # built-in stages: their d
 _PART = {"requests": "admit", "system_prompt": "apply", "python": "call", "route": "route"}
 
 
+COMPILE_THREADS = 4 * MAX_GRAMMAR_WORK  # the compile pool's threads (compiles at once: MAX_GRAMMAR_WORK)
 _compile_thread = threading.local()      # .here: a thread running _go_compiling
 
 
@@ -161,8 +162,11 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         self.pool_size = workers
         # a request whose constraint is not compiled yet enters its batcher here, off the host pool:
         # the compile (seconds for a large schema) holds none of the threads that tokenise the other
-        # requests and hand over their answers, and never the engine's loop
-        self.compile_pool = ThreadPoolExecutor(max_workers=MAX_GRAMMAR_WORK, thread_name_prefix="agp-compile")
+        # requests and hand over their answers, and never the engine's loop. Its threads wait there
+        # for one of the process's MAX_GRAMMAR_WORK grammar slots or for an equal spec's compile,
+        # so it has more of them than slots: requests waiting on one spec's compile leave threads
+        # for the other new specs to take the slots
+        self.compile_pool = ThreadPoolExecutor(max_workers=COMPILE_THREADS, thread_name_prefix="agp-compile")
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._closing = False
