@@ -64,6 +64,13 @@ async def adupper(item, chunks):
     async for text in chunks:
         yield text.upper()
 
+def tagged(item, chunks):
+    for text in chunks:
+        yield "<" + text + ">"
+
+def seen(item):                        # a plain (whole-answer) stage
+    item["text"] += " (seen)"
+
 def labelled(item, chunks):
     for text in chunks:
         yield text
@@ -141,6 +148,46 @@ def test_two_stream_stages_chain_and_the_text_equals_the_unfiltered_answer_filte
     (one,), _ = served(path, [said("a")])
     text = one.result.choices[0].text
     assert "A" not in text and text == text.upper() and "".join(one.deltas) == text
+
+
+def test_the_client_hears_exactly_the_chunks_of_the_last_stream_stage_of_a_chain(tmp_path, soft_gguf):
+    """gen -> up -> tag -> out: every chunk the client hears went through both stages (upper,
+    then tagged), none of up's own chunks reach it directly, and they add up to the answer."""
+    path = pipeline(tmp_path, soft_gguf, 'stage up : python { fn = "hooks:upper"  stream = true }\n'
+                    'stage tag : python { fn = "hooks:tagged"  stream = true }', "gen -> up -> tag -> out\n")
+    (one,), rt = served(path, [said("a")])
+    text = one.result.choices[0].text
+    chunks = [d for d in one.deltas if d]
+    assert one.result.ok and len(chunks) > 1 and "".join(chunks) == text
+    assert all(c.startswith("<") and c.endswith(">") and c == c.upper() for c in chunks), chunks
+    assert one.finished == 1
+    assert rt.stats()["stages"]["tag"]["items_out"] == 1
+
+
+@pytest.mark.parametrize("stages, edges", [
+    # the chain's last stage goes on to a plain stage that needs the whole answer
+    ('stage up : python { fn = "hooks:upper"  stream = true }\nstage p : python { fn = "hooks:seen" }',
+     "gen -> up -> p -> out\n"),
+    # its edges are conditional (its label picks one at the end), the first one to respond
+    ('stage f : python { fn = "hooks:labelled"  stream = true }\n'
+     'stage up : python { fn = "hooks:upper"  stream = true }',
+     "gen -> f\nf -> out when short\nf -> up otherwise\nup -> out\n"),
+])
+def test_a_stream_chain_that_does_not_go_straight_to_respond_streams_nothing_to_the_client(tmp_path, soft_gguf,
+                                                                                          stages, edges):
+    """Stream stages stream to the client only when they lead straight (single unconditional
+    edges) to respond; otherwise their chunks stay inside and the answer comes whole at the end
+    (agp serve sends it as one chunk), as it is after the stages that follow."""
+    path = pipeline(tmp_path, soft_gguf, stages, edges)
+    heard, _ = served(path, [said("s"), said("l")])
+    for one in heard:
+        assert one.result.ok, one.result.error
+        assert [d for d in one.deltas if d] == [], one.deltas
+    texts = [one.result.choices[0].text for one in heard]
+    if "hooks:seen" in stages:
+        assert all(t.endswith(" (seen)") and t[:-len(" (seen)")] == t[:-len(" (seen)")].upper() for t in texts)
+    else:
+        assert texts[1] == texts[1].upper()                   # "l" went on through up
 
 
 def test_the_client_gets_a_chunk_while_the_filter_still_runs(tmp_path, soft_gguf):

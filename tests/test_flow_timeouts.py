@@ -24,6 +24,13 @@ def flaky_merge(results):
         raise ConnectionError("reset by peer")
     return 0
 
+def scribbling_merge(results):
+    usage = results[0]["usage"]
+    usage["scribbled"] = usage.get("scribbled", 0) + 1    # a nested write, then the connection breaks
+    if flowkit.bump("scribbling") == 1:
+        raise ConnectionError("reset by peer")
+    return {"text": f"scribbled {usage['scribbled']}"}
+
 def slow_chunks(item, chunks):        # upstream of a fast guard: the answer arrives slowly
     for i, text in enumerate(chunks):
         time.sleep(1.2 if i == 0 else 0.01)
@@ -65,6 +72,14 @@ def test_a_join_fn_is_retried_after_a_transient_error(tmp_path, soft_gguf):
     (r,), rt = run(path, [chat("a", "hi")])
     assert r.ok and flowkit.COUNTS["flaky"] == 2
     assert rt.stats()["stages"]["j"]["retries"] == 1
+
+
+def test_a_join_fn_retry_gets_the_results_as_they_came_not_as_the_failed_try_left_them(tmp_path, soft_gguf):
+    path = joined(tmp_path, soft_gguf, 'fn = "hooks:scribbling_merge"  retries = 1  backoff = 1ms')
+    (r,), rt = run(path, [chat("a", "hi")])
+    assert r.ok, r.error
+    assert flowkit.COUNTS["scribbling"] == 2 and rt.stats()["stages"]["j"]["retries"] == 1
+    assert r.choices[0].text == "scribbled 1"
 
 
 def test_check_reads_a_join_timeouts_unit_and_warns_without_fn(tmp_path, soft_gguf):

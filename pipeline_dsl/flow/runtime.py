@@ -564,9 +564,9 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         inputs = self.joins.inputs(stage, waiting)
         t0 = time.perf_counter()
         if self.joins.user_code(stage):               # the user's fn: on the join's own workers
-            views = [copy.deepcopy(it.data) for it in inputs]
-            call = (lambda: impl.amerge(views)) if impl.is_async else \
-                (lambda: impl.merge(views, awaited=lambda value: self._awaited(stage, value)))
+            tries = _Tries([copy.deepcopy(it.data) for it in inputs], self.workers[stage].retries)
+            call = (lambda: impl.amerge(tries.take())) if impl.is_async else \
+                (lambda: impl.merge(tries.take(), awaited=lambda value: self._awaited(stage, value)))
 
             def done(ok, value):
                 self._task(self._merged_later, req, stage, waiting, ok, value, t0)
@@ -690,12 +690,13 @@ def _ignore(_chunk) -> None:
 
 
 class _Tries:
-    """The item's copy each try of one call works on: the first try's is `view`; a retry gets a
-    fresh copy of the item as it came, never what a failed try wrote on its own copy (a message
-    it appended before its connection broke would be there twice). `view`: the latest try's."""
+    """The item's copy each try of one call works on (a join fn's: the list of its results): the
+    first try's is `view`; a retry gets a fresh copy of the item as it came, never what a failed
+    try wrote on its own copy (a message it appended before its connection broke would be there
+    twice). `view`: the latest try's."""
     __slots__ = ("pristine", "view", "count")
 
-    def __init__(self, view: dict, retries: int):
+    def __init__(self, view: "dict | list", retries: int):
         self.pristine = copy.deepcopy(view) if retries else None
         self.view, self.count = view, 0
 
