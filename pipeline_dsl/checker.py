@@ -657,7 +657,9 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
 
     diags: list[Diagnostic] = []
     where = pos.get
-    base = _base_dir(st.name.pos)
+    # a path is looked up beside the file that wrote it: a derived pipeline's override beside
+    # the derived one's file, a value copied from its base beside the base's
+    base = _base_dir(where("fn") or st.name.pos)
 
     def check_fn(param: str) -> bool:
         ref = params.get(param)
@@ -724,7 +726,8 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
                 diags.append(d)
         schema = params.get("json_schema")
         if schema is not None and "json_schema" in given:
-            params["json_schema"], d = _json_schema_file(schema, base, where("json_schema"), allowed)
+            params["json_schema"], d = _json_schema_file(schema, _base_dir(where("json_schema") or st.name.pos),
+                                                         where("json_schema"), allowed)
             if d:
                 diags.append(d)
     return diags
@@ -795,6 +798,12 @@ def _base_dir(pos: SourcePos | None) -> str | None:
     return os.path.dirname(os.path.abspath(pos.file))
 
 
+def _fn_folder(stage: ResolvedStage) -> str | None:
+    """The folder a stage's `fn` module is looked up in first: that of the file that wrote the
+    `fn` value (a derived pipeline's override, or the base's stage), else the stage's own."""
+    return _base_dir(stage.param_pos.get("fn") or stage.pos)
+
+
 def python_stage_labels(stage: ResolvedStage) -> set[str] | None:
     """The labels a python stage's function returns on every path, read from its source
     (userfn.always_labels): its every item leaves it carrying one of them. None when the source
@@ -804,7 +813,7 @@ def python_stage_labels(stage: ResolvedStage) -> set[str] | None:
     if stage.kind is None or stage.kind.name != "python" or not isinstance(stage.params.get("fn"), str):
         return None
     try:
-        return always_labels(function_info(stage.params["fn"], _base_dir(stage.pos)).node)
+        return always_labels(function_info(stage.params["fn"], _fn_folder(stage)).node)
     except FunctionNotFound:
         return None
 
@@ -824,7 +833,7 @@ def _check_python_labels(edges: list[ResolvedEdge], stages: dict[str, ResolvedSt
             continue
         if e.src not in known:
             try:
-                node = function_info(src.params["fn"], _base_dir(src.pos)).node
+                node = function_info(src.params["fn"], _fn_folder(src)).node
             except (FunctionNotFound, KeyError):
                 node = None
             known[e.src] = returned_labels(node)
