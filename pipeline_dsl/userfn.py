@@ -397,7 +397,10 @@ def always_labels(node: pyast.AST | None) -> set[str] | None:
 
 def _always_leaves(body: list) -> bool:
     """Whether every path through these statements ends in a `return` or a `raise` (judged
-    conservatively: only a final return or raise, or an if/else, with or try whose branches all end so)."""
+    conservatively: only a final return or raise, or an if/else or try whose branches all end so).
+    A `with` block proves nothing: its context manager's exit may swallow an exception raised in
+    it and carry on past it (`with suppress(KeyError): return "a" if item["x"] else "b"` returns
+    None when the key is missing)."""
     if not body:
         return False
     last = body[-1]
@@ -405,8 +408,6 @@ def _always_leaves(body: list) -> bool:
         return True
     if isinstance(last, pyast.If):
         return _always_leaves(last.body) and _always_leaves(last.orelse)
-    if isinstance(last, (pyast.With, pyast.AsyncWith)):
-        return _always_leaves(last.body)
     if isinstance(last, pyast.Try) and not last.finalbody:
         return (_always_leaves(last.body) or _always_leaves(last.orelse)) \
             and all(_always_leaves(h.body) for h in last.handlers)

@@ -246,6 +246,9 @@ SPLITS = {
     "decorated": ('import functools\n\n@functools.lru_cache\ndef split(item):\n'
                   '    return "a" if item.get("user") else "b"\n'),
     "loop": 'def split(item):\n    while True:\n        return "a"\n',
+    # a context manager may swallow the body's exception and run on past the block: None
+    "suppressed": ('from contextlib import suppress\n\ndef split(item):\n    with suppress(KeyError):\n'
+                   '        return "a" if item["metadata"]["vip"] else "b"\n'),
 }
 
 
@@ -254,7 +257,7 @@ SPLITS = {
     ("async", "when a", False), ("try", "when a", False), ("ternary", "when a or prompt_tokens > 9", False),
     ("variable", "when a", True), ("may_end", "when a", True), ("item_too", "when a", True),
     ("none_too", "when a", True), ("unedged", "when a", True), ("decorated", "when a", True),
-    ("loop", "when a", True), ("ternary", "when a and prompt_tokens > 9", True),
+    ("loop", "when a", True), ("suppressed", "when a", True), ("ternary", "when a and prompt_tokens > 9", True),
 ])
 def test_a_python_stage_whose_every_return_is_an_edged_label_needs_no_otherwise(tmp_path, fn, edge_a, nowhere):
     # `return "b" if h < 50 else "a"` with `when a` and `when b` edges leaves no item without an edge;
