@@ -74,6 +74,7 @@ class Resolved:
     given_settings: frozenset = frozenset()
     setting_pos: dict = field(default_factory=dict, hash=False, compare=False)
     refused_conditions: frozenset = frozenset()   # stages with a conditional out-edge refused by an error
+    base: str | None = None              # the base a derived pipeline (`pipeline short : chat`) copies
 
 
 def _err(msg, pos, expected=None, hint=None, notes=()):
@@ -545,7 +546,8 @@ def check_pipeline(p: ast.Pipeline, registry: Registry | None = None,
     dropped = any(d.is_error for d in ds)
     return Resolved(p.name.text, p.name.pos, settings, stages, tuple(edges), complete=not dropped,
                     given_settings=frozenset(given_settings), setting_pos=dict(given_settings),
-                    refused_conditions=frozenset(refused)), diags
+                    refused_conditions=frozenset(refused),
+                    base=p.base.text if p.base is not None else None), diags
 
 
 # ---------------------------------------------------------------- kind-specific checks

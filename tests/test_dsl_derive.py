@@ -225,6 +225,25 @@ def test_check_plan_render_and_fmt_take_a_derived_pipeline(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_plan_and_render_say_what_a_derived_pipeline_derives_from(tmp_path):
+    path = tmp_path / "p.agp"
+    path.write_text(BASE + "\npipeline short : chat { gen.max_new_tokens = 16 }\n"
+                    "pipeline tiny : short { gen.max_new_tokens = 4 }\n", encoding="utf-8")
+    heads = {}
+    for name in ("chat", "short", "tiny"):
+        proc = clikit.agp_in("plan", path, "--pipeline", name)
+        assert proc.returncode == 0, proc.stderr
+        heads[name] = proc.stdout.splitlines()[0].split(":")[0]
+        proc = clikit.agp_in("plan", path, "--pipeline", name, "--json")
+        assert json.loads(proc.stdout).get("base") == {"chat": None, "short": "chat", "tiny": "short"}[name]
+        out = tmp_path / f"{name}.dot"
+        assert clikit.agp_in("render", path, "--pipeline", name, "-o", out).returncode == 0
+        heads[name] += " | " + out.read_text().split('label="', 1)[1].split("  (")[0]
+    assert heads == {"chat": "pipeline chat | pipeline chat",
+                     "short": "pipeline short (derived from chat) | pipeline short : chat",
+                     "tiny": "pipeline tiny (derived from short) | pipeline tiny : short"}
+
+
 def test_agp_run_of_a_derived_pipeline_uses_its_overrides(tmp_path, tiny_gguf):
     base = (BASE.replace('"smollm2-135m-instruct"', json.dumps(str(tiny_gguf)))
             .replace("mode  = balanced", "device = cpu").replace("max_new_tokens = 128", "max_new_tokens = 7"))
