@@ -142,6 +142,21 @@ def test_an_unknown_base_is_an_error_at_its_name_with_did_you_mean():
     assert d.hint == "did you mean 'chat'?"
 
 
+def test_a_base_in_a_file_that_cannot_be_read_is_not_said_unknown_as_well(tmp_path):
+    # the include's error is the one to fix; the base may well be in that file
+    (tmp_path / "main.agp").write_text('use "chat.agp"\npipeline short : chat { gen.max_new_tokens = 16 }\n',
+                                       encoding="utf-8")
+    (tmp_path / "broken.agp").write_text(BASE.replace("stage out     : respond       {}", "stage out : {"),
+                                         encoding="utf-8")
+    for use in ('"chat.agp"', '"broken.agp"'):
+        main = tmp_path / "main.agp"
+        main.write_text(f"use {use}\npipeline short : chat {{ gen.max_new_tokens = 16 }}\n", encoding="utf-8")
+        ds = [d for d in pipeline_dsl.load(str(main))[1] if d.is_error]
+        assert ds and not any("unknown base" in d.message for d in ds), [d.message for d in ds]
+    main.write_text(BASE + "pipeline short : caht {}\n", encoding="utf-8")     # all read: said
+    assert [d.message for d in pipeline_dsl.load(str(main))[1]] == ["unknown base pipeline 'caht'"]
+
+
 def test_an_override_of_an_unknown_stage_is_an_error_at_it_with_did_you_mean():
     (d,) = errors(BASE + "pipeline short : chat {\n    gne.max_new_tokens = 16\n}\n")
     assert d.message == "unknown stage 'gne' in base pipeline 'chat'" and at(d) == (16, 5)
