@@ -154,13 +154,37 @@ def _definitions(tree: pyast.Module) -> dict[str, pyast.AST]:
         elif isinstance(node, (pyast.Import, pyast.ImportFrom)):
             for alias in node.names:
                 out[(alias.asname or alias.name).split(".")[0]] = node
-        elif isinstance(node, (pyast.If, pyast.Try)):   # conditional definitions: accept their names
-            for n in pyast.walk(node):
+        elif isinstance(node, _COMPOUND):
+            # conditional definitions: a name only defs bind is their (last) def; one the block
+            # binds otherwise too (`try: from fast import split`, `if ...: split = other`) is the
+            # block, whose source does not say what the name ends up as, over any def before it
+            defs: dict[str, pyast.AST] = {}
+            others: set[str] = set()
+            for n in _module_level(node):
                 if isinstance(n, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.ClassDef)):
-                    out[n.name] = n
+                    defs[n.name] = n
                 elif isinstance(n, pyast.Name) and isinstance(n.ctx, pyast.Store):
-                    out.setdefault(n.id, node)
+                    others.add(n.id)
+                elif isinstance(n, (pyast.Import, pyast.ImportFrom)):
+                    others.update((a.asname or a.name).split(".")[0] for a in n.names)
+            out.update(defs)
+            out.update(dict.fromkeys(others, node))
     return out
+
+
+_COMPOUND = (pyast.If, pyast.Try, pyast.For, pyast.AsyncFor, pyast.While, pyast.With, pyast.AsyncWith) + \
+    ((pyast.TryStar,) if hasattr(pyast, "TryStar") else ())
+
+
+def _module_level(node: pyast.AST):
+    """The nodes of a module-level compound statement whose bindings are the module's: a def's or
+    class's own node, never its body (its names are its own)."""
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        yield n
+        if not isinstance(n, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.ClassDef, pyast.Lambda)):
+            todo.extend(reversed(list(pyast.iter_child_nodes(n))))
 
 
 def _parse(path: str) -> pyast.Module:

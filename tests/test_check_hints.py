@@ -247,6 +247,11 @@ SPLITS = {
                   '    return "a" if item.get("user") else "b"\n'),
     "loop": 'def split(item):\n    while True:\n        return "a"\n',
     # a context manager may swallow the body's exception and run on past the block: None
+    # a module that may rebind the name after the def: the source does not say what runs
+    "rebound_import": ('def split(item):\n    return "a" if item.get("user") else "b"\n\n\ntry:\n'
+                       '    from fast_split import split\nexcept ImportError:\n    pass\n'),
+    "rebound_if": ('def split(item):\n    return "a" if item.get("user") else "b"\n\n\nif True:\n'
+                   '    split = print\n'),
     "suppressed": ('from contextlib import suppress\n\ndef split(item):\n    with suppress(KeyError):\n'
                    '        return "a" if item["metadata"]["vip"] else "b"\n'),
 }
@@ -257,7 +262,8 @@ SPLITS = {
     ("async", "when a", False), ("try", "when a", False), ("ternary", "when a or prompt_tokens > 9", False),
     ("variable", "when a", True), ("may_end", "when a", True), ("item_too", "when a", True),
     ("none_too", "when a", True), ("unedged", "when a", True), ("decorated", "when a", True),
-    ("loop", "when a", True), ("suppressed", "when a", True), ("ternary", "when a and prompt_tokens > 9", True),
+    ("loop", "when a", True), ("suppressed", "when a", True), ("rebound_import", "when a", True),
+    ("rebound_if", "when a", True), ("ternary", "when a and prompt_tokens > 9", True),
 ])
 def test_a_python_stage_whose_every_return_is_an_edged_label_needs_no_otherwise(tmp_path, fn, edge_a, nowhere):
     # `return "b" if h < 50 else "a"` with `when a` and `when b` edges leaves no item without an edge;
