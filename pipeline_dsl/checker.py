@@ -74,6 +74,7 @@ class Resolved:
     given_settings: frozenset = frozenset()
     setting_pos: dict = field(default_factory=dict, hash=False, compare=False)
     refused_conditions: frozenset = frozenset()   # stages with a conditional out-edge refused by an error
+    base: str | None = None              # the base a derived pipeline (`pipeline short : chat`) copies
 
 
 def _err(msg, pos, expected=None, hint=None, notes=()):
@@ -545,7 +546,8 @@ def check_pipeline(p: ast.Pipeline, registry: Registry | None = None,
     dropped = any(d.is_error for d in ds)
     return Resolved(p.name.text, p.name.pos, settings, stages, tuple(edges), complete=not dropped,
                     given_settings=frozenset(given_settings), setting_pos=dict(given_settings),
-                    refused_conditions=frozenset(refused)), diags
+                    refused_conditions=frozenset(refused),
+                    base=p.base.text if p.base is not None else None), diags
 
 
 # ---------------------------------------------------------------- kind-specific checks
@@ -657,7 +659,9 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
 
     diags: list[Diagnostic] = []
     where = pos.get
-    base = _base_dir(st.name.pos)
+    # a path is looked up beside the file that wrote it: a derived pipeline's override beside
+    # the derived one's file, a value copied from its base beside the base's
+    base = _base_dir(where("fn") or st.name.pos)
 
     def check_fn(param: str) -> bool:
         ref = params.get(param)
@@ -724,7 +728,8 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
                 diags.append(d)
         schema = params.get("json_schema")
         if schema is not None and "json_schema" in given:
-            params["json_schema"], d = _json_schema_file(schema, base, where("json_schema"), allowed)
+            params["json_schema"], d = _json_schema_file(schema, _base_dir(where("json_schema") or st.name.pos),
+                                                         where("json_schema"), allowed)
             if d:
                 diags.append(d)
     return diags
@@ -795,6 +800,12 @@ def _base_dir(pos: SourcePos | None) -> str | None:
     return os.path.dirname(os.path.abspath(pos.file))
 
 
+def _fn_folder(stage: ResolvedStage) -> str | None:
+    """The folder a stage's `fn` module is looked up in first: that of the file that wrote the
+    `fn` value (a derived pipeline's override, or the base's stage), else the stage's own."""
+    return _base_dir(stage.param_pos.get("fn") or stage.pos)
+
+
 def python_stage_labels(stage: ResolvedStage) -> set[str] | None:
     """The labels a python stage's function returns on every path, read from its source
     (userfn.always_labels): its every item leaves it carrying one of them. None when the source
@@ -804,7 +815,7 @@ def python_stage_labels(stage: ResolvedStage) -> set[str] | None:
     if stage.kind is None or stage.kind.name != "python" or not isinstance(stage.params.get("fn"), str):
         return None
     try:
-        return always_labels(function_info(stage.params["fn"], _base_dir(stage.pos)))
+        return always_labels(function_info(stage.params["fn"], _fn_folder(stage)))
     except FunctionNotFound:
         return None
 
@@ -824,7 +835,7 @@ def _check_python_labels(edges: list[ResolvedEdge], stages: dict[str, ResolvedSt
             continue
         if e.src not in known:
             try:
-                node = function_info(src.params["fn"], _base_dir(src.pos)).node
+                node = function_info(src.params["fn"], _fn_folder(src)).node
             except (FunctionNotFound, KeyError):
                 node = None
             known[e.src] = returned_labels(node)

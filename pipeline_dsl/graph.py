@@ -1,7 +1,8 @@
 """Checked AST -> networkx.DiGraph, and the checks that need the graph.
 
 `build_graph(pipeline)` takes an `ast.Pipeline` (or a `checker.Resolved`) and returns
-a DiGraph with graph attributes `name`, `settings` (model, mode, device, threads,
+a DiGraph with graph attributes `name`, `base` (the pipeline a derived one copies, else
+None), `settings` (model, mode, device, threads,
 dtype, kv_budget), `given_settings` (those the file sets) and `setting_pos` (where
 it sets them), one node per stage with
 `kind` (str), `params` (effective values: kind default -> mode preset -> inherited
@@ -51,7 +52,7 @@ def _resolve(pipeline, registry: Registry | None = None) -> Resolved:
 def build_graph(pipeline, registry: Registry | None = None) -> nx.DiGraph:
     """The pipeline as a DiGraph (see the module docstring for its attributes)."""
     r = _resolve(pipeline, registry)
-    g = nx.DiGraph(name=r.name, settings=dict(r.settings), pos=r.pos,
+    g = nx.DiGraph(name=r.name, base=r.base, settings=dict(r.settings), pos=r.pos,
                    given_settings=sorted(r.given_settings), setting_pos=dict(r.setting_pos))
     for s in r.stages.values():
         g.add_node(s.name, kind=s.kind.name if s.kind else None, params=dict(s.params), pos=s.pos,

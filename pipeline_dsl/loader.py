@@ -360,7 +360,9 @@ def load_program(path: str, text: str | None = None, allow_paths=()) -> tuple[Pr
                 prog.pipelines.append(item)
 
     visit(path, [], None, text)
-    prog.pipelines = derive(prog.pipelines, diags)
+    # a file that could not be read whole (a use refused or not found, a syntax error) may hold
+    # the base a derivation names: its error is the one to fix, and 'unknown base' would be a second
+    prog.pipelines = derive(prog.pipelines, diags, unread=any(d.is_error for d in diags))
     return prog, diags
 
 
@@ -371,7 +373,7 @@ def load_program(path: str, text: str | None = None, allow_paths=()) -> tuple[Pr
 MAX_DERIVED_STATEMENTS = 20_000
 
 
-def derive(pipelines: list[ast.Pipeline], diags: list[Diagnostic]) -> list[ast.Pipeline]:
+def derive(pipelines: list[ast.Pipeline], diags: list[Diagnostic], unread: bool = False) -> list[ast.Pipeline]:
     """The program's pipelines with each derived one (`pipeline short : chat { … }`) expanded:
     its base's stages and edges (the base expanded first when it is derived itself), the base's
     settings with the derived body's settings in place of those of the same name, and each
@@ -380,7 +382,8 @@ def derive(pipelines: list[ast.Pipeline], diags: list[Diagnostic]) -> list[ast.P
     to `diags`, at the statement: an unknown base, a cycle of derivations, an override of a
     stage the base lacks, a stage or edge in a derived body, an override in a pipeline without
     a base, copies past MAX_DERIVED_STATEMENTS. A derived pipeline whose base cannot be had is
-    left out (its error said why), as is one derived from it."""
+    left out (its error said why), as is one derived from it. `unread`: part of the program could
+    not be read (its error is said), so an unknown base is left out without an error of its own."""
     by_name = {p.name.text: p for p in pipelines}
     names = Suggestions(by_name)
     done: dict[str, ast.Pipeline | None] = {}     # name -> expanded pipeline; None: cannot be had
@@ -416,6 +419,9 @@ def derive(pipelines: list[ast.Pipeline], diags: list[Diagnostic]) -> list[ast.P
             chain.append(q)
             on_chain.add(id(q))
             base = by_name.get(q.base.text)
+            if base is None and unread:
+                done[q.name.text] = None
+                break
             if base is None:
                 diags.append(Diagnostic(ERROR, f"unknown base pipeline '{q.base.text}'", q.base.pos,
                                         expected="a pipeline of this program (this file or a file it uses)",

@@ -144,6 +144,7 @@ class PipelinePlan:
     items: tuple[ItemWork, ...]
     segments: tuple[Plan, ...]
     workers: int = ITEM_WORKERS
+    base: str | None = None          # the pipeline a derived one copies (`pipeline short : chat`)
 
     def _one(self) -> Plan | None:
         return self.segments[0] if self.segments else None
@@ -198,6 +199,8 @@ class PipelinePlan:
         one = self._one()
         out = {"pipeline": self.pipeline, "items": [asdict(w) for w in self.items],
                "workers": self.workers, "segments": [p.to_dict() for p in self.segments]}
+        if self.base is not None:
+            out["base"] = self.base
         if one is not None:       # the first segment's plan at the top level, as `agp plan --json` always had
             out.update({k: v for k, v in one.to_dict().items() if k not in ("pipeline",)})
         return out
@@ -438,7 +441,8 @@ def make_plan(graph: nx.DiGraph, window: int = 12, costs: dict[str, float] | Non
     for seg in segments:
         prefix = f"{'+'.join(seg[3])}/" if len(segments) > 1 else ""
         plans.append(_plan_segment(graph, seg, window, costs, prefix))
-    return PipelinePlan(str(graph.graph.get("name", "")), item_work(graph), tuple(plans))
+    return PipelinePlan(str(graph.graph.get("name", "")), item_work(graph), tuple(plans),
+                        base=graph.graph.get("base"))
 
 
 def _plan_segment(graph: nx.DiGraph, seg: tuple, window: int, costs, prefix: str) -> Plan:
@@ -508,7 +512,8 @@ def _main_work(graph: nx.DiGraph, stage: str, works) -> Work:
 def format_plan(plan: PipelinePlan) -> str:
     """The human-readable `agp plan` report."""
     segs = plan.segments
-    lines = [f"pipeline {plan.pipeline}: {len(segs)} engine segment{'' if len(segs) == 1 else 's'}, "
+    derived = f" (derived from {plan.base})" if plan.base else ""
+    lines = [f"pipeline {plan.pipeline}{derived}: {len(segs)} engine segment{'' if len(segs) == 1 else 's'}, "
              f"{len(plan.streams)} streams, {len(plan.events)} events per micro-batch"]
     lines.append(f"\nper request, on {plan.workers} host worker threads (off the engine loop; python stages on "
                  "workers of their own):")

@@ -118,7 +118,7 @@ def dot_source(graph, plan=None) -> str:
     """The DOT text of a pipeline graph (and, optionally, its plan's streams and events)."""
     name = graph.graph.get("name", "pipeline")
     settings = graph.graph.get("settings", {})
-    title = f"pipeline {name}"
+    title = f"pipeline {name}" + (f" : {graph.graph['base']}" if graph.graph.get("base") else "")
     extra = [f"{k} = {settings[k]}" for k in ("model", "mode", "device") if settings.get(k) is not None]
     lines = ["digraph agp {",
              "  rankdir=LR;",

@@ -156,13 +156,37 @@ def _definitions(tree: pyast.Module) -> dict[str, pyast.AST]:
         elif isinstance(node, (pyast.Import, pyast.ImportFrom)):
             for alias in node.names:
                 out[(alias.asname or alias.name).split(".")[0]] = node
-        elif isinstance(node, (pyast.If, pyast.Try)):   # conditional definitions: accept their names
-            for n in pyast.walk(node):
+        elif isinstance(node, _COMPOUND):
+            # conditional definitions: a name only defs bind is their (last) def; one the block
+            # binds otherwise too (`try: from fast import split`, `if ...: split = other`) is the
+            # block, whose source does not say what the name ends up as, over any def before it
+            defs: dict[str, pyast.AST] = {}
+            others: set[str] = set()
+            for n in _module_level(node):
                 if isinstance(n, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.ClassDef)):
-                    out[n.name] = n
+                    defs[n.name] = n
                 elif isinstance(n, pyast.Name) and isinstance(n.ctx, pyast.Store):
-                    out.setdefault(n.id, node)
+                    others.add(n.id)
+                elif isinstance(n, (pyast.Import, pyast.ImportFrom)):
+                    others.update((a.asname or a.name).split(".")[0] for a in n.names)
+            out.update(defs)
+            out.update(dict.fromkeys(others, node))
     return out
+
+
+_COMPOUND = (pyast.If, pyast.Try, pyast.For, pyast.AsyncFor, pyast.While, pyast.With, pyast.AsyncWith) + \
+    ((pyast.TryStar,) if hasattr(pyast, "TryStar") else ())
+
+
+def _module_level(node: pyast.AST):
+    """The nodes of a module-level compound statement whose bindings are the module's: a def's or
+    class's own node, never its body (its names are its own)."""
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        yield n
+        if not isinstance(n, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.ClassDef, pyast.Lambda)):
+            todo.extend(reversed(list(pyast.iter_child_nodes(n))))
 
 
 def _parse(path: str) -> pyast.Module:
@@ -433,9 +457,10 @@ def always_labels(info: FunctionInfo | None) -> set[str] | None:
 
 def _always_leaves(body: list) -> bool:
     """Whether every path through these statements ends in a `return` or a `raise` (judged
-    conservatively: only a final return or raise, or an if/else or try whose branches all end so;
-    not a `with`, whose context manager may swallow an exception raised before the body's return
-    (`contextlib.suppress`), so that the function runs on past it)."""
+    conservatively: only a final return or raise, or an if/else or try whose branches all end so).
+    A `with` block proves nothing: its context manager's exit may swallow an exception raised in
+    it and carry on past it (`with suppress(KeyError): return "a" if item["x"] else "b"` returns
+    None when the key is missing)."""
     if not body:
         return False
     last = body[-1]

@@ -259,6 +259,10 @@ SPLITS = {
                 '    return "a" if item.get("user") else "b"\n\n\nfor split in [by_label]:\n    pass\n'),
     "global": ('def split(item):\n    return "a" if item.get("user") else "b"\n\n\ndef by_label(fn):\n'
                '    global split\n    split = fn\n'),
+    "rebound_import": ('def split(item):\n    return "a" if item.get("user") else "b"\n\n\ntry:\n'
+                       '    from fast_split import split\nexcept ImportError:\n    pass\n'),
+    "rebound_if": ('def split(item):\n    return "a" if item.get("user") else "b"\n\n\nif True:\n'
+                   '    split = print\n'),
 }
 
 
@@ -270,6 +274,7 @@ SPLITS = {
     ("loop", "when a", True), ("ternary", "when a and prompt_tokens > 9", True),
     ("suppressed", "when a", True), ("suppressed_then_raise", "when a", False),
     ("conditional_def", "when a", True), ("rebound", "when a", True), ("global", "when a", True),
+    ("rebound_import", "when a", True), ("rebound_if", "when a", True),
 ])
 def test_a_python_stage_whose_every_return_is_an_edged_label_needs_no_otherwise(tmp_path, fn, edge_a, nowhere):
     # `return "b" if h < 50 else "a"` with `when a` and `when b` edges leaves no item without an edge;

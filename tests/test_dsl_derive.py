@@ -142,6 +142,21 @@ def test_an_unknown_base_is_an_error_at_its_name_with_did_you_mean():
     assert d.hint == "did you mean 'chat'?"
 
 
+def test_a_base_in_a_file_that_cannot_be_read_is_not_said_unknown_as_well(tmp_path):
+    # the include's error is the one to fix; the base may well be in that file
+    (tmp_path / "main.agp").write_text('use "chat.agp"\npipeline short : chat { gen.max_new_tokens = 16 }\n',
+                                       encoding="utf-8")
+    (tmp_path / "broken.agp").write_text(BASE.replace("stage out     : respond       {}", "stage out : {"),
+                                         encoding="utf-8")
+    for use in ('"chat.agp"', '"broken.agp"'):
+        main = tmp_path / "main.agp"
+        main.write_text(f"use {use}\npipeline short : chat {{ gen.max_new_tokens = 16 }}\n", encoding="utf-8")
+        ds = [d for d in pipeline_dsl.load(str(main))[1] if d.is_error]
+        assert ds and not any("unknown base" in d.message for d in ds), [d.message for d in ds]
+    main.write_text(BASE + "pipeline short : caht {}\n", encoding="utf-8")     # all read: said
+    assert [d.message for d in pipeline_dsl.load(str(main))[1]] == ["unknown base pipeline 'caht'"]
+
+
 def test_an_override_of_an_unknown_stage_is_an_error_at_it_with_did_you_mean():
     (d,) = errors(BASE + "pipeline short : chat {\n    gne.max_new_tokens = 16\n}\n")
     assert d.message == "unknown stage 'gne' in base pipeline 'chat'" and at(d) == (16, 5)
@@ -225,6 +240,25 @@ def test_check_plan_render_and_fmt_take_a_derived_pipeline(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_plan_and_render_say_what_a_derived_pipeline_derives_from(tmp_path):
+    path = tmp_path / "p.agp"
+    path.write_text(BASE + "\npipeline short : chat { gen.max_new_tokens = 16 }\n"
+                    "pipeline tiny : short { gen.max_new_tokens = 4 }\n", encoding="utf-8")
+    heads = {}
+    for name in ("chat", "short", "tiny"):
+        proc = clikit.agp_in("plan", path, "--pipeline", name)
+        assert proc.returncode == 0, proc.stderr
+        heads[name] = proc.stdout.splitlines()[0].split(":")[0]
+        proc = clikit.agp_in("plan", path, "--pipeline", name, "--json")
+        assert json.loads(proc.stdout).get("base") == {"chat": None, "short": "chat", "tiny": "short"}[name]
+        out = tmp_path / f"{name}.dot"
+        assert clikit.agp_in("render", path, "--pipeline", name, "-o", out).returncode == 0
+        heads[name] += " | " + out.read_text().split('label="', 1)[1].split("  (")[0]
+    assert heads == {"chat": "pipeline chat | pipeline chat",
+                     "short": "pipeline short (derived from chat) | pipeline short : chat",
+                     "tiny": "pipeline tiny (derived from short) | pipeline tiny : short"}
+
+
 def test_agp_run_of_a_derived_pipeline_uses_its_overrides(tmp_path, tiny_gguf):
     base = (BASE.replace('"smollm2-135m-instruct"', json.dumps(str(tiny_gguf)))
             .replace("mode  = balanced", "device = cpu").replace("max_new_tokens = 128", "max_new_tokens = 7"))
@@ -240,6 +274,57 @@ def test_agp_run_of_a_derived_pipeline_uses_its_overrides(tmp_path, tiny_gguf):
         assert proc.returncode == 0, proc.stderr
         (row,) = [json.loads(x) for x in out.read_text().splitlines()]
         assert row["usage"]["completion_tokens"] == tokens and row["finish_reason"] == "length"
+
+
+def test_a_derived_pipeline_in_another_folder_runs_its_bases_python_stage(tmp_path, tiny_gguf):
+    # the python stage's module lies beside the base's file, in a folder below the derived
+    # one's: check finds it there, so run must too
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "derive_tagger_lib.py").write_text(
+        "def tag(item):\n    item['prompt'] = 'tagged ' + item['prompt']\n    return item\n", encoding="utf-8")
+    (lib / "chat.agp").write_text(
+        BASE.replace('"smollm2-135m-instruct"', json.dumps(str(tiny_gguf))).replace("mode  = balanced", "device = cpu")
+        .replace("stage request : requests      {}",
+                 'stage request : requests      {}\n    stage tag : python { fn = "derive_tagger_lib:tag" }')
+        .replace("request -> batch", "request -> tag -> batch"), encoding="utf-8")
+    main = tmp_path / "main.agp"
+    # and one whose override names a module beside main.agp, which check finds there
+    (tmp_path / "derive_tagger_top.py").write_text(
+        "def tag(item):\n    item['prompt'] = 'top ' + item['prompt']\n    return item\n", encoding="utf-8")
+    main.write_text('use "lib/chat.agp"\npipeline short : chat { gen.max_new_tokens = 2 }\n'
+                    'pipeline mine : short { tag.fn = "derive_tagger_top:tag" }\n', encoding="utf-8")
+    assert clikit.agp_in("check", main).returncode == 0
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": "a", "prompt": "hello", "ignore_eos": True}) + "\n", encoding="utf-8")
+    for name in ("short", "mine"):
+        out = tmp_path / f"{name}.jsonl"
+        proc = clikit.agp_in("run", main, "--pipeline", name, "-i", inp, "-o", out, "--threads", "1", "--no-progress")
+        assert proc.returncode == 0, proc.stderr
+        (row,) = [json.loads(x) for x in out.read_text().splitlines()]
+        assert row["usage"]["completion_tokens"] == 2 and row["usage"]["prompt_tokens"] > 2
+
+
+def test_an_override_naming_a_file_finds_it_beside_the_derived_pipelines_file(tmp_path):
+    # the base's stages read their files beside lib/chat.agp; an override written in main.agp
+    # names files beside main.agp
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "chat.agp").write_text(
+        BASE.replace("stage request : requests      {}",
+                     'stage request : requests      {}\n    stage tag : python { fn = "derive_lib_hook:tag" }')
+        .replace("request -> batch", "request -> tag -> batch"), encoding="utf-8")
+    (lib / "derive_lib_hook.py").write_text("def tag(item):\n    return item\n", encoding="utf-8")
+    (tmp_path / "derive_top_hook.py").write_text("def tag(item):\n    return item\n", encoding="utf-8")
+    (tmp_path / "answer.schema.json").write_text('{"type": "object"}', encoding="utf-8")
+    main = tmp_path / "main.agp"
+    main.write_text('use "lib/chat.agp"\n'
+                    'pipeline mine : chat { tag.fn = "derive_top_hook:tag"  gen.json_schema = "answer.schema.json" }\n',
+                    encoding="utf-8")
+    proc = clikit.agp_in("check", main, cwd=lib)
+    assert proc.returncode == 0, proc.stderr
+    g = pipeline_dsl.load_pipeline_graph(str(main), "mine")
+    assert g.nodes["gen"]["params"]["json_schema"] == str(tmp_path / "answer.schema.json")
 
 
 def test_copies_past_the_limit_are_an_error_at_the_derivation_that_crosses_it(monkeypatch):

@@ -76,6 +76,7 @@ def test_seed_graph_has_name_settings_position_and_given_settings_and_where_they
     g = graph(SEED)
     assert g.graph == {
         "name": "p",
+        "base": None,
         "settings": {"model": "smollm2-135m-instruct", "mode": "balanced", "device": "auto", "threads": 2,
                      "dtype": "auto", "kv_budget": None},
         "pos": SourcePos("t.agp", 1, 10, 1, 11),

@@ -611,3 +611,34 @@ def test_a_run_whose_writes_would_replace_its_input_or_one_another_is_refused_be
     assert inp.read_text() == text and not out.exists()
     r = run(pipeline, "-i", inp, "-o", "/dev/null", "--stats", "/dev/null")      # no file to replace
     assert r.returncode == 0, r.stderr
+
+
+GATE = """
+import pipeline_dsl
+
+def gate(item):
+    tier = item["headers"].get("x-tier")
+    if tier == "over":
+        raise pipeline_dsl.Reject("over the tenant's rate limit", status=429, retry_after=2.5)
+    if tier == "plain":
+        raise pipeline_dsl.Reject("refused")
+    return item
+"""
+
+
+def test_a_rejects_status_and_retry_after_are_in_its_error_record(tmp_path, tiny_gguf):
+    # a rate limiter's 429 is told apart from a plain refusal (400) in agp run's output, as agp
+    # serve answers them
+    (tmp_path / "run_gate_hooks.py").write_text(GATE, encoding="utf-8")
+    path = tmp_path / "gated.agp"
+    path.write_text(PIPELINE.format(model=tiny_gguf).replace(
+        "request -> batch", 'stage gate : python { fn = "run_gate_hooks:gate" }\n    request -> gate -> batch'))
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"id": tier, "prompt": "hi", "headers": {"x-tier": tier}}) + "\n"
+                           for tier in ("over", "plain", "fine")))
+    assert run(path, "-i", inp, "-o", out).returncode == 0
+    got = {r["id"]: r.get("error") for r in records(out)}
+    assert got == {"over": {"line": 1, "message": "over the tenant's rate limit", "type": "rejected",
+                            "stage": "gate", "status": 429, "retry_after": 2.5},
+                   "plain": {"line": 2, "message": "refused", "type": "rejected", "stage": "gate", "status": 400},
+                   "fine": None}

@@ -64,6 +64,12 @@ def record(req: RunRequest, result, several: bool = False, runtime=None) -> dict
         err = {"line": req.line, "message": result.error.message, "type": result.error.kind}
         if result.error.stage:
             err["stage"] = result.error.stage
+        # a Reject that names its status and wait (a rate limiter's 429): the line says them, as
+        # agp serve's answer and a batch-API line's status_code do, so a rerun can tell them apart
+        if getattr(result.error, "status", None) is not None:
+            err["status"] = result.error.status
+        if getattr(result.error, "retry_after", None) is not None:
+            err["retry_after"] = result.error.retry_after
         return {"id": req.parsed.id, "error": err}
     first = result.choices[0]
     parts = [_choice_parts(req, c, runtime) for c in result.choices]

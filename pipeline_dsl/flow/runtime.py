@@ -102,13 +102,16 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         sources = [n for n, k in self.kind.items() if k == "requests"]
         self.source = sources[0] if sources else None
         self.max_queue = max_queue or (self.params[self.source].get("max_queue", 1024) if self.source else 1024)
-        pos = graph.graph.get("pos")
-        base = os.path.dirname(os.path.abspath(pos.file)) if pos is not None and pos.file and \
-            not pos.file.startswith("<") else None
         self.impls: dict[str, Any] = {}
         for n, k in self.kind.items():
             if k not in ENGINE_KINDS:
                 try:
+                    # a user module is looked up beside the file that wrote `fn` (a derived
+                    # pipeline's copied stage: its base's file; an override: the derived one's), as
+                    # `agp check` finds it
+                    node = graph.nodes[n]
+                    base = _folder_of((node.get("param_pos") or {}).get("fn") or node.get("pos")
+                                      or graph.graph.get("pos"))
                     self.impls[n] = implementation(k)(n, dict(self.params[n]), StageContext(self.name, n, k, base))
                     if n in plugins:
                         check_item_stage(k, self.impls[n])
@@ -819,6 +822,13 @@ def _pool_failed(graph: nx.DiGraph, kv: str, exc: BaseException, overrides: dict
     pos = pos or node.get("pos")
     diag = Diagnostic(ERROR, str(exc), pos, expected=f"{what} that this machine's memory holds")
     return _check_failed(diag, pos)
+
+
+def _folder_of(pos) -> str | None:
+    """The folder of the file at `pos`; None for text that came from no file."""
+    if pos is None or not pos.file or pos.file.startswith("<"):
+        return None
+    return os.path.dirname(os.path.abspath(pos.file))
 
 
 def _check_failed(diag, pos):
