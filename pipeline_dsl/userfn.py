@@ -388,6 +388,19 @@ def shape_of_def(node: pyast.AST) -> str | None:
     return None
 
 
+def _every_return(node: pyast.AST, ok) -> bool:
+    """Whether ok(value) holds for the value of every `return` of the def `node` itself (those of
+    the functions, lambdas and classes inside it are theirs)."""
+    todo = list(pyast.iter_child_nodes(node))
+    while todo:
+        n = todo.pop()
+        if isinstance(n, pyast.Return) and not ok(n.value):
+            return False
+        if not isinstance(n, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.Lambda, pyast.ClassDef)):
+            todo.extend(pyast.iter_child_nodes(n))
+    return True
+
+
 def returned_labels(node: pyast.AST | None) -> set[str] | None:
     """The label strings a `def` can return, when its source settles every return: each `return`
     (a stream generator's too) gives a string literal, None, the item it got (its first parameter,
@@ -414,14 +427,7 @@ def returned_labels(node: pyast.AST | None) -> set[str] | None:
             return settle(value.body) and settle(value.orelse)
         return False
 
-    todo = list(pyast.iter_child_nodes(node))
-    while todo:
-        n = todo.pop()
-        if isinstance(n, pyast.Return) and not settle(n.value):
-            return None
-        if not isinstance(n, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.Lambda, pyast.ClassDef)):
-            todo.extend(pyast.iter_child_nodes(n))
-    return labels
+    return labels if _every_return(node, settle) else None
 
 
 def always_labels(info: FunctionInfo | None) -> set[str] | None:
@@ -445,14 +451,7 @@ def always_labels(info: FunctionInfo | None) -> set[str] | None:
             return literal(value.body) and literal(value.orelse)
         return False
 
-    todo = list(pyast.iter_child_nodes(node))
-    while todo:
-        n = todo.pop()
-        if isinstance(n, pyast.Return) and not literal(n.value):
-            return None
-        if not isinstance(n, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.Lambda, pyast.ClassDef)):
-            todo.extend(pyast.iter_child_nodes(n))
-    return labels if labels and _always_leaves(node.body) else None
+    return labels if _every_return(node, literal) and labels and _always_leaves(node.body) else None
 
 
 def _always_leaves(body: list) -> bool:
