@@ -703,7 +703,7 @@ class _Tries:
         self.pristine = copy.deepcopy(view) if retries else None
         self.view, self.count = view, 0
 
-    def take(self) -> dict:
+    def take(self) -> "dict | list":
         self.count += 1
         if self.count > 1 and self.pristine is not None:
             self.view = copy.deepcopy(self.pristine)
