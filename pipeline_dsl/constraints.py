@@ -66,6 +66,7 @@ import hashlib
 import json
 import re
 import threading
+from collections import OrderedDict
 try:
     import llguidance as llg
 except ImportError:  # without it the engine still runs; compile() raises GrammarError
@@ -90,6 +91,82 @@ MAX_STRUCTURES = 1024
 # takes seconds of CPU; on 2 cores, 2 leave the engine's step and agp serve's threads free)
 MAX_GRAMMAR_WORK = 2
 grammar_slots = threading.BoundedSemaphore(MAX_GRAMMAR_WORK)
+
+
+class OnceCache:
+    """Values by key (a spec's digest), least recently used out past `max_entries` of them or
+    `max_bytes` of their `size(value)` (a value larger than max_bytes is not kept); a value not
+    kept is made by get()'s `make` once however many threads ask for it together: the others wait
+    for its result (or, `wait` False, get `busy()` raised). An exception of the `shared` types that
+    make() raises reaches those waiting too; any other leaves them to make it themselves. The
+    requests' check cache (requests_io.spec_problem) and the engine's grammars
+    (ConstraintCompiler) are two of these."""
+
+    def __init__(self, max_entries: int, max_bytes: int, size, shared: tuple = ()):
+        self.max_entries, self.max_bytes, self._size, self._shared = max_entries, max_bytes, size, shared
+        self._values: OrderedDict = OrderedDict()
+        self._bytes = 0
+        self._making: dict = {}            # key -> _Flight, while its value is made
+        self._lock = threading.Lock()
+
+    def __contains__(self, key) -> bool:
+        with self._lock:
+            return key in self._values
+
+    def info(self) -> dict:
+        """{"entries": values kept, "bytes": their sizes in all, "max_entries", "max_bytes"}."""
+        with self._lock:
+            return {"entries": len(self._values), "bytes": self._bytes, "max_entries": self.max_entries,
+                    "max_bytes": self.max_bytes}
+
+    def get(self, key, make, *, wait: bool = True, busy=None):
+        while True:
+            with self._lock:
+                if key in self._values:
+                    self._values.move_to_end(key)
+                    return self._values[key]
+                flight = self._making.get(key)
+                if flight is None:
+                    flight = self._making[key] = _Flight()
+                    break
+            if not wait:
+                raise busy()
+            flight.done.wait()
+            if flight.error is not None:
+                raise copy.copy(flight.error)           # its own copy: a traceback of its own
+            if flight.made:
+                return flight.value
+        try:
+            flight.value = make()
+            flight.made = True
+        except self._shared as e:
+            flight.error = e
+            raise
+        finally:
+            with self._lock:
+                del self._making[key]
+                if flight.made:
+                    self._keep(key, flight.value)
+            flight.done.set()
+        return flight.value
+
+    def _keep(self, key, value) -> None:
+        size = self._size(value)
+        if key in self._values or size > self.max_bytes:
+            return
+        self._values[key] = value
+        self._bytes += size
+        while len(self._values) > self.max_entries or self._bytes > self.max_bytes:
+            self._bytes -= self._size(self._values.popitem(last=False)[1])
+
+
+class _Flight:
+    """One value while it is made: what the others that need it wait for."""
+
+    __slots__ = ("done", "value", "made", "error")
+
+    def __init__(self):
+        self.done, self.value, self.made, self.error = threading.Event(), None, False, None
 
 
 class GrammarError(ValueError):

@@ -11,13 +11,11 @@ import difflib
 import json
 import math
 import re
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline_dsl.constraints import (MAX_GRAMMAR_WORK, GrammarError, check_spec, grammar_slots, spec_digest,
-                                      tool_param)
+from pipeline_dsl.constraints import (MAX_GRAMMAR_WORK, GrammarError, OnceCache, check_spec, grammar_slots,
+                                      spec_digest, tool_param)
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 1024            # stop strings a request may give (generate.stop's max_items)
@@ -919,11 +917,8 @@ def parse_constraint(obj: dict, *, wait: bool = True) -> dict | None:
 MAX_GRAMMAR_CHECKS = MAX_GRAMMAR_WORK   # grammar checks running at once (slots shared with the engine's compiles)
 CHECK_CACHE_ENTRIES = 4096      # specs whose check is remembered, keyed by a digest of their canonical
 CHECK_CACHE_BYTES = 4 << 20     # JSON text: an entry holds the digest and the problem (at most ~400 characters)
-_checked: OrderedDict[bytes, str | None] = OrderedDict()
-_checked_bytes = 0
-_checked_lock = threading.Lock()
-_checking: dict[bytes, threading.Event] = {}     # digest -> set when the check running for it ends
 ENTRY_BYTES = 128               # what one entry costs beside its problem's text (digest, dict slot, links)
+_checked = OnceCache(CHECK_CACHE_ENTRIES, CHECK_CACHE_BYTES, size=lambda problem: ENTRY_BYTES + len(problem or ""))
 
 
 def spec_problem(spec: dict, *, wait: bool = True, where: str = "response_format") -> str | None:
@@ -933,43 +928,20 @@ def spec_problem(spec: dict, *, wait: bool = True, where: str = "response_format
     is checked as one of at most MAX_GRAMMAR_CHECKS at once: `wait` False raises ChecksBusy when
     that many run. Equal specs arriving together are checked once: while one's check runs, the
     others wait for its result (`wait` False: ChecksBusy, as for a turn)."""
-    global _checked_bytes
-    key = spec_digest(spec)
-    while True:
-        with _checked_lock:
-            if key in _checked:
-                _checked.move_to_end(key)
-                return _checked[key]
-            running = _checking.get(key)
-            if running is None:
-                running = _checking[key] = threading.Event()
-                break
-        if not wait:
-            raise _busy(where, "the check of an equal spec is running")
-        running.wait()          # then its result is remembered (or it was not run: this one checks)
-    try:
+
+    def check() -> str | None:
         if not grammar_slots.acquire(blocking=wait):
-            raise _busy(where, f"{MAX_GRAMMAR_CHECKS} are running")
+            raise _busy(where, f"{MAX_GRAMMAR_CHECKS} are running")   # those waiting on it check themselves
         try:
-            try:
-                check_spec(spec)
-                problem = None
-            except GrammarError as e:
-                problem = str(e)
+            check_spec(spec)
+            return None
+        except GrammarError as e:
+            return str(e)
         finally:
             grammar_slots.release()
-        with _checked_lock:
-            if key not in _checked:
-                _checked[key] = problem
-                _checked_bytes += ENTRY_BYTES + len(problem or "")
-                while len(_checked) > CHECK_CACHE_ENTRIES or _checked_bytes > CHECK_CACHE_BYTES:
-                    _, old = _checked.popitem(last=False)
-                    _checked_bytes -= ENTRY_BYTES + len(old or "")
-    finally:
-        with _checked_lock:
-            del _checking[key]
-        running.set()
-    return problem
+
+    return _checked.get(spec_digest(spec), check, wait=wait,
+                        busy=lambda: _busy(where, "the check of an equal spec is running"))
 
 
 def _busy(where: str, why: str) -> ChecksBusy:
@@ -980,6 +952,4 @@ def _busy(where: str, why: str) -> ChecksBusy:
 def check_cache_info() -> dict:
     """What the check cache holds: {"entries": n, "bytes": b} (b: its own accounting, ENTRY_BYTES an entry
     and its problem's text), and its bounds ("max_entries", "max_bytes")."""
-    with _checked_lock:
-        return {"entries": len(_checked), "bytes": _checked_bytes, "max_entries": CHECK_CACHE_ENTRIES,
-                "max_bytes": CHECK_CACHE_BYTES}
+    return _checked.info()

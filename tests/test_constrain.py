@@ -607,7 +607,7 @@ def test_cache_and_threads(engine):
     for t in threads:
         t.join()
     assert not errors and all(results)
-    assert len(c._cache) == 2                        # LRU bound
+    assert c.cache_info()["entries"] == 2            # LRU bound
     assert c.compile({"type": "json_object"}) is not a   # evicted, compiled again
 
 

@@ -25,13 +25,12 @@ that `agp check` can compile a schema).
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 # the torch-free half (specs -> grammar text); the names users of this module read are kept here
 from pipeline_dsl.constraints import (JSON_WHITESPACE, PRETTY_WHITESPACE, GrammarBuilder, GrammarError,  # noqa: F401
-                                      check_spec, first_line, grammar_slots, llg, need_llguidance, parser_limits,
-                                      regex_size, short, spec_digest)
+                                      OnceCache, check_spec, first_line, grammar_slots, llg, need_llguidance,
+                                      parser_limits, regex_size, short, spec_digest)
 
 if TYPE_CHECKING:  # torch is imported where masks are made
     import torch
@@ -70,16 +69,11 @@ class ConstraintCompiler(GrammarBuilder):
         self._tk = tk
         self.words = (self.tokenizer.vocab_size + 31) // 32  # int32 words of one row's bitmask
         self.cache_size, self.cache_bytes = cache_size, cache_bytes
-        self._cache: OrderedDict[bytes, Grammar] = OrderedDict()
-        self._cached_bytes = 0
-        self._compiling: dict[bytes, _Flight] = {}        # digest -> its compile, while it runs
-        self._lock = threading.Lock()
+        self._grammars = OnceCache(cache_size, cache_bytes, size=lambda g: g.size, shared=(GrammarError,))
 
     def cache_info(self) -> dict:
         """{"entries": grammars kept, "bytes": their sizes in all, "max_entries", "max_bytes"}."""
-        with self._lock:
-            return {"entries": len(self._cache), "bytes": self._cached_bytes, "max_entries": self.cache_size,
-                    "max_bytes": self.cache_bytes}
+        return self._grammars.info()
 
     def _special_token(self, text: str) -> int | None:
         """A structural tag's trigger that is one special token of this tokenizer: its id."""
@@ -95,64 +89,26 @@ class ConstraintCompiler(GrammarBuilder):
     def cached(self, spec) -> bool:
         """Whether compile(spec) would find it compiled (no grammar work); False for a spec that is not JSON."""
         try:
-            key = self._key(spec)
+            return self._key(spec) in self._grammars
         except GrammarError:
             return False
-        with self._lock:
-            return key in self._cache
 
     def compile(self, spec: dict) -> "Grammar":
         """The spec's Grammar: from the cache, or compiled (GrammarError when it cannot be). A compile
         takes one of the process's grammar slots (constraints.grammar_slots, which the requests'
         checks share), so at most MAX_GRAMMAR_WORK grammars are built at once whatever specs arrive;
         equal specs arriving together are compiled once, the others waiting for its result."""
-        key = self._key(spec)
-        while True:
-            with self._lock:
-                g = self._cache.get(key)
-                if g is not None:
-                    self._cache.move_to_end(key)
-                    return g
-                flight = self._compiling.get(key)
-                if flight is None:
-                    flight = self._compiling[key] = _Flight()
-                    break
-            flight.done.wait()
-            if flight.error is not None:
-                raise GrammarError(str(flight.error), flight.error.param)
-            if flight.grammar is not None:
-                return flight.grammar
-        try:
-            with grammar_slots:
-                g = Grammar(self, self._build(spec))               # llguidance drops the GIL here
-                for where, param, text in self._json_parts(spec):  # each structure's, each tool's JSON, walked alone
-                    try:
-                        Grammar(self, text)
-                    except GrammarError as e:
-                        raise GrammarError(short(f"{where}{e}"), param) from None
-            flight.grammar = g
-        except GrammarError as e:
-            flight.error = e
-            raise
-        finally:
-            with self._lock:
-                del self._compiling[key]
-                if flight.grammar is not None and key not in self._cache and g.size <= self.cache_bytes:
-                    self._cache[key] = g
-                    self._cached_bytes += g.size
-                    while len(self._cache) > self.cache_size or self._cached_bytes > self.cache_bytes:
-                        self._cached_bytes -= self._cache.popitem(last=False)[1].size
-            flight.done.set()
+        return self._grammars.get(self._key(spec), lambda: self._built(spec))
+
+    def _built(self, spec: dict) -> "Grammar":
+        with grammar_slots:
+            g = Grammar(self, self._build(spec))               # llguidance drops the GIL here
+            for where, param, text in self._json_parts(spec):  # each structure's, each tool's JSON, walked alone
+                try:
+                    Grammar(self, text)
+                except GrammarError as e:
+                    raise GrammarError(short(f"{where}{e}"), param) from None
         return g
-
-
-class _Flight:
-    """One spec's compile while it runs: what the others that need it wait for."""
-
-    __slots__ = ("done", "grammar", "error")
-
-    def __init__(self):
-        self.done, self.grammar, self.error = threading.Event(), None, None
 
 
 class Grammar:
