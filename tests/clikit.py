@@ -12,6 +12,7 @@ file descriptors 0-2 themselves (a pipe, a locale, /dev/full), what the interpre
 """
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 AGP = (sys.executable, "-m", "pipeline_dsl.cli")
+
+
+def ctrl_c_default() -> None:
+    """preexec_fn of a child a test stops with SIGINT: Ctrl-C's default disposition in it. A shell
+    starts a background job (`make test &`, nohup) with SIGINT ignored, and a child inherits that,
+    so a Python child would never see the signal the test sends and would wait on."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def agp(*args, cwd=ROOT, timeout: float = 300, **kw) -> subprocess.CompletedProcess:

@@ -17,6 +17,7 @@ from pipeline_dsl.commands import loadgen as B
 from pipeline_dsl.cli import main as agp
 from pipeline_dsl.requests_io import parse_line
 
+from clikit import ctrl_c_default
 from test_serve import LiveServer, _pipeline_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -914,7 +915,7 @@ def test_ctrl_c_prints_and_writes_what_was_measured_and_exits_130(tmp_path):
                              f"http://127.0.0.1:{server.server_address[1]}", "-w", str(_workload(tmp_path)),
                              "--warmup", "0", "--no-progress", "--json", str(js)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=ctrl_c_default)
     try:
         deadline = time.monotonic() + 60
         while handler.seen < 6 and time.monotonic() < deadline:

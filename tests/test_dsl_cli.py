@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from clikit import AGP, agp_in
+from clikit import AGP, agp_in, ctrl_c_default
 from pipeline_dsl import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -358,7 +358,7 @@ def test_ctrl_c_while_agp_check_waits_for_its_input_exits_130_without_a_tracebac
     if read is None:
         pytest.skip(f"the read system call's number on {platform.machine()} is not known here")
     proc = subprocess.Popen([*AGP, "check", "-"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_default)
     try:
         deadline = time.monotonic() + 120
         while True:                       # until it waits in a read of standard input (fd 0)
