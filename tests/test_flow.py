@@ -487,9 +487,9 @@ def test_a_choice_that_falls_back_to_a_second_model_is_answered_once_there(tmp_p
 def test_the_choices_that_fall_back_together_are_still_n_samples_of_the_second_model(tmp_path):
     """A seeded request with n = 2 whose two drafts both fall back: copy i is sampled there with
     seed + i, as the second model samples its own n copies, so the two answers are two samples
-    (copy 0 and copy 1 with the one seed were the same answer twice). Which fallen choice gets
-    index 0 is the order they reach the second model (its choices are numbered as they start,
-    as a stream numbers them), so the answers are compared whatever their order."""
+    (copy 0 and copy 1 with the one seed were the same answer twice), and the answer, sent
+    whole, numbers them in branch order: choice i is copy i's, whatever order they reached the
+    second model in."""
     n2 = {"n": 2, "temperature": 1.0, "seed": 3}
     path = write(tmp_path, CASCADE.replace("GEN1", "").replace("GEN2", ""))
     (fell,), _ = run(path, [chat("fall", "hello", max_tokens=None, **n2)])
@@ -502,7 +502,7 @@ def test_the_choices_that_fall_back_together_are_still_n_samples_of_the_second_m
     assert fell.ok and direct.ok
     texts = [c.text for c in fell.choices]
     assert [c.index for c in fell.choices] == [0, 1] and texts[0] != texts[1]
-    assert sorted(texts) == sorted(c.text for c in direct.choices)
+    assert texts == [c.text for c in direct.choices]
 
 
 def test_a_second_model_after_a_single_answer_still_makes_its_own_n_copies(tmp_path):

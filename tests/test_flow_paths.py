@@ -1,7 +1,8 @@
 """Whole pipelines on the tiny model, each holding a promise of the runtime that the table tests
 (test_flow_edges.py) cannot: a join after a bounded loop keeps the turns its branches took, the
 prompt a condition counted is read again once a later stage changes it, the choices of a fan-out
-inside a fan-out come in branch order whatever order they arrive in, an echo that generates
+inside a fan-out come in branch order whatever order they arrive in (through a second generate
+stage too), an echo that generates
 nothing still counts its prompt, and a join without a policy takes the first result."""
 from __future__ import annotations
 
@@ -122,3 +123,40 @@ def test_a_join_without_a_policy_takes_the_first_result_to_arrive(tmp_path, soft
     assert res.ok, res.error
     assert res.choices[0].text == "odd"
     assert sorted(b["text"] for b in res.choices[0].data["branches"]) == ["even", "even", "odd"]
+
+
+@pytest.mark.usefixtures("fresh_flowkit")
+def test_refined_drafts_answer_in_their_drafts_order_whatever_order_they_reach_the_second_model(tmp_path, soft_gguf):
+    """gen (n = 2) -> refine -> gen2 -> out, draft 1 reaching gen2 before draft 0: the answer,
+    sent whole, has draft i's refinement as choice i. A choice streamed straight from gen2 was
+    numbered as it started there, so which refinement was choice 0 depended on which draft's
+    python call ended first, and a seeded request's choices could swap from run to run."""
+    n2 = {"n": 2, "temperature": 1.0, "seed": 5}
+    plain = write(tmp_path, soft_gguf, "stage request : requests {}\nstage gen : generate { max_new_tokens = 4 }\n"
+                  "stage out : respond {}\nrequest -> batch\n" + chain() + "gen -> out\n")
+    (drafted,), _ = run(plain, [chat("a", "hello", max_tokens=None, **n2)])
+    drafts = [c.text for c in drafted.choices]
+    assert drafted.ok and len(set(drafts)) == 2
+    hooks = HOOKS + f'''
+
+def refine(item):
+    if item["text"] == {drafts[0]!r}:      # draft 0 goes on once draft 1 has reached gen2
+        flowkit.gate("second").wait(60)
+    req = dict(item["request"])
+    req["messages"] = req["messages"] + [{{"role": "assistant", "content": item["text"]}},
+                                         {{"role": "user", "content": "better"}}]
+    return req
+'''
+    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 4 }\n"
+            "stage refine : python { fn = \"hooks:refine\"  returns = request }\n"
+            "stage gen2 : generate { max_new_tokens = 3 }\nstage out : respond {}\n"
+            "request -> batch\n" + chain() + "gen -> refine -> batch2\n"
+            + chain("gen2", "batch2", "enc2", "kv2") + "gen2 -> out\n")
+    path = write(tmp_path, soft_gguf, body, hooks=hooks)
+    assert errors(path) == []
+    (res,), _ = run(path, [chat("a", "hello", max_tokens=None, **n2)], open_when=("gen2", "second"))
+    assert res.ok, res.error
+    assert [c.index for c in res.choices] == [0, 1]
+    refined = [[m["content"] for m in c.data["request"]["messages"] if m["role"] == "assistant"]
+               for c in res.choices]
+    assert refined == [[drafts[0]], [drafts[1]]]

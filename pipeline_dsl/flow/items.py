@@ -43,6 +43,10 @@ class Choice:
     text: str
     finish_reason: str | None
     data: dict                        # the Generated item as it reached respond
+    # the index its deltas carried while it generated (a listener's on_delta), where that differs
+    # from `index`: a choice streamed straight from its generate stage is numbered as it starts
+    # there, and an answer sent whole is numbered again in branch order
+    delta_index: int | None = None
 
 
 @dataclass

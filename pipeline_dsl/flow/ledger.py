@@ -121,20 +121,30 @@ class RequestLedger:
         return seqs
 
     def answer(self, req: RequestState) -> Result:
-        """Its Result from what reached respond: streamed choices keep their index, the others
-        fill the gaps in branch order; no answer at all is an error."""
-        streamed = sorted((it for it in req.results if it.index is not None), key=lambda it: it.index)
-        rest = sorted((it for it in req.results if it.index is None), key=lambda it: it.branch)
-        choices = [Choice(it.index, it.data.get("text", ""), it.data.get("finish_reason"), it.data)
-                   for it in streamed]
-        taken = {c.index for c in choices}
-        nxt = 0
-        for it in rest:
-            while nxt in taken:
-                nxt += 1
-            choices.append(Choice(nxt, it.data.get("text", ""), it.data.get("finish_reason"), it.data))
-            taken.add(nxt)
-        choices.sort(key=lambda c: c.index)
+        """Its Result from what reached respond. A streamed request's choices streamed straight
+        from a generate stage keep the index their chunks carried (numbered as they started
+        there), the others fill the gaps in branch order; an answer sent whole is numbered in
+        branch order throughout, so choice i is branch i's however the branches' timings fell
+        (a seeded request answers the same choices in the same order). No answer at all is an
+        error."""
+        def choice(index: int, it) -> Choice:
+            return Choice(index, it.data.get("text", ""), it.data.get("finish_reason"), it.data,
+                          it.index if it.index != index else None)
+
+        if not req.stream:
+            choices = [choice(k, it) for k, it in enumerate(sorted(req.results, key=lambda it: it.branch))]
+        else:
+            streamed = sorted((it for it in req.results if it.index is not None), key=lambda it: it.index)
+            rest = sorted((it for it in req.results if it.index is None), key=lambda it: it.branch)
+            choices = [choice(it.index, it) for it in streamed]
+            taken = {c.index for c in choices}
+            nxt = 0
+            for it in rest:
+                while nxt in taken:
+                    nxt += 1
+                choices.append(choice(nxt, it))
+                taken.add(nxt)
+            choices.sort(key=lambda c: c.index)
         error = None
         if not choices:
             error = req.rejection or PipelineError("no answer: none of the request's items reached a respond "

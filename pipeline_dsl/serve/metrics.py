@@ -445,7 +445,7 @@ class ServerMetrics:
         once a choice (`choices_prefilled` of a failed one), and the per-request histograms (latency,
         queue / prefill / decode / inference times, time per output token, prompt and generation
         tokens, max_tokens) take one observation a choice, the end-to-end latency the choice's own
-        (`choice_latency`: {choice index: seconds to its last token}), its generation tokens its
+        (`choice_latency`: {the index its deltas carried: seconds to its last token}), its generation tokens its
         own; the request's n and its longest choice are observed once, as vLLM observes them on the
         parent request."""
         usage, timings, engine = result.usage, result.metrics or {}, self.engine(result)
@@ -468,7 +468,8 @@ class ServerMetrics:
             own = [(c.data.get("usage") or {}).get("completion_tokens") if isinstance(c.data, dict) else None
                    for c in result.choices]
             generated = own if None not in own else [longest] * len(own)
-        ends = [(choice_latency or {}).get(c.index, latency_s) for c in result.choices] or [latency_s]
+        ends = [(choice_latency or {}).get(c.index if c.delta_index is None else c.delta_index, latency_s)
+                for c in result.choices] or [latency_s]
         tpot = (result.time_per_output_token(max(timings["decode_s"], 0.0))
                 if timings.get("decode_s") is not None else None)
         params = params or {}
