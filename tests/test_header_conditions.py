@@ -1,10 +1,11 @@
 """Conditions read HTTP headers and metadata keys that are no names: `headers["x-tenant"]`,
 `metadata["team id"]` (docs/language.md, "Conditions"): check, fmt, the compiled form and its
-text, and `agp run` lines."""
+text, `agp run` lines, and `agp serve`, which copies the headers a pipeline's conditions compare."""
 from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 
 import pipeline_dsl
@@ -14,6 +15,7 @@ from pipeline_dsl.fmt import format_text
 from pipeline_dsl.graph import headers_read
 from pipeline_dsl.parser import parse
 from pipeline_dsl.render import dot_source
+from test_serve import reap, start_agp_serve
 
 ROUTED = """pipeline p {{
     model = "smollm2-135m-instruct"
@@ -214,3 +216,55 @@ def test_agp_run_routes_a_line_by_its_headers(tmp_path, tiny_gguf):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     got = {rec["id"]: rec.get("text") or rec["error"]["status"] for rec in records}
     assert got == {"g": "gold", "s": "plain", "n": "plain", "b": 403}
+
+
+# ---------------------------------------------------------------- agp serve
+
+def test_agp_serve_copies_the_headers_the_conditions_compare_without_the_flag(tmp_path, tiny_gguf):
+    """`agp serve` with no --request-headers: a request's X-Tenant header reaches the condition
+    that compares it (chat, completions and embeddings alike), case-blind; the startup line
+    lists the headers copied, those of the flag first."""
+    path = _arms(tmp_path, tiny_gguf)
+    proc, url = start_agp_serve(str(path), "--threads", "1", "--no-access-log", "--request-headers", "x-user-id")
+    try:
+        def chat(headers: dict):
+            r = httpx.post(url + "/v1/chat/completions", headers=headers, timeout=60,
+                           json={"model": "p", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            return r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else r.status_code
+
+        assert chat({"X-Tenant": "gold"}) == "gold"
+        assert chat({"x-tenant": "silver"}) == "plain"
+        assert chat({}) == "plain"
+        assert chat({"X-TENANT": "blocked"}) == 403
+        r = httpx.post(url + "/v1/completions", headers={"x-tenant": "gold"}, timeout=60,
+                       json={"model": "p", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "gold"
+
+        def embed(headers: dict) -> int:
+            return httpx.post(url + "/v1/embeddings", headers=headers, timeout=60,
+                              json={"model": "p", "input": "hi"}).status_code
+
+        assert embed({"x-tenant": "blocked"}) == 403                # the embeddings request carried the header
+        assert embed({"x-tenant": "silver"}) == 200
+        proc.terminate()
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        reap(proc)
+    assert "request headers x-user-id, x-tenant" in err, err
+
+
+def test_serve_copies_the_flag_s_headers_and_the_conditions_and_refuses_more_than_a_request_carries():
+    import networkx as nx
+
+    from pipeline_dsl.requests_io import MAX_HEADERS
+    from pipeline_dsl.serve.build import request_headers
+    from pipeline_dsl.serve.options import SetupError
+
+    g = nx.DiGraph()
+    g.add_node("route", routes=[("a", ("cmp", ("headers", "x-tenant"), "==", "gold")),
+                                ("b", ("or", ("cmp", ("headers", "x-arm"), "==", "b"),
+                                       ("cmp", ("headers", "x-tenant"), "==", "x")))])
+    assert request_headers(["x-user-id", "x-arm"], g) == ("x-user-id", "x-arm", "x-tenant")
+    assert request_headers(None, g) == ("x-tenant", "x-arm")
+    with pytest.raises(SetupError, match=f"a request carries at most {MAX_HEADERS}"):
+        request_headers([f"x-{i}" for i in range(MAX_HEADERS - 1)], g)
