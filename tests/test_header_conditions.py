@@ -69,6 +69,21 @@ def test_a_header_name_is_case_blind_and_a_key_reads_the_same_in_either_spelling
     assert compiled('prompt_tokens > 5') == ("cmp", "prompt_tokens", ">", 5)     # a plain field: its name
 
 
+def test_two_spellings_of_one_field_are_one_condition():
+    """An edge written twice, once per spelling (a header's case, a key after a dot or in
+    brackets), is a duplicate edge, as two identical lines are."""
+    for first, second in (('headers["X-Tenant"] == "a"', 'headers["x-tenant"] == "a"'),
+                          ('metadata.tier == "a"', 'metadata["tier"] == "a"')):
+        text = ROUTED.format(cond=first).replace("    route -> batch otherwise\n",
+                                                 f"    route -> batch when {second}\n    route -> batch otherwise\n")
+        _, diags = pipeline_dsl.loads(text, "p.agp")
+        assert [d.message for d in diags] == [f"duplicate edge route -> batch when {compiled_text(first)}"]
+
+
+def compiled_text(cond: str) -> str:
+    return C.text(compiled(cond))
+
+
 def test_the_drawing_writes_the_condition_as_the_file_would():
     """render's edge label (and every message naming a condition) writes the compiled condition
     back in the language: a header by its lower-case name in brackets, a metadata key that is
