@@ -9,7 +9,7 @@ Comments are kept on the `Module` (for `agp fmt`), also outside equality.
     Override(stage: Name, name: Name, value)             # gen.max_new_tokens = 16 (derived pipelines)
     Stage(name: Name, kind: Name, placement: Name | None, params=(Param, ...))
     Chain(stages=(Name, ...), condition: Cond | None)      # a -> b -> c when full
-    conditions: Label(name), Compare(field, op, value), BoolOp(op, items), Not(item), Otherwise
+    conditions: Label(name), Compare(field=(Name | Key, ...), op, value), BoolOp(op, items), Not(item), Otherwise
     values: Int, Float, Bool, Str, Word, Quantity(number, unit), List(items)
 """
 
@@ -132,17 +132,25 @@ class Label:
 
 
 @dataclass(frozen=True)
-class Compare:
-    """`when prompt_tokens > 512`, `when metadata.tier == "gold"`."""
+class Key:
+    """`["x-tenant"]` after a field: a key in brackets, for keys that are no names. Any value
+    parses there; the checker refuses one that is not a string (`headers[3]`)."""
 
-    field: tuple[Name, ...]          # dotted path: metadata.tier -> (metadata, tier)
-    op: str                          # == != < <= > >=
     value: "Value"
     pos: SourcePos = _pos()
 
-    @property
-    def path(self) -> str:
-        return ".".join(n.text for n in self.field)
+
+@dataclass(frozen=True)
+class Compare:
+    """`when prompt_tokens > 512`, `when metadata.tier == "gold"`, `when headers["x-tenant"] == "a"`."""
+
+    # the field as written: a Name, then a Name per `.KEY` and a Key per `[KEY]`
+    # (metadata.tier -> (metadata, tier); headers["x-tenant"] -> (headers, Key("x-tenant")));
+    # conditions.field_path gives the path the compiled condition reads
+    field: tuple[Union[Name, Key], ...]
+    op: str                          # == != < <= > >=
+    value: "Value"
+    pos: SourcePos = _pos()
 
 
 @dataclass(frozen=True)

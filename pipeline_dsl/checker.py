@@ -931,7 +931,13 @@ def _check_condition_source(cond, src: ResolvedStage, name: str) -> list[Diagnos
         if ANY_LABEL in kind.conditions or word in kind.conditions:
             continue
         fields = C.known_fields(["Request", "Generated"])
-        if word in fields or word == "metadata":
+        if word in C.KEYED:             # when headers: a key and a comparison are missing
+            field = "metadata.KEY" if word == C.METADATA else 'headers["NAME"]'
+            diags.append(_err(f"field '{word}' needs a key and a comparison", lab.pos,
+                              expected=f"{field} == VALUE" + (", ..." if word == C.METADATA else ""),
+                              hint='e.g. when metadata.tier == "gold"' if word == C.METADATA
+                              else 'e.g. when headers["x-tenant"] == "gold"'))
+        elif word in fields:
             diags.append(_err(f"field '{word}' needs a comparison", lab.pos,
                               expected=f"{word} == VALUE, {word} > N, ...",
                               hint=f"e.g. when {word} > 512" if C.field_type(word, ["Generated"]) == C.NUMBER

@@ -5,6 +5,8 @@ compiled to a small tuple form that the graph carries and the runtime evaluates:
 
     ("label", "full")                      the item carries this label (batcher, python)
     ("cmp", "prompt_tokens", ">", 512)     a field compared with a literal
+    ("cmp", ("metadata", "tier"), "==", "gold")     a key of a keyed field: the path
+    ("cmp", ("headers", "x-tenant"), "==", "a")     (field, key, ...), written `.KEY` or `["KEY"]`
     ("and", c1, c2, ...)  ("or", ...)  ("not", c)
     ("otherwise",)                         no conditional edge of the stage held
 
@@ -13,15 +15,23 @@ out-edge, and along the first conditional out-edge (in file order) whose conditi
 holds, else along the `otherwise` edge.
 
 Fields: those of a Request item, and, after `generate`, those of its Generated result.
-A field the item does not carry (a `metadata` key that is absent, `max_tokens` not
-sent) makes `==`, `<`, `<=`, `>`, `>=` false and `!=` true; so does a metadata value
+Keyed fields: `metadata` (any key path of the request's metadata object: metadata.tier,
+metadata["team id"], metadata.a.b) and `headers` (one HTTP header the request carries,
+headers["x-tenant"], its name case-blind: compiled lower-case, as the item carries them).
+
+A field the item does not carry (a `metadata` key or a header that is absent, `max_tokens`
+not sent) makes `==`, `<`, `<=`, `>`, `>=` false and `!=` true; so does a metadata value
 of another type than the literal.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 from . import ast
+from .diagnostics import did_you_mean
+from .parser import quote
+from .requests_io import HEADER_NAME
 
 NUMBER, STRING, BOOLEAN, ANY = "number", "string", "boolean", "any"
 
@@ -50,6 +60,14 @@ GENERATED_FIELDS: dict[str, tuple[str, str]] = {
     "text": (STRING, "the generated text"),
 }
 FIELDS = {REQUEST: REQUEST_FIELDS, GENERATED: GENERATED_FIELDS}
+# fields read by a key: field -> (type of what a key gives, keys it takes, doc); on both item types
+METADATA, HEADERS = "metadata", "headers"
+KEYED: dict[str, tuple[str, str, str]] = {
+    METADATA: (ANY, "any", "a key of the request's metadata object (metadata.a.b: a key of an object in it)"),
+    HEADERS: (STRING, "one", "an HTTP header the request carries (agp serve copies those conditions read), "
+                             "its name case-blind"),
+}
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 ORDERING = ("<", "<=", ">", ">=")
 MISSING = object()
 
@@ -69,7 +87,7 @@ def compile_condition(c) -> tuple:
     if isinstance(c, ast.Label):
         return ("label", c.name.text)
     if isinstance(c, ast.Compare):
-        return ("cmp", c.path, c.op, _literal(c.value))
+        return ("cmp", field_path(c), c.op, _literal(c.value))
     if isinstance(c, ast.BoolOp):
         return (c.op, *(compile_condition(i) for i in c.items))
     if isinstance(c, ast.Not):
@@ -83,6 +101,62 @@ def _literal(v):
     if isinstance(v, (ast.Int, ast.Float, ast.Bool, ast.Str)):
         return v.value
     return None                      # rejected by check_condition
+
+
+def field_path(c: ast.Compare):
+    """The path a comparison reads: its field's name (`prompt_tokens`), or for a field read by
+    a key the tuple (field, key, ...): metadata.tier and metadata["tier"] both read
+    ("metadata", "tier"); headers["X-Tenant"] reads ("headers", "x-tenant") (HTTP's header names
+    are case-blind, and the item carries them lower-case)."""
+    head, *rest = c.field
+    if not rest:
+        return head.text
+    keys = [k.text if isinstance(k, ast.Name) else _key_text(k.value) for k in rest]
+    return (head.text, *(k.lower() for k in keys)) if head.text == HEADERS else (head.text, *keys)
+
+
+def _key_text(v) -> str:
+    """The key a `[…]` gives: a string's value; any other value, refused by check_compare, as written."""
+    if isinstance(v, (ast.Str, ast.Word)):
+        return v.value
+    if isinstance(v, ast.Bool):
+        return "true" if v.value else "false"
+    if isinstance(v, (ast.Int, ast.Float)):
+        return str(v.value)
+    if isinstance(v, ast.Quantity):
+        return f"{v.number}{v.unit}"
+    return "[…]"
+
+
+def path_text(path) -> str:
+    """A field path (field_path) as the file would write it: a header's name in brackets, a
+    metadata key that is a name after a dot, any other in brackets (`metadata.tier`,
+    `metadata["team id"]`, `headers["x-tenant"]`)."""
+    if isinstance(path, str):
+        return path
+    head, *keys = path
+    return head + "".join("." + k if _NAME.fullmatch(k) and head != HEADERS else f"[{quote(k)}]" for k in keys)
+
+
+def _written(c: ast.Compare) -> str:
+    """The field of `c` as written (its keys strings: _check_keys passed)."""
+    return "".join(f"[{quote(k.value.value)}]" if isinstance(k, ast.Key) else ("." if i else "") + k.text
+                   for i, k in enumerate(c.field))
+
+
+def headers_read(ir) -> list[str]:
+    """The HTTP header names (lower-case) a compiled condition compares, once each, in order."""
+    out: list[str] = []
+    stack = [ir]
+    while stack:
+        c = stack.pop()
+        if c is None:
+            continue
+        if c[0] == "cmp" and isinstance(c[1], tuple) and c[1][0] == HEADERS and len(c[1]) == 2:
+            out.append(c[1][1])
+        elif c[0] in ("and", "or", "not"):
+            stack.extend(reversed(c[1:]))
+    return list(dict.fromkeys(out))
 
 
 def labels(c) -> list:
@@ -120,7 +194,7 @@ def text(ir) -> str:
         v = ir[3]
         shown = ("true" if v else "false") if isinstance(v, bool) else (
             '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' if isinstance(v, str) else repr(v))
-        return f"{ir[1]} {ir[2]} {shown}"
+        return f"{path_text(ir[1])} {ir[2]} {shown}"
     if tag == "not":
         inner = text(ir[1])
         return "not " + (f"({inner})" if ir[1][0] in ("and", "or") else inner)
@@ -130,11 +204,16 @@ def text(ir) -> str:
 
 # ---------------------------------------------------------------- type check
 
-def field_type(path: str, item_types) -> str | None:
-    """The type of a field on items of `item_types`, ANY for metadata keys, None if unknown."""
-    head = path.split(".", 1)[0]
-    if head == "metadata":
-        return ANY if "." in path else None
+def field_type(path, item_types) -> str | None:
+    """The type of a field (a name or a field_path tuple) on items of `item_types`: ANY for
+    metadata keys, STRING for a header; None if unknown (a keyed field without its key too)."""
+    if isinstance(path, tuple):
+        if path[0] not in KEYED:
+            return None
+        ftype, keys, _ = KEYED[path[0]]
+        return ftype if keys == "any" or len(path) == 2 else None
+    if path in KEYED:
+        return None
     for t in item_types:
         if path in FIELDS.get(t, {}):
             return FIELDS[t][path][0]
@@ -143,12 +222,12 @@ def field_type(path: str, item_types) -> str | None:
 
 def known_fields(item_types) -> list[str]:
     names = {f for t in item_types for f in FIELDS.get(t, {})}
-    return sorted(names) + ["metadata.KEY"]
+    return sorted(names) + ["metadata.KEY", 'headers["NAME"]']
 
 
 def _bare_word_hint(word: str, path: str, ftype: str) -> str:
     """How to write the literal meant by a bare word compared with the field `path` of type `ftype`."""
-    if word in FIELDS[GENERATED] or word.split(".", 1)[0] == "metadata":
+    if word in FIELDS[GENERATED] or word.split(".", 1)[0] in KEYED:
         return f"'{word}' is a field: two fields cannot be compared; compare each with a literal"
     if word.lower() in ("true", "false") and ftype in (BOOLEAN, ANY):
         return f"write {word.lower()}"
@@ -159,31 +238,70 @@ def _bare_word_hint(word: str, path: str, ftype: str) -> str:
     return f'quote a string: "{word}"'
 
 
+_VALUE_WORDS = {ast.Int: "a number", ast.Float: "a number", ast.Bool: "true/false", ast.Word: "a bare word",
+                ast.Quantity: "a quantity", ast.List: "a list"}
+
+
+def _check_keys(c: ast.Compare) -> None:
+    """A field's keys: strings in brackets, on a field read by a key (metadata: any number of
+    them; headers: one, an HTTP header name); a ConditionError at the first key that is not."""
+    head, *keys = c.field
+    name = head.text
+    for k in keys:
+        if isinstance(k, ast.Key) and not isinstance(k.value, ast.Str):
+            raise ConditionError(f"a key in brackets is a quoted string, not {_VALUE_WORDS[type(k.value)]}",
+                                 k.value, expected='a string: metadata["team id"], headers["x-tenant"]',
+                                 hint=None if isinstance(k.value, ast.List)
+                                 else f"write {name}[{quote(_key_text(k.value))}]")
+    if name not in KEYED:
+        if keys and field_type(name, [REQUEST, GENERATED]) is not None:
+            raise ConditionError(f"'{name}' is a {field_type(name, [REQUEST, GENERATED])}: it has no keys",
+                                 keys[0], expected=f"{name} alone, or a field read by a key: metadata.KEY, "
+                                                   'headers["NAME"]')
+        return
+    if not keys:
+        raise ConditionError(f"'{name}' needs a key: metadata.KEY" if name == METADATA else
+                             "'headers' needs a header name: headers[\"NAME\"]", head,
+                             hint='e.g. metadata.tier == "gold"' if name == METADATA
+                             else 'e.g. headers["x-tenant"] == "gold"')
+    if name == HEADERS:
+        header = field_path(c)[1]
+        if len(keys) > 1:
+            raise ConditionError(f"a header's value is a string: {path_text((HEADERS, header))} has no keys",
+                                 keys[1], expected=f"{path_text((HEADERS, header))} == \"…\"")
+        if not HEADER_NAME.fullmatch(header):
+            fixed = re.sub(r"[^!#$%&'*+.^_`|~0-9a-z-]+", "-", header).strip("-")[:64]
+            raise ConditionError(f"{quote(header)} is not an HTTP header name", keys[0],
+                                 expected="a header name: letters, digits and '-' (an HTTP token of at most "
+                                          "64 characters), case-blind",
+                                 hint=f"write headers[{quote(fixed)}]" if fixed and fixed != header else None)
+
+
 def check_compare(c: ast.Compare, item_types) -> None:
     """Raise ConditionError when `c` cannot hold on items of these types."""
-    path = c.path
+    _check_keys(c)
+    path = field_path(c)
+    shown = path_text(path)
     ftype = field_type(path, item_types)
     if ftype is None:
-        if path == "metadata":
-            raise ConditionError("'metadata' needs a key: metadata.KEY", c.field[0],
-                                 hint='e.g. metadata.tier == "gold"')
-        if path.split(".", 1)[0] in FIELDS[GENERATED] and path.split(".", 1)[0] not in FIELDS[REQUEST] \
-                and GENERATED not in item_types:
-            raise ConditionError(f"field '{path}' is only known after generate", c.field[0],
+        name = c.field[0].text
+        if name in FIELDS[GENERATED] and name not in FIELDS[REQUEST] and GENERATED not in item_types:
+            raise ConditionError(f"field '{_written(c)}' is only known after generate", c.field[0],
                                  hint="a condition before generate can read the request's fields",
                                  expected="one of " + ", ".join(known_fields(item_types)))
-        raise ConditionError(f"unknown field '{path}'", c.field[0],
-                             expected="one of " + ", ".join(known_fields(item_types)))
+        raise ConditionError(f"unknown field '{_written(c)}'", c.field[0],
+                             expected="one of " + ", ".join(known_fields(item_types)),
+                             hint=did_you_mean(name, [*FIELDS[GENERATED], *KEYED]))
     v = c.value
     if isinstance(v, ast.Word):
         raise ConditionError(f"'{v.value}' is a bare word; a condition compares a field with a literal",
-                             v, hint=_bare_word_hint(v.value, path, ftype))
+                             v, hint=_bare_word_hint(v.value, shown, ftype))
     if isinstance(v, (ast.Quantity, ast.List)):
         raise ConditionError(f"a {'list' if isinstance(v, ast.List) else 'quantity with a unit'} cannot be "
                              "compared", v, expected="a number, a string or true/false")
     lit = {ast.Int: NUMBER, ast.Float: NUMBER, ast.Str: STRING, ast.Bool: BOOLEAN}[type(v)]
     if ftype != ANY and lit != ftype:
-        raise ConditionError(f"type mismatch: '{path}' is a {ftype}, not a {lit}", v,
+        raise ConditionError(f"type mismatch: '{shown}' is a {ftype}, not a {lit}", v,
                              expected=f"a {ftype} literal")
     if c.op in ORDERING and lit != NUMBER:
         raise ConditionError(f"'{c.op}' compares numbers; a {lit} can only be compared with == or !=", c)

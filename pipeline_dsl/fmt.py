@@ -49,7 +49,9 @@ def format_condition(c) -> str:
     if isinstance(c, ast.Label):
         return c.name.text
     if isinstance(c, ast.Compare):
-        return f"{c.path} {c.op} {format_value(c.value)}"
+        field = "".join(f"[{format_value(k.value)}]" if isinstance(k, ast.Key) else ("." if i else "") + k.text
+                        for i, k in enumerate(c.field))
+        return f"{field} {c.op} {format_value(c.value)}"
     if isinstance(c, ast.Not):
         text = format_condition(c.item)
         return "not " + (f"({text})" if isinstance(c.item, ast.BoolOp) else text)

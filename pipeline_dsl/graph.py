@@ -23,6 +23,7 @@ unreachable from the source (once per entry) and stages with no path to a respon
 per dead end, naming the stages it strands), and parts tied to neither (once per part).
 `check_program(program)` runs every check of every pipeline in a loaded program.
 `segments_of(graph)` lists the engine segments (batch -> encode -> kv -> generate...).
+`headers_read(graph)` lists the HTTP headers its conditions compare (agp serve copies them).
 """
 
 from __future__ import annotations
@@ -69,6 +70,15 @@ def build_graph(pipeline, registry: Registry | None = None) -> nx.DiGraph:
             g.add_edge(e.src, e.dst, condition=e.condition, conditions=[e.condition], pos=e.pos)
     _share_kv_budget(g)
     return g
+
+
+def headers_read(g: nx.DiGraph) -> list[str]:
+    """The HTTP header names (lower-case) the conditions of the graph's edges compare
+    (`when headers["x-tenant"] == "gold"`), once each, in file order of the edges."""
+    from .conditions import headers_read as of_condition
+
+    return list(dict.fromkeys(h for n in g for _, cond in g.nodes[n].get("routes", ())
+                              for h in of_condition(cond)))
 
 
 def _share_kv_budget(g: nx.DiGraph) -> None:

@@ -243,7 +243,11 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
         elif ch == "-" and err.pos_in_stream and re.match(r"\w-\w", text[err.pos_in_stream - 1:]):   # my-stage
             word = re.match(r"[\w-]*", text[err.pos_in_stream:]).group()
             name = re.search(r"\w*$", text[:err.pos_in_stream]).group()
-            hint = f"names are letters, digits and '_', not '-': write {name}{word.replace('-', '_')}"
+            keyed = re.search(r"\b(when|and|or|not|\()[ \t]*([A-Za-z_][\w.]*)\.(\w+)$", text[:err.pos_in_stream])
+            if keyed:                    # when headers.x-tenant == "a": a key with '-' goes in brackets
+                hint = f"a key that is not a name goes in brackets: {keyed.group(2)}[{quote(keyed.group(3) + word)}]"
+            else:
+                hint = f"names are letters, digits and '_', not '-': write {name}{word.replace('-', '_')}"
         elif ch == "!":
             hint = "a condition is negated with 'not' (when not stream == true); '!=' compares"
         elif ch == "'":
@@ -687,7 +691,11 @@ class _Builder(Transformer_NonRecursive):
         return ast.Label(self._name(children[0]), self._pos(meta))
 
     def field(self, children):
-        return tuple(self._name(t) for t in children)
+        return tuple(c if isinstance(c, ast.Key) else self._name(c) for c in children)
+
+    @v_args(meta=True)
+    def key(self, meta, children):
+        return ast.Key(children[0], self._pos(meta))
 
     # values
     def number(self, children):

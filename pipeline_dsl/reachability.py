@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from .conditions import compares, compile_condition, evaluate, text
+from .conditions import compares, compile_condition, evaluate, field_path, text
 from .diagnostics import ERROR, WARNING, Diagnostic
 
 STRANDED_LISTED = 8        # a note names this many stranded stages, then counts the rest
@@ -162,7 +162,7 @@ def check_turn(r, g: nx.DiGraph, bounded: set[str]) -> list[Diagnostic]:
         if e.cond is None or e.src in looped:
             continue
         for cmp in compares(e.cond):
-            if cmp.path != "turn":
+            if field_path(cmp) != "turn":
                 continue
             ir = compile_condition(cmp)
             holds = evaluate(ir, lambda path: 0)

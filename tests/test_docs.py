@@ -377,16 +377,17 @@ def test_completions_take_metadata_for_the_pipelines_conditions():
 
 def test_the_condition_field_table_is_the_checkers():
     # docs/language.md, "Conditions": | field | type | of |, one row per field (or a few of one type)
-    from pipeline_dsl.conditions import FIELDS
+    # the fields read by a key (`metadata.KEY`, `headers["NAME"]`) by their name
+    from pipeline_dsl.conditions import FIELDS, KEYED
 
     text = (ROOT / "docs" / "language.md").read_text().split("### Conditions", 1)[1].split("\n\n| field |", 1)[1]
     documented = {}
     for row in text.split("\n\n", 1)[0].splitlines()[2:]:
         names, kind = row.split("|")[1:3]
-        documented |= {f: kind.strip() for f in re.findall(r"`([\w.]+)`", names)}
-    documented.pop("metadata.KEY")
+        documented |= {re.sub(r'(\.KEY|\["(KEY|NAME)"\])$', "", f): kind.strip()
+                       for f in re.findall(r"`(\w+(?:\.KEY|\[\"(?:KEY|NAME)\"\])?)`", names)}
     actual = {f: t for fields in FIELDS.values() for f, (t, _) in fields.items()}
-    assert documented == actual
+    assert documented == actual | {f: t for f, (t, _, _) in KEYED.items()}
 
 
 def test_the_built_in_kinds_table_names_every_parameter_with_its_default():

@@ -48,7 +48,8 @@ def test_a_reject_drops_its_branch_only_when_every_join_ahead_says_drop(stage, d
 
 
 REQ = {"prompt": "x", "model": "gen", "n": 3, "temperature": 0.5,
-       "metadata": {"tier": "gold", "org": {"id": 7}, "flat": 1}}
+       "metadata": {"tier": "gold", "org": {"id": 7}, "flat": 1, "team id": "a.b", "a.b": 2},
+       "headers": {"x-tenant": "gold"}}
 
 
 def never():
@@ -57,8 +58,11 @@ def never():
 
 @pytest.mark.parametrize("path, value", [
     ("turn", 2), ("stream", True), ("model", "gen"), ("n", 3), ("temperature", 0.5),
-    ("metadata.tier", "gold"), ("metadata.org.id", 7), ("metadata.org", {"id": 7}),
-    ("metadata.none", C.MISSING), ("metadata.flat.deeper", C.MISSING), ("metadata.org.name", C.MISSING),
+    (("metadata", "tier"), "gold"), (("metadata", "org", "id"), 7), (("metadata", "org"), {"id": 7}),
+    (("metadata", "none"), C.MISSING), (("metadata", "flat", "deeper"), C.MISSING),
+    (("metadata", "org", "name"), C.MISSING), (("metadata", "team id"), "a.b"), (("metadata", "a.b"), 2),
+    (("metadata", "a", "b"), C.MISSING),         # metadata["a.b"] is one key, metadata.a.b two
+    (("headers", "x-tenant"), "gold"), (("headers", "x-user"), C.MISSING),
     ("seed", C.MISSING), ("text", C.MISSING), ("finish_reason", C.MISSING),
     ("completion_tokens", C.MISSING), ("cached_tokens", C.MISSING),
 ])
@@ -70,7 +74,7 @@ def test_a_request_s_fields_as_conditions_read_them(path, value):
 def test_a_request_s_defaults_and_its_prompt_tokens_counted_only_when_asked():
     get = fields({"prompt": "x"}, R, prompt_tokens=lambda: 12, served_name="tiny")
     assert (get("model"), get("n"), get("turn"), get("stream"), get("prompt_tokens")) == ("tiny", 1, 0, False, 12)
-    assert get("metadata.tier") is C.MISSING
+    assert get(("metadata", "tier")) is C.MISSING and get(("headers", "x-tenant")) is C.MISSING
     get = fields({"prompt": "x", "model": None}, R, prompt_tokens=never)
     assert get("model") == ""
 
@@ -90,7 +94,8 @@ GEN = {"text": "hello", "finish_reason": "length", "request": REQ,
 
 @pytest.mark.parametrize("path, value", [
     ("text", "hello"), ("finish_reason", "length"), ("prompt_tokens", 9), ("completion_tokens", 4),
-    ("cached_tokens", 8), ("model", "gen"), ("n", 3), ("metadata.tier", "gold"), ("temperature", 0.5),
+    ("cached_tokens", 8), ("model", "gen"), ("n", 3), (("metadata", "tier"), "gold"), ("temperature", 0.5),
+    (("headers", "x-tenant"), "gold"),
 ])
 def test_a_generated_item_s_fields_come_from_its_answer_usage_and_request(path, value):
     get = fields(GEN, G, prompt_tokens=never)
@@ -110,16 +115,19 @@ def test_a_generated_item_without_usage_counts_its_prompt_and_misses_the_rest():
     ("!=", True, True),
 ])
 def test_a_field_the_item_lacks_or_of_another_type_holds_only_for_not_equal(op, missing, other_type):
-    """docs/language.md, Conditions: an absent field (a metadata key, max_tokens not sent) makes
-    ==, <, <=, >, >= false and != true, as does a metadata value of another type than the
-    literal — a boolean is not a number (true == 1 does not hold)."""
-    get = fields({"prompt": "x", "metadata": {"flag": True, "count": 1, "word": "1"}}, R, prompt_tokens=never)
-    assert C.evaluate(("cmp", "metadata.absent", op, 1), get) is missing
+    """docs/language.md, Conditions: an absent field (a metadata key, a header the request did not
+    send, max_tokens not sent) makes ==, <, <=, >, >= false and != true, as does a metadata value
+    of another type than the literal — a boolean is not a number (true == 1 does not hold)."""
+    get = fields({"prompt": "x", "metadata": {"flag": True, "count": 1, "word": "1"}, "headers": {"x-a": "1"}},
+                 R, prompt_tokens=never)
+    assert C.evaluate(("cmp", ("metadata", "absent"), op, 1), get) is missing
+    assert C.evaluate(("cmp", ("metadata", "flag", "deeper"), op, 1), get) is missing   # a key of no object
+    assert C.evaluate(("cmp", ("headers", "x-b"), op, "1"), get) is missing
     assert C.evaluate(("cmp", "max_tokens", op, 1), get) is missing
-    assert C.evaluate(("cmp", "metadata.flag", op, 1), get) is other_type       # a bool against a number
-    assert C.evaluate(("cmp", "metadata.count", op, True), get) is other_type   # a number against a bool
-    assert C.evaluate(("cmp", "metadata.word", op, 1), get) is other_type       # a string against a number
-    assert C.evaluate(("cmp", "metadata.count", op, 1.0), get) is (op in ("==", "<=", ">="))   # 1 and 1.0: numbers
+    assert C.evaluate(("cmp", ("metadata", "flag"), op, 1), get) is other_type       # a bool against a number
+    assert C.evaluate(("cmp", ("metadata", "count"), op, True), get) is other_type   # a number against a bool
+    assert C.evaluate(("cmp", ("metadata", "word"), op, 1), get) is other_type       # a string against a number
+    assert C.evaluate(("cmp", ("metadata", "count"), op, 1.0), get) is (op in ("==", "<=", ">="))   # numbers
 
 
 def test_an_edge_takes_the_types_its_destination_carries_and_kv_lookup_passes_requests_on():

@@ -9,7 +9,7 @@ from pipeline_dsl.flow.router import OTHERWISE, Router, fields
 
 R, G = "Request", "Generated"
 LONG = ("cmp", "prompt_tokens", ">", 10)
-GOLD = ("cmp", "metadata.tier", "==", "gold")
+GOLD = ("cmp", ("metadata", "tier"), "==", "gold")
 
 ROUTES = {
     # `otherwise` listed first: it is the fallback wherever it stands

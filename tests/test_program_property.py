@@ -154,7 +154,7 @@ REQUEST_FNS = ["same", "asame", "nothing", "tweak", "fresh", "refuse_x", "boom",
 LABELS = {"tag": ("even", "odd"), "grade": ("long", "short")}
 
 NUMBERS = ["prompt_tokens", "max_tokens", "temperature", "top_p", "top_k", "n", "turn"]
-STRINGS = ["model", "id", "metadata.tier"]
+STRINGS = ["model", "id", "metadata.tier", 'metadata["team id"]', 'headers["X-Tenant"]']
 BOOLS = ["stream", "metadata.big"]
 AFTER_NUMBERS = ["completion_tokens", "cached_tokens"]
 AFTER_STRINGS = ["finish_reason", "text"]
@@ -484,7 +484,8 @@ LINES = [      # request lines of every shape; each program runs a random few of
     {"id": "a", "messages": [{"role": "user", "content": "hello there"}], "ignore_eos": True},
     {"id": "bx", "messages": [{"role": "system", "content": "Be kind."},
                               {"role": "user", "content": "the cat and the world is"}], "max_tokens": 3},
-    {"id": "cc", "prompt": "of us", "metadata": {"big": True, "tier": "gold"}, "n": 2, "max_tokens": 2},
+    {"id": "cc", "prompt": "of us", "metadata": {"big": True, "tier": "gold", "team id": "a"}, "n": 2,
+     "max_tokens": 2, "headers": {"x-tenant": "gold"}},
     {"id": "dz", "messages": [{"role": "user", "content": "of us"}], "max_tokens": 2, "stop": ["e"]},
     {"id": 99, "prompt": "the world " * 12, "max_tokens": 2, "temperature": 0.5, "seed": 3},
     {"id": "ee", "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 2,

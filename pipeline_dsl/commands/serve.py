@@ -87,7 +87,8 @@ def banner(serving: Serving, url: str, args) -> list[str]:
                  f"{', '.join(cfg.allowed_origins) if cfg.allowed_origins else 'off'}; max connections "
                  f"{cfg.max_connections}; queue {serving.runtime.max_queue}"
                  + (f"; open files {args.open_files}" if getattr(args, "open_files", None) else "")
-                 + f"; trace {args.trace or 'off'}")
+                 + f"; trace {args.trace or 'off'}"
+                 + (f"; request headers {', '.join(cfg.request_headers)}" if cfg.request_headers else ""))
     return lines
 
 

@@ -113,9 +113,9 @@ def fields(data: dict, item_kind: str, *, prompt_tokens: Callable[[], int], turn
             return usage.get(path, C.MISSING) if item_kind == GENERATED else C.MISSING
         if path in ("text", "finish_reason"):
             return data.get(path, C.MISSING) if item_kind == GENERATED else C.MISSING
-        if path.startswith("metadata."):
-            value: Any = req.get("metadata") or {}
-            for part in path.split(".")[1:]:
+        if isinstance(path, tuple):      # ("metadata", key, ...), ("headers", lower-case name)
+            value: Any = req.get(path[0]) or {}
+            for part in path[1:]:
                 if not isinstance(value, dict) or part not in value:
                     return C.MISSING
                 value = value[part]

@@ -33,6 +33,22 @@ def allowed_hosts(host: str, given: str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys([host.lower(), "localhost", "127.0.0.1", "::1"]))
 
 
+def request_headers(named: list[str] | None, graph) -> tuple[str, ...]:
+    """The HTTP headers each request copies into its item: those --request-headers names, then
+    those the pipeline's conditions compare (`when headers["x-tenant"] == "gold"` routes by the
+    header without the flag); a SetupError when they are more than a request may carry."""
+    from pipeline_dsl.graph import headers_read
+    from pipeline_dsl.requests_io import MAX_HEADERS
+
+    read = headers_read(graph)
+    copied = tuple(dict.fromkeys([*(named or ()), *read]))
+    if len(copied) > MAX_HEADERS:
+        raise SetupError(f"{len(copied)} request headers ({len(named or ())} from --request-headers, "
+                         f"{len(read)} that the pipeline's conditions compare): a request carries at most "
+                         f"{MAX_HEADERS}")
+    return copied
+
+
 MODEL_KEYS = ("weights", "dtype", "attention", "vocab_size", "context_length")
 
 
@@ -105,6 +121,7 @@ def build(args, *, host: str | None = None) -> Serving:
     except InputError as e:
         raise SetupError(str(e)) from None
     names = model_names(runtime, args.served_model_name)
+    copied = request_headers(args.request_headers, runtime.graph)
     contexts = [es.max_model_len for es in runtime.segments]
     config = ServeConfig(model_names=names, max_model_len=int(min(contexts) if contexts else 1 << 20),
                          stages=tuple((g, Path(str(es.config.model)).name) for g, es in runtime.seg_of_gen.items()),
@@ -120,7 +137,7 @@ def build(args, *, host: str | None = None) -> Serving:
                          stats_interval_s=args.stats_interval, trace_path=args.trace,
                          root_path=args.root_path, system_fingerprint=system_fingerprint(runtime, template),
                          quiet_paths=tuple(args.disable_access_log_for_endpoints or ()),
-                         request_headers=tuple(args.request_headers or ()),
+                         request_headers=copied,
                          exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
                          return_tokens_as_token_ids=args.return_tokens_as_token_ids)
     metrics = ServerMetrics(model_name=names[0], engine_of={g: str(i) for i, es in enumerate(runtime.segments)

@@ -31,7 +31,9 @@ class ServeConfig:
     allowed_origins: tuple[str, ...] = ()  # CORS: origins browsers may call from ("*": any)
     stats_interval_s: float = 10.0         # a stats log line this often while busy (0: none)
     trace_path: str | None = None          # the Chrome trace is written here (flush, shutdown)
-    request_headers: tuple[str, ...] = ()  # HTTP headers copied into the request item's `headers` (lower-case)
+    # HTTP headers copied into the request item's `headers` (lower-case): those --request-headers
+    # names, then those the pipeline's conditions compare
+    request_headers: tuple[str, ...] = ()
     exclude_tools_when_tool_choice_none: bool = False   # vLLM's flag: such a request's tools stay out of its prompt
     return_tokens_as_token_ids: bool = False   # vLLM's flag: logprobs name tokens "token_id:N" unless a request says false
     root_path: str = ""                    # the prefix a proxy serves under: routes answer with and without it

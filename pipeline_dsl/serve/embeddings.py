@@ -5,8 +5,10 @@ What an embedding is here: the mean, over the input's tokens, of the model's fin
 (vLLM's MEAN pooler; OpenAI's and vLLM's embeddings are normalised too).
 Each input is a request of the pipeline with `max_tokens: 0` and `pooling: "mean"`: the engine
 prefills it in chunks beside other requests' decodes and finishes it after its prompt, nothing
-sampled, no prefix-cache read (engine/prompt_outputs.py). It is not a model trained for
-retrieval: similar texts land near each other only as far as the language model's states say.
+sampled, no prefix-cache read (engine/prompt_outputs.py); it carries the HTTP headers agp serve
+copies (--request-headers, and those the pipeline's conditions compare) as a chat request does.
+It is not a model trained for retrieval: similar texts land near each other only as far as the
+language model's states say.
 
     {"model": "chat", "input": "text" | ["a", "b"] | [1, 2, 3] | [[1, 2], [3]],
      "encoding_format": "float" | "base64", "dimensions": H, "priority": 0, "add_special_tokens": true,
@@ -176,6 +178,7 @@ class Embeddings:
         g = self.g
         try:
             req = self.parse(await read_json(request, g.config))
+            headers = P.request_headers(request.headers.raw, g.config.request_headers)
         except P.APIError as err:
             return g.refused(err)
         rid = f"embd-{request_info(request.scope).adopt(req['request_id'])}"
@@ -186,7 +189,7 @@ class Embeddings:
                                     prompt=v if isinstance(v, str) else None,
                                     prompt_token_ids=v if isinstance(v, list) else None,
                                     fields=req["fields"], model=req["model"],
-                                    chat_template_kwargs=req["chat_template_kwargs"])
+                                    chat_template_kwargs=req["chat_template_kwargs"], headers=headers)
                 streams.append(await g.apipe.add(item, pin=req["pin"]))
         except PipelineError as e:
             for st in streams:

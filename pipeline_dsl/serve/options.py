@@ -100,7 +100,8 @@ def add_arguments(p) -> None:
     p.add_argument("--request-headers", type=_header_names, default=None, metavar="NAMES",
                    help="comma-separated HTTP headers copied into each request's `headers` {name: value} that "
                         "python stages read (x-tenant,x-user-id; lower-case names; only those named, so "
-                        "Authorization and cookies only when named; default: none)")
+                        "Authorization and cookies only when named; default: none). The headers the "
+                        "pipeline's conditions compare (when headers[\"x-tenant\"] == ...) are copied too")
     p.add_argument("--ssl-keyfile", default=None, help="serve HTTPS: the private key (PEM)")
     p.add_argument("--ssl-certfile", default=None, help="serve HTTPS: the certificate chain (PEM)")
     p.add_argument("--drain-timeout", type=float, default=60.0,

@@ -97,7 +97,8 @@ class GenerationRequest:
 
 
 def request_headers(raw, names) -> dict[str, str]:
-    """The HTTP headers `agp serve --request-headers` names, as the request item carries them:
+    """The HTTP headers agp serve copies (those `--request-headers` names and those the pipeline's
+    conditions compare: ServeConfig.request_headers), as the request item carries them:
     {lower-case name: value} (a header sent twice: its values joined by ", "), from the request's
     raw (name, value) byte pairs. Only the named ones: Authorization or a cookie reaches a
     pipeline only when named. A value over MAX_HEADER_VALUE characters is a 400 naming it."""
@@ -112,7 +113,7 @@ def request_headers(raw, names) -> dict[str, str]:
     for name, text in out.items():
         if len(text) > MAX_HEADER_VALUE:
             raise APIError(f"the '{name}' header has {len(text)} characters; the pipeline takes at most "
-                           f"{MAX_HEADER_VALUE} (agp serve --request-headers copies it into the request)")
+                           f"{MAX_HEADER_VALUE} (agp serve copies it into the request)")
     return out
 
 
