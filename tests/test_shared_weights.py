@@ -1,14 +1,18 @@
 """Engine segments whose generate stages name the same weights (file, dtype, device, compile)
 load them once: a cascade, a vote of several generate stages, a draft and a refine on one model
 cost one model's memory and load, each stage still answering with its own settings; weights
-that differ (another dtype) are loaded apart."""
+that differ (another dtype) are loaded apart. `agp plan` says which segments share a copy."""
 from __future__ import annotations
 
 import flowkit
+import pytest
 
 from pipeline_dsl.commands.runner import Tally, format_summary, summarize
 from pipeline_dsl.engine import Engine, EngineConfig
 from pipeline_dsl.engine.models import LoadedModels, load_model
+from pipeline_dsl.flow import load_graph
+from pipeline_dsl.model_files import embedded_file
+from pipeline_dsl.plan import format_plan, make_plan
 
 # three generate stages with settings of their own: sampling defaults, lengths, batch sizes
 STAGES = {"g1": ("max_new_tokens = 3", 8),
@@ -84,6 +88,24 @@ def test_segments_with_different_dtypes_load_the_model_apart(tmp_path, tiny_gguf
     assert [es.model_info["weights_shared"] for es in rt.segments] == [False, False]
     assert [es.model_info["dtype"] for es in rt.segments] == ["float32", "bfloat16"]
     assert set(answers) == {"g1", "g2"}
+
+
+def test_plan_says_which_segments_share_one_copy_of_the_weights(tmp_path, tiny_gguf):
+    stages = {**STAGES, "g4": ("max_new_tokens = 3  dtype = bf16", 8)}
+    plan = make_plan(load_graph(_pipeline(tmp_path, tiny_gguf, stages)))
+    assert ("weights: engine segments g1, g2, g3 share one loaded copy of tiny.gguf (dtype fp32); "
+            "each keeps its own KV pool and batcher") in format_plan(plan).splitlines()
+    assert plan.to_dict()["shared_weights"] == [{"model": str(tiny_gguf.resolve()), "dtype": "fp32",
+                                                "segments": ["g1", "g2", "g3"]}]
+
+
+def test_the_embedded_models_name_and_its_file_are_one_copy(tmp_path):
+    path = embedded_file("smollm2-135m-instruct")
+    if path is None:
+        pytest.skip("the embedded model is not installed")
+    stages = {"g1": ("max_new_tokens = 3", 8), "g2": (f'max_new_tokens = 3  model = "{path}"', 8)}
+    plan = make_plan(load_graph(_pipeline(tmp_path, "smollm2-135m-instruct", stages)))
+    assert [segs for _, _, segs in plan.shared_weights] == [("g1", "g2")]
 
 
 def test_engines_sharing_weights_keep_their_own_tokenizer_and_kv_pool(tiny_gguf):
