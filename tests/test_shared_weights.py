@@ -137,3 +137,24 @@ def test_engine_totals_count_shared_weights_once():
              "models": {"loads": 1, "hits": 2, "models": 1, "weight_bytes": 100}}
     assert engine_totals(stats)["weight_bytes"] == 100
     assert engine_totals(stats)["decode_steps"] == 3
+
+
+def test_serve_banner_says_which_engine_loaded_the_weights_another_shares(tmp_path, tiny_gguf):
+    import argparse
+
+    from pipeline_dsl.commands.serve import banner
+    from pipeline_dsl.serve.build import build
+    from pipeline_dsl.serve.options import add_arguments
+
+    stages = {**STAGES, "g4": ("max_new_tokens = 3  dtype = bf16", 8)}
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args([str(_pipeline(tmp_path, tiny_gguf, stages)), "--threads", "1"])
+    serving = build(args)
+    try:
+        lines = banner(serving, "http://x/v1", args)[1:5]
+    finally:
+        serving.runtime.close()
+    assert [line.split(":")[0].strip() for line in lines] == ["engine g1", "engine g2", "engine g3", "engine g4"]
+    assert "shared" not in lines[0] and "shared" not in lines[3]           # g4: bf16, a copy of its own
+    assert all("(the weights engine g1 loaded, shared)" in line for line in lines[1:3])
