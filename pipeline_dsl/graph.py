@@ -347,6 +347,22 @@ def _engine_value(g: nx.DiGraph, params: dict, name: str):
     return params.get(name)
 
 
+WEIGHT_PARAMS = ("model", "dtype", "device", "compile")   # what decides a generate stage's loaded weights
+
+
+def weights_key(g: nx.DiGraph, gen: str) -> tuple:
+    """What decides the weights generate stage `gen` loads: its model file (the embedded model's
+    name and its file's path are one file), dtype as written, device and compile. Engines whose
+    stages have equal keys share one loaded copy (engine.models.LoadedModels); `agp plan` says so."""
+    from .model_files import embedded_file
+
+    params = g.nodes[gen]["params"]
+    model = _generate_model(g, params)
+    path = embedded_file(model.strip().lower()) if model.strip().lower() == EMBEDDED_MODEL else model
+    return (os.path.realpath(path) if path else model, str(params.get("dtype") or "auto"),
+            str(_engine_value(g, params, "device")), bool(params.get("compile")))
+
+
 def _spelled(value, quoted: bool = False) -> str:
     """A setting's value as the .agp file writes it (a string setting quoted, an enum word bare)."""
     if isinstance(value, bool):

@@ -33,6 +33,7 @@ Two kinds of work (docs/plan.md explains why):
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 
 import networkx as nx
@@ -145,6 +146,9 @@ class PipelinePlan:
     segments: tuple[Plan, ...]
     workers: int = ITEM_WORKERS
     base: str | None = None          # the pipeline a derived one copies (`pipeline short : chat`)
+    # segments whose generate stages load the same weights (graph.weights_key), which the runtime
+    # loads once for them: (model, dtype, (segment, ...)) for each model two or more segments share
+    shared_weights: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
 
     def _one(self) -> Plan | None:
         return self.segments[0] if self.segments else None
@@ -201,6 +205,9 @@ class PipelinePlan:
                "workers": self.workers, "segments": [p.to_dict() for p in self.segments]}
         if self.base is not None:
             out["base"] = self.base
+        if self.shared_weights:
+            out["shared_weights"] = [{"model": m, "dtype": d, "segments": list(segs)}
+                                     for m, d, segs in self.shared_weights]
         if one is not None:       # the first segment's plan at the top level, as `agp plan --json` always had
             out.update({k: v for k, v in one.to_dict().items() if k not in ("pipeline",)})
         return out
@@ -442,7 +449,18 @@ def make_plan(graph: nx.DiGraph, window: int = 12, costs: dict[str, float] | Non
         prefix = f"{'+'.join(seg[3])}/" if len(segments) > 1 else ""
         plans.append(_plan_segment(graph, seg, window, costs, prefix))
     return PipelinePlan(str(graph.graph.get("name", "")), item_work(graph), tuple(plans),
-                        base=graph.graph.get("base"))
+                        base=graph.graph.get("base"), shared_weights=shared_weights(graph, segments))
+
+
+def shared_weights(graph: nx.DiGraph, segments: list) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+    """(model, dtype, segment names) of each set of two or more segments whose generate stages
+    load the same weights: the runtime loads them once for all of them."""
+    from .graph import weights_key
+
+    by: dict[tuple, list[str]] = {}
+    for seg in segments:
+        by.setdefault(weights_key(graph, seg[3][0]), []).append("+".join(seg[3]))
+    return tuple((key[0], key[1], tuple(names)) for key, names in by.items() if len(names) > 1)
 
 
 def _plan_segment(graph: nx.DiGraph, seg: tuple, window: int, costs, prefix: str) -> Plan:
@@ -518,6 +536,9 @@ def format_plan(plan: PipelinePlan) -> str:
     lines.append(f"\nper request, on {plan.workers} host worker threads (off the engine loop; python stages on "
                  "workers of their own):")
     lines.append("  " + "  ".join(w.name for w in plan.items) if plan.items else "  (none)")
+    for model, dtype, names in plan.shared_weights:
+        lines.append(f"\nweights: engine segments {', '.join(names)} share one loaded copy of "
+                     f"{os.path.basename(model)} (dtype {dtype}); each keeps its own KV pool and batcher")
     for seg in segs:
         lines.append(f"\nengine segment {seg.segment} ({' -> '.join(seg.stages)}), per step:")
         for s in seg.streams:

@@ -70,9 +70,9 @@ def test_the_model_loads_on_the_compute_thread(tiny_gguf, monkeypatch):
     where = []
     load = engine_module.load_runner
 
-    def recorded(config):
+    def recorded(config, models=None):
         where.append(threading.get_ident())
-        return load(config)
+        return load(config, models)
 
     monkeypatch.setattr(engine_module, "load_runner", recorded)
     make_engine(tiny_gguf)

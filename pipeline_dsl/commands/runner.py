@@ -269,6 +269,9 @@ def summarize(runtime, tally: Tally, wall: float) -> dict:
                                       for e in engines) / steps) if steps else None,
         "kv_hit_rate": _round(sum(e.get("kv_hit_tokens", 0) for e in engines) / queried) if queried else None,
         "peak_memory_bytes": first.get("peak_memory_bytes"),
+        # the engines' weights, each loaded copy once (engines on the same weights share one)
+        "weight_bytes": (stats.get("models") or {}).get("weight_bytes"),
+        "weight_copies": (stats.get("models") or {}).get("models"),
         "dtype": {name: e.get("dtype") for name, e in stats["engines"].items()},       # per engine: two
         "weights": {name: e.get("weights") for name, e in stats["engines"].items()},   # may differ
         "measured_overlap": round(runtime.trace.measured_overlap(), 4),
@@ -318,6 +321,10 @@ def format_summary(s: dict) -> str:
         f"KV hit rate     {f(s['kv_hit_rate'])}",
         f"peak memory     {mem / 2**20:.0f} MiB" if mem else "peak memory     -",
     ]
+    copies, engines = s.get("weight_copies"), len(s.get("engines") or {})
+    if copies and s.get("weight_bytes"):
+        lines.append(f"weights         {s['weight_bytes'] / 2**20:.1f} MiB: {copies} loaded "
+                     f"cop{'y' if copies == 1 else 'ies'} for {engines} engine{'s' * (engines != 1)}")
     cpu = {name: e for name, e in (s.get("engines") or {}).items() if e.get("threads")}
     if cpu:
         from pipeline_dsl.engine.cpus import cpus_text

@@ -64,11 +64,14 @@ def banner(serving: Serving, url: str, args) -> list[str]:
     lines = [f"agp {__version__} serving pipeline '{serving.runtime.name}' as "
              f"{', '.join(repr(n) for n in cfg.model_names[:max(1, len(args.served_model_name or ()))])} "
              f"at {url}"]
+    first_on: dict[int, str] = {}               # each loaded copy of weights -> the first engine on it
     for es in serving.runtime.segments:
         e, c = es.engine, es.config
         info = e.model_info
+        sharer = first_on.setdefault(id(e.runner.model), es.name)
         lines.append(f"  engine {es.name}: model {Path(str(c.model)).name} ({info.get('weights', '?')} weights, "
                      f"{info.get('dtype', c.dtype)} compute) on {c.device}"
+                     + (f" (the weights engine {sharer} loaded, shared)" if sharer != es.name else "")
                      + (f" ({e.threads} thread{'s' * (e.threads != 1)} of the {cpus_text(e.cpus)} this process may use"
                         + (f"; OpenMP waits {e.omp_wait}" if e.omp_wait != "default" else "") + ")"
                         if e.threads else "")

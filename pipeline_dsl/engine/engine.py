@@ -47,8 +47,10 @@ LATENCY_SAMPLES = 200_000  # most recent TTFT / per-token latencies kept for per
 
 class Engine:
     def __init__(self, config: EngineConfig | None = None, *, runner=None, tokenizer=None,
-                 clock=time.monotonic):
-        """Load the model named by `config` (or use an injected runner + tokenizer)."""
+                 clock=time.monotonic, models=None):
+        """Load the model named by `config` (or use an injected runner + tokenizer). `models`: a
+        models.LoadedModels whose copy of the same weights this engine takes (loaded once for
+        several engines); its own KV pool is allocated all the same."""
         self.config = config = config or EngineConfig()
         self.clock = clock
         # the forward's threads: the pipeline's, else torch's lowered to the CPUs a cgroup quota allows
@@ -57,9 +59,9 @@ class Engine:
             torch.set_num_threads(threads)
         if runner is None:
             if resolve_device(config.device) == "cpu":   # its OpenMP pool on the thread that runs the forward
-                runner, tokenizer, info = on_compute(load_runner, config)
+                runner, tokenizer, info = on_compute(load_runner, config, models)
             else:
-                runner, tokenizer, info = load_runner(config)
+                runner, tokenizer, info = load_runner(config, models)
         else:
             info = {}
         self.runner, self.tokenizer = runner, tokenizer
@@ -689,8 +691,10 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_runner(config: EngineConfig):
-    """(ModelRunner, Tokenizer, info dict) for config.model, its KV pool sized to the budget."""
+def load_runner(config: EngineConfig, models=None):
+    """(ModelRunner, Tokenizer, info dict) for config.model, its KV pool sized to the budget.
+    `models` (models.LoadedModels): the weights come from it, read from the file only by the first
+    engine that asks for them (info's `weights_shared` says whether this one took them loaded)."""
     from . import native
     from .model import ModelRunner
     from .models import generation_defaults, load_model, read_generation_config, resolve_model
@@ -709,7 +713,12 @@ def load_runner(config: EngineConfig):
     own = read_generation_config(source.path) if source.kind == "hf" else None
     sampling = generation_defaults(source, config.generation_config, own,        # before the weights: a bad
                                    config.override_generation_config)          # file stops it
-    model, tokenizer = load_model(source, dtype=config.dtype, device=device, generation_config=own)
+    if models is not None:
+        model, tokenizer, shared = models.load(source, dtype=config.dtype, device=device, compile=config.compile,
+                                               generation_config=own)
+    else:
+        model, tokenizer = load_model(source, dtype=config.dtype, device=device, generation_config=own)
+        shared = False
     c = model.config
     elem = torch.empty((), dtype=model.dtype).element_size()
     per_block = bytes_per_block(c.num_layers, c.num_kv_heads, c.head_dim, config.block_size, elem)
@@ -748,7 +757,8 @@ def load_runner(config: EngineConfig):
     info = {"model": str(source.path), "dtype": str(model.dtype).replace("torch.", ""),
             "weights": model.weight_kind, "device": device, "vocab_size": c.vocab_size,
             "context_length": c.max_position, "kv_bytes_per_block": per_block, "generation_config": sampling,
-            **extra, "load_s": time.perf_counter() - t0}
+            "weight_bytes": model.weight_bytes(), "weights_shared": shared, **extra,
+            "load_s": time.perf_counter() - t0}
     return runner, tokenizer, info
 
 

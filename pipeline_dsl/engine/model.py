@@ -237,6 +237,34 @@ class LlamaModel:
         self.sin = (emb.sin() * sign).to(device=dev, dtype=dt)  # [-sin, sin]: see _rope
         self.rope, self.silu_mul, self.rms_fn = _rope, _silu_mul, _rms
 
+    def weight_bytes(self) -> int:
+        """Bytes of the tensors the model holds (weights in every form its layers keep: dense,
+        prepacked, quantised; the RoPE tables), each storage counted once."""
+        seen: set = set()
+        total = 0
+        todo: list = [self.embed, self.norm, self.lm_head, self.lm_head_small, self.cos, self.sin, *self.layers]
+        visited: set = set()
+        while todo:
+            x = todo.pop()
+            if x is None or id(x) in visited:
+                continue
+            visited.add(id(x))
+            if isinstance(x, torch.Tensor):
+                if x.is_mkldnn:                 # oneDNN's packed layout has no storage to read
+                    key, size = ("packed", id(x)), x.element_size() * x.numel()
+                else:
+                    storage = x.untyped_storage()
+                    key, size = (x.device, storage.data_ptr()), storage.nbytes()
+                if key not in seen:
+                    seen.add(key)
+                    total += size
+            elif isinstance(x, (list, tuple)):
+                todo.extend(x)
+            elif type(x).__module__.startswith("pipeline_dsl.engine"):   # a layer, a linear, its blocks
+                slots = [getattr(x, n, None) for c in type(x).__mro__ for n in getattr(c, "__slots__", ())]
+                todo.extend([*getattr(x, "__dict__", {}).values(), *slots])
+        return total
+
     # -- pieces -----------------------------------------------------------------------
     def rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return self.rms_fn(x, w, self.config.rms_eps)
@@ -250,8 +278,8 @@ class LlamaModel:
         matmuls stay on oneDNN/cuBLAS and attention on SDPA. Falls back to eager on failure.
         On CPU this is skipped unless forced: measured here (torch 2.13, 2 threads) the
         compiled pieces made a decode step slower, not faster."""
-        if self.device.type == "cpu" and not force:
-            return
+        if (self.device.type == "cpu" and not force) or self.compiled():
+            return                      # a second engine on these weights (models.LoadedModels): done
         self.rope = _Fallback(_rope)
         self.silu_mul = _Fallback(_silu_mul)
         self.rms_fn = _Fallback(_rms)

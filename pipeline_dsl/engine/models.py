@@ -15,7 +15,9 @@ truncated or corrupt file, a malformed config.json, a missing tokenizer) a
 
 from __future__ import annotations
 
+import copy
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +97,60 @@ def load_model(model: str | ModelSource | None = None, dtype: str = "auto", devi
     source = model if isinstance(model, ModelSource) else resolve_model(model)
     config, weights, tokenizer = load_weights(source, generation_config)
     return LlamaModel(config, weights, dtype=dtype, device=device), tokenizer
+
+
+class LoadedModels:
+    """Models loaded once for every engine that asks for the same weights: one pipeline's
+    engines (flow/runtime.py makes one for each runtime) take one copy of a model that several of
+    its generate stages name, instead of reading and dequantising the file once per stage.
+
+        models = LoadedModels()
+        model, tokenizer, shared = models.load(source, dtype="bf16", device="cpu")
+        models.cache_info()    # {"loads": 1, "hits": 0, "models": 1, "weight_bytes": ...}
+
+    The same weights: the same file or folder (a name of the embedded model and its path are one
+    file), the same `dtype` as written (int8, fp32, bf16 and auto are separate copies: they make
+    different tensors), the same device, and the same `compile` (it swaps the model's elementwise
+    pieces for compiled ones). The model's tensors are only read by a forward, so the engines
+    that share it keep their own KV pool, scheduler, batching and sampling defaults. Each engine
+    gets its own shallow copy of the tokenizer (a chat template given to one engine stays its own).
+    A model stays held while this object lives."""
+
+    def __init__(self):
+        self._lock = threading.Lock()          # held through a load: an equal load waits for it
+        self._models: dict[tuple, tuple] = {}
+        self._loads = self._hits = 0
+
+    @staticmethod
+    def key(source: ModelSource, dtype: str = "auto", device: str = "cpu", compile: bool = False) -> tuple:
+        """What decides the loaded weights (see the class)."""
+        return os.path.realpath(source.path), str(dtype), str(device), bool(compile)
+
+    def load(self, source: ModelSource, dtype: str = "auto", device: str = "cpu", compile: bool = False,
+             generation_config: dict | None = None):
+        """(LlamaModel, Tokenizer, shared): the model of this key, loaded now or by an earlier
+        call (`shared` True: no file was read)."""
+        key = self.key(source, dtype, device, compile)
+        with self._lock:
+            held = self._models.get(key)
+            if held is None:
+                held = self._models[key] = load_model(source, dtype=dtype, device=device,
+                                                      generation_config=generation_config)
+                self._loads += 1
+                shared = False
+            else:
+                self._hits += 1
+                shared = True
+        model, tokenizer = held
+        return model, copy.copy(tokenizer), shared
+
+    def cache_info(self) -> dict:
+        """loads: models read from their files; hits: engines given one already loaded; models:
+        copies held; weight_bytes: their tensors' bytes, each copy counted once."""
+        with self._lock:
+            held = [m for m, _ in self._models.values()]
+            return {"loads": self._loads, "hits": self._hits, "models": len(held),
+                    "weight_bytes": sum(m.weight_bytes() for m in held)}
 
 
 def read_generation_config(folder) -> dict:

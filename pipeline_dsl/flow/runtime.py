@@ -80,6 +80,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         from stages.registry import get_kind
 
         from pipeline_dsl.engine.errors import KVPoolError
+        from pipeline_dsl.engine.models import LoadedModels
         from pipeline_dsl.engine.trace import Trace
         from pipeline_dsl.userfn import callable_shape
 
@@ -130,10 +131,13 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
 
         self.segments: list[EngineSegment] = []
         self.seg_by_batch: dict[str, EngineSegment] = {}
+        # segments whose generate stages name the same weights (file, dtype, device, compile) take one
+        # loaded copy of them: each keeps its own KV pool, scheduler and sampling defaults
+        self.models = LoadedModels()
         for seg, plan in zip(segments_of(graph), self.plan.segments):
             try:
                 es = EngineSegment(segment_spec(graph, seg), plan, overrides=overrides, overlap=overlap,
-                                   trace=self.trace)
+                                   trace=self.trace, models=self.models)
             except DeviceUnavailable as exc:
                 raise _device_failed(graph, seg.generates, exc) from exc.error
             except KVPoolError as exc:
@@ -665,7 +669,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
     # ---- measuring -----------------------------------------------------------------------
     def stats(self) -> dict:
         """Per stage: items in/out, rejected, failed, dropped, queue depth, seconds, calls and
-        their latencies; per edge: items sent along it; per engine: its counters."""
+        their latencies; per edge: items sent along it; per engine: its counters; models: the
+        weights its engines loaded (LoadedModels.cache_info: each copy's bytes counted once)."""
         engines = {es.name: es.stats() for es in self.segments}
         with self._lock:
             stages = self.flow.rows()
@@ -685,7 +690,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             for g in seg.generates:
                 stages[g]["busy_s"] = round(gen_s / len(seg.generates), 6)
                 stages[g]["queued"] = s.get("running", 0)
-        return {"stages": stages, "edges": edges, "engines": engines, "requests": totals}
+        return {"stages": stages, "edges": edges, "engines": engines, "requests": totals,
+                "models": self.models.cache_info()}
 
 
 def _ignore(_chunk) -> None:

@@ -5,7 +5,7 @@ Its stages configure one `Engine` (model, KV pool, batching) driven by the plan'
 on the pipeline's worker pool) and leave as finished sequences.
 
     spec = segment_spec(graph, segment, kv_share)     # what its stages ask of the engine
-    seg = EngineSegment(spec, plan, overrides={"threads": 2}, trace=trace)
+    seg = EngineSegment(spec, plan, overrides={"threads": 2}, trace=trace, models=models)
     ids = seg.tokenise(item_data)                     # encode.tokenise (any thread)
     seg.submit("r1/0", ids, seg.sampling("gen", item_data, len(ids)))
     seg.drive(on_output, on_error)                    # this thread; or seg.start(...) for a thread of its own
@@ -83,7 +83,7 @@ class EngineSegment:
     """An Engine and its Executor for one segment; thread-safe submit / abort / tokenise."""
 
     def __init__(self, spec: SegmentSpec, plan, *, overrides: dict | None = None, overlap: bool | None = None,
-                 trace=None, engine=None):
+                 trace=None, engine=None, models=None):
         from pipeline_dsl.engine import Engine, EngineConfig, InputError, SamplingParams
         from pipeline_dsl.engine.engine import resolve_device
         from pipeline_dsl.engine.executor import Executor
@@ -100,7 +100,8 @@ class EngineSegment:
                                     from_overrides=bool((overrides or {}).get("device"))) from exc
         values["max_queue"] = 1 << 20            # the pipeline bounds admission (requests.max_queue)
         self.config = EngineConfig(**values)
-        self.engine = engine if engine is not None else Engine(self.config)
+        # models (engine.models.LoadedModels): the runtime's, so that segments on the same weights load them once
+        self.engine = engine if engine is not None else Engine(self.config, models=models)
         self.executor = Executor(self.engine, plan, overlap=overlap, trace=trace)
         # a stage's sampling defaults: what its file sets, over the model's generation config (vLLM's
         # --generation-config auto), over the stage parameters' own defaults

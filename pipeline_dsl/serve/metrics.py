@@ -123,7 +123,7 @@ STAGE_SERIES = (  # (stats key, metric name, type, help)
 def engine_totals(stats: dict) -> dict:
     """One flat dict of the engines' counters (summed; the hit rate over all their prompts, the
     mean batch size over all their decode steps, the peak memory the process's: each engine
-    reports the same)."""
+    reports the same; the weights' bytes each loaded copy's once)."""
     engines = list((stats.get("engines") or {}).values())
     if not engines:
         return {k: v for k, v in stats.items() if not isinstance(v, dict)}
@@ -140,6 +140,8 @@ def engine_totals(stats: dict) -> dict:
                                      for e in engines) / steps if steps else 0.0
     if "peak_memory_bytes" in out:        # the process's (or its device's), not one per engine
         out["peak_memory_bytes"] = max(e.get("peak_memory_bytes") or 0 for e in engines)
+    if "weight_bytes" in out and stats.get("models"):   # each loaded copy once: engines on the same
+        out["weight_bytes"] = stats["models"]["weight_bytes"]   # weights share one (LoadedModels)
     return out
 
 
