@@ -133,6 +133,21 @@ def _range_text(p: Param) -> str:
     return ""
 
 
+def _unit_hint(value: ast.Value, p: Param) -> str:
+    """What a bare number given to a duration or size could mean: the two likeliest units that
+    put it within the parameter's range (`timeout = 0.5`: 0.5s or 0.5ms), never one guess, since
+    a number without its unit means neither more than the other (a timeout in seconds written
+    as 0.5ms would time every call out)."""
+    likely = ("s", "ms", "us") if p.type == DURATION else ("MiB", "GiB", "KiB", "B")
+    fits = [u for u in likely
+            if (p.min is None or units.normalise(value.value, u) >= p.min)
+            and (p.max is None or units.normalise(value.value, u) <= p.max)][:2]
+    if not fits:
+        return f"write it with a unit ({units.UNIT_NAMES[p.type]})"
+    spelled = " or ".join(f"{show(value)}{u}" for u in fits)
+    return f"write it with its unit: {spelled}" + (" (agp does not assume one)" if len(fits) > 1 else "")
+
+
 # other names of enum values (torch's and numpy's dtype names): 'float16' -> fp16
 _ENUM_ALIASES = {"float16": "fp16", "half": "fp16", "f16": "fp16", "float32": "fp32", "float": "fp32",
                  "f32": "fp32", "bfloat16": "bf16", "q8": "int8", "i8": "int8", "q8_0": "int8"}
@@ -158,8 +173,7 @@ def convert(value: ast.Value, p: Param, what: str) -> tuple[Any, Diagnostic | No
         elif isinstance(value, (ast.Int, ast.Float)) and value.value == 0:
             out = 0.0 if t == DURATION else 0
         elif isinstance(value, (ast.Int, ast.Float)):
-            eg = f"{show(value)}ms" if t == DURATION else f"{show(value)}MiB"
-            return bad(f"missing unit: {what} is a {t}; '{show(value)}' has no unit", f"write it with a unit, e.g. {eg}")
+            return bad(f"missing unit: {what} is a {t}; '{show(value)}' has no unit", _unit_hint(value, p))
         else:
             return bad(f"{what} is a {t}, not {_value_word(value)}")
     elif t == INT:

@@ -499,8 +499,10 @@ def _refused_include(named: str, target: str, allowed) -> tuple[str, str, str] |
         return (f"include '{shown}': the path holds a NUL character", 'use "other.agp": the path of an .agp file',
                 "remove the NUL")
     if not named.endswith(".agp") or not _key(target).endswith(".agp"):
-        return (f"include '{shown}' is not an .agp file", 'use "other.agp": the path of an .agp file',
-                "only .agp files can be included")
+        hint = "only .agp files can be included"
+        if not named.endswith(".agp") and inside(target + ".agp", allowed) and os.path.isfile(target + ".agp"):
+            hint = f'write use "{shown}.agp"'          # use "chat": the file is chat.agp
+        return (f"include '{shown}' is not an .agp file", 'use "other.agp": the path of an .agp file', hint)
     if not inside(target, allowed):
         return (f"include '{shown}' is outside the pipeline's folder",
                 "an .agp file in the folder of the file given to agp (or below it)",

@@ -221,6 +221,17 @@ def _tok_pos(file: str, tok: Token, text: str) -> SourcePos:
     return SourcePos(file, tok.line, tok.column, end_line, end_col)
 
 
+def _unquoted_fn_ref(text: str, at: int) -> tuple[str, str] | None:
+    """(key, "module:function") when the ':' or '.' at `at` is inside a function reference written
+    without its quotes (`fn = hooks:redact`, `fn = my.hooks:redact`), else None."""
+    before = re.search(r"\b(\w+)[ \t]*=[ \t]*([A-Za-z_][\w.]*)[ \t]*$", text[:at])
+    after = re.match(r"[\w.]*:[ \t]*[A-Za-z_]\w*", text[at:])
+    if not (before and after):
+        return None
+    ref = before.group(2) + re.sub(r"[ \t]", "", after.group())
+    return (before.group(1), ref) if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", ref) else None
+
+
 def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic:
     if isinstance(err, UnexpectedCharacters):
         ch = text[err.pos_in_stream] if err.pos_in_stream < len(text) else ""
@@ -279,6 +290,8 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
         hint = "an edge is written '->'"
     elif tok.type == "EQUAL" and text[at + 1:at + 2] == ">":                           # a -> b => c
         hint = "an edge is written '->'"
+    elif tok.type in ("COLON", "DOT") and (ref := _unquoted_fn_ref(text, at)):        # fn = hooks:redact
+        hint = f'"module:function" is a string: write {ref[0]} = "{ref[1]}"'
     elif tok.type == "NUMBER" and tok.value.startswith(".") and re.search(r"[A-Za-z_]\w*$", text[:at]):
         hint = "a key after '.' is a name: letters, digits and '_', not starting with a digit"   # metadata.1
     elif tok.type == "ON" and _previous(text, at) == "}":                            # kv_lookup {} on copy

@@ -238,8 +238,11 @@ def check_headers(value) -> dict[str, str]:
         raise RequestError(f"'headers' has {len(value)} headers; at most {MAX_HEADERS}", param="headers")
     for name, v in value.items():
         if not HEADER_NAME.fullmatch(name):
+            # "X-Tenant", as curl and HTTP write it: name the spelling agp keeps (names are case-insensitive)
+            fix = (f"; write {json.dumps(name.lower())}, as agp serve hands a header over"
+                   if isinstance(name, str) and HEADER_NAME.fullmatch(name.lower()) else "")
             raise RequestError(f"'headers' names {json.dumps(name)[:70]}: a header name is a lower-case HTTP token "
-                               "(letters, digits, '-', at most 64 characters)", param="headers")
+                               f"(letters, digits, '-', at most 64 characters){fix}", param="headers")
         if not isinstance(v, str) or len(v) > MAX_HEADER_VALUE:
             raise must_be(f"headers.{name}", f"a string of at most {MAX_HEADER_VALUE} characters", v)
     return dict(value)

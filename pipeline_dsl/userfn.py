@@ -63,7 +63,10 @@ class FunctionInfo:
 
 def split_ref(ref: str) -> tuple[str, str]:
     if not REF_RE.match(ref or ""):
-        raise FunctionNotFound(f"'{ref}' is not a function reference: write \"module:function\"")
+        module, dot, attr = (ref or "").rpartition(".")            # hooks.redact, as Python spells the path
+        fixed = f"{module}:{attr}" if dot and ":" not in ref else ""
+        said = f'"{fixed}" (module:function)' if REF_RE.match(fixed) else '"module:function"'
+        raise FunctionNotFound(f"'{ref}' is not a function reference: write {said}")
     module, _, attr = ref.partition(":")
     return module, attr
 

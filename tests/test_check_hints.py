@@ -347,3 +347,20 @@ def test_a_name_in_other_capitals_suggests_its_spelling():
     """difflib compares case-sensitively: 'GENERATE' is near nothing, but it is generate."""
     err = one(SEED.replace("gen : generate", "gen : GENERATE"))
     assert err.message == "unknown stage kind 'GENERATE'" and err.hint == "did you mean 'generate'?"
+
+
+@pytest.mark.parametrize("written, ref", [("hooks:redact", "hooks:redact"), ("hooks : redact", "hooks:redact"),
+                                          ("my.hooks:redact", "my.hooks:redact")])
+def test_a_function_reference_written_without_quotes_is_told_to_quote_it(written, ref):
+    text = SEED.replace("stage out : respond {}", f"stage out : respond {{}}\n    stage py : python {{ fn = {written} }}")
+    err = one(text.replace("gen -> out", "gen -> py -> out"))
+    assert err.message in ("unexpected ':'", "unexpected '.'") and err.pos.line == 9
+    assert err.hint == f'"module:function" is a string: write fn = "{ref}"'
+
+
+def test_a_function_reference_with_a_dot_for_its_colon_is_told_the_spelling():
+    text = SEED.replace("stage out : respond {}", 'stage out : respond {}\n    stage py : python { fn = "hooks.redact" }')
+    err = one(text.replace("gen -> out", "gen -> py -> out"))
+    assert err.message.startswith("""'hooks.redact' is not a function reference: write "hooks:redact" (module:function)""")
+    err = one(text.replace("gen -> out", "gen -> py -> out").replace('"hooks.redact"', '"redact"'))
+    assert err.message.startswith("""'redact' is not a function reference: write "module:function\"""")

@@ -468,10 +468,20 @@ t.agp:5:47: error: missing unit: 'timeout' is a duration; '5' has no unit
     5 |     stage batch   : dynamic_batch { timeout = 5 }
       |                                               ^
   = expected: a duration with a unit (us, ms, s) from 0s to 60s, e.g. 1ms
-  = help: write it with a unit, e.g. 5ms
+  = help: write it with its unit: 5s or 5ms (agp does not assume one)
 
 1 error
 """
+
+
+def test_a_bare_number_for_a_duration_names_the_units_it_could_mean_within_range():
+    # a python stage's timeout written in seconds as a bare number is not steered to ms (which
+    # would time every call out): both readings are offered; a unit whose reading is out of the
+    # parameter's range is not
+    out = render(pipeline(batch="timeout = 0.5"))
+    assert "help: write it with its unit: 0.5s or 0.5ms (agp does not assume one)" in out
+    out = render(pipeline(batch="timeout = 100000"))     # dynamic_batch's timeout is at most 60s
+    assert "help: write it with its unit: 100000us\n" in out
 
 
 def test_a_size_without_a_unit_and_max_new_tokens_of_zero():
@@ -480,7 +490,7 @@ t.agp:7:46: error: missing unit: 'budget' is a size; '64' has no unit
     7 |     stage kv      : kv_lookup     { budget = 64 }
       |                                              ^^
   = expected: a size with a unit (B, KiB, MiB, GiB) from 64KiB to 1024GiB, e.g. 256MiB
-  = help: write it with a unit, e.g. 64MiB
+  = help: write it with its unit: 64MiB or 64GiB (agp does not assume one)
 
 t.agp:8:54: error: value out of range: 'max_new_tokens' = 0
     8 |     stage gen     : generate      { max_new_tokens = 0 }

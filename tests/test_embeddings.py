@@ -263,3 +263,43 @@ def test_add_special_tokens_false_embeds_a_text_input_without_the_start_token(tm
         assert r.status_code == 400 and r.json()["error"]["param"] == "add_special_tokens"
     finally:
         s.close()
+
+
+GATE = '''
+from pipeline_dsl import Reject
+
+
+def gate(item):
+    if item["headers"].get("x-tenant") != "acme":
+        raise Reject(f"unknown tenant {item['headers'].get('x-tenant')!r}", status=403)
+    if item.get("user") != "alice":
+        raise Reject(f"unknown user {item.get('user')!r}", status=403)
+    return item
+'''
+
+
+def test_an_embeddings_request_brings_its_user_and_request_headers_to_the_pipeline(tmp_path, monkeypatch,
+                                                                                     tiny_gguf):
+    """`user` and the headers `--request-headers` names reach a python stage from /v1/embeddings
+    as from chat: a gate that keys on the tenant header and the end user lets a request that
+    brings both through and refuses one that does not (it refused every embedding request, which
+    carried neither, so a header-gated pipeline could not embed at all)."""
+    from test_serve import TINY
+
+    (tmp_path / "gatehooks.py").write_text(GATE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=20).replace(
+        "stage out     : respond       {}",
+        'stage out     : respond       {}\n    stage gate : python { fn = "gatehooks:gate" }').replace(
+        "request -> batch", "request -> gate -> batch")
+    s = LiveServer(tiny_gguf, text=text, request_headers=("x-tenant",))
+    try:
+        ok = httpx.post(s.url + "/v1/embeddings", headers={"X-Tenant": "acme"},
+                        json={"input": ["a b", "c d"], "user": "alice"}, timeout=60)
+        assert ok.status_code == 200 and len(ok.json()["data"]) == 2, ok.text[:300]
+        for headers, user, words in [({"X-Tenant": "acme"}, "mallory", "unknown user 'mallory'"),
+                                     ({}, "alice", "unknown tenant None")]:
+            r = httpx.post(s.url + "/v1/embeddings", headers=headers, json={"input": "a b", "user": user}, timeout=60)
+            assert r.status_code == 403 and words in r.json()["error"]["message"], r.text[:300]
+    finally:
+        s.close()

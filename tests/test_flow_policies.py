@@ -199,6 +199,8 @@ def test_retries_try_transient_failures_again(tmp_path, soft_gguf, fail, retries
     assert row["errors"] == (calls - 1 if ok else calls)          # every call that raised, retried or not
     if not ok:
         assert res.error.stage == "f" and "stage 'f' failed" in res.error.message
+        # a failure after its retries says how many tries it had; one never retried says nothing of tries
+        assert res.error.message.endswith(f"; {calls} tries") is (calls > 1), res.error.message
 
 
 def test_the_cache_serves_the_same_content_once_whatever_the_request_id(tmp_path, soft_gguf):

@@ -768,3 +768,9 @@ def test_a_request_line_carries_headers_as_agp_serve_copies_them():
                        ({f"h{i}": "v" for i in range(MAX_HEADERS + 1)}, f"at most {MAX_HEADERS}")]:
         with pytest.raises(RequestError, match=words):
             parse_request({"prompt": "hi", "headers": bad})
+    # a name written as HTTP writes it ("X-Tenant") is told the spelling to use; one no casing mends is not
+    with pytest.raises(RequestError, match='write "x-tenant", as agp serve hands a header over'):
+        parse_request({"prompt": "hi", "headers": {"X-Tenant": "a"}})
+    with pytest.raises(RequestError) as bad_name:
+        parse_request({"prompt": "hi", "headers": {"x tenant": "a"}})
+    assert "write" not in str(bad_name.value)

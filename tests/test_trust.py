@@ -200,3 +200,16 @@ def test_json_schema_through_a_link_a_sibling_folder_or_an_absolute_path_is_refu
         assert SECRET not in diags[0].message + str(diags[0].hint), path
     (app / "p.agp").write_text(pipeline(gen='json_schema = "link.json"'))
     assert pipeline_dsl.load(app / "p.agp", allow_paths=[outside])[1] == []
+
+
+def test_a_use_without_its_agp_suffix_is_told_the_file_only_inside_the_allowed_folders(tree):
+    """`use "lib"` beside a lib.agp is told to write "lib.agp"; a name outside the allowed folders
+    gets no such hint, so a check tells nothing of what files exist there."""
+    app, outside = tree
+    (app / "lib.agp").write_text(pipeline().replace("pipeline p", "pipeline q"))
+    (app / "p.agp").write_text(pipeline(uses='use "lib"\nuse "../outside/lib"\n'))
+    _, diags = pipeline_dsl.load(app / "p.agp")
+    inside, beyond = diags
+    assert inside.message == "include 'lib' is not an .agp file" and inside.hint == 'write use "lib.agp"'
+    assert beyond.message == "include '../outside/lib' is not an .agp file"
+    assert beyond.hint == "only .agp files can be included"

@@ -369,6 +369,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         items that waited for the same content look in the cache again."""
         if not isinstance(value, Skipped):
             self._span(stage, _PART.get(self.kind[stage], "run"), t0, item)
+            if not ok:
+                value = _after_tries(stage, value, tries.count)
         try:
             self._after_call(item, stage, tries.view, ok, value, key)
         finally:
@@ -714,6 +716,20 @@ class _Tries:
         if self.count > 1 and self.pristine is not None:
             self.view = copy.deepcopy(self.pristine)
         return self.view
+
+
+def _after_tries(stage: str, exc: BaseException, count: int) -> BaseException:
+    """The error a call failed with after `count` tries (its retries spent): a timeout or a
+    failure says how many tries it had (`… (0.1s); 3 tries`), so a log or a client tells a stage
+    that failed once from one that failed every retry. A Reject's words, or a request error, stay
+    as they are."""
+    if count < 2:
+        return exc
+    err = _error_of(stage, exc)
+    if err.kind not in ("timeout", "failed") or err.status is not None:
+        return exc
+    return PipelineError(f"{err.message}; {count} tries", err.kind, err.stage, err.code, err.param,
+                         err.status, err.retry_after)
 
 
 def _error_of(stage: str, exc: BaseException, what: str = "stage") -> PipelineError:

@@ -135,6 +135,8 @@ class Embeddings:
         model, pin = P.model_of(body, c.model_names, self.g.stage_names)
         with request_errors:                   # a string, as chat's and completions' `user`
             check_fields(body, {"user": IGNORED["user"]})
+        # the end user reaches the pipeline as on chat (a per-user gate or route sees who embeds)
+        identity = {"user": body["user"]} if body.get("user") is not None else None
         chat = body.get("messages") is not None
         if chat and body.get("input") is not None:
             raise P.APIError("give 'input' or 'messages', not both", param="messages")
@@ -169,7 +171,7 @@ class Embeddings:
         return {"model": model, "pin": pin, "format": fmt,
                 "inputs": inputs,
                 "chat_template_kwargs": template_kwargs,
-                "dimensions": dims, "normalize": normalize, "request_id": extras.request_id,
+                "dimensions": dims, "normalize": normalize, "request_id": extras.request_id, "identity": identity,
                 "dtype": dtype, "endianness": endianness,
                 "fields": {"max_tokens": 0, "pooling": "mean", **P.priority_field(body),
                            **({"add_generation_prompt": False, **render} if chat else P.add_special_tokens(body))}}
@@ -189,7 +191,8 @@ class Embeddings:
                                     prompt=v if isinstance(v, str) else None,
                                     prompt_token_ids=v if isinstance(v, list) else None,
                                     fields=req["fields"], model=req["model"],
-                                    chat_template_kwargs=req["chat_template_kwargs"], headers=headers)
+                                    chat_template_kwargs=req["chat_template_kwargs"],
+                                    identity=req["identity"], headers=headers)
                 streams.append(await g.apipe.add(item, pin=req["pin"]))
         except PipelineError as e:
             for st in streams:
