@@ -157,6 +157,19 @@ def test_stop_strings_are_bounded_by_count_length_and_characters_in_all(server):
         assert r.status_code == 200, r.text
 
 
+def test_a_conversation_too_long_once_rendered_is_refused_before_it_is_tokenised(server):
+    """Thousands of one-letter messages pass the check of the messages' own characters, but the
+    template writes each one's turn around it: the rendered text is measured as a prompt is,
+    and refused without tokenising it (where it used to be tokenised whole, 70,000 tokens of
+    work for a 340 KB body a plain prompt of its size is refused without)."""
+    for route in ("/v1/chat/completions", "/tokenize"):
+        r = post(server, json.dumps({"messages": [{"role": "user", "content": "a"}] * 3000}), route=route)
+        assert_openai_error(r, 400, "conversation rendered by the chat template of")
+        assert r.json()["error"]["code"] == "context_length_exceeded", r.text
+        r = post(server, json.dumps({"messages": [{"role": "user", "content": "a"}] * 8}), route=route)
+        assert r.status_code == 200, r.text                       # a short one is taken as before
+
+
 def test_no_response_shows_an_absolute_path_and_405_says_allow(server):
     assert "/" not in json.dumps(httpx.get(server.url + "/stats").json()).replace("/s", "")
     for m in httpx.get(server.url + "/v1/models").json()["data"]:
