@@ -20,8 +20,9 @@ import pytest
 
 from clikit import agp_child, agp_in, reaped
 from pipeline_dsl.engine.tokenizer import TEMPLATE_SECONDS
+from pipeline_dsl.plan import ITEM_WORKERS
 from test_serve import LiveServer, TINY, start_agp_serve
-from tiny_model import write_tiny_gguf
+from tiny_model import CHAT_TEMPLATE, write_tiny_gguf
 
 
 @pytest.fixture(scope="module")
@@ -276,6 +277,46 @@ def test_a_chat_template_that_never_ends_fails_its_request_only(tmp_path):
     # the template runs to its limit: had it run on the engine's loop, one gap would be as long as
     # that; a busy machine's hiccups are shorter (1.4 s seen at load 11: above STALL)
     assert len(gaps) >= 5 and max(gaps) < 0.9 * TEMPLATE_SECONDS, gaps
+
+
+# a template that spins until its time is up when a request's chat_template_kwargs say so
+SPIN_TEMPLATE = ("{% if spin %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+                 "{% endif %}" + CHAT_TEMPLATE)
+
+
+def test_chat_templates_kept_running_by_requests_hold_up_no_other_request(tmp_path):
+    """Each spinning request holds a thread for the template's TEMPLATE_SECONDS; twice as many of
+    them as the host pool has threads used to hold every thread that admits requests and hands
+    over answers, so a raw prompt waited for them (4 s). Conversations render on threads of
+    their own, which share the CPU: a plain prompt and a plain conversation are both answered
+    while every spinning request is still in its template."""
+    model = write_tiny_gguf(tmp_path / "spin.gguf", chat_template=SPIN_TEMPLATE)
+    s = LiveServer(model)
+    spinning = 2 * ITEM_WORKERS
+    ended = []
+
+    def spin():
+        r = httpx.post(s.url + "/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "chat_template_kwargs": {"spin": True}})
+        ended.append(r)
+
+    threads = [threading.Thread(target=spin) for _ in range(spinning)]
+    try:
+        for t in threads:
+            t.start()
+        s.stats_when(lambda st: st["in_flight"] == spinning)
+        plain = httpx.post(s.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 2}, timeout=120)
+        chat = httpx.post(s.url + "/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        still = spinning - len(ended)
+        assert plain.status_code == 200 and chat.status_code == 200, (plain.text, chat.text)
+        assert still == spinning, [r.text for r in ended]
+    finally:
+        for t in threads:
+            t.join()
+        s.close()
+    assert [r.status_code for r in ended] == [400] * spinning
+    assert all("did not finish within" in r.json()["error"]["message"] for r in ended)
 
 
 # ---------------------------------------------------------------- agp run: one bad line loses nothing
