@@ -319,6 +319,40 @@ def test_chat_templates_kept_running_by_requests_hold_up_no_other_request(tmp_pa
     assert all("did not finish within" in r.json()["error"]["message"] for r in ended)
 
 
+def test_an_answer_being_built_holds_up_no_other_request(tiny_gguf, monkeypatch):
+    """A non-streamed answer is built and written off the server's loop: 64 choices of 60 tokens
+    with 20 logprobs each are 80,000 objects, seconds on a busy host, during which every other
+    request's stream and answer used to wait. Here the first answer's building waits until
+    another request has been answered meanwhile."""
+    from pipeline_dsl.serve import generation
+
+    real, answered, calls, held = generation.answer_body, threading.Event(), [], []
+
+    def building(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            held.append(answered.wait(20))             # the plain request is answered meanwhile
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "answer_body", building)
+    s = LiveServer(tiny_gguf)
+    try:
+        big = []
+        t = threading.Thread(target=lambda: big.append(httpx.post(s.url + "/v1/completions", timeout=120, json={
+            "prompt": "hi", "n": 8, "max_tokens": 4, "logprobs": 20})))
+        t.start()
+        while not calls and t.is_alive():
+            time.sleep(0.01)
+        plain = httpx.post(s.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 2}, timeout=120)
+        answered.set()
+        t.join()
+    finally:
+        s.close()
+    assert plain.status_code == 200 and big[0].status_code == 200, (plain.text, big[0].text)
+    assert held == [True]
+    assert len(big[0].json()["choices"]) == 8
+
+
 # ---------------------------------------------------------------- agp run: one bad line loses nothing
 
 def with_python_stage(pipeline: Path, name: str, params: str, edge: str) -> Path:
