@@ -319,6 +319,35 @@ def test_chat_templates_kept_running_by_requests_hold_up_no_other_request(tmp_pa
     assert all("did not finish within" in r.json()["error"]["message"] for r in ended)
 
 
+def test_tokenize_requests_kept_in_their_template_hold_up_no_other_request(tmp_path):
+    """/tokenize renders a conversation on the pipeline's render threads: more spinning ones than
+    the threads that parse every request's body used to hold them all, and a plain prompt waited
+    for their 2 s."""
+    model = write_tiny_gguf(tmp_path / "spin.gguf", chat_template=SPIN_TEMPLATE)
+    s = LiveServer(model)
+    spinning = min(32, (os.cpu_count() or 1) + 4) + 2        # asyncio's default thread pool, and more
+    ended = []
+
+    def spin():
+        ended.append(httpx.post(s.url + "/tokenize", timeout=120, json={
+            "messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"spin": True}}))
+
+    threads = [threading.Thread(target=spin) for _ in range(spinning)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(0.5)                                      # let them reach their template
+        plain = httpx.post(s.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 2}, timeout=120)
+        still = spinning - len(ended)
+        assert plain.status_code == 200, plain.text
+        assert still == spinning, [r.text for r in ended]
+    finally:
+        for t in threads:
+            t.join()
+        s.close()
+    assert [r.status_code for r in ended] == [400] * spinning
+
+
 def test_an_answer_being_built_holds_up_no_other_request(tiny_gguf, monkeypatch):
     """A non-streamed answer is built and written off the server's loop: 64 choices of 60 tokens
     with 20 logprobs each are 80,000 objects, seconds on a busy host, during which every other
