@@ -237,6 +237,24 @@ def test_close_says_every_request_finished_while_a_result_is_still_being_handed_
         rt.shutdown()
 
 
+def test_a_conversation_after_the_render_pool_closed_is_answered(tmp_path, tiny_gguf):
+    """A conversation enters its batcher on the render pool; once that pool is shut down (a late
+    request at a close) it enters on the caller's thread and is answered."""
+    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 4 }\nstage out : respond {}\n"
+            "request -> batch\ngen -> out\n" + chain())
+    rt = PipelineRuntime(load_graph(write(tmp_path, tiny_gguf, body)), overrides={"threads": 1})
+    rt.start()
+    try:
+        rt.render_pool.shutdown(wait=True)
+        told = Told()
+        rt.submit(chat("c", "hello"), told)
+        assert told.done.wait(60)
+        assert told.heard[-1] == "done:ok", told.heard
+    finally:
+        rt.close(drain=True, timeout=30)
+        rt.shutdown()
+
+
 def test_a_request_needing_a_compile_after_the_compile_pool_closed_is_answered(tmp_path, tiny_gguf):
     """A request whose grammar is not compiled yet enters its batcher on the compile pool; once
     that pool is shut down (a late request at a close) it enters on the caller's thread and is

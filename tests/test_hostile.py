@@ -20,8 +20,9 @@ import pytest
 
 from clikit import agp_child, agp_in, reaped
 from pipeline_dsl.engine.tokenizer import TEMPLATE_SECONDS
+from pipeline_dsl.plan import ITEM_WORKERS
 from test_serve import LiveServer, TINY, start_agp_serve
-from tiny_model import write_tiny_gguf
+from tiny_model import CHAT_TEMPLATE, write_tiny_gguf
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +158,19 @@ def test_stop_strings_are_bounded_by_count_length_and_characters_in_all(server):
         assert r.status_code == 200, r.text
 
 
+def test_a_conversation_too_long_once_rendered_is_refused_before_it_is_tokenised(server):
+    """Thousands of one-letter messages pass the check of the messages' own characters, but the
+    template writes each one's turn around it: the rendered text is measured as a prompt is,
+    and refused without tokenising it (where it used to be tokenised whole, 70,000 tokens of
+    work for a 340 KB body a plain prompt of its size is refused without)."""
+    for route in ("/v1/chat/completions", "/tokenize"):
+        r = post(server, json.dumps({"messages": [{"role": "user", "content": "a"}] * 3000}), route=route)
+        assert_openai_error(r, 400, "conversation rendered by the chat template of")
+        assert r.json()["error"]["code"] == "context_length_exceeded", r.text
+        r = post(server, json.dumps({"messages": [{"role": "user", "content": "a"}] * 8}), route=route)
+        assert r.status_code == 200, r.text                       # a short one is taken as before
+
+
 def test_no_response_shows_an_absolute_path_and_405_says_allow(server):
     assert "/" not in json.dumps(httpx.get(server.url + "/stats").json()).replace("/s", "")
     for m in httpx.get(server.url + "/v1/models").json()["data"]:
@@ -263,6 +277,109 @@ def test_a_chat_template_that_never_ends_fails_its_request_only(tmp_path):
     # the template runs to its limit: had it run on the engine's loop, one gap would be as long as
     # that; a busy machine's hiccups are shorter (1.4 s seen at load 11: above STALL)
     assert len(gaps) >= 5 and max(gaps) < 0.9 * TEMPLATE_SECONDS, gaps
+
+
+# a template that spins until its time is up when a request's chat_template_kwargs say so
+SPIN_TEMPLATE = ("{% if spin %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+                 "{% endif %}" + CHAT_TEMPLATE)
+
+
+def test_chat_templates_kept_running_by_requests_hold_up_no_other_request(tmp_path):
+    """Each spinning request holds a thread for the template's TEMPLATE_SECONDS; twice as many of
+    them as the host pool has threads used to hold every thread that admits requests and hands
+    over answers, so a raw prompt waited for them (4 s). Conversations render on threads of
+    their own, which share the CPU: a plain prompt and a plain conversation are both answered
+    while every spinning request is still in its template."""
+    model = write_tiny_gguf(tmp_path / "spin.gguf", chat_template=SPIN_TEMPLATE)
+    s = LiveServer(model)
+    spinning = 2 * ITEM_WORKERS
+    ended = []
+
+    def spin():
+        r = httpx.post(s.url + "/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "chat_template_kwargs": {"spin": True}})
+        ended.append(r)
+
+    threads = [threading.Thread(target=spin) for _ in range(spinning)]
+    try:
+        for t in threads:
+            t.start()
+        s.stats_when(lambda st: st["in_flight"] == spinning)
+        plain = httpx.post(s.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 2}, timeout=120)
+        chat = httpx.post(s.url + "/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        still = spinning - len(ended)
+        assert plain.status_code == 200 and chat.status_code == 200, (plain.text, chat.text)
+        assert still == spinning, [r.text for r in ended]
+    finally:
+        for t in threads:
+            t.join()
+        s.close()
+    assert [r.status_code for r in ended] == [400] * spinning
+    assert all("did not finish within" in r.json()["error"]["message"] for r in ended)
+
+
+def test_tokenize_requests_kept_in_their_template_hold_up_no_other_request(tmp_path):
+    """/tokenize renders a conversation on the pipeline's render threads: more spinning ones than
+    the threads that parse every request's body used to hold them all, and a plain prompt waited
+    for their 2 s."""
+    model = write_tiny_gguf(tmp_path / "spin.gguf", chat_template=SPIN_TEMPLATE)
+    s = LiveServer(model)
+    spinning = min(32, (os.cpu_count() or 1) + 4) + 2        # asyncio's default thread pool, and more
+    ended = []
+
+    def spin():
+        ended.append(httpx.post(s.url + "/tokenize", timeout=120, json={
+            "messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"spin": True}}))
+
+    threads = [threading.Thread(target=spin) for _ in range(spinning)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(0.5)                                      # let them reach their template
+        plain = httpx.post(s.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 2}, timeout=120)
+        still = spinning - len(ended)
+        assert plain.status_code == 200, plain.text
+        assert still == spinning, [r.text for r in ended]
+    finally:
+        for t in threads:
+            t.join()
+        s.close()
+    assert [r.status_code for r in ended] == [400] * spinning
+
+
+def test_an_answer_being_built_holds_up_no_other_request(tiny_gguf, monkeypatch):
+    """A non-streamed answer is built and written off the server's loop: 64 choices of 60 tokens
+    with 20 logprobs each are 80,000 objects, seconds on a busy host, during which every other
+    request's stream and answer used to wait. Here the first answer's building waits until
+    another request has been answered meanwhile."""
+    from pipeline_dsl.serve import generation
+
+    real, answered, calls, held = generation.answer_body, threading.Event(), [], []
+
+    def building(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            held.append(answered.wait(20))             # the plain request is answered meanwhile
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "answer_body", building)
+    s = LiveServer(tiny_gguf)
+    try:
+        big = []
+        t = threading.Thread(target=lambda: big.append(httpx.post(s.url + "/v1/completions", timeout=120, json={
+            "prompt": "hi", "n": 8, "max_tokens": 4, "logprobs": 20})))
+        t.start()
+        while not calls and t.is_alive():
+            time.sleep(0.01)
+        plain = httpx.post(s.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 2}, timeout=120)
+        answered.set()
+        t.join()
+    finally:
+        s.close()
+    assert plain.status_code == 200 and big[0].status_code == 200, (plain.text, big[0].text)
+    assert held == [True]
+    assert len(big[0].json()["choices"]) == 8
 
 
 # ---------------------------------------------------------------- agp run: one bad line loses nothing

@@ -170,10 +170,24 @@ def test_a_forced_calls_tool_parameters_are_refused_when_the_request_is_read():
     assert e.value.param == "tools[0].function.parameters"
 
 
-def test_a_forced_calls_tool_the_engine_gives_up_on_names_its_parameters(server):
+@pytest.fixture(scope="module")
+def long_server(long_gguf):
+    """The tiny model with a context of 4096 tokens and the KV room for it: room for a tool prompt
+    of 30,000 characters, which a 512-token context refuses by its characters before anything else
+    is looked at."""
+    from test_serve import TINY, LiveServer
+
+    s = LiveServer(long_gguf, text=TINY.format(model=long_gguf, max_queue=1024, max_batch_size=8, timeout=20)
+                   .replace("budget = 1MiB", "budget = 4MiB"))
+    yield s
+    s.close()
+
+
+def test_a_forced_calls_tool_the_engine_gives_up_on_names_its_parameters(long_server):
     """A tool's parameters that only the engine's walk with the model's tokens refuses (an object
     of a thousand optional properties: llguidance gives up after its "{"): the 400 names them, with
     OpenAI's code for them, as the check when the request is read gives it."""
+    server = long_server
     many = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}
     tools = [UNIQUE_TAGS[0], {"type": "function", "function": {"name": "many", "parameters": many}}]
     r = httpx.post(server.url + "/v1/chat/completions", json={

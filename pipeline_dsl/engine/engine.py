@@ -243,7 +243,7 @@ class Engine:
             ids = list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
         elif messages is not None:
             ids = self._render_chat(messages, chat_template, add_special_tokens, tools, tool_choice, template_kwargs,
-                                    add_generation_prompt, continue_final_message)
+                                    add_generation_prompt, continue_final_message, check_length=not keep_last)
         else:
             if not isinstance(prompt_token_ids, (list, tuple)) or not all(
                     isinstance(t, int) and not isinstance(t, bool) for t in prompt_token_ids):
@@ -286,8 +286,9 @@ class Engine:
         per_token = getattr(self.tokenizer, "max_token_chars", None)
         return self.prompt_limit * per_token if per_token else None
 
-    def check_prompt_length(self, prompt=None, messages=None, prompt_token_ids=None) -> None:
-        """InputError for a prompt that cannot fit the limit, decided without tokenising it."""
+    def check_prompt_length(self, prompt=None, messages=None, prompt_token_ids=None, rendered=False) -> None:
+        """InputError for a prompt that cannot fit the limit, decided without tokenising it
+        (`rendered`: the prompt is a conversation as the chat template wrote it)."""
         limit = self.prompt_limit
         per_token = getattr(self.tokenizer, "max_token_chars", None)
         if isinstance(prompt_token_ids, (list, tuple)) and len(prompt_token_ids) > limit:
@@ -301,12 +302,13 @@ class Engine:
         else:
             return
         if chars > limit * per_token:
-            raise ContextLengthError(f"prompt of {chars} characters {self._limit_words()}; a token stands for at most "
+            what = "conversation rendered by the chat template" if rendered else "prompt"
+            raise ContextLengthError(f"{what} of {chars} characters {self._limit_words()}; a token stands for at most "
                                      f"{per_token} characters")
 
     def _render_chat(self, messages, chat_template=True, add_special_tokens=True, tools=None,
                      tool_choice="auto", template_kwargs=None, add_generation_prompt=True,
-                     continue_final_message=False) -> list[int]:
+                     continue_final_message=False, check_length=True) -> list[int]:
         if not isinstance(messages, (list, tuple)) or not messages:
             raise InputError("messages must be a non-empty list of {role, content} objects")
         if continue_final_message and add_generation_prompt:
@@ -337,6 +339,10 @@ class Engine:
         if continue_final_message:
             rendered = open_final_message(rendered, messages[-1]["content"])
         if isinstance(rendered, str):
+            # what the template wrote around the messages (their turns' markers, the tools) counts
+            # too: a conversation of many short messages, or of tools, refused before tokenising
+            if check_length:
+                self.check_prompt_length(prompt=rendered, rendered=True)
             return list(self.tokenizer.encode(rendered, add_special_tokens=False))
         return list(rendered)
 

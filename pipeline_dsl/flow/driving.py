@@ -19,7 +19,7 @@ class Driving:
 
     # ---- the host pool ---------------------------------------------------------------
     def _task(self, fn, *args, pool=None) -> None:
-        """Run fn(*args) on the host pool (or `pool`: the compile threads), counted (see settle())."""
+        """Run fn(*args) on the host pool (or `pool`: the compile or render threads), counted (see settle())."""
         with self._lock:
             self._tasks += 1
 
@@ -150,6 +150,7 @@ class Driving:
                 es.reopen()
         else:
             self.compile_pool.shutdown(wait=True)
+            self.render_pool.shutdown(wait=True)
             self.pool.shutdown(wait=True)
         if failure:
             raise failure[0]
@@ -204,5 +205,6 @@ class Driving:
             w.loop.close()
         self.timer.close()
         self.compile_pool.shutdown(wait=False, cancel_futures=True)
+        self.render_pool.shutdown(wait=False, cancel_futures=True)
         self.pool.shutdown(wait=False, cancel_futures=True)
 

@@ -22,7 +22,8 @@ flow/driving.py starts, drives and closes it all.
   workers (flow/workers.py): a slow or hung function holds up only its own stage's items.
 - An engine segment (batch -> encode -> kv_lookup -> generate...) takes a Request in at its
   batcher: tokenised on the host pool (encode) (on the compile threads when its constraint
-  is not compiled yet: a large schema's compile holds no host thread), routed among the segment's generate stages,
+  is not compiled yet: a large schema's compile holds no host thread; a conversation on the
+  render threads: its chat template holds none either), routed among the segment's generate stages,
   copied `n` times and submitted to the segment's executor; the engine steps as soon as the
   first one arrives. Each finished sequence goes on from its generate stage as a Generated
   item; stream stages right after it filter its text while it is generated.
@@ -69,7 +70,8 @@ _PART = {"requests": "admit", "system_prompt": "apply", "python": "call", "route
 
 
 COMPILE_THREADS = 4 * MAX_GRAMMAR_WORK  # the compile pool's threads (compiles at once: MAX_GRAMMAR_WORK)
-_compile_thread = threading.local()      # .here: a thread running _go_compiling
+RENDER_THREADS = 16                      # the render pool's threads: conversations rendered at once
+_off_pool = threading.local()            # .here: "compile" or "render" on a thread running _go_off
 
 
 class PipelineRuntime(EngineSide, LiveStages, Driving):
@@ -174,6 +176,12 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         # so it has more of them than slots: requests waiting on one spec's compile leave threads
         # for the other new specs to take the slots
         self.compile_pool = ThreadPoolExecutor(max_workers=COMPILE_THREADS, thread_name_prefix="agp-compile")
+        # a conversation enters its batcher here, off the host pool, for its chat template (a template
+        # runs up to TEMPLATE_SECONDS; thousands of messages or tools take a second): what a request
+        # makes the template do never holds the threads that admit and tokenise raw prompts and hand
+        # over answers. The template yields the GIL as it runs, so many threads share the CPU among
+        # long renders and short ones rather than queue the short behind the long
+        self.render_pool = ThreadPoolExecutor(max_workers=RENDER_THREADS, thread_name_prefix="agp-render")
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._closing = False
@@ -240,16 +248,17 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             self._fail(req, PipelineError(message, "aborted"))
 
     # ---- items through stages ----------------------------------------------------------
-    def _go_compiling(self, batch) -> None:
-        """_go on a compile thread: its batcher builds the grammar here. Also where the compile
-        pool is shut down and _task runs this inline (a late request at a close): marked a compile
-        thread for the call, so it enters its batcher rather than asks the pool again."""
-        was = getattr(_compile_thread, "here", False)
-        _compile_thread.here = True
+    def _go_off(self, pool: str, batch) -> None:
+        """_go on a compile thread (its batcher builds the grammar here) or a render thread (its
+        batcher renders the conversation here). Also where that pool is shut down and _task runs
+        this inline (a late request at a close): marked as such a thread for the call, so it
+        enters its batcher rather than asks a pool again."""
+        was = getattr(_off_pool, "here", None)
+        _off_pool.here = pool
         try:
             self._go(batch)
         finally:
-            _compile_thread.here = was
+            _off_pool.here = was
 
     def _go(self, pairs) -> None:
         """Carry items (and what they become) as far as they go on this thread; a stage that
@@ -284,9 +293,13 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             return [x for j, waiting in fired for x in self._fire(item.req, j, waiting)]
         if kind == "dynamic_batch":
             es = self.seg_by_batch[stage]
-            if not getattr(_compile_thread, "here", False) and es.needs_compile(item.data):
-                self._task(self._go_compiling, [(item, stage)], pool=self.compile_pool)
-                return []
+            if getattr(_off_pool, "here", None) is None:
+                if es.needs_compile(item.data):
+                    self._task(self._go_off, "compile", [(item, stage)], pool=self.compile_pool)
+                    return []
+                if item.data.get("messages") is not None:
+                    self._task(self._go_off, "render", [(item, stage)], pool=self.render_pool)
+                    return []
             self._enter_segment(item, es)
             return []
         if stage in self.loops and self.loops.leaves(stage, item.turns):

@@ -37,7 +37,7 @@ import struct
 import sys
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from pipeline_dsl.flow import PipelineError
 from pipeline_dsl.requests_io import IGNORED, check_fields, request_item
@@ -47,7 +47,7 @@ from .access import request_info
 from .body import read_json
 from .errors import api_error, error_response
 from .extras import bad, request_errors
-from .generation import wait_or_disconnect
+from .generation import json_answer, wait_or_disconnect
 
 FIELDS = {"model", "input", "encoding_format", "dimensions", "user", "normalize", "request_id", "priority",
           "add_special_tokens", "embed_dtype", "endianness",
@@ -210,12 +210,12 @@ class Embeddings:
                 status = str(err.status)
                 return error_response(err)
             try:
-                body = self.answer(req, results)
+                response, _ = await asyncio.to_thread(json_answer, lambda: (self.answer(req, results), None))
             except P.APIError as err:
                 status = str(err.status)
                 return error_response(err)
             status = "200"
-            return JSONResponse(body)
+            return response
         finally:
             for st in streams:
                 if not st.finished:

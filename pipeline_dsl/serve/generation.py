@@ -27,6 +27,15 @@ from .metrics import ServerMetrics
 from .sse import ChunkWriter, EventStream
 
 
+def json_answer(build, *args) -> tuple[JSONResponse, object]:
+    """(`build(*args)`'s body as a JSON response, what else it gave), for a thread off the loop:
+    an answer of 64 choices with 20 logprobs a token, or an echoed prompt's, is tens of thousands
+    of objects to build and write (seconds on a busy host), and no other request's stream or
+    answer waits for it."""
+    body, other = build(*args)
+    return JSONResponse(body), other
+
+
 async def wait_or_disconnect(request: Request, work):
     """`await work`, unless the client disconnects first: then (False, None) and `work` cancelled.
     A cancelled future's outcome is taken when it ends (a cancelled `asyncio.gather` ends with
@@ -147,7 +156,8 @@ class Generations:
 
     async def collect(self, request: Request, stream, first, req: P.GenerationRequest, build) -> Response:
         """Non-streaming: wait for the result and answer `build(result) -> (body, {choice index:
-        finish reason})`, or abort when the client disconnects."""
+        finish reason})`, or abort when the client disconnects. The body is built and written off
+        the loop (json_answer)."""
         async def answer():
             event = first
             while event[0] != "done":
@@ -164,9 +174,9 @@ class Generations:
                 err = api_error(res.error, req.kind, self.config.retry_after_s, req.max_tokens_field)
                 status = str(err.status)
                 return error_response(err)
-            body, reasons = build(res)
+            response, reasons = await asyncio.to_thread(json_answer, build, res)
             status, result = "200", res
-            return JSONResponse(body)
+            return response
         finally:
             if not stream.finished:
                 stream.abort()

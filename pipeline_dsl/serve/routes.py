@@ -132,6 +132,17 @@ async def model(model_id: str, request: Request):
     return entry
 
 
+async def rendered(runtime, tok: dict) -> list[int]:
+    """/tokenize's ids, made on the runtime's render threads, where the pipeline renders its
+    conversations: a chat template kept running (up to its 2 s) holds none of the threads that
+    parse the other requests."""
+    try:
+        done = runtime.render_pool.submit(runtime.tokenise, tok, None)
+    except RuntimeError:                       # the pool is shut down: the server is going down
+        return await asyncio.to_thread(runtime.tokenise, tok, None)
+    return await asyncio.wrap_future(done)
+
+
 @router.post("/tokenize", openapi_extra=OA.TOKENIZE)
 async def tokenize(request: Request):
     state = _state(request)
@@ -139,7 +150,7 @@ async def tokenize(request: Request):
     try:
         body = await read_json(request, state.config)
         tok = P.parse_tokenize(body, served=state.config.model_names, stages=_stage_names(state.config))
-        ids = await asyncio.to_thread(state.apipe.runtime.tokenise, tok, None)
+        ids = await rendered(state.apipe.runtime, tok)
         strs = (await asyncio.to_thread(state.apipe.runtime.token_strings, ids, tok["pin"])
                 if tok["return_token_strs"] else None)
     except P.APIError as err:
