@@ -345,3 +345,38 @@ def test_a_chat_template_that_writes_bos_gives_the_prompt_one_bos(engine, spm_gg
     for prompt in ("<s>hi", "<s> hi"):          # transformers puts a second <s> before the text's own
         assert engine.prompt_ids(prompt=prompt) == ref.encode(prompt, add_special_tokens=False), prompt
     assert engine.prompt_ids(messages=[{"role": "user", "content": "hi"}])[0] != bos   # its own template writes none
+
+
+def test_text_offsets_of_sampled_answers_point_at_each_tokens_text(server):
+    """Sampled answers full of byte pieces (whole characters, characters cut short, stray bytes):
+    each token's text_offset is where its text stands in the answer, whole and streamed; the
+    U+FFFD of a character that never came stands before the token after it, one a stray byte."""
+    special = {"<s>", "</s>", "<unk>"}
+    checked = 0
+    for seed in range(12):
+        kw = dict(model="tiny", prompt="the cat", max_tokens=24, logprobs=1, temperature=1.0, seed=seed,
+                  extra_body={"ignore_eos": True})
+        whole = server.client.completions.create(**kw).choices[0]
+        lp = whole.logprobs
+        for offset, token in zip(lp.text_offset, lp.tokens):
+            if "\ufffd" not in token and token not in special:
+                assert whole.text[offset:offset + len(token)] == token, (seed, offset, token, whole.text)
+                checked += 1
+        chunks = list(server.client.completions.create(**kw, stream=True))
+        assert [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == \
+            lp.text_offset
+    assert checked > 100
+
+
+def test_a_token_after_a_character_that_never_came_begins_after_its_replacement_character():
+    """The bytes of a cut character are U+FFFD in the text before the token that shows they end
+    there: that token's offset is after it (a byte-level BPE's text, Python's "replace")."""
+    from pipeline_dsl.serve.protocol import TextOffsets
+
+    pieces = {1: b"\xe6\x97", 2: b"1", 3: b"\xa5", 4: b"\xe6", 5: b"\x97\xa5", 6: b"x"}
+    offsets = TextOffsets(pieces.__getitem__)
+    assert [offsets.next(i) for i in (6, 1, 2, 6)] == [0, 1, 2, 3]        # "x", "\ufffd", "1", "x"
+    offsets = TextOffsets(pieces.__getitem__)
+    assert [offsets.next(i) for i in (4, 5, 6)] == [0, 0, 1]              # 日 cut over two tokens: both at it
+    offsets = TextOffsets(pieces.__getitem__)
+    assert [offsets.next(i) for i in (1, 3, 6)] == [0, 0, 1]              # 日 whole after all

@@ -21,6 +21,7 @@ are matched whole in text.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import functools
 import json
@@ -96,6 +97,43 @@ def _char_size(data: bytes, at: int) -> int:
         except UnicodeDecodeError:
             continue
     return 0
+
+
+class StrayBytesDecoder:
+    """UTF-8 bytes fed a piece at a time, read as a SentencePiece text reads its byte pieces:
+    whole characters, each byte that is no part of one a U+FFFD (Python's "replace" makes one
+    U+FFFD of the bytes of a cut character, as a byte-level BPE's text does); bytes that may
+    still become a character wait for the next piece."""
+
+    def __init__(self):
+        self.pending = b""
+
+    def getstate(self) -> tuple[bytes, int]:
+        """(the bytes waiting, 0), as a `codecs` incremental decoder says it."""
+        return self.pending, 0
+
+    def decode(self, data: bytes, final: bool = False) -> str:
+        data, at, out = self.pending + data, 0, []
+        while at < len(data):
+            size = _char_size(data, at)
+            if size:
+                out.append(data[at:at + size].decode("utf-8"))
+                at += size
+                continue
+            if not final and _unfinished(data[at:]):
+                break
+            out.append("\ufffd")
+            at += 1
+        self.pending = data[at:]
+        return "".join(out)
+
+
+def _unfinished(data: bytes) -> bool:
+    """Whether `data` is the start of a UTF-8 character whose other bytes have not come."""
+    try:
+        return len(data) < 4 and codecs.getincrementaldecoder("utf-8")().decode(data, final=False) == ""
+    except UnicodeDecodeError:
+        return False
 
 
 def _whole_characters(pieces: list[str]) -> list[str]:
@@ -333,6 +371,12 @@ class Tokenizer:
             return text
         pieces = [self.tk.id_to_token(i) for i in ids if not (skip_special_tokens and i in self.special_ids)]
         return self.tk.decoder.decode(_whole_characters([p for p in pieces if p is not None]))
+
+    def bytes_decoder(self):
+        """A new incremental decoder (`.decode(data, final=False) -> str`) of the bytes of this
+        tokenizer's tokens (token_bytes) that reads them as its text does: it tells where each
+        token's text begins when tokens cut characters (logprobs' text_offset)."""
+        return StrayBytesDecoder() if self._byte_fallback else codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def token_to_id(self, token: str) -> int | None:
         return self.tk.token_to_id(token)
