@@ -347,25 +347,29 @@ def test_a_chat_template_that_writes_bos_gives_the_prompt_one_bos(engine, spm_gg
     assert engine.prompt_ids(messages=[{"role": "user", "content": "hi"}])[0] != bos   # its own template writes none
 
 
-def test_text_offsets_of_sampled_answers_point_at_each_tokens_text(server):
-    """Sampled answers full of byte pieces (whole characters, characters cut short, stray bytes):
-    each token's text_offset is where its text stands in the answer, whole and streamed; the
-    U+FFFD of a character that never came stands before the token after it, one a stray byte."""
+@pytest.mark.parametrize("skip", [True, False], ids=["skip-special", "keep-special"])
+def test_text_offsets_of_sampled_answers_point_at_each_tokens_text(server, skip):
+    """Sampled answers full of byte pieces (whole characters, characters cut short, stray bytes)
+    and special tokens: each token's text_offset is where its text stands in the answer, whole and
+    streamed (a special token skipped takes none); the U+FFFD of a character that never came stands
+    before the token after it, one a stray byte; the streamed text is the whole one."""
     special = {"<s>", "</s>", "<unk>"}
-    checked = 0
-    for seed in range(12):
+    checked = shown = 0
+    for seed in range(8):
         kw = dict(model="tiny", prompt="the cat", max_tokens=24, logprobs=1, temperature=1.0, seed=seed,
-                  extra_body={"ignore_eos": True})
+                  extra_body={"ignore_eos": True, "skip_special_tokens": skip})
         whole = server.client.completions.create(**kw).choices[0]
         lp = whole.logprobs
         for offset, token in zip(lp.text_offset, lp.tokens):
-            if "\ufffd" not in token and token not in special:
+            if "\ufffd" not in token and not (skip and token in special):
                 assert whole.text[offset:offset + len(token)] == token, (seed, offset, token, whole.text)
                 checked += 1
+                shown += token in special
         chunks = list(server.client.completions.create(**kw, stream=True))
+        assert "".join(c.choices[0].text for c in chunks) == whole.text
         assert [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == \
             lp.text_offset
-    assert checked > 100
+    assert checked > 80 and (shown > 0) == (not skip)
 
 
 def test_a_token_after_a_character_that_never_came_begins_after_its_replacement_character():
