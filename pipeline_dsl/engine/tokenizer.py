@@ -21,6 +21,7 @@ are matched whole in text.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import functools
 import json
@@ -87,6 +88,80 @@ _BYTE_OF_CHAR = _byte_of_char()
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")        # a SentencePiece vocabulary's byte fallback
 
 
+def _char_size(data: bytes, at: int) -> int:
+    """The length in bytes of the whole UTF-8 character `data[at:]` starts with; 0: none does."""
+    for size in (1, 2, 3, 4):
+        try:
+            data[at:at + size].decode("utf-8")
+            return size
+        except UnicodeDecodeError:
+            continue
+    return 0
+
+
+class StrayBytesDecoder:
+    """UTF-8 bytes fed a piece at a time, read as a SentencePiece text reads its byte pieces:
+    whole characters, each byte that is no part of one a U+FFFD (Python's "replace" makes one
+    U+FFFD of the bytes of a cut character, as a byte-level BPE's text does); bytes that may
+    still become a character wait for the next piece."""
+
+    def __init__(self):
+        self.pending = b""
+
+    def getstate(self) -> tuple[bytes, int]:
+        """(the bytes waiting, 0), as a `codecs` incremental decoder says it."""
+        return self.pending, 0
+
+    def decode(self, data: bytes, final: bool = False) -> str:
+        data, at, out = self.pending + data, 0, []
+        while at < len(data):
+            size = _char_size(data, at)
+            if size:
+                out.append(data[at:at + size].decode("utf-8"))
+                at += size
+                continue
+            if not final and _unfinished(data[at:]):
+                break
+            out.append("\ufffd")
+            at += 1
+        self.pending = data[at:]
+        return "".join(out)
+
+
+def _unfinished(data: bytes) -> bool:
+    """Whether `data` is the start of a UTF-8 character whose other bytes have not come."""
+    try:
+        return len(data) < 4 and codecs.getincrementaldecoder("utf-8")().decode(data, final=False) == ""
+    except UnicodeDecodeError:
+        return False
+
+
+def _whole_characters(pieces: list[str]) -> list[str]:
+    """`pieces` with each byte piece (<0xNN>) that is no part of a whole UTF-8 character made
+    U+FFFD, the byte pieces of whole characters kept: what a decoder's ByteFallback makes of them
+    then is the text sentencepiece decodes (whole characters kept, one U+FFFD a stray byte),
+    where a run of byte pieces holding one stray byte would otherwise be all U+FFFD."""
+    out, run = [], []                  # run: (piece, byte) of the byte pieces in a row
+
+    def settle():
+        data, at = bytes(b for _, b in run), 0
+        while at < len(data):
+            size = _char_size(data, at)
+            out.extend([piece for piece, _ in run[at:at + size]] if size else ["\ufffd"])
+            at += size or 1
+        run.clear()
+
+    for piece in pieces:
+        m = _BYTE_PIECE.fullmatch(piece)
+        if m:
+            run.append((piece, int(m.group(1), 16)))
+            continue
+        settle()
+        out.append(piece)
+    settle()
+    return out
+
+
 class TokenizerError(InputError):
     """The model's tokenizer or chat template cannot be built or rendered (for this input)."""
 
@@ -146,6 +221,8 @@ class Tokenizer:
         self.added = {i: t.content for i, t in tk.get_added_tokens_decoder().items()}
         self.special_ids = frozenset(i for i, t in tk.get_added_tokens_decoder().items() if t.special)
         self._template = None
+        # a decoder that turns byte pieces <0xNN> into characters (a SentencePiece vocabulary's)
+        self._byte_fallback = tk.decoder is not None and b'"ByteFallback"' in tk.decoder.__getstate__()
         # the most characters one token can stand for: a text longer than limit * this has more
         # than `limit` tokens, whatever they are (a cheap check before tokenising huge input)
         self.max_token_chars = max((len(t) for t in tk.get_vocab(with_added_tokens=True)), default=1) or 1
@@ -263,13 +340,13 @@ class Tokenizer:
         spaces (a SentencePiece "▁next" after "</s>" is " next", as in the whole text)."""
         ids = list(ids)
         if spaces_between_special_tokens or not any(i in self.added for i in ids):
-            return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
+            return self._text(ids, skip_special_tokens)
         parts, run = [], []
 
         def flush():
             if run:                            # text after an added token goes on after it
                 parts.append(self.decode_continued(run, skip_special_tokens) if parts
-                             else self.tk.decode(run, skip_special_tokens=skip_special_tokens))
+                             else self._text(run, skip_special_tokens))
                 run.clear()
 
         for i in ids:
@@ -282,6 +359,24 @@ class Tokenizer:
             parts.append(self.added[i])
         flush()
         return "".join(parts)
+
+    def _text(self, ids: list, skip_special_tokens: bool) -> str:
+        """The decoder's text of `ids`. Byte pieces that are not all whole characters decode as
+        sentencepiece decodes them (each stray byte U+FFFD, the whole characters around it kept),
+        not all as U+FFFD as the `tokenizers` library's ByteFallback writes a run holding one:
+        so the text of a list of ids starts with the text of any shorter list it starts with
+        (an answer streamed token by token reads as the whole answer decoded at once)."""
+        text = self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
+        if "\ufffd" not in text or not self._byte_fallback:
+            return text
+        pieces = [self.tk.id_to_token(i) for i in ids if not (skip_special_tokens and i in self.special_ids)]
+        return self.tk.decoder.decode(_whole_characters([p for p in pieces if p is not None]))
+
+    def bytes_decoder(self):
+        """A new incremental decoder (`.decode(data, final=False) -> str`) of the bytes of this
+        tokenizer's tokens (token_bytes) that reads them as its text does: it tells where each
+        token's text begins when tokens cut characters (logprobs' text_offset)."""
+        return StrayBytesDecoder() if self._byte_fallback else codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def token_to_id(self, token: str) -> int | None:
         return self.tk.token_to_id(token)
@@ -306,7 +401,7 @@ class Tokenizer:
         the decoder's own decode (no anchor, added tokens spaced as the decoder spaces them), it is
         the decoder's decode itself: an incremental decoder calls it twice a generated token."""
         if self._anchor is None and (spaces_between_special_tokens or not self.added):
-            return functools.partial(self.tk.decode, skip_special_tokens=skip_special_tokens)
+            return functools.partial(self._text, skip_special_tokens=skip_special_tokens)
         return functools.partial(self.decode_continued, skip_special_tokens=skip_special_tokens,
                                  spaces_between_special_tokens=spaces_between_special_tokens)
 

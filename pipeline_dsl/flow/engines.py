@@ -66,6 +66,15 @@ class EngineSide:
         tok = self._segment_for(pin).tokenizer
         return functools.lru_cache(maxsize=1 << 16)(tok.token_bytes)
 
+    def bytes_decoder(self, pin: str | None = None) -> Callable[[], object]:
+        """-> a new incremental decoder of tokens' bytes that reads them as the tokenizer's text
+        does (a stray byte of a SentencePiece answer is one U+FFFD, of a byte-level one as Python's
+        "replace" reads it), for counting where each token's text begins."""
+        import codecs
+
+        tok = self._segment_for(pin).tokenizer
+        return getattr(tok, "bytes_decoder", None) or (lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
+
     def special_token_ids(self, pin: str | None = None) -> frozenset:
         """The ids of the tokenizer's special tokens (an answer's text leaves them out unless
         the request's skip_special_tokens is false)."""

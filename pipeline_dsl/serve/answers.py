@@ -25,7 +25,7 @@ def offsets(runtime, pin: str | None, fields: dict, bytes_of, start: int = 0) ->
     generate stage `pin` with these per-request `fields` (its skip_special_tokens): agp serve's
     and `agp run` lines' alike."""
     return P.TextOffsets(bytes_of, start, runtime.special_token_ids(pin),
-                         fields.get("skip_special_tokens", True) is not False)
+                         fields.get("skip_special_tokens", True) is not False, runtime.bytes_decoder(pin)())
 
 
 def answer_body(runtime, res, req: P.GenerationRequest, rid: str,

@@ -513,24 +513,41 @@ class TextOffsets:
     first word: its "▁" is a space inside a text, none at its start) begins after that space.
     One instance follows one choice's tokens in order (a stream's chunks too)."""
 
-    def __init__(self, bytes_of, start: int = 0, special=frozenset(), skip_special_tokens: bool = True):
+    def __init__(self, bytes_of, start: int = 0, special=frozenset(), skip_special_tokens: bool = True,
+                 decoder=None):
         self.bytes_of = bytes_of                 # token id -> its own bytes (part of a character too)
         self.pos = start
         self.special, self.skip = special, skip_special_tokens
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # the tokens' bytes read as the tokenizer's text reads them (a SentencePiece text makes each
+        # stray byte one U+FFFD, Python's "replace" one of a cut character's bytes)
+        self._decoder = decoder or codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def next(self, token_id: int, shown_in: str | None = None) -> int:
         """The offset of this token, then move past it; `shown_in`: the prompt text it is echoed in
         (a prompt's token), else it is a generated one."""
-        at, data = self.pos, self.bytes_of(token_id)
+        data = self.bytes_of(token_id)
         if token_id in self.special:
             piece = data.decode("utf-8", "replace")
-            if not (shown_in.startswith(piece, at) if shown_in is not None else not self.skip):
-                return at
+            if not (shown_in.startswith(piece, self.pos) if shown_in is not None else not self.skip):
+                return self.pos
+        waiting = self._decoder.getstate()[0]
+        if waiting and data and not _continues(waiting, data):
+            # the bytes of a character that never came: their U+FFFD stand before this token
+            self.pos += len(self._decoder.decode(b"", final=True))
+        at = self.pos
         if shown_in is not None and data.startswith(b" ") and not shown_in.startswith(" ", at):
             data = data[1:]
         self.pos += len(self._decoder.decode(data))
         return at
+
+
+def _continues(waiting: bytes, data: bytes) -> bool:
+    """Whether `data`'s first byte goes on with the start of a UTF-8 character `waiting`."""
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(waiting + data[:1], final=False)
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def completion_logprobs(data: dict, text_of, echo: str | None, offsets: TextOffsets, k: int | None = None) -> dict:
