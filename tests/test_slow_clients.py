@@ -209,6 +209,29 @@ def test_a_backlog_of_deltas_holds_the_answer_text_once():
         loop.close()
 
 
+def test_a_stream_cut_for_its_unread_tokens_lets_go_of_them():
+    """Past max_unread_tokens the request is aborted and the deltas its consumer never took are
+    dropped at once, those still on their way too: the consumer's next event is the result that
+    says why. (Before: a cut stream held its queued deltas, 1,024 of them by default, some 4 KB
+    each with 20 logprobs, until its client's connection ended: --send-timeout later.)"""
+    loop = asyncio.new_event_loop()
+    try:
+        aborted = []
+        runtime = type("Runtime", (), {"abort": lambda self, key, message: aborted.append((key, message))})()
+        owner = type("Owner", (), {"metrics": None, "runtime": runtime})()
+        stream = RequestStream(owner, LoopMail(loop), max_unread_tokens=10)
+        stream.key = "k"
+        for i in range(30):
+            stream.on_delta("k", 0, _Out([i], f"tok{i} ", ""))
+        loop.run_until_complete(asyncio.sleep(0))
+        assert len(aborted) == 1 and "--max-unread-tokens" in aborted[0][1]
+        assert stream.cut and stream.queue.qsize() == 0 and stream.unread == 0
+        stream.on_done("the result")
+        assert loop.run_until_complete(stream.__anext__()) == ("done", "the result")
+    finally:
+        loop.close()
+
+
 def test_a_shutdown_cuts_the_connections_of_clients_that_read_nothing_without_a_traceback(long_gguf, tmp_path):
     """SIGTERM with two stalled streams (their requests already cut): the server closes their
     connections and exits 0 at once. (Before: uvicorn waited its graceful 5 s on the writes that

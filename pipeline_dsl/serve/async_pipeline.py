@@ -153,17 +153,24 @@ class RequestStream:
     # ---- on the event loop ------------------------------------------------------------
     def _queued(self, event) -> None:
         """A delta for the consumer (without its whole text); past max_unread_tokens unread
-        tokens the request is cut."""
+        tokens the request is cut, and the deltas it queued are dropped (those still on their way
+        too): what its client may still read of them is the error that says why."""
+        if self.cut:
+            return
         _, index, out = event
         self.queue.put_nowait(("delta", index, out.without_text() if isinstance(out, Delta) else replace(out, text="")))
         self.unread += len(out.new_token_ids or ())
         limit = self.max_unread_tokens
-        if limit is not None and self.unread > limit and not (self.finished or self.cut) and self.key is not None:
+        if limit is not None and self.unread > limit and not self.finished and self.key is not None:
             self.cut = True
             log.info("aborting %s: its client left more than %d tokens of its stream unread", self.id or self.key,
                      limit)
             if self._owner.metrics is not None:
                 self._owner.metrics.unread_cuts.inc()
+            kept = [e for e in (self.queue.get_nowait() for _ in range(self.queue.qsize())) if e[0] != "delta"]
+            for e in kept:                       # its deltas' memory back now, not when its connection ends
+                self.queue.put_nowait(e)
+            self.unread = 0
             self._owner.runtime.abort(self.key, f"the stream was cut: its client left more than {limit} "
                                                 f"generated tokens unread (--max-unread-tokens)")
 
