@@ -51,15 +51,18 @@ def scrape(url: str, labelled: bool = False) -> dict:
     return out
 
 
-def stalled_stream(port: int, prompt, max_tokens: int = MAX_TOKENS, logprobs: int | None = 5) -> socket.socket:
-    """A streamed completions request whose client then reads nothing (a small receive buffer)."""
+def stalled_stream(port: int, prompt, max_tokens: int = MAX_TOKENS, logprobs: int | None = 5,
+                   request_id: str | None = None) -> socket.socket:
+    """A streamed completions request (with its X-Request-Id if given) whose client then reads
+    nothing (a small receive buffer)."""
     body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
                        "logprobs": logprobs}).encode()
     c = socket.socket()
     c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     c.connect(("127.0.0.1", port))
+    named = b"X-Request-Id: %s\r\n" % request_id.encode() if request_id else b""
     c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-              b"Content-Length: %d\r\n\r\n" % len(body) + body)
+              + named + b"Content-Length: %d\r\n\r\n" % len(body) + body)
     return c
 
 
@@ -110,8 +113,10 @@ def test_a_stalled_stream_that_fits_in_the_buffers_is_cut_after_the_send_timeout
     socket and asyncio buffers hold) while another client reads its own: the stalled request is
     aborted --send-timeout after its client's receive buffer filled, counted as a 499 like a
     client gone, its sequence out of the batch and its KV blocks freed while its client still
-    holds its end of the connection; the other stream is answered whole. (Before: nothing was cut
-    until the server's buffers were full too, so this answer was generated to its end, a 200.)"""
+    holds its end of the connection; the other stream is answered whole. The log line of the cut
+    names the request (its X-Request-Id) and its client, the access log off. (Before: nothing was
+    cut until the server's buffers were full too, so this answer was generated to its end, a 200;
+    and the cut was logged as "cutting a connection", naming neither.)"""
     path = tmp_path / "tiny.agp"
     path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1).replace("1MiB", "8MiB"))
     proc, url = start_agp_serve(str(path), "--threads", "1", "--no-access-log", "--send-timeout", "0.05",
@@ -119,7 +124,8 @@ def test_a_stalled_stream_that_fits_in_the_buffers_is_cut_after_the_send_timeout
     port = int(url.rsplit(":", 1)[1])
     try:
         before = scrape(url)
-        stalled = stalled_stream(port, "hello world", max_tokens=800, logprobs=None)
+        stalled = stalled_stream(port, "hello world", max_tokens=800, logprobs=None, request_id="stalled-800")
+        client = "127.0.0.1:%d" % stalled.getsockname()[1]
         with stalled:
             with httpx.stream("POST", url + "/v1/completions", timeout=120,
                               json={"prompt": "hi", "max_tokens": 200, "ignore_eos": True, "stream": True}) as r:
@@ -140,7 +146,9 @@ def test_a_stalled_stream_that_fits_in_the_buffers_is_cut_after_the_send_timeout
             assert generated < 200 + 800                          # cut, not generated to its end
     finally:
         proc.terminate()
-        proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
+    cut = [line for line in err.splitlines() if "cutting" in line]
+    assert len(cut) == 1 and "POST /v1/completions id=stalled-800" in cut[0] and client in cut[0], err[-3000:]
 
 
 def test_a_client_that_reads_its_stream_is_never_cut_however_long_the_answer(long_gguf):

@@ -65,6 +65,8 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .logs import endpoint
+
 log = logging.getLogger("agp.serve")
 
 MAX_HEADER_BYTES = 16 << 10    # request line + headers; uvicorn (h11) reads 16 KiB, nginx 8-32 KB
@@ -101,6 +103,7 @@ class _ClosingConnection(h11.Connection):
     why the client's bytes were not HTTP (`protocol_error`) for the 400 that says so."""
 
     protocol_error: str | None = None
+    request_id: str | None = None            # the X-Request-Id of the answer being sent (serve/access.py)
 
     def next_event(self):
         try:
@@ -111,6 +114,9 @@ class _ClosingConnection(h11.Connection):
             raise
 
     def send(self, event):
+        if isinstance(event, h11.Response):
+            self.request_id = next((value.decode("latin-1") for name, value in event.headers
+                                    if name.lower() == b"x-request-id"), None)
         if isinstance(event, h11.Response) and (event.status_code >= 400 or self.their_state is h11.SEND_BODY):
             if not any(name.lower() == b"connection" and b"close" in value.lower() for name, value in event.headers):
                 event = h11.Response(status_code=event.status_code, reason=event.reason,
@@ -278,17 +284,29 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
             if taken != self._taken:
                 self._taken, self._taken_at = taken, now
             elif now - self._taken_at >= send_timeout:
-                log.info("cutting a connection whose client took nothing of its answer for %gs", send_timeout)
+                log.info("cutting the connection of %s: it took nothing of its answer (%s) for %gs",
+                         self._client(), self._answering(), send_timeout,
+                         extra={"client": self._client(), "request_id": self.conn.request_id})
                 self.transport.abort()            # connection_lost: the app hears a disconnect
                 return
             self._send_timer = self.loop.call_later(tick, self._check_sending)
+
+        def _client(self) -> str:
+            return endpoint(*self.client[:2]) if self.client else "a client"
+
+        def _answering(self) -> str:
+            """The request whose answer is being written, as the access log names it."""
+            scope = getattr(self.cycle, "scope", None) or {}
+            what = f"{scope.get('method', '?')} {scope.get('path', '?')}"
+            return what + (f" id={self.conn.request_id}" if self.conn.request_id else "")
 
         def shutdown(self) -> None:
             """uvicorn's graceful shutdown waits for the answer being written; one whose client
             reads nothing (the socket's buffer full) would wait out uvicorn's 5 s and then be
             cancelled with an ERROR and a traceback: after the drain it is cut at once."""
             if self._paused and not self.transport.is_closing():
-                log.info("shutting down: cutting a connection whose client is not reading its answer")
+                log.info("shutting down: cutting the connection of %s, which is not reading its answer (%s)",
+                         self._client(), self._answering())
                 self.transport.abort()
                 return
             super().shutdown()
