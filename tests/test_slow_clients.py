@@ -30,7 +30,7 @@ def serve(long_gguf, tmp_path_factory):
     path = tmp_path_factory.mktemp("slow") / "tiny.agp"
     path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1).replace("1MiB", "8MiB"))
     proc, url = start_agp_serve(str(path), "--threads", "1", "--no-access-log", "--send-timeout", "600",
-                                "--max-unread-tokens", str(UNREAD))
+                                "--max-unread-tokens", str(UNREAD), "--pause-unread-tokens", "0")
     try:
         yield proc, url, int(url.rsplit(":", 1)[1])
     finally:
@@ -151,6 +151,61 @@ def test_a_stalled_stream_that_fits_in_the_buffers_is_cut_after_the_send_timeout
     assert len(cut) == 1 and "POST /v1/completions id=stalled-800" in cut[0] and client in cut[0], err[-3000:]
 
 
+def unchunked(data: bytes) -> bytes:
+    """The body of a chunked HTTP answer (its head cut off)."""
+    rest, body = data.split(b"\r\n\r\n", 1)[1], b""
+    while True:
+        size, rest = rest.split(b"\r\n", 1)
+        if int(size, 16) == 0:
+            return body
+        body, rest = body + rest[:int(size, 16)], rest[int(size, 16) + 2:]
+
+
+def test_stalled_readers_are_paused_out_of_the_batch_while_others_stream_and_go_on_when_read(long_gguf, tmp_path):
+    """Six streams whose clients read nothing, against a batch of four: each, once more than
+    --pause-unread-tokens of its tokens wait, leaves the batch (KV blocks freed, counted in
+    agp_streams_paused_total) while its client holds the connection, so the engine is idle and
+    another client's stream is answered whole; none is cut. A stalled client that then reads
+    finds its whole answer, to its max_tokens, with no error. (Before: the stalled streams held
+    every slot of the batch, generating for nobody, until --send-timeout or --max-unread-tokens
+    cut them: another client's first token waited 30 s behind 32 of them.)"""
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1).replace("1MiB", "8MiB"))
+    proc, url = start_agp_serve(str(path), "--threads", "1", "--no-access-log", "--send-timeout", "600",
+                                "--pause-unread-tokens", "32")
+    port = int(url.rsplit(":", 1)[1])
+    stalled = []
+    try:
+        before = scrape(url)
+        stalled = [stalled_stream(port, "hello world", max_tokens=1500) for _ in range(6)]
+
+        def all_paused():
+            m = scrape(url)
+            return m["agp_streams_paused_total"] - before.get("agp_streams_paused_total", 0) >= 6 \
+                and m["agp_num_requests_running"] == 0 and m["agp_kv_blocks_used"] == 0
+        assert wait_for(all_paused, 120)                     # the stalled clients still read nothing
+        with httpx.stream("POST", url + "/v1/completions", timeout=120,
+                          json={"prompt": "hi", "max_tokens": 50, "ignore_eos": True, "stream": True}) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+        m = scrape(url)
+        assert m["agp_num_requests_running"] == 0 and m["agp_kv_blocks_used"] == 0
+        assert m.get("agp_streams_cut_unread_total", 0) == before.get("agp_streams_cut_unread_total", 0)
+
+        answer = unchunked(read_to_end(stalled[0])).decode()
+        events = [line[6:] for line in answer.split("\n") if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), answer[-500:]
+        chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+        assert sum(len(c["logprobs"]["tokens"]) for c in chunks if c["logprobs"]) == 1500
+        assert chunks[-1]["finish_reason"] == "length"
+    finally:
+        for c in stalled:
+            c.close()
+        proc.terminate()
+        proc.communicate(timeout=60)
+
+
 def test_a_client_that_reads_its_stream_is_never_cut_however_long_the_answer(long_gguf):
     """--max-unread-tokens counts the tokens waiting for the client, not those it has read: a
     stream read as it comes runs to its max_tokens, far past the bound, with no error."""
@@ -240,6 +295,44 @@ def test_a_stream_cut_for_its_unread_tokens_lets_go_of_them():
         loop.close()
 
 
+def test_a_paused_stream_goes_on_when_its_consumer_catches_up_and_is_cut_if_it_never_does():
+    """Past pause_unread_tokens queued, the request's generation is paused (once, counted); the
+    consumer taking every queued token lets it go on. Paused for pause_limit_s with the consumer
+    never catching up (a client that reads a byte now and then), it is cut as for unread tokens:
+    aborted, its deltas dropped, counted."""
+    from pipeline_dsl.serve.metrics import ServerMetrics
+
+    loop = asyncio.new_event_loop()
+    try:
+        calls = []
+        runtime = type("Runtime", (), {"abort": lambda self, key, message: calls.append(("abort", message)),
+                                       "pause": lambda self, key, paused: calls.append(("pause", paused))})()
+        metrics = ServerMetrics()
+        owner = type("Owner", (), {"metrics": metrics, "runtime": runtime})()
+        stream = RequestStream(owner, LoopMail(loop), max_unread_tokens=1000, pause_unread_tokens=8,
+                               pause_limit_s=0.05)
+        stream.key = "k"
+        for i in range(12):
+            stream.on_delta("k", 0, _Out([i], f"tok{i} ", ""))
+        loop.run_until_complete(asyncio.sleep(0))
+        assert calls == [("pause", True)] and stream.paused
+        for _ in range(11):
+            loop.run_until_complete(stream.__anext__())
+        assert calls == [("pause", True)]                 # one token still waits
+        loop.run_until_complete(stream.__anext__())
+        assert calls == [("pause", True), ("pause", False)] and not stream.paused
+
+        for i in range(12):                                # stalled again, and for good
+            stream.on_delta("k", 0, _Out([i], f"tok{i} ", ""))
+        loop.run_until_complete(asyncio.sleep(0.2))        # past pause_limit_s
+        assert [c[0] for c in calls] == ["pause", "pause", "pause", "abort"] and "--send-timeout" in calls[-1][1]
+        assert stream.cut and stream.queue.qsize() == 0
+        counted = {s.name: s.value for fam in metrics.registry.collect() for s in fam.samples}
+        assert counted["agp_streams_paused_total"] == 2 and counted["agp_streams_cut_unread_total"] == 1
+    finally:
+        loop.close()
+
+
 def test_a_shutdown_cuts_the_connections_of_clients_that_read_nothing_without_a_traceback(long_gguf, tmp_path):
     """SIGTERM with two stalled streams (their requests already cut): the server closes their
     connections and exits 0 at once. (Before: uvicorn waited its graceful 5 s on the writes that
@@ -247,7 +340,7 @@ def test_a_shutdown_cuts_the_connections_of_clients_that_read_nothing_without_a_
     path = tmp_path / "tiny.agp"
     path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1).replace("1MiB", "8MiB"))
     proc, url = start_agp_serve(str(path), "--threads", "1", "--send-timeout", "600",
-                                "--max-unread-tokens", str(UNREAD))
+                                "--max-unread-tokens", str(UNREAD), "--pause-unread-tokens", "0")
     port = int(url.rsplit(":", 1)[1])
     stalled = [stalled_stream(port, "hello world") for _ in range(2)]
     try:
