@@ -206,6 +206,38 @@ def test_stalled_readers_are_paused_out_of_the_batch_while_others_stream_and_go_
         proc.communicate(timeout=60)
 
 
+def test_a_client_whose_tcp_takes_nothing_pauses_its_stream_before_any_token_queues(long_gguf, tmp_path):
+    """A client that reads nothing of a 4,000-token stream, against a server whose unread-token
+    pause and cut are out of reach: the server sees its TCP take nothing (no byte acknowledged
+    while some wait) and pauses the stream (out of the batch, KV blocks freed) without a token
+    queued in the server, far from its end; read at last, it goes on and the client gets all
+    4,000 tokens. (Before: only queued tokens paused a stream, so this one was generated to its
+    end for a client that read none of it, a thousand of its tokens in the kernel's buffers.)"""
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1).replace("1MiB", "8MiB"))
+    proc, url = start_agp_serve(str(path), "--threads", "1", "--no-access-log", "--send-timeout", "600",
+                                "--pause-unread-tokens", "100000", "--max-unread-tokens", "200000")
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        before = scrape(url)
+        with stalled_stream(port, "hello world", max_tokens=4000, logprobs=None) as c:
+            def paused():
+                m = scrape(url)
+                return m["agp_streams_paused_total"] - before.get("agp_streams_paused_total", 0) >= 1 \
+                    and m["agp_num_requests_running"] == 0 and m["agp_kv_blocks_used"] == 0
+            assert wait_for(paused, 120)
+            generated = scrape(url)["agp_generation_tokens_total"] - before["agp_generation_tokens_total"]
+            assert generated < 4000
+            events = [line[6:] for line in unchunked(read_to_end(c)).decode().split("\n") if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events)
+        assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+        assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+        assert scrape(url)["agp_generation_tokens_total"] - before["agp_generation_tokens_total"] == 4000
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+
+
 def test_a_client_that_reads_its_stream_is_never_cut_however_long_the_answer(long_gguf):
     """--max-unread-tokens counts the tokens waiting for the client, not those it has read: a
     stream read as it comes runs to its max_tokens, far past the bound, with no error."""
@@ -329,6 +361,32 @@ def test_a_paused_stream_goes_on_when_its_consumer_catches_up_and_is_cut_if_it_n
         assert stream.cut and stream.queue.qsize() == 0
         counted = {s.name: s.value for fam in metrics.registry.collect() for s in fam.samples}
         assert counted["agp_streams_paused_total"] == 2 and counted["agp_streams_cut_unread_total"] == 1
+    finally:
+        loop.close()
+
+
+def test_a_stream_whose_client_stalls_pauses_and_goes_on_once_the_client_takes_bytes_and_every_token():
+    """The server's word that the client's TCP takes nothing pauses the generation at once, with
+    no token queued; the queue emptied, it stays paused while the client still takes nothing,
+    and goes on when it takes bytes again."""
+    loop = asyncio.new_event_loop()
+    try:
+        calls = []
+        runtime = type("Runtime", (), {"pause": lambda self, key, paused: calls.append(paused)})()
+        owner = type("Owner", (), {"metrics": None, "runtime": runtime})()
+        stream = RequestStream(owner, LoopMail(loop), pause_unread_tokens=32)
+        stream.key = "k"
+
+        async def stall_then_read():
+            stream.client_stalled(True)
+            assert calls == [True] and stream.paused
+            stream.on_delta("k", 0, _Out([1], "a", ""))
+            await asyncio.sleep(0)
+            await stream.__anext__()                       # every queued token taken
+            assert calls == [True]                         # but the client takes nothing yet
+            stream.client_stalled(False)
+            assert calls == [True, False] and not stream.paused
+        loop.run_until_complete(stall_then_read())
     finally:
         loop.close()
 

@@ -90,6 +90,7 @@ class RequestStream:
         self.pause_unread_tokens = pause_unread_tokens   # past it, its generation waits for its consumer
         self.pause_limit_s = pause_limit_s               # paused this long without catching up: cut
         self.paused = False
+        self.stalled = False                     # its client's TCP takes nothing (client_stalled)
         self.ended = False                       # its result is queued: nothing more to pause or cut
         self._pause_timer = None
         self.deltas = deltas                     # its deltas are queued (a stream); else its result alone
@@ -118,9 +119,22 @@ class RequestStream:
             self._stop_timer()
         else:
             self.unread -= len(event[2].new_token_ids or ())
-            if self.paused and self.unread <= 0:      # its consumer caught up: generation goes on
+            if self.paused and self.unread <= 0 and not self.stalled:   # its consumer caught up: it goes on
                 self._set_paused(False)
         return event
+
+    def client_stalled(self, stalled: bool) -> None:
+        """Its client took nothing of the bytes written to it for a while (True; the server's
+        SendWatch), or takes them again (False): its generation pauses as for unread tokens,
+        before the socket's buffers fill, and goes on once the client takes bytes again and every
+        queued token is taken. Nothing with pausing off."""
+        if not self.pause_unread_tokens:
+            return
+        self.stalled = stalled
+        if stalled and not self.paused:
+            self._set_paused(True)
+        elif not stalled and self.paused and self.unread <= 0:
+            self._set_paused(False)
 
     def abort(self) -> None:
         """Cancel the request (client gone): its engine sequences are freed."""
@@ -246,6 +260,10 @@ class StreamGroup:
     def abort(self) -> None:
         for s in self.streams:
             s.abort()
+
+    def client_stalled(self, stalled: bool) -> None:
+        for s in self.streams:
+            s.client_stalled(stalled)
 
     def __aiter__(self):
         return self
