@@ -417,6 +417,30 @@ def test_a_shutdown_cuts_the_connections_of_clients_that_read_nothing_without_a_
             c.close()
 
 
+def test_a_shutdown_lets_paused_streams_go_on_rather_than_wait_for_their_readers(long_gguf, tmp_path):
+    """SIGTERM with two streams paused for clients that read nothing: the drain lets them go on
+    (their tokens queue until --max-unread-tokens cuts them) and the server exits 0, drained,
+    without waiting out its drain timeout or their --send-timeout. (Before: a paused request
+    waited for its reader, so the drain waited the whole timeout and then cut it.)"""
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1).replace("1MiB", "8MiB"))
+    proc, url = start_agp_serve(str(path), "--threads", "1", "--send-timeout", "600", "--drain-timeout", "600")
+    port = int(url.rsplit(":", 1)[1])
+    stalled = [stalled_stream(port, "hello world") for _ in range(2)]
+    try:
+        assert wait_for(lambda: scrape(url)["agp_streams_paused_total"] >= 2, 120)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and "stopped (drained)" in err, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for c in stalled:
+            c.close()
+
+
 def test_hundreds_of_idle_connections_leave_room_for_a_request_under_a_low_open_files_limit(long_gguf, tmp_path):
     """Started under a soft limit of 256 open files (the hard one higher), the server raises its
     own: 400 connections that send nothing, and a request still gets its answer. (Before: the
