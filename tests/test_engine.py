@@ -585,3 +585,31 @@ def test_a_stop_token_writes_its_text_only_where_include_stop_str_in_output_asks
         out = finals[str(keep)]
         assert (out.finish_reason, out.stop_reason, out.completion_tokens) == ("stop", the, 1)
         assert (out.text, deltas[str(keep)]) == (text, text)
+
+
+def test_a_parked_request_gives_its_slot_and_blocks_away_and_goes_on_where_it_was():
+    """park: a running request leaves the batch (its KV blocks freed, not a preemption for want
+    of blocks), another takes its one slot and finishes; the engine is idle with it parked;
+    unparked, it recomputes and ends with the answer it would have had."""
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    ref = toy_engine(max_batch_size=1)
+    ref.add_request("a", prompt="abort me please", params=params)
+    want = run_all(ref)[1]["a"]
+
+    e = toy_engine(max_batch_size=1)
+    e.add_request("a", prompt="abort me please", params=params)
+    e.add_request("b", prompt="keep me", params=SamplingParams(max_tokens=5, ignore_eos=True))
+    text = ""
+    for _ in range(3):
+        text += "".join(o.delta_text for o in e.step() if o.request_id == "a")
+    assert e.num_running == 1 and e.num_waiting == 1
+    e.park("a")
+    e.park("unknown")                          # ignored
+    assert e.num_running == 0 and e.num_waiting == 1
+    finals, _ = run_all(e)                     # b alone: the engine is done with a parked
+    assert set(finals) == {"b"} and e.blocks.num_used == 0 and not e.has_unfinished()
+    e.park("a", False)
+    finals, deltas = run_all(e)
+    assert set(finals) == {"a"} and text + deltas["a"] == want
+    assert e.blocks.num_used == 0 and e.stats()["preemptions"] == 0
+    e.blocks.check_invariants()

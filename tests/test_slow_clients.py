@@ -30,7 +30,7 @@ def serve(long_gguf, tmp_path_factory):
     path = tmp_path_factory.mktemp("slow") / "tiny.agp"
     path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1).replace("1MiB", "8MiB"))
     proc, url = start_agp_serve(str(path), "--threads", "1", "--no-access-log", "--send-timeout", "600",
-                                "--max-unread-tokens", str(UNREAD))
+                                "--max-unread-tokens", str(UNREAD), "--pause-unread-tokens", "0")
     try:
         yield proc, url, int(url.rsplit(":", 1)[1])
     finally:
@@ -51,15 +51,18 @@ def scrape(url: str, labelled: bool = False) -> dict:
     return out
 
 
-def stalled_stream(port: int, prompt, max_tokens: int = MAX_TOKENS, logprobs: int | None = 5) -> socket.socket:
-    """A streamed completions request whose client then reads nothing (a small receive buffer)."""
+def stalled_stream(port: int, prompt, max_tokens: int = MAX_TOKENS, logprobs: int | None = 5,
+                   request_id: str | None = None) -> socket.socket:
+    """A streamed completions request (with its X-Request-Id if given) whose client then reads
+    nothing (a small receive buffer)."""
     body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
                        "logprobs": logprobs}).encode()
     c = socket.socket()
     c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     c.connect(("127.0.0.1", port))
+    named = b"X-Request-Id: %s\r\n" % request_id.encode() if request_id else b""
     c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-              b"Content-Length: %d\r\n\r\n" % len(body) + body)
+              + named + b"Content-Length: %d\r\n\r\n" % len(body) + body)
     return c
 
 
@@ -110,8 +113,10 @@ def test_a_stalled_stream_that_fits_in_the_buffers_is_cut_after_the_send_timeout
     socket and asyncio buffers hold) while another client reads its own: the stalled request is
     aborted --send-timeout after its client's receive buffer filled, counted as a 499 like a
     client gone, its sequence out of the batch and its KV blocks freed while its client still
-    holds its end of the connection; the other stream is answered whole. (Before: nothing was cut
-    until the server's buffers were full too, so this answer was generated to its end, a 200.)"""
+    holds its end of the connection; the other stream is answered whole. The log line of the cut
+    names the request (its X-Request-Id) and its client, the access log off. (Before: nothing was
+    cut until the server's buffers were full too, so this answer was generated to its end, a 200;
+    and the cut was logged as "cutting a connection", naming neither.)"""
     path = tmp_path / "tiny.agp"
     path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1).replace("1MiB", "8MiB"))
     proc, url = start_agp_serve(str(path), "--threads", "1", "--no-access-log", "--send-timeout", "0.05",
@@ -119,7 +124,8 @@ def test_a_stalled_stream_that_fits_in_the_buffers_is_cut_after_the_send_timeout
     port = int(url.rsplit(":", 1)[1])
     try:
         before = scrape(url)
-        stalled = stalled_stream(port, "hello world", max_tokens=800, logprobs=None)
+        stalled = stalled_stream(port, "hello world", max_tokens=800, logprobs=None, request_id="stalled-800")
+        client = "127.0.0.1:%d" % stalled.getsockname()[1]
         with stalled:
             with httpx.stream("POST", url + "/v1/completions", timeout=120,
                               json={"prompt": "hi", "max_tokens": 200, "ignore_eos": True, "stream": True}) as r:
@@ -138,6 +144,95 @@ def test_a_stalled_stream_that_fits_in_the_buffers_is_cut_after_the_send_timeout
             assert after[("agp_requests_total", "200")] - before.get(("agp_requests_total", "200"), 0) == 1
             generated = after["agp_generation_tokens_total"] - before["agp_generation_tokens_total"]
             assert generated < 200 + 800                          # cut, not generated to its end
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    cut = [line for line in err.splitlines() if "cutting" in line]
+    assert len(cut) == 1 and "POST /v1/completions id=stalled-800" in cut[0] and client in cut[0], err[-3000:]
+
+
+def unchunked(data: bytes) -> bytes:
+    """The body of a chunked HTTP answer (its head cut off)."""
+    rest, body = data.split(b"\r\n\r\n", 1)[1], b""
+    while True:
+        size, rest = rest.split(b"\r\n", 1)
+        if int(size, 16) == 0:
+            return body
+        body, rest = body + rest[:int(size, 16)], rest[int(size, 16) + 2:]
+
+
+def test_stalled_readers_are_paused_out_of_the_batch_while_others_stream_and_go_on_when_read(long_gguf, tmp_path):
+    """Six streams whose clients read nothing, against a batch of four: each, once more than
+    --pause-unread-tokens of its tokens wait, leaves the batch (KV blocks freed, counted in
+    agp_streams_paused_total) while its client holds the connection, so the engine is idle and
+    another client's stream is answered whole; none is cut. A stalled client that then reads
+    finds its whole answer, to its max_tokens, with no error. (Before: the stalled streams held
+    every slot of the batch, generating for nobody, until --send-timeout or --max-unread-tokens
+    cut them: another client's first token waited 30 s behind 32 of them.)"""
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1).replace("1MiB", "8MiB"))
+    proc, url = start_agp_serve(str(path), "--threads", "1", "--no-access-log", "--send-timeout", "600",
+                                "--pause-unread-tokens", "32")
+    port = int(url.rsplit(":", 1)[1])
+    stalled = []
+    try:
+        before = scrape(url)
+        stalled = [stalled_stream(port, "hello world", max_tokens=1500) for _ in range(6)]
+
+        def all_paused():
+            m = scrape(url)
+            return m["agp_streams_paused_total"] - before.get("agp_streams_paused_total", 0) >= 6 \
+                and m["agp_num_requests_running"] == 0 and m["agp_kv_blocks_used"] == 0
+        assert wait_for(all_paused, 120)                     # the stalled clients still read nothing
+        with httpx.stream("POST", url + "/v1/completions", timeout=120,
+                          json={"prompt": "hi", "max_tokens": 50, "ignore_eos": True, "stream": True}) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+        m = scrape(url)
+        assert m["agp_num_requests_running"] == 0 and m["agp_kv_blocks_used"] == 0
+        assert m.get("agp_streams_cut_unread_total", 0) == before.get("agp_streams_cut_unread_total", 0)
+
+        answer = unchunked(read_to_end(stalled[0])).decode()
+        events = [line[6:] for line in answer.split("\n") if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), answer[-500:]
+        chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+        assert sum(len(c["logprobs"]["tokens"]) for c in chunks if c["logprobs"]) == 1500
+        assert chunks[-1]["finish_reason"] == "length"
+    finally:
+        for c in stalled:
+            c.close()
+        proc.terminate()
+        proc.communicate(timeout=60)
+
+
+def test_a_client_whose_tcp_takes_nothing_pauses_its_stream_before_any_token_queues(long_gguf, tmp_path):
+    """A client that reads nothing of a 4,000-token stream, against a server whose unread-token
+    pause and cut are out of reach: the server sees its TCP take nothing (no byte acknowledged
+    while some wait) and pauses the stream (out of the batch, KV blocks freed) without a token
+    queued in the server, far from its end; read at last, it goes on and the client gets all
+    4,000 tokens. (Before: only queued tokens paused a stream, so this one was generated to its
+    end for a client that read none of it, a thousand of its tokens in the kernel's buffers.)"""
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1).replace("1MiB", "8MiB"))
+    proc, url = start_agp_serve(str(path), "--threads", "1", "--no-access-log", "--send-timeout", "600",
+                                "--pause-unread-tokens", "100000", "--max-unread-tokens", "200000")
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        before = scrape(url)
+        with stalled_stream(port, "hello world", max_tokens=4000, logprobs=None) as c:
+            def paused():
+                m = scrape(url)
+                return m["agp_streams_paused_total"] - before.get("agp_streams_paused_total", 0) >= 1 \
+                    and m["agp_num_requests_running"] == 0 and m["agp_kv_blocks_used"] == 0
+            assert wait_for(paused, 120)
+            generated = scrape(url)["agp_generation_tokens_total"] - before["agp_generation_tokens_total"]
+            assert generated < 4000
+            events = [line[6:] for line in unchunked(read_to_end(c)).decode().split("\n") if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events)
+        assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+        assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+        assert scrape(url)["agp_generation_tokens_total"] - before["agp_generation_tokens_total"] == 4000
     finally:
         proc.terminate()
         proc.communicate(timeout=60)
@@ -209,6 +304,93 @@ def test_a_backlog_of_deltas_holds_the_answer_text_once():
         loop.close()
 
 
+def test_a_stream_cut_for_its_unread_tokens_lets_go_of_them():
+    """Past max_unread_tokens the request is aborted and the deltas its consumer never took are
+    dropped at once, those still on their way too: the consumer's next event is the result that
+    says why. (Before: a cut stream held its queued deltas, 1,024 of them by default, some 4 KB
+    each with 20 logprobs, until its client's connection ended: --send-timeout later.)"""
+    loop = asyncio.new_event_loop()
+    try:
+        aborted = []
+        runtime = type("Runtime", (), {"abort": lambda self, key, message: aborted.append((key, message))})()
+        owner = type("Owner", (), {"metrics": None, "runtime": runtime})()
+        stream = RequestStream(owner, LoopMail(loop), max_unread_tokens=10)
+        stream.key = "k"
+        for i in range(30):
+            stream.on_delta("k", 0, _Out([i], f"tok{i} ", ""))
+        loop.run_until_complete(asyncio.sleep(0))
+        assert len(aborted) == 1 and "--max-unread-tokens" in aborted[0][1]
+        assert stream.cut and stream.queue.qsize() == 0 and stream.unread == 0
+        stream.on_done("the result")
+        assert loop.run_until_complete(stream.__anext__()) == ("done", "the result")
+    finally:
+        loop.close()
+
+
+def test_a_paused_stream_goes_on_when_its_consumer_catches_up_and_is_cut_if_it_never_does():
+    """Past pause_unread_tokens queued, the request's generation is paused (once, counted); the
+    consumer taking every queued token lets it go on. Paused for pause_limit_s with the consumer
+    never catching up (a client that reads a byte now and then), it is cut as for unread tokens:
+    aborted, its deltas dropped, counted."""
+    from pipeline_dsl.serve.metrics import ServerMetrics
+
+    loop = asyncio.new_event_loop()
+    try:
+        calls = []
+        runtime = type("Runtime", (), {"abort": lambda self, key, message: calls.append(("abort", message)),
+                                       "pause": lambda self, key, paused: calls.append(("pause", paused))})()
+        metrics = ServerMetrics()
+        owner = type("Owner", (), {"metrics": metrics, "runtime": runtime})()
+        stream = RequestStream(owner, LoopMail(loop), max_unread_tokens=1000, pause_unread_tokens=8,
+                               pause_limit_s=0.05)
+        stream.key = "k"
+        for i in range(12):
+            stream.on_delta("k", 0, _Out([i], f"tok{i} ", ""))
+        loop.run_until_complete(asyncio.sleep(0))
+        assert calls == [("pause", True)] and stream.paused
+        for _ in range(11):
+            loop.run_until_complete(stream.__anext__())
+        assert calls == [("pause", True)]                 # one token still waits
+        loop.run_until_complete(stream.__anext__())
+        assert calls == [("pause", True), ("pause", False)] and not stream.paused
+
+        for i in range(12):                                # stalled again, and for good
+            stream.on_delta("k", 0, _Out([i], f"tok{i} ", ""))
+        loop.run_until_complete(asyncio.sleep(0.2))        # past pause_limit_s
+        assert [c[0] for c in calls] == ["pause", "pause", "pause", "abort"] and "--send-timeout" in calls[-1][1]
+        assert stream.cut and stream.queue.qsize() == 0
+        counted = {s.name: s.value for fam in metrics.registry.collect() for s in fam.samples}
+        assert counted["agp_streams_paused_total"] == 2 and counted["agp_streams_cut_unread_total"] == 1
+    finally:
+        loop.close()
+
+
+def test_a_stream_whose_client_stalls_pauses_and_goes_on_once_the_client_takes_bytes_and_every_token():
+    """The server's word that the client's TCP takes nothing pauses the generation at once, with
+    no token queued; the queue emptied, it stays paused while the client still takes nothing,
+    and goes on when it takes bytes again."""
+    loop = asyncio.new_event_loop()
+    try:
+        calls = []
+        runtime = type("Runtime", (), {"pause": lambda self, key, paused: calls.append(paused)})()
+        owner = type("Owner", (), {"metrics": None, "runtime": runtime})()
+        stream = RequestStream(owner, LoopMail(loop), pause_unread_tokens=32)
+        stream.key = "k"
+
+        async def stall_then_read():
+            stream.client_stalled(True)
+            assert calls == [True] and stream.paused
+            stream.on_delta("k", 0, _Out([1], "a", ""))
+            await asyncio.sleep(0)
+            await stream.__anext__()                       # every queued token taken
+            assert calls == [True]                         # but the client takes nothing yet
+            stream.client_stalled(False)
+            assert calls == [True, False] and not stream.paused
+        loop.run_until_complete(stall_then_read())
+    finally:
+        loop.close()
+
+
 def test_a_shutdown_cuts_the_connections_of_clients_that_read_nothing_without_a_traceback(long_gguf, tmp_path):
     """SIGTERM with two stalled streams (their requests already cut): the server closes their
     connections and exits 0 at once. (Before: uvicorn waited its graceful 5 s on the writes that
@@ -216,7 +398,7 @@ def test_a_shutdown_cuts_the_connections_of_clients_that_read_nothing_without_a_
     path = tmp_path / "tiny.agp"
     path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1).replace("1MiB", "8MiB"))
     proc, url = start_agp_serve(str(path), "--threads", "1", "--send-timeout", "600",
-                                "--max-unread-tokens", str(UNREAD))
+                                "--max-unread-tokens", str(UNREAD), "--pause-unread-tokens", "0")
     port = int(url.rsplit(":", 1)[1])
     stalled = [stalled_stream(port, "hello world") for _ in range(2)]
     try:
@@ -227,6 +409,30 @@ def test_a_shutdown_cuts_the_connections_of_clients_that_read_nothing_without_a_
         bad = [i for i in (err.find("Traceback"), err.find("Exception in ASGI application")) if i >= 0]
         assert not bad, err[max(0, min(bad) - 1000):][:4000]       # the log around it, not the log's end
         assert "timeout graceful shutdown exceeded" not in err, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for c in stalled:
+            c.close()
+
+
+def test_a_shutdown_lets_paused_streams_go_on_rather_than_wait_for_their_readers(long_gguf, tmp_path):
+    """SIGTERM with two streams paused for clients that read nothing: the drain lets them go on
+    (their tokens queue until --max-unread-tokens cuts them) and the server exits 0, drained,
+    without waiting out its drain timeout or their --send-timeout. (Before: a paused request
+    waited for its reader, so the drain waited the whole timeout and then cut it.)"""
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1).replace("1MiB", "8MiB"))
+    proc, url = start_agp_serve(str(path), "--threads", "1", "--send-timeout", "600", "--drain-timeout", "600")
+    port = int(url.rsplit(":", 1)[1])
+    stalled = [stalled_stream(port, "hello world") for _ in range(2)]
+    try:
+        assert wait_for(lambda: scrape(url)["agp_streams_paused_total"] >= 2, 120)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and "stopped (drained)" in err, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()

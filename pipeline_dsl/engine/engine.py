@@ -364,6 +364,14 @@ class Engine:
             self.features.release(seq)
             self._counters["requests_aborted"] += 1
 
+    def park(self, request_id, parked: bool = True) -> None:
+        """Pause a request (parked: out of the batch, its KV blocks freed) or let it go on (it
+        waits for a slot again, and recomputes what it had); unknown or finished ids are ignored.
+        A parked request counts as neither running nor waiting."""
+        seq = self.seqs.get(str(request_id))
+        if seq is not None:
+            (self.scheduler.park if parked else self.scheduler.unpark)(seq)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 

@@ -164,6 +164,7 @@ class Executor:
         self._pending: list[tuple] = []      # submitted, not yet admitted: (id, kwargs, order)
         self._submitted = 0
         self._aborts: list[str] = []
+        self._parks: list[tuple[str, bool]] = []   # (id, parked) in the order asked
         self._launches: dict[int, _Launch | None] = {}
         self._sampled: dict[int, Any] = {}    # micro-batch -> its sampled tokens, while a step may read them
         # A step's samples are kept until it is emitted (its placeholders filled) and every step whose
@@ -233,6 +234,13 @@ class Executor:
             self._aborts.append(rid)
             self._wake.notify_all()
 
+    def park(self, request_id, parked: bool = True) -> None:
+        """Pause a request (Engine.park) or let it go on, at the next admit (after the requests
+        submitted before this call)."""
+        with self.lock:
+            self._parks.append((str(request_id), parked))
+            self._wake.notify_all()
+
     def close(self) -> None:
         """Let a run with until_idle=False end once every request is done (also when called
         before that run starts)."""
@@ -253,6 +261,7 @@ class Executor:
         with self.lock:
             aborts, self._aborts = self._aborts, []
             todo, self._pending = self._pending, []
+            parks, self._parks = self._parks, []
             todo.sort(key=lambda t: t[2])
             for rid in aborts:
                 self.engine.abort(rid)
@@ -263,10 +272,12 @@ class Executor:
                     if self._on_error is None:
                         raise
                     self._on_error(rid, e)
-        return bool(aborts or todo)
+            for rid, parked in parks:
+                self.engine.park(rid, parked)
+        return bool(aborts or todo or parks)
 
     def _idle(self) -> bool:
-        return not (self.engine.has_unfinished() or self._pending or self._aborts)
+        return not (self.engine.has_unfinished() or self._pending or self._aborts or self._parks)
 
     def _schedule(self, m: int) -> bool:
         eng = self.engine

@@ -134,6 +134,8 @@ class Scheduler:
         # admission keeps a few blocks spare so running sequences can grow without preemption
         self.watermark = max(1, blocks.num_blocks // 100)
         self._prompt_keys_of: dict[Sequence, list] = {}   # the prompt's block keys, per running sequence
+        # sequences paused by whoever reads their output (park): neither waiting nor running, no blocks
+        self.parked: dict[str, Sequence] = {}
         # recent forwards' seconds: steps without prefill, and per prefill token beyond those
         self._fixed_s: deque[float] = deque(maxlen=8)
         self._per_token_s: deque[float] = deque(maxlen=8)
@@ -160,9 +162,41 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def park(self, seq: Sequence) -> None:
+        """Take a sequence out of the batch until unpark(): a running one is preempted (its blocks
+        freed, recomputed when it comes back, its full blocks meanwhile in the prefix cache), a
+        waiting one leaves the queue. Not counted as a preemption for want of blocks."""
+        if seq.request_id in self.parked or seq.status == FINISHED:
+            return
+        if seq.status == RUNNING:
+            self.running.remove(seq)
+            self.blocks.free_seq(seq.request_id)
+            self._prompt_keys_of.pop(seq, None)
+            seq.num_computed = 0              # its prompt outputs stay (prompt_outputs.py)
+            seq.num_preemptions += 1          # a step in flight for it knows its work is stale
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        seq.status = WAITING
+        self.parked[seq.request_id] = seq
+
+    def unpark(self, seq: Sequence) -> None:
+        """A parked sequence back in the waiting queue (at its head, as a preempted one: by
+        priority, in its rank)."""
+        if self.parked.pop(seq.request_id, None) is None:
+            return
+        if self.by_priority:
+            self.add(seq)
+        else:
+            self.waiting.appendleft(seq)
+
     def remove(self, seq: Sequence, reason: str) -> None:
         """Finish or abort a sequence: leave the queues, release its blocks."""
-        if seq.status == RUNNING:
+        if self.parked.pop(seq.request_id, None) is not None:
+            pass
+        elif seq.status == RUNNING:
             self.running.remove(seq)
         elif seq.status == WAITING:
             try:

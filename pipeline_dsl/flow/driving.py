@@ -171,9 +171,13 @@ class Driving:
     def stop_admitting(self) -> None:
         """New requests are refused (PipelineError unavailable) from now on; those in flight run
         on. close() does it first; a caller that waits for them its own way (agp serve's drain,
-        which a second signal cuts short) calls it before waiting."""
+        which a second signal cuts short) calls it before waiting. Paused requests go on (pause):
+        a drain waits for them to finish, not for their readers."""
         with self._lock:
             self._closing = True
+            paused = [req.key for req in self.ledger.live() if req.paused]
+        for key in paused:
+            self.pause(key, False)
 
     def close(self, drain: bool = True, timeout: float | None = None,
               reason: str = "the server shut down before this request finished") -> bool:

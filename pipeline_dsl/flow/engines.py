@@ -235,10 +235,13 @@ class EngineSide:
         for seq_id, params, order in submits:
             es.submit(seq_id, ids, params, order, priority)
         with self._lock:
-            ended = req.done
+            ended, paused = req.done, req.paused
         if ended:           # it ended while its sequences were handed over: its abort came first
             for seq_id, _, _ in submits:
                 es.abort(seq_id)
+        elif paused:        # its reader asked it to wait (pause): these wait too
+            for seq_id, _, _ in submits:
+                es.park(seq_id, True)
 
     def _answer_without_engine(self, item: Item, es, targets: list, ids: list, entry: dict) -> None:
         """max_tokens = 0 (an echo of the prompt, e.g. to score it): each target answers at once."""

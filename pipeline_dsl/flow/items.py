@@ -110,6 +110,7 @@ class RequestState:
     joins: dict = field(default_factory=dict)          # join stage -> waiting items (arrival order)
     seqs: dict = field(default_factory=dict)           # engine sequence id -> segment
     done: bool = False
+    paused: bool = False              # its reader asked its generation to wait (FlowRuntime.pause)
     next_index: int = 0
     usage: dict = field(default_factory=no_usage)
     engine_usage: dict = field(default_factory=dict)   # engine name -> its share of usage (Result.engine_usage)

@@ -247,6 +247,21 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         if req is not None:
             self._fail(req, PipelineError(message, "aborted"))
 
+    def pause(self, key: str, paused: bool = True) -> None:
+        """Pause a request's generation, for a reader that does not keep up: its engine sequences
+        leave their batches (their KV blocks freed, what they had recomputed when they go on) and
+        wait, neither running nor queued, until pause(key, False); sequences it starts meanwhile
+        start paused. Its stage timeouts still run. Once the runtime stops admitting (a drain)
+        nothing is paused: what is in flight runs to its end."""
+        with self._lock:
+            req = self.ledger.get(key)
+            if req is None or req.done or req.paused == paused or (paused and self._closing):
+                return
+            req.paused = paused
+            seqs = list(req.seqs.items())
+        for seq_id, es in seqs:
+            es.park(seq_id, paused)
+
     # ---- items through stages ----------------------------------------------------------
     def _go_off(self, pool: str, batch) -> None:
         """_go on a compile thread (its batcher builds the grammar here) or a render thread (its

@@ -278,6 +278,9 @@ class EngineSegment:
     def abort(self, seq_id: str) -> None:
         self.executor.abort(seq_id)
 
+    def park(self, seq_id: str, parked: bool = True) -> None:
+        self.executor.park(seq_id, parked)
+
     # ---- driving -----------------------------------------------------------------------
     def drive(self, on_output, on_error) -> dict:
         """Run the executor on this thread until close() and idle. The trace's overlap is left to

@@ -15,10 +15,13 @@ queued for a consumer that would only pass it over (a copy and a wake-up of the 
 token).
 
 A stream whose consumer falls behind (an SSE client that stops reading: the socket's buffer
-fills, the writer waits) keeps its events queued here; past `max_unread_tokens` tokens queued
-its request is aborted, its engine sequences and KV blocks freed at once, and its last event is
-the error saying why (what a client reads if it ever reads again). The engine never waits for a
-reader, so a stalled client costs the others nothing but the tokens generated before the cut.
+fills, the writer waits) keeps its events queued here. Past `pause_unread_tokens` tokens queued
+its request is paused (FlowRuntime.pause: its engine sequences leave their batches, their KV
+blocks freed) until the consumer has taken them all, when it goes on; paused for `pause_limit_s`
+without catching up, or past `max_unread_tokens` tokens queued, its request is aborted, the
+deltas it queued dropped, and its last event is the error saying why (what a client reads if it
+ever reads again). So a stalled client holds no batch slot and costs the others nothing but the
+tokens generated before the pause.
 """
 from __future__ import annotations
 
@@ -77,12 +80,19 @@ class RequestStream:
     """Async iterator over one request's events: ("delta", index, out) then ("done", result).
     A queued delta's `out.text` (the whole text so far) is dropped: the consumer reads
     `delta_text`, and n queued deltas would otherwise hold n copies of the text, n² characters.
-    Past `max_unread_tokens` tokens queued and not taken, the request is cut (module docstring)."""
+    Past `pause_unread_tokens` tokens queued and not taken the request is paused, past
+    `max_unread_tokens` (or paused for `pause_limit_s`) cut (module docstring)."""
 
     def __init__(self, owner: "AsyncPipeline", mail: LoopMail, max_unread_tokens: int | None = None,
-                 deltas: bool = True):
+                 deltas: bool = True, pause_unread_tokens: int | None = None, pause_limit_s: float | None = None):
         self._owner, self._mail = owner, mail
         self.max_unread_tokens = max_unread_tokens
+        self.pause_unread_tokens = pause_unread_tokens   # past it, its generation waits for its consumer
+        self.pause_limit_s = pause_limit_s               # paused this long without catching up: cut
+        self.paused = False
+        self.stalled = False                     # its client's TCP takes nothing (client_stalled)
+        self.ended = False                       # its result is queued: nothing more to pause or cut
+        self._pause_timer = None
         self.deltas = deltas                     # its deltas are queued (a stream); else its result alone
         self.queue: asyncio.Queue = asyncio.Queue()
         self.key: str | None = None
@@ -106,9 +116,25 @@ class RequestStream:
         event = await self.queue.get()
         if event[0] == "done":
             self.finished = True
+            self._stop_timer()
         else:
             self.unread -= len(event[2].new_token_ids or ())
+            if self.paused and self.unread <= 0 and not self.stalled:   # its consumer caught up: it goes on
+                self._set_paused(False)
         return event
+
+    def client_stalled(self, stalled: bool) -> None:
+        """Its client took nothing of the bytes written to it for a while (True; the server's
+        SendWatch), or takes them again (False): its generation pauses as for unread tokens,
+        before the socket's buffers fill, and goes on once the client takes bytes again and every
+        queued token is taken. Nothing with pausing off."""
+        if not self.pause_unread_tokens:
+            return
+        self.stalled = stalled
+        if stalled and not self.paused:
+            self._set_paused(True)
+        elif not stalled and self.paused and self.unread <= 0:
+            self._set_paused(False)
 
     def abort(self) -> None:
         """Cancel the request (client gone): its engine sequences are freed."""
@@ -148,24 +174,74 @@ class RequestStream:
                                                choice_latency={i: at - self.arrival
                                                                for i, at in self.last_token_at.items()},
                                                choices_prefilled=len(self.last_token_at))
-        self._mail.post(self.queue.put_nowait, ("done", result))
+        self._mail.post(self._ended, ("done", result))
 
     # ---- on the event loop ------------------------------------------------------------
+    def _ended(self, event) -> None:
+        """The request's result: nothing of it is generated any more (no pause, no cut)."""
+        self.ended = True
+        self._stop_timer()
+        self.queue.put_nowait(event)
+
     def _queued(self, event) -> None:
         """A delta for the consumer (without its whole text); past max_unread_tokens unread
-        tokens the request is cut."""
+        tokens the request is cut, and the deltas it queued are dropped (those still on their way
+        too): what its client may still read of them is the error that says why."""
+        if self.cut:
+            return
         _, index, out = event
         self.queue.put_nowait(("delta", index, out.without_text() if isinstance(out, Delta) else replace(out, text="")))
         self.unread += len(out.new_token_ids or ())
+        if self.ended or self.finished or self.key is None:
+            return
         limit = self.max_unread_tokens
-        if limit is not None and self.unread > limit and not (self.finished or self.cut) and self.key is not None:
-            self.cut = True
+        if limit is not None and self.unread > limit:
             log.info("aborting %s: its client left more than %d tokens of its stream unread", self.id or self.key,
                      limit)
-            if self._owner.metrics is not None:
-                self._owner.metrics.unread_cuts.inc()
-            self._owner.runtime.abort(self.key, f"the stream was cut: its client left more than {limit} "
-                                                f"generated tokens unread (--max-unread-tokens)")
+            self._cut(f"the stream was cut: its client left more than {limit} generated tokens unread "
+                      f"(--max-unread-tokens)")
+        elif self.pause_unread_tokens and self.unread > self.pause_unread_tokens and not self.paused:
+            self._set_paused(True)
+
+    def _cut(self, message: str) -> None:
+        """Abort the request for its unread tokens, counted; the deltas it queued are dropped."""
+        self.cut = True
+        self._stop_timer()
+        if self._owner.metrics is not None:
+            self._owner.metrics.unread_cuts.inc()
+        kept = [e for e in (self.queue.get_nowait() for _ in range(self.queue.qsize())) if e[0] != "delta"]
+        for e in kept:                           # its deltas' memory back now, not when its connection ends
+            self.queue.put_nowait(e)
+        self.unread = 0
+        self._owner.runtime.abort(self.key, message)
+
+    def _set_paused(self, paused: bool) -> None:
+        """Pause its generation (its sequences out of the batch, their KV blocks freed) while its
+        consumer does not take its tokens, for at most pause_limit_s; or let it go on."""
+        if self.cut or self.ended or self.finished:
+            return
+        self.paused = paused
+        self._stop_timer()
+        m = self._owner.metrics
+        if paused:
+            if m is not None:
+                m.streams_paused.inc()
+            if self.pause_limit_s:
+                self._pause_timer = asyncio.get_running_loop().call_later(self.pause_limit_s, self._paused_too_long)
+        self._owner.runtime.pause(self.key, paused)
+
+    def _paused_too_long(self) -> None:
+        self._pause_timer = None
+        if self.paused and not (self.cut or self.ended or self.finished):
+            log.info("aborting %s: its client took none of the %d tokens waiting for it in %gs",
+                     self.id or self.key, self.unread, self.pause_limit_s)
+            self._cut(f"the stream was cut: its client took none of the {self.unread} generated tokens waiting "
+                      f"for it in {self.pause_limit_s:g}s (--send-timeout)")
+
+    def _stop_timer(self) -> None:
+        if self._pause_timer is not None:
+            self._pause_timer.cancel()
+            self._pause_timer = None
 
 
 class StreamGroup:
@@ -184,6 +260,10 @@ class StreamGroup:
     def abort(self) -> None:
         for s in self.streams:
             s.abort()
+
+    def client_stalled(self, stalled: bool) -> None:
+        for s in self.streams:
+            s.client_stalled(stalled)
 
     def __aiter__(self):
         return self
@@ -236,10 +316,13 @@ def combine(results: list[Result], per: int) -> Result:
 
 
 class AsyncPipeline:
-    def __init__(self, runtime, *, metrics=None, max_unread_tokens: int | None = None):
+    def __init__(self, runtime, *, metrics=None, max_unread_tokens: int | None = None,
+                 pause_unread_tokens: int | None = None, pause_limit_s: float | None = None):
         self.runtime = runtime
         self.metrics = metrics
         self.max_unread_tokens = max_unread_tokens   # a stream's tokens its client has not taken: past it, cut
+        self.pause_unread_tokens = pause_unread_tokens   # past it, the stream's generation waits (paused)
+        self.pause_limit_s = pause_limit_s               # the longest a stream waits so, its client taking nothing
         self._started = False
         self._mails: dict[asyncio.AbstractEventLoop, LoopMail] = {}   # one per event loop requests come from
 
@@ -272,7 +355,8 @@ class AsyncPipeline:
         mail = self._mails.get(loop)
         if mail is None:
             mail = self._mails.setdefault(loop, LoopMail(loop))
-        rs = RequestStream(self, mail, self.max_unread_tokens, deltas=stream)
+        rs = RequestStream(self, mail, self.max_unread_tokens, deltas=stream,
+                           pause_unread_tokens=self.pause_unread_tokens, pause_limit_s=self.pause_limit_s)
         rs.params, rs.id = params, data.get("id")
         rs.key = self.runtime.submit(data, rs, pin=pin, stream=stream)
         return rs

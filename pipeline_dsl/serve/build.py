@@ -142,5 +142,6 @@ def build(args, *, host: str | None = None) -> Serving:
                          return_tokens_as_token_ids=args.return_tokens_as_token_ids)
     metrics = ServerMetrics(model_name=names[0], engine_of={g: str(i) for i, es in enumerate(runtime.segments)
                                                             for g in (es.name, *es.segment.generates)})
-    apipe = AsyncPipeline(runtime, metrics=metrics, max_unread_tokens=args.max_unread_tokens)
+    apipe = AsyncPipeline(runtime, metrics=metrics, max_unread_tokens=args.max_unread_tokens,
+                          pause_unread_tokens=args.pause_unread_tokens, pause_limit_s=args.send_timeout)
     return Serving(runtime, apipe, create_app(apipe, config, metrics), config, metrics)

@@ -398,7 +398,11 @@ class ServerMetrics:
         self.body_bytes_arriving = metric(Gauge, "http_body_bytes_arriving", None,
                                           "Bytes held by request bodies still arriving (--max-body-bytes-arriving)")
         self.unread_cuts = metric(Counter, "streams_cut_unread", None,
-                                  "Streams aborted because their client left more than --max-unread-tokens unread")
+                                  "Streams aborted because their client left more than --max-unread-tokens unread, "
+                                  "or took none of them while paused for --send-timeout")
+        self.streams_paused = metric(Counter, "streams_paused", None,
+                                     "Times a stream's generation was paused because its client took nothing or left more "
+                                     "than --pause-unread-tokens unread (its sequences out of the batch, KV freed)")
         # every HTTP request by route, as prometheus-fastapi-instrumentator's series (vLLM's
         # http_requests_total): `handler` is the route's path template, "none" for no route
         self.http = metric(Counter, "http_requests", None, "HTTP requests by route, method and status",

@@ -134,6 +134,11 @@ def add_arguments(p) -> None:
     p.add_argument("--max-unread-tokens", type=int, default=1024,
                    help="tokens a stream may have waiting for its client (the socket's buffer full); more: "
                         "the request is aborted and its KV cache freed (default: 1024)")
+    p.add_argument("--pause-unread-tokens", type=int, default=32,
+                   help="tokens a stream may have waiting for its client (the socket's buffers full) before its "
+                        "generation pauses: its sequences leave the batch and free their KV cache until the "
+                        "client has taken them, then recompute and go on; paused for --send-timeout with none "
+                        "taken, the request is aborted. 0: never paused (default: 32)")
     p.add_argument("--return-tokens-as-token-ids", action="store_true",
                    help="logprobs name each token \"token_id:N\" instead of its text, for requests that do not "
                         "set return_tokens_as_token_ids themselves (vLLM's flag)")
@@ -283,7 +288,7 @@ class SetupError(Exception):
 # each flag's own range (dest -> the least value), whether given as the flag or as its AGP_* variable
 AT_LEAST = {"max_queue": 1, "max_body_bytes": 1024, "max_input_tokens": 1, "max_connections": 1, "max_model_len": 1,
             "max_body_bytes_arriving": 1024,
-            "max_num_seqs": 1, "threads": 1, "max_unread_tokens": 1, "replicas": 1, "min_replicas": 0,
+            "max_num_seqs": 1, "threads": 1, "max_unread_tokens": 1, "pause_unread_tokens": 0, "replicas": 1, "min_replicas": 0,
             "max_replicas": 1, "max_ongoing_requests": 1, "affinity_chars": 0}
 POSITIVE_SECONDS = ("drain_timeout", "header_timeout", "body_timeout", "send_timeout")
 FILES = ("ssl_keyfile", "ssl_certfile", "chat_template")

@@ -11,7 +11,7 @@ that tells the truth.
 | the body arriving | the app's `--body-timeout` and `--body-min-rate` (408); no `--max-connections` slot until it is complete (serve/guard.py) |
 | answered with an error, or before the body was all read | `Connection: close`, closed after the answer |
 | closed with the client still sending (a refused body, headers too long) | half-closed: what it sends is read and dropped for up to `LINGER_S` (2 s), then closed |
-| the answer being written, the client not reading it | `send_timeout` with none of it taken (below): cut |
+| the answer being written, the client not reading it | two checks with none of it taken: the request hears it (`SendWatch`) and pauses its generation; `send_timeout` with none of it taken (below): cut |
 | the same at shutdown (after the drain) | cut at once |
 | the kernel's buffer of the answer | `SEND_BUFFER` (128 KiB; Linux doubles it), not Linux's autotuned 4 MiB |
 | idle between requests (keep-alive) | uvicorn's keep-alive timeout (5 s) |
@@ -28,7 +28,10 @@ to it stay in this kernel, unacknowledged. While an answer's bytes wait for thei
 connection is checked every `min(1 s, send_timeout / 4)` (Linux's TCP_INFO: the bytes the client
 has acknowledged, and whether more wait); `send_timeout` without one more byte taken and the
 connection is cut (`transport.abort()`: the app hears a disconnect, the request is aborted and
-counted as a 499). So a stalled stream is cut `send_timeout` after its client's own receive
+counted as a 499). Sooner, after two checks without a byte taken, the request being answered
+hears that its client stalls, and again when it takes bytes: the connection's `SendWatch`, in
+the ASGI scope's extensions under SEND_WATCH (serve/sse.py hands it to the stream, which pauses
+its generation: serve/async_pipeline.py). So a stalled stream is cut `send_timeout` after its client's own receive
 buffer filled, whether or not the server's buffers (256 KiB in the kernel, 64 KiB in asyncio,
 some 1,100 streamed tokens) have filled: a shorter answer would otherwise be generated to its
 end for a client that reads none of it. Where TCP_INFO is missing (not Linux), the clock runs
@@ -64,6 +67,8 @@ import time
 import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .logs import endpoint
 
 log = logging.getLogger("agp.serve")
 
@@ -101,6 +106,7 @@ class _ClosingConnection(h11.Connection):
     why the client's bytes were not HTTP (`protocol_error`) for the 400 that says so."""
 
     protocol_error: str | None = None
+    request_id: str | None = None            # the X-Request-Id of the answer being sent (serve/access.py)
 
     def next_event(self):
         try:
@@ -111,6 +117,9 @@ class _ClosingConnection(h11.Connection):
             raise
 
     def send(self, event):
+        if isinstance(event, h11.Response):
+            self.request_id = next((value.decode("latin-1") for name, value in event.headers
+                                    if name.lower() == b"x-request-id"), None)
         if isinstance(event, h11.Response) and (event.status_code >= 400 or self.their_state is h11.SEND_BODY):
             if not any(name.lower() == b"connection" and b"close" in value.lower() for name, value in event.headers):
                 event = h11.Response(status_code=event.status_code, reason=event.reason,
@@ -157,6 +166,25 @@ class _LingeringTransport:
         return getattr(self._transport, name)
 
 
+SEND_WATCH = "agp.send_watch"   # the scope's extension through which a request hears its client stall
+
+
+class SendWatch:
+    """Whether the client of the answer being written has taken nothing of it for two checks
+    while some waits (`stalled`); `listener(stalled)`, when the app sets one, hears each change.
+    A request finds it in its ASGI scope's extensions under SEND_WATCH."""
+
+    def __init__(self):
+        self.stalled = False
+        self.listener = None
+
+    def set(self, stalled: bool) -> None:
+        if stalled != self.stalled:
+            self.stalled = stalled
+            if self.listener is not None:
+                self.listener(stalled)
+
+
 def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
                  max_header_bytes: int = MAX_HEADER_BYTES):
     """An H11Protocol class with the limits of the module docstring."""
@@ -176,6 +204,7 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
             self._header_timer = self._send_timer = None
             self._paused, self._drained = False, 0    # asyncio's buffer over its high-water mark; times it drained
             self._taken = self._taken_at = None        # the client's progress at the last check, and when it moved
+            self._watch, self._watched = SendWatch(), None   # the request being answered hears a stall
             super().connection_made(_LingeringTransport(transport, self))
             self._arm()
 
@@ -205,6 +234,10 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
                              "headers_too_large")
                 return
             super().handle_events()
+            cycle = self.cycle
+            if cycle is not None and cycle is not self._watched:      # a new request: its own watch
+                self._watched, self._watch = cycle, SendWatch()
+                cycle.scope.setdefault("extensions", {})[SEND_WATCH] = self._watch
 
         def _headers_too_long(self) -> bool:
             buffered = self.conn.trailing_data[0]
@@ -273,22 +306,38 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
                 return
             taken, waiting = self._progress()
             if not waiting:                       # all taken: watched again from the next write
+                self._watch.set(False)
                 return
             now = self.loop.time()
             if taken != self._taken:
                 self._taken, self._taken_at = taken, now
-            elif now - self._taken_at >= send_timeout:
-                log.info("cutting a connection whose client took nothing of its answer for %gs", send_timeout)
+                self._watch.set(False)
+            elif now - self._taken_at >= 2 * tick:
+                self._watch.set(True)             # the request may pause its generation (serve/async_pipeline.py)
+            if taken == self._taken and now - self._taken_at >= send_timeout:
+                log.info("cutting the connection of %s: it took nothing of its answer (%s) for %gs",
+                         self._client(), self._answering(), send_timeout,
+                         extra={"client": self._client(), "request_id": self.conn.request_id})
                 self.transport.abort()            # connection_lost: the app hears a disconnect
                 return
             self._send_timer = self.loop.call_later(tick, self._check_sending)
+
+        def _client(self) -> str:
+            return endpoint(*self.client[:2]) if self.client else "a client"
+
+        def _answering(self) -> str:
+            """The request whose answer is being written, as the access log names it."""
+            scope = getattr(self.cycle, "scope", None) or {}
+            what = f"{scope.get('method', '?')} {scope.get('path', '?')}"
+            return what + (f" id={self.conn.request_id}" if self.conn.request_id else "")
 
         def shutdown(self) -> None:
             """uvicorn's graceful shutdown waits for the answer being written; one whose client
             reads nothing (the socket's buffer full) would wait out uvicorn's 5 s and then be
             cancelled with an ERROR and a traceback: after the drain it is cut at once."""
             if self._paused and not self.transport.is_closing():
-                log.info("shutting down: cutting a connection whose client is not reading its answer")
+                log.info("shutting down: cutting the connection of %s, which is not reading its answer (%s)",
+                         self._client(), self._answering())
                 self.transport.abort()
                 return
             super().shutdown()

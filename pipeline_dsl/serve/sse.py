@@ -22,6 +22,7 @@ from .access import request_info
 from .answers import offsets, prompt_text
 from .async_pipeline import RequestStream, StreamGroup
 from .errors import api_error, log_error
+from .server import SEND_WATCH
 from .token_fields import answer_fields, logprob_names
 
 
@@ -39,6 +40,11 @@ class EventStream(StreamingResponse):
     async def __call__(self, scope, receive, send):
         info = request_info(scope)
         ended = False
+        watch = scope.get("extensions", {}).get(SEND_WATCH)    # agp's server: its client stalls (serve/server.py)
+        if watch is not None:
+            watch.listener = self._stream.client_stalled
+            if watch.stalled:
+                self._stream.client_stalled(True)
 
         async def sending(message):
             nonlocal ended
@@ -65,6 +71,8 @@ class EventStream(StreamingResponse):
                 finally:
                     group.cancel_scope.cancel()
         finally:
+            if watch is not None:
+                watch.listener = None
             close = getattr(self.body_iterator, "aclose", None)
             if close is not None:                 # its finally aborts the request, if it started
                 await close()
