@@ -134,11 +134,12 @@ def add_arguments(p) -> None:
     p.add_argument("--max-unread-tokens", type=int, default=1024,
                    help="tokens a stream may have waiting for its client (the socket's buffer full); more: "
                         "the request is aborted and its KV cache freed (default: 1024)")
-    p.add_argument("--pause-unread-tokens", type=int, default=32,
+    p.add_argument("--pause-unread-tokens", type=int, default=256,
                    help="tokens a stream may have waiting for its client (the socket's buffers full) before its "
                         "generation pauses: its sequences leave the batch and free their KV cache until the "
                         "client has taken them, then recompute and go on; paused for --send-timeout with none "
-                        "taken, the request is aborted. 0: never paused (default: 32)")
+                        "taken, the request is aborted. 0: never paused (default: 256, more than a busy event loop "
+                        "lets pile up for a client that reads; one that stops reading pauses sooner, on its TCP)")
     p.add_argument("--return-tokens-as-token-ids", action="store_true",
                    help="logprobs name each token \"token_id:N\" instead of its text, for requests that do not "
                         "set return_tokens_as_token_ids themselves (vLLM's flag)")
