@@ -997,3 +997,74 @@ def test_a_server_with_an_api_key_is_measured_with_the_key_and_without_it_the_er
         assert agp(argv) == 0
     finally:
         server.close()
+
+
+def _vllm_figures(raw, duration, slo):
+    """vLLM's benchmark_serving figures of raw requests (send time, each token's arrival, input
+    tokens, or an error), computed here from the timestamps alone: TTFT = first token - send,
+    E2E = last event - send, TPOT = (E2E - TTFT) / (output tokens - 1) for more than one token,
+    ITL = the gaps between successive tokens, throughputs over the whole run, percentiles by
+    numpy's linear interpolation, goodput = completed requests within every limit / duration."""
+    ok = [q for q in raw if q["error"] is None]
+    ttft = [q["tokens"][0] - q["sent"] for q in ok]
+    e2e = [q["done"] - q["sent"] for q in ok]
+    tpot = [(q["done"] - q["tokens"][0]) / (len(q["tokens"]) - 1) for q in ok if len(q["tokens"]) > 1]
+    itl = [b - a for q in ok for a, b in zip(q["tokens"], q["tokens"][1:])]
+    good = 0
+    for q in ok:
+        seen = {"ttft": q["tokens"][0] - q["sent"], "e2e": q["done"] - q["sent"],
+                "tpot": (q["done"] - q["tokens"][0]) / (len(q["tokens"]) - 1) if len(q["tokens"]) > 1 else 0.0}
+        good += all(seen[k] <= limit for k, limit in slo.items())
+    out_tokens = sum(len(q["tokens"]) for q in ok)
+    dist = {name: {"mean": float(np.mean(xs)), **{f"p{p}": float(np.percentile(xs, p)) for p in (50, 90, 99)}}
+            for name, xs in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2e", e2e))}
+    return dict(dist, completed=len(ok), request_throughput=len(ok) / duration,
+                output_throughput=out_tokens / duration,
+                total_throughput=(sum(q["prompt"] for q in ok) + out_tokens) / duration, goodput=good / duration)
+
+
+def test_every_figure_is_vllm_benchmark_serving_s_of_the_same_timestamps():
+    """Users set agp bench's table beside `vllm bench serve`'s: every latency quantile, throughput
+    and the goodput of a seeded mix of requests (one token to many, some failed, uneven gaps, an
+    odd count so that no percentile falls on a sample) match vLLM's definitions computed here from
+    the raw timestamps, not a hand-picked figure a wrong index or interval can also give."""
+    rng = np.random.default_rng(7)
+    raw = []
+    for i in range(37):
+        sent = float(rng.uniform(0.0, 5.0))
+        if i % 9 == 4:
+            raw.append({"sent": sent, "done": sent + 0.05, "error": "HTTP 503: busy", "tokens": [], "prompt": 0})
+            continue
+        n = 1 if i % 7 == 3 else int(rng.integers(2, 30))
+        tokens = list(sent + float(rng.uniform(0.02, 0.4)) + np.cumsum(rng.exponential(0.03, n) * (1 + (i % 3))))
+        raw.append({"sent": sent, "tokens": tokens, "done": tokens[-1] + float(rng.uniform(0.0, 0.002)),
+                    "error": None, "prompt": int(rng.integers(5, 50))})
+    records = []
+    for q in raw:
+        r = B.RequestRecord(sent=q["sent"], prompt_tokens=q["prompt"], completion_tokens=len(q["tokens"]),
+                            error=q["error"], finish_reason=None if q["error"] else "length")
+        for t in q["tokens"]:
+            r.chunk(t)
+        r.done = q["done"]
+        records.append(r)
+    duration = max(q["done"] for q in raw) + 0.01
+    slo = {"ttft": 0.25, "tpot": 0.05, "e2e": 1.0}
+    want = _vllm_figures(raw, duration, slo)
+    got = B.summarize("x", 8.0, records, duration=duration, slo=slo)
+    assert got.completed == want["completed"] and got.errors == len(raw) - want["completed"]
+    for name in ("ttft", "tpot", "itl", "e2e"):
+        for q in ("mean", "p50", "p90", "p99"):
+            assert getattr(got, name)[q] == pytest.approx(want[name][q], rel=1e-9), (name, q)
+    for key in ("request_throughput", "output_throughput", "total_throughput", "goodput"):
+        assert getattr(got, key) == pytest.approx(want[key], rel=1e-9), key
+    assert 0 < got.goodput < got.request_throughput           # the limits tell requests apart
+    # the table shows the same figures, in ms and per second
+    table = B.format_table([got])
+    for name in ("ttft", "tpot", "itl", "e2e"):
+        for q in ("mean", "p50", "p90", "p99"):
+            assert re.search(rf"^{name.upper()} {q} \(ms\)\s+{want[name][q] * 1000:.1f}$", table, re.M), (name, q)
+    assert re.search(rf"^requests/s\s+{want['request_throughput']:.2f}$", table, re.M)
+    assert re.search(rf"^output tok/s\s+{want['output_throughput']:.1f}$", table, re.M)
+    assert re.search(rf"^total tok/s\s+{want['total_throughput']:.1f}$", table, re.M)
+    assert re.search(rf"^goodput \(req/s\)\s+{want['goodput']:.2f}$", table, re.M)
+
