@@ -1068,3 +1068,136 @@ def test_every_figure_is_vllm_benchmark_serving_s_of_the_same_timestamps():
     assert re.search(rf"^total tok/s\s+{want['total_throughput']:.1f}$", table, re.M)
     assert re.search(rf"^goodput \(req/s\)\s+{want['goodput']:.2f}$", table, re.M)
 
+
+class _Streaming(_Refusing):
+    """Streams `chunks` (each a chunk's JSON object) then [DONE]: a server's answer as written."""
+    chunks: list = []
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = "".join(f"data: {json.dumps(c)}\n\n" for c in self.chunks) + "data: [DONE]\n\n"
+        self._send(200, body.encode(), "text/event-stream")
+
+
+def _streamed(chunks, line=None):
+    """The record of one request sent over HTTP to a server streaming `chunks`."""
+    handler = type("Handler", (_Streaming,), {"chunks": chunks})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    target = B.HTTPTarget(f"http://127.0.0.1:{server.server_address[1]}", model="m")
+    rec = B.RequestRecord(sent=0.0)
+
+    async def go():
+        await target.start()
+        try:
+            await target.send(parse_line(json.dumps(line or {"prompt": "hi", "max_tokens": 3}), 1), rec,
+                              time.perf_counter)
+        finally:
+            await target.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        server.shutdown()
+        server.server_close()
+    return rec
+
+
+def _text(index, text, finish=None):
+    return {"choices": [{"index": index, "text": text, "finish_reason": finish}]}
+
+
+def test_a_servers_choices_are_timed_as_streams_of_their_own():
+    """n = 2 over HTTP: each choice's chunks are its own stream (ITL and TPOT per choice, as the
+    in-process target counts them), not one stream of both choices' chunks interleaved."""
+    chunks = [_text(i, "a") for _ in range(3) for i in (0, 1)] + [_text(0, "", "length"), _text(1, "", "length")]
+    chunks[-1]["usage"] = {"prompt_tokens": 2, "completion_tokens": 6}
+    rec = _streamed(chunks, {"prompt": "hi", "max_tokens": 3, "n": 2})
+    assert sorted(rec.chunk_times) == [0, 1] and [len(t) for t in rec.chunk_times.values()] == [3, 3]
+    assert not rec.truncated and rec.error is None
+
+
+def test_a_server_without_usage_has_its_output_counted_over_every_choice():
+    """A server that sends no usage chunk: the output tokens are the chunks of every choice that
+    carried text (each chunk a token), so output tok/s counts both choices of n = 2."""
+    chunks = [_text(i, "a") for _ in range(3) for i in (0, 1)] + [_text(0, "", "length"), _text(1, "", "length")]
+    rec = _streamed(chunks, {"prompt": "hi", "max_tokens": 3, "n": 2})
+    assert rec.completion_tokens == 6
+
+
+def test_the_cached_prompt_tokens_a_server_reports_make_the_kv_hit_rate():
+    """vLLM and agp serve report a prompt's cached tokens in usage.prompt_tokens_details: --url's KV
+    hit rate is theirs over the prompt tokens."""
+    chunks = [_text(0, "a"), _text(0, "b", "length")]
+    chunks[-1]["usage"] = {"prompt_tokens": 40, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 30}}
+    rec = _streamed(chunks)
+    assert (rec.prompt_tokens, rec.cached_tokens) == (40, 30)
+    rec.done = max(rec.chunk_times[0])
+    assert B.summarize("x", 1.0, [rec], duration=1.0).kv_hit_rate == pytest.approx(0.75)
+
+
+def test_a_stream_that_ends_without_a_finish_reason_is_truncated():
+    """[DONE] after chunks of text but no finish_reason (a proxy that cut the answer, a server that
+    died mid-way and closed politely): the answer is not whole, so it is no completed request."""
+    rec = _streamed([_text(0, "a"), _text(0, "b")])
+    assert rec.truncated and rec.error is None
+    rec.done = 1.0
+    s = B.summarize("x", 1.0, [rec], duration=1.0)
+    assert (s.completed, s.truncated) == (0, 1)
+
+
+def test_the_first_error_is_the_first_sent_requests():
+    """The exit message of a measurement where nothing succeeded names the error of the first
+    request sent, whatever came after it."""
+    records = [B.RequestRecord(sent=0.1 * i, done=1.0, error=f"HTTP 50{i}: down") for i in range(3)]
+    why = B.failure(B.summarize("x", 1.0, records, duration=1.0))
+    assert why == "none of its 3 requests succeeded; the first error: HTTP 500: down"
+
+
+def test_the_markdown_table_has_a_cell_per_report_in_every_row():
+    """format_markdown's rows, its alignment row included, have a cell per report: GitHub renders a
+    table whose delimiter row is short as plain text."""
+    reports = [B.summarize(label, 1.0, [_record(0.0, [0.1, 0.2])], duration=1.0) for label in ("a", "b", "c")]
+    lines = B.format_markdown(reports).splitlines()
+    assert lines[1] == "|---|---:|---:|---:|"
+    assert {line.count("|") for line in lines} == {5}
+
+
+class _Instant:
+    """A target that answers each request with two tokens at once."""
+    label = "instant"
+
+    async def start(self):
+        pass
+
+    async def close(self):
+        pass
+
+    async def stats(self):
+        return {}
+
+    async def send(self, item, rec, clock):
+        rec.chunk(clock())
+        rec.chunk(clock())
+        rec.prompt_tokens, rec.completion_tokens, rec.finish_reason = 3, 2, "length"
+
+
+def test_the_throughput_is_over_the_whole_load_from_its_start():
+    """vLLM's benchmark duration runs from the start of the load (before the first arrival's gap)
+    to the last answer: 3 requests evenly spaced at 10/s are sent at 0.1, 0.2 and 0.3 s, so the
+    duration is at least 0.3 s and the request throughput at most 10/s, not 3 over the 0.2 s from
+    the first send to the last answer."""
+    items = [parse_line(json.dumps({"prompt": "hi"}), 1)]
+    r = asyncio.run(B.bench_one(_Instant(), items, rate=10.0, num=3, progress=False, warmup=0,
+                                burstiness=math.inf))
+    assert r.completed == 3 and r.duration_s >= 0.3
+    assert r.request_throughput == pytest.approx(3 / r.duration_s) and r.request_throughput <= 10.0
+
+
+def test_bench_defaults_are_the_documented_ones():
+    """`agp bench --help` says: all at once (--rate inf), one warm-up request, seed 0, 600 s a request."""
+    from pipeline_dsl.cli import build_parser
+
+    args = build_parser(["bench"]).parse_args(["bench", "--url", "http://h:1", "-w", "w.jsonl"])
+    assert (args.rate, args.warmup, args.seed, args.request_timeout, args.burstiness) == ("inf", 1, 0, 600.0, 1.0)
+    assert (args.num, args.duration, args.concurrency, args.goodput) == (None, None, None, None)
