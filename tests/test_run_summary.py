@@ -123,3 +123,36 @@ def test_a_line_taken_but_never_started_counts_as_interrupted_and_is_not_written
                            stop=stop, on_interrupted=cut.append)
     assert (done, cut) == ([0], [1])
     assert (summary["requests"], summary["interrupted"]) == (1, 1)
+
+
+def test_the_run_summarys_figures_are_vllms_of_the_requests_times():
+    """agp run's TTFT and per-token p50 / p99, output tok/s and counts, against vLLM's definitions
+    computed here from each request's times: TTFT its first token's, TPOT (latency - TTFT) /
+    (tokens - 1), percentiles by linear interpolation (numpy's), output tokens over the run's
+    generation time; a failed request counts as a request and an error, none of its figures."""
+    from types import SimpleNamespace as NS
+
+    import numpy as np
+
+    from pipeline_dsl.commands.runner import Tally, summarize
+    from pipeline_dsl.flow import Choice, PipelineError, Result
+
+    rng = np.random.default_rng(3)
+    raw = [(float(rng.uniform(0.05, 0.9)), int(rng.integers(2, 40)), int(rng.integers(3, 30))) for _ in range(23)]
+    raw = [(ttft, ttft + float(rng.uniform(0.1, 3.0)), tokens, prompt) for ttft, tokens, prompt in raw]
+    results = [Result(f"k{i}", i, [Choice(0, "", "length", {})], None,
+                      {"prompt_tokens": prompt, "completion_tokens": tokens, "cached_tokens": 0},
+                      {"ttft_s": ttft, "latency_s": latency})
+               for i, (ttft, latency, tokens, prompt) in enumerate(raw)]
+    failed = Result("bad", 99, [], PipelineError("no prompt", kind="invalid"), {}, {})
+    runtime = NS(stats=lambda: {"engines": {}, "stages": {}, "edges": {}}, trace=NS(measured_overlap=lambda: 0.0),
+                 plan=NS(streams=[]), segments=[])
+    s = summarize(runtime, Tally.of(results[:11] + [failed] + results[11:]), wall=7.5)
+    ttft = [r[0] for r in raw]
+    tpot = [(latency - t) / (tokens - 1) for t, latency, tokens, _ in raw]
+    assert (s["requests"], s["errors"]) == (24, 1)
+    assert s["completion_tokens"] == sum(r[2] for r in raw) and s["prompt_tokens"] == sum(r[3] for r in raw)
+    assert s["output_tokens_per_s"] == pytest.approx(sum(r[2] for r in raw) / 7.5, abs=0.01)
+    for key, xs in (("ttft", ttft), ("tpot", tpot)):
+        for q in (50, 99):
+            assert s[f"{key}_p{q}_ms"] == pytest.approx(np.percentile(xs, q) * 1000, abs=1e-3), (key, q)
