@@ -156,3 +156,13 @@ def test_the_run_summarys_figures_are_vllms_of_the_requests_times():
     for key, xs in (("ttft", ttft), ("tpot", tpot)):
         for q in (50, 99):
             assert s[f"{key}_p{q}_ms"] == pytest.approx(np.percentile(xs, q) * 1000, abs=1e-3), (key, q)
+
+
+def test_the_summarys_failed_count_is_every_request_that_failed():
+    """'requests N (M failed)': M is every failed request, those the pipeline failed as well as the
+    bad lines (the summary's errors, which count both), not the bad lines alone."""
+    s = {"requests": 5, "errors": 3, "bad_lines": 1, "prompt_tokens": 0, "cached_tokens": 0,
+         "completion_tokens": 0, "output_tokens_per_s": None, "generation_s": 0, "ttft_p50_ms": None,
+         "ttft_p99_ms": None, "tpot_p50_ms": None, "tpot_p99_ms": None, "mean_batch_size": None,
+         "kv_hit_rate": None}
+    assert format_summary(s).splitlines()[1] == "requests        5 (3 failed)"
