@@ -166,3 +166,20 @@ def test_the_summarys_failed_count_is_every_request_that_failed():
          "ttft_p99_ms": None, "tpot_p50_ms": None, "tpot_p99_ms": None, "mean_batch_size": None,
          "kv_hit_rate": None}
     assert format_summary(s).splitlines()[1] == "requests        5 (3 failed)"
+
+
+def test_the_kv_hit_rate_is_the_engines_hit_tokens_over_the_tokens_they_looked_up():
+    """The KV hit rate is over the prompt tokens the engines looked up in the cache (a cascade's
+    second engine looks the prompt up again), not over the requests' prompt tokens."""
+    from types import SimpleNamespace as NS
+
+    from pipeline_dsl.commands.runner import Tally, summarize
+    from pipeline_dsl.flow import Choice, Result
+
+    engines = {"draft": {"kv_queried_tokens": 120, "kv_hit_tokens": 30}, "main": {"kv_queried_tokens": 80,
+                                                                                 "kv_hit_tokens": 50}}
+    runtime = NS(stats=lambda: {"engines": engines, "stages": {}, "edges": {}},
+                 trace=NS(measured_overlap=lambda: 0.0), plan=NS(streams=[]), segments=[])
+    result = Result("k", 1, [Choice(0, "", "length", {})], None,
+                    {"prompt_tokens": 100, "completion_tokens": 4, "cached_tokens": 40}, {"ttft_s": 0.1, "latency_s": 0.4})
+    assert summarize(runtime, Tally.of([result]), wall=1.0)["kv_hit_rate"] == pytest.approx(80 / 200)
