@@ -1201,3 +1201,13 @@ def test_bench_defaults_are_the_documented_ones():
     args = build_parser(["bench"]).parse_args(["bench", "--url", "http://h:1", "-w", "w.jsonl"])
     assert (args.rate, args.warmup, args.seed, args.request_timeout, args.burstiness) == ("inf", 1, 0, 600.0, 1.0)
     assert (args.num, args.duration, args.concurrency, args.goodput) == (None, None, None, None)
+
+
+def test_a_reports_json_holds_its_figures_not_every_requests_samples():
+    """--json writes each report's figures; the per-request TTFT and E2E samples (the plot's CDFs)
+    stay out unless asked for: a long run's file held two numbers per request."""
+    r = B.summarize("x", 2.0, [_record(0.0, [0.2, 0.3]), _record(0.5, [0.6, 0.9])], duration=1.0)
+    d = json.loads(json.dumps(r.to_dict()))
+    assert "ttft_samples" not in d and "e2e_samples" not in d
+    assert {"ttft", "tpot", "itl", "e2e", "request_throughput", "output_throughput", "units"} <= set(d)
+    assert r.to_dict(samples=True)["ttft_samples"] == pytest.approx([0.2, 0.1])
