@@ -1211,3 +1211,19 @@ def test_a_reports_json_holds_its_figures_not_every_requests_samples():
     assert "ttft_samples" not in d and "e2e_samples" not in d
     assert {"ttft", "tpot", "itl", "e2e", "request_throughput", "output_throughput", "units"} <= set(d)
     assert r.to_dict(samples=True)["ttft_samples"] == pytest.approx([0.2, 0.1])
+
+
+def test_a_targets_true_false_and_none_are_read_in_any_case(tmp_path):
+    """`,prefix_reuse=False` (Python's spelling) and `,seed=None` are the booleans and none that
+    their lower-case spellings are, not an error."""
+    agp_file = tmp_path / "p.agp"
+    agp_file.write_text("pipeline p {}")
+    assert B.parse_target(f"{agp_file},prefix_reuse=False,compile=TRUE,seed=None")[1] == {
+        "prefix_reuse": False, "compile": True, "seed": None}
+
+
+def test_a_baseline_file_of_one_report_object_is_read_as_a_list_of_one(tmp_path):
+    """A report taken out of a --json file's list (one object, not a list) is still a baseline."""
+    (tmp_path / "one.json").write_text(json.dumps(_SAVED))
+    (r,) = B.load_reports(tmp_path / "one.json")
+    assert (r.label, r.completed) == ("x (one.json)", _SAVED["completed"])
