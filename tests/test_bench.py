@@ -998,3 +998,233 @@ def test_a_server_with_an_api_key_is_measured_with_the_key_and_without_it_the_er
         assert agp(argv) == 0
     finally:
         server.close()
+
+
+def _vllm_figures(raw, duration, slo):
+    """vLLM's benchmark_serving figures of raw requests (send time, each token's arrival, input
+    tokens, or an error), computed here from the timestamps alone: TTFT = first token - send,
+    E2E = last event - send, TPOT = (E2E - TTFT) / (output tokens - 1) for more than one token,
+    ITL = the gaps between successive tokens, throughputs over the whole run, percentiles by
+    numpy's linear interpolation, goodput = completed requests within every limit / duration."""
+    ok = [q for q in raw if q["error"] is None]
+    ttft = [q["tokens"][0] - q["sent"] for q in ok]
+    e2e = [q["done"] - q["sent"] for q in ok]
+    tpot = [(q["done"] - q["tokens"][0]) / (len(q["tokens"]) - 1) for q in ok if len(q["tokens"]) > 1]
+    itl = [b - a for q in ok for a, b in zip(q["tokens"], q["tokens"][1:])]
+    good = 0
+    for q in ok:
+        seen = {"ttft": q["tokens"][0] - q["sent"], "e2e": q["done"] - q["sent"],
+                "tpot": (q["done"] - q["tokens"][0]) / (len(q["tokens"]) - 1) if len(q["tokens"]) > 1 else 0.0}
+        good += all(seen[k] <= limit for k, limit in slo.items())
+    out_tokens = sum(len(q["tokens"]) for q in ok)
+    dist = {name: {"mean": float(np.mean(xs)), **{f"p{p}": float(np.percentile(xs, p)) for p in (50, 90, 99)}}
+            for name, xs in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2e", e2e))}
+    return dict(dist, completed=len(ok), request_throughput=len(ok) / duration,
+                output_throughput=out_tokens / duration,
+                total_throughput=(sum(q["prompt"] for q in ok) + out_tokens) / duration, goodput=good / duration)
+
+
+def test_every_figure_is_vllm_benchmark_serving_s_of_the_same_timestamps():
+    """Users set agp bench's table beside `vllm bench serve`'s: every latency quantile, throughput
+    and the goodput of a seeded mix of requests (one token to many, some failed, uneven gaps, an
+    odd count so that no percentile falls on a sample) match vLLM's definitions computed here from
+    the raw timestamps, not a hand-picked figure a wrong index or interval can also give."""
+    rng = np.random.default_rng(7)
+    raw = []
+    for i in range(37):
+        sent = float(rng.uniform(0.0, 5.0))
+        if i % 9 == 4:
+            raw.append({"sent": sent, "done": sent + 0.05, "error": "HTTP 503: busy", "tokens": [], "prompt": 0})
+            continue
+        n = 1 if i % 7 == 3 else int(rng.integers(2, 30))
+        tokens = list(sent + float(rng.uniform(0.02, 0.4)) + np.cumsum(rng.exponential(0.03, n) * (1 + (i % 3))))
+        raw.append({"sent": sent, "tokens": tokens, "done": tokens[-1] + float(rng.uniform(0.0, 0.002)),
+                    "error": None, "prompt": int(rng.integers(5, 50))})
+    records = []
+    for q in raw:
+        r = B.RequestRecord(sent=q["sent"], prompt_tokens=q["prompt"], completion_tokens=len(q["tokens"]),
+                            error=q["error"], finish_reason=None if q["error"] else "length")
+        for t in q["tokens"]:
+            r.chunk(t)
+        r.done = q["done"]
+        records.append(r)
+    duration = max(q["done"] for q in raw) + 0.01
+    slo = {"ttft": 0.25, "tpot": 0.05, "e2e": 1.0}
+    want = _vllm_figures(raw, duration, slo)
+    got = B.summarize("x", 8.0, records, duration=duration, slo=slo)
+    assert got.completed == want["completed"] and got.errors == len(raw) - want["completed"]
+    for name in ("ttft", "tpot", "itl", "e2e"):
+        for q in ("mean", "p50", "p90", "p99"):
+            assert getattr(got, name)[q] == pytest.approx(want[name][q], rel=1e-9), (name, q)
+    for key in ("request_throughput", "output_throughput", "total_throughput", "goodput"):
+        assert getattr(got, key) == pytest.approx(want[key], rel=1e-9), key
+    assert 0 < got.goodput < got.request_throughput           # the limits tell requests apart
+    # the table shows the same figures, in ms and per second
+    table = B.format_table([got])
+    for name in ("ttft", "tpot", "itl", "e2e"):
+        for q in ("mean", "p50", "p90", "p99"):
+            assert re.search(rf"^{name.upper()} {q} \(ms\)\s+{want[name][q] * 1000:.1f}$", table, re.M), (name, q)
+    assert re.search(rf"^requests/s\s+{want['request_throughput']:.2f}$", table, re.M)
+    assert re.search(rf"^output tok/s\s+{want['output_throughput']:.1f}$", table, re.M)
+    assert re.search(rf"^total tok/s\s+{want['total_throughput']:.1f}$", table, re.M)
+    assert re.search(rf"^goodput \(req/s\)\s+{want['goodput']:.2f}$", table, re.M)
+
+
+class _Streaming(_Refusing):
+    """Streams `chunks` (each a chunk's JSON object) then [DONE]: a server's answer as written."""
+    chunks: list = []
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = "".join(f"data: {json.dumps(c)}\n\n" for c in self.chunks) + "data: [DONE]\n\n"
+        self._send(200, body.encode(), "text/event-stream")
+
+
+def _streamed(chunks, line=None):
+    """The record of one request sent over HTTP to a server streaming `chunks`."""
+    handler = type("Handler", (_Streaming,), {"chunks": chunks})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    target = B.HTTPTarget(f"http://127.0.0.1:{server.server_address[1]}", model="m")
+    rec = B.RequestRecord(sent=0.0)
+
+    async def go():
+        await target.start()
+        try:
+            await target.send(parse_line(json.dumps(line or {"prompt": "hi", "max_tokens": 3}), 1), rec,
+                              time.perf_counter)
+        finally:
+            await target.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        server.shutdown()
+        server.server_close()
+    return rec
+
+
+def _text(index, text, finish=None):
+    return {"choices": [{"index": index, "text": text, "finish_reason": finish}]}
+
+
+def test_a_servers_choices_are_timed_as_streams_of_their_own():
+    """n = 2 over HTTP: each choice's chunks are its own stream (ITL and TPOT per choice, as the
+    in-process target counts them), not one stream of both choices' chunks interleaved."""
+    chunks = [_text(i, "a") for _ in range(3) for i in (0, 1)] + [_text(0, "", "length"), _text(1, "", "length")]
+    chunks[-1]["usage"] = {"prompt_tokens": 2, "completion_tokens": 6}
+    rec = _streamed(chunks, {"prompt": "hi", "max_tokens": 3, "n": 2})
+    assert sorted(rec.chunk_times) == [0, 1] and [len(t) for t in rec.chunk_times.values()] == [3, 3]
+    assert not rec.truncated and rec.error is None
+
+
+def test_a_server_without_usage_has_its_output_counted_over_every_choice():
+    """A server that sends no usage chunk: the output tokens are the chunks of every choice that
+    carried text (each chunk a token), so output tok/s counts both choices of n = 2."""
+    chunks = [_text(i, "a") for _ in range(3) for i in (0, 1)] + [_text(0, "", "length"), _text(1, "", "length")]
+    rec = _streamed(chunks, {"prompt": "hi", "max_tokens": 3, "n": 2})
+    assert rec.completion_tokens == 6
+
+
+def test_the_cached_prompt_tokens_a_server_reports_make_the_kv_hit_rate():
+    """vLLM and agp serve report a prompt's cached tokens in usage.prompt_tokens_details: --url's KV
+    hit rate is theirs over the prompt tokens."""
+    chunks = [_text(0, "a"), _text(0, "b", "length")]
+    chunks[-1]["usage"] = {"prompt_tokens": 40, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 30}}
+    rec = _streamed(chunks)
+    assert (rec.prompt_tokens, rec.cached_tokens) == (40, 30)
+    rec.done = max(rec.chunk_times[0])
+    assert B.summarize("x", 1.0, [rec], duration=1.0).kv_hit_rate == pytest.approx(0.75)
+
+
+def test_a_stream_that_ends_without_a_finish_reason_is_truncated():
+    """[DONE] after chunks of text but no finish_reason (a proxy that cut the answer, a server that
+    died mid-way and closed politely): the answer is not whole, so it is no completed request."""
+    rec = _streamed([_text(0, "a"), _text(0, "b")])
+    assert rec.truncated and rec.error is None
+    rec.done = 1.0
+    s = B.summarize("x", 1.0, [rec], duration=1.0)
+    assert (s.completed, s.truncated) == (0, 1)
+
+
+def test_the_first_error_is_the_first_sent_requests():
+    """The exit message of a measurement where nothing succeeded names the error of the first
+    request sent, whatever came after it."""
+    records = [B.RequestRecord(sent=0.1 * i, done=1.0, error=f"HTTP 50{i}: down") for i in range(3)]
+    why = B.failure(B.summarize("x", 1.0, records, duration=1.0))
+    assert why == "none of its 3 requests succeeded; the first error: HTTP 500: down"
+
+
+def test_the_markdown_table_has_a_cell_per_report_in_every_row():
+    """format_markdown's rows, its alignment row included, have a cell per report: GitHub renders a
+    table whose delimiter row is short as plain text."""
+    reports = [B.summarize(label, 1.0, [_record(0.0, [0.1, 0.2])], duration=1.0) for label in ("a", "b", "c")]
+    lines = B.format_markdown(reports).splitlines()
+    assert lines[1] == "|---|---:|---:|---:|"
+    assert {line.count("|") for line in lines} == {5}
+
+
+class _Instant:
+    """A target that answers each request with two tokens at once."""
+    label = "instant"
+
+    async def start(self):
+        pass
+
+    async def close(self):
+        pass
+
+    async def stats(self):
+        return {}
+
+    async def send(self, item, rec, clock):
+        rec.chunk(clock())
+        rec.chunk(clock())
+        rec.prompt_tokens, rec.completion_tokens, rec.finish_reason = 3, 2, "length"
+
+
+def test_the_throughput_is_over_the_whole_load_from_its_start():
+    """vLLM's benchmark duration runs from the start of the load (before the first arrival's gap)
+    to the last answer: 3 requests evenly spaced at 10/s are sent at 0.1, 0.2 and 0.3 s, so the
+    duration is at least 0.3 s and the request throughput at most 10/s, not 3 over the 0.2 s from
+    the first send to the last answer."""
+    items = [parse_line(json.dumps({"prompt": "hi"}), 1)]
+    r = asyncio.run(B.bench_one(_Instant(), items, rate=10.0, num=3, progress=False, warmup=0,
+                                burstiness=math.inf))
+    assert r.completed == 3 and r.duration_s >= 0.3
+    assert r.request_throughput == pytest.approx(3 / r.duration_s) and r.request_throughput <= 10.0
+
+
+def test_bench_defaults_are_the_documented_ones():
+    """`agp bench --help` says: all at once (--rate inf), one warm-up request, seed 0, 600 s a request."""
+    from pipeline_dsl.cli import build_parser
+
+    args = build_parser(["bench"]).parse_args(["bench", "--url", "http://h:1", "-w", "w.jsonl"])
+    assert (args.rate, args.warmup, args.seed, args.request_timeout, args.burstiness) == ("inf", 1, 0, 600.0, 1.0)
+    assert (args.num, args.duration, args.concurrency, args.goodput) == (None, None, None, None)
+
+
+def test_a_reports_json_holds_its_figures_not_every_requests_samples():
+    """--json writes each report's figures; the per-request TTFT and E2E samples (the plot's CDFs)
+    stay out unless asked for: a long run's file held two numbers per request."""
+    r = B.summarize("x", 2.0, [_record(0.0, [0.2, 0.3]), _record(0.5, [0.6, 0.9])], duration=1.0)
+    d = json.loads(json.dumps(r.to_dict()))
+    assert "ttft_samples" not in d and "e2e_samples" not in d
+    assert {"ttft", "tpot", "itl", "e2e", "request_throughput", "output_throughput", "units"} <= set(d)
+    assert r.to_dict(samples=True)["ttft_samples"] == pytest.approx([0.2, 0.1])
+
+
+def test_a_targets_true_false_and_none_are_read_in_any_case(tmp_path):
+    """`,prefix_reuse=False` (Python's spelling) and `,seed=None` are the booleans and none that
+    their lower-case spellings are, not an error."""
+    agp_file = tmp_path / "p.agp"
+    agp_file.write_text("pipeline p {}")
+    assert B.parse_target(f"{agp_file},prefix_reuse=False,compile=TRUE,seed=None")[1] == {
+        "prefix_reuse": False, "compile": True, "seed": None}
+
+
+def test_a_baseline_file_of_one_report_object_is_read_as_a_list_of_one(tmp_path):
+    """A report taken out of a --json file's list (one object, not a list) is still a baseline."""
+    (tmp_path / "one.json").write_text(json.dumps(_SAVED))
+    (r,) = B.load_reports(tmp_path / "one.json")
+    assert (r.label, r.completed) == ("x (one.json)", _SAVED["completed"])

@@ -379,3 +379,45 @@ def test_ctrl_c_while_agp_check_waits_for_its_input_exits_130_without_a_tracebac
         proc.wait()
     assert proc.returncode == 130, err
     assert "Traceback" not in err
+
+
+def test_check_json_of_a_file_with_warnings_alone_is_ok():
+    """Warnings do not fail a check: `--json` says ok (a CI step reads it) and the exit status is 0."""
+    r = agp_in("check", "--json", "examples/errors/unused_setting.agp")
+    data = json.loads(r.stdout)
+    assert r.returncode == 0 and data["ok"] is True
+    assert data["diagnostics"] and {d["severity"] for d in data["diagnostics"]} == {"warning"}
+
+
+def test_check_reports_every_file_after_one_it_cannot_read(tmp_path):
+    """agp check reports every error of every file: a file that cannot be read (standard input
+    that is not UTF-8, a file that is missing) is one, and the files after it are still checked."""
+    r = agp_in("check", "-", "examples/chat.agp", input="pipeline p \xff {}\n", encoding="latin-1")
+    assert r.returncode == 2 and r.stderr.startswith("<stdin>:1:12: error: file is not valid UTF-8")
+    assert "examples/chat.agp: ok (1 pipeline)" in r.stdout
+    missing = tmp_path / "missing.agp"
+    r = agp_in("check", missing, "examples/chat.agp")
+    assert r.returncode == 2 and str(missing) in r.stderr
+    assert "examples/chat.agp: ok (1 pipeline)" in r.stdout
+    data = json.loads(agp_in("check", "--json", missing, "examples/errors/cycle.agp").stdout)
+    assert data["ok"] is False and any("cycle" in d["message"] for d in data["diagnostics"])
+
+
+def test_fmt_reads_a_files_crlf_line_breaks_as_an_editor_shows_them(tmp_path):
+    """A file saved with Windows line breaks formats to the same text as with "\\n" ones: no "\\r"
+    left at the end of a comment, and a file already in layout but for its line breaks is not
+    said to need reformatting."""
+    text = (ROOT / "examples" / "chat.agp").read_text()
+    assert "#" in text
+    crlf = tmp_path / "crlf.agp"
+    crlf.write_bytes(text.replace("\n", "\r\n").encode())
+    r = agp_in("fmt", crlf)
+    assert r.returncode == 0 and r.stdout == text and "\r" not in r.stdout
+    assert agp_in("fmt", "--check", crlf).returncode == 0
+
+
+def test_agp_without_a_command_prints_its_usage_and_exits_2():
+    """`agp` alone is a user error, as argparse's missing command is: its usage on stderr, exit 2."""
+    r = agp_in()
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("usage: agp") and "check" in r.stderr

@@ -9,6 +9,7 @@ from pathlib import Path
 import networkx as nx
 import pytest
 
+from clikit import agp_in
 from pipeline_dsl.plan import (Plan, PlanError, busy_overlap, format_plan, instance_graph,
                                make_plan, stage_work, step_graph)
 
@@ -279,3 +280,19 @@ def test_measured_costs_replace_the_nominal_ones_in_the_prediction():
     assert plan.work_named("gen.forward").cost == 0.627
     assert 1.0 < plan.speedup < 1.01 and plan.overlap < 0.01
     assert make_plan(graph()).speedup > 1.25
+
+
+def test_agp_plan_json_of_a_derived_pipeline_names_its_base_and_the_report_its_figures():
+    """A derived pipeline's plan says which pipeline it copies, in --json as in the report; the
+    report's overlap and speedup are the plan's own figures."""
+    from pipeline_dsl import load_pipeline_graph
+
+    r = agp_in("plan", "examples/compare.agp", "--pipeline", "chat_no_reuse", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert (data["pipeline"], data["base"]) == ("chat_no_reuse", "chat")
+    plan = make_plan(load_pipeline_graph(str(ROOT / "examples" / "chat.agp")))
+    seg = plan.segments[0]
+    assert seg.speedup != seg.overlap
+    assert (f"predicted steady-state overlap {seg.overlap:.2f} of wall time with >= 2 streams busy; "
+            f"speedup {seg.speedup:.2f}x over serial") in format_plan(plan)

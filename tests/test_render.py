@@ -143,3 +143,52 @@ def test_control_characters_and_noncharacters_of_a_files_strings_are_drawn_escap
         shown = esc.replace("\\", "\\\\")                               # inside a DOT quoted string
         assert f"text = be{esc}brief" in out                             # a box: HTML, no DOT escaping
         assert f'label="when metadata.k == \\"a{shown}b\\""' in out
+
+
+def test_the_conditions_a_stage_tries_in_order_are_numbered_from_two_on(tmp_path):
+    """A stage with two conditional routes tries them in order: the edges say which first."""
+    (tmp_path / "hooks.py").write_text("def pick(item):\n    return 'a'\n")
+    path = tmp_path / "p.agp"
+    path.write_text(PIPELINE.format(gen="").replace(
+        "request -> batch",
+        'stage pick : python { fn = "hooks:pick" }\n    request -> pick\n    pick -> batch when a\n'
+        "    pick -> batch when b\n    pick -> batch otherwise"))
+    text = dot_source(load_pipeline_graph(str(path)))
+    assert '"pick" -> "batch" [label="1. when a"];' in text
+    assert '"pick" -> "batch" [label="2. when b"];' in text
+    assert '"pick" -> "batch" [label="otherwise", style=dashed];' in text
+
+
+def _fills(text: str) -> dict:
+    return dict(re.findall(r'^  "(\w+)" \[label=.*fillcolor="(#\w+)"', text, re.M))
+
+
+def test_with_a_plan_each_box_takes_its_streams_colour():
+    """`agp render --plan` colours stages by plan stream: the stages of one stream share a fill,
+    those of two streams differ, and a per-item stage (on no stream) stays grey."""
+    graph = load_pipeline_graph("<test>", text=PIPELINE.format(gen=""))
+    plan = make_plan(graph)
+    fills = _fills(dot_source(graph, plan))
+    stream = {st: s.name for s in plan.streams for st in s.stages}
+    assert fills["request"] == "#eeeeee" and "request" not in stream
+    on = sorted(n for n in fills if n in stream)
+    assert len({stream[n] for n in on}) >= 2
+    for a in on:
+        for b in on:
+            assert (fills[a] == fills[b]) == (stream[a] == stream[b]), (a, b)
+    assert all(fills[n] != "#eeeeee" for n in on)
+
+
+def test_the_title_names_the_pipelines_model_mode_and_device():
+    text = PIPELINE.format(gen="").replace('model = "smollm2-135m-instruct"',
+                                           'model = "smollm2-135m-instruct"\n    mode = balanced\n    device = cpu')
+    title = re.search(r'^  label="(.*)";$', dot_source(load_pipeline_graph("<test>", text=text)), re.M).group(1)
+    assert title == "pipeline p  (model = smollm2-135m-instruct, mode = balanced, device = cpu)"
+
+
+def test_a_box_shows_its_kinds_key_settings_and_those_changed_from_the_default_alone():
+    """A generate box shows its key settings and a setting the file changed (top_p), not every
+    other setting at its default."""
+    box = next(ln for ln in dot("top_p = 0.5").splitlines() if ln.startswith('  "gen" ['))
+    assert "top_p = 0.5" in box and "max_new_tokens = " in box
+    assert "top_k = " not in box and "repetition_penalty" not in box

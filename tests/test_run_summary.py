@@ -123,3 +123,63 @@ def test_a_line_taken_but_never_started_counts_as_interrupted_and_is_not_written
                            stop=stop, on_interrupted=cut.append)
     assert (done, cut) == ([0], [1])
     assert (summary["requests"], summary["interrupted"]) == (1, 1)
+
+
+def test_the_run_summarys_figures_are_vllms_of_the_requests_times():
+    """agp run's TTFT and per-token p50 / p99, output tok/s and counts, against vLLM's definitions
+    computed here from each request's times: TTFT its first token's, TPOT (latency - TTFT) /
+    (tokens - 1), percentiles by linear interpolation (numpy's), output tokens over the run's
+    generation time; a failed request counts as a request and an error, none of its figures."""
+    from types import SimpleNamespace as NS
+
+    import numpy as np
+
+    from pipeline_dsl.commands.runner import Tally, summarize
+    from pipeline_dsl.flow import Choice, PipelineError, Result
+
+    rng = np.random.default_rng(3)
+    raw = [(float(rng.uniform(0.05, 0.9)), int(rng.integers(2, 40)), int(rng.integers(3, 30))) for _ in range(23)]
+    raw = [(ttft, ttft + float(rng.uniform(0.1, 3.0)), tokens, prompt) for ttft, tokens, prompt in raw]
+    results = [Result(f"k{i}", i, [Choice(0, "", "length", {})], None,
+                      {"prompt_tokens": prompt, "completion_tokens": tokens, "cached_tokens": 0},
+                      {"ttft_s": ttft, "latency_s": latency})
+               for i, (ttft, latency, tokens, prompt) in enumerate(raw)]
+    failed = Result("bad", 99, [], PipelineError("no prompt", kind="invalid"), {}, {})
+    runtime = NS(stats=lambda: {"engines": {}, "stages": {}, "edges": {}}, trace=NS(measured_overlap=lambda: 0.0),
+                 plan=NS(streams=[]), segments=[])
+    s = summarize(runtime, Tally.of(results[:11] + [failed] + results[11:]), wall=7.5)
+    ttft = [r[0] for r in raw]
+    tpot = [(latency - t) / (tokens - 1) for t, latency, tokens, _ in raw]
+    assert (s["requests"], s["errors"]) == (24, 1)
+    assert s["completion_tokens"] == sum(r[2] for r in raw) and s["prompt_tokens"] == sum(r[3] for r in raw)
+    assert s["output_tokens_per_s"] == pytest.approx(sum(r[2] for r in raw) / 7.5, abs=0.01)
+    for key, xs in (("ttft", ttft), ("tpot", tpot)):
+        for q in (50, 99):
+            assert s[f"{key}_p{q}_ms"] == pytest.approx(np.percentile(xs, q) * 1000, abs=1e-3), (key, q)
+
+
+def test_the_summarys_failed_count_is_every_request_that_failed():
+    """'requests N (M failed)': M is every failed request, those the pipeline failed as well as the
+    bad lines (the summary's errors, which count both), not the bad lines alone."""
+    s = {"requests": 5, "errors": 3, "bad_lines": 1, "prompt_tokens": 0, "cached_tokens": 0,
+         "completion_tokens": 0, "output_tokens_per_s": None, "generation_s": 0, "ttft_p50_ms": None,
+         "ttft_p99_ms": None, "tpot_p50_ms": None, "tpot_p99_ms": None, "mean_batch_size": None,
+         "kv_hit_rate": None}
+    assert format_summary(s).splitlines()[1] == "requests        5 (3 failed)"
+
+
+def test_the_kv_hit_rate_is_the_engines_hit_tokens_over_the_tokens_they_looked_up():
+    """The KV hit rate is over the prompt tokens the engines looked up in the cache (a cascade's
+    second engine looks the prompt up again), not over the requests' prompt tokens."""
+    from types import SimpleNamespace as NS
+
+    from pipeline_dsl.commands.runner import Tally, summarize
+    from pipeline_dsl.flow import Choice, Result
+
+    engines = {"draft": {"kv_queried_tokens": 120, "kv_hit_tokens": 30}, "main": {"kv_queried_tokens": 80,
+                                                                                 "kv_hit_tokens": 50}}
+    runtime = NS(stats=lambda: {"engines": engines, "stages": {}, "edges": {}},
+                 trace=NS(measured_overlap=lambda: 0.0), plan=NS(streams=[]), segments=[])
+    result = Result("k", 1, [Choice(0, "", "length", {})], None,
+                    {"prompt_tokens": 100, "completion_tokens": 4, "cached_tokens": 40}, {"ttft_s": 0.1, "latency_s": 0.4})
+    assert summarize(runtime, Tally.of([result]), wall=1.0)["kv_hit_rate"] == pytest.approx(80 / 200)
