@@ -51,7 +51,6 @@ def test_the_served_api_matches_its_description(live, label):
 def test_the_described_completions_prompt_is_every_shape_the_server_takes(live):
     """A batch of prompts (strings, token-id arrays, or both) is described as the server takes it:
     up to its limit of prompts a request, one choice for each."""
-    import httpx
     import jsonschema
 
     from pipeline_dsl.serve.protocol import MAX_PROMPTS
@@ -75,8 +74,6 @@ def test_the_described_completions_prompt_is_every_shape_the_server_takes(live):
 def test_the_described_request_bodies_name_every_field_the_server_takes(live):
     """A client generated from /openapi.json (additionalProperties: false) may send every field the
     server takes: logprobs, tools, response_format, penalties, the neutral vLLM fields..."""
-    import httpx
-
     from pipeline_dsl.serve import embeddings, protocol, responses
 
     spec = live.http.get(live.url + "/openapi.json", timeout=30).json()
@@ -93,8 +90,6 @@ def test_the_described_request_bodies_name_every_field_the_server_takes(live):
 def test_the_described_64_bit_bounds_are_the_integers_the_server_takes(live):
     """`seed` and `priority` are signed 64-bit integers: the description's bounds are those
     integers (2**63 - 1 as a float is 2**63, which the server refuses)."""
-    import httpx
-
     spec = live.http.get(live.url + "/openapi.json", timeout=30).json()
     for path in ("/v1/completions", "/v1/chat/completions"):
         fields = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
@@ -109,7 +104,6 @@ def test_a_null_cache_salt_is_described_as_the_server_takes_it(live):
     """vLLM's cache_salt is optional (null: no salt) and the server takes null; the description
     said a string alone. Null is described and served, on every route that takes the field; an
     empty string stays a 400 and is described as refused."""
-    import httpx
     import jsonschema
 
     spec = live.http.get(live.url + "/openapi.json", timeout=30).json()
@@ -127,7 +121,6 @@ def test_a_null_cache_salt_is_described_as_the_server_takes_it(live):
 
 
 def test_the_described_embeddings_input_is_every_shape_the_server_takes(live):
-    import httpx
     import jsonschema
 
     spec = live.http.get(live.url + "/openapi.json", timeout=30).json()
@@ -140,7 +133,6 @@ def test_the_described_embeddings_input_is_every_shape_the_server_takes(live):
 
 
 def test_a_described_chat_body_with_tools_logprobs_and_a_tool_turn_is_valid_and_served(live):
-    import httpx
     import jsonschema
 
     spec = live.http.get(live.url + "/openapi.json", timeout=30).json()
@@ -162,17 +154,14 @@ def test_a_described_chat_body_with_tools_logprobs_and_a_tool_turn_is_valid_and_
 
 def test_the_probes_are_described(live):
     """/ping (GET and POST, vLLM's) and HEAD /health answer, so the description lists them."""
-    import httpx
-
     paths = live.http.get(live.url + "/openapi.json", timeout=30).json()["paths"]
     assert {"get", "post"} <= set(paths["/ping"]) and {"get", "head"} <= set(paths["/health"])
     for method, path in [("GET", "/ping"), ("POST", "/ping"), ("HEAD", "/health")]:
-        assert httpx.request(method, live.url + path, timeout=30).status_code == 200
+        assert live.http.request(method, live.url + path, timeout=30).status_code == 200
 
 
 def test_a_described_scoring_request_is_valid_and_served(live):
     """lm-eval's loglikelihood request (echo, logprobs, max_tokens 0) fits the description."""
-    import httpx
     import jsonschema
 
     spec = live.http.get(live.url + "/openapi.json", timeout=30).json()
@@ -193,7 +182,6 @@ def test_every_request_field_takes_null_exactly_when_its_description_does(live):
     took null for fields described as not nullable (priority, ignore_eos, n, ...), so a client
     generated from the description could not send what the server takes. Field by field: a body
     with the field null is served (200) exactly when the description validates it."""
-    import httpx
     import jsonschema
 
     spec = live.http.get(live.url + "/openapi.json", timeout=30).json()
