@@ -481,7 +481,8 @@ class _Calling(_Refusing):
 def _bench_against(handler, line: dict):
     """Two requests of `line` at once against a local server of `handler`: the bench result."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # polled every 10 ms: shutdown() waits a poll (0.5 s by default)
+    threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
     try:
         return asyncio.run(B.bench_one(B.HTTPTarget(f"http://127.0.0.1:{server.server_address[1]}"),
                                        [parse_line(json.dumps(line), 1)], rate=math.inf, num=2, progress=False,
@@ -504,7 +505,8 @@ def test_an_answer_of_tool_calls_has_a_time_to_first_token_over_http():
 def test_bench_exits_1_only_when_no_request_of_a_target_succeeded(tmp_path, capsys, refuse, code):
     handler = type("Handler", (_Refusing,), {"refuse": refuse, "seen": 0})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # polled every 10 ms: shutdown() waits a poll (0.5 s by default)
+    threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         got = agp(["bench", "--url", url, "--workload", str(_workload(tmp_path)), "--warmup", "0",
@@ -807,7 +809,8 @@ def test_rate_inf_for_a_duration_runs_a_closed_loop_of_clients(tmp_path, capsys)
     """docs/benchmarks.md: --rate inf --concurrency N --duration S keeps N clients busy for S seconds."""
     handler = type("Handler", (_Refusing,), {"refuse": 1 << 30, "seen": 0})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # polled every 10 ms: shutdown() waits a poll (0.5 s by default)
+    threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
     try:
         code = agp(["bench", "--url", f"http://127.0.0.1:{server.server_address[1]}", "--workload",
                     str(_workload(tmp_path)), "--rate", "inf", "--concurrency", "2", "--duration", "0.3",
@@ -870,7 +873,8 @@ def _stalling_server():
     handler = type("Handler", (_Stalling,), {"seen": 0})
     server = type("Server", (http.server.ThreadingHTTPServer,), {"daemon_threads": True, "block_on_close": False})(
         ("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # polled every 10 ms: shutdown() waits a poll (0.5 s by default)
+    threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
     return server, handler
 
 

@@ -35,7 +35,7 @@ def expected(server, ids, normalize=True) -> torch.Tensor:
 
 
 def ids_of(server, text):
-    return httpx.post(server.url + "/tokenize", json={"prompt": text}, timeout=30).json()["tokens"]
+    return server.http.post(server.url + "/tokenize", json={"prompt": text}, timeout=30).json()["tokens"]
 
 
 def test_each_embedding_is_the_normalised_mean_hidden_state(server, client):
@@ -80,10 +80,10 @@ def test_vllms_chat_form_embeds_the_rendered_conversation(server):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat is here"}]
     for opened in (None, True):
         flag = {} if opened is None else {"add_generation_prompt": opened}
-        r = httpx.post(server.url + "/v1/embeddings", json={"model": "tiny", "messages": messages,
+        r = server.http.post(server.url + "/v1/embeddings", json={"model": "tiny", "messages": messages,
                                                             "encoding_format": "float", **flag}, timeout=30)
         assert r.status_code == 200, r.text
-        ids = httpx.post(server.url + "/tokenize", json={"messages": messages, "add_generation_prompt": bool(opened)},
+        ids = server.http.post(server.url + "/tokenize", json={"messages": messages, "add_generation_prompt": bool(opened)},
                          timeout=30).json()["tokens"]
         assert torch.allclose(torch.tensor(r.json()["data"][0]["embedding"]), expected(server, ids), atol=1e-4)
         assert r.json()["usage"]["prompt_tokens"] == len(ids)
@@ -97,7 +97,7 @@ def test_vllms_chat_form_embeds_the_rendered_conversation(server):
     ({"messages": [{"role": "user", "content": "x"}], "add_special_tokens": True}, "add_special_tokens"),
 ])
 def test_a_chat_form_embedding_request_that_cannot_be_embedded_is_a_400_naming_the_field(server, body, param):
-    r = httpx.post(server.url + "/v1/embeddings", json={"model": "tiny", **body}, timeout=30)
+    r = server.http.post(server.url + "/v1/embeddings", json={"model": "tiny", **body}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
@@ -112,9 +112,9 @@ def test_a_base64_embedding_is_written_in_the_dtype_and_byte_order_asked(server,
     import numpy
 
     body = {"model": "tiny", "input": "hello world"}
-    floats = httpx.post(server.url + "/v1/embeddings", json={**body, "encoding_format": "float"},
+    floats = server.http.post(server.url + "/v1/embeddings", json={**body, "encoding_format": "float"},
                         timeout=30).json()["data"][0]["embedding"]
-    r = httpx.post(server.url + "/v1/embeddings", json={**body, "encoding_format": "base64", "embed_dtype": dtype,
+    r = server.http.post(server.url + "/v1/embeddings", json={**body, "encoding_format": "base64", "embed_dtype": dtype,
                                                         "endianness": endianness}, timeout=30)
     assert r.status_code == 200, r.text
     raw = base64.b64decode(r.json()["data"][0]["embedding"])
@@ -144,7 +144,7 @@ def test_a_base64_embedding_is_written_in_the_dtype_and_byte_order_asked(server,
     ({"input": ["x"] * 257}, 400, "input"),
 ])
 def test_bad_input_is_an_error_naming_the_field(server, body, status, param):
-    r = httpx.post(server.url + "/v1/embeddings", json=body, timeout=30)
+    r = server.http.post(server.url + "/v1/embeddings", json=body, timeout=30)
     assert r.status_code == status, r.text
     assert r.json()["error"]["param"] == param
 
@@ -159,9 +159,9 @@ def test_up_to_256_inputs_are_embedded_and_the_answer_names_the_model_asked_for(
 
 def test_request_id_is_the_answers_x_request_id(server):
     """docs/openai.md, /v1/embeddings: vLLM's request_id is the answer's X-Request-Id, as on chat."""
-    r = httpx.post(server.url + "/v1/embeddings", json={"input": "x", "request_id": "emb-7"}, timeout=30)
+    r = server.http.post(server.url + "/v1/embeddings", json={"input": "x", "request_id": "emb-7"}, timeout=30)
     assert r.status_code == 200 and r.headers["x-request-id"] == "emb-7", dict(r.headers)
-    other = httpx.post(server.url + "/v1/embeddings", json={"input": "x"}, timeout=30)
+    other = server.http.post(server.url + "/v1/embeddings", json={"input": "x"}, timeout=30)
     assert other.headers["x-request-id"] not in ("", "emb-7")
 
 
@@ -176,7 +176,7 @@ def test_embeddings_are_counted_by_status_and_leave_nothing_in_flight(server, cl
 
     ok, refused = count("200"), count("400")
     client.embeddings.create(model="tiny", input=["a b", "c"])
-    r = httpx.post(server.url + "/v1/embeddings", json={"model": "tiny", "input": "a b c d " * 600}, timeout=60)
+    r = server.http.post(server.url + "/v1/embeddings", json={"model": "tiny", "input": "a b c d " * 600}, timeout=60)
     assert r.status_code == 400, r.text[:300]
     assert (count("200"), count("400")) == (ok + 1, refused + 1)
     assert server.metric("agp_requests_in_flight") == 0
@@ -199,13 +199,13 @@ def test_an_input_a_guard_answers_itself_is_a_400_with_its_words_and_the_others_
     try:
         for body, field in [({"input": "a blocked topic"}, "'input'"), ({"input": ["fine", "blocked"]}, "'input[1]'"),
                             ({"messages": [{"role": "user", "content": "blocked"}]}, "'messages'")]:
-            r = httpx.post(s.url + "/v1/embeddings", json=body, timeout=60)
+            r = s.http.post(s.url + "/v1/embeddings", json=body, timeout=60)
             assert r.status_code == 400, r.text[:300]
             err = r.json()["error"]
             assert err["code"] == "rejected" and err["type"] == "invalid_request_error", err
             assert err["param"] == ("messages" if "messages" in body else "input")
             assert field in err["message"] and "I can't help with that." in err["message"], err
-        ok = httpx.post(s.url + "/v1/embeddings", json={"input": ["fine", "also fine"]}, timeout=60)
+        ok = s.http.post(s.url + "/v1/embeddings", json={"input": ["fine", "also fine"]}, timeout=60)
         assert ok.status_code == 200 and len(ok.json()["data"]) == 2, ok.text[:300]
         assert s.metric("agp_requests_total", '{status="400"}') == 3
         assert s.metric("agp_requests_in_flight") == 0
@@ -225,7 +225,7 @@ def test_a_client_gone_before_its_embeddings_aborts_them_and_logs_no_unretrieved
     caplog.set_level(logging.ERROR, logger="asyncio")
     try:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(s.url + "/v1/embeddings", json={"input": ["a b", "c d", "e f"]}, timeout=0.5)
+            s.http.post(s.url + "/v1/embeddings", json={"input": ["a b", "c d", "e f"]}, timeout=0.5)
         st = s.stats_when(lambda st: st["requests_aborted"] == 3 and st["in_flight"] == 0)
         assert st["kv_blocks_used"] == 0 and st["waiting"] == 0
         assert s.metric("agp_requests_total", '{status="499"}') == 1
@@ -246,12 +246,12 @@ def test_add_special_tokens_false_embeds_a_text_input_without_the_start_token(tm
     s = LiveServer(write_tiny_gguf(tmp_path / "bos.gguf", add_bos=True))
     try:
         def embed(**extra):
-            r = httpx.post(s.url + "/v1/embeddings", json={"model": "tiny", "input": "the cat sat", **extra},
+            r = s.http.post(s.url + "/v1/embeddings", json={"model": "tiny", "input": "the cat sat", **extra},
                            timeout=60)
             assert r.status_code == 200, r.text
             return torch.tensor(r.json()["data"][0]["embedding"]), r.json()["usage"]["prompt_tokens"]
 
-        ids = httpx.post(s.url + "/tokenize", json={"prompt": "the cat sat"}, timeout=30).json()["tokens"]
+        ids = s.http.post(s.url + "/tokenize", json={"prompt": "the cat sat"}, timeout=30).json()["tokens"]
         assert ids[0] == s.engine.tokenizer.bos_token_id
         (with_start, n), (left_out, _) = embed(), embed(add_special_tokens=True)
         without, m = embed(add_special_tokens=False)
@@ -259,7 +259,7 @@ def test_add_special_tokens_false_embeds_a_text_input_without_the_start_token(tm
         assert torch.allclose(with_start, expected(s, ids), atol=1e-4)
         assert torch.allclose(without, expected(s, ids[1:]), atol=1e-4)
         assert torch.allclose(embed(input=ids[1:], add_special_tokens=True)[0], without, atol=1e-5)
-        r = httpx.post(s.url + "/v1/embeddings", json={"input": "x", "add_special_tokens": "no"}, timeout=30)
+        r = s.http.post(s.url + "/v1/embeddings", json={"input": "x", "add_special_tokens": "no"}, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == "add_special_tokens"
     finally:
         s.close()

@@ -388,7 +388,8 @@ def test_gpu_suite_streams_reach_the_loopback_server_whatever_proxy_the_machine_
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Streams)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # polled every 10 ms: shutdown() waits a poll (0.5 s by default)
+    threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
     _proxy_nowhere(monkeypatch)
     try:
         got = asyncio.run(gpu_suite.serve_streams(server.server_port, 3, 4))

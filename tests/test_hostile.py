@@ -34,7 +34,7 @@ def server(tiny_gguf):
 
 def post(server, body: bytes | str, route="/v1/completions", ctype="application/json", **kw):
     data = body.encode() if isinstance(body, str) else body
-    return httpx.post(server.url + route, content=data, headers={"content-type": ctype}, timeout=60, **kw)
+    return server.http.post(server.url + route, content=data, headers={"content-type": ctype}, timeout=60, **kw)
 
 
 def assert_openai_error(r, status: int, fragment: str):
@@ -62,7 +62,7 @@ def test_malformed_bodies_are_400_with_an_openai_error(server, body, fragment):
 
 def test_wrong_content_type_and_oversized_bodies_are_415_and_413(server):
     assert_openai_error(post(server, '{"prompt": "hi"}', ctype="text/plain"), 415, "must be application/json")
-    r = httpx.post(server.url + "/v1/completions", data={"prompt": "hi"}, timeout=30)   # a form post
+    r = server.http.post(server.url + "/v1/completions", data={"prompt": "hi"}, timeout=30)   # a form post
     assert r.status_code == 415
     small = LiveServer(server.runtime.segments[0].config.model, max_body_bytes=2048)
     try:
@@ -79,7 +79,7 @@ def test_a_gzip_or_deflate_body_is_decoded_within_the_body_limit_and_another_cod
     body = json.dumps({"prompt": "hello there", "max_tokens": 4, "temperature": 0}).encode()
 
     def send(data: bytes, coding: str):
-        return httpx.post(server.url + "/v1/completions", content=data, timeout=60,
+        return server.http.post(server.url + "/v1/completions", content=data, timeout=60,
                           headers={"content-type": "application/json", "content-encoding": coding})
 
     plain = post(server, body)
@@ -110,7 +110,7 @@ def test_a_gzip_or_deflate_body_is_decoded_within_the_body_limit_and_another_cod
 def test_a_body_without_a_content_type_is_415(server):
     # a browser's cross-site fetch may send a body with no Content-Type at all (an ArrayBuffer, a
     # no-cors request) without a preflight: it is refused as text/plain is, not read as JSON
-    r = httpx.post(server.url + "/v1/completions", content=b'{"prompt": "hi", "max_tokens": 1}', timeout=30)
+    r = server.http.post(server.url + "/v1/completions", content=b'{"prompt": "hi", "max_tokens": 1}', timeout=30)
     assert "content-type" not in r.request.headers
     assert_openai_error(r, 415, "not unspecified")
 
@@ -172,10 +172,10 @@ def test_a_conversation_too_long_once_rendered_is_refused_before_it_is_tokenised
 
 
 def test_no_response_shows_an_absolute_path_and_405_says_allow(server):
-    assert "/" not in json.dumps(httpx.get(server.url + "/stats").json()).replace("/s", "")
-    for m in httpx.get(server.url + "/v1/models").json()["data"]:
+    assert "/" not in json.dumps(server.http.get(server.url + "/stats").json()).replace("/s", "")
+    for m in server.http.get(server.url + "/v1/models").json()["data"]:
         assert not str(m.get("root", "")).startswith("/")
-    r = httpx.get(server.url + "/v1/completions")
+    r = server.http.get(server.url + "/v1/completions")
     assert r.status_code == 405 and r.headers["allow"] == "POST"
 
 
@@ -578,7 +578,7 @@ def test_half_sent_requests_are_closed_and_slow_bodies_get_408(tiny_gguf):
             reply += chunk
         assert reply.startswith(b"HTTP/1.1 408") and b"body_timeout" in reply
         c.close()
-        assert httpx.get(s.url + "/health").status_code == 200
+        assert s.http.get(s.url + "/health").status_code == 200
     finally:
         s.close()
 
@@ -586,9 +586,9 @@ def test_half_sent_requests_are_closed_and_slow_bodies_get_408(tiny_gguf):
 def test_a_foreign_host_header_is_refused(tiny_gguf):
     s = LiveServer(tiny_gguf, allowed_hosts=("127.0.0.1", "localhost"))
     try:
-        ok = httpx.get(s.url + "/health")
+        ok = s.http.get(s.url + "/health")
         assert ok.status_code == 200
-        r = httpx.get(s.url + "/health", headers={"host": "attacker.example"})
+        r = s.http.get(s.url + "/health", headers={"host": "attacker.example"})
         assert_openai_error(r, 400, "Host header")
     finally:
         s.close()
@@ -600,9 +600,9 @@ def test_an_ipv6_host_header_in_brackets_is_answered(tiny_gguf):
     s = LiveServer(tiny_gguf, allowed_hosts=("::1", "localhost"))
     try:
         for host in (f"[::1]:{s.port}", "[::1]", "[::1]:8000"):
-            r = httpx.get(s.url + "/health", headers={"host": host})
+            r = s.http.get(s.url + "/health", headers={"host": host})
             assert r.status_code == 200, (host, r.text[:200])
-        r = httpx.get(s.url + "/health", headers={"host": "[::2]:8000"})
+        r = s.http.get(s.url + "/health", headers={"host": "[::2]:8000"})
         assert_openai_error(r, 400, "Host header")
     finally:
         s.close()
@@ -649,7 +649,7 @@ def test_too_many_requests_at_once_get_503_with_retry_after(tiny_gguf):
         while flowkit.COUNTS["hold"] < 2:                       # both hold a connection slot
             assert time.monotonic() < deadline, "the two requests did not arrive"
             time.sleep(0.01)
-        r = httpx.post(s.url + "/v1/completions", json=body, timeout=30)
+        r = s.http.post(s.url + "/v1/completions", json=body, timeout=30)
         assert_openai_error(r, 503, "--max-connections")
         assert r.headers["retry-after"] == "1"
         flowkit.gate("hold").set()

@@ -159,7 +159,7 @@ def test_the_server_serves_the_pools_context_and_cuts_a_left_out_max_tokens_to_i
     naming the numbers, and a request beside them is answered."""
     server = LiveServer(spread_long, text=SMALL_POOL.format(model=spread_long))
     try:
-        models = httpx.get(server.url + "/v1/models", timeout=30).json()
+        models = server.http.get(server.url + "/v1/models", timeout=30).json()
         assert models["data"][0]["max_model_len"] == 512
         url = server.url + "/v1/completions"
         r = httpx.post(url, json={"model": "tiny", "prompt": [5] * 500, "ignore_eos": True}, timeout=60)
@@ -186,7 +186,7 @@ def test_the_servers_refusals_name_the_pools_context_not_as_the_models(spread_lo
                            ("/v1/completions", {"prompt": "hi", "truncate_prompt_tokens": 600}),
                            ("/v1/embeddings", {"input": [[5] * 600]}),
                            ("/detokenize", {"tokens": [5] * 600})):
-            r = httpx.post(server.url + path, json={"model": "tiny", **body}, timeout=60)
+            r = server.http.post(server.url + path, json={"model": "tiny", **body}, timeout=60)
             assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
             said.append(r.json()["error"]["message"])
         assert all("512" in m and "model's" not in m for m in said), said
@@ -233,7 +233,7 @@ def test_a_growing_chat_reads_each_earlier_turn_from_the_cache(spread_long):
         for question in ("What is paragraph 3 about?", "And paragraph 7?", "Summarise it."):
             messages.append({"role": "user", "content": question})
             before = server.stats()["prefill_tokens"]
-            r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+            r = server.http.post(server.url + "/v1/chat/completions", timeout=60,
                            json={"model": "tiny", "messages": messages, "max_tokens": 4})
             assert r.status_code == 200, r.text
             usage = r.json()["usage"]

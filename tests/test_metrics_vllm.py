@@ -34,7 +34,7 @@ def client(server):
 
 
 def scrape(server) -> dict:
-    text = httpx.get(server.url + "/metrics", timeout=30).text
+    text = server.http.get(server.url + "/metrics", timeout=30).text
     return {f.name: f for f in text_string_to_metric_families(text)}
 
 
@@ -211,7 +211,7 @@ def test_a_scraper_asking_for_openmetrics_gets_text_with_the_names_vllm_document
     accept = ("application/openmetrics-text;version=1.0.0;escaping=underscores,application/openmetrics-text;"
               "version=0.0.1;q=0.75,text/plain;version=1.0.0;escaping=underscores;q=0.5,text/plain;"
               "version=0.0.4;q=0.4,*/*;q=0.1")
-    r = httpx.get(server.url + "/metrics", headers={"accept": accept}, timeout=30)
+    r = server.http.get(server.url + "/metrics", headers={"accept": accept}, timeout=30)
     assert r.headers["content-type"].startswith("text/plain")
     fams = {f.name: f for f in text_string_to_metric_families(r.text)}
     assert [s.name for s in fams["vllm:prompt_tokens"].samples] == ["vllm:prompt_tokens_total"]
@@ -295,7 +295,7 @@ def test_the_tokens_of_an_aborted_request_are_counted_as_generated(server):
     before = generated()
     seen = 0
     body = {"model": "tiny", "prompt": "go on and on", "max_tokens": 400, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+    with server.http.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
         for line in r.iter_lines():
             if line.startswith("data: ") and '"text":""' not in line:
                 seen += 1
@@ -322,7 +322,7 @@ def test_the_prompt_of_a_request_aborted_after_its_first_token_is_counted(server
     aborted = server.stats()["requests_aborted"]
     before = prompts()
     body = {"model": "tiny", "prompt": prompt, "max_tokens": 400, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+    with server.http.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
         for line in r.iter_lines():
             if line.startswith("data: ") and '"text":""' not in line:
                 break                                      # the first token came: hang up
@@ -355,7 +355,7 @@ def test_requests_the_pipeline_refuses_leave_nothing_in_flight(server):
     before = prompts()
     long = "a b c d " * server.engine.max_model_len
     for stream in (False, True, False):
-        r = httpx.post(server.url + "/v1/completions", timeout=60,
+        r = server.http.post(server.url + "/v1/completions", timeout=60,
                        json={"model": "tiny", "prompt": long, "max_tokens": 1, "stream": stream})
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text[:300]
     assert in_flight() == 0
@@ -425,10 +425,10 @@ def test_every_http_request_is_counted_by_its_route_template_method_and_status(s
     client.completions.create(model="tiny", prompt="hello", max_tokens=2)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt="hello", max_tokens=2, temperature=-1)
-    httpx.get(server.url + "/health", timeout=30)
+    server.http.get(server.url + "/health", timeout=30)
     for i in range(3):
-        httpx.get(server.url + f"/scan/{i}.php", timeout=30)
-    httpx.get(server.url + "/v1/responses/resp_nothing_here", timeout=30)
+        server.http.get(server.url + f"/scan/{i}.php", timeout=30)
+    server.http.get(server.url + "/v1/responses/resp_nothing_here", timeout=30)
     httpx.request("PROPFIND", server.url + "/health", timeout=30)        # a method no route takes
     after = scrape(server)
 
@@ -594,11 +594,11 @@ def test_a_backlog_waits_on_the_engine_it_waits_for(long_gguf):
     try:
         for t in threads:
             t.start()
-        engines = list(httpx.get(s.url + "/stats", timeout=10).json()["engines"])
+        engines = list(s.http.get(s.url + "/stats", timeout=10).json()["engines"])
         slow, fast = str(engines.index("slow")), str(engines.index("fast"))
         deadline = time.monotonic() + 60
         while True:
-            st = httpx.get(s.url + "/stats", timeout=10).json()["engines"]["slow"]
+            st = s.http.get(s.url + "/stats", timeout=10).json()["engines"]["slow"]
             if (st["running"], st["waiting"]) == (1, 2):
                 break
             assert time.monotonic() < deadline and all(code == 200 for code in started), (st, started)

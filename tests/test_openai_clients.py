@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 
-import httpx
-
 import openai
 import pytest
 
@@ -221,7 +219,7 @@ def test_an_assistant_refusal_part_is_its_text_in_the_conversation(server):
     def prompt(content):
         msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": content},
                 {"role": "user", "content": "the cat"}]
-        r = httpx.post(server.url + "/tokenize", json={"messages": msgs}, timeout=30)
+        r = server.http.post(server.url + "/tokenize", json={"messages": msgs}, timeout=30)
         assert r.status_code == 200, r.text
         out = server.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2)
         assert out.usage.prompt_tokens == r.json()["count"]
@@ -301,7 +299,7 @@ def test_every_parameter_of_the_installed_sdk_is_taken_as_left_out_when_null(ser
     # a client that sends null for what it leaves unset (as the SDK sends an explicit None) gets its answer
     resource, needed = SDK_CALLS[path]
     body = {name: None for name in sdk_parameters(resource) if name not in needed}
-    r = httpx.post(server.url + path, json={**body, **needed}, timeout=60)
+    r = server.http.post(server.url + path, json={**body, **needed}, timeout=60)
     assert r.status_code == 200, (sorted(body), r.text)
 
 
@@ -313,7 +311,7 @@ def test_every_parameter_of_the_installed_sdk_is_taken_as_left_out_when_null(ser
     ("/v1/responses", "access_programs", {"cyber": "standard"}),
     ("/v1/responses", "background_options", {"completion_window": "2h"})])
 def test_an_sdk_parameter_agp_cannot_honour_is_a_400_naming_it(server, path, field, value):
-    r = httpx.post(server.url + path, json={**SDK_CALLS[path][1], field: value}, timeout=60)
+    r = server.http.post(server.url + path, json={**SDK_CALLS[path][1], field: value}, timeout=60)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert (error["param"], error["code"]) == (field, "unsupported_parameter")
@@ -325,7 +323,7 @@ def test_the_responses_values_that_ask_for_nothing_are_taken(server):
                                        access_programs={}, background_options={},
                                        image={"context_compression": "auto"})
     assert r.status in ("completed", "incomplete")
-    bad = httpx.post(server.url + "/v1/responses", json={"input": "x", "image": {"context_compression": "max"}},
+    bad = server.http.post(server.url + "/v1/responses", json={"input": "x", "image": {"context_compression": "max"}},
                      timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "image"
 
@@ -344,7 +342,7 @@ def test_stream_options_take_include_obfuscation_and_refuse_an_unknown_key_as_a_
     for path, (_, body) in SDK_CALLS.items():
         if path == "/v1/embeddings":
             continue
-        r = httpx.post(server.url + path, json={**body, "stream": True, "stream_options": {"include_usgae": True}},
+        r = server.http.post(server.url + path, json={**body, "stream": True, "stream_options": {"include_usgae": True}},
                        timeout=30)
         assert r.status_code == 400, r.text
         error = r.json()["error"]
@@ -393,7 +391,7 @@ INSTRUCTOR_ITERABLE = {
 def test_a_forced_call_whose_parameters_refer_to_their_own_defs_is_made_and_validates(server):
     jsonschema = pytest.importorskip("jsonschema")
     pytest.importorskip("llguidance")
-    r = httpx.post(server.url + "/v1/chat/completions", json=PYDANTIC_AI_CHAT, timeout=120)
+    r = server.http.post(server.url + "/v1/chat/completions", json=PYDANTIC_AI_CHAT, timeout=120)
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     assert choice["finish_reason"] == "tool_calls", choice
@@ -401,7 +399,7 @@ def test_a_forced_call_whose_parameters_refer_to_their_own_defs_is_made_and_vali
     assert call["function"]["name"] == "final_result"
     jsonschema.validate(json.loads(call["function"]["arguments"]), TRIP_PARAMETERS)
 
-    r = httpx.post(server.url + "/v1/responses", json=PYDANTIC_AI_RESPONSES, timeout=120)
+    r = server.http.post(server.url + "/v1/responses", json=PYDANTIC_AI_RESPONSES, timeout=120)
     assert r.status_code == 200, r.text
     calls = [o for o in r.json()["output"] if o["type"] == "function_call"]
     assert calls and r.json()["status"] == "completed", r.json()
@@ -409,7 +407,7 @@ def test_a_forced_call_whose_parameters_refer_to_their_own_defs_is_made_and_vali
         assert call["name"] == "final_result"
         jsonschema.validate(json.loads(call["arguments"]), TRIP_PARAMETERS)
 
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=INSTRUCTOR_ITERABLE, timeout=120) as r:
+    with server.http.stream("POST", server.url + "/v1/chat/completions", json=INSTRUCTOR_ITERABLE, timeout=120) as r:
         assert r.status_code == 200, r.read()
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     deltas = [d for ch in chunks for c in ch["choices"] for d in c["delta"].get("tool_calls") or []]
@@ -498,10 +496,10 @@ FRAMEWORK_TURNS = {
 def _answer(server, path, body):
     """The answer as one JSON object: a stream's chunks put back together as the frameworks read them."""
     if not body.get("stream"):
-        r = httpx.post(server.url + path, json=body, timeout=120)
+        r = server.http.post(server.url + path, json=body, timeout=120)
         assert r.status_code == 200, r.text
         return r.json()
-    with httpx.stream("POST", server.url + path, json=body, timeout=120) as r:
+    with server.http.stream("POST", server.url + path, json=body, timeout=120) as r:
         assert r.status_code == 200, r.read()
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     if path == "/v1/responses":

@@ -154,7 +154,7 @@ def test_logprobs_are_included_when_asked(client):
     ({"input": "x", "reasoning": {"generate_summary": True}}, "reasoning.generate_summary"),
 ])
 def test_bad_input_is_a_400_naming_the_responses_field(server, body, param):
-    r = httpx.post(server.url + "/v1/responses", json={"model": "tiny", **body}, timeout=30)
+    r = server.http.post(server.url + "/v1/responses", json={"model": "tiny", **body}, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param and r.json()["error"]["message"]
 
@@ -194,7 +194,7 @@ def test_the_answer_repeats_the_identifiers_and_settings_it_was_sent(client):
 @pytest.mark.parametrize("field, value", [("prompt_cache_key", 5), ("safety_identifier", ["x"]),
                                           ("max_tool_calls", 0), ("max_tool_calls", "3"), ("service_tier", 5)])
 def test_an_identifier_or_call_limit_of_the_wrong_type_is_a_400_naming_it(server, field, value):
-    r = httpx.post(server.url + "/v1/responses", json={"model": "tiny", "input": "x", field: value}, timeout=30)
+    r = server.http.post(server.url + "/v1/responses", json={"model": "tiny", "input": "x", field: value}, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == field
 
@@ -307,14 +307,14 @@ def test_usage_gives_every_field_the_sdk_requires(server):
     from openai.types.responses import ResponseUsage
 
     body = {"model": "tiny", "input": "the cat", "max_output_tokens": 3}
-    whole = httpx.post(server.url + "/v1/responses", json=body, timeout=60).json()
-    with httpx.stream("POST", server.url + "/v1/responses", json={**body, "stream": True}, timeout=60) as r:
+    whole = server.http.post(server.url + "/v1/responses", json=body, timeout=60).json()
+    with server.http.stream("POST", server.url + "/v1/responses", json={**body, "stream": True}, timeout=60) as r:
         last = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")][-1]
     for use in (whole["usage"], last["response"]["usage"]):
         assert sdk_required_missing(ResponseUsage, use) == []
         assert use["input_tokens_details"]["cache_write_tokens"] == 0
         assert use["input_tokens_details"]["cached_tokens"] <= use["input_tokens"]
-    chat = httpx.post(server.url + "/v1/chat/completions",
+    chat = server.http.post(server.url + "/v1/chat/completions",
                       json={"model": "tiny", "messages": [{"role": "user", "content": "the cat"}], "max_tokens": 3},
                       timeout=60).json()
     assert sdk_required_missing(CompletionUsage, chat["usage"]) == []

@@ -182,10 +182,14 @@ class LiveServer:
             time.sleep(0.02)
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0,
                                     timeout=60)
+        # one HTTP client for the helpers below, which poll: a new one a call (httpx.get) loads
+        # the CA certificates again, tens of milliseconds each. A connection a request, as
+        # httpx.get's: none is left open between calls for a test counting connections to see
+        self.http = httpx.Client(timeout=10, limits=httpx.Limits(max_keepalive_connections=0))
 
     def stats(self) -> dict:
         """The engine's counters, and the pipeline's requests in flight."""
-        st = httpx.get(self.url + "/stats", timeout=10).json()
+        st = self.http.get(self.url + "/stats").json()
         return {**st["engines"]["gen"], "in_flight": st["requests"]["in_flight"], "stages": st["stages"]}
 
     def stats_when(self, ok, timeout: float = 60.0) -> dict:
@@ -201,8 +205,11 @@ class LiveServer:
         from prometheus_client.parser import text_string_to_metric_families
 
         want = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        for family in text_string_to_metric_families(text):
+        text = self.http.get(self.url + "/metrics").text
+        # only the sample lines of `name` are parsed (the whole page, hundreds of histogram
+        # buckets, took a fifth of a second a call): the same samples, found the same way
+        mine = "\n".join(line for line in text.splitlines() if re.match(re.escape(name) + r"[{ ]", line))
+        for family in text_string_to_metric_families(mine + "\n"):
             for sample in family.samples:
                 if sample.name == name and want.items() <= sample.labels.items():
                     return sample.value
@@ -211,6 +218,7 @@ class LiveServer:
     def close(self):
         self.server.should_exit = True
         self.thread.join(30)
+        self.http.close()
 
 
 @pytest.fixture(scope="module")
@@ -276,11 +284,11 @@ def test_chat_with_n_answers_exactly_n_choices_streamed_and_not(server):
 def test_a_model_is_looked_up_by_its_id_and_an_unknown_one_is_404(server):
     """GET /v1/models/{id} (vLLM's): a served name or a generate stage answers its entry, anything
     else a 404 model_not_found, as a request whose `model` names nothing."""
-    r = httpx.get(server.url + "/v1/models/tiny-model", timeout=30)
+    r = server.http.get(server.url + "/v1/models/tiny-model", timeout=30)
     assert r.status_code == 200 and (r.json()["id"], r.json()["object"]) == ("tiny-model", "model")
-    stage = httpx.get(server.url + "/v1/models/gen", timeout=30).json()
+    stage = server.http.get(server.url + "/v1/models/gen", timeout=30).json()
     assert (stage["id"], stage["parent"]) == ("gen", "tiny")
-    r = httpx.get(server.url + "/v1/models/nope", timeout=30)
+    r = server.http.get(server.url + "/v1/models/nope", timeout=30)
     assert r.status_code == 404, r.text
     assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("model_not_found", "model")
 
@@ -319,11 +327,11 @@ def test_a_request_naming_a_generate_stage_is_answered_by_that_stage(tmp_path, t
 def test_every_model_entry_is_vllms_model_card(server, tiny_gguf):
     """vLLM's card: root (the model that answers), parent (a generate stage's served name; null for
     a served name, as vLLM's base model), max_model_len and one permission object."""
-    entries = httpx.get(server.url + "/v1/models", timeout=30).json()["data"]
+    entries = server.http.get(server.url + "/v1/models", timeout=30).json()["data"]
     model = Path(str(tiny_gguf)).name
     assert [(e["id"], e["root"], e["parent"]) for e in entries] == [("tiny", model, None), ("tiny-model", model, None),
                                                                     ("gen", model, "tiny")]
-    for e in entries + [httpx.get(server.url + "/v1/models/gen", timeout=30).json()]:
+    for e in entries + [server.http.get(server.url + "/v1/models/gen", timeout=30).json()]:
         assert e["max_model_len"] == server.engine.max_model_len and e["owned_by"] == "agp"
         [permission] = e["permission"]
         assert permission["object"] == "model_permission" and permission["id"].startswith("modelperm-")
@@ -392,22 +400,22 @@ def test_the_usage_of_a_batch_of_prompts_sums_its_prompts(server, stream):
     """A completions request with several prompts answers one usage: every prompt's tokens and
     every choice's, whole or on the stream's usage chunk."""
     prompts = ["the cat sat", "on a mat today", "hi"]
-    sizes = [httpx.post(server.url + "/tokenize", json={"prompt": p}, timeout=30).json()["count"] for p in prompts]
+    sizes = [server.http.post(server.url + "/tokenize", json={"prompt": p}, timeout=30).json()["count"] for p in prompts]
     body = {"model": "tiny", "prompt": prompts, "max_tokens": 3, "ignore_eos": True, "n": 2, "stream": stream,
             **({"stream_options": {"include_usage": True}} if stream else {})}
     if stream:
-        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        with server.http.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
             chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
         usage = chunks[-1]["usage"]
     else:
-        usage = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["usage"]
+        usage = server.http.post(server.url + "/v1/completions", json=body, timeout=60).json()["usage"]
     assert usage["prompt_tokens"] == sum(sizes) and usage["completion_tokens"] == 3 * 3 * 2
     assert usage["total_tokens"] == sum(sizes) + 18
 
 
 def test_raw_sse_stream_ends_with_done(server):
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 5, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+    with server.http.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         # nor a cache nor a buffering proxy (nginx reads X-Accel-Buffering) holds the chunks back
@@ -462,7 +470,7 @@ def test_an_answer_not_streamed_has_its_result_as_only_event_and_its_ttft_still_
     ("/v1/completions", b'{"prompt": "hi", "model": "gpt-4"}', 404, "does not exist"),
 ])
 def test_bad_requests_get_openai_style_errors(server, route, body, status, fragment):
-    r = httpx.post(server.url + route, content=body, headers={"content-type": "application/json"}, timeout=30)
+    r = server.http.post(server.url + route, content=body, headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == status
     err = r.json()["error"]
     assert fragment in err["message"] and set(err) == {"message", "type", "param", "code"}
@@ -477,9 +485,9 @@ def test_the_openai_client_raises_bad_request_for_invalid_input(server):
 
 def test_models_health_and_metrics(server):
     assert [m.id for m in server.client.models.list()] == list(SERVED) + ["gen"]
-    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert server.http.get(server.url + "/health").json() == {"status": "ok"}
     server.client.completions.create(model=SERVED[0], prompt="hello", max_tokens=2)   # by status: after one
-    text = httpx.get(server.url + "/metrics").text
+    text = server.http.get(server.url + "/metrics").text
     for name in ("agp_requests_total", "agp_queue_length", "agp_running_sequences", "agp_batch_size",
                  "agp_prompt_tokens_total", "agp_generation_tokens_total",
                  "agp_time_to_first_token_seconds", "agp_inter_token_latency_seconds",
@@ -487,7 +495,7 @@ def test_models_health_and_metrics(server):
                  "agp_stage_items_in_total", "agp_stage_queue_depth", "agp_stage_busy_seconds_total",
                  "agp_stage_stuck_calls"):
         assert f"\n{name}" in text, name
-    assert httpx.get(server.url + "/nowhere").json()["error"]["type"] == "not_found_error"
+    assert server.http.get(server.url + "/nowhere").json()["error"]["type"] == "not_found_error"
 
 
 def test_every_agp_series_follows_prometheus_naming(server):
@@ -496,7 +504,7 @@ def test_every_agp_series_follows_prometheus_naming(server):
     from prometheus_client.parser import text_string_to_metric_families
 
     server.client.completions.create(model=SERVED[0], prompt="hello", max_tokens=2)
-    families = list(text_string_to_metric_families(httpx.get(server.url + "/metrics").text))
+    families = list(text_string_to_metric_families(server.http.get(server.url + "/metrics").text))
     ours = [f for f in families if f.name.startswith("agp_")]
     assert ours and any(f.type == "counter" for f in ours) and any(f.type == "gauge" for f in ours)
     for f in ours:
@@ -548,7 +556,7 @@ def test_full_queue_is_429_with_retry_after(tiny_gguf):
         for t in waiting:
             t.start()
         s.stats_when(lambda st: st["waiting"] == 2)
-        r = httpx.post(s.url + "/v1/completions", json=body, timeout=30)
+        r = s.http.post(s.url + "/v1/completions", json=body, timeout=30)
         assert r.status_code == 429
         assert r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "queue_full"
@@ -573,21 +581,21 @@ def test_a_request_of_more_inputs_than_the_queue_holds_is_400_not_a_429_forever(
                                    "prompt"),
                                   ("/v1/completions", {"model": "tiny", "prompt": [[5, 6], [7], [8], [9]],
                                                        "max_tokens": 2}, "prompt")]:
-            r = httpx.post(s.url + path, json=body, timeout=60)
+            r = s.http.post(s.url + path, json=body, timeout=60)
             assert r.status_code == 400, (path, r.text)
             assert "retry-after" not in r.headers
             err = r.json()["error"]
             assert err["param"] == param and err["type"] == "invalid_request_error"
             assert "max_queue" in err["message"] and "at most 2" in err["message"], err
-        r = httpx.post(s.url + "/v1/embeddings", json={"model": "tiny", "input": ["a", "b"]}, timeout=60)
+        r = s.http.post(s.url + "/v1/embeddings", json={"model": "tiny", "input": ["a", "b"]}, timeout=60)
         assert r.status_code == 200 and len(r.json()["data"]) == 2
-        r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": ["a", "b"], "max_tokens": 2},
+        r = s.http.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": ["a", "b"], "max_tokens": 2},
                        timeout=60)
         assert r.status_code == 200 and len(r.json()["choices"]) == 2
         for path, body in [("/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2, "n": 5}),
                            ("/v1/chat/completions", {"model": "tiny", "max_tokens": 2, "n": 5,
                                                      "messages": [{"role": "user", "content": "hi"}]})]:
-            r = httpx.post(s.url + path, json=body, timeout=60)
+            r = s.http.post(s.url + path, json=body, timeout=60)
             assert r.status_code == 200 and len(r.json()["choices"]) == 5, r.text
         assert s.metric("agp_requests_total", '{status="400"}') == 3
     finally:
@@ -605,7 +613,7 @@ def test_inputs_the_queue_could_hold_later_are_429_while_it_is_full(tiny_gguf):
         s.stats_when(lambda st: st["waiting"] == 2)
         for path, more in [("/v1/embeddings", {"input": ["a", "b"]}),
                            ("/v1/completions", {"prompt": ["a", "b"], "max_tokens": 2})]:
-            r = httpx.post(s.url + path, json={"model": "tiny", **more}, timeout=30)
+            r = s.http.post(s.url + path, json={"model": "tiny", **more}, timeout=30)
             assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
             assert r.json()["error"]["code"] == "queue_full"
         for t in waiting:
@@ -618,7 +626,7 @@ def test_a_non_streaming_client_that_hangs_up_aborts_its_request(tiny_gguf):
     s = LiveServer(tiny_gguf, max_batch_size=8, batch_timeout_s=30.0)   # it waits in the window
     try:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(s.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 4}, timeout=0.5)
+            s.http.post(s.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 4}, timeout=0.5)
         st = s.stats_when(lambda st: st["requests_aborted"] == 1)
         assert st["waiting"] == 0 and st["in_flight"] == 0 and st["kv_blocks_used"] == 0
         assert s.metric("agp_requests_total", '{status="499"}') == 1
@@ -765,17 +773,20 @@ def _free_port() -> int:
 
 
 def wait_until_healthy(proc: subprocess.Popen, url: str, timeout: float = 90) -> None:
-    """Poll GET /health of an `agp serve` child until it answers 200 (fails if the child exits)."""
+    """Poll GET /health of an `agp serve` child until it answers 200 (fails if the child exits).
+    One client for the polls (a new one loads the CA certificates again, CPU the starting child
+    needs), every 50 ms (a refused connection costs next to nothing)."""
     deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, proc.stderr.read()
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "agp serve did not come up"
-        time.sleep(0.2)
+    with httpx.Client(timeout=1) as http:
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if http.get(url + "/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "agp serve did not come up"
+            time.sleep(0.05)
 
 
 def start_agp_serve(*args: str, env: dict | None = None, tries: int = 5) -> tuple[subprocess.Popen, str]:
@@ -871,7 +882,7 @@ def test_metrics_count_items_per_edge_and_every_stage_counter_stats_has(tiny_ggu
         for tier in ("gold", "gold", "free"):
             s.client.completions.create(model="tiny", prompt="hello", max_tokens=2,
                                      extra_body={"metadata": {"tier": tier}})
-        stats = httpx.get(s.url + "/stats", timeout=10).json()
+        stats = s.http.get(s.url + "/stats", timeout=10).json()
         sent = {(e["from"], e["to"]): e["items"] for e in stats["edges"]}
         assert sent[("pick", "bg")] == 2 and sent[("pick", "bf")] == 1
         for (src, dst), items in sent.items():

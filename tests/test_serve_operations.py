@@ -62,7 +62,7 @@ KEY = {"Authorization": "Bearer k1"}
 def test_a_stream_read_to_its_end_is_logged_200_not_499(live, path, fields):
     with LogRecords() as lines:
         for _ in range(3):
-            with httpx.stream("POST", live.url + path, headers=KEY, timeout=60,
+            with live.http.stream("POST", live.url + path, headers=KEY, timeout=60,
                               json={"model": "tiny", **fields, "stream": True}) as r:
                 assert r.status_code == 200
                 body = b"".join(r.iter_bytes())
@@ -100,9 +100,9 @@ def test_requests_the_guard_refuses_are_counted_by_status(live):
 
     before = count("401")
     for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings"):
-        r = httpx.post(live.url + path, json={"prompt": "hi"}, headers={"Authorization": "Bearer wrong"})
+        r = live.http.post(live.url + path, json={"prompt": "hi"}, headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401
-    assert httpx.get(live.url + "/v1/models").status_code == 401
+    assert live.http.get(live.url + "/v1/models").status_code == 401
     assert count("401") == before + 4
 
 
@@ -125,9 +125,9 @@ def test_a_request_failed_after_its_first_tokens_is_counted_by_its_status_not_as
 
     try:
         body = {"model": "tiny", "prompt": "hello", "max_tokens": 4, "ignore_eos": True}
-        r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
+        r = s.http.post(s.url + "/v1/completions", json=body, timeout=60)
         assert r.status_code == 500 and r.json()["error"]["code"] == "stage_failed", r.text[:300]
-        with httpx.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        with s.http.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
             assert r.status_code == 200
             text = b"".join(r.iter_bytes()).decode()
         assert '"code":"stage_failed"' in text and text.rstrip().endswith("data: [DONE]"), text[-300:]
@@ -144,10 +144,10 @@ def test_an_error_answer_is_logged_with_its_request_id(live):
     """The line that gives an error's reason carries the request's id, as its access line does,
     so the id a client reports finds why it was refused."""
     with LogRecords("agp.serve") as log:
-        r = httpx.post(live.url + "/v1/completions", headers={**KEY, "X-Request-Id": "op-bad-1"},
+        r = live.http.post(live.url + "/v1/completions", headers={**KEY, "X-Request-Id": "op-bad-1"},
                        json={"model": "tiny", "prompt": "hi", "max_tokens": "ten"})
         assert r.status_code == 400 and r.headers["x-request-id"] == "op-bad-1"
-        r = httpx.post(live.url + "/v1/chat/completions", headers={"X-Request-Id": "op-nokey-1"},
+        r = live.http.post(live.url + "/v1/chat/completions", headers={"X-Request-Id": "op-nokey-1"},
                        json={"model": "tiny", "messages": []})
         assert r.status_code == 401
     records = log.records
@@ -188,7 +188,7 @@ def test_quiet_paths_log_no_success_but_every_other_request(tiny_gguf):
     try:
         with LogRecords() as lines:
             for path in ("/health", "/metrics", "/llm/health", "/health?probe=1", "/v1/models", "/version"):
-                assert httpx.get(s.url + path).status_code == 200
+                assert s.http.get(s.url + path).status_code == 200
             assert lines.statuses("/version", 1) == [200]
             assert lines.statuses("/v1/models", 1) == [200]
             assert {r.path for r in lines.records} == {"/v1/models", "/version"}
@@ -264,7 +264,7 @@ def test_a_browser_may_read_the_request_id_and_retry_after(tiny_gguf):
     origin = {"Origin": "http://app.example"}
     try:
         for headers, status in (({**KEY, "X-Request-Id": "cors-1"}, 200), ({"X-Request-Id": "cors-1"}, 401)):
-            r = httpx.get(s.url + "/v1/models", headers={**origin, **headers})
+            r = s.http.get(s.url + "/v1/models", headers={**origin, **headers})
             assert r.status_code == status
             assert r.headers["access-control-allow-origin"] == "http://app.example"
             exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
@@ -289,7 +289,7 @@ def test_every_route_but_the_documented_open_ones_wants_the_key(live):
         seen.add(route.path)
         for method in sorted(route.methods):
             for headers in ({}, {"Authorization": "Bearer wrong"}):
-                r = httpx.request(method, live.url + path, json={}, headers=headers, timeout=30)
+                r = live.http.request(method, live.url + path, json={}, headers=headers, timeout=30)
                 if route.path in open_paths:
                     assert r.status_code != 401, (method, path)
                 else:
@@ -298,16 +298,16 @@ def test_every_route_but_the_documented_open_ones_wants_the_key(live):
                         assert r.json()["error"]["code"] == "invalid_api_key"
                     assert r.headers["www-authenticate"] == "Bearer"
     assert {"/v1/embeddings", "/tokenizer_info", "/detokenize", "/v1/responses/{response_id}"} <= seen
-    assert httpx.get(live.url + "/openapi.json", timeout=30).status_code == 200
+    assert live.http.get(live.url + "/openapi.json", timeout=30).status_code == 200
 
 
 def test_the_authorization_scheme_is_read_whatever_its_case(live):
     """RFC 9110: the scheme of an Authorization header is case-insensitive; a client that sends
     `bearer KEY` (or `BEARER KEY`) with the right key is let in, and a wrong key is still a 401."""
     for scheme in ("Bearer", "bearer", "BEARER"):
-        r = httpx.get(live.url + "/v1/models", headers={"Authorization": f"{scheme} k1"}, timeout=30)
+        r = live.http.get(live.url + "/v1/models", headers={"Authorization": f"{scheme} k1"}, timeout=30)
         assert r.status_code == 200, (scheme, r.text[:200])
-    r = httpx.get(live.url + "/v1/models", headers={"Authorization": "bearer k2"}, timeout=30)
+    r = live.http.get(live.url + "/v1/models", headers={"Authorization": "bearer k2"}, timeout=30)
     assert r.status_code == 401
 
 
@@ -315,10 +315,10 @@ def test_a_client_request_id_of_up_to_128_printable_characters_is_kept(live):
     """docs/serve.md, "Request ids": the client's X-Request-Id, at most 128 printable characters,
     comes back and names the answer; a longer one is replaced by a new id."""
     longest = "r" * 127 + "~"
-    r = httpx.post(live.url + "/v1/completions", headers={**KEY, "X-Request-Id": longest},
+    r = live.http.post(live.url + "/v1/completions", headers={**KEY, "X-Request-Id": longest},
                    json={"model": "tiny", "prompt": "hi", "max_tokens": 1}, timeout=60)
     assert r.status_code == 200 and r.headers["x-request-id"] == longest and r.json()["id"] == f"cmpl-{longest}"
-    r = httpx.get(live.url + "/health", headers={"X-Request-Id": longest + "r"}, timeout=30)
+    r = live.http.get(live.url + "/health", headers={"X-Request-Id": longest + "r"}, timeout=30)
     assert r.headers["x-request-id"] not in ("", longest, longest + "r")
 
 
@@ -415,7 +415,7 @@ def test_a_reject_answers_the_4xx_status_and_retry_after_it_names(tmp_path, tiny
     s = LiveServer(tiny_gguf, text=text)
     try:
         def post(tier):
-            return httpx.post(s.url + "/v1/chat/completions", timeout=60,
+            return s.http.post(s.url + "/v1/chat/completions", timeout=60,
                               json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
                                     "metadata": {"tier": tier}})
         r = post("over")

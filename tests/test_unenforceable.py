@@ -67,7 +67,7 @@ def test_unenforceable_schemas_are_refused_when_compiled_and_checked(tiny_gguf, 
 def test_unenforceable_response_format_is_a_400_naming_the_reason(server, schema, words, stream):
     for route, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
                         ("/v1/completions", {"prompt": "hi"})):
-        r = httpx.post(server.url + route, json={**body, "max_tokens": 8, "stream": stream,
+        r = server.http.post(server.url + route, json={**body, "max_tokens": 8, "stream": stream,
                                                  "response_format": schema_format(schema)}, timeout=60)
         assert r.status_code == 400, r.text
         err = r.json()["error"]
@@ -94,9 +94,9 @@ def test_a_grammar_that_gives_up_mid_answer_fails_the_request_without_an_error_f
     monkeypatch.setattr(constrain, "Matcher", GivesUp)
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16,
             "response_format": {"type": "json_object"}}
-    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    r = server.http.post(server.url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 400 and "cannot be enforced" in r.json()["error"]["message"], r.text
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True},
+    with server.http.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True},
                       timeout=60) as resp:
         events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -105,7 +105,7 @@ def test_a_grammar_that_gives_up_mid_answer_fails_the_request_without_an_error_f
     assert reasons <= OPENAI_REASONS, reasons
     assert "cannot be enforced" in chunks[-1]["error"]["message"]
     monkeypatch.undo()
-    ok = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)    # the server goes on
+    ok = server.http.post(server.url + "/v1/chat/completions", json=body, timeout=60)    # the server goes on
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in OPENAI_REASONS
 
 
@@ -120,7 +120,7 @@ def test_a_grammar_that_gives_up_mid_answer_fails_the_request_without_an_error_f
                                             "which no value matches"),
 ])
 def test_a_schema_that_cannot_be_enforced_is_a_400_naming_where_in_it(server, field, value, message):
-    r = httpx.post(server.url + "/v1/chat/completions", json={
+    r = server.http.post(server.url + "/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, field: value}, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["message"] == message
@@ -137,16 +137,16 @@ def test_a_forced_call_whose_tool_parameters_cannot_be_enforced_is_a_400_naming_
     enforced: a 400 naming tools[i].function.parameters (OpenAI's param and code), without a grammar
     dump; with tool_choice auto the parameters only describe the tool in the prompt: not refused."""
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "tools": UNIQUE_TAGS}
-    r = httpx.post(server.url + "/v1/chat/completions", json={**body, "tool_choice": choice}, timeout=60)
+    r = server.http.post(server.url + "/v1/chat/completions", json={**body, "tool_choice": choice}, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"] == {
         "message": "'tools[1].function.parameters' cannot be enforced: tool 'tag': at #/properties/xs: "
                    "Unimplemented keys: [\"uniqueItems\"]",
         "type": "invalid_request_error", "param": "tools[1].function.parameters", "code": "invalid_function_parameters"}
-    auto = httpx.post(server.url + "/v1/chat/completions", json={**body, "tool_choice": "auto"}, timeout=60).json()
+    auto = server.http.post(server.url + "/v1/chat/completions", json={**body, "tool_choice": "auto"}, timeout=60).json()
     assert "error" not in auto or auto["error"]["param"] != "tools[1].function.parameters"   # (the tiny model's
     # context may not hold the tools' prompt)
-    r = httpx.post(server.url + "/v1/responses", timeout=60, json={
+    r = server.http.post(server.url + "/v1/responses", timeout=60, json={
         "input": "hi", "max_output_tokens": 8, "tool_choice": "required",
         "tools": [{"type": "function", **t["function"]} for t in UNIQUE_TAGS]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools[1].parameters", r.text
@@ -190,7 +190,7 @@ def test_a_forced_calls_tool_the_engine_gives_up_on_names_its_parameters(long_se
     server = long_server
     many = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}
     tools = [UNIQUE_TAGS[0], {"type": "function", "function": {"name": "many", "parameters": many}}]
-    r = httpx.post(server.url + "/v1/chat/completions", json={
+    r = server.http.post(server.url + "/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "tools": tools,
         "tool_choice": "required"}, timeout=60)
     assert r.status_code == 400, r.text
@@ -198,7 +198,7 @@ def test_a_forced_calls_tool_the_engine_gives_up_on_names_its_parameters(long_se
     assert (err["param"], err["code"]) == ("tools[1].function.parameters", "invalid_function_parameters")
     assert err["message"].startswith("'tools[1].function.parameters' cannot be enforced: tool 'many': the grammar "
                                      "engine gives up on it at output token 1")
-    r = httpx.post(server.url + "/v1/responses", timeout=60, json={
+    r = server.http.post(server.url + "/v1/responses", timeout=60, json={
         "input": "hi", "max_output_tokens": 8, "tool_choice": "required",
         "tools": [{"type": "function", **t["function"]} for t in tools]})
     assert r.status_code == 400, r.text
@@ -207,7 +207,7 @@ def test_a_forced_calls_tool_the_engine_gives_up_on_names_its_parameters(long_se
 
 
 def test_schema_true_is_any_json_value(server):
-    r = httpx.post(server.url + "/v1/chat/completions", json={
+    r = server.http.post(server.url + "/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40, "temperature": 0,
         "response_format": schema_format(True)}, timeout=60)
     assert r.status_code == 200, r.text
@@ -219,7 +219,7 @@ def test_schema_true_is_any_json_value(server):
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_schema_the_grammar_engine_gives_up_on_is_a_400_before_any_token(server, stream):
     many = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}
-    r = httpx.post(server.url + "/v1/chat/completions", json={
+    r = server.http.post(server.url + "/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": stream,
         "response_format": schema_format(many)}, timeout=60)
     assert r.status_code == 400, r.text
@@ -244,11 +244,11 @@ def test_a_schema_is_checked_off_the_event_loop(server, monkeypatch):
     schema = {"type": "object", "properties": {"off_the_loop": {"type": "boolean"}}, "required": ["off_the_loop"]}
     for route, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
                         ("/v1/completions", {"prompt": "hi"})):
-        r = httpx.post(server.url + route, json={**body, "max_tokens": 12, "response_format": schema_format(schema)},
+        r = server.http.post(server.url + route, json={**body, "max_tokens": 12, "response_format": schema_format(schema)},
                        timeout=60)
         assert r.status_code == 200, r.text
         schema["properties"]["x"] = {"type": "null"}       # a new schema: the check is cached
-    r = httpx.post(server.url + "/v1/responses", timeout=60, json={
+    r = server.http.post(server.url + "/v1/responses", timeout=60, json={
         "input": "hi", "max_output_tokens": 12, "text": {"format": {"type": "json_schema", "name": "s", "schema": schema}}})
     assert r.status_code == 200, r.text
     assert len(threads) == 3 and server.thread not in threads
@@ -261,7 +261,7 @@ def test_structured_outputs_options_are_followed(server):
     schema = {"type": "object", "properties": {k: {"type": "boolean"} for k in "abcd"}, "required": list("abcd")}
 
     def answers(**options) -> list[tuple[str, str]]:
-        r = httpx.post(server.url + "/v1/chat/completions", json={
+        r = server.http.post(server.url + "/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "temperature": 1, "seed": 3, "n": 4,
             "structured_outputs": {"json": schema, **options}}, timeout=60)
         assert r.status_code == 200, r.text
@@ -297,7 +297,7 @@ def test_open_and_compact_objects_on_request(tiny_gguf):
 
 
 def test_structured_outputs_whitespace_pattern_is_refused(server):
-    r = httpx.post(server.url + "/v1/chat/completions", json={
+    r = server.http.post(server.url + "/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
         "structured_outputs": {"json": {"type": "object"}, "whitespace_pattern": "x"}}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs.whitespace_pattern", r.text
@@ -348,7 +348,7 @@ def test_new_specs_compile_at_most_the_grammar_slots_at_once_off_the_threads_oth
             t.start()
         for _ in range(slots):
             entered.acquire()
-        plain = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+        plain = server.http.post(server.url + "/v1/chat/completions", timeout=120, json={
             "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert plain.status_code == 200, plain.text
         with lock:

@@ -51,7 +51,7 @@ USER = [{"role": "user", "content": "hey"}]
 
 def test_an_empty_prompt_is_counted_by_tokenize_but_is_no_prompt_to_answer(server, client):
     def count(add_special_tokens):
-        r = httpx.post(server.url + "/tokenize", json={"prompt": "", "add_special_tokens": add_special_tokens},
+        r = server.http.post(server.url + "/tokenize", json={"prompt": "", "add_special_tokens": add_special_tokens},
                        timeout=30)
         assert r.status_code == 200, r.text
         return r.json()
@@ -66,15 +66,15 @@ def test_an_empty_prompt_is_counted_by_tokenize_but_is_no_prompt_to_answer(serve
 
 def test_chat_template_kwargs_reach_the_template(server, client):
     def rendered(**extra):
-        ids = httpx.post(server.url + "/tokenize", json={"messages": USER, **extra}, timeout=30).json()["tokens"]
-        return httpx.post(server.url + "/detokenize", json={"tokens": ids}, timeout=30).json()["prompt"]
+        ids = server.http.post(server.url + "/tokenize", json={"messages": USER, **extra}, timeout=30).json()["tokens"]
+        return server.http.post(server.url + "/detokenize", json={"tokens": ids}, timeout=30).json()["prompt"]
 
     assert rendered() == "<<hey>>=>"
     assert rendered(chat_template_kwargs={"enable_thinking": False}) == "<<hey>>/no_think=>"
     plain = client.chat.completions.create(model="tiny", messages=USER, max_tokens=2)
     off = client.chat.completions.create(model="tiny", messages=USER, max_tokens=2,
                                          extra_body={"chat_template_kwargs": {"enable_thinking": False}})
-    no_think = len(httpx.post(server.url + "/tokenize", json={"prompt": "/no_think", "add_special_tokens": False},
+    no_think = len(server.http.post(server.url + "/tokenize", json={"prompt": "/no_think", "add_special_tokens": False},
                               timeout=30).json()["tokens"])
     assert off.usage.prompt_tokens == plain.usage.prompt_tokens + no_think
     with pytest.raises(openai.BadRequestError, match="chat_template_kwargs.messages"):
@@ -177,10 +177,10 @@ def test_request_id_names_the_answer_and_its_header(client, server):
 
 def test_parallel_tool_calls_null_is_accepted(server):
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
-    r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+    r = server.http.post(server.url + "/v1/chat/completions", timeout=60, json={
         "model": "tiny", "messages": USER, "max_tokens": 2, "tools": [tool], "parallel_tool_calls": None})
     assert r.status_code == 200, r.text
-    bad = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+    bad = server.http.post(server.url + "/v1/chat/completions", timeout=60, json={
         "model": "tiny", "messages": USER, "max_tokens": 2, "tools": [tool], "parallel_tool_calls": "yes"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "parallel_tool_calls"
 
@@ -191,7 +191,7 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(server, client):
         client.completions.create(model="tiny", prompt=long, max_tokens=2)
     cut = client.completions.create(model="tiny", prompt=long, max_tokens=2, extra_body={"truncate_prompt_tokens": 12})
     assert cut.usage.prompt_tokens == 12
-    ids = httpx.post(server.url + "/tokenize", json={"prompt": "the cat and the world " * 10},   # the same tail
+    ids = server.http.post(server.url + "/tokenize", json={"prompt": "the cat and the world " * 10},   # the same tail
                      timeout=30).json()["tokens"]
     tail = client.completions.create(model="tiny", prompt=ids[-12:], max_tokens=2, temperature=0)
     again = client.completions.create(model="tiny", prompt=long, max_tokens=2, temperature=0,
@@ -306,7 +306,7 @@ def test_continuous_usage_of_a_stream_from_a_second_stage_counts_the_draft_too(t
 
 
 def test_detokenize_names_tokens_for_an_id_outside_the_vocabulary(server):
-    r = httpx.post(server.url + "/detokenize", json={"tokens": [5, 10 ** 6]}, timeout=30)
+    r = server.http.post(server.url + "/detokenize", json={"tokens": [5, 10 ** 6]}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
     assert "outside the vocabulary" in r.json()["error"]["message"]
 
@@ -334,7 +334,7 @@ def test_stop_reason_names_the_stop_string_or_token_that_ended_the_answer(server
     chunks = list(client.completions.create(**base, stop=[stop], stream=True, extra_body={"ignore_eos": True}))
     last = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason][0]
     assert last.finish_reason == "stop" and last.stop_reason == stop
-    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": USER, "max_tokens": 10,
+    r = server.http.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": USER, "max_tokens": 10,
                                                               "temperature": 0, "stop": [said[2:4]], "stream": True,
                                                               "ignore_eos": True}, timeout=60)
     ends = [json.loads(x[6:])["choices"][0] for x in r.text.splitlines()
@@ -399,7 +399,7 @@ def test_a_structural_tag_holds_what_follows_each_trigger(server, client, extra)
     """vLLM's structural tag, as its clients send it (response_format, or structured_outputs'
     structural_tag as JSON text): free text, and after each trigger the whole structure. A bias
     on the trigger's token makes the random model write it wherever the text is free."""
-    [at] = httpx.post(server.url + "/tokenize", json={"prompt": "@", "add_special_tokens": False},
+    [at] = server.http.post(server.url + "/tokenize", json={"prompt": "@", "add_special_tokens": False},
                       timeout=30).json()["tokens"]
     out = client.chat.completions.create(model="tiny", messages=USER, max_tokens=40, temperature=1.0, seed=5,
                                          logit_bias={str(at): 100}, extra_body=extra)
@@ -490,7 +490,7 @@ def test_the_fields_keep_their_meaning_through_a_python_stage(tiny_gguf):
                                               ).choices[0].message.content
         assert " " not in text and json.loads(text)["a"] in (1, 2), text
         # a structural tag with vLLM's disable_any_whitespace: each "@" followed by f({"n":D}), no space
-        [at] = httpx.post(s.url + "/tokenize", json={"prompt": "@", "add_special_tokens": False},
+        [at] = s.http.post(s.url + "/tokenize", json={"prompt": "@", "add_special_tokens": False},
                           timeout=30).json()["tokens"]
         out = client.chat.completions.create(
             model="tiny", messages=USER, max_tokens=16, temperature=1.0, seed=5, logit_bias={str(at): 100},
@@ -514,7 +514,7 @@ def test_completions_add_special_tokens_false_leaves_the_start_token_off(tmp_pat
             return out.choices[0].model_extra["prompt_token_ids"]
 
         def tokenize(**extra):
-            return httpx.post(s.url + "/tokenize", json={"prompt": "the cat", **extra}, timeout=30).json()["tokens"]
+            return s.http.post(s.url + "/tokenize", json={"prompt": "the cat", **extra}, timeout=30).json()["tokens"]
 
         start = s.engine.tokenizer.bos_token_id
         assert ids() == ids(add_special_tokens=True) == tokenize() and ids()[0] == start
@@ -602,7 +602,7 @@ def test_a_plain_request_is_answered_while_grammar_checks_hold_their_threads(ser
             entered.acquire()
         while sum(a is not None for a in answers) < heavy - running - waiting:
             threads[[a is None for a in answers].index(True)].join(0.05)
-        plain = httpx.post(server.url + "/v1/chat/completions", timeout=120,
+        plain = server.http.post(server.url + "/v1/chat/completions", timeout=120,
                            json={"model": "tiny", "messages": USER, "max_tokens": 2})
         assert plain.status_code == 200, plain.text
         busy = [a for a in answers if a is not None]
@@ -686,11 +686,11 @@ def test_a_request_carries_at_most_128_tools_on_chat_responses_and_run_lines(ser
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=USER, max_tokens=2, tools=_tools(most + 1))
     assert e.value.body["param"] == "tools" and "129 tools" in e.value.body["message"]
-    r = httpx.post(server.url + "/v1/responses", timeout=120, json={
+    r = server.http.post(server.url + "/v1/responses", timeout=120, json={
         "model": "tiny", "input": "hey", "max_output_tokens": 2,
         "tools": [{"type": "function", "name": f"f{i}"} for i in range(most + 1)]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
-    spec = httpx.get(server.url + "/openapi.json", timeout=30).json()
+    spec = server.http.get(server.url + "/openapi.json", timeout=30).json()
     found = []
     todo = [spec]
     while todo:                                           # every request schema's "tools" says so
