@@ -283,3 +283,16 @@ def test_serve_copies_the_flag_s_headers_and_the_conditions_and_refuses_more_tha
     assert request_headers(None, g) == ("x-tenant", "x-arm")
     with pytest.raises(SetupError, match=f"a request carries at most {MAX_HEADERS}"):
         request_headers([f"x-{i}" for i in range(MAX_HEADERS - 1)], g)
+
+
+@pytest.mark.parametrize("cond", [
+    'metadata["not"] == 1', 'metadata["true"].x == "a"', 'metadata.org["when"] != false',
+    'metadata.note == "two\\nlines"', 'metadata["a\\"b"] == "q\\\\z\\t"', 'headers["x-a"] == "\\u0007"',
+])
+def test_the_text_of_a_condition_reads_back_as_the_same_condition(cond):
+    """A message or a drawing writes a condition so that it reads back as the same condition:
+    a key that is a reserved word in brackets (metadata.not is no field the parser reads), a
+    string's newline, tab or control character escaped, not written raw across lines."""
+    shown = compiled_text(cond)
+    assert "\n" not in shown and "\t" not in shown
+    assert compiled(shown) == compiled(cond), shown
