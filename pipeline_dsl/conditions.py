@@ -309,6 +309,21 @@ def check_compare(c: ast.Compare, item_types) -> None:
 
 # ---------------------------------------------------------------- evaluation
 
+def identity(ir):
+    """A compiled condition as a key that is equal for two conditions only when they hold for
+    the same items: a literal's kind kept beside it, as a comparison tells true from 1 and false
+    from 0 (which Python's == and hash do not); 1 and 1.0 stay one number."""
+    if ir is None:
+        return None
+    tag = ir[0]
+    if tag == "cmp":
+        v = ir[3]
+        return ("cmp", ir[1], ir[2], isinstance(v, bool), v)
+    if tag in ("and", "or", "not"):
+        return (tag, *(identity(i) for i in ir[1:]))
+    return ir
+
+
 def evaluate(ir, get: Callable[[str], Any], label: str | None = None) -> bool:
     """Whether condition `ir` holds for an item: `get(path)` gives a field's value or MISSING,
     `label` is the label the item carries (None: none)."""

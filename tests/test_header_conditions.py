@@ -296,3 +296,20 @@ def test_the_text_of_a_condition_reads_back_as_the_same_condition(cond):
     shown = compiled_text(cond)
     assert "\n" not in shown and "\t" not in shown
     assert compiled(shown) == compiled(cond), shown
+
+
+def test_a_metadata_key_compared_with_true_and_with_1_are_two_edges():
+    """A metadata value compared with true holds only for true, with 1 only for a number (a
+    condition tells them apart), so these two edges are no duplicate: the second is kept and
+    routes an item whose value is true. 1 and 1.0 are one number: a duplicate edge."""
+    for second, duplicate in (("metadata.x == true", False), ("metadata.x == 1.0", True),
+                              ("metadata.x != false", False), ("metadata.x == 0", False)):
+        text = ROUTED.format(cond="metadata.x == 1").replace(
+            "    route -> batch otherwise\n", f"    route -> batch when {second}\n    route -> batch otherwise\n")
+        _, diags = pipeline_dsl.loads(text, "p.agp")
+        assert [d.message for d in diags] == ([f"duplicate edge route -> batch when {compiled_text(second)}"]
+                                              if duplicate else []), second
+        if not duplicate:
+            graph = pipeline_dsl.load_pipeline_graph("p.agp", text=text)
+            assert [c for _, c in graph.nodes["route"]["routes"]] == [
+                compiled("metadata.x == 1"), compiled(second), ("otherwise",)]
