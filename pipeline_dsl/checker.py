@@ -908,7 +908,7 @@ def _check_edges(p: ast.Pipeline, stages: dict[str, ResolvedStage]):
                 diags += bad
                 refused.add(a.text)
                 continue
-            key = (a.text, b.text, ir)
+            key = (a.text, b.text, C.identity(ir))      # true and 1 are two conditions
             pos = SourcePos(a.pos.file, a.pos.line, a.pos.col, b.pos.end_line, b.pos.end_col)
             if key in seen:
                 diags.append(_warn(f"duplicate edge {a.text} -> {b.text}" + _cond_words(ir),

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from . import ast
 from .diagnostics import did_you_mean
-from .parser import quote
+from .parser import keywords, quote
 from .requests_io import HEADER_NAME
 
 NUMBER, STRING, BOOLEAN, ANY = "number", "string", "boolean", "any"
@@ -130,12 +130,13 @@ def _key_text(v) -> str:
 
 def path_text(path) -> str:
     """A field path (field_path) as the file would write it: a header's name in brackets, a
-    metadata key that is a name after a dot, any other in brackets (`metadata.tier`,
-    `metadata["team id"]`, `headers["x-tenant"]`)."""
+    metadata key that is a name after a dot, any other (a reserved word too: metadata["not"])
+    in brackets (`metadata.tier`, `metadata["team id"]`, `headers["x-tenant"]`)."""
     if isinstance(path, str):
         return path
     head, *keys = path
-    return head + "".join("." + k if _NAME.fullmatch(k) and head != HEADERS else f"[{quote(k)}]" for k in keys)
+    return head + "".join("." + k if _NAME.fullmatch(k) and k not in keywords() and head != HEADERS
+                          else f"[{quote(k)}]" for k in keys)
 
 
 def _written(c: ast.Compare) -> str:
@@ -192,8 +193,7 @@ def text(ir) -> str:
         return "otherwise"
     if tag == "cmp":
         v = ir[3]
-        shown = ("true" if v else "false") if isinstance(v, bool) else (
-            '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' if isinstance(v, str) else repr(v))
+        shown = ("true" if v else "false") if isinstance(v, bool) else quote(v) if isinstance(v, str) else repr(v)
         return f"{path_text(ir[1])} {ir[2]} {shown}"
     if tag == "not":
         inner = text(ir[1])
@@ -308,6 +308,21 @@ def check_compare(c: ast.Compare, item_types) -> None:
 
 
 # ---------------------------------------------------------------- evaluation
+
+def identity(ir):
+    """A compiled condition as a key that is equal for two conditions only when they hold for
+    the same items: a literal's kind kept beside it, as a comparison tells true from 1 and false
+    from 0 (which Python's == and hash do not); 1 and 1.0 stay one number."""
+    if ir is None:
+        return None
+    tag = ir[0]
+    if tag == "cmp":
+        v = ir[3]
+        return ("cmp", ir[1], ir[2], isinstance(v, bool), v)
+    if tag in ("and", "or", "not"):
+        return (tag, *(identity(i) for i in ir[1:]))
+    return ir
+
 
 def evaluate(ir, get: Callable[[str], Any], label: str | None = None) -> bool:
     """Whether condition `ir` holds for an item: `get(path)` gives a field's value or MISSING,

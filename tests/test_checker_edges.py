@@ -1140,11 +1140,11 @@ t.agp:14:26: error: the batcher 'batch' cannot route by request fields
   = expected: when full | timeout
   = help: route requests before the batcher: add a route stage in front of it
 
-t.agp:15:20: error: field 'metadata' needs a comparison
+t.agp:15:20: error: field 'metadata' needs a key and a comparison
    15 |     kv -> gen when metadata
       |                    ^^^^^^^^
-  = expected: metadata == VALUE, metadata > N, ...
-  = help: e.g. when metadata == "…"
+  = expected: metadata.KEY == VALUE, ...
+  = help: e.g. when metadata.tier == "gold"
 
 6 errors
 """

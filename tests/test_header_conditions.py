@@ -283,3 +283,33 @@ def test_serve_copies_the_flag_s_headers_and_the_conditions_and_refuses_more_tha
     assert request_headers(None, g) == ("x-tenant", "x-arm")
     with pytest.raises(SetupError, match=f"a request carries at most {MAX_HEADERS}"):
         request_headers([f"x-{i}" for i in range(MAX_HEADERS - 1)], g)
+
+
+@pytest.mark.parametrize("cond", [
+    'metadata["not"] == 1', 'metadata["true"].x == "a"', 'metadata.org["when"] != false',
+    'metadata.note == "two\\nlines"', 'metadata["a\\"b"] == "q\\\\z\\t"', 'headers["x-a"] == "\\u0007"',
+])
+def test_the_text_of_a_condition_reads_back_as_the_same_condition(cond):
+    """A message or a drawing writes a condition so that it reads back as the same condition:
+    a key that is a reserved word in brackets (metadata.not is no field the parser reads), a
+    string's newline, tab or control character escaped, not written raw across lines."""
+    shown = compiled_text(cond)
+    assert "\n" not in shown and "\t" not in shown
+    assert compiled(shown) == compiled(cond), shown
+
+
+def test_a_metadata_key_compared_with_true_and_with_1_are_two_edges():
+    """A metadata value compared with true holds only for true, with 1 only for a number (a
+    condition tells them apart), so these two edges are no duplicate: the second is kept and
+    routes an item whose value is true. 1 and 1.0 are one number: a duplicate edge."""
+    for second, duplicate in (("metadata.x == true", False), ("metadata.x == 1.0", True),
+                              ("metadata.x != false", False), ("metadata.x == 0", False)):
+        text = ROUTED.format(cond="metadata.x == 1").replace(
+            "    route -> batch otherwise\n", f"    route -> batch when {second}\n    route -> batch otherwise\n")
+        _, diags = pipeline_dsl.loads(text, "p.agp")
+        assert [d.message for d in diags] == ([f"duplicate edge route -> batch when {compiled_text(second)}"]
+                                              if duplicate else []), second
+        if not duplicate:
+            graph = pipeline_dsl.load_pipeline_graph("p.agp", text=text)
+            assert [c for _, c in graph.nodes["route"]["routes"]] == [
+                compiled("metadata.x == 1"), compiled(second), ("otherwise",)]
