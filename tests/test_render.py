@@ -73,14 +73,19 @@ def test_a_condition_label_keeps_the_parentheses_its_meaning_needs():
         in lines
 
 
-def test_a_single_condition_of_a_python_stage_is_not_numbered(tmp_path):
+def _picking(tmp_path, routes: str) -> str:
+    """The DOT text of PIPELINE with a python stage `pick` between request and batch, whose edges
+    to batch are `routes` (one per line, each after `pick -> batch `)."""
     (tmp_path / "hooks.py").write_text("def pick(item):\n    return 'a'\n")
     path = tmp_path / "p.agp"
+    edges = "".join(f"    pick -> batch {r}\n" for r in routes.splitlines())
     path.write_text(PIPELINE.format(gen="").replace(
-        "request -> batch",
-        'stage pick : python { fn = "hooks:pick" }\n    request -> pick\n    pick -> batch when a\n'
-        "    pick -> batch otherwise"))
-    one = dot_source(load_pipeline_graph(str(path)))
+        "request -> batch", 'stage pick : python { fn = "hooks:pick" }\n    request -> pick\n' + edges))
+    return dot_source(load_pipeline_graph(str(path)))
+
+
+def test_a_single_condition_of_a_python_stage_is_not_numbered(tmp_path):
+    one = _picking(tmp_path, "when a\notherwise")
     assert '"pick" -> "batch" [label="when a"];' in one
     assert '"pick" -> "batch" [label="otherwise", style=dashed];' in one
 
@@ -147,13 +152,7 @@ def test_control_characters_and_noncharacters_of_a_files_strings_are_drawn_escap
 
 def test_the_conditions_a_stage_tries_in_order_are_numbered_from_two_on(tmp_path):
     """A stage with two conditional routes tries them in order: the edges say which first."""
-    (tmp_path / "hooks.py").write_text("def pick(item):\n    return 'a'\n")
-    path = tmp_path / "p.agp"
-    path.write_text(PIPELINE.format(gen="").replace(
-        "request -> batch",
-        'stage pick : python { fn = "hooks:pick" }\n    request -> pick\n    pick -> batch when a\n'
-        "    pick -> batch when b\n    pick -> batch otherwise"))
-    text = dot_source(load_pipeline_graph(str(path)))
+    text = _picking(tmp_path, "when a\nwhen b\notherwise")
     assert '"pick" -> "batch" [label="1. when a"];' in text
     assert '"pick" -> "batch" [label="2. when b"];' in text
     assert '"pick" -> "batch" [label="otherwise", style=dashed];' in text
