@@ -4,6 +4,7 @@ requests, foreign Host headers. Every probe gets a clear 4xx (or its own error r
 nothing else notices."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -284,38 +285,43 @@ SPIN_TEMPLATE = ("{% if spin %}{% for i in range(100000) %}{% for j in range(100
                  "{% endif %}" + CHAT_TEMPLATE)
 
 
+@contextlib.contextmanager
+def _spinning(tmp_path, route: str, body: dict, spinning: int):
+    """A LiveServer of a model whose chat template spins while `chat_template_kwargs` say so, and
+    `spinning` requests of `body` to `route` kept in it, each on a thread of its own: yields
+    (the server, the answers of those that ended); each is a 400 once they have all ended."""
+    model = write_tiny_gguf(tmp_path / "spin.gguf", chat_template=SPIN_TEMPLATE)
+    s = LiveServer(model)
+    ended = []
+    threads = [threading.Thread(target=lambda: ended.append(httpx.post(s.url + route, json=body, timeout=120)))
+               for _ in range(spinning)]
+    try:
+        for t in threads:
+            t.start()
+        yield s, ended
+    finally:
+        for t in threads:
+            t.join()
+        s.close()
+    assert [r.status_code for r in ended] == [400] * spinning
+
+
 def test_chat_templates_kept_running_by_requests_hold_up_no_other_request(tmp_path):
     """Each spinning request holds a thread for the template's TEMPLATE_SECONDS; twice as many of
     them as the host pool has threads used to hold every thread that admits requests and hands
     over answers, so a raw prompt waited for them (4 s). Conversations render on threads of
     their own, which share the CPU: a plain prompt and a plain conversation are both answered
     while every spinning request is still in its template."""
-    model = write_tiny_gguf(tmp_path / "spin.gguf", chat_template=SPIN_TEMPLATE)
-    s = LiveServer(model)
     spinning = 2 * ITEM_WORKERS
-    ended = []
-
-    def spin():
-        r = httpx.post(s.url + "/v1/chat/completions", timeout=120, json={
-            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "chat_template_kwargs": {"spin": True}})
-        ended.append(r)
-
-    threads = [threading.Thread(target=spin) for _ in range(spinning)]
-    try:
-        for t in threads:
-            t.start()
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "chat_template_kwargs": {"spin": True}}
+    with _spinning(tmp_path, "/v1/chat/completions", body, spinning) as (s, ended):
         s.stats_when(lambda st: st["in_flight"] == spinning)
-        plain = httpx.post(s.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 2}, timeout=120)
-        chat = httpx.post(s.url + "/v1/chat/completions", timeout=120, json={
+        plain = s.http.post(s.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 2}, timeout=120)
+        chat = s.http.post(s.url + "/v1/chat/completions", timeout=120, json={
             "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         still = spinning - len(ended)
         assert plain.status_code == 200 and chat.status_code == 200, (plain.text, chat.text)
         assert still == spinning, [r.text for r in ended]
-    finally:
-        for t in threads:
-            t.join()
-        s.close()
-    assert [r.status_code for r in ended] == [400] * spinning
     assert all("did not finish within" in r.json()["error"]["message"] for r in ended)
 
 
@@ -323,29 +329,14 @@ def test_tokenize_requests_kept_in_their_template_hold_up_no_other_request(tmp_p
     """/tokenize renders a conversation on the pipeline's render threads: more spinning ones than
     the threads that parse every request's body used to hold them all, and a plain prompt waited
     for their 2 s."""
-    model = write_tiny_gguf(tmp_path / "spin.gguf", chat_template=SPIN_TEMPLATE)
-    s = LiveServer(model)
     spinning = min(32, (os.cpu_count() or 1) + 4) + 2        # asyncio's default thread pool, and more
-    ended = []
-
-    def spin():
-        ended.append(httpx.post(s.url + "/tokenize", timeout=120, json={
-            "messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"spin": True}}))
-
-    threads = [threading.Thread(target=spin) for _ in range(spinning)]
-    try:
-        for t in threads:
-            t.start()
+    body = {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"spin": True}}
+    with _spinning(tmp_path, "/tokenize", body, spinning) as (s, ended):
         time.sleep(0.5)                                      # let them reach their template
-        plain = httpx.post(s.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 2}, timeout=120)
+        plain = s.http.post(s.url + "/v1/completions", json={"prompt": "hello", "max_tokens": 2}, timeout=120)
         still = spinning - len(ended)
         assert plain.status_code == 200, plain.text
         assert still == spinning, [r.text for r in ended]
-    finally:
-        for t in threads:
-            t.join()
-        s.close()
-    assert [r.status_code for r in ended] == [400] * spinning
 
 
 def test_an_answer_being_built_holds_up_no_other_request(tiny_gguf, monkeypatch):
