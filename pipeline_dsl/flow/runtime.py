@@ -259,8 +259,20 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                 return
             req.paused = paused
             seqs = list(req.seqs.items())
-        for seq_id, es in seqs:
-            es.park(seq_id, paused)
+        self._park_as_paused(req, seqs, paused)
+
+    def _park_as_paused(self, req, seqs: list, parked: bool) -> None:
+        """Park (or let go) `seqs` [(sequence id, segment)] as `parked` says, then again as long as
+        the request's pause changed meanwhile: a pause(key, ...) on another thread may have set it
+        after it was read here, and its own parks, reaching the engines first, would be undone by
+        these (a sequence parked for good under a request no longer paused: never answered)."""
+        while True:
+            for seq_id, es in seqs:
+                es.park(seq_id, parked)
+            with self._lock:
+                if req.done or req.paused == parked:
+                    return
+                parked = req.paused
 
     # ---- items through stages ----------------------------------------------------------
     def _go_off(self, pool: str, batch) -> None:
