@@ -338,7 +338,8 @@ def test_a_paused_stream_goes_on_when_its_consumer_catches_up_and_is_cut_if_it_n
     try:
         calls = []
         runtime = type("Runtime", (), {"abort": lambda self, key, message: calls.append(("abort", message)),
-                                       "pause": lambda self, key, paused: calls.append(("pause", paused))})()
+                                       "pause": lambda self, key, paused: calls.append(("pause", paused)) or paused,
+                                       "accepting": True})()
         metrics = ServerMetrics()
         owner = type("Owner", (), {"metrics": metrics, "runtime": runtime})()
         stream = RequestStream(owner, LoopMail(loop), max_unread_tokens=1000, pause_unread_tokens=8,
@@ -365,6 +366,58 @@ def test_a_paused_stream_goes_on_when_its_consumer_catches_up_and_is_cut_if_it_n
         loop.close()
 
 
+def test_in_a_drain_a_stream_is_neither_paused_nor_cut_for_a_pause_that_did_not_happen():
+    """Once the runtime stops admitting (a drain) it pauses nothing, and lets go what was paused:
+    a stream past pause_unread_tokens then is not counted as paused nor cut pause_limit_s later
+    for a pause that never happened (its tokens queue on, up to max_unread_tokens), and one
+    paused before the drain is not cut when its pause_limit_s runs out (before: both were cut,
+    naming --send-timeout, though the engine went on generating for them)."""
+    from pipeline_dsl.serve.metrics import ServerMetrics
+
+    class Runtime:
+        accepting = True
+
+        def __init__(self):
+            self.calls = []
+
+        def pause(self, key, paused):
+            self.calls.append(("pause", paused))
+            return paused and self.accepting          # FlowRuntime.pause: nothing paused in a drain
+
+        def abort(self, key, message):
+            self.calls.append(("abort", message))
+
+    loop = asyncio.new_event_loop()
+    try:
+        metrics = ServerMetrics()
+        runtime = Runtime()
+        owner = type("Owner", (), {"metrics": metrics, "runtime": runtime})()
+
+        def stream_of(key):
+            stream = RequestStream(owner, LoopMail(loop), max_unread_tokens=1000, pause_unread_tokens=8,
+                                   pause_limit_s=0.05)
+            stream.key = key
+            return stream
+
+        before = stream_of("before")
+        for i in range(12):
+            before.on_delta("before", 0, _Out([i], f"tok{i} ", ""))
+        loop.run_until_complete(asyncio.sleep(0))
+        assert before.paused
+        runtime.accepting = False                      # the drain begins: it let the paused request go
+        during = stream_of("during")
+        for i in range(12):
+            during.on_delta("during", 0, _Out([i], f"tok{i} ", ""))
+        loop.run_until_complete(asyncio.sleep(0.2))    # past pause_limit_s
+        assert not during.paused and not during.cut and during.queue.qsize() == 12
+        assert not before.paused and not before.cut and before.queue.qsize() == 12
+        assert not [c for c in runtime.calls if c[0] == "abort"]
+        counted = {s.name: s.value for fam in metrics.registry.collect() for s in fam.samples}
+        assert counted["agp_streams_paused_total"] == 1 and counted["agp_streams_cut_unread_total"] == 0
+    finally:
+        loop.close()
+
+
 def test_a_stream_whose_client_stalls_pauses_and_goes_on_once_the_client_takes_bytes_and_every_token():
     """The server's word that the client's TCP takes nothing pauses the generation at once, with
     no token queued; the queue emptied, it stays paused while the client still takes nothing,
@@ -372,7 +425,7 @@ def test_a_stream_whose_client_stalls_pauses_and_goes_on_once_the_client_takes_b
     loop = asyncio.new_event_loop()
     try:
         calls = []
-        runtime = type("Runtime", (), {"pause": lambda self, key, paused: calls.append(paused)})()
+        runtime = type("Runtime", (), {"pause": lambda self, key, paused: calls.append(paused) or paused})()
         owner = type("Owner", (), {"metrics": None, "runtime": runtime})()
         stream = RequestStream(owner, LoopMail(loop), pause_unread_tokens=32)
         stream.key = "k"

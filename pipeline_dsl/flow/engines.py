@@ -240,8 +240,7 @@ class EngineSide:
             for seq_id, _, _ in submits:
                 es.abort(seq_id)
         elif paused:        # its reader asked it to wait (pause): these wait too
-            for seq_id, _, _ in submits:
-                es.park(seq_id, True)
+            self._park_as_paused(req, [(seq_id, es) for seq_id, _, _ in submits], True)
 
     def _answer_without_engine(self, item: Item, es, targets: list, ids: list, entry: dict) -> None:
         """max_tokens = 0 (an echo of the prompt, e.g. to score it): each target answers at once."""

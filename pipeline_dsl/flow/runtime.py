@@ -247,20 +247,36 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         if req is not None:
             self._fail(req, PipelineError(message, "aborted"))
 
-    def pause(self, key: str, paused: bool = True) -> None:
+    def pause(self, key: str, paused: bool = True) -> bool:
         """Pause a request's generation, for a reader that does not keep up: its engine sequences
         leave their batches (their KV blocks freed, what they had recomputed when they go on) and
         wait, neither running nor queued, until pause(key, False); sequences it starts meanwhile
         start paused. Its stage timeouts still run. Once the runtime stops admitting (a drain)
-        nothing is paused: what is in flight runs to its end."""
+        nothing is paused: what is in flight runs to its end. Returns whether the request is
+        paused now (False: let go, refused in a drain, or no longer in flight)."""
         with self._lock:
             req = self.ledger.get(key)
-            if req is None or req.done or req.paused == paused or (paused and self._closing):
-                return
+            if req is None or req.done or (paused and self._closing):
+                return False
+            if req.paused == paused:
+                return paused
             req.paused = paused
             seqs = list(req.seqs.items())
-        for seq_id, es in seqs:
-            es.park(seq_id, paused)
+        self._park_as_paused(req, seqs, paused)
+        return paused
+
+    def _park_as_paused(self, req, seqs: list, parked: bool) -> None:
+        """Park (or let go) `seqs` [(sequence id, segment)] as `parked` says, then again as long as
+        the request's pause changed meanwhile: a pause(key, ...) on another thread may have set it
+        after it was read here, and its own parks, reaching the engines first, would be undone by
+        these (a sequence parked for good under a request no longer paused: never answered)."""
+        while True:
+            for seq_id, es in seqs:
+                es.park(seq_id, parked)
+            with self._lock:
+                if req.done or req.paused == parked:
+                    return
+                parked = req.paused
 
     # ---- items through stages ----------------------------------------------------------
     def _go_off(self, pool: str, batch) -> None:

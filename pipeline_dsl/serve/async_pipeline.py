@@ -220,6 +220,9 @@ class RequestStream:
         consumer does not take its tokens, for at most pause_limit_s; or let it go on."""
         if self.cut or self.ended or self.finished:
             return
+        # the runtime's word: in a drain it pauses nothing (the stream is neither paused, counted
+        # nor timed: its tokens queue on, up to max_unread_tokens)
+        paused = bool(self._owner.runtime.pause(self.key, paused))
         self.paused = paused
         self._stop_timer()
         m = self._owner.metrics
@@ -228,10 +231,12 @@ class RequestStream:
                 m.streams_paused.inc()
             if self.pause_limit_s:
                 self._pause_timer = asyncio.get_running_loop().call_later(self.pause_limit_s, self._paused_too_long)
-        self._owner.runtime.pause(self.key, paused)
 
     def _paused_too_long(self) -> None:
         self._pause_timer = None
+        if self.paused and not self._owner.runtime.accepting:
+            self.paused = False                  # a drain let it go on (FlowRuntime.stop_admitting)
+            return
         if self.paused and not (self.cut or self.ended or self.finished):
             log.info("aborting %s: its client took none of the %d tokens waiting for it in %gs",
                      self.id or self.key, self.unread, self.pause_limit_s)

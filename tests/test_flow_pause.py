@@ -1,0 +1,146 @@
+"""Pausing a request's generation (FlowRuntime.pause, what agp serve does for a client that does
+not keep up): its sequences leave the batch and go on when it is let go, and the answer is the one
+it would have had unpaused. A pause and a let-go that cross on two threads (the server's loop lets
+a request go on while a stage thread hands its sequences to the engine paused) end as the last one
+asked: a sequence is never left parked under a request that is no longer paused."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import flowkit
+from flowkit import chain, errors, runtime, write
+
+HOOKS = '''
+import flowkit
+
+def held(item):
+    flowkit.gate("go").wait(60)
+    return item
+'''
+
+pytestmark = pytest.mark.usefixtures("fresh_flowkit")
+
+
+def pipeline(tmp_path, model, before: str = ""):
+    stages = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 24 }\nstage out : respond {}\n")
+    if before:
+        stages += 'stage f : python { fn = "hooks:held" }\nrequest -> f -> batch\n'
+    else:
+        stages += "request -> batch\n"
+    path = write(tmp_path, model, stages + "gen -> out\n" + chain(), hooks=HOOKS)
+    assert errors(path) == []
+    return path
+
+
+class Listener:
+    def __init__(self, on_first=None):
+        self.result, self.done, self.first = None, threading.Event(), threading.Event()
+        self.on_first = on_first
+
+    def on_delta(self, key, index, out, *rest):
+        if not self.first.is_set():
+            self.first.set()
+            if self.on_first is not None:
+                self.on_first(key)
+
+    def on_done(self, result):
+        self.result = result
+        self.done.set()
+
+
+def let_go_in_between(rt, key_of):
+    """Each segment's park: before a park(True) lands, the request is let go (pause(key, False))
+    as another thread would between the pause being read and the engine hearing it."""
+    for es in rt.segments:
+        real = es.park
+        once = []
+
+        def park(seq_id, parked=True, real=real, once=once):
+            if parked and not once:
+                once.append(seq_id)
+                rt.pause(key_of(), False)
+            real(seq_id, parked)
+        es.park = park
+
+
+def request(rid: str, **kw) -> dict:
+    return {"id": rid, "prompt": "hello there", "max_tokens": 24, "ignore_eos": True, "temperature": 1.0,
+            "seed": 11, "n": 2, **kw}
+
+
+def test_a_request_let_go_while_its_sequences_reach_the_engine_paused_is_answered(tmp_path, soft_gguf):
+    """Paused while a python stage holds it, then let go just as its sequences are handed to the
+    engine paused: they go on, and the request is answered (before: parked for good, no answer)."""
+    rt = runtime(pipeline(tmp_path, soft_gguf, before="f"))
+    rt.start()
+    keys = []
+    let_go_in_between(rt, lambda: keys[0])
+    try:
+        heard = Listener()
+        keys.append(rt.submit(request("a"), heard, stream=True))
+        rt.pause(keys[0], True)                    # its reader is behind before it reaches the engine
+        flowkit.gate("go").set()
+        assert heard.done.wait(30), "the request was never answered: its sequences stayed parked"
+        assert heard.result.error is None and len(heard.result.choices) == 2
+    finally:
+        flowkit.gate("go").set()
+        rt.close(drain=False)
+        rt.shutdown()
+
+
+def test_a_pause_crossed_by_a_let_go_ends_let_go(tmp_path, soft_gguf):
+    """pause(True) and pause(False) on two threads, the let-go's park reaching the engine before the
+    pause's: the request goes on and is answered."""
+    rt = runtime(pipeline(tmp_path, soft_gguf))
+    rt.start()
+    keys = []
+    let_go_in_between(rt, lambda: keys[0])
+    try:
+        heard = Listener(on_first=lambda key: rt.pause(key, True))
+        keys.append(rt.submit(request("b"), heard, stream=True))
+        assert heard.done.wait(30), "the request was never answered: its sequences stayed parked"
+        assert heard.result.error is None and len(heard.result.choices) == 2
+    finally:
+        rt.close(drain=False)
+        rt.shutdown()
+
+
+def test_a_seeded_request_paused_and_let_go_answers_as_unpaused_and_counts_its_tokens_once(tmp_path, soft_gguf):
+    """Paused after each of its first chunks and let go from another thread: the same choices as an
+    unpaused run of the same seeded request (its sequences recompute what they had, they do not
+    sample it again), and the same usage and engine counts of prompt and generated tokens."""
+    path = pipeline(tmp_path, soft_gguf)
+
+    def answer(pausing: bool):
+        rt = runtime(path)
+        rt.start()
+        try:
+            heard = Listener()
+            pauses = []
+
+            def on_delta(key, index, out, *rest):
+                if pausing and len(pauses) < 6:
+                    pauses.append(index)
+                    rt.pause(key, True)
+                    threading.Timer(0.005, rt.pause, (key, False)).start()
+            heard.on_delta = on_delta
+            rt.submit(request("c"), heard, stream=True)
+            assert heard.done.wait(60)
+            rt.close()
+            counts = {k: sum(e.get(k, 0) for e in rt.stats()["engines"].values())
+                      for k in ("prompt_tokens", "generated_tokens", "prefill_tokens")}
+            return heard.result, counts
+        finally:
+            rt.close(drain=False)
+            rt.shutdown()
+
+    plain, plain_counts = answer(False)
+    paused, paused_counts = answer(True)
+    assert paused.error is None
+    assert [c.text for c in paused.choices] == [c.text for c in plain.choices]
+    assert paused.usage == plain.usage
+    assert paused_counts["prompt_tokens"] == plain_counts["prompt_tokens"]
+    assert paused_counts["generated_tokens"] == plain_counts["generated_tokens"] == 48
+    assert paused_counts["prefill_tokens"] > plain_counts["prefill_tokens"]    # it did recompute
