@@ -238,10 +238,11 @@ class RequestStream:
             self.paused = False                  # a drain let it go on (FlowRuntime.stop_admitting)
             return
         if self.paused and not (self.cut or self.ended or self.finished):
-            log.info("aborting %s: its client took none of the %d tokens waiting for it in %gs",
-                     self.id or self.key, self.unread, self.pause_limit_s)
-            self._cut(f"the stream was cut: its client took none of the {self.unread} generated tokens waiting "
-                      f"for it in {self.pause_limit_s:g}s (--send-timeout)")
+            log.info("aborting %s: its client had not caught up with its stream, paused %gs for it (%d tokens "
+                     "still waiting)", self.id or self.key, self.pause_limit_s, self.unread)
+            self._cut(f"the stream was cut: its client had not taken the tokens generated for it "
+                      f"{self.pause_limit_s:g}s after its stream paused for it ({self.unread} still waiting; "
+                      f"--send-timeout)")
 
     def _stop_timer(self) -> None:
         if self._pause_timer is not None:

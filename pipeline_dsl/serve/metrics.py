@@ -399,7 +399,7 @@ class ServerMetrics:
                                           "Bytes held by request bodies still arriving (--max-body-bytes-arriving)")
         self.unread_cuts = metric(Counter, "streams_cut_unread", None,
                                   "Streams aborted because their client left more than --max-unread-tokens unread, "
-                                  "or took none of them while paused for --send-timeout")
+                                  "or had not taken them --send-timeout after its stream paused for it")
         self.streams_paused = metric(Counter, "streams_paused", None,
                                      "Times a stream's generation was paused because its client took nothing or left more "
                                      "than --pause-unread-tokens unread (its sequences out of the batch, KV freed)")
