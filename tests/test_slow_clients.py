@@ -7,6 +7,7 @@ whatever the open-files limit the server was started with. Probed with raw socke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
@@ -444,17 +445,31 @@ def test_a_stream_whose_client_stalls_pauses_and_goes_on_once_the_client_takes_b
         loop.close()
 
 
+@contextlib.contextmanager
+def _two_stalled_streams(long_gguf, tmp_path, *flags):
+    """An `agp serve` child (`flags` added) and two streams whose clients read nothing: yields
+    (the child, its URL); the child is killed if it still runs after, the streams' sockets closed."""
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1).replace("1MiB", "8MiB"))
+    proc, url = start_agp_serve(str(path), "--threads", "1", "--send-timeout", "600", *flags)
+    port = int(url.rsplit(":", 1)[1])
+    stalled = [stalled_stream(port, "hello world") for _ in range(2)]
+    try:
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for c in stalled:
+            c.close()
+
+
 def test_a_shutdown_cuts_the_connections_of_clients_that_read_nothing_without_a_traceback(long_gguf, tmp_path):
     """SIGTERM with two stalled streams (their requests already cut): the server closes their
     connections and exits 0 at once. (Before: uvicorn waited its graceful 5 s on the writes that
     could not go, then cancelled them and logged an ERROR with a traceback per connection.)"""
-    path = tmp_path / "tiny.agp"
-    path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1).replace("1MiB", "8MiB"))
-    proc, url = start_agp_serve(str(path), "--threads", "1", "--send-timeout", "600",
-                                "--max-unread-tokens", str(UNREAD), "--pause-unread-tokens", "0")
-    port = int(url.rsplit(":", 1)[1])
-    stalled = [stalled_stream(port, "hello world") for _ in range(2)]
-    try:
+    with _two_stalled_streams(long_gguf, tmp_path, "--max-unread-tokens", str(UNREAD),
+                              "--pause-unread-tokens", "0") as (proc, url):
         assert wait_for(lambda: scrape(url)["agp_streams_cut_unread_total"] == 2, 120)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
@@ -462,12 +477,6 @@ def test_a_shutdown_cuts_the_connections_of_clients_that_read_nothing_without_a_
         bad = [i for i in (err.find("Traceback"), err.find("Exception in ASGI application")) if i >= 0]
         assert not bad, err[max(0, min(bad) - 1000):][:4000]       # the log around it, not the log's end
         assert "timeout graceful shutdown exceeded" not in err, err[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        for c in stalled:
-            c.close()
 
 
 def test_a_shutdown_lets_paused_streams_go_on_rather_than_wait_for_their_readers(long_gguf, tmp_path):
@@ -475,23 +484,12 @@ def test_a_shutdown_lets_paused_streams_go_on_rather_than_wait_for_their_readers
     (their tokens queue until --max-unread-tokens cuts them) and the server exits 0, drained,
     without waiting out its drain timeout or their --send-timeout. (Before: a paused request
     waited for its reader, so the drain waited the whole timeout and then cut it.)"""
-    path = tmp_path / "tiny.agp"
-    path.write_text(TINY.format(model=long_gguf, max_queue=64, max_batch_size=4, timeout=1).replace("1MiB", "8MiB"))
-    proc, url = start_agp_serve(str(path), "--threads", "1", "--send-timeout", "600", "--drain-timeout", "600")
-    port = int(url.rsplit(":", 1)[1])
-    stalled = [stalled_stream(port, "hello world") for _ in range(2)]
-    try:
+    with _two_stalled_streams(long_gguf, tmp_path, "--drain-timeout", "600") as (proc, url):
         assert wait_for(lambda: scrape(url)["agp_streams_paused_total"] >= 2, 120)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0 and "stopped (drained)" in err, err[-3000:]
         assert "Traceback" not in err, err[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        for c in stalled:
-            c.close()
 
 
 def test_hundreds_of_idle_connections_leave_room_for_a_request_under_a_low_open_files_limit(long_gguf, tmp_path):
