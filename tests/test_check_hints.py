@@ -154,15 +154,31 @@ def test_a_refused_batcher_condition_is_not_echoed_as_items_with_nowhere_to_go()
     assert (err.message, err.hint) == ("unknown condition 'fulll' on an edge from 'batch'", "did you mean 'full'?")
 
 
-def test_a_request_edge_straight_into_generate_names_the_whole_chain_to_insert():
+def test_a_request_edge_straight_into_generate_names_the_whole_chain_to_route_through():
     lost, err = errors(SEED.replace("request -> batch", "request -> gen"))
     assert lost.message == "stage 'batch' is unreachable: no path from 'request' leads to it"
     assert lost.notes == (("the 2 stages after it are unreachable too: 'encode', 'kv'", None),)
     assert err.message.startswith("port type mismatch on edge request -> gen")
-    assert err.hint == "insert dynamic_batch -> encode -> kv_lookup stages between them"
+    assert err.hint == ("route the edge through the stages the pipeline already has: "
+                        "request -> batch -> encode -> kv -> gen")
     alone, err = errors(SEED.replace("encode -> kv -> gen -> out", "encode -> gen -> out"))
     assert alone.message == "stage 'kv' is not connected: no edge enters or leaves it"
-    assert err.hint == "insert a kv_lookup stage between them"
+    assert err.hint == "route the edge through 'kv' (kv_lookup), which the pipeline already has: encode -> kv -> gen"
+
+
+def test_a_port_mismatch_says_to_insert_a_stage_only_when_the_pipeline_has_none_of_its_kind():
+    """The stage the edge lacks is named when the pipeline has it (not connected); with two of
+    its kind both are offered; with none, one is to be inserted."""
+    [err] = errors(SEED.replace("    stage kv : kv_lookup {}\n", "").replace("encode -> kv -> gen", "encode -> gen"))
+    assert err.message.startswith("port type mismatch on edge encode -> gen") and \
+        err.hint == "insert a kv_lookup stage between them"
+    text = SEED.replace("encode -> kv -> gen -> out", "encode -> gen -> out\n    stage kv2 : kv_lookup {}")
+    [err] = [e for e in errors(text) if e.message.startswith("port type mismatch")]
+    assert err.hint == "route the edge through one of the kv_lookup stages the pipeline already has: 'kv', 'kv2'"
+    text = SEED.replace("    stage kv : kv_lookup {}\n", "").replace("request -> batch", "request -> gen")
+    [err] = [e for e in errors(text) if e.message.startswith("port type mismatch")]
+    assert err.hint == ("insert dynamic_batch -> encode -> kv_lookup stages between them "
+                        "(the pipeline already has dynamic_batch 'batch'; encode 'encode')")
 
 
 def test_min_tokens_above_max_new_tokens_is_a_warning_at_min_tokens():
