@@ -380,3 +380,21 @@ def test_a_function_reference_with_a_dot_for_its_colon_is_told_the_spelling():
     assert err.message.startswith("""'hooks.redact' is not a function reference: write "hooks:redact" (module:function)""")
     err = one(text.replace("gen -> out", "gen -> py -> out").replace('"hooks.redact"', '"redact"'))
     assert err.message.startswith("""'redact' is not a function reference: write "module:function\"""")
+
+
+def test_a_pipeline_header_without_its_body_is_reported_at_the_header():
+    """`pipeline a : p` with no `{ … }` at the end of the file, or before the next statement, is
+    an error at that header (not at the end of the file) saying the body it needs; an empty one
+    is a derived pipeline's whole body."""
+    assert errors(SEED + "pipeline a : p {}\n") == []
+    for after, found in (("", "the end of the file"), ("\n# the end\n", "the end of the file"),
+                         ("pipeline b : p {}\n", "'pipeline'")):
+        err = one(SEED + "pipeline a : p\n" + after)
+        assert at(err) == (14, 1) and err.pos.end_col == 15, after
+        assert err.message == "pipeline 'a' has no body"
+        assert err.expected == "'{' after the header: pipeline a : p { … }"
+        assert err.hint == ("a derived pipeline needs a body, even an empty one: pipeline a : p {} (its "
+                            f"settings and STAGE.PARAMETER overrides go inside); found {found} instead")
+    err = one("pipeline q  # mine\n")
+    assert at(err) == (1, 1) and err.message == "pipeline 'q' has no body"
+    assert err.hint == "a pipeline's settings, stages and edges go inside { … }; found the end of the file instead"
