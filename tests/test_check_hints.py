@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 import pipeline_dsl
+from pipeline_dsl.diagnostics import did_you_mean
 
 SEED = """\
 pipeline p {
@@ -398,3 +399,22 @@ def test_a_pipeline_header_without_its_body_is_reported_at_the_header():
     err = one("pipeline q  # mine\n")
     assert at(err) == (1, 1) and err.message == "pipeline 'q' has no body"
     assert err.hint == "a pipeline's settings, stages and edges go inside { … }; found the end of the file instead"
+
+
+@pytest.mark.parametrize("written, meant", [("tyni", "tiny"), ("Tyni", "tiny"), ("pq", "qp")])
+def test_a_pipeline_name_with_two_letters_swapped_gets_a_did_you_mean(tmp_path, written, meant):
+    """`agp serve --pipeline tyni` of a file defining `tiny`: a swap in a short name, which a
+    plain similarity ratio scores too low to suggest."""
+    f = tmp_path / "two.agp"
+    f.write_text(SEED.replace("pipeline p {", "pipeline tiny {") + SEED.replace("pipeline p {", "pipeline qp {"))
+    with pytest.raises(pipeline_dsl.CheckFailed) as info:
+        pipeline_dsl.load_pipeline_graph(str(f), written)
+    [err] = info.value.diagnostics
+    assert err.message == f"no pipeline named '{written}' in {f}" and err.hint == f"did you mean '{meant}'?"
+    assert did_you_mean("ytni", ["tiny"]) is None          # two swaps are not one slip
+
+
+def test_a_stage_name_with_two_letters_swapped_gets_a_did_you_mean():
+    """Every name suggested goes through the same matcher: an edge's stage, as a pipeline's name."""
+    err = one(SEED.replace("encode -> kv -> gen", "encode -> vk -> gen"))
+    assert "'vk'" in err.message and err.hint == "did you mean 'kv'?"
