@@ -221,8 +221,26 @@ class Suggestions:
         if len(self.cands) > self.budget:
             return None
         self.budget -= len(self.cands)
-        close = difflib.get_close_matches(name, self.cands, n=1, cutoff=0.6)
-        return close[0] if close else None
+        return closest(name, self.cands)
+
+
+def closest(name: str, candidates: Iterable[str], cutoff: float = 0.6) -> str | None:
+    """The candidate closest to `name` (difflib's ratio at least `cutoff`), else one that is
+    `name` with two of its letters swapped ('tyni' for 'tiny', 'ab' for 'ba': difflib's ratio of
+    a swap in a short name falls under any useful cutoff), else None. Every did-you-mean asks this."""
+    cands = candidates if isinstance(candidates, list) else sorted(set(candidates))
+    close = difflib.get_close_matches(name, cands, n=1, cutoff=cutoff)
+    if close:
+        return close[0]
+    return next((c for c in cands if _swapped(name.lower(), c.lower())), None)
+
+
+def _swapped(a: str, b: str) -> bool:
+    """Whether `b` is `a` with two different characters exchanged (neighbours or not)."""
+    if len(a) != len(b) or len(a) < 2:
+        return False
+    diff = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+    return len(diff) == 2 and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]]
 
 
 ONE_OF_MAX = 40                        # names listed in an `expected:` line; the rest counted

@@ -509,6 +509,26 @@ def _check_cycles(g: nx.DiGraph, r: Resolved) -> list[Diagnostic]:
     return diags
 
 
+def _route_hint(r: Resolved, src: str, dst: str, between: list[str]) -> str | None:
+    """How to bridge the edge src -> dst with the stage kinds `between`: through the stages of
+    those kinds the pipeline already has (one of a kind: named), else by inserting new ones."""
+    if not between:
+        return None
+    have = {k: sorted(n for n, s in r.stages.items() if s.kind is not None and s.kind.name == k
+                      and n not in (src, dst)) for k in between}
+    if all(len(have[k]) == 1 for k in between):
+        via = " -> ".join(have[k][0] for k in between)
+        what = (f"'{via}' ({between[0]}), which the pipeline already has" if len(between) == 1
+                else "the stages the pipeline already has")
+        return f"route the edge through {what}: {src} -> {via} -> {dst}"
+    if len(between) == 1 and have[between[0]]:
+        return (f"route the edge through one of the {between[0]} stages the pipeline already has: "
+                + ", ".join(repr(n) for n in have[between[0]]))
+    new = f"a {between[0]} stage" if len(between) == 1 else f"{' -> '.join(between)} stages"
+    named = [f"{k} {', '.join(repr(n) for n in have[k])}" for k in between if have[k]]
+    return f"insert {new} between them" + (f" (the pipeline already has {'; '.join(named)})" if named else "")
+
+
 def _check_ports(r: Resolved, registry: Registry, g: nx.DiGraph, carry: dict, receives: dict) -> list[Diagnostic]:
     """Each edge can carry something, and carries on some of what its source sends; whatever a
     stage sends has an out-edge that carries it (`carry`, `receives`: flow_types' result)."""
@@ -533,13 +553,7 @@ def _check_ports(r: Resolved, registry: Registry, g: nx.DiGraph, carry: dict, re
         takes = b.kind.accepts
         if not gives & takes:
             shown = " | ".join(sorted(gives))
-            between = _kinds_between(registry, gives, takes)
-            if len(between) == 1:
-                hint = f"insert a {between[0]} stage between them"
-            elif between:
-                hint = f"insert {' -> '.join(between)} stages between them"
-            else:
-                hint = None
+            hint = _route_hint(r, a.name, b.name, _kinds_between(registry, gives, takes))
             if a.kind.name == "python" and "returns" not in a.given and takes & ITEM_TYPES:
                 hint = f"if '{a.name}' turns its items into {' or '.join(sorted(takes & ITEM_TYPES))}, say so: " \
                        f"returns = {'request' if 'Request' in takes else 'generated'} (or any)"

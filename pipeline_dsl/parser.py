@@ -232,6 +232,31 @@ def _unquoted_fn_ref(text: str, at: int) -> tuple[str, str] | None:
     return (before.group(1), ref) if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", ref) else None
 
 
+def _missing_body(text: str, at: int, tok: Token, wanted: set[str], file: str) -> Diagnostic | None:
+    """`pipeline a : chat` (or `pipeline a`) and then the end of the file or the next statement
+    on a later line: the header lacks its `{ … }`. Reported at the header, not where the file
+    or the next statement happens to be."""
+    if "LBRACE" not in wanted or tok.type == "LBRACE":
+        return None
+    end = _end_of_previous(text, at)
+    if tok.type != "$END" and "\n" not in text[end:at]:      # `pipeline a from chat {`: a slip on the line
+        return None
+    start = text.rfind("\n", 0, end) + 1
+    head = re.search(r"\bpipeline[ \t]+([A-Za-z_]\w*)(?:[ \t]*:[ \t]*([A-Za-z_]\w*))?$", text[start:end])
+    if head is None:
+        return None
+    name, base = head.groups()
+    found = "the end of the file" if tok.type == "$END" else _found(tok)
+    if base is not None:
+        hint = (f"a derived pipeline needs a body, even an empty one: pipeline {name} : {base} {{}} "
+                f"(its settings and STAGE.PARAMETER overrides go inside); found {found} instead")
+    else:
+        hint = f"a pipeline's settings, stages and edges go inside {{ … }}; found {found} instead"
+    return Diagnostic(ERROR, f"pipeline '{name}' has no body", _point(file, text, start + head.start(), len(head.group())),
+                      expected=f"'{{' after the header: pipeline {name}{f' : {base}' if base else ''} {{ … }}",
+                      hint=hint)
+
+
 def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic:
     if isinstance(err, UnexpectedCharacters):
         ch = text[err.pos_in_stream] if err.pos_in_stream < len(text) else ""
@@ -271,6 +296,8 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
         return Diagnostic(ERROR, f"unexpected character '{shown}'", pos, expected=expected, hint=hint)
     if isinstance(err, UnexpectedEOF):
         tok = Token("$END", "")
+        if (body := _missing_body(text, len(text), tok, set(err.expected), file)) is not None:
+            return body
         expected_words, hint = _context_hint(set(err.expected), tok, _previous(text, len(text)))
         return Diagnostic(ERROR, "unexpected end of file", _tok_pos(file, tok, text),
                           expected=expected_words or _join(_describe_expected(err.expected)), hint=hint)
@@ -282,6 +309,8 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
     except Exception:                      # noqa: BLE001 - fall back to lark's own set
         pass
     at = len(text) if tok.type == "$END" or tok.start_pos is None else tok.start_pos
+    if (body := _missing_body(text, at, tok, wanted, file)) is not None:
+        return body
     expected_words, hint = _context_hint(wanted, tok, _previous(text, at))
     if tok.type == "EQUAL" and "COMPARE" in wanted:            # when prompt_tokens = 5
         nxt = text[at + 1:at + 2]

@@ -7,7 +7,6 @@ the engine.
 """
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import re
@@ -16,6 +15,7 @@ from typing import Any
 
 from pipeline_dsl.constraints import (MAX_GRAMMAR_WORK, GrammarError, OnceCache, check_spec, grammar_slots,
                                       spec_digest, tool_param)
+from pipeline_dsl.diagnostics import closest
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 1024            # stop strings a request may give (generate.stop's max_items)
@@ -511,8 +511,8 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
         raise RequestError(f"a request must be a JSON object, not {json_type(obj)}")
     for key in obj:
         if key not in KNOWN:
-            close = difflib.get_close_matches(key, sorted(KNOWN), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            close = closest(key, KNOWN)
+            hint = f" (did you mean '{close}'?)" if close else ""
             raise RequestError(f"unknown field '{key}'{hint}")
     check_fields(obj, IGNORED)                 # agp serve's fields a line takes and ignores
     check_neutral(obj, LINE_NEUTRAL)

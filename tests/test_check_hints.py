@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 import pipeline_dsl
+from pipeline_dsl.diagnostics import did_you_mean
 
 SEED = """\
 pipeline p {
@@ -154,15 +155,31 @@ def test_a_refused_batcher_condition_is_not_echoed_as_items_with_nowhere_to_go()
     assert (err.message, err.hint) == ("unknown condition 'fulll' on an edge from 'batch'", "did you mean 'full'?")
 
 
-def test_a_request_edge_straight_into_generate_names_the_whole_chain_to_insert():
+def test_a_request_edge_straight_into_generate_names_the_whole_chain_to_route_through():
     lost, err = errors(SEED.replace("request -> batch", "request -> gen"))
     assert lost.message == "stage 'batch' is unreachable: no path from 'request' leads to it"
     assert lost.notes == (("the 2 stages after it are unreachable too: 'encode', 'kv'", None),)
     assert err.message.startswith("port type mismatch on edge request -> gen")
-    assert err.hint == "insert dynamic_batch -> encode -> kv_lookup stages between them"
+    assert err.hint == ("route the edge through the stages the pipeline already has: "
+                        "request -> batch -> encode -> kv -> gen")
     alone, err = errors(SEED.replace("encode -> kv -> gen -> out", "encode -> gen -> out"))
     assert alone.message == "stage 'kv' is not connected: no edge enters or leaves it"
-    assert err.hint == "insert a kv_lookup stage between them"
+    assert err.hint == "route the edge through 'kv' (kv_lookup), which the pipeline already has: encode -> kv -> gen"
+
+
+def test_a_port_mismatch_says_to_insert_a_stage_only_when_the_pipeline_has_none_of_its_kind():
+    """The stage the edge lacks is named when the pipeline has it (not connected); with two of
+    its kind both are offered; with none, one is to be inserted."""
+    [err] = errors(SEED.replace("    stage kv : kv_lookup {}\n", "").replace("encode -> kv -> gen", "encode -> gen"))
+    assert err.message.startswith("port type mismatch on edge encode -> gen") and \
+        err.hint == "insert a kv_lookup stage between them"
+    text = SEED.replace("encode -> kv -> gen -> out", "encode -> gen -> out\n    stage kv2 : kv_lookup {}")
+    [err] = [e for e in errors(text) if e.message.startswith("port type mismatch")]
+    assert err.hint == "route the edge through one of the kv_lookup stages the pipeline already has: 'kv', 'kv2'"
+    text = SEED.replace("    stage kv : kv_lookup {}\n", "").replace("request -> batch", "request -> gen")
+    [err] = [e for e in errors(text) if e.message.startswith("port type mismatch")]
+    assert err.hint == ("insert dynamic_batch -> encode -> kv_lookup stages between them "
+                        "(the pipeline already has dynamic_batch 'batch'; encode 'encode')")
 
 
 def test_min_tokens_above_max_new_tokens_is_a_warning_at_min_tokens():
@@ -364,3 +381,40 @@ def test_a_function_reference_with_a_dot_for_its_colon_is_told_the_spelling():
     assert err.message.startswith("""'hooks.redact' is not a function reference: write "hooks:redact" (module:function)""")
     err = one(text.replace("gen -> out", "gen -> py -> out").replace('"hooks.redact"', '"redact"'))
     assert err.message.startswith("""'redact' is not a function reference: write "module:function\"""")
+
+
+def test_a_pipeline_header_without_its_body_is_reported_at_the_header():
+    """`pipeline a : p` with no `{ … }` at the end of the file, or before the next statement, is
+    an error at that header (not at the end of the file) saying the body it needs; an empty one
+    is a derived pipeline's whole body."""
+    assert errors(SEED + "pipeline a : p {}\n") == []
+    for after, found in (("", "the end of the file"), ("\n# the end\n", "the end of the file"),
+                         ("pipeline b : p {}\n", "'pipeline'")):
+        err = one(SEED + "pipeline a : p\n" + after)
+        assert at(err) == (14, 1) and err.pos.end_col == 15, after
+        assert err.message == "pipeline 'a' has no body"
+        assert err.expected == "'{' after the header: pipeline a : p { … }"
+        assert err.hint == ("a derived pipeline needs a body, even an empty one: pipeline a : p {} (its "
+                            f"settings and STAGE.PARAMETER overrides go inside); found {found} instead")
+    err = one("pipeline q  # mine\n")
+    assert at(err) == (1, 1) and err.message == "pipeline 'q' has no body"
+    assert err.hint == "a pipeline's settings, stages and edges go inside { … }; found the end of the file instead"
+
+
+@pytest.mark.parametrize("written, meant", [("tyni", "tiny"), ("Tyni", "tiny"), ("pq", "qp")])
+def test_a_pipeline_name_with_two_letters_swapped_gets_a_did_you_mean(tmp_path, written, meant):
+    """`agp serve --pipeline tyni` of a file defining `tiny`: a swap in a short name, which a
+    plain similarity ratio scores too low to suggest."""
+    f = tmp_path / "two.agp"
+    f.write_text(SEED.replace("pipeline p {", "pipeline tiny {") + SEED.replace("pipeline p {", "pipeline qp {"))
+    with pytest.raises(pipeline_dsl.CheckFailed) as info:
+        pipeline_dsl.load_pipeline_graph(str(f), written)
+    [err] = info.value.diagnostics
+    assert err.message == f"no pipeline named '{written}' in {f}" and err.hint == f"did you mean '{meant}'?"
+    assert did_you_mean("ytni", ["tiny"]) is None          # two swaps are not one slip
+
+
+def test_a_stage_name_with_two_letters_swapped_gets_a_did_you_mean():
+    """Every name suggested goes through the same matcher: an edge's stage, as a pipeline's name."""
+    err = one(SEED.replace("encode -> kv -> gen", "encode -> vk -> gen"))
+    assert "'vk'" in err.message and err.hint == "did you mean 'kv'?"

@@ -24,6 +24,10 @@ def flaky_merge(results):
         raise ConnectionError("reset by peer")
     return 0
 
+def broken_merge(results):
+    flowkit.bump("broken")
+    raise ConnectionError("reset by peer")
+
 def scribbling_merge(results):
     usage = results[0]["usage"]
     usage["scribbled"] = usage.get("scribbled", 0) + 1    # a nested write, then the connection breaks
@@ -72,6 +76,20 @@ def test_a_join_fn_is_retried_after_a_transient_error(tmp_path, soft_gguf):
     (r,), rt = run(path, [chat("a", "hi")])
     assert r.ok and flowkit.COUNTS["flaky"] == 2
     assert rt.stats()["stages"]["j"]["retries"] == 1
+
+
+@pytest.mark.parametrize("fn, timeout, said", [
+    ("broken_merge", "", "join 'j' failed: ConnectionError: reset by peer"),
+    ("slow_merge", "timeout = 100ms", "join 'j' timed out: it took longer than its timeout (0.1s)"),
+])
+def test_a_join_fn_that_fails_every_try_says_how_many_tries_it_had(tmp_path, soft_gguf, fn, timeout, said):
+    """As a python stage's error does: a join that failed once reads apart from one that failed
+    every retry."""
+    path = joined(tmp_path, soft_gguf, f'fn = "hooks:{fn}"  {timeout}  retries = 2  backoff = 1ms')
+    (r,), rt = run(path, [chat("a", "hi")])
+    assert r.error.stage == "j" and r.error.kind == ("failed" if fn == "broken_merge" else "timeout")
+    assert r.error.message == f"{said}; 3 tries"
+    assert rt.stats()["stages"]["j"]["retries"] == 2
 
 
 def test_a_join_fn_retry_gets_the_results_as_they_came_not_as_the_failed_try_left_them(tmp_path, soft_gguf):

@@ -567,7 +567,7 @@ def test_an_edge_out_of_respond_does_not_stop_the_checks_of_the_edges_after_it()
            14 |     request -> encode
               |     ^^^^^^^^^^^^^^^^^
           = expected: an edge into a stage that takes Request
-          = help: insert a dynamic_batch stage between them
+          = help: route the edge through 'batch' (dynamic_batch), which the pipeline already has: request -> batch -> encode
 
         2 errors
         """)
@@ -936,7 +936,7 @@ def test_an_edge_to_a_stage_of_unknown_kind_does_not_stop_the_checks_of_the_edge
            15 |     request -> encode
               |     ^^^^^^^^^^^^^^^^^
           = expected: an edge into a stage that takes Request
-          = help: insert a dynamic_batch stage between them
+          = help: route the edge through 'batch' (dynamic_batch), which the pipeline already has: request -> batch -> encode
 
         2 errors
         """)

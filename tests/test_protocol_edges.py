@@ -429,6 +429,8 @@ def test_an_unknown_model_is_a_404_with_the_closest_name_or_the_list():
         "model_not_found")
     e = refused(small, {"prompt": "a", "model": "gem"})
     assert e.message == "the model 'gem' does not exist; did you mean 'gen'?"
+    e = refused(small, {"prompt": "a", "model": "tyni"})        # two letters swapped in a short name
+    assert e.message == "the model 'tyni' does not exist; did you mean 'tiny'?"
     e = refused(P.parse_completion, {"prompt": "a", "model": "gen"}, max_model_len=8, served=SERVED)
     assert e.status == 404 and e.message == "the model 'gen' does not exist; this server has tiny, tiny-model"
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipeline_dsl.commands import batch_api
+from pipeline_dsl.diagnostics import closest
 from pipeline_dsl.engine.config import time_per_output_token
 from pipeline_dsl.requests_io import ParsedRequest, RequestError, load_json, parse_line_object
 from stages.fields import check_generation_override
@@ -577,10 +578,8 @@ def parse_target(spec: str) -> tuple[str, dict]:
             settings[key] = value
             continue
         if key not in known:
-            import difflib
-
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            close = closest(key, known)
+            hint = f" (did you mean '{close}'?)" if close else ""
             raise BenchError(f"unknown engine setting '{key}' in '{spec}'{hint}; "
                              f"known: {', '.join(sorted(known))}")
         settings[key] = _of_type(key, value, types[key], spec)

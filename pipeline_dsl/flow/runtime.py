@@ -622,20 +622,21 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                 (lambda: impl.merge(tries.take(), awaited=lambda value: self._awaited(stage, value)))
 
             def done(ok, value):
-                self._task(self._merged_later, req, stage, waiting, ok, value, t0)
+                self._task(self._merged_later, req, stage, waiting, ok, value, t0, tries.count)
             self.workers[stage].submit(call, done, impl.is_async, alive=lambda: not req.done)
             return []
         merged = impl.merge([it.data for it in inputs])
         self._observe(stage, t0, inputs[0], part="merge")
         return self._merged(req, stage, waiting, merged)
 
-    def _merged_later(self, req: RequestState, stage: str, waiting: list[Item], ok: bool, value, t0) -> None:
+    def _merged_later(self, req: RequestState, stage: str, waiting: list[Item], ok: bool, value, t0,
+                      tries: int = 1) -> None:
         if isinstance(value, Skipped):
             return                                  # the request ended before its merge: nothing to do
         self._span(stage, "merge", t0, waiting[0])
         try:
             if not ok:
-                raise value
+                raise _after_tries(stage, value, tries, "join")
             nxt = self._merged(req, stage, waiting, value)
         except BaseException as e:                  # noqa: BLE001
             self._fail(req, _error_of(stage, e, "join"), waiting[0])
@@ -762,14 +763,14 @@ class _Tries:
         return self.view
 
 
-def _after_tries(stage: str, exc: BaseException, count: int) -> BaseException:
+def _after_tries(stage: str, exc: BaseException, count: int, what: str = "stage") -> BaseException:
     """The error a call failed with after `count` tries (its retries spent): a timeout or a
     failure says how many tries it had (`… (0.1s); 3 tries`), so a log or a client tells a stage
     that failed once from one that failed every retry. A Reject's words, or a request error, stay
     as they are."""
     if count < 2:
         return exc
-    err = _error_of(stage, exc)
+    err = _error_of(stage, exc, what)
     if err.kind not in ("timeout", "failed") or err.status is not None:
         return exc
     return PipelineError(f"{err.message}; {count} tries", err.kind, err.stage, err.code, err.param,

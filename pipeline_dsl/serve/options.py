@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipeline_dsl.cliargs import (GENERATION_CONFIG_HELP, OVERRIDE_GENERATION_CONFIG_HELP, generation_config,
                                   add_dtype_argument, output_file, override_generation_config, switch)
+from pipeline_dsl.diagnostics import closest
 from pipeline_dsl.loader import add_pipeline_arguments
 
 from .config import OPEN_PATHS
@@ -223,15 +224,13 @@ ENGINE_VARIABLES = ("AGP_ATTENTION", "AGP_BATCH_INVARIANT", "AGP_CUDA_GRAPHS", "
 def unknown_variables(p: argparse.ArgumentParser, environ=None) -> list[str]:
     """A line for each AGP_* variable that is set but that nothing reads (a typo such as
     AGP_MAX_NUM_SEQ would otherwise pass silently), with the closest known name."""
-    import difflib
-
     environ = os.environ if environ is None else environ
     known = {env_name(a) for a in p._actions if a.option_strings} | set(ENGINE_VARIABLES)
     out = []
     for name in sorted(n for n in environ if n.startswith(ENV_PREFIX) and n not in known):
-        close = difflib.get_close_matches(name, sorted(known), n=1)
+        close = closest(name, known)
         out.append(f"environment variable {name} is set but is not one of agp's"
-                   + (f" (did you mean {close[0]}?)" if close else "") + "; it is ignored")
+                   + (f" (did you mean {close}?)" if close else "") + "; it is ignored")
     return out
 
 

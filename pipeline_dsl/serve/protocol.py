@@ -10,13 +10,13 @@ bodies of non-streaming answers and of server-sent-event chunks.
 from __future__ import annotations
 
 import codecs
-import difflib
 import json
 import logging
 import time
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pipeline_dsl.diagnostics import closest
 from pipeline_dsl.requests_io import (CACHE_SETTINGS, CHAT_FIELDS, CHAT_LACKING, CHAT_NEUTRAL,  # noqa: F401
                                       COMPLETION_FIELDS, COMPLETION_LACKING, IDENTIFIERS, IDENTITY, IGNORED,
                                       ITEM_FIELDS, MAX_HEADER_VALUE, NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING, check_fields,
@@ -153,8 +153,8 @@ def check_unknown(obj: dict, known: set[str], lenient: bool = False, where: str 
         return {k: v for k, v in obj.items() if k in known}
     for key in unknown:
         # only a close name is offered: a typo (0.8 and up), not another field that shares letters (0.65)
-        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
-        hint = f"; did you mean '{where}{close[0]}'?" if close else ""
+        close = closest(key, known, cutoff=0.75)
+        hint = f"; did you mean '{where}{close}'?" if close else ""
         raise APIError(f"unrecognized request argument {json.dumps(where + key)}{hint}", param=where + key,
                        code="unknown_parameter")         # OpenAI's code for it
     return obj
@@ -305,8 +305,8 @@ def model_of(obj: dict, served: tuple[str, ...], stages: tuple[str, ...] = ()) -
         raise _bad("model", "a string", model)
     if model not in served:
         known = tuple(served) + tuple(stages)
-        close = difflib.get_close_matches(model, known, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; this server has {', '.join(known)}"
+        close = closest(model, known)
+        hint = f"; did you mean '{close}'?" if close else f"; this server has {', '.join(known)}"
         raise APIError(f"the model '{model}' does not exist{hint}", status=404, param="model",
                        code="model_not_found")
     return model, None
