@@ -145,6 +145,9 @@ def cmd_render(args) -> int:
         return USER_ERROR
     if text is not None and not args.output:      # stdin has no file name: the pipeline's name, here
         out = f"{graph.graph['name']}.svg"
+    elif text is None and os.path.exists(out) and os.path.samefile(out, args.file):
+        raise UserError(f"cannot write '{out}': it is the pipeline file {args.file} itself; give another "
+                        "output with -o")
     plan = None
     if args.plan:
         from .plan import PlanError, make_plan

@@ -198,6 +198,18 @@ def test_render_without_o_draws_beside_the_pipeline_file_and_stdins_in_the_curre
     assert r.returncode == 0 and r.stdout == "wrote chat.svg\n", r.stderr      # drawn anew over its picture
 
 
+def test_render_refuses_to_draw_over_the_pipeline_file_itself(tmp_path):
+    """A pipeline file named p.svg: its default picture, p.svg beside it, is the file itself; so
+    is `-o` naming it. Refused, exit 2, the file kept (dot would have written over it)."""
+    path = tmp_path / "p.svg"
+    text = Path(CHAT).read_text(encoding="utf-8")
+    path.write_text(text, encoding="utf-8")
+    for args in ([path], [path, "-o", path]):
+        r = agp_in("render", *args, cwd=tmp_path)
+        assert r.returncode == 2 and f"cannot write '{path}': it is the pipeline file {path} itself" in r.stderr
+        assert path.read_text(encoding="utf-8") == text
+
+
 def test_render_dot_needs_no_graphviz(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     out = tmp_path / "chat.dot"
