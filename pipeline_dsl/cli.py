@@ -133,7 +133,8 @@ def cmd_render(args) -> int:
     from .render import DotMissing, output_format, render_file
     from . import load_pipeline_graph, read_pipeline_source
 
-    out = args.output or os.path.splitext(os.path.basename(args.file))[0] + ".svg"
+    # by default beside FILE, its extension .svg (`agp render examples/chat.agp`: examples/chat.svg)
+    out = args.output or os.path.splitext(args.file)[0] + ".svg"
     if output_format(out) is None:
         raise UserError(f"cannot write '{out}': the output must end in .svg, .png, .pdf or .dot")
     try:
@@ -142,8 +143,11 @@ def cmd_render(args) -> int:
     except CheckFailed as exc:
         sys.stderr.write(exc.render())
         return USER_ERROR
-    if text is not None and not args.output:      # stdin has no file name: the pipeline's name
+    if text is not None and not args.output:      # stdin has no file name: the pipeline's name, here
         out = f"{graph.graph['name']}.svg"
+    elif text is None and os.path.exists(out) and os.path.samefile(out, args.file):
+        raise UserError(f"cannot write '{out}': it is the pipeline file {args.file} itself; give another "
+                        "output with -o")
     plan = None
     if args.plan:
         from .plan import PlanError, make_plan
@@ -296,7 +300,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("render", aliases=["draw"], help="draw a pipeline with graphviz")
     p.add_argument("file", metavar="FILE", help="the .agp file; - reads standard input")
     p.add_argument("-o", "--output", type=output_file_or_folders,
-                   help="out.svg | out.png | out.pdf | out.dot (default: FILE's name .svg; for - the pipeline's)")
+                   help="out.svg | out.png | out.pdf | out.dot (default: beside FILE, its extension .svg: "
+                        "dir/p.agp draws dir/p.svg; for - the pipeline's name .svg, in the current folder)")
     p.add_argument("--pipeline", help="which pipeline of the file (default: its first)")
     p.add_argument("--plan", action="store_true", help="colour stages by plan stream, draw events dashed")
     add_allow_path(p)

@@ -177,6 +177,39 @@ def test_render_svg_of_strings_with_control_characters_and_noncharacters(tmp_pat
     assert "text = a\\u0001\\u0008\\uffff\\0b" in (tmp_path / "odd.svg").read_text(encoding="utf-8")
 
 
+@pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz's dot is not installed")
+def test_render_without_o_draws_beside_the_pipeline_file_and_stdins_in_the_current_folder(tmp_path):
+    """`agp render dir/p.agp` writes dir/p.svg (as plantuml and `dot -O` name theirs), whatever
+    the current folder; it wrote p.svg into the current folder. Standard input has no file to
+    stand beside: its picture takes the pipeline's name, in the current folder."""
+    (tmp_path / "pipes").mkdir()
+    here = tmp_path / "here"
+    here.mkdir()
+    (tmp_path / "pipes" / "my.agp").write_text(Path(CHAT).read_text(encoding="utf-8"), encoding="utf-8")
+    r = agp_in("render", Path("..") / "pipes" / "my.agp", cwd=here)
+    assert r.returncode == 0, r.stderr
+    drawn = tmp_path / "pipes" / "my.svg"
+    assert r.stdout == f"wrote {Path('..') / 'pipes' / 'my.svg'}\n" and "<svg" in drawn.read_text(encoding="utf-8")
+    assert not list(here.iterdir())
+    r = agp_in("render", "-", input=Path(CHAT).read_text(encoding="utf-8"), cwd=here)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "wrote chat.svg\n" and "<svg" in (here / "chat.svg").read_text(encoding="utf-8")
+    r = agp_in("render", "-", "-o", "chat.svg", input=Path(CHAT).read_text(encoding="utf-8"), cwd=here)
+    assert r.returncode == 0 and r.stdout == "wrote chat.svg\n", r.stderr      # drawn anew over its picture
+
+
+def test_render_refuses_to_draw_over_the_pipeline_file_itself(tmp_path):
+    """A pipeline file named p.svg: its default picture, p.svg beside it, is the file itself; so
+    is `-o` naming it. Refused, exit 2, the file kept (dot would have written over it)."""
+    path = tmp_path / "p.svg"
+    text = Path(CHAT).read_text(encoding="utf-8")
+    path.write_text(text, encoding="utf-8")
+    for args in ([path], [path, "-o", path]):
+        r = agp_in("render", *args, cwd=tmp_path)
+        assert r.returncode == 2 and f"cannot write '{path}': it is the pipeline file {path} itself" in r.stderr
+        assert path.read_text(encoding="utf-8") == text
+
+
 def test_render_dot_needs_no_graphviz(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     out = tmp_path / "chat.dot"

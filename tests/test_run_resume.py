@@ -4,12 +4,14 @@ once; an output that is not this input's answers is refused before the model loa
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from clikit import ROOT
+from clikit import ROOT, agp_child, ctrl_c_default, reaped
 from test_run_errors import pipeline, records, run  # noqa: F401  (pipeline: a fixture)
 
 
@@ -198,3 +200,71 @@ def test_resume_lets_the_answered_ids_go_as_it_matches_them_to_the_input(tmp_pat
         tracemalloc.stop()
     assert lines.skipped == n and not lines.held and not lines.unmatched
     assert kept < 2.7 * ids, (kept / n, ids / n)
+
+
+HOLD = """import os, pathlib, time
+
+def hold(item):
+    # every request but q0 and q1 says it came, then waits for the test's "go" file (at most 120 s)
+    if item["id"] not in ("q0", "q1"):
+        folder = pathlib.Path(os.environ["AGP_TEST_DIR"])
+        (folder / ("came-" + item["id"])).touch()
+        deadline = time.monotonic() + 120
+        while not (folder / "go").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return item
+"""
+
+
+def test_lines_read_but_not_taken_at_ctrl_c_count_as_interrupted_and_resume_answers_exactly_them(
+        tmp_path, pipeline, monkeypatch):
+    """A --resume run reads the lines its output's fingerprint covers before it runs any: those it
+    has not handed to the pipeline when Ctrl-C comes are interrupted, as those in flight are: the
+    summary and --stats count them, no answer is written for them, and the next --resume answers
+    exactly them. The queue holds one request (requests.max_queue = 1) and q2 is held in a python
+    stage until the signal, so q3 waits for the queue and q4-q7 are read and never taken (q2, let go
+    once the stop is set, is aborted or, finishing as the stop comes, answered)."""
+    (tmp_path / "holdq.py").write_text(HOLD)
+    pipeline.write_text(pipeline.read_text()
+                        .replace("stage request : requests {}", "stage request : requests { max_queue = 1 }")
+                        .replace("request -> batch", "request -> hold -> batch")
+                        .replace("stage out", 'stage hold    : python { fn = "holdq:hold" }\n    stage out'))
+    monkeypatch.setenv("AGP_TEST_DIR", str(tmp_path))
+    ids = [f"q{i}" for i in range(8)]
+    inp, out, stats = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "stats.json"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": f"hello {i}", "max_tokens": 2}) + "\n" for i in ids))
+    (tmp_path / "go").touch()
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    # as a run interrupted with q2-q7 in flight leaves it: two answers, a fingerprint of the 8 lines
+    out.write_text("".join(line + "\n" for line in out.read_text().splitlines()[:2]))
+    for f in tmp_path.glob("came-*"):
+        f.unlink()
+    (tmp_path / "go").unlink()
+    with reaped(agp_child("run", pipeline, "-i", inp, "-o", out, "--resume", "--stats", stats, "--no-progress",
+                          "--threads", "1", preexec_fn=ctrl_c_default)) as proc:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "came-q2").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        said = []
+        while not any("SIGINT: stopping" in line for line in said):    # the stop is set: q2 may go now
+            said.append(proc.stderr.readline())
+            assert said[-1], "".join(said)
+        (tmp_path / "go").touch()
+        err = "".join(said) + proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err
+    s = json.loads(stats.read_text())
+    kept = records(out)
+    assert (s["lines_read"], s["resumed_skipped"]) == (8, 2), s
+    # q3 was handed to the queue's feeder, q4-q7 never: none of them is answered, each is interrupted
+    assert s["requests"] <= 1 and s["requests"] + s["interrupted"] + s["resumed_skipped"] == s["lines_read"], s
+    assert f"{s['interrupted']} interrupted, not written" in err, err
+    assert [g["id"] for g in kept] == ids[:2 + s["requests"]]
+    r = run(pipeline, "-i", inp, "-o", out, "--resume", "--stats", stats)
+    assert r.returncode == 0, r.stderr
+    s2 = json.loads(stats.read_text())
+    assert (s2["requests"], s2["resumed_skipped"], s2["interrupted"]) == (s["interrupted"], len(kept), 0), s2
+    got = records(out)
+    assert [g["id"] for g in got] == ids and all("text" in g for g in got)
