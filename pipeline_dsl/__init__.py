@@ -40,14 +40,27 @@ try:                                  # (the import outside: a Ctrl-C inside it 
 except PackageNotFoundError:          # running from a source tree that is not installed
     __version__ = "0.1.0"
 
-__all__ = ["CheckFailed", "Diagnostic", "SourcePos", "Reject", "Retry", "load", "loads", "check_file",
-           "load_pipeline_graph", "load_pipeline_graphs", "read_pipeline_source"]
+__all__ = ["CheckFailed", "Diagnostic", "SourcePos", "Reject", "REJECT_STATUSES", "Retry", "load", "loads",
+           "check_file", "load_pipeline_graph", "load_pipeline_graphs", "read_pipeline_source"]
+
+
+# HTTP's own 4xx and 5xx statuses (RFC 9110 and IANA's registry) that a Reject may answer: all but
+# those whose answer needs what agp does not send or that no origin server answers — 405 (its
+# `Allow` header), 407 (`Proxy-Authenticate`), 416 (`Content-Range`, for a Range request agp
+# serves none of), 426 (`Upgrade`), 418 (unused), 505 (the connection's HTTP version, already
+# taken), 510 (obsolete), 511 (a network's captive portal, never an origin server) — and none
+# HTTP does not define (nginx's 499, a client that went away, is no answer at all)
+REJECT_STATUSES = frozenset({400, 401, 402, 403, 404, 406, 408, 409, 410, 411, 412, 413, 414, 415, 417,
+                             421, 422, 423, 424, 425, 428, 429, 431, 451,
+                             500, 501, 502, 503, 504, 506, 507, 508})
 
 
 class Reject(Exception):
     """Raised by a python stage's function to refuse the request it is looking at: that request
-    gets this message as its error (HTTP 400 in agp serve, or the 4xx `status` given, with a
-    `Retry-After` header of `retry_after` seconds when given); every other request goes on.
+    gets this message as its error (HTTP 400 in agp serve, or the `status` given: one of
+    REJECT_STATUSES, with a `Retry-After` header of `retry_after` seconds when given); every
+    other request goes on. `param` names the request field at fault (the error's `param`, null
+    when not given) and `code` the error's `code` (default `rejected`).
 
         def guard(item):
             if "password" in item["text"]:
@@ -58,16 +71,38 @@ class Reject(Exception):
             if over_limit(item["metadata"]["tenant"]):
                 raise pipeline_dsl.Reject("over the tenant's rate limit", status=429, retry_after=2)
             return item
+
+        def check_tenant(item):
+            if item["metadata"].get("tenant") not in TENANTS:
+                raise pipeline_dsl.Reject("unknown tenant", param="metadata.tenant", code="unknown_tenant")
+            return item
     """
 
-    def __init__(self, message: str = "", *, status: int = 400, retry_after: float | None = None):
-        if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 499:
-            raise ValueError(f"Reject's status must be a 4xx HTTP status (400 to 499), got {status!r}")
+    def __init__(self, message: str = "", *, status: int = 400, retry_after: float | None = None,
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.retry_after, self.param, self.code = status, retry_after, param, code
+        self.check()
+
+    def check(self) -> None:
+        """Raises ValueError saying which of its status, retry_after, param or code is not one
+        a Reject may carry (the runtime checks a Reject again when a stage raises it: one changed
+        after it was made fails its request as the stage's bug)."""
+        status, retry_after = getattr(self, "status", 400), getattr(self, "retry_after", None)
+        if isinstance(status, bool) or not isinstance(status, int) or status not in REJECT_STATUSES:
+            why = (" (it needs a header agp does not send, or no server answers it)"
+                   if isinstance(status, int) and not isinstance(status, bool) and 400 <= status <= 599 else "")
+            raise ValueError(f"Reject's status must be a 4xx or 5xx HTTP status agp can answer "
+                             f"(pipeline_dsl.REJECT_STATUSES), got {status!r}{why}")
         if retry_after is not None and (isinstance(retry_after, bool) or not isinstance(retry_after, (int, float))
                                         or not 0 <= retry_after < float("inf")):
             raise ValueError(f"Reject's retry_after must be a number of seconds >= 0, got {retry_after!r}")
-        super().__init__(message)
-        self.status, self.retry_after = status, retry_after
+        for name in ("param", "code"):
+            value = getattr(self, name, None)
+            if value is not None and (not isinstance(value, str) or not value or not value.isprintable()
+                                      or len(value) > 256):
+                raise ValueError(f"Reject's {name} must be a non-empty string of at most 256 printable "
+                                 f"characters or None, got {value!r}")
 
 
 class Retry(Exception):

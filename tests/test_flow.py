@@ -33,6 +33,18 @@ def reject_answer_of(item):
         raise pipeline_dsl.Reject("the answer was refused")
     return item
 
+def reject_own(item):
+    how = item.get("metadata", {}).get("how")
+    if how == "field":
+        raise pipeline_dsl.Reject("unknown tenant", param="metadata.tenant", code="unknown_tenant")
+    if how == "changed":            # a status no Reject may carry, set after it was made
+        r = pipeline_dsl.Reject("go through the proxy")
+        r.status = 407
+        raise r
+    if how == "down":
+        raise pipeline_dsl.Reject("the tenant's backend is down", status=503, retry_after=5)
+    return item
+
 def boom(item):
     if item.get("id") == "boom":
         raise ValueError("kaboom")
@@ -144,6 +156,49 @@ def test_reject_before_and_after_the_model_fails_only_that_request(tmp_path):
     stats = rt.stats()["stages"]
     assert stats["pre"]["rejected"] == 1 and stats["post"]["rejected"] == 1
     assert stats["gen"]["items_in"] == 3            # the flagged one never reached the model
+
+
+def test_a_rejects_param_code_and_status_reach_its_request_and_a_bad_one_set_later_is_a_bug(tmp_path):
+    """docs/language.md, python stages: a Reject's `param`, `code` and `status` are its request's
+    error; a Reject whose status was set, after it was made, to one a Reject may not carry (407
+    needs a Proxy-Authenticate header) fails its request as the stage's bug, naming the stage."""
+    body = ("stage request : requests {}\nstage gate : python { fn = \"hooks:reject_own\" }\n"
+            "stage gen : generate { max_new_tokens = 4 }\nstage out : respond {}\n"
+            "request -> gate -> batch\n" + chain() + "gen -> out\n")
+    results, _ = run(write(tmp_path, body), [chat(how, "hi", metadata={"how": how})
+                                             for how in ("field", "changed", "down", "fine")])
+    by_id = {r.id: r for r in results}
+    field, changed, down = by_id["field"].error, by_id["changed"].error, by_id["down"].error
+    assert (field.kind, field.stage, field.message) == ("rejected", "gate", "unknown tenant")
+    assert (field.param, field.code, field.status) == ("metadata.tenant", "unknown_tenant", 400)
+    assert (down.kind, down.status, down.retry_after, down.param, down.code) == ("rejected", 503, 5, None, None)
+    assert (changed.kind, changed.stage) == ("failed", "gate")
+    assert changed.message.startswith("stage 'gate' failed: ValueError: Reject's status") and "407" in changed.message
+    assert by_id["fine"].ok
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 422, 429, 451, 500, 502, 503, 504])
+def test_a_reject_takes_the_4xx_and_5xx_statuses_agp_can_answer(status):
+    assert pipeline_dsl.Reject("no", status=status).status == status
+    assert status in pipeline_dsl.REJECT_STATUSES
+
+
+@pytest.mark.parametrize("status", [100, 200, 204, 301, 304, 399, 405, 407, 416, 418, 426, 444, 499, 505, 511,
+                                    520, 600, True, "429", 429.0, None])
+def test_a_reject_refuses_a_status_that_needs_what_agp_does_not_send_or_is_no_refusal(status):
+    """1xx-3xx are no refusal; 405 needs Allow, 407 Proxy-Authenticate, 416 Content-Range, 426
+    Upgrade; 499 is nginx's client-gone, no server's answer; 505 and 511 are the connection's and a
+    network's, never a request's."""
+    with pytest.raises(ValueError, match="Reject's status must be a 4xx or 5xx HTTP status agp can answer"):
+        pipeline_dsl.Reject("no", status=status)
+
+
+@pytest.mark.parametrize("field, value", [("param", ""), ("param", 3), ("code", ["x"]), ("code", "a\nb"),
+                                          ("param", "\ud800"), ("code", "c" * 257)])
+def test_a_rejects_param_and_code_are_short_printable_strings(field, value):
+    with pytest.raises(ValueError, match=f"Reject's {field} must be"):
+        pipeline_dsl.Reject("no", **{field: value})
+    assert getattr(pipeline_dsl.Reject("no", **{field: "messages[0].content"}), field) == "messages[0].content"
 
 
 def test_a_function_that_raises_fails_its_request_with_the_stage_and_message(tmp_path):

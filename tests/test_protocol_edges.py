@@ -694,14 +694,40 @@ def test_min_tokens_above_max_tokens_is_refused_naming_min_tokens():
 ])
 def test_each_way_the_pipeline_fails_a_request_is_the_documented_http_answer(kind, status, code, retry_after):
     """docs/serve.md, "Errors": the status, code and Retry-After of each PipelineError kind;
-    a Reject and a failure name the stage (`param`), an input error the prompt or the field."""
+    a failure names the stage (`param`), an input error the prompt or the field; a Reject names
+    no field (`param` null: OpenAI clients read it as the request's field at fault) and its stage
+    in the error's `stage`."""
     from pipeline_dsl.flow import PipelineError
     from pipeline_dsl.serve.errors import api_error
 
     err = api_error(PipelineError("why", kind, stage="guard"), "chat", retry_after_s=3)
     assert (err.status, err.code, err.message) == (status, code, "why")
     assert err.headers == ({"Retry-After": "3"} if retry_after else {})
-    assert err.param == {"invalid": "messages", "rejected": "guard", "failed": "guard"}.get(kind)
+    assert err.param == {"invalid": "messages", "failed": "guard"}.get(kind)
+    assert err.body()["error"].get("stage") == ("guard" if kind == "rejected" else None)
+
+
+@pytest.mark.parametrize("kind, max_tokens_field, param, sent", [
+    ("chat", "max_tokens", "metadata.tenant", "metadata.tenant"),
+    ("chat", "max_completion_tokens", "max_tokens", "max_completion_tokens"),   # the field the client wrote
+    ("responses", "max_output_tokens", "max_tokens", "max_output_tokens"),
+    ("responses", "max_output_tokens", "messages", "input"),
+    ("completions", "max_tokens", None, None),
+])
+def test_a_rejects_own_param_and_code_are_the_answers_as_the_client_named_the_field(kind, max_tokens_field,
+                                                                                    param, sent):
+    """docs/language.md, python stages: Reject(..., param=, code=) are the error's `param` and
+    `code` (the field named as the client sent it: a Responses request's `input`, not the chat
+    `messages` it runs as); the stage is the error's `stage`, and a 5xx is a server_error."""
+    from pipeline_dsl.flow import PipelineError
+    from pipeline_dsl.serve.errors import api_error
+
+    e = PipelineError("no", "rejected", stage="gate", code="over_budget" if param else None, param=param)
+    body = api_error(e, kind, max_tokens_field=max_tokens_field).body()["error"]
+    assert body == {"message": "no", "type": "invalid_request_error", "param": sent,
+                    "code": "over_budget" if param else "rejected", "stage": "gate"}
+    err = api_error(PipelineError("down", "rejected", stage="gate", status=503, retry_after=1.5), kind)
+    assert (err.status, err.type, err.code, err.headers) == (503, "server_error", "rejected", {"Retry-After": "2"})
 
 
 def test_a_request_id_of_1_to_128_printable_characters_is_taken():

@@ -628,11 +628,13 @@ def gate(item):
         raise pipeline_dsl.Reject("over the tenant's rate limit", status=429, retry_after=2.5)
     if tier == "plain":
         raise pipeline_dsl.Reject("refused")
+    if tier == "field":
+        raise pipeline_dsl.Reject("unknown tier", param="headers.x-tier", code="unknown_tier")
     return item
 """
 
 
-def test_a_rejects_status_and_retry_after_are_in_its_error_record(tmp_path, tiny_gguf):
+def test_a_rejects_status_retry_after_param_and_code_are_in_its_error_record(tmp_path, tiny_gguf):
     # a rate limiter's 429 is told apart from a plain refusal (400) in agp run's output, as agp
     # serve answers them
     (tmp_path / "run_gate_hooks.py").write_text(GATE, encoding="utf-8")
@@ -641,10 +643,14 @@ def test_a_rejects_status_and_retry_after_are_in_its_error_record(tmp_path, tiny
         "request -> batch", 'stage gate : python { fn = "run_gate_hooks:gate" }\n    request -> gate -> batch'))
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps({"id": tier, "prompt": "hi", "headers": {"x-tier": tier}}) + "\n"
-                           for tier in ("over", "plain", "fine")))
+                           for tier in ("over", "plain", "field", "fine")))
     assert run(path, "-i", inp, "-o", out).returncode == 0
     got = {r["id"]: r.get("error") for r in records(out)}
+    # the status, param and code agp serve answers (param: the field the Reject names, else null)
     assert got == {"over": {"line": 1, "message": "over the tenant's rate limit", "type": "rejected",
-                            "stage": "gate", "status": 429, "retry_after": 2.5},
-                   "plain": {"line": 2, "message": "refused", "type": "rejected", "stage": "gate", "status": 400},
+                            "stage": "gate", "status": 429, "retry_after": 2.5, "param": None, "code": "rejected"},
+                   "plain": {"line": 2, "message": "refused", "type": "rejected", "stage": "gate", "status": 400,
+                             "param": None, "code": "rejected"},
+                   "field": {"line": 3, "message": "unknown tier", "type": "rejected", "stage": "gate",
+                             "status": 400, "param": "headers.x-tier", "code": "unknown_tier"},
                    "fine": None}

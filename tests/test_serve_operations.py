@@ -399,15 +399,23 @@ def gate(item):
     if tier == "nokey":
         raise pipeline_dsl.Reject("a key of this tenant is needed", status=401)
     if tier == "bad":
-        raise pipeline_dsl.Reject("refused", status=500)
+        raise pipeline_dsl.Reject("refused", status=407)
+    if tier == "down":
+        raise pipeline_dsl.Reject("the tenant's backend is down", status=503, retry_after=5)
+    if tier == "budget":
+        raise pipeline_dsl.Reject("the tenant's token budget is spent", status=429, retry_after=7,
+                                  param="metadata.tier", code="budget_spent")
     return item
 '''
 
 
 def test_a_reject_answers_the_4xx_status_and_retry_after_it_names(tmp_path, tiny_gguf, monkeypatch):
     """docs/language.md, python stages: Reject(..., status=429, retry_after=2.5) is a 429
-    rate_limit_error with Retry-After: 3 (a rate limiter in the pipeline); a plain Reject stays a
-    400; a status that is not a 4xx fails the request as the stage's bug (500); other requests go on."""
+    rate_limit_error with Retry-After: 3 (a rate limiter in the pipeline), its `param` null (no
+    request field is at fault) and the stage in `stage`; a plain Reject stays a 400; a 503 is a
+    server_error with its own Retry-After; a Reject's own param and code are the answer's, its
+    Retry-After kept; a status a Reject may not carry (407: agp sends no Proxy-Authenticate)
+    fails the request as the stage's bug (500); other requests go on."""
     (tmp_path / "gate_hooks.py").write_text(GATE)
     monkeypatch.syspath_prepend(str(tmp_path))
     text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=8, timeout=20).replace(
@@ -421,7 +429,7 @@ def test_a_reject_answers_the_4xx_status_and_retry_after_it_names(tmp_path, tiny
         r = post("over")
         assert r.status_code == 429 and r.headers["retry-after"] == "3"
         assert r.json()["error"] == {"message": "over the tenant's rate limit", "type": "rate_limit_error",
-                                     "param": "gate", "code": "rejected"}
+                                     "param": None, "code": "rejected", "stage": "gate"}
         r = post("banned")
         assert r.status_code == 403 and "retry-after" not in r.headers
         assert r.json()["error"]["type"] == "permission_error" and "www-authenticate" not in r.headers
@@ -431,7 +439,15 @@ def test_a_reject_answers_the_4xx_status_and_retry_after_it_names(tmp_path, tiny
         r = post("plain")
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
         r = post("bad")
-        assert r.status_code == 500 and "status must be a 4xx" in r.json()["error"]["message"]
+        assert r.status_code == 500 and r.json()["error"]["message"].startswith(
+            "stage 'gate' failed: ValueError: Reject's status must be a 4xx or 5xx HTTP status agp can answer")
+        r = post("down")
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert (r.json()["error"]["type"], r.json()["error"]["code"]) == ("server_error", "rejected")
+        r = post("budget")
+        assert r.status_code == 429 and r.headers["retry-after"] == "7"
+        assert r.json()["error"] == {"message": "the tenant's token budget is spent", "type": "rate_limit_error",
+                                     "param": "metadata.tier", "code": "budget_spent", "stage": "gate"}
         assert post("fine").status_code == 200
     finally:
         s.close()

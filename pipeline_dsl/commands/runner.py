@@ -70,6 +70,9 @@ def record(req: RunRequest, result, several: bool = False, runtime=None) -> dict
             err["status"] = result.error.status
         if getattr(result.error, "retry_after", None) is not None:
             err["retry_after"] = result.error.retry_after
+        if result.error.kind == "rejected":     # the field at fault and the code, as agp serve answers them
+            err["param"] = getattr(result.error, "param", None)
+            err["code"] = getattr(result.error, "code", None) or "rejected"
         return {"id": req.parsed.id, "error": err}
     first = result.choices[0]
     parts = [_choice_parts(req, c, runtime) for c in result.choices]

@@ -26,8 +26,9 @@ class PipelineError(Exception):
     unavailable (shutting down, or an engine failed), timeout (a stage's timeout passed), aborted
     (its client went away), failed (a user function or the engine failed); `code` names an input
     error more precisely (the engine's InputError.code: context_length_exceeded), `param` the
-    request field at fault when it is not the prompt (InputError.param); `status` and `retry_after`
-    are what a Reject asked the client to get (a 4xx, seconds to wait). What a front end answers
+    request field at fault when it is not the prompt (InputError.param, or the one a Reject names);
+    `status` and `retry_after` are what a Reject asked the client to get (a 4xx or 5xx, seconds to
+    wait), as `code` and `param` are a Reject's own when it names them. What a front end answers
     for each is its own (agp serve: serve/errors.py)."""
 
     def __init__(self, message: str, kind: str = "failed", stage: str | None = None, code: str | None = None,

@@ -783,8 +783,13 @@ def _error_of(stage: str, exc: BaseException, what: str = "stage") -> PipelineEr
         return exc if exc.stage else PipelineError(exc.message, exc.kind, stage, exc.code, exc.param,
                                                    exc.status, exc.retry_after)
     if isinstance(exc, Reject):
-        return PipelineError(_said(exc) or "rejected", "rejected", stage,
-                             status=getattr(exc, "status", None), retry_after=getattr(exc, "retry_after", None))
+        try:            # one changed after it was made (r.status = 405), or a subclass's own, is the stage's bug
+            exc.check()
+        except ValueError as bad:
+            return PipelineError(f"{what} '{stage}' failed: ValueError: {bad}", "failed", stage)
+        return PipelineError(_said(exc) or "rejected", "rejected", stage, code=getattr(exc, "code", None),
+                             param=getattr(exc, "param", None), status=getattr(exc, "status", None),
+                             retry_after=getattr(exc, "retry_after", None))
     if isinstance(exc, StageTimeout):
         return PipelineError(f"{what} '{stage}' timed out: {exc}", "timeout", stage)
     if isinstance(exc, StageStuck):

@@ -7,7 +7,7 @@ class APIError(Exception):
 
     def __init__(self, message: str, *, status: int = 400, type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, stage: str | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
@@ -15,7 +15,15 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
+        self.stage = stage            # the python stage whose Reject this is: the body's `stage`
+
+    @property
+    def rejected(self) -> bool:
+        """Whether a python stage's Reject made it (its status and Retry-After are the Reject's own)."""
+        return self.stage is not None
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type,
-                          "param": self.param, "code": self.code}}
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        if self.stage is not None:
+            error["stage"] = self.stage
+        return {"error": error}

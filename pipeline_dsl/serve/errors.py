@@ -50,7 +50,7 @@ FAILURES: dict[str, tuple[int, str, str | None, bool]] = {
     "timeout": (504, "server_error", "stage_timeout", False),         # a stage's own timeout passed
     "failed": (500, "server_error", "stage_failed", False),           # a user function or the engine
 }
-# the OpenAI error type of a Reject's own 4xx status (others: invalid_request_error)
+# the OpenAI error type of a Reject's own 4xx status (other 4xx: invalid_request_error; 5xx: server_error)
 REJECT_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                 429: "rate_limit_error"}
 
@@ -71,19 +71,27 @@ def api_error(e: PipelineError, kind: str, retry_after_s: int = 1, max_tokens_fi
         named = responses_name(param) if kind == "responses" else None
         if named:                       # the engine names the chat field it runs as: the client's own
             message, param = message.replace(f"'{param}'", f"'{named}'"), named
+    elif e.kind == "rejected":          # the field the Reject names (null when none): as the client wrote it
+        param = getattr(e, "param", None)
+        if param == "max_tokens" and max_tokens_field != "max_tokens":
+            param = max_tokens_field
+        elif kind == "responses":
+            param = responses_name(param) or param
     else:
-        param = e.stage if e.kind in ("rejected", "failed") else None
+        param = e.stage if e.kind == "failed" else None
     headers = {"Retry-After": str(retry_after_s)} if retry else None
-    if e.kind == "rejected":            # a Reject may name its 4xx and a Retry-After of its own
+    stage = None
+    if e.kind == "rejected":            # a Reject may name its status and a Retry-After of its own
         status = getattr(e, "status", None) or status
-        type_ = REJECT_TYPES.get(status, type_)
+        type_ = "server_error" if status >= 500 else REJECT_TYPES.get(status, type_)
         wait = getattr(e, "retry_after", None)
         if wait is not None:
             headers = {"Retry-After": str(math.ceil(wait))}
         if status == 401:               # HTTP's 401 names its scheme, as the --api-key guard's does
             headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
+        stage = e.stage                 # the stage that refused it: the body's `stage`
     return APIError(message, status=status, type=type_, code=getattr(e, "code", None) or code, param=param,
-                    headers=headers)
+                    headers=headers, stage=stage)
 
 
 def log_error(err: APIError) -> None:

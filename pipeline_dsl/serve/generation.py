@@ -86,7 +86,7 @@ class Generations:
         return req
 
     def refused(self, err: P.APIError) -> Response:
-        if "Retry-After" in err.headers and err.code != "rejected":   # a Reject's retry_after is its own
+        if "Retry-After" in err.headers and not err.rejected:     # a Reject's retry_after is its own
             err.headers["Retry-After"] = str(self.config.retry_after_s)
         self.metrics.requests.labels(str(err.status)).inc()
         return error_response(err)

@@ -324,7 +324,8 @@ ERRORS = {
     "415": _error("the request body is not application/json, or its Content-Encoding is neither gzip nor deflate"),
     "429": _error("requests.max_queue requests are waiting, or a python stage's Reject(status=429): retry after "
                   "Retry-After seconds"),
-    "500": _error("a stage of the pipeline (a user function) failed on this request"),
+    "500": _error("a stage of the pipeline (a user function) failed on this request, or a python stage's "
+                  "Reject(status=5xx) refused it (type server_error)"),
     "503": _error("the server is shutting down, is overloaded (--max-connections, --max-body-bytes-arriving) "
                   "or its engine failed"),
 }
