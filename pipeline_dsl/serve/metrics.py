@@ -32,6 +32,7 @@ No `_created` series are written; process metrics (CPU, memory, open files) are.
 """
 from __future__ import annotations
 
+import gzip
 import time
 from collections import deque
 
@@ -512,6 +513,24 @@ class ServerMetrics:
         self.update_engine(stats)
         encode, content_type = text_exposition(accept)
         return encode(self.registry), content_type
+
+    def scrape(self, stats: dict, accept: str = "", accept_encoding: str = "") -> tuple[bytes, str, dict[str, str]]:
+        """The answer to a GET /metrics (`exposition`) whose Accept and Accept-Encoding headers are these."""
+        self.update_engine(stats)
+        return exposition(self.registry, accept, accept_encoding)
+
+
+def exposition(registry, accept: str = "", accept_encoding: str = "") -> tuple[bytes, str, dict[str, str]]:
+    """(body, Content-Type, other headers) of a GET /metrics answering `registry` to a scraper whose
+    Accept and Accept-Encoding headers are `accept` and `accept_encoding`: the text format in the
+    version Accept asks for (`text_exposition`), gzipped when Accept-Encoding takes gzip
+    (`gzip_wanted`: Prometheus asks for it on every scrape), with `Vary: Accept, Accept-Encoding`.
+    `agp serve`'s /metrics and the ingress of `agp serve --ray` (its replicas merged) both answer so."""
+    encode, content_type = text_exposition(accept)
+    body, headers = encode(registry), {"Vary": "Accept, Accept-Encoding"}
+    if gzip_wanted(accept_encoding):
+        body, headers["Content-Encoding"] = gzip.compress(body), "gzip"
+    return body, content_type, headers
 
 
 def text_exposition(accept: str) -> tuple:
