@@ -448,7 +448,8 @@ class ServerMetrics:
         that drafted; a prompt a python stage answered without an engine on none).
 
         Each of its n choices is one request to vLLM's metrics, as vLLM v1 runs a request of n as n
-        child requests (vllm/v1/engine/parallel_sampling.py): vllm:prompt_tokens counts the prompt
+        child requests (vllm/v1/engine/parallel_sampling.py): an aborted one counts n aborts (vLLM
+        finishes each child as aborted), vllm:prompt_tokens counts the prompt
         once a choice (`choices_prefilled` of a failed one), and the per-request histograms (latency,
         queue / prefill / decode / inference times, time per output token, prompt and generation
         tokens, max_tokens) take one observation a choice, the end-to-end latency the choice's own
@@ -464,8 +465,8 @@ class ServerMetrics:
                                               self.engine_shares(result, "prompt_tokens").items()})
             self.cached_tokens.labels(engine=engine).inc(usage.get("cached_tokens", 0))
         if result.error is not None:
-            if result.error.kind == "aborted":
-                self.finished.labels("abort").inc()
+            if result.error.kind == "aborted":      # each of its n choices, as vLLM aborts each child
+                self.finished.labels("abort", engine=engine).inc(int((params or {}).get("n") or 1))
             return
         longest = result.longest_choice_tokens()
         if longest is None:                   # choices that do not count their own: their shared usage
