@@ -309,6 +309,30 @@ def test_the_tokens_of_an_aborted_request_are_counted_as_generated(server):
     assert value(scrape(server), "vllm:request_success", "vllm:request_success_total", finished_reason="abort") >= 1
 
 
+@pytest.mark.parametrize("n", [None, 3])
+def test_an_aborted_request_counts_one_abort_per_choice(server, n):
+    """vLLM v1 runs a request of n as n child requests and finishes each as aborted when the client
+    leaves, as it counts every other finish reason once per choice; an abort counted once made
+    `abort` a share of requests where `stop` and `length` are shares of choices."""
+    def aborts():
+        fams = scrape(server)
+        return (value(fams, "vllm:request_success", "vllm:request_success_total", finished_reason="abort"),
+                value(fams, "agp_requests_finished", "agp_requests_finished_total", finished_reason="abort"))
+
+    before = aborts()
+    body = {"model": "tiny", "prompt": "go on and on", "max_tokens": 400, "ignore_eos": True, "stream": True,
+            **({"n": n} if n is not None else {})}
+    with server.http.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"text":""' not in line:
+                break                                      # hang up mid-answer
+    deadline = time.monotonic() + 30
+    while 0 in (counted := [after - was for after, was in zip(aborts(), before)]):   # observed as it ends
+        assert time.monotonic() < deadline, "the request's abort was not counted"
+        time.sleep(0.05)
+    assert counted == [n or 1, n or 1]
+
+
 def test_the_prompt_of_a_request_aborted_after_its_first_token_is_counted(server, client):
     """A client hanging up mid-answer: its generated tokens were counted, its prompt (prefilled)
     was not, so rate(prompt_tokens_total) missed the prefill work of every aborted stream."""

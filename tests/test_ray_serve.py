@@ -1,6 +1,7 @@
 """`agp serve --ray` as a process, as users run it: two replicas of the tiny model behind Ray's
 proxy, driven by the `openai` client and httpx. Routes answer with and without --root-path, one
-GET /metrics covers both replicas (a `replica` label on every series), and SIGTERM drains: new
+GET /metrics covers both replicas (a `replica` label on every series) and answers each scraper as one
+process does (the text format's version by Accept, gzip by Accept-Encoding), and SIGTERM drains: new
 requests get 503 + Retry-After (not Ray's 404) while the one in flight finishes, then exit 0.
 Skipped when Ray is not installed.
 """
@@ -104,12 +105,38 @@ def test_routes_answer_with_and_without_the_root_path_and_metrics_cover_every_re
     running = fams["vllm:num_requests_running"].samples
     assert {s.labels["replica"] for s in running} == replicas and all(s.labels["engine"] == "0" for s in running)
     assert httpx.get(url + "/metrics", timeout=30).status_code == 200             # the bare path too
-    for accept_encoding, coding in [("gzip", "gzip"), ("identity", None)]:       # Prometheus sends gzip
-        with httpx.stream("GET", url + "/metrics", headers={"accept-encoding": accept_encoding}, timeout=30) as r:
+
+
+PROMETHEUS_3 = ("application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,application/openmetrics-text;"
+                "version=0.0.1;q=0.5,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;"
+                "q=0.3,*/*;q=0.2")
+
+
+@pytest.mark.parametrize("accept, accept_encoding, content_type", [
+    (None, None, "text/plain; version=0.0.4; charset=utf-8"),                             # curl, a probe
+    (PROMETHEUS_3, "gzip", "text/plain; version=1.0.0; charset=utf-8; escaping=allow-utf-8"),
+    ("text/plain;version=1.0.0", "gzip;q=0, identity", "text/plain; version=1.0.0; charset=utf-8; escaping=underscores"),
+    ("*/*", "deflate, gzip;q=0.8", "text/plain; version=0.0.4; charset=utf-8"),
+])
+def test_the_merged_metrics_answer_each_scraper_as_one_process_does(ray_server, accept, accept_encoding,
+                                                                    content_type):
+    """The ingress's /metrics negotiates as `agp serve`'s: the text format's version by Accept (0.0.4
+    to a plain scrape, 1.0.0 when listed), gzip when Accept-Encoding takes it, `Vary` naming both."""
+    _, url, _ = ray_server
+    with httpx.Client(timeout=30) as scraper:
+        del scraper.headers["accept"], scraper.headers["accept-encoding"]           # httpx's own
+        headers = {k: v for k, v in (("accept", accept), ("accept-encoding", accept_encoding)) if v is not None}
+        with scraper.stream("GET", url + "/llm/metrics", headers=headers) as r:
             raw = b"".join(r.iter_raw())
-        assert r.headers.get("content-encoding") == coding and "accept-encoding" in r.headers["vary"].lower()
-        text = (gzip.decompress(raw) if coding else raw).decode()
-        assert {f.name for f in text_string_to_metric_families(text)} >= {"vllm:request_success"}
+        assert r.request.headers.get("accept") == accept
+    gzipped = accept_encoding is not None and "gzip;q=0," not in accept_encoding
+    assert r.status_code == 200 and r.headers["content-type"] == content_type
+    assert {v.strip().lower() for v in r.headers["vary"].split(",")} >= {"accept", "accept-encoding"}
+    assert r.headers.get("content-encoding") == ("gzip" if gzipped else None)
+    assert int(r.headers["content-length"]) == len(raw)
+    fams = {f.name: f for f in text_string_to_metric_families((gzip.decompress(raw) if gzipped else raw).decode())}
+    assert [s.name for s in fams["vllm:prompt_tokens"].samples] == ["vllm:prompt_tokens_total"] * 2   # both replicas
+    assert len({s.labels["replica"] for s in fams["vllm:prompt_tokens"].samples}) == 2
 
 
 def test_sigterm_drains_with_503_and_retry_after_and_finishes_the_request_in_flight(ray_server):

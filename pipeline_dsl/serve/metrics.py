@@ -32,6 +32,7 @@ No `_created` series are written; process metrics (CPU, memory, open files) are.
 """
 from __future__ import annotations
 
+import gzip
 import time
 from collections import deque
 
@@ -447,7 +448,8 @@ class ServerMetrics:
         that drafted; a prompt a python stage answered without an engine on none).
 
         Each of its n choices is one request to vLLM's metrics, as vLLM v1 runs a request of n as n
-        child requests (vllm/v1/engine/parallel_sampling.py): vllm:prompt_tokens counts the prompt
+        child requests (vllm/v1/engine/parallel_sampling.py): an aborted one counts n aborts (vLLM
+        finishes each child as aborted), vllm:prompt_tokens counts the prompt
         once a choice (`choices_prefilled` of a failed one), and the per-request histograms (latency,
         queue / prefill / decode / inference times, time per output token, prompt and generation
         tokens, max_tokens) take one observation a choice, the end-to-end latency the choice's own
@@ -463,8 +465,8 @@ class ServerMetrics:
                                               self.engine_shares(result, "prompt_tokens").items()})
             self.cached_tokens.labels(engine=engine).inc(usage.get("cached_tokens", 0))
         if result.error is not None:
-            if result.error.kind == "aborted":
-                self.finished.labels("abort").inc()
+            if result.error.kind == "aborted":      # each of its n choices, as vLLM aborts each child
+                self.finished.labels("abort", engine=engine).inc(int((params or {}).get("n") or 1))
             return
         longest = result.longest_choice_tokens()
         if longest is None:                   # choices that do not count their own: their shared usage
@@ -512,6 +514,24 @@ class ServerMetrics:
         self.update_engine(stats)
         encode, content_type = text_exposition(accept)
         return encode(self.registry), content_type
+
+    def scrape(self, stats: dict, accept: str = "", accept_encoding: str = "") -> tuple[bytes, str, dict[str, str]]:
+        """The answer to a GET /metrics (`exposition`) whose Accept and Accept-Encoding headers are these."""
+        self.update_engine(stats)
+        return exposition(self.registry, accept, accept_encoding)
+
+
+def exposition(registry, accept: str = "", accept_encoding: str = "") -> tuple[bytes, str, dict[str, str]]:
+    """(body, Content-Type, other headers) of a GET /metrics answering `registry` to a scraper whose
+    Accept and Accept-Encoding headers are `accept` and `accept_encoding`: the text format in the
+    version Accept asks for (`text_exposition`), gzipped when Accept-Encoding takes gzip
+    (`gzip_wanted`: Prometheus asks for it on every scrape), with `Vary: Accept, Accept-Encoding`.
+    `agp serve`'s /metrics and the ingress of `agp serve --ray` (its replicas merged) both answer so."""
+    encode, content_type = text_exposition(accept)
+    body, headers = encode(registry), {"Vary": "Accept, Accept-Encoding"}
+    if gzip_wanted(accept_encoding):
+        body, headers["Content-Encoding"] = gzip.compress(body), "gzip"
+    return body, content_type, headers
 
 
 def text_exposition(accept: str) -> tuple:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gzip
 import hashlib
 import json
 import logging
@@ -39,8 +38,8 @@ from . import protocol as P
 from .body import decoded
 from .config import PROBES, WATCHED, ServeConfig
 from .guard import header, shutting_down
-from .metrics import gzip_wanted
-from .ray_metrics import PUSH_S, merge
+from .metrics import exposition
+from .ray_metrics import PUSH_S, merged
 
 log = logging.getLogger("agp.serve")
 REPLICA_HEADER = b"x-agp-replica"
@@ -253,10 +252,9 @@ class AgpIngress:
             return await _answer(send, shutting_down(self.retry_after_s))
         if path == "/metrics" and scope.get("method") == "GET" and self.hub is not None:
             texts = await self.hub.collect.remote()
-            body, headers = merge(texts), {"Vary": "Accept-Encoding"}
-            if gzip_wanted(header(scope, b"accept-encoding")):    # Prometheus asks for it on every scrape
-                body, headers["Content-Encoding"] = gzip.compress(body), "gzip"
-            return await _raw(send, 200, body, "text/plain; version=0.0.4; charset=utf-8", headers)
+            body, content_type, headers = exposition(merged(texts), header(scope, b"accept"),
+                                                     header(scope, b"accept-encoding"))   # as `agp serve` answers
+            return await _raw(send, 200, body, content_type, headers)
         self.active += 1
         try:
             await self._forward(scope, receive, send)

@@ -2,7 +2,7 @@
 
 Each `AgpPipeline` replica pushes its Prometheus text to the `AgpMetrics` deployment every
 PUSH_S seconds (and takes it back when it stops); the ingress answers GET /metrics with
-`merge(texts)`: every replica's series with a `replica` label added (its Serve replica id), so a
+`merged(texts)`: every replica's series with a `replica` label added (its Serve replica id), so a
 single scrape target covers the application and `sum by (model_name)` gives its totals. A
 replica that stopped pushing (killed) drops out after STALE_S seconds.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Metric, generate_latest
+from prometheus_client import CollectorRegistry, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
@@ -49,17 +49,18 @@ class _Merged:
         return iter(self.families)
 
 
-def merge(texts: dict[str, str]) -> bytes:
-    """Prometheus text of several replicas as one: the families merged by name, each sample with
-    `replica` added to its labels."""
-    merged: dict[str, Metric] = {}
+def merged(texts: dict[str, str]) -> CollectorRegistry:
+    """Prometheus text of several replicas as one registry (the ingress answers it as `agp serve`
+    answers its own: serve/metrics.py's `exposition`): the families merged by name, each sample
+    with `replica` added to its labels."""
+    families: dict[str, Metric] = {}
     for replica, text in texts.items():
         for fam in text_string_to_metric_families(text):
-            out = merged.get(fam.name)
+            out = families.get(fam.name)
             if out is None:
-                out = merged[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+                out = families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
             for s in fam.samples:
                 out.add_sample(s.name, {**s.labels, "replica": replica}, s.value, s.timestamp, s.exemplar)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Merged(list(merged.values())))
-    return generate_latest(registry)
+    registry.register(_Merged(list(families.values())))
+    return registry

@@ -11,7 +11,6 @@ DELETE /v1/responses/{id}: serve/responses.py), /v1/embeddings (serve/embeddings
 from __future__ import annotations
 
 import asyncio
-import gzip
 import os
 import uuid
 
@@ -24,7 +23,6 @@ from . import openapi as OA
 from . import protocol as P
 from .body import read_json
 from .errors import api_error, error_response
-from .metrics import gzip_wanted
 
 router = APIRouter()
 
@@ -210,10 +208,8 @@ async def version():
 @router.get("/metrics", openapi_extra=OA.METRICS)
 async def prometheus(request: Request):
     state = _state(request)
-    body, content_type = state.metrics.render(await pipeline_stats(state), request.headers.get("accept", ""))
-    headers = {"Vary": "Accept, Accept-Encoding"}   # the text format's version follows Accept
-    if gzip_wanted(request.headers.get("accept-encoding", "")):   # Prometheus asks for it on every scrape
-        body, headers["Content-Encoding"] = gzip.compress(body), "gzip"
+    body, content_type, headers = state.metrics.scrape(await pipeline_stats(state), request.headers.get("accept", ""),
+                                                       request.headers.get("accept-encoding", ""))
     return Response(body, media_type=content_type, headers=headers)
 
 
