@@ -355,6 +355,7 @@ VLLM_FLAGS = {
     "--enable-prefix-caching": "prefix caching is on by default (kv_lookup's reuse = prefix)",
     "--no-enable-prefix-caching": "agp's name is --no-prefix-reuse",
     "--max-num-batched-tokens": "a step's tokens are dynamic_batch's `max_tokens_per_step`",
+    "--long-prefill-token-threshold": "long prompts leave room for short ones by dynamic_batch's `long_prefill_threshold`",
     "--block-size": "the KV block size is kv_lookup's `block_size`",
     "--enforce-eager": "only the performance mode compiles; generate's `compile = false` turns it off",
     "--trust-remote-code": "agp runs no code of a model folder, so there is nothing to trust",

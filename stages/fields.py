@@ -53,6 +53,7 @@ ENGINE_FIELDS: dict[str, tuple[str, str]] = {
     "scheduling_policy": ("dynamic_batch", "scheduling_policy"),
     "max_tokens_per_step": ("dynamic_batch", "max_tokens_per_step"),
     "itl_target_s": ("dynamic_batch", "itl_target"),
+    "long_prefill_threshold": ("dynamic_batch", "long_prefill_threshold"),
     "block_size": ("kv_lookup", "block_size"),
     "kv_budget_bytes": ("kv_lookup", "budget"),
     "dtype": ("generate", "dtype"),

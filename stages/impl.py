@@ -234,6 +234,7 @@ class DynamicBatch:
             "scheduling_policy": "scheduling_policy",
             "max_tokens_per_step": "max_tokens_per_step",
             "itl_target": "itl_target_s",          # seconds, as timeout
+            "long_prefill_threshold": "long_prefill_threshold",
         })
 
 

@@ -376,7 +376,7 @@ t.agp:5:57: error: duplicate parameter 'max_batch_size' in stage 'batch'
 t.agp:5:77: error: unknown parameter 'threads' for stage kind 'dynamic_batch'
     5 |     stage batch   : dynamic_batch { max_batch_size = 8  max_batch_size = 9  threads = 2 }
       |                                                                             ^^^^^^^
-  = expected: a parameter of dynamic_batch: itl_target, max_batch_size, max_tokens_per_step, padding, policy, scheduling_policy, timeout
+  = expected: a parameter of dynamic_batch: itl_target, long_prefill_threshold, max_batch_size, max_tokens_per_step, padding, policy, scheduling_policy, timeout
   = help: 'threads' is a pipeline setting: set it outside the stages
 
 t.agp:8:37: error: unknown parameter 'precision' for stage kind 'generate'

@@ -475,7 +475,7 @@ def test_builtin_kinds_match_the_contract():
     assert [(p.name, p.type, p.default) for p in b.params] == [
         ("max_batch_size", "int", 32), ("timeout", "duration", 0.001), ("padding", "bool", True),
         ("policy", "enum", "continuous"), ("scheduling_policy", "enum", "fcfs"), ("max_tokens_per_step", "int", 512),
-        ("itl_target", "duration", 0.5)]
+        ("itl_target", "duration", 0.5), ("long_prefill_threshold", "int", 1024)]
     assert {k.name: k.resource for k in reg.kinds()} == {
         "requests": "host", "dynamic_batch": "host", "encode": "host", "kv_lookup": "copy",
         "generate": "compute", "respond": "host", "system_prompt": "host", "python": "host", "route": "host",

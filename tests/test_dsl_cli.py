@@ -454,3 +454,11 @@ def test_agp_without_a_command_prints_its_usage_and_exits_2():
     r = agp_in()
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("usage: agp") and "check" in r.stderr
+
+
+def test_vllms_long_prefill_threshold_flag_names_the_dynamic_batch_parameter(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", "examples/chat.agp", "--long-prefill-token-threshold", "512"])
+    assert e.value.code == 2
+    assert ("--long-prefill-token-threshold is vLLM's: long prompts leave room for short ones by "
+            "dynamic_batch's `long_prefill_threshold`") in capsys.readouterr().err

@@ -120,6 +120,8 @@ def test_a_step_of_decodes_alone_never_works_out_the_cap_and_one_with_a_prompt_d
 def test_a_bad_target_is_an_input_error():
     with pytest.raises(InputError, match="itl_target"):
         EngineConfig(itl_target_s=-1)
+    with pytest.raises(InputError, match="long_prefill_threshold"):
+        EngineConfig(long_prefill_threshold=-1)
 
 
 class SlowPrefill(ToyRunner):

@@ -76,7 +76,8 @@ def test_every_engine_stage_option_reaches_the_segment(tmp_path, tiny_gguf):
     text = (PIPELINE.format(model=tiny_gguf, mode="balanced", system="", first="")
             .replace("{ max_batch_size = 4  timeout = 2ms }",
                      "{ max_batch_size = 4  timeout = 2ms  padding = false  policy = static  "
-                     "scheduling_policy = priority  max_tokens_per_step = 64  itl_target = 20ms }")
+                     "scheduling_policy = priority  max_tokens_per_step = 64  itl_target = 20ms  "
+                     "long_prefill_threshold = 300 }")
             .replace("encode        {}", "encode { chat_template = false  add_special_tokens = false }")
             .replace("{ block_size = 8  budget = 1MiB }", "{ block_size = 8  budget = 1MiB  reuse = none }")
             .replace("{ max_new_tokens = 6  temperature = 0 }", "{ " + gen + "  n = 3 }"))
@@ -85,9 +86,11 @@ def test_every_engine_stage_option_reaches_the_segment(tmp_path, tiny_gguf):
     spec = spec_of(path)
     assert {k: spec.engine.get(k) for k in ("max_batch_size", "batch_timeout_s", "padding", "policy",
                                              "scheduling_policy", "max_tokens_per_step", "itl_target_s",
+                                             "long_prefill_threshold",
                                              "block_size", "kv_budget_bytes", "prefix_reuse")} == {
         "max_batch_size": 4, "batch_timeout_s": 0.002, "padding": False, "policy": "static",
-        "scheduling_policy": "priority", "max_tokens_per_step": 64, "itl_target_s": 0.02, "block_size": 8,
+        "scheduling_policy": "priority", "max_tokens_per_step": 64, "itl_target_s": 0.02, "long_prefill_threshold": 300,
+        "block_size": 8,
         "kv_budget_bytes": 1 << 20, "prefix_reuse": False}
     assert (spec.chat_template, spec.add_special_tokens) == (False, False)
     assert spec.sampling["gen"] == {field: json.loads(v) for field, v in sampling.values()}

@@ -200,7 +200,7 @@ def test_no_running_decode_ever_waits_behind_a_prefill():
         sched, clock = make(batch_timeout_s=0.0, policy=rng.choice(["static", "continuous"]), max_batch_size=mb,
                             max_tokens_per_step=rng.choice([mb, mb + 1, 2 * mb, 16]),
                             prefill_chunk=rng.choice([1, 2, 4, 8]), num_blocks=rng.choice([6, 12, 64]),
-                            block_size=rng.choice([1, 2, 4]))
+                            block_size=rng.choice([1, 2, 4]), long_prefill_threshold=rng.choice([0, 3, 12, 1024]))
         for step in range(60):
             for _ in range(rng.choice([0, 0, 1, 2])):
                 add(sched, clock, f"r{seed}-{step}-{rng.random()}", n_prompt=rng.randint(1, 25),
@@ -214,3 +214,115 @@ def test_no_running_decode_ever_waits_behind_a_prefill():
             for seq in list(sched.running):
                 if seq.num_output >= seq.params.max_tokens:
                     sched.remove(seq, "length")
+
+
+# ---- long prefills leave room for short prompts (long_prefill_threshold) ----------------------
+
+def finish_all(sched, steps=200):
+    """Steps until nothing is left (the fake model of run_step); returns the steps taken."""
+    for n in range(steps):
+        if not sched.has_unfinished():
+            return n
+        run_step(sched)
+    raise AssertionError(f"still unfinished after {steps} steps")
+
+
+def test_short_request_joins_beside_a_long_prefill_that_takes_the_whole_step_budget():
+    """A long prompt whose chunk fills the step's token budget no longer keeps a short request
+    waiting until it is prefilled: the short one joins in the next step, gets its first token
+    while the long one is still prefilling, and the long one finishes too."""
+    sched, clock = make(batch_timeout_s=0.0, max_tokens_per_step=16, prefill_chunk=16, itl_target_s=0.0,
+                        long_prefill_threshold=32)
+    long = add(sched, clock, "long", n_prompt=120, max_tokens=2)
+    run_step(sched)
+    short = add(sched, clock, "short", n_prompt=6, max_tokens=2)
+    out = run_step(sched)
+    assert {it.seq.request_id: it.num_tokens for it in out.items} == {"long": 8, "short": 6}
+    assert short.num_output == 1 and long.num_computed < long.num_prompt
+    finish_all(sched)
+    assert long.finish_reason == "length" and long.output_ids == [7, 7]
+    assert short.finish_reason == "length" and short.output_ids == [7, 7]
+
+
+def test_short_request_gets_its_first_token_beside_a_long_prefill_cut_to_the_itl_target():
+    """While a sequence decodes, the step's prefill is cut to what fits in itl_target; a long
+    prompt prefilling took all of it, so a short request waited for the whole long prompt. Now
+    the short one is admitted in the next step and has its first token before the long prompt
+    is prefilled; the decoder keeps decoding every step and the long one still finishes."""
+    sched, clock = make(num_blocks=128, batch_timeout_s=0.0, itl_target_s=0.5, long_prefill_threshold=32)
+    dec = add(sched, clock, "dec", n_prompt=5, max_tokens=60)
+    run_step(sched)
+    sched.observe(0, 0.1)                  # a step of decodes alone: 0.1 s
+    sched.observe(8, 0.5)                  # 0.05 s per prefill token: 8 fit in itl_target
+    assert sched.prefill_cap() == 8
+    long = add(sched, clock, "long", n_prompt=200, max_tokens=2)
+    run_step(sched)
+    assert long.num_computed == 8
+    short = add(sched, clock, "short", n_prompt=6, max_tokens=2)
+    out = run_step(sched)
+    assert short.status == "running" and {it.seq.request_id for it in out.items} == {"dec", "long", "short"}
+    while short.num_output == 0:
+        out = run_step(sched)
+        assert dec in {it.seq for it in out.items}
+        assert out.num_prefill_tokens <= 8
+    assert long.num_computed < long.num_prompt
+    finish_all(sched)
+    assert long.output_ids == [7, 7] and short.output_ids == [7, 7] and dec.num_output == 60
+
+
+def test_a_waiting_long_prompt_does_not_take_the_room_left_for_a_short_one_behind_it():
+    """Two long prompts and a short one behind them: the second long one waits while the first
+    prefills, and the short one joins at once instead of waiting for both."""
+    sched, clock = make(batch_timeout_s=0.0, max_tokens_per_step=16, prefill_chunk=16, itl_target_s=0.0,
+                        long_prefill_threshold=32)
+    first = add(sched, clock, "first", n_prompt=100, max_tokens=1)
+    run_step(sched)
+    second = add(sched, clock, "second", n_prompt=100, max_tokens=1)
+    short = add(sched, clock, "short", n_prompt=6, max_tokens=1)
+    out = run_step(sched)
+    assert {it.seq.request_id: it.num_tokens for it in out.items} == {"first": 8, "short": 6}
+    assert second.status == "waiting" and short.num_output == 1
+    finish_all(sched)
+    assert first.output_ids == second.output_ids == [7]
+
+
+def test_long_prefill_threshold_0_lets_a_long_prefill_take_the_whole_step():
+    sched, clock = make(batch_timeout_s=0.0, max_tokens_per_step=16, prefill_chunk=16, itl_target_s=0.0,
+                        long_prefill_threshold=0)
+    long = add(sched, clock, "long", n_prompt=120, max_tokens=1)
+    run_step(sched)
+    short = add(sched, clock, "short", n_prompt=6, max_tokens=1)
+    out = run_step(sched)
+    assert [(it.seq.request_id, it.num_tokens) for it in out.items] == [("long", 16)]
+    assert short.status == "waiting" and long.num_computed == 32
+
+
+def test_long_prompts_alone_take_the_whole_step():
+    """Nothing short waits: two long prompts prefill at the full budget, as before."""
+    sched, clock = make(batch_timeout_s=0.0, max_tokens_per_step=16, prefill_chunk=8, itl_target_s=0.0,
+                        long_prefill_threshold=32)
+    add(sched, clock, "a", n_prompt=100, max_tokens=1)
+    add(sched, clock, "b", n_prompt=100, max_tokens=1)
+    out = run_step(sched)
+    assert [(it.seq.request_id, it.num_tokens) for it in out.items] == [("a", 8), ("b", 8)]
+
+
+def test_every_request_finishes_with_its_tokens_when_long_prefills_leave_room_for_short_ones():
+    """Random workloads of long and short prompts under a small long_prefill_threshold: every
+    request, long or short, finishes with all its tokens (the long ones are never starved)."""
+    import random
+
+    for seed in range(150):
+        rng = random.Random(seed)
+        sched, clock = make(batch_timeout_s=0.0, max_batch_size=rng.choice([2, 4]), num_blocks=rng.choice([24, 64]),
+                            max_tokens_per_step=rng.choice([4, 8, 16]), prefill_chunk=rng.choice([2, 8, 16]),
+                            itl_target_s=0.0, long_prefill_threshold=rng.choice([1, 4, 10]),
+                            scheduling_policy=rng.choice(["fcfs", "priority"]))
+        seqs = []
+        for step in range(30):
+            if rng.random() < 0.4:
+                seqs.append(add(sched, clock, f"r{seed}-{step}", n_prompt=rng.choice([2, 5, 30, 60]),
+                                max_tokens=rng.randint(1, 5)))
+            run_step(sched)
+        finish_all(sched, steps=2000)
+        assert all(s.finish_reason == "length" and s.output_ids == [7] * s.params.max_tokens for s in seqs), seed

@@ -15,6 +15,13 @@ The dynamic batcher of the seed and iteration-level continuous batching, over th
   it computes within `itl_target_s` (`observe()`: on a slow CPU a chunk of 256 tokens can take
   seconds, every one of them a gap in the decoders' streams). Waiting sequences hold no
   blocks; a prefix-cache hit is taken at admission.
+- Long prefills leave room for short prompts (vLLM's long_prefill_token_threshold): a prompt
+  with more than `long_prefill_threshold` tokens left to prefill is long; while a request whose
+  prompt is not long waits (and may join) or is prefilling, the long ones together take at most
+  half of the step's prefill room (the budget left after the decodes, cut as above), and a long
+  waiting request finding that share spent stays waiting while shorter ones behind it join. A
+  short request sent while a long prompt prefills is admitted beside it at once instead of
+  waiting for the whole long prompt; the long one still advances every step.
 - `static`: a batch is admitted only when nothing runs and runs to completion.
 - Out of blocks mid-generation: the most recently admitted sequence is preempted (its
   blocks freed, itself put back at the head of the queue to be recomputed), never a
@@ -141,6 +148,8 @@ class Scheduler:
         self._per_token_s: deque[float] = deque(maxlen=8)
         # this step's prefill tokens still allowed (None: no cut; _CAP_UNKNOWN: not worked out yet, _room_left)
         self._prefill_left: int | None | object = None
+        # this step's tokens still allowed to long prefills (None: no cut; _CAP_UNKNOWN: not worked out yet)
+        self._long_left: int | None | object = None
 
     # ---- queue -------------------------------------------------------------------------
     @property
@@ -285,6 +294,36 @@ class Scheduler:
             self._prefill_left = self.prefill_cap()
         return self._prefill_left
 
+    def _long_room(self, left: int, n: int, budget: int) -> int:
+        """A prefill piece of n tokens of a prompt with `left` tokens still to compute, cut to the
+        long prompts' share of this step when it is long and a short prompt waits or prefills."""
+        threshold = self.config.long_prefill_threshold
+        if n <= 1 or threshold <= 0 or left <= threshold:
+            return n
+        if self._long_left is _CAP_UNKNOWN:   # worked out when the step's first long piece asks
+            self._long_left = None
+            if self._short_pending():
+                room = self._room_left()
+                room = budget if room is None else min(budget, room)
+                self._long_left = max(1, room // 2)      # the long prompts always advance
+        if self._long_left is None:
+            return n
+        n = min(n, self._long_left)
+        self._long_left -= n
+        return n
+
+    def _short_pending(self) -> bool:
+        """Whether a request whose prompt is not long is prefilling, or waits with a free slot to
+        join (continuous batching: a static batch runs as it was admitted)."""
+        cfg = self.config
+        if cfg.policy != "continuous":
+            return False
+        threshold = cfg.long_prefill_threshold
+        if any(1 < len(s.token_ids) - s.num_computed <= threshold for s in self.running):
+            return True
+        return (len(self.running) < cfg.max_batch_size and self.window_open()
+                and any(len(s.token_ids) - s.num_computed <= threshold for s in self.waiting))
+
     # ---- one step ----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         cfg = self.config
@@ -292,6 +331,7 @@ class Scheduler:
         preempted: list[str] = []
         decoding = any(len(s.token_ids) - s.num_computed == 1 for s in self.running)
         self._prefill_left = _CAP_UNKNOWN if decoding else None   # worked out when a prefill piece asks
+        self._long_left = _CAP_UNKNOWN
 
         # decodes first (one token each), then prefill chunks: a long prompt never delays them
         scheduled: dict[Sequence, ScheduledItem] = {}
@@ -304,7 +344,8 @@ class Scheduler:
                 break
             if seq.status != RUNNING or self.done_pending(seq):
                 continue  # preempted earlier in this loop, or its last token is in flight
-            n = self._prefill_room(min(len(seq.token_ids) - seq.num_computed, budget, cfg.prefill_chunk))
+            left = len(seq.token_ids) - seq.num_computed
+            n = self._prefill_room(self._long_room(left, min(left, budget, cfg.prefill_chunk), budget))
             if n <= 0:
                 continue                          # this step's prefill room is spent
             while not self.blocks.allocate(seq.request_id, seq.num_computed + n):
@@ -367,6 +408,10 @@ class Scheduler:
             cached = len(hit) * bm.block_size
             n = min(len(seq.token_ids) - cached, budget, cfg.prefill_chunk)
             if not static:
+                wanted = n
+                n = self._long_room(len(seq.token_ids) - cached, n, budget)
+                if n <= 0 < wanted:
+                    continue                      # long, and the long prompts' share is spent: shorter ones join
                 n = self._prefill_room(n)
             spare = self.watermark if self.running else 0
             # preempted for want of blocks, a sequence comes back once all it holds fits again:
