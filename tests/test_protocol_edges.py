@@ -694,17 +694,17 @@ def test_min_tokens_above_max_tokens_is_refused_naming_min_tokens():
 ])
 def test_each_way_the_pipeline_fails_a_request_is_the_documented_http_answer(kind, status, code, retry_after):
     """docs/serve.md, "Errors": the status, code and Retry-After of each PipelineError kind;
-    a failure names the stage (`param`), an input error the prompt or the field; a Reject names
-    no field (`param` null: OpenAI clients read it as the request's field at fault) and its stage
-    in the error's `stage`."""
+    an input error names the prompt or the field (`param`); a Reject, a failure and a stage's
+    timeout name no field (`param` null: OpenAI clients read it as the request's field at fault)
+    and their stage in the error's `stage` (a failure's `param` was its stage)."""
     from pipeline_dsl.flow import PipelineError
     from pipeline_dsl.serve.errors import api_error
 
     err = api_error(PipelineError("why", kind, stage="guard"), "chat", retry_after_s=3)
     assert (err.status, err.code, err.message) == (status, code, "why")
     assert err.headers == ({"Retry-After": "3"} if retry_after else {})
-    assert err.param == {"invalid": "messages", "failed": "guard"}.get(kind)
-    assert err.body()["error"].get("stage") == ("guard" if kind == "rejected" else None)
+    assert err.param == {"invalid": "messages"}.get(kind)
+    assert err.body()["error"].get("stage") == ("guard" if kind in ("rejected", "failed", "timeout") else None)
 
 
 @pytest.mark.parametrize("kind, max_tokens_field, param, sent", [

@@ -233,6 +233,7 @@ def test_agp_run_answers_in_input_order_and_reports_bad_lines(tmp_path, tiny_ggu
     assert rows[1]["error"]["line"] == 2 and "JSON" in rows[1]["error"]["message"]
     assert rows[2]["usage"]["completion_tokens"] == 3
     assert rows[3]["error"]["line"] == 4 and "max_prompt_tokens" in rows[3]["error"]["message"]
+    assert rows[3]["error"]["code"] == "context_length_exceeded"           # the code agp serve answers it with
     assert "text" in rows[4]
     assert "cannot both be true" in rows[5]["error"]["message"]
     assert rows[6]["usage"]["completion_tokens"] == 2
@@ -240,6 +241,7 @@ def test_agp_run_answers_in_input_order_and_reports_bad_lines(tmp_path, tiny_ggu
     assert rows[7]["prompt_token_ids"] and "token_ids" not in rows[0]
     assert rows[8]["error"]["line"] == 10 and "'allowed_token_ids' is empty" in rows[8]["error"]["message"]
     assert "'allowed_token_ids' holds token id 100000, outside the vocabulary" in rows[9]["error"]["message"]
+    assert rows[9]["error"]["param"] == "allowed_token_ids" and "code" not in rows[9]["error"]
     s = json.loads(stats.read_text())
     assert s["requests"] == 10 and s["completion_tokens"] >= 10 and s["output_tokens_per_s"] > 0
     assert s["peak_memory_bytes"] > 0 and s["errors"] == 5 and s["bad_lines"] == 2

@@ -70,9 +70,13 @@ def record(req: RunRequest, result, several: bool = False, runtime=None) -> dict
             err["status"] = result.error.status
         if getattr(result.error, "retry_after", None) is not None:
             err["retry_after"] = result.error.retry_after
-        if result.error.kind == "rejected":     # the field at fault and the code, as agp serve answers them
-            err["param"] = getattr(result.error, "param", None)
-            err["code"] = getattr(result.error, "code", None) or "rejected"
+        # the field at fault and the code, as agp serve answers them: a Reject's always (param null
+        # when it names none), another error's when it has them (context_length_exceeded, prompt)
+        param, code = getattr(result.error, "param", None), getattr(result.error, "code", None)
+        if result.error.kind == "rejected":
+            err["param"], err["code"] = param, code or "rejected"
+        else:
+            err.update({k: v for k, v in (("param", param), ("code", code)) if v is not None})
         return {"id": req.parsed.id, "error": err}
     first = result.choices[0]
     parts = [_choice_parts(req, c, runtime) for c in result.choices]

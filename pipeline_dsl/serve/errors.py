@@ -77,10 +77,10 @@ def api_error(e: PipelineError, kind: str, retry_after_s: int = 1, max_tokens_fi
             param = max_tokens_field
         elif kind == "responses":
             param = responses_name(param) or param
-    else:
-        param = e.stage if e.kind == "failed" else None
+    else:                               # a failure or a stage's timeout is no field's fault: its stage says where
+        param = None
     headers = {"Retry-After": str(retry_after_s)} if retry else None
-    stage = None
+    stage = e.stage if e.kind in ("failed", "timeout") else None
     if e.kind == "rejected":            # a Reject may name its status and a Retry-After of its own
         status = getattr(e, "status", None) or status
         type_ = "server_error" if status >= 500 else REJECT_TYPES.get(status, type_)
