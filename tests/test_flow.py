@@ -263,14 +263,19 @@ def test_long_prompts_reach_the_long_branch(tmp_path):
     assert stages["long_gen"]["items_in"] == 1 and stages["short_gen"]["items_in"] == 1
 
 
-def test_conditions_on_metadata_and_labels_route_each_item(tmp_path):
-    body = ("stage request : requests {}\nstage tier : python { fn = \"hooks:classify\" }\n"
+def upper_when(fn: str, condition: str) -> str:
+    """request -> a python stage (hooks:`fn`) -> the engine -> a route: to `up` (upper-cases the
+    answer) when `condition`, otherwise straight to respond."""
+    return (f"stage request : requests {{}}\nstage first : python {{ fn = \"hooks:{fn}\" }}\n"
             "stage up : python { fn = \"hooks:upper\" }\n"
             "stage gen : generate { max_new_tokens = 4 }\nstage out : respond {}\n"
-            "request -> tier -> batch\n" + chain() +
-            "stage pick : route {}\ngen -> pick\npick -> up when metadata.vip == true and not prompt_tokens > 400\n"
+            "request -> first -> batch\n" + chain() +
+            f"stage pick : route {{}}\ngen -> pick\npick -> up when {condition}\n"
             "pick -> out otherwise\nup -> out\n")
-    path = write(tmp_path, body)
+
+
+def test_conditions_on_metadata_and_labels_route_each_item(tmp_path):
+    path = write(tmp_path, upper_when("classify", "metadata.vip == true and not prompt_tokens > 400"))
     assert check(path) == []
     (vip, plain), rt = run(path, [chat("v", "hello", metadata={"vip": True}), chat("p", "hello")])
     assert vip.choices[0].text == vip.choices[0].text.upper()
@@ -279,13 +284,7 @@ def test_conditions_on_metadata_and_labels_route_each_item(tmp_path):
 
 def test_user_and_safety_identifier_reach_python_stages_and_conditions(tmp_path):
     # an A/B split by the request's safety_identifier (a python stage) and a per-user route (a condition)
-    body = ("stage request : requests {}\nstage split : python { fn = \"hooks:arm\" }\n"
-            "stage up : python { fn = \"hooks:upper\" }\n"
-            "stage gen : generate { max_new_tokens = 4 }\nstage out : respond {}\n"
-            "request -> split -> batch\n" + chain() +
-            "stage pick : route {}\ngen -> pick\npick -> up when user == \"alice\" and metadata.arm == \"b\"\n"
-            "pick -> out otherwise\nup -> out\n")
-    path = write(tmp_path, body)
+    path = write(tmp_path, upper_when("arm", 'user == "alice" and metadata.arm == "b"'))
     assert check(path) == []
     reqs = [chat("ab", "hello", user="alice", safety_identifier="s-9"), chat("a", "hello", user="alice"),
             chat("b", "hello", user="bob", safety_identifier="s-9"), chat("none", "hello")]
