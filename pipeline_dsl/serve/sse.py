@@ -223,7 +223,10 @@ class ChunkWriter(Relay):
 
     def _offsets(self, index: int) -> P.TextOffsets:
         """Choice `index`'s text_offset, carried from chunk to chunk (after its echoed prompt)."""
-        return self.offsets.setdefault(index, offsets(self.runtime, self.req.pin, self.req.fields, self.bytes_of))
+        tracker = self.offsets.get(index)       # made once a choice: setdefault would make one each chunk
+        if tracker is None:
+            tracker = self.offsets[index] = offsets(self.runtime, self.req.pin, self.req.fields, self.bytes_of)
+        return tracker
 
     def _prompt_of(self, index: int, data: dict | None) -> tuple[list | None, list | None]:
         """The prompt ids of choice `index` and their logprobs (None where not asked): from its
