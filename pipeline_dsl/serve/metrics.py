@@ -510,10 +510,10 @@ class ServerMetrics:
         self.window.add(engine_totals(stats))
 
     def render(self, stats: dict, accept: str = "") -> tuple[bytes, str]:
-        """(the scrape's body, its Content-Type) for a scraper whose Accept header is `accept`."""
-        self.update_engine(stats)
-        encode, content_type = text_exposition(accept)
-        return encode(self.registry), content_type
+        """(the scrape's body, its Content-Type) for a scraper whose Accept header is `accept`,
+        never compressed (a replica's push to the ingress)."""
+        body, content_type, _ = self.scrape(stats, accept)
+        return body, content_type
 
     def scrape(self, stats: dict, accept: str = "", accept_encoding: str = "") -> tuple[bytes, str, dict[str, str]]:
         """The answer to a GET /metrics (`exposition`) whose Accept and Accept-Encoding headers are these."""
