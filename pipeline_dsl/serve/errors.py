@@ -40,6 +40,13 @@ def responses_name(param: str | None) -> str | None:
     return param.replace(".function.", ".", 1) if (param or "").startswith("tools[") else None
 
 
+def as_responses_wrote(message: str, param: str | None) -> tuple[str, str | None]:
+    """(message, param) of an error about the chat field `param`, naming instead the field a
+    Responses request wrote for it (responses_name), where the two differ."""
+    named = responses_name(param)
+    return (message.replace(f"'{param}'", f"'{named}'"), named) if named else (message, param)
+
+
 # PipelineError.kind -> (HTTP status, OpenAI error type, code, Retry-After sent)
 FAILURES: dict[str, tuple[int, str, str | None, bool]] = {
     "invalid": (400, "invalid_request_error", None, False),           # its input (param: the prompt)
@@ -68,9 +75,8 @@ def api_error(e: PipelineError, kind: str, retry_after_s: int = 1, max_tokens_fi
         param = getattr(e, "param", None) or (
             "messages" if kind == "chat" else "input" if kind in ("responses", "embeddings")
             else "tokens" if kind == "detokenize" else "prompt")
-        named = responses_name(param) if kind == "responses" else None
-        if named:                       # the engine names the chat field it runs as: the client's own
-            message, param = message.replace(f"'{param}'", f"'{named}'"), named
+        if kind == "responses":         # the engine names the chat field it runs as: the client's own
+            message, param = as_responses_wrote(message, param)
     elif e.kind == "rejected":          # the field the Reject names (null when none): as the client wrote it
         param = getattr(e, "param", None)
         if param == "max_tokens" and max_tokens_field != "max_tokens":

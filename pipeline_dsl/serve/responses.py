@@ -25,7 +25,7 @@ from fastapi.responses import Response
 from . import protocol as P
 from .access import request_info
 from .body import read_json
-from .errors import responses_name
+from .errors import as_responses_wrote
 from .extras import bad, parsed_off_loop
 from .generation import Generations
 from .responses_events import ResponseEvents
@@ -266,10 +266,7 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
         req = P.parse_chat({k: v for k, v in chat.items() if v is not None}, max_model_len=max_model_len,
                            served=served, stages=stages)
     except APIError as e:                       # name the field as the client wrote it
-        named = responses_name(e.param)
-        if named:
-            e.message = e.message.replace(f"'{e.param}'", f"'{named}'")
-            e.param = named
+        e.message, e.param = as_responses_wrote(e.message, e.param)
         raise
     settings = {"instructions": obj.get("instructions"), "max_output_tokens": obj.get("max_output_tokens"),
                 "temperature": obj.get("temperature"), "top_p": obj.get("top_p"),
