@@ -314,7 +314,7 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
                 self._watch.set(False)
             elif now - self._taken_at >= 2 * tick:
                 self._watch.set(True)             # the request may pause its generation (serve/async_pipeline.py)
-            if taken == self._taken and now - self._taken_at >= send_timeout:
+            if now - self._taken_at >= send_timeout:    # _taken_at moved above when it took bytes
                 log.info("cutting the connection of %s: it took nothing of its answer (%s) for %gs",
                          self._client(), self._answering(), send_timeout,
                          extra={"client": self._client(), "request_id": self.conn.request_id})
