@@ -347,7 +347,6 @@ def _engine_value(g: nx.DiGraph, params: dict, name: str):
     return params.get(name)
 
 
-WEIGHT_PARAMS = ("model", "dtype", "device", "compile")   # what decides a generate stage's loaded weights
 
 
 def weights_key(g: nx.DiGraph, gen: str) -> tuple:
