@@ -178,11 +178,8 @@ class Scheduler:
         if seq.request_id in self.parked or seq.status == FINISHED:
             return
         if seq.status == RUNNING:
-            self.running.remove(seq)
-            self.blocks.free_seq(seq.request_id)
+            self._release(seq)
             self._prompt_keys_of.pop(seq, None)
-            seq.num_computed = 0              # its prompt outputs stay (prompt_outputs.py)
-            seq.num_preemptions += 1          # a step in flight for it knows its work is stale
         else:
             try:
                 self.waiting.remove(seq)
@@ -194,12 +191,8 @@ class Scheduler:
     def unpark(self, seq: Sequence) -> None:
         """A parked sequence back in the waiting queue (at its head, as a preempted one: by
         priority, in its rank)."""
-        if self.parked.pop(seq.request_id, None) is None:
-            return
-        if self.by_priority:
-            self.add(seq)
-        else:
-            self.waiting.appendleft(seq)
+        if self.parked.pop(seq.request_id, None) is not None:
+            self._requeue(seq)
 
     def remove(self, seq: Sequence, reason: str) -> None:
         """Finish or abort a sequence: leave the queues, release its blocks."""
@@ -461,14 +454,24 @@ class Scheduler:
         return self.running[-1]
 
     def _preempt(self, seq: Sequence) -> None:
+        self._release(seq)
+        self.num_preemptions += 1
+        self._requeue(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """A running sequence out of the batch, its blocks freed, to be recomputed when it comes
+        back (a step in flight for it sees by num_preemptions that its work is stale)."""
         self.running.remove(seq)
         self.blocks.free_seq(seq.request_id)
         seq.num_computed = 0                  # its prompt outputs stay (prompt_outputs.py)
         seq.status = WAITING
         seq.num_preemptions += 1
-        self.num_preemptions += 1
+
+    def _requeue(self, seq: Sequence) -> None:
+        """A sequence taken out of the batch back in the waiting queue, at its head (by priority:
+        in its rank; vLLM: a priority queue has no head)."""
         if self.by_priority:
-            self.add(seq)                     # back in its rank (vLLM: a priority queue has no head)
+            self.add(seq)
         else:
             self.waiting.appendleft(seq)
 
