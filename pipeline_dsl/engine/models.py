@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline_dsl.model_files import EMBEDDED_FILES as EMBEDDED
-from pipeline_dsl.model_files import ModelFileProblem, embedded_file, read_json_object
+from pipeline_dsl.model_files import ModelFileProblem, embedded_file, read_json_object, weights_key
 
 from .errors import ModelFileError, ModelNotFoundError
 
@@ -124,7 +124,7 @@ class LoadedModels:
     @staticmethod
     def key(source: ModelSource, dtype: str = "auto", device: str = "cpu", compile: bool = False) -> tuple:
         """What decides the loaded weights (see the class)."""
-        return os.path.realpath(source.path), str(dtype), str(device), bool(compile)
+        return weights_key(source.path, dtype, device, compile)
 
     def load(self, source: ModelSource, dtype: str = "auto", device: str = "cpu", compile: bool = False,
              generation_config: dict | None = None):

