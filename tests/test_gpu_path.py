@@ -1,6 +1,8 @@
 """The GPU path's pieces, checked on CPU: vectorised step preparation, the block-table array,
-the decode graphs' bookkeeping (captured with an eager stand-in for torch.cuda graphs), and
-that nothing CUDA-only is imported on a machine without CUDA."""
+the decode graphs' bookkeeping (captured with an eager stand-in for torch.cuda graphs), that
+nothing CUDA-only is imported on a machine without CUDA, and through the overlapped executor
+and the graphs: requests parked with a step in flight, engines sharing one model's weights,
+and long prompts cut beside short ones (long_prefill_threshold)."""
 
 import random
 import subprocess
@@ -338,3 +340,195 @@ def test_warm_up_compiles_every_version_of_the_fused_pieces_a_step_needs(tiny_gg
         assert at_load > 0 and len(versions) == at_load
     finally:
         torch._dynamo.reset()
+
+
+# ---- the newest scheduling and loading changes through the executor and the graphs --------------
+# On CUDA the executor keeps a step in flight while the host schedules the next one (step k + 1 is
+# scheduled before step k's tokens are back), and every step replays a decode graph or the
+# piecewise graphs. The CPU executor with overlap runs the host's works in the same order (admit,
+# schedule, lookup of step k + 1, then the emit of step k) and EagerGraphs replays as a graph does,
+# so these check on CPU what a device run depends on.
+
+def graphs_runner(model, num_blocks=64, max_batch=8, max_len=96, max_tokens=24):
+    """The torch path a GPU runs, its decode and piecewise graphs captured (eager stand-in)."""
+    r = eager(model, num_blocks)
+    r.capture_graphs(max_batch=max_batch, max_len=max_len, graph_factory=EagerGraphs(), max_tokens=max_tokens)
+    return r
+
+
+def collector(got, prompt_lp=None):
+    def collect(outputs):
+        for o in outputs:           # (token, its logprob): a wrong context moves the logprob
+            got.setdefault(o.request_id, []).extend((e["token_id"], e["logprob"]) for e in o.logprobs)
+            if prompt_lp is not None and o.prompt_logprobs:
+                prompt_lp[o.request_id] = o.prompt_logprobs
+    return collect
+
+
+def stepped(engine, requests) -> tuple[dict, dict]:
+    """The eager reference: engine.step, nothing in flight, nothing parked."""
+    got, prompt_lp = {}, {}
+    collect = collector(got, prompt_lp)
+    for rid, kw in requests:
+        engine.add_request(rid, **kw)
+    while engine.has_unfinished():
+        collect(engine.step())
+    return got, prompt_lp
+
+
+def test_requests_parked_with_a_step_in_flight_answer_as_never_parked_through_graphs(model):
+    # a paused stream parks its sequences (out of the batch, KV blocks freed) at the next admit,
+    # while the step scheduled before is still computing: its token comes back after the park
+    # and counts, and the blocks it writes may already be another sequence's. Let go, the sequence
+    # recomputes, reading the token still in flight from that step's samples. Parked and let go at
+    # once, after one more token, and mid-prefill (a prompt whose logprobs are wanted): the tokens,
+    # logprobs and prompt logprobs of a run that never parked.
+    cfg = dict(max_batch_size=8, max_tokens_per_step=24, prefill_chunk=8, batch_timeout_s=0.0,
+               itl_target_s=0.0)             # no prefill cut by measured time (none on CUDA): one schedule
+    rng = random.Random(0)
+    common = [rng.randrange(3, 250) for _ in range(12)]                  # a prefix in the cache
+    requests = [(str(i), dict(prompt_token_ids=common + [rng.randrange(3, 250) for _ in range(rng.randint(1, 10))],
+                              params=SamplingParams(max_tokens=rng.randint(8, 20), ignore_eos=True, logprobs=0)))
+                for i in range(6)]
+    requests.append(("p", dict(prompt_token_ids=[rng.randrange(3, 250) for _ in range(40)],
+                               params=SamplingParams(max_tokens=6, ignore_eos=True, logprobs=0, prompt_logprobs=1))))
+    ref, ref_lp = stepped(Engine(EngineConfig(**cfg), runner=eager(model, 64), tokenizer=IdTokenizer()), requests)
+
+    from pipeline_dsl.engine.executor import Executor
+    engine = Engine(EngineConfig(**cfg), runner=graphs_runner(model), tokenizer=IdTokenizer())
+    ex = Executor(engine, overlap=True, cuda_graphs=True)
+    got, prompt_lp = {}, {}
+    collect = collector(got, prompt_lp)
+    parked, late, p_seen = set(), [], []
+
+    def on_output(outputs):          # on the host thread, in the emit of step k - 1 (step k in flight)
+        collect(outputs)
+        for o in outputs:
+            rid, n = o.request_id, len(got[o.request_id])
+            if o.finished:
+                continue
+            if rid in parked:        # the token of the step in flight when it was parked
+                late.append(rid)
+                parked.discard(rid)
+                ex.park(rid, False)
+            elif rid != "p" and n in (2, 7):
+                ex.park(rid)
+                if int(rid) % 2:
+                    parked.add(rid)
+                else:                # let go in the same admit: recomputed with a token in flight
+                    ex.park(rid, False)
+            if rid == "0" and n in (1, 3):
+                seq = engine.seqs["p"]
+                p_seen.append((seq.status, seq.num_computed))
+                ex.park("p", n == 1)
+
+    for rid, kw in requests:
+        ex.submit(rid, **kw)
+    ex.run(on_output=on_output)
+    assert same_answers(got, ref) and len(got) == 7
+    assert sorted(late) == ["1", "1", "3", "3", "5", "5"]       # each park found its step in flight
+    assert p_seen[0][0] == "running" and 0 < p_seen[0][1] < 40      # parked with a prompt chunk in flight
+    assert len(prompt_lp["p"]) == len(ref_lp["p"]) == 40
+    for g, w in zip(prompt_lp["p"][1:], ref_lp["p"][1:]):
+        assert g["token_id"] == w["token_id"] and abs(g["logprob"] - w["logprob"]) < 1e-4
+    stats = engine.stats()
+    assert stats["preemptions"] == 0 and stats["kv_blocks_used"] == 0 and stats["cached_tokens"] > 0
+    assert engine.runner.graphs.replays > 0 and engine.runner.graphs.pieces.replays > 0
+    engine.blocks.check_invariants()
+
+
+def test_engines_sharing_one_models_weights_replay_their_own_graphs_side_by_side(tiny_gguf):
+    # segments on one model take one loaded copy (LoadedModels), and each engine captures its
+    # graphs over it at load: static buffers and the KV pool a graph writes are the engine's own,
+    # only the weights are shared. Two engines stepping at once through their executors answer
+    # as each does alone on weights loaded apart.
+    import threading
+
+    from pipeline_dsl.engine.models import LoadedModels, load_model, resolve_model
+
+    models = LoadedModels()
+    source = resolve_model(str(tiny_gguf))
+    (m1, _, shared1), (m2, _, shared2) = (models.load(source, dtype="fp32") for _ in range(2))
+    assert m1 is m2 and (shared1, shared2) == (False, True)
+    runners = [graphs_runner(m1, num_blocks=40), graphs_runner(m2, num_blocks=48)]
+    apart = load_model(source, dtype="fp32")[0]
+    refs = [run_engine(eager(apart, r.num_blocks), seed)[0] for seed, r in enumerate(runners)]
+
+    outs, errors = [None, None], []
+
+    def one(i):
+        try:
+            outs[i] = run_engine(runners[i], i, executor=True)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for (out, stats), ref, r in zip(outs, refs, runners):
+        assert same_answers(out, ref) and len(out) == 12
+        assert r.graphs.replays > 0 and r.graphs.pieces.replays > 0 and stats["preemptions"] > 0
+
+
+@pytest.mark.parametrize("batch,budget", [(4, 4), (8, 16)])
+def test_long_prompts_cut_beside_short_ones_replay_the_graphs_and_give_the_eager_tokens(model, batch, budget):
+    # long_prefill_threshold: a long prompt's piece is cut to half the step's prefill room while a
+    # short prompt waits or prefills, and short prompts sent during a long prefill join at once.
+    # The steps this makes must replay the graphs correctly: mixed steps of a cut long piece and
+    # short pieces (piecewise graphs), and, with a budget of one token per slot, steps of one token
+    # per sequence of which one is a prompt's piece that samples nothing (a decode graph).
+    cfg = dict(max_batch_size=batch, max_tokens_per_step=budget, prefill_chunk=16, batch_timeout_s=0.0,
+               itl_target_s=0.0, long_prefill_threshold=8)
+    rng = random.Random(2)
+
+    def req(n, m):
+        return dict(prompt_token_ids=[rng.randrange(3, 250) for _ in range(n)],
+                    params=SamplingParams(max_tokens=m, ignore_eos=True, logprobs=0))
+
+    first = [("L0", req(50, 5)), ("s0", req(5, 24)), ("L1", req(40, 4))]
+    later = [(f"s{i}", req(rng.randint(3, 9), rng.randint(3, 8))) for i in range(1, 6)]
+    ref, _ = stepped(Engine(EngineConfig(**cfg), runner=eager(model, 96), tokenizer=IdTokenizer()), first + later)
+
+    from pipeline_dsl.engine.executor import Executor
+    runner = graphs_runner(model, num_blocks=96, max_batch=batch, max_len=128, max_tokens=budget)
+    engine = Engine(EngineConfig(**cfg), runner=runner, tokenizer=IdTokenizer())
+    steps, schedule = [], engine.schedule
+
+    def recording():
+        so = schedule()
+        steps.append([(it.seq.request_id, len(it.seq.token_ids) - it.start, it.num_tokens, it.sample)
+                      for it in so.items])
+        return so
+
+    engine.schedule = recording
+    ex = Executor(engine, overlap=True, cuda_graphs=True)
+    got = {}
+    collect = collector(got)
+
+    def on_output(outputs):           # short requests arrive one by one while the long ones prefill
+        collect(outputs)
+        if "s0" in got and len(got["s0"]) <= len(later) and any(o.request_id == "s0" for o in outputs):
+            rid, kw = later[len(got["s0"]) - 1]
+            ex.submit(rid, **kw)
+
+    for rid, kw in first:
+        ex.submit(rid, **kw)
+    ex.run(on_output=on_output)
+    assert same_answers(got, ref) and len(got) == 8
+
+    def long_cut(step) -> bool:
+        """A long prompt's piece smaller than the budget and chunk left it, beside a short prefill."""
+        before = 0
+        for rid, left, n, _ in step:
+            if rid[0] == "L" and left > 8 and n < min(left, budget - before, 16):
+                return any(r[0] == "s" and lft > 1 for r, lft, _, _ in step)
+            before += n
+        return False
+
+    assert any(long_cut(s) for s in steps)
+    if budget == batch:
+        assert any(all(n == 1 for _, _, n, _ in s) and not all(smp for *_, smp in s) for s in steps if s)
+    assert runner.graphs.replays > 0 and runner.graphs.pieces.replays > 0
