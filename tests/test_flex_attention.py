@@ -297,6 +297,28 @@ def test_every_compiled_flex_version_is_made_at_warm_up_and_four_models_stay_und
         assert all(isinstance(d, int) for d in (q[0], q[1], q[3], *k, *v))
 
 
+def test_engines_sharing_one_models_weights_share_its_compiled_flex_versions(weights, fresh_dynamo):
+    # segments on one model take one loaded copy of it (models.LoadedModels) and a runner each, with
+    # its own KV pool of the same size: the limit is raised per runner shape, not per runner, so a
+    # second runner of that shape must find every version the first made at load (on CUDA each
+    # runner compiles with an inductor backend equal to the others', as this one shared backend)
+    from pipeline_dsl.engine.flex import FlexPaged
+
+    versions = []
+    backend = counting_backend(versions)
+    model = LlamaModel(weights.config, weights.weights, "fp32")
+    made = []
+    for _ in range(3):
+        r = ModelRunner(model, num_blocks=48, block_size=BS, pad_decode=True, attention="flex")
+        r.flex = FlexPaged(r, backend=backend)
+        before = len(versions)
+        r.warm_up()
+        assert r.attention == "flex" and r.attention_fallback is None
+        made.append(len(versions) - before)
+    assert made[0] >= 2 and made[1:] == [0, 0]
+    assert len(versions) <= torch._dynamo.config.recompile_limit
+
+
 def test_a_busy_machine_does_not_make_compiled_code_compile_again(weights, fresh_dynamo):
     # dynamo guards every compiled version on torch's thread count, and the CPU contention guard
     # runs steps on one thread after a slowed step: around compiled code that compiled a new
