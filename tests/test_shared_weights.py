@@ -9,7 +9,8 @@ import pytest
 
 from pipeline_dsl.commands.runner import Tally, format_summary, summarize
 from pipeline_dsl.engine import Engine, EngineConfig
-from pipeline_dsl.engine.models import LoadedModels, load_model
+from pipeline_dsl.engine.model import LlamaModel
+from pipeline_dsl.engine.models import LoadedModels, load_model, resolve_model
 from pipeline_dsl.flow import load_graph
 from pipeline_dsl.model_files import embedded_file
 from pipeline_dsl.plan import format_plan, make_plan
@@ -118,6 +119,22 @@ def test_engines_sharing_weights_keep_their_own_tokenizer_and_kv_pool(tiny_gguf)
     assert plain.runner is not own.runner and plain.blocks is not own.blocks
     assert own.tokenizer.chat_template.endswith("!")
     assert plain.tokenizer.chat_template != own.tokenizer.chat_template
+
+
+def test_weight_bytes_are_measured_once_and_again_after_a_later_load(tiny_gguf, monkeypatch):
+    """A stats scrape (/metrics) reads the held models' bytes without walking their tensors each
+    time; a model loaded later is counted in."""
+    walks = []
+    measure = LlamaModel.weight_bytes
+    monkeypatch.setattr(LlamaModel, "weight_bytes", lambda self: walks.append(self) or measure(self))
+    models = LoadedModels()
+    fp32, _, _ = models.load(resolve_model(str(tiny_gguf)), dtype="fp32")
+    first = models.cache_info()["weight_bytes"]
+    assert [models.cache_info()["weight_bytes"] for _ in range(3)] == [first] * 3
+    assert walks == [fp32]
+    bf16, _, _ = models.load(resolve_model(str(tiny_gguf)), dtype="bf16")
+    assert models.cache_info()["weight_bytes"] == first + measure(bf16)
+    assert models.cache_info()["models"] == 2 and len(walks) == 3
 
 
 def test_a_second_engine_on_compiled_weights_keeps_their_compiled_pieces(tiny_gguf):
