@@ -12,7 +12,7 @@ from pipeline_dsl.engine import Engine, EngineConfig
 from pipeline_dsl.engine.model import LlamaModel
 from pipeline_dsl.engine.models import LoadedModels, load_model, resolve_model
 from pipeline_dsl.flow import load_graph
-from pipeline_dsl.model_files import embedded_file
+from pipeline_dsl.model_files import context_length, embedded_file, kv_shape, model_file, weights_key
 from pipeline_dsl.plan import format_plan, make_plan
 
 # three generate stages with settings of their own: sampling defaults, lengths, batch sizes
@@ -98,6 +98,25 @@ def test_plan_says_which_segments_share_one_copy_of_the_weights(tmp_path, tiny_g
             "each keeps its own KV pool and batcher") in format_plan(plan).splitlines()
     assert plan.to_dict()["shared_weights"] == [{"model": str(tiny_gguf.resolve()), "dtype": "fp32",
                                                 "segments": ["g1", "g2", "g3"]}]
+
+
+def test_a_model_under_home_is_the_file_the_loader_reads(tmp_path, tiny_gguf, monkeypatch):
+    """`~/models/x.gguf` names the file the engine loads: its header (KV shape, context) is read
+    and `agp plan` counts it one copy with the same file written out, as the loader shares them."""
+    import shutil
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "models").mkdir(parents=True)
+    real = tmp_path / "home" / "models" / "x.gguf"
+    shutil.copy(tiny_gguf, real)
+    home = "~/models/x.gguf"
+    assert model_file(home) == real
+    assert kv_shape(home) == kv_shape(str(real)) is not None
+    assert context_length(home) == context_length(str(real)) is not None
+    assert weights_key(model_file(home)) == LoadedModels.key(resolve_model(home))
+    stages = {"g1": ("max_new_tokens = 3", 8), "g2": (f'max_new_tokens = 3  model = "{real}"', 8)}
+    plan = make_plan(load_graph(_pipeline(tmp_path, home, stages)))
+    assert plan.to_dict()["shared_weights"] == [{"model": str(real), "dtype": "fp32", "segments": ["g1", "g2"]}]
 
 
 def test_the_embedded_models_name_and_its_file_are_one_copy(tmp_path):
