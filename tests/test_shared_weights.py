@@ -156,6 +156,31 @@ def test_weight_bytes_are_measured_once_and_again_after_a_later_load(tiny_gguf, 
     assert models.cache_info()["models"] == 2 and len(walks) == 3
 
 
+def test_a_batch_invariant_engine_leaves_the_shared_weights_as_other_engines_run_them(tiny_gguf, monkeypatch):
+    """The invariant mode (AGP_BATCH_INVARIANT) tiles its own view of the loaded weights: an
+    engine on the same copy without it keeps the model's own layers, small head and native step,
+    as an engine alone has them."""
+    from pipeline_dsl.engine.invariant import TiledLinear
+
+    def layers(model):
+        return [type(getattr(ly, n)) for ly in model.layers for n in ("qkv", "o", "gate_up", "down")]
+
+    config = dict(model=str(tiny_gguf), dtype="bf16", kv_budget_bytes=1 << 20, block_size=8)
+    alone = Engine(EngineConfig(**config))
+    models = LoadedModels()
+    monkeypatch.setenv("AGP_BATCH_INVARIANT", "1")
+    tiled = Engine(EngineConfig(**config), models=models)
+    monkeypatch.delenv("AGP_BATCH_INVARIANT")
+    plain = Engine(EngineConfig(**config), models=models)
+    assert plain.model_info["weights_shared"] and tiled.runner.model is not plain.runner.model
+    assert set(layers(tiled.runner.model)) == {TiledLinear} and tiled.runner.native is None
+    assert layers(plain.runner.model) == layers(alone.runner.model) and TiledLinear not in layers(alone.runner.model)
+    assert type(plain.runner.model.lm_head) is type(alone.runner.model.lm_head)
+    assert type(plain.runner.model.lm_head_small) is type(alone.runner.model.lm_head_small)
+    assert (plain.runner.native is None) == (alone.runner.native is None)
+    assert tiled.runner.model.layers[0].qkv.inner is plain.runner.model.layers[0].qkv    # one copy of the weights
+
+
 def test_a_second_engine_on_compiled_weights_keeps_their_compiled_pieces(tiny_gguf):
     model, _ = load_model(str(tiny_gguf), dtype="fp32")
     model.enable_compile(force=True)
