@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from . import ast
 from .diagnostics import did_you_mean
+from .fmt import format_field
 from .parser import keywords, quote
 from .requests_io import HEADER_NAME
 
@@ -137,12 +138,6 @@ def path_text(path) -> str:
     head, *keys = path
     return head + "".join("." + k if _NAME.fullmatch(k) and k not in keywords() and head != HEADERS
                           else f"[{quote(k)}]" for k in keys)
-
-
-def _written(c: ast.Compare) -> str:
-    """The field of `c` as written (its keys strings: _check_keys passed)."""
-    return "".join(f"[{quote(k.value.value)}]" if isinstance(k, ast.Key) else ("." if i else "") + k.text
-                   for i, k in enumerate(c.field))
 
 
 def headers_read(ir) -> list[str]:
@@ -286,10 +281,10 @@ def check_compare(c: ast.Compare, item_types) -> None:
     if ftype is None:
         name = c.field[0].text
         if name in FIELDS[GENERATED] and name not in FIELDS[REQUEST] and GENERATED not in item_types:
-            raise ConditionError(f"field '{_written(c)}' is only known after generate", c.field[0],
+            raise ConditionError(f"field '{format_field(c)}' is only known after generate", c.field[0],
                                  hint="a condition before generate can read the request's fields",
                                  expected="one of " + ", ".join(known_fields(item_types)))
-        raise ConditionError(f"unknown field '{_written(c)}'", c.field[0],
+        raise ConditionError(f"unknown field '{format_field(c)}'", c.field[0],
                              expected="one of " + ", ".join(known_fields(item_types)),
                              hint=did_you_mean(name, [*FIELDS[GENERATED], *KEYED]))
     v = c.value

@@ -49,9 +49,7 @@ def format_condition(c) -> str:
     if isinstance(c, ast.Label):
         return c.name.text
     if isinstance(c, ast.Compare):
-        field = "".join(f"[{format_value(k.value)}]" if isinstance(k, ast.Key) else ("." if i else "") + k.text
-                        for i, k in enumerate(c.field))
-        return f"{field} {c.op} {format_value(c.value)}"
+        return f"{format_field(c)} {c.op} {format_value(c.value)}"
     if isinstance(c, ast.Not):
         text = format_condition(c.item)
         return "not " + (f"({text})" if isinstance(c.item, ast.BoolOp) else text)
@@ -64,6 +62,12 @@ def format_condition(c) -> str:
     if isinstance(c, ast.Otherwise):
         return "otherwise"
     raise TypeError(f"not a condition: {c!r}")
+
+
+def format_field(c: ast.Compare) -> str:
+    """The field a comparison reads, as written: `metadata.tier`, `headers["x-tenant"]`."""
+    return "".join(f"[{format_value(k.value)}]" if isinstance(k, ast.Key) else ("." if i else "") + k.text
+                   for i, k in enumerate(c.field))
 
 
 def format_edge_condition(c) -> str:

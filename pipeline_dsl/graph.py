@@ -353,15 +353,14 @@ def weights_key(g: nx.DiGraph, gen: str) -> tuple:
     """What decides the weights generate stage `gen` loads: its model file (the embedded model's
     name and its file's path are one file), dtype as written, device and compile. Engines whose
     stages have equal keys share one loaded copy (engine.models.LoadedModels); `agp plan` says so."""
-    from .model_files import EMBEDDED_FILES, embedded_file
+    from .model_files import model_file
     from .model_files import weights_key as key
 
     params = g.nodes[gen]["params"]
     model = _generate_model(g, params)
-    name = model.strip().lower()
-    path = embedded_file(name) if name in EMBEDDED_FILES else model
+    path = model_file(model)                  # as the loader finds it: `~` expanded
     dtype, device, compile = params.get("dtype") or "auto", _engine_value(g, params, "device"), params.get("compile")
-    if not path:                              # the embedded model's package is not installed: its name
+    if path is None:                          # the embedded model's package is not installed: its name
         return model, str(dtype), str(device), bool(compile)
     return key(path, dtype, device, compile)
 

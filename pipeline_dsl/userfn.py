@@ -28,7 +28,9 @@ import os
 import re
 import sys
 import threading
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 REF_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
@@ -57,8 +59,13 @@ class FunctionInfo:
     node: pyast.AST | None                # the top-level statement that defines it: FunctionDef,
                                           # AsyncFunctionDef, ClassDef, Assign, Import, If, Try, ...
                                           # (None: a C module's function)
-    settled: bool = False                 # node is a top-level def that nothing else in the module
-                                          # binds the name to (no conditional def, no reassignment)
+    tree: pyast.Module | None = field(default=None, repr=False, compare=False)   # the module's
+
+    @cached_property
+    def settled(self) -> bool:
+        """Whether node is a top-level def that nothing else in the module binds the name to (no
+        conditional def, no reassignment): a walk over the whole module, made when asked."""
+        return self.tree is not None and self.node is not None and _sole_binding(self.tree, self.node, self.name)
 
 
 def split_ref(ref: str) -> tuple[str, str]:
@@ -192,17 +199,45 @@ def _module_level(node: pyast.AST):
             todo.extend(reversed(list(pyast.iter_child_nodes(n))))
 
 
-def _parse(path: str) -> pyast.Module:
+_PARSED: OrderedDict[str, tuple[bytes, pyast.Module, dict[str, pyast.AST]]] = OrderedDict()
+_PARSED_KEPT = 32                 # modules whose parse is kept, the latest used
+_PARSED_LOCK = threading.Lock()
+
+
+def _parsed(path: str) -> tuple[pyast.Module, dict[str, pyast.AST]]:
+    """(the module's tree, its top-level definitions): parsed once while its source stays as it
+    is (one `agp check` asks of a module for each stage and each question: its function, its
+    shape, its signature, its labels), again once the file's bytes change. The trees are shared:
+    read them, never change them."""
+    source = _source(path)
+    with _PARSED_LOCK:
+        kept = _PARSED.get(path)
+        if kept is not None and kept[0] == source:
+            _PARSED.move_to_end(path)
+            return kept[1], kept[2]
+    tree = _parse(source, path)
+    defined = _definitions(tree)
+    with _PARSED_LOCK:
+        _PARSED[path] = (source, tree, defined)
+        _PARSED.move_to_end(path)
+        while len(_PARSED) > _PARSED_KEPT:
+            _PARSED.popitem(last=False)
+    return tree, defined
+
+
+def _source(path: str) -> bytes:
     try:
         if os.path.getsize(path) > MAX_SOURCE_BYTES:
             raise FunctionNotFound(f"{path} is larger than {MAX_SOURCE_BYTES >> 20} MiB, too large to check")
         with open(path, "rb") as f:
-            source = f.read(MAX_SOURCE_BYTES + 1)
-        return pyast.parse(source, path)
-    except FunctionNotFound:
-        raise
+            return f.read(MAX_SOURCE_BYTES + 1)
     except OSError as e:
         raise FunctionNotFound(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _parse(source: bytes, path: str) -> pyast.Module:
+    try:
+        return pyast.parse(source, path)
     except SyntaxError as e:              # where, as Python says it: the user fixes their module there
         where = f"{path}:{e.lineno}" + (f":{e.offset}" if e.offset else "") if e.lineno else path
         raise FunctionNotFound(f"{where}: the module has a syntax error: {e.msg}") from None
@@ -244,8 +279,7 @@ def function_info(ref: str, base_dir: str | None, _depth: int = 0) -> FunctionIn
             raise FunctionNotFound(f"module '{module}' has no function '{attr}'",
                                    [n for n in dir(mod) if not n.startswith("_")])
         return FunctionInfo(module, attr, None, None)
-    tree = _parse(path)
-    defined = _definitions(tree)
+    tree, defined = _parsed(path)
     if attr not in defined:
         for star in _star_imports(tree, module, path) if _depth < 8 else ():
             try:
@@ -256,7 +290,7 @@ def function_info(ref: str, base_dir: str | None, _depth: int = 0) -> FunctionIn
                 continue
         raise FunctionNotFound(f"module '{module}' ({path}) has no function '{attr}'",
                                sorted(n for n in defined if n != "*"))
-    return FunctionInfo(module, attr, path, defined[attr], _sole_binding(tree, defined[attr], attr))
+    return FunctionInfo(module, attr, path, defined[attr], tree)
 
 
 def _sole_binding(tree: pyast.Module, node: pyast.AST, name: str) -> bool:

@@ -246,6 +246,36 @@ def test_a_label_the_python_stage_never_returns_is_a_warning_at_the_label(tmp_pa
         assert got[0].hint == "did you mean 'question'?" and (got[0].pos.line, got[0].pos.col) == (12, 19)
 
 
+def test_check_reads_a_python_stages_module_once_and_again_once_it_changes(tmp_path, monkeypatch):
+    """One check asks several things of a stage's function (that it exists, its shape, its
+    signature, its labels): the module is parsed once for them all, and once more after an edit
+    (one of the same size, within the same clock tick, too)."""
+    import ast
+
+    parsed = []
+    parse = ast.parse
+    monkeypatch.setattr(ast, "parse", lambda source, filename="<unknown>", *a, **kw: (
+        parsed.append(filename), parse(source, filename, *a, **kw))[1])
+    hooks = tmp_path / "hooks.py"
+    hooks.write_text('def pick(item):\n    return "aa"\n')
+    path = tmp_path / "p.agp"
+    path.write_text(SEED.replace("stage out : respond {}", 'stage out : respond {}\n    stage cls : python '
+                                 '{ fn = "hooks:pick" }\n    stage r : route {}').replace(
+        "request -> batch", "request -> cls\n    cls -> r when ab\n    cls -> batch otherwise\n    r -> batch"))
+
+    def warned():
+        diags = pipeline_dsl.load(str(path))[1]
+        assert [d.message for d in diags if d.is_error] == []
+        return [d.message.split(": ", 1)[1] for d in diags]
+
+    never = "hooks:pick never returns the label 'ab' (it returns 'aa'), so this edge is never taken"
+    assert warned() == [never] and warned() == [never]
+    assert parsed.count(str(hooks)) == 1
+    hooks.write_text('def pick(item):\n    return "ab"\n')
+    assert warned() == []
+    assert parsed.count(str(hooks)) == 2
+
+
 SPLITS = {
     "ternary": 'def split(item):\n    return "b" if len(item.get("prompt", "")) < 50 else "a"\n',
     "branches": ('def split(item):\n    if item.get("user"):\n        return "a"\n    elif item.get("metadata"):\n'

@@ -44,6 +44,23 @@ def scribbles(item):
         raise ConnectionError("reset by peer")
     return item
 
+class Counted:
+    """A value whose deep copies are counted (flowkit.COUNTS["copies"])."""
+    def __deepcopy__(self, memo):
+        flowkit.bump("copies")
+        return Counted()
+
+def carries(item):
+    return {"text": "hi", "counted": Counted()}
+
+def keeps(item):
+    return item
+
+def flaky_once(item):
+    if flowkit.bump("flaky_once") == 1:
+        raise ConnectionError("reset by peer")
+    return item
+
 def refuses(item):
     return {"text": "I cannot help with that.", "finish_reason": "content_filter"}
 
@@ -135,6 +152,21 @@ def test_a_retry_gets_the_item_as_it_was_not_as_the_failed_try_left_it(tmp_path,
     assert res.ok, res.error
     assert flowkit.COUNTS["scribbles"] == 2 and rt.stats()["stages"]["f"]["retries"] == 1
     assert res.choices[0].text == "user: hi (seen)"
+
+
+@pytest.mark.parametrize("fn, copies", [("keeps", 1), ("flaky_once", 2)])
+def test_a_stage_with_retries_copies_the_item_once_per_try(tmp_path, tiny_gguf, fresh_flowkit, fn, copies):
+    """Each try works on a copy of its own, made as it starts: a call that succeeds first time
+    copies the item once, however many retries the stage may have."""
+    body = ('stage request : requests {}\nstage make : python { fn = "hooks:carries"  returns = generated }\n'
+            f'stage f : python {{ fn = "hooks:{fn}"  retries = 2  backoff = 1ms }}\nstage out : respond {{}}\n'
+            "request -> make -> f -> out\n")
+    path = write(tmp_path, tiny_gguf, body, hooks=HOOKS)
+    assert errors(path) == []
+    (res,), rt = run(path, [chat("a", "hi")])
+    assert res.ok, res.error
+    assert rt.stats()["stages"]["f"]["retries"] == copies - 1
+    assert flowkit.COUNTS["copies"] == copies
 
 
 def test_a_stage_answering_a_request_keeps_the_finish_reason_it_set(tmp_path, tiny_gguf):

@@ -425,14 +425,35 @@ def test_why_a_start_failed_is_written_whatever_the_log_level(tmp_path):
             assert record["level"] == "ERROR" and "nosuchkind" in record["message"]
 
 
-def test_a_text_log_line_is_one_line_whatever_a_client_put_in_its_reason(monkeypatch):
+@pytest.fixture
+def configure():
+    """serve.logs.configure, which `agp serve` calls once for its process, for one test of this
+    process: the loggers it sets (agp's, uvicorn's, the root) and warnings.showwarning are put
+    back after it. Left configured, every in-process server of the tests after it (test_serve's
+    LiveServer) logged its requests at INFO to the stderr of the moment, and a line written as
+    its test ended went past pytest's capture onto the run's output."""
+    import logging
+    import warnings
+
+    from pipeline_dsl.serve.logs import configure
+
+    loggers = [logging.getLogger(n) for n in ("", "agp", "agp.access", "uvicorn", "uvicorn.error", "uvicorn.access")]
+    saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
+    shown = warnings.showwarning
+    yield configure
+    warnings.showwarning = shown
+    for lg, handlers, level, propagate in saved:
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+
+
+def test_a_text_log_line_is_one_line_whatever_a_client_put_in_its_reason(monkeypatch, configure):
     """A 404's reason quotes the request's `model`: `"model": "m\\nFORGED INFO agp.access: …"`
     wrote a second line to the text log, one the client chose (an escape sequence reached the
     operator's terminal the same way). A message's control characters are escaped in text lines."""
     import io
     import logging
-
-    from pipeline_dsl.serve.logs import configure
 
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     configure("text", "info")
@@ -444,11 +465,9 @@ def test_a_text_log_line_is_one_line_whatever_a_client_put_in_its_reason(monkeyp
                              "\\x7f\tz' does not exist")
 
 
-def test_log_lines_go_to_the_stderr_of_the_moment_not_the_one_at_configure(monkeypatch):
+def test_log_lines_go_to_the_stderr_of_the_moment_not_the_one_at_configure(monkeypatch, configure):
     import io
     import logging
-
-    from pipeline_dsl.serve.logs import configure
 
     first, second = io.StringIO(), io.StringIO()
     monkeypatch.setattr(sys, "stderr", first)

@@ -9,9 +9,10 @@ import pytest
 
 from pipeline_dsl.commands.runner import Tally, format_summary, summarize
 from pipeline_dsl.engine import Engine, EngineConfig
-from pipeline_dsl.engine.models import LoadedModels, load_model
+from pipeline_dsl.engine.model import LlamaModel
+from pipeline_dsl.engine.models import LoadedModels, load_model, resolve_model
 from pipeline_dsl.flow import load_graph
-from pipeline_dsl.model_files import embedded_file
+from pipeline_dsl.model_files import context_length, embedded_file, kv_shape, model_file, weights_key
 from pipeline_dsl.plan import format_plan, make_plan
 
 # three generate stages with settings of their own: sampling defaults, lengths, batch sizes
@@ -99,6 +100,25 @@ def test_plan_says_which_segments_share_one_copy_of_the_weights(tmp_path, tiny_g
                                                 "segments": ["g1", "g2", "g3"]}]
 
 
+def test_a_model_under_home_is_the_file_the_loader_reads(tmp_path, tiny_gguf, monkeypatch):
+    """`~/models/x.gguf` names the file the engine loads: its header (KV shape, context) is read
+    and `agp plan` counts it one copy with the same file written out, as the loader shares them."""
+    import shutil
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "models").mkdir(parents=True)
+    real = tmp_path / "home" / "models" / "x.gguf"
+    shutil.copy(tiny_gguf, real)
+    home = "~/models/x.gguf"
+    assert model_file(home) == real
+    assert kv_shape(home) == kv_shape(str(real)) is not None
+    assert context_length(home) == context_length(str(real)) is not None
+    assert weights_key(model_file(home)) == LoadedModels.key(resolve_model(home))
+    stages = {"g1": ("max_new_tokens = 3", 8), "g2": (f'max_new_tokens = 3  model = "{real}"', 8)}
+    plan = make_plan(load_graph(_pipeline(tmp_path, home, stages)))
+    assert plan.to_dict()["shared_weights"] == [{"model": str(real), "dtype": "fp32", "segments": ["g1", "g2"]}]
+
+
 def test_the_embedded_models_name_and_its_file_are_one_copy(tmp_path):
     path = embedded_file("smollm2-135m-instruct")
     if path is None:
@@ -118,6 +138,47 @@ def test_engines_sharing_weights_keep_their_own_tokenizer_and_kv_pool(tiny_gguf)
     assert plain.runner is not own.runner and plain.blocks is not own.blocks
     assert own.tokenizer.chat_template.endswith("!")
     assert plain.tokenizer.chat_template != own.tokenizer.chat_template
+
+
+def test_weight_bytes_are_measured_once_and_again_after_a_later_load(tiny_gguf, monkeypatch):
+    """A stats scrape (/metrics) reads the held models' bytes without walking their tensors each
+    time; a model loaded later is counted in."""
+    walks = []
+    measure = LlamaModel.weight_bytes
+    monkeypatch.setattr(LlamaModel, "weight_bytes", lambda self: walks.append(self) or measure(self))
+    models = LoadedModels()
+    fp32, _, _ = models.load(resolve_model(str(tiny_gguf)), dtype="fp32")
+    first = models.cache_info()["weight_bytes"]
+    assert [models.cache_info()["weight_bytes"] for _ in range(3)] == [first] * 3
+    assert walks == [fp32]
+    bf16, _, _ = models.load(resolve_model(str(tiny_gguf)), dtype="bf16")
+    assert models.cache_info()["weight_bytes"] == first + measure(bf16)
+    assert models.cache_info()["models"] == 2 and len(walks) == 3
+
+
+def test_a_batch_invariant_engine_leaves_the_shared_weights_as_other_engines_run_them(tiny_gguf, monkeypatch):
+    """The invariant mode (AGP_BATCH_INVARIANT) tiles its own view of the loaded weights: an
+    engine on the same copy without it keeps the model's own layers, small head and native step,
+    as an engine alone has them."""
+    from pipeline_dsl.engine.invariant import TiledLinear
+
+    def layers(model):
+        return [type(getattr(ly, n)) for ly in model.layers for n in ("qkv", "o", "gate_up", "down")]
+
+    config = dict(model=str(tiny_gguf), dtype="bf16", kv_budget_bytes=1 << 20, block_size=8)
+    alone = Engine(EngineConfig(**config))
+    models = LoadedModels()
+    monkeypatch.setenv("AGP_BATCH_INVARIANT", "1")
+    tiled = Engine(EngineConfig(**config), models=models)
+    monkeypatch.delenv("AGP_BATCH_INVARIANT")
+    plain = Engine(EngineConfig(**config), models=models)
+    assert plain.model_info["weights_shared"] and tiled.runner.model is not plain.runner.model
+    assert set(layers(tiled.runner.model)) == {TiledLinear} and tiled.runner.native is None
+    assert layers(plain.runner.model) == layers(alone.runner.model) and TiledLinear not in layers(alone.runner.model)
+    assert type(plain.runner.model.lm_head) is type(alone.runner.model.lm_head)
+    assert type(plain.runner.model.lm_head_small) is type(alone.runner.model.lm_head_small)
+    assert (plain.runner.native is None) == (alone.runner.native is None)
+    assert tiled.runner.model.layers[0].qkv.inner is plain.runner.model.layers[0].qkv    # one copy of the weights
 
 
 def test_a_second_engine_on_compiled_weights_keeps_their_compiled_pieces(tiny_gguf):

@@ -25,6 +25,8 @@ default; it is for reproducing answers, not for throughput.
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -53,16 +55,24 @@ class TiledLinear:
         return out.reshape(nt * TILE, -1)[:M]                    # [M, N]
 
 
-def make_invariant(model) -> None:
-    """Wrap the model's linear layers (once)."""
+def make_invariant(model):
+    """The model as the invariant mode runs it: a shallow copy whose linear layers (and lm_head)
+    are TiledLinear, on the same tensors (no weight is copied). `model` itself is left as it is:
+    other engines on the same loaded weights (models.LoadedModels) keep their own kernels, its
+    small int8 head and the native decode step. A model already made invariant is returned as is."""
     if getattr(model, "batch_invariant", False):
-        return
+        return model
+    view = copy.copy(model)
+    view.layers = []
     for ly in model.layers:
+        tiled = copy.copy(ly)
         for name in ("qkv", "o", "gate_up", "down"):
-            setattr(ly, name, TiledLinear(getattr(ly, name)))
-    model.lm_head = TiledLinear(model.lm_head)
-    model.lm_head_small = None
-    model.batch_invariant = True
+            setattr(tiled, name, TiledLinear(getattr(ly, name)))
+        view.layers.append(tiled)
+    view.lm_head = TiledLinear(model.lm_head)
+    view.lm_head_small = None
+    view.batch_invariant = True
+    return view
 
 
 def key_index(batch, block_size: int, item_of: np.ndarray, positions: np.ndarray, scratch: int):

@@ -342,6 +342,10 @@ class ModelRunner:
                  *, pad_decode: bool = False, compile: bool = False, batch_invariant: bool = False,
                  attention: str = "auto"):
         c = model.config
+        if batch_invariant:           # invariant.py: fixed-tile GEMMs, on a view of the weights of its own
+            from .invariant import make_invariant
+
+            model = make_invariant(model)
         self.model = model
         self.num_blocks, self.block_size = num_blocks, block_size
         self.device = torch.device(device) if device is not None else model.device
@@ -360,7 +364,7 @@ class ModelRunner:
         # the native kernels (CPU): whole decode steps of up to native_max_batch sequences, and
         # paged attention in place for larger ones; None: the eager path alone
         self.native = NativeDecoder.create(model, self._k_pool, self._v_pool, block_size) \
-            if self.device.type == "cpu" else None
+            if self.device.type == "cpu" and not batch_invariant else None
         # CPU: a step that another process slowed down sends the next ones to one thread, every
         # engine's of the process at once (their steps share the cores: compute.Contention)
         self.guard = ContentionGuard(contention=CPU_CONTENTION) if self.device.type == "cpu" else None
@@ -368,10 +372,7 @@ class ModelRunner:
         # batch-invariant mode (invariant.py): fixed-tile GEMMs, one attention path, no native kernels
         self.batch_invariant = batch_invariant
         if batch_invariant:
-            from .invariant import make_invariant
-
-            make_invariant(model)
-            self.native, self.pad_decode = None, False
+            self.pad_decode = False
         self.graphs = None                    # cuda_graphs.DecodeGraphs once captured (capture_graphs)
         self.graphs_fallback: str | None = None   # why the capture failed at load, if it did
         # attention: "sdpa" gathers each sequence's keys and runs SDPA (the native kernels on CPU);

@@ -120,6 +120,7 @@ class LoadedModels:
         self._lock = threading.Lock()          # held through a load: an equal load waits for it
         self._models: dict[tuple, tuple] = {}
         self._loads = self._hits = 0
+        self._weight_bytes: int | None = None  # cache_info's, measured once its engines are built
 
     @staticmethod
     def key(source: ModelSource, dtype: str = "auto", device: str = "cpu", compile: bool = False) -> tuple:
@@ -141,16 +142,22 @@ class LoadedModels:
             else:
                 self._hits += 1
                 shared = True
+            self._weight_bytes = None          # the engine built on it may add tensors (prepacked copies)
         model, tokenizer = held
         return model, copy.copy(tokenizer), shared
 
     def cache_info(self) -> dict:
         """loads: models read from their files; hits: engines given one already loaded; models:
-        copies held; weight_bytes: their tensors' bytes, each copy counted once."""
+        copies held; weight_bytes: their tensors' bytes, each copy counted once. The bytes are
+        measured (a walk over every tensor) at the first call after the last load, which a runtime
+        makes once it has built its engines, and kept until a model is loaded again: a stats scrape
+        reads them without walking the tensors."""
         with self._lock:
             held = [m for m, _ in self._models.values()]
+            if self._weight_bytes is None:
+                self._weight_bytes = sum(m.weight_bytes() for m in held)
             return {"loads": self._loads, "hits": self._hits, "models": len(held),
-                    "weight_bytes": sum(m.weight_bytes() for m in held)}
+                    "weight_bytes": self._weight_bytes}
 
 
 def read_generation_config(folder) -> dict:

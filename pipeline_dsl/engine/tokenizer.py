@@ -99,6 +99,13 @@ def _char_size(data: bytes, at: int) -> int:
     return 0
 
 
+def replacing_decoder():
+    """A new incremental decoder of UTF-8 bytes fed a piece at a time that reads the bytes of a
+    cut character as Python's "replace" does, one U+FFFD for them (as a byte-level BPE's text
+    does); bytes that may still become a character wait for the next piece."""
+    return codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+
 class StrayBytesDecoder:
     """UTF-8 bytes fed a piece at a time, read as a SentencePiece text reads its byte pieces:
     whole characters, each byte that is no part of one a U+FFFD (Python's "replace" makes one
@@ -376,7 +383,7 @@ class Tokenizer:
         """A new incremental decoder (`.decode(data, final=False) -> str`) of the bytes of this
         tokenizer's tokens (token_bytes) that reads them as its text does: it tells where each
         token's text begins when tokens cut characters (logprobs' text_offset)."""
-        return StrayBytesDecoder() if self._byte_fallback else codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return StrayBytesDecoder() if self._byte_fallback else replacing_decoder()
 
     def token_to_id(self, token: str) -> int | None:
         return self.tk.token_to_id(token)
@@ -494,6 +501,9 @@ class IdTokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         return str(token_id).encode()
+
+    def bytes_decoder(self):
+        return replacing_decoder()
 
 
 class IncrementalDecoder:

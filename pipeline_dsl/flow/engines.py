@@ -70,10 +70,7 @@ class EngineSide:
         """-> a new incremental decoder of tokens' bytes that reads them as the tokenizer's text
         does (a stray byte of a SentencePiece answer is one U+FFFD, of a byte-level one as Python's
         "replace" reads it), for counting where each token's text begins."""
-        import codecs
-
-        tok = self._segment_for(pin).tokenizer
-        return getattr(tok, "bytes_decoder", None) or (lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
+        return self._segment_for(pin).tokenizer.bytes_decoder
 
     def special_token_ids(self, pin: str | None = None) -> frozenset:
         """The ids of the tokenizer's special tokens (an answer's text leaves them out unless

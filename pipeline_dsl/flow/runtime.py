@@ -365,7 +365,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                     waiting.append(item)
                     return []
                 self._pending[(stage, key)] = []
-        tries = _Tries(view, self.workers[stage].retries)
+        tries = _Tries(view, item.data, self.workers[stage].retries)
         fn, is_async = self._callable(stage, tries.take)
         t0 = time.perf_counter()
         self.workers[stage].submit(fn, lambda ok, value: self._task(self._called, item, stage, tries, ok, value,
@@ -617,7 +617,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         inputs = self.joins.inputs(stage, waiting)
         t0 = time.perf_counter()
         if self.joins.user_code(stage):               # the user's fn: on the join's own workers
-            tries = _Tries([copy.deepcopy(it.data) for it in inputs], self.workers[stage].retries)
+            came = [it.data for it in inputs]
+            tries = _Tries(copy.deepcopy(came), came, self.workers[stage].retries)
             call = (lambda: impl.amerge(tries.take())) if impl.is_async else \
                 (lambda: impl.merge(tries.take(), awaited=lambda value: self._awaited(stage, value)))
 
@@ -747,19 +748,19 @@ def _ignore(_chunk) -> None:
 
 class _Tries:
     """The item's copy each try of one call works on (a join fn's: the list of its results): the
-    first try's is `view`; a retry gets a fresh copy of the item as it came, never what a failed
-    try wrote on its own copy (a message it appended before its connection broke would be there
-    twice). `view`: the latest try's."""
-    __slots__ = ("pristine", "view", "count")
+    first try's is `view`; a retry gets a fresh copy of `came`, the item as it came (it stays as it
+    is while its stage's call runs), never what a failed try wrote on its own copy (a message it
+    appended before its connection broke would be there twice). `view`: the latest try's."""
+    __slots__ = ("came", "view", "count")
 
-    def __init__(self, view: "dict | list", retries: int):
-        self.pristine = copy.deepcopy(view) if retries else None
+    def __init__(self, view: "dict | list", came: "dict | list", retries: int):
+        self.came = came if retries else None
         self.view, self.count = view, 0
 
     def take(self) -> "dict | list":
         self.count += 1
-        if self.count > 1 and self.pristine is not None:
-            self.view = copy.deepcopy(self.pristine)
+        if self.count > 1 and self.came is not None:
+            self.view = copy.deepcopy(self.came)
         return self.view
 
 

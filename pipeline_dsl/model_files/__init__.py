@@ -6,6 +6,7 @@
     check_model_path(path)                 # all of the above (and tokenizer.json for a folder)
     kv_shape("smollm2-135m-instruct")      # (layers, KV heads, head size): what a KV block holds
     context_length("m.gguf")               # the model's context in tokens
+    model_file("~/models/m.gguf")          # the file or folder a model setting names, as the loader finds it
 
 Each problem raises `ModelFileProblem(path, problem)`: the file at fault and one line on
 what is wrong. A GGUF file is walked with `struct` over an mmap, and every count and
@@ -40,7 +41,7 @@ __all__ = ["DEQUANTIZABLE", "GGML_TYPES", "GGUF_ARCHITECTURES", "GGUF_TOKENIZERS
            "gguf_engine_name", "gguf_file_name", "gguf_llama_config", "gguf_required", "gguf_used_keys",
            "hf_config", "hf_engine_name", "hf_file_name", "hf_llama_config", "read_gguf_header", "read_json_object",
            "read_safetensors_header", "weight_files", "kv_shape", "context_length", "EMBEDDED_FILES", "embedded_file",
-           "weights_key"]
+           "model_file", "weights_key"]
 
 # the embedded models: name -> (the package that ships the file, the file inside it); the one
 # table (engine/models.py resolves a model name through it, check reads the header)
@@ -64,6 +65,14 @@ def embedded_file(name: str) -> Path | None:
     return None
 
 
+def model_file(model: str) -> Path | None:
+    """The file or folder a `model` setting names, as the engine's loader finds it: the embedded
+    model's installed file for its name (None when its package is not installed), else the path
+    with `~` expanded (`~/models/m.gguf`)."""
+    key = model.strip().lower()
+    return embedded_file(key) if key in EMBEDDED_FILES else Path(model).expanduser()
+
+
 def kv_shape(model: str) -> tuple[int, int, int] | None:
     """(layers, KV heads, head size) of an embedded model's name, a .gguf file or a Hugging Face
     folder, read from its header (no weights); None when it cannot be read (check reports a bad
@@ -81,8 +90,7 @@ def context_length(model: str) -> int | None:
 
 
 def _header_config(model: str) -> dict | None:
-    key = model.strip().lower()
-    path = embedded_file(key) if key in EMBEDDED_FILES else Path(model)
+    path = model_file(model)
     if path is None:
         return None
     try:

@@ -519,8 +519,11 @@ class TextOffsets:
         self.pos = start
         self.special, self.skip = special, skip_special_tokens
         # the tokens' bytes read as the tokenizer's text reads them (a SentencePiece text makes each
-        # stray byte one U+FFFD, Python's "replace" one of a cut character's bytes)
-        self._decoder = decoder or codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # stray byte one U+FFFD, Python's "replace" one of a cut character's bytes): its bytes_decoder()
+        if decoder is None:
+            from pipeline_dsl.engine.tokenizer import replacing_decoder
+            decoder = replacing_decoder()
+        self._decoder = decoder
 
     def next(self, token_id: int, shown_in: str | None = None) -> int:
         """The offset of this token, then move past it; `shown_in`: the prompt text it is echoed in
