@@ -229,9 +229,13 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
 
     @property
     def full(self) -> bool:
-        """Whether `max_queue` requests already wait (in flight and not running on an engine)."""
-        running = sum(es.num_running for es in self.segments)
-        return len(self.ledger) - running >= self.max_queue
+        """Whether `max_queue` requests already wait (in flight and not running on an engine).
+        A paused request (pause) waits for its reader, not for an engine, and holds no engine
+        resources: paused ones count only beyond `max_queue` of them, so readers that stall do
+        not refuse new requests while the engines idle, and their number stays bounded."""
+        running = sum(es.num_running for es in self.segments)   # a paused one's, until its park lands
+        paused = self.ledger.paused
+        return max(0, len(self.ledger) - paused - running) + max(0, paused - self.max_queue) >= self.max_queue
 
     @property
     def in_flight(self) -> int:
@@ -260,7 +264,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                 return False
             if req.paused == paused:
                 return paused
-            req.paused = paused
+            self.ledger.set_paused(req, paused)
             seqs = list(req.seqs.items())
         self._park_as_paused(req, seqs, paused)
         return paused
