@@ -16,7 +16,8 @@ The dynamic batcher of the seed and iteration-level continuous batching, over th
   seconds, every one of them a gap in the decoders' streams). Waiting sequences hold no
   blocks; a prefix-cache hit is taken at admission.
 - Long prefills leave room for short prompts (vLLM's long_prefill_token_threshold): a prompt
-  with more than `long_prefill_threshold` tokens left to prefill is long; while a request whose
+  with more than `long_prefill_threshold` tokens left to prefill is long (a waiting one's
+  prefix-cache hit counted: a long prompt whose prefix is cached is short); while a request whose
   prompt is not long waits (and may join) or is prefilling, the long ones together take at most
   half of the step's prefill room (the budget left after the decodes, cut as above), and a long
   waiting request finding that share spent stays waiting while shorter ones behind it join. A
@@ -318,7 +319,22 @@ class Scheduler:
         if any(1 < len(s.token_ids) - s.num_computed <= threshold for s in self.running):
             return True
         return (len(self.running) < cfg.max_batch_size and self.window_open()
-                and any(len(s.token_ids) - s.num_computed <= threshold for s in self.waiting))
+                and any(self._short_waiting(s) for s in self.waiting))
+
+    def _short_waiting(self, seq: Sequence) -> bool:
+        """Whether a waiting sequence's prompt is not long: at most long_prefill_threshold tokens
+        left to prefill once its admission takes the prefix cache's hit (a long prompt whose
+        prefix is cached has few). Its keys are worked out once; only as many of its first blocks
+        as would make it short are looked for, and an uncached prompt stops at the first."""
+        threshold = self.config.long_prefill_threshold
+        left = len(seq.token_ids)
+        if left <= threshold:
+            return True
+        if seq.prompt_out is not None or not self.blocks.prefix_reuse:
+            return False                          # every prompt row computed, or no cache to read
+        need = -(-(left - threshold) // self.blocks.block_size)   # blocks the cache must serve
+        keys = self._prompt_keys(seq)
+        return len(keys) >= need and self.blocks.holds(keys[:need])
 
     # ---- one step ----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
