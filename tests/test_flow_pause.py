@@ -19,6 +19,16 @@ import flowkit
 def held(item):
     flowkit.gate("go").wait(60)
     return item
+
+
+def guard(item, chunks):
+    for text in chunks:
+        yield text
+
+
+async def aguard(item, chunks):
+    async for text in chunks:
+        yield text
 '''
 
 pytestmark = pytest.mark.usefixtures("fresh_flowkit")
@@ -182,6 +192,34 @@ def test_paused_requests_do_not_fill_the_queue_up_to_max_queue_of_them(tmp_path,
         more = Listener()
         rt.submit(request("q3", n=1, max_tokens=4), more, stream=True)
         assert more.done.wait(30) and more.result.error is None
+    finally:
+        rt.close(drain=False)
+        rt.shutdown()
+
+
+@pytest.mark.parametrize("fn", ["guard", "aguard"])
+def test_a_pause_longer_than_a_stream_stages_timeout_is_not_its_timeout(tmp_path, soft_gguf, fn):
+    """A stream stage with `timeout = 200ms` between generate and respond: the request paused by
+    its reader for five times that is answered whole, the stage not timed out. The pause is the
+    reader's: the stage's clock runs only while its function works on a chunk, not while it
+    waits for the next, which a paused generation does not make."""
+    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 24 }\n"
+            f'stage g : python {{ fn = "hooks:{fn}"  stream = true  timeout = 200ms }}\n'
+            "stage out : respond {}\nrequest -> batch\ngen -> g -> out\n" + chain())
+    path = write(tmp_path, soft_gguf, body, hooks=HOOKS)
+    assert errors(path) == []
+    rt = runtime(path)
+    rt.start()
+    try:
+        paused = threading.Event()
+        heard = Listener(on_first=lambda key: (rt.pause(key, True), paused.set()))
+        key = rt.submit(request("s", n=1), heard, stream=True)
+        assert paused.wait(30)
+        assert not heard.done.wait(1.0)            # five timeouts' worth, paused
+        rt.pause(key, False)
+        assert heard.done.wait(30)
+        assert heard.result.error is None and len(heard.result.choices) == 1
+        assert heard.result.usage["completion_tokens"] == 24
     finally:
         rt.close(drain=False)
         rt.shutdown()

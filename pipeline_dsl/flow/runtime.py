@@ -255,9 +255,11 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         """Pause a request's generation, for a reader that does not keep up: its engine sequences
         leave their batches (their KV blocks freed, what they had recomputed when they go on) and
         wait, neither running nor queued, until pause(key, False); sequences it starts meanwhile
-        start paused. Its stage timeouts still run. Once the runtime stops admitting (a drain)
-        nothing is paused: what is in flight runs to its end. Returns whether the request is
-        paused now (False: let go, refused in a drain, or no longer in flight)."""
+        start paused. A stream stage waiting for their chunks is not timed meanwhile (its timeout
+        bounds its function's own time); a call of user code that runs meanwhile (on another
+        branch) is timed as ever. Once the runtime stops admitting (a drain) nothing is paused:
+        what is in flight runs to its end. Returns whether the request is paused now (False: let
+        go, refused in a drain, or no longer in flight)."""
         with self._lock:
             req = self.ledger.get(key)
             if req is None or req.done or (paused and self._closing):
