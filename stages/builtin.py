@@ -64,7 +64,8 @@ DYNAMIC_BATCH = StageKind(
         Param("itl_target", DURATION, 0.5, "while sequences decode, a step's prefill is cut to what the "
               "engine measured it can compute in this long, so a long prompt delays the others' next "
               "token by about this much (CPU; 0 = prefill_chunk alone)", min=0.0, max=60.0),
-        Param("long_prefill_threshold", INT, 1024, "a prompt with more tokens than this left to prefill is long: "
+        Param("long_prefill_threshold", INT, 1024, "a prompt with more tokens than this left to prefill (its prefix-cache hit "
+              "taken off) is long: "
               "while a request whose prompt is not long waits or prefills, long prompts together take at most "
               "half of a step's prefill tokens, so the short one is admitted beside them (vLLM's "
               "long_prefill_token_threshold; 0 = off)", min=0, max=1 << 30),

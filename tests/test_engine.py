@@ -590,7 +590,8 @@ def test_a_stop_token_writes_its_text_only_where_include_stop_str_in_output_asks
 def test_a_parked_request_gives_its_slot_and_blocks_away_and_goes_on_where_it_was():
     """park: a running request leaves the batch (its KV blocks freed, not a preemption for want
     of blocks), another takes its one slot and finishes; the engine is idle with it parked;
-    unparked, it recomputes and ends with the answer it would have had."""
+    unparked, it recomputes and ends with the answer it would have had, its metrics counting the
+    pause as a pause, not as a preemption (before: "preemptions" 1)."""
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     ref = toy_engine(max_batch_size=1)
     ref.add_request("a", prompt="abort me please", params=params)
@@ -611,5 +612,6 @@ def test_a_parked_request_gives_its_slot_and_blocks_away_and_goes_on_where_it_wa
     e.park("a", False)
     finals, deltas = run_all(e)
     assert set(finals) == {"a"} and text + deltas["a"] == want
+    assert (finals["a"].metrics["preemptions"], finals["a"].metrics["pauses"]) == (0, 1)
     assert e.blocks.num_used == 0 and e.stats()["preemptions"] == 0
     e.blocks.check_invariants()

@@ -11,6 +11,7 @@ import pytest
 
 import flowkit
 from flowkit import chain, errors, runtime, write
+from pipeline_dsl.flow import PipelineError
 
 HOOKS = '''
 import flowkit
@@ -18,13 +19,24 @@ import flowkit
 def held(item):
     flowkit.gate("go").wait(60)
     return item
+
+
+def guard(item, chunks):
+    for text in chunks:
+        yield text
+
+
+async def aguard(item, chunks):
+    async for text in chunks:
+        yield text
 '''
 
 pytestmark = pytest.mark.usefixtures("fresh_flowkit")
 
 
-def pipeline(tmp_path, model, before: str = ""):
-    stages = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 24 }\nstage out : respond {}\n")
+def pipeline(tmp_path, model, before: str = "", requests: str = ""):
+    stages = (f"stage request : requests {{{requests}}}\nstage gen : generate {{ max_new_tokens = 24 }}\n"
+              "stage out : respond {}\n")
     if before:
         stages += 'stage f : python { fn = "hooks:held" }\nrequest -> f -> batch\n'
     else:
@@ -144,3 +156,70 @@ def test_a_seeded_request_paused_and_let_go_answers_as_unpaused_and_counts_its_t
     assert paused_counts["prompt_tokens"] == plain_counts["prompt_tokens"]
     assert paused_counts["generated_tokens"] == plain_counts["generated_tokens"] == 48
     assert paused_counts["prefill_tokens"] > plain_counts["prefill_tokens"]    # it did recompute
+
+
+def test_paused_requests_do_not_fill_the_queue_up_to_max_queue_of_them(tmp_path, soft_gguf):
+    """requests.max_queue = 2: streams paused by their readers hold no engine resources and wait
+    for their readers, not for an engine, so they do not fill the queue: with two, then three
+    of them paused and the engines idle a new request is admitted and answered (before: the
+    two paused ones were "waiting", and it got queue_full). Past max_queue paused ones they
+    count again: with four paused the next is refused queue_full; each paused one, let go, is
+    answered."""
+    rt = runtime(pipeline(tmp_path, soft_gguf, requests=" max_queue = 2 "))
+    rt.start()
+    paused = []
+    try:
+        def paused_stream(rid):
+            done = threading.Event()
+            heard = Listener(on_first=lambda key: (rt.pause(key, True), done.set()))
+            paused.append((rt.submit(request(rid, n=1), heard, stream=True), heard))
+            assert done.wait(30)
+        for rid in ("p1", "p2"):
+            paused_stream(rid)
+        plain = Listener()
+        rt.submit(request("q1", n=1, max_tokens=4), plain, stream=True)
+        assert plain.done.wait(30) and plain.result.error is None
+        for rid in ("p3", "p4"):
+            paused_stream(rid)
+        with pytest.raises(PipelineError) as refused:
+            rt.submit(request("q2", n=1, max_tokens=4), Listener(), stream=True)
+        assert refused.value.kind == "queue_full"
+        for key, heard in paused:
+            assert not heard.done.is_set()
+            rt.pause(key, False)
+        for key, heard in paused:
+            assert heard.done.wait(30) and heard.result.error is None
+        more = Listener()
+        rt.submit(request("q3", n=1, max_tokens=4), more, stream=True)
+        assert more.done.wait(30) and more.result.error is None
+    finally:
+        rt.close(drain=False)
+        rt.shutdown()
+
+
+@pytest.mark.parametrize("fn", ["guard", "aguard"])
+def test_a_pause_longer_than_a_stream_stages_timeout_is_not_its_timeout(tmp_path, soft_gguf, fn):
+    """A stream stage with `timeout = 200ms` between generate and respond: the request paused by
+    its reader for five times that is answered whole, the stage not timed out. The pause is the
+    reader's: the stage's clock runs only while its function works on a chunk, not while it
+    waits for the next, which a paused generation does not make."""
+    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 24 }\n"
+            f'stage g : python {{ fn = "hooks:{fn}"  stream = true  timeout = 200ms }}\n'
+            "stage out : respond {}\nrequest -> batch\ngen -> g -> out\n" + chain())
+    path = write(tmp_path, soft_gguf, body, hooks=HOOKS)
+    assert errors(path) == []
+    rt = runtime(path)
+    rt.start()
+    try:
+        paused = threading.Event()
+        heard = Listener(on_first=lambda key: (rt.pause(key, True), paused.set()))
+        key = rt.submit(request("s", n=1), heard, stream=True)
+        assert paused.wait(30)
+        assert not heard.done.wait(1.0)            # five timeouts' worth, paused
+        rt.pause(key, False)
+        assert heard.done.wait(30)
+        assert heard.result.error is None and len(heard.result.choices) == 1
+        assert heard.result.usage["completion_tokens"] == 24
+    finally:
+        rt.close(drain=False)
+        rt.shutdown()

@@ -326,3 +326,24 @@ def test_every_request_finishes_with_its_tokens_when_long_prefills_leave_room_fo
             run_step(sched)
         finish_all(sched, steps=2000)
         assert all(s.finish_reason == "length" and s.output_ids == [7] * s.params.max_tokens for s in seqs), seed
+
+
+def test_a_long_prompt_whose_prefix_is_cached_joins_beside_a_long_prefill_as_a_short_one():
+    """long_prefill_threshold counts the tokens left to prefill: a 100-token prompt whose first 96
+    the prefix cache holds has 4 to compute, so it is short. Sent while a long prompt prefills at
+    the whole step budget, it joins at once beside it and has its first token (before: judged by
+    its length, it was long, the long one kept the whole step and it waited for its prefill)."""
+    sched, clock = make(num_blocks=128, batch_timeout_s=0.0, max_tokens_per_step=16, prefill_chunk=16,
+                        itl_target_s=0.0, long_prefill_threshold=32)
+    warm = add(sched, clock, "warm", n_prompt=100, max_tokens=1)
+    finish_all(sched)
+    assert warm.finish_reason == "length"
+    long = add(sched, clock, "long", n_prompt=120, max_tokens=2)
+    run_step(sched)
+    again = Sequence("again", warm.token_ids[:96] + [1, 2, 3, 4], 100, SamplingParams(max_tokens=2), clock())
+    sched.add(again)
+    out = run_step(sched)
+    assert {it.seq.request_id: it.num_tokens for it in out.items} == {"long": 8, "again": 4}
+    assert again.cached_tokens == 96 and again.num_output == 1 and long.num_computed < long.num_prompt
+    finish_all(sched)
+    assert long.output_ids == again.output_ids == [7, 7]

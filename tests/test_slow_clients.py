@@ -367,6 +367,37 @@ def test_a_paused_stream_goes_on_when_its_consumer_catches_up_and_is_cut_if_it_n
         loop.close()
 
 
+def test_a_stream_that_pauses_and_goes_on_says_so_in_the_log_with_its_client_and_request_id(caplog):
+    """Each pause and each going on is an INFO line of agp.serve naming the answer, its client
+    and why (unread tokens, or its client's TCP taking nothing), the client and request id as the
+    record's fields too (a JSON log line's `client`, `request_id`), as the line of a cut does.
+    (Before: a stream paused and went on without a word; only its cut was logged.)"""
+    import logging
+
+    loop = asyncio.new_event_loop()
+    try:
+        runtime = type("Runtime", (), {"pause": lambda self, key, paused: paused, "accepting": True})()
+        owner = type("Owner", (), {"metrics": None, "runtime": runtime})()
+        stream = RequestStream(owner, LoopMail(loop), pause_unread_tokens=8)
+        stream.key, stream.id, stream.client, stream.request_id = "k", "cmpl-abc", "10.1.2.3:5000", "abc"
+        caplog.set_level(logging.INFO, logger="agp.serve")
+        for i in range(12):
+            stream.on_delta("k", 0, _Out([i], f"tok{i} ", ""))
+        loop.run_until_complete(asyncio.sleep(0))
+        for _ in range(12):
+            loop.run_until_complete(stream.__anext__())
+        stream.client_stalled(True)
+        stream.client_stalled(False)
+        lines = [r for r in caplog.records if r.name == "agp.serve"]
+        assert [r.getMessage().split(":")[0] for r in lines] == ["pausing cmpl-abc of 10.1.2.3", "resuming cmpl-abc of "
+                                                                 "10.1.2.3"] * 2
+        assert "more than 8 tokens unread" in lines[0].getMessage() and "TCP" in lines[2].getMessage()
+        assert "paused" in lines[1].getMessage()
+        assert all((r.levelname, r.client, r.request_id) == ("INFO", "10.1.2.3:5000", "abc") for r in lines)
+    finally:
+        loop.close()
+
+
 def test_in_a_drain_a_stream_is_neither_paused_nor_cut_for_a_pause_that_did_not_happen():
     """Once the runtime stops admitting (a drain) it pauses nothing, and lets go what was paused:
     a stream past pause_unread_tokens then is not counted as paused nor cut pause_limit_s later

@@ -41,7 +41,7 @@ class EngineConfig:
     max_tokens_per_step: int = 512         # token budget of one step (decodes + prefill chunks)
     prefill_chunk: int = 256               # longest prefill piece of one sequence in one step
     itl_target_s: float = 0.5              # while others decode, prefill per step cut to this long (measured)
-    long_prefill_threshold: int = 1024     # a prompt longer takes at most half a step's prefill while shorter ones wait (0 = off)
+    long_prefill_threshold: int = 1024     # a prompt with more left to prefill (cache hit off) takes at most half a step's prefill while shorter ones wait (0 = off)
     max_queue: int = 1024                  # waiting requests beyond this are refused (QueueFullError)
     compile: bool = False                  # torch.compile the model's forward
     max_model_len: int | None = None       # default: the model's context length, at most the KV pool's tokens

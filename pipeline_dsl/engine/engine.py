@@ -511,7 +511,8 @@ class Engine:
         self._finish(seq, "length")
         scheduled = seq.scheduled if seq.scheduled is not None else seq.arrival
         metrics = {"ttft_s": now - seq.arrival, "latency_s": now - seq.arrival, "queue_s": scheduled - seq.arrival,
-                   "prefill_s": now - scheduled, "decode_s": 0.0, "preemptions": seq.num_preemptions}
+                   "prefill_s": now - scheduled, "decode_s": 0.0, "preemptions": seq.num_preemptions,
+                   "pauses": seq.num_pauses}
         prompt_lp, pooled = seq.prompt_out.take() if seq.prompt_out is not None else (None, None)
         return RequestOutput(seq.request_id, [], "", "", True, "length", seq.num_prompt, 0, seq.cached_tokens,
                              metrics, None, prompt_lp, pooled)
@@ -627,7 +628,8 @@ class Engine:
             scheduled = seq.scheduled if seq.scheduled is not None else seq.arrival
             metrics = {"ttft_s": st.first - seq.arrival, "latency_s": now - seq.arrival,
                        "queue_s": scheduled - seq.arrival, "prefill_s": st.first - scheduled,
-                       "decode_s": now - st.first, "preemptions": seq.num_preemptions}
+                       "decode_s": now - st.first, "preemptions": seq.num_preemptions,
+                       "pauses": seq.num_pauses}
             if reason == "error":
                 metrics["error"] = st.error
                 if st.error_param:

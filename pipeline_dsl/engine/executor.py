@@ -84,7 +84,7 @@ class _Launch:
     m: int
     so: Any                                   # SchedulerOutput
     sample_pos: list                          # per item: index of its placeholder, or None
-    preemptions: list                         # per item: seq.num_preemptions at scheduling
+    preemptions: list                         # per item: seq.num_released at scheduling
     sample_seqs: list
     batch: Any = None                         # StepBatch (PLACEHOLDER where a token is in flight)
     fill_srcs: list = field(default_factory=list)  # micro-batches whose samples fill it, in order
@@ -298,7 +298,7 @@ class Executor:
                         wait = 0.005 if self._idle() else 0.002   # direct adds do not notify
                     self._wake.wait(wait)
                 return False
-            pre = [it.seq.num_preemptions for it in so.items]
+            pre = [it.seq.num_released for it in so.items]
             pos, seqs = [], []
             for it in so.items:       # advance as if the step were done (its token unknown)
                 seq = it.seq
@@ -453,13 +453,13 @@ class Executor:
                 if tok is not None:
                     seq.token_ids[pos] = tok
                     seq.state.pending.pop(pos, None)
-                if seq.num_preemptions == pre:
+                if seq.num_released == pre:
                     eng.commit(seq, it.start + it.num_tokens)
                 if L.rows and index in L.rows:        # computed before any preemption since: still the prompt's
                     eng.accept_rows(seq, L.rows[index])
                 if tok is None:
                     done = (eng.finish_prefilled(seq, it.start + it.num_tokens, now)
-                            if seq.num_preemptions == pre else None)
+                            if seq.num_released == pre else None)
                     if done is not None:
                         outputs.append(done)
                     continue

@@ -196,6 +196,11 @@ class BlockManager:
             blocks.append(block)
         return blocks
 
+    def holds(self, keys: list[BlockKey]) -> bool:
+        """Whether the prefix cache holds every one of these blocks (keys of a prompt's first full
+        blocks, in order): lookup would serve at least them."""
+        return self.prefix_reuse and all(key in self.cached for key in keys)
+
     def num_computed_blocks(self, seq_id: str) -> int:
         """Full blocks of the (admitted) sequence whose K/V are known computed: shared at admission
         or committed since (a block still being computed is not among them)."""

@@ -16,7 +16,8 @@ The dynamic batcher of the seed and iteration-level continuous batching, over th
   seconds, every one of them a gap in the decoders' streams). Waiting sequences hold no
   blocks; a prefix-cache hit is taken at admission.
 - Long prefills leave room for short prompts (vLLM's long_prefill_token_threshold): a prompt
-  with more than `long_prefill_threshold` tokens left to prefill is long; while a request whose
+  with more than `long_prefill_threshold` tokens left to prefill is long (a waiting one's
+  prefix-cache hit counted: a long prompt whose prefix is cached is short); while a request whose
   prompt is not long waits (and may join) or is prefilling, the long ones together take at most
   half of the step's prefill room (the budget left after the decodes, cut as above), and a long
   waiting request finding that share spent stays waiting while shorter ones behind it join. A
@@ -67,7 +68,9 @@ class Sequence:
     num_computed: int = 0                 # leading tokens whose K/V are in the cache
     cached_tokens: int = 0                # prompt tokens the prefix cache served (first admission)
     admitted: bool = False
-    num_preemptions: int = 0
+    num_preemptions: int = 0              # times preempted for want of KV blocks
+    num_pauses: int = 0                   # times parked by whoever reads its output (park)
+    num_released: int = 0                 # times out of the batch, either way: its blocks freed
     scheduled: float | None = None        # when it was first admitted to run (queue time ends)
     finish_reason: str | None = None
     prompt_out: Any = None                # prompt_outputs.PromptOutputs: every prompt row's outputs wanted
@@ -174,9 +177,10 @@ class Scheduler:
     def park(self, seq: Sequence) -> None:
         """Take a sequence out of the batch until unpark(): a running one is preempted (its blocks
         freed, recomputed when it comes back, its full blocks meanwhile in the prefix cache), a
-        waiting one leaves the queue. Not counted as a preemption for want of blocks."""
+        waiting one leaves the queue. Counted as a pause, not as a preemption for want of blocks."""
         if seq.request_id in self.parked or seq.status == FINISHED:
             return
+        seq.num_pauses += 1
         if seq.status == RUNNING:
             self._release(seq)
             self._prompt_keys_of.pop(seq, None)
@@ -315,7 +319,22 @@ class Scheduler:
         if any(1 < len(s.token_ids) - s.num_computed <= threshold for s in self.running):
             return True
         return (len(self.running) < cfg.max_batch_size and self.window_open()
-                and any(len(s.token_ids) - s.num_computed <= threshold for s in self.waiting))
+                and any(self._short_waiting(s) for s in self.waiting))
+
+    def _short_waiting(self, seq: Sequence) -> bool:
+        """Whether a waiting sequence's prompt is not long: at most long_prefill_threshold tokens
+        left to prefill once its admission takes the prefix cache's hit (a long prompt whose
+        prefix is cached has few). Its keys are worked out once; only as many of its first blocks
+        as would make it short are looked for, and an uncached prompt stops at the first."""
+        threshold = self.config.long_prefill_threshold
+        left = len(seq.token_ids)
+        if left <= threshold:
+            return True
+        if seq.prompt_out is not None or not self.blocks.prefix_reuse:
+            return False                          # every prompt row computed, or no cache to read
+        need = -(-(left - threshold) // self.blocks.block_size)   # blocks the cache must serve
+        keys = self._prompt_keys(seq)
+        return len(keys) >= need and self.blocks.holds(keys[:need])
 
     # ---- one step ----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -410,7 +429,7 @@ class Scheduler:
             # preempted for want of blocks, a sequence comes back once all it holds fits again:
             # back on one chunk's room it would be preempted again and again, recomputing each
             # time what the cache no longer holds (all of it, for a prompt whose rows are wanted)
-            need = len(seq.token_ids) if seq.num_preemptions else cached + n
+            need = len(seq.token_ids) if seq.num_released else cached + n
             if bm.admission_cost(hit, need) + spare > bm.num_free:
                 break  # wait for running sequences to finish and free blocks
             seq.num_computed = 0 if fresh else bm.match_prefix(seq.request_id, seq.token_ids,
@@ -456,16 +475,17 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self._release(seq)
         self.num_preemptions += 1
+        seq.num_preemptions += 1
         self._requeue(seq)
 
     def _release(self, seq: Sequence) -> None:
         """A running sequence out of the batch, its blocks freed, to be recomputed when it comes
-        back (a step in flight for it sees by num_preemptions that its work is stale)."""
+        back (a step in flight for it sees by num_released that its work is stale)."""
         self.running.remove(seq)
         self.blocks.free_seq(seq.request_id)
         seq.num_computed = 0                  # its prompt outputs stay (prompt_outputs.py)
         seq.status = WAITING
-        seq.num_preemptions += 1
+        seq.num_released += 1
 
     def _requeue(self, seq: Sequence) -> None:
         """A sequence taken out of the batch back in the waiting queue, at its head (by priority:

@@ -19,6 +19,7 @@ class RequestLedger:
         self.clock = clock
         self.requests: dict[str, RequestState] = {}
         self.owner: dict[str, Item] = {}             # engine sequence id -> its item
+        self.paused = 0                              # requests in flight paused by their readers
         self.totals = {"requests": 0, "answered": 0, "failed": 0}
         self._numbers = itertools.count(1)
         self._seq_ids = itertools.count(1)
@@ -39,6 +40,12 @@ class RequestLedger:
 
     def live(self) -> list[RequestState]:
         return list(self.requests.values())
+
+    def set_paused(self, req: RequestState, paused: bool) -> None:
+        """Its reader paused it (True) or let it go on; counted while it is in flight."""
+        if req.paused != paused and not req.done:
+            req.paused = paused
+            self.paused += 1 if paused else -1
 
     # ---- engine sequences ----------------------------------------------------------------
     def bind(self, item: Item, segment: Any) -> str:
@@ -111,6 +118,8 @@ class RequestLedger:
     # ---- endings -------------------------------------------------------------------------
     def close(self, req: RequestState, failed: bool) -> list[tuple[str, Any]]:
         """The request ends: out of the ledger; its engine sequences (to abort) returned."""
+        if req.paused:
+            self.paused -= 1
         req.done = True
         self.requests.pop(req.key, None)
         seqs = list(req.seqs.items())

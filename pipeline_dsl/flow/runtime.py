@@ -229,9 +229,13 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
 
     @property
     def full(self) -> bool:
-        """Whether `max_queue` requests already wait (in flight and not running on an engine)."""
-        running = sum(es.num_running for es in self.segments)
-        return len(self.ledger) - running >= self.max_queue
+        """Whether `max_queue` requests already wait (in flight and not running on an engine).
+        A paused request (pause) waits for its reader, not for an engine, and holds no engine
+        resources: paused ones count only beyond `max_queue` of them, so readers that stall do
+        not refuse new requests while the engines idle, and their number stays bounded."""
+        running = sum(es.num_running for es in self.segments)   # a paused one's, until its park lands
+        paused = self.ledger.paused
+        return max(0, len(self.ledger) - paused - running) + max(0, paused - self.max_queue) >= self.max_queue
 
     @property
     def in_flight(self) -> int:
@@ -251,16 +255,18 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         """Pause a request's generation, for a reader that does not keep up: its engine sequences
         leave their batches (their KV blocks freed, what they had recomputed when they go on) and
         wait, neither running nor queued, until pause(key, False); sequences it starts meanwhile
-        start paused. Its stage timeouts still run. Once the runtime stops admitting (a drain)
-        nothing is paused: what is in flight runs to its end. Returns whether the request is
-        paused now (False: let go, refused in a drain, or no longer in flight)."""
+        start paused. A stream stage waiting for their chunks is not timed meanwhile (its timeout
+        bounds its function's own time); a call of user code that runs meanwhile (on another
+        branch) is timed as ever. Once the runtime stops admitting (a drain) nothing is paused:
+        what is in flight runs to its end. Returns whether the request is paused now (False: let
+        go, refused in a drain, or no longer in flight)."""
         with self._lock:
             req = self.ledger.get(key)
             if req is None or req.done or (paused and self._closing):
                 return False
             if req.paused == paused:
                 return paused
-            req.paused = paused
+            self.ledger.set_paused(req, paused)
             seqs = list(req.seqs.items())
         self._park_as_paused(req, seqs, paused)
         return paused

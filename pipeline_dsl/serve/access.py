@@ -62,6 +62,12 @@ def request_info(scope) -> RequestInfo:
     return info
 
 
+def client_of(scope) -> str:
+    """The client as the logs name it: HOST:PORT ([::1]:50412 for an IPv6 client), or "-"."""
+    client = scope.get("client")
+    return endpoint(*client[:2]) if client else "-"
+
+
 class Access:
     def __init__(self, app, root_path: str = "", quiet: tuple[str, ...] = (), metrics=None, routes=()):
         self.app, self.root = app, root_path.rstrip("/")
@@ -115,8 +121,7 @@ class Access:
     def _log(scope, status: int, info: RequestInfo) -> None:
         if not access_log.isEnabledFor(logging.INFO):
             return
-        client = scope.get("client")
-        who = endpoint(*client[:2]) if client else "-"          # [::1]:50412 for an IPv6 client
+        who = client_of(scope)
         raw = scope.get("raw_path") or scope.get("path", "").encode()
         path = raw.decode("latin-1") + (f"?{scope['query_string'].decode('latin-1')}"
                                         if scope.get("query_string") else "")

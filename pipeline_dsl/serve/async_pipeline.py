@@ -97,6 +97,9 @@ class RequestStream:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.key: str | None = None
         self.id: str | None = None               # the answer's id (cmpl-..., chatcmpl-...), for the log
+        self.client: str | None = None           # who asked (HOST:PORT) and the request's X-Request-Id,
+        self.request_id: str | None = None       # for the log
+        self._paused_at = 0.0
         self.finished = False
         self.started = False                     # a consumer began reading (the app sets it)
         self.arrival = time.monotonic()
@@ -132,7 +135,7 @@ class RequestStream:
             return
         self.stalled = stalled
         if stalled and not self.paused:
-            self._set_paused(True)
+            self._set_paused(True, "its client's TCP took nothing of its answer for a while")
         elif not stalled and self.paused and self.unread <= 0:
             self._set_paused(False)
 
@@ -201,7 +204,7 @@ class RequestStream:
             self._cut(f"the stream was cut: its client left more than {limit} generated tokens unread "
                       f"(--max-unread-tokens)")
         elif self.pause_unread_tokens and self.unread > self.pause_unread_tokens and not self.paused:
-            self._set_paused(True)
+            self._set_paused(True, f"its client left more than {self.pause_unread_tokens} tokens unread")
 
     def _cut(self, message: str) -> None:
         """Abort the request for its unread tokens, counted; the deltas it queued are dropped."""
@@ -215,16 +218,25 @@ class RequestStream:
         self.unread = 0
         self._owner.runtime.abort(self.key, message)
 
-    def _set_paused(self, paused: bool) -> None:
+    def _set_paused(self, paused: bool, why: str = "") -> None:
         """Pause its generation (its sequences out of the batch, their KV blocks freed) while its
-        consumer does not take its tokens, for at most pause_limit_s; or let it go on."""
+        consumer does not take its tokens, for at most pause_limit_s; or let it go on. Logged,
+        as a cut is, with its client and request id."""
         if self.cut or self.ended or self.finished:
             return
         # the runtime's word: in a drain it pauses nothing (the stream is neither paused, counted
         # nor timed: its tokens queue on, up to max_unread_tokens)
-        paused = bool(self._owner.runtime.pause(self.key, paused))
+        was, paused = self.paused, bool(self._owner.runtime.pause(self.key, paused))
         self.paused = paused
         self._stop_timer()
+        extra = {"client": self.client or "-", "request_id": self.request_id or self.id or self.key}
+        if paused and not was:
+            self._paused_at = time.monotonic()
+            log.info("pausing %s of %s: %s", self.id or self.key, self.client or "a client", why, extra=extra)
+        elif was and not paused:
+            log.info("resuming %s of %s: its client took every waiting token, after %.1fs paused",
+                     self.id or self.key, self.client or "a client", time.monotonic() - self._paused_at,
+                     extra=extra)
         m = self._owner.metrics
         if paused:
             if m is not None:
@@ -353,17 +365,19 @@ class AsyncPipeline:
         return self.runtime.in_flight
 
     async def add(self, data: dict, *, pin: str | None = None, stream: bool = False,
-                  params: dict | None = None) -> RequestStream:
+                  params: dict | None = None, client: str | None = None,
+                  request_id: str | None = None) -> RequestStream:
         """Submit a request; raises PipelineError (queue_full, unavailable, invalid) at once.
-        `params` (its n and max_tokens) go to the metrics when it finishes. Not a stream: its
-        only event is the result."""
+        `params` (its n and max_tokens) go to the metrics when it finishes; `client` (HOST:PORT)
+        and `request_id` (its X-Request-Id) name it in the log. Not a stream: its only event is
+        the result."""
         loop = asyncio.get_running_loop()
         mail = self._mails.get(loop)
         if mail is None:
             mail = self._mails.setdefault(loop, LoopMail(loop))
         rs = RequestStream(self, mail, self.max_unread_tokens, deltas=stream,
                            pause_unread_tokens=self.pause_unread_tokens, pause_limit_s=self.pause_limit_s)
-        rs.params, rs.id = params, data.get("id")
+        rs.params, rs.id, rs.client, rs.request_id = params, data.get("id"), client, request_id
         rs.key = self.runtime.submit(data, rs, pin=pin, stream=stream)
         return rs
 

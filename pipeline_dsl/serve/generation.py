@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from pipeline_dsl.flow import PipelineError
 
 from . import protocol as P
-from .access import request_info
+from .access import client_of, request_info
 from .answers import answer_body
 from .async_pipeline import AsyncPipeline, RequestStream, StreamGroup
 from .body import read_json
@@ -122,8 +122,9 @@ class Generations:
                 item = part.item(rid if k == 0 else f"{rid}-{k}",
                                  exclude_tools_when_none=self.config.exclude_tools_when_tool_choice_none,
                                  headers=headers)
-                streams.append(await self.apipe.add(item, pin=req.pin,
-                                                    stream=req.stream, params=params))
+                streams.append(await self.apipe.add(item, pin=req.pin, stream=req.stream, params=params,
+                                                    client=client_of(request.scope),
+                                                    request_id=request_info(request.scope).id))
         except PipelineError as e:
             for st in streams:
                 st.abort()
