@@ -118,6 +118,31 @@ def test_a_csv_or_text_file_is_refused_before_the_model_loads(tmp_path, pipeline
     assert [("error" in g) for g in records(tmp_path / "m.jsonl")] == [True, False]
 
 
+def test_a_pretty_printed_json_file_is_refused_before_the_model_loads_with_the_jq_that_flattens_it(tmp_path, pipeline):
+    """json.dump(requests, indent=2) writes an array over several lines, some of whose elements
+    would parse as lines of their own: such a file is refused as a whole (exit 2, nothing written),
+    not run as the one element that fits a line among error records; so are objects written over
+    several lines, with the jq that puts each on one line, not a text file's hint."""
+    reqs = [{"prompt": "hi", "max_tokens": 2}, {"prompt": "yo", "max_tokens": 2}]
+    for name, text, said, hint in (
+            ("array.json", json.dumps(reqs, indent=2) + "\n", "line 1 is a lone '['", "jq -c '.[]' FILE"),
+            ("rows.json", "[\n" + ",\n".join(map(json.dumps, reqs)) + "\n]\n", "line 1 is a lone '['", "jq -c"),
+            ("objects.json", "\ufeff" + "".join(json.dumps(r, indent=2) + "\n" for r in reqs),
+             "line 1 is a lone '{'", "jq -c . FILE")):
+        path, out = tmp_path / name, tmp_path / f"{name}.out"
+        path.write_text(text, encoding="utf-8")
+        r = run(pipeline, "-i", path, "-o", out)
+        assert r.returncode == 2, r.stderr
+        assert f"{path} is not JSON Lines: {said}" in r.stderr and hint in r.stderr, r.stderr
+        assert "a text file of prompts" not in r.stderr and "run summary" not in r.stderr   # nothing ran
+        assert not out.exists() or out.read_text() == ""
+    flat = tmp_path / "flat.jsonl"                      # the same requests one a line run
+    flat.write_text("".join(json.dumps(r) + "\n" for r in reqs))
+    r = run(pipeline, "-i", flat, "-o", tmp_path / "flat.out")
+    assert r.returncode == 0, r.stderr
+    assert ["text" in g for g in records(tmp_path / "flat.out")] == [True, True]
+
+
 def test_the_summarys_tokens_add_up_to_the_output_lines_usage(tmp_path, pipeline):
     """A prompt over the model's context fails after it is tokenised; its tokens are in no output
     line, so the summary does not count them either."""
