@@ -122,11 +122,13 @@ def test_a_pretty_printed_json_file_is_refused_before_the_model_loads_with_the_j
     """json.dump(requests, indent=2) writes an array over several lines, some of whose elements
     would parse as lines of their own: such a file is refused as a whole (exit 2, nothing written),
     not run as the one element that fits a line among error records; so are objects written over
-    several lines, with the jq that puts each on one line, not a text file's hint."""
+    several lines, with the jq that puts each on one line, not a text file's hint, and an array on
+    one line (json.dump without an indent), before the model loads rather than as its record."""
     reqs = [{"prompt": "hi", "max_tokens": 2}, {"prompt": "yo", "max_tokens": 2}]
     for name, text, said, hint in (
             ("array.json", json.dumps(reqs, indent=2) + "\n", "line 1 is a lone '['", "jq -c '.[]' FILE"),
             ("rows.json", "[\n" + ",\n".join(map(json.dumps, reqs)) + "\n]\n", "line 1 is a lone '['", "jq -c"),
+            ("line.json", json.dumps(reqs) + "\n", "line 1 is a JSON array", "jq -c '.[]' FILE"),
             ("objects.json", "\ufeff" + "".join(json.dumps(r, indent=2) + "\n" for r in reqs),
              "line 1 is a lone '{'", "jq -c . FILE")):
         path, out = tmp_path / name, tmp_path / f"{name}.out"
