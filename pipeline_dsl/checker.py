@@ -753,6 +753,27 @@ SCHEMA_EXPECTED = "a JSON Schema file (relative to this .agp file) that constrai
 MAX_SCHEMA_BYTES = 4 << 20       # a json_schema file: as large as a request body may be (agp serve)
 
 
+# JSON Schema's types, and the names other languages give them that a schema's `type` is often
+# written with (a Python or C habit): a `type` outside the first is not a keyword agp lacks but a typo
+JSON_TYPES = ("array", "boolean", "integer", "null", "number", "object", "string")
+TYPE_HABITS = {"float": "number", "double": "number", "int": "integer", "bool": "boolean", "str": "string",
+               "list": "array", "dict": "object", "none": "null"}
+
+
+def _schema_hint(why: str, closed: bool) -> str | None:
+    """The help under a json_schema file's `cannot be enforced` error: none where agp's closed
+    objects are the cause (`closed`: the message says what to write); for a `type` JSON Schema
+    does not have, the types it has and the one meant; else what constrained decoding lacks."""
+    if closed:
+        return None
+    bad = re.search(r"Invalid type: (.+)$", why)
+    if bad:
+        name = bad.group(1).strip()
+        meant = TYPE_HABITS.get(name.lower()) or Suggestions(JSON_TYPES).closest(name)
+        return f"a JSON Schema type is one of {', '.join(JSON_TYPES)}" + (f": did you mean '{meant}'?" if meant else "")
+    return "constrained decoding supports most of JSON Schema; not, e.g., uniqueItems or not"
+
+
 def _json_schema_file(path: str, base: str | None, pos: SourcePos,
                       allowed: tuple[str, ...]) -> tuple[str, Diagnostic | None]:
     """generate.json_schema: the file found beside the .agp file (or from the working directory),
@@ -801,8 +822,7 @@ def _json_schema_file(path: str, base: str | None, pos: SourcePos,
         constraints.check_spec({"type": "json_schema", "schema": schema})
     except constraints.GrammarError as e:
         return path, _err(f"json_schema file '{path}' cannot be enforced: {e}", pos, expected=SCHEMA_EXPECTED,
-                          hint=None if constraints.CLOSED in str(e) else
-                          "constrained decoding supports most of JSON Schema; not, e.g., uniqueItems or not")
+                          hint=_schema_hint(str(e), constraints.CLOSED in str(e)))
     except RecursionError:
         return path, _err(f"json_schema file '{path}' is nested too deeply", pos, expected=SCHEMA_EXPECTED)
     return found, None

@@ -378,6 +378,8 @@ def vllm_equivalents(extra: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if debug:       # taken wherever it stands: an internal error says "run with --debug", after the command too
+        argv = ["--debug"] + [a for a in argv if a != "--debug"]
     try:
         parser = build_parser(argv)
         args, extra = parser.parse_known_args(argv)

@@ -674,6 +674,29 @@ def spec_options(value: dict) -> dict:
 MAX_DEPTH = 64            # JSON nesting a request may have (messages sit at depth 3)
 
 
+def spread_json(first_line: bytes) -> str | None:
+    """Why a file whose first line is `first_line` is one JSON document, not one request a line:
+    that line is a lone `[` or `{` (json.dump with an indent, jq's default output: read as lines,
+    only the elements that happen to fit on one line would run) or a whole JSON array
+    (json.dump(requests) without one), which no request line is. None for any other line."""
+    first = first_line.removeprefix(b"\xef\xbb\xbf").strip()
+    if first == b"[":
+        return ("a lone '[': the file is a JSON array written over several lines, not one JSON request a line "
+                "(jq -c '.[]' FILE writes the array's requests one a line)")
+    if first.startswith(b"[") and first.endswith(b"]"):         # json.dump(requests) without an indent
+        try:
+            whole = isinstance(json.loads(first), list)
+        except (ValueError, RecursionError):
+            whole = False
+        if whole:
+            return ("a JSON array: the file is one JSON array of requests, not one JSON request a line "
+                    "(jq -c '.[]' FILE writes the array's requests one a line)")
+    if first == b"{":
+        return ("a lone '{': the file holds JSON objects written over several lines, not one JSON request a line "
+                "(jq -c . FILE writes each object on one line)")
+    return None
+
+
 def load_json(text: str | bytes, what: str = "the request") -> Any:
     """JSON text -> a Python value, or RequestError saying why not: not UTF-8, not JSON, nested
     too deeply, a number too long to convert, a string holding a lone UTF-16 surrogate

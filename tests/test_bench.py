@@ -252,6 +252,22 @@ def test_workload_errors_name_the_file_and_line(tmp_path):
         B.load_workload(latin)
 
 
+def test_a_pretty_printed_json_workload_is_refused_with_the_jq_that_flattens_it_as_agp_run_refuses_it(tmp_path):
+    """json.dump(requests, indent=2) is no JSONL file: bench said its line 1 ('[') was not valid
+    JSON, with no word of the file being one JSON document over several lines."""
+    reqs = [{"prompt": "hi"}, {"prompt": "there"}]
+    for name, text, said in (("array.json", json.dumps(reqs, indent=2), r"line 1 is a lone '\['.*jq -c '\.\[\]' FILE"),
+                             ("objects.json", "\n" + "\n".join(json.dumps(r, indent=2) for r in reqs),
+                              r"line 2 is a lone '\{'.*jq -c \. FILE")):
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(B.BenchError, match=rf"{name} is not JSON Lines: {said}"):
+            B.load_workload(path)
+    flat = tmp_path / "flat.jsonl"
+    flat.write_text("".join(json.dumps(r) + "\n" for r in reqs))
+    assert [r.prompt for r in B.load_workload(flat)] == ["hi", "there"]
+
+
 def test_a_workload_with_a_byte_order_mark_loads_as_agp_run_reads_it(tmp_path):
     """Editors on Windows start a UTF-8 file with a BOM; agp run skips it, bench said the first
     line was not JSON."""

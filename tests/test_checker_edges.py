@@ -116,6 +116,22 @@ def test_json_schema_that_cannot_be_enforced_gets_a_hint(tmp_path, monkeypatch):
         "constrained decoding supports most of JSON Schema; not, e.g., uniqueItems or not")
 
 
+@pytest.mark.parametrize("written, meant", [("strin", "string"), ("Integer", "integer"), ("float", "number"),
+                                             ("bool", "boolean")])
+def test_a_json_schema_type_json_schema_lacks_is_named_a_typo_with_the_types_and_the_one_meant(
+        tmp_path, monkeypatch, written, meant):
+    """`"type": "strin"` (or a Python habit, `"float"`) is a typo, not a keyword constrained
+    decoding lacks: the help lists JSON Schema's types and the one meant, where it said
+    'supports most of JSON Schema; not, e.g., uniqueItems or not'."""
+    pytest.importorskip("llguidance")
+    monkeypatch.chdir(tmp_path)
+    f = _schema_pipeline(tmp_path, "s.json", '{"type": "object", "properties": {"a": {"type": "%s"}}}' % written)
+    assert render_file(f) == _schema_error(
+        f, "s.json", f"json_schema file 's.json' cannot be enforced: at #/properties/a: Invalid type: {written}",
+        "a JSON Schema type is one of array, boolean, integer, null, number, object, string: "
+        f"did you mean '{meant}'?")
+
+
 def test_a_json_schema_that_fails_because_its_objects_are_closed_says_so_without_the_general_hint(
         tmp_path, monkeypatch):
     """A required key missing from `properties` fails only because agp closes objects: the error

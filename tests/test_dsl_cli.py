@@ -123,6 +123,19 @@ def test_internal_errors_are_hidden_unless_debug(monkeypatch, capsys):
         cli.main(["--debug", "stages"])
 
 
+def test_debug_shows_the_traceback_also_given_after_the_command_as_the_internal_errors_hint_reads(
+        monkeypatch, capsys):
+    """'internal error: … (run with --debug for the traceback)': `agp run P --debug` said
+    'unrecognized arguments: --debug', and only `agp --debug run P` showed it."""
+    def boom(args):
+        raise RuntimeError("kaput")
+    monkeypatch.setattr(cli, "cmd_stages", boom)
+    for argv in (["stages", "--debug"], ["stages", "generate", "--debug"]):
+        with pytest.raises(RuntimeError, match="kaput"):
+            cli.main(argv)
+    assert "unrecognized arguments" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["serve", "run"])
 def test_a_vllm_flag_is_refused_with_where_agp_sets_it(command, capsys):
     """vLLM's flags that agp has no flag of that name for are still unknown (exit 2, the usage),

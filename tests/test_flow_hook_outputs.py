@@ -5,6 +5,7 @@ Each bad output fails its own request at the stage that made it, with a message 
 what; every other request is answered."""
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -234,3 +235,44 @@ def test_a_request_a_stage_answers_itself_reports_its_prompt_tokens(tmp_path, so
     assert by_id["plain"].choices[0].text == "a canned answer"
     assert by_id["plain"].usage == {"prompt_tokens": prompt, "completion_tokens": 0, "cached_tokens": 0}
     assert by_id["counted"].usage == {"prompt_tokens": prompt, "completion_tokens": 7, "cached_tokens": 0}
+
+
+TOOL_LOOP_HOOKS = '''
+import json
+
+def tool(result):
+    """A tool step: run the calls the model made, hand their results back to it, once."""
+    calls, req = result.get("tool_calls"), result["request"]
+    if calls:
+        req["messages"] = req["messages"] + [{"role": "assistant", "content": None, "tool_calls": calls}] + [
+            {"role": "tool", "tool_call_id": c["id"], "content": "7"} for c in calls]
+        req["tool_choice"] = "none"
+        req["metadata"] = {"ran": [[c["function"]["name"], json.loads(c["function"]["arguments"])] for c in calls]}
+        return req
+    return {"text": json.dumps({"ran": req.get("metadata", {}).get("ran"), "calls": "tool_calls" in result})}
+'''
+
+
+def test_a_python_tool_stage_reads_the_calls_the_model_made_parsed_as_agp_serve_answers_them(tmp_path, long_gguf):
+    """A Generated result whose request gave tools carries `tool_calls` (id, name, JSON arguments)
+    parsed out of its text, so a tool loop in the pipeline runs them without parsing the model's
+    own call markup; an answer under tool_choice "none" carries none."""
+    add = {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                         "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["a", "b"]}}}
+    body = ('stage request : requests {}\nstage gen : generate { max_new_tokens = 200 }\n'
+            'stage tool : python { fn = "hooks:tool"  max_turns = 2  returns = any }\nstage out : respond {}\n'
+            + chain().replace("budget = 2MiB", "budget = 8MiB")
+            + "request -> batch\ngen -> tool\ntool -> batch\ntool -> out\n")
+    path = write(tmp_path, long_gguf, body, hooks=TOOL_LOOP_HOOKS)
+    assert errors(path) == []
+    forced = chat("t", "add two numbers", max_tokens=200, tools=[add],
+                  tool_choice={"type": "function", "function": {"name": "add"}})
+    forced.pop("ignore_eos")
+    (r,), _ = run(path, [forced])
+    assert r.ok, r.error
+    seen = json.loads(r.choices[0].text)
+    assert seen["calls"] is False                          # the second answer, under tool_choice none
+    [(name, args)] = seen["ran"]
+    assert name == "add" and set(args) == {"a", "b"}

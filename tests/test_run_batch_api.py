@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from test_run_errors import pipeline, records, run  # noqa: F401  (pipeline: a fixture)
+from test_run_errors import PIPELINE, pipeline, records, run  # noqa: F401  (pipeline: a fixture)
 
 
 def batch_line(cid, url, body) -> str:
@@ -116,6 +116,33 @@ def test_a_csv_or_text_file_is_refused_before_the_model_loads(tmp_path, pipeline
     r = run(pipeline, "-i", mixed, "-o", tmp_path / "m.jsonl")
     assert r.returncode == 0, r.stderr
     assert [("error" in g) for g in records(tmp_path / "m.jsonl")] == [True, False]
+
+
+def test_a_pretty_printed_json_file_is_refused_before_the_model_loads_with_the_jq_that_flattens_it(tmp_path, pipeline):
+    """json.dump(requests, indent=2) writes an array over several lines, some of whose elements
+    would parse as lines of their own: such a file is refused as a whole (exit 2, nothing written),
+    not run as the one element that fits a line among error records; so are objects written over
+    several lines, with the jq that puts each on one line, not a text file's hint, and an array on
+    one line (json.dump without an indent), before the model loads rather than as its record."""
+    reqs = [{"prompt": "hi", "max_tokens": 2}, {"prompt": "yo", "max_tokens": 2}]
+    for name, text, said, hint in (
+            ("array.json", json.dumps(reqs, indent=2) + "\n", "line 1 is a lone '['", "jq -c '.[]' FILE"),
+            ("rows.json", "[\n" + ",\n".join(map(json.dumps, reqs)) + "\n]\n", "line 1 is a lone '['", "jq -c"),
+            ("line.json", json.dumps(reqs) + "\n", "line 1 is a JSON array", "jq -c '.[]' FILE"),
+            ("objects.json", "\ufeff" + "".join(json.dumps(r, indent=2) + "\n" for r in reqs),
+             "line 1 is a lone '{'", "jq -c . FILE")):
+        path, out = tmp_path / name, tmp_path / f"{name}.out"
+        path.write_text(text, encoding="utf-8")
+        r = run(pipeline, "-i", path, "-o", out)
+        assert r.returncode == 2, r.stderr
+        assert f"{path} is not JSON Lines: {said}" in r.stderr and hint in r.stderr, r.stderr
+        assert "a text file of prompts" not in r.stderr and "run summary" not in r.stderr   # nothing ran
+        assert not out.exists() or out.read_text() == ""
+    flat = tmp_path / "flat.jsonl"                      # the same requests one a line run
+    flat.write_text("".join(json.dumps(r) + "\n" for r in reqs))
+    r = run(pipeline, "-i", flat, "-o", tmp_path / "flat.out")
+    assert r.returncode == 0, r.stderr
+    assert ["text" in g for g in records(tmp_path / "flat.out")] == [True, True]
 
 
 def test_the_summarys_tokens_add_up_to_the_output_lines_usage(tmp_path, pipeline):
@@ -253,3 +280,41 @@ def test_an_error_record_carries_the_status_and_body_serve_would_have_answered()
             "id": "batch_req_3", "custom_id": "c1",
             "response": {"status_code": status, "request_id": "cmpl-3", "body": err.body()},
             "error": {"code": code or "server_error", "message": "why", "line": 3}}
+
+
+ADD = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                     "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["a", "b"]}}}
+
+
+def test_a_plain_lines_tool_calls_come_back_parsed_as_agp_serve_and_a_batch_line_answer_them(tmp_path, long_gguf):
+    """A line with tools is answered as agp serve answers the same chat request: the calls the
+    model wrote as `tool_calls` (name, JSON arguments) with finish_reason "tool_calls", the text
+    what is left of the answer (null when nothing is), not the model's raw call markup; under
+    tool_choice "none" nothing is parsed. A batch-API line of the same body is the oracle."""
+    pipeline = tmp_path / "long.agp"                 # a context with room for the tools' prompt
+    pipeline.write_text(PIPELINE.format(model=long_gguf).replace("budget = 1MiB", "budget = 8MiB"))
+    chat = [{"role": "user", "content": "add two numbers"}]
+    forced = {"messages": chat, "tools": [ADD], "tool_choice": {"type": "function", "function": {"name": "add"}},
+              "max_tokens": 200, "temperature": 0}
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps({"id": "call", **forced}) + "\n"
+                   + json.dumps({"id": "none", "messages": chat, "tools": [ADD], "tool_choice": "none",
+                                 "max_tokens": 3}) + "\n")
+    r = run(pipeline, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    call, none = records(out)
+    assert call["finish_reason"] == "tool_calls", call
+    assert call["text"] is None and "<tool_call>" not in json.dumps(call)
+    [got] = call["tool_calls"]
+    assert got["type"] == "function" and got["id"] and got["function"]["name"] == "add"
+    assert set(json.loads(got["function"]["arguments"])) == {"a", "b"}
+    assert "tool_calls" not in none and isinstance(none["text"], str) and none["finish_reason"] != "tool_calls"
+
+    batch, answered = tmp_path / "batch.jsonl", tmp_path / "batch_out.jsonl"
+    batch.write_text(batch_line("call", CHAT, forced))
+    assert run(pipeline, "-i", batch, "-o", answered).returncode == 0
+    [served] = records(answered)[0]["response"]["body"]["choices"]
+    assert served["finish_reason"] == call["finish_reason"] and served["message"]["content"] == call["text"]
+    assert [c["function"] for c in served["message"]["tool_calls"]] == [got["function"]]

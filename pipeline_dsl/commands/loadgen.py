@@ -29,7 +29,7 @@ import numpy as np
 from pipeline_dsl.commands import batch_api
 from pipeline_dsl.diagnostics import closest
 from pipeline_dsl.engine.config import time_per_output_token
-from pipeline_dsl.requests_io import ParsedRequest, RequestError, load_json, parse_line_object
+from pipeline_dsl.requests_io import ParsedRequest, RequestError, load_json, parse_line_object, spread_json
 from stages.fields import check_generation_override
 
 
@@ -62,6 +62,9 @@ def load_workload(path: str | Path) -> list[ParsedRequest]:
     for lineno, line in enumerate(data.splitlines(), 1):
         if not line.strip():
             continue
+        spread = spread_json(line) if not items else None      # judged by the first line, as agp run does
+        if spread:
+            raise BenchError(f"{path} is not JSON Lines: line {lineno} is {spread}")
         try:
             obj = load_json(line, "the line")           # a line that is not UTF-8 is named as agp run names it
             if isinstance(obj, dict) and "conversations" in obj and "messages" not in obj:

@@ -487,6 +487,9 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     source_name = "stdin" if args.input == "-" else args.input
     if source.error is not None:
         return _err(f"cannot read {args.input}: {source.error.strerror or source.error}")
+    spread = _spread_json(list(lines.held))
+    if spread:
+        return _err(f"{source_name} is not JSON Lines: {spread}")
     if lines.batch_file is None and source.ended:
         not_jsonl = _not_json_lines(list(lines.held))
         if not_jsonl:
@@ -845,6 +848,17 @@ def _not_json_lines(parsed: list) -> str | None:
             " (a text file of prompts? jq -R -c '{prompt: .}' FILE turns each line into a request)")
     return (f"none of its {n} line{'s' if n > 1 else ''} is JSON (line {parsed[0][0]}: {first!r}); agp run reads one "
             f"JSON request a line, such as {{\"prompt\": \"Hello\"}} or {{\"messages\": [...]}}{hint}")
+
+
+def _spread_json(parsed: list) -> str | None:
+    """Why the input is one JSON document written over several lines (requests_io.spread_json),
+    judged by its first line held; None otherwise."""
+    from pipeline_dsl.requests_io import spread_json
+
+    if not parsed or not isinstance(parsed[0][1], bytes):
+        return None
+    why = spread_json(parsed[0][1])
+    return f"line {parsed[0][0]} is {why}" if why else None
 
 
 def _guess_id(raw: bytes, lineno: int):

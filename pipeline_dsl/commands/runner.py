@@ -20,7 +20,7 @@ from pipeline_dsl.commands.batch_api import BatchLine
 from pipeline_dsl.engine.config import percentile
 from pipeline_dsl.requests_io import ParsedRequest
 from pipeline_dsl.serve.answers import offsets
-from pipeline_dsl.serve.protocol import completion_logprobs
+from pipeline_dsl.serve.protocol import chat_message, completion_logprobs
 from pipeline_dsl.serve.token_fields import logprob_names, prompt_logprobs_json
 
 
@@ -80,7 +80,8 @@ def record(req: RunRequest, result, several: bool = False, runtime=None) -> dict
         return {"id": req.parsed.id, "error": err}
     first = result.choices[0]
     parts = [_choice_parts(req, c, runtime) for c in result.choices]
-    out = {"id": req.parsed.id, "text": parts[0]["text"], "finish_reason": first.finish_reason,
+    reasons = [_tool_calls(req.parsed, c, p) for c, p in zip(result.choices, parts)]
+    out = {"id": req.parsed.id, "text": parts[0]["text"], "finish_reason": reasons[0],
            "usage": dict(result.usage)}
     if several and first.data.get("generated_by"):
         out["generated_by"] = first.data["generated_by"]
@@ -91,12 +92,25 @@ def record(req: RunRequest, result, several: bool = False, runtime=None) -> dict
     if ids:
         out["prompt_token_ids"], out["token_ids"] = first.data.get("prompt_token_ids"), first.data.get("token_ids")
     if len(result.choices) > 1:       # each choice names its own stage: a cascade may answer them on two
-        out["choices"] = [{"index": c.index, "text": p.pop("text"), "finish_reason": c.finish_reason,
+        out["choices"] = [{"index": c.index, "text": p.pop("text"), "finish_reason": reason,
                            **({"generated_by": c.data["generated_by"]}
                               if several and c.data.get("generated_by") else {}),
                            **({"token_ids": c.data.get("token_ids")} if ids else {}), **p}
-                          for c, p in zip(result.choices, parts)]
+                          for c, p, reason in zip(result.choices, parts, reasons)]
     return out
+
+
+def _tool_calls(parsed: ParsedRequest, choice, parts: dict) -> str | None:
+    """A choice's finish reason, its tool calls parsed out of its text into `parts` as agp serve's
+    chat answer parses them (serve/protocol.py's chat_message) when the line gave tools and a
+    tool_choice other than none: `tool_calls` (id, name, JSON arguments), `text` what is left
+    (null when nothing is), `finish_reason` "tool_calls". Any other line keeps its text."""
+    active = bool(parsed.tools) and parsed.tool_choice != "none"
+    message, reason = chat_message(parts["text"], choice.finish_reason, active,
+                                   None if parsed.parallel_tool_calls else 1)
+    if message.get("tool_calls"):
+        parts["text"], parts["tool_calls"] = message["content"], message["tool_calls"]
+    return reason
 
 
 def _choice_parts(req: RunRequest, choice, runtime) -> dict:

@@ -267,6 +267,9 @@ class EngineSide:
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "cached_tokens": cached_tokens},
                 "generated_by": gen, "request": request}
+        calls = tool_calls(request, text)
+        if calls:
+            data["tool_calls"] = calls
         if item.logprobs is not None:
             data["logprobs"] = item.logprobs
         if request.get("return_token_ids"):
@@ -386,3 +389,14 @@ class EngineSide:
     def _callbacks(self, es):
         return (lambda outs: self._on_outputs(es, outs)), (lambda rid, exc: self._on_seq_error(es, rid, exc))
 
+
+def tool_calls(request: dict, text: str) -> list[dict] | None:
+    """The tool calls an answer's text holds, parsed as agp serve parses them for its answer
+    (`tool_calls`: id, type, function name and JSON arguments), where its request gave tools and a
+    tool_choice other than none: what a python tool stage after the generate stage reads and runs.
+    None where there are none (or the request gave no tools)."""
+    if not text or not request.get("tools") or request.get("tool_choice", "auto") == "none":
+        return None
+    from pipeline_dsl.tools import parse_tool_calls
+
+    return parse_tool_calls(text, None if request.get("parallel_tool_calls", True) else 1)[1] or None
