@@ -630,6 +630,8 @@ def gate(item):
         raise pipeline_dsl.Reject("refused")
     if tier == "field":
         raise pipeline_dsl.Reject("unknown tier", param="headers.x-tier", code="unknown_tier")
+    if tier == "crash":
+        raise RuntimeError("the tier table is gone")
     return item
 """
 
@@ -643,9 +645,17 @@ def test_a_rejects_status_retry_after_param_and_code_are_in_its_error_record(tmp
         "request -> batch", 'stage gate : python { fn = "run_gate_hooks:gate" }\n    request -> gate -> batch'))
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps({"id": tier, "prompt": "hi", "headers": {"x-tier": tier}}) + "\n"
-                           for tier in ("over", "plain", "field", "fine")))
+                           for tier in ("over", "plain", "field", "fine", "crash")))
+    inp.write_text(inp.read_text() + json.dumps({"id": "long", "prompt": "hi " * 2000}) + "\n")
     assert run(path, "-i", inp, "-o", out).returncode == 0
     got = {r["id"]: r.get("error") for r in records(out)}
+    # any error's line says the status agp serve answers it with: a failure's 500 (worth a rerun)
+    # apart from a prompt too long for the context (a 400 that fails again)
+    crash, long = got.pop("crash"), got.pop("long")
+    assert {k: crash[k] for k in ("type", "stage", "status", "code")} == {
+        "type": "failed", "stage": "gate", "status": 500, "code": "stage_failed"} and "param" not in crash, crash
+    assert {k: long[k] for k in ("type", "status", "param", "code")} == {
+        "type": "invalid", "status": 400, "param": "prompt", "code": "context_length_exceeded"}, long
     # the status, param and code agp serve answers (param: the field the Reject names, else null)
     assert got == {"over": {"line": 1, "message": "over the tenant's rate limit", "type": "rejected",
                             "stage": "gate", "status": 429, "retry_after": 2.5, "param": None, "code": "rejected"},

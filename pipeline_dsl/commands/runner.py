@@ -20,6 +20,7 @@ from pipeline_dsl.commands.batch_api import BatchLine
 from pipeline_dsl.engine.config import percentile
 from pipeline_dsl.requests_io import ParsedRequest
 from pipeline_dsl.serve.answers import offsets
+from pipeline_dsl.serve.errors import api_error
 from pipeline_dsl.serve.protocol import chat_message, completion_logprobs
 from pipeline_dsl.serve.token_fields import logprob_names, prompt_logprobs_json
 
@@ -61,22 +62,19 @@ def record(req: RunRequest, result, several: bool = False, runtime=None) -> dict
     of agp serve's completions choices (one formatter for both: serve/protocol.py and
     serve/token_fields.py), which need `runtime` for the tokens' text."""
     if result.error is not None:
-        err = {"line": req.line, "message": result.error.message, "type": result.error.kind}
+        # status, param and code as agp serve answers this error (serve/errors.py's one table),
+        # so a rerun can tell a 504 worth retrying from a 400 that will fail again
+        api = api_error(result.error, "chat" if req.parsed.messages is not None else "completion")
+        err = {"line": req.line, "message": result.error.message, "type": result.error.kind,
+               "status": api.status}
         if result.error.stage:
             err["stage"] = result.error.stage
-        # a Reject that names its status and wait (a rate limiter's 429): the line says them, as
-        # agp serve's answer and a batch-API line's status_code do, so a rerun can tell them apart
-        if getattr(result.error, "status", None) is not None:
-            err["status"] = result.error.status
         if getattr(result.error, "retry_after", None) is not None:
             err["retry_after"] = result.error.retry_after
-        # the field at fault and the code, as agp serve answers them: a Reject's always (param null
-        # when it names none), another error's when it has them (context_length_exceeded, prompt)
-        param, code = getattr(result.error, "param", None), getattr(result.error, "code", None)
-        if result.error.kind == "rejected":
-            err["param"], err["code"] = param, code or "rejected"
+        if result.error.kind == "rejected":     # a Reject's param and code always (param null when it names none)
+            err["param"], err["code"] = api.param, api.code
         else:
-            err.update({k: v for k, v in (("param", param), ("code", code)) if v is not None})
+            err.update({k: v for k, v in (("param", api.param), ("code", api.code)) if v is not None})
         return {"id": req.parsed.id, "error": err}
     first = result.choices[0]
     parts = [_choice_parts(req, c, runtime) for c in result.choices]
