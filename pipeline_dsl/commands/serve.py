@@ -1,4 +1,5 @@
-"""`agp serve PIPELINE`: the pipeline behind an OpenAI-compatible HTTP API.
+"""`agp serve PIPELINE`: the pipeline behind an OpenAI-compatible HTTP API (`agp serve MODEL`: a model
+through a pipeline of the chat example's stages, as `vllm serve MODEL`; serve/build.py).
 
     agp serve examples/chat.agp --port 8000
     curl -N localhost:8000/v1/chat/completions -H 'content-type: application/json' \\

@@ -61,7 +61,9 @@ class ExtendOrReplace(argparse._ExtendAction):
 
 
 def add_arguments(p) -> None:
-    add_pipeline_arguments(p)
+    add_pipeline_arguments(p, file_help="the .agp file, or a model to serve as `vllm serve MODEL` does (a .gguf "
+                           "file, a Hugging Face folder or an embedded model's name: served by a pipeline of the "
+                           "chat example's stages, under that name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
     add_dtype_argument(p)
@@ -335,8 +337,37 @@ def _check_values(args, dests) -> None:
             raise SetupError(f"--{dest.replace('_', '-')} {problem}")
 
 
+def model_named(file: str) -> str | None:
+    """The model FILE names when it names one rather than a pipeline file, as `vllm serve MODEL`
+    takes it: an embedded model's name, a .gguf file, or a Hugging Face folder (one holding a
+    config.json); None otherwise (a .agp file, or a path that is none of these)."""
+    from pipeline_dsl.model_files import EMBEDDED_FILES
+
+    path = Path(file).expanduser()
+    if path.is_file():
+        return str(path.resolve()) if path.suffix.lower() == ".gguf" else None
+    if path.is_dir():
+        return str(path.resolve()) if (path / "config.json").is_file() else None
+    return file.strip().lower() if file.strip().lower() in EMBEDDED_FILES else None
+
+
+def check_file(file: str) -> None:
+    """FILE is a pipeline file or a model (model_named); a path that is neither and does not end in
+    .agp (a Hub id such as `Qwen/Qwen2.5-0.5B-Instruct`, as vLLM takes it) is a SetupError saying
+    what FILE may be, before the server starts. A missing .agp file is the loader's to report."""
+    if model_named(file) is not None or Path(file).expanduser().exists() or file.endswith(".agp"):
+        return
+    from pipeline_dsl.model_files import EMBEDDED_FILES
+
+    raise SetupError(f"{file!r} is neither a pipeline (.agp) file nor a model: give a .agp file, or a model to "
+                     f"serve as vLLM's `vllm serve MODEL` does: a .gguf file, a Hugging Face model folder (with "
+                     f"its config.json) or an embedded model ({', '.join(sorted(EMBEDDED_FILES))}); agp downloads "
+                     "nothing, so a Hub id must be a local folder")
+
+
 def check_args(args) -> None:
-    """The flags' own ranges, before anything is loaded."""
+    """The flags' own ranges, and FILE (check_file), before anything is loaded."""
+    check_file(args.pipeline)
     _check_values(args, ("port", *(d for d in AT_LEAST if d not in RAY_DESTS), *POSITIVE_SECONDS, "stats_interval",
                          "body_min_rate", "seed"))
     if args.max_body_bytes_arriving < args.max_body_bytes:     # a body of the largest size could never arrive
