@@ -72,3 +72,38 @@ def test_a_model_has_no_pipeline_to_pick(tiny_gguf, capsys):
     assert cli.main(["serve", str(tiny_gguf), "--port", "0", "--pipeline", "chat"]) == 2
     err = capsys.readouterr().err
     assert "--pipeline chat picks a pipeline of a .agp file" in err, err
+
+
+def answers(argv, *bodies):
+    """The JSON answers of `agp serve argv` to (path, body) each."""
+    serving = build(parse([*argv, "--threads", "1"]))
+    try:
+        with TestClient(serving.app, base_url="http://localhost") as client:
+            out = []
+            for path, body in bodies:
+                r = client.post(path, json=body)
+                assert r.status_code == 200, r.text
+                out.append(r.json())
+            return out
+    finally:
+        serving.runtime.close()
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def test_a_model_samples_by_vllms_defaults_where_its_generation_config_sets_none(tiny_gguf):
+    """vLLM answers a request that sets no max_tokens with all the context leaves, at temperature 1
+    (its SamplingParams' defaults), unless the model's generation config says otherwise; agp's
+    generate stage defaults (128 tokens, greedy) cut such answers short."""
+    chat, resp = answers([str(tiny_gguf)], ("/v1/chat/completions", {"messages": HI, "ignore_eos": True}),
+                         ("/v1/responses", {"input": "hi", "max_output_tokens": 2}))
+    use = chat["usage"]
+    assert use["prompt_tokens"] + use["completion_tokens"] == 512           # the tiny model's context
+    assert chat["choices"][0]["finish_reason"] == "length"
+    assert resp["temperature"] == 1.0
+    # what the generation config sets is the default, as in vLLM (here set by the override flag)
+    chat, resp = answers([str(tiny_gguf), "--override-generation-config", '{"max_new_tokens": 3, "temperature": 0.5}'],
+                         ("/v1/chat/completions", {"messages": HI, "ignore_eos": True}),
+                         ("/v1/responses", {"input": "hi", "max_output_tokens": 2}))
+    assert chat["usage"]["completion_tokens"] == 3 and resp["temperature"] == 0.5

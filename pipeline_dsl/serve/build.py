@@ -12,14 +12,15 @@ from pathlib import Path
 from .options import ENGINE_VARIABLES, SetupError, check_args, given_as, model_named
 
 # The pipeline `agp serve MODEL` serves a model with (vLLM's `vllm serve MODEL`): the stages of
-# examples/chat.agp, each with its defaults, the model as FILE names it
+# examples/chat.agp, each with its defaults but generate's sampling (VLLM_SAMPLING), the model as FILE
+# names it
 MODEL_PIPELINE = """pipeline {name} {{
     model = {model}
     stage request : requests      {{}}
     stage batch   : dynamic_batch {{}}
     stage encode  : encode        {{}}
     stage kv      : kv_lookup     {{}}
-    stage gen     : generate      {{}}
+    stage gen     : generate      {{{sampling}}}
     stage out     : respond       {{}}
     request -> batch
     batch -> encode when full
@@ -28,6 +29,9 @@ MODEL_PIPELINE = """pipeline {name} {{
 }}
 """
 MODEL_PIPELINE_NAME = "model"
+# vLLM's sampling defaults where the model's generation config sets none (its SamplingParams'):
+# temperature 1, and max_tokens all the context leaves (the generate stage cuts max_new_tokens to it)
+VLLM_SAMPLING = {"temperature": ("temperature", 1.0), "max_tokens": ("max_new_tokens", 1 << 20)}
 
 
 def pipeline_graph(args):
@@ -43,7 +47,18 @@ def pipeline_graph(args):
     if args.name is not None:
         raise SetupError(f"--pipeline {args.name} picks a pipeline of a .agp file, and {args.pipeline!r} is a "
                          "model (agp serves it with a pipeline of its own)")
-    text = MODEL_PIPELINE.format(name=MODEL_PIPELINE_NAME, model=json.dumps(model, ensure_ascii=False))
+    from pipeline_dsl.engine.errors import InputError
+    from pipeline_dsl.engine.models import generation_defaults, resolve_model
+
+    try:                    # what the model's generation config (and --override-generation-config) sets
+        recommended = generation_defaults(resolve_model(model), args.generation_config,
+                                          override=args.override_generation_config)
+    except InputError:      # the engine says what is wrong with it, as for a pipeline file
+        recommended = {}
+    sampling = "".join(f" {param} = {value}" for field, (param, value) in VLLM_SAMPLING.items()
+                       if field not in recommended)
+    text = MODEL_PIPELINE.format(name=MODEL_PIPELINE_NAME, model=json.dumps(model, ensure_ascii=False),
+                                 sampling=sampling + " " if sampling else "")
     return load_pipeline_graph(args.pipeline, text=text)
 
 
