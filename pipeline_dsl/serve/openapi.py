@@ -466,3 +466,21 @@ EMBEDDINGS = {
             "data": {"type": "array", "items": {"type": "object", "required": ["object", "index", "embedding"]}},
             "model": {"type": "string"}, "usage": {"type": "object"}}}}}},
         **{k: ERRORS[k] for k in ("400", "404", "408", "413", "415", "429", "500", "503")}}}
+
+
+# SageMaker's one inference route, as vLLM serves it: the body's shape picks the API (serve/routes.py)
+INVOCATIONS = {
+    "summary": "SageMaker's inference route (vLLM's): a body with 'messages' is a chat completion, one with "
+               "'prompt' a completion, one with 'input' an embedding",
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "anyOf": [CHAT_REQUEST, COMPLETION_REQUEST, _embeddings_request()]}}}},
+    "responses": {
+        "200": {"description": "the answer of the API the body picks (JSON), or with \"stream\": true "
+                               "server-sent events ending in data: [DONE]",
+                "content": {"application/json": {"schema": {"anyOf": [
+                    CHAT_RESPONSE, COMPLETION_RESPONSE,
+                    EMBEDDINGS["responses"]["200"]["content"]["application/json"]["schema"]]}},
+                            "text/event-stream": {"schema": SSE_EVENT}}},
+        **ERRORS,
+    },
+}
