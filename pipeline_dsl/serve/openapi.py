@@ -114,6 +114,7 @@ SAMPLING = {
     "guided_regex": {"type": "string"},
     "guided_choice": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
     "guided_grammar": {"type": "string"},
+    "structural_tag": {"type": ["string", "object"], "description": "vLLM < 0.11's: a structural tag, or its JSON text"},
     "guided_decoding_backend": {"type": "string", "description": "taken and ignored: llguidance serves all"},
     "truncate_prompt_tokens": {"type": "integer", "minimum": -1, "description": "keep the prompt's last k tokens"},
     "priority": {"type": "integer", "minimum": PRIORITY.min, "maximum": PRIORITY.max,
