@@ -231,3 +231,26 @@ def test_the_limits_of_bodies_still_arriving_are_checked_at_start(argv, said):
     assert str(e.value) == said
     check_args(parse(["x.agp", "--body-min-rate", "0", "--max-body-bytes-arriving", "4096",
                       "--max-body-bytes", "4096"], {}))
+
+
+def test_vllms_api_key_variable_keeps_a_migrated_deployment_closed(tmp_path, tiny_gguf):
+    """vLLM reads its key from VLLM_API_KEY; a deployment that kept it and not AGP_API_KEY came up
+    with no key at all, answering everyone. AGP_API_KEY and --api-key still win over it."""
+    from starlette.testclient import TestClient
+
+    from pipeline_dsl.serve.build import build
+    from test_serve import TINY
+
+    assert parse(["x.agp"], {"VLLM_API_KEY": "vk"}).api_key == ["vk"]
+    assert parse(["x.agp"], {"VLLM_API_KEY": "vk", "AGP_API_KEY": "ak"}).api_key == ["ak"]
+    assert parse(["x.agp", "--api-key", "fk"], {"VLLM_API_KEY": "vk"}).api_key == ["fk"]
+    assert parse(["x.agp"], {"VLLM_API_KEY": ""}).api_key is None
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=tiny_gguf, max_queue=8, max_batch_size=2, timeout=20))
+    serving = build(parse([str(path), "--threads", "1"], {"VLLM_API_KEY": "vk"}))
+    try:
+        client = TestClient(serving.app, base_url="http://localhost")
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer vk"}).status_code == 200
+    finally:
+        serving.runtime.close()

@@ -80,7 +80,7 @@ def add_arguments(p) -> None:
                         "pipeline's name)")
     p.add_argument("--api-key", action=ExtendOrReplace, nargs="+", default=None, metavar="KEY",
                    help="answer only requests with 'Authorization: Bearer KEY' (401 otherwise); "
-                        f"{', '.join(OPEN_PATHS)} stay open")
+                        f"{', '.join(OPEN_PATHS)} stay open (vLLM's VLLM_API_KEY is read too, below AGP_API_KEY)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context length in tokens (prompt + answer); at most the model's")
     p.add_argument("--max-num-seqs", type=int, default=None,
@@ -273,7 +273,15 @@ def env_defaults(p: argparse.ArgumentParser, environ=None) -> None:
             p.error(f"environment variable {name}={raw!r}: {e}")
         p.set_defaults(**{action.dest: value})
         from_variables[action.dest] = (name, value)
+    vllm_key = environ.get(VLLM_API_KEY)
+    if vllm_key and "api_key" not in from_variables and any(a.dest == "api_key" for a in p._actions):
+        # vLLM's server reads its key from VLLM_API_KEY: a deployment that sets it must not come up open
+        p.set_defaults(api_key=[vllm_key])
+        from_variables["api_key"] = (VLLM_API_KEY, [vllm_key])
     p.set_defaults(from_variables=from_variables)
+
+
+VLLM_API_KEY = "VLLM_API_KEY"   # vLLM's variable for --api-key, read when AGP_API_KEY is not set
 
 
 def given_as(args, dest: str) -> str:
