@@ -254,3 +254,21 @@ def test_vllms_api_key_variable_keeps_a_migrated_deployment_closed(tmp_path, tin
         assert client.get("/v1/models", headers={"Authorization": "Bearer vk"}).status_code == 200
     finally:
         serving.runtime.close()
+
+
+@pytest.mark.parametrize("given, tokens", [("4096", 4096), ("32k", 32000), ("32K", 32768), ("25.6k", 25600),
+                                           ("1M", 1 << 20), ("auto", None), ("-1", None)])
+def test_max_model_len_takes_vllms_spellings(given, tokens):
+    """vLLM's --max-model-len takes k/m/g (decimal) and K/M/G (binary) suffixes and auto or -1 (as
+    much as memory holds: agp's default already); `--max-model-len 32k` was "invalid int value"."""
+    assert parse(["x.agp", "--max-model-len", given], {}).max_model_len == tokens
+    assert parse(["x.agp"], {"AGP_MAX_MODEL_LEN": given}).max_model_len == tokens
+
+
+def test_max_model_len_that_is_no_number_of_tokens_says_how_to_write_one(capsys):
+    for argv in (["--max-model-len", "32q"], ["--max-model-len", "2.5"]):
+        with pytest.raises(SystemExit) as e:
+            parse(["x.agp", *argv], {})
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "--max-model-len" in err and "number of tokens" in err, err

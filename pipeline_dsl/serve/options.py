@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 
 from pipeline_dsl.cliargs import (GENERATION_CONFIG_HELP, OVERRIDE_GENERATION_CONFIG_HELP, generation_config,
-                                  add_dtype_argument, output_file, override_generation_config, switch)
+                                  add_dtype_argument, output_file, override_generation_config, switch,
+                                  token_count)
 from pipeline_dsl.diagnostics import closest
 from pipeline_dsl.loader import add_pipeline_arguments
 
@@ -81,8 +82,9 @@ def add_arguments(p) -> None:
     p.add_argument("--api-key", action=ExtendOrReplace, nargs="+", default=None, metavar="KEY",
                    help="answer only requests with 'Authorization: Bearer KEY' (401 otherwise); "
                         f"{', '.join(OPEN_PATHS)} stay open (vLLM's VLLM_API_KEY is read too, below AGP_API_KEY)")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="context length in tokens (prompt + answer); at most the model's")
+    p.add_argument("--max-model-len", type=token_count, default=None,
+                   help="context length in tokens (prompt + answer); at most the model's (vLLM's suffixes: 32k = "
+                        "32000, 32K = 32768)")
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help="sequences batched at once (overrides the pipeline's max_batch_size)")
     p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default=None,
