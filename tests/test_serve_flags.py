@@ -272,3 +272,42 @@ def test_max_model_len_that_is_no_number_of_tokens_says_how_to_write_one(capsys)
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert "--max-model-len" in err and "number of tokens" in err, err
+
+
+def test_allowed_origins_takes_vllms_json_list(tmp_path, tiny_gguf):
+    """vLLM's --allowed-origins is a JSON list ('["https://app.example"]'); read as comma-separated text
+    it became the origins '["https://app.example"' and so on, which no browser sends: every call from
+    the page was refused by CORS, and nothing said why."""
+    from starlette.testclient import TestClient
+
+    from pipeline_dsl.serve.build import build
+    from test_serve import TINY
+
+    listed = '["https://app.example", "http://b.example:8080"]'
+    assert parse(["x.agp", "--allowed-origins", listed], {}).allowed_origins == [
+        "https://app.example", "http://b.example:8080"]
+    assert parse(["x.agp"], {"AGP_ALLOWED_ORIGINS": listed}).allowed_origins == [
+        "https://app.example", "http://b.example:8080"]
+    assert parse(["x.agp", "--allowed-origins", "https://app.example,*"], {}).allowed_origins == [
+        "https://app.example", "*"]
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=tiny_gguf, max_queue=8, max_batch_size=2, timeout=20))
+    serving = build(parse([str(path), "--threads", "1", "--allowed-origins", listed], {}))
+    try:
+        client = TestClient(serving.app, base_url="http://localhost")
+        r = client.options("/v1/chat/completions", headers={"Origin": "http://b.example:8080",
+                                                             "Access-Control-Request-Method": "POST"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://b.example:8080"
+    finally:
+        serving.runtime.close()
+
+
+@pytest.mark.parametrize("given, said", [
+    ("https://app.example/", "'https://app.example/' is not an origin"),        # a trailing slash: never sent
+    ("app.example", "'app.example' is not an origin"),
+    ('["https://app.example"', "is not a JSON list of origins"),
+])
+def test_an_allowed_origin_no_browser_sends_stops_the_start(capsys, given, said):
+    with pytest.raises(SystemExit) as e:
+        parse(["x.agp", "--allowed-origins", given], {})
+    assert e.value.code == 2 and said in capsys.readouterr().err

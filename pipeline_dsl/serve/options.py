@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from pathlib import Path
 
 from pipeline_dsl.cliargs import (GENERATION_CONFIG_HELP, OVERRIDE_GENERATION_CONFIG_HELP, generation_config,
@@ -27,6 +28,34 @@ ENV_PREFIX = "AGP_"
 
 def _names(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+# an origin as a browser sends it: scheme://host[:port], no path (nor a trailing slash)
+ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s,\"'\[\]]+")
+
+
+def _origins(value: str) -> list[str]:
+    """--allowed-origins: comma-separated origins, or vLLM's JSON list of them ('["https://app.example"]');
+    each '*', 'null' or scheme://host[:port]. One that is none (a path, a trailing slash, a piece of a
+    JSON list read as text) would never match a browser's Origin header: an error naming it."""
+    import json
+
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a JSON list of origins ({e})") from None
+        if not all(isinstance(i, str) for i in items):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a JSON list of origins (strings)")
+        names = [i.strip() for i in items if i.strip()]
+    else:
+        names = _names(text)
+    for name in names:
+        if name not in ("*", "null") and not ORIGIN.fullmatch(name):
+            raise argparse.ArgumentTypeError(f"{name!r} is not an origin: a browser sends scheme://host[:port] "
+                                             "(https://app.example:8443, no path), or give '*' for any")
+    return names
 
 
 def _header_names(value: str) -> list[str]:
@@ -100,8 +129,9 @@ def add_arguments(p) -> None:
                    help=OVERRIDE_GENERATION_CONFIG_HELP)
     p.add_argument("--root-path", default="",
                    help="the path prefix a proxy serves this server under (e.g. /llm)")
-    p.add_argument("--allowed-origins", type=_names, default=None, metavar="ORIGINS",
-                   help="comma-separated origins browsers may call from (CORS), '*' for any (default: none)")
+    p.add_argument("--allowed-origins", type=_origins, default=None, metavar="ORIGINS",
+                   help="comma-separated origins browsers may call from (CORS), or vLLM's JSON list of them; "
+                        "'*' for any (default: none)")
     p.add_argument("--request-headers", type=_header_names, default=None, metavar="NAMES",
                    help="comma-separated HTTP headers copied into each request's `headers` {name: value} that "
                         "python stages read (x-tenant,x-user-id; lower-case names; only those named, so "
