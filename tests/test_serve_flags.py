@@ -311,3 +311,25 @@ def test_an_allowed_origin_no_browser_sends_stops_the_start(capsys, given, said)
     with pytest.raises(SystemExit) as e:
         parse(["x.agp", "--allowed-origins", given], {})
     assert e.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_chat_template_takes_the_template_itself_as_vllm_does(tmp_path, tiny_gguf, capsys):
+    """vLLM's --chat-template is a file or the template in one line; given inline, it was refused
+    as '<the template>: no such file'."""
+    from pipeline_dsl import cli
+    from pipeline_dsl.serve.build import build
+    from test_serve import TINY
+
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=tiny_gguf, max_queue=8, max_batch_size=2, timeout=20))
+    inline = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}=>"
+    serving = build(parse([str(path), "--threads", "1", "--chat-template", inline], {}))
+    try:
+        rendered = serving.runtime.tokenise({"messages": [{"role": "user", "content": "hey"}]}, None)
+        assert serving.runtime.detokenise(rendered, None) == "[hey]=>"
+    finally:
+        serving.runtime.close()
+    # one that does not parse stops the start, saying so without repeating it as a path
+    assert cli.main(["serve", str(path), "--port", "0", "--chat-template", "{% for m in messages %}"]) == 2
+    err = capsys.readouterr().err
+    assert "--chat-template (the template given inline):" in err and "no such file" not in err, err

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .options import ENGINE_VARIABLES, SetupError, check_args, given_as, model_named
+from .options import ENGINE_VARIABLES, SetupError, check_args, given_as, model_named, template_text
 
 # The pipeline `agp serve MODEL` serves a model with (vLLM's `vllm serve MODEL`): the stages of
 # examples/chat.agp, each with its defaults but generate's sampling (VLLM_SAMPLING), the model as FILE
@@ -155,10 +155,12 @@ def build(args, *, host: str | None = None) -> Serving:
     template = None
     if args.chat_template:
         try:                                   # before the model loads: a template that does not parse stops the start
-            template = Path(args.chat_template).read_text(encoding="utf-8")
+            inline = template_text(args.chat_template)
+            template = args.chat_template if inline else Path(args.chat_template).read_text(encoding="utf-8")
             compile_chat_template(template, "the template")
         except (OSError, UnicodeDecodeError, InputError) as e:
-            raise SetupError(f"--chat-template {args.chat_template}: {e}") from None
+            shown = "(the template given inline)" if inline else args.chat_template
+            raise SetupError(f"--chat-template {shown}: {e}") from None
     try:
         runtime = build_runtime(pipeline_graph(args), args.name, overlap=False if args.no_overlap else None, max_queue=args.max_queue,
                                 allow_paths=getattr(args, "allow_path", ()),

@@ -120,7 +120,8 @@ def add_arguments(p) -> None:
                    help="which waiting request is admitted first (overrides dynamic_batch's scheduling_policy): "
                         "fcfs, in order of arrival; priority, by the request's 'priority' field, lower first")
     p.add_argument("--chat-template", default=None, metavar="FILE",
-                   help="a Jinja chat template file used instead of the model's")
+                   help="a Jinja chat template file used instead of the model's (or, as vLLM takes it, the "
+                        "template itself: a value holding {{ or {%%)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the sampling of requests that bring no seed of their own")
     p.add_argument("--generation-config", type=generation_config, default="auto", metavar="auto|vllm|FOLDER",
@@ -363,11 +364,19 @@ def value_problem(dest: str, value) -> str | None:
             check_engine_field("seed", value)
         except ParamError:
             return f"must be {expected(param_of(*ENGINE_FIELDS['seed']))}, not {value}"
+    if dest == "chat_template" and value and template_text(value):
+        return None                     # the template itself, as vLLM's --chat-template takes it too
     if dest in FILES and value and not Path(value).is_file():
         return f"{value}: no such file"
     if dest == "root_path" and value and not value.startswith("/"):
         return f"must start with '/', not {value!r}"
     return None
+
+
+def template_text(value: str) -> bool:
+    """Whether --chat-template's value is a template itself rather than a file's path (vLLM takes
+    both): it holds Jinja's {{ or {%, which no sensible path does."""
+    return "{{" in value or "{%" in value
 
 
 def _check_values(args, dests) -> None:

@@ -62,11 +62,12 @@ def build_app(args, gpus: float = 0):
     """The Serve application for checked `agp serve` flags (files made absolute: every node
     reads them at the same path)."""
     from .build import served_names
+    from .options import template_text
 
     options = dict(vars(args), served_model_name=served_names(args))   # a model's: FILE as given
     for name in ("pipeline", "chat_template"):
-        if options.get(name) and (name != "pipeline" or Path(options[name]).exists()):  # not an embedded model
-            options[name] = str(Path(options[name]).resolve())
+        if options.get(name) and not template_text(options[name]) and Path(options[name]).exists():
+            options[name] = str(Path(options[name]).resolve())    # not an embedded model, nor an inline template
     if options.get("generation_config") not in (None, "auto", "vllm"):       # a folder
         options["generation_config"] = str(Path(options["generation_config"]).resolve())
     options.pop("func", None)
