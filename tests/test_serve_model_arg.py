@@ -56,16 +56,24 @@ def test_a_pipeline_file_is_still_served_as_one(tiny_gguf, tmp_path):
 
 
 @pytest.mark.parametrize("file, said", [
-    ("Org/Some-Model-7B", "'Org/Some-Model-7B' is neither a pipeline (.agp) file nor a model"),
+    ("Org/Some-Model-7B", "'Org/Some-Model-7B' is neither a pipeline (.agp) file nor a model: give a .agp file, "
+                          "or a model to serve as vLLM's `vllm serve MODEL` does: a .gguf file, a Hugging Face "
+                          "model folder (with its config.json) or an embedded model (smollm2-135m-instruct); agp "
+                          "downloads nothing"),
     ("missing.agp", "file not found: 'missing.agp'"),             # a pipeline file, as ever
+    ("{tmp}/folder", "'{tmp}/folder' is a folder without a config.json, so neither a pipeline file nor a model"),
+    ("{tmp}/model.safetensors", "'{tmp}/model.safetensors' is a file of weights alone"),
 ])
-def test_a_file_that_is_neither_a_pipeline_nor_a_model_stops_the_start(capsys, file, said):
+def test_a_file_that_is_neither_a_pipeline_nor_a_model_stops_the_start(capsys, tmp_path, file, said):
+    file, said = file.format(tmp=tmp_path), said.format(tmp=tmp_path)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 8)
     assert cli.main(["serve", file, "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert said in err and "Traceback" not in err, err
     if not file.endswith(".agp"):
         assert "listening" not in err                             # refused before the port is taken
-        assert "a .gguf file, a Hugging Face model folder" in err and "downloads nothing" in err
+        assert "a .gguf file, a Hugging Face model folder" in err
 
 
 def test_a_model_has_no_pipeline_to_pick(tiny_gguf, capsys):

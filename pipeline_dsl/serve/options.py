@@ -400,18 +400,29 @@ def model_named(file: str) -> str | None:
     return file.strip().lower() if file.strip().lower() in EMBEDDED_FILES else None
 
 
+# files that hold a model's weights alone (its folder is the model): not a pipeline to read
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx")
+
+
 def check_file(file: str) -> None:
     """FILE is a pipeline file or a model (model_named); a path that is neither and does not end in
-    .agp (a Hub id such as `Qwen/Qwen2.5-0.5B-Instruct`, as vLLM takes it) is a SetupError saying
-    what FILE may be, before the server starts. A missing .agp file is the loader's to report."""
-    if model_named(file) is not None or Path(file).expanduser().exists() or file.endswith(".agp"):
-        return
+    .agp (a Hub id such as `Qwen/Qwen2.5-0.5B-Instruct`, as vLLM takes it, a folder without a
+    config.json, a weights file) is a SetupError saying what FILE may be, before the server starts.
+    A missing .agp file is the loader's to report."""
     from pipeline_dsl.model_files import EMBEDDED_FILES
 
-    raise SetupError(f"{file!r} is neither a pipeline (.agp) file nor a model: give a .agp file, or a model to "
-                     f"serve as vLLM's `vllm serve MODEL` does: a .gguf file, a Hugging Face model folder (with "
-                     f"its config.json) or an embedded model ({', '.join(sorted(EMBEDDED_FILES))}); agp downloads "
-                     "nothing, so a Hub id must be a local folder")
+    path = Path(file).expanduser()
+    takes = (f"give a .agp file, or a model to serve as vLLM's `vllm serve MODEL` does: a .gguf file, a Hugging "
+             f"Face model folder (with its config.json) or an embedded model ({', '.join(sorted(EMBEDDED_FILES))})")
+    if model_named(file) is not None or file.endswith(".agp"):
+        return
+    if path.is_dir():
+        raise SetupError(f"{file!r} is a folder without a config.json, so neither a pipeline file nor a model: {takes}")
+    if path.suffix.lower() in WEIGHT_FILES:
+        raise SetupError(f"{file!r} is a file of weights alone: {takes}")
+    if not path.exists():
+        raise SetupError(f"{file!r} is neither a pipeline (.agp) file nor a model: {takes}; agp downloads nothing, "
+                         "so a Hub id must be a local folder")
 
 
 def check_args(args) -> None:
