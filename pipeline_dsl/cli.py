@@ -362,6 +362,36 @@ VLLM_FLAGS = {
     "--kv-cache-dtype": "the KV cache has the engine's compute dtype (--dtype)",
     "--quantization": "--dtype int8 (weight-only int8), or a quantized .gguf file",
     "--tokenizer": "the tokenizer is the model's own (its .gguf file or folder)",
+    "--enable-auto-tool-choice": "tool calls are parsed whenever a request gives `tools` (tool_choice `auto`, "
+                                 "their default), with nothing to turn on",
+    "--tool-call-parser": "agp reads calls in one form, `<tool_call>{...}</tool_call>` (vLLM's hermes parser), "
+                          "whatever the model",
+    "--reasoning-parser": "agp splits no reasoning out of an answer (`reasoning_content` is null, a model's "
+                          "<think> text stays in `content`)",
+    "--disable-log-requests": "agp never logs a request's prompt or parameters, only its access line "
+                              "(--no-access-log turns those off)",
+    "--enable-log-requests": "agp never logs a request's prompt or parameters, only its access line "
+                             "(--access-log, the default)",
+    "--max-log-len": "agp never logs a request's prompt or parameters, only its access line",
+    "--disable-log-stats": "the periodic stats line is --stats-interval 0",
+    "--uvicorn-log-level": "one --log-level sets agp's and uvicorn's",
+    "--disable-uvicorn-access-log": "agp's name is --no-access-log",
+    "--response-role": "a chat answer's role is always `assistant`",
+    "--max-logprobs": "logprobs, top_logprobs and prompt_logprobs take at most 20 alternatives (vLLM's "
+                      "default), whatever the server",
+    "--enable-chunked-prefill": "prefill is always chunked (generate's `prefill_chunk` tokens a step)",
+    "--no-enable-chunked-prefill": "prefill is always chunked (generate's `prefill_chunk` tokens a step)",
+    "--enable-prompt-tokens-details": "usage always carries prompt_tokens_details.cached_tokens",
+    "--enable-force-include-usage": "a stream ends with its usage where the request asks "
+                                    "(stream_options.include_usage)",
+    "--swap-space": "a sequence preempted for KV blocks is recomputed, never swapped to CPU memory",
+    "--download-dir": "agp downloads nothing: serve a local .gguf file or Hugging Face folder (agp serve MODEL)",
+    "--revision": "agp downloads nothing: serve a local .gguf file or Hugging Face folder (agp serve MODEL)",
+    "--hf-token": "agp downloads nothing: serve a local .gguf file or Hugging Face folder (agp serve MODEL)",
+    "--load-format": "agp loads .gguf files and Hugging Face folders (safetensors), each by its kind",
+    "--guided-decoding-backend": "one backend, llguidance, serves every structured output",
+    "--enable-lora": "agp serves no LoRA adapters: merge one into the weights",
+    "--lora-modules": "agp serves no LoRA adapters: merge one into the weights",
 }
 
 

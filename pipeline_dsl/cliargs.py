@@ -219,3 +219,28 @@ def dtype(text: str) -> str:
 def add_dtype_argument(p: argparse.ArgumentParser, whose: str = "the pipeline's") -> None:
     p.add_argument("--dtype", type=dtype, default=None, metavar="auto|fp32|bf16|fp16|int8",
                    help=f"override {whose} precision (vLLM's bfloat16, float16, half, float32 are taken too)")
+
+
+_SUFFIXES = {"k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def token_count(text: str) -> int | None:
+    """A number of tokens as vLLM's --max-model-len takes it: an integer, or one with a suffix,
+    k, m, g decimal and K, M, G binary (32k: 32,000; 32K: 32,768; 25.6k: 25,600); `auto` or -1
+    (vLLM's: as much as memory holds) is None, the flag left out, which is that already (the
+    model's context, or less where the KV pool holds fewer). Its range is the flag's to check."""
+    import argparse
+    import re
+    from decimal import Decimal
+
+    if text.strip() in ("auto", "-1"):
+        return None
+    m = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*([kmgKMG]?)\s*", text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of tokens (an integer, or one with a suffix: "
+                                         "32k = 32000, 32K = 32768)")
+    number, suffix = m.groups()
+    value = Decimal(number) * _SUFFIXES.get(suffix, 1)          # exact: 25.6k is 25600, not 25600.000000000004
+    if value != value.to_integral_value():
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of tokens")
+    return int(value)

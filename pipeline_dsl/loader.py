@@ -518,12 +518,13 @@ def _key(path: str) -> str:
         return os.path.abspath(path.replace("\0", "\\0"))
 
 
-def add_pipeline_arguments(p, stdin: bool = False) -> None:
+def add_pipeline_arguments(p, stdin: bool = False, file_help: str | None = None) -> None:
     """The .agp file (`args.pipeline`) and which of its pipelines (`args.name`): one spelling
     for every command that loads a pipeline (and for `agp serve`'s flags, which Ray replicas
-    parse too). `stdin`: FILE may be `-` (read_stdin); elsewhere `-` is refused while parsing."""
+    parse too). `stdin`: FILE may be `-` (read_stdin); elsewhere `-` is refused while parsing.
+    `file_help`: what FILE may be, where a command takes more than a .agp file."""
     p.add_argument("pipeline", metavar="FILE", type=None if stdin else _a_file,
-                   help="the .agp file; - reads standard input" if stdin else "the .agp file")
+                   help=file_help or ("the .agp file; - reads standard input" if stdin else "the .agp file"))
     p.add_argument("--pipeline", "--pipeline-name", "--name", dest="name", default=None,
                    help="which pipeline of the file (default: the only or first one)")
     add_allow_path(p)

@@ -149,6 +149,7 @@ COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop"
           "min_p", "response_format"}
 VLLM = {"skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output", "request_id",
         "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",  # parse_constraint
+        "structural_tag",
         "guided_decoding_backend", "truncate_prompt_tokens", "priority", "bad_words", "cache_salt", "prompt_logprobs",
         "return_token_ids", "return_tokens_as_token_ids", *TOKEN_ID_FIELDS}
 # fields agp serves only at the value that changes nothing (what clients send by default):
@@ -158,16 +159,32 @@ NEUTRAL = {"best_of": ((1,), None), "suffix": (("",), None),
            "vllm_xargs": (({},), None)}
 CHAT_NEUTRAL = {"echo": ((False,), None), "add_special_tokens": ((False,), None), "documents": ((), None),
                 "functions": ((), "use 'tools'"), "function_call": ((), "use 'tool_choice'")}
+# vLLM's request fields (chat and completions) of features agp lacks, as a client that writes out vLLM's
+# whole request model sends them: taken at their defaults (null; 0), else an error saying why, as below
+VLLM_LACKING = {"logits_processors": ((), "it runs no custom logits processors (use 'logit_bias', "
+                                          "'allowed_token_ids' or 'bad_words')"),
+                "kv_transfer_params": ((), "it has no disaggregated prefill to transfer KV caches between"),
+                "guided_whitespace_pattern": ((), "its JSON whitespace is at most one space between tokens (use "
+                                                  "'structured_outputs' with disable_any_whitespace for none)"),
+                "max_repetition_pattern_size": ((0,), "it stops no answer on repeated token patterns"),
+                "min_repetition_pattern_size": ((0,), "it stops no answer on repeated token patterns"),
+                "repetition_min_count": ((0,), "it stops no answer on repeated token patterns")}
 # OpenAI chat fields of features agp's models lack: taken at the value that asks for nothing (null;
 # modalities ["text"]), else an error saying why, with OpenAI's code for a parameter a model lacks
 CHAT_LACKING = {"verbosity": ((), "its models do not reason"),
                 "audio": ((), "it serves text only"), "modalities": ((["text"],), "it serves text only"),
                 "prediction": ((), "predicted outputs are not served"),
                 "web_search_options": ((), "it searches nothing"),
-                "moderation": ((), "it runs no moderation model")}
+                "moderation": ((), "it runs no moderation model"),
+                # vLLM's too refuses a request's own template unless started with --trust-request-chat-template
+                "chat_template": ((), "a request brings no chat template of its own (start the server with "
+                                      "--chat-template FILE)"),
+                "mm_processor_kwargs": (({},), "it serves text only"),
+                **VLLM_LACKING}
 # the same for completions: vLLM's prompt_embeds (base64 tensors of the prompt's input embeddings, which
 # vLLM takes only under --enable-prompt-embeds); ignoring it would answer the text prompt beside it instead
-COMPLETION_LACKING = {"prompt_embeds": ((), "it takes a prompt as text or token ids, not as embeddings")}
+COMPLETION_LACKING = {"prompt_embeds": ((), "it takes a prompt as text or token ids, not as embeddings"),
+                      **VLLM_LACKING}
 # the same for the Responses API's fields (serve/responses.py): what OpenAI keeps or runs for a
 # response that agp has not; ignoring them would answer another request than the one sent
 RESPONSES_LACKING = {"moderation": CHAT_LACKING["moderation"],
@@ -604,9 +621,9 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
 def logprobs_of_chat(want, top) -> int | None:
     """Chat's spelling of logprobs (each value checked by its caller), as agp serve's chat bodies
     and `agp run`'s lines take it: `"logprobs": true` with `top_logprobs` alternatives a token (0
-    when left out) asks for them, `false` or nothing for none (None); `top_logprobs` needs
-    `"logprobs": true`."""
-    if top is not None and want is not True:
+    when left out) asks for them, `false` or nothing for none (None); `top_logprobs` above 0 needs
+    `"logprobs": true` (0, the default vLLM's request model writes out, asks for nothing, as there)."""
+    if top and want is not True:
         raise RequestError("'top_logprobs' needs \"logprobs\": true", param="top_logprobs")
     return (top or 0) if want is True else None
 
@@ -803,9 +820,9 @@ def parse_line_object(obj, lineno: int) -> ParsedRequest:
 # ---------------------------------------------------------------- structured output
 # `response_format` (OpenAI), `structured_outputs` (vLLM >= 0.11: one of `json`, `regex`, `choice`,
 # `grammar`, `json_object`, `structural_tag`) and the older `guided_json`, `guided_regex`, `guided_choice`,
-# `guided_grammar` all become one spec of the constraint compiler (engine/constrain.py), for agp
+# `guided_grammar`, `structural_tag` all become one spec of the constraint compiler (engine/constrain.py), for agp
 # serve's bodies and agp run's lines alike; a request gives at most one of them.
-GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structural_tag")  # the last: vLLM < 0.11's
 STRUCTURED_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
                    "json_object": "json_object", "structural_tag": "structural_tag"}
 # vLLM's options beside them, when true: (the key it sets on a JSON spec, its value); disable_fallback
@@ -921,7 +938,7 @@ def _given_constraint(obj: dict) -> tuple[dict | None, str | None]:
                     spec[key] = value
         return spec, f"{name}.{keys[0]}"
     kind = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
-            "guided_grammar": "grammar"}[name]
+            "guided_grammar": "grammar", "structural_tag": "structural_tag"}[name]
     return _spec(kind, obj[name], name), name
 
 

@@ -150,6 +150,31 @@ def test_a_vllm_flag_is_refused_with_where_agp_sets_it(command, capsys):
     assert "--frob is" not in err
 
 
+@pytest.mark.parametrize("argv, said", [
+    # what a vLLM deployment's command line carries most often beside the model
+    (["--enable-auto-tool-choice", "--tool-call-parser", "hermes"],
+     ["--enable-auto-tool-choice is vLLM's: tool calls are parsed whenever a request gives `tools`",
+      "--tool-call-parser is vLLM's: agp reads calls in one form, `<tool_call>{...}</tool_call>`"]),
+    (["--disable-log-requests", "--uvicorn-log-level", "info", "--disable-log-stats"],
+     ["--disable-log-requests is vLLM's: agp never logs a request's prompt or parameters",
+      "--uvicorn-log-level is vLLM's: one --log-level sets agp's and uvicorn's",
+      "--disable-log-stats is vLLM's: the periodic stats line is --stats-interval 0"]),
+    (["--download-dir=/models", "--enable-chunked-prefill", "--response-role", "bot"],
+     ["--download-dir is vLLM's: agp downloads nothing: serve a local .gguf file or Hugging Face folder",
+      "--enable-chunked-prefill is vLLM's: prefill is always chunked (generate's `prefill_chunk`",
+      "--response-role is vLLM's: a chat answer's role is always `assistant`"]),
+])
+def test_the_vllm_flags_of_a_deployment_say_what_agp_does_instead(argv, said, capsys):
+    """They were refused as any unknown flag is, with nothing on what agp does about them."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", "examples/chat.agp", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"unrecognized arguments: {' '.join(argv)}; " in err
+    for line in said:
+        assert line in err, err
+
+
 @pytest.mark.parametrize("command", ["run", "serve", "bench"])
 def test_dtype_takes_vllms_names_as_agps_and_refuses_another_naming_both(command, capsys):
     """--dtype bfloat16 (vLLM's spelling, as its users write it) is agp's bf16, half and float16

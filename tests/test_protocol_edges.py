@@ -234,6 +234,9 @@ def test_chat_logprobs_top_logprobs_from_0_to_20_and_only_with_logprobs():
     assert chat({"messages": HI, "logprobs": True, "top_logprobs": 0}).fields == {"logprobs": 0}
     assert chat({"messages": HI, "logprobs": True, "top_logprobs": 20}).fields == {"logprobs": 20}
     assert chat({"messages": HI, "logprobs": False}).fields == {}
+    # 0 asks for nothing: taken without logprobs, as vLLM takes its request model's default
+    assert chat({"messages": HI, "top_logprobs": 0}).fields == chat({"messages": HI, "logprobs": False,
+                                                                    "top_logprobs": 0}).fields == {}
     e = refused(chat, {"messages": HI, "logprobs": True, "top_logprobs": 21})
     assert (e.message, e.param) == ("'top_logprobs' must be an integer from 0 to 20, not 21",
                                     "top_logprobs")

@@ -231,3 +231,105 @@ def test_the_limits_of_bodies_still_arriving_are_checked_at_start(argv, said):
     assert str(e.value) == said
     check_args(parse(["x.agp", "--body-min-rate", "0", "--max-body-bytes-arriving", "4096",
                       "--max-body-bytes", "4096"], {}))
+
+
+def test_vllms_api_key_variable_keeps_a_migrated_deployment_closed(tmp_path, tiny_gguf):
+    """vLLM reads its key from VLLM_API_KEY; a deployment that kept it and not AGP_API_KEY came up
+    with no key at all, answering everyone. AGP_API_KEY and --api-key still win over it."""
+    from starlette.testclient import TestClient
+
+    from pipeline_dsl.serve.build import build
+    from test_serve import TINY
+
+    assert parse(["x.agp"], {"VLLM_API_KEY": "vk"}).api_key == ["vk"]
+    assert parse(["x.agp"], {"VLLM_API_KEY": "vk", "AGP_API_KEY": "ak"}).api_key == ["ak"]
+    assert parse(["x.agp", "--api-key", "fk"], {"VLLM_API_KEY": "vk"}).api_key == ["fk"]
+    assert parse(["x.agp"], {"VLLM_API_KEY": ""}).api_key is None
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=tiny_gguf, max_queue=8, max_batch_size=2, timeout=20))
+    serving = build(parse([str(path), "--threads", "1"], {"VLLM_API_KEY": "vk"}))
+    try:
+        client = TestClient(serving.app, base_url="http://localhost")
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer vk"}).status_code == 200
+    finally:
+        serving.runtime.close()
+
+
+@pytest.mark.parametrize("given, tokens", [("4096", 4096), ("32k", 32000), ("32K", 32768), ("25.6k", 25600),
+                                           ("1M", 1 << 20), ("auto", None), ("-1", None)])
+def test_max_model_len_takes_vllms_spellings(given, tokens):
+    """vLLM's --max-model-len takes k/m/g (decimal) and K/M/G (binary) suffixes and auto or -1 (as
+    much as memory holds: agp's default already); `--max-model-len 32k` was "invalid int value"."""
+    assert parse(["x.agp", "--max-model-len", given], {}).max_model_len == tokens
+    assert parse(["x.agp"], {"AGP_MAX_MODEL_LEN": given}).max_model_len == tokens
+
+
+def test_max_model_len_that_is_no_number_of_tokens_says_how_to_write_one(capsys):
+    for argv in (["--max-model-len", "32q"], ["--max-model-len", "2.5"]):
+        with pytest.raises(SystemExit) as e:
+            parse(["x.agp", *argv], {})
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "--max-model-len" in err and "number of tokens" in err, err
+
+
+def test_allowed_origins_takes_vllms_json_list(tmp_path, tiny_gguf):
+    """vLLM's --allowed-origins is a JSON list ('["https://app.example"]'); read as comma-separated text
+    it became the origins '["https://app.example"' and so on, which no browser sends: every call from
+    the page was refused by CORS, and nothing said why."""
+    from starlette.testclient import TestClient
+
+    from pipeline_dsl.serve.build import build
+    from test_serve import TINY
+
+    listed = '["https://app.example", "http://b.example:8080"]'
+    assert parse(["x.agp", "--allowed-origins", listed], {}).allowed_origins == [
+        "https://app.example", "http://b.example:8080"]
+    assert parse(["x.agp"], {"AGP_ALLOWED_ORIGINS": listed}).allowed_origins == [
+        "https://app.example", "http://b.example:8080"]
+    assert parse(["x.agp", "--allowed-origins", "https://app.example,*"], {}).allowed_origins == [
+        "https://app.example", "*"]
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=tiny_gguf, max_queue=8, max_batch_size=2, timeout=20))
+    serving = build(parse([str(path), "--threads", "1", "--allowed-origins", listed], {}))
+    try:
+        client = TestClient(serving.app, base_url="http://localhost")
+        r = client.options("/v1/chat/completions", headers={"Origin": "http://b.example:8080",
+                                                             "Access-Control-Request-Method": "POST"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://b.example:8080"
+    finally:
+        serving.runtime.close()
+
+
+@pytest.mark.parametrize("given, said", [
+    ("https://app.example/", "'https://app.example/' is not an origin"),        # a trailing slash: never sent
+    ("app.example", "'app.example' is not an origin"),
+    ('["https://app.example"', "is not a JSON list of origins"),
+])
+def test_an_allowed_origin_no_browser_sends_stops_the_start(capsys, given, said):
+    with pytest.raises(SystemExit) as e:
+        parse(["x.agp", "--allowed-origins", given], {})
+    assert e.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_chat_template_takes_the_template_itself_as_vllm_does(tmp_path, tiny_gguf, capsys):
+    """vLLM's --chat-template is a file or the template in one line; given inline, it was refused
+    as '<the template>: no such file'."""
+    from pipeline_dsl import cli
+    from pipeline_dsl.serve.build import build
+    from test_serve import TINY
+
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=tiny_gguf, max_queue=8, max_batch_size=2, timeout=20))
+    inline = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}=>"
+    serving = build(parse([str(path), "--threads", "1", "--chat-template", inline], {}))
+    try:
+        rendered = serving.runtime.tokenise({"messages": [{"role": "user", "content": "hey"}]}, None)
+        assert serving.runtime.detokenise(rendered, None) == "[hey]=>"
+    finally:
+        serving.runtime.close()
+    # one that does not parse stops the start, saying so without repeating it as a path
+    assert cli.main(["serve", str(path), "--port", "0", "--chat-template", "{% for m in messages %}"]) == 2
+    err = capsys.readouterr().err
+    assert "--chat-template (the template given inline):" in err and "no such file" not in err, err

@@ -394,7 +394,8 @@ AT_TAG = {"type": "structural_tag", "triggers": ["@"], "structures": [{"begin": 
 
 
 @pytest.mark.parametrize("extra", [{"response_format": AT_TAG},
-                                   {"structured_outputs": {"structural_tag": json.dumps(AT_TAG)}}])
+                                   {"structured_outputs": {"structural_tag": json.dumps(AT_TAG)}},
+                                   {"structural_tag": json.dumps(AT_TAG)}])      # vLLM < 0.11's top-level field
 def test_a_structural_tag_holds_what_follows_each_trigger(server, client, extra):
     """vLLM's structural tag, as its clients send it (response_format, or structured_outputs'
     structural_tag as JSON text): free text, and after each trigger the whole structure. A bias
@@ -426,6 +427,8 @@ DEEP = "[" * 5000 + "]" * 5000               # JSON text nested past the request
     ({"guided_jsn": {}}, "guided_jsn"),                         # still unknown: a 400 naming it
     ({"response_format": {**AT_TAG, "triggers": ["#"]}}, "response_format"),      # a begin without its trigger
     ({"structured_outputs": {"structural_tag": "{"}}, "structured_outputs.structural_tag"),
+    ({"structural_tag": "{"}, "structural_tag"),
+    ({"structural_tag": json.dumps(AT_TAG), "guided_regex": "a"}, "structural_tag"),     # one format a request
     ({"response_format": {"type": "structural_tag", "format": {"type": "triggered_tags"}}}, "response_format.format"),
     # JSON text is read as a body is: too deep is a 400 naming the field, not a RecursionError's 500
     ({"structured_outputs": {"structural_tag": DEEP}}, "structured_outputs.structural_tag"),
@@ -702,3 +705,60 @@ def test_a_request_carries_at_most_128_tools_on_chat_responses_and_run_lines(ser
         elif isinstance(node, list):
             todo += node
     assert found and set(found) == {most}
+
+
+# vLLM's ChatCompletionRequest written out whole (model_dump), as a client built on vLLM's own request
+# model sends it: every field at its default
+VLLM_DEFAULTS = {
+    "frequency_penalty": 0.0, "logit_bias": None, "logprobs": False, "top_logprobs": 0, "max_completion_tokens": None,
+    "n": 1, "presence_penalty": 0.0, "response_format": None, "seed": None, "stop": [], "stream": False,
+    "stream_options": None, "temperature": None, "top_p": None, "tools": None, "tool_choice": "none",
+    "reasoning_effort": None, "include_reasoning": True, "parallel_tool_calls": True, "user": None,
+    "use_beam_search": False, "top_k": None, "min_p": None, "repetition_penalty": None, "length_penalty": 1.0,
+    "stop_token_ids": [], "include_stop_str_in_output": False, "ignore_eos": False, "min_tokens": 0,
+    "skip_special_tokens": True, "spaces_between_special_tokens": True, "truncate_prompt_tokens": None,
+    "prompt_logprobs": None, "allowed_token_ids": None, "bad_words": [], "echo": False, "add_generation_prompt": True,
+    "continue_final_message": False, "add_special_tokens": False, "documents": None, "chat_template": None,
+    "chat_template_kwargs": None, "mm_processor_kwargs": None, "structured_outputs": None, "priority": 0,
+    "request_id": "vllm-defaults", "logits_processors": None, "return_tokens_as_token_ids": None,
+    "return_token_ids": None, "cache_salt": None, "kv_transfer_params": None, "vllm_xargs": None,
+    "max_repetition_pattern_size": 0, "min_repetition_pattern_size": 0, "repetition_min_count": 0,
+    "guided_json": None, "guided_regex": None, "guided_choice": None, "guided_grammar": None, "structural_tag": None,
+    "guided_decoding_backend": None, "guided_whitespace_pattern": None}
+CHAT_ONLY = {"max_completion_tokens", "top_logprobs", "tools", "tool_choice", "reasoning_effort", "include_reasoning",
+             "parallel_tool_calls", "echo", "add_generation_prompt", "continue_final_message", "add_special_tokens",
+             "documents", "chat_template", "chat_template_kwargs", "mm_processor_kwargs"}
+
+
+def test_vllms_request_model_written_out_whole_is_served(server):
+    """Its fields of features agp lacks (chat_template, logits_processors, kv_transfer_params, ...) and
+    top_logprobs 0 without logprobs were 400s (\"unrecognized request argument\", \"'top_logprobs' needs
+    logprobs\"), though they ask for nothing at their defaults."""
+    chat = server.http.post(server.url + "/v1/chat/completions", timeout=60, json={
+        **VLLM_DEFAULTS, "model": "tiny", "messages": USER, "max_tokens": 2})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["logprobs"] is None
+    comp = server.http.post(server.url + "/v1/completions", timeout=60, json={
+        **{k: v for k, v in VLLM_DEFAULTS.items() if k not in CHAT_ONLY}, "model": "tiny", "prompt": "hi",
+        "max_tokens": 2, "logprobs": None, "echo": False, "add_special_tokens": True, "prompt_embeds": None})
+    assert comp.status_code == 200, comp.text
+
+
+@pytest.mark.parametrize("route, field, value, why", [
+    ("chat", "chat_template", "{{ messages }}", "a request brings no chat template of its own (start the server "
+                                                "with --chat-template FILE)"),
+    ("chat", "mm_processor_kwargs", {"fps": 1}, "it serves text only"),
+    ("chat", "logits_processors", ["my.Processor"], "it runs no custom logits processors (use 'logit_bias'"),
+    ("completions", "kv_transfer_params", {"do_remote_decode": True}, "it has no disaggregated prefill"),
+    ("completions", "guided_whitespace_pattern", " ?", "use 'structured_outputs' with disable_any_whitespace"),
+    ("chat", "repetition_min_count", 3, "it stops no answer on repeated token patterns"),
+])
+def test_a_vllm_field_of_a_feature_agp_lacks_is_a_400_saying_why(server, route, field, value, why):
+    body = {"messages": USER} if route == "chat" else {"prompt": "hi"}
+    r = server.http.post(f"{server.url}/v1/{'chat/' if route == 'chat' else ''}completions", timeout=60,
+                         json={"model": "tiny", "max_tokens": 2, **body, field: value})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == field and err["code"] == "unsupported_parameter"
+    assert err["message"].startswith(f"'{field}' = ") and why in err["message"], err["message"]
+    assert "unrecognized" not in err["message"]

@@ -1,12 +1,13 @@
-"""`agp serve PIPELINE`: the pipeline behind an OpenAI-compatible HTTP API.
+"""`agp serve PIPELINE`: the pipeline behind an OpenAI-compatible HTTP API (`agp serve MODEL`: a model
+through a pipeline of the chat example's stages, as `vllm serve MODEL`; serve/build.py).
 
     agp serve examples/chat.agp --port 8000
     curl -N localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
          -d '{"messages": [{"role": "user", "content": "Hi"}], "stream": true}'
 
 Routes: /v1/completions, /v1/chat/completions, /v1/responses (streaming or not), /v1/models,
-/tokenize, /detokenize, /health, /metrics (Prometheus), /stats, /version, /trace/flush; the
-flags and what they build live in pipeline_dsl.serve (options, build). SIGTERM (or
+/tokenize, /detokenize, /health, /ping, /invocations (SageMaker's), /metrics (Prometheus), /stats, /version,
+/trace/flush; the flags and what they build live in pipeline_dsl.serve (options, build). SIGTERM (or
 Ctrl-C, or SIGHUP) answers new requests 503, lets in-flight requests finish (up to
 --drain-timeout; a second signal cuts them now, each with an error answer) and exits 0 (1 when
 some were cut). While the model loads, the port is already held and every request gets 503

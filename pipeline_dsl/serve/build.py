@@ -9,7 +9,65 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .options import ENGINE_VARIABLES, SetupError, check_args, given_as
+from .options import ENGINE_VARIABLES, SetupError, check_args, given_as, model_named, template_text
+
+# The pipeline `agp serve MODEL` serves a model with (vLLM's `vllm serve MODEL`): the stages of
+# examples/chat.agp, each with its defaults but generate's sampling (VLLM_SAMPLING), the model as FILE
+# names it
+MODEL_PIPELINE = """pipeline {name} {{
+    model = {model}
+    stage request : requests      {{}}
+    stage batch   : dynamic_batch {{}}
+    stage encode  : encode        {{}}
+    stage kv      : kv_lookup     {{}}
+    stage gen     : generate      {{{sampling}}}
+    stage out     : respond       {{}}
+    request -> batch
+    batch -> encode when full
+    batch -> encode when timeout
+    encode -> kv -> gen -> out
+}}
+"""
+MODEL_PIPELINE_NAME = "model"
+# vLLM's sampling defaults where the model's generation config sets none (its SamplingParams'):
+# temperature 1, and max_tokens all the context leaves (the generate stage cuts max_new_tokens to it)
+VLLM_SAMPLING = {"temperature": ("temperature", 1.0), "max_tokens": ("max_new_tokens", 1 << 20)}
+
+
+def pipeline_graph(args):
+    """What `agp serve` loads for FILE (`args.pipeline`): the path of a pipeline file, or, when FILE
+    names a model (model_named), the checked graph of MODEL_PIPELINE around it."""
+    import json
+
+    from pipeline_dsl import load_pipeline_graph
+
+    model = model_named(args.pipeline)
+    if model is None:
+        return args.pipeline
+    if args.name is not None:
+        raise SetupError(f"--pipeline {args.name} picks a pipeline of a .agp file, and {args.pipeline!r} is a "
+                         "model (agp serves it with a pipeline of its own)")
+    from pipeline_dsl.engine.errors import InputError
+    from pipeline_dsl.engine.models import generation_defaults, resolve_model
+
+    try:                    # what the model's generation config (and --override-generation-config) sets
+        recommended = generation_defaults(resolve_model(model), args.generation_config,
+                                          override=args.override_generation_config)
+    except InputError:      # the engine says what is wrong with it, as for a pipeline file
+        recommended = {}
+    sampling = "".join(f" {param} = {value}" for field, (param, value) in VLLM_SAMPLING.items()
+                       if field not in recommended)
+    text = MODEL_PIPELINE.format(name=MODEL_PIPELINE_NAME, model=json.dumps(model, ensure_ascii=False),
+                                 sampling=sampling + " " if sampling else "")
+    return load_pipeline_graph(args.pipeline, text=text)
+
+
+def served_names(args) -> list[str] | None:
+    """--served-model-name; left out, FILE as given when it names a model (vLLM's default: the
+    model as `vllm serve` was given it, which its clients send as `model`)."""
+    if args.served_model_name or model_named(args.pipeline) is None:
+        return args.served_model_name
+    return [args.pipeline]
 
 
 def model_names(runtime, served: list[str] | None) -> tuple[str, ...]:
@@ -97,14 +155,16 @@ def build(args, *, host: str | None = None) -> Serving:
     template = None
     if args.chat_template:
         try:                                   # before the model loads: a template that does not parse stops the start
-            template = Path(args.chat_template).read_text(encoding="utf-8")
+            inline = template_text(args.chat_template)
+            template = args.chat_template if inline else Path(args.chat_template).read_text(encoding="utf-8")
             compile_chat_template(template, "the template")
         except (OSError, UnicodeDecodeError, InputError) as e:
-            raise SetupError(f"--chat-template {args.chat_template}: {e}") from None
+            shown = "(the template given inline)" if inline else args.chat_template
+            raise SetupError(f"--chat-template {shown}: {e}") from None
     try:
-        runtime = build_runtime(args.pipeline, args.name, overlap=False if args.no_overlap else None, max_queue=args.max_queue,
+        runtime = build_runtime(pipeline_graph(args), args.name, overlap=False if args.no_overlap else None, max_queue=args.max_queue,
                                 allow_paths=getattr(args, "allow_path", ()),
-                                served_name=(args.served_model_name or [None])[0],
+                                served_name=(served_names(args) or [None])[0],
                                 trace=Trace(limit=1_000_000 if args.trace else 0),   # spans only for --trace
                                 overrides={"dtype": args.dtype, "threads": args.threads,
                                            "max_prompt_tokens": args.max_input_tokens,
@@ -120,7 +180,7 @@ def build(args, *, host: str | None = None) -> Serving:
                                            "prefix_reuse": False if args.no_prefix_reuse else None})
     except InputError as e:
         raise SetupError(str(e)) from None
-    names = model_names(runtime, args.served_model_name)
+    names = model_names(runtime, served_names(args))
     copied = request_headers(args.request_headers, runtime.graph)
     contexts = [es.max_model_len for es in runtime.segments]
     config = ServeConfig(model_names=names, max_model_len=int(min(contexts) if contexts else 1 << 20),

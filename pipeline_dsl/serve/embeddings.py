@@ -176,10 +176,11 @@ class Embeddings:
                 "fields": {"max_tokens": 0, "pooling": "mean", **P.priority_field(body),
                            **({"add_generation_prompt": False, **render} if chat else P.add_special_tokens(body))}}
 
-    async def create(self, request: Request) -> Response:
+    async def create(self, request: Request, body: dict | None = None) -> Response:
+        """The answer to an embeddings request (`body`: the request's, when already read)."""
         g = self.g
         try:
-            req = self.parse(await read_json(request, g.config))
+            req = self.parse(body if body is not None else await read_json(request, g.config))
             headers = P.request_headers(request.headers.raw, g.config.request_headers)
         except P.APIError as err:
             return g.refused(err)

@@ -91,9 +91,11 @@ class Generations:
         self.metrics.requests.labels(str(err.status)).inc()
         return error_response(err)
 
-    async def handle(self, request: Request, parse) -> Response:
+    async def handle(self, request: Request, parse, body: dict | None = None) -> Response:
+        """The answer to a completions or chat request (`body`: the request's, when already read)."""
         try:       # off the event loop: checking a large response_format schema takes seconds of CPU
-            body = await read_json(request, self.config)
+            if body is None:
+                body = await read_json(request, self.config)
             req = await parsed_off_loop(functools.partial(self.parse, body, parse))
         except P.APIError as err:
             return self.refused(err)

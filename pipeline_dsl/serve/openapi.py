@@ -114,6 +114,7 @@ SAMPLING = {
     "guided_regex": {"type": "string"},
     "guided_choice": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
     "guided_grammar": {"type": "string"},
+    "structural_tag": {"type": ["string", "object"], "description": "vLLM < 0.11's: a structural tag, or its JSON text"},
     "guided_decoding_backend": {"type": "string", "description": "taken and ignored: llguidance serves all"},
     "truncate_prompt_tokens": {"type": "integer", "minimum": -1, "description": "keep the prompt's last k tokens"},
     "priority": {"type": "integer", "minimum": PRIORITY.min, "maximum": PRIORITY.max,
@@ -466,3 +467,21 @@ EMBEDDINGS = {
             "data": {"type": "array", "items": {"type": "object", "required": ["object", "index", "embedding"]}},
             "model": {"type": "string"}, "usage": {"type": "object"}}}}}},
         **{k: ERRORS[k] for k in ("400", "404", "408", "413", "415", "429", "500", "503")}}}
+
+
+# SageMaker's one inference route, as vLLM serves it: the body's shape picks the API (serve/routes.py)
+INVOCATIONS = {
+    "summary": "SageMaker's inference route (vLLM's): a body with 'messages' is a chat completion, one with "
+               "'prompt' a completion, one with 'input' an embedding",
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "anyOf": [CHAT_REQUEST, COMPLETION_REQUEST, _embeddings_request()]}}}},
+    "responses": {
+        "200": {"description": "the answer of the API the body picks (JSON), or with \"stream\": true "
+                               "server-sent events ending in data: [DONE]",
+                "content": {"application/json": {"schema": {"anyOf": [
+                    CHAT_RESPONSE, COMPLETION_RESPONSE,
+                    EMBEDDINGS["responses"]["200"]["content"]["application/json"]["schema"]]}},
+                            "text/event-stream": {"schema": SSE_EVENT}}},
+        **ERRORS,
+    },
+}

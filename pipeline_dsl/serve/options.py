@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from pathlib import Path
 
 from pipeline_dsl.cliargs import (GENERATION_CONFIG_HELP, OVERRIDE_GENERATION_CONFIG_HELP, generation_config,
-                                  add_dtype_argument, output_file, override_generation_config, switch)
+                                  add_dtype_argument, output_file, override_generation_config, switch,
+                                  token_count)
 from pipeline_dsl.diagnostics import closest
 from pipeline_dsl.loader import add_pipeline_arguments
 
@@ -26,6 +28,34 @@ ENV_PREFIX = "AGP_"
 
 def _names(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+# an origin as a browser sends it: scheme://host[:port], no path (nor a trailing slash)
+ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s,\"'\[\]]+")
+
+
+def _origins(value: str) -> list[str]:
+    """--allowed-origins: comma-separated origins, or vLLM's JSON list of them ('["https://app.example"]');
+    each '*', 'null' or scheme://host[:port]. One that is none (a path, a trailing slash, a piece of a
+    JSON list read as text) would never match a browser's Origin header: an error naming it."""
+    import json
+
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a JSON list of origins ({e})") from None
+        if not all(isinstance(i, str) for i in items):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a JSON list of origins (strings)")
+        names = [i.strip() for i in items if i.strip()]
+    else:
+        names = _names(text)
+    for name in names:
+        if name not in ("*", "null") and not ORIGIN.fullmatch(name):
+            raise argparse.ArgumentTypeError(f"{name!r} is not an origin: a browser sends scheme://host[:port] "
+                                             "(https://app.example:8443, no path), or give '*' for any")
+    return names
 
 
 def _header_names(value: str) -> list[str]:
@@ -61,7 +91,9 @@ class ExtendOrReplace(argparse._ExtendAction):
 
 
 def add_arguments(p) -> None:
-    add_pipeline_arguments(p)
+    add_pipeline_arguments(p, file_help="the .agp file, or a model to serve as `vllm serve MODEL` does (a .gguf "
+                           "file, a Hugging Face folder or an embedded model's name: served by a pipeline of the "
+                           "chat example's stages, under that name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
     add_dtype_argument(p)
@@ -78,16 +110,18 @@ def add_arguments(p) -> None:
                         "pipeline's name)")
     p.add_argument("--api-key", action=ExtendOrReplace, nargs="+", default=None, metavar="KEY",
                    help="answer only requests with 'Authorization: Bearer KEY' (401 otherwise); "
-                        f"{', '.join(OPEN_PATHS)} stay open")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="context length in tokens (prompt + answer); at most the model's")
+                        f"{', '.join(OPEN_PATHS)} stay open (vLLM's VLLM_API_KEY is read too, below AGP_API_KEY)")
+    p.add_argument("--max-model-len", type=token_count, default=None,
+                   help="context length in tokens (prompt + answer); at most the model's (vLLM's suffixes: 32k = "
+                        "32000, 32K = 32768)")
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help="sequences batched at once (overrides the pipeline's max_batch_size)")
     p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default=None,
                    help="which waiting request is admitted first (overrides dynamic_batch's scheduling_policy): "
                         "fcfs, in order of arrival; priority, by the request's 'priority' field, lower first")
     p.add_argument("--chat-template", default=None, metavar="FILE",
-                   help="a Jinja chat template file used instead of the model's")
+                   help="a Jinja chat template file used instead of the model's (or, as vLLM takes it, the "
+                        "template itself: a value holding {{ or {%%)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the sampling of requests that bring no seed of their own")
     p.add_argument("--generation-config", type=generation_config, default="auto", metavar="auto|vllm|FOLDER",
@@ -96,8 +130,9 @@ def add_arguments(p) -> None:
                    help=OVERRIDE_GENERATION_CONFIG_HELP)
     p.add_argument("--root-path", default="",
                    help="the path prefix a proxy serves this server under (e.g. /llm)")
-    p.add_argument("--allowed-origins", type=_names, default=None, metavar="ORIGINS",
-                   help="comma-separated origins browsers may call from (CORS), '*' for any (default: none)")
+    p.add_argument("--allowed-origins", type=_origins, default=None, metavar="ORIGINS",
+                   help="comma-separated origins browsers may call from (CORS), or vLLM's JSON list of them; "
+                        "'*' for any (default: none)")
     p.add_argument("--request-headers", type=_header_names, default=None, metavar="NAMES",
                    help="comma-separated HTTP headers copied into each request's `headers` {name: value} that "
                         "python stages read (x-tenant,x-user-id; lower-case names; only those named, so "
@@ -271,7 +306,15 @@ def env_defaults(p: argparse.ArgumentParser, environ=None) -> None:
             p.error(f"environment variable {name}={raw!r}: {e}")
         p.set_defaults(**{action.dest: value})
         from_variables[action.dest] = (name, value)
+    vllm_key = environ.get(VLLM_API_KEY)
+    if vllm_key and "api_key" not in from_variables and any(a.dest == "api_key" for a in p._actions):
+        # vLLM's server reads its key from VLLM_API_KEY: a deployment that sets it must not come up open
+        p.set_defaults(api_key=[vllm_key])
+        from_variables["api_key"] = (VLLM_API_KEY, [vllm_key])
     p.set_defaults(from_variables=from_variables)
+
+
+VLLM_API_KEY = "VLLM_API_KEY"   # vLLM's variable for --api-key, read when AGP_API_KEY is not set
 
 
 def given_as(args, dest: str) -> str:
@@ -321,11 +364,19 @@ def value_problem(dest: str, value) -> str | None:
             check_engine_field("seed", value)
         except ParamError:
             return f"must be {expected(param_of(*ENGINE_FIELDS['seed']))}, not {value}"
+    if dest == "chat_template" and value and template_text(value):
+        return None                     # the template itself, as vLLM's --chat-template takes it too
     if dest in FILES and value and not Path(value).is_file():
         return f"{value}: no such file"
     if dest == "root_path" and value and not value.startswith("/"):
         return f"must start with '/', not {value!r}"
     return None
+
+
+def template_text(value: str) -> bool:
+    """Whether --chat-template's value is a template itself rather than a file's path (vLLM takes
+    both): it holds Jinja's {{ or {%, which no sensible path does."""
+    return "{{" in value or "{%" in value
 
 
 def _check_values(args, dests) -> None:
@@ -335,8 +386,48 @@ def _check_values(args, dests) -> None:
             raise SetupError(f"--{dest.replace('_', '-')} {problem}")
 
 
+def model_named(file: str) -> str | None:
+    """The model FILE names when it names one rather than a pipeline file, as `vllm serve MODEL`
+    takes it: an embedded model's name, a .gguf file, or a Hugging Face folder (one holding a
+    config.json); None otherwise (a .agp file, or a path that is none of these)."""
+    from pipeline_dsl.model_files import EMBEDDED_FILES
+
+    path = Path(file).expanduser()
+    if path.is_file():
+        return str(path.resolve()) if path.suffix.lower() == ".gguf" else None
+    if path.is_dir():
+        return str(path.resolve()) if (path / "config.json").is_file() else None
+    return file.strip().lower() if file.strip().lower() in EMBEDDED_FILES else None
+
+
+# files that hold a model's weights alone (its folder is the model): not a pipeline to read
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx")
+
+
+def check_file(file: str) -> None:
+    """FILE is a pipeline file or a model (model_named); a path that is neither and does not end in
+    .agp (a Hub id such as `Qwen/Qwen2.5-0.5B-Instruct`, as vLLM takes it, a folder without a
+    config.json, a weights file) is a SetupError saying what FILE may be, before the server starts.
+    A missing .agp file is the loader's to report."""
+    from pipeline_dsl.model_files import EMBEDDED_FILES
+
+    path = Path(file).expanduser()
+    takes = (f"give a .agp file, or a model to serve as vLLM's `vllm serve MODEL` does: a .gguf file, a Hugging "
+             f"Face model folder (with its config.json) or an embedded model ({', '.join(sorted(EMBEDDED_FILES))})")
+    if model_named(file) is not None or file.endswith(".agp"):
+        return
+    if path.is_dir():
+        raise SetupError(f"{file!r} is a folder without a config.json, so neither a pipeline file nor a model: {takes}")
+    if path.suffix.lower() in WEIGHT_FILES:
+        raise SetupError(f"{file!r} is a file of weights alone: {takes}")
+    if not path.exists():
+        raise SetupError(f"{file!r} is neither a pipeline (.agp) file nor a model: {takes}; agp downloads nothing, "
+                         "so a Hub id must be a local folder")
+
+
 def check_args(args) -> None:
-    """The flags' own ranges, before anything is loaded."""
+    """The flags' own ranges, and FILE (check_file), before anything is loaded."""
+    check_file(args.pipeline)
     _check_values(args, ("port", *(d for d in AT_LEAST if d not in RAY_DESTS), *POSITIVE_SECONDS, "stats_interval",
                          "body_min_rate", "seed"))
     if args.max_body_bytes_arriving < args.max_body_bytes:     # a body of the largest size could never arrive

@@ -61,10 +61,13 @@ def pipeline_options(args, gpus: float = 0) -> dict:
 def build_app(args, gpus: float = 0):
     """The Serve application for checked `agp serve` flags (files made absolute: every node
     reads them at the same path)."""
-    options = dict(vars(args))
+    from .build import served_names
+    from .options import template_text
+
+    options = dict(vars(args), served_model_name=served_names(args))   # a model's: FILE as given
     for name in ("pipeline", "chat_template"):
-        if options.get(name):
-            options[name] = str(Path(options[name]).resolve())
+        if options.get(name) and not template_text(options[name]) and Path(options[name]).exists():
+            options[name] = str(Path(options[name]).resolve())    # not an embedded model, nor an inline template
     if options.get("generation_config") not in (None, "auto", "vllm"):       # a folder
         options["generation_config"] = str(Path(options["generation_config"]).resolve())
     options.pop("func", None)
@@ -101,7 +104,9 @@ def pipeline_device(args) -> str:
     """The pipeline's `device` setting (raises CheckFailed for a file that does not check)."""
     from pipeline_dsl.flow import load_graph
 
-    return str(load_graph(args.pipeline, args.name).graph["settings"].get("device") or "auto")
+    from .build import pipeline_graph
+
+    return str(load_graph(pipeline_graph(args), args.name).graph["settings"].get("device") or "auto")
 
 
 def replica_gpus(device: str) -> float:

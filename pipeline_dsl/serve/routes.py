@@ -5,7 +5,8 @@ handler reads what it needs from `request.app.state` (the AsyncPipeline `apipe`,
 Routes: POST /v1/completions, /v1/chat/completions (serve/generation.py), /v1/responses (and GET,
 DELETE /v1/responses/{id}: serve/responses.py), /v1/embeddings (serve/embeddings.py), GET /v1/models,
 /v1/models/{id}, POST /tokenize, /detokenize, GET /tokenizer_info, /version, /health (and HEAD;
-/ping, GET and POST, its vLLM name),
+/ping, GET and POST, its vLLM name), POST /invocations (SageMaker's, as vLLM's: chat, completions or
+embeddings by the body's shape),
 /metrics (Prometheus), /stats (counters as JSON), POST /trace/flush.
 """
 from __future__ import annotations
@@ -84,6 +85,30 @@ async def delete_response(response_id: str, request: Request):
 @router.post("/v1/embeddings", openapi_extra=OA.EMBEDDINGS)
 async def embeddings(request: Request):
     return await _state(request).embeddings.create(request)
+
+
+# SageMaker's one inference route (vLLM serves it beside /ping): the field an API's body needs picks
+# the API, in vLLM's order (chat first: an embeddings body may hold 'messages' too); null is left out
+INVOCATION_APIS = (("messages", "chat completions"), ("prompt", "completions"), ("input", "embeddings"))
+
+
+@router.post("/invocations", openapi_extra=OA.INVOCATIONS)
+async def invocations(request: Request):
+    state = _state(request)
+    try:
+        body = await read_json(request, state.config)
+    except P.APIError as err:
+        return state.generations.refused(err)
+    if body.get("messages") is not None:
+        return await state.generations.handle(request, P.parse_chat, body)
+    if body.get("prompt") is not None:
+        return await state.generations.handle(request, P.parse_completion, body)
+    if body.get("input") is not None:
+        return await state.embeddings.create(request, body)
+    said = [f"'{field}' ({api})" for field, api in INVOCATION_APIS]
+    fields = f"{', '.join(said[:-1])} or {said[-1]}"
+    return state.generations.refused(P.APIError(f"/invocations answers a body holding one of {fields}; this one "
+                                                 "holds none of them", code="unknown_request_type"))
 
 
 # ---------------------------------------------------------------- models, tokenizer

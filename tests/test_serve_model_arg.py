@@ -1,0 +1,117 @@
+"""`agp serve MODEL`, as vLLM's `vllm serve MODEL`: FILE may name a model (a .gguf file, a Hugging
+Face folder, an embedded model) instead of a pipeline file; agp serves it with a pipeline of its
+own, under the name FILE was given as (vLLM's default --served-model-name), which clients send as
+`model`. A FILE that is neither (a Hub id: agp downloads nothing) stops the start naming what
+FILE may be."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from starlette.testclient import TestClient
+
+from pipeline_dsl import cli
+from pipeline_dsl.commands import serve
+from pipeline_dsl.serve.build import build
+from tiny_model import write_tiny_hf_folder
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="agp serve")
+    serve.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def served(argv):
+    """(the ids /v1/models lists, the answer of a chat request naming the first) of `agp serve argv`."""
+    serving = build(parse([*argv, "--threads", "1"]))
+    try:
+        with TestClient(serving.app, base_url="http://localhost") as client:   # a Host it answers
+            ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+            r = client.post("/v1/chat/completions", json={"model": ids[0], "max_tokens": 2,
+                                                          "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200, r.text
+            return ids, r.json()
+    finally:
+        serving.runtime.close()
+
+
+@pytest.mark.parametrize("kind", ["gguf", "hf"])
+def test_a_model_is_served_under_the_name_it_was_given_as(kind, tiny_gguf, tmp_path):
+    model = str(tiny_gguf if kind == "gguf" else write_tiny_hf_folder(tmp_path / "tiny-hf", tiny_gguf))
+    ids, answer = served([model])
+    assert ids[0] == model                       # vLLM: the served name is the model as given
+    assert answer["model"] == model and answer["usage"]["completion_tokens"] == 2
+    ids, answer = served([model, "--served-model-name", "mine"])
+    assert ids[0] == "mine" and model not in ids and answer["model"] == "mine"
+
+
+def test_a_pipeline_file_is_still_served_as_one(tiny_gguf, tmp_path):
+    from test_serve import TINY
+
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=tiny_gguf, max_queue=8, max_batch_size=2, timeout=20))
+    ids, _ = served([str(path)])
+    assert ids[0] == "tiny"
+
+
+@pytest.mark.parametrize("file, said", [
+    ("Org/Some-Model-7B", "'Org/Some-Model-7B' is neither a pipeline (.agp) file nor a model: give a .agp file, "
+                          "or a model to serve as vLLM's `vllm serve MODEL` does: a .gguf file, a Hugging Face "
+                          "model folder (with its config.json) or an embedded model (smollm2-135m-instruct); agp "
+                          "downloads nothing"),
+    ("missing.agp", "file not found: 'missing.agp'"),             # a pipeline file, as ever
+    ("{tmp}/folder", "'{tmp}/folder' is a folder without a config.json, so neither a pipeline file nor a model"),
+    ("{tmp}/model.safetensors", "'{tmp}/model.safetensors' is a file of weights alone"),
+])
+def test_a_file_that_is_neither_a_pipeline_nor_a_model_stops_the_start(capsys, tmp_path, file, said):
+    file, said = file.format(tmp=tmp_path), said.format(tmp=tmp_path)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 8)
+    assert cli.main(["serve", file, "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err, err
+    if not file.endswith(".agp"):
+        assert "listening" not in err                             # refused before the port is taken
+        assert "a .gguf file, a Hugging Face model folder" in err
+
+
+def test_a_model_has_no_pipeline_to_pick(tiny_gguf, capsys):
+    assert cli.main(["serve", str(tiny_gguf), "--port", "0", "--pipeline", "chat"]) == 2
+    err = capsys.readouterr().err
+    assert "--pipeline chat picks a pipeline of a .agp file" in err, err
+
+
+def answers(argv, *bodies):
+    """The JSON answers of `agp serve argv` to (path, body) each."""
+    serving = build(parse([*argv, "--threads", "1"]))
+    try:
+        with TestClient(serving.app, base_url="http://localhost") as client:
+            out = []
+            for path, body in bodies:
+                r = client.post(path, json=body)
+                assert r.status_code == 200, r.text
+                out.append(r.json())
+            return out
+    finally:
+        serving.runtime.close()
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def test_a_model_samples_by_vllms_defaults_where_its_generation_config_sets_none(tiny_gguf):
+    """vLLM answers a request that sets no max_tokens with all the context leaves, at temperature 1
+    (its SamplingParams' defaults), unless the model's generation config says otherwise; agp's
+    generate stage defaults (128 tokens, greedy) cut such answers short."""
+    chat, resp = answers([str(tiny_gguf)], ("/v1/chat/completions", {"messages": HI, "ignore_eos": True}),
+                         ("/v1/responses", {"input": "hi", "max_output_tokens": 2}))
+    use = chat["usage"]
+    assert use["prompt_tokens"] + use["completion_tokens"] == 512           # the tiny model's context
+    assert chat["choices"][0]["finish_reason"] == "length"
+    assert resp["temperature"] == 1.0
+    # what the generation config sets is the default, as in vLLM (here set by the override flag)
+    chat, resp = answers([str(tiny_gguf), "--override-generation-config", '{"max_new_tokens": 3, "temperature": 0.5}'],
+                         ("/v1/chat/completions", {"messages": HI, "ignore_eos": True}),
+                         ("/v1/responses", {"input": "hi", "max_output_tokens": 2}))
+    assert chat["usage"]["completion_tokens"] == 3 and resp["temperature"] == 0.5
