@@ -175,7 +175,8 @@ def test_a_call_paused_before_its_turn_lends_its_slot_once_it_starts(is_async):
 @pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
 def test_at_most_lend_max_paused_calls_lend_their_slots_and_a_warning_says_so(is_async, caplog):
     """lend_max = 1, workers = 1: two calls paused lend one slot between them (a warning names the
-    stage and LEND_MAX); a third call waits until one of them ends."""
+    stage and LEND_MAX, once: not again as one of them is let go and paused again); a third call
+    waits until one of them ends."""
     calls = Calls(1, is_async, lend_max=1)
     try:
         a = calls.submit("a")
@@ -185,7 +186,10 @@ def test_at_most_lend_max_paused_calls_lend_their_slots_and_a_warning_says_so(is
         assert calls.started["b"].wait(30)
         with caplog.at_level(logging.WARNING, logger="agp.flow"):
             calls.stage.pause(b, True)
-        assert any("stage 's'" in r.getMessage() and "LEND_MAX" in r.getMessage() for r in caplog.records)
+            calls.stage.pause(b, False)
+            calls.stage.pause(b, True)
+        warnings = [r for r in caplog.records if "LEND_MAX" in r.getMessage()]
+        assert len(warnings) == 1 and "stage 's'" in warnings[0].getMessage()
         calls.submit("c")
         calls.finish("a")
         calls.finish("c")

@@ -154,7 +154,7 @@ class StageWorkers:
         self._idle = 0
         self._abusy = 0                           # async calls running (written-off ones excluded)
         self._lent = {False: 0, True: 0}          # running calls that lend their slot (paused), sync / async
-        self._warned = False                      # the lend_max warning, until lending drops below it
+        self._warned = False                      # the lend_max warning given, until half as many lend
         self._running: dict[object, _Job] = {}    # token -> the call it runs
         self._off: set[object] = set()            # stuck: written-off runs whose code still runs
         self._overdue: set[object] = set()        # hung: those of them past their timeout (the cap)
@@ -209,12 +209,13 @@ class StageWorkers:
     def _lend(self, job: _Job, n: int) -> None:
         """(under the lock) A running call starts (n = 1) or stops (-1) lending its slot."""
         self._lent[job.is_async] += n
-        over = self.lent > self.lend_max
-        if over and not self._warned:
+        if self.lent > self.lend_max and not self._warned:
+            self._warned = True                   # once, until half as many lend: not at each crossing
             log.warning("stage '%s': %d of its calls are paused by their readers; at most %d lend their "
                         "worker to other requests (LEND_MAX): the stage's new calls wait for the rest",
                         self.name, self.lent, self.lend_max)
-        self._warned = over
+        elif self.lent <= self.lend_max // 2:
+            self._warned = False
 
     def _take_async(self) -> None:
         """Async slots lent: the calls waiting take them."""
