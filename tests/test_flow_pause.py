@@ -223,3 +223,42 @@ def test_a_pause_longer_than_a_stream_stages_timeout_is_not_its_timeout(tmp_path
     finally:
         rt.close(drain=False)
         rt.shutdown()
+
+
+@pytest.mark.parametrize("fn", ["guard", "aguard"])
+@pytest.mark.parametrize("given", [True, False], ids=["workers=2", "workers-sized"])
+def test_requests_paused_in_a_stream_stage_do_not_hold_its_workers_from_a_new_one(tmp_path, soft_gguf, fn, given):
+    """A stream stage's workers all taken by streams their readers paused (two for `workers = 2`;
+    without `workers`, as many as it has: 16): a new request is answered while they stay paused
+    (before: its stage call waited for a worker, and it was answered only once they were let
+    go). Let go, each paused one is answered whole."""
+    workers = " workers = 2" if given else ""
+    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 24 }\n"
+            f'stage g : python {{ fn = "hooks:{fn}"  stream = true{workers} }}\n'
+            "stage out : respond {}\nrequest -> batch\ngen -> g -> out\n" + chain())
+    path = write(tmp_path, soft_gguf, body, hooks=HOOKS)
+    assert errors(path) == []
+    rt = runtime(path)
+    rt.start()
+    try:
+        k = rt.workers["g"].workers
+        assert k == (2 if given else 16)
+        paused = []
+        for i in range(k):
+            first = threading.Event()
+            heard = Listener(on_first=lambda key, first=first: (rt.pause(key, True), first.set()))
+            paused.append((rt.submit(request(f"p{i}", n=1), heard, stream=True), heard))
+            assert first.wait(30)
+        new = Listener()
+        rt.submit(request("new", n=1, max_tokens=4), new, stream=True)
+        assert new.done.wait(30), "a new request waited for the stream stage's workers held by paused ones"
+        assert new.result.error is None and new.result.usage["completion_tokens"] == 4
+        assert not any(heard.done.is_set() for _, heard in paused)
+        for key, _ in paused:
+            rt.pause(key, False)
+        for _, heard in paused:
+            assert heard.done.wait(30) and heard.result.error is None
+            assert heard.result.usage["completion_tokens"] == 24
+    finally:
+        rt.close(drain=False)
+        rt.shutdown()

@@ -1,14 +1,18 @@
 """The retry rules of a stage that runs user code (docs/language.md, "Python stages": `retries`
 with `backoff`), as flow/workers.py implements them: which failures are transient, and how
-long a retry waits."""
+long a retry waits; and the slots that calls of paused requests lend (StageWorkers.pause)."""
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
+import threading
 
 import pytest
 
 import pipeline_dsl
-from pipeline_dsl.flow.workers import MAX_BACKOFF_S, StageTimeout, backoff_delay, is_transient
+from pipeline_dsl.flow.workers import (MAX_BACKOFF_S, EventLoop, StageTimeout, StageWorkers, Timer,
+                                       backoff_delay, is_transient)
 
 
 def with_status(value, path=("status_code",)):
@@ -65,3 +69,131 @@ def test_a_retry_waits_at_most_30_seconds():
     finally:
         random.setstate(rng)
     assert all(15.0 <= d <= 30.0 for d in delays) and max(delays) > 27.0
+
+
+# ---- slots lent by paused calls (StageWorkers.pause) ------------------------------------------
+
+class Calls:
+    """Calls on a StageWorkers that each wait for their own gate; the order of their starts and
+    ends, and their results."""
+
+    def __init__(self, workers: int, is_async: bool, **kw):
+        self.timer, self.loop = Timer(), EventLoop()
+        self.stage = StageWorkers("s", workers=workers, timer=self.timer, loop=self.loop, **kw)
+        self.is_async = is_async
+        self.gates: dict[str, threading.Event] = {}
+        self.started: dict[str, threading.Event] = {}
+        self.ended: dict[str, threading.Event] = {}
+        self.order: list[str] = []
+        self._lock = threading.Lock()
+
+    def _note(self, what: str) -> None:
+        with self._lock:
+            self.order.append(what)
+
+    def submit(self, name: str):
+        gate = self.gates[name] = threading.Event()
+        self.started[name], self.ended[name] = threading.Event(), threading.Event()
+
+        def done(ok, value):
+            assert ok and value == name
+            self.ended[name].set()
+
+        if self.is_async:
+            async def fn():
+                self._note(f"{name} starts")
+                self.started[name].set()
+                while not gate.is_set():
+                    await asyncio.sleep(0.005)
+                self._note(f"{name} ends")
+                return name
+        else:
+            def fn():
+                self._note(f"{name} starts")
+                self.started[name].set()
+                gate.wait(60)
+                self._note(f"{name} ends")
+                return name
+        return self.stage.submit(fn, done, self.is_async)
+
+    def finish(self, name: str) -> None:
+        self.gates[name].set()
+        assert self.ended[name].wait(30)
+
+    def close(self) -> None:
+        for gate in self.gates.values():
+            gate.set()
+        self.stage.close()
+        self.loop.close()
+        self.timer.close()
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_a_paused_call_lends_its_slot_and_takes_it_back_when_let_go(is_async):
+    """workers = 1, its call paused: the next call runs (and ends) while the paused one still
+    waits (before: it waited for the paused one). Let go, the call has its slot back: a call
+    submitted then starts only once it has ended, one call at once again."""
+    calls = Calls(1, is_async)
+    try:
+        a = calls.submit("a")
+        assert calls.started["a"].wait(30)
+        calls.stage.pause(a, True)
+        assert calls.stage.lent == 1
+        calls.submit("b")
+        calls.finish("b")                         # served while "a" holds its slot, paused
+        assert not calls.ended["a"].is_set()
+        calls.stage.pause(a, False)
+        assert calls.stage.lent == 0
+        calls.submit("c")
+        calls.finish("a")
+        calls.finish("c")
+        assert calls.order == ["a starts", "b starts", "b ends", "a ends", "c starts", "c ends"]
+    finally:
+        calls.close()
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_a_call_paused_before_its_turn_lends_its_slot_once_it_starts(is_async):
+    """workers = 1: "b", paused while it waits behind "a", starts when "a" ends and lends its
+    slot at once, so "c" runs while "b" waits."""
+    calls = Calls(1, is_async)
+    try:
+        calls.submit("a")
+        assert calls.started["a"].wait(30)
+        b = calls.submit("b")
+        calls.stage.pause(b, True)
+        calls.submit("c")
+        calls.finish("a")
+        calls.finish("c")
+        assert not calls.ended["b"].is_set()
+        calls.finish("b")
+        assert calls.order[:2] == ["a starts", "a ends"] and calls.order.index("c ends") < calls.order.index("b ends")
+    finally:
+        calls.close()
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_at_most_lend_max_paused_calls_lend_their_slots_and_a_warning_says_so(is_async, caplog):
+    """lend_max = 1, workers = 1: two calls paused lend one slot between them (a warning names the
+    stage and LEND_MAX, once: not again as one of them is let go and paused again); a third call
+    waits until one of them ends."""
+    calls = Calls(1, is_async, lend_max=1)
+    try:
+        a = calls.submit("a")
+        assert calls.started["a"].wait(30)
+        calls.stage.pause(a, True)
+        b = calls.submit("b")
+        assert calls.started["b"].wait(30)
+        with caplog.at_level(logging.WARNING, logger="agp.flow"):
+            calls.stage.pause(b, True)
+            calls.stage.pause(b, False)
+            calls.stage.pause(b, True)
+        warnings = [r for r in caplog.records if "LEND_MAX" in r.getMessage()]
+        assert len(warnings) == 1 and "stage 's'" in warnings[0].getMessage()
+        calls.submit("c")
+        calls.finish("a")
+        calls.finish("c")
+        calls.finish("b")
+        assert calls.order.index("a ends") < calls.order.index("c starts")
+    finally:
+        calls.close()

@@ -52,10 +52,22 @@ class LiveStages:
             # the stage's timeout bounds the function's own time per chunk, not the generation
             stretch = live.feeds[i].stretch = Stretch()
             t0 = time.perf_counter()
-            self.workers[stage].submit(fn, lambda ok, value, i=i, stage=stage, t0=t0:
-                                       self._live_ended(item, i, stage, ok, value, t0), is_async,
-                                       alive=lambda: not item.req.done, stretch=stretch)
+            live.calls.append(self.workers[stage].submit(
+                fn, lambda ok, value, i=i, stage=stage, t0=t0: self._live_ended(item, i, stage, ok, value, t0),
+                is_async, alive=lambda: not item.req.done, stretch=stretch))
+        with self._lock:                           # a pause from now on finds its calls (_lend_paused)
+            item.live = live
+            if item.req.paused:
+                self._lend_paused(item, True)
         return live
+
+    def _lend_paused(self, item: Item, paused: bool) -> None:
+        """(under the lock) The item's request is paused (or let go): its stream stages' calls,
+        waiting for chunks that its paused generation does not make, lend their workers to other
+        requests meanwhile (flow/workers.py)."""
+        if item.live is not None:
+            for stage, call in zip(item.live.chain, item.live.calls):
+                self.workers[stage].pause(call, paused)
 
     def _live_delta(self, item: Item, out) -> None:
         if out.new_token_ids or out.delta_text:

@@ -256,8 +256,9 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         leave their batches (their KV blocks freed, what they had recomputed when they go on) and
         wait, neither running nor queued, until pause(key, False); sequences it starts meanwhile
         start paused. A stream stage waiting for their chunks is not timed meanwhile (its timeout
-        bounds its function's own time); a call of user code that runs meanwhile (on another
-        branch) is timed as ever. Once the runtime stops admitting (a drain) nothing is paused:
+        bounds its function's own time), and lends its worker to other requests (flow/workers.py:
+        its stage runs one more call at once while it is paused); a call of user code that runs
+        meanwhile (on another branch) is timed as ever. Once the runtime stops admitting (a drain) nothing is paused:
         what is in flight runs to its end. Returns whether the request is paused now (False: let
         go, refused in a drain, or no longer in flight)."""
         with self._lock:
@@ -268,6 +269,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                 return paused
             self.ledger.set_paused(req, paused)
             seqs = list(req.seqs.items())
+            for item in req.items:
+                self._lend_paused(item, paused)
         self._park_as_paused(req, seqs, paused)
         return paused
 

@@ -160,6 +160,7 @@ class Live:
     def __init__(self, chain: list[str], direct: bool, deliver: Callable[[Any], None] | None):
         self.chain = chain
         self.feeds = [Feed() for _ in chain]
+        self.calls: list = []         # each stage's call on its workers (StageWorkers.submit's), in order
         self.deliver = deliver        # the client's on_delta for the last stage's chunks (direct)
         self.text = ""                # what the last stage let through so far
         self.tokens: list[int] = []   # engine tokens not yet reported with a chunk

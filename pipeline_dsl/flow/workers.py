@@ -18,12 +18,22 @@ ended the same way. A written-off call whose code still runs is stuck; it is hun
 run past the stage's timeout (a timed-out call at once, a call whose request ended when its
 timeout passes; a coroutine once it has ignored its cancellation for STALL_S). At `workers`
 hung calls the stage fails its new and waiting calls at once with StageStuck, until they
-return; a stage never has more than 2 × workers threads (stuck ones included): past that its
-calls wait. Without a timeout nothing is hung: a slow call whose client left is not a fault
+return; a stage never has more than 2 × workers threads (stuck ones included; plus one per
+slot lent, below): past that its calls wait. Without a timeout nothing is hung: a slow call
+whose client left is not a fault
 of the stage, and the calls after it wait for a thread as they would behind a busy one. With a `Stretch` (stream stages) the timeout bounds the function's own
 time per chunk: its clock stops while the function waits for the next chunk.
 Every exception, BaseException included (SystemExit, KeyboardInterrupt, CancelledError,
 GeneratorExit), is the call's result, never the worker's end.
+
+`pause(call, True)`: the call's request is paused by its reader (a stream call waiting for
+chunks its paused generation does not make), so it lends its slot back: while it runs paused
+the stage runs one more call at once (one more thread, or coroutine) than `workers`, so
+stalled readers never hold the stage from other requests, as a paused sequence gives its KV
+blocks back. At most LEND_MAX calls lend at once (a thread each, for a sync function; a
+warning says when that is reached: the next paused ones keep their slots). Let go
+(`pause(call, False)`), the call goes on at once and takes its slot back: until as many calls
+have ended, the stage runs more than `workers` (its threads end as they come free).
 
 A call whose `alive()` is false when its turn comes (its request ended while it waited for a
 worker or for a retry's backoff: a client gone, a deadline) is not made: its result is
@@ -48,7 +58,7 @@ import pipeline_dsl
 
 from .timing import EventLoop, Handle, Stretch, Timer
 
-__all__ = ["EventLoop", "Skipped", "StageStuck", "StageTimeout", "StageWorkers", "Stretch", "Timer",
+__all__ = ["EventLoop", "LEND_MAX", "Skipped", "StageStuck", "StageTimeout", "StageWorkers", "Stretch", "Timer",
            "backoff_delay", "is_transient"]
 
 log = logging.getLogger("agp.flow")
@@ -56,6 +66,7 @@ log = logging.getLogger("agp.flow")
 MAX_BACKOFF_S = 30.0
 PROBE_S = 0.25                      # how often a stage's event loop is probed while its calls run
 STALL_S = 1.0                       # a probe waiting this long: a coroutine blocks the loop
+LEND_MAX = 256                      # calls of paused requests a stage runs beyond its workers, at most
 TRANSIENT_STATUS = frozenset({408, 425, 429})
 
 
@@ -111,7 +122,8 @@ async def _guarded(fn: Callable[[], Any]) -> tuple[bool, Any]:
 
 
 class _Job:
-    __slots__ = ("fn", "done", "is_async", "alive", "stretch", "attempt", "token", "future", "timeout")
+    __slots__ = ("fn", "done", "is_async", "alive", "stretch", "attempt", "token", "future", "timeout",
+                 "paused")
 
     def __init__(self, fn, done, is_async, alive, stretch):
         self.fn, self.done, self.is_async, self.alive, self.stretch = fn, done, is_async, alive, stretch
@@ -119,17 +131,19 @@ class _Job:
         self.token: object | None = None          # the run in progress; None: none (or written off)
         self.future = None                        # an async run's concurrent.futures.Future
         self.timeout: Handle | None = None       # the run's timeout on the timer
+        self.paused = False                       # its request is paused: while it runs, its slot is lent
 
 
 class StageWorkers:
     """One stage's calls: at most `workers` at once, a timeout each, retries, at most `workers`
-    stuck calls (module docstring). `events(name, seconds, ok)` hears each "call" (with its
+    stuck calls, slots lent by paused calls (module docstring). `events(name, seconds, ok)` hears each "call" (with its
     duration), "timeout", "retry" and "stall" (its event loop was blocked)."""
 
     def __init__(self, name: str, *, workers: int = 16, timeout: float = 0.0, retries: int = 0,
                  backoff: float = 0.5, timer: Timer, loop: EventLoop,
-                 events: Callable[[str, float, bool], None] = lambda *a: None):
+                 events: Callable[[str, float, bool], None] = lambda *a: None, lend_max: int = LEND_MAX):
         self.name, self.workers, self.timeout = name, max(1, int(workers)), float(timeout or 0.0)
+        self.lend_max = max(0, int(lend_max))
         self.retries, self.backoff = int(retries or 0), float(backoff or 0.0)
         self.timer, self.loop, self.events = timer, loop, events
         self.max_stuck = self.workers             # stuck calls before new ones fail fast
@@ -139,6 +153,8 @@ class StageWorkers:
         self._live = 0                            # threads serving this stage (written-off ones excluded)
         self._idle = 0
         self._abusy = 0                           # async calls running (written-off ones excluded)
+        self._lent = {False: 0, True: 0}          # running calls that lend their slot (paused), sync / async
+        self._warned = False                      # the lend_max warning given, until half as many lend
         self._running: dict[object, _Job] = {}    # token -> the call it runs
         self._off: set[object] = set()            # stuck: written-off runs whose code still runs
         self._overdue: set[object] = set()        # hung: those of them past their timeout (the cap)
@@ -148,16 +164,68 @@ class StageWorkers:
         self._ping: float | None = None           # when the loop's probe was posted; None: it ran
 
     @property
+    def lent(self) -> int:
+        """Running calls whose request is paused, that lend their slot back (at most lend_max count)."""
+        return self._lent[False] + self._lent[True]
+
+    def _cap(self, is_async: bool) -> int:
+        """(under the lock) Calls at once: `workers`, plus one for each running paused call."""
+        return self.workers + min(self._lent[is_async], self.lend_max)
+
+    @property
     def stuck(self) -> int:
         """Calls written off (timed out, or their request ended) whose code is still running."""
         return len(self._off)
 
     def submit(self, fn: Callable[[], Any], done: Callable[[bool, Any], None], is_async: bool = False,
-               alive: Callable[[], bool] | None = None, stretch: Stretch | None = None) -> None:
+               alive: Callable[[], bool] | None = None, stretch: Stretch | None = None) -> object:
         """Run fn() (is_async: await fn()) on this stage; done(ok, value or exception) once.
         alive(): whether the call is still wanted (before its turn: else done(False, Skipped); while
-        it runs: else it is written off). stretch: the timeout counts only its running time."""
-        self._start(_Job(fn, done, is_async, alive, stretch))
+        it runs: else it is written off). stretch: the timeout counts only its running time.
+        Returns the call, for pause()."""
+        job = _Job(fn, done, is_async, alive, stretch)
+        self._start(job)
+        return job
+
+    def pause(self, call: object, paused: bool) -> None:
+        """The call's request is paused by its reader (True) or let go (False): while it runs
+        paused its slot is lent to the calls waiting (module docstring). Its retries and a run
+        that starts later lend as well, until it is let go."""
+        job = call
+        assert isinstance(job, _Job)
+        with self._cv:
+            if job.paused == paused:
+                return
+            job.paused = paused
+            if job.token is None:                 # not running: counted when it starts
+                return
+            self._lend(job, 1 if paused else -1)
+            if not job.is_async and paused and self._queue and self._idle == 0:
+                self._spawn()
+            self._cv.notify_all()                 # idle threads beyond the stage's calls end
+        if job.is_async and paused:
+            self._take_async()
+
+    def _lend(self, job: _Job, n: int) -> None:
+        """(under the lock) A running call starts (n = 1) or stops (-1) lending its slot."""
+        self._lent[job.is_async] += n
+        if self.lent > self.lend_max and not self._warned:
+            self._warned = True                   # once, until half as many lend: not at each crossing
+            log.warning("stage '%s': %d of its calls are paused by their readers; at most %d lend their "
+                        "worker to other requests (LEND_MAX): the stage's new calls wait for the rest",
+                        self.name, self.lent, self.lend_max)
+        elif self.lent <= self.lend_max // 2:
+            self._warned = False
+
+    def _take_async(self) -> None:
+        """Async slots lent: the calls waiting take them."""
+        while True:
+            with self._cv:
+                if not self._aqueue or self._abusy >= self._cap(True):
+                    return
+                job = self._aqueue.popleft()
+                self._abusy += 1
+            self._launch(job)
 
     def _skip(self, job: _Job) -> bool:
         """Whether the job is no longer wanted: then it is done with Skipped, as no call."""
@@ -181,7 +249,7 @@ class StageWorkers:
         job.attempt += 1
         if job.is_async:
             with self._cv:
-                if self._abusy >= self.workers:
+                if self._abusy >= self._cap(True):
                     self._aqueue.append(job)
                     return
                 self._abusy += 1
@@ -197,8 +265,9 @@ class StageWorkers:
 
     def _spawn(self) -> None:
         """(under the lock) One more thread, while the stage has fewer than `workers` serving and
-        fewer than 2 × workers in all (the stuck ones included)."""
-        if self._live >= self.workers or self._live + len(self._off) >= 2 * self.workers:
+        fewer than 2 × workers in all (the stuck ones included), each plus the slots lent."""
+        cap = self._cap(False)
+        if self._live >= cap or self._live + len(self._off) >= cap + self.workers:
             return
         self._live += 1
         threading.Thread(target=self._work, name=f"agp-stage-{self.name}", daemon=True).start()
@@ -207,6 +276,8 @@ class StageWorkers:
         """(under the lock) The job's run starts: its token, and its timeout armed."""
         token = job.token = object()
         self._running[token] = job
+        if job.paused:
+            self._lend(job, 1)
         if job.stretch is not None:
             job.stretch.run()
         if self.timeout:
@@ -222,6 +293,8 @@ class StageWorkers:
             if not job.is_async and self._queue and self._idle == 0:   # calls that waited for the thread budget
                 self._spawn()
             return True
+        if job.paused:
+            self._lend(job, -1)
         job.token = None
         del self._running[token]
         if job.timeout is not None:
@@ -232,17 +305,21 @@ class StageWorkers:
         while True:
             with self._cv:
                 self._idle += 1
-                while not self._queue and not self._closed:
+                while not self._queue and not self._closed and self._live <= self._cap(False):
                     self._cv.wait()
                 self._idle -= 1
-                if not self._queue:
+                if not self._queue or self._live > self._cap(False):    # closed, or its slot lent no more
                     self._live -= 1
+                    if self._queue:
+                        self._cv.notify()         # the next thread takes the call
                     return
                 job = self._queue.popleft()
             if self._skip(job) or self._refuse(job):
                 continue
             with self._cv:
                 token = self._begin(job)
+                if job.paused and self._queue and self._idle == 0:   # it started paused: its slot is lent
+                    self._spawn()
             t0 = time.perf_counter()
             try:
                 value, ok = job.fn(), True
@@ -266,12 +343,15 @@ class StageWorkers:
             token = self._begin(job)
             job.future = self.loop.submit(self._arun(job, token))
         self._watch()
+        if job.paused:                            # it started paused: its slot is lent
+            self._take_async()
 
     def _release(self) -> None:
-        """An async slot is free: the next waiting job that is still wanted takes it."""
+        """An async slot is free: the next waiting job that is still wanted takes it (unless the
+        slot was lent and is lent no more)."""
         while True:
             with self._cv:
-                if not self._aqueue:
+                if not self._aqueue or self._abusy > self._cap(True):
                     self._abusy -= 1
                     return
                 job = self._aqueue.popleft()
@@ -297,6 +377,8 @@ class StageWorkers:
         overdue later)."""
         if job.token is not token:
             return False
+        if job.paused:
+            self._lend(job, -1)
         job.token = None
         del self._running[token]
         if job.is_async:
