@@ -346,6 +346,10 @@ _INPUT_ERRORS = {"InputError", "ModelNotFoundError", "ModelFileError", "QueueFul
 
 
 # vLLM's flags that agp has no flag of that name for: where its setting is instead
+_NO_DOWNLOAD = "agp downloads nothing: serve a local .gguf file or Hugging Face folder (agp serve MODEL)"
+_NO_PROMPT_LOG = "agp never logs a request's prompt or parameters, only its access line"
+_CHUNKED = "prefill is always chunked (generate's `prefill_chunk` tokens a step)"
+_NO_LORA = "agp serves no LoRA adapters: merge one into the weights"
 VLLM_FLAGS = {
     "--model": "the model is the pipeline's `model` setting (or a generate stage's)",
     "--gpu-memory-utilization": "the KV cache's size is the pipeline's `kv_budget` (or a kv_lookup stage's `budget`)",
@@ -368,30 +372,28 @@ VLLM_FLAGS = {
                           "whatever the model",
     "--reasoning-parser": "agp splits no reasoning out of an answer (`reasoning_content` is null, a model's "
                           "<think> text stays in `content`)",
-    "--disable-log-requests": "agp never logs a request's prompt or parameters, only its access line "
-                              "(--no-access-log turns those off)",
-    "--enable-log-requests": "agp never logs a request's prompt or parameters, only its access line "
-                             "(--access-log, the default)",
-    "--max-log-len": "agp never logs a request's prompt or parameters, only its access line",
+    "--disable-log-requests": _NO_PROMPT_LOG + " (--no-access-log turns those off)",
+    "--enable-log-requests": _NO_PROMPT_LOG + " (--access-log, the default)",
+    "--max-log-len": _NO_PROMPT_LOG,
     "--disable-log-stats": "the periodic stats line is --stats-interval 0",
     "--uvicorn-log-level": "one --log-level sets agp's and uvicorn's",
     "--disable-uvicorn-access-log": "agp's name is --no-access-log",
     "--response-role": "a chat answer's role is always `assistant`",
     "--max-logprobs": "logprobs, top_logprobs and prompt_logprobs take at most 20 alternatives (vLLM's "
                       "default), whatever the server",
-    "--enable-chunked-prefill": "prefill is always chunked (generate's `prefill_chunk` tokens a step)",
-    "--no-enable-chunked-prefill": "prefill is always chunked (generate's `prefill_chunk` tokens a step)",
+    "--enable-chunked-prefill": _CHUNKED,
+    "--no-enable-chunked-prefill": _CHUNKED,
     "--enable-prompt-tokens-details": "usage always carries prompt_tokens_details.cached_tokens",
     "--enable-force-include-usage": "a stream ends with its usage where the request asks "
                                     "(stream_options.include_usage)",
     "--swap-space": "a sequence preempted for KV blocks is recomputed, never swapped to CPU memory",
-    "--download-dir": "agp downloads nothing: serve a local .gguf file or Hugging Face folder (agp serve MODEL)",
-    "--revision": "agp downloads nothing: serve a local .gguf file or Hugging Face folder (agp serve MODEL)",
-    "--hf-token": "agp downloads nothing: serve a local .gguf file or Hugging Face folder (agp serve MODEL)",
+    "--download-dir": _NO_DOWNLOAD,
+    "--revision": _NO_DOWNLOAD,
+    "--hf-token": _NO_DOWNLOAD,
     "--load-format": "agp loads .gguf files and Hugging Face folders (safetensors), each by its kind",
     "--guided-decoding-backend": "one backend, llguidance, serves every structured output",
-    "--enable-lora": "agp serves no LoRA adapters: merge one into the weights",
-    "--lora-modules": "agp serves no LoRA adapters: merge one into the weights",
+    "--enable-lora": _NO_LORA,
+    "--lora-modules": _NO_LORA,
 }
 
 

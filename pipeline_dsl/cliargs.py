@@ -229,7 +229,6 @@ def token_count(text: str) -> int | None:
     k, m, g decimal and K, M, G binary (32k: 32,000; 32K: 32,768; 25.6k: 25,600); `auto` or -1
     (vLLM's: as much as memory holds) is None, the flag left out, which is that already (the
     model's context, or less where the KV pool holds fewer). Its range is the flag's to check."""
-    import argparse
     import re
     from decimal import Decimal
 

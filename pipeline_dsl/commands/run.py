@@ -487,7 +487,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     source_name = "stdin" if args.input == "-" else args.input
     if source.error is not None:
         return _err(f"cannot read {args.input}: {source.error.strerror or source.error}")
-    spread = _spread_json(list(lines.held))
+    spread = _spread_json(lines.held)
     if spread:
         return _err(f"{source_name} is not JSON Lines: {spread}")
     if lines.batch_file is None and source.ended:
@@ -850,7 +850,7 @@ def _not_json_lines(parsed: list) -> str | None:
             f"JSON request a line, such as {{\"prompt\": \"Hello\"}} or {{\"messages\": [...]}}{hint}")
 
 
-def _spread_json(parsed: list) -> str | None:
+def _spread_json(parsed) -> str | None:
     """Why the input is one JSON document written over several lines (requests_io.spread_json),
     judged by its first line held; None otherwise."""
     from pipeline_dsl.requests_io import spread_json

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline_dsl.model_files import EMBEDDED_FILES as EMBEDDED
-from pipeline_dsl.model_files import ModelFileProblem, embedded_file, read_json_object, weights_key
+from pipeline_dsl.model_files import ModelFileProblem, embedded_file, model_file, read_json_object, weights_key
 
 from .errors import ModelFileError, ModelNotFoundError
 
@@ -49,10 +49,9 @@ def resolve_model(name: str | os.PathLike | None) -> ModelSource:
     name = os.fspath(name) if isinstance(name, os.PathLike) else name or DEFAULT_MODEL
     if not isinstance(name, str):
         raise ModelNotFoundError(f"model must be a name or a path, not {type(name).__name__} {name!r}")
-    key = name.strip().lower()
+    key, path = name.strip().lower(), model_file(name)
     if key in EMBEDDED:
-        return ModelSource(name, "gguf", embedded_path(key))
-    path = Path(name).expanduser()
+        return ModelSource(name, "gguf", path if path is not None else embedded_path(key))   # not installed: says so
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelNotFoundError(f"model file {name!r} is not a .gguf file")

@@ -42,10 +42,10 @@ class RequestLedger:
         return list(self.requests.values())
 
     def set_paused(self, req: RequestState, paused: bool) -> None:
-        """Its reader paused it (True) or let it go on; counted while it is in flight."""
-        if req.paused != paused and not req.done:
-            req.paused = paused
-            self.paused += 1 if paused else -1
+        """Its reader paused it (True) or let it go on; counted while it is in flight (the caller
+        has checked it is in flight and changes)."""
+        req.paused = paused
+        self.paused += 1 if paused else -1
 
     # ---- engine sequences ----------------------------------------------------------------
     def bind(self, item: Item, segment: Any) -> str:

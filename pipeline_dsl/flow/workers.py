@@ -200,15 +200,16 @@ class StageWorkers:
             if job.token is None:                 # not running: counted when it starts
                 return
             self._lend(job, 1 if paused else -1)
-            if not job.is_async and paused and self._queue and self._idle == 0:
-                self._spawn()
             self._cv.notify_all()                 # idle threads beyond the stage's calls end
         if job.is_async and paused:
             self._take_async()
 
     def _lend(self, job: _Job, n: int) -> None:
-        """(under the lock) A running call starts (n = 1) or stops (-1) lending its slot."""
+        """(under the lock) A running call starts (n = 1) or stops (-1) lending its slot; a sync
+        call's lent slot goes to a new thread when calls wait and no thread is idle."""
         self._lent[job.is_async] += n
+        if n > 0 and not job.is_async and self._queue and self._idle == 0:
+            self._spawn()
         if self.lent > self.lend_max and not self._warned:
             self._warned = True                   # once, until half as many lend: not at each crossing
             log.warning("stage '%s': %d of its calls are paused by their readers; at most %d lend their "
@@ -318,8 +319,6 @@ class StageWorkers:
                 continue
             with self._cv:
                 token = self._begin(job)
-                if job.paused and self._queue and self._idle == 0:   # it started paused: its slot is lent
-                    self._spawn()
             t0 = time.perf_counter()
             try:
                 value, ok = job.fn(), True

@@ -161,10 +161,11 @@ def build(args, *, host: str | None = None) -> Serving:
         except (OSError, UnicodeDecodeError, InputError) as e:
             shown = "(the template given inline)" if inline else args.chat_template
             raise SetupError(f"--chat-template {shown}: {e}") from None
+    served = served_names(args)
     try:
         runtime = build_runtime(pipeline_graph(args), args.name, overlap=False if args.no_overlap else None, max_queue=args.max_queue,
                                 allow_paths=getattr(args, "allow_path", ()),
-                                served_name=(served_names(args) or [None])[0],
+                                served_name=(served or [None])[0],
                                 trace=Trace(limit=1_000_000 if args.trace else 0),   # spans only for --trace
                                 overrides={"dtype": args.dtype, "threads": args.threads,
                                            "max_prompt_tokens": args.max_input_tokens,
@@ -180,7 +181,7 @@ def build(args, *, host: str | None = None) -> Serving:
                                            "prefix_reuse": False if args.no_prefix_reuse else None})
     except InputError as e:
         raise SetupError(str(e)) from None
-    names = model_names(runtime, served_names(args))
+    names = model_names(runtime, served)
     copied = request_headers(args.request_headers, runtime.graph)
     contexts = [es.max_model_len for es in runtime.segments]
     config = ServeConfig(model_names=names, max_model_len=int(min(contexts) if contexts else 1 << 20),

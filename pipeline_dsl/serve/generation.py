@@ -115,6 +115,7 @@ class Generations:
         parts = req.split()                   # a completions batch: one pipeline request per prompt
         streams: list[RequestStream] = []
         params = {"n": req.fields.get("n"), "max_tokens": req.fields.get("max_tokens")}
+        client, request_id = client_of(request.scope), request_info(request.scope).id    # the pause log's
         try:
             headers = P.request_headers(request.headers.raw, self.config.request_headers)
         except P.APIError as err:
@@ -125,8 +126,7 @@ class Generations:
                                  exclude_tools_when_none=self.config.exclude_tools_when_tool_choice_none,
                                  headers=headers)
                 streams.append(await self.apipe.add(item, pin=req.pin, stream=req.stream, params=params,
-                                                    client=client_of(request.scope),
-                                                    request_id=request_info(request.scope).id))
+                                                    client=client, request_id=request_id))
         except PipelineError as e:
             for st in streams:
                 st.abort()

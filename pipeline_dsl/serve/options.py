@@ -389,15 +389,19 @@ def _check_values(args, dests) -> None:
 def model_named(file: str) -> str | None:
     """The model FILE names when it names one rather than a pipeline file, as `vllm serve MODEL`
     takes it: an embedded model's name, a .gguf file, or a Hugging Face folder (one holding a
-    config.json); None otherwise (a .agp file, or a path that is none of these)."""
-    from pipeline_dsl.model_files import EMBEDDED_FILES
+    config.json); None otherwise (a .agp file, or a path that is none of these). An embedded
+    model's name comes first, as the loader (engine.models.resolve_model) reads it."""
+    from pipeline_dsl.model_files import EMBEDDED_FILES, model_file
 
-    path = Path(file).expanduser()
+    key = file.strip().lower()
+    if key in EMBEDDED_FILES:
+        return key
+    path = model_file(file)
     if path.is_file():
         return str(path.resolve()) if path.suffix.lower() == ".gguf" else None
     if path.is_dir():
         return str(path.resolve()) if (path / "config.json").is_file() else None
-    return file.strip().lower() if file.strip().lower() in EMBEDDED_FILES else None
+    return None
 
 
 # files that hold a model's weights alone (its folder is the model): not a pipeline to read
@@ -411,11 +415,11 @@ def check_file(file: str) -> None:
     A missing .agp file is the loader's to report."""
     from pipeline_dsl.model_files import EMBEDDED_FILES
 
+    if model_named(file) is not None or file.endswith(".agp"):
+        return
     path = Path(file).expanduser()
     takes = (f"give a .agp file, or a model to serve as vLLM's `vllm serve MODEL` does: a .gguf file, a Hugging "
              f"Face model folder (with its config.json) or an embedded model ({', '.join(sorted(EMBEDDED_FILES))})")
-    if model_named(file) is not None or file.endswith(".agp"):
-        return
     if path.is_dir():
         raise SetupError(f"{file!r} is a folder without a config.json, so neither a pipeline file nor a model: {takes}")
     if path.suffix.lower() in WEIGHT_FILES:
