@@ -331,7 +331,7 @@ class Responses:
         lps = (P.chat_logprobs(choice.data.get("logprobs") or [], self.name_of(call), self.bytes_of(call))["content"]
                if text_of else None)
         message, reason = P.chat_message(choice.text, choice.finish_reason, call.req.tools_active,
-                                         call.req.call_limit)
+                                         call.req.call_limit, self.g.apipe.runtime.tool_parser(call.req.pin))
         status = "incomplete" if choice.finish_reason == "length" else "completed"
         output = []
         if message.get("content") or not message.get("tool_calls"):
