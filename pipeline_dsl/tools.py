@@ -394,6 +394,13 @@ class _HeldStream:
         return self.text[self.sent:], []
 
 
+def answer_parser(family: str, choice: Any) -> str:
+    """The form an answer's calls are read in: its model's `family`, but hermes where tool_choice
+    forced a call ("required" or a named function), which the constrained decoder writes in that
+    form (tool_call_spec) whatever the model."""
+    return "hermes" if tool_call_spec([], choice) is not None else family
+
+
 def tool_stream(limit: int | None = None, parser: str = "hermes"):
     """A stream of one answer's content and calls in `parser`'s form (ToolStream's interface)."""
     return ToolStream(limit) if parser == "hermes" else _HeldStream(FAMILIES[parser], limit)

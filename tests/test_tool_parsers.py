@@ -173,7 +173,8 @@ def test_serve_takes_vllms_parser_names_and_refuses_another_naming_those_it_read
 
 ADD = {"type": "function", "function": {
     "name": "add", "description": "Add two numbers",
-    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                                    "b": {"type": "integer", "minimum": 0, "maximum": 99}},
                    "required": ["a", "b"]}}}
 LLAMA_TEMPLATE = ("{% if tools %}Environment: ipython\nCall a function as "
                   '{"name": function name, "parameters": dictionary of argument name and its value}'
@@ -231,3 +232,67 @@ def test_malformed_bare_json_stays_content_with_finish_reason_stop(llama_server)
     whole = _answer(llama_server.client, said).choices[0]
     assert (whole.message.content, whole.message.tool_calls, whole.finish_reason) == (said, None, "stop")
     assert _assembled(_answer(llama_server.client, said, stream=True)) == (said, [], {"stop"})
+
+
+def test_a_forced_call_is_read_in_the_form_the_decoder_wrote_it_whatever_the_family(llama_server):
+    """tool_choice "required" (or a named function) has the constrained decoder write the call
+    as `<tool_call>[...]</tool_call>`: a Llama-family model's forced call still comes back parsed."""
+    for choice in ("required", {"type": "function", "function": {"name": "add"}}):
+        kw = dict(model="tiny", messages=[{"role": "user", "content": "add"}], max_tokens=300, tools=[ADD],
+                  tool_choice=choice)
+        whole = llama_server.client.chat.completions.create(**kw).choices[0]
+        assert whole.finish_reason == "tool_calls" and whole.message.tool_calls[0].function.name == "add"
+        content, calls, reasons = _assembled(llama_server.client.chat.completions.create(stream=True, **kw))
+        assert calls and calls[0][0] == "add" and reasons == {"tool_calls"}
+
+
+def test_the_responses_api_reads_the_model_s_family_too(llama_server):
+    import httpx
+
+    said = '<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}'
+    body = {"model": "tiny", "input": "add 1 and 2", "max_output_tokens": 300,
+            "tools": [{"type": "function", "name": "add", "parameters": ADD["function"]["parameters"]}],
+            "guided_choice": [said]}
+    r = httpx.post(llama_server.url + "/v1/responses", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    [item] = r.json()["output"]
+    assert (item["type"], item["name"], json.loads(item["arguments"])) == ("function_call", "add", {"a": 1, "b": 2})
+    with httpx.stream("POST", llama_server.url + "/v1/responses", json={**body, "stream": True}, timeout=120) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    [done] = [e for e in events if e["type"] == "response.completed"]
+    assert [(i["type"], i["name"], i["arguments"]) for i in done["response"]["output"]] == \
+        [("function_call", "add", item["arguments"])]
+
+
+def _run_lines(server, overrides: dict, *bodies: dict) -> list[dict]:
+    """Request lines through `agp run`'s driver on the server's pipeline (a runtime of its own)."""
+    from pathlib import Path
+
+    from pipeline_dsl.commands.runner import RunRequest, run_pipeline
+    from pipeline_dsl.flow import build_runtime
+    from pipeline_dsl.requests_io import parse_request
+
+    runtime = build_runtime(Path(server.dir) / "tiny.agp",
+                            overrides={"threads": 1, "kv_budget_bytes": 8 << 20, **overrides})
+    reqs = [RunRequest(slot=i, line=i + 1, parsed=parse_request(dict(b), default_id=i)) for i, b in enumerate(bodies)]
+    out: dict[int, dict] = {}
+    try:
+        run_pipeline(runtime, reqs, on_done=out.__setitem__, progress=False)
+    finally:
+        runtime.shutdown()
+    return [out[i] for i in range(len(bodies))]
+
+
+def test_agp_run_lines_read_the_family_of_the_model_or_the_one_named(llama_server):
+    def line(said):
+        return {"messages": [{"role": "user", "content": "add"}], "max_tokens": 300, "tools": [ADD],
+                "guided_choice": [said]}
+
+    llama = '{"name": "add", "parameters": {"a": 1, "b": 2}}'
+    mistral = 'Adding. [TOOL_CALLS]add[ARGS]{"a": 3, "b": 4}'
+    a, b = _run_lines(llama_server, {"chat_template": LLAMA_TEMPLATE}, line(llama), line(mistral))
+    assert a["finish_reason"] == "tool_calls" and calls_of(a["tool_calls"]) == [("add", {"a": 1, "b": 2})]
+    assert (b["text"], b["finish_reason"], b.get("tool_calls")) == (mistral, "stop", None)
+    [c] = _run_lines(llama_server, {"chat_template": LLAMA_TEMPLATE, "tool_call_parser": "mistral"}, line(mistral))
+    assert (c["text"], c["finish_reason"], calls_of(c["tool_calls"])) == ("Adding. ", "tool_calls",
+                                                                           [("add", {"a": 3, "b": 4})])

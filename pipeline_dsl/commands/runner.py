@@ -106,7 +106,7 @@ def _tool_calls(parsed: ParsedRequest, choice, parts: dict, runtime) -> str | No
     active = bool(parsed.tools) and parsed.tool_choice != "none"
     message, reason = chat_message(parts["text"], choice.finish_reason, active,
                                    None if parsed.parallel_tool_calls else 1,
-                                   runtime.tool_parser(choice.data.get("generated_by")) if active else "hermes")
+                                   runtime.tool_parser(choice.data.get("generated_by"), parsed.tool_choice) if active else "hermes")
     if message.get("tool_calls"):
         parts["text"], parts["tool_calls"] = message["content"], message["tool_calls"]
     return reason

@@ -103,21 +103,22 @@ class EngineSide:
                 "add_bos_token": bool(getattr(tok, "add_bos", False)), "model_max_length": es.max_model_len,
                 "chat_template": tok.chat_template}
 
-    def tool_parser(self, pin: str | None = None) -> str:
+    def tool_parser(self, pin: str | None = None, tool_choice=None) -> str:
         """The form the model of generate stage `pin` (else the pipeline's) writes tool calls in
         (pipeline_dsl/tools.py's PARSERS): the one agp serve --tool-call-parser names, else told
-        from its chat template and vocabulary; hermes (agp's own prompt's) with no model."""
-        from pipeline_dsl.tools import tool_parser_for
+        from its chat template and vocabulary; hermes (agp's own prompt's) with no model, and
+        for a request whose `tool_choice` forced a call (the constrained decoder writes that form)."""
+        from pipeline_dsl.tools import answer_parser, tool_parser_for
 
         if self.tool_call_parser not in (None, "auto"):
-            return self.tool_call_parser
+            return answer_parser(self.tool_call_parser, tool_choice)
         es = self.seg_of_gen.get(pin) if pin else None
         es = es or self.prompt_segment or (self.segments[0] if self.segments else None)
         tok = getattr(es, "tokenizer", None)
         if tok is None:
-            return "hermes"
+            return answer_parser("hermes", tool_choice)
         to_id = getattr(tok, "token_to_id", None)
-        return tool_parser_for(getattr(tok, "chat_template", None), _Vocabulary(to_id))
+        return answer_parser(tool_parser_for(getattr(tok, "chat_template", None), _Vocabulary(to_id)), tool_choice)
 
     def model_names(self) -> list[str]:
         """The generate stages a request may pin (agp serve's `model` field)."""
@@ -283,7 +284,7 @@ class EngineSide:
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "cached_tokens": cached_tokens},
                 "generated_by": gen, "request": request}
-        calls = tool_calls(request, text, self.tool_parser(gen))
+        calls = tool_calls(request, text, self.tool_parser(gen, request.get("tool_choice", "auto")))
         if calls:
             data["tool_calls"] = calls
         if item.logprobs is not None:

@@ -39,7 +39,8 @@ class ResponseEvents(Relay):
         if call.req.tools_active:
             from pipeline_dsl.tools import tool_stream
 
-            self.tools = tool_stream(call.req.call_limit, owner.g.apipe.runtime.tool_parser(call.req.pin))
+            self.tools = tool_stream(call.req.call_limit, owner.g.apipe.runtime.tool_parser(call.req.pin,
+                                                                                       call.req.tool_choice))
         self.called = False
         self.seen = False                        # a delta of choice 0 came (else its text comes whole)
 

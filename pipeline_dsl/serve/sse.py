@@ -272,7 +272,8 @@ class ChunkWriter(Relay):
             from pipeline_dsl.tools import tool_stream
 
             if index not in self.tool_streams:
-                self.tool_streams[index] = tool_stream(self.req.call_limit, self.runtime.tool_parser(self.req.pin))
+                self.tool_streams[index] = tool_stream(self.req.call_limit,
+                                                         self.runtime.tool_parser(self.req.pin, self.req.tool_choice))
             text, calls = self.tool_streams[index].feed(text)
         lp = None
         if self.want_lp and step_lp:                   # these tokens' logprobs, with their text
