@@ -243,9 +243,10 @@ def _partial_suffix(text: str, tag: str) -> int:
 class _Family:
     """A form of calls that runs from where it starts (`start`) to the end of the answer."""
 
-    def start(self, text: str) -> tuple[int, bool]:
-        """(where the calls may begin in `text`, whether `text` from there can still become calls
-        as more comes); (len(text), False) when they cannot begin anywhere in it."""
+    def start(self, text: str, since: int = 0) -> int:
+        """Where the calls may begin in `text` (as it is, or as more of the answer comes);
+        len(text) when they cannot begin anywhere in it. `since` > 0: not before it (a stream
+        has sent the text before it as content)."""
         raise NotImplementedError
 
     def calls(self, part: str) -> list[dict]:
@@ -254,20 +255,17 @@ class _Family:
         raise NotImplementedError
 
     def parse(self, text: str) -> tuple[str, list[dict]]:
-        at, _ = self.start(text)
+        at = self.start(text)
         if at >= len(text):
             return text, []
         found = self.calls(text[at:])
         return (text[:at], found) if found else (text, [])
 
 
-def _marker_start(text: str, marker: str) -> tuple[int, bool]:
-    """Where `marker` (or, at the end, a beginning of it) is in text."""
-    at = text.find(marker)
-    if at >= 0:
-        return at, True
-    keep = _partial_suffix(text, marker)
-    return (len(text) - keep, True) if keep else (len(text), False)
+def _marker_start(text: str, marker: str, since: int = 0) -> int:
+    """Where `marker` (or, at the end, a beginning of it) is in text, from `since` on."""
+    at = text.find(marker, since)
+    return at if at >= 0 else len(text) - _partial_suffix(text, marker)
 
 
 def _json_values(text: str, separators: str) -> list | None:
@@ -299,13 +297,14 @@ def _all_calls(values: list | None, *keys: str) -> list[dict]:
 class _Llama3Json(_Family):
     TAG = "<|python_tag|>"
 
-    def start(self, text: str) -> tuple[int, bool]:
-        body = text.lstrip()
-        if not body:
-            return 0, True                  # only white space yet: the calls may begin after it
-        if body[0] in "{[" or self.TAG.startswith(body[:len(self.TAG)]):
-            return 0, True
-        return _marker_start(text, self.TAG)
+    def start(self, text: str, since: int = 0) -> int:
+        if not since:
+            body = text.lstrip()
+            if not body:
+                return 0                    # only white space yet: the calls may begin after it
+            if body[0] in "{[" or self.TAG.startswith(body[:len(self.TAG)]):
+                return 0
+        return _marker_start(text, self.TAG, since)
 
     def calls(self, part: str) -> list[dict]:
         part = part.lstrip()
@@ -317,14 +316,19 @@ class _Llama3Json(_Family):
 class _Mistral(_Family):
     MARK, ARGS = "[TOOL_CALLS]", "[ARGS]"
 
-    def start(self, text: str) -> tuple[int, bool]:
-        body = text.lstrip()
-        if not body or (body[0] == "[" and (len(body) == 1 or body[1:].lstrip()[:1] in ("", "{"))):
-            return 0, True                  # a bare list of calls (the marker detokenised away)
-        return _marker_start(text, self.MARK)
+    def start(self, text: str, since: int = 0) -> int:
+        if not since:
+            body = text.lstrip()
+            if not body or (body[0] == "[" and body[1:].lstrip()[:1] in ("", "{")):
+                return 0                    # a bare list of calls (the marker detokenised away)
+        return _marker_start(text, self.MARK, since)
 
     def calls(self, part: str) -> list[dict]:
-        part = part.lstrip()
+        """The calls, each id nine letters and digits: Mistral's chat templates refuse any other
+        id in the conversation that sends the calls' results back (as vLLM's mistral parser)."""
+        return [{**c, "id": uuid.uuid4().hex[:9]} for c in self._calls(part.lstrip())]
+
+    def _calls(self, part: str) -> list[dict]:
         if not part.startswith(self.MARK):
             return _all_calls(_json_values(part, ""), "arguments")
         found = []
@@ -382,7 +386,7 @@ class _HeldStream:
 
     def feed(self, delta: str) -> tuple[str, list[dict]]:
         self.text += delta
-        at, _ = self.family.start(self.text)
+        at = self.family.start(self.text, self.sent)
         out, self.sent = self.text[self.sent:max(at, self.sent)], max(at, self.sent)
         return out, []
 
