@@ -284,7 +284,8 @@ class EngineSide:
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "cached_tokens": cached_tokens},
                 "generated_by": gen, "request": request}
-        calls = tool_calls(request, text, self.tool_parser(gen, request.get("tool_choice", "auto")))
+        calls = tool_calls(request, text, self.tool_parser(gen, request.get("tool_choice", "auto"))) \
+            if request.get("tools") else None
         if calls:
             data["tool_calls"] = calls
         if item.logprobs is not None:
