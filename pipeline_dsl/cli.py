@@ -368,8 +368,6 @@ VLLM_FLAGS = {
     "--tokenizer": "the tokenizer is the model's own (its .gguf file or folder)",
     "--enable-auto-tool-choice": "tool calls are parsed whenever a request gives `tools` (tool_choice `auto`, "
                                  "their default), with nothing to turn on",
-    "--tool-call-parser": "agp reads calls in one form, `<tool_call>{...}</tool_call>` (vLLM's hermes parser), "
-                          "whatever the model",
     "--reasoning-parser": "agp splits no reasoning out of an answer (`reasoning_content` is null, a model's "
                           "<think> text stays in `content`)",
     "--disable-log-requests": _NO_PROMPT_LOG + " (--no-access-log turns those off)",

@@ -7,13 +7,27 @@ model's card instead: a system message listing the tools in `<tools>…</tools>`
 for calls as `<tool_call>[{"name": …, "arguments": {…}}]</tool_call>`; earlier calls are
 written back in that form, and tool results as `tool` messages.
 
-The answer is parsed the same way: each `<tool_call>…</tool_call>` (a JSON object or a
-list of them) becomes an OpenAI tool call, the rest stays the message's content. With
-`parallel_tool_calls: false` (`limit=1`) the calls after the first are dropped, as OpenAI
+The answer is parsed in the form its model's family writes calls in (vLLM's tool-call
+parsers, by their names; `tool_parser_for` tells a model's family from its chat template and
+vocabulary, agp serve --tool-call-parser names one):
+
+- `hermes` (Qwen, Hermes, SmolLM2, and any model agp's own system prompt asks): each
+  `<tool_call>…</tool_call>` (a JSON object or a list of them) is a call;
+- `llama3_json` (Llama 3.1+): an answer that is calls alone, `{"name": …, "parameters": {…}}`
+  objects separated by `;` (or a JSON list of them), at its start or after `<|python_tag|>`;
+- `mistral`: after `[TOOL_CALLS]`, a JSON list of `{"name", "arguments"}` objects, or (newer
+  tokenizers) `name[ARGS]{…}`, one per `[TOOL_CALLS]`; an answer starting with such a list
+  counts too (the marker is a special token a detokenised answer may have lost).
+
+Each call becomes an OpenAI tool call, the rest stays the message's content; a call part that
+is not JSON (or not a call) leaves the whole text content, finish_reason unchanged (as vLLM).
+With `parallel_tool_calls: false` (`limit=1`) the calls after the first are dropped, as OpenAI
 promises and vLLM does: under tool_choice "auto" nothing holds the model to one call.
 
     messages = prepare_messages(messages, tools, template_takes_tools=False)
     content, calls = parse_tool_calls(text)          # calls: [{"id", "type", "function": {...}}]
+    content, calls = parse_tool_calls(text, parser="llama3_json")
+    stream = tool_stream(limit, parser)              # .feed(delta), .finish(): (content, calls)
 """
 from __future__ import annotations
 
@@ -84,11 +98,17 @@ def _arguments(value) -> Any:
     return value if value is not None else {}
 
 
-def parse_tool_calls(text: str, limit: int | None = None) -> tuple[str | None, list[dict]]:
+def parse_tool_calls(text: str, limit: int | None = None,
+                     parser: str = "hermes") -> tuple[str | None, list[dict]]:
     """(the content outside the calls, or None when there is none; the tool calls found, the
-    first `limit` of them). The content is the text a stream of the same answer sends
-    (ToolStream): every character outside the blocks that held calls, as written; a block that
-    held none stays in it."""
+    first `limit` of them), read in `parser`'s form (PARSERS). The content is the text a stream
+    of the same answer sends (tool_stream). hermes: every character outside the blocks that held
+    calls, as written; a block that held none stays in it."""
+    if parser != "hermes":
+        content, calls = FAMILIES[parser].parse(text)
+        if not calls:
+            return text, []
+        return (content if content.strip() else None), calls[:limit]
     calls: list[dict] = []
 
     def take(match: re.Match) -> str:
@@ -217,6 +237,177 @@ def _partial_suffix(text: str, tag: str) -> int:
         if text.endswith(tag[:k]):
             return k
     return 0
+
+
+# ---- the other families: an answer whose calls run to its end ----------------------------------
+class _Family:
+    """A form of calls that runs from where it starts (`start`) to the end of the answer."""
+
+    def start(self, text: str, since: int = 0) -> int:
+        """Where the calls may begin in `text` (as it is, or as more of the answer comes);
+        len(text) when they cannot begin anywhere in it. `since` > 0: not before it (a stream
+        has sent the text before it as content)."""
+        raise NotImplementedError
+
+    def calls(self, part: str) -> list[dict]:
+        """The calls `part` (the text from where they begin) holds in full, or none when any of
+        it is not a call."""
+        raise NotImplementedError
+
+    def parse(self, text: str) -> tuple[str, list[dict]]:
+        at = self.start(text)
+        if at >= len(text):
+            return text, []
+        found = self.calls(text[at:])
+        return (text[:at], found) if found else (text, [])
+
+
+def _marker_start(text: str, marker: str, since: int = 0) -> int:
+    """Where `marker` (or, at the end, a beginning of it) is in text, from `since` on."""
+    at = text.find(marker, since)
+    return at if at >= 0 else len(text) - _partial_suffix(text, marker)
+
+
+def _json_values(text: str, separators: str) -> list | None:
+    """The JSON values `text` is, one after another with `separators` (and white space) between
+    them; None where anything else is there."""
+    decoder, values, at = json.JSONDecoder(), [], 0
+    while True:
+        while at < len(text) and (text[at].isspace() or text[at] in separators):
+            at += 1
+        if at == len(text):
+            return values or None
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return None
+        values.append(value)
+
+
+def _all_calls(values: list | None, *keys: str) -> list[dict]:
+    """The calls of `values` (objects, or lists of them), none unless every one is a call: an
+    object with a string "name" and one of `keys` holding its arguments."""
+    objects = [o for v in values or [] for o in (v if isinstance(v, list) else [v])]
+    if not objects or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
+                              and any(k in o for k in keys) for o in objects):
+        return []
+    return _calls_of(objects)
+
+
+class _Llama3Json(_Family):
+    TAG = "<|python_tag|>"
+
+    def start(self, text: str, since: int = 0) -> int:
+        if not since:
+            body = text.lstrip()
+            if not body:
+                return 0                    # only white space yet: the calls may begin after it
+            if body[0] in "{[" or self.TAG.startswith(body[:len(self.TAG)]):
+                return 0
+        return _marker_start(text, self.TAG, since)
+
+    def calls(self, part: str) -> list[dict]:
+        part = part.lstrip()
+        if part.startswith(self.TAG):
+            part = part[len(self.TAG):]
+        return _all_calls(_json_values(part, ";"), "parameters", "arguments")
+
+
+class _Mistral(_Family):
+    MARK, ARGS = "[TOOL_CALLS]", "[ARGS]"
+
+    def start(self, text: str, since: int = 0) -> int:
+        if not since:
+            body = text.lstrip()
+            if not body or (body[0] == "[" and body[1:].lstrip()[:1] in ("", "{")):
+                return 0                    # a bare list of calls (the marker detokenised away)
+        return _marker_start(text, self.MARK, since)
+
+    def calls(self, part: str) -> list[dict]:
+        """The calls, each id nine letters and digits: Mistral's chat templates refuse any other
+        id in the conversation that sends the calls' results back (as vLLM's mistral parser)."""
+        return [{**c, "id": uuid.uuid4().hex[:9]} for c in self._calls(part.lstrip())]
+
+    def _calls(self, part: str) -> list[dict]:
+        if not part.startswith(self.MARK):
+            return _all_calls(_json_values(part, ""), "arguments")
+        found = []
+        for piece in part.split(self.MARK)[1:]:
+            if self.ARGS in piece:                                   # name[ARGS]{...}
+                name, _, args = piece.partition(self.ARGS)
+                value = _json_values(args, "")
+                if not name.strip() or not value or len(value) != 1 or not isinstance(value[0], dict):
+                    return []
+                found += _calls_of([{"name": name.strip(), "arguments": value[0]}])
+            else:
+                calls = _all_calls(_json_values(piece, ""), "arguments")
+                if not calls:
+                    return []
+                found += calls
+        return found
+
+
+FAMILIES: dict[str, _Family] = {"llama3_json": _Llama3Json(), "mistral": _Mistral()}
+PARSERS = ("hermes", "llama3_json", "mistral")      # vLLM's --tool-call-parser names agp reads
+
+
+def check_parser(name: str) -> str:
+    """`name` when agp reads calls in that form, else a ValueError naming those it reads."""
+    if name not in PARSERS:
+        raise ValueError(f"agp has no tool-call parser {name!r}; it reads {', '.join(PARSERS)} "
+                         "(or auto: the model's own, from its chat template and vocabulary)")
+    return name
+
+
+def tool_parser_for(template: str | None, vocabulary: Any = ()) -> str:
+    """The form a model writes its calls in (PARSERS), from its chat template text and its
+    vocabulary (a container of token strings: `"[TOOL_CALLS]" in vocabulary`). A template that
+    does not render tools gets agp's own system prompt, which asks for `<tool_call>`: hermes."""
+    template = template or ""
+    if "<tool_call>" in template:
+        return "hermes"
+    if "[TOOL_CALLS]" in template or "[TOOL_CALLS]" in vocabulary:
+        return "mistral"
+    if not template_takes_tools(template):
+        return "hermes"
+    if "<|python_tag|>" in template or ("ipython" in template and '"parameters"' in template):
+        return "llama3_json"
+    return "hermes"
+
+
+class _HeldStream:
+    """tool_stream of a family whose calls run to the answer's end: the text before where calls
+    may begin streams as content; from there on it waits for the end, then leaves as calls, or as
+    content when it held none (the same split parse_tool_calls makes of the whole answer)."""
+
+    def __init__(self, family: _Family, limit: int | None) -> None:
+        self.family, self.limit = family, limit
+        self.text, self.sent = "", 0
+
+    def feed(self, delta: str) -> tuple[str, list[dict]]:
+        self.text += delta
+        at = self.family.start(self.text, self.sent)
+        out, self.sent = self.text[self.sent:max(at, self.sent)], max(at, self.sent)
+        return out, []
+
+    def finish(self) -> tuple[str, list[dict]]:
+        content, calls = self.family.parse(self.text)
+        if calls and len(content) >= self.sent:
+            calls = [{"index": i, **c} for i, c in enumerate(calls[:self.limit])]
+            return content[self.sent:], calls
+        return self.text[self.sent:], []
+
+
+def answer_parser(family: str, choice: Any) -> str:
+    """The form an answer's calls are read in: its model's `family`, but hermes where tool_choice
+    forced a call ("required" or a named function), which the constrained decoder writes in that
+    form (tool_call_spec) whatever the model."""
+    return "hermes" if tool_call_spec([], choice) is not None else family
+
+
+def tool_stream(limit: int | None = None, parser: str = "hermes"):
+    """A stream of one answer's content and calls in `parser`'s form (ToolStream's interface)."""
+    return ToolStream(limit) if parser == "hermes" else _HeldStream(FAMILIES[parser], limit)
 
 
 def tool_call_spec(tools: list[dict], choice: Any) -> dict | None:

@@ -152,9 +152,8 @@ def test_a_vllm_flag_is_refused_with_where_agp_sets_it(command, capsys):
 
 @pytest.mark.parametrize("argv, said", [
     # what a vLLM deployment's command line carries most often beside the model
-    (["--enable-auto-tool-choice", "--tool-call-parser", "hermes"],
-     ["--enable-auto-tool-choice is vLLM's: tool calls are parsed whenever a request gives `tools`",
-      "--tool-call-parser is vLLM's: agp reads calls in one form, `<tool_call>{...}</tool_call>`"]),
+    (["--enable-auto-tool-choice"],
+     ["--enable-auto-tool-choice is vLLM's: tool calls are parsed whenever a request gives `tools`"]),
     (["--disable-log-requests", "--uvicorn-log-level", "info", "--disable-log-stats"],
      ["--disable-log-requests is vLLM's: agp never logs a request's prompt or parameters",
       "--uvicorn-log-level is vLLM's: one --log-level sets agp's and uvicorn's",

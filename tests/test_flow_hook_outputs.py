@@ -276,3 +276,27 @@ def test_a_python_tool_stage_reads_the_calls_the_model_made_parsed_as_agp_serve_
     assert seen["calls"] is False                          # the second answer, under tool_choice none
     [(name, args)] = seen["ran"]
     assert name == "add" and set(args) == {"a", "b"}
+
+
+def test_a_python_tool_stage_reads_calls_in_the_form_the_model_s_own_template_asks_for(tmp_path):
+    """A model whose GGUF chat template asks for Llama 3's bare JSON calls: its Generated result
+    carries them as `tool_calls`, read in that form (told from the template)."""
+    from tiny_model import write_tiny_gguf
+
+    template = ("{% if tools %}Environment: ipython\nCall a function as "
+                '{"name": function name, "parameters": dictionary of argument name and its value}\n{% endif %}'
+                "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant: ")
+    model = write_tiny_gguf(tmp_path / "llama.gguf", context=4096, embed_scale=0.3, chat_template=template)
+    add = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
+    body = ('stage request : requests {}\nstage gen : generate { max_new_tokens = 200 }\n'
+            'stage tool : python { fn = "hooks:tool"  max_turns = 2  returns = any }\nstage out : respond {}\n'
+            + chain().replace("budget = 2MiB", "budget = 8MiB")
+            + "request -> batch\ngen -> tool\ntool -> batch\ntool -> out\n")
+    path = write(tmp_path, model, body, hooks=TOOL_LOOP_HOOKS)
+    said = '<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}'
+    req = chat("t", "add two numbers", max_tokens=200, tools=[add], tool_choice="auto",
+               response_format={"type": "choice", "choices": [said]})
+    req.pop("ignore_eos")
+    (r,), _ = run(path, [req])
+    assert r.ok, r.error
+    assert json.loads(r.choices[0].text)["ran"] == [["add", {"a": 1, "b": 2}]]

@@ -78,7 +78,7 @@ def record(req: RunRequest, result, several: bool = False, runtime=None) -> dict
         return {"id": req.parsed.id, "error": err}
     first = result.choices[0]
     parts = [_choice_parts(req, c, runtime) for c in result.choices]
-    reasons = [_tool_calls(req.parsed, c, p) for c, p in zip(result.choices, parts)]
+    reasons = [_tool_calls(req.parsed, c, p, runtime) for c, p in zip(result.choices, parts)]
     out = {"id": req.parsed.id, "text": parts[0]["text"], "finish_reason": reasons[0],
            "usage": dict(result.usage)}
     if several and first.data.get("generated_by"):
@@ -98,14 +98,15 @@ def record(req: RunRequest, result, several: bool = False, runtime=None) -> dict
     return out
 
 
-def _tool_calls(parsed: ParsedRequest, choice, parts: dict) -> str | None:
+def _tool_calls(parsed: ParsedRequest, choice, parts: dict, runtime) -> str | None:
     """A choice's finish reason, its tool calls parsed out of its text into `parts` as agp serve's
     chat answer parses them (serve/protocol.py's chat_message) when the line gave tools and a
     tool_choice other than none: `tool_calls` (id, name, JSON arguments), `text` what is left
     (null when nothing is), `finish_reason` "tool_calls". Any other line keeps its text."""
     active = bool(parsed.tools) and parsed.tool_choice != "none"
     message, reason = chat_message(parts["text"], choice.finish_reason, active,
-                                   None if parsed.parallel_tool_calls else 1)
+                                   None if parsed.parallel_tool_calls else 1,
+                                   runtime.tool_parser(choice.data.get("generated_by"), parsed.tool_choice) if active else "hermes")
     if message.get("tool_calls"):
         parts["text"], parts["tool_calls"] = message["content"], message["tool_calls"]
     return reason

@@ -103,6 +103,23 @@ class EngineSide:
                 "add_bos_token": bool(getattr(tok, "add_bos", False)), "model_max_length": es.max_model_len,
                 "chat_template": tok.chat_template}
 
+    def tool_parser(self, pin: str | None = None, tool_choice=None) -> str:
+        """The form the model of generate stage `pin` (else the pipeline's) writes tool calls in
+        (pipeline_dsl/tools.py's PARSERS): the one agp serve --tool-call-parser names, else told
+        from its chat template and vocabulary; hermes (agp's own prompt's) with no model, and
+        for a request whose `tool_choice` forced a call (the constrained decoder writes that form)."""
+        from pipeline_dsl.tools import answer_parser, tool_parser_for
+
+        if self.tool_call_parser not in (None, "auto"):
+            return answer_parser(self.tool_call_parser, tool_choice)
+        es = self.seg_of_gen.get(pin) if pin else None
+        es = es or self.prompt_segment or (self.segments[0] if self.segments else None)
+        tok = getattr(es, "tokenizer", None)
+        if tok is None:
+            return answer_parser("hermes", tool_choice)
+        to_id = getattr(tok, "token_to_id", None)
+        return answer_parser(tool_parser_for(getattr(tok, "chat_template", None), _Vocabulary(to_id)), tool_choice)
+
     def model_names(self) -> list[str]:
         """The generate stages a request may pin (agp serve's `model` field)."""
         return list(self.seg_of_gen)
@@ -267,7 +284,8 @@ class EngineSide:
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "cached_tokens": cached_tokens},
                 "generated_by": gen, "request": request}
-        calls = tool_calls(request, text)
+        calls = tool_calls(request, text, self.tool_parser(gen, request.get("tool_choice", "auto"))) \
+            if request.get("tools") else None
         if calls:
             data["tool_calls"] = calls
         if item.logprobs is not None:
@@ -390,7 +408,7 @@ class EngineSide:
         return (lambda outs: self._on_outputs(es, outs)), (lambda rid, exc: self._on_seq_error(es, rid, exc))
 
 
-def tool_calls(request: dict, text: str) -> list[dict] | None:
+def tool_calls(request: dict, text: str, parser: str = "hermes") -> list[dict] | None:
     """The tool calls an answer's text holds, parsed as agp serve parses them for its answer
     (`tool_calls`: id, type, function name and JSON arguments), where its request gave tools and a
     tool_choice other than none: what a python tool stage after the generate stage reads and runs.
@@ -399,4 +417,14 @@ def tool_calls(request: dict, text: str) -> list[dict] | None:
         return None
     from pipeline_dsl.tools import parse_tool_calls
 
-    return parse_tool_calls(text, None if request.get("parallel_tool_calls", True) else 1)[1] or None
+    return parse_tool_calls(text, None if request.get("parallel_tool_calls", True) else 1, parser)[1] or None
+
+
+class _Vocabulary:
+    """`token in vocabulary`: whether a tokenizer has that token (tool_parser_for's question)."""
+
+    def __init__(self, to_id) -> None:
+        self.to_id = to_id
+
+    def __contains__(self, token: str) -> bool:
+        return self.to_id is not None and self.to_id(token) is not None

@@ -89,6 +89,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         from .segment import DeviceUnavailable, EngineSegment, segment_spec
 
         self.graph, self.clock = graph, clock
+        # agp serve --tool-call-parser: the form every model's tool calls are read in (else each its own)
+        self.tool_call_parser = (overrides or {}).get("tool_call_parser") or "auto"
         self.name = str(graph.graph.get("name") or "pipeline")
         self.served_name = served_name or self.name
         self.trace = trace if trace is not None else Trace(limit=100_000)

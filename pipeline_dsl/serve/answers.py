@@ -45,7 +45,8 @@ def answer_body(runtime, res, req: P.GenerationRequest, rid: str,
                    for c in res.choices]
         top = answer_fields(res.choices[0].data, req.prompt_logprobs, want_ids, text_of)[0]
         body = P.chat_response(rid, req.model, choices, use, tools_active=req.tools_active, top=top,
-                               call_limit=req.call_limit, fingerprint=fingerprint)
+                               call_limit=req.call_limit, fingerprint=fingerprint,
+                               parser=runtime.tool_parser(req.pin, req.tool_choice) if req.tools_active else "hermes")
         return body, {c["index"]: c["finish_reason"] for c in body["choices"]}
     echo = bool(req.fields.get("echo"))
     choices = []

@@ -176,6 +176,7 @@ def build(args, *, host: str | None = None) -> Serving:
                                            "max_batch_size": args.max_num_seqs,
                                            "scheduling_policy": args.scheduling_policy,
                                            "seed": args.seed, "chat_template": template,
+                                           "tool_call_parser": getattr(args, "tool_call_parser", "auto"),
                                            "generation_config": args.generation_config,
                                            "override_generation_config": args.override_generation_config,
                                            "prefix_reuse": False if args.no_prefix_reuse else None})

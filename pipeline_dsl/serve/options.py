@@ -179,6 +179,11 @@ def add_arguments(p) -> None:
     p.add_argument("--return-tokens-as-token-ids", action="store_true",
                    help="logprobs name each token \"token_id:N\" instead of its text, for requests that do not "
                         "set return_tokens_as_token_ids themselves (vLLM's flag)")
+    p.add_argument("--tool-call-parser", type=_tool_call_parser, default="auto", metavar="NAME",
+                   help="the form the model writes tool calls in, by vLLM's parser names: hermes "
+                        "(<tool_call>{...}</tool_call>), llama3_json (bare {\"name\", \"parameters\"} JSON, "
+                        "after <|python_tag|> or not), mistral ([TOOL_CALLS]...); default auto: the model's own, "
+                        "told from its chat template and vocabulary (docs/openai.md)")
     p.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
                    help="leave a request's tools out of its prompt when its tool_choice is \"none\" (as vLLM's "
                         "flag; by default the model sees them, and no tool call is parsed from its answer)")
@@ -473,3 +478,15 @@ def report(message: str) -> None:
     from .logs import fatal
 
     fatal(f"agp serve: error: {message}")
+
+
+def _tool_call_parser(value: str) -> str:
+    """--tool-call-parser's value: auto or a form agp reads calls in (pipeline_dsl/tools.py)."""
+    from pipeline_dsl.tools import check_parser
+
+    if value == "auto":
+        return value
+    try:
+        return check_parser(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -37,9 +37,10 @@ class ResponseEvents(Relay):
         self.bytes_of = owner.bytes_of(call)
         self.tools = None
         if call.req.tools_active:
-            from pipeline_dsl.tools import ToolStream
+            from pipeline_dsl.tools import tool_stream
 
-            self.tools = ToolStream(call.req.call_limit)
+            self.tools = tool_stream(call.req.call_limit, owner.g.apipe.runtime.tool_parser(call.req.pin,
+                                                                                       call.req.tool_choice))
         self.called = False
         self.seen = False                        # a delta of choice 0 came (else its text comes whole)
 

@@ -269,9 +269,12 @@ class ChunkWriter(Relay):
         self.opened.add(index)
         calls = []
         if self.chat and self.req.tools_active:
-            from pipeline_dsl.tools import ToolStream
+            from pipeline_dsl.tools import tool_stream
 
-            text, calls = self.tool_streams.setdefault(index, ToolStream(self.req.call_limit)).feed(text)
+            if index not in self.tool_streams:
+                self.tool_streams[index] = tool_stream(self.req.call_limit,
+                                                         self.runtime.tool_parser(self.req.pin, self.req.tool_choice))
+            text, calls = self.tool_streams[index].feed(text)
         lp = None
         if self.want_lp and step_lp:                   # these tokens' logprobs, with their text
             lp = (P.chat_logprobs(step_lp, self.name_of, self.bytes_of) if self.chat

@@ -1,0 +1,303 @@
+"""Tool calls in each model family's own form (vLLM's hermes, llama3_json and mistral parsers):
+parsed out of a whole answer and out of a stream of it split anywhere, the family told from a
+model's chat template and vocabulary, `agp serve --tool-call-parser`, and an answer through a
+served model that writes Llama's bare JSON."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline_dsl.tools import PARSERS, parse_tool_calls, tool_parser_for, tool_stream
+
+
+def calls_of(calls: list[dict]) -> list[tuple[str, dict]]:
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+
+
+# (parser, the answer, its content, its calls)
+ANSWERS = [
+    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Oslo"}}', None,
+     [("get_weather", {"city": "Oslo"})]),
+    ("llama3_json", '  <|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}; '
+                    '{"name": "add", "arguments": {"a": 3, "b": 4}}', None,
+     [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})]),
+    ("llama3_json", 'Let me look.<|python_tag|>{"name": "f", "parameters": {}}', "Let me look.", [("f", {})]),
+    ("llama3_json", '[{"name": "f", "parameters": {"x": [1, 2]}}, {"name": "g", "parameters": {}}]', None,
+     [("f", {"x": [1, 2]}), ("g", {})]),
+    ("mistral", '[TOOL_CALLS][{"name": "add", "arguments": {"a": 1, "b": 2}}, {"name": "f", "arguments": {}}]',
+     None, [("add", {"a": 1, "b": 2}), ("f", {})]),
+    ("mistral", 'Sure. [TOOL_CALLS]add[ARGS]{"a": 1, "b": 2}[TOOL_CALLS]f[ARGS]{}', "Sure. ",
+     [("add", {"a": 1, "b": 2}), ("f", {})]),
+    ("mistral", '[{"name": "add", "arguments": {"a": 5, "b": 6}}]', None, [("add", {"a": 5, "b": 6})]),
+    ("hermes", 'Sure. <tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>', "Sure. ",
+     [("add", {"a": 1, "b": 2})]),
+]
+
+# answers that hold no call in that family's form: all content, as written
+NOT_CALLS = [
+    ("llama3_json", '{"name": "f", "parameters": {"a": 1}'),              # cut JSON
+    ("llama3_json", '{"name": "f", "parameters": {}} and then some words'),
+    ("llama3_json", 'The call is {"name": "f", "parameters": {}}'),       # bare JSON inside prose
+    ("llama3_json", '{"city": "Oslo", "temperature": 3}'),                 # JSON, not a call
+    ("llama3_json", '<|python_tag|>print("hi")'),
+    ("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {"a": 1}'),
+    ("mistral", '[TOOL_CALLS]f[ARGS]{"a": '),
+    ("mistral", '[a link](https://example.com) and text'),
+    ("mistral", '[{"city": "Oslo"}]'),
+    ("hermes", '{"name": "f", "arguments": {}}'),                          # another family's form
+    ("llama3_json", '<tool_call>{"name": "f", "arguments": {}}</tool_call>'),
+]
+
+
+@pytest.mark.parametrize("parser, text, content, calls", ANSWERS)
+def test_each_family_s_calls_are_parsed_with_the_text_before_them_as_content(parser, text, content, calls):
+    got_content, got = parse_tool_calls(text, None, parser)
+    assert got_content == content and calls_of(got) == calls
+    assert all(c["type"] == "function" for c in got)
+    if parser == "mistral":      # Mistral's templates take back no other id (nine letters and digits)
+        assert all(len(c["id"]) == 9 and c["id"].isalnum() for c in got)
+    else:
+        assert all(c["id"].startswith("call_") for c in got)
+    assert len({c["id"] for c in got}) == len(got)
+
+
+@pytest.mark.parametrize("parser, text", NOT_CALLS)
+def test_an_answer_whose_call_part_is_not_calls_stays_content_whole(parser, text):
+    assert parse_tool_calls(text, None, parser) == (text, [])
+
+
+@pytest.mark.parametrize("parser, text, content, calls", [a for a in ANSWERS if len(a[3]) > 1])
+def test_parallel_tool_calls_false_keeps_the_first_call_of_every_family(parser, text, content, calls):
+    assert calls_of(parse_tool_calls(text, 1, parser)[1]) == calls[:1]
+    stream = tool_stream(1, parser)
+    sent = [stream.feed(text), stream.finish()]
+    assert calls_of([c for _, found in sent for c in found]) == calls[:1]
+
+
+def streamed(parser: str, pieces: list[str], limit=None) -> tuple[str, list[dict]]:
+    """What a stream of these pieces sends, put together as a client does: content, and each
+    index's call with its name and arguments joined."""
+    stream = tool_stream(limit, parser)
+    content, by_index = "", {}
+    for out in [stream.feed(p) for p in pieces] + [stream.finish()]:
+        content += out[0]
+        for c in out[1]:
+            call = by_index.setdefault(c["index"], {"name": "", "arguments": ""})
+            call["name"] += c.get("function", {}).get("name") or ""
+            call["arguments"] += c.get("function", {}).get("arguments") or ""
+    return content, [{"function": by_index[i]} for i in sorted(by_index)]
+
+
+@pytest.mark.parametrize("parser, text", [(a[0], a[1]) for a in ANSWERS] + NOT_CALLS)
+def test_a_streamed_answer_split_anywhere_puts_together_to_the_whole_answer(parser, text):
+    whole_content, whole_calls = parse_tool_calls(text, None, parser)
+    expected = (whole_content or "", calls_of(whole_calls))
+    for cut in range(len(text) + 1):
+        content, calls = streamed(parser, [text[:cut], text[cut:]])
+        assert (content, calls_of(calls)) == expected, cut
+    for a in range(0, len(text), 3):                    # three pieces, the middle one anywhere
+        for b in range(a, len(text), 5):
+            content, calls = streamed(parser, [text[:a], text[a:b], text[b:]])
+            assert (content, calls_of(calls)) == expected, (a, b)
+    content, calls = streamed(parser, list(text))       # a character a delta
+    assert (content, calls_of(calls)) == expected
+
+
+def test_text_before_a_call_streams_as_content_before_the_answer_ends():
+    stream = tool_stream(None, "llama3_json")
+    assert stream.feed("Let me look") == ("Let me look", [])
+    assert stream.feed(".<|pyth") == (".", [])                   # what may be the tag waits
+    assert stream.feed('on_tag|>{"name": "f", "parameters": {}}') == ("", [])
+    content, calls = stream.finish()
+    assert content == "" and [c["index"] for c in calls] == [0] and calls_of(calls) == [("f", {})]
+    stream = tool_stream(None, "mistral")
+    assert stream.feed("Plain words, [not a call] here") == ("Plain words, [not a call] here", [])
+    assert stream.finish() == ("", [])
+
+
+# ---------------------------------------------------------------- which family a model is
+
+LLAMA31 = """{{- bos_token }}
+{%- if custom_tools is defined %}{%- set tools = custom_tools %}{%- endif %}
+{%- if tools is not none and not tools_in_user_message %}
+{{- "Environment: ipython\\n" }}
+{%- endif %}
+{%- if builtin_tools is defined %}{{- "<|python_tag|>" + tool_call.name }}{%- endif %}
+{{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+{%- for message in messages %}{%- if message.role == "ipython" or message.role == "tool" %}
+{{- "<|start_header_id|>ipython<|end_header_id|>\\n\\n" }}{%- endif %}{%- endfor %}"""
+LLAMA32 = """{%- if tools is not none %}{{- "Environment: ipython\\n" }}{%- endif %}
+{{- '{"name": function name, "parameters": dictionary of argument name and its value}' }}
+{%- if message.role == "ipython" %}{{- "<|start_header_id|>ipython<|end_header_id|>" }}{%- endif %}"""
+QWEN25 = """{%- if tools %}{{- "# Tools\\n<tools>" }}{%- for tool in tools %}{{- tool | tojson }}{%- endfor %}
+{{- "</tools>\\n\\nFor each function call, return a json object within <tool_call></tool_call> XML tags" }}
+{%- endif %}{%- if message.role == "ipython" %}{%- endif %}"""
+MISTRAL = """{%- if tools is not none and (message == user_messages[-1]) %}
+{{- "[AVAILABLE_TOOLS] [" }}{%- for tool in tools %}{{- tool | tojson }}{%- endfor %}{{- "[/AVAILABLE_TOOLS]" }}
+{%- endif %}{%- if message.tool_calls is defined %}{{- "[TOOL_CALLS] [" }}{%- endif %}"""
+MISTRAL_NEW = """{%- if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{%- endif %}
+{%- for message in messages %}{%- if message.tool_calls %}{%- for call in message.tool_calls %}
+{{- call.function.name }}[ARGS]{{ call.function.arguments }}{%- endfor %}{%- endif %}{%- endfor %}"""
+SMOLLM2 = """{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n'}}{% endfor %}"""
+
+
+@pytest.mark.parametrize("template, vocabulary, family", [
+    (LLAMA31, (), "llama3_json"),
+    (LLAMA32, (), "llama3_json"),
+    (QWEN25, (), "hermes"),
+    (MISTRAL, (), "mistral"),
+    (MISTRAL_NEW, {"[TOOL_CALLS]", "[ARGS]"}, "mistral"),        # the marker in its vocabulary alone
+    (SMOLLM2, (), "hermes"),               # renders no tools: agp's own prompt asks for <tool_call>
+    (SMOLLM2, {"[TOOL_CALLS]"}, "mistral"),
+    (None, (), "hermes"),
+])
+def test_the_family_is_told_from_the_chat_template_and_vocabulary(template, vocabulary, family):
+    assert tool_parser_for(template, vocabulary) == family
+    assert family in PARSERS
+
+
+# ---------------------------------------------------------------- agp serve --tool-call-parser
+
+def test_serve_takes_vllms_parser_names_and_refuses_another_naming_those_it_reads(capsys):
+    from pipeline_dsl import cli
+
+    for name in ("auto", "hermes", "llama3_json", "mistral"):
+        args = cli.build_parser(["serve"]).parse_args(["serve", "examples/chat.agp", "--tool-call-parser", name])
+        assert args.tool_call_parser == name
+    assert cli.build_parser(["serve"]).parse_args(["serve", "examples/chat.agp"]).tool_call_parser == "auto"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", "examples/chat.agp", "--tool-call-parser", "pythonic"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--tool-call-parser: agp has no tool-call parser 'pythonic'; it reads hermes, llama3_json, mistral" in err
+    assert "is vLLM's" not in err
+
+
+# ---------------------------------------------------------------- through a served model
+
+ADD = {"type": "function", "function": {
+    "name": "add", "description": "Add two numbers",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                                    "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+                   "required": ["a", "b"]}}}
+LLAMA_TEMPLATE = ("{% if tools %}Environment: ipython\nCall a function as "
+                  '{"name": function name, "parameters": dictionary of argument name and its value}'
+                  "{% for t in tools %}{{ t | tojson }}{% endfor %}\n{% endif %}"
+                  "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant: ")
+
+
+def _answer(client, said: str, stream: bool = False, **kw):
+    return client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "add 1 and 2"}], max_tokens=300, tools=[ADD],
+        stream=stream, extra_body={"guided_choice": [said]}, **kw)
+
+
+def _assembled(chunks) -> tuple[str, list, set]:
+    content, calls, reasons = "", {}, set()
+    for chunk in chunks:
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            reasons.add(choice.finish_reason)
+            for tc in choice.delta.tool_calls or []:
+                calls.setdefault(tc.index, ["", ""])
+                calls[tc.index][0] += tc.function.name or ""
+                calls[tc.index][1] += tc.function.arguments or ""
+    return content, [tuple(v) for _, v in sorted(calls.items())], reasons - {None}
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory):
+    pytest.importorskip("llguidance")
+    from test_serve import LiveServer
+    from tiny_model import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path_factory.mktemp("llama") / "tiny.gguf", context=4096, embed_scale=0.3)
+    s = LiveServer(path, max_batch_size=4, overrides={"kv_budget_bytes": 8 << 20, "chat_template": LLAMA_TEMPLATE})
+    yield s
+    s.close()
+
+
+def test_a_model_whose_template_asks_for_bare_json_gets_its_calls_parsed_streamed_or_not(llama_server):
+    """Its family told from its chat template (no flag): Llama's bare JSON calls come back as
+    tool_calls with finish_reason tool_calls, and a stream of the same answer assembles to them."""
+    said = '{"name": "add", "parameters": {"a": 1, "b": 2}}; {"name": "add", "parameters": {"a": 3, "b": 4}}'
+    whole = _answer(llama_server.client, said).choices[0]
+    assert whole.finish_reason == "tool_calls" and not whole.message.content
+    calls = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    assert [(n, json.loads(a)) for n, a in calls] == [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})]
+    content, streamed_calls, reasons = _assembled(_answer(llama_server.client, said, stream=True))
+    assert content == "" and streamed_calls == calls and reasons == {"tool_calls"}
+    one = _answer(llama_server.client, said, parallel_tool_calls=False).choices[0]
+    assert [c.function.name for c in one.message.tool_calls] == ["add"]
+
+
+def test_malformed_bare_json_stays_content_with_finish_reason_stop(llama_server):
+    said = '{"name": "add", "parameters": {"a": 1, "b": 2} oops'
+    whole = _answer(llama_server.client, said).choices[0]
+    assert (whole.message.content, whole.message.tool_calls, whole.finish_reason) == (said, None, "stop")
+    assert _assembled(_answer(llama_server.client, said, stream=True)) == (said, [], {"stop"})
+
+
+def test_a_forced_call_is_read_in_the_form_the_decoder_wrote_it_whatever_the_family(llama_server):
+    """tool_choice "required" (or a named function) has the constrained decoder write the call
+    as `<tool_call>[...]</tool_call>`: a Llama-family model's forced call still comes back parsed."""
+    for choice in ("required", {"type": "function", "function": {"name": "add"}}):
+        kw = dict(model="tiny", messages=[{"role": "user", "content": "add"}], max_tokens=300, tools=[ADD],
+                  tool_choice=choice)
+        whole = llama_server.client.chat.completions.create(**kw).choices[0]
+        assert whole.finish_reason == "tool_calls" and whole.message.tool_calls[0].function.name == "add"
+        content, calls, reasons = _assembled(llama_server.client.chat.completions.create(stream=True, **kw))
+        assert calls and calls[0][0] == "add" and reasons == {"tool_calls"}
+
+
+def test_the_responses_api_reads_the_model_s_family_too(llama_server):
+    import httpx
+
+    said = '<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}'
+    body = {"model": "tiny", "input": "add 1 and 2", "max_output_tokens": 300,
+            "tools": [{"type": "function", "name": "add", "parameters": ADD["function"]["parameters"]}],
+            "guided_choice": [said]}
+    r = httpx.post(llama_server.url + "/v1/responses", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    [item] = r.json()["output"]
+    assert (item["type"], item["name"], json.loads(item["arguments"])) == ("function_call", "add", {"a": 1, "b": 2})
+    with httpx.stream("POST", llama_server.url + "/v1/responses", json={**body, "stream": True}, timeout=120) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    [done] = [e for e in events if e["type"] == "response.completed"]
+    assert [(i["type"], i["name"], i["arguments"]) for i in done["response"]["output"]] == \
+        [("function_call", "add", item["arguments"])]
+
+
+def _run_lines(server, overrides: dict, *bodies: dict) -> list[dict]:
+    """Request lines through `agp run`'s driver on the server's pipeline (a runtime of its own)."""
+    from pathlib import Path
+
+    from pipeline_dsl.commands.runner import RunRequest, run_pipeline
+    from pipeline_dsl.flow import build_runtime
+    from pipeline_dsl.requests_io import parse_request
+
+    runtime = build_runtime(Path(server.dir) / "tiny.agp",
+                            overrides={"threads": 1, "kv_budget_bytes": 8 << 20, **overrides})
+    reqs = [RunRequest(slot=i, line=i + 1, parsed=parse_request(dict(b), default_id=i)) for i, b in enumerate(bodies)]
+    out: dict[int, dict] = {}
+    try:
+        run_pipeline(runtime, reqs, on_done=out.__setitem__, progress=False)
+    finally:
+        runtime.shutdown()
+    return [out[i] for i in range(len(bodies))]
+
+
+def test_agp_run_lines_read_the_family_of_the_model_or_the_one_named(llama_server):
+    def line(said):
+        return {"messages": [{"role": "user", "content": "add"}], "max_tokens": 300, "tools": [ADD],
+                "guided_choice": [said]}
+
+    llama = '{"name": "add", "parameters": {"a": 1, "b": 2}}'
+    mistral = 'Adding. [TOOL_CALLS]add[ARGS]{"a": 3, "b": 4}'
+    a, b = _run_lines(llama_server, {"chat_template": LLAMA_TEMPLATE}, line(llama), line(mistral))
+    assert a["finish_reason"] == "tool_calls" and calls_of(a["tool_calls"]) == [("add", {"a": 1, "b": 2})]
+    assert (b["text"], b["finish_reason"], b.get("tool_calls")) == (mistral, "stop", None)
+    [c] = _run_lines(llama_server, {"chat_template": LLAMA_TEMPLATE, "tool_call_parser": "mistral"}, line(mistral))
+    assert (c["text"], c["finish_reason"], calls_of(c["tool_calls"])) == ("Adding. ", "tool_calls",
+                                                                           [("add", {"a": 3, "b": 4})])
