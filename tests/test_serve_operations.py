@@ -451,3 +451,56 @@ def test_a_reject_answers_the_4xx_status_and_retry_after_it_names(tmp_path, tiny
         assert post("fine").status_code == 200
     finally:
         s.close()
+
+
+def test_a_server_whose_engine_fails_logs_it_once_with_its_traceback_and_stops(tmp_path, tiny_gguf):
+    """docs/serve.md, "Shutting down": an engine whose loop raised fails every request in flight
+    (503) and would fail every later one, so the server logs the failure once, with its traceback,
+    and stops on its own (exit status 1: the supervisor restarts it) rather than staying up unready
+    with nothing to restart it."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from pipeline_dsl.flow import build_runtime
+    from pipeline_dsl.serve.app import create_app
+    from pipeline_dsl.serve.async_pipeline import AsyncPipeline
+    from pipeline_dsl.serve.config import ServeConfig
+    from pipeline_dsl.serve.metrics import ServerMetrics
+    from pipeline_dsl.serve.server import AgpServer
+
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=tiny_gguf, max_queue=8, max_batch_size=2, timeout=1))
+    runtime = build_runtime(path, overrides={"threads": 1})
+    engine = runtime.segments[0].engine
+
+    schedule = engine.schedule
+
+    def broken(*args, **kwargs):
+        if engine.has_unfinished():
+            raise RuntimeError("the device went away")
+        return schedule(*args, **kwargs)
+
+    engine.schedule = broken                        # the engine's loop raises on its first request
+    metrics = ServerMetrics(process=False)
+    apipe = AsyncPipeline(runtime, metrics=metrics)
+    app = create_app(apipe, ServeConfig(model_names=("tiny",), max_model_len=engine.max_model_len), metrics)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = AgpServer(uvicorn.Config(app, log_level="warning", lifespan="on"), apipe, drain_timeout=5)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    with LogRecords("agp.serve") as log:
+        thread.start()
+        while not server.started:
+            assert thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 503 and "the device went away" in r.json()["error"]["message"]
+        thread.join(60)
+    assert not thread.is_alive(), "the server stayed up after its engine failed"
+    assert server.failed is not None and "the device went away" in str(server.failed)
+    failures = [rec for rec in log.records if rec.levelno >= logging.ERROR]
+    assert len(failures) == 1, [rec.getMessage() for rec in failures]
+    assert "the device went away" in failures[0].getMessage() and failures[0].exc_info is not None
