@@ -504,3 +504,48 @@ def test_a_server_whose_engine_fails_logs_it_once_with_its_traceback_and_stops(t
     failures = [rec for rec in log.records if rec.levelno >= logging.ERROR]
     assert len(failures) == 1, [rec.getMessage() for rec in failures]
     assert "the device went away" in failures[0].getMessage() and failures[0].exc_info is not None
+
+
+RAISING = '''
+def check(request):
+    if request["metadata"].get("tier") == "odd":
+        return looks_up(request)
+    return request
+
+
+def looks_up(request):
+    return {"gold": 1}[request["metadata"]["tier"]]
+'''
+
+
+def test_a_python_stage_that_raises_is_logged_once_with_its_traceback_and_other_requests_go_on(
+        tmp_path, tiny_gguf, monkeypatch):
+    """docs/serve.md, "Logs": a request a python stage's own exception failed (500 stage_failed)
+    is logged once, at WARNING with its reason and request id, and with the exception's
+    traceback: the operator finds the line of the stage that raised, not only its message. A 4xx
+    is logged without one (the client's doing, no stack to show)."""
+    (tmp_path / "raising_hooks.py").write_text(RAISING)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=8, timeout=20).replace(
+        "request -> batch", 'stage check : python { fn = "raising_hooks:check" }\n    request -> check -> batch')
+    s = LiveServer(tiny_gguf, text=text)
+    try:
+        with LogRecords("agp.serve") as log:
+            r = s.http.post(s.url + "/v1/chat/completions", timeout=60, headers={"X-Request-Id": "odd-1"},
+                            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                  "metadata": {"tier": "odd"}})
+            assert r.status_code == 500 and r.json()["error"]["code"] == "stage_failed"
+            fine = s.http.post(s.url + "/v1/chat/completions", timeout=60,
+                               json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            assert fine.status_code == 200
+            assert s.http.post(s.url + "/v1/chat/completions", timeout=60,
+                               json={"messages": [], "max_tokens": 2}).status_code == 400
+        mine = [rec for rec in log.records if getattr(rec, "request_id", None) == "odd-1"]
+        assert len(mine) == 1 and mine[0].levelno == logging.WARNING and mine[0].status == 500
+        assert mine[0].exc_info is not None and mine[0].exc_info[0] is KeyError
+        stack = logging.Formatter().formatException(mine[0].exc_info)
+        assert "raising_hooks.py" in stack and "in looks_up" in stack and "'odd'" in stack
+        refused = [rec for rec in log.records if getattr(rec, "status", None) == 400]
+        assert len(refused) == 1 and refused[0].exc_info is None
+    finally:
+        s.close()
