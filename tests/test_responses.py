@@ -286,6 +286,26 @@ def test_the_store_keeps_the_latest_1024_responses():
     assert len(store.items) == 1024
 
 
+def test_the_store_keeps_at_most_its_bytes_of_responses_however_few_they_are():
+    """docs/openai.md: the store keeps at most 64 MiB of responses' JSON, the oldest going first:
+    responses with top_logprobs hold hundreds of bytes a token, and 1024 of them alone could hold
+    gigabytes on a long-running server. What it keeps reads back equal to what was put."""
+    from pipeline_dsl.serve.responses import STORED_BYTES, ResponseStore
+
+    store = ResponseStore()
+    big = "x" * (STORED_BYTES // 10)                    # ten of them fill the store
+    for i in range(40):
+        store.put(f"resp_{i}", {"id": f"resp_{i}", "output": big}, [{"role": "user", "content": "hi"}])
+    kept = [i for i in range(40) if store.get(f"resp_{i}") is not None]
+    assert kept == list(range(40 - len(kept), 40)) and 1 <= len(kept) < 10
+    assert store.bytes <= STORED_BYTES
+    assert store.get("resp_39") == ({"id": "resp_39", "output": big}, [{"role": "user", "content": "hi"}])
+    store.put("huge", {"id": "huge", "output": "x" * (STORED_BYTES + 1)}, [])
+    assert store.get("huge") is None and store.get("resp_39") is not None    # too big alone: not kept
+    assert store.delete("resp_39") and store.get("resp_39") is None
+    assert store.bytes == sum(len(text) for text in store.items.values())
+
+
 def sdk_required_missing(model, data: dict, where: str = "") -> list[str]:
     """The fields the installed openai SDK's pydantic `model` marks required that `data` lacks,
     nested objects included."""

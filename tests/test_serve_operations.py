@@ -451,3 +451,101 @@ def test_a_reject_answers_the_4xx_status_and_retry_after_it_names(tmp_path, tiny
         assert post("fine").status_code == 200
     finally:
         s.close()
+
+
+def test_a_server_whose_engine_fails_logs_it_once_with_its_traceback_and_stops(tmp_path, tiny_gguf):
+    """docs/serve.md, "Shutting down": an engine whose loop raised fails every request in flight
+    (503) and would fail every later one, so the server logs the failure once, with its traceback,
+    and stops on its own (exit status 1: the supervisor restarts it) rather than staying up unready
+    with nothing to restart it."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from pipeline_dsl.flow import build_runtime
+    from pipeline_dsl.serve.app import create_app
+    from pipeline_dsl.serve.async_pipeline import AsyncPipeline
+    from pipeline_dsl.serve.config import ServeConfig
+    from pipeline_dsl.serve.metrics import ServerMetrics
+    from pipeline_dsl.serve.server import AgpServer
+
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=tiny_gguf, max_queue=8, max_batch_size=2, timeout=1))
+    runtime = build_runtime(path, overrides={"threads": 1})
+    engine = runtime.segments[0].engine
+
+    schedule = engine.schedule
+
+    def broken(*args, **kwargs):
+        if engine.has_unfinished():
+            raise RuntimeError("the device went away")
+        return schedule(*args, **kwargs)
+
+    engine.schedule = broken                        # the engine's loop raises on its first request
+    metrics = ServerMetrics(process=False)
+    apipe = AsyncPipeline(runtime, metrics=metrics)
+    app = create_app(apipe, ServeConfig(model_names=("tiny",), max_model_len=engine.max_model_len), metrics)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = AgpServer(uvicorn.Config(app, log_level="warning", lifespan="on"), apipe, drain_timeout=5)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    with LogRecords("agp.serve") as log:
+        thread.start()
+        while not server.started:
+            assert thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 503 and "the device went away" in r.json()["error"]["message"]
+        thread.join(60)
+    assert not thread.is_alive(), "the server stayed up after its engine failed"
+    assert server.failed is not None and "the device went away" in str(server.failed)
+    failures = [rec for rec in log.records if rec.levelno >= logging.ERROR]
+    assert len(failures) == 1, [rec.getMessage() for rec in failures]
+    assert "the device went away" in failures[0].getMessage() and failures[0].exc_info is not None
+
+
+RAISING = '''
+def check(request):
+    if request["metadata"].get("tier") == "odd":
+        return looks_up(request)
+    return request
+
+
+def looks_up(request):
+    return {"gold": 1}[request["metadata"]["tier"]]
+'''
+
+
+def test_a_python_stage_that_raises_is_logged_once_with_its_traceback_and_other_requests_go_on(
+        tmp_path, tiny_gguf, monkeypatch):
+    """docs/serve.md, "Logs": a request a python stage's own exception failed (500 stage_failed)
+    is logged once, at WARNING with its reason and request id, and with the exception's
+    traceback: the operator finds the line of the stage that raised, not only its message. A 4xx
+    is logged without one (the client's doing, no stack to show)."""
+    (tmp_path / "raising_hooks.py").write_text(RAISING)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=8, timeout=20).replace(
+        "request -> batch", 'stage check : python { fn = "raising_hooks:check" }\n    request -> check -> batch')
+    s = LiveServer(tiny_gguf, text=text)
+    try:
+        with LogRecords("agp.serve") as log:
+            r = s.http.post(s.url + "/v1/chat/completions", timeout=60, headers={"X-Request-Id": "odd-1"},
+                            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                  "metadata": {"tier": "odd"}})
+            assert r.status_code == 500 and r.json()["error"]["code"] == "stage_failed"
+            fine = s.http.post(s.url + "/v1/chat/completions", timeout=60,
+                               json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            assert fine.status_code == 200
+            assert s.http.post(s.url + "/v1/chat/completions", timeout=60,
+                               json={"messages": [], "max_tokens": 2}).status_code == 400
+        mine = [rec for rec in log.records if getattr(rec, "request_id", None) == "odd-1"]
+        assert len(mine) == 1 and mine[0].levelno == logging.WARNING and mine[0].status == 500
+        assert mine[0].exc_info is not None and mine[0].exc_info[0] is KeyError
+        stack = logging.Formatter().formatException(mine[0].exc_info)
+        assert "raising_hooks.py" in stack and "in looks_up" in stack and "'odd'" in stack
+        refused = [rec for rec in log.records if getattr(rec, "status", None) == 400]
+        assert len(refused) == 1 and refused[0].exc_info is None
+    finally:
+        s.close()

@@ -140,7 +140,8 @@ def main(args) -> int:
         report("the server did not start (see the log above)")
         return 1
     if engine_failed := serving.apipe.error:
-        report(f"the pipeline failed: {engine_failed}")
+        if server.failed is None:                   # the server logged the failure as it stopped for it
+            report(f"the pipeline failed: {engine_failed}")
         return 1
     if server.cut:
         log.warning("stopped; cut %d request(s) still in flight", server.cut)

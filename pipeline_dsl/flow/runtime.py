@@ -808,7 +808,9 @@ def _error_of(stage: str, exc: BaseException, what: str = "stage") -> PipelineEr
         return PipelineError(f"{what} '{stage}' is unavailable: {exc}", "unavailable", stage)
     said = _said(exc)
     detail = f"{type(exc).__name__}: {said}" if said else type(exc).__name__
-    return PipelineError(f"{what} '{stage}' failed: {detail}", "failed", stage)
+    err = PipelineError(f"{what} '{stage}' failed: {detail}", "failed", stage)
+    err.__cause__ = exc                         # where it was raised: a front end logs its traceback
+    return err
 
 
 def _said(exc: BaseException) -> str:

@@ -96,16 +96,21 @@ def api_error(e: PipelineError, kind: str, retry_after_s: int = 1, max_tokens_fi
         if status == 401:               # HTTP's 401 names its scheme, as the --api-key guard's does
             headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
         stage = e.stage                 # the stage that refused it: the body's `stage`
-    return APIError(message, status=status, type=type_, code=getattr(e, "code", None) or code, param=param,
-                    headers=headers, stage=stage)
+    err = APIError(message, status=status, type=type_, code=getattr(e, "code", None) or code, param=param,
+                   headers=headers, stage=stage)
+    err.__cause__ = e.__cause__         # a stage's own exception: its traceback is logged with the answer
+    return err
 
 
 def log_error(err: APIError) -> None:
-    """An error answer, with its reason: 4xx at INFO (the client's doing), 5xx at WARNING."""
+    """An error answer, with its reason: 4xx at INFO (the client's doing), 5xx at WARNING, with
+    the traceback of the exception that failed it (a python stage's, agp's own) when there is one."""
     level = logging.INFO if err.status < 500 else logging.WARNING
     info = current_info.get()
     rid = info.id if info is not None else "-"
+    cause = err.__cause__ if err.status >= 500 else None
     log.log(level, "%s -> %d %s id=%s", current_request.get() or "-", err.status, err.message, rid,
+            exc_info=(type(cause), cause, cause.__traceback__) if cause is not None else None,
             extra={"status": err.status, "reason": err.message, "request_id": rid})
 
 

@@ -14,6 +14,7 @@ Streamed, it is the Responses events (serve/responses_events.py). Answers are ke
 from __future__ import annotations
 
 import functools
+import json
 import threading
 import time
 from collections import OrderedDict
@@ -34,6 +35,7 @@ from .sse import EventStream
 from .token_fields import logprob_names
 
 STORED = 1024              # responses kept for previous_response_id / GET (the oldest go first)
+STORED_BYTES = 64 << 20    # and their JSON (response and conversation) at most, all told
 FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "tools", "tool_choice",
           "parallel_tool_calls", "text", "stream", "store", "metadata", "previous_response_id", "user",
           "truncation", "reasoning", "include", "top_logprobs", "service_tier", "background", "stream_options",
@@ -66,25 +68,42 @@ class ResponsesCall:
 
 
 class ResponseStore:
-    """The latest responses: their object and their conversation, for previous_response_id."""
+    """The latest responses: their object and their conversation, for previous_response_id. At
+    most `size` of them, and at most `max_bytes` of their JSON all told (the oldest go first; one
+    larger than that alone is not kept): a response with top_logprobs holds hundreds of bytes a
+    token, and a count alone would let a long-running server keep gigabytes. Each is kept as its
+    JSON text, several times smaller than its Python objects, and read back as a fresh copy."""
 
-    def __init__(self, size: int = STORED):
-        self.size, self.items = size, OrderedDict()
+    def __init__(self, size: int = STORED, max_bytes: int = STORED_BYTES):
+        self.size, self.max_bytes, self.items = size, max_bytes, OrderedDict()
+        self.bytes = 0                                  # the JSON of the responses kept
         self.lock = threading.Lock()
 
     def put(self, rid: str, response: dict, conversation: list) -> None:
+        text = json.dumps([response, conversation], ensure_ascii=False, separators=(",", ":")).encode()
         with self.lock:
-            self.items[rid] = (response, conversation)
-            while len(self.items) > self.size:
-                self.items.popitem(last=False)
+            self._forget(rid)
+            if len(text) > self.max_bytes:
+                return
+            self.items[rid] = text
+            self.bytes += len(text)
+            while len(self.items) > self.size or self.bytes > self.max_bytes:
+                self._forget(next(iter(self.items)))
 
     def get(self, rid: str):
         with self.lock:
-            return self.items.get(rid)
+            text = self.items.get(rid)
+        return None if text is None else tuple(json.loads(text))
 
     def delete(self, rid: str) -> bool:
         with self.lock:
-            return self.items.pop(rid, None) is not None
+            return self._forget(rid)
+
+    def _forget(self, rid: str) -> bool:
+        text = self.items.pop(rid, None)
+        if text is not None:
+            self.bytes -= len(text)
+        return text is not None
 
 
 # ---------------------------------------------------------------- the request
@@ -247,7 +266,7 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
         found = store.get(prev) if store is not None else None
         if found is None:
             raise APIError(f"no stored response has the id '{prev}' (responses are kept in memory, the "
-                           f"latest {STORED}, unless sent with \"store\": false)", status=404,
+                           f"latest {STORED} within {STORED_BYTES >> 20} MiB, unless sent with \"store\": false)", status=404,
                            type="not_found_error", param="previous_response_id", code="response_not_found")
         before = [dict(m) for m in found[1]]
     turn = conversation(obj["input"])

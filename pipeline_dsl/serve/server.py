@@ -50,6 +50,11 @@ failed. A second signal ends the wait at once: what is still in flight is failed
 (not dropped mid-answer), and the exit status says so; a third stops without that. SIGHUP
 drains too: agp serve has nothing to reload, and a hang-up (a closed terminal, an operator's
 `kill -HUP`) must not drop the answers in flight, as its default action would.
+
+An engine that fails (its loop raised: every request in flight was failed with a 503, and every
+later one would be) is logged once, with its traceback, and the server stops on its own, exit
+status 1: a supervisor (Kubernetes, systemd) restarts it, where a server left up would answer
+503 to everything with nothing to restart it but a liveness probe on /health.
 """
 from __future__ import annotations
 
@@ -393,6 +398,16 @@ class AgpServer(uvicorn.Server):
         self.drained = None                  # True: every request finished; False: some were cut
         self._draining = threading.Event()
         self._hurry = threading.Event()      # a second signal: stop waiting, cut what is in flight
+        self.failed: BaseException | None = None   # the engine's failure that stopped the server
+
+    async def on_tick(self, counter: int) -> bool:
+        """uvicorn's, every 0.1 s: also stops the server once the pipeline has failed."""
+        if self.failed is None and (error := self.apipe.error) is not None:
+            self.failed = error
+            log.error("the pipeline failed: %s: %s; stopping the server (exit status 1) so that it is restarted",
+                      type(error).__name__, error, exc_info=error)
+            self.should_exit = True
+        return await super().on_tick(counter)
 
     @contextlib.contextmanager
     def capture_signals(self):
