@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gc
 import importlib
 import importlib.util
 import json
@@ -479,5 +480,16 @@ def _drop_stdout() -> None:
             pass
 
 
+def entry() -> int:
+    """The `agp` process: main(), then every object alive frozen (gc.freeze) for the exit. The
+    interpreter's last collections would walk and free the loaded model's ~300k objects one by
+    one (seconds on a busy machine) just before the system frees the whole process; what main()
+    opened it has closed, and atexit handlers still run. Callers of main() in a process that goes
+    on (tests, agp bench's in-process targets) keep collecting as before."""
+    code = main()
+    gc.freeze()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

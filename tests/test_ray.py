@@ -152,8 +152,7 @@ def cluster(tiny_gguf, tmp_path_factory, ray_turn):
         serve.run(on_ray.build_app(args), name="agp")
         yield Cluster(f"http://127.0.0.1:{port}", ray)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        ray.shutdown()      # ends Serve's actors with the cluster, without their graceful drain (seconds)
         if saved is None:
             os.environ.pop("RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT", None)
         else:
