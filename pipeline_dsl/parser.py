@@ -977,7 +977,8 @@ RECOVERY_CHARS = 2 * 1024 * 1024
 def _syntax_errors(err: UnexpectedInput, text: str, file: str) -> list[Diagnostic]:
     """The syntax error `err` and those after it: the statement holding each error is blanked
     (spaces, so every position stays) and the text parsed again, as a compiler reports a file's
-    mistakes in one pass. Recovery stops where a blank could invent errors: at the end of the
+    mistakes in one pass; once the rest parses, its first bad value (a hex number, an unknown
+    escape) too, in file order. Recovery stops where a blank could invent errors: at the end of the
     file, at a '{' left open, or when the next error is not past the statement blanked; and
     when another parse would pass RECOVERY_CHARS re-parsed."""
     diags = [_syntax_diagnostic(err, text, file)]
@@ -992,8 +993,12 @@ def _syntax_errors(err: UnexpectedInput, text: str, file: str) -> list[Diagnosti
             break
         start, end = span
         text = text[:start] + re.sub(r"[^\n]", " ", text[start:end]) + text[end:]
+        _BUILDER.begin(file)
         try:
             _lark().parse(text)
+            if _BUILDER.value_error is not None and len(diags) < MAX_SYNTAX_ERRORS:
+                diags.append(_BUILDER.value_error)      # the rest parses: its first bad value too
+                diags.sort(key=lambda d: (d.pos.line, d.pos.col))
             break
         except UnexpectedInput as nxt:
             diag = _syntax_diagnostic(nxt, text, file)
