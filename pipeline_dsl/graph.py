@@ -326,7 +326,8 @@ def _check_loop_fan_out(r: Resolved, g: nx.DiGraph, carry: dict, emits: dict) ->
         if not bounds or not nx.is_directed_acyclic_graph(free):
             continue
         fans = {n: taken for n in sorted(comp, key=lambda n: (r.stages[n].pos.line, r.stages[n].pos.col))
-                if r.stages[n].kind is not None and len(taken := _loop_copies(r, n, by_src.get(n, []), comp, carry, emits)) > 1}
+                if r.stages[n].kind is not None
+                and len(taken := _loop_copies(r, n, by_src.get(n, []), comp, carry, emits)) > 1}
         if not fans:
             continue
         # a copy goes round through a bounding stage each time: a stage sends copies at most

@@ -2,7 +2,8 @@
 
 `parse(text, file) -> (Module | None, list[Diagnostic])`. The grammar lives in
 grammar.lark (lark, LALR, every token kept); the parser's callbacks (`_Builder`) build
-the frozen dataclasses of ast.py as it reduces, with no parse tree in between. Raw lark failures become diagnostics that name what was
+the frozen dataclasses of ast.py as it reduces, with no parse tree in between. Raw lark
+failures become diagnostics that name what was
 found and what was expected in words ("a stage name", "'=' and a value"), never
 lark's token names.
 """

@@ -10,8 +10,9 @@ import pytest
 
 from pipeline_dsl import parser
 
-GOOD = 'pipeline p{i} {{\n' + 20 * ('    stage s : generate {{ max_new_tokens = {i}  stop = ["a", [1, 2]] }}\n'
-                                     '    a -> s when (prompt_tokens > {i} or full) and not metadata["k"] == "v"\n') + '}}\n'
+GOOD = 'pipeline p{i} {{\n' + 20 * (
+    '    stage s : generate {{ max_new_tokens = {i}  stop = ["a", [1, 2]] }}\n'
+    '    a -> s when (prompt_tokens > {i} or full) and not metadata["k"] == "v"\n') + '}}\n'
 BAD = 'pipeline q{i} {{\n' + 20 * '    y = [1, [2, "b"]]\n' + '    x = 0x{i:x}\n}}\n'
 
 

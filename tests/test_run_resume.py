@@ -162,7 +162,8 @@ def test_a_run_to_a_file_loads_its_pipeline_once(tmp_path, pipeline, monkeypatch
 
     loads = []
     load_program = pipeline_dsl.loader.load_program
-    monkeypatch.setattr(pipeline_dsl.loader, "load_program", lambda *a, **kw: loads.append(a[0]) or load_program(*a, **kw))
+    monkeypatch.setattr(pipeline_dsl.loader, "load_program",
+                        lambda *a, **kw: loads.append(a[0]) or load_program(*a, **kw))
     main, inp, out = tmp_path / "main.agp", tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     main.write_text('use "tiny.agp"\n')
     inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n')
