@@ -12,6 +12,7 @@ The API other layers use:
     # and .render()) when the file has errors. Without a name: the file's first pipeline
     # (a file of `use`s alone: what its first include with one would give).
     g.graph["name"], g.graph["settings"]      # settings: model, mode, device, threads, dtype
+    g.graph["sources"]                        # {file: text}: the file and its includes, as read
     g.nodes["batch"]["kind"], g.nodes["batch"]["params"]["timeout"]   # 'dynamic_batch', 0.001
     g.nodes["gen"]["resource"], g.nodes["gen"]["placement"]           # 'compute', None
     g.edges["batch", "encode"]["conditions"]          # [('label', 'full'), ('label', 'timeout')]
@@ -161,7 +162,9 @@ def load_pipeline_graph(path: str, pipeline_name: str | None = None, allow_paths
                else f"{path} defines no pipeline")
         raise CheckFailed([Diagnostic(ERROR, msg, None, expected="one of: " + (", ".join(names) or "(none)"),
                                       hint=did_you_mean(pipeline_name or "", names))], program.sources)
-    return build_graph(p)
+    g = build_graph(p)
+    g.graph["sources"] = program.sources     # what it was made from (agp run's --resume fingerprint)
+    return g
 
 
 def load_pipeline_graphs(path: str, allow_paths=()) -> dict:

@@ -17,8 +17,8 @@ there are several) and `pos`.
 
 `validate(resolved)` reports loops that no stage bounds (the cycle printed), item
 types that do not fit an edge, a second request source, conditions that do not
-type-check or can leave an item nowhere to go (and, as a warning, a comparison on `turn` that
-no loop comes before), broken engine segments, stages
+type-check or can leave an item nowhere to go (and, as warnings, a comparison on `turn` that
+no loop comes before and a stage that copies items round a loop), broken engine segments, stages
 unreachable from the source (once per entry) and stages with no path to a respond stage (once
 per dead end, naming the stages it strands), and parts tied to neither (once per part).
 `check_program(program)` runs every check of every pipeline in a loaded program.
@@ -224,6 +224,7 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
     diags += _check_streams(r, receives)
     diags += _check_loop_exits(r, g, carry, receives)
     diags += _check_join_fan_out(r, g, reachable(g.successors, maybe_sources))
+    diags += _check_loop_fan_out(r, g, carry, emits)
     budget_diags = _check_kv_budget(r)
     diags += budget_diags
     if not budget_diags:
@@ -284,6 +285,77 @@ def _check_join_fan_out(r: Resolved, g: nx.DiGraph, reached: set) -> list[Diagno
             diags.append(_warn(f"join '{n}' gets one item per request, so it merges nothing: {after}", s.pos,
                                hint=f"remove '{n}', or fan out before it (several edges out of a stage, or "
                                     "a generate stage: its n answers)"))
+    return diags
+
+
+def _loop_copies(r: Resolved, n: str, out: list, comp: set, carry: dict, emits: dict) -> list:
+    """The out-edges of `n` inside its loop `comp` that one item can take together, as the router
+    chooses them: every unconditional edge whose destination takes the item's type, and one
+    conditional (or `otherwise`) edge; the most for any type `n` sends (one: no copies)."""
+    kind = r.stages[n].kind
+    best: list = []
+    for t in sorted(emits.get(n, ())):
+        plain, cond = {}, None
+        for e in out:
+            if e.dst not in comp or not (t in carry.get(e.dst, ()) or kind.name == "kv_lookup"):
+                continue
+            if e.condition is None:
+                plain.setdefault(e.dst, e)
+            elif cond is None:
+                cond = e
+        taken = list(plain.values()) + ([cond] if cond is not None and cond.dst not in plain else [])
+        if len(taken) > len(best):
+            best = taken
+    return best
+
+
+def _check_loop_fan_out(r: Resolved, g: nx.DiGraph, carry: dict, emits: dict) -> list[Diagnostic]:
+    """A warning at a stage inside a loop that sends one item along several edges that stay in the
+    loop (a fan-out): each copy goes round again and is copied again, so the items of a request
+    grow geometrically with the turns (k^(turns + 1) where max_turns bounds the loop). Only
+    loops a stage bounds: an unbounded one is a cycle error already. A generate stage's `n`
+    copies multiply nothing (a Request that comes back continues its own branch)."""
+    diags = []
+    bounded = bounded_stages(r)
+    by_src = _edges_by_source(r)
+    for comp in nx.strongly_connected_components(g):
+        if len(comp) == 1 and not any(g.has_edge(n, n) for n in comp):
+            continue
+        bounds = sorted(comp & bounded)
+        free = g.subgraph(n for n in comp if n not in bounded)
+        if not bounds or not nx.is_directed_acyclic_graph(free):
+            continue
+        fans = {n: taken for n in sorted(comp, key=lambda n: (r.stages[n].pos.line, r.stages[n].pos.col))
+                if r.stages[n].kind is not None
+                and len(taken := _loop_copies(r, n, by_src.get(n, []), comp, carry, emits)) > 1}
+        if not fans:
+            continue
+        # a copy goes round through a bounding stage each time: a stage sends copies at most
+        # turns + 1 times along one item's way (a bounding stage: once per call, max_turns)
+        turns = sum(r.stages[b].params["max_turns"] for b in bounds)
+        times = {n: r.stages[n].params["max_turns"] if n in bounded else turns + 1 for n in fans}
+        powers = [(len(taken), times[n]) for n, taken in fans.items()]
+        power = " x ".join(f"{k}^{e}" for k, e in powers)
+        if sum(e * k.bit_length() for k, e in powers) <= 64:
+            total = 1
+            for k, e in powers:
+                total *= k ** e
+            power = f"{total:,} ({power})"
+        turned = " and ".join(f"max_turns = {r.stages[b].params['max_turns']} on '{b}'" for b in bounds)
+        sub = g.subgraph(comp)
+        for n, taken in fans.items():
+            path = " -> ".join([n] + nx.shortest_path(sub, taken[0].dst, n))
+            edges = ", ".join(f"{n} -> {e.dst}" for e in taken)
+            diags.append(_warn(
+                f"items can multiply round the loop {path}: '{n}' sends each item along {len(taken)} edges "
+                f"that stay in the loop ({edges}), and every copy goes round again",
+                r.stages[n].pos,
+                hint=f"each item that enters the loop can become up to {power} items ({turned}); to keep "
+                     f"one, put a condition (`when …` or `otherwise`) on all but one of {edges}, or send the "
+                     "other copies out of the loop",
+                notes=[(f"edge {n} -> {e.dst}", e.pos) for e in taken]
+                      + [(f"the loop's bound: max_turns = {r.stages[b].params['max_turns']}",
+                          r.stages[b].param_pos.get("max_turns") or r.stages[b].pos) for b in bounds]))
     return diags
 
 

@@ -250,6 +250,12 @@ def _display(path: str) -> str:
     return os.path.normpath(path)
 
 
+def program_root(path) -> str:
+    """The name the file at `path` goes by as a program's root: Program.root, its key in
+    Program.sources and in a graph's "sources"."""
+    return _display(os.fspath(path))
+
+
 def allowed_folders(root: str, allow_paths=()) -> tuple[str, ...]:
     """The folders a program's files may be read from: the root file's folder (the current
     directory for text without a file) and each of `allow_paths`, as real paths."""

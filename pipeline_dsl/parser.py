@@ -1,8 +1,9 @@
 """Text -> AST, with friendly syntax errors.
 
 `parse(text, file) -> (Module | None, list[Diagnostic])`. The grammar lives in
-grammar.lark (lark, LALR, positions kept); a `Transformer` builds the frozen
-dataclasses of ast.py. Raw lark failures become diagnostics that name what was
+grammar.lark (lark, LALR, every token kept); the parser's callbacks (`_Builder`) build
+the frozen dataclasses of ast.py as it reduces, with no parse tree in between. Raw lark
+failures become diagnostics that name what was
 found and what was expected in words ("a stage name", "'=' and a value"), never
 lark's token names.
 """
@@ -12,11 +13,11 @@ from __future__ import annotations
 import functools
 import math
 import re
+import threading
 from collections import deque
 
-from lark import Lark, Token, v_args
-from lark.visitors import Transformer_NonRecursive
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+from lark import Lark, Token
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from . import ast, units
 from .diagnostics import ERROR, Diagnostic, SourcePos, did_you_mean
@@ -56,9 +57,11 @@ _TOKEN_WORDS = {
 
 @functools.lru_cache(maxsize=None)
 def _lark() -> Lark:
-    # the basic lexer keeps keywords reserved everywhere (`mode = stage` is an error, not a word)
-    return Lark.open("grammar.lark", rel_to=__file__, parser="lalr", lexer="basic", propagate_positions=True,
-                     maybe_placeholders=True)
+    # the basic lexer keeps keywords reserved everywhere (`mode = stage` is an error, not a word);
+    # the AST is built as the parser reduces (_BUILDER's callbacks), from every token kept: no
+    # parse tree, no positions propagated through one, no second walk (2-3x the time)
+    return Lark.open("grammar.lark", rel_to=__file__, parser="lalr", lexer="basic", keep_all_tokens=True,
+                     maybe_placeholders=True, transformer=_BUILDER)
 
 
 @functools.lru_cache(maxsize=None)
@@ -600,15 +603,68 @@ class _Flat:
         return big
 
 
-class _Builder(Transformer_NonRecursive):
-    """lark tree -> ast dataclasses (frozen, each with its SourcePos). Non-recursive: a chain
-    of 20,000 `or`s or a list nested 100,000 deep is a deep lark tree, not a RecursionError."""
+class _Span:
+    """A condition with the text around it that its own position leaves out: its parentheses,
+    or the `when` before it (a node's span runs from its first child's to its last child's)."""
 
-    def __init__(self, file: str):
-        super().__init__()
+    __slots__ = ("inner", "start", "end")
+
+    def __init__(self, inner, start: tuple[int, int], end: tuple[int, int]):
+        self.inner, self.start, self.end = inner, start, end
+
+
+def _bare(c):
+    while isinstance(c, _Span):
+        c = c.inner
+    return c
+
+
+def _start(c) -> tuple[int, int]:
+    if isinstance(c, Token):
+        return c.line, c.column
+    if isinstance(c, _Span):
+        return c.start
+    if isinstance(c, tuple):                   # a field: its names and keys
+        return _start(c[0])
+    return c.pos.line, c.pos.col
+
+
+def _end(c) -> tuple[int, int]:
+    if isinstance(c, Token):
+        return c.end_line, c.end_column
+    if isinstance(c, _Span):
+        return c.end
+    if isinstance(c, tuple):
+        return _end(c[-1])
+    return c.pos.end_line, c.pos.end_col
+
+
+class _Params(list):
+    """A stage's parameters, with the span of their { … }."""
+
+    __slots__ = ("pos",)
+
+
+class _Builder(threading.local):
+    """The callbacks lark's LALR parser calls at each reduction (lark tree -> ast dataclasses,
+    frozen, each with its SourcePos), so no parse tree is built and walked again. Bottom-up, in
+    a loop: a chain of 20,000 `or`s or a list nested 100,000 deep is no RecursionError. The
+    grammar's tokens are all kept (keep_all_tokens), so a node spans its keywords and brackets.
+    One object for every parse, its state per thread (threading.local), reset by `begin`."""
+
+    def __init__(self):
+        self.begin("<string>")
+
+    def begin(self, file: str) -> None:
         self.file = file
         self._depth: dict[int, tuple[int, object]] = {}     # id(node) -> (nesting, node kept alive)
         self.too_deep: tuple[int, str, SourcePos] | None = None   # the deepest nest past MAX_NESTING
+        self.value_error: Diagnostic | None = None   # the first bad value (a parse goes on past it:
+        # a syntax error later in the file is the one reported, as when values were read after)
+
+    def _bad_value(self, err: "_ValueError") -> None:
+        if self.value_error is None:
+            self.value_error = err.diag
 
     def _depth_of(self, node) -> int:
         return self._depth[id(node)][0] if id(node) in self._depth else 0
@@ -626,14 +682,18 @@ class _Builder(Transformer_NonRecursive):
 
     def _done(self, c):
         """A condition, with an and/or still being flattened made its BoolOp."""
+        c = _bare(c)
         if not isinstance(c, _Flat):
             return c
         node = ast.BoolOp(c.op, tuple(c.items), c.pos)
         self._depth[id(node)] = (c.inner + 1, node)
         return node
 
-    def _pos(self, meta) -> SourcePos:
-        return SourcePos(self.file, meta.line, meta.column, meta.end_line, meta.end_column)
+    def _pos(self, children) -> SourcePos:
+        """From the start of the first child to the end of the last (placeholders aside)."""
+        first = next(c for c in children if c is not None)
+        last = next(c for c in reversed(children) if c is not None)
+        return SourcePos(self.file, *_start(first), *_end(last))
 
     def _tpos(self, tok: Token) -> SourcePos:
         return SourcePos(self.file, tok.line, tok.column, tok.end_line, tok.end_column)
@@ -641,129 +701,135 @@ class _Builder(Transformer_NonRecursive):
     def _name(self, tok: Token) -> ast.Name:
         return ast.Name(str(tok), self._tpos(tok))
 
-    @v_args(meta=True)
-    def start(self, meta, items):
+    def start(self, items):
         return tuple(items)
 
-    @v_args(meta=True)
-    def use(self, meta, children):
-        (tok,) = children
-        return ast.Use(ast.Str(_unquote(tok, self.file), self._tpos(tok)), self._pos(meta))
+    def use(self, children):
+        _, tok = children
+        try:
+            text = _unquote(tok, self.file)
+        except _ValueError as err:
+            self._bad_value(err)
+            text = ""
+        return ast.Use(ast.Str(text, self._tpos(tok)), self._pos(children))
 
-    @v_args(meta=True)
-    def pipeline(self, meta, children):
-        name, base, *body = children
-        return ast.Pipeline(self._name(name), tuple(body), self._pos(meta),
+    def pipeline(self, children):
+        name, base = children[1], children[3]          # pipeline NAME [: NAME] { … }
+        return ast.Pipeline(self._name(name), tuple(children[5:-1]), self._pos(children),
                             self._name(base) if base is not None else None)
 
-    @v_args(meta=True)
-    def setting(self, meta, children):
-        name, value = children
-        return ast.Setting(self._name(name), value, self._pos(meta))
+    def setting(self, children):
+        name, _, value = children
+        return ast.Setting(self._name(name), value, self._pos(children))
 
-    @v_args(meta=True)
-    def override(self, meta, children):
-        stage, name, value = children
-        return ast.Override(self._name(stage), self._name(name), value, self._pos(meta))
+    def override(self, children):
+        stage, _, name, _, value = children
+        return ast.Override(self._name(stage), self._name(name), value, self._pos(children))
 
-    @v_args(meta=True)
-    def param(self, meta, children):
-        name, value = children
-        return ast.Param(self._name(name), value, self._pos(meta))
+    def param(self, children):
+        name, _, value = children
+        return ast.Param(self._name(name), value, self._pos(children))
 
-    @v_args(meta=True)
-    def stage(self, meta, children):
-        name, kind, placement, params = children
+    def stage(self, children):
+        _, name, _, kind, placement, params = children
         return ast.Stage(self._name(name), self._name(kind), placement,
-                         tuple(params) if params is not None else (), self._pos(meta))
+                         tuple(params) if params is not None else (), self._pos(children))
 
     def placement(self, children):
-        return self._name(children[0])
+        return self._name(children[1])         # on NAME: the stage's span ends where NAME does
 
     def params(self, children):
-        return list(children)
+        out = _Params(children[1:-1])
+        out.pos = self._pos(children)
+        return out
 
-    @v_args(meta=True)
-    def chain(self, meta, children):
+    def chain(self, children):
         *names, cond = children
-        return ast.Chain(tuple(self._name(n) for n in names), cond, self._pos(meta))
+        return ast.Chain(tuple(self._name(n) for n in names if n.type == "NAME"),
+                         _bare(cond) if cond is not None else None, self._pos(children))
 
     # edge conditions
     def when(self, children):
-        return self._done(children[0])
+        return _Span(self._done(children[1]), _start(children[0]), _end(children[1]))
 
-    @v_args(meta=True)
-    def otherwise(self, meta, children):
-        return ast.Otherwise(self._pos(meta))
+    def otherwise(self, children):
+        return ast.Otherwise(self._pos(children))
 
-    @v_args(meta=True)
-    def cond_or(self, meta, children):
-        return self._boolop("or", children, meta)
+    def cond_or(self, children):
+        return self._boolop("or", children)
 
-    @v_args(meta=True)
-    def cond_and(self, meta, children):
-        return self._boolop("and", children, meta)
+    def cond_and(self, children):
+        return self._boolop("and", children)
 
-    def _boolop(self, op, children, meta):
+    def cond_atom(self, children):                    # ( cond )
+        return _Span(children[1], _start(children[0]), _end(children[2]))
+
+    def _boolop(self, op, children):
         """Flatten a or b or c into one node. `a or b or c` parses as ((a or b) or c): the
         nodes in between stay _Flat (items in a deque, the smaller side merged into the larger)
         so 20,000 `or`s cost linear time, not a copy of the items per `or`."""
         acc = None
-        for c in children:
+        for c in (children[0], children[2]):
+            c = _bare(c)
             if not (isinstance(c, _Flat) and c.op == op):
                 c = self._done(c)
                 c = _Flat(op, deque([c]), self._depth_of(c))
             acc = c if acc is None else acc.merge(c)
-        acc.pos = self._pos(meta)
+        acc.pos = self._pos(children)
         self._deep(acc.inner + 1, "conditions", acc.pos)
         return acc
 
-    @v_args(meta=True)
-    def cond_not(self, meta, children):
-        item = self._done(children[0])
-        return self._nest(ast.Not(item, self._pos(meta)), [item])
+    def cond_not(self, children):
+        item = self._done(children[1])
+        return self._nest(ast.Not(item, self._pos(children)), [item])
 
-    @v_args(meta=True)
-    def compare(self, meta, children):
+    def compare(self, children):
         field, op, value = children
-        return ast.Compare(field, str(op), value, self._pos(meta))
+        return ast.Compare(field, str(op), value, self._pos(children))
 
-    @v_args(meta=True)
-    def label(self, meta, children):
-        return ast.Label(self._name(children[0]), self._pos(meta))
+    def label(self, children):
+        return ast.Label(self._name(children[0]), self._pos(children))
 
     def field(self, children):
-        return tuple(c if isinstance(c, ast.Key) else self._name(c) for c in children)
+        return tuple(c if isinstance(c, ast.Key) else self._name(c) for c in children
+                     if not (isinstance(c, Token) and c.type == "DOT"))
 
-    @v_args(meta=True)
-    def key(self, meta, children):
-        return ast.Key(children[0], self._pos(meta))
+    def key(self, children):
+        return ast.Key(children[1], self._pos(children))
 
     # values
     def number(self, children):
         (tok,) = children
-        return _number(tok, self._tpos(tok))
+        try:
+            return _number(tok, self._tpos(tok))
+        except _ValueError as err:
+            self._bad_value(err)
+            return ast.Int(0, self._tpos(tok))
 
     def string(self, children):
         (tok,) = children
-        return ast.Str(_unquote(tok, self.file), self._tpos(tok))
+        try:
+            return ast.Str(_unquote(tok, self.file), self._tpos(tok))
+        except _ValueError as err:
+            self._bad_value(err)
+            return ast.Str("", self._tpos(tok))
 
-    @v_args(meta=True)
-    def true(self, meta, children):
-        return ast.Bool(True, self._pos(meta))
+    def true(self, children):
+        return ast.Bool(True, self._pos(children))
 
-    @v_args(meta=True)
-    def false(self, meta, children):
-        return ast.Bool(False, self._pos(meta))
+    def false(self, children):
+        return ast.Bool(False, self._pos(children))
 
     def word(self, children):
         (tok,) = children
         return ast.Word(str(tok), self._tpos(tok))
 
-    @v_args(meta=True)
-    def list(self, meta, children):
-        items = tuple(c for c in children if c is not None)
-        return self._nest(ast.List(items, self._pos(meta)), items)
+    def list(self, children):
+        items = tuple(c for c in children[1:-1] if c is not None and not isinstance(c, Token))
+        return self._nest(ast.List(items, self._pos(children)), items)
+
+
+_BUILDER = _Builder()
 
 
 _HEX = re.compile(r"[+-]?0[xX][0-9A-Fa-f]+")
@@ -886,19 +952,18 @@ def parse(text: str, file: str = "<string>") -> tuple[ast.Module | None, list[Di
     refused = _prescan(text, file)
     if refused is not None:
         return None, [refused]
+    _BUILDER.begin(file)
     try:
-        tree = _lark().parse(text)
+        items = _lark().parse(text)
     except UnexpectedInput as err:
         return None, _syntax_errors(err, text, file)
-    builder = _Builder(file)
-    try:
-        items = builder.transform(tree)
-    except VisitError as err:
-        if isinstance(err.orig_exc, _ValueError):
-            return None, [err.orig_exc.diag]
-        raise
-    if builder.too_deep is not None:
-        return None, [_too_deep(*builder.too_deep)]
+    finally:
+        value_error, too_deep = _BUILDER.value_error, _BUILDER.too_deep
+        _BUILDER.begin(file)            # keep no nodes alive
+    if value_error is not None:
+        return None, [value_error]
+    if too_deep is not None:
+        return None, [_too_deep(*too_deep)]
     _collect_comments(text, on_comment)
     return ast.Module(file, items, tuple(comments)), []
 
@@ -913,7 +978,8 @@ RECOVERY_CHARS = 2 * 1024 * 1024
 def _syntax_errors(err: UnexpectedInput, text: str, file: str) -> list[Diagnostic]:
     """The syntax error `err` and those after it: the statement holding each error is blanked
     (spaces, so every position stays) and the text parsed again, as a compiler reports a file's
-    mistakes in one pass. Recovery stops where a blank could invent errors: at the end of the
+    mistakes in one pass; once the rest parses, its first bad value (a hex number, an unknown
+    escape) too, in file order. Recovery stops where a blank could invent errors: at the end of the
     file, at a '{' left open, or when the next error is not past the statement blanked; and
     when another parse would pass RECOVERY_CHARS re-parsed."""
     diags = [_syntax_diagnostic(err, text, file)]
@@ -928,8 +994,12 @@ def _syntax_errors(err: UnexpectedInput, text: str, file: str) -> list[Diagnosti
             break
         start, end = span
         text = text[:start] + re.sub(r"[^\n]", " ", text[start:end]) + text[end:]
+        _BUILDER.begin(file)
         try:
             _lark().parse(text)
+            if _BUILDER.value_error is not None and len(diags) < MAX_SYNTAX_ERRORS:
+                diags.append(_BUILDER.value_error)      # the rest parses: its first bad value too
+                diags.sort(key=lambda d: (d.pos.line, d.pos.col))
             break
         except UnexpectedInput as nxt:
             diag = _syntax_diagnostic(nxt, text, file)

@@ -154,6 +154,27 @@ def test_resume_refuses_an_output_made_before_an_included_file_changed(tmp_path,
     assert f"{out} was made from another pipeline than this run's" in r.stderr and out.read_text() == kept
 
 
+def test_a_run_to_a_file_loads_its_pipeline_once(tmp_path, pipeline, monkeypatch):
+    """The fingerprint an output file is held to and the run come from one load of the pipeline
+    and its includes (the fingerprint parsed them all again), a --resume too, and a run with
+    nothing left to answer."""
+    import pipeline_dsl.loader
+
+    loads = []
+    load_program = pipeline_dsl.loader.load_program
+    monkeypatch.setattr(pipeline_dsl.loader, "load_program",
+                        lambda *a, **kw: loads.append(a[0]) or load_program(*a, **kw))
+    main, inp, out = tmp_path / "main.agp", tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    main.write_text('use "tiny.agp"\n')
+    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n')
+    assert run(main, "-i", inp, "-o", out).returncode == 0 and len(loads) == 1, loads
+    out.write_text(out.read_text().splitlines()[0] + "\n")
+    r = run(main, "-i", inp, "-o", out, "--resume")
+    assert r.returncode == 0 and len(loads) == 2 and [g["id"] for g in records(out)] == ["a", "b"], (r.stderr, loads)
+    r = run(main, "-i", inp, "-o", out, "--resume")
+    assert r.returncode == 0 and "nothing to run" in r.stderr and len(loads) == 3, (r.stderr, loads)
+
+
 def test_resume_takes_an_input_with_lines_appended_and_runs_only_those(tmp_path, pipeline):
     """A batch file grown by lines added at its end is the same input, more of it: --resume answers
     the new lines alone; the grown file is then the one a later --resume holds the output to."""

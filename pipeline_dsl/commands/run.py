@@ -72,6 +72,7 @@ from pipeline_dsl.cliargs import (CLOSED_PIPE, GENERATION_CONFIG_HELP, OVERRIDE_
 from pipeline_dsl.commands import add_pipeline_arguments
 from pipeline_dsl.commands.run_input import MAX_LINE_BYTES, MAX_SKIP_BYTES, InputLines, TooLong, open_input
 from pipeline_dsl.commands.stdout import answers_on_stdout
+from pipeline_dsl.diagnostics import CheckFailed
 
 HELP = "run a pipeline over a JSONL file of requests on a real model"
 
@@ -494,7 +495,8 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
         not_jsonl = _not_json_lines(list(lines.held))
         if not_jsonl:
             return _err(f"{source_name} is not JSON Lines: {not_jsonl}")
-    pipeline = _pipeline_fingerprint(args) if to_file else None       # what the answers are made from
+    graph = _checked_graph(args)            # parsed and checked once: the fingerprint and the run both take it
+    pipeline = _pipeline_fingerprint(args, graph) if to_file else None       # what the answers are made from
     if resuming:
         if not_records or lines.unmatched:
             matched = answered_ids(args.output)[0] - lines.done      # each id's records an input line has
@@ -545,9 +547,8 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
 
     if source.ended and not lines.held:
         # nothing to answer: the pipeline is checked (a broken one still exits 2), no model loads
-        from pipeline_dsl.flow import load_graph
-
-        load_graph(args.pipeline, args.name, args.allow_path)
+        if isinstance(graph, CheckFailed):
+            raise graph
         out.close()
         print(f"agp run: nothing to run: {source_name} has no requests" if not lines.requests else
               f"agp run: nothing to run: {args.output} answers every line of {source_name} already",
@@ -555,7 +556,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
         return 0
 
     t_load = time.perf_counter()
-    runtime, sig = load_unless_stopped(lambda: _load(args))     # torch's import counts as loading
+    runtime, sig = load_unless_stopped(lambda: _load(args, graph))     # torch's import counts as loading
     if sig is not None:                        # nothing ran, nothing was written: the same command runs it all
         print(f"agp run: {signal.Signals(sig).name} while loading the pipeline: stopped before running "
               "any request", file=sys.stderr, flush=True)
@@ -669,12 +670,26 @@ def _run(args, cleanup: contextlib.ExitStack) -> int:
     return 0
 
 
-def _load(args):
-    """The pipeline's runtime, as the flags ask (imports torch: seconds)."""
+def _checked_graph(args):
+    """The pipeline's checked graph, or the CheckFailed its load raised (raised where the run
+    loads its pipeline, so that the input's and the output's errors still come first)."""
+    from pipeline_dsl.flow import load_graph
+
+    try:
+        return load_graph(args.pipeline, args.name, args.allow_path)
+    except CheckFailed as exc:
+        return exc
+
+
+def _load(args, graph):
+    """The pipeline's runtime, as the flags ask (imports torch: seconds), from its checked graph
+    (or the CheckFailed of its load, raised)."""
     from pipeline_dsl.engine.trace import Trace
     from pipeline_dsl.flow import build_runtime
 
-    return build_runtime(args.pipeline, args.name, overrides={"dtype": args.dtype, "threads": args.threads,
+    if isinstance(graph, CheckFailed):
+        raise graph
+    return build_runtime(graph, args.name, overrides={"dtype": args.dtype, "threads": args.threads,
                                                                "generation_config": args.generation_config,
                                                                "override_generation_config":
                                                                    args.override_generation_config},
@@ -683,8 +698,9 @@ def _load(args):
                          trace=Trace() if args.trace else None)
 
 
-def _pipeline_fingerprint(args) -> list:
-    """The pipeline an output's answers are made from: its file and the files it includes, the
+def _pipeline_fingerprint(args, graph) -> list:
+    """The pipeline an output's answers are made from (`graph`: its checked graph, or the
+    CheckFailed of its load): its file and the files it includes, the
     pipeline chosen in it, --dtype and the sampling defaults --generation-config and
     --override-generation-config give, by what they are, not by the folder's path: a changed
     generation_config.json is another pipeline, the same content elsewhere the same one. Under the default auto (the model's own file, which the pipeline
@@ -695,14 +711,14 @@ def _pipeline_fingerprint(args) -> list:
     from pipeline_dsl.engine.errors import InputError
     from pipeline_dsl.engine.models import generation_defaults
 
-    from pipeline_dsl.loader import load_program
+    from pipeline_dsl.loader import program_root
 
+    sources = graph.sources if isinstance(graph, CheckFailed) else graph.graph["sources"]
     try:
         with open(args.pipeline, "rb") as f:
             digest = hashlib.sha256(f.read())
-        program, _ = load_program(args.pipeline, allow_paths=args.allow_path or ())
-        root = program.root
-        for name, text in sorted(program.sources.items()):     # the files it includes: a pipeline may live there
+        root = program_root(args.pipeline)
+        for name, text in sorted(sources.items()):     # the files it includes: a pipeline may live there
             if name != root:
                 digest.update(f"\0{name}\0{text}".encode("utf-8", "surrogatepass"))
         pipeline = digest.hexdigest()
