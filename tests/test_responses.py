@@ -338,3 +338,79 @@ def test_usage_gives_every_field_the_sdk_requires(server):
                       json={"model": "tiny", "messages": [{"role": "user", "content": "the cat"}], "max_tokens": 3},
                       timeout=60).json()
     assert sdk_required_missing(CompletionUsage, chat["usage"]) == []
+
+
+def test_streamed_logprobs_come_with_each_delta_and_add_up_to_the_answers(client):
+    """Streamed with include logprobs: each `response.output_text.delta` carries its own tokens'
+    logprobs, and together they are those of `response.output_text.done` and of the final
+    response's output_text part, token for token."""
+    events = list(client.responses.create(model="tiny", input="the cat", max_output_tokens=5, top_logprobs=2,
+                                          include=["message.output_text.logprobs"], stream=True,
+                                          extra_body={"ignore_eos": True}))
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert deltas and all(e.logprobs for e in deltas if e.delta)
+    streamed = [lp.model_dump() for e in deltas for lp in e.logprobs]
+    assert len(streamed) == 5 and "".join(lp["token"] for lp in streamed) == "".join(e.delta for e in deltas)
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert [lp.model_dump() for lp in done.logprobs] == streamed
+    final = events[-1].response.output[0].content[0]
+    assert [lp.model_dump() for lp in final.logprobs] == streamed
+
+
+def test_a_streamed_response_is_kept_and_continued_as_a_whole_one(client, server):
+    """A streamed answer is stored as a whole one is: GET /v1/responses/{id} gives the final
+    event's response, and previous_response_id continues its conversation."""
+    events = list(client.responses.create(model="tiny", input="remember the fox", max_output_tokens=4, stream=True))
+    final = events[-1].response
+    kept = client.responses.retrieve(final.id)
+    assert (kept.id, kept.output_text, kept.usage.output_tokens) == (final.id, final.output_text,
+                                                                     final.usage.output_tokens)
+    later = client.responses.create(model="tiny", input="and now?", previous_response_id=final.id, max_output_tokens=2)
+    chat = client.chat.completions.create(model="tiny", max_tokens=2, messages=[
+        {"role": "user", "content": "remember the fox"}, {"role": "assistant", "content": final.output_text},
+        {"role": "user", "content": "and now?"}])
+    assert later.usage.input_tokens == chat.usage.prompt_tokens
+
+
+def test_a_function_call_answer_is_its_call_items_at_their_output_index(client):
+    """An answer that is a call is only its function_call items (no empty message before them, as
+    OpenAI answers); streamed, each item's events name its place in the final `output`."""
+    kw = dict(model="tiny", input="add 2 and 3", tools=[ADD], tool_choice="required", max_output_tokens=200)
+    whole = client.responses.create(**kw)
+    assert whole.output and all(o.type == "function_call" for o in whole.output), whole.output
+    events = list(client.responses.create(**kw, stream=True))
+    output = events[-1].response.output
+    assert output and all(o.type == "function_call" for o in output)
+    placed = [e for e in events if hasattr(e, "output_index")]
+    assert placed
+    for e in placed:
+        item_id = e.item.id if hasattr(e, "item") else e.item_id
+        assert output[e.output_index].id == item_id, (e.type, e.output_index)
+
+
+def test_a_call_answer_continued_by_previous_response_id_keeps_its_calls(client):
+    """previous_response_id after an answer that called a function: the next turn, its
+    function_call_output alone, runs on the stored call, as the same turn sent whole does."""
+    first = client.responses.create(model="tiny", input="add 2 and 3", tools=[ADD], tool_choice="required",
+                                    max_output_tokens=200)
+    call = next(o for o in first.output if o.type == "function_call")
+    output = {"type": "function_call_output", "call_id": call.call_id, "output": "5"}
+    chained = client.responses.create(model="tiny", tools=[ADD], tool_choice="none", max_output_tokens=2,
+                                      previous_response_id=first.id, input=[output])
+    whole = client.responses.create(model="tiny", tools=[ADD], tool_choice="none", max_output_tokens=2, input=[
+        {"role": "user", "content": "add 2 and 3"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments}, output])
+    assert chained.usage.input_tokens == whole.usage.input_tokens
+
+
+def test_usage_counts_the_cached_prompt_and_totals_input_and_output(client):
+    """The same input twice: the second answer's input_tokens_details.cached_tokens says what the
+    prefix cache served, and total_tokens is still input_tokens + output_tokens, whole and streamed."""
+    kw = dict(model="tiny", input="a prompt long enough to fill a block of the cache twice over", max_output_tokens=3)
+    first = client.responses.create(**kw)
+    again = client.responses.create(**kw)
+    streamed = list(client.responses.create(**kw, stream=True))[-1].response
+    for r in (again, streamed):
+        assert 0 < r.usage.input_tokens_details.cached_tokens <= r.usage.input_tokens
+        assert r.usage.input_tokens == first.usage.input_tokens
+        assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens

@@ -1,0 +1,137 @@
+"""What an OpenAI or vLLM client reads off the wire of `agp serve`, checked on the raw HTTP
+answers (httpx) and through the official `openai` client against a live server on the tiny
+random model: the shape of each streamed choice, the usage an answer reports, the ids and
+headers that name it, the errors a client branches on.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from test_serve import LiveServer
+
+USER = [{"role": "user", "content": "the cat and the world"}]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gguf):
+    s = LiveServer(tiny_gguf)
+    yield s
+    s.close()
+
+
+def events(server, path: str, body: dict, headers: dict | None = None) -> list:
+    """The `data:` payloads of a streamed answer, in order: JSON objects, and "[DONE]" as a string."""
+    with server.http.stream("POST", server.url + path, json={"model": "tiny", **body, "stream": True},
+                            headers=headers or {}, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        lines = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    return [line if line == "[DONE]" else json.loads(line) for line in lines]
+
+
+def test_every_streamed_chat_choice_opens_with_the_assistant_role_once(server):
+    """OpenAI's chat stream: the first chunk of each choice is `{"role": "assistant", "content": ""}`
+    (clients take the role from it), and no later chunk of that choice names a role again; with
+    n = 3 every choice, not only the first to start."""
+    chunks = events(server, "/v1/chat/completions", {"messages": USER, "max_tokens": 4, "n": 3, "temperature": 1.0,
+                                                     "seed": 5})
+    assert chunks[-1] == "[DONE]"
+    by_choice: dict[int, list] = {}
+    for c in chunks[:-1]:
+        for choice in c["choices"]:
+            by_choice.setdefault(choice["index"], []).append(choice)
+    assert sorted(by_choice) == [0, 1, 2]
+    for index, choices in by_choice.items():
+        assert choices[0]["delta"] == {"role": "assistant", "content": ""}, (index, choices[0])
+        assert not any("role" in c["delta"] for c in choices[1:]), index
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_a_streamed_choices_text_offsets_are_its_own_and_those_of_its_whole_answer(server, echo):
+    """Completions `logprobs.text_offset` streamed with n = 2 (and echo): each choice's offsets run
+    through its own text, after its echoed prompt, as the answer that does not stream says; a
+    client cutting each choice's text at them gets the tokens back."""
+    body = {"model": "tiny", "prompt": "the cat sat", "max_tokens": 5, "n": 2, "logprobs": 1, "temperature": 1.0,
+            "seed": 11, "ignore_eos": True, "echo": echo}
+    whole = server.http.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"]
+    chunks = events(server, "/v1/completions", body)
+    streamed: dict[int, dict] = {}
+    for c in chunks[:-1]:
+        for choice in c["choices"]:
+            got = streamed.setdefault(choice["index"], {"text": "", "tokens": [], "text_offset": []})
+            got["text"] += choice["text"]
+            if choice["logprobs"]:
+                got["tokens"] += choice["logprobs"]["tokens"]
+                got["text_offset"] += choice["logprobs"]["text_offset"]
+    assert sorted(streamed) == [0, 1]
+    for choice in whole:
+        got = streamed[choice["index"]]
+        assert got["text"] == choice["text"]
+        assert got["tokens"] == choice["logprobs"]["tokens"]
+        assert got["text_offset"] == choice["logprobs"]["text_offset"], choice["index"]
+
+
+def test_continuous_usage_of_a_batch_of_prompts_counts_each_prompts_own_tokens(server):
+    """vLLM's continuous_usage_stats on a completions batch of two prompts, n = 2 each: every
+    chunk's completion_tokens are the token ids sent so far, its prompt_tokens never go down and
+    end as the two prompts' sum, and its last chunk agrees with the usage chunk."""
+    prompts = ["hey", "the cat sat on the mat"]
+    sizes = [server.http.post(server.url + "/tokenize", json={"prompt": p}, timeout=30).json()["count"]
+             for p in prompts]
+    chunks = events(server, "/v1/completions", {
+        "prompt": prompts, "max_tokens": 3, "n": 2, "ignore_eos": True, "return_token_ids": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    *streamed, final, done = chunks
+    assert done == "[DONE]" and final["choices"] == []
+    sent, prompt_seen = 0, []
+    for c in streamed:
+        sent += sum(len(choice.get("token_ids") or ()) for choice in c["choices"])
+        assert c["usage"]["completion_tokens"] == sent, (c, sent)
+        prompt_seen.append(c["usage"]["prompt_tokens"])
+    assert sent == 2 * 2 * 3 and prompt_seen == sorted(prompt_seen) and prompt_seen[-1] == sum(sizes)
+    assert final["usage"]["prompt_tokens"] == sum(sizes) and final["usage"]["completion_tokens"] == sent
+
+
+def test_each_of_several_api_keys_lets_a_client_in(tiny_gguf):
+    """--api-key given twice (a key per client, or an old and a new one while keys rotate): either
+    key is let in, on a streamed answer too; any other is a 401."""
+    s = LiveServer(tiny_gguf, api_keys=("first-key", "second-key"))
+    try:
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+        for key in ("first-key", "second-key"):
+            auth = {"Authorization": f"Bearer {key}"}
+            assert s.http.post(s.url + "/v1/completions", json=body, headers=auth, timeout=60).status_code == 200, key
+            assert events(s, "/v1/completions", body, headers=auth)[-1] == "[DONE]"
+        r = s.http.post(s.url + "/v1/completions", json=body, headers={"Authorization": "Bearer third-key"}, timeout=60)
+        assert r.status_code == 401
+    finally:
+        s.close()
+
+
+def test_a_generate_stage_named_as_the_pipeline_is_listed_once(tiny_gguf):
+    """GET /v1/models lists each id once: a generate stage that has the pipeline's (served) name is
+    that name's entry, not a second one of the same id."""
+    from test_serve import TINY
+
+    text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=8, timeout=20)
+    text = text.replace("stage gen     :", "stage tiny    :").replace("kv -> gen -> out", "kv -> tiny -> out")
+    s = LiveServer(tiny_gguf, text=text, stages=("tiny",))
+    try:
+        ids = [m["id"] for m in s.http.get(s.url + "/v1/models", timeout=30).json()["data"]]
+        assert sorted(ids) == ["tiny", "tiny-model"], ids
+    finally:
+        s.close()
+
+
+
+def test_the_prompt_tokens_the_cache_served_are_counted_as_the_answers_say(server):
+    """agp_prompt_tokens_cached moves by the cached_tokens each answer reports: a prompt sent twice
+    is served from the prefix cache the second time, and the counter says so."""
+    body = {"model": "tiny", "prompt": "a prompt long enough to fill a block of the cache twice over", "max_tokens": 2}
+    server.http.post(server.url + "/v1/completions", json=body, timeout=60)
+    before = server.metric("agp_prompt_tokens_cached_total")
+    again = server.http.post(server.url + "/v1/completions", json=body, timeout=60).json()
+    cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached > 0
+    assert server.metric("agp_prompt_tokens_cached_total") == before + cached
