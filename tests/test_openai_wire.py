@@ -135,3 +135,11 @@ def test_the_prompt_tokens_the_cache_served_are_counted_as_the_answers_say(serve
     cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert cached > 0
     assert server.metric("agp_prompt_tokens_cached_total") == before + cached
+
+
+def test_an_embedding_input_the_engine_refuses_is_a_400_naming_input(server):
+    """An embeddings input too long for the context once tokenised fails in the engine: the 400
+    names `input` (the field the client sent), not a completions request's `prompt`."""
+    r = server.http.post(server.url + "/v1/embeddings", json={"model": "tiny", "input": "a b c d " * 600}, timeout=60)
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["error"]["param"] == "input", r.json()

@@ -414,3 +414,59 @@ def test_usage_counts_the_cached_prompt_and_totals_input_and_output(client):
         assert 0 < r.usage.input_tokens_details.cached_tokens <= r.usage.input_tokens
         assert r.usage.input_tokens == first.usage.input_tokens
         assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+
+
+def test_a_streamed_tool_call_is_counted_as_tool_calls(client, server):
+    """A Responses answer that called a function, streamed or not, counts in vLLM's
+    request_success_total as finished by tool_calls, as chat's does."""
+    def calls() -> float:
+        try:
+            return server.metric("vllm:request_success_total", '{finished_reason="tool_calls"}')
+        except AssertionError:                  # none counted yet: the series is made by the first
+            return 0.0
+
+    kw = dict(model="tiny", input="add 2 and 3", tools=[ADD], tool_choice="required", max_output_tokens=200)
+    before = calls()
+    client.responses.create(**kw)
+    list(client.responses.create(**kw, stream=True))
+    assert calls() == before + 2
+
+
+def test_an_empty_streamed_answer_is_still_one_message_item(client):
+    """An answer with no text (a stop string at its very start) streams a message item all the same,
+    opened and closed, and the final response holds it with its empty text."""
+    kw = dict(model="tiny", input="the cat", max_output_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    said = client.responses.create(**kw).output_text
+    assert said
+    events = list(client.responses.create(**{**kw, "extra_body": {"ignore_eos": True, "stop": [said[0]]}},
+                                          stream=True))
+    kinds = [e.type for e in events]
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.content_part.added", "response.output_text.done", "response.content_part.done",
+                     "response.output_item.done", "response.completed"], kinds
+    output = events[-1].response.output
+    assert [(o.type, o.content[0].text) for o in output] == [("message", "")]
+
+
+def test_a_stream_that_fails_midway_ends_with_response_failed_naming_the_errors_code(tiny_gguf):
+    """A request failed after its first tokens (a stream stage raising): the Responses stream ends
+    with `response.failed` whose error code is the one a request failed before streaming gets
+    (stage_failed), not the error's type."""
+    from test_serve import TINY
+
+    text = (TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=8, timeout=20)
+            .replace("kv -> gen -> out", "kv -> gen -> p -> out")
+            .replace("stage out", 'stage p       : python        { fn = "flowkit:fail_after_first_chunk"  stream = true }\n    stage out'))
+    s = LiveServer(tiny_gguf, text=text)
+    try:
+        body = {"model": "tiny", "input": "hello", "max_output_tokens": 4, "ignore_eos": True}
+        whole = s.http.post(s.url + "/v1/responses", json=body, timeout=60)
+        assert whole.status_code == 500 and whole.json()["error"]["code"] == "stage_failed", whole.text[:300]
+        with s.http.stream("POST", s.url + "/v1/responses", json={**body, "stream": True}, timeout=60) as r:
+            assert r.status_code == 200
+            data = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    finally:
+        s.close()
+    last = data[-1]
+    assert last["type"] == "response.failed" and last["response"]["status"] == "failed"
+    assert last["response"]["error"]["code"] == "stage_failed" and last["response"]["error"]["message"]
