@@ -143,3 +143,17 @@ def test_an_embedding_input_the_engine_refuses_is_a_400_naming_input(server):
     r = server.http.post(server.url + "/v1/embeddings", json={"model": "tiny", "input": "a b c d " * 600}, timeout=60)
     assert r.status_code == 400, r.text[:300]
     assert r.json()["error"]["param"] == "input", r.json()
+
+
+def test_prompt_logprobs_list_their_own_number_beside_more_logprobs(server):
+    """vLLM's prompt_logprobs = 2 beside echo with logprobs = 5: each prompt position lists its own
+    token and the 2 most likely (ranks 1 and 2), not the 5 the echoed logprobs list."""
+    body = {"model": "tiny", "prompt": "the cat sat on the mat", "max_tokens": 0, "echo": True, "logprobs": 5,
+            "prompt_logprobs": 2}
+    choice = server.http.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+    assert max(len(t) for t in choice["logprobs"]["top_logprobs"][1:]) > 3          # 5 alternatives (and its own)
+    entries = choice["prompt_logprobs"]
+    assert entries[0] is None and len(entries) > 2
+    for entry in entries[1:]:
+        assert len(entry) in (2, 3), entry
+        assert sorted(e["rank"] for e in entry.values())[:2] == [1, 2]
