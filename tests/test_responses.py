@@ -456,7 +456,8 @@ def test_a_stream_that_fails_midway_ends_with_response_failed_naming_the_errors_
 
     text = (TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=8, timeout=20)
             .replace("kv -> gen -> out", "kv -> gen -> p -> out")
-            .replace("stage out", 'stage p       : python        { fn = "flowkit:fail_after_first_chunk"  stream = true }\n    stage out'))
+            .replace("stage out", 'stage p       : python        { fn = "flowkit:fail_after_first_chunk"  '
+                                  'stream = true }\n    stage out'))
     s = LiveServer(tiny_gguf, text=text)
     try:
         body = {"model": "tiny", "input": "hello", "max_output_tokens": 4, "ignore_eos": True}
