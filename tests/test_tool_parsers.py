@@ -396,3 +396,17 @@ def test_the_request_s_own_skip_special_tokens_and_no_tools_keep_the_default(mar
     assert (none.message.content, none.message.tool_calls) == ('add{"a": 1, "b": 2}', None)
     kept = _said(client, grammar, tools=False, extra={"skip_special_tokens": False}).choices[0]
     assert kept.message.content == '[TOOL_CALLS]add[ARGS]{"a": 1, "b": 2}'
+
+
+def test_agp_run_lines_keep_the_marker_for_the_parser_and_out_of_the_text(marked_servers):
+    servers, ids = marked_servers
+
+    def line(*parts):
+        return {"messages": [{"role": "user", "content": "add"}], "max_tokens": 300, "tools": [ADD],
+                "guided_grammar": _forced(ids, *parts)}
+
+    a, b = _run_lines(servers["mistral"], {}, line("Adding. ", "[TOOL_CALLS]", "add", "[ARGS]", '{"a": 3, "b": 4}'),
+                      line("Hm ", "[TOOL_CALLS]", "add", "[ARGS]", '{"a": '))
+    assert (a["text"], a["finish_reason"], calls_of(a["tool_calls"])) == ("Adding. ", "tool_calls",
+                                                                           [("add", {"a": 3, "b": 4})])
+    assert (b["text"], b["finish_reason"], b.get("tool_calls")) == ('Hm add{"a": ', "stop", None)
