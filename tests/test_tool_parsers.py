@@ -410,3 +410,21 @@ def test_agp_run_lines_keep_the_marker_for_the_parser_and_out_of_the_text(marked
     assert (a["text"], a["finish_reason"], calls_of(a["tool_calls"])) == ("Adding. ", "tool_calls",
                                                                            [("add", {"a": 3, "b": 4})])
     assert (b["text"], b["finish_reason"], b.get("tool_calls")) == ('Hm add{"a": ', "stop", None)
+
+
+def test_the_responses_api_keeps_the_marker_for_the_parser_too(marked_servers):
+    import httpx
+
+    servers, ids = marked_servers
+    url = servers["mistral"].url + "/v1/responses"
+    body = {"model": "tiny", "input": "add 1 and 2", "max_output_tokens": 300,
+            "tools": [{"type": "function", "name": "add", "parameters": ADD["function"]["parameters"]}],
+            "guided_grammar": _forced(ids, "[TOOL_CALLS]", "add", "[ARGS]", '{"a": 1, "b": 2}')}
+    r = httpx.post(url, json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    [item] = r.json()["output"]
+    assert (item["type"], item["name"], json.loads(item["arguments"])) == ("function_call", "add", {"a": 1, "b": 2})
+    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=120) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    [done] = [e for e in events if e["type"] == "response.completed"]
+    assert [(i["type"], i["name"]) for i in done["response"]["output"]] == [("function_call", "add")]
