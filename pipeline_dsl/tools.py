@@ -19,6 +19,11 @@ vocabulary, agp serve --tool-call-parser names one):
   tokenizers) `name[ARGS]{…}`, one per `[TOOL_CALLS]`; an answer starting with such a list
   counts too (the marker is a special token a detokenised answer may have lost).
 
+Those two families' markers are special tokens of their models' vocabularies, which an answer's
+text leaves out by default: a request with tools (tool_choice not none) under either family
+decodes with special tokens kept (`keeps_markers`; as vLLM, unless the request sets
+skip_special_tokens itself), and the markers' text never shows in content (`MARKERS`).
+
 Each call becomes an OpenAI tool call, the rest stays the message's content; a call part that
 is not JSON (or not a call) leaves the whole text content, finish_reason unchanged (as vLLM).
 With `parallel_tool_calls: false` (`limit=1`) the calls after the first are dropped, as OpenAI
@@ -107,7 +112,7 @@ def parse_tool_calls(text: str, limit: int | None = None,
     if parser != "hermes":
         content, calls = FAMILIES[parser].parse(text)
         if not calls:
-            return text, []
+            return without_markers(text, parser), []
         return (content if content.strip() else None), calls[:limit]
     calls: list[dict] = []
 
@@ -348,6 +353,24 @@ class _Mistral(_Family):
 
 
 FAMILIES: dict[str, _Family] = {"llama3_json": _Llama3Json(), "mistral": _Mistral()}
+# the markers each family's calls are written with: special tokens of its models' vocabularies
+MARKERS: dict[str, tuple[str, ...]] = {"llama3_json": (_Llama3Json.TAG,), "mistral": (_Mistral.MARK, _Mistral.ARGS)}
+
+
+def without_markers(text: str, parser: str) -> str:
+    """`text` with `parser`'s markers taken out: the content of an answer that holds no call
+    (a marker kept in the decoded text for the parser's sake is no part of what the model said)."""
+    for marker in MARKERS.get(parser, ()):
+        text = text.replace(marker, "")
+    return text
+
+
+def keeps_markers(parser: str, choice: Any, special: Any) -> bool:
+    """Whether an answer read in `parser`'s form, its request's tool_choice `choice`, decodes with
+    special tokens kept: the family's markers are among the tokenizer's `special` tokens (a
+    container of their texts) and it may write calls of its own (tool_choice not none; a forced
+    call is written in agp's own form, answer_parser)."""
+    return choice != "none" and any(m in special for m in MARKERS.get(parser, ()))
 PARSERS = ("hermes", "llama3_json", "mistral")      # vLLM's --tool-call-parser names agp reads
 
 
@@ -380,8 +403,8 @@ class _HeldStream:
     may begin streams as content; from there on it waits for the end, then leaves as calls, or as
     content when it held none (the same split parse_tool_calls makes of the whole answer)."""
 
-    def __init__(self, family: _Family, limit: int | None) -> None:
-        self.family, self.limit = family, limit
+    def __init__(self, family: str, limit: int | None) -> None:
+        self.family, self.family_name, self.limit = FAMILIES[family], family, limit
         self.text, self.sent = "", 0
 
     def feed(self, delta: str) -> tuple[str, list[dict]]:
@@ -395,7 +418,7 @@ class _HeldStream:
         if calls and len(content) >= self.sent:
             calls = [{"index": i, **c} for i, c in enumerate(calls[:self.limit])]
             return content[self.sent:], calls
-        return self.text[self.sent:], []
+        return without_markers(self.text[self.sent:], self.family_name), []
 
 
 def answer_parser(family: str, choice: Any) -> str:
@@ -407,7 +430,7 @@ def answer_parser(family: str, choice: Any) -> str:
 
 def tool_stream(limit: int | None = None, parser: str = "hermes"):
     """A stream of one answer's content and calls in `parser`'s form (ToolStream's interface)."""
-    return ToolStream(limit) if parser == "hermes" else _HeldStream(FAMILIES[parser], limit)
+    return ToolStream(limit) if parser == "hermes" else _HeldStream(parser, limit)
 
 
 def tool_call_spec(tools: list[dict], choice: Any) -> dict | None:

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from pipeline_dsl.tools import PARSERS, parse_tool_calls, tool_parser_for, tool_stream
+from pipeline_dsl.tools import PARSERS, parse_tool_calls, tool_parser_for, tool_stream, without_markers
 
 
 def calls_of(calls: list[dict]) -> list[tuple[str, dict]]:
@@ -34,7 +34,8 @@ ANSWERS = [
      [("add", {"a": 1, "b": 2})]),
 ]
 
-# answers that hold no call in that family's form: all content, as written
+# answers that hold no call in that family's form: all content, as written but for the family's
+# markers (special tokens, no part of what the model said)
 NOT_CALLS = [
     ("llama3_json", '{"name": "f", "parameters": {"a": 1}'),              # cut JSON
     ("llama3_json", '{"name": "f", "parameters": {}} and then some words'),
@@ -64,7 +65,7 @@ def test_each_family_s_calls_are_parsed_with_the_text_before_them_as_content(par
 
 @pytest.mark.parametrize("parser, text", NOT_CALLS)
 def test_an_answer_whose_call_part_is_not_calls_stays_content_whole(parser, text):
-    assert parse_tool_calls(text, None, parser) == (text, [])
+    assert parse_tool_calls(text, None, parser) == (without_markers(text, parser), [])
 
 
 @pytest.mark.parametrize("parser, text, content, calls", [a for a in ANSWERS if len(a[3]) > 1])
@@ -301,3 +302,129 @@ def test_agp_run_lines_read_the_family_of_the_model_or_the_one_named(llama_serve
     [c] = _run_lines(llama_server, {"chat_template": LLAMA_TEMPLATE, "tool_call_parser": "mistral"}, line(mistral))
     assert (c["text"], c["finish_reason"], calls_of(c["tool_calls"])) == ("Adding. ", "tool_calls",
                                                                            [("add", {"a": 3, "b": 4})])
+
+
+# ------------------------------------------- markers that are special tokens of the vocabulary
+
+def test_content_never_shows_a_family_s_marker_whole_or_streamed():
+    """An answer decoded with its markers kept (they are special tokens) that holds no call:
+    the markers' text is no part of its content (as vLLM's parsers strip them)."""
+    for parser, text, content in [
+            ("mistral", '[TOOL_CALLS]f[ARGS]{"a": ', 'f{"a": '),
+            ("mistral", 'So [TOOL_CALLS][{"name": "f"', 'So [{"name": "f"'),
+            ("llama3_json", 'Hi.<|python_tag|>print("hi")', 'Hi.print("hi")')]:
+        assert parse_tool_calls(text, None, parser) == (content, [])
+        assert streamed(parser, list(text)) == (content, [])
+
+
+MARKED = ("[TOOL_CALLS]", "[ARGS]", "<|python_tag|>")
+
+
+@pytest.fixture(scope="module")
+def marked_servers(tmp_path_factory):
+    """A model whose vocabulary has Mistral's and Llama's markers as special tokens, served with
+    its family told from its vocabulary (mistral) and named (llama3_json)."""
+    pytest.importorskip("llguidance")
+    from test_serve import LiveServer
+    from tiny_model import tiny_vocab, write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path_factory.mktemp("marked") / "tiny.gguf", context=4096, embed_scale=0.3,
+                           control_tokens=MARKED)
+    first = len(tiny_vocab()[0])
+    ids = {m: first + i for i, m in enumerate(MARKED)}
+    servers = {"mistral": LiveServer(path, max_batch_size=4, overrides={"kv_budget_bytes": 8 << 20})}
+    try:
+        servers["llama3_json"] = LiveServer(path, max_batch_size=4, overrides={
+            "kv_budget_bytes": 8 << 20, "chat_template": LLAMA_TEMPLATE, "tool_call_parser": "llama3_json"})
+        yield servers, ids
+    finally:
+        for s in servers.values():
+            s.close()
+
+
+def _forced(ids: dict, *parts: str) -> str:
+    """A Lark grammar that is `parts` in order: a marker as its special token, text as written."""
+    return "start: " + " ".join(f"<[{ids[p]}]>" if p in ids else json.dumps(p) for p in parts)
+
+
+def _said(client, grammar: str, stream: bool = False, tools=True, **kw):
+    return client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "add 1 and 2"}], max_tokens=300,
+        stream=stream, extra_body={"guided_grammar": grammar, **kw.pop("extra", {})},
+        **({"tools": [ADD]} if tools else {}), **kw)
+
+
+@pytest.mark.parametrize("parser, parts, content", [
+    ("mistral", ("Sure. ", "[TOOL_CALLS]", "add", "[ARGS]", '{"a": 1, "b": 2}'), "Sure. "),
+    ("mistral", ("[TOOL_CALLS]", "add", "[ARGS]", '{"a": 1, "b": 2}'), None),
+    ("llama3_json", ("Let me add.", "<|python_tag|>", '{"name": "add", "parameters": {"a": 1, "b": 2}}'),
+     "Let me add."),
+])
+def test_a_call_after_a_special_token_marker_is_parsed_streamed_or_not(marked_servers, parser, parts, content):
+    """The marker is a special token, which an answer's text leaves out by default: a request
+    with tools keeps it for the parser (Mistral's `name[ARGS]{…}`, text before Llama's tag)."""
+    servers, ids = marked_servers
+    client, grammar = servers[parser].client, _forced(ids, *parts)
+    whole = _said(client, grammar).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.content == content
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls] == \
+        [("add", {"a": 1, "b": 2})]
+    got, calls, reasons = _assembled(_said(client, grammar, stream=True))
+    assert got == (content or "") and [(n, json.loads(a)) for n, a in calls] == [("add", {"a": 1, "b": 2})]
+    assert reasons == {"tool_calls"}
+
+
+def test_a_marker_kept_for_the_parser_never_shows_in_content(marked_servers):
+    servers, ids = marked_servers
+    grammar = _forced(ids, "Hm ", "[TOOL_CALLS]", "add", "[ARGS]", '{"a": ')       # no call after all
+    whole = _said(servers["mistral"].client, grammar).choices[0]
+    assert (whole.message.content, whole.message.tool_calls, whole.finish_reason) == ('Hm add{"a": ', None, "stop")
+    assert _assembled(_said(servers["mistral"].client, grammar, stream=True)) == ('Hm add{"a": ', [], {"stop"})
+
+
+def test_the_request_s_own_skip_special_tokens_and_no_tools_keep_the_default(marked_servers):
+    """Only a request with tools, under a family whose marker is special, leaving
+    skip_special_tokens to agp, has special tokens kept: the client's own flag is respected."""
+    servers, ids = marked_servers
+    client = servers["mistral"].client
+    grammar = _forced(ids, "[TOOL_CALLS]", "add", "[ARGS]", '{"a": 1, "b": 2}')
+    own = _said(client, grammar, extra={"skip_special_tokens": True}).choices[0]
+    assert (own.message.content, own.message.tool_calls) == ('add{"a": 1, "b": 2}', None)
+    plain = _said(client, grammar, tools=False).choices[0]
+    assert plain.message.content == 'add{"a": 1, "b": 2}'
+    none = _said(client, grammar, tool_choice="none").choices[0]
+    assert (none.message.content, none.message.tool_calls) == ('add{"a": 1, "b": 2}', None)
+    kept = _said(client, grammar, tools=False, extra={"skip_special_tokens": False}).choices[0]
+    assert kept.message.content == '[TOOL_CALLS]add[ARGS]{"a": 1, "b": 2}'
+
+
+def test_agp_run_lines_keep_the_marker_for_the_parser_and_out_of_the_text(marked_servers):
+    servers, ids = marked_servers
+
+    def line(*parts):
+        return {"messages": [{"role": "user", "content": "add"}], "max_tokens": 300, "tools": [ADD],
+                "guided_grammar": _forced(ids, *parts)}
+
+    a, b = _run_lines(servers["mistral"], {}, line("Adding. ", "[TOOL_CALLS]", "add", "[ARGS]", '{"a": 3, "b": 4}'),
+                      line("Hm ", "[TOOL_CALLS]", "add", "[ARGS]", '{"a": '))
+    assert (a["text"], a["finish_reason"], calls_of(a["tool_calls"])) == ("Adding. ", "tool_calls",
+                                                                           [("add", {"a": 3, "b": 4})])
+    assert (b["text"], b["finish_reason"], b.get("tool_calls")) == ('Hm add{"a": ', "stop", None)
+
+
+def test_the_responses_api_keeps_the_marker_for_the_parser_too(marked_servers):
+    import httpx
+
+    servers, ids = marked_servers
+    url = servers["mistral"].url + "/v1/responses"
+    body = {"model": "tiny", "input": "add 1 and 2", "max_output_tokens": 300,
+            "tools": [{"type": "function", "name": "add", "parameters": ADD["function"]["parameters"]}],
+            "guided_grammar": _forced(ids, "[TOOL_CALLS]", "add", "[ARGS]", '{"a": 1, "b": 2}')}
+    r = httpx.post(url, json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    [item] = r.json()["output"]
+    assert (item["type"], item["name"], json.loads(item["arguments"])) == ("function_call", "add", {"a": 1, "b": 2})
+    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=120) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    [done] = [e for e in events if e["type"] == "response.completed"]
+    assert [(i["type"], i["name"]) for i in done["response"]["output"]] == [("function_call", "add")]

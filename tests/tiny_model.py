@@ -117,7 +117,7 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
                     chat_template: str = CHAT_TEMPLATE, embed_qtype: str | None = None,
                     rope_freqs=None, rope_scaling: tuple | None = None, arch: str = "llama",
                     tokenizer: str = "bpe", add_space_prefix: bool | None = None, pre: str | None = None,
-                    add_bos: bool = False,
+                    add_bos: bool = False, control_tokens: tuple = (),
                     **overrides) -> Path:
     """Write the tiny model to `path`; qtype F32|F16|Q8_0|Q4_1 for the 2-D weights, embed_qtype
     for the tied embedding when it differs (SmolLM2's file: Q4_1 layers, a Q8_0 embedding). The
@@ -129,7 +129,8 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
     tokenizer "spm" the SentencePiece vocabulary of `spm_vocab` (bos <s>, eos </s>, added at
     the start as Llama 2's files say; add_space_prefix written when not None); `pre` another
     tokenizer.ggml.pre of the byte-level BPE; add_bos: the byte-level BPE's prompts start with
-    <|im_start|>, as a Llama tokenizer puts its start token first."""
+    <|im_start|>, as a Llama tokenizer puts its start token first. control_tokens: more special
+    (CONTROL) tokens at the end of the vocabulary (a tool-call marker: "[TOOL_CALLS]")."""
     from gguf import GGMLQuantizationType, GGUFWriter, quants
 
     cfg = {**TINY, **overrides}
@@ -139,6 +140,7 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
         tokens, types, scores = spm_vocab()
     else:
         tokens, types, merges = tiny_vocab()
+    tokens, types = tokens + list(control_tokens), types + [3] * len(control_tokens)
     V = len(tokens)
     rng = np.random.default_rng(seed)
     path = Path(path)

@@ -102,13 +102,16 @@ def _tool_calls(parsed: ParsedRequest, choice, parts: dict, runtime) -> str | No
     """A choice's finish reason, its tool calls parsed out of its text into `parts` as agp serve's
     chat answer parses them (serve/protocol.py's chat_message) when the line gave tools and a
     tool_choice other than none: `tool_calls` (id, name, JSON arguments), `text` what is left
-    (null when nothing is), `finish_reason` "tool_calls". Any other line keeps its text."""
+    (null when nothing is), `finish_reason` "tool_calls"; a line without calls its text less the
+    family's markers (kept in the decoded answer for the parser). Any other line keeps its text."""
     active = bool(parsed.tools) and parsed.tool_choice != "none"
     message, reason = chat_message(parts["text"], choice.finish_reason, active,
                                    None if parsed.parallel_tool_calls else 1,
                                    runtime.tool_parser(choice.data.get("generated_by"), parsed.tool_choice) if active else "hermes")
+    if active:                      # the content: a family's markers left out (tools.without_markers)
+        parts["text"] = message["content"]
     if message.get("tool_calls"):
-        parts["text"], parts["tool_calls"] = message["content"], message["tool_calls"]
+        parts["tool_calls"] = message["tool_calls"]
     return reason
 
 

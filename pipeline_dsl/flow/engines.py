@@ -120,6 +120,20 @@ class EngineSide:
         to_id = getattr(tok, "token_to_id", None)
         return answer_parser(tool_parser_for(getattr(tok, "chat_template", None), _Vocabulary(to_id)), tool_choice)
 
+    def keeps_markers(self, gen: str, request: dict) -> bool:
+        """Whether generate stage `gen` answers `request` with special tokens' text kept: it gives
+        tools, its model writes calls after markers that are special tokens of its vocabulary
+        (Mistral's `[TOOL_CALLS]`, Llama's `<|python_tag|>`), and it leaves skip_special_tokens to
+        agp, as vLLM's adjustment overrides the default alone. The parser then sees the marker;
+        the answer's content never shows it (pipeline_dsl/tools.py)."""
+        from pipeline_dsl.tools import keeps_markers
+
+        if not request.get("tools") or request.get("skip_special_tokens") is not None:
+            return False
+        choice = request.get("tool_choice", "auto")
+        tok = getattr(self.seg_of_gen.get(gen), "tokenizer", None)
+        return tok is not None and keeps_markers(self.tool_parser(gen, choice), choice, _Special(tok))
+
     def model_names(self) -> list[str]:
         """The generate stages a request may pin (agp serve's `model` field)."""
         return list(self.seg_of_gen)
@@ -217,7 +231,8 @@ class EngineSide:
             for i in ([item.copy] if once else range(es.copies(gen, item.data))):
                 data = item.data if not copies else copy.deepcopy(item.data)
                 try:
-                    copies.append((g_i, gen, i, data, es.sampling(gen, data, len(ids), copy=i)))
+                    copies.append((g_i, gen, i, data, es.sampling(gen, data, len(ids), copy=i,
+                                                                  keep_special=self.keeps_markers(gen, data))))
                 except InputError as e:
                     with self._lock:                        # the copy reached gen and was refused there
                         if req.done:
@@ -418,6 +433,17 @@ def tool_calls(request: dict, text: str, parser: str = "hermes") -> list[dict] |
     from pipeline_dsl.tools import parse_tool_calls
 
     return parse_tool_calls(text, None if request.get("parallel_tool_calls", True) else 1, parser)[1] or None
+
+
+class _Special:
+    """`token in special`: whether a token's text is one special token of a tokenizer."""
+
+    def __init__(self, tok) -> None:
+        self.to_id = getattr(tok, "token_to_id", None)
+        self.ids = getattr(tok, "special_ids", frozenset())
+
+    def __contains__(self, token: str) -> bool:
+        return self.to_id is not None and self.to_id(token) in self.ids
 
 
 class _Vocabulary:

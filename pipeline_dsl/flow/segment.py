@@ -176,11 +176,14 @@ class EngineSegment:
                                       add_special_tokens=data.get("add_special_tokens", self.spec.add_special_tokens),
                                       **prompt_options(data))
 
-    def sampling(self, gen: str, data: dict, prompt_len: int, copy: int = 0):
+    def sampling(self, gen: str, data: dict, prompt_len: int, copy: int = 0, keep_special: bool = False):
         """A request's SamplingParams at generate stage `gen`: the stage's defaults, the request's
         own fields over them; without its own max_tokens, at most what the context leaves; copy i
-        of n gets seed + i."""
+        of n gets seed + i. keep_special: special tokens' text stays in the answer unless the
+        request sets skip_special_tokens itself (the runtime's keeps_markers: a tool-call marker)."""
         given = {k: data[k] for k in SAMPLING_FIELDS if data.get(k) is not None}
+        if keep_special:
+            given.setdefault("skip_special_tokens", False)
         if "stop" in given:
             given["stop"] = tuple(given["stop"])
         if "bad_words" in given:

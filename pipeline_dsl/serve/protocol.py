@@ -680,6 +680,7 @@ def chat_message(text: str, finish_reason: str | None, tools_active: bool,
         content, calls = parse_tool_calls(text, call_limit, parser)
         if calls:
             return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+        return {"role": "assistant", "content": content}, finish_reason      # a family's markers left out
     return {"role": "assistant", "content": text}, finish_reason
 
 
