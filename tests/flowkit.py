@@ -266,3 +266,20 @@ def check_counts(rt, choices: int) -> None:
         elif row["kind"] not in ("join", "kv_lookup") and single and name not in rt.loops.bounds:
             assert row["items_in"] == row["items_out"] + ended, (name, row)
     assert responded == choices, (responded, choices, stages)
+
+
+def run_lines(path, bodies, overrides: dict | None = None) -> list[dict]:
+    """Request lines (dicts) through `agp run`'s driver on the pipeline at `path`, a runtime of its
+    own (a run ends its runtime): the output records in line order."""
+    from pipeline_dsl.commands.runner import RunRequest, run_pipeline
+    from pipeline_dsl.flow import build_runtime
+    from pipeline_dsl.requests_io import parse_request
+
+    rt = build_runtime(path, overrides={"threads": 1, **(overrides or {})})
+    reqs = [RunRequest(slot=i, line=i + 1, parsed=parse_request(dict(b), default_id=i)) for i, b in enumerate(bodies)]
+    out: dict[int, dict] = {}
+    try:
+        run_pipeline(rt, reqs, on_done=out.__setitem__, progress=False)
+    finally:
+        rt.shutdown()
+    return [out[i] for i in range(len(bodies))]

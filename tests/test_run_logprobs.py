@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import flowkit
 import httpx
 import pytest
 
-from pipeline_dsl.commands.runner import RunRequest, run_pipeline
-from pipeline_dsl.flow import build_runtime
 from pipeline_dsl.requests_io import RequestError, parse_request
 from test_serve import LiveServer
 
@@ -30,15 +29,7 @@ def run_lines(server):
     """Request lines through `agp run`'s driver on the server's pipeline (a runtime of its own,
     one per run: a run ends its runtime)."""
     def run(*bodies: dict) -> list[dict]:
-        runtime = build_runtime(Path(server.dir) / "tiny.agp", overrides={"threads": 1})
-        reqs = [RunRequest(slot=i, line=i + 1, parsed=parse_request(dict(b), default_id=i))
-                for i, b in enumerate(bodies)]
-        out: dict[int, dict] = {}
-        try:
-            run_pipeline(runtime, reqs, on_done=out.__setitem__, progress=False)
-        finally:
-            runtime.shutdown()
-        return [out[i] for i in range(len(bodies))]
+        return flowkit.run_lines(Path(server.dir) / "tiny.agp", bodies)
 
     return run
 

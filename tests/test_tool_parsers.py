@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import flowkit
 import pytest
 
 from pipeline_dsl.tools import PARSERS, parse_tool_calls, tool_parser_for, tool_stream, without_markers
@@ -274,19 +275,7 @@ def _run_lines(server, overrides: dict, *bodies: dict) -> list[dict]:
     """Request lines through `agp run`'s driver on the server's pipeline (a runtime of its own)."""
     from pathlib import Path
 
-    from pipeline_dsl.commands.runner import RunRequest, run_pipeline
-    from pipeline_dsl.flow import build_runtime
-    from pipeline_dsl.requests_io import parse_request
-
-    runtime = build_runtime(Path(server.dir) / "tiny.agp",
-                            overrides={"threads": 1, "kv_budget_bytes": 8 << 20, **overrides})
-    reqs = [RunRequest(slot=i, line=i + 1, parsed=parse_request(dict(b), default_id=i)) for i, b in enumerate(bodies)]
-    out: dict[int, dict] = {}
-    try:
-        run_pipeline(runtime, reqs, on_done=out.__setitem__, progress=False)
-    finally:
-        runtime.shutdown()
-    return [out[i] for i in range(len(bodies))]
+    return flowkit.run_lines(Path(server.dir) / "tiny.agp", bodies, {"kv_budget_bytes": 8 << 20, **overrides})
 
 
 def test_agp_run_lines_read_the_family_of_the_model_or_the_one_named(llama_server):
