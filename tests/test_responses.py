@@ -132,6 +132,12 @@ def test_logprobs_are_included_when_asked(client):
     lps = r.output[0].content[0].logprobs
     assert len(lps) == 3 and all(len(lp.top_logprobs) == 2 for lp in lps)
     assert "".join(lp.token for lp in lps) == r.output_text
+    # top_logprobs alone asks for none (OpenAI and vLLM return logprobs only when include names them)
+    r = client.responses.create(model="tiny", input="hi", max_output_tokens=3, top_logprobs=2,
+                                extra_body={"ignore_eos": True})
+    assert not r.output[0].content[0].logprobs
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):      # still checked
+        client.responses.create(model="tiny", input="hi", max_output_tokens=3, top_logprobs=21)
 
 
 @pytest.mark.parametrize("body, param", [

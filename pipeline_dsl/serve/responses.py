@@ -32,7 +32,7 @@ from .generation import Generations
 from .responses_events import ResponseEvents
 from .responses_output import call_item, message_item, output_messages, response_object, usage
 from .sse import EventStream
-from .token_fields import logprob_names
+from .token_fields import MAX_LOGPROBS, logprob_names
 
 STORED = 1024              # responses kept for previous_response_id / GET (the oldest go first)
 STORED_BYTES = 64 << 20    # and their JSON (response and conversation) at most, all told
@@ -223,6 +223,8 @@ def _checked(obj: dict) -> None:
             ("metadata", lambda v: isinstance(v, dict), "an object"),
             ("service_tier", *P.IGNORED["service_tier"]),          # chat's check: a string
             ("prompt_cache_key", lambda v: isinstance(v, str), "a string"),
+            ("top_logprobs", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_LOGPROBS,
+             f"an integer from 0 to {MAX_LOGPROBS}"),
             ("safety_identifier", lambda v: isinstance(v, str), "a string"),
             ("max_tool_calls", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
              "a positive integer"),
@@ -279,7 +281,9 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
                 max_tokens=obj.get("max_output_tokens"))
     if obj.get("metadata"):
         chat["metadata"] = obj["metadata"]
-    if LOGPROBS in include or obj.get("top_logprobs") is not None:
+    # logprobs when `include` asks for them, `top_logprobs` their alternatives (as OpenAI and vLLM:
+    # top_logprobs alone returns none; it is still checked)
+    if LOGPROBS in include:
         chat.update(logprobs=True, top_logprobs=obj.get("top_logprobs"))
     try:
         req = P.parse_chat({k: v for k, v in chat.items() if v is not None}, max_model_len=max_model_len,
