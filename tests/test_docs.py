@@ -642,3 +642,37 @@ def test_the_serve_limits_table_names_every_host_answered_by_default():
     said = next(a.help for a in parser._actions if "--allowed-hosts" in a.option_strings)
     for host in (*allowed_hosts(address, None)[1:], *listening_anywhere):
         assert re.search(rf"(?<![\w:.]){re.escape(host)}(?![\w:.])", said), (host, said)
+
+
+def section(page: str, title: str) -> str:
+    """The text of one `## title` section of a page, up to the next `## `."""
+    text = (ROOT / "docs" / page).read_text()
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def error_codes_of_the_server() -> set[str]:
+    """Every `code` an error answer of agp serve (or `agp run`'s error record) may carry, as the
+    source writes it: `code="..."`, `"code": "..."`, a `CODE = "..."` constant, a refusal of the
+    HTTP layer, and the codes of the one table from a pipeline's failures to its answer."""
+    from pipeline_dsl.serve.errors import FAILURES
+
+    codes = {code for _, _, code, _ in FAILURES.values() if code}
+    for path in [*sorted((ROOT / "pipeline_dsl" / "serve").glob("*.py")), ROOT / "pipeline_dsl" / "requests_io.py"]:
+        text = path.read_text()
+        codes |= set(re.findall(r'\bcode="([a-z_]+)"', text)) | set(re.findall(r'"code": "([a-z_]+)"', text))
+        codes |= set(re.findall(r'^\s*[A-Z_]*(?:CODE|PARAMETERS) = "([a-z_]+)"', text, re.M))
+        codes |= set(re.findall(r'_refuse\(\d+, .*?"([a-z_]+)"\)', text, re.S))
+    return codes
+
+
+def test_the_serve_error_table_names_every_error_code_the_server_answers():
+    # docs/serve.md, "Errors": a client (or an alert) that branches on `error.code` finds every
+    # code there, and the table names no code the server never sends. It named none of
+    # `queue_full` (429), `overloaded` (503), `body_too_large` (413), `unsupported_media_type`
+    # (415), `invalid_host`, `response_not_found`, `tracing_off`, `loading`, ...
+    table = "\n".join(ln for ln in section("serve.md", "Errors").splitlines() if ln.startswith("| "))
+    named = set(re.findall(r"`code: ([a-z_]+)`", table))
+    server = error_codes_of_the_server()
+    assert {"queue_full", "grammar_checks_busy", "headers_too_large", "invalid_function_parameters"} <= server
+    assert not server - named, f"serve.md's Errors table lacks the codes {sorted(server - named)}"
+    assert not named - server, f"serve.md's Errors table names codes agp serve never sends: {sorted(named - server)}"
