@@ -5,9 +5,10 @@ it, the outputs they quote are what the commands print, the tables (built-in kin
 parameters, item types and resources, modes, condition fields, serve flags, limits and defaults,
 OpenAI fields, the planner's work) say what the code does, the request bodies they send parse, the
 engine's dataclasses list every field, every file and test they point at is there, the README tour's
-commands that need no model exit as it says, the architecture page's stage kind checks and runs, and
-the startup banner the serve page quotes has the clauses `agp serve` prints (built on the tiny
-model, none loaded otherwise). (The examples themselves run in tests/test_examples.py.)"""
+commands that need no model exit as it says, the architecture page's stage kind checks and runs, the
+serve page's error table names every error code the server answers, and the startup banner the
+serve page quotes has the clauses `agp serve` prints and its metric names are the families /metrics
+exports (both built on the tiny model, none loaded otherwise). (The examples themselves run in tests/test_examples.py.)"""
 from __future__ import annotations
 
 import json
@@ -676,3 +677,34 @@ def test_the_serve_error_table_names_every_error_code_the_server_answers():
     assert {"queue_full", "grammar_checks_busy", "headers_too_large", "invalid_function_parameters"} <= server
     assert not server - named, f"serve.md's Errors table lacks the codes {sorted(server - named)}"
     assert not named - server, f"serve.md's Errors table names codes agp serve never sends: {sorted(named - server)}"
+
+
+def test_the_metric_names_of_the_serve_page_are_the_families_metrics_exports(tmp_path, tiny_gguf):
+    # docs/serve.md, "Metrics": every family `GET /metrics` answers (examples/chat.agp on the tiny
+    # model, before any request) is named there in full, and every `agp_…` or `vllm:…` name the
+    # page gives is one of them (a histogram's or counter's sample names count as its own). The
+    # page named none of agp_queue_length, agp_running_sequences, agp_requests_in_flight,
+    # agp_prompt_tokens_cached_total, agp_prefix_cache_hit_rate, nor the stage series one by one.
+    import argparse
+
+    from pipeline_dsl.serve.build import build
+    from pipeline_dsl.serve.options import add_arguments
+
+    path = tmp_path / "chat.agp"
+    path.write_text((ROOT / "examples" / "chat.agp").read_text().replace('"smollm2-135m-instruct"', f'"{tiny_gguf}"'))
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    serving = build(p.parse_args([str(path), "--threads", "1", "--dtype", "fp32"]))
+    try:
+        text = serving.metrics.render(serving.runtime.stats())[0].decode()
+    finally:
+        serving.runtime.close()
+    families = set(re.findall(r"^# TYPE (\S+) ", text, re.M))
+    assert {"agp_stage_items_in_total", "vllm:num_requests_waiting", "process_cpu_seconds_total"} <= families
+    page = (ROOT / "docs" / "serve.md").read_text()
+    written = set(re.findall(r"(?<![\w:])((?:agp_|vllm:|process_)[a-z0-9_:]*[a-z0-9])", page))
+    unnamed = sorted(f for f in families if f not in written)
+    assert not unnamed, f"serve.md does not name the /metrics families {unnamed}"
+    samples = {f + suffix for f in families for suffix in ("", "_total", "_bucket", "_sum", "_count")}
+    unknown = sorted(w for w in written if w not in samples)
+    assert not unknown, f"serve.md names metrics /metrics does not export: {unknown}"
