@@ -708,3 +708,12 @@ def test_the_metric_names_of_the_serve_page_are_the_families_metrics_exports(tmp
     samples = {f + suffix for f in families for suffix in ("", "_total", "_bucket", "_sum", "_count")}
     unknown = sorted(w for w in written if w not in samples)
     assert not unknown, f"serve.md names metrics /metrics does not export: {unknown}"
+
+
+def test_the_readme_lists_every_page_of_the_docs():
+    # README.md, "Documentation": a page the list leaves out is one a reader never finds from the
+    # front page (docs/gpu.md, the engine on CUDA, was missing)
+    listed = "\n".join(ln for ln in (ROOT / "README.md").read_text().split("\n## Documentation\n", 1)[1]
+                       .split("\n## ", 1)[0].splitlines() if ln.startswith("- "))
+    missing = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if f"`docs/{p.name}`" not in listed]
+    assert not missing, f"README.md's Documentation list lacks {missing}"
