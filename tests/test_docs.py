@@ -5,10 +5,11 @@ it, the outputs they quote are what the commands print, the tables (built-in kin
 parameters, item types and resources, modes, condition fields, serve flags, limits and defaults,
 OpenAI fields, the planner's work) say what the code does, the request bodies they send parse, the
 engine's dataclasses list every field, every file and test they point at is there, the README tour's
-commands that need no model exit as it says, the architecture page's stage kind checks and runs, the
-serve page's error table names every error code the server answers, and the startup banner the
-serve page quotes has the clauses `agp serve` prints and its metric names are the families /metrics
-exports (both built on the tiny model, none loaded otherwise). (The examples themselves run in tests/test_examples.py.)"""
+commands that need no model exit as it says, the README lists every page, the architecture page's
+stage kind checks and runs, the serve page's error table names every error code the server answers,
+and the startup banner the serve page quotes has the clauses `agp serve` prints and its metric names
+are the families /metrics exports (both built on the tiny model, none loaded otherwise). (The
+examples themselves run in tests/test_examples.py.)"""
 from __future__ import annotations
 
 import json
