@@ -111,6 +111,14 @@ def nearby(real: str, shown: str | None = None) -> str | None:
     return f"did you mean '{os.path.join(os.path.dirname(shown or real), close + ext)}'?" if close else None
 
 
+def _starts_with(path: str, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
 def read_bytes(path: str, file: str | None = None, at: SourcePos | None = None, what: str = "file",
                limit: int | None = None) -> tuple[bytes | None, list[Diagnostic]]:
     """The bytes of `path`, or None and a diagnostic: missing, unreadable, not a regular file
@@ -135,6 +143,8 @@ def read_bytes(path: str, file: str | None = None, at: SourcePos | None = None, 
                 return bad(f"'{path}' is {kind}, not a regular file", "the path of an .agp file",
                            "only regular files can be checked or included")
         if st.st_size > limit:
+            if _starts_with(real, GGUF_MAGIC):
+                return None, [_a_model(where)]
             return bad(f"{what} '{path}' is too large ({_size(st.st_size)})", too_large, _SPLIT)
         # O_NONBLOCK: should the path turn into a FIFO after the stat, opening it cannot hang
         fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
@@ -188,9 +198,22 @@ def shown_text(data: bytes) -> str:
     return data.decode(encoding.lower() if encoding else "utf-8", "replace")
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def _a_model(where: SourcePos) -> Diagnostic:
+    """A model's GGUF file given where a pipeline goes (`agp run model.gguf`, as `agp serve` takes it)."""
+    return Diagnostic(ERROR, "file is a model (a GGUF file), not a pipeline", where, expected="a pipeline (.agp) file",
+                      hint="`agp serve MODEL` serves a model as it is; a pipeline names it in its generate stage: "
+                           "stage gen : generate { model = \"path/to/model.gguf\" }")
+
+
 def decode(data: bytes, file: str) -> tuple[str | None, list[Diagnostic]]:
     """UTF-8 text (a byte-order mark dropped), or None and an error at the first bad byte (at
-    1:1 for a file in UTF-16 or UTF-32, which says so)."""
+    1:1 for a file in UTF-16 or UTF-32, which says so; at 1:1 a model's GGUF file, which is
+    no pipeline at all)."""
+    if data[:4] == GGUF_MAGIC:
+        return None, [_a_model(SourcePos.point(file, 1, 1))]
     encoding = _foreign_encoding(data)
     if encoding is not None:
         return None, [Diagnostic(ERROR, f"file is {encoding}, not UTF-8", SourcePos.point(file, 1, 1),

@@ -293,6 +293,19 @@ def test_an_included_files_own_error_notes_the_use_that_read_it(tmp_path, includ
     assert f"= note: included here ({tmp_path / 'main.agp'}:{at.line}:5)" in render_all(diags, prog.sources)
 
 
+def test_a_model_file_given_as_the_pipeline_says_it_is_a_model(tmp_path, tiny_gguf):
+    """`agp run model.gguf` (as `agp serve MODEL` takes it): the error says the file is a model and
+    how a pipeline names one, not that it is not UTF-8 (it said "re-save the file as UTF-8")."""
+    _, diags = pipeline_dsl.load(str(tiny_gguf))
+    (d,) = diags
+    assert d.message == "file is a model (a GGUF file), not a pipeline" and (d.pos.line, d.pos.col) == (1, 1)
+    assert "agp serve MODEL" in d.hint and "model = " in d.hint
+    big = tmp_path / "big.gguf"                 # a real model is over the 1 MiB a pipeline may be
+    big.write_bytes(b"GGUF" + bytes(2 << 20))
+    _, diags = pipeline_dsl.load(str(big))
+    assert [d.message for d in diags] == ["file is a model (a GGUF file), not a pipeline"]
+
+
 def test_file_that_is_not_utf8_is_an_error_at_the_bad_byte(tmp_path):
     f = tmp_path / "x.agp"
     f.write_bytes(b'pipeline p {\n  model = "caf\xe9"\n}\n')
