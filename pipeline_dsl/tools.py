@@ -37,6 +37,9 @@ import uuid
 from typing import Any
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+# what json raises for text that is no JSON value: ValueError, or RecursionError for one nested deeper
+# than Python's stack (a client's arguments string, a model's answer of a thousand `[`): not JSON either
+NOT_JSON = (ValueError, RecursionError)
 CALL_RE = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.S)
 
 SYSTEM = ("You are a function calling AI model. You are provided with function signatures within "
@@ -93,7 +96,7 @@ def _arguments(value) -> Any:
     if isinstance(value, str):
         try:
             return json.loads(value)
-        except ValueError:
+        except NOT_JSON:
             return value
     return value if value is not None else {}
 
@@ -137,7 +140,7 @@ def _finished_calls(body: str) -> list[dict]:
     if text.startswith("{"):
         try:
             value, _ = decoder.raw_decode(text)
-        except ValueError:
+        except NOT_JSON:
             return []
         return _calls_of([value])
     if not text.startswith("["):
@@ -148,7 +151,7 @@ def _finished_calls(body: str) -> list[dict]:
             at += 1
         try:
             value, at = decoder.raw_decode(text, at)
-        except ValueError:
+        except NOT_JSON:
             return _calls_of(values)
         values.append(value)
 
@@ -158,7 +161,7 @@ def _calls_in(body: str) -> list[dict]:
     not JSON."""
     try:
         value = json.loads(body.strip())
-    except ValueError:
+    except NOT_JSON:
         return []                           # not a call after all: it stays in the content
     return _calls_of(value if isinstance(value, list) else [value])
 
@@ -279,7 +282,7 @@ def _json_values(text: str, separators: str) -> list | None:
             return values or None
         try:
             value, at = decoder.raw_decode(text, at)
-        except ValueError:
+        except NOT_JSON:
             return None
         values.append(value)
 
