@@ -40,7 +40,6 @@ OPEN, CLOSE = "<tool_call>", "</tool_call>"
 # what json raises for text that is no JSON value: ValueError, or RecursionError for one nested deeper
 # than Python's stack (a client's arguments string, a model's answer of a thousand `[`): not JSON either
 NOT_JSON = (ValueError, RecursionError)
-CALL_RE = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.S)
 
 SYSTEM = ("You are a function calling AI model. You are provided with function signatures within "
           "<tools></tools> XML tags. You may call one or more functions to assist with the user query. "
@@ -113,13 +112,16 @@ def parse_tool_calls(text: str, limit: int | None = None,
             return text, []
         return (content if content.strip() else None), calls[:limit]
     calls: list[dict] = []
-
-    def take(match: re.Match) -> str:
-        found = _calls_in(match.group(1))
+    kept, at = [], 0
+    while (start := text.find(OPEN, at)) >= 0:      # each block, to the first CLOSE after its OPEN
+        end = text.find(CLOSE, start + len(OPEN))   # (none: no later block closes either; a regex
+        if end < 0:                                 # tried each OPEN to the end, n² for n of them)
+            break
+        found = _calls_in(text[start + len(OPEN):end])
         calls.extend(found)
-        return "" if found else match.group(0)
-
-    content = CALL_RE.sub(take, text)
+        kept.append(text[at:start] if found else text[at:end + len(CLOSE)])
+        at = end + len(CLOSE)
+    content = "".join(kept) + text[at:]
     cut = content.rfind(OPEN)
     if cut >= 0 and CLOSE not in content[cut:]:      # the answer ended inside a block (a length cut)
         found = _finished_calls(content[cut + len(OPEN):])
