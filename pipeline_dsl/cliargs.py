@@ -197,6 +197,8 @@ def override_generation_config(text: str) -> dict:
         value = json.loads(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
+    except RecursionError:
+        raise argparse.ArgumentTypeError("not a JSON object of sampling keys (nested too deeply to read)") from None
     try:
         return check_generation_override(value)
     except ValueError as e:

@@ -42,7 +42,9 @@ import uuid
 from typing import Any
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-CALL_RE = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.S)
+# what json raises for text that is no JSON value: ValueError, or RecursionError for one nested deeper
+# than Python's stack (a client's arguments string, a model's answer of a thousand `[`): not JSON either
+NOT_JSON = (ValueError, RecursionError)
 
 SYSTEM = ("You are a function calling AI model. You are provided with function signatures within "
           "<tools></tools> XML tags. You may call one or more functions to assist with the user query. "
@@ -98,7 +100,7 @@ def _arguments(value) -> Any:
     if isinstance(value, str):
         try:
             return json.loads(value)
-        except ValueError:
+        except NOT_JSON:
             return value
     return value if value is not None else {}
 
@@ -115,13 +117,16 @@ def parse_tool_calls(text: str, limit: int | None = None,
             return without_markers(text, parser), []
         return (content if content.strip() else None), calls[:limit]
     calls: list[dict] = []
-
-    def take(match: re.Match) -> str:
-        found = _calls_in(match.group(1))
+    kept, at = [], 0
+    while (start := text.find(OPEN, at)) >= 0:      # each block, to the first CLOSE after its OPEN
+        end = text.find(CLOSE, start + len(OPEN))   # (none: no later block closes either; a regex
+        if end < 0:                                 # tried each OPEN to the end, n² for n of them)
+            break
+        found = _calls_in(text[start + len(OPEN):end])
         calls.extend(found)
-        return "" if found else match.group(0)
-
-    content = CALL_RE.sub(take, text)
+        kept.append(text[at:start] if found else text[at:end + len(CLOSE)])
+        at = end + len(CLOSE)
+    content = "".join(kept) + text[at:]
     cut = content.rfind(OPEN)
     if cut >= 0 and CLOSE not in content[cut:]:      # the answer ended inside a block (a length cut)
         found = _finished_calls(content[cut + len(OPEN):])
@@ -142,7 +147,7 @@ def _finished_calls(body: str) -> list[dict]:
     if text.startswith("{"):
         try:
             value, _ = decoder.raw_decode(text)
-        except ValueError:
+        except NOT_JSON:
             return []
         return _calls_of([value])
     if not text.startswith("["):
@@ -153,7 +158,7 @@ def _finished_calls(body: str) -> list[dict]:
             at += 1
         try:
             value, at = decoder.raw_decode(text, at)
-        except ValueError:
+        except NOT_JSON:
             return _calls_of(values)
         values.append(value)
 
@@ -163,7 +168,7 @@ def _calls_in(body: str) -> list[dict]:
     not JSON."""
     try:
         value = json.loads(body.strip())
-    except ValueError:
+    except NOT_JSON:
         return []                           # not a call after all: it stays in the content
     return _calls_of(value if isinstance(value, list) else [value])
 
@@ -190,11 +195,21 @@ class ToolStream:
 
     def __init__(self, limit: int | None = None) -> None:
         self.pending = ""
+        self.held: list[str] | None = None      # a block not closed yet: its pieces as they came
+        self.tail = ""                          # its last characters, where its end may have begun
         self.index = 0
         self.limit = limit
 
     def feed(self, delta: str) -> tuple[str, list[dict]]:
-        self.pending += delta
+        if self.held is not None:               # inside a block: only what came is looked at (a long
+            self.held.append(delta)             # call costs its length once, not once per delta)
+            look = self.tail + delta
+            if CLOSE not in look:
+                self.tail = look[-(len(CLOSE) - 1):]
+                return "", []
+            self.pending, self.held = "".join(self.held), None
+        else:
+            self.pending += delta
         content, calls = "", []
         while True:
             start = self.pending.find(OPEN)
@@ -206,7 +221,8 @@ class ToolStream:
             content += self.pending[:start]
             end = self.pending.find(CLOSE, start)
             if end < 0:
-                self.pending = self.pending[start:]
+                self.held, self.pending = [self.pending[start:]], ""
+                self.tail = self.held[0][-(len(CLOSE) - 1):]
                 return content, calls
             block = self.pending[start:end + len(CLOSE)]
             self.pending = self.pending[end + len(CLOSE):]
@@ -219,7 +235,8 @@ class ToolStream:
     def finish(self) -> tuple[str, list[dict]]:
         """What was held back when the answer ended: a block the answer ended inside gives its
         finished calls (parse_tool_calls's rule), else its text is content after all."""
-        rest, self.pending = self.pending, ""
+        rest = self.pending if self.held is None else "".join(self.held)
+        self.pending, self.held = "", None
         if rest.startswith(OPEN):
             found = _finished_calls(rest[len(OPEN):])
             if found:
@@ -248,10 +265,11 @@ def _partial_suffix(text: str, tag: str) -> int:
 class _Family:
     """A form of calls that runs from where it starts (`start`) to the end of the answer."""
 
-    def start(self, text: str, since: int = 0) -> int:
+    def start(self, text: str, since: int = 0, lead: int | None = None) -> int:
         """Where the calls may begin in `text` (as it is, or as more of the answer comes);
-        len(text) when they cannot begin anywhere in it. `since` > 0: not before it (a stream
-        has sent the text before it as content)."""
+        len(text) when they cannot begin anywhere in it; 0 for white space alone. `since` > 0:
+        not before it (a stream has sent the text before it as content). `lead`: the length of
+        the white space `text` begins with, where a stream knows it."""
         raise NotImplementedError
 
     def calls(self, part: str) -> list[dict]:
@@ -265,6 +283,9 @@ class _Family:
             return text, []
         found = self.calls(text[at:])
         return (text[:at], found) if found else (text, [])
+
+
+_SPACE = re.compile(r"\s*")          # white space, as str.isspace and str.lstrip take it
 
 
 def _marker_start(text: str, marker: str, since: int = 0) -> int:
@@ -284,7 +305,7 @@ def _json_values(text: str, separators: str) -> list | None:
             return values or None
         try:
             value, at = decoder.raw_decode(text, at)
-        except ValueError:
+        except NOT_JSON:
             return None
         values.append(value)
 
@@ -302,12 +323,12 @@ def _all_calls(values: list | None, *keys: str) -> list[dict]:
 class _Llama3Json(_Family):
     TAG = "<|python_tag|>"
 
-    def start(self, text: str, since: int = 0) -> int:
+    def start(self, text: str, since: int = 0, lead: int | None = None) -> int:
         if not since:
-            body = text.lstrip()
-            if not body:
+            at = _SPACE.match(text).end() if lead is None else lead
+            if at == len(text):
                 return 0                    # only white space yet: the calls may begin after it
-            if body[0] in "{[" or self.TAG.startswith(body[:len(self.TAG)]):
+            if text[at] in "{[" or self.TAG.startswith(text[at:at + len(self.TAG)]):
                 return 0
         return _marker_start(text, self.TAG, since)
 
@@ -321,10 +342,11 @@ class _Llama3Json(_Family):
 class _Mistral(_Family):
     MARK, ARGS = "[TOOL_CALLS]", "[ARGS]"
 
-    def start(self, text: str, since: int = 0) -> int:
+    def start(self, text: str, since: int = 0, lead: int | None = None) -> int:
         if not since:
-            body = text.lstrip()
-            if not body or (body[0] == "[" and body[1:].lstrip()[:1] in ("", "{")):
+            at = _SPACE.match(text).end() if lead is None else lead
+            after = _SPACE.match(text, at + 1).end() if at < len(text) else at
+            if at == len(text) or (text[at] == "[" and text[after:after + 1] in ("", "{")):
                 return 0                    # a bare list of calls (the marker detokenised away)
         return _marker_start(text, self.MARK, since)
 
@@ -406,10 +428,17 @@ class _HeldStream:
     def __init__(self, family: str, limit: int | None) -> None:
         self.family, self.family_name, self.limit = FAMILIES[family], family, limit
         self.text, self.sent = "", 0
+        self.lead: int | None = None        # the white space the answer begins with, once more came
 
     def feed(self, delta: str) -> tuple[str, list[dict]]:
-        self.text += delta
-        at = self.family.start(self.text, self.sent)
+        text, self.text = self.text, ""     # held by a local alone, CPython grows it in place
+        text += delta                       # (`self.text += delta` copies the whole answer)
+        self.text = text
+        if self.lead is None:               # each delta costs its own length, not the answer's
+            if not delta.strip():
+                return "", []               # white space alone: the calls may begin after it
+            self.lead = _SPACE.match(self.text).end()
+        at = self.family.start(self.text, self.sent, self.lead)
         out, self.sent = self.text[self.sent:max(at, self.sent)], max(at, self.sent)
         return out, []
 

@@ -202,6 +202,20 @@ def test_tool_choice_none_gives_no_call_and_history_reaches_the_template(client,
 
 
 
+def test_an_earlier_call_s_arguments_nested_past_python_s_stack_are_no_500(client, server):
+    """A client's history whose arguments string is JSON nested deeper than Python's stack reaches
+    the prompt as the text it is (as arguments that are not JSON), on every route that renders it."""
+    deep = "[" * 1500
+    history = USER + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": deep}}]}]
+    ids = httpx.post(server.url + "/tokenize", json={"messages": history, "model": "tiny"}, timeout=60)
+    assert ids.status_code == 200, ids.text
+    prompt = httpx.post(server.url + "/detokenize", json={"tokens": ids.json()["tokens"]}).json()["prompt"]
+    assert deep in prompt
+    out = _chat(client, messages=history, max_tokens=2, tools=[WEATHER])
+    assert out.choices[0].message.role == "assistant"
+
+
 def test_tool_choice_none_keeps_the_tools_in_the_prompt_and_parses_no_call(client):
     """vLLM renders the tools with tool_choice "none" too (unless --exclude-tools-when-tool-choice-none),
     as OpenAI's model still knows them; the answer is never parsed for calls, even one that reads

@@ -306,11 +306,18 @@ def test_allowed_origins_takes_vllms_json_list(tmp_path, tiny_gguf):
     ("https://app.example/", "'https://app.example/' is not an origin"),        # a trailing slash: never sent
     ("app.example", "'app.example' is not an origin"),
     ('["https://app.example"', "is not a JSON list of origins"),
+    ("[" * 3000, "is not a JSON list of origins (nested too deeply to read)"),    # past Python's stack
 ])
 def test_an_allowed_origin_no_browser_sends_stops_the_start(capsys, given, said):
     with pytest.raises(SystemExit) as e:
         parse(["x.agp", "--allowed-origins", given], {})
     assert e.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_override_generation_config_nested_past_python_s_stack_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(["x.agp", "--override-generation-config", "[" * 3000], {})
+    assert e.value.code == 2 and "nested too deeply to read" in capsys.readouterr().err
 
 
 def test_chat_template_takes_the_template_itself_as_vllm_does(tmp_path, tiny_gguf, capsys):

@@ -9,7 +9,8 @@ import json
 import flowkit
 import pytest
 
-from pipeline_dsl.tools import PARSERS, parse_tool_calls, tool_parser_for, tool_stream, without_markers
+from pipeline_dsl.tools import (PARSERS, parse_tool_calls, prepare_messages, tool_parser_for, tool_stream,
+                                 without_markers)
 
 
 def calls_of(calls: list[dict]) -> list[tuple[str, dict]]:
@@ -75,6 +76,31 @@ def test_parallel_tool_calls_false_keeps_the_first_call_of_every_family(parser, 
     stream = tool_stream(1, parser)
     sent = [stream.feed(text), stream.finish()]
     assert calls_of([c for _, found in sent for c in found]) == calls[:1]
+
+
+# an answer nested deeper than Python's stack (a model that writes `[` until max_tokens), where each
+# family's calls may begin: no call, the whole answer content (json's RecursionError is no 500)
+DEEP = "[" * 5000 + "1"
+NESTED_PAST_THE_STACK = [("hermes", "<tool_call>" + DEEP + "</tool_call>"), ("hermes", "<tool_call>" + DEEP),
+                         ("hermes", '<tool_call>{"name": "f", "arguments": ' + DEEP),
+                         ("llama3_json", DEEP), ("llama3_json", "<|python_tag|>" + DEEP),
+                         ("mistral", "[TOOL_CALLS]" + DEEP), ("mistral", "[TOOL_CALLS]f[ARGS]" + DEEP)]
+
+
+@pytest.mark.parametrize("parser, text", NESTED_PAST_THE_STACK)
+def test_an_answer_nested_past_python_s_stack_is_content_whole_or_streamed(parser, text):
+    shown = without_markers(text, parser)          # content shows no family's marker
+    assert parse_tool_calls(text, None, parser) == (shown, [])
+    assert streamed(parser, [text[i:i + 7] for i in range(0, len(text), 7)]) == (shown, [])
+
+
+def test_an_earlier_call_s_arguments_nested_past_python_s_stack_reach_the_prompt_as_written():
+    args = "[" * 5000
+    history = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": "", "tool_calls": [{"id": "c", "type": "function",
+                                                                     "function": {"name": "f", "arguments": args}}]}]
+    [_, said] = prepare_messages(history, None, template_takes_tools=False)
+    assert said["content"] == "<tool_call>" + json.dumps([{"name": "f", "arguments": args}]) + "</tool_call>"
 
 
 def streamed(parser: str, pieces: list[str], limit=None) -> tuple[str, list[dict]]:

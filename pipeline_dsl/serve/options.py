@@ -46,6 +46,9 @@ def _origins(value: str) -> list[str]:
             items = json.loads(text)
         except ValueError as e:
             raise argparse.ArgumentTypeError(f"{text!r} is not a JSON list of origins ({e})") from None
+        except RecursionError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r}... is not a JSON list of origins (nested too deeply "
+                                             "to read)") from None
         if not all(isinstance(i, str) for i in items):
             raise argparse.ArgumentTypeError(f"{text!r} is not a JSON list of origins (strings)")
         names = [i.strip() for i in items if i.strip()]
