@@ -53,6 +53,30 @@ def torch_threads_put_back():
         torch.set_num_threads(TORCH_THREADS)
 
 
+LOGGERS = ("", "agp", "agp.access", "uvicorn", "uvicorn.error", "uvicorn.access")
+
+
+@pytest.fixture(autouse=True)
+def logging_put_back():
+    """The loggers `agp serve` configures (serve.logs.configure: agp's, uvicorn's, the root) and
+    warnings.showwarning are as they were after every test: a test that runs `agp serve`'s main
+    in this process (a flag refused after the logs were set up) or configures them itself left
+    every in-process server of the tests after it logging at INFO to the stderr of the moment,
+    and a line written between tests went past pytest's capture onto the run's output."""
+    import logging
+    import warnings
+
+    saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in map(logging.getLogger, LOGGERS)]
+    shown = warnings.showwarning
+    yield
+    warnings.showwarning = shown
+    for lg, handlers, level, propagate in saved:
+        if lg.handlers != handlers or lg.level != level or lg.propagate != propagate:
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate = propagate
+
+
 @pytest.fixture(scope="module")
 def ray_turn():
     """Held while a module's local Ray cluster runs: one cluster at a time on this machine."""

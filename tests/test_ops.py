@@ -428,24 +428,10 @@ def test_why_a_start_failed_is_written_whatever_the_log_level(tmp_path):
 @pytest.fixture
 def configure():
     """serve.logs.configure, which `agp serve` calls once for its process, for one test of this
-    process: the loggers it sets (agp's, uvicorn's, the root) and warnings.showwarning are put
-    back after it. Left configured, every in-process server of the tests after it (test_serve's
-    LiveServer) logged its requests at INFO to the stderr of the moment, and a line written as
-    its test ended went past pytest's capture onto the run's output."""
-    import logging
-    import warnings
-
+    process (conftest's logging_put_back sets the loggers back after it)."""
     from pipeline_dsl.serve.logs import configure
 
-    loggers = [logging.getLogger(n) for n in ("", "agp", "agp.access", "uvicorn", "uvicorn.error", "uvicorn.access")]
-    saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
-    shown = warnings.showwarning
-    yield configure
-    warnings.showwarning = shown
-    for lg, handlers, level, propagate in saved:
-        lg.handlers[:] = handlers
-        lg.setLevel(level)
-        lg.propagate = propagate
+    return configure
 
 
 def test_a_text_log_line_is_one_line_whatever_a_client_put_in_its_reason(monkeypatch, configure):
