@@ -80,6 +80,7 @@ def test_a_model_has_no_pipeline_to_pick(tiny_gguf, capsys):
     assert cli.main(["serve", str(tiny_gguf), "--port", "0", "--pipeline", "chat"]) == 2
     err = capsys.readouterr().err
     assert "--pipeline chat picks a pipeline of a .agp file" in err, err
+    assert "listening" not in err                                 # refused before the port is taken
 
 
 def answers(argv, *bodies):

@@ -44,9 +44,6 @@ def pipeline_graph(args):
     model = model_named(args.pipeline)
     if model is None:
         return args.pipeline
-    if args.name is not None:
-        raise SetupError(f"--pipeline {args.name} picks a pipeline of a .agp file, and {args.pipeline!r} is a "
-                         "model (agp serves it with a pipeline of its own)")
     from pipeline_dsl.engine.errors import InputError
     from pipeline_dsl.engine.models import generation_defaults, resolve_model
 

@@ -440,6 +440,9 @@ def check_file(file: str) -> None:
 def check_args(args) -> None:
     """The flags' own ranges, and FILE (check_file), before anything is loaded."""
     check_file(args.pipeline)
+    if getattr(args, "name", None) is not None and model_named(args.pipeline) is not None:
+        raise SetupError(f"--pipeline {args.name} picks a pipeline of a .agp file, and {args.pipeline!r} is a "
+                         "model (agp serves it with a pipeline of its own)")
     _check_values(args, ("port", *(d for d in AT_LEAST if d not in RAY_DESTS), *POSITIVE_SECONDS, "stats_interval",
                          "body_min_rate", "seed"))
     if args.max_body_bytes_arriving < args.max_body_bytes:     # a body of the largest size could never arrive
