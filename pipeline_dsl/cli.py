@@ -391,6 +391,9 @@ VLLM_FLAGS = {
     "--hf-token": _NO_DOWNLOAD,
     "--load-format": "agp loads .gguf files and Hugging Face folders (safetensors), each by its kind",
     "--guided-decoding-backend": "one backend, llguidance, serves every structured output",
+    "--enable-prompt-embeds": "a prompt comes as text or token ids; `prompt_embeds` is refused",
+    "--trust-request-chat-template": "a request brings no chat template of its own: --chat-template sets the "
+                                     "server's",
     "--enable-lora": _NO_LORA,
     "--lora-modules": _NO_LORA,
 }

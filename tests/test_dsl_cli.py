@@ -162,6 +162,9 @@ def test_a_vllm_flag_is_refused_with_where_agp_sets_it(command, capsys):
      ["--download-dir is vLLM's: agp downloads nothing: serve a local .gguf file or Hugging Face folder",
       "--enable-chunked-prefill is vLLM's: prefill is always chunked (generate's `prefill_chunk`",
       "--response-role is vLLM's: a chat answer's role is always `assistant`"]),
+    (["--enable-prompt-embeds", "--trust-request-chat-template"],
+     ["--enable-prompt-embeds is vLLM's: a prompt comes as text or token ids",
+      "--trust-request-chat-template is vLLM's: a request brings no chat template of its own"]),
 ])
 def test_the_vllm_flags_of_a_deployment_say_what_agp_does_instead(argv, said, capsys):
     """They were refused as any unknown flag is, with nothing on what agp does about them."""
