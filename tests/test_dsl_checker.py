@@ -576,6 +576,7 @@ def test_kv_budgets_against_kv_budget_at_the_edge_and_with_a_bad_budget():
 @pytest.mark.parametrize("literal, value", [
     (r'"a\"b\\c"', 'a"b\\c'), (r'"\n\t\r\0"', "\n\t\r\0"), (r'"caf\u00e9"', "café"),
     (r'"\ud83d\ude00"', "\U0001F600"), (r'"C:\\Users"', "C:\\Users"),
+    (r'"\udbff\udfff"', "\U0010FFFF"),                        # the last pair: both surrogates at their top
 ])
 def test_string_escapes_are_the_documented_ones(literal, value):
     module, diags = parse(f"pipeline p {{ x = {literal} }}")
@@ -588,6 +589,7 @@ def test_string_escapes_are_the_documented_ones(literal, value):
     (r'"C:\Users"', "unknown escape '\\U' in a string", 21, 2),
     (r'"\x41"', "unknown escape '\\x' in a string", 19, 2),
     (r'"\u12g4"', "malformed escape '\\u12g4' in a string", 19, 6),
+    (r'"\u12"', "malformed escape '\\u12' in a string", 19, 4),             # cut short by the quote
     (r'"ab\udc00"', "lone surrogate '\\udc00' in a string", 21, 6),
 ])
 def test_an_unknown_escape_is_an_error_at_it_not_a_dropped_backslash(literal, message, col, width):

@@ -160,7 +160,7 @@ def test_fmt_reports_syntax_errors_instead_of_printing():
 
 
 @pytest.mark.parametrize("value", ['a"b\\c', "\n\t\r\0", "café", "\U0001F600", "\x01\x7f\u2028\x85", "C:\\Users",
-                                   "\ud7ff\ue000"])
+                                   "\ud7ff\ue000", "\U000E007F\U0010FFFD"])   # past the BMP: surrogate pairs
 def test_fmt_writes_every_string_back_exactly(value):
     from pipeline_dsl.parser import quote
 
@@ -184,3 +184,19 @@ def test_an_unprintable_character_stays_an_escape_a_surrogate_pair_past_the_bmp(
 def test_fmt_refuses_an_unknown_escape_rather_than_drop_its_backslash():
     once, (d,) = format_text('pipeline p {\n    x = "Use \\d"\n}\n')
     assert once is None and d.message.startswith("unknown escape '\\d'")
+
+
+@pytest.mark.parametrize("edge", [
+    "a -> b when full or\n        timeout  # c",             # a condition continued on the next line
+    "a -> b when (full or timeout\n        )  # c",           # its ')' on a line of its own
+    "a -> b when not (full\n        )  # c",
+])
+def test_a_comment_after_a_condition_over_two_lines_stays_at_the_end_of_its_edge(edge):
+    out, diags = format_text(f"pipeline p {{\n    {edge}\n    x = 1\n}}\n")
+    assert diags == [] and out.splitlines()[1].endswith("  # c") and out.count("# c") == 1
+
+
+def test_fields_and_quantities_print_back_exactly():
+    src = ('pipeline p {\n    timeout = 0.1234567s\n    a -> b when metadata.tier == "gold" and headers["x-t"] == "a"\n'
+           "}\n")
+    assert format_text(src) == (src, [])

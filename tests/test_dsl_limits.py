@@ -265,7 +265,10 @@ def test_lists_nested_up_to_the_cap_are_fine():
 
 
 @pytest.mark.parametrize("cond, col", [("not " * 30_000 + "full", 15),
-                                       ("(full and (timeout or " * 5_000 + "full" + "))" * 5_000, 16)])
+                                       ("(full and (timeout or " * 5_000 + "full" + "))" * 5_000, 16),
+                                       # 70 levels, under the scan's bound: the nest starts at its first '('
+                                       ("(" * 70 + "full" + " and timeout) or timeout)" * 35 + " and full", 15),
+                                       ("(  " + "not " * 300 + "full)", 18)])          # at the `not`, past blanks
 def test_deeply_nested_conditions_are_an_error_at_the_condition(cond, col):
     (d,) = loads(f"pipeline p {{\n  a -> b when {cond}\n}}\n")
     assert d.message.startswith("conditions are nested too deeply") and (d.pos.line, d.pos.col) == (2, col)

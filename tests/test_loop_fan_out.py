@@ -61,6 +61,7 @@ def test_two_edges_of_the_bounding_stage_back_into_the_loop_are_a_warning_with_t
     # tool copies on each of its 3 calls; the 4th arrival leaves by tool -> out
     assert "up to 8 (2^3) items (max_turns = 3 on 'tool')" in w.hint
     assert [n[0] for n in w.notes] == ["edge tool -> a", "edge tool -> b", "the loop's bound: max_turns = 3"]
+    assert [(p.line, p.col) for _, p in w.notes] == [(17, 5), (18, 5), (7, 67)]       # the bound: max_turns = 3
 
 
 def test_a_fan_out_elsewhere_in_the_loop_is_bounded_by_turns_plus_one(fan_warnings):
@@ -105,3 +106,8 @@ def test_no_example_gets_the_warning():
     for path in sorted(ROOT.glob("examples/**/*.agp")):
         _, diags = pipeline_dsl.load(str(path))
         assert not [d for d in diags if "multiply" in d.message], path
+
+
+def test_a_conditional_edge_to_the_stage_an_unconditional_one_reaches_is_no_copy(fan_warnings):
+    """tool -> a and tool -> a when …: one connected pair, so one copy goes to a, not two."""
+    assert fan_warnings("stage a : route\ntool -> a\ntool -> a when turn > 1\na -> batch") == []
