@@ -477,3 +477,39 @@ def test_a_stream_that_fails_midway_ends_with_response_failed_naming_the_errors_
     last = data[-1]
     assert last["type"] == "response.failed" and last["response"]["status"] == "failed"
     assert last["response"]["error"]["code"] == "stage_failed" and last["response"]["error"]["message"]
+
+
+class Delta(str):
+    """A streamed delta that counts the times something is added to it: `text += delta` on the
+    text so far (a copy of the whole text each delta: quadratic on a long stream) is one."""
+    added = 0
+
+    def __radd__(self, other):
+        Delta.added += 1
+        return str(other) + str(self)
+
+
+def test_a_long_streamed_message_joins_its_deltas_once_and_does_not_copy_its_text_each_delta():
+    from types import SimpleNamespace as NS
+
+    from pipeline_dsl.serve.responses_events import ResponseEvents
+
+    kept = []
+    owner = NS(g=NS(config=NS(retry_after_s=1)), text_of=lambda c: None, name_of=lambda c: None,
+               bytes_of=lambda c: None, keep=lambda call, body: kept.append(body))
+    call = NS(req=NS(max_tokens_field="max_output_tokens", tools_active=False, model="tiny"), settings={})
+    events = ResponseEvents(owner, call, None, None, "resp_1", None)
+    Delta.added = 0
+    sent = [events.on_delta(0, NS(delta_text=Delta(f"{i % 10}"))) for i in range(2000)]
+    done = events.finish(NS(choices=[NS(text="", finish_reason="stop", data={})],
+                            usage={"prompt_tokens": 1, "completion_tokens": 2000, "cached_tokens": 0}))
+    assert Delta.added == 0
+    text = "".join(str(i % 10) for i in range(2000))
+    deltas = [json.loads(chunk.split(b"data: ", 1)[1]) for out in sent for chunk in out
+              if chunk.startswith(b"event: response.output_text.delta")]
+    assert "".join(d["delta"] for d in deltas) == text
+    ends = {json.loads(chunk.split(b"data: ", 1)[1])["type"]: json.loads(chunk.split(b"data: ", 1)[1])
+            for chunk in done}
+    assert ends["response.output_text.done"]["text"] == text
+    assert ends["response.output_item.done"]["item"]["content"][0]["text"] == text
+    assert kept[0]["output"][0]["content"][0]["text"] == text and kept[0]["status"] == "completed"
