@@ -112,6 +112,22 @@ def test_scaling_flags_become_serve_options(tmp_path, tiny_gguf):
         on_ray.app_builder({"pipeline": str(path), "min_replicas": 3, "max_replicas": 2})
 
 
+@pytest.mark.parametrize("level", ["critical", "error", "warning", "info", "debug"])
+def test_ray_serves_deployments_log_at_the_log_level_and_write_no_access_line_of_their_own(level, tmp_path,
+                                                                                         tiny_gguf):
+    """agp logs each request itself (--access-log / --no-access-log): Ray Serve's access line
+    for every request of every deployment is off, and its own lines follow --log-level."""
+    on_ray = pytest.importorskip("pipeline_dsl.serve.ray", exc_type=ImportError)
+    from ray.serve.schema import LoggingConfig
+
+    path = tiny_pipeline(tmp_path / "tiny.agp", tiny_gguf)
+    args = on_ray.parse([str(path), "--log-level", level, "--no-access-log"])
+    config = LoggingConfig(**on_ray.logging_config(args))          # Ray's own check of the fields
+    assert config.enable_access_log is False and config.log_level == level.upper()
+    assert on_ray.pipeline_options(args)["logging_config"] == on_ray.logging_config(args)
+    assert on_ray.logging_config(on_ray.parse([str(path)]))["enable_access_log"] is False   # agp's log is on
+
+
 # ---------------------------------------------------------------- a local Ray cluster
 
 class Cluster:

@@ -306,7 +306,7 @@ def test_the_store_keeps_at_most_its_bytes_of_responses_however_few_they_are():
     assert kept == list(range(40 - len(kept), 40)) and 1 <= len(kept) < 10
     assert store.bytes <= STORED_BYTES
     assert store.get("resp_39") == ({"id": "resp_39", "output": big}, [{"role": "user", "content": "hi"}])
-    store.put("huge", {"id": "huge", "output": "x" * (STORED_BYTES + 1)}, [])
+    assert store.put("huge", {"id": "huge", "output": "x" * (STORED_BYTES + 1)}, []) is False
     assert store.get("huge") is None and store.get("resp_39") is not None    # too big alone: not kept
     assert store.delete("resp_39") and store.get("resp_39") is None
     assert store.bytes == sum(len(text) for text in store.items.values())
@@ -477,3 +477,71 @@ def test_a_stream_that_fails_midway_ends_with_response_failed_naming_the_errors_
     last = data[-1]
     assert last["type"] == "response.failed" and last["response"]["status"] == "failed"
     assert last["response"]["error"]["code"] == "stage_failed" and last["response"]["error"]["message"]
+
+
+class Delta(str):
+    """A streamed delta that counts the times something is added to it: `text += delta` on the
+    text so far (a copy of the whole text each delta: quadratic on a long stream) is one."""
+    added = 0
+
+    def __radd__(self, other):
+        Delta.added += 1
+        return str(other) + str(self)
+
+
+def test_a_long_streamed_message_joins_its_deltas_once_and_does_not_copy_its_text_each_delta():
+    from types import SimpleNamespace as NS
+
+    from pipeline_dsl.serve.responses_events import ResponseEvents
+
+    kept = []
+    owner = NS(g=NS(config=NS(retry_after_s=1)), text_of=lambda c: None, name_of=lambda c: None,
+               bytes_of=lambda c: None, keep=lambda call, body: kept.append(body))
+    call = NS(req=NS(max_tokens_field="max_output_tokens", tools_active=False, model="tiny"), settings={})
+    events = ResponseEvents(owner, call, None, None, "resp_1", None)
+    Delta.added = 0
+    sent = [events.on_delta(0, NS(delta_text=Delta(f"{i % 10}"))) for i in range(2000)]
+    done = events.finish(NS(choices=[NS(text="", finish_reason="stop", data={})],
+                            usage={"prompt_tokens": 1, "completion_tokens": 2000, "cached_tokens": 0}))
+    assert Delta.added == 0
+    text = "".join(str(i % 10) for i in range(2000))
+    deltas = [json.loads(chunk.split(b"data: ", 1)[1]) for out in sent for chunk in out
+              if chunk.startswith(b"event: response.output_text.delta")]
+    assert "".join(d["delta"] for d in deltas) == text
+    ends = {json.loads(chunk.split(b"data: ", 1)[1])["type"]: json.loads(chunk.split(b"data: ", 1)[1])
+            for chunk in done}
+    assert ends["response.output_text.done"]["text"] == text
+    assert ends["response.output_item.done"]["item"]["content"][0]["text"] == text
+    assert kept[0]["output"][0]["content"][0]["text"] == text and kept[0]["status"] == "completed"
+
+
+def test_a_response_too_large_for_the_store_answers_store_false_and_its_404_says_why(client, server, caplog):
+    """`"store": true` asks to keep the answer; one alone over the store's bytes is not kept, and
+    says so: its response object has `store: false` (streamed too), the server logs it, and GET,
+    or previous_response_id, of its id is a 404 saying it was too large rather than unknown."""
+    from pipeline_dsl.serve.responses import ResponseStore
+
+    state = server.app.state.responses
+    saved, state.store = state.store, ResponseStore(max_bytes=64)       # any answer is over 64 bytes
+    try:
+        with caplog.at_level("INFO", logger="agp.serve"):
+            r = client.responses.create(model="tiny", input="hello", store=True, max_output_tokens=2)
+            events = list(client.responses.create(model="tiny", input="hello", max_output_tokens=2, stream=True))
+        streamed = events[-1].response
+        assert r.store is False and streamed.store is False
+        for rid in (r.id, streamed.id):
+            assert any(f"the response '{rid}' was not stored" in m for m in caplog.messages)
+            got = httpx.get(f"{server.url}/v1/responses/{rid}", timeout=30)
+            assert got.status_code == 404 and got.json()["error"]["code"] == "response_not_found"
+            assert f"the response '{rid}' was not stored: its " in got.json()["error"]["message"]
+            assert "bytes are over the store's 64 bytes" in got.json()["error"]["message"]
+        with pytest.raises(openai.NotFoundError, match="was not stored"):
+            client.responses.create(model="tiny", input="and?", previous_response_id=r.id, max_output_tokens=2)
+        unknown = httpx.get(f"{server.url}/v1/responses/resp_unknown", timeout=30).json()["error"]["message"]
+        assert unknown.startswith("no stored response has the id 'resp_unknown'")
+        small = client.responses.create(model="tiny", input="hello", store=False, max_output_tokens=2)
+        assert small.store is False
+    finally:
+        state.store = saved
+    kept = client.responses.create(model="tiny", input="hello", max_output_tokens=2)       # the store as it was
+    assert kept.store is True and client.responses.retrieve(kept.id).id == kept.id

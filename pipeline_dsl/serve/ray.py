@@ -7,7 +7,7 @@
 The application `agp` is three deployments (serve/ray_deployments.py): `AgpIngress` behind
 Ray's HTTP proxy, the `AgpPipeline` replicas (each the app `agp serve` builds for the same
 flags) and `AgpMetrics` (serve/ray_metrics.py). This module sets them up from the flags
-(`build_app`: replica counts, autoscaling, resources), runs them (`main`), and drains them at
+(`build_app`: replica counts, autoscaling, resources, Ray's logging), runs them (`main`), and drains them at
 SIGTERM (`drain`: new requests get 503 + Retry-After while those in flight finish, then the
 application is deleted).
 
@@ -36,14 +36,20 @@ APP = "agp"
 DEFAULT_TARGET = 8.0              # --target-ongoing-requests
 
 __all__ = ["APP", "AgpIngress", "AgpPipeline", "PrefixAffinityRouter", "affinity_key", "app_builder", "build_app",
-           "drain", "main", "parse", "pipeline_options", "rank", "start_failure"]
+           "drain", "logging_config", "main", "parse", "pipeline_options", "rank", "start_failure"]
 
 
 # ---------------------------------------------------------------- the application
 
+def logging_config(args) -> dict:
+    """Ray Serve's logging of each deployment (its LoggingConfig): none of its own access lines,
+    as agp logs each request itself (--access-log / --no-access-log), and --log-level's level."""
+    return {"enable_access_log": False, "log_level": args.log_level.upper()}
+
+
 def pipeline_options(args, gpus: float = 0) -> dict:
     """Serve options of the AgpPipeline deployment for these flags."""
-    opts = {"max_ongoing_requests": args.max_ongoing_requests,
+    opts = {"max_ongoing_requests": args.max_ongoing_requests, "logging_config": logging_config(args),
             "graceful_shutdown_timeout_s": args.drain_timeout,
             "ray_actor_options": {"num_cpus": args.threads or 1, "num_gpus": gpus},
             "request_router_config": RequestRouterConfig(request_router_class=PrefixAffinityRouter)}
@@ -71,9 +77,10 @@ def build_app(args, gpus: float = 0):
     if options.get("generation_config") not in (None, "auto", "vllm"):       # a folder
         options["generation_config"] = str(Path(options["generation_config"]).resolve())
     options.pop("func", None)
-    hub = AgpMetrics.bind()
+    logs = logging_config(args)
+    hub = AgpMetrics.options(logging_config=logs).bind()
     pipeline = AgpPipeline.options(**pipeline_options(args, gpus)).bind(options, hub)
-    return AgpIngress.bind(pipeline, args.affinity_chars, args.max_body_bytes, args.body_timeout, hub,
+    return AgpIngress.options(logging_config=logs).bind(pipeline, args.affinity_chars, args.max_body_bytes, args.body_timeout, hub,
                            args.root_path)
 
 
@@ -187,7 +194,7 @@ def main(args) -> int:
     port = args.port or _free_port(args.host)
     serve.start(proxy_location="EveryNode",
                 http_options={"host": args.host, "port": port, "ssl_keyfile": args.ssl_keyfile,
-                              "ssl_certfile": args.ssl_certfile})
+                              "ssl_certfile": args.ssl_certfile}, logging_config=logging_config(args))
     try:
         serve.run(build_app(args, gpus), name=APP, route_prefix="/")   # the app answers under --root-path
     except Exception as e:                      # noqa: BLE001 - Serve says why the replicas did not start

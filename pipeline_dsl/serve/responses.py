@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -33,6 +34,8 @@ from .responses_events import ResponseEvents
 from .responses_output import call_item, message_item, output_messages, response_object, usage
 from .sse import EventStream
 from .token_fields import MAX_LOGPROBS, logprob_names
+
+log = logging.getLogger("agp.serve")
 
 STORED = 1024              # responses kept for previous_response_id / GET (the oldest go first)
 STORED_BYTES = 64 << 20    # and their JSON (response and conversation) at most, all told
@@ -67,6 +70,10 @@ class ResponsesCall:
     store: bool
 
 
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n and n % (1 << 20) == 0 else f"{n} bytes"
+
+
 class ResponseStore:
     """The latest responses: their object and their conversation, for previous_response_id. At
     most `size` of them, and at most `max_bytes` of their JSON all told (the oldest go first; one
@@ -77,18 +84,25 @@ class ResponseStore:
     def __init__(self, size: int = STORED, max_bytes: int = STORED_BYTES):
         self.size, self.max_bytes, self.items = size, max_bytes, OrderedDict()
         self.bytes = 0                                  # the JSON of the responses kept
+        self.too_large: OrderedDict[str, int] = OrderedDict()   # the latest ids not kept: their bytes
         self.lock = threading.Lock()
 
-    def put(self, rid: str, response: dict, conversation: list) -> None:
+    def put(self, rid: str, response: dict, conversation: list) -> bool:
+        """Keep this response; False when it alone is over `max_bytes` (it is not kept)."""
         text = json.dumps([response, conversation], ensure_ascii=False, separators=(",", ":")).encode()
         with self.lock:
             self._forget(rid)
+            self.too_large.pop(rid, None)
             if len(text) > self.max_bytes:
-                return
+                self.too_large[rid] = len(text)
+                while len(self.too_large) > self.size:
+                    self.too_large.popitem(last=False)
+                return False
             self.items[rid] = text
             self.bytes += len(text)
             while len(self.items) > self.size or self.bytes > self.max_bytes:
                 self._forget(next(iter(self.items)))
+        return True
 
     def get(self, rid: str):
         with self.lock:
@@ -98,6 +112,16 @@ class ResponseStore:
     def delete(self, rid: str) -> bool:
         with self.lock:
             return self._forget(rid)
+
+    def missing(self, rid: str) -> str:
+        """Why `rid` has no stored response, for its 404."""
+        with self.lock:
+            size = self.too_large.get(rid)
+        if size is not None:
+            return (f"the response '{rid}' was not stored: its {size} bytes are over the store's "
+                    f"{_size(self.max_bytes)} (it was answered with \"store\": false)")
+        return (f"no stored response has the id '{rid}' (responses are kept in memory, the latest "
+                f"{self.size} within {_size(self.max_bytes)}, unless sent with \"store\": false)")
 
     def _forget(self, rid: str) -> bool:
         text = self.items.pop(rid, None)
@@ -267,9 +291,8 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
     if prev is not None:
         found = store.get(prev) if store is not None else None
         if found is None:
-            raise APIError(f"no stored response has the id '{prev}' (responses are kept in memory, the "
-                           f"latest {STORED} within {STORED_BYTES >> 20} MiB, unless sent with \"store\": false)", status=404,
-                           type="not_found_error", param="previous_response_id", code="response_not_found")
+            raise APIError(store.missing(prev) if store is not None else f"no stored response has the id '{prev}'",
+                           status=404, type="not_found_error", param="previous_response_id", code="response_not_found")
         before = [dict(m) for m in found[1]]
     turn = conversation(obj["input"])
     messages = ([{"role": "system", "content": obj["instructions"]}] if obj.get("instructions") else []) \
@@ -366,5 +389,8 @@ class Responses:
         return body, {0: reason}
 
     def keep(self, call: ResponsesCall, body: dict) -> None:
-        if call.store:
-            self.store.put(body["id"], body, call.conversation + output_messages(body["output"]))
+        """Store a finished response (`"store": true`); one too large for the store answers with
+        `"store": false`, as it was not stored, rather than leave a GET of its id to a bare 404."""
+        if call.store and not self.store.put(body["id"], body, call.conversation + output_messages(body["output"])):
+            body["store"] = False
+            log.info("%s", self.store.missing(body["id"]))

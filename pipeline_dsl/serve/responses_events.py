@@ -30,7 +30,7 @@ class ResponseEvents(Relay):
         self.seq = 0
         self.output: list[dict] = []            # the items done so far
         self.msg: dict | None = None            # the open message item
-        self.text = ""
+        self.pieces: list[str] = []             # the open message's text, a delta a piece (joined at its end)
         self.text_of = owner.text_of(call)
         self.name_of = owner.name_of(call)         # what the logprobs call each token
         self.lps: list | None = [] if self.text_of else None
@@ -55,7 +55,7 @@ class ResponseEvents(Relay):
     # ---- items -------------------------------------------------------------------------
     def _open(self) -> list[bytes]:
         self.msg = {"id": new_id("msg"), "index": len(self.output)}
-        self.text, lps = "", self.lps
+        self.pieces, lps = [], self.lps
         self.lps = [] if lps is not None else None
         item = {"type": "message", "id": self.msg["id"], "status": "in_progress", "role": "assistant", "content": []}
         part = {"type": "output_text", "text": "", "annotations": []}
@@ -65,7 +65,7 @@ class ResponseEvents(Relay):
 
     def _text(self, text: str, lps: list | None) -> list[bytes]:
         out = [] if self.msg is not None else self._open()
-        self.text += text
+        self.pieces.append(text)                 # not text += text: that copies the whole text each delta
         if self.lps is not None and lps:
             self.lps += lps
         out.append(self.event("response.output_text.delta", item_id=self.msg["id"], output_index=self.msg["index"],
@@ -76,10 +76,11 @@ class ResponseEvents(Relay):
         if self.msg is None:
             return []
         m, self.msg = self.msg, None
-        item = message_item(self.text, status, self.lps, m["id"])
+        text = "".join(self.pieces)
+        item = message_item(text, status, self.lps, m["id"])
         self.output.append(item)
         where = {"item_id": m["id"], "output_index": m["index"], "content_index": 0}
-        return [self.event("response.output_text.done", **where, text=self.text, logprobs=self.lps or []),
+        return [self.event("response.output_text.done", **where, text=text, logprobs=self.lps or []),
                 self.event("response.content_part.done", **where, part=item["content"][0]),
                 self.event("response.output_item.done", output_index=m["index"], item=item)]
 

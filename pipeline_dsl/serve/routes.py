@@ -64,21 +64,21 @@ async def responses(request: Request):
     return await _state(request).responses.create(request)
 
 
-def _no_response(response_id: str) -> Response:
-    return error_response(P.APIError(f"no stored response has the id '{response_id}'", status=404,
+def _no_response(response_id: str, request: Request) -> Response:
+    return error_response(P.APIError(_state(request).responses.store.missing(response_id), status=404,
                                      type="not_found_error", param="response_id", code="response_not_found"))
 
 
 @router.get("/v1/responses/{response_id}", openapi_extra=OA.RESPONSE_GET)
 async def get_response(response_id: str, request: Request):
     found = _state(request).responses.store.get(response_id)
-    return found[0] if found is not None else _no_response(response_id)
+    return found[0] if found is not None else _no_response(response_id, request)
 
 
 @router.delete("/v1/responses/{response_id}", openapi_extra=OA.RESPONSE_DELETE)
 async def delete_response(response_id: str, request: Request):
     if not _state(request).responses.store.delete(response_id):
-        return _no_response(response_id)
+        return _no_response(response_id, request)
     return {"id": response_id, "object": "response", "deleted": True}
 
 
