@@ -35,6 +35,10 @@ ANSWERS = [
     ("mistral", '[TOOL_CALLS]f[ARGS] {"a": 1}', None, [("f", {"a": 1})]),
     ("hermes", 'Sure. <tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>', "Sure. ",
      [("add", {"a": 1, "b": 2})]),
+    ("hermes", '<tool_call>not json</tool_call> <tool_call>{"name": "f", "arguments": {}}</tool_call>',
+     '<tool_call>not json</tool_call> ', [("f", {})]),                   # a block that held none stays
+    ("hermes", '<tool_call>[{"name": "f", "arguments": {"a": 1}}, {"name": "g", "argu', None,
+     [("f", {"a": 1})]),                                                  # cut at max_tokens: the whole ones
 ]
 
 # answers that hold no call in that family's form: all content, as written
@@ -53,6 +57,7 @@ NOT_CALLS = [
     ("mistral", '[{"name": "f", "arguments": {}}, {"city": "Oslo"}]'),
     ("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {}}][TOOL_CALLS]oops'),
     ("hermes", '{"name": "f", "arguments": {}}'),                          # another family's form
+    ("hermes", 'Answer is {"name": "f", "arguments": {}}'),
     ("llama3_json", '<tool_call>{"name": "f", "arguments": {}}</tool_call>'),
 ]
 
