@@ -77,9 +77,9 @@ class Calls:
     """Calls on a StageWorkers that each wait for their own gate; the order of their starts and
     ends, and their results."""
 
-    def __init__(self, workers: int, is_async: bool, **kw):
+    def __init__(self, workers: int, is_async: bool, name: str = "s", **kw):
         self.timer, self.loop = Timer(), EventLoop()
-        self.stage = StageWorkers("s", workers=workers, timer=self.timer, loop=self.loop, **kw)
+        self.stage = StageWorkers(name, workers=workers, timer=self.timer, loop=self.loop, **kw)
         self.is_async = is_async
         self.gates: dict[str, threading.Event] = {}
         self.started: dict[str, threading.Event] = {}
@@ -195,5 +195,120 @@ def test_at_most_lend_max_paused_calls_lend_their_slots_and_a_warning_says_so(is
         calls.finish("c")
         calls.finish("b")
         assert calls.order.index("a ends") < calls.order.index("c starts")
+    finally:
+        calls.close()
+
+
+@pytest.mark.parametrize("lend_max", [1, 2])
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_the_lend_max_warning_comes_again_only_after_half_as_many_calls_lend(is_async, lend_max, caplog):
+    """workers = 1: lend_max paused calls all lend, no warning; one more paused keeps its slot: a
+    warning. Let go down to more than half of lend_max and paused again: no new warning (the same
+    stalled readers); let go down to half of lend_max or fewer and paused past it again: a warning
+    again (a new crowd of stalled readers is said, not only the first)."""
+    calls = Calls(1, is_async, lend_max=lend_max)
+    names = [chr(ord("a") + i) for i in range(lend_max + 1)]
+
+    def warnings() -> int:
+        return len([r for r in caplog.records if "LEND_MAX" in r.getMessage()])
+
+    def let_go_and_pause_again(n: int) -> None:
+        for job in jobs[:n]:
+            calls.stage.pause(job, False)
+        assert calls.stage.lent == len(jobs) - n
+        for job in jobs[:n]:
+            calls.stage.pause(job, True)
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="agp.flow"):
+            jobs = []
+            for name in names:
+                jobs.append(calls.submit(name))
+                assert calls.started[name].wait(30)
+                calls.stage.pause(jobs[-1], True)
+                assert warnings() == (0 if name != names[-1] else 1)
+            let_go_and_pause_again(len(jobs) - (lend_max // 2 + 1))
+            assert warnings() == 1
+            let_go_and_pause_again(len(jobs) - lend_max // 2)
+            assert warnings() == 2
+        for name in names:
+            calls.finish(name)
+    finally:
+        calls.close()
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_calls_waiting_when_the_running_one_is_paused_take_its_lent_slot_at_once_one_at_a_time(is_async):
+    """workers = 1: "b" and "c" wait behind "a"; "a" paused, "b" starts then (not when some later
+    call comes or "a" ends) and "c" still waits: one slot lent, one call more. "b" ended, "c"
+    takes the lent slot while "a" still waits."""
+    calls = Calls(1, is_async)
+    try:
+        a = calls.submit("a")
+        assert calls.started["a"].wait(30)
+        calls.submit("b")
+        calls.submit("c")
+        assert not calls.started["b"].wait(0.2)          # a slot of one: "b" waits
+        calls.stage.pause(a, True)
+        assert calls.started["b"].wait(30)
+        assert not calls.started["c"].wait(0.2)          # one slot lent: "c" waits for "b"
+        calls.finish("b")
+        calls.finish("c")
+        assert not calls.ended["a"].is_set()
+        calls.finish("a")
+        assert calls.order == ["a starts", "b starts", "b ends", "c starts", "c ends", "a ends"]
+    finally:
+        calls.close()
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_a_call_paused_twice_lends_one_slot_and_let_go_twice_takes_it_back_once(is_async):
+    """A reader's pause said twice is one pause: the stage runs one call more, not two; its let go
+    said twice gives back that one (not a slot the stage never had)."""
+    calls = Calls(1, is_async)
+    try:
+        a = calls.submit("a")
+        assert calls.started["a"].wait(30)
+        calls.stage.pause(a, True)
+        calls.stage.pause(a, True)
+        assert calls.stage.lent == 1
+        calls.submit("b")
+        calls.submit("c")
+        assert calls.started["b"].wait(30)
+        assert not calls.started["c"].wait(0.2)          # one slot lent: "c" waits for "b"
+        calls.stage.pause(a, False)
+        calls.stage.pause(a, False)
+        assert calls.stage.lent == 0
+        calls.finish("b")
+        assert not calls.started["c"].wait(0.2)          # "a" has its slot back: "c" waits for it
+        calls.finish("a")
+        calls.finish("c")
+        assert calls.order == ["a starts", "b starts", "b ends", "a ends", "c starts", "c ends"]
+    finally:
+        calls.close()
+
+
+def stage_threads(name: str) -> int:
+    return sum(t.name == f"agp-stage-{name}" for t in threading.enumerate())
+
+
+def test_the_thread_a_paused_call_lent_ends_once_it_is_let_go():
+    """workers = 1 (sync): "b" ran on the thread "a" lent while paused; "a" let go, that idle
+    thread ends: the stage is back to one thread, not one per pause it ever had."""
+    calls = Calls(1, False, name="lent-thread")
+    try:
+        a = calls.submit("a")
+        assert calls.started["a"].wait(30)
+        calls.stage.pause(a, True)
+        calls.submit("b")
+        calls.finish("b")
+        assert stage_threads("lent-thread") == 2
+        calls.stage.pause(a, False)
+        for _ in range(3000):
+            if stage_threads("lent-thread") == 1:
+                break
+            threading.Event().wait(0.01)
+        assert stage_threads("lent-thread") == 1
+        calls.finish("a")
     finally:
         calls.close()

@@ -32,8 +32,15 @@ ANSWERS = [
     ("mistral", 'Sure. [TOOL_CALLS]add[ARGS]{"a": 1, "b": 2}[TOOL_CALLS]f[ARGS]{}', "Sure. ",
      [("add", {"a": 1, "b": 2}), ("f", {})]),
     ("mistral", '[{"name": "add", "arguments": {"a": 5, "b": 6}}]', None, [("add", {"a": 5, "b": 6})]),
+    ("llama3_json", '{"name": "f", "parameters": {}};{"name": "g", "parameters": {"x": 1}}', None,
+     [("f", {}), ("g", {"x": 1})]),                                       # no space after the ';'
+    ("mistral", '[TOOL_CALLS]f[ARGS] {"a": 1}', None, [("f", {"a": 1})]),
     ("hermes", 'Sure. <tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>', "Sure. ",
      [("add", {"a": 1, "b": 2})]),
+    ("hermes", '<tool_call>not json</tool_call> <tool_call>{"name": "f", "arguments": {}}</tool_call>',
+     '<tool_call>not json</tool_call> ', [("f", {})]),                   # a block that held none stays
+    ("hermes", '<tool_call>[{"name": "f", "arguments": {"a": 1}}, {"name": "g", "argu', None,
+     [("f", {"a": 1})]),                                                  # cut at max_tokens: the whole ones
 ]
 
 # answers that hold no call in that family's form: all content, as written but for the family's
@@ -48,7 +55,12 @@ NOT_CALLS = [
     ("mistral", '[TOOL_CALLS]f[ARGS]{"a": '),
     ("mistral", '[a link](https://example.com) and text'),
     ("mistral", '[{"city": "Oslo"}]'),
+    ("llama3_json", '{"name": "Oslo", "population": 709000}'),          # JSON with a "name", not a call
+    ("llama3_json", '{"name": "f", "parameters": {}}; {"city": "Oslo"}'),  # a call and an object that is not
+    ("mistral", '[{"name": "f", "arguments": {}}, {"city": "Oslo"}]'),
+    ("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {}}][TOOL_CALLS]oops'),
     ("hermes", '{"name": "f", "arguments": {}}'),                          # another family's form
+    ("hermes", 'Answer is {"name": "f", "arguments": {}}'),
     ("llama3_json", '<tool_call>{"name": "f", "arguments": {}}</tool_call>'),
 ]
 
@@ -142,6 +154,14 @@ def test_text_before_a_call_streams_as_content_before_the_answer_ends():
     stream = tool_stream(None, "mistral")
     assert stream.feed("Plain words, [not a call] here") == ("Plain words, [not a call] here", [])
     assert stream.finish() == ("", [])
+    stream = tool_stream(None, "mistral")
+    assert stream.feed("I") == ("I", [])                          # a first word of one letter
+    assert stream.feed(" see") == (" see", [])
+    assert stream.finish() == ("", [])
+    stream = tool_stream(None, "mistral")
+    assert stream.feed("[") == ("", [])                           # what may be a bare list waits
+    assert stream.feed("a link](https://example.com) and") == ("[a link](https://example.com) and", [])
+    assert stream.finish() == ("", [])
 
 
 # ---------------------------------------------------------------- which family a model is
@@ -167,6 +187,16 @@ MISTRAL = """{%- if tools is not none and (message == user_messages[-1]) %}
 MISTRAL_NEW = """{%- if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{%- endif %}
 {%- for message in messages %}{%- if message.tool_calls %}{%- for call in message.tool_calls %}
 {{- call.function.name }}[ARGS]{{ call.function.arguments }}{%- endfor %}{%- endif %}{%- endfor %}"""
+HERMES_PARAMETERS = """{%- if tools %}<tools>{%- for tool in tools %}{"name": "{{ tool.function.name }}", \
+"parameters": {{ tool.function.parameters | tojson }}}{%- endfor %}</tools>
+Return each call as <tool_call>{"name": ..., "arguments": ...}</tool_call>{%- endif %}
+{%- for message in messages %}{%- if message.role in ("tool", "ipython") %}<tool_response>{{ message.content }}\
+</tool_response>{%- endif %}{%- endfor %}"""
+TOOLS_NO_FORM = """{%- if tools %}Functions: {%- for tool in tools %}{"name": "{{ tool.function.name }}", \
+"parameters": {{ tool.function.parameters | tojson }}}{%- endfor %}{%- endif %}
+{%- for message in messages %}{{ message.role }}: {{ message.content }}{%- endfor %}"""
+LLAMA3_NO_TOOLS = """{%- for message in messages %}<|start_header_id|>{{ message.role }}<|end_header_id|>
+{%- if message.role == "ipython" %}<|python_tag|>{%- endif %}{{ message.content }}<|eot_id|>{%- endfor %}"""
 SMOLLM2 = """{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n'}}{% endfor %}"""
 
 
@@ -179,6 +209,9 @@ SMOLLM2 = """{% for message in messages %}{{'<|im_start|>' + message['role'] + '
     (SMOLLM2, (), "hermes"),               # renders no tools: agp's own prompt asks for <tool_call>
     (SMOLLM2, {"[TOOL_CALLS]"}, "mistral"),
     (None, (), "hermes"),
+    (HERMES_PARAMETERS, (), "hermes"),     # its own <tool_call> decides, "parameters" and ipython aside
+    (TOOLS_NO_FORM, (), "hermes"),         # renders tools, names no form of call
+    (LLAMA3_NO_TOOLS, (), "hermes"),       # renders no tools: agp's own prompt asks for <tool_call>
 ])
 def test_the_family_is_told_from_the_chat_template_and_vocabulary(template, vocabulary, family):
     assert tool_parser_for(template, vocabulary) == family
@@ -443,3 +476,12 @@ def test_the_responses_api_keeps_the_marker_for_the_parser_too(marked_servers):
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
     [done] = [e for e in events if e["type"] == "response.completed"]
     assert [(i["type"], i["name"]) for i in done["response"]["output"]] == [("function_call", "add")]
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_an_answer_of_white_space_alone_is_its_content_as_written(parser):
+    """No calls in it: the answer is the content, streamed or not, its white space kept (not
+    turned into no content)."""
+    for text in ("", " ", "\n\n", " \t "):
+        assert parse_tool_calls(text, None, parser) == (text, [])
+        assert streamed(parser, list(text)) == (text, [])
