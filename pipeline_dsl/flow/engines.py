@@ -108,17 +108,27 @@ class EngineSide:
         (pipeline_dsl/tools.py's PARSERS): the one agp serve --tool-call-parser names, else told
         from its chat template and vocabulary; hermes (agp's own prompt's) with no model, and
         for a request whose `tool_choice` forced a call (the constrained decoder writes that form)."""
-        from pipeline_dsl.tools import answer_parser, tool_parser_for
+        from pipeline_dsl.tools import answer_parser
 
-        if self.tool_call_parser not in (None, "auto"):
-            return answer_parser(self.tool_call_parser, tool_choice)
-        es = self.seg_of_gen.get(pin) if pin else None
-        es = es or self.prompt_segment or (self.segments[0] if self.segments else None)
-        tok = getattr(es, "tokenizer", None)
-        if tok is None:
-            return answer_parser("hermes", tool_choice)
-        to_id = getattr(tok, "token_to_id", None)
-        return answer_parser(tool_parser_for(getattr(tok, "chat_template", None), _Vocabulary(to_id)), tool_choice)
+        return answer_parser(self._family(pin), tool_choice)
+
+    def _family(self, pin: str | None) -> str:
+        """The form generate stage `pin`'s model writes calls in, told once a stage (its template,
+        vocabulary and --tool-call-parser are fixed at load)."""
+        from pipeline_dsl.tools import tool_parser_for
+
+        family = self.tool_families.get(pin)
+        if family is None:
+            if self.tool_call_parser not in (None, "auto"):
+                family = self.tool_call_parser
+            else:
+                es = self.seg_of_gen.get(pin) if pin else None
+                es = es or self.prompt_segment or (self.segments[0] if self.segments else None)
+                tok = getattr(es, "tokenizer", None)
+                family = "hermes" if tok is None else tool_parser_for(getattr(tok, "chat_template", None),
+                                                                      _Tokens(tok))
+            self.tool_families[pin] = family
+        return family
 
     def keeps_markers(self, gen: str, request: dict) -> bool:
         """Whether generate stage `gen` answers `request` with special tokens' text kept: it gives
@@ -132,7 +142,7 @@ class EngineSide:
             return False
         choice = request.get("tool_choice", "auto")
         tok = getattr(self.seg_of_gen.get(gen), "tokenizer", None)
-        return tok is not None and keeps_markers(self.tool_parser(gen, choice), choice, _Special(tok))
+        return tok is not None and keeps_markers(self.tool_parser(gen, choice), choice, _Tokens(tok, special=True))
 
     def model_names(self) -> list[str]:
         """The generate stages a request may pin (agp serve's `model` field)."""
@@ -435,22 +445,14 @@ def tool_calls(request: dict, text: str, parser: str = "hermes") -> list[dict] |
     return parse_tool_calls(text, None if request.get("parallel_tool_calls", True) else 1, parser)[1] or None
 
 
-class _Special:
-    """`token in special`: whether a token's text is one special token of a tokenizer."""
+class _Tokens:
+    """`token in tokens`: whether a tokenizer has that token (tool_parser_for's question), or with
+    `special` whether it is one of its special tokens (keeps_markers')."""
 
-    def __init__(self, tok) -> None:
+    def __init__(self, tok, special: bool = False) -> None:
         self.to_id = getattr(tok, "token_to_id", None)
-        self.ids = getattr(tok, "special_ids", frozenset())
+        self.ids = getattr(tok, "special_ids", frozenset()) if special else None
 
     def __contains__(self, token: str) -> bool:
-        return self.to_id is not None and self.to_id(token) in self.ids
-
-
-class _Vocabulary:
-    """`token in vocabulary`: whether a tokenizer has that token (tool_parser_for's question)."""
-
-    def __init__(self, to_id) -> None:
-        self.to_id = to_id
-
-    def __contains__(self, token: str) -> bool:
-        return self.to_id is not None and self.to_id(token) is not None
+        i = self.to_id(token) if self.to_id is not None else None
+        return i is not None and (self.ids is None or i in self.ids)

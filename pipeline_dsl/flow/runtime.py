@@ -91,6 +91,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         self.graph, self.clock = graph, clock
         # agp serve --tool-call-parser: the form every model's tool calls are read in (else each its own)
         self.tool_call_parser = (overrides or {}).get("tool_call_parser") or "auto"
+        self.tool_families: dict[str | None, str] = {}      # generate stage -> its model's form (engines.py)
         self.name = str(graph.graph.get("name") or "pipeline")
         self.served_name = served_name or self.name
         self.trace = trace if trace is not None else Trace(limit=100_000)

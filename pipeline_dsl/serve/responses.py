@@ -376,7 +376,8 @@ class Responses:
         text_of = self.text_of(call)
         lps = (P.chat_logprobs(choice.data.get("logprobs") or [], self.name_of(call), self.bytes_of(call))["content"]
                if text_of else None)
-        parser = self.g.apipe.runtime.tool_parser(call.req.pin, call.req.tool_choice)
+        parser = (self.g.apipe.runtime.tool_parser(call.req.pin, call.req.tool_choice)
+                  if call.req.tools_active else "hermes")
         message, reason = P.chat_message(choice.text, choice.finish_reason, call.req.tools_active,
                                          call.req.call_limit, parser)
         status = "incomplete" if choice.finish_reason == "length" else "completed"
