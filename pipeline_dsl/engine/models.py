@@ -49,9 +49,10 @@ def resolve_model(name: str | os.PathLike | None) -> ModelSource:
     name = os.fspath(name) if isinstance(name, os.PathLike) else name or DEFAULT_MODEL
     if not isinstance(name, str):
         raise ModelNotFoundError(f"model must be a name or a path, not {type(name).__name__} {name!r}")
-    key, path = name.strip().lower(), model_file(name)
+    key = name.strip().lower()
     if key in EMBEDDED:
-        return ModelSource(name, "gguf", path if path is not None else embedded_path(key))   # not installed: says so
+        return ModelSource(name, "gguf", embedded_path(key))
+    path = model_file(name)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelNotFoundError(f"model file {name!r} is not a .gguf file")

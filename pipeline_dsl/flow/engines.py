@@ -238,11 +238,11 @@ class EngineSide:
             # times again (n on every pass would be n ** turns sequences of one request); copy i
             # of n keeps its seed + i there, so n copies falling back together stay n samples
             once = gen in item.sampled or item.split
+            keep = self.keeps_markers(gen, item.data)       # the same for every copy of the request
             for i in ([item.copy] if once else range(es.copies(gen, item.data))):
                 data = item.data if not copies else copy.deepcopy(item.data)
                 try:
-                    copies.append((g_i, gen, i, data, es.sampling(gen, data, len(ids), copy=i,
-                                                                  keep_special=self.keeps_markers(gen, data))))
+                    copies.append((g_i, gen, i, data, es.sampling(gen, data, len(ids), copy=i, keep_special=keep)))
                 except InputError as e:
                     with self._lock:                        # the copy reached gen and was refused there
                         if req.done:

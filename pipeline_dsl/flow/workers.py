@@ -208,8 +208,8 @@ class StageWorkers:
         """(under the lock) A running call starts (n = 1) or stops (-1) lending its slot; a sync
         call's lent slot goes to a new thread when calls wait and no thread is idle."""
         self._lent[job.is_async] += n
-        if n > 0 and not job.is_async and self._queue and self._idle == 0:
-            self._spawn()
+        if n > 0:
+            self._spawn_if_waiting(job)
         if self.lent > self.lend_max and not self._warned:
             self._warned = True                   # once, until half as many lend: not at each crossing
             log.warning("stage '%s': %d of its calls are paused by their readers; at most %d lend their "
@@ -217,6 +217,11 @@ class StageWorkers:
                         self.name, self.lent, self.lend_max)
         elif self.lent <= self.lend_max // 2:
             self._warned = False
+
+    def _spawn_if_waiting(self, job: _Job) -> None:
+        """(under the lock) A sync stage's calls wait and no thread is idle: a new thread takes one."""
+        if not job.is_async and self._queue and self._idle == 0:
+            self._spawn()
 
     def _take_async(self) -> None:
         """Async slots lent: the calls waiting take them."""
@@ -291,8 +296,7 @@ class StageWorkers:
             self._cancelling.discard(token)
             self._off.discard(token)
             self._overdue.discard(token)
-            if not job.is_async and self._queue and self._idle == 0:   # calls that waited for the thread budget
-                self._spawn()
+            self._spawn_if_waiting(job)           # calls that waited for the thread budget
             return True
         if job.paused:
             self._lend(job, -1)
