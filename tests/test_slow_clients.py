@@ -566,3 +566,37 @@ def test_a_client_that_half_closes_after_its_request_is_taken_as_gone(serve):
             m = scrape(url)
             return m["agp_num_requests_running"] == 0 and m["agp_kv_blocks_used"] == 0
         assert wait_for(idle, 60)
+
+
+def test_a_stream_lets_go_of_its_connections_send_watch_when_it_ends():
+    """The server's SendWatch (one a connection, kept across its keep-alive requests) tells the
+    stream being written when its client stalls; once the answer ends it tells nobody. The
+    stream's own disconnect watcher was named `watch` too and shadowed it, so the end cleared
+    the watcher's attribute, and the SendWatch kept calling the finished stream."""
+    import asyncio
+
+    from pipeline_dsl.serve.server import SEND_WATCH, SendWatch
+    from pipeline_dsl.serve.sse import EventStream
+
+    class Stream:
+        started = True
+
+        def client_stalled(self, stalled):
+            pass
+
+        def abort(self):
+            pass
+
+    async def body():
+        yield b"data: [DONE]\n\n"
+
+    async def receive():
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        pass
+
+    watch = SendWatch()
+    scope = {"type": "http", "extensions": {SEND_WATCH: watch}}
+    asyncio.run(EventStream(body(), Stream(), on_gone=lambda: None)(scope, receive, send))
+    assert watch.listener is None

@@ -55,14 +55,14 @@ class EventStream(StreamingResponse):
 
         try:
             async with anyio.create_task_group() as group:
-                async def watch():
+                async def watch_disconnect():
                     while (await receive())["type"] != "http.disconnect":
                         pass
                     if not ended:
                         info.cut = True
                     group.cancel_scope.cancel()          # the client went: stop streaming
 
-                group.start_soon(watch)
+                group.start_soon(watch_disconnect)
                 try:
                     await self.stream_response(sending)
                 except OSError:
