@@ -11,6 +11,12 @@ from . import protocol as P
 from .token_fields import answer_fields, logprob_names
 
 
+def call_parser(runtime, req) -> str:
+    """The form `req`'s tool calls are read in: its model's (runtime.tool_parser), or hermes,
+    unused, when it gave no tools."""
+    return runtime.tool_parser(req.pin, req.tool_choice) if req.tools_active else "hermes"
+
+
 def prompt_text(runtime, data: dict, req: P.GenerationRequest) -> str:
     """The prompt of an answer, for echo: as sent, or decoded from the ids it was sent as."""
     request = data.get("request") or {}
@@ -46,7 +52,7 @@ def answer_body(runtime, res, req: P.GenerationRequest, rid: str,
         top = answer_fields(res.choices[0].data, req.prompt_logprobs, want_ids, text_of)[0]
         body = P.chat_response(rid, req.model, choices, use, tools_active=req.tools_active, top=top,
                                call_limit=req.call_limit, fingerprint=fingerprint,
-                               parser=runtime.tool_parser(req.pin, req.tool_choice) if req.tools_active else "hermes")
+                               parser=call_parser(runtime, req))
         return body, {c["index"]: c["finish_reason"] for c in body["choices"]}
     echo = bool(req.fields.get("echo"))
     choices = []

@@ -464,9 +464,10 @@ class ServerMetrics:
                                              {e: n * choices for e, n in
                                               self.engine_shares(result, "prompt_tokens").items()})
             self.cached_tokens.labels(engine=engine).inc(usage.get("cached_tokens", 0))
+        params = params or {}
         if result.error is not None:
             if result.error.kind == "aborted":      # each of its n choices, as vLLM aborts each child
-                self.finished.labels("abort", engine=engine).inc(int((params or {}).get("n") or 1))
+                self.finished.labels("abort", engine=engine).inc(int(params.get("n") or 1))
             return
         longest = result.longest_choice_tokens()
         if longest is None:                   # choices that do not count their own: their shared usage
@@ -480,7 +481,6 @@ class ServerMetrics:
                 for c in result.choices] or [latency_s]
         tpot = (result.time_per_output_token(max(timings["decode_s"], 0.0))
                 if timings.get("decode_s") is not None else None)
-        params = params or {}
         for k in range(choices):
             self.e2e.labels(engine=engine).observe(ends[k] if k < len(ends) else latency_s)
             self.request_prompt.labels(engine=engine).observe(usage.get("prompt_tokens", 0))

@@ -26,6 +26,7 @@ from fastapi.responses import Response
 
 from . import protocol as P
 from .access import request_info
+from .answers import call_parser
 from .body import read_json
 from .errors import as_responses_wrote
 from .extras import bad, parsed_off_loop
@@ -376,8 +377,7 @@ class Responses:
         text_of = self.text_of(call)
         lps = (P.chat_logprobs(choice.data.get("logprobs") or [], self.name_of(call), self.bytes_of(call))["content"]
                if text_of else None)
-        parser = (self.g.apipe.runtime.tool_parser(call.req.pin, call.req.tool_choice)
-                  if call.req.tools_active else "hermes")
+        parser = call_parser(self.g.apipe.runtime, call.req)
         message, reason = P.chat_message(choice.text, choice.finish_reason, call.req.tools_active,
                                          call.req.call_limit, parser)
         status = "incomplete" if choice.finish_reason == "length" else "completed"

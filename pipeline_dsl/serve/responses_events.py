@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 
 from . import protocol as P
+from .answers import call_parser
 from .sse import Relay
 from .responses_output import call_item, message_item, new_id, response_object, usage
 
@@ -39,8 +40,7 @@ class ResponseEvents(Relay):
         if call.req.tools_active:
             from pipeline_dsl.tools import tool_stream
 
-            self.tools = tool_stream(call.req.call_limit, owner.g.apipe.runtime.tool_parser(call.req.pin,
-                                                                                       call.req.tool_choice))
+            self.tools = tool_stream(call.req.call_limit, call_parser(owner.g.apipe.runtime, call.req))
         self.called = False
         self.seen = False                        # a delta of choice 0 came (else its text comes whole)
 

@@ -19,7 +19,7 @@ from starlette.requests import ClientDisconnect
 
 from . import protocol as P
 from .access import request_info
-from .answers import offsets, prompt_text
+from .answers import call_parser, offsets, prompt_text
 from .async_pipeline import RequestStream, StreamGroup
 from .errors import api_error, log_error
 from .server import SEND_WATCH
@@ -272,8 +272,7 @@ class ChunkWriter(Relay):
             from pipeline_dsl.tools import tool_stream
 
             if index not in self.tool_streams:
-                self.tool_streams[index] = tool_stream(self.req.call_limit,
-                                                         self.runtime.tool_parser(self.req.pin, self.req.tool_choice))
+                self.tool_streams[index] = tool_stream(self.req.call_limit, call_parser(self.runtime, self.req))
             text, calls = self.tool_streams[index].feed(text)
         lp = None
         if self.want_lp and step_lp:                   # these tokens' logprobs, with their text
