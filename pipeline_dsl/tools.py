@@ -411,11 +411,11 @@ def tool_parser_for(template: str | None, vocabulary: Any = ()) -> str:
     template = template or ""
     if "<tool_call>" in template:
         return "hermes"
-    if "[TOOL_CALLS]" in template or "[TOOL_CALLS]" in vocabulary:
+    if _Mistral.MARK in template or _Mistral.MARK in vocabulary:
         return "mistral"
     if not template_takes_tools(template):
         return "hermes"
-    if "<|python_tag|>" in template or ("ipython" in template and '"parameters"' in template):
+    if _Llama3Json.TAG in template or ("ipython" in template and '"parameters"' in template):
         return "llama3_json"
     return "hermes"
 
@@ -454,7 +454,12 @@ def answer_parser(family: str, choice: Any) -> str:
     """The form an answer's calls are read in: its model's `family`, but hermes where tool_choice
     forced a call ("required" or a named function), which the constrained decoder writes in that
     form (tool_call_spec) whatever the model."""
-    return "hermes" if tool_call_spec([], choice) is not None else family
+    return "hermes" if forces_call(choice) else family
+
+
+def forces_call(choice: Any) -> bool:
+    """Whether tool_choice forces a call: "required", or a named function."""
+    return choice == "required" or isinstance(choice, dict)
 
 
 def tool_stream(limit: int | None = None, parser: str = "hermes"):
@@ -464,6 +469,6 @@ def tool_stream(limit: int | None = None, parser: str = "hermes"):
 
 def tool_call_spec(tools: list[dict], choice: Any) -> dict | None:
     """The constrain.py spec that forces a call (tool_choice "required" or a named function)."""
-    if choice == "required" or isinstance(choice, dict):
+    if forces_call(choice):
         return {"type": "tool_call", "tools": tools, "choice": choice, "begin": OPEN, "end": CLOSE, "array": True}
     return None
