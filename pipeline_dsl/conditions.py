@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from . import ast
 from .diagnostics import did_you_mean
-from .fmt import format_field
+from .fmt import format_field, format_value
 from .parser import keywords, quote
 from .requests_io import HEADER_NAME
 
@@ -120,13 +120,7 @@ def _key_text(v) -> str:
     """The key a `[…]` gives: a string's value; any other value, refused by check_compare, as written."""
     if isinstance(v, (ast.Str, ast.Word)):
         return v.value
-    if isinstance(v, ast.Bool):
-        return "true" if v.value else "false"
-    if isinstance(v, (ast.Int, ast.Float)):
-        return str(v.value)
-    if isinstance(v, ast.Quantity):
-        return f"{v.number}{v.unit}"
-    return "[…]"
+    return "[…]" if isinstance(v, ast.List) else format_value(v)
 
 
 def path_text(path) -> str:
