@@ -28,10 +28,11 @@ import os
 import re
 import sys
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable
+
+from .constraints import OnceCache
 
 REF_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 MAX_SOURCE_BYTES = 4 << 20        # a module's source read by check; a larger one is an error
@@ -199,9 +200,8 @@ def _module_level(node: pyast.AST):
             todo.extend(reversed(list(pyast.iter_child_nodes(n))))
 
 
-_PARSED: OrderedDict[str, tuple[bytes, pyast.Module, dict[str, pyast.AST]]] = OrderedDict()
-_PARSED_KEPT = 32                 # modules whose parse is kept, the latest used
-_PARSED_LOCK = threading.Lock()
+# modules whose parse is kept (by path and source), the latest used 32
+_PARSED = OnceCache(32, 1 << 62, size=lambda kept: 0)
 
 
 def _parsed(path: str) -> tuple[pyast.Module, dict[str, pyast.AST]]:
@@ -210,19 +210,12 @@ def _parsed(path: str) -> tuple[pyast.Module, dict[str, pyast.AST]]:
     shape, its signature, its labels), again once the file's bytes change. The trees are shared:
     read them, never change them."""
     source = _source(path)
-    with _PARSED_LOCK:
-        kept = _PARSED.get(path)
-        if kept is not None and kept[0] == source:
-            _PARSED.move_to_end(path)
-            return kept[1], kept[2]
-    tree = _parse(source, path)
-    defined = _definitions(tree)
-    with _PARSED_LOCK:
-        _PARSED[path] = (source, tree, defined)
-        _PARSED.move_to_end(path)
-        while len(_PARSED) > _PARSED_KEPT:
-            _PARSED.popitem(last=False)
-    return tree, defined
+
+    def parse():
+        tree = _parse(source, path)
+        return tree, _definitions(tree)
+
+    return _PARSED.get((path, source), parse)
 
 
 def _source(path: str) -> bytes:
