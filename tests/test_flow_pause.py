@@ -6,6 +6,7 @@ asked: a sequence is never left parked under a request that is no longer paused.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -259,6 +260,61 @@ def test_requests_paused_in_a_stream_stage_do_not_hold_its_workers_from_a_new_on
         for _, heard in paused:
             assert heard.done.wait(30) and heard.result.error is None
             assert heard.result.usage["completion_tokens"] == 24
+    finally:
+        rt.close(drain=False)
+        rt.shutdown()
+
+
+def lent_slots_on_metrics(rt, stage: str) -> float:
+    """agp_stage_lent_slots{stage} as GET /metrics answers it, from the runtime's stats."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pipeline_dsl.serve.metrics import ServerMetrics
+
+    text = ServerMetrics(process=False).render(rt.stats())[0].decode()
+    return next(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                if s.name == "agp_stage_lent_slots" and s.labels["stage"] == stage)
+
+
+@pytest.mark.parametrize("fn", ["guard", "aguard"])
+def test_the_worker_slots_paused_streams_lend_are_on_metrics_until_they_are_let_go_or_aborted(tmp_path, soft_gguf,
+                                                                                             fn):
+    """Each request paused in a stream stage lends its worker slot: `agp_stage_lent_slots{stage}`
+    (and the stage's `lent` in the stats) counts them, and goes back to 0 as they are let go or
+    aborted (before: the slots lent were nowhere to be seen). Aborted while paused, a request
+    leaves no thread of the stage behind."""
+    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 24 }\n"
+            f'stage g : python {{ fn = "hooks:{fn}"  stream = true  workers = 2 }}\n'
+            "stage out : respond {}\nrequest -> batch\ngen -> g -> out\n" + chain())
+    path = write(tmp_path, soft_gguf, body, hooks=HOOKS)
+    assert errors(path) == []
+    rt = runtime(path)
+    rt.start()
+
+    def stage_threads():
+        return sum(t.name == "agp-stage-g" for t in threading.enumerate())
+    try:
+        assert lent_slots_on_metrics(rt, "g") == 0
+        paused = []
+        for i in range(6):
+            first = threading.Event()
+            heard = Listener(on_first=lambda key, first=first: (rt.pause(key, True), first.set()))
+            paused.append((rt.submit(request(f"p{i}", n=1), heard, stream=True), heard))
+            assert first.wait(30)
+        assert rt.stats()["stages"]["g"]["lent"] == 6 and lent_slots_on_metrics(rt, "g") == 6
+        for key, heard in paused[:2]:                  # two let go: answered, their slots back
+            rt.pause(key, False)
+            assert heard.done.wait(30) and heard.result.error is None
+        assert lent_slots_on_metrics(rt, "g") == 4
+        for key, heard in paused[2:]:                  # the rest aborted while paused
+            rt.abort(key)
+            assert heard.done.wait(30) and heard.result.error.kind == "aborted"
+        assert lent_slots_on_metrics(rt, "g") == 0
+        if fn == "guard":                              # a thread a slot lent, none left once they are gone
+            deadline = time.monotonic() + 30
+            while stage_threads() > rt.workers["g"].workers:
+                assert time.monotonic() < deadline, f"{stage_threads()} threads of the stage left"
+                time.sleep(0.02)
     finally:
         rt.close(drain=False)
         rt.shutdown()

@@ -738,6 +738,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             totals = dict(self.ledger.totals, in_flight=len(self.ledger))
         for n, w in self.workers.items():
             stages[n]["stuck"] = w.stuck
+            stages[n]["lent"] = w.slots_lent
         for es in self.segments:
             s = engines[es.name]
             seg = es.segment

@@ -11,8 +11,9 @@ sums on random graphs.
 
 Each stage that runs user code also keeps its calls' latencies (a histogram with fixed
 buckets for /metrics, and recent samples for percentiles), timeouts, retries, cache hits,
-`stalls` (an async call blocked its event loop) and `stuck` (its calls written off, timed out
-or abandoned, whose code still runs; filled in by the runtime from its workers).
+`stalls` (an async call blocked its event loop), `stuck` (its calls written off, timed out
+or abandoned, whose code still runs) and `lent` (the worker slots its calls of paused requests
+lend to other requests: a stream stage's); the last two filled in by the runtime from its workers.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ class StageCounter:
                 "rejected": self.rejected, "failed": self.failed, "dropped": self.dropped,
                 "queued": max(self.queued, 0), "busy_s": round(self.busy_s, 6), "calls": self.calls,
                 "errors": self.errors, "timeouts": self.timeouts, "retries": self.retries,
-                "cache_hits": self.cache_hits, "stalls": self.stalls, "stuck": 0,
+                "cache_hits": self.cache_hits, "stalls": self.stalls, "stuck": 0, "lent": 0,
                 "latency_p50_s": pct(0.5), "latency_p99_s": pct(0.99),
                 "latency": {"buckets": [[le, n] for le, n in zip(LATENCY_BUCKETS + ("+Inf",),
                                                                   _cumulative(self.buckets))],

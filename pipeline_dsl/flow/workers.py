@@ -168,6 +168,13 @@ class StageWorkers:
         """Running calls whose request is paused, that lend their slot back (at most lend_max count)."""
         return self._lent[False] + self._lent[True]
 
+    @property
+    def slots_lent(self) -> int:
+        """Worker slots lent now by paused calls: the calls beyond `workers` the stage may run
+        (of `lent`, at most lend_max for its threads and lend_max for its event loop)."""
+        with self._cv:
+            return min(self._lent[False], self.lend_max) + min(self._lent[True], self.lend_max)
+
     def _cap(self, is_async: bool) -> int:
         """(under the lock) Calls at once: `workers`, plus one for each running paused call."""
         return self.workers + min(self._lent[is_async], self.lend_max)

@@ -118,6 +118,8 @@ STAGE_SERIES = (  # (stats key, metric name, type, help)
     ("queued", "stage_queue_depth", "gauge", "Items waiting for the stage"),
     ("busy_s", "stage_busy_seconds", "counter", "Seconds the stage spent working"),
     ("stuck", "stage_stuck_calls", "gauge", "Calls written off (timed out, request ended) whose code still runs"),
+    ("lent", "stage_lent_slots", "gauge", "Worker slots lent to other requests by calls whose request is paused "
+                                          "(stream stages)"),
 )
 
 
