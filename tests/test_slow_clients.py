@@ -600,3 +600,50 @@ def test_a_stream_lets_go_of_its_connections_send_watch_when_it_ends():
     scope = {"type": "http", "extensions": {SEND_WATCH: watch}}
     asyncio.run(EventStream(body(), Stream(), on_gone=lambda: None)(scope, receive, send))
     assert watch.listener is None
+
+
+def test_streams_aborted_while_paused_leave_no_timer_on_the_loop_and_are_let_go():
+    """A stream paused for its client arms a timer (pause_limit_s: cut if it never catches up);
+    aborted (its client gone), the stream leaves no timer behind on the event loop, and nothing
+    holds it and its queued deltas any more (before: each aborted paused stream's timer stayed
+    armed, holding it, until --send-timeout passed)."""
+    import gc
+    import weakref
+
+    class Loop(asyncio.SelectorEventLoop):
+        """An event loop that keeps the timers it was asked for."""
+
+        def __init__(self):
+            super().__init__()
+            self.timers = []
+
+        def call_later(self, *args, **kwargs):
+            handle = super().call_later(*args, **kwargs)
+            self.timers.append(handle)
+            return handle
+
+    loop = Loop()
+    try:
+        runtime = type("Runtime", (), {"abort": lambda self, key, message="": None,
+                                       "pause": lambda self, key, paused: paused, "accepting": True})()
+        owner = type("Owner", (), {"metrics": None, "runtime": runtime})()
+        streams = []
+        for k in range(200):
+            stream = RequestStream(owner, LoopMail(loop), max_unread_tokens=1000, pause_unread_tokens=8,
+                                   pause_limit_s=600)
+            stream.key = f"k{k}"
+            for i in range(12):
+                stream.on_delta(stream.key, 0, _Out([i], f"tok{i} ", ""))
+            streams.append(stream)
+        loop.run_until_complete(asyncio.sleep(0))
+        assert all(s.paused for s in streams) and len(loop.timers) == 200
+        for stream in streams:
+            stream.abort()
+        loop.run_until_complete(asyncio.sleep(0))
+        assert [t for t in loop.timers if not t.cancelled()] == []
+        gone = [weakref.ref(s) for s in streams]
+        del streams, stream
+        gc.collect()
+        assert [r for r in gone if r() is not None] == []
+    finally:
+        loop.close()

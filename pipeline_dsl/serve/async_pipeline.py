@@ -140,7 +140,9 @@ class RequestStream:
             self._set_paused(False)
 
     def abort(self) -> None:
-        """Cancel the request (client gone): its engine sequences are freed."""
+        """Cancel the request (client gone): its engine sequences are freed, and its pause's
+        timer with it (it would hold the stream, and its queued deltas, until pause_limit_s)."""
+        self._stop_timer()
         if not self.finished and self.key is not None:
             self.finished = True
             self._owner.runtime.abort(self.key)
