@@ -25,11 +25,15 @@ MAX_TOOLS = 128            # tools a request may carry (OpenAI's limit): chat, R
 
 
 class RequestError(ValueError):
-    """A request that cannot be run; the message says which field (`param`) and why."""
+    """A request that cannot be run; the message says which field (`param`) and why. `quoted`: the
+    parts of the message that show the request's own content (the start of a value it gave), which
+    agp serve's INFO log leaves out (serve/errors.py)."""
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None,
+                 quoted: tuple[str, ...] = ()):
         super().__init__(message)
         self.param, self.code = param, code      # code: OpenAI's error code, where it has one
+        self.quoted = quoted
 
 
 class ChecksBusy(RequestError):
@@ -109,7 +113,8 @@ def _is_int(v) -> bool:
 
 def _check(name: str, value, ok: bool, expected: str):
     if not ok:
-        raise RequestError(f"field '{name}' must be {expected}, got {json.dumps(value)[:60]}", param=name)
+        raise RequestError(f"field '{name}' must be {expected}, got {json.dumps(value)[:60]}", param=name,
+                           quoted=(json.dumps(value)[:60],))
     return value
 
 
@@ -259,7 +264,8 @@ def check_headers(value) -> dict[str, str]:
             fix = (f"; write {json.dumps(name.lower())}, as agp serve hands a header over"
                    if isinstance(name, str) and HEADER_NAME.fullmatch(name.lower()) else "")
             raise RequestError(f"'headers' names {json.dumps(name)[:70]}: a header name is a lower-case HTTP token "
-                               f"(letters, digits, '-', at most 64 characters){fix}", param="headers")
+                               f"(letters, digits, '-', at most 64 characters){fix}", param="headers",
+                               quoted=(json.dumps(name)[:70], json.dumps(name.lower()) if fix else ""))
         if not isinstance(v, str) or len(v) > MAX_HEADER_VALUE:
             raise must_be(f"headers.{name}", f"a string of at most {MAX_HEADER_VALUE} characters", v)
     return dict(value)
@@ -275,7 +281,8 @@ def check_neutral(obj: dict, table: dict) -> None:
                                          for a in allowed):
             other = " or ".join(filter(None, [f"use {json.dumps(allowed[0])}" if allowed else None, hint]))
             raise RequestError(f"'{name}' = {json.dumps(value)[:40]} is not supported by agp "
-                               f"(leave it out{' or ' + other if other else ''})", param=name)
+                               f"(leave it out{' or ' + other if other else ''})", param=name,
+                               quoted=(json.dumps(value)[:40],))
 
 
 def check_lacking(obj: dict, table: dict) -> None:
@@ -285,7 +292,7 @@ def check_lacking(obj: dict, table: dict) -> None:
         value = obj.get(name)
         if value is not None and not any(value == a and type(value) is type(a) for a in allowed):
             raise RequestError(f"'{name}' = {json.dumps(value)[:40]} is not supported by agp: {why} (leave it out)",
-                               param=name, code="unsupported_parameter")
+                               param=name, code="unsupported_parameter", quoted=(json.dumps(value)[:40],))
 
 
 def check_fields(obj: dict, table: dict) -> None:
@@ -301,7 +308,7 @@ def must_be(param: str, expected: str, value) -> RequestError:
     from 0 to 20, not 21" (a number shown as itself, anything else by its JSON type and text)."""
     shown = _shown(value)
     what = shown if json_type(value) == "a number" else f"{json_type(value)} ({shown})"
-    return RequestError(f"'{param}' must be {expected}, not {what}", param=param)
+    return RequestError(f"'{param}' must be {expected}, not {what}", param=param, quoted=(shown,))
 
 
 def _is_num(v) -> bool:
@@ -313,7 +320,7 @@ def parse_messages(value) -> list[dict]:
     them); RequestError names the field."""
     if not isinstance(value, list):
         raise RequestError(f"'messages' must be an array of {{role, content}} objects, not {_shown(value)}",
-                           param="messages")
+                           param="messages", quoted=(_shown(value),))
     if not value:
         raise RequestError("'messages' is empty: give at least one message", param="messages")
     out = []
@@ -321,11 +328,11 @@ def parse_messages(value) -> list[dict]:
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise RequestError(f"'{where}' must be an object with 'role' and 'content', not {_shown(m)}",
-                               param=where)
+                               param=where, quoted=(_shown(m),))
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise RequestError(f"'{where}.role' must be one of {', '.join(ROLES)}, "
-                               f"not {json.dumps(role)[:40]}", param=f"{where}.role")
+                               f"not {json.dumps(role)[:40]}", param=f"{where}.role", quoted=(json.dumps(role)[:40],))
         if isinstance(content, list):          # content parts: only text is served
             texts = []
             for j, part in enumerate(content):
@@ -347,7 +354,7 @@ def parse_messages(value) -> list[dict]:
             content = ""
         if not isinstance(content, str):
             raise RequestError(f"'{where}.content' must be a string or an array of text parts, "
-                               f"not {_shown(content)}", param=f"{where}.content")
+                               f"not {_shown(content)}", param=f"{where}.content", quoted=(_shown(content),))
         msg = {"role": role, "content": content}
         if m.get("name") is not None:
             msg["name"] = _check(f"{where}.name", m["name"], isinstance(m["name"], str), "a string")
@@ -389,7 +396,8 @@ def parse_tools(obj: dict) -> tuple[list | None, Any, bool]:
     tools = obj.get("tools")
     if tools is not None:
         if not isinstance(tools, list):
-            raise RequestError(f"'tools' must be an array of tools, not {_shown(tools)}", param="tools")
+            raise RequestError(f"'tools' must be an array of tools, not {_shown(tools)}", param="tools",
+                               quoted=(_shown(tools),))
         if len(tools) > MAX_TOOLS:
             raise RequestError(f"'tools' holds {len(tools):,} tools; at most {MAX_TOOLS} a request", param="tools")
         for i, t in enumerate(tools):
@@ -410,10 +418,11 @@ def parse_tools(obj: dict) -> tuple[list | None, Any, bool]:
         name = (choice.get("function") or {}).get("name") if choice.get("type", "function") == "function" else None
         if name not in names:
             raise RequestError(f"'tool_choice' names {json.dumps(name)}, which is not among the tools "
-                               f"({', '.join(names) or 'none'})", param="tool_choice")
+                               f"({', '.join(names) or 'none'})", param="tool_choice", quoted=(json.dumps(name),))
     elif choice not in ("none", "auto", "required"):
         raise RequestError(f"'tool_choice' must be none, auto, required or {{\"type\": \"function\", "
-                           f"\"function\": {{\"name\"}}}}, not {_shown(choice)}", param="tool_choice")
+                           f"\"function\": {{\"name\"}}}}, not {_shown(choice)}", param="tool_choice",
+                           quoted=(_shown(choice),))
     if choice in ("required",) and not tools:
         raise RequestError("'tool_choice' is required but no 'tools' are given", param="tool_choice")
     parallel = obj.get("parallel_tool_calls")
@@ -442,7 +451,7 @@ def check_tool_parameters(tools: list | None, choice, *, wait: bool = True) -> N
             problem = spec_problem({"type": "json_schema", "schema": fn["parameters"]}, wait=wait, where=tool_param(i))
             if problem:
                 raise RequestError(f"'{tool_param(i)}' cannot be enforced: tool {fn['name']!r}: {problem}",
-                                   param=tool_param(i), code=INVALID_PARAMETERS)
+                                   param=tool_param(i), code=INVALID_PARAMETERS, quoted=(repr(fn['name']),))
 
 
 def _shown(value) -> str:
@@ -456,7 +465,7 @@ def through_schema(check, *args):
     try:
         return check(*args)
     except ParamError as e:
-        raise RequestError(str(e), param=e.field) from None
+        raise RequestError(str(e), param=e.field, quoted=e.quoted) from None
 
 
 def checked(name: str, value, given_as: str | None = None):
@@ -540,7 +549,8 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
         rid = default_id
     elif not is_id(rid):
         raise RequestError(f"field 'id' must be a string or an integer, got {json.dumps(rid)[:60]} (the answer's "
-                           "id, unique in the file; leave it out for the line number)", param="id")
+                           "id, unique in the file; leave it out for the line number)", param="id",
+                           quoted=(json.dumps(rid)[:60],))
     req = ParsedRequest(id=rid)
     given = [k for k in ("prompt", "messages", "prompt_token_ids") if k in obj]
     if len(given) != 1:
@@ -549,7 +559,8 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
         prompt = obj["prompt"]
         if isinstance(prompt, list):           # OpenAI's completions take ids or a batch there: say where they go
             raise RequestError(f"field 'prompt' must be a string, got {json.dumps(prompt)[:60]}: a line is one "
-                               "request; token ids go in 'prompt_token_ids', several prompts on lines of their own")
+                               "request; token ids go in 'prompt_token_ids', several prompts on lines of their own",
+                               quoted=(json.dumps(prompt)[:60],))
         req.prompt = _check("prompt", prompt, isinstance(prompt, str), "a string")
         if not req.prompt:
             raise RequestError("field 'prompt' is empty")
@@ -638,7 +649,7 @@ def parse_logit_bias(bias) -> dict[int, float]:
     the engine's to refuse)."""
     if not isinstance(bias, dict):
         raise RequestError(f"'logit_bias' must be an object {{\"token id\": bias}}, not {_shown(bias)}",
-                           param="logit_bias")
+                           param="logit_bias", quoted=(_shown(bias),))
     if len(bias) > MAX_LOGIT_BIAS:
         raise RequestError(f"'logit_bias' has {len(bias)} entries; at most {MAX_LOGIT_BIAS} are accepted",
                            param="logit_bias")
@@ -647,10 +658,11 @@ def parse_logit_bias(bias) -> dict[int, float]:
         if _is_int(key) and 0 <= key < 10 ** 9:   # an item's own (already parsed) bias: ids as numbers
             key = str(key)
         if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 10):
-            raise RequestError(f"'logit_bias' keys must be token ids, not {_shown(key)}", param="logit_bias")
+            raise RequestError(f"'logit_bias' keys must be token ids, not {_shown(key)}", param="logit_bias",
+                               quoted=(_shown(key),))
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and -100 <= value <= 100):
             raise RequestError(f"'logit_bias.{key}' must be a number from -100 to 100, not {_shown(value)}",
-                               param="logit_bias")
+                               param="logit_bias", quoted=(_shown(value),))
         out[int(key)] = float(value)
     return out
 
@@ -834,7 +846,7 @@ STRUCTURED_OPTIONS = {"disable_any_whitespace": ("compact", True),
 
 def bad(param: str, expected: str, value) -> RequestError:
     """"'PARAM' must be EXPECTED, not VALUE" (the value as JSON, cut at 40 characters)."""
-    return RequestError(f"'{param}' must be {expected}, not {_shown(value)}", param=param)
+    return RequestError(f"'{param}' must be {expected}, not {_shown(value)}", param=param, quoted=(_shown(value),))
 
 
 def _json_text(text: str, param: str):
@@ -844,7 +856,7 @@ def _json_text(text: str, param: str):
     try:
         return load_json(text, f"'{param}'")
     except RequestError as e:
-        raise RequestError(str(e), param=param) from None
+        raise RequestError(str(e), param=param, quoted=e.quoted) from None
 
 
 def _schema(value, param: str):

@@ -66,11 +66,12 @@ ENGINE_FIELDS: dict[str, tuple[str, str]] = {
 
 
 class ParamError(ValueError):
-    """A value outside its parameter's type or range; `field` names it."""
+    """A value outside its parameter's type or range; `field` names it. `quoted`: the parts of
+    the message that show the value (a request's content, where a request gave it)."""
 
-    def __init__(self, message: str, field: str):
+    def __init__(self, message: str, field: str, quoted: tuple[str, ...] = ()):
         super().__init__(message)
-        self.field = field
+        self.field, self.quoted = field, quoted
 
 
 def param_of(kind: str, name: str) -> Param:
@@ -134,7 +135,7 @@ def check_value(p: Param, value: Any, field: str | None = None) -> Any:
     field = field or p.name
 
     def bad():
-        return ParamError(f"'{field}' must be {expected(p)}, not {_shown(value)}", field)
+        return ParamError(f"'{field}' must be {expected(p)}, not {_shown(value)}", field, quoted=(_shown(value),))
 
     if value is None:
         if p.optional:
@@ -171,7 +172,7 @@ def check_value(p: Param, value: Any, field: str | None = None) -> Any:
         if p.nonblank and not all(s.strip() for s in items):
             blank = next(s for s in items if not s.strip())
             raise ParamError(f"'{field}' holds {_shown(blank)}, whitespace alone: give words with a character "
-                             "besides whitespace", field)
+                             "besides whitespace", field, quoted=(_shown(blank),))
         if p.max_length is not None and any(len(s) > p.max_length for s in items):
             longest = max(len(s) for s in items)
             raise ParamError(f"a '{field}' string has {longest} characters; at most {p.max_length} are allowed",
@@ -202,7 +203,8 @@ def check_token_ids(field: str, value: Any) -> tuple[int, ...]:
     the field; whether each id is in the vocabulary is the engine's to say (it knows the model)."""
     most = TOKEN_ID_FIELDS[field]
     if not isinstance(value, (list, tuple)):
-        raise ParamError(f"'{field}' must be an array of token ids, not {_shown(value)}", field)
+        raise ParamError(f"'{field}' must be an array of token ids, not {_shown(value)}", field,
+                         quoted=(_shown(value),))
     if not value:
         raise ParamError(f"'{field}' is empty: give at least one token id (leave it out to allow every token)",
                          field)
@@ -211,7 +213,7 @@ def check_token_ids(field: str, value: Any) -> tuple[int, ...]:
     for i, t in enumerate(value):
         if not isinstance(t, int) or isinstance(t, bool) or t < 0:
             raise ParamError(f"'{field}[{i}]' must be a token id (an integer of at least 0), not {_shown(t)}",
-                             field)
+                             field, quoted=(_shown(t),))
     return tuple(value)
 
 
@@ -227,7 +229,8 @@ def check_priority(value: Any) -> int:
 def check_cache_salt(value: Any) -> str:
     """A request's cache_salt (vLLM's): a non-empty string, or ParamError naming the field."""
     if not isinstance(value, str) or not value:
-        raise ParamError(f"'cache_salt' must be a non-empty string, not {_shown(value)}", "cache_salt")
+        raise ParamError(f"'cache_salt' must be a non-empty string, not {_shown(value)}", "cache_salt",
+                         quoted=(_shown(value),))
     return value
 
 

@@ -22,10 +22,10 @@ def live(tiny_gguf):
 
 
 class LogRecords:
-    """The records of one logger (agp.access unless told) while in use, at INFO and up."""
+    """The records of one logger (agp.access unless told) while in use, at INFO and up (or `level`)."""
 
-    def __init__(self, name: str = "agp.access"):
-        self.name = name
+    def __init__(self, name: str = "agp.access", level: int = logging.INFO):
+        self.name, self.want = name, level
 
     def __enter__(self):
         self.records = []
@@ -34,7 +34,7 @@ class LogRecords:
         self.logger = logging.getLogger(self.name)
         self.logger.addHandler(self.handler)
         self.level = self.logger.level
-        self.logger.setLevel(logging.INFO)          # setLevel: it clears the loggers' cached levels
+        self.logger.setLevel(self.want)             # setLevel: it clears the loggers' cached levels
         return self
 
     def __exit__(self, *exc):
@@ -155,6 +155,48 @@ def test_an_error_answer_is_logged_with_its_request_id(live):
     assert reasons["op-bad-1"].status == 400 and "max_tokens" in reasons["op-bad-1"].getMessage()
     assert reasons["op-bad-1"].getMessage().endswith("id=op-bad-1")
     assert reasons["op-nokey-1"].status == 401
+
+
+SECRET = "my card is 4111-1111"          # what a client sent: no operator asked to see it in the INFO log
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "hi", "temperature": SECRET}, "temperature"),
+    ("/v1/completions", {"prompt": [1, 2, SECRET]}, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {SECRET: 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 10 ** 6}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21}, "logprobs"),
+    ("/v1/chat/completions", {"messages": SECRET}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": {"text": SECRET}}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": SECRET, "content": "hi"}]}, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": SECRET},
+     "tool_choice"),
+])
+def test_a_refusal_that_quotes_the_requests_content_logs_it_only_at_debug(live, path, body, param):
+    """A 400 whose message quotes the start of a value the client sent: the client's message
+    quotes it as ever, the INFO line names the field and the code and writes `<value>` where the
+    message quotes it (an operator opts in to request content: at DEBUG a line has it in full).
+    Before, the INFO log held whatever the client had put in a malformed field."""
+    with LogRecords("agp.serve", level=logging.DEBUG) as log:
+        r = live.http.post(live.url + path, headers={**KEY, "X-Request-Id": "op-quoted-1"},
+                           json={"model": "tiny", **body})
+        assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    if param in ("max_tokens", "logprobs"):        # quotes nothing but a number: logged as it is
+        assert SECRET not in error["message"]
+    else:
+        assert SECRET[:20] in error["message"]    # the client's own message is left as it is
+    mine = [rec for rec in log.records if getattr(rec, "request_id", None) == "op-quoted-1"]
+    info = [rec for rec in mine if rec.levelno >= logging.INFO]
+    assert len(info) == 1 and info[0].param == error["param"] and info[0].code == error["code"]
+    assert error["param"].startswith(param.split("[")[0])
+    assert SECRET[:4] not in info[0].getMessage() and SECRET[:4] not in info[0].reason
+    debug = [rec for rec in mine if rec.levelno == logging.DEBUG]
+    if param in ("max_tokens", "logprobs"):
+        assert info[0].reason == error["message"] and not debug
+    else:
+        assert "<value>" in info[0].reason
+        assert len(debug) == 1 and debug[0].reason == error["message"] in debug[0].getMessage()
 
 
 def test_the_access_line_brackets_an_ipv6_client_so_its_port_can_be_told_apart():

@@ -7,9 +7,13 @@ class APIError(Exception):
 
     def __init__(self, message: str, *, status: int = 400, type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None, stage: str | None = None):
+                 headers: dict[str, str] | None = None, stage: str | None = None, quoted: tuple[str, ...] = ()):
         super().__init__(message)
         self.message = message
+        # the parts of the message that show the request's content: a string, array or object it
+        # gave (as JSON or repr; a number, true, false or null is no content to hide, and its text
+        # may stand elsewhere in the message: "from 0 to 20, not 2")
+        self.quoted = tuple(q for q in quoted if q[:1] in ('"', "'", "[", "{"))
         self.status = status
         self.type = type
         self.param = param

@@ -117,10 +117,10 @@ def answered_in_words(req: dict, i: int, res) -> P.APIError:
     chat = isinstance(req["inputs"][i], tuple)
     field = "messages" if chat else "input" if len(req["inputs"]) == 1 else f"input[{i}]"
     text = res.choices[0].text if res.choices else ""
-    said = f": {text[:200]!r}" if text else ""
+    said = f"{text[:200]!r}" if text else ""
     return P.APIError(f"the pipeline answered '{field}' with text of its own, not an embedding (a python stage "
-                      f"answered it in the generate stage's place){said}", param="messages" if chat else "input",
-                      code="rejected")
+                      f"answered it in the generate stage's place){': ' + said if said else ''}",
+                      param="messages" if chat else "input", code="rejected", quoted=(said,))
 
 
 class Embeddings:

@@ -102,16 +102,36 @@ def api_error(e: PipelineError, kind: str, retry_after_s: int = 1, max_tokens_fi
     return err
 
 
+QUOTED = "<value>"       # what the log writes for the request's own content an error message quotes
+
+
+def logged_message(err: APIError) -> str:
+    """The error's message as the INFO log writes it: each part that quotes the request's own
+    content (APIError.quoted: the start of a malformed value, say) written QUOTED, as the
+    operator did not ask to see what clients send (--log-level debug shows it)."""
+    message = err.message
+    for part in err.quoted:
+        message = message.replace(part, QUOTED)
+    return message
+
+
 def log_error(err: APIError) -> None:
     """An error answer, with its reason: 4xx at INFO (the client's doing), 5xx at WARNING, with
-    the traceback of the exception that failed it (a python stage's, agp's own) when there is one."""
+    the traceback of the exception that failed it (a python stage's, agp's own) when there is one.
+    The record carries the field at fault and the error's code (`param`, `code`); what the message
+    quotes of the request's content is left out (logged_message), and written at DEBUG on a line
+    of its own."""
     level = logging.INFO if err.status < 500 else logging.WARNING
     info = current_info.get()
     rid = info.id if info is not None else "-"
     cause = err.__cause__ if err.status >= 500 else None
-    log.log(level, "%s -> %d %s id=%s", current_request.get() or "-", err.status, err.message, rid,
-            exc_info=(type(cause), cause, cause.__traceback__) if cause is not None else None,
-            extra={"status": err.status, "reason": err.message, "request_id": rid})
+    request, message = current_request.get() or "-", logged_message(err)
+    extra = {"status": err.status, "reason": message, "request_id": rid, "param": err.param, "code": err.code}
+    log.log(level, "%s -> %d %s id=%s", request, err.status, message, rid,
+            exc_info=(type(cause), cause, cause.__traceback__) if cause is not None else None, extra=extra)
+    if message != err.message:
+        log.debug("%s -> %d %s id=%s", request, err.status, err.message, rid,
+                  extra={**extra, "reason": err.message})
 
 
 def error_response(err: APIError) -> JSONResponse:

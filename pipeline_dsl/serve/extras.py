@@ -49,7 +49,7 @@ def refused(e: RequestError) -> APIError:
     if isinstance(e, ChecksBusy):
         return APIError(str(e), status=503, type="server_error", param=e.param, code=e.code,
                         headers={"Retry-After": "1"})
-    return APIError(str(e), param=e.param, code=e.code)
+    return APIError(str(e), param=e.param, code=e.code, quoted=e.quoted)
 
 
 class _RequestErrorsAnswered:

@@ -8,8 +8,9 @@ each, logger `py.warnings`): a collector reading `--log-format json` gets one JS
 line, never a library's bare line. Text lines read `2026-11-30T13:00:00.123Z INFO agp.serve:
 message` (the message's control characters escaped, `\\n`, `\\x1b`: a line is a record); JSON lines
 carry `ts`, `level`, `logger`, `message` and the record's structured fields (an access
-line: `client`, `method`, `path`, `status`, `latency_ms`, `request_id`; a stats line: its
-numbers). The access lines are agp's own (logger `agp.access`, serve/access.py).
+line: `client`, `method`, `path`, `status`, `latency_ms`, `request_id`; an error answer's: `status`,
+`reason`, `param`, `code`, `request_id`; a stats line: its numbers). The access lines are agp's
+own (logger `agp.access`, serve/access.py).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import time
 import warnings
 
 # the fields a record may carry (logger.info(..., extra={...})) that JSON lines keep
-STRUCTURED = ("client", "method", "path", "status", "latency_ms", "reason", "request_id", "stats")
+STRUCTURED = ("client", "method", "path", "status", "latency_ms", "reason", "param", "code", "request_id", "stats")
 
 
 def endpoint(host: str, port: int) -> str:

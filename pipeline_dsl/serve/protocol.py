@@ -240,7 +240,7 @@ def _sampling(obj: dict, max_model_len: int, max_tokens_field: str = "max_tokens
         try:
             values[name] = check_value(param_of(*REQUEST_FIELDS[name]), obj[key], key)
         except ParamError as e:
-            raise APIError(str(e), param=e.field) from None
+            raise APIError(str(e), param=e.field, quoted=e.quoted) from None
     if values.get("max_tokens", 0) > max_model_len:
         raise APIError(f"'{max_tokens_field}' = {values['max_tokens']} is beyond the context of "
                        f"{max_model_len} tokens, which the prompt shares; ask for at most {max_model_len} "
@@ -398,7 +398,7 @@ def _bad_ids(name: str, value) -> APIError | None:
     for i, t in enumerate(value):
         if not (_is_int(t) and t >= 0):
             return APIError(f"'{name}[{i}]' = {json.dumps(t)[:40]} is not a token id (an integer from 0)",
-                            param=name.split("[")[0])
+                            param=name.split("[")[0], quoted=(json.dumps(t)[:40],))
     return None
 
 

@@ -53,7 +53,7 @@ def parse_token_fields(obj: dict, *, stream: bool) -> TokenFields:
     if k is not None:
         if not isinstance(k, int) or isinstance(k, bool) or k < -1 or k > MAX_LOGPROBS:
             raise APIError(f"'prompt_logprobs' must be an integer from 0 to {MAX_LOGPROBS}, not {_shown(k)}",
-                           param="prompt_logprobs")
+                           param="prompt_logprobs", quoted=(_shown(k),))
         if k == -1:
             raise APIError("'prompt_logprobs' = -1 asks for every token of the vocabulary at each prompt "
                            f"position; agp lists at most {MAX_LOGPROBS} (give 0 to {MAX_LOGPROBS})",
@@ -68,11 +68,11 @@ def parse_token_fields(obj: dict, *, stream: bool) -> TokenFields:
             try:
                 out.fields[name] = list(check_token_ids(name, obj[name]))
             except ParamError as e:
-                raise APIError(str(e), param=e.field) from None
+                raise APIError(str(e), param=e.field, quoted=e.quoted) from None
     for name in ("return_token_ids", "return_tokens_as_token_ids"):
         want = obj.get(name)
         if want is not None and not isinstance(want, bool):
-            raise APIError(f"'{name}' must be true or false, not {_shown(want)}", param=name)
+            raise APIError(f"'{name}' must be true or false, not {_shown(want)}", param=name, quoted=(_shown(want),))
         if want:
             out.fields[name] = True
     return out
