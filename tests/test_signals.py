@@ -11,6 +11,7 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import httpx
@@ -190,3 +191,96 @@ except KeyboardInterrupt:
 
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.stdout.strip() == "KeyboardInterrupt" and "NameError" not in r.stderr, r.stderr
+
+
+class _Runtime:
+    """A pipeline runtime as AgpServer's drain sees it: `in_flight` requests that never finish on
+    their own; close() (the cut) takes until `release` is set when `slow`."""
+
+    def __init__(self, in_flight: int, slow: bool):
+        self.in_flight, self.cut = in_flight, 0
+        self.cutting, self.release = threading.Event(), threading.Event()
+        if not slow:
+            self.release.set()
+
+    def stop_admitting(self):
+        pass
+
+    def wait_idle(self, timeout):
+        time.sleep(timeout)
+        return self.in_flight == 0
+
+    def close(self, drain=True, timeout=None, reason=""):
+        self.cutting.set()
+        assert self.release.wait(30)
+        self.cut, self.in_flight = self.in_flight, 0
+        return self.cut == 0
+
+
+def _server(runtime):
+    """An AgpServer over `runtime`, as if serving (its signals are sent by calling handle_exit)."""
+    import types
+
+    import uvicorn
+
+    from pipeline_dsl.serve.server import AgpServer
+
+    async def app(scope, receive, send):
+        pass
+    apipe = types.SimpleNamespace(runtime=runtime, error=None)
+    server = AgpServer(uvicorn.Config(app), apipe, drain_timeout=600)
+    server.started = True
+    return server, types.SimpleNamespace(apipe=apipe)
+
+
+def _wait(predicate):
+    deadline = time.monotonic() + 30
+    while not predicate():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_a_signal_once_the_drain_is_over_does_not_force_the_stop_and_the_exit_status_stays_0(caplog):
+    """SIGTERM, the drain finds nothing in flight; another SIGTERM while the server stops on its
+    own changes nothing (before: it was taken for a third signal, a forced exit that skipped the
+    app's shutdown: uvicorn logged 'Exception in lifespan' with a traceback), and the exit status
+    is 0; one more signal then stops it at once."""
+    import logging
+
+    from pipeline_dsl.commands.serve import exit_status
+
+    caplog.set_level(logging.INFO, logger="agp.serve")
+    server, serving = _server(_Runtime(0, slow=False))
+    server.handle_exit(signal.SIGTERM, None)
+    _wait(lambda: server.drained is not None)
+    server.handle_exit(signal.SIGTERM, None)
+    _wait(lambda: server.should_exit)
+    assert server.drained is True and not server.force_exit
+    assert "already stopping" in caplog.text
+    assert exit_status(serving, server) == 0
+    server.handle_exit(signal.SIGTERM, None)               # insisting: the server's own end may hang
+    assert server.force_exit
+
+
+def test_a_third_signal_while_the_requests_are_cut_stops_at_once_with_exit_1_saying_how_many(caplog):
+    """SIGTERM with 3 in flight; a second signal cuts them; a third while the cut is still going
+    on stops the server at once (a forced exit): the exit status is 1 and the log says how many
+    got no answer (before: 0 and 'stopped (drained)' when the cut had not yet counted them)."""
+    import logging
+
+    from pipeline_dsl.commands.serve import exit_status
+
+    runtime = _Runtime(3, slow=True)
+    server, serving = _server(runtime)
+    caplog.set_level(logging.INFO, logger="agp.serve")
+    try:
+        server.handle_exit(signal.SIGTERM, None)
+        server.handle_exit(signal.SIGTERM, None)
+        assert runtime.cutting.wait(30)
+        server.handle_exit(signal.SIGTERM, None)
+        assert server.should_exit and server.force_exit and server.cut == 0
+        assert exit_status(serving, server) == 1
+        assert "stopped at once by a third signal; 3 request(s) still in flight got no answer" in caplog.text
+        assert "stopped (drained)" not in caplog.text
+    finally:
+        runtime.release.set()

@@ -35,7 +35,7 @@ log = logging.getLogger("agp.serve")
 FILES_BESIDE_CONNECTIONS = 256  # descriptors the server holds besides its connections (model files, pipes, logs)
 BACKLOG = 2048                  # uvicorn's default: connections the kernel queues before they are accepted
 
-__all__ = ["HELP", "add_arguments", "listening_socket", "main"]
+__all__ = ["HELP", "add_arguments", "exit_status", "listening_socket", "main"]
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -136,6 +136,13 @@ def main(args) -> int:
         return started
     serving, server = started
     server.run(sockets=[sock])
+    return exit_status(serving, server)
+
+
+def exit_status(serving, server) -> int:
+    """The exit status of a server that has stopped, its reason logged: 0 when it stopped with
+    every request answered (drained), 1 when it did not start, its pipeline failed, or requests in
+    flight were cut (each with an error answer) or, stopped at once by a third signal, got none."""
     if not server.started:
         report("the server did not start (see the log above)")
         return 1
@@ -143,8 +150,13 @@ def main(args) -> int:
         if server.failed is None:                   # the server logged the failure as it stopped for it
             report(f"the pipeline failed: {engine_failed}")
         return 1
-    if server.cut:
-        log.warning("stopped; cut %d request(s) still in flight", server.cut)
+    if server.force_exit and server.dropped:         # the drain thread may still be cutting them
+        log.warning("stopped at once by a third signal; %d request(s) still in flight got no answer "
+                    "or only part of one", server.dropped)
+        return 1
+    cut = server.cut or serving.apipe.runtime.cut     # the runtime's: counted before the drain's thread sees it
+    if cut:
+        log.warning("stopped; cut %d request(s) still in flight", cut)
         return 1
     log.info("stopped" + (" (drained)" if server.stopped_by else ""))
     return 0

@@ -47,7 +47,10 @@ tokens.
 drain timeout for the requests in flight, then fails the rest — an SSE error event and `[DONE]`
 for a stream, a JSON 503 otherwise — and only then lets uvicorn stop. `cut` is how many were
 failed. A second signal ends the wait at once: what is still in flight is failed the same way
-(not dropped mid-answer), and the exit status says so; a third stops without that. SIGHUP
+(not dropped mid-answer), and the exit status says so; a third while they are being cut stops
+at once without that (exit status 1 as well: `exit_status`). One once the drain is over changes
+nothing (the server is stopping on its own: a forced exit would skip the app's own end, which
+uvicorn then logs as an error with a traceback); a second one then stops at once. SIGHUP
 drains too: agp serve has nothing to reload, and a hang-up (a closed terminal, an operator's
 `kill -HUP`) must not drop the answers in flight, as its default action would.
 
@@ -396,6 +399,8 @@ class AgpServer(uvicorn.Server):
         self.stopped_by: int | None = None
         self.cut = 0
         self.drained = None                  # True: every request finished; False: some were cut
+        self.dropped = 0                     # in flight when a third signal stopped the server at once
+        self._insisted = False               # a signal came after the drain was over
         self._draining = threading.Event()
         self._hurry = threading.Event()      # a second signal: stop waiting, cut what is in flight
         self.failed: BaseException | None = None   # the engine's failure that stopped the server
@@ -426,10 +431,19 @@ class AgpServer(uvicorn.Server):
 
     def handle_exit(self, sig, frame) -> None:
         if self._draining.is_set():
-            if self.drained is None and not self._hurry.is_set():      # a second signal: cut now
-                log.warning("%s again: cutting the requests still in flight", signal.Signals(sig).name)
+            name = signal.Signals(sig).name
+            if self.drained is not None and not self._insisted:    # the drain is over: it stops on its own
+                self._insisted = True
+                log.info("%s again: already stopping (the drain is over; another signal stops at once)", name)
+            elif self.drained is not None:          # and again: stop now (its own end may hang)
+                self.should_exit = True
+                self.force_exit = True
+            elif not self._hurry.is_set():          # a second signal: cut now
+                log.warning("%s again: cutting the requests still in flight", name)
                 self._hurry.set()
-            else:                                                       # a third: stop now
+            else:                                   # a third while they are being cut: stop now
+                log.warning("%s a third time: stopping now; the requests still in flight get no answer", name)
+                self.dropped = self.apipe.runtime.in_flight
                 self.should_exit = True
                 self.force_exit = True
             return
