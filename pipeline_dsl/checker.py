@@ -966,11 +966,10 @@ def _check_condition_source(cond, src: ResolvedStage, name: str) -> list[Diagnos
             continue
         fields = C.known_fields(["Request", "Generated"])
         if word in C.KEYED:             # when headers: a key and a comparison are missing
-            field = "metadata.KEY" if word == C.METADATA else 'headers["NAME"]'
+            keyed = C.KEYED[word]
             diags.append(_err(f"field '{word}' needs a key and a comparison", lab.pos,
-                              expected=f"{field} == VALUE" + (", ..." if word == C.METADATA else ""),
-                              hint='e.g. when metadata.tier == "gold"' if word == C.METADATA
-                              else 'e.g. when headers["x-tenant"] == "gold"'))
+                              expected=f"{keyed.form} == VALUE" + (", ..." if keyed.keys == "any" else ""),
+                              hint=f"e.g. when {keyed.example}"))
         elif word in fields:
             diags.append(_err(f"field '{word}' needs a comparison", lab.pos,
                               expected=f"{word} == VALUE, {word} > N, ...",

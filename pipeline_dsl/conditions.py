@@ -26,7 +26,7 @@ of another type than the literal.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from . import ast
 from .diagnostics import did_you_mean
@@ -61,12 +61,25 @@ GENERATED_FIELDS: dict[str, tuple[str, str]] = {
     "text": (STRING, "the generated text"),
 }
 FIELDS = {REQUEST: REQUEST_FIELDS, GENERATED: GENERATED_FIELDS}
-# fields read by a key: field -> (type of what a key gives, keys it takes, doc); on both item types
+
+
+class Keyed(NamedTuple):
+    """A field read by a key (on both item types): the type of what a key gives, the keys it
+    takes ("any": a path of them, "one"), the field as written with its key a placeholder, a
+    comparison that reads it (the messages' example), and its doc."""
+    type: str
+    keys: str
+    form: str
+    example: str
+    doc: str
+
+
 METADATA, HEADERS = "metadata", "headers"
-KEYED: dict[str, tuple[str, str, str]] = {
-    METADATA: (ANY, "any", "a key of the request's metadata object (metadata.a.b: a key of an object in it)"),
-    HEADERS: (STRING, "one", "an HTTP header the request carries (agp serve copies those conditions read), "
-                             "its name case-blind"),
+KEYED: dict[str, Keyed] = {
+    METADATA: Keyed(ANY, "any", "metadata.KEY", 'metadata.tier == "gold"',
+                    "a key of the request's metadata object (metadata.a.b: a key of an object in it)"),
+    HEADERS: Keyed(STRING, "one", 'headers["NAME"]', 'headers["x-tenant"] == "gold"',
+                   "an HTTP header the request carries (agp serve copies those conditions read), its name case-blind"),
 }
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 ORDERING = ("<", "<=", ">", ">=")
@@ -199,8 +212,8 @@ def field_type(path, item_types) -> str | None:
     if isinstance(path, tuple):
         if path[0] not in KEYED:
             return None
-        ftype, keys, _ = KEYED[path[0]]
-        return ftype if keys == "any" or len(path) == 2 else None
+        keyed = KEYED[path[0]]
+        return keyed.type if keyed.keys == "any" or len(path) == 2 else None
     if path in KEYED:
         return None
     for t in item_types:
@@ -211,7 +224,7 @@ def field_type(path, item_types) -> str | None:
 
 def known_fields(item_types) -> list[str]:
     names = {f for t in item_types for f in FIELDS.get(t, {})}
-    return sorted(names) + ["metadata.KEY", 'headers["NAME"]']
+    return sorted(names) + [k.form for k in KEYED.values()]
 
 
 def _bare_word_hint(word: str, path: str, ftype: str) -> str:
@@ -245,14 +258,12 @@ def _check_keys(c: ast.Compare) -> None:
     if name not in KEYED:
         if keys and field_type(name, [REQUEST, GENERATED]) is not None:
             raise ConditionError(f"'{name}' is a {field_type(name, [REQUEST, GENERATED])}: it has no keys",
-                                 keys[0], expected=f"{name} alone, or a field read by a key: metadata.KEY, "
-                                                   'headers["NAME"]')
+                                 keys[0], expected=f"{name} alone, or a field read by a key: "
+                                                   + ", ".join(k.form for k in KEYED.values()))
         return
     if not keys:
-        raise ConditionError(f"'{name}' needs a key: metadata.KEY" if name == METADATA else
-                             "'headers' needs a header name: headers[\"NAME\"]", head,
-                             hint='e.g. metadata.tier == "gold"' if name == METADATA
-                             else 'e.g. headers["x-tenant"] == "gold"')
+        what = "a key" if name == METADATA else "a header name"
+        raise ConditionError(f"'{name}' needs {what}: {KEYED[name].form}", head, hint=f"e.g. {KEYED[name].example}")
     if name == HEADERS:
         header = field_path(c)[1]
         if len(keys) > 1:

@@ -32,6 +32,7 @@ promises and vLLM does: under tool_choice "auto" nothing holds the model to one 
     messages = prepare_messages(messages, tools, template_takes_tools=False)
     content, calls = parse_tool_calls(text)          # calls: [{"id", "type", "function": {...}}]
     content, calls = parse_tool_calls(text, parser="llama3_json")
+    read = read_tool_calls(text, limit, parser, read)  # the same, or `read` where it read this
     stream = tool_stream(limit, parser)              # .feed(delta), .finish(): (content, calls)
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 # what json raises for text that is no JSON value: ValueError, or RecursionError for one nested deeper
@@ -136,6 +137,27 @@ def parse_tool_calls(text: str, limit: int | None = None,
     if not calls:
         return text, []
     return (content if content.strip() else None), calls[:limit]
+
+
+class ToolCallsRead(NamedTuple):
+    """What parse_tool_calls read in `text` with `limit` and `parser`. An answer carries it from
+    its generate stage, whose python stages read its calls, to its front end (agp serve, agp
+    run), which reads the same text in the same form no second time (read_tool_calls): one
+    parse an answer, and the answer's calls are the ones those stages saw, ids and all."""
+    text: str
+    limit: int | None
+    parser: str
+    content: str | None
+    calls: list[dict]
+
+
+def read_tool_calls(text: str, limit: int | None = None, parser: str = "hermes",
+                    read: ToolCallsRead | None = None) -> ToolCallsRead:
+    """parse_tool_calls(text, limit, parser), with what it read; `read` itself where it read
+    this text with this limit and parser (a stage that changed the text gets it read anew)."""
+    if read is not None and (read.text, read.limit, read.parser) == (text, limit, parser):
+        return read
+    return ToolCallsRead(text, limit, parser, *parse_tool_calls(text, limit, parser))
 
 
 def _finished_calls(body: str) -> list[dict]:

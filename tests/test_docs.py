@@ -389,7 +389,7 @@ def test_the_condition_field_table_is_the_checkers():
         documented |= {re.sub(r'(\.KEY|\["(KEY|NAME)"\])$', "", f): kind.strip()
                        for f in re.findall(r"`(\w+(?:\.KEY|\[\"(?:KEY|NAME)\"\])?)`", names)}
     actual = {f: t for fields in FIELDS.values() for f, (t, _) in fields.items()}
-    assert documented == actual | {f: t for f, (t, _, _) in KEYED.items()}
+    assert documented == actual | {f: k.type for f, k in KEYED.items()}
 
 
 def test_the_built_in_kinds_table_names_every_parameter_with_its_default():

@@ -35,14 +35,17 @@ async def aguard(item, chunks):
 pytestmark = pytest.mark.usefixtures("fresh_flowkit")
 
 
-def pipeline(tmp_path, model, before: str = "", requests: str = ""):
+def pipeline(tmp_path, model, before: str = "", requests: str = "", after: str = ""):
+    """request -> generate -> respond; `before`: a python stage f holding each request at the gate
+    "go" before the batcher; `after`: the settings of a python stage g between generate and respond."""
     stages = (f"stage request : requests {{{requests}}}\nstage gen : generate {{ max_new_tokens = 24 }}\n"
               "stage out : respond {}\n")
     if before:
         stages += 'stage f : python { fn = "hooks:held" }\nrequest -> f -> batch\n'
     else:
         stages += "request -> batch\n"
-    path = write(tmp_path, model, stages + "gen -> out\n" + chain(), hooks=HOOKS)
+    stages += f"stage g : python {{ {after} }}\ngen -> g -> out\n" if after else "gen -> out\n"
+    path = write(tmp_path, model, stages + chain(), hooks=HOOKS)
     assert errors(path) == []
     return path
 
@@ -204,12 +207,7 @@ def test_a_pause_longer_than_a_stream_stages_timeout_is_not_its_timeout(tmp_path
     its reader for five times that is answered whole, the stage not timed out. The pause is the
     reader's: the stage's clock runs only while its function works on a chunk, not while it
     waits for the next, which a paused generation does not make."""
-    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 24 }\n"
-            f'stage g : python {{ fn = "hooks:{fn}"  stream = true  timeout = 200ms }}\n'
-            "stage out : respond {}\nrequest -> batch\ngen -> g -> out\n" + chain())
-    path = write(tmp_path, soft_gguf, body, hooks=HOOKS)
-    assert errors(path) == []
-    rt = runtime(path)
+    rt = runtime(pipeline(tmp_path, soft_gguf, after=f'fn = "hooks:{fn}"  stream = true  timeout = 200ms'))
     rt.start()
     try:
         paused = threading.Event()
@@ -234,12 +232,7 @@ def test_requests_paused_in_a_stream_stage_do_not_hold_its_workers_from_a_new_on
     (before: its stage call waited for a worker, and it was answered only once they were let
     go). Let go, each paused one is answered whole."""
     workers = " workers = 2" if given else ""
-    body = ("stage request : requests {}\nstage gen : generate { max_new_tokens = 24 }\n"
-            f'stage g : python {{ fn = "hooks:{fn}"  stream = true{workers} }}\n'
-            "stage out : respond {}\nrequest -> batch\ngen -> g -> out\n" + chain())
-    path = write(tmp_path, soft_gguf, body, hooks=HOOKS)
-    assert errors(path) == []
-    rt = runtime(path)
+    rt = runtime(pipeline(tmp_path, soft_gguf, after=f'fn = "hooks:{fn}"  stream = true{workers}'))
     rt.start()
     try:
         k = rt.workers["g"].workers

@@ -105,9 +105,9 @@ def _tool_calls(parsed: ParsedRequest, choice, parts: dict, runtime) -> str | No
     (null when nothing is), `finish_reason` "tool_calls"; a line without calls its text less the
     family's markers (kept in the decoded answer for the parser). Any other line keeps its text."""
     active = bool(parsed.tools) and parsed.tool_choice != "none"
+    parser = runtime.tool_parser(choice.data.get("generated_by"), parsed.tool_choice) if active else "hermes"
     message, reason = chat_message(parts["text"], choice.finish_reason, active,
-                                   None if parsed.parallel_tool_calls else 1,
-                                   runtime.tool_parser(choice.data.get("generated_by"), parsed.tool_choice) if active else "hermes")
+                                   None if parsed.parallel_tool_calls else 1, parser, choice.tool_read)
     if active:                      # the content: a family's markers left out (tools.without_markers)
         parts["text"] = message["content"]
     if message.get("tool_calls"):

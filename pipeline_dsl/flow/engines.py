@@ -309,10 +309,9 @@ class EngineSide:
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "cached_tokens": cached_tokens},
                 "generated_by": gen, "request": request}
-        calls = tool_calls(request, text, self.tool_parser(gen, request.get("tool_choice", "auto"))) \
-            if request.get("tools") else None
-        if calls:
-            data["tool_calls"] = calls
+        item.tool_read = read = self._read_tool_calls(gen, request, text)
+        if read is not None and read.calls:     # the stages' own copy: the answer gives the calls as read
+            data["tool_calls"] = [{**c, "function": dict(c["function"])} for c in read.calls]
         if item.logprobs is not None:
             data["logprobs"] = item.logprobs
         if request.get("return_token_ids"):
@@ -322,6 +321,21 @@ class EngineSide:
             if "prompt_logprobs" in item.entry:
                 data["prompt_logprobs"] = item.entry["prompt_logprobs"]
         return data
+
+    def _read_tool_calls(self, gen: str, request: dict, text: str):
+        """The tool calls generate stage `gen`'s answer `text` holds (tools.ToolCallsRead), parsed
+        as agp serve parses them for its answer (`tool_calls`: id, type, function name and JSON
+        arguments), in the form its model writes them (tool_parser), where its request gave tools
+        and a tool_choice other than none: what a python tool stage after the generate stage reads
+        and runs, and what the answer gives (Choice.tool_read). None where the request gave no
+        tools (or the answer is empty)."""
+        choice = request.get("tool_choice", "auto")
+        if not text or not request.get("tools") or choice == "none":
+            return None
+        from pipeline_dsl.tools import read_tool_calls
+
+        limit = None if request.get("parallel_tool_calls", True) else 1
+        return read_tool_calls(text, limit, self.tool_parser(gen, choice))
 
     def _heard(self, item: Item, out) -> None:
         """Tell the item's listener a delta of its streamed choice, with its request's usage so far."""
@@ -431,18 +445,6 @@ class EngineSide:
 
     def _callbacks(self, es):
         return (lambda outs: self._on_outputs(es, outs)), (lambda rid, exc: self._on_seq_error(es, rid, exc))
-
-
-def tool_calls(request: dict, text: str, parser: str = "hermes") -> list[dict] | None:
-    """The tool calls an answer's text holds, parsed as agp serve parses them for its answer
-    (`tool_calls`: id, type, function name and JSON arguments), where its request gave tools and a
-    tool_choice other than none: what a python tool stage after the generate stage reads and runs.
-    None where there are none (or the request gave no tools)."""
-    if not text or not request.get("tools") or request.get("tool_choice", "auto") == "none":
-        return None
-    from pipeline_dsl.tools import parse_tool_calls
-
-    return parse_tool_calls(text, None if request.get("parallel_tool_calls", True) else 1, parser)[1] or None
 
 
 class _Tokens:

@@ -48,6 +48,9 @@ class Choice:
     # from `index`: a choice streamed straight from its generate stage is numbered as it starts
     # there, and an answer sent whole is numbered again in branch order
     delta_index: int | None = None
+    # the tool calls its generate stage read in its text (tools.ToolCallsRead, its `tool_calls`),
+    # where its request gave tools: its front end reads them there again only where the text changed
+    tool_read: Any = None
 
 
 @dataclass
@@ -149,6 +152,7 @@ class Item:
     sampled: frozenset = frozenset()   # generate stages that made this branch's `n` copies already
     split: bool = False                # one of several copies a generate stage made: never split again
     copy: int = 0                      # which of those copies: sampled again elsewhere with seed + copy
+    tool_read: Any = None              # the tool calls its generate stage read (Choice.tool_read)
 
     def fork(self, branch: tuple) -> "Item":
         return Item(self.kind, copy.deepcopy(self.data), self.req, self.at, branch, dict(self.turns),

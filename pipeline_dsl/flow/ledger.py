@@ -138,7 +138,7 @@ class RequestLedger:
         error."""
         def choice(index: int, it) -> Choice:
             return Choice(index, it.data.get("text", ""), it.data.get("finish_reason"), it.data,
-                          it.index if it.index != index else None)
+                          it.index if it.index != index else None, it.tool_read)
 
         if not req.stream:
             choices = [choice(k, it) for k, it in enumerate(sorted(req.results, key=lambda it: it.branch))]

@@ -52,7 +52,7 @@ def answer_body(runtime, res, req: P.GenerationRequest, rid: str,
         top = answer_fields(res.choices[0].data, req.prompt_logprobs, want_ids, text_of)[0]
         body = P.chat_response(rid, req.model, choices, use, tools_active=req.tools_active, top=top,
                                call_limit=req.call_limit, fingerprint=fingerprint,
-                               parser=call_parser(runtime, req))
+                               parser=call_parser(runtime, req), reads=[c.tool_read for c in res.choices])
         return body, {c["index"]: c["finish_reason"] for c in body["choices"]}
     echo = bool(req.fields.get("echo"))
     choices = []

@@ -37,7 +37,7 @@ import struct
 import sys
 
 from fastapi import Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from pipeline_dsl.flow import PipelineError
 from pipeline_dsl.requests_io import IGNORED, check_fields, request_item
@@ -47,7 +47,7 @@ from .access import request_info
 from .body import read_json
 from .errors import api_error, error_response
 from .extras import bad, request_errors
-from .generation import json_answer, wait_or_disconnect
+from .generation import wait_or_disconnect
 
 FIELDS = {"model", "input", "encoding_format", "dimensions", "user", "normalize", "request_id", "priority",
           "add_special_tokens", "embed_dtype", "endianness",
@@ -211,7 +211,8 @@ class Embeddings:
                 status = str(err.status)
                 return error_response(err)
             try:
-                response, _ = await asyncio.to_thread(json_answer, lambda: (self.answer(req, results), None))
+                # built and written off the loop, as a generation's answer (generation.json_answer)
+                response = await asyncio.to_thread(lambda: JSONResponse(self.answer(req, results)))
             except P.APIError as err:
                 status = str(err.status)
                 return error_response(err)

@@ -670,17 +670,18 @@ def completion_response(rid: str, model: str, choices: list[tuple], use: dict,
 
 
 def chat_message(text: str, finish_reason: str | None, tools_active: bool,
-                 call_limit: int | None = None, parser: str = "hermes") -> tuple[dict, str | None]:
+                 call_limit: int | None = None, parser: str = "hermes", read=None) -> tuple[dict, str | None]:
     """(the assistant message, the finish reason) of one answer: tool calls parsed out of the
     text when the request gave tools (then finish_reason is "tool_calls"), `call_limit` at most,
-    read in the form `parser` names (pipeline_dsl/tools.py's PARSERS: the model's family)."""
+    read in the form `parser` names (pipeline_dsl/tools.py's PARSERS: the model's family);
+    `read`: what its generate stage read (Choice.tool_read), taken where it read the same."""
     if tools_active:
-        from pipeline_dsl.tools import parse_tool_calls
+        from pipeline_dsl.tools import read_tool_calls
 
-        content, calls = parse_tool_calls(text, call_limit, parser)
-        if calls:
-            return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
-        return {"role": "assistant", "content": content}, finish_reason      # a family's markers left out
+        read = read_tool_calls(text, call_limit, parser, read)
+        if read.calls:
+            return {"role": "assistant", "content": read.content, "tool_calls": read.calls}, "tool_calls"
+        return {"role": "assistant", "content": read.content}, finish_reason      # a family's markers left out
     return {"role": "assistant", "content": text}, finish_reason
 
 
@@ -692,13 +693,14 @@ NO_REASONING = {"reasoning": None, "reasoning_content": None}
 
 def chat_response(rid: str, model: str, choices: list[tuple], use: dict, created: int | None = None,
                   tools_active: bool = False, top: dict | None = None, call_limit: int | None = None,
-                  fingerprint: str | None = None, parser: str = "hermes") -> dict:
+                  fingerprint: str | None = None, parser: str = "hermes", reads: list | None = None) -> dict:
     """choices: (index, text, finish_reason[, logprobs[, what else the choice carries]]) each;
-    `top`: what the answer carries beside its choices (vLLM's prompt_logprobs, prompt_token_ids).
+    `top`: what the answer carries beside its choices (vLLM's prompt_logprobs, prompt_token_ids);
+    `reads`: the tool calls each choice's generate stage read (chat_message's `read`), in order.
     Each message carries NO_REASONING: agp's models do not reason."""
     out = []
-    for c in choices:
-        message, reason = chat_message(c[1], c[2], tools_active, call_limit, parser)
+    for k, c in enumerate(choices):
+        message, reason = chat_message(c[1], c[2], tools_active, call_limit, parser, reads[k] if reads else None)
         message.update(NO_REASONING)
         out.append({"index": c[0], "message": message, "logprobs": c[3] if len(c) > 3 else None,
                     "finish_reason": reason, **(c[4] if len(c) > 4 else {})})

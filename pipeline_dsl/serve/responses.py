@@ -379,7 +379,7 @@ class Responses:
                if text_of else None)
         parser = call_parser(self.g.apipe.runtime, call.req)
         message, reason = P.chat_message(choice.text, choice.finish_reason, call.req.tools_active,
-                                         call.req.call_limit, parser)
+                                         call.req.call_limit, parser, choice.tool_read)
         status = "incomplete" if choice.finish_reason == "length" else "completed"
         output = []
         if message.get("content") or not message.get("tool_calls"):
