@@ -421,8 +421,11 @@ TOKENIZER_INFO = {"responses": {
                                    "chat_template": {"type": ["string", "null"]}}}}}},
     **{k: ERRORS[k] for k in ("400", "503")}}}
 
-RESPONSE_GET = {"responses": {"200": {"description": "a stored response", "content": {"application/json": {
-    "schema": RESPONSES_RESPONSE}}}, "404": _error("no stored response has this id")}}
+RESPONSE_GET = {"parameters": [{"name": "stream", "in": "query", "required": False, "schema": {"type": "boolean"},
+                                 "description": "false only: a stored response is not streamed again"}],
+                "responses": {"200": {"description": "a stored response", "content": {"application/json": {
+                    "schema": RESPONSES_RESPONSE}}}, "404": _error("no stored response has this id"),
+                    "400": _error("'stream' is true: agp answers in the foreground, nothing is streamed again")}}
 
 RESPONSE_DELETE = {"responses": {"200": {"description": "the response was forgotten", "content": {
     "application/json": {"schema": {"type": "object", "required": ["id", "deleted"]}}}},
