@@ -612,3 +612,22 @@ def test_a_stored_response_asked_for_as_a_stream_is_a_400_not_an_empty_stream(se
     for params in ({"stream": "false"}, {}):
         r = server.http.get(f"{server.url}/v1/responses/{rid}", params=params, timeout=30)
         assert r.status_code == 200 and r.json()["id"] == rid
+
+
+def test_an_include_value_openai_does_not_take_is_a_400_naming_its_place(server):
+    """`include` takes OpenAI's values (its SDKs' ResponseIncludable): the logprobs, and the
+    others, which ask for what tools and reasoning agp has none of would add, change nothing.
+    Another value, a misspelt logprobs among them, is a 400 naming its place (it was taken and the
+    answer came without logprobs, saying nothing), with the value it is close to."""
+    post = functools.partial(server.http.post, server.url + "/v1/responses", timeout=120)
+    body = {"model": "tiny", "input": "hi", "max_output_tokens": 2, "ignore_eos": True}
+    r = post(json={**body, "include": ["reasoning.encrypted_content", "message.output_text.logprob"]})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "include[1]" and "'message.output_text.logprobs'" in error["message"]
+    assert post(json={**body, "include": ["bogus"]}).json()["error"]["param"] == "include[0]"
+    r = post(json={**body, "include": ["reasoning.encrypted_content", "file_search_call.results",
+                                       "message.output_text.logprobs"]})
+    assert r.status_code == 200 and len(r.json()["output"][0]["content"][0]["logprobs"]) == 2
+    r = post(json={**body, "include": ["reasoning.encrypted_content"]})
+    assert r.status_code == 200 and "logprobs" not in r.json()["output"][0]["content"][0]

@@ -17,7 +17,7 @@ from stages.fields import PRIORITY, REQUEST_FIELDS, TOKEN_ID_FIELDS, param_of
 from .embeddings import EMBED_DTYPES, ENDIANNESS, MAX_INPUTS
 from .protocol import (CHAT_LACKING, CHAT_NEUTRAL, COMPLETION_LACKING, IDENTIFIERS, IDENTITY,
                        MAX_PROMPTS, NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING)
-from .responses import IMAGE_COMPRESSION
+from .responses import IMAGE_COMPRESSION, INCLUDABLE
 
 # vLLM's structural tag (response_format of type "structural_tag"): free text, and after each trigger
 # the structure whose begin starts with it
@@ -284,7 +284,8 @@ RESPONSES_REQUEST = _request("input", {
     "parallel_tool_calls": {"type": ["boolean", "null"]},
     "text": {"type": "object"},
     "metadata": {"type": "object"},
-    "include": {"type": "array", "items": {"type": "string"}},
+    "include": {"type": "array", "items": {"enum": list(INCLUDABLE)},
+                "description": "message.output_text.logprobs is served; OpenAI's other values include nothing here"},
     "top_logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS},
     "background": {"enum": [False, None], "description": "agp answers in the foreground"},
     "stream_options": {"type": ["object", "null"], "properties": OBFUSCATION, "additionalProperties": False},

@@ -25,6 +25,8 @@ from dataclasses import dataclass, replace
 from fastapi import Request
 from fastapi.responses import Response
 
+from pipeline_dsl.diagnostics import closest
+
 from . import protocol as P
 from .access import request_info
 from .answers import call_parser
@@ -52,6 +54,12 @@ PASSED = ("model", "temperature", "top_p", "parallel_tool_calls", "stream", "req
           "repetition_penalty", "seed", "stop", "ignore_eos", "user", "safety_identifier", "structured_outputs",
           "guided_json", "guided_regex", "guided_choice", "guided_grammar", "priority", "cache_salt")
 LOGPROBS = "message.output_text.logprobs"
+# OpenAI's `include` values (its SDKs' ResponseIncludable): the logprobs are served; the others ask for
+# what tools, images and reasoning agp has none of would add (nothing to include). Another value is a
+# 400, as OpenAI's and vLLM's: a misspelt LOGPROBS would otherwise answer without them, saying nothing
+INCLUDABLE = (LOGPROBS, "reasoning.encrypted_content", "file_search_call.results", "web_search_call.results",
+              "web_search_call.action.sources", "message.input_image.image_url",
+              "computer_call_output.output.image_url", "code_interpreter_call.outputs")
 IMAGE_COMPRESSION = ("auto", "enabled", "disabled")      # image.context_compression: taken and ignored
 SUMMARIES = ("auto", "concise", "detailed")
 # OpenAI's `reasoning` object, one schema per key: taken, checked and ignored (agp's models do not
@@ -301,6 +309,17 @@ def _checked(obj: dict) -> None:
             raise bad(name, expected, obj[name])
 
 
+def _include(obj: dict) -> list[str]:
+    """`include`, each value one of OpenAI's (INCLUDABLE); another is a 400 naming its place."""
+    include = obj.get("include") or []
+    for i, value in enumerate(include):
+        if value not in INCLUDABLE:
+            close = closest(value, INCLUDABLE, cutoff=0.75)
+            hint = f"did you mean {close!r}?" if close else "OpenAI's values are " + ", ".join(INCLUDABLE)
+            raise APIError(f"'include[{i}]' = {value!r} is not a value 'include' takes; {hint}", param=f"include[{i}]")
+    return include
+
+
 def _reasoning(obj: dict, lenient: bool) -> dict | None:
     """`reasoning` with each key checked against its schema (REASONING): an unknown key refused (or
     dropped with `lenient`), as `text`'s are."""
@@ -338,7 +357,7 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
     messages = ([{"role": "system", "content": obj["instructions"]}] if obj.get("instructions") else []) \
         + before + turn
     tools, choice = _tools(obj)
-    include = obj.get("include") or []
+    include = _include(obj)
     chat = {k: obj[k] for k in PASSED if obj.get(k) is not None}
     chat.update(messages=messages, tools=tools, tool_choice=choice, response_format=_format(obj, lenient),
                 max_tokens=obj.get("max_output_tokens"))
