@@ -493,9 +493,9 @@ FRAMEWORK_TURNS = {
         "messages": [{"role": "system", "content": "Use the tool."}, ASKED]}),
     "vercel ai chat, result": ("/v1/chat/completions", {
         "max_tokens": 300, "temperature": 0, "tools": [AI_SDK_TOOL], "tool_choice": "none", "messages": [
-            {"role": "system", "content": "Use the tool."}, ASKED, {"role": "assistant", "content": None, "tool_calls": [
-                {"id": CALL_ID, "type": "function", "function": {"name": "get_weather",
-                                                                 "arguments": "{\"city\":\"Paris\"}"}}]},
+            {"role": "system", "content": "Use the tool."}, ASKED,
+            {"role": "assistant", "content": None, "tool_calls": [{"id": CALL_ID, "type": "function", "function": {
+                "name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
             TOOL_RESULT]}),
     "vercel ai responses, forced": ("/v1/responses", {
         "max_output_tokens": 300, "tools": [{"type": "function", **AI_SDK_TOOL["function"]}], "tool_choice": "required",
@@ -503,7 +503,8 @@ FRAMEWORK_TURNS = {
     "vercel ai responses, result": ("/v1/responses", {
         "max_output_tokens": 60, "tools": [{"type": "function", **AI_SDK_TOOL["function"]}], "tool_choice": "none",
         "input": [{"role": "user", "content": [{"type": "input_text", "text": ASKED["content"]}]},
-                  {"type": "function_call", "call_id": CALL_ID, "name": "get_weather", "arguments": "{\"city\":\"Paris\"}"},
+                  {"type": "function_call", "call_id": CALL_ID, "name": "get_weather",
+                   "arguments": "{\"city\":\"Paris\"}"},
                   {"type": "function_call_output", "call_id": CALL_ID, "output": "\"sunny in Paris\""}]}),
     # llm 0.36 with a `responses: true` model of extra-openai-models.yaml: `--functions`, a call's result
     "llm responses, result": ("/v1/responses", {

@@ -567,9 +567,10 @@ def test_an_item_reference_sends_the_stored_output_item_it_names(server):
     user = {"role": "user", "content": "hi"}
     again = {"role": "user", "content": "again"}
     whole = {"role": "assistant", "content": [{"type": "output_text", "text": message["content"][0]["text"]}]}
-    for sent, referenced in (([user, whole, again], [user, {"type": "item_reference", "id": message["id"]}, again]),
-                             ([user, whole, again], [user, {"id": message["id"]}, again]),
-                             ([user, whole_call, output], [user, {"type": "item_reference", "id": call["id"]}, output])):
+    for sent, referenced in (
+            ([user, whole, again], [user, {"type": "item_reference", "id": message["id"]}, again]),
+            ([user, whole, again], [user, {"id": message["id"]}, again]),
+            ([user, whole_call, output], [user, {"type": "item_reference", "id": call["id"]}, output])):
         body = {"model": "tiny", "tools": [ADD], "tool_choice": "none", "max_output_tokens": 4}
         a, b = post(json={**body, "input": sent}), post(json={**body, "input": referenced})
         assert a.status_code == b.status_code == 200, b.text

@@ -2,9 +2,9 @@
 
 A Responses request becomes a chat request: `instructions` a system message, `input` (a string,
 or message / function_call / function_call_output items, and item_references to the output items
-of stored responses) the conversation, `previous_response_id`
-the stored conversation before it, function `tools` and `tool_choice` the chat's, `text.format`
-the response_format, `max_output_tokens` max_tokens. The answer is a `response` object whose
+of stored responses) the conversation, `previous_response_id` the stored conversation before it,
+function `tools` and `tool_choice` the chat's, `text.format` the response_format,
+`max_output_tokens` max_tokens. The answer is a `response` object whose
 `output` holds a message item (`output_text`, with logprobs when `include` asks for
 "message.output_text.logprobs") and a `function_call` item per tool call; `status` is
 "incomplete" (`incomplete_details.reason: max_output_tokens`) when the token budget cut it.
