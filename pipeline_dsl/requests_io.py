@@ -415,10 +415,19 @@ def parse_tools(obj: dict) -> tuple[list | None, Any, bool]:
     if choice is None:
         choice = "auto" if tools else "none"
     elif isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if choice.get("type", "function") == "function" else None
-        if name not in names:
-            raise RequestError(f"'tool_choice' names {json.dumps(name)}, which is not among the tools "
-                               f"({', '.join(names) or 'none'})", param="tool_choice", quoted=(json.dumps(name),))
+        kind, fn = choice.get("type", "function"), choice.get("function")
+        if kind != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            # another shape (OpenAI's allowed_tools, the Responses API's {"type", "name"}, a bare name
+            # as `function`) is named as such, not as a tool called null
+            hint = (" (for OpenAI's allowed_tools, give the allowed tools as 'tools' and its mode as 'tool_choice')"
+                    if kind == "allowed_tools" else "")
+            raise RequestError(f"'tool_choice' must be none, auto, required or {{\"type\": \"function\", "
+                               f"\"function\": {{\"name\"}}}}, not {_shown(choice)}{hint}", param="tool_choice",
+                               quoted=(_shown(choice),))
+        if fn["name"] not in names:
+            raise RequestError(f"'tool_choice' names {json.dumps(fn['name'])}, which is not among the tools "
+                               f"({', '.join(names) or 'none'})", param="tool_choice",
+                               quoted=(json.dumps(fn["name"]),))
     elif choice not in ("none", "auto", "required"):
         raise RequestError(f"'tool_choice' must be none, auto, required or {{\"type\": \"function\", "
                            f"\"function\": {{\"name\"}}}}, not {_shown(choice)}", param="tool_choice",

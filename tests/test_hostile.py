@@ -61,6 +61,28 @@ def test_malformed_bodies_are_400_with_an_openai_error(server, body, fragment):
     assert_openai_error(post(server, body, route), 400, fragment)
 
 
+TOOL = {"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("choice, fragment", [
+    ({"type": "function", "function": "w"}, "'tool_choice' must be none, auto, required"),     # was a 500
+    ({"type": "function", "function": ["w"]}, "'tool_choice' must be none, auto, required"),
+    ({"type": "function", "name": "w"}, "'tool_choice' must be none, auto, required"),  # the Responses API's shape
+    ({"type": "function", "function": {"name": 7}}, "'tool_choice' must be none, auto, required"),
+    ({"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [{"type": "function", "function": {
+        "name": "w"}}]}}, "give the allowed tools as 'tools'"),                   # OpenAI's, not served
+    ({"type": "function", "function": {"name": "x"}}, "'tool_choice' names \"x\", which is not among the tools (w)"),
+])
+def test_a_tool_choice_of_another_shape_is_a_400_naming_it(server, choice, fragment):
+    """A tool_choice object that is not {"type": "function", "function": {"name"}} is a 400 that
+    shows it (a `function` that is no object was a 500, an allowed_tools or a Responses-shaped
+    choice a 400 about a tool named null); a name no tool has is a 400 naming the tools."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "tools": [TOOL], "tool_choice": choice}
+    r = post(server, json.dumps(body), "/v1/chat/completions")
+    assert_openai_error(r, 400, fragment)
+    assert r.json()["error"]["param"] == "tool_choice"
+
+
 def test_wrong_content_type_and_oversized_bodies_are_415_and_413(server):
     assert_openai_error(post(server, '{"prompt": "hi"}', ctype="text/plain"), 415, "must be application/json")
     r = server.http.post(server.url + "/v1/completions", data={"prompt": "hi"}, timeout=30)   # a form post

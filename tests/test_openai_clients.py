@@ -3,8 +3,8 @@ current SDKs and agent frameworks set on chat (`safety_identifier`, `prompt_cach
 are taken as OpenAI takes them, a field agp does not serve is named without a misleading
 suggestion, `parallel_tool_calls: false` gives at most one call however many the model writes,
 request bodies recorded from client libraries (pydantic-ai, instructor) are answered as vLLM answers them,
-and a tool turn of each agent framework (openai-agents, autogen, haystack, smolagents, llm) is answered
-in the shape it reads."""
+and a tool turn of each agent framework (openai-agents, autogen, haystack, smolagents, the Vercel AI SDK,
+llm) is answered in the shape it reads."""
 from __future__ import annotations
 
 import json
@@ -447,6 +447,10 @@ SMOL_TOOLS = [{"type": "function", "function": {"name": "get_weather", "descript
                                                 "parameters": {"type": "object", "properties": {"answer": {
                                                     "type": "string", "description": "The final answer to the problem"}},
                                                     "required": ["answer"]}}}]
+AI_SDK_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the weather of a city.",
+    "parameters": {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
+                   "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": False}}}
 FRAMEWORK_TURNS = {
     # openai-agents 0.24, OpenAIResponsesModel, ModelSettings with every field it maps
     "openai-agents responses, forced": ("/v1/responses", {**AGENTS_SDK, "input": [ASKED], "tool_choice": "required"}),
@@ -481,6 +485,27 @@ FRAMEWORK_TURNS = {
             {"role": "system", "content": [{"type": "text", "text": "You are an expert assistant who can solve any "
                                                                     "task using tool calls."}]},
             {"role": "user", "content": [{"type": "text", "text": "New task:\nWhat is the weather in Paris?"}]}]}),
+    # the Vercel AI SDK 6.0 (@ai-sdk/openai 3.0, openai.chat and openai.responses; @ai-sdk/openai-compatible
+    # sends the chat bodies too): generateText with a zod tool (its JSON schema names $schema) forced, then
+    # toolChoice "none" for the step that carries the call and its result back
+    "vercel ai chat, forced": ("/v1/chat/completions", {
+        "max_tokens": 300, "temperature": 0, "tools": [AI_SDK_TOOL], "tool_choice": "required",
+        "messages": [{"role": "system", "content": "Use the tool."}, ASKED]}),
+    "vercel ai chat, result": ("/v1/chat/completions", {
+        "max_tokens": 300, "temperature": 0, "tools": [AI_SDK_TOOL], "tool_choice": "none", "messages": [
+            {"role": "system", "content": "Use the tool."}, ASKED,
+            {"role": "assistant", "content": None, "tool_calls": [{"id": CALL_ID, "type": "function", "function": {
+                "name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+            TOOL_RESULT]}),
+    "vercel ai responses, forced": ("/v1/responses", {
+        "max_output_tokens": 300, "tools": [{"type": "function", **AI_SDK_TOOL["function"]}], "tool_choice": "required",
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": ASKED["content"]}]}]}),
+    "vercel ai responses, result": ("/v1/responses", {
+        "max_output_tokens": 60, "tools": [{"type": "function", **AI_SDK_TOOL["function"]}], "tool_choice": "none",
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": ASKED["content"]}]},
+                  {"type": "function_call", "call_id": CALL_ID, "name": "get_weather",
+                   "arguments": "{\"city\":\"Paris\"}"},
+                  {"type": "function_call_output", "call_id": CALL_ID, "output": "\"sunny in Paris\""}]}),
     # llm 0.36 with a `responses: true` model of extra-openai-models.yaml: `--functions`, a call's result
     "llm responses, result": ("/v1/responses", {
         "stream": True, "max_output_tokens": 60, "store": False, "temperature": 0.0,
@@ -518,7 +543,7 @@ def test_an_agent_frameworks_tool_turn_is_answered_as_it_reads_it(server, turn):
     out = _answer(server, path, {"model": "tiny", **body})
     forced = body.get("tool_choice") == "required"
     if path == "/v1/responses":
-        assert out["metadata"] == body.get("metadata", {}) and out["store"] == body["store"]
+        assert out["metadata"] == body.get("metadata", {}) and out["store"] == body.get("store", True)
         calls = [o for o in out["output"] if o["type"] == "function_call"]
     else:
         choice = out["choices"][0]

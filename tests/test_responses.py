@@ -6,6 +6,7 @@ conversation, and bad input is a 400 naming the Responses field.
 """
 from __future__ import annotations
 
+import functools
 import json
 
 import httpx
@@ -545,3 +546,89 @@ def test_a_response_too_large_for_the_store_answers_store_false_and_its_404_says
         state.store = saved
     kept = client.responses.create(model="tiny", input="hello", max_output_tokens=2)       # the store as it was
     assert kept.store is True and client.responses.retrieve(kept.id).id == kept.id
+
+
+def test_an_item_reference_sends_the_stored_output_item_it_names(server):
+    """An `item_reference` in `input` (what the Vercel AI SDK sends for an earlier answer of a
+    stored response, and OpenAI resolves) stands for the output item of a kept response it names:
+    the turn runs on the same prompt as the item sent whole, a message or a function_call, with its
+    `type` given or left out (OpenAI's is optional). An id no kept response holds, a deleted
+    response's and an unstored one's, is a 404 naming the reference."""
+    post = functools.partial(server.http.post, server.url + "/v1/responses", timeout=120)
+    said = post(json={"model": "tiny", "input": "hi", "max_output_tokens": 4}).json()
+    message = said["output"][0]
+    assert message["type"] == "message" and message["id"]
+    called = post(json={"model": "tiny", "input": "add 2 and 3", "tools": [ADD], "tool_choice": "required",
+                        "max_output_tokens": 200}).json()
+    call = called["output"][0]
+    assert call["type"] == "function_call"
+    whole_call = {k: call[k] for k in ("type", "call_id", "name", "arguments")}
+    output = {"type": "function_call_output", "call_id": call["call_id"], "output": "5"}
+    user = {"role": "user", "content": "hi"}
+    again = {"role": "user", "content": "again"}
+    whole = {"role": "assistant", "content": [{"type": "output_text", "text": message["content"][0]["text"]}]}
+    for sent, referenced in (
+            ([user, whole, again], [user, {"type": "item_reference", "id": message["id"]}, again]),
+            ([user, whole, again], [user, {"id": message["id"]}, again]),
+            ([user, whole_call, output], [user, {"type": "item_reference", "id": call["id"]}, output])):
+        body = {"model": "tiny", "tools": [ADD], "tool_choice": "none", "max_output_tokens": 4}
+        a, b = post(json={**body, "input": sent}), post(json={**body, "input": referenced})
+        assert a.status_code == b.status_code == 200, b.text
+        assert b.json()["usage"]["input_tokens"] == a.json()["usage"]["input_tokens"]
+        assert b.json()["output"][0]["content"] == a.json()["output"][0]["content"]
+    unstored = post(json={"model": "tiny", "input": "hi", "max_output_tokens": 2, "store": False}).json()
+    assert server.http.delete(f"{server.url}/v1/responses/{said['id']}", timeout=30).status_code == 200
+    for item_id in ("msg_none", message["id"], unstored["output"][0]["id"]):
+        r = post(json={"model": "tiny", "input": [user, {"type": "item_reference", "id": item_id}]})
+        assert r.status_code == 404, r.text
+        error = r.json()["error"]
+        assert error["param"] == "input[1].id" and error["code"] == "item_not_found" and item_id in error["message"]
+    r = post(json={"model": "tiny", "input": [{"type": "item_reference", "id": 7}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input[0].id"
+
+
+def test_the_store_forgets_the_items_of_the_responses_it_forgets():
+    """An output item is found by its id while its response is kept, and no longer once the store
+    has let the response go (the oldest first) or it was deleted."""
+    from pipeline_dsl.serve.responses import ResponseStore
+
+    store = ResponseStore(size=2)
+    for i in range(3):
+        store.put(f"resp_{i}", {"id": f"resp_{i}", "output": [{"type": "message", "id": f"msg_{i}"}]}, [])
+    assert store.item("msg_0") is None and store.item("msg_2") == {"type": "message", "id": "msg_2"}
+    assert store.delete("resp_2") and store.item("msg_2") is None and store.item("msg_1") is not None
+    assert len(store.owner) == 1
+
+
+def test_a_stored_response_asked_for_as_a_stream_is_a_400_not_an_empty_stream(server):
+    """GET /v1/responses/{id}?stream=true (the SDKs' `responses.retrieve(id, stream=True)`, which
+    OpenAI answers for background responses alone) is a 400 naming `stream`: answered with the JSON
+    object, the client read its body as events and got an empty stream, no error. stream=false and
+    no stream give the stored response."""
+    rid = server.http.post(server.url + "/v1/responses", timeout=120,
+                           json={"model": "tiny", "input": "hi", "max_output_tokens": 2}).json()["id"]
+    for value in ("true", "True", "1"):
+        r = server.http.get(f"{server.url}/v1/responses/{rid}", params={"stream": value}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream", r.text
+    for params in ({"stream": "false"}, {}):
+        r = server.http.get(f"{server.url}/v1/responses/{rid}", params=params, timeout=30)
+        assert r.status_code == 200 and r.json()["id"] == rid
+
+
+def test_an_include_value_openai_does_not_take_is_a_400_naming_its_place(server):
+    """`include` takes OpenAI's values (its SDKs' ResponseIncludable): the logprobs, and the
+    others, which ask for what tools and reasoning agp has none of would add, change nothing.
+    Another value, a misspelt logprobs among them, is a 400 naming its place (it was taken and the
+    answer came without logprobs, saying nothing), with the value it is close to."""
+    post = functools.partial(server.http.post, server.url + "/v1/responses", timeout=120)
+    body = {"model": "tiny", "input": "hi", "max_output_tokens": 2, "ignore_eos": True}
+    r = post(json={**body, "include": ["reasoning.encrypted_content", "message.output_text.logprob"]})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "include[1]" and "'message.output_text.logprobs'" in error["message"]
+    assert post(json={**body, "include": ["bogus"]}).json()["error"]["param"] == "include[0]"
+    r = post(json={**body, "include": ["reasoning.encrypted_content", "file_search_call.results",
+                                       "message.output_text.logprobs"]})
+    assert r.status_code == 200 and len(r.json()["output"][0]["content"][0]["logprobs"]) == 2
+    r = post(json={**body, "include": ["reasoning.encrypted_content"]})
+    assert r.status_code == 200 and "logprobs" not in r.json()["output"][0]["content"][0]

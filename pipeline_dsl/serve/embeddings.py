@@ -57,7 +57,8 @@ FIELDS = {"model", "input", "encoding_format", "dimensions", "user", "normalize"
 EMBED_DTYPES = {"float32": ("float32", "int32"), "float16": ("float16", "int16"), "bfloat16": ("bfloat16", "int16"),
                 "fp8_e4m3": ("float8_e4m3fn", "uint8"), "fp8_e5m2": ("float8_e5m2", "uint8")}
 ENDIANNESS = ("native", "big", "little")
-MAX_INPUTS = 256           # inputs one request may embed
+MAX_INPUTS = 2048          # inputs one request may embed: OpenAI's limit (clients batch up to it: LangChain
+                           # 1000, the Vercel AI SDK 2048); each is a request in the queue, so --max-queue bounds it too
 
 
 def _inputs(value, max_model_len: int) -> list:

@@ -17,7 +17,7 @@ from stages.fields import PRIORITY, REQUEST_FIELDS, TOKEN_ID_FIELDS, param_of
 from .embeddings import EMBED_DTYPES, ENDIANNESS, MAX_INPUTS
 from .protocol import (CHAT_LACKING, CHAT_NEUTRAL, COMPLETION_LACKING, IDENTIFIERS, IDENTITY,
                        MAX_PROMPTS, NEUTRAL, REASONING_EFFORTS, RESPONSES_LACKING)
-from .responses import IMAGE_COMPRESSION
+from .responses import IMAGE_COMPRESSION, INCLUDABLE
 
 # vLLM's structural tag (response_format of type "structural_tag"): free text, and after each trigger
 # the structure whose begin starts with it
@@ -284,7 +284,8 @@ RESPONSES_REQUEST = _request("input", {
     "parallel_tool_calls": {"type": ["boolean", "null"]},
     "text": {"type": "object"},
     "metadata": {"type": "object"},
-    "include": {"type": "array", "items": {"type": "string"}},
+    "include": {"type": "array", "items": {"enum": list(INCLUDABLE)},
+                "description": "message.output_text.logprobs is served; OpenAI's other values include nothing here"},
     "top_logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS},
     "background": {"enum": [False, None], "description": "agp answers in the foreground"},
     "stream_options": {"type": ["object", "null"], "properties": OBFUSCATION, "additionalProperties": False},
@@ -421,8 +422,11 @@ TOKENIZER_INFO = {"responses": {
                                    "chat_template": {"type": ["string", "null"]}}}}}},
     **{k: ERRORS[k] for k in ("400", "503")}}}
 
-RESPONSE_GET = {"responses": {"200": {"description": "a stored response", "content": {"application/json": {
-    "schema": RESPONSES_RESPONSE}}}, "404": _error("no stored response has this id")}}
+RESPONSE_GET = {"parameters": [{"name": "stream", "in": "query", "required": False, "schema": {"type": "boolean"},
+                                 "description": "false only: a stored response is not streamed again"}],
+                "responses": {"200": {"description": "a stored response", "content": {"application/json": {
+                    "schema": RESPONSES_RESPONSE}}}, "404": _error("no stored response has this id"),
+                    "400": _error("'stream' is true: agp answers in the foreground, nothing is streamed again")}}
 
 RESPONSE_DELETE = {"responses": {"200": {"description": "the response was forgotten", "content": {
     "application/json": {"schema": {"type": "object", "required": ["id", "deleted"]}}}},

@@ -1,9 +1,10 @@
 """POST /v1/responses: OpenAI's Responses API (as vLLM serves it), over the chat path.
 
 A Responses request becomes a chat request: `instructions` a system message, `input` (a string,
-or message / function_call / function_call_output items) the conversation, `previous_response_id`
-the stored conversation before it, function `tools` and `tool_choice` the chat's, `text.format`
-the response_format, `max_output_tokens` max_tokens. The answer is a `response` object whose
+or message / function_call / function_call_output items, and item_references to the output items
+of stored responses) the conversation, `previous_response_id` the stored conversation before it,
+function `tools` and `tool_choice` the chat's, `text.format` the response_format,
+`max_output_tokens` max_tokens. The answer is a `response` object whose
 `output` holds a message item (`output_text`, with logprobs when `include` asks for
 "message.output_text.logprobs") and a `function_call` item per tool call; `status` is
 "incomplete" (`incomplete_details.reason: max_output_tokens`) when the token budget cut it.
@@ -23,6 +24,8 @@ from dataclasses import dataclass, replace
 
 from fastapi import Request
 from fastapi.responses import Response
+
+from pipeline_dsl.diagnostics import closest
 
 from . import protocol as P
 from .access import request_info
@@ -51,6 +54,12 @@ PASSED = ("model", "temperature", "top_p", "parallel_tool_calls", "stream", "req
           "repetition_penalty", "seed", "stop", "ignore_eos", "user", "safety_identifier", "structured_outputs",
           "guided_json", "guided_regex", "guided_choice", "guided_grammar", "priority", "cache_salt")
 LOGPROBS = "message.output_text.logprobs"
+# OpenAI's `include` values (its SDKs' ResponseIncludable): the logprobs are served; the others ask for
+# what tools, images and reasoning agp has none of would add (nothing to include). Another value is a
+# 400, as OpenAI's and vLLM's: a misspelt LOGPROBS would otherwise answer without them, saying nothing
+INCLUDABLE = (LOGPROBS, "reasoning.encrypted_content", "file_search_call.results", "web_search_call.results",
+              "web_search_call.action.sources", "message.input_image.image_url",
+              "computer_call_output.output.image_url", "code_interpreter_call.outputs")
 IMAGE_COMPRESSION = ("auto", "enabled", "disabled")      # image.context_compression: taken and ignored
 SUMMARIES = ("auto", "concise", "detailed")
 # OpenAI's `reasoning` object, one schema per key: taken, checked and ignored (agp's models do not
@@ -86,6 +95,8 @@ class ResponseStore:
         self.size, self.max_bytes, self.items = size, max_bytes, OrderedDict()
         self.bytes = 0                                  # the JSON of the responses kept
         self.too_large: OrderedDict[str, int] = OrderedDict()   # the latest ids not kept: their bytes
+        self.owner: dict[str, str] = {}                 # an output item's id -> the kept response holding it
+        self.owned: dict[str, list[str]] = {}           # a kept response's id -> its output items' ids
         self.lock = threading.Lock()
 
     def put(self, rid: str, response: dict, conversation: list) -> bool:
@@ -101,6 +112,9 @@ class ResponseStore:
                 return False
             self.items[rid] = text
             self.bytes += len(text)
+            self.owned[rid] = [item["id"] for item in response.get("output") or ()
+                               if isinstance(item, dict) and isinstance(item.get("id"), str)]
+            self.owner.update(dict.fromkeys(self.owned[rid], rid))
             while len(self.items) > self.size or self.bytes > self.max_bytes:
                 self._forget(next(iter(self.items)))
         return True
@@ -109,6 +123,15 @@ class ResponseStore:
         with self.lock:
             text = self.items.get(rid)
         return None if text is None else tuple(json.loads(text))
+
+    def item(self, item_id: str) -> dict | None:
+        """The output item of a kept response with this id (what an `item_reference` names)."""
+        with self.lock:
+            rid = self.owner.get(item_id)
+            text = self.items.get(rid) if rid is not None else None
+        if text is None:
+            return None
+        return next((i for i in json.loads(text)[0].get("output") or () if i.get("id") == item_id), None)
 
     def delete(self, rid: str) -> bool:
         with self.lock:
@@ -128,6 +151,9 @@ class ResponseStore:
         text = self.items.pop(rid, None)
         if text is not None:
             self.bytes -= len(text)
+            for item_id in self.owned.pop(rid, ()):
+                if self.owner.get(item_id) == rid:
+                    del self.owner[item_id]
         return text is not None
 
 
@@ -152,8 +178,24 @@ def _text(content, where: str, kinds=("input_text", "output_text", "text"), role
     return "".join(texts)
 
 
-def conversation(value) -> list[dict]:
-    """`input` as chat messages."""
+def _referenced(item: dict, where: str, store: ResponseStore | None) -> dict:
+    """The kept output item an `item_reference` names (a message or a function_call of an earlier
+    response), as the client would have sent it; a 404 naming its id when none is kept."""
+    item_id = item.get("id")
+    if not isinstance(item_id, str):
+        raise bad(f"{where}.id", "the id of an output item of a stored response", item_id)
+    found = store.item(item_id) if store is not None else None
+    if found is None:
+        size, max_bytes = (store.size, store.max_bytes) if store is not None else (STORED, STORED_BYTES)
+        raise APIError(f"'{where}' is an item_reference to '{item_id}', which is no output item of a stored "
+                       f"response (responses are kept in memory, the latest {size} within {_size(max_bytes)}, "
+                       "unless sent with \"store\": false): send the item itself", status=404, type="not_found_error",
+                       param=f"{where}.id", code="item_not_found")
+    return found
+
+
+def conversation(value, store: ResponseStore | None = None) -> list[dict]:
+    """`input` as chat messages; an `item_reference` reads the item it names from `store`."""
     if isinstance(value, str):
         if not value:
             raise APIError("'input' is empty", param="input")
@@ -165,7 +207,12 @@ def conversation(value) -> list[dict]:
         where = f"input[{i}]"
         if not isinstance(item, dict):
             raise bad(where, "an input item object", item)
-        kind = item.get("type", "message")
+        kind = item.get("type")
+        if kind is None:       # OpenAI's type is optional on both: a reference is an id without a role
+            kind = "item_reference" if "role" not in item and "id" in item else "message"
+        if kind == "item_reference":
+            item = _referenced(item, where, store)
+            kind = item["type"]
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
@@ -189,7 +236,7 @@ def conversation(value) -> list[dict]:
             continue                      # agp's models write none; an earlier model's are not replayed
         else:
             raise APIError(f"'{where}.type' {kind!r} is not supported (message, function_call, "
-                           "function_call_output)", param=f"{where}.type")
+                           "function_call_output, item_reference)", param=f"{where}.type")
     return out
 
 
@@ -262,6 +309,17 @@ def _checked(obj: dict) -> None:
             raise bad(name, expected, obj[name])
 
 
+def _include(obj: dict) -> list[str]:
+    """`include`, each value one of OpenAI's (INCLUDABLE); another is a 400 naming its place."""
+    include = obj.get("include") or []
+    for i, value in enumerate(include):
+        if value not in INCLUDABLE:
+            close = closest(value, INCLUDABLE, cutoff=0.75)
+            hint = f"did you mean {close!r}?" if close else "OpenAI's values are " + ", ".join(INCLUDABLE)
+            raise APIError(f"'include[{i}]' = {value!r} is not a value 'include' takes; {hint}", param=f"include[{i}]")
+    return include
+
+
 def _reasoning(obj: dict, lenient: bool) -> dict | None:
     """`reasoning` with each key checked against its schema (REASONING): an unknown key refused (or
     dropped with `lenient`), as `text`'s are."""
@@ -295,11 +353,11 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
             raise APIError(store.missing(prev) if store is not None else f"no stored response has the id '{prev}'",
                            status=404, type="not_found_error", param="previous_response_id", code="response_not_found")
         before = [dict(m) for m in found[1]]
-    turn = conversation(obj["input"])
+    turn = conversation(obj["input"], store)
     messages = ([{"role": "system", "content": obj["instructions"]}] if obj.get("instructions") else []) \
         + before + turn
     tools, choice = _tools(obj)
-    include = obj.get("include") or []
+    include = _include(obj)
     chat = {k: obj[k] for k in PASSED if obj.get(k) is not None}
     chat.update(messages=messages, tools=tools, tool_choice=choice, response_format=_format(obj, lenient),
                 max_tokens=obj.get("max_output_tokens"))

@@ -71,6 +71,13 @@ def _no_response(response_id: str, request: Request) -> Response:
 
 @router.get("/v1/responses/{response_id}", openapi_extra=OA.RESPONSE_GET)
 async def get_response(response_id: str, request: Request):
+    stream = request.query_params.get("stream")
+    if stream is not None and stream.lower() not in ("false", "0"):
+        # OpenAI streams a background response again; agp's are answered in the foreground, and a
+        # JSON answer to a client that asked for events reads as an empty stream
+        return error_response(P.APIError(
+            f"'stream' = {stream!r}: a stored response is not streamed again (agp answers in the foreground, "
+            "'background' is false); GET it without 'stream'", param="stream"))
     found = _state(request).responses.store.get(response_id)
     return found[0] if found is not None else _no_response(response_id, request)
 
