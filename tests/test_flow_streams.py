@@ -88,9 +88,11 @@ class Listener:
     def __init__(self):
         self.deltas, self.result, self.done = [], None, threading.Event()
         self.finished = 0
+        self.writers = set()                 # the generate stages the deltas said wrote them
 
     def on_delta(self, key, index, out):
         self.deltas.append(out.delta_text)
+        self.writers.add(out.generated_by)
         self.finished += out.finished
 
     def on_done(self, result):
@@ -138,6 +140,7 @@ def test_a_stream_stage_filters_each_chunk_and_the_client_hears_them_as_they_com
     assert one.result.ok and text == text.upper() and text
     assert "".join(one.deltas) == text                       # what streamed is the answer
     assert len([d for d in one.deltas if d]) > 1             # chunk by chunk, not once at the end
+    assert one.writers == {"gen"}                            # the stage whose answer the filter streams
     assert one.finished == 1 and one.result.choices[0].finish_reason == "length"
     assert rt.stats()["stages"]["up"]["items_in"] == 1 and rt.stats()["stages"]["up"]["items_out"] == 1
 

@@ -77,18 +77,20 @@ def test_an_event_splits_into_its_lines_only_where_the_stream_breaks_them(kind):
 
 
 def test_a_delta_is_the_engine_output_with_the_usage_so_far():
-    """The Delta a listener hears has every field of the engine's RequestOutput and `usage`; it is
-    frozen, and its without_text() drops the whole text only."""
+    """The Delta a listener hears has every field of the engine's RequestOutput, `usage` and the
+    generate stage that wrote it (`generated_by`: its answer's tool calls are read in that stage's
+    model's form); it is frozen, and its without_text() drops the whole text only."""
     out = RequestOutput("r1/1", [5, 6], "ab", "xxab", False, None, 3, 4, 1, logprobs=[{"token_id": 5}],
                         stop_reason=None)
     heard_deltas = []
     listener = type("L", (), {"on_delta": lambda self, key, index, d: heard_deltas.append((key, index, d))})()
     req = RequestState("r1", "x", listener, 0.0)
     usage = {"prompt_tokens": 3, "completion_tokens": 4, "cached_tokens": 1}
-    heard(req, 2, out, usage)
+    heard(req, 2, out, usage, "gen")
     (key, index, delta), = heard_deltas
     assert (key, index) == ("r1", 2) and isinstance(delta, Delta)
-    assert delta == Delta(**{f.name: getattr(out, f.name) for f in fields(RequestOutput)}, usage=usage)
+    assert delta == Delta(**{f.name: getattr(out, f.name) for f in fields(RequestOutput)}, usage=usage,
+                          generated_by="gen")
     with pytest.raises(Exception):
         delta.text = "changed"
     assert delta.without_text() == replace(delta, text="") and delta.text == "xxab"

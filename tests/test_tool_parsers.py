@@ -352,6 +352,63 @@ def test_agp_run_lines_read_the_family_of_the_model_or_the_one_named(llama_serve
                                                                            [("add", {"a": 3, "b": 4})])
 
 
+# ------------------------------------------- a pipeline whose generate stages' models differ
+
+@pytest.fixture(scope="module")
+def two_families(tmp_path_factory):
+    """A pipeline of two generate stages whose models write calls differently: hermes_gen's (the
+    pipeline's model: a template that takes no tools, hermes) and llama_gen's (Llama's template:
+    llama3_json). A request that names neither goes to llama_gen."""
+    pytest.importorskip("llguidance")
+    from flowkit import chain, write
+    from test_serve import LiveServer
+    from tiny_model import write_tiny_gguf
+
+    where = tmp_path_factory.mktemp("two_families")
+    hermes = write_tiny_gguf(where / "hermes.gguf", context=4096, embed_scale=0.3)
+    llama = write_tiny_gguf(where / "llama.gguf", context=4096, embed_scale=0.3, chat_template=LLAMA_TEMPLATE)
+    body = (f"stage request : requests {{}}\nstage route : route {{}}\nstage hermes_gen : generate {{}}\n"
+            f"stage llama_gen : generate {{ model = \"{llama}\" }}\nstage out : respond {{}}\n"
+            "request -> route\nroute -> batch_l otherwise\nroute -> batch_h when prompt_tokens > 100000\n"
+            + chain("llama_gen", "batch_l", "enc_l", "kv_l") + chain("hermes_gen", "batch_h", "enc_h", "kv_h")
+            + "llama_gen -> out\nhermes_gen -> out\n")
+    s = LiveServer(hermes, text=write(where, hermes, body).read_text(), stages=("hermes_gen", "llama_gen"),
+                   overrides={"kv_budget_bytes": 8 << 20})
+    yield s
+    s.close()
+
+
+def test_serve_reads_an_answer_s_calls_in_the_form_of_the_stage_that_wrote_it(two_families):
+    """The form a choice's calls are read in is that of the generate stage that answered it (its
+    generated_by), as `agp run` reads it, not the pinned stage's or the pipeline's model's: an
+    unpinned request that llama_gen answers has its bare JSON call parsed, whole and streamed,
+    chat and Responses, and a request pinned to hermes_gen its `<tool_call>` block."""
+    import httpx
+
+    client, url = two_families.client, two_families.url
+    for model, said in [("tiny", '{"name": "add", "parameters": {"a": 1, "b": 2}}'),
+                        ("llama_gen", '{"name": "add", "parameters": {"a": 1, "b": 2}}'),
+                        ("hermes_gen", '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>')]:
+        kw = dict(model=model, messages=[{"role": "user", "content": "add 1 and 2"}], max_tokens=300, tools=[ADD],
+                  extra_body={"guided_choice": [said]})
+        whole = client.chat.completions.create(**kw).choices[0]
+        assert whole.finish_reason == "tool_calls" and not whole.message.content, (model, whole)
+        calls = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+        assert [(n, json.loads(a)) for n, a in calls] == [("add", {"a": 1, "b": 2})], model
+        assert _assembled(client.chat.completions.create(stream=True, **kw)) == ("", calls, {"tool_calls"}), model
+        body = {"model": model, "input": "add 1 and 2", "max_output_tokens": 300, "guided_choice": [said],
+                "tools": [{"type": "function", "name": "add", "parameters": ADD["function"]["parameters"]}]}
+        r = httpx.post(url + "/v1/responses", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert [(i["type"], i["name"], json.loads(i["arguments"])) for i in r.json()["output"]] == \
+            [("function_call", "add", {"a": 1, "b": 2})], model
+        with httpx.stream("POST", url + "/v1/responses", json={**body, "stream": True}, timeout=120) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+        [done] = [e for e in events if e["type"] == "response.completed"]
+        assert [(i["type"], i["name"], json.loads(i["arguments"])) for i in done["response"]["output"]] == \
+            [("function_call", "add", {"a": 1, "b": 2})], model
+
+
 # ------------------------------------------- markers that are special tokens of the vocabulary
 
 def test_content_never_shows_a_family_s_marker_whole_or_streamed():

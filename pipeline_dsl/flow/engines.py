@@ -337,11 +337,12 @@ class EngineSide:
         limit = None if request.get("parallel_tool_calls", True) else 1
         return read_tool_calls(text, limit, self.tool_parser(gen, choice))
 
-    def _heard(self, item: Item, out) -> None:
-        """Tell the item's listener a delta of its streamed choice, with its request's usage so far."""
+    def _heard(self, item: Item, out, gen: str) -> None:
+        """Tell the item's listener a delta of its streamed choice, the answer of generate stage
+        `gen`, with its request's usage so far."""
         with self._lock:
             usage = self.ledger.usage_so_far(item, out)
-        heard(item.req, item.index, out, usage)
+        heard(item.req, item.index, out, usage, gen)
 
     def _heard_prompt(self, item: Item, logprobs: list) -> None:
         """A sequence's prompt logprobs, with its first output: kept for the answer, and a stream
@@ -387,7 +388,7 @@ class EngineSide:
                 # reaches a client that asked for the ids
                 if item.index is not None and req.hears_deltas and (out.delta_text or out.finished or step_logprobs
                                                                     or (want_ids and out.new_token_ids)):
-                    self._heard(item, out)
+                    self._heard(item, out, item.at)
             if out.finished:
                 finished.append((item, out))
         for item, out in unenforceable:            # the grammar, or a field (error_param) left no token

@@ -222,21 +222,24 @@ class Delta(RequestOutput):
     cached_tokens are that sequence's), and `usage`, the request's usage so far
     (RequestLedger.usage_so_far): its prompts, the tokens of its generations that ended (an
     earlier generate stage's draft too) and of its streamed choices as heard so far, this
-    one's included. It never goes down, and the last delta's is the result's usage."""
+    one's included. It never goes down, and the last delta's is the result's usage.
+    `generated_by`: the generate stage whose answer this is (the choice's `generated_by` once
+    it ends), which tells the form its tool calls are written in (flow's tool_parser)."""
     usage: dict = field(default_factory=no_usage)
+    generated_by: str | None = None
 
     def without_text(self) -> "Delta":
         """The same delta with `text` (the whole text so far) "": what a listener that queues its
         deltas keeps, each one's delta_text alone. A dict copy, as cheap as the delta was to make."""
-        return _copied(self, type(self), "text", "")
+        return _copied(self, type(self), text="")
 
 
-def _copied(source, cls, name: str, value):
-    """A `cls` (a frozen dataclass) with `source`'s fields and `name` set to `value`: one dict copy,
-    not a getattr per field through the frozen dataclass's __init__ (a Delta per streamed token)."""
+def _copied(source, cls, **values):
+    """A `cls` (a frozen dataclass) with `source`'s fields and `values` set: one dict copy, not a
+    getattr per field through the frozen dataclass's __init__ (a Delta per streamed token)."""
     made = object.__new__(cls)
     fields_of = source.__dict__.copy()
-    fields_of[name] = value
+    fields_of.update(values)
     object.__setattr__(made, "__dict__", fields_of)
     return made
 
@@ -244,10 +247,11 @@ def _copied(source, cls, name: str, value):
 _OUTPUT_FIELDS = tuple(f.name for f in fields(RequestOutput))   # what a Delta copies of the engine's output
 
 
-def heard(req: RequestState, index: int, out, usage: dict) -> None:
-    """Tell a request's listener about a delta of its choice `index`, with the request's usage
-    so far (every streamed token of every stream: an engine's RequestOutput is copied whole, a
-    dict copy, not field by field through the frozen dataclass's __init__).
+def heard(req: RequestState, index: int, out, usage: dict, generated_by: str | None = None) -> None:
+    """Tell a request's listener about a delta of its choice `index`, written by generate stage
+    `generated_by`, with the request's usage so far (every streamed token of every stream: an
+    engine's RequestOutput is copied whole, a dict copy, not field by field through the frozen
+    dataclass's __init__).
     Its caller skips a request whose listener hears no deltas (`req.hears_deltas`)."""
     with req.telling:
         if req.told:                             # the request ended meanwhile: its result was the last word
@@ -256,9 +260,10 @@ def heard(req: RequestState, index: int, out, usage: dict) -> None:
             usage = {k: max(n, req.usage_told.get(k, 0)) for k, n in usage.items()}   # stages: threads of
         req.usage_told = usage                   # their own): the usage heard never goes down
         if type(out) is RequestOutput:           # the engine's (or a stream stage's): its fields, copied at once
-            delta = _copied(out, Delta, "usage", usage)
+            delta = _copied(out, Delta, usage=usage, generated_by=generated_by)
         else:
-            delta = Delta(**{name: getattr(out, name) for name in _OUTPUT_FIELDS}, usage=usage)
+            delta = Delta(**{name: getattr(out, name) for name in _OUTPUT_FIELDS}, usage=usage,
+                          generated_by=generated_by)
         try:
             req.listener.on_delta(req.key, index, delta)
         except Exception:                        # noqa: BLE001 - a listener's failure is its own

@@ -25,7 +25,7 @@ class LiveStages:
         gen = item.at
         direct = self.streams.direct[gen] and item.index is not None
         live = Live(self.streams.chains[gen], direct,
-                    (lambda out: self._live_delta(item, out)) if direct else None)
+                    (lambda out: self._live_delta(item, out, gen)) if direct else None)
         start = self._generated(item, item.data, gen, "", None, 0, 0, 0)
         for i, stage in enumerate(live.chain):
             impl, view = self.impls[stage], copy.deepcopy(start)
@@ -69,11 +69,11 @@ class LiveStages:
             for stage, call in zip(item.live.chain, item.live.calls):
                 self.workers[stage].pause(call, paused)
 
-    def _live_delta(self, item: Item, out) -> None:
+    def _live_delta(self, item: Item, out, gen: str) -> None:
         if out.new_token_ids or out.delta_text:
             self.ledger.first_token(item.req, self.clock())
         if item.req.hears_deltas:
-            self._heard(item, out)
+            self._heard(item, out, gen)
 
     def _live_ended(self, item: Item, i: int, stage: str, ok: bool, value, t0: float) -> None:
         """A stream stage's call for a live item ended (its worker or the event loop)."""

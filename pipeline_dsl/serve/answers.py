@@ -11,10 +11,13 @@ from . import protocol as P
 from .token_fields import answer_fields, logprob_names
 
 
-def call_parser(runtime, req) -> str:
-    """The form `req`'s tool calls are read in: its model's (runtime.tool_parser), or hermes,
-    unused, when it gave no tools."""
-    return runtime.tool_parser(req.pin, req.tool_choice) if req.tools_active else "hermes"
+def call_parser(runtime, req, gen: str | None = None) -> str:
+    """The form the tool calls of `req`'s answer by generate stage `gen` (its choice's
+    `generated_by`, as `agp run` reads it) are read in: that stage's model's (runtime.tool_parser;
+    the pinned stage's, or the pipeline's, where no stage is known), or hermes, unused, when it
+    gave no tools. The pin alone would read an unpinned answer of a pipeline whose generate
+    stages' models write calls differently in the wrong one's form."""
+    return runtime.tool_parser(gen or req.pin, req.tool_choice) if req.tools_active else "hermes"
 
 
 def prompt_text(runtime, data: dict, req: P.GenerationRequest) -> str:
@@ -52,7 +55,8 @@ def answer_body(runtime, res, req: P.GenerationRequest, rid: str,
         top = answer_fields(res.choices[0].data, req.prompt_logprobs, want_ids, text_of)[0]
         body = P.chat_response(rid, req.model, choices, use, tools_active=req.tools_active, top=top,
                                call_limit=req.call_limit, fingerprint=fingerprint,
-                               parser=call_parser(runtime, req), reads=[c.tool_read for c in res.choices])
+                               parsers=[call_parser(runtime, req, c.data.get("generated_by")) for c in res.choices],
+                               reads=[c.tool_read for c in res.choices])
         return body, {c["index"]: c["finish_reason"] for c in body["choices"]}
     echo = bool(req.fields.get("echo"))
     choices = []

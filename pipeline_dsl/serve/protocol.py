@@ -693,14 +693,16 @@ NO_REASONING = {"reasoning": None, "reasoning_content": None}
 
 def chat_response(rid: str, model: str, choices: list[tuple], use: dict, created: int | None = None,
                   tools_active: bool = False, top: dict | None = None, call_limit: int | None = None,
-                  fingerprint: str | None = None, parser: str = "hermes", reads: list | None = None) -> dict:
+                  fingerprint: str | None = None, parsers: list | None = None, reads: list | None = None) -> dict:
     """choices: (index, text, finish_reason[, logprobs[, what else the choice carries]]) each;
     `top`: what the answer carries beside its choices (vLLM's prompt_logprobs, prompt_token_ids);
-    `reads`: the tool calls each choice's generate stage read (chat_message's `read`), in order.
+    `parsers`: the form each choice's calls are read in (chat_message's `parser`; hermes where
+    not given), `reads`: the tool calls each choice's generate stage read (its `read`), in order.
     Each message carries NO_REASONING: agp's models do not reason."""
     out = []
     for k, c in enumerate(choices):
-        message, reason = chat_message(c[1], c[2], tools_active, call_limit, parser, reads[k] if reads else None)
+        message, reason = chat_message(c[1], c[2], tools_active, call_limit, parsers[k] if parsers else "hermes",
+                                       reads[k] if reads else None)
         message.update(NO_REASONING)
         out.append({"index": c[0], "message": message, "logprobs": c[3] if len(c) > 3 else None,
                     "finish_reason": reason, **(c[4] if len(c) > 4 else {})})

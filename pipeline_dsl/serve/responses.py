@@ -435,7 +435,7 @@ class Responses:
         text_of = self.text_of(call)
         lps = (P.chat_logprobs(choice.data.get("logprobs") or [], self.name_of(call), self.bytes_of(call))["content"]
                if text_of else None)
-        parser = call_parser(self.g.apipe.runtime, call.req)
+        parser = call_parser(self.g.apipe.runtime, call.req, choice.data.get("generated_by"))
         message, reason = P.chat_message(choice.text, choice.finish_reason, call.req.tools_active,
                                          call.req.call_limit, parser, choice.tool_read)
         status = "incomplete" if choice.finish_reason == "length" else "completed"

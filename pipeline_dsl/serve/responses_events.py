@@ -36,11 +36,7 @@ class ResponseEvents(Relay):
         self.name_of = owner.name_of(call)         # what the logprobs call each token
         self.lps: list | None = [] if self.text_of else None
         self.bytes_of = owner.bytes_of(call)
-        self.tools = None
-        if call.req.tools_active:
-            from pipeline_dsl.tools import tool_stream
-
-            self.tools = tool_stream(call.req.call_limit, call_parser(owner.g.apipe.runtime, call.req))
+        self.tools = None                        # the answer's tool stream, from its first text (content)
         self.called = False
         self.seen = False                        # a delta of choice 0 came (else its text comes whole)
 
@@ -97,9 +93,16 @@ class ResponseEvents(Relay):
                       self.event("response.function_call_arguments.done", **where, arguments=item["arguments"]),
                       self.event("response.output_item.done", output_index=index, item=item)]
 
-    def content(self, text: str, step_lp: list | None) -> list[bytes]:
+    def content(self, text: str, step_lp: list | None, gen: str | None) -> list[bytes]:
+        """The events of `text` (its tokens' `step_lp`), written by generate stage `gen`: its
+        tool calls are read in that stage's model's form (call_parser)."""
         lps = P.chat_logprobs(step_lp, self.name_of, self.bytes_of)["content"] if self.text_of and step_lp else None
         out, calls = [], []
+        if self.tools is None and self.call.req.tools_active:
+            from pipeline_dsl.tools import tool_stream
+
+            self.tools = tool_stream(self.call.req.call_limit, call_parser(self.owner.g.apipe.runtime, self.call.req,
+                                                                           gen))
         if self.tools is not None:
             text, calls = self.tools.feed(text)
         if text or lps:
@@ -112,7 +115,7 @@ class ResponseEvents(Relay):
         choice = result.choices[0] if result.choices else None
         out = []
         if choice is not None and not self.seen:        # it came whole (through later stages)
-            out += self.content(choice.text, choice.data.get("logprobs"))
+            out += self.content(choice.text, choice.data.get("logprobs"), choice.data.get("generated_by"))
         if self.tools is not None:
             rest, calls = self.tools.finish()
             if rest:
@@ -133,7 +136,7 @@ class ResponseEvents(Relay):
         if index != 0:                           # the Responses API has one answer: choice 0
             return []
         self.seen = True
-        return self.content(out.delta_text, getattr(out, "logprobs", None))
+        return self.content(out.delta_text, getattr(out, "logprobs", None), getattr(out, "generated_by", None))
 
     def on_error(self, err: P.APIError) -> list[bytes]:
         failed = self.snapshot("failed", error={"code": err.code or err.type, "message": err.message})

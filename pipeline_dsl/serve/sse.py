@@ -254,7 +254,10 @@ class ChunkWriter(Relay):
         return text, lp
 
     def content(self, index: int, text: str, step_lp: list | None = None, data: dict | None = None,
-                ids: list | None = None) -> list[bytes]:
+                ids: list | None = None, gen: str | None = None) -> list[bytes]:
+        """Choice `index`'s chunks for `text` (its tokens' `step_lp`, `ids`), written by generate
+        stage `gen`, whose model's form its tool calls are read in; `data`: its answer, when it
+        came whole."""
         out = []
         if index not in self.opened and (self.want_ids or self.req.prompt_logprobs is not None):
             prompt_ids, lps = self._prompt_of(index, data)
@@ -272,7 +275,7 @@ class ChunkWriter(Relay):
             from pipeline_dsl.tools import tool_stream
 
             if index not in self.tool_streams:
-                self.tool_streams[index] = tool_stream(self.req.call_limit, call_parser(self.runtime, self.req))
+                self.tool_streams[index] = tool_stream(self.req.call_limit, call_parser(self.runtime, self.req, gen))
             text, calls = self.tool_streams[index].feed(text)
         lp = None
         if self.want_lp and step_lp:                   # these tokens' logprobs, with their text
@@ -312,7 +315,7 @@ class ChunkWriter(Relay):
             if c.index not in self.closed:
                 whole = c.index not in self.opened           # it came whole (no deltas)
                 out += self.content(c.index, c.text if whole else "", c.data.get("logprobs") if whole else None,
-                                    c.data, c.data.get("token_ids") if whole else None)
+                                    c.data, c.data.get("token_ids") if whole else None, c.data.get("generated_by"))
                 out += self.finish(c.index, c.finish_reason, c.data.get("stop_reason"))
         if self.req.include_usage:
             use = P.usage(total["prompt_tokens"], total["completion_tokens"], total["cached_tokens"])
@@ -325,7 +328,8 @@ class ChunkWriter(Relay):
         prompt = index // self.per if isinstance(self.stream, StreamGroup) else 0   # n choices share a prompt
         self.usage_so_far[prompt] = out.usage          # the request's: an earlier stage's draft counted too
         self.own_tokens[index] = out.completion_tokens
-        chunks = self.content(index, out.delta_text, getattr(out, "logprobs", None), ids=out.new_token_ids)
+        chunks = self.content(index, out.delta_text, getattr(out, "logprobs", None), ids=out.new_token_ids,
+                              gen=getattr(out, "generated_by", None))
         if out.finished and index not in self.closed:
             return [*chunks, *self.finish(index, out.finish_reason, getattr(out, "stop_reason", None))]
         return chunks
