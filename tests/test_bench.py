@@ -6,6 +6,7 @@ import http.server
 import json
 import math
 import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -1251,3 +1252,76 @@ def test_a_baseline_file_of_one_report_object_is_read_as_a_list_of_one(tmp_path)
     (tmp_path / "one.json").write_text(json.dumps(_SAVED))
     (r,) = B.load_reports(tmp_path / "one.json")
     assert (r.label, r.completed) == ("x (one.json)", _SAVED["completed"])
+
+
+class _KeepAlive(http.server.BaseHTTPRequestHandler):
+    """An HTTP/1.1 server that streams each answer in a chunked body, as uvicorn streams agp serve's
+    and vLLM's, counting the connections it was opened; after [DONE] it ends the body `hold`
+    seconds later (at `ended`, perf_counter's clock)."""
+    protocol_version = "HTTP/1.1"
+    connections, hold, ended = 0, 0.0, []
+
+    def setup(self):
+        type(self).connections += 1
+        super().setup()
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        chunks = [_text(0, "a"), dict(_text(0, "b", "length"), usage={"prompt_tokens": 2, "completion_tokens": 2})]
+        for body in [f"data: {json.dumps(c)}\n\n".encode() for c in chunks] + [b"data: [DONE]\n\n"]:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(body), body))
+            self.wfile.flush()
+        type(self).ended.append(time.perf_counter() + type(self).hold)
+        time.sleep(type(self).hold)
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+def _keep_alive_records(hold: float, num: int):
+    handler = type("Handler", (_KeepAlive,), {"hold": hold, "ended": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    items = [parse_line(json.dumps({"prompt": "hi"}), 1)]
+
+    async def go():
+        target = B.HTTPTarget(f"http://127.0.0.1:{server.server_address[1]}", model="m")
+        await target.start()
+        try:
+            return await B.run_load(target, items, rate=math.inf, num=num, concurrency=1, progress=False)
+        finally:
+            await target.close()
+
+    try:
+        records, _ = asyncio.run(go())
+    finally:
+        server.shutdown()
+        server.server_close()
+    return records, handler
+
+
+def test_requests_one_after_another_reuse_one_connection_as_vllm_bench_serves_client_does():
+    """agp bench stopped reading a response at its [DONE], before the end of its chunked body, and
+    httpx closed such a connection: every request opened a new one (20 requests to agp serve left
+    20 closed connections), a TCP and, to an https server, a TLS handshake inside each TTFT, where
+    vllm bench serve reads each response to its end and keeps its connections open."""
+    records, handler = _keep_alive_records(hold=0.0, num=5)
+    assert [(r.error, r.truncated, r.completion_tokens) for r in records] == [(None, False, 2)] * 5
+    assert handler.connections == 1
+
+
+def test_a_server_that_keeps_the_stream_open_after_done_is_not_waited_for():
+    """The rest of a response after [DONE] is read for a while only: a server that holds its body
+    open after [DONE] still gives a whole answer, whose end-to-end latency ends at [DONE], not when
+    the server lets the response go."""
+    records, handler = _keep_alive_records(hold=2.0, num=1)
+    (r,) = records
+    assert (r.error, r.truncated, r.finish_reason) == (None, False, "length")
+    assert r.done < handler.ended[0]

@@ -131,7 +131,7 @@ class RequestRecord:
     # choice index -> when each of its chunks that carried tokens arrived (a chunk of several
     # tokens is one arrival, as `vllm bench serve` times a stream's chunks)
     chunk_times: dict[int, list[float]] = field(default_factory=dict)
-    done: float | None = None
+    done: float | None = None         # the end of its answer ([DONE]), or of the attempt
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -501,12 +501,13 @@ class HTTPTarget:
                     pass
                 rec.error = f"HTTP {r.status_code}: {text[:200]}"
                 return
-            async for line in r.aiter_lines():
+            lines = r.aiter_lines()
+            async for line in lines:
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    done = True
+                    done, rec.done = True, clock()
                     break
                 try:
                     chunk = json.loads(data)
@@ -531,10 +532,34 @@ class HTTPTarget:
                     rec.completion_tokens = int(use.get("completion_tokens") or 0)
                     details = use.get("prompt_tokens_details") or {}
                     rec.cached_tokens = int(details.get("cached_tokens") or 0)
+            if done:
+                await _read_to_the_end(lines)
         if not (done and finished):
             rec.truncated = True
         elif rec.completion_tokens == 0:
             rec.completion_tokens = sum(map(len, rec.chunk_times.values()))   # a server without usage
+
+
+# how long the rest of a response after its [DONE] may take to come (the end of its chunked body)
+_AFTER_DONE_S = 1.0
+
+
+async def _read_to_the_end(lines) -> None:
+    """Read what a response sends after its [DONE], so that its connection goes back to the pool
+    for the next request, as vllm bench serve's client reads each response to its end. A response
+    left unread there closed its connection: every request opened a new one (a TCP and TLS
+    handshake inside its TTFT). A server that keeps the stream open after [DONE] is not waited
+    for beyond _AFTER_DONE_S: the answer is whole, only its connection is closed."""
+    import httpx
+
+    async def rest():
+        async for _ in lines:
+            pass
+
+    try:
+        await asyncio.wait_for(rest(), _AFTER_DONE_S)
+    except (asyncio.TimeoutError, httpx.HTTPError):   # the answer was whole: only the connection is lost
+        pass
 
 
 def _carries_tokens(choice: dict, chat: bool) -> bool:
@@ -709,7 +734,8 @@ async def run_load(target, items: list[ParsedRequest], *, rate: float = math.inf
         except Exception as e:               # noqa: BLE001 - one failed request, counted
             rec.error = f"{type(e).__name__}: {e}"[:200]
         finally:
-            rec.done = clock()
+            if rec.done is None:             # a target may time the end itself (HTTP: at [DONE])
+                rec.done = clock()
             if limit:
                 limit.release()
             if bar is not None:
