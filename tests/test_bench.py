@@ -1254,6 +1254,41 @@ def test_a_baseline_file_of_one_report_object_is_read_as_a_list_of_one(tmp_path)
     assert (r.label, r.completed) == ("x (one.json)", _SAVED["completed"])
 
 
+class _TwoModels(_Refusing):
+    """Lists two models and answers every completion (one token)."""
+    refuse = 10 ** 9
+
+    def do_GET(self):
+        self._send(200, json.dumps({"data": [{"id": "first"}, {"id": "second"}]}).encode())
+
+
+def test_the_table_says_which_pipeline_and_model_were_measured_and_under_which_limits(tmp_path, tiny_gguf):
+    """A column was headed by the file's stem or the URL alone: which of a file's pipelines ran, which
+    model a server measured without --model (its first), and the limits a goodput figure counted
+    against were in no row of the table nor in the --json report."""
+    items = B.load_workload(_workload(tmp_path, n=1))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TwoModels)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        remote = asyncio.run(B.bench_one(B.HTTPTarget(f"http://127.0.0.1:{server.server_address[1]}"), items,
+                                         rate=math.inf, num=2, progress=False, warmup=0,
+                                         slo={"ttft": 0.5, "e2e": 2.0}))
+    finally:
+        server.shutdown()
+        server.server_close()
+    local = asyncio.run(B.bench_one(B.EngineTarget.from_pipeline(str(_pipeline_file(tmp_path, tiny_gguf))),
+                                    items, rate=math.inf, num=1, progress=False, warmup=0))
+    assert (remote.pipeline, remote.model, remote.completed) == (None, "first", 2)
+    assert (local.pipeline, local.model) == ("chat", "tiny.gguf")
+    table = B.format_table([local, remote])
+    assert re.search(r"^pipeline\s+chat\s+-$", table, re.M), table
+    assert re.search(r"^model\s+tiny\.gguf\s+first$", table, re.M), table
+    assert re.search(r"^goodput limits \(ms\)\s+-\s+ttft 500, e2e 2000$", table, re.M), table
+    (tmp_path / "r.json").write_text(json.dumps([local.to_dict(), remote.to_dict()]))
+    saved = B.load_reports(tmp_path / "r.json")
+    assert [(r.pipeline, r.model) for r in saved] == [("chat", "tiny.gguf"), (None, "first")]
+
+
 class _KeepAlive(http.server.BaseHTTPRequestHandler):
     """An HTTP/1.1 server that streams each answer in a chunked body, as uvicorn streams agp serve's
     and vLLM's, counting the connections it was opened; after [DONE] it ends the body `hold`
