@@ -1289,6 +1289,46 @@ def test_the_table_says_which_pipeline_and_model_were_measured_and_under_which_l
     assert [(r.pipeline, r.model) for r in saved] == [("chat", "tiny.gguf"), (None, "first")]
 
 
+def test_percentiles_interpolate_between_the_nearest_samples_as_vllm_bench_serve():
+    """np.percentile's linear interpolation (vLLM's): TTFTs of 100, 200, 300, 400 and 1000 ms have
+    p50 300 ms, p90 400 + 0.6 * 600 = 760 ms and p99 400 + 0.96 * 600 = 976 ms, not the nearest sample."""
+    records = [_record(0.0, [t, t + 0.1]) for t in (0.3, 0.1, 1.0, 0.4, 0.2)]
+    r = B.summarize("x", 1.0, records, duration=2.0)
+    assert r.ttft == pytest.approx({"mean": 0.4, "p50": 0.3, "p90": 0.76, "p99": 0.976}, abs=1e-12)
+    assert re.search(r"^TTFT p90 \(ms\)\s+760\.0$", B.format_table([r]), re.M)
+
+
+class _Slow:
+    """A target that answers each request with two tokens, 20 ms apart."""
+    label = "slow"
+
+    async def start(self):
+        pass
+
+    async def close(self):
+        pass
+
+    async def stats(self):
+        return {}
+
+    async def send(self, item, rec, clock):
+        await asyncio.sleep(0.02)
+        rec.chunk(clock())
+        await asyncio.sleep(0.02)
+        rec.chunk(clock())
+        rec.prompt_tokens, rec.completion_tokens, rec.finish_reason = 3, 2, "length"
+
+
+def test_a_request_waiting_for_a_client_slot_is_sent_when_the_slot_frees():
+    """--max-concurrency 1, all at once: as in vllm bench serve, a request's TTFT and E2E run from
+    when it went out (a slot of the client free), not from its arrival: each is sent after the one
+    before it ended, so its TTFT is its own wait for the server, not the queue in the client."""
+    items = [parse_line(json.dumps({"prompt": "hi"}), 1)]
+    records, _ = asyncio.run(B.run_load(_Slow(), items, rate=math.inf, num=3, concurrency=1, progress=False))
+    records.sort(key=lambda r: r.sent)
+    assert all(b.sent >= a.done for a, b in zip(records, records[1:]))
+
+
 class _KeepAlive(http.server.BaseHTTPRequestHandler):
     """An HTTP/1.1 server that streams each answer in a chunked body, as uvicorn streams agp serve's
     and vLLM's, counting the connections it was opened; after [DONE] it ends the body `hold`
