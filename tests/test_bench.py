@@ -6,6 +6,7 @@ import http.server
 import json
 import math
 import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -1251,3 +1252,151 @@ def test_a_baseline_file_of_one_report_object_is_read_as_a_list_of_one(tmp_path)
     (tmp_path / "one.json").write_text(json.dumps(_SAVED))
     (r,) = B.load_reports(tmp_path / "one.json")
     assert (r.label, r.completed) == ("x (one.json)", _SAVED["completed"])
+
+
+class _TwoModels(_Refusing):
+    """Lists two models and answers every completion (one token)."""
+    refuse = 10 ** 9
+
+    def do_GET(self):
+        self._send(200, json.dumps({"data": [{"id": "first"}, {"id": "second"}]}).encode())
+
+
+def test_the_table_says_which_pipeline_and_model_were_measured_and_under_which_limits(tmp_path, tiny_gguf):
+    """A column was headed by the file's stem or the URL alone: which of a file's pipelines ran, which
+    model a server measured without --model (its first), and the limits a goodput figure counted
+    against were in no row of the table nor in the --json report."""
+    items = B.load_workload(_workload(tmp_path, n=1))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TwoModels)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        remote = asyncio.run(B.bench_one(B.HTTPTarget(f"http://127.0.0.1:{server.server_address[1]}"), items,
+                                         rate=math.inf, num=2, progress=False, warmup=0,
+                                         slo={"ttft": 0.5, "e2e": 2.0}))
+    finally:
+        server.shutdown()
+        server.server_close()
+    local = asyncio.run(B.bench_one(B.EngineTarget.from_pipeline(str(_pipeline_file(tmp_path, tiny_gguf))),
+                                    items, rate=math.inf, num=1, progress=False, warmup=0))
+    assert (remote.pipeline, remote.model, remote.completed) == (None, "first", 2)
+    assert (local.pipeline, local.model) == ("chat", "tiny.gguf")
+    table = B.format_table([local, remote])
+    assert re.search(r"^pipeline\s+chat\s+-$", table, re.M), table
+    assert re.search(r"^model\s+tiny\.gguf\s+first$", table, re.M), table
+    assert re.search(r"^goodput limits \(ms\)\s+-\s+ttft 500, e2e 2000$", table, re.M), table
+    (tmp_path / "r.json").write_text(json.dumps([local.to_dict(), remote.to_dict()]))
+    saved = B.load_reports(tmp_path / "r.json")
+    assert [(r.pipeline, r.model) for r in saved] == [("chat", "tiny.gguf"), (None, "first")]
+
+
+def test_percentiles_interpolate_between_the_nearest_samples_as_vllm_bench_serve():
+    """np.percentile's linear interpolation (vLLM's): TTFTs of 100, 200, 300, 400 and 1000 ms have
+    p50 300 ms, p90 400 + 0.6 * 600 = 760 ms and p99 400 + 0.96 * 600 = 976 ms, not the nearest sample."""
+    records = [_record(0.0, [t, t + 0.1]) for t in (0.3, 0.1, 1.0, 0.4, 0.2)]
+    r = B.summarize("x", 1.0, records, duration=2.0)
+    assert r.ttft == pytest.approx({"mean": 0.4, "p50": 0.3, "p90": 0.76, "p99": 0.976}, abs=1e-12)
+    assert re.search(r"^TTFT p90 \(ms\)\s+760\.0$", B.format_table([r]), re.M)
+
+
+class _Slow:
+    """A target that answers each request with two tokens, 20 ms apart."""
+    label = "slow"
+
+    async def start(self):
+        pass
+
+    async def close(self):
+        pass
+
+    async def stats(self):
+        return {}
+
+    async def send(self, item, rec, clock):
+        await asyncio.sleep(0.02)
+        rec.chunk(clock())
+        await asyncio.sleep(0.02)
+        rec.chunk(clock())
+        rec.prompt_tokens, rec.completion_tokens, rec.finish_reason = 3, 2, "length"
+
+
+def test_a_request_waiting_for_a_client_slot_is_sent_when_the_slot_frees():
+    """--max-concurrency 1, all at once: as in vllm bench serve, a request's TTFT and E2E run from
+    when it went out (a slot of the client free), not from its arrival: each is sent after the one
+    before it ended, so its TTFT is its own wait for the server, not the queue in the client."""
+    items = [parse_line(json.dumps({"prompt": "hi"}), 1)]
+    records, _ = asyncio.run(B.run_load(_Slow(), items, rate=math.inf, num=3, concurrency=1, progress=False))
+    records.sort(key=lambda r: r.sent)
+    assert all(b.sent >= a.done for a, b in zip(records, records[1:]))
+
+
+class _KeepAlive(http.server.BaseHTTPRequestHandler):
+    """An HTTP/1.1 server that streams each answer in a chunked body, as uvicorn streams agp serve's
+    and vLLM's, counting the connections it was opened; after [DONE] it ends the body `hold`
+    seconds later (at `ended`, perf_counter's clock)."""
+    protocol_version = "HTTP/1.1"
+    connections, hold, ended = 0, 0.0, []
+
+    def setup(self):
+        type(self).connections += 1
+        super().setup()
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        chunks = [_text(0, "a"), dict(_text(0, "b", "length"), usage={"prompt_tokens": 2, "completion_tokens": 2})]
+        for body in [f"data: {json.dumps(c)}\n\n".encode() for c in chunks] + [b"data: [DONE]\n\n"]:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(body), body))
+            self.wfile.flush()
+        type(self).ended.append(time.perf_counter() + type(self).hold)
+        time.sleep(type(self).hold)
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+def _keep_alive_records(hold: float, num: int):
+    handler = type("Handler", (_KeepAlive,), {"hold": hold, "ended": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    items = [parse_line(json.dumps({"prompt": "hi"}), 1)]
+
+    async def go():
+        target = B.HTTPTarget(f"http://127.0.0.1:{server.server_address[1]}", model="m")
+        await target.start()
+        try:
+            return await B.run_load(target, items, rate=math.inf, num=num, concurrency=1, progress=False)
+        finally:
+            await target.close()
+
+    try:
+        records, _ = asyncio.run(go())
+    finally:
+        server.shutdown()
+        server.server_close()
+    return records, handler
+
+
+def test_requests_one_after_another_reuse_one_connection_as_vllm_bench_serves_client_does():
+    """agp bench stopped reading a response at its [DONE], before the end of its chunked body, and
+    httpx closed such a connection: every request opened a new one (20 requests to agp serve left
+    20 closed connections), a TCP and, to an https server, a TLS handshake inside each TTFT, where
+    vllm bench serve reads each response to its end and keeps its connections open."""
+    records, handler = _keep_alive_records(hold=0.0, num=5)
+    assert [(r.error, r.truncated, r.completion_tokens) for r in records] == [(None, False, 2)] * 5
+    assert handler.connections == 1
+
+
+def test_a_server_that_keeps_the_stream_open_after_done_is_not_waited_for():
+    """The rest of a response after [DONE] is read for a while only: a server that holds its body
+    open after [DONE] still gives a whole answer, whose end-to-end latency ends at [DONE], not when
+    the server lets the response go."""
+    records, handler = _keep_alive_records(hold=2.0, num=1)
+    (r,) = records
+    assert (r.error, r.truncated, r.finish_reason) == (None, False, "length")
+    assert r.done < handler.ended[0]

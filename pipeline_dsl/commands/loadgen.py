@@ -131,7 +131,7 @@ class RequestRecord:
     # choice index -> when each of its chunks that carried tokens arrived (a chunk of several
     # tokens is one arrival, as `vllm bench serve` times a stream's chunks)
     chunk_times: dict[int, list[float]] = field(default_factory=dict)
-    done: float | None = None
+    done: float | None = None         # the end of its answer ([DONE]), or of the attempt
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -184,6 +184,8 @@ class Report:
     burstiness: float = 1.0            # the shape of the arrivals' gamma gaps (1: Poisson)
     slo: dict = field(default_factory=dict)   # seconds: ttft, tpot, e2e limits of a good request
     goodput: float | None = None       # completed requests within every `slo` / s (None: no slo)
+    pipeline: str | None = None        # in process: the name of the pipeline measured
+    model: str | None = None           # the model measured: the id sent to a server, a pipeline's model(s)
     ttft_samples: list[float] = field(default_factory=list, repr=False)
     e2e_samples: list[float] = field(default_factory=list, repr=False)
 
@@ -237,6 +239,7 @@ _SAVED_FIELDS = {
        for k in ("requests", "completed", "errors", "truncated", "prompt_tokens", "completion_tokens",
                  "cached_tokens")},
     **{k: (lambda v: v is None or _number(v), "a number or null") for k in ("kv_hit_rate", "goodput", "concurrency")},
+    **{k: (lambda v: v is None or isinstance(v, str), "a string or null") for k in ("pipeline", "model")},
     **{k: (lambda v: isinstance(v, dict) and all(q in v and (v[q] is None or _number(v[q])) for q in _QUANTILES),
            f"an object of {', '.join(_QUANTILES)}") for k in ("ttft", "tpot", "itl", "e2e")},
     # the table and the plot read these too (an edited one was an internal error there)
@@ -307,7 +310,8 @@ def _good(r: RequestRecord, tpot: float | None, slo: dict) -> bool:
 
 def summarize(label: str, rate: float, records: list[RequestRecord], duration: float,
               engine_stats: dict | None = None, *, concurrency: int | None = None,
-              burstiness: float = 1.0, slo: dict | None = None) -> Report:
+              burstiness: float = 1.0, slo: dict | None = None, pipeline: str | None = None,
+              model: str | None = None) -> Report:
     ok = [r for r in records if r.error is None and not r.truncated and r.done is not None]
     slo = dict(slo or {})
     ttft = [r.first_token - r.sent for r in ok if r.first_token is not None]
@@ -334,6 +338,7 @@ def summarize(label: str, rate: float, records: list[RequestRecord], duration: f
         error_samples=sorted(set(errors))[:5], first_error=errors[0] if errors else None, engine=engine,
         concurrency=concurrency, burstiness=burstiness, slo=slo,
         goodput=sum(_good(r, t, slo) for r, t in zip(ok, tpots)) / duration if slo else None,
+        pipeline=pipeline, model=model,
         ttft_samples=ttft, e2e_samples=e2e)
 
 
@@ -358,6 +363,11 @@ class EngineTarget:
 
         self.label, self.runtime = label, runtime
         self.apipe = AsyncPipeline(runtime)
+        # what the report names as measured: the pipeline and its engines' models (a file's name,
+        # not its folder)
+        self.pipeline = runtime.name
+        self.model = ", ".join(dict.fromkeys(Path(str(es.config.model)).name for es in runtime.segments
+                                             if es.config.model)) or None
         self._n = 0
 
     @classmethod
@@ -427,6 +437,7 @@ class HTTPTarget:
 
     def __init__(self, url: str, model: str | None = None, timeout: float = 600.0, api_key: str | None = None):
         self.label = url
+        self.pipeline = None
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base = url.rstrip("/")
         if not self.base.endswith("/v1"):
@@ -501,12 +512,13 @@ class HTTPTarget:
                     pass
                 rec.error = f"HTTP {r.status_code}: {text[:200]}"
                 return
-            async for line in r.aiter_lines():
+            lines = r.aiter_lines()
+            async for line in lines:
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    done = True
+                    done, rec.done = True, clock()
                     break
                 try:
                     chunk = json.loads(data)
@@ -531,10 +543,34 @@ class HTTPTarget:
                     rec.completion_tokens = int(use.get("completion_tokens") or 0)
                     details = use.get("prompt_tokens_details") or {}
                     rec.cached_tokens = int(details.get("cached_tokens") or 0)
+            if done:
+                await _read_to_the_end(lines)
         if not (done and finished):
             rec.truncated = True
         elif rec.completion_tokens == 0:
             rec.completion_tokens = sum(map(len, rec.chunk_times.values()))   # a server without usage
+
+
+# how long the rest of a response after its [DONE] may take to come (the end of its chunked body)
+_AFTER_DONE_S = 1.0
+
+
+async def _read_to_the_end(lines) -> None:
+    """Read what a response sends after its [DONE], so that its connection goes back to the pool
+    for the next request, as vllm bench serve's client reads each response to its end. A response
+    left unread there closed its connection: every request opened a new one (a TCP and TLS
+    handshake inside its TTFT). A server that keeps the stream open after [DONE] is not waited
+    for beyond _AFTER_DONE_S: the answer is whole, only its connection is closed."""
+    import httpx
+
+    async def rest():
+        async for _ in lines:
+            pass
+
+    try:
+        await asyncio.wait_for(rest(), _AFTER_DONE_S)
+    except (asyncio.TimeoutError, httpx.HTTPError):   # the answer was whole: only the connection is lost
+        pass
 
 
 def _carries_tokens(choice: dict, chat: bool) -> bool:
@@ -709,7 +745,8 @@ async def run_load(target, items: list[ParsedRequest], *, rate: float = math.inf
         except Exception as e:               # noqa: BLE001 - one failed request, counted
             rec.error = f"{type(e).__name__}: {e}"[:200]
         finally:
-            rec.done = clock()
+            if rec.done is None:             # a target may time the end itself (HTTP: at [DONE])
+                rec.done = clock()
             if limit:
                 limit.release()
             if bar is not None:
@@ -799,7 +836,8 @@ async def bench_one(target, items, *, rate: float, num=None, duration=None, conc
     finally:
         await target.close()
     report = summarize(target.label, rate, records, wall, stats, concurrency=concurrency,
-                       burstiness=burstiness, slo=slo)
+                       burstiness=burstiness, slo=slo, pipeline=getattr(target, "pipeline", None),
+                       model=getattr(target, "model", None))
     if stopped is not None:
         stopped.report = report
         raise stopped
@@ -819,6 +857,10 @@ def rate_text(rate: float) -> str:
 
 def _rows(reports: list[Report]) -> list[tuple[str, list[str]]]:
     rows: list[tuple[str, list[str]]] = [
+        (name, [getattr(r, name) or "-" for r in reports]) for name in ("pipeline", "model")
+        if any(getattr(r, name) for r in reports)
+    ]
+    rows += [
         ("rate (req/s)", [rate_text(r.rate) for r in reports]),
         ("max concurrency", [str(r.concurrency) if r.concurrency else "-" for r in reports]),
     ]
@@ -833,6 +875,8 @@ def _rows(reports: list[Report]) -> list[tuple[str, list[str]]]:
     ]
     if any(r.slo for r in reports):
         rows.append(("goodput (req/s)", ["-" if r.goodput is None else f"{r.goodput:.2f}" for r in reports]))
+        rows.append(("goodput limits (ms)", [", ".join(f"{k} {v * 1000:g}" for k, v in r.slo.items()) or "-"
+                                             for r in reports]))
     rows += [
         ("output tok/s", [f"{r.output_throughput:.1f}" for r in reports]),
         ("total tok/s", [f"{r.total_throughput:.1f}" for r in reports]),
