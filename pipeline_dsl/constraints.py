@@ -86,6 +86,9 @@ MAX_LOCATE_CHARS = 1 << 18
 # which llguidance caps at 2,000 items, and is checked and compiled on its own (1,024: ~1 s); each
 # looks its trigger up among the triggers
 MAX_STRUCTURES = 1024
+# strings of one choice spec (guided_choice): one lexer rule of them all; 10,000 of 400 characters each
+# (4 MB) check and compile in about 2 s
+MAX_CHOICES = 10_000
 # grammar work running at once in the process: a request's check (requests_io.spec_problem) and the
 # engine's compile of a new spec (engine/constrain.py) each take one of these slots (a large schema
 # takes seconds of CPU; on 2 cores, 2 leave the engine's step and agp serve's threads free)
@@ -647,11 +650,16 @@ def _reworded(problem: str) -> str:
 
 
 def _choice_grammar(spec) -> str:
-    """{"type": "choice", "choices": ["yes", "no"]}: the answer is exactly one of the strings."""
+    """{"type": "choice", "choices": ["yes", "no"]}: the answer is exactly one of the strings, at
+    most MAX_CHOICES of them. They are one lexer rule, which the lexer matches together (work
+    linear in their text), not one grammar rule of a branch each: llguidance's parser takes no
+    more than 2,000 branches in a row, and checking such a rule grows with the square of them."""
     choices = spec.get("choices")
     if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
         raise GrammarError("choice needs a non-empty list of non-empty strings")
-    return llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
+    if len(choices) > MAX_CHOICES:
+        raise GrammarError(f"choice has {len(choices):,} strings: at most {MAX_CHOICES:,}")
+    return llg.LLMatcher.grammar_from_lark("start: CHOICE\nCHOICE: " + " | ".join(json.dumps(c) for c in choices))
 
 
 def _cfg_grammar(spec) -> str:

@@ -517,6 +517,26 @@ def test_keywords_that_constrain_nothing_are_taken(engine, compiler, schema, goo
     assert accepts(good) and not accepts(bad)
 
 
+def test_a_choice_of_thousands_of_strings_allows_exactly_one_of_them(engine, compiler):
+    """guided_choice's strings are one lexer rule: 2,500 of them (more branches than llguidance's
+    parser takes in one grammar rule, which refused them at the answer's first token) compile and
+    allow exactly one string; more than MAX_CHOICES are refused, saying how many."""
+    choices = [f"option {i}" for i in range(2500)] + ["🙂 ünï", "a\"b"]
+    g = compiler.compile({"type": "choice", "choices": choices})
+
+    def accepts(text):
+        m = g.matcher()
+        return all(m.accept(t) for t in ids_of(engine, text)) and m.can_end()
+
+    for text in ("option 0", "option 7", "option 2499", "🙂 ünï", 'a"b'):
+        assert accepts(text), text
+    for text in ("option", "option 2500", "option 7 ", "🙂", "a"):
+        assert not accepts(text), text
+    too_many = {"type": "choice", "choices": [f"c{i}" for i in range(constraints.MAX_CHOICES + 1)]}
+    with pytest.raises(GrammarError, match=f"^choice has {constraints.MAX_CHOICES + 1:,} strings: at most "):
+        constraints.check_spec(too_many)
+
+
 def test_schema_true_allows_any_value(engine, compiler):
     m = compiler.compile({"type": "json_schema", "schema": True}).matcher()
     assert all(m.accept(t) for t in ids_of(engine, '[1, "a"]')) and m.can_end()
