@@ -86,6 +86,10 @@ MAX_LOCATE_CHARS = 1 << 18
 # which llguidance caps at 2,000 items, and is checked and compiled on its own (1,024: ~1 s); each
 # looks its trigger up among the triggers
 MAX_STRUCTURES = 1024
+# patternProperties of one object, and of a whole schema: llguidance sets each key's pattern against
+# the others', work that grows faster than their square (one object of 128: ~0.3 s; 300: ~40 s)
+MAX_PATTERN_PROPERTIES = 128
+MAX_PATTERN_PROPERTIES_IN_ALL = 512
 # strings of one choice spec (guided_choice): one lexer rule of them all; 10,000 of 400 characters each
 # (4 MB) check and compile in about 2 s
 MAX_CHOICES = 10_000
@@ -281,6 +285,28 @@ def _check_regex(pattern: str, where: str) -> None:
                            f"characters (at most {MAX_REGEX_SIZE:,})")
 
 
+def _check_pattern_properties(schema, prefix: str) -> None:
+    """GrammarError for an object of more than MAX_PATTERN_PROPERTIES patternProperties (saying
+    where), or a schema of more than MAX_PATTERN_PROPERTIES_IN_ALL: refused before llguidance
+    spends minutes on them."""
+    total, todo = 0, [("#", schema)]
+    while todo:
+        path, node = todo.pop()
+        if not isinstance(node, dict):
+            continue
+        patterns = node.get("patternProperties")
+        if isinstance(patterns, dict):
+            if len(patterns) > MAX_PATTERN_PROPERTIES:
+                where = f"at {path}: " if path != "#" else ""
+                raise GrammarError(f"{prefix}{where}patternProperties has {len(patterns):,} patterns: at most "
+                                   f"{MAX_PATTERN_PROPERTIES:,} in one object")
+            total += len(patterns)
+            if total > MAX_PATTERN_PROPERTIES_IN_ALL:
+                raise GrammarError(f"{prefix}the schema has more than {MAX_PATTERN_PROPERTIES_IN_ALL:,} "
+                                   "patternProperties patterns in all")
+        todo += [(f"{path}/{step}", sub) for step, sub in _children(node)]
+
+
 def _ref_loop(schema) -> bool:
     """Whether the schema is nothing but a $ref chain that comes back to where it started (it then
     allows no value at all)."""
@@ -368,6 +394,7 @@ class GrammarBuilder:
         schema that fails by itself (`at #/properties/a: ...`), after `prefix` ("tool 'f': ")."""
         for pattern in _regexes(schema):
             _check_regex(pattern, f"{prefix}the pattern")
+        _check_pattern_properties(schema, prefix)
         if _ref_loop(schema):
             raise GrammarError(f"{prefix}its $ref refers only to itself, so no value can follow it")
         given, schema = schema, self._prepare(schema)

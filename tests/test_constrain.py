@@ -517,6 +517,28 @@ def test_keywords_that_constrain_nothing_are_taken(engine, compiler, schema, goo
     assert accepts(good) and not accepts(bad)
 
 
+def test_pattern_properties_are_bounded_in_one_object_and_in_all():
+    """llguidance's work on an object's patternProperties grows faster than the square of their
+    number (300: tens of seconds, 500: minutes, holding a grammar slot): past
+    MAX_PATTERN_PROPERTIES in one object, or MAX_PATTERN_PROPERTIES_IN_ALL in the schema, it is a
+    GrammarError saying where, before llguidance sees the schema."""
+    def obj(n, tag=""):
+        return {"type": "object", "patternProperties": {f"^{tag}k{i}_[a-z]*$": {"type": "integer"} for i in range(n)},
+                "additionalProperties": False}
+
+    most, in_all = constraints.MAX_PATTERN_PROPERTIES, constraints.MAX_PATTERN_PROPERTIES_IN_ALL
+    constraints.check_spec({"type": "json_schema", "schema": obj(most)})
+    with pytest.raises(GrammarError, match=f"^at #/properties/m: patternProperties has {most + 1} patterns: at most "):
+        constraints.check_spec({"type": "json_schema", "schema": {"type": "object", "properties": {"m": obj(most + 1)}}})
+    parts = in_all // most + 1                   # each object within its bound, all of them past theirs
+    spread = {"type": "object", "properties": {f"o{j}": obj(most, f"o{j}") for j in range(parts)}}
+    with pytest.raises(GrammarError, match=f"^the schema has more than {in_all:,} patternProperties patterns in all"):
+        constraints.check_spec({"type": "json_schema", "schema": spread})
+    tool = {"type": "tool_call", "tools": [{"type": "function", "function": {"name": "f", "parameters": obj(most + 1)}}]}
+    with pytest.raises(GrammarError, match="^tool 'f': patternProperties has"):
+        constraints.check_spec(tool)
+
+
 def test_a_choice_of_thousands_of_strings_allows_exactly_one_of_them(engine, compiler):
     """guided_choice's strings are one lexer rule: 2,500 of them (more branches than llguidance's
     parser takes in one grammar rule, which refused them at the answer's first token) compile and
