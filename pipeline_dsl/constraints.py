@@ -67,6 +67,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
+from urllib.parse import unquote
 try:
     import llguidance as llg
 except ImportError:  # without it the engine still runs; compile() raises GrammarError
@@ -86,6 +87,11 @@ MAX_LOCATE_CHARS = 1 << 18
 # which llguidance caps at 2,000 items, and is checked and compiled on its own (1,024: ~1 s); each
 # looks its trigger up among the triggers
 MAX_STRUCTURES = 1024
+# how deep a schema may nest, a $ref counting as the schema it refers to (schema_depth), and a grammar
+# its rules: llguidance compiles them depth first in the native stack of the asking thread, which
+# (8 MiB, Linux's default) overflowed, killing the process, at ~1,700 levels (a chain of objects
+# each a $ref to the next) to ~2,500 (a chain of bare $refs, of Lark rules)
+MAX_SCHEMA_DEPTH = 1000
 # patternProperties of one object, and of a whole schema: llguidance sets each key's pattern against
 # the others', work that grows faster than their square (one object of 128: ~0.3 s; 300: ~40 s)
 MAX_PATTERN_PROPERTIES = 128
@@ -307,6 +313,112 @@ def _check_pattern_properties(schema, prefix: str) -> None:
         todo += [(f"{path}/{step}", sub) for step, sub in _children(node)]
 
 
+def schema_depth(schema) -> int:
+    """An upper bound on how deep the grammar engine recurses to compile `schema`: subschemas
+    nested in subschemas, a `$ref` continuing into the schema it refers to. llguidance compiles a
+    schema a `$ref` refers to once, depth first, in the native stack of the thread that asks: a
+    chain of 2,500 `$ref`s (90 KB of flat JSON) overflowed it and killed the process. Each
+    schema a local `$ref` refers to ("#", "#/$defs/a", "#anchor", a subschema's "$id") is a unit
+    of its own; the bound is the longest chain of units, where a unit reached again (recursion)
+    counts every unit of its cycle once, each as deep as it nests."""
+    if not isinstance(schema, dict):
+        return 0
+    anchors, ids = {}, {}
+    todo = [schema]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("$anchor"), str):
+                anchors.setdefault(node["$anchor"], node)
+            if isinstance(node.get("$id"), str):
+                ids.setdefault(node["$id"], node)
+            todo += [v for v in node.values() if isinstance(v, (dict, list))]
+        elif isinstance(node, list):
+            todo += [v for v in node if isinstance(v, (dict, list))]
+
+    def target(ref: str):
+        if ref in ids:
+            return ids[ref]
+        if not ref.startswith("#"):
+            return None
+        if ref in ("#", "#/"):
+            return schema
+        if not ref.startswith("#/"):
+            return anchors.get(unquote(ref[1:]))
+        node = schema
+        for part in ref[2:].split("/"):
+            part = unquote(part).replace("~1", "/").replace("~0", "~")
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                return None
+        return node if isinstance(node, dict) else None
+
+    units, order, edges, height = {id(schema): schema}, [id(schema)], {}, {}
+    i = 0
+    while i < len(order):                   # each unit: how deep it nests, and the units it refers to
+        key = order[i]
+        i += 1
+        out, deepest, stack = [], 1, [(units[key], 1)]
+        while stack:
+            node, depth = stack.pop()
+            deepest = max(deepest, depth)
+            ref = node.get("$ref")
+            to = target(ref) if isinstance(ref, str) else None
+            if to is not None:
+                out.append((depth, id(to)))
+                if id(to) not in units:
+                    units[id(to)] = to
+                    order.append(id(to))
+            stack += [(sub, depth + 1) for step, sub in _children(node)
+                      if isinstance(sub, dict) and not step.startswith(("$defs/", "definitions/"))]
+        edges[key], height[key] = out, deepest
+    # strongly connected units (Tarjan's, without recursion), each found after those it refers to
+    index, low, on, scc_of, sccs, path = {}, {}, set(), {}, [], []
+    for start in order:
+        if start in index:
+            continue
+        work = [(start, 0)]
+        while work:
+            key, j = work.pop()
+            if j == 0:
+                index[key] = low[key] = len(index)
+                path.append(key)
+                on.add(key)
+            if j < len(edges[key]):
+                work.append((key, j + 1))
+                nxt = edges[key][j][1]
+                if nxt not in index:
+                    work.append((nxt, 0))
+                elif nxt in on:
+                    low[key] = min(low[key], index[nxt])
+                continue
+            if low[key] == index[key]:
+                members = []
+                while True:
+                    k = path.pop()
+                    on.discard(k)
+                    scc_of[k] = len(sccs)
+                    members.append(k)
+                    if k == key:
+                        break
+                sccs.append(members)
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[key])
+    bound = [0] * len(sccs)
+    for n, members in enumerate(sccs):       # those it refers to come first
+        cycle = len(members) > 1 or any(scc_of[t] == n for _, t in edges[members[0]])
+        onward = [(d, bound[scc_of[t]]) for k in members for d, t in edges[k] if scc_of[t] != n]
+        if cycle:                            # all of its units, one after another
+            bound[n] = sum(height[k] for k in members) + max((b for _, b in onward), default=0)
+        else:
+            bound[n] = max([height[members[0]]] + [d + b for d, b in onward])
+    return bound[scc_of[id(schema)]]
+
+
 def _ref_loop(schema) -> bool:
     """Whether the schema is nothing but a $ref chain that comes back to where it started (it then
     allows no value at all)."""
@@ -395,6 +507,10 @@ class GrammarBuilder:
         for pattern in _regexes(schema):
             _check_regex(pattern, f"{prefix}the pattern")
         _check_pattern_properties(schema, prefix)
+        depth = schema_depth(schema)
+        if depth > MAX_SCHEMA_DEPTH:
+            raise GrammarError(f"{prefix}the schema nests {depth:,} levels deep, each $ref counted as the schema it "
+                               f"refers to: at most {MAX_SCHEMA_DEPTH:,}")
         if _ref_loop(schema):
             raise GrammarError(f"{prefix}its $ref refers only to itself, so no value can follow it")
         given, schema = schema, self._prepare(schema)
@@ -701,7 +817,21 @@ def _cfg_grammar(spec) -> str:
         lark = any_to_lark(text)
     except Exception as e:  # noqa: BLE001 - the converter raises bare errors for text it cannot read
         raise GrammarError(short(f"the grammar does not parse as Lark or GBNF: {e}")) from None
+    rules, depth = len(_RULE.findall(lark)), 0
+    decoder = json.JSONDecoder()
+    for m in re.finditer(r"%json\s*", lark):        # a %json schema nests inside the rule it is in
+        try:
+            depth = max(depth, schema_depth(decoder.raw_decode(lark, m.end())[0]))
+        except ValueError:
+            pass                                      # not JSON: llguidance says so
+    if rules + depth > MAX_SCHEMA_DEPTH:
+        raise GrammarError(f"the grammar has {rules:,} rule{'s' if rules != 1 else ''}" + (f" and a %json schema {depth:,} levels deep"
+                           if depth else "") + f": at most {MAX_SCHEMA_DEPTH:,} in all")
     return llg.LLMatcher.grammar_from_lark(lark)
+
+
+# a rule's (or terminal's) definition in Lark: `name:`, `?name:`, `name[lazy]:`, `NAME.2:` at a line's start
+_RULE = re.compile(r"^[ \t]*[?!]?[A-Za-z_][A-Za-z0-9_]*(\[[^\]\n]*\])?(\.-?\d+)?[ \t]*:(?!:)", re.M)
 
 
 def spec_digest(spec) -> bytes:

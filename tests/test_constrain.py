@@ -517,6 +517,60 @@ def test_keywords_that_constrain_nothing_are_taken(engine, compiler, schema, goo
     assert accepts(good) and not accepts(bad)
 
 
+def ref_chain(n: int, nest: int = 0) -> dict:
+    """n $defs, each (inside `nest` objects) a $ref to the next: flat JSON, however long."""
+    def unit(i):
+        s = {"$ref": f"#/$defs/d{i + 1}"}
+        for _ in range(nest):
+            s = {"type": "object", "properties": {"a": s}, "required": ["a"]}
+        return s
+
+    return {"$defs": {**{f"d{i}": unit(i) for i in range(n)}, f"d{n}": {"type": "integer"}}, "$ref": "#/$defs/d0"}
+
+
+def test_a_schema_or_grammar_deeper_than_the_grammar_engine_recurses_is_refused(engine, compiler):
+    """llguidance compiles the schema a $ref refers to, and a grammar's rules, depth first in the
+    native stack of the thread that asks: a chain of 2,500 $refs (90 KB of flat JSON, a guided_json
+    agp serve took) overflowed it and killed the server. Past MAX_SCHEMA_DEPTH levels, each $ref
+    counted as the schema it refers to and a cycle's schemas each once, it is a GrammarError
+    saying how deep, before llguidance sees it; recursive schemas within it are compiled."""
+    most = constraints.MAX_SCHEMA_DEPTH
+    deep = most + 10
+    for schema in (ref_chain(deep), ref_chain(deep // 3, nest=2)):
+        with pytest.raises(GrammarError, match=r"^the schema nests [\d,]+ levels deep, each \$ref counted as the schema "
+                                               f"it refers to: at most {most:,}"):
+            constraints.check_spec({"type": "json_schema", "schema": schema})
+    # a cycle of units, each referring to the next two: a walk may pass through all of them
+    n = most // 2 + 10
+    cycle = {"$defs": {f"d{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/d{(i + 1) % n}"},
+                                                                    "y": {"$ref": f"#/$defs/d{(i + 2) % n}"}}}
+                       for i in range(n)}, "$ref": "#/$defs/d0"}
+    with pytest.raises(GrammarError, match="^the schema nests"):
+        constraints.check_spec({"type": "json_schema", "schema": cycle})
+    tool = {"type": "tool_call", "tools": [{"type": "function", "function": {"name": "f", "parameters": ref_chain(deep)}}]}
+    with pytest.raises(GrammarError, match="^tool 'f': the schema nests"):
+        constraints.check_spec(tool)
+    tag = {**STRUCTURAL_TAG, "structures": [{**STRUCTURAL_TAG["structures"][0], "schema": ref_chain(deep)}]}
+    with pytest.raises(GrammarError, match=r"^structures\[0\]: the schema nests"):
+        constraints.check_spec(tag)
+    rules = "start: r0\n" + "\n".join(f'r{i}: "x" r{i + 1} | "y"' for i in range(deep)) + f'\nr{deep}: "z"'
+    gbnf = "root ::= r0\n" + "\n".join(f'r{i} ::= "x" r{i + 1} | "y"' for i in range(deep)) + f'\nr{deep} ::= "z"'
+    for grammar in (rules, gbnf):
+        with pytest.raises(GrammarError, match=f"^the grammar has {deep + 2:,} rules: at most {most:,} in all"):
+            constraints.check_spec({"type": "grammar", "grammar": grammar})
+    with pytest.raises(GrammarError, match=f"^the grammar has 1 rule and a %json schema {deep + 2:,} levels deep"):
+        constraints.check_spec({"type": "grammar", "grammar": "start: %json " + json.dumps(ref_chain(deep))})
+    # within the bound: compiled, and enforced
+    small = {"$defs": {f"d{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/d{(i + 1) % 50}"},
+                                                                    "y": {"$ref": f"#/$defs/d{(i + 2) % 50}"}}}
+                       for i in range(50)}, "$ref": "#/$defs/d0"}
+    for schema, good, bad in ((ref_chain(most - 10), 7, "7"), (small, {"x": {"y": {}}}, {"x": {"z": 1}})):
+        m = compiler.compile({"type": "json_schema", "schema": schema}).matcher()
+        assert all(m.accept(t) for t in ids_of(engine, json.dumps(good))) and m.can_end()
+        m = compiler.compile({"type": "json_schema", "schema": schema}).matcher()
+        assert not (all(m.accept(t) for t in ids_of(engine, json.dumps(bad))) and m.can_end())
+
+
 def test_pattern_properties_are_bounded_in_one_object_and_in_all():
     """llguidance's work on an object's patternProperties grows faster than the square of their
     number (300: tens of seconds, 500: minutes, holding a grammar slot): past
