@@ -67,7 +67,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from urllib.parse import unquote
+from urllib.parse import unquote, urldefrag, urljoin
 try:
     import llguidance as llg
 except ImportError:  # without it the engine still runs; compile() raises GrammarError
@@ -313,6 +313,9 @@ def _check_pattern_properties(schema, prefix: str) -> None:
         todo += [(f"{path}/{step}", sub) for step, sub in _children(node)]
 
 
+_BASE = "https://schema.invalid/root.json"     # the base URI of a schema without an $id
+
+
 def schema_depth(schema) -> int:
     """An upper bound on how deep the grammar engine recurses to compile `schema`: subschemas
     nested in subschemas, a `$ref` continuing into the schema it refers to. llguidance compiles a
@@ -323,38 +326,47 @@ def schema_depth(schema) -> int:
     counts every unit of its cycle once, each as deep as it nests."""
     if not isinstance(schema, dict):
         return 0
-    anchors, ids = {}, {}
-    todo = [schema]
+    # every subschema's base URI ($id, resolved against the one around it), the resources ($id) and
+    # anchors by URI: a $ref is resolved against its base, as JSON Schema says and llguidance does
+    try:
+        root = urljoin(_BASE, schema["$id"]) if isinstance(schema.get("$id"), str) else _BASE
+    except ValueError:
+        root = _BASE
+    base_of, resources, anchors = {}, {urldefrag(root)[0]: schema}, {}
+    todo = [(schema, root)]
     while todo:
-        node = todo.pop()
+        node, base = todo.pop()
         if isinstance(node, dict):
+            if isinstance(node.get("$id"), str) and node is not schema:
+                try:
+                    base = urljoin(base, node["$id"])
+                except ValueError:                  # no URI (an unclosed "[" of an IPv6 host)
+                    pass
+                resources.setdefault(urldefrag(base)[0], node)
+            base_of[id(node)] = base
             if isinstance(node.get("$anchor"), str):
-                anchors.setdefault(node["$anchor"], node)
-            if isinstance(node.get("$id"), str):
-                ids.setdefault(node["$id"], node)
-            todo += [v for v in node.values() if isinstance(v, (dict, list))]
+                anchors.setdefault((urldefrag(base)[0], node["$anchor"]), node)
+            todo += [(v, base) for v in node.values() if isinstance(v, (dict, list))]
         elif isinstance(node, list):
-            todo += [v for v in node if isinstance(v, (dict, list))]
+            todo += [(v, base) for v in node if isinstance(v, (dict, list))]
 
-    def target(ref: str):
-        if ref in ids:
-            return ids[ref]
-        if not ref.startswith("#"):
+    def target(node: dict, ref: str):
+        try:
+            uri, fragment = urldefrag(urljoin(base_of.get(id(node), root), ref))
+        except ValueError:
             return None
-        if ref in ("#", "#/"):
-            return schema
-        if not ref.startswith("#/"):
-            return anchors.get(unquote(ref[1:]))
-        node = schema
-        for part in ref[2:].split("/"):
+        at = resources.get(uri)
+        if at is None or not fragment.startswith("/"):
+            return at if at is None or not fragment else anchors.get((uri, unquote(fragment)))
+        for part in fragment[1:].split("/"):
             part = unquote(part).replace("~1", "/").replace("~0", "~")
-            if isinstance(node, dict) and part in node:
-                node = node[part]
-            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
+            if isinstance(at, dict) and part in at:
+                at = at[part]
+            elif isinstance(at, list) and part.isdigit() and int(part) < len(at):
+                at = at[int(part)]
             else:
                 return None
-        return node if isinstance(node, dict) else None
+        return at if isinstance(at, dict) else None
 
     units, order, edges, height = {id(schema): schema}, [id(schema)], {}, {}
     i = 0
@@ -366,7 +378,7 @@ def schema_depth(schema) -> int:
             node, depth = stack.pop()
             deepest = max(deepest, depth)
             ref = node.get("$ref")
-            to = target(ref) if isinstance(ref, str) else None
+            to = target(node, ref) if isinstance(ref, str) else None
             if to is not None:
                 out.append((depth, id(to)))
                 if id(to) not in units:

@@ -547,6 +547,16 @@ def test_a_schema_or_grammar_deeper_than_the_grammar_engine_recurses_is_refused(
                        for i in range(n)}, "$ref": "#/$defs/d0"}
     with pytest.raises(GrammarError, match="^the schema nests"):
         constraints.check_spec({"type": "json_schema", "schema": cycle})
+    # $refs by a subschema's $id (relative to the one around it), and by a URI with a pointer
+    by_id = {"$id": "https://example.com/s/root", "$ref": "d0", "$defs": {
+        **{f"d{i}": {"$id": f"d{i}", "$ref": f"https://example.com/s/d{i + 1}"} for i in range(deep)},
+        f"d{deep}": {"$id": f"d{deep}", "type": "integer"}}}
+    by_uri = {"$id": "https://example.com/s/root", "$ref": "#/$defs/d0", "$defs": {
+        **{f"d{i}": {"$ref": f"https://example.com/s/root#/$defs/d{i + 1}"} for i in range(deep)},
+        f"d{deep}": {"type": "integer"}}}
+    for schema in (by_id, by_uri):
+        with pytest.raises(GrammarError, match=f"^the schema nests {deep + 2:,} levels deep"):
+            constraints.check_spec({"type": "json_schema", "schema": schema})
     tool = {"type": "tool_call", "tools": [{"type": "function", "function": {"name": "f", "parameters": ref_chain(deep)}}]}
     with pytest.raises(GrammarError, match="^tool 'f': the schema nests"):
         constraints.check_spec(tool)
