@@ -350,9 +350,17 @@ def schema_depth(schema) -> int:
         elif isinstance(node, list):
             todo += [(v, base) for v in node if isinstance(v, (dict, list))]
 
+    resource_of = {}                      # base URI -> the resource's URI (what "#..." refers within)
+
     def target(node: dict, ref: str):
+        base = base_of.get(id(node), root)
         try:
-            uri, fragment = urldefrag(urljoin(base_of.get(id(node), root), ref))
+            if ref.startswith("#"):
+                if base not in resource_of:
+                    resource_of[base] = urldefrag(base)[0]
+                uri, fragment = resource_of[base], ref[1:]
+            else:
+                uri, fragment = urldefrag(urljoin(base, ref))
         except ValueError:
             return None
         at = resources.get(uri)
