@@ -67,6 +67,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
+from urllib.parse import unquote, urldefrag, urljoin
 try:
     import llguidance as llg
 except ImportError:  # without it the engine still runs; compile() raises GrammarError
@@ -86,6 +87,18 @@ MAX_LOCATE_CHARS = 1 << 18
 # which llguidance caps at 2,000 items, and is checked and compiled on its own (1,024: ~1 s); each
 # looks its trigger up among the triggers
 MAX_STRUCTURES = 1024
+# how deep a schema may nest, a $ref counting as the schema it refers to (schema_depth), and a grammar
+# its rules: llguidance compiles them depth first in the native stack of the asking thread, which
+# (8 MiB, Linux's default) overflowed, killing the process, at ~1,700 levels (a chain of objects
+# each a $ref to the next) to ~2,500 (a chain of bare $refs, of Lark rules)
+MAX_SCHEMA_DEPTH = 1000
+# patternProperties of one object, and of a whole schema: llguidance sets each key's pattern against
+# the others', work that grows faster than their square (one object of 128: ~0.3 s; 300: ~40 s)
+MAX_PATTERN_PROPERTIES = 128
+MAX_PATTERN_PROPERTIES_IN_ALL = 512
+# strings of one choice spec (guided_choice): one lexer rule of them all; 10,000 of 400 characters each
+# (4 MB) check and compile in about 2 s
+MAX_CHOICES = 10_000
 # grammar work running at once in the process: a request's check (requests_io.spec_problem) and the
 # engine's compile of a new spec (engine/constrain.py) each take one of these slots (a large schema
 # takes seconds of CPU; on 2 cores, 2 leave the engine's step and agp serve's threads free)
@@ -278,6 +291,154 @@ def _check_regex(pattern: str, where: str) -> None:
                            f"characters (at most {MAX_REGEX_SIZE:,})")
 
 
+def _check_pattern_properties(schema, prefix: str) -> None:
+    """GrammarError for an object of more than MAX_PATTERN_PROPERTIES patternProperties (saying
+    where), or a schema of more than MAX_PATTERN_PROPERTIES_IN_ALL: refused before llguidance
+    spends minutes on them."""
+    total, todo = 0, [("#", schema)]
+    while todo:
+        path, node = todo.pop()
+        if not isinstance(node, dict):
+            continue
+        patterns = node.get("patternProperties")
+        if isinstance(patterns, dict):
+            if len(patterns) > MAX_PATTERN_PROPERTIES:
+                where = f"at {path}: " if path != "#" else ""
+                raise GrammarError(f"{prefix}{where}patternProperties has {len(patterns):,} patterns: at most "
+                                   f"{MAX_PATTERN_PROPERTIES:,} in one object")
+            total += len(patterns)
+            if total > MAX_PATTERN_PROPERTIES_IN_ALL:
+                raise GrammarError(f"{prefix}the schema has more than {MAX_PATTERN_PROPERTIES_IN_ALL:,} "
+                                   "patternProperties patterns in all")
+        todo += [(f"{path}/{step}", sub) for step, sub in _children(node)]
+
+
+_BASE = "https://schema.invalid/root.json"     # the base URI of a schema without an $id
+
+
+def schema_depth(schema) -> int:
+    """An upper bound on how deep the grammar engine recurses to compile `schema`: subschemas
+    nested in subschemas, a `$ref` continuing into the schema it refers to. llguidance compiles a
+    schema a `$ref` refers to once, depth first, in the native stack of the thread that asks: a
+    chain of 2,500 `$ref`s (90 KB of flat JSON) overflowed it and killed the process. Each
+    schema a local `$ref` refers to ("#", "#/$defs/a", "#anchor", a subschema's "$id") is a unit
+    of its own; the bound is the longest chain of units, where a unit reached again (recursion)
+    counts every unit of its cycle once, each as deep as it nests."""
+    if not isinstance(schema, dict):
+        return 0
+    # every subschema's base URI ($id, resolved against the one around it), the resources ($id) and
+    # anchors by URI: a $ref is resolved against its base, as JSON Schema says and llguidance does
+    try:
+        root = urljoin(_BASE, schema["$id"]) if isinstance(schema.get("$id"), str) else _BASE
+    except ValueError:
+        root = _BASE
+    base_of, resources, anchors = {}, {urldefrag(root)[0]: schema}, {}
+    todo = [(schema, root)]
+    while todo:
+        node, base = todo.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("$id"), str) and node is not schema:
+                try:
+                    base = urljoin(base, node["$id"])
+                except ValueError:                  # no URI (an unclosed "[" of an IPv6 host)
+                    pass
+                resources.setdefault(urldefrag(base)[0], node)
+            base_of[id(node)] = base
+            if isinstance(node.get("$anchor"), str):
+                anchors.setdefault((urldefrag(base)[0], node["$anchor"]), node)
+            todo += [(v, base) for v in node.values() if isinstance(v, (dict, list))]
+        elif isinstance(node, list):
+            todo += [(v, base) for v in node if isinstance(v, (dict, list))]
+
+    resource_of = {}                      # base URI -> the resource's URI (what "#..." refers within)
+
+    def target(node: dict, ref: str):
+        base = base_of.get(id(node), root)
+        try:
+            if ref.startswith("#"):
+                if base not in resource_of:
+                    resource_of[base] = urldefrag(base)[0]
+                uri, fragment = resource_of[base], ref[1:]
+            else:
+                uri, fragment = urldefrag(urljoin(base, ref))
+        except ValueError:
+            return None
+        at = resources.get(uri)
+        if at is None or not fragment.startswith("/"):
+            return at if at is None or not fragment else anchors.get((uri, unquote(fragment)))
+        for part in fragment[1:].split("/"):
+            part = unquote(part).replace("~1", "/").replace("~0", "~")
+            if isinstance(at, dict) and part in at:
+                at = at[part]
+            elif isinstance(at, list) and part.isdigit() and int(part) < len(at):
+                at = at[int(part)]
+            else:
+                return None
+        return at if isinstance(at, dict) else None
+
+    units, order, edges, height = {id(schema): schema}, [id(schema)], {}, {}
+    i = 0
+    while i < len(order):                   # each unit: how deep it nests, and the units it refers to
+        key = order[i]
+        i += 1
+        out, deepest, stack = [], 1, [(units[key], 1)]
+        while stack:
+            node, depth = stack.pop()
+            deepest = max(deepest, depth)
+            ref = node.get("$ref")
+            to = target(node, ref) if isinstance(ref, str) else None
+            if to is not None:
+                out.append((depth, id(to)))
+                if id(to) not in units:
+                    units[id(to)] = to
+                    order.append(id(to))
+            stack += [(sub, depth + 1) for step, sub in _children(node)
+                      if isinstance(sub, dict) and not step.startswith(("$defs/", "definitions/"))]
+        edges[key], height[key] = out, deepest
+    # strongly connected units (Tarjan's, without recursion), each found after those it refers to
+    index, low, on, scc_of, sccs, path = {}, {}, set(), {}, [], []
+    for start in order:
+        if start in index:
+            continue
+        work = [(start, 0)]
+        while work:
+            key, j = work.pop()
+            if j == 0:
+                index[key] = low[key] = len(index)
+                path.append(key)
+                on.add(key)
+            if j < len(edges[key]):
+                work.append((key, j + 1))
+                nxt = edges[key][j][1]
+                if nxt not in index:
+                    work.append((nxt, 0))
+                elif nxt in on:
+                    low[key] = min(low[key], index[nxt])
+                continue
+            if low[key] == index[key]:
+                members = []
+                while True:
+                    k = path.pop()
+                    on.discard(k)
+                    scc_of[k] = len(sccs)
+                    members.append(k)
+                    if k == key:
+                        break
+                sccs.append(members)
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[key])
+    bound = [0] * len(sccs)
+    for n, members in enumerate(sccs):       # those it refers to come first
+        cycle = len(members) > 1 or any(scc_of[t] == n for _, t in edges[members[0]])
+        onward = [(d, bound[scc_of[t]]) for k in members for d, t in edges[k] if scc_of[t] != n]
+        if cycle:                            # all of its units, one after another
+            bound[n] = sum(height[k] for k in members) + max((b for _, b in onward), default=0)
+        else:
+            bound[n] = max([height[members[0]]] + [d + b for d, b in onward])
+    return bound[scc_of[id(schema)]]
+
+
 def _ref_loop(schema) -> bool:
     """Whether the schema is nothing but a $ref chain that comes back to where it started (it then
     allows no value at all)."""
@@ -365,6 +526,11 @@ class GrammarBuilder:
         schema that fails by itself (`at #/properties/a: ...`), after `prefix` ("tool 'f': ")."""
         for pattern in _regexes(schema):
             _check_regex(pattern, f"{prefix}the pattern")
+        _check_pattern_properties(schema, prefix)
+        depth = schema_depth(schema)
+        if depth > MAX_SCHEMA_DEPTH:
+            raise GrammarError(f"{prefix}the schema nests {depth:,} levels deep, each $ref counted as the schema it "
+                               f"refers to: at most {MAX_SCHEMA_DEPTH:,}")
         if _ref_loop(schema):
             raise GrammarError(f"{prefix}its $ref refers only to itself, so no value can follow it")
         given, schema = schema, self._prepare(schema)
@@ -647,11 +813,16 @@ def _reworded(problem: str) -> str:
 
 
 def _choice_grammar(spec) -> str:
-    """{"type": "choice", "choices": ["yes", "no"]}: the answer is exactly one of the strings."""
+    """{"type": "choice", "choices": ["yes", "no"]}: the answer is exactly one of the strings, at
+    most MAX_CHOICES of them. They are one lexer rule, which the lexer matches together (work
+    linear in their text), not one grammar rule of a branch each: llguidance's parser takes no
+    more than 2,000 branches in a row, and checking such a rule grows with the square of them."""
     choices = spec.get("choices")
     if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
         raise GrammarError("choice needs a non-empty list of non-empty strings")
-    return llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
+    if len(choices) > MAX_CHOICES:
+        raise GrammarError(f"choice has {len(choices):,} strings: at most {MAX_CHOICES:,}")
+    return llg.LLMatcher.grammar_from_lark("start: CHOICE\nCHOICE: " + " | ".join(json.dumps(c) for c in choices))
 
 
 def _cfg_grammar(spec) -> str:
@@ -666,7 +837,21 @@ def _cfg_grammar(spec) -> str:
         lark = any_to_lark(text)
     except Exception as e:  # noqa: BLE001 - the converter raises bare errors for text it cannot read
         raise GrammarError(short(f"the grammar does not parse as Lark or GBNF: {e}")) from None
+    rules, depth = len(_RULE.findall(lark)), 0
+    decoder = json.JSONDecoder()
+    for m in re.finditer(r"%json\s*", lark):        # a %json schema nests inside the rule it is in
+        try:
+            depth = max(depth, schema_depth(decoder.raw_decode(lark, m.end())[0]))
+        except ValueError:
+            pass                                      # not JSON: llguidance says so
+    if rules + depth > MAX_SCHEMA_DEPTH:
+        raise GrammarError(f"the grammar has {rules:,} rule{'s' if rules != 1 else ''}" + (f" and a %json schema {depth:,} levels deep"
+                           if depth else "") + f": at most {MAX_SCHEMA_DEPTH:,} in all")
     return llg.LLMatcher.grammar_from_lark(lark)
+
+
+# a rule's (or terminal's) definition in Lark: `name:`, `?name:`, `name[lazy]:`, `NAME.2:` at a line's start
+_RULE = re.compile(r"^[ \t]*[?!]?[A-Za-z_][A-Za-z0-9_]*(\[[^\]\n]*\])?(\.-?\d+)?[ \t]*:(?!:)", re.M)
 
 
 def spec_digest(spec) -> bytes:

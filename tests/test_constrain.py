@@ -517,6 +517,112 @@ def test_keywords_that_constrain_nothing_are_taken(engine, compiler, schema, goo
     assert accepts(good) and not accepts(bad)
 
 
+def ref_chain(n: int, nest: int = 0) -> dict:
+    """n $defs, each (inside `nest` objects) a $ref to the next: flat JSON, however long."""
+    def unit(i):
+        s = {"$ref": f"#/$defs/d{i + 1}"}
+        for _ in range(nest):
+            s = {"type": "object", "properties": {"a": s}, "required": ["a"]}
+        return s
+
+    return {"$defs": {**{f"d{i}": unit(i) for i in range(n)}, f"d{n}": {"type": "integer"}}, "$ref": "#/$defs/d0"}
+
+
+def test_a_schema_or_grammar_deeper_than_the_grammar_engine_recurses_is_refused(engine, compiler):
+    """llguidance compiles the schema a $ref refers to, and a grammar's rules, depth first in the
+    native stack of the thread that asks: a chain of 2,500 $refs (90 KB of flat JSON, a guided_json
+    agp serve took) overflowed it and killed the server. Past MAX_SCHEMA_DEPTH levels, each $ref
+    counted as the schema it refers to and a cycle's schemas each once, it is a GrammarError
+    saying how deep, before llguidance sees it; recursive schemas within it are compiled."""
+    most = constraints.MAX_SCHEMA_DEPTH
+    deep = most + 10
+    for schema in (ref_chain(deep), ref_chain(deep // 3, nest=2)):
+        with pytest.raises(GrammarError, match=r"^the schema nests [\d,]+ levels deep, each \$ref counted as the schema "
+                                               f"it refers to: at most {most:,}"):
+            constraints.check_spec({"type": "json_schema", "schema": schema})
+    # a cycle of units, each referring to the next two: a walk may pass through all of them
+    n = most // 2 + 10
+    cycle = {"$defs": {f"d{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/d{(i + 1) % n}"},
+                                                                    "y": {"$ref": f"#/$defs/d{(i + 2) % n}"}}}
+                       for i in range(n)}, "$ref": "#/$defs/d0"}
+    with pytest.raises(GrammarError, match="^the schema nests"):
+        constraints.check_spec({"type": "json_schema", "schema": cycle})
+    # $refs by a subschema's $id (relative to the one around it), and by a URI with a pointer
+    by_id = {"$id": "https://example.com/s/root", "$ref": "d0", "$defs": {
+        **{f"d{i}": {"$id": f"d{i}", "$ref": f"https://example.com/s/d{i + 1}"} for i in range(deep)},
+        f"d{deep}": {"$id": f"d{deep}", "type": "integer"}}}
+    by_uri = {"$id": "https://example.com/s/root", "$ref": "#/$defs/d0", "$defs": {
+        **{f"d{i}": {"$ref": f"https://example.com/s/root#/$defs/d{i + 1}"} for i in range(deep)},
+        f"d{deep}": {"type": "integer"}}}
+    for schema in (by_id, by_uri):
+        with pytest.raises(GrammarError, match=f"^the schema nests {deep + 2:,} levels deep"):
+            constraints.check_spec({"type": "json_schema", "schema": schema})
+    tool = {"type": "tool_call", "tools": [{"type": "function", "function": {"name": "f", "parameters": ref_chain(deep)}}]}
+    with pytest.raises(GrammarError, match="^tool 'f': the schema nests"):
+        constraints.check_spec(tool)
+    tag = {**STRUCTURAL_TAG, "structures": [{**STRUCTURAL_TAG["structures"][0], "schema": ref_chain(deep)}]}
+    with pytest.raises(GrammarError, match=r"^structures\[0\]: the schema nests"):
+        constraints.check_spec(tag)
+    rules = "start: r0\n" + "\n".join(f'r{i}: "x" r{i + 1} | "y"' for i in range(deep)) + f'\nr{deep}: "z"'
+    gbnf = "root ::= r0\n" + "\n".join(f'r{i} ::= "x" r{i + 1} | "y"' for i in range(deep)) + f'\nr{deep} ::= "z"'
+    for grammar in (rules, gbnf):
+        with pytest.raises(GrammarError, match=f"^the grammar has {deep + 2:,} rules: at most {most:,} in all"):
+            constraints.check_spec({"type": "grammar", "grammar": grammar})
+    with pytest.raises(GrammarError, match=f"^the grammar has 1 rule and a %json schema {deep + 2:,} levels deep"):
+        constraints.check_spec({"type": "grammar", "grammar": "start: %json " + json.dumps(ref_chain(deep))})
+    # within the bound: compiled, and enforced
+    small = {"$defs": {f"d{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/d{(i + 1) % 50}"},
+                                                                    "y": {"$ref": f"#/$defs/d{(i + 2) % 50}"}}}
+                       for i in range(50)}, "$ref": "#/$defs/d0"}
+    for schema, good, bad in ((ref_chain(most - 10), 7, "7"), (small, {"x": {"y": {}}}, {"x": {"z": 1}})):
+        m = compiler.compile({"type": "json_schema", "schema": schema}).matcher()
+        assert all(m.accept(t) for t in ids_of(engine, json.dumps(good))) and m.can_end()
+        m = compiler.compile({"type": "json_schema", "schema": schema}).matcher()
+        assert not (all(m.accept(t) for t in ids_of(engine, json.dumps(bad))) and m.can_end())
+
+
+def test_pattern_properties_are_bounded_in_one_object_and_in_all():
+    """llguidance's work on an object's patternProperties grows faster than the square of their
+    number (300: tens of seconds, 500: minutes, holding a grammar slot): past
+    MAX_PATTERN_PROPERTIES in one object, or MAX_PATTERN_PROPERTIES_IN_ALL in the schema, it is a
+    GrammarError saying where, before llguidance sees the schema."""
+    def obj(n, tag=""):
+        return {"type": "object", "patternProperties": {f"^{tag}k{i}_[a-z]*$": {"type": "integer"} for i in range(n)},
+                "additionalProperties": False}
+
+    most, in_all = constraints.MAX_PATTERN_PROPERTIES, constraints.MAX_PATTERN_PROPERTIES_IN_ALL
+    constraints.check_spec({"type": "json_schema", "schema": obj(most)})
+    with pytest.raises(GrammarError, match=f"^at #/properties/m: patternProperties has {most + 1} patterns: at most "):
+        constraints.check_spec({"type": "json_schema", "schema": {"type": "object", "properties": {"m": obj(most + 1)}}})
+    parts = in_all // most + 1                   # each object within its bound, all of them past theirs
+    spread = {"type": "object", "properties": {f"o{j}": obj(most, f"o{j}") for j in range(parts)}}
+    with pytest.raises(GrammarError, match=f"^the schema has more than {in_all:,} patternProperties patterns in all"):
+        constraints.check_spec({"type": "json_schema", "schema": spread})
+    tool = {"type": "tool_call", "tools": [{"type": "function", "function": {"name": "f", "parameters": obj(most + 1)}}]}
+    with pytest.raises(GrammarError, match="^tool 'f': patternProperties has"):
+        constraints.check_spec(tool)
+
+
+def test_a_choice_of_thousands_of_strings_allows_exactly_one_of_them(engine, compiler):
+    """guided_choice's strings are one lexer rule: 2,500 of them (more branches than llguidance's
+    parser takes in one grammar rule, which refused them at the answer's first token) compile and
+    allow exactly one string; more than MAX_CHOICES are refused, saying how many."""
+    choices = [f"option {i}" for i in range(2500)] + ["🙂 ünï", "a\"b"]
+    g = compiler.compile({"type": "choice", "choices": choices})
+
+    def accepts(text):
+        m = g.matcher()
+        return all(m.accept(t) for t in ids_of(engine, text)) and m.can_end()
+
+    for text in ("option 0", "option 7", "option 2499", "🙂 ünï", 'a"b'):
+        assert accepts(text), text
+    for text in ("option", "option 2500", "option 7 ", "🙂", "a"):
+        assert not accepts(text), text
+    too_many = {"type": "choice", "choices": [f"c{i}" for i in range(constraints.MAX_CHOICES + 1)]}
+    with pytest.raises(GrammarError, match=f"^choice has {constraints.MAX_CHOICES + 1:,} strings: at most "):
+        constraints.check_spec(too_many)
+
+
 def test_schema_true_allows_any_value(engine, compiler):
     m = compiler.compile({"type": "json_schema", "schema": True}).matcher()
     assert all(m.accept(t) for t in ids_of(engine, '[1, "a"]')) and m.can_end()

@@ -436,6 +436,13 @@ DEEP = "[" * 5000 + "]" * 5000               # JSON text nested past the request
     ({"guided_json": DEEP}, "guided_json"),
     # each structure looks its trigger up among the triggers: their number is bounded
     ({"response_format": {**AT_TAG, "triggers": [f"#{i}" for i in range(1024)] + ["@"]}}, "response_format"),
+    # so is a choice's, whose check grew with the square of them (100,000: minutes)
+    ({"guided_choice": [f"c{i}" for i in range(10_001)]}, "guided_choice"),
+    # a $ref chain past what the grammar engine's native stack takes (2,500 of them killed the server)
+    ({"guided_json": {"$defs": {**{f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(1100)},
+                                "d1100": {"type": "integer"}}, "$ref": "#/$defs/d0"}}, "guided_json"),
+    ({"guided_grammar": "start: r0\n" + "\n".join(f'r{i}: "x" r{i + 1}' for i in range(1100)) + '\nr1100: "z"'},
+     "guided_grammar"),
 ])
 def test_a_guided_field_that_cannot_be_enforced_is_a_400_naming_it(client, extra, param):
     with pytest.raises(openai.BadRequestError) as e:
