@@ -20,7 +20,8 @@ from stages.registry import (BOOL, DURATION, ENUM, FLOAT, FROM_MODE, INT, LIST_S
                              Param, Registry, StageKind, default_registry)
 
 from . import ast, modes, units
-from .diagnostics import ERROR, WARNING, Diagnostic, SourcePos, Suggestions, did_you_mean, one_of
+from .diagnostics import ERROR, WARNING, Diagnostic, SourcePos, Suggestions, closest, did_you_mean, one_of
+from .parser import is_name
 
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")   # the devices the engine runs on
 
@@ -882,11 +883,21 @@ def _check_python_labels(edges: list[ResolvedEdge], stages: dict[str, ResolvedSt
                 continue
             gives = ("it returns " + ", ".join(f"'{w}'" for w in sorted(labels))) if labels else \
                 "it returns no label"
+            # a label that is no name (`needs-repair`) can follow no `when`: the fix is in the function
+            wrong = sorted(w for w in labels if not is_name(w))
+            if wrong:
+                gives += (f"; {', '.join(repr(w) for w in wrong)} {'is' if len(wrong) == 1 else 'are'} no name, "
+                          "which no `when` can match")
+            meant = closest(word, sorted(labels)) if labels else None
+            hint = (None if meant is None else f"did you mean '{meant}'?" if is_name(meant) else
+                    f"it returns '{meant}', but a label is a name (letters, digits and '_', no keyword): "
+                    f"have {src.params['fn']} return '{word}' instead")
+            written = sorted(w for w in labels if is_name(w))
             diags.append(_warn(f"stage '{e.src}': {src.params['fn']} never returns the label '{word}' ({gives}), "
                                "so this edge is never taken", lab.pos,
-                               expected="when " + " | ".join(sorted(labels)) if labels else
+                               expected="when " + " | ".join(written) if written else
                                "a comparison of a field, or a function that returns this label",
-                               hint=did_you_mean(word, sorted(labels)) if labels else None))
+                               hint=hint))
     return diags
 
 

@@ -246,6 +246,28 @@ def test_a_label_the_python_stage_never_returns_is_a_warning_at_the_label(tmp_pa
         assert got[0].hint == "did you mean 'question'?" and (got[0].pos.line, got[0].pos.col) == (12, 19)
 
 
+def test_a_label_that_is_no_name_is_fixed_in_the_function_not_in_the_edge(tmp_path):
+    """The function returns "needs-repair", which no `when` can match (a label is a name). The
+    warning at `when needs_repair` said "did you mean 'needs-repair'?" and offered `when fine |
+    needs-repair`, both a syntax error when written; it now says the returned label is no name and
+    that the function should return the one the edge writes."""
+    (tmp_path / "hooks.py").write_text('def lab(item):\n    return "needs-repair" if item.get("user") else "fine"\n')
+    path = tmp_path / "p.agp"
+    path.write_text(SEED.replace("stage out : respond {}", 'stage out : respond {}\n    stage cls : python '
+                                 '{ fn = "hooks:lab" }\n    stage r : route {}').replace(
+        "request -> batch", "request -> cls\n    cls -> r when needs_repair\n    cls -> batch otherwise\n"
+                            "    r -> batch"))
+    diags = pipeline_dsl.load(str(path))[1]
+    assert [d.message for d in diags if d.is_error] == []
+    [warn] = diags
+    assert warn.message.split(": ", 1)[1] == (
+        "hooks:lab never returns the label 'needs_repair' (it returns 'fine', 'needs-repair'; 'needs-repair' is "
+        "no name, which no `when` can match), so this edge is never taken")
+    assert warn.expected == "when fine"
+    assert warn.hint == ("it returns 'needs-repair', but a label is a name (letters, digits and '_', no keyword): "
+                         "have hooks:lab return 'needs_repair' instead")
+
+
 def test_check_reads_a_python_stages_module_once_and_again_once_it_changes(tmp_path, monkeypatch):
     """One check asks several things of a stage's function (that it exists, its shape, its
     signature, its labels): the module is parsed once for them all, and once more after an edit
