@@ -20,7 +20,8 @@ from stages.registry import (BOOL, DURATION, ENUM, FLOAT, FROM_MODE, INT, LIST_S
                              Param, Registry, StageKind, default_registry)
 
 from . import ast, modes, units
-from .diagnostics import ERROR, WARNING, Diagnostic, SourcePos, Suggestions, did_you_mean, one_of
+from .diagnostics import ERROR, WARNING, Diagnostic, SourcePos, Suggestions, closest, did_you_mean, one_of
+from .parser import is_name
 
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")   # the devices the engine runs on
 
@@ -631,6 +632,26 @@ def _check_signature(what: str, ref: str, n: int, call: str, pos: SourcePos, bas
                      hint=f"give {'the lambda' if lam else name} the parameters {call}")]
     return []
 
+def _check_python_returns(name: str, ref: str, pos: SourcePos, base) -> list[Diagnostic]:
+    """A `return` whose literal is no dict, label or None (`return item, "math"`, `return 42`)
+    fails its request whenever it is reached: an error at the `fn` value, naming the line."""
+    from .userfn import FunctionNotFound, function_info, wrong_returns
+
+    try:
+        bad = wrong_returns(function_info(ref, base))
+    except FunctionNotFound:
+        return []
+    if not bad:
+        return []
+    line, what = bad[0]
+    more = f" (and {len(bad) - 1} more return{'s' if len(bad) > 2 else ''} like it)" if len(bad) > 1 else ""
+    return [_err(f"stage '{name}': {ref} returns {what} at line {line}{more}; a python stage's function "
+                 "returns the item's dict, a label string or None", pos,
+                 expected="return item (changed or new), return \"LABEL\" for `when LABEL` edges, or return None",
+                 hint="return the item or a label, not both: a value a later stage needs goes into the item "
+                      "(its metadata, say) and the label is returned alone" if what == "a tuple" else None)]
+
+
 def _check_python_shape(name: str, params: dict, given: set, where, base) -> list[Diagnostic]:
     """A generator function only as a stream filter, a stream filter only as a generator, and
     none of what a stream cannot do (take chunks back to retry, cache, loop, turn into a request)."""
@@ -704,6 +725,7 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
             if not any(d.is_error for d in shape):          # a generator without stream: said already
                 diags += _check_signature(f"stage '{st.name.text}'", params["fn"], 2 if stream else 1,
                                           "(item, chunks)" if stream else "(item)", where("fn"), base)
+            diags += _check_python_returns(st.name.text, params["fn"], where("fn"), base)
     elif kind.name == "join":
         policy, fn = params.get("policy"), params.get("fn")
         if fn is not None and "policy" not in given:
@@ -882,11 +904,21 @@ def _check_python_labels(edges: list[ResolvedEdge], stages: dict[str, ResolvedSt
                 continue
             gives = ("it returns " + ", ".join(f"'{w}'" for w in sorted(labels))) if labels else \
                 "it returns no label"
+            # a label that is no name (`needs-repair`) can follow no `when`: the fix is in the function
+            wrong = sorted(w for w in labels if not is_name(w))
+            if wrong:
+                gives += (f"; {', '.join(repr(w) for w in wrong)} {'is' if len(wrong) == 1 else 'are'} no name, "
+                          "which no `when` can match")
+            meant = closest(word, sorted(labels)) if labels else None
+            hint = (None if meant is None else f"did you mean '{meant}'?" if is_name(meant) else
+                    f"it returns '{meant}', but a label is a name (letters, digits and '_', no keyword): "
+                    f"have {src.params['fn']} return '{word}' instead")
+            written = sorted(w for w in labels if is_name(w))
             diags.append(_warn(f"stage '{e.src}': {src.params['fn']} never returns the label '{word}' ({gives}), "
                                "so this edge is never taken", lab.pos,
-                               expected="when " + " | ".join(sorted(labels)) if labels else
+                               expected="when " + " | ".join(written) if written else
                                "a comparison of a field, or a function that returns this label",
-                               hint=did_you_mean(word, sorted(labels)) if labels else None))
+                               hint=hint))
     return diags
 
 

@@ -460,6 +460,37 @@ def returned_labels(node: pyast.AST | None) -> set[str] | None:
     return labels if _every_return(node, settle) else None
 
 
+# what a `return` of these literals gives: never the dict, label or None a python stage returns
+_NO_STAGE_RETURN = {pyast.Tuple: "a tuple", pyast.List: "a list", pyast.Set: "a set", pyast.ListComp: "a list",
+                    pyast.SetComp: "a set", pyast.GeneratorExp: "a generator", pyast.Lambda: "a function"}
+
+
+def wrong_returns(info: FunctionInfo | None) -> list[tuple[int, str]]:
+    """The `return`s of a python stage's function that give what a python stage may not return
+    (the item's dict, a label string or None), by their literal: (line, what it gives), as `return
+    item, "math"` (a tuple: the item and a label at once), `return 42`, `return [item]`. Only for
+    a plain def the module binds the name to alone and no decorator wraps (a wrapper may turn the
+    value into a dict); its own returns, not those of the functions inside it."""
+    node = info.node if info is not None and info.settled else None
+    if shape_of_def(node) is None or node.decorator_list:
+        return []
+    found: list[tuple[int, str]] = []
+
+    def what(value) -> str | None:
+        if isinstance(value, pyast.Constant) and not (value.value is None or isinstance(value.value, str)):
+            return f"{'a' if type(value.value).__name__[0] not in 'aeiou' else 'an'} {type(value.value).__name__}"
+        return _NO_STAGE_RETURN.get(type(value))
+
+    def ok(value) -> bool:
+        got = what(value)
+        if got is not None:
+            found.append((value.lineno, got))
+        return True
+
+    _every_return(node, ok)
+    return sorted(found)
+
+
 def always_labels(info: FunctionInfo | None) -> set[str] | None:
     """The labels a plain `def` (or `async def`) returns when its source shows it returns a label
     on every path: each `return` gives a string literal or a choice of them (`"b" if h < 50 else

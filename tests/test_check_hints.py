@@ -246,6 +246,83 @@ def test_a_label_the_python_stage_never_returns_is_a_warning_at_the_label(tmp_pa
         assert got[0].hint == "did you mean 'question'?" and (got[0].pos.line, got[0].pos.col) == (12, 19)
 
 
+def test_a_label_that_is_no_name_is_fixed_in_the_function_not_in_the_edge(tmp_path):
+    """The function returns "needs-repair", which no `when` can match (a label is a name). The
+    warning at `when needs_repair` said "did you mean 'needs-repair'?" and offered `when fine |
+    needs-repair`, both a syntax error when written; it now says the returned label is no name and
+    that the function should return the one the edge writes."""
+    (tmp_path / "hooks.py").write_text('def lab(item):\n    return "needs-repair" if item.get("user") else "fine"\n')
+    path = tmp_path / "p.agp"
+    path.write_text(SEED.replace("stage out : respond {}", 'stage out : respond {}\n    stage cls : python '
+                                 '{ fn = "hooks:lab" }\n    stage r : route {}').replace(
+        "request -> batch", "request -> cls\n    cls -> r when needs_repair\n    cls -> batch otherwise\n"
+                            "    r -> batch"))
+    diags = pipeline_dsl.load(str(path))[1]
+    assert [d.message for d in diags if d.is_error] == []
+    [warn] = diags
+    assert warn.message.split(": ", 1)[1] == (
+        "hooks:lab never returns the label 'needs_repair' (it returns 'fine', 'needs-repair'; 'needs-repair' is "
+        "no name, which no `when` can match), so this edge is never taken")
+    assert warn.expected == "when fine"
+    assert warn.hint == ("it returns 'needs-repair', but a label is a name (letters, digits and '_', no keyword): "
+                         "have hooks:lab return 'needs_repair' instead")
+
+
+RETURNS = '''
+import functools
+
+def both(item):
+    if item.get("user"):
+        return item, "vip"
+    return item
+
+def number(item):
+    return 42
+
+def fine(item):
+    def inner():
+        return 1, 2                 # the nested function's, not the stage's
+    label = (1, 2)
+    return "vip" if inner() else None
+
+def wrap(f):
+    @functools.wraps(f)
+    def call(item):
+        return dict(zip(("item", "label"), f(item)))
+    return call
+
+@wrap
+def wrapped(item):
+    return item, "vip"              # its decorator makes the dict the stage gets
+'''
+
+
+@pytest.mark.parametrize("fn, said", [
+    ("both", "hooks:both returns a tuple at line 6; a python stage's function returns the item's dict, "
+             "a label string or None"),
+    ("number", "hooks:number returns an int at line 10; a python stage's function returns the item's dict, "
+               "a label string or None"),
+    ("fine", None),
+    ("wrapped", None),
+])
+def test_a_return_no_python_stage_may_give_is_an_error_at_fn(tmp_path, fn, said):
+    """`return item, "vip"` (the item and a label at once) or `return 42`: the run failed the
+    request each time that return was reached (`returned tuple; expected the item's dict, a label
+    string or None`) after check accepted it. Check now reads the return's literal and says which
+    line; what the source does not settle (a variable, a decorator's wrapper) is left to the run."""
+    (tmp_path / "hooks.py").write_text(RETURNS)
+    path = tmp_path / "p.agp"
+    path.write_text(SEED.replace("stage out : respond {}", f'stage out : respond {{}}\n    stage p : python '
+                                 f'{{ fn = "hooks:{fn}" }}').replace("request -> batch", "request -> p -> batch"))
+    got = [d for d in pipeline_dsl.load(str(path))[1] if d.is_error]
+    if said is None:
+        assert got == []
+        return
+    [err] = got
+    assert err.message == f"stage 'p': {said}" and (err.pos.line, err.pos.col) == (9, 29)
+    assert (err.hint is not None) == (fn == "both")
+
+
 def test_check_reads_a_python_stages_module_once_and_again_once_it_changes(tmp_path, monkeypatch):
     """One check asks several things of a stage's function (that it exists, its shape, its
     signature, its labels): the module is parsed once for them all, and once more after an edit

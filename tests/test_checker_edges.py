@@ -1239,6 +1239,14 @@ def test_the_resolved_pipeline_has_its_name_position_setting_positions_and_place
     assert r.stages["batch"].params["max_batch_size"] == 64 and r.stages["gen"].params["compile"] is True
 
 
+def test_one_string_where_a_list_of_strings_goes_is_a_list_of_one():
+    """docs/language.md, Values: `stop = "."` is `stop = ["."]`, as a request's `stop` string is."""
+    r, diags = _checked(pipeline(gen='stop = "."  bad_words = "never"'))
+    assert [d for d in diags if d.is_error] == []
+    g = r.stages["gen"].params
+    assert g["stop"] == ["."] and g["bad_words"] == ["never"]
+
+
 def test_defaults_of_generate_without_settings_tuple_defaults_become_lists():
     r, diags = _checked(pipeline())
     g = r.stages["gen"].params

@@ -79,7 +79,8 @@ def pick_last(items):
     return items[-1]
 
 def bad_type(item):
-    return 42
+    answer = 42             # a value the source does not settle: check leaves it to the run
+    return answer
 '''
 
 

@@ -157,3 +157,41 @@ def test_prompt_logprobs_list_their_own_number_beside_more_logprobs(server):
     for entry in entries[1:]:
         assert len(entry) in (2, 3), entry
         assert sorted(e["rank"] for e in entry.values())[:2] == [1, 2]
+
+
+def test_a_batch_of_prompts_through_a_fan_out_gives_each_choice_its_own_index(tmp_path, tiny_gguf):
+    """A fan-out to two generate stages (n = 1 and n = 2) answers each prompt of a completions
+    batch with three choices, more than the largest n that numbered them: the first prompt's third
+    choice shared index 2 with the second prompt's first, and a stream interleaved their text on it.
+    Each index is now one choice's, whole and streamed alike, each streamed text on its own prompt."""
+    import argparse
+
+    from starlette.testclient import TestClient
+
+    from pipeline_dsl.serve.build import build
+    from pipeline_dsl.serve.options import add_arguments
+    from test_run_batch_api import FAN
+
+    path = tmp_path / "fan.agp"
+    path.write_text(FAN.format(model=tiny_gguf))
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    serving = build(p.parse_args([str(path), "--threads", "1"]))
+    body = {"prompt": ["once upon", "the end"], "temperature": 0, "echo": True}
+    try:
+        with TestClient(serving.app, base_url="http://localhost") as client:
+            whole = client.post("/v1/completions", json=body)
+            assert whole.status_code == 200, whole.text
+            with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                lines = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    finally:
+        serving.runtime.close()
+    choices = whole.json()["choices"]
+    assert [c["index"] for c in choices] == list(range(6))
+    streamed: dict[int, str] = {}
+    for line in lines[:-1]:
+        for c in json.loads(line)["choices"]:
+            streamed[c["index"]] = streamed.get(c["index"], "") + c["text"]
+    assert streamed == {c["index"]: c["text"] for c in choices}
+    prompt_of = {0: "once upon", 1: "once upon", 2: "the end", 3: "the end", 4: "once upon", 5: "the end"}
+    assert all(streamed[i].startswith(p) for i, p in prompt_of.items()), streamed

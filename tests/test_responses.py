@@ -632,3 +632,32 @@ def test_an_include_value_openai_does_not_take_is_a_400_naming_its_place(server)
     assert r.status_code == 200 and len(r.json()["output"][0]["content"][0]["logprobs"]) == 2
     r = post(json={**body, "include": ["reasoning.encrypted_content"]})
     assert r.status_code == 200 and "logprobs" not in r.json()["output"][0]["content"][0]
+
+
+def test_an_answer_a_guard_stopped_is_incomplete_for_content_filter_whole_and_streamed(tiny_gguf):
+    """A guard after the model that answers in the model's place with finish_reason
+    "content_filter" (docs/language.md's own example): the response said `completed`, where
+    OpenAI's says `incomplete` with `incomplete_details.reason: content_filter`; streamed, its last
+    event is `response.incomplete`. An answer the guard lets through is as before."""
+    from test_serve import TINY
+
+    text = (TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=8, timeout=20)
+            .replace("kv -> gen -> out", "kv -> gen -> guard -> out")
+            .replace("stage out", 'stage guard   : python        { fn = "flowkit:refuse_blocked" }\n    stage out'))
+    s = LiveServer(tiny_gguf, text=text)
+    try:
+        body = {"model": "tiny", "input": "this is blocked", "max_output_tokens": 4}
+        whole = s.http.post(s.url + "/v1/responses", json=body, timeout=60).json()
+        with s.http.stream("POST", s.url + "/v1/responses", json={**body, "stream": True}, timeout=60) as r:
+            data = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+        free = s.http.post(s.url + "/v1/responses", json={**body, "input": "hello", "ignore_eos": True},
+                           timeout=60).json()
+    finally:
+        s.close()
+    assert whole["status"] == "incomplete" and whole["incomplete_details"] == {"reason": "content_filter"}
+    assert whole["output"][0]["content"][0]["text"] == "I can't help with that."
+    last = data[-1]
+    assert last["type"] == "response.incomplete", last["type"]
+    assert last["response"]["status"] == "incomplete"
+    assert last["response"]["incomplete_details"] == {"reason": "content_filter"}
+    assert free["status"] == "incomplete" and free["incomplete_details"] == {"reason": "max_output_tokens"}

@@ -318,3 +318,42 @@ def test_a_plain_lines_tool_calls_come_back_parsed_as_agp_serve_and_a_batch_line
     [served] = records(answered)[0]["response"]["body"]["choices"]
     assert served["finish_reason"] == call["finish_reason"] and served["message"]["content"] == call["text"]
     assert [c["function"] for c in served["message"]["tool_calls"]] == [got["function"]]
+
+
+FAN = """pipeline fan {{
+    model  = "{model}"
+    device = cpu
+    dtype  = fp32
+    stage request : requests {{}}
+    stage batch   : dynamic_batch {{ max_batch_size = 4  timeout = 1ms }}
+    stage encode  : encode {{}}
+    stage kv      : kv_lookup {{ block_size = 8  budget = 1MiB }}
+    stage g1      : generate {{ max_new_tokens = 2 }}
+    stage g2      : generate {{ max_new_tokens = 3  n = 2 }}
+    stage out     : respond {{}}
+    request -> batch -> encode -> kv
+    kv -> g1 -> out
+    kv -> g2 -> out
+}}
+"""
+
+
+def test_a_batch_of_prompts_through_a_fan_out_numbers_every_choice_once(tmp_path, tiny_gguf):
+    """Two generate stages after one kv_lookup (n = 1 and n = 2) answer each prompt with three
+    choices, more than the largest n: a completions line of two prompts numbered them prompt * 2 +
+    i, so the first prompt's third choice and the second prompt's first both had index 2. Each
+    index is now one choice's, the first n of each prompt at prompt * n + i as before, the ones
+    past n after every prompt's, and the choices come in the order of their index."""
+    path, inp, out = tmp_path / "fan.agp", tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
+    path.write_text(FAN.format(model=tiny_gguf))
+    inp.write_text(batch_line("two", COMP, {"prompt": ["once upon", "the end"], "temperature": 0})
+                   + batch_line("a", COMP, {"prompt": "once upon", "temperature": 0})
+                   + batch_line("b", COMP, {"prompt": "the end", "temperature": 0}))
+    r = run(path, "-i", inp, "-o", out)
+    assert r.returncode == 0, r.stderr
+    two, a, b = (g["response"]["body"]["choices"] for g in records(out))
+    assert [c["index"] for c in a] == [c["index"] for c in b] == [0, 1, 2]
+    assert [c["index"] for c in two] == [0, 1, 2, 3, 4, 5]
+    texts = {c["index"]: c["text"] for c in two}
+    assert [texts[0], texts[1], texts[4]] == [c["text"] for c in a]      # the first prompt's: 0, 1, then past n
+    assert [texts[2], texts[3], texts[5]] == [c["text"] for c in b]

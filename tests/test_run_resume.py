@@ -154,6 +154,25 @@ def test_resume_refuses_an_output_made_before_an_included_file_changed(tmp_path,
     assert f"{out} was made from another pipeline than this run's" in r.stderr and out.read_text() == kept
 
 
+def test_resume_refuses_an_output_made_before_its_json_schema_file_changed(tmp_path, pipeline):
+    """Every answer of a generate stage with a json_schema follows that file: one edited since the
+    output was begun (the .agp text the same) is another pipeline, as an edited include is; --resume
+    appended answers of the new schema after those of the old one."""
+    schema, inp, out = tmp_path / "s.json", tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    schema.write_text('{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}')
+    pipeline.write_text(pipeline.read_text().replace("max_new_tokens = 4", 'max_new_tokens = 4  json_schema = "s.json"'))
+    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n')
+    assert run(pipeline, "-i", inp, "-o", out).returncode == 0
+    kept = out.read_text().splitlines()[0] + "\n"
+    out.write_text(kept)
+    assert run(pipeline, "-i", inp, "-o", out, "--resume").returncode == 0     # the same schema: resumed
+    out.write_text(kept)
+    schema.write_text('{"type": "object", "properties": {"b": {"type": "string"}}, "required": ["b"]}')
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")
+    assert r.returncode == 2, r.stderr
+    assert f"{out} was made from another pipeline than this run's" in r.stderr and out.read_text() == kept
+
+
 def test_a_run_to_a_file_loads_its_pipeline_once(tmp_path, pipeline, monkeypatch):
     """The fingerprint an output file is held to and the run come from one load of the pipeline
     and its includes (the fingerprint parsed them all again), a --resume too, and a run with

@@ -71,7 +71,7 @@ class BatchLine:
     def items(self) -> list[dict]:
         """The pipeline requests of the body: one, or one per prompt of a completions batch
         (`"prompt": ["a", "b"]`), answered together as POST /v1/completions answers them
-        (choice i of prompt k numbered k * per + i)."""
+        (choice i of prompt k numbered k * per + i, those past per after every prompt's)."""
         return [part.item(self.rid if k == 0 else f"{self.rid}-{k}") for k, part in enumerate(self.call.split())]
 
     @property

@@ -29,15 +29,15 @@ it holds no record of yet (counted per id, so a repeated id is answered by its e
 an output holding a line that is no record of this input (another file's answers, a line that is
 not an agp record) is refused before the model loads, exit 2: appending would mix two runs; so
 is an output whose fingerprint (OUT.agp-run, written beside it: the input's lines read, how many,
-the pipeline file, --pipeline, --dtype, the sampling defaults --generation-config and
---override-generation-config give) says another input or pipeline made it (lines appended to the
-input are not another: --resume answers them). The fingerprint is the lines' as they
-stream past: before an answer to a line it does not cover is written, it is written anew, so it
-covers every answer in OUT however the run ends; --resume reads the lines it covers and those
-OUT answers before the model loads, and checks them. A file the run writes (the output, --stats,
---trace) that is one it reads (the input, also on stdin; the pipeline) or another it writes is
-refused before it starts, exit 2; so is a run whose output file another agp run is writing (a
-lock on it, held while a run lasts).
+the pipeline file and its includes, the json_schema files it reads, --pipeline, --dtype, the
+sampling defaults --generation-config and --override-generation-config give) says another input or
+pipeline made it (lines appended to the input are not another: --resume answers them). The
+fingerprint is the lines' as they stream past: before an answer to a line it does not cover is
+written, it is written anew, so it covers every answer in OUT however the run ends; --resume reads
+the lines it covers and those OUT answers before the model loads, and checks them. A file the run
+writes (the output, --stats, --trace) that is one it reads (the input, also on stdin; the
+pipeline) or another it writes is refused before it starts, exit 2; so is a run whose output file
+another agp run is writing (a lock on it, held while a run lasts).
 Ctrl-C (SIGINT), SIGTERM or SIGHUP stops admitting and reading, aborts what is in flight (those
 requests are not written, so `--resume` runs them again, after the answers kept: a resumed output is
 in input order but for those), writes the summary and `--stats`, and exits
@@ -700,8 +700,8 @@ def _load(args, graph):
 
 def _pipeline_fingerprint(args, graph) -> list:
     """The pipeline an output's answers are made from (`graph`: its checked graph, or the
-    CheckFailed of its load): its file and the files it includes, the
-    pipeline chosen in it, --dtype and the sampling defaults --generation-config and
+    CheckFailed of its load): its file and the files it includes, the json_schema files its
+    generate stages read, the pipeline chosen in it, --dtype and the sampling defaults --generation-config and
     --override-generation-config give, by what they are, not by the folder's path: a changed
     generation_config.json is another pipeline, the same content elsewhere the same one. Under the default auto (the model's own file, which the pipeline
     names) only the override counts, so a fingerprint written before these flags stays the same run's;
@@ -724,6 +724,7 @@ def _pipeline_fingerprint(args, graph) -> list:
         pipeline = digest.hexdigest()
     except OSError:                 # no pipeline to read: its load says so, in check's words (exit 2)
         pipeline = None
+    schemas = _schema_digests(graph)
     override = args.override_generation_config
     if args.generation_config == "auto":
         sampling = [{"override_generation_config": override}] if override else []
@@ -733,7 +734,27 @@ def _pipeline_fingerprint(args, graph) -> list:
         except InputError:          # a broken file: the load says so (exit 2)
             defaults = None
         sampling = [{"generation_config": defaults} if defaults != {} else "vllm"]
-    return [pipeline, args.name, args.dtype, *sampling]
+    return [pipeline, args.name, args.dtype, *sampling, *([{"json_schema": schemas}] if schemas else [])]
+
+
+def _schema_digests(graph) -> dict:
+    """{stage: digest of its json_schema file} of the generate stages that name one: what every
+    answer of theirs must follow, so an edited schema (the pipeline's text the same) makes other
+    answers. A file that cannot be read is None (the load says why)."""
+    import hashlib
+
+    if isinstance(graph, CheckFailed):
+        return {}
+    out: dict = {}
+    for name, node in sorted(graph.nodes(data=True)):
+        path = node.get("params", {}).get("json_schema") if node.get("kind") == "generate" else None
+        if path:
+            try:
+                with open(path, "rb") as f:
+                    out[name] = hashlib.sha256(f.read()).hexdigest()
+            except OSError:
+                out[name] = None
+    return out
 
 
 def _fingerprint(source: InputLines, pipeline: list) -> dict:

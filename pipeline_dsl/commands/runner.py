@@ -40,8 +40,9 @@ class RunRequest:
         return [(self.parsed.item(), _pin(runtime, self.parsed))]
 
     def result(self, results: list):
-        """One result of its items' results: choice i of prompt k numbered k * per + i, usage
-        summed, as agp serve answers a completions batch."""
+        """One result of its items' results: choice i of prompt k numbered k * per + i (those past
+        per, a fan-out's, after every prompt's: ChoiceNumbers), usage summed, as agp serve answers a
+        completions batch."""
         if len(results) == 1:
             return results[0]
         from pipeline_dsl.serve.async_pipeline import combine

@@ -264,14 +264,52 @@ class RequestStream:
             self._pause_timer = None
 
 
+class ChoiceNumbers:
+    """The choice indexes of several requests answered as one (a completions request with a batch
+    of prompts): choice i of request k is k * per + i, as vLLM numbers them (`per`: the choices a
+    prompt is expected to give, the request's n or its generate stages' largest). A request that
+    gives more (a fan-out to several generate stages, each with its own n) numbers its choices
+    from `per` on after every request's range, in the order they first come, so no two choices
+    of the answer share an index (choice 2 of the first prompt was numbered as choice 0 of the
+    second)."""
+
+    def __init__(self, requests: int, per: int):
+        self.per = per
+        self.next = requests * per
+        self.extra: dict[tuple[int, int], int] = {}    # (request, its choice) -> index past the ranges
+        self.owner: dict[int, int] = {}                # such an index -> its request
+
+    def index(self, k: int, i: int) -> int:
+        """The answer's index of choice i of request k."""
+        if i < self.per:
+            return k * self.per + i
+        got = self.extra.get((k, i))
+        if got is None:
+            got = self.extra[(k, i)] = self.next
+            self.owner[got] = k
+            self.next += 1
+        return got
+
+    def request_of(self, index: int) -> int:
+        """The request (the prompt of the batch) that choice `index` answers."""
+        got = self.owner.get(index)
+        return index // self.per if got is None else got
+
+
 class StreamGroup:
     """Several requests answered as one (a completions request with a batch of prompts): their
-    events merged, choice i of request k numbered k * per + i, the usage summed."""
+    events merged, choices numbered by ChoiceNumbers (choice i of request k: k * per + i), the
+    usage summed."""
 
     def __init__(self, streams: list[RequestStream], per: int):
         self.streams, self.per = streams, per
+        self.numbers = ChoiceNumbers(len(streams), per)
         self.started = False
         self._events = self._merge()
+
+    def request_of(self, index: int) -> int:
+        """The request (prompt) whose choice carries `index`."""
+        return self.numbers.request_of(index)
 
     @property
     def finished(self) -> bool:
@@ -310,20 +348,24 @@ class StreamGroup:
             while left:
                 k, event = await queue.get()
                 if event[0] == "delta":
-                    yield ("delta", k * self.per + event[1], event[2])
+                    yield ("delta", self.numbers.index(k, event[1]), event[2])
                 else:
                     results[k] = event[1]
                     left -= 1
-            yield ("done", combine(results, self.per))
+            yield ("done", combine(results, self.per, self.numbers))
         finally:
             for t in tasks:
                 t.cancel()
 
 
-def combine(results: list[Result], per: int) -> Result:
-    """One Result for several: choices renumbered, usage (and each engine's) summed, the first error wins."""
+def combine(results: list[Result], per: int, numbers: ChoiceNumbers | None = None) -> Result:
+    """One Result for several: choices renumbered (ChoiceNumbers: `numbers`, the ones a stream
+    of them already gave, else new ones) and in the order of their index, usage (and each
+    engine's) summed, the first error wins."""
     error = next((r.error for r in results if r.error is not None), None)
-    choices = [replace(c, index=k * per + c.index) for k, r in enumerate(results) for c in r.choices]
+    numbers = numbers or ChoiceNumbers(len(results), per)
+    choices = sorted((replace(c, index=numbers.index(k, c.index)) for k, r in enumerate(results)
+                      for c in r.choices), key=lambda c: c.index)
     usage = {key: sum(r.usage.get(key, 0) for r in results) for key in results[0].usage}
     engines: dict = {}
     for r in results:
@@ -408,4 +450,4 @@ def _no_paths(value):
     return value
 
 
-__all__ = ["AsyncPipeline", "PipelineError", "RequestStream", "StreamGroup", "combine"]
+__all__ = ["AsyncPipeline", "ChoiceNumbers", "PipelineError", "RequestStream", "StreamGroup", "combine"]

@@ -7,7 +7,8 @@ function `tools` and `tool_choice` the chat's, `text.format` the response_format
 `max_output_tokens` max_tokens. The answer is a `response` object whose
 `output` holds a message item (`output_text`, with logprobs when `include` asks for
 "message.output_text.logprobs") and a `function_call` item per tool call; `status` is
-"incomplete" (`incomplete_details.reason: max_output_tokens`) when the token budget cut it.
+"incomplete" when the token budget cut it (`incomplete_details.reason: max_output_tokens`) or a guard
+stopped it (its finish_reason `content_filter`: `reason: content_filter`).
 Streamed, it is the Responses events (serve/responses_events.py). Answers are kept in memory
 (the latest STORED, unless `"store": false`) for `previous_response_id`, GET and DELETE
 /v1/responses/{id}. Only function tools exist here; reasoning items in the input are dropped.
@@ -35,7 +36,7 @@ from .errors import as_responses_wrote
 from .extras import bad, parsed_off_loop
 from .generation import Generations
 from .responses_events import ResponseEvents
-from .responses_output import call_item, message_item, output_messages, response_object, usage
+from .responses_output import call_item, ending, message_item, output_messages, response_object, usage
 from .sse import EventStream
 from .token_fields import MAX_LOGPROBS, logprob_names
 
@@ -438,12 +439,12 @@ class Responses:
         parser = call_parser(self.g.apipe.runtime, call.req, choice.data.get("generated_by"))
         message, reason = P.chat_message(choice.text, choice.finish_reason, call.req.tools_active,
                                          call.req.call_limit, parser, choice.tool_read)
-        status = "incomplete" if choice.finish_reason == "length" else "completed"
+        status, incomplete = ending(choice.finish_reason)
         output = []
         if message.get("content") or not message.get("tool_calls"):
             output.append(message_item(message.get("content") or "", status, lps))
         output += [call_item(c) for c in message.get("tool_calls") or []]
-        body = response_object(rid, call, int(time.time()), status, output, usage(res.usage))
+        body = response_object(rid, call, int(time.time()), status, output, usage(res.usage), incomplete=incomplete)
         self.keep(call, body)
         return body, {0: reason}
 

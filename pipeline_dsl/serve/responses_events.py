@@ -19,7 +19,7 @@ import time
 from . import protocol as P
 from .answers import call_parser
 from .sse import Relay
-from .responses_output import call_item, message_item, new_id, response_object, usage
+from .responses_output import call_item, ending, message_item, new_id, response_object, usage
 
 
 class ResponseEvents(Relay):
@@ -45,8 +45,9 @@ class ResponseEvents(Relay):
         self.seq += 1
         return f"event: {kind}\ndata: {P.sse_json(data)}\n\n".encode()
 
-    def snapshot(self, status: str, use=None, error=None) -> dict:
-        return response_object(self.rid, self.call, self.created, status, list(self.output), use, error)
+    def snapshot(self, status: str, use=None, error=None, incomplete=None) -> dict:
+        return response_object(self.rid, self.call, self.created, status, list(self.output), use, error,
+                               incomplete)
 
     # ---- items -------------------------------------------------------------------------
     def _open(self) -> list[bytes]:
@@ -122,11 +123,11 @@ class ResponseEvents(Relay):
                 out += self._text(rest, None)
             for c in calls:
                 out += self._call(c)
-        status = "incomplete" if choice is not None and choice.finish_reason == "length" else "completed"
+        status, incomplete = ending(choice.finish_reason if choice is not None else None)
         if self.msg is None and not self.output:
             out += self._open()                          # an empty answer is still a message
         out += self._close(status)
-        final = self.snapshot(status, usage(result.usage))
+        final = self.snapshot(status, usage(result.usage), incomplete=incomplete)
         self.owner.keep(self.call, final)
         self.reason = "tool_calls" if self.called else (choice.finish_reason if choice is not None else None)
         return out + [self.event(f"response.{status}", response=final)]

@@ -32,9 +32,22 @@ def call_item(call: dict, item_id: str | None = None) -> dict:
             "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": "completed"}
 
 
+# the finish reasons that leave a response incomplete, and the reason its incomplete_details give
+# (OpenAI's two): the token budget cut it, or a guard stopped it (a python stage that sets its
+# answer's finish_reason to "content_filter")
+INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
+def ending(finish_reason: str | None) -> tuple[str, dict | None]:
+    """(status, incomplete_details) of a response whose answer ended for `finish_reason`."""
+    reason = INCOMPLETE.get(finish_reason)
+    return ("incomplete", {"reason": reason}) if reason else ("completed", None)
+
+
 def response_object(rid: str, call, created: int, status: str, output: list,
-                    use: dict | None, error: dict | None = None) -> dict:
-    incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+                    use: dict | None, error: dict | None = None, incomplete: dict | None = None) -> dict:
+    """`incomplete`: an incomplete response's incomplete_details (ending)."""
+    incomplete = (incomplete or {"reason": "max_output_tokens"}) if status == "incomplete" else None
     return {"id": rid, "object": "response", "created_at": created, "status": status, "model": call.req.model,
             "output": output, "error": error, "incomplete_details": incomplete, "usage": use, **call.settings}
 

@@ -162,7 +162,6 @@ class ChunkWriter(Relay):
         self.opening: dict[int, dict] = {}             # per choice: what its first chunk carries of the prompt
         self.echo = not self.chat and bool(req.fields.get("echo"))
         self.parts = req.split() if self.echo else []
-        self.per = getattr(stream, "per", 1)
         self.offsets: dict[int, P.TextOffsets] = {}   # per choice: the text_offset of its tokens
         # continuous usage: per prompt (a request of the pipeline), its usage so far as its last
         # delta said (flow's Delta.usage); per streamed choice, its own tokens so far
@@ -233,7 +232,7 @@ class ChunkWriter(Relay):
         answer when that came whole, else as the pipeline told its stream before any token."""
         if data is not None:
             return data.get("prompt_token_ids"), data.get("prompt_logprobs")
-        sub = self.stream.streams[index // self.per] if isinstance(self.stream, StreamGroup) else self.stream
+        sub = self.stream.streams[self.stream.request_of(index)] if isinstance(self.stream, StreamGroup) else self.stream
         return sub.prompt or (None, None)
 
     def _echoed(self, index: int, data: dict | None) -> tuple[str, dict | None]:
@@ -243,7 +242,7 @@ class ChunkWriter(Relay):
         if data is not None:
             text = prompt_text(self.runtime, data, req)
         else:
-            part = self.parts[min(index // self.per, len(self.parts) - 1)]
+            part = self.parts[self.stream.request_of(index) if isinstance(self.stream, StreamGroup) else 0]
             text = part.prompt if part.prompt is not None else \
                 self.runtime.detokenise(list(part.prompt_token_ids), req.pin)
         ids, lps = self._prompt_of(index, data)
@@ -325,7 +324,7 @@ class ChunkWriter(Relay):
 
     # ---- the stream ----------------------------------------------------------------------
     def on_delta(self, index: int, out) -> list[bytes]:
-        prompt = index // self.per if isinstance(self.stream, StreamGroup) else 0   # n choices share a prompt
+        prompt = self.stream.request_of(index) if isinstance(self.stream, StreamGroup) else 0   # n choices share a prompt
         self.usage_so_far[prompt] = out.usage          # the request's: an earlier stage's draft counted too
         self.own_tokens[index] = out.completion_tokens
         chunks = self.content(index, out.delta_text, getattr(out, "logprobs", None), ids=out.new_token_ids,
