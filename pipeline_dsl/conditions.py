@@ -31,7 +31,7 @@ from typing import Any, Callable, NamedTuple
 from . import ast
 from .diagnostics import did_you_mean
 from .fmt import format_field, format_value
-from .parser import keywords, quote
+from .parser import is_name, quote
 from .requests_io import HEADER_NAME
 
 NUMBER, STRING, BOOLEAN, ANY = "number", "string", "boolean", "any"
@@ -81,7 +81,6 @@ KEYED: dict[str, Keyed] = {
     HEADERS: Keyed(STRING, "one", 'headers["NAME"]', 'headers["x-tenant"] == "gold"',
                    "an HTTP header the request carries (agp serve copies those conditions read), its name case-blind"),
 }
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 ORDERING = ("<", "<=", ">", ">=")
 MISSING = object()
 
@@ -143,7 +142,7 @@ def path_text(path) -> str:
     if isinstance(path, str):
         return path
     head, *keys = path
-    return head + "".join("." + k if _NAME.fullmatch(k) and k not in keywords() and head != HEADERS
+    return head + "".join("." + k if is_name(k) and head != HEADERS
                           else f"[{quote(k)}]" for k in keys)
 
 

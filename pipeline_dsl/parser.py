@@ -207,14 +207,13 @@ def _context_hint(expected: set[str], tok: Token, prev: str = "") -> tuple[str |
 
 
 _KEYWORD_TOKENS = ("STAGE", "PIPELINE", "USE", "WHEN", "ON", "TRUE", "FALSE", "OTHERWISE", "AND", "OR", "NOT")
-KEYWORDS = frozenset(t.lower() for t in _KEYWORD_TOKENS)
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")      # grammar.lark's NAME
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")      # grammar.lark's NAME
 
 
 def is_name(word: str) -> bool:
     """Whether `word` can be written as a name in a .agp file: a stage's, or a label after `when`
     (letters, digits and '_', not starting with a digit, and no keyword)."""
-    return bool(_NAME.match(word)) and word not in KEYWORDS
+    return bool(_NAME.fullmatch(word)) and word not in keywords()
 
 
 def _join(words: list[str]) -> str:

@@ -391,6 +391,12 @@ def _tool_calls(value, where: str) -> list[dict]:
     return out
 
 
+def _bad_tool_choice(choice, hint: str = "") -> RequestError:
+    shown = _shown(choice)
+    return RequestError(f"'tool_choice' must be none, auto, required or {{\"type\": \"function\", "
+                        f"\"function\": {{\"name\"}}}}, not {shown}{hint}", param="tool_choice", quoted=(shown,))
+
+
 def parse_tools(obj: dict) -> tuple[list | None, Any, bool]:
     """(tools, tool_choice, parallel_tool_calls) of a request, checked; tools None when none."""
     tools = obj.get("tools")
@@ -421,17 +427,13 @@ def parse_tools(obj: dict) -> tuple[list | None, Any, bool]:
             # as `function`) is named as such, not as a tool called null
             hint = (" (for OpenAI's allowed_tools, give the allowed tools as 'tools' and its mode as 'tool_choice')"
                     if kind == "allowed_tools" else "")
-            raise RequestError(f"'tool_choice' must be none, auto, required or {{\"type\": \"function\", "
-                               f"\"function\": {{\"name\"}}}}, not {_shown(choice)}{hint}", param="tool_choice",
-                               quoted=(_shown(choice),))
+            raise _bad_tool_choice(choice, hint)
         if fn["name"] not in names:
             raise RequestError(f"'tool_choice' names {json.dumps(fn['name'])}, which is not among the tools "
                                f"({', '.join(names) or 'none'})", param="tool_choice",
                                quoted=(json.dumps(fn["name"]),))
     elif choice not in ("none", "auto", "required"):
-        raise RequestError(f"'tool_choice' must be none, auto, required or {{\"type\": \"function\", "
-                           f"\"function\": {{\"name\"}}}}, not {_shown(choice)}", param="tool_choice",
-                           quoted=(_shown(choice),))
+        raise _bad_tool_choice(choice)
     if choice in ("required",) and not tools:
         raise RequestError("'tool_choice' is required but no 'tools' are given", param="tool_choice")
     parallel = obj.get("parallel_tool_calls")

@@ -150,11 +150,11 @@ def exit_status(serving, server) -> int:
         if server.failed is None:                   # the server logged the failure as it stopped for it
             report(f"the pipeline failed: {engine_failed}")
         return 1
-    if server.force_exit and server.dropped:         # the drain thread may still be cutting them
+    if server.dropped:                                # set by a third signal only: the drain thread may still be cutting them
         log.warning("stopped at once by a third signal; %d request(s) still in flight got no answer "
                     "or only part of one", server.dropped)
         return 1
-    cut = server.cut or serving.apipe.runtime.cut     # the runtime's: counted before the drain's thread sees it
+    cut = serving.apipe.runtime.cut                   # counted by close() (the drain thread keeps a copy to log)
     if cut:
         log.warning("stopped; cut %d request(s) still in flight", cut)
         return 1

@@ -173,11 +173,15 @@ class StageWorkers:
         """Worker slots lent now by paused calls: the calls beyond `workers` the stage may run
         (of `lent`, at most lend_max for its threads and lend_max for its event loop)."""
         with self._cv:
-            return min(self._lent[False], self.lend_max) + min(self._lent[True], self.lend_max)
+            return self._lends(False) + self._lends(True)
+
+    def _lends(self, is_async: bool) -> int:
+        """(under the lock) Slots lent by the paused calls of one kind: at most lend_max."""
+        return min(self._lent[is_async], self.lend_max)
 
     def _cap(self, is_async: bool) -> int:
         """(under the lock) Calls at once: `workers`, plus one for each running paused call."""
-        return self.workers + min(self._lent[is_async], self.lend_max)
+        return self.workers + self._lends(is_async)
 
     @property
     def stuck(self) -> int:

@@ -263,6 +263,13 @@ class RequestStream:
             self._pause_timer.cancel()
             self._pause_timer = None
 
+    def request_of(self, index: int) -> int:
+        """One request: every choice answers its prompt."""
+        return 0
+
+    def stream_of(self, index: int) -> "RequestStream":
+        return self
+
 
 class ChoiceNumbers:
     """The choice indexes of several requests answered as one (a completions request with a batch
@@ -310,6 +317,10 @@ class StreamGroup:
     def request_of(self, index: int) -> int:
         """The request (prompt) whose choice carries `index`."""
         return self.numbers.request_of(index)
+
+    def stream_of(self, index: int) -> "RequestStream":
+        """The stream of the request whose choice carries `index`."""
+        return self.streams[self.request_of(index)]
 
     @property
     def finished(self) -> bool:

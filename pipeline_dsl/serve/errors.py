@@ -129,7 +129,7 @@ def log_error(err: APIError) -> None:
     extra = {"status": err.status, "reason": message, "request_id": rid, "param": err.param, "code": err.code}
     log.log(level, "%s -> %d %s id=%s", request, err.status, message, rid,
             exc_info=(type(cause), cause, cause.__traceback__) if cause is not None else None, extra=extra)
-    if message != err.message:
+    if message != err.message and log.isEnabledFor(logging.DEBUG):
         log.debug("%s -> %d %s id=%s", request, err.status, err.message, rid,
                   extra={**extra, "reason": err.message})
 

@@ -85,6 +85,11 @@ def _size(n: int) -> str:
     return f"{n >> 20} MiB" if n and n % (1 << 20) == 0 else f"{n} bytes"
 
 
+def kept(size: int, max_bytes: int) -> str:
+    """What the store keeps, for the 404s of what it does not hold."""
+    return f"responses are kept in memory, the latest {size} within {_size(max_bytes)}, unless sent with \"store\": false"
+
+
 class ResponseStore:
     """The latest responses: their object and their conversation, for previous_response_id. At
     most `size` of them, and at most `max_bytes` of their JSON all told (the oldest go first; one
@@ -145,8 +150,7 @@ class ResponseStore:
         if size is not None:
             return (f"the response '{rid}' was not stored: its {size} bytes are over the store's "
                     f"{_size(self.max_bytes)} (it was answered with \"store\": false)")
-        return (f"no stored response has the id '{rid}' (responses are kept in memory, the latest "
-                f"{self.size} within {_size(self.max_bytes)}, unless sent with \"store\": false)")
+        return f"no stored response has the id '{rid}' ({kept(self.size, self.max_bytes)})"
 
     def _forget(self, rid: str) -> bool:
         text = self.items.pop(rid, None)
@@ -187,10 +191,9 @@ def _referenced(item: dict, where: str, store: ResponseStore | None) -> dict:
         raise bad(f"{where}.id", "the id of an output item of a stored response", item_id)
     found = store.item(item_id) if store is not None else None
     if found is None:
-        size, max_bytes = (store.size, store.max_bytes) if store is not None else (STORED, STORED_BYTES)
+        sizes = (store.size, store.max_bytes) if store is not None else (STORED, STORED_BYTES)
         raise APIError(f"'{where}' is an item_reference to '{item_id}', which is no output item of a stored "
-                       f"response (responses are kept in memory, the latest {size} within {_size(max_bytes)}, "
-                       "unless sent with \"store\": false): send the item itself", status=404, type="not_found_error",
+                       f"response ({kept(*sizes)}): send the item itself", status=404, type="not_found_error",
                        param=f"{where}.id", code="item_not_found")
     return found
 

@@ -47,7 +47,6 @@ def ending(finish_reason: str | None) -> tuple[str, dict | None]:
 def response_object(rid: str, call, created: int, status: str, output: list,
                     use: dict | None, error: dict | None = None, incomplete: dict | None = None) -> dict:
     """`incomplete`: an incomplete response's incomplete_details (ending)."""
-    incomplete = (incomplete or {"reason": "max_output_tokens"}) if status == "incomplete" else None
     return {"id": rid, "object": "response", "created_at": created, "status": status, "model": call.req.model,
             "output": output, "error": error, "incomplete_details": incomplete, "usage": use, **call.settings}
 

@@ -20,7 +20,7 @@ from starlette.requests import ClientDisconnect
 from . import protocol as P
 from .access import request_info
 from .answers import call_parser, offsets, prompt_text
-from .async_pipeline import RequestStream, StreamGroup
+from .async_pipeline import RequestStream
 from .errors import api_error, log_error
 from .server import SEND_WATCH
 from .token_fields import answer_fields, logprob_names
@@ -232,8 +232,7 @@ class ChunkWriter(Relay):
         answer when that came whole, else as the pipeline told its stream before any token."""
         if data is not None:
             return data.get("prompt_token_ids"), data.get("prompt_logprobs")
-        sub = self.stream.streams[self.stream.request_of(index)] if isinstance(self.stream, StreamGroup) else self.stream
-        return sub.prompt or (None, None)
+        return self.stream.stream_of(index).prompt or (None, None)
 
     def _echoed(self, index: int, data: dict | None) -> tuple[str, dict | None]:
         """The prompt of choice `index` and its logprobs: from its answer when that came whole,
@@ -242,7 +241,7 @@ class ChunkWriter(Relay):
         if data is not None:
             text = prompt_text(self.runtime, data, req)
         else:
-            part = self.parts[self.stream.request_of(index) if isinstance(self.stream, StreamGroup) else 0]
+            part = self.parts[self.stream.request_of(index)]
             text = part.prompt if part.prompt is not None else \
                 self.runtime.detokenise(list(part.prompt_token_ids), req.pin)
         ids, lps = self._prompt_of(index, data)
@@ -324,7 +323,7 @@ class ChunkWriter(Relay):
 
     # ---- the stream ----------------------------------------------------------------------
     def on_delta(self, index: int, out) -> list[bytes]:
-        prompt = self.stream.request_of(index) if isinstance(self.stream, StreamGroup) else 0   # n choices share a prompt
+        prompt = self.stream.request_of(index)          # n choices share a prompt
         self.usage_so_far[prompt] = out.usage          # the request's: an earlier stage's draft counted too
         self.own_tokens[index] = out.completion_tokens
         chunks = self.content(index, out.delta_text, getattr(out, "logprobs", None), ids=out.new_token_ids,
