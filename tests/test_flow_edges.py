@@ -1,7 +1,8 @@
 """The flow runtime's pure parts as tables (no threads, no model): where an item goes (the
 router, its fields, a pinned request, a loop's exits), when a join fires and what it gives,
-which Rejects only drop their branch, how bounded loops count; and the router of a checked
-pipeline built from its graph."""
+which Rejects only drop their branch, how bounded loops count, how the ledger numbers a streamed
+request's choices and times its first token; and the router of a checked pipeline built from its
+graph."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -14,8 +15,10 @@ from pipeline_dsl import conditions as C
 from pipeline_dsl.flow import load_graph
 from pipeline_dsl.flow.items import Item, PipelineError, RequestState
 from pipeline_dsl.flow.joins import Joins
+from pipeline_dsl.flow.ledger import RequestLedger
 from pipeline_dsl.flow.loops import Loops
 from pipeline_dsl.flow.router import OTHERWISE, Router, fields
+from pipeline_dsl.flow.streams import StreamPlan
 
 R, G = "Request", "Generated"
 
@@ -358,3 +361,47 @@ def test_a_graph_without_route_tables_routes_by_its_edges_conditions(routed):
     assert router.choose("route", R, tokens(50)) == ["batch_l"]
     assert router.choose("route", R, tokens(3)) == ["batch_s"]
     assert router.routes["out"] == []
+
+
+@pytest.mark.parametrize("streamed, expected", [
+    ((0, 1), ["s0", "s1", "w0", "w1"]),       # the answers sent whole come after the streamed ones
+    ((0, 2), ["s0", "w0", "s2", "w1"]),       # ... and fill the gaps between them, in branch order
+    ((1,), ["w0", "s1", "w1"]),
+])
+def test_a_streamed_request_s_choices_keep_their_stream_index_and_the_others_fill_the_gaps(streamed, expected):
+    """RequestLedger.answer: a choice streamed from its generate stage keeps the index its chunks
+    carried; the choices sent whole take the indices left free, lowest first, in branch order;
+    every index once."""
+    req = RequestState("k1", "r1", None, 0.0, stream=True)
+    for i in streamed:
+        req.results.append(Item(G, {"text": f"s{i}"}, req, "out", (i,), index=i))
+    for b in range(2):                        # listed last-first: branch order decides, not arrival
+        req.results.append(Item(G, {"text": f"w{1 - b}"}, req, "out", (9, 1 - b)))
+    result = RequestLedger(lambda: 0.0).answer(req)
+    assert [c.index for c in result.choices] == list(range(len(expected)))
+    assert [c.text for c in result.choices] == expected
+
+
+def test_ttft_is_the_time_to_the_request_s_first_token_not_its_last():
+    now = [10.0]
+    ledger = RequestLedger(lambda: now[0])
+    req = ledger.admit({"id": "r1", "prompt": "x"}, None, None, False)
+    for t in (10.5, 11.0, 12.0):              # tokens heard, of one choice and of another
+        ledger.first_token(req, t)
+    now[0] = 13.0
+    metrics = ledger.answer(req).metrics
+    assert metrics["ttft_s"] == 0.5 and metrics["latency_s"] == 3.0
+
+
+def test_a_generate_stage_s_live_chain_follows_single_unconditional_edges_into_stream_stages():
+    """flow/streams.py: the stream stages that follow a generate stage through single unconditional
+    edges filter its text live, and reach the client when the chain ends at a respond stage; a
+    conditional edge, or two edges, leave the stream stage to filter the text whole."""
+    long = ("cmp", "prompt_tokens", ">", 5)
+    routes = {"gen": [("up", None)], "up": [("tag", None)], "tag": [("out", None)],
+              "cond": [("up", long)], "two": [("up", None), ("log", None)], "plain": [("out", None)],
+              "inner": [("tag2", None)], "tag2": [("py", None)], "log": [("out", None)], "py": [("out", None)]}
+    kinds = {"out": "respond", "log": "python", "py": "python", "up": "python", "tag": "python", "tag2": "python"}
+    plan = StreamPlan.build(["gen", "cond", "two", "plain", "inner"], routes, kinds, {"up", "tag", "tag2"})
+    assert plan.chains == {"gen": ["up", "tag"], "cond": [], "two": [], "plain": [], "inner": ["tag2"]}
+    assert plan.direct == {"gen": True, "cond": False, "two": False, "plain": True, "inner": False}

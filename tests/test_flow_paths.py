@@ -1,13 +1,14 @@
 """Whole pipelines on the tiny model, each holding a promise of the runtime that the table tests
-(test_flow_edges.py) cannot: a join after a bounded loop keeps the turns its branches took, the
-prompt a condition counted is read again once a later stage changes it, the choices of a fan-out
-inside a fan-out come in branch order whatever order they arrive in (through a second generate
-stage too), an echo that generates
+(test_flow_edges.py) cannot: a join after a bounded loop keeps the turns its branches took, each
+copy of a fan-out counts its own turns round a loop, the prompt a condition counted is read again
+once a later stage changes it, the choices of a fan-out inside a fan-out come in branch order
+whatever order they arrive in (through a second generate stage too), an echo that generates
 nothing still counts its prompt, and a join without a policy takes the first result."""
 from __future__ import annotations
 
 import pytest
 
+import flowkit
 from flowkit import chain, chat, errors, run, write
 
 HOOKS = '''
@@ -39,6 +40,13 @@ def odd_one_first(item):
         flowkit.gate("even").wait(60)
         item["text"] = "even"
     return item
+
+def round_again(item):
+    flowkit.bump("round")
+    return "again"
+
+def rounds(item):
+    return {"text": "done"}
 '''
 
 
@@ -59,6 +67,23 @@ def test_a_join_after_a_loop_keeps_the_turns_its_branches_took(tmp_path, soft_gg
     stages = rt.stats()["stages"]
     assert stages["gen"]["items_in"] == 4 and stages["vote"]["items_in"] == 2
     assert stages["looped"]["items_in"] == 1 and stages["straight"]["items_in"] == 0
+
+
+def test_each_branch_of_a_fan_out_counts_its_own_turns_round_a_bounded_loop(tmp_path, soft_gguf, fresh_flowkit):
+    """max_turns bounds the calls made for each item's path: two copies made before the loop go
+    round it max_turns times each, not max_turns between them."""
+    body = ("stage request : requests {}\nstage a : route {}\nstage b : route {}\nstage back : route {}\n"
+            "stage tool : python { fn = \"hooks:round_again\"  max_turns = 2 }\n"
+            "stage answer : python { fn = \"hooks:rounds\"  returns = generated }\nstage out : respond {}\n"
+            "request -> a\nrequest -> b\na -> tool\nb -> tool\n"
+            "tool -> back when again\ntool -> answer otherwise\nback -> tool\nanswer -> out\n")
+    path = write(tmp_path, soft_gguf, body, hooks=HOOKS)
+    assert errors(path) == []
+    (res,), rt = run(path, [chat("a", "hello")])
+    assert res.ok, res.error
+    assert len(res.choices) == 2
+    assert flowkit.COUNTS["round"] == 4                       # two calls on each branch
+    assert rt.stats()["stages"]["tool"]["items_in"] == 6      # and a third arrival each, that leaves
 
 
 def test_the_model_gets_the_prompt_as_changed_after_a_condition_counted_it(tmp_path, soft_gguf):

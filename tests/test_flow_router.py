@@ -21,12 +21,14 @@ ROUTES = {
     "kv": [("gen_a", None), ("gen_b", LONG)],
     "classify": [("math", ("label", "math")), ("chat", OTHERWISE)],      # both branches reach gen_a
     "fan": [("math", None), ("chat", None)],
+    "two_ways": [("slow", LONG), ("fast", GOLD)],                       # both reach gen_b
 }
 CARRY = {"small": {R}, "big": {R}, "vip": {R}, "log": {R, G}, "up": {G}, "out": {G}, "batch": {R},
-         "gen_a": {R}, "gen_b": {R}, "math": {R}, "chat": {R}}
+         "gen_a": {R}, "gen_b": {R}, "math": {R}, "chat": {R}, "slow": {R}, "fast": {R}}
 KINDS = {"kv": "kv_lookup", "gen_a": "generate", "gen_b": "generate"}
 REACH = {"two_conditions": {"big", "vip", "small", "gen_b"}, "big": {"gen_b"}, "classify": {"math", "chat", "gen_a"},
-         "fan": {"math", "chat", "gen_a"}, "math": {"gen_a"}, "chat": {"gen_a"}}
+         "fan": {"math", "chat", "gen_a"}, "math": {"gen_a"}, "chat": {"gen_a"},
+         "two_ways": {"slow", "fast", "gen_b"}, "slow": {"gen_b"}, "fast": {"gen_b"}}
 
 
 def router() -> Router:
@@ -57,6 +59,9 @@ def getter(tokens=3, tier=None):
     ("classify", R, getter(), "chat", "gen_a", ["chat"]),
     ("classify", R, getter(), "math", "gen_a", ["math"]),
     ("fan", R, getter(), None, "gen_a", ["math", "chat"]),
+    # pinned, and no condition chose a way there: the first edge towards it in file order
+    ("two_ways", R, getter(tokens=3), None, "gen_b", ["slow"]),
+    ("two_ways", R, getter(tokens=3, tier="gold"), None, "gen_b", ["fast"]),   # the condition's way
 ])
 def test_the_router_chooses_by_the_table(stage, kind, get, label, pin, expected):
     assert router().choose(stage, kind, get, label, pin) == expected

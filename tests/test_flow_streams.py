@@ -12,6 +12,7 @@ from flowkit import chain, chat, errors, runtime, write
 
 HOOKS = '''
 import functools
+import time
 import flowkit
 import pipeline_dsl
 
@@ -68,6 +69,11 @@ def tagged(item, chunks):
     for text in chunks:
         yield "<" + text + ">"
 
+def slow_tagged(item, chunks):         # still at work well after the stage before it ended
+    for text in chunks:
+        time.sleep(0.05)
+        yield "<" + text + ">"
+
 def seen(item):                        # a plain (whole-answer) stage
     item["text"] += " (seen)"
 
@@ -89,11 +95,13 @@ class Listener:
         self.deltas, self.result, self.done = [], None, threading.Event()
         self.finished = 0
         self.writers = set()                 # the generate stages the deltas said wrote them
+        self.heard = []                # (delta_text, finished) in the order heard
 
     def on_delta(self, key, index, out):
         self.deltas.append(out.delta_text)
         self.writers.add(out.generated_by)
         self.finished += out.finished
+        self.heard.append((out.delta_text, out.finished))
 
     def on_done(self, result):
         self.result = result
@@ -165,6 +173,17 @@ def test_the_client_hears_exactly_the_chunks_of_the_last_stream_stage_of_a_chain
     assert all(c.startswith("<") and c.endswith(">") and c == c.upper() for c in chunks), chunks
     assert one.finished == 1
     assert rt.stats()["stages"]["tag"]["items_out"] == 1
+
+
+def test_the_client_hears_the_end_of_a_chain_s_answer_after_its_last_stage_s_last_chunk(tmp_path, soft_gguf):
+    """gen -> up -> tag -> out, tag slower than up: the finished delta (finish reason, last
+    tokens) comes once the chain's last stage ended, after every chunk it let through."""
+    path = pipeline(tmp_path, soft_gguf, 'stage up : python { fn = "hooks:upper"  stream = true }\n'
+                    'stage tag : python { fn = "hooks:slow_tagged"  stream = true }', "gen -> up -> tag -> out\n")
+    (one,), _ = served(path, [said("a")])
+    assert one.result.ok, one.result.error
+    assert one.finished == 1 and one.heard[-1][1], one.heard
+    assert "".join(text for text, _ in one.heard) == one.result.choices[0].text
 
 
 @pytest.mark.parametrize("stages, edges", [
