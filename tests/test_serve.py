@@ -16,6 +16,7 @@ import openai
 import pytest
 import uvicorn
 
+import flowkit
 from clikit import agp, agp_child, reap, reaped
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
 from pipeline_dsl.flow import build_runtime
@@ -602,23 +603,34 @@ def test_a_request_of_more_inputs_than_the_queue_holds_is_400_not_a_429_forever(
         s.close()
 
 
+@pytest.mark.usefixtures("fresh_flowkit")
 def test_inputs_the_queue_could_hold_later_are_429_while_it_is_full(tiny_gguf):
-    s = LiveServer(tiny_gguf, max_batch_size=8, max_queue=2, batch_timeout_s=5.0)
+    # a python stage before the engine holds two requests (flowkit.hold), which fill max_queue = 2
+    # until the test lets them go, however long it takes
+    text = (TINY.format(model=tiny_gguf, max_queue=2, max_batch_size=8, timeout=20)
+            .replace("request -> batch", "request -> hold -> batch")
+            .replace("stage out", 'stage hold    : python        { fn = "flowkit:hold" }\n    stage out'))
+    s = LiveServer(tiny_gguf, text=text)
     try:
         body = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
-        waiting = [threading.Thread(target=httpx.post, args=(s.url + "/v1/completions",),
-                                    kwargs={"json": body, "timeout": 30}) for _ in range(2)]
+        answers = []
+        waiting = [threading.Thread(target=lambda: answers.append(httpx.post(s.url + "/v1/completions", json=body,
+                                                                             timeout=30)))
+                   for _ in range(2)]
         for t in waiting:
             t.start()
-        s.stats_when(lambda st: st["waiting"] == 2)
+        s.stats_when(lambda st: st["in_flight"] == 2)
         for path, more in [("/v1/embeddings", {"input": ["a", "b"]}),
                            ("/v1/completions", {"prompt": ["a", "b"], "max_tokens": 2})]:
             r = s.http.post(s.url + path, json={"model": "tiny", **more}, timeout=30)
             assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
             assert r.json()["error"]["code"] == "queue_full"
+        flowkit.gate("hold").set()
         for t in waiting:
             t.join(30)
+        assert [a.status_code for a in answers] == [200, 200]          # the held ones are served
     finally:
+        flowkit.gate("hold").set()
         s.close()
 
 
@@ -637,7 +649,7 @@ def test_a_non_streaming_client_that_hangs_up_aborts_its_request(tiny_gguf):
 def test_a_stream_whose_client_is_gone_before_the_first_byte_is_aborted(long_gguf):
     # an answer far longer than the test: however late the failed write is noticed (a busy
     # machine), the request is still generating then, so it can only end aborted
-    s = LiveServer(long_gguf, max_batch_size=8, batch_timeout_s=3.0)   # it waits in the window
+    s = LiveServer(long_gguf, max_batch_size=8)
     body = json.dumps({"prompt": "hello", "max_tokens": 2000, "ignore_eos": True, "stream": True}).encode()
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
              "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
