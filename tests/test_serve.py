@@ -541,32 +541,43 @@ def test_concurrent_http_requests_are_batched_together(tiny_gguf):
         server.close()
 
 
+@pytest.mark.usefixtures("fresh_flowkit")
 def test_full_queue_is_429_with_retry_after(tiny_gguf):
-    # a batch window of 5 s holds admitted requests in the queue: two fill max_queue = 2
-    s = LiveServer(tiny_gguf, max_batch_size=8, max_queue=2, batch_timeout_s=5.0)
+    # one request waits in the engine's batch window (a minute long, full at two) and one in a
+    # python stage before it (flowkit.hold): together they fill max_queue = 2, however long the
+    # test takes. Let go, the held one fills the window and both are served
+    text = (TINY.format(model=tiny_gguf, max_queue=2, max_batch_size=2, timeout=60_000)
+            .replace("request -> batch", 'request -> pick\n    pick -> hold when metadata.held == "yes"\n'
+                                         "    pick -> batch otherwise\n    hold -> batch")
+            .replace("stage out", "stage pick    : route         {}\n"
+                                  '    stage hold    : python        { fn = "flowkit:hold" }\n    stage out'))
+    s = LiveServer(tiny_gguf, text=text)
     try:
         body = {"model": "tiny", "prompt": "hello", "max_tokens": 4, "stream": True}
         codes = []
 
-        def send():
-            with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as r:
+        def send(**more):
+            with httpx.stream("POST", s.url + "/v1/completions", json={**body, **more}, timeout=30) as r:
                 codes.append(r.status_code)
                 r.read()
 
-        waiting = [threading.Thread(target=send) for _ in range(2)]
-        for t in waiting:
-            t.start()
-        s.stats_when(lambda st: st["waiting"] == 2)
+        waiting = [threading.Thread(target=send, kwargs={"metadata": {"held": "yes"}}), threading.Thread(target=send)]
+        waiting[0].start()
+        s.stats_when(lambda st: st["in_flight"] == 1 and st["stages"]["hold"]["items_in"] == 1)
+        waiting[1].start()
+        s.stats_when(lambda st: st["in_flight"] == 2 and st["waiting"] == 1)     # in the engine's window
         r = s.http.post(s.url + "/v1/completions", json=body, timeout=30)
         assert r.status_code == 429
         assert r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "queue_full"
         assert r.json()["error"]["type"] == "rate_limit_error"
+        flowkit.gate("hold").set()
         for t in waiting:
             t.join(30)
         assert codes == [200, 200]                         # the waiting ones are served
         assert s.metric("agp_requests_total", '{status="429"}') == 1
     finally:
+        flowkit.gate("hold").set()
         s.close()
 
 
