@@ -103,7 +103,10 @@ def test_gpu_suite_saves_each_row_as_it_finishes_and_runs_only_the_rows_asked(tm
     monkeypatch.setattr(gpu_suite, "make_model", lambda shape, tok, folder, device: folder)
     assert gpu_suite.main(["--smoke", "--tokenizer", str(tmp_path), "--json", str(out),
                            "--only", "batch sweep"]) == 0
-    assert on_disk == [None, {"batch sweep 1": {"tok_s": 1.0, "ms_per_step": 1.0, "row_s": 0.0}}]
+    assert len(on_disk) == 2 and on_disk[0] is None and set(on_disk[1]) == {"batch sweep 1"}
+    first = on_disk[1]["batch sweep 1"]
+    assert first.pop("row_s") >= 0                  # its seconds: ~0 for a faked row, more on a busy machine
+    assert first == {"tok_s": 1.0, "ms_per_step": 1.0}
     saved = json.loads(out.read_text())
     assert saved["complete"] and set(saved["rows"]) == {"batch sweep 1", "batch sweep 4"}
 
