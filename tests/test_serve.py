@@ -16,6 +16,7 @@ import openai
 import pytest
 import uvicorn
 
+import flowkit
 from clikit import agp, agp_child, reap, reaped
 from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
 from pipeline_dsl.flow import build_runtime
@@ -540,32 +541,43 @@ def test_concurrent_http_requests_are_batched_together(tiny_gguf):
         server.close()
 
 
+@pytest.mark.usefixtures("fresh_flowkit")
 def test_full_queue_is_429_with_retry_after(tiny_gguf):
-    # a batch window of 5 s holds admitted requests in the queue: two fill max_queue = 2
-    s = LiveServer(tiny_gguf, max_batch_size=8, max_queue=2, batch_timeout_s=5.0)
+    # one request waits in the engine's batch window (a minute long, full at two) and one in a
+    # python stage before it (flowkit.hold): together they fill max_queue = 2, however long the
+    # test takes. Let go, the held one fills the window and both are served
+    text = (TINY.format(model=tiny_gguf, max_queue=2, max_batch_size=2, timeout=60_000)
+            .replace("request -> batch", 'request -> pick\n    pick -> hold when metadata.held == "yes"\n'
+                                         "    pick -> batch otherwise\n    hold -> batch")
+            .replace("stage out", "stage pick    : route         {}\n"
+                                  '    stage hold    : python        { fn = "flowkit:hold" }\n    stage out'))
+    s = LiveServer(tiny_gguf, text=text)
     try:
         body = {"model": "tiny", "prompt": "hello", "max_tokens": 4, "stream": True}
         codes = []
 
-        def send():
-            with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as r:
+        def send(**more):
+            with httpx.stream("POST", s.url + "/v1/completions", json={**body, **more}, timeout=30) as r:
                 codes.append(r.status_code)
                 r.read()
 
-        waiting = [threading.Thread(target=send) for _ in range(2)]
-        for t in waiting:
-            t.start()
-        s.stats_when(lambda st: st["waiting"] == 2)
+        waiting = [threading.Thread(target=send, kwargs={"metadata": {"held": "yes"}}), threading.Thread(target=send)]
+        waiting[0].start()
+        s.stats_when(lambda st: st["in_flight"] == 1 and st["stages"]["hold"]["items_in"] == 1)
+        waiting[1].start()
+        s.stats_when(lambda st: st["in_flight"] == 2 and st["waiting"] == 1)     # in the engine's window
         r = s.http.post(s.url + "/v1/completions", json=body, timeout=30)
         assert r.status_code == 429
         assert r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "queue_full"
         assert r.json()["error"]["type"] == "rate_limit_error"
+        flowkit.gate("hold").set()
         for t in waiting:
             t.join(30)
         assert codes == [200, 200]                         # the waiting ones are served
         assert s.metric("agp_requests_total", '{status="429"}') == 1
     finally:
+        flowkit.gate("hold").set()
         s.close()
 
 
@@ -602,23 +614,34 @@ def test_a_request_of_more_inputs_than_the_queue_holds_is_400_not_a_429_forever(
         s.close()
 
 
+@pytest.mark.usefixtures("fresh_flowkit")
 def test_inputs_the_queue_could_hold_later_are_429_while_it_is_full(tiny_gguf):
-    s = LiveServer(tiny_gguf, max_batch_size=8, max_queue=2, batch_timeout_s=5.0)
+    # a python stage before the engine holds two requests (flowkit.hold), which fill max_queue = 2
+    # until the test lets them go, however long it takes
+    text = (TINY.format(model=tiny_gguf, max_queue=2, max_batch_size=8, timeout=20)
+            .replace("request -> batch", "request -> hold -> batch")
+            .replace("stage out", 'stage hold    : python        { fn = "flowkit:hold" }\n    stage out'))
+    s = LiveServer(tiny_gguf, text=text)
     try:
         body = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
-        waiting = [threading.Thread(target=httpx.post, args=(s.url + "/v1/completions",),
-                                    kwargs={"json": body, "timeout": 30}) for _ in range(2)]
+        answers = []
+        waiting = [threading.Thread(target=lambda: answers.append(httpx.post(s.url + "/v1/completions", json=body,
+                                                                             timeout=30)))
+                   for _ in range(2)]
         for t in waiting:
             t.start()
-        s.stats_when(lambda st: st["waiting"] == 2)
+        s.stats_when(lambda st: st["in_flight"] == 2)
         for path, more in [("/v1/embeddings", {"input": ["a", "b"]}),
                            ("/v1/completions", {"prompt": ["a", "b"], "max_tokens": 2})]:
             r = s.http.post(s.url + path, json={"model": "tiny", **more}, timeout=30)
             assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
             assert r.json()["error"]["code"] == "queue_full"
+        flowkit.gate("hold").set()
         for t in waiting:
             t.join(30)
+        assert [a.status_code for a in answers] == [200, 200]          # the held ones are served
     finally:
+        flowkit.gate("hold").set()
         s.close()
 
 
@@ -637,7 +660,7 @@ def test_a_non_streaming_client_that_hangs_up_aborts_its_request(tiny_gguf):
 def test_a_stream_whose_client_is_gone_before_the_first_byte_is_aborted(long_gguf):
     # an answer far longer than the test: however late the failed write is noticed (a busy
     # machine), the request is still generating then, so it can only end aborted
-    s = LiveServer(long_gguf, max_batch_size=8, batch_timeout_s=3.0)   # it waits in the window
+    s = LiveServer(long_gguf, max_batch_size=8)
     body = json.dumps({"prompt": "hello", "max_tokens": 2000, "ignore_eos": True, "stream": True}).encode()
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
              "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
