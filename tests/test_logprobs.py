@@ -532,3 +532,55 @@ def test_an_unpinned_completion_reads_its_tokens_and_echoed_prompt_with_the_mode
     assert [unpinned["logprobs"][k] for k in ("tokens", "text_offset")] == \
         [named["logprobs"][k] for k in ("tokens", "text_offset")]
 
+
+RELABEL = '''
+def relabel(item):
+    by = item["request"].get("metadata", {}).get("by")
+    item["generated_by"] = {"list": ["gen"], "number": 7, "object": {"stage": "gen"}}.get(by, by)
+    return item
+'''
+
+
+def test_a_generated_by_that_names_no_generate_stage_reads_the_answer_with_the_pipeline_s_model(tmp_path, soft_gguf,
+                                                                                                 monkeypatch):
+    """A stage after generate may rewrite the answer's `generated_by` to any JSON value: one that
+    names no generate stage tells nothing of the vocabulary, and the answer's tokens are read with
+    the pipeline's model's (as an unpinned request's were), by agp serve and `agp run` alike; the
+    request is answered, not failed."""
+    (tmp_path / "relabel_hooks.py").write_text(RELABEL)
+    monkeypatch.syspath_prepend(str(tmp_path))           # the server's pipeline file is in a folder of its own
+    body = ("stage request : requests {}\nstage gen : generate {}\n"
+            "stage relabel : python { fn = \"relabel_hooks:relabel\" }\nstage out : respond {}\n"
+            "request -> batch\ngen -> relabel -> out\n" + chain())
+    path = write(tmp_path, soft_gguf, body)
+    tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}
+    s = LiveServer(soft_gguf, text=path.read_text())
+    try:
+        text_of = s.runtime.token_text()
+        for by in ("elsewhere", "list", "number", "object"):
+            kw = dict(model="tiny", prompt=PROMPT, max_tokens=3, echo=True, logprobs=1,
+                      extra_body={"metadata": {"by": by}, "return_token_ids": True})
+            whole = s.client.completions.create(**kw).choices[0]
+            assert whole.logprobs.tokens == [text_of(t) for t in whole.prompt_token_ids + whole.token_ids], by
+            chunks = list(s.client.completions.create(**kw, stream=True))
+            assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == \
+                whole.logprobs.tokens, by
+            kw = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3, logprobs=True,
+                      tools=[tool], extra_body={"metadata": {"by": by}, "return_token_ids": True})
+            whole = s.client.chat.completions.create(**kw).choices[0]
+            assert [e.token for e in whole.logprobs.content] == [text_of(t) for t in whole.token_ids], by
+            chunks = list(s.client.chat.completions.create(**kw, stream=True))
+            streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+            assert [e.token for e in streamed] == [e.token for e in whole.logprobs.content], by
+    finally:
+        s.close()
+    bys = ("elsewhere", "list", "number", "object")
+    lines = [{"prompt": PROMPT, "max_tokens": 3, "echo": True, "logprobs": 1, "return_token_ids": True,
+              "metadata": {"by": by}} for by in bys]
+    lines += [{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "logprobs": 1,
+               "return_token_ids": True, "tools": [tool], "metadata": {"by": by}} for by in bys]
+    outs = flowkit.run_lines(path, lines, {"kv_budget_bytes": 8 << 20})
+    for out in outs[:4]:
+        assert out["logprobs"]["tokens"] == [text_of(t) for t in out["prompt_token_ids"] + out["token_ids"]], out
+    for out in outs[4:]:
+        assert out["logprobs"]["tokens"] == [text_of(t) for t in out["token_ids"]], out

@@ -19,7 +19,7 @@ from typing import Callable
 from pipeline_dsl.commands.batch_api import BatchLine
 from pipeline_dsl.engine.config import percentile
 from pipeline_dsl.requests_io import ParsedRequest
-from pipeline_dsl.serve.answers import Vocabularies
+from pipeline_dsl.serve.answers import Vocabularies, answered_by
 from pipeline_dsl.serve.errors import api_error
 from pipeline_dsl.serve.protocol import chat_message, completion_logprobs
 from pipeline_dsl.serve.token_fields import prompt_logprobs_json
@@ -105,7 +105,8 @@ def _tool_calls(parsed: ParsedRequest, choice, parts: dict, runtime) -> str | No
     (null when nothing is), `finish_reason` "tool_calls"; a line without calls its text less the
     family's markers (kept in the decoded answer for the parser). Any other line keeps its text."""
     active = bool(parsed.tools) and parsed.tool_choice != "none"
-    parser = runtime.tool_parser(choice.data.get("generated_by"), parsed.tool_choice) if active else "hermes"
+    gen = answered_by(runtime, _pin(runtime, parsed), choice.data.get("generated_by"))
+    parser = runtime.tool_parser(gen, parsed.tool_choice) if active else "hermes"
     message, reason = chat_message(parts["text"], choice.finish_reason, active,
                                    None if parsed.parallel_tool_calls else 1, parser, choice.tool_read)
     if active:                      # the content: a family's markers left out (tools.without_markers)
