@@ -10,6 +10,7 @@ Logprobs of generated tokens come from the engine's sampler (raw log_softmax of 
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import openai
 import pytest
 import torch
 
+import flowkit
+from flowkit import chain, write
 from pipeline_dsl.commands.runner import RunRequest, run_pipeline
 from pipeline_dsl.flow import build_runtime
 from pipeline_dsl.requests_io import parse_request
@@ -392,3 +395,192 @@ def test_chat_logprob_bytes_are_each_tokens_own_and_join_into_the_text(server):
                                           extra_body={"guided_choice": ["€5"]})
     part = resp.output[0].content[0]
     assert b"".join(bytes(e.bytes) for e in part.logprobs[:4]).decode() == part.text == "€5"
+
+
+# ------------------------------------------- a pipeline whose generate stages' vocabularies differ
+
+TWO_VOCABS = """
+stage request : requests {}
+stage route : route {}
+stage bpe_gen : generate {}
+stage spm_gen : generate { model = "%s" }
+stage out : respond {}
+request -> route
+route -> batch_s otherwise
+route -> batch_b when max_tokens > 100000
+%s%sspm_gen -> out
+bpe_gen -> out
+"""
+WORDS = "( the| cat| and| world| is| hello)+"     # an answer of PROMPT's words
+
+
+@pytest.fixture(scope="module")
+def two_vocabs(tmp_path_factory):
+    """A pipeline of two generate stages whose models' vocabularies differ: bpe_gen's (the
+    pipeline's model: byte-level BPE) and spm_gen's (SentencePiece). A request that names neither
+    goes to spm_gen."""
+    where = tmp_path_factory.mktemp("two_vocabs")
+    bpe = write_tiny_gguf(where / "bpe.gguf", embed_scale=0.3)
+    spm = write_tiny_gguf(where / "spm.gguf", tokenizer="spm", embed_scale=0.3)
+    body = TWO_VOCABS % (spm, chain("spm_gen", "batch_s", "enc_s", "kv_s"),
+                         chain("bpe_gen", "batch_b", "enc_b", "kv_b"))
+    s = LiveServer(bpe, text=write(where, bpe, body).read_text(), stages=("bpe_gen", "spm_gen"),
+                   overrides={"kv_budget_bytes": 8 << 20})
+    yield s
+    s.close()
+
+
+def _spm(server):
+    """spm_gen's own token text and bytes (the runtime's, asked for that stage by name), and the
+    ids of its vocabulary's tokens of PROMPT (the only ones its answers here may sample: words)."""
+    rt = server.runtime
+    words = [t for t in rt.tokenise({"prompt": PROMPT}, pin="spm_gen") if t > 2]
+    return rt.token_text("spm_gen"), rt.token_bytes("spm_gen"), words
+
+
+def _named(entries) -> list:
+    """Chat logprobs entries (objects or dicts) as what names their tokens: each token, its bytes
+    and its alternatives' (their values aside: two runs' sums may differ in the last bits)."""
+    def plain(e):
+        return e if isinstance(e, dict) else e.model_dump()
+    return [(e["token"], e["bytes"], [(t["token"], t["bytes"]) for t in e["top_logprobs"]])
+            for e in map(plain, entries)]
+
+
+def test_an_unpinned_chat_answer_names_its_tokens_in_the_vocabulary_of_the_model_that_wrote_it(two_vocabs):
+    """An unpinned chat answer that spm_gen wrote names each of its tokens (top_logprobs too) and
+    their bytes in spm_gen's vocabulary, not the pipeline's model's (another token has its id
+    there): whole and streamed, as when the request names spm_gen; its tokens join into its text.
+    So does the Responses API's answer (include message.output_text.logprobs)."""
+    pytest.importorskip("llguidance")
+    text_of, bytes_of, _ = _spm(two_vocabs)
+    client = two_vocabs.client
+    kw = dict(messages=[{"role": "user", "content": PROMPT}], max_tokens=6, temperature=0, logprobs=True,
+              top_logprobs=2, extra_body={"ignore_eos": True, "return_token_ids": True, "guided_regex": WORDS})
+    pinned = client.chat.completions.create(model="spm_gen", **kw).choices[0]
+    assert any(text_of(t) != two_vocabs.runtime.token_text("bpe_gen")(t) for t in pinned.token_ids)
+    for model in ("tiny", "spm_gen"):
+        whole = client.chat.completions.create(model=model, **kw).choices[0]
+        content = whole.logprobs.content
+        assert [e.token for e in content] == [text_of(t) for t in whole.token_ids], model
+        assert [bytes(e.bytes) for e in content] == [bytes_of(t) for t in whole.token_ids], model
+        assert "".join(e.token for e in content) == whole.message.content, model
+        assert _named(content) == _named(pinned.logprobs.content), model
+        chunks = list(client.chat.completions.create(model=model, stream=True, **kw))
+        streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+        assert _named(streamed) == _named(content), model
+
+        body = {"model": model, "input": PROMPT, "max_output_tokens": 6, "temperature": 0, "top_logprobs": 2,
+                "include": ["message.output_text.logprobs"], "ignore_eos": True, "guided_regex": WORDS}
+        r = httpx.post(two_vocabs.url + "/v1/responses", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        out = r.json()["output"]
+        assert len(out) == 1 and len(out[0]["content"]) == 1, out
+        part = out[0]["content"][0]
+        assert _named(part["logprobs"]) == _named(content), model
+        assert "".join(e["token"] for e in part["logprobs"]) == part["text"], model
+        with httpx.stream("POST", two_vocabs.url + "/v1/responses", json={**body, "stream": True}, timeout=120) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+        assert _named([e for ev in events if ev["type"] == "response.output_text.delta" for e in ev["logprobs"]]) \
+            == _named(part["logprobs"]), model
+        [done] = [ev for ev in events if ev["type"] == "response.incomplete"]     # its max_output_tokens
+        assert _named(done["response"]["output"][0]["content"][0]["logprobs"]) == _named(part["logprobs"]), model
+
+
+def test_an_unpinned_completion_reads_its_tokens_and_echoed_prompt_with_the_model_that_wrote_it(two_vocabs):
+    """An unpinned completion that spm_gen wrote, echoed with logprobs: its prompt sent as token
+    ids echoes as spm_gen's text of them, and every token of prompt and answer (prompt_logprobs'
+    too) is named in spm_gen's vocabulary, at offsets in that text, whole and streamed, as when
+    the request names spm_gen; `agp run`'s lines name them so as well."""
+    text_of, _, words = _spm(two_vocabs)
+    client = two_vocabs.client
+    prompt_ids = words                                  # PROMPT's tokens (no start token: it is not echoed)
+    extra = {"ignore_eos": True, "return_token_ids": True, "allowed_token_ids": words}
+    for prompt in (PROMPT, prompt_ids):
+        kw = dict(prompt=prompt, max_tokens=5, temperature=0, echo=True, logprobs=2)
+        pinned = client.completions.create(model="spm_gen", **kw, extra_body=extra).choices[0]
+        for model in ("tiny", "spm_gen"):
+            whole = client.completions.create(model=model, **kw, extra_body={**extra, "prompt_logprobs": 1}).choices[0]
+            ids = whole.prompt_token_ids + whole.token_ids
+            assert whole.text.startswith(PROMPT) and whole.text == pinned.text, (model, prompt)
+            assert whole.logprobs.tokens == [text_of(t) for t in ids], (model, prompt)
+            assert (whole.logprobs.tokens, whole.logprobs.text_offset) == \
+                (pinned.logprobs.tokens, pinned.logprobs.text_offset), (model, prompt)
+            assert [sorted(top or {}) for top in whole.logprobs.top_logprobs] == \
+                [sorted(top or {}) for top in pinned.logprobs.top_logprobs], (model, prompt)
+            answer = whole.logprobs.tokens[len(whole.prompt_token_ids):]
+            assert "".join(answer) == whole.text[len(PROMPT):], (model, prompt)
+            assert [e[str(t)]["decoded_token"] for e, t in zip(whole.prompt_logprobs[1:], whole.prompt_token_ids[1:])] \
+                == [text_of(t) for t in whole.prompt_token_ids[1:]], (model, prompt)
+            chunks = list(client.completions.create(model=model, stream=True, **kw, extra_body=extra))
+            assert "".join(c.choices[0].text for c in chunks) == whole.text, (model, prompt)
+            lps = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+            assert [t for lp in lps for t in lp.tokens] == whole.logprobs.tokens, (model, prompt)
+            assert [o for lp in lps for o in lp.text_offset] == whole.logprobs.text_offset, (model, prompt)
+
+    line = {"prompt_token_ids": prompt_ids, "max_tokens": 5, "temperature": 0, "echo": True, "logprobs": 2,
+            "prompt_logprobs": 1, **extra}
+    unpinned, named = flowkit.run_lines(Path(two_vocabs.dir) / "tiny.agp", [line, {**line, "model": "spm_gen"}],
+                                        {"kv_budget_bytes": 8 << 20})
+    assert unpinned["text"].startswith(PROMPT) and unpinned["generated_by"] == "spm_gen"
+    ids = unpinned["prompt_token_ids"] + unpinned["token_ids"]
+    assert unpinned["logprobs"]["tokens"] == [text_of(t) for t in ids]
+    prompt = unpinned["prompt_token_ids"][1:]
+    assert [e[str(t)]["decoded_token"] for e, t in zip(unpinned["prompt_logprobs"][1:], prompt)] == \
+        [text_of(t) for t in prompt]
+    assert unpinned["text"] == named["text"]
+    assert [unpinned["logprobs"][k] for k in ("tokens", "text_offset")] == \
+        [named["logprobs"][k] for k in ("tokens", "text_offset")]
+
+
+RELABEL = '''
+def relabel(item):
+    by = item["request"].get("metadata", {}).get("by")
+    item["generated_by"] = {"list": ["gen"], "number": 7, "object": {"stage": "gen"}}.get(by, by)
+    return item
+'''
+
+
+def test_a_generated_by_that_names_no_generate_stage_reads_the_answer_with_the_pipeline_s_model(tmp_path, soft_gguf,
+                                                                                                 monkeypatch):
+    """A stage after generate may rewrite the answer's `generated_by` to any JSON value: one that
+    names no generate stage tells nothing of the vocabulary, and the answer's tokens are read with
+    the pipeline's model's (as an unpinned request's were), by agp serve and `agp run` alike; the
+    request is answered, not failed."""
+    (tmp_path / "relabel_hooks.py").write_text(RELABEL)
+    monkeypatch.syspath_prepend(str(tmp_path))           # the server's pipeline file is in a folder of its own
+    body = ("stage request : requests {}\nstage gen : generate {}\n"
+            "stage relabel : python { fn = \"relabel_hooks:relabel\" }\nstage out : respond {}\n"
+            "request -> batch\ngen -> relabel -> out\n" + chain())
+    path = write(tmp_path, soft_gguf, body)
+    tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}
+    s = LiveServer(soft_gguf, text=path.read_text())
+    try:
+        text_of = s.runtime.token_text()
+        for by in ("elsewhere", "list", "number", "object"):
+            kw = dict(model="tiny", prompt=PROMPT, max_tokens=3, echo=True, logprobs=1,
+                      extra_body={"metadata": {"by": by}, "return_token_ids": True})
+            whole = s.client.completions.create(**kw).choices[0]
+            assert whole.logprobs.tokens == [text_of(t) for t in whole.prompt_token_ids + whole.token_ids], by
+            chunks = list(s.client.completions.create(**kw, stream=True))
+            assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == \
+                whole.logprobs.tokens, by
+            kw = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3, logprobs=True,
+                      tools=[tool], extra_body={"metadata": {"by": by}, "return_token_ids": True})
+            whole = s.client.chat.completions.create(**kw).choices[0]
+            assert [e.token for e in whole.logprobs.content] == [text_of(t) for t in whole.token_ids], by
+            chunks = list(s.client.chat.completions.create(**kw, stream=True))
+            streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+            assert [e.token for e in streamed] == [e.token for e in whole.logprobs.content], by
+    finally:
+        s.close()
+    bys = ("elsewhere", "list", "number", "object")
+    lines = [{"prompt": PROMPT, "max_tokens": 3, "echo": True, "logprobs": 1, "return_token_ids": True,
+              "metadata": {"by": by}} for by in bys]
+    lines += [{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "logprobs": 1,
+               "return_token_ids": True, "tools": [tool], "metadata": {"by": by}} for by in bys]
+    outs = flowkit.run_lines(path, lines, {"kv_budget_bytes": 8 << 20})
+    for out in outs[:4]:
+        assert out["logprobs"]["tokens"] == [text_of(t) for t in out["prompt_token_ids"] + out["token_ids"]], out
+    for out in outs[4:]:
+        assert out["logprobs"]["tokens"] == [text_of(t) for t in out["token_ids"]], out

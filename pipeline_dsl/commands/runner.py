@@ -19,10 +19,10 @@ from typing import Callable
 from pipeline_dsl.commands.batch_api import BatchLine
 from pipeline_dsl.engine.config import percentile
 from pipeline_dsl.requests_io import ParsedRequest
-from pipeline_dsl.serve.answers import offsets
+from pipeline_dsl.serve.answers import Vocabularies, answered_by
 from pipeline_dsl.serve.errors import api_error
 from pipeline_dsl.serve.protocol import chat_message, completion_logprobs
-from pipeline_dsl.serve.token_fields import logprob_names, prompt_logprobs_json
+from pipeline_dsl.serve.token_fields import prompt_logprobs_json
 
 
 @dataclass
@@ -106,7 +106,8 @@ def _tool_calls(parsed: ParsedRequest, choice, parts: dict, runtime) -> str | No
     (null when nothing is), `finish_reason` "tool_calls"; a line without calls its text less the
     family's markers (kept in the decoded answer for the parser). Any other line keeps its text."""
     active = bool(parsed.tools) and parsed.tool_choice != "none"
-    parser = runtime.tool_parser(choice.data.get("generated_by"), parsed.tool_choice) if active else "hermes"
+    gen = answered_by(runtime, _pin(runtime, parsed), choice.data.get("generated_by"))
+    parser = runtime.tool_parser(gen, parsed.tool_choice) if active else "hermes"
     message, reason = chat_message(parts["text"], choice.finish_reason, active,
                                    None if parsed.parallel_tool_calls else 1, parser, choice.tool_read)
     if active:                      # the content: a family's markers left out (tools.without_markers)
@@ -118,26 +119,27 @@ def _tool_calls(parsed: ParsedRequest, choice, parts: dict, runtime) -> str | No
 
 def _choice_parts(req: RunRequest, choice, runtime) -> dict:
     """A choice's text (the prompt first with `echo`), and its `logprobs` / `prompt_logprobs`
-    where the line asked for them, as agp serve's completions choice carries them."""
+    where the line asked for them, as agp serve's completions choice carries them: its tokens read
+    with the tokenizer of the generate stage that wrote it (its `generated_by`)."""
     asked = req.parsed.extras
     echo, k, prompt_k = bool(asked.get("echo")), asked.get("logprobs"), asked.get("prompt_logprobs")
-    pin = _pin(runtime, req.parsed) if runtime is not None else None
     out, prompt = {"text": choice.text}, None
     if choice.data.get("stop_reason") is not None:        # vLLM's: the stop string or stop token id
         out["stop_reason"] = choice.data["stop_reason"]
-    if echo and req.parsed.messages is None and runtime is not None:
+    if runtime is None:
+        return out
+    vocabs = Vocabularies(runtime, _pin(runtime, req.parsed), asked, prompt_k is not None)
+    gen = choice.data.get("generated_by")
+    if echo and req.parsed.messages is None:
         prompt = req.parsed.prompt
         if prompt is None:
-            prompt = runtime.detokenise(list(req.parsed.prompt_token_ids or ()), pin)
+            prompt = vocabs.detokenise(req.parsed.prompt_token_ids or (), gen)
         out["text"] = prompt + choice.text
-    if runtime is None or (k is None and prompt_k is None):
-        return out
-    text_of = runtime.token_text(pin)
     if k is not None:
-        out["logprobs"] = completion_logprobs(choice.data, logprob_names(text_of, asked), prompt,
-                                              offsets(runtime, pin, asked, runtime.token_bytes(pin)), k=k)
+        out["logprobs"] = completion_logprobs(choice.data, vocabs.of(gen).name_of, prompt, vocabs.offsets(gen), k=k)
     if prompt_k is not None:
-        out["prompt_logprobs"] = prompt_logprobs_json(choice.data.get("prompt_logprobs"), prompt_k, text_of)
+        out["prompt_logprobs"] = prompt_logprobs_json(choice.data.get("prompt_logprobs"), prompt_k,
+                                                      vocabs.of(gen).text_of)
     return out
 
 

@@ -4,11 +4,27 @@ One builder for every place that answers a whole request at once: agp serve's no
 answers (serve/generation.py) and the OpenAI batch-API lines of `agp run` (commands/batch_api.py),
 so a batch output line's `response.body` is what POST /v1/chat/completions would have answered.
 No HTTP here: the runtime only lends the tokens' text (logprobs) and detokenises echoed prompts.
+
+Each answer is read with the tokenizer of the generate stage that wrote it (its choice's
+`generated_by`, a stream delta's too): a pipeline's generate stages may run models of other
+vocabularies, and an unpinned request is answered by whichever stage its route chose.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 from . import protocol as P
 from .token_fields import answer_fields, logprob_names
+
+
+def answered_by(runtime, pin: str | None, gen) -> str | None:
+    """The generate stage whose model's tokenizer and tool-call form an answer is read with: `gen`,
+    the stage that wrote it (its choice's `generated_by`, a delta's), where that names one of the
+    pipeline's generate stages; else the request's pinned stage `pin` (None: the pipeline's model).
+    A stage's hook may write any JSON value as `generated_by`: one that names no generate stage
+    tells nothing of the vocabulary."""
+    return gen if isinstance(gen, str) and gen in runtime.seg_of_gen else pin
 
 
 def call_parser(runtime, req, gen: str | None = None) -> str:
@@ -17,16 +33,63 @@ def call_parser(runtime, req, gen: str | None = None) -> str:
     the pinned stage's, or the pipeline's, where no stage is known), or hermes, unused, when it
     gave no tools. The pin alone would read an unpinned answer of a pipeline whose generate
     stages' models write calls differently in the wrong one's form."""
-    return runtime.tool_parser(gen or req.pin, req.tool_choice) if req.tools_active else "hermes"
+    return runtime.tool_parser(answered_by(runtime, req.pin, gen), req.tool_choice) if req.tools_active else "hermes"
 
 
-def prompt_text(runtime, data: dict, req: P.GenerationRequest) -> str:
-    """The prompt of an answer, for echo: as sent, or decoded from the ids it was sent as."""
+@dataclass(frozen=True)
+class Vocabulary:
+    """What the logprobs of an answer by generate stage `stage` need of its model's tokenizer:
+    token id -> its text (`text_of`), its bytes (`bytes_of`), the name the logprobs give it
+    (`name_of`: its text, or "token_id:N"); None where the request asked for none of them."""
+    stage: str | None
+    text_of: Callable[[int], str] | None
+    bytes_of: Callable[[int], bytes] | None
+    name_of: Callable[[int], str] | None
+
+
+class Vocabularies:
+    """The tokenizers one request's answers are read with: the model's of the generate stage that
+    wrote each choice (answered_by: its `generated_by`, else the request's pin), each stage's made
+    once, as first asked for. `fields`: the request's (its `logprobs`, return_tokens_as_token_ids,
+    skip_special_tokens); `want_text`: the tokens' text is needed without `logprobs` (vLLM's
+    prompt_logprobs). An unpinned request of a pipeline whose generate stages' models have other
+    vocabularies, read with the pin's (the pipeline's model's), would name its tokens by another
+    vocabulary's ids."""
+
+    def __init__(self, runtime, pin: str | None, fields: dict, want_text: bool = False):
+        self.runtime, self.pin, self.fields = runtime, pin, fields
+        self.want_lp = fields.get("logprobs") is not None
+        self.want_text = want_text or self.want_lp
+        self.made: dict[str | None, Vocabulary] = {}
+
+    def of(self, gen=None) -> Vocabulary:
+        """The vocabulary of an answer written by generate stage `gen` (None: not known)."""
+        stage = answered_by(self.runtime, self.pin, gen)
+        vocab = self.made.get(stage)
+        if vocab is None:
+            text_of = self.runtime.token_text(stage) if self.want_text else None
+            bytes_of = self.runtime.token_bytes(stage) if self.want_lp else None
+            vocab = self.made[stage] = Vocabulary(stage, text_of, bytes_of, logprob_names(text_of, self.fields))
+        return vocab
+
+    def offsets(self, gen=None, start: int = 0) -> P.TextOffsets:
+        """A new text_offset counter of one choice written by `gen` (its text from `start`)."""
+        vocab = self.of(gen)
+        return offsets(self.runtime, vocab.stage, self.fields, vocab.bytes_of, start)
+
+    def detokenise(self, ids: list[int], gen=None) -> str:
+        """Token ids as the text of `gen`'s model (an echoed prompt sent as ids)."""
+        return self.runtime.detokenise(list(ids), answered_by(self.runtime, self.pin, gen)) if ids else ""
+
+
+def prompt_text(vocabs: Vocabularies, data: dict) -> str:
+    """The prompt of an answer, for echo: as sent, or decoded from the ids it was sent as (by the
+    model of the generate stage that answered, which read them)."""
     request = data.get("request") or {}
     if isinstance(request.get("prompt"), str):
         return request["prompt"]
     ids = request.get("prompt_token_ids") or data.get("prompt_token_ids") or []
-    return runtime.detokenise(list(ids), req.pin) if ids else ""
+    return vocabs.detokenise(ids, data.get("generated_by"))
 
 
 def offsets(runtime, pin: str | None, fields: dict, bytes_of, start: int = 0) -> P.TextOffsets:
@@ -43,16 +106,19 @@ def answer_body(runtime, res, req: P.GenerationRequest, rid: str,
     OpenAI's system_fingerprint of the configuration that answered (serve/build.py)."""
     use = P.usage(res.usage["prompt_tokens"], res.usage["completion_tokens"], res.usage["cached_tokens"])
     want = req.fields.get("logprobs") is not None
-    text_of = runtime.token_text(req.pin) if want or req.prompt_logprobs is not None else None
+    vocabs = Vocabularies(runtime, req.pin, req.fields, req.prompt_logprobs is not None)
     want_ids = bool(req.fields.get("return_token_ids"))
-    bytes_of = runtime.token_bytes(req.pin) if want else None
-    name_of = logprob_names(text_of, req.fields)
     if req.kind == "chat":
-        choices = [(c.index, c.text, c.finish_reason,
-                    P.chat_logprobs(c.data.get("logprobs") or [], name_of, bytes_of) if want else None,
-                    {"stop_reason": c.data.get("stop_reason"), **answer_fields(c.data, None, want_ids, text_of)[1]})
-                   for c in res.choices]
-        top = answer_fields(res.choices[0].data, req.prompt_logprobs, want_ids, text_of)[0]
+        choices = []
+        for c in res.choices:
+            vocab = vocabs.of(c.data.get("generated_by"))
+            choices.append((c.index, c.text, c.finish_reason,
+                            P.chat_logprobs(c.data.get("logprobs") or [], vocab.name_of, vocab.bytes_of) if want
+                            else None,
+                            {"stop_reason": c.data.get("stop_reason"),
+                             **answer_fields(c.data, None, want_ids, vocab.text_of)[1]}))
+        first = res.choices[0].data
+        top = answer_fields(first, req.prompt_logprobs, want_ids, vocabs.of(first.get("generated_by")).text_of)[0]
         body = P.chat_response(rid, req.model, choices, use, tools_active=req.tools_active, top=top,
                                call_limit=req.call_limit, fingerprint=fingerprint,
                                parsers=[call_parser(runtime, req, c.data.get("generated_by")) for c in res.choices],
@@ -61,10 +127,11 @@ def answer_body(runtime, res, req: P.GenerationRequest, rid: str,
     echo = bool(req.fields.get("echo"))
     choices = []
     for c in res.choices:
-        prompt = prompt_text(runtime, c.data, req) if echo else ""
-        of_prompt, of_answer = answer_fields(c.data, req.prompt_logprobs, want_ids, text_of)
-        lp = (P.completion_logprobs(c.data, name_of, prompt if echo else None,
-                                    offsets(runtime, req.pin, req.fields, bytes_of), k=req.fields.get("logprobs"))
+        gen = c.data.get("generated_by")
+        prompt = prompt_text(vocabs, c.data) if echo else ""
+        of_prompt, of_answer = answer_fields(c.data, req.prompt_logprobs, want_ids, vocabs.of(gen).text_of)
+        lp = (P.completion_logprobs(c.data, vocabs.of(gen).name_of, prompt if echo else None, vocabs.offsets(gen),
+                                    k=req.fields.get("logprobs"))
               if want else None)
         choices.append((c.index, prompt + c.text, c.finish_reason, lp,
                         {"stop_reason": c.data.get("stop_reason"), **of_prompt, **of_answer}))

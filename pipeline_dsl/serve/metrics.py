@@ -424,9 +424,11 @@ class ServerMetrics:
         self.http_latency.labels(handler, method).observe(seconds)
 
     def engine(self, result) -> str:
-        """The index of the engine that answered the request (its first choice's generate stage)."""
+        """The index of the engine that answered the request (its first choice's generate stage;
+        the first engine's where that names none: a stage after generate may write any JSON value
+        as `generated_by`)."""
         gen = next((c.data.get("generated_by") for c in result.choices if isinstance(c.data, dict)), None)
-        return self.engine_of.get(gen, "0")
+        return self.engine_of.get(gen, "0") if isinstance(gen, str) else "0"
 
     def engine_shares(self, result, key: str) -> dict[str, int]:
         """{engine index: its tokens of kind `key`} of the request (Result.engine_usage): a

@@ -30,7 +30,7 @@ from pipeline_dsl.diagnostics import closest
 
 from . import protocol as P
 from .access import request_info
-from .answers import call_parser
+from .answers import Vocabularies, call_parser
 from .body import read_json
 from .errors import as_responses_wrote
 from .extras import bad, parsed_off_loop
@@ -38,7 +38,7 @@ from .generation import Generations
 from .responses_events import ResponseEvents
 from .responses_output import call_item, ending, message_item, output_messages, response_object, usage
 from .sse import EventStream
-from .token_fields import MAX_LOGPROBS, logprob_names
+from .token_fields import MAX_LOGPROBS
 
 log = logging.getLogger("agp.serve")
 
@@ -423,22 +423,19 @@ class Responses:
             return EventStream(events.events(), stream, g.gone)
         return await g.collect(request, stream, first, call.req, lambda res: self.answer(call, res, rid))
 
-    def text_of(self, call: ResponsesCall):
-        return self.g.apipe.runtime.token_text(call.req.pin) if call.req.fields.get("logprobs") is not None else None
-
-    def name_of(self, call: ResponsesCall):
-        """What the logprobs call each token: its text, or "token_id:N" (--return-tokens-as-token-ids)."""
-        return logprob_names(self.text_of(call), call.req.fields)
-
-    def bytes_of(self, call: ResponsesCall):
-        return self.g.apipe.runtime.token_bytes(call.req.pin) if call.req.fields.get("logprobs") is not None else None
+    def vocabs(self, call: ResponsesCall) -> Vocabularies:
+        """The tokenizers the call's answer is read with (the model's of the generate stage that
+        wrote it): its logprobs' tokens, their text or "token_id:N" (--return-tokens-as-token-ids)
+        and their bytes."""
+        return Vocabularies(self.g.apipe.runtime, call.req.pin, call.req.fields)
 
     def answer(self, call: ResponsesCall, res, rid: str) -> tuple[dict, dict]:
         """The response object of a finished request (its first choice), and its finish reason."""
         choice = res.choices[0]
-        text_of = self.text_of(call)
-        lps = (P.chat_logprobs(choice.data.get("logprobs") or [], self.name_of(call), self.bytes_of(call))["content"]
-               if text_of else None)
+        vocabs = self.vocabs(call)
+        vocab = vocabs.of(choice.data.get("generated_by"))
+        lps = (P.chat_logprobs(choice.data.get("logprobs") or [], vocab.name_of, vocab.bytes_of)["content"]
+               if vocabs.want_lp else None)
         parser = call_parser(self.g.apipe.runtime, call.req, choice.data.get("generated_by"))
         message, reason = P.chat_message(choice.text, choice.finish_reason, call.req.tools_active,
                                          call.req.call_limit, parser, choice.tool_read)

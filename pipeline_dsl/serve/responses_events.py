@@ -32,10 +32,8 @@ class ResponseEvents(Relay):
         self.output: list[dict] = []            # the items done so far
         self.msg: dict | None = None            # the open message item
         self.pieces: list[str] = []             # the open message's text, a delta a piece (joined at its end)
-        self.text_of = owner.text_of(call)
-        self.name_of = owner.name_of(call)         # what the logprobs call each token
-        self.lps: list | None = [] if self.text_of else None
-        self.bytes_of = owner.bytes_of(call)
+        self.vocabs = owner.vocabs(call)           # what the logprobs call each token, by the model that wrote it
+        self.lps: list | None = [] if self.vocabs.want_lp else None
         self.tools = None                        # the answer's tool stream, from its first text (content)
         self.called = False
         self.seen = False                        # a delta of choice 0 came (else its text comes whole)
@@ -96,8 +94,11 @@ class ResponseEvents(Relay):
 
     def content(self, text: str, step_lp: list | None, gen: str | None) -> list[bytes]:
         """The events of `text` (its tokens' `step_lp`), written by generate stage `gen`: its
-        tool calls are read in that stage's model's form (call_parser)."""
-        lps = P.chat_logprobs(step_lp, self.name_of, self.bytes_of)["content"] if self.text_of and step_lp else None
+        tokens are read with that stage's model's tokenizer, its tool calls in its form (call_parser)."""
+        lps = None
+        if self.vocabs.want_lp and step_lp:
+            vocab = self.vocabs.of(gen)
+            lps = P.chat_logprobs(step_lp, vocab.name_of, vocab.bytes_of)["content"]
         out, calls = [], []
         if self.tools is None and self.call.req.tools_active:
             from pipeline_dsl.tools import tool_stream

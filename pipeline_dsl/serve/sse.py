@@ -19,11 +19,11 @@ from starlette.requests import ClientDisconnect
 
 from . import protocol as P
 from .access import request_info
-from .answers import call_parser, offsets, prompt_text
+from .answers import Vocabularies, Vocabulary, call_parser, prompt_text
 from .async_pipeline import RequestStream
 from .errors import api_error, log_error
 from .server import SEND_WATCH
-from .token_fields import answer_fields, logprob_names
+from .token_fields import answer_fields
 
 
 class EventStream(StreamingResponse):
@@ -156,9 +156,9 @@ class ChunkWriter(Relay):
         self.reasons: dict[int, str | None] = {}       # index -> the finish reason sent
         self.want_lp = req.fields.get("logprobs") is not None
         self.want_ids = bool(req.fields.get("return_token_ids"))
-        self.text_of = runtime.token_text(req.pin) if self.want_lp or req.prompt_logprobs is not None else None
-        self.bytes_of = runtime.token_bytes(req.pin) if self.want_lp else None
-        self.name_of = logprob_names(self.text_of, req.fields)     # what the logprobs call each token
+        # each choice's tokens are read with the tokenizer of the generate stage that wrote it
+        self.vocabs = Vocabularies(runtime, req.pin, req.fields, req.prompt_logprobs is not None)
+        self.vocab: dict[int, Vocabulary] = {}         # index -> its writer's, from the choice's first chunk
         self.opening: dict[int, dict] = {}             # per choice: what its first chunk carries of the prompt
         self.echo = not self.chat and bool(req.fields.get("echo"))
         self.parts = req.split() if self.echo else []
@@ -224,7 +224,7 @@ class ChunkWriter(Relay):
         """Choice `index`'s text_offset, carried from chunk to chunk (after its echoed prompt)."""
         tracker = self.offsets.get(index)       # made once a choice: setdefault would make one each chunk
         if tracker is None:
-            tracker = self.offsets[index] = offsets(self.runtime, self.req.pin, self.req.fields, self.bytes_of)
+            tracker = self.offsets[index] = self.vocabs.offsets(self.vocab[index].stage)
         return tracker
 
     def _prompt_of(self, index: int, data: dict | None) -> tuple[list | None, list | None]:
@@ -236,18 +236,16 @@ class ChunkWriter(Relay):
 
     def _echoed(self, index: int, data: dict | None) -> tuple[str, dict | None]:
         """The prompt of choice `index` and its logprobs: from its answer when that came whole,
-        else from its request (vLLM streams the echo first)."""
-        req = self.req
+        else from its request (vLLM streams the echo first), read by the model that answered it."""
+        req, gen = self.req, self.vocab[index].stage
         if data is not None:
-            text = prompt_text(self.runtime, data, req)
+            text = prompt_text(self.vocabs, data)
         else:
             part = self.parts[self.stream.request_of(index)]
-            text = part.prompt if part.prompt is not None else \
-                self.runtime.detokenise(list(part.prompt_token_ids), req.pin)
+            text = part.prompt if part.prompt is not None else self.vocabs.detokenise(part.prompt_token_ids, gen)
         ids, lps = self._prompt_of(index, data)
-        lp = (P.completion_logprobs({"prompt_logprobs": lps, "prompt_token_ids": ids}, self.name_of, text,
-                                    offsets(self.runtime, req.pin, req.fields, self.bytes_of),
-                                    k=req.fields.get("logprobs"))
+        lp = (P.completion_logprobs({"prompt_logprobs": lps, "prompt_token_ids": ids}, self.vocabs.of(gen).name_of,
+                                    text, self.vocabs.offsets(gen), k=req.fields.get("logprobs"))
               if self.want_lp and lps else None)
         return text, lp
 
@@ -257,15 +255,18 @@ class ChunkWriter(Relay):
         stage `gen`, whose model's form its tool calls are read in; `data`: its answer, when it
         came whole."""
         out = []
+        vocab = self.vocab.get(index)
+        if vocab is None:                              # its first chunk: the stage that wrote it is known
+            vocab = self.vocab[index] = self.vocabs.of(gen)
         if index not in self.opened and (self.want_ids or self.req.prompt_logprobs is not None):
             prompt_ids, lps = self._prompt_of(index, data)
             self.opening[index] = answer_fields({"prompt_token_ids": prompt_ids, "prompt_logprobs": lps},
-                                              self.req.prompt_logprobs, self.want_ids, self.text_of)[0]
+                                              self.req.prompt_logprobs, self.want_ids, vocab.text_of)[0]
         if self.chat and index not in self.opened:
             out.append(self._chunk(index, delta={"role": "assistant", "content": ""}, opening=True))
         if self.echo and index not in self.opened:
             prompt, lp = self._echoed(index, data)
-            self.offsets[index] = offsets(self.runtime, self.req.pin, self.req.fields, self.bytes_of, len(prompt))
+            self.offsets[index] = self.vocabs.offsets(vocab.stage, len(prompt))
             out.append(self._chunk(index, prompt, logprobs=lp, opening=True))
         self.opened.add(index)
         calls = []
@@ -277,8 +278,8 @@ class ChunkWriter(Relay):
             text, calls = self.tool_streams[index].feed(text)
         lp = None
         if self.want_lp and step_lp:                   # these tokens' logprobs, with their text
-            lp = (P.chat_logprobs(step_lp, self.name_of, self.bytes_of) if self.chat
-                  else P.completion_logprobs({"logprobs": step_lp}, self.name_of, None, self._offsets(index)))
+            lp = (P.chat_logprobs(step_lp, vocab.name_of, vocab.bytes_of) if self.chat
+                  else P.completion_logprobs({"logprobs": step_lp}, vocab.name_of, None, self._offsets(index)))
         if text or lp is not None or (self.want_ids and ids):
             out.append(self._chunk(index, text, logprobs=lp, ids=ids))
         return out + self._calls(index, calls)
