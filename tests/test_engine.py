@@ -179,6 +179,22 @@ def test_shared_prefix_is_served_from_cache_with_identical_output():
     assert s["cached_tokens"] == second["b"].cached_tokens and 0 < s["hit_rate"] < 1
 
 
+def test_the_engines_token_counters_count_a_cached_prompt_whole_as_usage_does():
+    """stats()' prompt_tokens, like a request's usage, counts every prompt token of the finished
+    requests, those the prefix cache served too; cached_tokens says how many of them it served."""
+    e = toy_engine()
+    prompt = "the same long system prompt, then a question"
+    outs = {}
+    for rid in ("a", "b"):
+        e.add_request(rid, prompt=prompt, params=SamplingParams(max_tokens=5))
+        outs.update(run_all(e)[0])
+    assert outs["b"].cached_tokens > 0
+    s = e.stats()
+    assert s["prompt_tokens"] == outs["a"].prompt_tokens + outs["b"].prompt_tokens == 2 * len(prompt)
+    assert s["cached_tokens"] == outs["b"].cached_tokens
+    assert s["completion_tokens"] == outs["a"].completion_tokens + outs["b"].completion_tokens > 0
+
+
 def test_requests_arriving_together_share_their_common_prefix():
     system = "you are a helpful assistant. "   # 29 tokens: 7 full blocks of 4
     prompts = [system + q for q in ("what is a cat?", "why is the sky blue?", "hello")]
