@@ -366,6 +366,16 @@ def test_request_that_cannot_fit_the_pool_is_refused_not_hung():
     assert run_all(e)[0]["ok"].completion_tokens <= 12
 
 
+def test_prompt_token_ids_from_0_to_the_last_of_the_vocabulary_are_taken_and_the_next_is_refused():
+    e = toy_engine()
+    for bad in ([5, VOCAB], [-1, 5]):
+        with pytest.raises(InputError, match=f"token id {bad[0] if bad[0] < 0 else VOCAB} is outside the vocabulary"):
+            e.add_request("bad", prompt_token_ids=bad, params=SamplingParams(max_tokens=2))
+    assert not e.has_unfinished()
+    e.add_request("ok", prompt_token_ids=[0, 5, VOCAB - 1], params=SamplingParams(max_tokens=2, ignore_eos=True))
+    assert run_all(e)[0]["ok"].completion_tokens == 2
+
+
 def test_duplicate_id_and_full_queue_are_refused():
     e = toy_engine(max_queue=2, batch_timeout_s=10.0)
     e.add_request("a", prompt="x")
