@@ -641,3 +641,20 @@ def test_a_parked_request_gives_its_slot_and_blocks_away_and_goes_on_where_it_wa
     assert (finals["a"].metrics["preemptions"], finals["a"].metrics["pauses"]) == (0, 1)
     assert e.blocks.num_used == 0 and e.stats()["preemptions"] == 0
     e.blocks.check_invariants()
+
+
+def test_an_unparked_request_goes_back_at_the_head_of_the_queue_before_later_ones():
+    """fcfs: unparked, a request waits at the head of the queue as a preempted one does, so the
+    next free slot is its own, not that of a request that arrived after it."""
+    e = toy_engine(max_batch_size=1)
+    e.add_request("a", prompt="first in", params=SamplingParams(max_tokens=6, ignore_eos=True))
+    e.step()
+    e.step()
+    e.add_request("b", prompt="came later", params=SamplingParams(max_tokens=6, ignore_eos=True))
+    e.park("a")
+    e.park("a", False)
+    assert e.num_running == 0 and e.num_waiting == 2
+    order = []
+    while e.has_unfinished():
+        order += [o.request_id for o in e.step() if o.finished]
+    assert order == ["a", "b"]
