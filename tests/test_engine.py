@@ -179,6 +179,22 @@ def test_shared_prefix_is_served_from_cache_with_identical_output():
     assert s["cached_tokens"] == second["b"].cached_tokens and 0 < s["hit_rate"] < 1
 
 
+def test_the_engines_token_counters_count_a_cached_prompt_whole_as_usage_does():
+    """stats()' prompt_tokens, like a request's usage, counts every prompt token of the finished
+    requests, those the prefix cache served too; cached_tokens says how many of them it served."""
+    e = toy_engine()
+    prompt = "the same long system prompt, then a question"
+    outs = {}
+    for rid in ("a", "b"):
+        e.add_request(rid, prompt=prompt, params=SamplingParams(max_tokens=5))
+        outs.update(run_all(e)[0])
+    assert outs["b"].cached_tokens > 0
+    s = e.stats()
+    assert s["prompt_tokens"] == outs["a"].prompt_tokens + outs["b"].prompt_tokens == 2 * len(prompt)
+    assert s["cached_tokens"] == outs["b"].cached_tokens
+    assert s["completion_tokens"] == outs["a"].completion_tokens + outs["b"].completion_tokens > 0
+
+
 def test_requests_arriving_together_share_their_common_prefix():
     system = "you are a helpful assistant. "   # 29 tokens: 7 full blocks of 4
     prompts = [system + q for q in ("what is a cat?", "why is the sky blue?", "hello")]
@@ -348,6 +364,16 @@ def test_request_that_cannot_fit_the_pool_is_refused_not_hung():
         e.add_request("big", prompt="x" * 20, params=SamplingParams(max_tokens=20))
     e.add_request("ok", prompt="x" * 20, params=SamplingParams(max_tokens=12))
     assert run_all(e)[0]["ok"].completion_tokens <= 12
+
+
+def test_prompt_token_ids_from_0_to_the_last_of_the_vocabulary_are_taken_and_the_next_is_refused():
+    e = toy_engine()
+    for bad in ([5, VOCAB], [-1, 5]):
+        with pytest.raises(InputError, match=f"token id {bad[0] if bad[0] < 0 else VOCAB} is outside the vocabulary"):
+            e.add_request("bad", prompt_token_ids=bad, params=SamplingParams(max_tokens=2))
+    assert not e.has_unfinished()
+    e.add_request("ok", prompt_token_ids=[0, 5, VOCAB - 1], params=SamplingParams(max_tokens=2, ignore_eos=True))
+    assert run_all(e)[0]["ok"].completion_tokens == 2
 
 
 def test_duplicate_id_and_full_queue_are_refused():
@@ -615,3 +641,20 @@ def test_a_parked_request_gives_its_slot_and_blocks_away_and_goes_on_where_it_wa
     assert (finals["a"].metrics["preemptions"], finals["a"].metrics["pauses"]) == (0, 1)
     assert e.blocks.num_used == 0 and e.stats()["preemptions"] == 0
     e.blocks.check_invariants()
+
+
+def test_an_unparked_request_goes_back_at_the_head_of_the_queue_before_later_ones():
+    """fcfs: unparked, a request waits at the head of the queue as a preempted one does, so the
+    next free slot is its own, not that of a request that arrived after it."""
+    e = toy_engine(max_batch_size=1)
+    e.add_request("a", prompt="first in", params=SamplingParams(max_tokens=6, ignore_eos=True))
+    e.step()
+    e.step()
+    e.add_request("b", prompt="came later", params=SamplingParams(max_tokens=6, ignore_eos=True))
+    e.park("a")
+    e.park("a", False)
+    assert e.num_running == 0 and e.num_waiting == 2
+    order = []
+    while e.has_unfinished():
+        order += [o.request_id for o in e.step() if o.finished]
+    assert order == ["a", "b"]

@@ -298,3 +298,28 @@ def test_a_freed_sequence_loses_its_last_blocks_to_eviction_before_its_first():
     assert bm.evictions == 1
     assert bm.match_prefix("c", prompt + [99]) == 8
     bm.check_invariants()
+
+
+def test_a_table_that_grows_past_twice_the_arrays_width_at_once_holds_every_block():
+    """One allocation may add more blocks than the table array's width doubled (a long prompt
+    admitted in one chunk): the array grows to hold them all, and a step reads them back."""
+    bm = BlockManager(num_blocks=100, block_size=1)
+    assert bm.allocate("long", 70)
+    assert len(bm.table("long")) == 70
+    tables, lens = bm.tables.rows(bm.rows(["long"]))
+    assert lens.tolist() == [70] and tables[0].tolist() == bm.table("long")
+    bm.check_invariants()
+
+
+def test_more_sequences_than_the_tables_rows_each_keep_a_row_of_their_own():
+    """The table array starts with a few rows and doubles: sequences admitted past that keep
+    distinct rows, so no sequence's blocks are read through another's table."""
+    bm = BlockManager(num_blocks=200, block_size=2)
+    ids = [f"s{i}" for i in range(40)]
+    for i, sid in enumerate(ids):
+        assert bm.allocate(sid, 2 + 2 * (i % 3))
+    assert len(set(bm.rows(ids))) == len(ids)
+    tables, lens = bm.tables.rows(bm.rows(ids))
+    for sid, row, n in zip(ids, tables.tolist(), lens.tolist()):
+        assert row[:n] == bm.table(sid)
+    bm.check_invariants()

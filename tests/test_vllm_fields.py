@@ -232,6 +232,20 @@ def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client, kind
 
 
 
+def test_continuous_usage_carries_the_cached_prompt_tokens_on_every_chunk(client):
+    """A prompt the prefix cache holds: each chunk's usage so far says how many of its prompt
+    tokens the cache served, as the last chunk's usage does."""
+    prompt = "the cat and the world and the sky " * 12
+    first = client.completions.create(model="tiny", prompt=prompt, max_tokens=1)      # fills the cache
+    chunks = list(client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=4, stream=True, extra_body={"ignore_eos": True},
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    final = chunks[-1].usage
+    assert final.prompt_tokens == first.usage.prompt_tokens and final.prompt_tokens_details.cached_tokens > 0
+    assert all(c.usage.prompt_tokens_details.cached_tokens == final.prompt_tokens_details.cached_tokens
+               for c in chunks if c.usage.completion_tokens)
+
+
 @pytest.mark.parametrize("kind", ["chat", "echo"])
 def test_continuous_usage_counts_only_the_tokens_already_sent(client, kind):
     """A choice's opening chunk (chat's role, an echoed prompt) comes before its tokens: its usage

@@ -93,10 +93,13 @@ def test_return_tokens_as_token_ids_names_chat_logprobs_by_id(server):
     assert ids == plain["token_ids"]
     content, before = named["logprobs"]["content"], plain["logprobs"]["content"]
     assert [e["token"] for e in content] == [f"token_id:{t}" for t in ids]
+    # the second request reads the first one's prompt blocks from the prefix cache: its logits may
+    # differ from a whole prefill's in their last bits
     for e, b in zip(content, before):
-        assert e["logprob"] == b["logprob"] and e["bytes"] == b["bytes"]            # the token's own bytes
+        assert e["logprob"] == pytest.approx(b["logprob"], abs=1e-5) and e["bytes"] == b["bytes"]   # its own bytes
         assert all(t["token"].startswith("token_id:") for t in e["top_logprobs"])
-        assert [t["logprob"] for t in e["top_logprobs"]] == [t["logprob"] for t in b["top_logprobs"]]
+        assert [t["logprob"] for t in e["top_logprobs"]] == pytest.approx([t["logprob"] for t in b["top_logprobs"]],
+                                                                           abs=1e-5)
     assert bytes(b for e in content for b in e["bytes"]).decode("utf-8", "replace").startswith(
         named["message"]["content"].rstrip("\ufffd"))
     streamed = [x for e in events(server, "/v1/chat/completions", {**body, "return_tokens_as_token_ids": True})

@@ -17,6 +17,7 @@ import json
 import httpx
 import pytest
 
+from pipeline_dsl.serve.token_fields import prompt_logprobs_json
 from test_serve import LiveServer
 
 PROMPT = "the cat and the world is hello"
@@ -116,6 +117,32 @@ def test_prompt_logprobs_beside_echo_and_logprobs_keep_each_their_number(server)
     assert [e["logprob"] for e in own] == pytest.approx(c["logprobs"]["token_logprobs"][1:], abs=EPS)
     r = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 0, "prompt_logprobs": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"   # 0 only with echo, as in vLLM
+
+
+def test_a_prompt_logprob_of_minus_infinity_is_sent_as_vllms_floor():
+    """JSON has no infinity: a prompt token the model rules out (logprob -inf), as an alternative
+    or as the prompt's own token, is listed with vLLM's -9999.0, the answer stays valid JSON."""
+    inf = float("-inf")
+    entries = [None, {"token_id": 7, "logprob": inf, "rank": 50, "top": [(3, -0.1), (4, inf)]}]
+    got = prompt_logprobs_json(entries, 2, str)
+    assert got == [None, {"7": {"logprob": -9999.0, "rank": 50, "decoded_token": "7"},
+                          "3": {"logprob": -0.1, "rank": 1, "decoded_token": "3"},
+                          "4": {"logprob": -9999.0, "rank": 2, "decoded_token": "4"}}]
+    json.dumps(got, allow_nan=False)
+
+
+def test_prompt_logprobs_without_echo_stay_out_of_the_answers_logprobs(server):
+    """Without echo a choice's `logprobs` lists its generated tokens alone, from text offset 0:
+    the prompt's logprobs asked for by prompt_logprobs go to their own field only."""
+    ids = tokenize(server, PROMPT)
+    c = completions(server, prompt=PROMPT, max_tokens=3, logprobs=1, prompt_logprobs=2, ignore_eos=True,
+                    return_token_ids=True)["choices"][0]
+    check_prompt_logprobs(server, c["prompt_logprobs"], ids, 2)
+    lp = c["logprobs"]
+    assert len(c["token_ids"]) == 3
+    assert [len(lp[k]) for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")] == [3] * 4
+    assert lp["tokens"] == [text_of(server, t) for t in c["token_ids"]]
+    assert None not in lp["token_logprobs"] and lp["text_offset"][0] == 0
 
 
 def test_prompt_logprobs_of_a_batch_are_each_prompts_own(server):
