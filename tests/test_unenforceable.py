@@ -229,6 +229,53 @@ def test_a_schema_the_grammar_engine_gives_up_on_is_a_400_before_any_token(serve
                                      "output token 1 (")
 
 
+MANY = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}   # gives up after "{"
+ENGINE_REFUSES = [        # (path, the request's structured-output fields, the field its 400 names)
+    ("/v1/chat/completions", {"guided_json": MANY}, "guided_json"),
+    ("/v1/chat/completions", {"structured_outputs": {"json": MANY}}, "structured_outputs.json"),
+    ("/v1/completions", {"guided_grammar": "start: %json " + json.dumps(MANY)}, "guided_grammar"),
+    ("/v1/completions", {"structured_outputs": {"grammar": "start: %json " + json.dumps(MANY)}},
+     "structured_outputs.grammar"),
+    ("/v1/responses", {"text": {"format": {"type": "json_schema", "name": "x", "schema": MANY}}}, "text.format"),
+]
+
+
+@pytest.mark.parametrize("path, fields, named", ENGINE_REFUSES)
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_spec_only_the_engine_refuses_is_a_400_naming_the_field_the_client_sent(server, path, fields, named,
+                                                                                   stream):
+    """A spec the request's check takes but the engine's compile with the model's tokens refuses
+    (llguidance gives up after the "{" of a thousand optional properties): its 400 names the field
+    the client wrote the spec in, as the check's own 400 does, not response_format, which is what
+    the engine calls every request's constraint."""
+    spec = {"type": "json_schema", "schema": MANY} if "json" in named or named == "text.format" else \
+        {"type": "grammar", "grammar": "start: %json " + json.dumps(MANY)}
+    check_spec(spec)                                              # the request's check takes it
+    body = ({"input": "hi", "max_output_tokens": 8} if path == "/v1/responses" else
+            {"prompt": "hi", "max_tokens": 8} if path == "/v1/completions" else
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
+    r = server.http.post(server.url + path, json={**body, **fields, "stream": stream}, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == named, err
+    assert err["message"].startswith(f"'{named}' cannot be enforced: the grammar engine gives up on it at output "
+                                     "token 1 ("), err
+
+
+def test_an_agp_run_line_whose_spec_only_the_engine_refuses_names_its_field(tmp_path, tiny_gguf):
+    from flowkit import run_lines
+    from test_serve import TINY
+
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=20), encoding="utf-8")
+    rows = run_lines(path, [{"prompt": "hi", "max_tokens": 8, "guided_json": MANY},
+                            {"prompt": "hi", "max_tokens": 8, "structured_outputs": {"json": MANY}},
+                            {"prompt": "hi", "max_tokens": 8, "response_format": schema_format(MANY)}])
+    for row, named in zip(rows, ("guided_json", "structured_outputs.json", "response_format")):
+        assert row["error"]["param"] == named, row
+        assert row["error"]["message"].startswith(f"'{named}' cannot be enforced: the grammar engine gives up"), row
+
+
 def test_a_schema_is_checked_off_the_event_loop(server, monkeypatch):
     """Checking a response_format schema can take seconds of CPU (an object of thousands of
     properties): done on the event loop it would stall every other stream for as long."""
