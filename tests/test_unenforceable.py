@@ -61,6 +61,44 @@ def test_unenforceable_schemas_are_refused_when_compiled_and_checked(tiny_gguf, 
         check_spec({"type": "regex", "pattern": "(a{1000}){1000}"})
 
 
+@pytest.mark.parametrize("grammar, words", [
+    ("start: /(a{1000}){1000}/", "the regex of rule start '(a{1000}){1000}' is too complex to enforce: it unrolls "
+                                 "to about 1,000,000 characters (at most 20,000)"),
+    ('start: "x" A\nA: ("a"{1000}){1000}', "terminal A is too complex to enforce: it unrolls to about 1,000,000"),
+    ('start: A\nA: B~1000\nB: ("ab" | C)~100..200\nC: /x{3}/', "terminal A is too complex to enforce"),
+    ('start: "x"\n%ignore /(a{1000}){1000}/', "the regex '(a{1000}){1000}' is too complex"),
+    ('start: %json {"type": "string", "pattern": "(a{1000}){1000}"}', "the %json schema's pattern '(a{1000}){1000}' "
+                                                                       "is too complex to enforce"),
+])
+def test_a_grammars_regexes_and_terminals_are_bounded_as_a_patterns_are(grammar, words):
+    """A Lark grammar's regexes (in a rule or a terminal), its terminals (one regex of the lexer each,
+    made of the strings, regexes and terminals they name) and its %json schemas' patterns unroll
+    to at most 20,000 characters, as a json_schema's pattern or a guided_regex: llguidance's lexer
+    spent seconds and hundreds of MB on /(a{1000}){1000}/ at the answer's first mask, then gave up."""
+    with pytest.raises(GrammarError) as e:
+        check_spec({"type": "grammar", "grammar": grammar})
+    assert words in str(e.value)
+
+
+@pytest.mark.parametrize("grammar", [
+    "start: /(a{100}){100}/ // not a regex: /(a{1000}){1000}/",
+    'start: "a/b" A+ B\nA: "a"{1000} "a".."z" "//"\nB: /[0-9]{3}\\/x/',
+    "root ::= [a-z]{1000} \"x\"",
+])
+def test_a_grammar_of_regexes_within_the_bound_is_taken(grammar):
+    check_spec({"type": "grammar", "grammar": grammar})
+
+
+def test_a_grammars_regex_beyond_the_bound_is_a_400_naming_guided_grammar_and_where(server):
+    r = server.http.post(server.url + "/v1/completions", json={
+        "prompt": "hi", "max_tokens": 8, "guided_grammar": "start: \"x\" A\nA: /(a{1000}){1000}/"}, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "guided_grammar"
+    assert err["message"].startswith("'guided_grammar' cannot be enforced: the regex of terminal A '(a{1000}){1000}' "
+                                     "is too complex to enforce: it unrolls to about 1,000,000 characters"), err
+
+
 @pytest.mark.parametrize("schema, words", [(HUGE_PATTERN, "too complex to enforce"),
                                            (SELF_REF, "refers only to itself")])
 @pytest.mark.parametrize("stream", [False, True])
