@@ -67,6 +67,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote, urldefrag, urljoin
 try:
     import llguidance as llg
@@ -104,6 +105,43 @@ MAX_CHOICES = 10_000
 # takes seconds of CPU; on 2 cores, 2 leave the engine's step and agp serve's threads free)
 MAX_GRAMMAR_WORK = 2
 grammar_slots = threading.BoundedSemaphore(MAX_GRAMMAR_WORK)
+# the native stack of the threads llguidance's compiles run on (on_grammar_stack): MAX_SCHEMA_DEPTH levels
+# took up to ~6 MiB of it (a chain of $refs to objects nesting 5 to 60 levels each; a chain of bare
+# $refs or of Lark rules ~4 MiB), which a thread of the default size does not have where `ulimit -s`
+# is lower than 8 MiB, or unlimited (glibc then gives threads 2 MiB): the process was killed
+GRAMMAR_STACK = 32 << 20
+
+
+def on_grammar_stack(fn, *args):
+    """fn(*args) on one of agp's grammar threads, whose native stack is GRAMMAR_STACK whatever
+    `ulimit -s` says (the asking thread waits for it): where llguidance compiles a spec, depth first
+    in the native stack of the thread it runs on. On such a thread already: fn(*args) there."""
+    global _stack_pool
+    if getattr(_on_stack, "here", False):
+        return fn(*args)
+    with _stack_lock:          # threading.stack_size is the process's: set while the pool may start a thread
+        if _stack_pool is None:
+            _stack_pool = ThreadPoolExecutor(2 * MAX_GRAMMAR_WORK, thread_name_prefix="agp-grammar-stack",
+                                             initializer=_mark_on_stack)
+        try:
+            before = threading.stack_size(GRAMMAR_STACK)
+        except (RuntimeError, ValueError):        # a platform that sets no thread's stack size: its default
+            before = None
+        try:
+            work = _stack_pool.submit(fn, *args)
+        finally:
+            if before is not None:
+                threading.stack_size(before)
+    return work.result()
+
+
+_stack_pool: ThreadPoolExecutor | None = None
+_stack_lock = threading.Lock()
+_on_stack = threading.local()
+
+
+def _mark_on_stack() -> None:
+    _on_stack.here = True
 
 
 class OnceCache:
@@ -949,6 +987,10 @@ def check_spec(spec, *, close_objects: bool = True, whitespace: str | None = JSO
     """Compile `spec` as ConstraintCompiler does, but without a tokenizer (agp check): its
     warnings, or GrammarError for a spec that cannot compile."""
     need_llguidance()
+    return on_grammar_stack(_checked, spec, close_objects, whitespace)
+
+
+def _checked(spec, close_objects: bool, whitespace: str | None) -> list[str]:
     text = GrammarBuilder(close_objects, whitespace)._build(spec)
     is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(text, limits=parser_limits())
     if is_error:
