@@ -49,7 +49,7 @@ EOS is allowed exactly when the grammar can end; once the grammar is complete on
 
 What llguidance cannot enforce is refused when the spec is compiled (GrammarError: a 400 that
 names the reason), not answered with an empty 200: a regular expression (a schema's `pattern`,
-`patternProperties`, a regex spec) that expands to more than MAX_REGEX_SIZE characters
+`patternProperties`, a regex spec, a grammar's regex or terminal) that expands to more than MAX_REGEX_SIZE characters
 (`(a{1000}){1000}`: llguidance's lexer gives up on it mid-answer, and its first mask alone
 costs seconds), a `$ref` that only refers to itself, and any grammar whose first step allows
 no output or that llguidance gives up on within its first few tokens (the compiled grammar is
@@ -67,6 +67,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote, urldefrag, urljoin
 try:
     import llguidance as llg
@@ -104,6 +105,43 @@ MAX_CHOICES = 10_000
 # takes seconds of CPU; on 2 cores, 2 leave the engine's step and agp serve's threads free)
 MAX_GRAMMAR_WORK = 2
 grammar_slots = threading.BoundedSemaphore(MAX_GRAMMAR_WORK)
+# the native stack of the threads llguidance's compiles run on (on_grammar_stack): MAX_SCHEMA_DEPTH levels
+# took up to ~6 MiB of it (a chain of $refs to objects nesting 5 to 60 levels each; a chain of bare
+# $refs or of Lark rules ~4 MiB), which a thread of the default size does not have where `ulimit -s`
+# is lower than 8 MiB, or unlimited (glibc then gives threads 2 MiB): the process was killed
+GRAMMAR_STACK = 32 << 20
+
+
+def on_grammar_stack(fn, *args):
+    """fn(*args) on one of agp's grammar threads, whose native stack is GRAMMAR_STACK whatever
+    `ulimit -s` says (the asking thread waits for it): where llguidance compiles a spec, depth first
+    in the native stack of the thread it runs on. On such a thread already: fn(*args) there."""
+    global _stack_pool
+    if getattr(_on_stack, "here", False):
+        return fn(*args)
+    with _stack_lock:          # threading.stack_size is the process's: set while the pool may start a thread
+        if _stack_pool is None:
+            _stack_pool = ThreadPoolExecutor(2 * MAX_GRAMMAR_WORK, thread_name_prefix="agp-grammar-stack",
+                                             initializer=_mark_on_stack)
+        try:
+            before = threading.stack_size(GRAMMAR_STACK)
+        except (RuntimeError, ValueError):        # a platform that sets no thread's stack size: its default
+            before = None
+        try:
+            work = _stack_pool.submit(fn, *args)
+        finally:
+            if before is not None:
+                threading.stack_size(before)
+    return work.result()
+
+
+_stack_pool: ThreadPoolExecutor | None = None
+_stack_lock = threading.Lock()
+_on_stack = threading.local()
+
+
+def _mark_on_stack() -> None:
+    _on_stack.here = True
 
 
 class OnceCache:
@@ -837,13 +875,18 @@ def _cfg_grammar(spec) -> str:
         lark = any_to_lark(text)
     except Exception as e:  # noqa: BLE001 - the converter raises bare errors for text it cannot read
         raise GrammarError(short(f"the grammar does not parse as Lark or GBNF: {e}")) from None
+    _check_lark_regexes(lark)
     rules, depth = len(_RULE.findall(lark)), 0
     decoder = json.JSONDecoder()
     for m in re.finditer(r"%json\s*", lark):        # a %json schema nests inside the rule it is in
         try:
-            depth = max(depth, schema_depth(decoder.raw_decode(lark, m.end())[0]))
+            schema = decoder.raw_decode(lark, m.end())[0]
         except ValueError:
-            pass                                      # not JSON: llguidance says so
+            continue                                  # not JSON: llguidance says so
+        for pattern in _regexes(schema):              # its patterns are bounded as a json_schema's are
+            _check_regex(pattern, "the %json schema's pattern")
+        _check_pattern_properties(schema, "the %json schema: ")
+        depth = max(depth, schema_depth(schema))
     if rules + depth > MAX_SCHEMA_DEPTH:
         raise GrammarError(f"the grammar has {rules:,} rule{'s' if rules != 1 else ''}" + (f" and a %json schema {depth:,} levels deep"
                            if depth else "") + f": at most {MAX_SCHEMA_DEPTH:,} in all")
@@ -852,6 +895,85 @@ def _cfg_grammar(spec) -> str:
 
 # a rule's (or terminal's) definition in Lark: `name:`, `?name:`, `name[lazy]:`, `NAME.2:` at a line's start
 _RULE = re.compile(r"^[ \t]*[?!]?[A-Za-z_][A-Za-z0-9_]*(\[[^\]\n]*\])?(\.-?\d+)?[ \t]*:(?!:)", re.M)
+_DEFINED = re.compile(r"^[ \t]*(?:[?!]?([A-Za-z_][A-Za-z0-9_]*)(?:\[[^\]\n]*\])?(?:\.-?\d+)?[ \t]*:(?!:)|%)", re.M)
+# what a Lark grammar's text is made of, as far as the size of its terminals goes (Lark's own
+# lexemes: a regex has no unescaped "/", a comment runs to the line's end)
+_LARK_TOKEN = re.compile(r"""(?P<comment>//[^\n]*)
+    | (?P<string>"(?:\\.|[^"\\\n])*")i?
+    | (?P<regex>/(?!/)(?:\\.|[^/\\\n])*/)[imslux]*
+    | (?P<range>\.\.\s*"(?:\\.|[^"\\\n])*")
+    | ~\s*(?P<times>\d+(?:\s*\.\.\s*\d+)?)
+    | (?P<count>\{\s*\d*\s*(?:,\s*\d*\s*)?\})
+    | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
+    | (?P<open>\[) | (?P<close>\]) | (?P<keep>[()|*+?])
+    | \s+ | .""", re.X | re.S)
+
+
+def _check_lark_regexes(lark: str) -> None:
+    """GrammarError for a Lark grammar's regex (`/(a{1000}){1000}/`, in any rule) or terminal (an
+    uppercase rule: one regex of the lexer, of its strings, regexes and the terminals it names,
+    `("a"{1000}){1000}` too) that unrolls to more than MAX_REGEX_SIZE characters, as a
+    json_schema's pattern is refused: llguidance's lexer builds them as it goes (a million
+    characters: hundreds of MB and seconds at the answer's first mask, then it gives up)."""
+    bodies: dict[str, list] = {}               # terminal -> its tokens
+    for m in _DEFINED.finditer(lark):           # each definition's tokens, up to the next one or a %directive
+        end = next((n.start() for n in _DEFINED.finditer(lark, m.end())), len(lark))
+        name, tokens = m.group(1), []
+        terminal = _terminal(name)
+        for t in _LARK_TOKEN.finditer(lark, m.end(), end):
+            if t.lastgroup == "regex":
+                _check_regex(t.group("regex")[1:-1], f"the regex of {'terminal' if terminal else 'rule'} {name}"
+                             if name else "the regex")
+            if terminal and t.lastgroup not in (None, "comment"):
+                tokens.append(t)
+        if terminal:
+            bodies[name] = tokens
+    sizes: dict[str, int] = {}
+
+    def atom(n: int) -> str:
+        return f"(?:x{{{min(n, 10 ** 9 - 1)}}})" if n != 1 else "x"
+
+    def size_of(name: str) -> int:
+        parts = []                              # the terminal as a regex of placeholder atoms: regex_size's
+        for t in bodies[name]:
+            kind = t.lastgroup
+            if kind == "string":
+                parts.append(atom(len(t.group("string")) - 2))
+            elif kind == "regex":
+                parts.append(f"(?:{t.group('regex')[1:-1]})")
+            elif kind == "name":                # a terminal it names (one of its own cycle: llguidance refuses it)
+                parts.append(atom(sizes.get(t.group("name"), 1)))
+            elif kind == "times":
+                parts.append("{" + re.sub(r"\s*\.\.\s*", ",", t.group("times")) + "}")
+            elif kind == "count":
+                parts.append(re.sub(r"\s+", "", t.group("count")))
+            elif kind in ("open", "close", "keep"):
+                parts.append({"open": "(?:", "close": ")?"}.get(kind, t.group(0)))
+        return regex_size("".join(parts))
+
+    on_path: set[str] = set()
+    for first in bodies:                        # each terminal after those it names (no recursion: a chain
+        todo = [(first, False)]                 # of a thousand terminals is a grammar agp takes)
+        while todo:
+            name, named_done = todo.pop()
+            if name in sizes or (not named_done and name in on_path):
+                continue
+            if named_done:
+                on_path.discard(name)
+                sizes[name] = size_of(name)
+                if sizes[name] > MAX_REGEX_SIZE:
+                    raise GrammarError(f"terminal {name} is too complex to enforce: it unrolls to about "
+                                       f"{sizes[name]:,} characters (at most {MAX_REGEX_SIZE:,})")
+                continue
+            on_path.add(name)
+            todo.append((name, True))
+            todo += [(t.group("name"), False) for t in bodies[name] if t.lastgroup == "name"
+                     and t.group("name") in bodies and t.group("name") not in sizes]
+
+
+def _terminal(name: str | None) -> bool:
+    """Whether a Lark definition's name is a terminal's (upper case), not a rule's."""
+    return bool(name) and name.lstrip("_").isupper()
 
 
 def spec_digest(spec) -> bytes:
@@ -865,6 +987,10 @@ def check_spec(spec, *, close_objects: bool = True, whitespace: str | None = JSO
     """Compile `spec` as ConstraintCompiler does, but without a tokenizer (agp check): its
     warnings, or GrammarError for a spec that cannot compile."""
     need_llguidance()
+    return on_grammar_stack(_checked, spec, close_objects, whitespace)
+
+
+def _checked(spec, close_objects: bool, whitespace: str | None) -> list[str]:
     text = GrammarBuilder(close_objects, whitespace)._build(spec)
     is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(text, limits=parser_limits())
     if is_error:

@@ -60,6 +60,7 @@ class ParsedRequest:
     extras: dict = field(default_factory=dict)              # the per-request fields of ITEM_FIELDS
     identity: dict = field(default_factory=dict)            # user / safety_identifier, as given (IDENTITY)
     headers: dict = field(default_factory=dict)             # HTTP headers agp serve copied in (a line's own)
+    format_field: str = "response_format"                   # the field response_format came in (guided_json, ...)
 
     def item(self) -> dict:
         """The request as the pipeline's items carry it (what a python stage sees). `echo` with
@@ -612,7 +613,7 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     if isinstance(obj.get("response_format"), dict) and obj["response_format"].get("type") in CONSTRAINTS:
         req.response_format = dict(obj["response_format"])     # a constraint agp serve made (guided_*)
     else:                                    # response_format, structured_outputs or guided_*, as agp serve's
-        req.response_format = parse_constraint(obj)
+        req.response_format, req.format_field = read_constraint(obj)
     if obj.get("logit_bias") is not None:
         req.sampling["logit_bias"] = parse_logit_bias(obj["logit_bias"])
     for name in TOKEN_ID_FIELDS:
@@ -972,12 +973,23 @@ def parse_constraint(obj: dict, *, wait: bool = True) -> dict | None:
     schema) runs only when the spec is not in the check cache, and then as one of at most
     MAX_GRAMMAR_CHECKS at once in the process: `wait` (agp run's lines) waits for its turn,
     otherwise (agp serve, whose request threads parse every other request too) ChecksBusy."""
+    return read_constraint(obj, wait=wait)[0]
+
+
+def read_constraint(obj: dict, *, wait: bool = True) -> tuple[dict | None, str]:
+    """(parse_constraint's spec, the field the request wrote it in): "guided_json",
+    "structured_outputs.json", "response_format" (also when none is given), as this check's 400
+    names it; the engine's 400 about the spec (its compile with the model's tokenizer refuses
+    what this check takes) names that field too (serve/errors.api_error's `format_field`)."""
     spec, where = _given_constraint(obj)
     if spec is not None and spec.get("type") not in ("json_object", "text"):
         problem = spec_problem(spec, wait=wait, where=where)
         if problem:
             raise RequestError(f"'{where}' cannot be enforced: {problem}", param=where)
-    return spec
+    return spec, where or FORMAT_FIELD
+
+
+FORMAT_FIELD = "response_format"    # the field the engine names a request's constraint by
 
 
 MAX_GRAMMAR_CHECKS = MAX_GRAMMAR_WORK   # grammar checks running at once (slots shared with the engine's compiles)

@@ -581,6 +581,58 @@ def test_a_schema_or_grammar_deeper_than_the_grammar_engine_recurses_is_refused(
         assert not (all(m.accept(t) for t in ids_of(engine, json.dumps(bad))) and m.can_end())
 
 
+STACK_PROBE = """
+import json, sys, threading
+from pipeline_dsl import constraints
+from pipeline_dsl.engine import Engine, EngineConfig
+from pipeline_dsl.engine.constrain import ConstraintCompiler
+
+specs = [{"type": "json_schema", "schema": schema} for schema in json.loads(sys.argv[2])]
+engine = Engine(EngineConfig(model=sys.argv[1], dtype="fp32"))
+compiler = ConstraintCompiler(engine.tokenizer, engine.vocab_size)
+done = []
+
+def work():
+    for spec in specs:
+        constraints.check_spec(spec)
+        compiler.compile(spec)
+        done.append(1)
+
+work()                                            # on the main thread: the stack `ulimit -s` gives
+t = threading.Thread(target=work)                 # a thread of the default size: 2 MiB here
+t.start()
+t.join()
+print(len(done))
+"""
+
+
+def test_a_schema_within_the_depth_bound_compiles_whatever_stack_ulimit_gives(tiny_gguf):
+    """A schema MAX_SCHEMA_DEPTH levels deep takes llguidance up to ~6 MiB of native stack (a chain
+    of $refs to nested objects) wherever it is checked or compiled: on agp's grammar threads, whose
+    stack is GRAMMAR_STACK whatever `ulimit -s` says. With a 2 MiB stack limit (threads get what
+    `ulimit -s unlimited` gives them too), checking and compiling it from the main thread and from
+    a thread of the default size killed the process."""
+    import resource
+    import subprocess
+    import sys
+
+    from pathlib import Path
+
+    most = constraints.MAX_SCHEMA_DEPTH
+    schemas = [ref_chain(most // 6 - 2, nest=5), ref_chain(most - 10)]
+    assert all(constraints.schema_depth(s) <= most for s in schemas)
+    limit = 2 << 20
+    root = Path(__file__).resolve().parents[1]
+
+    def small_stack():
+        resource.setrlimit(resource.RLIMIT_STACK, (limit, resource.getrlimit(resource.RLIMIT_STACK)[1]))
+
+    proc = subprocess.run([sys.executable, "-c", STACK_PROBE, str(tiny_gguf), json.dumps(schemas)], cwd=root,
+                          capture_output=True, text=True, preexec_fn=small_stack, timeout=300)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.split()[-1] == str(2 * len(schemas))
+
+
 def test_pattern_properties_are_bounded_in_one_object_and_in_all():
     """llguidance's work on an object's patternProperties grows faster than the square of their
     number (300: tens of seconds, 500: minutes, holding a grammar slot): past

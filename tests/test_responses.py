@@ -498,7 +498,8 @@ def test_a_long_streamed_message_joins_its_deltas_once_and_does_not_copy_its_tex
     kept = []
     owner = NS(g=NS(config=NS(retry_after_s=1)), vocabs=lambda c: NS(want_lp=False),
                keep=lambda call, body: kept.append(body))
-    call = NS(req=NS(max_tokens_field="max_output_tokens", tools_active=False, model="tiny"), settings={})
+    call = NS(req=NS(max_tokens_field="max_output_tokens", format_field="response_format", tools_active=False,
+                     model="tiny"), settings={})
     events = ResponseEvents(owner, call, None, None, "resp_1", None)
     Delta.added = 0
     sent = [events.on_delta(0, NS(delta_text=Delta(f"{i % 10}"))) for i in range(2000)]

@@ -357,3 +357,22 @@ def test_a_batch_of_prompts_through_a_fan_out_numbers_every_choice_once(tmp_path
     texts = {c["index"]: c["text"] for c in two}
     assert [texts[0], texts[1], texts[4]] == [c["text"] for c in a]      # the first prompt's: 0, 1, then past n
     assert [texts[2], texts[3], texts[5]] == [c["text"] for c in b]
+
+
+def test_a_batch_lines_spec_only_the_engine_refuses_names_the_field_the_line_wrote(tmp_path, pipeline):
+    """A spec the line's check takes but the engine's compile refuses (an object of a thousand
+    optional properties: the grammar engine gives up after its "{") is a 400 naming the field the
+    body wrote it in, as agp serve's answer names it."""
+    many = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}
+    inp, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(batch_line("j", CHAT, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                                          "guided_json": many})
+                   + batch_line("s", COMP, {"prompt": "hi", "max_tokens": 3, "structured_outputs": {"json": many}}))
+    run(pipeline, "-i", inp, "-o", out)         # every line failed: exit 1
+    lines = records(out)
+    assert [g["custom_id"] for g in lines] == ["j", "s"]
+    for got, named in zip(lines, ("guided_json", "structured_outputs.json")):
+        assert got["response"]["status_code"] == 400, got
+        error = got["response"]["body"]["error"]
+        assert error["param"] == named, error
+        assert error["message"].startswith(f"'{named}' cannot be enforced: the grammar engine gives up on it"), error

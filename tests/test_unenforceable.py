@@ -61,6 +61,44 @@ def test_unenforceable_schemas_are_refused_when_compiled_and_checked(tiny_gguf, 
         check_spec({"type": "regex", "pattern": "(a{1000}){1000}"})
 
 
+@pytest.mark.parametrize("grammar, words", [
+    ("start: /(a{1000}){1000}/", "the regex of rule start '(a{1000}){1000}' is too complex to enforce: it unrolls "
+                                 "to about 1,000,000 characters (at most 20,000)"),
+    ('start: "x" A\nA: ("a"{1000}){1000}', "terminal A is too complex to enforce: it unrolls to about 1,000,000"),
+    ('start: A\nA: B~1000\nB: ("ab" | C)~100..200\nC: /x{3}/', "terminal A is too complex to enforce"),
+    ('start: "x"\n%ignore /(a{1000}){1000}/', "the regex '(a{1000}){1000}' is too complex"),
+    ('start: %json {"type": "string", "pattern": "(a{1000}){1000}"}', "the %json schema's pattern '(a{1000}){1000}' "
+                                                                       "is too complex to enforce"),
+])
+def test_a_grammars_regexes_and_terminals_are_bounded_as_a_patterns_are(grammar, words):
+    """A Lark grammar's regexes (in a rule or a terminal), its terminals (one regex of the lexer each,
+    made of the strings, regexes and terminals they name) and its %json schemas' patterns unroll
+    to at most 20,000 characters, as a json_schema's pattern or a guided_regex: llguidance's lexer
+    spent seconds and hundreds of MB on /(a{1000}){1000}/ at the answer's first mask, then gave up."""
+    with pytest.raises(GrammarError) as e:
+        check_spec({"type": "grammar", "grammar": grammar})
+    assert words in str(e.value)
+
+
+@pytest.mark.parametrize("grammar", [
+    "start: /(a{100}){100}/ // not a regex: /(a{1000}){1000}/",
+    'start: "a/b" A+ B\nA: "a"{1000} "a".."z" "//"\nB: /[0-9]{3}\\/x/',
+    "root ::= [a-z]{1000} \"x\"",
+])
+def test_a_grammar_of_regexes_within_the_bound_is_taken(grammar):
+    check_spec({"type": "grammar", "grammar": grammar})
+
+
+def test_a_grammars_regex_beyond_the_bound_is_a_400_naming_guided_grammar_and_where(server):
+    r = server.http.post(server.url + "/v1/completions", json={
+        "prompt": "hi", "max_tokens": 8, "guided_grammar": "start: \"x\" A\nA: /(a{1000}){1000}/"}, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "guided_grammar"
+    assert err["message"].startswith("'guided_grammar' cannot be enforced: the regex of terminal A '(a{1000}){1000}' "
+                                     "is too complex to enforce: it unrolls to about 1,000,000 characters"), err
+
+
 @pytest.mark.parametrize("schema, words", [(HUGE_PATTERN, "too complex to enforce"),
                                            (SELF_REF, "refers only to itself")])
 @pytest.mark.parametrize("stream", [False, True])
@@ -227,6 +265,53 @@ def test_a_schema_the_grammar_engine_gives_up_on_is_a_400_before_any_token(serve
     assert err["param"] == "response_format"
     assert err["message"].startswith("'response_format' cannot be enforced: the grammar engine gives up on it at "
                                      "output token 1 (")
+
+
+MANY = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}   # gives up after "{"
+ENGINE_REFUSES = [        # (path, the request's structured-output fields, the field its 400 names)
+    ("/v1/chat/completions", {"guided_json": MANY}, "guided_json"),
+    ("/v1/chat/completions", {"structured_outputs": {"json": MANY}}, "structured_outputs.json"),
+    ("/v1/completions", {"guided_grammar": "start: %json " + json.dumps(MANY)}, "guided_grammar"),
+    ("/v1/completions", {"structured_outputs": {"grammar": "start: %json " + json.dumps(MANY)}},
+     "structured_outputs.grammar"),
+    ("/v1/responses", {"text": {"format": {"type": "json_schema", "name": "x", "schema": MANY}}}, "text.format"),
+]
+
+
+@pytest.mark.parametrize("path, fields, named", ENGINE_REFUSES)
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_spec_only_the_engine_refuses_is_a_400_naming_the_field_the_client_sent(server, path, fields, named,
+                                                                                   stream):
+    """A spec the request's check takes but the engine's compile with the model's tokens refuses
+    (llguidance gives up after the "{" of a thousand optional properties): its 400 names the field
+    the client wrote the spec in, as the check's own 400 does, not response_format, which is what
+    the engine calls every request's constraint."""
+    spec = {"type": "json_schema", "schema": MANY} if "json" in named or named == "text.format" else \
+        {"type": "grammar", "grammar": "start: %json " + json.dumps(MANY)}
+    check_spec(spec)                                              # the request's check takes it
+    body = ({"input": "hi", "max_output_tokens": 8} if path == "/v1/responses" else
+            {"prompt": "hi", "max_tokens": 8} if path == "/v1/completions" else
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
+    r = server.http.post(server.url + path, json={**body, **fields, "stream": stream}, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == named, err
+    assert err["message"].startswith(f"'{named}' cannot be enforced: the grammar engine gives up on it at output "
+                                     "token 1 ("), err
+
+
+def test_an_agp_run_line_whose_spec_only_the_engine_refuses_names_its_field(tmp_path, tiny_gguf):
+    from flowkit import run_lines
+    from test_serve import TINY
+
+    path = tmp_path / "tiny.agp"
+    path.write_text(TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=20), encoding="utf-8")
+    rows = run_lines(path, [{"prompt": "hi", "max_tokens": 8, "guided_json": MANY},
+                            {"prompt": "hi", "max_tokens": 8, "structured_outputs": {"json": MANY}},
+                            {"prompt": "hi", "max_tokens": 8, "response_format": schema_format(MANY)}])
+    for row, named in zip(rows, ("guided_json", "structured_outputs.json", "response_format")):
+        assert row["error"]["param"] == named, row
+        assert row["error"]["message"].startswith(f"'{named}' cannot be enforced: the grammar engine gives up"), row
 
 
 def test_a_schema_is_checked_off_the_event_loop(server, monkeypatch):

@@ -83,7 +83,8 @@ class BatchLine:
         if result.error is not None:
             from pipeline_dsl.serve.errors import api_error
 
-            return error_record(self.custom_id, self.line, api_error(result.error, self.call.kind), self.rid)
+            return error_record(self.custom_id, self.line, api_error(result.error, self.call.kind,
+                                                                      format_field=self.call.format_field), self.rid)
         body, _ = answer_body(runtime, result, self.call, self.rid, fingerprint=fingerprint(runtime))
         return {"id": f"batch_req_{self.line}", "custom_id": self.custom_id,
                 "response": {"status_code": 200, "request_id": self.rid, "body": body}, "error": None}
@@ -154,4 +155,4 @@ def workload_request(obj: dict, line: int) -> ParsedRequest:
                          sampling=sampling, n=call.fields.get("n"), metadata=call.metadata,
                          tools=list(call.tools) if call.tools else None, tool_choice=call.tool_choice,
                          parallel_tool_calls=call.parallel_tool_calls, response_format=call.response_format,
-                         extras=extras)
+                         format_field=call.format_field, extras=extras)

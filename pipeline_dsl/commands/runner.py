@@ -65,8 +65,9 @@ def record(req: RunRequest, result, several: bool = False, runtime=None) -> dict
     if result.error is not None:
         # status, param and code as agp serve answers this error (serve/errors.py's one table),
         # so a rerun can tell a 504 worth retrying from a 400 that will fail again
-        api = api_error(result.error, "chat" if req.parsed.messages is not None else "completion")
-        err = {"line": req.line, "message": result.error.message, "type": result.error.kind,
+        api = api_error(result.error, "chat" if req.parsed.messages is not None else "completion",
+                        format_field=req.parsed.format_field)
+        err = {"line": req.line, "message": api.message, "type": result.error.kind,
                "status": api.status}
         if result.error.stage:
             err["stage"] = result.error.stage

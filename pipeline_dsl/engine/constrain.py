@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 # the torch-free half (specs -> grammar text); the names users of this module read are kept here
 from pipeline_dsl.constraints import (JSON_WHITESPACE, PRETTY_WHITESPACE, GrammarBuilder, GrammarError,  # noqa: F401
                                       OnceCache, check_spec, first_line, grammar_slots, llg, need_llguidance,
-                                      parser_limits, regex_size, short, spec_digest)
+                                      on_grammar_stack, parser_limits, regex_size, short, spec_digest)
 
 if TYPE_CHECKING:  # torch is imported where masks are made
     import torch
@@ -101,13 +101,16 @@ class ConstraintCompiler(GrammarBuilder):
         return self._grammars.get(self._key(spec), lambda: self._built(spec))
 
     def _built(self, spec: dict) -> "Grammar":
-        with grammar_slots:
-            g = Grammar(self, self._build(spec))               # llguidance drops the GIL here
-            for where, param, text in self._json_parts(spec):  # each structure's, each tool's JSON, walked alone
-                try:
-                    Grammar(self, text)
-                except GrammarError as e:
-                    raise GrammarError(short(f"{where}{e}"), param) from None
+        with grammar_slots:       # on a thread of a native stack deep enough for MAX_SCHEMA_DEPTH
+            return on_grammar_stack(self._grammar, spec)
+
+    def _grammar(self, spec: dict) -> "Grammar":
+        g = Grammar(self, self._build(spec))               # llguidance drops the GIL here
+        for where, param, text in self._json_parts(spec):  # each structure's, each tool's JSON, walked alone
+            try:
+                Grammar(self, text)
+            except GrammarError as e:
+                raise GrammarError(short(f"{where}{e}"), param) from None
         return g
 
 

@@ -62,11 +62,14 @@ REJECT_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_
                 429: "rate_limit_error"}
 
 
-def api_error(e: PipelineError, kind: str, retry_after_s: int = 1, max_tokens_field: str = "max_tokens") -> APIError:
+def api_error(e: PipelineError, kind: str, retry_after_s: int = 1, max_tokens_field: str = "max_tokens",
+              format_field: str = "response_format") -> APIError:
     """The HTTP answer to a request the pipeline refused or failed; `kind` is the request's
     ("chat": its input is `messages`, "detokenize": `tokens`, else `prompt`). An error that carries a code of its own
     (context_length_exceeded) keeps it. The engine says max_tokens; the answer names the field the
-    client sent (`max_tokens_field`: max_completion_tokens, max_output_tokens)."""
+    client sent (`max_tokens_field`: max_completion_tokens, max_output_tokens). The engine names
+    the request's constraint response_format; the answer names the field the client wrote it in
+    (`format_field`: guided_json, structured_outputs.json, ..., as the request's own check names it)."""
     status, type_, code, retry = FAILURES.get(e.kind, FAILURES["failed"])
     message = e.message
     if e.kind == "invalid" and max_tokens_field != "max_tokens":
@@ -75,6 +78,8 @@ def api_error(e: PipelineError, kind: str, retry_after_s: int = 1, max_tokens_fi
         param = getattr(e, "param", None) or (
             "messages" if kind == "chat" else "input" if kind in ("responses", "embeddings")
             else "tokens" if kind == "detokenize" else "prompt")
+        if param == "response_format" and format_field != param:
+            message, param = message.replace(f"'{param}'", f"'{format_field}'"), format_field
         if kind == "responses":         # the engine names the chat field it runs as: the client's own
             message, param = as_responses_wrote(message, param)
     elif e.kind == "rejected":          # the field the Reject names (null when none): as the client wrote it

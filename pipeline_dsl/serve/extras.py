@@ -4,6 +4,7 @@
     extras.fields        # skip_special_tokens, spaces_between_special_tokens, include_stop_str_in_output,
                          # cache_salt (prefix-cache blocks shared only among requests of one salt)
     extras.constraint    # structured_outputs / guided_* / response_format as one constraint spec
+    extras.format_field  # the field it came in ("guided_json", "structured_outputs.json", ...): an error names it
     extras.template_kwargs, extras.request_id
 
     with request_errors:                       # a requests_io check's RequestError -> its APIError (400)
@@ -13,7 +14,8 @@ Structured output: `response_format` (OpenAI), `structured_outputs` (vLLM ≥ 0.
 `regex`, `choice`, `grammar`, `json_object`, `structural_tag`) and the older `guided_json`, `guided_regex`,
 `guided_choice`, `guided_grammar` all become one spec of the constraint compiler
 (engine/constrain.py), checked here so a spec it cannot enforce is a 400 naming the field the
-client wrote (requests_io.parse_constraint, which `agp run`'s lines share). A request gives at most
+client wrote (requests_io.read_constraint, which `agp run`'s lines share; the engine's own 400 about
+the spec names that field too). A request gives at most
 one of them. A spec not checked before is checked as one of at most MAX_GRAMMAR_CHECKS at once (a
 large schema takes seconds): `parsed_off_loop` parses a request on a request thread, where a
 check whose turn has not come is not waited for; such a request is parsed again on the grammar
@@ -31,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pipeline_dsl.requests_io import (IGNORED, MAX_GRAMMAR_CHECKS, ChecksBusy, RequestError, cache_salt,
-                                      check_tool_parameters, parse_constraint)
+                                      check_tool_parameters, read_constraint)
 from pipeline_dsl.requests_io import bad as request_bad
 
 from .api_error import APIError
@@ -79,6 +81,7 @@ def bad(param: str, expected: str, value) -> APIError:
 class Extras:
     fields: dict = field(default_factory=dict)
     constraint: dict | None = None
+    format_field: str = "response_format"
     template_kwargs: dict | None = None
     request_id: str | None = None
 
@@ -110,7 +113,7 @@ def parse_extras(obj: dict, *, chat: bool) -> Extras:
                            param="chat_template_kwargs")
         out.template_kwargs = dict(kwargs)
     with request_errors:             # a request thread never waits for a check's turn; a grammar thread does
-        out.constraint = parse_constraint(obj, wait=getattr(_grammar_thread, "waits", False))
+        out.constraint, out.format_field = read_constraint(obj, wait=getattr(_grammar_thread, "waits", False))
     return out
 
 

@@ -130,7 +130,8 @@ class Generations:
         except PipelineError as e:
             for st in streams:
                 st.abort()
-            return self.refused(api_error(e, req.kind, self.config.retry_after_s, req.max_tokens_field))
+            return self.refused(api_error(e, req.kind, self.config.retry_after_s, req.max_tokens_field,
+                                          req.format_field))
         stream = streams[0] if len(streams) == 1 else StreamGroup(streams, max(req.choices_per_prompt,
                                                                               self.config.max_stage_n))
         self.metrics.in_flight.inc()
@@ -142,7 +143,7 @@ class Generations:
         if first[0] == "done" and first[1].error is not None:
             self.metrics.in_flight.dec()
             return self.refused(api_error(first[1].error, req.kind, self.config.retry_after_s,
-                                          req.max_tokens_field))
+                                          req.max_tokens_field, req.format_field))
         return stream, first
 
     def gone(self) -> None:
@@ -174,7 +175,8 @@ class Generations:
                 stream.abort()
                 return Response(status_code=499)
             if res.error is not None:
-                err = api_error(res.error, req.kind, self.config.retry_after_s, req.max_tokens_field)
+                err = api_error(res.error, req.kind, self.config.retry_after_s, req.max_tokens_field,
+                                req.format_field)
                 status = str(err.status)
                 return error_response(err)
             response, reasons = await asyncio.to_thread(json_answer, build, res)

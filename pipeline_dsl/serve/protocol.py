@@ -55,6 +55,7 @@ class GenerationRequest:
     chat_template_kwargs: dict | None = None   # extra variables of the chat template (chat)
     prompt_logprobs: int | None = None         # vLLM's prompt_logprobs: alternatives the answer lists
     max_tokens_field: str = "max_tokens"       # what the client called it (max_completion_tokens, ...)
+    format_field: str = "response_format"      # the field response_format came in (guided_json, ...)
     identity: dict | None = None               # user / safety_identifier, as the client sent them
 
     def split(self) -> list["GenerationRequest"]:
@@ -361,7 +362,8 @@ def parse_completion(obj: dict, *, max_model_len: int, served: tuple[str, ...],
                              prompt_token_ids=tuple(first) if not isinstance(first, str) else None,
                              **flags, pin=pin, more_prompts=tuple(rest), metadata=metadata,
                              response_format=extras.constraint, request_id=extras.request_id,
-                             prompt_logprobs=tokens.prompt_logprobs, identity=identity)
+                             prompt_logprobs=tokens.prompt_logprobs, identity=identity,
+                             format_field=extras.format_field)
 
 
 MAX_PROMPTS = 256          # prompts one completions request may batch
@@ -473,6 +475,7 @@ def parse_chat(obj: dict, *, max_model_len: int, served: tuple[str, ...],
     return GenerationRequest("chat", model, fields, messages=messages, **flags, pin=pin, metadata=metadata,
                              tools=tuple(tools) if tools else None, tool_choice=choice,
                              parallel_tool_calls=parallel, response_format=extras.constraint,
+                             format_field=extras.format_field,
                              request_id=extras.request_id, chat_template_kwargs=extras.template_kwargs,
                              prompt_logprobs=tokens.prompt_logprobs, identity=identity,
                              max_tokens_field="max_completion_tokens" if obj.get("max_completion_tokens") is not None

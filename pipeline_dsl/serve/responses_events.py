@@ -26,7 +26,7 @@ class ResponseEvents(Relay):
     def __init__(self, owner, call, stream, first, rid: str, on_end):
         self.owner, self.call, self.stream, self.first, self.rid = owner, call, stream, first, rid
         self.on_end, self.kind, self.retry_after_s = on_end, "responses", owner.g.config.retry_after_s
-        self.max_tokens_field = call.req.max_tokens_field
+        self.max_tokens_field, self.format_field = call.req.max_tokens_field, call.req.format_field
         self.created = int(time.time())
         self.seq = 0
         self.output: list[dict] = []            # the items done so far

@@ -90,6 +90,7 @@ class Relay:
     stream: RequestStream
     first: tuple
     max_tokens_field: str = "max_tokens"         # what the client called it (max_completion_tokens, ...)
+    format_field: str = "response_format"        # ... and the field its constraint came in (guided_json, ...)
     kind: str                                    # the API, for the error's shape
     retry_after_s: int
 
@@ -120,7 +121,8 @@ class Relay:
                 else:
                     result = event[1]
                     if result.error is not None:
-                        err = api_error(result.error, self.kind, self.retry_after_s, self.max_tokens_field)
+                        err = api_error(result.error, self.kind, self.retry_after_s, self.max_tokens_field,
+                                        self.format_field)
                         status = str(err.status)
                         log_error(err)
                         for chunk in self.on_error(err):
@@ -146,6 +148,7 @@ class ChunkWriter(Relay):
         self.runtime, self.stream, self.first, self.req, self.rid = runtime, stream, first, req, rid
         self.retry_after_s, self.on_end, self.kind = retry_after_s, on_end, req.kind
         self.max_tokens_field = req.max_tokens_field   # named in an error as the client named it
+        self.format_field = req.format_field
         self.now = int(time.time())
         self.fingerprint = fingerprint                 # OpenAI's system_fingerprint, on every chunk
         self.chat = req.kind == "chat"
