@@ -1189,8 +1189,8 @@ def test_the_markdown_table_has_a_cell_per_report_in_every_row():
 
 
 class _Instant:
-    """A target that answers each request with two tokens at once."""
-    label = "instant"
+    """A target that answers each request with two tokens at once (`gap` seconds before each)."""
+    label, gap = "instant", 0.0
 
     async def start(self):
         pass
@@ -1202,8 +1202,10 @@ class _Instant:
         return {}
 
     async def send(self, item, rec, clock):
-        rec.chunk(clock())
-        rec.chunk(clock())
+        for _ in range(2):
+            if self.gap:
+                await asyncio.sleep(self.gap)
+            rec.chunk(clock())
         rec.prompt_tokens, rec.completion_tokens, rec.finish_reason = 3, 2, "length"
 
 
@@ -1298,25 +1300,9 @@ def test_percentiles_interpolate_between_the_nearest_samples_as_vllm_bench_serve
     assert re.search(r"^TTFT p90 \(ms\)\s+760\.0$", B.format_table([r]), re.M)
 
 
-class _Slow:
+class _Slow(_Instant):
     """A target that answers each request with two tokens, 20 ms apart."""
-    label = "slow"
-
-    async def start(self):
-        pass
-
-    async def close(self):
-        pass
-
-    async def stats(self):
-        return {}
-
-    async def send(self, item, rec, clock):
-        await asyncio.sleep(0.02)
-        rec.chunk(clock())
-        await asyncio.sleep(0.02)
-        rec.chunk(clock())
-        rec.prompt_tokens, rec.completion_tokens, rec.finish_reason = 3, 2, "length"
+    label, gap = "slow", 0.02
 
 
 def test_a_request_waiting_for_a_client_slot_is_sent_when_the_slot_frees():
