@@ -28,6 +28,8 @@ def answer(item):
         item["usage"] = {**item["usage"], "prompt_tokens": -2}
     elif bad == "bool":
         item["usage"] = {**item["usage"], "cached_tokens": True}
+    elif bad == "huge":
+        item["usage"] = {**item["usage"], "completion_tokens": 10 ** 400}   # no float holds it: TPOT, metrics
     elif bad == "filtered":
         item["finish_reason"] = "content_filter"   # a guard may say why it ended the answer
     return item
@@ -94,6 +96,8 @@ def answered_except(results, bad_id):
     ("count", "stage 'a' returned a result whose usage.completion_tokens is '3'; expected a non-negative integer"),
     ("negative", "stage 'a' returned a result whose usage.prompt_tokens is -2; expected a non-negative integer"),
     ("bool", "stage 'a' returned a result whose usage.cached_tokens is True; expected a non-negative integer"),
+    ("huge", "stage 'a' returned a result whose usage.completion_tokens is an integer of 401 digits; expected a "
+             "non-negative integer of at most 9007199254740991 (2**53 - 1)"),
 ])
 def test_a_result_hook_returning_text_that_cannot_be_sent_fails_its_request_there(tmp_path, soft_gguf, bad, words):
     path = pipeline(tmp_path, soft_gguf, 'stage a : python { fn = "hooks:answer" }',

@@ -172,6 +172,7 @@ def unicode_problem(text: str) -> str | None:
 
 WRITTEN_AS_IS = ("stop_reason", "generated_by", "branches")   # result fields an answer carries unformatted
 COUNTED = ("prompt_tokens", "completion_tokens", "cached_tokens")  # a result's usage: what the run adds up
+MAX_COUNT = 2 ** 53 - 1               # the largest token count every JSON reader (and a float metric) holds exactly
 
 
 def check_result(d: dict, stage: str, made: str) -> None:
@@ -198,6 +199,10 @@ def check_result(d: dict, stage: str, made: str) -> None:
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
                 raise PipelineError(f"{made} a result whose usage.{key} is {n!r}; expected a non-negative "
                                     "integer", "failed", stage)
+            if n is not None and n > MAX_COUNT:
+                shown = f"{n}" if n < 10 ** 30 else f"an integer of {len(str(n))} digits"
+                raise PipelineError(f"{made} a result whose usage.{key} is {shown}; expected a non-negative "
+                                    f"integer of at most {MAX_COUNT} (2**53 - 1)", "failed", stage)
     for key in WRITTEN_AS_IS:
         value = d.get(key)
         if value is None:
