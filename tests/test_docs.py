@@ -659,7 +659,8 @@ def error_codes_of_the_server() -> set[str]:
     from pipeline_dsl.serve.errors import FAILURES
 
     codes = {code for _, _, code, _ in FAILURES.values() if code}
-    for path in [*sorted((ROOT / "pipeline_dsl" / "serve").glob("*.py")), ROOT / "pipeline_dsl" / "requests_io.py"]:
+    for path in [*sorted((ROOT / "pipeline_dsl" / "serve").glob("*.py")), ROOT / "pipeline_dsl" / "requests_io.py",
+                 ROOT / "pipeline_dsl" / "flow" / "items.py"]:    # the runtime's own: answer_failed
         text = path.read_text()
         codes |= set(re.findall(r'\bcode="([a-z_]+)"', text)) | set(re.findall(r'"code": "([a-z_]+)"', text))
         codes |= set(re.findall(r'^\s*[A-Z_]*(?:CODE|PARAMETERS) = "([a-z_]+)"', text, re.M))

@@ -28,6 +28,8 @@ def answer(item):
         item["usage"] = {**item["usage"], "prompt_tokens": -2}
     elif bad == "bool":
         item["usage"] = {**item["usage"], "cached_tokens": True}
+    elif bad == "huge":
+        item["usage"] = {**item["usage"], "completion_tokens": 10 ** 400}   # no float holds it: TPOT, metrics
     elif bad == "filtered":
         item["finish_reason"] = "content_filter"   # a guard may say why it ended the answer
     return item
@@ -94,6 +96,8 @@ def answered_except(results, bad_id):
     ("count", "stage 'a' returned a result whose usage.completion_tokens is '3'; expected a non-negative integer"),
     ("negative", "stage 'a' returned a result whose usage.prompt_tokens is -2; expected a non-negative integer"),
     ("bool", "stage 'a' returned a result whose usage.cached_tokens is True; expected a non-negative integer"),
+    ("huge", "stage 'a' returned a result whose usage.completion_tokens is an integer of 401 digits; expected a "
+             "non-negative integer of at most 9007199254740991 (2**53 - 1)"),
 ])
 def test_a_result_hook_returning_text_that_cannot_be_sent_fails_its_request_there(tmp_path, soft_gguf, bad, words):
     path = pipeline(tmp_path, soft_gguf, 'stage a : python { fn = "hooks:answer" }',
@@ -204,22 +208,30 @@ def test_a_join_fn_making_a_result_that_cannot_be_answered_fails_its_request(tmp
     assert r.error.stage == "j" and r.error.message.startswith(words)
 
 
-def test_a_listener_that_fails_on_a_result_is_logged_and_the_others_are_heard(tmp_path, soft_gguf, caplog):
+def test_a_listener_that_fails_on_a_result_is_logged_and_told_its_answer_failed_and_the_others_are_heard(
+        tmp_path, soft_gguf, caplog):
+    """A listener that cannot take its result (its answer cannot be built of it) is logged once
+    with its traceback and told the error instead (answer_failed: its client is answered, not
+    left waiting); one that cannot take that error either is logged again, its answer lost."""
     path = pipeline(tmp_path, soft_gguf, 'stage a : python { fn = "hooks:answer" }',
                     "request -> batch\ngen -> a -> out\n")
     heard = []
 
     def on_result(i, result):
-        if result.id == "boom":
+        if result.id == "lost" or (result.id == "boom" and result.ok):
             raise RuntimeError("the listener broke")
-        heard.append(result.id)
+        heard.append((result.id, result.error.code if result.error else None))
 
     caplog.set_level(logging.ERROR, logger="agp.flow")
     run(path, [chat("ok", "hi"), chat("boom", "hi"), chat("ok2", "hello")], on_result=on_result)
-    assert sorted(heard) == ["ok", "ok2"]
-    lost = [r for r in caplog.records if r.name == "agp.flow" and r.levelno == logging.ERROR]
-    assert len(lost) == 1 and "'boom'" in lost[0].getMessage() and "answer is lost" in lost[0].getMessage()
+    assert sorted(heard) == [("boom", "answer_failed"), ("ok", None), ("ok2", None)]
+    told = [r for r in caplog.records if r.name == "agp.flow" and r.levelno == logging.ERROR]
+    assert len(told) == 1 and "'boom'" in told[0].getMessage() and "could not be built" in told[0].getMessage()
     assert "the listener broke" in caplog.text
+    caplog.clear()
+    run(path, [chat("lost", "hi"), chat("ok", "hi")], on_result=on_result)
+    lost = [r for r in caplog.records if r.name == "agp.flow" and r.levelno == logging.ERROR]
+    assert len(lost) == 2 and "answer is lost" in lost[1].getMessage() and "'lost'" in lost[1].getMessage()
 
 
 def test_a_request_a_stage_answers_itself_reports_its_prompt_tokens(tmp_path, soft_gguf):

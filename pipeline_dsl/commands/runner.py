@@ -10,6 +10,7 @@ spent and call latency, and per edge the items sent along it (they add up: flow/
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterable, Sized
@@ -18,11 +19,14 @@ from typing import Callable
 
 from pipeline_dsl.commands.batch_api import BatchLine
 from pipeline_dsl.engine.config import percentile
+from pipeline_dsl.flow import unbuilt
 from pipeline_dsl.requests_io import ParsedRequest
 from pipeline_dsl.serve.answers import Vocabularies, answered_by
 from pipeline_dsl.serve.errors import api_error
 from pipeline_dsl.serve.protocol import chat_message, completion_logprobs
 from pipeline_dsl.serve.token_fields import prompt_logprobs_json
+
+log = logging.getLogger("agp.run")
 
 
 @dataclass
@@ -210,8 +214,16 @@ def run_pipeline(runtime, requests: Iterable[RunRequest], *, on_done: Callable[[
                 on_interrupted(req.slot)
             return
         result = req.result(results)
+        try:
+            line = req.answer(result, runtime)
+        except Exception as e:            # noqa: BLE001 - its line says so; the other lines go on
+            # a result no stage checked that its output line cannot be made of: the line is the
+            # error that says so, with the status agp serve answers it (500 answer_failed)
+            log.exception("line %d: its answer could not be built; an error is written for it", req.line)
+            result = unbuilt(result, e)
+            line = req.answer(result, runtime)
         tally.add(result)
-        on_done(req.slot, req.answer(result, runtime))
+        on_done(req.slot, line)
         if bar is not None:
             with lock:
                 completion += result.usage.get("completion_tokens", 0)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import networkx as nx
 
-from .items import Choice, Delta, PipelineError, Result
+from .items import ANSWER_FAILED_CODE, Choice, Delta, PipelineError, Result, unbuilt
 from .runtime import PipelineRuntime
 from .stats import StageCounter
 
-__all__ = ["Choice", "Delta", "PipelineError", "PipelineRuntime", "Result", "StageCounter", "build_runtime",
-           "load_graph"]
+__all__ = ["ANSWER_FAILED_CODE", "Choice", "Delta", "PipelineError", "PipelineRuntime", "Result", "StageCounter",
+           "build_runtime", "load_graph", "unbuilt"]
 
 
 def load_graph(pipeline: str | os.PathLike | nx.DiGraph, name: str | None = None, allow_paths=()) -> nx.DiGraph:

@@ -103,12 +103,14 @@ class Driving:
                 self.i = i
 
             def on_done(self, result):
-                if keep_results:
-                    results[self.i] = result
-                if on_result is not None:
-                    on_result(self.i, result)
-                with cond:
-                    cond.notify_all()
+                try:
+                    if keep_results:
+                        results[self.i] = result
+                    if on_result is not None:
+                        on_result(self.i, result)
+                finally:                             # heard or not (items.deliver logs why), it is over
+                    with cond:
+                        cond.notify_all()
 
         def feed():
             try:

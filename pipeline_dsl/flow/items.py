@@ -129,6 +129,9 @@ class RequestState:
     # ends (an abort from another thread) is heard before the result or not at all
     told: bool = False
     usage_told: dict | None = None                     # the usage of the last delta its listener heard
+    # the exception its listener raised hearing a delta: it hears no more deltas, and its result
+    # is the error saying its answer could not be built (unbuilt)
+    listener_failed: BaseException | None = None
     telling: Any = field(default_factory=threading.RLock, repr=False)
 
 
@@ -172,6 +175,9 @@ def unicode_problem(text: str) -> str | None:
 
 WRITTEN_AS_IS = ("stop_reason", "generated_by", "branches")   # result fields an answer carries unformatted
 COUNTED = ("prompt_tokens", "completion_tokens", "cached_tokens")  # a result's usage: what the run adds up
+MAX_COUNT = 2 ** 53 - 1               # the largest token count every JSON reader (and a float metric) holds exactly
+# the code of a request whose result its listener could not make an answer of (unbuilt)
+ANSWER_FAILED_CODE = "answer_failed"
 
 
 def check_result(d: dict, stage: str, made: str) -> None:
@@ -198,6 +204,10 @@ def check_result(d: dict, stage: str, made: str) -> None:
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
                 raise PipelineError(f"{made} a result whose usage.{key} is {n!r}; expected a non-negative "
                                     "integer", "failed", stage)
+            if n is not None and n > MAX_COUNT:
+                shown = f"{n}" if n < 10 ** 30 else f"an integer of {len(str(n))} digits"
+                raise PipelineError(f"{made} a result whose usage.{key} is {shown}; expected a non-negative "
+                                    f"integer of at most {MAX_COUNT} (2**53 - 1)", "failed", stage)
     for key in WRITTEN_AS_IS:
         value = d.get(key)
         if value is None:
@@ -254,8 +264,8 @@ def heard(req: RequestState, index: int, out, usage: dict, generated_by: str | N
     dataclass's __init__).
     Its caller skips a request whose listener hears no deltas (`req.hears_deltas`)."""
     with req.telling:
-        if req.told:                             # the request ended meanwhile: its result was the last word
-            return
+        if req.told or req.listener_failed is not None:   # the request ended meanwhile (its result was
+            return                               # the last word), or its answer cannot be built
         if req.usage_told is not None:           # counted before the delta told last (n choices' stream
             usage = {k: max(n, req.usage_told.get(k, 0)) for k, n in usage.items()}   # stages: threads of
         req.usage_told = usage                   # their own): the usage heard never goes down
@@ -266,8 +276,10 @@ def heard(req: RequestState, index: int, out, usage: dict, generated_by: str | N
                           generated_by=generated_by)
         try:
             req.listener.on_delta(req.key, index, delta)
-        except Exception:                        # noqa: BLE001 - a listener's failure is its own
-            pass
+        except Exception as e:                   # noqa: BLE001 - a listener's failure is its own request's
+            req.listener_failed = e
+            log.exception("the answer to request %r could not be built (its listener failed on a delta); "
+                          "it is answered with an error", req.id)
 
 
 def tell_prompt(req: RequestState, ids: list, logprobs: list | None) -> None:
@@ -292,13 +304,37 @@ def tell_result(req: RequestState, result: Result) -> None:
         if req.told:
             return
         req.told = True
+    if req.listener_failed is not None:          # logged when it failed
+        result = unbuilt(result, req.listener_failed)
     deliver(req.listener, result)
 
 
 def deliver(listener, result: Result) -> None:
-    """Tell a listener its request's result. A listener that fails (a bug: its answer is lost,
-    the other requests go on) is logged with its traceback, never passed over in silence."""
+    """Tell a listener its request's result. A listener that fails on it (a result it cannot make
+    an answer of: agp serve's metrics or answer, agp run's output line) is logged once at ERROR
+    with its traceback and the request's id, and told instead the error that says so (unbuilt:
+    agp serve answers 500 answer_failed, agp run writes an error line), so its client does not
+    wait for an answer that never comes; the other requests go on. A listener that fails on that
+    error too is logged, its answer lost."""
     try:
         listener.on_done(result)
-    except Exception:                            # noqa: BLE001 - a listener's failure is its own
-        log.exception("the result of request %r could not be handed over; its answer is lost", result.id)
+        return
+    except Exception as e:                       # noqa: BLE001 - a listener's failure is its own request's
+        if result.error is not None and result.error.code == ANSWER_FAILED_CODE:
+            log.exception("the error of request %r could not be handed over; its answer is lost", result.id)
+            return
+        log.exception("the answer to request %r could not be built; it is answered with an error", result.id)
+        failed = unbuilt(result, e)
+    try:
+        listener.on_done(failed)
+    except Exception:                            # noqa: BLE001 - as above
+        log.exception("the error of request %r could not be handed over either; its answer is lost", result.id)
+
+
+def unbuilt(result: Result, e: BaseException) -> Result:
+    """`result` failed: its answer could not be built of it (`e`, a bug or a value no stage
+    checked). No choices and no usage (what failed may be in them)."""
+    return Result(result.key, result.id, [], PipelineError(
+        f"the answer to this request could not be built ({type(e).__name__}: {e}); its traceback is "
+        "logged", "failed", code=ANSWER_FAILED_CODE), no_usage(), dict(result.metrics or {}),
+        {})

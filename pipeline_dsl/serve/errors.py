@@ -15,7 +15,7 @@ import re
 
 from fastapi.responses import JSONResponse
 
-from pipeline_dsl.flow import PipelineError
+from pipeline_dsl.flow import ANSWER_FAILED_CODE, PipelineError
 
 from .api_error import APIError
 
@@ -120,16 +120,29 @@ def logged_message(err: APIError) -> str:
     return message
 
 
+def answer_failed(e: Exception) -> APIError:
+    """The 500 of a request whose answer (or the stream's chunk) could not be built of its result
+    (`e`: a bug, or a value no stage checked): as the runtime answers a result its listener could
+    not take (flow's unbuilt), logged at ERROR with `e`'s traceback (log_error)."""
+    err = APIError(f"the answer to this request could not be built ({type(e).__name__}: {e}); its traceback "
+                   "is logged", status=500, type="server_error", code=ANSWER_FAILED_CODE)
+    err.__cause__ = e
+    return err
+
+
 def log_error(err: APIError) -> None:
-    """An error answer, with its reason: 4xx at INFO (the client's doing), 5xx at WARNING, with
-    the traceback of the exception that failed it (a python stage's, agp's own) when there is one.
+    """An error answer, with its reason: 4xx at INFO (the client's doing), 5xx at WARNING (an
+    answer that could not be built, answer_failed, at ERROR), with the traceback of the exception
+    that failed it (a python stage's, agp's own) when there is one.
     The record carries the field at fault and the error's code (`param`, `code`); what the message
     quotes of the request's content is left out (logged_message), and written at DEBUG on a line
     of its own."""
-    level = logging.INFO if err.status < 500 else logging.WARNING
     info = current_info.get()
     rid = info.id if info is not None else "-"
     cause = err.__cause__ if err.status >= 500 else None
+    # an answer agp could not build is its own failure (answer_failed): ERROR, with its traceback
+    level = (logging.INFO if err.status < 500 else
+             logging.ERROR if err.code == ANSWER_FAILED_CODE and cause is not None else logging.WARNING)
     request, message = current_request.get() or "-", logged_message(err)
     extra = {"status": err.status, "reason": message, "request_id": rid, "param": err.param, "code": err.code}
     log.log(level, "%s -> %d %s id=%s", request, err.status, message, rid,

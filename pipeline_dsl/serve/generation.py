@@ -21,7 +21,7 @@ from .answers import answer_body
 from .async_pipeline import AsyncPipeline, RequestStream, StreamGroup
 from .body import read_json
 from .config import ServeConfig
-from .errors import api_error, error_response
+from .errors import answer_failed, api_error, error_response
 from .extras import parsed_off_loop
 from .metrics import ServerMetrics
 from .sse import ChunkWriter, EventStream
@@ -179,7 +179,12 @@ class Generations:
                                 req.format_field)
                 status = str(err.status)
                 return error_response(err)
-            response, reasons = await asyncio.to_thread(json_answer, build, res)
+            try:
+                response, reasons = await asyncio.to_thread(json_answer, build, res)
+            except Exception as e:            # noqa: BLE001 - this request's 500; the others go on
+                err = answer_failed(e)
+                status = str(err.status)
+                return error_response(err)
             status, result = "200", res
             return response
         finally:

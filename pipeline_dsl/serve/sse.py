@@ -21,7 +21,7 @@ from . import protocol as P
 from .access import request_info
 from .answers import Vocabularies, Vocabulary, call_parser, prompt_text
 from .async_pipeline import RequestStream
-from .errors import api_error, log_error
+from .errors import answer_failed, api_error, log_error
 from .server import SEND_WATCH
 from .token_fields import answer_fields
 
@@ -115,21 +115,32 @@ class Relay:
                 yield chunk
             event = self.first
             while True:
-                if event[0] == "delta":
-                    for chunk in self.on_delta(event[1], event[2]):
+                chunks, result = (), None
+                try:
+                    if event[0] == "delta":
+                        chunks = self.on_delta(event[1], event[2])
+                    else:
+                        result = event[1]
+                        if result.error is None:
+                            chunks = self.on_done(result)
+                except Exception as e:           # noqa: BLE001 - a chunk that cannot be built: this
+                    err = answer_failed(e)       # stream's error, as for a failed result; the others go on
+                    status, result = str(err.status), None
+                    log_error(err)
+                    for chunk in self.on_error(err):
                         yield chunk
-                else:
-                    result = event[1]
-                    if result.error is not None:
-                        err = api_error(result.error, self.kind, self.retry_after_s, self.max_tokens_field,
-                                        self.format_field)
-                        status = str(err.status)
-                        log_error(err)
-                        for chunk in self.on_error(err):
-                            yield chunk
-                        return
-                    for chunk in self.on_done(result):
+                    return
+                if result is not None and result.error is not None:
+                    err = api_error(result.error, self.kind, self.retry_after_s, self.max_tokens_field,
+                                    self.format_field)
+                    status = str(err.status)
+                    log_error(err)
+                    for chunk in self.on_error(err):
                         yield chunk
+                    return
+                for chunk in chunks:
+                    yield chunk
+                if result is not None:
                     status = "200"
                     return
                 event = await self.stream.__anext__()
