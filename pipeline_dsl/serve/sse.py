@@ -115,7 +115,7 @@ class Relay:
                 yield chunk
             event = self.first
             while True:
-                chunks, result = (), None
+                chunks, result, err = (), None, None
                 try:
                     if event[0] == "delta":
                         chunks = self.on_delta(event[1], event[2])
@@ -124,15 +124,11 @@ class Relay:
                         if result.error is None:
                             chunks = self.on_done(result)
                 except Exception as e:           # noqa: BLE001 - a chunk that cannot be built: this
-                    err = answer_failed(e)       # stream's error, as for a failed result; the others go on
-                    status, result = str(err.status), None
-                    log_error(err)
-                    for chunk in self.on_error(err):
-                        yield chunk
-                    return
+                    err, result = answer_failed(e), None   # stream's error, as a failed result's; the others go on
                 if result is not None and result.error is not None:
                     err = api_error(result.error, self.kind, self.retry_after_s, self.max_tokens_field,
                                     self.format_field)
+                if err is not None:
                     status = str(err.status)
                     log_error(err)
                     for chunk in self.on_error(err):
