@@ -320,16 +320,14 @@ def parse_messages(value) -> list[dict]:
     """OpenAI chat messages: roles checked, text content parts joined by newlines (as vLLM joins
     them); RequestError names the field."""
     if not isinstance(value, list):
-        raise RequestError(f"'messages' must be an array of {{role, content}} objects, not {_shown(value)}",
-                           param="messages", quoted=(_shown(value),))
+        raise bad("messages", "an array of {role, content} objects", value)
     if not value:
         raise RequestError("'messages' is empty: give at least one message", param="messages")
     out = []
     for i, m in enumerate(value):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
-            raise RequestError(f"'{where}' must be an object with 'role' and 'content', not {_shown(m)}",
-                               param=where, quoted=(_shown(m),))
+            raise bad(where, "an object with 'role' and 'content'", m)
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise RequestError(f"'{where}.role' must be one of {', '.join(ROLES)}, "
@@ -354,8 +352,7 @@ def parse_messages(value) -> list[dict]:
         if content is None and role == "assistant":
             content = ""
         if not isinstance(content, str):
-            raise RequestError(f"'{where}.content' must be a string or an array of text parts, "
-                               f"not {_shown(content)}", param=f"{where}.content", quoted=(_shown(content),))
+            raise bad(f"{where}.content", "a string or an array of text parts", content)
         msg = {"role": role, "content": content}
         if m.get("name") is not None:
             msg["name"] = _check(f"{where}.name", m["name"], isinstance(m["name"], str), "a string")
@@ -392,10 +389,7 @@ def _tool_calls(value, where: str) -> list[dict]:
     return out
 
 
-def _bad_tool_choice(choice, hint: str = "") -> RequestError:
-    shown = _shown(choice)
-    return RequestError(f"'tool_choice' must be none, auto, required or {{\"type\": \"function\", "
-                        f"\"function\": {{\"name\"}}}}, not {shown}{hint}", param="tool_choice", quoted=(shown,))
+TOOL_CHOICES = 'none, auto, required or {"type": "function", "function": {"name"}}'
 
 
 def parse_tools(obj: dict) -> tuple[list | None, Any, bool]:
@@ -403,8 +397,7 @@ def parse_tools(obj: dict) -> tuple[list | None, Any, bool]:
     tools = obj.get("tools")
     if tools is not None:
         if not isinstance(tools, list):
-            raise RequestError(f"'tools' must be an array of tools, not {_shown(tools)}", param="tools",
-                               quoted=(_shown(tools),))
+            raise bad("tools", "an array of tools", tools)
         if len(tools) > MAX_TOOLS:
             raise RequestError(f"'tools' holds {len(tools):,} tools; at most {MAX_TOOLS} a request", param="tools")
         for i, t in enumerate(tools):
@@ -428,13 +421,13 @@ def parse_tools(obj: dict) -> tuple[list | None, Any, bool]:
             # as `function`) is named as such, not as a tool called null
             hint = (" (for OpenAI's allowed_tools, give the allowed tools as 'tools' and its mode as 'tool_choice')"
                     if kind == "allowed_tools" else "")
-            raise _bad_tool_choice(choice, hint)
+            raise bad("tool_choice", TOOL_CHOICES, choice, hint)
         if fn["name"] not in names:
             raise RequestError(f"'tool_choice' names {json.dumps(fn['name'])}, which is not among the tools "
                                f"({', '.join(names) or 'none'})", param="tool_choice",
                                quoted=(json.dumps(fn["name"]),))
     elif choice not in ("none", "auto", "required"):
-        raise _bad_tool_choice(choice)
+        raise bad("tool_choice", TOOL_CHOICES, choice)
     if choice in ("required",) and not tools:
         raise RequestError("'tool_choice' is required but no 'tools' are given", param="tool_choice")
     parallel = obj.get("parallel_tool_calls")
@@ -660,8 +653,7 @@ def parse_logit_bias(bias) -> dict[int, float]:
     """OpenAI's logit_bias: {"token id": bias from -100 to 100} (ids beyond the vocabulary are
     the engine's to refuse)."""
     if not isinstance(bias, dict):
-        raise RequestError(f"'logit_bias' must be an object {{\"token id\": bias}}, not {_shown(bias)}",
-                           param="logit_bias", quoted=(_shown(bias),))
+        raise bad("logit_bias", 'an object {"token id": bias}', bias)
     if len(bias) > MAX_LOGIT_BIAS:
         raise RequestError(f"'logit_bias' has {len(bias)} entries; at most {MAX_LOGIT_BIAS} are accepted",
                            param="logit_bias")
@@ -856,9 +848,10 @@ STRUCTURED_OPTIONS = {"disable_any_whitespace": ("compact", True),
                       "disable_fallback": (None, None)}
 
 
-def bad(param: str, expected: str, value) -> RequestError:
-    """"'PARAM' must be EXPECTED, not VALUE" (the value as JSON, cut at 40 characters)."""
-    return RequestError(f"'{param}' must be {expected}, not {_shown(value)}", param=param, quoted=(_shown(value),))
+def bad(param: str, expected: str, value, hint: str = "") -> RequestError:
+    """"'PARAM' must be EXPECTED, not VALUE" (the value as JSON, cut at 40 characters), then `hint`."""
+    shown = _shown(value)
+    return RequestError(f"'{param}' must be {expected}, not {shown}{hint}", param=param, quoted=(shown,))
 
 
 def _json_text(text: str, param: str):
