@@ -42,7 +42,10 @@ Keywords that constrain nothing are dropped before llguidance sees them (it refu
 keyword whatever its value): `uniqueItems: false`, `if` without `then` and `else`, ...
 Regular expressions (a schema's `pattern` and `patternProperties`, a regex spec) are read as
 ECMA-262's, as JSON Schema says and vLLM's backends do: `\\d` and `\\w` are ASCII ([0-9],
-[0-9A-Za-z_]), not llguidance's Unicode classes, which would allow "꯲" for a digit.
+[0-9A-Za-z_]), not llguidance's Unicode classes, which would allow "꯲" for a digit. A Lark
+grammar's own regexes (`/.../`) are left as written: Lark's syntax (Python's regexes) and
+llguidance's (the Rust regex crate's) both read `\\d` and `\\w` as Unicode, and vLLM hands a
+grammar to llguidance unchanged (docs/openai.md, guided_grammar).
 
 EOS is allowed exactly when the grammar can end; once the grammar is complete only EOS is
 (`is_finished()`). A matcher that went wrong (a token it refused) allows only EOS from then on.

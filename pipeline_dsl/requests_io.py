@@ -61,6 +61,7 @@ class ParsedRequest:
     identity: dict = field(default_factory=dict)            # user / safety_identifier, as given (IDENTITY)
     headers: dict = field(default_factory=dict)             # HTTP headers agp serve copied in (a line's own)
     format_field: str = "response_format"                   # the field response_format came in (guided_json, ...)
+    max_tokens_field: str = "max_tokens"                    # the field max_tokens came in (max_completion_tokens)
 
     def item(self) -> dict:
         """The request as the pipeline's items carry it (what a python stage sees). `echo` with
@@ -589,6 +590,7 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     if scoring:
         req.sampling["max_tokens"] = 0
     check_min_tokens(req.sampling, limit)
+    req.max_tokens_field = limit             # an error the engine words with max_tokens names it
     if obj.get("model") is not None:
         req.model = _check("model", obj["model"], isinstance(obj["model"], str), "a string")
     if obj.get("metadata") is not None:

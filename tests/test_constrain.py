@@ -699,6 +699,24 @@ def test_digit_and_word_classes_are_ascii_as_in_json_schema(engine, compiler):
         assert not accepts(spec, bad), (spec, bad)
 
 
+def test_a_grammars_own_regexes_read_digit_and_word_classes_as_unicode(engine, compiler):
+    """A Lark grammar's regexes (`/.../`, in a rule or a terminal) are the grammar engine's, the
+    Rust regex crate's syntax, as Lark's Python regexes are Unicode too: `\\d` allows "٣" (an
+    Arabic-Indic digit) and `\\w` "日", as documented; `[0-9]` and `(?-u:\\d)` are ASCII, and a
+    `%json` schema's `pattern` inside the grammar is JSON Schema's (ECMA-262's ASCII `\\d`)."""
+    def accepts(grammar, text):
+        m = compiler.compile({"type": "grammar", "grammar": grammar}).matcher()
+        return all(m.accept(t) for t in ids_of(engine, text)) and m.can_end()
+
+    for grammar in (r"start: /\d+/", "start: NUM\nNUM: /\\d+/", r"start: /[^\D]+/"):
+        assert accepts(grammar, "12") and accepts(grammar, "1٣"), grammar
+    assert accepts(r"start: /\w+/", "a日") and not accepts(r"start: /\w+/", "a!")
+    for grammar in (r"start: /[0-9]+/", r"start: /(?-u:\d)+/", "root ::= [0-9]+"):
+        assert accepts(grammar, "12") and not accepts(grammar, "1٣"), grammar
+    schema = 'start: %json {"type": "string", "pattern": "^\\\\d+$"}'
+    assert accepts(schema, '"12"') and not accepts(schema, '"1٣"')
+
+
 def test_supported_schema_features(engine, compiler):
     def accepts(spec, value):
         m = compiler.compile(spec).matcher()

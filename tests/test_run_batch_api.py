@@ -376,3 +376,31 @@ def test_a_batch_lines_spec_only_the_engine_refuses_names_the_field_the_line_wro
         error = got["response"]["body"]["error"]
         assert error["param"] == named, error
         assert error["message"].startswith(f"'{named}' cannot be enforced: the grammar engine gives up on it"), error
+
+
+def test_an_error_record_names_max_tokens_as_the_line_wrote_it(tmp_path, pipeline):
+    """The engine words a prompt + max_tokens beyond the context with max_tokens; a line that sent
+    max_completion_tokens (a plain chat line, a batch-API chat body) reads its own field's name in
+    its error, as agp serve answers the same body; a line that sent max_tokens keeps max_tokens."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    chat = [{"role": "user", "content": "hi " * 40}]
+    inp.write_text(json.dumps({"id": "new", "messages": chat, "max_completion_tokens": 100000}) + "\n"
+                   + json.dumps({"id": "old", "messages": chat, "max_tokens": 100000}) + "\n"
+                   + json.dumps({"id": "fine", "prompt": "hi", "max_completion_tokens": 2}) + "\n")
+    assert run(pipeline, "-i", inp, "-o", out).returncode == 0
+    new, old, fine = records(out)
+    assert new["error"]["code"] == "context_length_exceeded" and new["error"]["status"] == 400, new
+    assert "max_completion_tokens 100000" in new["error"]["message"], new
+    assert "max_tokens" not in new["error"]["message"].replace("max_completion_tokens", ""), new
+    assert "max_tokens 100000" in old["error"]["message"] and "error" not in fine, (old, fine)
+    # a batch-API chat body: its max_completion_tokens fits the context alone, not with its prompt
+    inp.write_text(batch_line("long", CHAT, {"messages": chat, "max_completion_tokens": 450})
+                   + batch_line("short", CHAT, {"messages": chat, "max_completion_tokens": 2}))
+    out.unlink()
+    assert run(pipeline, "-i", inp, "-o", out).returncode == 0
+    long, short = records(out)
+    assert long["response"]["status_code"] == 400 and short["error"] is None, (long, short)
+    body = long["response"]["body"]["error"]
+    assert body["code"] == long["error"]["code"] == "context_length_exceeded", long
+    assert "max_completion_tokens 450" in body["message"] and body["message"] == long["error"]["message"], long
+    assert "max_tokens" not in body["message"].replace("max_completion_tokens", ""), long

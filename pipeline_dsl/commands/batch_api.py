@@ -83,8 +83,9 @@ class BatchLine:
         if result.error is not None:
             from pipeline_dsl.serve.errors import api_error
 
-            return error_record(self.custom_id, self.line, api_error(result.error, self.call.kind,
-                                                                      format_field=self.call.format_field), self.rid)
+            return error_record(self.custom_id, self.line, api_error(
+                result.error, self.call.kind, max_tokens_field=self.call.max_tokens_field,
+                format_field=self.call.format_field), self.rid)
         body, _ = answer_body(runtime, result, self.call, self.rid, fingerprint=fingerprint(runtime))
         return {"id": f"batch_req_{self.line}", "custom_id": self.custom_id,
                 "response": {"status_code": 200, "request_id": self.rid, "body": body}, "error": None}

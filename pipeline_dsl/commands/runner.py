@@ -70,7 +70,7 @@ def record(req: RunRequest, result, several: bool = False, runtime=None) -> dict
         # status, param and code as agp serve answers this error (serve/errors.py's one table),
         # so a rerun can tell a 504 worth retrying from a 400 that will fail again
         api = api_error(result.error, "chat" if req.parsed.messages is not None else "completion",
-                        format_field=req.parsed.format_field)
+                        max_tokens_field=req.parsed.max_tokens_field, format_field=req.parsed.format_field)
         err = {"line": req.line, "message": api.message, "type": result.error.kind,
                "status": api.status}
         if result.error.stage:
