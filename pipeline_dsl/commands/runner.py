@@ -21,7 +21,7 @@ from pipeline_dsl.commands.batch_api import BatchLine
 from pipeline_dsl.engine.config import percentile
 from pipeline_dsl.flow import unbuilt
 from pipeline_dsl.requests_io import ParsedRequest
-from pipeline_dsl.serve.answers import Vocabularies, answered_by
+from pipeline_dsl.serve.answers import Vocabularies, tool_form
 from pipeline_dsl.serve.errors import api_error
 from pipeline_dsl.serve.protocol import chat_message, completion_logprobs
 from pipeline_dsl.serve.token_fields import prompt_logprobs_json
@@ -83,7 +83,10 @@ def record(req: RunRequest, result, several: bool = False, runtime=None) -> dict
             err.update({k: v for k, v in (("param", api.param), ("code", api.code)) if v is not None})
         return {"id": req.parsed.id, "error": err}
     first = result.choices[0]
-    parts = [_choice_parts(req, c, runtime) for c in result.choices]
+    asked = req.parsed.extras
+    vocabs = (Vocabularies(runtime, _pin(runtime, req.parsed), asked, asked.get("prompt_logprobs") is not None)
+              if runtime is not None else None)          # one per line: each stage's token text made once
+    parts = [_choice_parts(req, c, vocabs) for c in result.choices]
     reasons = [_tool_calls(req.parsed, c, p, runtime) for c, p in zip(result.choices, parts)]
     out = {"id": req.parsed.id, "text": parts[0]["text"], "finish_reason": reasons[0],
            "usage": dict(result.usage)}
@@ -111,8 +114,7 @@ def _tool_calls(parsed: ParsedRequest, choice, parts: dict, runtime) -> str | No
     (null when nothing is), `finish_reason` "tool_calls"; a line without calls its text less the
     family's markers (kept in the decoded answer for the parser). Any other line keeps its text."""
     active = bool(parsed.tools) and parsed.tool_choice != "none"
-    gen = answered_by(runtime, _pin(runtime, parsed), choice.data.get("generated_by"))
-    parser = runtime.tool_parser(gen, parsed.tool_choice) if active else "hermes"
+    parser = tool_form(runtime, _pin(runtime, parsed), parsed.tool_choice, active, choice.data.get("generated_by"))
     message, reason = chat_message(parts["text"], choice.finish_reason, active,
                                    None if parsed.parallel_tool_calls else 1, parser, choice.tool_read)
     if active:                      # the content: a family's markers left out (tools.without_markers)
@@ -122,7 +124,7 @@ def _tool_calls(parsed: ParsedRequest, choice, parts: dict, runtime) -> str | No
     return reason
 
 
-def _choice_parts(req: RunRequest, choice, runtime) -> dict:
+def _choice_parts(req: RunRequest, choice, vocabs: Vocabularies | None) -> dict:
     """A choice's text (the prompt first with `echo`), and its `logprobs` / `prompt_logprobs`
     where the line asked for them, as agp serve's completions choice carries them: its tokens read
     with the tokenizer of the generate stage that wrote it (its `generated_by`)."""
@@ -131,9 +133,8 @@ def _choice_parts(req: RunRequest, choice, runtime) -> dict:
     out, prompt = {"text": choice.text}, None
     if choice.data.get("stop_reason") is not None:        # vLLM's: the stop string or stop token id
         out["stop_reason"] = choice.data["stop_reason"]
-    if runtime is None:
+    if vocabs is None:
         return out
-    vocabs = Vocabularies(runtime, _pin(runtime, req.parsed), asked, prompt_k is not None)
     gen = choice.data.get("generated_by")
     if echo and req.parsed.messages is None:
         prompt = req.parsed.prompt

@@ -33,7 +33,12 @@ def call_parser(runtime, req, gen: str | None = None) -> str:
     the pinned stage's, or the pipeline's, where no stage is known), or hermes, unused, when it
     gave no tools. The pin alone would read an unpinned answer of a pipeline whose generate
     stages' models write calls differently in the wrong one's form."""
-    return runtime.tool_parser(answered_by(runtime, req.pin, gen), req.tool_choice) if req.tools_active else "hermes"
+    return tool_form(runtime, req.pin, req.tool_choice, req.tools_active, gen)
+
+
+def tool_form(runtime, pin: str | None, tool_choice, active: bool, gen=None) -> str:
+    """call_parser's answer from the request's parts (agp run's lines have no GenerationRequest)."""
+    return runtime.tool_parser(answered_by(runtime, pin, gen), tool_choice) if active else "hermes"
 
 
 @dataclass(frozen=True)
