@@ -565,10 +565,7 @@ class GrammarBuilder:
     def _json_grammar(self, schema: dict, prefix: str = "") -> str:
         """A JSON Schema's grammar text, checked: GrammarError naming the innermost part of the
         schema that fails by itself (`at #/properties/a: ...`), after `prefix` ("tool 'f': ")."""
-        for pattern in _regexes(schema):
-            _check_regex(pattern, f"{prefix}the pattern")
-        _check_pattern_properties(schema, prefix)
-        depth = schema_depth(schema)
+        depth = _check_schema_limits(schema, prefix, f"{prefix}the pattern")
         if depth > MAX_SCHEMA_DEPTH:
             raise GrammarError(f"{prefix}the schema nests {depth:,} levels deep, each $ref counted as the schema it "
                                f"refers to: at most {MAX_SCHEMA_DEPTH:,}")
@@ -878,26 +875,23 @@ def _cfg_grammar(spec) -> str:
         lark = any_to_lark(text)
     except Exception as e:  # noqa: BLE001 - the converter raises bare errors for text it cannot read
         raise GrammarError(short(f"the grammar does not parse as Lark or GBNF: {e}")) from None
-    _check_lark_regexes(lark)
-    rules, depth = len(_RULE.findall(lark)), 0
+    rules, depth = _check_lark_regexes(lark), 0
     decoder = json.JSONDecoder()
     for m in re.finditer(r"%json\s*", lark):        # a %json schema nests inside the rule it is in
         try:
             schema = decoder.raw_decode(lark, m.end())[0]
         except ValueError:
             continue                                  # not JSON: llguidance says so
-        for pattern in _regexes(schema):              # its patterns are bounded as a json_schema's are
-            _check_regex(pattern, "the %json schema's pattern")
-        _check_pattern_properties(schema, "the %json schema: ")
-        depth = max(depth, schema_depth(schema))
+        # its patterns are bounded as a json_schema's are
+        depth = max(depth, _check_schema_limits(schema, "the %json schema: ", "the %json schema's pattern"))
     if rules + depth > MAX_SCHEMA_DEPTH:
         raise GrammarError(f"the grammar has {rules:,} rule{'s' if rules != 1 else ''}" + (f" and a %json schema {depth:,} levels deep"
                            if depth else "") + f": at most {MAX_SCHEMA_DEPTH:,} in all")
     return llg.LLMatcher.grammar_from_lark(lark)
 
 
-# a rule's (or terminal's) definition in Lark: `name:`, `?name:`, `name[lazy]:`, `NAME.2:` at a line's start
-_RULE = re.compile(r"^[ \t]*[?!]?[A-Za-z_][A-Za-z0-9_]*(\[[^\]\n]*\])?(\.-?\d+)?[ \t]*:(?!:)", re.M)
+# a rule's (or terminal's) definition in Lark: `name:`, `?name:`, `name[lazy]:`, `NAME.2:` at a
+# line's start (its name the group), or a %directive
 _DEFINED = re.compile(r"^[ \t]*(?:[?!]?([A-Za-z_][A-Za-z0-9_]*)(?:\[[^\]\n]*\])?(?:\.-?\d+)?[ \t]*:(?!:)|%)", re.M)
 # what a Lark grammar's text is made of, as far as the size of its terminals goes (Lark's own
 # lexemes: a regex has no unescaped "/", a comment runs to the line's end)
@@ -912,15 +906,17 @@ _LARK_TOKEN = re.compile(r"""(?P<comment>//[^\n]*)
     | \s+ | .""", re.X | re.S)
 
 
-def _check_lark_regexes(lark: str) -> None:
+def _check_lark_regexes(lark: str) -> int:
     """GrammarError for a Lark grammar's regex (`/(a{1000}){1000}/`, in any rule) or terminal (an
     uppercase rule: one regex of the lexer, of its strings, regexes and the terminals it names,
     `("a"{1000}){1000}` too) that unrolls to more than MAX_REGEX_SIZE characters, as a
     json_schema's pattern is refused: llguidance's lexer builds them as it goes (a million
-    characters: hundreds of MB and seconds at the answer's first mask, then it gives up)."""
+    characters: hundreds of MB and seconds at the answer's first mask, then it gives up). Returns
+    how many rules and terminals it defines."""
     bodies: dict[str, list] = {}               # terminal -> its tokens
-    for m in _DEFINED.finditer(lark):           # each definition's tokens, up to the next one or a %directive
-        end = next((n.start() for n in _DEFINED.finditer(lark, m.end())), len(lark))
+    defs = list(_DEFINED.finditer(lark))
+    for k, m in enumerate(defs):                # each definition's tokens, up to the next one or a %directive
+        end = defs[k + 1].start() if k + 1 < len(defs) else len(lark)
         name, tokens = m.group(1), []
         terminal = _terminal(name)
         for t in _LARK_TOKEN.finditer(lark, m.end(), end):
@@ -972,6 +968,16 @@ def _check_lark_regexes(lark: str) -> None:
             todo.append((name, True))
             todo += [(t.group("name"), False) for t in bodies[name] if t.lastgroup == "name"
                      and t.group("name") in bodies and t.group("name") not in sizes]
+    return sum(1 for m in defs if m.group(1))
+
+
+def _check_schema_limits(schema, prefix: str, pattern_where: str) -> int:
+    """GrammarError for a schema's pattern, or patternProperties, past their bounds; else how
+    deep it nests (schema_depth), for the caller to bound."""
+    for pattern in _regexes(schema):
+        _check_regex(pattern, pattern_where)
+    _check_pattern_properties(schema, prefix)
+    return schema_depth(schema)
 
 
 def _terminal(name: str | None) -> bool:
