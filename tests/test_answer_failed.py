@@ -146,3 +146,38 @@ def test_a_listener_failing_on_its_request_hears_answer_failed_and_the_others_ar
         assert bad.deltas == 1                   # none heard after its listener failed
     logged = [r for r in caplog.records if r.name == "agp.flow" and r.levelno == logging.ERROR]
     assert len(logged) == 1 and "'bad'" in logged[0].getMessage() and logged[0].exc_info is not None
+
+
+PASS_CHUNKS = '''
+def passed(item, chunks):
+    for text in chunks:
+        yield text
+'''
+
+
+@pytest.mark.parametrize("through", ["engine", "stream stage"])
+def test_a_listener_failing_on_a_delta_aborts_its_request_generation_stops(tmp_path, long_gguf, through):
+    """Its request hears nothing more, so it is not generated to its end unheard: its engine
+    sequence is aborted (counted so), and it generates a small part of its max_tokens. The same
+    whether the engine tells the deltas or a stream stage after it does."""
+    many = 600
+    body = STREAMED.replace("max_new_tokens = 3", f"max_new_tokens = {many}")
+    if through == "stream stage":
+        body = body.replace("gen -> out", "gen -> up -> out\nstage up : python { fn = \"hooks:passed\"  stream = true }")
+    path = write(tmp_path, long_gguf, body, hooks=PASS_CHUNKS)
+    assert errors(path) == []
+    rt = flowkit.runtime(path)
+    rt.start()
+    try:
+        bad, fine = Failing("delta"), Failing(None)
+        rt.submit(chat("bad", "hi", max_tokens=many), bad, stream=True)
+        assert bad.done.wait(60)
+        rt.submit(chat("fine", "hello", max_tokens=3), fine, stream=True)
+        assert fine.done.wait(60)
+    finally:
+        rt.close(drain=True, timeout=30)
+        rt.shutdown()
+    assert bad.result.error.code == "answer_failed" and bad.deltas == 1 and fine.result.ok
+    engine, = rt.stats()["engines"].values()
+    assert engine["requests_aborted"] == 1 and engine["running"] == 0
+    assert engine["generated_tokens"] < many // 2        # the failed one's few, and the fine one's 3

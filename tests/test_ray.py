@@ -3,6 +3,7 @@ replicas of the tiny model driven by the official `openai` client (skipped only 
 not installed: `pip install -e '.[ray]'`)."""
 
 import gzip
+import logging
 import os
 import socket
 import sys
@@ -110,6 +111,44 @@ def test_scaling_flags_become_serve_options(tmp_path, tiny_gguf):
     assert on_ray.app_builder({"pipeline": str(path), "replicas": "2", "no_prefix_reuse": "true"}) is not None
     with pytest.raises(ValueError, match="--min-replicas \\(3\\) is more than --max-replicas \\(2\\)"):
         on_ray.app_builder({"pipeline": str(path), "min_replicas": 3, "max_replicas": 2})
+
+
+class Ingress:
+    """A stand-in for the ingress's Serve handle (its drain and in_flight calls), with
+    `in_flight` requests that never finish, and what became of the application."""
+
+    def __init__(self, in_flight: int):
+        self.count, self.draining, self.deleted = in_flight, False, False
+        self.drain = self.Call(self._drain)
+        self.in_flight = self.Call(lambda: self.count)
+
+    def _drain(self):
+        self.draining = True
+
+    class Call:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def remote(self):
+            value = self.fn()
+            return type("Response", (), {"result": lambda _self: value})()
+
+
+@pytest.mark.parametrize("in_flight, status", [(0, 0), (3, 1)])
+def test_a_drain_whose_timeout_cuts_requests_exits_1_naming_how_many_as_one_process_does(
+        in_flight, status, monkeypatch, caplog):
+    on_ray = pytest.importorskip("pipeline_dsl.serve.ray", exc_type=ImportError)
+    ingress = Ingress(in_flight)
+    monkeypatch.setattr(on_ray.serve, "get_app_handle", lambda app: ingress if app == on_ray.APP else None)
+    monkeypatch.setattr(on_ray.serve, "delete", lambda app: setattr(ingress, "deleted", app == on_ray.APP))
+    caplog.set_level(logging.INFO, logger="agp.serve")
+    assert on_ray.stop(on_ray.APP, drain_timeout=0.2) == status
+    assert ingress.draining and ingress.deleted
+    said = [r.getMessage() for r in caplog.records if r.name == "agp.serve"]
+    if in_flight:
+        assert "stopped; the drain timeout cut 3 request(s) still in flight" in said
+    else:
+        assert said[-1] == "stopped (drained)" and not any("cut" in line for line in said)
 
 
 @pytest.mark.parametrize("level", ["critical", "error", "warning", "info", "debug"])

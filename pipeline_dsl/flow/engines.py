@@ -339,10 +339,13 @@ class EngineSide:
 
     def _heard(self, item: Item, out, gen: str) -> None:
         """Tell the item's listener a delta of its streamed choice, the answer of generate stage
-        `gen`, with its request's usage so far."""
+        `gen`, with its request's usage so far. A listener that fails on it hears nothing more of
+        the request, so the request is aborted (its engine sequences freed, its python calls let
+        go), not generated to its end unheard; its result is the answer_failed error."""
         with self._lock:
             usage = self.ledger.usage_so_far(item, out)
-        heard(item.req, item.index, out, usage, gen)
+        if heard(item.req, item.index, out, usage, gen):
+            self.abort(item.req.key, "its answer could not be built (its listener failed on a delta)")
 
     def _heard_prompt(self, item: Item, logprobs: list) -> None:
         """A sequence's prompt logprobs, with its first output: kept for the answer, and a stream

@@ -257,15 +257,17 @@ def _copied(source, cls, **values):
 _OUTPUT_FIELDS = tuple(f.name for f in fields(RequestOutput))   # what a Delta copies of the engine's output
 
 
-def heard(req: RequestState, index: int, out, usage: dict, generated_by: str | None = None) -> None:
+def heard(req: RequestState, index: int, out, usage: dict, generated_by: str | None = None) -> bool:
     """Tell a request's listener about a delta of its choice `index`, written by generate stage
     `generated_by`, with the request's usage so far (every streamed token of every stream: an
     engine's RequestOutput is copied whole, a dict copy, not field by field through the frozen
     dataclass's __init__).
-    Its caller skips a request whose listener hears no deltas (`req.hears_deltas`)."""
+    Its caller skips a request whose listener hears no deltas (`req.hears_deltas`). Returns
+    whether the listener failed on this delta (it hears no more, and its caller aborts the
+    request: nothing of its generation would be heard)."""
     with req.telling:
         if req.told or req.listener_failed is not None:   # the request ended meanwhile (its result was
-            return                               # the last word), or its answer cannot be built
+            return False                         # the last word), or its answer cannot be built
         if req.usage_told is not None:           # counted before the delta told last (n choices' stream
             usage = {k: max(n, req.usage_told.get(k, 0)) for k, n in usage.items()}   # stages: threads of
         req.usage_told = usage                   # their own): the usage heard never goes down
@@ -280,6 +282,8 @@ def heard(req: RequestState, index: int, out, usage: dict, generated_by: str | N
             req.listener_failed = e
             log.exception("the answer to request %r could not be built (its listener failed on a delta); "
                           "it is answered with an error", req.id)
+            return True
+    return False
 
 
 def tell_prompt(req: RequestState, ids: list, logprobs: list | None) -> None:

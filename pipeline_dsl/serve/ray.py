@@ -8,8 +8,8 @@ The application `agp` is three deployments (serve/ray_deployments.py): `AgpIngre
 Ray's HTTP proxy, the `AgpPipeline` replicas (each the app `agp serve` builds for the same
 flags) and `AgpMetrics` (serve/ray_metrics.py). This module sets them up from the flags
 (`build_app`: replica counts, autoscaling, resources, Ray's logging), runs them (`main`), and drains them at
-SIGTERM (`drain`: new requests get 503 + Retry-After while those in flight finish, then the
-application is deleted).
+SIGTERM (`stop`, `drain`: new requests get 503 + Retry-After while those in flight finish, then the
+application is deleted; the exit status is 1 when the drain timeout cut requests, as in one process).
 
 The application is served at "/" and answers under --root-path too (the app strips it), so a
 route answers with and without the prefix, as in one process.
@@ -36,7 +36,7 @@ APP = "agp"
 DEFAULT_TARGET = 8.0              # --target-ongoing-requests
 
 __all__ = ["APP", "AgpIngress", "AgpPipeline", "PrefixAffinityRouter", "affinity_key", "app_builder", "build_app",
-           "drain", "logging_config", "main", "parse", "pipeline_options", "rank", "start_failure"]
+           "drain", "logging_config", "main", "parse", "pipeline_options", "rank", "start_failure", "stop"]
 
 
 # ---------------------------------------------------------------- the application
@@ -84,27 +84,43 @@ def build_app(args, gpus: float = 0):
                            args.root_path)
 
 
-def drain(app: str, timeout: float, quiet_s: float = 1.0) -> bool:
+def drain(app: str, timeout: float, quiet_s: float = 1.0) -> int:
     """The graceful stop of a running application: its ingress answers new requests 503 +
-    Retry-After while those in flight finish (up to `timeout`); True when all finished. It
-    returns once nothing has been in flight for `quiet_s`: a request the proxy accepted just
-    before the drain reaches the ingress within it (and is answered, not cut), and a load
-    balancer polling /health sees the 503. The caller then deletes the application."""
+    Retry-After while those in flight finish (up to `timeout`). Returns how many were still in
+    flight when the timeout ended the wait (0: all finished; those are cut when the caller
+    deletes the application). It returns once nothing has been in flight for `quiet_s`: a
+    request the proxy accepted just before the drain reaches the ingress within it (and is
+    answered, not cut), and a load balancer polling /health sees the 503."""
     ingress = serve.get_app_handle(app)
     ingress.drain.remote().result()
     start = time.monotonic()
     idle_since = None
     while True:
         now = time.monotonic()
-        if ingress.in_flight.remote().result() > 0:
+        active = ingress.in_flight.remote().result()
+        if active > 0:
             idle_since = None
         elif idle_since is None:
             idle_since = now
         elif now - idle_since >= quiet_s:
-            return True
+            return 0
         if now - start > timeout:
-            return idle_since is not None
+            return active
         time.sleep(0.1)
+
+
+def stop(app: str, drain_timeout: float) -> int:
+    """Drain the running application (`drain`), delete it, and give agp serve's exit status, as
+    one process gives it (commands/serve.py exit_status): 0 when every request in flight was
+    answered, 1 when the drain timeout cut some (their count logged)."""
+    log.info("draining: new requests get 503; those in flight get up to %gs", drain_timeout)
+    cut = drain(app, drain_timeout)
+    serve.delete(app)                            # what is still in flight is cut with it
+    if cut:
+        log.warning("stopped; the drain timeout cut %d request(s) still in flight", cut)
+        return 1
+    log.info("stopped (drained)")
+    return 0
 
 
 def pipeline_device(args) -> str:
@@ -211,16 +227,13 @@ def main(args) -> int:
     log.info("agp serving pipeline %s on Ray Serve as %s at %s://%s%s/v1; prefix affinity %s",
              Path(args.pipeline).name, count, scheme, endpoint(args.host, port), args.root_path,
              f"on the first {args.affinity_chars} characters" if args.affinity_chars else "off")
-    stop = threading.Event()
+    signalled = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(0.5):
+        signal.signal(sig, lambda *_: signalled.set())
+    while not signalled.wait(0.5):
         pass
-    log.info("draining: new requests get 503; those in flight get up to %gs", args.drain_timeout)
-    if not drain(APP, args.drain_timeout):
-        log.warning("drain timeout: requests still in flight are cut")
-    serve.delete(APP)
-    if started_here:
-        ray.shutdown()
-    log.info("stopped")
-    return 0
+    try:
+        return stop(APP, args.drain_timeout)
+    finally:
+        if started_here:
+            ray.shutdown()
