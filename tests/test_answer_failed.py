@@ -1,5 +1,6 @@
 """A result that passes the runtime but that no answer can be built of (a python stage that
-replaced the `logprobs` a request asked for with something else) fails its own request loudly
+put in the `logprobs` a request asked for a token id no tokenizer can look up: an int of its own
+whose hash fails, which the runtime's check of the field's shape lets by) fails its own request loudly
 and alone: agp serve answers it 500 `answer_failed` (a stream: an error event, then [DONE]), agp
 run writes an error line for it with its status; the traceback is logged once at ERROR with the
 request's id, and every other request is answered. Before, agp serve's client waited for its
@@ -17,9 +18,15 @@ from clikit import agp_in
 from flowkit import chain, chat, errors, write
 
 HOOKS = '''
+class Unnamed(int):
+    """A token id (an int) that no tokenizer's cache can look up."""
+    def __hash__(self):
+        raise TypeError("this token id cannot be looked up")
+
+
 def answer(item):
     if item["request"].get("metadata", {}).get("bad") == "logprobs":
-        item["logprobs"] = "none today"
+        item["logprobs"] = [{**e, "token_id": Unnamed(e["token_id"])} for e in item["logprobs"]]
     return item
 '''
 
@@ -181,3 +188,22 @@ def test_a_listener_failing_on_a_delta_aborts_its_request_generation_stops(tmp_p
     engine, = rt.stats()["engines"].values()
     assert engine["requests_aborted"] == 1 and engine["running"] == 0
     assert engine["generated_tokens"] < many // 2        # the failed one's few, and the fine one's 3
+
+
+def test_agp_serve_answers_the_token_fields_an_engine_answer_carries_through_a_python_stage(served):
+    """The logprobs, top alternatives, prompt logprobs and token ids the engine gives an answer
+    pass the python stage that hands them back unchanged, and agp serve's chat and completions
+    answers carry them (the runtime's check of those fields takes the engine's own shapes)."""
+    s = served
+    asked = {"model": "tiny", "max_tokens": 2, "prompt_logprobs": 2, "return_token_ids": True}
+    text = s.http.post(s.url + "/v1/completions", timeout=60, json={**asked, "prompt": "hi there", "logprobs": 2})
+    chat = s.http.post(s.url + "/v1/chat/completions", timeout=60, json={
+        **asked, "messages": [{"role": "user", "content": "hi there"}], "logprobs": True, "top_logprobs": 2})
+    assert text.status_code == 200 and chat.status_code == 200, (text.text, chat.text)
+    t, c = text.json(), chat.json()
+    choice = t["choices"][0]
+    assert len(choice["token_ids"]) == 2 and len(choice["logprobs"]["tokens"]) == 2
+    assert len(choice["prompt_logprobs"]) == len(choice["prompt_token_ids"]) == t["usage"]["prompt_tokens"]
+    assert len(c["choices"][0]["token_ids"]) == 2
+    assert [len(e["top_logprobs"]) for e in c["choices"][0]["logprobs"]["content"]] == [2, 2]
+    assert len(c["prompt_logprobs"]) == len(c["prompt_token_ids"]) == c["usage"]["prompt_tokens"]

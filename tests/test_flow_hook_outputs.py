@@ -30,6 +30,34 @@ def answer(item):
         item["usage"] = {**item["usage"], "cached_tokens": True}
     elif bad == "huge":
         item["usage"] = {**item["usage"], "completion_tokens": 10 ** 400}   # no float holds it: TPOT, metrics
+    elif bad == "logprobs":
+        item["logprobs"] = "nope"
+    elif bad == "logprobs_entry":
+        item["logprobs"] = [{"token_id": 5, "logprob": -0.5, "top": []}, 7]
+    elif bad == "logprobs_id":
+        item["logprobs"] = [{"token_id": "5", "logprob": -0.5, "top": []}]
+    elif bad == "logprobs_top":
+        item["logprobs"] = [{"token_id": 5, "logprob": -0.5, "top": [(5, -0.5), (6,)]}]
+    elif bad == "logprobs_value":
+        item["logprobs"] = [{"token_id": 5, "logprob": None, "top": []}]
+    elif bad == "prompt_logprobs":
+        item["prompt_logprobs"] = {"5": -0.5}
+    elif bad == "prompt_logprobs_none":
+        item["prompt_token_ids"] = [1, 5, 6]
+        item["prompt_logprobs"] = [None, None, {"token_id": 6, "logprob": -1.0, "rank": 1, "top": []}]
+    elif bad == "prompt_logprobs_rank":
+        item["prompt_token_ids"] = [1, 5]
+        item["prompt_logprobs"] = [None, {"token_id": 5, "logprob": -1.0, "rank": "first", "top": []}]
+    elif bad == "prompt_logprobs_alone":
+        item.pop("prompt_token_ids", None)
+        item["prompt_logprobs"] = [None, {"token_id": 5, "logprob": -1.0, "rank": 1, "top": []}]
+    elif bad == "token_ids":
+        item["token_ids"] = [5, -1]
+    elif bad == "ids_array":
+        import numpy
+        item["token_ids"] = numpy.array([5, 6])
+    elif bad == "prompt_token_ids":
+        item["prompt_token_ids"] = "1 5 6"
     elif bad == "filtered":
         item["finish_reason"] = "content_filter"   # a guard may say why it ended the answer
     return item
@@ -98,6 +126,29 @@ def answered_except(results, bad_id):
     ("bool", "stage 'a' returned a result whose usage.cached_tokens is True; expected a non-negative integer"),
     ("huge", "stage 'a' returned a result whose usage.completion_tokens is an integer of 401 digits; expected a "
              "non-negative integer of at most 9007199254740991 (2**53 - 1)"),
+    ("logprobs", "stage 'a' returned a result whose logprobs is a str; expected a list of an object {token_id, "
+                 "logprob, top: [[token id, logprob], ...]} per token, or null"),
+    ("logprobs_entry", "stage 'a' returned a result whose logprobs[1] is 7; expected an object {token_id, logprob, "
+                       "top: [[token id, logprob], ...]}"),
+    ("logprobs_id", "stage 'a' returned a result whose logprobs[0].token_id is '5'; expected a token id (a "
+                    "non-negative integer)"),
+    ("logprobs_top", "stage 'a' returned a result whose logprobs[0].top[1] is (6,); expected a [token id, logprob] "
+                     "pair"),
+    ("logprobs_value", "stage 'a' returned a result whose logprobs[0].logprob is None; expected a number"),
+    ("prompt_logprobs", "stage 'a' returned a result whose prompt_logprobs is a dict; expected a list of an object "
+                        "{token_id, logprob, top: [[token id, logprob], ...]} per token, or null"),
+    ("prompt_logprobs_none", "stage 'a' returned a result whose prompt_logprobs[1] is None; expected an object "
+                             "{token_id, logprob, top: [[token id, logprob], ...]} (or null for the first)"),
+    ("prompt_logprobs_rank", "stage 'a' returned a result whose prompt_logprobs[1].rank is 'first'; expected an "
+                             "integer or null"),
+    ("prompt_logprobs_alone", "stage 'a' returned a result with prompt_logprobs but no prompt_token_ids (the "
+                              "engine gives both; an echoed prompt's first token is read there)"),
+    ("token_ids", "stage 'a' returned a result whose token_ids[1] is -1; expected a token id (a non-negative "
+                  "integer)"),
+    ("ids_array", "stage 'a' returned a result whose token_ids is a ndarray; expected a list of token ids "
+                  "(non-negative integers) or null"),
+    ("prompt_token_ids", "stage 'a' returned a result whose prompt_token_ids is a str; expected a list of token ids "
+                         "(non-negative integers) or null"),
 ])
 def test_a_result_hook_returning_text_that_cannot_be_sent_fails_its_request_there(tmp_path, soft_gguf, bad, words):
     path = pipeline(tmp_path, soft_gguf, 'stage a : python { fn = "hooks:answer" }',
@@ -315,3 +366,60 @@ def test_a_python_tool_stage_reads_calls_in_the_form_the_model_s_own_template_as
     (r,), _ = run(path, [req])
     assert r.ok, r.error
     assert json.loads(r.choices[0].text)["ran"] == [["add", {"a": 1, "b": 2}]]
+
+
+PASSING_HOOKS = '''
+import json
+
+def scaled(entry):
+    return None if entry is None else {**entry, "logprob": entry["logprob"] * 0.5,
+                                       "top": [(t, lp * 0.5) for t, lp in entry["top"]]}
+
+def touch(item):
+    how = item["request"].get("metadata", {}).get("how")
+    if how == "json":                   # a copy as JSON gives it: the engine's (id, logprob) pairs as lists
+        return json.loads(json.dumps(item))
+    if how == "rewritten":              # new values in the engine's own shapes (its tuples kept)
+        item["logprobs"] = [scaled(e) for e in item["logprobs"]]
+        item["prompt_logprobs"] = [scaled(e) for e in item["prompt_logprobs"]]
+        item["token_ids"] = list(item["token_ids"])
+        item["prompt_token_ids"] = list(item["prompt_token_ids"])
+    return item                         # "as_is": what it got
+'''
+
+
+def test_an_engine_answer_a_stage_hands_back_keeps_its_token_fields_in_chat_and_completions(tmp_path, soft_gguf):
+    """The token fields the engine gives a result (logprobs with their top alternatives, the
+    prompt's logprobs, return_token_ids' ids) pass a python stage that hands them back as it got
+    them, as a JSON copy, or rewritten in the same shapes, and reach the answer: agp run's line
+    carries them, for a chat line and a completions line alike."""
+    from clikit import agp_in
+
+    body = ('stage request : requests {}\nstage gen : generate { max_new_tokens = 3 }\n'
+            'stage a : python { fn = "hooks:touch" }\nstage out : respond {}\n'
+            "request -> batch\ngen -> a -> out\n" + chain())
+    path = write(tmp_path, soft_gguf, body, hooks=PASSING_HOOKS)
+    assert errors(path) == []
+    asked = {"max_tokens": 3, "ignore_eos": True, "temperature": 0, "prompt_logprobs": 2, "return_token_ids": True}
+    lines = []
+    for how in ("as_is", "json", "rewritten"):
+        lines.append({"id": f"chat-{how}", "messages": [{"role": "user", "content": "hi there"}], "logprobs": True,
+                      "top_logprobs": 2, "metadata": {"how": how}, **asked})
+        lines.append({"id": f"text-{how}", "prompt": "hi there", "logprobs": 2, "metadata": {"how": how}, **asked})
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    r = agp_in("run", path, "-i", inp, "-o", out, "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    written = {w["id"]: w for w in map(json.loads, out.read_text().splitlines())}
+    assert sorted(written) == sorted(x["id"] for x in lines)
+    for rid, w in written.items():
+        assert "error" not in w, (rid, w["error"])
+        assert len(w["token_ids"]) == 3 and len(w["prompt_token_ids"]) == w["usage"]["prompt_tokens"]
+        assert len(w["logprobs"]["tokens"]) == 3 and all(t for t in w["logprobs"]["top_logprobs"])
+        assert len(w["prompt_logprobs"]) == len(w["prompt_token_ids"]) and w["prompt_logprobs"][0] is None
+    for kind in ("chat", "text"):
+        same, halved = written[f"{kind}-as_is"]["logprobs"], written[f"{kind}-rewritten"]["logprobs"]
+        for other in (written[f"{kind}-json"]["logprobs"], halved):   # batched apart: float noise aside
+            assert other["tokens"] == same["tokens"]
+        assert written[f"{kind}-json"]["logprobs"]["token_logprobs"] == pytest.approx(same["token_logprobs"], abs=1e-4)
+        assert halved["token_logprobs"] == pytest.approx([v * 0.5 for v in same["token_logprobs"]], abs=1e-4)

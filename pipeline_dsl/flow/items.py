@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import reprlib
 import threading
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -180,12 +181,15 @@ MAX_COUNT = 2 ** 53 - 1               # the largest token count every JSON reade
 ANSWER_FAILED_CODE = "answer_failed"
 
 
-def check_result(d: dict, stage: str, made: str) -> None:
+def check_result(d: dict, stage: str, made: str, got: dict | None = None) -> None:
     """A result dict user code made (`made`: "stage 'a' returned", "join 'j' produced"), held to
     what an answer needs: its text a string that can be sent, its finish_reason a string (a guard
     may set its own, e.g. content_filter) or null, its usage an object whose token counts are
-    non-negative integers (the run's counts and TPOT add them up), and what an answer carries as
-    it is plain JSON. Else a PipelineError that fails its request at `stage`."""
+    non-negative integers (the run's counts and TPOT add them up), what an answer carries as
+    it is plain JSON, and its token fields (TOKEN_FIELDS) in the engine's shapes. `got`: the
+    result the code was given (a python stage's), whose token fields were checked already (or
+    the engine made them): a field equal to its own is not looked at again. Else a
+    PipelineError that fails its request at `stage`."""
     text, reason, usage = d.get("text"), d.get("finish_reason"), d.get("usage")
     if not isinstance(text, str):
         raise PipelineError(f"{made} a result whose text is {a_type(text)}, not a string", "failed", stage)
@@ -217,6 +221,92 @@ def check_result(d: dict, stage: str, made: str) -> None:
         except (TypeError, ValueError, RecursionError) as e:
             raise PipelineError(f"{made} a result whose {key} is not plain JSON ({type(e).__name__}: {e}), "
                                 "and an answer carries it as it is", "failed", stage) from None
+    for key in TOKEN_FIELDS:
+        value = d.get(key)
+        if value is None or (got is not None and _unchanged(value, got.get(key))):
+            continue
+        problem = token_field_problem(key, value)
+        if problem is not None:
+            raise PipelineError(f"{made} a result whose {problem}", "failed", stage)
+    if d.get("prompt_logprobs") and not d.get("prompt_token_ids"):
+        raise PipelineError(f"{made} a result with prompt_logprobs but no prompt_token_ids (the engine gives "
+                            "both; an echoed prompt's first token is read there)", "failed", stage)
+
+
+# the token fields of a result, as the engine gives them (flow/engines.py) and the answer builders
+# read them (serve/token_fields.py, serve/protocol.py): a stage may rewrite them, in these shapes
+TOKEN_FIELDS = ("logprobs", "prompt_logprobs", "prompt_token_ids", "token_ids")
+_PAIRS = (tuple, list)
+_ENTRY = "an object {token_id, logprob, top: [[token id, logprob], ...]}"
+_shown = reprlib.Repr()
+_shown.maxstring, _shown.maxother, _shown.maxlist, _shown.maxdict = 40, 40, 4, 4
+
+
+def token_field_problem(key: str, value) -> str | None:
+    """What is wrong with a result's token field `key` (TOKEN_FIELDS), in words that name the
+    element ("logprobs[3].top[0] is 'x'; expected ..."), or None where it has the engine's shape:
+    `token_ids` and `prompt_token_ids` lists of token ids (non-negative integers); `logprobs` a
+    list of {token_id, logprob, top} per generated token, `top` a list of (token id, logprob)
+    pairs (a JSON copy's [id, logprob] lists too); `prompt_logprobs` the same per prompt token,
+    with its `rank` (an integer) where it gives one, and null for the first (nothing comes before
+    it). Every element is looked at: a stage that rewrote a field pays for one pass over it,
+    less than the copy of the item it was given."""
+    if key in ("token_ids", "prompt_token_ids"):
+        if not isinstance(value, (list, tuple)):
+            return f"{key} is {a_type(value)}; expected a list of token ids (non-negative integers) or null"
+        for i, t in enumerate(value):
+            if not _is_id(t):
+                return f"{key}[{i}] is {_shown.repr(t)}; expected a token id (a non-negative integer)"
+        return None
+    if not isinstance(value, list):
+        return f"{key} is {a_type(value)}; expected a list of {_ENTRY} per token, or null"
+    prompt = key == "prompt_logprobs"
+    for i, e in enumerate(value):
+        if e is None and prompt and i == 0:
+            continue
+        where = f"{key}[{i}]"
+        if not isinstance(e, dict):
+            first = " (or null for the first)" if prompt else ""
+            return f"{where} is {_shown.repr(e)}; expected {_ENTRY}{first}"
+        t, lp, top = e.get("token_id"), e.get("logprob"), e.get("top")
+        if not _is_id(t):
+            return f"{where}.token_id is {_shown.repr(t)}; expected a token id (a non-negative integer)"
+        if not _is_number(lp):
+            return f"{where}.logprob is {_shown.repr(lp)}; expected a number"
+        if prompt and e.get("rank") is not None and not _is_id(e["rank"]):
+            return f"{where}.rank is {_shown.repr(e['rank'])}; expected an integer or null"
+        if not isinstance(top, (list, tuple)):
+            return f"{where}.top is {_shown.repr(top)}; expected a list of [token id, logprob] pairs"
+        for j, pair in enumerate(top):
+            if type(pair) in _PAIRS and len(pair) == 2 and type(pair[0]) is int and pair[0] >= 0 \
+                    and type(pair[1]) is float:
+                continue                            # the engine's own (the loop over every alternative)
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and _is_id(pair[0])
+                    and _is_number(pair[1])):
+                return f"{where}.top[{j}] is {_shown.repr(pair)}; expected a [token id, logprob] pair"
+    return None
+
+
+def _unchanged(value, before) -> bool:
+    """Whether a token field is the one a stage was given: the same object, or an equal one of the
+    same type (list == list: one comparison in C, no walk in Python). A value whose == does not
+    answer yes or no (an array's) is not."""
+    if value is before:
+        return True
+    if type(value) is not type(before):
+        return False
+    try:
+        return (value == before) is True
+    except Exception:                            # noqa: BLE001 - then it is walked and named
+        return False
+
+
+def _is_id(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def a_type(value) -> str:

@@ -495,7 +495,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                 out = _valid_request(out, stage)
             elif kind == GENERATED:
                 out = _completed(out, view, item.kind)
-                check_result(out, stage, f"stage '{stage}' returned")
+                check_result(out, stage, f"stage '{stage}' returned",
+                             item.data if item.kind == GENERATED else None)
                 if item.kind == REQUEST:
                     out = self._answered_here(item, stage, out)
             item.kind, item.data = kind, out
