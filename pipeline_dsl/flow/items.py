@@ -428,7 +428,11 @@ def deliver(listener, result: Result) -> None:
 def unbuilt(result: Result, e: BaseException) -> Result:
     """`result` failed: its answer could not be built of it (`e`, a bug or a value no stage
     checked). No choices and no usage (what failed may be in them)."""
-    return Result(result.key, result.id, [], PipelineError(
-        f"the answer to this request could not be built ({type(e).__name__}: {e}); its traceback is "
-        "logged", "failed", code=ANSWER_FAILED_CODE), no_usage(), dict(result.metrics or {}),
-        {})
+    return Result(result.key, result.id, [], unbuilt_error(e), no_usage(), dict(result.metrics or {}), {})
+
+
+def unbuilt_error(e: BaseException) -> PipelineError:
+    """The error of a request whose answer could not be built of its result (`e`); agp serve's
+    500 says the same (serve/errors.py's answer_failed)."""
+    return PipelineError(f"the answer to this request could not be built ({type(e).__name__}: {e}); its traceback "
+                         "is logged", "failed", code=ANSWER_FAILED_CODE)

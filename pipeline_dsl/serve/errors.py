@@ -15,7 +15,7 @@ import re
 
 from fastapi.responses import JSONResponse
 
-from pipeline_dsl.flow import ANSWER_FAILED_CODE, PipelineError
+from pipeline_dsl.flow import ANSWER_FAILED_CODE, PipelineError, unbuilt_error
 
 from .api_error import APIError
 
@@ -124,8 +124,7 @@ def answer_failed(e: Exception) -> APIError:
     """The 500 of a request whose answer (or the stream's chunk) could not be built of its result
     (`e`: a bug, or a value no stage checked): as the runtime answers a result its listener could
     not take (flow's unbuilt), logged at ERROR with `e`'s traceback (log_error)."""
-    err = APIError(f"the answer to this request could not be built ({type(e).__name__}: {e}); its traceback "
-                   "is logged", status=500, type="server_error", code=ANSWER_FAILED_CODE)
+    err = APIError(unbuilt_error(e).message, status=500, type="server_error", code=ANSWER_FAILED_CODE)
     err.__cause__ = e
     return err
 
