@@ -155,7 +155,7 @@ COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop"
           "user", "ignore_eos", "stop_token_ids", "logprobs", "min_tokens", "repetition_penalty",
           "min_p", "response_format"}
 VLLM = {"skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output", "request_id",
-        "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",  # parse_constraint
+        "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",  # read_constraint
         "structural_tag",
         "guided_decoding_backend", "truncate_prompt_tokens", "priority", "bad_words", "cache_salt", "prompt_logprobs",
         "return_token_ids", "return_tokens_as_token_ids", *TOKEN_ID_FIELDS}
@@ -961,21 +961,17 @@ def _given_constraint(obj: dict) -> tuple[dict | None, str | None]:
     return _spec(kind, obj[name], name), name
 
 
-def parse_constraint(obj: dict, *, wait: bool = True) -> dict | None:
+def read_constraint(obj: dict, *, wait: bool = True) -> tuple[dict | None, str]:
     """The one constraint spec a request's response_format, structured_outputs or guided_* field
     asks for (None when none does), checked so a spec the compiler cannot enforce is a
-    RequestError naming the field the request wrote. The check (seconds of CPU for a large
-    schema) runs only when the spec is not in the check cache, and then as one of at most
-    MAX_GRAMMAR_CHECKS at once in the process: `wait` (agp run's lines) waits for its turn,
-    otherwise (agp serve, whose request threads parse every other request too) ChecksBusy."""
-    return read_constraint(obj, wait=wait)[0]
-
-
-def read_constraint(obj: dict, *, wait: bool = True) -> tuple[dict | None, str]:
-    """(parse_constraint's spec, the field the request wrote it in): "guided_json",
+    RequestError naming the field the request wrote; and that field: "guided_json",
     "structured_outputs.json", "response_format" (also when none is given), as this check's 400
     names it; the engine's 400 about the spec (its compile with the model's tokenizer refuses
-    what this check takes) names that field too (serve/errors.api_error's `format_field`)."""
+    what this check takes) names that field too (serve/errors.api_error's `format_field`).
+    The check (seconds of CPU for a large schema) runs only when the spec is not in the check
+    cache, and then as one of at most MAX_GRAMMAR_CHECKS at once in the process: `wait` (agp
+    run's lines) waits for its turn, otherwise (agp serve, whose request threads parse every
+    other request too) ChecksBusy."""
     spec, where = _given_constraint(obj)
     if spec is not None and spec.get("type") not in ("json_object", "text"):
         problem = spec_problem(spec, wait=wait, where=where)

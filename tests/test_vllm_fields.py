@@ -577,12 +577,12 @@ def test_the_check_cache_holds_a_digest_a_spec_whatever_its_size_and_a_repeated_
     before = requests_io.check_cache_info()
     specs = [{**_unique_schema("big"), "description": "x" * (1 << 20)} for _ in range(4)]   # 1 MiB each
     for schema in specs:
-        assert requests_io.parse_constraint({"guided_json": schema})["schema"] is schema
+        assert requests_io.read_constraint({"guided_json": schema})[0]["schema"] is schema
     info = requests_io.check_cache_info()
     assert len(checked) == 4
     assert info["bytes"] - before["bytes"] <= 4 * requests_io.ENTRY_BYTES      # not the 4 MiB of text
     assert info["bytes"] <= info["max_bytes"] and info["entries"] <= info["max_entries"]
-    requests_io.parse_constraint({"guided_json": json.loads(json.dumps(specs[0]))})   # an equal spec: a hit
+    requests_io.read_constraint({"guided_json": json.loads(json.dumps(specs[0]))})    # an equal spec: a hit
     assert len(checked) == 4
 
 
