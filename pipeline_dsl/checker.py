@@ -725,7 +725,8 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
             if not any(d.is_error for d in shape):          # a generator without stream: said already
                 diags += _check_signature(f"stage '{st.name.text}'", params["fn"], 2 if stream else 1,
                                           "(item, chunks)" if stream else "(item)", where("fn"), base)
-            diags += _check_python_returns(st.name.text, params["fn"], where("fn"), base)
+            if not stream:              # a stream filter's return is a label or nothing, never its result
+                diags += _check_python_returns(st.name.text, params["fn"], where("fn"), base)
     elif kind.name == "join":
         policy, fn = params.get("policy"), params.get("fn")
         if fn is not None and "policy" not in given:

@@ -323,6 +323,18 @@ def test_a_return_no_python_stage_may_give_is_an_error_at_fn(tmp_path, fn, said)
     assert (err.hint is not None) == (fn == "both")
 
 
+def test_a_stream_filters_return_of_another_value_is_no_error(tmp_path):
+    """A `stream = true` generator's `return` is its label (a string) or nothing: the run keeps a
+    string and ignores any other value, so `return n, "counted"` after its yields fails no
+    request, and check (which reads a plain python stage's returns) takes it."""
+    (tmp_path / "hooks.py").write_text('def guard(item, chunks):\n    n = 0\n    for text in chunks:\n'
+                                       '        n += 1\n        yield text\n    return n, "counted"\n')
+    path = tmp_path / "p.agp"
+    path.write_text(SEED.replace("stage out : respond {}", 'stage out : respond {}\n    stage g : python '
+                                 '{ fn = "hooks:guard"  stream = true }').replace("gen -> out", "gen -> g -> out"))
+    assert [d.message for d in pipeline_dsl.load(str(path))[1] if d.is_error] == []
+
+
 def test_check_reads_a_python_stages_module_once_and_again_once_it_changes(tmp_path, monkeypatch):
     """One check asks several things of a stage's function (that it exists, its shape, its
     signature, its labels): the module is parsed once for them all, and once more after an edit
