@@ -104,3 +104,26 @@ def test_agp_serve_chat_and_responses_answers_give_the_calls_the_python_stages_s
                                                                                {"a": 1, "b": 2})
     [call] = rewritten.json()["choices"][0]["message"]["tool_calls"]
     assert args(call) == {"a": 5, "b": 6}
+
+
+@pytest.mark.parametrize("policy", ["first", "longest"])
+def test_the_calls_of_an_answer_that_went_through_a_fan_out_and_a_join_are_the_ones_its_stages_saw(tmp_path, policy):
+    """A fan-out after generate copies the answer to each branch with what its generate stage read,
+    and a join's answer (the text of one of its branches) keeps that branch's read: the answer's
+    calls are those the branches' python stages saw, ids and all (a copy read its text again,
+    with new ids)."""
+    pytest.importorskip("llguidance")
+    from tiny_model import write_tiny_gguf
+
+    model = write_tiny_gguf(tmp_path / "llama.gguf", context=4096, embed_scale=0.3, chat_template=TEMPLATE)
+    body = ('stage request : requests {}\nstage gen : generate { max_new_tokens = 200 }\n'
+            'stage a : python { fn = "hooks:note" }\nstage b : python { fn = "hooks:note" }\n'
+            f'stage j : join {{ policy = {policy} }}\nstage out : respond {{}}\n'
+            + chain().replace("budget = 2MiB", "budget = 8MiB")
+            + "request -> batch\ngen -> a\ngen -> b\na -> j\nb -> j\nj -> out\n")
+    path = write(tmp_path, model, body, hooks=HOOKS)
+    assert flowkit.errors(path) == []
+    [answer] = flowkit.run_lines(path, [line()])
+    (_, a_ids), (_, b_ids) = seen(path)
+    assert a_ids == b_ids and len(a_ids) == 1
+    assert answer["finish_reason"] == "tool_calls" and [c["id"] for c in answer["tool_calls"]] == a_ids

@@ -161,7 +161,7 @@ class Item:
     def fork(self, branch: tuple) -> "Item":
         return Item(self.kind, copy.deepcopy(self.data), self.req, self.at, branch, dict(self.turns),
                     self.label, None, self.ids, self.entry, sampled=self.sampled, split=self.split,
-                    copy=self.copy)
+                    copy=self.copy, tool_read=self.tool_read)
 
 
 def unicode_problem(text: str) -> str | None:
