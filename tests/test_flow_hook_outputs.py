@@ -75,6 +75,8 @@ def canned(item):
         return {"text": "a canned answer"}
     if how == "counted":
         return {"text": "an answer from elsewhere", "usage": {"completion_tokens": 7}}
+    if how == "in_place":                          # the request dict, its text set: an answer
+        item["text"] = "answered in place"
     return item
 
 def stream(item, chunks):
@@ -301,6 +303,25 @@ def test_a_request_a_stage_answers_itself_reports_its_prompt_tokens(tmp_path, so
     assert by_id["plain"].choices[0].text == "a canned answer"
     assert by_id["plain"].usage == {"prompt_tokens": prompt, "completion_tokens": 0, "cached_tokens": 0}
     assert by_id["counted"].usage == {"prompt_tokens": prompt, "completion_tokens": 7, "cached_tokens": 0}
+
+
+
+def test_a_request_a_stage_answers_in_place_keeps_its_own_logprobs_settings_out_of_the_answer(tmp_path, soft_gguf):
+    """A request of token ids that asked logprobs (`logprobs: 2`, `prompt_logprobs: 1`: how many
+    alternatives) which a python stage answers by setting its text: those settings are the
+    request's, no answer's logprobs, and the answer is made without them; the runtime's check of
+    a result's logprobs blamed the stage for a field it never wrote."""
+    from pipeline_dsl.requests_io import parse_request
+
+    path = pipeline(tmp_path, soft_gguf, 'stage a : python { fn = "hooks:canned"  returns = any }',
+                    "request -> a\na -> batch\na -> out\ngen -> out\n")
+    asked = parse_request({"id": "ids", "prompt_token_ids": [5, 6, 7], "max_tokens": 2, "logprobs": 2,
+                           "prompt_logprobs": 1, "metadata": {"canned": "in_place"}}).item()
+    results, _ = run(path, [asked, chat("gen", "hello there")])
+    assert all(r.ok for r in results), [r.error.message for r in results if not r.ok]
+    [choice] = results[0].choices
+    assert choice.text == "answered in place"
+    assert choice.data.get("logprobs") is None and choice.data.get("prompt_logprobs") is None
 
 
 TOOL_LOOP_HOOKS = '''

@@ -871,8 +871,16 @@ def _completed(out: dict, got: dict, got_kind: str) -> dict:
         fill = {k: got.get(k) for k in FILLED}
     else:
         fill = {"id": got.get("id"), "request": got, "finish_reason": "stop"}
+        # the request's own `logprobs: 2` / `prompt_logprobs: 1` (how many alternatives) in a request
+        # dict answered in place are its settings, still in `request`: no answer's logprobs
+        kept = {k: out[k] for k in REQUEST_LOGPROBS if k in out and out[k] == got.get(k)}
+        if kept:
+            out = {k: v for k, v in out.items() if k not in kept}
     missing = {k: v for k, v in fill.items() if out.get(k) is None and v is not None}
     return {**out, **missing} if missing else out
+
+
+REQUEST_LOGPROBS = ("logprobs", "prompt_logprobs")      # a request's settings, an answer's tokens' logprobs
 
 
 def _device_failed(graph: nx.DiGraph, generates, exc) -> BaseException:
