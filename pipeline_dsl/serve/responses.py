@@ -213,8 +213,9 @@ def conversation(value, store: ResponseStore | None = None) -> list[dict]:
         if not isinstance(item, dict):
             raise bad(where, "an input item object", item)
         kind = item.get("type")
-        if kind is None:       # OpenAI's type is optional on both: a reference is an id without a role
-            kind = "item_reference" if "role" not in item and "id" in item else "message"
+        if kind is None:       # OpenAI's type is optional on both: a reference is an id alone (an item
+            # with other keys beside its id is a message, checked as one: a missing role is named)
+            kind = "item_reference" if "id" in item and set(item) <= {"id", "type"} else "message"
         if kind == "item_reference":
             item = _referenced(item, where, store)
             kind = item["type"]
