@@ -308,9 +308,9 @@ def check_fields(obj: dict, table: dict) -> None:
 def must_be(param: str, expected: str, value) -> RequestError:
     """The error of a field whose value is not what it must be: "'top_logprobs' must be an integer
     from 0 to 20, not 21" (a number shown as itself, anything else by its JSON type and text)."""
-    shown = _shown(value)
-    what = shown if json_type(value) == "a number" else f"{json_type(value)} ({shown})"
-    return RequestError(f"'{param}' must be {expected}, not {what}", param=param, quoted=(shown,))
+    text = shown(value)
+    what = text if json_type(value) == "a number" else f"{json_type(value)} ({text})"
+    return RequestError(f"'{param}' must be {expected}, not {what}", param=param, quoted=(text,))
 
 
 def _is_num(v) -> bool:
@@ -460,7 +460,9 @@ def check_tool_parameters(tools: list | None, choice, *, wait: bool = True) -> N
                                    param=tool_param(i), code=INVALID_PARAMETERS, quoted=(repr(fn['name']),))
 
 
-def _shown(value) -> str:
+def shown(value) -> str:
+    """A value a client sent, as an error message quotes it: its JSON, cut to 40 characters (a
+    refusal names the value, it does not repeat a megabyte of it); pass it as the error's `quoted`."""
     text = json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -664,11 +666,11 @@ def parse_logit_bias(bias) -> dict[int, float]:
         if _is_int(key) and 0 <= key < 10 ** 9:   # an item's own (already parsed) bias: ids as numbers
             key = str(key)
         if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 10):
-            raise RequestError(f"'logit_bias' keys must be token ids, not {_shown(key)}", param="logit_bias",
-                               quoted=(_shown(key),))
+            raise RequestError(f"'logit_bias' keys must be token ids, not {shown(key)}", param="logit_bias",
+                               quoted=(shown(key),))
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and -100 <= value <= 100):
-            raise RequestError(f"'logit_bias.{key}' must be a number from -100 to 100, not {_shown(value)}",
-                               param="logit_bias", quoted=(_shown(value),))
+            raise RequestError(f"'logit_bias.{key}' must be a number from -100 to 100, not {shown(value)}",
+                               param="logit_bias", quoted=(shown(value),))
         out[int(key)] = float(value)
     return out
 
@@ -852,8 +854,8 @@ STRUCTURED_OPTIONS = {"disable_any_whitespace": ("compact", True),
 
 def bad(param: str, expected: str, value, hint: str = "") -> RequestError:
     """"'PARAM' must be EXPECTED, not VALUE" (the value as JSON, cut at 40 characters), then `hint`."""
-    shown = _shown(value)
-    return RequestError(f"'{param}' must be {expected}, not {shown}{hint}", param=param, quoted=(shown,))
+    text = shown(value)
+    return RequestError(f"'{param}' must be {expected}, not {text}{hint}", param=param, quoted=(text,))
 
 
 def _json_text(text: str, param: str):

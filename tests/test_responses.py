@@ -588,6 +588,35 @@ def test_an_item_reference_sends_the_stored_output_item_it_names(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "input[0].id"
 
 
+def test_an_input_item_is_a_reference_only_when_it_holds_an_id_alone(server):
+    """OpenAI's item_reference is `{"id"}` with an optional `type`: an item with other keys beside
+    its id and no type is a message, and one lacking its role is a 400 naming input[0].role (it was
+    taken as a reference, a 404 item_not_found naming input[0].id); an id alone is still a reference."""
+    post = functools.partial(server.http.post, server.url + "/v1/responses", timeout=120)
+    for item in ({"id": "msg_1", "content": "hi"}, {"id": "msg_1", "type": None, "content": "hi"}):
+        r = post(json={"model": "tiny", "input": [item]})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "input[0].role"
+    for item in ({"id": "msg_none"}, {"id": "msg_none", "type": None}):
+        r = post(json={"model": "tiny", "input": [item]})
+        assert r.status_code == 404, r.text
+        assert r.json()["error"]["param"] == "input[0].id" and r.json()["error"]["code"] == "item_not_found"
+
+
+def test_a_refusal_shows_only_the_start_of_a_long_value_it_quotes(server):
+    """A megabyte `include` value, item id or `?stream=` of GET was repeated whole in the 400/404
+    (and in the log): the message shows the value's start, as every other refusal does."""
+    long = "x" * 1_000_000
+    post = functools.partial(server.http.post, server.url + "/v1/responses", timeout=120)
+    answers = (post(json={"model": "tiny", "input": "hi", "include": [long]}),
+               post(json={"model": "tiny", "input": [{"type": "item_reference", "id": long}]}),
+               server.http.get(server.url + "/v1/responses/resp_none", params={"stream": "x" * 4000}, timeout=30))
+    for r, status, param in zip(answers, (400, 404, 400), ("include[0]", "input[0].id", "stream")):
+        assert r.status_code == status, r.text[:300]
+        error = r.json()["error"]
+        assert error["param"] == param and '"xxxxxxxxxx' in error["message"] and len(error["message"]) < 600
+
+
 def test_the_store_forgets_the_items_of_the_responses_it_forgets():
     """An output item is found by its id while its response is kept, and no longer once the store
     has let the response go (the oldest first) or it was deleted."""

@@ -173,6 +173,33 @@ def test_resume_refuses_an_output_made_before_its_json_schema_file_changed(tmp_p
     assert f"{out} was made from another pipeline than this run's" in r.stderr and out.read_text() == kept
 
 
+def test_resume_takes_an_output_an_earlier_agp_began_before_json_schema_files_counted(tmp_path, pipeline):
+    """An agp that did not yet fingerprint the json_schema files wrote `OUT.agp-run` without their
+    digests: after an upgrade --resume of that output (the pipeline and its schema unchanged) was
+    refused as made from another pipeline (exit 2); it goes on, as one written before the
+    generation-config flags does. The same old fingerprint is still held to the rest of the pipeline."""
+    schema, inp, out = tmp_path / "s.json", tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    schema.write_text('{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}')
+    pipeline.write_text(pipeline.read_text().replace("max_new_tokens = 4", 'max_new_tokens = 4  json_schema = "s.json"'))
+    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n')
+    assert run(pipeline, "-i", inp, "-o", out).returncode == 0
+    kept = out.read_text().splitlines()[0] + "\n"
+    mark = tmp_path / "out.jsonl.agp-run"
+    now = json.loads(mark.read_text())
+    assert now["pipeline"][-1] == {"json_schema": {"gen": now["pipeline"][-1]["json_schema"]["gen"]}}
+    # as the earlier agp wrote it: the first line's fingerprint, the pipeline without the schemas' digests
+    old = {**now, "pipeline": now["pipeline"][:-1]}
+    out.write_text(kept)
+    mark.write_text(json.dumps(old))
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert [g["id"] for g in records(out)] == ["a", "b"]
+    out.write_text(kept)                  # an old fingerprint of another pipeline is still refused
+    mark.write_text(json.dumps({**old, "pipeline": ["0" * 64, *old["pipeline"][1:]]}))
+    r = run(pipeline, "-i", inp, "-o", out, "--resume")
+    assert r.returncode == 2 and f"{out} was made from another pipeline than this run's" in r.stderr
+
+
 def test_a_run_to_a_file_loads_its_pipeline_once(tmp_path, pipeline, monkeypatch):
     """The fingerprint an output file is held to and the run come from one load of the pipeline
     and its includes (the fingerprint parsed them all again), a --resume too, and a run with

@@ -171,16 +171,22 @@ SECRET = "my card is 4111-1111"          # what a client sent: no operator asked
     ("/v1/chat/completions", {"messages": [{"role": SECRET, "content": "hi"}]}, "messages[0].role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": SECRET},
      "tool_choice"),
+    ("/v1/responses", {"input": "hi", "include": [SECRET]}, "include[0]"),
+    ("/v1/responses", {"input": [{"type": "item_reference", "id": SECRET}]}, "input[0].id"),     # a 404
+    ("/v1/responses/resp_none", None, "stream"),          # GET ?stream=SECRET
 ])
 def test_a_refusal_that_quotes_the_requests_content_logs_it_only_at_debug(live, path, body, param):
-    """A 400 whose message quotes the start of a value the client sent: the client's message
+    """A 4xx whose message quotes the start of a value the client sent: the client's message
     quotes it as ever, the INFO line names the field and the code and writes `<value>` where the
     message quotes it (an operator opts in to request content: at DEBUG a line has it in full).
     Before, the INFO log held whatever the client had put in a malformed field."""
+    headers = {**KEY, "X-Request-Id": "op-quoted-1"}
     with LogRecords("agp.serve", level=logging.DEBUG) as log:
-        r = live.http.post(live.url + path, headers={**KEY, "X-Request-Id": "op-quoted-1"},
-                           json={"model": "tiny", **body})
-        assert r.status_code == 400, r.text
+        if body is None:
+            r = live.http.get(live.url + path, headers=headers, params={"stream": SECRET})
+        else:
+            r = live.http.post(live.url + path, headers=headers, json={"model": "tiny", **body})
+        assert r.status_code == (404 if param == "input[0].id" else 400), r.text
     error = r.json()["error"]
     if param in ("max_tokens", "logprobs"):        # quotes nothing but a number: logged as it is
         assert SECRET not in error["message"]

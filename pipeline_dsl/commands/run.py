@@ -705,7 +705,9 @@ def _pipeline_fingerprint(args, graph) -> list:
     --override-generation-config give, by what they are, not by the folder's path: a changed
     generation_config.json is another pipeline, the same content elsewhere the same one. Under the default auto (the model's own file, which the pipeline
     names) only the override counts, so a fingerprint written before these flags stays the same run's;
-    vllm and a folder of no sampling defaults are "vllm"."""
+    vllm and a folder of no sampling defaults are "vllm". The json_schema digests come last, and
+    only when a stage names a file, so one written before they counted is this less them
+    (_changed_since takes it)."""
     import hashlib
 
     from pipeline_dsl.engine.errors import InputError
@@ -782,13 +784,20 @@ def _changed_since(was: dict | None, input_digest: str | None, pipeline: list) -
     """'input' or 'pipeline' when an output file's answers (`was`: its fingerprint) were made from
     another one than this run's: `input_digest` is the digest of as many of this input's lines as
     the fingerprint covers (None: the input has fewer), so an input with lines appended after
-    those is the same (--resume answers the new lines). None when the same, or when the output has
-    no fingerprint."""
+    those is the same (--resume answers the new lines). None when the same (a fingerprint an
+    earlier agp wrote, without the json_schema files' digests, the same as this one less them), or
+    when the output has no fingerprint."""
     if was is None:
         return None
     if was.get("input") != input_digest:
         return "input"
-    return "pipeline" if was.get("pipeline") != pipeline else None
+    stored = was.get("pipeline")
+    if stored == pipeline:
+        return None
+    # written by an agp before the json_schema files counted: the same pipeline less their digests
+    # (an upgrade leaves an output it began resumable; a schema edited meanwhile it cannot tell)
+    schemas = bool(pipeline) and isinstance(pipeline[-1], dict) and "json_schema" in pipeline[-1]
+    return None if schemas and stored == pipeline[:-1] else "pipeline"
 
 
 _BUSY = ("{output} is being written by another agp run (it holds the file's lock): wait for that run to "

@@ -27,6 +27,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from pipeline_dsl.diagnostics import closest
+from pipeline_dsl.requests_io import shown
 
 from . import protocol as P
 from .access import request_info
@@ -192,9 +193,9 @@ def _referenced(item: dict, where: str, store: ResponseStore | None) -> dict:
     found = store.item(item_id) if store is not None else None
     if found is None:
         sizes = (store.size, store.max_bytes) if store is not None else (STORED, STORED_BYTES)
-        raise APIError(f"'{where}' is an item_reference to '{item_id}', which is no output item of a stored "
+        raise APIError(f"'{where}' is an item_reference to {shown(item_id)}, which is no output item of a stored "
                        f"response ({kept(*sizes)}): send the item itself", status=404, type="not_found_error",
-                       param=f"{where}.id", code="item_not_found")
+                       param=f"{where}.id", code="item_not_found", quoted=(shown(item_id),))
     return found
 
 
@@ -212,8 +213,9 @@ def conversation(value, store: ResponseStore | None = None) -> list[dict]:
         if not isinstance(item, dict):
             raise bad(where, "an input item object", item)
         kind = item.get("type")
-        if kind is None:       # OpenAI's type is optional on both: a reference is an id without a role
-            kind = "item_reference" if "role" not in item and "id" in item else "message"
+        if kind is None:       # OpenAI's type is optional on both: a reference is an id alone (an item
+            # with other keys beside its id is a message, checked as one: a missing role is named)
+            kind = "item_reference" if "id" in item and set(item) <= {"id", "type"} else "message"
         if kind == "item_reference":
             item = _referenced(item, where, store)
             kind = item["type"]
@@ -320,7 +322,8 @@ def _include(obj: dict) -> list[str]:
         if value not in INCLUDABLE:
             close = closest(value, INCLUDABLE, cutoff=0.75)
             hint = f"did you mean {close!r}?" if close else "OpenAI's values are " + ", ".join(INCLUDABLE)
-            raise APIError(f"'include[{i}]' = {value!r} is not a value 'include' takes; {hint}", param=f"include[{i}]")
+            raise APIError(f"'include[{i}]' = {shown(value)} is not a value 'include' takes; {hint}",
+                           param=f"include[{i}]", quoted=(shown(value),))
     return include
 
 

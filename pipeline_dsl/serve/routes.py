@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from pipeline_dsl.flow import PipelineError
+from pipeline_dsl.requests_io import shown
 
 from . import openapi as OA
 from . import protocol as P
@@ -76,8 +77,8 @@ async def get_response(response_id: str, request: Request):
         # OpenAI streams a background response again; agp's are answered in the foreground, and a
         # JSON answer to a client that asked for events reads as an empty stream
         return error_response(P.APIError(
-            f"'stream' = {stream!r}: a stored response is not streamed again (agp answers in the foreground, "
-            "'background' is false); GET it without 'stream'", param="stream"))
+            f"'stream' = {shown(stream)}: a stored response is not streamed again (agp answers in the foreground, "
+            "'background' is false); GET it without 'stream'", param="stream", quoted=(shown(stream),)))
     found = _state(request).responses.store.get(response_id)
     return found[0] if found is not None else _no_response(response_id, request)
 
