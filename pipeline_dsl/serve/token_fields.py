@@ -24,10 +24,10 @@
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from pipeline_dsl.engine.config import MAX_LOGPROBS
+from pipeline_dsl.requests_io import shown
 from stages.fields import TOKEN_ID_FIELDS, ParamError, check_token_ids
 
 from .api_error import APIError
@@ -42,18 +42,13 @@ class TokenFields:
     prompt_logprobs: int | None = None
 
 
-def _shown(value) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def parse_token_fields(obj: dict, *, stream: bool) -> TokenFields:
     out = TokenFields()
     k = obj.get("prompt_logprobs")
     if k is not None:
         if not isinstance(k, int) or isinstance(k, bool) or k < -1 or k > MAX_LOGPROBS:
-            raise APIError(f"'prompt_logprobs' must be an integer from 0 to {MAX_LOGPROBS}, not {_shown(k)}",
-                           param="prompt_logprobs", quoted=(_shown(k),))
+            raise APIError(f"'prompt_logprobs' must be an integer from 0 to {MAX_LOGPROBS}, not {shown(k)}",
+                           param="prompt_logprobs", quoted=(shown(k),))
         if k == -1:
             raise APIError("'prompt_logprobs' = -1 asks for every token of the vocabulary at each prompt "
                            f"position; agp lists at most {MAX_LOGPROBS} (give 0 to {MAX_LOGPROBS})",
@@ -72,7 +67,7 @@ def parse_token_fields(obj: dict, *, stream: bool) -> TokenFields:
     for name in ("return_token_ids", "return_tokens_as_token_ids"):
         want = obj.get(name)
         if want is not None and not isinstance(want, bool):
-            raise APIError(f"'{name}' must be true or false, not {_shown(want)}", param=name, quoted=(_shown(want),))
+            raise APIError(f"'{name}' must be true or false, not {shown(want)}", param=name, quoted=(shown(want),))
         if want:
             out.fields[name] = True
     return out
