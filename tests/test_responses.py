@@ -662,3 +662,48 @@ def test_an_answer_a_guard_stopped_is_incomplete_for_content_filter_whole_and_st
     assert last["response"]["status"] == "incomplete"
     assert last["response"]["incomplete_details"] == {"reason": "content_filter"}
     assert free["status"] == "incomplete" and free["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+def test_many_item_references_to_one_response_read_its_json_once():
+    """A request naming the items of a kept response many times reads that response's JSON once,
+    not once a reference: a reference is a few bytes of body, and each read of a large answer
+    (one with top_logprobs holds megabytes) took the whole read again."""
+    from collections import OrderedDict
+
+    from pipeline_dsl.serve.responses import ResponseStore
+
+    class Reads(OrderedDict):
+        count = 0
+
+        def get(self, key, default=None):
+            Reads.count += 1
+            return super().get(key, default)
+
+    store = ResponseStore()
+    output = [{"type": "message", "id": "msg_a", "role": "assistant", "content": [{"type": "output_text", "text": "hi"}]},
+              {"type": "function_call", "id": "fc_a", "call_id": "call_a", "name": "add", "arguments": "{}"}]
+    store.put("resp_a", {"id": "resp_a", "output": output}, [])
+    store.items = Reads(store.items)
+    refs = [{"type": "item_reference", "id": i} for i in ("msg_a", "fc_a")] * 500
+    call = parse_responses({"model": "tiny", "input": refs}, max_model_len=4096, served=("tiny",), store=store)
+    assert len(call.conversation) == 1000 and call.conversation[0]["content"] == "hi"
+    assert Reads.count == 1
+
+
+def test_item_references_bringing_more_text_than_a_body_holds_are_a_400_naming_the_one_past_it(server):
+    """The items `input`'s references bring hold at most --max-body-bytes characters of text all
+    told, as the items sent whole would: thousands of 40-byte references to a long kept answer
+    made a prompt of gigabytes from a small body. Past it, a 400 names the reference that went
+    over; the server answers others as before."""
+    state = server.app.state.responses
+    text = "x" * 100_000
+    state.store.put("resp_long", {"id": "resp_long", "output": [
+        {"type": "message", "id": "msg_long", "role": "assistant", "content": [{"type": "output_text", "text": text}]}]}, [])
+    refs = [{"type": "item_reference", "id": "msg_long"}] * 50           # 5,000,000 characters, in 2 KB
+    r = server.http.post(server.url + "/v1/responses", json={"model": "tiny", "input": refs}, timeout=120)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "input[41]" and "--max-body-bytes" in error["message"]    # 42 * 100,000 > 4 MiB
+    ok = server.http.post(server.url + "/v1/responses", json={"model": "tiny", "input": "hi", "max_output_tokens": 2},
+                          timeout=120)
+    assert ok.status_code == 200
