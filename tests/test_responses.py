@@ -707,3 +707,21 @@ def test_item_references_bringing_more_text_than_a_body_holds_are_a_400_naming_t
     ok = server.http.post(server.url + "/v1/responses", json={"model": "tiny", "input": "hi", "max_output_tokens": 2},
                           timeout=120)
     assert ok.status_code == 200
+
+
+def test_a_404_names_a_long_id_the_client_sent_cut_short_in_its_answer_and_log(server, caplog):
+    """An item_reference's or a previous_response_id's id of 100,000 characters that no kept
+    response holds is a 404 naming the id cut at 64 characters, in the answer and in the log line:
+    it was sent back, and logged at INFO, whole, as many megabytes as the body held."""
+    post = functools.partial(server.http.post, server.url + "/v1/responses", timeout=120)
+    long_id = "msg_" + "x" * 100_000
+    with caplog.at_level("INFO", logger="agp.serve"):
+        for body, param in (({"input": [{"type": "item_reference", "id": long_id}]}, "input[0].id"),
+                            ({"input": "hi", "previous_response_id": long_id}, "previous_response_id")):
+            r = post(json={"model": "tiny", **body})
+            assert r.status_code == 404, r.text[:300]
+            error = r.json()["error"]
+            assert error["param"] == param and f"'{long_id[:61]}...'" in error["message"]
+            assert len(error["message"]) < 1000
+    logged = [rec.getMessage() for rec in caplog.records if "-> 404" in rec.getMessage()]
+    assert len(logged) == 2 and all(len(line) < 1000 for line in logged)

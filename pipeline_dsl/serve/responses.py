@@ -81,6 +81,12 @@ class ResponsesCall:
     store: bool
 
 
+def _id(value: str) -> str:
+    """An id a client sent, as a 404 names it: cut at 64 characters (an id of megabytes would
+    otherwise be sent back whole, and written whole in the server's log, once a request)."""
+    return value if len(value) <= 64 else value[:61] + "..."
+
+
 def _size(n: int) -> str:
     return f"{n >> 20} MiB" if n and n % (1 << 20) == 0 else f"{n} bytes"
 
@@ -158,7 +164,7 @@ class ResponseStore:
         if size is not None:
             return (f"the response '{rid}' was not stored: its {size} bytes are over the store's "
                     f"{_size(self.max_bytes)} (it was answered with \"store\": false)")
-        return f"no stored response has the id '{rid}' ({kept(self.size, self.max_bytes)})"
+        return f"no stored response has the id '{_id(rid)}' ({kept(self.size, self.max_bytes)})"
 
     def _forget(self, rid: str) -> bool:
         text = self.items.pop(rid, None)
@@ -201,7 +207,7 @@ def _referenced(item: dict, where: str, store: ResponseStore | None, read: dict)
     found = store.item(item_id, read) if store is not None else None
     if found is None:
         sizes = (store.size, store.max_bytes) if store is not None else (STORED, STORED_BYTES)
-        raise APIError(f"'{where}' is an item_reference to '{item_id}', which is no output item of a stored "
+        raise APIError(f"'{where}' is an item_reference to '{_id(item_id)}', which is no output item of a stored "
                        f"response ({kept(*sizes)}): send the item itself", status=404, type="not_found_error",
                        param=f"{where}.id", code="item_not_found")
     return found
@@ -379,7 +385,7 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
     if prev is not None:
         found = store.get(prev) if store is not None else None
         if found is None:
-            raise APIError(store.missing(prev) if store is not None else f"no stored response has the id '{prev}'",
+            raise APIError(store.missing(prev) if store is not None else f"no stored response has the id '{_id(prev)}'",
                            status=404, type="not_found_error", param="previous_response_id", code="response_not_found")
         before = [dict(m) for m in found[1]]
     turn = conversation(obj["input"], store, max_referenced)
