@@ -229,7 +229,10 @@ def closest(name: str, candidates: Iterable[str], cutoff: float = 0.6) -> str | 
     `name` with two of its letters swapped ('tyni' for 'tiny', 'ab' for 'ba': difflib's ratio of
     a swap in a short name falls under any useful cutoff), else None. Every did-you-mean asks this."""
     cands = candidates if isinstance(candidates, list) else sorted(set(candidates))
-    close = difflib.get_close_matches(name, cands, n=1, cutoff=cutoff)
+    # difflib's ratio is at most 2 * min(len) / (sum of lens): a name too long for any candidate to
+    # reach `cutoff` is not indexed (the work grows with its length: ~0.6 s for a client's 4 MB model name)
+    reach = [c for c in cands if 2 * min(len(c), len(name)) >= cutoff * (len(c) + len(name))]
+    close = difflib.get_close_matches(name, reach, n=1, cutoff=cutoff) if reach else []
     if close:
         return close[0]
     return next((c for c in cands if _swapped(name.lower(), c.lower())), None)

@@ -451,6 +451,23 @@ def test_a_text_log_line_is_one_line_whatever_a_client_put_in_its_reason(monkeyp
                              "\\x7f\tz' does not exist")
 
 
+def test_a_text_log_line_escapes_c1_controls_and_unicode_line_separators(monkeypatch, configure):
+    """A client's text in a reason with U+0085 (NEL), U+2028 or U+2029 split the text line for a
+    reader that splits lines as Unicode does (str.splitlines), and U+009B (CSI) opened an escape
+    sequence on a terminal as ESC [ does: they are escaped as the C0 controls are; other non-ASCII
+    text (a no-break space, an accent) is written as it is."""
+    import io
+    import logging
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    configure("text", "info")
+    logging.getLogger("agp.serve").info("POST /v1/completions -> 404 the model '%s' does not exist",
+                                        "m\x85A\u2028B\u2029C\x9b2J\x80\x9f\xa0é")
+    lines = sys.stderr.getvalue().splitlines()
+    assert len(lines) == 1
+    assert lines[0].endswith("the model 'm\\x85A\\u2028B\\u2029C\\x9b2J\\x80\\x9f\xa0é' does not exist")
+
+
 def test_log_lines_go_to_the_stderr_of_the_moment_not_the_one_at_configure(monkeypatch, configure):
     import io
     import logging

@@ -14,6 +14,7 @@ import openai
 import pydantic
 import pytest
 
+from pipeline_dsl.requests_io import shown
 from pipeline_dsl.serve import protocol as P
 from pipeline_dsl.serve.responses import parse_responses
 from test_serve import LiveServer
@@ -691,3 +692,66 @@ def test_an_answer_a_guard_stopped_is_incomplete_for_content_filter_whole_and_st
     assert last["response"]["status"] == "incomplete"
     assert last["response"]["incomplete_details"] == {"reason": "content_filter"}
     assert free["status"] == "incomplete" and free["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+def test_many_item_references_to_one_response_read_its_json_once():
+    """A request naming the items of a kept response many times reads that response's JSON once,
+    not once a reference: a reference is a few bytes of body, and each read of a large answer
+    (one with top_logprobs holds megabytes) took the whole read again."""
+    from collections import OrderedDict
+
+    from pipeline_dsl.serve.responses import ResponseStore
+
+    class Reads(OrderedDict):
+        count = 0
+
+        def get(self, key, default=None):
+            Reads.count += 1
+            return super().get(key, default)
+
+    store = ResponseStore()
+    output = [{"type": "message", "id": "msg_a", "role": "assistant", "content": [{"type": "output_text", "text": "hi"}]},
+              {"type": "function_call", "id": "fc_a", "call_id": "call_a", "name": "add", "arguments": "{}"}]
+    store.put("resp_a", {"id": "resp_a", "output": output}, [])
+    store.items = Reads(store.items)
+    refs = [{"type": "item_reference", "id": i} for i in ("msg_a", "fc_a")] * 500
+    call = parse_responses({"model": "tiny", "input": refs}, max_model_len=4096, served=("tiny",), store=store)
+    assert len(call.conversation) == 1000 and call.conversation[0]["content"] == "hi"
+    assert Reads.count == 1
+
+
+def test_item_references_bringing_more_text_than_a_body_holds_are_a_400_naming_the_one_past_it(server):
+    """The items `input`'s references bring hold at most --max-body-bytes characters of text all
+    told, as the items sent whole would: thousands of 40-byte references to a long kept answer
+    made a prompt of gigabytes from a small body. Past it, a 400 names the reference that went
+    over; the server answers others as before."""
+    state = server.app.state.responses
+    text = "x" * 100_000
+    state.store.put("resp_long", {"id": "resp_long", "output": [
+        {"type": "message", "id": "msg_long", "role": "assistant", "content": [{"type": "output_text", "text": text}]}]}, [])
+    refs = [{"type": "item_reference", "id": "msg_long"}] * 50           # 5,000,000 characters, in 2 KB
+    r = server.http.post(server.url + "/v1/responses", json={"model": "tiny", "input": refs}, timeout=120)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "input[41]" and "--max-body-bytes" in error["message"]    # 42 * 100,000 > 4 MiB
+    ok = server.http.post(server.url + "/v1/responses", json={"model": "tiny", "input": "hi", "max_output_tokens": 2},
+                          timeout=120)
+    assert ok.status_code == 200
+
+
+def test_a_404_names_a_long_id_the_client_sent_cut_short_in_its_answer_and_log(server, caplog):
+    """An item_reference's or a previous_response_id's id of 100,000 characters that no kept
+    response holds is a 404 naming the id cut short (requests_io.shown), in the answer and in the
+    log line: it was sent back, and logged at INFO, whole, as many megabytes as the body held."""
+    post = functools.partial(server.http.post, server.url + "/v1/responses", timeout=120)
+    long_id = "msg_" + "x" * 100_000
+    with caplog.at_level("INFO", logger="agp.serve"):
+        for body, param in (({"input": [{"type": "item_reference", "id": long_id}]}, "input[0].id"),
+                            ({"input": "hi", "previous_response_id": long_id}, "previous_response_id")):
+            r = post(json={"model": "tiny", **body})
+            assert r.status_code == 404, r.text[:300]
+            error = r.json()["error"]
+            assert error["param"] == param and shown(long_id) in error["message"]
+            assert len(error["message"]) < 1000
+    logged = [rec.getMessage() for rec in caplog.records if "-> 404" in rec.getMessage()]
+    assert len(logged) == 2 and all(len(line) < 1000 for line in logged)

@@ -111,6 +111,32 @@ def test_unknown_model_is_404_model_not_found():
     assert "did you mean 'tiny'" in e.value.message
 
 
+def test_an_unknown_model_of_megabytes_is_a_404_naming_it_cut_short_without_matching_it(monkeypatch):
+    """A `model` of 4 MB was sent back and logged whole in its 404, and difflib indexed all of
+    it for a did-you-mean no name that long can get (~0.6 s a request): the 404 names it cut at
+    64 characters, and no name too long to reach the match's cutoff is matched; a near name still
+    gets its suggestion."""
+    import difflib
+
+    asked = []
+    matches = difflib.get_close_matches
+
+    def matched(word, possibilities, *args, **kw):
+        asked.append(word)
+        return matches(word, possibilities, *args, **kw)
+
+    monkeypatch.setattr(difflib, "get_close_matches", matched)
+    long_name = "tiny" + "x" * 4_000_000
+    with pytest.raises(P.APIError) as e:
+        parse_completion({"prompt": "hi", "model": long_name})
+    assert e.value.status == 404 and e.value.code == "model_not_found"
+    assert f"the model '{long_name[:61]}...' does not exist" in e.value.message and len(e.value.message) < 200
+    assert long_name not in asked
+    with pytest.raises(P.APIError, match="did you mean 'tiny'"):
+        parse_completion({"prompt": "hi", "model": "tinyy"})
+    assert "tinyy" in asked
+
+
 def test_valid_requests_become_items_with_the_fields_they_set():
     req = parse_chat({"model": "tiny", "messages": [
         {"role": "system", "content": "Be brief."},

@@ -180,8 +180,8 @@ class Embeddings:
     async def create(self, request: Request, body: dict | None = None) -> Response:
         """The answer to an embeddings request (`body`: the request's, when already read)."""
         g = self.g
-        try:
-            req = self.parse(body if body is not None else await read_json(request, g.config))
+        try:       # off the event loop, as chat's: 2048 inputs of ids in a 4 MiB body take ~0.2 s to check
+            req = await asyncio.to_thread(self.parse, body if body is not None else await read_json(request, g.config))
             headers = P.request_headers(request.headers.raw, g.config.request_headers)
         except P.APIError as err:
             return g.refused(err)

@@ -6,7 +6,8 @@ Every logger (agp's, uvicorn's server and access loggers, and at WARNING and abo
 other library's) writes to stderr through one formatter, and so do Python warnings (one record
 each, logger `py.warnings`): a collector reading `--log-format json` gets one JSON object a
 line, never a library's bare line. Text lines read `2026-11-30T13:00:00.123Z INFO agp.serve:
-message` (the message's control characters escaped, `\\n`, `\\x1b`: a line is a record); JSON lines
+message` (the message's control characters, C0 and C1, and U+2028/U+2029 escaped, `\\n`,
+`\\x1b`, `\\x85`, `\\u2028`: a line is a record); JSON lines
 carry `ts`, `level`, `logger`, `message` and the record's structured fields (an access
 line: `client`, `method`, `path`, `status`, `latency_ms`, `request_id`; an error answer's: `status`,
 `reason`, `param`, `code`, `request_id`; a stats line: its numbers). The access lines are agp's
@@ -35,8 +36,11 @@ def _timestamp(record: logging.LogRecord) -> str:
 
 
 # a message's control characters, escaped in text lines: a request's own text in an error's reason
-# (a model name with a newline) would otherwise start a forged line of its own
-ESCAPED = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7f) if c != 0x09} | {0x0a: "\\n", 0x0d: "\\r"}
+# (a model name with a newline) would otherwise start a forged line of its own. C1 controls too
+# (U+0085 ends a line for str.splitlines, U+009B starts an escape sequence as ESC [ does) and
+# Unicode's line and paragraph separators, which line readers split at as well
+ESCAPED = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0)) if c != 0x09} \
+    | {0x0a: "\\n", 0x0d: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
 class TextFormatter(logging.Formatter):

@@ -308,7 +308,8 @@ def model_of(obj: dict, served: tuple[str, ...], stages: tuple[str, ...] = ()) -
         known = tuple(served) + tuple(stages)
         close = closest(model, known)
         hint = f"; did you mean '{close}'?" if close else f"; this server has {', '.join(known)}"
-        raise APIError(f"the model '{model}' does not exist{hint}", status=404, param="model",
+        shown = model if len(model) <= 64 else model[:61] + "..."      # not megabytes back, nor in the log
+        raise APIError(f"the model '{shown}' does not exist{hint}", status=404, param="model",
                        code="model_not_found")
     return model, None
 

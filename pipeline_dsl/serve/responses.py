@@ -131,14 +131,22 @@ class ResponseStore:
             text = self.items.get(rid)
         return None if text is None else tuple(json.loads(text))
 
-    def item(self, item_id: str) -> dict | None:
-        """The output item of a kept response with this id (what an `item_reference` names)."""
+    def item(self, item_id: str, read: dict | None = None) -> dict | None:
+        """The output item of a kept response with this id (what an `item_reference` names).
+        `read` keeps the output of each response read for it (by the response's id), so a request
+        naming many items of one response reads its JSON once, not once an item."""
         with self.lock:
             rid = self.owner.get(item_id)
-            text = self.items.get(rid) if rid is not None else None
-        if text is None:
+            text = self.items.get(rid) if rid is not None and (read is None or rid not in read) else None
+        if read is not None and rid in read:
+            output = read[rid]
+        elif text is None:
             return None
-        return next((i for i in json.loads(text)[0].get("output") or () if i.get("id") == item_id), None)
+        else:
+            output = json.loads(text)[0].get("output") or ()
+            if read is not None:
+                read[rid] = output
+        return next((i for i in output if i.get("id") == item_id), None)
 
     def delete(self, rid: str) -> bool:
         with self.lock:
@@ -151,7 +159,7 @@ class ResponseStore:
         if size is not None:
             return (f"the response '{rid}' was not stored: its {size} bytes are over the store's "
                     f"{_size(self.max_bytes)} (it was answered with \"store\": false)")
-        return f"no stored response has the id '{rid}' ({kept(self.size, self.max_bytes)})"
+        return f"no stored response has the id {shown(rid)} ({kept(self.size, self.max_bytes)})"
 
     def _forget(self, rid: str) -> bool:
         text = self.items.pop(rid, None)
@@ -184,13 +192,14 @@ def _text(content, where: str, kinds=("input_text", "output_text", "text"), role
     return "".join(texts)
 
 
-def _referenced(item: dict, where: str, store: ResponseStore | None) -> dict:
+def _referenced(item: dict, where: str, store: ResponseStore | None, read: dict) -> dict:
     """The kept output item an `item_reference` names (a message or a function_call of an earlier
-    response), as the client would have sent it; a 404 naming its id when none is kept."""
+    response), as the client would have sent it; a 404 naming its id when none is kept. `read`:
+    the outputs of the responses this request has read already."""
     item_id = item.get("id")
     if not isinstance(item_id, str):
         raise bad(f"{where}.id", "the id of an output item of a stored response", item_id)
-    found = store.item(item_id) if store is not None else None
+    found = store.item(item_id, read) if store is not None else None
     if found is None:
         sizes = (store.size, store.max_bytes) if store is not None else (STORED, STORED_BYTES)
         raise APIError(f"'{where}' is an item_reference to {shown(item_id)}, which is no output item of a stored "
@@ -199,8 +208,11 @@ def _referenced(item: dict, where: str, store: ResponseStore | None) -> dict:
     return found
 
 
-def conversation(value, store: ResponseStore | None = None) -> list[dict]:
-    """`input` as chat messages; an `item_reference` reads the item it names from `store`."""
+def conversation(value, store: ResponseStore | None = None, max_referenced: int | None = None) -> list[dict]:
+    """`input` as chat messages; an `item_reference` reads the item it names from `store`. The
+    items the references bring hold at most `max_referenced` characters of text all told (the
+    server's largest body): a reference is a few bytes, and thousands of them to a long answer
+    would otherwise make a prompt of gigabytes from a small body."""
     if isinstance(value, str):
         if not value:
             raise APIError("'input' is empty", param="input")
@@ -208,6 +220,8 @@ def conversation(value, store: ResponseStore | None = None) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise bad("input", "a string or a non-empty array of input items", value)
     out: list[dict] = []
+    read: dict = {}                       # the outputs of the kept responses read, by their ids
+    referenced = 0                        # the characters the references brought
     for i, item in enumerate(value):
         where = f"input[{i}]"
         if not isinstance(item, dict):
@@ -216,14 +230,16 @@ def conversation(value, store: ResponseStore | None = None) -> list[dict]:
         if kind is None:       # OpenAI's type is optional on both: a reference is an id alone (an item
             # with other keys beside its id is a message, checked as one: a missing role is named)
             kind = "item_reference" if "id" in item and set(item) <= {"id", "type"} else "message"
-        if kind == "item_reference":
-            item = _referenced(item, where, store)
+        reference = kind == "item_reference"
+        if reference:
+            item = _referenced(item, where, store, read)
             kind = item["type"]
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
                 raise bad(f"{where}.role", "one of user, system, developer, assistant", role)
             out.append({"role": role, "content": _text(item.get("content"), where, role=role)})
+            brought = len(out[-1]["content"])
         elif kind == "function_call":
             for key in ("call_id", "name", "arguments"):
                 if not isinstance(item.get(key), str):
@@ -234,15 +250,23 @@ def conversation(value, store: ResponseStore | None = None) -> list[dict]:
                 out[-1]["tool_calls"].append(call)        # parallel calls: one assistant turn
             else:
                 out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+            brought = len(item["call_id"]) + len(item["name"]) + len(item["arguments"])
         elif kind == "function_call_output":
             if not isinstance(item.get("call_id"), str):
                 raise bad(f"{where}.call_id", "a string", item.get("call_id"))
             out.append({"role": "tool", "tool_call_id": item["call_id"], "content": _text(item.get("output"), where)})
+            brought = 0
         elif kind == "reasoning":
             continue                      # agp's models write none; an earlier model's are not replayed
         else:
             raise APIError(f"'{where}.type' {kind!r} is not supported (message, function_call, "
                            "function_call_output, item_reference)", param=f"{where}.type")
+        if reference:
+            referenced += brought
+            if max_referenced is not None and referenced > max_referenced:
+                raise APIError(f"'{where}' brings the text of the input's item_references past {max_referenced} "
+                               "characters, the most a request body may hold (--max-body-bytes): reference "
+                               "fewer items, or send them whole", param=where)
     return out
 
 
@@ -341,8 +365,9 @@ def _reasoning(obj: dict, lenient: bool) -> dict | None:
 
 
 def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tuple = (), lenient: bool = False,
-                    store: ResponseStore | None = None) -> ResponsesCall:
-    """POST /v1/responses: the chat request it runs as, and what its answer repeats."""
+                    store: ResponseStore | None = None, max_referenced: int | None = None) -> ResponsesCall:
+    """POST /v1/responses: the chat request it runs as, and what its answer repeats; the items of
+    `input`'s item_references hold at most `max_referenced` characters (conversation())."""
     obj = P.check_unknown(obj, FIELDS, lenient)
     _checked(obj)
     reasoning = _reasoning(obj, lenient)
@@ -357,10 +382,11 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
     if prev is not None:
         found = store.get(prev) if store is not None else None
         if found is None:
-            raise APIError(store.missing(prev) if store is not None else f"no stored response has the id '{prev}'",
-                           status=404, type="not_found_error", param="previous_response_id", code="response_not_found")
+            raise APIError(store.missing(prev) if store is not None else f"no stored response has the id {shown(prev)}",
+                           status=404, type="not_found_error", param="previous_response_id", code="response_not_found",
+                           quoted=(shown(prev),))
         before = [dict(m) for m in found[1]]
-    turn = conversation(obj["input"], store)
+    turn = conversation(obj["input"], store, max_referenced)
     messages = ([{"role": "system", "content": obj["instructions"]}] if obj.get("instructions") else []) \
         + before + turn
     tools, choice = _tools(obj)
@@ -406,7 +432,8 @@ class Responses:
         try:       # off the event loop, as chat's: checking a large text.format schema takes seconds
             call = await parsed_off_loop(functools.partial(
                 parse_responses, await read_json(request, g.config), max_model_len=g.config.max_model_len,
-                served=g.config.model_names, stages=g.stage_names, lenient=g.config.lenient, store=self.store))
+                served=g.config.model_names, stages=g.stage_names, lenient=g.config.lenient, store=self.store,
+                max_referenced=g.config.max_body_bytes))
         except APIError as err:
             return g.refused(err)
         call = replace(call, req=g.token_names(call.req, {}))     # the route has no field of its own for it
