@@ -541,7 +541,7 @@ def test_a_response_too_large_for_the_store_answers_store_false_and_its_404_says
         with pytest.raises(openai.NotFoundError, match="was not stored"):
             client.responses.create(model="tiny", input="and?", previous_response_id=r.id, max_output_tokens=2)
         unknown = httpx.get(f"{server.url}/v1/responses/resp_unknown", timeout=30).json()["error"]["message"]
-        assert unknown.startswith("no stored response has the id 'resp_unknown'")
+        assert unknown.startswith('no stored response has the id "resp_unknown"')
         small = client.responses.create(model="tiny", input="hello", store=False, max_output_tokens=2)
         assert small.store is False
     finally:
