@@ -154,16 +154,22 @@ def test_resume_refuses_an_output_made_before_an_included_file_changed(tmp_path,
     assert f"{out} was made from another pipeline than this run's" in r.stderr and out.read_text() == kept
 
 
-def test_resume_refuses_an_output_made_before_its_json_schema_file_changed(tmp_path, pipeline):
-    """Every answer of a generate stage with a json_schema follows that file: one edited since the
-    output was begun (the .agp text the same) is another pipeline, as an edited include is; --resume
-    appended answers of the new schema after those of the old one."""
+def _begun_with_a_schema(tmp_path, pipeline):
+    """A run of two lines through a generate stage with json_schema "s.json": (the schema file, the
+    input, the output, the output's first line, as a run cut after it leaves it)."""
     schema, inp, out = tmp_path / "s.json", tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     schema.write_text('{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}')
     pipeline.write_text(pipeline.read_text().replace("max_new_tokens = 4", 'max_new_tokens = 4  json_schema = "s.json"'))
     inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n')
     assert run(pipeline, "-i", inp, "-o", out).returncode == 0
-    kept = out.read_text().splitlines()[0] + "\n"
+    return schema, inp, out, out.read_text().splitlines()[0] + "\n"
+
+
+def test_resume_refuses_an_output_made_before_its_json_schema_file_changed(tmp_path, pipeline):
+    """Every answer of a generate stage with a json_schema follows that file: one edited since the
+    output was begun (the .agp text the same) is another pipeline, as an edited include is; --resume
+    appended answers of the new schema after those of the old one."""
+    schema, inp, out, kept = _begun_with_a_schema(tmp_path, pipeline)
     out.write_text(kept)
     assert run(pipeline, "-i", inp, "-o", out, "--resume").returncode == 0     # the same schema: resumed
     out.write_text(kept)
@@ -178,12 +184,7 @@ def test_resume_takes_an_output_an_earlier_agp_began_before_json_schema_files_co
     digests: after an upgrade --resume of that output (the pipeline and its schema unchanged) was
     refused as made from another pipeline (exit 2); it goes on, as one written before the
     generation-config flags does. The same old fingerprint is still held to the rest of the pipeline."""
-    schema, inp, out = tmp_path / "s.json", tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    schema.write_text('{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}')
-    pipeline.write_text(pipeline.read_text().replace("max_new_tokens = 4", 'max_new_tokens = 4  json_schema = "s.json"'))
-    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n')
-    assert run(pipeline, "-i", inp, "-o", out).returncode == 0
-    kept = out.read_text().splitlines()[0] + "\n"
+    schema, inp, out, kept = _begun_with_a_schema(tmp_path, pipeline)
     mark = tmp_path / "out.jsonl.agp-run"
     now = json.loads(mark.read_text())
     assert now["pipeline"][-1] == {"json_schema": {"gen": now["pipeline"][-1]["json_schema"]["gen"]}}
