@@ -841,7 +841,8 @@ def parse_line_object(obj, lineno: int) -> ParsedRequest:
 # `response_format` (OpenAI), `structured_outputs` (vLLM >= 0.11: one of `json`, `regex`, `choice`,
 # `grammar`, `json_object`, `structural_tag`) and the older `guided_json`, `guided_regex`, `guided_choice`,
 # `guided_grammar`, `structural_tag` all become one spec of the constraint compiler (engine/constrain.py), for agp
-# serve's bodies and agp run's lines alike; a request gives at most one of them.
+# serve's bodies and agp run's lines alike; a request gives at most one of them (two that ask for the same
+# spec are one: a client for vLLM old and new sends structured_outputs and guided_* alike).
 GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structural_tag")  # the last: vLLM < 0.11's
 STRUCTURED_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
                    "json_object": "json_object", "structural_tag": "structural_tag"}
@@ -924,17 +925,33 @@ def structural_tag_spec(value, param: str) -> dict:
 
 
 def _given_constraint(obj: dict) -> tuple[dict | None, str | None]:
-    """(the spec, the field it came from) of the request's structured-output field, if any."""
+    """(the spec, the field it came from) of the request's structured-output field, if any. Two
+    fields are taken where they ask for the same spec (a client written for vLLM 0.11 and later
+    sends `structured_outputs` and the older `guided_*` field beside it with the same value, as
+    guidance's vLLM model does): the first of them in the order response_format,
+    structured_outputs, guided_* names it. Fields that ask for different specs are a 400."""
     given = [k for k in ("response_format", "structured_outputs", *GUIDED) if obj.get(k) is not None]
     fmt = parse_response_format(obj["response_format"]) if obj.get("response_format") is not None else None
     if fmt == FREE_TEXT and len(given) > 1:      # {"type": "text"} gives way to a guided_* field
         given.remove("response_format")
-    if len(given) > 1:
-        raise RequestError(f"give at most one of {', '.join(repr(g) for g in given)}: each sets the answer's "
-                           "format", param=given[1])
     if not given:
         return None, None
-    name = given[0]
+    if len(given) > 1:
+        try:
+            specs = [_field_constraint(obj, name, fmt) for name in given]
+        except RequestError:
+            specs = None                         # a field that does not read cannot ask for the same
+        if specs is None or any(spec != specs[0][0] for spec, _ in specs[1:]):
+            raise RequestError(f"give at most one of {', '.join(repr(g) for g in given)}: each sets the answer's "
+                               "format (they may be given together only where they ask for the same one)",
+                               param=given[1])
+        return specs[0]
+    return _field_constraint(obj, given[0], fmt)
+
+
+def _field_constraint(obj: dict, name: str, fmt: dict | None) -> tuple[dict, str]:
+    """(the spec, the field's place) of one structured-output field the request gives (`fmt`:
+    its response_format, read)."""
     if name == "response_format":
         return fmt, name
     if name == "structured_outputs":

@@ -402,6 +402,40 @@ def test_guided_fields_and_structured_outputs_constrain_the_answer(client):
     assert re.fullmatch("a{1,3}b", comp.choices[0].text)
 
 
+# guidance 0.3's vLLM model (guidance.models.experimental.VLLMModel) sends each grammar twice, as
+# vLLM >= 0.11 reads it and as older vLLM did, beside its backend's name: recorded from `select`
+GUIDANCE_GRAMMAR = '%llguidance {}\n\nstart: "Answer: " s\ns[capture]: S\n\nS: "yes"\n     | "no"\n\n'
+GUIDANCE_BODY = {"logprobs": True, "stream": True, "stream_options": {"include_usage": True}, "tools": None,
+                 "top_logprobs": 5, "top_p": None, "guided_decoding_backend": "guidance",
+                 "guided_grammar": GUIDANCE_GRAMMAR, "structured_outputs": {"grammar": GUIDANCE_GRAMMAR}}
+
+
+def test_a_format_given_alike_in_structured_outputs_and_a_guided_field_is_the_answers(server):
+    """A client written for vLLM old and new gives the same format in `structured_outputs` and in the
+    `guided_*` field beside it: the two ask for one format, and the answer is in it (it was a 400,
+    "give at most one"); JSON Schema text in one and the object in the other are the same schema.
+    Fields that ask for different formats stay a 400 naming the second."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "yes or no?"}]}],
+            "temperature": 1.0, "seed": 4, **GUIDANCE_BODY}
+    with server.http.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert "".join(c["delta"].get("content") or "" for e in events for c in e["choices"]) in (
+        "Answer: yes", "Answer: no")
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "blue"]}}, "required": ["color"]}
+    r = server.http.post(server.url + "/v1/chat/completions", timeout=120, json={
+        "model": "tiny", "messages": USER, "max_tokens": 24, "temperature": 1.0, "seed": 3,
+        "guided_json": json.dumps(schema), "structured_outputs": {"json": schema}})
+    assert r.status_code == 200, r.text
+    jsonschema.validate(json.loads(r.json()["choices"][0]["message"]["content"]), schema)
+    for other in ({"guided_grammar": 'start: "ab"'}, {"guided_regex": "ab"}):
+        r = server.http.post(server.url + "/v1/chat/completions", timeout=120, json={
+            "model": "tiny", "messages": USER, "max_tokens": 4, "structured_outputs": {"grammar": 'start: "cd"'},
+            **other})
+        assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(other)), r.text
+        assert "give at most one of 'structured_outputs'" in r.json()["error"]["message"]
+
+
 # one structure after each "@": f( then {"n": a digit} then )
 AT_TAG = {"type": "structural_tag", "triggers": ["@"], "structures": [{"begin": "@f(", "end": ")", "schema": {
     "type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"]}}]}
