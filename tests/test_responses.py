@@ -755,3 +755,29 @@ def test_a_404_names_a_long_id_the_client_sent_cut_short_in_its_answer_and_log(s
             assert len(error["message"]) < 1000
     logged = [rec.getMessage() for rec in caplog.records if "-> 404" in rec.getMessage()]
     assert len(logged) == 2 and all(len(line) < 1000 for line in logged)
+
+
+def test_the_input_token_count_is_the_prompt_a_response_to_the_same_body_has(client):
+    """responses.input_tokens.count (OpenAI's POST /v1/responses/input_tokens; pydantic-ai calls it
+    for UsageLimits(count_tokens_before_request=True)) counts the prompt a response to the same
+    body would have: its instructions, the stored turns of previous_response_id, its input and its
+    tools, each as many tokens as the answer's usage.input_tokens says. Nothing is generated or
+    stored; a field that does not shape the prompt is a 400 naming it."""
+    first = client.responses.create(model="tiny", input="hello world", instructions="Be brief.", max_output_tokens=4)
+    bodies = [dict(input="hello world"), dict(input="hello world", instructions="Be brief."),
+              dict(input=[{"role": "user", "content": "add 2 and 3"}], tools=[ADD], tool_choice="auto"),
+              dict(input="and again", previous_response_id=first.id, instructions="Be brief.")]
+    counts = []
+    for body in bodies:
+        counted = client.responses.input_tokens.count(model="tiny", **body)
+        assert counted.object == "response.input_tokens"
+        assert counted.input_tokens == client.responses.create(model="tiny", max_output_tokens=2,
+                                                               **body).usage.input_tokens, body
+        counts.append(counted.input_tokens)
+    alone = client.responses.input_tokens.count(model="tiny", input="and again", instructions="Be brief.")
+    assert counts[3] > alone.input_tokens            # the stored turns are counted
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.input_tokens.count(model="tiny", input="hi", extra_body={"max_output_tokens": 4})
+    assert e.value.body["param"] == "max_output_tokens"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_tokens.count(model="tiny", input="hi", previous_response_id="resp_none")

@@ -428,6 +428,19 @@ RESPONSE_GET = {"parameters": [{"name": "stream", "in": "query", "required": Fal
                     "schema": RESPONSES_RESPONSE}}}, "404": _error("no stored response has this id"),
                     "400": _error("'stream' is true: agp answers in the foreground, nothing is streamed again")}}
 
+# POST /v1/responses/input_tokens: the body's fields that shape the prompt (responses.COUNT_FIELDS)
+RESPONSE_INPUT_TOKENS = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": _request("input", {
+        k: v for k, v in RESPONSES_REQUEST["properties"].items()
+        if k in ("model", "input", "instructions", "tools", "tool_choice", "previous_response_id", "conversation",
+                 "reasoning", "text", "truncation", "parallel_tool_calls")})}}},
+    "responses": {"200": {"description": "the tokens of the prompt a response to this body would have",
+                          "content": {"application/json": {"schema": {
+                              "type": "object", "required": ["object", "input_tokens"], "properties": {
+                                  "object": {"const": "response.input_tokens"},
+                                  "input_tokens": {"type": "integer", "minimum": 0}}}}}},
+                  **{k: ERRORS[k] for k in ("400", "404", "408", "413", "415", "503")}}}
+
 RESPONSE_DELETE = {"responses": {"200": {"description": "the response was forgotten", "content": {
     "application/json": {"schema": {"type": "object", "required": ["id", "deleted"]}}}},
     "404": _error("no stored response has this id")}}

@@ -27,13 +27,14 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from pipeline_dsl.diagnostics import closest
+from pipeline_dsl.flow import PipelineError
 from pipeline_dsl.requests_io import shown
 
 from . import protocol as P
 from .access import request_info
 from .answers import Vocabularies, call_parser
 from .body import read_json
-from .errors import as_responses_wrote
+from .errors import api_error, as_responses_wrote
 from .extras import bad, parsed_off_loop
 from .generation import Generations
 from .responses_events import ResponseEvents
@@ -55,6 +56,10 @@ FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", 
 PASSED = ("model", "temperature", "top_p", "parallel_tool_calls", "stream", "request_id", "top_k", "min_p",
           "repetition_penalty", "seed", "stop", "ignore_eos", "user", "safety_identifier", "structured_outputs",
           "guided_json", "guided_regex", "guided_choice", "guided_grammar", "priority", "cache_salt")
+# POST /v1/responses/input_tokens (OpenAI's input-token count: its SDKs' responses.input_tokens.count,
+# which pydantic-ai calls for UsageLimits(count_tokens_before_request=True)): what shapes the prompt
+COUNT_FIELDS = {"model", "input", "instructions", "tools", "tool_choice", "previous_response_id", "conversation",
+                "reasoning", "text", "truncation", "parallel_tool_calls"}
 LOGPROBS = "message.output_text.logprobs"
 # OpenAI's `include` values (its SDKs' ResponseIncludable): the logprobs are served; the others ask for
 # what tools, images and reasoning agp has none of would add (nothing to include). Another value is a
@@ -452,6 +457,29 @@ class Responses:
             events = ResponseEvents(self, call, stream, first, rid, g.ended)
             return EventStream(events.events(), stream, g.gone)
         return await g.collect(request, stream, first, call.req, lambda res: self.answer(call, res, rid))
+
+    async def count(self, request: Request, rendered) -> Response | dict:
+        """POST /v1/responses/input_tokens: the tokens of the prompt a response to this body would
+        have (its instructions, the stored conversation of previous_response_id, its input and its
+        tools, rendered as the request would be; `rendered(runtime, item)` makes the ids), as
+        OpenAI's {"object": "response.input_tokens", "input_tokens": N}. The body takes the fields
+        that shape the prompt (COUNT_FIELDS); nothing runs and nothing is stored."""
+        g = self.g
+        try:
+            obj = await read_json(request, g.config)
+            if isinstance(obj, dict):
+                obj = P.check_unknown(obj, COUNT_FIELDS, g.config.lenient)
+            call = await parsed_off_loop(functools.partial(
+                parse_responses, obj, max_model_len=g.config.max_model_len, served=g.config.model_names,
+                stages=g.stage_names, lenient=g.config.lenient, store=self.store,
+                max_referenced=g.config.max_body_bytes))
+            item = call.req.item("count", exclude_tools_when_none=g.config.exclude_tools_when_tool_choice_none)
+            ids = await rendered(g.apipe.runtime, {**item, "pin": call.req.pin})
+        except APIError as err:
+            return g.refused(err)
+        except PipelineError as e:
+            return g.refused(api_error(e, "responses"))
+        return {"object": "response.input_tokens", "input_tokens": len(ids)}
 
     def vocabs(self, call: ResponsesCall) -> Vocabularies:
         """The tokenizers the call's answer is read with (the model's of the generate stage that

@@ -3,7 +3,7 @@ handler reads what it needs from `request.app.state` (the AsyncPipeline `apipe`,
 `config`, the `metrics` and the serving objects create_app puts there).
 
 Routes: POST /v1/completions, /v1/chat/completions (serve/generation.py), /v1/responses (and GET,
-DELETE /v1/responses/{id}: serve/responses.py), /v1/embeddings (serve/embeddings.py), GET /v1/models,
+DELETE /v1/responses/{id}, POST /v1/responses/input_tokens: serve/responses.py), /v1/embeddings (serve/embeddings.py), GET /v1/models,
 /v1/models/{id}, POST /tokenize, /detokenize, GET /tokenizer_info, /version, /health (and HEAD;
 /ping, GET and POST, its vLLM name), POST /invocations (SageMaker's, as vLLM's: chat, completions or
 embeddings by the body's shape),
@@ -63,6 +63,11 @@ async def chat_completions(request: Request):
                                                           "OpenAI Responses API (serve/responses.py)"))
 async def responses(request: Request):
     return await _state(request).responses.create(request)
+
+
+@router.post("/v1/responses/input_tokens", openapi_extra=OA.RESPONSE_INPUT_TOKENS)
+async def count_input_tokens(request: Request):
+    return await _state(request).responses.count(request, rendered)
 
 
 def _no_response(response_id: str, request: Request) -> Response:
