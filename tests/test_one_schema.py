@@ -242,3 +242,6 @@ def test_a_run_line_gives_at_most_one_structured_output_field_as_a_body_does():
     assert not accepts_serve_chat(both)
     assert parse_request({**CHAT, "guided_choice": ["yes", "no"]}).response_format == {
         "type": "choice", "choices": ["yes", "no"]}
+    alike = {"guided_regex": "ab", "structured_outputs": {"regex": "ab"}}      # one format, as vLLM clients send it
+    assert parse_request({**CHAT, **alike}).response_format == {"type": "regex", "pattern": "ab"}
+    assert accepts_serve_chat(alike)
