@@ -166,18 +166,15 @@ class ResponseStore:
         """The output item of a kept response with this id (what an `item_reference` names).
         `read` keeps the output of each response read for it (by the response's id), so a request
         naming many items of one response reads its JSON once, not once an item."""
+        read = {} if read is None else read
         with self.lock:
             rid = self.owner.get(item_id)
-            text = self.items.get(rid) if rid is not None and (read is None or rid not in read) else None
-        if read is not None and rid in read:
-            output = read[rid]
-        elif text is None:
-            return None
-        else:
-            output = json.loads(text)[0].get("output") or ()
-            if read is not None:
-                read[rid] = output
-        return next((i for i in output if i.get("id") == item_id), None)
+            text = None if rid in read else self.items.get(rid)
+        if rid not in read:
+            if text is None:
+                return None
+            read[rid] = json.loads(text)[0].get("output") or ()
+        return next((i for i in read[rid] if i.get("id") == item_id), None)
 
     def delete(self, rid: str) -> bool:
         with self.lock:
