@@ -598,6 +598,34 @@ def test_an_answer_cut_by_max_tokens_inside_a_character_ends_before_it(tiny_gguf
     assert (finals["0"].text, deltas["0"]) == ("", "")
 
 
+@pytest.mark.parametrize("how, text", [
+    ("eos", ""),                        # 0xE2, then the model's EOS
+    ("stop_token", ""),                 # 0xE2, then a stop_token_ids token
+    ("stop_token_shown", "\ufffdb"),    # ... whose text the answer keeps: the byte is in its middle
+    ("length", ""),                     # 0xE2 0xE2, cut by max_tokens
+])
+def test_stray_bytes_at_an_answers_end_are_left_out_and_in_its_middle_are_u_fffd(tiny_gguf, how, text):
+    """A byte-level BPE answer whose bytes are not UTF-8 (a lead byte 0xE2 that no continuation
+    byte follows) reads as vLLM's detokeniser reads it: a stray byte in the middle of the text is
+    U+FFFD (as decoding the ids gives), and those at its end, which no later token makes text
+    of, are left out however the answer ended (an EOS or a stop token wrote them as U+FFFD, a
+    max_tokens cut left them out). The streamed deltas spell the whole text."""
+    engine = tiny_engine(tiny_gguf)
+    e2, b = engine.tokenizer.token_to_id("â"), engine.tokenizer.token_to_id("b")    # gpt2's 0xE2, "b"
+    eos = min(engine.eos_token_ids)
+    # min_tokens keeps the first token from being the one the bias favours: 0xE2 comes first
+    params = {"eos": dict(min_tokens=1, allowed_token_ids=[e2, eos], logit_bias={eos: 100.0}),
+              "stop_token": dict(min_tokens=1, allowed_token_ids=[e2, b], logit_bias={b: 100.0}, stop_token_ids=[b]),
+              "stop_token_shown": dict(min_tokens=1, allowed_token_ids=[e2, b], logit_bias={b: 100.0},
+                                       stop_token_ids=[b], include_stop_str_in_output=True),
+              "length": dict(max_tokens=2, ignore_eos=True, logit_bias={e2: 100.0})}[how]
+    engine.add_request("0", prompt="the cat", params=SamplingParams(temperature=0.0, **params))
+    finals, deltas = run_all(engine)
+    out = finals["0"]
+    assert out.completion_tokens == 2 and out.finish_reason == ("length" if how == "length" else "stop")
+    assert (out.text, deltas["0"]) == (text, text)
+
+
 def test_a_stop_token_writes_its_text_only_where_include_stop_str_in_output_asks(tiny_gguf):
     """A stop_token_ids token ends the answer; its own text is in the answer only with
     include_stop_str_in_output (vLLM's), as a stop string's is."""

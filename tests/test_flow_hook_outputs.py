@@ -58,6 +58,18 @@ def answer(item):
         item["token_ids"] = numpy.array([5, 6])
     elif bad == "prompt_token_ids":
         item["prompt_token_ids"] = "1 5 6"
+    elif bad == "vocab_ids":
+        item["token_ids"] = [5, 10 ** 6]
+    elif bad == "vocab_prompt_ids":
+        item["prompt_token_ids"] = [1, 5, 10 ** 6]
+    elif bad == "vocab_logprobs":
+        item["logprobs"] = [{"token_id": 5, "logprob": -0.5, "top": []}, {"token_id": 10 ** 6, "logprob": -0.5,
+                                                                          "top": []}]
+    elif bad == "vocab_top":
+        item["logprobs"] = [{"token_id": 5, "logprob": -0.5, "top": [(5, -0.5), (10 ** 6, -1.0)]}]
+    elif bad == "vocab_prompt_logprobs":
+        item["prompt_token_ids"] = [1, 5]
+        item["prompt_logprobs"] = [None, {"token_id": 10 ** 6, "logprob": -1.0, "rank": 1, "top": []}]
     elif bad == "filtered":
         item["finish_reason"] = "content_filter"   # a guard may say why it ended the answer
     return item
@@ -93,6 +105,8 @@ def merge(results):
         return {"text": "merged", "usage": ["lots"]}
     if bad == "merge_reason":
         return {"text": "merged", "finish_reason": 7}
+    if bad == "merge_ids":
+        return {"text": "merged", "token_ids": [3, 10 ** 6]}
     return 0
 '''
 
@@ -159,6 +173,37 @@ def test_a_result_hook_returning_text_that_cannot_be_sent_fails_its_request_ther
     r = answered_except(results, "bad")
     assert r.error.kind == "failed" and r.error.stage == "a" and r.error.message == words
     assert rt.stats()["stages"]["a"]["failed"] == 1
+
+
+@pytest.mark.parametrize("bad, where", [
+    ("vocab_ids", "token_ids[1]"), ("vocab_prompt_ids", "prompt_token_ids[2]"),
+    ("vocab_logprobs", "logprobs[1].token_id"), ("vocab_top", "logprobs[0].top[1][0]"),
+    ("vocab_prompt_logprobs", "prompt_logprobs[1].token_id")])
+def test_a_result_hook_writing_token_ids_outside_the_vocabulary_fails_its_request_there(
+        tmp_path, soft_gguf, bad, where):
+    """An id past the end of the model's vocabulary has no text: the answer's logprobs named it
+    "" (and an echoed prompt lost it) with nothing said. It fails at the stage that wrote it,
+    naming the element and the vocabulary's range, as an id that is no integer does."""
+    from tiny_model import tiny_vocab
+
+    path = pipeline(tmp_path, soft_gguf, 'stage a : python { fn = "hooks:answer" }',
+                    "request -> batch\ngen -> a -> out\n")
+    results, rt = run(path, [chat("ok", "hi"), chat("bad", "hi", metadata={"bad": bad}), chat("ok2", "hello")])
+    r = answered_except(results, "bad")
+    assert r.error.kind == "failed" and r.error.stage == "a"
+    assert r.error.message == (f"stage 'a' returned a result whose {where} is 1000000; expected a token id of the "
+                               f"vocabulary (0..{len(tiny_vocab()[0]) - 1})")
+    assert rt.stats()["stages"]["a"]["failed"] == 1
+
+
+def test_a_join_fn_writing_token_ids_outside_the_vocabulary_fails_its_request(tmp_path, soft_gguf):
+    path = pipeline(tmp_path, soft_gguf, 'stage g2 : generate { max_new_tokens = 2 }\n'
+                    'stage j : join { fn = "hooks:merge" }',
+                    "request -> batch\nkv -> g2\ngen -> j\ng2 -> j\nj -> out\n")
+    results, _ = run(path, [chat("ok", "hi"), chat("bad", "hi", metadata={"bad": "merge_ids"})])
+    r = answered_except(results, "bad")
+    assert r.error.stage == "j" and r.error.message.startswith(
+        "join 'j' produced a result whose token_ids[1] is 1000000; expected a token id of the vocabulary (0..")
 
 
 def test_a_finish_reason_a_guard_sets_goes_through(tmp_path, soft_gguf):

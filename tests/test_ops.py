@@ -468,6 +468,35 @@ def test_a_text_log_line_escapes_c1_controls_and_unicode_line_separators(monkeyp
     assert lines[0].endswith("the model 'm\\x85A\\u2028B\\u2029C\\x9b2J\\x80\\x9f\xa0é' does not exist")
 
 
+def test_a_traceback_in_the_text_log_escapes_what_its_exceptions_say(monkeypatch, configure):
+    """A python stage's exception quoting a request's content (`ValueError(f"bad {text}")`), or
+    the exception it was raised from, wrote that content raw under the record: a newline in it
+    forged a record line of the client's choosing, ESC a terminal sequence. The traceback keeps
+    its own lines (the frames, the chain), and each exception's text is escaped as a message is."""
+    import io
+    import logging
+
+    forged = "x\n2026-12-05T00:00:00.000Z INFO agp.access: forged\x1b[2J\x85y"
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    configure("text", "info")
+    try:
+        try:
+            raise RuntimeError(forged)
+        except RuntimeError as inner:
+            raise ValueError(f"bad {forged}") from inner
+    except ValueError:
+        logging.getLogger("agp.serve").exception("a stage failed")
+    lines = sys.stderr.getvalue().splitlines()
+    assert not any(line.startswith("2026-12-05") for line in lines), lines
+    assert not any(c in line for line in lines for c in "\x1b\x85"), lines
+    assert lines[0].endswith("ERROR agp.serve: a stage failed")
+    assert "RuntimeError: x\\n2026-12-05T00:00:00.000Z INFO agp.access: forged\\x1b[2J\\x85y" in lines
+    assert "ValueError: bad x\\n2026-12-05T00:00:00.000Z INFO agp.access: forged\\x1b[2J\\x85y" == lines[-1]
+    assert "The above exception was the direct cause of the following exception:" in lines
+    assert lines.count("Traceback (most recent call last):") == 2
+    assert any(line.startswith('  File "') and "test_a_traceback_in_the_text_log" in line for line in lines)
+
+
 def test_log_lines_go_to_the_stderr_of_the_moment_not_the_one_at_configure(monkeypatch, configure):
     import io
     import logging

@@ -720,6 +720,60 @@ def test_many_item_references_to_one_response_read_its_json_once():
     assert Reads.count == 1
 
 
+def test_a_conversation_continued_again_and_again_is_parsed_once_and_handed_out_fresh():
+    """previous_response_id reads the stored conversation it continues: it was parsed from its
+    JSON (up to the store's 64 MiB) again on every request naming it. Its parsed form is kept
+    once read, and each request gets a copy of its own: what one request's handling changes in
+    its messages, the next one does not see."""
+    from collections import OrderedDict
+
+    from pipeline_dsl.serve.responses import ResponseStore
+
+    class Reads(OrderedDict):
+        count = 0
+
+        def get(self, key, default=None):
+            if key == "resp_a":
+                Reads.count += 1
+            return super().get(key, default)
+
+    store = ResponseStore()
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{}"}}]
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": calls}]
+    store.put("resp_a", {"id": "resp_a", "output": []}, history)
+    store.items = Reads(store.items)
+    body = {"model": "tiny", "input": "and then?", "previous_response_id": "resp_a"}
+    first = parse_responses(dict(body), max_model_len=4096, served=("tiny",), store=store)
+    assert first.conversation[:2] == history and first.conversation[2] == {"role": "user", "content": "and then?"}
+    first.conversation[1]["tool_calls"][0]["function"]["name"] = "changed"
+    first.conversation[0]["content"] = "changed"
+    Reads.count = 0
+    for _ in range(3):
+        again = parse_responses(dict(body), max_model_len=4096, served=("tiny",), store=store)
+        assert again.conversation[:2] == history
+    assert Reads.count == 0                             # its JSON is not read again
+
+
+def test_the_parsed_conversations_kept_hold_at_most_the_stores_bytes_and_go_with_their_responses():
+    from pipeline_dsl.serve.responses import ResponseStore
+
+    """The parsed form of many short messages holds many times the bytes of their JSON: the kept
+    ones hold at most the store's max_bytes of Python objects, the least recently read going."""
+    store = ResponseStore(size=8, max_bytes=40_000)
+    history = [{"role": "user", "content": "x"}] * 30                 # ~1 KB of JSON, ~10 KB parsed
+    for i in range(8):
+        store.put(f"resp_{i}", {"id": f"resp_{i}"}, history)
+    for i in range(8):
+        assert store.conversation(f"resp_{i}") == history
+    assert store.bytes < 10_000 and len(store.items) == 8                          # every response is kept
+    assert 0 < store.parsed_bytes <= store.max_bytes and 1 < len(store.parsed) < 8  # the latest read stay parsed
+    assert "resp_7" in store.parsed and "resp_0" not in store.parsed
+    assert store.delete("resp_7") and "resp_7" not in store.parsed and store.conversation("resp_7") is None
+    store.put("resp_6", {"id": "resp_6"}, [{"role": "user", "content": "new"}])     # kept again: read anew
+    assert store.conversation("resp_6") == [{"role": "user", "content": "new"}]
+    assert store.parsed_bytes == sum(weight for _, weight in store.parsed.values())
+
+
 def test_item_references_bringing_more_text_than_a_body_holds_are_a_400_naming_the_one_past_it(server):
     """The items `input`'s references bring hold at most --max-body-bytes characters of text all
     told, as the items sent whole would: thousands of 40-byte references to a long kept answer

@@ -94,8 +94,9 @@ def test_incremental_decoder_never_splits_a_character(tok):
 
 
 def test_flush_returns_the_bytes_of_an_unfinished_character_as_replacement_characters(tok):
-    """An answer that ends (EOS, stop) inside a multi-byte character: flush hands out what is left,
-    its bytes shown as U+FFFD, as decoding the whole answer would; nothing is dropped."""
+    """Ids that end inside a multi-byte character: flush hands out what is left, its bytes shown
+    as U+FFFD, as decoding the whole list would; nothing is dropped (an engine's answer leaves
+    such trailing bytes out, as vLLM's does: tests/test_engine.py)."""
     ids = tok.encode("ok 日")
     cut = ids[:-1]                                  # the last byte of 日 never comes
     whole = tok.decode(cut)

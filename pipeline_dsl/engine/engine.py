@@ -592,20 +592,22 @@ class Engine:
         reason = stop_reason = None
         num_output = seq.num_output            # the token is in seq.token_ids: fixed from here on
         logprobs = self.features.logprobs_of(seq, token) if p.logprobs is not None else None
+        # at the end, the bytes no later token made a character of are left out (flushing would
+        # show them as U+FFFD), however it ended, as vLLM's detokeniser never writes them; a stray
+        # byte before other text is U+FFFD, as the tokenizer decodes it
         if st.error_at is not None and num_output > st.error_at:
             reason = "error"                   # the grammar refused a token: see metrics["error"]
-            st.text += st.detok.flush()
+            st.text += st.detok.flush().rstrip("\ufffd")
         elif token in p.stop_token_ids or (token in self.eos_token_ids and (
                 not p.ignore_eos or p.constraint is not None)):   # a grammar's EOS always ends it
             reason = "stop"           # the stop token's own text only when asked (skip_special_tokens drops a special one)
             if token in p.stop_token_ids and not (token in self.eos_token_ids and not p.ignore_eos):
                 stop_reason = token   # vLLM's stop_reason: the listed id (an EOS that ends the answer: None)
-            st.text += st.detok.add(token, final=True) if p.include_stop_str_in_output else st.detok.flush()
+            rest = st.detok.add(token, final=True) if p.include_stop_str_in_output else st.detok.flush()
+            st.text += rest.rstrip("\ufffd")
         else:
             last = num_output >= p.max_tokens or num_output + seq.num_prompt >= self.max_model_len
             piece = st.detok.add(token, final=last)
-            # cut by a length limit: a character whose bytes had not all come is not emitted
-            # (flushing would show its bytes as U+FFFD); an EOS or a stop keeps what the model made
             st.text += piece.rstrip("\ufffd") if last else piece
             # no stop string ends the answer before min_tokens tokens (vLLM: those completing in
             # the text of token min_tokens + 1 or later, however early they begin)

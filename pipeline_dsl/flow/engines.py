@@ -94,6 +94,15 @@ class EngineSide:
             raise PipelineError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "invalid")
         return es.tokenizer.decode(ids, skip_special_tokens=False)
 
+    def vocab_of(self, pin: str | None, gen=None) -> int | None:
+        """How many ids the vocabulary has that a result's token ids are read with (its answer's
+        logprobs, token text, echo): the model's of generate stage `gen` (its `generated_by`) where
+        that names one, else of the pinned stage `pin`, else the pipeline's model's; None where
+        there is no model (nothing reads them as text)."""
+        es = self.seg_of_gen.get(gen) if isinstance(gen, str) else None
+        es = es or (self.seg_of_gen.get(pin) if pin else self.prompt_segment)
+        return (es.vocab_size or None) if es is not None else None
+
     def tokenizer_info(self, pin: str | None = None) -> dict:
         """The tokenizer's configuration (agp serve's /tokenizer_info, vLLM's shape): its special
         tokens, whether it adds the bos token, the context length and the chat template."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import logging
 import reprlib
 import threading
@@ -181,12 +182,13 @@ MAX_COUNT = 2 ** 53 - 1               # the largest token count every JSON reade
 ANSWER_FAILED_CODE = "answer_failed"
 
 
-def check_result(d: dict, stage: str, made: str, got: dict | None = None) -> None:
+def check_result(d: dict, stage: str, made: str, got: dict | None = None, vocab: int | None = None) -> None:
     """A result dict user code made (`made`: "stage 'a' returned", "join 'j' produced"), held to
     what an answer needs: its text a string that can be sent, its finish_reason a string (a guard
     may set its own, e.g. content_filter) or null, its usage an object whose token counts are
     non-negative integers (the run's counts and TPOT add them up), what an answer carries as
-    it is plain JSON, and its token fields (TOKEN_FIELDS) in the engine's shapes. `got`: the
+    it is plain JSON, and its token fields (TOKEN_FIELDS) in the engine's shapes, their token
+    ids of the vocabulary of `vocab` ids the answer reads them with (None: any). `got`: the
     result the code was given (a python stage's), whose token fields were checked already (or
     the engine made them): a field equal to its own is not looked at again. Else a
     PipelineError that fails its request at `stage`."""
@@ -225,7 +227,7 @@ def check_result(d: dict, stage: str, made: str, got: dict | None = None) -> Non
         value = d.get(key)
         if value is None or (got is not None and _unchanged(value, got.get(key))):
             continue
-        problem = token_field_problem(key, value)
+        problem = token_field_problem(key, value, vocab)
         if problem is not None:
             raise PipelineError(f"{made} a result whose {problem}", "failed", stage)
     if d.get("prompt_logprobs") and not d.get("prompt_token_ids"):
@@ -242,21 +244,23 @@ _shown = reprlib.Repr()
 _shown.maxstring, _shown.maxother, _shown.maxlist, _shown.maxdict = 40, 40, 4, 4
 
 
-def token_field_problem(key: str, value) -> str | None:
+def token_field_problem(key: str, value, vocab: int | None = None) -> str | None:
     """What is wrong with a result's token field `key` (TOKEN_FIELDS), in words that name the
     element ("logprobs[3].top[0] is 'x'; expected ..."), or None where it has the engine's shape:
-    `token_ids` and `prompt_token_ids` lists of token ids (non-negative integers); `logprobs` a
+    `token_ids` and `prompt_token_ids` lists of token ids (non-negative integers, each below
+    `vocab` where it is given: an id outside the vocabulary has no text); `logprobs` a
     list of {token_id, logprob, top} per generated token, `top` a list of (token id, logprob)
     pairs (a JSON copy's [id, logprob] lists too); `prompt_logprobs` the same per prompt token,
     with its `rank` (an integer) where it gives one, and null for the first (nothing comes before
     it). Every element is looked at: a stage that rewrote a field pays for one pass over it,
     less than the copy of the item it was given."""
+    end = vocab or math.inf
     if key in ("token_ids", "prompt_token_ids"):
         if not isinstance(value, (list, tuple)):
             return f"{key} is {a_type(value)}; expected a list of token ids (non-negative integers) or null"
         for i, t in enumerate(value):
-            if not _is_id(t):
-                return f"{key}[{i}] is {_shown.repr(t)}; expected a token id (a non-negative integer)"
+            if not (_is_id(t) and t < end):
+                return _id_problem(f"{key}[{i}]", t, vocab)
         return None
     if not isinstance(value, list):
         return f"{key} is {a_type(value)}; expected a list of {_ENTRY} per token, or null"
@@ -269,8 +273,8 @@ def token_field_problem(key: str, value) -> str | None:
             first = " (or null for the first)" if prompt else ""
             return f"{where} is {_shown.repr(e)}; expected {_ENTRY}{first}"
         t, lp, top = e.get("token_id"), e.get("logprob"), e.get("top")
-        if not _is_id(t):
-            return f"{where}.token_id is {_shown.repr(t)}; expected a token id (a non-negative integer)"
+        if not (_is_id(t) and t < end):
+            return _id_problem(f"{where}.token_id", t, vocab)
         if not _is_number(lp):
             return f"{where}.logprob is {_shown.repr(lp)}; expected a number"
         if prompt and e.get("rank") is not None and not _is_id(e["rank"]):
@@ -278,13 +282,21 @@ def token_field_problem(key: str, value) -> str | None:
         if not isinstance(top, (list, tuple)):
             return f"{where}.top is {_shown.repr(top)}; expected a list of [token id, logprob] pairs"
         for j, pair in enumerate(top):
-            if type(pair) in _PAIRS and len(pair) == 2 and type(pair[0]) is int and pair[0] >= 0 \
+            if type(pair) in _PAIRS and len(pair) == 2 and type(pair[0]) is int and 0 <= pair[0] < end \
                     and type(pair[1]) is float:
                 continue                            # the engine's own (the loop over every alternative)
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and _is_id(pair[0])
                     and _is_number(pair[1])):
                 return f"{where}.top[{j}] is {_shown.repr(pair)}; expected a [token id, logprob] pair"
+            if pair[0] >= end:
+                return _id_problem(f"{where}.top[{j}][0]", pair[0], vocab)
     return None
+
+
+def _id_problem(where: str, t, vocab: int | None) -> str:
+    if _is_id(t):                                  # then it is past the vocabulary's end
+        return f"{where} is {_shown.repr(t)}; expected a token id of the vocabulary (0..{vocab - 1})"
+    return f"{where} is {_shown.repr(t)}; expected a token id (a non-negative integer)"
 
 
 def _unchanged(value, before) -> bool:

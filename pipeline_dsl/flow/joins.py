@@ -56,9 +56,10 @@ class Joins:
     def user_code(self, stage: str) -> bool:
         return self.impls[stage].policy == "fn"
 
-    def result(self, stage: str, waiting: list, merged: Any) -> dict:
+    def result(self, stage: str, waiting: list, merged: Any, vocab_of=lambda gen: None) -> dict:
         """The merged item's dict: completed from the first branch, checked as a python stage's result
-        is (items.check_result), with `branches`."""
+        is (items.check_result: its token ids of the vocabulary vocab_of(its generated_by) gives),
+        with `branches`."""
         ordered = sorted(waiting, key=lambda it: it.branch)
         if not isinstance(merged, dict) or not isinstance(merged.get("text"), str):
             got = type(merged).__name__ if not isinstance(merged, dict) else "a dict without a text string"
@@ -69,7 +70,7 @@ class Joins:
             for key in FILLED:
                 if merged.get(key) is None and ordered[0].data.get(key) is not None:
                     merged[key] = ordered[0].data[key]
-            check_result(merged, stage, f"join '{stage}' produced")
+            check_result(merged, stage, f"join '{stage}' produced", vocab=vocab_of(merged.get("generated_by")))
         merged["branches"] = [{"text": it.data.get("text"), "finish_reason": it.data.get("finish_reason")}
                               for it in ordered]
         return merged

@@ -496,7 +496,8 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             elif kind == GENERATED:
                 out = _completed(out, view, item.kind)
                 check_result(out, stage, f"stage '{stage}' returned",
-                             item.data if item.kind == GENERATED else None)
+                             item.data if item.kind == GENERATED else None,
+                             self.vocab_of(item.req.pin, out.get("generated_by")))
                 if item.kind == REQUEST:
                     out = self._answered_here(item, stage, out)
             item.kind, item.data = kind, out
@@ -658,7 +659,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         self._go(nxt)
 
     def _merged(self, req: RequestState, stage: str, waiting: list[Item], merged) -> list[tuple[Item, str]]:
-        data = self.joins.result(stage, waiting, merged)
+        data = self.joins.result(stage, waiting, merged, lambda gen: self.vocab_of(req.pin, gen))
         first = min(waiting, key=lambda it: it.branch)
         item = Item(GENERATED, data, req, stage, first.branch[:-1] if first.branch else (), dict(first.turns))
         # the answer is one branch's text (or a fn's): what its generate stage read of it still holds

@@ -7,7 +7,8 @@ other library's) writes to stderr through one formatter, and so do Python warnin
 each, logger `py.warnings`): a collector reading `--log-format json` gets one JSON object a
 line, never a library's bare line. Text lines read `2026-11-30T13:00:00.123Z INFO agp.serve:
 message` (the message's control characters, C0 and C1, and U+2028/U+2029 escaped, `\\n`,
-`\\x1b`, `\\x85`, `\\u2028`: a line is a record); JSON lines
+`\\x1b`, `\\x85`, `\\u2028`: a line is a record; a traceback under a record keeps its own lines,
+and what its exceptions say is escaped the same way); JSON lines
 carry `ts`, `level`, `logger`, `message` and the record's structured fields (an access
 line: `client`, `method`, `path`, `status`, `latency_ms`, `request_id`; an error answer's: `status`,
 `reason`, `param`, `code`, `request_id`; a stats line: its numbers). The access lines are agp's
@@ -19,6 +20,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 import warnings
 
 # the fields a record may carry (logger.info(..., extra={...})) that JSON lines keep
@@ -43,12 +45,48 @@ ESCAPED = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0)) if c != 
     | {0x0a: "\\n", 0x0d: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
+_CAUSE = "The above exception was the direct cause of the following exception:"
+_CONTEXT = "During handling of the above exception, another exception occurred:"
+
+
+def _traceback_lines(te: traceback.TracebackException) -> list[str]:
+    """The lines of an exception's traceback as Python writes them (the exceptions it was raised
+    from or during first, a group's exceptions after it), each escaped as a message is: what an
+    exception says (a request's content in a python stage's ValueError) stays on its own line."""
+    chain = [te]
+    while True:
+        last = chain[-1]
+        if last.__cause__ is not None:
+            chain += [_CAUSE, last.__cause__]
+        elif last.__context__ is not None and not last.__suppress_context__:
+            chain += [_CONTEXT, last.__context__]
+        else:
+            break
+    lines: list[str] = []
+    for node in reversed(chain):
+        if isinstance(node, str):
+            lines += ["", node, ""]
+            continue
+        if node.stack:
+            lines.append("Traceback (most recent call last):")
+            lines += [line.translate(ESCAPED) for frame in node.stack.format()
+                      for line in frame.removesuffix("\n").split("\n")]
+        lines += [part.removesuffix("\n").translate(ESCAPED) for part in node.format_exception_only()]
+        for i, sub in enumerate(getattr(node, "exceptions", None) or (), 1):    # an ExceptionGroup's
+            lines.append(f"+---------------- {i} ----------------")
+            lines += ["| " + line for line in _traceback_lines(sub)]
+    return lines
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = f"{_timestamp(record)} {record.levelname} {record.name}: {record.getMessage().translate(ESCAPED)}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
+
+    def formatException(self, ei) -> str:
+        return "\n".join(_traceback_lines(traceback.TracebackException(type(ei[1]), ei[1], ei[2])))
 
 
 class JSONFormatter(logging.Formatter):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -101,11 +102,17 @@ class ResponseStore:
     most `size` of them, and at most `max_bytes` of their JSON all told (the oldest go first; one
     larger than that alone is not kept): a response with top_logprobs holds hundreds of bytes a
     token, and a count alone would let a long-running server keep gigabytes. Each is kept as its
-    JSON text, several times smaller than its Python objects, and read back as a fresh copy."""
+    JSON text, several times smaller than its Python objects, and read back as a fresh copy.
+    The conversations previous_response_id continues are kept parsed too, once read (a long one
+    was parsed again on every request continuing it): those of kept responses only, at most
+    `max_bytes` of Python objects all told, the least recently read going first."""
 
     def __init__(self, size: int = STORED, max_bytes: int = STORED_BYTES):
         self.size, self.max_bytes, self.items = size, max_bytes, OrderedDict()
         self.bytes = 0                                  # the JSON of the responses kept
+        self.starts: dict[str, int] = {}                # a kept response's id -> where its conversation's JSON starts
+        self.parsed: OrderedDict[str, tuple[list, int]] = OrderedDict()   # id -> (its conversation, its bytes)
+        self.parsed_bytes = 0                           # the Python objects of the conversations in `parsed`
         self.too_large: OrderedDict[str, int] = OrderedDict()   # the latest ids not kept: their bytes
         self.owner: dict[str, str] = {}                 # an output item's id -> the kept response holding it
         self.owned: dict[str, list[str]] = {}           # a kept response's id -> its output items' ids
@@ -113,7 +120,8 @@ class ResponseStore:
 
     def put(self, rid: str, response: dict, conversation: list) -> bool:
         """Keep this response; False when it alone is over `max_bytes` (it is not kept)."""
-        text = json.dumps([response, conversation], ensure_ascii=False, separators=(",", ":")).encode()
+        head = json.dumps(response, ensure_ascii=False, separators=(",", ":")).encode()
+        text = b"[" + head + b"," + json.dumps(conversation, ensure_ascii=False, separators=(",", ":")).encode() + b"]"
         with self.lock:
             self._forget(rid)
             self.too_large.pop(rid, None)
@@ -123,6 +131,7 @@ class ResponseStore:
                     self.too_large.popitem(last=False)
                 return False
             self.items[rid] = text
+            self.starts[rid] = len(head) + 2
             self.bytes += len(text)
             self.owned[rid] = [item["id"] for item in response.get("output") or ()
                                if isinstance(item, dict) and isinstance(item.get("id"), str)]
@@ -136,22 +145,41 @@ class ResponseStore:
             text = self.items.get(rid)
         return None if text is None else tuple(json.loads(text))
 
+    def conversation(self, rid: str) -> list | None:
+        """The conversation kept with response `rid` (what a previous_response_id continues: the
+        messages before its answer, and the answer's), a fresh copy; None where none is kept."""
+        with self.lock:
+            found = self.parsed.get(rid)
+            if found is not None:
+                self.parsed.move_to_end(rid)
+            else:
+                text, start = self.items.get(rid), self.starts.get(rid)
+        if found is None:
+            if text is None:
+                return None
+            messages = json.loads(text[start:-1])
+            found = (messages, _python_bytes(messages))
+            with self.lock:
+                if self.items.get(rid) is text and rid not in self.parsed and found[1] <= self.max_bytes:
+                    self.parsed[rid] = found
+                    self.parsed_bytes += found[1]
+                    while self.parsed_bytes > self.max_bytes:
+                        self.parsed_bytes -= self.parsed.popitem(last=False)[1][1]
+        return _fresh(found[0])
+
     def item(self, item_id: str, read: dict | None = None) -> dict | None:
         """The output item of a kept response with this id (what an `item_reference` names).
         `read` keeps the output of each response read for it (by the response's id), so a request
         naming many items of one response reads its JSON once, not once an item."""
+        read = {} if read is None else read
         with self.lock:
             rid = self.owner.get(item_id)
-            text = self.items.get(rid) if rid is not None and (read is None or rid not in read) else None
-        if read is not None and rid in read:
-            output = read[rid]
-        elif text is None:
-            return None
-        else:
-            output = json.loads(text)[0].get("output") or ()
-            if read is not None:
-                read[rid] = output
-        return next((i for i in output if i.get("id") == item_id), None)
+            text = None if rid in read else self.items.get(rid)
+        if rid not in read:
+            if text is None:
+                return None
+            read[rid] = json.loads(text)[0].get("output") or ()
+        return next((i for i in read[rid] if i.get("id") == item_id), None)
 
     def delete(self, rid: str) -> bool:
         with self.lock:
@@ -168,12 +196,36 @@ class ResponseStore:
 
     def _forget(self, rid: str) -> bool:
         text = self.items.pop(rid, None)
+        self.starts.pop(rid, None)
+        parsed = self.parsed.pop(rid, None)
+        if parsed is not None:
+            self.parsed_bytes -= parsed[1]
         if text is not None:
             self.bytes -= len(text)
             for item_id in self.owned.pop(rid, ()):
                 if self.owner.get(item_id) == rid:
                     del self.owner[item_id]
         return text is not None
+
+
+def _python_bytes(value) -> int:
+    """The memory a parsed JSON value holds (sys.getsizeof of it and of all it holds)."""
+    size = sys.getsizeof(value)
+    if isinstance(value, dict):
+        return size + sum(sys.getsizeof(k) + _python_bytes(v) for k, v in value.items())
+    if isinstance(value, list):
+        return size + sum(_python_bytes(v) for v in value)
+    return size
+
+
+def _fresh(value):
+    """A copy of a parsed JSON value whose objects and arrays are its own (the strings, which
+    no one changes, are shared): what a reader changes of it, the store's stays as it was."""
+    if isinstance(value, dict):
+        return {k: _fresh(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fresh(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------- the request
@@ -385,12 +437,12 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
     before: list[dict] = []
     prev = obj.get("previous_response_id")
     if prev is not None:
-        found = store.get(prev) if store is not None else None
+        found = store.conversation(prev) if store is not None else None
         if found is None:
             raise APIError(store.missing(prev) if store is not None else f"no stored response has the id {shown(prev)}",
                            status=404, type="not_found_error", param="previous_response_id", code="response_not_found",
                            quoted=(shown(prev),))
-        before = [dict(m) for m in found[1]]
+        before = found
     turn = conversation(obj["input"], store, max_referenced)
     messages = ([{"role": "system", "content": obj["instructions"]}] if obj.get("instructions") else []) \
         + before + turn
