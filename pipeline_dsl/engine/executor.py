@@ -552,8 +552,8 @@ class Executor:
                                                  dst_work=sched.name, host_sync=True,
                                                  lag=max(SCHEDULE_AHEAD, emit.skew - sched.skew + 1)))
         if self.cuda:
-            self._cuda_base = torch.cuda.Event(enable_timing=True)
-            self._cuda_base.record()
+            self._cuda_base = torch.cuda.Event(enable_timing=True)    # on the engine's device, as its spans
+            self._cuda_base.record(torch.cuda.current_stream(self.device))
             torch.cuda.synchronize(self.device)
             self._t_base = time.perf_counter()
         overlap = self._overlap = self.overlap_now()
