@@ -512,3 +512,26 @@ def test_a_placed_batcher_schedules_at_most_two_steps_past_a_stop(tiny_gguf, pla
     assert stopped >= 8
     assert stats["discarded_tokens"] <= 2 * stopped
     assert got == stepped(engine(tiny_gguf, max_batch_size=4), reqs)
+
+
+def without_d2h(plan):
+    """`plan` with no gen.d2h work: the emit copies the step's tokens itself, after the forward."""
+    import dataclasses
+
+    from pipeline_dsl.plan import Event
+
+    work = tuple(w for w in plan.work if w.part != "d2h")
+    streams = tuple(dataclasses.replace(s, work=tuple(n for n in s.work if n != "gen.d2h")) for s in plan.streams)
+    events = tuple(e for e in plan.events if "gen.d2h" not in (e.src_work, e.dst_work))
+    events += (Event(src="gen", dst="gen", src_work="gen.forward", dst_work="gen.emit", lag=0, host_sync=True),)
+    return dataclasses.replace(plan, work=work, streams=streams, events=events)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_plan_without_a_copy_back_gives_the_same_answers(tiny_gguf, overlap):
+    plan = without_d2h(default_plan())
+    assert "d2h" not in {w.part for w in plan.work}
+    reqs = greedy_requests(8)
+    got: dict = {}
+    run_requests(engine(tiny_gguf), reqs, plan=plan, overlap=overlap, on_output=finished(got))
+    assert got == stepped(engine(tiny_gguf), reqs)

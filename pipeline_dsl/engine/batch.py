@@ -131,7 +131,7 @@ class Uploader:
             at += n
         dev = buf[:total].to(self.device, non_blocking=True)      # [sum] one H2D copy
         ev = self._events[i] = torch.cuda.Event()
-        ev.record()
+        ev.record(torch.cuda.current_stream(self.device))   # the copy's stream (not the current device's)
         out, at = [], 0
         for a, n in zip(arrays, sizes):
             out.append(dev[at:at + n].view(a.shape))

@@ -34,22 +34,30 @@ GATHER = ("dec_gather", "dec_mask")
 
 
 class CudaGraphFactory:
-    """torch.cuda graphs captured in one shared pool."""
+    """torch.cuda graphs captured in one shared pool, on one capture stream of the runner's device.
+
+    The stream is the factory's own, on its device, and the same for every capture (torch's note on
+    `pool`: captures that share one should share their stream). Left to torch.cuda.graph, the
+    capture stream is one per process made on the current device: for a runner on cuda:1 while
+    the current device is cuda:0, the step's kernels would run eagerly on cuda:1 outside the
+    capture, leaving an empty graph whose replays compute nothing."""
 
     def __init__(self, device):
-        self.device = device
+        self.device = torch.device(device)
         self.pool = None
+        self.stream = torch.cuda.Stream(self.device)
 
     def capture(self, fn):
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):                     # warm-up: lazy inits, cuBLAS workspaces
-                fn()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            out = fn()
+        with torch.cuda.device(self.device):       # the capture's synchronize and empty_cache: this device
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):                 # warm-up: lazy inits, cuBLAS workspaces
+                    fn()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                out = fn()
         self.pool = graph.pool()
         return graph.replay, out
 

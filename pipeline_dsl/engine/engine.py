@@ -791,6 +791,6 @@ def _out_of_memory(e: BaseException) -> bool:
 def peak_memory_bytes(device: str = "cpu") -> int:
     """Peak resident memory of this process (CPU) or peak allocated memory (CUDA)."""
     if str(device).startswith("cuda") and torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
+        return int(torch.cuda.max_memory_allocated(device))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB

@@ -393,22 +393,31 @@ class Executor:
         L = self._launches.get(m)
         if L is None or L.host_tokens is not None:
             return False
+        self._copy_back(L)
+        return True
+
+    def _copy_back(self, L: _Launch) -> None:
+        """The step's sampled tokens to the host (CUDA: a non-blocking copy into pinned memory on
+        the current stream, read only after that stream's work is waited for)."""
         if self.cuda:
             buf = torch.empty(L.sampled.shape, dtype=torch.long, pin_memory=True)
             buf.copy_(L.sampled, non_blocking=True)
             L.host_tokens = buf
         else:
             L.host_tokens = L.sampled.tolist()
-        return True
 
     def _emit(self, m: int) -> bool:
         L = self._launches.pop(m, None)
         if L is None:
             return False
-        if L.host_tokens is None:
+        if L.host_tokens is None:     # a plan without gen.d2h: the copy is made here (L has left _launches)
             if self.cuda:
-                torch.cuda.current_stream(self.device).wait_stream(self._streams[self._stream_of("forward")])
-            self._d2h(m)
+                here = torch.cuda.current_stream(self.device)
+                here.wait_stream(self._streams[self._stream_of("forward")])
+                self._copy_back(L)
+                here.synchronize()   # the copy itself: the events below are the forward's, recorded before it
+            else:
+                self._copy_back(L)
         if self.cuda:
             ev = L.cuda.get("d2h", L.cuda.get("forward"))
             if ev is not None:
@@ -543,8 +552,8 @@ class Executor:
                                                  dst_work=sched.name, host_sync=True,
                                                  lag=max(SCHEDULE_AHEAD, emit.skew - sched.skew + 1)))
         if self.cuda:
-            self._cuda_base = torch.cuda.Event(enable_timing=True)
-            self._cuda_base.record()
+            self._cuda_base = torch.cuda.Event(enable_timing=True)    # on the engine's device, as its spans
+            self._cuda_base.record(torch.cuda.current_stream(self.device))
             torch.cuda.synchronize(self.device)
             self._t_base = time.perf_counter()
         overlap = self._overlap = self.overlap_now()

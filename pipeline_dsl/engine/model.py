@@ -95,7 +95,8 @@ def resolve_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -
         return "dense", name
     device = torch.device(device)
     if device.type == "cuda":
-        fast_bf16 = torch.cuda.is_bf16_supported()
+        with torch.cuda.device(device):          # that device's, not the current one's (cuda:N)
+            fast_bf16 = torch.cuda.is_bf16_supported()
     else:
         fast_bf16 = cpu_has_fast_bf16()
     best = torch.bfloat16 if fast_bf16 else torch.float32

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .sampler import to_device
+
 ROW_BLOCK = 64            # rows log-softmaxed at once: [64, V] float32 temporaries at most
 
 LOGITS, HIDDEN = "logits", "hidden"
@@ -58,7 +60,7 @@ def reduce_chunk(start: int, rows: dict, targets: list[int], top: int | None) ->
     out = ChunkRows(start, n)
     if logits is not None and top is not None and targets:
         m = len(targets)
-        tgt = torch.tensor(targets, dtype=torch.long, device=logits.device)      # [m]
+        tgt = to_device(torch.tensor(targets, dtype=torch.long), logits.device)  # [m]: no wait for the forward
         picked, ranks, ids, values = [], [], [], []
         for a in range(0, m, ROW_BLOCK):
             b = min(a + ROW_BLOCK, m)
