@@ -562,7 +562,9 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     req = ParsedRequest(id=rid)
     given = [k for k in ("prompt", "messages", "prompt_token_ids") if k in obj]
     if len(given) != 1:
-        raise RequestError("give exactly one of 'prompt' (text), 'messages' (chat) or 'prompt_token_ids'")
+        had = (f"it gives {' and '.join(repr(k) for k in given)}" if given else "it gives none of them")
+        raise RequestError(f"give exactly one of 'prompt' (text), 'messages' (chat) or 'prompt_token_ids': {had}",
+                           param="prompt")
     if "prompt" in obj:
         prompt = obj["prompt"]
         if isinstance(prompt, list):           # OpenAI's completions take ids or a batch there: say where they go

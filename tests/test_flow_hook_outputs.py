@@ -67,6 +67,8 @@ def ask(item):
         item["messages"][0]["content"] = "half a pair \\ud800 here"
     if item.get("metadata", {}).get("bad") == "answer":
         return {"text": "an answer, not a request"}
+    if item.get("metadata", {}).get("bad") == "both":      # made a chat of a text request, kept its prompt
+        item["messages"] = [{"role": "user", "content": item["prompt"]}]
     return item
 
 def canned(item):
@@ -175,6 +177,17 @@ def test_a_request_hook_returning_invalid_unicode_fails_at_the_hook_not_at_encod
     assert r.error.kind == "failed" and r.error.stage == "a"
     assert r.error.message == ("stage 'a' returned an invalid request: the request holds a lone UTF-16 "
                                "surrogate (invalid Unicode) in 'messages[0].content'")
+
+
+def test_a_request_hook_that_gives_both_prompt_and_messages_is_told_which_it_gave(tmp_path, soft_gguf):
+    """A stage that turns a text request into a chat one and keeps its `prompt` fails at that
+    stage, the message naming both fields it handed back, not only the rule."""
+    path = pipeline(tmp_path, soft_gguf, 'stage a : python { fn = "hooks:ask" }', "request -> a -> batch\ngen -> out\n")
+    results, _ = run(path, [chat("ok", "hi"), {"id": "bad", "prompt": "hi", "metadata": {"bad": "both"}}])
+    r = answered_except(results, "bad")
+    assert r.error.kind == "failed" and r.error.stage == "a"
+    assert r.error.message == ("stage 'a' returned an invalid request: give exactly one of 'prompt' (text), "
+                               "'messages' (chat) or 'prompt_token_ids': it gives 'prompt' and 'messages'")
 
 
 def test_a_request_hook_handing_back_the_request_it_got_keeps_its_schema_and_an_embeddings_request(
