@@ -416,6 +416,29 @@ t.agp:8:71: error: unknown parameter 'temperatur' for stage kind 'generate'
 """
 
 
+@pytest.mark.parametrize("written, hint", [
+    ('regex = "[0-9]+"', "a generate stage constrains its answers by a json_schema file; a regular expression is a "
+     'request\'s guided_regex, which a python stage before the batcher may set (item["guided_regex"] = …)'),
+    ('choices = ["A", "B"]', "a generate stage constrains its answers by a json_schema file; a list of choices is a "
+     'request\'s guided_choice, which a python stage before the batcher may set (item["guided_choice"] = …)'),
+    ('choice = ["A", "B"]', "a generate stage constrains its answers by a json_schema file; a list of choices is a "
+     'request\'s guided_choice, which a python stage before the batcher may set (item["guided_choice"] = …)'),
+    ('grammar = "root ::= x"', "a generate stage constrains its answers by a json_schema file; a grammar is a "
+     'request\'s guided_grammar, which a python stage before the batcher may set (item["guided_grammar"] = …)'),
+])
+def test_a_constraint_written_on_a_generate_stage_says_where_it_goes(written, hint):
+    """SGLang's gen(regex=...) and select(choices=...) written as a stage's parameters: the error
+    says how agp takes them, not only the parameters the stage has."""
+    (d,) = [d for d in pipeline_dsl.loads(pipeline(gen=written), "t.agp")[1] if d.is_error]
+    assert (d.message, d.hint) == (f"unknown parameter '{written.split()[0]}' for stage kind 'generate'", hint)
+
+
+def test_tritons_queue_delay_on_a_batcher_is_told_it_is_timeout():
+    for name in ("max_queue_delay = 100us", "max_queue_delay_microseconds = 100"):
+        (d,) = [d for d in pipeline_dsl.loads(pipeline(batch=name), "t.agp")[1] if d.is_error]
+        assert d.hint == "how long a batch waits for more requests is timeout: timeout = 100us", name
+
+
 def test_a_retired_respond_parameter_and_a_missing_required_one():
     assert render(pipeline().replace("stage out     : respond       {}", "stage out     : respond       { stream = true }").replace("request -> batch", "request -> sys -> batch").replace("stage batch", 'stage sys : system_prompt {}\n    stage batch')) == """\
 t.agp:5:11: error: missing parameter 'text' in stage 'sys' (system_prompt)
