@@ -610,7 +610,13 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
         req.tools, req.tool_choice, req.parallel_tool_calls = parse_tools(obj)
         check_tool_parameters(req.tools, req.tool_choice)
     if isinstance(obj.get("response_format"), dict) and obj["response_format"].get("type") in CONSTRAINTS:
-        req.response_format = dict(obj["response_format"])     # a constraint agp serve made (guided_*)
+        # a constraint agp serve made (guided_*): a python stage that sets another field beside it
+        # is told, as a request with two is (it was dropped without a word)
+        given = ["response_format", *(k for k in ("structured_outputs", *GUIDED) if obj.get(k) is not None)]
+        if len(given) > 1:
+            raise RequestError(f"give at most one of {', '.join(repr(g) for g in given)}: each sets the answer's "
+                               "format", param=given[1])
+        req.response_format = dict(obj["response_format"])
     else:                                    # response_format, structured_outputs or guided_*, as agp serve's
         req.response_format, req.format_field = read_constraint(obj)
     if obj.get("logit_bias") is not None:
