@@ -982,7 +982,23 @@ def _check_edges(p: ast.Pipeline, stages: dict[str, ResolvedStage]):
                 continue
             seen[key] = pos
             edges.append(ResolvedEdge(a.text, b.text, ir, pos, cond))
+    diags += _shadowed_conditions(edges)
     return edges, diags, refused
+
+
+def _shadowed_conditions(edges: list[ResolvedEdge]) -> list[Diagnostic]:
+    """A warning at each conditional edge whose pair of stages an edge without a condition joins
+    too: that one takes every item there, so the condition decides nothing (`r -> out` beside
+    `r -> out when finish_reason == "length"`: one graph edge, always taken) — where the stage
+    has no other conditional edge, which a condition that holds keeps an item from."""
+    plain = {(e.src, e.dst): e.pos for e in edges if e.condition is None}
+    elsewhere = {e.src for e in edges if e.condition is not None and (e.src, e.dst) not in plain}
+    return [_warn(f"edge {e.src} -> {e.dst}{_cond_words(e.condition)} decides nothing: {e.src} -> {e.dst} without "
+                  f"a condition takes every item there", e.pos,
+                  notes=[("declared without a condition here", plain[e.src, e.dst])],
+                  hint="remove one of them (the edge without a condition, for the condition to apply)")
+            for e in edges if e.condition not in (None, ("otherwise",)) and (e.src, e.dst) in plain
+            and e.src not in elsewhere]
 
 
 def _cond_words(ir) -> str:
