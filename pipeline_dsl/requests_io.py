@@ -539,6 +539,15 @@ def priority(value) -> int:
 LINE_NEUTRAL = NEUTRAL | {k: v for k, v in CHAT_NEUTRAL.items() if k not in ITEM_FIELDS}
 
 
+# other servers' request shapes (SGLang's /generate and offline batches, Triton's generate
+# endpoint and KServe's v2 inputs, TGI's): what a line writes for each
+_PROMPT_IS = "a request's prompt is 'prompt' (text) or 'messages' (chat)"
+_SAMPLING_ARE = ("a request's sampling fields stand beside its prompt, not in an object: max_tokens, temperature, "
+                 "top_p, stop, ...")
+FOREIGN_FIELDS = {"text": _PROMPT_IS, "text_input": _PROMPT_IS, "inputs": _PROMPT_IS,
+                  "sampling_params": _SAMPLING_ARE, "parameters": _SAMPLING_ARE}
+
+
 def parse_request(obj, default_id=None) -> ParsedRequest:
     """Validate one request object (already decoded from JSON)."""
     if not isinstance(obj, dict):
@@ -546,8 +555,9 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     for key in obj:
         if key not in KNOWN:
             close = closest(key, KNOWN)
-            hint = f" (did you mean '{close}'?)" if close else ""
-            raise RequestError(f"unknown field '{key}'{hint}")
+            hint = (f" ({FOREIGN_FIELDS[key]})" if key in FOREIGN_FIELDS else
+                    f" (did you mean '{close}'?)" if close else "")
+            raise RequestError(f"unknown field '{key}'{hint}", param=key)
     check_fields(obj, IGNORED)                 # agp serve's fields a line takes and ignores
     check_neutral(obj, LINE_NEUTRAL)
     check_lacking(obj, CHAT_LACKING)
