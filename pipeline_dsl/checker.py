@@ -440,6 +440,19 @@ RETIRED = {
     ("generate", "precision"): "it is called dtype now: dtype = …",
 }
 
+# parameters other servers and languages give a stage that agp spells otherwise or sets per request
+_GUIDED = ("a generate stage constrains its answers by a json_schema file; {what} is a request's "
+           "{field}, which a python stage before the batcher may set (item[\"{field}\"] = …)")
+ELSEWHERE = {
+    ("generate", "regex"): _GUIDED.format(what="a regular expression", field="guided_regex"),
+    ("generate", "choice"): _GUIDED.format(what="a list of choices", field="guided_choice"),
+    ("generate", "choices"): _GUIDED.format(what="a list of choices", field="guided_choice"),
+    ("generate", "grammar"): _GUIDED.format(what="a grammar", field="guided_grammar"),
+    ("dynamic_batch", "max_queue_delay"): "how long a batch waits for more requests is timeout: timeout = 100us",
+    ("dynamic_batch", "max_queue_delay_microseconds"): "how long a batch waits for more requests is timeout: "
+                                                        "timeout = 100us",
+}
+
 
 def _sibling_value(kind: StageKind, schema: Param, value: ast.Value, d: Diagnostic) -> Diagnostic:
     """An enum value refused by one parameter that is a value of another of the same kind
@@ -471,7 +484,7 @@ def resolve_params(kind: StageKind, stage: ast.Stage, mode: str,
             hint = did_you_mean(name, names)
             if hint is None and name in SETTING_BY_NAME:
                 hint = f"'{name}' is a pipeline setting: set it outside the stages"
-            hint = RETIRED.get((kind.name, name), hint)
+            hint = RETIRED.get((kind.name, name), ELSEWHERE.get((kind.name, name), hint))
             diags.append(_err(f"unknown parameter '{name}' for stage kind '{kind.name}'", prm.name.pos,
                               expected=f"a parameter of {kind.name}: " + one_of(names), hint=hint))
             continue
@@ -969,7 +982,23 @@ def _check_edges(p: ast.Pipeline, stages: dict[str, ResolvedStage]):
                 continue
             seen[key] = pos
             edges.append(ResolvedEdge(a.text, b.text, ir, pos, cond))
+    diags += _shadowed_conditions(edges)
     return edges, diags, refused
+
+
+def _shadowed_conditions(edges: list[ResolvedEdge]) -> list[Diagnostic]:
+    """A warning at each conditional edge whose pair of stages an edge without a condition joins
+    too: that one takes every item there, so the condition decides nothing (`r -> out` beside
+    `r -> out when finish_reason == "length"`: one graph edge, always taken) — where the stage
+    has no other conditional edge, which a condition that holds keeps an item from."""
+    plain = {(e.src, e.dst): e.pos for e in edges if e.condition is None}
+    elsewhere = {e.src for e in edges if e.condition is not None and (e.src, e.dst) not in plain}
+    return [_warn(f"edge {e.src} -> {e.dst}{_cond_words(e.condition)} decides nothing: {e.src} -> {e.dst} without "
+                  f"a condition takes every item there", e.pos,
+                  notes=[("declared without a condition here", plain[e.src, e.dst])],
+                  hint="remove one of them (the edge without a condition, for the condition to apply)")
+            for e in edges if e.condition not in (None, ("otherwise",)) and (e.src, e.dst) in plain
+            and e.src not in elsewhere]
 
 
 def _cond_words(ir) -> str:

@@ -664,10 +664,36 @@ def _check_ports(r: Resolved, registry: Registry, g: nx.DiGraph, carry: dict, re
             if s.kind.name == "python" and s.params.get("returns") == "any":
                 other = "generated" if t == "Request" else "request"
                 hint = f"if '{n}' never returns a {t}, say returns = {other}"
+            elif (turner := _turner_after(r, g, carry, n, t)) is not None:
+                other = "Generated" if t == "Request" else "Request"
+                hint = f"if '{turner}' turns its items into {other}, say so: returns = {other.lower()} (or any)"
             diags.append(_err(f"stage '{n}' ({s.kind.name}) may send {t} items, but none of its out-edges "
                               f"leads to a stage that takes them", s.pos,
                               hint=hint or f"add an edge from '{n}' towards a stage that takes {t} items"))
     return diags
+
+
+def _turner_after(r: Resolved, g: nx.DiGraph, carry: dict, n: str, t: str) -> str | None:
+    """The first python stage without `returns` that `n`'s `t` items reach (through stages that take
+    them) and after which only the other item type goes on: `gen -> again -> batch2`, where
+    `again` makes a Request of a result but does not say so. None when there is none."""
+    other = ("Generated" if t == "Request" else "Request")
+    seen, queue = {n}, deque(g.successors(n))
+    while queue:
+        v = queue.popleft()
+        if v in seen:
+            continue
+        seen.add(v)
+        kind = r.stages[v].kind
+        if kind is None or t not in kind.accepts:
+            continue
+        if kind.name == "python" and "returns" not in r.stages[v].given:
+            onward = set().union(*(carry[w] for w in g.successors(v)))
+            if other in onward and t not in onward:
+                return v
+        if kind.passthrough or kind.name in ("python", "join"):
+            queue.extend(g.successors(v))
+    return None
 
 
 def _kinds_between(registry: Registry, gives: frozenset, takes: frozenset, most: int = 3) -> list[str]:

@@ -193,6 +193,9 @@ def _context_hint(expected: set[str], tok: Token, prev: str = "") -> tuple[str |
             return ("'=' (a setting) or '->' (an edge)",
                     f"a setting is written '{prev} = value'; a stage 'stage {prev} : KIND {{ … }}'")
         return "'=' (a setting) or '->' (an edge)", None
+    if tok.type == "COMMA" and "__ANON_0" in exp and prev != "]":       # a -> b, c: an edge, not a parameter
+        return _join(_describe_expected(exp)), ("an edge goes to one stage: write one edge per stage it leads to "
+                                                "(edges without a condition out of one stage each get a copy)")
     if tok.type == "COMMA" and "RBRACE" in exp:
         return _join(_describe_expected(exp)), "separate parameters with spaces, not commas"
     if tok.type in ("NUMBER", "STRING", "LSQB", "TRUE", "FALSE", "DEVICE_ID") and "RBRACE" in exp:
@@ -240,6 +243,21 @@ def _unquoted_fn_ref(text: str, at: int) -> tuple[str, str] | None:
         return None
     ref = before.group(2) + re.sub(r"[ \t]", "", after.group())
     return (before.group(1), ref) if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", ref) else None
+
+
+def _fan_out(text: str, at: int) -> list[str] | None:
+    """[source, destinations…, its condition] of an edge written to several stages at once, `kv ->
+    a, b` with its ',' at `at`, when the statement reads so on its line; else None. The condition
+    is what follows them on the line from `when` or `otherwise` (' when full'), or ''."""
+    line_start = text.rfind("\n", 0, at) + 1
+    line_end = text.find("\n", at)
+    before = re.search(r"(?:^|\s)([A-Za-z_]\w*)[ \t]*->[ \t]*([A-Za-z_]\w*)[ \t]*$", text[line_start:at])
+    after = re.match(r"(?:[ \t]*,[ \t]*[A-Za-z_]\w*)+", text[at:len(text) if line_end < 0 else line_end])
+    if before is None or after is None:
+        return None
+    rest = text[at + after.end():len(text) if line_end < 0 else line_end].split("#")[0].strip()
+    cond = " " + rest if re.match(r"(when|otherwise)\b", rest) else ""
+    return [before.group(1), before.group(2), *re.findall(r"[A-Za-z_]\w*", after.group()), cond]
 
 
 def _missing_body(text: str, at: int, tok: Token, wanted: set[str], file: str) -> Diagnostic | None:
@@ -329,6 +347,10 @@ def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str) -> Diagnostic
         hint = "an edge is written '->'"
     elif tok.type == "EQUAL" and text[at + 1:at + 2] == ">":                           # a -> b => c
         hint = "an edge is written '->'"
+    elif tok.type == "COMMA" and "__ANON_0" in wanted and (fan := _fan_out(text, at)):   # kv -> a, b
+        edges = [f"`{fan[0]} -> {d}{fan[-1]}`" for d in fan[1:-1]]
+        hint = f"an edge goes to one stage: write {', '.join(edges[:-1])} and {edges[-1]}" + (
+            "" if fan[-1] else " (edges without a condition out of one stage each get a copy)")
     elif tok.type in ("COLON", "DOT") and (ref := _unquoted_fn_ref(text, at)):        # fn = hooks:redact
         hint = f'"module:function" is a string: write {ref[0]} = "{ref[1]}"'
     elif tok.type == "NUMBER" and tok.value.startswith(".") and re.search(r"[A-Za-z_]\w*$", text[:at]):

@@ -539,6 +539,15 @@ def priority(value) -> int:
 LINE_NEUTRAL = NEUTRAL | {k: v for k, v in CHAT_NEUTRAL.items() if k not in ITEM_FIELDS}
 
 
+# other servers' request shapes (SGLang's /generate and offline batches, Triton's generate
+# endpoint and KServe's v2 inputs, TGI's): what a line writes for each
+_PROMPT_IS = "a request's prompt is 'prompt' (text) or 'messages' (chat)"
+_SAMPLING_ARE = ("a request's sampling fields stand beside its prompt, not in an object: max_tokens, temperature, "
+                 "top_p, stop, ...")
+FOREIGN_FIELDS = {"text": _PROMPT_IS, "text_input": _PROMPT_IS, "inputs": _PROMPT_IS,
+                  "sampling_params": _SAMPLING_ARE, "parameters": _SAMPLING_ARE}
+
+
 def parse_request(obj, default_id=None) -> ParsedRequest:
     """Validate one request object (already decoded from JSON)."""
     if not isinstance(obj, dict):
@@ -546,8 +555,9 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     for key in obj:
         if key not in KNOWN:
             close = closest(key, KNOWN)
-            hint = f" (did you mean '{close}'?)" if close else ""
-            raise RequestError(f"unknown field '{key}'{hint}")
+            hint = (f" ({FOREIGN_FIELDS[key]})" if key in FOREIGN_FIELDS else
+                    f" (did you mean '{close}'?)" if close else "")
+            raise RequestError(f"unknown field '{key}'{hint}", param=key)
     check_fields(obj, IGNORED)                 # agp serve's fields a line takes and ignores
     check_neutral(obj, LINE_NEUTRAL)
     check_lacking(obj, CHAT_LACKING)
@@ -562,7 +572,9 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     req = ParsedRequest(id=rid)
     given = [k for k in ("prompt", "messages", "prompt_token_ids") if k in obj]
     if len(given) != 1:
-        raise RequestError("give exactly one of 'prompt' (text), 'messages' (chat) or 'prompt_token_ids'")
+        had = (f"it gives {' and '.join(repr(k) for k in given)}" if given else "it gives none of them")
+        raise RequestError(f"give exactly one of 'prompt' (text), 'messages' (chat) or 'prompt_token_ids': {had}",
+                           param="prompt")
     if "prompt" in obj:
         prompt = obj["prompt"]
         if isinstance(prompt, list):           # OpenAI's completions take ids or a batch there: say where they go
@@ -608,7 +620,13 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
         req.tools, req.tool_choice, req.parallel_tool_calls = parse_tools(obj)
         check_tool_parameters(req.tools, req.tool_choice)
     if isinstance(obj.get("response_format"), dict) and obj["response_format"].get("type") in CONSTRAINTS:
-        req.response_format = dict(obj["response_format"])     # a constraint agp serve made (guided_*)
+        # a constraint agp serve made (guided_*): a python stage that sets another field beside it
+        # is told, as a request with two is (it was dropped without a word)
+        given = ["response_format", *(k for k in ("structured_outputs", *GUIDED) if obj.get(k) is not None)]
+        if len(given) > 1:
+            raise RequestError(f"give at most one of {', '.join(repr(g) for g in given)}: each sets the answer's "
+                               "format", param=given[1])
+        req.response_format = dict(obj["response_format"])
     else:                                    # response_format, structured_outputs or guided_*, as agp serve's
         req.response_format, req.format_field = read_constraint(obj)
     if obj.get("logit_bias") is not None:

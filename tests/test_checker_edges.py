@@ -416,6 +416,59 @@ t.agp:8:71: error: unknown parameter 'temperatur' for stage kind 'generate'
 """
 
 
+@pytest.mark.parametrize("written, hint", [
+    ('regex = "[0-9]+"', "a generate stage constrains its answers by a json_schema file; a regular expression is a "
+     'request\'s guided_regex, which a python stage before the batcher may set (item["guided_regex"] = …)'),
+    ('choices = ["A", "B"]', "a generate stage constrains its answers by a json_schema file; a list of choices is a "
+     'request\'s guided_choice, which a python stage before the batcher may set (item["guided_choice"] = …)'),
+    ('choice = ["A", "B"]', "a generate stage constrains its answers by a json_schema file; a list of choices is a "
+     'request\'s guided_choice, which a python stage before the batcher may set (item["guided_choice"] = …)'),
+    ('grammar = "root ::= x"', "a generate stage constrains its answers by a json_schema file; a grammar is a "
+     'request\'s guided_grammar, which a python stage before the batcher may set (item["guided_grammar"] = …)'),
+])
+def test_a_constraint_written_on_a_generate_stage_says_where_it_goes(written, hint):
+    """SGLang's gen(regex=...) and select(choices=...) written as a stage's parameters: the error
+    says how agp takes them, not only the parameters the stage has."""
+    (d,) = [d for d in pipeline_dsl.loads(pipeline(gen=written), "t.agp")[1] if d.is_error]
+    assert (d.message, d.hint) == (f"unknown parameter '{written.split()[0]}' for stage kind 'generate'", hint)
+
+
+def test_tritons_queue_delay_on_a_batcher_is_told_it_is_timeout():
+    for name in ("max_queue_delay = 100us", "max_queue_delay_microseconds = 100"):
+        (d,) = [d for d in pipeline_dsl.loads(pipeline(batch=name), "t.agp")[1] if d.is_error]
+        assert d.hint == "how long a batch waits for more requests is timeout: timeout = 100us", name
+
+
+ROUTED = """pipeline p {
+    stage request : requests {}
+    stage batch   : dynamic_batch {}
+    stage encode  : encode {}
+    stage kv      : kv_lookup {}
+    stage gen     : generate {}
+    stage r       : route {}
+    stage r2      : route {}
+    stage out     : respond {}
+    request -> batch -> encode -> kv -> gen -> r
+    r -> out
+    r -> out when finish_reason == "length"
+    r2 -> out
+}
+"""
+
+
+def test_a_condition_beside_an_edge_without_one_between_the_same_stages_is_a_warning():
+    """`r -> out` takes every item, so `r -> out when …` decides nothing (the two are one graph
+    edge): check said nothing. Where the stage has another conditional edge, a condition that
+    holds keeps the item from it, so the condition does decide, and no warning is given."""
+    (d,) = pipeline_dsl.loads(ROUTED.replace("    r2 -> out\n", "").replace("    stage r2      : route {}\n", ""),
+                              "t.agp")[1]
+    assert (d.severity, d.message, d.pos.line, d.notes[0][1].line) == (
+        "warning", "edge r -> out when finish_reason == \"length\" decides nothing: r -> out without a condition "
+        "takes every item there", 11, 10)
+    other = ROUTED.replace("    r2 -> out\n", '    r -> r2 when finish_reason == "stop"\n    r2 -> out\n')
+    assert pipeline_dsl.loads(other, "t.agp")[1] == []
+
+
 def test_a_retired_respond_parameter_and_a_missing_required_one():
     assert render(pipeline().replace("stage out     : respond       {}", "stage out     : respond       { stream = true }").replace("request -> batch", "request -> sys -> batch").replace("stage batch", 'stage sys : system_prompt {}\n    stage batch')) == """\
 t.agp:5:11: error: missing parameter 'text' in stage 'sys' (system_prompt)

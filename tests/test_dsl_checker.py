@@ -734,6 +734,11 @@ def test_a_list_left_open_before_the_stage_brace_is_one_error():
     ("stage g : generate { max_new_tokens = 1_000 }", "digits grouped with '_' in '1_000'", 43, "write 1000"),
     ('src -> out when metadata.1 == "x"', "unexpected number '.1'", 29,
      "a key after '.' is a name: letters, digits and '_', not starting with a digit"),
+    # a fork written as one edge to several stages: the hint was about a stage's parameters
+    ("kv -> a, b", "unexpected ','", 12, "an edge goes to one stage: write `kv -> a` and `kv -> b` (edges "
+     "without a condition out of one stage each get a copy)"),
+    ("src -> a,b, c when full  # fork", "unexpected ','", 13, "an edge goes to one stage: write `src -> a when "
+     "full`, `src -> b when full` and `src -> c when full`"),
 ])
 def test_syntax_slips_from_other_languages_get_a_hint(line, message, col, hint):
     _, (d,) = parse("pipeline p {\n    " + line + "\n}\n", "t.agp")

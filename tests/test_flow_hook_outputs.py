@@ -79,6 +79,12 @@ def ask(item):
         item["messages"][0]["content"] = "half a pair \\ud800 here"
     if item.get("metadata", {}).get("bad") == "answer":
         return {"text": "an answer, not a request"}
+    if item.get("metadata", {}).get("bad") == "both":      # made a chat of a text request, kept its prompt
+        item["messages"] = [{"role": "user", "content": item["prompt"]}]
+    if item.get("metadata", {}).get("constrain"):          # every answer a number, over the request's own
+        item["guided_regex"] = "[0-9]+"
+        if item["metadata"]["constrain"] == "replace":
+            item.pop("response_format", None)
     return item
 
 def canned(item):
@@ -220,6 +226,39 @@ def test_a_request_hook_returning_invalid_unicode_fails_at_the_hook_not_at_encod
     assert r.error.kind == "failed" and r.error.stage == "a"
     assert r.error.message == ("stage 'a' returned an invalid request: the request holds a lone UTF-16 "
                                "surrogate (invalid Unicode) in 'messages[0].content'")
+
+
+def test_a_request_hook_that_gives_both_prompt_and_messages_is_told_which_it_gave(tmp_path, soft_gguf):
+    """A stage that turns a text request into a chat one and keeps its `prompt` fails at that
+    stage, the message naming both fields it handed back, not only the rule."""
+    path = pipeline(tmp_path, soft_gguf, 'stage a : python { fn = "hooks:ask" }', "request -> a -> batch\ngen -> out\n")
+    results, _ = run(path, [chat("ok", "hi"), {"id": "bad", "prompt": "hi", "metadata": {"bad": "both"}}])
+    r = answered_except(results, "bad")
+    assert r.error.kind == "failed" and r.error.stage == "a"
+    assert r.error.message == ("stage 'a' returned an invalid request: give exactly one of 'prompt' (text), "
+                               "'messages' (chat) or 'prompt_token_ids': it gives 'prompt' and 'messages'")
+
+
+def test_a_request_hook_setting_a_constraint_beside_the_requests_own_is_told_not_ignored(tmp_path, soft_gguf):
+    """The item carries a request's guided_choice as its response_format ({"type": "choice", ...}).
+    A stage that sets guided_regex beside it had its regex dropped without a word (the answer
+    followed the client's choices); it fails at the stage as a request with both fields is refused,
+    and one that removes the response_format first gets its regex."""
+    from pipeline_dsl.requests_io import parse_request
+
+    path = pipeline(tmp_path, soft_gguf, 'stage a : python { fn = "hooks:ask" }', "request -> a -> batch\ngen -> out\n")
+    own = {"guided_choice": ["yes", "no"], "max_tokens": 3}
+    results, _ = run(path, [parse_request(r).item() for r in (
+        chat("beside", "hi", metadata={"constrain": "beside"}, **own),
+        chat("replace", "hi", metadata={"constrain": "replace"}, **own),
+        chat("alone", "hi", metadata={"constrain": "alone"}, max_tokens=3))])
+    r = answered_except(results, "beside")
+    assert r.error.kind == "failed" and r.error.stage == "a"
+    assert r.error.message == ("stage 'a' returned an invalid request: give at most one of 'response_format', "
+                               "'guided_regex': each sets the answer's format")
+    for rid in ("replace", "alone"):
+        (answer,) = [x for x in results if x.id == rid]
+        assert answer.choices[0].text.isdigit(), (rid, answer.choices[0].text)
 
 
 def test_a_request_hook_handing_back_the_request_it_got_keeps_its_schema_and_an_embeddings_request(

@@ -886,6 +886,34 @@ def test_a_python_stage_given_results_into_the_batcher_is_told_to_say_returns_re
         """)
 
 
+def test_results_that_reach_a_python_stage_making_requests_of_them_are_told_to_say_returns_request():
+    """gen -> merge -> again -> b2 (SGLang's fork, join, then a second gen): `again` makes a Request
+    of the merged result but leaves `returns` out. The errors stand at gen and merge, whose results
+    have nowhere to go, and told them to add an edge; they name the stage to fix."""
+    assert check(chain("""\
+        stage merge : join { policy = longest }
+        stage again : python { fn = "json:loads" }
+        stage b2 : dynamic_batch {}
+        stage e2 : encode {}
+        stage k2 : kv_lookup {}
+        stage g2 : generate {}
+        request -> batch
+        gen -> merge -> again -> b2 -> e2 -> k2 -> g2 -> out
+        """)) == expect("""\
+        t.agp:7:11: error: stage 'gen' (generate) may send Generated items, but none of its out-edges leads to a stage that takes them
+            7 |     stage gen : generate {}
+              |           ^^^
+          = help: if 'again' turns its items into Request, say so: returns = request (or any)
+
+        t.agp:12:11: error: stage 'merge' (join) may send Generated items, but none of its out-edges leads to a stage that takes them
+           12 |     stage merge : join { policy = longest }
+              |           ^^^^^
+          = help: if 'again' turns its items into Request, say so: returns = request (or any)
+
+        2 errors
+        """)
+
+
 def test_a_mismatch_into_a_stage_taking_two_types_lists_both():
     assert check(chain("""\
         stage r : route {}

@@ -132,6 +132,29 @@ def test_request_lines_are_validated_field_by_field():
     assert parse_request({"prompt": "x", "stop": "END"}).sampling["stop"] == ["END"]
 
 
+@pytest.mark.parametrize("line, words", [
+    ({"text": "What is ML?", "sampling_params": {"max_new_tokens": 8}},        # SGLang's /generate and batches
+     "unknown field 'text' (a request's prompt is 'prompt' (text) or 'messages' (chat))"),
+    ({"text_input": "What is ML?", "max_tokens": 20},                           # Triton's generate endpoint
+     "unknown field 'text_input' (a request's prompt is 'prompt' (text) or 'messages' (chat))"),
+    ({"inputs": "What is ML?"},                                                 # TGI's, KServe v2's
+     "unknown field 'inputs' (a request's prompt is 'prompt' (text) or 'messages' (chat))"),
+    ({"prompt": "What is ML?", "parameters": {"max_new_tokens": 8}},
+     "unknown field 'parameters' (a request's sampling fields stand beside its prompt, not in an object: "
+     "max_tokens, temperature, top_p, stop, ...)"),
+    ({"prompt": "What is ML?", "sampling_params": {"max_new_tokens": 8}},
+     "unknown field 'sampling_params' (a request's sampling fields stand beside its prompt, not in an object: "
+     "max_tokens, temperature, top_p, stop, ...)"),
+])
+def test_another_servers_request_shape_is_told_what_a_line_writes(line, words):
+    """A line written for SGLang, Triton or TGI said only "unknown field 'text'" (no hint: no
+    known field is close to it); the field is its param, as agp serve names an unknown one."""
+    with pytest.raises(RequestError) as refused:
+        parse_request(line)
+    assert (str(refused.value), refused.value.param) == (words, next(iter(line)) if "prompt" not in line
+                                                         else list(line)[1])
+
+
 def test_a_request_line_takes_max_completion_tokens_as_chat_clients_send_it():
     """OpenAI's chat clients send max_completion_tokens (it wins over max_tokens, as agp serve's
     chat takes it); it was refused as an unknown field, with a hint at min_tokens."""

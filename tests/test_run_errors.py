@@ -169,7 +169,8 @@ def test_input_lines_are_bounded_even_an_endless_one(tmp_path, pipeline):
     r = run(pipeline, "-i", inp, "-o", out)
     assert r.returncode == 0, r.stderr
     first, second, third = records(out)
-    assert first == {"id": 1, "error": {"line": 1, "message": "the line is longer than 16 MiB", "type": "invalid"}}
+    assert first == {"id": 1, "error": {"line": 1, "message": "the line is longer than 16 MiB", "type": "invalid",
+                                        "status": 400}}
     assert second["id"] == 2 and "text" in second
     assert third["id"] == 1 and "text" in third          # the long line's number claims no id
 
@@ -199,8 +200,25 @@ def test_a_line_whose_model_names_nothing_served_is_an_error_record_as_agp_serve
             model_of({"model": name}, served, ("gen",))
         assert served_answer.value.status == 404
         assert rec["error"] == {"line": names.index(name) + 1, "message": served_answer.value.message,
-                                "type": "invalid"}
+                                "type": "invalid", "status": 404, "param": "model", "code": "model_not_found"}
     assert recs[5]["error"]["message"] == "the model 'gne' does not exist; did you mean 'gen'?"
+
+
+def test_a_bad_lines_error_record_carries_the_status_param_and_code_agp_serve_answers_it_with(tmp_path, pipeline):
+    """A line agp serve would refuse with a 400 says so in its record, with the field at fault, as
+    a failed request's record does (docs/language.md): a rerun tells it from a 500 worth retrying."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [{"id": "regex", "prompt": "hi", "guided_regex": "(unclosed"},
+             {"id": "choice", "prompt": "hi", "guided_choice": []},
+             {"id": "tokens", "prompt": "hi", "max_tokens": -1},
+             {"id": "fine", "prompt": "hi", "max_tokens": 2}]
+    inp.write_text("".join(json.dumps(line) + "\n" for line in lines) + "not json\n")
+    assert run(pipeline, "-i", inp, "-o", out).returncode == 0
+    got = {r["id"]: r.get("error") for r in records(out)}
+    assert got.pop("fine") is None
+    assert {rid: (e["line"], e["type"], e["status"], e.get("param")) for rid, e in got.items()} == {
+        "regex": (1, "invalid", 400, "guided_regex"), "choice": (2, "invalid", 400, "guided_choice"),
+        "tokens": (3, "invalid", 400, "max_tokens"), 5: (5, "invalid", 400, None)}, got
 
 
 def test_an_output_another_run_writes_is_refused_where_locks_need_the_file_open_for_writing(tmp_path, pipeline,

@@ -290,14 +290,22 @@ class RunLines:
             except APIError as e:
                 self.bad_lines += 1
                 return None, is_batch, (batch_api.error_record(rid, lineno, e) if is_batch else
-                                        {"id": rid, "error": {"line": lineno, "message": e.message, "type": "invalid"}})
+                                        _bad_line_record(rid, lineno, e))
         if req is None:
             self.bad_lines += 1
-            return None, is_batch, (batch_api.error_record(rid, lineno, APIError(str(error), param=error.param,
-                                                                                 code=error.code))
-                                    if self.batch_file else
-                                    {"id": rid, "error": {"line": lineno, "message": str(error), "type": "invalid"}})
+            api = APIError(str(error), param=error.param, code=error.code)
+            return None, is_batch, (batch_api.error_record(rid, lineno, api) if self.batch_file else
+                                    _bad_line_record(rid, lineno, api))
         return req, is_batch, None
+
+
+def _bad_line_record(rid, lineno: int, err) -> dict:
+    """The output line of a plain line that cannot run: its error with the HTTP status agp serve
+    answers it with (400; 404 for a `model` that names nothing served), and its `param` and `code`
+    where it has them, as a failed request's record carries them (runner.record)."""
+    error = {"line": lineno, "message": err.message, "type": "invalid", "status": err.status}
+    error.update({k: v for k, v in (("param", err.param), ("code", err.code)) if v is not None})
+    return {"id": rid, "error": error}
 
 
 class _Answers:
