@@ -428,12 +428,14 @@ RESPONSE_GET = {"parameters": [{"name": "stream", "in": "query", "required": Fal
                     "schema": RESPONSES_RESPONSE}}}, "404": _error("no stored response has this id"),
                     "400": _error("'stream' is true: agp answers in the foreground, nothing is streamed again")}}
 
-# POST /v1/responses/input_tokens: the body's fields that shape the prompt (responses.COUNT_FIELDS)
+# POST /v1/responses/input_tokens: the body's fields that shape the prompt (responses.COUNT_FIELDS); `input`
+# or previous_response_id (whose stored conversation is counted), as OpenAI's count takes it
 RESPONSE_INPUT_TOKENS = {
-    "requestBody": {"required": True, "content": {"application/json": {"schema": _request("input", {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {**_request(None, {
         k: v for k, v in RESPONSES_REQUEST["properties"].items()
         if k in ("model", "input", "instructions", "tools", "tool_choice", "previous_response_id", "conversation",
-                 "reasoning", "text", "truncation", "parallel_tool_calls")})}}},
+                 "reasoning", "text", "truncation", "parallel_tool_calls")}),
+        "anyOf": [{"required": ["input"]}, {"required": ["previous_response_id"]}]}}}},
     "responses": {"200": {"description": "the tokens of the prompt a response to this body would have",
                           "content": {"application/json": {"schema": {
                               "type": "object", "required": ["object", "input_tokens"], "properties": {

@@ -370,9 +370,12 @@ def _reasoning(obj: dict, lenient: bool) -> dict | None:
 
 
 def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tuple = (), lenient: bool = False,
-                    store: ResponseStore | None = None, max_referenced: int | None = None) -> ResponsesCall:
+                    store: ResponseStore | None = None, max_referenced: int | None = None,
+                    counting: bool = False) -> ResponsesCall:
     """POST /v1/responses: the chat request it runs as, and what its answer repeats; the items of
-    `input`'s item_references hold at most `max_referenced` characters (conversation())."""
+    `input`'s item_references hold at most `max_referenced` characters (conversation()). `counting`
+    (POST /v1/responses/input_tokens): `input` may be left out where previous_response_id is given,
+    as OpenAI's count takes it (the stored conversation alone is counted)."""
     obj = P.check_unknown(obj, FIELDS, lenient)
     _checked(obj)
     reasoning = _reasoning(obj, lenient)
@@ -380,8 +383,10 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
     P.stream_options(obj, P.RESPONSES_STREAM_OPTIONS, lenient)
     P.check_cache_settings(obj)
     P.priority_field(obj)                      # a null priority too, which the chat request below would not see
-    if "input" not in obj or obj["input"] is None:
-        raise APIError("'input' is required", param="input")
+    given = obj.get("input") is not None
+    if not given and not (counting and obj.get("previous_response_id") is not None):
+        raise APIError("'input' is required" + (" (or 'previous_response_id', whose conversation is counted)"
+                                                if counting else ""), param="input")
     before: list[dict] = []
     prev = obj.get("previous_response_id")
     if prev is not None:
@@ -391,7 +396,7 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
                            status=404, type="not_found_error", param="previous_response_id", code="response_not_found",
                            quoted=(shown(prev),))
         before = [dict(m) for m in found[1]]
-    turn = conversation(obj["input"], store, max_referenced)
+    turn = conversation(obj["input"], store, max_referenced) if given else []
     messages = ([{"role": "system", "content": obj["instructions"]}] if obj.get("instructions") else []) \
         + before + turn
     tools, choice = _tools(obj)
@@ -472,7 +477,7 @@ class Responses:
             call = await parsed_off_loop(functools.partial(
                 parse_responses, obj, max_model_len=g.config.max_model_len, served=g.config.model_names,
                 stages=g.stage_names, lenient=g.config.lenient, store=self.store,
-                max_referenced=g.config.max_body_bytes))
+                max_referenced=g.config.max_body_bytes, counting=True))
             item = call.req.item("count", exclude_tools_when_none=g.config.exclude_tools_when_tool_choice_none)
             ids = await rendered(g.apipe.runtime, {**item, "pin": call.req.pin})
         except APIError as err:
