@@ -177,8 +177,10 @@ VLLM_LACKING = {"logits_processors": ((), "it runs no custom logits processors (
                 "min_repetition_pattern_size": ((0,), "it stops no answer on repeated token patterns"),
                 "repetition_min_count": ((0,), "it stops no answer on repeated token patterns")}
 # OpenAI chat fields of features agp's models lack: taken at the value that asks for nothing (null;
-# modalities ["text"]), else an error saying why, with OpenAI's code for a parameter a model lacks
-CHAT_LACKING = {"verbosity": ((), "its models do not reason"),
+# modalities ["text"]; verbosity "medium", OpenAI's default, which clients that write out every setting
+# send), else an error saying why, with OpenAI's code for a parameter a model lacks
+CHAT_LACKING = {"verbosity": (("medium",), "it does not steer an answer's length (\"medium\", the default, "
+                                           "is taken)"),
                 "audio": ((), "it serves text only"), "modalities": ((["text"],), "it serves text only"),
                 "prediction": ((), "predicted outputs are not served"),
                 "web_search_options": ((), "it searches nothing"),

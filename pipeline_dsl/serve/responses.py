@@ -300,7 +300,7 @@ def _tools(obj: dict) -> tuple[list | None, object]:
 
 def _format(obj: dict, lenient: bool = False):
     """`text.format` as a response_format (None: free text). `text`'s other keys as the body's own:
-    an unknown one refused (or ignored with `lenient`), `verbosity` as chat's (null only)."""
+    an unknown one refused (or ignored with `lenient`), `verbosity` as chat's (null or "medium")."""
     text = obj.get("text")
     if text is None:
         return None
