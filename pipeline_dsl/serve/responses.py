@@ -52,10 +52,12 @@ FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", 
           "prompt_cache_key", "safety_identifier", "max_tool_calls", "image", *P.CACHE_SETTINGS, *P.RESPONSES_LACKING,
           # vLLM's extras on this route
           "request_id", "top_k", "min_p", "repetition_penalty", "seed", "stop", "ignore_eos", "structured_outputs",
-          "guided_json", "guided_regex", "guided_choice", "guided_grammar", "priority", "cache_salt"}
+          "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_whitespace_pattern", "priority",
+          "cache_salt"}
 PASSED = ("model", "temperature", "top_p", "parallel_tool_calls", "stream", "request_id", "top_k", "min_p",
           "repetition_penalty", "seed", "stop", "ignore_eos", "user", "safety_identifier", "structured_outputs",
-          "guided_json", "guided_regex", "guided_choice", "guided_grammar", "priority", "cache_salt")
+          "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_whitespace_pattern", "priority",
+          "cache_salt")
 # POST /v1/responses/input_tokens (OpenAI's input-token count: its SDKs' responses.input_tokens.count,
 # which pydantic-ai calls for UsageLimits(count_tokens_before_request=True)): what shapes the prompt
 COUNT_FIELDS = {"model", "input", "instructions", "tools", "tool_choice", "previous_response_id", "conversation",
