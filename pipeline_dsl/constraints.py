@@ -9,7 +9,9 @@ Specs accepted (by `check_spec` and ConstraintCompiler.compile) (GrammarError, a
     {"type": "json_object"}                                   # any JSON object
     (either JSON spec may add "compact": true, no whitespace between tokens, and
      "close_objects": false, objects as open as JSON Schema leaves them: vLLM's
-     disable_any_whitespace and disable_additional_properties)
+     disable_any_whitespace and disable_additional_properties; or "whitespace": a regex,
+     the whitespace between JSON tokens: none or one match of it (vLLM's whitespace_pattern),
+     which may match JSON's whitespace only: space, tab, newline, carriage return)
     {"type": "json_schema", "schema": {...}}                  # (true: any JSON value) or OpenAI's nesting:
     {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}
                                                               # ("strict" is moot: always enforced)
@@ -332,6 +334,50 @@ def _check_regex(pattern: str, where: str) -> None:
                            f"characters (at most {MAX_REGEX_SIZE:,})")
 
 
+JSON_SPACE = r"[ \t\n\r]*"       # JSON's whitespace (RFC 8259): what a "whitespace" pattern may match
+
+
+def check_whitespace(pattern, where: str = "the whitespace pattern") -> None:
+    """GrammarError unless `pattern` may be a JSON spec's "whitespace": a regular expression (read as
+    llguidance reads it) of at most MAX_REGEX_SIZE characters unrolled that matches nothing but
+    JSON's whitespace (space, tab, newline, carriage return): anything else between tokens would
+    make the answer's JSON invalid (`\\s` matches form feeds and Unicode spaces too)."""
+    need_llguidance()
+    if not isinstance(pattern, str):
+        raise GrammarError(f"{where} must be a regular expression (a string)")
+    _check_regex(pattern, where)
+    shown = pattern if len(pattern) <= 60 else pattern[:60] + "…"
+    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(llg.LLMatcher.grammar_from_regex(pattern),
+                                                                     limits=parser_limits())
+    if is_error:
+        why = [line[len("error: "):] for line in (messages[0] if messages else "").splitlines()
+               if line.startswith("error: ")]
+        raise GrammarError(short(f"{where} {shown!r} is not a regular expression" + (f": {why[0]}" if why else "")))
+    # what it matches beyond JSON's whitespace, as a lexeme: none when no byte may start it
+    beyond = llg.LLMatcher.grammar_from_lark(f"start: BEYOND\nBEYOND: /(?:{llg.regex_to_lark(pattern, '')})/ "
+                                             f"& ~/{JSON_SPACE}/\n")
+    if any(llg.LLMatcher(_byte_tokenizer(), beyond, log_level=0, limits=parser_limits()).compute_bitmask()[:32]):
+        raise GrammarError(f"{where} {shown!r} matches more than JSON's whitespace: it may match only spaces, "
+                           r"tabs, newlines and carriage returns (as [ \t\n\r]* does)")
+
+
+_bytes_tokenizer = None
+
+
+def _byte_tokenizer():
+    """An llguidance tokenizer of one token a byte (and an end token): a matcher that needs no model's."""
+    global _bytes_tokenizer
+    if _bytes_tokenizer is None:
+        class Bytes:
+            eos_token_id, bos_token_id, special_token_ids = 256, None, [256]
+            tokens = [bytes([i]) for i in range(256)] + [b"</s>"]
+
+            def __call__(self, text):
+                return list(text.encode("utf-8") if isinstance(text, str) else text)
+        _bytes_tokenizer = llg.LLTokenizer(llg.TokenizerWrapper(Bytes()))
+    return _bytes_tokenizer
+
+
 def _check_pattern_properties(schema, prefix: str) -> None:
     """GrammarError for an object of more than MAX_PATTERN_PROPERTIES patternProperties (saying
     where), or a schema of more than MAX_PATTERN_PROPERTIES_IN_ALL: refused before llguidance
@@ -517,13 +563,20 @@ class GrammarBuilder:
 
     def _for(self, spec: dict) -> "GrammarBuilder":
         """The builder of a JSON spec's own options: "compact": true (no whitespace between
-        tokens), "close_objects": false (JSON Schema's open objects)."""
+        tokens), "close_objects": false (JSON Schema's open objects), "whitespace": a regex
+        (check_whitespace) of the whitespace between tokens."""
         compact, close = spec.get("compact", False), spec.get("close_objects", self.close_objects)
+        pattern = spec.get("whitespace")
         if not isinstance(compact, bool) or not isinstance(close, bool):
             raise GrammarError("'compact' and 'close_objects' must be true or false")
-        if not compact and close == self.close_objects:
+        if pattern is not None:
+            if compact:
+                raise GrammarError("give 'compact' or 'whitespace', not both")
+            check_whitespace(pattern)
+        whitespace = "" if compact else self.whitespace if pattern is None else pattern
+        if whitespace == self.whitespace and close == self.close_objects:
             return self
-        return GrammarBuilder(close, "" if compact else self.whitespace)
+        return GrammarBuilder(close, whitespace)
 
     # ---- spec -> llguidance grammar text ---------------------------------------------------
     def _build(self, spec) -> str:

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline_dsl.constraints import (MAX_GRAMMAR_WORK, GrammarError, OnceCache, check_spec, grammar_slots,
-                                      spec_digest, tool_param)
+from pipeline_dsl.constraints import (MAX_GRAMMAR_WORK, GrammarError, OnceCache, check_spec, check_whitespace,
+                                      grammar_slots, spec_digest, tool_param)
 from pipeline_dsl.diagnostics import closest
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -157,7 +157,8 @@ COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop"
 VLLM = {"skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output", "request_id",
         "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",  # read_constraint
         "structural_tag",
-        "guided_decoding_backend", "truncate_prompt_tokens", "priority", "bad_words", "cache_salt", "prompt_logprobs",
+        "guided_whitespace_pattern", "guided_decoding_backend", "truncate_prompt_tokens", "priority", "bad_words",
+        "cache_salt", "prompt_logprobs",
         "return_token_ids", "return_tokens_as_token_ids", *TOKEN_ID_FIELDS}
 # fields agp serves only at the value that changes nothing (what clients send by default):
 # name -> (the values taken, the hint otherwise); a null is always taken
@@ -171,14 +172,14 @@ CHAT_NEUTRAL = {"echo": ((False,), None), "add_special_tokens": ((False,), None)
 VLLM_LACKING = {"logits_processors": ((), "it runs no custom logits processors (use 'logit_bias', "
                                           "'allowed_token_ids' or 'bad_words')"),
                 "kv_transfer_params": ((), "it has no disaggregated prefill to transfer KV caches between"),
-                "guided_whitespace_pattern": ((), "its JSON whitespace is at most one space between tokens (use "
-                                                  "'structured_outputs' with disable_any_whitespace for none)"),
                 "max_repetition_pattern_size": ((0,), "it stops no answer on repeated token patterns"),
                 "min_repetition_pattern_size": ((0,), "it stops no answer on repeated token patterns"),
                 "repetition_min_count": ((0,), "it stops no answer on repeated token patterns")}
 # OpenAI chat fields of features agp's models lack: taken at the value that asks for nothing (null;
-# modalities ["text"]), else an error saying why, with OpenAI's code for a parameter a model lacks
-CHAT_LACKING = {"verbosity": ((), "its models do not reason"),
+# modalities ["text"]; verbosity "medium", OpenAI's default, which clients that write out every setting
+# send), else an error saying why, with OpenAI's code for a parameter a model lacks
+CHAT_LACKING = {"verbosity": (("medium",), "it does not steer an answer's length (\"medium\", the default, "
+                                           "is taken)"),
                 "audio": ((), "it serves text only"), "modalities": ((["text"],), "it serves text only"),
                 "prediction": ((), "predicted outputs are not served"),
                 "web_search_options": ((), "it searches nothing"),
@@ -720,10 +721,12 @@ def parse_response_format(value) -> dict | None:
 
 
 def spec_options(value: dict) -> dict:
-    """A JSON spec's own options (constraints.py: "compact", "close_objects"), which structured_outputs'
-    disable_any_whitespace and disable_additional_properties set and a request item handed back by a
-    python stage carries: kept where they are true or false."""
-    return {k: value[k] for k in ("compact", "close_objects") if isinstance(value.get(k), bool)}
+    """A JSON spec's own options (constraints.py: "compact", "close_objects", "whitespace"), which
+    structured_outputs' disable_any_whitespace, disable_additional_properties and whitespace_pattern
+    set and a request item handed back by a python stage carries: kept where they are true or false
+    (a string: "whitespace")."""
+    return {k: value[k] for k in ("compact", "close_objects", "whitespace")
+            if isinstance(value.get(k), str if k == "whitespace" else bool)}
 
 
 MAX_DEPTH = 64            # JSON nesting a request may have (messages sit at depth 3)
@@ -869,6 +872,10 @@ STRUCTURED_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", 
 STRUCTURED_OPTIONS = {"disable_any_whitespace": ("compact", True),
                       "disable_additional_properties": ("close_objects", False),
                       "disable_fallback": (None, None)}
+# vLLM's whitespace_pattern (structured_outputs') and guided_whitespace_pattern: the regex of the whitespace
+# between a JSON answer's tokens (the spec's "whitespace"), for the specs that write JSON
+WHITESPACE_PATTERN = "whitespace_pattern"
+JSON_SPECS = ("json_schema", "json_object", "structural_tag")
 
 
 def bad(param: str, expected: str, value, hint: str = "") -> RequestError:
@@ -953,6 +960,10 @@ def _given_constraint(obj: dict) -> tuple[dict | None, str | None]:
     if fmt == FREE_TEXT and len(given) > 1:      # {"type": "text"} gives way to a guided_* field
         given.remove("response_format")
     if not given:
+        if obj.get("guided_whitespace_pattern") is not None:
+            raise RequestError("'guided_whitespace_pattern' sets the whitespace of a JSON answer: give it with "
+                               "guided_json, structured_outputs or a JSON response_format",
+                               param="guided_whitespace_pattern")
         return None, None
     if len(given) > 1:
         try:
@@ -969,7 +980,39 @@ def _given_constraint(obj: dict) -> tuple[dict | None, str | None]:
 
 def _field_constraint(obj: dict, name: str, fmt: dict | None) -> tuple[dict, str]:
     """(the spec, the field's place) of one structured-output field the request gives (`fmt`:
-    its response_format, read)."""
+    its response_format, read), with the whitespace pattern the request gives (_whitespace)."""
+    spec, where = _field_spec(obj, name, fmt)
+    return _whitespace(obj, name, spec), where
+
+
+def _whitespace(obj: dict, name: str, spec: dict) -> dict:
+    """`spec` with the whitespace pattern the request gives for it: structured_outputs.whitespace_pattern
+    (where `name` is structured_outputs) or guided_whitespace_pattern, as vLLM takes them (JSON's
+    whitespace between tokens: constraints.check_whitespace); a RequestError naming the field where
+    it cannot apply (a spec that writes no JSON; beside disable_any_whitespace), where the two differ,
+    or where the pattern is not one a JSON answer can follow."""
+    own = obj[name].get(WHITESPACE_PATTERN) if name == "structured_outputs" else None
+    guided = obj.get("guided_whitespace_pattern")
+    if own is not None and guided is not None and own != guided:
+        raise RequestError("'structured_outputs.whitespace_pattern' and 'guided_whitespace_pattern' differ: give one",
+                           param="guided_whitespace_pattern")
+    param, pattern = (f"{name}.{WHITESPACE_PATTERN}", own) if own is not None else ("guided_whitespace_pattern", guided)
+    if pattern is None:
+        return spec
+    if spec["type"] not in JSON_SPECS:
+        raise RequestError(f"'{param}' sets the whitespace between JSON tokens, and a {spec['type']} answer is not "
+                           "JSON: give it with a JSON Schema, json_object or a structural tag", param=param)
+    if spec.get("compact"):
+        raise RequestError(f"give '{param}' or disable_any_whitespace, not both", param=param)
+    try:
+        check_whitespace(pattern, f"'{param}' =")
+    except GrammarError as e:
+        raise RequestError(str(e), param=param) from None
+    return {**spec, "whitespace": pattern}
+
+
+def _field_spec(obj: dict, name: str, fmt: dict | None) -> tuple[dict, str]:
+    """(the spec, the field's place) of one structured-output field as it is written."""
     if name == "response_format":
         return fmt, name
     if name == "structured_outputs":
@@ -977,10 +1020,12 @@ def _field_constraint(obj: dict, name: str, fmt: dict | None) -> tuple[dict, str
         if not isinstance(so, dict):
             raise bad(name, "an object", so)
         keys = [k for k in so if so[k] is not None and k in STRUCTURED_KEYS]
-        unknown = [k for k in so if k not in STRUCTURED_KEYS and k not in STRUCTURED_OPTIONS and so[k] is not None]
+        unknown = [k for k in so if k not in STRUCTURED_KEYS and k not in STRUCTURED_OPTIONS
+                   and k != WHITESPACE_PATTERN and so[k] is not None]
         if unknown:
+            options = ", ".join([*STRUCTURED_OPTIONS, WHITESPACE_PATTERN])
             raise RequestError(f"'structured_outputs.{unknown[0]}' is not supported: give one of "
-                               f"{', '.join(STRUCTURED_KEYS)} (and {', '.join(STRUCTURED_OPTIONS)})",
+                               f"{', '.join(STRUCTURED_KEYS)} (and {options})",
                                param=f"structured_outputs.{unknown[0]}")
         if len(keys) != 1:
             raise RequestError(f"'structured_outputs' must set exactly one of {', '.join(STRUCTURED_KEYS)}",

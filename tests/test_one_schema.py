@@ -219,7 +219,9 @@ SERVED_ALIKE = {
                            {"structural_tag": json.dumps(AT_TAG)},
                            {"structural_tag": AT_TAG, "disable_any_whitespace": True},
                            {"structural_tag": "[" * 5000 + "]" * 5000}, {"json": "[" * 5000 + "]" * 5000},
-                           {"structural_tag": {**AT_TAG, "type": "x"}}, {"structural_tag": 5}],
+                           {"structural_tag": {**AT_TAG, "type": "x"}}, {"structural_tag": 5},
+                           {"json": {"type": "object"}, "whitespace_pattern": "\n"},
+                           {"regex": "a", "whitespace_pattern": "\n"}, {"json_object": True, "whitespace_pattern": "x"}],
     "response_format": [AT_TAG, {"type": "json_object"}, {**AT_TAG, "format": {"type": "triggered_tags"}},
                         {**AT_TAG, "triggers": []}, {**AT_TAG, "extra": 1}, json.dumps(AT_TAG),
                         {**AT_TAG, "structures": [{"begin": "@f(", "end": ")", "schema": {"$ref": "#"}}]},
@@ -233,6 +235,16 @@ ALIKE_CASES = [(f, v) for f, values in SERVED_ALIKE.items() for v in values]
 def test_run_lines_and_serve_bodies_agree_on_the_fields_a_line_ignores_or_constrains_with(field, value):
     assert accepts_run_chat({field: value}) == accepts_serve_chat({field: value}), (field, value)
     assert accepts_serve_chat({field: SERVED_ALIKE[field][0]})          # each field's first value is taken
+
+
+def test_a_run_line_takes_vllms_whitespace_pattern_as_a_body_does():
+    """guided_whitespace_pattern beside guided_json, as a body's: the JSON's whitespace; alone a 400 both ways."""
+    line = {"guided_json": {"type": "object"}, "guided_whitespace_pattern": "\n"}
+    assert parse_request({**CHAT, **line}).response_format == {"type": "json_schema", "schema": {"type": "object"},
+                                                               "whitespace": "\n"}
+    assert accepts_serve_chat(line)
+    alone = {"guided_whitespace_pattern": "\n"}
+    assert not accepts_run_chat(alone) and not accepts_serve_chat(alone)
 
 
 def test_a_run_line_gives_at_most_one_structured_output_field_as_a_body_does():

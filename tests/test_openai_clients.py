@@ -84,6 +84,23 @@ def test_an_openai_feature_the_models_lack_is_a_400_that_says_so(server, field, 
     assert "not supported by agp" in e.value.message and "did you mean" not in e.value.message
 
 
+def test_verbosity_medium_openais_default_asks_nothing_and_is_answered_where_low_and_high_are_refused(server):
+    """verbosity "medium" is OpenAI's default (a client that writes out every setting sends it), so
+    it asks for nothing, as modalities ["text"]: answered, in chat and as the Responses API's
+    text.verbosity; "low" and "high" ask for a shorter or longer answer agp cannot steer: a 400."""
+    chat = server.client.chat.completions.create(model="tiny", messages=USER, max_tokens=2, verbosity="medium")
+    assert chat.choices[0].message.content is not None
+    assert server.client.responses.create(model="tiny", input="hi", max_output_tokens=2,
+                                          text={"verbosity": "medium"}).output_text is not None
+    for value in ("low", "high"):
+        with pytest.raises(openai.BadRequestError) as e:
+            server.client.chat.completions.create(model="tiny", messages=USER, max_tokens=2, verbosity=value)
+        assert e.value.param == "verbosity" and '"medium", the default, is taken' in e.value.message
+        with pytest.raises(openai.BadRequestError) as e:
+            server.client.responses.create(model="tiny", input="hi", max_output_tokens=2, text={"verbosity": value})
+        assert e.value.param == "text.verbosity" and e.value.code == "unsupported_parameter"
+
+
 def test_vllms_prompt_embeds_is_a_400_that_says_so_even_when_lenient(server):
     """vLLM's prompt-embeds client sends prompt "" and the prompt's input embeddings (base64 of a
     tensor): agp takes prompts as text or token ids and says so, naming prompt_embeds, rather than

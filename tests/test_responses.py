@@ -835,3 +835,18 @@ def test_the_input_token_count_is_the_prompt_a_response_to_the_same_body_has(cli
     assert e.value.body["param"] == "max_output_tokens"
     with pytest.raises(openai.NotFoundError):
         client.responses.input_tokens.count(model="tiny", input="hi", previous_response_id="resp_none")
+
+
+def test_the_input_token_count_takes_previous_response_id_without_input(client):
+    """OpenAI's count takes a body of previous_response_id alone (its input is optional there): the
+    stored conversation is counted, as the same turns sent as `input` are. Without either it is
+    still a 400 naming `input`."""
+    first = client.responses.create(model="tiny", input="hello world", max_output_tokens=4)
+    alone = client.responses.input_tokens.count(model="tiny", previous_response_id=first.id)
+    turns = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": first.output_text}]
+    assert alone.input_tokens == client.responses.input_tokens.count(model="tiny", input=turns).input_tokens
+    assert alone.input_tokens < client.responses.input_tokens.count(
+        model="tiny", previous_response_id=first.id, input="and again").input_tokens
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.input_tokens.count(model="tiny", instructions="Be brief.")
+    assert e.value.body["param"] == "input"

@@ -6,6 +6,7 @@ finish reasons ever appear."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import httpx
@@ -381,11 +382,107 @@ def test_open_and_compact_objects_on_request(tiny_gguf):
         compiler.compile({**spec, "compact": "yes"})
 
 
-def test_structured_outputs_whitespace_pattern_is_refused(server):
+def whitespace_runs(text: str) -> list[str]:
+    """The runs of whitespace of a JSON text between its tokens (outside its strings)."""
+    runs, run, in_string, escaped = [], "", False, False
+    for ch in text:
+        if in_string:
+            in_string = escaped or ch != '"'
+            escaped = not escaped and ch == "\\"
+        elif ch in " \t\n\r":
+            run += ch
+            continue
+        else:
+            in_string = ch == '"'
+        if run:
+            runs.append(run)
+        run = ""
+    return runs + ([run] if run else [])
+
+
+def test_whitespace_pattern_sets_the_whitespace_between_a_json_answers_tokens(server):
+    """outlines' JsonSchema(whitespace_pattern=...) sends structured_outputs.whitespace_pattern, vLLM's
+    older clients guided_whitespace_pattern: the whitespace between the answer's JSON tokens is
+    none or one match of the pattern (newlines and tabs here, which agp's default of at most one
+    space never writes), in a JSON Schema's, json_object's and a JSON response_format's answers."""
+    pattern = r"\n\t{0,2}"
+    schema = {"type": "object", "properties": {k: {"type": "array", "items": {"type": "integer"}} for k in "abc"},
+              "required": list("abc")}
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 120, "temperature": 1, "seed": 5, "n": 4}
+    bodies = [("chat/completions", {**chat, "structured_outputs": {"json": schema, "whitespace_pattern": pattern}}),
+              ("chat/completions", {**chat, "structured_outputs": {"json_object": True, "whitespace_pattern": pattern}}),
+              ("chat/completions", {**chat, "response_format": schema_format(schema),
+                                    "guided_whitespace_pattern": pattern}),
+              ("completions", {"prompt": "hi", "max_tokens": 120, "temperature": 1, "seed": 5, "n": 4,
+                               "guided_json": schema, "guided_whitespace_pattern": pattern})]
+    for route, body in bodies:
+        r = server.http.post(f"{server.url}/v1/{route}", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        texts = [c["message"]["content"] if "message" in c else c["text"] for c in r.json()["choices"]]
+        runs = [run for text in texts for run in whitespace_runs(text)]
+        assert runs and all(re.fullmatch(pattern, run) for run in runs), (body, texts)
+        for choice, text in zip(r.json()["choices"], texts):
+            if choice["finish_reason"] == "stop":
+                json.loads(text)
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"structured_outputs": {"regex": "[a-z]+", "whitespace_pattern": r"\n"}}, "structured_outputs.whitespace_pattern",
+     "a regex answer is not JSON"),
+    ({"guided_choice": ["a", "b"], "guided_whitespace_pattern": r"\n"}, "guided_whitespace_pattern",
+     "a choice answer is not JSON"),
+    ({"guided_whitespace_pattern": r"\n"}, "guided_whitespace_pattern", "give it with guided_json"),
+    ({"structured_outputs": {"json": {"type": "object"}, "whitespace_pattern": "x"}},
+     "structured_outputs.whitespace_pattern", "matches more than JSON's whitespace"),
+    ({"guided_json": {"type": "object"}, "guided_whitespace_pattern": r"\s*"}, "guided_whitespace_pattern",
+     "matches more than JSON's whitespace"),
+    ({"structured_outputs": {"json_object": True, "whitespace_pattern": "(\n"}},
+     "structured_outputs.whitespace_pattern", "is not a regular expression: unclosed group"),
+    ({"structured_outputs": {"json": {"type": "object"}, "whitespace_pattern": "[ ]{0,50000}"}},
+     "structured_outputs.whitespace_pattern", "too complex to enforce"),
+    ({"structured_outputs": {"json": {"type": "object"}, "whitespace_pattern": 5}},
+     "structured_outputs.whitespace_pattern", "must be a regular expression"),
+    ({"structured_outputs": {"json": {"type": "object"}, "whitespace_pattern": r"\n", "disable_any_whitespace": True}},
+     "structured_outputs.whitespace_pattern", "not both"),
+    ({"structured_outputs": {"json": {"type": "object"}, "whitespace_pattern": r"\n"}, "guided_whitespace_pattern": " "},
+     "guided_whitespace_pattern", "differ"),
+])
+def test_a_whitespace_pattern_that_cannot_apply_is_a_400_naming_it(server, body, param, words):
+    """Where no JSON is written, beside disable_any_whitespace, or a pattern that is no regex, too
+    large, or matches more than JSON's whitespace (the answer would not parse): a 400 naming the field."""
     r = server.http.post(server.url + "/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
-        "structured_outputs": {"json": {"type": "object"}, "whitespace_pattern": "x"}}, timeout=60)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs.whitespace_pattern", r.text
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, **body}, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and words in error["message"], error
+
+
+def test_a_json_specs_whitespace_is_none_or_one_match_of_its_pattern(tiny_gguf):
+    """The compiler's "whitespace" (vLLM's whitespace_pattern) on each spec that writes JSON: between
+    two tokens nothing or one match of it, nothing else (not agp's default space)."""
+    from pipeline_dsl.engine import Engine, EngineConfig
+
+    engine = Engine(EngineConfig(model=str(tiny_gguf), dtype="fp32"))
+    compiler = ConstraintCompiler(engine.tokenizer, engine.vocab_size)
+
+    def accepts(spec, text):
+        m = compiler.compile(spec).matcher()
+        return all(m.accept(t) for t in engine.tokenizer.encode(text, add_special_tokens=False)) and m.can_end()
+
+    schema = {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer"}}}}
+    for spec in ({"type": "json_schema", "schema": schema}, {"type": "json_object"}):
+        tabbed = {**spec, "whitespace": r"\n\t*"}
+        assert accepts(tabbed, '{\n\t"a":\n[1,\n\t\t2]\n}') and accepts(tabbed, '{"a":[1]}')
+        assert not accepts(tabbed, '{ "a": [1]}') and not accepts(tabbed, '{\n\n"a":[1]}')
+        assert accepts(spec, '{ "a": [1]}') and not accepts(spec, '{\n"a":[1]}')
+    tag = {"type": "structural_tag", "triggers": ["<f>"],
+           "structures": [{"begin": "<f>", "schema": schema, "end": "</f>"}], "whitespace": r"\n"}
+    assert accepts(tag, 'so <f>{\n"a":[1]}</f>') and not accepts(tag, 'so <f>{ "a":[1]}</f>')
+    for bad, words in (("x", "matches more than JSON's whitespace"), ("(", "not a regular expression")):
+        with pytest.raises(GrammarError, match=words):
+            compiler.compile({"type": "json_object", "whitespace": bad})
+    with pytest.raises(GrammarError, match="not both"):
+        check_spec({"type": "json_object", "whitespace": r"\n", "compact": True})
 
 
 def test_new_specs_compile_at_most_the_grammar_slots_at_once_off_the_threads_other_requests_need(server, monkeypatch):

@@ -547,6 +547,15 @@ def test_the_fields_keep_their_meaning_through_a_python_stage(tiny_gguf):
                                                                                  "disable_any_whitespace": True}}
                                               ).choices[0].message.content
         assert " " not in text and json.loads(text)["a"] in (1, 2), text
+        # and so is its whitespace_pattern: a newline the answer is pushed to write wherever it may
+        [newline] = s.http.post(s.url + "/tokenize", json={"prompt": "\n", "add_special_tokens": False},
+                                timeout=30).json()["tokens"]
+        text = client.chat.completions.create(model="tiny", messages=USER, max_tokens=24, temperature=1.0, seed=1,
+                                              logit_bias={str(newline): 100},
+                                              extra_body={"structured_outputs": {"json": schema,
+                                                                                 "whitespace_pattern": "\n"}}
+                                              ).choices[0].message.content
+        assert "\n" in text and " " not in text and json.loads(text)["a"] in (1, 2), text
         # a structural tag with vLLM's disable_any_whitespace: each "@" followed by f({"n":D}), no space
         [at] = s.http.post(s.url + "/tokenize", json={"prompt": "@", "add_special_tokens": False},
                           timeout=30).json()["tokens"]
@@ -805,7 +814,6 @@ def test_vllms_request_model_written_out_whole_is_served(server):
     ("chat", "mm_processor_kwargs", {"fps": 1}, "it serves text only"),
     ("chat", "logits_processors", ["my.Processor"], "it runs no custom logits processors (use 'logit_bias'"),
     ("completions", "kv_transfer_params", {"do_remote_decode": True}, "it has no disaggregated prefill"),
-    ("completions", "guided_whitespace_pattern", " ?", "use 'structured_outputs' with disable_any_whitespace"),
     ("chat", "repetition_min_count", 3, "it stops no answer on repeated token patterns"),
 ])
 def test_a_vllm_field_of_a_feature_agp_lacks_is_a_400_saying_why(server, route, field, value, why):

@@ -58,6 +58,11 @@ def _or_null(schema: dict) -> dict:
     return schema if "null" in types else {**schema, "type": [*types, "null"]}
 
 
+# vLLM's whitespace_pattern (structured_outputs') and guided_whitespace_pattern, as requests_io reads them
+WHITESPACE_PATTERN = ("a regex of the whitespace between a JSON answer's tokens (none or one match of it), matching "
+                      "only spaces, tabs, newlines and carriage returns; with a JSON format only")
+
+
 def _request(required: str | None, properties: dict) -> dict:
     """A request body's schema as the server reads it: each field but the required one may be null,
     which is the field left out (clients send null for what they leave unset, as vLLM's Optional
@@ -114,6 +119,7 @@ SAMPLING = {
     "guided_regex": {"type": "string"},
     "guided_choice": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
     "guided_grammar": {"type": "string"},
+    "guided_whitespace_pattern": {"type": "string", "description": WHITESPACE_PATTERN},
     "structural_tag": {"type": ["string", "object"], "description": "vLLM < 0.11's: a structural tag, or its JSON text"},
     "guided_decoding_backend": {"type": "string", "description": "taken and ignored: llguidance serves all"},
     "truncate_prompt_tokens": {"type": "integer", "minimum": -1, "description": "keep the prompt's last k tokens"},
@@ -141,7 +147,8 @@ SAMPLING = {
         "disable_any_whitespace": {"type": "boolean", "description": "JSON without whitespace between tokens"},
         "disable_additional_properties": {"type": "boolean",
                                           "description": "objects as open as the schema leaves them"},
-        "disable_fallback": {"type": "boolean", "description": "taken: one backend"}}},
+        "disable_fallback": {"type": "boolean", "description": "taken: one backend"},
+        "whitespace_pattern": {"type": "string", "description": WHITESPACE_PATTERN}}},
 }
 
 TEXT_PART = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
@@ -300,7 +307,8 @@ RESPONSES_REQUEST = _request("input", {
     **_neutral(RESPONSES_LACKING),
     **{name: SAMPLING[name] for name in ("request_id", "top_k", "min_p", "repetition_penalty", "seed", "stop",
                                          "ignore_eos", "structured_outputs", "guided_json", "guided_regex",
-                                         "guided_choice", "guided_grammar", "priority", "cache_salt")}})
+                                         "guided_choice", "guided_grammar", "guided_whitespace_pattern", "priority",
+                                         "cache_salt")}})
 
 RESPONSES_RESPONSE = {"type": "object", "required": ["id", "object", "created_at", "status", "model", "output"],
                       "properties": {"id": {"type": "string"}, "object": {"const": "response"},
@@ -428,12 +436,14 @@ RESPONSE_GET = {"parameters": [{"name": "stream", "in": "query", "required": Fal
                     "schema": RESPONSES_RESPONSE}}}, "404": _error("no stored response has this id"),
                     "400": _error("'stream' is true: agp answers in the foreground, nothing is streamed again")}}
 
-# POST /v1/responses/input_tokens: the body's fields that shape the prompt (responses.COUNT_FIELDS)
+# POST /v1/responses/input_tokens: the body's fields that shape the prompt (responses.COUNT_FIELDS); `input`
+# or previous_response_id (whose stored conversation is counted), as OpenAI's count takes it
 RESPONSE_INPUT_TOKENS = {
-    "requestBody": {"required": True, "content": {"application/json": {"schema": _request("input", {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {**_request(None, {
         k: v for k, v in RESPONSES_REQUEST["properties"].items()
         if k in ("model", "input", "instructions", "tools", "tool_choice", "previous_response_id", "conversation",
-                 "reasoning", "text", "truncation", "parallel_tool_calls")})}}},
+                 "reasoning", "text", "truncation", "parallel_tool_calls")}),
+        "anyOf": [{"required": ["input"]}, {"required": ["previous_response_id"]}]}}}},
     "responses": {"200": {"description": "the tokens of the prompt a response to this body would have",
                           "content": {"application/json": {"schema": {
                               "type": "object", "required": ["object", "input_tokens"], "properties": {

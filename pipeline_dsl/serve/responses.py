@@ -53,10 +53,12 @@ FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", 
           "prompt_cache_key", "safety_identifier", "max_tool_calls", "image", *P.CACHE_SETTINGS, *P.RESPONSES_LACKING,
           # vLLM's extras on this route
           "request_id", "top_k", "min_p", "repetition_penalty", "seed", "stop", "ignore_eos", "structured_outputs",
-          "guided_json", "guided_regex", "guided_choice", "guided_grammar", "priority", "cache_salt"}
+          "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_whitespace_pattern", "priority",
+          "cache_salt"}
 PASSED = ("model", "temperature", "top_p", "parallel_tool_calls", "stream", "request_id", "top_k", "min_p",
           "repetition_penalty", "seed", "stop", "ignore_eos", "user", "safety_identifier", "structured_outputs",
-          "guided_json", "guided_regex", "guided_choice", "guided_grammar", "priority", "cache_salt")
+          "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_whitespace_pattern", "priority",
+          "cache_salt")
 # POST /v1/responses/input_tokens (OpenAI's input-token count: its SDKs' responses.input_tokens.count,
 # which pydantic-ai calls for UsageLimits(count_tokens_before_request=True)): what shapes the prompt
 COUNT_FIELDS = {"model", "input", "instructions", "tools", "tool_choice", "previous_response_id", "conversation",
@@ -352,7 +354,7 @@ def _tools(obj: dict) -> tuple[list | None, object]:
 
 def _format(obj: dict, lenient: bool = False):
     """`text.format` as a response_format (None: free text). `text`'s other keys as the body's own:
-    an unknown one refused (or ignored with `lenient`), `verbosity` as chat's (null only)."""
+    an unknown one refused (or ignored with `lenient`), `verbosity` as chat's (null or "medium")."""
     text = obj.get("text")
     if text is None:
         return None
@@ -422,9 +424,12 @@ def _reasoning(obj: dict, lenient: bool) -> dict | None:
 
 
 def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tuple = (), lenient: bool = False,
-                    store: ResponseStore | None = None, max_referenced: int | None = None) -> ResponsesCall:
+                    store: ResponseStore | None = None, max_referenced: int | None = None,
+                    counting: bool = False) -> ResponsesCall:
     """POST /v1/responses: the chat request it runs as, and what its answer repeats; the items of
-    `input`'s item_references hold at most `max_referenced` characters (conversation())."""
+    `input`'s item_references hold at most `max_referenced` characters (conversation()). `counting`
+    (POST /v1/responses/input_tokens): `input` may be left out where previous_response_id is given,
+    as OpenAI's count takes it (the stored conversation alone is counted)."""
     obj = P.check_unknown(obj, FIELDS, lenient)
     _checked(obj)
     reasoning = _reasoning(obj, lenient)
@@ -432,8 +437,10 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
     P.stream_options(obj, P.RESPONSES_STREAM_OPTIONS, lenient)
     P.check_cache_settings(obj)
     P.priority_field(obj)                      # a null priority too, which the chat request below would not see
-    if "input" not in obj or obj["input"] is None:
-        raise APIError("'input' is required", param="input")
+    given = obj.get("input") is not None
+    if not given and not (counting and obj.get("previous_response_id") is not None):
+        raise APIError("'input' is required" + (" (or 'previous_response_id', whose conversation is counted)"
+                                                if counting else ""), param="input")
     before: list[dict] = []
     prev = obj.get("previous_response_id")
     if prev is not None:
@@ -443,7 +450,7 @@ def parse_responses(obj: dict, *, max_model_len: int, served: tuple, stages: tup
                            status=404, type="not_found_error", param="previous_response_id", code="response_not_found",
                            quoted=(shown(prev),))
         before = found
-    turn = conversation(obj["input"], store, max_referenced)
+    turn = conversation(obj["input"], store, max_referenced) if given else []
     messages = ([{"role": "system", "content": obj["instructions"]}] if obj.get("instructions") else []) \
         + before + turn
     tools, choice = _tools(obj)
@@ -524,7 +531,7 @@ class Responses:
             call = await parsed_off_loop(functools.partial(
                 parse_responses, obj, max_model_len=g.config.max_model_len, served=g.config.model_names,
                 stages=g.stage_names, lenient=g.config.lenient, store=self.store,
-                max_referenced=g.config.max_body_bytes))
+                max_referenced=g.config.max_body_bytes, counting=True))
             item = call.req.item("count", exclude_tools_when_none=g.config.exclude_tools_when_tool_choice_none)
             ids = await rendered(g.apipe.runtime, {**item, "pin": call.req.pin})
         except APIError as err:
