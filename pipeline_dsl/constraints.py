@@ -58,7 +58,8 @@ costs seconds), a `$ref` that only refers to itself, and any grammar whose first
 no output or that llguidance gives up on within its first few tokens (the compiled grammar is
 walked PROBE_STEPS tokens: an object of 500 optional properties open to more fails after its "{").
 Counted before llguidance sees a schema, each a 400 naming the keyword and where: an `enum` of more than
-MAX_ENUM_VALUES values, `enum` and `const` values of more than MAX_LITERAL_CHARS characters in all, more
+MAX_ENUM_VALUES values, a string in an `enum` or `const` value or a property's name longer than
+MAX_LITERAL_LENGTH (each step's mask costs more the longer it is), `enum` and `const` values of more than MAX_LITERAL_CHARS characters in all, more
 than MAX_OPTIONAL_PROPERTIES optional properties in one object or MAX_PROPERTIES_IN_ALL in the schema.
 Errors are never verbose (no grammar dump); one in a schema says where, as the JSON pointer of the
 innermost subschema that fails by itself (`at #/properties/tags: Unimplemented keys: ["uniqueItems"]`;
@@ -110,6 +111,12 @@ MAX_PATTERN_PROPERTIES_IN_ALL = 512
 # characters (262,144: ~0.15 s to check; a 2 MB enum of 2,000 strings: ~1.3 s to check, ~2 s to compile,
 # ~6 s of the server's CPU before its first token; OpenAI allows 120,000 characters of names and values)
 MAX_ENUM_VALUES = 10_000
+# one string of an enum or const value, or one property's name: the answer has to write it whole once it
+# starts, and llguidance works out each step what is left of it, a mask's work growing with its length
+# (measured with SmolLM2's vocabulary: 1,024 characters ~0.2 ms a mask, at most ~15 ms; 4,096 ~1-2 ms, at
+# most ~0.2 s; 65,536 ~50 ms, at most ~0.5 s; a const of 250,000 ~260 ms a mask, at most 2 s, which every
+# other answer in the batch waited for each step)
+MAX_LITERAL_LENGTH = 1024
 MAX_LITERAL_CHARS = 1 << 18
 # ... where an element of an array or a member of an object inside an enum or const value counts as this
 # many characters: the grammar engine spends ~0.1-0.2 ms on each (a const object of 3,000 members: 0.7 s;
@@ -1005,7 +1012,8 @@ def _check_schema_limits(schema, prefix: str, pattern_where: str) -> int:
 
 def _check_sizes(schema, prefix: str) -> None:
     """GrammarError, naming the keyword and where (its JSON pointer), for an enum of more than
-    MAX_ENUM_VALUES values, enum and const values of more than MAX_LITERAL_CHARS characters in all
+    MAX_ENUM_VALUES values, a string of an enum or const value or a property's name longer than
+    MAX_LITERAL_LENGTH, enum and const values of more than MAX_LITERAL_CHARS characters in all
     (a string's characters, any other value's JSON), an object of more than MAX_OPTIONAL_PROPERTIES
     properties that "required" leaves out, or more than MAX_PROPERTIES_IN_ALL properties in all:
     refused in a walk of the schema (milliseconds) before the grammar engine spends seconds on it.
@@ -1025,13 +1033,22 @@ def _check_sizes(schema, prefix: str) -> None:
             values = []
         for key, literals in (("enum", values), ("const", [node["const"]] if "const" in node else [])):
             for v in literals:
-                literal_chars += len(v) if isinstance(v, str) else _json_chars(v, MAX_LITERAL_CHARS - literal_chars)
+                chars, longest = (len(v), len(v)) if isinstance(v, str) else \
+                    _literal_size(v, MAX_LITERAL_CHARS - literal_chars)
+                if longest > MAX_LITERAL_LENGTH:
+                    raise GrammarError(f"{prefix}{at}'{key}' has a string of {longest:,} characters: at most "
+                                       f"{MAX_LITERAL_LENGTH:,} in one value")
+                literal_chars += chars
                 if literal_chars > MAX_LITERAL_CHARS:
                     raise GrammarError(f"{prefix}{at}'{key}': the schema's enum and const values come to more than "
                                        f"{MAX_LITERAL_CHARS:,} characters in all (an element of an array or a member of an object in "
                                        f"them counts as {LITERAL_ITEM_CHARS})")
         props = node.get("properties")
         if isinstance(props, dict):
+            longest = max((len(name) for name in props if isinstance(name, str)), default=0)
+            if longest > MAX_LITERAL_LENGTH:
+                raise GrammarError(f"{prefix}{at}'properties' has a name of {longest:,} characters: at most "
+                                   f"{MAX_LITERAL_LENGTH:,}")
             properties += len(props)
             if properties > MAX_PROPERTIES_IN_ALL:
                 raise GrammarError(f"{prefix}{at}'properties': the schema's objects have more than "
@@ -1045,23 +1062,27 @@ def _check_sizes(schema, prefix: str) -> None:
         todo += [(f"{path}/{step}", sub) for step, sub in _children(node)]
 
 
-def _json_chars(value, most: int) -> int:
-    """What a non-string enum or const value counts toward MAX_LITERAL_CHARS: its strings' and
-    numbers' characters, and LITERAL_ITEM_CHARS for each element of an array and member of an
-    object in it; counted without recursion (a value may nest deeper than Python recurses) and only
-    until past `most`."""
-    n, todo = 0, [value]
+def _literal_size(value, most: int) -> tuple[int, int]:
+    """(what a non-string enum or const value counts toward MAX_LITERAL_CHARS, its longest string or
+    key): its strings' and numbers' characters, and LITERAL_ITEM_CHARS for each element of an array and
+    member of an object in it; counted without recursion (a value may nest deeper than Python
+    recurses) and only until past `most`."""
+    n, longest, todo = 0, 0, [value]
     while todo and n <= most:
         v = todo.pop()
         if isinstance(v, dict):
             n += len(v) * LITERAL_ITEM_CHARS + sum(len(k) for k in v)
+            longest = max(longest, max(map(len, v), default=0))
             todo += v.values()
         elif isinstance(v, list):
             n += len(v) * LITERAL_ITEM_CHARS
             todo += v
+        elif isinstance(v, str):
+            n += len(v)
+            longest = max(longest, len(v))
         else:
-            n += len(v) if isinstance(v, str) else len(str(v))
-    return n
+            n += len(str(v))
+    return n, longest
 
 
 def _terminal(name: str | None) -> bool:

@@ -672,8 +672,16 @@ class _NoGrammarEngine:
      f"{constraints.MAX_ENUM_VALUES:,}$"),
     ({"type": "object", "properties": {"a": {"enum": ["x" * 1000 + str(i) for i in range(2000)]}}},   # 2 MB
      "^at #/properties/a: 'enum': the schema's enum and const values come to more than 262,144 characters in all"),
-    ({"type": "array", "items": {"const": "x" * 200_000}, "$defs": {"b": {"enum": ["y" * 70_000]}}},
+    ({"type": "array", "items": {"enum": ["x" * 1000 + str(i) for i in range(200)]},
+      "$defs": {"b": {"const": ["y" * 1000] * 70}}},
      r"^at #/(items|\$defs/b): '(const|enum)': the schema's enum and const values come to more than"),
+    ({"type": "object", "properties": {"a": {"const": "x" * 250_000}}},      # ~0.26 s of each step's mask
+     f"^at #/properties/a: 'const' has a string of 250,000 characters: at most "
+     f"{constraints.MAX_LITERAL_LENGTH:,} in one value$"),
+    ({"anyOf": [{"type": "integer"}, {"enum": ["a", {"k": ["b", "y" * 5000]}]}]},
+     "^at #/anyOf/1: 'enum' has a string of 5,000 characters: at most "),
+    ({"type": "object", "properties": {"a" * 2000: {"type": "integer"}}, "required": ["a" * 2000]},
+     f"^'properties' has a name of 2,000 characters: at most {constraints.MAX_LITERAL_LENGTH:,}$"),
     ({"type": "object", "properties": {"a": {"const": [[[1, 2]]] * 5000}}},     # 4 s of the grammar engine's CPU
      "^at #/properties/a: 'const': the schema's enum and const values .* counts as 256"),
     ({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(10_000)}},
@@ -689,7 +697,10 @@ class _NoGrammarEngine:
 def test_enums_consts_and_properties_past_their_bounds_are_refused_before_the_grammar_engine_sees_them(
         monkeypatch, schema, refusal):
     """A schema's literals and properties are counted in a walk of it: an enum of more than
-    MAX_ENUM_VALUES values, enum and const values of more than MAX_LITERAL_CHARS characters in all,
+    MAX_ENUM_VALUES values, a string in an enum or const value or a property's name longer than
+    MAX_LITERAL_LENGTH (the answer must write it whole, and each step's mask works out what is left of
+    it: a const of 250,000 characters cost ~0.26 s a step, which the batch's other answers waited
+    for), enum and const values of more than MAX_LITERAL_CHARS characters in all,
     more than MAX_OPTIONAL_PROPERTIES optional properties in one object or MAX_PROPERTIES_IN_ALL in
     the schema are a GrammarError naming the keyword and where, raised before llguidance is asked
     anything (it spent seconds on each of these: 22 s on 10,000 optional properties before giving up
@@ -706,12 +717,14 @@ def test_enums_consts_and_properties_past_their_bounds_are_refused_before_the_gr
 
 
 def test_enums_consts_and_properties_within_their_bounds_compile(engine, compiler):
-    """At the bounds: an enum of MAX_ENUM_VALUES values, MAX_OPTIONAL_PROPERTIES optional properties
-    in one object, and any number more that are required (up to MAX_PROPERTIES_IN_ALL), compile and
-    enforce what they say."""
+    """At the bounds: an enum of MAX_ENUM_VALUES values, one of them MAX_LITERAL_LENGTH characters long,
+    MAX_OPTIONAL_PROPERTIES optional properties in one object, and any number more that are required
+    (up to MAX_PROPERTIES_IN_ALL), compile and enforce what they say."""
     most = constraints.MAX_ENUM_VALUES
-    g = compiler.compile({"type": "json_schema", "schema": {"enum": [f"v{i}" for i in range(most)]}})
-    for text, ok in (('"v0"', True), (f'"v{most - 1}"', True), (f'"v{most}"', False)):
+    long = "y" * constraints.MAX_LITERAL_LENGTH
+    g = compiler.compile({"type": "json_schema", "schema": {"enum": [f"v{i}" for i in range(most - 1)] + [long]}})
+    for text, ok in (('"v0"', True), (f'"v{most - 2}"', True), (f'"{long}"', True), (f'"{long}y"', False),
+                     (f'"v{most - 1}"', False)):
         m = g.matcher()
         assert (all(m.accept(t) for t in ids_of(engine, text)) and m.can_end()) is ok, text
     n = constraints.MAX_OPTIONAL_PROPERTIES

@@ -274,6 +274,8 @@ COSTLY = [     # (schema, the start of its 400's message after "'response_format
      "at #/properties/a: 'enum': the schema's enum and const values come to more than 262,144 characters"),
     ({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(10_000)}},
      "'properties': the schema's objects have more than 5,000 properties in all"),
+    ({"type": "object", "properties": {"a": {"const": "x" * 250_000}}, "required": ["a"]},  # ~0.26 s a step's mask
+     "at #/properties/a: 'const' has a string of 250,000 characters: at most 1,024 in one value"),
     ({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(600)}},
      "'properties' has 600 optional properties (not in 'required'): at most 500 in one object"),
 ]
@@ -282,7 +284,8 @@ COSTLY = [     # (schema, the start of its 400's message after "'response_format
 @pytest.mark.parametrize("schema, says", COSTLY)
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_schema_past_the_literal_or_property_bounds_is_a_400_naming_the_keyword(server, schema, says, stream):
-    """A 2 MB enum, or more properties than the bounds allow: a 400 naming the keyword and where
+    """A 2 MB enum, a const whose string costs a quarter of a second every step, or more properties
+    than the bounds allow: a 400 naming the keyword and where
     (the request's check counts them before the grammar engine sees the schema), and the server
     answers the next request as before."""
     r = server.http.post(server.url + "/v1/chat/completions", json={
