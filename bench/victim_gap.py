@@ -10,12 +10,13 @@ a 4,000-token prompt without echo (the share any long prompt takes: its prefill,
 the same prompt scored with echo (logprobs 20, then 0), 300 connections answered 413 whose
 clients keep sending, 64 KB headers, unenforceable response_formats, 1M ids to /detokenize,
 256 prompts x n = 64, `agp check` of a 1 MiB file of nested brackets, and json_schemas built to
-cost: a 2 MB enum (2,000 strings of 1,000 characters) answered at length, 100,000 short strings,
-10,000 optional properties. Each line: the probe, what it got, how long it took, the CPU seconds
-the server spent meanwhile (its own and the victim's share), and the victim's median and largest
-gap while it ran (and its median gap alone). The bar: every gap under 1 s on an idle 2-core
-machine, no probe stalling the victim more than a plain prompt of its size does, and a refused
-schema costing little CPU before its 400.
+cost: a const of 250,000 characters (each step's mask works out what is left of it) answered for
+100 tokens beside a plain request of 100 tokens, a 2 MB enum (2,000 strings of 1,000 characters)
+answered at length, 100,000 short strings, 10,000 optional properties. Each line: the probe, what
+it got, how long it took, the CPU seconds the server spent meanwhile (its own and the victim's
+share), and the victim's median and largest gap while it ran (and its median gap alone). The bar:
+every gap under 1 s on an idle 2-core machine, no probe stalling the victim more than a plain
+prompt of its size does, and a refused schema costing little CPU before its 400.
 """
 from __future__ import annotations
 
@@ -144,6 +145,7 @@ def probes(url: str, port: int, tmp: Path) -> dict:
     many_enum = {"type": "object", "properties": {"a": {"enum": [word(i, 20) for i in range(100_000)]}},
                  "required": ["a"]}
     optional = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(10_000)}}
+    long_const = {"const": word(0, 250_000)}
     return {
         "4000 tokens, no echo (its share)": lambda: post("/v1/completions", {"prompt": long_prompt, "max_tokens": 1}),
         "echo 4000 tokens, logprobs 20": lambda: post("/v1/completions", {"prompt": long_prompt, "max_tokens": 0,
@@ -157,6 +159,9 @@ def probes(url: str, port: int, tmp: Path) -> dict:
             "type": "json_schema", "json_schema": {"name": "x", "schema": pattern}}}),
         "$ref to itself": lambda: post("/v1/completions", {"prompt": "hi", "max_tokens": 8, "response_format": {
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}}),
+        "100 tokens, plain (its share)": lambda: post("/v1/completions", {"prompt": "hi", "max_tokens": 100,
+                                                                         "ignore_eos": True}),
+        "const of 250,000 chars, 100 tokens": schema_of(long_const, 100),
         "2 MB enum, 2,000 x 1,000 chars": schema_of(long_enum, 300),
         "2 MB enum, 100,000 x 20 chars": schema_of(many_enum),
         "10,000 optional properties": schema_of(optional),
