@@ -1014,7 +1014,7 @@ def _check_sizes(schema, prefix: str) -> None:
     """GrammarError, naming the keyword and where (its JSON pointer), for an enum of more than
     MAX_ENUM_VALUES values, a string of an enum or const value or a property's name longer than
     MAX_LITERAL_LENGTH, enum and const values of more than MAX_LITERAL_CHARS characters in all
-    (a string's characters, any other value's JSON), an object of more than MAX_OPTIONAL_PROPERTIES
+    (a string's characters; another value's as _literal_size counts them), an object of more than MAX_OPTIONAL_PROPERTIES
     properties that "required" leaves out, or more than MAX_PROPERTIES_IN_ALL properties in all:
     refused in a walk of the schema (milliseconds) before the grammar engine spends seconds on it.
     Each subschema is counted once where it is written (a $ref to it adds nothing)."""
@@ -1040,9 +1040,9 @@ def _check_sizes(schema, prefix: str) -> None:
                                        f"{MAX_LITERAL_LENGTH:,} in one value")
                 literal_chars += chars
                 if literal_chars > MAX_LITERAL_CHARS:
-                    raise GrammarError(f"{prefix}{at}'{key}': the schema's enum and const values come to more than "
-                                       f"{MAX_LITERAL_CHARS:,} characters in all (an element of an array or a member of an object in "
-                                       f"them counts as {LITERAL_ITEM_CHARS})")
+                    raise GrammarError(f"{prefix}{at}'{key}': the schema's enum and const values come to more "
+                                       f"than {MAX_LITERAL_CHARS:,} characters in all (an element of an array or a "
+                                       f"member of an object in them counts as {LITERAL_ITEM_CHARS})")
         props = node.get("properties")
         if isinstance(props, dict):
             longest = max((len(name) for name in props if isinstance(name, str)), default=0)
