@@ -9,10 +9,14 @@ The server runs as a child process; a victim streams a long completion while eac
 a 4,000-token prompt without echo (the share any long prompt takes: its prefill, chunk by chunk),
 the same prompt scored with echo (logprobs 20, then 0), 300 connections answered 413 whose
 clients keep sending, 64 KB headers, unenforceable response_formats, 1M ids to /detokenize,
-256 prompts x n = 64, and `agp check` of a 1 MiB file of nested brackets. Each line: the probe,
-what it got, how long it took, and the victim's largest gap while it ran (and its median gap
-alone). The bar: every gap under 1 s on an idle 2-core machine, and no probe stalling the victim
-more than a plain prompt of its size does.
+256 prompts x n = 64, `agp check` of a 1 MiB file of nested brackets, and json_schemas built to
+cost: a const of 250,000 characters (each step's mask works out what is left of it) answered for
+100 tokens beside a plain request of 100 tokens, a 2 MB enum (2,000 strings of 1,000 characters)
+answered at length, 100,000 short strings, 10,000 optional properties. Each line: the probe, what
+it got, how long it took, the CPU seconds the server spent meanwhile (its own and the victim's
+share), and the victim's median and largest gap while it ran (and its median gap alone). The bar:
+every gap under 1 s on an idle 2-core machine, no probe stalling the victim more than a plain
+prompt of its size does, and a refused schema costing little CPU before its 400.
 """
 from __future__ import annotations
 
@@ -58,6 +62,20 @@ class Victim:
         """The largest gap between chunks that overlaps [t0, t1]."""
         gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:]) if b >= t0 and a <= t1]
         return max(gaps, default=float("nan"))
+
+    def median_gap(self, t0: float, t1: float) -> float:
+        """The median gap between chunks that overlap [t0, t1]."""
+        gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:]) if b >= t0 and a <= t1]
+        return statistics.median(gaps) if gaps else float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user + system) process `pid` has used, all its threads (Linux's /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def raw(port: int, data: bytes, extra: bytes = b"", wait: float = 5.0) -> tuple[bytes, bool]:
@@ -113,6 +131,21 @@ def probes(url: str, port: int, tmp: Path) -> dict:
         return f"exit {r.returncode}: {r.stderr.splitlines()[0][-60:]}"
 
     pattern = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^(a{1000}){1000}$"}}}
+    letters = "abcdefghijklmnopqrstuvwxyz"
+
+    def word(i: int, n: int) -> str:            # n letters, distinct for each i
+        return "".join(letters[(i * 7 + k * (i % 5 + 1)) % 26] for k in range(n - 6)) + f"{i:06d}"
+
+    def schema_of(schema: dict, tokens: int = 8):
+        return lambda: post("/v1/completions", {"prompt": "hi", "max_tokens": tokens, "ignore_eos": True,
+                                                "response_format": {"type": "json_schema", "json_schema": {
+                                                    "name": "x", "schema": schema}}})
+    long_enum = {"type": "object", "properties": {"a": {"enum": [word(i, 1000) for i in range(2000)]}},
+                 "required": ["a"]}
+    many_enum = {"type": "object", "properties": {"a": {"enum": [word(i, 20) for i in range(100_000)]}},
+                 "required": ["a"]}
+    optional = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(10_000)}}
+    long_const = {"const": word(0, 250_000)}
     return {
         "4000 tokens, no echo (its share)": lambda: post("/v1/completions", {"prompt": long_prompt, "max_tokens": 1}),
         "echo 4000 tokens, logprobs 20": lambda: post("/v1/completions", {"prompt": long_prompt, "max_tokens": 0,
@@ -126,6 +159,12 @@ def probes(url: str, port: int, tmp: Path) -> dict:
             "type": "json_schema", "json_schema": {"name": "x", "schema": pattern}}}),
         "$ref to itself": lambda: post("/v1/completions", {"prompt": "hi", "max_tokens": 8, "response_format": {
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}}),
+        "100 tokens, plain (its share)": lambda: post("/v1/completions", {"prompt": "hi", "max_tokens": 100,
+                                                                         "ignore_eos": True}),
+        "const of 250,000 chars, 100 tokens": schema_of(long_const, 100),
+        "2 MB enum, 2,000 x 1,000 chars": schema_of(long_enum, 300),
+        "2 MB enum, 100,000 x 20 chars": schema_of(many_enum),
+        "10,000 optional properties": schema_of(optional),
         "/detokenize 1M ids": lambda: post("/detokenize", {"tokens": [42] * 1_000_000}),
         "256 prompts x n = 64": lambda: post("/v1/completions", {"prompt": ["hi"] * 256, "n": 64, "max_tokens": 1}),
         "agp check, 1 MiB of [": check,
@@ -138,7 +177,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="the server's torch threads")
     ap.add_argument("--tokens", type=int, default=400, help="the victim's answer length per probe")
     ap.add_argument("--json", default=None, help="write the results here")
-    ap.add_argument("--only", default=None, help="run only the probes whose name holds this text")
+    ap.add_argument("--only", action="append", default=None,
+                    help="run only the probes whose name holds this text (repeat it for several)")
     args = ap.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -166,18 +206,19 @@ def main() -> int:
         print(f"victim alone: median gap {statistics.median(gaps) * 1e3:.0f} ms, largest {max(gaps) * 1e3:.0f} ms")
         with tempfile.TemporaryDirectory() as tmp:
             for name, probe in probes(url, port, Path(tmp)).items():
-                if args.only and args.only not in name:
+                if args.only and not any(text in name for text in args.only):
                     continue
                 victim = Victim(url, args.tokens).start()
-                t0 = time.perf_counter()
+                c0, t0 = cpu_seconds(server.pid), time.perf_counter()
                 got = probe()
-                t1 = time.perf_counter()
-                gap = victim.max_gap(t0, t1)
+                t1, c1 = time.perf_counter(), cpu_seconds(server.pid)
+                gap, median = victim.max_gap(t0, t1), victim.median_gap(t0, t1)
                 victim.thread.join()
                 rows.append({"probe": name, "result": str(got), "probe_s": round(t1 - t0, 3),
+                             "server_cpu_s": round(c1 - c0, 3), "victim_median_gap_s": round(median, 4),
                              "victim_max_gap_s": round(gap, 3)})
-                print(f"{name:<32} {str(got):<28} {t1 - t0:7.2f} s   victim's largest gap {gap * 1e3:6.0f} ms",
-                      flush=True)
+                print(f"{name:<32} {str(got):<28} {t1 - t0:7.2f} s  {c1 - c0:6.2f} s CPU   victim's gaps: median "
+                      f"{median * 1e3:5.0f} ms, largest {gap * 1e3:6.0f} ms", flush=True)
     finally:
         server.terminate()
         server.wait(60)

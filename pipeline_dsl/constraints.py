@@ -58,10 +58,15 @@ names the reason), not answered with an empty 200: a regular expression (a schem
 (`(a{1000}){1000}`: llguidance's lexer gives up on it mid-answer, and its first mask alone
 costs seconds), a `$ref` that only refers to itself, and any grammar whose first step allows
 no output or that llguidance gives up on within its first few tokens (the compiled grammar is
-walked PROBE_STEPS tokens: an object of a thousand optional properties fails after its "{"). Errors are never verbose (no grammar dump);
-one in a schema says where, as the JSON pointer of the innermost subschema that fails by
-itself (`at #/properties/tags: Unimplemented keys: ["uniqueItems"]`; a tool's: `tool 'f': at
-#/properties/x: ...`), and an overlapping `oneOf` (enforceable only as anyOf) says so.
+walked PROBE_STEPS tokens: an object of 500 optional properties open to more fails after its "{").
+Counted before llguidance sees a schema, each a 400 naming the keyword and where: an `enum` of more than
+MAX_ENUM_VALUES values, a string in an `enum` or `const` value or a property's name longer than
+MAX_LITERAL_LENGTH (each step's mask costs more the longer it is), `enum` and `const` values of more than MAX_LITERAL_CHARS characters in all, more
+than MAX_OPTIONAL_PROPERTIES optional properties in one object or MAX_PROPERTIES_IN_ALL in the schema.
+Errors are never verbose (no grammar dump); one in a schema says where, as the JSON pointer of the
+innermost subschema that fails by itself (`at #/properties/tags: Unimplemented keys: ["uniqueItems"]`;
+a tool's: `tool 'f': at #/properties/x: ...`), and an overlapping `oneOf` (enforceable only as anyOf)
+says so.
 """
 
 from __future__ import annotations
@@ -102,6 +107,29 @@ MAX_SCHEMA_DEPTH = 1000
 # the others', work that grows faster than their square (one object of 128: ~0.3 s; 300: ~40 s)
 MAX_PATTERN_PROPERTIES = 128
 MAX_PATTERN_PROPERTIES_IN_ALL = 512
+# a schema's literals and properties, counted before the grammar engine sees it (a cheap walk): past
+# these it spends seconds on the schema, or gives up on it after them. Each enum: at most MAX_ENUM_VALUES
+# values (a choice spec's bound); the text of every enum and const value in all, at most MAX_LITERAL_CHARS
+# characters (262,144: ~0.15 s to check; a 2 MB enum of 2,000 strings: ~1.3 s to check, ~2 s to compile,
+# ~6 s of the server's CPU before its first token; OpenAI allows 120,000 characters of names and values)
+MAX_ENUM_VALUES = 10_000
+# one string of an enum or const value, or one property's name: the answer has to write it whole once it
+# starts, and llguidance works out each step what is left of it, a mask's work growing with its length
+# (measured with SmolLM2's vocabulary: 1,024 characters ~0.2 ms a mask, at most ~15 ms; 4,096 ~1-2 ms, at
+# most ~0.2 s; 65,536 ~50 ms, at most ~0.5 s; a const of 250,000 ~260 ms a mask, at most 2 s, which every
+# other answer in the batch waited for each step)
+MAX_LITERAL_LENGTH = 1024
+MAX_LITERAL_CHARS = 1 << 18
+# ... where an element of an array or a member of an object inside an enum or const value counts as this
+# many characters: the grammar engine spends ~0.1-0.2 ms on each (a const object of 3,000 members: 0.7 s;
+# 5,000 arrays of [[1, 2]]: 4 s), ~0.6 us on a string's character
+LITERAL_ITEM_CHARS = 256
+# properties that "required" leaves out, of one object: llguidance gives up on more than 500 after the
+# object's "{" (a row of 4n - 1 items, at most 2,000), but only once it has compiled them (10,000: ~22 s)
+MAX_OPTIONAL_PROPERTIES = 500
+# properties of all the schema's objects: 10,000 required ones took ~4.4 s to check and compile
+# (OpenAI's bound is 5,000)
+MAX_PROPERTIES_IN_ALL = 5_000
 # strings of one choice spec (guided_choice): one lexer rule of them all; 10,000 of 400 characters each
 # (4 MB) check and compile in about 2 s
 MAX_CHOICES = 10_000
@@ -1025,12 +1053,89 @@ def _check_lark_regexes(lark: str) -> int:
 
 
 def _check_schema_limits(schema, prefix: str, pattern_where: str) -> int:
-    """GrammarError for a schema's pattern, or patternProperties, past their bounds; else how
+    """GrammarError for a schema's enums, consts, properties, pattern or patternProperties past
+    their bounds (each found by a walk of the schema, before the grammar engine sees it); else how
     deep it nests (schema_depth), for the caller to bound."""
+    _check_sizes(schema, prefix)
     for pattern in _regexes(schema):
         _check_regex(pattern, pattern_where)
     _check_pattern_properties(schema, prefix)
     return schema_depth(schema)
+
+
+def _check_sizes(schema, prefix: str) -> None:
+    """GrammarError, naming the keyword and where (its JSON pointer), for an enum of more than
+    MAX_ENUM_VALUES values, a string of an enum or const value or a property's name longer than
+    MAX_LITERAL_LENGTH, enum and const values of more than MAX_LITERAL_CHARS characters in all
+    (a string's characters; another value's as _literal_size counts them), an object of more than MAX_OPTIONAL_PROPERTIES
+    properties that "required" leaves out, or more than MAX_PROPERTIES_IN_ALL properties in all:
+    refused in a walk of the schema (milliseconds) before the grammar engine spends seconds on it.
+    Each subschema is counted once where it is written (a $ref to it adds nothing)."""
+    literal_chars = properties = 0
+    todo = [("#", schema)]
+    while todo:
+        path, node = todo.pop()
+        if not isinstance(node, dict):
+            continue
+        at = f"at {path}: " if path != "#" else ""
+        values = node.get("enum")
+        if isinstance(values, list):
+            if len(values) > MAX_ENUM_VALUES:
+                raise GrammarError(f"{prefix}{at}'enum' has {len(values):,} values: at most {MAX_ENUM_VALUES:,}")
+        else:
+            values = []
+        for key, literals in (("enum", values), ("const", [node["const"]] if "const" in node else [])):
+            for v in literals:
+                chars, longest = (len(v), len(v)) if isinstance(v, str) else \
+                    _literal_size(v, MAX_LITERAL_CHARS - literal_chars)
+                if longest > MAX_LITERAL_LENGTH:
+                    raise GrammarError(f"{prefix}{at}'{key}' has a string of {longest:,} characters: at most "
+                                       f"{MAX_LITERAL_LENGTH:,} in one value")
+                literal_chars += chars
+                if literal_chars > MAX_LITERAL_CHARS:
+                    raise GrammarError(f"{prefix}{at}'{key}': the schema's enum and const values come to more "
+                                       f"than {MAX_LITERAL_CHARS:,} characters in all (an element of an array or a "
+                                       f"member of an object in them counts as {LITERAL_ITEM_CHARS})")
+        props = node.get("properties")
+        if isinstance(props, dict):
+            longest = max((len(name) for name in props if isinstance(name, str)), default=0)
+            if longest > MAX_LITERAL_LENGTH:
+                raise GrammarError(f"{prefix}{at}'properties' has a name of {longest:,} characters: at most "
+                                   f"{MAX_LITERAL_LENGTH:,}")
+            properties += len(props)
+            if properties > MAX_PROPERTIES_IN_ALL:
+                raise GrammarError(f"{prefix}{at}'properties': the schema's objects have more than "
+                                   f"{MAX_PROPERTIES_IN_ALL:,} properties in all (at most {MAX_PROPERTIES_IN_ALL:,})")
+            required = node.get("required")
+            named = {r for r in required if isinstance(r, str)} if isinstance(required, list) else set()
+            optional = sum(1 for name in props if name not in named)
+            if optional > MAX_OPTIONAL_PROPERTIES:
+                raise GrammarError(f"{prefix}{at}'properties' has {optional:,} optional properties (not in "
+                                   f"'required'): at most {MAX_OPTIONAL_PROPERTIES:,} in one object")
+        todo += [(f"{path}/{step}", sub) for step, sub in _children(node)]
+
+
+def _literal_size(value, most: int) -> tuple[int, int]:
+    """(what a non-string enum or const value counts toward MAX_LITERAL_CHARS, its longest string or
+    key): its strings' and numbers' characters, and LITERAL_ITEM_CHARS for each element of an array and
+    member of an object in it; counted without recursion (a value may nest deeper than Python
+    recurses) and only until past `most`."""
+    n, longest, todo = 0, 0, [value]
+    while todo and n <= most:
+        v = todo.pop()
+        if isinstance(v, dict):
+            n += len(v) * LITERAL_ITEM_CHARS + sum(len(k) for k in v)
+            longest = max(longest, max(map(len, v), default=0))
+            todo += v.values()
+        elif isinstance(v, list):
+            n += len(v) * LITERAL_ITEM_CHARS
+            todo += v
+        elif isinstance(v, str):
+            n += len(v)
+            longest = max(longest, len(v))
+        else:
+            n += len(str(v))
+    return n, longest
 
 
 def _terminal(name: str | None) -> bool:

@@ -272,6 +272,7 @@ def test_saying_where_a_schema_fails_compiles_a_bounded_part_of_it(monkeypatch):
 
     monkeypatch.setattr(constraints, "llg", SimpleNamespace(LLMatcher=Counting,
                                                             LLParserLimits=llguidance.LLParserLimits))
+    monkeypatch.setattr(constraints, "MAX_LITERAL_CHARS", 1 << 24)    # its enums reach the grammar engine
     child = {"type": "object", "properties": {"v": {"enum": [f"value-{i:05d}" for i in range(600)]}}}
     size = len(json.dumps(child, separators=(",", ":")))
     n = 2 * constraints.MAX_LOCATE_CHARS // size                # twice what the bound lets through
@@ -453,9 +454,10 @@ def test_a_schema_that_fails_only_because_its_objects_are_closed_says_so(compile
 
 
 def test_a_grammar_the_engine_gives_up_on_after_its_first_token_is_refused_when_compiled(compiler):
-    """An object of a thousand optional properties compiles, but after its "{" llguidance's
-    parser gives up (a row of 3999 items, at most 2000): refused at once, not mid-answer."""
-    many = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}
+    """An object of 500 optional properties, open to more, compiles, but after its "{"
+    llguidance's parser gives up (a row of 2,007 items, at most 2,000): refused at once, not mid-answer."""
+    many = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(500)},
+            "additionalProperties": {"type": "integer"}}
     with pytest.raises(GrammarError, match=r"^the grammar engine gives up on it at output token 1 \(.*items"):
         compiler.compile({"type": "json_schema", "schema": many})
     many["required"] = list(many["properties"])            # all required: one order, a small row
@@ -465,9 +467,10 @@ def test_a_grammar_the_engine_gives_up_on_after_its_first_token_is_refused_when_
 def test_a_structure_or_tool_the_engine_gives_up_on_is_refused_when_compiled(engine, compiler):
     """The JSON of a structural tag's structure (reached after free text and a trigger) and of a
     forced tool call's arguments (after its name) lies past the walk of the whole grammar: each is
-    walked alone, so an object of a thousand optional properties there is refused when compiled,
+    walked alone, so an object of 500 optional properties open to more there is refused when compiled,
     naming the structure or tool, and not left to fail when the model writes the trigger."""
-    many = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}
+    many = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(500)},
+            "additionalProperties": {"type": "integer"}}
     tag = {**STRUCTURAL_TAG, "structures": [*STRUCTURAL_TAG["structures"],
                                             {"begin": "<f=many>", "end": "</f>", "schema": many}]}
     with pytest.raises(GrammarError, match=r"^structures\[1\]: the grammar engine gives up on it at output token 1"):
@@ -492,7 +495,8 @@ def test_a_grammar_that_may_end_before_the_engine_gives_up_is_still_refused_when
     stop after "a" (the end-of-sequence token has the lowest id of all it allows there) but may
     also go on into an object llguidance gives up on is refused, not accepted because the walk
     ended early."""
-    many = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}
+    many = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(500)},
+            "additionalProperties": {"type": "integer"}}
     lark = 'start: "a" | "a" obj\nobj: %json ' + json.dumps(many)
     assert min(compiler.eos_token_ids) < min(ids_of(engine, "a{"))
     with pytest.raises(GrammarError, match=r"^the grammar engine gives up on it at output token 2 \(.*items"):
@@ -653,6 +657,82 @@ def test_pattern_properties_are_bounded_in_one_object_and_in_all():
     tool = {"type": "tool_call", "tools": [{"type": "function", "function": {"name": "f", "parameters": obj(most + 1)}}]}
     with pytest.raises(GrammarError, match="^tool 'f': patternProperties has"):
         constraints.check_spec(tool)
+
+
+class _NoGrammarEngine:
+    """Stands in for llguidance where a spec must be refused before the grammar engine sees it."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the grammar engine was asked for {name}")
+
+
+@pytest.mark.parametrize("schema, refusal", [
+    ({"type": "object", "properties": {"a": {"enum": [f"v{i}" for i in range(constraints.MAX_ENUM_VALUES + 1)]}}},
+     f"^at #/properties/a: 'enum' has {constraints.MAX_ENUM_VALUES + 1:,} values: at most "
+     f"{constraints.MAX_ENUM_VALUES:,}$"),
+    ({"type": "object", "properties": {"a": {"enum": ["x" * 1000 + str(i) for i in range(2000)]}}},   # 2 MB
+     "^at #/properties/a: 'enum': the schema's enum and const values come to more than 262,144 characters in all"),
+    ({"type": "array", "items": {"enum": ["x" * 1000 + str(i) for i in range(200)]},
+      "$defs": {"b": {"const": ["y" * 1000] * 70}}},
+     r"^at #/(items|\$defs/b): '(const|enum)': the schema's enum and const values come to more than"),
+    ({"const": "x" * 250_000},                                               # ~0.26 s of each step's mask
+     f"^'const' has a string of 250,000 characters: at most "
+     f"{constraints.MAX_LITERAL_LENGTH:,} in one value$"),
+    ({"anyOf": [{"type": "integer"}, {"enum": ["a", {"k": ["b", "y" * 5000]}]}]},
+     "^at #/anyOf/1: 'enum' has a string of 5,000 characters: at most "),
+    ({"type": "object", "properties": {"a" * 2000: {"type": "integer"}}, "required": ["a" * 2000]},
+     f"^'properties' has a name of 2,000 characters: at most {constraints.MAX_LITERAL_LENGTH:,}$"),
+    ({"type": "object", "properties": {"a": {"const": [[[1, 2]]] * 5000}}},     # 4 s of the grammar engine's CPU
+     "^at #/properties/a: 'const': the schema's enum and const values .* counts as 256"),
+    ({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(10_000)}},
+     "^'properties': the schema's objects have more than 5,000 properties in all"),
+    ({"type": "object", "properties": {f"o{j}": {"type": "object", "properties": {
+        f"p{i}": {"type": "string"} for i in range(400)}, "required": [f"p{i}" for i in range(400)]} for j in range(13)}},
+     "^at #/properties/o[0-9]+: 'properties': the schema's objects have more than 5,000 properties in all"),
+    ({"type": "object", "properties": {"m": {"type": "object", "properties": {
+        f"p{i}": {"type": "string"} for i in range(constraints.MAX_OPTIONAL_PROPERTIES + 2)}, "required": ["p0"]}}},
+     f"^at #/properties/m: 'properties' has {constraints.MAX_OPTIONAL_PROPERTIES + 1} optional properties "
+     f"\\(not in 'required'\\): at most {constraints.MAX_OPTIONAL_PROPERTIES} in one object$"),
+])
+def test_enums_consts_and_properties_past_their_bounds_are_refused_before_the_grammar_engine_sees_them(
+        monkeypatch, schema, refusal):
+    """A schema's literals and properties are counted in a walk of it: an enum of more than
+    MAX_ENUM_VALUES values, a string in an enum or const value or a property's name longer than
+    MAX_LITERAL_LENGTH (the answer must write it whole, and each step's mask works out what is left of
+    it: a const of 250,000 characters cost ~0.26 s a step, which the batch's other answers waited
+    for), enum and const values of more than MAX_LITERAL_CHARS characters in all,
+    more than MAX_OPTIONAL_PROPERTIES optional properties in one object or MAX_PROPERTIES_IN_ALL in
+    the schema are a GrammarError naming the keyword and where, raised before llguidance is asked
+    anything (it spent seconds on each of these: 22 s on 10,000 optional properties before giving up
+    on them), in a json_schema, a tool's parameters and a grammar's %json alike."""
+    monkeypatch.setattr(constraints, "llg", _NoGrammarEngine())
+    with pytest.raises(GrammarError, match=refusal):
+        constraints.check_spec({"type": "json_schema", "schema": schema})
+    tool = {"type": "tool_call", "tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}]}
+    with pytest.raises(GrammarError, match="^tool 'f': " + refusal[1:]) as e:
+        constraints.check_spec(tool)
+    assert e.value.param == "tools[0].function.parameters"
+    with pytest.raises(GrammarError, match="^the %json schema: " + refusal[1:]):
+        constraints.check_spec({"type": "grammar", "grammar": "start: %json " + json.dumps(schema)})
+
+
+def test_enums_consts_and_properties_within_their_bounds_compile(engine, compiler):
+    """At the bounds: an enum of MAX_ENUM_VALUES values, one of them MAX_LITERAL_LENGTH characters long,
+    MAX_OPTIONAL_PROPERTIES optional properties in one object, and any number more that are required
+    (up to MAX_PROPERTIES_IN_ALL), compile and enforce what they say."""
+    most = constraints.MAX_ENUM_VALUES
+    long = "y" * constraints.MAX_LITERAL_LENGTH
+    g = compiler.compile({"type": "json_schema", "schema": {"enum": [f"v{i}" for i in range(most - 1)] + [long]}})
+    for text, ok in (('"v0"', True), (f'"v{most - 2}"', True), (f'"{long}"', True), (f'"{long}y"', False),
+                     (f'"v{most - 1}"', False)):
+        m = g.matcher()
+        assert (all(m.accept(t) for t in ids_of(engine, text)) and m.can_end()) is ok, text
+    n = constraints.MAX_OPTIONAL_PROPERTIES
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(n + 100)},
+            "required": [f"p{i}" for i in range(100)]}
+    g = compiler.compile({"type": "json_schema", "schema": wide})
+    m = g.matcher()
+    assert not all(m.accept(t) for t in ids_of(engine, '{"p1": 1'))        # p0 comes first: it is required
 
 
 def test_a_choice_of_thousands_of_strings_allows_exactly_one_of_them(engine, compiler):

@@ -224,10 +224,11 @@ def long_server(long_gguf):
 
 def test_a_forced_calls_tool_the_engine_gives_up_on_names_its_parameters(long_server):
     """A tool's parameters that only the engine's walk with the model's tokens refuses (an object
-    of a thousand optional properties: llguidance gives up after its "{"): the 400 names them, with
+    of 500 optional properties open to more: llguidance gives up after its "{"): the 400 names them, with
     OpenAI's code for them, as the check when the request is read gives it."""
     server = long_server
-    many = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}
+    many = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(500)},
+            "additionalProperties": {"type": "integer"}}
     tools = [UNIQUE_TAGS[0], {"type": "function", "function": {"name": "many", "parameters": many}}]
     r = server.http.post(server.url + "/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "tools": tools,
@@ -257,7 +258,8 @@ def test_schema_true_is_any_json_value(server):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_schema_the_grammar_engine_gives_up_on_is_a_400_before_any_token(server, stream):
-    many = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}
+    many = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(500)},
+            "additionalProperties": {"type": "integer"}}
     r = server.http.post(server.url + "/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": stream,
         "response_format": schema_format(many)}, timeout=60)
@@ -268,7 +270,39 @@ def test_a_schema_the_grammar_engine_gives_up_on_is_a_400_before_any_token(serve
                                      "output token 1 (")
 
 
-MANY = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(1000)}}   # gives up after "{"
+COSTLY = [     # (schema, the start of its 400's message after "'response_format' cannot be enforced: ")
+    ({"type": "object", "properties": {"a": {"enum": ["x" * 1000 + str(i) for i in range(2000)]}}},    # 2 MB
+     "at #/properties/a: 'enum': the schema's enum and const values come to more than 262,144 characters"),
+    ({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(10_000)}},
+     "'properties': the schema's objects have more than 5,000 properties in all"),
+    ({"const": "x" * 250_000},                                         # ~0.26 s of each step's mask
+     "'const' has a string of 250,000 characters: at most 1,024 in one value"),
+    ({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(600)}},
+     "'properties' has 600 optional properties (not in 'required'): at most 500 in one object"),
+]
+
+
+@pytest.mark.parametrize("schema, says", COSTLY)
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_schema_past_the_literal_or_property_bounds_is_a_400_naming_the_keyword(server, schema, says, stream):
+    """A 2 MB enum, a const whose string costs a quarter of a second every step, or more properties
+    than the bounds allow: a 400 naming the keyword and where
+    (the request's check counts them before the grammar engine sees the schema), and the server
+    answers the next request as before."""
+    r = server.http.post(server.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": stream,
+        "response_format": schema_format(schema)}, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "response_format"
+    assert err["message"].startswith("'response_format' cannot be enforced: " + says), err["message"]
+    r = server.http.post(server.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+MANY = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(500)},
+        "additionalProperties": {"type": "integer"}}   # gives up after "{"
 ENGINE_REFUSES = [        # (path, the request's structured-output fields, the field its 400 names)
     ("/v1/chat/completions", {"guided_json": MANY}, "guided_json"),
     ("/v1/chat/completions", {"structured_outputs": {"json": MANY}}, "structured_outputs.json"),
@@ -284,7 +318,7 @@ ENGINE_REFUSES = [        # (path, the request's structured-output fields, the f
 def test_a_spec_only_the_engine_refuses_is_a_400_naming_the_field_the_client_sent(server, path, fields, named,
                                                                                    stream):
     """A spec the request's check takes but the engine's compile with the model's tokens refuses
-    (llguidance gives up after the "{" of a thousand optional properties): its 400 names the field
+    (llguidance gives up after the "{" of 500 optional properties open to more): its 400 names the field
     the client wrote the spec in, as the check's own 400 does, not response_format, which is what
     the engine calls every request's constraint."""
     spec = {"type": "json_schema", "schema": MANY} if "json" in named or named == "text.format" else \

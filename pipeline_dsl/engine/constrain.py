@@ -134,7 +134,7 @@ class Grammar:
     def _probe(self, compiler: ConstraintCompiler) -> None:
         """The first PROBE_STEPS steps of a fresh matcher, each taking the lowest allowed token: a
         grammar that fails there (llguidance gives up on a row of too many items, as after the
-        "{" of an object with a thousand optional properties), or that allows nothing but the
+        "{" of an object of 500 optional properties open to more), or that allows nothing but the
         end before it can end, can produce no answer (GrammarError), and is refused when it is
         compiled rather than in the middle of an answer."""
         import torch
