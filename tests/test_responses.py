@@ -301,14 +301,21 @@ def test_the_store_keeps_at_most_its_bytes_of_responses_however_few_they_are():
     from pipeline_dsl.serve.responses import STORED_BYTES, ResponseStore
 
     store = ResponseStore()
+
+    def response(rid: str, text: str) -> dict:        # a response's shape: its output a list of items
+        return {"id": rid, "output": [{"id": f"msg_{rid}", "type": "message", "role": "assistant",
+                                       "content": [{"type": "output_text", "text": text}]}]}
+
     big = "x" * (STORED_BYTES // 10)                    # ten of them fill the store
     for i in range(40):
-        store.put(f"resp_{i}", {"id": f"resp_{i}", "output": big}, [{"role": "user", "content": "hi"}])
+        store.put(f"resp_{i}", response(f"resp_{i}", big), [{"role": "user", "content": "hi"}])
     kept = [i for i in range(40) if store.get(f"resp_{i}") is not None]
     assert kept == list(range(40 - len(kept), 40)) and 1 <= len(kept) < 10
     assert store.bytes <= STORED_BYTES
-    assert store.get("resp_39") == ({"id": "resp_39", "output": big}, [{"role": "user", "content": "hi"}])
-    assert store.put("huge", {"id": "huge", "output": "x" * (STORED_BYTES + 1)}, []) is False
+    assert store.item(f"msg_resp_{kept[0]}")["id"] == f"msg_resp_{kept[0]}"
+    assert store.item("msg_resp_0") is None                          # a forgotten response's items go with it
+    assert store.get("resp_39") == (response("resp_39", big), [{"role": "user", "content": "hi"}])
+    assert store.put("huge", response("huge", "x" * (STORED_BYTES + 1)), []) is False
     assert store.get("huge") is None and store.get("resp_39") is not None    # too big alone: not kept
     assert store.delete("resp_39") and store.get("resp_39") is None
     assert store.bytes == sum(len(text) for text in store.items.values())
