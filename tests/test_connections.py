@@ -1,7 +1,7 @@
 """Connections to `agp serve` are bounded whatever the client does (serve/server.py): an error
 answer, or one sent before the body was read, closes its connection (`Connection: close`) even
 if the client keeps sending; headers over 16 KiB are a 431; a client that reads none of its
-stream is cut after --send-timeout. Probed with raw sockets against an `agp serve` child,
+stream is cut after --send-timeout; an idle one is kept --keep-alive-timeout. Probed with raw sockets against an `agp serve` child,
 counting the child's open sockets."""
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def serve(tiny_gguf, tmp_path_factory):
     path = tmp_path_factory.mktemp("conn") / "tiny.agp"
     path.write_text(TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=1))
     proc, url = start_agp_serve(str(path), "--threads", "1", "--no-access-log", "--header-timeout", "2",
-                                "--send-timeout", "1", "--body-timeout", "5")
+                                "--send-timeout", "1", "--body-timeout", "5", "--keep-alive-timeout", "7")
     try:
         yield proc, url, int(url.rsplit(":", 1)[1])
     finally:
@@ -283,3 +283,88 @@ def test_a_client_that_reads_none_of_its_answer_is_cut_after_the_send_timeout():
         assert stalled.aborted and not slow.aborted and not slow.closed
     finally:
         loop.close()
+
+
+async def _ok(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _answered_connection(clock, keep_alive_timeout, header_timeout=10):
+    """A connection of agp_protocol on the clock that has answered one request and now sits idle:
+    (protocol, transport, served) where served() counts the requests answered on it."""
+    config = uvicorn.Config(app=_ok, log_level="warning")
+    config.load()
+    state = ServerState()
+    t = _Transport()
+    proto = agp_protocol(header_timeout=header_timeout, keep_alive_timeout=keep_alive_timeout)(
+        config=config, server_state=state, app_state={}, _loop=clock)
+    proto.connection_made(t)
+
+    def serve_one():
+        before = state.total_requests
+        proto.data_received(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        clock.loop.run_until_complete(asyncio.sleep(0.05))     # the app answers (real loop)
+        assert state.total_requests == before + 1 and not t.is_closing()
+    serve_one()
+    return proto, t, serve_one
+
+
+@pytest.mark.parametrize("keep_alive", [75.0, 8.0])
+def test_an_idle_connection_stays_open_for_the_keep_alive_timeout_then_is_closed(keep_alive):
+    """uvicorn closed a connection idle for 5 s, as long as httpx (the openai client) keeps one
+    pooled: a request sent on it as the server closed it failed ("Server disconnected"). Idle
+    past the old 5 s, short of --keep-alive-timeout, it still serves a request; idle for the
+    whole timeout, it is closed."""
+    loop = asyncio.new_event_loop()
+    clock = _Clock(loop)
+    try:
+        proto, t, serve_one = _answered_connection(clock, keep_alive)
+        clock.advance(keep_alive - 1)                      # past the old 5 s
+        assert not t.is_closing()
+        serve_one()                                        # the same connection, reused
+        clock.advance(keep_alive - 0.5)                    # its idle time starts again at each answer
+        assert not t.is_closing()
+        clock.advance(1)
+        assert t.closed
+    finally:
+        loop.close()
+
+
+def test_the_next_request_on_a_kept_connection_has_the_header_timeout():
+    """A client idle for a while that then sends part of a request's headers and stops is closed
+    after --header-timeout from its first byte, not left until --keep-alive-timeout."""
+    loop = asyncio.new_event_loop()
+    clock = _Clock(loop)
+    try:
+        proto, t, _ = _answered_connection(clock, keep_alive_timeout=75, header_timeout=2)
+        clock.advance(30)
+        proto.data_received(b"GET /health HTTP/1.1\r\nHo")    # and no more
+        clock.advance(1.5)
+        assert not t.is_closing()
+        clock.advance(1)
+        assert t.closed
+    finally:
+        loop.close()
+
+
+def test_agp_serve_keeps_an_idle_connection_for_its_keep_alive_timeout(serve):
+    """Through `agp serve --keep-alive-timeout 7` (the fixture): a connection idle past uvicorn's
+    5 s serves the next request (uvicorn had closed it: the request found the connection closed);
+    left idle, the server closes it."""
+    _, _, port = serve
+    request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    c = socket.create_connection(("127.0.0.1", port))
+    try:
+        for idle in (5.5, 0):
+            c.sendall(request)
+            head, _, body = head_of_answer(c).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ") and b"connection: close" not in head.lower(), head
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:")))
+            while len(body) < length:                      # the whole answer: the next one starts clean
+                body += c.recv(65536)
+            time.sleep(idle)                               # past the old 5 s, within --keep-alive-timeout 7
+        assert closed_within(c, 30)
+    finally:
+        c.close()

@@ -133,6 +133,7 @@ def test_a_variable_out_of_its_flags_range_is_named_by_the_variable(capsys, env,
 
 @pytest.mark.parametrize("flag, value", [("--header-timeout", "nan"), ("--drain-timeout", "inf"),
                                          ("--body-timeout", "nan"), ("--send-timeout", "inf"),
+                                         ("--keep-alive-timeout", "nan"), ("--keep-alive-timeout", "inf"),
                                          ("--stats-interval", "nan"), ("--stats-interval", "inf")])
 def test_a_timeout_that_is_not_a_finite_number_of_seconds_stops_the_start(flag, value):
     """AGP_HEADER_TIMEOUT=nan started a server whose every connection failed with a traceback
@@ -143,6 +144,28 @@ def test_a_timeout_that_is_not_a_finite_number_of_seconds_stops_the_start(flag, 
     with pytest.raises(SetupError, match=f"^{flag} must be .*a positive number of seconds, not {value}$"):
         check_args(parse(["x.agp", flag, value], {}))
     check_args(parse(["x.agp", flag, "2.5"], {}))
+
+
+@pytest.mark.parametrize("argv, env, said", [
+    (["--keep-alive-timeout", "0"], {}, "--keep-alive-timeout must be a positive number of seconds, not 0.0"),
+    (["--keep-alive-timeout", "soon"], {}, "--keep-alive-timeout: invalid float value: 'soon'"),
+    ([], {"AGP_KEEP_ALIVE_TIMEOUT": "-5"}, "AGP_KEEP_ALIVE_TIMEOUT='-5': must be a positive number of seconds, not -5.0"),
+])
+def test_a_bad_keep_alive_timeout_stops_the_start_naming_the_flag_or_the_variable(tmp_path, capsys, monkeypatch,
+                                                                                   argv, env, said):
+    from pipeline_dsl import cli
+
+    path = tmp_path / "x.agp"
+    path.write_text("")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    try:
+        code = cli.main(["serve", str(path), "--port", "0", *argv])
+    except SystemExit as e:                        # argparse's own refusal of a value that is no number
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and said in err, err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("argv, env, said", [

@@ -203,7 +203,8 @@ def _start(args, sock):
         # itself: uvicorn's root_path would prefix every path a second time
         server = AgpServer(uvicorn.Config(
             serving.app, log_level=args.log_level, access_log=False, lifespan="on",
-            http=agp_protocol(args.header_timeout, args.send_timeout), timeout_graceful_shutdown=5.0,
+            http=agp_protocol(args.header_timeout, args.send_timeout, keep_alive_timeout=args.keep_alive_timeout),
+            timeout_keep_alive=args.keep_alive_timeout, timeout_graceful_shutdown=5.0,
             ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
             log_config={"version": 1, "disable_existing_loggers": False}),
             serving.apipe, args.drain_timeout)

@@ -156,6 +156,10 @@ def add_arguments(p) -> None:
                         "Retry-After (default: 1024)")
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a client has to send its request line and headers (default: 10)")
+    p.add_argument("--keep-alive-timeout", type=float, default=75.0,
+                   help="seconds a connection may sit idle between requests before the server closes it; "
+                        "longer than the clients' own (httpx and the openai client: 5 s; load balancers: "
+                        "60 s), or a request sent as the server closes fails (default: 75)")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a client has to send its request body, more for each --body-min-rate bytes "
                         "it sends, and the longest it may pause; later: 408 (default: 30)")
@@ -341,7 +345,7 @@ AT_LEAST = {"max_queue": 1, "max_body_bytes": 1024, "max_input_tokens": 1, "max_
             "max_body_bytes_arriving": 1024,
             "max_num_seqs": 1, "threads": 1, "max_unread_tokens": 1, "pause_unread_tokens": 0, "replicas": 1, "min_replicas": 0,
             "max_replicas": 1, "max_ongoing_requests": 1, "affinity_chars": 0}
-POSITIVE_SECONDS = ("drain_timeout", "header_timeout", "body_timeout", "send_timeout")
+POSITIVE_SECONDS = ("drain_timeout", "header_timeout", "body_timeout", "send_timeout", "keep_alive_timeout")
 FILES = ("ssl_keyfile", "ssl_certfile", "chat_template")
 RAY_DESTS = ("replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "max_ongoing_requests",
              "affinity_chars")                 # checked with --ray alone (without it, their use is the error)

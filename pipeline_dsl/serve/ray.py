@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import socket
 import threading
@@ -210,7 +211,10 @@ def main(args) -> int:
     port = args.port or _free_port(args.host)
     serve.start(proxy_location="EveryNode",
                 http_options={"host": args.host, "port": port, "ssl_keyfile": args.ssl_keyfile,
-                              "ssl_certfile": args.ssl_certfile}, logging_config=logging_config(args))
+                              "ssl_certfile": args.ssl_certfile,
+                              # its proxy's idle connections, in whole seconds (Ray's own default: 90 s)
+                              "keep_alive_timeout_s": math.ceil(args.keep_alive_timeout)},
+                logging_config=logging_config(args))
     try:
         serve.run(build_app(args, gpus), name=APP, route_prefix="/")   # the app answers under --root-path
     except Exception as e:                      # noqa: BLE001 - Serve says why the replicas did not start

@@ -14,7 +14,7 @@ that tells the truth.
 | the answer being written, the client not reading it | two checks with none of it taken: the request hears it (`SendWatch`) and pauses its generation; `send_timeout` with none of it taken (below): cut |
 | the same at shutdown (after the drain) | cut at once |
 | the kernel's buffer of the answer | `SEND_BUFFER` (128 KiB; Linux doubles it), not Linux's autotuned 4 MiB |
-| idle between requests (keep-alive) | uvicorn's keep-alive timeout (5 s) |
+| idle between requests (keep-alive) | `keep_alive_timeout` (`KEEP_ALIVE_S`, 75 s, as nginx; not uvicorn's 5 s): closed; the next request's bytes end the idle wait and start its `header_timeout` |
 
 So no client holds a connection (and its file descriptor) longer than one of these limits by
 sending a byte now and then: an answered 413 whose client keeps sending is closed, not left
@@ -85,6 +85,11 @@ LINGER_S = 2.0                 # a closed connection's unread request bytes are 
 CLOSE = (b"connection", b"close")
 # the kernel's buffer of a connection's unread answer: ~1,000 streamed tokens; 2 MB/s to a client 100 ms away
 SEND_BUFFER = 128 << 10
+# how long a connection may sit idle between requests: longer than its clients' own idle limit
+# (httpx's, the openai client's, is 5 s; load balancers' 60 s), so the client, not the server,
+# closes an idle connection; a server that closes first races the request a client sends on it
+# (a request on a pooled connection idle for about 5 s fails with "Server disconnected")
+KEEP_ALIVE_S = 75.0
 TCP_INFO_BYTES = 148            # Linux's struct tcp_info up to tcpi_notsent_bytes (Linux 4.6)
 
 
@@ -194,14 +199,16 @@ class SendWatch:
 
 
 def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
-                 max_header_bytes: int = MAX_HEADER_BYTES):
-    """An H11Protocol class with the limits of the module docstring."""
+                 max_header_bytes: int = MAX_HEADER_BYTES, keep_alive_timeout: float = KEEP_ALIVE_S):
+    """An H11Protocol class with the limits of the module docstring (`keep_alive_timeout` in
+    place of the uvicorn.Config's `timeout_keep_alive`)."""
     tick = min(1.0, send_timeout / 4)     # how often a connection whose answer waits is checked
 
     class AgpH11(H11Protocol):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.conn = _ClosingConnection(h11.SERVER, max_incomplete_event_size=max_header_bytes + 1)
+            self.timeout_keep_alive = keep_alive_timeout     # uvicorn's idle timer reads it
 
         def connection_made(self, transport):
             sock = transport.get_extra_info("socket")
@@ -273,7 +280,7 @@ def agp_protocol(header_timeout: float = 10.0, send_timeout: float = 30.0,
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            self._disarm()                        # idle keep-alive: uvicorn's own timeout applies
+            self._disarm()                        # idle keep-alive: uvicorn's timer of keep_alive_timeout
 
         def _headers_late(self) -> None:
             self._header_timer = None
