@@ -89,3 +89,18 @@ def test_an_activation_variable_of_another_word_stops_the_load_naming_it(tiny_gg
         tiny_engine(tiny_gguf)
     monkeypatch.setenv("AGP_NATIVE_ACT", "f32")
     tiny_engine(tiny_gguf)
+
+
+def test_a_prompts_pooled_mean_is_the_same_prefilled_whole_or_in_chunks(soft_gguf, invariant):
+    # the mean hidden state was summed per chunk and then over chunks: the chunks (the step's
+    # budget left by the requests beside it) changed its last bits, where its rows were the same
+    params = SamplingParams(max_tokens=0, pooling="mean", prompt_logprobs=1)
+    prompt = SYSTEM + " " + SYSTEM + " Why?"
+    got = []
+    for chunk in (512, 16, 7):
+        eng = tiny_engine(soft_gguf, prefill_chunk=chunk, max_tokens_per_step=512)
+        eng.add_request("a", prompt=prompt, params=params)
+        (out,) = [o for _ in range(1000) if eng.has_unfinished() for o in eng.step()]
+        got.append((out.pooled, out.prompt_logprobs))
+    assert got[0][0] is not None and len(got[0][1]) > 100
+    assert got[1] == got[0] and got[2] == got[0]

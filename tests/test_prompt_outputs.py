@@ -232,10 +232,10 @@ def test_a_chunk_that_does_not_continue_the_rows_so_far_is_ignored():
     from pipeline_dsl.engine.prompt_outputs import ChunkRows, PromptOutputs
 
     out = PromptOutputs(8, None, "mean")
-    out.add(ChunkRows(0, 4, hidden_sum=torch.full((2,), 4.0)), list(range(8)))
-    out.add(ChunkRows(2, 4, hidden_sum=torch.full((2,), 100.0)), list(range(8)))   # not at row 4
+    out.add(ChunkRows(0, 4, hidden=torch.full((4, 2), 1.0)), list(range(8)))
+    out.add(ChunkRows(2, 4, hidden=torch.full((4, 2), 25.0)), list(range(8)))      # not at row 4
     assert out.next == 4 and not out.complete
-    out.add(ChunkRows(4, 4, hidden_sum=torch.full((2,), 12.0)), list(range(8)))
+    out.add(ChunkRows(4, 4, hidden=torch.full((4, 2), 3.0)), list(range(8)))
     assert out.complete and out.take() == (None, [2.0, 2.0])
     assert out.take() == (None, None)                                            # handed out once
 
@@ -247,9 +247,9 @@ def test_a_first_chunk_again_starts_incomplete_outputs_over_and_leaves_complete_
 
     ids = list(range(8))
     out = PromptOutputs(8, None, "mean")
-    out.add(ChunkRows(0, 4, hidden_sum=torch.full((2,), 4.0)), ids)
-    out.add(ChunkRows(0, 4, hidden_sum=torch.full((2,), 4.0)), ids)              # recomputed
-    out.add(ChunkRows(4, 4, hidden_sum=torch.full((2,), 12.0)), ids)
+    out.add(ChunkRows(0, 4, hidden=torch.full((4, 2), 1.0)), ids)
+    out.add(ChunkRows(0, 4, hidden=torch.full((4, 2), 1.0)), ids)                # recomputed
+    out.add(ChunkRows(4, 4, hidden=torch.full((4, 2), 3.0)), ids)
     assert out.complete
-    out.add(ChunkRows(0, 4, hidden_sum=torch.full((2,), 100.0)), ids)            # complete: kept
+    out.add(ChunkRows(0, 4, hidden=torch.full((4, 2), 25.0)), ids)               # complete: kept
     assert out.complete and out.take() == (None, [2.0, 2.0])

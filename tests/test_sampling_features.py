@@ -10,12 +10,12 @@ import math
 import pytest
 import torch
 
-from pipeline_dsl.engine import Engine, InputError, SamplingParams
+from pipeline_dsl.engine import Engine, EngineConfig, InputError, SamplingParams
 from pipeline_dsl.engine.executor import run_requests
 from pipeline_dsl.engine.processors import Features
 from pipeline_dsl.engine.sampler import Sampler
 from pipeline_dsl.engine.scheduler import Sequence
-from test_engine import PROMPTS, toy_engine
+from test_engine import PROMPTS, ToyRunner, ToyTokenizer, toy_engine
 from test_sampler import LOGITS, PROBS, _chi_square_ok, _frequencies
 from tiny_model import BOUNDED_SCHEMA, tiny_engine
 
@@ -416,6 +416,34 @@ def test_logprobs_are_the_raw_log_softmax_of_the_model(soft_gguf, overlap):
             if k:
                 assert [t for t, _ in lp["top"]] == top.indices.tolist()
                 torch.testing.assert_close(torch.tensor(values), top.values, rtol=0, atol=1e-4)
+
+
+
+class TiedRunner(ToyRunner):
+    """The toy model with its logits rounded to whole numbers: most steps hold tokens tied at the
+    same logprob, among the likeliest too (as a bf16 model's logits often are)."""
+
+    def execute(self, items):
+        return super().execute(items).round()
+
+
+@pytest.mark.parametrize("overlap", [None, True])
+def test_a_requests_top_logprobs_do_not_depend_on_how_many_its_neighbours_ask_for(overlap):
+    # the step's alternatives came from one topk with the largest count any of its rows asked for:
+    # among tokens tied at one logprob, topk(5) picks others than topk(1), so a request's top
+    # alternatives changed with a neighbour's `logprobs`; ties are now listed by token id
+    def answer(reqs):
+        eng = Engine(EngineConfig(batch_timeout_s=0.0), runner=TiedRunner(64, 4), tokenizer=ToyTokenizer())
+        got = stepped(eng, {rid: (p, dict(prompt="the cat sat")) for rid, p in reqs.items()}) if overlap is None \
+            else executed(eng, {rid: (p, dict(prompt="the cat sat")) for rid, p in reqs.items()}, overlap)
+        return [lp for o in got["a"] for lp in o.logprobs]
+
+    one = SamplingParams(max_tokens=24, ignore_eos=True, logprobs=1)
+    alone = answer({"a": one})
+    crowd = answer({"a": one, "b": SamplingParams(max_tokens=24, ignore_eos=True, logprobs=5)})
+    assert crowd == alone
+    for lp in alone:                     # most likely first, tied ones by token id
+        assert lp["top"] == sorted(lp["top"], key=lambda e: (-e[1], e[0]))
 
 
 # ---- constrained decoding -------------------------------------------------------------------------

@@ -60,6 +60,26 @@ def _to(values, dev, dtype=torch.long) -> torch.Tensor:
     return t.pin_memory().to(dev, non_blocking=True)
 
 
+def top_logprobs(lp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of each row of `lp` [r, V], most likely first, tokens tied at one value by
+    token id: ([r, k] float32 values, [r, k] ids). torch.topk breaks ties as its k leads it
+    (topk(5)[:1] is not always topk(1)), so a row's alternatives would change with the count its
+    step's other rows ask for; here a row's first k are the same whatever k is. Without a tie
+    among a row's k + 1 largest, topk's answer is the only one; with one (a bf16 model's logits
+    often tie), one topk over int64 keys: the value's bits as an order-preserving integer above,
+    the id reversed below."""
+    lp = lp.float()
+    V = lp.shape[-1]
+    values, ids = lp.topk(min(k + 1, V), dim=-1)                             # [r, k + 1]
+    if not bool((values[:, 1:] == values[:, :-1]).any()):
+        return values[:, :k], ids[:, :k]
+    bits = (lp + 0.0).view(torch.int32)                                      # [r, V]; -0.0 as 0.0
+    order = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()            # ordered as the floats
+    below = V - 1 - torch.arange(V, device=lp.device)                        # [V] lower id, larger key
+    ids = ((order << 32) | below).topk(k, dim=-1).indices                    # [r, k]
+    return lp.gather(1, ids), ids
+
+
 def draw(sampler, logits: torch.Tensor, seqs) -> torch.Tensor:
     """The plain draw: [n, V] -> [n] token ids (long, on the logits' device, no host sync)."""
     if all(s.params.greedy for s in seqs):
@@ -181,7 +201,7 @@ class Features:
             token_lp = lsm.gather(1, chosen[:, None]).squeeze(1)                # [r]
             k = max(seqs[i].params.logprobs for i in lp_rows)
             if k:
-                top_lp, top_ids = lsm.topk(k, dim=-1)                           # [r, k], most likely first
+                top_lp, top_ids = top_logprobs(lsm, k)                          # [r, k], most likely first
             else:
                 top_lp, top_ids = lsm[:, :0], chosen[:, None][:, :0]            # [r, 0]
             step = StepLogprobs(token_lp, top_lp, top_ids)

@@ -11,6 +11,11 @@ memory is bounded by the chunk, never [T, V] for the whole prompt), and `PromptO
 accumulates them on the sequence on the host. A request with `max_tokens = 0` finishes right after
 its prefill without sampling (the engine's `finish_prefilled`).
 
+The mean hidden state is the sum of the rows in position order, one row after another (each
+chunk's rows added to the running sum on the host), divided by their number: the same bits however
+the prompt was cut into chunks, which the step's budget left by the requests beside it decides (a
+sum per chunk, then over the chunks, rounded differently with every cut).
+
 Such a request never reads the prefix cache (every row must be computed). A preempted one keeps
 the rows it has: a chunk computed before the preemption (an executor that schedules ahead emits it
 after) still counts, and outputs already complete are not recomputed; outputs still incomplete start
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .sampler import to_device
@@ -48,7 +54,7 @@ class ChunkRows:
     ranks: torch.Tensor | None = None        # [m] its rank: 1 + the tokens more likely than it (vLLM's)
     top_ids: torch.Tensor | None = None      # [m, k]
     top_values: torch.Tensor | None = None   # [m, k]
-    hidden_sum: torch.Tensor | None = None   # [H] float32: the rows' normed hidden states summed
+    hidden: torch.Tensor | None = None       # [n, H] float32: the rows' normed hidden states
 
 
 def reduce_chunk(start: int, rows: dict, targets: list[int], top: int | None) -> ChunkRows:
@@ -76,7 +82,7 @@ def reduce_chunk(start: int, rows: dict, targets: list[int], top: int | None) ->
         if top:
             out.top_ids, out.top_values = torch.cat(ids), torch.cat(values)      # [m, k]
     if hidden is not None:
-        out.hidden_sum = hidden.float().sum(dim=0)                               # [H]
+        out.hidden = hidden.float()                                              # [n, H]
     return out
 
 
@@ -89,7 +95,7 @@ class PromptOutputs:
     next: int = 0                            # prompt rows accumulated so far
     # None for the first token, then {"token_id", "logprob", "rank", "top"} per prompt token
     logprobs: list = field(default_factory=list)
-    hidden_sum: torch.Tensor | None = None
+    hidden_sum: np.ndarray | None = None     # [H] float32: the rows so far, added in position order
     delivered: bool = False                  # handed out with the sequence's first output
 
     @property
@@ -117,9 +123,12 @@ class PromptOutputs:
                     alts = list(zip(ids[i], tops[i])) if ids is not None else []
                     self.logprobs.append({"token_id": prompt_ids[p], "logprob": float(value), "rank": int(ranks[i]),
                                           "top": alts})
-        if chunk.hidden_sum is not None:
-            s = chunk.hidden_sum.cpu()
-            self.hidden_sum = s if self.hidden_sum is None else self.hidden_sum + s
+        if chunk.hidden is not None:
+            rows = chunk.hidden.cpu().numpy()                                    # [n, H]
+            if self.hidden_sum is not None:
+                rows = np.concatenate([self.hidden_sum[None], rows])
+            # a running sum, row after row (ufunc.accumulate adds in order; a sum would pair rows up)
+            self.hidden_sum = np.add.accumulate(rows, axis=0)[-1]
         self.next = chunk.start + chunk.num_rows
 
     def take(self) -> tuple[list | None, list | None]:
@@ -129,5 +138,5 @@ class PromptOutputs:
         self.delivered = True
         pooled = None
         if self.pooling == "mean" and self.hidden_sum is not None:
-            pooled = (self.hidden_sum / self.num_prompt).tolist()
+            pooled = (self.hidden_sum / np.float32(self.num_prompt)).tolist()
         return (self.logprobs if self.top is not None else None), pooled
