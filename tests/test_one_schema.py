@@ -257,3 +257,23 @@ def test_a_run_line_gives_at_most_one_structured_output_field_as_a_body_does():
     alike = {"guided_regex": "ab", "structured_outputs": {"regex": "ab"}}      # one format, as vLLM clients send it
     assert parse_request({**CHAT, **alike}).response_format == {"type": "regex", "pattern": "ab"}
     assert accepts_serve_chat(alike)
+
+
+@pytest.mark.parametrize("broken, beside, param", [
+    ({"structured_outputs": {"json": {"type": "object"}, "whitespace_pattern": "x+"}}, {"guided_json": {"type": "object"}},
+     "structured_outputs.whitespace_pattern"),
+    ({"guided_regex": 5}, {"structured_outputs": {"regex": "a+"}}, "guided_regex"),
+    ({"guided_json": "{not json"}, {"response_format": {"type": "json_object"}}, "guided_json")])
+def test_a_broken_structured_output_field_beside_another_is_its_own_400(broken, beside, param):
+    """A structured-output field that does not read, given beside another, is refused with its own
+    error, as where it is given alone (it was "give at most one of ...", naming the other field)."""
+    def refusal(fields):
+        with pytest.raises(RequestError) as run_error:
+            parse_request({**CHAT, **fields})
+        with pytest.raises(P.APIError) as serve_error:
+            P.parse_chat({**CHAT, **fields}, max_model_len=1 << 21, served=("p",))
+        return (run_error.value.param, str(run_error.value)), (serve_error.value.param, serve_error.value.message)
+
+    alone = refusal(broken)
+    assert alone[0][0] == param and "at most one" not in alone[0][1]
+    assert refusal({**beside, **broken}) == refusal({**broken, **beside}) == alone
