@@ -62,7 +62,8 @@ walked PROBE_STEPS tokens: an object of 500 optional properties open to more fai
 Counted before llguidance sees a schema, each a 400 naming the keyword and where: an `enum` of more than
 MAX_ENUM_VALUES values, a string in an `enum` or `const` value or a property's name longer than
 MAX_LITERAL_LENGTH (each step's mask costs more the longer it is), `enum` and `const` values of more than MAX_LITERAL_CHARS characters in all, more
-than MAX_OPTIONAL_PROPERTIES optional properties in one object or MAX_PROPERTIES_IN_ALL in the schema.
+than MAX_OPTIONAL_PROPERTIES optional properties in one object or MAX_PROPERTIES_IN_ALL in the schema,
+and JSON nested more than MAX_JSON_DEPTH levels of arrays and objects anywhere in the schema.
 Errors are never verbose (no grammar dump); one in a schema says where, as the JSON pointer of the
 innermost subschema that fails by itself (`at #/properties/tags: Unimplemented keys: ["uniqueItems"]`;
 a tool's: `tool 'f': at #/properties/x: ...`), and an overlapping `oneOf` (enforceable only as anyOf)
@@ -113,6 +114,12 @@ MAX_PATTERN_PROPERTIES_IN_ALL = 512
 # characters (262,144: ~0.15 s to check; a 2 MB enum of 2,000 strings: ~1.3 s to check, ~2 s to compile,
 # ~6 s of the server's CPU before its first token; OpenAI allows 120,000 characters of names and values)
 MAX_ENUM_VALUES = 10_000
+# how deep a schema's JSON may nest, in arrays and objects (the schema itself the first level), wherever
+# in it (a subschema, a const, a default, a keyword agp does not know): a value ~500 levels deep ran out
+# of Python's recursion before the grammar engine saw it (a RecursionError, not a 400). llguidance
+# itself refuses a value past ~124 levels ("recursion limit exceeded") and takes nested properties to
+# ~296: the bound lies above what it takes, below where Python's recursion (~1,000 frames) runs out
+MAX_JSON_DEPTH = 400
 # one string of an enum or const value, or one property's name: the answer has to write it whole once it
 # starts, and llguidance works out each step what is left of it, a mask's work growing with its length
 # (measured with SmolLM2's vocabulary: 1,024 characters ~0.2 ms a mask, at most ~15 ms; 4,096 ~1-2 ms, at
@@ -704,7 +711,7 @@ class GrammarBuilder:
 
     def _prepare(self, schema):
         if isinstance(schema, dict):
-            schema = copy.deepcopy({k: v for k, v in schema.items() if k != "x-guidance"})  # options are ours
+            schema = _json_copy({k: v for k, v in schema.items() if k != "x-guidance"})  # options are ours
             _normalise(schema)
             if self.close_objects:
                 schema = _close_objects(schema)
@@ -1056,11 +1063,47 @@ def _check_schema_limits(schema, prefix: str, pattern_where: str) -> int:
     """GrammarError for a schema's enums, consts, properties, pattern or patternProperties past
     their bounds (each found by a walk of the schema, before the grammar engine sees it); else how
     deep it nests (schema_depth), for the caller to bound."""
+    _check_json_depth(schema, prefix)
     _check_sizes(schema, prefix)
     for pattern in _regexes(schema):
         _check_regex(pattern, pattern_where)
     _check_pattern_properties(schema, prefix)
     return schema_depth(schema)
+
+
+def _json_copy(value):
+    """A copy of a JSON value, its arrays and objects copied (copy.deepcopy, without recursion)."""
+    def fresh(v):
+        return dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v
+
+    top = fresh(value)
+    todo = [top]
+    while todo:
+        node = todo.pop()
+        for k, v in (node.items() if isinstance(node, dict) else enumerate(node)):
+            if isinstance(v, (dict, list)):
+                node[k] = fresh(v)
+                todo.append(node[k])
+    return top
+
+
+def _check_json_depth(schema, prefix: str) -> None:
+    """GrammarError, naming where (its JSON pointer), for a schema whose JSON nests more than
+    MAX_JSON_DEPTH levels of arrays and objects anywhere: found without recursion, before anything
+    that recurses (a copy, the JSON text) sees it."""
+    todo = [(schema, 1, None, "")]
+    while todo:
+        entry = todo.pop()
+        node, depth = entry[0], entry[1]
+        if depth > MAX_JSON_DEPTH:
+            steps = []
+            while entry[2] is not None:
+                steps.append(entry[3])
+                entry = entry[2]
+            raise GrammarError(short(f"{prefix}the schema nests more than {MAX_JSON_DEPTH} levels of arrays and "
+                                     f"objects (at most {MAX_JSON_DEPTH}), at #/{'/'.join(reversed(steps))}"))
+        pairs = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        todo += [(v, depth + 1, entry, _escape(str(k))) for k, v in pairs if isinstance(v, (dict, list))]
 
 
 def _check_sizes(schema, prefix: str) -> None:
@@ -1146,8 +1189,11 @@ def _terminal(name: str | None) -> bool:
 def spec_digest(spec) -> bytes:
     """The SHA-256 of a spec's canonical JSON text (keys sorted): equal specs, equal digests; what
     the caches of checked and compiled specs are keyed by (TypeError/ValueError: not JSON)."""
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":"))
-                          .encode("utf-8", "surrogatepass")).digest()
+    try:
+        text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    except RecursionError:
+        raise ValueError("it nests deeper than JSON text can be written here") from None
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 
 def check_spec(spec, *, close_objects: bool = True, whitespace: str | None = JSON_WHITESPACE) -> list[str]:

@@ -1089,7 +1089,11 @@ def spec_problem(spec: dict, *, wait: bool = True, where: str = "response_format
         finally:
             grammar_slots.release()
 
-    return _checked.get(spec_digest(spec), check, wait=wait,
+    try:
+        digest = spec_digest(spec)
+    except (TypeError, ValueError) as e:        # a spec a python stage handed back, nested past what JSON writes
+        return f"the constraint is not JSON: {e}"
+    return _checked.get(digest, check, wait=wait,
                         busy=lambda: _busy(where, "the check of an equal spec is running"))
 
 

@@ -259,6 +259,26 @@ def test_a_run_line_gives_at_most_one_structured_output_field_as_a_body_does():
     assert accepts_serve_chat(alike)
 
 
+def test_a_structured_output_nested_past_what_json_writes_is_a_400_naming_its_field():
+    """A request a python stage hands back is Python's objects, not JSON text read MAX_DEPTH deep:
+    a schema with a default nested 100,000 deep (or 600: past the schema's bound) was a
+    RecursionError; it is a RequestError naming the field."""
+    deep = 1
+    for _ in range(100_000):
+        deep = [deep]
+    for field, value in (("guided_json", {"type": "string", "default": deep}),
+                         ("response_format", {"type": "json_schema", "json_schema": {
+                             "name": "x", "schema": {"type": "string", "default": deep}}})):
+        with pytest.raises(RequestError, match=f"'{field}' cannot be enforced: the constraint is not JSON") as e:
+            parse_request({**CHAT, field: value})
+        assert e.value.param == field
+    shallower = deep
+    for _ in range(100_000 - 600):
+        shallower = shallower[0]
+    with pytest.raises(RequestError, match="'guided_json' cannot be enforced: the schema nests more than"):
+        parse_request({**CHAT, "guided_json": {"type": "string", "default": shallower}})
+
+
 @pytest.mark.parametrize("broken, beside, param", [
     ({"structured_outputs": {"json": {"type": "object"}, "whitespace_pattern": "x+"}}, {"guided_json": {"type": "object"}},
      "structured_outputs.whitespace_pattern"),
