@@ -56,13 +56,15 @@ What llguidance cannot enforce is refused when the spec is compiled (GrammarErro
 names the reason), not answered with an empty 200: a regular expression (a schema's `pattern`,
 `patternProperties`, a regex spec, a grammar's regex or terminal) that expands to more than MAX_REGEX_SIZE characters
 (`(a{1000}){1000}`: llguidance's lexer gives up on it mid-answer, and its first mask alone
-costs seconds), a `$ref` that only refers to itself, and any grammar whose first step allows
+costs seconds) or that forces a run of more than MAX_LITERAL_LENGTH fixed characters (forced_run:
+`^a{20000}$` costs each step's mask as a const's string of that length does), a `$ref` that only refers to itself, and any grammar whose first step allows
 no output or that llguidance gives up on within its first few tokens (the compiled grammar is
 walked PROBE_STEPS tokens: an object of 500 optional properties open to more fails after its "{").
 Counted before llguidance sees a schema, each a 400 naming the keyword and where: an `enum` of more than
 MAX_ENUM_VALUES values, a string in an `enum` or `const` value or a property's name longer than
 MAX_LITERAL_LENGTH (each step's mask costs more the longer it is), `enum` and `const` values of more than MAX_LITERAL_CHARS characters in all, more
-than MAX_OPTIONAL_PROPERTIES optional properties in one object or MAX_PROPERTIES_IN_ALL in the schema.
+than MAX_OPTIONAL_PROPERTIES optional properties in one object or MAX_PROPERTIES_IN_ALL in the schema,
+and JSON nested more than MAX_JSON_DEPTH levels of arrays and objects anywhere in the schema.
 Errors are never verbose (no grammar dump); one in a schema says where, as the JSON pointer of the
 innermost subschema that fails by itself (`at #/properties/tags: Unimplemented keys: ["uniqueItems"]`;
 a tool's: `tool 'f': at #/properties/x: ...`), and an overlapping `oneOf` (enforceable only as anyOf)
@@ -113,6 +115,12 @@ MAX_PATTERN_PROPERTIES_IN_ALL = 512
 # characters (262,144: ~0.15 s to check; a 2 MB enum of 2,000 strings: ~1.3 s to check, ~2 s to compile,
 # ~6 s of the server's CPU before its first token; OpenAI allows 120,000 characters of names and values)
 MAX_ENUM_VALUES = 10_000
+# how deep a schema's JSON may nest, in arrays and objects (the schema itself the first level), wherever
+# in it (a subschema, a const, a default, a keyword agp does not know): a value ~500 levels deep ran out
+# of Python's recursion before the grammar engine saw it (a RecursionError, not a 400). llguidance
+# itself refuses a value past ~124 levels ("recursion limit exceeded") and takes nested properties to
+# ~296: the bound lies above what it takes, below where Python's recursion (~1,000 frames) runs out
+MAX_JSON_DEPTH = 400
 # one string of an enum or const value, or one property's name: the answer has to write it whole once it
 # starts, and llguidance works out each step what is left of it, a mask's work growing with its length
 # (measured with SmolLM2's vocabulary: 1,024 characters ~0.2 ms a mask, at most ~15 ms; 4,096 ~1-2 ms, at
@@ -337,6 +345,131 @@ def regex_size(pattern: str) -> int:
 _COUNT = re.compile(r"\{(\d{0,9})(,(\d{0,9}))?\}")
 
 
+class _Run:
+    """A regex part's forced text: `fixed` (it matches one string, of `length` characters), else the
+    forced characters it must start with (`pre`) and end with (`suf`) and its longest forced run."""
+    __slots__ = ("fixed", "length", "pre", "suf", "best")
+
+    def __init__(self, fixed: bool, length: int = 0, pre: int = 0, suf: int = 0, best: int = 0):
+        self.fixed, self.length = fixed, length
+        self.pre, self.suf, self.best = (length, length, length) if fixed else (pre, suf, best)
+
+    def then(self, nxt: "_Run") -> "_Run":
+        if self.fixed and nxt.fixed:
+            return _Run(True, self.length + nxt.length)
+        return _Run(False, pre=self.length + nxt.pre if self.fixed else self.pre,
+                    suf=self.suf + nxt.length if nxt.fixed else nxt.suf,
+                    best=max(self.best, nxt.best, self.suf + nxt.pre))
+
+    def repeated(self, lo: int, exact: bool) -> "_Run":
+        if exact and self.fixed:
+            return _Run(True, self.length * lo)
+        if self.fixed:                 # its first `lo` copies are forced, what follows them is not
+            return _Run(False, pre=self.length * lo, best=self.length * lo)
+        return _Run(False, pre=self.pre if lo else 0, suf=self.suf,
+                    best=max(self.best, self.suf + self.pre if lo >= 2 else 0))
+
+
+_FREE = _Run(False)                    # a part that matches more than one string: nothing forced
+
+
+def forced_run(pattern: str) -> int:
+    """A lower bound on the longest run of characters `pattern` forces: text it must write whole
+    once it begins, one character possible at each step (`^a{20000}$`: 20,000; a 20,000-character
+    literal; `[a-z]{20000}`: 0). Each step's token mask works out what is left of such a run, as
+    of an enum's or const's string (MAX_LITERAL_LENGTH). Counted as regex_size walks a pattern:
+    literal characters and exact counts of them; a class, `.`, an alternation or an optional
+    part forces nothing (so it never counts more than the pattern forces)."""
+    if "(?" in pattern and re.search(r"\(\?[a-zA-Z]*i", pattern):      # case-insensitive: letters are free
+        return 0
+    groups = [[[], _Run(True), None]]          # per open group: [branches done, the run before the last atom, the last atom]
+    best, i, n = 0, 0, len(pattern)
+
+    def atom(run: _Run) -> None:
+        g = groups[-1]
+        if g[2] is not None:
+            g[1] = g[1].then(g[2])
+        g[2] = run
+
+    def closed(g) -> _Run:
+        seq = g[1].then(g[2]) if g[2] is not None else g[1]
+        if not g[0]:
+            return seq
+        return _Run(False, best=max([seq.best] + [b.best for b in g[0]]))
+
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            e = pattern[i + 1] if i + 1 < n else ""
+            j = i + 2
+            if e in "pPux" and j < n and pattern[j] == "{":                    # \p{L}, \u{1F600}, \x{41}
+                j = (pattern.find("}", j) + 1) or n
+            elif e == "x":
+                j += 2
+            elif e == "u":
+                j += 4
+            atom(_Run(True, 0) if e in "bBAzZG" else _FREE if e in "dDwWsSpPhHvVRNX" or e.isdigit()
+                 else _Run(True, 1))
+            i = j
+        elif c == "[":
+            j = i + 1
+            j += j < n and pattern[j] == "^"
+            j += j < n and pattern[j] == "]"
+            while j < n and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            atom(_FREE)
+            i = j + 1
+        elif c == "(":
+            look = pattern.startswith(("(?=", "(?!", "(?<=", "(?<!"), i)
+            groups.append([[], _Run(True), None, look])
+            i += 1
+            if pattern.startswith("?", i):
+                i += 1
+                if pattern.startswith("<", i) and not pattern.startswith(("<=", "<!"), i):
+                    i = (pattern.find(">", i) + 1) or n
+                elif pattern.startswith(("P<",), i):
+                    i = (pattern.find(">", i) + 1) or n
+                else:
+                    i += 1
+        elif c == ")":
+            if len(groups) > 1:
+                g = groups.pop()
+                run = closed(g)
+                best = max(best, run.best)
+                atom(_Run(True, 0) if g[3] else run)
+            i += 1
+        elif c == "|":
+            g = groups[-1]
+            g[0].append(closed(g))
+            g[1], g[2] = _Run(True), None
+            i += 1
+        elif c in "*+?" or (c == "{" and _COUNT.match(pattern, i)):
+            g = groups[-1]
+            if c == "{":
+                m = _COUNT.match(pattern, i)
+                lo = int(m.group(1) or 0)
+                exact, i = m.group(2) is None, m.end()
+            else:
+                lo, exact, i = (1 if c == "+" else 0), False, i + 1
+            if i < n and pattern[i] in "?+":                                  # lazy, possessive
+                i += 1
+            if g[2] is not None:
+                best = max(best, g[2].best)
+                g[2] = g[2].repeated(lo, exact)
+        elif c in "^$":
+            atom(_Run(True, 0))
+            i += 1
+        else:
+            atom(_FREE if c == "." else _Run(True, 1))
+            i += 1
+    while len(groups) > 1:
+        g = groups.pop()
+        run = closed(g)
+        best = max(best, run.best)
+        atom(run)
+    return max(best, closed(groups[0]).best)
+
+
 def _regexes(schema):
     """Every regular expression a JSON Schema holds: `pattern` values, `patternProperties` keys."""
     todo = [schema]
@@ -360,6 +493,12 @@ def _check_regex(pattern: str, where: str) -> None:
         shown = pattern if len(pattern) <= 60 else pattern[:60] + "…"
         raise GrammarError(f"{where} {shown!r} is too complex to enforce: it unrolls to about {size:,} "
                            f"characters (at most {MAX_REGEX_SIZE:,})")
+    run = forced_run(pattern)
+    if run > MAX_LITERAL_LENGTH:
+        shown = pattern if len(pattern) <= 60 else pattern[:60] + "…"
+        raise GrammarError(f"{where} {shown!r} forces a run of {run:,} fixed characters: at most "
+                           f"{MAX_LITERAL_LENGTH:,}, as in an enum or const string (each step's mask works out "
+                           "what is left of it)")
 
 
 JSON_SPACE = r"[ \t\n\r]*"       # JSON's whitespace (RFC 8259): what a "whitespace" pattern may match
@@ -704,7 +843,7 @@ class GrammarBuilder:
 
     def _prepare(self, schema):
         if isinstance(schema, dict):
-            schema = copy.deepcopy({k: v for k, v in schema.items() if k != "x-guidance"})  # options are ours
+            schema = _json_copy({k: v for k, v in schema.items() if k != "x-guidance"})  # options are ours
             _normalise(schema)
             if self.close_objects:
                 schema = _close_objects(schema)
@@ -1056,11 +1195,47 @@ def _check_schema_limits(schema, prefix: str, pattern_where: str) -> int:
     """GrammarError for a schema's enums, consts, properties, pattern or patternProperties past
     their bounds (each found by a walk of the schema, before the grammar engine sees it); else how
     deep it nests (schema_depth), for the caller to bound."""
+    _check_json_depth(schema, prefix)
     _check_sizes(schema, prefix)
     for pattern in _regexes(schema):
         _check_regex(pattern, pattern_where)
     _check_pattern_properties(schema, prefix)
     return schema_depth(schema)
+
+
+def _json_copy(value):
+    """A copy of a JSON value, its arrays and objects copied (copy.deepcopy, without recursion)."""
+    def fresh(v):
+        return dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v
+
+    top = fresh(value)
+    todo = [top]
+    while todo:
+        node = todo.pop()
+        for k, v in (node.items() if isinstance(node, dict) else enumerate(node)):
+            if isinstance(v, (dict, list)):
+                node[k] = fresh(v)
+                todo.append(node[k])
+    return top
+
+
+def _check_json_depth(schema, prefix: str) -> None:
+    """GrammarError, naming where (its JSON pointer), for a schema whose JSON nests more than
+    MAX_JSON_DEPTH levels of arrays and objects anywhere: found without recursion, before anything
+    that recurses (a copy, the JSON text) sees it."""
+    todo = [(schema, 1, None, "")]
+    while todo:
+        entry = todo.pop()
+        node, depth = entry[0], entry[1]
+        if depth > MAX_JSON_DEPTH:
+            steps = []
+            while entry[2] is not None:
+                steps.append(entry[3])
+                entry = entry[2]
+            raise GrammarError(short(f"{prefix}the schema nests more than {MAX_JSON_DEPTH} levels of arrays and "
+                                     f"objects (at most {MAX_JSON_DEPTH}), at #/{'/'.join(reversed(steps))}"))
+        pairs = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        todo += [(v, depth + 1, entry, _escape(str(k))) for k, v in pairs if isinstance(v, (dict, list))]
 
 
 def _check_sizes(schema, prefix: str) -> None:
@@ -1146,8 +1321,11 @@ def _terminal(name: str | None) -> bool:
 def spec_digest(spec) -> bytes:
     """The SHA-256 of a spec's canonical JSON text (keys sorted): equal specs, equal digests; what
     the caches of checked and compiled specs are keyed by (TypeError/ValueError: not JSON)."""
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":"))
-                          .encode("utf-8", "surrogatepass")).digest()
+    try:
+        text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    except RecursionError:
+        raise ValueError("it nests deeper than JSON text can be written here") from None
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 
 def check_spec(spec, *, close_objects: bool = True, whitespace: str | None = JSON_WHITESPACE) -> list[str]:

@@ -954,7 +954,8 @@ def _given_constraint(obj: dict) -> tuple[dict | None, str | None]:
     fields are taken where they ask for the same spec (a client written for vLLM 0.11 and later
     sends `structured_outputs` and the older `guided_*` field beside it with the same value, as
     guidance's vLLM model does): the first of them in the order response_format,
-    structured_outputs, guided_* names it. Fields that ask for different specs are a 400."""
+    structured_outputs, guided_* names it. Fields that ask for different specs are a 400; a field
+    that does not read is its own 400, as where it is given alone."""
     given = [k for k in ("response_format", "structured_outputs", *GUIDED) if obj.get(k) is not None]
     fmt = parse_response_format(obj["response_format"]) if obj.get("response_format") is not None else None
     if fmt == FREE_TEXT and len(given) > 1:      # {"type": "text"} gives way to a guided_* field
@@ -966,11 +967,8 @@ def _given_constraint(obj: dict) -> tuple[dict | None, str | None]:
                                param="guided_whitespace_pattern")
         return None, None
     if len(given) > 1:
-        try:
-            specs = [_field_constraint(obj, name, fmt) for name in given]
-        except RequestError:
-            specs = None                         # a field that does not read cannot ask for the same
-        if specs is None or any(spec != specs[0][0] for spec, _ in specs[1:]):
+        specs = [_field_constraint(obj, name, fmt) for name in given]    # a broken field: its own 400
+        if any(spec != specs[0][0] for spec, _ in specs[1:]):
             raise RequestError(f"give at most one of {', '.join(repr(g) for g in given)}: each sets the answer's "
                                "format (they may be given together only where they ask for the same one)",
                                param=given[1])
@@ -1091,7 +1089,11 @@ def spec_problem(spec: dict, *, wait: bool = True, where: str = "response_format
         finally:
             grammar_slots.release()
 
-    return _checked.get(spec_digest(spec), check, wait=wait,
+    try:
+        digest = spec_digest(spec)
+    except (TypeError, ValueError) as e:        # a spec a python stage handed back, nested past what JSON writes
+        return f"the constraint is not JSON: {e}"
+    return _checked.get(digest, check, wait=wait,
                         busy=lambda: _busy(where, "the check of an equal spec is running"))
 
 

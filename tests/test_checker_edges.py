@@ -1633,3 +1633,15 @@ def test_a_python_stages_retries_are_bounded_at_ten():
     assert checked(10) == ""
     assert checked(11).startswith("t.agp:9:54: error: value out of range: 'retries' = 11\n")
     assert "  = expected: an integer from 0 to 10\n" in checked(11)
+
+
+def test_a_json_schema_file_whose_const_nests_past_the_bound_is_refused_naming_where(tmp_path, monkeypatch):
+    """A const nested 600 levels deep (JSON text json.loads reads) was a RecursionError in copying
+    the schema, reported as 'nested too deeply' with no place: it is refused naming where."""
+    pytest.importorskip("llguidance")
+    monkeypatch.chdir(tmp_path)
+    f = _schema_pipeline(tmp_path, "s.json", '{"type": "object", "properties": {"a": {"const": %s1%s}}}'
+                         % ("[" * 600, "]" * 600))
+    out = render_file(f)
+    assert "json_schema file 's.json' cannot be enforced: the schema nests more than 400 levels of arrays and " \
+           "objects (at most 400), at #/properties/a/const/0/0/" in out, out

@@ -532,6 +532,29 @@ def ref_chain(n: int, nest: int = 0) -> dict:
     return {"$defs": {**{f"d{i}": unit(i) for i in range(n)}, f"d{n}": {"type": "integer"}}, "$ref": "#/$defs/d0"}
 
 
+def _nested(depth: int, leaf, key=None):
+    """`leaf` inside `depth` arrays (or objects of one member `key`)."""
+    for _ in range(depth):
+        leaf = [leaf] if key is None else {key: leaf}
+    return leaf
+
+
+@pytest.mark.parametrize("schema, where", [
+    ({"const": _nested(100_000, 1)}, "#/const/0/0"),
+    ({"type": "object", "properties": {"a": {"enum": [_nested(600, "x", "k")]}}}, "#/properties/a/enum/0/k/k"),
+    ({"type": "string", "default": _nested(600, 1)}, "#/default/0/0"),
+    ({"type": "string", "examples": [_nested(100_000, {}, "k")]}, "#/examples/0/k/k"),
+    ({"type": "string", "x-mine": _nested(600, 1)}, "#/x-mine/0/0")])
+def test_a_schema_whose_json_nests_past_the_bound_anywhere_is_refused_naming_where(schema, where):
+    """A const, enum value, default or any keyword's value nested 600 to 100,000 levels deep ran
+    out of Python's recursion in copying the schema (a RecursionError, a 500 from the server):
+    past MAX_JSON_DEPTH levels of arrays and objects it is a GrammarError naming where."""
+    most = constraints.MAX_JSON_DEPTH
+    with pytest.raises(GrammarError, match=rf"^the schema nests more than {most} levels of arrays and objects "
+                                           rf"\(at most {most}\), at {where}/"):
+        constraints.check_spec({"type": "json_schema", "schema": schema})
+
+
 def test_a_schema_or_grammar_deeper_than_the_grammar_engine_recurses_is_refused(engine, compiler):
     """llguidance compiles the schema a $ref refers to, and a grammar's rules, depth first in the
     native stack of the thread that asks: a chain of 2,500 $refs (90 KB of flat JSON, a guided_json

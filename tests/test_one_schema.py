@@ -257,3 +257,43 @@ def test_a_run_line_gives_at_most_one_structured_output_field_as_a_body_does():
     alike = {"guided_regex": "ab", "structured_outputs": {"regex": "ab"}}      # one format, as vLLM clients send it
     assert parse_request({**CHAT, **alike}).response_format == {"type": "regex", "pattern": "ab"}
     assert accepts_serve_chat(alike)
+
+
+def test_a_structured_output_nested_past_what_json_writes_is_a_400_naming_its_field():
+    """A request a python stage hands back is Python's objects, not JSON text read MAX_DEPTH deep:
+    a schema with a default nested 100,000 deep (or 600: past the schema's bound) was a
+    RecursionError; it is a RequestError naming the field."""
+    deep = 1
+    for _ in range(100_000):
+        deep = [deep]
+    for field, value in (("guided_json", {"type": "string", "default": deep}),
+                         ("response_format", {"type": "json_schema", "json_schema": {
+                             "name": "x", "schema": {"type": "string", "default": deep}}})):
+        with pytest.raises(RequestError, match=f"'{field}' cannot be enforced: the constraint is not JSON") as e:
+            parse_request({**CHAT, field: value})
+        assert e.value.param == field
+    shallower = deep
+    for _ in range(100_000 - 600):
+        shallower = shallower[0]
+    with pytest.raises(RequestError, match="'guided_json' cannot be enforced: the schema nests more than"):
+        parse_request({**CHAT, "guided_json": {"type": "string", "default": shallower}})
+
+
+@pytest.mark.parametrize("broken, beside, param", [
+    ({"structured_outputs": {"json": {"type": "object"}, "whitespace_pattern": "x+"}}, {"guided_json": {"type": "object"}},
+     "structured_outputs.whitespace_pattern"),
+    ({"guided_regex": 5}, {"structured_outputs": {"regex": "a+"}}, "guided_regex"),
+    ({"guided_json": "{not json"}, {"response_format": {"type": "json_object"}}, "guided_json")])
+def test_a_broken_structured_output_field_beside_another_is_its_own_400(broken, beside, param):
+    """A structured-output field that does not read, given beside another, is refused with its own
+    error, as where it is given alone (it was "give at most one of ...", naming the other field)."""
+    def refusal(fields):
+        with pytest.raises(RequestError) as run_error:
+            parse_request({**CHAT, **fields})
+        with pytest.raises(P.APIError) as serve_error:
+            P.parse_chat({**CHAT, **fields}, max_model_len=1 << 21, served=("p",))
+        return (run_error.value.param, str(run_error.value)), (serve_error.value.param, serve_error.value.message)
+
+    alone = refusal(broken)
+    assert alone[0][0] == param and "at most one" not in alone[0][1]
+    assert refusal({**beside, **broken}) == refusal({**broken, **beside}) == alone

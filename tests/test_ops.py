@@ -497,6 +497,28 @@ def test_a_traceback_in_the_text_log_escapes_what_its_exceptions_say(monkeypatch
     assert any(line.startswith('  File "') and "test_a_traceback_in_the_text_log" in line for line in lines)
 
 
+def test_a_note_on_a_logged_exception_is_one_escaped_line(monkeypatch, configure):
+    """An exception's notes (e.add_note, as a python stage may quote a request's text in one) were
+    split at their newlines under the traceback, so a note forged a record line of its own: each
+    note is one line, its control characters escaped as a message's, after the exception's line."""
+    import io
+    import logging
+
+    forged = "hi\n2026-12-05T00:00:00.000Z INFO agp.serve: forged\x1b[2J"
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    configure("text", "info")
+    try:
+        e = ValueError("bad")
+        e.add_note(forged)
+        e.add_note("second")
+        raise e
+    except ValueError:
+        logging.getLogger("agp.serve").exception("a stage failed")
+    lines = sys.stderr.getvalue().splitlines()
+    assert not any(line.startswith("2026-12-05") or "\x1b" in line for line in lines), lines
+    assert lines[-3:] == ["ValueError: bad", "hi\\n2026-12-05T00:00:00.000Z INFO agp.serve: forged\\x1b[2J", "second"]
+
+
 def test_log_lines_go_to_the_stderr_of_the_moment_not_the_one_at_configure(monkeypatch, configure):
     import io
     import logging

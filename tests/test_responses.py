@@ -857,3 +857,26 @@ def test_the_input_token_count_takes_previous_response_id_without_input(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.input_tokens.count(model="tiny", instructions="Be brief.")
     assert e.value.body["param"] == "input"
+
+
+def test_an_input_token_count_is_not_a_generation_request_in_the_metrics(server, client):
+    """agp_requests_total counts generation requests by status: a count, answered or refused (400,
+    404), is none, as /tokenize is not (its refusals were counted and its answers not)."""
+    def total(status):
+        try:
+            return server.metric("agp_requests_total", f'{{status="{status}"}}')
+        except AssertionError:                  # none of that status yet
+            return 0
+
+    def totals():
+        return {status: total(status) for status in (200, 400, 404)}
+
+    before = totals()
+    client.responses.input_tokens.count(model="tiny", input="hi")
+    with pytest.raises(openai.BadRequestError):
+        client.responses.input_tokens.count(model="tiny", input="hi", extra_body={"max_output_tokens": 4})
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_tokens.count(model="tiny", input="hi", previous_response_id="resp_none")
+    assert totals() == before
+    client.responses.create(model="tiny", input="hi", max_output_tokens=1)     # a generation request is
+    assert totals() == {**before, 200: before[200] + 1}

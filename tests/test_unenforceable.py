@@ -14,6 +14,7 @@ import pytest
 
 from pipeline_dsl.engine import constrain
 from pipeline_dsl.engine.constrain import ConstraintCompiler, GrammarError, check_spec, regex_size
+from pipeline_dsl.constraints import forced_run
 
 pytest.importorskip("llguidance")
 
@@ -40,6 +41,43 @@ def test_regex_size_unrolls_counted_repetitions():
     assert regex_size("^(a{1000}){1000}$") == 1_000_000
     assert regex_size("^[a-z]{3,8}$") == 8 and regex_size("a*b+c?") == 3
     assert regex_size(r"(?:ab|c){10}\d{2,}") == 33
+
+
+def test_forced_run_counts_the_text_a_regex_must_write_whole_once_begun():
+    """The longest run of fixed characters: literal characters and exact counts of them; a class,
+    `.`, an alternation or an optional part forces nothing, so the count is never above the truth."""
+    assert forced_run("^a{20000}$") == forced_run("a" * 20000) == 20000
+    assert forced_run("[a-z]{20000}") == forced_run(".{5000}") == forced_run("(?i)abc") == 0
+    assert forced_run(r"\d{4}-\d{2}") == 1 and forced_run("a+b") == 1 and forced_run("a{2,5}b") == 2
+    assert forced_run("(?:foo|bar)baz") == 3 and forced_run("(ab){3,}x") == 6 and forced_run(r"\x41\.com") == 5
+    assert forced_run("(a(bc){2}d){2}") == 12 and forced_run("(?:a{100}){100}") == 10000
+
+
+@pytest.mark.parametrize("spec, words", [
+    ({"type": "regex", "pattern": "^a{20000}$"}, "the regex '^a{20000}$' forces a run of 20,000 fixed characters: "
+                                                 "at most 1,024"),
+    (schema_format({"type": "string", "pattern": "x" * 1025}), "the pattern 'xxxx"),
+    ({"type": "grammar", "grammar": "start: /(ab){600}/"}, "the regex of rule start '(ab){600}' forces a run of "
+                                                          "1,200 fixed characters"),
+])
+def test_a_regex_that_forces_a_longer_run_than_a_const_may_hold_is_refused(spec, words):
+    """`^a{20000}$` (20,000 characters unrolled, within that bound) made each step's mask work out
+    what is left of its run, as a const's string: 16 ms a step, ~1 s at worst. A regex's forced run
+    is bounded as an enum or const string is (MAX_LITERAL_LENGTH); a class repeated is not a run."""
+    with pytest.raises(GrammarError) as e:
+        check_spec(spec)
+    assert words in str(e.value) and "at most 1,024" in str(e.value)
+    check_spec({"type": "regex", "pattern": "^[a-z]{20000}$"})
+    check_spec({"type": "regex", "pattern": "^a{1024}$"})
+
+
+def test_a_guided_regex_forcing_a_long_run_is_a_400_naming_the_field():
+    from pipeline_dsl.requests_io import RequestError, parse_request
+
+    for field, value in (("guided_regex", "a" * 2000), ("structured_outputs", {"regex": "(ab){600}"})):
+        with pytest.raises(RequestError, match="forces a run of") as e:
+            parse_request({"prompt": "x", field: value})
+        assert e.value.param == (field if field == "guided_regex" else "structured_outputs.regex")
 
 
 @pytest.mark.parametrize("schema, words", [
@@ -82,7 +120,7 @@ def test_a_grammars_regexes_and_terminals_are_bounded_as_a_patterns_are(grammar,
 
 
 @pytest.mark.parametrize("grammar", [
-    "start: /(a{100}){100}/ // not a regex: /(a{1000}){1000}/",
+    "start: /([ab]{100}){100}/ // not a regex: /(a{1000}){1000}/",
     'start: "a/b" A+ B\nA: "a"{1000} "a".."z" "//"\nB: /[0-9]{3}\\/x/',
     "root ::= [a-z]{1000} \"x\"",
 ])

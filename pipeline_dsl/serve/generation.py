@@ -86,9 +86,15 @@ class Generations:
         return req
 
     def refused(self, err: P.APIError) -> Response:
+        """The error answer to a generation request, counted in agp_requests_total by its status."""
+        self.metrics.requests.labels(str(err.status)).inc()
+        return self.error(err)
+
+    def error(self, err: P.APIError) -> Response:
+        """The error answer, not counted (a route that generates nothing, as /tokenize), with the
+        server's --retry-after-s where it says when to come back."""
         if "Retry-After" in err.headers and not err.rejected:     # a Reject's retry_after is its own
             err.headers["Retry-After"] = str(self.config.retry_after_s)
-        self.metrics.requests.labels(str(err.status)).inc()
         return error_response(err)
 
     async def handle(self, request: Request, parse, body: dict | None = None) -> Response:

@@ -8,7 +8,7 @@ each, logger `py.warnings`): a collector reading `--log-format json` gets one JS
 line, never a library's bare line. Text lines read `2026-11-30T13:00:00.123Z INFO agp.serve:
 message` (the message's control characters, C0 and C1, and U+2028/U+2029 escaped, `\\n`,
 `\\x1b`, `\\x85`, `\\u2028`: a line is a record; a traceback under a record keeps its own lines,
-and what its exceptions say is escaped the same way); JSON lines
+and what its exceptions say, their notes included, is escaped the same way: a note is one line); JSON lines
 carry `ts`, `level`, `logger`, `message` and the record's structured fields (an access
 line: `client`, `method`, `path`, `status`, `latency_ms`, `request_id`; an error answer's: `status`,
 `reason`, `param`, `code`, `request_id`; a stats line: its numbers). The access lines are agp's
@@ -16,12 +16,14 @@ own (logger `agp.access`, serve/access.py).
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sys
 import time
 import traceback
 import warnings
+from collections.abc import Sequence
 
 # the fields a record may carry (logger.info(..., extra={...})) that JSON lines keep
 STRUCTURED = ("client", "method", "path", "status", "latency_ms", "reason", "param", "code", "request_id", "stats")
@@ -71,11 +73,35 @@ def _traceback_lines(te: traceback.TracebackException) -> list[str]:
             lines.append("Traceback (most recent call last):")
             lines += [line.translate(ESCAPED) for frame in node.stack.format()
                       for line in frame.removesuffix("\n").split("\n")]
-        lines += [part.removesuffix("\n").translate(ESCAPED) for part in node.format_exception_only()]
+        lines += _exception_only(node)
         for i, sub in enumerate(getattr(node, "exceptions", None) or (), 1):    # an ExceptionGroup's
             lines.append(f"+---------------- {i} ----------------")
             lines += ["| " + line for line in _traceback_lines(sub)]
     return lines
+
+
+def _exception_only(te: traceback.TracebackException) -> list[str]:
+    """What an exception says, as Python writes it under its traceback, escaped: its message, then
+    each of its notes (e.add_note) on one line of its own, whose newlines are escaped as a
+    message's are (Python splits a note at them, and a note quoting a request would forge a line)."""
+    notes = te.__notes__
+    if notes is not None:
+        te = copy.copy(te)
+        te.__notes__ = None
+    lines = [part.removesuffix("\n").translate(ESCAPED) for part in te.format_exception_only()]
+    if isinstance(notes, Sequence) and not isinstance(notes, str):
+        lines += [_text(note, "note", str).translate(ESCAPED) for note in notes]
+    elif notes is not None:                      # not a list of notes: Python writes its repr
+        lines.append(_text(notes, "__notes__", repr).translate(ESCAPED))
+    return lines
+
+
+def _text(value, what: str, show) -> str:
+    """`value` as a traceback writes it: `show(value)`, or what Python writes where that fails."""
+    try:
+        return show(value)
+    except Exception:                            # noqa: BLE001 - a note whose str() raises
+        return f"<{what} {show.__name__}() failed>"
 
 
 class TextFormatter(logging.Formatter):

@@ -520,9 +520,11 @@ class Responses:
     async def count(self, request: Request, rendered) -> Response | dict:
         """POST /v1/responses/input_tokens: the tokens of the prompt a response to this body would
         have (its instructions, the stored conversation of previous_response_id, its input and its
-        tools, rendered as the request would be; `rendered(runtime, item)` makes the ids), as
-        OpenAI's {"object": "response.input_tokens", "input_tokens": N}. The body takes the fields
-        that shape the prompt (COUNT_FIELDS); nothing runs and nothing is stored."""
+        tools, rendered as /tokenize renders it with the model of the stage `model` names, else the
+        pipeline's, before any stage runs; `rendered(runtime, item)` makes the ids), as OpenAI's
+        {"object": "response.input_tokens", "input_tokens": N}. The body takes the fields that shape
+        the prompt (COUNT_FIELDS); nothing runs, nothing is stored, and no answer is counted in
+        agp_requests_total (it is not a generation request)."""
         g = self.g
         try:
             obj = await read_json(request, g.config)
@@ -534,10 +536,10 @@ class Responses:
                 max_referenced=g.config.max_body_bytes, counting=True))
             item = call.req.item("count", exclude_tools_when_none=g.config.exclude_tools_when_tool_choice_none)
             ids = await rendered(g.apipe.runtime, {**item, "pin": call.req.pin})
-        except APIError as err:
-            return g.refused(err)
+        except APIError as err:                  # not a generation request: never in agp_requests_total
+            return g.error(err)
         except PipelineError as e:
-            return g.refused(api_error(e, "responses"))
+            return g.error(api_error(e, "responses"))
         return {"object": "response.input_tokens", "input_tokens": len(ids)}
 
     def vocabs(self, call: ResponsesCall) -> Vocabularies:
