@@ -60,8 +60,8 @@ costs seconds), a `$ref` that only refers to itself, and any grammar whose first
 no output or that llguidance gives up on within its first few tokens (the compiled grammar is
 walked PROBE_STEPS tokens: an object of 500 optional properties open to more fails after its "{").
 Counted before llguidance sees a schema, each a 400 naming the keyword and where: an `enum` of more than
-MAX_ENUM_VALUES values, a string in an `enum` or `const` value or a property's name longer than
-MAX_LITERAL_LENGTH (each step's mask costs more the longer it is), `enum` and `const` values of more than MAX_LITERAL_CHARS characters in all, more
+MAX_ENUM_VALUES values, a string in an `enum` or `const` value or a property's name (in `properties` or
+`required`) longer than MAX_LITERAL_LENGTH (each step's mask costs more the longer it is), `enum` and `const` values of more than MAX_LITERAL_CHARS characters in all, more
 than MAX_OPTIONAL_PROPERTIES optional properties in one object or MAX_PROPERTIES_IN_ALL in the schema.
 Errors are never verbose (no grammar dump); one in a schema says where, as the JSON pointer of the
 innermost subschema that fails by itself (`at #/properties/tags: Unimplemented keys: ["uniqueItems"]`;
@@ -1065,8 +1065,8 @@ def _check_schema_limits(schema, prefix: str, pattern_where: str) -> int:
 
 def _check_sizes(schema, prefix: str) -> None:
     """GrammarError, naming the keyword and where (its JSON pointer), for an enum of more than
-    MAX_ENUM_VALUES values, a string of an enum or const value or a property's name longer than
-    MAX_LITERAL_LENGTH, enum and const values of more than MAX_LITERAL_CHARS characters in all
+    MAX_ENUM_VALUES values, a string of an enum or const value or a property's name (in `properties`
+    or `required`) longer than MAX_LITERAL_LENGTH, enum and const values of more than MAX_LITERAL_CHARS characters in all
     (a string's characters; another value's as _literal_size counts them), an object of more than MAX_OPTIONAL_PROPERTIES
     properties that "required" leaves out, or more than MAX_PROPERTIES_IN_ALL properties in all:
     refused in a walk of the schema (milliseconds) before the grammar engine spends seconds on it.
@@ -1096,6 +1096,8 @@ def _check_sizes(schema, prefix: str) -> None:
                     raise GrammarError(f"{prefix}{at}'{key}': the schema's enum and const values come to more "
                                        f"than {MAX_LITERAL_CHARS:,} characters in all (an element of an array or a "
                                        f"member of an object in them counts as {LITERAL_ITEM_CHARS})")
+        required = node.get("required")
+        named = {r for r in required if isinstance(r, str)} if isinstance(required, list) else set()
         props = node.get("properties")
         if isinstance(props, dict):
             longest = max((len(name) for name in props if isinstance(name, str)), default=0)
@@ -1106,12 +1108,14 @@ def _check_sizes(schema, prefix: str) -> None:
             if properties > MAX_PROPERTIES_IN_ALL:
                 raise GrammarError(f"{prefix}{at}'properties': the schema's objects have more than "
                                    f"{MAX_PROPERTIES_IN_ALL:,} properties in all (at most {MAX_PROPERTIES_IN_ALL:,})")
-            required = node.get("required")
-            named = {r for r in required if isinstance(r, str)} if isinstance(required, list) else set()
             optional = sum(1 for name in props if name not in named)
             if optional > MAX_OPTIONAL_PROPERTIES:
                 raise GrammarError(f"{prefix}{at}'properties' has {optional:,} optional properties (not in "
                                    f"'required'): at most {MAX_OPTIONAL_PROPERTIES:,} in one object")
+        longest = max(map(len, named), default=0)   # a required name is written whole, in properties or not
+        if longest > MAX_LITERAL_LENGTH:
+            raise GrammarError(f"{prefix}{at}'required' has a name of {longest:,} characters: at most "
+                               f"{MAX_LITERAL_LENGTH:,}")
         todo += [(f"{path}/{step}", sub) for step, sub in _children(node)]
 
 

@@ -682,6 +682,12 @@ class _NoGrammarEngine:
      "^at #/anyOf/1: 'enum' has a string of 5,000 characters: at most "),
     ({"type": "object", "properties": {"a" * 2000: {"type": "integer"}}, "required": ["a" * 2000]},
      f"^'properties' has a name of 2,000 characters: at most {constraints.MAX_LITERAL_LENGTH:,}$"),
+    # a name only `required` lists is written whole too (the object is open to it)
+    ({"type": "object", "required": ["r" * 2000]},
+     f"^'required' has a name of 2,000 characters: at most {constraints.MAX_LITERAL_LENGTH:,}$"),
+    ({"type": "object", "properties": {"a": {}}, "additionalProperties": True,
+      "$defs": {"d": {"type": "object", "required": ["b", "r" * 2000]}}},
+     f"^at #/\\$defs/d: 'required' has a name of 2,000 characters: at most {constraints.MAX_LITERAL_LENGTH:,}$"),
     ({"type": "object", "properties": {"a": {"const": [[[1, 2]]] * 5000}}},     # 4 s of the grammar engine's CPU
      "^at #/properties/a: 'const': the schema's enum and const values .* counts as 256"),
     ({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(10_000)}},
