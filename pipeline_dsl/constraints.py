@@ -62,7 +62,8 @@ walked PROBE_STEPS tokens: an object of 500 optional properties open to more fai
 Counted before llguidance sees a schema, each a 400 naming the keyword and where: an `enum` of more than
 MAX_ENUM_VALUES values, a string in an `enum` or `const` value or a property's name (in `properties` or
 `required`) longer than MAX_LITERAL_LENGTH (each step's mask costs more the longer it is; so too a choice's
-string, a structure's begin and end, a forced tool's name and a grammar's string literal), `enum` and `const` values of more than MAX_LITERAL_CHARS characters in all, more
+string, a structure's begin and end, a forced tool's name and a grammar's string literal), `enum` and
+`const` values of more than MAX_LITERAL_CHARS characters in all, more
 than MAX_OPTIONAL_PROPERTIES optional properties in one object or MAX_PROPERTIES_IN_ALL in the schema.
 Errors are never verbose (no grammar dump); one in a schema says where, as the JSON pointer of the
 innermost subschema that fails by itself (`at #/properties/tags: Unimplemented keys: ["uniqueItems"]`;
@@ -950,7 +951,8 @@ def _reworded(problem: str) -> str:
 
 def _choice_grammar(spec) -> str:
     """{"type": "choice", "choices": ["yes", "no"]}: the answer is exactly one of the strings, at
-    most MAX_CHOICES of them, each of at most MAX_LITERAL_LENGTH characters. They are one lexer rule, which the lexer matches together (work
+    most MAX_CHOICES of them, each of at most MAX_LITERAL_LENGTH characters. They are one lexer
+    rule, which the lexer matches together (work
     linear in their text), not one grammar rule of a branch each: llguidance's parser takes no
     more than 2,000 branches in a row, and checking such a rule grows with the square of them."""
     choices = spec.get("choices")
@@ -1111,7 +1113,8 @@ def _check_schema_limits(schema, prefix: str, pattern_where: str) -> int:
 def _check_sizes(schema, prefix: str) -> None:
     """GrammarError, naming the keyword and where (its JSON pointer), for an enum of more than
     MAX_ENUM_VALUES values, a string of an enum or const value or a property's name (in `properties`
-    or `required`) longer than MAX_LITERAL_LENGTH, enum and const values of more than MAX_LITERAL_CHARS characters in all
+    or `required`) longer than MAX_LITERAL_LENGTH, enum and const values of more than MAX_LITERAL_CHARS
+    characters in all
     (a string's characters; another value's as _literal_size counts them), an object of more than MAX_OPTIONAL_PROPERTIES
     properties that "required" leaves out, or more than MAX_PROPERTIES_IN_ALL properties in all:
     refused in a walk of the schema (milliseconds) before the grammar engine spends seconds on it.
