@@ -61,8 +61,10 @@ costs seconds) or that forces a run of more than MAX_LITERAL_LENGTH fixed charac
 no output or that llguidance gives up on within its first few tokens (the compiled grammar is
 walked PROBE_STEPS tokens: an object of 500 optional properties open to more fails after its "{").
 Counted before llguidance sees a schema, each a 400 naming the keyword and where: an `enum` of more than
-MAX_ENUM_VALUES values, a string in an `enum` or `const` value or a property's name longer than
-MAX_LITERAL_LENGTH (each step's mask costs more the longer it is), `enum` and `const` values of more than MAX_LITERAL_CHARS characters in all, more
+MAX_ENUM_VALUES values, a string in an `enum` or `const` value or a property's name (in `properties` or
+`required`) longer than MAX_LITERAL_LENGTH (each step's mask costs more the longer it is; so too a choice's
+string, a structure's begin and end, a forced tool's name and a grammar's string literal), `enum` and
+`const` values of more than MAX_LITERAL_CHARS characters in all, more
 than MAX_OPTIONAL_PROPERTIES optional properties in one object or MAX_PROPERTIES_IN_ALL in the schema,
 and JSON nested more than MAX_JSON_DEPTH levels of arrays and objects anywhere in the schema.
 Errors are never verbose (no grammar dump); one in a schema says where, as the JSON pointer of the
@@ -128,6 +130,10 @@ MAX_JSON_DEPTH = 400
 # other answer in the batch waited for each step)
 MAX_LITERAL_LENGTH = 1024
 MAX_LITERAL_CHARS = 1 << 18
+# ... and so for every other string the answer is forced to write whole once it starts: a choice, a
+# structure's begin and end, a forced tool's name, a grammar's string literal (each 60,000 characters
+# long: 15-28 ms a mask, at most ~0.1 s; 1,024: ~0.2 ms)
+LITERAL_BOUND = f"at most {MAX_LITERAL_LENGTH:,} in one string (the answer writes it whole)"
 # ... where an element of an array or a member of an object inside an enum or const value counts as this
 # many characters: the grammar engine spends ~0.1-0.2 ms on each (a const object of 3,000 members: 0.7 s;
 # 5,000 arrays of [[1, 2]]: 4 s), ~0.6 us on a string's character
@@ -876,6 +882,10 @@ class GrammarBuilder:
             if choice not in fns:
                 raise GrammarError(f"tool_choice names {choice!r}, which is not among the tools")
             fns = {choice: fns[choice]}
+        for i, t in enumerate(tools):           # the forced call writes the name of one of fns
+            name = t.get("function", t)["name"]
+            if name in fns and len(name) > MAX_LITERAL_LENGTH:
+                raise GrammarError(f"the tool's name has {len(name):,} characters: {LITERAL_BOUND}", tool_name(i))
         # each tool's parameters sit inside the call's schema: a local $ref ("#/$defs/City", what
         # pydantic writes for a nested model; "#" for a recursive one) is rebased onto that place
         array = spec.get("array", True)
@@ -918,6 +928,9 @@ class GrammarBuilder:
             if not isinstance(st, dict) or not isinstance(st.get("begin"), str) or not isinstance(st.get("end"), str):
                 raise GrammarError(f"{where} must be {{\"begin\": a string, \"schema\": a JSON Schema, "
                                    "\"end\": a string}")
+            for part in ("begin", "end"):
+                if len(st[part]) > MAX_LITERAL_LENGTH:
+                    raise GrammarError(f"{where}.{part} has {len(st[part]):,} characters: {LITERAL_BOUND}")
             trigger = next((t for t in triggers if st["begin"].startswith(t)), None)
             if trigger is None:
                 raise GrammarError(f"{where}.begin {st['begin']!r} starts with none of the triggers")
@@ -972,6 +985,11 @@ class GrammarBuilder:
 def tool_param(i: int) -> str:
     """The request field of tool i's parameters (OpenAI's name for it in its errors)."""
     return f"tools[{i}].function.parameters"
+
+
+def tool_name(i: int) -> str:
+    """The request field of tool i's name."""
+    return f"tools[{i}].function.name"
 
 
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -1072,7 +1090,8 @@ def _reworded(problem: str) -> str:
 
 def _choice_grammar(spec) -> str:
     """{"type": "choice", "choices": ["yes", "no"]}: the answer is exactly one of the strings, at
-    most MAX_CHOICES of them. They are one lexer rule, which the lexer matches together (work
+    most MAX_CHOICES of them, each of at most MAX_LITERAL_LENGTH characters. They are one lexer
+    rule, which the lexer matches together (work
     linear in their text), not one grammar rule of a branch each: llguidance's parser takes no
     more than 2,000 branches in a row, and checking such a rule grows with the square of them."""
     choices = spec.get("choices")
@@ -1080,6 +1099,9 @@ def _choice_grammar(spec) -> str:
         raise GrammarError("choice needs a non-empty list of non-empty strings")
     if len(choices) > MAX_CHOICES:
         raise GrammarError(f"choice has {len(choices):,} strings: at most {MAX_CHOICES:,}")
+    longest = max(map(len, choices))
+    if longest > MAX_LITERAL_LENGTH:
+        raise GrammarError(f"choice has a string of {longest:,} characters: {LITERAL_BOUND}")
     return llg.LLMatcher.grammar_from_lark("start: CHOICE\nCHOICE: " + " | ".join(json.dumps(c) for c in choices))
 
 
@@ -1096,14 +1118,16 @@ def _cfg_grammar(spec) -> str:
     except Exception as e:  # noqa: BLE001 - the converter raises bare errors for text it cannot read
         raise GrammarError(short(f"the grammar does not parse as Lark or GBNF: {e}")) from None
     rules, depth = _check_lark_regexes(lark), 0
-    decoder = json.JSONDecoder()
+    decoder, schemas = json.JSONDecoder(), []
     for m in re.finditer(r"%json\s*", lark):        # a %json schema nests inside the rule it is in
         try:
-            schema = decoder.raw_decode(lark, m.end())[0]
+            schema, end = decoder.raw_decode(lark, m.end())
         except ValueError:
             continue                                  # not JSON: llguidance says so
+        schemas.append((m.end(), end))
         # its patterns are bounded as a json_schema's are
         depth = max(depth, _check_schema_limits(schema, "the %json schema: ", "the %json schema's pattern"))
+    _check_lark_strings(lark, schemas)
     if rules + depth > MAX_SCHEMA_DEPTH:
         raise GrammarError(f"the grammar has {rules:,} rule{'s' if rules != 1 else ''}" + (f" and a %json schema {depth:,} levels deep"
                            if depth else "") + f": at most {MAX_SCHEMA_DEPTH:,} in all")
@@ -1124,6 +1148,29 @@ _LARK_TOKEN = re.compile(r"""(?P<comment>//[^\n]*)
     | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
     | (?P<open>\[) | (?P<close>\]) | (?P<keep>[()|*+?])
     | \s+ | .""", re.X | re.S)
+
+
+def _check_lark_strings(lark: str, schemas: list[tuple[int, int]]) -> None:
+    """GrammarError for a string literal ("...") of a Lark grammar's rules and terminals longer than
+    MAX_LITERAL_LENGTH characters, as an enum's string is refused: the answer writes it whole once
+    it starts. `schemas`: the (start, end) of each %json schema's text, whose JSON strings are not
+    the grammar's (its literals are bounded as a json_schema's are)."""
+    defs = list(_DEFINED.finditer(lark))
+    for k, m in enumerate(defs):
+        if not m.group(1):                      # a %directive
+            continue
+        end = defs[k + 1].start() if k + 1 < len(defs) else len(lark)
+        for t in _LARK_TOKEN.finditer(lark, m.end(), end):
+            if t.lastgroup != "string" or any(a <= t.start() < b for a, b in schemas):
+                continue
+            text = t.group("string")
+            try:
+                n = len(json.loads(text))
+            except ValueError:
+                n = len(text) - 2
+            if n > MAX_LITERAL_LENGTH:
+                raise GrammarError(f"the string {text[:30]}…\" of {'terminal' if _terminal(m.group(1)) else 'rule'} "
+                                   f"{m.group(1)} has {n:,} characters: {LITERAL_BOUND}")
 
 
 def _check_lark_regexes(lark: str) -> int:
@@ -1240,8 +1287,9 @@ def _check_json_depth(schema, prefix: str) -> None:
 
 def _check_sizes(schema, prefix: str) -> None:
     """GrammarError, naming the keyword and where (its JSON pointer), for an enum of more than
-    MAX_ENUM_VALUES values, a string of an enum or const value or a property's name longer than
-    MAX_LITERAL_LENGTH, enum and const values of more than MAX_LITERAL_CHARS characters in all
+    MAX_ENUM_VALUES values, a string of an enum or const value or a property's name (in `properties`
+    or `required`) longer than MAX_LITERAL_LENGTH, enum and const values of more than MAX_LITERAL_CHARS
+    characters in all
     (a string's characters; another value's as _literal_size counts them), an object of more than MAX_OPTIONAL_PROPERTIES
     properties that "required" leaves out, or more than MAX_PROPERTIES_IN_ALL properties in all:
     refused in a walk of the schema (milliseconds) before the grammar engine spends seconds on it.
@@ -1271,6 +1319,8 @@ def _check_sizes(schema, prefix: str) -> None:
                     raise GrammarError(f"{prefix}{at}'{key}': the schema's enum and const values come to more "
                                        f"than {MAX_LITERAL_CHARS:,} characters in all (an element of an array or a "
                                        f"member of an object in them counts as {LITERAL_ITEM_CHARS})")
+        required = node.get("required")
+        named = {r for r in required if isinstance(r, str)} if isinstance(required, list) else set()
         props = node.get("properties")
         if isinstance(props, dict):
             longest = max((len(name) for name in props if isinstance(name, str)), default=0)
@@ -1281,12 +1331,14 @@ def _check_sizes(schema, prefix: str) -> None:
             if properties > MAX_PROPERTIES_IN_ALL:
                 raise GrammarError(f"{prefix}{at}'properties': the schema's objects have more than "
                                    f"{MAX_PROPERTIES_IN_ALL:,} properties in all (at most {MAX_PROPERTIES_IN_ALL:,})")
-            required = node.get("required")
-            named = {r for r in required if isinstance(r, str)} if isinstance(required, list) else set()
             optional = sum(1 for name in props if name not in named)
             if optional > MAX_OPTIONAL_PROPERTIES:
                 raise GrammarError(f"{prefix}{at}'properties' has {optional:,} optional properties (not in "
                                    f"'required'): at most {MAX_OPTIONAL_PROPERTIES:,} in one object")
+        longest = max(map(len, named), default=0)   # a required name is written whole, in properties or not
+        if longest > MAX_LITERAL_LENGTH:
+            raise GrammarError(f"{prefix}{at}'required' has a name of {longest:,} characters: at most "
+                               f"{MAX_LITERAL_LENGTH:,}")
         todo += [(f"{path}/{step}", sub) for step, sub in _children(node)]
 
 

@@ -245,18 +245,28 @@ def _unquoted_fn_ref(text: str, at: int) -> tuple[str, str] | None:
     return (before.group(1), ref) if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", ref) else None
 
 
+# a statement's text up to its comment: strings ("a#1") whole, then anything but '#'
+_STATEMENT = re.compile(r'(?:"(?:[^"\\\n]|\\.)*"?|[^"#\n])*')
+# an edge's arrow outside the statement's strings
+_ARROW = re.compile(r'"(?:[^"\\\n]|\\.)*"?|(->)')
+
+
 def _fan_out(text: str, at: int) -> list[str] | None:
     """[source, destinations…, its condition] of an edge written to several stages at once, `kv ->
     a, b` with its ',' at `at`, when the statement reads so on its line; else None. The condition
-    is what follows them on the line from `when` or `otherwise` (' when full'), or ''."""
+    is what follows them on the line from `when` or `otherwise` (' when full'), or '', up to a
+    comment ('#' outside a string); None when anything else follows them (`kv -> a, b -> c`: a
+    chain goes on, which one edge per stage would drop)."""
     line_start = text.rfind("\n", 0, at) + 1
     line_end = text.find("\n", at)
     before = re.search(r"(?:^|\s)([A-Za-z_]\w*)[ \t]*->[ \t]*([A-Za-z_]\w*)[ \t]*$", text[line_start:at])
     after = re.match(r"(?:[ \t]*,[ \t]*[A-Za-z_]\w*)+", text[at:len(text) if line_end < 0 else line_end])
     if before is None or after is None:
         return None
-    rest = text[at + after.end():len(text) if line_end < 0 else line_end].split("#")[0].strip()
-    cond = " " + rest if re.match(r"(when|otherwise)\b", rest) else ""
+    rest = _STATEMENT.match(text, at + after.end(), len(text) if line_end < 0 else line_end).group().strip()
+    if rest and (not re.match(r"(when|otherwise)\b", rest) or any(m.group(1) for m in _ARROW.finditer(rest))):
+        return None
+    cond = " " + rest if rest else ""
     return [before.group(1), before.group(2), *re.findall(r"[A-Za-z_]\w*", after.group()), cond]
 
 

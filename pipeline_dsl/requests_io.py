@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline_dsl.constraints import (MAX_GRAMMAR_WORK, GrammarError, OnceCache, check_spec, check_whitespace,
-                                      grammar_slots, spec_digest, tool_param)
+from pipeline_dsl.constraints import (LITERAL_BOUND, MAX_GRAMMAR_WORK, MAX_LITERAL_LENGTH, GrammarError, OnceCache,
+                                      check_spec, check_whitespace, grammar_slots, spec_digest, tool_name, tool_param)
 from pipeline_dsl.diagnostics import closest
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -449,9 +449,16 @@ def check_tool_parameters(tools: list | None, choice, *, wait: bool = True) -> N
     response_format's schema is (spec_problem: cached, at most MAX_GRAMMAR_CHECKS at once, `wait`
     as there), so one that cannot be enforced is a RequestError naming `tools[i].function.parameters`
     when the request is read, not when it reaches the engine. With tool_choice auto or none the
-    parameters only describe the tools in the prompt: not checked."""
+    parameters only describe the tools in the prompt: not checked. The name of a tool the call may
+    write is written whole: longer than MAX_LITERAL_LENGTH, a RequestError naming `tools[i].function.name`."""
     if not tools or choice in ("none", "auto"):
         return
+    forced = None if choice == "required" else choice["function"]["name"]
+    for i, t in enumerate(tools):
+        name = t["function"]["name"]
+        if forced in (None, name) and len(name) > MAX_LITERAL_LENGTH:
+            raise RequestError(f"'{tool_name(i)}' cannot be enforced: the tool's name has {len(name):,} characters: "
+                               f"{LITERAL_BOUND}", param=tool_name(i))
     for i, t in enumerate(tools):
         fn = t["function"]
         if fn.get("parameters"):

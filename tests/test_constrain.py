@@ -705,6 +705,12 @@ class _NoGrammarEngine:
      "^at #/anyOf/1: 'enum' has a string of 5,000 characters: at most "),
     ({"type": "object", "properties": {"a" * 2000: {"type": "integer"}}, "required": ["a" * 2000]},
      f"^'properties' has a name of 2,000 characters: at most {constraints.MAX_LITERAL_LENGTH:,}$"),
+    # a name only `required` lists is written whole too (the object is open to it)
+    ({"type": "object", "required": ["r" * 2000]},
+     f"^'required' has a name of 2,000 characters: at most {constraints.MAX_LITERAL_LENGTH:,}$"),
+    ({"type": "object", "properties": {"a": {}}, "additionalProperties": True,
+      "$defs": {"d": {"type": "object", "required": ["b", "r" * 2000]}}},
+     f"^at #/\\$defs/d: 'required' has a name of 2,000 characters: at most {constraints.MAX_LITERAL_LENGTH:,}$"),
     ({"type": "object", "properties": {"a": {"const": [[[1, 2]]] * 5000}}},     # 4 s of the grammar engine's CPU
      "^at #/properties/a: 'const': the schema's enum and const values .* counts as 256"),
     ({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(10_000)}},
@@ -756,6 +762,59 @@ def test_enums_consts_and_properties_within_their_bounds_compile(engine, compile
     g = compiler.compile({"type": "json_schema", "schema": wide})
     m = g.matcher()
     assert not all(m.accept(t) for t in ids_of(engine, '{"p1": 1'))        # p0 comes first: it is required
+
+
+LONG = "x" * (constraints.MAX_LITERAL_LENGTH + 1)
+BOUND = f"{constraints.MAX_LITERAL_LENGTH + 1:,} characters: at most {constraints.MAX_LITERAL_LENGTH:,} in one string"
+
+
+def _tool(name: str) -> dict:
+    return {"type": "function", "function": {"name": name}}
+
+
+@pytest.mark.parametrize("spec, refusal, param", [
+    ({"type": "choice", "choices": ["yes", LONG]}, f"^choice has a string of {BOUND}", None),
+    ({"type": "structural_tag", "triggers": ["<f"], "structures": [
+        {"begin": "<f>", "schema": {}, "end": "</f>"}, {"begin": "<f" + LONG[2:], "schema": {}, "end": "</f>"}]},
+     f"^structures\\[1\\].begin has {BOUND}", None),
+    ({"type": "structural_tag", "triggers": ["<f"], "structures": [{"begin": "<f>", "schema": {}, "end": LONG}]},
+     f"^structures\\[0\\].end has {BOUND}", None),
+    ({"type": "tool_call", "tools": [_tool("f"), _tool(LONG)]}, f"^the tool's name has {BOUND}",
+     "tools[1].function.name"),
+    ({"type": "tool_call", "tools": [_tool("f"), _tool(LONG)], "choice": LONG}, f"^the tool's name has {BOUND}",
+     "tools[1].function.name"),
+    ({"type": "grammar", "grammar": f'start: "a" mid\nmid: "{LONG}"'}, f'^the string "x+…" of rule mid has {BOUND}',
+     None),
+    ({"type": "grammar", "grammar": f'start: A\nA: "b" | "{LONG}"i'}, f'^the string "x+…" of terminal A has {BOUND}',
+     None),
+    ({"type": "grammar", "grammar": f'root ::= "a" | "{LONG}"'}, f'^the string "x+…" of rule .* has {BOUND}', None),
+])
+def test_a_string_the_answer_must_write_whole_is_bounded_wherever_it_is_given(spec, refusal, param):
+    """A choice's string, a structure's begin or end, the name of a tool a forced call may write, a
+    grammar's string literal (Lark or GBNF): the answer writes each whole once it starts, and each
+    step's mask works out what is left of it (60,000 characters: 15-28 ms a mask with SmolLM2's
+    vocabulary, which the batch's other answers wait for), so past MAX_LITERAL_LENGTH it is a
+    GrammarError naming it, as an enum's string is."""
+    with pytest.raises(GrammarError, match=refusal) as e:
+        constraints.check_spec(spec)
+    assert e.value.param == param
+
+
+def test_strings_within_the_bound_or_never_forced_compile(engine, compiler):
+    """At MAX_LITERAL_LENGTH characters each of those strings compiles; a tool the forced call cannot
+    name, and a %json schema's own strings (a description: not written), are not bounded so."""
+    most = "y" * constraints.MAX_LITERAL_LENGTH
+    g = compiler.compile({"type": "choice", "choices": ["no", most]})
+    m = g.matcher()
+    assert all(m.accept(t) for t in ids_of(engine, most)) and m.can_end()
+    for spec in ({"type": "structural_tag", "triggers": ["<f"], "structures": [
+                    {"begin": "<f" + most[2:], "schema": {}, "end": most}]},
+                 {"type": "tool_call", "tools": [_tool("f"), _tool(most)]},
+                 {"type": "tool_call", "tools": [_tool("f"), _tool(LONG)], "choice": "f"},
+                 {"type": "grammar", "grammar": f'start: "{most}" | %json {json.dumps({"description": LONG})}'},
+                 {"type": "json_schema", "schema": {"type": "object", "required": [most]}}):
+        constraints.check_spec(spec)
+        compiler.compile(spec)
 
 
 def test_a_choice_of_thousands_of_strings_allows_exactly_one_of_them(engine, compiler):

@@ -739,6 +739,14 @@ def test_a_list_left_open_before_the_stage_brace_is_one_error():
      "without a condition out of one stage each get a copy)"),
     ("src -> a,b, c when full  # fork", "unexpected ','", 13, "an edge goes to one stage: write `src -> a when "
      "full`, `src -> b when full` and `src -> c when full`"),
+    # a '#' inside the condition's string is not a comment; the condition is kept whole
+    ('src -> a, b when id == "x#1"  # fork', "unexpected ','", 13, 'an edge goes to one stage: write `src -> a when '
+     'id == "x#1"` and `src -> b when id == "x#1"`'),
+    # a chain that goes on past the stages: one edge per stage, not edges that drop `-> c`
+    ("src -> a, b -> c", "unexpected ','", 13, "an edge goes to one stage: write one edge per stage it leads to "
+     "(edges without a condition out of one stage each get a copy)"),
+    ("src -> a, b when full -> c", "unexpected ','", 13, "an edge goes to one stage: write one edge per stage it "
+     "leads to (edges without a condition out of one stage each get a copy)"),
 ])
 def test_syntax_slips_from_other_languages_get_a_hint(line, message, col, hint):
     _, (d,) = parse("pipeline p {\n    " + line + "\n}\n", "t.agp")

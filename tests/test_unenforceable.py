@@ -247,6 +247,41 @@ def test_a_forced_calls_tool_parameters_are_refused_when_the_request_is_read():
     assert e.value.param == "tools[0].function.parameters"
 
 
+@pytest.mark.parametrize("fields, named", [
+    ({"guided_choice": ["yes", "x" * 60_000]}, "guided_choice"),
+    ({"structured_outputs": {"choice": ["x" * 60_000]}}, "structured_outputs.choice"),
+    ({"guided_json": {"type": "object", "required": ["r" * 60_000]}}, "guided_json"),
+    ({"structural_tag": {"triggers": ["<f"], "structures": [{"begin": "<f>", "schema": {}, "end": "x" * 60_000}]}},
+     "structural_tag"),
+    ({"guided_grammar": 'root ::= "' + "x" * 60_000 + '"'}, "guided_grammar"),
+    ({"tools": [{"type": "function", "function": {"name": "n" * 60_000}}], "tool_choice": "required"},
+     "tools[0].function.name"),
+])
+def test_a_string_the_answer_must_write_whole_past_its_bound_is_refused_naming_the_field(fields, named):
+    """A choice's string, a required name, a structure's end, a grammar's literal or a forced tool's name
+    of 60,000 characters (each step's mask 15-28 ms, which the batch's other answers wait for) is a
+    RequestError naming the field the request wrote, when the request is read."""
+    from pipeline_dsl.requests_io import RequestError, parse_request
+
+    with pytest.raises(RequestError) as e:
+        parse_request({"messages": [{"role": "user", "content": "hi"}], **fields}, default_id=0)
+    assert e.value.param == named
+    assert str(e.value).startswith(f"'{named}' cannot be enforced: ")
+    assert "60,000 characters: at most 1,024" in str(e.value)
+
+
+def test_a_long_tool_name_the_call_cannot_write_is_taken():
+    """Under tool_choice auto, or a forced call of another tool, a long name is not written by the
+    constrained decoder: the request is taken."""
+    from pipeline_dsl.requests_io import parse_request
+
+    tools = [{"type": "function", "function": {"name": "f"}}, {"type": "function", "function": {"name": "n" * 60_000}}]
+    for choice in ("auto", {"type": "function", "function": {"name": "f"}}):
+        req = parse_request({"messages": [{"role": "user", "content": "hi"}], "tools": tools, "tool_choice": choice},
+                            default_id=0)
+        assert req.tools == tools
+
+
 @pytest.fixture(scope="module")
 def long_server(long_gguf):
     """The tiny model with a context of 4096 tokens and the KV room for it: room for a tool prompt
