@@ -175,3 +175,20 @@ def test_a_user_defined_token_is_text_that_skipping_special_tokens_keeps(tiny_gg
         assert user.decode(ids, spaces_between_special_tokens=spaces) == "hello the"
         assert user.decode(ids, skip_special_tokens=False, spaces_between_special_tokens=spaces) == \
             "<|im_start|>hello the"
+
+
+def test_a_folder_s_chat_template_jinja_is_its_template_over_the_config_s(tmp_path, tok):
+    """A folder with a chat_template.jinja renders it, even where tokenizer_config.json still
+    holds a chat_template (an older one the file replaced), as transformers and vLLM read it; a
+    folder with the config's template alone renders that."""
+    import json
+
+    tok.tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>",
+                                                                 "chat_template": "CONFIG{{ messages[0].content }}"}))
+    assert Tokenizer.from_hf_folder(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}]) == "CONFIGhi"
+    (tmp_path / "chat_template.jinja").write_text("FILE{{ messages[0].content }}", encoding="utf-8")
+    assert Tokenizer.from_hf_folder(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}]) == "FILEhi"
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert theirs.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "FILEhi"
