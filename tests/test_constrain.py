@@ -862,3 +862,27 @@ def test_the_compile_cache_keeps_grammars_within_its_bytes_and_a_repeated_spec_h
     assert g.size > 500_000 and c.compile(big) is not g                # compiled, never kept
     assert c.cache_info()["bytes"] <= 500_000
 
+
+
+@pytest.mark.parametrize("parameters", ["left out", None, {}])
+def test_a_forced_call_to_a_tool_without_parameters_has_empty_arguments(engine, compiler, parameters):
+    """A tool whose parameters are left out, null or {} takes no arguments (OpenAI's empty parameter
+    list): a forced call to it writes "arguments": {} and nothing inside the braces."""
+    fn = {"name": "now"} if parameters == "left out" else {"name": "now", "parameters": parameters}
+    m = compiler.compile({"type": "tool_call", "tools": [{"type": "function", "function": fn}]}).matcher()
+    for t in ids_of(engine, '<tool_call>[{"name": "now", "arguments": {'):
+        assert m.accept(t)
+    texts = {engine.tokenizer.decode([t]) for t in m.allowed()}
+    assert "}" in texts and not any('"' in t for t in texts), texts
+
+
+@pytest.mark.parametrize("array", [True, False])
+def test_a_call_forced_by_name_can_name_that_tool_alone(engine, compiler, array):
+    """tool_choice naming a function: the call's name is that function's, never another tool's."""
+    spec = {"type": "tool_call", "tools": TOOLS, "choice": {"type": "function", "function": {"name": "add"}},
+            "array": array}
+    m = compiler.compile(spec).matcher()
+    for t in ids_of(engine, '<tool_call>' + ("[" if array else "") + '{"name": "'):
+        assert m.accept(t)
+    texts = {engine.tokenizer.decode([t]) for t in m.allowed()}
+    assert texts and all("add".startswith(t) for t in texts), texts
