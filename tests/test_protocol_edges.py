@@ -805,3 +805,35 @@ def test_a_request_line_carries_headers_as_agp_serve_copies_them():
     with pytest.raises(RequestError) as bad_name:
         parse_request({"prompt": "hi", "headers": {"x tenant": "a"}})
     assert "write" not in str(bad_name.value)
+
+
+def test_chat_messages_reach_the_template_with_their_names_calls_and_tool_results():
+    """What a chat template may read of a message is kept: a message's `name`, an assistant's
+    refusal part as its text, an assistant's earlier `tool_calls` (content null is ""), each call
+    with its id (call_<i> where the client gave none) and its arguments as a JSON string, and a
+    tool result's `tool_call_id`."""
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}},
+             {"type": "function", "function": {"name": "g", "arguments": "{}"}}]
+    messages = [{"role": "user", "content": "hi", "name": "ann"},
+                {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]},
+                {"role": "assistant", "content": None, "tool_calls": calls},
+                {"role": "tool", "tool_call_id": "c1", "content": "42"}]
+    assert chat({"messages": messages}).item("r")["messages"] == [
+        {"role": "user", "content": "hi", "name": "ann"},
+        {"role": "assistant", "content": "I can't."},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}},
+            {"id": "call_1", "type": "function", "function": {"name": "g", "arguments": "{}"}}]},
+        {"role": "tool", "content": "42", "tool_call_id": "c1"}]
+
+
+def test_a_refusal_part_is_an_assistant_message_s_only():
+    e = refused(chat, {"messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]})
+    assert e.param == "messages[0].content" and "a refusal part: an assistant message's" in e.message
+
+
+def test_an_empty_message_is_taken_beside_one_with_text_and_refused_when_all_are_empty():
+    req = chat({"messages": [{"role": "system", "content": ""}, *HI]})
+    assert req.item("r")["messages"] == [{"role": "system", "content": ""}, *HI]
+    e = refused(chat, {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": " "}]})
+    assert (e.message, e.param) == ("every message in 'messages' is empty", "messages")
