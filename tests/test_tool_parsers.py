@@ -585,3 +585,26 @@ def test_an_earlier_call_is_written_after_its_message_s_text_with_its_arguments_
 ])
 def test_a_template_takes_tools_where_it_names_the_variable(template, takes):
     assert template_takes_tools(template) is takes
+
+
+HISTORY = [{"role": "user", "content": "hi"},
+           {"role": "assistant", "content": "", "tool_calls": [
+               {"id": "c", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]},
+           {"role": "tool", "tool_call_id": "c", "content": "cold"}]
+
+
+def test_a_conversation_s_tools_and_calls_reach_the_prompt_whether_or_not_its_template_takes_tools(tiny_gguf):
+    """A template that names `tools` gets the request's tools and the calls as OpenAI sends them;
+    one that does not gets the calls written into the text (with or without tools in the request)."""
+    from pipeline_dsl.engine import Engine, EngineConfig
+
+    engine = Engine(EngineConfig(model=str(tiny_gguf), dtype="fp32"))
+    tok = engine.tokenizer
+    tok.set_chat_template("{{ tools | map(attribute='function') | map(attribute='name') | join(',') }}|"
+                          "{% for m in messages %}{{ m.role }}:{{ m.content }}"
+                          "{% for c in m.tool_calls or [] %}{{ c.function.name }}{% endfor %};{% endfor %}")
+    assert tok.decode(engine.prompt_ids(messages=HISTORY, tools=[WEATHER_TOOL])) == \
+        "weather|user:hi;assistant:weather;tool:cold;"
+    tok.set_chat_template("{% for m in messages %}{{ m.role }}:{{ m.content }};{% endfor %}")
+    call = '<tool_call>[{"name": "weather", "arguments": {}}]</tool_call>'
+    assert tok.decode(engine.prompt_ids(messages=HISTORY)) == f"user:hi;assistant:{call};tool:cold;"
