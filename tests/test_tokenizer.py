@@ -256,3 +256,11 @@ def test_a_folder_whose_post_processor_adds_no_bos_starts_raw_prompts_without_it
     ours = Tokenizer.from_hf_folder(tmp_path)
     assert ours.encode("the cat") == ours.encode("the cat", add_special_tokens=False)
     assert ours.encode("the cat")[0] != 1
+
+
+def test_a_template_s_tojson_keeps_text_as_written_and_strftime_now_is_there(tok):
+    """transformers' template globals: tojson writes non-ASCII text as it is (not \\u escapes, which
+    would change the prompt's tokens), and strftime_now formats the current time."""
+    tok.set_chat_template("{{ messages[0].content | tojson }}|{{ strftime_now('%Y') | length }}")
+    assert tok.apply_chat_template([{"role": "user", "content": "día ✓"}], add_generation_prompt=False) == \
+        '"día ✓"|4'
