@@ -886,3 +886,21 @@ def test_a_call_forced_by_name_can_name_that_tool_alone(engine, compiler, array)
         assert m.accept(t)
     texts = {engine.tokenizer.decode([t]) for t in m.allowed()}
     assert texts and all("add".startswith(t) for t in texts), texts
+
+
+OBJECT_A = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+@pytest.mark.parametrize("schema, more_keys", [
+    (OBJECT_A, False),                                                   # closed, as OpenAI's strict mode
+    ({**OBJECT_A, "additionalProperties": True}, True),                  # the schema's own choice is kept
+    ({"anyOf": [OBJECT_A, {"type": "integer"}]}, False),                 # closed inside anyOf too
+    ({"type": "array", "items": OBJECT_A}, False),
+], ids=["top", "additional-true", "any-of", "items"])
+def test_objects_with_properties_are_closed_unless_the_schema_leaves_them_open(engine, compiler, schema, more_keys):
+    m = compiler.compile({"type": "json_schema", "schema": schema}).matcher()
+    text = '[{"a": 1' if schema.get("type") == "array" else '{"a": 1'
+    for t in ids_of(engine, text):
+        assert m.accept(t)
+    texts = {engine.tokenizer.decode([t]) for t in m.allowed()}
+    assert "}" in texts and (any("," in t for t in texts)) is more_keys, texts
