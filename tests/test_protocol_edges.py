@@ -837,3 +837,15 @@ def test_an_empty_message_is_taken_beside_one_with_text_and_refused_when_all_are
     assert req.item("r")["messages"] == [{"role": "system", "content": ""}, *HI]
     e = refused(chat, {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": " "}]})
     assert (e.message, e.param) == ("every message in 'messages' is empty", "messages")
+
+
+@pytest.mark.parametrize("kind", [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+                                  {"type": "json_schema", "schema": {}}])
+def test_a_response_format_keeps_its_own_json_options(kind):
+    """compact and close_objects (what structured_outputs' disable_any_whitespace and
+    disable_additional_properties set, carried by a request item a python stage hands back) are kept."""
+    from pipeline_dsl.requests_io import parse_response_format
+
+    spec = parse_response_format({**kind, "compact": True, "close_objects": False})
+    assert spec["compact"] is True and spec["close_objects"] is False
+    assert "compact" not in parse_response_format({**kind, "compact": "yes"})
