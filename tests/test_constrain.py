@@ -904,3 +904,15 @@ def test_objects_with_properties_are_closed_unless_the_schema_leaves_them_open(e
         assert m.accept(t)
     texts = {engine.tokenizer.decode([t]) for t in m.allowed()}
     assert "}" in texts and (any("," in t for t in texts)) is more_keys, texts
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "integer", "if": {"minimum": 5}, "else": {"maximum": 2}},
+    {"type": "integer", "if": {"minimum": 5}, "then": {"maximum": 9}},
+    {"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
+], ids=["if-else", "if-then", "unique-items"])
+def test_keywords_that_do_constrain_are_refused_never_dropped(compiler, schema):
+    """The same keywords where they constrain the value (if with then or else, uniqueItems true):
+    refused as the grammar engine cannot enforce them, never left out of the grammar."""
+    with pytest.raises(GrammarError, match="Unimplemented keys"):
+        compiler.compile({"type": "json_schema", "schema": schema})
