@@ -916,3 +916,10 @@ def test_keywords_that_do_constrain_are_refused_never_dropped(compiler, schema):
     refused as the grammar engine cannot enforce them, never left out of the grammar."""
     with pytest.raises(GrammarError, match="Unimplemented keys"):
         compiler.compile({"type": "json_schema", "schema": schema})
+
+
+def test_a_choice_of_max_choices_strings_is_taken_and_one_more_refused():
+    choices = [f"c{i}" for i in range(constraints.MAX_CHOICES + 1)]
+    assert constraints.check_spec({"type": "choice", "choices": choices[:-1]}) == []
+    with pytest.raises(GrammarError, match=f"at most {constraints.MAX_CHOICES:,}"):
+        constraints.check_spec({"type": "choice", "choices": choices})

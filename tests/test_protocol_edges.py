@@ -849,3 +849,15 @@ def test_a_response_format_keeps_its_own_json_options(kind):
     spec = parse_response_format({**kind, "compact": True, "close_objects": False})
     assert spec["compact"] is True and spec["close_objects"] is False
     assert "compact" not in parse_response_format({**kind, "compact": "yes"})
+
+
+def test_continuous_usage_stats_take_effect_with_include_usage_only():
+    """vLLM's stream_options.continuous_usage_stats puts the usage so far on every chunk where the
+    stream asks for usage at all (include_usage); alone it changes nothing."""
+    def usage(options):
+        req = chat({"messages": HI, "stream": True, "stream_options": options})
+        return req.include_usage, req.continuous_usage
+
+    assert usage({"include_usage": True, "continuous_usage_stats": True}) == (True, True)
+    assert usage({"continuous_usage_stats": True}) == (False, False)
+    assert usage({"include_usage": True}) == (True, False)
