@@ -861,3 +861,9 @@ def test_continuous_usage_stats_take_effect_with_include_usage_only():
     assert usage({"include_usage": True, "continuous_usage_stats": True}) == (True, True)
     assert usage({"continuous_usage_stats": True}) == (False, False)
     assert usage({"include_usage": True}) == (True, False)
+
+
+def test_logit_bias_takes_minus_100_to_100_inclusive_and_refuses_beyond():
+    assert chat({"messages": HI, "logit_bias": {"5": 100, "6": -100}}).fields["logit_bias"] == {5: 100.0, 6: -100.0}
+    e = refused(chat, {"messages": HI, "logit_bias": {"5": 100.5}})
+    assert e.param == "logit_bias" and "from -100 to 100" in e.message
