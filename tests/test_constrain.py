@@ -923,3 +923,21 @@ def test_a_choice_of_max_choices_strings_is_taken_and_one_more_refused():
     assert constraints.check_spec({"type": "choice", "choices": choices[:-1]}) == []
     with pytest.raises(GrammarError, match=f"at most {constraints.MAX_CHOICES:,}"):
         constraints.check_spec({"type": "choice", "choices": choices})
+
+
+@pytest.mark.parametrize("options, spaced, open_objects", [
+    ({}, True, False), ({"compact": True}, False, False), ({"close_objects": False}, True, True),
+])
+def test_a_structural_tag_s_json_follows_the_spec_s_own_options(engine, compiler, options, spaced, open_objects):
+    """compact and close_objects (vLLM's disable_any_whitespace, disable_additional_properties) hold
+    inside a structural tag's structures as in any JSON spec."""
+    spec = {"type": "structural_tag", "triggers": ["<f>"], **options,
+            "structures": [{"begin": "<f>", "schema": OBJECT_A, "end": "</f>"}]}
+
+    def takes(text):
+        m = compiler.compile(spec).matcher()
+        return all(m.accept(t) for t in ids_of(engine, text))
+
+    assert takes('<f>{"a":1}</f>')
+    assert takes('<f>{"a": 1}</f>') is spaced
+    assert takes('<f>{"a":1,"b":2}</f>') is open_objects
