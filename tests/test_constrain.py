@@ -1024,3 +1024,82 @@ def test_the_compile_cache_keeps_grammars_within_its_bytes_and_a_repeated_spec_h
     assert g.size > 500_000 and c.compile(big) is not g                # compiled, never kept
     assert c.cache_info()["bytes"] <= 500_000
 
+
+
+@pytest.mark.parametrize("parameters", ["left out", None, {}])
+def test_a_forced_call_to_a_tool_without_parameters_has_empty_arguments(engine, compiler, parameters):
+    """A tool whose parameters are left out, null or {} takes no arguments (OpenAI's empty parameter
+    list): a forced call to it writes "arguments": {} and nothing inside the braces."""
+    fn = {"name": "now"} if parameters == "left out" else {"name": "now", "parameters": parameters}
+    m = compiler.compile({"type": "tool_call", "tools": [{"type": "function", "function": fn}]}).matcher()
+    for t in ids_of(engine, '<tool_call>[{"name": "now", "arguments": {'):
+        assert m.accept(t)
+    texts = {engine.tokenizer.decode([t]) for t in m.allowed()}
+    assert "}" in texts and not any('"' in t for t in texts), texts
+
+
+@pytest.mark.parametrize("array", [True, False])
+def test_a_call_forced_by_name_can_name_that_tool_alone(engine, compiler, array):
+    """tool_choice naming a function: the call's name is that function's, never another tool's."""
+    spec = {"type": "tool_call", "tools": TOOLS, "choice": {"type": "function", "function": {"name": "add"}},
+            "array": array}
+    m = compiler.compile(spec).matcher()
+    for t in ids_of(engine, '<tool_call>' + ("[" if array else "") + '{"name": "'):
+        assert m.accept(t)
+    texts = {engine.tokenizer.decode([t]) for t in m.allowed()}
+    assert texts and all("add".startswith(t) for t in texts), texts
+
+
+OBJECT_A = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+@pytest.mark.parametrize("schema, more_keys", [
+    (OBJECT_A, False),                                                   # closed, as OpenAI's strict mode
+    ({**OBJECT_A, "additionalProperties": True}, True),                  # the schema's own choice is kept
+    ({"anyOf": [OBJECT_A, {"type": "integer"}]}, False),                 # closed inside anyOf too
+    ({"type": "array", "items": OBJECT_A}, False),
+], ids=["top", "additional-true", "any-of", "items"])
+def test_objects_with_properties_are_closed_unless_the_schema_leaves_them_open(engine, compiler, schema, more_keys):
+    m = compiler.compile({"type": "json_schema", "schema": schema}).matcher()
+    text = '[{"a": 1' if schema.get("type") == "array" else '{"a": 1'
+    for t in ids_of(engine, text):
+        assert m.accept(t)
+    texts = {engine.tokenizer.decode([t]) for t in m.allowed()}
+    assert "}" in texts and (any("," in t for t in texts)) is more_keys, texts
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "integer", "if": {"minimum": 5}, "else": {"maximum": 2}},
+    {"type": "integer", "if": {"minimum": 5}, "then": {"maximum": 9}},
+    {"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
+], ids=["if-else", "if-then", "unique-items"])
+def test_keywords_that_do_constrain_are_refused_never_dropped(compiler, schema):
+    """The same keywords where they constrain the value (if with then or else, uniqueItems true):
+    refused as the grammar engine cannot enforce them, never left out of the grammar."""
+    with pytest.raises(GrammarError, match="Unimplemented keys"):
+        compiler.compile({"type": "json_schema", "schema": schema})
+
+
+def test_a_choice_of_max_choices_strings_is_taken_and_one_more_refused():
+    choices = [f"c{i}" for i in range(constraints.MAX_CHOICES + 1)]
+    assert constraints.check_spec({"type": "choice", "choices": choices[:-1]}) == []
+    with pytest.raises(GrammarError, match=f"at most {constraints.MAX_CHOICES:,}"):
+        constraints.check_spec({"type": "choice", "choices": choices})
+
+
+@pytest.mark.parametrize("options, spaced, open_objects", [
+    ({}, True, False), ({"compact": True}, False, False), ({"close_objects": False}, True, True),
+])
+def test_a_structural_tag_s_json_follows_the_spec_s_own_options(engine, compiler, options, spaced, open_objects):
+    """compact and close_objects (vLLM's disable_any_whitespace, disable_additional_properties) hold
+    inside a structural tag's structures as in any JSON spec."""
+    spec = {"type": "structural_tag", "triggers": ["<f>"], **options,
+            "structures": [{"begin": "<f>", "schema": OBJECT_A, "end": "</f>"}]}
+
+    def takes(text):
+        m = compiler.compile(spec).matcher()
+        return all(m.accept(t) for t in ids_of(engine, text))
+
+    assert takes('<f>{"a":1}</f>')
+    assert takes('<f>{"a": 1}</f>') is spaced
+    assert takes('<f>{"a":1,"b":2}</f>') is open_objects

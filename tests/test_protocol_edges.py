@@ -805,3 +805,65 @@ def test_a_request_line_carries_headers_as_agp_serve_copies_them():
     with pytest.raises(RequestError) as bad_name:
         parse_request({"prompt": "hi", "headers": {"x tenant": "a"}})
     assert "write" not in str(bad_name.value)
+
+
+def test_chat_messages_reach_the_template_with_their_names_calls_and_tool_results():
+    """What a chat template may read of a message is kept: a message's `name`, an assistant's
+    refusal part as its text, an assistant's earlier `tool_calls` (content null is ""), each call
+    with its id (call_<i> where the client gave none) and its arguments as a JSON string, and a
+    tool result's `tool_call_id`."""
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}},
+             {"type": "function", "function": {"name": "g", "arguments": "{}"}}]
+    messages = [{"role": "user", "content": "hi", "name": "ann"},
+                {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]},
+                {"role": "assistant", "content": None, "tool_calls": calls},
+                {"role": "tool", "tool_call_id": "c1", "content": "42"}]
+    assert chat({"messages": messages}).item("r")["messages"] == [
+        {"role": "user", "content": "hi", "name": "ann"},
+        {"role": "assistant", "content": "I can't."},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}},
+            {"id": "call_1", "type": "function", "function": {"name": "g", "arguments": "{}"}}]},
+        {"role": "tool", "content": "42", "tool_call_id": "c1"}]
+
+
+def test_a_refusal_part_is_an_assistant_message_s_only():
+    e = refused(chat, {"messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]})
+    assert e.param == "messages[0].content" and "a refusal part: an assistant message's" in e.message
+
+
+def test_an_empty_message_is_taken_beside_one_with_text_and_refused_when_all_are_empty():
+    req = chat({"messages": [{"role": "system", "content": ""}, *HI]})
+    assert req.item("r")["messages"] == [{"role": "system", "content": ""}, *HI]
+    e = refused(chat, {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": " "}]})
+    assert (e.message, e.param) == ("every message in 'messages' is empty", "messages")
+
+
+@pytest.mark.parametrize("kind", [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+                                  {"type": "json_schema", "schema": {}}])
+def test_a_response_format_keeps_its_own_json_options(kind):
+    """compact and close_objects (what structured_outputs' disable_any_whitespace and
+    disable_additional_properties set, carried by a request item a python stage hands back) are kept."""
+    from pipeline_dsl.requests_io import parse_response_format
+
+    spec = parse_response_format({**kind, "compact": True, "close_objects": False})
+    assert spec["compact"] is True and spec["close_objects"] is False
+    assert "compact" not in parse_response_format({**kind, "compact": "yes"})
+
+
+def test_continuous_usage_stats_take_effect_with_include_usage_only():
+    """vLLM's stream_options.continuous_usage_stats puts the usage so far on every chunk where the
+    stream asks for usage at all (include_usage); alone it changes nothing."""
+    def usage(options):
+        req = chat({"messages": HI, "stream": True, "stream_options": options})
+        return req.include_usage, req.continuous_usage
+
+    assert usage({"include_usage": True, "continuous_usage_stats": True}) == (True, True)
+    assert usage({"continuous_usage_stats": True}) == (False, False)
+    assert usage({"include_usage": True}) == (True, False)
+
+
+def test_logit_bias_takes_minus_100_to_100_inclusive_and_refuses_beyond():
+    assert chat({"messages": HI, "logit_bias": {"5": 100, "6": -100}}).fields["logit_bias"] == {5: 100.0, 6: -100.0}
+    e = refused(chat, {"messages": HI, "logit_bias": {"5": 100.5}})
+    assert e.param == "logit_bias" and "from -100 to 100" in e.message

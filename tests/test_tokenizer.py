@@ -176,3 +176,92 @@ def test_a_user_defined_token_is_text_that_skipping_special_tokens_keeps(tiny_gg
         assert user.decode(ids, spaces_between_special_tokens=spaces) == "hello the"
         assert user.decode(ids, skip_special_tokens=False, spaces_between_special_tokens=spaces) == \
             "<|im_start|>hello the"
+
+
+@pytest.mark.parametrize("pre, pieces", [
+    ("smollm", ["x", "Ġ", "2", "0", "2", "4"]),          # digits one by one, before gpt2's regex
+    ("qwen2", ["x", "Ġ", "2", "0", "2", "4"]),           # \p{N}: one digit a word
+    ("llama3", ["x", "Ġ", "202", "4"]),                  # \p{N}{1,3}: digits three at a time
+    ("gpt2", ["x", "Ġ", "202", "4"]),                    # ` ?\p{N}+`: the space's own merge is missing
+])
+def test_a_gguf_s_pre_tokenizer_decides_which_digits_may_merge(tiny_gguf, pre, pieces):
+    """tokenizer.ggml.pre picks the regex a text is split by before the merges, as llama.cpp
+    picks it: with merges "2 0" and "20 2" in the vocabulary, "2024" is one digit a token where
+    the split keeps digits apart (smollm, qwen2), and "202" + "4" where it lets three go together."""
+    meta = dict(load_gguf(tiny_gguf).metadata)
+    meta["tokenizer.ggml.tokens"] = [*meta["tokenizer.ggml.tokens"], "20", "202"]
+    meta["tokenizer.ggml.token_type"] = [*meta["tokenizer.ggml.token_type"], 1, 1]
+    meta["tokenizer.ggml.merges"] = [*meta["tokenizer.ggml.merges"], "2 0", "20 2"]
+    meta["tokenizer.ggml.pre"] = pre
+    tok = Tokenizer.from_gguf_metadata(meta)
+    ids = tok.encode("x 2024")
+    assert [tok.id_to_token(i) for i in ids] == pieces
+    assert tok.decode(ids) == "x 2024"
+
+
+@pytest.mark.parametrize("key", ["unknown", "padding"])
+def test_a_gguf_s_unknown_and_padding_tokens_are_special_whatever_their_type(tiny_gguf, key):
+    """The tokens tokenizer.ggml.unknown_token_id and padding_token_id name are special tokens
+    even where the file types them NORMAL (as bos and eos are): matched whole in a text, and left
+    out of it when special tokens are skipped."""
+    meta = dict(load_gguf(tiny_gguf).metadata)
+    meta["tokenizer.ggml.tokens"] = [*meta["tokenizer.ggml.tokens"], "<pad>"]
+    meta["tokenizer.ggml.token_type"] = [*meta["tokenizer.ggml.token_type"], 1]      # NORMAL
+    pad = len(meta["tokenizer.ggml.tokens"]) - 1
+    meta[f"tokenizer.ggml.{key}_token_id"] = pad
+    tok = Tokenizer.from_gguf_metadata(meta)
+    ids = tok.encode("hello<pad> the")
+    assert pad in ids
+    assert tok.decode(ids) == "hello the"
+    assert tok.decode(ids, skip_special_tokens=False) == "hello<pad> the"
+
+
+def test_a_folder_s_chat_template_jinja_is_its_template_over_the_config_s(tmp_path, tok):
+    """A folder with a chat_template.jinja renders it, even where tokenizer_config.json still
+    holds a chat_template (an older one the file replaced), as transformers and vLLM read it; a
+    folder with the config's template alone renders that."""
+    import json
+
+    tok.tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>",
+                                                                 "chat_template": "CONFIG{{ messages[0].content }}"}))
+    assert Tokenizer.from_hf_folder(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}]) == "CONFIGhi"
+    (tmp_path / "chat_template.jinja").write_text("FILE{{ messages[0].content }}", encoding="utf-8")
+    assert Tokenizer.from_hf_folder(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}]) == "FILEhi"
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert theirs.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "FILEhi"
+
+
+def test_a_folder_s_end_tokens_come_from_its_tokenizer_generation_config_and_config(tmp_path, tok):
+    """An answer ends at the tokenizer's eos token and at every eos_token_id that the folder's
+    generation_config.json and config.json list (Llama 3.1's <|eot_id|> is in config.json's list)."""
+    import json
+
+    tok.tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [0, 2]}))
+    assert Tokenizer.from_hf_folder(tmp_path).eos_token_ids == frozenset({0, 2})
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 0}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1]}))
+    assert Tokenizer.from_hf_folder(tmp_path).eos_token_ids == frozenset({0, 1, 2})
+
+
+def test_a_folder_whose_post_processor_adds_no_bos_starts_raw_prompts_without_it(tmp_path, tok):
+    """A folder that names a bos token but neither says add_bos_token nor has a post-processor
+    that puts it first (Qwen's) starts a prompt with the text itself, as transformers does."""
+    import json
+
+    tok.tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
+    ours = Tokenizer.from_hf_folder(tmp_path)
+    assert ours.encode("the cat") == ours.encode("the cat", add_special_tokens=False)
+    assert ours.encode("the cat")[0] != 1
+
+
+def test_a_template_s_tojson_keeps_text_as_written_and_strftime_now_is_there(tok):
+    """transformers' template globals: tojson writes non-ASCII text as it is (not \\u escapes, which
+    would change the prompt's tokens), and strftime_now formats the current time."""
+    tok.set_chat_template("{{ messages[0].content | tojson }}|{{ strftime_now('%Y') | length }}")
+    assert tok.apply_chat_template([{"role": "user", "content": "día ✓"}], add_generation_prompt=False) == \
+        '"día ✓"|4'

@@ -9,8 +9,8 @@ import json
 import flowkit
 import pytest
 
-from pipeline_dsl.tools import (PARSERS, parse_tool_calls, prepare_messages, tool_parser_for, tool_stream,
-                                 without_markers)
+from pipeline_dsl.tools import (PARSERS, parse_tool_calls, prepare_messages, template_takes_tools, tool_parser_for,
+                                 tool_stream, without_markers)
 
 
 def calls_of(calls: list[dict]) -> list[tuple[str, dict]]:
@@ -542,3 +542,69 @@ def test_an_answer_of_white_space_alone_is_its_content_as_written(parser):
     for text in ("", " ", "\n\n", " \t "):
         assert parse_tool_calls(text, None, parser) == (text, [])
         assert streamed(parser, list(text)) == (text, [])
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+
+
+def test_a_template_that_does_not_take_tools_gets_them_in_one_system_message_first():
+    """A template that does not render `tools` gets them listed in a system message: the
+    conversation's own system message goes on after the listing, in that one message; tool_choice
+    "required" and a named function add what the answer must do, "none" still lists them."""
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    auto = prepare_messages(chat, [WEATHER_TOOL], template_takes_tools=False)
+    assert [m["role"] for m in auto] == ["system", "user"]
+    assert '<tools>[{"name": "weather"' in auto[0]["content"] and auto[0]["content"].endswith("\n\nBe brief.")
+    assert "at least one function call" not in auto[0]["content"]
+    required = prepare_messages(chat, [WEATHER_TOOL], template_takes_tools=False, choice="required")
+    assert required[0]["content"].startswith(auto[0]["content"].removesuffix("\n\nBe brief."))
+    assert "Answer with at least one function call." in required[0]["content"]
+    named = prepare_messages(chat[1:], [WEATHER_TOOL], template_takes_tools=False,
+                             choice={"type": "function", "function": {"name": "weather"}})
+    assert [m["role"] for m in named] == ["system", "user"] and "Call the function weather." in named[0]["content"]
+    assert prepare_messages(chat, [WEATHER_TOOL], template_takes_tools=False, choice="none") == auto
+
+
+def test_an_earlier_call_is_written_after_its_message_s_text_with_its_arguments_as_json():
+    history = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": "Let me look.", "tool_calls": [
+                   {"id": "c", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]},
+               {"role": "tool", "tool_call_id": "c", "content": "cold"}]
+    [_, said, result] = prepare_messages(history, None, template_takes_tools=False)
+    assert said == {"role": "assistant", "content": 'Let me look.\n<tool_call>[{"name": "weather", "arguments": '
+                                                    '{"city": "Oslo"}}]</tool_call>'}
+    assert result == {"role": "tool", "content": "cold"}
+
+
+@pytest.mark.parametrize("template, takes", [
+    ("{% if tools %}{{ tools | tojson }}{% endif %}", True),
+    ("{%- for t in tools -%}{{ t.function.name }}{%- endfor -%}", True),
+    ("{{ messages[0].content }}{% if use_tools_note %}!{% endif %}", False),
+    ("{{ messages[0].content }} (no toolset here)", False),
+    (None, False),
+])
+def test_a_template_takes_tools_where_it_names_the_variable(template, takes):
+    assert template_takes_tools(template) is takes
+
+
+HISTORY = [{"role": "user", "content": "hi"},
+           {"role": "assistant", "content": "", "tool_calls": [
+               {"id": "c", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]},
+           {"role": "tool", "tool_call_id": "c", "content": "cold"}]
+
+
+def test_a_conversation_s_tools_and_calls_reach_the_prompt_whether_or_not_its_template_takes_tools(tiny_gguf):
+    """A template that names `tools` gets the request's tools and the calls as OpenAI sends them;
+    one that does not gets the calls written into the text (with or without tools in the request)."""
+    from pipeline_dsl.engine import Engine, EngineConfig
+
+    engine = Engine(EngineConfig(model=str(tiny_gguf), dtype="fp32"))
+    tok = engine.tokenizer
+    tok.set_chat_template("{{ tools | map(attribute='function') | map(attribute='name') | join(',') }}|"
+                          "{% for m in messages %}{{ m.role }}:{{ m.content }}"
+                          "{% for c in m.tool_calls or [] %}{{ c.function.name }}{% endfor %};{% endfor %}")
+    assert tok.decode(engine.prompt_ids(messages=HISTORY, tools=[WEATHER_TOOL])) == \
+        "weather|user:hi;assistant:weather;tool:cold;"
+    tok.set_chat_template("{% for m in messages %}{{ m.role }}:{{ m.content }};{% endfor %}")
+    call = '<tool_call>[{"name": "weather", "arguments": {}}]</tool_call>'
+    assert tok.decode(engine.prompt_ids(messages=HISTORY)) == f"user:hi;assistant:{call};tool:cold;"

@@ -310,12 +310,13 @@ class Tokenizer:
             return v.get("content") if isinstance(v, dict) else v
 
         bos, eos = name(cfg.get("bos_token")), name(cfg.get("eos_token"))
-        template = cfg.get("chat_template")
+        # a chat_template.jinja beside it is the template, whatever tokenizer_config.json holds (as
+        # transformers reads a folder: the file is newer than the config's template it replaces)
+        jinja = folder / "chat_template.jinja"
+        template = jinja.read_text(encoding="utf-8") if jinja.is_file() else cfg.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": …}, …]
             named = {t.get("name"): t.get("template") for t in template}
             template = named.get("default") or next(iter(named.values()), None)
-        if template is None and (folder / "chat_template.jinja").is_file():
-            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
         eos_ids = [tk.token_to_id(eos)] if eos else []
         for src in (gen, model_cfg):
             e = src.get("eos_token_id")
