@@ -338,7 +338,7 @@ def openai_fields() -> list[tuple[str, str, str]]:
         section = line if line.startswith("## ") else section
         m = re.match(r"\| (`[^|]*`)[^|]*\| ([^|]*) \|", line)
         if m and "field" not in m.group(1) and "tested" not in section:
-            rows += [(section, f, m.group(2)) for f in re.findall(r"`([a-z_]+)", m.group(1))]
+            rows += [(section, f, m.group(2)) for f in re.findall(r"`([a-z_][a-z_0-9]*)", m.group(1))]
     return rows
 
 
@@ -346,10 +346,12 @@ def test_every_field_the_openai_page_supports_is_a_field_of_its_endpoint():
     from pipeline_dsl.serve.embeddings import FIELDS as EMBEDDING_FIELDS
     from pipeline_dsl.serve.protocol import CHAT_FIELDS, COMPLETION_FIELDS
     from pipeline_dsl.serve.responses import FIELDS as RESPONSE_FIELDS
+    from pipeline_dsl.serve.scores import RERANK_FIELDS, SCORE_FIELDS
 
     endpoints = {"Both endpoints": [CHAT_FIELDS, COMPLETION_FIELDS], "vLLM's extras": [CHAT_FIELDS, COMPLETION_FIELDS],
                  "`/v1/chat/completions`": [CHAT_FIELDS], "`/v1/completions`": [COMPLETION_FIELDS],
-                 "`/v1/responses`": [RESPONSE_FIELDS], "`/v1/embeddings`": [EMBEDDING_FIELDS]}
+                 "`/v1/responses`": [RESPONSE_FIELDS], "`/v1/embeddings`": [EMBEDDING_FIELDS],
+                 "`/v1/rerank`": [RERANK_FIELDS], "`/v1/score`": [SCORE_FIELDS]}
     rows = [(s, f, st) for s, f, st in openai_fields() if any(s.startswith(f"## {e}") for e in endpoints)]
     assert len(rows) > 40
     bad = []

@@ -34,7 +34,7 @@ def test_every_route_is_described(live):
 
 
 @pytest.mark.parametrize("label", ["POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses",
-                                   "POST /v1/embeddings", "GET /v1/models",
+                                   "POST /v1/embeddings", "POST /v1/score", "POST /v1/rerank", "GET /v1/models",
                                    "GET /health", "GET /stats", "GET /metrics", "GET /tokenizer_info"])
 def test_the_served_api_matches_its_description(live, label):
     op = next(o for o in operations(live) if o.label == label)
@@ -74,7 +74,7 @@ def test_the_described_completions_prompt_is_every_shape_the_server_takes(live):
 def test_the_described_request_bodies_name_every_field_the_server_takes(live):
     """A client generated from /openapi.json (additionalProperties: false) may send every field the
     server takes: logprobs, tools, response_format, penalties, the neutral vLLM fields..."""
-    from pipeline_dsl.serve import embeddings, protocol, responses
+    from pipeline_dsl.serve import embeddings, protocol, responses, scores
 
     spec = live.http.get(live.url + "/openapi.json", timeout=30).json()
 
@@ -85,6 +85,8 @@ def test_the_described_request_bodies_name_every_field_the_server_takes(live):
     assert described("/v1/completions") == protocol.COMPLETION_FIELDS
     assert described("/v1/responses") == responses.FIELDS
     assert described("/v1/embeddings") == embeddings.FIELDS
+    assert described("/v1/score") == described("/score") == scores.SCORE_FIELDS
+    assert described("/v1/rerank") == described("/rerank") == described("/v2/rerank") == scores.RERANK_FIELDS
 
 
 def test_the_described_64_bit_bounds_are_the_integers_the_server_takes(live):
@@ -174,7 +176,9 @@ def test_a_described_scoring_request_is_valid_and_served(live):
 NULL_BODIES = {"/v1/completions": {"prompt": "hi", "max_tokens": 1},
                "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
                "/v1/responses": {"input": "hi", "max_output_tokens": 1},
-               "/v1/embeddings": {"model": "tiny", "input": "hi"}}
+               "/v1/embeddings": {"model": "tiny", "input": "hi"},
+               "/v1/score": {"model": "tiny", "text_1": "hi", "text_2": ["a", "b"]},
+               "/v1/rerank": {"model": "tiny", "query": "hi", "documents": ["a", {"text": "b"}]}}
 
 
 def test_every_request_field_takes_null_exactly_when_its_description_does(live):

@@ -33,6 +33,7 @@ from .guard import Guard
 from .metrics import ServerMetrics, StatsLine
 from .responses import Responses
 from .routes import pipeline_stats, router, write_trace
+from .scores import Scores
 
 log = logging.getLogger("agp.serve")
 
@@ -110,6 +111,7 @@ def create_app(apipe: AsyncPipeline, config: ServeConfig, metrics: ServerMetrics
     state.generations = Generations(apipe, config, metrics)
     state.responses = Responses(state.generations)
     state.embeddings = Embeddings(state.generations)
+    state.scores = Scores(state.embeddings)
     app.include_router(router)
     app.openapi = lambda: openapi_document(app)
     app.add_exception_handler(StarletteHTTPException, http_error)

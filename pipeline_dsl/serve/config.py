@@ -8,7 +8,8 @@ OPEN_PATHS = ("/health", "/ping", "/metrics", "/version", "/openapi.json")   # a
 PROBES = ("/health", "/ping")          # they say "loading" or "draining" themselves (every other route: an error)
 WATCHED = ("/metrics", "/stats")       # still answered while the server drains: the drain is watched through them
 # the requests agp_requests_total counts by status, refused ones (401, 503 ...) too
-COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings")
+COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings",
+                 "/v1/score", "/score", "/v1/rerank", "/rerank", "/v2/rerank")
 
 
 @dataclass(frozen=True)

@@ -116,12 +116,28 @@ def answered_in_words(req: dict, i: int, res) -> P.APIError:
     generate stage's. The pipeline's word on the request, as a `Reject` is: the client gets it (and
     the stage's text), and the server did nothing wrong."""
     chat = isinstance(req["inputs"][i], tuple)
-    field = "messages" if chat else "input" if len(req["inputs"]) == 1 else f"input[{i}]"
+    if "places" in req:                      # a scoring request's: each text's own field (serve/scores.py)
+        param, field = req["places"][i]
+    else:
+        param = "messages" if chat else "input"
+        field = "messages" if chat else "input" if len(req["inputs"]) == 1 else f"input[{i}]"
     text = res.choices[0].text if res.choices else ""
     said = f"{text[:200]!r}" if text else ""
     return P.APIError(f"the pipeline answered '{field}' with text of its own, not an embedding (a python stage "
                       f"answered it in the generate stage's place){': ' + said if said else ''}",
-                      param="messages" if chat else "input", code="rejected", quoted=(said,))
+                      param=param, code="rejected", quoted=(said,))
+
+
+def pooled_vectors(req: dict, results) -> list[list[float]]:
+    """Each input's pooled vector (the raw mean), in order; an input the pipeline answered with
+    words instead is a 400 (answered_in_words)."""
+    vectors = []
+    for i, res in enumerate(results):
+        pooled = res.choices[0].data.get("pooled") if res.choices else None
+        if pooled is None:
+            raise answered_in_words(req, i, res)
+        vectors.append(pooled)
+    return vectors
 
 
 class Embeddings:
@@ -179,13 +195,21 @@ class Embeddings:
 
     async def create(self, request: Request, body: dict | None = None) -> Response:
         """The answer to an embeddings request (`body`: the request's, when already read)."""
+        return await self.run(request, body, self.parse, self.answer, "embd")
+
+    async def run(self, request: Request, body: dict | None, parse, answer, prefix: str) -> Response:
+        """Embed the inputs `parse(body)` lists and answer `answer(req, results)`: the path of
+        /v1/embeddings, and of /v1/score and /v1/rerank (serve/scores.py), which embed their texts
+        the same way, within the same limits, counted in the same metrics. `req["places"]` (a
+        scoring request's) names each input's field in the errors: (param, place)."""
         g = self.g
         try:       # off the event loop, as chat's: 2048 inputs of ids in a 4 MiB body take ~0.2 s to check
-            req = await asyncio.to_thread(self.parse, body if body is not None else await read_json(request, g.config))
+            req = await asyncio.to_thread(parse, body if body is not None else await read_json(request, g.config))
             headers = P.request_headers(request.headers.raw, g.config.request_headers)
         except P.APIError as err:
             return g.refused(err)
-        rid = f"embd-{request_info(request.scope).adopt(req['request_id'])}"
+        rid = f"{prefix}-{request_info(request.scope).adopt(req['request_id'])}"
+        req["id"] = rid                          # the answer's id (a scoring answer carries one)
         streams = []
         try:
             for i, v in enumerate(req["inputs"]):
@@ -206,14 +230,17 @@ class Embeddings:
             here, results = await wait_or_disconnect(request, asyncio.gather(*(self._result(st) for st in streams)))
             if not here:
                 return Response(status_code=499)
-            failed = next((r.error for r in results if r.error is not None), None)
+            failed = next((i for i, r in enumerate(results) if r.error is not None), None)
             if failed is not None:
-                err = api_error(failed, "embeddings", g.config.retry_after_s)
+                err = api_error(results[failed].error, "embeddings", g.config.retry_after_s)
+                if "places" in req and err.param == "input":     # the scoring request's field, and which text
+                    err.param, place = req["places"][failed]
+                    err.message = f"'{place}': {err.message}"
                 status = str(err.status)
                 return error_response(err)
             try:
                 # built and written off the loop, as a generation's answer (generation.json_answer)
-                response = await asyncio.to_thread(lambda: JSONResponse(self.answer(req, results)))
+                response = await asyncio.to_thread(lambda: JSONResponse(answer(req, results)))
             except P.APIError as err:
                 status = str(err.status)
                 return error_response(err)
@@ -234,10 +261,7 @@ class Embeddings:
 
     def answer(self, req: dict, results) -> dict:
         data, tokens = [], 0
-        for i, res in enumerate(results):
-            pooled = res.choices[0].data.get("pooled") if res.choices else None
-            if pooled is None:
-                raise answered_in_words(req, i, res)
+        for i, (res, pooled) in enumerate(zip(results, pooled_vectors(req, results))):
             if req["dimensions"] is not None and req["dimensions"] != len(pooled):
                 raise P.APIError(f"'dimensions' = {req['dimensions']}: this model's embeddings have {len(pooled)}",
                                  param="dimensions")

@@ -496,6 +496,55 @@ EMBEDDINGS = {
         **{k: ERRORS[k] for k in ("400", "404", "408", "413", "415", "429", "500", "503")}}}
 
 
+# vLLM's scoring routes (serve/scores.py): the cosine similarity of the texts' embeddings
+TEXTS = {"oneOf": [{"type": "string", "minLength": 1},
+                   {"type": "array", "minItems": 1, "maxItems": MAX_INPUTS, "items": {"type": "string", "minLength": 1}}]}
+_SCORING_COMMON = {"model": {"type": "string"}, "user": {"type": "string"}, "request_id": SAMPLING["request_id"],
+                   "priority": SAMPLING["priority"]}
+
+
+def _scoring(required: list[str], properties: dict) -> dict:
+    schema = _request(None, {**_SCORING_COMMON, **properties})
+    for name in required:                       # what the request scores is never null
+        schema["properties"][name] = properties[name]
+    return {**schema, "required": required}
+
+
+SCORE = {
+    "summary": "vLLM's score: the cosine similarity of each (text_1, text_2) pair's embeddings (serve/scores.py)",
+    "requestBody": {"required": True, "content": {"application/json": {"schema": _scoring(
+        ["text_1", "text_2"], {"text_1": TEXTS, "text_2": TEXTS})}}},
+    "responses": {"200": {"description": "one score per pair", "content": {"application/json": {"schema": {
+        "type": "object", "required": ["id", "object", "data", "model", "usage"], "properties": {
+            "object": {"const": "list"}, "id": {"type": "string"}, "created": {"type": "integer"},
+            "data": {"type": "array", "items": {"type": "object", "required": ["object", "index", "score"],
+                                                "properties": {"object": {"const": "score"},
+                                                               "index": {"type": "integer"},
+                                                               "score": {"type": "number"}}}},
+            "model": {"type": "string"}, "usage": {"type": "object"}}}}}},
+        **{k: ERRORS[k] for k in ("400", "404", "408", "413", "415", "429", "500", "503")}}}
+
+RERANK = {
+    "summary": "vLLM's rerank (Jina's and Cohere's shape): the documents by the cosine similarity of their "
+               "embeddings to the query's, best first (serve/scores.py)",
+    "requestBody": {"required": True, "content": {"application/json": {"schema": _scoring(["query", "documents"], {
+        "query": {"type": "string", "minLength": 1},
+        "documents": {"type": "array", "minItems": 1, "maxItems": MAX_INPUTS - 1, "items": {"oneOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "object", "required": ["text"], "additionalProperties": False,
+             "properties": {"text": {"type": "string", "minLength": 1}}}]}},
+        "top_n": {"type": "integer", "minimum": 1, "description": "the best this many (default: every document)"},
+        "return_documents": {"type": "boolean", "description": "each result carries its document (default true)"},
+        "max_tokens_per_doc": {"type": "null", "description": "Cohere's: null only (a document is never cut)"}})}}},
+    "responses": {"200": {"description": "the documents, best first", "content": {"application/json": {"schema": {
+        "type": "object", "required": ["id", "model", "usage", "results"], "properties": {
+            "id": {"type": "string"}, "model": {"type": "string"}, "usage": {"type": "object"},
+            "results": {"type": "array", "items": {"type": "object", "required": ["index", "relevance_score"],
+                                                   "properties": {"index": {"type": "integer"},
+                                                                  "relevance_score": {"type": "number"},
+                                                                  "document": {"type": "object"}}}}}}}}},
+        **{k: ERRORS[k] for k in ("400", "404", "408", "413", "415", "429", "500", "503")}}}
+
 # SageMaker's one inference route, as vLLM serves it: the body's shape picks the API (serve/routes.py)
 INVOCATIONS = {
     "summary": "SageMaker's inference route (vLLM's): a body with 'messages' is a chat completion, one with "

@@ -3,7 +3,8 @@ handler reads what it needs from `request.app.state` (the AsyncPipeline `apipe`,
 `config`, the `metrics` and the serving objects create_app puts there).
 
 Routes: POST /v1/completions, /v1/chat/completions (serve/generation.py), /v1/responses (and GET,
-DELETE /v1/responses/{id}, POST /v1/responses/input_tokens: serve/responses.py), /v1/embeddings (serve/embeddings.py), GET /v1/models,
+DELETE /v1/responses/{id}, POST /v1/responses/input_tokens: serve/responses.py), /v1/embeddings (serve/embeddings.py),
+/v1/score (and /score), /v1/rerank (and /rerank, /v2/rerank: serve/scores.py), GET /v1/models,
 /v1/models/{id}, POST /tokenize, /detokenize, GET /tokenizer_info, /version, /health (and HEAD;
 /ping, GET and POST, its vLLM name), POST /invocations (SageMaker's, as vLLM's: chat, completions or
 embeddings by the body's shape),
@@ -98,6 +99,19 @@ async def delete_response(response_id: str, request: Request):
 @router.post("/v1/embeddings", openapi_extra=OA.EMBEDDINGS)
 async def embeddings(request: Request):
     return await _state(request).embeddings.create(request)
+
+
+@router.post("/v1/score", openapi_extra=OA.SCORE)
+@router.post("/score", openapi_extra=OA.SCORE, operation_id="score_unversioned")       # vLLM serves both
+async def score(request: Request):
+    return await _state(request).scores.score(request)
+
+
+@router.post("/v1/rerank", openapi_extra=OA.RERANK)
+@router.post("/rerank", openapi_extra=OA.RERANK, operation_id="rerank_unversioned")    # Jina's clients
+@router.post("/v2/rerank", openapi_extra=OA.RERANK, operation_id="rerank_v2")          # Cohere's v2 SDK
+async def rerank(request: Request):
+    return await _state(request).scores.rerank(request)
 
 
 # SageMaker's one inference route (vLLM serves it beside /ping): the field an API's body needs picks

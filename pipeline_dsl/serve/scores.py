@@ -1,0 +1,179 @@
+"""POST /v1/score (and /score) and /v1/rerank (and /rerank, /v2/rerank): vLLM's scoring routes,
+the ones RAG rerankers call (Jina- and Cohere-compatible clients).
+
+agp's models have no classifier head (a cross-encoder's), so a pair is scored as vLLM scores it
+with an embedding model: the cosine similarity of the two texts' embeddings, each embedded exactly
+as /v1/embeddings embeds an input (serve/embeddings.py: the mean of the final normed hidden
+states). Each text is a request of the pipeline, on the embeddings path: the same limits (at most
+2048 texts a request and no more than the queue holds, each within the context and
+--max-input-tokens), `priority`, `user` and the copied headers, auth and metrics.
+
+    /v1/score   {"model", "text_1": str | [str], "text_2": str | [str]}
+                -> {"id", "object": "list", "created", "model", "data": [{"index", "object": "score", "score"}],
+                    "usage": {"prompt_tokens", "total_tokens", "completion_tokens": 0}}
+    /v1/rerank  {"model", "query": str, "documents": [str | {"text": str}], "top_n", "return_documents"}
+                -> {"id", "model", "usage": {"prompt_tokens", "total_tokens"},
+                    "results": [{"index", "relevance_score", "document": {"text"}}]}   best first
+
+Pairs of /v1/score, as vLLM makes them: one text_1 against each text_2 (1 to N), or text_1[i]
+against text_2[i] (N to N); lists of other lengths are a 400.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from pipeline_dsl.requests_io import IGNORED, check_fields
+
+from . import protocol as P
+from .embeddings import MAX_INPUTS, Embeddings, pooled_vectors
+from .extras import bad, request_errors
+
+COMMON = {"model", "user", "priority", "request_id"}
+SCORE_FIELDS = COMMON | {"text_1", "text_2"}
+# max_tokens_per_doc: Cohere's v2 (a document cut to its first so many tokens); null only, as
+# langchain-cohere's CohereRerank sends it: agp never cuts a document
+RERANK_FIELDS = COMMON | {"query", "documents", "top_n", "return_documents", "max_tokens_per_doc"}
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    """The cosine similarity of two vectors (0 when either is all zeros)."""
+    na, nb = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(x * x for x in b))
+    return sum(x * y for x, y in zip(a, b)) / (na * nb) if na > 0 and nb > 0 else 0.0
+
+
+def _texts(value, field: str) -> list[str]:
+    """A string, or a non-empty array of strings, each non-empty."""
+    if isinstance(value, str):
+        texts = [value]
+    elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        texts = list(value)
+    else:
+        raise bad(field, "a string or a non-empty array of strings", value)
+    for i, t in enumerate(texts):
+        if not t:
+            raise P.APIError(f"'{field}{'' if isinstance(value, str) else f'[{i}]'}' is empty", param=field)
+    return texts
+
+
+def _documents(value) -> list[str]:
+    """Rerank's `documents`: a non-empty array of strings or {"text": string} objects."""
+    if not isinstance(value, list) or not value:
+        raise bad("documents", "a non-empty array of strings or {\"text\": string} objects", value)
+    docs = []
+    for i, d in enumerate(value):
+        text = d.get("text") if isinstance(d, dict) and set(d) == {"text"} else d
+        if not isinstance(text, str):
+            err = bad(f"documents[{i}]", "a string or a {\"text\": string} object", d)
+            err.param = "documents"              # the field; the message names the place
+            raise err
+        if not text:
+            raise P.APIError(f"'documents[{i}]' is empty", param="documents")
+        docs.append(text)
+    return docs
+
+
+class Scores:
+    """The serving object of /v1/score and /v1/rerank, on the embeddings path (`embeddings`)."""
+
+    def __init__(self, embeddings: Embeddings):
+        self.e = embeddings
+
+    def _common(self, body: dict, inputs: list[str], places: list[tuple[str, str]],
+                param: str, what: str) -> dict:
+        """The request's model, identity and pipeline fields, as an embeddings request's; `what`
+        names the fields whose texts are embedded, `param` the one a count beyond the limits blames."""
+        g = self.e.g
+        c = g.config
+        model, pin = P.model_of(body, c.model_names, g.stage_names)
+        with request_errors:
+            check_fields(body, {"user": IGNORED["user"]})
+        most = min(MAX_INPUTS, g.apipe.runtime.max_queue)
+        if len(inputs) > most:
+            why = (f"at most {MAX_INPUTS} a request" if most == MAX_INPUTS else
+                   f"each is a request of its own in the pipeline's queue, which holds at most {most} "
+                   "(requests.max_queue, or --max-queue): this request could never be admitted")
+            raise P.APIError(f"{what} make {len(inputs)} texts to embed; {why}; send at most {most}", param=param)
+        extras = P.parse_extras({"request_id": body.get("request_id")}, chat=False)
+        return {"model": model, "pin": pin, "inputs": inputs, "places": places, "chat_template_kwargs": None,
+                "request_id": extras.request_id,
+                "identity": {"user": body["user"]} if body.get("user") is not None else None,
+                "fields": {"max_tokens": 0, "pooling": "mean", **P.priority_field(body)}}
+
+    # ------------------------------------------------------------ /v1/score
+
+    def parse_score(self, body: dict) -> dict:
+        body = P.check_unknown(body, SCORE_FIELDS, self.e.g.config.lenient)
+        for field in ("text_1", "text_2"):
+            if body.get(field) is None:
+                raise P.APIError(f"'{field}' is required", param=field)
+        one, two = _texts(body["text_1"], "text_1"), _texts(body["text_2"], "text_2")
+        if len(one) != 1 and len(one) != len(two):
+            raise P.APIError(f"'text_1' holds {len(one)} texts and 'text_2' {len(two)}: give one text_1 to score "
+                             "against each text_2, or as many of each (scored pairwise)", param="text_2")
+
+        def place(field, i):
+            return field, field if isinstance(body[field], str) else f"{field}[{i}]"
+
+        places = [place("text_1", i) for i in range(len(one))] + [place("text_2", i) for i in range(len(two))]
+        req = self._common(body, one + two, places, "text_2", "'text_1' and 'text_2'")
+        req["pairs"] = [(0 if len(one) == 1 else i, len(one) + i) for i in range(len(two))]
+        return req
+
+    def answer_score(self, req: dict, results) -> dict:
+        vectors, tokens = pooled_vectors(req, results), _tokens(results)
+        return {"id": req["id"], "object": "list", "created": int(time.time()), "model": req["model"],
+                "data": [{"index": i, "object": "score", "score": cosine(vectors[a], vectors[b])}
+                         for i, (a, b) in enumerate(req["pairs"])],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
+
+    async def score(self, request: Request) -> Response:
+        return await self.e.run(request, None, self.parse_score, self.answer_score, "score")
+
+    # ------------------------------------------------------------ /v1/rerank
+
+    def parse_rerank(self, body: dict) -> dict:
+        body = P.check_unknown(body, RERANK_FIELDS, self.e.g.config.lenient)
+        query = body.get("query")
+        if not isinstance(query, str) or not query:
+            raise (P.APIError("'query' is empty", param="query") if query == "" else
+                   P.APIError("'query' is required", param="query") if query is None else
+                   bad("query", "a string", query))
+        if body.get("documents") is None:
+            raise P.APIError("'documents' is required", param="documents")
+        docs = _documents(body["documents"])
+        top_n = body.get("top_n")
+        if top_n is not None and not (isinstance(top_n, int) and not isinstance(top_n, bool) and top_n >= 1):
+            raise bad("top_n", "a positive integer (leave it out for every document)", top_n)
+        if body.get("max_tokens_per_doc") is not None:
+            raise P.APIError("'max_tokens_per_doc' is not supported: a document is never cut (each is embedded whole, "
+                             "within the context; a longer one is a 400 naming it); leave it out or null",
+                             param="max_tokens_per_doc")
+        keep = True if body.get("return_documents") is None else body["return_documents"]
+        if not isinstance(keep, bool):
+            raise bad("return_documents", "true or false", keep)
+        req = self._common(body, [query] + docs,
+                           [("query", "query")] + [("documents", f"documents[{i}]") for i in range(len(docs))],
+                           "documents", "'query' and 'documents'")
+        req.update(documents=docs, top_n=top_n or len(docs), return_documents=keep)
+        return req
+
+    def answer_rerank(self, req: dict, results) -> dict:
+        vectors, tokens = pooled_vectors(req, results), _tokens(results)
+        scored = [(cosine(vectors[0], v), i) for i, v in enumerate(vectors[1:])]
+        scored.sort(key=lambda s: (-s[0], s[1]))          # best first; a tie keeps the documents' order
+        return {"id": req["id"], "model": req["model"], "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                "results": [{"index": i, "relevance_score": score,
+                             **({"document": {"text": req["documents"][i]}} if req["return_documents"] else {})}
+                            for score, i in scored[:req["top_n"]]]}
+
+    async def rerank(self, request: Request) -> Response:
+        return await self.e.run(request, None, self.parse_rerank, self.answer_rerank,
+                                "rerank")
+
+
+def _tokens(results) -> int:
+    return sum(res.usage.get("prompt_tokens", 0) for res in results)
