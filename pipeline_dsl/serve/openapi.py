@@ -533,7 +533,7 @@ RERANK = {
             {"type": "string", "minLength": 1},
             {"type": "object", "required": ["text"], "additionalProperties": False,
              "properties": {"text": {"type": "string", "minLength": 1}}}]}},
-        "top_n": {"type": "integer", "minimum": 1, "description": "the best this many (default: every document)"},
+        "top_n": {"type": "integer", "minimum": 0, "description": "the best this many (0 or left out: every document)"},
         "return_documents": {"type": "boolean", "description": "each result carries its document (default true)"},
         "max_tokens_per_doc": {"type": "null", "description": "Cohere's: null only (a document is never cut)"}})}}},
     "responses": {"200": {"description": "the documents, best first", "content": {"application/json": {"schema": {

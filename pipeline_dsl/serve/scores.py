@@ -146,8 +146,8 @@ class Scores:
             raise P.APIError("'documents' is required", param="documents")
         docs = _documents(body["documents"])
         top_n = body.get("top_n")
-        if top_n is not None and not (isinstance(top_n, int) and not isinstance(top_n, bool) and top_n >= 1):
-            raise bad("top_n", "a positive integer (leave it out for every document)", top_n)
+        if top_n is not None and not (isinstance(top_n, int) and not isinstance(top_n, bool) and top_n >= 0):
+            raise bad("top_n", "a positive integer, or 0 or null for every document", top_n)
         if body.get("max_tokens_per_doc") is not None:
             raise P.APIError("'max_tokens_per_doc' is not supported: a document is never cut (each is embedded whole, "
                              "within the context; a longer one is a 400 naming it); leave it out or null",
