@@ -227,8 +227,9 @@ class LiveServer:
             time.sleep(0.05)
         return st
 
-    def metric(self, name: str, labels: str = "") -> float:
-        """The value of sample `name` whose labels include `labels` ('{status="429"}')."""
+    def metric(self, name: str, labels: str = "", default: float | None = None) -> float:
+        """The value of sample `name` whose labels include `labels` ('{status="429"}'); `default`
+        where there is no such sample yet (else an AssertionError)."""
         from prometheus_client.parser import text_string_to_metric_families
 
         want = dict(re.findall(r'(\w+)="([^"]*)"', labels))
@@ -240,6 +241,8 @@ class LiveServer:
             for sample in family.samples:
                 if sample.name == name and want.items() <= sample.labels.items():
                     return sample.value
+        if default is not None:
+            return default
         raise AssertionError(f"{name}{labels} not in /metrics")
 
     def close(self):
