@@ -514,10 +514,14 @@ def check_whitespace(pattern, where: str = "the whitespace pattern") -> None:
     """GrammarError unless `pattern` may be a JSON spec's "whitespace": a regular expression (read as
     llguidance reads it) of at most MAX_REGEX_SIZE characters unrolled that matches nothing but
     JSON's whitespace (space, tab, newline, carriage return): anything else between tokens would
-    make the answer's JSON invalid (`\\s` matches form feeds and Unicode spaces too)."""
+    make the answer's JSON invalid (`\\s` matches form feeds and Unicode spaces too). A pattern that
+    passed is remembered (WHITESPACE_KEPT of them): clients send the same one with every request,
+    and the check (llguidance builds two matchers) runs again at the spec's check and compile."""
     need_llguidance()
     if not isinstance(pattern, str):
         raise GrammarError(f"{where} must be a regular expression (a string)")
+    if pattern in _whitespace_passed:
+        return
     _check_regex(pattern, where)
     shown = pattern if len(pattern) <= 60 else pattern[:60] + "…"
     is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(llg.LLMatcher.grammar_from_regex(pattern),
@@ -532,6 +536,16 @@ def check_whitespace(pattern, where: str = "the whitespace pattern") -> None:
     if any(llg.LLMatcher(_byte_tokenizer(), beyond, log_level=0, limits=parser_limits()).compute_bitmask()[:32]):
         raise GrammarError(f"{where} {shown!r} matches more than JSON's whitespace: it may match only spaces, "
                            r"tabs, newlines and carriage returns (as [ \t\n\r]* does)")
+    _whitespace_passed[pattern] = None
+    while len(_whitespace_passed) > WHITESPACE_KEPT:
+        try:
+            _whitespace_passed.popitem(last=False)  # one call: safe beside another request thread's
+        except KeyError:
+            break
+
+
+WHITESPACE_KEPT = 256
+_whitespace_passed: OrderedDict[str, None] = OrderedDict()    # patterns check_whitespace passed, oldest first
 
 
 _bytes_tokenizer = None

@@ -630,10 +630,9 @@ def parse_request(obj, default_id=None) -> ParsedRequest:
     if isinstance(obj.get("response_format"), dict) and obj["response_format"].get("type") in CONSTRAINTS:
         # a constraint agp serve made (guided_*): a python stage that sets another field beside it
         # is told, as a request with two is (it was dropped without a word)
-        given = ["response_format", *(k for k in ("structured_outputs", *GUIDED) if obj.get(k) is not None)]
+        given = _format_fields(obj)
         if len(given) > 1:
-            raise RequestError(f"give at most one of {', '.join(repr(g) for g in given)}: each sets the answer's "
-                               "format", param=given[1])
+            raise _formats_clash(given)
         req.response_format = dict(obj["response_format"])
     else:                                    # response_format, structured_outputs or guided_*, as agp serve's
         req.response_format, req.format_field = read_constraint(obj)
@@ -963,7 +962,7 @@ def _given_constraint(obj: dict) -> tuple[dict | None, str | None]:
     guidance's vLLM model does): the first of them in the order response_format,
     structured_outputs, guided_* names it. Fields that ask for different specs are a 400; a field
     that does not read is its own 400, as where it is given alone."""
-    given = [k for k in ("response_format", "structured_outputs", *GUIDED) if obj.get(k) is not None]
+    given = _format_fields(obj)
     fmt = parse_response_format(obj["response_format"]) if obj.get("response_format") is not None else None
     if fmt == FREE_TEXT and len(given) > 1:      # {"type": "text"} gives way to a guided_* field
         given.remove("response_format")
@@ -976,11 +975,19 @@ def _given_constraint(obj: dict) -> tuple[dict | None, str | None]:
     if len(given) > 1:
         specs = [_field_constraint(obj, name, fmt) for name in given]    # a broken field: its own 400
         if any(spec != specs[0][0] for spec, _ in specs[1:]):
-            raise RequestError(f"give at most one of {', '.join(repr(g) for g in given)}: each sets the answer's "
-                               "format (they may be given together only where they ask for the same one)",
-                               param=given[1])
+            raise _formats_clash(given, " (they may be given together only where they ask for the same one)")
         return specs[0]
     return _field_constraint(obj, given[0], fmt)
+
+
+def _format_fields(obj: dict) -> list[str]:
+    """The structured-output fields the request gives, in the order that names a spec."""
+    return [k for k in ("response_format", "structured_outputs", *GUIDED) if obj.get(k) is not None]
+
+
+def _formats_clash(given: list[str], more: str = "") -> RequestError:
+    return RequestError(f"give at most one of {', '.join(repr(g) for g in given)}: each sets the answer's format{more}",
+                        param=given[1])
 
 
 def _field_constraint(obj: dict, name: str, fmt: dict | None) -> tuple[dict, str]:
