@@ -204,7 +204,7 @@ def _start(args, sock):
         server = AgpServer(uvicorn.Config(
             serving.app, log_level=args.log_level, access_log=False, lifespan="on",
             http=agp_protocol(args.header_timeout, args.send_timeout, keep_alive_timeout=args.keep_alive_timeout),
-            timeout_keep_alive=args.keep_alive_timeout, timeout_graceful_shutdown=5.0,
+            timeout_graceful_shutdown=5.0,             # the idle keep-alive: the protocol's own (above)
             ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
             log_config={"version": 1, "disable_existing_loggers": False}),
             serving.apipe, args.drain_timeout)

@@ -146,14 +146,19 @@ class Embeddings:
     def __init__(self, generations):
         self.g = generations
 
+    def request_base(self, body: dict) -> dict:
+        """{"model", "pin", "identity"} of a request on the embeddings path (embeddings, score,
+        rerank): the model it names and its end user, as chat's `user` (a string), who reaches the
+        pipeline as on chat (a per-user gate or route sees who embeds)."""
+        model, pin = P.model_of(body, self.g.config.model_names, self.g.stage_names)
+        with request_errors:
+            check_fields(body, {"user": IGNORED["user"]})
+        return {"model": model, "pin": pin, "identity": {"user": body["user"]} if body.get("user") is not None else None}
+
     def parse(self, body: dict) -> dict:
         c = self.g.config
         body = P.check_unknown(body, FIELDS, c.lenient)
-        model, pin = P.model_of(body, c.model_names, self.g.stage_names)
-        with request_errors:                   # a string, as chat's and completions' `user`
-            check_fields(body, {"user": IGNORED["user"]})
-        # the end user reaches the pipeline as on chat (a per-user gate or route sees who embeds)
-        identity = {"user": body["user"]} if body.get("user") is not None else None
+        base = self.request_base(body)
         chat = body.get("messages") is not None
         if chat and body.get("input") is not None:
             raise P.APIError("give 'input' or 'messages', not both", param="messages")
@@ -185,10 +190,10 @@ class Embeddings:
         extras = P.parse_extras({"request_id": body.get("request_id")}, chat=False)
         inputs = [messages] if chat else _inputs(body["input"], c.max_model_len)
         P.check_queue_room(len(inputs), self.g.apipe.runtime.max_queue, "input")
-        return {"model": model, "pin": pin, "format": fmt,
+        return {**base, "format": fmt,
                 "inputs": inputs,
                 "chat_template_kwargs": template_kwargs,
-                "dimensions": dims, "normalize": normalize, "request_id": extras.request_id, "identity": identity,
+                "dimensions": dims, "normalize": normalize, "request_id": extras.request_id,
                 "dtype": dtype, "endianness": endianness,
                 "fields": {"max_tokens": 0, "pooling": "mean", **P.priority_field(body),
                            **({"add_generation_prompt": False, **render} if chat else P.add_special_tokens(body))}}

@@ -20,17 +20,16 @@ against text_2[i] (N to N); lists of other lengths are a 400.
 """
 from __future__ import annotations
 
-import math
 import time
+
+import numpy as np
 
 from fastapi import Request
 from fastapi.responses import Response
 
-from pipeline_dsl.requests_io import IGNORED, check_fields
-
 from . import protocol as P
 from .embeddings import MAX_INPUTS, Embeddings, pooled_vectors
-from .extras import bad, request_errors
+from .extras import bad
 
 COMMON = {"model", "user", "priority", "request_id"}
 SCORE_FIELDS = COMMON | {"text_1", "text_2"}
@@ -39,10 +38,14 @@ SCORE_FIELDS = COMMON | {"text_1", "text_2"}
 RERANK_FIELDS = COMMON | {"query", "documents", "top_n", "return_documents", "max_tokens_per_doc"}
 
 
-def cosine(a: list[float], b: list[float]) -> float:
-    """The cosine similarity of two vectors (0 when either is all zeros)."""
-    na, nb = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(x * x for x in b))
-    return sum(x * y for x, y in zip(a, b)) / (na * nb) if na > 0 and nb > 0 else 0.0
+def cosines(vectors: list[list[float]], pairs: list[tuple[int, int]]) -> list[float]:
+    """The cosine similarity of each pair (a, b) of `vectors`' indexes (0 where either is all
+    zeros): each vector's norm taken once (a rerank's query is in every pair)."""
+    m = np.asarray(vectors, dtype=np.float64)
+    norms = np.linalg.norm(m, axis=1)
+    a, b = np.array([p[0] for p in pairs], dtype=np.intp), np.array([p[1] for p in pairs], dtype=np.intp)
+    dots, den = np.einsum("ij,ij->i", m[a], m[b]), norms[a] * norms[b]
+    return [float(d / n) if n > 0 else 0.0 for d, n in zip(dots.tolist(), den.tolist())]
 
 
 def _texts(value, field: str) -> list[str]:
@@ -87,10 +90,7 @@ class Scores:
         """The request's model, identity and pipeline fields, as an embeddings request's; `what`
         names the fields whose texts are embedded, `param` the one a count beyond the limits blames."""
         g = self.e.g
-        c = g.config
-        model, pin = P.model_of(body, c.model_names, g.stage_names)
-        with request_errors:
-            check_fields(body, {"user": IGNORED["user"]})
+        base = self.e.request_base(body)
         most = min(MAX_INPUTS, g.apipe.runtime.max_queue)
         if len(inputs) > most:
             why = (f"at most {MAX_INPUTS} a request" if most == MAX_INPUTS else
@@ -98,9 +98,8 @@ class Scores:
                    "(requests.max_queue, or --max-queue): this request could never be admitted")
             raise P.APIError(f"{what} make {len(inputs)} texts to embed; {why}; send at most {most}", param=param)
         extras = P.parse_extras({"request_id": body.get("request_id")}, chat=False)
-        return {"model": model, "pin": pin, "inputs": inputs, "places": places, "chat_template_kwargs": None,
+        return {**base, "inputs": inputs, "places": places, "chat_template_kwargs": None,
                 "request_id": extras.request_id,
-                "identity": {"user": body["user"]} if body.get("user") is not None else None,
                 "fields": {"max_tokens": 0, "pooling": "mean", **P.priority_field(body)}}
 
     # ------------------------------------------------------------ /v1/score
@@ -126,8 +125,8 @@ class Scores:
     def answer_score(self, req: dict, results) -> dict:
         vectors, tokens = pooled_vectors(req, results), _tokens(results)
         return {"id": req["id"], "object": "list", "created": int(time.time()), "model": req["model"],
-                "data": [{"index": i, "object": "score", "score": cosine(vectors[a], vectors[b])}
-                         for i, (a, b) in enumerate(req["pairs"])],
+                "data": [{"index": i, "object": "score", "score": score}
+                         for i, score in enumerate(cosines(vectors, req["pairs"]))],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
 
     async def score(self, request: Request) -> Response:
@@ -163,7 +162,7 @@ class Scores:
 
     def answer_rerank(self, req: dict, results) -> dict:
         vectors, tokens = pooled_vectors(req, results), _tokens(results)
-        scored = [(cosine(vectors[0], v), i) for i, v in enumerate(vectors[1:])]
+        scored = [(score, i) for i, score in enumerate(cosines(vectors, [(0, i) for i in range(1, len(vectors))]))]
         scored.sort(key=lambda s: (-s[0], s[1]))          # best first; a tie keeps the documents' order
         return {"id": req["id"], "model": req["model"], "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
                 "results": [{"index": i, "relevance_score": score,
