@@ -1105,8 +1105,14 @@ def spec_problem(spec: dict, *, wait: bool = True, where: str = "response_format
 
     try:
         digest = spec_digest(spec)
-    except (TypeError, ValueError) as e:        # a spec a python stage handed back, nested past what JSON writes
+    except TypeError as e:
         return f"the constraint is not JSON: {e}"
+    except ValueError as e:                     # a spec a python stage handed back, nested past what JSON writes:
+        try:                                    # its schemas' depth walk (no recursion) names where, uncached
+            problem = check()
+        except RecursionError:                  # deep outside any schema: nothing names a place
+            problem = None
+        return problem or f"the constraint is not JSON: {e}"
     return _checked.get(digest, check, wait=wait,
                         busy=lambda: _busy(where, "the check of an equal spec is running"))
 

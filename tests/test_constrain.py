@@ -555,6 +555,17 @@ def test_a_schema_whose_json_nests_past_the_bound_anywhere_is_refused_naming_whe
         constraints.check_spec({"type": "json_schema", "schema": schema})
 
 
+def test_a_spec_nested_past_what_json_writes_is_refused_by_the_compiler_naming_where(compiler):
+    """A python stage's spec (Python objects) nested 100,000 levels: the compiler's cache key (its
+    JSON text) cannot be written, and its schema's depth walk names where, as for 600 levels."""
+    most = constraints.MAX_JSON_DEPTH
+    with pytest.raises(GrammarError, match=rf"^the schema nests more than {most} levels of arrays and objects "
+                                           rf"\(at most {most}\), at #/default/0/0/"):
+        compiler.compile({"type": "json_schema", "schema": {"type": "string", "default": _nested(100_000, 1)}})
+    with pytest.raises(GrammarError, match="^the constraint is not JSON: it nests deeper than JSON text"):
+        compiler.compile({"type": "choice", "choices": ["a"], "x": _nested(100_000, 1)})
+
+
 def test_a_schema_or_grammar_deeper_than_the_grammar_engine_recurses_is_refused(engine, compiler):
     """llguidance compiles the schema a $ref refers to, and a grammar's rules, depth first in the
     native stack of the thread that asks: a chain of 2,500 $refs (90 KB of flat JSON, a guided_json

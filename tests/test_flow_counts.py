@@ -325,3 +325,23 @@ def test_the_usage_a_stream_hears_never_goes_down_when_n_copies_hit_the_cache_di
         assert all(after[k] >= before[k] for k in before), usages
     assert usages[-1] == heard.result.usage
     assert heard.result.usage["cached_tokens"] == cached[deltas[0][0]]   # the copy heard of first
+
+
+def test_two_generate_stages_on_one_kv_lookup_prefill_their_shared_prompt_once(tmp_path, tiny_gguf):
+    """`kv -> a` and `kv -> b` share one engine: the second sequence waits a step for the
+    first one's prompt blocks and reads them from the prefix cache, so the engine prefills the
+    prompt once (and the last, partly filled block and token again). The request's usage counts
+    the shared prompt once, as n copies' is, with the cached tokens of the copy heard of first
+    (the one that computed it: 0); the engine's counts show the hit."""
+    body = ("stage request : requests {}\nstage a : generate { max_new_tokens = 3 }\n"
+            "stage b : generate { max_new_tokens = 3 }\nstage j : join {}\nstage out : respond {}\n"
+            "request -> batch\nkv -> b\na -> j\nb -> j\nj -> out\n" + chain("a"))
+    path = write(tmp_path, tiny_gguf, body)
+    assert errors(path) == []
+    prompt = list(range(5, 50))                                  # 45 tokens: 5 full blocks of 8 before the last
+    (r,), rt = run(path, [{"id": "x", "prompt_token_ids": prompt, "max_tokens": 3, "ignore_eos": True}])
+    assert r.ok, r.error
+    (engine,) = rt.stats()["engines"].values()
+    hit = (len(prompt) - 1) // 8 * 8
+    assert (engine["prefill_tokens"], engine["cached_tokens"]) == (len(prompt) + len(prompt) - hit, hit)
+    assert (r.usage["prompt_tokens"], r.usage["cached_tokens"]) == (len(prompt), 0)

@@ -79,6 +79,10 @@ def ask(item):
         item["messages"][0]["content"] = "half a pair \\ud800 here"
     if item.get("metadata", {}).get("bad") == "answer":
         return {"text": "an answer, not a request"}
+    if item.get("metadata", {}).get("bad") == "ids":           # a prompt of its own, one id past the vocabulary
+        return {"prompt_token_ids": [1, 5, 10 ** 6], "metadata": item["metadata"]}
+    if item.get("metadata", {}).get("bad") == "pass_ids":      # the client's own ids, in a new dict
+        return {"prompt_token_ids": list(item["prompt_token_ids"]), "metadata": item["metadata"]}
     if item.get("metadata", {}).get("bad") == "both":      # made a chat of a text request, kept its prompt
         item["messages"] = [{"role": "user", "content": item["prompt"]}]
     if item.get("metadata", {}).get("constrain"):          # every answer a number, over the request's own
@@ -217,6 +221,25 @@ def test_a_finish_reason_a_guard_sets_goes_through(tmp_path, soft_gguf):
                     "request -> batch\ngen -> a -> out\n")
     (r,), _ = run(path, [chat("f", "hi", metadata={"bad": "filtered"})])
     assert r.ok and r.choices[0].finish_reason == "content_filter"
+
+
+def test_a_request_hook_returning_prompt_token_ids_outside_the_vocabulary_fails_at_the_hook_not_at_encode(
+        tmp_path, soft_gguf):
+    """Ids a request stage wrote are its own: an id past the vocabulary fails the request at that
+    stage, naming the element and the range, as a result's token ids do; not the client's 400
+    at encode. The client's own bad ids handed on unchanged are still the client's."""
+    from tiny_model import tiny_vocab
+
+    path = pipeline(tmp_path, soft_gguf, 'stage a : python { fn = "hooks:ask" }', "request -> a -> batch\ngen -> out\n")
+    results, rt = run(path, [chat("ok", "hi"), chat("bad", "hi", metadata={"bad": "ids"}),
+                             {"id": "client", "prompt_token_ids": [1, 10 ** 6], "metadata": {"bad": "pass_ids"}}])
+    r = answered_except([x for x in results if x.id != "client"], "bad")
+    assert r.error.kind == "failed" and r.error.stage == "a"
+    assert r.error.message == ("stage 'a' returned a request whose prompt_token_ids[2] is 1000000; expected a token "
+                               f"id of the vocabulary (0..{len(tiny_vocab()[0]) - 1})")
+    assert rt.stats()["stages"]["a"]["failed"] == 1
+    client = next(x for x in results if x.id == "client")
+    assert client.error.kind == "invalid" and "token id 1000000 is outside the vocabulary" in client.error.message
 
 
 def test_a_request_hook_returning_invalid_unicode_fails_at_the_hook_not_at_encode(tmp_path, soft_gguf):

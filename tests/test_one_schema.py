@@ -11,7 +11,7 @@ import pipeline_dsl
 from pipeline_dsl.engine.config import EngineConfig, SamplingParams
 from pipeline_dsl.engine.errors import InputError
 from pipeline_dsl.parser import quote
-from pipeline_dsl.requests_io import NOT_NULL, RequestError, parse_request
+from pipeline_dsl.requests_io import NOT_NULL, RequestError, parse_request, spec_problem
 from pipeline_dsl.serve import protocol as P
 from stages.fields import ENGINE_FIELDS, REQUEST_FIELDS, param_of
 from stages.registry import BOOL, DURATION, ENUM, INT, LIST_STR, SIZE, STR
@@ -259,19 +259,23 @@ def test_a_run_line_gives_at_most_one_structured_output_field_as_a_body_does():
     assert accepts_serve_chat(alike)
 
 
-def test_a_structured_output_nested_past_what_json_writes_is_a_400_naming_its_field():
+def test_a_structured_output_nested_past_what_json_writes_is_a_400_naming_its_field_and_where():
     """A request a python stage hands back is Python's objects, not JSON text read MAX_DEPTH deep:
     a schema with a default nested 100,000 deep (or 600: past the schema's bound) was a
-    RecursionError; it is a RequestError naming the field."""
+    RecursionError; it is a RequestError naming the field and, as for 600 levels, the place."""
     deep = 1
     for _ in range(100_000):
         deep = [deep]
     for field, value in (("guided_json", {"type": "string", "default": deep}),
                          ("response_format", {"type": "json_schema", "json_schema": {
                              "name": "x", "schema": {"type": "string", "default": deep}}})):
-        with pytest.raises(RequestError, match=f"'{field}' cannot be enforced: the constraint is not JSON") as e:
+        with pytest.raises(RequestError, match=f"'{field}' cannot be enforced: the schema nests more than 400 "
+                                               r"levels of arrays and objects \(at most 400\), at #/default/0/0/") as e:
             parse_request({**CHAT, field: value})
         assert e.value.param == field
+    deep_elsewhere = {"type": "choice", "choices": ["a"], "x": deep}   # no schema to walk: still its field
+    assert spec_problem(deep_elsewhere) == ("the constraint is not JSON: it nests deeper than JSON text can be "
+                                            "written here")
     shallower = deep
     for _ in range(100_000 - 600):
         shallower = shallower[0]

@@ -428,14 +428,14 @@ def test_the_model_answered_and_the_stage_it_pins(model, answered, pin):
 def test_an_unknown_model_is_a_404_with_the_closest_name_or_the_list():
     e = refused(small, {"prompt": "a", "model": "nothing"})
     assert (e.message, e.param, e.status, e.code) == (
-        "the model 'nothing' does not exist; this server has tiny, tiny-model, gen", "model", 404,
+        "the model 'nothing' does not exist; the pipeline answers to tiny, tiny-model, gen", "model", 404,
         "model_not_found")
     e = refused(small, {"prompt": "a", "model": "gem"})
     assert e.message == "the model 'gem' does not exist; did you mean 'gen'?"
     e = refused(small, {"prompt": "a", "model": "tyni"})        # two letters swapped in a short name
     assert e.message == "the model 'tyni' does not exist; did you mean 'tiny'?"
     e = refused(P.parse_completion, {"prompt": "a", "model": "gen"}, max_model_len=8, served=SERVED)
-    assert e.status == 404 and e.message == "the model 'gen' does not exist; this server has tiny, tiny-model"
+    assert e.status == 404 and e.message == "the model 'gen' does not exist; the pipeline answers to tiny, tiny-model"
 
 
 # ---------------------------------------------------------------- /tokenize and /detokenize

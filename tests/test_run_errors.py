@@ -202,6 +202,9 @@ def test_a_line_whose_model_names_nothing_served_is_an_error_record_as_agp_serve
         assert rec["error"] == {"line": names.index(name) + 1, "message": served_answer.value.message,
                                 "type": "invalid", "status": 404, "param": "model", "code": "model_not_found"}
     assert recs[5]["error"]["message"] == "the model 'gne' does not exist; did you mean 'gen'?"
+    # agp run is no server: the list is what the pipeline answers to
+    assert recs[4]["error"]["message"] == ("the model 'nope' does not exist; the pipeline answers to "
+                                           + ", ".join(served + ("gen",)))
 
 
 def test_a_bad_lines_error_record_carries_the_status_param_and_code_agp_serve_answers_it_with(tmp_path, pipeline):

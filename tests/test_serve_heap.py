@@ -65,3 +65,29 @@ def test_a_runtime_driven_alone_freezes_nothing_and_a_next_pipeline_collects_a_f
         assert not _collected(other.runtime.segments[0].engine.runner.model)
     finally:
         other.stop()
+
+
+def test_a_pipeline_driven_from_loop_after_loop_keeps_no_closed_loop_alive(tmp_path, tiny_gguf):
+    """A library user may drive one pipeline with asyncio.run per call, a new event loop each
+    time: the pipeline keeps what it needs of the loop it is called from while the loop is open,
+    and lets a closed one go once a new loop calls, however many calls come."""
+    import asyncio
+
+    pipe = AsyncPipeline(runtime(_pipeline(tmp_path, tiny_gguf)))
+    pipe.start()
+    loops = []
+
+    async def ask(k):
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        stream = await pipe.add(chat(f"r{k}", "hi"))
+        async for event in stream:
+            if event[0] == "done":
+                return event[1]
+
+    try:
+        for k in range(4):
+            assert asyncio.run(ask(k)).error is None
+        gc.collect()
+        assert [loop() is None for loop in loops[:-1]] == [True] * 3, "closed event loops are kept alive"
+    finally:
+        pipe.stop()

@@ -83,7 +83,13 @@ class ConstraintCompiler(GrammarBuilder):
     def _key(self, spec) -> bytes:
         try:
             return spec_digest(spec)
-        except (TypeError, ValueError) as e:
+        except TypeError as e:
+            raise GrammarError(f"the constraint is not JSON: {e}") from None
+        except ValueError as e:                 # nested past what JSON writes: its schemas' depth walk names where
+            try:
+                self._built(spec)
+            except RecursionError:
+                pass
             raise GrammarError(f"the constraint is not JSON: {e}") from None
 
     def cached(self, spec) -> bool:

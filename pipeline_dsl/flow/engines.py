@@ -103,6 +103,15 @@ class EngineSide:
         es = es or (self.seg_of_gen.get(pin) if pin else self.prompt_segment)
         return (es.vocab_size or None) if es is not None else None
 
+    def request_vocab(self, pin: str | None) -> int | None:
+        """How many ids a request's prompt_token_ids may take: the pinned stage's model's
+        vocabulary, else the largest of the pipeline's models' (which of them tokenises an
+        unpinned request is told later, on its way); None where there is no model."""
+        if pin:
+            return self.vocab_of(pin)
+        sizes = [es.vocab_size for es in self.segments]
+        return max(sizes) if sizes and all(sizes) else None
+
     def tokenizer_info(self, pin: str | None = None) -> dict:
         """The tokenizer's configuration (agp serve's /tokenizer_info, vLLM's shape): its special
         tokens, whether it adds the bos token, the context length and the chat template."""

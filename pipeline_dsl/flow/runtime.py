@@ -53,7 +53,7 @@ from .cache import ResultCache, cache_key
 from .driving import Driving
 from .engines import EngineSide
 from .items import (COUNTED, GENERATED, REQUEST, Item, PipelineError, RequestState, Result,
-                    check_result, tell_result)
+                    check_result, tell_result, token_field_problem)
 from .joins import FILLED, Joins
 from .ledger import RequestLedger
 from .live import LiveStages
@@ -493,6 +493,11 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                                     "failed", stage)
             if kind == REQUEST and not trusted:
                 out = _valid_request(out, stage)
+                ids = out.get("prompt_token_ids")
+                if ids is not None and not (item.kind == REQUEST and ids == item.data.get("prompt_token_ids")):
+                    problem = token_field_problem("prompt_token_ids", ids, self.request_vocab(item.req.pin))
+                    if problem is not None:          # the stage's ids, not the client's: failed here
+                        raise PipelineError(f"stage '{stage}' returned a request whose {problem}", "failed", stage)
             elif kind == GENERATED:
                 out = _completed(out, view, item.kind)
                 check_result(out, stage, f"stage '{stage}' returned",

@@ -397,7 +397,8 @@ class AsyncPipeline:
         self.pause_unread_tokens = pause_unread_tokens   # past it, the stream's generation waits (paused)
         self.pause_limit_s = pause_limit_s               # the longest a stream waits so, its client taking nothing
         self._started = False
-        self._mails: dict[asyncio.AbstractEventLoop, LoopMail] = {}   # one per event loop requests come from
+        self._mails: dict[asyncio.AbstractEventLoop, LoopMail] = {}   # one per open event loop requests come from
+        self._mails_lock = threading.Lock()
 
     def start(self) -> None:
         """The runtime's loops started, and the loaded heap frozen until stop() (serve/heap.py):
@@ -429,7 +430,12 @@ class AsyncPipeline:
         loop = asyncio.get_running_loop()
         mail = self._mails.get(loop)
         if mail is None:
-            mail = self._mails.setdefault(loop, LoopMail(loop))
+            # a new loop: the closed ones go (a caller that runs each call in asyncio.run makes a
+            # loop a call; their requests' streams keep the mail they need)
+            with self._mails_lock:
+                for closed in [other for other in self._mails if other.is_closed()]:
+                    del self._mails[closed]
+                mail = self._mails.setdefault(loop, LoopMail(loop))
         rs = RequestStream(self, mail, self.max_unread_tokens, deltas=stream,
                            pause_unread_tokens=self.pause_unread_tokens, pause_limit_s=self.pause_limit_s)
         rs.params, rs.id, rs.client, rs.request_id = params, data.get("id"), client, request_id

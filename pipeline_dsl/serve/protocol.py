@@ -307,7 +307,7 @@ def model_of(obj: dict, served: tuple[str, ...], stages: tuple[str, ...] = ()) -
     if model not in served:
         known = tuple(served) + tuple(stages)
         close = closest(model, known)
-        hint = f"; did you mean '{close}'?" if close else f"; this server has {', '.join(known)}"
+        hint = f"; did you mean '{close}'?" if close else f"; the pipeline answers to {', '.join(known)}"
         shown = model if len(model) <= 64 else model[:61] + "..."      # not megabytes back, nor in the log
         raise APIError(f"the model '{shown}' does not exist{hint}", status=404, param="model",
                        code="model_not_found")
