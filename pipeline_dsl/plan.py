@@ -290,12 +290,14 @@ def instance_graph(step: nx.DiGraph, window: int) -> nx.DiGraph:
     return g
 
 
-def path_cover(dag: nx.DiGraph, same_class: bool) -> list[list]:
+def path_cover(dag: nx.DiGraph, same_class: bool, tr: nx.DiGraph | None = None) -> list[list]:
     """Minimum path cover of the transitive reduction by bipartite matching (Nimble).
 
     With `same_class`, only edges inside one resource class may join a chain, and edges
-    that keep the same work across micro-batches are preferred (steady-state chains)."""
-    tr = nx.transitive_reduction(dag)
+    that keep the same work across micro-batches are preferred (steady-state chains).
+    `tr`: dag's transitive reduction, when the caller has it already (both covers of one plan)."""
+    if tr is None:
+        tr = nx.transitive_reduction(dag)
     b = nx.Graph()
     left = [("out", n) for n in dag]
     b.add_nodes_from(left, bipartite=0)
@@ -469,7 +471,8 @@ def _plan_segment(graph: nx.DiGraph, seg: tuple, window: int, costs, prefix: str
     inst = instance_graph(step, window)
 
     # ours: homogeneous chains, merged per resource class
-    chains = path_cover(inst, same_class=True)
+    reduced = nx.transitive_reduction(inst)           # once, for both covers
+    chains = path_cover(inst, same_class=True, tr=reduced)
     stream = {}
     for chain in chains:
         for n in chain:
@@ -488,7 +491,7 @@ def _plan_segment(graph: nx.DiGraph, seg: tuple, window: int, costs, prefix: str
                    for u, v in kept if v[1] == last)
 
     # Nimble as published: any maximum matching, one stream per chain, no skew
-    nchains = path_cover(inst, same_class=False)
+    nchains = path_cover(inst, same_class=False, tr=reduced)
     nstream = {n: i for i, c in enumerate(nchains) for n in c}
     nof = lambda n: nstream[n]                        # noqa: E731
     nkey = _order(step, {w: 0 for w in step})

@@ -28,6 +28,7 @@ import os
 import re
 import sys
 import threading
+import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable
@@ -65,7 +66,8 @@ class FunctionInfo:
     @cached_property
     def settled(self) -> bool:
         """Whether node is a top-level def that nothing else in the module binds the name to (no
-        conditional def, no reassignment): a walk over the whole module, made when asked."""
+        conditional def, no reassignment): from one walk over the module, made the first time any of
+        its functions is asked about."""
         return self.tree is not None and self.node is not None and _sole_binding(self.tree, self.node, self.name)
 
 
@@ -290,32 +292,63 @@ def _sole_binding(tree: pyast.Module, node: pyast.AST, name: str) -> bool:
     """Whether `node` is a def directly in the module's body and the module binds `name` nowhere
     else: no other def or class of that name outside a function, no assignment, loop or with
     target, import, walrus or del of it at module level (or under a `global`), no star import after
-    the def. Judged conservatively: a name the module may rebind is not settled."""
-    if not isinstance(node, (pyast.FunctionDef, pyast.AsyncFunctionDef)) \
-            or not any(n is node for n in tree.body):
+    the def. Judged conservatively: a name the module may rebind is not settled. The module is
+    walked once (_bindings), whichever of its functions is asked about."""
+    if not isinstance(node, (pyast.FunctionDef, pyast.AsyncFunctionDef)):
         return False
-    at = next(i for i, n in enumerate(tree.body) if n is node)
-    if any(isinstance(n, pyast.ImportFrom) and any(a.name == "*" for a in n.names)
-           for stmt in tree.body[at + 1:] for n in pyast.walk(stmt)):
+    at = next((i for i, n in enumerate(tree.body) if n is node), None)
+    if at is None:
         return False
+    b = _bindings(tree)
+    if b.last_star > at:
+        return False
+    return not any(n is not node for n in b.defs.get(name, ())) and name not in b.rebound
+
+
+@dataclass(frozen=True)
+class _Binds:
+    """What one walk over a module finds binding names (see _sole_binding)."""
+    defs: dict[str, list[pyast.AST]]      # name -> the defs and classes of it outside any function
+    rebound: frozenset[str]               # bound otherwise: module-level store/del/import, global, walrus
+    last_star: int                        # index in the body of the last statement holding a star import
+
+
+_BINDS: "weakref.WeakKeyDictionary[pyast.Module, _Binds]" = weakref.WeakKeyDictionary()
+_BINDS_LOCK = threading.Lock()
+
+
+def _bindings(tree: pyast.Module) -> _Binds:
+    """The module's bindings, found once per parsed tree (the trees _parsed keeps are shared and
+    never changed; a changed file is a new tree)."""
+    with _BINDS_LOCK:
+        found = _BINDS.get(tree)
+    if found is not None:
+        return found
+    defs: dict[str, list[pyast.AST]] = {}
+    rebound: set[str] = set()
+    last_star = -1
+    for i, stmt in enumerate(tree.body):
+        if any(isinstance(n, pyast.ImportFrom) and any(a.name == "*" for a in n.names)
+               for n in pyast.walk(stmt)):
+            last_star = i
     todo: list[tuple[pyast.AST, bool]] = [(n, True) for n in tree.body]
     while todo:
         n, module_level = todo.pop()
-        if isinstance(n, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.ClassDef)) \
-                and module_level and n.name == name and n is not node:
-            return False
-        if isinstance(n, pyast.Global) and name in n.names:
-            return False
-        if module_level and isinstance(n, pyast.Name) and n.id == name and not isinstance(n.ctx, pyast.Load):
-            return False
-        if module_level and isinstance(n, (pyast.Import, pyast.ImportFrom)) and any(
-                (a.asname or a.name).split(".")[0] == name for a in n.names):
-            return False
-        if isinstance(n, pyast.NamedExpr) and n.target.id == name:
-            return False
+        if module_level and isinstance(n, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.ClassDef)):
+            defs.setdefault(n.name, []).append(n)
+        if isinstance(n, pyast.Global):
+            rebound.update(n.names)
+        if module_level and isinstance(n, pyast.Name) and not isinstance(n.ctx, pyast.Load):
+            rebound.add(n.id)
+        if module_level and isinstance(n, (pyast.Import, pyast.ImportFrom)):
+            rebound.update((a.asname or a.name).split(".")[0] for a in n.names)
+        if isinstance(n, pyast.NamedExpr):
+            rebound.add(n.target.id)
         inside = isinstance(n, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.Lambda, pyast.ClassDef))
         todo.extend((c, module_level and not inside) for c in pyast.iter_child_nodes(n))
-    return True
+    found = _Binds(defs, frozenset(rebound), last_star)
+    with _BINDS_LOCK:
+        return _BINDS.setdefault(tree, found)
 
 
 def find_function(ref: str, base_dir: str | None) -> None:

@@ -290,3 +290,32 @@ def test_a_decorated_async_join_fn_is_awaited_as_a_python_stages_is(tmp_path, so
     by = {r.id: r for r in results}
     assert by["ok"].ok, by["ok"].error
     assert by["slow"].error.kind == "timeout" and by["slow"].error.stage == "pick"
+
+
+def test_settled_is_judged_per_function_of_one_module(tmp_path):
+    """Each function of a module is settled or not by its own name: one rebound, defined twice,
+    bound by a walrus, a `global` or an import, or followed by a star import, leaves its
+    neighbours settled, whichever is asked about first."""
+    (tmp_path / "many.py").write_text(
+        "import os as imported\n"
+        "def plain(item): return item\n"
+        "def twice(item): return item\n"
+        "def twice(item): return None\n"
+        "def reassigned(item): return item\n"
+        "reassigned = plain\n"
+        "def walrused(item): return item\n"
+        "def imported(item): return item\n"
+        "def globaled(item): return item\n"
+        "def g():\n"
+        "    global globaled\n"
+        "    globaled = 1\n"
+        "    return (walrused := 2)\n")
+    (tmp_path / "starred.py").write_text(
+        "def early(item): return item\n"
+        "from os.path import *\n"
+        "def late(item): return item\n")
+    expected = {"many:plain": True, "many:twice": False, "many:reassigned": False, "many:walrused": False,
+                "many:imported": False, "many:globaled": False, "starred:late": True, "starred:early": False}
+    for order in (list(expected), list(reversed(expected))):
+        got = {ref: function_info(ref, str(tmp_path)).settled for ref in order}
+        assert got == expected
