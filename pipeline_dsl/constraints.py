@@ -303,23 +303,26 @@ def regex_size(pattern: str) -> int:
     while i < n:
         c = pattern[i]
         if c == "\\":
-            j = i + 2
-            if i + 1 < n and pattern[i + 1] in "pPu" and j < n and pattern[j] == "{":   # \p{L}, \u{1F600}
+            j, e = i + 2, pattern[i + 1:i + 2]
+            if e and e in "pPuxU" and j < n and pattern[j] == "{":                   # \p{L}, \u{1F600}
                 j = (pattern.find("}", j) + 1) or n
+            elif e and e in "xuU":                                                     # \x41, \U0001F600
+                j += {"x": 2, "u": 4, "U": 8}[e]
             atom()
             i = j
         elif c == "[":
-            j = i + 1
-            j += j < n and pattern[j] == "^"
-            j += j < n and pattern[j] == "]"
-            while j < n and pattern[j] != "]":
-                j += 2 if pattern[j] == "\\" else 1
             atom()
-            i = j + 1
+            i = _class_end(pattern, i)
         elif c == "(":
+            m = _FLAGS.match(pattern, i)
+            if m and m.group(2) == ")":                       # (?i): no group, no size
+                i = m.end()
+                continue
             stack.append([0, 0])
             i += 1
-            if pattern.startswith("?", i):                    # (?:  (?=  (?!  (?<name>
+            if m:                                             # (?:  (?s:  (?-i:
+                i = m.end()
+            elif pattern.startswith("?", i):                  # (?=  (?!  (?<name>
                 i += 1
                 if pattern.startswith("<", i) and not pattern.startswith(("<=", "<!"), i):
                     i = (pattern.find(">", i) + 1) or n
@@ -349,6 +352,28 @@ def regex_size(pattern: str) -> int:
 
 
 _COUNT = re.compile(r"\{(\d{0,9})(,(\d{0,9}))?\}")
+_FLAGS = re.compile(r"\(\?([a-zA-Z-]*)([:)])")       # (?i)  (?s:  (?-i:  (?ims-x)
+
+
+def _class_end(pattern: str, i: int) -> int:
+    """The index just past the class `[...]` that starts at pattern[i]: a `^` and then a `]` right
+    after a `[` are members; a class nested in it (`[[:digit:]]`, `[0-9&&[^5]]`) closes first."""
+    n, depth, j = len(pattern), 0, i
+    while j < n:
+        c = pattern[j]
+        if c == "[":
+            depth += 1
+            j += 1
+            j += j < n and pattern[j] == "^"
+            j += j < n and pattern[j] == "]"
+        elif c == "]":
+            depth -= 1
+            j += 1
+            if not depth:
+                return j
+        else:
+            j += 2 if c == "\\" else 1
+    return n
 
 
 class _Run:
@@ -372,7 +397,8 @@ class _Run:
             return _Run(True, self.length * lo)
         if self.fixed:                 # its first `lo` copies are forced, what follows them is not
             return _Run(False, pre=self.length * lo, best=self.length * lo)
-        return _Run(False, pre=self.pre if lo else 0, suf=self.suf,
+        # another copy may follow the last one (+, *, {n,m}): what ends a copy is forced only if exact
+        return _Run(False, pre=self.pre if lo else 0, suf=self.suf if exact else 0,
                     best=max(self.best, self.suf + self.pre if lo >= 2 else 0))
 
 
@@ -385,10 +411,10 @@ def forced_run(pattern: str) -> int:
     literal; `[a-z]{20000}`: 0). Each step's token mask works out what is left of such a run, as
     of an enum's or const's string (MAX_LITERAL_LENGTH). Counted as regex_size walks a pattern:
     literal characters and exact counts of them; a class, `.`, an alternation or an optional
-    part forces nothing (so it never counts more than the pattern forces)."""
-    if "(?" in pattern and re.search(r"\(\?[a-zA-Z]*i", pattern):      # case-insensitive: letters are free
-        return 0
-    groups = [[[], _Run(True), None]]          # per open group: [branches done, the run before the last atom, the last atom]
+    part forces nothing (so it never counts more than the pattern forces). Under the `i` flag, in
+    its scope, a character with a case variant is free too."""
+    # per open group: [branches done, the run before the last atom, the last atom, lookaround, `i` flag]
+    groups = [[[], _Run(True), None, False, False]]
     best, i, n = 0, 0, len(pattern)
 
     def atom(run: _Run) -> None:
@@ -396,6 +422,16 @@ def forced_run(pattern: str) -> int:
         if g[2] is not None:
             g[1] = g[1].then(g[2])
         g[2] = run
+
+    def char(ch: str | None) -> _Run:
+        """One character (None: one without a case variant): forced, unless `i` lets its case vary."""
+        return _FREE if ch is not None and groups[-1][4] and ch.lower() != ch.upper() else _Run(True, 1)
+
+    def flags(text: str, ci: bool) -> bool:
+        on = True
+        for f in text:
+            on, ci = (False, ci) if f == "-" else (on, on if f == "i" else ci)
+        return ci
 
     def closed(g) -> _Run:
         seq = g[1].then(g[2]) if g[2] is not None else g[1]
@@ -407,29 +443,39 @@ def forced_run(pattern: str) -> int:
         c = pattern[i]
         if c == "\\":
             e = pattern[i + 1] if i + 1 < n else ""
-            j = i + 2
-            if e in "pPux" and j < n and pattern[j] == "{":                    # \p{L}, \u{1F600}, \x{41}
+            j, code = i + 2, None
+            if e in "pPuxU" and j < n and pattern[j] == "{":                   # \p{L}, \u{1F600}, \x{41}
                 j = (pattern.find("}", j) + 1) or n
-            elif e == "x":
-                j += 2
-            elif e == "u":
-                j += 4
+                code = pattern[i + 3:j - 1]
+            elif e in "xuU":                                                   # \x41, \u0041, \U0001F600
+                j += {"x": 2, "u": 4, "U": 8}[e]
+                code = pattern[i + 2:j]
+            ch = e if not e.isalnum() else None                                # \n, \t: no case variant
+            if e in "xuU":
+                try:
+                    ch = chr(int(code, 16))
+                except (TypeError, ValueError, OverflowError):
+                    ch = None
             atom(_Run(True, 0) if e in "bBAzZG" else _FREE if e in "dDwWsSpPhHvVRNX" or e.isdigit()
-                 else _Run(True, 1))
+                 else char(ch))
             i = j
         elif c == "[":
-            j = i + 1
-            j += j < n and pattern[j] == "^"
-            j += j < n and pattern[j] == "]"
-            while j < n and pattern[j] != "]":
-                j += 2 if pattern[j] == "\\" else 1
-            atom(_FREE)
-            i = j + 1
+            j = _class_end(pattern, i)
+            one = j == i + 3 and pattern[i + 1] not in "^\\[]"              # [a]: one character
+            atom(char(pattern[i + 1]) if one else _FREE)
+            i = j
         elif c == "(":
+            m = _FLAGS.match(pattern, i)
+            if m and m.group(2) == ")":                                       # (?i): to the group's end
+                groups[-1][4] = flags(m.group(1), groups[-1][4])
+                i = m.end()
+                continue
             look = pattern.startswith(("(?=", "(?!", "(?<=", "(?<!"), i)
-            groups.append([[], _Run(True), None, look])
+            groups.append([[], _Run(True), None, look, flags(m.group(1), groups[-1][4]) if m else groups[-1][4]])
             i += 1
-            if pattern.startswith("?", i):
+            if m:
+                i = m.end()
+            elif pattern.startswith("?", i):
                 i += 1
                 if pattern.startswith("<", i) and not pattern.startswith(("<=", "<!"), i):
                     i = (pattern.find(">", i) + 1) or n
@@ -466,7 +512,7 @@ def forced_run(pattern: str) -> int:
             atom(_Run(True, 0))
             i += 1
         else:
-            atom(_FREE if c == "." else _Run(True, 1))
+            atom(_FREE if c == "." else char(c))
             i += 1
     while len(groups) > 1:
         g = groups.pop()

@@ -41,6 +41,8 @@ def test_regex_size_unrolls_counted_repetitions():
     assert regex_size("^(a{1000}){1000}$") == 1_000_000
     assert regex_size("^[a-z]{3,8}$") == 8 and regex_size("a*b+c?") == 3
     assert regex_size(r"(?:ab|c){10}\d{2,}") == 33
+    assert regex_size("(?s:abcd){250}") == regex_size("(?-i:abcd){250}") == regex_size("(?i)[[:digit:]]{1000}") == 1000
+    assert regex_size(r"(?:\U0001F600\x41\u0041){1000}") == 3000
 
 
 def test_forced_run_counts_the_text_a_regex_must_write_whole_once_begun():
@@ -51,6 +53,32 @@ def test_forced_run_counts_the_text_a_regex_must_write_whole_once_begun():
     assert forced_run(r"\d{4}-\d{2}") == 1 and forced_run("a+b") == 1 and forced_run("a{2,5}b") == 2
     assert forced_run("(?:foo|bar)baz") == 3 and forced_run("(ab){3,}x") == 6 and forced_run(r"\x41\.com") == 5
     assert forced_run("(a(bc){2}d){2}") == 12 and forced_run("(?:a{100}){100}") == 10000
+
+
+
+@pytest.mark.parametrize("pattern, run", [
+    ("(?i)^0{19990}$", 19990), ("^(?i:x)0{19990}$", 19990), ("(?i)a0{5}", 5), (r"(?i)\x41{5}\x31{7}", 7),
+    ("(?i)(?-i:b{5})", 5), ("(?i:ab)c{3}", 3), ("a(?i)b{4}|c{2}", 1), ("(?i)[a]{5}", 0),
+    ("^[a]{19990}$", 19990), ("(?i)[0]{5}", 5), ("[^a]{5}", 0), ("[]]{5}", 0),
+])
+def test_a_case_insensitive_part_or_a_one_character_class_counts_what_it_forces(pattern, run):
+    """`(?i` anywhere made the whole pattern force nothing, though under the flag a digit or a
+    punctuation mark is still one character, and only within the flag's scope; `[a]` is `a`."""
+    assert forced_run(pattern) == run
+
+
+@pytest.mark.parametrize("pattern, run", [
+    ("(?s:abcd){250}", 1000), ("(?-i:a){5}", 5), ("^[[:digit:]]{1100}$", 0), ("^[0-9&&[^5]]{1100}$", 0),
+    (r"^(?:\U0001F600){1000}$", 1000), (r"^(x\da{600})+a{600}$", 600), (r"^(x\da{600}){2,3}a{600}$", 601),
+    (r"^(x\da{600}){2}a{600}$", 1200),
+])
+def test_forced_run_counts_no_more_than_the_pattern_forces(pattern, run):
+    """A flag group's `:`, a nested class's `]`, `\\U`'s eight hex digits were counted as forced
+    characters, and so was a repeated part's last copy running on into what follows it, though
+    another copy may start there: reasonable patterns refused as forcing more than 1,024."""
+    assert forced_run(pattern) == run
+    if run <= 1024:
+        check_spec({"type": "regex", "pattern": pattern})
 
 
 @pytest.mark.parametrize("spec, words", [
