@@ -1170,6 +1170,9 @@ def _cfg_grammar(spec) -> str:
             schema, end = decoder.raw_decode(lark, m.end())
         except ValueError:
             continue                                  # not JSON: llguidance says so
+        except RecursionError:                        # deeper than Python's parser goes: past the bound
+            raise GrammarError(f"the %json schema nests more than {MAX_JSON_DEPTH} levels of arrays and objects "
+                               f"(at most {MAX_JSON_DEPTH})") from None
         schemas.append((m.end(), end))
         # its patterns are bounded as a json_schema's are
         depth = max(depth, _check_schema_limits(schema, "the %json schema: ", "the %json schema's pattern"))
@@ -1464,6 +1467,12 @@ def first_line(msg: str) -> str:
     return (msg.strip().splitlines() or [""])[0]
 
 
+_LISTING = re.compile(r"\n\s*\d+ \| ")      # llguidance's listing of the grammar's lines under its error
+
+
 def short(msg: str) -> str:
-    msg = " ".join(msg.split())
+    """An error's text for the client: the grammar listing llguidance writes under it left off (a
+    tool_call's or structural_tag's grammar is ours, and can be megabytes), on one line, at most
+    MAX_ERROR_CHARS characters."""
+    msg = " ".join(_LISTING.split(msg, 1)[0].split())
     return msg if len(msg) <= MAX_ERROR_CHARS else msg[:MAX_ERROR_CHARS] + "…"

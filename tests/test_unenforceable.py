@@ -147,6 +147,24 @@ def test_a_grammars_regexes_and_terminals_are_bounded_as_a_patterns_are(grammar,
     assert words in str(e.value)
 
 
+
+def test_a_percent_json_schema_nested_past_what_python_reads_is_refused_naming_the_bound():
+    """A %json schema nested 5,000 levels deep ran out of Python's recursion in reading its JSON
+    (a RecursionError, a 500): refused as a schema nested past MAX_JSON_DEPTH is."""
+    grammar = 'start: %json {"type":"array","default":' + "[" * 5000 + "]" * 5000 + "}"
+    with pytest.raises(GrammarError) as e:
+        check_spec({"type": "grammar", "grammar": grammar})
+    assert "nests more than 400 levels of arrays and objects (at most 400)" in str(e.value)
+
+
+def test_a_grammar_error_leaves_out_the_grammar_engines_listing_of_the_grammar():
+    """llguidance writes the grammar's lines under its error: a tool_call's grammar is agp's own,
+    megabytes of it; the client gets the error's own line."""
+    with pytest.raises(GrammarError) as e:
+        check_spec({"type": "grammar", "grammar": 'start: "x" a\na: b'})
+    assert str(e.value) == 'at 2(4): unknown name: "b"'
+
+
 @pytest.mark.parametrize("grammar", [
     "start: /([ab]{100}){100}/ // not a regex: /(a{1000}){1000}/",
     'start: "a/b" A+ B\nA: "a"{1000} "a".."z" "//"\nB: /[0-9]{3}\\/x/',
