@@ -928,6 +928,7 @@ class GrammarBuilder:
             if choice not in fns:
                 raise GrammarError(f"tool_choice names {choice!r}, which is not among the tools")
             fns = {choice: fns[choice]}
+        check_tools_together(fns)
         for i, t in enumerate(tools):           # the forced call writes the name of one of fns
             name = t.get("function", t)["name"]
             if name in fns and len(name) > MAX_LITERAL_LENGTH:
@@ -1026,6 +1027,24 @@ class GrammarBuilder:
                                  (f"tool {fn['name']!r}: ", tool_param(i), self.json_options))
         return [(where, param, llg.LLMatcher.grammar_from_json_schema(json.loads(body), overrides=options))
                 for body, (where, param, options) in parts.items()]
+
+
+def check_tools_together(fns: dict) -> None:
+    """GrammarError naming `tools` for the tools a call may write ({name: parameters}, each checked
+    alone) whose parameters have more than MAX_PROPERTIES_IN_ALL properties in all, or whose names
+    and enum and const values come to more than MAX_LITERAL_CHARS characters: the call's grammar
+    holds them all in one schema, which these bound as they bound one."""
+    chars = properties = 0
+    for name, params in fns.items():
+        sizes = _check_sizes(params, "") if isinstance(params, dict) else (0, 0)
+        chars, properties = chars + len(name) + sizes[0], properties + sizes[1]
+    if properties > MAX_PROPERTIES_IN_ALL:
+        raise GrammarError(f"the tools' parameters have {properties:,} properties in all: at most "
+                           f"{MAX_PROPERTIES_IN_ALL:,} in one call's tools, as in one schema", "tools")
+    if chars > MAX_LITERAL_CHARS:
+        raise GrammarError(f"the tools' names and their parameters' enum and const values come to {chars:,} "
+                           f"characters in all: at most {MAX_LITERAL_CHARS:,} in one call's tools, as in one schema",
+                           "tools")
 
 
 def tool_param(i: int) -> str:
@@ -1334,7 +1353,7 @@ def _check_json_depth(schema, prefix: str) -> None:
         todo += [(v, depth + 1, entry, _escape(str(k))) for k, v in pairs if isinstance(v, (dict, list))]
 
 
-def _check_sizes(schema, prefix: str) -> None:
+def _check_sizes(schema, prefix: str) -> tuple[int, int]:
     """GrammarError, naming the keyword and where (its JSON pointer), for an enum of more than
     MAX_ENUM_VALUES values, a string of an enum or const value or a property's name (in `properties`
     or `required`) longer than MAX_LITERAL_LENGTH, enum and const values of more than MAX_LITERAL_CHARS
@@ -1342,7 +1361,8 @@ def _check_sizes(schema, prefix: str) -> None:
     (a string's characters; another value's as _literal_size counts them), an object of more than MAX_OPTIONAL_PROPERTIES
     properties that "required" leaves out, or more than MAX_PROPERTIES_IN_ALL properties in all:
     refused in a walk of the schema (milliseconds) before the grammar engine spends seconds on it.
-    Each subschema is counted once where it is written (a $ref to it adds nothing)."""
+    Each subschema is counted once where it is written (a $ref to it adds nothing). Else (its enum
+    and const characters, its properties), which a schema compiled with others adds to theirs."""
     literal_chars = properties = 0
     todo = [("#", schema)]
     while todo:
@@ -1389,6 +1409,7 @@ def _check_sizes(schema, prefix: str) -> None:
             raise GrammarError(f"{prefix}{at}'required' has a name of {longest:,} characters: at most "
                                f"{MAX_LITERAL_LENGTH:,}")
         todo += [(f"{path}/{step}", sub) for step, sub in _children(node)]
+    return literal_chars, properties
 
 
 def _literal_size(value, most: int) -> tuple[int, int]:

@@ -293,6 +293,34 @@ def test_a_forced_calls_tool_parameters_are_refused_when_the_request_is_read():
     assert e.value.param == "tools[0].function.parameters"
 
 
+
+def _wide_tool(k: int, n: int) -> dict:
+    props = {f"p{k}_{j}": {"type": "integer"} for j in range(n)}
+    return {"type": "function", "function": {"name": f"f{k}", "parameters": {
+        "type": "object", "properties": props, "required": list(props)}}}
+
+
+def test_a_forced_calls_tools_are_bounded_together_as_one_schema():
+    """The tools a forced call may write are one schema in its grammar: two tools of 2,600 properties
+    each passed the bound of 5,000 in one schema, and four of 4,900 reached the grammar engine, which
+    gave up with "schema too large" and a dump of the grammar. Past it together: a 400 naming
+    `tools`; a named choice compiles only its own tool's."""
+    from pipeline_dsl.requests_io import RequestError, parse_request
+
+    tools = [_wide_tool(0, 2600), _wide_tool(1, 2600)]
+    line = {"messages": [{"role": "user", "content": "hi"}], "tools": tools, "tool_choice": "required"}
+    with pytest.raises(RequestError) as e:
+        parse_request(line, default_id=0)
+    assert e.value.param == "tools"
+    assert str(e.value) == ("'tools' cannot be enforced: the tools' parameters have 5,200 properties in all: at most "
+                            "5,000 in one call's tools, as in one schema")
+    with pytest.raises(GrammarError) as e:
+        check_spec({"type": "tool_call", "tools": tools})
+    assert e.value.param == "tools" and "5,200 properties in all" in str(e.value)
+    named = {"type": "function", "function": {"name": "f1"}}
+    assert parse_request({**line, "tool_choice": named}, default_id=0).tools == tools
+
+
 @pytest.mark.parametrize("fields, named", [
     ({"guided_choice": ["yes", "x" * 60_000]}, "guided_choice"),
     ({"structured_outputs": {"choice": ["x" * 60_000]}}, "structured_outputs.choice"),
