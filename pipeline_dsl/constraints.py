@@ -303,23 +303,26 @@ def regex_size(pattern: str) -> int:
     while i < n:
         c = pattern[i]
         if c == "\\":
-            j = i + 2
-            if i + 1 < n and pattern[i + 1] in "pPu" and j < n and pattern[j] == "{":   # \p{L}, \u{1F600}
+            j, e = i + 2, pattern[i + 1:i + 2]
+            if e and e in "pPuxU" and j < n and pattern[j] == "{":                   # \p{L}, \u{1F600}
                 j = (pattern.find("}", j) + 1) or n
+            elif e and e in "xuU":                                                     # \x41, \U0001F600
+                j += {"x": 2, "u": 4, "U": 8}[e]
             atom()
             i = j
         elif c == "[":
-            j = i + 1
-            j += j < n and pattern[j] == "^"
-            j += j < n and pattern[j] == "]"
-            while j < n and pattern[j] != "]":
-                j += 2 if pattern[j] == "\\" else 1
             atom()
-            i = j + 1
+            i = _class_end(pattern, i)
         elif c == "(":
+            m = _FLAGS.match(pattern, i)
+            if m and m.group(2) == ")":                       # (?i): no group, no size
+                i = m.end()
+                continue
             stack.append([0, 0])
             i += 1
-            if pattern.startswith("?", i):                    # (?:  (?=  (?!  (?<name>
+            if m:                                             # (?:  (?s:  (?-i:
+                i = m.end()
+            elif pattern.startswith("?", i):                  # (?=  (?!  (?<name>
                 i += 1
                 if pattern.startswith("<", i) and not pattern.startswith(("<=", "<!"), i):
                     i = (pattern.find(">", i) + 1) or n
@@ -349,6 +352,28 @@ def regex_size(pattern: str) -> int:
 
 
 _COUNT = re.compile(r"\{(\d{0,9})(,(\d{0,9}))?\}")
+_FLAGS = re.compile(r"\(\?([a-zA-Z-]*)([:)])")       # (?i)  (?s:  (?-i:  (?ims-x)
+
+
+def _class_end(pattern: str, i: int) -> int:
+    """The index just past the class `[...]` that starts at pattern[i]: a `^` and then a `]` right
+    after a `[` are members; a class nested in it (`[[:digit:]]`, `[0-9&&[^5]]`) closes first."""
+    n, depth, j = len(pattern), 0, i
+    while j < n:
+        c = pattern[j]
+        if c == "[":
+            depth += 1
+            j += 1
+            j += j < n and pattern[j] == "^"
+            j += j < n and pattern[j] == "]"
+        elif c == "]":
+            depth -= 1
+            j += 1
+            if not depth:
+                return j
+        else:
+            j += 2 if c == "\\" else 1
+    return n
 
 
 class _Run:
@@ -372,7 +397,8 @@ class _Run:
             return _Run(True, self.length * lo)
         if self.fixed:                 # its first `lo` copies are forced, what follows them is not
             return _Run(False, pre=self.length * lo, best=self.length * lo)
-        return _Run(False, pre=self.pre if lo else 0, suf=self.suf,
+        # another copy may follow the last one (+, *, {n,m}): what ends a copy is forced only if exact
+        return _Run(False, pre=self.pre if lo else 0, suf=self.suf if exact else 0,
                     best=max(self.best, self.suf + self.pre if lo >= 2 else 0))
 
 
@@ -385,10 +411,10 @@ def forced_run(pattern: str) -> int:
     literal; `[a-z]{20000}`: 0). Each step's token mask works out what is left of such a run, as
     of an enum's or const's string (MAX_LITERAL_LENGTH). Counted as regex_size walks a pattern:
     literal characters and exact counts of them; a class, `.`, an alternation or an optional
-    part forces nothing (so it never counts more than the pattern forces)."""
-    if "(?" in pattern and re.search(r"\(\?[a-zA-Z]*i", pattern):      # case-insensitive: letters are free
-        return 0
-    groups = [[[], _Run(True), None]]          # per open group: [branches done, the run before the last atom, the last atom]
+    part forces nothing (so it never counts more than the pattern forces). Under the `i` flag, in
+    its scope, a character with a case variant is free too."""
+    # per open group: [branches done, the run before the last atom, the last atom, lookaround, `i` flag]
+    groups = [[[], _Run(True), None, False, False]]
     best, i, n = 0, 0, len(pattern)
 
     def atom(run: _Run) -> None:
@@ -396,6 +422,16 @@ def forced_run(pattern: str) -> int:
         if g[2] is not None:
             g[1] = g[1].then(g[2])
         g[2] = run
+
+    def char(ch: str | None) -> _Run:
+        """One character (None: one without a case variant): forced, unless `i` lets its case vary."""
+        return _FREE if ch is not None and groups[-1][4] and ch.lower() != ch.upper() else _Run(True, 1)
+
+    def flags(text: str, ci: bool) -> bool:
+        on = True
+        for f in text:
+            on, ci = (False, ci) if f == "-" else (on, on if f == "i" else ci)
+        return ci
 
     def closed(g) -> _Run:
         seq = g[1].then(g[2]) if g[2] is not None else g[1]
@@ -407,29 +443,39 @@ def forced_run(pattern: str) -> int:
         c = pattern[i]
         if c == "\\":
             e = pattern[i + 1] if i + 1 < n else ""
-            j = i + 2
-            if e in "pPux" and j < n and pattern[j] == "{":                    # \p{L}, \u{1F600}, \x{41}
+            j, code = i + 2, None
+            if e in "pPuxU" and j < n and pattern[j] == "{":                   # \p{L}, \u{1F600}, \x{41}
                 j = (pattern.find("}", j) + 1) or n
-            elif e == "x":
-                j += 2
-            elif e == "u":
-                j += 4
+                code = pattern[i + 3:j - 1]
+            elif e in "xuU":                                                   # \x41, \u0041, \U0001F600
+                j += {"x": 2, "u": 4, "U": 8}[e]
+                code = pattern[i + 2:j]
+            ch = e if not e.isalnum() else None                                # \n, \t: no case variant
+            if e in "xuU":
+                try:
+                    ch = chr(int(code, 16))
+                except (TypeError, ValueError, OverflowError):
+                    ch = None
             atom(_Run(True, 0) if e in "bBAzZG" else _FREE if e in "dDwWsSpPhHvVRNX" or e.isdigit()
-                 else _Run(True, 1))
+                 else char(ch))
             i = j
         elif c == "[":
-            j = i + 1
-            j += j < n and pattern[j] == "^"
-            j += j < n and pattern[j] == "]"
-            while j < n and pattern[j] != "]":
-                j += 2 if pattern[j] == "\\" else 1
-            atom(_FREE)
-            i = j + 1
+            j = _class_end(pattern, i)
+            one = j == i + 3 and pattern[i + 1] not in "^\\[]"              # [a]: one character
+            atom(char(pattern[i + 1]) if one else _FREE)
+            i = j
         elif c == "(":
+            m = _FLAGS.match(pattern, i)
+            if m and m.group(2) == ")":                                       # (?i): to the group's end
+                groups[-1][4] = flags(m.group(1), groups[-1][4])
+                i = m.end()
+                continue
             look = pattern.startswith(("(?=", "(?!", "(?<=", "(?<!"), i)
-            groups.append([[], _Run(True), None, look])
+            groups.append([[], _Run(True), None, look, flags(m.group(1), groups[-1][4]) if m else groups[-1][4]])
             i += 1
-            if pattern.startswith("?", i):
+            if m:
+                i = m.end()
+            elif pattern.startswith("?", i):
                 i += 1
                 if pattern.startswith("<", i) and not pattern.startswith(("<=", "<!"), i):
                     i = (pattern.find(">", i) + 1) or n
@@ -466,7 +512,7 @@ def forced_run(pattern: str) -> int:
             atom(_Run(True, 0))
             i += 1
         else:
-            atom(_FREE if c == "." else _Run(True, 1))
+            atom(_FREE if c == "." else char(c))
             i += 1
     while len(groups) > 1:
         g = groups.pop()
@@ -896,6 +942,7 @@ class GrammarBuilder:
             if choice not in fns:
                 raise GrammarError(f"tool_choice names {choice!r}, which is not among the tools")
             fns = {choice: fns[choice]}
+        check_tools_together(fns)
         for i, t in enumerate(tools):           # the forced call writes the name of one of fns
             name = t.get("function", t)["name"]
             if name in fns and len(name) > MAX_LITERAL_LENGTH:
@@ -994,6 +1041,24 @@ class GrammarBuilder:
                                  (f"tool {fn['name']!r}: ", tool_param(i), self.json_options))
         return [(where, param, llg.LLMatcher.grammar_from_json_schema(json.loads(body), overrides=options))
                 for body, (where, param, options) in parts.items()]
+
+
+def check_tools_together(fns: dict) -> None:
+    """GrammarError naming `tools` for the tools a call may write ({name: parameters}, each checked
+    alone) whose parameters have more than MAX_PROPERTIES_IN_ALL properties in all, or whose names
+    and enum and const values come to more than MAX_LITERAL_CHARS characters: the call's grammar
+    holds them all in one schema, which these bound as they bound one."""
+    chars = properties = 0
+    for name, params in fns.items():
+        sizes = _check_sizes(params, "") if isinstance(params, dict) else (0, 0)
+        chars, properties = chars + len(name) + sizes[0], properties + sizes[1]
+    if properties > MAX_PROPERTIES_IN_ALL:
+        raise GrammarError(f"the tools' parameters have {properties:,} properties in all: at most "
+                           f"{MAX_PROPERTIES_IN_ALL:,} in one call's tools, as in one schema", "tools")
+    if chars > MAX_LITERAL_CHARS:
+        raise GrammarError(f"the tools' names and their parameters' enum and const values come to {chars:,} "
+                           f"characters in all: at most {MAX_LITERAL_CHARS:,} in one call's tools, as in one schema",
+                           "tools")
 
 
 def tool_param(i: int) -> str:
@@ -1138,6 +1203,9 @@ def _cfg_grammar(spec) -> str:
             schema, end = decoder.raw_decode(lark, m.end())
         except ValueError:
             continue                                  # not JSON: llguidance says so
+        except RecursionError:                        # deeper than Python's parser goes: past the bound
+            raise GrammarError(f"the %json schema nests more than {MAX_JSON_DEPTH} levels of arrays and objects "
+                               f"(at most {MAX_JSON_DEPTH})") from None
         schemas.append((m.end(), end))
         # its patterns are bounded as a json_schema's are
         depth = max(depth, _check_schema_limits(schema, "the %json schema: ", "the %json schema's pattern"))
@@ -1299,7 +1367,7 @@ def _check_json_depth(schema, prefix: str) -> None:
         todo += [(v, depth + 1, entry, _escape(str(k))) for k, v in pairs if isinstance(v, (dict, list))]
 
 
-def _check_sizes(schema, prefix: str) -> None:
+def _check_sizes(schema, prefix: str) -> tuple[int, int]:
     """GrammarError, naming the keyword and where (its JSON pointer), for an enum of more than
     MAX_ENUM_VALUES values, a string of an enum or const value or a property's name (in `properties`
     or `required`) longer than MAX_LITERAL_LENGTH, enum and const values of more than MAX_LITERAL_CHARS
@@ -1307,7 +1375,8 @@ def _check_sizes(schema, prefix: str) -> None:
     (a string's characters; another value's as _literal_size counts them), an object of more than MAX_OPTIONAL_PROPERTIES
     properties that "required" leaves out, or more than MAX_PROPERTIES_IN_ALL properties in all:
     refused in a walk of the schema (milliseconds) before the grammar engine spends seconds on it.
-    Each subschema is counted once where it is written (a $ref to it adds nothing)."""
+    Each subschema is counted once where it is written (a $ref to it adds nothing). Else (its enum
+    and const characters, its properties), which a schema compiled with others adds to theirs."""
     literal_chars = properties = 0
     todo = [("#", schema)]
     while todo:
@@ -1354,6 +1423,7 @@ def _check_sizes(schema, prefix: str) -> None:
             raise GrammarError(f"{prefix}{at}'required' has a name of {longest:,} characters: at most "
                                f"{MAX_LITERAL_LENGTH:,}")
         todo += [(f"{path}/{step}", sub) for step, sub in _children(node)]
+    return literal_chars, properties
 
 
 def _literal_size(value, most: int) -> tuple[int, int]:
@@ -1432,6 +1502,12 @@ def first_line(msg: str) -> str:
     return (msg.strip().splitlines() or [""])[0]
 
 
+_LISTING = re.compile(r"\n\s*\d+ \| ")      # llguidance's listing of the grammar's lines under its error
+
+
 def short(msg: str) -> str:
-    msg = " ".join(msg.split())
+    """An error's text for the client: the grammar listing llguidance writes under it left off (a
+    tool_call's or structural_tag's grammar is ours, and can be megabytes), on one line, at most
+    MAX_ERROR_CHARS characters."""
+    msg = " ".join(_LISTING.split(msg, 1)[0].split())
     return msg if len(msg) <= MAX_ERROR_CHARS else msg[:MAX_ERROR_CHARS] + "…"

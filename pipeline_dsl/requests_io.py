@@ -13,8 +13,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline_dsl.constraints import (LITERAL_BOUND, MAX_GRAMMAR_WORK, MAX_LITERAL_LENGTH, GrammarError, OnceCache,
-                                      check_spec, check_whitespace, grammar_slots, spec_digest, tool_name, tool_param)
+from pipeline_dsl.constraints import (LITERAL_BOUND, MAX_GRAMMAR_WORK, MAX_LITERAL_LENGTH, NO_PARAMETERS, GrammarError,
+                                      OnceCache, check_spec, check_tools_together, check_whitespace, grammar_slots,
+                                      spec_digest, tool_name, tool_param)
 from pipeline_dsl.diagnostics import closest
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -450,7 +451,9 @@ def check_tool_parameters(tools: list | None, choice, *, wait: bool = True) -> N
     as there), so one that cannot be enforced is a RequestError naming `tools[i].function.parameters`
     when the request is read, not when it reaches the engine. With tool_choice auto or none the
     parameters only describe the tools in the prompt: not checked. The name of a tool the call may
-    write is written whole: longer than MAX_LITERAL_LENGTH, a RequestError naming `tools[i].function.name`."""
+    write is written whole: longer than MAX_LITERAL_LENGTH, a RequestError naming `tools[i].function.name`.
+    The tools it may write are one schema in its grammar: past that schema's size bounds together
+    (check_tools_together), a RequestError naming `tools`."""
     if not tools or choice in ("none", "auto"):
         return
     forced = None if choice == "required" else choice["function"]["name"]
@@ -466,6 +469,11 @@ def check_tool_parameters(tools: list | None, choice, *, wait: bool = True) -> N
             if problem:
                 raise RequestError(f"'{tool_param(i)}' cannot be enforced: tool {fn['name']!r}: {problem}",
                                    param=tool_param(i), code=INVALID_PARAMETERS, quoted=(repr(fn['name']),))
+    try:                                     # the call's grammar holds them all: bounded together too
+        check_tools_together({t["function"]["name"]: t["function"].get("parameters") or NO_PARAMETERS
+                              for t in tools if forced in (None, t["function"]["name"])})
+    except GrammarError as e:
+        raise RequestError(f"'tools' cannot be enforced: {e}", param="tools", code=INVALID_PARAMETERS) from None
 
 
 def shown(value) -> str:

@@ -519,6 +519,39 @@ def test_a_note_on_a_logged_exception_is_one_escaped_line(monkeypatch, configure
     assert lines[-3:] == ["ValueError: bad", "hi\\n2026-12-05T00:00:00.000Z INFO agp.serve: forged\\x1b[2J", "second"]
 
 
+def test_a_logged_exception_formats_where_python_has_no_notes(monkeypatch, configure):
+    """Python 3.10's TracebackException has no __notes__ (3.11 added them): a logged exception
+    still writes its traceback, not an AttributeError in the log handler."""
+    import io
+    import logging
+    import traceback
+    import types
+
+    class WithoutNotes(traceback.TracebackException):          # as Python 3.10's
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            del self.__notes__
+
+        def format_exception_only(self):
+            self.__notes__ = None                                # (3.11's own method reads it)
+            try:
+                yield from super().format_exception_only()
+            finally:
+                del self.__notes__
+
+    from pipeline_dsl.serve import logs
+
+    monkeypatch.setattr(logs, "traceback", types.SimpleNamespace(TracebackException=WithoutNotes))
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    configure("text", "info")
+    try:
+        raise ValueError("bad")
+    except ValueError:
+        logging.getLogger("agp.serve").exception("a stage failed")
+    lines = sys.stderr.getvalue().splitlines()
+    assert lines[0].endswith("ERROR agp.serve: a stage failed") and lines[-1] == "ValueError: bad", lines
+
+
 def test_log_lines_go_to_the_stderr_of_the_moment_not_the_one_at_configure(monkeypatch, configure):
     import io
     import logging

@@ -446,6 +446,19 @@ def test_a_requests_top_logprobs_do_not_depend_on_how_many_its_neighbours_ask_fo
         assert lp["top"] == sorted(lp["top"], key=lambda e: (-e[1], e[0]))
 
 
+def test_top_logprobs_off_the_cpu_read_nothing_back_from_the_device():
+    """Looking for a tie among a row's largest read a value back from the device: every step with a
+    logprobs row waited for the GPU. Off the CPU the ranking stays on the device (a meta tensor has
+    no values to read back), and gives what the CPU's does, tied values ordered by token id."""
+    from pipeline_dsl.engine.processors import top_logprobs
+
+    values, ids = top_logprobs(torch.zeros(2, 50, device="meta"), 3)
+    assert values.shape == ids.shape == (2, 3) and values.dtype == torch.float32 and ids.dtype == torch.long
+    lp = torch.tensor([[-1.0, -0.5, -0.5, -2.0, -0.5], [-3.0, -1.0, -2.0, -0.25, -4.0]])
+    values, ids = top_logprobs(lp, 3)
+    assert ids.tolist() == [[1, 2, 4], [3, 1, 2]] and values.tolist() == [[-0.5] * 3, [-0.25, -1.0, -2.0]]
+
+
 # ---- constrained decoding -------------------------------------------------------------------------
 BOUNDED = BOUNDED_SCHEMA
 

@@ -41,6 +41,8 @@ def test_regex_size_unrolls_counted_repetitions():
     assert regex_size("^(a{1000}){1000}$") == 1_000_000
     assert regex_size("^[a-z]{3,8}$") == 8 and regex_size("a*b+c?") == 3
     assert regex_size(r"(?:ab|c){10}\d{2,}") == 33
+    assert regex_size("(?s:abcd){250}") == regex_size("(?-i:abcd){250}") == regex_size("(?i)[[:digit:]]{1000}") == 1000
+    assert regex_size(r"(?:\U0001F600\x41\u0041){1000}") == 3000
 
 
 def test_forced_run_counts_the_text_a_regex_must_write_whole_once_begun():
@@ -51,6 +53,32 @@ def test_forced_run_counts_the_text_a_regex_must_write_whole_once_begun():
     assert forced_run(r"\d{4}-\d{2}") == 1 and forced_run("a+b") == 1 and forced_run("a{2,5}b") == 2
     assert forced_run("(?:foo|bar)baz") == 3 and forced_run("(ab){3,}x") == 6 and forced_run(r"\x41\.com") == 5
     assert forced_run("(a(bc){2}d){2}") == 12 and forced_run("(?:a{100}){100}") == 10000
+
+
+
+@pytest.mark.parametrize("pattern, run", [
+    ("(?i)^0{19990}$", 19990), ("^(?i:x)0{19990}$", 19990), ("(?i)a0{5}", 5), (r"(?i)\x41{5}\x31{7}", 7),
+    ("(?i)(?-i:b{5})", 5), ("(?i:ab)c{3}", 3), ("a(?i)b{4}|c{2}", 1), ("(?i)[a]{5}", 0),
+    ("^[a]{19990}$", 19990), ("(?i)[0]{5}", 5), ("[^a]{5}", 0), ("[]]{5}", 0),
+])
+def test_a_case_insensitive_part_or_a_one_character_class_counts_what_it_forces(pattern, run):
+    """`(?i` anywhere made the whole pattern force nothing, though under the flag a digit or a
+    punctuation mark is still one character, and only within the flag's scope; `[a]` is `a`."""
+    assert forced_run(pattern) == run
+
+
+@pytest.mark.parametrize("pattern, run", [
+    ("(?s:abcd){250}", 1000), ("(?-i:a){5}", 5), ("^[[:digit:]]{1100}$", 0), ("^[0-9&&[^5]]{1100}$", 0),
+    (r"^(?:\U0001F600){1000}$", 1000), (r"^(x\da{600})+a{600}$", 600), (r"^(x\da{600}){2,3}a{600}$", 601),
+    (r"^(x\da{600}){2}a{600}$", 1200),
+])
+def test_forced_run_counts_no_more_than_the_pattern_forces(pattern, run):
+    """A flag group's `:`, a nested class's `]`, `\\U`'s eight hex digits were counted as forced
+    characters, and so was a repeated part's last copy running on into what follows it, though
+    another copy may start there: reasonable patterns refused as forcing more than 1,024."""
+    assert forced_run(pattern) == run
+    if run <= 1024:
+        check_spec({"type": "regex", "pattern": pattern})
 
 
 @pytest.mark.parametrize("spec, words", [
@@ -117,6 +145,24 @@ def test_a_grammars_regexes_and_terminals_are_bounded_as_a_patterns_are(grammar,
     with pytest.raises(GrammarError) as e:
         check_spec({"type": "grammar", "grammar": grammar})
     assert words in str(e.value)
+
+
+
+def test_a_percent_json_schema_nested_past_what_python_reads_is_refused_naming_the_bound():
+    """A %json schema nested 5,000 levels deep ran out of Python's recursion in reading its JSON
+    (a RecursionError, a 500): refused as a schema nested past MAX_JSON_DEPTH is."""
+    grammar = 'start: %json {"type":"array","default":' + "[" * 5000 + "]" * 5000 + "}"
+    with pytest.raises(GrammarError) as e:
+        check_spec({"type": "grammar", "grammar": grammar})
+    assert "nests more than 400 levels of arrays and objects (at most 400)" in str(e.value)
+
+
+def test_a_grammar_error_leaves_out_the_grammar_engines_listing_of_the_grammar():
+    """llguidance writes the grammar's lines under its error: a tool_call's grammar is agp's own,
+    megabytes of it; the client gets the error's own line."""
+    with pytest.raises(GrammarError) as e:
+        check_spec({"type": "grammar", "grammar": 'start: "x" a\na: b'})
+    assert str(e.value) == 'at 2(4): unknown name: "b"'
 
 
 @pytest.mark.parametrize("grammar", [
@@ -245,6 +291,34 @@ def test_a_forced_calls_tool_parameters_are_refused_when_the_request_is_read():
         parse_request({**line, "tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]},
                       default_id=0)
     assert e.value.param == "tools[0].function.parameters"
+
+
+
+def _wide_tool(k: int, n: int) -> dict:
+    props = {f"p{k}_{j}": {"type": "integer"} for j in range(n)}
+    return {"type": "function", "function": {"name": f"f{k}", "parameters": {
+        "type": "object", "properties": props, "required": list(props)}}}
+
+
+def test_a_forced_calls_tools_are_bounded_together_as_one_schema():
+    """The tools a forced call may write are one schema in its grammar: two tools of 2,600 properties
+    each passed the bound of 5,000 in one schema, and four of 4,900 reached the grammar engine, which
+    gave up with "schema too large" and a dump of the grammar. Past it together: a 400 naming
+    `tools`; a named choice compiles only its own tool's."""
+    from pipeline_dsl.requests_io import RequestError, parse_request
+
+    tools = [_wide_tool(0, 2600), _wide_tool(1, 2600)]
+    line = {"messages": [{"role": "user", "content": "hi"}], "tools": tools, "tool_choice": "required"}
+    with pytest.raises(RequestError) as e:
+        parse_request(line, default_id=0)
+    assert e.value.param == "tools"
+    assert str(e.value) == ("'tools' cannot be enforced: the tools' parameters have 5,200 properties in all: at most "
+                            "5,000 in one call's tools, as in one schema")
+    with pytest.raises(GrammarError) as e:
+        check_spec({"type": "tool_call", "tools": tools})
+    assert e.value.param == "tools" and "5,200 properties in all" in str(e.value)
+    named = {"type": "function", "function": {"name": "f1"}}
+    assert parse_request({**line, "tool_choice": named}, default_id=0).tools == tools
 
 
 @pytest.mark.parametrize("fields, named", [

@@ -67,12 +67,15 @@ def top_logprobs(lp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     step's other rows ask for; here a row's first k are the same whatever k is. Without a tie
     among a row's k + 1 largest, topk's answer is the only one; with one (a bf16 model's logits
     often tie), one topk over int64 keys: the value's bits as an order-preserving integer above,
-    the id reversed below."""
+    the id reversed below. Off the CPU always the keys (no host sync to look for a tie: a step
+    with a logprobs row would wait for the device); on the CPU, where looking costs nothing, the
+    plain topk when no tie (the keys' passes over [r, V] cost several times its time)."""
     lp = lp.float()
     V = lp.shape[-1]
-    values, ids = lp.topk(min(k + 1, V), dim=-1)                             # [r, k + 1]
-    if not bool((values[:, 1:] == values[:, :-1]).any()):
-        return values[:, :k], ids[:, :k]
+    if lp.device.type == "cpu":
+        values, ids = lp.topk(min(k + 1, V), dim=-1)                         # [r, k + 1]
+        if not bool((values[:, 1:] == values[:, :-1]).any()):
+            return values[:, :k], ids[:, :k]
     bits = (lp + 0.0).view(torch.int32)                                      # [r, V]; -0.0 as 0.0
     order = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()            # ordered as the floats
     below = V - 1 - torch.arange(V, device=lp.device)                        # [V] lower id, larger key

@@ -84,7 +84,7 @@ def _exception_only(te: traceback.TracebackException) -> list[str]:
     """What an exception says, as Python writes it under its traceback, escaped: its message, then
     each of its notes (e.add_note) on one line of its own, whose newlines are escaped as a
     message's are (Python splits a note at them, and a note quoting a request would forge a line)."""
-    notes = te.__notes__
+    notes = getattr(te, "__notes__", None)        # Python 3.10 has none (3.11 added notes)
     if notes is not None:
         te = copy.copy(te)
         te.__notes__ = None
