@@ -909,7 +909,7 @@ class GrammarBuilder:
 
     def _prepare(self, schema):
         if isinstance(schema, dict):
-            schema = _json_copy({k: v for k, v in schema.items() if k != "x-guidance"})  # options are ours
+            schema = json_copy({k: v for k, v in schema.items() if k != "x-guidance"})  # options are ours
             _normalise(schema)
             if self.close_objects:
                 schema = _close_objects(schema)
@@ -1332,7 +1332,7 @@ def _check_schema_limits(schema, prefix: str, pattern_where: str) -> int:
     return schema_depth(schema)
 
 
-def _json_copy(value):
+def json_copy(value):
     """A copy of a JSON value, its arrays and objects copied (copy.deepcopy, without recursion)."""
     def fresh(v):
         return dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from fastapi import Request
 from fastapi.responses import Response
 
+from pipeline_dsl.constraints import json_copy
 from pipeline_dsl.diagnostics import closest
 from pipeline_dsl.flow import PipelineError
 from pipeline_dsl.requests_io import shown
@@ -167,7 +168,7 @@ class ResponseStore:
                     self.parsed_bytes += found[1]
                     while self.parsed_bytes > self.max_bytes:
                         self.parsed_bytes -= self.parsed.popitem(last=False)[1][1]
-        return _fresh(found[0])
+        return json_copy(found[0])      # its own objects and arrays: what a reader changes, the store keeps
 
     def item(self, item_id: str, read: dict | None = None) -> dict | None:
         """The output item of a kept response with this id (what an `item_reference` names).
@@ -218,16 +219,6 @@ def _python_bytes(value) -> int:
     if isinstance(value, list):
         return size + sum(_python_bytes(v) for v in value)
     return size
-
-
-def _fresh(value):
-    """A copy of a parsed JSON value whose objects and arrays are its own (the strings, which
-    no one changes, are shared): what a reader changes of it, the store's stays as it was."""
-    if isinstance(value, dict):
-        return {k: _fresh(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_fresh(v) for v in value]
-    return value
 
 
 # ---------------------------------------------------------------- the request
