@@ -327,3 +327,42 @@ def test_an_embeddings_body_is_checked_off_the_event_loop(server, monkeypatch):
         assert r.status_code == 200, r.text
         assert len(r.json()["data"]) == 2
     assert len(threads) == 2 and server.thread not in threads
+
+
+SEES = '''
+from pipeline_dsl import Reject
+
+
+def retrieve(item):
+    if item.get("pooling") is not None:      # an input of /v1/embeddings or /v1/rerank: as it is
+        raise Reject(f"pooled {item['pooling']} max_tokens={item['max_tokens']} prompt={item['prompt']!r}")
+    item["messages"] = [{"role": "system", "content": "Passage: x"}] + item["messages"]
+    return item
+'''
+
+
+def test_a_python_stage_tells_embeddings_and_rerank_inputs_by_their_pooling_field(tmp_path, monkeypatch,
+                                                                                  tiny_gguf):
+    """A retrieval stage before the batcher gets every input of /v1/embeddings and /v1/rerank too
+    (docs/language.md): each as a Request whose `prompt` is the text, `max_tokens` 0 and `pooling`
+    "mean", which is how a stage that rewrites chat prompts (or calls the server's own rerank)
+    leaves them alone; a chat request has no `pooling`."""
+    from test_serve import TINY
+
+    (tmp_path / "seehooks.py").write_text(SEES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=20).replace(
+        "stage out     : respond       {}",
+        'stage out     : respond       {}\n    stage see : python { fn = "seehooks:retrieve" }').replace(
+        "request -> batch", "request -> see -> batch")
+    s = LiveServer(tiny_gguf, text=text)
+    try:
+        r = httpx.post(s.url + "/v1/embeddings", json={"input": "a b"}, timeout=60)
+        assert r.status_code == 400 and "pooled mean max_tokens=0 prompt='a b'" in r.json()["error"]["message"], r.text[:300]
+        r = httpx.post(s.url + "/v1/rerank", json={"query": "q r", "documents": ["a b"]}, timeout=60)
+        assert r.status_code == 400 and "pooled mean max_tokens=0 prompt=" in r.json()["error"]["message"], r.text[:300]
+        r = httpx.post(s.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                              "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200, r.text[:300]
+    finally:
+        s.close()

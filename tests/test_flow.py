@@ -45,6 +45,18 @@ def reject_own(item):
         raise pipeline_dsl.Reject("the tenant's backend is down", status=503, retry_after=5)
     return item
 
+def steps(item):                   # answer -> critique -> revise, its step kept in metadata
+    request = dict(item["request"])
+    metadata = dict(request.get("metadata") or {})
+    step = {"answer": "critique", "critique": "revise"}.get(metadata.get("step", "answer"))
+    if step is None:
+        return item
+    metadata["step"] = step
+    request["metadata"] = metadata
+    request["messages"] = request["messages"] + [{"role": "assistant", "content": item["text"]},
+                                                 {"role": "user", "content": step}]
+    return request
+
 def boom(item):
     if item.get("id") == "boom":
         raise ValueError("kaboom")
@@ -490,6 +502,21 @@ def test_a_bounded_loop_runs_max_turns_then_leaves(tmp_path):
     assert stages["tool"]["items_in"] == 3 and stages["out"]["items_in"] == 1
     messages = res.choices[0].data["request"]["messages"]
     assert [m["content"] for m in messages if m["role"] == "user"] == ["hello", "again", "again"]
+
+
+def test_a_loop_keeps_its_step_in_the_requests_metadata(tmp_path):
+    """A self-check loop (answer -> critique -> revise) is not told its turn: it keeps its step in
+    the metadata of the request it sends back, which comes round to it again with the answer, and it
+    lets the answer go after its last step, before `max_turns` bounds it (docs/language.md, Loops)."""
+    body = LOOP.replace('"hooks:loop"  returns = request TURNS', '"hooks:steps"  returns = any  max_turns = 5')
+    path = write(tmp_path, body)
+    assert check(path) == []
+    (res,), rt = run(path, [chat("a", "hello", metadata={"user_key": 1})])
+    assert res.ok
+    assert rt.stats()["stages"]["gen"]["items_in"] == 3 and rt.stats()["stages"]["tool"]["items_in"] == 3
+    request = res.choices[0].data["request"]
+    assert [m["content"] for m in request["messages"] if m["role"] == "user"] == ["hello", "critique", "revise"]
+    assert request["metadata"] == {"user_key": 1, "step": "revise"}
 
 
 @pytest.mark.parametrize("where", ["stage", "request"])
