@@ -70,6 +70,14 @@ def answer(item):
     elif bad == "vocab_prompt_logprobs":
         item["prompt_token_ids"] = [1, 5]
         item["prompt_logprobs"] = [None, {"token_id": 10 ** 6, "logprob": -1.0, "rank": 1, "top": []}]
+    elif bad == "edge":                            # metadata's id in metadata's field
+        n, field = item["request"]["metadata"]["id"], item["request"]["metadata"]["field"]
+        if field == "token_ids":
+            item["token_ids"] = [5, n]
+        elif field == "logprobs":
+            item["logprobs"] = [{"token_id": n, "logprob": -0.5, "top": [(n, -0.5)]}]
+        else:
+            item["logprobs"] = [{"token_id": 5, "logprob": -0.5, "top": [(5, -0.5), (n, -1.0)]}]
     elif bad == "filtered":
         item["finish_reason"] = "content_filter"   # a guard may say why it ended the answer
     return item
@@ -204,6 +212,22 @@ def test_a_result_hook_writing_token_ids_outside_the_vocabulary_fails_its_reques
     assert r.error.message == (f"stage 'a' returned a result whose {where} is 1000000; expected a token id of the "
                                f"vocabulary (0..{len(tiny_vocab()[0]) - 1})")
     assert rt.stats()["stages"]["a"]["failed"] == 1
+
+
+@pytest.mark.parametrize("field, where", [("token_ids", "token_ids[1]"), ("logprobs", "logprobs[0].token_id"),
+                                          ("top", "logprobs[0].top[1][0]")])
+def test_the_vocabularys_last_id_is_taken_and_the_next_one_is_not(tmp_path, soft_gguf, field, where):
+    """The vocabulary's ids are 0..V-1: a result whose token ids end at V-1 is answered, and one
+    naming V, the first id past its end, fails at the stage that wrote it."""
+    from tiny_model import tiny_vocab
+
+    vocab = len(tiny_vocab()[0])
+    path = pipeline(tmp_path, soft_gguf, 'stage a : python { fn = "hooks:answer" }', "request -> batch\ngen -> a -> out\n")
+    results, _ = run(path, [chat("last", "hi", metadata={"bad": "edge", "id": vocab - 1, "field": field}),
+                            chat("past", "hi", metadata={"bad": "edge", "id": vocab, "field": field})])
+    r = answered_except(results, "past")
+    assert r.error.stage == "a" and r.error.message == (
+        f"stage 'a' returned a result whose {where} is {vocab}; expected a token id of the vocabulary (0..{vocab - 1})")
 
 
 def test_a_join_fn_writing_token_ids_outside_the_vocabulary_fails_its_request(tmp_path, soft_gguf):
