@@ -89,6 +89,8 @@ def ask(item):
         return {"text": "an answer, not a request"}
     if item.get("metadata", {}).get("bad") == "ids":           # a prompt of its own, one id past the vocabulary
         return {"prompt_token_ids": [1, 5, 10 ** 6], "metadata": item["metadata"]}
+    if item.get("metadata", {}).get("bad") == "own_ids":       # a prompt of the ids metadata lists
+        return {"prompt_token_ids": item["metadata"]["ids"], "metadata": item["metadata"]}
     if item.get("metadata", {}).get("bad") == "pass_ids":      # the client's own ids, in a new dict
         return {"prompt_token_ids": list(item["prompt_token_ids"]), "metadata": item["metadata"]}
     if item.get("metadata", {}).get("bad") == "both":      # made a chat of a text request, kept its prompt
@@ -264,6 +266,34 @@ def test_a_request_hook_returning_prompt_token_ids_outside_the_vocabulary_fails_
     assert rt.stats()["stages"]["a"]["failed"] == 1
     client = next(x for x in results if x.id == "client")
     assert client.error.kind == "invalid" and "token id 1000000 is outside the vocabulary" in client.error.message
+
+
+def test_a_request_hooks_ids_are_held_to_the_largest_vocabulary_where_the_request_names_no_model(
+        tmp_path, soft_gguf):
+    """Which model tokenises a request that names none is told after the hook (a route picks it):
+    its ids are bounded by the largest of the pipeline's vocabularies there, so an id only the
+    larger one has reaches that model's stage and is answered; one past every vocabulary fails
+    at the hook."""
+    from tiny_model import spm_vocab, tiny_vocab, write_tiny_gguf
+
+    small, large = len(tiny_vocab()[0]), len(spm_vocab()[0])
+    assert small < large
+    spm = write_tiny_gguf(tmp_path / "spm.gguf", tokenizer="spm")
+    body = ("stage request : requests {}\nstage a : python { fn = \"hooks:ask\" }\nstage route : route {}\n"
+            "stage gen : generate { max_new_tokens = 2 }\n"
+            f"stage spm_gen : generate {{ max_new_tokens = 2 model = \"{spm}\" }}\nstage out : respond {{}}\n"
+            "request -> a -> route\nroute -> batch_s otherwise\nroute -> batch when max_tokens > 100000\n"
+            "gen -> out\nspm_gen -> out\n" + chain() + chain("spm_gen", "batch_s", "enc_s", "kv_s"))
+    path = write(tmp_path, soft_gguf, body, hooks=HOOKS)
+    assert errors(path) == []
+    results, _ = run(path, [{"id": "ok", "prompt": "hi", "max_tokens": 2, "metadata": {"bad": "own_ids",
+                                                                                      "ids": [1, 5, large - 1]}},
+                            {"id": "past", "prompt": "hi", "max_tokens": 2, "metadata": {"bad": "own_ids",
+                                                                                        "ids": [1, 5, large]}}])
+    r = answered_except(results, "past")
+    assert r.error.stage == "a" and r.error.message == (
+        f"stage 'a' returned a request whose prompt_token_ids[2] is {large}; expected a token id of the vocabulary "
+        f"(0..{large - 1})")
 
 
 def test_a_request_hook_returning_invalid_unicode_fails_at_the_hook_not_at_encode(tmp_path, soft_gguf):
