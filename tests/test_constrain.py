@@ -724,6 +724,8 @@ class _NoGrammarEngine:
     ({"const": "x" * 250_000},                                               # ~0.26 s of each step's mask
      f"^'const' has a string of 250,000 characters: at most "
      f"{constraints.MAX_LITERAL_LENGTH:,} in one value$"),
+    ({"const": {"k" * 2000: 1}},                                           # a member's name is written whole too
+     f"^'const' has a string of 2,000 characters: at most {constraints.MAX_LITERAL_LENGTH:,} in one value$"),
     ({"anyOf": [{"type": "integer"}, {"enum": ["a", {"k": ["b", "y" * 5000]}]}]},
      "^at #/anyOf/1: 'enum' has a string of 5,000 characters: at most "),
     ({"type": "object", "properties": {"a" * 2000: {"type": "integer"}}, "required": ["a" * 2000]},
