@@ -268,12 +268,12 @@ def test_a_request_hook_returning_prompt_token_ids_outside_the_vocabulary_fails_
     assert client.error.kind == "invalid" and "token id 1000000 is outside the vocabulary" in client.error.message
 
 
-def test_a_request_hooks_ids_are_held_to_the_largest_vocabulary_where_the_request_names_no_model(
+def test_a_request_hooks_ids_are_held_to_the_pinned_models_vocabulary_else_the_largest(
         tmp_path, soft_gguf):
     """Which model tokenises a request that names none is told after the hook (a route picks it):
     its ids are bounded by the largest of the pipeline's vocabularies there, so an id only the
     larger one has reaches that model's stage and is answered; one past every vocabulary fails
-    at the hook."""
+    at the hook. A request pinned to a stage is held to that stage's model's vocabulary."""
     from tiny_model import spm_vocab, tiny_vocab, write_tiny_gguf
 
     small, large = len(tiny_vocab()[0]), len(spm_vocab()[0])
@@ -294,6 +294,12 @@ def test_a_request_hooks_ids_are_held_to_the_largest_vocabulary_where_the_reques
     assert r.error.stage == "a" and r.error.message == (
         f"stage 'a' returned a request whose prompt_token_ids[2] is {large}; expected a token id of the vocabulary "
         f"(0..{large - 1})")
+    # a request that names its stage's model is held to that model's vocabulary at the hook
+    results, _ = run(path, [({"id": "pinned", "prompt": "hi", "max_tokens": 2,
+                              "metadata": {"bad": "own_ids", "ids": [1, 5, small]}}, "gen")])
+    assert results[0].error.stage == "a" and results[0].error.message == (
+        f"stage 'a' returned a request whose prompt_token_ids[2] is {small}; expected a token id of the vocabulary "
+        f"(0..{small - 1})")
 
 
 def test_a_request_hook_returning_invalid_unicode_fails_at_the_hook_not_at_encode(tmp_path, soft_gguf):
