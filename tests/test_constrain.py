@@ -555,6 +555,18 @@ def test_a_schema_whose_json_nests_past_the_bound_anywhere_is_refused_naming_whe
         constraints.check_spec({"type": "json_schema", "schema": schema})
 
 
+def test_a_schema_whose_json_nests_exactly_the_bound_is_taken_and_one_more_is_not():
+    """MAX_JSON_DEPTH levels of arrays and objects, the schema's own object the first, is within
+    the bound (what the grammar engine makes of it is its own); one more level is refused naming where."""
+    most = constraints.MAX_JSON_DEPTH
+    try:
+        constraints.check_spec({"type": "json_schema", "schema": {"type": "string", "default": _nested(most - 1, 1)}})
+    except GrammarError as e:
+        assert "nests more than" not in str(e)
+    with pytest.raises(GrammarError, match=rf"^the schema nests more than {most} levels .*, at #/default/0/0/"):
+        constraints.check_spec({"type": "json_schema", "schema": {"type": "string", "default": _nested(most, 1)}})
+
+
 def test_a_spec_nested_past_what_json_writes_is_refused_by_the_compiler_naming_where(compiler):
     """A python stage's spec (Python objects) nested 100,000 levels: the compiler's cache key (its
     JSON text) cannot be written, and its schema's depth walk names where, as for 600 levels."""
@@ -712,6 +724,8 @@ class _NoGrammarEngine:
     ({"const": "x" * 250_000},                                               # ~0.26 s of each step's mask
      f"^'const' has a string of 250,000 characters: at most "
      f"{constraints.MAX_LITERAL_LENGTH:,} in one value$"),
+    ({"const": {"k" * 2000: 1}},                                           # a member's name is written whole too
+     f"^'const' has a string of 2,000 characters: at most {constraints.MAX_LITERAL_LENGTH:,} in one value$"),
     ({"anyOf": [{"type": "integer"}, {"enum": ["a", {"k": ["b", "y" * 5000]}]}]},
      "^at #/anyOf/1: 'enum' has a string of 5,000 characters: at most "),
     ({"type": "object", "properties": {"a" * 2000: {"type": "integer"}}, "required": ["a" * 2000]},

@@ -686,3 +686,20 @@ def test_an_unparked_request_goes_back_at_the_head_of_the_queue_before_later_one
     while e.has_unfinished():
         order += [o.request_id for o in e.step() if o.finished]
     assert order == ["a", "b"]
+
+
+def test_stray_bytes_before_a_refused_token_are_left_out(tiny_gguf):
+    """An answer ended with finish "error" (allowed_token_ids leaves the grammar nothing it takes
+    after 0xE2, the first byte of "€") leaves out the byte no later token made a character of, as
+    a stop or a length cut does: never U+FFFD."""
+    pytest.importorskip("llguidance")
+    from pipeline_dsl.engine.constrain import ConstraintCompiler
+    engine = tiny_engine(tiny_gguf)
+    e2 = engine.tokenizer.token_to_id("â")                                         # gpt2's 0xE2
+    grammar = ConstraintCompiler(engine.tokenizer, engine.vocab_size).compile({"type": "regex", "pattern": "€+"})
+    engine.add_request("0", prompt="the cat", params=SamplingParams(
+        temperature=0.0, max_tokens=4, allowed_token_ids=[e2], constraint=grammar))
+    finals, deltas = run_all(engine)
+    out = finals["0"]
+    assert out.finish_reason == "error"
+    assert (out.text, deltas["0"]) == ("", "")

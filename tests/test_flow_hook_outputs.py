@@ -70,6 +70,14 @@ def answer(item):
     elif bad == "vocab_prompt_logprobs":
         item["prompt_token_ids"] = [1, 5]
         item["prompt_logprobs"] = [None, {"token_id": 10 ** 6, "logprob": -1.0, "rank": 1, "top": []}]
+    elif bad == "edge":                            # metadata's id in metadata's field
+        n, field = item["request"]["metadata"]["id"], item["request"]["metadata"]["field"]
+        if field == "token_ids":
+            item["token_ids"] = [5, n]
+        elif field == "logprobs":
+            item["logprobs"] = [{"token_id": n, "logprob": -0.5, "top": [(n, -0.5)]}]
+        else:
+            item["logprobs"] = [{"token_id": 5, "logprob": -0.5, "top": [(5, -0.5), (n, -1.0)]}]
     elif bad == "filtered":
         item["finish_reason"] = "content_filter"   # a guard may say why it ended the answer
     return item
@@ -81,6 +89,8 @@ def ask(item):
         return {"text": "an answer, not a request"}
     if item.get("metadata", {}).get("bad") == "ids":           # a prompt of its own, one id past the vocabulary
         return {"prompt_token_ids": [1, 5, 10 ** 6], "metadata": item["metadata"]}
+    if item.get("metadata", {}).get("bad") == "own_ids":       # a prompt of the ids metadata lists
+        return {"prompt_token_ids": item["metadata"]["ids"], "metadata": item["metadata"]}
     if item.get("metadata", {}).get("bad") == "pass_ids":      # the client's own ids, in a new dict
         return {"prompt_token_ids": list(item["prompt_token_ids"]), "metadata": item["metadata"]}
     if item.get("metadata", {}).get("bad") == "both":      # made a chat of a text request, kept its prompt
@@ -206,6 +216,22 @@ def test_a_result_hook_writing_token_ids_outside_the_vocabulary_fails_its_reques
     assert rt.stats()["stages"]["a"]["failed"] == 1
 
 
+@pytest.mark.parametrize("field, where", [("token_ids", "token_ids[1]"), ("logprobs", "logprobs[0].token_id"),
+                                          ("top", "logprobs[0].top[1][0]")])
+def test_the_vocabularys_last_id_is_taken_and_the_next_one_is_not(tmp_path, soft_gguf, field, where):
+    """The vocabulary's ids are 0..V-1: a result whose token ids end at V-1 is answered, and one
+    naming V, the first id past its end, fails at the stage that wrote it."""
+    from tiny_model import tiny_vocab
+
+    vocab = len(tiny_vocab()[0])
+    path = pipeline(tmp_path, soft_gguf, 'stage a : python { fn = "hooks:answer" }', "request -> batch\ngen -> a -> out\n")
+    results, _ = run(path, [chat("last", "hi", metadata={"bad": "edge", "id": vocab - 1, "field": field}),
+                            chat("past", "hi", metadata={"bad": "edge", "id": vocab, "field": field})])
+    r = answered_except(results, "past")
+    assert r.error.stage == "a" and r.error.message == (
+        f"stage 'a' returned a result whose {where} is {vocab}; expected a token id of the vocabulary (0..{vocab - 1})")
+
+
 def test_a_join_fn_writing_token_ids_outside_the_vocabulary_fails_its_request(tmp_path, soft_gguf):
     path = pipeline(tmp_path, soft_gguf, 'stage g2 : generate { max_new_tokens = 2 }\n'
                     'stage j : join { fn = "hooks:merge" }',
@@ -240,6 +266,40 @@ def test_a_request_hook_returning_prompt_token_ids_outside_the_vocabulary_fails_
     assert rt.stats()["stages"]["a"]["failed"] == 1
     client = next(x for x in results if x.id == "client")
     assert client.error.kind == "invalid" and "token id 1000000 is outside the vocabulary" in client.error.message
+
+
+def test_a_request_hooks_ids_are_held_to_the_pinned_models_vocabulary_else_the_largest(
+        tmp_path, soft_gguf):
+    """Which model tokenises a request that names none is told after the hook (a route picks it):
+    its ids are bounded by the largest of the pipeline's vocabularies there, so an id only the
+    larger one has reaches that model's stage and is answered; one past every vocabulary fails
+    at the hook. A request pinned to a stage is held to that stage's model's vocabulary."""
+    from tiny_model import spm_vocab, tiny_vocab, write_tiny_gguf
+
+    small, large = len(tiny_vocab()[0]), len(spm_vocab()[0])
+    assert small < large
+    spm = write_tiny_gguf(tmp_path / "spm.gguf", tokenizer="spm")
+    body = ("stage request : requests {}\nstage a : python { fn = \"hooks:ask\" }\nstage route : route {}\n"
+            "stage gen : generate { max_new_tokens = 2 }\n"
+            f"stage spm_gen : generate {{ max_new_tokens = 2 model = \"{spm}\" }}\nstage out : respond {{}}\n"
+            "request -> a -> route\nroute -> batch_s otherwise\nroute -> batch when max_tokens > 100000\n"
+            "gen -> out\nspm_gen -> out\n" + chain() + chain("spm_gen", "batch_s", "enc_s", "kv_s"))
+    path = write(tmp_path, soft_gguf, body, hooks=HOOKS)
+    assert errors(path) == []
+    results, _ = run(path, [{"id": "ok", "prompt": "hi", "max_tokens": 2, "metadata": {"bad": "own_ids",
+                                                                                      "ids": [1, 5, large - 1]}},
+                            {"id": "past", "prompt": "hi", "max_tokens": 2, "metadata": {"bad": "own_ids",
+                                                                                        "ids": [1, 5, large]}}])
+    r = answered_except(results, "past")
+    assert r.error.stage == "a" and r.error.message == (
+        f"stage 'a' returned a request whose prompt_token_ids[2] is {large}; expected a token id of the vocabulary "
+        f"(0..{large - 1})")
+    # a request that names its stage's model is held to that model's vocabulary at the hook
+    results, _ = run(path, [({"id": "pinned", "prompt": "hi", "max_tokens": 2,
+                              "metadata": {"bad": "own_ids", "ids": [1, 5, small]}}, "gen")])
+    assert results[0].error.stage == "a" and results[0].error.message == (
+        f"stage 'a' returned a request whose prompt_token_ids[2] is {small}; expected a token id of the vocabulary "
+        f"(0..{small - 1})")
 
 
 def test_a_request_hook_returning_invalid_unicode_fails_at_the_hook_not_at_encode(tmp_path, soft_gguf):

@@ -778,6 +778,22 @@ def test_the_parsed_conversations_kept_hold_at_most_the_stores_bytes_and_go_with
     assert store.parsed_bytes == sum(weight for _, weight in store.parsed.values())
 
 
+def test_a_parsed_conversation_read_again_stays_parsed_over_one_read_once_since():
+    """The parsed conversations kept are the latest read, not the latest first read: a
+    conversation a client continues again and again is not parsed anew because others were read
+    once after its first read."""
+    from pipeline_dsl.serve.responses import ResponseStore
+
+    store = ResponseStore(size=8, max_bytes=40_000)
+    history = [{"role": "user", "content": "x"}] * 30                 # ~1 KB of JSON, ~10 KB parsed
+    for i in range(8):
+        store.put(f"resp_{i}", {"id": f"resp_{i}"}, history)
+    for i in range(1, 8):
+        store.conversation("resp_0")                                  # the one continued every turn
+        store.conversation(f"resp_{i}")
+        assert "resp_0" in store.parsed and f"resp_{i}" in store.parsed, i
+    assert 1 < len(store.parsed) < 8 and "resp_1" not in store.parsed
+
 def test_item_references_bringing_more_text_than_a_body_holds_are_a_400_naming_the_one_past_it(server):
     """The items `input`'s references bring hold at most --max-body-bytes characters of text all
     told, as the items sent whole would: thousands of 40-byte references to a long kept answer

@@ -634,3 +634,15 @@ def test_check_accepts_a_json_schema_and_makes_its_path_absolute_without_torch(t
     assert r.returncode == 0, r.stderr
     path, torch_loaded = r.stdout.split()
     assert path == str(tmp_path / "schemas" / "s.json") and torch_loaded == "False"
+
+
+def test_top_logprobs_tied_at_one_logprob_come_in_token_id_order():
+    """Alternatives tied at one logprob are listed lowest token id first (vLLM's order on a bf16
+    model, whose logits tie often), the likeliest first otherwise; the model here ties most steps."""
+    eng = Engine(EngineConfig(batch_timeout_s=0.0), runner=TiedRunner(64, 4), tokenizer=ToyTokenizer())
+    got = stepped(eng, {"a": (SamplingParams(max_tokens=24, ignore_eos=True, logprobs=8), dict(prompt="the cat sat"))})
+    tops = [lp["top"] for o in got["a"] for lp in o.logprobs]
+    assert len(tops) == 24 and all(len(top) == 8 for top in tops)
+    for top in tops:
+        assert top == sorted(top, key=lambda e: (-e[1], e[0])), top
+    assert any(a[1] == b[1] for top in tops for a, b in zip(top, top[1:]))     # ties were there to order

@@ -52,7 +52,7 @@ def test_a_score_is_the_cosine_of_the_texts_embeddings(server, path):
     single = post(server, path, {"text_1": DOCS[0], "text_2": DOCS[0]})
     assert [d["score"] for d in single["data"]] == pytest.approx([1.0], abs=1e-5)
     tokens = post(server, "/v1/embeddings", {"input": DOCS[:2] + DOCS[2:]})["usage"]["prompt_tokens"]
-    assert pairs["usage"]["prompt_tokens"] == pairs["usage"]["total_tokens"] == tokens
+    assert pairs["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}   # vLLM's UsageInfo
 
 
 @pytest.mark.parametrize("path", ["/v1/rerank", "/rerank", "/v2/rerank"])
@@ -169,3 +169,24 @@ def test_a_text_the_pipeline_answers_with_words_is_a_400_naming_its_field(tiny_g
         assert s.metric("agp_requests_in_flight") == 0
     finally:
         s.close()
+
+
+def test_rerank_keeps_the_documents_order_among_equal_scores(server):
+    """The same document given twice scores the same: the one given first comes first (vLLM's
+    stable sort), whatever else is in the list."""
+    docs = ["a dog ran in the park", "the cat sat on the mat", "numbers one two three", "the cat sat on the mat",
+            "a dog ran in the park"]
+    out = post(server, "/v1/rerank", {"query": "where is the cat", "documents": docs})
+    order = [r["index"] for r in out["results"]]
+    for first, again in ((0, 4), (1, 3)):
+        assert order.index(first) < order.index(again), order
+        scores = {r["index"]: r["relevance_score"] for r in out["results"]}
+        assert scores[first] == scores[again]
+
+
+def test_cosines_of_a_zero_vector_are_zero():
+    """A pair with an all-zero vector (no direction) scores 0, never nan or 1; the others are
+    their cosines, each vector's norm its own."""
+    from pipeline_dsl.serve.scores import cosines
+    got = cosines([[0.0, 0.0], [3.0, 4.0], [4.0, 3.0], [-3.0, -4.0]], [(0, 1), (1, 0), (0, 0), (1, 2), (1, 3), (2, 2)])
+    assert got == pytest.approx([0.0, 0.0, 0.0, 24 / 25, -1.0, 1.0])

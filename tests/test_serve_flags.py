@@ -363,3 +363,13 @@ def test_chat_template_takes_the_template_itself_as_vllm_does(tmp_path, tiny_ggu
     assert cli.main(["serve", str(path), "--port", "0", "--chat-template", "{% for m in messages %}"]) == 2
     err = capsys.readouterr().err
     assert "--chat-template (the template given inline):" in err and "no such file" not in err, err
+
+
+def test_an_idle_connection_is_kept_75_seconds_unless_told_otherwise():
+    """The keep-alive outlives the clients' own pool expiry (httpx and the openai client: 5 s, load
+    balancers: 60 s), so a client never sends on a connection the server is closing; the flag and
+    AGP_KEEP_ALIVE_TIMEOUT set it."""
+    from pipeline_dsl.serve.server import KEEP_ALIVE_S
+    assert parse(["x.agp"], {}).keep_alive_timeout == KEEP_ALIVE_S == 75.0
+    assert parse(["x.agp", "--keep-alive-timeout", "120"], {}).keep_alive_timeout == 120.0
+    assert parse(["x.agp"], {"AGP_KEEP_ALIVE_TIMEOUT": "90"}).keep_alive_timeout == 90.0

@@ -45,6 +45,12 @@ def test_regex_size_unrolls_counted_repetitions():
     assert regex_size(r"(?:\U0001F600\x41\u0041){1000}") == 3000
 
 
+def test_forced_run_of_an_alternation_is_its_longest_branchs_and_breaks_the_run_around_it():
+    """A choice between branches forces the longest run inside a branch, and nothing across it:
+    the text before and after it are runs of their own."""
+    assert forced_run("(a{2000}|b{2000})") == forced_run("x(?:a{2000}|b+c{1500})") == 2000
+    assert forced_run("a{600}(x|y)a{600}") == 600 and forced_run("a{600}(?:xx|yy)a{700}") == 700
+
 def test_forced_run_counts_the_text_a_regex_must_write_whole_once_begun():
     """The longest run of fixed characters: literal characters and exact counts of them; a class,
     `.`, an alternation or an optional part forces nothing, so the count is never above the truth."""
@@ -637,6 +643,16 @@ def test_a_whitespace_pattern_that_cannot_apply_is_a_400_naming_it(server, body,
     error = r.json()["error"]
     assert error["param"] == param and words in error["message"], error
 
+
+@pytest.mark.parametrize("char", ["\f", "\v", "\u00a0", "\u2028", "\u3000"])
+def test_a_whitespace_pattern_may_match_only_jsons_four_whitespace_characters(char):
+    """Space, tab, newline and carriage return are JSON's whitespace (RFC 8259); a form feed, a
+    vertical tab or a Unicode space between tokens makes the answer's JSON invalid."""
+    from pipeline_dsl.constraints import check_whitespace
+    check_whitespace("[ \t\n\r]{0,4}")
+    for pattern in (f"[ {char}]*", f"\\n{char}?"):
+        with pytest.raises(GrammarError, match="matches more than JSON's whitespace"):
+            check_whitespace(pattern)
 
 def test_a_json_specs_whitespace_is_none_or_one_match_of_its_pattern(tiny_gguf):
     """The compiler's "whitespace" (vLLM's whitespace_pattern) on each spec that writes JSON: between
