@@ -266,6 +266,19 @@ def test_add_special_tokens_false_embeds_a_text_input_without_the_start_token(tm
         s.close()
 
 
+def stage_before_batch(tmp_path, monkeypatch, tiny_gguf, module: str, source: str, fn: str) -> str:
+    """The tiny serving pipeline with a python stage (`module`:`fn`, written from `source`) between
+    its requests and its batcher."""
+    from test_serve import TINY
+
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=20).replace(
+        "stage out     : respond       {}",
+        f'stage out     : respond       {{}}\n    stage hook : python {{ fn = "{module}:{fn}" }}').replace(
+        "request -> batch", "request -> hook -> batch")
+
+
 GATE = '''
 from pipeline_dsl import Reject
 
@@ -285,14 +298,7 @@ def test_an_embeddings_request_brings_its_user_and_request_headers_to_the_pipeli
     as from chat: a gate that keys on the tenant header and the end user lets a request that
     brings both through and refuses one that does not (it refused every embedding request, which
     carried neither, so a header-gated pipeline could not embed at all)."""
-    from test_serve import TINY
-
-    (tmp_path / "gatehooks.py").write_text(GATE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=20).replace(
-        "stage out     : respond       {}",
-        'stage out     : respond       {}\n    stage gate : python { fn = "gatehooks:gate" }').replace(
-        "request -> batch", "request -> gate -> batch")
+    text = stage_before_batch(tmp_path, monkeypatch, tiny_gguf, "gatehooks", GATE, "gate")
     s = LiveServer(tiny_gguf, text=text, request_headers=("x-tenant",))
     try:
         ok = httpx.post(s.url + "/v1/embeddings", headers={"X-Tenant": "acme"},
@@ -347,14 +353,7 @@ def test_a_python_stage_tells_embeddings_and_rerank_inputs_by_their_pooling_fiel
     (docs/language.md): each as a Request whose `prompt` is the text, `max_tokens` 0 and `pooling`
     "mean", which is how a stage that rewrites chat prompts (or calls the server's own rerank)
     leaves them alone; a chat request has no `pooling`."""
-    from test_serve import TINY
-
-    (tmp_path / "seehooks.py").write_text(SEES)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    text = TINY.format(model=tiny_gguf, max_queue=64, max_batch_size=4, timeout=20).replace(
-        "stage out     : respond       {}",
-        'stage out     : respond       {}\n    stage see : python { fn = "seehooks:retrieve" }').replace(
-        "request -> batch", "request -> see -> batch")
+    text = stage_before_batch(tmp_path, monkeypatch, tiny_gguf, "seehooks", SEES, "retrieve")
     s = LiveServer(tiny_gguf, text=text)
     try:
         r = httpx.post(s.url + "/v1/embeddings", json={"input": "a b"}, timeout=60)
