@@ -232,12 +232,18 @@ def test_the_vocabularys_last_id_is_taken_and_the_next_one_is_not(tmp_path, soft
         f"stage 'a' returned a result whose {where} is {vocab}; expected a token id of the vocabulary (0..{vocab - 1})")
 
 
-def test_a_join_fn_writing_token_ids_outside_the_vocabulary_fails_its_request(tmp_path, soft_gguf):
+def join_failure(tmp_path, soft_gguf, bad: str):
+    """The result of a request whose join fn `j` (of gen's and g2's answers) misbehaves as `bad`
+    says (hooks:merge), once a request beside it was answered."""
     path = pipeline(tmp_path, soft_gguf, 'stage g2 : generate { max_new_tokens = 2 }\n'
                     'stage j : join { fn = "hooks:merge" }',
                     "request -> batch\nkv -> g2\ngen -> j\ng2 -> j\nj -> out\n")
-    results, _ = run(path, [chat("ok", "hi"), chat("bad", "hi", metadata={"bad": "merge_ids"})])
-    r = answered_except(results, "bad")
+    results, _ = run(path, [chat("ok", "hi"), chat("bad", "hi", metadata={"bad": bad})])
+    return answered_except(results, "bad")
+
+
+def test_a_join_fn_writing_token_ids_outside_the_vocabulary_fails_its_request(tmp_path, soft_gguf):
+    r = join_failure(tmp_path, soft_gguf, "merge_ids")
     assert r.error.stage == "j" and r.error.message.startswith(
         "join 'j' produced a result whose token_ids[1] is 1000000; expected a token id of the vocabulary (0..")
 
@@ -407,11 +413,7 @@ def test_a_stream_stage_yielding_invalid_unicode_fails_its_request(tmp_path, sof
 
 
 def test_a_join_fn_making_invalid_unicode_fails_its_request(tmp_path, soft_gguf):
-    path = pipeline(tmp_path, soft_gguf, 'stage g2 : generate { max_new_tokens = 2 }\n'
-                    'stage j : join { fn = "hooks:merge" }',
-                    "request -> batch\nkv -> g2\ngen -> j\ng2 -> j\nj -> out\n")
-    results, _ = run(path, [chat("ok", "hi"), chat("bad", "hi", metadata={"bad": "merge"})])
-    r = answered_except(results, "bad")
+    r = join_failure(tmp_path, soft_gguf, "merge")
     assert r.error.stage == "j" and "not valid Unicode" in r.error.message
 
 
