@@ -943,10 +943,7 @@ class GrammarBuilder:
                 raise GrammarError(f"tool_choice names {choice!r}, which is not among the tools")
             fns = {choice: fns[choice]}
         check_tools_together(fns)
-        for i, t in enumerate(tools):           # the forced call writes the name of one of fns
-            name = t.get("function", t)["name"]
-            if name in fns and len(name) > MAX_LITERAL_LENGTH:
-                raise GrammarError(f"the tool's name has {len(name):,} characters: {LITERAL_BOUND}", tool_name(i))
+        check_tool_names([t.get("function", t)["name"] for t in tools], fns.__contains__)   # it writes one of fns
         # each tool's parameters sit inside the call's schema: a local $ref ("#/$defs/City", what
         # pydantic writes for a nested model; "#" for a recursive one) is rebased onto that place
         array = spec.get("array", True)
@@ -1064,6 +1061,14 @@ def check_tools_together(fns: dict) -> None:
 def tool_param(i: int) -> str:
     """The request field of tool i's parameters (OpenAI's name for it in its errors)."""
     return f"tools[{i}].function.parameters"
+
+
+def check_tool_names(names: list[str], written) -> None:
+    """GrammarError naming `tools[i].function.name` for the first tool whose name the call may
+    write (`written(name)`) that is longer than MAX_LITERAL_LENGTH: the answer writes it whole."""
+    for i, name in enumerate(names):
+        if written(name) and len(name) > MAX_LITERAL_LENGTH:
+            raise GrammarError(f"the tool's name has {len(name):,} characters: {LITERAL_BOUND}", tool_name(i))
 
 
 def tool_name(i: int) -> str:

@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline_dsl.constraints import (LITERAL_BOUND, MAX_GRAMMAR_WORK, MAX_LITERAL_LENGTH, NO_PARAMETERS, GrammarError,
-                                      OnceCache, check_spec, check_tools_together, check_whitespace, grammar_slots,
-                                      spec_digest, tool_name, tool_param)
+from pipeline_dsl.constraints import (MAX_GRAMMAR_WORK, NO_PARAMETERS, GrammarError, OnceCache, check_spec,
+                                      check_tool_names, check_tools_together, check_whitespace, grammar_slots,
+                                      spec_digest, tool_param)
 from pipeline_dsl.diagnostics import closest
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -457,11 +457,10 @@ def check_tool_parameters(tools: list | None, choice, *, wait: bool = True) -> N
     if not tools or choice in ("none", "auto"):
         return
     forced = None if choice == "required" else choice["function"]["name"]
-    for i, t in enumerate(tools):
-        name = t["function"]["name"]
-        if forced in (None, name) and len(name) > MAX_LITERAL_LENGTH:
-            raise RequestError(f"'{tool_name(i)}' cannot be enforced: the tool's name has {len(name):,} characters: "
-                               f"{LITERAL_BOUND}", param=tool_name(i))
+    try:
+        check_tool_names([t["function"]["name"] for t in tools], lambda name: forced in (None, name))
+    except GrammarError as e:
+        raise RequestError(f"'{e.param}' cannot be enforced: {e}", param=e.param) from None
     for i, t in enumerate(tools):
         fn = t["function"]
         if fn.get("parameters"):
