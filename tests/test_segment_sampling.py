@@ -6,28 +6,15 @@ from __future__ import annotations
 import pytest
 
 from pipeline_dsl.flow import build_runtime
+from test_bad_words import STAGE_PIPELINE     # its generate stage: max_new_tokens = 4 and {gen}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-PIPELINE = """
-pipeline p {{
-    model = "{model}"
-    device = cpu
-    stage request : requests      {{}}
-    stage batch   : dynamic_batch {{ max_batch_size = 2 }}
-    stage encode  : encode        {{}}
-    stage kv      : kv_lookup     {{ block_size = 8  budget = 1MiB }}
-    stage gen     : generate      {{ max_new_tokens = 4 }}
-    stage out     : respond       {{}}
-    request -> batch -> encode -> kv -> gen -> out
-}}
-"""
 
 
 @pytest.fixture
 def segment(tmp_path, tiny_gguf):
     path = tmp_path / "p.agp"
-    path.write_text(PIPELINE.format(model=tiny_gguf))
+    path.write_text(STAGE_PIPELINE.format(model=tiny_gguf, gen=""))
     rt = build_runtime(str(path), overrides={"threads": 1})
     try:
         yield rt.segments[0]
