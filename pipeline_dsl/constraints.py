@@ -303,13 +303,8 @@ def regex_size(pattern: str) -> int:
     while i < n:
         c = pattern[i]
         if c == "\\":
-            j, e = i + 2, pattern[i + 1:i + 2]
-            if e and e in "pPuxU" and j < n and pattern[j] == "{":                   # \p{L}, \u{1F600}
-                j = (pattern.find("}", j) + 1) or n
-            elif e and e in "xuU":                                                     # \x41, \U0001F600
-                j += {"x": 2, "u": 4, "U": 8}[e]
             atom()
-            i = j
+            i = _escape_end(pattern, i)[0]
         elif c == "[":
             atom()
             i = _class_end(pattern, i)
@@ -353,6 +348,20 @@ def regex_size(pattern: str) -> int:
 
 _COUNT = re.compile(r"\{(\d{0,9})(,(\d{0,9}))?\}")
 _FLAGS = re.compile(r"\(\?([a-zA-Z-]*)([:)])")       # (?i)  (?s:  (?-i:  (?ims-x)
+
+
+def _escape_end(pattern: str, i: int) -> tuple[int, str | None]:
+    """(the index past the escape at pattern[i], a backslash; the hex code it spells, if any):
+    \\p{L}, \\u{1F600} and \\x{41} end at their brace, \\x41, \\u0041 and \\U0001F600 after their digits,
+    any other after its character (a backslash that ends the pattern: at the end)."""
+    e, j = pattern[i + 1:i + 2], i + 2
+    if e and e in "pPuxU" and j < len(pattern) and pattern[j] == "{":
+        j = (pattern.find("}", j) + 1) or len(pattern)
+        return j, pattern[i + 3:j - 1]
+    if e and e in "xuU":
+        j += {"x": 2, "u": 4, "U": 8}[e]
+        return j, pattern[i + 2:j]
+    return j, None
 
 
 def _class_end(pattern: str, i: int) -> int:
@@ -442,16 +451,10 @@ def forced_run(pattern: str) -> int:
     while i < n:
         c = pattern[i]
         if c == "\\":
-            e = pattern[i + 1] if i + 1 < n else ""
-            j, code = i + 2, None
-            if e in "pPuxU" and j < n and pattern[j] == "{":                   # \p{L}, \u{1F600}, \x{41}
-                j = (pattern.find("}", j) + 1) or n
-                code = pattern[i + 3:j - 1]
-            elif e in "xuU":                                                   # \x41, \u0041, \U0001F600
-                j += {"x": 2, "u": 4, "U": 8}[e]
-                code = pattern[i + 2:j]
+            e = pattern[i + 1:i + 2]
+            j, code = _escape_end(pattern, i)
             ch = e if not e.isalnum() else None                                # \n, \t: no case variant
-            if e in "xuU":
+            if code is not None:
                 try:
                     ch = chr(int(code, 16))
                 except (TypeError, ValueError, OverflowError):

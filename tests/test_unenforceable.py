@@ -105,6 +105,16 @@ def test_a_regex_that_forces_a_longer_run_than_a_const_may_hold_is_refused(spec,
     check_spec({"type": "regex", "pattern": "^a{1024}$"})
 
 
+def test_a_regex_ending_in_a_backslash_is_read_as_the_grammar_engine_reads_it():
+    """Counting what a pattern forces stopped at a backslash with nothing after it: a KeyError out of
+    the request's check (a 500), where the grammar engine takes the pattern (it drops the backslash)."""
+    from pipeline_dsl.requests_io import parse_request
+
+    assert regex_size("a\\") == 2 and forced_run("a\\") == 1
+    assert check_spec({"type": "regex", "pattern": "a\\"}) == []
+    assert parse_request({"prompt": "x", "guided_regex": "a\\"}).response_format["pattern"] == "a\\"
+
+
 def test_a_guided_regex_forcing_a_long_run_is_a_400_naming_the_field():
     from pipeline_dsl.requests_io import RequestError, parse_request
 
