@@ -206,6 +206,36 @@ def test_native_logits_match_eager_fp32_closely(f32, seed):
     sim.run(steps=40)
 
 
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    return load_gguf(write_tiny_gguf(tmp_path_factory.mktemp("qwen3") / "qwen3.gguf", arch="qwen3", head_dim=32))
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("glued", [False, True], ids=["whole-step", "glued"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_qwen3_per_head_qk_norms_run_in_the_native_steps_as_eager(qwen3, dtype, glued, seed):
+    """Qwen3's RMSNorm over each head of q and k before RoPE: in the native whole decode step and
+    in the glued one's attention block (native_max_batch 1) as in the eager layers."""
+    model = LlamaModel(qwen3.config, qwen3.weights, dtype)
+    fast = ModelRunner(model, num_blocks=512, block_size=BS)
+    assert model.config.qk_norm and fast.native is not None
+    if glued:
+        fast.native_max_batch = 1
+    sim = Lockstep(fast, eager_runner(model, 512), 700 + seed)
+    if dtype == "fp32":
+        check = sim.check
+
+        def close(a, b, tol):
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+            check(a, b, tol)
+
+        sim.check = close
+    sim.run(steps=40, tol=0.0 if dtype == "fp32" else 0.02)
+    assert sim.stats["decode_batches"] > 3
+    assert sim.stats["near_ties"] <= 0.05 * sim.stats["rows"]
+
+
 @contextlib.contextmanager
 def torch_threads(n: int):
     before = torch.get_num_threads()

@@ -3,9 +3,10 @@ saying which metadata key and value agp does not run.
 
 The files are tiny and random (tests/tiny_model.py): a llama GGUF with a SentencePiece
 vocabulary (Llama 2, Mistral 7B v0.1, TinyLlama: `tokenizer.ggml.model` "llama", scores,
-byte pieces <0x00>…<0xFF>, "▁" for spaces) and a qwen2 GGUF (qwen2.* keys, biases on Q, K
-and V, the qwen2 pre-tokenizer). transformers reads each file itself (`gguf_file=`): its
-token ids, decoded text, chat template, fp32 logits and greedy tokens are the reference.
+byte pieces <0x00>…<0xFF>, "▁" for spaces), a qwen2 GGUF (qwen2.* keys, biases on Q, K
+and V, the qwen2 pre-tokenizer) and a qwen3 GGUF (qwen3.* keys, an RMSNorm over each head of Q
+and K, a head size apart from hidden / heads, the qwen2 pre-tokenizer). transformers reads each
+file itself (`gguf_file=`): its token ids, decoded text, chat template, fp32 logits and greedy tokens are the reference.
 """
 
 import pytest
@@ -44,6 +45,15 @@ def qwen2_gguf(tmp_path_factory):
     from tiny_model import write_tiny_gguf
 
     return write_tiny_gguf(tmp_path_factory.mktemp("qwen2") / "qwen2.gguf", arch="qwen2")
+
+
+@pytest.fixture(scope="module")
+def qwen3_gguf(tmp_path_factory):
+    """Qwen3 as llama.cpp's converter writes it: blk.N.attn_q_norm / attn_k_norm [head size], and
+    qwen3.attention.key_length 128 where hidden / heads is 16 (as Qwen3-0.6B: 1024 / 16 heads, 128)."""
+    from tiny_model import write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("qwen3") / "qwen3.gguf", arch="qwen3", head_dim=128)
 
 
 @pytest.fixture(scope="module")
@@ -201,9 +211,9 @@ def greedy(path, prompts, n=10):
     return [(ids, "".join(text)) for ids, text in (got[str(i)] for i in range(len(prompts)))]
 
 
-@pytest.mark.parametrize("kind", ["spm", "qwen2"])
-def test_the_gguf_gives_transformers_logits_and_greedy_tokens(kind, spm_gguf, qwen2_gguf):
-    path = {"spm": spm_gguf, "qwen2": qwen2_gguf}[kind]
+@pytest.mark.parametrize("kind", ["spm", "qwen2", "qwen3"])
+def test_the_gguf_gives_transformers_logits_and_greedy_tokens(kind, spm_gguf, qwen2_gguf, qwen3_gguf):
+    path = {"spm": spm_gguf, "qwen2": qwen2_gguf, "qwen3": qwen3_gguf}[kind]
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                             dtype=torch.float32).eval()
     model, tok = ours(path)
@@ -222,6 +232,24 @@ def test_the_gguf_gives_transformers_logits_and_greedy_tokens(kind, spm_gguf, qw
         assert out == choice and len(out) == 10
         # the answer's text goes on after its prompt, as vLLM decodes it ("is" + " Paris")
         assert text == continued(ref_tok, p, out)
+
+
+def test_a_qwen3_gguf_reads_its_qwen2_tokenizer_and_hits_the_prefix_cache_as_transformers_decodes(qwen3_gguf):
+    """Qwen3's vocabulary is qwen2's byte-level BPE (tokenizer.ggml.pre "qwen2"); its greedy
+    tokens through the engine, prefilled in chunks and read back from the prefix cache, are
+    transformers' greedy choices on the same file."""
+    from test_model_families import QWEN3_WAVES, assert_greedy_like_transformers
+
+    model, tok = ours(qwen3_gguf)
+    assert model.config.qk_norm and model.config.head_dim == 128 and model.config.hidden_size == 64
+    ref_tok = reference(qwen3_gguf)
+    for text in TEXTS + ["a\n\nb  \n c", "IT'S 12345 x.y"]:
+        ids = tok.encode(text)
+        assert ids == ref_tok.encode(text), text
+        assert tok.decode(ids) == ref_tok.decode(ids, skip_special_tokens=True), text
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(qwen3_gguf.parent), gguf_file=qwen3_gguf.name,
+                                                            dtype=torch.float32).eval()
+    assert_greedy_like_transformers(ref, qwen3_gguf, QWEN3_WAVES)
 
 
 def _rewrite(src, dst, change=lambda meta: None, drop=()):
@@ -251,6 +279,8 @@ def _rewrite(src, dst, change=lambda meta: None, drop=()):
 
 @pytest.mark.parametrize("change, words", [
     (lambda m: "gemma", "metadata 'general.architecture' 'gemma' is not supported"),
+    (lambda m: "phi3", "metadata 'general.architecture' 'phi3' is not supported: this engine runs llama-family "
+                       "models \\('llama', 'qwen2', 'qwen3'\\)"),
     (lambda m: m.update({"tokenizer.ggml.model": ("t5",) + m["tokenizer.ggml.model"][1:]}),
      "metadata 'tokenizer.ggml.model' 't5' is not supported: agp builds byte-level BPE 'gpt2' and "
      "SentencePiece 'llama' tokenizers"),
@@ -260,7 +290,7 @@ def _rewrite(src, dst, change=lambda meta: None, drop=()):
     (lambda m: m.update({"tokenizer.ggml.token_type": (m["tokenizer.ggml.token_type"][0][:9],)
                          + m["tokenizer.ggml.token_type"][1:]}),
      "'tokenizer.ggml.token_type' has 9 entries, but 'tokenizer.ggml.tokens' 470"),
-], ids=["architecture", "tokenizer", "no-scores", "short-scores", "short-types"])
+], ids=["architecture", "phi3", "tokenizer", "no-scores", "short-scores", "short-types"])
 def test_a_gguf_variant_agp_does_not_run_is_a_check_error_naming_key_and_value(tmp_path, spm_gguf, change, words):
     path = _rewrite(spm_gguf, tmp_path / "m.gguf", change)
     with pytest.raises(ModelFileProblem, match=words):
@@ -282,6 +312,24 @@ def test_bias_tensors_of_a_llama_gguf_are_refused_and_a_qwen2_gguf_needs_its_own
     unbiased = _rewrite(qwen2_gguf, tmp_path / "q.gguf", drop={"blk.1.attn_k.bias"})
     with pytest.raises(ModelFileProblem, match="missing tensors: blk.1.attn_k.bias"):
         check_model_path(unbiased)
+
+
+def test_qk_norm_tensors_of_a_llama_gguf_are_refused_and_a_qwen3_gguf_needs_its_own(tmp_path, qwen3_gguf):
+    """A per-head Q/K norm is Qwen3's alone: a file of another architecture carrying one would
+    run without it, and a qwen3 file without one is missing a tensor."""
+    def as_qwen2(meta):
+        for key in [k for k in meta if k.startswith("qwen3.")]:
+            meta["qwen2." + key[len("qwen3."):]] = meta.pop(key)
+        return "qwen2"
+
+    other = _rewrite(qwen3_gguf, tmp_path / "qwen2.gguf", as_qwen2)
+    with pytest.raises(ModelFileProblem, match="tensor 'blk.0.attn_q_norm.weight' is an RMSNorm over each head "
+                                               "of q, which only a qwen3 model has"):
+        check_model_path(other)
+    check_model_path(qwen3_gguf)
+    unnormed = _rewrite(qwen3_gguf, tmp_path / "q.gguf", drop={"blk.1.attn_k_norm.weight"})
+    with pytest.raises(ModelFileProblem, match="missing tensors: blk.1.attn_k_norm.weight"):
+        check_model_path(unnormed)
 
 
 def test_a_qwen2_gguf_rotary_kind_agp_does_not_compute_is_refused_under_its_own_key(tmp_path):

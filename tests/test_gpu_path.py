@@ -137,6 +137,27 @@ def test_mixed_steps_replay_piecewise_graphs_and_give_the_eager_tokens(model, at
     assert runner.graphs.pieces.replays > 0 and runner.graphs.replays > 0 and stats["preemptions"] > 0
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_a_qwen3_model_replays_its_per_head_qk_norms_in_every_graph(tmp_path, attention):
+    """Qwen3's norms over each head of q and k are part of the layers the decode and piecewise
+    graphs capture (and of flex attention's steps): the tokens and logprobs of the eager path."""
+    from tiny_model import write_tiny_gguf
+
+    t = load_gguf(write_tiny_gguf(tmp_path / "qwen3.gguf", arch="qwen3", head_dim=32))
+    qwen3 = LlamaModel(t.config, t.weights, "fp32")
+    assert qwen3.config.qk_norm
+    ref, _ = run_engine(eager(qwen3), 2)
+    runner = ModelRunner(qwen3, num_blocks=40, block_size=BS, pad_decode=True, attention=attention)
+    runner.native = None
+    got = runner.capture_graphs(max_batch=8, max_len=96, graph_factory=EagerGraphs(), max_tokens=24)
+    assert got["graphs"] > 0 and got["piece_graphs"] > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                  # eager flex_attention says it is not compiled
+        out, _ = run_engine(runner, 2, True)
+    assert same_answers(out, ref) and len(out) == 12
+    assert runner.graphs.pieces.replays > 0 and runner.graphs.replays > 0
+
+
 def test_prompt_outputs_through_piecewise_graphs_equal_eager_ones(model):
     def answer(runner):
         cfg = EngineConfig(max_batch_size=4, max_tokens_per_step=16, prefill_chunk=8, batch_timeout_s=0.0)

@@ -267,6 +267,82 @@ def test_a_qwen2_folder_without_its_biases_is_refused(tmp_path, tiny_tokenizer):
         check_model_path(tmp_path)
 
 
+def greedy_in_waves(path, waves, dtype="fp32", n=10, **config):
+    """(greedy ids, cached prompt tokens) of each prompt through one engine, a wave of prompts
+    after the one before has finished: a later wave's prompts that begin with an earlier one's
+    read its full KV blocks from the prefix cache (blocks of 8; prefill in chunks of 8 tokens)."""
+    from pipeline_dsl.engine import Engine, EngineConfig, SamplingParams
+
+    engine = Engine(EngineConfig(model=str(path), dtype=dtype, kv_budget_bytes=1 << 20, batch_timeout_s=0.0,
+                                 block_size=8, prefill_chunk=8, **config))
+    out = []
+    for wave in waves:
+        got = {}
+        for ids in wave:
+            rid = str(len(out) + len(got))
+            got[rid] = ([], 0)
+            engine.add_request(rid, prompt_token_ids=ids, params=SamplingParams(max_tokens=n, ignore_eos=True))
+        while engine.has_unfinished():
+            for o in engine.step():
+                got[o.request_id] = (got[o.request_id][0] + o.new_token_ids, max(got[o.request_id][1],
+                                                                                  o.cached_tokens))
+        out += [got[rid] for rid in sorted(got, key=int)]
+    return out
+
+
+def assert_greedy_like_transformers(ref, path, waves, n=10):
+    """The engine's greedy tokens of every prompt in `waves` are transformers' greedy choices
+    (after each of our tokens, in one forward), and the later waves hit the prefix cache."""
+    prompts = [ids for wave in waves for ids in wave]
+    results = greedy_in_waves(path, waves, n=n)
+    for ids, (got, _) in zip(prompts, results):
+        with torch.no_grad():
+            want = ref(torch.tensor([ids + got])).logits[0, len(ids) - 1:-1].argmax(-1).tolist()
+        assert got == want and len(got) == n
+    assert all(cached >= 8 for _, cached in results[len(waves[0]):])
+
+
+QWEN3_WAVES = [[TOKENS[:30], TOKENS[5:12]], [TOKENS[:30] + [7, 99, 4], TOKENS[:17], TOKENS[:30] + [250]]]
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_a_qwen3_folder_runs_with_its_per_head_qk_norms_as_transformers_does(tmp_path, tiny_tokenizer, tie):
+    """Qwen3: an RMSNorm over each head of q and of k, after the projection and before RoPE, no
+    biases, its own head_dim (Qwen3-0.6B: hidden 1024, 16 heads of 128): logits, and greedy
+    tokens through the engine with chunked prefill and prefix-cache hits."""
+    folder = save_folder(tmp_path, tiny_tokenizer, cls="Qwen3Config", tie_word_embeddings=tie, head_dim=32,
+                         rope_theta=1000000.0)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "qwen3" and config["head_dim"] == 32
+    model, _ = load_model(str(folder), dtype="fp32")
+    assert model.config.qk_norm and model.config.tie_embeddings == tie
+    assert_same_logits(folder)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    assert_greedy_like_transformers(ref, folder, QWEN3_WAVES)
+    for dtype in ("bf16", "int8"):           # the other precisions run their norms too
+        assert all(len(g) == 10 for g, _ in greedy_in_waves(folder, QWEN3_WAVES, dtype))
+
+
+def test_a_qwen3_folder_without_its_norms_is_refused_and_another_model_with_them_too(tmp_path, tiny_tokenizer):
+    """A qwen3 checkpoint missing a q_norm is broken; a llama config whose weights hold q/k norms
+    would run without them: both are check errors naming the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    save_folder(tmp_path, tiny_tokenizer, cls="Qwen3Config", head_dim=32)
+    check_model_path(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(ModelFileProblem, match="tensor 'model.layers.0.self_attn.[qk]_norm.weight' is an "
+                                               "RMSNorm over each head of [qk], which only a qwen3 model has"):
+        check_model_path(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    del tensors["model.layers.1.self_attn.k_norm.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ModelFileProblem, match="missing tensors: model.layers.1.self_attn.k_norm.weight"):
+        check_model_path(tmp_path)
+
+
 def test_a_sharded_folder_reads_the_shards_its_index_names_and_no_other_safetensors(tmp_path, tiny_tokenizer):
     """Mistral's repositories ship consolidated.safetensors (their own layout) beside the
     sharded checkpoint; transformers reads the shards model.safetensors.index.json names."""

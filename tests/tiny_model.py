@@ -10,6 +10,7 @@ byte symbols, a few dozen merges) and a ChatML chat template. Token ids 0/1/2 ar
 
     write_tiny_gguf(path, tokenizer="spm")   # a SentencePiece vocabulary (Llama 2's kind)
     write_tiny_gguf(path, arch="qwen2")      # qwen2 metadata, Q/K/V biases, rows not permuted
+    write_tiny_gguf(path, arch="qwen3")      # qwen3 metadata, per-head Q/K norms, rows not permuted
 """
 
 from __future__ import annotations
@@ -125,7 +126,9 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
     deterministic; about 0.1 gives sampling tests a spread of likely tokens. rope_freqs (head
     size / 2 factors) writes the `rope_freqs.weight` tensor of a Llama 3.1 file, rope_scaling
     (type, factor) the {arch}.rope.scaling metadata (("linear", 4.0)). arch "qwen2" writes a
-    Qwen2 file (qwen2.* keys, Q/K/V biases, Q/K rows as they are, the qwen2 pre-tokenizer);
+    Qwen2 file (qwen2.* keys, Q/K/V biases, Q/K rows as they are, the qwen2 pre-tokenizer), "qwen3"
+    a Qwen3 file (qwen3.* keys, attn_q_norm/attn_k_norm per head, no biases, as llama.cpp's converter
+    writes it); overrides: TINY's sizes and `head_dim` (then {arch}.attention.key_length is written);
     tokenizer "spm" the SentencePiece vocabulary of `spm_vocab` (bos <s>, eos </s>, added at
     the start as Llama 2's files say; add_space_prefix written when not None); `pre` another
     tokenizer.ggml.pre of the byte-level BPE; add_bos: the byte-level BPE's prompts start with
@@ -135,7 +138,7 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
 
     cfg = {**TINY, **overrides}
     H, I, L, nh, nkv = cfg["hidden"], cfg["ffn"], cfg["layers"], cfg["heads"], cfg["kv_heads"]
-    hd = H // nh
+    hd = cfg.get("head_dim", H // nh)
     if tokenizer == "spm":
         tokens, types, scores = spm_vocab()
     else:
@@ -156,6 +159,9 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
     w.add_rope_freq_base(cfg["theta"])
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(hd)
+    if hd != H // nh:
+        w.add_key_length(hd)
+        w.add_value_length(hd)
     w.add_vocab_size(V)
     w.add_token_list(tokens)
     w.add_token_types(types)
@@ -172,7 +178,7 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
         w.add_chat_template(SPM_TEMPLATE if chat_template == CHAT_TEMPLATE else chat_template)
     else:
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(pre or ("qwen2" if arch == "qwen2" else "smollm"))
+        w.add_tokenizer_pre(pre or ("qwen2" if arch in ("qwen2", "qwen3") else "smollm"))
         w.add_token_merges(merges)
         w.add_pad_token_id(2)
         w.add_add_bos_token(add_bos)
@@ -204,6 +210,9 @@ def write_tiny_gguf(path, *, seed: int = 0, qtype: str = "F32", embed_scale: flo
         mat(f"blk.{i}.attn_q.weight", nh * hd, H, permute_heads=nh)
         mat(f"blk.{i}.attn_k.weight", nkv * hd, H, permute_heads=nkv)
         mat(f"blk.{i}.attn_v.weight", nkv * hd, H)
+        if arch == "qwen3":
+            norm(f"blk.{i}.attn_q_norm.weight", hd)
+            norm(f"blk.{i}.attn_k_norm.weight", hd)
         if arch == "qwen2":
             for part, n in (("q", nh * hd), ("k", nkv * hd), ("v", nkv * hd)):
                 w.add_tensor(f"blk.{i}.attn_{part}.bias", (0.5 * rng.standard_normal(n)).astype(np.float32))

@@ -13,14 +13,16 @@ and the K-quants, through `gguf.quants.dequantize`) to float32 and renamed:
     blk.N.attn_norm.weight   -> layers.N.attn_norm    [hidden]
     blk.N.attn_q/k/v/output  -> layers.N.q/k/v/o      [out, in]
     blk.N.attn_q/k/v.bias    -> layers.N.q/k/v_bias   [out] (qwen2)
+    blk.N.attn_q/k_norm      -> layers.N.q/k_norm     [head_dim] (qwen3)
     blk.N.ffn_norm.weight    -> layers.N.ffn_norm     [hidden]
     blk.N.ffn_gate/up/down   -> layers.N.gate/up/down [out, in]
     rope_freqs.weight        -> config.rope_scaling   [head_dim/2] (Llama 3.1+'s rotary factors)
 
-The architectures are model_files.GGUF_ARCHITECTURES: `llama` and `qwen2` (llama with biases
-on Q, K and V; its keys are spelt `qwen2.block_count`, …). llama.cpp's converter permutes the
-rows of a llama's Q and K of each head (it interleaves the two rotary halves; a qwen2's it
-leaves as they are, its rotary is NeoX's halves); `unpermute_qk` undoes it so that the model
+The architectures are model_files.GGUF_ARCHITECTURES: `llama`, `qwen2` (llama with biases
+on Q, K and V; its keys are spelt `qwen2.block_count`, …) and `qwen3` (llama with an RMSNorm
+over each head of Q and K before RoPE). llama.cpp's converter permutes the rows of a llama's
+Q and K of each head (it interleaves the two rotary halves; a qwen2's or qwen3's it leaves as
+they are, its rotary is NeoX's halves); `unpermute_qk` undoes it so that the model
 can use the usual "rotate half" RoPE of the Hugging Face checkpoints.
 
 The weights that the file stores as Q4_0/Q4_1 are also kept as their raw 4-bit blocks

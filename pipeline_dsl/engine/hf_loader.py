@@ -1,6 +1,6 @@
 """Hugging Face folder -> LlamaConfig + float32 weights in the engine's naming.
 
-A folder with config.json (a llama-family `model_type`: llama, mistral, qwen2, smollm), one
+A folder with config.json (a llama-family `model_type`: llama, mistral, qwen2, qwen3, smollm), one
 or more *.safetensors files and tokenizer.json (read by tokenizer.py). Names are mapped to the engine's:
 
     model.embed_tokens.weight                    -> embed
@@ -9,6 +9,7 @@ or more *.safetensors files and tokenizer.json (read by tokenizer.py). Names are
     model.layers.N.input_layernorm.weight        -> layers.N.attn_norm
     model.layers.N.self_attn.{q,k,v,o}_proj      -> layers.N.{q,k,v,o}
     model.layers.N.self_attn.{q,k,v}_proj.bias   -> layers.N.{q,k,v}_bias (Qwen2)
+    model.layers.N.self_attn.{q,k}_norm          -> layers.N.{q,k}_norm (Qwen3)
     model.layers.N.post_attention_layernorm      -> layers.N.ffn_norm
     model.layers.N.mlp.{gate,up,down}_proj       -> layers.N.{gate,up,down}
 

@@ -3,7 +3,8 @@
 `LlamaModel` holds the weights (QKV and gate/up fused, bf16 prepacked for oneDNN on CPU,
 or int8 weight-only; a GGUF's own Q4_0/Q4_1 blocks run as int4 for small batches, see
 quant.Int4Linear) and knows the per-layer math: RMSNorm, RoPE ("rotate half"),
-grouped-query attention, SwiGLU, tied embeddings. `ModelRunner` owns the KV pool and runs
+grouped-query attention, SwiGLU, tied embeddings; Qwen2's Q/K/V biases and Qwen3's RMSNorm
+over each head of Q and K before RoPE. `ModelRunner` owns the KV pool and runs
 one engine step (see docs/architecture.md, "Model runner contract"):
 
     runner = ModelRunner(model, num_blocks, block_size, dtype, device)
@@ -61,6 +62,7 @@ class LlamaConfig:
     tie_embeddings: bool = True       # lm_head shares the embedding matrix
     rope_scaling: tuple = ()          # (key, value) pairs of model_files.rope; () = plain RoPE
     qkv_bias: bool = False            # biases on the Q, K, V projections (Qwen2)
+    qk_norm: bool = False             # an RMSNorm over each head of Q and of K before RoPE (Qwen3)
 
     @property
     def group(self) -> int:           # query heads per KV head
@@ -173,7 +175,7 @@ class _Fallback:
 
 
 class _Layer:
-    __slots__ = ("attn_norm", "qkv", "qkv_bias", "o", "ffn_norm", "gate_up", "down")
+    __slots__ = ("attn_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "ffn_norm", "gate_up", "down")
 
 
 class LlamaModel:
@@ -223,6 +225,7 @@ class LlamaModel:
             layer.qkv = linear(p + "q", p + "k", p + "v")        # [(nh+2kv)*hd, H]
             layer.qkv_bias = torch.cat([vec(p + n) for n in ("q_bias", "k_bias", "v_bias")]) \
                 if c.qkv_bias else None                         # [(nh+2kv)*hd]
+            layer.q_norm, layer.k_norm = (vec(p + "q_norm"), vec(p + "k_norm")) if c.qk_norm else (None, None)  # [hd]
             layer.o = linear(p + "o")
             layer.ffn_norm = vec(p + "ffn_norm")
             layer.gate_up = linear(p + "gate", p + "up")         # [2I, H]
@@ -300,14 +303,18 @@ class LlamaModel:
         return layer.down(self.silu_mul(gu))                    # [T, H]
 
     def qkv(self, layer: _Layer, x: torch.Tensor, cos, sin):
-        """x [T, H] -> q [T, nh, hd], k/v [T, kv, hd] (q, k rotated)."""
+        """x [T, H] -> q [T, nh, hd], k/v [T, kv, hd] (q, k rotated; Qwen3's: each head normed first)."""
         c = self.config
         qkv = layer.qkv(self.rms(x, layer.attn_norm))           # [T, (nh+2kv)*hd]
         if layer.qkv_bias is not None:
             qkv = qkv + layer.qkv_bias
         T = qkv.shape[0]
         qk, v = qkv.split([(c.num_heads + c.num_kv_heads) * c.head_dim, c.num_kv_heads * c.head_dim], dim=-1)
-        qk = self.rope(qk.view(T, c.num_heads + c.num_kv_heads, c.head_dim), cos, sin)  # one rotation for both
+        qk = qk.view(T, c.num_heads + c.num_kv_heads, c.head_dim)
+        if layer.q_norm is not None:                            # Qwen3: RMSNorm over each head, before RoPE
+            qk = torch.cat([self.rms(qk[:, :c.num_heads], layer.q_norm),
+                            self.rms(qk[:, c.num_heads:], layer.k_norm)], dim=1)
+        qk = self.rope(qk, cos, sin)                            # one rotation for both
         q, k = qk.split([c.num_heads, c.num_kv_heads], dim=1)  # [T, nh, hd], [T, kv, hd]
         return q, k, v.view(T, c.num_kv_heads, c.head_dim)
 

@@ -10,11 +10,11 @@ import os
 import struct
 from pathlib import Path
 
-from .llama import HF_NAMES, check_bias, check_config, check_weights, hf_engine_name, hf_file_name
+from .llama import HF_NAMES, check_config, check_extra, check_weights, hf_engine_name, hf_file_name
 from .problem import ModelFileProblem
 from .rope import hf_rope
 
-LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "smollm", "smollm2")
+LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm", "smollm2")
 _ST_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
 _ST_MAX_HEADER = 100 << 20     # safetensors' own limit on the JSON header
@@ -56,6 +56,7 @@ def hf_config(folder) -> dict:
     if act != "silu":                      # the MLP is SwiGLU: another activation is another model
         fail(f"hidden_act {json.dumps(act)} is not supported (agp's MLP is SwiGLU: 'silu')")
     qkv_bias = mtype == "qwen2"            # Qwen2 = llama + biases on q, k and v
+    qk_norm = mtype == "qwen3"             # Qwen3 = llama + an RMSNorm over each head of q and k
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key, False) is not False:
             fail(f"'{key}' is {json.dumps(cfg[key])}: agp's linear layers have no bias terms")
@@ -76,7 +77,7 @@ def hf_config(folder) -> dict:
              num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim,
              rope_theta=theta, rms_eps=cfg.get("rms_norm_eps", 1e-5),
              max_position=cfg.get("max_position_embeddings", 2048), tie_embeddings=tie, rope_scaling=scaling,
-             qkv_bias=qkv_bias)
+             qkv_bias=qkv_bias, qk_norm=qk_norm)
     c = check_config(fail, c, HF_NAMES)
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) is not False else None
     if window is not None:
@@ -167,7 +168,7 @@ def hf_llama_config(folder) -> dict:
         for name, (_, shape) in read_safetensors_header(f).items():
             mapped = hf_engine_name(name)
             if mapped is not None:
-                check_bias(f, name, mapped, c["qkv_bias"])
+                check_extra(f, name, mapped, c)
                 found[mapped], where[name] = (name, shape), f
     check_weights(folder, c, found, spell=hf_file_name, file_of=lambda name: where.get(name, ""),
                   config="config.json")

@@ -11,8 +11,9 @@ from .problem import ModelFileProblem
 from .rope import gguf_rope
 
 # the GGUF architectures the engine runs -> (biases on Q, K and V; llama.cpp's converter
-# permuted the Q/K rows, as it does for a rotary of interleaved pairs): Qwen2 = llama + biases
-GGUF_ARCHITECTURES = {"llama": (False, True), "qwen2": (True, False)}
+# permuted the Q/K rows, as it does for a rotary of interleaved pairs; an RMSNorm over each
+# head of Q and K before the rotary): Qwen2 = llama + biases, Qwen3 = llama + the per-head norms
+GGUF_ARCHITECTURES = {"llama": (False, True, False), "qwen2": (True, False, False), "qwen3": (False, False, True)}
 # the tokenizers the engine builds (tokenizer.ggml.model): byte-level BPE, SentencePiece
 GGUF_TOKENIZERS = {"gpt2": "byte-level BPE", "llama": "SentencePiece"}
 # the GGUF metadata the engine reads (key -> kind), the model's under its architecture's name
@@ -57,17 +58,19 @@ _KINDS = {  # kind -> (type names that fit, in words)
 }
 
 _GGUF_PARTS = {"attn_norm": "attn_norm", "attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o",
-               "ffn_norm": "ffn_norm", "ffn_gate": "gate", "ffn_up": "up", "ffn_down": "down"}
+               "ffn_norm": "ffn_norm", "ffn_gate": "gate", "ffn_up": "up", "ffn_down": "down",
+               "attn_q_norm": "q_norm", "attn_k_norm": "k_norm"}
 _HF_PARTS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
              "self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v",
-             "self_attn.o_proj": "o", "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"}
+             "self_attn.o_proj": "o", "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down",
+             "self_attn.q_norm": "q_norm", "self_attn.k_norm": "k_norm"}
 _GGUF_TOP = {"token_embd.weight": "embed", "output_norm.weight": "norm", "output.weight": "lm_head"}
 _HF_TOP = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", "lm_head.weight": "lm_head"}
 
 
 def gguf_engine_name(name: str) -> str | None:
-    """blk.3.attn_q.weight -> layers.3.q (.bias -> layers.3.q_bias); None for a tensor the
-    engine does not use."""
+    """blk.3.attn_q.weight -> layers.3.q (.bias -> layers.3.q_bias, attn_q_norm -> q_norm);
+    None for a tensor the engine does not use."""
     if name in _GGUF_TOP:
         return _GGUF_TOP[name]
     parts = name.split(".")
@@ -99,6 +102,8 @@ def expected_shapes(c: dict) -> dict:
                  "ffn_norm": (H,), "gate": (I, H), "up": (I, H), "down": (H, I)}
     if c.get("qkv_bias"):          # Qwen2: biases on the Q, K and V projections
         per_layer.update(q_bias=(q,), k_bias=(kv,), v_bias=(kv,))
+    if c.get("qk_norm"):           # Qwen3: an RMSNorm over each head of Q and of K (one weight per head size)
+        per_layer.update(q_norm=(hd,), k_norm=(hd,))
     for i in range(c["num_layers"]):
         shapes.update({f"layers.{i}.{p}": s for p, s in per_layer.items()})
     return shapes
@@ -123,13 +128,17 @@ def hf_file_name(engine_name: str) -> str:
     return _spell(engine_name, _HF_TOP, _HF_PARTS, "model.layers.{i}.{part}.weight")
 
 
-def check_bias(path, name: str, engine_name: str, qkv_bias: bool) -> None:
-    """A bias tensor (`name`, the file's; `engine_name`, ours) the engine would run without is
-    an error: only Q, K and V have one, and only in a model whose config says so (Qwen2)."""
+def check_extra(path, name: str, engine_name: str, c: dict) -> None:
+    """A tensor (`name`, the file's; `engine_name`, ours) the engine would run without is an
+    error: a bias (only Q, K and V have one, and only in a model whose config says so: Qwen2),
+    or a per-head norm of Q or K in a model that has none (only Qwen3's has)."""
     part = engine_name.rsplit(".", 1)[-1]
-    if part.endswith("_bias") and not (qkv_bias and part in ("q_bias", "k_bias", "v_bias")):
+    if part.endswith("_bias") and not (c.get("qkv_bias") and part in ("q_bias", "k_bias", "v_bias")):
         raise ModelFileProblem(path, f"tensor {name!r} is a bias: agp's linear layers and norms have none "
                                      f"(but Qwen2's q, k, v), so this model would run without it")
+    if part in ("q_norm", "k_norm") and not c.get("qk_norm"):
+        raise ModelFileProblem(path, f"tensor {name!r} is an RMSNorm over each head of {part[0]}, which only "
+                                     f"a qwen3 model has: this model would run without it")
 
 
 def check_weights(path, c: dict, found: dict, *, spell=gguf_file_name, file_of=lambda name: "",
@@ -186,6 +195,7 @@ def check_config(fail, c: dict, names: dict) -> dict:
         fail(f"the head size {c['head_dim']} is odd (rotary embeddings need an even size)")
     c["rope_theta"], c["rms_eps"] = float(c["rope_theta"]), float(c["rms_eps"])
     c.setdefault("qkv_bias", False)
+    c.setdefault("qk_norm", False)
     return c
 
 
@@ -218,12 +228,12 @@ def gguf_llama_config(h: GGUFHeader) -> dict:
         fail("the metadata lacks 'tokenizer.ggml.scores' (a SentencePiece tokenizer without merges needs "
              "its pieces' scores)")
 
-    m, qkv_bias = h.metadata, GGUF_ARCHITECTURES[arch][0]
+    m, (qkv_bias, _, qk_norm) = h.metadata, GGUF_ARCHITECTURES[arch]
     found = {}
     for t in h.tensors:
         name = gguf_engine_name(t.name)
         if name is not None:
-            check_bias(h.path, t.name, name, qkv_bias)
+            check_extra(h.path, t.name, name, {"qkv_bias": qkv_bias, "qk_norm": qk_norm})
             found[name] = (t.name, t.shape)
             if t.type_name not in DEQUANTIZABLE:
                 fail(f"tensor {t.name!r} has type {t.type_name}, which this engine cannot turn into weights")
@@ -242,7 +252,7 @@ def gguf_llama_config(h: GGUFHeader) -> dict:
              rope_theta=theta,
              rms_eps=m.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
              max_position=m.get(f"{arch}.context_length", 2048), tie_embeddings="lm_head" not in found,
-             rope_scaling=scaling, qkv_bias=qkv_bias)
+             rope_scaling=scaling, qkv_bias=qkv_bias, qk_norm=qk_norm)
     c = check_config(fail, c, {k: v.format(arch=arch) for k, v in _GGUF_NAMES.items()})
     n_tokens = len(m["tokenizer.ggml.tokens"])
     for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):   # one entry per token

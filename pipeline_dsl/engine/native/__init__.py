@@ -44,7 +44,7 @@ BUILD = HERE / "build"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 STALE_BUILD_S = 600               # a partial build (.tmp…) older than this was left by a killed one; another
                                   # process's build in progress (maybe in another container: its pid unseen) is younger
-VERSION = 6                       # agp_native_version() of a library this module can drive
+VERSION = 7                       # agp_native_version() of a library this module can drive
 
 _LIB: list = []                   # [lib or None] once tried
 _WARNED: set = set()
@@ -250,7 +250,8 @@ class Lin(ctypes.Structure):
 
 class Layer(ctypes.Structure):
     _fields_ = [("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p),
-                ("qkv", Lin), ("o", Lin), ("gate_up", Lin), ("down", Lin)]
+                ("qkv", Lin), ("o", Lin), ("gate_up", Lin), ("down", Lin),
+                ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p)]
 
 
 class Model(ctypes.Structure):

@@ -52,6 +52,8 @@ struct Layer {
     const float* attn_norm;      // [H]
     const float* ffn_norm;       // [H]
     Lin qkv, o, gate_up, down;
+    const float* q_norm;         // [hd]: RMSNorm over each head of q before RoPE (Qwen3); null: none
+    const float* k_norm;         // [hd]: the same over each head of k
 };
 
 struct Model {
@@ -85,7 +87,7 @@ struct Step {
 // Where a thread's time in agp_decode_step goes, when Step.prof asks (bench/roofline.py).
 enum Phase { P_GLUE, P_QKV, P_ATTENTION, P_O, P_GATE_UP, P_DOWN, P_HEAD, P_BARRIER, PHASES };
 
-int agp_native_version() { return 6; }
+int agp_native_version() { return 7; }
 int agp_phases() { return PHASES; }
 
 }  // extern "C"
@@ -884,6 +886,7 @@ void agp_silu_mul(const void* gu, void* out, int T, int I, int bf, int nthreads)
 void agp_decode_attention_block(const Model* mp, int layer, int B, const void* qkv, int bf, const int64_t* pos,
                                 const int64_t* slots, const int64_t* tables, int nblk, void* att, int nthreads) {
     const Model& m = *mp;
+    const Layer& ly = m.layers[layer];
     const int hd = m.head_dim, nh = m.n_heads, nkv = m.n_kv, g = nh / nkv, QKV = (nh + 2 * nkv) * hd;
     int Lmax = 0;
     for (int b = 0; b < B; ++b) Lmax = pos[b] + 1 > Lmax ? (int)pos[b] + 1 : Lmax;
@@ -905,6 +908,11 @@ void agp_decode_attention_block(const Model* mp, int layer, int B, const void* q
                 for (int d = 0; d < hd; ++d) v[d] = ld(qkv, bf, base + d);
                 if (j <= g) {
                     float r[256];
+                    const float* nw = j < g ? ly.q_norm : ly.k_norm;
+                    if (nw) {                        // Qwen3: the head normed before its rotation
+                        rmsnorm(v, nw, hd, m.eps, bf, r);
+                        std::memcpy(v, r, hd * sizeof(float));
+                    }
                     for (int d = 0; d < hd; ++d) {
                         const float sw = v[d < hd / 2 ? d + hd / 2 : d - hd / 2];
                         r[d] = bf ? rb(rb(v[d] * c[d]) + rb(sw * sn[d])) : v[d] * c[d] + sw * sn[d];
@@ -1013,15 +1021,19 @@ void agp_decode_step(const Model* mp, const Step* sp, float* logits, int nthread
                 const int L = (int)s.pos[b] + 1, nblk = (L + m.block_size - 1) / m.block_size;
                 const int p0 = std::min(L, nblk * part / nparts * m.block_size);
                 const int p1 = part == nparts - 1 ? L : std::min(L, nblk * (part + 1) / nparts * m.block_size);
-                float qr[16 * 256], kr[256], vr[256];
-                auto rope = [&](const float* v, float* r) {
+                float qr[16 * 256], kr[256], vr[256], normed[256];
+                auto rope = [&](const float* v, float* r, const float* nw) {
+                    if (nw) {                                // Qwen3: the head normed before its rotation
+                        rmsnorm(v, nw, hd, m.eps, bf, normed);
+                        v = normed;
+                    }
                     for (int d = 0; d < hd; ++d) {
                         const float sw = v[d < hd / 2 ? d + hd / 2 : d - hd / 2];
                         r[d] = bf ? rb(rb(v[d] * c[d]) + rb(sw * sn[d])) : v[d] * c[d] + sw * sn[d];
                     }
                 };
-                for (int j = 0; j < g; ++j) rope(row + (size_t)(kh * g + j) * hd, qr + (size_t)j * hd);
-                rope(row + (size_t)(nh + kh) * hd, kr);     // every part: its own copy
+                for (int j = 0; j < g; ++j) rope(row + (size_t)(kh * g + j) * hd, qr + (size_t)j * hd, ly.q_norm);
+                rope(row + (size_t)(nh + kh) * hd, kr, ly.k_norm);     // every part: its own copy
                 std::memcpy(vr, row + (size_t)(nh + nkv + kh) * hd, hd * sizeof(float));
                 if (m.kv_bf16) {                             // as the pool keeps them
                     round_vec(kr, hd);

@@ -57,7 +57,9 @@ class NativeDecoder:
         self._layers = (Layer * c.num_layers)()
         for i, ly in enumerate(model.layers):
             self._layers[i] = Layer(f32(ly.attn_norm), f32(ly.ffn_norm), lin(ly.qkv), lin(ly.o),
-                                    lin(ly.gate_up), lin(ly.down))
+                                    lin(ly.gate_up), lin(ly.down),
+                                    f32(ly.q_norm) if ly.q_norm is not None else None,   # Qwen3's, before RoPE
+                                    f32(ly.k_norm) if ly.k_norm is not None else None)
         head = model.lm_head_small if model.lm_head_small is not None else model.lm_head
         # as eager: bf16 logits, except from a head whose native path gives float32 (quant.Q8Linear)
         head_st = head.native_struct(round_out=bf16 and not getattr(head, "logits_f32", False))
