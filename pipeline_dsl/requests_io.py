@@ -217,7 +217,7 @@ CACHE_SETTINGS = {
                              'an object {"mode": "implicit" or "explicit", "ttl": a string}'),
 }
 # a reasoning model's effort (chat's reasoning_effort, the Responses API's reasoning.effort), as vLLM
-# and OpenAI take it: checked, and changes nothing, as agp's models do not reason
+# and OpenAI take it: checked, and changes nothing (a Qwen3 thinks as its chat template's enable_thinking says)
 REASONING_EFFORTS = ("minimal", "low", "medium", "high")
 COMPLETION_FIELDS = COMMON | VLLM | set(NEUTRAL) | set(COMPLETION_LACKING) | {"prompt", "echo", "metadata",
                                                                              "add_special_tokens"}
@@ -239,7 +239,7 @@ IGNORED = {"stream": (lambda v: isinstance(v, bool), "true or false"),
                           and " " not in v, "a string of 1 to 128 printable ASCII characters without spaces"),
            "guided_decoding_backend": (lambda v: isinstance(v, str), "a string"),
            "reasoning_effort": (lambda v: v in REASONING_EFFORTS, '"minimal", "low", "medium" or "high"'),
-           # vLLM's: whether a reasoning model's reasoning is split from its answer (agp's do not reason)
+           # vLLM's: whether a reasoning model's reasoning is split from its answer (agp never splits it)
            "include_reasoning": (lambda v: isinstance(v, bool), "true or false"),
            **CACHE_SETTINGS}
 KNOWN = {"id", "prompt", "messages", "prompt_token_ids", "model", "metadata", "headers", "tools", "tool_choice", "logit_bias",

@@ -246,7 +246,8 @@ USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "t
     "total_tokens": {"type": "integer"}}}
 
 FINISH = {"type": ["string", "null"]}
-NO_REASONING = "vLLM's reasoning field: null, as agp's models do not reason (reasoning_content: its older name)"
+NO_REASONING = ("vLLM's reasoning field: null, as agp splits no reasoning out of an answer (a reasoning model's "
+                "<think> text stays in content; reasoning_content: its older name)")
 STOP_REASON = {"type": ["string", "integer", "null"],
                "description": "vLLM's: the stop string or stop_token_ids id that ended the answer, else null"}
 

@@ -702,7 +702,7 @@ def chat_response(rid: str, model: str, choices: list[tuple], use: dict, created
     `top`: what the answer carries beside its choices (vLLM's prompt_logprobs, prompt_token_ids);
     `parsers`: the form each choice's calls are read in (chat_message's `parser`; hermes where
     not given), `reads`: the tool calls each choice's generate stage read (its `read`), in order.
-    Each message carries NO_REASONING: agp's models do not reason."""
+    Each message carries NO_REASONING: agp splits no reasoning out of an answer."""
     out = []
     for k, c in enumerate(choices):
         message, reason = chat_message(c[1], c[2], tools_active, call_limit, parsers[k] if parsers else "hermes",

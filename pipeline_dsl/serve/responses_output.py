@@ -8,7 +8,7 @@ import uuid
 def usage(u: dict) -> dict:
     """OpenAI's ResponseUsage, every field its SDK requires: cache_write_tokens is 0, as agp writes no
     explicit cache entries (its prefix cache keeps a prompt's KV blocks by their tokens, unasked and
-    unbilled); reasoning_tokens 0, as its models do not reason."""
+    unbilled); reasoning_tokens 0, as agp splits no reasoning out of an answer (a <think> block stays in its text)."""
     return {"input_tokens": u["prompt_tokens"],
             "input_tokens_details": {"cached_tokens": u["cached_tokens"], "cache_write_tokens": 0},
             "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
