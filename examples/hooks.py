@@ -44,33 +44,34 @@ def redact_pii(item: dict) -> dict:
 BLOCKED = ("password", "social security number")
 
 
-def refuse_if_unsafe(text: str) -> None:
+def refuse_if_unsafe(text: str, blocked=BLOCKED) -> None:
     """Reject text that leaks contact details or talks about blocked topics."""
     if EMAIL.search(text) or PHONE.search(text):
         raise Reject("the answer contained contact details")
     lowered = text.lower()
-    for word in BLOCKED:
+    for word in blocked:
         if word in lowered:
             raise Reject(f"the answer mentions a blocked topic ({word})")
 
 
-def guard_output(item: dict) -> dict:
-    """After the model, on the whole answer: refuse it if it is unsafe."""
-    refuse_if_unsafe(item["text"])
+def guard_output(item: dict, blocked: list[str] = BLOCKED) -> dict:
+    """After the model, on the whole answer: refuse it if it is unsafe (`blocked`: the topics it
+    refuses; a stage sets its own with `args = {blocked = ["password"]}`)."""
+    refuse_if_unsafe(item["text"], blocked)
     return item
 
 
 HOLD = 64   # characters held back: a phone number or address split across chunks is whole before it is sent
 
 
-def guard_stream(item: dict, chunks):
+def guard_stream(item: dict, chunks, blocked: list[str] = BLOCKED):
     """After the model, as it writes (stream = true): everything seen so far is checked at each
     chunk, and all but the last HOLD characters go on to the client at once, so the guard costs
     a few words of latency, not the whole answer. What was sent before a refusal stays sent."""
     seen, sent = "", 0
     for text in chunks:
         seen += text
-        refuse_if_unsafe(seen)
+        refuse_if_unsafe(seen, blocked)
         if len(seen) - sent > HOLD:
             yield seen[sent:len(seen) - HOLD]
             sent = len(seen) - HOLD

@@ -10,7 +10,8 @@ Comments are kept on the `Module` (for `agp fmt`), also outside equality.
     Stage(name: Name, kind: Name, placement: Name | None, params=(Param, ...))
     Chain(stages=(Name, ...), condition: Cond | None)      # a -> b -> c when full
     conditions: Label(name), Compare(field=(Name | Key, ...), op, value), BoolOp(op, items), Not(item), Otherwise
-    values: Int, Float, Bool, Str, Word, Quantity(number, unit), List(items)
+    values: Int, Float, Bool, Str, Word, Quantity(number, unit), List(items),
+            Map(entries=(Param, ...)) as a setting's or parameter's value only
 """
 
 from __future__ import annotations
@@ -74,7 +75,16 @@ class List:
     pos: SourcePos = _pos()
 
 
-Value = Union[Int, Float, Bool, Str, Word, Quantity, List]
+@dataclass(frozen=True)
+class Map:
+    """`{top_k = 3, label = "math"}`: names to values, each entry a Param (its name and value with
+    their positions). Only a setting's or parameter's value: no map holds a map, no condition one."""
+
+    entries: tuple["Param", ...]
+    pos: SourcePos = _pos()
+
+
+Value = Union[Int, Float, Bool, Str, Word, Quantity, List, Map]
 
 
 # ---------------------------------------------------------------- statements

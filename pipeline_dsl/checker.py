@@ -16,12 +16,12 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from stages.registry import (BOOL, DURATION, ENUM, FLOAT, FROM_MODE, INT, LIST_STR, RESOURCES, SIZE, STR,
+from stages.registry import (BOOL, DURATION, ENUM, FLOAT, FROM_MODE, INT, LIST_STR, MAP, RESOURCES, SIZE, STR,
                              Param, Registry, StageKind, default_registry)
 
 from . import ast, modes, units
 from .diagnostics import ERROR, WARNING, Diagnostic, SourcePos, Suggestions, closest, did_you_mean, one_of
-from .parser import is_name
+from .parser import is_name, quote
 
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")   # the devices the engine runs on
 
@@ -110,6 +110,8 @@ def _type_expected(p: Param) -> str:
     if p.type == LIST_STR:            # a nonblank list's example holds no string of whitespace alone
         return 'a list of strings, e.g. ["END", "Observation:"]' if p.nonblank else \
             'a list of strings, e.g. ["\\n\\n", "END"]'
+    if p.type == MAP:
+        return MAP_EXPECTED
     return p.type
 
 
@@ -243,6 +245,8 @@ def convert(value: ast.Value, p: Param, what: str) -> tuple[Any, Diagnostic | No
             return None, _err(f"{what} holds {total} characters in all; at most {p.max_total} are allowed",
                               value.pos, expected)
         out = [item.value for item in value.items]
+    elif t == MAP:
+        return _map_value(value, what, expected)
     else:                                   # a third-party type we do not know: pass the raw value
         out = _raw(value)
     return _check_range(out, p, what, value)
@@ -262,18 +266,64 @@ def _check_range(out, p: Param, what: str, value: ast.Value):
     return out, None
 
 
+MAP_EXPECTED = 'a map of names to values, e.g. {top_k = 3, label = "math"} (strings, numbers, true/false, lists)'
+
+
+def _map_value(value: ast.Value, what: str, expected: str) -> tuple[dict | None, Diagnostic | None]:
+    """A map's dict of plain JSON values ({top_k = 3, label = "math"}), or the error at the entry
+    at fault: a name given twice, a value that is no JSON literal (a bare word, a quantity)."""
+    if not isinstance(value, ast.Map):
+        return None, _err(f"{what} is a map ({{name = value, …}}), not {_value_word(value)}", value.pos, expected)
+    out: dict[str, Any] = {}
+    first: dict[str, ast.Param] = {}
+    for e in value.entries:
+        name = e.name.text
+        if name in first:
+            return None, _err(f"'{name}' is given twice in {what}", e.name.pos, expected,
+                              notes=[("first given here", first[name].name.pos)])
+        first[name] = e
+        got, d = _json_value(e.value, f"'{name}' in {what}")
+        if d is not None:
+            return None, d
+        out[name] = got
+    return out, None
+
+
+def _json_value(v: ast.Value, what: str) -> tuple[Any, Diagnostic | None]:
+    """A map entry's value as plain JSON: strings, numbers, booleans and lists of them. A bare word
+    or a quantity is no JSON value (the function would get a string or a number nobody wrote)."""
+    expected = "a string, a number, true/false or a list of them"
+    if isinstance(v, (ast.Int, ast.Float, ast.Bool, ast.Str)):
+        return v.value, None
+    if isinstance(v, ast.List):
+        items = []
+        for item in v.items:
+            got, d = _json_value(item, what)
+            if d is not None:
+                return None, d
+            items.append(got)
+        return items, None
+    if isinstance(v, ast.Word):
+        return None, _err(f"{what} is the bare word '{v.value}'; a map holds strings, numbers, true/false "
+                          "and lists", v.pos, expected, f"quote it: {quote(v.value)}")
+    return None, _err(f"{what} is {_value_word(v)}; a map holds strings, numbers, true/false and lists",
+                      v.pos, expected, f"write a number or a string: {quote(show(v))}")
+
+
 def _value_word(v: ast.Value) -> str:
     if isinstance(v, ast.Quantity):
         kind = units.unit_kind(v.unit) or "quantity"
         return f"the {kind} '{show(v)}'"
     names = {ast.Int: "the integer", ast.Float: "the number", ast.Bool: "the boolean", ast.Str: "the string",
-             ast.Word: "the word", ast.List: "the list"}
+             ast.Word: "the word", ast.List: "the list", ast.Map: "the map"}
     return f"{names[type(v)]} {show(v)}" if isinstance(v, ast.Str) else f"{names[type(v)]} '{show(v)}'"
 
 
 def _raw(v: ast.Value):
     if isinstance(v, ast.List):
         return [_raw(i) for i in v.items]
+    if isinstance(v, ast.Map):
+        return {e.name.text: _raw(e.value) for e in v.entries}
     if isinstance(v, ast.Quantity):
         return units.normalise(v.number, v.unit) if units.unit_kind(v.unit) else f"{v.number}{v.unit}"
     return v.value
@@ -603,14 +653,16 @@ def _check_impl(kind: StageKind, pos: SourcePos) -> list[Diagnostic]:
     return []
 
 
-def _check_signature(what: str, ref: str, n: int, call: str, pos: SourcePos, base) -> list[Diagnostic]:
+def _check_signature(what: str, ref: str, n: int, call: str, pos: SourcePos, base,
+                     args: ast.Map | None = None) -> list[Diagnostic]:
     """What the source says of how `ref` is called with `n` positional arguments (docs: a python
-    stage's function gets the item, a stream's the item and its chunks, a join's the results):
-    a def whose parameters cannot take them is an error; a class a warning (calling it makes an
-    instance, not the dict or label the stage returns). Nothing is imported."""
+    stage's function gets the item, a stream's the item and its chunks, a join's the results)
+    and the stage's `args` as keywords: a def whose parameters cannot take them is an error (a
+    keyword at its name in the map); a class a warning (calling it makes an instance, not the
+    dict or label the stage returns). Nothing is imported."""
     import ast as pyast
 
-    from .userfn import FunctionNotFound, function_info, positional_arity, takes
+    from .userfn import FunctionNotFound, function_info, keyword_call, positional_arity, takes
 
     try:
         node = function_info(ref, base).node
@@ -630,6 +682,10 @@ def _check_signature(what: str, ref: str, n: int, call: str, pos: SourcePos, bas
                      pos, expected=f"a function called as fn{call}")]
     if isinstance(value, pyast.Lambda):          # `f = lambda a, b: …`: its parameters are in the source too
         node = value
+    if args is not None and args.entries:
+        bound = keyword_call(node, n, [e.name.text for e in args.entries])
+        if bound is None or not bound.too_many:
+            return _check_keywords(what, ref, n, call, args, bound, isinstance(node, pyast.Lambda))
     if takes(node, n) is False:
         least, most = positional_arity(node)
         if most == 0 and least:
@@ -644,6 +700,55 @@ def _check_signature(what: str, ref: str, n: int, call: str, pos: SourcePos, bas
                      expected=f"lambda {call[1:-1]}: …" if lam else f"def {name}{call}",
                      hint=f"give {'the lambda' if lam else name} the parameters {call}")]
     return []
+
+def _check_keywords(what: str, ref: str, n: int, call: str, args: ast.Map, bound, lam: bool) -> list[Diagnostic]:
+    """The stage's `args` against the def's parameters (`bound`: userfn.KeywordCall; None: the source
+    does not say): a keyword no parameter takes, one the call's positional arguments fill, one of a
+    positional-only parameter, each an error at its name; a parameter without a default that
+    neither fills, an error at the map; a value its parameter's annotation clearly refuses
+    (`top_k: int` given "3"), a warning at the value."""
+    import ast as pyast
+
+    from .userfn import annotation_takes
+
+    if bound is None:
+        return []
+    diags: list[Diagnostic] = []
+    entry = {e.name.text: e for e in args.entries}
+    name = "the lambda" if lam else ref.partition(":")[2]
+    takes_words = ", ".join(bound.names) if bound.names else "none"
+    passed = " or ".join(bound.passed)
+    expected = f"any keyword but {passed} ({name} takes **kwargs)" if bound.any_keyword and passed else \
+        f"any keyword ({name} takes **kwargs)" if bound.any_keyword else \
+        f"a keyword {name} takes: {takes_words}" if bound.names else \
+        f"no args: {name} takes no parameter past {call}"
+    meant = Suggestions(bound.names)
+    for k in bound.unknown:
+        hint = meant.hint(k) or f"give {name} a parameter {k} (or **kwargs), or remove {k} from args"
+        diags.append(_err(f"{what}: {ref} has no parameter '{k}'", entry[k].name.pos, expected, hint))
+    misspelt = {meant.closest(k) for k in bound.unknown}       # `sufix = 1` for suffix: said at sufix
+    for k in bound.twice:
+        diags.append(_err(f"{what}: '{k}' is filled by the call fn{call} itself, so args cannot give it too",
+                          entry[k].name.pos, expected,
+                          "give the value another name, in args and in the def"))
+    for k in bound.positional_only:
+        diags.append(_err(f"{what}: {ref}'s parameter '{k}' is positional-only (before its /), so args "
+                          "cannot give it by name", entry[k].name.pos, expected,
+                          f"move {k} after the / in the def"))
+    for m in (m for m in bound.missing if m not in misspelt):
+        diags.append(_err(f"{what}: {ref} needs '{m}', which neither the call fn{call} nor args gives",
+                          args.pos, f"args giving every parameter past {call} that has no default",
+                          f"add {m} = … to args, or give {m} a default"))
+    json_type = {ast.Str: "str", ast.Bool: "bool", ast.Int: "int", ast.Float: "float", ast.List: "list"}
+    for k, note in bound.annotations.items():
+        took = annotation_takes(note)
+        value = entry[k].value
+        if took is not None and json_type.get(type(value)) not in took:
+            shown = pyast.unparse(note)
+            diags.append(_warn(f"{what}: '{k}' is annotated {shown} in {ref}, but args gives it {_value_word(value)}",
+                               value.pos, f"a value of type {shown}"))
+    return diags
+
 
 def _check_python_returns(name: str, ref: str, pos: SourcePos, base) -> list[Diagnostic]:
     """A `return` whose literal is no dict, label or None (`return item, "math"`, `return 42`)
@@ -699,6 +804,13 @@ def _check_python_shape(name: str, params: dict, given: set, where, base) -> lis
     return diags
 
 
+def _args_map(st: ast.Stage, params: dict) -> ast.Map | None:
+    """The map a stage's `args` is written as (its entries' positions), once it checked out."""
+    if not params.get("args"):
+        return None
+    return next((p.value for p in st.params if p.name.text == "args" and isinstance(p.value, ast.Map)), None)
+
+
 def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set, pos: dict,
                        allowed: tuple[str, ...]) -> list[Diagnostic]:
     """What one parameter's type and range cannot say: functions that must exist, a model that
@@ -735,9 +847,11 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
             shape = _check_python_shape(st.name.text, params, given, where, base)
             diags += shape
             stream = bool(params.get("stream"))
-            if not any(d.is_error for d in shape):          # a generator without stream: said already
+            refused = "args" in given and "args" not in params      # a bad map: said already, at it
+            if not any(d.is_error for d in shape) and not refused:   # a generator without stream: said already
                 diags += _check_signature(f"stage '{st.name.text}'", params["fn"], 2 if stream else 1,
-                                          "(item, chunks)" if stream else "(item)", where("fn"), base)
+                                          "(item, chunks)" if stream else "(item)", where("fn"), base,
+                                          _args_map(st, params))
             if not stream:              # a stream filter's return is a label or nothing, never its result
                 diags += _check_python_returns(st.name.text, params["fn"], where("fn"), base)
     elif kind.name == "join":
@@ -750,10 +864,11 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
         elif policy == "fn" and fn is None:
             diags.append(_err(f"join '{st.name.text}' has policy = fn but no fn", where("policy"),
                               expected='fn = "module:function"'))
-        if check_fn("fn"):
-            diags += _check_signature(f"join '{st.name.text}'", params["fn"], 1, "(results)", where("fn"), base)
-        if params.get("fn") is None:          # workers, timeout, retries, backoff run a join's fn
-            for p in ("workers", "timeout", "retries", "backoff"):
+        if check_fn("fn") and not ("args" in given and "args" not in params):
+            diags += _check_signature(f"join '{st.name.text}'", params["fn"], 1, "(results)", where("fn"), base,
+                                      _args_map(st, params))
+        if params.get("fn") is None:          # workers, timeout, retries, backoff and args run a join's fn
+            for p in ("workers", "timeout", "retries", "backoff", "args"):
                 if p in given:
                     diags.append(_warn(f"join '{st.name.text}' sets {p} but has no fn: the built-in "
                                        f"policy {policy or 'first'} runs no user code, so {p} does nothing",

@@ -8,7 +8,7 @@ line kept between statements, always one between pipelines.
 
 Comments: one ending a statement's line stays after it (`# …` trailing); any other
 comment goes on its own line before the next statement of its block (or at the end
-of the block). A comment inside a list stays in it, beside or before its element: such a
+of the block). A comment inside a list (or a map) stays in it, beside or before its element: such a
 list is printed one element per line. Formatting is idempotent and keeps the AST (see tests).
 """
 
@@ -40,6 +40,8 @@ def format_value(v: ast.Value) -> str:
         return (repr(float(n)) if isinstance(n, float) else str(n)) + v.unit
     if isinstance(v, ast.List):
         return "[" + ", ".join(format_value(i) for i in v.items) + "]"
+    if isinstance(v, ast.Map):
+        return "{" + ", ".join(f"{e.name.text} = {format_value(e.value)}" for e in v.entries) + "}"
     raise TypeError(f"not a value: {v!r}")
 
 
@@ -122,7 +124,7 @@ def _attach(module: ast.Module) -> _Notes:
         kids[id(node)] = (children, [_start(c) for c in children])
         for c in children:
             by_end_line.setdefault(c.pos.end_line, []).append(c)
-            if isinstance(c, (ast.Setting, ast.Param, ast.Override)) and isinstance(c.value, ast.List):
+            if isinstance(c, (ast.Setting, ast.Param, ast.Override)) and isinstance(c.value, (ast.List, ast.Map)):
                 lists.append(c.value)
             walk(c)
     walk(module)
@@ -158,16 +160,23 @@ def _attach(module: ast.Module) -> _Notes:
     return notes
 
 
-def _attach_in_list(v: ast.List, c: ast.Comment, cpos, notes: _Notes) -> None:
-    """A comment inside list `v`: trailing of the element that ends its line, else leading of
-    the next element, else dangling before the `]` — in the innermost list holding it."""
+def _elements(v) -> tuple:
+    """A list's items, a map's entries."""
+    return v.entries if isinstance(v, ast.Map) else v.items
+
+
+def _attach_in_list(v: ast.List | ast.Map, c: ast.Comment, cpos, notes: _Notes) -> None:
+    """A comment inside list (or map) `v`: trailing of the element that ends its line, else leading
+    of the next element, else dangling before the `]` — in the innermost list holding it (a map's
+    entry holds a list in its value)."""
     while True:
-        items = v.items
+        items = _elements(v)
         i = bisect.bisect_left([_start(x) for x in items], cpos) - 1
         inner = items[i] if i >= 0 else None
-        if not (isinstance(inner, ast.List) and cpos < _end(inner)):
+        held = inner.value if isinstance(inner, ast.Param) else inner
+        if not (isinstance(held, ast.List) and cpos < _end(held)):
             break
-        v = inner
+        v = held
     if inner is not None and inner.pos.end_line == c.pos.line and id(inner) not in notes.trailing:
         notes.trailing[id(inner)] = c
     elif i + 1 < len(items):
@@ -179,28 +188,31 @@ def _attach_in_list(v: ast.List, c: ast.Comment, cpos, notes: _Notes) -> None:
 # ---------------------------------------------------------------- printing
 
 def _has_comments(v, notes: _Notes) -> bool:
-    """Whether list `v` (or one inside it) holds a comment, so it is printed over several lines."""
-    if not isinstance(v, ast.List):
+    """Whether list or map `v` (or a list inside it) holds a comment, so it is printed over several lines."""
+    if not isinstance(v, (ast.List, ast.Map)):
         return False
     return bool(notes.dangling.get(id(v))) or any(
-        id(x) in notes.leading or id(x) in notes.trailing or _has_comments(x, notes) for x in v.items)
+        id(x) in notes.leading or id(x) in notes.trailing
+        or _has_comments(x.value if isinstance(x, ast.Param) else x, notes) for x in _elements(v))
 
 
 def _value_lines(v, notes: _Notes) -> list[str]:
-    """A value's text: one line, or for a list holding comments one element per line (each line
-    after the first indented relative to the first, the caller's indent not included)."""
+    """A value's text: one line, or for a list (or map) holding comments one element per line (each
+    line after the first indented relative to the first, the caller's indent not included)."""
     if not _has_comments(v, notes):
         return [format_value(v)]
-    bodies = [_value_lines(x, notes) for x in v.items]
-    tw = max((len(b[0]) + 1 for x, b in zip(v.items, bodies) if len(b) == 1 and id(x) in notes.trailing),
+    items = _elements(v)
+    bodies = [_value_lines(x, notes) if not isinstance(x, ast.Param) else
+              _assignment(x.name.text, x.value, notes, "") for x in items]
+    tw = max((len(b[0]) + 1 for x, b in zip(items, bodies) if len(b) == 1 and id(x) in notes.trailing),
              default=0)
-    lines = ["["]
-    for x, body in zip(v.items, bodies):
+    lines = ["{" if isinstance(v, ast.Map) else "["]
+    for x, body in zip(items, bodies):
         lines += [INDENT + c.text for c in notes.leading.get(id(x), [])]
         body = _trail(body[:-1] + [body[-1] + ","], notes.trailing.get(id(x)), tw)
         lines += [INDENT + line for line in body]
     lines += [INDENT + c.text for c in notes.dangling.get(id(v), [])]
-    return lines + ["]"]
+    return lines + ["}" if isinstance(v, ast.Map) else "]"]
 
 
 def _trail(body: list[str], comment, width: int) -> list[str]:

@@ -180,7 +180,8 @@ def _context_hint(expected: set[str], tok: Token, prev: str = "") -> tuple[str |
         return "':' and a stage kind after the stage name (stage NAME : KIND { … })", None
     if "NUMBER" in exp and "STRING" in exp and "LSQB" in exp:
         hint = "the value after '=' is missing" if tok.type in ("STAGE", "RBRACE", "$END", "PIPELINE") else None
-        return "a value: a number, a quantity such as 1ms or 512MiB, a string, true/false, a word or a list", hint
+        return ("a value: a number, a quantity such as 1ms or 512MiB, a string, true/false, a word"
+                + (", a list or a map {name = value, …}" if "LBRACE" in exp else " or a list")), hint
     if exp >= {"PIPELINE", "USE"}:
         hint = did_you_mean(tok.value, ("pipeline", "use")) if tok.type == "NAME" else None
         if tok.type == "STAGE" or (tok.type == "NAME" and prev in ("", "}")):
@@ -469,7 +470,9 @@ def _open_blocks(text: str) -> list[tuple[str, int]] | None:
             if tok.type == "LBRACE":
                 what = (f"pipeline '{words[-1]}'" if len(words) >= 2 and words[-2] == "pipeline"
                         else f"stage '{words[-1]}'" if words else "block")
-                if len(words) >= 4 and words[-4] == "pipeline" and words[-2] == ":":   # pipeline a : b {
+                if len(words) >= 2 and words[-1] == "=":                      # args = {
+                    what = f"the map of '{words[-2]}'"
+                elif len(words) >= 4 and words[-4] == "pipeline" and words[-2] == ":":   # pipeline a : b {
                     what = f"pipeline '{words[-3]}'"
                 elif len(words) >= 4 and words[-4] == "stage":
                     what = f"stage '{words[-3]}'"
@@ -511,6 +514,8 @@ def _unclosed_before(text: str, at: int, tok: Token) -> tuple[str, str] | None:
     if not opened:
         return None
     what, line = opened[-1]
+    if what.startswith("the map ") and tok.type != "__ANON_0":     # `args = {a = 1` and the next stage
+        return f"'}}' to close {what} first", f"the '{{' of {what} (line {line}) is not closed"
     misplaced = what.startswith("stage ") or tok.type in ("PIPELINE", "USE")
     if misplaced and _braces_balance(text):
         # every '{' of the file is closed: the statement stands inside a block, not after it
@@ -866,6 +871,13 @@ class _Builder(threading.local):
     def list(self, children):
         items = tuple(c for c in children[1:-1] if c is not None and not isinstance(c, Token))
         return self._nest(ast.List(items, self._pos(children)), items)
+
+    def map_entry(self, children):
+        name, _, value = children
+        return ast.Param(self._name(name), value, self._pos(children))
+
+    def map(self, children):
+        return ast.Map(tuple(c for c in children if isinstance(c, ast.Param)), self._pos(children))
 
 
 _BUILDER = _Builder()

@@ -13,6 +13,7 @@ events drawn dashed.
 from __future__ import annotations
 
 import html
+import json
 import os
 import shutil
 import subprocess
@@ -66,6 +67,8 @@ def _show(kind_name: str | None, name: str, value) -> str:
         return f"{value:g}"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(repr(v) if isinstance(v, str) else str(v) for v in value) + "]"
+    if isinstance(value, dict):                   # a map (a python stage's args), as the file writes it
+        return "{" + ", ".join(f"{k} = {json.dumps(v, ensure_ascii=False)}" for k, v in value.items()) + "}"
     return str(value)
 
 

@@ -48,6 +48,10 @@ class FunctionNotFound(LookupError):
         self.names = names or []          # the module's top-level names, for did-you-mean
 
 
+class ArgsRefused(FunctionNotFound):
+    """The function is there, but its signature refuses the stage's `args` as keywords."""
+
+
 class NoSource(FunctionNotFound):
     """The module is there but has no Python source to read (a compiled extension)."""
 
@@ -421,6 +425,102 @@ def takes(node: pyast.AST | None, n: int) -> bool | None:
         return None
     least, most = arity
     return least <= n and (most is None or n <= most)
+
+
+@dataclass(frozen=True)
+class KeywordCall:
+    """How a def's parameters take a call of `n` positional arguments and some keywords
+    (keyword_call): what fails, each by name; empty tuples where nothing does."""
+    unknown: tuple[str, ...] = ()         # keywords no parameter takes, with no **kwargs
+    twice: tuple[str, ...] = ()           # keywords naming a parameter the positional arguments fill
+    positional_only: tuple[str, ...] = ()  # keywords naming a positional-only parameter (no **kwargs)
+    missing: tuple[str, ...] = ()         # parameters without a default that nothing fills
+    too_many: bool = False                # more positional arguments than it takes (no *args)
+    names: tuple[str, ...] = ()           # the parameters a keyword may name
+    any_keyword: bool = False             # it takes **kwargs
+    passed: tuple[str, ...] = ()          # the parameters the positional arguments fill
+    annotations: dict = field(default_factory=dict, compare=False)   # keyword -> its parameter's annotation node
+
+    @property
+    def fails(self) -> bool:
+        return bool(self.unknown or self.twice or self.positional_only or self.missing or self.too_many)
+
+
+def keyword_call(node: pyast.AST | None, n: int, keywords) -> KeywordCall | None:
+    """How `fn(a1, …, an, **keywords)` binds to a top-level `def` or a lambda, as Python binds it;
+    None when the source does not say (not a def, or a decorated one, whose wrapper may take
+    anything)."""
+    if not isinstance(node, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.Lambda)) or \
+            getattr(node, "decorator_list", None):
+        return None
+    a = node.args
+    positional = [*a.posonlyargs, *a.args]
+    required = len(positional) - len(a.defaults)
+    filled = {p.arg for p in positional[:n]}
+    posonly = {p.arg for p in a.posonlyargs}
+    by_name = {p.arg: p for p in [*a.args, *a.kwonlyargs] if p.arg not in posonly}
+    unknown, twice, only = [], [], []
+    for k in keywords:
+        if k in filled and k not in posonly:
+            twice.append(k)
+        elif k in by_name:
+            continue
+        elif a.kwarg is not None:
+            continue
+        elif k in posonly:
+            only.append(k)
+        else:
+            unknown.append(k)
+    given = set(keywords)
+    missing = [p.arg for i, p in enumerate(positional) if i >= n and i < required
+               and p.arg not in given]            # a positional-only one given by name: said as such
+    missing += [p.arg for p, d in zip(a.kwonlyargs, a.kw_defaults) if d is None and p.arg not in given]
+    return KeywordCall(tuple(unknown), tuple(twice), tuple(only), tuple(missing),
+                       n > len(positional) and a.vararg is None,
+                       tuple(p.arg for i, p in enumerate(positional) if i >= n and p.arg not in posonly)
+                       + tuple(p.arg for p in a.kwonlyargs), a.kwarg is not None, tuple(p.arg for p in positional[:n]),
+                       {k: by_name[k].annotation for k in keywords if k in by_name and k not in filled
+                        and by_name[k].annotation is not None})
+
+
+# an annotation's name -> the JSON value types (of a map's values) it takes: a bool is an int and an
+# int a float, as Python and its type checkers take them
+_ANNOTATED = {"int": {"bool", "int"}, "float": {"bool", "int", "float"}, "complex": {"bool", "int", "float"},
+              "bool": {"bool"}, "str": {"str"}, "list": {"list"}, "List": {"list"}, "dict": set(), "Dict": set(),
+              "None": set(), "NoneType": set(), "bytes": set(), "set": set(), "Set": set(), "frozenset": set()}
+
+
+def annotation_takes(note: pyast.AST | None, _depth: int = 0) -> set[str] | None:
+    """The JSON value types ("str", "int", "float", "bool", "list") an annotation clearly takes,
+    or None when it does not say clearly (Any, a class of the user's, a Literal, a type alias, …):
+    `int`, `list[str]`, `Optional[int]`, `int | None`, `Union[int, str]`, `"int"`."""
+    if note is None or _depth > 16:
+        return None
+    if isinstance(note, pyast.Constant) and isinstance(note.value, str):     # "int": a forward reference
+        try:
+            return annotation_takes(pyast.parse(note.value, mode="eval").body, _depth + 1)
+        except (SyntaxError, ValueError, RecursionError):
+            return None
+    if isinstance(note, pyast.Constant) and note.value is None:
+        return set()
+    name = note.id if isinstance(note, pyast.Name) else note.attr if isinstance(note, pyast.Attribute) else None
+    if name is not None:
+        return set(_ANNOTATED[name]) if name in _ANNOTATED else None
+    if isinstance(note, pyast.BinOp) and isinstance(note.op, pyast.BitOr):
+        left, right = annotation_takes(note.left, _depth + 1), annotation_takes(note.right, _depth + 1)
+        return None if left is None or right is None else left | right
+    if isinstance(note, pyast.Subscript):
+        head = note.value.id if isinstance(note.value, pyast.Name) else \
+            note.value.attr if isinstance(note.value, pyast.Attribute) else None
+        if head in ("list", "List", "dict", "Dict", "set", "Set", "frozenset"):
+            return set(_ANNOTATED[head])
+        inner = note.slice.elts if isinstance(note.slice, pyast.Tuple) else [note.slice]
+        if head == "Optional":
+            inner = [*inner, pyast.Constant(None)]
+        if head in ("Optional", "Union"):
+            parts = [annotation_takes(x, _depth + 1) for x in inner]
+            return None if any(p is None for p in parts) else set().union(*parts)
+    return None
 
 
 # ---------------------------------------------------------------- function shapes

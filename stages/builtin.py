@@ -15,8 +15,8 @@ setting in the file always wins. Runtime implementations are in stages/impl.py (
 
 from __future__ import annotations
 
-from .schema import (ANY_LABEL, BOOL, DURATION, ENUM, FLOAT, FROM_MODE, INT, LIST_STR, REQUIRED, SIZE, STR, Param,
-                       Port, StageKind)
+from .schema import (ANY_LABEL, BOOL, DURATION, ENUM, FLOAT, FROM_MODE, INT, LIST_STR, MAP, REQUIRED, SIZE, STR,
+                     Param, Port, StageKind)
 
 REQUESTS = StageKind(
     name="requests",
@@ -203,6 +203,9 @@ PYTHON = StageKind(
         "text as it is generated.",
     params=(
         Param("fn", STR, REQUIRED, "the function to call, as \"module:function\""),
+        Param("args", MAP, None, "keyword arguments the function is called with, fn(item, **args) "
+              "(a stream's fn(item, chunks, **args)): {top_k = 3, label = \"math\"}; strings, numbers, "
+              "booleans and lists of them", optional=True),
         Param("max_turns", INT, None, "bounds a loop through this stage: after max_turns calls for one "
               "request its items leave the loop (the edges out of it) without a call", min=1, max=1000,
               optional=True),
@@ -246,6 +249,7 @@ JOIN = StageKind(
     params=(
         Param("policy", ENUM, "first", "how branches merge", choices=("first", "majority", "longest", "fn")),
         Param("fn", STR, None, "the merge function for policy = fn, as \"module:function\"", optional=True),
+        Param("args", MAP, None, "keyword arguments fn is called with, fn(results, **args)", optional=True),
         Param("on_reject", ENUM, "fail", "a Reject in one branch: fail the request (fail), or merge the "
               "other branches without it (drop; if every branch is rejected the request fails)",
               choices=("fail", "drop")),

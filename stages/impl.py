@@ -98,7 +98,8 @@ class Python:
         self.fn = load_function(self.ref, context.base_dir)
         self.shape = callable_shape(self.fn)          # function | coroutine | generator | async_generator
         self.stream = bool(params.get("stream"))
-        takes_call(self.fn, "fn(item, chunks)" if self.stream else "fn(item)")
+        args = params.get("args") or {}
+        takes_call(self.fn, "fn(item, chunks)" if self.stream else "fn(item)", args)
         if self.stream and self.shape in ("function", "coroutine"):
             # a decorated generator (functools.wraps): check read the def, a generator, and the
             # wrapper hands back what the def makes, so it runs as the def's shape
@@ -107,6 +108,7 @@ class Python:
             inner = callable_shape(inspect.unwrap(self.fn))
             if inner in ("generator", "async_generator"):
                 self.shape = inner
+        self.fn = with_args(self.fn, args)
         self.max_turns = params.get("max_turns")
 
     @property
@@ -120,10 +122,24 @@ class Python:
         return self.fn(item)
 
 
-def takes_call(fn, call: str) -> None:
+def with_args(fn, args: dict):
+    """`fn` called with the stage's `args` as keywords after its positional arguments:
+    fn(item, **args). Each call gets its own copy of them, so a function that changes a list it
+    was given changes no other call's."""
+    if not args:
+        return fn
+    import copy
+
+    def call(*positional):
+        return fn(*positional, **copy.deepcopy(args))
+    return call
+
+
+def takes_call(fn, call: str, keywords: dict | None = None) -> None:
     """Refuse, as the module is loaded, a callable whose signature cannot take `call`'s positional
-    arguments (`fn(item)`: one) — what check could not read in the source (a lambda, a function a
-    factory made, a decorated def) and that would otherwise fail every request alike. A decorator's
+    arguments (`fn(item)`: one) and the stage's `args` as keywords — what check could not read in
+    the source (a lambda, a function a factory made, a decorated def) and that would otherwise fail
+    every request alike (a keyword it refuses: userfn.ArgsRefused, at the stage's `args`). A decorator's
     wrapper is judged by its own signature, which may supply arguments itself; a wrapper that only
     passes its arguments on (`(*args, **kwargs)`) says nothing, and the function it wraps
     (`__wrapped__`, which functools.wraps sets) is judged instead. A bare pass-through wrapper
@@ -132,7 +148,7 @@ def takes_call(fn, call: str) -> None:
     import functools
     import inspect
 
-    from pipeline_dsl.userfn import FunctionNotFound
+    from pipeline_dsl.userfn import ArgsRefused, FunctionNotFound
 
     def passes_on(f) -> bool:                 # (*args) or (*args, **kwargs)
         kinds = {p.kind for p in inspect.signature(f, follow_wrapped=False).parameters.values()}
@@ -146,11 +162,22 @@ def takes_call(fn, call: str) -> None:
                                       follow_wrapped=False)
     except (TypeError, ValueError):           # a builtin without one (its calls say), a cycle of __wrapped__
         return
+    positional = range(call.count(",") + 1)
     try:
-        signature.bind(*range(call.count(",") + 1))
+        signature.bind(*positional)
     except TypeError as e:
-        raise FunctionNotFound(f"it is called as {call}, but its signature {signature} cannot take that: {e}") \
-            from None
+        if not keywords:
+            raise FunctionNotFound(f"it is called as {call}, but its signature {signature} cannot take "
+                                   f"that: {e}") from None
+    else:
+        if not keywords:
+            return
+    try:
+        signature.bind(*positional, **keywords)
+    except TypeError as e:
+        with_keywords = call[:-1] + ", " + ", ".join(f"{k}=…" for k in keywords) + ")"
+        raise ArgsRefused(f"with its args it is called as {with_keywords}, but its signature {signature} "
+                          f"cannot take that: {e}") from None
 
 
 class Respond:
@@ -183,8 +210,10 @@ class Join:
         if params.get("fn"):
             from pipeline_dsl.userfn import callable_shape, load_function
             self.fn = load_function(params["fn"], context.base_dir)
-            takes_call(self.fn, "fn(results)")
+            args = params.get("args") or {}
+            takes_call(self.fn, "fn(results)", args)
             self.is_async = callable_shape(self.fn) == "coroutine"
+            self.fn = with_args(self.fn, args)
             self.policy = "fn"
 
     def merge(self, items: list[dict], awaited=None) -> dict:

@@ -27,13 +27,13 @@ from typing import Iterable
 
 from .builtin import BUILTIN_KINDS, POLICY_PARAMS
 # the schema's names, importable from here as third-party kinds always have (docs/architecture.md)
-from .schema import (ANY_LABEL, BOOL, DURATION, ENUM, FLOAT, FROM_MODE, INT, LIST_STR, REQUIRED,  # noqa: F401
-                     RESOURCES, SIZE, STR, Param, Port, StageKind)
+from .schema import (ANY_LABEL, BOOL, DURATION, ENUM, FLOAT, FROM_MODE, INT, LIST_STR, MAP,  # noqa: F401
+                     REQUIRED, RESOURCES, SIZE, STR, Param, Port, StageKind)
 
 ENTRY_POINT_GROUP = "agp.stages"
 
 __all__ = ["ANY_LABEL", "BOOL", "DURATION", "ENTRY_POINT_GROUP", "ENUM", "FLOAT", "FROM_MODE", "INT", "LIST_STR",
-           "REQUIRED", "RESOURCES", "SIZE", "STR", "Param", "Port", "Registry", "StageKind", "default_registry",
+           "MAP", "REQUIRED", "RESOURCES", "SIZE", "STR", "Param", "Port", "Registry", "StageKind", "default_registry",
            "get_kind", "reset_default_registry"]
 
 

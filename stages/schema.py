@@ -13,8 +13,8 @@ from typing import Any
 RESOURCES = ("host", "copy", "compute")
 
 # parameter value types
-INT, FLOAT, BOOL, STR, ENUM, DURATION, SIZE, LIST_STR = (
-    "int", "float", "bool", "str", "enum", "duration", "size", "list[str]")
+INT, FLOAT, BOOL, STR, ENUM, DURATION, SIZE, LIST_STR, MAP = (
+    "int", "float", "bool", "str", "enum", "duration", "size", "list[str]", "map")
 
 
 class _Required:
@@ -31,7 +31,8 @@ class Param:
     """One typed parameter of a stage kind. Durations are seconds, sizes bytes."""
 
     name: str
-    type: str                                  # INT, FLOAT, BOOL, STR, ENUM, DURATION, SIZE or LIST_STR
+    type: str                                  # INT, FLOAT, BOOL, STR, ENUM, DURATION, SIZE, LIST_STR or
+                                               # MAP ({name = value, …}: a dict of JSON values by name)
     default: Any = None                        # None: optional with no value; REQUIRED; FROM_MODE
     doc: str = ""
     choices: tuple[str, ...] = ()              # for enum

@@ -968,7 +968,7 @@ def _load_failed(graph: nx.DiGraph, stage: str, exc: BaseException):
     CheckFailed at the `fn` setting or the stage: check reads the source and imports nothing, so
     some of this is only found here, and it is the pipeline's error (exit 2), not an internal one."""
     from pipeline_dsl.diagnostics import ERROR, Diagnostic
-    from pipeline_dsl.userfn import FunctionNotFound
+    from pipeline_dsl.userfn import ArgsRefused, FunctionNotFound
     from stages.impl import NoImplementation
 
     node = graph.nodes[stage]
@@ -982,7 +982,7 @@ def _load_failed(graph: nx.DiGraph, stage: str, exc: BaseException):
                           expected="a kind whose impl names a class that its parameters can start",
                           hint="see docs/architecture.md, 'Stage implementations'")
         return _check_failed(diag, node.get("pos"))
-    pos = (node.get("param_pos") or {}).get("fn") or node.get("pos")
+    pos = (node.get("param_pos") or {}).get("args" if isinstance(exc, ArgsRefused) else "fn") or node.get("pos")
     why = str(exc) if isinstance(exc, FunctionNotFound) else f"importing its module failed{raised}"
     what = "join" if node.get("kind") == "join" else "stage"
     diag = Diagnostic(ERROR, f"{what} '{stage}': cannot load fn \"{ref}\": {why}", pos,
