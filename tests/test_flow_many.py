@@ -324,3 +324,17 @@ def test_max_items_without_returns_many_is_a_warning(tmp_path, soft_gguf):
     (d,) = diags(tmp_path, soft_gguf, body)
     assert d.severity == "warning" and "sets max_items but not returns = many" in d.message
 
+
+# ---------------------------------------------------------------- render and plan
+
+def test_render_and_plan_show_the_fan_out_and_its_join(tmp_path, soft_gguf):
+    from pipeline_dsl.plan import format_plan, make_plan
+    from pipeline_dsl.render import dot_source
+
+    graph = pipeline_dsl.load_pipeline_graph(str(pipeline(tmp_path, soft_gguf, split_params=" max_items = 9 ")))
+    dot = dot_source(graph)
+    assert '"split" -> "batch" [label="each", style=bold, penwidth=2];' in dot
+    assert '"gen" -> "collect";' in dot                      # the other edges as ever
+    plan = make_plan(graph)
+    assert "fan-out at run time: split (returns = many, at most 9) -> join 'collect'" in format_plan(plan)
+    assert plan.to_dict()["many"] == [{"stage": "split", "join": "collect", "max_items": 9}]
