@@ -176,3 +176,21 @@ def finished(item: dict) -> str:
 def ask_again(item: dict) -> dict:
     """The request of an answer the first engine could not finish, for the second engine."""
     return item["request"]
+
+
+# ---------------------------------------------------------------- map-reduce over a document's parts
+
+def split_paragraphs(item: dict) -> list:
+    """`returns = many`: one request per paragraph (blank-line separated) of the user's last
+    message; each asks for a one-sentence summary. Settings the new requests leave out (max_tokens,
+    temperature, metadata, ...) are the user's request's."""
+    text = item["messages"][-1]["content"] if item.get("messages") else item.get("prompt", "")
+    return [{"messages": [{"role": "user", "content": f"Summarise in one sentence: {part.strip()}"}]}
+            for part in re.split(r"\n\s*\n", text) if part.strip()]
+
+
+def combine_parts(results: list) -> dict:
+    """The join after the paragraphs' summaries: one line each, in the paragraphs' order."""
+    if not results:
+        return {"text": "(nothing to summarise)"}
+    return {"text": "\n".join(r["text"].strip() for r in results)}

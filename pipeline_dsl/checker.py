@@ -797,7 +797,7 @@ def _check_python_shape(name: str, params: dict, given: set, where, base) -> lis
                               expected="a stream stage without retries, cache or max_turns",
                               hint="chunks already sent cannot be taken back: remove "
                                    f"{param} or stream = true"))
-    if params.get("returns") in ("request", "any"):
+    if params.get("returns") in ("request", "any", "many"):
         diags.append(_err(f"stage '{name}' has stream = true, so it gives Generated results, not "
                           f"returns = {params['returns']}", where("returns"),
                           expected="returns = same (or generated) with stream = true"))
@@ -809,6 +809,21 @@ def _args_map(st: ast.Stage, params: dict) -> ast.Map | None:
     if not params.get("args"):
         return None
     return next((p.value for p in st.params if p.name.text == "args" and isinstance(p.value, ast.Map)), None)
+
+
+def _check_many_params(name: str, params: dict, given: set, where) -> list[Diagnostic]:
+    """`max_items` bounds the list of a `returns = many` stage, and nothing else; a cache keeps one
+    item per call, not a list."""
+    many = params.get("returns") == "many"
+    if "max_items" in given and not many:
+        return [_warn(f"stage '{name}' sets max_items but not returns = many: its function returns one item, "
+                      "so max_items bounds nothing", where("max_items"),
+                      hint="remove max_items, or write returns = many if the function returns a list of requests")]
+    if many and "cache" in given and params.get("cache"):
+        return [_err(f"stage '{name}': cache cannot be used with returns = many", where("cache"),
+                     expected="a returns = many stage without cache",
+                     hint="a result cache keeps one item per call; remove cache (or cache inside the function)")]
+    return []
 
 
 def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set, pos: dict,
@@ -852,8 +867,9 @@ def _check_kind_params(kind: StageKind, st: ast.Stage, params: dict, given: set,
                 diags += _check_signature(f"stage '{st.name.text}'", params["fn"], 2 if stream else 1,
                                           "(item, chunks)" if stream else "(item)", where("fn"), base,
                                           _args_map(st, params))
-            if not stream:              # a stream filter's return is a label or nothing, never its result
-                diags += _check_python_returns(st.name.text, params["fn"], where("fn"), base)
+            if not stream and params.get("returns") != "many":   # a stream filter's return is a label or
+                diags += _check_python_returns(st.name.text, params["fn"], where("fn"), base)   # nothing
+        diags += _check_many_params(st.name.text, params, given, where)
     elif kind.name == "join":
         policy, fn = params.get("policy"), params.get("fn")
         if fn is not None and "policy" not in given:

@@ -117,7 +117,7 @@ def outputs(kind, params: dict, received: frozenset) -> frozenset:
     if kind.name == "python":
         returns = params.get("returns") or "same"
         out = {"same": received, "request": frozenset({"Request"}), "generated": frozenset({"Generated"}),
-               "any": ITEM_TYPES}[returns] & ITEM_TYPES
+               "any": ITEM_TYPES, "many": frozenset({"Request"})}[returns] & ITEM_TYPES
         if params.get("max_turns") is not None:   # past its bound an item leaves the loop as it came
             out |= received & ITEM_TYPES
         return out
@@ -224,6 +224,7 @@ def validate(r: Resolved, registry: Registry | None = None) -> list[Diagnostic]:
     diags += _check_streams(r, receives)
     diags += _check_loop_exits(r, g, carry, receives)
     diags += _check_join_fan_out(r, g, reachable(g.successors, maybe_sources))
+    diags += _check_many(r, g)
     diags += _check_loop_fan_out(r, g, carry, emits)
     budget_diags = _check_kv_budget(r)
     diags += budget_diags
@@ -273,7 +274,7 @@ def _check_join_fan_out(r: Resolved, g: nx.DiGraph, reached: set) -> list[Diagno
                 continue
             seen.add(u)
             k = r.stages[u].kind
-            if k is None or k.name == "generate" or g.out_degree(u) > 1:
+            if k is None or k.name == "generate" or g.out_degree(u) > 1 or spreads(r.stages[u].params, k.name):
                 fans = True            # an unknown kind may fan out: no warning
             elif k.name == "join":
                 barriers.add(u)        # one merged result per request leaves it
@@ -285,6 +286,75 @@ def _check_join_fan_out(r: Resolved, g: nx.DiGraph, reached: set) -> list[Diagno
             diags.append(_warn(f"join '{n}' gets one item per request, so it merges nothing: {after}", s.pos,
                                hint=f"remove '{n}', or fan out before it (several edges out of a stage, or "
                                     "a generate stage: its n answers)"))
+    return diags
+
+
+def spreads(params: dict, kind: str | None) -> bool:
+    """Whether a stage is a python stage with `returns = many`: each call's list of requests goes on
+    as that many items (a fan-out as wide as the list)."""
+    return kind == "python" and params.get("returns") == "many"
+
+
+def collecting_joins(graph: nx.DiGraph, stage: str) -> tuple[list[str], list[str] | None]:
+    """What the items a `returns = many` stage sends reach first: (the joins, in file order, that
+    some path out of `stage` reaches before any other join; a path from `stage` to a respond stage
+    that passes no join, or None). The items are collected where one join is on every path and
+    no path reaches a respond stage without one (check's `returns = many` rule)."""
+    kind = {n: graph.nodes[n].get("kind") for n in graph}
+    joins, seen, parent, todo = [], {stage}, {}, deque()
+    for v in graph.successors(stage):
+        if v not in seen:
+            seen.add(v)
+            parent[v] = stage
+            todo.append(v)
+    unjoined = None
+    while todo:
+        v = todo.popleft()
+        if kind[v] == "join":
+            joins.append(v)
+            continue
+        if kind[v] == "respond" and unjoined is None:
+            path = [v]
+            while path[-1] != stage:
+                path.append(parent[path[-1]])
+            unjoined = path[::-1]
+        for w in graph.successors(v):
+            if w not in seen:
+                seen.add(w)
+                parent[w] = v
+                todo.append(w)
+    order = list(graph)
+    return sorted(joins, key=order.index), unjoined
+
+
+def _check_many(r: Resolved, g: nx.DiGraph) -> list[Diagnostic]:
+    """A `returns = many` stage's items are collected by one join: every path out of it reaches
+    that join before a respond stage (else the answer would be as many choices as the list is
+    long, and an empty list would answer nothing), and no path reaches another join first (an
+    empty list is that one join's to answer)."""
+    diags = []
+    for n, s in r.stages.items():
+        if s.kind is None or not spreads(s.params, s.kind.name):
+            continue
+        if any(r.stages[v].kind is None for v in nx.descendants(g, n)):
+            continue                   # an unknown kind may be anything: its own error says so
+        joins, unjoined = collecting_joins(g, n)
+        returns = ("returns = many here", s.param_pos.get("returns") or s.pos)
+        if unjoined is not None:
+            diags.append(_err(f"stage '{n}' returns many items, but a path from it reaches respond stage "
+                              f"'{unjoined[-1]}' without a join: {' -> '.join(unjoined)}", s.pos,
+                              expected=f"a join on every path from '{n}' to a respond stage, which collects "
+                                       "its items into one answer",
+                              hint=f"add `stage collect : join {{ policy = fn  fn = \"module:function\" }}` "
+                                   f"between '{unjoined[-2]}' and '{unjoined[-1]}' (its fn gets the results "
+                                   "in list order)",
+                              notes=[returns]))
+        elif len(joins) > 1:
+            diags.append(_err(f"stage '{n}' returns many items, but they reach {len(joins)} joins first "
+                              f"({', '.join(repr(j) for j in joins)}); one join collects them", s.pos,
+                              expected=f"one join that every path from '{n}' reaches first",
+                              hint=f"route every path from '{n}' through one join",
+                              notes=[returns] + [(f"join '{j}'", r.stages[j].pos) for j in joins]))
     return diags
 
 

@@ -149,6 +149,9 @@ class PipelinePlan:
     # segments whose generate stages load the same weights (graph.weights_key), which the runtime
     # loads once for them: (model, dtype, (segment, ...)) for each model two or more segments share
     shared_weights: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+    # fan-outs as wide as a list: (python stage with returns = many, the join collecting its items,
+    # its max_items) for each such stage
+    many: tuple[tuple[str, str | None, int], ...] = ()
 
     def _one(self) -> Plan | None:
         return self.segments[0] if self.segments else None
@@ -208,6 +211,8 @@ class PipelinePlan:
         if self.shared_weights:
             out["shared_weights"] = [{"model": m, "dtype": d, "segments": list(segs)}
                                      for m, d, segs in self.shared_weights]
+        if self.many:
+            out["many"] = [{"stage": st, "join": j, "max_items": cap} for st, j, cap in self.many]
         if one is not None:       # the first segment's plan at the top level, as `agp plan --json` always had
             out.update({k: v for k, v in one.to_dict().items() if k not in ("pipeline",)})
         return out
@@ -451,7 +456,21 @@ def make_plan(graph: nx.DiGraph, window: int = 12, costs: dict[str, float] | Non
         prefix = f"{'+'.join(seg[3])}/" if len(segments) > 1 else ""
         plans.append(_plan_segment(graph, seg, window, costs, prefix))
     return PipelinePlan(str(graph.graph.get("name", "")), item_work(graph), tuple(plans),
-                        base=graph.graph.get("base"), shared_weights=shared_weights(graph, segments))
+                        base=graph.graph.get("base"), shared_weights=shared_weights(graph, segments),
+                        many=fan_outs_at_run_time(graph))
+
+
+def fan_outs_at_run_time(graph: nx.DiGraph) -> tuple[tuple[str, str | None, int], ...]:
+    """(stage, the join that collects its items, max_items) of each python stage with returns = many."""
+    from .graph import collecting_joins, spreads
+
+    out = []
+    for n, data in graph.nodes(data=True):
+        params = data.get("params") or {}
+        if spreads(params, data.get("kind")):
+            joins = collecting_joins(graph, n)[0]
+            out.append((n, joins[0] if joins else None, int(params.get("max_items", 64))))
+    return tuple(out)
 
 
 def shared_weights(graph: nx.DiGraph, segments: list) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
@@ -539,6 +558,8 @@ def format_plan(plan: PipelinePlan) -> str:
     lines.append(f"\nper request, on {plan.workers} host worker threads (off the engine loop; python stages on "
                  "workers of their own):")
     lines.append("  " + "  ".join(w.name for w in plan.items) if plan.items else "  (none)")
+    for stage, join, cap in plan.many:
+        lines.append(f"fan-out at run time: {stage} (returns = many, at most {cap}) -> join '{join}'")
     for model, dtype, names in plan.shared_weights:
         lines.append(f"\nweights: engine segments {', '.join(names)} share one loaded copy of "
                      f"{os.path.basename(model)} (dtype {dtype}); each keeps its own KV pool and batcher")

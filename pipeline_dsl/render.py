@@ -23,6 +23,7 @@ from stages.registry import default_registry
 
 from . import units
 from .conditions import text as cond_text
+from .graph import spreads
 
 FORMATS = ("svg", "png", "pdf", "dot")
 RESOURCE_COLOURS = {"host": "#dbeafe", "copy": "#fef3c7", "compute": "#fde2e2", None: "#eeeeee"}
@@ -152,16 +153,20 @@ def dot_source(graph, plan=None) -> str:
             routes = [(v, c) for _, v, e in graph.out_edges(u, data=True)
                       for c in (e.get("conditions") or [e.get("condition")])]
         first = sum(1 for _, c in routes if c is not None and c != ("otherwise",)) > 1
+        # returns = many: each request of the list goes along these edges, drawn bold and labelled
+        each, bold = ("each ", ", style=bold, penwidth=2") if spreads(data.get("params") or {}, data.get("kind")) \
+            else ("", "")
         k = 0
         for v, c in routes:
             if c is None:
-                lines.append(f"  {_q(u)} -> {_q(v)};")
+                lines.append(f'  {_q(u)} -> {_q(v)} [label="each"{bold}];' if each else f"  {_q(u)} -> {_q(v)};")
             elif c == ("otherwise",):
-                lines.append(f'  {_q(u)} -> {_q(v)} [label="otherwise", style=dashed];')
+                wide = ", penwidth=2" if each else ""
+                lines.append(f'  {_q(u)} -> {_q(v)} [label="{each}otherwise", style=dashed{wide}];')
             else:
                 k += 1
                 order = f"{k}. " if first and graph.nodes[u].get("kind") != "dynamic_batch" else ""
-                lines.append(f"  {_q(u)} -> {_q(v)} [label={_q(order + 'when ' + cond_text(c))}];")
+                lines.append(f"  {_q(u)} -> {_q(v)} [label={_q(each + order + 'when ' + cond_text(c))}{bold}];")
     if plan is not None:
         seen = set()
         for ev in plan.events:

@@ -197,7 +197,8 @@ PYTHON = StageKind(
         "usage, request) and returns the dict (changed in place or a new one), a label string that "
         "`when LABEL` edges match, or raises pipeline_dsl.Reject(\"why\") to refuse the request. A "
         "returned Request goes on along the out-edges that lead where Requests are taken, a Generated "
-        "result along those that lead to a respond stage; `returns` says which it may give. An `async "
+        "result along those that lead to a respond stage; `returns` says which it may give (`returns = many`: a "
+        "list of requests, each going on as its own item to a join that collects them in list order). An `async "
         "def` runs on an event loop of its stage's own; each stage has its own workers, and may set a timeout, "
         "retries and a result cache. With stream = true the function is a generator that filters the "
         "text as it is generated.",
@@ -210,8 +211,11 @@ PYTHON = StageKind(
               "request its items leave the loop (the edges out of it) without a call", min=1, max=1000,
               optional=True),
         Param("returns", ENUM, "same", "what the function returns: same (the type it got), request, "
-              "generated, or any (either; e.g. a tool step that loops back or answers)",
-              choices=("same", "request", "generated", "any")),
+              "generated, or any (either; e.g. a tool step that loops back or answers); many: a list of "
+              "requests, each its own item on to the join that collects them (a fan-out as wide as the list)",
+              choices=("same", "request", "generated", "any", "many")),
+        Param("max_items", INT, 64, "returns = many: the longest list one call may return; a longer one fails "
+              "its request at this stage", min=1, max=4096),
         *POLICY_PARAMS,
         Param("cache", INT, 0, "results kept, keyed by the item's content without its id (the least "
               "recently used is dropped first); 0 = no cache", min=0, max=1 << 20),

@@ -1132,7 +1132,7 @@ def test_a_join_with_fn_alone_gets_policy_fn_and_good_functions_are_accepted(tmp
     assert r.stages["j1"].given == frozenset({"fn"})
     assert r.stages["j2"].params == {"fn": "mymod:merge", "policy": "fn", "on_reject": "fail", "args": None,
                                      **JOIN_POLICY}
-    assert r.stages["py"].params == {"fn": "mymod:label", "args": None, "max_turns": None, "returns": "same",
+    assert r.stages["py"].params == {"fn": "mymod:label", "args": None, "max_turns": None, "returns": "same", "max_items": 64,
                                      "workers": 16, "timeout": 0.0, "retries": 0, "backoff": 0.5, "cache": 0,
                                      "cache_ttl": 0.0, "stream": False}
     assert r.stages["j1"].param_pos["fn"] == SourcePos("t.agp", 9, 28, 9, 41)

@@ -113,3 +113,19 @@ def test_fallback_asks_the_second_engine_only_for_answers_the_first_could_not_fi
     assert short.choices[0].data["generated_by"] == "fast"
     assert long_.choices[0].data["generated_by"] == "strong"
     assert stats["stages"]["strong"]["items_in"] == 1 and stats["stages"]["fast"]["items_in"] == 2
+
+
+def test_map_reduce_summarises_each_paragraph_and_joins_them_in_order():
+    text = ("The cat sat on the mat all day.\n\nThe dog barked at the mailman.\n\n"
+            "Birds sang in the tall oak tree.")
+    (res, empty), stats = run("map_reduce.agp", [user("doc", text, max_tokens=6), user("blank", " \n\n ")])
+    assert res.ok and len(res.choices) == 1
+    branches = res.choices[0].data["branches"]
+    assert len(branches) == 3                             # one branch a paragraph
+    assert res.choices[0].text == "\n".join(b["text"].strip() for b in branches)
+    # the merged result's request is the first paragraph's (a new dict from the join fn: its first branch's)
+    assert res.choices[0].data["request"]["messages"] == [
+        {"role": "user", "content": "Summarise in one sentence: The cat sat on the mat all day."}]
+    assert 3 <= res.usage["completion_tokens"] <= 3 * 6   # every branch's tokens; each at most the request's 6
+    assert empty.ok and empty.choices[0].text == "(nothing to summarise)"
+    assert stats["stages"]["split"]["items_out"] == 3 and stats["stages"]["gen"]["items_in"] == 3

@@ -158,6 +158,9 @@ class Item:
     split: bool = False                # one of several copies a generate stage made: never split again
     copy: int = 0                      # which of those copies: sampled again elsewhere with seed + copy
     tool_read: Any = None              # the tool calls its generate stage read (Choice.tool_read)
+    # stands at a join for the results a `returns = many` stage's empty list did not make: the join
+    # fires for it (with no results) once nothing else can reach it; never one of the request's items
+    hollow: bool = False
 
     def fork(self, branch: tuple) -> "Item":
         return Item(self.kind, copy.deepcopy(self.data), self.req, self.at, branch, dict(self.turns),

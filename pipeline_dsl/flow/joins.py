@@ -6,7 +6,9 @@ longest, or the user's fn, which the runtime runs on the join's own workers) and
 makes the merged item's dict: a new dict from fn gets the fields it left out
 (finish_reason, usage, generated_by, request, id) from the first branch, and every merged
 result carries `branches`. `on_reject = drop` lets a Reject in one branch leave that branch
-out instead of failing the request (`drops`).
+out instead of failing the request (`drops`). A `returns = many` stage's empty list leaves a
+hollow item (items.Item.hollow) at the join that collects its items: the join fires then with
+no results (a fn gets [], a built-in policy fails), the hollow item giving `id` and `request`.
 
 State lives on the request (RequestState.joins); these methods run under the runtime's lock
 except `result`.
@@ -48,10 +50,23 @@ class Joins:
 
     def inputs(self, stage: str, waiting: list) -> list:
         """The waiting items in the order the policy sees them: `first` in arrival order, the
-        others in branch order (ties go to the earliest branch)."""
+        others in branch order (ties go to the earliest branch; a `returns = many` stage's items
+        in list order). Hollow items are none of them."""
+        real = [it for it in waiting if not it.hollow]
         if self.impls[stage].policy == "first":
-            return list(waiting)
-        return sorted(waiting, key=lambda it: it.branch)
+            return real
+        return sorted(real, key=lambda it: it.branch)
+
+    def empty(self, stage: str, waiting: list) -> PipelineError | None:
+        """The error of a join that got no results (only hollow items: a `returns = many` stage
+        returned an empty list) whose built-in policy has nothing to choose from; None when it has
+        results, or a fn, which decides what no results give."""
+        if any(not it.hollow for it in waiting) or self.user_code(stage):
+            return None
+        made = ", ".join(sorted({f"'{it.data.get('from_many')}'" for it in waiting}))
+        return PipelineError(f"join '{stage}' got no results to merge: stage {made} returned an empty list, and "
+                             f"policy = {self.impls[stage].policy} has none to choose from (a join fn decides "
+                             "what an empty list gives)", "failed", stage)
 
     def user_code(self, stage: str) -> bool:
         return self.impls[stage].policy == "fn"
@@ -60,16 +75,17 @@ class Joins:
         """The merged item's dict: completed from the first branch, checked as a python stage's result
         is (items.check_result: its token ids of the vocabulary vocab_of(its generated_by) gives),
         with `branches`."""
-        ordered = sorted(waiting, key=lambda it: it.branch)
+        ordered = sorted((it for it in waiting if not it.hollow), key=lambda it: it.branch)
+        first = ordered[0] if ordered else waiting[0]       # no results: the hollow item's id and request
         if not isinstance(merged, dict) or not isinstance(merged.get("text"), str):
             got = type(merged).__name__ if not isinstance(merged, dict) else "a dict without a text string"
             raise PipelineError(f"join '{stage}' produced no result: its merge gave {got}", "failed", stage)
-        if any(merged is it.data or merged == it.data for it in waiting):
+        if any(merged is it.data or merged == it.data for it in ordered):
             merged = dict(merged)
         else:
             for key in FILLED:
-                if merged.get(key) is None and ordered[0].data.get(key) is not None:
-                    merged[key] = ordered[0].data[key]
+                if merged.get(key) is None and first.data.get(key) is not None:
+                    merged[key] = first.data[key]
             check_result(merged, stage, f"join '{stage}' produced", vocab=vocab_of(merged.get("generated_by")))
         merged["branches"] = [{"text": it.data.get("text"), "finish_reason": it.data.get("finish_reason")}
                               for it in ordered]

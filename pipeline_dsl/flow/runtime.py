@@ -46,13 +46,13 @@ import networkx as nx
 
 from pipeline_dsl import Reject
 from pipeline_dsl.constraints import MAX_GRAMMAR_WORK
-from pipeline_dsl.graph import segments_of
+from pipeline_dsl.graph import collecting_joins, segments_of, spreads
 from pipeline_dsl.plan import ITEM_WORKERS, make_plan
 
 from .cache import ResultCache, cache_key
 from .driving import Driving
 from .engines import EngineSide
-from .items import (COUNTED, GENERATED, REQUEST, Item, PipelineError, RequestState, Result,
+from .items import (COUNTED, GENERATED, REQUEST, Item, PipelineError, RequestState, Result, a_type,
                     check_result, tell_result, token_field_problem)
 from .joins import FILLED, Joins
 from .ledger import RequestLedger
@@ -105,6 +105,9 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
         plugins = {n: kind for n, k in self.kind.items()
                    if (kind := get_kind(k)) is not None and kind.source != "builtin"}
         self.returns.update({n: _returns_of(kind) for n, kind in plugins.items()})
+        # a `returns = many` stage -> the join that collects its items (check: one on every path)
+        self.collector = {n: next(iter(collecting_joins(graph, n)[0]), None) for n in graph
+                          if spreads(self.params[n], self.kind[n])}
         sources = [n for n, k in self.kind.items() if k == "requests"]
         self.source = sources[0] if sources else None
         self.max_queue = max_queue or (self.params[self.source].get("max_queue", 1024) if self.source else 1024)
@@ -453,14 +456,17 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
             self._fail_item(item, stage, value)
             return
         try:
-            if stage in self.streaming:
-                item.data["text"], item.label = value
-                item.label = item.label if isinstance(item.label, str) else None
+            if stage in self.collector:                 # returns = many: a list of requests
+                nxt = self._spread(item, stage, value)
             else:
-                self._take(item, stage, view, value)
-                if key is not None:
-                    self.caches[stage].put(key, value if isinstance(value, str) else None, item.data)
-            nxt = self._send(item, stage)
+                if stage in self.streaming:
+                    item.data["text"], item.label = value
+                    item.label = item.label if isinstance(item.label, str) else None
+                else:
+                    self._take(item, stage, view, value)
+                    if key is not None:
+                        self.caches[stage].put(key, value if isinstance(value, str) else None, item.data)
+                nxt = self._send(item, stage)
         except BaseException as e:                  # noqa: BLE001
             self._fail_item(item, stage, e)
             return
@@ -506,6 +512,74 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
                 if item.kind == REQUEST:
                     out = self._answered_here(item, stage, out)
             item.kind, item.data = kind, out
+
+    def _spread(self, item: Item, stage: str, value) -> list[tuple[Item, str]]:
+        """What a `returns = many` stage returned: each request of its list goes on as an item of
+        its own, a branch of the request numbered by its place in the list (so the join that
+        collects them sees them in list order). An empty list leaves a hollow item at that join."""
+        elements = self._elements(item, stage, value)
+        req = item.req
+        with self._lock:
+            if req.done or item not in req.items:
+                return []
+            req.items.discard(item)
+            if not elements:
+                join = self.collector[stage]
+                base = item.data if item.kind == REQUEST else item.data.get("request")
+                hollow = Item(GENERATED, {"id": item.data.get("id", req.id), "request": base, "finish_reason": "stop",
+                                          "from_many": stage}, req, join, item.branch, dict(item.turns), hollow=True)
+                if join is not None:
+                    req.joins.setdefault(join, []).append(hollow)
+                self._check(req)
+                return []
+            forks = []
+            for i, data in enumerate(elements):
+                it = Item(REQUEST, data, req, stage, item.branch + (i,), dict(item.turns),
+                          sampled=item.sampled, split=item.split, copy=item.copy)
+                req.items.add(it)
+                forks.append(it)
+        return [x for it in forks for x in self._send(it, stage)]
+
+    def _elements(self, item: Item, stage: str, value) -> list[dict]:
+        """A `returns = many` stage's list, checked: at most its max_items requests, each a request
+        dict (messages, prompt or prompt_token_ids) that is checked as a request line is. What an
+        element leaves out (its id, metadata, sampling settings, n) is the request's the stage got
+        (a result's: the request that made it), as a fan-out's copies carry it; its prompt is its own."""
+        from pipeline_dsl.requests_io import RequestError, check_unicode, parse_request
+
+        if not isinstance(value, (list, tuple)):
+            raise PipelineError(f"stage '{stage}' returned {_a(value)}, but it declares returns = many: its "
+                                "function returns a list of requests", "failed", stage)
+        cap = self.params[stage].get("max_items", 64)
+        if len(value) > cap:
+            raise PipelineError(f"stage '{stage}' returned a list of {len(value)} requests, more than its "
+                                f"max_items = {cap}", "failed", stage)
+        base = item.data if item.kind == REQUEST else item.data.get("request")
+        base = base if isinstance(base, dict) else {}
+        out = []
+        for i, element in enumerate(value):
+            if not isinstance(element, dict) or _kind_of(element) != REQUEST:
+                what = "a result (text), not a request" if isinstance(element, dict) and _kind_of(element) \
+                    else "a dict without messages, prompt or prompt_token_ids" if isinstance(element, dict) \
+                    else _a(element)
+                raise PipelineError(f"stage '{stage}' returned a list whose item [{i}] is {what}; expected a "
+                                    "request dict (messages, prompt or prompt_token_ids)", "failed", stage)
+            full = {k: copy.deepcopy(v) for k, v in base.items() if k not in element and k not in PROMPT_FORMS}
+            full.update(element)
+            try:
+                request = parse_request(full).item()
+                check_unicode(request)
+            except RequestError as e:
+                raise PipelineError(f"stage '{stage}' returned a list whose item [{i}] is an invalid request: {e}",
+                                    "failed", stage) from None
+            ids = request.get("prompt_token_ids")
+            if ids is not None:
+                problem = token_field_problem("prompt_token_ids", ids, self.request_vocab(item.req.pin))
+                if problem is not None:
+                    raise PipelineError(f"stage '{stage}' returned a list whose item [{i}] is a request whose "
+                                        f"{problem}", "failed", stage)
+            out.append(request)
+        return out
 
     def _answered_here(self, item: Item, stage: str, out: dict) -> dict:
         """A Request the stage answered itself: the answer's usage, counted in its request's. What
@@ -634,6 +708,9 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
     def _fire(self, req: RequestState, stage: str, waiting: list[Item]) -> list[tuple[Item, str]]:
         impl = self.impls[stage]
         inputs = self.joins.inputs(stage, waiting)
+        empty = self.joins.empty(stage, waiting)
+        if empty is not None:
+            raise empty
         t0 = time.perf_counter()
         if self.joins.user_code(stage):               # the user's fn: on the join's own workers
             came = [it.data for it in inputs]
@@ -665,7 +742,7 @@ class PipelineRuntime(EngineSide, LiveStages, Driving):
 
     def _merged(self, req: RequestState, stage: str, waiting: list[Item], merged) -> list[tuple[Item, str]]:
         data = self.joins.result(stage, waiting, merged, lambda gen: self.vocab_of(req.pin, gen))
-        first = min(waiting, key=lambda it: it.branch)
+        first = min([it for it in waiting if not it.hollow] or waiting, key=lambda it: it.branch)
         item = Item(GENERATED, data, req, stage, first.branch[:-1] if first.branch else (), dict(first.turns))
         # the answer is one branch's text (or a fn's): what its generate stage read of it still holds
         item.tool_read = next((it.tool_read for it in waiting
@@ -884,6 +961,14 @@ def _completed(out: dict, got: dict, got_kind: str) -> dict:
             out = {k: v for k, v in out.items() if k not in kept}
     missing = {k: v for k, v in fill.items() if out.get(k) is None and v is not None}
     return {**out, **missing} if missing else out
+
+
+PROMPT_FORMS = ("messages", "prompt", "prompt_token_ids")   # a request's prompt: a many element's own
+
+
+def _a(value) -> str:
+    """'a dict', 'an int', 'None': what a function returned, in a sentence."""
+    return "None" if value is None else a_type(value)
 
 
 REQUEST_LOGPROBS = ("logprobs", "prompt_logprobs")      # a request's settings, an answer's tokens' logprobs

@@ -1,0 +1,340 @@
+"""A fan-out as wide as a list (docs/language.md, "returns = many"): a python stage's function
+returns a list of requests, each goes on as an item of its own (through a generate chain, say)
+and the join that collects them merges them in list order. Its edges: an empty list, a list
+past max_items, an element that is no request, a branch refused or cancelled, usage and n per
+branch, a streamed request; and what `check` refuses."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+import flowkit
+from flowkit import Heard, chain, chat, errors, run, runtime, write
+import pipeline_dsl
+
+HOOKS = '''
+import json
+
+import flowkit
+import pipeline_dsl
+
+
+def split(item):
+    """One request per '|'-separated part of the question ('' and '||' have none)."""
+    text = item["messages"][-1]["content"]
+    return [{"prompt": f"part {i}: {p}"} for i, p in enumerate(text.split("|")) if p]
+
+
+def split_bad(item):
+    bad = item["metadata"]["bad"]
+    if bad == "str":
+        return [{"prompt": "fine"}, "a string"]
+    if bad == "result":
+        return [{"prompt": "fine"}, {"prompt": "fine too"}, {"text": "an answer"}]
+    if bad == "invalid":
+        return [{"prompt": "fine"}, {"prompt": "fine too"}, {"prompt": "also"}, {"prompt": ""}]
+    if bad == "none":
+        return [{"prompt": "fine"}, {"metadata": {}}]
+    if bad == "dict":
+        return item
+    if bad == "fine":
+        return [{"prompt": f"p{i}"} for i in range(4)]
+    return [{"prompt": f"p{i}"} for i in range(5)]
+
+
+def parts(results):
+    """What each branch's result says of itself, in the order the join got them."""
+    flowkit.bump("merge")
+    return {"text": json.dumps([{"prompt": r["request"]["prompt"], "id": r["id"],
+                                 "tag": r["request"]["metadata"].get("tag"), "by": r["generated_by"]}
+                                for r in results]) if results else "no parts"}
+
+
+def guard(item):
+    if "bad" in item["request"]["prompt"]:
+        raise pipeline_dsl.Reject("a bad part")
+    return item
+
+
+def sub_questions(item):
+    """After a first model: three sub-questions of its answer's request (a Generated item)."""
+    return [{"prompt": f"sub {i}: " + item["request"]["messages"][-1]["content"]} for i in range(3)]
+
+
+def held(item):
+    flowkit.bump("held")
+    flowkit.gate("held").wait(60)
+    return item
+'''
+
+pytestmark = pytest.mark.usefixtures("fresh_flowkit")
+
+
+def pipeline(tmp_path, model, split="hooks:split", join='fn = "hooks:parts"', extra="", after="gen -> collect",
+             split_params=""):
+    body = (f'stage request : requests {{}}\nstage split : python {{ fn = "{split}"  returns = many {split_params}}}\n'
+            f"stage gen : generate {{ max_new_tokens = 3 }}\nstage collect : join {{ {join} }}\n"
+            f"stage out : respond {{}}\n{extra}request -> split -> batch\n" + chain()
+            + f"{after}\ncollect -> out\n")
+    path = write(tmp_path, model, body, hooks=HOOKS)
+    assert errors(path) == []
+    return path
+
+
+def said(result) -> list[dict]:
+    return json.loads(result.choices[0].text)
+
+
+# ---------------------------------------------------------------- the list, item by item
+
+def test_each_request_of_the_list_is_generated_and_the_join_gets_them_in_list_order(tmp_path, soft_gguf):
+    path = pipeline(tmp_path, soft_gguf)
+    (res,), rt = run(path, [chat("q", "a|b|c|d|e", metadata={"tag": "t"})])
+    assert res.ok and len(res.choices) == 1
+    assert said(res) == [{"prompt": f"part {i}: {p}", "id": "q", "tag": "t", "by": "gen"}
+                         for i, p in enumerate("abcde")]       # its id and metadata: the request's
+    assert len(res.choices[0].data["branches"]) == 5
+    assert res.usage["completion_tokens"] == 5 * 4            # every branch's tokens (max_tokens 4), summed
+    assert res.usage["prompt_tokens"] > 0
+    flowkit.edges_add_up(rt.stats())
+    stages = rt.stats()["stages"]
+    assert stages["split"]["items_in"] == 1 and stages["split"]["items_out"] == 5
+    assert stages["gen"]["items_in"] == 5 and stages["collect"]["items_out"] == 1
+
+
+def test_the_requests_n_and_settings_apply_to_each_branch(tmp_path, soft_gguf):
+    """What an element leaves out is the request's: its n (2 answers a branch), its max_tokens."""
+    path = pipeline(tmp_path, soft_gguf)
+    (res,), _ = run(path, [chat("q", "a|b|c", n=2, max_tokens=2, temperature=1.0, seed=3)])
+    assert res.ok
+    got = said(res)
+    assert [g["prompt"] for g in got] == ["part 0: a"] * 2 + ["part 1: b"] * 2 + ["part 2: c"] * 2
+    assert res.usage["completion_tokens"] == 3 * 2 * 2
+
+
+@pytest.mark.parametrize("policy", ["first", "majority", "longest"])
+def test_the_built_in_policies_keep_their_meaning(tmp_path, soft_gguf, policy):
+    path = pipeline(tmp_path, soft_gguf, join=f"policy = {policy}")
+    (res,), _ = run(path, [chat("q", "a|b|c")])
+    assert res.ok and len(res.choices) == 1 and len(res.choices[0].data["branches"]) == 3
+    texts = [b["text"] for b in res.choices[0].data["branches"]]
+    if policy == "longest":
+        assert res.choices[0].text == max(texts, key=len)
+    assert res.choices[0].text in texts
+
+
+def test_an_empty_list_gives_the_join_fn_no_results(tmp_path, soft_gguf):
+    path = pipeline(tmp_path, soft_gguf)
+    (res,), rt = run(path, [chat("q", "||")])
+    assert res.ok and res.choices[0].text == "no parts" and res.choices[0].data["id"] == "q"
+    assert res.choices[0].data["branches"] == [] and res.choices[0].data["finish_reason"] == "stop"
+    assert res.usage["completion_tokens"] == 0 and flowkit.COUNTS["merge"] == 1
+    assert rt.stats()["stages"]["gen"]["items_in"] == 0
+    flowkit.edges_add_up(rt.stats())
+
+
+def test_after_a_model_the_list_takes_the_settings_of_the_request_that_made_its_result(tmp_path, soft_gguf):
+    """A question split into sub-questions after a first generate stage: the many stage gets a
+    Generated result, and what its requests leave out is that result's request's."""
+    body = ('stage request : requests {}\nstage first : generate { max_new_tokens = 2 }\n'
+            'stage split : python { fn = "hooks:sub_questions"  returns = many }\n'
+            "stage gen : generate { max_new_tokens = 3 }\n"
+            'stage collect : join { fn = "hooks:parts" }\nstage out : respond {}\n'
+            "request -> b1\n" + chain("first", "b1", "e1", "k1") + "first -> split -> batch\n" + chain()
+            + "gen -> collect -> out\n")
+    path = write(tmp_path, soft_gguf, body, hooks=HOOKS)
+    assert errors(path) == []
+    (res,), _ = run(path, [chat("q", "why", metadata={"tag": "m"}, max_tokens=2)])
+    assert res.ok and [(g["prompt"], g["id"], g["tag"], g["by"]) for g in said(res)] == \
+        [(f"sub {i}: why", "q", "m", "gen") for i in range(3)]
+    assert res.usage["completion_tokens"] == 2 + 3 * 2      # the first answer's and every branch's
+
+
+def test_agp_run_answers_each_line_or_says_why_not(tmp_path, soft_gguf):
+    path = pipeline(tmp_path, soft_gguf, join="policy = longest")
+    good, empty = flowkit.run_lines(path, [chat("g", "a|b"), chat("e", "|")])
+    assert good["id"] == "g" and "error" not in good and len(good["branches"]) == 2
+    assert good["usage"]["completion_tokens"] == 2 * 4
+    assert empty["id"] == "e" and empty["error"]["stage"] == "collect" and empty["error"]["status"] == 500
+    assert "stage 'split' returned an empty list" in empty["error"]["message"]
+
+
+def test_an_empty_list_fails_a_built_in_policy_naming_the_join_and_the_stage(tmp_path, soft_gguf):
+    path = pipeline(tmp_path, soft_gguf, join="policy = majority")
+    (empty, full), _ = run(path, [chat("e", ""), chat("f", "a|b")])
+    assert full.ok
+    err = empty.error
+    assert err.kind == "failed" and err.stage == "collect"
+    assert "join 'collect' got no results" in err.message and "stage 'split' returned an empty list" in err.message
+
+
+@pytest.mark.parametrize("bad, words", [
+    ("str", "item [1] is a str; expected a request dict"),
+    ("result", "item [2] is a result (text), not a request"),
+    ("invalid", "item [3] is an invalid request: field 'prompt' is empty"),
+    ("none", "item [1] is a dict without messages, prompt or prompt_token_ids"),
+    ("dict", "returned a dict, but it declares returns = many"),
+    ("long", "returned a list of 5 requests, more than its max_items = 4"),
+])
+def test_a_bad_list_fails_its_request_at_the_stage_and_says_where(tmp_path, soft_gguf, bad, words):
+    path = pipeline(tmp_path, soft_gguf, split="hooks:split_bad", split_params=" max_items = 4 ")
+    (res, good), _ = run(path, [chat("bad", "x", metadata={"bad": bad}), chat("ok", "x", metadata={"bad": "fine"})])
+    assert res.error is not None and res.error.stage == "split" and res.error.kind == "failed"
+    assert res.error.message.startswith("stage 'split' ") and words in res.error.message, res.error.message
+    assert good.ok and len(good.choices[0].data["branches"]) == 4          # the other request is answered
+
+
+def test_the_default_cap_is_64(tmp_path, soft_gguf):
+    path = pipeline(tmp_path, soft_gguf)
+    (res,), _ = run(path, [chat("q", "|".join(["x"] * 65))])
+    assert "more than its max_items = 64" in res.error.message
+
+
+# ---------------------------------------------------------------- failures and cancellation
+
+@pytest.mark.parametrize("on_reject", ["drop", "fail"])
+def test_a_refused_branch_follows_the_joins_on_reject(tmp_path, soft_gguf, on_reject):
+    path = pipeline(tmp_path, soft_gguf, join=f'fn = "hooks:parts"  on_reject = {on_reject}',
+                    extra='stage guard : python { fn = "hooks:guard" }\n', after="gen -> guard -> collect")
+    (res, all_bad), _ = run(path, [chat("q", "a|bad|c"), chat("b", "bad|bad")])
+    if on_reject == "drop":
+        assert res.ok and [g["prompt"] for g in said(res)] == ["part 0: a", "part 2: c"]
+        assert all_bad.error.kind == "rejected"             # every branch refused: the request fails
+    else:
+        assert res.error.kind == "rejected" and res.error.message == "a bad part"
+        assert all_bad.error.kind == "rejected"
+
+
+def test_a_request_that_ends_cancels_every_branch(tmp_path, soft_gguf):
+    """Its client goes away (or its deadline passes: agp serve aborts it the same way) while one
+    branch's call is held and the others wait for the stage's one worker: none of them is called
+    after, and the join never merges. A request sent after them, queued behind them for that
+    worker, is answered: by then every call queued before it was made or skipped."""
+    path = pipeline(tmp_path, soft_gguf, extra='stage hold : python { fn = "hooks:held"  workers = 1 }\n',
+                    after="gen -> hold -> collect")
+    rt = runtime(path)
+    rt.start()
+    try:
+        one = Heard()
+        key = rt.submit(chat("gone", "a|b|c|d"), one)
+        deadline = time.monotonic() + 60
+        while not (flowkit.COUNTS["held"] == 1 and rt.stats()["stages"]["hold"]["items_in"] == 4):
+            assert time.monotonic() < deadline, rt.stats()["stages"]["hold"]
+            time.sleep(0.01)
+        rt.abort(key)
+        assert one.done.wait(30) and one.result.error.kind == "aborted"
+        later = Heard()
+        rt.submit(chat("later", "x"), later)
+        while rt.stats()["stages"]["hold"]["items_in"] < 5:
+            assert time.monotonic() < deadline, rt.stats()["stages"]["hold"]
+            time.sleep(0.01)
+        flowkit.gate("held").set()
+        assert later.done.wait(60) and later.result.ok
+        assert flowkit.COUNTS["held"] == 2 and flowkit.COUNTS["merge"] == 1     # gone's first call, later's
+        assert rt.stats()["stages"]["hold"]["dropped"] == 4 and rt.wait_idle(30)   # gone's four, the held one too
+    finally:
+        flowkit.gate("held").set()
+        rt.close(drain=True, timeout=30)
+        rt.shutdown()
+
+
+# ---------------------------------------------------------------- streaming
+
+class Listener(Heard):
+    def __init__(self):
+        super().__init__()
+        self.deltas = []
+
+    def on_delta(self, key, index, out):
+        self.deltas.append(out.delta_text)
+
+
+def test_a_streamed_request_gets_the_joins_result_whole(tmp_path, soft_gguf):
+    """As after any join: no branch's tokens are heard as they come; the merged answer is the
+    one piece the client gets."""
+    path = pipeline(tmp_path, soft_gguf)
+    rt = runtime(path)
+    rt.start()
+    try:
+        one = Listener()
+        rt.submit(chat("s", "a|b"), one, stream=True)
+        assert one.done.wait(120)
+    finally:
+        rt.close(drain=True, timeout=30)
+        rt.shutdown()
+    assert one.result.ok and [g["prompt"] for g in said(one.result)] == ["part 0: a", "part 1: b"]
+    assert not any(one.deltas)
+
+
+# ---------------------------------------------------------------- check
+
+def diags(tmp_path, model, body):
+    path = write(tmp_path, model, body, hooks=HOOKS)
+    return pipeline_dsl.load(str(path))[1]
+
+
+HEAD = ('stage request : requests {}\nstage split : python { fn = "hooks:split"  returns = many }\n'
+        "stage gen : generate { max_new_tokens = 3 }\nstage out : respond {}\n")
+
+
+def test_check_wants_a_join_on_every_path_from_a_many_stage(tmp_path, soft_gguf):
+    body = (HEAD + 'stage collect : join { fn = "hooks:parts" }\nstage r : route {}\n'
+            "request -> split -> batch\n" + chain() + "gen -> r\nr -> collect when prompt_tokens > 5\n"
+            "r -> out otherwise\ncollect -> out\n")
+    (err,) = [d for d in diags(tmp_path, soft_gguf, body) if d.is_error]
+    assert err.message == ("stage 'split' returns many items, but a path from it reaches respond stage 'out' "
+                           "without a join: split -> batch -> encode -> kv -> gen -> r -> out")
+    assert (err.pos.line, err.pos.col) == (6, 7)         # the stage's name: line 2 of the body
+    assert "join" in err.hint and err.notes[0][0] == "returns = many here"
+
+
+def test_check_wants_one_join_to_collect_a_many_stages_items(tmp_path, soft_gguf):
+    body = (HEAD + 'stage j1 : join { fn = "hooks:parts" }\nstage j2 : join { fn = "hooks:parts" }\n'
+            "request -> split -> batch\n" + chain() + "gen -> j1 when prompt_tokens > 5\ngen -> j2 otherwise\n"
+            "j1 -> out\nj2 -> out\n")
+    (err,) = [d for d in diags(tmp_path, soft_gguf, body) if d.is_error]
+    assert err.message == "stage 'split' returns many items, but they reach 2 joins first ('j1', 'j2'); " \
+                          "one join collects them"
+
+
+def test_a_checked_many_pipeline_has_no_join_warning(tmp_path, soft_gguf):
+    body = (HEAD + 'stage collect : join { fn = "hooks:parts" }\n'
+            "request -> split -> batch\n" + chain() + "gen -> collect -> out\n")
+    assert diags(tmp_path, soft_gguf, body) == []       # the list fans out: the join merges something
+
+
+@pytest.mark.parametrize("params, severity, words", [
+    ("stream = true", "error", "has stream = true, so it gives Generated results, not returns = many"),
+    ("cache = 16", "error", "cache cannot be used with returns = many"),
+])
+def test_check_refuses_what_a_many_stage_cannot_do(tmp_path, soft_gguf, params, severity, words):
+    body = (HEAD.replace("returns = many", f"returns = many  {params}")
+            + 'stage collect : join { fn = "hooks:parts" }\n'
+            "request -> split -> batch\n" + chain() + "gen -> collect -> out\n")
+    found = [d for d in diags(tmp_path, soft_gguf, body) if words in d.message]
+    assert found and found[0].severity == severity
+
+
+def test_max_items_without_returns_many_is_a_warning(tmp_path, soft_gguf):
+    body = ('stage request : requests {}\nstage f : python { fn = "hooks:guard"  max_items = 3 }\n'
+            "stage gen : generate { max_new_tokens = 3 }\nstage out : respond {}\n"
+            "request -> batch\n" + chain() + "gen -> f -> out\n")
+    (d,) = diags(tmp_path, soft_gguf, body)
+    assert d.severity == "warning" and "sets max_items but not returns = many" in d.message
+
+
+# ---------------------------------------------------------------- render and plan
+
+def test_render_and_plan_show_the_fan_out_and_its_join(tmp_path, soft_gguf):
+    from pipeline_dsl.plan import format_plan, make_plan
+    from pipeline_dsl.render import dot_source
+
+    graph = pipeline_dsl.load_pipeline_graph(str(pipeline(tmp_path, soft_gguf, split_params=" max_items = 9 ")))
+    dot = dot_source(graph)
+    assert '"split" -> "batch" [label="each", style=bold, penwidth=2];' in dot
+    assert '"gen" -> "collect";' in dot                      # the other edges as ever
+    plan = make_plan(graph)
+    assert "fan-out at run time: split (returns = many, at most 9) -> join 'collect'" in format_plan(plan)
+    assert plan.to_dict()["many"] == [{"stage": "split", "join": "collect", "max_items": 9}]
