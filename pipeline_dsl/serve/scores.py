@@ -129,8 +129,9 @@ class Scores:
                          for i, score in enumerate(cosines(vectors, req["pairs"]))],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
 
-    async def score(self, request: Request) -> Response:
-        return await self.e.run(request, None, self.parse_score, self.answer_score, "score")
+    async def score(self, request: Request, body: dict | None = None) -> Response:
+        """The answer to a score request (`body`: the request's, when already read)."""
+        return await self.e.run(request, body, self.parse_score, self.answer_score, "score")
 
     # ------------------------------------------------------------ /v1/rerank
 
@@ -169,8 +170,9 @@ class Scores:
                              **({"document": {"text": req["documents"][i]}} if req["return_documents"] else {})}
                             for score, i in scored[:req["top_n"]]]}
 
-    async def rerank(self, request: Request) -> Response:
-        return await self.e.run(request, None, self.parse_rerank, self.answer_rerank,
+    async def rerank(self, request: Request, body: dict | None = None) -> Response:
+        """The answer to a rerank request (`body`: the request's, when already read)."""
+        return await self.e.run(request, body, self.parse_rerank, self.answer_rerank,
                                 "rerank")
 
 
