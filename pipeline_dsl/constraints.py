@@ -922,7 +922,7 @@ class GrammarBuilder:
         tools = spec.get("tools")
         if not isinstance(tools, list) or not tools:
             raise GrammarError("tool_call needs a non-empty 'tools' list")
-        fns = {}
+        every = []                              # (i, name, parameters) of each tool
         for i, t in enumerate(tools):
             fn = t.get("function", t) if isinstance(t, dict) else None
             if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
@@ -932,21 +932,24 @@ class GrammarBuilder:
             params = fn.get("parameters") or NO_PARAMETERS
             if not isinstance(params, dict):
                 raise GrammarError(f"tool {fn['name']!r}: parameters must be a JSON Schema object", tool_param(i))
-            try:
-                self._json_grammar(params, f"tool {fn['name']!r}: ")
-            except GrammarError as e:
-                e.param = tool_param(i)
-                raise
-            fns[fn["name"]] = params
+            every.append((i, fn["name"], params))
         choice = spec.get("choice", "required")
         if isinstance(choice, dict):            # OpenAI's {"type": "function", "function": {"name": ...}}
             choice = (choice.get("function") or {}).get("name")
-        if choice != "required":
-            if choice not in fns:
-                raise GrammarError(f"tool_choice names {choice!r}, which is not among the tools")
-            fns = {choice: fns[choice]}
-        check_tools_together(fns)
-        check_tool_names([t.get("function", t)["name"] for t in tools], fns.__contains__)   # it writes one of fns
+        if choice != "required" and all(name != choice for _, name, _ in every):
+            raise GrammarError(f"tool_choice names {choice!r}, which is not among the tools")
+        written = [tool for tool in every if choice in ("required", tool[1])]
+        # counted before any is compiled (a walk: milliseconds; four tools of 4,900 properties took
+        # seconds to compile before their count refused them)
+        check_tools_together(written)
+        check_tool_names([name for _, name, _ in every], lambda name: choice in ("required", name))
+        for i, name, params in every:
+            try:
+                self._json_grammar(params, f"tool {name!r}: ")
+            except GrammarError as e:
+                e.param = tool_param(i)
+                raise
+        fns = {name: params for _, name, params in written}
         # each tool's parameters sit inside the call's schema: a local $ref ("#/$defs/City", what
         # pydantic writes for a nested model; "#" for a recursive one) is rebased onto that place
         array = spec.get("array", True)
@@ -1043,14 +1046,20 @@ class GrammarBuilder:
                 for body, (where, param, options) in parts.items()]
 
 
-def check_tools_together(fns: dict) -> None:
-    """GrammarError naming `tools` for the tools a call may write ({name: parameters}, each checked
-    alone) whose parameters have more than MAX_PROPERTIES_IN_ALL properties in all, or whose names
-    and enum and const values come to more than MAX_LITERAL_CHARS characters: the call's grammar
-    holds them all in one schema, which these bound as they bound one."""
+def check_tools_together(tools: list[tuple[int, str, dict]]) -> None:
+    """GrammarError for the tools a call may write ((i, name, parameters) of each; a walk of each
+    schema, compiling none): one whose parameters alone are past a size bound of _check_sizes,
+    naming `tools[i].function.parameters`; then, naming `tools`, parameters of more than
+    MAX_PROPERTIES_IN_ALL properties in all, or names and enum and const values of more than
+    MAX_LITERAL_CHARS characters: the call's grammar holds them all in one schema, which these
+    bound as they bound one. Run before any tool is compiled."""
     chars = properties = 0
-    for name, params in fns.items():
-        sizes = _check_sizes(params, "") if isinstance(params, dict) else (0, 0)
+    for i, name, params in tools:
+        try:
+            sizes = _check_sizes(params, f"tool {name!r}: ") if isinstance(params, dict) else (0, 0)
+        except GrammarError as e:
+            e.param = tool_param(i)
+            raise
         chars, properties = chars + len(name) + sizes[0], properties + sizes[1]
     if properties > MAX_PROPERTIES_IN_ALL:
         raise GrammarError(f"the tools' parameters have {properties:,} properties in all: at most "
