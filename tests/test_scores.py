@@ -112,6 +112,10 @@ def test_an_unknown_model_is_a_404_and_a_text_beyond_the_context_names_its_place
     assert err["param"] == "documents" and "'documents[1]'" in err["message"], err
     err = post(server, "/v1/score", {"text_1": "a b c d " * 600, "text_2": ["a"]}, 400)["error"]
     assert err["param"] == "text_1" and "'text_1'" in err["message"], err
+    # past what any tokenisation fits by its characters alone: refused as it is queued, named the same
+    longest = server.runtime.segments[0].max_prompt_chars
+    err = post(server, "/v1/rerank", {"query": "q", "documents": ["a", "a " * longest]}, 400)["error"]
+    assert err["param"] == "documents" and err["message"].startswith("'documents[1]': prompt of "), err
 
 
 def test_a_request_of_more_texts_than_the_queue_holds_says_how_many_and_the_limit(server):
